@@ -1,0 +1,28 @@
+"""The command groups (`codemoat <noun> <verb>`); each cli module adds its verbs to one of these."""
+
+import typer
+
+def _group(help: str) -> typer.Typer:
+    return typer.Typer(help=help, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+
+
+app = _group("codemoat: a private AI coding service.")
+vendor_app = _group("The model vendor's commands: train, seal, license, unseal.")
+license_app = _group("Issue, revoke and list licenses (vendor).")
+tokens_app = _group("API tokens: create, list, revoke.")
+users_app = _group("Users of this server.")
+groups_app = _group("Groups: who may read which repositories.")
+index_app = _group("The private code index: add, update, remove, list repositories.")
+audit_app = _group("The tamper-evident audit log.")
+watermark_app = _group("Output watermarks (vendor).")
+config_app = _group("Configuration.")
+
+vendor_app.add_typer(license_app, name="license")
+app.add_typer(vendor_app, name="vendor")
+app.add_typer(tokens_app, name="tokens")
+app.add_typer(users_app, name="users")
+app.add_typer(groups_app, name="groups")
+app.add_typer(index_app, name="index")
+app.add_typer(audit_app, name="audit")
+app.add_typer(watermark_app, name="watermark")
+app.add_typer(config_app, name="config")

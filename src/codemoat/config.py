@@ -1,0 +1,129 @@
+"""One settings tree: the TOML file, then `CODEMOAT_*` environment variables, then flags.
+
+Every field has a description that doubles as help text (`codemoat config show`).
+Nested sections read from the environment with a double underscore:
+`CODEMOAT_SERVER__PORT=9000`, `CODEMOAT_MODEL__PATH=acme.moat`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+
+class ServerSettings(BaseModel):
+    host: str = Field("127.0.0.1", description="Address to listen on.")
+    port: int = Field(8080, ge=0, le=65535, description="Port to listen on (0 picks a free one).")
+    api_prefix_openai: str = Field("/v1", description="Prefix of the OpenAI-compatible routes.")
+    max_concurrent: int = Field(64, ge=1, description="Requests admitted at once; more wait in the queue.")
+    log_level: str = Field("info", description="uvicorn log level.")
+
+
+class ModelSettings(BaseModel):
+    path: str | None = Field(None, description="Model to serve: a .gguf, a safetensors folder, or a sealed .moat file.")
+    license: str | None = Field(None, description="License file (.lic) for a sealed model.")
+    engine: Literal["llamacpp", "transformers", "vllm"] = Field("llamacpp", description="Inference engine.")
+    id: str | None = Field(None, description="Model name shown by the API (default: the file's stem).")
+    n_ctx: int = Field(4096, ge=64, description="Context window in tokens (capped by the model's own).")
+    n_threads: int | None = Field(None, description="CPU threads for llama.cpp (default: all cores).")
+    n_gpu_layers: int = Field(0, description="Layers to offload to a GPU (llama.cpp).")
+    fim_template: str | None = Field(None, description="Fill-in-the-middle template (qwen, deepseek, starcoder, codellama, codegemma); default: detected from the model.")
+    chat_template: str | None = Field(None, description="Jinja2 chat template overriding the model's own.")
+    max_tokens_limit: int = Field(1024, ge=1, description="Largest max_tokens a request may ask for.")
+    default_max_tokens: int = Field(64, ge=1, description="max_tokens when a request sets none.")
+
+
+class VaultSettings(BaseModel):
+    clock_tolerance_s: int = Field(300, description="How far the clock may go back before a license is refused.")
+    lease_renew_fraction: float = Field(0.5, gt=0, lt=1, description="Renew a lease after this fraction of its TTL.")
+
+
+class RetrievalSettings(BaseModel):
+    enabled: bool = Field(True, description="Add cross-file context from indexed repositories to completions.")
+    budget_tokens: int = Field(512, ge=0, description="Tokens of retrieved context a completion prompt may hold.")
+    k: int = Field(5, ge=0, description="Snippets retrieved per completion.")
+
+
+class AuditSettings(BaseModel):
+    retain_text: bool = Field(False, description="Keep prompt and completion text in the audit log (secrets redacted first).")
+    checkpoint_every: int = Field(100, ge=1, description="Sign a checkpoint of the audit chain every N records.")
+
+
+class PolicySettings(BaseModel):
+    secrets: Literal["redact", "block"] = Field("redact", description="Secrets found in prompts: redact them from what is kept, or refuse the request.")
+    egress_allow: list[str] = Field(default_factory=list, description="Extra host[:port] destinations the server may connect to.")
+    requests_per_minute: int = Field(0, ge=0, description="Per-token request limit (0 = none).")
+    tokens_per_day: int = Field(0, ge=0, description="Per-user generated-token limit per day (0 = none).")
+
+
+class Settings(BaseSettings):
+    """All of codemoat's configuration."""
+
+    model_config = SettingsConfigDict(env_prefix="CODEMOAT_", env_nested_delimiter="__", extra="ignore")
+
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    vault: VaultSettings = Field(default_factory=VaultSettings)
+    retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings)
+    audit: AuditSettings = Field(default_factory=AuditSettings)
+    policy: PolicySettings = Field(default_factory=PolicySettings)
+    database_url: str | None = Field(None, description="SQLAlchemy URL of the shared state (default: SQLite under $CODEMOAT_HOME).")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml = os.environ.get("CODEMOAT_CONFIG")
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if toml:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(toml)))
+        return tuple(sources)
+
+
+def load_settings(config: str | Path | None = None, **overrides: Any) -> Settings:
+    """Settings from `config` (or `$CODEMOAT_CONFIG`), the environment, then `overrides`
+    given as nested dicts or dotted keys (`{"server.port": 9000}`); None values are ignored."""
+    if config is not None:
+        if not Path(config).is_file():
+            from .errors import CodemoatError
+
+            raise CodemoatError(f"config file not found: {config}")
+        os.environ["CODEMOAT_CONFIG"] = str(config)
+    nested: dict[str, Any] = {}
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        node = nested
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    # pydantic-settings deep-merges init values over the environment and the TOML file.
+    return Settings(**nested)
+
+
+def describe(model: type[BaseModel] = Settings, prefix: str = "") -> list[tuple[str, str, Any]]:
+    """(dotted name, description, default) for every setting: the configuration reference."""
+    rows: list[tuple[str, str, Any]] = []
+    for name, f in model.model_fields.items():
+        ann = f.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            rows.extend(describe(ann, f"{prefix}{name}."))
+        else:
+            default = f.get_default(call_default_factory=True)
+            rows.append((f"{prefix}{name}", f.description or "", default))
+    return rows

@@ -1,0 +1,75 @@
+"""Shared state through SQLAlchemy Core, migrated with Alembic.
+
+Each package that owns tables keeps its own Alembic branch in `<package>/migrations/`
+(a revision with `branch_labels = ("<package>",)` and `down_revision = None` starts it);
+`open_db` upgrades every branch to its head, so packages never edit each other's chains.
+The same code runs on SQLite (WAL, the default) and PostgreSQL (psycopg 3).
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from sqlalchemy import Engine, create_engine, event
+
+from . import paths
+
+# Packages whose migrations run against the customer database, in no particular order.
+CUSTOMER_BRANCHES = ("accounts", "audit", "index_meta")
+_lock = threading.Lock()
+_migrated: set[tuple[str, tuple[str, ...]]] = set()
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA busy_timeout=10000")
+    cur.close()
+
+
+def make_engine(url: str) -> Engine:
+    """An SQLAlchemy engine; SQLite files get WAL and a busy timeout for concurrent writers."""
+    if url.startswith("sqlite"):
+        if url.startswith("sqlite:///"):
+            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        eng = create_engine(url, connect_args={"check_same_thread": False, "timeout": 10})
+        event.listen(eng, "connect", _sqlite_pragmas)
+        return eng
+    return create_engine(url, pool_pre_ping=True)
+
+
+def migration_dirs(packages: tuple[str, ...]) -> list[str]:
+    root = Path(__file__).parent
+    return [str(root / p / "migrations") for p in packages if (root / p / "migrations").is_dir()]
+
+
+def upgrade(engine: Engine, packages: tuple[str, ...]) -> None:
+    """Run every package's Alembic branch up to its head (idempotent)."""
+    from alembic import command
+    from alembic.config import Config
+
+    dirs = migration_dirs(packages)
+    if not dirs:
+        return
+    cfg = Config()
+    cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+    cfg.set_main_option("version_locations", " ".join(dirs))
+    cfg.set_main_option("path_separator", "space")
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "heads")
+
+
+def open_db(url: str | None = None, packages: tuple[str, ...] = CUSTOMER_BRANCHES) -> Engine:
+    """Open (and migrate once per process) a database."""
+    url = url or paths.db_url()
+    engine = make_engine(url)
+    key = (url, packages)
+    with _lock:
+        if key not in _migrated:
+            upgrade(engine, packages)
+            _migrated.add(key)
+    return engine

@@ -1,0 +1,153 @@
+"""The one interface every inference engine implements.
+
+An engine turns a prompt into tokens. Adding one is one class and one registry entry
+(`codemoat.engines.ENGINES`); heavy imports (llama_cpp, torch, vllm) stay inside its module.
+
+    class MyEngine(Engine):
+        name = "mine"
+        async def stream(self, prompt, params):       # the only generation method to write
+            for piece in ...:
+                yield Chunk(text=piece, token_ids=[...])
+            yield Chunk(text="", finish_reason="stop")
+        def tokenize(self, text, special=True): ...
+        def detokenize(self, ids): ...
+
+`stream` is an async iterator so that a batching engine (vLLM) can interleave many requests;
+engines that generate synchronously run in a worker thread and check `cancelled` between tokens,
+so a client that disconnects stops its generation.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import numpy as np
+
+
+class LogitsProcessor(Protocol):
+    """Rewrites next-token logits in place or returns new ones; `input_ids` is prompt + generated so far.
+
+    Processors run in order on every sampled token (watermarking, grammar, bans).
+    """
+
+    def __call__(self, input_ids: Sequence[int], logits: np.ndarray) -> np.ndarray: ...
+
+
+@dataclass
+class SamplingParams:
+    """How to sample one generation. `temperature == 0` means greedy."""
+
+    max_tokens: int = 64
+    temperature: float = 0.2
+    top_p: float = 0.95
+    top_k: int = 40
+    repeat_penalty: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    logits_processors: list[LogitsProcessor] = field(default_factory=list)
+    # Opaque per-request watermark settings (codemoat.trace); engines that cannot apply a
+    # per-request processor (vLLM) key a start-up processor on it instead.
+    watermark: Any | None = None
+
+
+FinishReason = Literal["stop", "length", "cancelled"]
+
+
+@dataclass
+class Chunk:
+    """A piece of generated text; the last chunk of a stream has `finish_reason` set."""
+
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+
+
+@dataclass
+class Completion:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: FinishReason
+
+
+class PromptTooLong(ValueError):
+    """The prompt does not leave room for generation in the context window."""
+
+    def __init__(self, prompt_tokens: int, n_ctx: int, max_tokens: int):
+        self.prompt_tokens, self.n_ctx, self.max_tokens = prompt_tokens, n_ctx, max_tokens
+        super().__init__(
+            f"prompt is {prompt_tokens} tokens and max_tokens is {max_tokens}, "
+            f"but the model's context is {n_ctx} tokens"
+        )
+
+
+class Engine(abc.ABC):
+    """A loaded model. Thread-safe: the server calls it from many requests at once."""
+
+    name: str = "base"
+    #: identifier the API shows for this model
+    model_id: str = "model"
+
+    @property
+    @abc.abstractmethod
+    def n_ctx(self) -> int:
+        """Context length in tokens."""
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """Model metadata (GGUF key/values or a transformers config) used to pick templates."""
+        return {}
+
+    @property
+    def vocab(self) -> set[str]:
+        """Special tokens present in the vocabulary (for template detection)."""
+        return set()
+
+    @abc.abstractmethod
+    def tokenize(self, text: str, special: bool = True) -> list[int]:
+        """Token ids of `text`; with `special`, control tokens written in the text are parsed."""
+
+    @abc.abstractmethod
+    def detokenize(self, ids: Sequence[int]) -> str:
+        """Text of `ids` (control tokens rendered as text)."""
+
+    @abc.abstractmethod
+    def stream(self, prompt: str, params: SamplingParams) -> AsyncIterator[Chunk]:
+        """Generate from `prompt`; the last chunk carries `finish_reason`. Closing the
+        iterator (client gone) cancels generation."""
+
+    def count_tokens(self, prompt: str) -> int:
+        return len(self.tokenize(prompt))
+
+    def check_prompt(self, prompt: str, max_tokens: int) -> int:
+        """Token count of `prompt`, or `PromptTooLong` when it and `max_tokens` exceed the context."""
+        n = self.count_tokens(prompt)
+        if n + max(1, max_tokens) > self.n_ctx:
+            raise PromptTooLong(n, self.n_ctx, max_tokens)
+        return n
+
+    async def complete(self, prompt: str, params: SamplingParams) -> Completion:
+        """Generate to the end and return the whole text."""
+        n_prompt = self.check_prompt(prompt, params.max_tokens)
+        parts: list[str] = []
+        n_out = 0
+        reason: FinishReason = "length"
+        async for chunk in self.stream(prompt, params):
+            parts.append(chunk.text)
+            n_out += len(chunk.token_ids)
+            if chunk.finish_reason:
+                reason = chunk.finish_reason
+        return Completion("".join(parts), n_prompt, n_out, reason)
+
+    def logits(self, prompt: str) -> np.ndarray:
+        """Next-token logits after `prompt` (float32, vocab-sized); for parity checks and tracing."""
+        raise NotImplementedError(f"{self.name} engine does not expose logits")
+
+    def health(self) -> dict[str, Any]:
+        return {"engine": self.name, "model": self.model_id, "n_ctx": self.n_ctx}
+
+    def close(self) -> None:
+        """Release the model and zero any plaintext buffers this engine owns."""

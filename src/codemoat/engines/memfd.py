@@ -1,0 +1,75 @@
+"""Plaintext weights in anonymous memory: a sealed memfd that a loader opens as `/proc/self/fd/N`.
+
+The vault decrypts straight into `buffer.view` (`AESGCM.decrypt_into`), then `seal()` forbids
+resizing and new writable mappings, so nothing can swap the bytes after verification. The file
+lives only in RAM: no disk path ever holds the plaintext. `close()` zeroes it before release.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import mmap
+import os
+
+# Linux values (fcntl exposes F_ADD_SEALS and most seals on 3.11; FUTURE_WRITE may be missing).
+F_SEAL_SEAL = getattr(fcntl, "F_SEAL_SEAL", 0x0001)
+F_SEAL_SHRINK = getattr(fcntl, "F_SEAL_SHRINK", 0x0002)
+F_SEAL_GROW = getattr(fcntl, "F_SEAL_GROW", 0x0004)
+F_SEAL_WRITE = getattr(fcntl, "F_SEAL_WRITE", 0x0008)
+F_SEAL_FUTURE_WRITE = getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x0010)
+F_ADD_SEALS = getattr(fcntl, "F_ADD_SEALS", 1033)
+F_GET_SEALS = getattr(fcntl, "F_GET_SEALS", 1034)
+
+
+class MemfdBuffer:
+    """A fixed-size anonymous file with a writable mapping owned by this process."""
+
+    def __init__(self, size: int, name: str = "codemoat-model"):
+        if size <= 0:
+            raise ValueError("memfd size must be positive")
+        self.size = size
+        self.fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        os.ftruncate(self.fd, size)
+        self._map = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self.view = memoryview(self._map)
+        self.sealed = False
+
+    @classmethod
+    def from_bytes(cls, data: bytes | bytearray | memoryview, name: str = "codemoat-model") -> "MemfdBuffer":
+        buf = cls(len(data), name)
+        buf.view[:] = data
+        buf.seal()
+        return buf
+
+    @property
+    def path(self) -> str:
+        """A path the loader can open; valid only inside this process."""
+        return f"/proc/self/fd/{self.fd}"
+
+    def seal(self) -> None:
+        """No shrink, no grow, no new writable mapping; our own mapping can still zero it at close."""
+        fcntl.fcntl(self.fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_FUTURE_WRITE | F_SEAL_SEAL)
+        self.sealed = True
+
+    def seals(self) -> int:
+        return fcntl.fcntl(self.fd, F_GET_SEALS)
+
+    def close(self, zero: bool = True) -> None:
+        if self.fd < 0:
+            return
+        if zero:
+            step = 1 << 24
+            zeros = bytes(min(step, self.size))
+            for off in range(0, self.size, step):
+                n = min(step, self.size - off)
+                self._map[off : off + n] = zeros[:n]
+        self.view.release()
+        self._map.close()
+        os.close(self.fd)
+        self.fd = -1
+
+    def __enter__(self) -> "MemfdBuffer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,1 @@
+"""codemoat.serve"""
