@@ -1,0 +1,243 @@
+"""Accounts in SQL (SQLite by default, PostgreSQL for replicas).
+
+Tokens are 256-bit random strings shown once; only their SHA-256 is stored (a fast hash is
+right for high-entropy secrets: there is nothing to brute-force). Every user is implicitly in
+the group `everyone`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+import time
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from sqlalchemy import Engine
+
+from ..errors import CodemoatError, NotFound, Unauthorized
+
+EVERYONE = "everyone"
+ALL_SCOPES = ("complete", "chat", "admin")
+DEFAULT_SCOPES = ("complete", "chat")
+TOKEN_PREFIX = "cm_"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")
+
+meta = sa.MetaData()
+users = sa.Table(
+    "users", meta,
+    sa.Column("name", sa.String(128), primary_key=True),
+    sa.Column("created_at", sa.Float),
+    sa.Column("disabled", sa.Boolean),
+)
+groups = sa.Table("groups", meta, sa.Column("name", sa.String(128), primary_key=True), sa.Column("created_at", sa.Float))
+memberships = sa.Table(
+    "memberships", meta, sa.Column("user", sa.String(128), primary_key=True), sa.Column("group", sa.String(128), primary_key=True)
+)
+tokens = sa.Table(
+    "tokens", meta,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("name", sa.String(128)),
+    sa.Column("user", sa.String(128)),
+    sa.Column("hash", sa.String(64)),
+    sa.Column("scopes", sa.String(256)),
+    sa.Column("created_at", sa.Float),
+    sa.Column("expires_at", sa.Float),
+    sa.Column("revoked_at", sa.Float),
+    sa.Column("last_used_at", sa.Float),
+)
+
+
+@dataclass(frozen=True)
+class Principal:
+    """The caller of one request."""
+
+    user: str
+    token_id: str
+    groups: frozenset[str]
+    scopes: frozenset[str]
+
+    def can(self, scope: str) -> bool:
+        return scope in self.scopes or "admin" in self.scopes
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    id: str
+    name: str
+    user: str
+    scopes: tuple[str, ...]
+    created_at: float
+    expires_at: float | None
+    revoked_at: float | None
+    last_used_at: float | None
+
+    @property
+    def active(self) -> bool:
+        return self.revoked_at is None and (self.expires_at is None or self.expires_at > time.time())
+
+
+def _hash(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def _check_name(kind: str, name: str) -> str:
+    if not _NAME.match(name or ""):
+        raise CodemoatError(f"invalid {kind} name {name!r}: use letters, digits, '.', '_', '@', '-' (max 128)")
+    return name
+
+
+class Accounts:
+    """Users, groups and tokens over one SQLAlchemy engine (migrated by `codemoat.db.open_db`)."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._last_used: dict[str, float] = {}
+
+    # -- users and groups -------------------------------------------------
+    def add_user(self, name: str, groups_: list[str] | tuple[str, ...] = ()) -> None:
+        _check_name("user", name)
+        with self.engine.begin() as c:
+            if c.execute(sa.select(users.c.name).where(users.c.name == name)).first():
+                raise CodemoatError(f"user {name!r} already exists")
+            c.execute(users.insert().values(name=name, created_at=time.time(), disabled=False))
+            self._set_groups(c, name, groups_)
+
+    def ensure_user(self, name: str) -> None:
+        with self.engine.begin() as c:
+            if not c.execute(sa.select(users.c.name).where(users.c.name == name)).first():
+                _check_name("user", name)
+                c.execute(users.insert().values(name=name, created_at=time.time(), disabled=False))
+
+    def set_groups(self, user: str, groups_: list[str] | tuple[str, ...]) -> None:
+        with self.engine.begin() as c:
+            self._require_user(c, user)
+            c.execute(memberships.delete().where(memberships.c.user == user))
+            self._set_groups(c, user, groups_)
+
+    def _set_groups(self, c, user: str, groups_) -> None:
+        for g in dict.fromkeys(x.strip() for x in groups_ if x.strip()):
+            _check_name("group", g)
+            if not c.execute(sa.select(groups.c.name).where(groups.c.name == g)).first():
+                c.execute(groups.insert().values(name=g, created_at=time.time()))
+            c.execute(memberships.insert().values(user=user, group=g))
+
+    def _require_user(self, c, user: str) -> None:
+        if not c.execute(sa.select(users.c.name).where(users.c.name == user)).first():
+            raise NotFound(f"no user named {user!r}")
+
+    def remove_user(self, name: str) -> None:
+        with self.engine.begin() as c:
+            self._require_user(c, name)
+            c.execute(tokens.delete().where(tokens.c.user == name))
+            c.execute(memberships.delete().where(memberships.c.user == name))
+            c.execute(users.delete().where(users.c.name == name))
+
+    def list_users(self) -> list[dict]:
+        with self.engine.connect() as c:
+            rows = c.execute(sa.select(users).order_by(users.c.name)).all()
+            mem = c.execute(sa.select(memberships)).all()
+        by_user: dict[str, list[str]] = {}
+        for m in mem:
+            by_user.setdefault(m.user, []).append(m.group)
+        return [{"name": r.name, "groups": sorted(by_user.get(r.name, [])), "created_at": r.created_at} for r in rows]
+
+    def groups_of(self, user: str) -> frozenset[str]:
+        with self.engine.connect() as c:
+            rows = c.execute(sa.select(memberships.c.group).where(memberships.c.user == user)).all()
+        return frozenset([EVERYONE, *(r.group for r in rows)])
+
+    def add_group(self, name: str) -> None:
+        _check_name("group", name)
+        with self.engine.begin() as c:
+            if c.execute(sa.select(groups.c.name).where(groups.c.name == name)).first():
+                raise CodemoatError(f"group {name!r} already exists")
+            c.execute(groups.insert().values(name=name, created_at=time.time()))
+
+    def remove_group(self, name: str) -> None:
+        with self.engine.begin() as c:
+            if not c.execute(sa.select(groups.c.name).where(groups.c.name == name)).first():
+                raise NotFound(f"no group named {name!r}")
+            c.execute(memberships.delete().where(memberships.c.group == name))
+            c.execute(groups.delete().where(groups.c.name == name))
+
+    def list_groups(self) -> list[dict]:
+        with self.engine.connect() as c:
+            gs = c.execute(sa.select(groups.c.name).order_by(groups.c.name)).all()
+            mem = c.execute(sa.select(memberships)).all()
+        members: dict[str, list[str]] = {}
+        for m in mem:
+            members.setdefault(m.group, []).append(m.user)
+        return [{"name": g.name, "members": sorted(members.get(g.name, []))} for g in gs]
+
+    # -- tokens -------------------------------------------------------------
+    def create_token(
+        self,
+        name: str,
+        user: str | None = None,
+        scopes: tuple[str, ...] | list[str] = DEFAULT_SCOPES,
+        expires_at: float | None = None,
+    ) -> tuple[TokenInfo, str]:
+        """A new token for `user` (created if missing; default: a user named like the token).
+        Returns its info and the secret, which is never stored and cannot be shown again."""
+        _check_name("token", name)
+        user = user or name
+        bad = [s for s in scopes if s not in ALL_SCOPES]
+        if bad or not scopes:
+            raise CodemoatError(f"unknown scope(s) {bad or scopes}: choose from {', '.join(ALL_SCOPES)}")
+        if expires_at is not None and expires_at <= time.time():
+            raise CodemoatError("token expiry must be in the future")
+        self.ensure_user(user)
+        secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
+        tid = "tok_" + secrets.token_hex(6)
+        now = time.time()
+        with self.engine.begin() as c:
+            c.execute(
+                tokens.insert().values(
+                    id=tid, name=name, user=user, hash=_hash(secret), scopes=",".join(scopes),
+                    created_at=now, expires_at=expires_at,
+                )
+            )
+        return TokenInfo(tid, name, user, tuple(scopes), now, expires_at, None, None), secret
+
+    def list_tokens(self) -> list[TokenInfo]:
+        with self.engine.connect() as c:
+            rows = c.execute(sa.select(tokens).order_by(tokens.c.created_at)).all()
+        return [self._info(r) for r in rows]
+
+    @staticmethod
+    def _info(r) -> TokenInfo:
+        return TokenInfo(r.id, r.name, r.user, tuple(r.scopes.split(",")), r.created_at, r.expires_at, r.revoked_at, r.last_used_at)
+
+    def revoke_token(self, id_or_name: str) -> TokenInfo:
+        with self.engine.begin() as c:
+            rows = c.execute(
+                sa.select(tokens).where(sa.or_(tokens.c.id == id_or_name, tokens.c.name == id_or_name), tokens.c.revoked_at.is_(None))
+            ).all()
+            if not rows:
+                raise NotFound(f"no active token with id or name {id_or_name!r}")
+            if len(rows) > 1:
+                raise CodemoatError(f"{len(rows)} active tokens are named {id_or_name!r}: revoke by id")
+            c.execute(tokens.update().where(tokens.c.id == rows[0].id).values(revoked_at=time.time()))
+        return self._info(rows[0])
+
+    def authenticate(self, secret: str | None) -> Principal:
+        """The principal a bearer token stands for, or `Unauthorized`."""
+        if not secret:
+            raise Unauthorized("missing API token: send 'Authorization: Bearer <token>'")
+        with self.engine.connect() as c:
+            r = c.execute(sa.select(tokens).where(tokens.c.hash == _hash(secret))).first()
+        if r is None:
+            raise Unauthorized("invalid API token")
+        if r.revoked_at is not None:
+            raise Unauthorized("API token has been revoked")
+        now = time.time()
+        if r.expires_at is not None and r.expires_at <= now:
+            raise Unauthorized("API token has expired")
+        # last_used is written at most once a minute per token, off the hot path's common case
+        if now - self._last_used.get(r.id, 0) > 60:
+            self._last_used[r.id] = now
+            with self.engine.begin() as c:
+                c.execute(tokens.update().where(tokens.c.id == r.id).values(last_used_at=now))
+        return Principal(r.user, r.id, self.groups_of(r.user), frozenset(r.scopes.split(",")))
