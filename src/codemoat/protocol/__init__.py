@@ -1,1 +1,1 @@
-"""codemoat.protocol"""
+"""Wire formats only: request and response shapes of each compatible protocol; no I/O."""

@@ -1,0 +1,309 @@
+"""The embedded default engine: llama.cpp in-process (llama-cpp-python), from a path or a sealed memfd.
+
+One worker thread owns the `Llama` object (a llama.cpp context is not thread-safe); requests
+queue for it, and each generation checks its cancel flag between tokens, so a client that
+disconnects frees the worker at once. The KV cache keeps the longest common prompt prefix
+between requests (llama-cpp-python's `generate` prefix match), which is what makes repeated
+completions in one file cheap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import queue
+import random
+import threading
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import CodemoatError
+from .base import Chunk, Engine, FinishReason, SamplingParams
+from .memfd import MemfdBuffer
+
+_DONE = object()
+
+
+class _Cancelled(Exception):
+    pass
+
+
+def _valid_utf8_prefix(b: bytes) -> int:
+    """Length of the longest prefix of `b` that does not end inside a UTF-8 sequence."""
+    n = len(b)
+    for back in range(1, min(4, n) + 1):
+        c = b[n - back]
+        if c & 0xC0 == 0x80:  # continuation byte: keep looking for the lead
+            continue
+        if c & 0x80 == 0:
+            return n
+        need = 2 if c & 0xE0 == 0xC0 else 3 if c & 0xF0 == 0xE0 else 4
+        return n if back >= need else n - back
+    return n
+
+
+class LlamaCppEngine(Engine):
+    name = "llamacpp"
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        model_id: str | None = None,
+        n_ctx: int = 4096,
+        n_threads: int | None = None,
+        n_gpu_layers: int = 0,
+        memfd: MemfdBuffer | None = None,
+        n_batch: int = 512,
+    ):
+        import llama_cpp
+
+        self._memfd = memfd
+        try:
+            probe = llama_cpp.Llama(model_path=model_path, vocab_only=True, verbose=False)
+        except (ValueError, RuntimeError, OSError) as e:
+            raise CodemoatError(f"cannot load model {model_id or model_path}: {e}") from None
+        train_ctx = probe._model.n_ctx_train() or n_ctx
+        probe.close()
+        self._llm = llama_cpp.Llama(
+            model_path=model_path,
+            n_ctx=min(n_ctx, train_ctx),
+            n_batch=min(n_batch, min(n_ctx, train_ctx)),
+            n_threads=n_threads or os.cpu_count() or 1,
+            n_gpu_layers=n_gpu_layers,
+            verbose=False,
+        )
+        self.model_id = model_id or Path(model_path).stem
+        self._lib = llama_cpp
+        self._vocab = self._llm._model.vocab
+        self._jobs: queue.Queue = queue.Queue()
+        self._closed = False
+        self._worker = threading.Thread(target=self._work, name=f"llamacpp-{self.model_id}", daemon=True)
+        self._worker.start()
+        self._special_cache: dict[str, bool] = {}
+
+    # -- construction -----------------------------------------------------
+    @classmethod
+    def from_path(cls, path: str | Path, **kw: Any) -> "LlamaCppEngine":
+        p = Path(path)
+        if not p.is_file():
+            raise CodemoatError(f"model file not found: {p}")
+        kw.setdefault("model_id", p.stem)
+        return cls(str(p), **kw)
+
+    @classmethod
+    def from_memfd(cls, buf: MemfdBuffer, **kw: Any) -> "LlamaCppEngine":
+        """Load from plaintext held in a sealed memfd; `close()` zeroes and frees it."""
+        if not buf.sealed:
+            buf.seal()
+        return cls(buf.path, memfd=buf, **kw)
+
+    @classmethod
+    def from_bytes(cls, data: bytes | bytearray | memoryview, **kw: Any) -> "LlamaCppEngine":
+        """Load a GGUF held in memory: copied into a sealed memfd, never written to a disk path."""
+        return cls.from_memfd(MemfdBuffer.from_bytes(data), **kw)
+
+    # -- facts --------------------------------------------------------------
+    @property
+    def n_ctx(self) -> int:
+        return self._llm.n_ctx()
+
+    @property
+    def n_vocab(self) -> int:
+        return self._llm.n_vocab()
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return dict(self._llm.metadata)
+
+    def has_token(self, text: str) -> bool:
+        """Whether `text` is one special token of this vocabulary."""
+        hit = self._special_cache.get(text)
+        if hit is None:
+            ids = self._llm.tokenize(text.encode(), add_bos=False, special=True)
+            hit = len(ids) == 1 and self._lib.llama_vocab_is_control(self._vocab, ids[0])
+            hit = bool(hit) or (len(ids) == 1 and ids != self._llm.tokenize(text.encode(), add_bos=False, special=False))
+            self._special_cache[text] = hit
+        return hit
+
+    def token_text(self, which: str) -> str:
+        """Text of the bos/eos token ("" if the model has none)."""
+        tid = self._llm.token_bos() if which == "bos" else self._llm.token_eos()
+        if tid is None or tid < 0:
+            return ""
+        return self._llm.detokenize([tid], special=True).decode("utf-8", "replace")
+
+    def tokenize(self, text: str, special: bool = True) -> list[int]:
+        return self._llm.tokenize(text.encode(), add_bos=self._add_bos(), special=special)
+
+    def _add_bos(self) -> bool:
+        return str(self._llm.metadata.get("tokenizer.ggml.add_bos_token", "false")).lower() == "true"
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self._llm.detokenize(list(ids), special=True).decode("utf-8", "replace")
+
+    # -- generation ---------------------------------------------------------
+    def _work(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            fn, fut = job
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn())
+                except BaseException as e:  # delivered to the awaiting request
+                    fut.set_exception(e)
+
+    def _submit(self, fn: Callable[[], Any]) -> Future:
+        if self._closed:
+            raise CodemoatError("engine is closed")
+        fut: Future = Future()
+        self._jobs.put((fn, fut))
+        return fut
+
+    def _generate(self, prompt_ids: list[int], params: SamplingParams, emit: Callable[[Chunk], None], cancel: threading.Event) -> None:
+        """Runs on the worker: sample tokens, cut at stop strings, emit text as it becomes final."""
+        llm = self._llm
+        llm.set_seed(params.seed if params.seed is not None else random.getrandbits(31))
+        lp = None
+        if params.logits_processors:
+            lp = self._lib.LogitsProcessorList(list(params.logits_processors))
+        stops = [s for s in params.stop if s]
+        hold = max((len(s) for s in stops), default=0)
+        raw = b""
+        text_sent = 0
+        pending_ids: list[int] = []
+        n = 0
+        reason: FinishReason = "length"
+        full = ""
+        gen = llm.generate(
+            prompt_ids,
+            top_k=params.top_k if params.temperature > 0 else 1,
+            top_p=params.top_p,
+            min_p=0.0,
+            temp=max(params.temperature, 0.0),
+            repeat_penalty=params.repeat_penalty,
+            logits_processor=lp,
+        )
+        try:
+            for tok in gen:
+                if cancel.is_set():
+                    reason = "cancelled"
+                    break
+                if self._lib.llama_vocab_is_eog(self._vocab, tok):
+                    reason = "stop"
+                    break
+                n += 1
+                pending_ids.append(tok)
+                raw += llm.detokenize([tok], prev_tokens=None, special=True)
+                full = raw[: _valid_utf8_prefix(raw)].decode("utf-8", "replace")
+                cut = min((i for i in (full.find(s, max(0, text_sent - hold)) for s in stops) if i >= 0), default=-1)
+                if cut >= 0:
+                    if cut > text_sent:
+                        emit(Chunk(full[text_sent:cut], pending_ids))
+                        pending_ids = []
+                    text_sent = cut
+                    reason = "stop"
+                    full = full[:cut]
+                    break
+                safe = len(full) - hold if hold else len(full)
+                if safe > text_sent:
+                    emit(Chunk(full[text_sent:safe], pending_ids))
+                    pending_ids = []
+                    text_sent = safe
+                if n >= params.max_tokens:
+                    break
+        finally:
+            gen.close()
+        if reason != "stop" or text_sent < len(full):
+            tail = full[text_sent:] if reason != "cancelled" else ""
+            if tail or pending_ids:
+                emit(Chunk(tail, pending_ids))
+        emit(Chunk("", [], reason))
+
+    async def stream(self, prompt: str, params: SamplingParams) -> AsyncIterator[Chunk]:
+        ids = self.tokenize(prompt)
+        from .base import PromptTooLong
+
+        if len(ids) + max(1, params.max_tokens) > self.n_ctx:
+            raise PromptTooLong(len(ids), self.n_ctx, params.max_tokens)
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        cancel = threading.Event()
+
+        def emit(c: Chunk) -> None:
+            loop.call_soon_threadsafe(q.put_nowait, c)
+
+        def job() -> None:
+            try:
+                self._generate(ids, params, emit, cancel)
+            finally:
+                loop.call_soon_threadsafe(q.put_nowait, _DONE)
+
+        fut = self._submit(job)
+        try:
+            while True:
+                item = await q.get()
+                if item is _DONE:
+                    break
+                yield item
+            exc = fut.exception() if fut.done() else None
+            if exc:
+                raise exc
+        finally:
+            cancel.set()
+            fut.cancel()  # still queued: never runs
+
+    async def complete(self, prompt: str, params: SamplingParams):
+        """Whole completion in one hop to the worker (no per-token event-loop traffic)."""
+        from .base import Completion, PromptTooLong
+
+        ids = self.tokenize(prompt)
+        if len(ids) + max(1, params.max_tokens) > self.n_ctx:
+            raise PromptTooLong(len(ids), self.n_ctx, params.max_tokens)
+        cancel = threading.Event()
+        chunks: list[Chunk] = []
+        fut = self._submit(lambda: self._generate(ids, params, chunks.append, cancel))
+        try:
+            await asyncio.wrap_future(fut)
+        except asyncio.CancelledError:
+            cancel.set()
+            fut.cancel()
+            raise
+        text = "".join(c.text for c in chunks)
+        n_out = sum(len(c.token_ids) for c in chunks)
+        reason = chunks[-1].finish_reason if chunks else "length"
+        return Completion(text, len(ids), n_out, reason or "length")
+
+    def logits(self, prompt: str) -> np.ndarray:
+        """Next-token logits after `prompt` (float32 copy)."""
+        ids = self.tokenize(prompt)
+
+        def run() -> np.ndarray:
+            self._llm.reset()
+            self._llm.eval(ids)
+            arr = np.ctypeslib.as_array(self._llm._ctx.get_logits(), shape=(self.n_vocab,))
+            out = arr.astype(np.float32, copy=True)
+            self._llm.reset()
+            return out
+
+        return self._submit(run).result()
+
+    def health(self) -> dict[str, Any]:
+        return {**super().health(), "queue": self._jobs.qsize(), "sealed": self._memfd is not None}
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._jobs.put(None)
+        self._worker.join(timeout=30)
+        self._llm.close()
+        if self._memfd is not None:
+            self._memfd.close(zero=True)
+            self._memfd = None

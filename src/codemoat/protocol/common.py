@@ -1,0 +1,44 @@
+"""Pieces shared by the wire formats."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Lenient(BaseModel):
+    """Request bodies accept (and ignore) fields we do not use, as the reference servers do."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+
+class CodemoatExt(Lenient):
+    """codemoat's extension field on completion and chat requests (all optional).
+
+    `repo`/`path` (or `git_url` + `path`) name the file being edited so that retrieval can add
+    cross-file context; `repos` names repositories to ground a chat answer in;
+    `return_snippets` echoes the retrieved snippets in the response.
+    """
+
+    repo: str | None = None
+    path: str | None = None
+    git_url: str | None = None
+    repos: list[str] = Field(default_factory=list)
+    return_snippets: bool = False
+    retrieval: bool = True
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def as_stop_list(stop: str | list[str] | None) -> list[str]:
+    if stop is None:
+        return []
+    return [stop] if isinstance(stop, str) else [s for s in stop if s]

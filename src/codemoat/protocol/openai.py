@@ -1,0 +1,107 @@
+"""OpenAI wire format: /v1/models, /v1/completions, /v1/chat/completions (API reference, 2024-2026)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from .common import CodemoatExt, Lenient, now
+
+
+class CompletionRequest(Lenient):
+    model: str
+    prompt: str | list[str] = ""
+    suffix: str | None = None
+    max_tokens: int | None = Field(None, ge=0)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    n: int = Field(1, ge=1, le=1, description="only n=1 is supported")
+    echo: bool = False
+    user: str | None = None
+    codemoat: CodemoatExt | None = None
+
+
+class ContentPart(Lenient):
+    type: str = "text"
+    text: str | None = None
+
+
+class ChatMessage(Lenient):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text or "" for p in self.content if p.type == "text")
+
+
+class StreamOptions(Lenient):
+    include_usage: bool = False
+
+
+class ChatRequest(Lenient):
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=0)
+    max_completion_tokens: int | None = Field(None, ge=0)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1, le=1, description="only n=1 is supported")
+    user: str | None = None
+    codemoat: CodemoatExt | None = None
+
+
+def usage(prompt: int, completion: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def completion(id: str, model: str, text: str, finish: str | None, u: dict | None, extra: dict | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "id": id, "object": "text_completion", "created": now(), "model": model,
+        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+    }
+    if u is not None:
+        body["usage"] = u
+    if extra:
+        body.update(extra)
+    return body
+
+
+def chat(id: str, model: str, text: str, finish: str, u: dict, extra: dict | None = None) -> dict[str, Any]:
+    body = {
+        "id": id, "object": "chat.completion", "created": now(), "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish}],
+        "usage": u,
+    }
+    if extra:
+        body.update(extra)
+    return body
+
+
+def chat_chunk(id: str, model: str, delta: dict, finish: str | None, u: dict | None = None, choices: bool = True) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "id": id, "object": "chat.completion.chunk", "created": now(), "model": model,
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}] if choices else [],
+    }
+    if u is not None:
+        body["usage"] = u
+    return body
+
+
+def model_list(ids: list[str], created: int) -> dict[str, Any]:
+    return {"object": "list", "data": [{"id": i, "object": "model", "created": created, "owned_by": "codemoat"} for i in ids]}
+
+
+def error(message: str, type_: str, code: str | None, param: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
