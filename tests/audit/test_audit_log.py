@@ -1,0 +1,216 @@
+"""The hash-chained audit log: every kind of tampering is detected and names the first bad record."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+
+import pytest
+
+from codemoat.audit.log import AuditLog, AuditUnavailable, head_file_for, parse_since, record_hash
+from codemoat.errors import CodemoatError
+
+
+def fill(log: AuditLog, n: int) -> None:
+    for i in range(n):
+        log.append(
+            user=f"u{i % 3}", token_id=f"tok_{i % 3}", route="/v1/completions", protocol="openai", model="tiny",
+            repos=["acme/api"], snippets=[f"s{i}"], prompt_tokens=10 + i, completion_tokens=5, latency_ms=1.5 + i,
+            status=200, client="127.0.0.1",
+        )
+
+
+def sql(db_file, statement: str, *args) -> None:
+    con = sqlite3.connect(db_file)
+    con.execute(statement, args)
+    con.commit()
+    con.close()
+
+
+@pytest.fixture
+def db_file(audit_home):
+    return audit_home / "codemoat.db"
+
+
+def test_intact_log_verifies(audit_log):
+    fill(audit_log, 25)
+    rep = audit_log.verify()
+    assert rep.ok, rep
+    assert (rep.records, rep.checkpoints, rep.head_seq) == (25, 2, 25)
+    assert audit_log.checkpoint("shutdown") == 25
+    assert audit_log.checkpoint("shutdown") is None  # nothing new to sign
+    assert audit_log.verify().ok
+
+
+def test_empty_log_verifies(audit_log):
+    rep = audit_log.verify()
+    assert rep.ok and rep.records == 0
+
+
+def test_edited_record_detected(audit_log, db_file):
+    fill(audit_log, 25)
+    sql(db_file, "UPDATE audit_records SET completion_tokens = 9999 WHERE seq = 7")
+    rep = audit_log.verify()
+    assert not rep.ok and rep.first_bad == 7 and "edited" in rep.problem
+
+
+def test_edited_and_rehashed_record_detected(audit_log, db_file):
+    fill(audit_log, 25)
+    con = sqlite3.connect(db_file)
+    con.row_factory = sqlite3.Row
+    row = dict(con.execute("SELECT * FROM audit_records WHERE seq = 7").fetchone())
+    row["user"] = "someone-else"
+    con.execute("UPDATE audit_records SET user = ?, hash = ? WHERE seq = 7", (row["user"], record_hash(row)))
+    con.commit()
+    rep = audit_log.verify()
+    assert not rep.ok and rep.first_bad == 7, rep
+
+
+def test_whole_chain_rewritten_detected_by_checkpoint(audit_log, db_file):
+    """An attacker who re-hashes every record after an edit is caught by the signed checkpoint."""
+    fill(audit_log, 25)
+    con = sqlite3.connect(db_file)
+    con.row_factory = sqlite3.Row
+    rows = [dict(r) for r in con.execute("SELECT * FROM audit_records ORDER BY seq")]
+    rows[13]["status"] = 500
+    prev = rows[12]["hash"]
+    for r in rows[13:]:
+        r["prev_hash"] = prev
+        r["hash"] = prev = record_hash(r)
+        con.execute("UPDATE audit_records SET status=?, prev_hash=?, hash=? WHERE seq=?", (r["status"], r["prev_hash"], r["hash"], r["seq"]))
+    con.commit()
+    rep = audit_log.verify()
+    assert not rep.ok and rep.first_bad == 11 and "checkpoint at record 20" in rep.problem, rep
+
+
+def test_deleted_record_detected(audit_log, db_file):
+    fill(audit_log, 25)
+    sql(db_file, "DELETE FROM audit_records WHERE seq = 12")
+    rep = audit_log.verify()
+    assert not rep.ok and rep.first_bad == 12 and "deleted" in rep.problem
+
+
+def test_deleted_and_renumbered_detected(audit_log, db_file):
+    fill(audit_log, 25)
+    sql(db_file, "DELETE FROM audit_records WHERE seq = 12")
+    sql(db_file, "UPDATE audit_records SET seq = seq - 1 WHERE seq > 12")
+    rep = audit_log.verify()
+    assert not rep.ok and rep.first_bad == 11, rep
+
+
+def test_inserted_record_detected(audit_log, db_file):
+    fill(audit_log, 25)
+    con = sqlite3.connect(db_file)
+    con.row_factory = sqlite3.Row
+    r8 = dict(con.execute("SELECT * FROM audit_records WHERE seq = 8").fetchone())
+    # Make room after record 8 and forge a well-formed record 9 that links to it.
+    con.execute("UPDATE audit_records SET seq = -seq WHERE seq > 8")
+    con.execute("UPDATE audit_records SET seq = -seq + 1 WHERE seq < 0")
+    forged = dict(r8, seq=9, user="ghost", prev_hash=r8["hash"])
+    forged["hash"] = record_hash(forged)
+    con.execute(f"INSERT INTO audit_records ({','.join(forged)}) VALUES ({','.join('?' * len(forged))})", tuple(forged.values()))
+    con.commit()
+    rep = audit_log.verify()
+    assert not rep.ok and rep.first_bad == 9, rep
+
+
+def test_appended_record_detected(audit_log, db_file):
+    fill(audit_log, 5)
+    con = sqlite3.connect(db_file)
+    con.row_factory = sqlite3.Row
+    r5 = dict(con.execute("SELECT * FROM audit_records WHERE seq = 5").fetchone())
+    forged = dict(r5, seq=6, prev_hash=r5["hash"])
+    forged["hash"] = record_hash(forged)
+    con.execute(f"INSERT INTO audit_records ({','.join(forged)}) VALUES ({','.join('?' * len(forged))})", tuple(forged.values()))
+    con.commit()
+    rep = audit_log.verify()
+    assert not rep.ok and rep.first_bad == 6 and "after the signed head" in rep.problem
+    # The server refuses to extend a tampered chain rather than legitimise the forged record.
+    with pytest.raises(AuditUnavailable, match="tampered"):
+        fill(audit_log, 1)
+
+
+def test_truncated_tail_detected(audit_log, db_file):
+    fill(audit_log, 25)
+    sql(db_file, "DELETE FROM audit_records WHERE seq > 22")  # past the last checkpoint (20)
+    rep = audit_log.verify()
+    assert not rep.ok and rep.first_bad == 23 and "truncated" in rep.problem
+
+
+def test_truncated_tail_and_head_rolled_back_detected(audit_log, db_file):
+    fill(audit_log, 25)
+    sql(db_file, "DELETE FROM audit_records WHERE seq > 15")
+    sql(db_file, "DELETE FROM audit_head")
+    sql(db_file, "DELETE FROM audit_checkpoints WHERE seq > 15")
+    rep = audit_log.verify()
+    assert not rep.ok and rep.first_bad == 15, rep  # the head is gone: the end of the log is unsigned
+
+
+def test_everything_deleted_detected_by_head_file(audit_log, db_file):
+    fill(audit_log, 25)
+    for t in ("audit_records", "audit_checkpoints", "audit_head"):
+        sql(db_file, f"DELETE FROM {t}")
+    rep = audit_log.verify()
+    assert not rep.ok and rep.first_bad == 1 and "head file" in rep.problem
+
+
+def test_deleted_checkpoint_detected(audit_log, db_file):
+    fill(audit_log, 35)
+    sql(db_file, "DELETE FROM audit_checkpoints WHERE seq = 20")
+    rep = audit_log.verify()
+    assert not rep.ok and "checkpoint at record 20 was deleted" in rep.problem
+
+
+def test_forged_checkpoint_signature_detected(audit_log, db_file):
+    fill(audit_log, 25)
+    sql(db_file, "UPDATE audit_checkpoints SET signature = ? WHERE seq = 10", "00" * 64)
+    rep = audit_log.verify()
+    assert not rep.ok and "invalid signature" in rep.problem and rep.first_bad == 1
+
+
+def test_other_key_detected(audit_log, audit_home, engine, db_url):
+    fill(audit_log, 3)
+    os.remove(audit_home / "audit-signing.key")
+    from codemoat.audit.signing import load_signer
+
+    other = AuditLog(engine, signer=load_signer(), head_file=head_file_for(db_url, audit_home))
+    rep = other.verify()
+    assert not rep.ok and "not this machine's audit key" in rep.problem
+
+
+def test_signing_key_is_private(audit_log, audit_home):
+    fill(audit_log, 1)
+    key = audit_home / "audit-signing.key"
+    assert key.stat().st_mode & 0o777 == 0o600
+    key.chmod(0o644)
+    from codemoat.audit.signing import load_signer
+
+    with pytest.raises(CodemoatError, match="readable by others"):
+        load_signer()
+
+
+def test_unwritable_database_refuses(audit_home, engine, db_url):
+    import sqlalchemy as sa
+
+    ro = sa.create_engine(f"sqlite:///file:{audit_home / 'codemoat.db'}?mode=ro&uri=true")
+    log = AuditLog(ro)
+    assert not log.check_writable()
+    with pytest.raises(AuditUnavailable):
+        log.append(user="a")
+    assert AuditLog(engine).count() == 0
+
+
+def test_export_formats_and_filters(audit_log):
+    fill(audit_log, 4)
+    audit_log.append("alert", user="u1", detail={"signals": ["volume"]})
+    lines = list(audit_log.export("jsonl"))
+    assert len(lines) == 5 and json.loads(lines[0])["repos"] == ["acme/api"]
+    assert [json.loads(x)["kind"] for x in audit_log.export("jsonl", kind="alert")] == ["alert"]
+    csv_text = "".join(audit_log.export("csv"))
+    assert csv_text.splitlines()[0].startswith("seq,time,kind,user") and len(csv_text.splitlines()) == 6
+    assert list(audit_log.export("jsonl", since=parse_since("1h"))) and not list(audit_log.export("jsonl", since=parse_since("2999-01-01")))
+    with pytest.raises(CodemoatError):
+        list(audit_log.export("xml"))
+    with pytest.raises(CodemoatError):
+        parse_since("yesterday-ish")
