@@ -1,0 +1,137 @@
+"""Secrets in prompts: find them, redact them from anything kept, or refuse the request.
+
+Detectors are the documented formats of each credential (AWS access key ids `AKIA…`/`ASIA…`,
+Google API keys `AIza…` and OAuth tokens `ya29.`, Azure storage `AccountKey=` and SAS `sig=`,
+GitHub `ghp_`/`github_pat_`, Slack `xox?-` and webhooks, PEM/OpenSSH private key blocks
+(RFC 7468), JWTs (RFC 7519: three base64url parts, the first two JSON beginning `{"`), passwords
+in URLs (RFC 3986 userinfo) and in assignments), plus a Shannon-entropy detector for the rest:
+a base64-alphabet token of ≥ 24 characters mixing upper case, lower case and digits whose
+entropy is ≥ 4.5 bits per character. The 4.5-bit threshold is truffleHog's for base64 strings;
+a random 32-character base64 token scores ≈ 4.7–5.0, English identifiers ≈ 3–4.
+Hex strings (hashes, UUIDs, commit ids) are not flagged by entropy alone: they are everywhere
+in code and are rarely secrets unless assigned to a secret-named variable, which the assignment
+detector catches.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass
+
+from ..errors import CodemoatError
+
+
+class SecretInPrompt(CodemoatError):
+    """`policy.secrets = "block"` and the prompt holds a secret."""
+
+    status = 400
+    code = "secret_detected"
+
+
+@dataclass(frozen=True)
+class Finding:
+    kind: str
+    start: int
+    end: int
+
+    def line(self, text: str) -> int:
+        return text.count("\n", 0, self.start) + 1
+
+
+_SECRET_NAME = r"(?:pass(?:word|wd|phrase)?|pwd|secret|client_secret|api[_-]?key|apikey|access[_-]?key|auth[_-]?token|access[_-]?token|private[_-]?key|token)"
+# (kind, pattern, group holding the secret: 0 = the whole match)
+_PATTERNS: list[tuple[str, re.Pattern[str], int]] = [
+    ("private_key", re.compile(r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----(?:.*?-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----|.*\Z)", re.S), 0),
+    ("aws_access_key_id", re.compile(r"\b(?:AKIA|ASIA|ABIA|ACCA|AROA|AIDA)[0-9A-Z]{16}\b"), 0),
+    ("aws_secret_access_key", re.compile(r"(?i)aws.{0,20}?(?:secret|key).{0,20}?[=:]\s*[\"']?([A-Za-z0-9/+]{40})(?![A-Za-z0-9/+])"), 1),
+    ("gcp_api_key", re.compile(r"\bAIza[0-9A-Za-z_\-]{35}(?![0-9A-Za-z_\-])"), 0),
+    ("gcp_oauth_token", re.compile(r"\bya29\.[0-9A-Za-z_\-]{20,}"), 0),
+    ("gcp_client_secret", re.compile(r"\bGOCSPX-[0-9A-Za-z_\-]{28}"), 0),
+    ("azure_storage_key", re.compile(r"(?i)AccountKey=([A-Za-z0-9+/]{86}==)"), 1),
+    ("azure_sas_signature", re.compile(r"[?&]sig=([A-Za-z0-9%+/]{40,}(?:%3D|=)*)"), 1),
+    ("azure_client_secret", re.compile(r"(?<![A-Za-z0-9_~.-])[A-Za-z0-9_~.-]{3}\dQ~[A-Za-z0-9_~.-]{31,34}(?![A-Za-z0-9_~.-])"), 0),
+    ("github_token", re.compile(r"\b(?:gh[pousr]_[A-Za-z0-9]{36,255}|github_pat_[A-Za-z0-9_]{60,255})"), 0),
+    ("slack_token", re.compile(r"\bxox[abposr]-[A-Za-z0-9-]{10,}"), 0),
+    ("slack_webhook", re.compile(r"https://hooks\.slack\.com/(?:services|workflows)/[A-Za-z0-9/_-]{20,}"), 0),
+    ("jwt", re.compile(r"\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{16,}"), 0),
+    ("url_password", re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s/:@\"']+:([^\s@/\"']+)@"), 1),
+    # password = "…", "api_key": "…", token: '…'  (a string literal assigned to a secret-named key)
+    ("assigned_secret", re.compile(
+        r"(?i)[\"']?[A-Za-z0-9_.-]*" + _SECRET_NAME + r"[A-Za-z0-9_]*[\"']?\s*(?::=|=>|[:=])\s*(?:[rbf]?)([\"'])([^\"'\n]{4,})\1"), 2),
+    # DB_PASSWORD=hunter2 (dotenv / shell: an unquoted value at the start of a line)
+    ("assigned_secret", re.compile(r"(?m)^\s*(?:export\s+)?[A-Z0-9_]*(?:PASSWORD|PASSWD|SECRET|TOKEN|API_KEY|APIKEY|ACCESS_KEY)[A-Z0-9_]*\s*=\s*(?!\d+\s*$)([^\s\"'#$]{4,})\s*$"), 1),
+]
+_PLACEHOLDER = re.compile(r"(?i)^(?:x+|\*+|\.+|<[^>]*>|\$\{[^}]*\}|\{\{[^}]*\}\}|%s|%\([a-z_]+\)s|changeme|password|secret|your[_-].*|none|null|true|false|test|example|dummy|redacted.*)$")
+_TOKEN = re.compile(r"[A-Za-z0-9+/_\-]{24,}={0,2}")
+ENTROPY_BITS = 4.5
+
+
+def shannon_entropy(s: str) -> float:
+    """Bits per character of `s` under its own character frequencies."""
+    n = len(s)
+    return -sum(c / n * math.log2(c / n) for c in Counter(s).values()) if n else 0.0
+
+
+def _high_entropy(token: str) -> bool:
+    core = token.strip("=")
+    if len(core) < 24 or not (re.search(r"[a-z]", core) and re.search(r"[A-Z]", core) and re.search(r"\d", core)):
+        return False
+    if re.fullmatch(r"[A-Za-z_]+\d*", core):  # identifiers such as someLongCamelCaseName2
+        return False
+    return shannon_entropy(core) >= ENTROPY_BITS
+
+
+def find_secrets(text: str) -> list[Finding]:
+    """Every secret found in `text`, as non-overlapping spans sorted by position."""
+    found: list[Finding] = []
+    for kind, pat, group in _PATTERNS:
+        for m in pat.finditer(text):
+            value = m.group(group)
+            if kind == "assigned_secret" and _PLACEHOLDER.match(value.strip()):
+                continue
+            found.append(Finding(kind, m.start(group), m.end(group)))
+    for m in _TOKEN.finditer(text):
+        if _high_entropy(m.group(0)):
+            found.append(Finding("high_entropy", m.start(), m.end()))
+    # Keep the earliest, longest span where findings overlap; named detectors win over entropy.
+    found.sort(key=lambda f: (f.start, -(f.end - f.start), f.kind == "high_entropy"))
+    out: list[Finding] = []
+    for f in found:
+        if out and f.start < out[-1].end:
+            prev = out[-1]
+            kind = f.kind if prev.kind == "high_entropy" else prev.kind
+            out[-1] = Finding(kind, prev.start, max(prev.end, f.end))
+            continue
+        out.append(f)
+    return out
+
+
+def redact(text: str) -> tuple[str, list[Finding]]:
+    """`text` with every secret replaced by `[REDACTED:<kind>]`, and what was found."""
+    findings = find_secrets(text)
+    if not findings:
+        return text, findings
+    parts, pos = [], 0
+    for f in findings:
+        parts.append(text[pos:f.start])
+        parts.append(f"[REDACTED:{f.kind}]")
+        pos = f.end
+    parts.append(text[pos:])
+    return "".join(parts), findings
+
+
+def screen(text: str, policy: str = "redact") -> tuple[str, list[Finding]]:
+    """Redacted text and findings; with `policy == "block"` raise `SecretInPrompt` instead when any is found.
+
+    The message names the kinds and lines, never the secret itself."""
+    redacted, findings = redact(text)
+    if findings and policy == "block":
+        where = ", ".join(f"{f.kind} on line {f.line(text)}" for f in findings[:5])
+        more = f" and {len(findings) - 5} more" if len(findings) > 5 else ""
+        raise SecretInPrompt(
+            f"request refused: the prompt contains {len(findings)} secret(s) ({where}{more}); "
+            "remove them, or ask the admin to set policy.secrets = \"redact\""
+        )
+    return redacted, findings
