@@ -1,0 +1,134 @@
+"""The egress guard, tested on loopback only: allow one loopback port, try another.
+
+With `loopback=False` the guard treats 127.0.0.1 like any outside host, so a refused loopback
+port stands in for the internet without a single packet leaving the machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+
+import httpx
+import pytest
+
+from codemoat.audit import egress
+from codemoat.audit.egress import EgressBlocked, EgressGuard, parse_rule
+
+
+@pytest.fixture
+def listeners():
+    """Two listening loopback ports that accept and close."""
+    socks, stop = [], threading.Event()
+    for _ in range(2):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        s.listen(16)
+        s.settimeout(0.2)
+        socks.append(s)
+
+    def serve(s):
+        while not stop.is_set():
+            try:
+                c, _ = s.accept()
+                c.close()
+            except OSError:
+                pass
+
+    threads = [threading.Thread(target=serve, args=(s,), daemon=True) for s in socks]
+    for t in threads:
+        t.start()
+    yield [s.getsockname()[1] for s in socks]
+    stop.set()
+    for s in socks:
+        s.close()
+
+
+@pytest.fixture
+def strict(listeners):
+    """A guard that allows only the first listener, and records refusals."""
+    refusals: list[tuple[str, str]] = []
+    g = egress.arm(EgressGuard(allow=[f"127.0.0.1:{listeners[0]}"], loopback=False, on_refuse=lambda e, d: refusals.append((e, d))))
+    yield g, listeners, refusals
+    egress.disarm(g)
+
+
+def connect(port: int) -> None:
+    with socket.create_connection(("127.0.0.1", port), timeout=2):
+        pass
+
+
+def test_allowed_port_connects_other_port_blocked(strict):
+    g, (ok, blocked), refusals = strict
+    connect(ok)
+    for _ in range(3):  # a blocked destination stays blocked
+        with pytest.raises(EgressBlocked, match=f"127.0.0.1:{blocked}"):
+            connect(blocked)
+    assert g.refused == 3 and refusals == [("connect", f"127.0.0.1:{blocked}")] * 3
+    connect(ok)
+
+
+def test_every_socket_path_is_guarded(strict):
+    g, (ok, blocked), _ = strict
+    s = socket.socket()
+    with pytest.raises(EgressBlocked):
+        s.connect_ex(("127.0.0.1", blocked))
+    s.close()
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://127.0.0.1:{blocked}/", timeout=2)
+
+    async def aconnect(port):
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        w.close()
+
+    with pytest.raises(EgressBlocked):
+        asyncio.run(aconnect(blocked))
+    asyncio.run(aconnect(ok))
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with pytest.raises(EgressBlocked):
+        u.sendto(b"x", ("127.0.0.1", blocked))
+    u.close()
+    with pytest.raises(EgressBlocked):  # a DNS lookup is a way out too; refused before any query
+        socket.getaddrinfo("localhost", 80)
+    with pytest.raises(EgressBlocked):
+        socket.gethostbyname("localhost")
+    with pytest.raises(EgressBlocked):
+        socket.gethostbyaddr("127.0.0.2")
+    assert g.refused >= 6
+
+
+def test_loopback_allowed_by_default_and_disarm(listeners):
+    g = egress.arm(EgressGuard())
+    try:
+        connect(listeners[1])
+        socket.getaddrinfo("localhost", listeners[1])
+        socket.getaddrinfo("127.0.0.1", listeners[1])
+    finally:
+        egress.disarm(g)
+    assert g.refused == 0 and egress.armed() is None
+
+
+def test_allow_list_from_callable_is_read_live(listeners):
+    extra: list[str] = []
+    g = egress.arm(EgressGuard(loopback=False, extra=lambda: extra))
+    try:
+        with pytest.raises(EgressBlocked):
+            connect(listeners[1])
+        extra.append(f"127.0.0.1:{listeners[1]}")  # e.g. the license's key server, filled in later
+        connect(listeners[1])
+    finally:
+        egress.disarm(g)
+
+
+def test_rules():
+    assert parse_rule("KeyServer.example.com:8443") == egress.Rule("keyserver.example.com", None, 8443)
+    assert parse_rule("10.0.0.0/8").net is not None and parse_rule("[::1]:80").port == 80
+    g = EgressGuard(allow=["10.1.0.0/16", "proxy.corp:3128"], loopback=False)
+    assert g.may_connect("10.1.2.3", 443) and not g.may_connect("10.2.0.1", 443)
+    assert g.may_connect("proxy.corp", 3128) and not g.may_connect("proxy.corp", 80)
+    assert g.may_resolve("proxy.corp") and not g.may_resolve("evil.example") and g.may_resolve("8.8.8.8")
+    assert not EgressGuard(loopback=False).may_connect("127.0.0.1", 1)
+    assert EgressGuard().may_connect("::ffff:127.0.0.1", 1) and not EgressGuard().may_connect("1.1.1.1", 443)
+    with pytest.raises(ValueError):
+        parse_rule("host:99999")
