@@ -1,0 +1,120 @@
+"""`codemoat trace SUSPECT` and `codemoat watermark detect FILE…`: which customer leaked, or wrote this."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from .apps import app, watermark_app
+from .common import JsonFlag, console, emit
+
+VendorDir = Annotated[Path, typer.Option("--vendor", help="The vendor directory (from `codemoat vendor init`).", envvar="CODEMOAT_VENDOR")]
+
+
+def _p(p: float) -> str:
+    return "<1e-300" if p == 0 else f"{p:.2e}"
+
+
+@app.command("trace")
+def trace_cmd(
+    suspect: Annotated[Path, typer.Argument(help="The suspect model: a GGUF of any quantisation, a .safetensors file or a folder holding one.")],
+    *,
+    vendor: VendorDir,
+    original: Annotated[Path | None, typer.Option(help="The unfingerprinted original (default: the one recorded when sealing that matches the suspect).")] = None,
+    top: Annotated[int, typer.Option(help="Customers to show (all with --json).")] = 10,
+    as_json: JsonFlag = False,
+) -> None:
+    """Rank every customer by the evidence that SUSPECT is their fingerprinted copy."""
+    from ..trace import vendor_io
+    from ..trace.detect import trace_files
+
+    suspect_w = vendor_io.weights_path(suspect)
+    v = vendor_io.open_vendor(vendor)
+    try:
+        secrets = vendor_io.fingerprint_secrets(v)
+        orig = vendor_io.weights_path(original) if original else vendor_io.pick_original(suspect_w, vendor_io.recorded_originals(v))
+    finally:
+        v.close()
+    with console.status(f"scoring {len(secrets)} customers…", spinner="dots") if not as_json else _null():
+        result = trace_files(suspect_w, orig, secrets)
+    data = {"suspect": str(suspect), "original": str(orig), **result.as_dict()}
+
+    def human(d: dict) -> None:
+        t = Table(title=f"{Path(d['suspect']).name} vs {Path(d['original']).name}: {d['positions']:,} weights in {d['tensors']} tensors")
+        for col in ("customer", "z", "p (corrected)", "named"):
+            t.add_column(col, justify="right" if col != "customer" else "left")
+        for s in d["scores"][:top]:
+            t.add_row(s["customer"], f"{s['z']:.2f}", _p(s["p_adj"]), "yes" if s["named"] else "")
+        console.print(t)
+        if d["realigned"]:
+            console.print("re-aligned permuted units: " + ", ".join(f"{k} ({n})" for k, n in d["realigned"].items()))
+        if d["named"]:
+            console.print(f"[bold red]verdict:[/bold red] carries the fingerprint of {', '.join(d['named'])} "
+                          f"(p < {d['threshold']:g} after correcting for {len(d['scores'])} customers)")
+        else:
+            console.print(f"no verdict: no customer reaches p < {d['threshold']:g} after correcting for {len(d['scores'])} customers")
+
+    emit(data, as_json, human)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+@watermark_app.command("detect")
+def watermark_detect(
+    files: Annotated[list[Path], typer.Argument(help="Text files to test (generated code, or a suspect model's outputs).")],
+    *,
+    vendor: VendorDir,
+    customer: Annotated[str | None, typer.Option(help="Test only this customer's key (default: every customer, corrected for their number).")] = None,
+    model: Annotated[Path | None, typer.Option(help="GGUF model for tokens and entropies (default: the GGUF original recorded when sealing).")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Print the watermark z-score and p-value of each FILE for each customer."""
+    from ..errors import CodemoatError
+    from ..trace import vendor_io
+    from ..trace.watermark import THRESHOLD, GreenList, LlamaScorer, detect_text
+
+    v = vendor_io.open_vendor(vendor)
+    try:
+        keys = vendor_io.watermark_secrets(v, customer)
+        if model is None:
+            ggufs = [p for p in vendor_io.recorded_originals(v) if p.suffix == ".gguf" and p.is_file()]
+            if not ggufs:
+                raise CodemoatError("no GGUF original recorded for this vendor: pass --model PATH (its tokenizer is needed)")
+            model = ggufs[0]
+    finally:
+        v.close()
+    if not model.is_file():
+        raise CodemoatError(f"model not found: {model}")
+    scorer = LlamaScorer(str(model))
+    greens = {k: GreenList(s) for k, s in keys.items()}
+    out = []
+    for f in files:
+        try:
+            text = f.read_text(errors="replace")
+        except OSError as e:
+            raise CodemoatError(f"cannot read {f}: {e.strerror}") from None
+        scores = detect_text(text, scorer.tokenize, keys, scorer.entropies, greens=greens)
+        out.append({"file": str(f), "detected": [s.customer for s in scores if s.detected],
+                    "scores": [s.__dict__ for s in scores]})
+    data = {"threshold": THRESHOLD, "customers": len(keys), "files": out}
+
+    def human(d: dict) -> None:
+        t = Table(title=f"watermark, {d['customers']} customer key(s), detection at corrected p < {d['threshold']:g}")
+        for col in ("file", "best customer", "z", "p (corrected)", "tokens", "watermarked"):
+            t.add_column(col)
+        for r in d["files"]:
+            s = r["scores"][0]
+            t.add_row(r["file"], s["customer"], f"{s['z']:.2f}", _p(s["p_adj"]), str(s["scored_tokens"]),
+                      ", ".join(r["detected"]) or "no")
+        console.print(t)
+
+    emit(data, as_json, human)

@@ -1,0 +1,258 @@
+"""Output watermark: a keyed green list on sampling, applied only where code has freedom.
+
+Kirchenbauer et al. 2023 ("A Watermark for Large Language Models", Alg. 2): before sampling
+token s_t, a key and the previous token s_{t-1} split the vocabulary into a green list of
+γ·|V| tokens and a red list, and δ is added to every green logit. Text from the model then holds
+more green tokens than the γ fraction chance gives, and the one-proportion z-test
+
+    z = (|s|_G - γT) / √(T γ (1 - γ))
+
+over T scored tokens tells it from human text (§4). Code has many tokens with one right answer
+(`)` after `print(x`), where the bias either does nothing or breaks the program; SWEET (Lee et
+al. 2023, "Who Wrote this Code? Watermarking for Code Generation", §3) adds δ only where the
+entropy of the model's next-token distribution is at least τ, and scores only those positions.
+Detection then needs the model's entropies; without them every token is scored (still valid,
+weaker). Repeated (s_{t-1}, s_t) pairs are scored once (Kirchenbauer et al. 2023b, "On the
+Reliability of Watermarks", §3), because code repeats itself and repeats would inflate z on
+human text.
+
+The green list is a PRF, not a seeded shuffle: token v is green after u iff the first 32 bits of
+AES-256(k, u ‖ v) fall below γ·2³², k = HKDF(customer's watermark secret). p-values are the
+exact binomial tail P(X ≥ |s|_G), X ~ Bin(T, γ).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+GAMMA = 0.25  # Kirchenbauer et al. §6 and SWEET §4 use γ = 0.25
+DELTA = 3.0  # SWEET's best trade-off on HumanEval/MBPP is δ = 3 (Table 2)
+ENTROPY_THRESHOLD = 1.2  # τ in nats; SWEET tunes τ ∈ [0.3, 1.2] (§4.2); bench/results/trace.md
+THRESHOLD = 1e-5  # detection at p (Bonferroni over customers) below this; bench measures its FPR
+_INFO = b"codemoat/watermark/v1"
+
+
+def green_key(secret: bytes) -> bytes:
+    """The AES-256 key of a customer's green lists: HKDF-SHA256(watermark secret)."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_INFO).derive(secret)
+
+
+class GreenList:
+    """G(u) ⊂ V for each previous token u, from AES-256 used as a PRF."""
+
+    def __init__(self, secret: bytes, gamma: float = GAMMA, cache: int = 4096):
+        from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+        self.gamma = gamma
+        self._limit = np.uint32(min(int(gamma * 2**32), 2**32 - 1))
+        self._aes = Cipher(algorithms.AES(green_key(secret)), modes.ECB()).encryptor()
+        self._masks: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._cache = cache
+
+    def is_green(self, prev: np.ndarray, tok: np.ndarray) -> np.ndarray:
+        """Elementwise: is tok[i] in G(prev[i])?"""
+        blocks = np.zeros((len(tok), 4), dtype="<u4")
+        blocks[:, 0], blocks[:, 1] = prev, tok
+        out = np.frombuffer(self._aes.update(blocks.tobytes()), dtype="<u4").reshape(-1, 4)
+        return out[:, 0] < self._limit
+
+    def mask(self, prev: int, vocab_size: int) -> np.ndarray:
+        """Boolean mask over the vocabulary of G(prev) (cached, least recently used out)."""
+        key = (prev, vocab_size)
+        m = self._masks.get(key)
+        if m is None:
+            v = np.arange(vocab_size, dtype=np.uint32)
+            m = self.is_green(np.full(vocab_size, prev, dtype=np.uint32), v)
+            self._masks[key] = m
+            if len(self._masks) > self._cache:
+                self._masks.popitem(last=False)
+        else:
+            self._masks.move_to_end(key)
+        return m
+
+
+def entropy(logits: np.ndarray) -> float:
+    """Shannon entropy (nats) of softmax(logits)."""
+    x = np.asarray(logits, dtype=np.float64)
+    x = x - np.max(x)
+    p = np.exp(x)
+    z = p.sum()
+    p /= z
+    nz = p > 0
+    return float(-(p[nz] * np.log(p[nz])).sum())
+
+
+def entropies(logits: np.ndarray) -> np.ndarray:
+    """Row-wise entropy (nats) of softmax over the last axis of (n, V) logits."""
+    x = np.asarray(logits, dtype=np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    p = np.exp(x)
+    p /= p.sum(axis=-1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return -(np.where(p > 0, p * np.log(p), 0.0)).sum(axis=-1)
+
+
+class WatermarkProcessor:
+    """A `codemoat.engines.base.LogitsProcessor` adding δ to green logits where entropy ≥ τ.
+
+    `key` is the customer's 32-byte watermark secret (the license's `watermark_key`).
+    """
+
+    def __init__(
+        self,
+        key: bytes,
+        gamma: float = GAMMA,
+        delta: float = DELTA,
+        entropy_threshold: float = ENTROPY_THRESHOLD,
+        vocab_size: int | None = None,
+    ):
+        self.green = GreenList(key, gamma)
+        self.delta, self.entropy_threshold, self.vocab_size = delta, entropy_threshold, vocab_size
+
+    def __call__(self, input_ids: Sequence[int], logits: np.ndarray) -> np.ndarray:
+        if len(input_ids) == 0 or entropy(logits) < self.entropy_threshold:
+            return logits
+        n = self.vocab_size or len(logits)
+        mask = self.green.mask(int(input_ids[-1]), len(logits))
+        if n < len(logits):
+            mask = mask & (np.arange(len(logits)) < n)
+        out = np.array(logits, dtype=logits.dtype, copy=True)
+        out[mask] += self.delta
+        return out
+
+
+def binom_tail(k: int, n: int, p: float) -> float:
+    """P(X ≥ k) for X ~ Bin(n, p), summed exactly in log space."""
+    if k <= 0:
+        return 1.0
+    if k > n:
+        return 0.0
+
+    def log_term(i: int) -> float:
+        return math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * math.log(p) + (n - i) * math.log1p(-p)
+
+    if k <= n * p:  # below the mean: the complement is the short sum
+        lower = sum(math.exp(log_term(i)) for i in range(0, k))
+        return max(0.0, min(1.0, 1.0 - lower))
+    first = log_term(k)
+    total, i, term = 0.0, k, 1.0
+    while i <= n and term > 1e-17:  # terms fall geometrically above the mean
+        term = math.exp(log_term(i) - first)
+        total += term
+        i += 1
+    return min(1.0, math.exp(first) * total)
+
+
+def detect(
+    token_ids: Sequence[int],
+    key: bytes,
+    gamma: float = GAMMA,
+    entropies: Sequence[float] | None = None,
+    entropy_threshold: float = ENTROPY_THRESHOLD,
+    green: GreenList | None = None,
+) -> tuple[float, float]:
+    """(z, p) of the green-token count in `token_ids` under `key`.
+
+    `entropies[t]` is the model's entropy when token t was chosen (None: score every token).
+    """
+    n_scored, n_green = count(token_ids, green or GreenList(key, gamma), entropies, entropy_threshold)
+    if n_scored == 0:
+        return 0.0, 1.0
+    z = (n_green - gamma * n_scored) / math.sqrt(n_scored * gamma * (1 - gamma))
+    return z, binom_tail(n_green, n_scored, gamma)
+
+
+def count(
+    token_ids: Sequence[int], green: GreenList, entropies: Sequence[float] | None = None, entropy_threshold: float = ENTROPY_THRESHOLD
+) -> tuple[int, int]:
+    """(T, |s|_G): unique (prev, token) pairs scored, and how many are green."""
+    ids = np.asarray(token_ids, dtype=np.int64)
+    if len(ids) < 2:
+        return 0, 0
+    keep = np.ones(len(ids) - 1, bool)
+    if entropies is not None:
+        keep = np.asarray(entropies, dtype=np.float64)[1 : len(ids)] >= entropy_threshold
+    pairs = np.unique(np.stack([ids[:-1][keep], ids[1:][keep]], axis=1), axis=0)
+    if len(pairs) == 0:
+        return 0, 0
+    return len(pairs), int(green.is_green(pairs[:, 0].astype(np.uint32), pairs[:, 1].astype(np.uint32)).sum())
+
+
+@dataclass
+class WatermarkScore:
+    customer: str
+    z: float
+    p: float
+    p_adj: float
+    detected: bool
+    scored_tokens: int
+
+
+def detect_ids(
+    ids: Sequence[int],
+    keys: Mapping[str, bytes],
+    entropies: Sequence[float] | None = None,
+    gamma: float = GAMMA,
+    entropy_threshold: float = ENTROPY_THRESHOLD,
+    threshold: float = THRESHOLD,
+    greens: Mapping[str, GreenList] | None = None,
+) -> list[WatermarkScore]:
+    """Score token ids against every customer's key; Bonferroni over customers; best first."""
+    out = []
+    for name, key in keys.items():
+        g = (greens or {}).get(name) or GreenList(key, gamma)
+        t, k = count(ids, g, entropies, entropy_threshold)
+        z = (k - gamma * t) / math.sqrt(t * gamma * (1 - gamma)) if t else 0.0
+        p = binom_tail(k, t, gamma) if t else 1.0
+        p_adj = min(1.0, p * len(keys))
+        out.append(WatermarkScore(name, z, p, p_adj, p_adj < threshold, t))
+    out.sort(key=lambda s: -s.z)
+    return out
+
+
+def detect_text(
+    text: str,
+    tokenize: Callable[[str], list[int]],
+    keys: Mapping[str, bytes],
+    entropy_fn: Callable[[list[int]], np.ndarray] | None = None,
+    **kw,
+) -> list[WatermarkScore]:
+    """Tokenise `text` with the model's tokenizer, then `detect_ids` (entropies from `entropy_fn`)."""
+    ids = tokenize(text)
+    return detect_ids(ids, keys, entropy_fn(ids) if entropy_fn and len(ids) > 1 else None, **kw)
+
+
+class LlamaScorer:
+    """Tokenizer and per-token entropies from a GGUF model through llama.cpp (the vendor's original)."""
+
+    def __init__(self, model_path: str, n_ctx: int = 2048, vocab_only: bool = False):
+        from llama_cpp import Llama
+
+        self.llm = Llama(
+            model_path=str(model_path), n_ctx=n_ctx, n_batch=min(512, n_ctx), logits_all=not vocab_only,
+            vocab_only=vocab_only, verbose=False, n_threads=1,
+        )
+        self.n_ctx = n_ctx
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.llm.tokenize(text.encode("utf-8", "replace"), add_bos=False, special=False)
+
+    def entropies(self, ids: list[int]) -> np.ndarray:
+        """H_t of the model's distribution over token t given ids[:t] (H_0 = 0: no context)."""
+        out = np.zeros(len(ids))
+        step = self.n_ctx
+        for start in range(0, len(ids), step):  # windows of n_ctx, each seeded with its first token
+            chunk = ids[start : start + step]
+            self.llm.reset()
+            self.llm.eval(chunk)
+            logits = np.asarray(self.llm.scores[: len(chunk)], dtype=np.float32)
+            out[start + 1 : start + len(chunk)] = entropies(logits[:-1])
+        return out
