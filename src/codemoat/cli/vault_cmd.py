@@ -1,0 +1,262 @@
+"""Vault commands: vendor init/seal/unseal, licenses, machine-id, inspect, verify, keyserver."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from ..errors import CodemoatError
+from .apps import app, license_app, vendor_app
+from .common import JsonFlag, console, emit, err_console
+
+VendorDir = Annotated[Path, typer.Option("--vendor", help="The vendor's directory (keys and database).",
+                                         envvar="CODEMOAT_VENDOR")]
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+@vendor_app.command("init")
+def vendor_init(vendor: VendorDir, as_json: JsonFlag = False) -> None:
+    """Make the vendor's signing keys, master key and database in DIR."""
+    from ..vault.vendor import Vendor
+
+    v = Vendor.init(vendor)
+    info = json.loads((vendor / "vendor.json").read_text())
+    v.close()
+    emit(info, as_json, lambda d: console.print(
+        f"vendor created in {vendor}: signing key {d['vendor_key_id']}, key server key {d['keyserver_key_id']}", soft_wrap=True))
+
+
+@app.command("machine-id")
+def machine_id(as_json: JsonFlag = False) -> None:
+    """Print this machine's public identity (made on first use); send it to the vendor. It holds no secret."""
+    from ..vault.machine import MachineKey
+
+    ident = MachineKey.load_or_create().identity()
+    if as_json:
+        emit(ident, True)
+        return
+    console.print(f"[bold]{ident['id']}[/bold]  ({len(ident['facts'])} hardware facts, hashed)", highlight=False, soft_wrap=True)
+    sys_out = json.dumps(ident, separators=(",", ":"))
+    typer.echo(sys_out)
+
+
+def _fingerprinter():
+    try:
+        from ..trace.fingerprint import fingerprint_model
+    except ModuleNotFoundError:
+        raise CodemoatError("weight fingerprinting is not available (codemoat.trace.fingerprint is missing); "
+                            "seal with --no-fingerprint") from None
+    return fingerprint_model
+
+
+@vendor_app.command("seal")
+def vendor_seal(
+    model: Annotated[Path, typer.Argument(help="A .gguf file, or a safetensors model (file or folder).")],
+    vendor: VendorDir,
+    customer: Annotated[str, typer.Option(help="Customer the copy is made for (created on first use).")],
+    out: Annotated[Path, typer.Option(help="The sealed file to write (.moat).")],
+    fingerprint: Annotated[bool, typer.Option("--fingerprint/--no-fingerprint",
+                                              help="Embed the customer's weight fingerprint first.")] = True,
+    as_json: JsonFlag = False,
+) -> None:
+    """Encrypt a model for one customer: signed manifest, AES-256-GCM chunks, fresh content key."""
+    from ..vault.vendor import Vendor
+
+    fp = _fingerprinter() if fingerprint else None
+    v = Vendor.open(vendor)
+    try:
+        sealed = v.seal(model, customer, out, fingerprint=fp)
+    finally:
+        v.close()
+    d = sealed.describe()
+    emit(d, as_json, lambda d: console.print(
+        f"sealed {d['model_id']} ({d['format']}, {_size(d['plaintext_size'])}, {d['chunks']} chunks) for "
+        f"{d['customer']} -> {out}  fingerprint: {'yes' if d['fingerprinted'] else 'no'}", highlight=False, soft_wrap=True))
+
+
+@vendor_app.command("unseal")
+def vendor_unseal(
+    moat: Annotated[Path, typer.Argument(help="A sealed file made by this vendor.")],
+    vendor: VendorDir,
+    out: Annotated[Path, typer.Option(help="Where to write the plaintext model (a file, or a folder for safetensors).")],
+) -> None:
+    """Decrypt the vendor's own sealed file (needs the vendor's keys and database)."""
+    from ..vault.vendor import Vendor
+
+    v = Vendor.open(vendor)
+    try:
+        path = v.unseal(moat, out)
+    finally:
+        v.close()
+    console.print(f"unsealed {moat.name} -> {path}", highlight=False, soft_wrap=True)
+
+
+@license_app.command("issue")
+def license_issue(
+    vendor: VendorDir,
+    customer: Annotated[str, typer.Option(help="Customer the license is for.")],
+    model: Annotated[Path, typer.Option(help="The customer's sealed model (.moat).")],
+    machine: Annotated[list[str], typer.Option(help="Machine identity (a file or the JSON of `codemoat machine-id --json`); repeat for a floating lease license.")],
+    expires: Annotated[str, typer.Option(help="Expiry: an ISO date (UTC) or a duration from now such as 365d.")],
+    not_before: Annotated[str | None, typer.Option(help="Start: an ISO date (default: now).")] = None,
+    features: Annotated[str, typer.Option(help="Comma-separated features: complete, chat, index.")] = "complete,chat,index",
+    mode: Annotated[str, typer.Option(help="offline (signed certificate) or lease (key server heartbeat).")] = "offline",
+    keyserver: Annotated[str | None, typer.Option(help="Key server URL for lease mode, e.g. http://127.0.0.1:8443.")] = None,
+    lease_ttl: Annotated[str, typer.Option(help="Lease lifetime; renewed at half of it.")] = "1h",
+    grace: Annotated[str, typer.Option(help="How long serving continues after a lease expires unrenewed.")] = "15m",
+    seats: Annotated[int, typer.Option(help="Machines that may hold a lease at once (lease mode).")] = 1,
+    watermark: Annotated[bool, typer.Option("--watermark/--no-watermark", help="Deliver the customer's output-watermark key.")] = True,
+    match: Annotated[str, typer.Option(help="Hardware match policy: all, most, two, any.")] = "most",
+    out: Annotated[Path | None, typer.Option(help="License file to write (default: <license id>.lic).")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Sign a license binding a sealed model to a customer's machine(s), dates and features."""
+    from ..vault.machine import parse_identity
+    from ..vault.vendor import Vendor
+    from .durations import parse_duration, parse_when
+
+    if mode not in ("offline", "lease"):
+        raise CodemoatError("--mode must be offline or lease")
+    machines = [parse_identity(m) for m in machine]
+    v = Vendor.open(vendor)
+    try:
+        doc = v.issue_license(
+            customer=customer, model=model, machines=machines, expires=int(parse_when(expires)),
+            not_before=int(parse_when(not_before)) if not_before else None,
+            features=[f.strip() for f in features.split(",") if f.strip()], mode=mode, keyserver=keyserver,
+            lease_ttl=int(parse_duration(lease_ttl)), grace=int(parse_duration(grace)), seats=seats,
+            watermark=watermark, policy=match)
+    finally:
+        v.close()
+    body = doc["license"]
+    path = out or Path(f"{body['id']}.lic")
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+    from ..vault.license import License
+
+    d = dict(License.parse(path.read_bytes()).describe(), file=str(path))
+    emit(d, as_json, lambda d: console.print(
+        f"license {d['id']} ({d['mode']}) for {d['customer']} on {', '.join(d['machines'])}, "
+        f"expires {d['expires_iso']} -> {path}", highlight=False, soft_wrap=True))
+
+
+@license_app.command("revoke")
+def license_revoke(license_id: Annotated[str, typer.Argument(help="License id (lic_...).")], vendor: VendorDir) -> None:
+    """Revoke a license: its leases end at their next renewal."""
+    from ..vault.vendor import Vendor
+
+    v = Vendor.open(vendor)
+    try:
+        v.revoke(license_id)
+    finally:
+        v.close()
+    console.print(f"revoked {license_id}", highlight=False, soft_wrap=True)
+
+
+@license_app.command("list")
+def license_list(vendor: VendorDir, as_json: JsonFlag = False) -> None:
+    """Every license: customer, model, mode, dates, state and live leases."""
+    from rich.table import Table
+
+    from ..vault.clock import iso
+    from ..vault.vendor import Vendor
+
+    v = Vendor.open(vendor)
+    try:
+        rows = v.licenses()
+    finally:
+        v.close()
+
+    def human(rows: list[dict[str, Any]]) -> None:
+        t = Table("id", "customer", "model", "mode", "seats", "leases", "expires", "state")
+        for r in rows:
+            t.add_row(r["id"], r["customer"], r["model"], r["mode"], str(r["seats"]), str(r["leases"]),
+                      iso(r["expires"]), r["state"])
+        console.print(t)
+
+    emit(rows, as_json, human)
+
+
+@app.command("inspect")
+def inspect_cmd(file: Annotated[Path, typer.Argument(help="A sealed model (.moat) or a license (.lic).")],
+                as_json: JsonFlag = False) -> None:
+    """Show what a sealed model or license holds (after checking its signature); no secret is shown."""
+    from ..vault.codec import VaultError
+    from ..vault.container import MAGIC, SealedFile
+    from ..vault.license import License
+
+    try:
+        head = file.read_bytes()[:8] if file.is_file() else b""
+    except OSError as e:
+        raise CodemoatError(f"cannot read {file}: {e.strerror}") from None
+    if not file.is_file():
+        raise CodemoatError(f"file not found: {file}")
+    if head == MAGIC:
+        d = SealedFile(file).describe()
+    elif head.lstrip()[:1] == b"{":
+        d = License.load(file).describe()
+    else:
+        raise VaultError(f"{file.name} is neither a sealed model nor a license")
+
+    def human(d: dict[str, Any]) -> None:
+        for k, v in d.items():
+            if k in ("vendor_key",):
+                continue
+            console.print(f"[bold]{k}[/bold]: {v}", highlight=False, soft_wrap=True)
+
+    emit(d, as_json, human)
+
+
+@app.command("verify")
+def verify_cmd(
+    model: Annotated[Path, typer.Option(help="The sealed model (.moat).")],
+    license: Annotated[Path, typer.Option(help="Its license (.lic).")],
+    as_json: JsonFlag = False,
+) -> None:
+    """Check signatures, machine binding, dates and model match, then decrypt every chunk in memory."""
+    from ..config import load_settings
+    from ..vault.verify import verify_bundle
+
+    try:
+        report = verify_bundle(model, license, tolerance=load_settings().vault.clock_tolerance_s)
+    except CodemoatError as e:
+        if as_json:
+            emit({"ok": False, "error": str(e)}, True)
+        err_console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+
+    def human(r: dict[str, Any]) -> None:
+        for c in r["checks"]:
+            console.print(f"[green]ok[/green]  {c}", highlight=False, soft_wrap=True)
+        console.print(f"[bold green]valid[/bold green]: {r['model_id']} for {r['customer']}, license {r['license_id']} "
+                      f"({r['mode']}) until {r['expires']}", highlight=False, soft_wrap=True)
+
+    emit(report, as_json, human)
+
+
+@app.command("keyserver")
+def keyserver_cmd(
+    vendor: VendorDir,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8443,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "warning",
+) -> None:
+    """Run the lease service for this vendor's licenses."""
+    import uvicorn
+
+    from ..serve.keyserver_app import create_app
+    from ..vault.vendor import Vendor
+
+    v = Vendor.open(vendor)
+    console.print(f"key server on http://{host}:{port} (key {json.loads((vendor / 'vendor.json').read_text())['keyserver_key_id']})",
+                  highlight=False, soft_wrap=True)
+    uvicorn.run(create_app(v), host=host, port=port, log_level=log_level)

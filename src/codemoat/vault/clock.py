@@ -1,0 +1,122 @@
+"""Time for licenses, and a guard against a clock set back to stretch an expired license.
+
+The guard keeps a high-water mark: the latest time this machine has seen, in
+`$CODEMOAT_HOME/clock.json`, with an HMAC-SHA256 tag under a key that HKDF derives from the
+machine's private X25519 key, so the record cannot be edited without that key. The record is
+made together with the machine key; a missing record beside an existing key is refused too.
+A clock more than `tolerance` seconds behind the mark is refused.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from .. import paths
+from .codec import VaultError, write_secret, x_private_raw
+
+RECORD = "clock.json"
+
+
+class Clock:
+    """Wall time (for dates in licenses) and monotonic time (for lease deadlines); tests swap it."""
+
+    def time(self) -> float:
+        return time.time()
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def wait(self, event: threading.Event, seconds: float) -> bool:
+        """Sleep up to `seconds` or until `event` is set; True when it was set."""
+        return event.wait(max(0.0, seconds))
+
+
+class ManualClock(Clock):
+    """A clock that moves only when told to (`advance`); `wait` sleeps a few real milliseconds
+    so that threads waiting on it keep polling the manual time."""
+
+    def __init__(self, start: float | None = None):
+        self._t = time.time() if start is None else start
+        self._m = 1000.0
+        self._lock = threading.Lock()
+
+    def time(self) -> float:
+        with self._lock:
+            return self._t
+
+    def monotonic(self) -> float:
+        with self._lock:
+            return self._m
+
+    def advance(self, seconds: float) -> None:
+        with self._lock:
+            self._t += seconds
+            self._m += seconds
+
+    def set_wall(self, t: float) -> None:
+        """Move only the wall clock (what a user setting the date does); monotonic time goes on."""
+        with self._lock:
+            self._t = t
+
+    def wait(self, event: threading.Event, seconds: float) -> bool:
+        return event.wait(min(max(0.0, seconds), 0.005))
+
+
+def iso(t: float | int) -> str:
+    return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class ClockGuard:
+    """The authenticated high-water mark of this machine's clock."""
+
+    def __init__(self, machine, clock: Clock | None = None, tolerance: float = 300, path: Path | None = None):
+        self.clock = clock or Clock()
+        self.tolerance = tolerance
+        self.path = path or paths.home() / RECORD
+        ikm = x_private_raw(machine.x25519)
+        self._key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"codemoat-clock-hwm-v1").derive(ikm)
+        self._lock = threading.Lock()
+
+    def _mac(self, hwm: int) -> str:
+        return hmac.new(self._key, f"codemoat-hwm:{hwm}".encode(), "sha256").hexdigest()
+
+    def _write(self, hwm: int) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        write_secret(tmp, json.dumps({"hwm": hwm, "mac": self._mac(hwm)}).encode())
+        tmp.replace(self.path)
+
+    def start_record(self) -> None:
+        self._write(int(self.clock.time()))
+
+    def read(self) -> int:
+        try:
+            d = json.loads(self.path.read_text())
+            hwm, mac = d["hwm"], d["mac"]
+        except FileNotFoundError:
+            raise VaultError(f"clock record {self.path} is missing (it is made with the machine key; "
+                             "deleting it does not reset the clock guard)") from None
+        except (ValueError, KeyError, TypeError):
+            raise VaultError(f"clock record {self.path} is damaged") from None
+        if not isinstance(hwm, int) or not isinstance(mac, str) or not hmac.compare_digest(mac, self._mac(hwm)):
+            raise VaultError(f"clock record {self.path} was altered (its authentication tag does not match)")
+        return hwm
+
+    def check(self) -> float:
+        """The current time, after refusing a clock set back beyond tolerance; advances the mark."""
+        with self._lock:
+            now = self.clock.time()
+            hwm = self.read()
+            if now < hwm - self.tolerance:
+                raise VaultError(f"system clock is set back: it reads {iso(now)}, but this machine has already "
+                                 f"seen {iso(hwm)}")
+            if int(now) > hwm:
+                self._write(int(now))
+            return now

@@ -1,0 +1,192 @@
+"""The key server's logic (no HTTP): challenges, proof of machine key possession, floating seats.
+
+A lease is two calls. `challenge(license_id)` returns a fresh random server nonce, valid once
+for `NONCE_TTL` seconds. `lease(request)` takes the nonce back, signed with the machine's
+Ed25519 key together with the license and machine ids, checks the license (exists, not
+revoked, in its dates, names this machine), takes or renews one of its N seats, and answers
+with the content key wrapped to that machine's X25519 key under a context that includes the
+nonce, a TTL, and an Ed25519 signature of the key server over the whole answer. A replayed
+answer carries a nonce the client did not ask for; an edited one fails the signature; a
+replayed request carries a spent nonce. Seats are counted inside one database transaction that
+first bumps the license row (its write lock), so concurrent requests cannot oversubscribe.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+
+from .clock import Clock
+from .codec import VaultError, b64d, b64e, canonical, ed_public, sign, verify, wrap, x_public
+from .license import key_context
+from .vendor import Vendor, leases_t, licenses_t
+
+NONCE_TTL = 60.0
+REQUEST_DOMAIN = b"codemoat-lease-request-v1"
+ANSWER_DOMAIN = b"codemoat-lease-v1"
+REQUEST_FIELDS = ("license_id", "machine_id", "nonce", "client_time")
+
+
+class LeaseDenied(VaultError):
+    """The key server refused a lease; `code` is the reason clients act on (revoked ends serving)."""
+
+    def __init__(self, code: str, message: str, status: int = 403):
+        super().__init__(message)
+        self.code, self.status = code, status
+
+
+TERMINAL = ("revoked", "expired", "unknown_license", "wrong_machine", "not_yet_valid")
+
+
+def request_message(req: dict[str, Any]) -> bytes:
+    return canonical({k: req[k] for k in REQUEST_FIELDS})
+
+
+@dataclass
+class _Licensed:
+    doc: dict[str, Any]
+    machines: dict[str, dict[str, Any]]
+    file_id: str
+    customer_id: str
+
+
+class KeyServer:
+    """Vendor-side lease state over the vendor database; thread-safe."""
+
+    def __init__(self, vendor: Vendor, clock: Clock | None = None):
+        self.vendor = vendor
+        self.clock = clock or Clock()
+        self._nonces: dict[str, tuple[str, float]] = {}
+        self._nonce_lock = threading.Lock()
+        self._seat_lock = threading.Lock()
+        self._docs: dict[str, _Licensed] = {}
+        self._keys: dict[str, bytes] = {}
+        self._wm: dict[str, bytes] = {}
+
+    # -- nonces -------------------------------------------------------------
+    def challenge(self, license_id: Any) -> dict[str, Any]:
+        if not isinstance(license_id, str) or not license_id:
+            raise LeaseDenied("bad_request", "license_id is required", 400)
+        nonce = b64e(secrets.token_bytes(32))
+        now = self.clock.monotonic()
+        with self._nonce_lock:
+            if len(self._nonces) > 10_000:
+                self._nonces = {n: v for n, v in self._nonces.items() if v[1] > now}
+            self._nonces[nonce] = (license_id, now + NONCE_TTL)
+        return {"nonce": nonce, "expires_in": NONCE_TTL}
+
+    def _spend_nonce(self, nonce: str, license_id: str) -> None:
+        with self._nonce_lock:
+            got = self._nonces.pop(nonce, None)
+        if got is None or got[0] != license_id or got[1] < self.clock.monotonic():
+            raise LeaseDenied("bad_nonce", "nonce is unknown, spent or expired: ask for a new challenge", 401)
+
+    # -- license facts ------------------------------------------------------
+    def _licensed(self, license_id: str) -> _Licensed:
+        got = self._docs.get(license_id)
+        if got is None:
+            row = self.vendor.license_row(license_id)
+            if row is None:
+                raise LeaseDenied("unknown_license", f"no license {license_id} on this key server", 404)
+            doc = json.loads(row.document)["license"]
+            got = _Licensed(doc, {m["id"]: m for m in doc["machines"]}, row.file_id, row.customer_id)
+            self._docs[license_id] = got
+        return got
+
+    def _content_key(self, file_id: str) -> bytes:
+        key = self._keys.get(file_id)
+        if key is None:
+            key = self._keys[file_id] = self.vendor.content_key(file_id)
+        return key
+
+    def _watermark_key(self, customer_id: str) -> bytes:
+        key = self._wm.get(customer_id)
+        if key is None:
+            key = self._wm[customer_id] = self.vendor.customer_by_id(customer_id).watermark_secret
+        return key
+
+    # -- leases -------------------------------------------------------------
+    def lease(self, req: Any) -> dict[str, Any]:
+        """Check a signed lease request and answer with a signed, wrapped lease (or raise `LeaseDenied`)."""
+        if not isinstance(req, dict) or not all(isinstance(req.get(k), str) for k in REQUEST_FIELDS[:3]) \
+                or not isinstance(req.get("client_time"), int) or not isinstance(req.get("signature"), str):
+            raise LeaseDenied("bad_request", "lease request is malformed", 400)
+        lid, mid = req["license_id"], req["machine_id"]
+        self._spend_nonce(req["nonce"], lid)
+        lic = self._licensed(lid)
+        entry = lic.machines.get(mid)
+        if entry is None:
+            raise LeaseDenied("wrong_machine", f"license {lid} does not name machine {mid}")
+        try:
+            verify(ed_public(entry["ed25519"], "machine key"), b64d(req["signature"], "request signature"),
+                   REQUEST_DOMAIN, request_message(req), "lease request")
+        except VaultError:
+            raise LeaseDenied("bad_signature", "lease request is not signed by the licensed machine's key", 401) from None
+        now = self.clock.time()
+        row = self.vendor.license_row(lid)
+        if row.revoked_at:
+            raise LeaseDenied("revoked", f"license {lid} was revoked")
+        if now >= row.expires:
+            raise LeaseDenied("expired", f"license {lid} has expired")
+        if now < row.not_before:
+            raise LeaseDenied("not_yet_valid", f"license {lid} is not valid yet")
+        ttl = min(row.lease_ttl, max(1, int(row.expires - now)))
+        used = self._take_seat(lid, mid, row.seats, now, ttl)
+        rcpt = x_public(entry["x25519"], "machine x25519 key")
+        nonce_raw = b64d(req["nonce"])
+        body = {
+            "license_id": lid, "machine_id": mid, "nonce": req["nonce"], "server_time": int(now),
+            "ttl": ttl, "grace": row.grace, "seats": row.seats, "seats_used": used,
+            "content_key": wrap(rcpt, self._content_key(lic.file_id), key_context("lease-content-key", lid, nonce_raw)),
+            "watermark_key": (wrap(rcpt, self._watermark_key(lic.customer_id),
+                                   key_context("lease-watermark-key", lid, nonce_raw))
+                              if lic.doc.get("watermark") else None),
+        }
+        return {"lease": body, "signature": b64e(sign(self.vendor.keyserver_key, ANSWER_DOMAIN, canonical(body)))}
+
+    def _take_seat(self, lid: str, mid: str, seats: int, now: float, ttl: int) -> int:
+        """Renew this machine's seat or take a free one; seats in use after, or `seats_exhausted`."""
+        lt = leases_t
+        with self._seat_lock, self.vendor.engine.begin() as c:
+            c.execute(licenses_t.update().where(licenses_t.c.id == lid).values(lease_gen=licenses_t.c.lease_gen + 1))
+            c.execute(lt.delete().where(lt.c.license_id == lid, lt.c.expires <= now))
+            mine = c.execute(sa.select(lt.c.renewals).where(lt.c.license_id == lid, lt.c.machine_id == mid)).first()
+            if mine is not None:
+                c.execute(lt.update().where(lt.c.license_id == lid, lt.c.machine_id == mid)
+                          .values(expires=now + ttl, renewed_at=now, renewals=lt.c.renewals + 1))
+            else:
+                held = c.execute(sa.select(sa.func.count()).select_from(lt).where(lt.c.license_id == lid)).scalar_one()
+                if held >= seats:
+                    raise LeaseDenied("seats_exhausted", f"all {seats} seats of license {lid} are in use", 409)
+                c.execute(lt.insert().values(license_id=lid, machine_id=mid, expires=now + ttl, renewed_at=now,
+                                             renewals=0))
+            return c.execute(sa.select(sa.func.count()).select_from(lt).where(lt.c.license_id == lid)).scalar_one()
+
+    def release(self, req: Any) -> dict[str, Any]:
+        """Give a seat back (a server shutting down); authenticated like a lease request."""
+        if not isinstance(req, dict) or not all(isinstance(req.get(k), str) for k in REQUEST_FIELDS[:3]) \
+                or not isinstance(req.get("client_time"), int) or not isinstance(req.get("signature"), str):
+            raise LeaseDenied("bad_request", "release request is malformed", 400)
+        lid, mid = req["license_id"], req["machine_id"]
+        self._spend_nonce(req["nonce"], lid)
+        entry = self._licensed(lid).machines.get(mid)
+        if entry is None:
+            raise LeaseDenied("wrong_machine", f"license {lid} does not name machine {mid}")
+        try:
+            verify(ed_public(entry["ed25519"], "machine key"), b64d(req["signature"], "request signature"),
+                   b"codemoat-lease-release-v1", request_message(req), "release request")
+        except VaultError:
+            raise LeaseDenied("bad_signature", "release request is not signed by the licensed machine's key", 401) from None
+        with self._seat_lock, self.vendor.engine.begin() as c:
+            c.execute(leases_t.delete().where(leases_t.c.license_id == lid, leases_t.c.machine_id == mid))
+        return {"released": True}
+
+    def live_leases(self, license_id: str) -> int:
+        with self.vendor.engine.connect() as c:
+            return c.execute(sa.select(sa.func.count()).select_from(leases_t).where(
+                leases_t.c.license_id == license_id, leases_t.c.expires > self.clock.time())).scalar_one()

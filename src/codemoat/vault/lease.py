@@ -1,0 +1,245 @@
+"""The customer's side of a key lease: ask, prove, check the signed answer, and keep renewing.
+
+Every request body is appended verbatim to `$CODEMOAT_HOME/outbound.jsonl` *before* it is sent
+(and its answer's status after), so the customer can read everything that leaves the machine:
+a license id, a machine id, a server nonce, the time and a signature; never code or prompts.
+
+`LeaseKeeper` renews at `renew_fraction` of the TTL (half by default, as in DHCP's T1,
+RFC 2131 §4.4.5). When renewals fail it keeps the model until the lease's expiry plus the
+license's grace, then calls `on_lost`; a revoked license is lost at once. When a renewal
+succeeds again it calls `on_regained`. Deadlines use the monotonic clock from the moment the
+request was sent, so neither the server's clock nor a changed wall clock stretches a lease.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from .. import paths
+from .clock import Clock, iso
+from .codec import VaultError, b64d, b64e, canonical, ed_public, sign, unwrap, verify
+from .container import content_key_id
+from .keyserver import ANSWER_DOMAIN, REQUEST_DOMAIN, TERMINAL, LeaseDenied, request_message
+from .license import License, key_context
+from .machine import MachineKey
+
+OUTBOUND = "outbound.jsonl"
+_log_lock = threading.Lock()
+
+
+def record_outbound(destination: str, method: str, body: str | None, status: int | None, rid: str) -> None:
+    """Append one line to the customer's outbound log (what was sent, or the status it got)."""
+    line = json.dumps({"id": rid, "time": iso(time.time()), "destination": destination, "method": method,
+                       "body": body, "status": status}, ensure_ascii=False)
+    with _log_lock, open(paths.home() / OUTBOUND, "a", encoding="utf-8") as f:
+        f.write(line + "\n")
+
+
+class Unreachable(VaultError):
+    status = 503
+    code = "keyserver_unreachable"
+
+
+@dataclass
+class Lease:
+    content_key: bytes
+    watermark_key: bytes | None
+    ttl: int
+    grace: int
+    seats: int
+    seats_used: int
+    server_time: int
+    sent_at: float  # monotonic time the request left: the lease runs from here
+
+    @property
+    def expires_at(self) -> float:
+        return self.sent_at + self.ttl
+
+
+class LeaseClient:
+    """Talks to the key server named in a lease license, on behalf of this machine."""
+
+    def __init__(self, lic: License, machine: MachineKey, *, clock: Clock | None = None, timeout: float = 5.0,
+                 transport: httpx.BaseTransport | None = None):
+        if lic.mode != "lease":
+            raise VaultError("not a lease license")
+        self.lic, self.machine, self.clock = lic, machine, clock or Clock()
+        self.url = lic.lease["url"].rstrip("/")
+        self.server_key = ed_public(lic.lease["server_key"], "key server public key")
+        self._http = httpx.Client(timeout=timeout, transport=transport, trust_env=False)
+
+    @property
+    def destination(self) -> str:
+        """host:port of the key server, for the egress allow-list."""
+        u = httpx.URL(self.url)
+        return f"{u.host}:{u.port or (443 if u.scheme == 'https' else 80)}"
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _post(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
+        url = self.url + path
+        body = json.dumps(payload, separators=(",", ":"))
+        rid = uuid.uuid4().hex[:12]
+        record_outbound(url, "POST", body, None, rid)
+        try:
+            r = self._http.post(url, content=body, headers={"content-type": "application/json"})
+        except httpx.HTTPError as e:
+            record_outbound(url, "POST", None, 0, rid)
+            raise Unreachable(f"key server unreachable at {self.url}: {type(e).__name__}") from None
+        record_outbound(url, "POST", None, r.status_code, rid)
+        try:
+            data = r.json()
+        except ValueError:
+            raise Unreachable(f"key server at {self.url} answered {r.status_code} without JSON") from None
+        if r.status_code != 200:
+            err = data.get("error", {}) if isinstance(data, dict) else {}
+            code = err.get("code", "error") if isinstance(err, dict) else "error"
+            msg = err.get("message", f"HTTP {r.status_code}") if isinstance(err, dict) else f"HTTP {r.status_code}"
+            raise LeaseDenied(str(code), f"key server refused the lease: {msg}", r.status_code)
+        if not isinstance(data, dict):
+            raise VaultError("key server answer is not a JSON object")
+        return data
+
+    def _signed_request(self, nonce: str, domain: bytes) -> dict[str, Any]:
+        req = {"license_id": self.lic.id, "machine_id": self.machine.id, "nonce": nonce,
+               "client_time": int(self.clock.time())}
+        req["signature"] = b64e(sign(self.machine.ed25519, domain, request_message(req)))
+        return req
+
+    def acquire(self) -> Lease:
+        """Take or renew this machine's lease; raises `LeaseDenied`, `Unreachable` or `VaultError`."""
+        sent_at = self.clock.monotonic()
+        ch = self._post("/v1/lease/challenge", {"license_id": self.lic.id})
+        nonce = ch.get("nonce")
+        if not isinstance(nonce, str):
+            raise VaultError("key server challenge has no nonce")
+        ans = self._post("/v1/lease", self._signed_request(nonce, REQUEST_DOMAIN))
+        body = ans.get("lease")
+        if not isinstance(body, dict):
+            raise VaultError("key server answer has no lease")
+        verify(self.server_key, b64d(ans.get("signature"), "lease signature"), ANSWER_DOMAIN, canonical(body),
+               "key server answer")
+        if body.get("nonce") != nonce or body.get("license_id") != self.lic.id or body.get("machine_id") != self.machine.id:
+            raise VaultError("key server answer is for another request (replayed)")
+        nonce_raw = b64d(nonce)
+        key = unwrap(self.machine.x25519, body.get("content_key"), key_context("lease-content-key", self.lic.id, nonce_raw),
+                     "leased content key")
+        if content_key_id(key) != self.lic.model["key_id"]:
+            raise VaultError("leased content key does not open the licensed model")
+        wm = None
+        if body.get("watermark_key") is not None:
+            wm = unwrap(self.machine.x25519, body["watermark_key"],
+                        key_context("lease-watermark-key", self.lic.id, nonce_raw), "leased watermark key")
+        lic_lease = self.lic.lease
+        ttl = body.get("ttl")
+        if not isinstance(ttl, int) or ttl <= 0:
+            raise VaultError("key server answer has no valid TTL")
+        return Lease(key, wm, min(ttl, lic_lease["ttl"]), lic_lease["grace"], int(body.get("seats", 0)),
+                     int(body.get("seats_used", 0)), int(body.get("server_time", 0)), sent_at)
+
+    def release(self) -> None:
+        """Give the seat back (best effort: an unreachable server frees it when the lease expires)."""
+        try:
+            ch = self._post("/v1/lease/challenge", {"license_id": self.lic.id})
+            self._post("/v1/lease/release", self._signed_request(ch["nonce"], b"codemoat-lease-release-v1"))
+        except (VaultError, KeyError):
+            pass
+
+
+class LeaseKeeper:
+    """Renews a lease in the background and says when the model must go (or may come back)."""
+
+    def __init__(self, client: LeaseClient, lease: Lease, *, on_lost: Callable[[str], None],
+                 on_regained: Callable[[Lease], None], clock: Clock | None = None, renew_fraction: float = 0.5):
+        self.client, self.lease, self.clock = client, lease, clock or client.clock
+        self.on_lost, self.on_regained = on_lost, on_regained
+        self.fraction = renew_fraction
+        self.state = "held"
+        self.last_error: str | None = None
+        self.renewals = 0
+        self.next_attempt = lease.sent_at + lease.ttl * renew_fraction
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def deadline(self) -> float:
+        """Monotonic time after which the model must be unloaded unless a renewal succeeds."""
+        return self.lease.expires_at + self.lease.grace
+
+    def seconds_left(self) -> float:
+        return self.lease.expires_at - self.clock.monotonic()
+
+    def _retry_interval(self) -> float:
+        return max(1.0, min(30.0, self.lease.ttl / 10))
+
+    def tick(self) -> None:
+        """One step: renew when due, unload when the deadline passed; safe to call at any time."""
+        now = self.clock.monotonic()
+        if now >= self.next_attempt:
+            try:
+                lease = self.client.acquire()
+            except LeaseDenied as e:
+                self.last_error = str(e)
+                self.next_attempt = now + (self.lease.ttl * self.fraction if e.code in TERMINAL else self._retry_interval())
+                if e.code in TERMINAL and self.state != "revoked":
+                    self.state = "revoked"
+                    self.on_lost(f"license {e.code.replace('_', ' ')}: {e}")
+                    return
+            except VaultError as e:
+                self.last_error = str(e)
+                self.next_attempt = now + self._retry_interval()
+            else:
+                self.lease, self.last_error, self.renewals = lease, None, self.renewals + 1
+                self.next_attempt = lease.sent_at + lease.ttl * self.fraction
+                lost = self.state in ("lost", "revoked")
+                self.state = "held"
+                if lost:
+                    self.on_regained(lease)
+                return
+            if self.state == "held":
+                self.state = "renewing"
+        if self.state == "renewing" and now >= self.deadline:
+            self.state = "lost"
+            self.on_lost(f"lease expired and could not be renewed ({self.last_error})")
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.tick()
+            except Exception as e:  # the keeper must never die silently: treat as a failed renewal
+                self.last_error = f"{type(e).__name__}: {e}"
+            now = self.clock.monotonic()
+            due = self.next_attempt if self.state != "renewing" else min(self.next_attempt, self.deadline)
+            self.clock.wait(self._stop, max(0.01, due - now))
+
+    def start(self) -> "LeaseKeeper":
+        self._thread = threading.Thread(target=self._run, name="codemoat-lease", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, release: bool = False) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        if release:
+            self.client.release()
+        self.client.close()
+
+    def describe(self) -> dict[str, Any]:
+        return {"state": self.state, "seconds_left": round(self.seconds_left(), 1), "renewals": self.renewals,
+                "last_error": self.last_error, "ttl": self.lease.ttl, "grace": self.lease.grace,
+                "seats": self.lease.seats, "seats_used": self.lease.seats_used}
+
+
+def outbound_path() -> Path:
+    return paths.home() / OUTBOUND

@@ -1,0 +1,273 @@
+"""Licenses (.lic): signed JSON that binds a sealed model to a customer, machines, dates and features.
+
+    {"kind": "codemoat-license", "version": 1, "license": {...}, "signature": base64}
+
+The signature is Ed25519 over "codemoat-license-v1\\0" + the canonical JSON of "license".
+An offline license carries the content key wrapped to the machine's X25519 key; a lease
+license names the key server and its public key instead (codemoat.vault.lease). Verifying
+checks, in order: signature, vendor, model, customer, machine key, hardware facts, clock.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from .. import paths
+from .clock import ClockGuard, iso
+from .codec import VaultError, b64d, b64e, canonical, ed_public, key_id, public_raw, sign, unwrap, verify, wrap, x_public
+from .container import SealedFile, content_key_id
+from .machine import POLICIES, MachineKey, match_facts
+
+KIND = "codemoat-license"
+VERSION = 1
+DOMAIN = b"codemoat-license-v1"
+FEATURES = ("complete", "chat", "index")
+MODES = ("offline", "lease")
+TRUST_FILE = "trusted-vendors.json"
+
+
+def key_context(purpose: str, license_id: str, extra: bytes = b"") -> bytes:
+    return purpose.encode() + b"\x00" + license_id.encode() + b"\x00" + extra
+
+
+@dataclass
+class License:
+    """A parsed license whose signature has been checked against the vendor key it names."""
+
+    body: dict[str, Any]
+    raw: dict[str, Any]
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.body[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> "License":
+        try:
+            data = Path(path).read_bytes()
+        except FileNotFoundError:
+            raise VaultError(f"license file not found: {path}") from None
+        except OSError as e:
+            raise VaultError(f"cannot read license {path}: {e.strerror}") from None
+        return cls.parse(data)
+
+    @classmethod
+    def parse(cls, data: bytes) -> "License":
+        try:
+            doc = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            raise VaultError("license is not valid JSON") from None
+        if not isinstance(doc, dict) or doc.get("kind") != KIND:
+            raise VaultError("not a codemoat license")
+        if doc.get("version") != VERSION:
+            raise VaultError(f"license version {doc.get('version')!r} is not supported")
+        body = doc.get("license")
+        if not isinstance(body, dict):
+            raise VaultError("license body is missing")
+        try:
+            signed = canonical(body)
+        except ValueError:
+            raise VaultError("license body is not canonical JSON") from None
+        vk = ed_public(body.get("vendor_key"), "license vendor key")
+        verify(vk, b64d(doc.get("signature"), "license signature"), DOMAIN, signed, "license")
+        _check_shape(body)
+        return cls(body, doc)
+
+    @property
+    def vendor_key_id(self) -> str:
+        return key_id(b64d(self.body["vendor_key"]))
+
+    def describe(self) -> dict[str, Any]:
+        """What `inspect` shows: every field except the wrapped keys' ciphertext."""
+        b = self.body
+        d = {k: v for k, v in b.items() if k not in ("keys", "machines")}
+        d.update(kind="license", vendor_key_id=self.vendor_key_id,
+                 not_before_iso=iso(b["not_before"]), expires_iso=iso(b["expires"]), issued_at_iso=iso(b["issued_at"]),
+                 machines=[m["id"] for m in b["machines"]], content_key_included=b["keys"] is not None)
+        return d
+
+
+def _check_shape(b: dict[str, Any]) -> None:
+    """Types of every field a verifier reads (the signature already says the vendor wrote them)."""
+    def need(name: str, typ: type | tuple) -> Any:
+        v = b.get(name)
+        if not isinstance(v, typ) or (typ is int and isinstance(v, bool)):
+            raise VaultError(f"license field {name!r} is missing or malformed")
+        return v
+
+    for name in ("id", "customer", "customer_id", "mode", "match_policy"):
+        need(name, str)
+    for name in ("issued_at", "not_before", "expires"):
+        need(name, int)
+    need("watermark", bool)
+    if b["mode"] not in MODES or b["match_policy"] not in POLICIES:
+        raise VaultError("license mode or match policy is unknown")
+    model = need("model", dict)
+    if not all(isinstance(model.get(k), str) for k in ("file_id", "manifest_sha256", "key_id", "model_id", "format")):
+        raise VaultError("license field 'model' is malformed")
+    feats = need("features", list)
+    if not all(isinstance(f, str) for f in feats):
+        raise VaultError("license field 'features' is malformed")
+    machines = need("machines", list)
+    if not machines or not all(isinstance(m, dict) and isinstance(m.get("id"), str) and isinstance(m.get("facts"), dict)
+                               for m in machines):
+        raise VaultError("license field 'machines' is malformed")
+    if b["mode"] == "offline":
+        keys = need("keys", dict)
+        if len(machines) != 1 or not isinstance(keys.get("content_key"), dict):
+            raise VaultError("offline license must name one machine and carry its content key")
+    else:
+        lease = need("lease", dict)
+        if not (isinstance(lease.get("url"), str) and isinstance(lease.get("server_key"), str)
+                and all(isinstance(lease.get(k), int) and not isinstance(lease.get(k), bool) and lease[k] > 0
+                        for k in ("ttl", "grace", "seats"))):
+            raise VaultError("license field 'lease' is malformed")
+
+
+def issue(
+    signing_key: Ed25519PrivateKey,
+    *,
+    sealed: SealedFile,
+    customer: str,
+    customer_id: str,
+    machines: list[dict[str, Any]],
+    content_key: bytes,
+    watermark_key: bytes | None,
+    not_before: int,
+    expires: int,
+    issued_at: int,
+    features: list[str],
+    mode: str = "offline",
+    policy: str = "most",
+    lease: dict[str, Any] | None = None,
+    license_id: str | None = None,
+) -> dict[str, Any]:
+    """A signed license document (the JSON object written to the .lic file)."""
+    if mode not in MODES:
+        raise VaultError(f"license mode must be one of {', '.join(MODES)}")
+    if policy not in POLICIES:
+        raise VaultError(f"match policy must be one of {', '.join(POLICIES)}")
+    bad = [f for f in features if f not in FEATURES]
+    if bad:
+        raise VaultError(f"unknown feature(s) {', '.join(bad)}; known: {', '.join(FEATURES)}")
+    if expires <= not_before:
+        raise VaultError("license expiry must come after its start")
+    if content_key_id(content_key) != sealed.manifest.key_id:
+        raise VaultError("content key does not belong to this sealed file")
+    if not machines:
+        raise VaultError("a license names at least one machine")
+    lid = license_id or "lic_" + uuid.uuid4().hex[:20]
+    m = sealed.manifest
+    body: dict[str, Any] = {
+        "id": lid,
+        "issued_at": issued_at,
+        "not_before": not_before,
+        "expires": expires,
+        "vendor_key": b64e(public_raw(signing_key.public_key())),
+        "customer": customer,
+        "customer_id": customer_id,
+        "model": {"file_id": m.file_id, "manifest_sha256": sealed.manifest_sha256, "key_id": m.key_id,
+                  "model_id": m.model_id, "format": m.format},
+        "machines": [{"id": x["id"], "x25519": x["x25519"], "ed25519": x["ed25519"], "facts": x["facts"]}
+                     for x in machines],
+        "match_policy": policy,
+        "features": list(features),
+        "mode": mode,
+        "watermark": watermark_key is not None,
+        "keys": None,
+        "lease": None,
+    }
+    if mode == "offline":
+        if len(machines) != 1:
+            raise VaultError("an offline license is bound to exactly one machine")
+        rcpt = x_public(machines[0]["x25519"], "machine x25519 key")
+        body["keys"] = {
+            "content_key": wrap(rcpt, content_key, key_context("content-key", lid)),
+            "watermark_key": wrap(rcpt, watermark_key, key_context("watermark-key", lid)) if watermark_key else None,
+        }
+    else:
+        if not lease:
+            raise VaultError("a lease license needs a key server (--keyserver)")
+        if lease["seats"] < 1:
+            raise VaultError("seats must be at least 1")
+        body["lease"] = dict(lease)
+    signature = sign(signing_key, DOMAIN, canonical(body))
+    return {"kind": KIND, "version": VERSION, "license": body, "signature": b64e(signature)}
+
+
+def check_trusted_vendor(vendor_key: str, path: Path | None = None) -> None:
+    """Trust on first use: the first vendor key this machine accepts is pinned; others are refused."""
+    p = path or paths.home() / TRUST_FILE
+    try:
+        trusted = json.loads(p.read_text())
+        if not isinstance(trusted, list):
+            raise ValueError
+    except FileNotFoundError:
+        p.write_text(json.dumps([vendor_key]))
+        return
+    except ValueError:
+        raise VaultError(f"trusted vendor list {p} is damaged") from None
+    if vendor_key not in trusted:
+        raise VaultError(f"license is signed by vendor key {key_id(b64d(vendor_key))}, which this machine does not "
+                         f"trust (trusted keys are listed in {p})")
+
+
+@dataclass
+class Grant:
+    """A license that holds on this machine: what the loader needs."""
+
+    license: License
+    machine_entry: dict[str, Any]
+    content_key: bytes | None
+    watermark_key: bytes | None
+    now: float
+
+
+def check(lic: License, sealed: SealedFile, machine: MachineKey, guard: ClockGuard, *,
+          trust_path: Path | None = None) -> Grant:
+    """Every offline check of `lic` against `sealed` on `machine`; the first failure raises."""
+    b, m = lic.body, sealed.manifest
+    if b["vendor_key"] != m.vendor_key:
+        raise VaultError(f"license (vendor {lic.vendor_key_id}) and sealed file (vendor {sealed.vendor_key_id}) "
+                         "come from different vendors")
+    check_trusted_vendor(b["vendor_key"], trust_path)
+    if b["model"]["file_id"] != m.file_id or b["model"]["manifest_sha256"] != sealed.manifest_sha256:
+        raise VaultError(f"license is for another model (sealed file {b['model']['file_id'][:12]}…, "
+                         f"this is {m.file_id[:12]}…)")
+    if b["customer_id"] != m.customer_id or b["customer"] != m.customer:
+        raise VaultError(f"license is for customer {b['customer']!r}, but the model is sealed for {m.customer!r}")
+    entry = next((x for x in b["machines"] if x["id"] == machine.id), None)
+    if entry is None:
+        names = ", ".join(x["id"] for x in b["machines"][:3])
+        raise VaultError(f"license is for another machine ({names}); this machine is {machine.id}")
+    if entry.get("x25519") != b64e(machine.x25519_public) or entry.get("ed25519") != b64e(machine.ed25519_public):
+        raise VaultError(f"license machine entry does not match this machine's keys ({machine.id})")
+    ok, hit, total = match_facts(entry["facts"], machine.facts, b["match_policy"])
+    if not ok:
+        raise VaultError(f"this machine's hardware does not match the license: {hit} of {total} facts match, "
+                         f"policy {b['match_policy']!r}")
+    now = guard.check()
+    if now < b["issued_at"] - guard.tolerance:
+        raise VaultError(f"system clock is set back: it reads {iso(now)}, before the license was issued "
+                         f"({iso(b['issued_at'])})")
+    if now < b["not_before"]:
+        raise VaultError(f"license is not valid until {iso(b['not_before'])}")
+    if now >= b["expires"]:
+        raise VaultError(f"license expired on {iso(b['expires'])}")
+    content = wm = None
+    if b["mode"] == "offline":
+        content = unwrap(machine.x25519, b["keys"]["content_key"], key_context("content-key", b["id"]), "content key")
+        if content_key_id(content) != m.key_id:
+            raise VaultError("license content key does not open this sealed file")
+        if b["keys"].get("watermark_key") is not None:
+            wm = unwrap(machine.x25519, b["keys"]["watermark_key"], key_context("watermark-key", b["id"]),
+                        "watermark key")
+    return Grant(lic, entry, content, wm, now)

@@ -1,0 +1,194 @@
+"""This machine's identity: an X25519 + Ed25519 key pair made here, and hashed hardware facts.
+
+The private keys never leave the machine (`$CODEMOAT_HOME/machine.key`, mode 0600). The public
+identity (`codemoat machine-id`) carries the public keys and salted SHA-256 hashes of hardware
+facts, so it reveals no serial number. A license matches facts with a policy named after
+Keygen's machine-fingerprint match strategies: all, most (more than half), two, any.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from .. import paths
+from .codec import VaultError, b64d, b64e, ed_private_raw, public_raw, write_secret, x_private_raw
+
+KEY_FILE = "machine.key"
+POLICIES = ("all", "most", "two", "any")
+# Fact groups: a group with several values (network cards, GPUs) matches when any one value does.
+GROUPS = ("machine_id", "product_uuid", "cpu", "macs", "gpus")
+
+
+def _h(kind: str, value: str) -> str:
+    return hashlib.sha256(f"codemoat-fact-v1:{kind}:{value.strip().lower()}".encode()).hexdigest()[:32]
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            text = f.read().strip()
+        return text or None
+    except OSError:
+        return None
+
+
+def collect_facts(root: str = "/") -> dict[str, Any]:
+    """Hashed hardware facts of the machine whose /etc, /proc and /sys are under `root`."""
+    r = Path(root)
+    facts: dict[str, Any] = {}
+    mid = _read(str(r / "etc/machine-id")) or _read(str(r / "var/lib/dbus/machine-id"))
+    if mid:
+        facts["machine_id"] = _h("machine_id", mid)
+    uuid_ = _read(str(r / "sys/class/dmi/id/product_uuid"))
+    if uuid_:
+        facts["product_uuid"] = _h("product_uuid", uuid_)
+    cpuinfo = _read(str(r / "proc/cpuinfo")) or ""
+    for line in cpuinfo.splitlines():
+        if line.lower().startswith("model name") and ":" in line:
+            facts["cpu"] = _h("cpu", line.split(":", 1)[1])
+            break
+    macs = []
+    for dev in sorted(glob.glob(str(r / "sys/class/net/*"))):
+        # Only network cards backed by a device: bridges, tunnels and veths change with containers.
+        if not os.path.exists(os.path.join(dev, "device")):
+            continue
+        mac = _read(os.path.join(dev, "address"))
+        if mac and mac != "00:00:00:00:00:00":
+            macs.append(_h("mac", mac))
+    if macs:
+        facts["macs"] = sorted(set(macs))
+    gpus = []
+    for info in sorted(glob.glob(str(r / "proc/driver/nvidia/gpus/*/information"))):
+        for line in (_read(info) or "").splitlines():
+            if line.startswith("GPU UUID") and ":" in line:
+                gpus.append(_h("gpu", line.split(":", 1)[1]))
+    if gpus:
+        facts["gpus"] = sorted(set(gpus))
+    return facts
+
+
+def match_facts(licensed: dict[str, Any], present: dict[str, Any], policy: str) -> tuple[bool, int, int]:
+    """(ok, groups matched, groups recorded) for the facts a license recorded against this machine's."""
+    if policy not in POLICIES:
+        raise VaultError(f"unknown hardware match policy {policy!r}")
+    total = matched = 0
+    for g in GROUPS:
+        want = licensed.get(g)
+        if not want:
+            continue
+        total += 1
+        have = present.get(g)
+        want_set = set(want) if isinstance(want, list) else {want}
+        have_set = set(have) if isinstance(have, list) else ({have} if have else set())
+        if want_set & have_set:
+            matched += 1
+    if total == 0:
+        return True, 0, 0
+    need = {"all": total, "most": total // 2 + 1, "two": min(2, total), "any": 1}[policy]
+    return matched >= need, matched, total
+
+
+@dataclass
+class MachineKey:
+    """The machine's private keys (X25519 to receive wrapped keys, Ed25519 to prove itself to a key server)."""
+
+    x25519: X25519PrivateKey
+    ed25519: Ed25519PrivateKey
+    facts: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def generate(cls, facts: dict[str, Any] | None = None) -> "MachineKey":
+        return cls(X25519PrivateKey.generate(), Ed25519PrivateKey.generate(), facts if facts is not None else collect_facts())
+
+    @classmethod
+    def path(cls) -> Path:
+        return paths.home() / KEY_FILE
+
+    @classmethod
+    def load(cls) -> "MachineKey":
+        """The key made by `codemoat machine-id`; an error if this machine has none."""
+        p = cls.path()
+        try:
+            st = p.stat()
+        except FileNotFoundError:
+            raise VaultError(f"this machine has no identity yet ({p} is missing): run `codemoat machine-id`") from None
+        if st.st_mode & 0o077:
+            raise VaultError(f"{p} is readable by other users (mode {st.st_mode & 0o777:o}); chmod 600 it")
+        try:
+            d = json.loads(p.read_text())
+            return cls(X25519PrivateKey.from_private_bytes(b64d(d["x25519"])),
+                       Ed25519PrivateKey.from_private_bytes(b64d(d["ed25519"])), collect_facts())
+        except (KeyError, TypeError, ValueError, VaultError):
+            raise VaultError(f"machine key file {p} is damaged") from None
+
+    @classmethod
+    def load_or_create(cls) -> "MachineKey":
+        p = cls.path()
+        if p.exists():
+            return cls.load()
+        key = cls.generate()
+        write_secret(p, json.dumps({"x25519": b64e(x_private_raw(key.x25519)),
+                                    "ed25519": b64e(ed_private_raw(key.ed25519))}).encode())
+        from .clock import ClockGuard
+
+        ClockGuard(key).start_record()
+        return key
+
+    @property
+    def x25519_public(self) -> bytes:
+        return public_raw(self.x25519.public_key())
+
+    @property
+    def ed25519_public(self) -> bytes:
+        return public_raw(self.ed25519.public_key())
+
+    @property
+    def id(self) -> str:
+        return machine_id_of(self.x25519_public, self.ed25519_public)
+
+    def identity(self) -> dict[str, Any]:
+        """The public identity to send to the vendor: public keys and hashed facts, nothing secret."""
+        return {"kind": "codemoat-machine", "version": 1, "id": self.id,
+                "x25519": b64e(self.x25519_public), "ed25519": b64e(self.ed25519_public), "facts": self.facts}
+
+
+def machine_id_of(x_pub: bytes, ed_pub: bytes) -> str:
+    return "m_" + hashlib.sha256(b"codemoat-machine-v1\x00" + x_pub + ed_pub).hexdigest()[:24]
+
+
+def parse_identity(text_or_path: str | dict) -> dict[str, Any]:
+    """A machine identity from a file, a JSON string or a dict; checked for shape and self-consistency."""
+    if isinstance(text_or_path, dict):
+        d: Any = text_or_path
+    else:
+        src = text_or_path.strip()
+        if not src.startswith("{"):
+            try:
+                src = Path(src).read_text()
+            except OSError:
+                raise VaultError(f"machine identity {text_or_path!r} is neither a file nor JSON") from None
+        try:
+            d = json.loads(src)
+        except ValueError:
+            raise VaultError("machine identity is not valid JSON") from None
+    if not isinstance(d, dict) or d.get("kind") != "codemoat-machine":
+        raise VaultError("machine identity is not a codemoat machine identity (run `codemoat machine-id --json`)")
+    x = b64d(d.get("x25519"), "machine x25519 key")
+    e = b64d(d.get("ed25519"), "machine ed25519 key")
+    if len(x) != 32 or len(e) != 32:
+        raise VaultError("machine identity keys are malformed")
+    if d.get("id") != machine_id_of(x, e):
+        raise VaultError("machine identity id does not match its keys")
+    facts = d.get("facts", {})
+    if not isinstance(facts, dict):
+        raise VaultError("machine identity facts are malformed")
+    return {"id": d["id"], "x25519": d["x25519"], "ed25519": d["ed25519"], "facts": facts}

@@ -1,0 +1,376 @@
+"""The vendor's store: signing keys, a master key, and a database of customers, sealed models and licenses.
+
+    DIR/vendor.json     public facts (key ids, database URL)
+    DIR/signing.key     Ed25519 key that signs manifests and licenses   (0600)
+    DIR/keyserver.key   Ed25519 key that signs lease answers            (0600)
+    DIR/master.key      AES-256 key for the secrets kept in the database (0600)
+    DIR/vendor.db       SQLite (or `database_url` in vendor.json: PostgreSQL)
+
+Content keys and customer secrets are stored encrypted under the master key, so a copy of the
+database alone (a backup, a shared PostgreSQL) opens no model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from sqlalchemy.exc import IntegrityError
+
+from .. import db
+from ..errors import CodemoatError, NotFound
+from .codec import VaultError, b64e, ed_private_raw, key_id, public_raw, write_secret
+from .container import SealedFile, seal_bytes
+from .license import issue as issue_license_doc
+
+_meta = sa.MetaData()
+customers_t = sa.Table(
+    "vault_customers", _meta,
+    sa.Column("id", sa.String(40), primary_key=True), sa.Column("name", sa.String(200)),
+    sa.Column("fingerprint_secret", sa.LargeBinary), sa.Column("watermark_secret", sa.LargeBinary),
+    sa.Column("created_at", sa.Integer),
+)
+models_t = sa.Table(
+    "vault_models", _meta,
+    sa.Column("file_id", sa.String(40), primary_key=True), sa.Column("customer_id", sa.String(40)),
+    sa.Column("model_id", sa.String(200)), sa.Column("format", sa.String(20)),
+    sa.Column("plaintext_size", sa.BigInteger), sa.Column("plaintext_sha256", sa.String(64)),
+    sa.Column("manifest_sha256", sa.String(64)), sa.Column("content_key", sa.LargeBinary),
+    sa.Column("fingerprinted", sa.Boolean), sa.Column("source", sa.String(500)), sa.Column("created_at", sa.Integer),
+)
+licenses_t = sa.Table(
+    "vault_licenses", _meta,
+    sa.Column("id", sa.String(40), primary_key=True), sa.Column("customer_id", sa.String(40)),
+    sa.Column("file_id", sa.String(40)), sa.Column("mode", sa.String(10)), sa.Column("seats", sa.Integer),
+    sa.Column("issued_at", sa.Integer), sa.Column("not_before", sa.Integer), sa.Column("expires", sa.Integer),
+    sa.Column("lease_ttl", sa.Integer), sa.Column("grace", sa.Integer), sa.Column("revoked_at", sa.Integer),
+    sa.Column("lease_gen", sa.Integer), sa.Column("document", sa.Text),
+)
+leases_t = sa.Table(
+    "vault_leases", _meta,
+    sa.Column("license_id", sa.String(40), primary_key=True), sa.Column("machine_id", sa.String(40), primary_key=True),
+    sa.Column("expires", sa.Float), sa.Column("renewed_at", sa.Float), sa.Column("renewals", sa.Integer),
+)
+
+Fingerprinter = Callable[[bytes, str, bytes], bytes]
+
+
+@dataclass(frozen=True)
+class Customer:
+    name: str
+    id: str
+    fingerprint_secret: bytes
+    watermark_secret: bytes
+    created_at: int
+
+
+def read_model(path: Path) -> tuple[str, str, bytearray, list[dict[str, Any]]]:
+    """(model id, format, plaintext, parts) of a .gguf file or a safetensors model (file or folder).
+
+    A safetensors model is packed as its weights followed by the folder's JSON files
+    (config.json, tokenizer.json, ...), each a named part in the manifest."""
+    if not path.exists():
+        raise NotFound(f"model not found: {path}")
+    if path.is_file() and path.suffix == ".gguf":
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if head != b"GGUF":
+            raise CodemoatError(f"{path.name} is not a GGUF file (bad magic)")
+        data = bytearray(path.stat().st_size)
+        with open(path, "rb") as f:
+            f.readinto(data)
+        return path.stem, "gguf", data, [{"name": path.name, "offset": 0, "size": len(data)}]
+    folder = path if path.is_dir() else path.parent
+    if path.is_dir():
+        weights = sorted(folder.glob("*.safetensors"))
+        if len(weights) != 1:
+            raise CodemoatError(f"{path} must hold exactly one .safetensors file (found {len(weights)})")
+        wpath = weights[0]
+    elif path.suffix == ".safetensors":
+        wpath = path
+    else:
+        raise CodemoatError(f"{path.name}: a model is a .gguf file, a .safetensors file or a folder holding one")
+    files = [wpath] + sorted(p for p in folder.glob("*.json") if p.is_file())
+    if not (folder / "config.json").is_file():
+        raise CodemoatError(f"{folder} has no config.json beside the safetensors weights")
+    blobs = [p.read_bytes() for p in files]
+    data = bytearray(b"".join(blobs))
+    parts, off = [], 0
+    for p, b in zip(files, blobs):
+        parts.append({"name": p.name, "offset": off, "size": len(b)})
+        off += len(b)
+    model_id = folder.name if path.is_dir() else wpath.stem
+    return model_id, "safetensors", data, parts
+
+
+def _migrate(engine: sa.Engine) -> None:
+    """Run the "vault" Alembic branch (revisions in vault/migrations/versions/)."""
+    from alembic import command
+    from alembic.config import Config
+    from alembic.util import CommandError
+
+    try:
+        db.upgrade(engine, ("vault",))
+        if "vault_licenses" in sa.inspect(engine).get_table_names():
+            return
+    except CommandError:
+        pass
+    # codemoat.db scans <package>/migrations only; point Alembic at versions/ as CONTRIBUTING lays out.
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(Path(db.__file__).parent / "migrations"))
+    cfg.set_main_option("version_locations", str(Path(__file__).parent / "migrations" / "versions"))
+    cfg.set_main_option("path_separator", "space")
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "vault@head")
+
+
+class Vendor:
+    """A vendor directory, opened: keys in memory, database migrated."""
+
+    def __init__(self, root: Path, signing: Ed25519PrivateKey, keyserver: Ed25519PrivateKey, master: bytes,
+                 engine: sa.Engine):
+        self.root, self.signing_key, self.keyserver_key, self._master, self.engine = root, signing, keyserver, master, engine
+
+    # -- lifecycle --------------------------------------------------------
+    @classmethod
+    def init(cls, root: str | Path, database_url: str | None = None) -> "Vendor":
+        root = Path(root)
+        if (root / "vendor.json").exists():
+            raise CodemoatError(f"{root} already holds a vendor (vendor.json exists); refusing to overwrite its keys")
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        signing, ks = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+        write_secret(root / "signing.key", ed_private_raw(signing))
+        write_secret(root / "keyserver.key", ed_private_raw(ks))
+        write_secret(root / "master.key", os.urandom(32))
+        info = {"version": 1, "created_at": int(time.time()),
+                "vendor_key": b64e(public_raw(signing.public_key())),
+                "vendor_key_id": key_id(public_raw(signing.public_key())),
+                "keyserver_key": b64e(public_raw(ks.public_key())),
+                "keyserver_key_id": key_id(public_raw(ks.public_key())),
+                "database_url": database_url}
+        (root / "vendor.json").write_text(json.dumps(info, indent=2) + "\n")
+        return cls.open(root)
+
+    @classmethod
+    def open(cls, root: str | Path) -> "Vendor":
+        root = Path(root)
+        try:
+            info = json.loads((root / "vendor.json").read_text())
+            signing = Ed25519PrivateKey.from_private_bytes((root / "signing.key").read_bytes())
+            ks = Ed25519PrivateKey.from_private_bytes((root / "keyserver.key").read_bytes())
+            master = (root / "master.key").read_bytes()
+        except FileNotFoundError as e:
+            raise VaultError(f"no vendor keys in {root} ({Path(e.filename).name} is missing): "
+                             "run `codemoat vendor init --vendor DIR`") from None
+        except (ValueError, OSError) as e:
+            raise VaultError(f"vendor directory {root} is damaged: {e}") from None
+        if len(master) != 32:
+            raise VaultError(f"vendor master key in {root} is damaged")
+        engine = db.make_engine(info.get("database_url") or f"sqlite:///{root / 'vendor.db'}")
+        _migrate(engine)
+        return cls(root, signing, ks, master, engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @property
+    def vendor_key_b64(self) -> str:
+        return b64e(public_raw(self.signing_key.public_key()))
+
+    @property
+    def keyserver_key_b64(self) -> str:
+        return b64e(public_raw(self.keyserver_key.public_key()))
+
+    # -- secrets at rest --------------------------------------------------
+    def _seal_secret(self, secret: bytes, aad: str) -> bytes:
+        nonce = os.urandom(12)
+        return nonce + AESGCM(self._master).encrypt(nonce, secret, aad.encode())
+
+    def _open_secret(self, blob: bytes, aad: str) -> bytes:
+        try:
+            return AESGCM(self._master).decrypt(blob[:12], blob[12:], aad.encode())
+        except InvalidTag:
+            raise VaultError(f"vendor secret {aad} cannot be decrypted with this vendor's master key") from None
+
+    # -- customers --------------------------------------------------------
+    def _customer(self, row: Any) -> Customer:
+        return Customer(row.name, row.id, self._open_secret(row.fingerprint_secret, f"fingerprint:{row.id}"),
+                        self._open_secret(row.watermark_secret, f"watermark:{row.id}"), row.created_at)
+
+    def find_customer(self, name: str) -> Customer | None:
+        with self.engine.connect() as c:
+            row = c.execute(sa.select(customers_t).where(customers_t.c.name == name)).first()
+        return self._customer(row) if row else None
+
+    def customer(self, name: str) -> Customer:
+        """The customer called `name`, created (with fresh secrets) on first use."""
+        name = name.strip()
+        if not name:
+            raise CodemoatError("customer name is empty")
+        found = self.find_customer(name)
+        if found:
+            return found
+        cid = "c_" + uuid.uuid4().hex[:16]
+        try:
+            with self.engine.begin() as c:
+                c.execute(customers_t.insert().values(
+                    id=cid, name=name, created_at=int(time.time()),
+                    fingerprint_secret=self._seal_secret(os.urandom(32), f"fingerprint:{cid}"),
+                    watermark_secret=self._seal_secret(os.urandom(32), f"watermark:{cid}")))
+        except IntegrityError:  # created meanwhile by another process
+            pass
+        return self.find_customer(name)  # type: ignore[return-value]
+
+    def customers(self) -> list[Customer]:
+        with self.engine.connect() as c:
+            rows = c.execute(sa.select(customers_t).order_by(customers_t.c.name)).all()
+        return [self._customer(r) for r in rows]
+
+    def customer_by_id(self, cid: str) -> Customer:
+        with self.engine.connect() as c:
+            row = c.execute(sa.select(customers_t).where(customers_t.c.id == cid)).first()
+        if row is None:
+            raise NotFound(f"no customer with id {cid}")
+        return self._customer(row)
+
+    # -- sealing ----------------------------------------------------------
+    def seal(self, model: str | Path, customer: str, out: str | Path, *, fingerprint: Fingerprinter | None = None,
+             chunk_size: int | None = None) -> SealedFile:
+        """Encrypt a model for `customer` (fingerprinted first when `fingerprint` is given) into `out`."""
+        model = Path(model)
+        cust = self.customer(customer)
+        model_id, fmt, data, parts = read_model(model)
+        if fingerprint is not None:
+            w = parts[0]
+            marked = fingerprint(bytes(data[w["offset"]: w["offset"] + w["size"]]), fmt, cust.fingerprint_secret)
+            if len(marked) != w["size"]:
+                data = bytearray(bytes(marked) + bytes(data[w["size"]:]))
+                shift = len(marked) - w["size"]
+                parts = [dict(p, size=len(marked)) if i == 0 else dict(p, offset=p["offset"] + shift)
+                         for i, p in enumerate(parts)]
+            else:
+                data[: w["size"]] = marked
+        key = os.urandom(32)
+        kw = {"chunk_size": chunk_size} if chunk_size else {}
+        sealed = seal_bytes(data, out, signing_key=self.signing_key, content_key=key, model_id=model_id, fmt=fmt,
+                            customer=cust.name, customer_id=cust.id, parts=parts,
+                            fingerprinted=fingerprint is not None, **kw)
+        data[:] = bytes(len(data))
+        m = sealed.manifest
+        with self.engine.begin() as c:
+            c.execute(models_t.insert().values(
+                file_id=m.file_id, customer_id=cust.id, model_id=model_id, format=fmt,
+                plaintext_size=m.plaintext_size, plaintext_sha256=m.plaintext_sha256,
+                manifest_sha256=sealed.manifest_sha256, content_key=self._seal_secret(key, f"content:{m.file_id}"),
+                fingerprinted=fingerprint is not None, source=str(model.resolve()), created_at=m.created))
+        return sealed
+
+    def content_key(self, file_id: str) -> bytes:
+        with self.engine.connect() as c:
+            row = c.execute(sa.select(models_t.c.content_key).where(models_t.c.file_id == file_id)).first()
+        if row is None:
+            raise VaultError(f"this vendor has no key for sealed file {file_id} (it was sealed by another vendor "
+                             "or with another vendor database)")
+        return self._open_secret(row.content_key, f"content:{file_id}")
+
+    def open_sealed(self, moat: str | Path) -> tuple[SealedFile, bytes]:
+        sealed = SealedFile(moat)
+        if sealed.manifest.vendor_key != self.vendor_key_b64:
+            raise VaultError(f"{Path(moat).name} was sealed by vendor {sealed.vendor_key_id}, not by this vendor "
+                             f"({key_id(public_raw(self.signing_key.public_key()))})")
+        return sealed, self.content_key(sealed.manifest.file_id)
+
+    def unseal(self, moat: str | Path, out: str | Path) -> Path:
+        """Decrypt the vendor's own sealed file: a .gguf file, or a folder for safetensors."""
+        sealed, key = self.open_sealed(moat)
+        plain = sealed.decrypt(key, check_sha256=True)
+        out = Path(out)
+        m = sealed.manifest
+        if m.format == "gguf":
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_bytes(plain)
+        else:
+            out.mkdir(parents=True, exist_ok=True)
+            for p in m.parts:
+                name = Path(p["name"]).name
+                (out / name).write_bytes(plain[p["offset"]: p["offset"] + p["size"]])
+        return out
+
+    # -- licenses ---------------------------------------------------------
+    def issue_license(self, *, customer: str, model: str | Path, machines: list[dict[str, Any]], expires: int,
+                      not_before: int | None = None, features: list[str] | None = None, mode: str = "offline",
+                      keyserver: str | None = None, lease_ttl: int = 3600, grace: int = 900, seats: int = 1,
+                      watermark: bool = True, policy: str = "most") -> dict[str, Any]:
+        """Sign a license for `customer`'s sealed `model` on `machines`, record it, and return the document."""
+        sealed, key = self.open_sealed(model)
+        cust = self.find_customer(customer)
+        if cust is None:
+            raise NotFound(f"no customer named {customer!r} (customers are created by `vendor seal`)")
+        if sealed.manifest.customer_id != cust.id:
+            raise VaultError(f"{Path(model).name} is sealed for customer {sealed.manifest.customer!r}, not {customer!r}")
+        now = int(time.time())
+        nb = now if not_before is None else not_before
+        lease = None
+        if mode == "lease":
+            if not keyserver:
+                raise CodemoatError("a lease license needs --keyserver URL")
+            if lease_ttl < 2 or grace < 0 or seats < 1:
+                raise CodemoatError("lease TTL must be at least 2 s, grace at least 0 s, seats at least 1")
+            lease = {"url": keyserver.rstrip("/"), "server_key": self.keyserver_key_b64, "ttl": lease_ttl,
+                     "grace": max(grace, 1), "seats": seats}
+        doc = issue_license_doc(self.signing_key, sealed=sealed, customer=cust.name, customer_id=cust.id,
+                                machines=machines, content_key=key,
+                                watermark_key=cust.watermark_secret if watermark else None,
+                                not_before=nb, expires=expires, issued_at=now, features=features or ["complete", "chat", "index"],
+                                mode=mode, policy=policy, lease=lease)
+        body = doc["license"]
+        with self.engine.begin() as c:
+            c.execute(licenses_t.insert().values(
+                id=body["id"], customer_id=cust.id, file_id=sealed.manifest.file_id, mode=mode,
+                seats=seats if mode == "lease" else 1, issued_at=now, not_before=nb, expires=expires,
+                lease_ttl=lease_ttl if mode == "lease" else None, grace=(lease or {}).get("grace"),
+                revoked_at=None, lease_gen=0, document=json.dumps(doc)))
+        return doc
+
+    def revoke(self, license_id: str) -> None:
+        with self.engine.begin() as c:
+            n = c.execute(licenses_t.update().where(licenses_t.c.id == license_id)
+                          .values(revoked_at=int(time.time()))).rowcount
+            c.execute(leases_t.delete().where(leases_t.c.license_id == license_id))
+        if not n:
+            raise NotFound(f"no license {license_id}")
+
+    def license_row(self, license_id: str) -> Any:
+        with self.engine.connect() as c:
+            return c.execute(sa.select(licenses_t).where(licenses_t.c.id == license_id)).first()
+
+    def licenses(self) -> list[dict[str, Any]]:
+        """Every license with its customer, model, dates, state and live leases."""
+        now = time.time()
+        with self.engine.connect() as c:
+            rows = c.execute(
+                sa.select(licenses_t, customers_t.c.name.label("customer"), models_t.c.model_id)
+                .join(customers_t, customers_t.c.id == licenses_t.c.customer_id)
+                .join(models_t, models_t.c.file_id == licenses_t.c.file_id)
+                .order_by(licenses_t.c.issued_at)).all()
+            live = dict(c.execute(sa.select(leases_t.c.license_id, sa.func.count())
+                                  .where(leases_t.c.expires > now).group_by(leases_t.c.license_id)).all())
+        out = []
+        for r in rows:
+            state = "revoked" if r.revoked_at else "expired" if r.expires <= now else "active"
+            out.append({"id": r.id, "customer": r.customer, "model": r.model_id, "file_id": r.file_id, "mode": r.mode,
+                        "seats": r.seats, "leases": live.get(r.id, 0), "issued_at": r.issued_at,
+                        "not_before": r.not_before, "expires": r.expires, "revoked_at": r.revoked_at, "state": state})
+        return out
