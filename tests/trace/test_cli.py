@@ -1,0 +1,82 @@
+"""`codemoat trace` and `codemoat watermark detect` end to end: a real vendor directory, sealed
+copies, one leaked (unsealed, requantised, noised), traced back by the CLI in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from codemoat.trace import watermark as wm
+from codemoat.trace.fingerprint import fingerprint_model
+
+from . import attacks
+from .test_watermark import _generate
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "codemoat.cli.main", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def vendor(tmp_path_factory, f16_model):
+    from codemoat.vault.vendor import Vendor
+
+    root = tmp_path_factory.mktemp("vendor")
+    v = Vendor.init(root / "v")
+    for c in ("acme", "globex", "initech"):
+        v.seal(f16_model, c, root / f"{c}.moat", fingerprint=fingerprint_model)
+    v.unseal(root / "globex.moat", root / "leak.gguf")
+    v.close()
+    return root
+
+
+def test_trace_names_the_leaker(vendor, tmp_path):
+    q = attacks.requantize(vendor / "leak.gguf", tmp_path / "q8.gguf", 7)
+    leaked = attacks.transform(q, tmp_path / "leak-noisy.gguf", attacks.noise(0.02))
+    r = _cli("trace", str(leaked), "--vendor", str(vendor / "v"), "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["named"] == ["globex"] and d["scores"][0]["customer"] == "globex"
+    assert len(d["scores"]) == 3 and all(s["p_adj"] > 1e-3 for s in d["scores"][1:])
+    human = _cli("trace", str(leaked), "--vendor", str(vendor / "v"))
+    assert human.returncode == 0 and "verdict" in human.stdout and "globex" in human.stdout
+
+
+def test_trace_of_the_original_gives_no_verdict(vendor, f16_model, unrelated_model):
+    for suspect in (f16_model, unrelated_model):
+        r = _cli("trace", str(suspect), "--vendor", str(vendor / "v"), "--original", str(f16_model), "--json")
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["named"] == []
+    r = _cli("trace", str(unrelated_model), "--vendor", str(vendor / "v"))
+    assert r.returncode == 0 and "no verdict" in r.stdout
+
+
+def test_trace_errors_are_one_line(vendor, tmp_path):
+    r = _cli("trace", str(tmp_path / "missing.gguf"), "--vendor", str(vendor / "v"))
+    assert r.returncode == 1 and "not found" in r.stderr and "Traceback" not in r.stderr
+    r = _cli("trace", str(vendor / "leak.gguf"), "--vendor", str(tmp_path / "novendor"))
+    assert r.returncode == 1 and "vendor" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_watermark_detect_cli(vendor, f16_model, flat_model, tmp_path):
+    from codemoat.vault.vendor import Vendor
+
+    v = Vendor.open(vendor / "v")
+    key = v.customer("initech").watermark_secret
+    v.close()
+    gen = tmp_path / "generated.py"
+    gen.write_text(_generate(flat_model, [wm.WatermarkProcessor(key)], seed=4))
+    human = Path(wm.__file__)
+    args = ["watermark", "detect", str(gen), str(human), "--vendor", str(vendor / "v"), "--model", str(flat_model), "--json"]
+    r = _cli(*args)
+    assert r.returncode == 0, r.stderr
+    files = json.loads(r.stdout)["files"]
+    assert files[0]["detected"] == ["initech"] and files[1]["detected"] == []
+    r = _cli(*args[:-1], "--customer", "acme")
+    assert r.returncode == 0 and "no" in r.stdout
+    r = _cli("watermark", "detect", str(gen), "--vendor", str(vendor / "v"), "--customer", "nobody")
+    assert r.returncode == 1 and "nobody" in r.stderr
