@@ -1,0 +1,331 @@
+"""The `transformers` engine: a Hugging Face causal LM loaded from safetensors bytes, CPU by default.
+
+Weights arrive as bytes (`safetensors.torch.load`), so a sealed model decrypted in memory never
+touches a disk path. The model is built from its config with `AutoModelForCausalLM.from_config`
+and filled with `load_state_dict` (transformers 5.x; building on the meta device would leave
+RoPE's `inv_freq` empty). One worker thread owns the model; each generation runs there with a
+KV cache, applies the request's logits processors to numpy logits, samples with its own seeded
+generator and checks its cancel flag between tokens.
+
+    eng = TransformersEngine.from_dir("models/codemoat-tiny.hf")
+    text = (await eng.complete("def add(a, b):", SamplingParams(temperature=0))).text
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import CodemoatError
+from .base import Chunk, Completion, Engine, FinishReason, PromptTooLong, SamplingParams
+
+_DONE = object()
+#: tokens that end a generation besides eos (llama.cpp treats Qwen's FIM pad/repo/file separators as end-of-generation too)
+_EOG_TEXTS = ("<|endoftext|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>", "<|im_end|>", "<|eot_id|>", "<|EOT|>")
+
+
+def sample_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
+    """Pick the next token: greedy at temperature 0, else temperature → top-k → top-p (Holtzman et al. 2020)."""
+    if params.temperature <= 0:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / params.temperature
+    k = params.top_k if params.top_k and params.top_k > 0 else len(z)
+    idx = np.argpartition(-z, min(k, len(z)) - 1)[:k] if k < len(z) else np.arange(len(z))
+    idx = idx[np.argsort(-z[idx], kind="stable")]
+    p = np.exp(z[idx] - z[idx[0]])
+    p /= p.sum()
+    if 0 < params.top_p < 1:
+        keep = int(np.searchsorted(np.cumsum(p), params.top_p) + 1)
+        idx, p = idx[:keep], p[:keep] / p[:keep].sum()
+    return int(idx[rng.choice(len(idx), p=p)])
+
+
+class TransformersEngine(Engine):
+    name = "transformers"
+
+    def __init__(self, model, tokenizer_json: str, config: dict, *, model_id: str = "model", n_ctx: int | None = None,
+                 device: str = "cpu", n_threads: int | None = None):
+        from tokenizers import Tokenizer
+
+        self._model = model
+        self._config = config
+        self._device = device
+        self._threads = n_threads
+        self._tok = Tokenizer.from_str(tokenizer_json)
+        self._tok_plain = Tokenizer.from_str(tokenizer_json)
+        self._tok_plain.encode_special_tokens = True  # special=False: "<|endoftext|>" in text is just text
+        self._specials = {t.content: i for i, t in self._tok.get_added_tokens_decoder().items() if t.special} \
+            if hasattr(self._tok, "get_added_tokens_decoder") else {}
+        self._specials = {c: i for i, c in ((i, t.content) for i, t in self._tok.get_added_tokens_decoder().items())}
+        self._eog = {self._specials[t] for t in _EOG_TEXTS if t in self._specials}
+        eos = config.get("eos_token_id")
+        if isinstance(eos, int):
+            self._eog.add(eos)
+        limit = int(config.get("max_position_embeddings") or 2048)
+        self._n_ctx = min(n_ctx, limit) if n_ctx else limit
+        self.model_id = model_id
+        self._jobs: queue.Queue = queue.Queue()
+        self._closed = False
+        self._worker = threading.Thread(target=self._work, name=f"transformers-{model_id}", daemon=True)
+        self._worker.start()
+
+    # -- construction -----------------------------------------------------
+    @classmethod
+    def from_bytes(cls, weights: bytes, config: dict, tokenizer_json: str, **kw: Any) -> "TransformersEngine":
+        """Build from safetensors bytes, a config dict (config.json) and a tokenizer.json string."""
+        import torch
+        from safetensors.torch import load
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        if kw.get("n_threads"):
+            torch.set_num_threads(kw["n_threads"])
+        device = kw.pop("device", "cpu")
+        cfg_dict = {k: v for k, v in config.items() if k not in ("codemoat", "chat_template")}
+        try:
+            model_type = cfg_dict.pop("model_type")
+            hf_cfg = AutoConfig.for_model(model_type, **cfg_dict)
+            model = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32)
+            sd = load(bytes(weights))
+        except (KeyError, ValueError, OSError) as e:
+            raise CodemoatError(f"cannot load transformers model: {e}") from None
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+        tied = {"lm_head.weight"} if getattr(hf_cfg, "tie_word_embeddings", False) else set()
+        if set(missing) - tied or unexpected:
+            raise CodemoatError(f"weights do not match the config: missing {sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]}")
+        if tied:
+            model.tie_weights()
+        model.to(device).eval()
+        kw.pop("n_gpu_layers", None)
+        return cls(model, tokenizer_json, config, device=device, **kw)
+
+    @classmethod
+    def from_dir(cls, path: str | Path, **kw: Any) -> "TransformersEngine":
+        """Load a folder with model.safetensors, config.json and tokenizer.json."""
+        p = Path(path)
+        need = [p / "model.safetensors", p / "config.json", p / "tokenizer.json"]
+        for f in need:
+            if not f.is_file():
+                raise CodemoatError(f"not a model folder: {f.name} missing in {p}")
+        kw.setdefault("model_id", p.name.split(".")[0])
+        config = json.loads(need[1].read_text())
+        tc = p / "tokenizer_config.json"
+        if "chat_template" not in config and tc.is_file():
+            tmpl = json.loads(tc.read_text()).get("chat_template")
+            if isinstance(tmpl, str):
+                config["chat_template"] = tmpl
+        return cls.from_bytes(need[0].read_bytes(), config, need[2].read_text(), **kw)
+
+    @classmethod
+    def from_path(cls, path: str | Path, **kw: Any) -> "TransformersEngine":
+        """A model folder, or a .gguf whose `<stem>.hf/` folder (written by `vendor train`) lies beside it."""
+        p = Path(path)
+        if p.is_dir():
+            return cls.from_dir(p, **kw)
+        sibling = p.with_suffix(".hf")
+        if sibling.is_dir():
+            kw.setdefault("model_id", p.stem)
+            return cls.from_dir(sibling, **kw)
+        raise CodemoatError(f"the transformers engine needs a safetensors folder, not {p}")
+
+    # -- facts --------------------------------------------------------------
+    @property
+    def n_ctx(self) -> int:
+        return self._n_ctx
+
+    @property
+    def n_vocab(self) -> int:
+        return int(self._config.get("vocab_size") or self._tok.get_vocab_size())
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        md: dict[str, Any] = {"general.architecture": self._config.get("model_type", ""), "general.name": self.model_id}
+        if isinstance(self._config.get("chat_template"), str):
+            md["tokenizer.chat_template"] = self._config["chat_template"]
+        md.update({f"config.{k}": v for k, v in self._config.items() if isinstance(v, (int, float, str))})
+        return md
+
+    @property
+    def vocab(self) -> set[str]:
+        return set(self._specials)
+
+    def has_token(self, text: str) -> bool:
+        return text in self._specials
+
+    def token_text(self, which: str) -> str:
+        tid = self._config.get("bos_token_id" if which == "bos" else "eos_token_id")
+        if not isinstance(tid, int) or (which == "bos" and not self._config.get("add_bos_token", False)):
+            return "" if which == "bos" else (self._tok.id_to_token(tid) or "" if isinstance(tid, int) else "")
+        return self._tok.id_to_token(tid) or ""
+
+    def tokenize(self, text: str, special: bool = True) -> list[int]:
+        tok = self._tok if special else self._tok_plain
+        return tok.encode(text, add_special_tokens=False).ids
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=False)
+
+    # -- worker -------------------------------------------------------------
+    def _work(self) -> None:
+        import torch
+
+        if self._threads:
+            torch.set_num_threads(self._threads)
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            fn, fut = job
+            if fut.set_running_or_notify_cancel():
+                try:
+                    with torch.inference_mode():
+                        fut.set_result(fn())
+                except BaseException as e:
+                    fut.set_exception(e)
+
+    def _submit(self, fn: Callable[[], Any]) -> Future:
+        if self._closed:
+            raise CodemoatError("engine is closed")
+        fut: Future = Future()
+        self._jobs.put((fn, fut))
+        return fut
+
+    def _forward(self, ids: list[int], past):
+        import torch
+
+        x = torch.tensor([ids], dtype=torch.long, device=self._device)
+        out = self._model(input_ids=x, past_key_values=past, use_cache=True)
+        return out.logits[0, -1].float().cpu().numpy(), out.past_key_values
+
+    def _generate(self, prompt_ids: list[int], params: SamplingParams, emit: Callable[[Chunk], None], cancel: threading.Event) -> None:
+        """Runs on the worker: sample, cut at stop strings, emit text once it can no longer change."""
+        rng = np.random.default_rng(params.seed)
+        stops = [s for s in params.stop if s]
+        hold = max((len(s) for s in stops), default=0)
+        ids = list(prompt_ids)
+        out_ids: list[int] = []
+        pending: list[int] = []
+        sent = 0
+        text = ""
+        reason: FinishReason = "length"
+        logits, past = self._forward(ids, None)
+        while len(out_ids) < params.max_tokens:
+            if cancel.is_set():
+                reason = "cancelled"
+                break
+            for proc in params.logits_processors:
+                logits = proc(ids, logits)
+            if params.repeat_penalty and params.repeat_penalty != 1.0 and out_ids:
+                logits = logits.copy()
+                seen = np.unique(np.array(ids))
+                vals = logits[seen]
+                logits[seen] = np.where(vals > 0, vals / params.repeat_penalty, vals * params.repeat_penalty)
+            tok = sample_token(logits, params, rng)
+            if tok in self._eog:
+                reason = "stop"
+                break
+            ids.append(tok)
+            out_ids.append(tok)
+            pending.append(tok)
+            text = self.detokenize(out_ids)
+            complete = len(text) - (1 if text.endswith("\ufffd") else 0)  # an unfinished UTF-8 sequence
+            cut = min((i for i in (text.find(s, max(0, sent - hold)) for s in stops) if i >= 0), default=-1)
+            if cut >= 0:
+                if cut > sent:
+                    emit(Chunk(text[sent:cut], pending))
+                    pending = []
+                text, sent, reason = text[:cut], cut, "stop"
+                break
+            safe = complete - hold if hold else complete
+            if safe > sent:
+                emit(Chunk(text[sent:safe], pending))
+                pending, sent = [], safe
+            if len(ids) >= self._n_ctx:
+                break
+            logits, past = self._forward([tok], past)
+        if reason != "cancelled" and (sent < len(text) or pending):
+            emit(Chunk(text[sent:], pending))
+        emit(Chunk("", [], reason))
+
+    def _check(self, prompt: str, max_tokens: int) -> list[int]:
+        ids = self.tokenize(prompt)
+        if not ids:
+            eos = self._config.get("eos_token_id")
+            ids = [eos if isinstance(eos, int) else 0]
+        if len(ids) + max(1, max_tokens) > self._n_ctx:
+            raise PromptTooLong(len(ids), self._n_ctx, max_tokens)
+        return ids
+
+    async def stream(self, prompt: str, params: SamplingParams) -> AsyncIterator[Chunk]:
+        ids = self._check(prompt, params.max_tokens)
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        cancel = threading.Event()
+
+        def emit(c: Chunk) -> None:
+            loop.call_soon_threadsafe(q.put_nowait, c)
+
+        def job() -> None:
+            try:
+                self._generate(ids, params, emit, cancel)
+            finally:
+                loop.call_soon_threadsafe(q.put_nowait, _DONE)
+
+        fut = self._submit(job)
+        try:
+            while True:
+                item = await q.get()
+                if item is _DONE:
+                    break
+                yield item
+            exc = fut.exception() if fut.done() else None
+            if exc:
+                raise exc
+        finally:
+            cancel.set()
+            fut.cancel()
+
+    async def complete(self, prompt: str, params: SamplingParams) -> Completion:
+        ids = self._check(prompt, params.max_tokens)
+        cancel = threading.Event()
+        chunks: list[Chunk] = []
+        fut = self._submit(lambda: self._generate(ids, params, chunks.append, cancel))
+        try:
+            await asyncio.wrap_future(fut)
+        except asyncio.CancelledError:
+            cancel.set()
+            fut.cancel()
+            raise
+        reason = chunks[-1].finish_reason if chunks else "length"
+        return Completion("".join(c.text for c in chunks), len(ids), sum(len(c.token_ids) for c in chunks), reason or "length")
+
+    def logits(self, prompt: str) -> np.ndarray:
+        """Next-token logits after `prompt` (float32)."""
+        ids = self.tokenize(prompt)
+        return self._submit(lambda: self._forward(ids, None)[0].astype(np.float32)).result()
+
+    def health(self) -> dict[str, Any]:
+        return {**super().health(), "queue": self._jobs.qsize(), "device": self._device}
+
+    def close(self) -> None:
+        """Stop the worker and drop the weights (zeroing the parameters this engine owns)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._jobs.put(None)
+        self._worker.join(timeout=30)
+        try:
+            import torch
+
+            with torch.no_grad():
+                for p in self._model.parameters():
+                    p.zero_()
+        finally:
+            self._model = None
