@@ -1,0 +1,209 @@
+"""The trust layer in a running app: one audit record per request, 503 when it cannot audit,
+quotas, secrets, metrics, the admin API and the egress guard."""
+
+from __future__ import annotations
+
+import socket
+import sqlite3
+
+import pytest
+from fastapi.testclient import TestClient
+
+from codemoat.accounts import Accounts
+from codemoat.audit import egress
+from codemoat.audit.egress import EgressBlocked
+from codemoat.config import Settings
+
+from .trustapp import make_app
+
+
+@pytest.fixture
+def accounts(engine):
+    return Accounts(engine)
+
+
+@pytest.fixture
+def tokens(accounts):
+    out = {}
+    for name, scopes in (("alice", ("complete", "chat")), ("bob", ("complete", "chat")), ("root", ("admin",))):
+        _, secret = accounts.create_token(name, user=name, scopes=scopes)
+        out[name] = {"Authorization": f"Bearer {secret}"}
+    return out
+
+
+def client_for(settings: Settings, accounts: Accounts) -> TestClient:
+    return TestClient(make_app(settings, accounts), client=("10.9.8.7", 5555))
+
+
+def records(engine, kind="request"):
+    from codemoat.audit.log import AuditLog
+
+    return list(AuditLog(engine).records(kind=kind))
+
+
+def test_one_record_per_request_with_its_facts(engine, accounts, tokens):
+    with client_for(Settings(), accounts) as c:
+        assert c.post("/v1/completions", json={"prompt": "def add(a, b):", "max_tokens": 7}, headers=tokens["alice"]).status_code == 200
+        r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]}, headers=tokens["bob"])
+        assert r.status_code == 200 and r.text.endswith("[DONE]\n\n")
+        assert c.post("/v1/completions", json={"prompt": "x"}).status_code == 401
+        assert c.post("/v1/completions", json={"prompt": "x"}, headers={"Authorization": "Bearer nope"}).status_code == 401
+        assert c.get("/v1/nowhere", headers=tokens["alice"]).status_code == 404
+        assert c.get("/health").status_code == 200 and c.get("/metrics").status_code == 200  # probes are not audited
+        trust = c.app.state.trust
+    recs = records(engine)
+    assert [r["status"] for r in recs] == [200, 200, 401, 401, 404]
+    first, chat = recs[0], recs[1]
+    assert (first["user"], first["route"], first["protocol"], first["model"]) == ("alice", "/v1/completions", "openai", "tiny")
+    assert first["repos"] == ["acme/api"] and first["snippets"] == ["acme/api:src/a.py:1-20"]
+    assert (first["prompt_tokens"], first["completion_tokens"], first["client"]) == (3, 7, "10.9.8.7")
+    assert first["token_id"].startswith("tok_") and first["latency_ms"] > 0
+    assert first["prompt_text"] is None and first["completion_text"] is None  # no code kept by default
+    assert chat["user"] == "bob" and chat["completion_tokens"] == 4  # counted after the stream ended
+    assert recs[2]["user"] is None
+    rep = trust.log.verify()
+    assert rep.ok and rep.checkpoints >= 1  # the shutdown checkpoint
+
+
+def test_secret_never_reaches_the_database_file(engine, accounts, tokens, audit_home):
+    secret = "AKIA" + "QWERTYUIOPASDFGH"
+    prompt = f"import boto3\nclient = boto3.client('s3', aws_access_key_id='{secret}')\n"
+    with client_for(Settings(audit={"retain_text": True}), accounts) as c:
+        assert c.post("/v1/completions", json={"prompt": prompt}, headers=tokens["alice"]).status_code == 200
+    rec = records(engine)[0]
+    assert "[REDACTED:aws_access_key_id]" in rec["prompt_text"] and rec["detail"]["secrets"] == ["aws_access_key_id"]
+    blob = b"".join(p.read_bytes() for p in audit_home.glob("codemoat.db*"))
+    assert b"boto3.client" in blob  # the retained (redacted) text is there ...
+    assert secret.encode() not in blob  # ... the secret is not
+
+
+def test_prompt_text_not_kept_by_default(engine, accounts, tokens, audit_home):
+    marker = "def very_distinctive_function_name_4711():"
+    with client_for(Settings(), accounts) as c:
+        assert c.post("/v1/completions", json={"prompt": marker}, headers=tokens["alice"]).status_code == 200
+    blob = b"".join(p.read_bytes() for p in audit_home.glob("codemoat.db*"))
+    assert len(records(engine)) == 1 and marker.encode() not in blob
+
+
+def test_block_policy_refuses_secret_prompts(engine, accounts, tokens):
+    token = "ghp_" + "a1B2c3D4e5F6g7H8i9J0k1L2m3N4o5P6q7R8"
+    with client_for(Settings(policy={"secrets": "block"}), accounts) as c:
+        r = c.post("/v1/completions", json={"prompt": f"gh = Github('{token}')"}, headers=tokens["alice"])
+        assert r.status_code == 400 and "github_token on line 1" in r.json()["error"]["message"] and token not in r.text
+        assert c.post("/v1/completions", json={"prompt": "x = 1"}, headers=tokens["alice"]).status_code == 200
+        assert c.app.state.handled == 1
+    assert [(r["status"], r["detail"].get("secrets")) for r in records(engine)] == [(400, ["github_token"]), (200, None)]
+
+
+def test_over_quota_token_gets_429_others_do_not(engine, accounts, tokens):
+    with client_for(Settings(policy={"requests_per_minute": 3}), accounts) as c:
+        for _ in range(3):
+            assert c.post("/v1/completions", json={"prompt": "a"}, headers=tokens["alice"]).status_code == 200
+        r = c.post("/v1/completions", json={"prompt": "a"}, headers=tokens["alice"])
+        assert r.status_code == 429 and 1 <= int(r.headers["Retry-After"]) <= 60
+        assert r.json()["error"]["code"] == "rate_limit_exceeded"
+        assert c.post("/v1/completions", json={"prompt": "a"}, headers=tokens["bob"]).status_code == 200
+        assert c.app.state.handled == 4
+    assert [r["status"] for r in records(engine)] == [200, 200, 200, 429, 200]
+
+
+def test_daily_token_quota_per_user(engine, accounts, tokens):
+    _, second = accounts.create_token("alice-laptop", user="alice")
+    with client_for(Settings(policy={"tokens_per_day": 10}), accounts) as c:
+        assert c.post("/v1/completions", json={"prompt": "a", "max_tokens": 6}, headers=tokens["alice"]).status_code == 200
+        assert c.post("/v1/completions", json={"prompt": "a", "max_tokens": 6}, headers=tokens["alice"]).status_code == 200
+        r = c.post("/v1/completions", json={"prompt": "a"}, headers={"Authorization": f"Bearer {second}"})
+        assert r.status_code == 429 and "daily token quota" in r.json()["error"]["message"]  # same user, other token
+        assert int(r.headers["Retry-After"]) <= 86400
+        assert c.post("/v1/completions", json={"prompt": "a"}, headers=tokens["bob"]).status_code == 200
+    # a restart does not reset the day: the counters are seeded from the audit log
+    with client_for(Settings(policy={"tokens_per_day": 10}), accounts) as c:
+        assert c.post("/v1/completions", json={"prompt": "a"}, headers=tokens["alice"]).status_code == 429
+
+
+def test_unwritable_audit_log_refuses_service(engine, accounts, tokens, audit_home):
+    db = audit_home / "codemoat.db"
+    with client_for(Settings(), accounts) as c:
+        assert c.post("/v1/completions", json={"prompt": "a"}, headers=tokens["alice"]).status_code == 200
+        con = sqlite3.connect(db)
+        con.execute("ALTER TABLE audit_records RENAME TO audit_records_moved")  # the log is gone
+        con.commit()
+        c.app.state.trust.log._probed_at = 0  # skip the 1 s probe cache
+        r = c.post("/v1/completions", json={"prompt": "a"}, headers=tokens["alice"])
+        assert r.status_code == 503 and "audit log" in r.json()["error"]["message"]
+        assert c.app.state.handled == 1  # refused before handling
+        con.execute("ALTER TABLE audit_records_moved RENAME TO audit_records")
+        con.execute("ALTER TABLE audit_head RENAME TO audit_head_moved")  # writable probe passes, the append fails
+        con.commit()
+        c.app.state.trust.log._probed_at = 0
+        r = c.post("/v1/completions", json={"prompt": "a", "max_tokens": 3}, headers=tokens["alice"])
+        assert r.status_code == 503 and "ok ok ok" not in r.text  # handled, but not served unaudited
+        con.execute("ALTER TABLE audit_head_moved RENAME TO audit_head")
+        con.commit()
+        c.app.state.trust.log._probed_at = 0
+        assert c.post("/v1/completions", json={"prompt": "a"}, headers=tokens["alice"]).status_code == 200
+        assert c.get("/metrics").text.count("codemoat_audit_failures_total 2.0") == 1
+    assert [r["status"] for r in records(engine)] == [200, 200]
+    assert c.app.state.trust.log.verify().ok
+
+
+def test_metrics(engine, accounts, tokens):
+    from codemoat.engines.holder import ModelHolder
+
+    with client_for(Settings(), accounts) as c:
+        c.app.state.holder.info.update(lease_state="active", expires_at=__import__("time").time() + 3600)
+        c.post("/v1/completions", json={"prompt": "a b", "max_tokens": 4}, headers=tokens["alice"])
+        text = c.get("/metrics").text
+    assert 'codemoat_requests_total{protocol="openai",route="/v1/completions",status="2xx"} 1.0' in text
+    assert 'codemoat_request_latency_seconds_count{route="/v1/completions"} 1.0' in text
+    assert 'codemoat_tokens_total{kind="completion"} 4.0' in text
+    assert "codemoat_model_loaded 0.0" in text and "codemoat_queue_depth 0.0" in text
+    assert 'codemoat_lease_info{model_state="unloaded",state="active"} 1.0' in text
+    left = float(next(l for l in text.splitlines() if l.startswith("codemoat_license_seconds_left ")).split()[1])
+    assert 3500 < left <= 3600
+    assert isinstance(ModelHolder("x").loaded, bool)
+
+
+def test_admin_api_needs_admin_scope(engine, accounts, tokens):
+    with client_for(Settings(), accounts) as c:
+        c.post("/v1/completions", json={"prompt": "a"}, headers=tokens["alice"])
+        assert c.get("/admin/api/audit", headers=tokens["alice"]).status_code == 403
+        assert c.get("/admin/api/audit").status_code == 401
+        r = c.get("/admin/api/audit", headers=tokens["root"])
+        assert r.status_code == 200 and r.json()["records"][-1]["user"] == "alice"
+        assert c.get("/admin/api/audit/verify", headers=tokens["root"]).json()["ok"] is True
+        users = c.get("/admin/api/users", headers=tokens["root"]).json()["users"]
+        assert {u["name"] for u in users} == {"alice", "bob", "root"}
+        toks = c.get("/admin/api/tokens", headers=tokens["root"]).json()["tokens"]
+        assert {t["user"] for t in toks} == {"alice", "bob", "root"} and not any("hash" in t for t in toks)
+        assert c.get("/admin/api/alerts", headers=tokens["root"]).json()["alerts"] == []
+        assert c.get("/admin/api/outbound", headers=tokens["root"]).json() == {"outbound": []}
+    recs = records(engine)
+    assert [r["status"] for r in recs] == [200, 403, 401, 200, 200, 200, 200, 200, 200]  # admin reads are audited too
+
+
+def test_egress_guard_armed_by_install_and_refusals_audited(engine, accounts, tokens, port):
+    other = socket.socket()
+    other.bind(("127.0.0.1", 0))
+    other.listen(4)
+    blocked = other.getsockname()[1]
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", port))
+    listener.listen(4)
+    try:
+        with client_for(Settings(), accounts) as c:
+            trust = c.app.state.trust
+            assert egress.armed() is trust.guard
+            trust.guard.loopback = False  # stand-in for the internet: loopback is refused unless listed
+            c.app.state.egress_allow.append(f"127.0.0.1:{port}")  # as the lead does for the key server
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+            for _ in range(2):
+                with pytest.raises(EgressBlocked):
+                    socket.create_connection(("127.0.0.1", blocked), timeout=2)
+            trust.guard.loopback = True
+        assert egress.armed() is None  # disarmed at shutdown
+        blocked_recs = records(engine, "egress_blocked")
+        assert [r["detail"]["destination"] for r in blocked_recs] == [f"127.0.0.1:{blocked}"] * 2
+    finally:
+        other.close()
+        listener.close()
