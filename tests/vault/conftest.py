@@ -1,0 +1,103 @@
+"""Fixtures for the vault: a vendor, this machine, a tiny real GGUF, and a real key server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+@pytest.fixture(autouse=True)
+def vault_home(tmp_path, monkeypatch):
+    """A fresh $CODEMOAT_HOME and temp dir for every test."""
+    home = tmp_path / "home"
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setenv("CODEMOAT_HOME", str(home))
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    return home
+
+
+@pytest.fixture(scope="session")
+def gguf_file(tmp_path_factory) -> Path:
+    """A real llama-architecture GGUF (random weights) that llama.cpp loads in milliseconds."""
+    from tinymodel import build_tiny_gguf
+
+    return build_tiny_gguf(tmp_path_factory.mktemp("model") / "tiny.gguf")
+
+
+@pytest.fixture
+def vendor(tmp_path):
+    from codemoat.vault.vendor import Vendor
+
+    v = Vendor.init(tmp_path / "vendor")
+    yield v
+    v.close()
+
+
+@pytest.fixture
+def machine():
+    from codemoat.vault.machine import MachineKey
+
+    return MachineKey.load_or_create()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class KeyServerProcess:
+    """The real key server app under uvicorn in a thread; `stop()` and `start()` it like an outage."""
+
+    def __init__(self, vendor, port: int | None = None, clock=None):
+        self.vendor, self.port, self.clock = vendor, port or free_port(), clock
+        self.server = None
+        self.thread = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "KeyServerProcess":
+        import uvicorn
+
+        from codemoat.serve.keyserver_app import create_app
+
+        cfg = uvicorn.Config(create_app(self.vendor, self.clock), host="127.0.0.1", port=self.port,
+                             log_level="error", access_log=False)
+        self.server = uvicorn.Server(cfg)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        raise RuntimeError("key server did not start")
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.should_exit = True
+            self.thread.join(timeout=10)
+            self.server = None
+
+
+@pytest.fixture
+def keyserver(vendor):
+    ks = KeyServerProcess(vendor).start()
+    yield ks
+    ks.stop()

@@ -1,0 +1,183 @@
+"""The sealed container: round trips, and every kind of damage rejected with a named error."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from codemoat.engines.memfd import MemfdBuffer
+from codemoat.vault.codec import VaultError
+from codemoat.vault.container import PREFIX, TAG_LEN, SealedFile, content_key_id, seal_bytes
+
+CHUNK = 4096
+
+
+def make(tmp_path, data: bytes, key: bytes | None = None, signer=None, name="m.moat"):
+    key = key or os.urandom(32)
+    signer = signer or Ed25519PrivateKey.generate()
+    sealed = seal_bytes(data, tmp_path / name, signing_key=signer, content_key=key, model_id="m", fmt="gguf",
+                        customer="acme", customer_id="c_1", chunk_size=CHUNK)
+    return sealed, key
+
+
+def test_aesgcm_nist_vector():
+    # NIST GCM test vector (gcmEncryptExtIV256.rsp, Count 0, 256-bit key, 96-bit IV, empty PT, empty AAD).
+    key = bytes.fromhex("b52c505a37d78eda5dd34f20c22540ea1b58963cf8e5bf8ffa85f9f2492505b4")
+    iv = bytes.fromhex("516c33929df5a3284ff463d7")
+    assert AESGCM(key).encrypt(iv, b"", b"").hex() == "bdc1ac884d332457a1d2664f168c76f0"
+
+
+@pytest.mark.parametrize("size", [0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 17])
+def test_round_trip_sizes(tmp_path, size):
+    data = os.urandom(size)
+    sealed, key = make(tmp_path, data)
+    reopened = SealedFile(sealed.path)
+    assert reopened.manifest.plaintext_sha256 == hashlib.sha256(data).hexdigest()
+    assert bytes(reopened.decrypt(key)) == data
+    assert reopened.file_size == reopened.payload_offset + size + TAG_LEN * reopened.n_chunks
+
+
+def test_decrypt_into_sealed_memfd(tmp_path):
+    data = os.urandom(5 * CHUNK + 3)
+    sealed, key = make(tmp_path, data)
+    buf = MemfdBuffer(len(data))
+    try:
+        sealed.decrypt_into(key, buf.view)
+        buf.seal()
+        with open(buf.path, "rb") as f:
+            assert f.read() == data
+        with open(buf.path, "r+b", buffering=0) as f, pytest.raises(PermissionError):
+            f.write(b"x")  # F_SEAL_FUTURE_WRITE: no write() and no new writable mapping
+    finally:
+        buf.close()
+
+
+def test_ciphertext_hides_plaintext(tmp_path):
+    data = b"CANARY-0123456789abcdef" * 2000
+    sealed, _ = make(tmp_path, data)
+    raw = sealed.path.read_bytes()
+    assert b"CANARY-0123456789" not in raw
+
+
+def test_wrong_key_refused_before_decrypting(tmp_path):
+    sealed, _ = make(tmp_path, os.urandom(CHUNK * 2))
+    with pytest.raises(VaultError, match="key id differs"):
+        sealed.decrypt(os.urandom(32))
+
+
+def _chunk_offsets(s: SealedFile) -> list[tuple[int, int]]:
+    out, pos = [], s.payload_offset
+    for i in range(s.n_chunks):
+        size = min(CHUNK, s.manifest.plaintext_size - i * CHUNK) + TAG_LEN
+        out.append((pos, size))
+        pos += size
+    return out
+
+
+def test_tampered_chunk_named(tmp_path):
+    sealed, key = make(tmp_path, os.urandom(CHUNK * 3))
+    raw = bytearray(sealed.path.read_bytes())
+    off, _ = _chunk_offsets(sealed)[1]
+    raw[off + 100] ^= 0x01
+    sealed.path.write_bytes(raw)
+    with pytest.raises(VaultError, match="chunk 1 of 3 failed authentication"):
+        SealedFile(sealed.path).decrypt(key)
+
+
+def test_swapped_chunks_rejected(tmp_path):
+    sealed, key = make(tmp_path, os.urandom(CHUNK * 3))
+    raw = bytearray(sealed.path.read_bytes())
+    (a, n), (b, _), _ = _chunk_offsets(sealed)
+    raw[a:a + n], raw[b:b + n] = raw[b:b + n], raw[a:a + n]
+    sealed.path.write_bytes(raw)
+    with pytest.raises(VaultError, match="chunk 0 of 3 failed authentication"):
+        SealedFile(sealed.path).decrypt(key)
+
+
+def test_last_chunk_cannot_pose_as_middle(tmp_path):
+    # Dropping the final chunk and fixing the size in the manifest is impossible (signed); even with the
+    # signer's key, a non-final chunk re-labelled final fails: the final flag is in nonce and AAD.
+    signer = Ed25519PrivateKey.generate()
+    key = os.urandom(32)
+    data = os.urandom(CHUNK * 2)
+    full, _ = make(tmp_path, data, key, signer, "full.moat")
+    short = seal_bytes(data[:CHUNK], tmp_path / "short.moat", signing_key=signer, content_key=key, model_id="m",
+                       fmt="gguf", customer="acme", customer_id="c_1", chunk_size=CHUNK,
+                       file_id=full.manifest.file_id, created=full.manifest.created)
+    raw_full = full.path.read_bytes()
+    raw_short = bytearray(short.path.read_bytes())
+    off, n = _chunk_offsets(full)[0]
+    raw_short[short.payload_offset:] = raw_full[off:off + n]
+    short.path.write_bytes(raw_short)
+    with pytest.raises(VaultError, match="chunk 0 of 1 failed authentication"):
+        SealedFile(short.path).decrypt(key)
+
+
+def test_truncated_and_extended(tmp_path):
+    sealed, key = make(tmp_path, os.urandom(CHUNK * 2))
+    raw = sealed.path.read_bytes()
+    sealed.path.write_bytes(raw[:-1])
+    with pytest.raises(VaultError, match="truncated"):
+        SealedFile(sealed.path)
+    sealed.path.write_bytes(raw + b"\x00")
+    with pytest.raises(VaultError, match="trailing"):
+        SealedFile(sealed.path)
+    sealed.path.write_bytes(raw[:30])
+    with pytest.raises(VaultError, match="truncated"):
+        SealedFile(sealed.path)
+
+
+def test_manifest_edit_breaks_signature(tmp_path):
+    sealed, _ = make(tmp_path, os.urandom(CHUNK))
+    raw = sealed.path.read_bytes()
+    edited = raw.replace(b'"customer":"acme"', b'"customer":"acmf"')
+    assert edited != raw
+    sealed.path.write_bytes(edited)
+    with pytest.raises(VaultError, match="bad signature"):
+        SealedFile(sealed.path)
+
+
+def test_resigned_manifest_still_bound_to_chunks(tmp_path):
+    # An attacker with their own signing key re-signs an edited manifest: the header hash changes,
+    # so every chunk's associated data differs and the first chunk fails.
+    sealed, key = make(tmp_path, os.urandom(CHUNK * 2))
+    raw = sealed.path.read_bytes()
+    _, _, mlen = PREFIX.unpack(raw[:PREFIX.size])
+    other = Ed25519PrivateKey.generate()
+    import json
+
+    from codemoat.vault.codec import b64e, canonical, public_raw, sign
+
+    fields = json.loads(raw[PREFIX.size:PREFIX.size + mlen])
+    fields["customer"] = "evil"
+    fields["vendor_key"] = b64e(public_raw(other.public_key()))
+    manifest = canonical(fields)
+    signed = PREFIX.pack(b"CODEMOAT", 1, len(manifest)) + manifest
+    rebuilt = signed + sign(other, b"codemoat-manifest-v1", signed) + raw[PREFIX.size + mlen + 64:]
+    sealed.path.write_bytes(rebuilt)
+    with pytest.raises(VaultError, match="chunk 0 of 2 failed authentication"):
+        SealedFile(sealed.path).decrypt(key)
+
+
+def test_bad_magic_and_version(tmp_path):
+    sealed, _ = make(tmp_path, os.urandom(10))
+    raw = bytearray(sealed.path.read_bytes())
+    bad = bytes(raw)
+    sealed.path.write_bytes(b"GGUF" + bad[4:])
+    with pytest.raises(VaultError, match="bad magic"):
+        SealedFile(sealed.path)
+    raw[8:10] = struct.pack(">H", 2)
+    sealed.path.write_bytes(raw)
+    with pytest.raises(VaultError, match="version 2 is not supported"):
+        SealedFile(sealed.path)
+
+
+def test_key_id_is_a_commitment():
+    k = os.urandom(32)
+    assert content_key_id(k) == content_key_id(bytes(k))
+    assert content_key_id(k) != content_key_id(os.urandom(32))
