@@ -1,0 +1,112 @@
+"""`codemoat audit verify|export|outbound|alerts`: read and check the tamper-evident audit log."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .apps import audit_app
+from .common import JsonFlag, console, emit
+
+ConfigOpt = Annotated[Path | None, typer.Option(help="TOML configuration file.", envvar="CODEMOAT_CONFIG")]
+
+
+def _log(config: Path | None):
+    from .. import paths
+    from ..audit.log import AuditLog, head_file_for
+    from ..config import load_settings
+    from ..db import open_db
+
+    s = load_settings(config)
+    url = s.database_url or paths.db_url()
+    return AuditLog(open_db(url), checkpoint_every=s.audit.checkpoint_every, head_file=head_file_for(url, paths.home()))
+
+
+@audit_app.command("verify")
+def audit_verify(*, config: ConfigOpt = None, as_json: JsonFlag = False) -> None:
+    """Check every record, checkpoint and signature; name the first bad record and exit 1 if any."""
+    rep = _log(config).verify()
+
+    def human(r):
+        if r["ok"]:
+            console.print(f"[green]audit log OK[/green]: {r['records']} records, {r['checkpoints']} signed checkpoints, "
+                          f"head at record {r['head_seq'] or 0} (audit key {r['key_id'] or 'none yet'})", highlight=False)
+        else:
+            console.print(f"[red]audit log FAILED at record {r['first_bad']}[/red]: {r['problem']}", highlight=False, soft_wrap=True)
+
+    emit(rep.to_dict(), as_json, human)
+    if not rep.ok:
+        raise typer.Exit(1)
+
+
+@audit_app.command("export")
+def audit_export(
+    *,
+    since: Annotated[str | None, typer.Option(help="Only records from this time: ISO (2026-11-28T10:00) or a duration back (15m, 2h, 7d).")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="jsonl or csv.")] = "jsonl",
+    kind: Annotated[str | None, typer.Option(help="Only records of this kind (request, alert, egress_blocked).")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write to this file instead of standard output.")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Export records, with their hashes, as JSON lines or CSV."""
+    from ..audit.log import parse_since
+
+    start = parse_since(since)
+    log = _log(config)
+    if fmt not in ("jsonl", "csv"):
+        from ..errors import CodemoatError
+
+        raise CodemoatError(f"unknown export format {fmt!r}: use jsonl or csv")
+    out = open(output, "w", encoding="utf-8", newline="") if output else sys.stdout
+    try:
+        for chunk in log.export(fmt, since=start, kind=kind):
+            out.write(chunk)
+    finally:
+        if output:
+            out.close()
+
+
+@audit_app.command("outbound")
+def audit_outbound(*, as_json: JsonFlag = False) -> None:
+    """Show, verbatim, every payload this machine has sent off it (license heartbeats)."""
+    from ..audit.outbound import outbound_file, read_outbound
+
+    rows = read_outbound()
+
+    def human(rs):
+        if not rs:
+            console.print(f"nothing has been sent off this machine ({outbound_file()} does not exist or is empty)", highlight=False)
+            return
+        for r in rs:
+            if "raw" in r:
+                console.print(f"line {r['line']} (not JSON): {r['raw']}", highlight=False, markup=False)
+                continue
+            status = "sending" if r.get("status") is None else f"status {r['status']}"
+            console.print(f"{r.get('time')}  {r.get('method')} {r.get('destination')}  {status}", highlight=False, markup=False)
+            if r.get("body") is not None:
+                console.print(f"  {r['body']}", highlight=False, markup=False, soft_wrap=True)
+        console.print(f"{len(rs)} lines in {outbound_file()}", highlight=False)
+
+    emit(rows, as_json, human)
+
+
+@audit_app.command("alerts")
+def audit_alerts(*, config: ConfigOpt = None, as_json: JsonFlag = False) -> None:
+    """List the distillation alarms raised (newest first)."""
+    rows = list(_log(config).records(kind="alert", newest_first=True))
+
+    def human(rs):
+        if not rs:
+            console.print("no alerts", highlight=False)
+            return
+        for r in rs:
+            d, s = r["detail"], r["detail"].get("signals", {})
+            console.print(f"record {r['seq']}  {r['time'][:19]}  user {r['user']}: {', '.join(d.get('reasons', []))}  "
+                          f"(requests in window {s.get('requests', '?')}, novelty {s.get('novelty', '?')}, "
+                          f"mean tokens {s.get('mean_completion_tokens', '?')}, accept rate {s.get('accept_rate', '?')})",
+                          highlight=False, markup=False, soft_wrap=True)
+
+    emit(rows, as_json, human)

@@ -1,0 +1,61 @@
+"""`codemoat audit …` commands, driven through the real CLI app."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+from typer.testing import CliRunner
+
+from codemoat.cli.main import app
+
+runner = CliRunner()
+
+
+def fill(audit_log, n=12):
+    for i in range(n):
+        audit_log.append(user="alice", token_id="tok_1", route="/v1/completions", protocol="openai", status=200, completion_tokens=i)
+
+
+def test_verify_ok_then_fails_naming_the_record(audit_log, audit_home):
+    fill(audit_log)
+    r = runner.invoke(app, ["audit", "verify"])
+    assert r.exit_code == 0 and "audit log OK" in r.output and "12 records" in r.output
+    con = sqlite3.connect(audit_home / "codemoat.db")
+    con.execute("UPDATE audit_records SET user = 'mallory' WHERE seq = 5")
+    con.commit()
+    r = runner.invoke(app, ["audit", "verify"])
+    assert r.exit_code == 1 and "FAILED at record 5" in r.output
+    r = runner.invoke(app, ["audit", "verify", "--json"])
+    assert r.exit_code == 1 and json.loads(r.output)["first_bad"] == 5
+
+
+def test_export(audit_log, tmp_path):
+    fill(audit_log, 3)
+    r = runner.invoke(app, ["audit", "export"])
+    lines = r.output.strip().splitlines()
+    assert r.exit_code == 0 and len(lines) == 3 and json.loads(lines[2])["completion_tokens"] == 2
+    out = tmp_path / "a.csv"
+    r = runner.invoke(app, ["audit", "export", "--format", "csv", "--since", "1h", "-o", str(out)])
+    assert r.exit_code == 0 and len(out.read_text().splitlines()) == 4
+    assert runner.invoke(app, ["audit", "export", "--since", "2999-01-01"]).output == ""
+    r = runner.invoke(app, ["audit", "export", "--format", "xml"])
+    assert r.exit_code != 0
+
+
+def test_outbound_shows_payloads_verbatim(audit_home):
+    assert "nothing has been sent" in runner.invoke(app, ["audit", "outbound"]).output
+    body = '{"license":"lic_1","machine":"m_2","nonce":"n3"}'
+    line = {"id": "r1", "time": "2026-11-28T10:00:00Z", "destination": "https://keys.vendor.example/v1/lease", "method": "POST", "body": body, "status": None}
+    (audit_home / "outbound.jsonl").write_text(json.dumps(line) + "\n" + json.dumps(dict(line, body=None, status=200)) + "\n")
+    r = runner.invoke(app, ["audit", "outbound"])
+    assert r.exit_code == 0 and body in r.output and "https://keys.vendor.example/v1/lease" in r.output and "status 200" in r.output
+    assert json.loads(runner.invoke(app, ["audit", "outbound", "--json"]).output)[0]["body"] == body
+
+
+def test_alerts(audit_log):
+    assert "no alerts" in runner.invoke(app, ["audit", "alerts"]).output
+    audit_log.append("alert", user="mallory", detail={"reasons": ["volume", "novelty"], "signals": {"requests": 1500}})
+    r = runner.invoke(app, ["audit", "alerts"])
+    assert r.exit_code == 0 and "mallory" in r.output and "volume, novelty" in r.output
+    assert json.loads(runner.invoke(app, ["audit", "alerts", "--json"]).output)[0]["user"] == "mallory"
