@@ -1,0 +1,195 @@
+"""Sealed models served for real: seal → license → open_sealed → completion, in memory only; leases unload and reload."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from codemoat.config import load_settings
+from codemoat.engines.base import SamplingParams
+from codemoat.engines.sealed import is_dumpable, open_sealed
+from codemoat.errors import Unavailable
+from codemoat.vault.clock import ManualClock
+from codemoat.vault.codec import VaultError
+from conftest import KeyServerProcess
+from vaulthelp import bundle
+
+GREEDY = SamplingParams(max_tokens=8, temperature=0.0)
+
+
+def complete(holder, prompt="def add(a, b):\n") -> str:
+    return asyncio.run(holder.get().complete(prompt, GREEDY)).text
+
+
+def wait_for(cond, seconds=10.0) -> bool:
+    end = time.time() + seconds
+    while time.time() < end:
+        if cond():
+            return True
+        time.sleep(0.01)
+    return cond()
+
+
+def canaries(plain: bytes, n: int = 6) -> list[bytes]:
+    """Distinctive 32-byte slices of the plaintext (weights are random: each occurs once)."""
+    step = len(plain) // (n + 1)
+    return [plain[i * step: i * step + 32] for i in range(1, n + 1)]
+
+
+def scan_for(paths: list[Path], needles: list[bytes]) -> list[str]:
+    hits = []
+    for root in paths:
+        for dirpath, _, files in os.walk(root):
+            for f in files:
+                p = Path(dirpath) / f
+                try:
+                    data = p.read_bytes()
+                except OSError:
+                    continue
+                hits += [f"{p}" for n in needles if n in data]
+    return hits
+
+
+def test_offline_serve_round_trip_in_memory(vendor, machine, gguf_file, tmp_path, vault_home):
+    from codemoat.engines.llamacpp import LlamaCppEngine
+
+    moat, lic, doc = bundle(vendor, gguf_file, tmp_path / "out", machine)
+    settings = load_settings(**{"model.n_ctx": 256, "model.n_threads": 1})
+    holder = open_sealed(moat, lic, settings=settings)
+    try:
+        sealed_text = complete(holder)
+        plain = LlamaCppEngine.from_path(gguf_file, n_ctx=256, n_threads=1)
+        try:
+            assert sealed_text == asyncio.run(plain.complete("def add(a, b):\n", GREEDY)).text
+        finally:
+            plain.close()
+        info = holder.info
+        assert info["license_id"] == doc["license"]["id"] and info["customer"] == "acme"
+        assert info["lease_state"] == "offline" and info["egress_allow"] == []
+        assert info["watermark_key"] == vendor.find_customer("acme").watermark_secret
+        assert set(info["features"]) == {"complete", "chat", "index"} and info["seconds_until_expiry"] > 86400
+        assert info["non_dumpable"] and not is_dumpable()
+        eng = holder.get()
+        assert eng._memfd is not None and eng._memfd.sealed
+        maps = Path("/proc/self/maps").read_text()
+        assert "/memfd:codemoat-tiny (deleted)" in maps or eng._memfd.path.startswith("/proc/self/fd/")
+        # Canary: the plaintext is in no file under the data dir, the temp dir or beside the model.
+        needles = canaries(gguf_file.read_bytes())
+        assert scan_for([vault_home, Path(tempfile.gettempdir()), tmp_path / "out"], needles) == []
+        buf = eng._memfd
+        holder.unload("test")
+        assert buf.fd == -1  # closed (and zeroed) with the engine
+        with pytest.raises(Unavailable, match="test"):
+            holder.get()
+    finally:
+        holder.close()
+
+
+def test_refusal_loads_nothing(vendor, machine, gguf_file, tmp_path):
+    moat, lic, doc = bundle(vendor, gguf_file, tmp_path / "out", machine)
+    raw = bytearray(moat.read_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    bad = tmp_path / "bad.moat"
+    bad.write_bytes(raw)
+    with pytest.raises(VaultError, match=r"chunk \d+ of \d+ failed authentication"):
+        open_sealed(bad, lic, settings=load_settings(**{"model.n_ctx": 256, "model.n_threads": 1}))
+    doc["license"]["features"].append("admin")
+    forged = tmp_path / "forged.lic"
+    forged.write_text(json.dumps(doc))
+    with pytest.raises(VaultError, match="bad signature"):
+        open_sealed(moat, forged)
+
+
+def test_offline_license_expiry_unloads_while_serving(vendor, machine, gguf_file, tmp_path):
+    moat, lic, doc = bundle(vendor, gguf_file, tmp_path / "out", machine, days=1)
+    clock = ManualClock()
+    holder = open_sealed(moat, lic, settings=load_settings(**{"model.n_ctx": 256, "model.n_threads": 1}), clock=clock)
+    try:
+        assert holder.loaded
+        clock.set_wall(doc["license"]["expires"] + 1)
+        assert wait_for(lambda: not holder.loaded)
+        with pytest.raises(Unavailable, match="expired"):
+            holder.get()
+    finally:
+        holder.close()
+
+
+def test_lease_serving_outage_grace_revoke(vendor, machine, gguf_file, tmp_path):
+    ks = KeyServerProcess(vendor).start()
+    clock = ManualClock()
+    moat, lic, doc = bundle(vendor, gguf_file, tmp_path / "out", machine, mode="lease", keyserver=ks.url,
+                            lease_ttl=20, grace=10)
+    holder = open_sealed(moat, lic, settings=load_settings(**{"model.n_ctx": 256, "model.n_threads": 1}), clock=clock)
+    try:
+        assert complete(holder)
+        assert holder.info["egress_allow"] == [f"127.0.0.1:{ks.port}"]
+        assert holder.info["lease_state"] == "held" and holder.info["seats_used"] == 1
+        keeper = holder.keeper
+        clock.advance(10)  # half the TTL: renewed
+        assert wait_for(lambda: keeper.renewals == 1)
+        t0 = keeper.lease.sent_at
+        ks.stop()
+        clock.advance(t0 + 29 - clock.monotonic())  # within TTL + grace: still serving
+        time.sleep(0.3)
+        assert holder.loaded and complete(holder)
+        assert wait_for(lambda: holder.info["lease_state"] == "renewing")
+        clock.advance(2)  # t0 + 31: past TTL + grace
+        assert wait_for(lambda: not holder.loaded)
+        with pytest.raises(Unavailable, match="could not be renewed"):
+            holder.get()
+        ks.start()  # the key server is back: the next renewal loads the model again
+        assert wait_for(lambda: clock.advance(1) or holder.loaded, 20)
+        assert complete(holder)
+        vendor.revoke(doc["license"]["id"])
+        clock.advance(10)  # next renewal refused: unloaded at once, no grace
+        assert wait_for(lambda: not holder.loaded)
+        with pytest.raises(Unavailable, match="revoked"):
+            holder.get()
+    finally:
+        holder.close()
+        ks.stop()
+
+
+def test_fingerprinted_seal_when_available(vendor, machine, gguf_file, tmp_path):
+    fp = pytest.importorskip("codemoat.trace.fingerprint")
+    moat = tmp_path / "fp.moat"
+    sealed = vendor.seal(gguf_file, "acme", moat, fingerprint=fp.fingerprint_model)
+    assert sealed.manifest.fingerprinted
+    key = vendor.content_key(sealed.manifest.file_id)
+    assert bytes(sealed.decrypt(key)) != gguf_file.read_bytes()  # the customer's copy differs
+
+
+def test_safetensors_round_trip(vendor, machine, tmp_path):
+    pytest.importorskip("torch")
+    micro = pytest.importorskip("codemoat.train.micro")
+    import torch
+
+    torch.set_num_threads(1)
+    hf = micro.build_micro_gguf(tmp_path / "micro", seed=0).with_suffix(".hf")
+    moat, lic, _ = bundle(vendor, hf, tmp_path / "out", machine)
+    from codemoat.vault.container import SealedFile
+
+    assert SealedFile(moat).manifest.format == "safetensors"
+    holder = open_sealed(moat, lic, settings=load_settings(**{"model.n_ctx": 128, "model.n_threads": 1}))
+    try:
+        from codemoat.engines.transformers_engine import TransformersEngine
+
+        plain = TransformersEngine.from_dir(hf, n_threads=1)
+        try:
+            prompt = "def add(a, b):\n"
+            assert complete(holder, prompt) == asyncio.run(plain.complete(prompt, GREEDY)).text
+        finally:
+            plain.close()
+        needles = canaries((hf / "model.safetensors").read_bytes())
+        assert scan_for([Path(tempfile.gettempdir()), tmp_path / "out"], needles) == []
+    finally:
+        holder.close()
+    out = tmp_path / "unsealed"
+    vendor.unseal(moat, out)
+    assert (out / "model.safetensors").read_bytes() == (hf / "model.safetensors").read_bytes()
