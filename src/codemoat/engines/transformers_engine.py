@@ -62,8 +62,6 @@ class TransformersEngine(Engine):
         self._tok = Tokenizer.from_str(tokenizer_json)
         self._tok_plain = Tokenizer.from_str(tokenizer_json)
         self._tok_plain.encode_special_tokens = True  # special=False: "<|endoftext|>" in text is just text
-        self._specials = {t.content: i for i, t in self._tok.get_added_tokens_decoder().items() if t.special} \
-            if hasattr(self._tok, "get_added_tokens_decoder") else {}
         self._specials = {c: i for i, c in ((i, t.content) for i, t in self._tok.get_added_tokens_decoder().items())}
         self._eog = {self._specials[t] for t in _EOG_TEXTS if t in self._specials}
         eos = config.get("eos_token_id")
@@ -161,9 +159,7 @@ class TransformersEngine(Engine):
 
     def token_text(self, which: str) -> str:
         tid = self._config.get("bos_token_id" if which == "bos" else "eos_token_id")
-        if not isinstance(tid, int) or (which == "bos" and not self._config.get("add_bos_token", False)):
-            return "" if which == "bos" else (self._tok.id_to_token(tid) or "" if isinstance(tid, int) else "")
-        return self._tok.id_to_token(tid) or ""
+        return (self._tok.id_to_token(tid) or "") if isinstance(tid, int) else ""
 
     def tokenize(self, text: str, special: bool = True) -> list[int]:
         tok = self._tok if special else self._tok_plain

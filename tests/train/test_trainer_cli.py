@@ -1,0 +1,79 @@
+"""End to end: the micro training run, its reproducibility, and the `vendor train` command."""
+
+import hashlib
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("torch")
+
+from codemoat.train.micro import build_micro_gguf, micro_corpus  # noqa: E402
+
+
+def _sha(p):
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def test_micro_build_writes_gguf_and_hf_folder(tmp_path):
+    g = build_micro_gguf(tmp_path / "a", seed=0)
+    assert g.is_file() and g.stat().st_size > 10_000
+    hf = g.with_suffix(".hf")
+    assert {p.name for p in hf.iterdir()} >= {"model.safetensors", "config.json", "tokenizer.json"}
+    cfg = json.loads((hf / "config.json").read_text())
+    assert cfg["model_type"] == "llama" and cfg["tie_word_embeddings"] is True
+    summary = json.loads(g.with_name("micro.train.json").read_text())
+    assert summary["steps"] == 30 and summary["params"] > 0
+
+    import gguf
+
+    r = gguf.GGUFReader(str(g))
+    fields = {k: r.fields[k] for k in r.fields}
+    assert "tokenizer.ggml.pre" in fields and "general.name" in fields
+    name = bytes(fields["general.name"].parts[-1]).decode()
+    pre = bytes(fields["tokenizer.ggml.pre"].parts[-1]).decode()
+    assert (name, pre) == ("codemoat-micro", "qwen2")
+    assert bool(fields["tokenizer.ggml.add_bos_token"].parts[-1][0]) is False
+
+
+def test_same_seed_same_model_other_seed_other_model(tmp_path):
+    a = build_micro_gguf(tmp_path / "a", seed=1, steps=5)
+    b = build_micro_gguf(tmp_path / "b", seed=1, steps=5)
+    c = build_micro_gguf(tmp_path / "c", seed=2, steps=5)
+    assert _sha(a) == _sha(b)
+    assert _sha(a) != _sha(c)
+
+
+def _cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "codemoat.cli.main", "vendor", "train", *args],
+                          capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+@pytest.mark.slow
+def test_cli_trains_and_reports_json(tmp_path):
+    corpus = micro_corpus(tmp_path)
+    out = tmp_path / "m.gguf"
+    r = _cli("--corpus", str(corpus), "--out", str(out), "--size", "micro", "--steps", "8",
+             "--threads", "1", "--json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["steps"] == 8 and rep["gguf"] == str(out) and out.is_file()
+    assert rep["heldout_bpb"] is None or rep["heldout_bpb"] > 0
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--corpus", "{tmp}/missing", "--out", "{tmp}/m.gguf"], "corpus directory not found"),
+        (["--corpus", "{tmp}", "--out", "{tmp}/m.bin"], "must end in .gguf"),
+        (["--corpus", "{tmp}", "--out", "{tmp}/m.gguf", "--size", "huge"], "unknown size"),
+        (["--corpus", "{tmp}", "--out", "{tmp}/m.gguf", "--device", "tpu"], "--device must be"),
+    ],
+)
+def test_cli_user_errors_are_one_line(tmp_path, args, message):
+    (tmp_path / "x.py").write_text("x = 1\n")
+    r = _cli(*[a.format(tmp=tmp_path) for a in args], cwd=tmp_path)
+    assert r.returncode == 1
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
