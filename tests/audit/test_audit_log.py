@@ -214,3 +214,20 @@ def test_export_formats_and_filters(audit_log):
         list(audit_log.export("xml"))
     with pytest.raises(CodemoatError):
         parse_since("yesterday-ish")
+
+
+def test_head_file_rollback_detected(audit_log, audit_home, db_file, db_url):
+    """Dropping the last record and putting back the previous signed head from the file's other slot fails."""
+    fill(audit_log, 6)
+    hf = head_file_for(db_url, audit_home)
+    raw = hf.read_bytes()
+    older = json.loads(raw[512:1024] if json.loads(raw[:512])["seq"] == 6 else raw[:512])
+    assert older["seq"] == 5
+    sql(db_file, "DELETE FROM audit_records WHERE seq = 6")
+    sql(db_file, "UPDATE audit_head SET seq=?, hash=?, ts_us=?, signature=? WHERE id=1", older["seq"], older["hash"], older["ts_us"], older["signature"])
+    rep = audit_log.verify()
+    assert not rep.ok and rep.first_bad == 6 and "head file" in rep.problem
+    slot6 = 0 if json.loads(raw[:512])["seq"] == 6 else 512
+    hf.write_bytes(raw[:slot6] + b"x" * 512 + raw[slot6 + 512:])  # and damage the newer slot too
+    rep = audit_log.verify()
+    assert not rep.ok and "damaged" in rep.problem
