@@ -7,24 +7,6 @@ import socket
 import pytest
 
 
-def _versions_dirs_fix() -> None:
-    """codemoat.db (at the time of writing) points Alembic at `<pkg>/migrations`, while revisions live
-    in `<pkg>/migrations/versions/` as CONTRIBUTING.md says; until db.py looks there, point it there."""
-    from pathlib import Path
-
-    from codemoat import db
-
-    root = Path(db.__file__).parent
-    probe = db.migration_dirs(("audit",))
-    if probe and not list(Path(probe[0]).glob("*.py"))[1:] and (Path(probe[0]) / "versions").is_dir():
-        orig = db.migration_dirs
-        db.migration_dirs = lambda packages: [d + "/versions" if (Path(d) / "versions").is_dir() else d for d in orig(packages)]
-    del root
-
-
-_versions_dirs_fix()
-
-
 @pytest.fixture(autouse=True)
 def audit_home(tmp_path, monkeypatch):
     h = tmp_path / "home"
