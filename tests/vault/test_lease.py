@@ -49,6 +49,11 @@ def test_lease_round_trip_and_outbound_log(vendor, machine, model, tmp_path, key
     assert set(req) == {"license_id", "machine_id", "nonce", "client_time", "signature"}
     # the log line was written before the request left: its id precedes its answer's
     assert [l["id"] for l in lines] == [sent[0]["id"], sent[0]["id"], sent[1]["id"], sent[1]["id"]]
+    # a renewal is one round trip, on the nonce the last answer handed out
+    client.acquire()
+    lines = [json.loads(l) for l in outbound_path().read_text().splitlines()]
+    assert len(lines) == 6 and lines[4]["destination"] == keyserver.url + "/v1/lease"
+    assert json.loads(lines[4]["body"])["nonce"] != req["nonce"]
     client.close()
 
 

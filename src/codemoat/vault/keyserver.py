@@ -24,12 +24,25 @@ import sqlalchemy as sa
 from .clock import Clock
 from .codec import VaultError, b64d, b64e, canonical, ed_public, sign, verify, wrap, x_public
 from .license import key_context
-from .vendor import Vendor, leases_t, licenses_t
+from .vendor import Vendor, leases_t
 
 NONCE_TTL = 60.0
 REQUEST_DOMAIN = b"codemoat-lease-request-v1"
 ANSWER_DOMAIN = b"codemoat-lease-v1"
 REQUEST_FIELDS = ("license_id", "machine_id", "nonce", "client_time")
+
+
+# Plain SQL (portable between SQLite and PostgreSQL): a lease is a hot path, and building
+# SQLAlchemy expressions per request cost more than the cryptography.
+_RENEW = sa.text("UPDATE vault_leases SET expires = :exp, renewed_at = :now, renewals = renewals + 1 "
+                 "WHERE license_id = :lid AND machine_id = :mid AND expires > :now")
+_COUNT_LIVE = sa.text("SELECT count(*) FROM vault_leases WHERE license_id = :lid AND expires > :now")
+_LOCK_LICENSE = sa.text("UPDATE vault_licenses SET lease_gen = lease_gen + 1 WHERE id = :lid")
+_DROP_EXPIRED = sa.text("DELETE FROM vault_leases WHERE license_id = :lid AND expires <= :now")
+_INSERT = sa.text("INSERT INTO vault_leases (license_id, machine_id, expires, renewed_at, renewals) "
+                  "VALUES (:lid, :mid, :exp, :now, 0)")
+_LICENSE_STATE = sa.text("SELECT revoked_at, expires, not_before, seats, lease_ttl, grace FROM vault_licenses "
+                         "WHERE id = :lid")
 
 
 class LeaseDenied(VaultError):
@@ -69,16 +82,19 @@ class KeyServer:
         self._wm: dict[str, bytes] = {}
 
     # -- nonces -------------------------------------------------------------
-    def challenge(self, license_id: Any) -> dict[str, Any]:
-        if not isinstance(license_id, str) or not license_id:
-            raise LeaseDenied("bad_request", "license_id is required", 400)
+    def _new_nonce(self, license_id: str, ttl: float) -> str:
         nonce = b64e(secrets.token_bytes(32))
         now = self.clock.monotonic()
         with self._nonce_lock:
-            if len(self._nonces) > 10_000:
+            if len(self._nonces) > 100_000:
                 self._nonces = {n: v for n, v in self._nonces.items() if v[1] > now}
-            self._nonces[nonce] = (license_id, now + NONCE_TTL)
-        return {"nonce": nonce, "expires_in": NONCE_TTL}
+            self._nonces[nonce] = (license_id, now + ttl)
+        return nonce
+
+    def challenge(self, license_id: Any) -> dict[str, Any]:
+        if not isinstance(license_id, str) or not license_id:
+            raise LeaseDenied("bad_request", "license_id is required", 400)
+        return {"nonce": self._new_nonce(license_id, NONCE_TTL), "expires_in": NONCE_TTL}
 
     def _spend_nonce(self, nonce: str, license_id: str) -> None:
         with self._nonce_lock:
@@ -128,7 +144,8 @@ class KeyServer:
         except VaultError:
             raise LeaseDenied("bad_signature", "lease request is not signed by the licensed machine's key", 401) from None
         now = self.clock.time()
-        row = self.vendor.license_row(lid)
+        with self.vendor.engine.connect() as c:
+            row = c.execute(_LICENSE_STATE, {"lid": lid}).first()
         if row.revoked_at:
             raise LeaseDenied("revoked", f"license {lid} was revoked")
         if now >= row.expires:
@@ -138,34 +155,33 @@ class KeyServer:
         ttl = min(row.lease_ttl, max(1, int(row.expires - now)))
         used = self._take_seat(lid, mid, row.seats, now, ttl)
         rcpt = x_public(entry["x25519"], "machine x25519 key")
-        nonce_raw = b64d(req["nonce"])
+        # One wrap carries both keys: the content key, then the watermark key when the license has one.
+        secret = self._content_key(lic.file_id)
+        if lic.doc.get("watermark"):
+            secret += self._watermark_key(lic.customer_id)
         body = {
             "license_id": lid, "machine_id": mid, "nonce": req["nonce"], "server_time": int(now),
             "ttl": ttl, "grace": row.grace, "seats": row.seats, "seats_used": used,
-            "content_key": wrap(rcpt, self._content_key(lic.file_id), key_context("lease-content-key", lid, nonce_raw)),
-            "watermark_key": (wrap(rcpt, self._watermark_key(lic.customer_id),
-                                   key_context("lease-watermark-key", lid, nonce_raw))
-                              if lic.doc.get("watermark") else None),
+            "keys": wrap(rcpt, secret, key_context("lease-keys", lid, b64d(req["nonce"]))),
+            # The nonce for this machine's next renewal: one round trip per heartbeat, still server-chosen.
+            "next_nonce": self._new_nonce(lid, ttl + row.grace + NONCE_TTL),
         }
         return {"lease": body, "signature": b64e(sign(self.vendor.keyserver_key, ANSWER_DOMAIN, canonical(body)))}
 
     def _take_seat(self, lid: str, mid: str, seats: int, now: float, ttl: int) -> int:
         """Renew this machine's seat or take a free one; seats in use after, or `seats_exhausted`."""
-        lt = leases_t
+        p = {"lid": lid, "mid": mid, "now": now, "exp": now + ttl}
         with self._seat_lock, self.vendor.engine.begin() as c:
-            c.execute(licenses_t.update().where(licenses_t.c.id == lid).values(lease_gen=licenses_t.c.lease_gen + 1))
-            c.execute(lt.delete().where(lt.c.license_id == lid, lt.c.expires <= now))
-            mine = c.execute(sa.select(lt.c.renewals).where(lt.c.license_id == lid, lt.c.machine_id == mid)).first()
-            if mine is not None:
-                c.execute(lt.update().where(lt.c.license_id == lid, lt.c.machine_id == mid)
-                          .values(expires=now + ttl, renewed_at=now, renewals=lt.c.renewals + 1))
-            else:
-                held = c.execute(sa.select(sa.func.count()).select_from(lt).where(lt.c.license_id == lid)).scalar_one()
-                if held >= seats:
-                    raise LeaseDenied("seats_exhausted", f"all {seats} seats of license {lid} are in use", 409)
-                c.execute(lt.insert().values(license_id=lid, machine_id=mid, expires=now + ttl, renewed_at=now,
-                                             renewals=0))
-            return c.execute(sa.select(sa.func.count()).select_from(lt).where(lt.c.license_id == lid)).scalar_one()
+            # Fast path, a renewal of a live seat: the number of seats in use does not change.
+            if c.execute(_RENEW, p).rowcount:
+                return c.execute(_COUNT_LIVE, p).scalar_one()
+            c.execute(_LOCK_LICENSE, p)  # the row's write lock: seat allocations serialise
+            c.execute(_DROP_EXPIRED, p)  # including this machine's own lapsed seat: it competes again
+            held = c.execute(_COUNT_LIVE, p).scalar_one()
+            if held >= seats:
+                raise LeaseDenied("seats_exhausted", f"all {seats} seats of license {lid} are in use", 409)
+            c.execute(_INSERT, p)
+            return held + 1
 
     def release(self, req: Any) -> dict[str, Any]:
         """Give a seat back (a server shutting down); authenticated like a lease request."""

@@ -36,12 +36,22 @@ OUTBOUND = "outbound.jsonl"
 _log_lock = threading.Lock()
 
 
+_log_files: dict[Path, Any] = {}
+
+
 def record_outbound(destination: str, method: str, body: str | None, status: int | None, rid: str) -> None:
-    """Append one line to the customer's outbound log (what was sent, or the status it got)."""
+    """Append one line to the customer's outbound log (what was sent, or the status it got).
+
+    The line is flushed to the file before this returns, so a request is on record before it leaves."""
     line = json.dumps({"id": rid, "time": iso(time.time()), "destination": destination, "method": method,
                        "body": body, "status": status}, ensure_ascii=False)
-    with _log_lock, open(paths.home() / OUTBOUND, "a", encoding="utf-8") as f:
+    path = paths.home() / OUTBOUND
+    with _log_lock:
+        f = _log_files.get(path)
+        if f is None or f.closed:
+            f = _log_files[path] = open(path, "a", encoding="utf-8")
         f.write(line + "\n")
+        f.flush()
 
 
 class Unreachable(VaultError):
@@ -76,6 +86,7 @@ class LeaseClient:
         self.url = lic.lease["url"].rstrip("/")
         self.server_key = ed_public(lic.lease["server_key"], "key server public key")
         self._http = httpx.Client(timeout=timeout, transport=transport, trust_env=False)
+        self._next_nonce: str | None = None
 
     @property
     def destination(self) -> str:
@@ -116,14 +127,28 @@ class LeaseClient:
         req["signature"] = b64e(sign(self.machine.ed25519, domain, request_message(req)))
         return req
 
-    def acquire(self) -> Lease:
-        """Take or renew this machine's lease; raises `LeaseDenied`, `Unreachable` or `VaultError`."""
-        sent_at = self.clock.monotonic()
-        ch = self._post("/v1/lease/challenge", {"license_id": self.lic.id})
-        nonce = ch.get("nonce")
+    def _challenge(self) -> str:
+        nonce = self._post("/v1/lease/challenge", {"license_id": self.lic.id}).get("nonce")
         if not isinstance(nonce, str):
             raise VaultError("key server challenge has no nonce")
-        ans = self._post("/v1/lease", self._signed_request(nonce, REQUEST_DOMAIN))
+        return nonce
+
+    def acquire(self) -> Lease:
+        """Take or renew this machine's lease; raises `LeaseDenied`, `Unreachable` or `VaultError`.
+
+        A renewal uses the nonce the previous answer handed out (one round trip); the first
+        lease, or one after the server forgot that nonce (restart), asks for a challenge."""
+        sent_at = self.clock.monotonic()
+        nonce, self._next_nonce = self._next_nonce, None
+        if nonce is None:
+            nonce = self._challenge()
+        try:
+            ans = self._post("/v1/lease", self._signed_request(nonce, REQUEST_DOMAIN))
+        except LeaseDenied as e:
+            if e.code != "bad_nonce":
+                raise
+            nonce = self._challenge()
+            ans = self._post("/v1/lease", self._signed_request(nonce, REQUEST_DOMAIN))
         body = ans.get("lease")
         if not isinstance(body, dict):
             raise VaultError("key server answer has no lease")
@@ -131,15 +156,13 @@ class LeaseClient:
                "key server answer")
         if body.get("nonce") != nonce or body.get("license_id") != self.lic.id or body.get("machine_id") != self.machine.id:
             raise VaultError("key server answer is for another request (replayed)")
-        nonce_raw = b64d(nonce)
-        key = unwrap(self.machine.x25519, body.get("content_key"), key_context("lease-content-key", self.lic.id, nonce_raw),
-                     "leased content key")
+        keys = unwrap(self.machine.x25519, body.get("keys"), key_context("lease-keys", self.lic.id, b64d(nonce)),
+                      "leased keys")
+        key, wm = keys[:32], (keys[32:64] if len(keys) >= 64 else None)
         if content_key_id(key) != self.lic.model["key_id"]:
             raise VaultError("leased content key does not open the licensed model")
-        wm = None
-        if body.get("watermark_key") is not None:
-            wm = unwrap(self.machine.x25519, body["watermark_key"],
-                        key_context("lease-watermark-key", self.lic.id, nonce_raw), "leased watermark key")
+        if isinstance(body.get("next_nonce"), str):
+            self._next_nonce = body["next_nonce"]
         lic_lease = self.lic.lease
         ttl = body.get("ttl")
         if not isinstance(ttl, int) or ttl <= 0:
@@ -150,9 +173,9 @@ class LeaseClient:
     def release(self) -> None:
         """Give the seat back (best effort: an unreachable server frees it when the lease expires)."""
         try:
-            ch = self._post("/v1/lease/challenge", {"license_id": self.lic.id})
-            self._post("/v1/lease/release", self._signed_request(ch["nonce"], b"codemoat-lease-release-v1"))
-        except (VaultError, KeyError):
+            nonce, self._next_nonce = self._next_nonce, None
+            self._post("/v1/lease/release", self._signed_request(nonce or self._challenge(), b"codemoat-lease-release-v1"))
+        except VaultError:
             pass
 
 
