@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import ctypes
+import os
+import sys
+from contextlib import contextmanager
 import re
 import shutil
 from collections.abc import Callable
@@ -35,10 +38,28 @@ def requantize(src: Path, dst: Path, ftype: int) -> Path:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
     params.allow_requantize = True
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    with _quiet():  # the quantiser prints a line per tensor from C
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if rc != 0:
         raise RuntimeError(f"llama_model_quantize failed ({rc})")
     return Path(dst)
+
+
+@contextmanager
+def _quiet():
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 1)
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, null):
+            os.close(fd)
 
 
 def noise(rel: float, seed: int = 0):

@@ -43,7 +43,9 @@ def trace_cmd(
     data = {"suspect": str(suspect), "original": str(orig), **result.as_dict()}
 
     def human(d: dict) -> None:
-        t = Table(title=f"{Path(d['suspect']).name} vs {Path(d['original']).name}: {d['positions']:,} weights in {d['tensors']} tensors")
+        what = (f"{d['positions']:,} changed weights in {d['tensors']} tensors" if d["tensors"]
+                else "identical to the original in every fingerprinted tensor")
+        t = Table(title=f"{Path(d['suspect']).name} vs {Path(d['original']).name}: {what}")
         for col in ("customer", "z", "p (corrected)", "named"):
             t.add_column(col, justify="right" if col != "customer" else "left")
         for s in d["scores"][:top]:
@@ -113,7 +115,7 @@ def watermark_detect(
             t.add_column(col)
         for r in d["files"]:
             s = r["scores"][0]
-            t.add_row(r["file"], s["customer"], f"{s['z']:.2f}", _p(s["p_adj"]), str(s["scored_tokens"]),
+            t.add_row(Path(r["file"]).name, s["customer"], f"{s['z']:.2f}", _p(s["p_adj"]), str(s["scored_tokens"]),
                       ", ".join(r["detected"]) or "no")
         console.print(t)
 
