@@ -146,6 +146,51 @@ def audit_alone(scratch: Path, n: int = 2000) -> dict:
     return {"appends_per_s": n / append_s, "verify_records_per_s": n / verify_s, "n": n}
 
 
+# The baseline arm only: `codemoat serve` with `trust.install` replaced by a no-op (never in production).
+_NO_TRUST = (
+    "import sys, codemoat.serve.trust as t; t.install = lambda app, settings: None; "
+    "from codemoat.cli.main import main; sys.argv = ['codemoat', *sys.argv[1:]]; main()"
+)
+
+
+def start_server(model: Path, env: dict, scratch: Path, token: str, *, trust: bool):
+    port = free_port()
+    log_file = open(scratch / f"serve-{port}.log", "w")
+    cmd = [*CODEMOAT] if trust else [sys.executable, "-c", _NO_TRUST]
+    server = subprocess.Popen([*cmd, "serve", "--model", str(model), "--port", str(port)], env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if server.poll() is not None:
+            sys.exit(f"server exited: {(scratch / f'serve-{port}.log').read_text()[-2000:]}")
+        time.sleep(0.2)
+    model_id = httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {token}"}).json()["data"][0]["id"]
+    return server, url, model_id
+
+
+def stop_server(server) -> None:
+    server.send_signal(signal.SIGTERM)
+    server.wait(timeout=120)
+
+
+def wipe_audit(env: dict) -> None:
+    """Start the main run from an empty audit log (tokens kept), so its records can be counted exactly."""
+    import sqlite3
+
+    home = Path(env["CODEMOAT_HOME"])
+    con = sqlite3.connect(home / "codemoat.db")
+    for t in ("audit_records", "audit_checkpoints", "audit_head"):
+        con.execute(f"DELETE FROM {t}")
+    con.commit()
+    con.close()
+    for p in home.glob("audit-head-*.json"):
+        p.unlink()
+
+
 def pct(xs: list[float], q: float) -> float:
     if not xs:
         return float("nan")
@@ -158,6 +203,8 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=64)
     ap.add_argument("--seconds", type=float, default=60)
     ap.add_argument("--model")
+    ap.add_argument("--compare-seconds", type=float, default=20, help="Length of each arm of the with/without-trust comparison (0: skip).")
+    ap.add_argument("--compare-clients", type=int, default=16)
     ap.add_argument("--out", default=str(RESULTS))
     a = ap.parse_args()
 
@@ -174,24 +221,21 @@ def main() -> None:
             sys.exit(f"tokens create failed: {r.stderr.strip()}")
         tokens.append(json.loads(r.stdout)["token"])
 
-    port = free_port()
-    log_file = open(scratch / "serve.log", "w")
-    server = subprocess.Popen([*CODEMOAT, "serve", "--model", str(model), "--port", str(port)], env=env, stdout=log_file, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if server.poll() is not None:
-            sys.exit(f"server exited: {(scratch / 'serve.log').read_text()[-2000:]}")
-        time.sleep(0.2)
-    model_id = httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {tokens[0]}"}).json()["data"][0]["id"]
+    # Side by side first: the same server with and without the trust layer, alternating (A B A B)
+    # so that the shared machine's changing load hits both alike.
+    compare: dict[str, list[tuple[int, float, float]]] = {"trust": [], "none": []}
+    if a.compare_seconds > 0:
+        for arm in ("none", "trust", "none", "trust"):
+            srv, url, model_id = start_server(model, env, scratch, tokens[0], trust=arm == "trust")
+            res, m = asyncio.run(drive(url, tokens, model_id, a.compare_clients, a.compare_seconds, srv.pid))
+            stop_server(srv)
+            ok = [t for _, st, t in res if st == 200]
+            compare[arm].append((len(ok), m["elapsed"], statistics.median(ok) if ok else float("nan")))
+        wipe_audit(env)
 
+    server, url, model_id = start_server(model, env, scratch, tokens[0], trust=True)
     results, mem = asyncio.run(drive(url, tokens, model_id, a.clients, a.seconds, server.pid))
-    server.send_signal(signal.SIGTERM)
-    server.wait(timeout=60)
+    stop_server(server)
 
     # Every request the clients sent (plus the one /v1/models above) must have exactly one record.
     sys.path.insert(0, str(ROOT / "src"))
@@ -247,6 +291,24 @@ def main() -> None:
     ]
     for k, xs in lat.items():
         lines.append(f"| {k} | {len(xs)} | {pct(xs, .5):.3f} | {pct(xs, .95):.3f} | {pct(xs, .99):.3f} |")
+    if compare["trust"] and compare["none"]:
+        def rate(arm):
+            return sum(n for n, _, _ in compare[arm]) / sum(e for _, e, _ in compare[arm])
+
+        def med(arm):
+            return statistics.median(m for _, _, m in compare[arm])
+
+        lines += [
+            "",
+            f"Side by side, same run: the same server with the trust layer and with `trust.install` replaced by a no-op "
+            f"(bench only), {a.compare_clients} clients, {a.compare_seconds:g} s per arm, arms alternated none/trust/none/trust:",
+            "",
+            "| server | successful requests/s | median latency (s) |",
+            "| --- | --- | --- |",
+            f"| without trust layer | {rate('none'):.2f} | {med('none'):.3f} |",
+            f"| with trust layer | {rate('trust'):.2f} | {med('trust'):.3f} |",
+            f"| ratio (with / without) | **{rate('trust') / rate('none'):.2f}** | {med('trust') / med('none'):.2f} |",
+        ]
     lines += [
         "",
         "The audit log alone, same machine, same run (scratch SQLite database, one thread):",
@@ -255,9 +317,11 @@ def main() -> None:
         f"- verify: {micro['verify_records_per_s']:.0f} records/s",
         f"- the load above used {rps / micro['appends_per_s'] * 100:.1f}% of the log's append capacity",
         "",
-        f"Median latency: completions {statistics.median(lat['completion']) if lat['completion'] else float('nan'):.3f} s. "
-        "With 64 clients on a few cores the server is CPU-bound in generation; requests wait for a slot "
-        "(`server.max_concurrent`), which is where the latency comes from, not the audit log.",
+        f"The run lasts {a.seconds:g} s of load plus the time the last requests take to finish ({mem['elapsed']:.0f} s in all). "
+        "Latency here is dominated by the shared machine (its load average during the run is in the line below), "
+        "not by the model, which generates thousands of tokens/s on an idle core.",
+        "",
+        f"Load average at the end: {' / '.join(f'{x:.1f}' for x in os.getloadavg())} (1 / 5 / 15 min) on {os.cpu_count()} CPUs.",
     ]
     Path(a.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -211,7 +211,7 @@ class AuditLog:
             except (DBAPIError, OSError) as e:
                 self._mark_failed(f"{type(e).__name__}: {str(e).splitlines()[0]}")
                 raise AuditUnavailable(f"audit log cannot be written: {self.failure}") from None
-            self._healthy, self.failure = True, None
+            self._healthy, self.failure, self._probed_at = True, None, time.monotonic()
         self._write_head_file(head_row)
         return seq
 
@@ -294,6 +294,11 @@ class AuditLog:
     def _mark_failed(self, why: str) -> None:
         self._healthy, self.failure = False, why
         log.error("audit log unavailable: %s", why)
+
+    @property
+    def known_writable(self) -> bool:
+        """True when a probe or an append succeeded within the last second (no I/O needed)."""
+        return self._healthy and time.monotonic() - self._probed_at < 1.0
 
     def check_writable(self, min_free_bytes: int = 16 << 20) -> bool:
         """Whether a record can be written now (cheap when healthy; probes the database at most once a second)."""

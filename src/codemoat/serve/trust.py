@@ -64,6 +64,8 @@ class Trust:
         self.alarms = Alarms(AlarmPolicy(throttle_rpm=int(getattr(settings.audit, "alarm_throttle_rpm", 0) or 0)))
         self.metrics = Metrics(self.live)
         self.in_flight = 0
+        # Audit I/O gets its own threads, so that it never queues behind other blocking work.
+        self.limiter = anyio.CapacityLimiter(4)
         self.guard = egress.EgressGuard(
             allow=self._static_allow(url), extra=lambda: getattr(app.state, "egress_allow", None) or (),
             on_refuse=self._egress_refused,
@@ -191,7 +193,7 @@ class AuditMiddleware:
         if scope["type"] != "http" or scope.get("path") in UNAUDITED:
             return await self.app(scope, receive, send)
         t = self.trust
-        if not await anyio.to_thread.run_sync(t.log.check_writable):
+        if not t.log.known_writable and not await anyio.to_thread.run_sync(t.log.check_writable, limiter=t.limiter):
             t.metrics.audit_failures.inc()
             return await self._refuse(scope, receive, send)
         scope.setdefault("state", {}).setdefault("usage", {})
@@ -207,7 +209,7 @@ class AuditMiddleware:
             written = True
             try:
                 with anyio.CancelScope(shield=True):  # a client that went away is still audited
-                    await anyio.to_thread.run_sync(t.write, scope, status, time.perf_counter() - t0, note)
+                    await anyio.to_thread.run_sync(t.write, scope, status, time.perf_counter() - t0, note, limiter=t.limiter)
                 return True
             except AuditUnavailable:
                 t.metrics.audit_failures.inc()
@@ -336,7 +338,7 @@ def install(app: FastAPI, settings: Settings) -> None:
     trust = Trust(app, settings)
     app.state.trust = trust
     app.state.check_quota = check_quota
-    app.state.screen_prompt = lambda text: screen_prompt(text, settings)
+    app.state.screen_prompt = lambda text, request=None: screen_prompt(text, settings, request)
     previous = getattr(app.state, "on_shutdown", None)
 
     def on_shutdown() -> None:
