@@ -44,7 +44,7 @@ def build_model(path: Path, gib: float) -> Path:
 
     n_embd = 2048 if gib >= 0.5 else 512
     per_layer = 10 * n_embd * n_embd * 4  # q, k, v, o + gate, up, down (ffn = 2 n_embd), F32
-    n_layer = max(1, round(gib * (1 << 30) / per_layer))
+    n_layer = max(1, -(-int(gib * (1 << 30)) // per_layer))  # at least `gib`
     if not path.exists():
         log(f"writing {path.name}: {n_layer} layers of {n_embd}")
         build_tiny_gguf(path, n_layer=n_layer, n_embd=n_embd, n_ctx=256)
