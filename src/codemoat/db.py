@@ -43,7 +43,7 @@ def make_engine(url: str) -> Engine:
 
 def migration_dirs(packages: tuple[str, ...]) -> list[str]:
     root = Path(__file__).parent
-    return [str(root / p / "migrations") for p in packages if (root / p / "migrations").is_dir()]
+    return [str(root / p / "migrations" / "versions") for p in packages if (root / p / "migrations" / "versions").is_dir()]
 
 
 def upgrade(engine: Engine, packages: tuple[str, ...]) -> None:

@@ -45,9 +45,10 @@ def machine_id(as_json: JsonFlag = False) -> None:
     if as_json:
         emit(ident, True)
         return
-    console.print(f"[bold]{ident['id']}[/bold]  ({len(ident['facts'])} hardware facts, hashed)", highlight=False, soft_wrap=True)
-    sys_out = json.dumps(ident, separators=(",", ":"))
-    typer.echo(sys_out)
+    # The identity alone goes to stdout (`codemoat machine-id > machine.json` is what the vendor needs).
+    err_console.print(f"[bold]{ident['id']}[/bold]  ({len(ident['facts'])} hardware facts, hashed; "
+                      "send the line below to your vendor)", highlight=False, soft_wrap=True)
+    typer.echo(json.dumps(ident, separators=(",", ":")))
 
 
 def _fingerprinter():

@@ -101,10 +101,13 @@ class Engine(abc.ABC):
         """Model metadata (GGUF key/values or a transformers config) used to pick templates."""
         return {}
 
-    @property
-    def vocab(self) -> set[str]:
-        """Special tokens present in the vocabulary (for template detection)."""
-        return set()
+    def has_token(self, text: str) -> bool:
+        """Whether `text` is a single special token of this model (for template detection)."""
+        return False
+
+    def token_text(self, which: str) -> str:
+        """Text of the model's "bos" or "eos" token ("" if none)."""
+        return ""
 
     @abc.abstractmethod
     def tokenize(self, text: str, special: bool = True) -> list[int]:
@@ -143,8 +146,11 @@ class Engine(abc.ABC):
         return Completion("".join(parts), n_prompt, n_out, reason)
 
     def logits(self, prompt: str) -> np.ndarray:
-        """Next-token logits after `prompt` (float32, vocab-sized); for parity checks and tracing."""
-        raise NotImplementedError(f"{self.name} engine does not expose logits")
+        """Next-token logits after `prompt` (float32, vocab-sized); for parity checks and tracing.
+        Engines that cannot expose them (a remote vLLM) raise `CodemoatError`."""
+        from ..errors import CodemoatError
+
+        raise CodemoatError(f"the {self.name} engine does not expose logits")
 
     def health(self) -> dict[str, Any]:
         return {"engine": self.name, "model": self.model_id, "n_ctx": self.n_ctx}

@@ -67,7 +67,8 @@ class LlamaCppEngine(Engine):
             probe = llama_cpp.Llama(model_path=model_path, vocab_only=True, verbose=False)
         except (ValueError, RuntimeError, OSError) as e:
             raise CodemoatError(f"cannot load model {model_id or model_path}: {e}") from None
-        train_ctx = probe._model.n_ctx_train() or n_ctx
+        md = probe.metadata
+        train_ctx = int(md.get(f"{md.get('general.architecture', 'llama')}.context_length", 0)) or n_ctx
         probe.close()
         self._llm = llama_cpp.Llama(
             model_path=model_path,

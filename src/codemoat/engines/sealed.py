@@ -107,10 +107,14 @@ class SealedHolder(ModelHolder):
     the license watch and gives a leased seat back."""
 
     watch: "LicenseWatch | None" = None
+    keeper: LeaseKeeper | None = None
 
     def close(self) -> None:
         if self.watch is not None:
             self.watch.stop(release=True)
+        elif self.keeper is not None:
+            self.keeper.stop(release=True)
+        self.watch = self.keeper = None
         super().close()
 
 

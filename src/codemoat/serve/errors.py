@@ -1,0 +1,92 @@
+"""Errors as values of each protocol: one place maps a failure to the shape its client expects."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..engines.base import PromptTooLong
+from ..errors import CodemoatError, RateLimited
+from ..protocol import infill, ollama, openai, tabby
+
+log = logging.getLogger("codemoat.serve")
+
+_OPENAI_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "permission_error", 404: "invalid_request_error", 429: "rate_limit_error", 503: "server_error"}
+_OPENAI_CODES = {401: "invalid_api_key", 404: "model_not_found", 429: "rate_limit_exceeded", 503: "model_unavailable"}
+
+
+def protocol_of(request: Request) -> str:
+    """openai | ollama | infill | tabby | plain (set by the handler once the body is known)."""
+    proto = getattr(request.state, "protocol", None)
+    if proto:
+        return proto
+    path = request.url.path
+    if path.startswith("/api/"):
+        return "ollama"
+    if path.startswith("/infill"):
+        return "infill"
+    if path in ("/v1/health", "/v1/events"):
+        return "tabby"
+    if path.startswith("/v1/"):
+        return "openai"
+    return "plain"
+
+
+def render(request: Request, status: int, message: str, code: str | None = None, headers: dict | None = None) -> JSONResponse:
+    proto = protocol_of(request)
+    if proto == "ollama":
+        body = ollama.error(message)
+    elif proto == "infill":
+        body = infill.error(message, status, _OPENAI_TYPES.get(status, "server_error"))
+    elif proto == "tabby":
+        body = tabby.error(message)
+    elif proto == "openai":
+        body = openai.error(message, _OPENAI_TYPES.get(status, "server_error"), code or _OPENAI_CODES.get(status))
+    else:
+        body = {"error": message}
+    h = dict(headers or {})
+    if status == 401:
+        h.setdefault("WWW-Authenticate", "Bearer")
+    return JSONResponse(body, status_code=status, headers=h)
+
+
+def render_exception(request: Request, exc: Exception) -> JSONResponse:
+    """Any exception as the caller's protocol error; unexpected ones are logged without request text."""
+    if isinstance(exc, RateLimited):
+        return render(request, 429, str(exc), exc.code, {"Retry-After": str(max(1, int(exc.retry_after + 0.999)))})
+    if isinstance(exc, CodemoatError):
+        return render(request, exc.status, str(exc), exc.code)
+    if isinstance(exc, PromptTooLong):
+        return render(request, 400, str(exc), "context_length_exceeded")
+    if isinstance(exc, (RequestValidationError, ValidationError)):
+        return render(request, 400, validation_message(exc), "invalid_request")
+    if isinstance(exc, json.JSONDecodeError):
+        return render(request, 400, f"request body is not valid JSON: {exc.msg} at position {exc.pos}", "invalid_json")
+    if isinstance(exc, StarletteHTTPException):
+        return render(request, exc.status_code, str(exc.detail))
+    log.error("internal error on %s: %s", request.url.path, type(exc).__name__, exc_info=exc)
+    return render(request, 500, f"internal error ({type(exc).__name__})", "internal_error")
+
+
+def validation_message(exc: RequestValidationError | ValidationError) -> str:
+    errs = exc.errors()
+    parts = []
+    for e in errs[:3]:
+        loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
+        parts.append(f"{loc or 'body'}: {e.get('msg')}")
+    more = f" (+{len(errs) - 3} more)" if len(errs) > 3 else ""
+    return "invalid request: " + "; ".join(parts) + more
+
+
+def install(app) -> None:
+    async def handler(request: Request, exc: Exception):
+        return render_exception(request, exc)
+
+    for kind in (CodemoatError, PromptTooLong, RequestValidationError, ValidationError, json.JSONDecodeError, StarletteHTTPException, Exception):
+        app.add_exception_handler(kind, handler)

@@ -1,0 +1,138 @@
+"""Ollama-compatible routes: /api/tags, /api/show, /api/generate, /api/chat, /api/version (NDJSON streams)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import time
+
+from fastapi import APIRouter, Depends, Request
+
+from ..accounts import Principal
+from ..protocol import ollama
+from .auth import require
+from .body import read_json, start_usage
+from .service import FimInput, Prepared, Service, snippet_json
+from .streaming import ndjson
+
+router = APIRouter()
+OLLAMA_VERSION = "0.12.0"  # the Ollama API version whose shapes these routes follow
+
+
+def _details(svc: Service) -> tuple[str, str, str]:
+    eng = svc.holder.get()
+    md = eng.metadata
+    family = str(md.get("general.architecture", "llama"))
+    ftype = str(md.get("general.file_type", ""))
+    quant = {"0": "F32", "1": "F16", "7": "Q8_0", "2": "Q4_0", "15": "Q4_K_M", "32": "BF16"}.get(ftype, ftype or "unknown")
+    n = md.get("general.parameter_count") or ""
+    return family, quant, str(n)
+
+
+@router.get("/api/version")
+async def version():
+    return {"version": OLLAMA_VERSION}
+
+
+@router.get("/api/tags")
+async def tags(request: Request, principal: Principal = Depends(require("complete"))):
+    svc: Service = request.app.state.service
+    start_usage(request, "ollama", svc.model_id)
+    family, quant, params = _details(svc)
+    size = int(svc.holder.info.get("size", 0))
+    digest = svc.holder.info.get("digest") or hashlib.sha256(f"{svc.model_id}:{size}".encode()).hexdigest()
+    modified = dt.datetime.fromtimestamp(svc.started, dt.timezone.utc).isoformat().replace("+00:00", "Z")
+    return {"models": [ollama.model_entry(f"{svc.model_id}:latest", size, digest, family, quant, params, modified)]}
+
+
+@router.post("/api/show")
+async def show(request: Request, principal: Principal = Depends(require("complete"))):
+    svc: Service = request.app.state.service
+    req = ollama.ShowRequest.model_validate(await read_json(request))
+    svc.check_model(req.model or req.name)
+    start_usage(request, "ollama", svc.model_id)
+    eng = svc.holder.get()
+    t = svc.templates(eng)
+    family, quant, params = _details(svc)
+    caps = ["completion"] + (["insert"] if t.fim else [])
+    return {
+        "modelfile": f"FROM {svc.model_id}\n",
+        "parameters": "",
+        "template": ollama.FIM_TEMPLATE if t.fim else "{{ .Prompt }}",
+        "details": {"parent_model": "", "format": "gguf", "family": family, "families": [family], "parameter_size": params, "quantization_level": quant},
+        "model_info": {"general.architecture": family, f"{family}.context_length": eng.n_ctx},
+        "capabilities": caps,
+    }
+
+
+def _params(svc: Service, o: ollama.Options):
+    n = o.num_predict
+    max_tokens = None if n is None else (svc.settings.model.max_tokens_limit if n < 0 else n)
+    return svc.params(max_tokens, 0.8 if o.temperature is None else o.temperature, o.top_p or 0.9, o.stop or [], o.seed, o.top_k, o.repeat_penalty)
+
+
+@router.post("/api/generate")
+async def generate(request: Request, principal: Principal = Depends(require("complete"))):
+    svc: Service = request.app.state.service
+    req = ollama.GenerateRequest.model_validate(await read_json(request))
+    svc.check_model(req.model)
+    start_usage(request, "ollama", svc.model_id)
+    params = _params(svc, req.options)
+    ext = req.codemoat
+    if req.suffix is not None:
+        f = FimInput(req.prompt, req.suffix, path=ext.path if ext else None, repo=ext.repo if ext else None,
+                     git_url=ext.git_url if ext else None, retrieval=ext.retrieval if ext else True)
+        prep = svc.fim_prompt(request, principal, f, params)
+    elif req.raw:
+        eng = svc.engine()
+        eng.check_prompt(req.prompt, params.max_tokens)
+        request.state.usage["prompt_text"] = req.prompt
+        prep = Prepared(eng, req.prompt, params)
+    else:
+        msgs = ([{"role": "system", "content": req.system}] if req.system else []) + [{"role": "user", "content": req.prompt}]
+        prep = svc.chat_prompt(request, principal, msgs, params)
+    extra = {"codemoat": {"snippets": snippet_json(prep.snippets)}} if ext and ext.return_snippets else None
+    t0 = time.perf_counter_ns()
+    if not req.stream:
+        c = await svc.run(request, prep)
+        return ollama.generate_final(svc.model_id, c.text, c.finish_reason if c.finish_reason == "length" else "stop",
+                                     c.prompt_tokens, c.completion_tokens, time.perf_counter_ns() - t0, extra)
+
+    async def events():
+        async for ch in svc.stream(request, prep):
+            if ch.text:
+                yield ollama.generate_chunk(svc.model_id, ch.text)
+            if ch.finish_reason:
+                u = request.state.usage
+                yield ollama.generate_final(svc.model_id, "", "length" if ch.finish_reason == "length" else "stop",
+                                            u["prompt_tokens"], u["completion_tokens"], time.perf_counter_ns() - t0, extra)
+
+    return ndjson(events())
+
+
+@router.post("/api/chat")
+async def chat(request: Request, principal: Principal = Depends(require("chat"))):
+    svc: Service = request.app.state.service
+    req = ollama.ChatRequest.model_validate(await read_json(request))
+    svc.check_model(req.model)
+    start_usage(request, "ollama", svc.model_id)
+    params = _params(svc, req.options)
+    msgs = [{"role": m.role, "content": m.content} for m in req.messages]
+    prep = svc.chat_prompt(request, principal, msgs, params, req.codemoat.repos if req.codemoat else None)
+    extra = {"codemoat": {"snippets": snippet_json(prep.snippets)}} if req.codemoat and req.codemoat.return_snippets else None
+    t0 = time.perf_counter_ns()
+    if not req.stream:
+        c = await svc.run(request, prep)
+        return ollama.chat_final(svc.model_id, c.text, "length" if c.finish_reason == "length" else "stop",
+                                 c.prompt_tokens, c.completion_tokens, time.perf_counter_ns() - t0, extra)
+
+    async def events():
+        async for ch in svc.stream(request, prep):
+            if ch.text:
+                yield ollama.chat_chunk(svc.model_id, ch.text)
+            if ch.finish_reason:
+                u = request.state.usage
+                yield ollama.chat_final(svc.model_id, "", "length" if ch.finish_reason == "length" else "stop",
+                                        u["prompt_tokens"], u["completion_tokens"], time.perf_counter_ns() - t0, extra)
+
+    return ndjson(events())

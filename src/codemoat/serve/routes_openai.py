@@ -1,0 +1,120 @@
+"""OpenAI-compatible routes: /v1/models, /v1/completions (Tabby's body is told apart here), /v1/chat/completions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+
+from ..accounts import Principal
+from ..engines.templates import FileSnippet
+from ..errors import CodemoatError
+from ..protocol import openai
+from ..protocol.common import as_stop_list, new_id
+from .auth import require
+from .body import read_json, start_usage
+from .service import FimInput, Service, snippet_json
+from .streaming import sse
+
+router = APIRouter()
+
+
+def _finish(reason: str | None) -> str | None:
+    return None if reason is None else ("length" if reason == "length" else "stop")
+
+
+@router.get("/v1/models")
+async def models(request: Request, principal: Principal = Depends(require("complete"))):
+    svc: Service = request.app.state.service
+    request.state.protocol = "openai"
+    start_usage(request, "openai", svc.model_id)
+    return openai.model_list([svc.model_id], int(svc.started))
+
+
+@router.post("/v1/completions")
+async def completions(request: Request):
+    body = await read_json(request)
+    if isinstance(body, dict) and "segments" in body:
+        from .routes_tabby import tabby_completion
+
+        request.state.protocol = "tabby"
+        return await tabby_completion(request, body)
+    request.state.protocol = "openai"
+    principal = await require("complete")(request)
+    return await openai_completion(request, principal, body)
+
+
+async def openai_completion(request: Request, principal: Principal, body: Any):
+    svc: Service = request.app.state.service
+    req = openai.CompletionRequest.model_validate(body)
+    svc.check_model(req.model)
+    start_usage(request, "openai", svc.model_id)
+    prompt = req.prompt
+    if isinstance(prompt, list):
+        if len(prompt) != 1 or not isinstance(prompt[0], str):
+            raise CodemoatError("prompt must be a string or a list of exactly one string")
+        prompt = prompt[0]
+    params = svc.params(req.max_tokens if req.max_tokens is not None else None, req.temperature, req.top_p, as_stop_list(req.stop), req.seed)
+    ext = req.codemoat
+    if req.suffix is not None or (ext and ext.path):
+        f = FimInput(prompt, req.suffix or "", path=ext.path if ext else None, repo=ext.repo if ext else None,
+                     git_url=ext.git_url if ext else None, retrieval=ext.retrieval if ext else True)
+        prep = svc.fim_prompt(request, principal, f, params)
+    else:
+        from .service import Prepared
+
+        eng = svc.engine()
+        eng.check_prompt(prompt, params.max_tokens)
+        request.state.usage["prompt_text"] = prompt
+        prep = Prepared(eng, prompt, params)
+    extra = {"codemoat": {"snippets": snippet_json(prep.snippets)}} if ext and ext.return_snippets else None
+    cid = new_id("cmpl")
+    if not req.stream:
+        c = await svc.run(request, prep)
+        return openai.completion(cid, svc.model_id, c.text, _finish(c.finish_reason), openai.usage(c.prompt_tokens, c.completion_tokens), extra)
+
+    async def events():
+        async for ch in svc.stream(request, prep):
+            if ch.text or ch.finish_reason:
+                yield openai.completion(cid, svc.model_id, ch.text, _finish(ch.finish_reason), None, extra if ch.finish_reason else None)
+
+    return sse(events())
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request):
+    request.state.protocol = "openai"
+    body = await read_json(request)
+    principal = await require("chat")(request)
+    svc: Service = request.app.state.service
+    req = openai.ChatRequest.model_validate(body)
+    svc.check_model(req.model)
+    start_usage(request, "openai", svc.model_id)
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    params = svc.params(max_tokens, req.temperature, req.top_p, as_stop_list(req.stop), req.seed)
+    messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+    prep = svc.chat_prompt(request, principal, messages, params, req.codemoat.repos if req.codemoat else None)
+    ext = req.codemoat
+    extra = {"codemoat": {"snippets": snippet_json(prep.snippets)}} if ext and ext.return_snippets else None
+    cid = new_id("chatcmpl")
+    if not req.stream:
+        c = await svc.run(request, prep)
+        return openai.chat(cid, svc.model_id, c.text, _finish(c.finish_reason) or "stop", openai.usage(c.prompt_tokens, c.completion_tokens), extra)
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+    async def events():
+        yield openai.chat_chunk(cid, svc.model_id, {"role": "assistant", "content": ""}, None)
+        async for ch in svc.stream(request, prep):
+            if ch.text:
+                yield openai.chat_chunk(cid, svc.model_id, {"content": ch.text}, None)
+            if ch.finish_reason:
+                yield openai.chat_chunk(cid, svc.model_id, {}, _finish(ch.finish_reason))
+        if include_usage:
+            u = request.state.usage
+            yield openai.chat_chunk(cid, svc.model_id, {}, None, openai.usage(u["prompt_tokens"], u["completion_tokens"]), choices=False)
+
+    return sse(events())
+
+
+def fim_from_extra(extra: list[Any]) -> list[FileSnippet]:
+    return [FileSnippet(e.filename, e.text) for e in extra if e.text]

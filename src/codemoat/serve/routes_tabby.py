@@ -1,0 +1,63 @@
+"""Tabby-compatible routes: /v1/health, /v1/events, and the `segments` body of /v1/completions."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+
+from .. import __version__
+from ..accounts import Principal
+from ..engines.templates import FileSnippet
+from ..protocol import tabby
+from ..protocol.common import new_id
+from .auth import require
+from .body import read_json, start_usage
+from .service import FimInput, Service
+
+router = APIRouter()
+
+
+@router.api_route("/v1/health", methods=["GET", "POST"])
+async def health(request: Request):
+    svc: Service = request.app.state.service
+    return tabby.health(svc.model_id, svc.model_id, __version__, os.cpu_count() or 1)
+
+
+@router.post("/v1/events")
+async def events(request: Request, principal: Principal = Depends(require("complete"))):
+    request.state.protocol = "tabby"
+    body = await read_json(request)
+    start_usage(request, "tabby", request.app.state.service.model_id)
+    kind = str(body.get("type", "unknown"))[:32]
+    counts = request.app.state.events
+    counts[kind] = counts.get(kind, 0) + 1
+    request.state.usage["event"] = kind
+    return {}
+
+
+async def tabby_completion(request: Request, body: Any):
+    principal = await require("complete")(request)
+    svc: Service = request.app.state.service
+    req = tabby.CompletionRequest.model_validate(body)
+    start_usage(request, "tabby", svc.model_id)
+    seg = req.segments
+    extra = [FileSnippet(d.filepath, d.body) for d in (seg.declarations or []) if d.body]
+    extra += [FileSnippet(s.filepath, s.body) for s in (seg.relevant_snippets_from_changed_files or []) if s.body]
+    dbg = req.debug_options
+    f = FimInput(
+        seg.prefix, seg.suffix or "", path=seg.filepath, git_url=seg.git_url, extra=extra,
+        retrieval=not (dbg and dbg.disable_retrieval_augmented_code_completion),
+    )
+    params = svc.params(None, 0.1 if req.temperature is None else req.temperature, None, [], req.seed)
+    prep = svc.fim_prompt(request, principal, f, params)
+    c = await svc.run(request, prep)
+    debug = None
+    if dbg and (dbg.return_snippets or dbg.return_prompt):
+        debug = {}
+        if dbg.return_snippets:
+            debug["snippets"] = [{"filepath": s.path, "body": s.text, "score": float(s.score)} for s in prep.snippets]
+        if dbg.return_prompt:
+            debug["prompt"] = prep.prompt
+    return tabby.completion(new_id("cmpl"), c.text, debug)

@@ -1,0 +1,243 @@
+"""The serving layer: the one place that translates protocol requests into engine calls.
+
+Routers (routes_*.py) parse and render; this module builds prompts (FIM template, retrieved
+cross-file context, chat template), bounds sampling by configuration, runs the engine, and
+fills `request.state.usage` for the audit log.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+
+from ..accounts import Principal
+from ..config import Settings
+from ..engines.base import Chunk, Completion, Engine, SamplingParams
+from ..engines.holder import ModelHolder
+from ..engines.templates import ChatTemplate, FileSnippet, FimTemplate, chat_template_for, detect_fim
+from ..errors import CodemoatError, Forbidden, NotFound
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+
+@dataclass
+class Templates:
+    fim: FimTemplate | None
+    chat: ChatTemplate
+
+
+@dataclass
+class FimInput:
+    """A fill-in-the-middle request, whatever protocol it came in."""
+
+    prefix: str
+    suffix: str = ""
+    path: str | None = None
+    repo: str | None = None
+    git_url: str | None = None
+    extra: list[FileSnippet] = field(default_factory=list)
+    retrieval: bool = True
+
+
+@dataclass
+class Prepared:
+    engine: Engine
+    prompt: str
+    params: SamplingParams
+    snippets: list[Any] = field(default_factory=list)
+
+
+class Service:
+    def __init__(self, settings: Settings, holder: ModelHolder, retriever: Any | None = None):
+        self.settings = settings
+        self.holder = holder
+        self.retriever = retriever
+        self._templates: dict[int, Templates] = {}
+        self.started = time.time()
+
+    # -- model and templates --------------------------------------------
+    @property
+    def model_id(self) -> str:
+        return self.holder.model_id
+
+    def check_model(self, requested: str | None) -> None:
+        """Unknown model names are the protocol's not-found error (`name:latest` is accepted)."""
+        if requested is None or requested == "":
+            return
+        base = requested.split(":")[0] if requested.endswith(":latest") else requested
+        if base != self.model_id:
+            raise ModelNotFound(f"model {requested!r} not found; this server serves {self.model_id!r}")
+
+    def engine(self) -> Engine:
+        return self.holder.get()
+
+    def templates(self, engine: Engine) -> Templates:
+        t = self._templates.get(id(engine))
+        if t is None:
+            m = self.settings.model
+            fim = detect_fim(engine.metadata, engine.has_token, m.fim_template)
+            chat = chat_template_for(engine.metadata, engine.has_token, engine.token_text, m.chat_template)
+            t = self._templates[id(engine)] = Templates(fim, chat)
+        return t
+
+    # -- sampling ------------------------------------------------------------
+    def params(
+        self,
+        max_tokens: int | None,
+        temperature: float | None,
+        top_p: float | None,
+        stop: list[str],
+        seed: int | None,
+        top_k: int | None = None,
+        repeat_penalty: float | None = None,
+    ) -> SamplingParams:
+        m = self.settings.model
+        if max_tokens is None or max_tokens < 0:
+            max_tokens = m.default_max_tokens
+        if max_tokens > m.max_tokens_limit:
+            raise CodemoatError(f"max_tokens is {max_tokens}, above this server's limit of {m.max_tokens_limit}")
+        p = SamplingParams(
+            max_tokens=max(1, max_tokens),
+            temperature=0.2 if temperature is None else temperature,
+            top_p=1.0 if top_p is None else top_p,
+            top_k=40 if top_k is None else top_k,
+            repeat_penalty=1.0 if repeat_penalty is None else repeat_penalty,
+            stop=list(stop),
+            seed=seed,
+        )
+        self._watermark(p)
+        return p
+
+    def _watermark(self, p: SamplingParams) -> None:
+        key = self.holder.info.get("watermark_key")
+        if not key:
+            return
+        from ..trace.watermark import WatermarkProcessor
+
+        eng = self.holder.get()
+        p.watermark = key
+        p.logits_processors.append(WatermarkProcessor(key, vocab_size=getattr(eng, "n_vocab", None)))
+
+    # -- prompts -------------------------------------------------------------
+    def fim_prompt(self, request: Request, principal: Principal, f: FimInput, params: SamplingParams) -> Prepared:
+        engine = self.engine()
+        t = self.templates(engine)
+        usage = request.state.usage
+        snippets: list[Any] = []
+        extra = list(f.extra)
+        if t.fim is None:
+            prompt = f.prefix  # no FIM tokens: plain continuation of the prefix
+        else:
+            repo = self._repo_for(principal, f)
+            if repo:
+                snippets = self._retrieve(principal, repo, f, engine)
+                extra = extra + [FileSnippet(s.path, s.text) for s in snippets]
+                usage["repos"] = [repo]
+                usage["snippets"] = [s.id for s in snippets]
+            prompt = t.fim.render(f.prefix, f.suffix, extra, path=f.path if extra else None, repo=repo)
+            params.stop = list(dict.fromkeys([*params.stop, *t.fim.stop]))
+        self._check_fits(engine, prompt, params)
+        usage["prompt_text"] = f.prefix + f.suffix
+        return Prepared(engine, prompt, params, snippets)
+
+    def _repo_for(self, principal: Principal, f: FimInput) -> str | None:
+        if not (self.retriever and f.retrieval and self.settings.retrieval.enabled and self.settings.retrieval.k > 0):
+            return None
+        repo = f.repo or self.retriever.repo_for(f.git_url, f.path)
+        if repo and repo not in self.retriever.readable_repos(principal.groups):
+            return None  # not readable by this caller: complete without its code
+        return repo
+
+    def _retrieve(self, principal: Principal, repo: str, f: FimInput, engine: Engine) -> list[Any]:
+        r = self.settings.retrieval
+        return self.retriever.snippets_for_completion(
+            groups=principal.groups, repo=repo, path=f.path or "", prefix=f.prefix, suffix=f.suffix,
+            k=r.k, budget_tokens=r.budget_tokens, count_tokens=engine.count_tokens,
+        )
+
+    def chat_prompt(self, request: Request, principal: Principal, messages: list[dict[str, str]], params: SamplingParams, repos: list[str] | None = None) -> Prepared:
+        engine = self.engine()
+        t = self.templates(engine)
+        msgs = [dict(m) for m in messages]
+        for m in msgs:
+            if m["role"] == "developer":
+                m["role"] = "system"
+        snippets = self._chat_context(principal, msgs, repos or [], engine)
+        if snippets:
+            context = "\n\n".join(f"{s.repo}/{s.path}:{s.start_line}-{s.end_line}\n```\n{s.text.rstrip()}\n```" for s in snippets)
+            note = (
+                "Answer using the code below from the company's repositories, and cite the files you "
+                "use as path:line.\n\n" + context
+            )
+            msgs.insert(0, {"role": "system", "content": note})
+            request.state.usage["repos"] = sorted({s.repo for s in snippets})
+            request.state.usage["snippets"] = [s.id for s in snippets]
+        prompt = t.chat.render(msgs)
+        params.stop = list(dict.fromkeys([*params.stop, *t.chat.stop]))
+        self._check_fits(engine, prompt, params)
+        request.state.usage["prompt_text"] = "\n".join(m["content"] for m in messages)
+        return Prepared(engine, prompt, params, snippets)
+
+    def _chat_context(self, principal: Principal, msgs: list[dict[str, str]], repos: list[str], engine: Engine) -> list[Any]:
+        """Repositories named in the request (extension field or `@repo` in the last user message)."""
+        if not self.retriever or not self.settings.retrieval.enabled:
+            return []
+        last = next((m["content"] for m in reversed(msgs) if m["role"] == "user"), "")
+        readable = set(self.retriever.readable_repos(principal.groups))
+        named = list(repos)
+        for word in last.split():
+            if word.startswith("@") and word[1:].strip(".,:;!?") in readable:
+                named.append(word[1:].strip(".,:;!?"))
+        for r in repos:
+            if r not in readable:
+                raise Forbidden(f"repository {r!r} is not indexed or not readable by you")
+        named = list(dict.fromkeys(named))
+        if not named:
+            return []
+        return self.retriever.snippets_for_chat(
+            groups=principal.groups, repos=named, query=last, k=8, budget_tokens=max(256, self.settings.retrieval.budget_tokens * 3),
+            count_tokens=engine.count_tokens,
+        )
+
+    @staticmethod
+    def _check_fits(engine: Engine, prompt: str, params: SamplingParams) -> None:
+        engine.check_prompt(prompt, params.max_tokens)
+
+    # -- running ---------------------------------------------------------------
+    async def run(self, request: Request, p: Prepared) -> Completion:
+        c = await p.engine.complete(p.prompt, p.params)
+        self._account(request, p.engine, c.prompt_tokens, c.completion_tokens, c.text)
+        return c
+
+    async def stream(self, request: Request, p: Prepared) -> AsyncIterator[Chunk]:
+        """Chunks from the engine; usage is recorded as they come (the audit sees partial streams)."""
+        n_prompt = p.engine.count_tokens(p.prompt)
+        usage = request.state.usage
+        usage["prompt_tokens"] = n_prompt
+        usage["completion_tokens"] = 0
+        parts: list[str] = []
+        async for chunk in p.engine.stream(p.prompt, p.params):
+            usage["completion_tokens"] += len(chunk.token_ids)
+            parts.append(chunk.text)
+            usage["completion_text"] = "".join(parts)
+            yield chunk
+
+    def _account(self, request: Request, engine: Engine, n_prompt: int, n_out: int, text: str) -> None:
+        u = request.state.usage
+        u["model"] = self.model_id
+        u["prompt_tokens"] = n_prompt
+        u["completion_tokens"] = n_out
+        u["completion_text"] = text
+
+
+def snippet_json(snippets: list[Any]) -> list[dict[str, Any]]:
+    return [
+        {"repo": s.repo, "path": s.path, "start_line": s.start_line, "end_line": s.end_line, "score": round(float(s.score), 4), "text": s.text}
+        for s in snippets
+    ]
