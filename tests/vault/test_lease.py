@@ -224,3 +224,26 @@ def test_lease_license_names_several_machines_but_unknown_one_refused(vendor, ma
     with pytest.raises(LeaseDenied, match="does not name machine"):
         LeaseClient(lic, stranger).acquire()
     assert b64e(stranger.x25519_public) not in json.dumps(lic.raw)
+
+
+def test_cli_lease_failures_are_one_line(vendor, machine, model, tmp_path):
+    from conftest import free_port
+    from vaulthelp import cli, one_line_error
+
+    ks = KeyServerProcess(vendor).start()
+    other = MachineKey.generate()
+    try:
+        moat, lic, doc = bundle(vendor, model, tmp_path / "out", [machine, other], mode="lease",
+                                keyserver=ks.url, lease_ttl=600, grace=60, seats=1)
+        p = cli("verify", "--model", str(moat), "--license", str(lic), "--json")
+        assert p.returncode == 0 and "lease from" in json.loads(p.stdout)["checks"][-2]
+        LeaseClient(License.load(lic), other).acquire()  # the one seat is now held by the other machine
+        assert "all 1 seats" in one_line_error(cli("verify", "--model", str(moat), "--license", str(lic)))
+        vendor.revoke(doc["license"]["id"])
+        assert "revoked" in one_line_error(cli("verify", "--model", str(moat), "--license", str(lic)))
+    finally:
+        ks.stop()
+    assert "key server unreachable" in one_line_error(cli("verify", "--model", str(moat), "--license", str(lic)))
+    moat2, lic2, _ = bundle(vendor, model, tmp_path / "out2", machine, mode="lease",
+                            keyserver=f"http://127.0.0.1:{free_port()}")
+    assert "key server unreachable" in one_line_error(cli("verify", "--model", str(moat2), "--license", str(lic2)))
