@@ -171,7 +171,7 @@ def test_forged_checkpoint_signature_detected(audit_log, db_file):
 
 def test_other_key_detected(audit_log, audit_home, engine, db_url):
     fill(audit_log, 3)
-    os.remove(audit_home / "audit-signing.key")
+    os.remove(audit_home / "machine.key")
     from codemoat.audit.signing import load_signer
 
     other = AuditLog(engine, signer=load_signer(), head_file=head_file_for(db_url, audit_home))
@@ -181,12 +181,12 @@ def test_other_key_detected(audit_log, audit_home, engine, db_url):
 
 def test_signing_key_is_private(audit_log, audit_home):
     fill(audit_log, 1)
-    key = audit_home / "audit-signing.key"
+    key = audit_home / "machine.key"  # the machine key signs the audit log
     assert key.stat().st_mode & 0o777 == 0o600
     key.chmod(0o644)
     from codemoat.audit.signing import load_signer
 
-    with pytest.raises(CodemoatError, match="readable by others"):
+    with pytest.raises(CodemoatError, match="readable by other users"):
         load_signer()
 
 

@@ -207,3 +207,23 @@ def test_egress_guard_armed_by_install_and_refusals_audited(engine, accounts, to
     finally:
         other.close()
         listener.close()
+
+
+def test_distillation_alarm_raised_audited_and_throttles(engine, accounts, tokens):
+    from codemoat.audit.alarms import AlarmPolicy
+
+    with client_for(Settings(), accounts) as c:
+        trust = c.app.state.trust
+        # small numbers so that ten requests look like a sweep; the heuristics themselves are in test_audit_alarms
+        trust.alarms.policy = AlarmPolicy(min_requests=10, every=10, min_baseline=1, volume_factor=2, long_tokens=100, throttle_rpm=1)
+        for i in range(10):
+            prompt = "\n".join(f"def function_number_{i}_{j}(argument_{j}):" for j in range(5))
+            assert c.post("/v1/completions", json={"prompt": prompt, "max_tokens": 200}, headers=tokens["alice"]).status_code == 200
+        assert c.post("/v1/completions", json={"prompt": "x = 1"}, headers=tokens["alice"]).status_code == 200  # 1/min allowed
+        r = c.post("/v1/completions", json={"prompt": "x = 1"}, headers=tokens["alice"])
+        assert r.status_code == 429 and "distillation alarm" in r.json()["error"]["message"]
+        assert c.post("/v1/completions", json={"prompt": "x = 1"}, headers=tokens["bob"]).status_code == 200
+        alerts = c.get("/admin/api/alerts", headers=tokens["root"]).json()["alerts"]
+    assert [a["user"] for a in alerts] == ["alice"]
+    assert set(alerts[0]["detail"]["reasons"]) == {"volume", "novelty", "long_unaccepted"}
+    assert alerts[0]["detail"]["throttled_rpm"] == 1

@@ -1,41 +1,42 @@
-"""The audit-signing key: an Ed25519 key kept under `$CODEMOAT_HOME` with mode 0600.
+"""Signing audit checkpoints with the machine key (the vault's `MachineKey`, under `$CODEMOAT_HOME`).
 
-The machine's identity key (vault) is X25519, which can agree keys but cannot sign, so the
-audit log keeps its own Ed25519 key (RFC 8032) beside it. It is generated on first use on this
-machine and never leaves it; `key_id` (first 16 hex digits of SHA-256 of the public key) names it
-in every signature so that a checkpoint signed by another key is recognised as such.
+The machine key holds an X25519 key (to receive wrapped content keys; it cannot sign) and an
+Ed25519 key (RFC 8032) that proves the machine to a key server. Audit checkpoints and heads are
+signed with that Ed25519 key under their own domain (`codemoat-audit-v1`, through `vault.codec`),
+so an audit signature can never be mistaken for a lease request and the other way round. The key
+file is created with mode 0600 by the vault and refused if others can read it. `key_id` (first 16
+hex digits of SHA-256 of the public key) names the key in every signature.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Any
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-
-from .. import paths
 from ..errors import CodemoatError
 
-KEY_FILE = "audit-signing.key"
+DOMAIN = b"codemoat-audit-v1"
 
 
 @dataclass(frozen=True)
 class Signer:
-    private: Ed25519PrivateKey
+    private: Any  # the machine's Ed25519 private key
 
     @property
     def public_bytes(self) -> bytes:
-        return self.private.public_key().public_bytes_raw()
+        from ..vault.codec import public_raw
+
+        return public_raw(self.private.public_key())
 
     @property
     def key_id(self) -> str:
         return key_id(self.public_bytes)
 
     def sign(self, message: bytes) -> str:
-        return self.private.sign(message).hex()
+        from ..vault.codec import sign
+
+        return sign(self.private, DOMAIN, message).hex()
 
     def verify(self, message: bytes, signature_hex: str) -> bool:
         return verify(self.public_bytes, message, signature_hex)
@@ -46,36 +47,23 @@ def key_id(public: bytes) -> str:
 
 
 def verify(public: bytes, message: bytes, signature_hex: str) -> bool:
-    """True when `signature_hex` is a valid Ed25519 signature of `message` by `public`."""
+    """True when `signature_hex` is the machine key's audit signature of `message`."""
+    from ..vault.codec import VaultError, b64e, ed_public
+    from ..vault.codec import verify as vault_verify
+
     try:
-        Ed25519PublicKey.from_public_bytes(public).verify(bytes.fromhex(signature_hex), message)
+        vault_verify(ed_public(b64e(public), "audit key"), bytes.fromhex(signature_hex), DOMAIN, message, "audit signature")
         return True
-    except (InvalidSignature, ValueError):
+    except (VaultError, ValueError):
         return False
 
 
-def key_path(home: Path | None = None) -> Path:
-    return (home or paths.home()) / KEY_FILE
+def load_signer(*, create: bool = True) -> Signer:
+    """This machine's key (created, mode 0600, on first use when `create`)."""
+    from ..vault.machine import MachineKey
 
-
-def load_signer(home: Path | None = None, *, create: bool = True) -> Signer:
-    """This machine's audit-signing key, generated (mode 0600) on first use."""
-    path = key_path(home)
-    if not path.exists():
-        if not create:
-            raise CodemoatError(f"no audit-signing key at {path}: this machine has never written an audit record")
-        seed = Ed25519PrivateKey.generate().private_bytes_raw()
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:  # another process created it first: use theirs
-            return load_signer(home, create=False)
-        with os.fdopen(fd, "w") as f:
-            f.write(seed.hex() + "\n")
-    mode = path.stat().st_mode & 0o777
-    if mode & 0o077:
-        raise CodemoatError(f"audit-signing key {path} is readable by others (mode {mode:o}): run chmod 600 {path}")
     try:
-        seed = bytes.fromhex(path.read_text().strip())
-        return Signer(Ed25519PrivateKey.from_private_bytes(seed))
-    except ValueError as e:
-        raise CodemoatError(f"audit-signing key {path} is damaged: {e}") from None
+        key = MachineKey.load_or_create() if create else MachineKey.load()
+    except CodemoatError as e:
+        raise CodemoatError(f"audit signing key: {e}") from None
+    return Signer(key.ed25519)

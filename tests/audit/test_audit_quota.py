@@ -1,0 +1,66 @@
+"""Quotas as a pure unit: sliding-window rates with exact Retry-After, daily tokens, alarm throttling."""
+
+from __future__ import annotations
+
+import pytest
+
+from codemoat.audit.quota import Quotas, seconds_to_midnight
+from codemoat.errors import RateLimited
+
+T = 1_800_000_000.0  # a fixed instant, 08:00 UTC
+
+
+def test_requests_per_minute_sliding_window():
+    q = Quotas(requests_per_minute=3)
+    for dt in (0, 10, 20):
+        q.check("alice", "tok_a", now=T + dt)
+    with pytest.raises(RateLimited) as e:
+        q.check("alice", "tok_a", now=T + 30)
+    assert e.value.retry_after == pytest.approx(30)  # the request at T leaves the window at T+60
+    q.check("bob", "tok_b", now=T + 30)  # others are not affected
+    q.check("alice", "tok_a", now=T + 60.5)  # the window slid
+
+
+def test_user_limit_spans_tokens():
+    q = Quotas(requests_per_minute=2)
+    q.check("alice", "tok_1", now=T)
+    q.check("alice", "tok_2", now=T + 1)
+    with pytest.raises(RateLimited, match="this user"):
+        q.check("alice", "tok_3", now=T + 2)
+
+
+def test_tokens_per_day_resets_at_utc_midnight():
+    q = Quotas(tokens_per_day=100)
+    q.check("alice", "tok_a", now=T)
+    q.add_tokens("alice", "tok_a", 100, now=T)
+    with pytest.raises(RateLimited, match="daily token quota") as e:
+        q.check("alice", "tok_a", now=T + 5)
+    assert e.value.retry_after == pytest.approx(seconds_to_midnight(T + 5))
+    q.check("bob", "tok_b", now=T + 5)
+    q.check("alice", "tok_a", now=T + seconds_to_midnight(T) + 1)  # the next day
+
+
+def test_refused_requests_do_not_count():
+    q = Quotas(requests_per_minute=1)
+    q.check("alice", "tok_a", now=T)
+    for dt in range(1, 5):
+        with pytest.raises(RateLimited):
+            q.check("alice", "tok_a", now=T + dt)
+    q.check("alice", "tok_a", now=T + 60.01)
+    assert q.refused == 4
+
+
+def test_throttle_from_an_alarm_expires():
+    import time
+
+    q = Quotas()
+    assert not q.active
+    q.throttle("mallory", rpm=1, seconds=3600)
+    assert q.active
+    now = time.time()
+    q.check("mallory", "tok_m", now=now)
+    with pytest.raises(RateLimited, match="throttled by a distillation alarm"):
+        q.check("mallory", "tok_m", now=now + 1)
+    q.check("alice", "tok_a", now=now + 1)
+    q._throttle["mallory"] = (1, time.time() - 1)  # the hour is over
+    q.check("mallory", "tok_m", now=now + 2)
