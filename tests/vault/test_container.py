@@ -181,3 +181,21 @@ def test_key_id_is_a_commitment():
     k = os.urandom(32)
     assert content_key_id(k) == content_key_id(bytes(k))
     assert content_key_id(k) != content_key_id(os.urandom(32))
+
+
+def test_decrypt_to_pwrite_into_memfd(tmp_path):
+    data = os.urandom(3 * CHUNK + 5)
+    sealed, key = make(tmp_path, data)
+    buf = MemfdBuffer(len(data))
+    try:
+        sealed.decrypt_to(key, lambda off, chunk: os.pwrite(buf.fd, chunk, off), check_sha256=True)
+        assert bytes(buf.view) == data
+    finally:
+        buf.close()
+    raw = bytearray(sealed.path.read_bytes())
+    raw[-1] ^= 1
+    sealed.path.write_bytes(raw)
+    got: list[int] = []
+    with pytest.raises(VaultError, match="chunk 3 of 4 failed authentication"):
+        SealedFile(sealed.path).decrypt_to(key, lambda off, chunk: got.append(off))
+    assert got == [0, CHUNK, 2 * CHUNK]  # earlier chunks were handed over; the caller discards them

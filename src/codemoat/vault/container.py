@@ -22,6 +22,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
@@ -171,10 +172,28 @@ class SealedFile:
         with memoryview(out).cast("B") as view:
             if len(view) != m.plaintext_size:
                 raise ValueError(f"output buffer is {len(view)} bytes, plaintext is {m.plaintext_size}")
-            self._decrypt_file(key, view, check_sha256, progress)
+            self._decrypt_file(key, lambda lo, size: view[lo: lo + size], progress and (lambda lo, out: progress(len(out))),
+                               check_sha256)
 
-    def _decrypt_file(self, key: bytes, out: memoryview, check_sha256: bool, progress) -> None:
+    def decrypt_to(self, key: bytes, write: Callable[[int, memoryview], Any], *, check_sha256: bool = False) -> None:
+        """Decrypt chunk by chunk into a scratch buffer and hand each to `write(offset, plaintext)`.
+
+        For a destination best filled by a system call: `os.pwrite` into a memfd allocates its
+        pages in the kernel, several times cheaper than faulting them in through a mapping. The
+        scratch buffer is zeroed before returning."""
         m = self.manifest
+        if content_key_id(key) != m.key_id:
+            raise VaultError("content key does not match this sealed file (key id differs)")
+        scratch = bytearray(max(1, min(m.chunk_size, m.plaintext_size)))
+        try:
+            with memoryview(scratch) as view:
+                self._decrypt_file(key, lambda lo, size: view[:size], write, check_sha256)
+        finally:
+            scratch[:] = bytes(len(scratch))
+
+    def _decrypt_file(self, key: bytes, dest: Callable[[int, int], memoryview],
+                      after: Callable[[int, memoryview], Any] | None, check_sha256: bool) -> None:
+        m, n = self.manifest, self.n_chunks
         aead = AESGCM(key)
         digest = hashlib.sha256() if check_sha256 else None
         with open(self.path, "rb") as f:
@@ -183,29 +202,26 @@ class SealedFile:
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             try:
                 with memoryview(mm) as src:
-                    self._decrypt_chunks(aead, src, out, digest, progress)
+                    pos = self.payload_offset
+                    for i in range(n):
+                        lo = i * m.chunk_size
+                        size = min(m.chunk_size, m.plaintext_size - lo)
+                        final = i == n - 1
+                        out = dest(lo, size)
+                        try:
+                            aead.decrypt_into(_nonce(i, final), src[pos: pos + size + TAG_LEN],
+                                              _aad(self.header_hash, i, final), out)
+                        except InvalidTag:
+                            raise VaultError(f"chunk {i} of {n} failed authentication (the sealed file was altered)") from None
+                        if digest is not None:
+                            digest.update(out)
+                        if after is not None:
+                            after(lo, out)
+                        pos += size + TAG_LEN
             finally:
                 mm.close()
         if digest is not None and digest.hexdigest() != m.plaintext_sha256:
             raise VaultError("plaintext SHA-256 does not match the manifest")
-
-    def _decrypt_chunks(self, aead: AESGCM, src: memoryview, out: memoryview, digest, progress) -> None:
-        m, n = self.manifest, self.n_chunks
-        pos = self.payload_offset
-        for i in range(n):
-            lo = i * m.chunk_size
-            size = min(m.chunk_size, m.plaintext_size - lo)
-            final = i == n - 1
-            try:
-                aead.decrypt_into(_nonce(i, final), src[pos : pos + size + TAG_LEN], _aad(self.header_hash, i, final),
-                                  out[lo : lo + size])
-            except InvalidTag:
-                raise VaultError(f"chunk {i} of {n} failed authentication (the sealed file was altered)") from None
-            if digest is not None:
-                digest.update(out[lo : lo + size])
-            pos += size + TAG_LEN
-            if progress is not None:
-                progress(size)
 
     def decrypt(self, key: bytes, *, check_sha256: bool = True) -> bytearray:
         """Decrypt into a new bytearray (for safetensors, and for `verify`)."""
