@@ -62,7 +62,14 @@ def serve(
     console.print(f"codemoat serving [bold]{holder.model_id}[/bold] on http://{settings.server.host}:{bound}", highlight=False)
     cfg = uvicorn.Config(application, log_level=settings.server.log_level, access_log=False, timeout_graceful_shutdown=10)
     server = uvicorn.Server(cfg)
+    # uvicorn drains requests on SIGTERM/SIGINT, then re-raises the signal under the handler it
+    # found at start; a quiet handler here makes a graceful stop exit 0, as service managers expect.
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     server.run(sockets=[sock])
+    console.print("codemoat stopped", highlight=False)
 
 
 def _retriever():

@@ -139,6 +139,8 @@ class LlamaCppEngine(Engine):
         return self._llm.detokenize([tid], special=True).decode("utf-8", "replace")
 
     def tokenize(self, text: str, special: bool = True) -> list[int]:
+        if self._closed:
+            raise CodemoatError("engine is closed")
         return self._llm.tokenize(text.encode(), add_bos=self._add_bos(), special=special)
 
     def _add_bos(self) -> bool:

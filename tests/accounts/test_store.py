@@ -1,0 +1,67 @@
+"""Accounts: users, groups, hashed tokens with scopes and expiry."""
+
+import time
+
+import pytest
+import sqlalchemy as sa
+
+from codemoat.accounts import EVERYONE, Accounts
+from codemoat.db import open_db
+from codemoat.errors import CodemoatError, NotFound, Unauthorized
+
+
+@pytest.fixture
+def acc():
+    return Accounts(open_db())
+
+
+def test_token_round_trip_and_only_hash_stored(acc, home):
+    info, secret = acc.create_token("alice", scopes=("complete",))
+    p = acc.authenticate(secret)
+    assert (p.user, p.token_id, p.scopes) == ("alice", info.id, frozenset({"complete"}))
+    assert EVERYONE in p.groups
+    with acc.engine.connect() as c:
+        dump = "\n".join(map(str, c.execute(sa.text("select * from tokens")).all()))
+    assert secret not in dump
+    assert secret.encode() not in (home / "codemoat.db").read_bytes()
+
+
+@pytest.mark.parametrize("bad", [None, "", "cm_wrong", "x" * 500])
+def test_bad_tokens(acc, bad):
+    acc.create_token("alice")
+    with pytest.raises(Unauthorized):
+        acc.authenticate(bad)
+
+
+def test_revoke_and_expiry(acc):
+    info, secret = acc.create_token("alice")
+    acc.revoke_token(info.id)
+    with pytest.raises(Unauthorized, match="revoked"):
+        acc.authenticate(secret)
+    with pytest.raises(NotFound):
+        acc.revoke_token(info.id)
+    info2, s2 = acc.create_token("bob", expires_at=time.time() + 0.5)
+    assert acc.authenticate(s2).user == "bob"
+    time.sleep(0.6)
+    with pytest.raises(Unauthorized, match="expired"):
+        acc.authenticate(s2)
+    with pytest.raises(CodemoatError, match="future"):
+        acc.create_token("x", expires_at=time.time() - 1)
+
+
+def test_groups(acc):
+    acc.add_user("alice", ["payments", "platform"])
+    info, secret = acc.create_token("alice-laptop", user="alice")
+    assert acc.authenticate(secret).groups == {"payments", "platform", EVERYONE}
+    acc.set_groups("alice", ["web"])
+    assert acc.authenticate(secret).groups == {"web", EVERYONE}
+    assert {g["name"] for g in acc.list_groups()} >= {"payments", "web"}
+    with pytest.raises(CodemoatError, match="already exists"):
+        acc.add_user("alice")
+    with pytest.raises(CodemoatError, match="invalid user name"):
+        acc.add_user("bad name; drop table")
+    with pytest.raises(CodemoatError, match="unknown scope"):
+        acc.create_token("t", scopes=("root",))
+    acc.remove_user("alice")
+    with pytest.raises(Unauthorized):
+        acc.authenticate(secret)

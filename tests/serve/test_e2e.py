@@ -1,0 +1,104 @@
+"""End to end: `codemoat serve` as a subprocess on a free loopback port, driven by real clients."""
+
+import json
+import signal
+
+import httpx
+import openai
+import pytest
+
+from conftest import create_token, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def server(serve_process, tiny_gguf):
+    token = create_token("--name", "e2e")
+    s = serve_process(["--model", str(tiny_gguf), "--model-id", "codemoat-tiny"])
+    s.token = token
+    return s
+
+
+def test_openai_client_completion_with_suffix_and_streamed_chat(server):
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=server.token, max_retries=0)
+    assert [m.id for m in client.models.list()] == ["codemoat-tiny"]
+    c = client.completions.create(model="codemoat-tiny", prompt="def add(a, b):\n    return ", suffix="\n", max_tokens=16, temperature=0)
+    assert c.choices[0].finish_reason in ("stop", "length") and c.usage.completion_tokens >= 1
+    stream = client.chat.completions.create(model="codemoat-tiny", messages=[{"role": "user", "content": "What does os.path.join do?"}], max_tokens=24, stream=True)
+    pieces = [ch.choices[0].delta.content or "" for ch in stream if ch.choices]
+    assert len(pieces) >= 2 and "".join(pieces)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server.url + "/v1", api_key="cm_wrong", max_retries=0).models.list()
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="gpt-4o", prompt="x", max_tokens=1)
+    with pytest.raises(openai.BadRequestError, match="context"):
+        client.completions.create(model="codemoat-tiny", prompt="x = 1\n" * 5000, max_tokens=4)
+
+
+def test_ollama_autocomplete_as_continue_sends_it(server):
+    h = {"Authorization": f"Bearer {server.token}"}
+    with httpx.Client(base_url=server.url, headers=h, timeout=60) as c:
+        show = c.post("/api/show", json={"name": "codemoat-tiny"}).json()
+        assert ".Suffix" in show["template"]
+        body = {"model": "codemoat-tiny", "prompt": "import os\n\ndef cwd():\n    return ", "suffix": "\n", "raw": True,
+                "options": {"temperature": 0.01, "num_predict": 16, "stop": ["\n\n"]}, "keep_alive": 1800}
+        with c.stream("POST", "/api/generate", json=body) as r:
+            assert r.status_code == 200
+            lines = [json.loads(l) for l in r.iter_lines() if l]
+        assert lines[-1]["done"] and lines[-1]["eval_count"] >= 1
+
+
+def test_infill_and_tabby(server):
+    h = {"Authorization": f"Bearer {server.token}"}
+    with httpx.Client(base_url=server.url, headers=h, timeout=60) as c:
+        r = c.post("/infill", json={"input_prefix": "import os\nprint(os.", "input_suffix": ")\n", "n_predict": 8,
+                                    "input_extra": [{"filename": "util.py", "text": "def helper():\n    pass\n"}]})
+        assert r.status_code == 200 and r.json()["stop"] is True
+        assert c.get("/v1/health").status_code == 200
+        t = c.post("/v1/completions", json={"language": "python", "segments": {"prefix": "def f():\n    return ", "suffix": "\n", "filepath": "a.py", "git_url": "https://example.invalid/acme.git"}})
+        assert t.status_code == 200 and t.json()["choices"][0]["index"] == 0
+        assert c.post("/v1/events", json={"type": "view", "completion_id": t.json()["id"], "choice_index": 0}).status_code == 200
+
+
+def test_negative_cases_keep_the_server_serving(server):
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        assert c.post("/v1/completions", json={"model": "codemoat-tiny", "prompt": "x"}).status_code == 401
+        assert c.post("/api/generate", json={"model": "codemoat-tiny", "prompt": "x"}, headers={"Authorization": "Bearer nope"}).json()["error"]
+        h = {"Authorization": f"Bearer {server.token}"}
+        assert c.post("/v1/completions", content=b"{not json", headers=h).status_code == 400
+        assert c.post("/api/generate", json={"model": "other", "prompt": "x"}, headers=h).status_code == 404
+        assert c.post("/infill", json={"input_prefix": "x " * 20000}, headers=h).status_code == 400
+        assert c.post("/v1/completions", json={"model": "codemoat-tiny", "prompt": "x", "max_tokens": 1}, headers=h).status_code == 200
+
+
+def test_client_disconnect_cancels_generation(server):
+    """A client that goes away mid-stream frees the worker: the next request is answered at once."""
+    h = {"Authorization": f"Bearer {server.token}"}
+    with httpx.Client(base_url=server.url, headers=h, timeout=60) as c:
+        with c.stream("POST", "/v1/completions", json={"model": "codemoat-tiny", "prompt": "def ", "max_tokens": 1000, "stream": True, "temperature": 1}) as r:
+            next(r.iter_lines())
+        r = c.post("/v1/completions", json={"model": "codemoat-tiny", "prompt": "x", "max_tokens": 2})
+        assert r.status_code == 200
+
+
+def test_cli_clients_and_graceful_shutdown(server):
+    env = {"CODEMOAT_URL": server.url, "CODEMOAT_TOKEN": server.token}
+    r = run_cli("complete", "--prefix", "def add(a, b):\n    return ", "--suffix", "\n", "--max-tokens", "8", "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["object"] == "text_completion"
+    r = run_cli("chat", "hello", "--max-tokens", "8", env=env)
+    assert r.returncode == 0, r.stderr
+    r = run_cli("complete", "--prefix", "x", env={**env, "CODEMOAT_TOKEN": "cm_bad"})
+    assert r.returncode == 1 and "401" in r.stderr and "Traceback" not in r.stderr
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(timeout=30) == 0
+    assert "Application shutdown complete" in server.output()
+
+
+def test_serve_errors_are_one_line(tmp_path):
+    r = run_cli("serve", "--model", str(tmp_path / "missing.gguf"), "--port", "0")
+    assert r.returncode == 1 and "model not found" in r.stderr and "Traceback" not in r.stderr
+    (tmp_path / "bad.gguf").write_bytes(b"not a model")
+    r = run_cli("serve", "--model", str(tmp_path / "bad.gguf"), "--port", "0")
+    assert r.returncode == 1 and "cannot load model" in r.stderr and len(r.stderr.strip().splitlines()) == 1
