@@ -38,7 +38,8 @@ from tests.trace import attacks, synth  # noqa: E402
 
 WORK = Path(os.environ.get("TRACE_BENCH_DIR", "/tmp/codemoat-bench-trace"))
 RESULTS = Path(os.environ.get("TRACE_BENCH_RESULTS", ROOT / "bench" / "results"))
-BUNDLED = ROOT / "models" / "codemoat-tiny.gguf"
+BUNDLED_SRC = ROOT / "models" / "codemoat-tiny.gguf"
+BUNDLED = Path(os.environ.get("TRACE_BENCH_BUNDLED", WORK / "bundled" / "codemoat-tiny.gguf"))
 HELDOUT = ROOT / "models" / "codemoat-tiny.heldout.txt"
 STDLIB = Path(__import__("sysconfig").get_paths()["stdlib"])
 SITE = ROOT / ".venv" / "lib" / "python3.11" / "site-packages"
@@ -169,7 +170,7 @@ def robustness(name: str, orig: Path, secrets: dict, kl_windows: int, attack_kl:
             log(f"{name}: fingerprinted for {c} in {time.time() - t:.1f} s")
     del data
     text = heldout_text(200_000)
-    out: dict = {"model": str(orig), "params": _params(orig), "customers": len(secrets)}
+    out: dict = {"model": str(orig), "params": _params(orig), "customers": len(secrets), "description": _description(orig)}
     log(f"{name}: quality")
     out["quality"] = quality(orig, copies[A], text, windows=kl_windows)
     leaks = {
@@ -199,6 +200,7 @@ def robustness(name: str, orig: Path, secrets: dict, kl_windows: int, attack_kl:
             p.unlink()
     (d / "perm-f16.gguf").unlink(missing_ok=True)
     out["clean original"] = _trace(orig, orig, secrets, ())
+    out["leaker"], out["colluder"] = A, B
     return out
 
 
@@ -209,6 +211,13 @@ def _params(path: Path) -> int:
         return int(sum(t.n_elements for t in r.tensors))
 
 
+def _description(path: Path) -> str:
+    from codemoat.trace.gguf_io import metadata, open_gguf
+
+    with open_gguf(path) as r:
+        return str(metadata(r).get("general.description", ""))
+
+
 def standin(path: Path, shape: synth.Shape, vocab: int, seed: int) -> Path:
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -217,6 +226,18 @@ def standin(path: Path, shape: synth.Shape, vocab: int, seed: int) -> Path:
         shape.vocab = len(tok[0])
         synth.write_gguf(path, shape, synth.random_weights(shape, seed), *tok, dtype="F16")
     return path
+
+
+def snapshot_bundled() -> None:
+    """Copy the bundled model (GGUF and .hf) aside: training may overwrite it with a checkpoint mid-run."""
+    import shutil
+
+    if "TRACE_BENCH_BUNDLED" in os.environ or not BUNDLED_SRC.exists():
+        return
+    BUNDLED.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(BUNDLED_SRC, BUNDLED)
+    if BUNDLED_SRC.with_suffix(".hf").is_dir():
+        shutil.copytree(BUNDLED_SRC.with_suffix(".hf"), BUNDLED.with_suffix(".hf"), dirs_exist_ok=True)
 
 
 def bundled_or_standin() -> tuple[Path, bool]:
@@ -266,7 +287,7 @@ def part_finetune(n: int, steps: int = 200) -> dict:
     for f in files:
         ids += tok.encode(f.read_text(errors="replace")).ids
     ids_t = torch.tensor(ids)
-    seq, batch = 256, 8
+    seq, batch = 128, 8
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1)
     model.train()
     losses = []
@@ -278,7 +299,7 @@ def part_finetune(n: int, steps: int = 200) -> dict:
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if step % 50 == 0:
             log(f"finetune step {step} loss {loss:.3f}")
     tuned = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k in st_load(data)}
@@ -377,6 +398,7 @@ def part_watermark(n_files: int, n_gen: int, n_em: int, n_keys: int, n_cust: int
         return logits
 
     rng = np.random.default_rng(1)
+    generated: list[str] = []
     for j, temp in enumerate(temps):
         n_gen_t = n_gen if j == 0 else max(20, n_gen // 2)
         det, det_plain, zl, nscored = 0, 0, [], []
@@ -387,6 +409,7 @@ def part_watermark(n_files: int, n_gen: int, n_em: int, n_keys: int, n_cust: int
             proc = wm.WatermarkProcessor(key, vocab_size=llm.n_vocab())
             txt = llm.create_completion(prompt, max_tokens=200, temperature=temp, top_k=0, top_p=1.0, seed=g,
                                         logits_processor=LogitsProcessorList([ban, proc]))["choices"][0]["text"]
+            generated.append(txt)
             res = wm.detect_text(txt, scorer.tokenize, {names[0]: key}, scorer.entropies)[0]
             # the corrected threshold a vendor with 1,000 customers applies
             det += res.p * n_cust < wm.THRESHOLD
@@ -398,6 +421,8 @@ def part_watermark(n_files: int, n_gen: int, n_em: int, n_keys: int, n_cust: int
             "median_z": float(np.median(zl)), "median_scored_tokens": float(np.median(nscored)), "seconds": round(time.time() - t, 1),
         }
         log(f"watermark detection T={temp}: {out[f'detection_T{temp}']}")
+
+    (WORK / "wm-generations.json").write_text(json.dumps({"key_customer": names[0], "texts": generated}))
 
     # single-line exact match, greedy, watermark off and on
     lines = text.splitlines(keepends=True)
@@ -426,7 +451,7 @@ def part_watermark(n_files: int, n_gen: int, n_em: int, n_keys: int, n_cust: int
 
 
 # -- radioactivity (stretch) ----------------------------------------------------
-def part_radio(n_cust: int, n_train_gen: int = 300, steps: int = 400) -> dict:
+def part_radio(n_cust: int, n_train_gen: int = 100, steps: int = 400) -> dict:
     """Train a small student on the watermarked bundled model's outputs; score the student's outputs."""
     import torch
     from llama_cpp import Llama, LogitsProcessorList
@@ -451,6 +476,10 @@ def part_radio(n_cust: int, n_train_gen: int = 300, steps: int = 400) -> dict:
     rng = np.random.default_rng(5)
     data: list[int] = []
     t = time.time()
+    saved = WORK / "wm-generations.json"
+    if saved.exists():  # the watermark part's generations (same key: the first customer)
+        for txt in json.loads(saved.read_text())["texts"]:
+            data += llm.tokenize(txt.encode(), add_bos=False, special=False)
     for g in range(n_train_gen):
         s = int(rng.integers(0, len(ptoks) - 100))
         proc = wm.WatermarkProcessor(key, vocab_size=llm.n_vocab())
@@ -493,7 +522,7 @@ def part_radio(n_cust: int, n_train_gen: int = 300, steps: int = 400) -> dict:
             z_key.append(wm.detect(gen, key)[0])
             z_other.append(wm.detect(gen, other)[0])
     allgen_k = float(np.sum(z_key) / math.sqrt(len(z_key)))
-    return {"teacher_generations": n_train_gen, "train_tokens": len(data), "student": cfg, "steps": steps,
+    return {"teacher_generations": n_train_gen + (len(json.loads(saved.read_text())["texts"]) if saved.exists() else 0), "train_tokens": len(data), "student": cfg, "steps": steps,
             "final_loss": float(loss), "generation_seconds": round(gen_s, 1),
             "student_median_z_key": float(np.median(z_key)), "student_median_z_other_key": float(np.median(z_other)),
             "stouffer_z_50_generations_key": allgen_k,
@@ -516,8 +545,9 @@ def render(res: dict) -> str:
         if not r:
             continue
         note = "" if r.get("bundled", True) else " — **stand-in**: the bundled model was not there; a random model of its shape"
-        L += [f"## {title}{note}", "", f"`{r['model']}`, {r['params']:,} parameters, {r['customers']:,} registered customers; "
-              f"leaker {A}, colluder {B}.", ""]
+        desc = f" ({r['description']})" if r.get("description") else ""
+        L += [f"## {title}{note}", "", f"`{Path(r['model']).name}`{desc}, {r['params']:,} parameters, {r['customers']:,} "
+              f"registered customers; leaker {r.get('leaker', A)}, colluder {r.get('colluder', B)}.", ""]
         q = r["quality"]
         L += [f"Quality cost of the fingerprint over {q['tokens']:,} held-out tokens: next-token KL "
               f"**{q['kl_nats_per_token']:.2e} nats/token**, bits/byte {q['bpb_original']:.4f} → {q['bpb_other']:.4f} "
@@ -593,6 +623,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--parts", default="bundled,large,finetune,watermark,radio")
     ap.add_argument("--customers", type=int, default=1000)
+    ap.add_argument("--no-snapshot", action="store_true", help="reuse the bundled model copied by an earlier run")
     ap.add_argument("--files", type=int, default=10_000)
     ap.add_argument("--generations", type=int, default=200)
     ap.add_argument("--em-lines", type=int, default=200)
@@ -604,6 +635,8 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     jpath = RESULTS / "trace.json"
     res = json.loads(jpath.read_text()) if jpath.exists() else {}
+    if not args.no_snapshot:
+        snapshot_bundled()
     for part in args.parts.split(","):
         t = time.time()
         log(f"== {part}")
