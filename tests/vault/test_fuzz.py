@@ -179,3 +179,29 @@ def test_license_mutations_all_rejected(vendor, machine, tmp_path):
     assert done >= N_LICENSE - 5
     assert done + N_CONTAINER >= 10_000
     assert any("bad signature" in k or "license" in k for k in counts)
+
+
+def test_hostile_json_is_a_clean_refusal(vendor, machine, tmp_path):
+    """NaN, deep nesting and wrong types in a license or a manifest: refused, never a crash."""
+    import struct
+
+    from codemoat.vault.container import MAGIC
+
+    hostile = [b'{"kind":"codemoat-license","version":1,"license":{"x":NaN},"signature":"AA=="}',
+               b'{"kind":"codemoat-license","version":1,"license":' + b"[" * 100000 + b"]" * 100000 + b"}",
+               b'{"kind":"codemoat-license","version":1,"license":[],"signature":"AA=="}',
+               b'{"kind":"codemoat-license","version":1,"license":{},"signature":5}', b"\xff\xfe", b"null"]
+    for doc in hostile:
+        try:
+            License.parse(doc)
+        except VaultError:
+            continue
+        raise AssertionError(doc[:60])
+    for manifest in (b'{"a":NaN}', b"[" * 5000 + b"]" * 5000, b'{"file_id":1}', b"\xff"):
+        p = tmp_path / "h.moat"
+        p.write_bytes(MAGIC + struct.pack(">HI", 1, len(manifest)) + manifest + bytes(64))
+        try:
+            SealedFile(p)
+        except VaultError:
+            continue
+        raise AssertionError(manifest[:60])

@@ -127,10 +127,11 @@ class SealedFile:
             signed, signature = head + body[:mlen], body[mlen:]
             try:
                 fields = json.loads(body[:mlen].decode("utf-8"))
-            except (UnicodeDecodeError, ValueError):
+                canonical_form = canonical(fields)
+            except (UnicodeDecodeError, ValueError, RecursionError):
                 raise VaultError("sealed file manifest is not valid JSON") from None
             self.manifest = Manifest.check(fields)
-            if canonical(fields) != body[:mlen]:
+            if canonical_form != body[:mlen]:
                 raise VaultError("sealed file manifest is not in canonical form")
             verify(ed_public(fields["vendor_key"], "manifest vendor key"), signature, SIGN_DOMAIN, signed,
                    "sealed file manifest")

@@ -74,7 +74,7 @@ class License:
             raise VaultError("license body is missing")
         try:
             signed = canonical(body)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise VaultError("license body is not canonical JSON") from None
         vk = ed_public(body.get("vendor_key"), "license vendor key")
         verify(vk, b64d(doc.get("signature"), "license signature"), DOMAIN, signed, "license")
