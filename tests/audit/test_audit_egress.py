@@ -130,5 +130,7 @@ def test_rules():
     assert g.may_resolve("proxy.corp") and not g.may_resolve("evil.example") and g.may_resolve("8.8.8.8")
     assert not EgressGuard(loopback=False).may_connect("127.0.0.1", 1)
     assert EgressGuard().may_connect("::ffff:127.0.0.1", 1) and not EgressGuard().may_connect("1.1.1.1", 443)
+    assert parse_rule("https://Keys.Vendor.example/v1/lease") == egress.Rule("keys.vendor.example", None, 443)
+    assert parse_rule("http://[::1]:8080/x").port == 8080
     with pytest.raises(ValueError):
         parse_rule("host:99999")

@@ -50,6 +50,13 @@ class Rule:
 def parse_rule(entry: str) -> Rule:
     """`host`, `host:port`, `[v6]:port`, `v6addr`, or `cidr` → a rule."""
     e = entry.strip().lower()
+    if "://" in e:  # a URL: its host and (default) port
+        from urllib.parse import urlsplit
+
+        u = urlsplit(e)
+        port = u.port or {"https": 443, "http": 80}.get(u.scheme)
+        host = u.hostname or ""
+        e = (f"[{host}]" if ":" in host else host) + (f":{port}" if port else "")
     if e.startswith("[") and "]" in e:
         host, _, rest = e[1:].partition("]")
         port = int(rest[1:]) if rest.startswith(":") else None

@@ -89,14 +89,24 @@ class Trust:
             depth = depth()
         if depth is None:
             depth = max(0, self.in_flight - self.settings.server.max_concurrent)
+        lease_state, lease_left = info.get("lease_state"), info.get("lease_seconds_left")
+        keeper = getattr(holder, "keeper", None)  # the vault's LeaseKeeper, for a leased license
+        if keeper is not None:
+            try:
+                d = keeper.describe()
+                lease_state, lease_left = lease_state or d.get("state"), d.get("seconds_left", lease_left)
+            except Exception as e:  # a scrape must not fail because the lease is in flux
+                log.debug("lease state unavailable: %s", e)
+        if lease_state is None and info.get("license_mode"):
+            lease_state = str(info["license_mode"])  # offline: no lease to keep
         return {
             "loaded": bool(getattr(holder, "loaded", False)),
             "model_state": getattr(holder, "state", None),
             "queue_depth": depth,
             "in_flight": self.in_flight,
-            "lease_state": info.get("lease_state"),
-            "expires_at": info.get("expires_at"),
-            "lease_seconds_left": info.get("lease_seconds_left"),
+            "lease_state": lease_state,
+            "expires_at": info.get("expires_at", info.get("license_expires_at")),
+            "lease_seconds_left": lease_left,
         }
 
     def _egress_refused(self, event: str, destination: str) -> None:
