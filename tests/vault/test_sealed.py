@@ -165,7 +165,7 @@ def test_fingerprinted_seal_when_available(vendor, machine, gguf_file, tmp_path)
     assert bytes(sealed.decrypt(key)) != gguf_file.read_bytes()  # the customer's copy differs
 
 
-def test_safetensors_round_trip(vendor, machine, tmp_path):
+def test_safetensors_round_trip(vendor, machine, tmp_path, vault_home):
     pytest.importorskip("torch")
     micro = pytest.importorskip("codemoat.train.micro")
     import torch
@@ -187,7 +187,7 @@ def test_safetensors_round_trip(vendor, machine, tmp_path):
         finally:
             plain.close()
         needles = canaries((hf / "model.safetensors").read_bytes())
-        assert scan_for([Path(tempfile.gettempdir()), tmp_path / "out"], needles) == []
+        assert scan_for([vault_home, Path(tempfile.gettempdir()), tmp_path / "out"], needles) == []
     finally:
         holder.close()
     out = tmp_path / "unsealed"
