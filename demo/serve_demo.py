@@ -1,0 +1,60 @@
+"""Demo step 10: what an editor sees, through the official `openai` client and Continue's Ollama request."""
+
+import json
+import sys
+import time
+
+import httpx
+import openai
+
+url, token = sys.argv[1], sys.argv[2]
+
+
+def say(text: str) -> None:
+    print(f"\n\033[1m== {text}\033[0m")
+
+
+def show(code: str, color: str = "32") -> None:
+    for line in code.splitlines() or [""]:
+        print(f"   │ \033[{color}m{line}\033[0m")
+
+
+client = openai.OpenAI(base_url=f"{url}/v1", api_key=token)
+prefix = "import os\n\n\ndef read_lines(path):\n    \"\"\"Return the lines of a text file.\"\"\"\n    with open(path) as f:\n        return "
+suffix = "\n\n\ndef main():\n    print(read_lines('setup.cfg'))\n"
+say("developer (OpenAI client): fill in the middle — prompt + suffix, the server applies the model's FIM template")
+t = time.perf_counter()
+c = client.completions.create(model="codemoat-tiny", prompt=prefix, suffix=suffix, max_tokens=24, temperature=0, stop=["\n"])
+dt = time.perf_counter() - t
+show("\n".join(prefix.splitlines()[:-1]), "2")
+show(prefix.splitlines()[-1] + c.choices[0].text)
+show(suffix.strip("\n"), "2")
+print(f"   ({c.usage.completion_tokens} tokens in {dt * 1000:.0f} ms, finish_reason={c.choices[0].finish_reason})")
+
+say("developer (OpenAI client): streamed chat")
+stream = client.chat.completions.create(
+    model="codemoat-tiny", stream=True, max_tokens=60, temperature=0.2,
+    messages=[{"role": "user", "content": "Write a Python function that returns the size of a file."}],
+)
+sys.stdout.write("   │ ")
+n = 0
+for ch in stream:
+    if ch.choices and ch.choices[0].delta.content:
+        n += 1
+        sys.stdout.write(ch.choices[0].delta.content.replace("\n", "\n   │ "))
+        sys.stdout.flush()
+print(f"\n   ({n} streamed chunks)")
+
+say("Continue's tab-autocomplete (Ollama API): /api/show, then /api/generate with suffix and raw")
+h = {"Authorization": f"Bearer {token}"}
+show_r = httpx.post(f"{url}/api/show", json={"name": "codemoat-tiny"}, headers=h).json()
+print(f"   /api/show template has .Suffix → FIM enabled: {'.Suffix' in show_r['template']}")
+body = {"model": "codemoat-tiny", "prompt": "def is_even(n):\n    return ", "suffix": "\n", "raw": True, "stream": True,
+        "options": {"temperature": 0.01, "num_predict": 16, "stop": ["\n"]}}
+text = []
+with httpx.stream("POST", f"{url}/api/generate", json=body, headers=h, timeout=60) as r:
+    for line in r.iter_lines():
+        if line:
+            ev = json.loads(line)
+            text.append(ev.get("response", ""))
+show("def is_even(n):\n    return " + "".join(text))
