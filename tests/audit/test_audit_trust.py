@@ -227,3 +227,36 @@ def test_distillation_alarm_raised_audited_and_throttles(engine, accounts, token
     assert [a["user"] for a in alerts] == ["alice"]
     assert set(alerts[0]["detail"]["reasons"]) == {"volume", "novelty", "long_unaccepted"}
     assert alerts[0]["detail"]["throttled_rpm"] == 1
+
+
+def test_client_that_hangs_up_mid_stream_is_audited(engine, accounts, tokens, port):
+    """A real uvicorn server: the client reads two chunks of a stream and goes away."""
+    import threading
+    import time
+
+    import httpx
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(make_app(Settings(), accounts), host="127.0.0.1", port=port, log_level="warning"))
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    try:
+        for _ in range(100):
+            if server.started:
+                break
+            time.sleep(0.05)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=tokens["alice"]) as c:
+            with c.stream("POST", "/v1/chat/completions", json={"slow": True, "messages": [{"role": "user", "content": "hi"}]}) as r:
+                lines = r.iter_lines()
+                assert next(lines).startswith("data:")
+            # the connection is closed here, long before the 40 chunks are sent
+        for _ in range(100):
+            recs = records(engine)
+            if recs:
+                break
+            time.sleep(0.05)
+    finally:
+        server.should_exit = True
+        t.join(timeout=10)
+    assert len(recs) == 1 and recs[0]["status"] == 200 and recs[0]["user"] == "alice"
+    assert 1 <= recs[0]["completion_tokens"] < 40  # what was generated before the hang-up

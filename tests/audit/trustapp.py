@@ -60,11 +60,13 @@ def make_app(settings: Settings, accounts: Accounts, holder: ModelHolder | None 
         u = request.state.usage
         u.update(protocol="openai", model="tiny", prompt_text=body["messages"][-1]["content"])
 
+        chunks, pause = (40, 0.1) if body.get("slow") else (4, 0.01)
+
         async def gen():
-            for i in range(4):
+            for i in range(chunks):
                 u["completion_tokens"] = i + 1
                 yield f"data: {{\"i\": {i}}}\n\n"
-                await asyncio.sleep(0.01)
+                await asyncio.sleep(pause)
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(gen(), media_type="text/event-stream")

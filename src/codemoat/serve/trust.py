@@ -256,8 +256,14 @@ class AuditMiddleware:
             raise
         finally:
             t.in_flight -= 1
-        if not written:  # a stream that ended (or a client that went away mid-stream)
-            await record(None if held is None else "response never completed")
+        if not written:
+            if held is not None:  # a start without a body (not ASGI-conformant, but finish it properly)
+                if not await record():
+                    return await self._refuse(scope, receive, send)
+                await send(held)
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            else:  # a stream that ended (or a client that went away mid-stream)
+                await record()
 
     async def _refuse(self, scope, receive, send) -> None:
         from starlette.requests import Request as StarletteRequest
