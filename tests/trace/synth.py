@@ -53,6 +53,8 @@ class Shape:
     vocab: int = 320
     n_ctx: int = 256
     out_std: float = 0.3  # larger: peakier next-token distributions
+    in_std: float = 0.08  # q, k, v, gate, up
+    emb_std: float = 0.5
 
 
 def random_weights(s: Shape, seed: int = 0) -> dict[str, np.ndarray]:
@@ -68,18 +70,18 @@ def random_weights(s: Shape, seed: int = 0) -> dict[str, np.ndarray]:
     def norm(n: int) -> np.ndarray:
         return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
 
-    res = 0.02 / np.sqrt(2 * s.n_layer)
-    w = {"token_embd.weight": mat(s.vocab, s.n_embd, 0.5), "output_norm.weight": norm(s.n_embd)}
+    res = s.in_std / 4 / np.sqrt(2 * s.n_layer)
+    w = {"token_embd.weight": mat(s.vocab, s.n_embd, s.emb_std), "output_norm.weight": norm(s.n_embd)}
     for i in range(s.n_layer):
         p = f"blk.{i}."
         w[p + "attn_norm.weight"] = norm(s.n_embd)
-        w[p + "attn_q.weight"] = mat(s.n_embd, s.n_embd, 0.08)
-        w[p + "attn_k.weight"] = mat(s.n_head_kv * hd, s.n_embd, 0.08)
-        w[p + "attn_v.weight"] = mat(s.n_head_kv * hd, s.n_embd, 0.08)
+        w[p + "attn_q.weight"] = mat(s.n_embd, s.n_embd, s.in_std)
+        w[p + "attn_k.weight"] = mat(s.n_head_kv * hd, s.n_embd, s.in_std)
+        w[p + "attn_v.weight"] = mat(s.n_head_kv * hd, s.n_embd, s.in_std)
         w[p + "attn_output.weight"] = mat(s.n_embd, s.n_embd, res * 4)
         w[p + "ffn_norm.weight"] = norm(s.n_embd)
-        w[p + "ffn_gate.weight"] = mat(s.n_ff, s.n_embd, 0.08)
-        w[p + "ffn_up.weight"] = mat(s.n_ff, s.n_embd, 0.08)
+        w[p + "ffn_gate.weight"] = mat(s.n_ff, s.n_embd, s.in_std)
+        w[p + "ffn_up.weight"] = mat(s.n_ff, s.n_embd, s.in_std)
         w[p + "ffn_down.weight"] = mat(s.n_embd, s.n_ff, res * 4)
     w["output.weight"] = mat(s.vocab, s.n_embd, s.out_std)
     return w
