@@ -65,7 +65,7 @@ class TrainResult:
 
 
 #: per size: vocabulary and batch (sequences per step)
-SIZE_DEFAULTS = {"micro": (1024, 4), "tiny": (8192, 8), "small": (16384, 16), "base": (32768, 32)}
+SIZE_DEFAULTS = {"micro": (1024, 4), "tiny": (8192, 6), "small": (16384, 16), "base": (32768, 32)}
 
 
 def _resolve_precision(opts: TrainOptions, torch) -> bool:
@@ -249,6 +249,12 @@ def train(opts: TrainOptions, on_event: Callable[[dict], None] | None = None) ->
     summary_path = out.with_name(out.stem + ".train.json")
     summary_path.write_text(json.dumps(summary, indent=2) + "\n")
     log.close()
+    try:  # the loss curve for the model card; matplotlib is optional
+        from .card import plot_loss
+
+        plot_loss(log_path, out.with_name(out.stem + ".loss.png"), title=f"{name}: {n_params / 1e6:.1f}M parameters")
+    except ImportError:
+        pass
     return TrainResult(g, h, n_params, step, tokens, seconds, ema, vl, bpb, summary_path)
 
 
