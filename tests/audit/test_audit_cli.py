@@ -59,3 +59,34 @@ def test_alerts(audit_log):
     r = runner.invoke(app, ["audit", "alerts"])
     assert r.exit_code == 0 and "mallory" in r.output and "volume, novelty" in r.output
     assert json.loads(runner.invoke(app, ["audit", "alerts", "--json"]).output)[0]["user"] == "mallory"
+
+
+def test_rotate_archives_and_restarts_a_tampered_log(audit_log, audit_home, tmp_path):
+    import hashlib
+
+    from codemoat.audit.log import AuditUnavailable
+
+    fill(audit_log, 5)
+    con = sqlite3.connect(audit_home / "codemoat.db")
+    con.execute("DELETE FROM audit_head")  # tampering: the log refuses to grow
+    con.commit()
+    try:
+        fill(audit_log, 1)
+        raise AssertionError("appended to a tampered log")
+    except AuditUnavailable:
+        pass
+    arc = tmp_path / "audit-2026-11.jsonl"
+    r = runner.invoke(app, ["audit", "rotate", "--archive", str(arc), "--json"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output)
+    assert d["records"] == 5 and d["previous_ok"] is False and "head is missing" in d["previous_problem"]
+    assert hashlib.sha256(arc.read_bytes()).hexdigest() == d["archive_sha256"] and arc.stat().st_mode & 0o777 == 0o600
+    lines = [json.loads(x) for x in arc.read_text().splitlines()]
+    assert [x["entry"] for x in lines].count("record") == 5 and lines[0]["verify"]["ok"] is False
+    fill(audit_log, 2)  # the new chain takes records again
+    r = runner.invoke(app, ["audit", "verify", "--json"])
+    rep = json.loads(r.output)
+    assert r.exit_code == 0 and rep["records"] == 3
+    first = json.loads(runner.invoke(app, ["audit", "export"]).output.splitlines()[0])
+    assert first["kind"] == "rotation" and first["detail"]["archive_sha256"] == d["archive_sha256"]
+    assert runner.invoke(app, ["audit", "rotate", "--archive", str(arc)]).exit_code != 0  # never overwrites an archive

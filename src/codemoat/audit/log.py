@@ -322,6 +322,43 @@ class AuditLog:
             self._mark_failed(f"{type(e).__name__}: {str(e).splitlines()[0]}")
             return False
 
+    def rotate(self, archive: Path) -> dict[str, Any]:
+        """Move every record, checkpoint and the head into `archive` (JSON lines) and start a new chain.
+
+        For retention, and to resume after tampering has been investigated. The new chain's first
+        record (kind `rotation`, signed like any other) holds the archive's SHA-256, the number of
+        records moved, the old head's hash and what `verify` said of the old chain, so the archive
+        stays anchored to the live log."""
+        rep = self.verify()
+        if archive.exists():
+            raise CodemoatError(f"{archive} already exists: choose a new archive file")
+        digest = hashlib.sha256()
+        with self._lock:
+            with self.engine.begin() as c, open(archive, "x", encoding="utf-8") as f:
+                def out(obj: dict[str, Any]) -> None:
+                    line = (json.dumps(obj, ensure_ascii=False, default=str) + "\n").encode()
+                    digest.update(line)
+                    f.write(line.decode())
+
+                out({"entry": "archive", "format": "codemoat-audit-archive-v1", "verify": rep.to_dict()})
+                n = 0
+                for r in c.execute(sa.select(records).order_by(records.c.seq)):
+                    out({"entry": "record", **r._asdict()})
+                    n += 1
+                for cp in c.execute(sa.select(checkpoints).order_by(checkpoints.c.seq)):
+                    out({"entry": "checkpoint", **cp._asdict()})
+                h = c.execute(sa.select(head).where(head.c.id == 1)).first()
+                if h is not None:
+                    out({"entry": "head", **h._asdict()})
+                for t in (records, checkpoints, head):
+                    c.execute(t.delete())
+            os.chmod(archive, 0o600)
+            self._healthy, self.failure = True, None
+        detail = {"archive": str(archive), "archive_sha256": digest.hexdigest(), "records": n,
+                  "previous_head": h.hash if h is not None else None, "previous_ok": rep.ok, "previous_problem": rep.problem}
+        self.append("rotation", detail=detail)
+        return detail
+
     # -- reading --------------------------------------------------------------------
     def records(
         self, *, since: float | None = None, kind: str | None = None, user: str | None = None,

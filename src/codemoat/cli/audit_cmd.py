@@ -110,3 +110,21 @@ def audit_alerts(*, config: ConfigOpt = None, as_json: JsonFlag = False) -> None
                           highlight=False, markup=False, soft_wrap=True)
 
     emit(rows, as_json, human)
+
+
+@audit_app.command("rotate")
+def audit_rotate(
+    *,
+    archive: Annotated[Path, typer.Option(help="New file to move the current records, checkpoints and head into (JSON lines).")],
+    config: ConfigOpt = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Archive the log and start a new chain anchored to the archive (retention, or after an investigated tampering)."""
+    d = _log(config).rotate(archive)
+
+    def human(x):
+        state = "verified OK" if x["previous_ok"] else f"NOT intact: {x['previous_problem']}"
+        console.print(f"moved {x['records']} records to {x['archive']} (sha256 {x['archive_sha256'][:16]}…; the old chain {state}); "
+                      "the new chain starts with a signed rotation record", highlight=False, soft_wrap=True)
+
+    emit(d, as_json, human)
