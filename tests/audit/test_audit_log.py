@@ -231,3 +231,6 @@ def test_head_file_rollback_detected(audit_log, audit_home, db_file, db_url):
     hf.write_bytes(raw[:slot6] + b"x" * 512 + raw[slot6 + 512:])  # and damage the newer slot too
     rep = audit_log.verify()
     assert not rep.ok and "damaged" in rep.problem
+    hf.write_bytes(raw[:slot6] + b"\x00" * 512 + raw[slot6 + 512:])  # or blank it
+    rep = audit_log.verify()
+    assert not rep.ok and "blank slot" in rep.problem

@@ -352,6 +352,8 @@ class AuditLog:
                     out({"entry": "head", **h._asdict()})
                 for t in (records, checkpoints, head):
                     c.execute(t.delete())
+                if self.head_file is not None and self.head_file.exists():
+                    os.truncate(self.head_file, 0)  # in place: writers keep their open descriptors
             os.chmod(archive, 0o600)
             self._healthy, self.failure = True, None
         detail = {"archive": str(archive), "archive_sha256": digest.hexdigest(), "records": n,
@@ -499,8 +501,11 @@ class AuditLog:
         if self.head_file is None or not self.head_file.exists():
             return []
         raw = self.head_file.read_bytes()
-        slots = []
+        slots, empty = [], 0
         for i in range(0, len(raw), _SLOT):
+            if not raw[i:i + _SLOT].strip(b"\x00 \n"):
+                empty += 1  # never written (a new chain has only filled the other slot)
+                continue
             try:
                 fh = json.loads(raw[i:i + _SLOT])
                 slots.append((fh, head_message(fh["seq"], fh["hash"], fh["last_checkpoint"], fh["ts_us"])))
@@ -508,7 +513,11 @@ class AuditLog:
                 # Slots are sector-sized and sector-aligned, so a crash does not tear them; a damaged
                 # slot would otherwise let someone fall back to the older head and drop a record.
                 return [(1, f"the head file {self.head_file} is damaged (slot {i // _SLOT})")]
+        if not slots:
+            return []
         fh, msg = max(slots, key=lambda x: x[0]["seq"])
+        if empty and fh["seq"] > 1:
+            return [(1, f"the head file {self.head_file} has a blank slot after record {fh['seq']}")]
         if fh.get("key_id") != kid:
             return [(1, f"the head file {self.head_file} is signed by key {fh.get('key_id')}, not this machine's audit key {kid}")]
         if public_key is None or not signing.verify(public_key, msg, fh.get("signature", "")):
