@@ -144,16 +144,18 @@ class KeyServer:
         except VaultError:
             raise LeaseDenied("bad_signature", "lease request is not signed by the licensed machine's key", 401) from None
         now = self.clock.time()
-        with self.vendor.engine.connect() as c:
+        # One transaction reads the license's state and takes the seat, so a revocation or another
+        # machine's allocation cannot slip in between.
+        with self._seat_lock, self.vendor.engine.begin() as c:
             row = c.execute(_LICENSE_STATE, {"lid": lid}).first()
-        if row.revoked_at:
-            raise LeaseDenied("revoked", f"license {lid} was revoked")
-        if now >= row.expires:
-            raise LeaseDenied("expired", f"license {lid} has expired")
-        if now < row.not_before:
-            raise LeaseDenied("not_yet_valid", f"license {lid} is not valid yet")
-        ttl = min(row.lease_ttl, max(1, int(row.expires - now)))
-        used = self._take_seat(lid, mid, row.seats, now, ttl)
+            if row.revoked_at:
+                raise LeaseDenied("revoked", f"license {lid} was revoked")
+            if now >= row.expires:
+                raise LeaseDenied("expired", f"license {lid} has expired")
+            if now < row.not_before:
+                raise LeaseDenied("not_yet_valid", f"license {lid} is not valid yet")
+            ttl = min(row.lease_ttl, max(1, int(row.expires - now)))
+            used = self._take_seat(c, lid, mid, row.seats, now, ttl)
         rcpt = x_public(entry["x25519"], "machine x25519 key")
         # One wrap carries both keys: the content key, then the watermark key when the license has one.
         secret = self._content_key(lic.file_id)
@@ -168,20 +170,20 @@ class KeyServer:
         }
         return {"lease": body, "signature": b64e(sign(self.vendor.keyserver_key, ANSWER_DOMAIN, canonical(body)))}
 
-    def _take_seat(self, lid: str, mid: str, seats: int, now: float, ttl: int) -> int:
+    @staticmethod
+    def _take_seat(c: sa.Connection, lid: str, mid: str, seats: int, now: float, ttl: int) -> int:
         """Renew this machine's seat or take a free one; seats in use after, or `seats_exhausted`."""
         p = {"lid": lid, "mid": mid, "now": now, "exp": now + ttl}
-        with self._seat_lock, self.vendor.engine.begin() as c:
-            # Fast path, a renewal of a live seat: the number of seats in use does not change.
-            if c.execute(_RENEW, p).rowcount:
-                return c.execute(_COUNT_LIVE, p).scalar_one()
-            c.execute(_LOCK_LICENSE, p)  # the row's write lock: seat allocations serialise
-            c.execute(_DROP_EXPIRED, p)  # including this machine's own lapsed seat: it competes again
-            held = c.execute(_COUNT_LIVE, p).scalar_one()
-            if held >= seats:
-                raise LeaseDenied("seats_exhausted", f"all {seats} seats of license {lid} are in use", 409)
-            c.execute(_INSERT, p)
-            return held + 1
+        # Fast path, a renewal of a live seat: the number of seats in use does not change.
+        if c.execute(_RENEW, p).rowcount:
+            return c.execute(_COUNT_LIVE, p).scalar_one()
+        c.execute(_LOCK_LICENSE, p)  # the row's write lock: seat allocations serialise across processes
+        c.execute(_DROP_EXPIRED, p)  # including this machine's own lapsed seat: it competes again
+        held = c.execute(_COUNT_LIVE, p).scalar_one()
+        if held >= seats:
+            raise LeaseDenied("seats_exhausted", f"all {seats} seats of license {lid} are in use", 409)
+        c.execute(_INSERT, p)
+        return held + 1
 
     def release(self, req: Any) -> dict[str, Any]:
         """Give a seat back (a server shutting down); authenticated like a lease request."""
