@@ -260,3 +260,12 @@ def test_client_that_hangs_up_mid_stream_is_audited(engine, accounts, tokens, po
         t.join(timeout=10)
     assert len(recs) == 1 and recs[0]["status"] == 200 and recs[0]["user"] == "alice"
     assert 1 <= recs[0]["completion_tokens"] < 40  # what was generated before the hang-up
+
+
+def test_handler_crash_is_audited_once_as_500(engine, accounts, tokens):
+    with TestClient(make_app(Settings(), accounts), raise_server_exceptions=False) as c:
+        assert c.post("/v1/boom", json={}, headers=tokens["alice"]).status_code == 500
+        assert c.post("/v1/completions", json={"prompt": "a"}, headers=tokens["alice"]).status_code == 200
+    recs = records(engine)
+    assert [(r["route"], r["status"]) for r in recs] == [("/v1/boom", 500), ("/v1/completions", 200)]
+    assert recs[0]["detail"]["note"] == "RuntimeError while handling" and recs[0]["prompt_tokens"] == 3

@@ -71,6 +71,11 @@ def make_app(settings: Settings, accounts: Accounts, holder: ModelHolder | None 
 
         return StreamingResponse(gen(), media_type="text/event-stream")
 
+    @app.post("/v1/boom")
+    async def boom(request: Request, principal=Depends(require("complete"))):
+        request.state.usage.update(protocol="openai", model="tiny", prompt_tokens=3)
+        raise RuntimeError("engine fell over")
+
     @app.post("/v1/events")
     async def events(request: Request, principal=Depends(require("complete"))):
         body = await request.json()

@@ -168,16 +168,19 @@ class Trust:
             completion_text=redact(completion_text)[0] if retain and completion_text else None,
             detail=detail,
         )
-        self.metrics.audit_records.labels("request").inc()
-        self.metrics.observe(route if route_obj is not None else "unmatched", usage.get("protocol") or "", status, seconds,
-                             prompt_tokens, completion_tokens)
-        if principal is not None and 200 <= status < 300:
-            self.quotas.add_tokens(principal.user, principal.token_id, completion_tokens)
-            kind = "event" if usage.get("event") else ("chat" if route.endswith(_CHAT_ROUTES) else "completion")
-            alert = self.alarms.observe(principal.user, kind=kind, prompt_text=prompt_text,
-                                        completion_tokens=completion_tokens, event=usage.get("event"))
-            if alert is not None:
-                self._raise_alert(alert)
+        try:  # the record is written; what follows must not turn the response into an error
+            self.metrics.audit_records.labels("request").inc()
+            self.metrics.observe(route if route_obj is not None else "unmatched", usage.get("protocol") or "", status, seconds,
+                                 prompt_tokens, completion_tokens)
+            if principal is not None and 200 <= status < 300:
+                self.quotas.add_tokens(principal.user, principal.token_id, completion_tokens)
+                kind = "event" if usage.get("event") else ("chat" if route.endswith(_CHAT_ROUTES) else "completion")
+                alert = self.alarms.observe(principal.user, kind=kind, prompt_text=prompt_text,
+                                            completion_tokens=completion_tokens, event=usage.get("event"))
+                if alert is not None:
+                    self._raise_alert(alert)
+        except Exception:
+            log.exception("after auditing %s", route)
 
     def _raise_alert(self, alert) -> None:
         rpm = self.alarms.policy.throttle_rpm
@@ -250,7 +253,7 @@ class AuditMiddleware:
             await self.app(scope, receive, send_wrapper)
         except BaseException as e:
             if not written:
-                if held is None and not streaming:
+                if not streaming:  # nothing reached the client; the server answers 500
                     status = 500
                 await record(f"{type(e).__name__} while handling")
             raise
