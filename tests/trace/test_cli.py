@@ -16,6 +16,8 @@ from codemoat.trace.fingerprint import fingerprint_model
 from . import attacks
 from .test_watermark import _generate
 
+pytestmark = pytest.mark.slow  # subprocesses of the real CLI, a real vendor directory
+
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "codemoat.cli.main", *args], capture_output=True, text=True, timeout=300)
@@ -70,7 +72,8 @@ def test_watermark_detect_cli(vendor, f16_model, flat_model, tmp_path):
     v.close()
     gen = tmp_path / "generated.py"
     gen.write_text(_generate(flat_model, [wm.WatermarkProcessor(key)], seed=4))
-    human = Path(wm.__file__)
+    human = tmp_path / "human.py"
+    human.write_text(Path(wm.__file__).read_text()[:3000])
     args = ["watermark", "detect", str(gen), str(human), "--vendor", str(vendor / "v"), "--model", str(flat_model), "--json"]
     r = _cli(*args)
     assert r.returncode == 0, r.stderr
