@@ -16,9 +16,9 @@ weaker). Repeated (s_{t-1}, s_t) pairs are scored once (Kirchenbauer et al. 2023
 Reliability of Watermarks", §3), because code repeats itself and repeats would inflate z on
 human text.
 
-The green list is a PRF, not a seeded shuffle: token v is green after u iff the first 32 bits of
-AES-256(k, u ‖ v) fall below γ·2³², k = HKDF(customer's watermark secret). p-values are the
-exact binomial tail P(X ≥ |s|_G), X ~ Bin(T, γ).
+The green list is a PRF, not a seeded shuffle: token v is green after u iff its 16-bit value
+in AES-256(k, u ‖ ⌊v/8⌋) falls below γ·2¹⁶, k = HKDF(customer's watermark secret).
+p-values are the exact binomial tail P(X ≥ |s|_G), X ~ Bin(T, γ).
 """
 
 from __future__ import annotations
@@ -46,31 +46,39 @@ def green_key(secret: bytes) -> bytes:
 
 
 class GreenList:
-    """G(u) ⊂ V for each previous token u, from AES-256 used as a PRF."""
+    """G(u) ⊂ V for each previous token u, from AES-256 used as a PRF.
 
-    def __init__(self, secret: bytes, gamma: float = GAMMA, cache: int = 4096):
+    Block (u, i) = AES(k, u ‖ i) holds eight 16-bit values, one for each token 8i … 8i+7; token v
+    is green after u iff its value is below γ·2¹⁶. A whole mask costs |V|/8 AES blocks.
+    """
+
+    def __init__(self, secret: bytes, gamma: float = GAMMA, cache: int = 128):
         from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
         self.gamma = gamma
-        self._limit = np.uint32(min(int(gamma * 2**32), 2**32 - 1))
+        self._limit = np.uint16(min(round(gamma * 2**16), 2**16 - 1))
         self._aes = Cipher(algorithms.AES(green_key(secret)), modes.ECB()).encryptor()
         self._masks: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self._cache = cache
 
+    def _values(self, prev: np.ndarray, block: np.ndarray) -> np.ndarray:
+        blocks = np.empty((len(block), 2), dtype="<u8")
+        blocks[:, 0], blocks[:, 1] = prev, block
+        return np.frombuffer(self._aes.update(blocks.tobytes()), dtype="<u2").reshape(-1, 8)
+
     def is_green(self, prev: np.ndarray, tok: np.ndarray) -> np.ndarray:
         """Elementwise: is tok[i] in G(prev[i])?"""
-        blocks = np.zeros((len(tok), 4), dtype="<u4")
-        blocks[:, 0], blocks[:, 1] = prev, tok
-        out = np.frombuffer(self._aes.update(blocks.tobytes()), dtype="<u4").reshape(-1, 4)
-        return out[:, 0] < self._limit
+        tok = np.asarray(tok, dtype=np.uint64)
+        vals = self._values(np.asarray(prev, dtype=np.uint64), tok // 8)
+        return vals[np.arange(len(tok)), (tok % 8).astype(np.intp)] < self._limit
 
     def mask(self, prev: int, vocab_size: int) -> np.ndarray:
         """Boolean mask over the vocabulary of G(prev) (cached, least recently used out)."""
         key = (prev, vocab_size)
         m = self._masks.get(key)
         if m is None:
-            v = np.arange(vocab_size, dtype=np.uint32)
-            m = self.is_green(np.full(vocab_size, prev, dtype=np.uint32), v)
+            n = -(-vocab_size // 8)
+            m = self._values(np.full(n, prev, dtype=np.uint64), np.arange(n, dtype=np.uint64)).ravel()[:vocab_size] < self._limit
             self._masks[key] = m
             if len(self._masks) > self._cache:
                 self._masks.popitem(last=False)
@@ -80,14 +88,12 @@ class GreenList:
 
 
 def entropy(logits: np.ndarray) -> float:
-    """Shannon entropy (nats) of softmax(logits)."""
-    x = np.asarray(logits, dtype=np.float64)
+    """Shannon entropy (nats) of softmax(logits): log Z - Σ p·x for x = logits - max."""
+    x = np.asarray(logits, dtype=np.float32)
     x = x - np.max(x)
-    p = np.exp(x)
-    z = p.sum()
-    p /= z
-    nz = p > 0
-    return float(-(p[nz] * np.log(p[nz])).sum())
+    e = np.exp(x)
+    z = float(e.sum())
+    return max(0.0, math.log(z) - float(np.dot(e, np.where(np.isfinite(x), x, 0.0))) / z)
 
 
 def entropies(logits: np.ndarray) -> np.ndarray:
