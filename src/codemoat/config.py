@@ -113,7 +113,19 @@ def load_settings(config: str | Path | None = None, **overrides: Any) -> Setting
             node = node.setdefault(p, {})
         node[parts[-1]] = value
     # pydantic-settings deep-merges init values over the environment and the TOML file.
-    return Settings(**nested)
+    from pydantic import ValidationError
+
+    from .errors import CodemoatError
+
+    try:
+        return Settings(**nested)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(x) for x in first.get("loc", ()))
+        more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
+        raise CodemoatError(f"invalid configuration: {where}: {first.get('msg')}{more}") from None
+    except (OSError, ValueError) as e:  # unreadable or malformed TOML
+        raise CodemoatError(f"cannot read configuration: {e}") from None
 
 
 def describe(model: type[BaseModel] = Settings, prefix: str = "") -> list[tuple[str, str, Any]]:
