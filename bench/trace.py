@@ -164,10 +164,9 @@ def robustness(name: str, orig: Path, secrets: dict, kl_windows: int, attack_kl:
     copies = {}
     for c in (A, B):
         copies[c] = d / f"{c}.gguf"
-        if not copies[c].exists():
-            t = time.time()
-            copies[c].write_bytes(fingerprint.fingerprint_model(data, "gguf", secrets[c]))
-            log(f"{name}: fingerprinted for {c} in {time.time() - t:.1f} s")
+        t = time.time()
+        copies[c].write_bytes(fingerprint.fingerprint_model(data, "gguf", secrets[c]))
+        log(f"{name}: fingerprinted for {c} in {time.time() - t:.1f} s")
     del data
     text = heldout_text(200_000)
     out: dict = {"model": str(orig), "params": _params(orig), "customers": len(secrets), "description": _description(orig)}
@@ -314,6 +313,7 @@ def part_finetune(n: int, steps: int = 200) -> dict:
     others = [s for s in r.scores if s.customer != A]
     mine = next(s for s in r.scores if s.customer == A)
     return {
+        "description": _description(BUNDLED),
         "steps": steps, "batch": f"{batch} x {seq} tokens", "lr": 3e-4, "seconds": round(time.time() - t, 1),
         "loss_first_10": float(np.mean(losses[:10])), "loss_last_10": float(np.mean(losses[-10:])),
         "weight_change_rel_median": float(np.median(rel)), "mark_rel": fingerprint.ALPHA,
@@ -349,7 +349,7 @@ def part_watermark(n_files: int, n_gen: int, n_em: int, n_keys: int, n_cust: int
     key = keys[names[0]]
     scorer = wm.LlamaScorer(str(model), n_ctx=512)
     greens = {k: wm.GreenList(keys[k]) for k in names}
-    out: dict = {"model": str(model), "bundled": real, "gamma": wm.GAMMA, "delta": wm.DELTA,
+    out: dict = {"model": str(model), "bundled": real, "description": _description(model), "gamma": wm.GAMMA, "delta": wm.DELTA,
                  "entropy_threshold": wm.ENTROPY_THRESHOLD, "threshold": wm.THRESHOLD}
 
     # false positives on human code, first 512 tokens of each file against n_keys customer keys:
@@ -526,7 +526,8 @@ def part_radio(n_cust: int, n_train_gen: int = 100, steps: int = 400) -> dict:
             "final_loss": float(loss), "generation_seconds": round(gen_s, 1),
             "student_median_z_key": float(np.median(z_key)), "student_median_z_other_key": float(np.median(z_other)),
             "stouffer_z_50_generations_key": allgen_k,
-            "stouffer_z_50_generations_other": float(np.sum(z_other) / math.sqrt(len(z_other))), "bundled": real}
+            "stouffer_z_50_generations_other": float(np.sum(z_other) / math.sqrt(len(z_other))), "bundled": real,
+            "description": _description(model)}
 
 
 # -- report ---------------------------------------------------------------------
@@ -573,7 +574,7 @@ def render(res: dict) -> str:
         if "skipped" in f:
             L += [f"Not run: {f['skipped']}.", ""]
         else:
-            L += [f"{f['steps']} AdamW steps (lr {f['lr']}, {f['batch']}) on httpx + rich sources (not in the training set), "
+            L += [f"Model: {f.get('description', '')}.", "", f"{f['steps']} AdamW steps (lr {f['lr']}, {f['batch']}) on httpx + rich sources (not in the training set), "
                   f"torch, {f['seconds']} s; loss {f['loss_first_10']:.3f} → {f['loss_last_10']:.3f}; median relative weight "
                   f"change {f['weight_change_rel_median']:.3f} (the mark is {f['mark_rel']}).", "",
                   f"Named: **{', '.join(f['named']) or 'nobody'}**, z = {f['z_leaker']}; max z of the other customers "
@@ -584,7 +585,7 @@ def render(res: dict) -> str:
         fp = w["fpr"]
         L += [f"## Output watermark{note}", "",
               f"γ = {w['gamma']}, δ = {w['delta']}, entropy threshold τ = {w['entropy_threshold']} nats (SWEET), "
-              f"detection at corrected p < {w['threshold']:g}; model `{w['model']}`.", "",
+              f"detection at corrected p < {w['threshold']:g}; model `{Path(w['model']).name}` ({w.get('description', '')}).", "",
               f"**False positives** on human-written code (stdlib + site-packages, first 512 tokens of each file, each "
               f"file against {fp['keys_per_file']} customer keys), {fp['seconds']} s:", "",
               "| scoring | files | tests | above threshold | rate | with 1,000-customer correction | p < 1e-3 (chance expects) | z mean / sd / max | tokens scored (median) |",
@@ -614,7 +615,7 @@ def render(res: dict) -> str:
         if "skipped" in rr:
             L += [f"Not run: {rr['skipped']}.", ""]
         else:
-            L += [f"A student ({rr['student']['n_layer']} layers, d = {rr['student']['d_model']}) trained {rr['steps']} steps on "
+            L += [f"Teacher: {rr.get('description', '')}.", "", f"A student ({rr['student']['n_layer']} layers, d = {rr['student']['d_model']}) trained {rr['steps']} steps on "
                   f"{rr['train_tokens']:,} tokens of watermarked generations; 50 of its own 200-token samples scored "
                   f"without entropies: median z {rr['student_median_z_key']:.2f} with the teacher's key vs "
                   f"{rr['student_median_z_other_key']:.2f} with another key; combined over the 50 (Stouffer) "
