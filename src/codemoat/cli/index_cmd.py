@@ -150,7 +150,7 @@ def retrieve(
     repo: Annotated[str, typer.Option("--repo", help="Indexed repository name.")],
     path: Annotated[str, typer.Option("--path", help="File path relative to the repository.")],
     line: Annotated[int, typer.Option("--line", min=1, help="Cursor line (1-based).")],
-    column: Annotated[int, typer.Option("--column", min=0, help="Cursor column (0-based; default: end of line).")] = -1,
+    column: Annotated[int | None, typer.Option("--column", min=0, help="Cursor column (0-based; default: end of line).")] = None,
     k: Annotated[int, typer.Option("--k", min=1, help="Snippets to return at most.")] = 5,
     budget: Annotated[int, typer.Option("--budget", min=1, help="Token budget for the snippets (≈4 characters a token).")] = 512,
     groups: Annotated[str, typer.Option("--groups", help="Retrieve as a caller in these groups (comma-separated); default: admin, who reads everything.")] = "admin",
@@ -171,7 +171,7 @@ def retrieve(
     if line > len(lines):
         raise CodemoatError(f"{path} has {len(lines)} lines; --line {line} is past its end")
     cur = lines[line - 1]
-    col = len(cur) if column < 0 else min(column, len(cur))
+    col = len(cur) if column is None else min(column, len(cur))
     prefix = "\n".join([*lines[: line - 1], cur[:col]])
     suffix = "\n".join([cur[col:], *lines[line:]])
     snippets = Retriever().snippets_for_completion(

@@ -1,0 +1,344 @@
+"""Index storage: repositories and their groups, files with content hashes, chunks, symbols, BM25.
+
+The interface retrieval needs is `IndexReader` (a search backend could implement it later, e.g.
+PostgreSQL full-text search); `SqliteIndex` implements it with SQLite FTS5, whose `bm25()` is Okapi
+BM25 with k1 = 1.2, b = 0.75 (https://sqlite.org/fts5.html#the_bm25_function).
+
+Usage:
+    store = SqliteIndex(path)                   # $CODEMOAT_HOME/index.db by default
+    with store.transaction():                   # all or nothing: an interrupted run changes nothing
+        store.replace_file(repo_id, "a.py", digest, chunks, symbols)
+    store.search(["parse", "header"], [repo_id], limit=50)
+
+The database runs in WAL mode, so readers (the server) keep seeing the previous index until an
+update commits.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from ..errors import CodemoatError, NotFound
+from .chunk import Chunk, Symbol
+from .terms import path_terms, terms
+
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS repos(
+  id INTEGER PRIMARY KEY, name TEXT UNIQUE NOT NULL, root TEXT NOT NULL, git_url TEXT,
+  include TEXT NOT NULL DEFAULT '[]', exclude TEXT NOT NULL DEFAULT '[]',
+  created REAL NOT NULL, updated REAL);
+CREATE TABLE IF NOT EXISTS repo_groups(
+  repo_id INTEGER NOT NULL REFERENCES repos(id) ON DELETE CASCADE, grp TEXT NOT NULL,
+  PRIMARY KEY(repo_id, grp));
+CREATE TABLE IF NOT EXISTS files(
+  id INTEGER PRIMARY KEY, repo_id INTEGER NOT NULL REFERENCES repos(id) ON DELETE CASCADE,
+  path TEXT NOT NULL, hash TEXT NOT NULL, lines INTEGER NOT NULL, UNIQUE(repo_id, path));
+CREATE TABLE IF NOT EXISTS chunks(
+  id INTEGER PRIMARY KEY, file_id INTEGER NOT NULL, repo_id INTEGER NOT NULL,
+  start_line INTEGER NOT NULL, end_line INTEGER NOT NULL, kind TEXT NOT NULL, name TEXT NOT NULL,
+  text TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS chunks_file ON chunks(file_id);
+CREATE TABLE IF NOT EXISTS symbols(
+  id INTEGER PRIMARY KEY, file_id INTEGER NOT NULL, repo_id INTEGER NOT NULL, chunk_id INTEGER NOT NULL,
+  name TEXT NOT NULL, qualname TEXT NOT NULL, kind TEXT NOT NULL, signature TEXT NOT NULL,
+  doc TEXT NOT NULL, start_line INTEGER NOT NULL, end_line INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS symbols_name ON symbols(name, repo_id);
+CREATE INDEX IF NOT EXISTS symbols_file ON symbols(file_id);
+CREATE VIRTUAL TABLE IF NOT EXISTS chunks_fts USING fts5(terms, tokenize="unicode61 tokenchars '_'");
+"""
+
+
+def default_path() -> Path:
+    from ..paths import home
+
+    return home() / "index.db"
+
+
+def repo_term(repo_id: int) -> str:
+    """The FTS5 term every chunk of a repository carries, so a search is restricted inside the index."""
+    return f"__r{repo_id}"
+
+
+@dataclass(frozen=True)
+class RepoInfo:
+    id: int
+    name: str
+    root: str
+    git_url: str | None
+    groups: tuple[str, ...]
+    include: tuple[str, ...]
+    exclude: tuple[str, ...]
+    created: float
+    updated: float | None
+    files: int = 0
+    chunks: int = 0
+    symbols: int = 0
+
+
+@dataclass(frozen=True)
+class ChunkRow:
+    id: int
+    repo_id: int
+    path: str
+    start_line: int
+    end_line: int
+    kind: str
+    name: str
+    text: str
+
+
+@dataclass(frozen=True)
+class SymbolRow:
+    name: str
+    qualname: str
+    kind: str
+    signature: str
+    repo_id: int
+    path: str
+    chunk_id: int
+    start_line: int
+    end_line: int
+
+
+class IndexReader(Protocol):
+    """What retrieval asks of an index backend."""
+
+    def repos(self) -> list[RepoInfo]: ...
+    def search(self, query_terms: Sequence[str], repo_ids: Sequence[int], limit: int) -> list[tuple[int, float]]: ...
+    def score_chunks(self, query_terms: Sequence[str], chunk_ids: Sequence[int]) -> dict[int, float]:
+        """BM25 score (higher is better) of each of `chunk_ids` that matches any of `query_terms`."""
+        if not query_terms or not chunk_ids:
+            return {}
+        match = " OR ".join(_quote(t) for t in query_terms)
+        q = f"SELECT rowid, bm25(chunks_fts) FROM chunks_fts WHERE chunks_fts MATCH ? AND rowid IN ({','.join('?' * len(chunk_ids))})"
+        return {rid: -score for rid, score in self.db.execute(q, (match, *chunk_ids))}
+
+    def lookup_symbols(self, names: Iterable[str], repo_ids: Sequence[int], limit: int = 400) -> list[SymbolRow]: ...
+    def chunks(self, ids: Iterable[int]) -> dict[int, ChunkRow]: ...
+
+
+def _quote(term: str) -> str:
+    return '"' + term.replace('"', '""') + '"'
+
+
+class SqliteIndex:
+    """The index in one SQLite file (FTS5 for BM25, plain tables for symbols and hashes). Thread-safe:
+    each thread gets its own connection."""
+
+    def __init__(self, path: Path | str | None = None):
+        self.path = Path(path) if path is not None else default_path()
+        self._local = threading.local()
+        self._next_chunk = 0
+
+    # -- connections -----------------------------------------------------------------------------
+    @property
+    def db(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            if conn.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
+                conn.executescript(_SCHEMA + f"PRAGMA user_version={SCHEMA_VERSION};")
+            self._local.conn = conn
+        return conn
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """One write transaction: committed when the block ends, rolled back on any exception
+        (Ctrl-C included); a killed process leaves nothing behind either (WAL)."""
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            self._next_chunk = (db.execute("SELECT max(id) FROM chunks").fetchone()[0] or 0) + 1
+            yield
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    # -- repositories ----------------------------------------------------------------------------
+    def add_repo(self, name: str, root: str, groups: Sequence[str], git_url: str | None,
+                 include: Sequence[str] = (), exclude: Sequence[str] = ()) -> int:  # fmt: skip
+        db = self.db
+        if db.execute("SELECT 1 FROM repos WHERE name=?", (name,)).fetchone():
+            raise CodemoatError(f"repository {name!r} is already indexed (use `codemoat index update {name}`)")
+        cur = db.execute(
+            "INSERT INTO repos(name, root, git_url, include, exclude, created) VALUES (?,?,?,?,?,?)",
+            (name, root, git_url, json.dumps(list(include)), json.dumps(list(exclude)), time.time()),
+        )
+        rid = int(cur.lastrowid or 0)
+        db.executemany("INSERT INTO repo_groups VALUES (?,?)", [(rid, g) for g in sorted(set(groups))])
+        return rid
+
+    def set_groups(self, name: str, groups: Sequence[str]) -> None:
+        rid = self.repo(name).id
+        with self.transaction():
+            self.db.execute("DELETE FROM repo_groups WHERE repo_id=?", (rid,))
+            self.db.executemany("INSERT INTO repo_groups VALUES (?,?)", [(rid, g) for g in sorted(set(groups))])
+
+    def remove_repo(self, name: str) -> None:
+        rid = self.repo(name).id
+        with self.transaction():
+            db = self.db
+            db.execute("DELETE FROM chunks_fts WHERE rowid IN (SELECT id FROM chunks WHERE repo_id=?)", (rid,))
+            for table in ("chunks", "symbols", "files", "repo_groups"):
+                db.execute(f"DELETE FROM {table} WHERE repo_id=?", (rid,))
+            db.execute("DELETE FROM repos WHERE id=?", (rid,))
+
+    def repos(self, counts: bool = False) -> list[RepoInfo]:
+        db = self.db
+        groups: dict[int, list[str]] = {}
+        for rid, g in db.execute("SELECT repo_id, grp FROM repo_groups ORDER BY grp"):
+            groups.setdefault(rid, []).append(g)
+        stats: dict[int, tuple[int, int, int]] = {}
+        if counts:
+            for rid, f in db.execute("SELECT repo_id, count(*) FROM files GROUP BY repo_id"):
+                stats[rid] = (f, 0, 0)
+            for rid, c in db.execute("SELECT repo_id, count(*) FROM chunks GROUP BY repo_id"):
+                stats[rid] = (stats.get(rid, (0, 0, 0))[0], c, 0)
+            for rid, s in db.execute("SELECT repo_id, count(*) FROM symbols GROUP BY repo_id"):
+                f, c, _ = stats.get(rid, (0, 0, 0))
+                stats[rid] = (f, c, s)
+        out = []
+        for rid, name, root, url, inc, exc, created, updated in db.execute(
+            "SELECT id, name, root, git_url, include, exclude, created, updated FROM repos ORDER BY name"
+        ):
+            f, c, s = stats.get(rid, (0, 0, 0))
+            out.append(RepoInfo(rid, name, root, url, tuple(groups.get(rid, ())), tuple(json.loads(inc)),
+                                tuple(json.loads(exc)), created, updated, f, c, s))  # fmt: skip
+        return out
+
+    def repo(self, name: str) -> RepoInfo:
+        for r in self.repos():
+            if r.name == name:
+                return r
+        raise NotFound(f"no indexed repository named {name!r} (see `codemoat index list`)")
+
+    # -- files -----------------------------------------------------------------------------------
+    def file_hashes(self, repo_id: int) -> dict[str, tuple[int, str]]:
+        return {p: (fid, h) for fid, p, h in self.db.execute("SELECT id, path, hash FROM files WHERE repo_id=?", (repo_id,))}
+
+    def delete_file(self, file_id: int) -> None:
+        db = self.db
+        db.execute("DELETE FROM chunks_fts WHERE rowid IN (SELECT id FROM chunks WHERE file_id=?)", (file_id,))
+        db.execute("DELETE FROM chunks WHERE file_id=?", (file_id,))
+        db.execute("DELETE FROM symbols WHERE file_id=?", (file_id,))
+        db.execute("DELETE FROM files WHERE id=?", (file_id,))
+
+    def replace_file(self, repo_id: int, path: str, digest: str, lines: int,
+                     chunks: Sequence[Chunk], symbols: Sequence[Symbol], old_file_id: int | None = None) -> None:  # fmt: skip
+        """Store one file's chunks and symbols in place of its previous version (inside a transaction)."""
+        db = self.db
+        if old_file_id is not None:
+            self.delete_file(old_file_id)
+        fid = db.execute("INSERT INTO files(repo_id, path, hash, lines) VALUES (?,?,?,?)", (repo_id, path, digest, lines)).lastrowid
+        first = self._next_chunk
+        self._next_chunk += len(chunks)
+        extra = " ".join([repo_term(repo_id), *path_terms(path)])
+        db.executemany(
+            "INSERT INTO chunks VALUES (?,?,?,?,?,?,?,?)",
+            [(first + i, fid, repo_id, c.start, c.end, c.kind, c.name, c.text) for i, c in enumerate(chunks)],
+        )
+        db.executemany(
+            "INSERT INTO chunks_fts(rowid, terms) VALUES (?,?)",
+            [(first + i, extra + " " + " ".join(terms(c.text))) for i, c in enumerate(chunks)],
+        )
+        db.executemany(
+            "INSERT INTO symbols(file_id, repo_id, chunk_id, name, qualname, kind, signature, doc, start_line, end_line)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?)",
+            [(fid, repo_id, first + s.chunk, s.name, s.qualname, s.kind, s.signature, s.doc, s.start, s.end) for s in symbols],
+        )
+
+    def touch_repo(self, repo_id: int) -> None:
+        self.db.execute("UPDATE repos SET updated=? WHERE id=?", (time.time(), repo_id))
+
+    # -- reading ---------------------------------------------------------------------------------
+    def search(self, query_terms: Sequence[str], repo_ids: Sequence[int], limit: int) -> list[tuple[int, float]]:
+        """(chunk id, BM25 score, higher is better) of the best chunks matching any of `query_terms`."""
+        if not query_terms or not repo_ids:
+            return []
+        scope = " OR ".join(_quote(repo_term(r)) for r in repo_ids)
+        match = f"({scope}) AND ({' OR '.join(_quote(t) for t in query_terms)})"
+        rows = self.db.execute(
+            "SELECT rowid, bm25(chunks_fts) FROM chunks_fts WHERE chunks_fts MATCH ? ORDER BY rank LIMIT ?",
+            (match, limit),
+        ).fetchall()
+        return [(rid, -score) for rid, score in rows]
+
+    def score_chunks(self, query_terms: Sequence[str], chunk_ids: Sequence[int]) -> dict[int, float]:
+        """BM25 score (higher is better) of each of `chunk_ids` that matches any of `query_terms`."""
+        if not query_terms or not chunk_ids:
+            return {}
+        match = " OR ".join(_quote(t) for t in query_terms)
+        q = f"SELECT rowid, bm25(chunks_fts) FROM chunks_fts WHERE chunks_fts MATCH ? AND rowid IN ({','.join('?' * len(chunk_ids))})"
+        return {rid: -score for rid, score in self.db.execute(q, (match, *chunk_ids))}
+
+    def lookup_symbols(self, names: Iterable[str], repo_ids: Sequence[int], limit: int = 400) -> list[SymbolRow]:
+        names = list(dict.fromkeys(names))
+        if not names or not repo_ids:
+            return []
+        q = (
+            "SELECT s.name, s.qualname, s.kind, s.signature, s.repo_id, f.path, s.chunk_id, s.start_line, s.end_line"
+            " FROM symbols s JOIN files f ON f.id = s.file_id"
+            f" WHERE s.name IN ({','.join('?' * len(names))}) AND s.repo_id IN ({','.join('?' * len(repo_ids))})"
+            " LIMIT ?"
+        )
+        return [SymbolRow(*r) for r in self.db.execute(q, (*names, *repo_ids, limit))]
+
+    def files_matching(self, stem: str, repo_ids: Sequence[int]) -> list[tuple[int, str]]:
+        """(file id, path) of files whose path contains `stem` (the caller filters precisely)."""
+        if not stem or not repo_ids:
+            return []
+        q = f"SELECT id, path FROM files WHERE repo_id IN ({','.join('?' * len(repo_ids))}) AND path LIKE ? LIMIT 200"
+        like = "%" + stem.replace("%", "").replace("_", "\\_") + "%"
+        return list(self.db.execute(q.replace("LIKE ?", "LIKE ? ESCAPE '\\'"), (*repo_ids, like)))
+
+    def symbols_in(self, file_ids: Sequence[int], start: int = 0, end: int = 1 << 30) -> list[SymbolRow]:
+        """Symbols of these files whose definition starts within lines start..end."""
+        if not file_ids:
+            return []
+        q = (
+            "SELECT s.name, s.qualname, s.kind, s.signature, s.repo_id, f.path, s.chunk_id, s.start_line, s.end_line"
+            " FROM symbols s JOIN files f ON f.id = s.file_id"
+            f" WHERE s.file_id IN ({','.join('?' * len(file_ids))}) AND s.start_line BETWEEN ? AND ? LIMIT 2000"
+        )
+        return [SymbolRow(*r) for r in self.db.execute(q, (*file_ids, start, end))]
+
+    def file_id(self, repo_id: int, path: str) -> int | None:
+        row = self.db.execute("SELECT id FROM files WHERE repo_id=? AND path=?", (repo_id, path)).fetchone()
+        return row[0] if row else None
+
+    def chunks(self, ids: Iterable[int]) -> dict[int, ChunkRow]:
+        ids = list(ids)
+        if not ids:
+            return {}
+        q = (
+            "SELECT c.id, c.repo_id, f.path, c.start_line, c.end_line, c.kind, c.name, c.text"
+            f" FROM chunks c JOIN files f ON f.id = c.file_id WHERE c.id IN ({','.join('?' * len(ids))})"
+        )
+        return {r[0]: ChunkRow(*r) for r in self.db.execute(q, ids)}
+
+    def file_chunks(self, repo_id: int, path: str) -> list[ChunkRow]:
+        q = (
+            "SELECT c.id, c.repo_id, f.path, c.start_line, c.end_line, c.kind, c.name, c.text"
+            " FROM chunks c JOIN files f ON f.id = c.file_id WHERE f.repo_id=? AND f.path=? ORDER BY c.start_line"
+        )
+        return [ChunkRow(*r) for r in self.db.execute(q, (repo_id, path))]

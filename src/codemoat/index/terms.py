@@ -1,0 +1,76 @@
+"""Search terms for code: identifiers kept whole and split into their words.
+
+BM25 over code works better when `parse_http_header` also matches a query that says `header`, and
+`HTTPClient` matches `client`; both the index and the queries use this one function so they agree.
+Language keywords and one-letter names are dropped: they match everything and slow FTS5 down.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+_IDENT = re.compile(r"[^\W\d]\w*")
+_WORD = re.compile(r"[A-Z]+(?=[A-Z][a-z])|[A-Z]?[a-z]+|[A-Z]+|\d+")
+
+STOPWORDS = frozenset(
+    """
+    and as assert async await break case catch class const continue def default del do elif else
+    end enum except export extends false final finally fn for from func function go if impl import
+    in instanceof interface is lambda let match mod module mut new nil none not null or package pass
+    private protected pub public raise return self static struct super switch this throw throws true
+    try type typeof use using val var void while with yield int str bool string float char long
+    double byte get set args kwargs cls the of to an be it on at by we that
+    """.split()
+)
+
+_cache: dict[str, tuple[str, ...]] = {}
+
+
+def split_identifier(ident: str) -> tuple[str, ...]:
+    """`parse_HTTPHeader` -> ('parse_httpheader', 'parse', 'http', 'header'); keywords -> ()."""
+    hit = _cache.get(ident)
+    if hit is not None:
+        return hit
+    low = ident.lower()
+    out: list[str] = []
+    if len(low) > 1 and low not in STOPWORDS:
+        out.append(low)
+    words = [w.lower() for part in ident.split("_") for w in _WORD.findall(part)]
+    if len(words) > 1:
+        out.extend(w for w in words if len(w) > 1 and w not in STOPWORDS and not w.isdigit())
+    res = tuple(out)
+    if len(_cache) < 500_000:
+        _cache[ident] = res
+    return res
+
+
+def identifiers(text: str) -> list[str]:
+    """Every identifier-like token of `text`, in order."""
+    return _IDENT.findall(text)
+
+
+def terms(text: str) -> list[str]:
+    """The search terms of `text` (with repeats, so BM25 sees term frequency)."""
+    out: list[str] = []
+    ext = out.extend
+    for ident in _IDENT.findall(text):
+        ext(split_identifier(ident))
+    return out
+
+
+def path_terms(path: str) -> list[str]:
+    """Terms of a file path: `src/http_client/Pool.ts` -> src, http_client, http, client, pool, ts."""
+    return terms(re.sub(r"[/\\.\-]", " ", path))
+
+
+def unique_terms(texts: Iterable[str], limit: int = 64) -> list[str]:
+    """Distinct terms of `texts`, first seen first, at most `limit`."""
+    seen: dict[str, None] = {}
+    for t in texts:
+        for term in terms(t):
+            if term not in seen:
+                seen[term] = None
+                if len(seen) >= limit:
+                    return list(seen)
+    return list(seen)

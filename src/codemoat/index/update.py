@@ -1,0 +1,113 @@
+"""Index a repository, and keep it current: only files whose content hash changed are re-parsed.
+
+Files are read, hashed, chunked and written one at a time (memory stays bounded whatever the
+repository's size) inside one transaction: an interrupted run, by Ctrl-C or by a kill, leaves the
+previous index exactly as it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import CodemoatError
+from .chunk import Chunk, chunk_file
+from .store import RepoInfo, SqliteIndex
+from .walk import decode, git_remote, list_files, read_bytes
+
+Progress = Callable[[int, int, str], None]  # (files done, files in total, current path)
+
+_NAME_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+
+
+@dataclass
+class UpdateStats:
+    repo: str
+    files: int = 0  # files considered
+    unchanged: int = 0
+    indexed: int = 0  # new or changed files (re)parsed
+    removed: int = 0  # files that left the index
+    skipped: int = 0  # binaries, minified, generated, too large
+    chunks: int = 0  # chunks written in this run
+    symbols: int = 0
+
+
+def parse_groups(spec: str | Sequence[str] | None) -> list[str]:
+    """`"a, b"` -> ['a', 'b'], validated: names of letters, digits, `-`, `_` and `.`."""
+    items = spec.split(",") if isinstance(spec, str) else list(spec or [])
+    groups = sorted({g.strip() for g in items if g.strip()})
+    for g in groups:
+        if not set(g) <= _NAME_OK:
+            raise CodemoatError(f"invalid group name {g!r}: use letters, digits, '-', '_' and '.'")
+    return groups
+
+
+def add_repository(store: SqliteIndex, path: Path | str, name: str, groups: Sequence[str],
+                   include: Sequence[str] = (), exclude: Sequence[str] = (),
+                   progress: Progress | None = None) -> UpdateStats:  # fmt: skip
+    """Register a repository under `name`, readable by `groups`, and index it."""
+    root = Path(path).expanduser().resolve()
+    if not root.is_dir():
+        raise CodemoatError(f"not a folder: {path}")
+    if not name or not set(name) <= _NAME_OK:
+        raise CodemoatError(f"invalid repository name {name!r}: use letters, digits, '-', '_' and '.'")
+    groups = parse_groups(groups)
+    if not groups:
+        raise CodemoatError("a repository needs at least one group (e.g. --groups everyone)")
+    with store.transaction():
+        store.add_repo(name, str(root), groups, git_remote(root), include, exclude)
+        return _update(store, store.repo(name), progress)
+
+
+def update_repository(store: SqliteIndex, name: str, progress: Progress | None = None) -> UpdateStats:
+    """Bring one repository's index up to date with its folder."""
+    info = store.repo(name)
+    if not Path(info.root).is_dir():
+        raise CodemoatError(f"repository {name!r}: its folder {info.root} is gone (`codemoat index remove {name}`)")
+    with store.transaction():
+        return _update(store, info, progress)
+
+
+def _update(store: SqliteIndex, info: RepoInfo, progress: Progress | None) -> UpdateStats:
+    root = Path(info.root)
+    stats = UpdateStats(info.name)
+    paths = list_files(root, info.include, info.exclude)
+    known = store.file_hashes(info.id)
+    stats.files = len(paths)
+    for i, rel in enumerate(paths, 1):
+        if progress is not None:
+            progress(i, len(paths), rel)
+        raw = read_bytes(root / rel)
+        if raw is None:
+            stats.skipped += 1
+            continue
+        digest = hashlib.blake2b(raw, digest_size=16).hexdigest()
+        old = known.get(rel)
+        if old is not None and old[1] == digest:
+            del known[rel]
+            stats.unchanged += 1
+            continue
+        text = decode(raw)
+        if text is None:
+            stats.skipped += 1
+            continue
+        chunks, symbols = _chunk(rel, text)
+        store.replace_file(info.id, rel, digest, text.count("\n") + 1, chunks, symbols, old[0] if old else None)
+        known.pop(rel, None)
+        stats.indexed += 1
+        stats.chunks += len(chunks)
+        stats.symbols += len(symbols)
+    for _rel, (fid, _h) in known.items():  # deleted, now ignored, or now skipped
+        store.delete_file(fid)
+        stats.removed += 1
+    store.touch_repo(info.id)
+    return stats
+
+
+def _chunk(rel: str, text: str) -> tuple[list[Chunk], list]:
+    try:
+        return chunk_file(rel, text)
+    except RecursionError:  # pathologically nested source: fall back to line windows
+        return chunk_file(rel + ".txt", text)

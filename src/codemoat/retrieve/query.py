@@ -1,0 +1,275 @@
+"""What to look for at a cursor: the identifiers in use and the text around it.
+
+Two signals, as in the repository-level completion literature:
+- the last lines before the cursor as a bag of words for BM25 (CrossCodeEval, Ding et al. 2023;
+  RepoCoder, Zhang et al. 2023, use the preceding lines as the retrieval query);
+- the identifiers in use (imports, called names, attribute chains, type names) looked up in the
+  symbol table, as RepoFuse and Tabby's declaration lookup do. Names imported but not yet used are
+  the likeliest to be used next, so they weigh more; names defined in the file itself weigh less
+  (their definitions are already in the prompt).
+"""
+
+from __future__ import annotations
+
+import math
+import posixpath
+import re
+from dataclasses import dataclass, field
+
+from ..index.terms import STOPWORDS, terms
+
+WINDOW_LINES = 12  # prefix lines used as the BM25 query and for weighting identifiers
+SUFFIX_LINES = 3
+MAX_TERMS = 48
+
+_BUILTINS = frozenset(
+    """
+    print len range str int dict list set tuple isinstance issubclass getattr setattr hasattr super
+    object type open min max sum any all map filter zip enumerate sorted reversed repr format iter
+    next abs round id hash callable vars dir bytes float bool self cls none true false console log
+    require exports module window document undefined null this fmt err error errors make append
+    string println printf strings nil std vec string_view size_t auto var let const
+    """.split()
+)
+_IDENT = re.compile(r"[^\W\d]\w*")
+_CALL = re.compile(r"([^\W\d]\w*)\s*\(")
+_CHAIN = re.compile(r"([^\W\d]\w*(?:\s*(?:\.|::|->)\s*[^\W\d]\w*)+)")
+_DEF = re.compile(r"^\s*(?:async\s+)?(?:def|class|function|func|fn|struct|interface|type|enum|trait)\s+(?:\([^)]*\)\s*)?([^\W\d]\w*)", re.M)
+
+_PY_FROM = re.compile(r"^\s*from\s+([.\w]+)\s+import\s+(\([^)]*\)|[^\n#]+)", re.M)
+_PY_IMPORT = re.compile(r"^\s*import\s+([\w.]+(?:\s+as\s+\w+)?(?:\s*,\s*[\w.]+(?:\s+as\s+\w+)?)*)", re.M)
+_JS_IMPORT = re.compile(r"import\s+(?:type\s+)?([^'\";]*?)\s*from\s*['\"]([^'\"]+)['\"]", re.S)
+_JS_REQUIRE = re.compile(r"(?:const|let|var)\s+(\{[^}]*\}|\w+)\s*=\s*require\(\s*['\"]([^'\"]+)['\"]\s*\)")
+_GO_IMPORT = re.compile(r"^\s*(?:import\s+)?(\w+\s+)?\"([\w./\-]+)\"\s*$", re.M)
+_JVM_IMPORT = re.compile(r"^\s*import\s+(?:static\s+)?([\w.]+)\s*;?\s*$", re.M)
+_RUST_USE = re.compile(r"^\s*(?:pub\s+)?use\s+([\w:]+?)(?:::\{([^}]*)\})?\s*;", re.M)
+_PHP_USE = re.compile(r"^\s*use\s+([\w\\]+)(?:\s+as\s+(\w+))?\s*;", re.M)
+_INCLUDE = re.compile(r"^\s*#\s*include\s+\"([^\"]+)\"|^\s*require(?:_relative)?\s+['\"]([^'\"]+)['\"]", re.M)
+
+
+@dataclass
+class Query:
+    """Identifiers with weights, module hints per name, BM25 terms."""
+
+    weights: dict[str, float] = field(default_factory=dict)
+    hints: dict[str, set[str]] = field(default_factory=dict)  # name -> path fragments of modules it comes from
+    qualified: dict[str, set[str]] = field(default_factory=dict)  # name -> owners seen as Owner.name
+    bm25_terms: list[str] = field(default_factory=list)
+    path_hints: set[str] = field(default_factory=set)  # modules imported by the file
+    owner: str | None = None  # the cursor follows `owner.`: an attribute of owner comes next
+    owner_module: str | None = None  # owner is an imported module: its path fragment
+    owner_hints: set[str] = field(default_factory=set)  # owner is an imported name: modules it comes from
+    member_weights: dict[str, float] = field(default_factory=dict)  # owner.attr seen elsewhere in the file
+
+    def add(self, name: str, w: float) -> None:
+        if len(name) > 1 and name.lower() not in STOPWORDS and name not in _BUILTINS:
+            self.weights[name] = self.weights.get(name, 0.0) + w
+
+
+def _module_path(module: str, current: str) -> str:
+    """`.utils` seen from `pkg/sub/a.py` -> `pkg/sub/utils`; `a.b` -> `a/b`; `./x` -> `dir/x`."""
+    here = posixpath.dirname(current)
+    if module.startswith("."):
+        if "/" in module:  # JS relative path
+            return posixpath.normpath(posixpath.join(here, module))
+        dots = len(module) - len(module.lstrip("."))
+        base = here
+        for _ in range(dots - 1):
+            base = posixpath.dirname(base)
+        rest = module[dots:].replace(".", "/")
+        return posixpath.join(base, rest) if rest else base
+    if module.startswith("/"):
+        return module.lstrip("/")
+    return module.replace("::", "/").replace("\\", "/").replace(".", "/")
+
+
+def _imports(prefix: str, path: str) -> tuple[dict[str, set[str]], dict[str, str]]:
+    """(imported name -> module path fragments, alias -> module path) from the import statements."""
+    names: dict[str, set[str]] = {}
+    modules: dict[str, str] = {}
+
+    def name(n: str, mod: str) -> None:
+        n = n.strip()
+        if n and n != "*":
+            names.setdefault(n, set()).add(mod)
+
+    for m in _PY_FROM.finditer(prefix):
+        mod = _module_path(m.group(1), path)
+        for part in m.group(2).strip("() \n").split(","):
+            bits = part.split()
+            if not bits:
+                continue
+            if len(bits) == 3 and bits[1] == "as":
+                name(bits[0], mod)
+                modules[bits[2]] = mod + "/" + bits[0]
+                names.setdefault(bits[2], set()).add(mod)
+            else:
+                name(bits[0], mod)
+                modules.setdefault(bits[0], mod + "/" + bits[0])  # `from pkg import submodule`
+    for m in _PY_IMPORT.finditer(prefix):
+        for part in m.group(1).split(","):
+            bits = part.split()
+            if not bits:
+                continue
+            mod = _module_path(bits[0], path)
+            alias = bits[2] if len(bits) == 3 else bits[0].split(".")[0]
+            modules[alias] = mod if len(bits) == 3 else alias
+    for m in _JS_IMPORT.finditer(prefix):
+        mod = _module_path(m.group(2), path)
+        spec = m.group(1)
+        for inner in re.findall(r"\{([^}]*)\}", spec):
+            for part in inner.split(","):
+                bits = part.split()
+                if bits:
+                    name(bits[0], mod)
+                    if len(bits) == 3:
+                        names.setdefault(bits[2], set()).add(mod)
+        outer = re.sub(r"\{[^}]*\}", "", spec)
+        star = re.search(r"\*\s+as\s+(\w+)", outer)
+        if star:
+            modules[star.group(1)] = mod
+        else:
+            for n in re.findall(r"\w+", outer):
+                name(n, mod)
+                modules[n] = mod
+    for m in _JS_REQUIRE.finditer(prefix):
+        mod = _module_path(m.group(2), path)
+        if m.group(1).startswith("{"):
+            for n in re.findall(r"\w+", m.group(1)):
+                name(n, mod)
+        else:
+            modules[m.group(1)] = mod
+    for m in _GO_IMPORT.finditer(prefix):
+        pkg = m.group(2)
+        alias = (m.group(1) or "").strip() or pkg.rsplit("/", 1)[-1]
+        modules[alias] = pkg
+    for m in _JVM_IMPORT.finditer(prefix):
+        full = m.group(1)
+        if "." in full:
+            mod, _, last = full.rpartition(".")
+            name(last, _module_path(full, path))
+            name(last, _module_path(mod, path))
+    for m in _RUST_USE.finditer(prefix):
+        base = m.group(1).replace("crate::", "").replace("super::", "").replace("self::", "")
+        if m.group(2):
+            for part in m.group(2).split(","):
+                name(part.split(" as ")[0].strip(), _module_path(base, path))
+        else:
+            mod, _, last = base.rpartition("::")
+            name(last, _module_path(mod, path))
+    for m in _PHP_USE.finditer(prefix):
+        mod, _, last = m.group(1).rpartition("\\")
+        name(m.group(2) or last, _module_path(mod, path))
+    return names, modules
+
+
+def completion_query(prefix: str, suffix: str, path: str) -> Query:
+    """The query for a completion at the end of `prefix` in file `path`."""
+    q = Query()
+    lines = prefix.split("\n")
+    window = lines[-WINDOW_LINES:]
+    after = suffix.split("\n")[:SUFFIX_LINES]
+    imported, modules = _imports(prefix, path)
+    local = set(_DEF.findall(prefix)) | set(_DEF.findall(suffix))
+
+    import_lines = {i for i, ln in enumerate(lines) if re.match(r"\s*(from|import|use|using|#\s*include|require)\b", ln)}
+    used_before: dict[str, int] = {}
+    for i, ln in enumerate(lines[:-WINDOW_LINES] if len(lines) > WINDOW_LINES else []):
+        if i not in import_lines:
+            for ident in _IDENT.findall(ln):
+                used_before[ident] = used_before.get(ident, 0) + 1
+
+    # Identifiers near the cursor, the nearest weighing most: bare names and calls (their definitions
+    # tell the model signatures), attributes of unknown receivers barely (`self.x` could be anything).
+    n = len(window)
+    for i, ln in enumerate(window):
+        if re.match(r"\s*(from|import)\s", ln):
+            continue
+        rec = 1.0 + 2.0 * (i + 1) / n
+        attrs: dict[str, float] = {}
+        for chain in _CHAIN.findall(ln):
+            parts = re.split(r"\s*(?:\.|::|->)\s*", chain)
+            for owner, attr in zip(parts, parts[1:], strict=False):
+                q.qualified.setdefault(attr, set()).add(owner)
+                if owner in modules:
+                    q.hints.setdefault(attr, set()).add(modules[owner])
+                    attrs[attr] = 0.3 * rec
+                else:
+                    attrs.setdefault(attr, 0.05 * rec)
+        for ident in _IDENT.findall(ln):
+            if ident in modules:
+                continue
+            q.add(ident, attrs.get(ident, 0.2 * rec))
+        for ident in _CALL.findall(ln):
+            if ident not in attrs:
+                q.add(ident, 0.2 * rec)
+    for ln in after:
+        for ident in _IDENT.findall(ln):
+            if ident not in modules:
+                q.add(ident, 0.1)
+    for ln in window:
+        for ident in _IDENT.findall(ln):
+            used_before[ident] = used_before.get(ident, 0) + 1
+    suffix_lines = suffix.split("\n")[:200]
+    first_in_suffix: dict[str, int] = {}
+    for i, ln in enumerate(suffix_lines):
+        for ident in _IDENT.findall(ln):
+            first_in_suffix.setdefault(ident, i)
+    # Imported names: those not used yet are the likeliest next, the more so if used soon after
+    # the cursor; all carry the module they come from.
+    for name, mods in imported.items():
+        q.hints.setdefault(name, set()).update(mods)
+        w = 3.0 if used_before.get(name, 0) == 0 else 0.5 + 0.25 * math.log1p(used_before[name])
+        if name in first_in_suffix:
+            w += 2.0 / (1.0 + first_in_suffix[name] / 20.0)
+        q.add(name, w)
+    # The cursor right after `owner.`: what comes next is a member of owner.
+    m = re.search(r"([^\W\d]\w*)\s*(?:\.|::|->)\s*$", lines[-1])
+    if m:
+        owner = m.group(1)
+        q.owner = owner
+        if owner in modules:
+            q.owner_module = modules[owner]
+        elif owner in imported:
+            q.owner_hints = set(imported[owner])
+        member = re.compile(re.escape(owner) + r"\s*(?:\.|::|->)\s*([^\W\d]\w*)")
+        for i, ln in enumerate(suffix_lines):
+            for attr in member.findall(ln):
+                q.member_weights[attr] = q.member_weights.get(attr, 0.0) + 1.0 / (1.0 + i / 20.0)
+        for attr in member.findall(prefix):
+            q.member_weights[attr] = q.member_weights.get(attr, 0.0) + 0.5
+    for alias, mod in modules.items():
+        q.path_hints.add(mod)
+    for name in local:
+        if name in q.weights:
+            q.weights[name] *= 0.2
+    q.path_hints.update(m for mods in imported.values() for m in mods)
+
+    # BM25 query: the terms of the window, nearest lines first (RepoCoder/CrossCodeEval's last lines).
+    seen: dict[str, None] = {}
+    for ln in [*reversed(window), *after]:
+        for t in terms(ln):
+            seen.setdefault(t, None)
+    q.bm25_terms = list(seen)[:MAX_TERMS]
+    return q
+
+
+def chat_query(text: str) -> Query:
+    """The query for a question: code-looking words are looked up as symbols, every word feeds BM25."""
+    q = Query()
+    for ident in re.findall(r"`([^`]+)`", text):
+        for part in _IDENT.findall(ident):
+            q.add(part, 2.0)
+    for ident in _IDENT.findall(text):
+        if "_" in ident or re.search(r"[a-z][A-Z]", ident) or (ident[:1].isupper() and len(ident) > 2):
+            q.add(ident, 1.0)
+    for chain in _CHAIN.findall(text):
+        parts = re.split(r"\s*(?:\.|::|->)\s*", chain)
+        for owner, attr in zip(parts, parts[1:], strict=False):
+            q.qualified.setdefault(attr, set()).add(owner)
+            q.add(attr, 1.0)
+    seen: dict[str, None] = {}
+    for t in terms(text):
+        seen.setdefault(t, None)
+    q.bm25_terms = list(seen)[:MAX_TERMS]
+    return q

@@ -1,0 +1,368 @@
+"""Cross-file context for completions and chat, filtered by the caller's groups.
+
+For a completion: the identifiers in use are looked up in the symbol table, the last lines are
+searched with BM25 over the chunks, and the two rankings are fused by weighted reciprocal rank
+(Cormack et al. 2009, "Reciprocal Rank Fusion outperforms Condorcet and individual rank learning
+methods"; k = 60 there, a smaller k here because only the top few matter). Chunks that overlap the
+part of the file the request already carries are dropped, duplicates are dropped, and the rest are
+fitted into the token budget. No snippet ever comes from a repository the caller may not read
+(`acl.can_read`): unreadable repositories are removed before any query, and every chunk is checked
+again on its way out.
+"""
+
+from __future__ import annotations
+
+import math
+import posixpath
+import re
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..index.store import ChunkRow, RepoInfo, SqliteIndex, SymbolRow, default_path
+from .acl import can_read
+from .fit import approx_tokens, fit_lines
+from .query import Query, chat_query, completion_query
+
+RRF_K = 10
+W_SYMBOLS = 1.0
+W_BM25 = 0.8
+CANDIDATES = 40  # per ranking
+SYMBOL_BM25_FLOOR = 0.25
+OUTLINE_ITEMS = 30
+OUTLINE_BOOST = 1.5  # a symbol candidate's score is multiplied by floor + its normalised BM25
+REPO_CACHE_S = 2.0
+
+
+@dataclass(frozen=True)
+class Snippet:
+    """One piece of retrieved code; lines are 1-based and inclusive."""
+
+    repo: str
+    path: str
+    start_line: int
+    end_line: int
+    score: float
+    text: str
+    id: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def normalize_git_url(url: str) -> str:
+    """`git@github.com:Org/Repo.git`, `https://u:p@github.com/Org/Repo/` -> `github.com/org/repo`."""
+    u = url.strip().rstrip("/")
+    u = re.sub(r"\.git$", "", u)
+    u = re.sub(r"^[a-z][a-z0-9+.\-]*://", "", u, flags=re.I)
+    u = re.sub(r"^[^@/]+@", "", u)
+    u = re.sub(r"^([^/:]+):(?!\d+/)", r"\1/", u)  # scp-like host:path
+    u = re.sub(r"^([^/:]+):\d+/", r"\1/", u)  # drop a port
+    return u.lower()
+
+
+class Retriever:
+    """Retrieval over the index at `index_path` (default `$CODEMOAT_HOME/index.db`).
+
+    Cheap to construct, safe to share between threads; a missing index simply yields no snippets.
+    `groups` is always the caller's groups; see `codemoat.retrieve.acl` for the rule.
+    """
+
+    def __init__(self, index_path: Path | str | None = None):
+        self.path = Path(index_path) if index_path is not None else default_path()
+        self._store = SqliteIndex(self.path)
+        self._lock = threading.Lock()
+        self._repos: tuple[float, list[RepoInfo]] = (0.0, [])
+
+    # -- repositories ----------------------------------------------------------------------------
+    def _all_repos(self) -> list[RepoInfo]:
+        if not self.path.exists():
+            return []
+        with self._lock:
+            at, repos = self._repos
+            if time.monotonic() - at > REPO_CACHE_S:
+                repos = self._store.repos()
+                self._repos = (time.monotonic(), repos)
+            return repos
+
+    def readable_repos(self, groups: frozenset[str]) -> list[str]:
+        """Names of the repositories a caller in `groups` may read."""
+        return [r.name for r in self._all_repos() if can_read(r.groups, groups)]
+
+    def repo_for(self, git_url: str | None, filepath: str | None) -> str | None:
+        """The indexed repository a request's file belongs to: by the git remote recorded at index
+        time, by repository name given as `git_url`, or by an absolute path under a repository's folder."""
+        repos = self._all_repos()
+        if git_url:
+            want = normalize_git_url(git_url)
+            for r in repos:
+                if r.git_url and normalize_git_url(r.git_url) == want:
+                    return r.name
+            for r in repos:
+                if r.name == git_url.strip():
+                    return r.name
+        if filepath and filepath.startswith("/"):
+            best = None
+            for r in repos:
+                root = r.root.rstrip("/") + "/"
+                if filepath.startswith(root) and (best is None or len(root) > len(best.root)):
+                    best = r
+            if best is not None:
+                return best.name
+        return None
+
+    def _readable(self, names: Sequence[str], groups: frozenset[str]) -> dict[int, RepoInfo]:
+        want = set(names)
+        return {r.id: r for r in self._all_repos() if r.name in want and can_read(r.groups, groups)}
+
+    # -- completion ------------------------------------------------------------------------------
+    def snippets_for_completion(
+        self,
+        *,
+        groups: frozenset[str],
+        repo: str,
+        path: str,
+        prefix: str,
+        suffix: str,
+        k: int = 5,
+        budget_tokens: int = 512,
+        count_tokens: Callable[[str], int] = approx_tokens,
+        cursor_line: int | None = None,
+    ) -> list[Snippet]:
+        """Snippets for a completion at the end of `prefix` in `repo`/`path`, best first.
+
+        `path` is relative to the repository (an absolute path under its folder is accepted).
+        `cursor_line` (1-based) defaults to the line count of `prefix`, i.e. the prefix is assumed to
+        start at the top of the file. Chunks of this file that overlap the lines the request carries
+        are left out: they are in the prompt already.
+        """
+        repos = self._readable([repo], groups)
+        if not repos or k <= 0 or budget_tokens <= 0:
+            return []
+        info = next(iter(repos.values()))
+        rel = self._relative(info, path)
+        q = completion_query(prefix, suffix, rel)
+        line = cursor_line if cursor_line is not None else prefix.count("\n") + 1
+        lo = line - prefix.count("\n")
+        hi = line + suffix.count("\n")
+        carried = {ln.strip() for ln in (prefix + "\n" + suffix).split("\n") if len(ln.strip()) > 3}
+
+        def excluded(c: ChunkRow) -> bool:
+            if c.path != rel:
+                return False
+            if c.start_line <= hi and c.end_line >= lo:
+                return True
+            body = [ln.strip() for ln in c.text.split("\n") if len(ln.strip()) > 3][:4]
+            return bool(body) and all(b in carried for b in body)
+
+        ranked = self._rank(q, repos, excluded, rel)
+        return self._fit(ranked, repos, groups, k, budget_tokens, count_tokens)
+
+    # -- chat ------------------------------------------------------------------------------------
+    def snippets_for_chat(
+        self,
+        *,
+        groups: frozenset[str],
+        repos: list[str],
+        query: str,
+        k: int = 8,
+        budget_tokens: int = 1500,
+        count_tokens: Callable[[str], int] = approx_tokens,
+    ) -> list[Snippet]:
+        """Snippets answering a question about `repos` (an empty list means every readable repository)."""
+        names = repos or self.readable_repos(groups)
+        readable = self._readable(names, groups)
+        if not readable or k <= 0 or budget_tokens <= 0:
+            return []
+        ranked = self._rank(chat_query(query), readable, lambda c: False, None)
+        return self._fit(ranked, readable, groups, k, budget_tokens, count_tokens)
+
+    def mentioned_repos(self, groups: frozenset[str], text: str) -> list[str]:
+        """Readable repositories named as `@name` in a chat message."""
+        readable = set(self.readable_repos(groups))
+        return [m for m in dict.fromkeys(re.findall(r"(?<![\w@])@([\w.\-]+)", text)) if m in readable]
+
+    # -- ranking ---------------------------------------------------------------------------------
+    def _relative(self, info: RepoInfo, path: str) -> str:
+        if path.startswith("/"):
+            root = info.root.rstrip("/") + "/"
+            if path.startswith(root):
+                path = path[len(root) :]
+        return posixpath.normpath(path.replace("\\", "/")).lstrip("./") if path else path
+
+    def symbol_ranking(self, q: Query, repo_ids: Sequence[int], current: str | None) -> list[tuple[int, float]]:
+        """(chunk id, score) from the symbol table, best first."""
+        rows = self._store.lookup_symbols(q.weights, list(repo_ids), limit=2000)
+        by_name: dict[str, int] = {}
+        for s in rows:
+            by_name[s.name] = by_name.get(s.name, 0) + 1
+        scores: dict[int, float] = {}
+        for s in rows:
+            if s.path == current:
+                continue
+            w = q.weights.get(s.name, 0.0)
+            stem = re.sub(r"(/__init__|/index|/mod)?\.\w+$", "", s.path)
+            hint = 1.0
+            for frag in q.hints.get(s.name, ()):
+                if _path_match(stem, frag):
+                    hint = 4.0
+                    break
+            else:
+                if any(_path_match(stem, frag) for frag in q.path_hints):
+                    hint = 2.0
+            owners = q.qualified.get(s.name)
+            if owners and "." in s.qualname and s.qualname.rsplit(".", 2)[-2] in owners:
+                hint *= 2.0
+            kind = 0.5 if s.kind == "variable" else 1.0
+            score = w * hint * kind / (1.0 + math.log(by_name[s.name]))
+            scores[s.chunk_id] = scores.get(s.chunk_id, 0.0) + score
+        for s, w in self._members(q, repo_ids):
+            if s.path != current:
+                scores[s.chunk_id] = scores.get(s.chunk_id, 0.0) + w
+        # Among the candidates, prefer those whose text resembles the code at the cursor.
+        top = sorted(scores.items(), key=lambda kv: -kv[1])[: 4 * CANDIDATES]
+        rel = self._store.score_chunks(q.bm25_terms, [cid for cid, _ in top])
+        best = max(rel.values(), default=0.0) or 1.0
+        top = [(cid, sc * (SYMBOL_BM25_FLOOR + rel.get(cid, 0.0) / best)) for cid, sc in top]
+        return sorted(top, key=lambda kv: -kv[1])[:CANDIDATES]
+
+    def _outline(self, q: Query, repo_ids: Sequence[int], current: str | None) -> ChunkRow | None:
+        """After `module.`: the module's top-level signatures, most relevant first (at most OUTLINE_ITEMS)."""
+        if not q.owner_module:
+            return None
+        members = [s for s, _w in self._members(q, repo_ids) if s.path != current and s.kind != "method"]
+        files = {s.path for s in members}
+        if len(files) != 1 or not members:
+            return None
+        rel = self._store.score_chunks(q.bm25_terms, list({s.chunk_id for s in members}))
+        kinds = {"class": 0, "function": 0, "type": 1, "variable": 2}
+        members = [s for s in members if not (s.name.startswith("__") and s.name.endswith("__"))]
+        if not members:
+            return None
+        ranked = sorted(
+            members,
+            key=lambda s: (-q.member_weights.get(s.name, 0.0), kinds.get(s.kind, 1), s.name.startswith("_"), -rel.get(s.chunk_id, 0.0)),
+        )
+        items = ranked[:OUTLINE_ITEMS]
+        s0 = items[0]
+        text = "\n".join(s.signature for s in items)
+        return ChunkRow(-s0.chunk_id, s0.repo_id, s0.path, min(s.start_line for s in items),
+                        max(s.end_line for s in items), "outline", q.owner or "", text)  # fmt: skip
+
+    def _members(self, q: Query, repo_ids: Sequence[int]) -> list[tuple[SymbolRow, float]]:
+        """Members of the module or class named just before the cursor (`owner.`), weighted."""
+        if q.owner is None:
+            return []
+        st = self._store
+        rows: list[SymbolRow] = []
+        if q.owner_module:
+            frag = q.owner_module
+            stem = frag.rsplit("/", 1)[-1]
+            files = [fid for fid, p in st.files_matching(stem, repo_ids)
+                     if _path_match(re.sub(r"(/__init__|/index|/mod)?\.\w+$", "", p), frag)]  # fmt: skip
+            rows = [s for s in st.symbols_in(files) if "." not in s.qualname or s.qualname.count(".") == 0]
+        else:
+            for cls in st.lookup_symbols([q.owner], repo_ids):
+                if cls.kind != "class":
+                    continue
+                stem = re.sub(r"(/__init__|/index|/mod)?\.\w+$", "", cls.path)
+                if q.owner_hints and not any(_path_match(stem, h) for h in q.owner_hints):
+                    continue
+                fid = st.file_id(cls.repo_id, cls.path)
+                if fid is not None:
+                    rows += [s for s in st.symbols_in([fid], cls.start_line + 1, cls.end_line) if s.kind == "method"]
+        # We know the next name is one of these: they rank above every other symbol candidate.
+        base = 10.0 / (1.0 + math.log1p(len(rows)))
+        return [(s, base + q.member_weights.get(s.name, 0.0) * 5.0) for s in rows]
+
+    def bm25_ranking(self, q: Query, repo_ids: Sequence[int]) -> list[tuple[int, float]]:
+        return self._store.search(q.bm25_terms, list(repo_ids), CANDIDATES)
+
+    def _rank(self, q: Query, repos: dict[int, RepoInfo], excluded: Callable[[ChunkRow], bool],
+              current: str | None) -> list[tuple[ChunkRow, float]]:  # fmt: skip
+        fused: dict[int, float] = {}
+        for weight, ranking in (
+            (W_SYMBOLS, self.symbol_ranking(q, list(repos), current)),
+            (W_BM25, self.bm25_ranking(q, list(repos))),
+        ):
+            for rank, (cid, _s) in enumerate(ranking):
+                fused[cid] = fused.get(cid, 0.0) + weight / (RRF_K + rank + 1)
+        rows = self._store.chunks(fused)
+        out: list[tuple[ChunkRow, float]] = []
+        outline = self._outline(q, list(repos), current)
+        if outline is not None:  # the next name is a member of this module: its outline comes first
+            out.append((outline, max(fused.values(), default=0.0) + 1e-3))
+        out.extend(self._import_outlines(q, list(repos), current, fused, rows))
+        for cid, score in sorted(fused.items(), key=lambda kv: -kv[1]):
+            c = rows.get(cid)
+            if c is None or c.repo_id not in repos or excluded(c):
+                continue
+            out.append((c, score))
+        out.sort(key=lambda cs: -cs[1])
+        return out
+
+    def _import_outlines(self, q: Query, repo_ids: Sequence[int], current: str | None, fused: dict[int, float],
+                         rows: dict[int, ChunkRow]) -> list[tuple[ChunkRow, float]]:  # fmt: skip
+        """One outline per repository file this file imports two or more names from: their signatures,
+        likeliest first (what an IDE shows as the imported declarations)."""
+        imported = [n for n, mods in q.hints.items() if mods and n in q.weights]
+        by_path: dict[str, list[tuple[float, SymbolRow]]] = {}
+        for s in self._store.lookup_symbols(imported, repo_ids, limit=2000):
+            if s.path == current or s.kind == "method":
+                continue
+            stem = re.sub(r"(/__init__|/index|/mod)?\.\w+$", "", s.path)
+            if any(_path_match(stem, frag) for frag in q.hints[s.name]):
+                by_path.setdefault(s.path, []).append((q.weights[s.name], s))
+        out = []
+        for path, items in by_path.items():
+            if len({s.name for _, s in items}) < 2:
+                continue
+            items.sort(key=lambda ws: -ws[0])
+            items = items[:OUTLINE_ITEMS]
+            best = max((fused.get(s.chunk_id, 0.0) for _, s in items), default=0.0)
+            if best <= 0:
+                continue
+            s0 = items[0][1]
+            text = "\n".join(s.signature for _, s in items)
+            row = ChunkRow(-s0.chunk_id, s0.repo_id, path, min(s.start_line for _, s in items),
+                           max(s.end_line for _, s in items), "outline", "", text)  # fmt: skip
+            out.append((row, best * OUTLINE_BOOST))
+        return out
+
+    def _fit(self, ranked: list[tuple[ChunkRow, float]], repos: dict[int, RepoInfo], groups: frozenset[str],
+             k: int, budget: int, count: Callable[[str], int]) -> list[Snippet]:  # fmt: skip
+        out: list[Snippet] = []
+        seen_text: set[str] = set()
+        spans: list[tuple[str, int, int, str]] = []
+        left = budget
+        for c, score in ranked:
+            info = repos.get(c.repo_id)
+            if info is None or not can_read(info.groups, groups):  # second check on the way out
+                continue
+            if c.text in seen_text or any(
+                p == c.path and kind == c.kind and s <= c.start_line and c.end_line <= e for p, s, e, kind in spans
+            ):
+                continue
+            text = fit_lines(c.path, c.text, left, count)
+            if text is None:
+                if left < 48:
+                    break
+                continue
+            end = c.end_line if text == c.text else c.start_line + text.count("\n")
+            seen_text.add(c.text)
+            spans.append((c.path, c.start_line, c.end_line, c.kind))
+            out.append(Snippet(info.name, c.path, c.start_line, min(end, c.end_line), round(score, 5), text,
+                               f"{info.name}:{c.path}:{c.start_line}-{c.end_line}"))  # fmt: skip
+            left -= count(c.path + "\n" + text)
+            if len(out) >= k or left <= 0:
+                break
+        return out
+
+
+def _path_match(stem: str, frag: str) -> bool:
+    """True when one module path ends the other at a component boundary (`httpx/_models` ~ `_models`)."""
+    if not frag:
+        return False
+    return stem == frag or stem.endswith("/" + frag) or frag.endswith("/" + stem)
