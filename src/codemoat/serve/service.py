@@ -135,16 +135,30 @@ class Service:
             prompt = f.prefix  # no FIM tokens: plain continuation of the prefix
         else:
             repo = self._repo_for(principal, f)
-            if repo:
-                snippets = self._retrieve(principal, repo, f, engine)
-                extra = extra + [FileSnippet(s.path, s.text) for s in snippets]
+            # retrieved context only fills the room the request leaves in the context window
+            room = engine.n_ctx - params.max_tokens - engine.count_tokens(t.fim.render(f.prefix, f.suffix, extra)) - 16
+            budget = min(self.settings.retrieval.budget_tokens, room)
+            if repo and budget > 32:
+                snippets = self._retrieve(principal, repo, f, engine, budget)
+            prompt = self._render_fitting(engine, t.fim, f, extra, snippets, repo, params)
+            if snippets:
                 usage["repos"] = [repo]
                 usage["snippets"] = [s.id for s in snippets]
-            prompt = t.fim.render(f.prefix, f.suffix, extra, path=f.path if extra else None, repo=repo)
             params.stop = list(dict.fromkeys([*params.stop, *t.fim.stop]))
         self._check_fits(engine, prompt, params)
         usage["prompt_text"] = f.prefix + f.suffix
         return Prepared(engine, prompt, params, snippets)
+
+    @staticmethod
+    def _render_fitting(engine: Engine, fim: FimTemplate, f: FimInput, extra: list[FileSnippet], snippets: list[Any], repo: str | None, params: SamplingParams) -> str:
+        """The FIM prompt with as many retrieved snippets (best first) as fit beside `max_tokens`;
+        their path headers count too. Drops snippets in place from the end."""
+        while True:
+            files = extra + [FileSnippet(s.path, s.text) for s in snippets]
+            prompt = fim.render(f.prefix, f.suffix, files, path=f.path if files else None, repo=repo)
+            if not snippets or engine.count_tokens(prompt) + params.max_tokens <= engine.n_ctx:
+                return prompt
+            snippets.pop()
 
     def _repo_for(self, principal: Principal, f: FimInput) -> str | None:
         if not (self.retriever and f.retrieval and self.settings.retrieval.enabled and self.settings.retrieval.k > 0):
@@ -154,11 +168,10 @@ class Service:
             return None  # not readable by this caller: complete without its code
         return repo
 
-    def _retrieve(self, principal: Principal, repo: str, f: FimInput, engine: Engine) -> list[Any]:
-        r = self.settings.retrieval
+    def _retrieve(self, principal: Principal, repo: str, f: FimInput, engine: Engine, budget: int) -> list[Any]:
         return self.retriever.snippets_for_completion(
             groups=principal.groups, repo=repo, path=f.path or "", prefix=f.prefix, suffix=f.suffix,
-            k=r.k, budget_tokens=r.budget_tokens, count_tokens=engine.count_tokens,
+            k=self.settings.retrieval.k, budget_tokens=budget, count_tokens=engine.count_tokens,
         )
 
     def chat_prompt(self, request: Request, principal: Principal, messages: list[dict[str, str]], params: SamplingParams, repos: list[str] | None = None) -> Prepared:
