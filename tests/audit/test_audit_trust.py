@@ -269,3 +269,16 @@ def test_handler_crash_is_audited_once_as_500(engine, accounts, tokens):
     recs = records(engine)
     assert [(r["route"], r["status"]) for r in recs] == [("/v1/boom", 500), ("/v1/completions", 200)]
     assert recs[0]["detail"]["note"] == "RuntimeError while handling" and recs[0]["prompt_tokens"] == 3
+
+
+def test_block_policy_enforced_by_the_middleware_for_any_route(engine, accounts, tokens):
+    """Even a route that never calls screen_prompt (here the Tabby events route) cannot take a secret."""
+    key = "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQAAAAAAAAABAAAAMwAAAAtzc2gtZW\n-----END OPENSSH PRIVATE KEY-----"
+    with client_for(Settings(policy={"secrets": "block"}), accounts) as c:
+        r = c.post("/v1/events", json={"type": "select", "choice": {"text": key}}, headers=tokens["alice"])
+        assert r.status_code == 400 and "private_key" in r.text and "b3BlbnNzaC1rZXkt" not in r.text
+        assert c.post("/v1/events", json={"type": "select"}, headers=tokens["alice"]).status_code == 200
+        assert c.post("/v1/completions", json={"prompt": "x = 1"}, headers=tokens["alice"]).status_code == 200
+    recs = records(engine)
+    assert [(r["route"], r["status"], r["user"], r["detail"].get("secrets")) for r in recs] == [
+        ("/v1/events", 400, "alice", ["private_key"]), ("/v1/events", 200, "alice", None), ("/v1/completions", 200, "alice", None)]

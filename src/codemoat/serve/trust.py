@@ -7,6 +7,9 @@
   it checks that the audit log can be written, and refuses with 503 if not; a complete
   (non-streamed) response is held until its record is written, and replaced by a 503 if that
   fails, so nothing is served unaudited;
+* with `policy.secrets = "block"`, a screen of every string in each POST body before any route
+  sees it (400 in the caller's protocol, audited with the kinds found, never the values);
+  `screen_prompt(text, settings, request)` gives routes the same check and the redacted text;
 * `app.state.check_quota(request, principal)`, called by the auth dependency (429 + Retry-After);
 * the egress guard (loopback, `policy.egress_allow`, `app.state.egress_allow`, the database host);
 * `GET /metrics` (Prometheus) and the admin API under `/admin/api/` (scope `admin`);
@@ -18,6 +21,7 @@ prompt_text, completion_text, event); the text is kept only with `audit.retain_t
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import asdict
@@ -38,6 +42,7 @@ from ..audit.quota import Quotas
 from ..audit.redact import find_secrets, redact, screen
 from ..config import Settings
 from ..db import open_db
+from ..errors import CodemoatError
 from .auth import require
 
 log = logging.getLogger("codemoat.audit")
@@ -209,8 +214,28 @@ class AuditMiddleware:
         if not t.log.known_writable and not await anyio.to_thread.run_sync(t.log.check_writable, limiter=t.limiter):
             t.metrics.audit_failures.inc()
             return await self._refuse(scope, receive, send)
-        scope.setdefault("state", {}).setdefault("usage", {})
+        usage = scope.setdefault("state", {}).setdefault("usage", {})
         t0 = time.perf_counter()
+        if t.settings.policy.secrets == "block" and scope.get("method") == "POST":
+            # Screen the whole body here, whatever the protocol, so that the block policy holds even
+            # for a route that does not call `screen_prompt` itself.
+            receive, kinds, kinds_message = await _screen_body(receive)
+            if kinds:
+                usage["secrets"] = kinds
+                principal = await anyio.to_thread.run_sync(_caller, scope, limiter=t.limiter)
+                if principal is not None:
+                    scope["state"]["principal"] = principal
+                try:
+                    await anyio.to_thread.run_sync(t.write, scope, 400, time.perf_counter() - t0, "refused: secret in the request",
+                                                   limiter=t.limiter)
+                except AuditUnavailable:
+                    return await self._refuse(scope, receive, send)
+                from starlette.requests import Request as StarletteRequest
+
+                from . import errors
+
+                msg = kinds_message
+                return await errors.render(StarletteRequest(scope), 400, msg, "secret_detected")(scope, receive, send)
         status = 500
         held: dict | None = None
         streaming = False
@@ -278,6 +303,69 @@ class AuditMiddleware:
         resp = errors.render(StarletteRequest(scope), 503, "service unavailable: the audit log cannot be written, "
                              "and codemoat serves nothing it cannot audit", "audit_unavailable")
         await resp(scope, receive, send)
+
+
+def _caller(scope) -> Principal | None:
+    """Who sent a request refused before authentication (for its audit record), if the token is valid."""
+    headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+    scheme, _, value = headers.get("authorization", "").partition(" ")
+    secret = value.strip() if scheme.lower() == "bearer" else headers.get("x-api-key")
+    accounts = getattr(scope.get("app").state, "accounts", None) if scope.get("app") is not None else None
+    if not secret or accounts is None:
+        return None
+    try:
+        return accounts.authenticate(secret)
+    except Exception:
+        return None
+
+
+async def _screen_body(receive):
+    """Read the request body, find secrets in its text (every string of a JSON body), and give back
+    a `receive` that replays the body to the app."""
+    chunks, more = [], True
+    while more:
+        m = await receive()
+        if m["type"] != "http.request":
+            break
+        chunks.append(m.get("body", b""))
+        more = m.get("more_body", False)
+    body = b"".join(chunks)
+    try:
+        doc = json.loads(body) if body else None
+        texts = list(_strings(doc))
+    except ValueError:
+        texts = [body.decode("utf-8", "replace")]
+    kinds: set[str] = set()
+    message = ""
+    for text in texts:
+        found = find_secrets(text)
+        if found and not message:
+            try:
+                screen(text, "block")
+            except CodemoatError as e:  # the same one-line message screen_prompt gives
+                message = str(e)
+        kinds.update(f.kind for f in found)
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay, sorted(kinds), message
+
+
+def _strings(doc) -> Any:
+    if isinstance(doc, str):
+        yield doc
+    elif isinstance(doc, dict):
+        for v in doc.values():
+            yield from _strings(v)
+    elif isinstance(doc, list):
+        for v in doc:
+            yield from _strings(v)
 
 
 def check_quota(request: Request, principal: Principal) -> None:
