@@ -188,7 +188,7 @@ def open_sealed(
 
     opts = engine_options(settings, model_id)
     if fmt == "safetensors":
-        opts = {"model_id": model_id, "n_ctx": settings.model.n_ctx}
+        opts = {"model_id": model_id, "n_ctx": settings.model.n_ctx, "n_threads": settings.model.n_threads}
     build = engine_factory or (_gguf_engine if fmt == "gguf" else _safetensors_engine)
     keys: dict[str, bytes | None] = {"content": grant.content_key, "watermark": grant.watermark_key}
     client = lease = None
