@@ -1,1 +1,13 @@
-"""codemoat.vault"""
+"""codemoat.vault: sealed models, machine-bound signed licenses, key leases (docs/formats.md, docs/threat-model.md).
+
+    container.py  the .moat format: signed manifest, AES-256-GCM chunks, decrypt into a buffer or a sink
+    machine.py    this machine's key pair and hashed hardware facts; match policies
+    license.py    signed licenses, key wrapping to a machine, the offline checks
+    clock.py      wall/monotonic clocks (injectable) and the authenticated clock high-water mark
+    vendor.py     the vendor's keys and database (customers, sealed models, licenses, leases)
+    keyserver.py  the key server's lease logic (HTTP: codemoat.serve.keyserver_app)
+    lease.py      the customer's lease client, keeper and outbound log
+    verify.py     `codemoat verify`
+
+Imports from codemoat: only the shared top-level modules (errors, paths, db).
+"""
