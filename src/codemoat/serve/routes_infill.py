@@ -9,7 +9,7 @@ from ..engines.templates import FileSnippet
 from ..protocol import infill
 from .auth import require
 from .body import read_json, start_usage
-from .service import FimInput, Service, snippet_json
+from .service import FimInput, Service, snippets_extra
 from .streaming import sse
 
 router = APIRouter()
@@ -26,14 +26,9 @@ async def infill_route(request: Request, principal: Principal = Depends(require(
     max_tokens = None if n is None else (svc.settings.model.max_tokens_limit if n < 0 else n)
     params = svc.params(max_tokens, req.temperature, req.top_p, req.stop, req.seed, req.top_k)
     ext = req.codemoat
-    f = FimInput(
-        req.input_prefix + req.prompt, req.input_suffix,
-        path=ext.path if ext else None, repo=ext.repo if ext else None, git_url=ext.git_url if ext else None,
-        extra=[FileSnippet(e.filename, e.text) for e in req.input_extra if e.text],
-        retrieval=ext.retrieval if ext else True,
-    )
+    f = FimInput.from_ext(req.input_prefix + req.prompt, req.input_suffix, ext, [FileSnippet(e.filename, e.text) for e in req.input_extra if e.text])
     prep = svc.fim_prompt(request, principal, f, params)
-    extra = {"codemoat": {"snippets": snippet_json(prep.snippets)}} if ext and ext.return_snippets else None
+    extra = snippets_extra(ext, prep)
     if not req.stream:
         c = await svc.run(request, prep)
         return infill.result(svc.model_id, c.text, True, c.prompt_tokens, c.completion_tokens,

@@ -12,7 +12,7 @@ from ..accounts import Principal
 from ..protocol import ollama
 from .auth import require
 from .body import read_json, start_usage
-from .service import FimInput, Prepared, Service, snippet_json
+from .service import FimInput, Prepared, Service, snippets_extra
 from .streaming import ndjson
 
 router = APIRouter()
@@ -80,8 +80,7 @@ async def generate(request: Request, principal: Principal = Depends(require("com
     params = _params(svc, req.options)
     ext = req.codemoat
     if req.suffix is not None:
-        f = FimInput(req.prompt, req.suffix, path=ext.path if ext else None, repo=ext.repo if ext else None,
-                     git_url=ext.git_url if ext else None, retrieval=ext.retrieval if ext else True)
+        f = FimInput.from_ext(req.prompt, req.suffix, ext)
         prep = svc.fim_prompt(request, principal, f, params)
     elif req.raw:
         eng = svc.engine()
@@ -91,21 +90,26 @@ async def generate(request: Request, principal: Principal = Depends(require("com
     else:
         msgs = ([{"role": "system", "content": req.system}] if req.system else []) + [{"role": "user", "content": req.prompt}]
         prep = svc.chat_prompt(request, principal, msgs, params)
-    extra = {"codemoat": {"snippets": snippet_json(prep.snippets)}} if ext and ext.return_snippets else None
+    extra = snippets_extra(ext, prep)
+    return await _answer(request, svc, prep, req.stream, ollama.generate_chunk, ollama.generate_final, extra)
+
+
+async def _answer(request: Request, svc: Service, prep: Prepared, stream: bool, chunk, final, extra: dict | None):
+    """One JSON answer, or an NDJSON stream of `chunk`s closed by `final` (generate and chat alike)."""
     t0 = time.perf_counter_ns()
-    if not req.stream:
+    if not stream:
         c = await svc.run(request, prep)
-        return ollama.generate_final(svc.model_id, c.text, c.finish_reason if c.finish_reason == "length" else "stop",
-                                     c.prompt_tokens, c.completion_tokens, time.perf_counter_ns() - t0, extra)
+        return final(svc.model_id, c.text, "length" if c.finish_reason == "length" else "stop",
+                     c.prompt_tokens, c.completion_tokens, time.perf_counter_ns() - t0, extra)
 
     async def events():
         async for ch in svc.stream(request, prep):
             if ch.text:
-                yield ollama.generate_chunk(svc.model_id, ch.text)
+                yield chunk(svc.model_id, ch.text)
             if ch.finish_reason:
                 u = request.state.usage
-                yield ollama.generate_final(svc.model_id, "", "length" if ch.finish_reason == "length" else "stop",
-                                            u["prompt_tokens"], u["completion_tokens"], time.perf_counter_ns() - t0, extra)
+                yield final(svc.model_id, "", "length" if ch.finish_reason == "length" else "stop",
+                            u["prompt_tokens"], u["completion_tokens"], time.perf_counter_ns() - t0, extra)
 
     return ndjson(events())
 
@@ -119,20 +123,5 @@ async def chat(request: Request, principal: Principal = Depends(require("chat"))
     params = _params(svc, req.options)
     msgs = [{"role": m.role, "content": m.content} for m in req.messages]
     prep = svc.chat_prompt(request, principal, msgs, params, req.codemoat.repos if req.codemoat else None)
-    extra = {"codemoat": {"snippets": snippet_json(prep.snippets)}} if req.codemoat and req.codemoat.return_snippets else None
-    t0 = time.perf_counter_ns()
-    if not req.stream:
-        c = await svc.run(request, prep)
-        return ollama.chat_final(svc.model_id, c.text, "length" if c.finish_reason == "length" else "stop",
-                                 c.prompt_tokens, c.completion_tokens, time.perf_counter_ns() - t0, extra)
-
-    async def events():
-        async for ch in svc.stream(request, prep):
-            if ch.text:
-                yield ollama.chat_chunk(svc.model_id, ch.text)
-            if ch.finish_reason:
-                u = request.state.usage
-                yield ollama.chat_final(svc.model_id, "", "length" if ch.finish_reason == "length" else "stop",
-                                        u["prompt_tokens"], u["completion_tokens"], time.perf_counter_ns() - t0, extra)
-
-    return ndjson(events())
+    extra = snippets_extra(req.codemoat, prep)
+    return await _answer(request, svc, prep, req.stream, ollama.chat_chunk, ollama.chat_final, extra)

@@ -7,13 +7,12 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 
 from ..accounts import Principal
-from ..engines.templates import FileSnippet
 from ..errors import CodemoatError
 from ..protocol import openai
 from ..protocol.common import as_stop_list, new_id
 from .auth import require
 from .body import read_json, start_usage
-from .service import FimInput, Service, snippet_json
+from .service import FimInput, Service, snippets_extra
 from .streaming import sse
 
 router = APIRouter()
@@ -57,8 +56,7 @@ async def openai_completion(request: Request, principal: Principal, body: Any):
     params = svc.params(req.max_tokens if req.max_tokens is not None else None, req.temperature, req.top_p, as_stop_list(req.stop), req.seed)
     ext = req.codemoat
     if req.suffix is not None or (ext and ext.path):
-        f = FimInput(prompt, req.suffix or "", path=ext.path if ext else None, repo=ext.repo if ext else None,
-                     git_url=ext.git_url if ext else None, retrieval=ext.retrieval if ext else True)
+        f = FimInput.from_ext(prompt, req.suffix or "", ext)
         prep = svc.fim_prompt(request, principal, f, params)
     else:
         from .service import Prepared
@@ -67,7 +65,7 @@ async def openai_completion(request: Request, principal: Principal, body: Any):
         eng.check_prompt(prompt, params.max_tokens)
         request.state.usage["prompt_text"] = prompt
         prep = Prepared(eng, prompt, params)
-    extra = {"codemoat": {"snippets": snippet_json(prep.snippets)}} if ext and ext.return_snippets else None
+    extra = snippets_extra(ext, prep)
     cid = new_id("cmpl")
     if not req.stream:
         c = await svc.run(request, prep)
@@ -95,7 +93,7 @@ async def chat_completions(request: Request):
     messages = [{"role": m.role, "content": m.text()} for m in req.messages]
     prep = svc.chat_prompt(request, principal, messages, params, req.codemoat.repos if req.codemoat else None)
     ext = req.codemoat
-    extra = {"codemoat": {"snippets": snippet_json(prep.snippets)}} if ext and ext.return_snippets else None
+    extra = snippets_extra(ext, prep)
     cid = new_id("chatcmpl")
     if not req.stream:
         c = await svc.run(request, prep)
@@ -115,6 +113,3 @@ async def chat_completions(request: Request):
 
     return sse(events())
 
-
-def fim_from_extra(extra: list[Any]) -> list[FileSnippet]:
-    return [FileSnippet(e.filename, e.text) for e in extra if e.text]

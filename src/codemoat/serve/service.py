@@ -45,6 +45,15 @@ class FimInput:
     retrieval: bool = True
 
 
+    @classmethod
+    def from_ext(cls, prefix: str, suffix: str, ext: Any | None, extra: list[FileSnippet] | None = None) -> "FimInput":
+        """A FIM input whose file and repository come from the request's `codemoat` extension."""
+        return cls(
+            prefix, suffix, path=ext.path if ext else None, repo=ext.repo if ext else None,
+            git_url=ext.git_url if ext else None, extra=extra or [], retrieval=ext.retrieval if ext else True,
+        )
+
+
 @dataclass
 class Prepared:
     engine: Engine
@@ -247,6 +256,11 @@ class Service:
         u["prompt_tokens"] = n_prompt
         u["completion_tokens"] = n_out
         u["completion_text"] = text
+
+
+def snippets_extra(ext: Any | None, prep: Prepared) -> dict[str, Any] | None:
+    """`{"codemoat": {"snippets": [...]}}` when the request's extension asked for them."""
+    return {"codemoat": {"snippets": snippet_json(prep.snippets)}} if ext and ext.return_snippets else None
 
 
 def snippet_json(snippets: list[Any]) -> list[dict[str, Any]]:
