@@ -247,3 +247,18 @@ def test_cli_lease_failures_are_one_line(vendor, machine, model, tmp_path):
     moat2, lic2, _ = bundle(vendor, model, tmp_path / "out2", machine, mode="lease",
                             keyserver=f"http://127.0.0.1:{free_port()}")
     assert "key server unreachable" in one_line_error(cli("verify", "--model", str(moat2), "--license", str(lic2)))
+
+
+def test_release_frees_the_seat(vendor, machine, model, tmp_path, keyserver):
+    other = MachineKey.generate()
+    _, lic, _ = lease_license(vendor, model, tmp_path, [machine, other], keyserver.url, seats=1, lease_ttl=600)
+    a, b = LeaseClient(lic, machine), LeaseClient(lic, other)
+    a.acquire()
+    with pytest.raises(LeaseDenied, match="seats"):
+        b.acquire()
+    a.release()
+    assert b.acquire().seats_used == 1
+    with pytest.raises(LeaseDenied, match="seats"):
+        a.acquire()
+    a.close()
+    b.close()
