@@ -23,8 +23,7 @@ from pydantic_settings import (
 class ServerSettings(BaseModel):
     host: str = Field("127.0.0.1", description="Address to listen on.")
     port: int = Field(8080, ge=0, le=65535, description="Port to listen on (0 picks a free one).")
-    api_prefix_openai: str = Field("/v1", description="Prefix of the OpenAI-compatible routes.")
-    max_concurrent: int = Field(64, ge=1, description="Requests admitted at once; more wait in the queue.")
+    max_concurrent: int = Field(64, ge=1, description="Generations admitted at once; more wait for a slot (the engine still runs one batch at a time).")
     log_level: str = Field("info", description="uvicorn log level.")
 
 

@@ -7,6 +7,8 @@ fills `request.state.usage` for the audit log.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -69,6 +71,9 @@ class Service:
         self.retriever = retriever
         self._templates: dict[int, Templates] = {}
         self.started = time.time()
+        # admission: at most `max_concurrent` generations hold a slot; the rest wait in line
+        self._slots = asyncio.Semaphore(settings.server.max_concurrent)
+        self.waiting = 0
 
     # -- model and templates --------------------------------------------
     @property
@@ -233,7 +238,8 @@ class Service:
 
     # -- running ---------------------------------------------------------------
     async def run(self, request: Request, p: Prepared) -> Completion:
-        c = await p.engine.complete(p.prompt, p.params)
+        async with self._slot():
+            c = await p.engine.complete(p.prompt, p.params)
         self._account(request, p.engine, c.prompt_tokens, c.completion_tokens, c.text)
         return c
 
@@ -244,11 +250,24 @@ class Service:
         usage["prompt_tokens"] = n_prompt
         usage["completion_tokens"] = 0
         parts: list[str] = []
-        async for chunk in p.engine.stream(p.prompt, p.params):
-            usage["completion_tokens"] += len(chunk.token_ids)
-            parts.append(chunk.text)
-            usage["completion_text"] = "".join(parts)
-            yield chunk
+        async with self._slot():
+            async for chunk in p.engine.stream(p.prompt, p.params):
+                usage["completion_tokens"] += len(chunk.token_ids)
+                parts.append(chunk.text)
+                usage["completion_text"] = "".join(parts)
+                yield chunk
+
+    @contextlib.asynccontextmanager
+    async def _slot(self):
+        self.waiting += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self.waiting -= 1
+        try:
+            yield
+        finally:
+            self._slots.release()
 
     def _account(self, request: Request, engine: Engine, n_prompt: int, n_out: int, text: str) -> None:
         u = request.state.usage
