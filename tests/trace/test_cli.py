@@ -60,6 +60,8 @@ def test_trace_of_the_original_gives_no_verdict(vendor, f16_model, unrelated_mod
 def test_trace_errors_are_one_line(vendor, tmp_path):
     r = _cli("trace", str(tmp_path / "missing.gguf"), "--vendor", str(vendor / "v"))
     assert r.returncode == 1 and "not found" in r.stderr and "Traceback" not in r.stderr
+    r = _cli("trace", str(vendor / "globex.moat"), "--vendor", str(vendor / "v"))
+    assert r.returncode == 1 and "unseal" in r.stderr and "Traceback" not in r.stderr
     r = _cli("trace", str(vendor / "leak.gguf"), "--vendor", str(tmp_path / "novendor"))
     assert r.returncode == 1 and "vendor" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
@@ -81,5 +83,8 @@ def test_watermark_detect_cli(vendor, f16_model, flat_model, tmp_path):
     assert files[0]["detected"] == ["initech"] and files[1]["detected"] == []
     r = _cli(*args[:-1], "--customer", "acme")
     assert r.returncode == 0 and "no" in r.stdout
+    r = _cli(*args, "--no-entropy")  # every token scored: still found, human still clean
+    files = json.loads(r.stdout)["files"]
+    assert files[0]["detected"] == ["initech"] and files[1]["detected"] == []
     r = _cli("watermark", "detect", str(gen), "--vendor", str(vendor / "v"), "--customer", "nobody")
     assert r.returncode == 1 and "nobody" in r.stderr

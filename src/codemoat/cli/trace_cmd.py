@@ -77,6 +77,7 @@ def watermark_detect(
     vendor: VendorDir,
     customer: Annotated[str | None, typer.Option(help="Test only this customer's key (default: every customer, corrected for their number).")] = None,
     model: Annotated[Path | None, typer.Option(help="GGUF model for tokens and entropies (default: the GGUF original recorded when sealing).")] = None,
+    entropy: Annotated[bool, typer.Option("--entropy/--no-entropy", help="Score only where the model had freedom (SWEET; one forward pass per file), or every token.")] = True,
     as_json: JsonFlag = False,
 ) -> None:
     """Print the watermark z-score and p-value of each FILE for each customer."""
@@ -96,7 +97,7 @@ def watermark_detect(
         v.close()
     if not model.is_file():
         raise CodemoatError(f"model not found: {model}")
-    scorer = LlamaScorer(str(model))
+    scorer = LlamaScorer(str(model), n_ctx=1024, vocab_only=not entropy)
     greens = {k: GreenList(s) for k, s in keys.items()}
     out = []
     for f in files:
@@ -104,10 +105,10 @@ def watermark_detect(
             text = f.read_text(errors="replace")
         except OSError as e:
             raise CodemoatError(f"cannot read {f}: {e.strerror}") from None
-        scores = detect_text(text, scorer.tokenize, keys, scorer.entropies, greens=greens)
+        scores = detect_text(text, scorer.tokenize, keys, scorer.entropies if entropy else None, greens=greens)
         out.append({"file": str(f), "detected": [s.customer for s in scores if s.detected],
                     "scores": [s.__dict__ for s in scores]})
-    data = {"threshold": THRESHOLD, "customers": len(keys), "files": out}
+    data = {"threshold": THRESHOLD, "customers": len(keys), "entropy_gated": entropy, "files": out}
 
     def human(d: dict) -> None:
         t = Table(title=f"watermark, {d['customers']} customer key(s), detection at corrected p < {d['threshold']:g}")

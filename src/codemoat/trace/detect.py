@@ -171,7 +171,12 @@ def load(path_or_bytes, kind: str | None = None) -> tuple[dict[str, np.ndarray],
             kinds = gguf_io.tensor_kinds(r)
             meta = gguf_io.metadata(r)
         return mats, meta, fp.marked_tensors(kinds, {n: w.shape for n, w in mats.items()})
-    mats = st_io.read_matrices(path_or_bytes)
+    try:
+        mats = st_io.read_matrices(path_or_bytes)
+    except CodemoatError:
+        name = "the model" if isinstance(path_or_bytes, (bytes, bytearray, memoryview)) else str(path_or_bytes)
+        raise CodemoatError(f"{name} is neither a GGUF nor a safetensors model "
+                            "(a sealed .moat must be unsealed first: codemoat vendor unseal)") from None
     return mats, _hf_config(path_or_bytes), None
 
 

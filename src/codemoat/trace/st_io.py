@@ -23,7 +23,7 @@ def _header(buf: memoryview) -> tuple[dict, int]:
     if len(buf) < 8:
         raise CodemoatError("not a safetensors file (too short)")
     (n,) = struct.unpack("<Q", buf[:8])
-    if n > len(buf) - 8:
+    if n > len(buf) - 8 or n > 100_000_000:
         raise CodemoatError("not a safetensors file (header length past the end)")
     try:
         head = json.loads(bytes(buf[8 : 8 + n]))

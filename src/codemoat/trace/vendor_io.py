@@ -82,13 +82,17 @@ def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 
         with open_gguf(path) as r:
             return {t.name: tuple(int(d) for d in reversed(t.shape.tolist())) for t in r.tensors}
+    not_a_model = CodemoatError(f"{path} is neither a GGUF nor a safetensors model "
+                                "(a sealed .moat must be unsealed first: codemoat vendor unseal)")
     try:
         (n,) = struct.unpack("<Q", head)
+        if n > min(path.stat().st_size - 8, 100_000_000):
+            raise not_a_model
         with open(path, "rb") as f:
             f.seek(8)
             header = json.loads(f.read(n))
     except (struct.error, ValueError, OSError):
-        raise CodemoatError(f"{path}: neither GGUF nor safetensors") from None
+        raise not_a_model from None
     header.pop("__metadata__", None)
     return {k: tuple(v["shape"]) for k, v in header.items()}
 
@@ -102,7 +106,7 @@ def pick_original(suspect: Path, candidates: list[Path]) -> Path:
             w = weights_path(c)
             have = tensor_shapes(w)
         except CodemoatError:
-            continue
+            continue  # an original moved away or damaged: others may still match
         n = sum(int(_prod(s)) for k, s in have.items() if want.get(k) == s and len(s) >= 2)
         if n > best_n:
             best, best_n = w, n
