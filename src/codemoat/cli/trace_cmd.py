@@ -24,7 +24,7 @@ def trace_cmd(
     *,
     vendor: VendorDir,
     original: Annotated[Path | None, typer.Option(help="The unfingerprinted original (default: the one recorded when sealing that matches the suspect).")] = None,
-    top: Annotated[int, typer.Option(help="Customers to show (all with --json).")] = 10,
+    top: Annotated[int, typer.Option(help="Customers to show, best first (0: all; --json always lists all).")] = 10,
     as_json: JsonFlag = False,
 ) -> None:
     """Rank every customer by the evidence that SUSPECT is their fingerprinted copy."""
@@ -48,9 +48,11 @@ def trace_cmd(
         t = Table(title=f"{Path(d['suspect']).name} vs {Path(d['original']).name}: {what}")
         for col in ("customer", "z", "p (corrected)", "named"):
             t.add_column(col, justify="right" if col != "customer" else "left")
-        for s in d["scores"][:top]:
+        for s in d["scores"][:top] if top > 0 else d["scores"]:
             t.add_row(s["customer"], f"{s['z']:.2f}", _p(s["p_adj"]), "yes" if s["named"] else "")
         console.print(t)
+        if 0 < top < len(d["scores"]):
+            console.print(f"({len(d['scores']) - top} more customers, all with lower scores: --top 0 lists them)")
         if d["realigned"]:
             console.print("re-aligned permuted units: " + ", ".join(f"{k} ({n})" for k, n in d["realigned"].items()))
         if d["named"]:
