@@ -49,7 +49,7 @@ echo " - one bit flipped in the middle of the sealed file:"; refused $CODEMOAT v
 "$PY" -c "import json,sys; d=json.load(open(sys.argv[1])); d['license']['expires']+=10**8; json.dump(d,open(sys.argv[2],'w'))" "$DEMO/acme.lic" "$DEMO/extended.lic"
 echo " - expiry edited in the license:"; refused $CODEMOAT verify --model "$DEMO/acme.moat" --license "$DEMO/extended.lic"
 echo " - license copied to another machine:"
-CODEMOAT_HOME="$DEMO/other-machine" $CODEMOAT machine-id >/dev/null
+CODEMOAT_HOME="$DEMO/other-machine" $CODEMOAT machine-id >/dev/null 2>&1
 refused env CODEMOAT_HOME="$DEMO/other-machine" $CODEMOAT verify --model "$DEMO/acme.moat" --license "$DEMO/acme.lic"
 echo " - the clock set back a year (after the machine has seen today's date):"
 refused "$PY" - "$DEMO/acme.moat" "$DEMO/acme.lic" <<'PYEOF'
@@ -66,7 +66,8 @@ PYEOF
 say "customer: serve the sealed model (decrypted into a sealed memfd; the process is non-dumpable)"
 PORT=$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 TOKEN=$($CODEMOAT tokens create --name vault-demo --json | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["token"])')
-$CODEMOAT serve --model "$DEMO/acme.moat" --license "$DEMO/acme.lic" --port "$PORT" >"$DEMO/vault-serve.log" 2>&1 &
+SERVE_TMP="$DEMO/vault-serve-tmp"; mkdir -p "$SERVE_TMP"
+TMPDIR="$SERVE_TMP" $CODEMOAT serve --model "$DEMO/acme.moat" --license "$DEMO/acme.lic" --port "$PORT" >"$DEMO/vault-serve.log" 2>&1 &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true' EXIT
 for _ in $(seq 150); do "$PY" -c "import httpx,sys; sys.exit(httpx.get('http://127.0.0.1:$PORT/health', timeout=1).status_code != 200)" 2>/dev/null && break; sleep 0.2; done
@@ -82,7 +83,7 @@ r = c.post("/v1/completions", json={"model": model, "prompt": "def add(a, b):\n"
 print("   completion from the sealed model:", repr(r.json()["choices"][0]["text"]))
 PYEOF
 kill $SERVER 2>/dev/null || true; wait $SERVER 2>/dev/null || true
-"$PY" - "$MODEL" "$CODEMOAT_HOME" "${TMPDIR:-/tmp}" <<'PYEOF'
+"$PY" - "$MODEL" "$CODEMOAT_HOME" "$SERVE_TMP" <<'PYEOF'
 import os, sys
 plain = open(sys.argv[1], "rb").read()
 probe = plain[len(plain) // 2: len(plain) // 2 + 32]
@@ -96,5 +97,6 @@ for root in sys.argv[2:]:
                     hits.append(p)
             except OSError:
                 pass
-print("   files under the data and temp directories holding plaintext weights:", hits or "none")
+print("   files under the data directory and the server's temp directory holding plaintext weights:", hits or "none")
+sys.exit(1 if hits else 0)
 PYEOF
