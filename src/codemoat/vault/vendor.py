@@ -113,29 +113,6 @@ def read_model(path: Path) -> tuple[str, str, bytearray, list[dict[str, Any]]]:
     return model_id, "safetensors", data, parts
 
 
-def _migrate(engine: sa.Engine) -> None:
-    """Run the "vault" Alembic branch (revisions in vault/migrations/versions/)."""
-    from alembic import command
-    from alembic.config import Config
-    from alembic.util import CommandError
-
-    try:
-        db.upgrade(engine, ("vault",))
-        if "vault_licenses" in sa.inspect(engine).get_table_names():
-            return
-    except CommandError:
-        pass
-    # codemoat.db scans <package>/migrations only; point Alembic at versions/ as CONTRIBUTING lays out.
-
-    cfg = Config()
-    cfg.set_main_option("script_location", str(Path(db.__file__).parent / "migrations"))
-    cfg.set_main_option("version_locations", str(Path(__file__).parent / "migrations" / "versions"))
-    cfg.set_main_option("path_separator", "space")
-    with engine.begin() as conn:
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "vault@head")
-
-
 class Vendor:
     """A vendor directory, opened: keys in memory, database migrated."""
 
@@ -179,7 +156,7 @@ class Vendor:
         if len(master) != 32:
             raise VaultError(f"vendor master key in {root} is damaged")
         engine = db.make_engine(info.get("database_url") or f"sqlite:///{root / 'vendor.db'}")
-        _migrate(engine)
+        db.upgrade(engine, ("vault",))  # the vault's own Alembic branch (migrations/versions/)
         return cls(root, signing, ks, master, engine)
 
     def close(self) -> None:
