@@ -232,6 +232,8 @@ def write_md(load: dict | None, ks: dict | None, args) -> Path:
                   f"| engine ready | {load['plain_ready']:.3f} s | {load['sealed_ready']:.3f} s | {load['ratio_ready']:.2f}× | |",
                   f"| first token (every weight touched) | {load['plain_first']:.3f} s | {load['sealed_first']:.3f} s | "
                   f"{load['ratio_first']:.2f}× | ≤ 1.15× |", "",
+                  f"**Target {'met' if load['ratio_first'] <= 1.15 else 'not met'}** ({load['ratio_first']:.2f}× to first"
+                  " token).", "",
                   f"- Load average at the end: {load['load_avg']:.1f} on {os.cpu_count()} cores.",
                   f"- AES-256-GCM `decrypt_into` alone (pages already faulted): {load['decrypt_s']:.3f} s = "
                   f"{load['size'] / load['decrypt_s'] / 1e9:.1f} GB/s on one core.",
@@ -248,6 +250,7 @@ def write_md(load: dict | None, ks: dict | None, args) -> Path:
                   "| leases/s | p50 | p99 | max | errors | targets |", "| --- | --- | --- | --- | --- | --- |",
                   f"| {ks['per_s']:.0f} | {ks['p50_ms']:.1f} ms | {ks['p99_ms']:.1f} ms | {ks['max_ms']:.1f} ms | "
                   f"{ks['errors']} | ≥ 500/s, p99 ≤ 100 ms |", "",
+                  f"**Targets {'met' if ks['per_s'] >= 500 and ks['p99_ms'] <= 100 else 'not met'} on this machine.** "
                   f"CPU per lease: key server {ks['server_cpu_ms']:.2f} ms (one core serves ≈ "
                   f"{1000 / ks['server_cpu_ms']:.0f} leases/s), clients {ks['client_cpu_ms']:.2f} ms. Load average "
                   f"during the run: {ks['load_avg']:.1f} on {os.cpu_count()} cores (other engineers' jobs).", "",
