@@ -100,3 +100,24 @@ def test_block_policy_refuses_with_clear_message_without_the_secret():
     out, found = screen(text, "redact")
     assert secret not in out and len(found) == 1
     assert screen("x = 1\n", "block") == ("x = 1\n", [])
+
+
+@pytest.mark.parametrize("text", [
+    "a" * 100_000, "x_" * 50_000, "password" * 10_000 + '="', "PASSWORD" * 10_000 + "=", "a" * 100_000 + "://",
+    '"a"=' * 25_000, "-----BEGIN " * 10_000, "aws" * 30_000,
+], ids=["letters", "identifier", "password-run", "env-run", "scheme-run", "quotes", "begin-run", "aws-run"])
+def test_no_catastrophic_backtracking(text):
+    """Adversarial prompts scan in linear time. The alarm is a hang detector, not a speed target:
+    before the patterns were bounded, 20,000 letters took 85 s, so 100,000 would take about half an hour."""
+    import signal
+
+    def hung(*_):
+        raise TimeoutError("find_secrets backtracked catastrophically")
+
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(60)
+    try:
+        find_secrets(text)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
