@@ -330,9 +330,22 @@ async def _screen_body(receive):
         chunks.append(m.get("body", b""))
         more = m.get("more_body", False)
     body = b"".join(chunks)
+    kinds, message = await anyio.to_thread.run_sync(_scan_body, body)  # off the event loop: prompts can be long
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay, sorted(kinds), message
+
+
+def _scan_body(body: bytes) -> tuple[set[str], str]:
     try:
-        doc = json.loads(body) if body else None
-        texts = list(_strings(doc))
+        texts = list(_strings(json.loads(body))) if body else []
     except ValueError:
         texts = [body.decode("utf-8", "replace")]
     kinds: set[str] = set()
@@ -345,16 +358,7 @@ async def _screen_body(receive):
             except CodemoatError as e:  # the same one-line message screen_prompt gives
                 message = str(e)
         kinds.update(f.kind for f in found)
-    sent = False
-
-    async def replay():
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replay, sorted(kinds), message
+    return kinds, message
 
 
 def _strings(doc) -> Any:
