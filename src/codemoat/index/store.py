@@ -107,6 +107,7 @@ class SymbolRow:
     chunk_id: int
     start_line: int
     end_line: int
+    doc: str = ""
 
 
 class IndexReader(Protocol):
@@ -296,7 +297,7 @@ class SqliteIndex:
         if not names or not repo_ids:
             return []
         q = (
-            "SELECT s.name, s.qualname, s.kind, s.signature, s.repo_id, f.path, s.chunk_id, s.start_line, s.end_line"
+            "SELECT s.name, s.qualname, s.kind, s.signature, s.repo_id, f.path, s.chunk_id, s.start_line, s.end_line, s.doc"
             " FROM symbols s JOIN files f ON f.id = s.file_id"
             f" WHERE s.name IN ({','.join('?' * len(names))}) AND s.repo_id IN ({','.join('?' * len(repo_ids))})"
             " LIMIT ?"
@@ -316,7 +317,7 @@ class SqliteIndex:
         if not file_ids:
             return []
         q = (
-            "SELECT s.name, s.qualname, s.kind, s.signature, s.repo_id, f.path, s.chunk_id, s.start_line, s.end_line"
+            "SELECT s.name, s.qualname, s.kind, s.signature, s.repo_id, f.path, s.chunk_id, s.start_line, s.end_line, s.doc"
             " FROM symbols s JOIN files f ON f.id = s.file_id"
             f" WHERE s.file_id IN ({','.join('?' * len(file_ids))}) AND s.start_line BETWEEN ? AND ? LIMIT 2000"
         )

@@ -163,6 +163,23 @@ def _imports(prefix: str, path: str) -> tuple[dict[str, set[str]], dict[str, str
     return names, modules
 
 
+_IMPORT_START = re.compile(r"\s*(from|import|use|using|#\s*include|require)\b")
+
+
+def _import_lines(lines: list[str]) -> set[int]:
+    """Indexes of the lines that belong to import statements (parenthesised ones included)."""
+    out: set[int] = set()
+    inside = False
+    for i, ln in enumerate(lines):
+        if inside or _IMPORT_START.match(ln):
+            out.add(i)
+            if not inside and "(" in ln and ")" not in ln:
+                inside = True
+            elif inside and ")" in ln:
+                inside = False
+    return out
+
+
 def completion_query(prefix: str, suffix: str, path: str) -> Query:
     """The query for a completion at the end of `prefix` in file `path`."""
     q = Query()
@@ -172,7 +189,7 @@ def completion_query(prefix: str, suffix: str, path: str) -> Query:
     imported, modules = _imports(prefix, path)
     local = set(_DEF.findall(prefix)) | set(_DEF.findall(suffix))
 
-    import_lines = {i for i, ln in enumerate(lines) if re.match(r"\s*(from|import|use|using|#\s*include|require)\b", ln)}
+    import_lines = _import_lines(lines)
     used_before: dict[str, int] = {}
     for i, ln in enumerate(lines[:-WINDOW_LINES] if len(lines) > WINDOW_LINES else []):
         if i not in import_lines:
@@ -183,7 +200,7 @@ def completion_query(prefix: str, suffix: str, path: str) -> Query:
     # tell the model signatures), attributes of unknown receivers barely (`self.x` could be anything).
     n = len(window)
     for i, ln in enumerate(window):
-        if re.match(r"\s*(from|import)\s", ln):
+        if i + len(lines) - n in import_lines:
             continue
         rec = 1.0 + 2.0 * (i + 1) / n
         attrs: dict[str, float] = {}
@@ -207,9 +224,10 @@ def completion_query(prefix: str, suffix: str, path: str) -> Query:
         for ident in _IDENT.findall(ln):
             if ident not in modules:
                 q.add(ident, 0.1)
-    for ln in window:
-        for ident in _IDENT.findall(ln):
-            used_before[ident] = used_before.get(ident, 0) + 1
+    for i, ln in enumerate(window, len(lines) - len(window)):
+        if i not in import_lines:
+            for ident in _IDENT.findall(ln):
+                used_before[ident] = used_before.get(ident, 0) + 1
     suffix_lines = suffix.split("\n")[:200]
     first_in_suffix: dict[str, int] = {}
     for i, ln in enumerate(suffix_lines):

@@ -247,7 +247,7 @@ class Retriever:
         )
         items = ranked[:OUTLINE_ITEMS]
         s0 = items[0]
-        text = "\n".join(s.signature for s in items)
+        text = "\n".join(_outline_line(s) for s in items)
         return ChunkRow(-s0.chunk_id, s0.repo_id, s0.path, min(s.start_line for s in items),
                         max(s.end_line for s in items), "outline", q.owner or "", text)  # fmt: skip
 
@@ -325,7 +325,7 @@ class Retriever:
             if best <= 0:
                 continue
             s0 = items[0][1]
-            text = "\n".join(s.signature for _, s in items)
+            text = "\n".join(_outline_line(s) for _, s in items)
             row = ChunkRow(-s0.chunk_id, s0.repo_id, path, min(s.start_line for _, s in items),
                            max(s.end_line for _, s in items), "outline", "", text)  # fmt: skip
             out.append((row, best * OUTLINE_BOOST))
@@ -359,6 +359,15 @@ class Retriever:
             if len(out) >= k or left <= 0:
                 break
         return out
+
+
+def _outline_line(s: SymbolRow) -> str:
+    """A signature with the first sentence of its docstring as a trailing comment."""
+    if not s.doc:
+        return s.signature
+    first = s.doc.split(". ")[0].split("\n")[0].strip().rstrip(".")[:100]
+    mark = "#" if s.path.endswith((".py", ".rb", ".sh")) else "//"
+    return f"{s.signature}  {mark} {first}"
 
 
 def _path_match(stem: str, frag: str) -> bool:

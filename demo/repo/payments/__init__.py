@@ -1,0 +1,1 @@
+"""Card payments: amounts in minor units, interchange fees, a ledger of charges."""

@@ -1,0 +1,41 @@
+"""What retrieval looks for at a cursor: imports, identifiers in use, the owner before a dot."""
+
+from __future__ import annotations
+
+from codemoat.retrieve.query import chat_query, completion_query
+
+
+def test_python_imports_give_names_with_their_modules():
+    prefix = (
+        "import os\nimport pkg.sub as ps\nfrom .fees import interchange_fee, refund as rf\n"
+        "from ..core.models import (\n    Order,\n    Item,\n)\n\ndef f(order):\n    total = "
+    )
+    q = completion_query(prefix, "\n    return Order(total)\n", "app/payments/checkout.py")
+    assert q.hints["interchange_fee"] == {"app/payments/fees"}
+    assert q.hints["Order"] == {"app/core/models"}
+    assert q.weights["interchange_fee"] > q.weights.get("total", 0)  # imported, unused yet
+    assert q.weights["Order"] > q.weights["Item"]  # used right after the cursor
+
+
+def test_js_and_go_imports():
+    q = completion_query("import { charge, refund } from './billing';\nimport * as money from '../money';\nconst x = ", "", "web/src/app.ts")
+    assert q.hints["charge"] == {"web/src/billing"}
+    q = completion_query('package main\nimport (\n\t"fmt"\n\tpay "example.com/acme/payments"\n)\nfunc main() {\n\tpay.', "", "cmd/main.go")
+    assert q.owner == "pay" and q.owner_module == "example.com/acme/payments"
+
+
+def test_owner_before_cursor_and_members_seen_later():
+    q = completion_query("from . import fees\n\ndef f(a):\n    x = fees.", "\n    y = fees.is_regulated(r)\n", "p/c.py")
+    assert q.owner == "fees" and q.owner_module == "p/fees"
+    assert q.member_weights["is_regulated"] > 0
+
+
+def test_local_definitions_weigh_less():
+    q = completion_query("def helper(a):\n    return a\n\nx = helper(1)\ny = other(2)\n", "", "m.py")
+    assert q.weights["helper"] < q.weights["other"]
+
+
+def test_chat_query_picks_code_words():
+    q = chat_query("How does `to_minor_units` round, and what does Ledger.record return?")
+    assert "to_minor_units" in q.weights and "record" in q.weights and "Ledger" in q.weights
+    assert "round" in q.bm25_terms and "how" not in q.weights
