@@ -202,7 +202,7 @@ def test_unloaded_model_is_503_in_each_shape(client, random_gguf):
     assert client.get("/health").status_code == 200
 
 
-def test_admission_queue_waits_and_returns_slots(engine):
+def test_admission_queue_waits_and_returns_slots(random_gguf):
     """With max_concurrent=1, concurrent requests wait their turn, all succeed, and no slot leaks."""
     import asyncio
 
@@ -210,24 +210,36 @@ def test_admission_queue_waits_and_returns_slots(engine):
 
     settings = load_settings(**{"server.max_concurrent": 1})
     accounts = Accounts(open_db())
-    holder = _Keep("tiny")
-    holder.set(engine)
+    holder = ModelHolder("tiny")
+    holder.set(LlamaCppEngine.from_path(random_gguf, model_id="tiny", n_ctx=512, n_threads=1))
     app = create_app(settings, holder=holder, accounts=accounts)
     _, tok = accounts.create_token("alice")
     svc = app.state.service
     peak = []
 
+    async def watch():
+        while True:
+            peak.append(svc.waiting)
+            await asyncio.sleep(0.001)
+
     async def go():
+        w = asyncio.create_task(watch())
+        try:
+            return await requests()
+        finally:
+            w.cancel()
+
+    async def requests():
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://t", headers={"Authorization": f"Bearer {tok}"}) as c:
             async def one(i):
                 r = await c.post("/v1/completions", json={"model": "tiny", "prompt": f"x{i}", "max_tokens": 8, "temperature": 0})
-                peak.append(svc.waiting)
-                return r.status_code
+                return r.status_code, r.text
 
             return await asyncio.gather(*(one(i) for i in range(6)))
 
     codes = asyncio.run(go())
-    assert codes == [200] * 6
+    assert [c for c, _ in codes] == [200] * 6, codes
     assert max(peak) >= 1  # someone waited for the single slot
     assert svc.waiting == 0 and svc._slots._value == 1
+    holder.close()

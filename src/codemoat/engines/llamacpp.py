@@ -9,27 +9,19 @@ completions in one file cheap.
 
 from __future__ import annotations
 
-import asyncio
 import os
-import queue
 import random
 import threading
-from collections.abc import AsyncIterator, Callable, Sequence
-from concurrent.futures import Future
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..errors import CodemoatError
-from .base import Chunk, Engine, FinishReason, SamplingParams
+from .base import Chunk, FinishReason, PromptTooLong, SamplingParams
 from .memfd import MemfdBuffer
-
-_DONE = object()
-
-
-class _Cancelled(Exception):
-    pass
+from .worker import StopCutter, WorkerEngine
 
 
 def _valid_utf8_prefix(b: bytes) -> int:
@@ -46,7 +38,7 @@ def _valid_utf8_prefix(b: bytes) -> int:
     return n
 
 
-class LlamaCppEngine(Engine):
+class LlamaCppEngine(WorkerEngine):
     name = "llamacpp"
 
     def __init__(
@@ -81,11 +73,8 @@ class LlamaCppEngine(Engine):
         self.model_id = model_id or Path(model_path).stem
         self._lib = llama_cpp
         self._vocab = self._llm._model.vocab
-        self._jobs: queue.Queue = queue.Queue()
-        self._closed = False
-        self._worker = threading.Thread(target=self._work, name=f"llamacpp-{self.model_id}", daemon=True)
-        self._worker.start()
         self._special_cache: dict[str, bool] = {}
+        self._start_worker(f"llamacpp-{self.model_id}")
 
     # -- construction -----------------------------------------------------
     @classmethod
@@ -150,40 +139,21 @@ class LlamaCppEngine(Engine):
         return self._llm.detokenize(list(ids), special=True).decode("utf-8", "replace")
 
     # -- generation ---------------------------------------------------------
-    def _work(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            fn, fut = job
-            if fut.set_running_or_notify_cancel():
-                try:
-                    fut.set_result(fn())
-                except BaseException as e:  # delivered to the awaiting request
-                    fut.set_exception(e)
-
-    def _submit(self, fn: Callable[[], Any]) -> Future:
-        if self._closed:
-            raise CodemoatError("engine is closed")
-        fut: Future = Future()
-        self._jobs.put((fn, fut))
-        return fut
+    def _prompt_ids(self, prompt: str, max_tokens: int) -> list[int]:
+        ids = self.tokenize(prompt)
+        if len(ids) + max(1, max_tokens) > self.n_ctx:
+            raise PromptTooLong(len(ids), self.n_ctx, max_tokens)
+        return ids
 
     def _generate(self, prompt_ids: list[int], params: SamplingParams, emit: Callable[[Chunk], None], cancel: threading.Event) -> None:
-        """Runs on the worker: sample tokens, cut at stop strings, emit text as it becomes final."""
+        """Runs on the worker: sample tokens with llama.cpp's sampler chain, cut at stop strings."""
         llm = self._llm
         llm.set_seed(params.seed if params.seed is not None else random.getrandbits(31))
-        lp = None
-        if params.logits_processors:
-            lp = self._lib.LogitsProcessorList(list(params.logits_processors))
-        stops = [s for s in params.stop if s]
-        hold = max((len(s) for s in stops), default=0)
+        lp = self._lib.LogitsProcessorList(list(params.logits_processors)) if params.logits_processors else None
+        cutter = StopCutter(params.stop, emit)
         raw = b""
-        text_sent = 0
-        pending_ids: list[int] = []
         n = 0
         reason: FinishReason = "length"
-        full = ""
         gen = llm.generate(
             prompt_ids,
             top_k=params.top_k if params.temperature > 0 else 1,
@@ -202,86 +172,15 @@ class LlamaCppEngine(Engine):
                     reason = "stop"
                     break
                 n += 1
-                pending_ids.append(tok)
                 raw += llm.detokenize([tok], prev_tokens=None, special=True)
-                full = raw[: _valid_utf8_prefix(raw)].decode("utf-8", "replace")
-                cut = min((i for i in (full.find(s, max(0, text_sent - hold)) for s in stops) if i >= 0), default=-1)
-                if cut >= 0:
-                    if cut > text_sent:
-                        emit(Chunk(full[text_sent:cut], pending_ids))
-                        pending_ids = []
-                    text_sent = cut
+                if cutter.feed(raw[: _valid_utf8_prefix(raw)].decode("utf-8", "replace"), tok):
                     reason = "stop"
-                    full = full[:cut]
                     break
-                safe = len(full) - hold if hold else len(full)
-                if safe > text_sent:
-                    emit(Chunk(full[text_sent:safe], pending_ids))
-                    pending_ids = []
-                    text_sent = safe
                 if n >= params.max_tokens:
                     break
         finally:
             gen.close()
-        if reason != "stop" or text_sent < len(full):
-            tail = full[text_sent:] if reason != "cancelled" else ""
-            if tail or pending_ids:
-                emit(Chunk(tail, pending_ids))
-        emit(Chunk("", [], reason))
-
-    async def stream(self, prompt: str, params: SamplingParams) -> AsyncIterator[Chunk]:
-        ids = self.tokenize(prompt)
-        from .base import PromptTooLong
-
-        if len(ids) + max(1, params.max_tokens) > self.n_ctx:
-            raise PromptTooLong(len(ids), self.n_ctx, params.max_tokens)
-        loop = asyncio.get_running_loop()
-        q: asyncio.Queue = asyncio.Queue()
-        cancel = threading.Event()
-
-        def emit(c: Chunk) -> None:
-            loop.call_soon_threadsafe(q.put_nowait, c)
-
-        def job() -> None:
-            try:
-                self._generate(ids, params, emit, cancel)
-            finally:
-                loop.call_soon_threadsafe(q.put_nowait, _DONE)
-
-        fut = self._submit(job)
-        try:
-            while True:
-                item = await q.get()
-                if item is _DONE:
-                    break
-                yield item
-            exc = fut.exception() if fut.done() else None
-            if exc:
-                raise exc
-        finally:
-            cancel.set()
-            fut.cancel()  # still queued: never runs
-
-    async def complete(self, prompt: str, params: SamplingParams):
-        """Whole completion in one hop to the worker (no per-token event-loop traffic)."""
-        from .base import Completion, PromptTooLong
-
-        ids = self.tokenize(prompt)
-        if len(ids) + max(1, params.max_tokens) > self.n_ctx:
-            raise PromptTooLong(len(ids), self.n_ctx, params.max_tokens)
-        cancel = threading.Event()
-        chunks: list[Chunk] = []
-        fut = self._submit(lambda: self._generate(ids, params, chunks.append, cancel))
-        try:
-            await asyncio.wrap_future(fut)
-        except asyncio.CancelledError:
-            cancel.set()
-            fut.cancel()
-            raise
-        text = "".join(c.text for c in chunks)
-        n_out = sum(len(c.token_ids) for c in chunks)
-        reason = chunks[-1].finish_reason if chunks else "length"
-        return Completion(text, len(ids), n_out, reason or "length")
+        cutter.finish(reason)
 
     def logits(self, prompt: str) -> np.ndarray:
         """Next-token logits after `prompt` (float32 copy)."""
@@ -298,14 +197,11 @@ class LlamaCppEngine(Engine):
         return self._submit(run).result()
 
     def health(self) -> dict[str, Any]:
-        return {**super().health(), "queue": self._jobs.qsize(), "sealed": self._memfd is not None}
+        return {**super().health(), "queue": self.queued, "sealed": self._memfd is not None}
 
     def close(self) -> None:
-        if self._closed:
+        if not self._stop_worker():
             return
-        self._closed = True
-        self._jobs.put(None)
-        self._worker.join(timeout=30)
         self._llm.close()
         if self._memfd is not None:
             self._memfd.close(zero=True)
