@@ -13,7 +13,7 @@ from codemoat.engines.llamacpp import LlamaCppEngine
 from codemoat.serve.app import create_app
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def engine(random_gguf):
     e = LlamaCppEngine.from_path(random_gguf, model_id="tiny", n_ctx=512, n_threads=1)
     yield e
@@ -243,3 +243,18 @@ def test_admission_queue_waits_and_returns_slots(random_gguf):
     assert max(peak) >= 1  # someone waited for the single slot
     assert svc.waiting == 0 and svc._slots._value == 1
     holder.close()
+
+
+def test_license_features_are_enforced(client):
+    """A license that grants only `complete` refuses chat (403 in the protocol's shape) and retrieval."""
+    client.holder.info["features"] = ["complete"]
+    try:
+        r = client.post("/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1})
+        assert r.status_code == 403 and "license does not include 'chat'" in r.json()["error"]["message"]
+        r = client.post("/api/chat", json={"model": "tiny", "messages": [{"role": "user", "content": "x"}], "stream": False})
+        assert r.status_code == 403 and "chat" in r.json()["error"]
+        r = client.post("/v1/completions", json={"model": "tiny", "prompt": "x", "suffix": "", "max_tokens": 1})
+        assert r.status_code == 200
+    finally:
+        del client.holder.info["features"]
+    assert client.post("/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1}).status_code == 200

@@ -76,6 +76,13 @@ class LlamaCppEngine(WorkerEngine):
         self._special_cache: dict[str, bool] = {}
         self._start_worker(f"llamacpp-{self.model_id}")
 
+    @property
+    def _model(self):
+        """The native model; using it after `close()` would crash the process, so it is refused."""
+        if self._closed:
+            raise CodemoatError("engine is closed")
+        return self._llm
+
     # -- construction -----------------------------------------------------
     @classmethod
     def from_path(cls, path: str | Path, **kw: Any) -> "LlamaCppEngine":
@@ -100,43 +107,41 @@ class LlamaCppEngine(WorkerEngine):
     # -- facts --------------------------------------------------------------
     @property
     def n_ctx(self) -> int:
-        return self._llm.n_ctx()
+        return self._model.n_ctx()
 
     @property
     def n_vocab(self) -> int:
-        return self._llm.n_vocab()
+        return self._model.n_vocab()
 
     @property
     def metadata(self) -> dict[str, Any]:
-        return dict(self._llm.metadata)
+        return dict(self._model.metadata)
 
     def has_token(self, text: str) -> bool:
         """Whether `text` is one special token of this vocabulary."""
         hit = self._special_cache.get(text)
         if hit is None:
-            ids = self._llm.tokenize(text.encode(), add_bos=False, special=True)
+            ids = self._model.tokenize(text.encode(), add_bos=False, special=True)
             hit = len(ids) == 1 and self._lib.llama_vocab_is_control(self._vocab, ids[0])
-            hit = bool(hit) or (len(ids) == 1 and ids != self._llm.tokenize(text.encode(), add_bos=False, special=False))
+            hit = bool(hit) or (len(ids) == 1 and ids != self._model.tokenize(text.encode(), add_bos=False, special=False))
             self._special_cache[text] = hit
         return hit
 
     def token_text(self, which: str) -> str:
         """Text of the bos/eos token ("" if the model has none)."""
-        tid = self._llm.token_bos() if which == "bos" else self._llm.token_eos()
+        tid = self._model.token_bos() if which == "bos" else self._model.token_eos()
         if tid is None or tid < 0:
             return ""
-        return self._llm.detokenize([tid], special=True).decode("utf-8", "replace")
+        return self._model.detokenize([tid], special=True).decode("utf-8", "replace")
 
     def tokenize(self, text: str, special: bool = True) -> list[int]:
-        if self._closed:
-            raise CodemoatError("engine is closed")
-        return self._llm.tokenize(text.encode(), add_bos=self._add_bos(), special=special)
+        return self._model.tokenize(text.encode(), add_bos=self._add_bos(), special=special)
 
     def _add_bos(self) -> bool:
-        return str(self._llm.metadata.get("tokenizer.ggml.add_bos_token", "false")).lower() == "true"
+        return str(self._model.metadata.get("tokenizer.ggml.add_bos_token", "false")).lower() == "true"
 
     def detokenize(self, ids: Sequence[int]) -> str:
-        return self._llm.detokenize(list(ids), special=True).decode("utf-8", "replace")
+        return self._model.detokenize(list(ids), special=True).decode("utf-8", "replace")
 
     # -- generation ---------------------------------------------------------
     def _prompt_ids(self, prompt: str, max_tokens: int) -> list[int]:
@@ -147,7 +152,7 @@ class LlamaCppEngine(WorkerEngine):
 
     def _generate(self, prompt_ids: list[int], params: SamplingParams, emit: Callable[[Chunk], None], cancel: threading.Event) -> None:
         """Runs on the worker: sample tokens with llama.cpp's sampler chain, cut at stop strings."""
-        llm = self._llm
+        llm = self._model
         llm.set_seed(params.seed if params.seed is not None else random.getrandbits(31))
         lp = self._lib.LogitsProcessorList(list(params.logits_processors)) if params.logits_processors else None
         cutter = StopCutter(params.stop, emit)
@@ -187,11 +192,11 @@ class LlamaCppEngine(WorkerEngine):
         ids = self.tokenize(prompt)
 
         def run() -> np.ndarray:
-            self._llm.reset()
-            self._llm.eval(ids)
-            arr = np.ctypeslib.as_array(self._llm._ctx.get_logits(), shape=(self.n_vocab,))
+            self._model.reset()
+            self._model.eval(ids)
+            arr = np.ctypeslib.as_array(self._model._ctx.get_logits(), shape=(self.n_vocab,))
             out = arr.astype(np.float32, copy=True)
-            self._llm.reset()
+            self._model.reset()
             return out
 
         return self._submit(run).result()

@@ -83,7 +83,7 @@ async def generate(request: Request, principal: Principal = Depends(require("com
         f = FimInput.from_ext(req.prompt, req.suffix, ext)
         prep = svc.fim_prompt(request, principal, f, params)
     elif req.raw:
-        eng = svc.engine()
+        eng = svc.engine("complete")
         eng.check_prompt(req.prompt, params.max_tokens)
         request.state.usage["prompt_text"] = req.prompt
         prep = Prepared(eng, req.prompt, params)

@@ -61,7 +61,7 @@ async def openai_completion(request: Request, principal: Principal, body: Any):
     else:
         from .service import Prepared
 
-        eng = svc.engine()
+        eng = svc.engine("complete")
         eng.check_prompt(prompt, params.max_tokens)
         request.state.usage["prompt_text"] = prompt
         prep = Prepared(eng, prompt, params)

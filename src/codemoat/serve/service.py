@@ -88,8 +88,16 @@ class Service:
         if base != self.model_id:
             raise ModelNotFound(f"model {requested!r} not found; this server serves {self.model_id!r}")
 
-    def engine(self) -> Engine:
+    def engine(self, feature: str | None = None) -> Engine:
+        """The loaded engine; with `feature`, the license must include it (complete, chat, index)."""
+        if feature:
+            self.require_feature(feature)
         return self.holder.get()
+
+    def require_feature(self, feature: str) -> None:
+        features = self.holder.info.get("features")
+        if features is not None and feature not in features:
+            raise Forbidden(f"the model's license does not include {feature!r} (it allows: {', '.join(features) or 'nothing'})")
 
     def templates(self, engine: Engine) -> Templates:
         t = self._templates.get(id(engine))
@@ -140,7 +148,7 @@ class Service:
 
     # -- prompts -------------------------------------------------------------
     def fim_prompt(self, request: Request, principal: Principal, f: FimInput, params: SamplingParams) -> Prepared:
-        engine = self.engine()
+        engine = self.engine("complete")
         t = self.templates(engine)
         usage = request.state.usage
         snippets: list[Any] = []
@@ -174,8 +182,14 @@ class Service:
                 return prompt
             snippets.pop()
 
+    def _indexing_licensed(self) -> bool:
+        features = self.holder.info.get("features")
+        return features is None or "index" in features
+
     def _repo_for(self, principal: Principal, f: FimInput) -> str | None:
         if not (self.retriever and f.retrieval and self.settings.retrieval.enabled and self.settings.retrieval.k > 0):
+            return None
+        if not self._indexing_licensed():
             return None
         repo = f.repo or self.retriever.repo_for(f.git_url, f.path)
         if repo and repo not in self.retriever.readable_repos(principal.groups):
@@ -189,7 +203,7 @@ class Service:
         )
 
     def chat_prompt(self, request: Request, principal: Principal, messages: list[dict[str, str]], params: SamplingParams, repos: list[str] | None = None) -> Prepared:
-        engine = self.engine()
+        engine = self.engine("chat")
         t = self.templates(engine)
         msgs = [dict(m) for m in messages]
         for m in msgs:
@@ -214,6 +228,10 @@ class Service:
     def _chat_context(self, principal: Principal, msgs: list[dict[str, str]], repos: list[str], engine: Engine) -> list[Any]:
         """Repositories named in the request (extension field or `@repo` in the last user message)."""
         if not self.retriever or not self.settings.retrieval.enabled:
+            return []
+        if repos and not self._indexing_licensed():
+            self.require_feature("index")
+        if not self._indexing_licensed():
             return []
         last = next((m["content"] for m in reversed(msgs) if m["role"] == "user"), "")
         readable = set(self.retriever.readable_repos(principal.groups))
