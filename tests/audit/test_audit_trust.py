@@ -282,3 +282,42 @@ def test_block_policy_enforced_by_the_middleware_for_any_route(engine, accounts,
     recs = records(engine)
     assert [(r["route"], r["status"], r["user"], r["detail"].get("secrets")) for r in recs] == [
         ("/v1/events", 400, "alice", ["private_key"]), ("/v1/events", 200, "alice", None), ("/v1/completions", 200, "alice", None)]
+
+
+def test_request_cut_off_by_shutdown_is_still_audited(engine, accounts, tokens, port):
+    """uvicorn cancels what is still running after its grace period; the record is written before the process goes."""
+    import threading
+    import time
+
+    import httpx
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(make_app(Settings(), accounts), host="127.0.0.1", port=port, log_level="warning",
+                                           timeout_graceful_shutdown=1))
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    for _ in range(100):
+        if server.started:
+            break
+        time.sleep(0.05)
+    errors = []
+
+    def call():
+        try:
+            httpx.post(f"http://127.0.0.1:{port}/v1/slow", json={}, headers=tokens["alice"], timeout=30)
+        except httpx.HTTPError as e:
+            errors.append(e)
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    for _ in range(100):
+        if server.server_state.total_requests:
+            break
+        time.sleep(0.05)
+    time.sleep(0.2)
+    server.should_exit = True
+    t.join(timeout=30)
+    caller.join(timeout=30)
+    recs = records(engine)
+    assert [(r["route"], r["status"], r["user"]) for r in recs] == [("/v1/slow", 499, "alice")]
+    assert "cancelled" in recs[0]["detail"]["note"]

@@ -71,6 +71,12 @@ def make_app(settings: Settings, accounts: Accounts, holder: ModelHolder | None 
 
         return StreamingResponse(gen(), media_type="text/event-stream")
 
+    @app.post("/v1/slow")
+    async def slow(request: Request, principal=Depends(require("complete"))):
+        request.state.usage.update(protocol="openai", model="tiny", prompt_tokens=2)
+        await asyncio.sleep(60)  # a generation stuck in the queue
+        return {}
+
     @app.post("/v1/boom")
     async def boom(request: Request, principal=Depends(require("complete"))):
         request.state.usage.update(protocol="openai", model="tiny", prompt_tokens=3)

@@ -208,9 +208,11 @@ class AuditMiddleware:
         self.trust = trust
 
     async def __call__(self, scope, receive, send):
+        t = self.trust
+        if scope["type"] == "lifespan":
+            return await self.app(scope, self._drain_before_shutdown(receive), send)
         if scope["type"] != "http" or scope.get("path") in UNAUDITED:
             return await self.app(scope, receive, send)
-        t = self.trust
         if not t.log.known_writable and not await anyio.to_thread.run_sync(t.log.check_writable, limiter=t.limiter):
             t.metrics.audit_failures.inc()
             return await self._refuse(scope, receive, send)
@@ -278,9 +280,12 @@ class AuditMiddleware:
             await self.app(scope, receive, send_wrapper)
         except BaseException as e:
             if not written:
-                if not streaming:  # nothing reached the client; the server answers 500
+                cancelled = isinstance(e, anyio.get_cancelled_exc_class())
+                if cancelled and not streaming:
+                    status = 499  # as nginx logs it: the client went away, or the server is stopping
+                elif not streaming:  # nothing reached the client; the server answers 500
                     status = 500
-                await record(f"{type(e).__name__} while handling")
+                await record("cancelled (client gone or server stopping)" if cancelled else f"{type(e).__name__} while handling")
             raise
         finally:
             t.in_flight -= 1
@@ -292,6 +297,22 @@ class AuditMiddleware:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
             else:  # a stream that ended (or a client that went away mid-stream)
                 await record()
+
+    def _drain_before_shutdown(self, receive):
+        """Hold the lifespan's shutdown until requests still in flight (cancelled by the server
+        stopping) have written their records, at most 15 s."""
+
+        async def wrapped():
+            message = await receive()
+            if message["type"] == "lifespan.shutdown":
+                with anyio.move_on_after(15):
+                    while self.trust.in_flight > 0:
+                        await anyio.sleep(0.05)
+                if self.trust.in_flight:
+                    log.error("%d requests still in flight at shutdown: their audit records may be missing", self.trust.in_flight)
+            return message
+
+        return wrapped
 
     async def _refuse(self, scope, receive, send) -> None:
         from starlette.requests import Request as StarletteRequest
