@@ -67,7 +67,9 @@ def cli(env: dict, *args: str) -> subprocess.CompletedProcess:
 
 
 async def client_loop(i: int, url: str, token: str, model: str, deadline: float, out: list, rng: random.Random) -> None:
-    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=120) as c:
+    # A long timeout: on a loaded machine a queued request can take minutes, and a client that gives
+    # up turns a slow answer into a missing one.
+    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=900) as c:
         while time.monotonic() < deadline:
             r = rng.random()
             kind = "completion" if r < 0.5 else ("chat" if r < 0.75 else "chat_stream")
@@ -176,7 +178,20 @@ def start_server(model: Path, env: dict, scratch: Path, token: str, *, trust: bo
     return server, url, model_id
 
 
-def stop_server(server) -> None:
+def in_flight(url: str) -> float:
+    try:
+        text = httpx.get(url + "/metrics", timeout=10).text
+    except httpx.HTTPError:
+        return 0.0
+    line = next((x for x in text.splitlines() if x.startswith("codemoat_requests_in_flight ")), None)
+    return float(line.split()[1]) if line else 0.0
+
+
+def stop_server(server, url: str | None = None) -> None:
+    """Stop after the server has finished what it was given (at most 10 minutes)."""
+    deadline = time.monotonic() + 600
+    while url and time.monotonic() < deadline and in_flight(url) > 0:
+        time.sleep(0.5)
     server.send_signal(signal.SIGTERM)
     server.wait(timeout=120)
 
@@ -208,7 +223,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=60)
     ap.add_argument("--model")
     ap.add_argument("--compare-seconds", type=float, default=20, help="Length of each arm of the with/without-trust comparison (0: skip).")
-    ap.add_argument("--compare-clients", type=int, default=16)
+    ap.add_argument("--compare-clients", type=int, default=8)
     ap.add_argument("--out", default=str(RESULTS))
     a = ap.parse_args()
 
@@ -234,7 +249,7 @@ def main() -> None:
             try:
                 res, m = asyncio.run(drive(url, tokens, model_id, a.compare_clients, a.compare_seconds, srv.pid))
             finally:
-                stop_server(srv)
+                stop_server(srv, url)
             ok = [t for _, st, t in res if st == 200]
             compare[arm].append((len(ok), m["elapsed"], statistics.median(ok) if ok else float("nan")))
         wipe_audit(env)
@@ -243,7 +258,7 @@ def main() -> None:
     try:
         results, mem = asyncio.run(drive(url, tokens, model_id, a.clients, a.seconds, server.pid))
     finally:
-        stop_server(server)
+        stop_server(server, url)
 
     # Every request the clients sent (plus the one /v1/models above) must have exactly one record.
     sys.path.insert(0, str(ROOT / "src"))
