@@ -101,11 +101,11 @@ def _imports(prefix: str, path: str) -> tuple[dict[str, set[str]], dict[str, str
                 continue
             if len(bits) == 3 and bits[1] == "as":
                 name(bits[0], mod)
-                modules[bits[2]] = mod + "/" + bits[0]
+                modules[bits[2]] = posixpath.join(mod, bits[0])
                 names.setdefault(bits[2], set()).add(mod)
             else:
                 name(bits[0], mod)
-                modules.setdefault(bits[0], mod + "/" + bits[0])  # `from pkg import submodule`
+                modules.setdefault(bits[0], posixpath.join(mod, bits[0]))  # `from pkg import submodule`
     for m in _PY_IMPORT.finditer(prefix):
         for part in m.group(1).split(","):
             bits = part.split()
@@ -248,7 +248,7 @@ def completion_query(prefix: str, suffix: str, path: str) -> Query:
         q.owner = owner
         if owner in modules:
             q.owner_module = modules[owner]
-        elif owner in imported:
+        if owner in imported:
             q.owner_hints = set(imported[owner])
         member = re.compile(re.escape(owner) + r"\s*(?:\.|::|->)\s*([^\W\d]\w*)")
         for i, ln in enumerate(suffix_lines):

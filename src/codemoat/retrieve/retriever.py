@@ -203,7 +203,7 @@ class Retriever:
             if s.path == current:
                 continue
             w = q.weights.get(s.name, 0.0)
-            stem = re.sub(r"(/__init__|/index|/mod)?\.\w+$", "", s.path)
+            stem = _stem(s.path)
             hint = 1.0
             for frag in q.hints.get(s.name, ()):
                 if _path_match(stem, frag):
@@ -260,15 +260,13 @@ class Retriever:
         if q.owner_module:
             frag = q.owner_module
             stem = frag.rsplit("/", 1)[-1]
-            files = [fid for fid, p in st.files_matching(stem, repo_ids)
-                     if _path_match(re.sub(r"(/__init__|/index|/mod)?\.\w+$", "", p), frag)]  # fmt: skip
-            rows = [s for s in st.symbols_in(files) if "." not in s.qualname or s.qualname.count(".") == 0]
-        else:
+            files = [fid for fid, p in st.files_matching(stem, repo_ids) if _path_match(_stem(p), frag)]
+            rows = [s for s in st.symbols_in(files) if "." not in s.qualname]
+        if not rows:
             for cls in st.lookup_symbols([q.owner], repo_ids):
                 if cls.kind != "class":
                     continue
-                stem = re.sub(r"(/__init__|/index|/mod)?\.\w+$", "", cls.path)
-                if q.owner_hints and not any(_path_match(stem, h) for h in q.owner_hints):
+                if q.owner_hints and not any(_path_match(_stem(cls.path), h) for h in q.owner_hints):
                     continue
                 fid = st.file_id(cls.repo_id, cls.path)
                 if fid is not None:
@@ -312,8 +310,7 @@ class Retriever:
         for s in self._store.lookup_symbols(imported, repo_ids, limit=2000):
             if s.path == current or s.kind == "method":
                 continue
-            stem = re.sub(r"(/__init__|/index|/mod)?\.\w+$", "", s.path)
-            if any(_path_match(stem, frag) for frag in q.hints[s.name]):
+            if any(_path_match(_stem(s.path), frag) for frag in q.hints[s.name]):
                 by_path.setdefault(s.path, []).append((q.weights[s.name], s))
         out = []
         for path, items in by_path.items():
@@ -370,8 +367,14 @@ def _outline_line(s: SymbolRow) -> str:
     return f"{s.signature}  {mark} {first}"
 
 
+def _stem(path: str) -> str:
+    """The module path of a file: `pkg/__init__.py` -> `pkg`, `a/b.py` -> `a/b`, `__init__.py` -> ``."""
+    return re.sub(r"(^|/)(__init__|index|mod)\.\w+$", "", path) if re.search(r"(^|/)(__init__|index|mod)\.\w+$", path) else re.sub(r"\.\w+$", "", path)
+
+
 def _path_match(stem: str, frag: str) -> bool:
-    """True when one module path ends the other at a component boundary (`httpx/_models` ~ `_models`)."""
-    if not frag:
-        return False
+    """True when one module path ends the other at a component boundary (`httpx/_models` ~ `_models`);
+    an empty path is a repository's root package."""
+    if not frag or not stem:
+        return stem == frag
     return stem == frag or stem.endswith("/" + frag) or frag.endswith("/" + stem)
