@@ -77,3 +77,17 @@ def test_cli_user_errors_are_one_line(tmp_path, args, message):
     assert r.returncode == 1
     assert message in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_loss_curve_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    from codemoat.train.card import plot_loss, read_log
+
+    log = tmp_path / "m.log.jsonl"
+    events = [{"kind": "step", "step": i, "tokens": 1000 * i, "loss_ema": 9 - i / 10, "seconds": i} for i in range(1, 30)]
+    events.append({"kind": "checkpoint", "step": 29, "tokens": 29000, "heldout_loss": 6.0, "seconds": 29})
+    log.write_text("\n".join(json.dumps(e) for e in events) + "\n")
+    steps, evals = read_log(log)
+    assert len(steps) == 29 and evals[0]["heldout_loss"] == 6.0
+    png = plot_loss(log, tmp_path / "loss.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -23,6 +23,7 @@ def train_command(
     seed: Annotated[int, typer.Option("--seed", help="Seed for the split, data order, FIM draws and initialisation.")] = 0,
     threads: Annotated[int | None, typer.Option("--threads", help="CPU threads for torch (default: torch's choice).")] = None,
     lr: Annotated[float, typer.Option("--lr", help="Peak learning rate.")] = 1.5e-3,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Sequences per optimiser step (default by size).")] = None,
     vocab_size: Annotated[int | None, typer.Option("--vocab-size", help="BPE vocabulary size (default by size).")] = None,
     ftype: Annotated[str, typer.Option("--ftype", help="GGUF weight type: f16 or f32.")] = "f16",
     name: Annotated[str | None, typer.Option("--name", help="Model name written to the GGUF (default: the output stem).")] = None,
@@ -41,7 +42,7 @@ def train_command(
         raise CodemoatError("--minutes must be positive")
     opts = TrainOptions(
         corpus=corpus, out=out, size=size, minutes=minutes, steps=steps, device=device, seed=seed,
-        threads=threads, lr=lr, vocab_size=vocab_size, ftype=ftype, name=name,
+        threads=threads, lr=lr, batch_size=batch_size, vocab_size=vocab_size, ftype=ftype, name=name,
         checkpoint_minutes=checkpoint_minutes,
     )
     result = _run_with_progress(opts, train, quiet=as_json)

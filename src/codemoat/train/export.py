@@ -170,7 +170,9 @@ def export(model, tokenizer_json: str, gguf_path: Path, *, name: str, ftype: str
     cfg = model.cfg.to_hf(bos_id=ids[ENDOFTEXT], eos_id=ids[ENDOFTEXT])
     sd = model.hf_state_dict()
     gguf_path = Path(gguf_path)
-    hf_dir = write_hf_dir(gguf_path.with_suffix(".hf"), sd, cfg, tokenizer_json)
+    # the safetensors copy carries the same precision as the GGUF (the engine computes in fp32)
+    hf_sd = {k: v.half() for k, v in sd.items()} if ftype == "f16" else sd
+    hf_dir = write_hf_dir(gguf_path.with_suffix(".hf"), hf_sd, cfg, tokenizer_json)
     np_sd = {k: v.numpy() for k, v in sd.items()}
     write_gguf(gguf_path, np_sd, cfg, tokenizer_json, name=name, ftype=ftype, description=description)
     return gguf_path, hf_dir
