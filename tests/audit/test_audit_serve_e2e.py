@@ -45,7 +45,7 @@ def test_serve_audits_every_request_and_verifies(audit_home, port, tmp_path):
             openai.OpenAI(base_url=base + "/v1", api_key="wrong", max_retries=0).models.list()
         metrics = httpx.get(base + "/metrics").text
         assert 'codemoat_requests_total{protocol="openai",route="/v1/completions",status="2xx"} 1.0' in metrics
-        assert "codemoat_model_loaded 1.0" in metrics
+        assert "codemoat_model_loaded 1.0" in metrics and "codemoat_queue_depth 0.0" in metrics  # the service's line
     finally:
         server.send_signal(signal.SIGTERM)
         out = server.communicate(timeout=60)[0].decode()

@@ -92,6 +92,8 @@ class Trust:
         depth = getattr(self.app.state, "queue_depth", None)
         if callable(depth):
             depth = depth()
+        if depth is None:  # the service's admission line (server.max_concurrent slots)
+            depth = getattr(getattr(self.app.state, "service", None), "waiting", None)
         if depth is None:
             depth = max(0, self.in_flight - self.settings.server.max_concurrent)
         lease_state, lease_left = info.get("lease_state"), info.get("lease_seconds_left")
