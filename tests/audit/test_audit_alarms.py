@@ -121,3 +121,17 @@ def test_own_baseline_counts():
     editor_user(alarms, "a", rng, per_hour=300, hours=3)
     s = alarms.signals("a", t=T0 + 3 * 3600)
     assert s["own_hourly_median"] > 100 and s["baseline"] >= s["own_hourly_median"]
+
+
+def test_own_baseline_is_seeded_from_the_audit_log(audit_log):
+    """After a restart a habitually heavy user keeps their baseline: 500 requests in an hour is their normal."""
+    now = T0 + 10 * 3600
+    for h in range(1, 6):  # five earlier hours of 50 records each (stand-ins for 500)
+        for i in range(50):
+            audit_log.append(user="heavy", status=200, ts=now - h * 3600 + i)
+    audit_log.append(user="heavy", status=429, ts=now - 6 * 3600)  # refused requests do not count
+    alarms = Alarms()
+    assert alarms.seed(audit_log, now=now) == 5
+    alarms.observe("heavy", t=now, prompt_text="x = 1")
+    assert alarms.signals("heavy", t=now)["own_hourly_median"] == 50
+    assert alarms.seed(audit_log, days=0, now=now) == 0

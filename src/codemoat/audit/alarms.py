@@ -199,3 +199,24 @@ class Alarms:
 
     def users(self) -> list[str]:
         return sorted(self._profiles)
+
+    def seed(self, audit_log, days: int = 7, now: float | None = None) -> int:
+        """Load each user's hourly request counts of the last `days` from the audit log, so that
+        their own baseline survives a restart. Returns the number of (user, hour) buckets read."""
+        import sqlalchemy as sa
+
+        from .log import records
+
+        now = time.time() if now is None else now
+        hour = sa.cast(records.c.ts_us / 3_600_000_000, sa.BigInteger)
+        q = (sa.select(records.c.user, hour, sa.func.count())
+             .where(records.c.kind == "request", records.c.user.is_not(None), records.c.status < 300,
+                    records.c.ts_us >= int((now - days * 86400) * 1_000_000))
+             .group_by(records.c.user, hour))
+        n = 0
+        with audit_log.engine.connect() as c, self._lock:
+            for user, h, count in c.execute(q):
+                prof = self._profiles.setdefault(user, _Profile())
+                prof.hourly[int(h)] = prof.hourly.get(int(h), 0) + int(count)
+                n += 1
+        return n

@@ -67,6 +67,7 @@ class Trust:
         self.quotas = Quotas(settings.policy.requests_per_minute, settings.policy.tokens_per_day)
         self.quotas.seed(self.log)
         self.alarms = Alarms(AlarmPolicy(throttle_rpm=int(getattr(settings.audit, "alarm_throttle_rpm", 0) or 0)))
+        self.alarms.seed(self.log)  # each user's own baseline survives a restart
         self.metrics = Metrics(self.live)
         self.in_flight = 0
         # Audit I/O gets its own threads, so that it never queues behind other blocking work.
