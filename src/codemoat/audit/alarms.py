@@ -10,7 +10,8 @@ far above interactive use, which is what these signals measure over a sliding wi
 (default one hour) per user:
 
 * **volume**: requests in the window ≥ `volume_factor` × the baseline, where the baseline is the
-  largest of the user's own median hourly volume (earlier hours), the team's median (other
+  largest of the user's own median hourly volume (earlier hours of the last week, read back from
+  the audit log at start-up), the team's median (other
   users in the window) and `min_baseline` requests per hour.
 * **novelty**: the share of prompts that resemble none of the user's previous `recent` prompts
   (Jaccard similarity of their sets of non-trivial lines < `similar`) is ≥ `novelty`.

@@ -6,7 +6,8 @@
   has finished (streams included); health and metrics probes are not recorded. Before handling
   it checks that the audit log can be written, and refuses with 503 if not; a complete
   (non-streamed) response is held until its record is written, and replaced by a 503 if that
-  fails, so nothing is served unaudited;
+  fails, so nothing is served unaudited. A request cut off by a disconnect or by shutdown is
+  recorded as 499, and shutdown waits (up to 15 s) for those records;
 * with `policy.secrets = "block"`, a screen of every string in each POST body before any route
   sees it (400 in the caller's protocol, audited with the kinds found, never the values);
   `screen_prompt(text, settings, request)` gives routes the same check and the redacted text;
