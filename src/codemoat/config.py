@@ -55,6 +55,7 @@ class RetrievalSettings(BaseModel):
 class AuditSettings(BaseModel):
     retain_text: bool = Field(False, description="Keep prompt and completion text in the audit log (secrets redacted first).")
     checkpoint_every: int = Field(100, ge=1, description="Sign a checkpoint of the audit chain every N records.")
+    alarm_throttle_rpm: int = Field(0, ge=0, description="Requests/min allowed for an hour to a user flagged by a distillation alarm (0 = flag only).")
 
 
 class PolicySettings(BaseModel):
