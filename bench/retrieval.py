@@ -291,9 +291,11 @@ def model_em(retriever: Retriever, items: list, model_path: Path, limit: int) ->
                                                   k=5, budget_tokens=160, count_tokens=count)  # fmt: skip
         pre = llm.detokenize(tok(prefix)[-260:]).decode("utf-8", "replace")
         suf = llm.detokenize(tok(suffix)[:60]).decode("utf-8", "replace")
-        ctx = "".join(f"<|file_sep|>{s.path}\n{s.text}\n" for s in snips)
-        for key, extra in (("without", ""), ("with", ctx)):
-            prompt = f"<|fim_prefix|>{extra}{pre}<|fim_suffix|>{suf}<|fim_middle|>"
+        ctx = "".join(f"<|file_sep|>{s.path}\n{s.text}" for s in snips)
+        fim = f"<|fim_prefix|>{pre}<|fim_suffix|>{suf}<|fim_middle|>"
+        # With snippets: the repository format the model was trained on (Qwen2.5-Coder's, src/codemoat/train/data.py).
+        with_ctx = f"<|repo_name|>{c.repo}\n{ctx}<|file_sep|>{c.path}\n{fim}" if snips else fim
+        for key, prompt in (("without", fim), ("with", with_ctx)):
             ids = llm.tokenize(prompt.encode(), add_bos=False, special=True)
             out = llm.create_completion(ids, max_tokens=40, temperature=0.0, stop=["\n"])
             got = out["choices"][0]["text"].split("\n")[0].strip()
@@ -462,7 +464,9 @@ def write(out, n_lines, n_files, parse, index, reindex_s, p50, p95, rows, overal
         )
     else:
         lines += [
-            "Greedy, FIM prompt `<|fim_prefix|>{<|file_sep|>path\\ntext ...}{prefix}<|fim_suffix|>{suffix}<|fim_middle|>` "
+            "Greedy. Without retrieval: `<|fim_prefix|>{prefix}<|fim_suffix|>{suffix}<|fim_middle|>`; with retrieval, "
+            "the repository format the model was trained with (Qwen2.5-Coder's): `<|repo_name|>{repo}\\n<|file_sep|>{path}\\n{snippet}... "
+            "<|file_sep|>{this path}\\n` before the same FIM prompt "
             "(the model was trained with a 512-token context: ≤160 tokens of snippets, the last 260 tokens of the "
             "prefix, the first 60 of the suffix); exact match of the rest of the masked line.",
             "",
@@ -480,8 +484,20 @@ def write(out, n_lines, n_files, parse, index, reindex_s, p50, p95, rows, overal
         ]
     lines += [
         "",
-        "Dense retrieval (embeddings) is not used: it was not needed to reach the targets above, and adds a model "
-        "to ship and load.",
+        "## How to read these numbers",
+        "",
+        "- codemoat's units are its chunks (functions, methods, class skeletons, module windows) and two kinds of "
+        "outline built at query time from the symbol table: after `module.` the module's top-level signatures "
+        "(at most 30, likeliest first), and per repository file the signatures of the names this file imports "
+        "from it. An outline counts as a hit when it holds the definition's signature line, as a class skeleton "
+        "does for a method; it holds signatures and first docstring sentences, not bodies.",
+        "- Recall is measured on rankings of 10 without a token budget; the model rows use the budget stated there.",
+        "- Cases are sampled with a fixed seed (0); the weights in `codemoat/retrieve` were tuned on cases drawn "
+        "with another seed from the same repositories, so some optimism remains.",
+        "- BM25 and Jaccard see only the text before the cursor (their published form); codemoat also reads the "
+        "suffix and the file's imports, as a completion request carries both.",
+        "- Dense retrieval (embeddings, e.g. wordllama's bundled weights) was not tried in the time available, so "
+        "it is not used: nothing here has to be downloaded or shipped besides the grammars.",
         "",
     ]
     Path(out).write_text("\n".join(lines))

@@ -44,8 +44,10 @@ for who, groups in (("payments", {"payments"}), ("contractor", {"contractors"}))
     snips = Retriever().snippets_for_completion(groups=frozenset(groups), repo="payments", path="payments/checkout.py",
                                                 prefix=prefix, suffix=suffix, k=3, budget_tokens=200,
                                                 count_tokens=count)
-    ctx = "".join(f"<|file_sep|>{s.path}\n{s.text}\n" for s in snips)
-    prompt = f"<|fim_prefix|>{ctx}<|file_sep|>payments/checkout.py\n{prefix}<|fim_suffix|>{suffix}<|fim_middle|>"
+    ctx = "".join(f"<|file_sep|>{s.path}\n{s.text}" for s in snips)
+    fim = f"<|fim_prefix|>{prefix}<|fim_suffix|>{suffix}<|fim_middle|>"
+    # Qwen2.5-Coder's repository format, which the bundled model was trained on.
+    prompt = f"<|repo_name|>payments\n{ctx}<|file_sep|>payments/checkout.py\n{fim}" if snips else fim
     out = llm.create_completion(prompt, max_tokens=24, temperature=0.0, stop=["\n"])["choices"][0]["text"]
     used = ", ".join(f"{s.path}:{s.start_line}" for s in snips) or "none"
     print(f"   {who:<10} snippets: {used}")

@@ -24,7 +24,7 @@ from pathlib import Path
 from ..index.store import ChunkRow, RepoInfo, SqliteIndex, SymbolRow, default_path
 from .acl import can_read
 from .fit import approx_tokens, fit_lines
-from .query import Query, chat_query, completion_query
+from .query import Query, _imports, chat_query, completion_query
 
 RRF_K = 10
 W_SYMBOLS = 1.0
@@ -233,9 +233,17 @@ class Retriever:
         if not q.owner_module:
             return None
         members = [s for s, _w in self._members(q, repo_ids) if s.path != current and s.kind != "method"]
-        files = {s.path for s in members}
-        if len(files) != 1 or not members:
+        if not members:
             return None
+        # The module's own file; for a package that only re-exports, the file it takes most names from.
+        own = [s for s in members if _path_match(_stem(s.path), q.owner_module)]
+        if not own:
+            counts: dict[str, int] = {}
+            for s in members:
+                counts[s.path] = counts.get(s.path, 0) + 1
+            top = max(counts, key=lambda p: counts[p])
+            own = [s for s in members if s.path == top]
+        members = own
         rel = self._store.score_chunks(q.bm25_terms, list({s.chunk_id for s in members}))
         kinds = {"class": 0, "function": 0, "type": 1, "variable": 2}
         members = [s for s in members if not (s.name.startswith("__") and s.name.endswith("__"))]
@@ -251,6 +259,20 @@ class Retriever:
         return ChunkRow(-s0.chunk_id, s0.repo_id, s0.path, min(s.start_line for s in items),
                         max(s.end_line for s in items), "outline", q.owner or "", text)  # fmt: skip
 
+    def _reexports(self, paths: Sequence[str], repo_ids: Sequence[int]) -> list[SymbolRow]:
+        """Definitions a module imports from elsewhere in the repository and so exposes as its own
+        (a package's `__init__` re-exporting its submodules' API)."""
+        out: list[SymbolRow] = []
+        for path in paths[:3]:
+            text = "\n".join(c.text for rid in repo_ids for c in self._store.file_chunks(rid, path) if c.kind == "module")
+            names, _mods = _imports(text, path)
+            if not names:
+                continue
+            for s in self._store.lookup_symbols(list(names)[:300], repo_ids, limit=2000):
+                if "." not in s.qualname and s.path != path and any(_path_match(_stem(s.path), f) for f in names[s.name]):
+                    out.append(s)
+        return out
+
     def _members(self, q: Query, repo_ids: Sequence[int]) -> list[tuple[SymbolRow, float]]:
         """Members of the module or class named just before the cursor (`owner.`), weighted."""
         if q.owner is None:
@@ -260,8 +282,9 @@ class Retriever:
         if q.owner_module:
             frag = q.owner_module
             stem = frag.rsplit("/", 1)[-1]
-            files = [fid for fid, p in st.files_matching(stem, repo_ids) if _path_match(_stem(p), frag)]
-            rows = [s for s in st.symbols_in(files) if "." not in s.qualname]
+            files = [(fid, p) for fid, p in st.files_matching(stem, repo_ids) if _path_match(_stem(p), frag)]
+            rows = [s for s in st.symbols_in([fid for fid, _ in files]) if "." not in s.qualname]
+            rows += self._reexports([p for _, p in files], repo_ids)
         if not rows:
             for cls in st.lookup_symbols([q.owner], repo_ids):
                 if cls.kind != "class":
