@@ -386,6 +386,8 @@ def part_watermark(n_files: int, n_gen: int, n_em: int, n_keys: int, n_cust: int
             "median_scored_tokens": float(np.median(scored)),
         }
     log(f"watermark FPR: {out['fpr']}")
+    if n_gen == 0:  # the "fpr" part: false positives only
+        return out
 
     # detection on 200-token generations, prompted with held-out code
     text = heldout_text(400_000)
@@ -582,17 +584,17 @@ def render(res: dict) -> str:
     w = res.get("watermark")
     if w:
         note = "" if w["bundled"] else " (**stand-in** random model: the bundled model was not there)"
-        fp = w["fpr"]
+        fp = res["fpr"]["fpr"] if "fpr" in res else w["fpr"]
         L += [f"## Output watermark{note}", "",
               f"γ = {w['gamma']}, δ = {w['delta']}, entropy threshold τ = {w['entropy_threshold']} nats (SWEET), "
               f"detection at corrected p < {w['threshold']:g}; model `{Path(w['model']).name}` ({w.get('description', '')}).", "",
               f"**False positives** on human-written code (stdlib + site-packages, first 512 tokens of each file, each "
-              f"file against {fp['keys_per_file']} customer keys), {fp['seconds']} s:", "",
+              f"file against {fp['keys_per_file']} customer keys; files under 16 tokens skipped), {fp['seconds']} s"
+              + (f", model {res['fpr'].get('description', '')}" if "fpr" in res else "") + ":", "",
               "| scoring | files | tests | above threshold | rate | with 1,000-customer correction | p < 1e-3 (chance expects) | z mean / sd / max | tokens scored (median) |",
               "|---|---|---|---|---|---|---|---|---|"]
-        for mode in ("all tokens", "entropy-gated"):
-            m = fp.get(mode)
-            if m:
+        for mode, m in fp.items():
+            if isinstance(m, dict):
                 L.append(f"| {mode} | {m['files']:,} | {m['tests']:,} | **{m['fp_at_threshold']}** | {m['fpr_at_threshold']:.1e} | "
                          f"{m['fp_at_corrected_threshold']} | {m['fp_at_p_1e-3']} ({m['expected_at_p_1e-3']:.1f}) | "
                          f"{m['mean_z']:.2f} / {m['std_z']:.2f} / {m['max_z']:.2f} | {m['median_scored_tokens']:.0f} |")
@@ -653,6 +655,8 @@ def main() -> None:
         elif part == "watermark":
             res[part] = part_watermark(args.files, args.generations, args.em_lines, args.keys, args.customers, args.entropy_files,
                                        [float(x) for x in args.temperatures.split(",")])
+        elif part == "fpr":  # false positives only, on more files than --files when some are too short
+            res[part] = part_watermark(args.files, 0, 0, args.keys, args.customers, args.entropy_files, [])
         elif part == "radio":
             res[part] = part_radio(args.customers)
         else:
