@@ -622,6 +622,21 @@ def render(res: dict) -> str:
                   f"without entropies: median z {rr['student_median_z_key']:.2f} with the teacher's key vs "
                   f"{rr['student_median_z_other_key']:.2f} with another key; combined over the 50 (Stouffer) "
                   f"z = {rr['stouffer_z_50_generations_key']:.1f} vs {rr['stouffer_z_50_generations_other']:.1f}.", ""]
+    L += ["## Notes", ""]
+    if "fpr" in res or w:
+        n = (res.get("fpr") or {}).get("fpr", (w or {}).get("fpr", {})).get("all tokens", {}).get("tests", 0)
+        if n:
+            L.append(f"- No false positive in {n:,} tests bounds the false-positive rate below {3 / n:.1e} with 95% "
+                     "confidence (rule of three). 'All tokens' is the detector without model entropies "
+                     "(`--no-entropy`); the gate only selects which positions count, so the null distribution is the same.")
+    if w and w.get("exact_match", {}).get("em_off", 1) == 0:
+        L.append("- Exact match is 0% with and without the watermark: the 3.6M-parameter bundled model completes no held-out "
+                 "line exactly, so this bench cannot measure the watermark's cost there. Most greedy completions change "
+                 "because this weak model's next-token entropy is above τ almost everywhere; SWEET's gate leaves only "
+                 "low-entropy positions alone. Measure again on a real code model before relying on δ = 3.")
+    if w and "bundled" in res and w.get("description") != res["bundled"].get("description"):
+        L.append("- The watermark part ran on an earlier checkpoint of the same training run (see its description): "
+                 "the final model landed too late for its generations to finish on this shared machine.")
     return "\n".join(L) + "\n"
 
 
