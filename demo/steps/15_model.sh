@@ -26,5 +26,5 @@ print(f"tokenizer    byte-level BPE, {len(vocab):,} tokens, pre-tokenizer {s('to
 PY
 if [[ -f "$ROOT/bench/results/model.md" ]]; then
   echo "evaluation   (bench/results/model.md, held-out CPython modules):"
-  grep -E '^\| (codemoat-tiny|`zstd|`xz|baseline: most)' "$ROOT/bench/results/model.md" | sed 's/^/  /'
+  grep -E '^Model /|^Model vs' "$ROOT/bench/results/model.md" | sed -e 's/^/  /' -e 's/\*\*//g'
 fi

@@ -78,3 +78,23 @@ def test_greedy_generation_agrees(engines):
     a = asyncio.run(lc.complete(prompt, p))
     b = asyncio.run(tf.complete(prompt, p))
     assert a.text == b.text and a.completion_tokens == b.completion_tokens
+
+
+BUNDLED = __import__("pathlib").Path(__file__).resolve().parents[2] / "models" / "codemoat-tiny.gguf"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not BUNDLED.with_suffix(".hf").is_dir(), reason="bundled model not present")
+def test_bundled_model_parity():
+    lc = LlamaCppEngine.from_path(BUNDLED, n_ctx=512, n_threads=1)
+    tf = TransformersEngine.from_path(BUNDLED, n_threads=1)
+    try:
+        assert tf.metadata["general.name"] == lc.metadata["general.name"] == "codemoat-tiny"
+        for text in SAMPLES:
+            assert tf.tokenize(text) == lc.tokenize(text)
+        prompt = "<|fim_prefix|>import os\n\ndef exists(path):\n<|fim_suffix|>\n<|fim_middle|>"
+        a, b = lc.logits(prompt), tf.logits(prompt)
+        assert np.abs(a - b).max() < 2e-2 and int(a.argmax()) == int(b.argmax())  # both from F16 weights
+    finally:
+        lc.close()
+        tf.close()
