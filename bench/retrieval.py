@@ -275,7 +275,7 @@ def model_em(retriever: Retriever, items: list, model_path: Path, limit: int) ->
         return None
     from llama_cpp import Llama
 
-    llm = Llama(model_path=str(model_path), n_ctx=512, n_threads=2, verbose=False)
+    llm = Llama(model_path=str(model_path), n_ctx=512, n_threads=1, verbose=False)  # 1: no spin-waiting on a busy machine
 
     def tok(s: str) -> list[int]:
         return llm.tokenize(s.encode(), add_bos=False, special=False)
