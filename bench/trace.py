@@ -621,7 +621,10 @@ def render(res: dict) -> str:
                   f"{rr['train_tokens']:,} tokens of watermarked generations; 50 of its own 200-token samples scored "
                   f"without entropies: median z {rr['student_median_z_key']:.2f} with the teacher's key vs "
                   f"{rr['student_median_z_other_key']:.2f} with another key; combined over the 50 (Stouffer) "
-                  f"z = {rr['stouffer_z_50_generations_key']:.1f} vs {rr['stouffer_z_50_generations_other']:.1f}.", ""]
+                  f"z = {rr['stouffer_z_50_generations_key']:.1f} vs {rr['stouffer_z_50_generations_other']:.1f}. "
+                  f"A favourable setting: the student saw only watermarked text and fits it closely (final loss "
+                  f"{rr['final_loss']:.2f}); Sander et al. find the signal weaker when watermarked text is a small part of "
+                  "a student's data.", ""]
     L += ["## Notes", ""]
     if "fpr" in res or w:
         n = (res.get("fpr") or {}).get("fpr", (w or {}).get("fpr", {})).get("all tokens", {}).get("tests", 0)
