@@ -30,7 +30,9 @@ from ..errors import CodemoatError, NotFound
 from .chunk import Chunk, Symbol
 from .terms import path_terms, terms
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+MAX_DF_FRACTION = 0.05  # query terms in more chunks than this carry little BM25 weight and cost the most
+MAX_QUERY_TERMS = 24
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS repos(
   id INTEGER PRIMARY KEY, name TEXT UNIQUE NOT NULL, root TEXT NOT NULL, git_url TEXT,
@@ -54,6 +56,7 @@ CREATE TABLE IF NOT EXISTS symbols(
 CREATE INDEX IF NOT EXISTS symbols_name ON symbols(name, repo_id);
 CREATE INDEX IF NOT EXISTS symbols_file ON symbols(file_id);
 CREATE VIRTUAL TABLE IF NOT EXISTS chunks_fts USING fts5(terms, tokenize="unicode61 tokenchars '_'");
+CREATE VIRTUAL TABLE IF NOT EXISTS chunks_vocab USING fts5vocab(chunks_fts, 'row');
 """
 
 
@@ -117,6 +120,7 @@ class IndexReader(Protocol):
     def search(self, query_terms: Sequence[str], repo_ids: Sequence[int], limit: int) -> list[tuple[int, float]]: ...
     def score_chunks(self, query_terms: Sequence[str], chunk_ids: Sequence[int]) -> dict[int, float]:
         """BM25 score (higher is better) of each of `chunk_ids` that matches any of `query_terms`."""
+        query_terms = self.prune_terms(query_terms)
         if not query_terms or not chunk_ids:
             return {}
         match = " OR ".join(_quote(t) for t in query_terms)
@@ -272,8 +276,25 @@ class SqliteIndex:
         self.db.execute("UPDATE repos SET updated=? WHERE id=?", (time.time(), repo_id))
 
     # -- reading ---------------------------------------------------------------------------------
+    def prune_terms(self, query_terms: Sequence[str]) -> list[str]:
+        """The rarest MAX_QUERY_TERMS of `query_terms` that occur at all and in at most MAX_DF_FRACTION of
+        chunks: common terms add almost nothing to BM25 (low IDF) but make FTS5 walk long posting lists."""
+        terms_ = list(dict.fromkeys(query_terms))
+        if not terms_:
+            return []
+        db = self.db
+        df = dict(db.execute(f"SELECT term, doc FROM chunks_vocab WHERE term IN ({','.join('?' * len(terms_))})", terms_))
+        now = time.monotonic()
+        if now - getattr(self._local, "n_at", -1e9) > 10:
+            self._local.n = db.execute("SELECT max(id) FROM chunks").fetchone()[0] or 0
+            self._local.n_at = now
+        cap = max(50, MAX_DF_FRACTION * self._local.n)
+        kept = sorted((t for t in terms_ if 0 < df.get(t, 0) <= cap), key=lambda t: df[t])
+        return kept[:MAX_QUERY_TERMS]
+
     def search(self, query_terms: Sequence[str], repo_ids: Sequence[int], limit: int) -> list[tuple[int, float]]:
         """(chunk id, BM25 score, higher is better) of the best chunks matching any of `query_terms`."""
+        query_terms = self.prune_terms(query_terms)
         if not query_terms or not repo_ids:
             return []
         scope = " OR ".join(_quote(repo_term(r)) for r in repo_ids)
@@ -286,6 +307,7 @@ class SqliteIndex:
 
     def score_chunks(self, query_terms: Sequence[str], chunk_ids: Sequence[int]) -> dict[int, float]:
         """BM25 score (higher is better) of each of `chunk_ids` that matches any of `query_terms`."""
+        query_terms = self.prune_terms(query_terms)
         if not query_terms or not chunk_ids:
             return {}
         match = " OR ".join(_quote(t) for t in query_terms)

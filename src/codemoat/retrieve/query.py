@@ -60,6 +60,7 @@ class Query:
     owner_module: str | None = None  # owner is an imported module: its path fragment
     owner_hints: set[str] = field(default_factory=set)  # owner is an imported name: modules it comes from
     member_weights: dict[str, float] = field(default_factory=dict)  # owner.attr seen elsewhere in the file
+    cache: dict = field(default_factory=dict)  # per-query results shared by the rankings
 
     def add(self, name: str, w: float) -> None:
         if len(name) > 1 and name.lower() not in STOPWORDS and name not in _BUILTINS:

@@ -30,6 +30,7 @@ RRF_K = 10
 W_SYMBOLS = 1.0
 W_BM25 = 0.8
 CANDIDATES = 40  # per ranking
+BM25_POOL = 300  # BM25 hits whose scores also rerank symbol candidates
 SYMBOL_BM25_FLOOR = 0.25
 OUTLINE_ITEMS = 30
 OUTLINE_BOOST = 1.5  # a symbol candidate's score is multiplied by floor + its normalised BM25
@@ -223,7 +224,7 @@ class Retriever:
                 scores[s.chunk_id] = scores.get(s.chunk_id, 0.0) + w
         # Among the candidates, prefer those whose text resembles the code at the cursor.
         top = sorted(scores.items(), key=lambda kv: -kv[1])[: 4 * CANDIDATES]
-        rel = self._store.score_chunks(q.bm25_terms, [cid for cid, _ in top])
+        rel = self._bm25(q, repo_ids)
         best = max(rel.values(), default=0.0) or 1.0
         top = [(cid, sc * (SYMBOL_BM25_FLOOR + rel.get(cid, 0.0) / best)) for cid, sc in top]
         return sorted(top, key=lambda kv: -kv[1])[:CANDIDATES]
@@ -244,7 +245,7 @@ class Retriever:
             top = max(counts, key=lambda p: counts[p])
             own = [s for s in members if s.path == top]
         members = own
-        rel = self._store.score_chunks(q.bm25_terms, list({s.chunk_id for s in members}))
+        rel = self._bm25(q, repo_ids)
         kinds = {"class": 0, "function": 0, "type": 1, "variable": 2}
         members = [s for s in members if not (s.name.startswith("__") and s.name.endswith("__"))]
         if not members:
@@ -298,8 +299,17 @@ class Retriever:
         base = 10.0 / (1.0 + math.log1p(len(rows)))
         return [(s, base + q.member_weights.get(s.name, 0.0) * 5.0) for s in rows]
 
+    def _bm25(self, q: Query, repo_ids: Sequence[int]) -> dict[int, float]:
+        """BM25 scores of the best BM25_POOL chunks for the query, computed once per query."""
+        key = (tuple(q.bm25_terms), tuple(repo_ids))
+        if q.cache.get("key") != key:
+            q.cache["key"] = key
+            q.cache["hits"] = self._store.search(q.bm25_terms, list(repo_ids), BM25_POOL)
+        return dict(q.cache["hits"])
+
     def bm25_ranking(self, q: Query, repo_ids: Sequence[int]) -> list[tuple[int, float]]:
-        return self._store.search(q.bm25_terms, list(repo_ids), CANDIDATES)
+        self._bm25(q, repo_ids)
+        return q.cache["hits"][:CANDIDATES]
 
     def _rank(self, q: Query, repos: dict[int, RepoInfo], excluded: Callable[[ChunkRow], bool],
               current: str | None) -> list[tuple[ChunkRow, float]]:  # fmt: skip
