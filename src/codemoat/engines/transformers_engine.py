@@ -13,21 +13,17 @@ generator and checks its cancel flag between tokens.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import queue
 import threading
-from collections.abc import AsyncIterator, Callable, Sequence
-from concurrent.futures import Future
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..errors import CodemoatError
-from .base import Chunk, Completion, Engine, FinishReason, PromptTooLong, SamplingParams
-
-_DONE = object()
+from .base import Chunk, FinishReason, PromptTooLong, SamplingParams
+from .worker import StopCutter, WorkerEngine
 #: tokens that end a generation besides eos (llama.cpp treats Qwen's FIM pad/repo/file separators as end-of-generation too)
 _EOG_TEXTS = ("<|endoftext|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>", "<|im_end|>", "<|eot_id|>", "<|EOT|>")
 
@@ -48,7 +44,7 @@ def sample_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Gene
     return int(idx[rng.choice(len(idx), p=p)])
 
 
-class TransformersEngine(Engine):
+class TransformersEngine(WorkerEngine):
     name = "transformers"
 
     def __init__(self, model, tokenizer_json: str, config: dict, *, model_id: str = "model", n_ctx: int | None = None,
@@ -70,10 +66,7 @@ class TransformersEngine(Engine):
         limit = int(config.get("max_position_embeddings") or 2048)
         self._n_ctx = min(n_ctx, limit) if n_ctx else limit
         self.model_id = model_id
-        self._jobs: queue.Queue = queue.Queue()
-        self._closed = False
-        self._worker = threading.Thread(target=self._work, name=f"transformers-{model_id}", daemon=True)
-        self._worker.start()
+        self._start_worker(f"transformers-{model_id}")
 
     # -- construction -----------------------------------------------------
     @classmethod
@@ -169,29 +162,17 @@ class TransformersEngine(Engine):
         return self._tok.decode(list(ids), skip_special_tokens=False)
 
     # -- worker -------------------------------------------------------------
-    def _work(self) -> None:
+    def _worker_setup(self) -> None:
         import torch
 
         if self._threads:
             torch.set_num_threads(self._threads)
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            fn, fut = job
-            if fut.set_running_or_notify_cancel():
-                try:
-                    with torch.inference_mode():
-                        fut.set_result(fn())
-                except BaseException as e:
-                    fut.set_exception(e)
 
-    def _submit(self, fn: Callable[[], Any]) -> Future:
-        if self._closed:
-            raise CodemoatError("engine is closed")
-        fut: Future = Future()
-        self._jobs.put((fn, fut))
-        return fut
+    def _run_job(self, fn: Callable[[], Any]) -> Any:
+        import torch
+
+        with torch.inference_mode():
+            return fn()
 
     def _forward(self, ids: list[int], past):
         import torch
@@ -201,15 +182,11 @@ class TransformersEngine(Engine):
         return out.logits[0, -1].float().cpu().numpy(), out.past_key_values
 
     def _generate(self, prompt_ids: list[int], params: SamplingParams, emit: Callable[[Chunk], None], cancel: threading.Event) -> None:
-        """Runs on the worker: sample, cut at stop strings, emit text once it can no longer change."""
+        """Runs on the worker: sample with a KV cache, cut at stop strings."""
         rng = np.random.default_rng(params.seed)
-        stops = [s for s in params.stop if s]
-        hold = max((len(s) for s in stops), default=0)
+        cutter = StopCutter(params.stop, emit)
         ids = list(prompt_ids)
         out_ids: list[int] = []
-        pending: list[int] = []
-        sent = 0
-        text = ""
         reason: FinishReason = "length"
         logits, past = self._forward(ids, None)
         while len(out_ids) < params.max_tokens:
@@ -229,28 +206,17 @@ class TransformersEngine(Engine):
                 break
             ids.append(tok)
             out_ids.append(tok)
-            pending.append(tok)
             text = self.detokenize(out_ids)
             complete = len(text) - (1 if text.endswith("\ufffd") else 0)  # an unfinished UTF-8 sequence
-            cut = min((i for i in (text.find(s, max(0, sent - hold)) for s in stops) if i >= 0), default=-1)
-            if cut >= 0:
-                if cut > sent:
-                    emit(Chunk(text[sent:cut], pending))
-                    pending = []
-                text, sent, reason = text[:cut], cut, "stop"
+            if cutter.feed(text, tok, complete):
+                reason = "stop"
                 break
-            safe = complete - hold if hold else complete
-            if safe > sent:
-                emit(Chunk(text[sent:safe], pending))
-                pending, sent = [], safe
             if len(ids) >= self._n_ctx:
                 break
             logits, past = self._forward([tok], past)
-        if reason != "cancelled" and (sent < len(text) or pending):
-            emit(Chunk(text[sent:], pending))
-        emit(Chunk("", [], reason))
+        cutter.finish(reason)
 
-    def _check(self, prompt: str, max_tokens: int) -> list[int]:
+    def _prompt_ids(self, prompt: str, max_tokens: int) -> list[int]:
         ids = self.tokenize(prompt)
         if not ids:
             eos = self._config.get("eos_token_id")
@@ -259,64 +225,18 @@ class TransformersEngine(Engine):
             raise PromptTooLong(len(ids), self._n_ctx, max_tokens)
         return ids
 
-    async def stream(self, prompt: str, params: SamplingParams) -> AsyncIterator[Chunk]:
-        ids = self._check(prompt, params.max_tokens)
-        loop = asyncio.get_running_loop()
-        q: asyncio.Queue = asyncio.Queue()
-        cancel = threading.Event()
-
-        def emit(c: Chunk) -> None:
-            loop.call_soon_threadsafe(q.put_nowait, c)
-
-        def job() -> None:
-            try:
-                self._generate(ids, params, emit, cancel)
-            finally:
-                loop.call_soon_threadsafe(q.put_nowait, _DONE)
-
-        fut = self._submit(job)
-        try:
-            while True:
-                item = await q.get()
-                if item is _DONE:
-                    break
-                yield item
-            exc = fut.exception() if fut.done() else None
-            if exc:
-                raise exc
-        finally:
-            cancel.set()
-            fut.cancel()
-
-    async def complete(self, prompt: str, params: SamplingParams) -> Completion:
-        ids = self._check(prompt, params.max_tokens)
-        cancel = threading.Event()
-        chunks: list[Chunk] = []
-        fut = self._submit(lambda: self._generate(ids, params, chunks.append, cancel))
-        try:
-            await asyncio.wrap_future(fut)
-        except asyncio.CancelledError:
-            cancel.set()
-            fut.cancel()
-            raise
-        reason = chunks[-1].finish_reason if chunks else "length"
-        return Completion("".join(c.text for c in chunks), len(ids), sum(len(c.token_ids) for c in chunks), reason or "length")
-
     def logits(self, prompt: str) -> np.ndarray:
         """Next-token logits after `prompt` (float32)."""
         ids = self.tokenize(prompt)
         return self._submit(lambda: self._forward(ids, None)[0].astype(np.float32)).result()
 
     def health(self) -> dict[str, Any]:
-        return {**super().health(), "queue": self._jobs.qsize(), "device": self._device}
+        return {**super().health(), "queue": self.queued, "device": self._device}
 
     def close(self) -> None:
         """Stop the worker and drop the weights (zeroing the parameters this engine owns)."""
-        if self._closed:
+        if not self._stop_worker():
             return
-        self._closed = True
-        self._jobs.put(None)
-        self._worker.join(timeout=30)
         try:
             import torch
 
