@@ -44,20 +44,7 @@ def _secrets(vendor, customer: str | None, attr: str) -> dict[str, bytes]:
 
 def recorded_originals(vendor) -> list[Path]:
     """Source paths of every model this vendor sealed with a fingerprint, most recent first."""
-    import sqlalchemy as sa
-
-    from ..vault.vendor import models_t
-
-    with vendor.engine.connect() as c:
-        rows = c.execute(
-            sa.select(models_t.c.source).where(models_t.c.fingerprinted.is_(True)).order_by(models_t.c.created_at.desc())
-        ).all()
-    seen: list[Path] = []
-    for (src,) in rows:
-        p = Path(src)
-        if src and p not in seen:
-            seen.append(p)
-    return seen
+    return vendor.originals()
 
 
 def weights_path(path: str | Path) -> Path:

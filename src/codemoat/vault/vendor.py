@@ -254,6 +254,14 @@ class Vendor:
                 fingerprinted=fingerprint is not None, source=str(model.resolve()), created_at=m.created))
         return sealed
 
+    def originals(self) -> list[Path]:
+        """Source paths of every model sealed with a fingerprint, most recent first (what `trace` compares to)."""
+        with self.engine.connect() as c:
+            rows = c.execute(
+                sa.select(models_t.c.source).where(models_t.c.fingerprinted.is_(True)).order_by(models_t.c.created_at.desc())
+            ).all()
+        return list(dict.fromkeys(Path(src) for (src,) in rows if src))
+
     def content_key(self, file_id: str) -> bytes:
         with self.engine.connect() as c:
             row = c.execute(sa.select(models_t.c.content_key).where(models_t.c.file_id == file_id)).first()
