@@ -55,8 +55,13 @@ class LlamaCppEngine(WorkerEngine):
         import llama_cpp
 
         self._memfd = memfd
+        from llama_cpp._utils import suppress_stdout_stderr
+
         try:
-            probe = llama_cpp.Llama(model_path=model_path, vocab_only=True, verbose=False)
+            # a vocab-only probe reads the metadata; llama.cpp warns that its context exceeds the
+            # (unset) training context, which is noise, so its stderr is held back here
+            with suppress_stdout_stderr(disable=False):
+                probe = llama_cpp.Llama(model_path=model_path, vocab_only=True, verbose=False)
         except (ValueError, RuntimeError, OSError) as e:
             raise CodemoatError(f"cannot load model {model_id or model_path}: {e}") from None
         md = probe.metadata
