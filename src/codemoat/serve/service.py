@@ -157,17 +157,18 @@ class Service:
             prompt = f.prefix  # no FIM tokens: plain continuation of the prefix
         else:
             repo = self._repo_for(principal, f)
-            # retrieved context only fills the room the request leaves in the context window
-            room = engine.n_ctx - params.max_tokens - engine.count_tokens(t.fim.render(f.prefix, f.suffix, extra)) - 16
-            budget = min(self.settings.retrieval.budget_tokens, room)
-            if repo and budget > 32:
-                snippets = self._retrieve(principal, repo, f, engine, budget)
+            if repo:
+                # retrieved context only fills the room the request leaves in the context window
+                room = engine.n_ctx - params.max_tokens - engine.count_tokens(t.fim.render(f.prefix, f.suffix, extra)) - 16
+                budget = min(self.settings.retrieval.budget_tokens, room)
+                if budget > 32:
+                    snippets = self._retrieve(principal, repo, f, engine, budget)
             prompt = self._render_fitting(engine, t.fim, f, extra, snippets, repo, params)
             if snippets:
                 usage["repos"] = [repo]
                 usage["snippets"] = [s.id for s in snippets]
             params.stop = list(dict.fromkeys([*params.stop, *t.fim.stop]))
-        self._check_fits(engine, prompt, params)
+        engine.check_prompt(prompt, params.max_tokens)
         usage["prompt_text"] = f.prefix + f.suffix
         return Prepared(engine, prompt, params, snippets)
 
@@ -221,7 +222,7 @@ class Service:
             request.state.usage["snippets"] = [s.id for s in snippets]
         prompt = t.chat.render(msgs)
         params.stop = list(dict.fromkeys([*params.stop, *t.chat.stop]))
-        self._check_fits(engine, prompt, params)
+        engine.check_prompt(prompt, params.max_tokens)
         request.state.usage["prompt_text"] = "\n".join(m["content"] for m in messages)
         return Prepared(engine, prompt, params, snippets)
 
@@ -250,15 +251,11 @@ class Service:
             count_tokens=engine.count_tokens,
         )
 
-    @staticmethod
-    def _check_fits(engine: Engine, prompt: str, params: SamplingParams) -> None:
-        engine.check_prompt(prompt, params.max_tokens)
-
     # -- running ---------------------------------------------------------------
     async def run(self, request: Request, p: Prepared) -> Completion:
         async with self._slot():
             c = await p.engine.complete(p.prompt, p.params)
-        self._account(request, p.engine, c.prompt_tokens, c.completion_tokens, c.text)
+        self._account(request, c.prompt_tokens, c.completion_tokens, c.text)
         return c
 
     async def stream(self, request: Request, p: Prepared) -> AsyncIterator[Chunk]:
@@ -287,7 +284,7 @@ class Service:
         finally:
             self._slots.release()
 
-    def _account(self, request: Request, engine: Engine, n_prompt: int, n_out: int, text: str) -> None:
+    def _account(self, request: Request, n_prompt: int, n_out: int, text: str) -> None:
         u = request.state.usage
         u["model"] = self.model_id
         u["prompt_tokens"] = n_prompt
