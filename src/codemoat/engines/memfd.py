@@ -3,6 +3,14 @@
 The vault decrypts straight into `buffer.view` (`AESGCM.decrypt_into`), then `seal()` forbids
 resizing and new writable mappings, so nothing can swap the bytes after verification. The file
 lives only in RAM: no disk path ever holds the plaintext. `close()` zeroes it before release.
+
+Huge pages. A fresh memfd costs the kernel one page allocation per 4 KiB written (about 3 GB/s
+here, three times slower than AES-GCM), where a plaintext GGUF in the page cache costs nothing to
+map. When the kernel allows transparent huge pages for shmem
+(`/sys/kernel/mm/transparent_hugepage/shmem_enabled` is `advise`, `within_size`, `always` or
+`force`), the mapping is advised `MADV_HUGEPAGE` and filled through 2 MiB pages at about memory
+speed; the vault then decrypts straight into the mapping. With the kernel's default (`never`) the
+buffer is filled with `pwrite`, the cheapest 4 KiB path (see docs/operations.md).
 """
 
 from __future__ import annotations
@@ -20,12 +28,25 @@ F_SEAL_WRITE = getattr(fcntl, "F_SEAL_WRITE", 0x0008)
 F_SEAL_FUTURE_WRITE = getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x0010)
 F_ADD_SEALS = getattr(fcntl, "F_ADD_SEALS", 1033)
 F_GET_SEALS = getattr(fcntl, "F_GET_SEALS", 1034)
+MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", 14)
+SHMEM_THP = "/sys/kernel/mm/transparent_hugepage/shmem_enabled"
+_HUGE_MODES = {"advise", "within_size", "always", "force"}
+
+
+def shmem_thp_mode(path: str = SHMEM_THP) -> str:
+    """The kernel's shmem huge-page policy (the bracketed word in sysfs), or "unavailable"."""
+    try:
+        text = open(path, encoding="ascii").read()
+    except OSError:
+        return "unavailable"
+    start, end = text.find("["), text.find("]")
+    return text[start + 1: end] if 0 <= start < end else "unavailable"
 
 
 class MemfdBuffer:
     """A fixed-size anonymous file with a writable mapping owned by this process."""
 
-    def __init__(self, size: int, name: str = "codemoat-model"):
+    def __init__(self, size: int, name: str = "codemoat-model", *, hugepages: bool = True):
         if size <= 0:
             raise ValueError("memfd size must be positive")
         self.size = size
@@ -34,6 +55,22 @@ class MemfdBuffer:
         self._map = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self.view = memoryview(self._map)
         self.sealed = False
+        #: True when writes through `view` land in 2 MiB pages: fill through the mapping then.
+        self.hugepages = hugepages and shmem_thp_mode() in _HUGE_MODES and self._advise_huge()
+
+    def _advise_huge(self) -> bool:
+        try:
+            self._map.madvise(MADV_HUGEPAGE)
+        except (OSError, ValueError):
+            return False
+        return True
+
+    def write_at(self, offset: int, data: memoryview | bytes) -> None:
+        """Copy `data` in at `offset` with `pwrite` (the kernel allocates the pages, no fault per page)."""
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(self.fd, view, offset)
+            view, offset = view[n:], offset + n
 
     @classmethod
     def from_bytes(cls, data: bytes | bytearray | memoryview, name: str = "codemoat-model") -> "MemfdBuffer":

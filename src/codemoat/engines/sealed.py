@@ -16,7 +16,7 @@ from __future__ import annotations
 import ctypes
 import inspect
 import json
-import os
+import logging
 import threading
 from pathlib import Path
 from typing import Any, Callable
@@ -30,9 +30,10 @@ from ..vault.license import License, check
 from ..vault.machine import MachineKey
 from .base import Engine
 from .holder import ModelHolder
-from .memfd import MemfdBuffer
+from .memfd import MemfdBuffer, shmem_thp_mode
 
 PR_SET_DUMPABLE, PR_GET_DUMPABLE = 4, 3
+log = logging.getLogger("codemoat.vault")
 
 
 def set_non_dumpable() -> bool:
@@ -49,20 +50,22 @@ def is_dumpable() -> bool:
     return libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0) == 1
 
 
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    while data:
-        n = os.pwrite(fd, data, offset)
-        data, offset = data[n:], offset + n
-
-
 def _gguf_engine(sealed: SealedFile, key: bytes, opts: dict[str, Any]) -> Engine:
     from .llamacpp import LlamaCppEngine
 
     buf = MemfdBuffer(sealed.manifest.plaintext_size, name=f"codemoat-{sealed.manifest.model_id}")
     try:
-        # pwrite lets the kernel allocate the memfd's pages (no page fault per 4 KiB, ~40% faster
-        # than decrypting through the mapping); plaintext passes through one zeroed chunk buffer.
-        sealed.decrypt_to(key, lambda off, data: _pwrite_all(buf.fd, data, off))
+        if buf.hugepages:
+            # 2 MiB pages: AES-GCM writes straight into the mapping, at about memory speed.
+            sealed.decrypt_into(key, buf.view)
+        else:
+            # 4 KiB pages: pwrite lets the kernel allocate them without a page fault each (~40%
+            # faster than decrypting through the mapping); plaintext passes through one zeroed
+            # chunk buffer.
+            sealed.decrypt_to(key, buf.write_at)
+            if buf.size >= 256 << 20:
+                log.info("sealed model decrypted into 4 KiB pages (shmem_enabled=%s); allowing shmem huge pages "
+                         "makes this load several times faster, see docs/operations.md", shmem_thp_mode())
         buf.seal()
         return LlamaCppEngine.from_memfd(buf, **opts)
     except BaseException:
