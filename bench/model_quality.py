@@ -9,7 +9,8 @@
    and suffix in the Qwen2.5-Coder PSM format, decodes greedily to the end of the line; compared
    after whitespace normalisation: exact match and edit similarity (1 − Levenshtein/longer length).
    Baselines: the prefix line most similar to the hidden line (an oracle: it peeks at the answer to
-   choose), and the previous non-blank line.
+   choose), the line after the earlier line most like the one before the hole (a copy that does not
+   peek), and the previous non-blank line.
 3. Generation speed through the `llamacpp` engine (and the `transformers` engine for comparison).
 Writes bench/results/model.md.
 """
@@ -150,6 +151,17 @@ def baseline_oracle(prefix: str, target: str) -> str:
     return max(cands, key=lambda l: edit_sim(l, target), default="")
 
 
+def baseline_copy(prefix: str) -> str:
+    """No peeking: find the earlier prefix line most like the line before the hole, repeat what followed it
+    (the copy an induction head makes)."""
+    cands = [l for l in prefix.splitlines() if l.strip()]
+    if len(cands) < 3:
+        return ""
+    last = cands[-1]
+    j = max(range(len(cands) - 2), key=lambda i: edit_sim(cands[i], last))
+    return cands[j + 1]
+
+
 def baseline_previous(prefix: str) -> str:
     cands = [l for l in prefix.splitlines() if l.strip()]
     return cands[-1] if cands else ""
@@ -201,7 +213,7 @@ def main() -> None:
     tok = lambda s: eng.tokenize(s, special=False)  # noqa: E731
     cases = make_cases(files, args.cases, args.seed)
     params = SamplingParams(max_tokens=48, temperature=0.0, stop=["\n"])
-    res = {"model": [], "spm": [], "prefix": [], "oracle": [], "previous": []}
+    res = {"model": [], "spm": [], "prefix": [], "oracle": [], "copy": [], "previous": []}
     t1 = time.time()
     for c in cases:
         prefix, suffix = fit(tok, c["prefix_lines"], c["suffix_lines"], window * 300 // 512, window * 140 // 512 - 12)
@@ -215,7 +227,8 @@ def main() -> None:
             if key == "model":
                 c["prediction"] = out
             res[key].append((norm(out) == norm(c["target"]), edit_sim(out, c["target"])))
-        for key, guess in (("oracle", baseline_oracle(prefix, c["target"])), ("previous", baseline_previous(prefix))):
+        for key, guess in (("oracle", baseline_oracle(prefix, c["target"])), ("copy", baseline_copy(prefix)),
+                           ("previous", baseline_previous(prefix))):
             res[key].append((norm(guess) == norm(c["target"]), edit_sim(guess, c["target"])))
     t_infill = time.time() - t1
 
@@ -297,6 +310,7 @@ def write_report(args, model, files, total_bytes, model_bpb, comp, res, cases, s
         f"| codemoat-tiny, SPM prompt (suffix first, prefix continued) | {em['spm']:.1f} % | {es['spm']:.1f} % |",
         f"| codemoat-tiny, prefix only (no suffix) | {em['prefix']:.1f} % | {es['prefix']:.1f} % |",
         f"| baseline: most similar prefix line (oracle choice) | {em['oracle']:.1f} % | {es['oracle']:.1f} % |",
+        f"| baseline: line after the prefix line most like the one before the hole (no peeking) | {em['copy']:.1f} % | {es['copy']:.1f} % |",
         f"| baseline: previous non-blank line | {em['previous']:.1f} % | {es['previous']:.1f} % |",
         "",
     ]

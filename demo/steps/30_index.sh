@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # 30 — the private code index: index a small repository for the group `payments`, show the snippet a
-# completion gets from another file (and the completion with and without it), show that a user outside
-# `payments` gets nothing from it, and that re-indexing after an edit touches one file.
+# completion gets from another file, complete that line through the server for a developer in `payments`
+# and for one outside it (who gets nothing from the repository), then re-index after an edit (one file).
 set -euo pipefail
 : "${CODEMOAT:=codemoat}" "${PY:=python3}" "${DEMO:=$(mktemp -d)}"
 export CODEMOAT_HOME="${CODEMOAT_HOME:-$DEMO/home}"
@@ -27,33 +27,19 @@ $CODEMOAT retrieve --repo payments --path payments/checkout.py --line 15 --colum
 say "a contractor (not in group payments) asks for the same cursor: no snippet from this repository"
 $CODEMOAT retrieve --repo payments --path payments/checkout.py --line 15 --column 16 --groups contractors
 
-say "the model completes the line, without and with the retrieved snippets ($(basename "$MODEL"))"
-"$PY" - "$REPO" "$MODEL" <<'PYEOF'
-import sys
-from pathlib import Path
-from llama_cpp import Llama
-from codemoat.retrieve import Retriever
-
-repo, model = Path(sys.argv[1]), sys.argv[2]
-lines = (repo / "payments/checkout.py").read_text().split("\n")
-prefix = "\n".join(lines[:14] + [lines[14][:16]])
-suffix = "\n" + "\n".join(lines[15:])
-llm = Llama(model_path=model, n_ctx=512, n_threads=2, verbose=False)
-count = lambda t: len(llm.tokenize(t.encode(), add_bos=False, special=True))
-for who, groups in (("payments", {"payments"}), ("contractor", {"contractors"})):
-    snips = Retriever().snippets_for_completion(groups=frozenset(groups), repo="payments", path="payments/checkout.py",
-                                                prefix=prefix, suffix=suffix, k=3, budget_tokens=200,
-                                                count_tokens=count)
-    ctx = "".join(f"<|file_sep|>{s.path}\n{s.text}" for s in snips)
-    fim = f"<|fim_prefix|>{prefix}<|fim_suffix|>{suffix}<|fim_middle|>"
-    # Qwen2.5-Coder's repository format, which the bundled model was trained on.
-    prompt = f"<|repo_name|>payments\n{ctx}<|file_sep|>payments/checkout.py\n{fim}" if snips else fim
-    out = llm.create_completion(prompt, max_tokens=24, temperature=0.0, stop=["\n"])["choices"][0]["text"]
-    used = ", ".join(f"{s.path}:{s.start_line}" for s in snips) or "none"
-    print(f"   {who:<10} snippets: {used}")
-    print(f"   {'':<10} │ {lines[14][:16]}\033[32m{out}\033[0m")
-print(f"   expected   │ {lines[14]}")
-PYEOF
+say "both ask the server to complete that line, as Tabby's editor plugin does (POST /v1/completions, git_url + filepath)"
+$CODEMOAT users add alice --groups payments >/dev/null
+$CODEMOAT users add carol --groups contractors >/dev/null
+ALICE=$($CODEMOAT tokens create --name alice-editor --user alice --json | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["token"])')
+CAROL=$($CODEMOAT tokens create --name carol-editor --user carol --json | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["token"])')
+PORT=$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+$CODEMOAT serve --model "$MODEL" --model-id codemoat-tiny --port "$PORT" >"$DEMO/serve-30.log" 2>&1 &
+SERVER=$!
+trap 'kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null || true' EXIT
+for _ in $(seq 1 600); do curl -sf "http://127.0.0.1:$PORT/health" >/dev/null && break; sleep 0.1; done
+"$PY" "$ROOT/demo/index_demo.py" "http://127.0.0.1:$PORT" "$REPO" git@git.acme.example:fin/payments.git "$ALICE" "$CAROL"
+kill $SERVER; wait $SERVER 2>/dev/null || true
+trap - EXIT
 
 say "an edit, then codemoat index update: only the changed file is parsed again"
 printf '\n\ndef refund_fee(amount_minor: int) -> int:\n    return 0\n' >> "$REPO/payments/fees.py"

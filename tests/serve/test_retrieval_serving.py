@@ -97,3 +97,16 @@ def test_chat_grounded_in_a_named_repository(client):
     r = client.post("/v1/chat/completions", json={"model": "tiny", "messages": msgs, "max_tokens": 2, "codemoat": {"repos": ["payments"]}},
                     headers={"Authorization": f"Bearer {client.tokens['mallory']}"})
     assert r.status_code == 403 and "not readable" in r.json()["error"]["message"]
+
+
+def test_best_snippet_sits_next_to_the_code_being_completed(client, repo):
+    body = {"language": "python", "segments": {"prefix": BODY["prompt"], "suffix": ")\n", "filepath": str(repo / "report.py")},
+            "debug_options": {"return_snippets": True, "return_prompt": True}}
+    r = client.post("/v1/completions", json=body, headers={"Authorization": f"Bearer {client.tokens['alice']}"})
+    assert r.status_code == 200, r.text
+    debug = r.json()["debug_data"]
+    ranked = [s["body"].strip() for s in debug["snippets"]]  # best first
+    assert len(ranked) >= 2, ranked
+    where = [debug["prompt"].index(body) for body in ranked]
+    assert where == sorted(where, reverse=True)  # best last in the prompt
+    assert where[0] < debug["prompt"].index("<|fim_prefix|>")

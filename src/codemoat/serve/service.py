@@ -174,10 +174,11 @@ class Service:
 
     @staticmethod
     def _render_fitting(engine: Engine, fim: FimTemplate, f: FimInput, extra: list[FileSnippet], snippets: list[Any], repo: str | None, params: SamplingParams) -> str:
-        """The FIM prompt with as many retrieved snippets (best first) as fit beside `max_tokens`;
-        their path headers count too. Drops snippets in place from the end."""
+        """The FIM prompt with as many retrieved snippets as fit beside `max_tokens`; their path
+        headers count too. Drops the lowest-ranked snippets (in place) first. The best snippet goes
+        last, next to the code being completed: models lean on the nearest context most."""
         while True:
-            files = extra + [FileSnippet(s.path, s.text) for s in snippets]
+            files = extra + [FileSnippet(s.path, s.text) for s in reversed(snippets)]
             prompt = fim.render(f.prefix, f.suffix, files, path=f.path if files else None, repo=repo)
             if not snippets or engine.count_tokens(prompt) + params.max_tokens <= engine.n_ctx:
                 return prompt
