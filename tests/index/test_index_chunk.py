@@ -73,3 +73,11 @@ def test_files_without_grammar_become_line_windows():
 def test_broken_source_still_chunks():
     chunks, symbols = chunk_file("bad.py", "def ok(a):\n    return a\n\ndef broken(:\n    pass\n")
     assert "ok" in {s.name for s in symbols} and chunks
+
+
+def test_signature_keeps_each_line_as_written():
+    src = "class File(Form):  # type: ignore[misc]\n    pass\n\ndef grid(\n    *headers: str,\n    pad:  int = 1,\n) -> None:\n    pass\n"
+    _chunks, symbols = chunk_file("p.py", src)
+    by = {s.name: s for s in symbols}
+    assert by["File"].signature == "class File(Form):  # type: ignore[misc]"  # an outline quotes it verbatim
+    assert by["grid"].signature == "def grid( *headers: str, pad:  int = 1, ) -> None:"

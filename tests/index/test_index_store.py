@@ -51,6 +51,17 @@ def test_add_update_only_changed_files_and_deletions(tmp_path):
     assert (s.indexed, s.unchanged, s.removed) == (0, 5, 0)
 
 
+def test_doc_freq_counts_chunks_per_term(tmp_path):
+    root = tmp_path / "repo"
+    root.mkdir()
+    _repo(root, 3)
+    store = SqliteIndex(tmp_path / "index.db")
+    add_repository(store, root, "r", ["dev"])
+    df = store.doc_freq(["func_1", "run", "absent"])
+    assert df["func_1"] == 1 and df["run"] == 6 and "absent" not in df  # `run`: 3 class skeletons, 3 methods
+    assert store.doc_freq([]) == {}
+
+
 def test_interrupted_update_leaves_previous_index_intact(tmp_path):
     root = tmp_path / "repo"
     root.mkdir()

@@ -39,3 +39,25 @@ def test_chat_query_picks_code_words():
     q = chat_query("How does `to_minor_units` round, and what does Ledger.record return?")
     assert "to_minor_units" in q.weights and "record" in q.weights and "Ledger" in q.weights
     assert "round" in q.bm25_terms and "how" not in q.weights
+
+
+def test_module_paths_relative_to_a_repository_that_is_a_package():
+    q = completion_query("import typer\nfrom typer.core import TyperGroup\n\ntyper.", "", "cli.py")
+    assert q.owner_module == "typer" and q.hints["TyperGroup"] == {"typer/core"}
+    q.relative_to_package("typer")
+    assert q.owner_module == "" and q.hints["TyperGroup"] == {"core"}  # `` is the root `__init__`
+    assert "core" in q.path_hints and "typerx/core" not in q.path_hints
+
+
+def test_name_match_with_the_cursor_line():
+    q = completion_query("from .requests import Request, Response\n\ndef f(scope):\n    request = ", "", "a.py")
+    assert q.name_match("Request") == 1.0 and q.name_match("Response") == 0.0
+    assert completion_query("x = 1\n    conn = ", "", "a.py").name_match("HTTPConnection") == 0.5  # `conn` ~ `connection`
+    assert completion_query("x = 1\n    return ", "", "a.py").name_match("Request") == 0.0  # keywords say nothing
+
+
+def test_a_name_used_in_the_last_lines_weighs_more_than_one_used_long_ago():
+    body = "\n".join(f"    v{i} = {i}" for i in range(40))
+    prefix = f"from .m import old, recent\n\ndef f():\n    old(1)\n{body}\n    recent(2)\n    y = "
+    q = completion_query(prefix, "", "a.py")
+    assert q.weights["recent"] > q.weights["old"]

@@ -285,7 +285,8 @@ class _Collector:
             sig_end = end
         src = node.text
         sig = src[: body.start_byte - node.start_byte] if body is not None else src
-        signature = " ".join(sig.decode("utf-8", "replace").split())[:240].rstrip(" {")
+        # Each line as written (an outline quotes it verbatim), a multi-line signature on one line.
+        signature = " ".join(ln.strip() for ln in sig.decode("utf-8", "replace").split("\n") if ln.strip())[:240].rstrip(" {")
         parts = re.split(r"::|\.", name)
         short = parts[-1]
         qual = ".".join([*scope, *parts])

@@ -117,6 +117,7 @@ class IndexReader(Protocol):
     """What retrieval asks of an index backend."""
 
     def repos(self) -> list[RepoInfo]: ...
+    def doc_freq(self, query_terms: Iterable[str]) -> dict[str, int]: ...
     def search(self, query_terms: Sequence[str], repo_ids: Sequence[int], limit: int) -> list[tuple[int, float]]: ...
     def score_chunks(self, query_terms: Sequence[str], chunk_ids: Sequence[int]) -> dict[int, float]: ...
 
@@ -284,6 +285,14 @@ class SqliteIndex:
         cap = max(50, MAX_DF_FRACTION * self._local.n)
         kept = sorted((t for t in terms_ if 0 < df.get(t, 0) <= cap), key=lambda t: df[t])
         return kept[:MAX_QUERY_TERMS]
+
+    def doc_freq(self, query_terms: Iterable[str]) -> dict[str, int]:
+        """How many chunks hold each term (terms in no chunk are left out)."""
+        terms_ = list(dict.fromkeys(query_terms))
+        if not terms_:
+            return {}
+        q = f"SELECT term, doc FROM chunks_vocab WHERE term IN ({','.join('?' * len(terms_))})"
+        return dict(self.db.execute(q, terms_))
 
     def search(self, query_terms: Sequence[str], repo_ids: Sequence[int], limit: int) -> list[tuple[int, float]]:
         """(chunk id, BM25 score, higher is better) of the best chunks matching any of `query_terms`."""

@@ -16,7 +16,7 @@ import posixpath
 import re
 from dataclasses import dataclass, field
 
-from ..index.terms import STOPWORDS, terms
+from ..index.terms import STOPWORDS, split_identifier, terms
 
 WINDOW_LINES = 12  # prefix lines used as the BM25 query and for weighting identifiers
 SUFFIX_LINES = 3
@@ -60,7 +60,36 @@ class Query:
     owner_module: str | None = None  # owner is an imported module: its path fragment
     owner_hints: set[str] = field(default_factory=set)  # owner is an imported name: modules it comes from
     member_weights: dict[str, float] = field(default_factory=dict)  # owner.attr seen elsewhere in the file
+    cursor_words: frozenset[str] = frozenset()  # words of the identifiers on the cursor's line, before it
     cache: dict = field(default_factory=dict)  # per-query results shared by the rankings
+
+    def relative_to_package(self, package: str) -> None:
+        """Module paths as the repository spells them when its root folder is the package `package`:
+        `typer/core` -> `core`, `typer` -> `` (the root `__init__`)."""
+
+        def rel(frag: str) -> str:
+            if frag == package:
+                return ""
+            return frag[len(package) + 1 :] if frag.startswith(package + "/") else frag
+
+        self.hints = {n: {rel(f) for f in fs} for n, fs in self.hints.items()}
+        self.path_hints = {rel(f) for f in self.path_hints}
+        self.owner_hints = {rel(f) for f in self.owner_hints}
+        if self.owner_module is not None:
+            self.owner_module = rel(self.owner_module)
+
+    def name_match(self, name: str) -> float:
+        """The share of `name`'s words that the cursor's line already says (`request = ` ~ `Request`,
+        `conn = ` ~ `HTTPConnection`): what a line is about names what it calls."""
+        if not self.cursor_words:
+            return 0.0
+        parts = split_identifier(name)
+        words = parts[1:] if len(parts) > 1 else parts
+        if not words:
+            return 0.0
+        hit = sum(1 for w in words if w in self.cursor_words or (len(w) >= 3 and any(
+            len(c) >= 3 and (w.startswith(c) or c.startswith(w)) for c in self.cursor_words)))  # fmt: skip
+        return hit / len(words)
 
     def add(self, name: str, w: float) -> None:
         if len(name) > 1 and name.lower() not in STOPWORDS and name not in _BUILTINS:
@@ -192,10 +221,12 @@ def completion_query(prefix: str, suffix: str, path: str) -> Query:
 
     import_lines = _import_lines(lines)
     used_before: dict[str, int] = {}
+    last_used: dict[str, int] = {}  # name -> the last line (0-based) that uses it, imports aside
     for i, ln in enumerate(lines[:-WINDOW_LINES] if len(lines) > WINDOW_LINES else []):
         if i not in import_lines:
             for ident in _IDENT.findall(ln):
                 used_before[ident] = used_before.get(ident, 0) + 1
+                last_used[ident] = i
 
     # Identifiers near the cursor, the nearest weighing most: bare names and calls (their definitions
     # tell the model signatures), attributes of unknown receivers barely (`self.x` could be anything).
@@ -229,19 +260,23 @@ def completion_query(prefix: str, suffix: str, path: str) -> Query:
         if i not in import_lines:
             for ident in _IDENT.findall(ln):
                 used_before[ident] = used_before.get(ident, 0) + 1
+                last_used[ident] = i
     suffix_lines = suffix.split("\n")[:200]
     first_in_suffix: dict[str, int] = {}
     for i, ln in enumerate(suffix_lines):
         for ident in _IDENT.findall(ln):
             first_in_suffix.setdefault(ident, i)
-    # Imported names: those not used yet are the likeliest next, the more so if used soon after
-    # the cursor; all carry the module they come from.
+    # Imported names: those not used yet are the likeliest next, then those used in the last lines;
+    # either the more so if used soon after the cursor; all carry the module they come from.
     for name, mods in imported.items():
         q.hints.setdefault(name, set()).update(mods)
         w = 3.0 if used_before.get(name, 0) == 0 else 0.5 + 0.25 * math.log1p(used_before[name])
+        if name in last_used:
+            w += 1.0 / (1.0 + (len(lines) - 1 - last_used[name]) / 10.0)
         if name in first_in_suffix:
-            w += 2.0 / (1.0 + first_in_suffix[name] / 20.0)
+            w += 1.0 / (1.0 + first_in_suffix[name] / 20.0)
         q.add(name, w)
+    q.cursor_words = frozenset(t for ident in _IDENT.findall(lines[-1]) if ident not in modules for t in split_identifier(ident))
     # The cursor right after `owner.`: what comes next is a member of owner.
     m = re.search(r"([^\W\d]\w*)\s*(?:\.|::|->)\s*$", lines[-1])
     if m:

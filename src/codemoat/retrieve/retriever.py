@@ -26,14 +26,19 @@ from .acl import can_read
 from .fit import approx_tokens, fit_lines
 from .query import Query, _imports, chat_query, completion_query
 
-RRF_K = 10
+RRF_K = 3
 W_SYMBOLS = 1.0
 W_BM25 = 0.8
 CANDIDATES = 40  # per ranking
 BM25_POOL = 300  # BM25 hits whose scores also rerank symbol candidates
 SYMBOL_BM25_FLOOR = 0.25
 OUTLINE_ITEMS = 30
-OUTLINE_BOOST = 1.5  # a symbol candidate's score is multiplied by floor + its normalised BM25
+OUTLINE_BOOST = 1.5
+REEXPORT_HOPS = 3
+NAME_MATCH = 4.0
+STATIC_ONLY = 0.3  # weight of an instance method after `Class.`, against one called on the class
+REEXPORT_IMPLICIT = 0.3  # weight of a name a module imports for its own use, against one it re-exports
+_REEXPORT = re.compile(r"\b(\w+)\s+as\s+\1\b")  # a candidate whose name the cursor's line already says weighs up to 1 + this times more  # a symbol candidate's score is multiplied by floor + its normalised BM25
 REPO_CACHE_S = 2.0
 
 
@@ -76,6 +81,7 @@ class Retriever:
         self._store = SqliteIndex(self.path)
         self._lock = threading.Lock()
         self._repos: tuple[float, list[RepoInfo]] = (0.0, [])
+        self._packages: dict[tuple[int, float | None], str | None] = {}
 
     # -- repositories ----------------------------------------------------------------------------
     def _all_repos(self) -> list[RepoInfo]:
@@ -114,6 +120,15 @@ class Retriever:
                 return best.name
         return None
 
+    def _package(self, info: RepoInfo) -> str | None:
+        """The import name of a repository whose root folder is itself a package (it holds an
+        `__init__.py`, as an installed package does): the folder's name."""
+        key = (info.id, info.updated)
+        if key not in self._packages:
+            is_pkg = self._store.file_id(info.id, "__init__.py") is not None
+            self._packages[key] = Path(info.root).name if is_pkg else None
+        return self._packages[key]
+
     def _readable(self, names: Sequence[str], groups: frozenset[str]) -> dict[int, RepoInfo]:
         want = set(names)
         return {r.id: r for r in self._all_repos() if r.name in want and can_read(r.groups, groups)}
@@ -145,6 +160,9 @@ class Retriever:
         info = next(iter(repos.values()))
         rel = self._relative(info, path)
         q = completion_query(prefix, suffix, rel)
+        package = self._package(info)
+        if package:
+            q.relative_to_package(package)
         line = cursor_line if cursor_line is not None else prefix.count("\n") + 1
         lo = line - prefix.count("\n")
         hi = line + suffix.count("\n")
@@ -197,8 +215,11 @@ class Retriever:
         """(chunk id, score) from the symbol table, best first."""
         rows = self._store.lookup_symbols(q.weights, list(repo_ids), limit=2000)
         by_name: dict[str, int] = {}
+        at_hint: set[str] = set()  # imported names defined in the module they are imported from
         for s in rows:
             by_name[s.name] = by_name.get(s.name, 0) + 1
+            if s.name not in at_hint and any(_path_match(_stem(s.path), frag) for frag in q.hints.get(s.name, ())):
+                at_hint.add(s.name)
         scores: dict[int, float] = {}
         for s in rows:
             if s.path == current:
@@ -211,17 +232,22 @@ class Retriever:
                     hint = 4.0
                     break
             else:
-                if any(_path_match(stem, frag) for frag in q.path_hints):
+                if s.name in q.hints and s.name not in at_hint and "." not in s.qualname:
+                    hint = 4.0  # imported from a module that re-exports it: this may well be it
+                elif any(_path_match(stem, frag) for frag in q.path_hints):
                     hint = 2.0
             owners = q.qualified.get(s.name)
             if owners and "." in s.qualname and s.qualname.rsplit(".", 2)[-2] in owners:
                 hint *= 2.0
             kind = 0.5 if s.kind == "variable" else 1.0
-            score = w * hint * kind / (1.0 + math.log(by_name[s.name]))
+            score = w * hint * kind * (1.0 + NAME_MATCH * q.name_match(s.name)) / (1.0 + math.log(by_name[s.name]))
             scores[s.chunk_id] = scores.get(s.chunk_id, 0.0) + score
-        for s, w in self._members(q, repo_ids):
+        # We know the next name is one of the owner's members: they rank above every other symbol candidate.
+        members = self._members(q, repo_ids)
+        base = 10.0 / (1.0 + math.log1p(len(members)))
+        for s, reach in members:
             if s.path != current:
-                scores[s.chunk_id] = scores.get(s.chunk_id, 0.0) + w
+                scores[s.chunk_id] = scores.get(s.chunk_id, 0.0) + base * reach + q.member_weights.get(s.name, 0.0) * 5.0
         # Among the candidates, prefer those whose text resembles the code at the cursor.
         top = sorted(scores.items(), key=lambda kv: -kv[1])[: 4 * CANDIDATES]
         rel = self._bm25(q, repo_ids)
@@ -229,75 +255,134 @@ class Retriever:
         top = [(cid, sc * (SYMBOL_BM25_FLOOR + rel.get(cid, 0.0) / best)) for cid, sc in top]
         return sorted(top, key=lambda kv: -kv[1])[:CANDIDATES]
 
-    def _outline(self, q: Query, repo_ids: Sequence[int], current: str | None) -> ChunkRow | None:
-        """After `module.`: the module's top-level signatures, most relevant first (at most OUTLINE_ITEMS)."""
-        if not q.owner_module:
-            return None
-        members = [s for s, _w in self._members(q, repo_ids) if s.path != current and s.kind != "method"]
-        if not members:
-            return None
-        # The module's own file; for a package that only re-exports, the file it takes most names from.
-        own = [s for s in members if _path_match(_stem(s.path), q.owner_module)]
-        if not own:
-            counts: dict[str, int] = {}
-            for s in members:
-                counts[s.path] = counts.get(s.path, 0) + 1
-            top = max(counts, key=lambda p: counts[p])
-            own = [s for s in members if s.path == top]
-        members = own
-        rel = self._bm25(q, repo_ids)
-        kinds = {"class": 0, "function": 0, "type": 1, "variable": 2}
-        members = [s for s in members if not (s.name.startswith("__") and s.name.endswith("__"))]
-        if not members:
-            return None
-        ranked = sorted(
-            members,
-            key=lambda s: (-q.member_weights.get(s.name, 0.0), kinds.get(s.kind, 1), s.name.startswith("_"), -rel.get(s.chunk_id, 0.0)),
-        )
-        items = ranked[:OUTLINE_ITEMS]
-        s0 = items[0]
-        text = "\n".join(_outline_line(s) for s in items)
-        return ChunkRow(-s0.chunk_id, s0.repo_id, s0.path, min(s.start_line for s in items),
-                        max(s.end_line for s in items), "outline", q.owner or "", text)  # fmt: skip
-
-    def _reexports(self, paths: Sequence[str], repo_ids: Sequence[int]) -> list[SymbolRow]:
-        """Definitions a module imports from elsewhere in the repository and so exposes as its own
-        (a package's `__init__` re-exporting its submodules' API)."""
-        out: list[SymbolRow] = []
-        for path in paths[:3]:
-            text = "\n".join(c.text for rid in repo_ids for c in self._store.file_chunks(rid, path) if c.kind == "module")
-            names, _mods = _imports(text, path)
-            if not names:
-                continue
-            for s in self._store.lookup_symbols(list(names)[:300], repo_ids, limit=2000):
-                if "." not in s.qualname and s.path != path and any(_path_match(_stem(s.path), f) for f in names[s.name]):
-                    out.append(s)
-        return out
-
-    def _members(self, q: Query, repo_ids: Sequence[int]) -> list[tuple[SymbolRow, float]]:
-        """Members of the module or class named just before the cursor (`owner.`), weighted."""
+    def _outlines(self, q: Query, repo_ids: Sequence[int], current: str | None) -> list[ChunkRow]:
+        """After `owner.`: the signatures of owner's members, likeliest first (at most OUTLINE_ITEMS),
+        as an IDE's completion list shows them. For a module, its top-level definitions and those it
+        re-exports, one outline per file that defines them; for a class, its methods under its header."""
         if q.owner is None:
             return []
+        found = self._members(q, repo_ids)
+        reach = {s.chunk_id: r for s, r in found}
+        members = [s for s, _r in found if s.path != current and not (s.name.startswith("__") and s.name.endswith("__"))]
+        if not members:
+            return []
+        rel = self._bm25(q, repo_ids)
+        best = max(rel.values(), default=0.0) or 1.0
+        df = self._store.doc_freq(s.name.lower() for s in members)
+        kinds = {"class": 1.0, "function": 1.0, "type": 0.7, "variable": 0.4}
+
+        def likely(s: SymbolRow) -> float:
+            """Seen as owner.name in this file first; then public definitions used widely (how many
+            chunks mention the name: a popularity prior) that resemble the code at the cursor."""
+            kind = (1.0 if _static_like(s) else STATIC_ONLY) if s.kind == "method" else kinds.get(s.kind, 0.7)
+            prior = kind * (0.5 if s.name.startswith("_") else 1.0) * reach[s.chunk_id]
+            prior *= 1.0 + math.log1p(df.get(s.name.lower(), 0))
+            prior *= SYMBOL_BM25_FLOOR + rel.get(s.chunk_id, 0.0) / best
+            prior *= 1.0 + NAME_MATCH * q.name_match(s.name)
+            return q.member_weights.get(s.name, 0.0) * 100.0 + prior
+
+        ranked = sorted(members, key=lambda s: -likely(s))[:OUTLINE_ITEMS]
+        out = []
+        for cls in q.cache.get(("classes", tuple(repo_ids)), []):
+            items = [s for s in ranked if s.path == cls.path and cls.start_line < s.start_line <= cls.end_line]
+            if items:
+                indent = " " * 4 if cls.path.endswith(".py") else "  "
+                text = "\n".join([cls.signature, *(indent + _outline_line(s) for s in items)])
+                out.append(ChunkRow(-items[0].chunk_id, cls.repo_id, cls.path, cls.start_line,
+                                    max(s.end_line for s in items), "outline", cls.qualname, text))  # fmt: skip
+        if out:
+            return out
+        by_path: dict[str, list[SymbolRow]] = {}
+        for s in ranked:
+            by_path.setdefault(s.path, []).append(s)
+        for path, items in by_path.items():
+            s0 = items[0]
+            text = "\n".join(_outline_line(s) for s in items)
+            out.append(ChunkRow(-s0.chunk_id, s0.repo_id, path, min(s.start_line for s in items),
+                                max(s.end_line for s in items), "outline", q.owner or "", text))  # fmt: skip
+        return out
+
+    def _module_files(self, frag: str, repo_ids: Sequence[int]) -> list[tuple[int, str]]:
+        """(file id, path) of the module at path fragment `frag`: exact matches if any, else suffix matches."""
         st = self._store
-        rows: list[SymbolRow] = []
-        if q.owner_module:
-            frag = q.owner_module
-            stem = frag.rsplit("/", 1)[-1]
-            files = [(fid, p) for fid, p in st.files_matching(stem, repo_ids) if _path_match(_stem(p), frag)]
-            rows = [s for s in st.symbols_in([fid for fid, _ in files]) if "." not in s.qualname]
+        if not frag:
+            files = [(st.file_id(rid, p), p) for rid in repo_ids for p in ("__init__.py",)]
+            return [(fid, p) for fid, p in files if fid is not None]
+        files = [(fid, p) for fid, p in st.files_matching(frag.rsplit("/", 1)[-1], repo_ids) if _path_match(_stem(p), frag)]
+        exact = [(fid, p) for fid, p in files if _stem(p) == frag]
+        return exact or files
+
+    def _reexports(self, paths: Sequence[str], repo_ids: Sequence[int]) -> list[tuple[SymbolRow, float]]:
+        """Definitions a module imports from elsewhere in the repository and so exposes as its own
+        (a package's `__init__` re-exporting its submodules' API), followed through up to REEXPORT_HOPS
+        modules that re-export in turn."""
+        out: list[tuple[SymbolRow, float]] = []
+        want: dict[str, set[str]] = {}  # name -> module path fragments it is imported from
+        reach: dict[str, float] = {}
+        for path in paths[:3]:
+            text = self._import_text(repo_ids, path)
+            names, _mods = _imports(text, path)
+            # A package's `__init__` exports what it imports; another module, what it imports `as` the
+            # same name (PEP 484's explicit re-export); the rest it imports for its own use.
+            explicit = set(names) if _PACKAGE_FILE.search(path) else set(_REEXPORT.findall(text))
+            for n, frags in names.items():
+                want.setdefault(n, set()).update(frags)
+                reach[n] = max(reach.get(n, 0.0), 1.0 if n in explicit else REEXPORT_IMPLICIT)
+        for _hop in range(REEXPORT_HOPS):
+            if not want:
+                break
+            found: set[str] = set()
+            for s in self._store.lookup_symbols(list(want)[:300], repo_ids, limit=2000):
+                if "." not in s.qualname and s.path not in paths and any(_path_match(_stem(s.path), f) for f in want[s.name]):
+                    out.append((s, reach.get(s.name, REEXPORT_IMPLICIT)))
+                    found.add(s.name)
+            # Names not defined where they are imported from: that module re-exports them in turn.
+            by_frag: dict[str, list[str]] = {}
+            for n, frags in want.items():
+                if n not in found:
+                    for f in frags:
+                        by_frag.setdefault(f, []).append(n)
+            nxt: dict[str, set[str]] = {}
+            for frag, ns in sorted(by_frag.items(), key=lambda kv: -len(kv[1]))[:4]:
+                for _fid, p in self._module_files(frag, repo_ids)[:1]:
+                    names, _mods = _imports(self._import_text(repo_ids, p), p)
+                    for n in ns:
+                        if n in names:
+                            nxt.setdefault(n, set()).update(names[n])
+            want = nxt
+        return out
+
+    def _import_text(self, repo_ids: Sequence[int], path: str) -> str:
+        """The module-level code of a file (its imports among it)."""
+        return "\n".join(c.text for rid in repo_ids for c in self._store.file_chunks(rid, path) if c.kind == "module")
+
+    def _members(self, q: Query, repo_ids: Sequence[int]) -> list[tuple[SymbolRow, float]]:
+        """Members of the module or class named just before the cursor (`owner.`), each with how surely
+        the owner exposes it (1, or REEXPORT_IMPLICIT for a name it merely imports)."""
+        if q.owner is None:
+            return []
+        key = ("members", tuple(repo_ids))
+        if key in q.cache:
+            return q.cache[key]
+        st = self._store
+        rows: list[tuple[SymbolRow, float]] = []
+        if q.owner_module is not None:
+            files = self._module_files(q.owner_module, repo_ids)
+            rows = [(s, 1.0) for s in st.symbols_in([fid for fid, _ in files]) if "." not in s.qualname]
             rows += self._reexports([p for _, p in files], repo_ids)
+        classes = []
         if not rows:
-            for cls in st.lookup_symbols([q.owner], repo_ids):
-                if cls.kind != "class":
-                    continue
-                if q.owner_hints and not any(_path_match(_stem(cls.path), h) for h in q.owner_hints):
-                    continue
+            found = [c for c in st.lookup_symbols([q.owner], repo_ids) if c.kind == "class"]
+            # The class from the module it is imported from; any of that name when that module re-exports it.
+            hinted = [c for c in found if any(_path_match(_stem(c.path), h) for h in q.owner_hints)]
+            for cls in hinted or found:
                 fid = st.file_id(cls.repo_id, cls.path)
                 if fid is not None:
-                    rows += [s for s in st.symbols_in([fid], cls.start_line + 1, cls.end_line) if s.kind == "method"]
-        # We know the next name is one of these: they rank above every other symbol candidate.
-        base = 10.0 / (1.0 + math.log1p(len(rows)))
-        return [(s, base + q.member_weights.get(s.name, 0.0) * 5.0) for s in rows]
+                    classes.append(cls)
+                    rows += [(s, 1.0) for s in st.symbols_in([fid], cls.start_line + 1, cls.end_line) if s.kind == "method"]
+        q.cache[key] = rows
+        q.cache[("classes", tuple(repo_ids))] = classes[:3]
+        return rows
 
     def _bm25(self, q: Query, repo_ids: Sequence[int]) -> dict[int, float]:
         """BM25 scores of the best BM25_POOL chunks for the query, computed once per query."""
@@ -322,9 +407,9 @@ class Retriever:
                 fused[cid] = fused.get(cid, 0.0) + weight / (RRF_K + rank + 1)
         rows = self._store.chunks(fused)
         out: list[tuple[ChunkRow, float]] = []
-        outline = self._outline(q, list(repos), current)
-        if outline is not None:  # the next name is a member of this module: its outline comes first
-            out.append((outline, max(fused.values(), default=0.0) + 1e-3))
+        top = max(fused.values(), default=0.0)
+        for i, outline in enumerate(self._outlines(q, list(repos), current)):  # the next name is one of these
+            out.append((outline, top + 1e-3 / (i + 1)))
         out.extend(self._import_outlines(q, list(repos), current, fused, rows))
         for cid, score in sorted(fused.items(), key=lambda kv: -kv[1]):
             c = rows.get(cid)
@@ -344,7 +429,7 @@ class Retriever:
             if s.path == current or s.kind == "method":
                 continue
             if any(_path_match(_stem(s.path), frag) for frag in q.hints[s.name]):
-                by_path.setdefault(s.path, []).append((q.weights[s.name], s))
+                by_path.setdefault(s.path, []).append((q.weights[s.name] * (1.0 + NAME_MATCH * q.name_match(s.name)), s))
         out = []
         for path, items in by_path.items():
             if len({s.name for _, s in items}) < 2:
@@ -391,6 +476,14 @@ class Retriever:
         return out
 
 
+def _static_like(s: SymbolRow) -> bool:
+    """A method one calls on its class (`Class.m(`): a Python method whose first parameter is not
+    `self`, or one declared `static`."""
+    if s.path.endswith((".py", ".pyi")):
+        return not re.match(r"\s*(?:async\s+)?def\s+\w+\s*\(\s*self\b", s.signature)
+    return bool(re.search(r"\bstatic\b", s.signature))
+
+
 def _outline_line(s: SymbolRow) -> str:
     """A signature with the first sentence of its docstring as a trailing comment."""
     if not s.doc:
@@ -400,9 +493,12 @@ def _outline_line(s: SymbolRow) -> str:
     return f"{s.signature}  {mark} {first}"
 
 
+_PACKAGE_FILE = re.compile(r"(^|/)(__init__|index|mod)\.\w+$")  # a folder's module: Python, JS/TS, Rust
+
+
 def _stem(path: str) -> str:
     """The module path of a file: `pkg/__init__.py` -> `pkg`, `a/b.py` -> `a/b`, `__init__.py` -> ``."""
-    return re.sub(r"(^|/)(__init__|index|mod)\.\w+$", "", path) if re.search(r"(^|/)(__init__|index|mod)\.\w+$", path) else re.sub(r"\.\w+$", "", path)
+    return _PACKAGE_FILE.sub("", path) if _PACKAGE_FILE.search(path) else re.sub(r"\.\w+$", "", path)
 
 
 def _path_match(stem: str, frag: str) -> bool:
