@@ -43,6 +43,8 @@ FILES = {
     "orders/util.py": "from .._impl.pricing import tax_rate\n\ndef order_total(order):\n    return tax_rate(order)\n",
     "orders/views.py": "from .. import util\nfrom ..api import Basket\nfrom .util import order_total\n\ndef show(order):\n    return order\n",
     "cli.py": "import shop\n\ndef main():\n    return 0\n",
+    "errors.py": "class PaymentError(Exception):\n    pass\n\ndef refundable(order) -> bool:\n    return True\n\n"
+                 "def refund(order):\n    return order\n",
 }
 
 
@@ -115,3 +117,17 @@ def test_a_name_imported_from_a_module_that_reexports_it_counts_as_found_there(s
     q = Query(weights={"checkout": 3.0, "order_total": 3.0}, hints={"checkout": {"api"}, "order_total": {"orders/util"}})
     scores = {store.chunks([cid])[cid].name: s for cid, s in shop.symbol_ranking(q, ids, "cli.py")}
     assert scores["checkout"] == pytest.approx(scores["order_total"])
+
+
+@pytest.mark.parametrize(("at", "expected"), [("raise ", "PaymentError"), ("if not ", "refundable"), ("x = ", None)])
+def test_the_syntax_at_the_cursor_says_what_kind_of_name_comes(shop, at, expected):
+    prefix = f"from .errors import refund, refundable, PaymentError\n\ndef f(order):\n    {at}"
+    q = completion_query(prefix, "", "cli.py")
+    store = SqliteIndex(shop.path)
+    ranked = shop.symbol_ranking(q, [r.id for r in store.repos()], "cli.py")
+    scores = {store.chunks([cid])[cid].name: s for cid, s in ranked}
+    best = max(scores, key=scores.get)
+    if expected:
+        assert best == expected and scores[best] > 2 * max(v for k, v in scores.items() if k != best)
+    else:  # nothing expected: three unused imports weigh alike
+        assert max(scores.values()) < 2 * min(scores.values())

@@ -61,3 +61,17 @@ def test_a_name_used_in_the_last_lines_weighs_more_than_one_used_long_ago():
     prefix = f"from .m import old, recent\n\ndef f():\n    old(1)\n{body}\n    recent(2)\n    y = "
     q = completion_query(prefix, "", "a.py")
     assert q.weights["recent"] > q.weights["old"]
+
+
+def test_expected_kind_after_raise_and_if():
+    def expects(line: str) -> str | None:
+        return completion_query("x = 1\n" + line, "", "a.py").expects
+
+    assert expects("    raise ") == expects("    raise errors.") == expects("  throw new ") == "exception"
+    assert expects("    if ") == expects("    elif not ") == expects("    ) or util.") == expects("if (!") == "predicate"
+    assert expects("    x = ") is None and expects("    raise Error(") is None and expects("    notify ") is None
+    q = completion_query("x = 1\n    raise ", "", "a.py")
+    assert q.fits("class", "Abort", "class Abort(RuntimeError):") and not q.fits("class", "Basket", "class Basket:")
+    q = completion_query("x = 1\n    if ", "", "a.py")
+    assert q.fits("function", "lenient_issubclass", "def lenient_issubclass(cls: Any, t: type) -> bool:")
+    assert q.fits("function", "is_number_type", "def is_number_type(t)") and not q.fits("function", "isint", "def isint(x)")

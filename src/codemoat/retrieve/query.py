@@ -61,6 +61,7 @@ class Query:
     owner_hints: set[str] = field(default_factory=set)  # owner is an imported name: modules it comes from
     member_weights: dict[str, float] = field(default_factory=dict)  # owner.attr seen elsewhere in the file
     cursor_words: frozenset[str] = frozenset()  # words of the identifiers on the cursor's line, before it
+    expects: str | None = None  # what the syntax at the cursor wants: "exception" after raise, "predicate" after if
     cache: dict = field(default_factory=dict)  # per-query results shared by the rankings
 
     def relative_to_package(self, package: str) -> None:
@@ -90,6 +91,15 @@ class Query:
         hit = sum(1 for w in words if w in self.cursor_words or (len(w) >= 3 and any(
             len(c) >= 3 and (w.startswith(c) or c.startswith(w)) for c in self.cursor_words)))  # fmt: skip
         return hit / len(words)
+
+    def fits(self, kind: str, name: str, signature: str) -> bool:
+        """Whether a definition is what the syntax at the cursor expects (an exception class after
+        `raise`, a test after `if`), as an IDE ranks completions by the expected type."""
+        if self.expects == "exception":
+            return kind in ("class", "type") and bool(_EXCEPTION.search(signature))
+        if self.expects == "predicate":
+            return kind in ("function", "method") and bool(_PREDICATE_SIG.search(signature) or _PREDICATE_NAME.match(name))
+        return False
 
     def add(self, name: str, w: float) -> None:
         if len(name) > 1 and name.lower() not in STOPWORDS and name not in _BUILTINS:
@@ -193,6 +203,11 @@ def _imports(prefix: str, path: str) -> tuple[dict[str, set[str]], dict[str, str
     return names, modules
 
 
+_RAISE = re.compile(r"(?:^|[^\w.])(?:raise|throw)\s+(?:new\s+)?(?:[^\W\d]\w*\s*(?:\.|::)\s*)*$")
+_TEST = re.compile(r"(?:(?:^|[^\w.])(?:if|elif|while|and|or|not|assert)\s+|&&\s*|\|\|\s*|!)\(?\s*(?:[^\W\d]\w*\s*(?:\.|::)\s*)*$")
+_EXCEPTION = re.compile(r"(?:Error|Exception|Exit|Abort|Warning|Interrupt|Fault)\b")
+_PREDICATE_SIG = re.compile(r"(?:->|:)\s*(?:bool|boolean|TypeGuard\b|TypeIs\b)\b")
+_PREDICATE_NAME = re.compile(r"_?(?:is|has|can|should|needs?|supports?|contains|check)(?:_|[A-Z]|$)")
 _IMPORT_START = re.compile(r"\s*(from|import|use|using|#\s*include|require)\b")
 
 
@@ -276,6 +291,7 @@ def completion_query(prefix: str, suffix: str, path: str) -> Query:
         if name in first_in_suffix:
             w += 1.0 / (1.0 + first_in_suffix[name] / 20.0)
         q.add(name, w)
+    q.expects = "exception" if _RAISE.search(lines[-1]) else "predicate" if _TEST.search(lines[-1]) else None
     q.cursor_words = frozenset(t for ident in _IDENT.findall(lines[-1]) if ident not in modules for t in split_identifier(ident))
     # The cursor right after `owner.`: what comes next is a member of owner.
     m = re.search(r"([^\W\d]\w*)\s*(?:\.|::|->)\s*$", lines[-1])

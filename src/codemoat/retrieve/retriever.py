@@ -36,6 +36,7 @@ OUTLINE_ITEMS = 30
 OUTLINE_BOOST = 1.5
 REEXPORT_HOPS = 3
 NAME_MATCH = 4.0
+EXPECT_FIT = 3.0  # a candidate of the kind the syntax at the cursor expects (`raise` -> an exception class)
 STATIC_ONLY = 0.3  # weight of an instance method after `Class.`, against one called on the class
 REEXPORT_IMPLICIT = 0.3  # weight of a name a module imports for its own use, against one it re-exports
 _REEXPORT = re.compile(r"\b(\w+)\s+as\s+\1\b")  # a candidate whose name the cursor's line already says weighs up to 1 + this times more  # a symbol candidate's score is multiplied by floor + its normalised BM25
@@ -240,7 +241,7 @@ class Retriever:
             if owners and "." in s.qualname and s.qualname.rsplit(".", 2)[-2] in owners:
                 hint *= 2.0
             kind = 0.5 if s.kind == "variable" else 1.0
-            score = w * hint * kind * (1.0 + NAME_MATCH * q.name_match(s.name)) / (1.0 + math.log(by_name[s.name]))
+            score = w * hint * kind * _fit(q, s) / (1.0 + math.log(by_name[s.name]))
             scores[s.chunk_id] = scores.get(s.chunk_id, 0.0) + score
         # We know the next name is one of the owner's members: they rank above every other symbol candidate.
         members = self._members(q, repo_ids)
@@ -278,7 +279,7 @@ class Retriever:
             prior = kind * (0.5 if s.name.startswith("_") else 1.0) * reach[s.chunk_id]
             prior *= 1.0 + math.log1p(df.get(s.name.lower(), 0))
             prior *= SYMBOL_BM25_FLOOR + rel.get(s.chunk_id, 0.0) / best
-            prior *= 1.0 + NAME_MATCH * q.name_match(s.name)
+            prior *= _fit(q, s)
             return q.member_weights.get(s.name, 0.0) * 100.0 + prior
 
         ranked = sorted(members, key=lambda s: -likely(s))[:OUTLINE_ITEMS]
@@ -429,7 +430,7 @@ class Retriever:
             if s.path == current or s.kind == "method":
                 continue
             if any(_path_match(_stem(s.path), frag) for frag in q.hints[s.name]):
-                by_path.setdefault(s.path, []).append((q.weights[s.name] * (1.0 + NAME_MATCH * q.name_match(s.name)), s))
+                by_path.setdefault(s.path, []).append((q.weights[s.name] * _fit(q, s), s))
         out = []
         for path, items in by_path.items():
             if len({s.name for _, s in items}) < 2:
@@ -474,6 +475,12 @@ class Retriever:
             if len(out) >= k or left <= 0:
                 break
         return out
+
+
+def _fit(q: Query, s: SymbolRow) -> float:
+    """How much better a candidate fits the cursor than its weight says: its name on the cursor's line,
+    the kind of definition the syntax there expects."""
+    return (1.0 + NAME_MATCH * q.name_match(s.name)) * (EXPECT_FIT if q.fits(s.kind, s.name, s.signature) else 1.0)
 
 
 def _static_like(s: SymbolRow) -> bool:
