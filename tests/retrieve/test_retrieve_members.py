@@ -6,11 +6,14 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from codemoat.index.store import SqliteIndex
 from codemoat.index.update import add_repository
 from codemoat.retrieve import Retriever
 from codemoat.retrieve.query import completion_query
+from codemoat.retrieve.retriever import _Fragments, _path_match
 
 G = frozenset({"dev"})
 FILES = {
@@ -131,3 +134,12 @@ def test_the_syntax_at_the_cursor_says_what_kind_of_name_comes(shop, at, expecte
         assert best == expected and scores[best] > 2 * max(v for k, v in scores.items() if k != best)
     else:  # nothing expected: three unused imports weigh alike
         assert max(scores.values()) < 2 * min(scores.values())
+
+
+_frag = st.lists(st.sampled_from(["a", "b", "pkg", "util"]), max_size=4).map("/".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sets(_frag, max_size=6), _frag)
+def test_fragment_set_matches_as_path_match_does(frags, stem):
+    assert _Fragments(frags).match(stem) == any(_path_match(stem, f) for f in frags)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from codemoat.retrieve.query import chat_query, completion_query
+from codemoat.retrieve.query import _imports, chat_query, completion_query
 
 
 def test_python_imports_give_names_with_their_modules():
@@ -75,3 +75,11 @@ def test_expected_kind_after_raise_and_if():
     q = completion_query("x = 1\n    if ", "", "a.py")
     assert q.fits("function", "lenient_issubclass", "def lenient_issubclass(cls: Any, t: type) -> bool:")
     assert q.fits("function", "is_number_type", "def is_number_type(t)") and not q.fits("function", "isint", "def isint(x)")
+
+
+def test_imports_are_read_in_the_file_languages_syntax():
+    src = "import { charge } from './billing';\nfrom .fees import refund\n"
+    assert set(_imports(src, "pkg/a.py")[0]) == {"refund"}  # a JS-looking line in Python is not an import
+    assert set(_imports(src, "web/a.ts")[0]) == {"charge"}
+    assert set(_imports(src, "notes/a.txt")[0]) == {"charge", "refund"}  # unknown type: every syntax
+    assert _imports('#include "x.h"\nuse a\\b;\n', "a.c") == ({}, {})

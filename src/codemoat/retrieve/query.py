@@ -44,6 +44,13 @@ _GO_IMPORT = re.compile(r"^\s*(?:import\s+)?(\w+\s+)?\"([\w./\-]+)\"\s*$", re.M)
 _JVM_IMPORT = re.compile(r"^\s*import\s+(?:static\s+)?([\w.]+)\s*;?\s*$", re.M)
 _RUST_USE = re.compile(r"^\s*(?:pub\s+)?use\s+([\w:]+?)(?:::\{([^}]*)\})?\s*;", re.M)
 _PHP_USE = re.compile(r"^\s*use\s+([\w\\]+)(?:\s+as\s+(\w+))?\s*;", re.M)
+_FAMILY = {
+    "py": "py", "pyi": "py", "js": "js", "mjs": "js", "cjs": "js", "jsx": "js", "ts": "js", "mts": "js", "cts": "js",
+    "tsx": "js", "vue": "js", "svelte": "js", "go": "go", "java": "jvm", "kt": "jvm", "kts": "jvm", "scala": "jvm",
+    "rs": "rust", "php": "php",
+    # Their includes name files, not definitions: nothing to read here.
+    "c": "", "h": "", "cc": "", "cpp": "", "cxx": "", "hpp": "", "hh": "", "cs": "", "rb": "",
+}  # fmt: skip
 _INCLUDE = re.compile(r"^\s*#\s*include\s+\"([^\"]+)\"|^\s*require(?:_relative)?\s+['\"]([^'\"]+)['\"]", re.M)
 
 
@@ -124,7 +131,8 @@ def _module_path(module: str, current: str) -> str:
 
 
 def _imports(prefix: str, path: str) -> tuple[dict[str, set[str]], dict[str, str]]:
-    """(imported name -> module path fragments, alias -> module path) from the import statements."""
+    """(imported name -> module path fragments, alias -> module path) from the import statements of
+    the file's language (all of them when its extension is unknown: some patterns cost milliseconds)."""
     names: dict[str, set[str]] = {}
     modules: dict[str, str] = {}
 
@@ -133,7 +141,9 @@ def _imports(prefix: str, path: str) -> tuple[dict[str, set[str]], dict[str, str
         if n and n != "*":
             names.setdefault(n, set()).add(mod)
 
-    for m in _PY_FROM.finditer(prefix):
+    fam = _FAMILY.get(path.rsplit(".", 1)[-1].lower()) if "." in path.rsplit("/", 1)[-1] else None
+    on = {fam} if fam is not None else {"py", "js", "go", "jvm", "rust", "php"}  # unknown file type: every syntax
+    for m in _PY_FROM.finditer(prefix) if "py" in on else ():
         mod = _module_path(m.group(1), path)
         for part in m.group(2).strip("() \n").split(","):
             bits = part.split()
@@ -146,7 +156,7 @@ def _imports(prefix: str, path: str) -> tuple[dict[str, set[str]], dict[str, str
             else:
                 name(bits[0], mod)
                 modules.setdefault(bits[0], posixpath.join(mod, bits[0]))  # `from pkg import submodule`
-    for m in _PY_IMPORT.finditer(prefix):
+    for m in _PY_IMPORT.finditer(prefix) if "py" in on else ():
         for part in m.group(1).split(","):
             bits = part.split()
             if not bits:
@@ -154,7 +164,7 @@ def _imports(prefix: str, path: str) -> tuple[dict[str, set[str]], dict[str, str
             mod = _module_path(bits[0], path)
             alias = bits[2] if len(bits) == 3 else bits[0].split(".")[0]
             modules[alias] = mod if len(bits) == 3 else alias
-    for m in _JS_IMPORT.finditer(prefix):
+    for m in _JS_IMPORT.finditer(prefix) if "js" in on else ():
         mod = _module_path(m.group(2), path)
         spec = m.group(1)
         for inner in re.findall(r"\{([^}]*)\}", spec):
@@ -172,24 +182,24 @@ def _imports(prefix: str, path: str) -> tuple[dict[str, set[str]], dict[str, str
             for n in re.findall(r"\w+", outer):
                 name(n, mod)
                 modules[n] = mod
-    for m in _JS_REQUIRE.finditer(prefix):
+    for m in _JS_REQUIRE.finditer(prefix) if "js" in on else ():
         mod = _module_path(m.group(2), path)
         if m.group(1).startswith("{"):
             for n in re.findall(r"\w+", m.group(1)):
                 name(n, mod)
         else:
             modules[m.group(1)] = mod
-    for m in _GO_IMPORT.finditer(prefix):
+    for m in _GO_IMPORT.finditer(prefix) if "go" in on else ():
         pkg = m.group(2)
         alias = (m.group(1) or "").strip() or pkg.rsplit("/", 1)[-1]
         modules[alias] = pkg
-    for m in _JVM_IMPORT.finditer(prefix):
+    for m in _JVM_IMPORT.finditer(prefix) if "jvm" in on else ():
         full = m.group(1)
         if "." in full:
             mod, _, last = full.rpartition(".")
             name(last, _module_path(full, path))
             name(last, _module_path(mod, path))
-    for m in _RUST_USE.finditer(prefix):
+    for m in _RUST_USE.finditer(prefix) if "rust" in on else ():
         base = m.group(1).replace("crate::", "").replace("super::", "").replace("self::", "")
         if m.group(2):
             for part in m.group(2).split(","):
@@ -197,7 +207,7 @@ def _imports(prefix: str, path: str) -> tuple[dict[str, set[str]], dict[str, str
         else:
             mod, _, last = base.rpartition("::")
             name(last, _module_path(mod, path))
-    for m in _PHP_USE.finditer(prefix):
+    for m in _PHP_USE.finditer(prefix) if "php" in on else ():
         mod, _, last = m.group(1).rpartition("\\")
         name(m.group(2) or last, _module_path(mod, path))
     return names, modules

@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from pathlib import Path
 
 from ..index.store import ChunkRow, RepoInfo, SqliteIndex, SymbolRow, default_path
@@ -222,6 +223,7 @@ class Retriever:
             if s.name not in at_hint and any(_path_match(_stem(s.path), frag) for frag in q.hints.get(s.name, ())):
                 at_hint.add(s.name)
         scores: dict[int, float] = {}
+        near = _Fragments(q.path_hints)
         for s in rows:
             if s.path == current:
                 continue
@@ -235,7 +237,7 @@ class Retriever:
             else:
                 if s.name in q.hints and s.name not in at_hint and "." not in s.qualname:
                     hint = 4.0  # imported from a module that re-exports it: this may well be it
-                elif any(_path_match(stem, frag) for frag in q.path_hints):
+                elif near.match(stem):
                     hint = 2.0
             owners = q.qualified.get(s.name)
             if owners and "." in s.qualname and s.qualname.rsplit(".", 2)[-2] in owners:
@@ -503,6 +505,28 @@ def _outline_line(s: SymbolRow) -> str:
 _PACKAGE_FILE = re.compile(r"(^|/)(__init__|index|mod)\.\w+$")  # a folder's module: Python, JS/TS, Rust
 
 
+class _Fragments:
+    """Many module path fragments, matched against a path as `_path_match` does, in time that does not
+    grow with their number."""
+
+    def __init__(self, frags: set[str]):
+        self.frags = frags
+        self.tails = {frag.split("/", i)[-1] for frag in frags for i in range(1, frag.count("/") + 1)}
+        self._memo: dict[str, bool] = {}
+
+    def match(self, stem: str) -> bool:
+        hit = self._memo.get(stem)
+        if hit is None:
+            if not stem:  # a repository's root package
+                hit = "" in self.frags
+            else:  # the stem is a fragment or ends one, or a fragment ends the stem
+                parts = stem.split("/")
+                hit = stem in self.frags or stem in self.tails or any("/".join(parts[i:]) in self.frags for i in range(1, len(parts)))
+            self._memo[stem] = hit
+        return hit
+
+
+@lru_cache(maxsize=65536)
 def _stem(path: str) -> str:
     """The module path of a file: `pkg/__init__.py` -> `pkg`, `a/b.py` -> `a/b`, `__init__.py` -> ``."""
     return _PACKAGE_FILE.sub("", path) if _PACKAGE_FILE.search(path) else re.sub(r"\.\w+$", "", path)
