@@ -46,6 +46,9 @@ FILES = {
     "orders/util.py": "from .._impl.pricing import tax_rate\n\ndef order_total(order):\n    return tax_rate(order)\n",
     "orders/views.py": "from .. import util\nfrom ..api import Basket\nfrom .util import order_total\n\ndef show(order):\n    return order\n",
     "cli.py": "import shop\n\ndef main():\n    return 0\n",
+    "text.py": "def shout(s):\n    return s\n\ndef whisper(s):\n    return s\n\ndef mumble(s):\n    return s\n",
+    "greet.py": "from . import text\n\ndef greet_softly(name, hour):\n    return text.whisper(name) if hour > 22 else name\n",
+    "noise.py": "from . import text\n\ndef alarm():\n    return text.shout(1)\n\ndef siren():\n    return text.shout(2)\n",
     "errors.py": "class PaymentError(Exception):\n    pass\n\ndef refundable(order) -> bool:\n    return True\n\n"
                  "def refund(order):\n    return order\n",
 }
@@ -143,3 +146,10 @@ _frag = st.lists(st.sampled_from(["a", "b", "pkg", "util"]), max_size=4).map("/"
 @given(st.sets(_frag, max_size=6), _frag)
 def test_fragment_set_matches_as_path_match_does(frags, stem):
     assert _Fragments(frags).match(stem) == any(_path_match(stem, f) for f in frags)
+
+
+def test_members_that_similar_code_elsewhere_calls_come_first(shop):
+    # `shout` is used more, but the code most like this (greet.py) calls `text.whisper`.
+    prefix = "from . import text\n\ndef greet_softly_twice(name, hour):\n    return text."
+    outline = next(s for s in _at(shop, "cli.py", prefix) if s.path == "text.py")
+    assert outline.text.split("\n")[0] == "def whisper(s):"

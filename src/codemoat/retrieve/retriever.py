@@ -38,6 +38,8 @@ OUTLINE_BOOST = 1.5
 REEXPORT_HOPS = 3
 NAME_MATCH = 4.0
 EXPECT_FIT = 3.0  # a candidate of the kind the syntax at the cursor expects (`raise` -> an exception class)
+SIMILAR_CHUNKS = 20  # the best BM25 chunks read for what similar code calls on the owner
+SIMILAR_USE = 2.0  # weight of a member per similar chunk that calls it (scaled by its BM25 score)
 STATIC_ONLY = 0.3  # weight of an instance method after `Class.`, against one called on the class
 REEXPORT_IMPLICIT = 0.3  # weight of a name a module imports for its own use, against one it re-exports
 _REEXPORT = re.compile(r"\b(\w+)\s+as\s+\1\b")  # a candidate whose name the cursor's line already says weighs up to 1 + this times more  # a symbol candidate's score is multiplied by floor + its normalised BM25
@@ -272,6 +274,7 @@ class Retriever:
         rel = self._bm25(q, repo_ids)
         best = max(rel.values(), default=0.0) or 1.0
         df = self._store.doc_freq(s.name.lower() for s in members)
+        uses = self._similar_uses(q, repo_ids, current)
         kinds = {"class": 1.0, "function": 1.0, "type": 0.7, "variable": 0.4}
 
         def likely(s: SymbolRow) -> float:
@@ -282,6 +285,7 @@ class Retriever:
             prior *= 1.0 + math.log1p(df.get(s.name.lower(), 0))
             prior *= SYMBOL_BM25_FLOOR + rel.get(s.chunk_id, 0.0) / best
             prior *= _fit(q, s)
+            prior *= 1.0 + SIMILAR_USE * uses.get(s.name, 0.0)
             return q.member_weights.get(s.name, 0.0) * 100.0 + prior
 
         ranked = sorted(members, key=lambda s: -likely(s))[:OUTLINE_ITEMS]
@@ -304,6 +308,25 @@ class Retriever:
             out.append(ChunkRow(-s0.chunk_id, s0.repo_id, path, min(s.start_line for s in items),
                                 max(s.end_line for s in items), "outline", q.owner or "", text))  # fmt: skip
         return out
+
+    def _similar_uses(self, q: Query, repo_ids: Sequence[int], current: str | None) -> dict[str, float]:
+        """member -> how much the code most like the cursor's (the best BM25 chunks of other files) uses
+        `owner.member`: what similar code calls next (RepoCoder's retrieval of similar code, Zhang et al. 2023)."""
+        self._bm25(q, repo_ids)
+        hits = q.cache["hits"][:SIMILAR_CHUNKS]
+        if not hits or q.owner is None:
+            return {}
+        best = hits[0][1] or 1.0
+        rows = self._store.chunks([cid for cid, _ in hits])
+        member = re.compile(re.escape(q.owner) + r"\s*(?:\.|::|->)\s*([^\W\d]\w*)")
+        uses: dict[str, float] = {}
+        for cid, sc in hits:
+            c = rows.get(cid)
+            if c is None or c.path == current:  # this file's own text may hold what is being typed
+                continue
+            for name in set(member.findall(c.text)):
+                uses[name] = uses.get(name, 0.0) + sc / best
+        return uses
 
     def _module_files(self, frag: str, repo_ids: Sequence[int]) -> list[tuple[int, str]]:
         """(file id, path) of the module at path fragment `frag`: exact matches if any, else suffix matches."""
