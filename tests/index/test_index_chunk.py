@@ -81,3 +81,9 @@ def test_signature_keeps_each_line_as_written():
     by = {s.name: s for s in symbols}
     assert by["File"].signature == "class File(Form):  # type: ignore[misc]"  # an outline quotes it verbatim
     assert by["grid"].signature == "def grid( *headers: str, pad:  int = 1, ) -> None:"
+
+
+def test_windows_need_eight_letters_or_digits():
+    assert chunk_file("notes.txt", "a_b_c_d_e_f_g\n--\n")[0] == []  # 7, underscores and punctuation aside
+    (window,) = chunk_file("notes.txt", "a_b_c_d_e_f_g9")[0]
+    assert window.kind == "text" and window.text == "a_b_c_d_e_f_g9"

@@ -81,6 +81,9 @@ CLASSES["typescript"] = CLASSES["typescript"] | {"class"}
 TYPES.setdefault("javascript", set())
 
 
+_EIGHT_ALNUM = re.compile(r"(?:[\W_]*[^\W_]){8}")  # at least 8 letters or digits: a window worth a chunk
+
+
 def language_for(path: str) -> str | None:
     """The tree-sitter language of a file name, or None (line windows)."""
     name = path.rsplit("/", 1)[-1]
@@ -367,7 +370,7 @@ class _Builder:
 
     def _window(self, run: list[int], kind: str) -> None:
         text = "\n".join(self.lines[run[0] : run[-1] + 1])
-        if sum(1 for ch in text if ch.isalnum()) >= 8:
+        if _EIGHT_ALNUM.match(text):
             self.chunks.append(Chunk(run[0] + 1, run[-1] + 1, kind, "", text))
 
 

@@ -245,7 +245,7 @@ class Retriever:
             if owners and "." in s.qualname and s.qualname.rsplit(".", 2)[-2] in owners:
                 hint *= 2.0
             kind = 0.5 if s.kind == "variable" else 1.0
-            score = w * hint * kind * _fit(q, s) / (1.0 + math.log(by_name[s.name]))
+            score = w * hint * kind * _fitness(q, s) / (1.0 + math.log(by_name[s.name]))
             scores[s.chunk_id] = scores.get(s.chunk_id, 0.0) + score
         # We know the next name is one of the owner's members: they rank above every other symbol candidate.
         members = self._members(q, repo_ids)
@@ -284,7 +284,7 @@ class Retriever:
             prior = kind * (0.5 if s.name.startswith("_") else 1.0) * reach[s.chunk_id]
             prior *= 1.0 + math.log1p(df.get(s.name.lower(), 0))
             prior *= SYMBOL_BM25_FLOOR + rel.get(s.chunk_id, 0.0) / best
-            prior *= _fit(q, s)
+            prior *= _fitness(q, s)
             prior *= 1.0 + SIMILAR_USE * uses.get(s.name, 0.0)
             return q.member_weights.get(s.name, 0.0) * 100.0 + prior
 
@@ -455,7 +455,7 @@ class Retriever:
             if s.path == current or s.kind == "method":
                 continue
             if any(_path_match(_stem(s.path), frag) for frag in q.hints[s.name]):
-                by_path.setdefault(s.path, []).append((q.weights[s.name] * _fit(q, s), s))
+                by_path.setdefault(s.path, []).append((q.weights[s.name] * _fitness(q, s), s))
         out = []
         for path, items in by_path.items():
             if len({s.name for _, s in items}) < 2:
@@ -502,7 +502,7 @@ class Retriever:
         return out
 
 
-def _fit(q: Query, s: SymbolRow) -> float:
+def _fitness(q: Query, s: SymbolRow) -> float:
     """How much better a candidate fits the cursor than its weight says: its name on the cursor's line,
     the kind of definition the syntax there expects."""
     return (1.0 + NAME_MATCH * q.name_match(s.name)) * (EXPECT_FIT if q.fits(s.kind, s.name, s.signature) else 1.0)
