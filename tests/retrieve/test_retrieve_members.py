@@ -153,3 +153,20 @@ def test_members_that_similar_code_elsewhere_calls_come_first(shop):
     prefix = "from . import text\n\ndef greet_softly_twice(name, hour):\n    return text."
     outline = next(s for s in _at(shop, "cli.py", prefix) if s.path == "text.py")
     assert outline.text.split("\n")[0] == "def whisper(s):"
+
+
+def test_a_chunk_whose_signature_an_outline_shows_ranks_lower(shop, monkeypatch):
+    import codemoat.retrieve.retriever as retriever
+
+    prefix = "from ._impl.pricing import checkout, tax_rate\n\ndef f(b):\n    x = "
+
+    def scores() -> tuple[float, float]:
+        snips = shop.snippets_for_completion(groups=G, repo="shop", path="cli.py", prefix=prefix, suffix="", k=10, budget_tokens=4000)
+        outline = next(s.score for s in snips if s.path == "_impl/pricing.py" and "def checkout(" in s.text and "def tax_rate(" in s.text)
+        chunk = next(s.score for s in snips if s.path == "_impl/pricing.py" and "return basket" in s.text)
+        return outline, chunk
+
+    factor = retriever.COVERED
+    outline, chunk = scores()
+    monkeypatch.setattr(retriever, "COVERED", 1.0)
+    assert factor < 1 and outline > chunk and chunk == pytest.approx(factor * scores()[1], rel=1e-3)

@@ -35,6 +35,7 @@ BM25_POOL = 300  # BM25 hits whose scores also rerank symbol candidates
 SYMBOL_BM25_FLOOR = 0.25
 OUTLINE_ITEMS = 30
 OUTLINE_BOOST = 1.5
+COVERED = 0.5  # a chunk whose signature an outline above shows already: the outline took its place
 REEXPORT_HOPS = 3
 NAME_MATCH = 4.0
 EXPECT_FIT = 3.0  # a candidate of the kind the syntax at the cursor expects (`raise` -> an exception class)
@@ -260,7 +261,7 @@ class Retriever:
         top = [(cid, sc * (SYMBOL_BM25_FLOOR + rel.get(cid, 0.0) / best)) for cid, sc in top]
         return sorted(top, key=lambda kv: -kv[1])[:CANDIDATES]
 
-    def _outlines(self, q: Query, repo_ids: Sequence[int], current: str | None) -> list[ChunkRow]:
+    def _outlines(self, q: Query, repo_ids: Sequence[int], current: str | None) -> list[tuple[ChunkRow, set[int]]]:
         """After `owner.`: the signatures of owner's members, likeliest first (at most OUTLINE_ITEMS),
         as an IDE's completion list shows them. For a module, its top-level definitions and those it
         re-exports, one outline per file that defines them; for a class, its methods under its header."""
@@ -295,8 +296,9 @@ class Retriever:
             if items:
                 indent = " " * 4 if cls.path.endswith(".py") else "  "
                 text = "\n".join([cls.signature, *(indent + _outline_line(s) for s in items)])
-                out.append(ChunkRow(-items[0].chunk_id, cls.repo_id, cls.path, cls.start_line,
-                                    max(s.end_line for s in items), "outline", cls.qualname, text))  # fmt: skip
+                out.append((ChunkRow(-items[0].chunk_id, cls.repo_id, cls.path, cls.start_line,
+                                     max(s.end_line for s in items), "outline", cls.qualname, text),
+                            {s.chunk_id for s in items}))  # fmt: skip
         if out:
             return out
         by_path: dict[str, list[SymbolRow]] = {}
@@ -305,8 +307,9 @@ class Retriever:
         for path, items in by_path.items():
             s0 = items[0]
             text = "\n".join(_outline_line(s) for s in items)
-            out.append(ChunkRow(-s0.chunk_id, s0.repo_id, path, min(s.start_line for s in items),
-                                max(s.end_line for s in items), "outline", q.owner or "", text))  # fmt: skip
+            out.append((ChunkRow(-s0.chunk_id, s0.repo_id, path, min(s.start_line for s in items),
+                                 max(s.end_line for s in items), "outline", q.owner or "", text),
+                        {s.chunk_id for s in items}))  # fmt: skip
         return out
 
     def _similar_uses(self, q: Query, repo_ids: Sequence[int], current: str | None) -> dict[str, float]:
@@ -434,19 +437,23 @@ class Retriever:
         rows = self._store.chunks(fused)
         out: list[tuple[ChunkRow, float]] = []
         top = max(fused.values(), default=0.0)
-        for i, outline in enumerate(self._outlines(q, list(repos), current)):  # the next name is one of these
+        covered: set[int] = set()  # chunks whose signature an outline above already shows
+        for i, (outline, ids) in enumerate(self._outlines(q, list(repos), current)):  # the next name is one of these
             out.append((outline, top + 1e-3 / (i + 1)))
-        out.extend(self._import_outlines(q, list(repos), current, fused, rows))
+            covered |= ids
+        for row, score, ids in self._import_outlines(q, list(repos), current, fused, rows):
+            out.append((row, score))
+            covered |= ids
         for cid, score in sorted(fused.items(), key=lambda kv: -kv[1]):
             c = rows.get(cid)
             if c is None or c.repo_id not in repos or excluded(c):
                 continue
-            out.append((c, score))
+            out.append((c, score * (COVERED if cid in covered else 1.0)))
         out.sort(key=lambda cs: -cs[1])
         return out
 
     def _import_outlines(self, q: Query, repo_ids: Sequence[int], current: str | None, fused: dict[int, float],
-                         rows: dict[int, ChunkRow]) -> list[tuple[ChunkRow, float]]:  # fmt: skip
+                         rows: dict[int, ChunkRow]) -> list[tuple[ChunkRow, float, set[int]]]:  # fmt: skip
         """One outline per repository file this file imports two or more names from: their signatures,
         likeliest first (what an IDE shows as the imported declarations)."""
         imported = [n for n, mods in q.hints.items() if mods and n in q.weights]
@@ -469,7 +476,7 @@ class Retriever:
             text = "\n".join(_outline_line(s) for _, s in items)
             row = ChunkRow(-s0.chunk_id, s0.repo_id, path, min(s.start_line for _, s in items),
                            max(s.end_line for _, s in items), "outline", "", text)  # fmt: skip
-            out.append((row, best * OUTLINE_BOOST))
+            out.append((row, best * OUTLINE_BOOST, {s.chunk_id for _, s in items}))
         return out
 
     def _fit(self, ranked: list[tuple[ChunkRow, float]], repos: dict[int, RepoInfo], groups: frozenset[str],
