@@ -498,14 +498,18 @@ def write(out, n_lines, n_files, parse, index, reindex_s, p50, p95, rows, overal
         "",
         "## How to read these numbers",
         "",
-        "- codemoat's units are its chunks (functions, methods, class skeletons, module windows) and two kinds of "
-        "outline built at query time from the symbol table: after `module.` the module's top-level signatures "
-        "(at most 30, likeliest first), and per repository file the signatures of the names this file imports "
-        "from it. An outline counts as a hit when it holds the definition's signature line, as a class skeleton "
-        "does for a method; it holds signatures and first docstring sentences, not bodies.",
+        "- codemoat's units are its chunks (functions, methods, class skeletons, module windows) and outlines "
+        "built at query time from the symbol table: after `module.` the signatures of the module's definitions "
+        "and of those it re-exports (at most 30 in all, likeliest first, one outline per defining file); after "
+        "`Class.` the class's header and its methods' signatures (at most 30, those called on the class first); "
+        "and per repository file the signatures of the names this file imports from it. An outline counts as a "
+        "hit when it holds the definition's signature line (as written), as a class skeleton does for a method; "
+        "it holds signatures and first docstring sentences, not bodies.",
         "- Recall is measured on rankings of 10 without a token budget; the model rows use the budget stated there.",
         "- Cases are sampled with a fixed seed (0); the weights in `codemoat/retrieve` were tuned on cases drawn "
-        "with another seed from the same repositories, so some optimism remains.",
+        "with another seed (1) from the same repositories' other cases (those outside the seed-0 sample) and "
+        "checked on a third draw (seed 2), so some optimism remains (`--seed N --recall-only` reruns the recall "
+        "rows on another draw).",
         "- BM25 and Jaccard see only the text before the cursor (their published form); codemoat also reads the "
         "suffix and the file's imports, as a completion request carries both.",
         "- Dense retrieval (embeddings, e.g. wordllama's bundled weights) was not tried in the time available, so "

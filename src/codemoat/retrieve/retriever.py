@@ -3,9 +3,21 @@
 For a completion: the identifiers in use are looked up in the symbol table, the last lines are
 searched with BM25 over the chunks, and the two rankings are fused by weighted reciprocal rank
 (Cormack et al. 2009, "Reciprocal Rank Fusion outperforms Condorcet and individual rank learning
-methods"; k = 60 there, a smaller k here because only the top few matter). Chunks that overlap the
-part of the file the request already carries are dropped, duplicates are dropped, and the rest are
-fitted into the token budget. No snippet ever comes from a repository the caller may not read
+methods"; k = 60 there, a smaller k here because only the top few matter). Symbol candidates are
+weighed by how likely the next name is theirs: imported and not yet used, or used in the last lines;
+named on the cursor's line (`request = ` ~ `Request`); of the kind the syntax there expects (an
+exception class after `raise`, a predicate after `if`).
+
+Outlines (signatures with the first sentence of their docstrings, as an IDE's completion list) come
+first when the cursor follows `owner.`: a module's own definitions and those it re-exports (followed
+through `__init__` files, one outline per defining file), or a class's methods, those called on the
+class first; members ranked by their use as `owner.x` in this file, by what the most similar code in
+other files calls on that owner (RepoCoder, Zhang et al. 2023), and by popularity (how many chunks
+name them). Each repository file this file imports two or more names from gets an outline too.
+
+Chunks that overlap the part of the file the request already carries are dropped, duplicates are
+dropped, chunks whose signature an outline above shows count less, and the rest are fitted into the
+token budget. No snippet ever comes from a repository the caller may not read
 (`acl.can_read`): unreadable repositories are removed before any query, and every chunk is checked
 again on its way out.
 """
@@ -32,18 +44,18 @@ W_SYMBOLS = 1.0
 W_BM25 = 0.8
 CANDIDATES = 40  # per ranking
 BM25_POOL = 300  # BM25 hits whose scores also rerank symbol candidates
-SYMBOL_BM25_FLOOR = 0.25
+SYMBOL_BM25_FLOOR = 0.25  # a symbol candidate's score is multiplied by floor + its normalised BM25
 OUTLINE_ITEMS = 30
-OUTLINE_BOOST = 1.5
+OUTLINE_BOOST = 1.5  # an import outline scores this times its best item
 COVERED = 0.5  # a chunk whose signature an outline above shows already: the outline took its place
 REEXPORT_HOPS = 3
-NAME_MATCH = 4.0
+REEXPORT_IMPLICIT = 0.3  # weight of a name a module imports for its own use, against one it re-exports
+NAME_MATCH = 4.0  # a candidate whose name the cursor's line already says weighs up to 1 + this times more
 EXPECT_FIT = 3.0  # a candidate of the kind the syntax at the cursor expects (`raise` -> an exception class)
 SIMILAR_CHUNKS = 20  # the best BM25 chunks read for what similar code calls on the owner
 SIMILAR_USE = 2.0  # weight of a member per similar chunk that calls it (scaled by its BM25 score)
 STATIC_ONLY = 0.3  # weight of an instance method after `Class.`, against one called on the class
-REEXPORT_IMPLICIT = 0.3  # weight of a name a module imports for its own use, against one it re-exports
-_REEXPORT = re.compile(r"\b(\w+)\s+as\s+\1\b")  # a candidate whose name the cursor's line already says weighs up to 1 + this times more  # a symbol candidate's score is multiplied by floor + its normalised BM25
+_REEXPORT = re.compile(r"\b(\w+)\s+as\s+\1\b")  # `from .m import x as x`: PEP 484's explicit re-export
 REPO_CACHE_S = 2.0
 
 
