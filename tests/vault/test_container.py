@@ -197,5 +197,58 @@ def test_decrypt_to_pwrite_into_memfd(tmp_path):
     sealed.path.write_bytes(raw)
     got: list[int] = []
     with pytest.raises(VaultError, match="chunk 3 of 4 failed authentication"):
-        SealedFile(sealed.path).decrypt_to(key, lambda off, chunk: got.append(off))
+        SealedFile(sealed.path).decrypt_to(key, lambda off, chunk: got.append(off), threads=1)
     assert got == [0, CHUNK, 2 * CHUNK]  # earlier chunks were handed over; the caller discards them
+
+
+@pytest.mark.parametrize("threads", [2, 3, 8])
+def test_parallel_decryption_is_the_same_plaintext(tmp_path, threads):
+    data = os.urandom(23 * CHUNK + 11)
+    sealed, key = make(tmp_path, data)
+    out = bytearray(len(data))
+    sealed.decrypt_into(key, memoryview(out), check_sha256=True, threads=threads)
+    assert out == data
+    buf = MemfdBuffer(len(data), hugepages=False)
+    try:
+        sealed.decrypt_to(key, buf.write_at, threads=threads)
+        assert bytes(buf.view) == data
+    finally:
+        buf.close()
+
+
+@pytest.mark.parametrize("threads", [1, 2, 4])
+def test_parallel_decryption_names_the_altered_chunk(tmp_path, threads):
+    data = os.urandom(16 * CHUNK)
+    sealed, key = make(tmp_path, data)
+    raw = bytearray(sealed.path.read_bytes())
+    raw[sealed.payload_offset + 9 * (CHUNK + TAG_LEN) + 100] ^= 0x40  # inside chunk 9
+    sealed.path.write_bytes(raw)
+    with pytest.raises(VaultError, match="chunk 9 of 16 failed authentication"):
+        SealedFile(sealed.path).decrypt_into(key, memoryview(bytearray(len(data))), threads=threads)
+    with pytest.raises(VaultError, match="chunk 9 of 16 failed authentication"):
+        SealedFile(sealed.path).decrypt_to(key, lambda off, chunk: None, threads=threads)
+
+
+def test_parallel_decryption_rejects_when_any_range_fails(tmp_path):
+    data = os.urandom(16 * CHUNK)
+    sealed, key = make(tmp_path, data)
+    raw = bytearray(sealed.path.read_bytes())
+    for i in (2, 13):  # one in each half
+        raw[sealed.payload_offset + i * (CHUNK + TAG_LEN)] ^= 1
+    sealed.path.write_bytes(raw)
+    with pytest.raises(VaultError, match=r"chunk (2|13) of 16 failed authentication"):
+        SealedFile(sealed.path).decrypt_into(key, memoryview(bytearray(len(data))), threads=2)
+
+
+def test_a_failing_writer_error_reaches_the_caller(tmp_path):
+    data = os.urandom(16 * CHUNK)
+    sealed, key = make(tmp_path, data)
+    calls: list[int] = []
+
+    def write(off, chunk):
+        calls.append(off)
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        sealed.decrypt_to(key, write, threads=4)
+    assert 1 <= len(calls) <= 4  # each worker stops at its first failed write, none goes on

@@ -18,8 +18,10 @@ import json
 import mmap
 import os
 import struct
+import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Callable
@@ -46,6 +48,15 @@ MANIFEST_FIELDS = {
     "chunk_size": int, "customer": str, "customer_id": str, "key_id": str, "created": int,
     "vendor_key": str, "parts": list, "fingerprinted": bool,
 }
+
+
+def default_threads() -> int:
+    """Decryption workers: the cores this process may use, at most 8 (memory bandwidth runs out)."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        n = os.cpu_count() or 1
+    return max(1, min(n, 8))
 
 
 def content_key_id(key: bytes) -> str:
@@ -162,67 +173,125 @@ class SealedFile:
                  manifest_sha256=self.manifest_sha256, vendor_key_id=self.vendor_key_id)
         return d
 
-    def decrypt_into(self, key: bytes, out: memoryview, *, check_sha256: bool = False, progress=None) -> None:
+    def decrypt_into(self, key: bytes, out: memoryview, *, check_sha256: bool = False, progress=None,
+                     threads: int | None = None) -> None:
         """Decrypt and authenticate every chunk into `out` (exactly `plaintext_size` bytes, writable).
 
-        Raises `VaultError` naming the first chunk that fails; `out` then holds partial
-        plaintext, which the caller must zero (a memfd's `close()` does)."""
+        Chunks are independent, so `threads` workers (default: the usable cores, at most 8) take one
+        contiguous range each; AES-GCM releases the GIL. Raises `VaultError` naming a chunk that
+        fails; `out` then holds partial plaintext, which the caller must zero (a memfd's `close()`
+        does)."""
+        self._check_key(key)
         m = self.manifest
-        if content_key_id(key) != m.key_id:
-            raise VaultError("content key does not match this sealed file (key id differs)")
         with memoryview(out).cast("B") as view:
             if len(view) != m.plaintext_size:
                 raise ValueError(f"output buffer is {len(view)} bytes, plaintext is {m.plaintext_size}")
-            self._decrypt_file(key, lambda lo, size: view[lo: lo + size], progress and (lambda lo, out: progress(len(out))),
-                               check_sha256)
+            after = progress and (lambda lo, out: progress(len(out)))
+            self._decrypt_file(key, lambda: (lambda lo, size: view[lo: lo + size]), after, threads)
+            if check_sha256:
+                digest = hashlib.sha256()
+                for lo in range(0, len(view), 1 << 26):
+                    digest.update(view[lo: lo + (1 << 26)])
+                self._check_digest(digest)
 
-    def decrypt_to(self, key: bytes, write: Callable[[int, memoryview], Any], *, check_sha256: bool = False) -> None:
-        """Decrypt chunk by chunk into a scratch buffer and hand each to `write(offset, plaintext)`.
+    def decrypt_to(self, key: bytes, write: Callable[[int, memoryview], Any], *, check_sha256: bool = False,
+                   threads: int | None = None) -> None:
+        """Decrypt chunk by chunk into scratch buffers and hand each to `write(offset, plaintext)`.
 
         For a destination best filled by a system call: `os.pwrite` into a memfd allocates its
-        pages in the kernel, several times cheaper than faulting them in through a mapping. The
-        scratch buffer is zeroed before returning."""
+        pages in the kernel, several times cheaper than faulting them in through a mapping. Each
+        worker has its own scratch buffer (`write` may be called from several threads at once, in
+        any order; with `check_sha256`, one thread, in order). Scratch buffers are zeroed before
+        returning."""
+        self._check_key(key)
         m = self.manifest
-        if content_key_id(key) != m.key_id:
-            raise VaultError("content key does not match this sealed file (key id differs)")
-        scratch = bytearray(max(1, min(m.chunk_size, m.plaintext_size)))
-        try:
-            with memoryview(scratch) as view:
-                self._decrypt_file(key, lambda lo, size: view[:size], write, check_sha256)
-        finally:
-            scratch[:] = bytes(len(scratch))
+        scratches: list[bytearray] = []
 
-    def _decrypt_file(self, key: bytes, dest: Callable[[int, int], memoryview],
-                      after: Callable[[int, memoryview], Any] | None, check_sha256: bool) -> None:
-        m, n = self.manifest, self.n_chunks
-        aead = AESGCM(key)
+        def scratch() -> Callable[[int, int], memoryview]:
+            buf = bytearray(max(1, min(m.chunk_size, m.plaintext_size)))
+            scratches.append(buf)
+            view = memoryview(buf)
+            return lambda lo, size: view[:size]
+
         digest = hashlib.sha256() if check_sha256 else None
+
+        def after(lo: int, out: memoryview) -> None:
+            if digest is not None:
+                digest.update(out)
+            write(lo, out)
+
+        try:
+            self._decrypt_file(key, scratch, after, 1 if check_sha256 else threads)
+        finally:
+            for buf in scratches:
+                buf[:] = bytes(len(buf))
+        if digest is not None:
+            self._check_digest(digest)
+
+    def _check_key(self, key: bytes) -> None:
+        if content_key_id(key) != self.manifest.key_id:
+            raise VaultError("content key does not match this sealed file (key id differs)")
+
+    def _check_digest(self, digest: Any) -> None:
+        if digest.hexdigest() != self.manifest.plaintext_sha256:
+            raise VaultError("plaintext SHA-256 does not match the manifest")
+
+    def _decrypt_file(self, key: bytes, make_dest: Callable[[], Callable[[int, int], memoryview]],
+                      after: Callable[[int, memoryview], Any] | None, threads: int | None) -> None:
+        """Authenticate and decrypt every chunk, `threads` contiguous ranges at once; `make_dest()` is
+        called once per worker and gives where chunk (offset, size) is decrypted to."""
+        n = self.n_chunks
+        workers = max(1, min(threads or default_threads(), n // 2))  # at least two chunks each
         with open(self.path, "rb") as f:
             if os.fstat(f.fileno()).st_size != self.file_size:
                 raise VaultError("sealed file changed size while being read")
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             try:
                 with memoryview(mm) as src:
-                    pos = self.payload_offset
-                    for i in range(n):
-                        lo = i * m.chunk_size
-                        size = min(m.chunk_size, m.plaintext_size - lo)
-                        final = i == n - 1
-                        out = dest(lo, size)
-                        try:
-                            aead.decrypt_into(_nonce(i, final), src[pos: pos + size + TAG_LEN],
-                                              _aad(self.header_hash, i, final), out)
-                        except InvalidTag:
-                            raise VaultError(f"chunk {i} of {n} failed authentication (the sealed file was altered)") from None
-                        if digest is not None:
-                            digest.update(out)
-                        if after is not None:
-                            after(lo, out)
-                        pos += size + TAG_LEN
+                    if workers == 1:
+                        failed = [self._decrypt_range(key, src, 0, n, make_dest(), after, None)]
+                    else:
+                        stop = threading.Event()
+                        bounds = [n * w // workers for w in range(workers + 1)]
+                        with ThreadPoolExecutor(workers, thread_name_prefix="codemoat-decrypt") as pool:
+                            futures = [pool.submit(self._decrypt_range, key, src, bounds[w], bounds[w + 1],
+                                                   make_dest(), after, stop) for w in range(workers)]
+                            failed = [fut.result() for fut in futures]
             finally:
                 mm.close()
-        if digest is not None and digest.hexdigest() != m.plaintext_sha256:
-            raise VaultError("plaintext SHA-256 does not match the manifest")
+        bad = min((i for i in failed if i is not None), default=None)
+        if bad is not None:
+            raise VaultError(f"chunk {bad} of {n} failed authentication (the sealed file was altered)")
+
+    def _decrypt_range(self, key: bytes, src: memoryview, first: int, last: int,
+                       dest: Callable[[int, int], memoryview], after: Callable[[int, memoryview], Any] | None,
+                       stop: threading.Event | None) -> int | None:
+        """Chunks first..last-1; the index of the first that fails authentication, or None."""
+        m, n = self.manifest, self.n_chunks
+        aead = AESGCM(key)
+        try:
+            for i in range(first, last):
+                if stop is not None and stop.is_set():
+                    return None
+                lo = i * m.chunk_size
+                size = min(m.chunk_size, m.plaintext_size - lo)
+                pos = self.payload_offset + i * (m.chunk_size + TAG_LEN)
+                final = i == n - 1
+                out = dest(lo, size)
+                try:
+                    aead.decrypt_into(_nonce(i, final), src[pos: pos + size + TAG_LEN],
+                                      _aad(self.header_hash, i, final), out)
+                except InvalidTag:
+                    if stop is not None:
+                        stop.set()
+                    return i
+                if after is not None:
+                    after(lo, out)
+        except BaseException:
+            if stop is not None:
+                stop.set()
+            raise
+        return None
 
     def decrypt(self, key: bytes, *, check_sha256: bool = True) -> bytearray:
         """Decrypt into a new bytearray (for safetensors, and for `verify`)."""
