@@ -350,18 +350,23 @@ def write_report(args, model, files, total_bytes, model_bpb, comp, res, cases, s
             )
         if not better:
             seen = f"{card['tokens'] / 1e6:.1f} M tokens" if card else "few tokens"
+            others = max(("spm", "prefix"), key=lambda k: es[k])
+            uses_suffix = es["model"] >= es[others]
             lines.append(
-                f"- Infill misses its target by a wide margin: edit similarity {es['model']:.1f} % with the server's "
-                f"PSM prompt against {es['oracle']:.1f} % for the oracle baseline and {es['previous']:.1f} % for "
-                f"repeating the previous line; exact match {em['model']:.1f} % against {em['oracle']:.1f} %. The model "
-                f"saw {seen}; at that point it models code well enough to beat the compressors, but it has not yet "
-                "learned to use the suffix (prompts that let it continue the prefix, SPM and prefix-only, do slightly "
-                "better than PSM but no better than repeating the previous line), and left-to-right it rarely reproduces a whole line. Fill-in-the-middle is learned later than left-to-right "
-                "modelling (Bavarian et al. 2022 train on billions of tokens). What would close it: one to two orders "
-                "of magnitude more training tokens — the same command with `--device cuda --size small` for about "
-                "30 minutes on one GPU, or several hours on an idle CPU — which no 45-minute run on this shared "
-                "2-core machine can provide. Until then, serve a real Qwen2.5-Coder GGUF (same special tokens, "
-                "same template) where completion quality matters."
+                f"- Infill misses its target: with the server's PSM prompt, exact match {em['model']:.1f} % and edit "
+                f"similarity {es['model']:.1f} %, against {em['oracle']:.1f} % / {es['oracle']:.1f} % for the oracle "
+                f"baseline, {em['copy']:.1f} % / {es['copy']:.1f} % for the copy baseline that does not peek, and "
+                f"{em['previous']:.1f} % / {es['previous']:.1f} % for repeating the previous line. "
+                + ("The suffix helps it: PSM is its best prompt. " if uses_suffix else
+                   f"It has not yet learned to use the suffix: the {others} prompt, which lets it simply continue the "
+                   f"prefix, does better ({em[others]:.1f} % / {es[others]:.1f} %). ")
+                + f"The model saw {seen}; at that point it models code well enough to beat the compressors, but it "
+                "rarely reproduces a whole line, and fill-in-the-middle is learned later than left-to-right modelling "
+                "(Bavarian et al. 2022 train on billions of tokens). What would close it: one to two orders of "
+                "magnitude more training tokens — the same command with `--device cuda --size small` for about 30 "
+                "minutes on one GPU, or many hours on an idle CPU — which no 45-minute run on a 2-core machine can "
+                "provide. Until then, serve a real Qwen2.5-Coder GGUF (same special tokens, same template) where "
+                "completion quality matters."
             )
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

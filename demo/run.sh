@@ -8,7 +8,9 @@ export CODEMOAT="${CODEMOAT:-$ROOT/.venv/bin/codemoat}"
 export DEMO="${DEMO:-$(mktemp -d /tmp/codemoat-demo.XXXXXX)}"
 export CODEMOAT_HOME="$DEMO/home"
 export PYTHONUNBUFFERED=1
-if [[ -f "$ROOT/models/codemoat-tiny.gguf" ]]; then
+if [[ -n "${CODEMOAT_DEMO_MODEL:-}" ]]; then
+  : # a GGUF of your own, e.g. a Qwen2.5-Coder build: CODEMOAT_DEMO_MODEL=/path/model.gguf make demo
+elif [[ -f "$ROOT/models/codemoat-tiny.gguf" ]]; then
   export CODEMOAT_DEMO_MODEL="$ROOT/models/codemoat-tiny.gguf"
 else
   echo "(models/codemoat-tiny.gguf is missing: the demo uses a tiny random model, so the text is noise)"
