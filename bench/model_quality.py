@@ -167,6 +167,38 @@ def baseline_previous(prefix: str) -> str:
     return cands[-1] if cands else ""
 
 
+def tokens_per_second(engine, prompt: str, runs: int) -> float:
+    """Sampled generation (128 tokens, temperature 0.8) after one greedy warm-up run."""
+    from codemoat.engines.base import SamplingParams
+
+    asyncio.run(engine.complete(prompt, SamplingParams(max_tokens=128, temperature=0.0)))
+    n_tok = 0
+    t = time.time()
+    for seed in range(runs):
+        n_tok += asyncio.run(engine.complete(prompt, SamplingParams(max_tokens=128, temperature=0.8, seed=seed))).completion_tokens
+    return n_tok / (time.time() - t)
+
+
+def generation_speed(model: Path, prompt: str, window: int, threads: int) -> dict:
+    from codemoat.engines.llamacpp import LlamaCppEngine
+
+    eng = LlamaCppEngine.from_path(model, n_ctx=window, n_threads=threads)
+    speed: dict = {"llamacpp": tokens_per_second(eng, prompt, 5)}
+    eng.close()
+    try:
+        import torch
+
+        from codemoat.engines.transformers_engine import TransformersEngine
+
+        torch.set_num_threads(threads)
+        tf = TransformersEngine.from_path(model, n_threads=threads)
+        speed["transformers"] = tokens_per_second(tf, prompt, 2)
+        tf.close()
+    except Exception as e:  # the transformers engine is optional here
+        speed["transformers"] = f"n/a ({type(e).__name__})"
+    return speed
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=str(ROOT / "models/codemoat-tiny.gguf"))
@@ -195,33 +227,7 @@ def main() -> None:
     # 3. generation speed, first: after a llama_cpp.Llama with logits_all has evaluated a batch in this
     # process, a new engine here generates several times slower (measured 2,000 -> 300 tokens/s), so
     # speed is measured before anything else touches llama.cpp.
-    eng = LlamaCppEngine.from_path(model, n_ctx=window, n_threads=args.threads)
-    gen_prompt = files[0][1][: window * 2]
-    speed = {}
-    sp = SamplingParams(max_tokens=128, temperature=0.0)
-    asyncio.run(eng.complete(gen_prompt, sp))  # warm
-    n_tok = 0
-    t2 = time.time()
-    for _ in range(5):
-        n_tok += asyncio.run(eng.complete(gen_prompt, SamplingParams(max_tokens=128, temperature=0.8, seed=_))).completion_tokens
-    speed["llamacpp"] = n_tok / (time.time() - t2)
-    eng.close()
-    try:
-        import torch
-
-        from codemoat.engines.transformers_engine import TransformersEngine
-
-        torch.set_num_threads(args.threads)
-        tf = TransformersEngine.from_path(model, n_threads=args.threads)
-        asyncio.run(tf.complete(gen_prompt, sp))
-        n_tok = 0
-        t3 = time.time()
-        for _ in range(2):
-            n_tok += asyncio.run(tf.complete(gen_prompt, SamplingParams(max_tokens=128, temperature=0.8, seed=_))).completion_tokens
-        speed["transformers"] = n_tok / (time.time() - t3)
-        tf.close()
-    except Exception as e:  # the transformers engine is optional here
-        speed["transformers"] = f"n/a ({type(e).__name__})"
+    speed = generation_speed(model, files[0][1][: window * 2], window, args.threads)
 
     llm = llama_cpp.Llama(str(model), n_ctx=window, n_batch=window, logits_all=True, n_threads=args.threads, verbose=False)
     eos = llm.token_eos()
