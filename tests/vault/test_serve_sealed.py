@@ -3,6 +3,7 @@ a revoked lease answers 503 in OpenAI's error shape, and the key server's outage
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -74,3 +75,7 @@ def test_serve_sealed_lease_then_revoke(vendor, machine, gguf_file, tmp_path):
         proc.terminate()
         proc.wait(timeout=30)
         ks.stop()
+    log = proc.stdout.read()
+    assert "decrypted and authenticated" in log and "pages (shmem_enabled=" in log  # the operator sees the load
+    key = vendor.content_key(json.loads(cli("inspect", str(moat), "--json").stdout)["file_id"])
+    assert key.hex() not in log and base64.b64encode(key).decode() not in log  # and never a key

@@ -45,6 +45,7 @@ def serve(
     )
     if not settings.model.path:
         settings.model.path = str(bundled_model())
+    log_to_stderr(settings.server.log_level)
     accounts = Accounts(open_db(settings.database_url))
     holder = open_model(settings)
     retriever = _retriever()
@@ -74,6 +75,21 @@ def serve(
         signal.signal(sig, lambda *_: None)
     server.run(sockets=[sock])
     console.print("codemoat stopped", highlight=False)
+
+
+def log_to_stderr(level: str) -> None:
+    """codemoat's own log lines (model loading, licensing, the trust layer) on stderr, at uvicorn's level
+    and in its shape, so that one log stream tells the whole story."""
+    import logging
+
+    logger = logging.getLogger("codemoat")
+    if not any(getattr(h, "_codemoat", False) for h in logger.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+        handler._codemoat = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+    number = logging.getLevelName(level.upper())
+    logger.setLevel(number if isinstance(number, int) else logging.DEBUG)  # uvicorn's "trace" → DEBUG
 
 
 def _retriever():

@@ -18,6 +18,7 @@ import inspect
 import json
 import logging
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -55,17 +56,21 @@ def _gguf_engine(sealed: SealedFile, key: bytes, opts: dict[str, Any]) -> Engine
 
     buf = MemfdBuffer(sealed.manifest.plaintext_size, name=f"codemoat-{sealed.manifest.model_id}")
     try:
+        t = time.perf_counter()
         if buf.hugepages:
             # 2 MiB pages: AES-GCM writes straight into the mapping, at about memory speed.
             sealed.decrypt_into(key, buf.view)
         else:
             # 4 KiB pages: pwrite lets the kernel allocate them without a page fault each (~40%
-            # faster than decrypting through the mapping); plaintext passes through one zeroed
-            # chunk buffer.
+            # faster than decrypting through the mapping); plaintext passes through zeroed scratch
+            # buffers, one per worker.
             sealed.decrypt_to(key, buf.write_at)
-            if buf.size >= 256 << 20:
-                log.info("sealed model decrypted into 4 KiB pages (shmem_enabled=%s); allowing shmem huge pages "
-                         "makes this load several times faster, see docs/operations.md", shmem_thp_mode())
+        seconds = time.perf_counter() - t
+        log.info("sealed model %s: %.2f GiB decrypted and authenticated in %.2f s into %s pages (shmem_enabled=%s)",
+                 sealed.manifest.model_id, buf.size / (1 << 30), seconds, "2 MiB" if buf.hugepages else "4 KiB",
+                 shmem_thp_mode())
+        if not buf.hugepages and buf.size >= 256 << 20:
+            log.info("allowing shmem huge pages makes this load several times faster: see docs/operations.md")
         buf.seal()
         return LlamaCppEngine.from_memfd(buf, **opts)
     except BaseException:
