@@ -17,9 +17,13 @@ from codemoat.index.update import add_repository, update_repository
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 
 
-def _repo(root: Path, n: int = 6) -> None:
+def _repo(tmp_path: Path, n: int = 6) -> Path:
+    """tmp_path/repo with `n` small Python modules."""
+    root = tmp_path / "repo"
+    root.mkdir()
     for i in range(n):
         (root / f"mod{i}.py").write_text(f"def func_{i}(x):\n    return x + {i}\n\nclass Thing{i}:\n    def run(self):\n        return {i}\n")
+    return root
 
 
 def _snapshot(store: SqliteIndex) -> list:
@@ -30,9 +34,7 @@ def _snapshot(store: SqliteIndex) -> list:
 
 
 def test_add_update_only_changed_files_and_deletions(tmp_path):
-    root = tmp_path / "repo"
-    root.mkdir()
-    _repo(root)
+    root = _repo(tmp_path)
     store = SqliteIndex(tmp_path / "index.db")
     s = add_repository(store, root, "r", ["dev"])
     assert (s.indexed, s.files) == (6, 6) and s.symbols == 6 * 3
@@ -52,9 +54,7 @@ def test_add_update_only_changed_files_and_deletions(tmp_path):
 
 
 def test_doc_freq_counts_chunks_per_term(tmp_path):
-    root = tmp_path / "repo"
-    root.mkdir()
-    _repo(root, 3)
+    root = _repo(tmp_path, 3)
     store = SqliteIndex(tmp_path / "index.db")
     add_repository(store, root, "r", ["dev"])
     df = store.doc_freq(["func_1", "run", "absent"])
@@ -63,9 +63,7 @@ def test_doc_freq_counts_chunks_per_term(tmp_path):
 
 
 def test_interrupted_update_leaves_previous_index_intact(tmp_path):
-    root = tmp_path / "repo"
-    root.mkdir()
-    _repo(root, 8)
+    root = _repo(tmp_path, 8)
     db = tmp_path / "index.db"
     add_repository(SqliteIndex(db), root, "r", ["dev"])
     before = _snapshot(SqliteIndex(db))
@@ -101,9 +99,7 @@ def test_interrupted_update_leaves_previous_index_intact(tmp_path):
 
 
 def test_readers_see_previous_index_until_commit(tmp_path):
-    root = tmp_path / "repo"
-    root.mkdir()
-    _repo(root, 2)
+    root = _repo(tmp_path, 2)
     db = tmp_path / "index.db"
     writer = SqliteIndex(db)
     add_repository(writer, root, "r", ["dev"])
@@ -117,9 +113,7 @@ def test_readers_see_previous_index_until_commit(tmp_path):
 
 
 def test_remove_repository_leaves_nothing(tmp_path):
-    root = tmp_path / "repo"
-    root.mkdir()
-    _repo(root, 2)
+    root = _repo(tmp_path, 2)
     store = SqliteIndex(tmp_path / "index.db")
     add_repository(store, root, "r", ["dev"])
     store.remove_repo("r")
@@ -129,9 +123,7 @@ def test_remove_repository_leaves_nothing(tmp_path):
 
 
 def test_user_errors_are_one_line(tmp_path):
-    root = tmp_path / "repo"
-    root.mkdir()
-    _repo(root, 1)
+    root = _repo(tmp_path, 1)
     store = SqliteIndex(tmp_path / "index.db")
     with pytest.raises(CodemoatError, match="at least one group"):
         add_repository(store, root, "r", [])
