@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import textwrap
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -13,7 +12,7 @@ from codemoat.index.store import SqliteIndex
 from codemoat.index.update import add_repository
 from codemoat.retrieve import Retriever
 from codemoat.retrieve.query import completion_query
-from codemoat.retrieve.retriever import _Fragments, _path_match
+from codemoat.retrieve.outlines import _Fragments, _path_match
 
 G = frozenset({"dev"})
 FILES = {
