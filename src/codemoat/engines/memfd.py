@@ -55,8 +55,10 @@ class MemfdBuffer:
         self._map = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self.view = memoryview(self._map)
         self.sealed = False
+        #: the kernel's shmem huge-page policy when the buffer was made
+        self.policy = shmem_thp_mode()
         #: True when writes through `view` land in 2 MiB pages: fill through the mapping then.
-        self.hugepages = hugepages and shmem_thp_mode() in _HUGE_MODES and self._advise_huge()
+        self.hugepages = hugepages and self.policy in _HUGE_MODES and self._advise_huge()
 
     def _advise_huge(self) -> bool:
         try:

@@ -31,7 +31,7 @@ from ..vault.license import License, check
 from ..vault.machine import MachineKey
 from .base import Engine
 from .holder import ModelHolder
-from .memfd import MemfdBuffer, shmem_thp_mode
+from .memfd import MemfdBuffer
 
 PR_SET_DUMPABLE, PR_GET_DUMPABLE = 4, 3
 log = logging.getLogger("codemoat.vault")
@@ -68,7 +68,7 @@ def _gguf_engine(sealed: SealedFile, key: bytes, opts: dict[str, Any]) -> Engine
         seconds = time.perf_counter() - t
         log.info("sealed model %s: %.2f GiB decrypted and authenticated in %.2f s into %s pages (shmem_enabled=%s)",
                  sealed.manifest.model_id, buf.size / (1 << 30), seconds, "2 MiB" if buf.hugepages else "4 KiB",
-                 shmem_thp_mode())
+                 buf.policy)
         if not buf.hugepages and buf.size >= 256 << 20:
             log.info("allowing shmem huge pages makes this load several times faster: see docs/operations.md")
         buf.seal()

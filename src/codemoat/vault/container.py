@@ -189,10 +189,7 @@ class SealedFile:
             after = progress and (lambda lo, out: progress(len(out)))
             self._decrypt_file(key, lambda: (lambda lo, size: view[lo: lo + size]), after, threads)
             if check_sha256:
-                digest = hashlib.sha256()
-                for lo in range(0, len(view), 1 << 26):
-                    digest.update(view[lo: lo + (1 << 26)])
-                self._check_digest(digest)
+                self._check_digest(hashlib.sha256(view))
 
     def decrypt_to(self, key: bytes, write: Callable[[int, memoryview], Any], *, check_sha256: bool = False,
                    threads: int | None = None) -> None:
@@ -248,10 +245,10 @@ class SealedFile:
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             try:
                 with memoryview(mm) as src:
+                    stop = threading.Event()
                     if workers == 1:
-                        failed = [self._decrypt_range(key, src, 0, n, make_dest(), after, None)]
+                        failed = [self._decrypt_range(key, src, 0, n, make_dest(), after, stop)]
                     else:
-                        stop = threading.Event()
                         bounds = [n * w // workers for w in range(workers + 1)]
                         with ThreadPoolExecutor(workers, thread_name_prefix="codemoat-decrypt") as pool:
                             futures = [pool.submit(self._decrypt_range, key, src, bounds[w], bounds[w + 1],
@@ -265,13 +262,14 @@ class SealedFile:
 
     def _decrypt_range(self, key: bytes, src: memoryview, first: int, last: int,
                        dest: Callable[[int, int], memoryview], after: Callable[[int, memoryview], Any] | None,
-                       stop: threading.Event | None) -> int | None:
-        """Chunks first..last-1; the index of the first that fails authentication, or None."""
+                       stop: threading.Event) -> int | None:
+        """Chunks first..last-1; the index of the first that fails authentication, or None. Sets `stop`
+        on a failure, and returns early once another worker has set it."""
         m, n = self.manifest, self.n_chunks
         aead = AESGCM(key)
         try:
             for i in range(first, last):
-                if stop is not None and stop.is_set():
+                if stop.is_set():
                     return None
                 lo = i * m.chunk_size
                 size = min(m.chunk_size, m.plaintext_size - lo)
@@ -282,14 +280,12 @@ class SealedFile:
                     aead.decrypt_into(_nonce(i, final), src[pos: pos + size + TAG_LEN],
                                       _aad(self.header_hash, i, final), out)
                 except InvalidTag:
-                    if stop is not None:
-                        stop.set()
+                    stop.set()
                     return i
                 if after is not None:
                     after(lo, out)
         except BaseException:
-            if stop is not None:
-                stop.set()
+            stop.set()
             raise
         return None
 
