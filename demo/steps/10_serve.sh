@@ -2,22 +2,19 @@
 # 10 — serving: start the server on the bundled model, create a token, then complete and chat
 # through the real `openai` client and send an autocomplete request shaped as Continue sends it.
 set -euo pipefail
-: "${CODEMOAT:=codemoat}" "${PY:=python3}" "${DEMO:=$(mktemp -d)}"
-export CODEMOAT_HOME="${CODEMOAT_HOME:-$DEMO/home}"
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-MODEL="${CODEMOAT_DEMO_MODEL:-$ROOT/models/codemoat-tiny.gguf}"
-say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+source "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
+MODEL=$(demo_model tiny-random.gguf)
 
 say "admin: create an API token (shown once; only its hash is stored)"
 TOKEN=$($CODEMOAT tokens create --name demo-editor --json | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["token"])')
 echo "   token ${TOKEN:0:8}… for user demo-editor"
 
-PORT=$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+PORT=$(free_port)
 say "admin: codemoat serve --model $(basename "$MODEL") --port $PORT"
 $CODEMOAT serve --model "$MODEL" --model-id codemoat-tiny --port "$PORT" >"$DEMO/serve-10.log" 2>&1 &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null || true' EXIT
-for _ in $(seq 1 600); do curl -sf "http://127.0.0.1:$PORT/health" >/dev/null && break; sleep 0.1; done
+wait_healthy $PORT
 curl -s "http://127.0.0.1:$PORT/health" | "$PY" -c 'import json,sys; d=json.load(sys.stdin); print("   health:", d["status"], "| engine", d["engine"]["engine"], "| context", d["engine"]["n_ctx"], "tokens")'
 
 "$PY" "$ROOT/demo/serve_demo.py" "http://127.0.0.1:$PORT" "$TOKEN"

@@ -2,18 +2,10 @@
 # 20 — the vault: the vendor seals a model for one customer's machine, the customer verifies and
 # serves it from memory; a changed byte, a copied license and a set-back clock are refused.
 set -euo pipefail
-: "${CODEMOAT:=codemoat}" "${PY:=python3}" "${DEMO:=$(mktemp -d)}"
-export CODEMOAT_HOME="${CODEMOAT_HOME:-$DEMO/home}"
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+source "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
 refused() { if "$@" 2>"$DEMO/err.txt" >/dev/null; then echo "!! accepted"; exit 1; else printf '   refused: %s\n' "$(cat "$DEMO/err.txt")"; fi; }
 
-MODEL="${CODEMOAT_DEMO_MODEL:-}"
-if [[ -z "$MODEL" ]]; then
-  if [[ -f "$ROOT/models/codemoat-tiny.gguf" ]]; then MODEL="$ROOT/models/codemoat-tiny.gguf"
-  else MODEL="$DEMO/vault-tiny.gguf"; [[ -f "$MODEL" ]] || "$PY" -c "import sys; sys.path.insert(0, '$ROOT/tests'); from tinymodel import build_tiny_gguf; from pathlib import Path; build_tiny_gguf(Path('$MODEL'))"
-  fi
-fi
+MODEL=$(demo_model vault-tiny.gguf)
 V="$DEMO/vendor"
 FP=--no-fingerprint
 "$PY" -c "import codemoat.trace.fingerprint" 2>/dev/null && FP=--fingerprint
@@ -64,13 +56,13 @@ except CodemoatError as e:
 PYEOF
 
 say "customer: serve the sealed model (decrypted into a sealed memfd; the process is non-dumpable)"
-PORT=$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+PORT=$(free_port)
 TOKEN=$($CODEMOAT tokens create --name vault-demo --json | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["token"])')
 SERVE_TMP="$DEMO/vault-serve-tmp"; mkdir -p "$SERVE_TMP"
 TMPDIR="$SERVE_TMP" $CODEMOAT serve --model "$DEMO/acme.moat" --license "$DEMO/acme.lic" --port "$PORT" >"$DEMO/vault-serve.log" 2>&1 &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true' EXIT
-for _ in $(seq 150); do "$PY" -c "import httpx,sys; sys.exit(httpx.get('http://127.0.0.1:$PORT/health', timeout=1).status_code != 200)" 2>/dev/null && break; sleep 0.2; done
+wait_healthy $PORT
 "$PY" - "$PORT" "$TOKEN" <<'PYEOF'
 import sys, httpx
 port, token = sys.argv[1], sys.argv[2]

@@ -3,18 +3,9 @@
 # Key server down: serving goes on until TTL + grace, then 503; back up: the model reloads.
 # License revoked: serving stops at the next renewal. Every heartbeat is in outbound.jsonl.
 set -euo pipefail
-: "${CODEMOAT:=codemoat}" "${PY:=python3}" "${DEMO:=$(mktemp -d)}"
-export CODEMOAT_HOME="${CODEMOAT_HOME:-$DEMO/home}"
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
-free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+source "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
 
-MODEL="${CODEMOAT_DEMO_MODEL:-}"
-if [[ -z "$MODEL" ]]; then
-  if [[ -f "$ROOT/models/codemoat-tiny.gguf" ]]; then MODEL="$ROOT/models/codemoat-tiny.gguf"
-  else MODEL="$DEMO/vault-tiny.gguf"; [[ -f "$MODEL" ]] || "$PY" -c "import sys; sys.path.insert(0, '$ROOT/tests'); from tinymodel import build_tiny_gguf; from pathlib import Path; build_tiny_gguf(Path('$MODEL'))"
-  fi
-fi
+MODEL=$(demo_model vault-tiny.gguf)
 V="$DEMO/vendor"
 [[ -f "$V/vendor.json" ]] || $CODEMOAT vendor init --vendor "$V" >/dev/null
 $CODEMOAT machine-id --json >"$DEMO/acme-machine.json"
@@ -24,7 +15,7 @@ KPORT=$(free_port); SPORT=$(free_port)
 KS=""; SERVER=""
 trap 'kill $KS $SERVER 2>/dev/null || true' EXIT
 start_keyserver() { $CODEMOAT keyserver --vendor "$V" --port "$KPORT" >>"$DEMO/keyserver.log" 2>&1 & KS=$!
-  for _ in $(seq 100); do "$PY" -c "import httpx; httpx.get('http://127.0.0.1:$KPORT/health', timeout=1)" 2>/dev/null && break; sleep 0.1; done; }
+  wait_healthy $KPORT 20; }
 
 say "vendor: key server on 127.0.0.1:$KPORT; a lease license (TTL 6 s, renewed every 3 s; grace 4 s)"
 start_keyserver
@@ -39,7 +30,7 @@ TOKEN=$($CODEMOAT tokens create --name lease-demo --json | "$PY" -c 'import json
 : >"$CODEMOAT_HOME/outbound.jsonl"
 $CODEMOAT serve --model "$DEMO/acme-lease.moat" --license "$DEMO/acme-lease.lic" --port "$SPORT" >"$DEMO/lease-serve.log" 2>&1 &
 SERVER=$!
-for _ in $(seq 150); do "$PY" -c "import httpx,sys; sys.exit(httpx.get('http://127.0.0.1:$SPORT/health', timeout=1).status_code != 200)" 2>/dev/null && break; sleep 0.2; done
+wait_healthy $SPORT
 
 probe() {  # one completion: its status, and the license state from /health
   "$PY" - "$SPORT" "$TOKEN" "$1" "${2:-}" <<'PYEOF'
@@ -64,7 +55,7 @@ for _ in 1 2 3 4 5; do sleep 2; probe "key server down" "$KILLED"; done
 
 say "key server back: the next renewal loads the model again"
 start_keyserver
-for _ in $(seq 20); do sleep 1; "$PY" -c "import httpx,sys; sys.exit(httpx.get('http://127.0.0.1:$SPORT/health', timeout=1).status_code != 200)" 2>/dev/null && break; done
+sleep 1; wait_healthy $SPORT 20
 probe "key server back:"
 
 say "vendor revokes the license: serving stops at the next renewal"

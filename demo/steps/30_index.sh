@@ -3,11 +3,8 @@
 # completion gets from another file, complete that line through the server for a developer in `payments`
 # and for one outside it (who gets nothing from the repository), then re-index after an edit (one file).
 set -euo pipefail
-: "${CODEMOAT:=codemoat}" "${PY:=python3}" "${DEMO:=$(mktemp -d)}"
-export CODEMOAT_HOME="${CODEMOAT_HOME:-$DEMO/home}"
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-MODEL="${CODEMOAT_DEMO_MODEL:-$ROOT/models/codemoat-tiny.gguf}"
-say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+source "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
+MODEL=$(demo_model tiny-random.gguf)
 
 REPO="$DEMO/payments-repo"
 rm -rf "$REPO" && cp -r "$ROOT/demo/repo" "$REPO"
@@ -32,11 +29,11 @@ $CODEMOAT users add alice --groups payments >/dev/null
 $CODEMOAT users add carol --groups contractors >/dev/null
 ALICE=$($CODEMOAT tokens create --name alice-editor --user alice --json | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["token"])')
 CAROL=$($CODEMOAT tokens create --name carol-editor --user carol --json | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["token"])')
-PORT=$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+PORT=$(free_port)
 $CODEMOAT serve --model "$MODEL" --model-id codemoat-tiny --port "$PORT" >"$DEMO/serve-30.log" 2>&1 &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null || true' EXIT
-for _ in $(seq 1 600); do curl -sf "http://127.0.0.1:$PORT/health" >/dev/null && break; sleep 0.1; done
+wait_healthy $PORT
 "$PY" "$ROOT/demo/index_demo.py" "http://127.0.0.1:$PORT" "$REPO" git@git.acme.example:fin/payments.git "$ALICE" "$CAROL"
 kill $SERVER; wait $SERVER 2>/dev/null || true
 trap - EXIT

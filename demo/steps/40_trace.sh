@@ -3,10 +3,7 @@
 # requantised by llama.cpp, noise added) and `codemoat trace` names its customer; the clean
 # original names nobody. Then the output watermark tells a generation from human code.
 set -euo pipefail
-: "${CODEMOAT:=codemoat}" "${PY:=python3}" "${DEMO:=$(mktemp -d)}"
-export CODEMOAT_HOME="${CODEMOAT_HOME:-$DEMO/home}"
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+source "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
 
 MODEL="${CODEMOAT_DEMO_MODEL:-$ROOT/models/codemoat-tiny.gguf}"
 if [[ ! -f "$MODEL" ]]; then  # no bundled model yet: a small random llama GGUF stands in

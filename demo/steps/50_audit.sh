@@ -2,26 +2,18 @@
 # 50 — customer trust: the audit trail of our own requests, tamper detection, a blocked
 # outbound connection, and a secret that is redacted before anything is kept.
 set -euo pipefail
-: "${CODEMOAT:=codemoat}" "${PY:=python3}" "${DEMO:=$(mktemp -d)}"
-export CODEMOAT_HOME="${CODEMOAT_HOME:-$DEMO/home}"
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+source "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
 
-MODEL="${CODEMOAT_DEMO_MODEL:-}"
-if [[ -z "$MODEL" ]]; then
-  if [[ -f "$ROOT/models/codemoat-tiny.gguf" ]]; then MODEL="$ROOT/models/codemoat-tiny.gguf"
-  else MODEL="$DEMO/audit-tiny.gguf"; [[ -f "$MODEL" ]] || "$PY" -c "import sys; sys.path.insert(0, '$ROOT/tests'); from tinymodel import build_tiny_gguf; from pathlib import Path; build_tiny_gguf(Path('$MODEL'))"
-  fi
-fi
+MODEL=$(demo_model audit-tiny.gguf)
 
-PORT=$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+PORT=$(free_port)
 TOKEN=$($CODEMOAT tokens create --name demo-dev --json | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["token"])')
 
 say "serve with prompt retention on (audit.retain_text = true): kept text is redacted first"
 CODEMOAT_AUDIT__RETAIN_TEXT=true $CODEMOAT serve --model "$MODEL" --port "$PORT" >"$DEMO/audit-serve.log" 2>&1 &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true' EXIT
-for _ in $(seq 100); do "$PY" -c "import httpx; httpx.get('http://127.0.0.1:$PORT/health', timeout=1)" 2>/dev/null && break; sleep 0.2; done
+wait_healthy $PORT 20
 
 "$PY" - "$PORT" "$TOKEN" <<'EOF'
 import sys, httpx
