@@ -20,6 +20,8 @@ async def read_json(request: Request) -> Any:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         msg = e.msg if isinstance(e, json.JSONDecodeError) else "not UTF-8"
         raise CodemoatError(f"request body is not valid JSON: {msg}") from None
+    except RecursionError:  # the decoder's own depth limit: an attacker's [[[[...]]]] is a 400, not a 500
+        raise CodemoatError("request body is not valid JSON: nested too deeply") from None
     if not isinstance(body, dict):
         raise CodemoatError("request body must be a JSON object")
     return body

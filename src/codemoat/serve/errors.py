@@ -18,6 +18,10 @@ from ..protocol import infill, ollama, openai, tabby
 log = logging.getLogger("codemoat.serve")
 
 _OPENAI_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "permission_error", 404: "invalid_request_error", 429: "rate_limit_error", 503: "server_error"}
+
+
+def _openai_type(status: int) -> str:
+    return _OPENAI_TYPES.get(status) or ("invalid_request_error" if 400 <= status < 500 else "server_error")
 _OPENAI_CODES = {401: "invalid_api_key", 404: "model_not_found", 429: "rate_limit_exceeded", 503: "model_unavailable"}
 
 
@@ -43,11 +47,11 @@ def render(request: Request, status: int, message: str, code: str | None = None,
     if proto == "ollama":
         body = ollama.error(message)
     elif proto == "infill":
-        body = infill.error(message, status, _OPENAI_TYPES.get(status, "server_error"))
+        body = infill.error(message, status, _openai_type(status))
     elif proto == "tabby":
         body = tabby.error(message)
     elif proto == "openai":
-        body = openai.error(message, _OPENAI_TYPES.get(status, "server_error"), code or _OPENAI_CODES.get(status))
+        body = openai.error(message, _openai_type(status), code or _OPENAI_CODES.get(status))
     else:
         body = {"error": message}
     h = dict(headers or {})
@@ -69,6 +73,9 @@ def render_exception(request: Request, exc: Exception) -> JSONResponse:
     if isinstance(exc, json.JSONDecodeError):
         return render(request, 400, f"request body is not valid JSON: {exc.msg} at position {exc.pos}", "invalid_json")
     if isinstance(exc, StarletteHTTPException):
+        if exc.status_code in (404, 405) and protocol_of(request) == "openai":
+            # no such route (not a missing model): OpenAI's own words for it
+            return render(request, exc.status_code, f"Invalid URL ({request.method} {request.url.path})", "unknown_url")
         return render(request, exc.status_code, str(exc.detail))
     log.error("internal error on %s: %s", request.url.path, type(exc).__name__, exc_info=exc)
     return render(request, 500, f"internal error ({type(exc).__name__})", "internal_error")

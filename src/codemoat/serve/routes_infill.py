@@ -23,11 +23,13 @@ async def infill_route(request: Request, principal: Principal = Depends(require(
     svc.check_model(req.model)
     start_usage(request, "infill", svc.model_id)
     n = req.n_predict
-    max_tokens = None if n is None else (svc.settings.model.max_tokens_limit if n < 0 else n)
-    params = svc.params(max_tokens, req.temperature, req.top_p, req.stop, req.seed, req.top_k)
+    limit = svc.settings.model.max_tokens_limit
+    # like llama.cpp: -1 (or more than the limit) generates until the limit or the context is full
+    fit = n is not None and (n < 0 or n > limit)
+    params = svc.params(limit if fit else n, req.temperature, req.top_p, req.stop, req.seed, req.top_k, clamp=True)
     ext = req.codemoat
     f = FimInput.from_ext(req.input_prefix + req.prompt, req.input_suffix, ext, [FileSnippet(e.filename, e.text) for e in req.input_extra if e.text])
-    prep = svc.fim_prompt(request, principal, f, params)
+    prep = svc.fim_prompt(request, principal, f, params, fit=fit)
     extra = snippets_extra(ext, prep)
     if not req.stream:
         c = await svc.run(request, prep)

@@ -66,9 +66,21 @@ async def show(request: Request, principal: Principal = Depends(require("complet
 
 
 def _params(svc: Service, o: ollama.Options):
+    """The sampling parameters, and whether `max_tokens` is to fit the room the prompt leaves: Ollama's
+    `num_predict: -1` (or more than the limit) generates until the limit or the context is full."""
     n = o.num_predict
-    max_tokens = None if n is None else (svc.settings.model.max_tokens_limit if n < 0 else n)
-    return svc.params(max_tokens, 0.8 if o.temperature is None else o.temperature, o.top_p or 0.9, o.stop or [], o.seed, o.top_k, o.repeat_penalty)
+    limit = svc.settings.model.max_tokens_limit
+    fit = n is not None and (n < 0 or n > limit)
+    p = svc.params(limit if fit else n, 0.8 if o.temperature is None else o.temperature, o.top_p or 0.9, o.stop or [], o.seed,
+                   o.top_k, o.repeat_penalty, clamp=True)
+    return p, fit
+
+
+def _loaded(svc: Service, chat: bool) -> dict:
+    """Ollama's answer to an empty prompt or message list: the model is loaded, nothing is generated."""
+    svc.holder.get()  # 503 when it is not
+    body = {"model": svc.model_id, "created_at": ollama.timestamp(), "done": True, "done_reason": "load"}
+    return {**body, "message": {"role": "assistant", "content": ""}} if chat else {**body, "response": ""}
 
 
 @router.post("/api/generate")
@@ -77,19 +89,18 @@ async def generate(request: Request, principal: Principal = Depends(require("com
     req = ollama.GenerateRequest.model_validate(await read_json(request))
     svc.check_model(req.model)
     start_usage(request, "ollama", svc.model_id)
-    params = _params(svc, req.options)
+    if not req.prompt and not req.suffix:  # how Ollama clients preload a model
+        return _loaded(svc, chat=False)
+    params, fit = _params(svc, req.options)
     ext = req.codemoat
     if req.suffix is not None:
         f = FimInput.from_ext(req.prompt, req.suffix, ext)
-        prep = svc.fim_prompt(request, principal, f, params)
+        prep = svc.fim_prompt(request, principal, f, params, fit=fit)
     elif req.raw:
-        eng = svc.engine("complete")
-        eng.check_prompt(req.prompt, params.max_tokens)
-        request.state.usage["prompt_text"] = req.prompt
-        prep = Prepared(eng, req.prompt, params)
+        prep = svc.plain_prompt(request, req.prompt, params, fit=fit)
     else:
         msgs = ([{"role": "system", "content": req.system}] if req.system else []) + [{"role": "user", "content": req.prompt}]
-        prep = svc.chat_prompt(request, principal, msgs, params)
+        prep = svc.chat_prompt(request, principal, msgs, params, fit=fit)
     extra = snippets_extra(ext, prep)
     return await _answer(request, svc, prep, req.stream, ollama.generate_chunk, ollama.generate_final, extra)
 
@@ -117,11 +128,16 @@ async def _answer(request: Request, svc: Service, prep: Prepared, stream: bool, 
 @router.post("/api/chat")
 async def chat(request: Request, principal: Principal = Depends(require("chat"))):
     svc: Service = request.app.state.service
-    req = ollama.ChatRequest.model_validate(await read_json(request))
+    body = await read_json(request)
+    if body.get("messages") == []:  # how Ollama clients preload a model
+        svc.check_model(ollama.ShowRequest.model_validate({"model": body.get("model")}).model)
+        start_usage(request, "ollama", svc.model_id)
+        return _loaded(svc, chat=True)
+    req = ollama.ChatRequest.model_validate(body)
     svc.check_model(req.model)
     start_usage(request, "ollama", svc.model_id)
-    params = _params(svc, req.options)
+    params, fit = _params(svc, req.options)
     msgs = [{"role": m.role, "content": m.content} for m in req.messages]
-    prep = svc.chat_prompt(request, principal, msgs, params, req.codemoat.repos if req.codemoat else None)
+    prep = svc.chat_prompt(request, principal, msgs, params, req.codemoat.repos if req.codemoat else None, fit=fit)
     extra = snippets_extra(req.codemoat, prep)
     return await _answer(request, svc, prep, req.stream, ollama.chat_chunk, ollama.chat_final, extra)

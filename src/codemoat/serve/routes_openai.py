@@ -32,14 +32,21 @@ async def models(request: Request, principal: Principal = Depends(require("compl
 
 @router.post("/v1/completions")
 async def completions(request: Request):
-    body = await read_json(request)
-    if isinstance(body, dict) and "segments" in body:
+    # The body tells Tabby's requests from OpenAI's (and so the error shape), but the token is
+    # checked before a body error is reported: a caller without a token learns nothing else.
+    try:
+        body, bad = await read_json(request), None
+    except CodemoatError as e:
+        body, bad = None, e
+    tabby = isinstance(body, dict) and "segments" in body
+    request.state.protocol = "tabby" if tabby else "openai"
+    principal = await require("complete")(request)
+    if bad is not None:
+        raise bad
+    if tabby:
         from .routes_tabby import tabby_completion
 
-        request.state.protocol = "tabby"
-        return await tabby_completion(request, body)
-    request.state.protocol = "openai"
-    principal = await require("complete")(request)
+        return await tabby_completion(request, principal, body)
     return await openai_completion(request, principal, body)
 
 
@@ -59,12 +66,7 @@ async def openai_completion(request: Request, principal: Principal, body: Any):
         f = FimInput.from_ext(prompt, req.suffix or "", ext)
         prep = svc.fim_prompt(request, principal, f, params)
     else:
-        from .service import Prepared
-
-        eng = svc.engine("complete")
-        eng.check_prompt(prompt, params.max_tokens)
-        request.state.usage["prompt_text"] = prompt
-        prep = Prepared(eng, prompt, params)
+        prep = svc.plain_prompt(request, prompt, params)
     extra = snippets_extra(ext, prep)
     cid = new_id("cmpl")
     if not req.stream:
@@ -82,8 +84,8 @@ async def openai_completion(request: Request, principal: Principal, body: Any):
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request):
     request.state.protocol = "openai"
+    principal = await require("chat")(request)  # before the body, as OpenAI does: 401 first
     body = await read_json(request)
-    principal = await require("chat")(request)
     svc: Service = request.app.state.service
     req = openai.ChatRequest.model_validate(body)
     svc.check_model(req.model)

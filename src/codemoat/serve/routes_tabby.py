@@ -37,8 +37,7 @@ async def events(request: Request, principal: Principal = Depends(require("compl
     return {}
 
 
-async def tabby_completion(request: Request, body: Any):
-    principal = await require("complete")(request)
+async def tabby_completion(request: Request, principal: Principal, body: Any):
     svc: Service = request.app.state.service
     req = tabby.CompletionRequest.model_validate(body)
     start_usage(request, "tabby", svc.model_id)

@@ -28,6 +28,25 @@ class ModelNotFound(NotFound):
     code = "model_not_found"
 
 
+class ContextExceeded(CodemoatError):
+    """A prompt found too long from its beginning alone (the rest was not tokenised)."""
+
+    code = "context_length_exceeded"
+
+
+class ClientGone(CodemoatError):
+    """The client closed the connection before the answer was ready (logged as nginx's 499)."""
+
+    status = 499
+    code = "client_closed_request"
+
+
+# A prompt's first n_ctx * HEAD_CHARS characters are tokenised first: if they alone overflow the
+# context the request is refused without tokenising the rest (a 10 MB prompt took the event loop
+# for ~11 s, stalling every other client). Code runs at 3-5 characters a token.
+HEAD_CHARS = 16
+
+
 @dataclass
 class Templates:
     fim: FimTemplate | None
@@ -118,10 +137,14 @@ class Service:
         seed: int | None,
         top_k: int | None = None,
         repeat_penalty: float | None = None,
+        clamp: bool = False,
     ) -> SamplingParams:
+        """With `clamp` (Ollama, llama.cpp), a `max_tokens` above the limit is lowered to it, not refused."""
         m = self.settings.model
         if max_tokens is None or max_tokens < 0:
             max_tokens = m.default_max_tokens
+        if clamp:
+            max_tokens = min(max_tokens, m.max_tokens_limit)
         if max_tokens > m.max_tokens_limit:
             raise CodemoatError(f"max_tokens is {max_tokens}, above this server's limit of {m.max_tokens_limit}")
         p = SamplingParams(
@@ -147,8 +170,10 @@ class Service:
         p.logits_processors.append(WatermarkProcessor(key, vocab_size=getattr(eng, "n_vocab", None)))
 
     # -- prompts -------------------------------------------------------------
-    def fim_prompt(self, request: Request, principal: Principal, f: FimInput, params: SamplingParams) -> Prepared:
+    def fim_prompt(self, request: Request, principal: Principal, f: FimInput, params: SamplingParams, fit: bool = False) -> Prepared:
+        """`fit`: lower `max_tokens` to the room the prompt leaves (Ollama's and llama.cpp's "-1")."""
         engine = self.engine("complete")
+        self._bound(engine, f.prefix + f.suffix + "".join(x.text for x in f.extra), params)
         t = self.templates(engine)
         usage = request.state.usage
         snippets: list[Any] = []
@@ -168,7 +193,7 @@ class Service:
                 usage["repos"] = [repo]
                 usage["snippets"] = [s.id for s in snippets]
             params.stop = list(dict.fromkeys([*params.stop, *t.fim.stop]))
-        engine.check_prompt(prompt, params.max_tokens)
+        self._check(engine, prompt, params, fit)
         usage["prompt_text"] = f.prefix + f.suffix
         return Prepared(engine, prompt, params, snippets)
 
@@ -204,8 +229,10 @@ class Service:
             k=self.settings.retrieval.k, budget_tokens=budget, count_tokens=engine.count_tokens,
         )
 
-    def chat_prompt(self, request: Request, principal: Principal, messages: list[dict[str, str]], params: SamplingParams, repos: list[str] | None = None) -> Prepared:
+    def chat_prompt(self, request: Request, principal: Principal, messages: list[dict[str, str]], params: SamplingParams,
+                    repos: list[str] | None = None, fit: bool = False) -> Prepared:
         engine = self.engine("chat")
+        self._bound(engine, "".join(m["content"] for m in messages), params)
         t = self.templates(engine)
         msgs = [dict(m) for m in messages]
         for m in msgs:
@@ -223,9 +250,38 @@ class Service:
             request.state.usage["snippets"] = [s.id for s in snippets]
         prompt = t.chat.render(msgs)
         params.stop = list(dict.fromkeys([*params.stop, *t.chat.stop]))
-        engine.check_prompt(prompt, params.max_tokens)
+        self._check(engine, prompt, params, fit)
         request.state.usage["prompt_text"] = "\n".join(m["content"] for m in messages)
         return Prepared(engine, prompt, params, snippets)
+
+    def plain_prompt(self, request: Request, prompt: str, params: SamplingParams, fit: bool = False) -> Prepared:
+        """The prompt as the client sent it (OpenAI completions without suffix, Ollama's `raw`)."""
+        engine = self.engine("complete")
+        self._bound(engine, prompt, params)
+        self._check(engine, prompt, params, fit)
+        request.state.usage["prompt_text"] = prompt
+        return Prepared(engine, prompt, params)
+
+    @staticmethod
+    def _bound(engine: Engine, text: str, params: SamplingParams) -> None:
+        """Refuse a text whose beginning alone overflows the context, before anything tokenises all of it."""
+        head = engine.n_ctx * HEAD_CHARS
+        if len(text) > head:
+            n = engine.count_tokens(text[:head])
+            if n >= engine.n_ctx:
+                raise ContextExceeded(f"prompt is more than {n} tokens and max_tokens is {params.max_tokens}, "
+                                      f"but the model's context is {engine.n_ctx} tokens")
+
+    @staticmethod
+    def _check(engine: Engine, prompt: str, params: SamplingParams, fit: bool) -> None:
+        """The prompt fits beside `max_tokens` (with `fit`, `max_tokens` shrinks to the room left) and is not empty."""
+        if fit:
+            n = engine.count_tokens(prompt)
+            if n < engine.n_ctx:
+                params.max_tokens = max(1, min(params.max_tokens, engine.n_ctx - n))
+        if engine.check_prompt(prompt, params.max_tokens) == 0:
+            # llama.cpp cannot sample from an empty context (an AssertionError, answered as a 500)
+            raise CodemoatError("prompt is empty: there is nothing to continue from")
 
     def _chat_context(self, principal: Principal, msgs: list[dict[str, str]], repos: list[str], engine: Engine) -> list[Any]:
         """Repositories named in the request (extension field or `@repo` in the last user message)."""
@@ -254,8 +310,26 @@ class Service:
 
     # -- running ---------------------------------------------------------------
     async def run(self, request: Request, p: Prepared) -> Completion:
-        async with self._slot():
-            c = await p.engine.complete(p.prompt, p.params)
+        """The whole completion; a client that hangs up while it waits or generates cancels it (`ClientGone`),
+        so the worker goes to the next request instead of finishing an answer nobody reads."""
+
+        async def generate() -> Completion:
+            async with self._slot():
+                return await p.engine.complete(p.prompt, p.params)
+
+        work = asyncio.ensure_future(generate())
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not work.done():
+                work.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await work
+        if work.cancelled():
+            raise ClientGone("the client closed the connection; generation was cancelled")
+        c = work.result()
         self._account(request, c.prompt_tokens, c.completion_tokens, c.text)
         return c
 
@@ -291,6 +365,12 @@ class Service:
         u["prompt_tokens"] = n_prompt
         u["completion_tokens"] = n_out
         u["completion_text"] = text
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client hangs up (the request body has been read by then)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def snippets_extra(ext: Any | None, prep: Prepared) -> dict[str, Any] | None:

@@ -371,7 +371,7 @@ async def _screen_body(receive):
 def _scan_body(body: bytes) -> tuple[set[str], str]:
     try:
         texts = list(_strings(json.loads(body))) if body else []
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested past the decoder's limit: screen it as text
         texts = [body.decode("utf-8", "replace")]
     kinds: set[str] = set()
     message = ""
@@ -387,14 +387,16 @@ def _scan_body(body: bytes) -> tuple[set[str], str]:
 
 
 def _strings(doc) -> Any:
-    if isinstance(doc, str):
-        yield doc
-    elif isinstance(doc, dict):
-        for v in doc.values():
-            yield from _strings(v)
-    elif isinstance(doc, list):
-        for v in doc:
-            yield from _strings(v)
+    """Every string in a JSON document, without recursion (bodies can nest as deep as the decoder allows)."""
+    todo = [doc]
+    while todo:
+        d = todo.pop()
+        if isinstance(d, str):
+            yield d
+        elif isinstance(d, dict):
+            todo.extend(reversed(list(d.values())))
+        elif isinstance(d, list):
+            todo.extend(reversed(d))
 
 
 def check_quota(request: Request, principal: Principal) -> None:

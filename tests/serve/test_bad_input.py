@@ -1,0 +1,139 @@
+"""Bad input against a real server on 127.0.0.1: each protocol answers in its own shape, never a 500,
+never a stalled server; a client that hangs up frees the worker."""
+
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from conftest import ServerProcess, create_token
+
+pytestmark = pytest.mark.slow
+
+
+def _server(tmp_path_factory, model, env: dict) -> ServerProcess:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CODEMOAT_HOME", str(tmp_path_factory.mktemp("home")))
+        for k, v in env.items():
+            mp.setenv(k, v)
+        token = create_token("--name", "sweep")
+        s = ServerProcess(["--model", str(model), "--model-id", "m"])
+    s.token = token
+    return s
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_gguf):
+    """The bundled model (context 512, below the default max_tokens limit of 1024), secrets blocked."""
+    s = _server(tmp_path_factory, tiny_gguf, {"CODEMOAT_POLICY__SECRETS": "block"})
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def c(server):
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {server.token}"}, timeout=60) as client:
+        yield client
+    assert httpx.get(server.url + "/health", timeout=5).status_code == 200
+
+
+def test_empty_prompt_is_a_400_not_a_500(server):
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=server.token, max_retries=0)
+    with pytest.raises(openai.BadRequestError, match="prompt is empty"):
+        client.completions.create(model="m", prompt="", max_tokens=2)
+
+
+@pytest.mark.parametrize("path, shape", [("/v1/completions", dict), ("/api/generate", str), ("/infill", dict)])
+def test_deeply_nested_json_is_a_400(c, path, shape):
+    r = c.post(path, content=b'{"prompt":' + b"[" * 100_000 + b"]" * 100_000 + b"}", headers={"Content-Type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert isinstance(r.json()["error"], shape) and "nested too deeply" in r.text
+
+
+def test_huge_prompt_is_refused_without_stalling_the_server(server, c):
+    big = "a" * (10 * 1024 * 1024)
+    answers = {}
+
+    def send(path, body):
+        answers[path] = c.post(path, json=body)
+
+    threads = [threading.Thread(target=send, args=a) for a in (
+        ("/v1/completions", {"model": "m", "prompt": big, "max_tokens": 1}),
+        ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": big}]}),
+        ("/api/generate", {"model": "m", "prompt": big, "raw": True, "stream": False}),
+    )]
+    for t in threads:
+        t.start()
+    slowest = 0.0  # the JSON decoding and secret screening of 30 MB still cost ~2 s here; tokenising it cost 40 s
+    while any(t.is_alive() for t in threads):  # the event loop is never busy tokenising megabytes
+        t0 = time.perf_counter()
+        assert httpx.get(server.url + "/health", timeout=60).status_code == 200
+        slowest = max(slowest, time.perf_counter() - t0)
+        time.sleep(0.05)
+    for t in threads:
+        t.join()
+    assert slowest < 5, f"/health took {slowest:.1f} s while the prompts were checked"
+    for path, r in answers.items():
+        assert r.status_code == 400 and "context is 512 tokens" in r.text, (path, r.text)
+    assert answers["/v1/completions"].json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_minus_one_and_above_limit_fit_the_context(c):
+    """Ollama's num_predict -1 and llama.cpp's n_predict -1 mean "until the limit or a full context";
+    with the limit (1024) above the context (512) they were a 400 for every prompt."""
+    for n in (-1, -2, 10**9):
+        r = c.post("/api/generate", json={"model": "m", "prompt": "def f(", "raw": True, "stream": False, "options": {"num_predict": n, "temperature": 0}})
+        assert r.status_code == 200 and r.json()["done"] is True, (n, r.text)
+    for n in (-1, 10**9):
+        r = c.post("/infill", json={"input_prefix": "def f(", "input_suffix": ")", "n_predict": n})
+        assert r.status_code == 200 and r.json()["stop"] is True, (n, r.text)
+    r = c.post("/api/chat", json={"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": False, "options": {"num_predict": -1}})
+    assert r.status_code == 200, r.text
+
+
+def test_ollama_empty_prompt_or_messages_load_the_model(c):
+    r = c.post("/api/generate", json={"model": "m"})
+    assert r.status_code == 200 and r.json()["done_reason"] == "load" and r.json()["response"] == ""
+    r = c.post("/api/chat", json={"model": "m", "messages": []})
+    assert r.status_code == 200 and r.json()["done_reason"] == "load" and r.json()["message"]["content"] == ""
+    assert c.post("/api/chat", json={"model": "other", "messages": []}).status_code == 404
+
+
+def test_openai_token_is_checked_before_the_body_and_routes_are_not_models(server):
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        r = httpx.post(server.url + path, content=b"{not json", headers={"Content-Type": "application/json"})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", (path, r.text)
+    h = {"Authorization": f"Bearer {server.token}"}
+    r = httpx.post(server.url + "/v1/embeddings", json={"model": "m", "input": "x"}, headers=h)
+    err = r.json()["error"]
+    assert r.status_code == 404 and err["code"] != "model_not_found" and "/v1/embeddings" in err["message"]
+    r = httpx.get(server.url + "/v1/chat/completions", headers=h)
+    assert r.status_code == 405 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+@pytest.fixture(scope="module")
+def slow_server(tmp_path_factory):
+    """A random-weight model that greedily never stops: 6000 tokens take seconds."""
+    from tinymodel import build_tiny_gguf
+
+    model = build_tiny_gguf(tmp_path_factory.mktemp("slow") / "slow.gguf", n_layer=4, n_embd=256, n_ctx=8192, seed=2)
+    s = _server(tmp_path_factory, model, {"CODEMOAT_MODEL__MAX_TOKENS_LIMIT": "8000", "CODEMOAT_MODEL__N_CTX": "8192"})
+    yield s
+    s.stop()
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/completions", {"model": "m", "prompt": "def f", "max_tokens": 6000, "temperature": 0}),
+    ("/api/generate", {"model": "m", "prompt": "def f", "raw": True, "stream": False, "options": {"num_predict": 6000, "temperature": 0}}),
+])
+def test_client_gone_before_a_whole_answer_frees_the_worker(slow_server, path, body):
+    """Editors cancel completions as the user types (Tabby's are never streamed): the generation stops."""
+    h = {"Authorization": f"Bearer {slow_server.token}"}
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(slow_server.url + path, json=body, headers=h, timeout=0.5)
+    t0 = time.perf_counter()
+    r = httpx.post(slow_server.url + "/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 2}, headers=h, timeout=60)
+    assert r.status_code == 200
+    assert time.perf_counter() - t0 < 2.5, "the abandoned generation kept the worker"
