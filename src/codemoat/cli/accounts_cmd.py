@@ -20,7 +20,12 @@ def _accounts():
 
 
 def _ts(t: float | None) -> str:
-    return "-" if t is None else dt.datetime.fromtimestamp(t, dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
+    if t is None:
+        return "-"
+    try:
+        return dt.datetime.fromtimestamp(t, dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
+    except (OverflowError, OSError, ValueError):  # a time stored before dates were checked: show it, don't fail the list
+        return str(t)
 
 
 def _groups(text: str) -> list[str]:
@@ -101,10 +106,10 @@ def users_set_groups(
 
 
 @users_app.command("remove")
-def users_remove(name: Annotated[str, typer.Argument(help="User name.")]) -> None:
+def users_remove(name: Annotated[str, typer.Argument(help="User name.")], *, as_json: JsonFlag = False) -> None:
     """Remove a user and its tokens."""
     _accounts().remove_user(name)
-    console.print(f"removed user {name}")
+    emit({"removed": name}, as_json, lambda d: console.print(f"removed user {name}", highlight=False, markup=False))
 
 
 @users_app.command("list")
@@ -122,17 +127,17 @@ def users_list(*, as_json: JsonFlag = False) -> None:
 
 
 @groups_app.command("add")
-def groups_add(name: Annotated[str, typer.Argument(help="Group name.")]) -> None:
+def groups_add(name: Annotated[str, typer.Argument(help="Group name.")], *, as_json: JsonFlag = False) -> None:
     """Create a group."""
     _accounts().add_group(name)
-    console.print(f"added group {name}")
+    emit({"group": name}, as_json, lambda d: console.print(f"added group {name}", highlight=False, markup=False))
 
 
 @groups_app.command("remove")
-def groups_remove(name: Annotated[str, typer.Argument(help="Group name.")]) -> None:
+def groups_remove(name: Annotated[str, typer.Argument(help="Group name.")], *, as_json: JsonFlag = False) -> None:
     """Delete a group (its members stay)."""
     _accounts().remove_group(name)
-    console.print(f"removed group {name}")
+    emit({"removed": name}, as_json, lambda d: console.print(f"removed group {name}", highlight=False, markup=False))
 
 
 @groups_app.command("list")

@@ -60,7 +60,12 @@ def audit_export(
         from ..errors import CodemoatError
 
         raise CodemoatError(f"unknown export format {fmt!r}: use jsonl or csv")
-    out = open(output, "w", encoding="utf-8", newline="") if output else sys.stdout
+    try:
+        out = open(output, "w", encoding="utf-8", newline="") if output else sys.stdout
+    except OSError as e:
+        from ..errors import CodemoatError
+
+        raise CodemoatError(f"cannot write {output}: {e.strerror}") from None
     try:
         for chunk in log.export(fmt, since=start, kind=kind):
             out.write(chunk)

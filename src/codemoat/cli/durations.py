@@ -8,14 +8,20 @@ import re
 from ..errors import CodemoatError
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*")
+# Every time a user gives must print as a date again: up to the end of year 9999 (UTC).
+_LATEST = dt.datetime(9999, 12, 31, 23, 59, 59, tzinfo=dt.timezone.utc).timestamp()
 
 
 def parse_duration(text: str) -> float:
     """Seconds in `text` such as `90s`, `15m`, `12h`, `30d`, `2w` (a bare number is seconds)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", text or "")
+    m = _DURATION.fullmatch(text or "")
     if not m:
         raise CodemoatError(f"invalid duration {text!r}: use e.g. 90s, 15m, 12h, 30d")
-    return float(m.group(1)) * _UNITS[m.group(2) or "s"]
+    seconds = float(m.group(1)) * _UNITS[m.group(2) or "s"]
+    if seconds > _LATEST:  # also catches inf: no duration here reaches past year 9999
+        raise CodemoatError(f"duration {text!r} is too long")
+    return seconds
 
 
 def parse_when(text: str) -> float:
@@ -25,7 +31,16 @@ def parse_when(text: str) -> float:
     except ValueError:
         import time
 
-        return time.time() + parse_duration(text)
+        if re.match(r"\s*\d{4}-", text or ""):  # meant as a date, e.g. 2027-13-45
+            raise CodemoatError(f"invalid date {text!r}: use an ISO date such as 2027-12-31 or 2027-12-31T18:00") from None
+        if not _DURATION.fullmatch(text or ""):
+            raise CodemoatError(f"invalid duration or date {text!r}: use e.g. 30d, 12h or an ISO date such as 2027-12-31") from None
+        t = time.time() + parse_duration(text)
+        if t > _LATEST:
+            raise CodemoatError(f"{text!r} from now is past the year 9999")
+        return t
     if d.tzinfo is None:
         d = d.replace(tzinfo=dt.timezone.utc)
+    if d.timestamp() > _LATEST:  # 9999-12-31T23:00-05:00 is in the year 10000 in UTC
+        raise CodemoatError(f"date {text!r} is past the year 9999")
     return d.timestamp()

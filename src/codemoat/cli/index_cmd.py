@@ -163,7 +163,10 @@ def retrieve(
     from ..retrieve import Retriever
 
     info = SqliteIndex().repo(repo)
-    file = Path(info.root) / path
+    root = Path(info.root).resolve()
+    file = (root / path).resolve()
+    if not file.is_relative_to(root):
+        raise CodemoatError(f"--path {path} is outside the repository {repo} ({root})")
     try:
         lines = file.read_text("utf-8", "replace").split("\n")
     except OSError as e:

@@ -30,24 +30,40 @@ for _m in _MODULES:
 
 def main() -> None:
     """Run the CLI; errors a user can cause print one line, never a traceback."""
+    import typer
+    from rich.markup import escape
+
     from ..errors import CodemoatError
+    from .common import err_console
+
+    def one_line(message: str) -> None:
+        first = next((line.strip() for line in str(message).splitlines() if line.strip()), "")
+        err_console.print(f"[red]error:[/red] {escape(first)}", highlight=False, soft_wrap=True)
 
     try:
-        app(standalone_mode=True)
+        # Not standalone: usage errors come back here to be printed as one line, not as a box.
+        code = app(standalone_mode=False)
     except CodemoatError as e:
-        from .common import err_console
-
-        err_console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        one_line(str(e))
+        sys.exit(1)
+    except typer.Abort:
+        one_line("aborted")
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)
+    except typer.TyperException as e:  # a wrong option, a missing argument, a value of the wrong type
+        if type(e).__name__ == "NoArgsIsHelpError":  # `codemoat tokens` alone: the help is already printed
+            sys.exit(e.exit_code)
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        one_line(e.format_message() + hint)
+        sys.exit(e.exit_code)
     except Exception as e:  # last resort: one line, traceback only on request
         if os.environ.get("CODEMOAT_DEBUG"):
             raise
-        from .common import err_console
-
-        err_console.print(f"[red]error:[/red] {type(e).__name__}: {e}", highlight=False, soft_wrap=True)
+        one_line(f"{type(e).__name__}: {e}")
         sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ def trace_cmd(
     *,
     vendor: VendorDir,
     original: Annotated[Path | None, typer.Option(help="The unfingerprinted original (default: the one recorded when sealing that matches the suspect).")] = None,
-    top: Annotated[int, typer.Option(help="Customers to show, best first (0: all; --json always lists all).")] = 10,
+    top: Annotated[int, typer.Option(min=0, help="Customers to show, best first (0: all; --json always lists all).")] = 10,
     as_json: JsonFlag = False,
 ) -> None:
     """Rank every customer by the evidence that SUSPECT is their fingerprinted copy."""
@@ -87,6 +87,12 @@ def watermark_detect(
     from ..trace import vendor_io
     from ..trace.watermark import THRESHOLD, GreenList, LlamaScorer, detect_text
 
+    texts = []  # read every file first: a wrong path fails at once, before the model loads
+    for f in files:
+        try:
+            texts.append(f.read_text(errors="replace"))
+        except OSError as e:
+            raise CodemoatError(f"cannot read {f}: {e.strerror}") from None
     v = vendor_io.open_vendor(vendor)
     try:
         keys = vendor_io.watermark_secrets(v, customer)
@@ -102,11 +108,7 @@ def watermark_detect(
     scorer = LlamaScorer(str(model), n_ctx=1024, vocab_only=not entropy)
     greens = {k: GreenList(s) for k, s in keys.items()}
     out = []
-    for f in files:
-        try:
-            text = f.read_text(errors="replace")
-        except OSError as e:
-            raise CodemoatError(f"cannot read {f}: {e.strerror}") from None
+    for f, text in zip(files, texts):
         scores = detect_text(text, scorer.tokenize, keys, scorer.entropies if entropy else None, greens=greens)
         out.append({"file": str(f), "detected": [s.customer for s in scores if s.detected],
                     "scores": [s.__dict__ for s in scores]})

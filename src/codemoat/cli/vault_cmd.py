@@ -74,6 +74,7 @@ def vendor_seal(
     from ..vault.vendor import Vendor
 
     fp = _fingerprinter() if fingerprint else None
+    _check_writable(out)
     v = Vendor.open(vendor)
     try:
         sealed = v.seal(model, customer, out, fingerprint=fp)
@@ -90,6 +91,7 @@ def vendor_unseal(
     moat: Annotated[Path, typer.Argument(help="A sealed file made by this vendor.")],
     vendor: VendorDir,
     out: Annotated[Path, typer.Option(help="Where to write the plaintext model (a file, or a folder for safetensors).")],
+    as_json: JsonFlag = False,
 ) -> None:
     """Decrypt the vendor's own sealed file (needs the vendor's keys and database)."""
     from ..vault.vendor import Vendor
@@ -99,7 +101,8 @@ def vendor_unseal(
         path = v.unseal(moat, out)
     finally:
         v.close()
-    console.print(f"unsealed {moat.name} -> {path}", highlight=False, soft_wrap=True)
+    emit({"sealed": str(moat), "out": str(path)}, as_json,
+         lambda d: console.print(f"unsealed {moat.name} -> {path}", highlight=False, soft_wrap=True))
 
 
 @license_app.command("issue")
@@ -129,11 +132,14 @@ def license_issue(
     if mode not in ("offline", "lease"):
         raise CodemoatError("--mode must be offline or lease")
     machines = [parse_identity(m) for m in machine]
+    expires_at = int(parse_when(expires))
+    not_before_at = int(parse_when(not_before)) if not_before else None
+    if out is not None:  # before signing: a license recorded but never written would be orphaned
+        _check_writable(out)
     v = Vendor.open(vendor)
     try:
         doc = v.issue_license(
-            customer=customer, model=model, machines=machines, expires=int(parse_when(expires)),
-            not_before=int(parse_when(not_before)) if not_before else None,
+            customer=customer, model=model, machines=machines, expires=expires_at, not_before=not_before_at,
             features=[f.strip() for f in features.split(",") if f.strip()], mode=mode, keyserver=keyserver,
             lease_ttl=int(parse_duration(lease_ttl)), grace=int(parse_duration(grace)), seats=seats,
             watermark=watermark, policy=match)
@@ -141,7 +147,10 @@ def license_issue(
         v.close()
     body = doc["license"]
     path = out or Path(f"{body['id']}.lic")
-    path.write_text(json.dumps(doc, indent=2) + "\n")
+    try:
+        path.write_text(json.dumps(doc, indent=2) + "\n")
+    except OSError as e:
+        raise CodemoatError(f"license {body['id']} was issued but cannot be written to {path}: {e.strerror}") from None
     from ..vault.license import License
 
     d = dict(License.parse(path.read_bytes()).describe(), file=str(path))
@@ -150,8 +159,18 @@ def license_issue(
         f"expires {d['expires_iso']} -> {path}", highlight=False, soft_wrap=True))
 
 
+def _check_writable(path: Path) -> None:
+    """One clear line now, rather than a failure after the work is done, when `path` cannot be written."""
+    if path.is_dir():
+        raise CodemoatError(f"{path} is a folder: name a file to write")
+    parent = path.parent
+    if not parent.is_dir():
+        raise CodemoatError(f"folder {parent} does not exist")
+
+
 @license_app.command("revoke")
-def license_revoke(license_id: Annotated[str, typer.Argument(help="License id (lic_...).")], vendor: VendorDir) -> None:
+def license_revoke(license_id: Annotated[str, typer.Argument(help="License id (lic_...).")], vendor: VendorDir,
+                   as_json: JsonFlag = False) -> None:
     """Revoke a license: its leases end at their next renewal."""
     from ..vault.vendor import Vendor
 
@@ -160,7 +179,7 @@ def license_revoke(license_id: Annotated[str, typer.Argument(help="License id (l
         v.revoke(license_id)
     finally:
         v.close()
-    console.print(f"revoked {license_id}", highlight=False, soft_wrap=True)
+    emit({"revoked": license_id}, as_json, lambda d: console.print(f"revoked {license_id}", highlight=False, soft_wrap=True))
 
 
 @license_app.command("list")
@@ -181,10 +200,17 @@ def license_list(vendor: VendorDir, as_json: JsonFlag = False) -> None:
         t = Table("id", "customer", "model", "mode", "seats", "leases", "expires", "state")
         for r in rows:
             t.add_row(r["id"], r["customer"], r["model"], r["mode"], str(r["seats"]), str(r["leases"]),
-                      iso(r["expires"]), r["state"])
+                      _iso_or_raw(iso, r["expires"]), r["state"])
         console.print(t)
 
     emit(rows, as_json, human)
+
+
+def _iso_or_raw(iso, t: int) -> str:
+    try:
+        return iso(t)
+    except (OverflowError, OSError, ValueError):  # recorded before expiry dates were checked
+        return str(t)
 
 
 @app.command("inspect")

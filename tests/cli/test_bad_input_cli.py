@@ -1,0 +1,114 @@
+"""Bad input on the command line: one line on stderr, a non-zero exit, no traceback, nothing lost."""
+
+import json
+import re
+import shlex
+from pathlib import Path
+
+from conftest import BUNDLED, ROOT, run_cli
+
+
+def one_line_error(r, needle: str, code: int = 1) -> None:
+    assert r.returncode == code, (r.returncode, r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr and "╭" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.stderr.startswith("error: ") and needle in r.stderr, r.stderr
+
+
+def test_usage_errors_are_one_line():
+    one_line_error(run_cli("config", "show", "--jsn"), "No such option: --jsn", 2)
+    one_line_error(run_cli("tokens", "create"), "Missing option '--name'", 2)
+    one_line_error(run_cli("retrieve", "--repo", "r", "--path", "a.py", "--line", "0"), "--line", 2)
+    one_line_error(run_cli("trace", "x.gguf", "--vendor", "v", "--top", "-1"), "--top", 2)
+    one_line_error(run_cli("nosuch"), "No such command", 2)
+    r = run_cli("tokens")  # a group alone still shows its help
+    assert r.returncode == 2 and "create" in r.stdout and not r.stderr
+
+
+def test_unexpected_errors_are_one_line(home: Path):
+    (home / "codemoat.db").write_bytes(b"this is not a database")
+    one_line_error(run_cli("users", "list"), "not a database")
+
+
+def test_dates_and_durations(home: Path):
+    one_line_error(run_cli("tokens", "create", "--name", "a", "--expires", "2027-13-45"), "invalid date '2027-13-45'")
+    one_line_error(run_cli("tokens", "create", "--name", "a", "--expires", "99999999999999d"), "too long")
+    one_line_error(run_cli("tokens", "create", "--name", "a", "--expires", "9" * 400 + "s"), "too long")
+    one_line_error(run_cli("tokens", "create", "--name", "a", "--expires", "9999-12-31T23:00-05:00"), "past the year 9999")
+    r = run_cli("tokens", "list", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout) == []  # nothing was stored that breaks the list
+
+
+def test_tokens_list_survives_an_expiry_out_of_range(home: Path):
+    from codemoat.accounts import Accounts
+    from codemoat.db import open_db
+
+    Accounts(open_db()).create_token("old", None, ("complete",), 8.64e18)  # as an older CLI let through
+    r = run_cli("tokens", "list")
+    assert r.returncode == 0, r.stderr
+    assert "old" in r.stdout
+
+
+def test_reporting_commands_accept_json(home: Path):
+    assert json.loads(run_cli("groups", "add", "g1", "--json").stdout) == {"group": "g1"}
+    assert json.loads(run_cli("groups", "remove", "g1", "--json").stdout) == {"removed": "g1"}
+    assert run_cli("users", "add", "zed").returncode == 0
+    assert json.loads(run_cli("users", "remove", "zed", "--json").stdout) == {"removed": "zed"}
+
+
+def test_vendor_bad_output_paths_record_nothing(tmp_path: Path):
+    vendor, machine = tmp_path / "vendor", tmp_path / "machine.json"
+    assert run_cli("vendor", "init", "--vendor", str(vendor)).returncode == 0
+    machine.write_text(run_cli("machine-id", "--json").stdout)
+    (tmp_path / "folder").mkdir()
+    one_line_error(run_cli("vendor", "seal", str(BUNDLED), "--vendor", str(vendor), "--customer", "ACME",
+                           "--out", str(tmp_path / "folder"), "--no-fingerprint"), "is a folder")
+    moat = tmp_path / "acme.moat"
+    r = run_cli("vendor", "seal", str(BUNDLED), "--vendor", str(vendor), "--customer", "ACME", "--out", str(moat),
+                "--no-fingerprint")
+    assert r.returncode == 0, r.stderr
+    issue = ["vendor", "license", "issue", "--vendor", str(vendor), "--customer", "ACME", "--model", str(moat),
+             "--machine", str(machine)]
+    one_line_error(run_cli(*issue, "--expires", "30d", "--out", str(tmp_path / "nodir" / "a.lic")), "does not exist")
+    one_line_error(run_cli(*issue, "--expires", "30d", "--out", str(tmp_path / "folder")), "is a folder")
+    one_line_error(run_cli(*issue, "--expires", "99999999999999d", "--out", str(tmp_path / "a.lic")), "too long")
+    listed = run_cli("vendor", "license", "list", "--vendor", str(vendor), "--json")
+    assert listed.returncode == 0 and json.loads(listed.stdout) == []  # no license signed and left without a file
+    r = run_cli(*issue, "--expires", "30d", "--out", str(tmp_path / "a.lic"), "--json")
+    assert r.returncode == 0, r.stderr
+    lic = json.loads(r.stdout)["id"]
+    r = run_cli("vendor", "license", "revoke", lic, "--vendor", str(vendor), "--json")
+    assert json.loads(r.stdout) == {"revoked": lic}
+    r = run_cli("vendor", "unseal", str(moat), "--vendor", str(vendor), "--out", str(tmp_path / "plain.gguf"), "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["out"] == str(tmp_path / "plain.gguf")
+
+
+def test_audit_export_to_a_folder(tmp_path: Path):
+    one_line_error(run_cli("audit", "export", "-o", str(tmp_path)), "cannot write")
+
+
+def test_watermark_detect_reads_its_files_first(tmp_path: Path):
+    one_line_error(run_cli("watermark", "detect", str(tmp_path / "missing.txt"), "--vendor", str(tmp_path / "v")),
+                   "cannot read")
+
+
+def test_retrieve_stays_inside_the_repository(tmp_path: Path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "a.py").write_text("def f():\n    return 1\n")
+    (tmp_path / "secret.py").write_text("KEY = 1\n")
+    assert run_cli("index", "add", str(repo), "--name", "r", "--json").returncode == 0
+    one_line_error(run_cli("retrieve", "--repo", "r", "--path", "../secret.py", "--line", "1"), "outside the repository")
+    assert run_cli("retrieve", "--repo", "r", "--path", "a.py", "--line", "2", "--json").returncode == 0
+
+
+def test_readme_tour_account_steps_run_in_order():
+    """Steps 1 and 3 of the README's tour, as written: the token makes alice, step 3 gives her a group."""
+    text = (ROOT / "README.md").read_text()
+    tour = text[text.index("## A five-minute tour"):text.index("## Documentation")]
+    lines = [re.sub(r"\s+#.*$", "", ln).strip() for ln in tour.splitlines()]
+    steps = [ln for ln in lines if ln.startswith(("codemoat tokens ", "codemoat users "))]
+    assert len(steps) >= 2
+    for step in steps:
+        r = run_cli(*shlex.split(step)[1:])
+        assert r.returncode == 0, (step, r.stderr)
