@@ -65,3 +65,49 @@ def test_cli_signature_model_customer_clock(setup):
     assert "not a codemoat sealed file" in one_line_error(verify(lic, lic))
     assert "license is not valid JSON" in one_line_error(verify(moat, moat))
     assert "sealed file not found" in one_line_error(verify(tmp / "nope.moat", lic))
+
+
+def test_cli_wrong_kinds_of_path_are_one_line(setup):
+    """Folders, non-text files and odd paths where the vault expects something else: one line naming it."""
+    vendor, machine, model, moat, lic, doc, tmp = setup
+    folder = tmp / "adir"
+    folder.mkdir()
+    assert f"{folder} is a folder, not a sealed file" in one_line_error(verify(folder, lic))
+    assert "is a folder, not a sealed file" in one_line_error(
+        cli("vendor", "unseal", str(folder), "--vendor", str(vendor.root), "--out", str(tmp / "x.gguf")))
+    # unseal into a folder where a .gguf file is meant: refused before anything is decrypted or written
+    assert f"{folder} is a folder: name the .gguf file" in one_line_error(
+        cli("vendor", "unseal", str(moat), "--vendor", str(vendor.root), "--out", str(folder)))
+    assert list(folder.iterdir()) == []
+    # a machine identity that is not text, or is a folder
+    binary = tmp / "id.bin"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    base = ["vendor", "license", "issue", "--vendor", str(vendor.root), "--customer", "acme", "--model", str(moat),
+            "--expires", "30d", "--machine"]
+    assert "is not text (not UTF-8)" in one_line_error(cli(*base, str(binary)))
+    assert "is a folder: name the identity file" in one_line_error(cli(*base, str(folder)))
+    # vendor init on a file, and under a path that cannot exist
+    a_file = tmp / "plain.txt"
+    a_file.write_text("keep me")
+    assert "is a file: --vendor names a folder" in one_line_error(cli("vendor", "init", "--vendor", str(a_file)))
+    assert a_file.read_text() == "keep me"
+    assert "cannot create vendor folder" in one_line_error(cli("vendor", "init", "--vendor", str(a_file / "sub")))
+
+
+def test_license_times_stay_printable(vendor, machine, tmp_path):
+    """The vault itself refuses times no date can show (not only the CLI's parser), and describing a
+    license with a damaged time field shows the number instead of failing."""
+    from codemoat.errors import CodemoatError
+    from codemoat.vault.clock import LATEST, iso
+
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF" + os.urandom(3000))
+    moat = tmp_path / "m.moat"
+    vendor.seal(model, "acme", moat)
+    for expires in (LATEST + 1, -5):
+        with pytest.raises(CodemoatError, match="outside the years 1970-9999"):
+            vendor.issue_license(customer="acme", model=moat, machines=[machine.identity()], expires=expires)
+    assert vendor.licenses() == []
+    doc = vendor.issue_license(customer="acme", model=moat, machines=[machine.identity()], expires=LATEST)
+    assert iso(LATEST) == "9999-12-31T23:59:59Z" and doc["license"]["expires"] == LATEST
+    assert iso(10 ** 20).endswith("(out of range)")

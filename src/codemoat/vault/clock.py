@@ -70,8 +70,18 @@ class ManualClock(Clock):
         return event.wait(min(max(0.0, seconds), 0.005))
 
 
+#: the last second a date can name in four digits, 9999-12-31T23:59:59Z: no time given to a license
+#: or a token may be later, so every one prints as a date again
+LATEST = 253402300799
+
+
 def iso(t: float | int) -> str:
-    return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """UTC ISO-8601 for a Unix time; a time no calendar date can hold (a damaged or hostile field)
+    is shown as the number it is, so describing a document never fails on it."""
+    try:
+        return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (OverflowError, OSError, ValueError):
+        return f"@{t} (out of range)"
 
 
 class ClockGuard:

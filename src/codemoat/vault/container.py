@@ -17,6 +17,7 @@ import hashlib
 import json
 import mmap
 import os
+import stat
 import struct
 import threading
 import time
@@ -123,7 +124,11 @@ class SealedFile:
         except OSError as e:
             raise VaultError(f"cannot read sealed file {self.path}: {e.strerror}") from None
         try:
-            self.file_size = os.fstat(fd).st_size
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise VaultError(f"{self.path} is {'a folder' if stat.S_ISDIR(st.st_mode) else 'not a regular file'},"
+                                 " not a sealed file")
+            self.file_size = st.st_size
             head = os.pread(fd, PREFIX.size, 0)
             if len(head) < PREFIX.size:
                 raise VaultError(f"{self.path.name} is not a codemoat sealed file (too short)")

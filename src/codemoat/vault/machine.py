@@ -173,7 +173,11 @@ def parse_identity(text_or_path: str | dict) -> dict[str, Any]:
         src = text_or_path.strip()
         if not src.startswith("{"):
             try:
-                src = Path(src).read_text()
+                src = Path(src).read_text(encoding="utf-8")
+            except UnicodeDecodeError:
+                raise VaultError(f"machine identity file {text_or_path} is not text (not UTF-8)") from None
+            except IsADirectoryError:
+                raise VaultError(f"machine identity {text_or_path} is a folder: name the identity file") from None
             except OSError:
                 raise VaultError(f"machine identity {text_or_path!r} is neither a file nor JSON") from None
         try:

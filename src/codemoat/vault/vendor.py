@@ -29,6 +29,7 @@ from sqlalchemy.exc import IntegrityError
 
 from .. import db
 from ..errors import CodemoatError, NotFound
+from .clock import LATEST
 from .codec import VaultError, b64e, ed_private_raw, key_id, public_raw, write_secret
 from .container import SealedFile, seal_bytes
 from .license import issue as issue_license_doc
@@ -126,7 +127,12 @@ class Vendor:
         root = Path(root)
         if (root / "vendor.json").exists():
             raise CodemoatError(f"{root} already holds a vendor (vendor.json exists); refusing to overwrite its keys")
-        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if root.exists() and not root.is_dir():
+            raise CodemoatError(f"{root} is a file: --vendor names a folder for the vendor's keys")
+        try:
+            root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as e:
+            raise CodemoatError(f"cannot create vendor folder {root}: {e.strerror}") from None
         signing, ks = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
         write_secret(root / "signing.key", ed_private_raw(signing))
         write_secret(root / "keyserver.key", ed_private_raw(ks))
@@ -280,17 +286,24 @@ class Vendor:
     def unseal(self, moat: str | Path, out: str | Path) -> Path:
         """Decrypt the vendor's own sealed file: a .gguf file, or a folder for safetensors."""
         sealed, key = self.open_sealed(moat)
-        plain = sealed.decrypt(key, check_sha256=True)
         out = Path(out)
         m = sealed.manifest
-        if m.format == "gguf":
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_bytes(plain)
-        else:
-            out.mkdir(parents=True, exist_ok=True)
-            for p in m.parts:
-                name = Path(p["name"]).name
-                (out / name).write_bytes(plain[p["offset"]: p["offset"] + p["size"]])
+        if m.format == "gguf" and out.is_dir():
+            raise CodemoatError(f"{out} is a folder: name the .gguf file to write")
+        if m.format != "gguf" and out.exists() and not out.is_dir():
+            raise CodemoatError(f"{out} is a file: a safetensors model unseals into a folder")
+        plain = sealed.decrypt(key, check_sha256=True)
+        try:
+            if m.format == "gguf":
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_bytes(plain)
+            else:
+                out.mkdir(parents=True, exist_ok=True)
+                for p in m.parts:
+                    name = Path(p["name"]).name
+                    (out / name).write_bytes(plain[p["offset"]: p["offset"] + p["size"]])
+        except OSError as e:
+            raise CodemoatError(f"cannot write {e.filename or out}: {e.strerror}") from None
         return out
 
     # -- licenses ---------------------------------------------------------
@@ -307,6 +320,9 @@ class Vendor:
             raise VaultError(f"{Path(model).name} is sealed for customer {sealed.manifest.customer!r}, not {customer!r}")
         now = int(time.time())
         nb = now if not_before is None else not_before
+        for what, t in (("expiry", expires), ("not-before date", nb)):
+            if not 0 <= t <= LATEST:
+                raise CodemoatError(f"license {what} {t} is outside the years 1970-9999")
         lease = None
         if mode == "lease":
             if not keyserver:
