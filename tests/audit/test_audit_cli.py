@@ -91,3 +91,36 @@ def test_rotate_archives_and_restarts_a_tampered_log(audit_log, audit_home, tmp_
     first = json.loads(runner.invoke(app, ["audit", "export"]).output.splitlines()[0])
     assert first["kind"] == "rotation" and first["detail"]["archive_sha256"] == d["archive_sha256"]
     assert runner.invoke(app, ["audit", "rotate", "--archive", str(arc)]).exit_code != 0  # never overwrites an archive
+
+
+def test_outbound_shows_a_line_that_is_not_utf8_and_keeps_going(audit_home):
+    good = {"id": "r1", "time": "2026-11-28T10:00:00Z", "destination": "https://keys.vendor.example/v1/lease",
+            "method": "POST", "body": "a\u2028b", "status": None}
+    (audit_home / "outbound.jsonl").write_bytes(
+        json.dumps(good, ensure_ascii=False).encode() + b"\n"
+        + b'{"id": "r2", "body": "caf\xe9 \xff"}\n'  # latin-1 bytes: not UTF-8
+        + json.dumps(dict(good, id="r3", status=200)).encode() + b"\n"
+        + b"3\n"  # JSON, but not an object
+    )
+    r = runner.invoke(app, ["audit", "outbound"])
+    assert r.exit_code == 0, r.output
+    assert "line 2 (not valid UTF-8" in r.output and "status 200" in r.output and "line 4 (not a JSON object): 3" in r.output
+    r = runner.invoke(app, ["audit", "outbound", "--json"])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.output)
+    assert [x.get("id") for x in rows] == ["r1", None, "r3", None]
+    assert rows[0]["body"] == "a\u2028b"  # one line, though str.splitlines would cut it
+    assert rows[1] == {"line": 2, "raw": '{"id": "r2", "body": "caf\ufffd \ufffd"}', "not_utf8": True}
+    assert rows[3] == {"line": 4, "raw": "3"}
+
+
+def test_export_since_out_of_range_is_one_line(audit_log):
+    from conftest import run_cli
+
+    fill(audit_log, 2)
+    r = run_cli("audit", "export", "--since", "99999999999999d")
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.strip() == "error: cannot use --since '99999999999999d': duration '99999999999999d' is too long"
+    for ok in ("2w", "2900000d"):  # about 7,900 years back: still allowed, and reads every record
+        r = run_cli("audit", "export", "--since", ok)
+        assert r.returncode == 0 and len(r.stdout.splitlines()) == 2, r.stderr

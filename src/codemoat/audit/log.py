@@ -410,13 +410,17 @@ def to_public(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def parse_since(text: str | None) -> float | None:
-    """`--since` as epoch seconds: an ISO date/time, or a duration back from now (90s, 15m, 2h, 7d)."""
+    """`--since` as epoch seconds: an ISO date/time, or a duration back from now (90s, 15m, 2h, 7d, 2w)."""
     if not text:
         return None
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    from ..cli.durations import parse_duration
+
     t = text.strip()
-    if t[-1:] in units and t[:-1].replace(".", "", 1).isdigit():
-        return time.time() - float(t[:-1]) * units[t[-1]]
+    if t[-1:] in ("s", "m", "h", "d", "w") and t[:-1].replace(".", "", 1).isdigit():
+        try:  # refuses what reaches past year 9999 (as a count of microseconds it would not fit SQLite)
+            return time.time() - parse_duration(t)
+        except CodemoatError as e:
+            raise CodemoatError(f"cannot use --since {text!r}: {e}") from None
     try:
         dt = datetime.fromisoformat(t)
     except ValueError:

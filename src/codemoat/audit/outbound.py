@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import paths
+from ..errors import CodemoatError
 
 OUTBOUND = "outbound.jsonl"
 
@@ -20,16 +21,29 @@ def outbound_file() -> Path:
 
 
 def read_outbound(path: Path | None = None) -> list[dict[str, Any]]:
-    """Each line as written (a line that is not JSON is shown as `{"raw": line}` rather than hidden)."""
+    """Each line as written. A line that is not a JSON object is shown as `{"line": n, "raw": text}`
+    rather than hidden; one that is not valid UTF-8 also carries `"not_utf8": true`, its bad bytes
+    shown as U+FFFD, and the lines after it are still read."""
     p = path or outbound_file()
-    if not p.exists():
+    try:
+        data = p.read_bytes()
+    except FileNotFoundError:
         return []
-    out = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
+    except OSError as e:
+        raise CodemoatError(f"cannot read {p}: {e.strerror}") from None
+    out: list[dict[str, Any]] = []
+    # split on \n only: the lines are JSON, and str.splitlines would also cut at U+2028 inside a string
+    for n, raw in enumerate(data.split(b"\n"), 1):
+        if not raw.strip():
             continue
         try:
-            out.append(json.loads(line))
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            out.append({"line": n, "raw": raw.decode("utf-8", "replace"), "not_utf8": True})
+            continue
+        try:
+            row = json.loads(line)
         except ValueError:
-            out.append({"line": n, "raw": line})
+            row = None
+        out.append(row if isinstance(row, dict) else {"line": n, "raw": line})
     return out

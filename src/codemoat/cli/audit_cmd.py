@@ -87,7 +87,8 @@ def audit_outbound(*, as_json: JsonFlag = False) -> None:
             return
         for r in rs:
             if "raw" in r:
-                console.print(f"line {r['line']} (not JSON): {r['raw']}", highlight=False, markup=False)
+                why = "not valid UTF-8, bad bytes shown as \ufffd" if r.get("not_utf8") else "not a JSON object"
+                console.print(f"line {r['line']} ({why}): {r['raw']}", highlight=False, markup=False)
                 continue
             status = "sending" if r.get("status") is None else f"status {r['status']}"
             console.print(f"{r.get('time')}  {r.get('method')} {r.get('destination')}  {status}", highlight=False, markup=False)
