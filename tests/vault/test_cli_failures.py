@@ -111,3 +111,35 @@ def test_license_times_stay_printable(vendor, machine, tmp_path):
     doc = vendor.issue_license(customer="acme", model=moat, machines=[machine.identity()], expires=LATEST)
     assert iso(LATEST) == "9999-12-31T23:59:59Z" and doc["license"]["expires"] == LATEST
     assert iso(10 ** 20).endswith("(out of range)")
+
+
+def test_cli_outputs_are_not_overwritten_and_licenses_can_be_exported_again(setup):
+    """An issued license file or a sealed file is never replaced silently; the vendor database can
+    write any license out again, byte for byte the document that was issued."""
+    vendor, machine, model, moat, lic, doc, tmp = setup
+    out = tmp / "acme.lic"
+    base = ["vendor", "license", "issue", "--vendor", str(vendor.root), "--customer", "acme", "--model", str(moat),
+            "--machine", json.dumps(machine.identity()), "--expires", "30d", "--out", str(out)]
+    assert cli(*base).returncode == 0
+    first = out.read_text()
+    err = one_line_error(cli(*base))
+    assert f"{out} exists: pass --force" in err and "vendor license show" in err
+    assert out.read_text() == first
+    assert len(vendor.licenses()) == 2  # the one issued with the fixture, and this one: the refusal recorded none
+    assert cli(*base, "--force").returncode == 0
+    assert out.read_text() != first and len(vendor.licenses()) == 3
+    first_id = json.loads(first)["license"]["id"]
+    again = tmp / "again.lic"
+    p = cli("vendor", "license", "show", first_id, "--vendor", str(vendor.root), "--out", str(again), "--json")
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["id"] == first_id and again.read_text() == first
+    p = cli("vendor", "license", "show", first_id, "--vendor", str(vendor.root))
+    assert p.returncode == 0 and p.stdout == first
+    assert cli("verify", "--model", str(moat), "--license", str(again)).returncode == 0
+    assert "no license lic_nope" in one_line_error(cli("vendor", "license", "show", "lic_nope", "--vendor", str(vendor.root)))
+    # sealing over an existing sealed file
+    before = moat.read_bytes()
+    assert f"{moat} exists: pass --force" in one_line_error(
+        cli("vendor", "seal", str(model), "--vendor", str(vendor.root), "--customer", "acme", "--out", str(moat),
+            "--no-fingerprint"))
+    assert moat.read_bytes() == before

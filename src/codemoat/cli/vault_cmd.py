@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -68,13 +69,14 @@ def vendor_seal(
     out: Annotated[Path, typer.Option(help="The sealed file to write (.moat).")],
     fingerprint: Annotated[bool, typer.Option("--fingerprint/--no-fingerprint",
                                               help="Embed the customer's weight fingerprint first.")] = True,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out file.")] = False,
     as_json: JsonFlag = False,
 ) -> None:
     """Encrypt a model for one customer: signed manifest, AES-256-GCM chunks, fresh content key."""
     from ..vault.vendor import Vendor
 
+    _check_writable(out, force, "its licenses name that file's content; the new file gets a new key")
     fp = _fingerprinter() if fingerprint else None
-    _check_writable(out)
     v = Vendor.open(vendor)
     try:
         sealed = v.seal(model, customer, out, fingerprint=fp)
@@ -122,6 +124,7 @@ def license_issue(
     watermark: Annotated[bool, typer.Option("--watermark/--no-watermark", help="Deliver the customer's output-watermark key.")] = True,
     match: Annotated[str, typer.Option(help="Hardware match policy: all, most, two, any.")] = "most",
     out: Annotated[Path | None, typer.Option(help="License file to write (default: <license id>.lic).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out file.")] = False,
     as_json: JsonFlag = False,
 ) -> None:
     """Sign a license binding a sealed model to a customer's machine(s), dates and features."""
@@ -135,7 +138,7 @@ def license_issue(
     expires_at = int(parse_when(expires))
     not_before_at = int(parse_when(not_before)) if not_before else None
     if out is not None:  # before signing: a license recorded but never written would be orphaned
-        _check_writable(out)
+        _check_writable(out, force, "the license in it stays in the vendor database: `vendor license show ID`")
     v = Vendor.open(vendor)
     try:
         doc = v.issue_license(
@@ -159,10 +162,14 @@ def license_issue(
         f"expires {d['expires_iso']} -> {path}", highlight=False, soft_wrap=True))
 
 
-def _check_writable(path: Path) -> None:
-    """One clear line now, rather than a failure after the work is done, when `path` cannot be written."""
+def _check_writable(path: Path, force: bool = False, replacing: str = "") -> None:
+    """One clear line now, rather than a failure after the work is done, when `path` cannot be written
+    (or holds a file that only `--force` may replace)."""
     if path.is_dir():
         raise CodemoatError(f"{path} is a folder: name a file to write")
+    if path.exists() and not force:
+        raise CodemoatError(f"{path} exists: pass --force to replace it ({replacing})" if replacing
+                            else f"{path} exists: pass --force to replace it")
     parent = path.parent
     if not parent.is_dir():
         raise CodemoatError(f"folder {parent} does not exist")
@@ -180,6 +187,40 @@ def license_revoke(license_id: Annotated[str, typer.Argument(help="License id (l
     finally:
         v.close()
     emit({"revoked": license_id}, as_json, lambda d: console.print(f"revoked {license_id}", highlight=False, soft_wrap=True))
+
+
+@license_app.command("show")
+def license_show(
+    license_id: Annotated[str, typer.Argument(help="License id (lic_...).")],
+    vendor: VendorDir,
+    out: Annotated[Path | None, typer.Option(help="Write the license file here (default: print it).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out file.")] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """A license exactly as it was issued, from the vendor database: print it, or write the .lic again."""
+    from ..vault.license import License
+    from ..vault.vendor import Vendor
+
+    if out is not None:
+        _check_writable(out, force)
+    v = Vendor.open(vendor)
+    try:
+        row = v.license_row(license_id)
+    finally:
+        v.close()
+    if row is None:
+        raise CodemoatError(f"no license {license_id}")
+    text = json.dumps(json.loads(row.document), indent=2) + "\n"
+    if out is None:  # the document itself (JSON either way)
+        sys.stdout.write(text)
+        return
+    try:
+        out.write_text(text)
+    except OSError as e:
+        raise CodemoatError(f"cannot write {out}: {e.strerror}") from None
+    d = dict(License.parse(text.encode()).describe(), file=str(out))
+    emit(d, as_json, lambda d: console.print(f"license {d['id']} for {d['customer']} -> {out}",
+                                             highlight=False, soft_wrap=True))
 
 
 @license_app.command("list")
@@ -200,17 +241,10 @@ def license_list(vendor: VendorDir, as_json: JsonFlag = False) -> None:
         t = Table("id", "customer", "model", "mode", "seats", "leases", "expires", "state")
         for r in rows:
             t.add_row(r["id"], r["customer"], r["model"], r["mode"], str(r["seats"]), str(r["leases"]),
-                      _iso_or_raw(iso, r["expires"]), r["state"])
+                      iso(r["expires"]), r["state"])
         console.print(t)
 
     emit(rows, as_json, human)
-
-
-def _iso_or_raw(iso, t: int) -> str:
-    try:
-        return iso(t)
-    except (OverflowError, OSError, ValueError):  # recorded before expiry dates were checked
-        return str(t)
 
 
 @app.command("inspect")
