@@ -127,7 +127,7 @@ def test_memfd_is_sealed_anonymous_and_zeroed(random_gguf):
 def test_bad_model_is_a_clean_error(tmp_path):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF" + os.urandom(100))
-    with pytest.raises(CodemoatError, match="cannot load model"):
+    with pytest.raises(CodemoatError, match=f"cannot load model {bad.stem}: llama.cpp cannot read it"):
         LlamaCppEngine.from_path(bad)
     with pytest.raises(CodemoatError, match="not found"):
         LlamaCppEngine.from_path(tmp_path / "missing.gguf")
@@ -138,3 +138,16 @@ def test_utf8_prefix():
     assert _valid_utf8_prefix(s) == len(s)
     assert _valid_utf8_prefix(s[:-1]) == 2
     assert _valid_utf8_prefix(s[:1]) == 0
+
+
+def test_empty_prompt_is_refused_by_the_engine(engine):
+    p = SamplingParams(max_tokens=4, temperature=0)
+    assert engine.tokenize("") == []  # this model adds no BOS: "" is zero tokens
+
+    async def drain():
+        return [c async for c in engine.stream("", p)]
+
+    for attempt in (lambda: run(engine.complete("", p)), lambda: run(drain()), lambda: engine.logits("")):
+        with pytest.raises(CodemoatError, match="the prompt is empty"):
+            attempt()
+    assert run(engine.complete("def add(", p)).completion_tokens == 4  # the worker is still serving

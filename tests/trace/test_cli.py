@@ -66,6 +66,17 @@ def test_trace_errors_are_one_line(vendor, tmp_path):
     assert r.returncode == 1 and "vendor" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
+def test_trace_of_a_truncated_gguf_names_it(vendor, tmp_path):
+    whole = (vendor / "leak.gguf").read_bytes()
+    for n in (35, 300, len(whole) // 2):  # inside the header (was IndexError), in the metadata, in the tensors
+        cut = tmp_path / f"cut{n}.gguf"
+        cut.write_bytes(whole[:n])
+        for args in (["trace", str(cut)], ["trace", str(vendor / "leak.gguf"), "--original", str(cut)]):
+            r = _cli(*args, "--vendor", str(vendor / "v"))
+            assert r.returncode == 1, r.stdout
+            assert r.stderr.strip() == f"error: {cut}: truncated or not a valid GGUF file", r.stderr
+
+
 def test_watermark_detect_cli(vendor, f16_model, flat_model, tmp_path):
     from codemoat.vault.vendor import Vendor
 
@@ -88,3 +99,19 @@ def test_watermark_detect_cli(vendor, f16_model, flat_model, tmp_path):
     assert files[0]["detected"] == ["initech"] and files[1]["detected"] == []
     r = _cli("watermark", "detect", str(gen), "--vendor", str(vendor / "v"), "--customer", "nobody")
     assert r.returncode == 1 and "nobody" in r.stderr
+
+
+def test_watermark_detect_model_errors_and_no_llama_warnings(vendor, flat_model, tmp_path):
+    text = tmp_path / "a.py"
+    text.write_text("def add(a, b):\n    return a + b\n" * 20)
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(flat_model.read_bytes()[: flat_model.stat().st_size // 2])
+    for flag in ("--entropy", "--no-entropy"):
+        r = _cli("watermark", "detect", str(text), "--vendor", str(vendor / "v"), "--model", str(cut), flag)
+        assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert r.stderr.startswith(f"error: cannot load model {cut}: llama.cpp cannot read it"), r.stderr
+    # the model was trained with a 256-token context: the CLI's 1024 is capped, so llama.cpp has nothing to warn of
+    for flag in ("--entropy", "--no-entropy"):
+        r = _cli("watermark", "detect", str(text), "--vendor", str(vendor / "v"), "--model", str(flat_model), flag, "--json")
+        assert r.returncode == 0 and r.stderr == "", r.stderr
+        assert json.loads(r.stdout)["files"][0]["scores"]

@@ -38,6 +38,50 @@ def _valid_utf8_prefix(b: bytes) -> int:
     return n
 
 
+def _cannot_load(name: str) -> CodemoatError:
+    return CodemoatError(f"cannot load model {name}: llama.cpp cannot read it (not a GGUF model, truncated, "
+                         "or an architecture this llama.cpp does not know)")
+
+
+def load_vocab(model_path: str, name: str | None = None):
+    """A vocab-only `llama_cpp.Llama` (tokenizer and metadata, no weights); one line naming the file if it cannot load."""
+    import llama_cpp
+    from llama_cpp._utils import suppress_stdout_stderr
+
+    try:
+        # a vocab-only load reads no hyperparameters, so llama.cpp warns that any context exceeds
+        # a training context of 0: noise, held back here
+        with suppress_stdout_stderr(disable=False):
+            return llama_cpp.Llama(model_path=model_path, vocab_only=True, verbose=False)
+    except (ValueError, RuntimeError, OSError):
+        raise _cannot_load(name or model_path) from None
+
+
+def training_context(metadata: dict[str, Any], default: int) -> int:
+    """The context length a GGUF model was trained with (`<arch>.context_length`), else `default`."""
+    arch = metadata.get("general.architecture", "llama")
+    try:
+        return int(metadata.get(f"{arch}.context_length", 0)) or default
+    except ValueError:
+        return default
+
+
+def load_llama(model_path: str, name: str | None = None, **kw: Any):
+    """A full `llama_cpp.Llama` with `n_ctx` capped at the model's training context (a larger one
+    makes llama.cpp warn of a training context overflow on every load); one line naming the file if it cannot load."""
+    import llama_cpp
+
+    probe = load_vocab(model_path, name)
+    train_ctx = training_context(probe.metadata, kw.get("n_ctx", 512))
+    probe.close()
+    kw["n_ctx"] = min(kw.get("n_ctx", 512), train_ctx)
+    kw["n_batch"] = min(kw.get("n_batch", 512), kw["n_ctx"])
+    try:
+        return llama_cpp.Llama(model_path=model_path, verbose=False, **kw)
+    except (ValueError, RuntimeError, OSError):
+        raise _cannot_load(name or model_path) from None
+
+
 class LlamaCppEngine(WorkerEngine):
     name = "llamacpp"
 
@@ -55,25 +99,13 @@ class LlamaCppEngine(WorkerEngine):
         import llama_cpp
 
         self._memfd = memfd
-        from llama_cpp._utils import suppress_stdout_stderr
-
-        try:
-            # a vocab-only probe reads the metadata; llama.cpp warns that its context exceeds the
-            # (unset) training context, which is noise, so its stderr is held back here
-            with suppress_stdout_stderr(disable=False):
-                probe = llama_cpp.Llama(model_path=model_path, vocab_only=True, verbose=False)
-        except (ValueError, RuntimeError, OSError) as e:
-            raise CodemoatError(f"cannot load model {model_id or model_path}: {e}") from None
-        md = probe.metadata
-        train_ctx = int(md.get(f"{md.get('general.architecture', 'llama')}.context_length", 0)) or n_ctx
-        probe.close()
-        self._llm = llama_cpp.Llama(
-            model_path=model_path,
-            n_ctx=min(n_ctx, train_ctx),
-            n_batch=min(n_batch, min(n_ctx, train_ctx)),
+        self._llm = load_llama(
+            model_path,
+            model_id or model_path,
+            n_ctx=n_ctx,
+            n_batch=n_batch,
             n_threads=n_threads or os.cpu_count() or 1,
             n_gpu_layers=n_gpu_layers,
-            verbose=False,
         )
         self.model_id = model_id or Path(model_path).stem
         self._lib = llama_cpp
@@ -150,9 +182,16 @@ class LlamaCppEngine(WorkerEngine):
 
     # -- generation ---------------------------------------------------------
     def _prompt_ids(self, prompt: str, max_tokens: int) -> list[int]:
-        ids = self.tokenize(prompt)
+        ids = self._nonempty(self.tokenize(prompt))
         if len(ids) + max(1, max_tokens) > self.n_ctx:
             raise PromptTooLong(len(ids), self.n_ctx, max_tokens)
+        return ids
+
+    @staticmethod
+    def _nonempty(ids: list[int]) -> list[int]:
+        # llama.cpp cannot evaluate zero tokens: generate() fails an assertion, eval() leaves stale logits
+        if not ids:
+            raise CodemoatError("the prompt is empty: it has zero tokens, and the model needs at least one to continue from")
         return ids
 
     def _generate(self, prompt_ids: list[int], params: SamplingParams, emit: Callable[[Chunk], None], cancel: threading.Event) -> None:
@@ -194,7 +233,7 @@ class LlamaCppEngine(WorkerEngine):
 
     def logits(self, prompt: str) -> np.ndarray:
         """Next-token logits after `prompt` (float32 copy)."""
-        ids = self.tokenize(prompt)
+        ids = self._nonempty(self.tokenize(prompt))
 
         def run() -> np.ndarray:
             self._model.reset()

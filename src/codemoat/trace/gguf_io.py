@@ -12,6 +12,7 @@ output unit, like a PyTorch `nn.Linear.weight`.
 from __future__ import annotations
 
 import os
+import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,13 +25,18 @@ from ..errors import CodemoatError
 EMBEDDABLE = ("F32", "F16", "BF16", "Q8_0")
 
 
-def _reader(path: str | os.PathLike[str], mode: str = "r"):
+def _reader(path: str | os.PathLike[str], mode: str = "r", name: str | None = None):
     from gguf import GGUFReader
 
+    name = name or str(path)
     try:
         return GGUFReader(path, mode=mode)
-    except (ValueError, OSError) as e:
-        raise CodemoatError(f"{path}: not a readable GGUF file ({e})") from None
+    except OSError as e:
+        raise CodemoatError(f"cannot read {name}: {e.strerror or e}") from None
+    # A header cut short or damaged surfaces as whichever numpy or struct error its parse hit first
+    # (an IndexError past the end, a ValueError on a bad type or size, a UnicodeDecodeError in a key).
+    except (ValueError, IndexError, KeyError, TypeError, OverflowError, struct.error):
+        raise CodemoatError(f"{name}: truncated or not a valid GGUF file") from None
 
 
 @contextmanager
@@ -47,7 +53,7 @@ def open_gguf(src: bytes | str | os.PathLike[str], writable: bool = False) -> It
             written = 0
             while written < len(mv):
                 written += os.write(fd, mv[written:])
-            yield _reader(f"/proc/self/fd/{fd}", "c" if writable else "r")
+            yield _reader(f"/proc/self/fd/{fd}", "c" if writable else "r", "the GGUF in memory")
         finally:
             os.close(fd)
     else:

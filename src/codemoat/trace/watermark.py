@@ -240,13 +240,13 @@ class LlamaScorer:
     """Tokenizer and per-token entropies from a GGUF model through llama.cpp (the vendor's original)."""
 
     def __init__(self, model_path: str, n_ctx: int = 2048, vocab_only: bool = False):
-        from llama_cpp import Llama
+        from ..engines.llamacpp import load_llama, load_vocab
 
-        self.llm = Llama(
-            model_path=str(model_path), n_ctx=n_ctx, n_batch=min(512, n_ctx), logits_all=not vocab_only,
-            vocab_only=vocab_only, verbose=False, n_threads=1,
-        )
-        self.n_ctx = n_ctx
+        if vocab_only:  # the tokenizer alone
+            self.llm = load_vocab(str(model_path))
+        else:  # n_ctx capped at the model's training context
+            self.llm = load_llama(str(model_path), n_ctx=n_ctx, n_batch=512, logits_all=True, n_threads=1)
+        self.n_ctx = self.llm.n_ctx()
 
     def tokenize(self, text: str) -> list[int]:
         return self.llm.tokenize(text.encode("utf-8", "replace"), add_bos=False, special=False)
