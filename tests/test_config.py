@@ -47,3 +47,38 @@ def test_config_show_json():
     assert r.returncode == 0, r.stderr
     rows = {row["setting"]: row for row in json.loads(r.stdout)}
     assert rows["model.n_ctx"]["value"] == 1234 and rows["model.n_ctx"]["env"] == "CODEMOAT_MODEL__N_CTX"
+
+
+def test_unknown_fim_template_is_refused_at_start_up(tmp_path, random_gguf):
+    want = "error: invalid configuration: model.fim_template: unknown FIM template 'nosuch': choose from qwen, deepseek, starcoder, codellama, codegemma"
+    cfg = tmp_path / "fim.toml"
+    cfg.write_text('[model]\nfim_template = "nosuch"\n')
+    for args, env in ((["--fim-template", "nosuch"], None), (["--config", str(cfg)], None), ([], {"CODEMOAT_MODEL__FIM_TEMPLATE": "nosuch"})):
+        # without the check the server starts and waits for requests: the timeout fails the test
+        r = run_cli("serve", "--model", str(random_gguf), "--port", "0", *args, env=env, timeout=60)
+        assert r.returncode == 1 and r.stderr.strip() == want, r.stderr
+    s = load_settings(**{"model.fim_template": "starcoder"})
+    assert s.model.fim_template == "starcoder"
+    with pytest.raises(ValueError, match="unknown FIM template"):
+        s.model.fim_template = "nosuch"  # checked on assignment too
+
+
+def test_config_folder_is_named_as_such(tmp_path):
+    r = run_cli("config", "show", "--config", str(tmp_path))
+    assert r.returncode == 1 and r.stderr.strip() == f"error: config file {tmp_path} is a folder, not a TOML file"
+
+
+def test_config_unknown_keys_warn_in_one_line(tmp_path):
+    cfg = tmp_path / "codemoat.toml"
+    cfg.write_text('[nosuch]\na = 1\n[server]\nprot = 9000\nport = 9001\n')
+    r = run_cli("config", "show", "--json", "--config", str(cfg))
+    assert r.returncode == 0, r.stderr  # a newer codemoat's settings must not stop an older one
+    assert r.stderr.strip() == (f"warning: {cfg}: unknown settings 'nosuch', 'server.prot' ignored "
+                                "(`codemoat config show` lists every setting)")
+    assert {row["setting"]: row["value"] for row in json.loads(r.stdout)}["server.port"] == 9001
+    cfg.write_text("[server]\nport = 9001\n")
+    r = run_cli("config", "show", "--json", "--config", str(cfg))
+    assert r.returncode == 0 and r.stderr == ""
+    cfg.write_bytes(b"[server]\nhost = '\xff'\n")
+    r = run_cli("config", "show", "--config", str(cfg))
+    assert r.returncode == 1 and r.stderr.strip() == f"error: cannot read configuration {cfg}: not UTF-8 text (byte 17)"

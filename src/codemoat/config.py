@@ -8,10 +8,11 @@ Nested sections read from the environment with a double underscore:
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -28,6 +29,9 @@ class ServerSettings(BaseModel):
 
 
 class ModelSettings(BaseModel):
+    # checked on assignment too, so that nothing reaches the server unchecked
+    model_config = ConfigDict(validate_assignment=True)
+
     path: str | None = Field(None, description="Model to serve: a .gguf, a safetensors folder, or a sealed .moat file.")
     license: str | None = Field(None, description="License file (.lic) for a sealed model.")
     engine: Literal["llamacpp", "transformers", "vllm"] = Field("llamacpp", description="Inference engine.")
@@ -39,6 +43,16 @@ class ModelSettings(BaseModel):
     chat_template: str | None = Field(None, description="Jinja2 chat template overriding the model's own.")
     max_tokens_limit: int = Field(1024, ge=1, description="Largest max_tokens a request may ask for.")
     default_max_tokens: int = Field(64, ge=1, description="max_tokens when a request sets none.")
+
+    @field_validator("fim_template")
+    @classmethod
+    def _known_fim_template(cls, name: str | None) -> str | None:
+        # refused at start-up, not on the first completion request
+        from .engines.templates import FIM_TEMPLATES
+
+        if name and name not in FIM_TEMPLATES:
+            raise ValueError(f"unknown FIM template {name!r}: choose from {', '.join(FIM_TEMPLATES)}")
+        return name
 
 
 class VaultSettings(BaseModel):
@@ -96,13 +110,16 @@ class Settings(BaseSettings):
 
 def load_settings(config: str | Path | None = None, **overrides: Any) -> Settings:
     """Settings from `config` (or `$CODEMOAT_CONFIG`), the environment, then `overrides`
-    given as nested dicts or dotted keys (`{"server.port": 9000}`); None values are ignored."""
-    if config is not None:
-        if not Path(config).is_file():
-            from .errors import CodemoatError
-
-            raise CodemoatError(f"config file not found: {config}")
-        os.environ["CODEMOAT_CONFIG"] = str(config)
+    given as nested dicts or dotted keys (`{"server.port": 9000}`); None values are ignored.
+    Unknown keys in the file are ignored (a newer codemoat may know them) with a one-line warning on stderr."""
+    toml = str(config) if config is not None else os.environ.get("CODEMOAT_CONFIG")
+    if toml:
+        unknown = unknown_keys(read_toml(Path(toml)))
+        os.environ["CODEMOAT_CONFIG"] = toml  # where `Settings` reads it from
+        if unknown:
+            names = ", ".join(repr(k) for k in unknown)
+            print(f"warning: {toml}: unknown setting{'s' if len(unknown) > 1 else ''} {names} ignored "
+                  "(`codemoat config show` lists every setting)", file=sys.stderr)
     nested: dict[str, Any] = {}
     for key, value in overrides.items():
         if value is None:
@@ -122,10 +139,46 @@ def load_settings(config: str | Path | None = None, **overrides: Any) -> Setting
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(x) for x in first.get("loc", ()))
+        msg = first.get("msg")
+        if first.get("type") == "value_error" and "error" in first.get("ctx", {}):
+            msg = str(first["ctx"]["error"])  # our own validators' words, without pydantic's "Value error, "
         more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
-        raise CodemoatError(f"invalid configuration: {where}: {first.get('msg')}{more}") from None
+        raise CodemoatError(f"invalid configuration: {where}: {msg}{more}") from None
     except (OSError, ValueError) as e:  # unreadable or malformed TOML
         raise CodemoatError(f"cannot read configuration: {e}") from None
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """The TOML file's contents; one line naming the file when it is missing, a folder, or not TOML."""
+    import tomllib
+
+    from .errors import CodemoatError
+
+    if path.is_dir():
+        raise CodemoatError(f"config file {path} is a folder, not a TOML file")
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise CodemoatError(f"config file not found: {path}") from None
+    except OSError as e:
+        raise CodemoatError(f"cannot read configuration {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise CodemoatError(f"cannot read configuration {path}: not UTF-8 text (byte {e.start})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise CodemoatError(f"cannot read configuration {path}: {e}") from None
+
+
+def unknown_keys(data: dict[str, Any], model: type[BaseModel] = Settings, prefix: str = "") -> list[str]:
+    """Dotted names of the keys in `data` that no setting of `model` has."""
+    out: list[str] = []
+    for key, value in data.items():
+        f = model.model_fields.get(key)
+        if f is None:
+            out.append(f"{prefix}{key}")
+        elif isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel) and isinstance(value, dict):
+            out.extend(unknown_keys(value, f.annotation, f"{prefix}{key}."))
+    return out
 
 
 def describe(model: type[BaseModel] = Settings, prefix: str = "") -> list[tuple[str, str, Any]]:
