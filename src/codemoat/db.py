@@ -12,6 +12,8 @@ import threading
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 
 from . import paths
 
@@ -70,6 +72,28 @@ def open_db(url: str | None = None, packages: tuple[str, ...] = CUSTOMER_BRANCHE
     key = (url, packages)
     with _lock:
         if key not in _migrated:
-            upgrade(engine, packages)
+            try:
+                upgrade(engine, packages)
+            except DBAPIError as e:
+                engine.dispose()
+                raise _open_error(url, e) from None
             _migrated.add(key)
     return engine
+
+
+# SQLite's words for a file that is not one of its databases, or is one no longer
+_NOT_A_DATABASE = ("file is not a database", "database disk image is malformed", "file is encrypted")
+
+
+def _open_error(url: str, e: DBAPIError) -> Exception:
+    """One line naming the database when it cannot be opened; the file is never touched."""
+    from .errors import CodemoatError
+
+    u = make_url(url)
+    where = (u.database or "the in-memory database") if u.get_backend_name() == "sqlite" else u.render_as_string(hide_password=True)
+    problem = str(e.orig or e).strip()
+    if any(s in problem for s in _NOT_A_DATABASE):
+        return CodemoatError(f"{where} is not a codemoat database, or it is corrupted (SQLite: {problem}); it was left as it is")
+    if "unable to open database file" in problem:
+        return CodemoatError(f"cannot open database {where}: {problem}")
+    return e

@@ -8,8 +8,19 @@ from pathlib import Path
 
 def home() -> Path:
     """The data directory, created with mode 0700 on first use."""
-    root = Path(os.environ.get("CODEMOAT_HOME") or Path.home() / ".codemoat").expanduser()
-    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    from .errors import CodemoatError
+
+    env = os.environ.get("CODEMOAT_HOME")
+    root = Path(env or Path.home() / ".codemoat").expanduser()
+    what = "CODEMOAT_HOME" if env else "the data folder (set CODEMOAT_HOME to use another)"
+    try:
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except FileExistsError:
+        raise CodemoatError(f"{what} must be a folder: {root} exists and is not one") from None
+    except NotADirectoryError:
+        raise CodemoatError(f"{what} must be a folder: part of the path {root} is a file") from None
+    except OSError as e:
+        raise CodemoatError(f"cannot create {what} {root}: {e.strerror or e}") from None
     return root
 
 

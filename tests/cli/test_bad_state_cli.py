@@ -1,0 +1,35 @@
+"""Bad state on disk (a damaged database, a data folder that is a file): one line naming it, nothing touched."""
+
+import os
+from pathlib import Path
+
+from conftest import run_cli
+
+
+def one_line(r, expected: str) -> None:
+    assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
+    assert r.stderr.strip() == expected, r.stderr
+
+
+def test_damaged_database_is_named_and_left_as_it_is(home: Path):
+    db = home / "codemoat.db"
+    junk = os.urandom(8192)
+    db.write_bytes(junk)
+    for args in (("users", "list"), ("tokens", "create", "--name", "a"), ("audit", "verify")):
+        one_line(run_cli(*args), f"error: {db} is not a codemoat database, or it is corrupted "
+                                 "(SQLite: file is not a database); it was left as it is")
+    assert db.read_bytes() == junk and sorted(p.name for p in home.iterdir()) == ["codemoat.db"]
+
+
+def test_database_path_that_is_a_folder(home: Path):
+    (home / "codemoat.db").mkdir()
+    one_line(run_cli("users", "list"), f"error: cannot open database {home / 'codemoat.db'}: unable to open database file")
+
+
+def test_codemoat_home_must_be_a_folder(tmp_path: Path):
+    f = tmp_path / "home-file"
+    f.write_text("keep me")
+    one_line(run_cli("users", "list", env={"CODEMOAT_HOME": str(f)}), f"error: CODEMOAT_HOME must be a folder: {f} exists and is not one")
+    one_line(run_cli("users", "list", env={"CODEMOAT_HOME": str(f / "sub")}),
+             f"error: CODEMOAT_HOME must be a folder: part of the path {f / 'sub'} is a file")
+    assert f.read_text() == "keep me"
