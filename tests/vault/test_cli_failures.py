@@ -98,7 +98,8 @@ def test_license_times_stay_printable(vendor, machine, tmp_path):
     """The vault itself refuses times no date can show (not only the CLI's parser), and describing a
     license with a damaged time field shows the number instead of failing."""
     from codemoat.errors import CodemoatError
-    from codemoat.vault.clock import LATEST, iso
+    from codemoat.durations import LATEST
+    from codemoat.vault.clock import iso
 
     model = tmp_path / "m.gguf"
     model.write_bytes(b"GGUF" + os.urandom(3000))

@@ -413,7 +413,7 @@ def parse_since(text: str | None) -> float | None:
     """`--since` as epoch seconds: an ISO date/time, or a duration back from now (90s, 15m, 2h, 7d, 2w)."""
     if not text:
         return None
-    from ..cli.durations import parse_duration
+    from ..durations import parse_duration
 
     t = text.strip()
     if t[-1:] in ("s", "m", "h", "d", "w") and t[:-1].replace(".", "", 1).isdigit():

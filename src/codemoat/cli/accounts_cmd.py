@@ -42,7 +42,7 @@ def tokens_create(
     as_json: JsonFlag = False,
 ) -> None:
     """Create an API token; it is printed once and only its hash is stored."""
-    from .durations import parse_when
+    from ..durations import parse_when
 
     info, secret = _accounts().create_token(name, user, tuple(_groups(scopes)), parse_when(expires) if expires else None)
     data = {"token": secret, "id": info.id, "name": info.name, "user": info.user, "scopes": list(info.scopes), "expires_at": info.expires_at}

@@ -130,7 +130,7 @@ def license_issue(
     """Sign a license binding a sealed model to a customer's machine(s), dates and features."""
     from ..vault.machine import parse_identity
     from ..vault.vendor import Vendor
-    from .durations import parse_duration, parse_when
+    from ..durations import parse_duration, parse_when
 
     if mode not in ("offline", "lease"):
         raise CodemoatError("--mode must be offline or lease")

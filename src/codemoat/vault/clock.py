@@ -70,11 +70,6 @@ class ManualClock(Clock):
         return event.wait(min(max(0.0, seconds), 0.005))
 
 
-#: the last second a date can name in four digits, 9999-12-31T23:59:59Z: no time given to a license
-#: or a token may be later, so every one prints as a date again
-LATEST = 253402300799
-
-
 def iso(t: float | int) -> str:
     """UTC ISO-8601 for a Unix time; a time no calendar date can hold (a damaged or hostile field)
     is shown as the number it is, so describing a document never fails on it."""

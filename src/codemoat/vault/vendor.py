@@ -28,8 +28,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy.exc import IntegrityError
 
 from .. import db
+from ..durations import LATEST
 from ..errors import CodemoatError, NotFound
-from .clock import LATEST
 from .codec import VaultError, b64e, ed_private_raw, key_id, public_raw, write_secret
 from .container import SealedFile, seal_bytes
 from .license import issue as issue_license_doc

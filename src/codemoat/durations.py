@@ -1,16 +1,19 @@
-"""Parsing durations (`90s`, `15m`, `12h`, `30d`) and dates for CLI options."""
+"""Durations (`90s`, `15m`, `12h`, `30d`) and dates as people type them: CLI options, `--since`.
+
+Every time parsed here must print as a date again, so nothing reaches past the end of the year
+9999 (UTC): `LATEST`, which the vault also holds license times to."""
 
 from __future__ import annotations
 
 import datetime as dt
 import re
 
-from ..errors import CodemoatError
+from .errors import CodemoatError
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*")
-# Every time a user gives must print as a date again: up to the end of year 9999 (UTC).
-_LATEST = dt.datetime(9999, 12, 31, 23, 59, 59, tzinfo=dt.timezone.utc).timestamp()
+#: 9999-12-31T23:59:59Z, the last second a four-digit year can name
+LATEST = 253402300799
 
 
 def parse_duration(text: str) -> float:
@@ -19,7 +22,7 @@ def parse_duration(text: str) -> float:
     if not m:
         raise CodemoatError(f"invalid duration {text!r}: use e.g. 90s, 15m, 12h, 30d")
     seconds = float(m.group(1)) * _UNITS[m.group(2) or "s"]
-    if seconds > _LATEST:  # also catches inf: no duration here reaches past year 9999
+    if seconds > LATEST:  # also catches inf: no duration here reaches past year 9999
         raise CodemoatError(f"duration {text!r} is too long")
     return seconds
 
@@ -36,11 +39,11 @@ def parse_when(text: str) -> float:
         if not _DURATION.fullmatch(text or ""):
             raise CodemoatError(f"invalid duration or date {text!r}: use e.g. 30d, 12h or an ISO date such as 2027-12-31") from None
         t = time.time() + parse_duration(text)
-        if t > _LATEST:
+        if t > LATEST:
             raise CodemoatError(f"{text!r} from now is past the year 9999")
         return t
     if d.tzinfo is None:
         d = d.replace(tzinfo=dt.timezone.utc)
-    if d.timestamp() > _LATEST:  # 9999-12-31T23:00-05:00 is in the year 10000 in UTC
+    if d.timestamp() > LATEST:  # 9999-12-31T23:00-05:00 is in the year 10000 in UTC
         raise CodemoatError(f"date {text!r} is past the year 9999")
     return d.timestamp()
