@@ -158,3 +158,13 @@ def test_close_zeroes_weights(hf_dir):
     assert all(float(p.detach().abs().sum()) == 0.0 for p in params)
     with pytest.raises(CodemoatError):
         e.logits(PROMPT)
+
+
+def test_empty_prompt_is_refused_like_llamacpp(eng):
+    """Zero tokens is the same user error on every engine (it used to start from an invented EOS here)."""
+    p = SamplingParams(max_tokens=3, temperature=0)
+    assert eng.tokenize("") == []
+    for attempt in (lambda: run(eng.complete("", p)), lambda: eng.logits("")):
+        with pytest.raises(CodemoatError, match="the prompt is empty"):
+            attempt()
+    assert run(eng.complete(PROMPT, p)).completion_tokens == 3  # still serving

@@ -187,13 +187,6 @@ class LlamaCppEngine(WorkerEngine):
             raise PromptTooLong(len(ids), self.n_ctx, max_tokens)
         return ids
 
-    @staticmethod
-    def _nonempty(ids: list[int]) -> list[int]:
-        # llama.cpp cannot evaluate zero tokens: generate() fails an assertion, eval() leaves stale logits
-        if not ids:
-            raise CodemoatError("the prompt is empty: it has zero tokens, and the model needs at least one to continue from")
-        return ids
-
     def _generate(self, prompt_ids: list[int], params: SamplingParams, emit: Callable[[Chunk], None], cancel: threading.Event) -> None:
         """Runs on the worker: sample tokens with llama.cpp's sampler chain, cut at stop strings."""
         llm = self._model

@@ -217,17 +217,14 @@ class TransformersEngine(WorkerEngine):
         cutter.finish(reason)
 
     def _prompt_ids(self, prompt: str, max_tokens: int) -> list[int]:
-        ids = self.tokenize(prompt)
-        if not ids:
-            eos = self._config.get("eos_token_id")
-            ids = [eos if isinstance(eos, int) else 0]
+        ids = self._nonempty(self.tokenize(prompt))
         if len(ids) + max(1, max_tokens) > self._n_ctx:
             raise PromptTooLong(len(ids), self._n_ctx, max_tokens)
         return ids
 
     def logits(self, prompt: str) -> np.ndarray:
         """Next-token logits after `prompt` (float32)."""
-        ids = self.tokenize(prompt)
+        ids = self._nonempty(self.tokenize(prompt))
         return self._submit(lambda: self._forward(ids, None)[0].astype(np.float32)).result()
 
     def health(self) -> dict[str, Any]:

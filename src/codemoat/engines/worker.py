@@ -63,6 +63,14 @@ class StopCutter:
 class WorkerEngine(Engine):
     """Base for engines with a synchronous model owned by one worker thread."""
 
+    @staticmethod
+    def _nonempty(ids: list[int]) -> list[int]:
+        """A prompt must have a token to continue from: llama.cpp fails an assertion on zero (and
+        eval() leaves stale logits); every engine refuses it the same way rather than inventing one."""
+        if not ids:
+            raise CodemoatError("the prompt is empty: it has zero tokens, and the model needs at least one to continue from")
+        return ids
+
     def _start_worker(self, name: str) -> None:
         self._jobs: queue.Queue = queue.Queue()
         self._closed = False
