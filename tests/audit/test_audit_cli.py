@@ -124,3 +124,14 @@ def test_export_since_out_of_range_is_one_line(audit_log):
     for ok in ("2w", "2900000d"):  # about 7,900 years back: still allowed, and reads every record
         r = run_cli("audit", "export", "--since", ok)
         assert r.returncode == 0 and len(r.stdout.splitlines()) == 2, r.stderr
+
+
+def test_outbound_cannot_drive_the_terminal(audit_home):
+    """A terminal escape sequence written into the file is shown as text, never sent to the terminal."""
+    (audit_home / "outbound.jsonl").write_bytes(
+        json.dumps({"id": "r1", "time": "t", "destination": "http://127.0.0.1/x\x1b]0;owned\x07", "method": "POST",
+                    "body": "\x1b[2J\x1b[31mred", "status": 200}).encode() + b"\n" + b"raw \x1b[2J line\n")
+    r = runner.invoke(app, ["audit", "outbound"])
+    assert r.exit_code == 0, r.output
+    assert "\x1b" not in r.output and "\x07" not in r.output
+    assert "\\x1b[2J\\x1b[31mred" in r.output and "raw \\x1b[2J line" in r.output and "\\x1b]0;owned\\x07" in r.output

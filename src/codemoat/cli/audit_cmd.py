@@ -74,6 +74,12 @@ def audit_export(
             out.close()
 
 
+def _printable(text: str) -> str:
+    """Control characters (a terminal escape sequence written into the file, say) shown as \\xNN,
+    so reading the log cannot drive the terminal."""
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" if ord(c) < 256 else f"\\u{ord(c):04x}" for c in text)
+
+
 @audit_app.command("outbound")
 def audit_outbound(*, as_json: JsonFlag = False) -> None:
     """Show, verbatim, every payload this machine has sent off it (license heartbeats)."""
@@ -88,12 +94,13 @@ def audit_outbound(*, as_json: JsonFlag = False) -> None:
         for r in rs:
             if "raw" in r:
                 why = "not valid UTF-8, bad bytes shown as \ufffd" if r.get("not_utf8") else "not a JSON object"
-                console.print(f"line {r['line']} ({why}): {r['raw']}", highlight=False, markup=False)
+                console.print(f"line {r['line']} ({why}): {_printable(r['raw'])}", highlight=False, markup=False)
                 continue
             status = "sending" if r.get("status") is None else f"status {r['status']}"
-            console.print(f"{r.get('time')}  {r.get('method')} {r.get('destination')}  {status}", highlight=False, markup=False)
+            console.print(_printable(f"{r.get('time')}  {r.get('method')} {r.get('destination')}  {status}"),
+                          highlight=False, markup=False)
             if r.get("body") is not None:
-                console.print(f"  {r['body']}", highlight=False, markup=False, soft_wrap=True)
+                console.print(f"  {_printable(str(r['body']))}", highlight=False, markup=False, soft_wrap=True)
         console.print(f"{len(rs)} lines in {outbound_file()}", highlight=False)
 
     emit(rows, as_json, human)
