@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sqlite3
 
+from conftest import run_cli  # at import: later conftests (tests/vault) take the name `conftest`
 from typer.testing import CliRunner
 
 from codemoat.cli.main import app
@@ -115,8 +116,6 @@ def test_outbound_shows_a_line_that_is_not_utf8_and_keeps_going(audit_home):
 
 
 def test_export_since_out_of_range_is_one_line(audit_log):
-    from conftest import run_cli
-
     fill(audit_log, 2)
     r = run_cli("audit", "export", "--since", "99999999999999d")
     assert r.returncode == 1 and r.stdout == ""
