@@ -56,6 +56,8 @@ def test_infill_and_tabby(server):
                                     "input_extra": [{"filename": "util.py", "text": "def helper():\n    pass\n"}]})
         assert r.status_code == 200 and r.json()["stop"] is True
         assert c.get("/v1/health").status_code == 200
+        health = c.get("/health").json()  # a plaintext model: its file, and no license to show
+        assert health["license"] is None and health["model_file"]["path"].endswith("codemoat-tiny.gguf")
         t = c.post("/v1/completions", json={"language": "python", "segments": {"prefix": "def f():\n    return ", "suffix": "\n", "filepath": "a.py", "git_url": "https://example.invalid/acme.git"}})
         assert t.status_code == 200 and t.json()["choices"][0]["index"] == 0
         assert c.post("/v1/events", json={"type": "view", "completion_id": t.json()["id"], "choice_index": 0}).status_code == 200

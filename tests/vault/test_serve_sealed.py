@@ -55,6 +55,7 @@ def test_serve_sealed_lease_then_revoke(vendor, machine, gguf_file, tmp_path):
         health = httpx.get(f"http://127.0.0.1:{port}/health").json()
         assert health["license"]["license_id"] == doc["license"]["id"]
         assert "watermark_key" not in health["license"]  # secrets stay off the wire
+        assert health["model_file"] is None
         vendor.revoke(doc["license"]["id"])
         deadline = time.time() + 20  # the next renewal is due within TTL/2 = 2 s
         while time.time() < deadline:

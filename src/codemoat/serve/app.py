@@ -45,13 +45,16 @@ def create_app(settings: Settings, *, holder: ModelHolder, accounts: Accounts, r
 
     @app.get("/health")
     async def health(request: Request):
+        info = {k: v for k, v in holder.info.items() if k not in _SECRET_INFO and k != "egress_allow"}
+        sealed = "license_id" in info
         body = {
             "status": "ok" if holder.loaded else "unavailable",
             "version": __version__,
             "model": holder.model_id,
             "state": holder.state,
             "reason": holder.reason or None,
-            "license": {k: v for k, v in holder.info.items() if k not in _SECRET_INFO and k != "egress_allow"},
+            "license": info if sealed else None,  # a plaintext model has none
+            "model_file": None if sealed else (info or None),
         }
         if holder.loaded:
             body["engine"] = holder.get().health()
