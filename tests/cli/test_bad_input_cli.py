@@ -112,3 +112,10 @@ def test_readme_tour_account_steps_run_in_order():
     for step in steps:
         r = run_cli(*shlex.split(step)[1:])
         assert r.returncode == 0, (step, r.stderr)
+
+
+def test_unknown_names_are_refused_not_silently_empty(home: Path):
+    one_line_error(run_cli("audit", "export", "--kind", "nosuch"), "unknown record kind 'nosuch': use one of request")
+    one_line_error(run_cli("groups", "remove", "everyone"), "'everyone' cannot be removed: every user is in it")
+    r = run_cli("audit", "export", "--kind", "alert")
+    assert r.returncode == 0, r.stderr

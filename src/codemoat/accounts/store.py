@@ -156,6 +156,8 @@ class Accounts:
             c.execute(groups.insert().values(name=name, created_at=time.time()))
 
     def remove_group(self, name: str) -> None:
+        if name == EVERYONE:
+            raise CodemoatError(f"the group {EVERYONE!r} cannot be removed: every user is in it")
         with self.engine.begin() as c:
             if not c.execute(sa.select(groups.c.name).where(groups.c.name == name)).first():
                 raise NotFound(f"no group named {name!r}")

@@ -45,6 +45,8 @@ from . import signing
 log = logging.getLogger("codemoat.audit")
 
 GENESIS = "0" * 64
+#: every kind of record the server writes
+KINDS = ("request", "alert", "egress_blocked", "rotation")
 _SLOT = 512  # bytes per head-file slot
 _RECORD_TAG = b"codemoat-audit-record-v1\x00"
 

@@ -47,24 +47,23 @@ def audit_export(
     *,
     since: Annotated[str | None, typer.Option(help="Only records from this time: ISO (2026-11-28T10:00) or a duration back (15m, 2h, 7d).")] = None,
     fmt: Annotated[str, typer.Option("--format", help="jsonl or csv.")] = "jsonl",
-    kind: Annotated[str | None, typer.Option(help="Only records of this kind (request, alert, egress_blocked).")] = None,
+    kind: Annotated[str | None, typer.Option(help="Only records of this kind (request, alert, egress_blocked, rotation).")] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write to this file instead of standard output.")] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Export records, with their hashes, as JSON lines or CSV."""
-    from ..audit.log import parse_since
+    from ..audit.log import KINDS, parse_since
+    from ..errors import CodemoatError
 
     start = parse_since(since)
-    log = _log(config)
     if fmt not in ("jsonl", "csv"):
-        from ..errors import CodemoatError
-
         raise CodemoatError(f"unknown export format {fmt!r}: use jsonl or csv")
+    if kind is not None and kind not in KINDS:
+        raise CodemoatError(f"unknown record kind {kind!r}: use one of {', '.join(KINDS)}")
+    log = _log(config)
     try:
         out = open(output, "w", encoding="utf-8", newline="") if output else sys.stdout
     except OSError as e:
-        from ..errors import CodemoatError
-
         raise CodemoatError(f"cannot write {output}: {e.strerror}") from None
     try:
         for chunk in log.export(fmt, since=start, kind=kind):
