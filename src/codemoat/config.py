@@ -26,6 +26,7 @@ class ServerSettings(BaseModel):
     port: int = Field(8080, ge=0, le=65535, description="Port to listen on (0 picks a free one).")
     max_concurrent: int = Field(64, ge=1, description="Generations admitted at once; more wait for a slot (the engine still runs one batch at a time).")
     log_level: str = Field("info", description="uvicorn log level.")
+    max_body_mb: float = Field(8, ge=0, description="Largest request body accepted, in MiB; a larger one gets 413 (0 = no limit).")
 
 
 class ModelSettings(BaseModel):

@@ -1,6 +1,7 @@
 """Bad input against a real server on 127.0.0.1: each protocol answers in its own shape, never a 500,
 never a stalled server; a client that hangs up frees the worker."""
 
+import json
 import threading
 import time
 
@@ -8,19 +9,20 @@ import httpx
 import openai
 import pytest
 
-from conftest import ServerProcess, create_token
+from conftest import ServerProcess, create_token, run_cli
 
 pytestmark = pytest.mark.slow
 
 
 def _server(tmp_path_factory, model, env: dict) -> ServerProcess:
+    home = tmp_path_factory.mktemp("home")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CODEMOAT_HOME", str(tmp_path_factory.mktemp("home")))
+        mp.setenv("CODEMOAT_HOME", str(home))
         for k, v in env.items():
             mp.setenv(k, v)
         token = create_token("--name", "sweep")
         s = ServerProcess(["--model", str(model), "--model-id", "m"])
-    s.token = token
+    s.token, s.home = token, home
     return s
 
 
@@ -52,8 +54,10 @@ def test_deeply_nested_json_is_a_400(c, path, shape):
     assert isinstance(r.json()["error"], shape) and "nested too deeply" in r.text
 
 
-def test_huge_prompt_is_refused_without_stalling_the_server(server, c):
-    big = "a" * (10 * 1024 * 1024)
+def test_huge_prompt_is_refused_from_its_beginning(server, c):
+    """A prompt far past the context is refused from its first n_ctx*16 characters ("more than N
+    tokens"), never tokenised whole on the event loop (a 10 MB prompt used to hold it ~11 s)."""
+    big = "a" * (4 * 1024 * 1024)
     answers = {}
 
     def send(path, body):
@@ -66,18 +70,25 @@ def test_huge_prompt_is_refused_without_stalling_the_server(server, c):
     )]
     for t in threads:
         t.start()
-    slowest = 0.0  # the JSON decoding and secret screening of 30 MB still cost ~2 s here; tokenising it cost 40 s
-    while any(t.is_alive() for t in threads):  # the event loop is never busy tokenising megabytes
-        t0 = time.perf_counter()
-        assert httpx.get(server.url + "/health", timeout=60).status_code == 200
-        slowest = max(slowest, time.perf_counter() - t0)
-        time.sleep(0.05)
     for t in threads:
         t.join()
-    assert slowest < 5, f"/health took {slowest:.1f} s while the prompts were checked"
     for path, r in answers.items():
-        assert r.status_code == 400 and "context is 512 tokens" in r.text, (path, r.text)
+        assert r.status_code == 400 and "prompt is more than" in r.text and "context is 512 tokens" in r.text, (path, r.text)
     assert answers["/v1/completions"].json()["error"]["code"] == "context_length_exceeded"
+
+
+@pytest.mark.parametrize("path, shape", [("/v1/completions", dict), ("/api/generate", str), ("/infill", dict)])
+def test_body_over_the_limit_is_a_413_before_anything_reads_it(c, path, shape):
+    body = b'{"prompt": "' + b"a" * (9 * 1024 * 1024) + b'"}'  # the default limit is 8 MiB
+    r = c.post(path, content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and isinstance(r.json()["error"], shape) and "server.max_body_mb" in r.text, r.text
+
+    def chunks():  # no Content-Length: counted as it arrives
+        for _ in range(10):
+            yield b"a" * (1024 * 1024)
+
+    r = c.post(path, content=chunks(), headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and "server.max_body_mb" in r.text, r.text
 
 
 def test_minus_one_and_above_limit_fit_the_context(c):
@@ -133,7 +144,13 @@ def test_client_gone_before_a_whole_answer_frees_the_worker(slow_server, path, b
     h = {"Authorization": f"Bearer {slow_server.token}"}
     with pytest.raises(httpx.TimeoutException):
         httpx.post(slow_server.url + path, json=body, headers=h, timeout=0.5)
-    t0 = time.perf_counter()
     r = httpx.post(slow_server.url + "/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 2}, headers=h, timeout=60)
     assert r.status_code == 200
-    assert time.perf_counter() - t0 < 2.5, "the abandoned generation kept the worker"
+    # the audit log says what became of the abandoned request: cut off (499) long before its 6000 tokens
+    for _ in range(100):
+        out = run_cli("audit", "export", "--kind", "request", env={"CODEMOAT_HOME": str(slow_server.home)})
+        gone = [x for x in map(json.loads, out.stdout.splitlines()) if x["route"] == path and x["status"] == 499]
+        if gone:
+            break
+        time.sleep(0.1)
+    assert gone and gone[-1]["completion_tokens"] < 6000, out.stdout[-2000:]

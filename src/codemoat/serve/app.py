@@ -15,6 +15,7 @@ from ..accounts import Accounts
 from ..config import Settings
 from ..engines.holder import ModelHolder
 from . import errors, routes_infill, routes_ollama, routes_openai, routes_tabby
+from .limits import BodyLimit
 from .service import Service
 
 log = logging.getLogger("codemoat.serve")
@@ -68,4 +69,6 @@ def create_app(settings: Settings, *, holder: ModelHolder, accounts: Accounts, r
         from . import trust
 
         trust.install(app, settings)
+    # outermost: no layer reads a body past the limit (added last, so it wraps everything above)
+    app.add_middleware(BodyLimit, max_bytes=int(settings.server.max_body_mb * (1 << 20)))
     return app
