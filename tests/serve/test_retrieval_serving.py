@@ -110,3 +110,19 @@ def test_best_snippet_sits_next_to_the_code_being_completed(client, repo):
     where = [debug["prompt"].index(body) for body in ranked]
     assert where == sorted(where, reverse=True)  # best last in the prompt
     assert where[0] < debug["prompt"].index("<|fim_prefix|>")
+
+
+def test_as_many_tokens_as_fit_still_gets_retrieval(client):
+    """Ollama's num_predict -1 (and llama.cpp's n_predict -1) asks for as many tokens as fit: the
+    snippets keep their room, and the generation gets what the prompt leaves (it used to reserve
+    the whole max_tokens limit, leaving no room for retrieval at all)."""
+    body = {"model": "tiny", "prompt": BODY["prompt"], "suffix": BODY["suffix"], "stream": False,
+            "options": {"num_predict": -1, "temperature": 0, "stop": ["\n"]}, "codemoat": BODY["codemoat"]}
+    r = client.post("/api/generate", json=body, headers={"Authorization": f"Bearer {client.tokens['alice']}"})
+    assert r.status_code == 200, r.text
+    assert any(s["path"] == "billing/money.py" for s in r.json()["codemoat"]["snippets"])
+    r = client.post("/infill", json={"input_prefix": BODY["prompt"], "input_suffix": BODY["suffix"], "n_predict": -1,
+                                     "stop": ["\n"], "codemoat": BODY["codemoat"]},
+                    headers={"Authorization": f"Bearer {client.tokens['alice']}"})
+    assert r.status_code == 200, r.text
+    assert any(s["path"] == "billing/money.py" for s in r.json()["codemoat"]["snippets"])

@@ -178,6 +178,11 @@ class Service:
         usage = request.state.usage
         snippets: list[Any] = []
         extra = list(f.extra)
+        wanted = params.max_tokens
+        if fit:
+            # "as many as fit" (num_predict -1): leave retrieval room beside a usual completion's
+            # length; the generation then gets whatever the final prompt leaves (`_check`)
+            params.max_tokens = min(wanted, self.settings.model.default_max_tokens)
         if t.fim is None:
             prompt = f.prefix  # no FIM tokens: plain continuation of the prefix
         else:
@@ -193,6 +198,7 @@ class Service:
                 usage["repos"] = [repo]
                 usage["snippets"] = [s.id for s in snippets]
             params.stop = list(dict.fromkeys([*params.stop, *t.fim.stop]))
+        params.max_tokens = wanted
         self._check(engine, prompt, params, fit)
         usage["prompt_text"] = f.prefix + f.suffix
         return Prepared(engine, prompt, params, snippets)
