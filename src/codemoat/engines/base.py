@@ -26,6 +26,8 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
+from ..errors import CodemoatError
+
 
 class LogitsProcessor(Protocol):
     """Rewrites next-token logits in place or returns new ones; `input_ids` is prompt + generated so far.
@@ -84,6 +86,13 @@ class PromptTooLong(ValueError):
         )
 
 
+class EmptyPrompt(CodemoatError):
+    """A prompt of zero tokens: there is nothing to continue from (llama.cpp fails an assertion on it)."""
+
+    def __init__(self) -> None:
+        super().__init__("the prompt is empty: it has zero tokens, and the model needs at least one to continue from")
+
+
 class Engine(abc.ABC):
     """A loaded model. Thread-safe: the server calls it from many requests at once."""
 
@@ -125,11 +134,18 @@ class Engine(abc.ABC):
     def count_tokens(self, prompt: str) -> int:
         return len(self.tokenize(prompt))
 
-    def check_prompt(self, prompt: str, max_tokens: int) -> int:
-        """Token count of `prompt`, or `PromptTooLong` when it and `max_tokens` exceed the context."""
-        n = self.count_tokens(prompt)
+    def check_count(self, n: int, max_tokens: int) -> None:
+        """Every engine's rule for a prompt of `n` tokens: `EmptyPrompt` for none, `PromptTooLong`
+        when it leaves no room for `max_tokens` in the context."""
+        if n == 0:
+            raise EmptyPrompt()
         if n + max(1, max_tokens) > self.n_ctx:
             raise PromptTooLong(n, self.n_ctx, max_tokens)
+
+    def check_prompt(self, prompt: str, max_tokens: int) -> int:
+        """Token count of `prompt`, checked by `check_count`."""
+        n = self.count_tokens(prompt)
+        self.check_count(n, max_tokens)
         return n
 
     async def complete(self, prompt: str, params: SamplingParams) -> Completion:

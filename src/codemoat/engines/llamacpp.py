@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import CodemoatError
-from .base import Chunk, FinishReason, PromptTooLong, SamplingParams
+from .base import Chunk, FinishReason, SamplingParams
 from .memfd import MemfdBuffer
 from .worker import StopCutter, WorkerEngine
 
@@ -181,12 +181,6 @@ class LlamaCppEngine(WorkerEngine):
         return self._model.detokenize(list(ids), special=True).decode("utf-8", "replace")
 
     # -- generation ---------------------------------------------------------
-    def _prompt_ids(self, prompt: str, max_tokens: int) -> list[int]:
-        ids = self._nonempty(self.tokenize(prompt))
-        if len(ids) + max(1, max_tokens) > self.n_ctx:
-            raise PromptTooLong(len(ids), self.n_ctx, max_tokens)
-        return ids
-
     def _generate(self, prompt_ids: list[int], params: SamplingParams, emit: Callable[[Chunk], None], cancel: threading.Event) -> None:
         """Runs on the worker: sample tokens with llama.cpp's sampler chain, cut at stop strings."""
         llm = self._model
@@ -226,7 +220,8 @@ class LlamaCppEngine(WorkerEngine):
 
     def logits(self, prompt: str) -> np.ndarray:
         """Next-token logits after `prompt` (float32 copy)."""
-        ids = self._nonempty(self.tokenize(prompt))
+        ids = self.tokenize(prompt)
+        self.check_count(len(ids), 0)  # not empty (eval() of nothing leaves stale logits), fits the context
 
         def run() -> np.ndarray:
             self._model.reset()

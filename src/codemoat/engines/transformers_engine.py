@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import CodemoatError
-from .base import Chunk, FinishReason, PromptTooLong, SamplingParams
+from .base import Chunk, FinishReason, SamplingParams
 from .worker import StopCutter, WorkerEngine
 #: tokens that end a generation besides eos (llama.cpp treats Qwen's FIM pad/repo/file separators as end-of-generation too)
 _EOG_TEXTS = ("<|endoftext|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>", "<|im_end|>", "<|eot_id|>", "<|EOT|>")
@@ -216,15 +216,10 @@ class TransformersEngine(WorkerEngine):
             logits, past = self._forward([tok], past)
         cutter.finish(reason)
 
-    def _prompt_ids(self, prompt: str, max_tokens: int) -> list[int]:
-        ids = self._nonempty(self.tokenize(prompt))
-        if len(ids) + max(1, max_tokens) > self._n_ctx:
-            raise PromptTooLong(len(ids), self._n_ctx, max_tokens)
-        return ids
-
     def logits(self, prompt: str) -> np.ndarray:
         """Next-token logits after `prompt` (float32)."""
-        ids = self._nonempty(self.tokenize(prompt))
+        ids = self.tokenize(prompt)
+        self.check_count(len(ids), 0)  # not empty (eval() of nothing leaves stale logits), fits the context
         return self._submit(lambda: self._forward(ids, None)[0].astype(np.float32)).result()
 
     def health(self) -> dict[str, Any]:

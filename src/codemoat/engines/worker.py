@@ -63,14 +63,6 @@ class StopCutter:
 class WorkerEngine(Engine):
     """Base for engines with a synchronous model owned by one worker thread."""
 
-    @staticmethod
-    def _nonempty(ids: list[int]) -> list[int]:
-        """A prompt must have a token to continue from: llama.cpp fails an assertion on zero (and
-        eval() leaves stale logits); every engine refuses it the same way rather than inventing one."""
-        if not ids:
-            raise CodemoatError("the prompt is empty: it has zero tokens, and the model needs at least one to continue from")
-        return ids
-
     def _start_worker(self, name: str) -> None:
         self._jobs: queue.Queue = queue.Queue()
         self._closed = False
@@ -117,9 +109,11 @@ class WorkerEngine(Engine):
     def queued(self) -> int:
         return self._jobs.qsize()
 
-    @abc.abstractmethod
     def _prompt_ids(self, prompt: str, max_tokens: int) -> list[int]:
-        """Token ids of `prompt`, or `PromptTooLong`."""
+        """Token ids of `prompt`, checked by `check_count` (not empty, room for `max_tokens`)."""
+        ids = self.tokenize(prompt)
+        self.check_count(len(ids), max_tokens)
+        return ids
 
     @abc.abstractmethod
     def _generate(self, ids: list[int], params: SamplingParams, emit: Callable[[Chunk], None], cancel: threading.Event) -> None:

@@ -280,14 +280,12 @@ class Service:
 
     @staticmethod
     def _check(engine: Engine, prompt: str, params: SamplingParams, fit: bool) -> None:
-        """The prompt fits beside `max_tokens` (with `fit`, `max_tokens` shrinks to the room left) and is not empty."""
-        if fit:
-            n = engine.count_tokens(prompt)
-            if n < engine.n_ctx:
-                params.max_tokens = max(1, min(params.max_tokens, engine.n_ctx - n))
-        if engine.check_prompt(prompt, params.max_tokens) == 0:
-            # llama.cpp cannot sample from an empty context (an AssertionError, answered as a 500)
-            raise CodemoatError("prompt is empty: there is nothing to continue from")
+        """The engine's own rule (not empty, room for `max_tokens`), from one tokenisation; with `fit`,
+        `max_tokens` first shrinks to the room the prompt leaves."""
+        n = engine.count_tokens(prompt)
+        if fit and 0 < n < engine.n_ctx:
+            params.max_tokens = max(1, min(params.max_tokens, engine.n_ctx - n))
+        engine.check_count(n, params.max_tokens)
 
     def _chat_context(self, principal: Principal, msgs: list[dict[str, str]], repos: list[str], engine: Engine) -> list[Any]:
         """Repositories named in the request (extension field or `@repo` in the last user message)."""
