@@ -28,6 +28,36 @@ def test_usage_errors_are_one_line():
 def test_unexpected_errors_are_one_line(home: Path):
     (home / "codemoat.db").write_bytes(b"this is not a database")
     one_line_error(run_cli("users", "list"), "not a database")
+    # an error nothing names yet still goes through the last resort: one line, the exception's name
+    one_line_error(run_cli("users", "list", env={"CODEMOAT_DATABASE_URL": "nosuch://x"}), "NoSuchModuleError")
+
+
+def test_a_server_error_page_is_one_line_and_not_markup(home: Path):
+    """A proxy's multi-line HTML error page (with text rich would read as markup) reaches the user
+    as one line of plain text."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    class Proxy(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = b"<html>\n<h1>502 [/bold] Bad Gateway</h1>\n<p>upstream gone</p>\n</html>\n"
+            self.send_response(502)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    srv = HTTPServer(("127.0.0.1", 0), Proxy)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        r = run_cli("complete", "--prefix", "x", "--url", f"http://127.0.0.1:{srv.server_port}", "--token", "cm_x")
+    finally:
+        srv.shutdown()
+    one_line_error(r, "server answered 502: <html>")
+    assert "MarkupError" not in r.stderr
 
 
 def test_dates_and_durations(home: Path):

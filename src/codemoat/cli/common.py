@@ -16,9 +16,17 @@ err_console = Console(stderr=True)
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
 
 
+def print_error(message: str) -> None:
+    """`error: <the message's first non-empty line>` on stderr, its text never read as markup."""
+    from rich.markup import escape
+
+    first = next((line.strip() for line in str(message).splitlines() if line.strip()), "")
+    err_console.print(f"[red]error:[/red] {escape(first)}", highlight=False, soft_wrap=True)
+
+
 def fail(message: str, code: int = 1) -> None:
     """Print one line to stderr and exit non-zero."""
-    err_console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    print_error(message)
     raise typer.Exit(code)
 
 

@@ -31,14 +31,9 @@ for _m in _MODULES:
 def main() -> None:
     """Run the CLI; errors a user can cause print one line, never a traceback."""
     import typer
-    from rich.markup import escape
 
     from ..errors import CodemoatError
-    from .common import err_console
-
-    def one_line(message: str) -> None:
-        first = next((line.strip() for line in str(message).splitlines() if line.strip()), "")
-        err_console.print(f"[red]error:[/red] {escape(first)}", highlight=False, soft_wrap=True)
+    from .common import print_error as one_line
 
     try:
         # Not standalone: usage errors come back here to be printed as one line, not as a box.
