@@ -180,8 +180,10 @@ def test_admin_api_needs_admin_scope(engine, accounts, tokens):
         assert c.get("/admin/api/outbound", headers=tokens["root"]).json() == {"outbound": []}
         r = c.get("/admin/api/audit", params={"since": "99999999999999d"}, headers=tokens["root"])
         assert r.status_code == 400 and "too long" in r.text
+        r = c.get("/admin/api/audit", params={"kind": "nosuch"}, headers=tokens["root"])
+        assert r.status_code == 400 and "unknown record kind 'nosuch'" in r.text  # not an empty list
     recs = records(engine)
-    assert [r["status"] for r in recs] == [200, 403, 401, 200, 200, 200, 200, 200, 200, 400]  # admin reads are audited too
+    assert [r["status"] for r in recs] == [200, 403, 401, 200, 200, 200, 200, 200, 200, 400, 400]  # admin reads are audited too
 
 
 def test_egress_guard_armed_by_install_and_refusals_audited(engine, accounts, tokens, port):

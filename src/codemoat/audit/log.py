@@ -47,6 +47,14 @@ log = logging.getLogger("codemoat.audit")
 GENESIS = "0" * 64
 #: every kind of record the server writes
 KINDS = ("request", "alert", "egress_blocked", "rotation")
+
+
+def check_kind(kind: str | None) -> str | None:
+    """`kind` if it is one the log holds (or None); an unknown one is a one-line error, not an
+    empty answer."""
+    if kind is not None and kind not in KINDS:
+        raise CodemoatError(f"unknown record kind {kind!r}: use one of {', '.join(KINDS)}")
+    return kind
 _SLOT = 512  # bytes per head-file slot
 _RECORD_TAG = b"codemoat-audit-record-v1\x00"
 

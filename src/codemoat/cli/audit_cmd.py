@@ -52,14 +52,13 @@ def audit_export(
     config: ConfigOpt = None,
 ) -> None:
     """Export records, with their hashes, as JSON lines or CSV."""
-    from ..audit.log import KINDS, parse_since
+    from ..audit.log import check_kind, parse_since
     from ..errors import CodemoatError
 
     start = parse_since(since)
     if fmt not in ("jsonl", "csv"):
         raise CodemoatError(f"unknown export format {fmt!r}: use jsonl or csv")
-    if kind is not None and kind not in KINDS:
-        raise CodemoatError(f"unknown record kind {kind!r}: use one of {', '.join(KINDS)}")
+    check_kind(kind)
     log = _log(config)
     try:
         out = open(output, "w", encoding="utf-8", newline="") if output else sys.stdout

@@ -37,7 +37,7 @@ from .. import paths
 from ..accounts import Principal
 from ..audit import egress
 from ..audit.alarms import AlarmPolicy, Alarms
-from ..audit.log import AuditLog, AuditUnavailable, head_file_for, parse_since
+from ..audit.log import AuditLog, AuditUnavailable, check_kind, head_file_for, parse_since
 from ..audit.metrics import CONTENT_TYPE, Metrics
 from ..audit.quota import Quotas
 from ..audit.redact import find_secrets, redact, screen
@@ -433,6 +433,7 @@ def _admin_routes(app: FastAPI, trust: Trust) -> None:
                             user: str | None = None, after_seq: int = 0, limit: int = 100):
         limit = max(1, min(limit, 1000))
         start = parse_since(since)
+        check_kind(kind)
 
         def read():
             return list(trust.log.records(since=start, kind=kind, user=user, after_seq=after_seq, limit=limit,
