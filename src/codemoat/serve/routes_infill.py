@@ -22,11 +22,7 @@ async def infill_route(request: Request, principal: Principal = Depends(require(
     req = infill.InfillRequest.model_validate(await read_json(request))
     svc.check_model(req.model)
     start_usage(request, "infill", svc.model_id)
-    n = req.n_predict
-    limit = svc.settings.model.max_tokens_limit
-    # like llama.cpp: -1 (or more than the limit) generates until the limit or the context is full
-    fit = n is not None and (n < 0 or n > limit)
-    params = svc.params(limit if fit else n, req.temperature, req.top_p, req.stop, req.seed, req.top_k, clamp=True)
+    params, fit = svc.predict_params(req.n_predict, req.temperature, req.top_p, req.stop, req.seed, req.top_k)
     ext = req.codemoat
     f = FimInput.from_ext(req.input_prefix + req.prompt, req.input_suffix, ext, [FileSnippet(e.filename, e.text) for e in req.input_extra if e.text])
     prep = svc.fim_prompt(request, principal, f, params, fit=fit)

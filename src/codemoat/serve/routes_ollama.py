@@ -68,12 +68,8 @@ async def show(request: Request, principal: Principal = Depends(require("complet
 def _params(svc: Service, o: ollama.Options):
     """The sampling parameters, and whether `max_tokens` is to fit the room the prompt leaves: Ollama's
     `num_predict: -1` (or more than the limit) generates until the limit or the context is full."""
-    n = o.num_predict
-    limit = svc.settings.model.max_tokens_limit
-    fit = n is not None and (n < 0 or n > limit)
-    p = svc.params(limit if fit else n, 0.8 if o.temperature is None else o.temperature, o.top_p or 0.9, o.stop or [], o.seed,
-                   o.top_k, o.repeat_penalty, clamp=True)
-    return p, fit
+    return svc.predict_params(o.num_predict, 0.8 if o.temperature is None else o.temperature, o.top_p or 0.9,
+                              o.stop or [], o.seed, o.top_k, o.repeat_penalty)
 
 
 def _loaded(svc: Service, chat: bool) -> dict:

@@ -137,14 +137,10 @@ class Service:
         seed: int | None,
         top_k: int | None = None,
         repeat_penalty: float | None = None,
-        clamp: bool = False,
     ) -> SamplingParams:
-        """With `clamp` (Ollama, llama.cpp), a `max_tokens` above the limit is lowered to it, not refused."""
         m = self.settings.model
         if max_tokens is None or max_tokens < 0:
             max_tokens = m.default_max_tokens
-        if clamp:
-            max_tokens = min(max_tokens, m.max_tokens_limit)
         if max_tokens > m.max_tokens_limit:
             raise CodemoatError(f"max_tokens is {max_tokens}, above this server's limit of {m.max_tokens_limit}")
         p = SamplingParams(
@@ -158,6 +154,14 @@ class Service:
         )
         self._watermark(p)
         return p
+
+    def predict_params(self, n_predict: int | None, temperature: float | None, top_p: float | None, stop: list[str],
+                       seed: int | None, top_k: int | None = None, repeat_penalty: float | None = None) -> tuple[SamplingParams, bool]:
+        """Ollama's `num_predict` and llama.cpp's `n_predict`: -1, or more than the limit, asks for as many
+        tokens as fit, at most the limit; `fit` tells the prompt's builder to lower `max_tokens` to the room left."""
+        limit = self.settings.model.max_tokens_limit
+        fit = n_predict is not None and (n_predict < 0 or n_predict > limit)
+        return self.params(limit if fit else n_predict, temperature, top_p, stop, seed, top_k, repeat_penalty), fit
 
     def _watermark(self, p: SamplingParams) -> None:
         key = self.holder.info.get("watermark_key")
@@ -178,40 +182,37 @@ class Service:
         usage = request.state.usage
         snippets: list[Any] = []
         extra = list(f.extra)
-        wanted = params.max_tokens
-        if fit:
-            # "as many as fit" (num_predict -1): leave retrieval room beside a usual completion's
-            # length; the generation then gets whatever the final prompt leaves (`_check`)
-            params.max_tokens = min(wanted, self.settings.model.default_max_tokens)
+        # "as many as fit" (num_predict -1): retrieval keeps its room beside a usual completion's length;
+        # the generation then gets whatever the final prompt leaves (`_check`)
+        reserve = min(params.max_tokens, self.settings.model.default_max_tokens) if fit else params.max_tokens
         if t.fim is None:
             prompt = f.prefix  # no FIM tokens: plain continuation of the prefix
         else:
             repo = self._repo_for(principal, f)
             if repo:
                 # retrieved context only fills the room the request leaves in the context window
-                room = engine.n_ctx - params.max_tokens - engine.count_tokens(t.fim.render(f.prefix, f.suffix, extra)) - 16
+                room = engine.n_ctx - reserve - engine.count_tokens(t.fim.render(f.prefix, f.suffix, extra)) - 16
                 budget = min(self.settings.retrieval.budget_tokens, room)
                 if budget > 32:
                     snippets = self._retrieve(principal, repo, f, engine, budget)
-            prompt = self._render_fitting(engine, t.fim, f, extra, snippets, repo, params)
+            prompt = self._render_fitting(engine, t.fim, f, extra, snippets, repo, reserve)
             if snippets:
                 usage["repos"] = [repo]
                 usage["snippets"] = [s.id for s in snippets]
             params.stop = list(dict.fromkeys([*params.stop, *t.fim.stop]))
-        params.max_tokens = wanted
         self._check(engine, prompt, params, fit)
         usage["prompt_text"] = f.prefix + f.suffix
         return Prepared(engine, prompt, params, snippets)
 
     @staticmethod
-    def _render_fitting(engine: Engine, fim: FimTemplate, f: FimInput, extra: list[FileSnippet], snippets: list[Any], repo: str | None, params: SamplingParams) -> str:
+    def _render_fitting(engine: Engine, fim: FimTemplate, f: FimInput, extra: list[FileSnippet], snippets: list[Any], repo: str | None, max_tokens: int) -> str:
         """The FIM prompt with as many retrieved snippets as fit beside `max_tokens`; their path
         headers count too. Drops the lowest-ranked snippets (in place) first. The best snippet goes
         last, next to the code being completed: models lean on the nearest context most."""
         while True:
             files = extra + [FileSnippet(s.path, s.text) for s in reversed(snippets)]
             prompt = fim.render(f.prefix, f.suffix, files, path=f.path if files else None, repo=repo)
-            if not snippets or engine.count_tokens(prompt) + params.max_tokens <= engine.n_ctx:
+            if not snippets or engine.count_tokens(prompt) + max_tokens <= engine.n_ctx:
                 return prompt
             snippets.pop()
 
