@@ -47,3 +47,21 @@ def parse_when(text: str) -> float:
     if d.timestamp() > LATEST:  # 9999-12-31T23:00-05:00 is in the year 10000 in UTC
         raise CodemoatError(f"date {text!r} is past the year 9999")
     return d.timestamp()
+
+
+def parse_ago(text: str) -> float:
+    """Epoch seconds of an ISO date/time (UTC unless given) or of now minus a duration (`--since 7d`)."""
+    import time
+
+    if _DURATION.fullmatch(text or ""):
+        return time.time() - parse_duration(text)
+    return parse_when(text)
+
+
+def show_time(t: float | int, fmt: str = "%Y-%m-%dT%H:%M:%SZ") -> str:
+    """A Unix time as a UTC date; one no calendar date can hold (a damaged or hostile stored field)
+    is shown as the number it is, so listing or describing never fails on it."""
+    try:
+        return dt.datetime.fromtimestamp(t, dt.timezone.utc).strftime(fmt)
+    except (OverflowError, OSError, ValueError):
+        return f"@{t} (out of range)"

@@ -423,18 +423,9 @@ def parse_since(text: str | None) -> float | None:
     """`--since` as epoch seconds: an ISO date/time, or a duration back from now (90s, 15m, 2h, 7d, 2w)."""
     if not text:
         return None
-    from ..durations import parse_duration
+    from ..durations import parse_ago
 
-    t = text.strip()
-    if t[-1:] in ("s", "m", "h", "d", "w") and t[:-1].replace(".", "", 1).isdigit():
-        try:  # refuses what reaches past year 9999 (as a count of microseconds it would not fit SQLite)
-            return time.time() - parse_duration(t)
-        except CodemoatError as e:
-            raise CodemoatError(f"cannot use --since {text!r}: {e}") from None
-    try:
-        dt = datetime.fromisoformat(t)
-    except ValueError:
-        raise CodemoatError(f"cannot read --since {text!r}: use an ISO time (2026-11-28T10:00) or a duration (15m, 2h, 7d)") from None
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
-    return dt.timestamp()
+    try:  # refuses what reaches past year 9999 (as a count of microseconds it would not fit SQLite)
+        return parse_ago(text.strip())
+    except CodemoatError as e:
+        raise CodemoatError(f"cannot use --since {text!r}: {e}") from None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 from typing import Annotated
 
 import typer
@@ -20,12 +19,9 @@ def _accounts():
 
 
 def _ts(t: float | None) -> str:
-    if t is None:
-        return "-"
-    try:
-        return dt.datetime.fromtimestamp(t, dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
-    except (OverflowError, OSError, ValueError):  # a time stored before dates were checked: show it, don't fail the list
-        return str(t)
+    from ..durations import show_time
+
+    return "-" if t is None else show_time(t, "%Y-%m-%d %H:%M")  # a stored time out of range is shown, not fatal
 
 
 def _groups(text: str) -> list[str]:

@@ -13,13 +13,13 @@ import hmac
 import json
 import threading
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from .. import paths
+from ..durations import show_time
 from .codec import VaultError, write_secret, x_private_raw
 
 RECORD = "clock.json"
@@ -71,12 +71,8 @@ class ManualClock(Clock):
 
 
 def iso(t: float | int) -> str:
-    """UTC ISO-8601 for a Unix time; a time no calendar date can hold (a damaged or hostile field)
-    is shown as the number it is, so describing a document never fails on it."""
-    try:
-        return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    except (OverflowError, OSError, ValueError):
-        return f"@{t} (out of range)"
+    """UTC ISO-8601 for a Unix time (`show_time`: an out-of-range one is shown as its number)."""
+    return show_time(t)
 
 
 class ClockGuard:
