@@ -49,13 +49,14 @@ def test_config_show_json():
     assert rows["model.n_ctx"]["value"] == 1234 and rows["model.n_ctx"]["env"] == "CODEMOAT_MODEL__N_CTX"
 
 
-def test_unknown_fim_template_is_refused_at_start_up(tmp_path, random_gguf):
+def test_unknown_fim_template_is_refused_at_start_up(tmp_path):
     want = "error: invalid configuration: model.fim_template: unknown FIM template 'nosuch': choose from qwen, deepseek, starcoder, codellama, codegemma"
     cfg = tmp_path / "fim.toml"
     cfg.write_text('[model]\nfim_template = "nosuch"\n')
+    missing = str(tmp_path / "no-such-model.gguf")
     for args, env in ((["--fim-template", "nosuch"], None), (["--config", str(cfg)], None), ([], {"CODEMOAT_MODEL__FIM_TEMPLATE": "nosuch"})):
-        # without the check the server starts and waits for requests: the timeout fails the test
-        r = run_cli("serve", "--model", str(random_gguf), "--port", "0", *args, env=env, timeout=60)
+        # refused while the settings load, before the model is looked for (else: "model not found")
+        r = run_cli("serve", "--model", missing, "--port", "0", *args, env=env)
         assert r.returncode == 1 and r.stderr.strip() == want, r.stderr
     s = load_settings(**{"model.fim_template": "starcoder"})
     assert s.model.fim_template == "starcoder"
