@@ -91,6 +91,19 @@ def test_body_over_the_limit_is_a_413_before_anything_reads_it(c, path, shape):
     assert r.status_code == 413 and "server.max_body_mb" in r.text, r.text
 
 
+def test_bodies_refused_as_too_large_are_audited(server, c):
+    before = _audited(server, 413)
+    assert c.post("/v1/completions", content=b"a" * (9 * 1024 * 1024)).status_code == 413
+    assert c.post("/v1/completions", content=iter([b"a" * (1024 * 1024)] * 10)).status_code == 413
+    assert _audited(server, 413) == before + 2  # one record per API request, refused ones too
+
+
+def _audited(server, status: int) -> int:
+    out = run_cli("audit", "export", "--kind", "request", env={"CODEMOAT_HOME": str(server.home)})
+    assert out.returncode == 0, out.stderr
+    return sum(1 for x in map(json.loads, out.stdout.splitlines()) if x["status"] == status)
+
+
 def test_minus_one_and_above_limit_fit_the_context(c):
     """Ollama's num_predict -1 and llama.cpp's n_predict -1 mean "until the limit or a full context";
     with the limit (1024) above the context (512) they were a 400 for every prompt."""

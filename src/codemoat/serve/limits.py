@@ -7,10 +7,15 @@ one (chunked) is counted as it arrives and cut off once it passes the limit.
 
 from __future__ import annotations
 
+import logging
+
+import anyio
 from fastapi import Request
 
 from ..errors import CodemoatError
 from .errors import render
+
+log = logging.getLogger("codemoat.serve")
 
 
 class BodyTooLarge(CodemoatError):
@@ -62,6 +67,12 @@ class BodyLimit:
     async def _refuse(self, scope, send) -> None:
         request = Request(scope)
         e = self._error()
+        trust = getattr(getattr(scope.get("app"), "state", None), "trust", None)
+        if trust is not None:  # refused outside the audit layer, so recorded here: every API request has its record
+            try:
+                await anyio.to_thread.run_sync(trust.write, scope, e.status, 0.0, "refused: body over server.max_body_mb")
+            except Exception as exc:  # noqa: BLE001 - the refusal stands either way
+                log.warning("could not audit a refused oversized request: %s", type(exc).__name__)
         response = render(request, e.status, str(e), e.code, {"Connection": "close"})
         await response(scope, _no_body, send)
 
