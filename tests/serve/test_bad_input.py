@@ -168,3 +168,9 @@ def test_client_gone_before_a_whole_answer_frees_the_worker(slow_server, path, b
             break
         time.sleep(0.1)
     assert gone, out.stdout[-2000:]
+
+
+def test_ollama_chat_without_a_model_is_refused_even_when_empty(c):
+    for body in ({"messages": []}, {"messages": [{"role": "user", "content": "hi"}]}):
+        r = c.post("/api/chat", json=body)
+        assert r.status_code == 400 and "model" in r.json()["error"], (body, r.text)

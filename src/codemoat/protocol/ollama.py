@@ -42,7 +42,7 @@ class Message(Lenient):
 
 class ChatRequest(Lenient):
     model: str
-    messages: list[Message] = Field(min_length=1)
+    messages: list[Message] = Field(default_factory=list)  # none: preload the model (Ollama's "load")
     stream: bool = True
     options: Options = Field(default_factory=Options)
     codemoat: CodemoatExt | None = None

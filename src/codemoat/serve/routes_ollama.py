@@ -124,14 +124,11 @@ async def _answer(request: Request, svc: Service, prep: Prepared, stream: bool, 
 @router.post("/api/chat")
 async def chat(request: Request, principal: Principal = Depends(require("chat"))):
     svc: Service = request.app.state.service
-    body = await read_json(request)
-    if body.get("messages") == []:  # how Ollama clients preload a model
-        svc.check_model(ollama.ShowRequest.model_validate({"model": body.get("model")}).model)
-        start_usage(request, "ollama", svc.model_id)
-        return _loaded(svc, chat=True)
-    req = ollama.ChatRequest.model_validate(body)
+    req = ollama.ChatRequest.model_validate(await read_json(request))
     svc.check_model(req.model)
     start_usage(request, "ollama", svc.model_id)
+    if not req.messages:  # how Ollama clients preload a model
+        return _loaded(svc, chat=True)
     params, fit = _params(svc, req.options)
     msgs = [{"role": m.role, "content": m.content} for m in req.messages]
     prep = svc.chat_prompt(request, principal, msgs, params, req.codemoat.repos if req.codemoat else None, fit=fit)
