@@ -25,7 +25,7 @@ async def infill_route(request: Request, principal: Principal = Depends(require(
     params, fit = svc.predict_params(req.n_predict, req.temperature, req.top_p, req.stop, req.seed, req.top_k)
     ext = req.codemoat
     f = FimInput.from_ext(req.input_prefix + req.prompt, req.input_suffix, ext, [FileSnippet(e.filename, e.text) for e in req.input_extra if e.text])
-    prep = svc.fim_prompt(request, principal, f, params, fit=fit)
+    prep = await svc.prepare(svc.fim_prompt, request, principal, f, params, fit=fit)
     extra = snippets_extra(ext, prep)
     if not req.stream:
         c = await svc.run(request, prep)

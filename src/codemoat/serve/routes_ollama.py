@@ -91,12 +91,12 @@ async def generate(request: Request, principal: Principal = Depends(require("com
     ext = req.codemoat
     if req.suffix is not None:
         f = FimInput.from_ext(req.prompt, req.suffix, ext)
-        prep = svc.fim_prompt(request, principal, f, params, fit=fit)
+        prep = await svc.prepare(svc.fim_prompt, request, principal, f, params, fit=fit)
     elif req.raw:
-        prep = svc.plain_prompt(request, req.prompt, params, fit=fit)
+        prep = await svc.prepare(svc.plain_prompt, request, req.prompt, params, fit=fit)
     else:
         msgs = ([{"role": "system", "content": req.system}] if req.system else []) + [{"role": "user", "content": req.prompt}]
-        prep = svc.chat_prompt(request, principal, msgs, params, fit=fit)
+        prep = await svc.prepare(svc.chat_prompt, request, principal, msgs, params, fit=fit)
     extra = snippets_extra(ext, prep)
     return await _answer(request, svc, prep, req.stream, ollama.generate_chunk, ollama.generate_final, extra)
 
@@ -131,6 +131,6 @@ async def chat(request: Request, principal: Principal = Depends(require("chat"))
         return _loaded(svc, chat=True)
     params, fit = _params(svc, req.options)
     msgs = [{"role": m.role, "content": m.content} for m in req.messages]
-    prep = svc.chat_prompt(request, principal, msgs, params, req.codemoat.repos if req.codemoat else None, fit=fit)
+    prep = await svc.prepare(svc.chat_prompt, request, principal, msgs, params, req.codemoat.repos if req.codemoat else None, fit=fit)
     extra = snippets_extra(req.codemoat, prep)
     return await _answer(request, svc, prep, req.stream, ollama.chat_chunk, ollama.chat_final, extra)

@@ -64,9 +64,9 @@ async def openai_completion(request: Request, principal: Principal, body: Any):
     ext = req.codemoat
     if req.suffix is not None or (ext and ext.path):
         f = FimInput.from_ext(prompt, req.suffix or "", ext)
-        prep = svc.fim_prompt(request, principal, f, params)
+        prep = await svc.prepare(svc.fim_prompt, request, principal, f, params)
     else:
-        prep = svc.plain_prompt(request, prompt, params)
+        prep = await svc.prepare(svc.plain_prompt, request, prompt, params)
     extra = snippets_extra(ext, prep)
     cid = new_id("cmpl")
     if not req.stream:
@@ -93,7 +93,7 @@ async def chat_completions(request: Request):
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     params = svc.params(max_tokens, req.temperature, req.top_p, as_stop_list(req.stop), req.seed)
     messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-    prep = svc.chat_prompt(request, principal, messages, params, req.codemoat.repos if req.codemoat else None)
+    prep = await svc.prepare(svc.chat_prompt, request, principal, messages, params, req.codemoat.repos if req.codemoat else None)
     ext = req.codemoat
     extra = snippets_extra(ext, prep)
     cid = new_id("chatcmpl")

@@ -50,7 +50,7 @@ async def tabby_completion(request: Request, principal: Principal, body: Any):
         retrieval=not (dbg and dbg.disable_retrieval_augmented_code_completion),
     )
     params = svc.params(None, 0.1 if req.temperature is None else req.temperature, None, [], req.seed)
-    prep = svc.fim_prompt(request, principal, f, params)
+    prep = await svc.prepare(svc.fim_prompt, request, principal, f, params)
     c = await svc.run(request, prep)
     debug = None
     if dbg and (dbg.return_snippets or dbg.return_prompt):

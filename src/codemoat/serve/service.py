@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
 from fastapi import Request
 
 from ..accounts import Principal
@@ -174,6 +176,11 @@ class Service:
         p.logits_processors.append(WatermarkProcessor(key, vocab_size=getattr(eng, "n_vocab", None)))
 
     # -- prompts -------------------------------------------------------------
+    async def prepare(self, build: Callable[..., "Prepared"], *args: Any, **kw: Any) -> "Prepared":
+        """`build` (fim_prompt, chat_prompt, plain_prompt) on a worker thread: tokenising a long prompt
+        and retrieving snippets would otherwise hold the event loop, and every other client with it."""
+        return await anyio.to_thread.run_sync(functools.partial(build, *args, **kw))
+
     def fim_prompt(self, request: Request, principal: Principal, f: FimInput, params: SamplingParams, fit: bool = False) -> Prepared:
         """`fit`: lower `max_tokens` to the room the prompt leaves (Ollama's and llama.cpp's "-1")."""
         engine = self.engine("complete")
