@@ -323,11 +323,17 @@ class Service:
     # -- running ---------------------------------------------------------------
     async def run(self, request: Request, p: Prepared) -> Completion:
         """The whole completion; a client that hangs up while it waits or generates cancels it (`ClientGone`),
-        so the worker goes to the next request instead of finishing an answer nobody reads."""
+        so the worker goes to the next request instead of finishing an answer nobody reads. It is read
+        from `stream`, so the usage (audit, quota) counts what was generated before a hang-up too."""
 
         async def generate() -> Completion:
-            async with self._slot():
-                return await p.engine.complete(p.prompt, p.params)
+            parts: list[str] = []
+            reason: Any = "length"
+            async for chunk in self.stream(request, p):
+                parts.append(chunk.text)
+                reason = chunk.finish_reason or reason
+            u = request.state.usage
+            return Completion("".join(parts), u["prompt_tokens"], u["completion_tokens"], reason)
 
         work = asyncio.ensure_future(generate())
         gone = asyncio.ensure_future(_disconnected(request))
@@ -340,6 +346,7 @@ class Service:
                 with contextlib.suppress(asyncio.CancelledError):
                     await work
         if work.cancelled():
+            request.state.usage["model"] = self.model_id
             raise ClientGone("the client closed the connection; generation was cancelled")
         c = work.result()
         self._account(request, c.prompt_tokens, c.completion_tokens, c.text)

@@ -181,7 +181,7 @@ class Trust:
             self.metrics.audit_records.labels("request").inc()
             self.metrics.observe(route if route_obj is not None else "unmatched", usage.get("protocol") or "", status, seconds,
                                  prompt_tokens, completion_tokens)
-            if principal is not None and 200 <= status < 300:
+            if principal is not None and (200 <= status < 300 or status == 499):  # 499: what was generated before the hang-up
                 self.quotas.add_tokens(principal.user, principal.token_id, completion_tokens)
                 kind = "event" if usage.get("event") else ("chat" if route.endswith(_CHAT_ROUTES) else "completion")
                 alert = self.alarms.observe(principal.user, kind=kind, prompt_text=prompt_text,
