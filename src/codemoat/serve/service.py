@@ -82,6 +82,7 @@ class Prepared:
     engine: Engine
     prompt: str
     params: SamplingParams
+    prompt_tokens: int  # counted once, by `_check`
     snippets: list[Any] = field(default_factory=list)
 
 
@@ -207,9 +208,9 @@ class Service:
                 usage["repos"] = [repo]
                 usage["snippets"] = [s.id for s in snippets]
             params.stop = list(dict.fromkeys([*params.stop, *t.fim.stop]))
-        self._check(engine, prompt, params, fit)
+        n = self._check(engine, prompt, params, fit)
         usage["prompt_text"] = f.prefix + f.suffix
-        return Prepared(engine, prompt, params, snippets)
+        return Prepared(engine, prompt, params, n, snippets)
 
     @staticmethod
     def _render_fitting(engine: Engine, fim: FimTemplate, f: FimInput, extra: list[FileSnippet], snippets: list[Any], repo: str | None, max_tokens: int) -> str:
@@ -264,17 +265,17 @@ class Service:
             request.state.usage["snippets"] = [s.id for s in snippets]
         prompt = t.chat.render(msgs)
         params.stop = list(dict.fromkeys([*params.stop, *t.chat.stop]))
-        self._check(engine, prompt, params, fit)
+        n = self._check(engine, prompt, params, fit)
         request.state.usage["prompt_text"] = "\n".join(m["content"] for m in messages)
-        return Prepared(engine, prompt, params, snippets)
+        return Prepared(engine, prompt, params, n, snippets)
 
     def plain_prompt(self, request: Request, prompt: str, params: SamplingParams, fit: bool = False) -> Prepared:
         """The prompt as the client sent it (OpenAI completions without suffix, Ollama's `raw`)."""
         engine = self.engine("complete")
         self._bound(engine, prompt, params)
-        self._check(engine, prompt, params, fit)
+        n = self._check(engine, prompt, params, fit)
         request.state.usage["prompt_text"] = prompt
-        return Prepared(engine, prompt, params)
+        return Prepared(engine, prompt, params, n)
 
     @staticmethod
     def _bound(engine: Engine, text: str, params: SamplingParams) -> None:
@@ -287,13 +288,14 @@ class Service:
                                       f"but the model's context is {engine.n_ctx} tokens")
 
     @staticmethod
-    def _check(engine: Engine, prompt: str, params: SamplingParams, fit: bool) -> None:
+    def _check(engine: Engine, prompt: str, params: SamplingParams, fit: bool) -> int:
         """The engine's own rule (not empty, room for `max_tokens`), from one tokenisation; with `fit`,
         `max_tokens` first shrinks to the room the prompt leaves."""
         n = engine.count_tokens(prompt)
         if fit and 0 < n < engine.n_ctx:
             params.max_tokens = max(1, min(params.max_tokens, engine.n_ctx - n))
         engine.check_count(n, params.max_tokens)
+        return n
 
     def _chat_context(self, principal: Principal, msgs: list[dict[str, str]], repos: list[str], engine: Engine) -> list[Any]:
         """Repositories named in the request (extension field or `@repo` in the last user message)."""
@@ -346,25 +348,24 @@ class Service:
                 with contextlib.suppress(asyncio.CancelledError):
                     await work
         if work.cancelled():
-            request.state.usage["model"] = self.model_id
             raise ClientGone("the client closed the connection; generation was cancelled")
-        c = work.result()
-        self._account(request, c.prompt_tokens, c.completion_tokens, c.text)
-        return c
+        return work.result()
 
     async def stream(self, request: Request, p: Prepared) -> AsyncIterator[Chunk]:
-        """Chunks from the engine; usage is recorded as they come (the audit sees partial streams)."""
-        n_prompt = p.engine.count_tokens(p.prompt)
+        """Chunks from the engine; usage is recorded as they come (the audit, written once the request
+        ends, sees partial streams: the text is joined when the stream ends or is cut off)."""
         usage = request.state.usage
-        usage["prompt_tokens"] = n_prompt
+        usage["prompt_tokens"] = p.prompt_tokens
         usage["completion_tokens"] = 0
         parts: list[str] = []
-        async with self._slot():
-            async for chunk in p.engine.stream(p.prompt, p.params):
-                usage["completion_tokens"] += len(chunk.token_ids)
-                parts.append(chunk.text)
-                usage["completion_text"] = "".join(parts)
-                yield chunk
+        try:
+            async with self._slot():
+                async for chunk in p.engine.stream(p.prompt, p.params):
+                    usage["completion_tokens"] += len(chunk.token_ids)
+                    parts.append(chunk.text)
+                    yield chunk
+        finally:
+            usage["completion_text"] = "".join(parts)
 
     @contextlib.asynccontextmanager
     async def _slot(self):
@@ -377,13 +378,6 @@ class Service:
             yield
         finally:
             self._slots.release()
-
-    def _account(self, request: Request, n_prompt: int, n_out: int, text: str) -> None:
-        u = request.state.usage
-        u["model"] = self.model_id
-        u["prompt_tokens"] = n_prompt
-        u["completion_tokens"] = n_out
-        u["completion_text"] = text
 
 
 async def _disconnected(request: Request) -> None:
