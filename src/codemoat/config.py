@@ -40,6 +40,7 @@ class ModelSettings(BaseModel):
     n_ctx: int = Field(4096, ge=64, description="Context window in tokens (capped by the model's own).")
     n_threads: int | None = Field(None, description="CPU threads for llama.cpp (default: all cores).")
     n_gpu_layers: int = Field(0, description="Layers to offload to a GPU (llama.cpp).")
+    cpu_buffers: Literal["auto", "extra", "safe"] = Field("auto", description="llama.cpp's extra CPU buffer types (AMX tiles, repacked kernels) for quantised models: auto (a start-up self-test in a child process decides, cached per CPU and llama.cpp build), extra (always on), safe (always off: correct on every x86-64 CPU, slower).")
     fim_template: str | None = Field(None, description="Fill-in-the-middle template (qwen, deepseek, starcoder, codellama, codegemma); default: detected from the model.")
     chat_template: str | None = Field(None, description="Jinja2 chat template overriding the model's own.")
     max_tokens_limit: int = Field(1024, ge=1, description="Largest max_tokens a request may ask for.")

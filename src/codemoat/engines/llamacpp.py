@@ -66,24 +66,34 @@ def training_context(metadata: dict[str, Any], default: int) -> int:
         return default
 
 
-def load_llama(model_path: str, name: str | None = None, **kw: Any):
+def load_llama(model_path: str, name: str | None = None, *, use_extra_bufts: bool | None = None, **kw: Any):
     """A full `llama_cpp.Llama` with `n_ctx` capped at the model's training context (a larger one
-    makes llama.cpp warn of a training context overflow on every load); one line naming the file if it cannot load."""
+    makes llama.cpp warn of a training context overflow on every load); one line naming the file if it cannot load.
+    `use_extra_bufts` (llama.cpp's AMX/repacked CPU buffers): None lets `cpu.choose` decide (a self-test
+    for a quantised model, cached per CPU and build)."""
     import llama_cpp
 
+    from .cpu import choose, extra_bufts
+
+    if use_extra_bufts is None:
+        use_extra_bufts = choose("auto", model_path, n_threads=kw.get("n_threads")).use_extra_bufts
     probe = load_vocab(model_path, name)
     train_ctx = training_context(probe.metadata, kw.get("n_ctx", 512))
     probe.close()
     kw["n_ctx"] = min(kw.get("n_ctx", 512), train_ctx)
     kw["n_batch"] = min(kw.get("n_batch", 512), kw["n_ctx"])
     try:
-        return llama_cpp.Llama(model_path=model_path, verbose=False, **kw)
+        with extra_bufts(use_extra_bufts):
+            return llama_cpp.Llama(model_path=model_path, verbose=False, **kw)
     except (ValueError, RuntimeError, OSError):
         raise _cannot_load(name or model_path) from None
 
 
 class LlamaCppEngine(WorkerEngine):
     name = "llamacpp"
+    # llama.cpp's CPU "extra buffer types" (AMX, repacked kernels) off: correct on any x86-64 CPU
+    safe_options = {"use_extra_bufts": False}
+    isolatable = True
 
     def __init__(
         self,
@@ -95,16 +105,28 @@ class LlamaCppEngine(WorkerEngine):
         n_gpu_layers: int = 0,
         memfd: MemfdBuffer | None = None,
         n_batch: int = 512,
+        cpu_buffers: str = "auto",
+        use_extra_bufts: bool | None = None,
     ):
+        """`cpu_buffers` ("auto", "extra", "safe") picks llama.cpp's CPU buffer types (`cpu.choose`);
+        `use_extra_bufts` given as a bool overrides it (a supervisor falling back to the safe path)."""
         import llama_cpp
 
+        from .cpu import Choice, choose
+
         self._memfd = memfd
+        n_threads = n_threads or os.cpu_count() or 1
+        if use_extra_bufts is None:
+            self.cpu = choose(cpu_buffers, model_path, n_threads=n_threads)
+        else:
+            self.cpu = Choice(use_extra_bufts, f"use_extra_bufts={use_extra_bufts} given by the engine's caller")
         self._llm = load_llama(
             model_path,
             model_id or model_path,
+            use_extra_bufts=self.cpu.use_extra_bufts,
             n_ctx=n_ctx,
             n_batch=n_batch,
-            n_threads=n_threads or os.cpu_count() or 1,
+            n_threads=n_threads,
             n_gpu_layers=n_gpu_layers,
         )
         self.model_id = model_id or Path(model_path).stem
@@ -137,9 +159,27 @@ class LlamaCppEngine(WorkerEngine):
         return cls(buf.path, memfd=buf, **kw)
 
     @classmethod
+    def from_buffer(cls, buf: MemfdBuffer, parts: Any = None, **kw: Any) -> "LlamaCppEngine":
+        """A decrypted GGUF in `buf` (the `Engine` contract; a GGUF is one part)."""
+        return cls.from_memfd(buf, **kw)
+
+    @classmethod
     def from_bytes(cls, data: bytes | bytearray | memoryview, **kw: Any) -> "LlamaCppEngine":
         """Load a GGUF held in memory: copied into a sealed memfd, never written to a disk path."""
         return cls.from_memfd(MemfdBuffer.from_bytes(data), **kw)
+
+    @classmethod
+    def front(cls, path: str, *, model_id: str | None = None, **_: Any) -> "LlamaCppEngine":
+        """Tokenizer and metadata only (a vocab-only llama: no weights, no worker), for the server
+        side of a supervised engine; generating with it is refused."""
+        import llama_cpp
+
+        eng = cls.__new__(cls)
+        eng._memfd, eng._closed, eng._front = None, False, True
+        eng._llm = load_vocab(path, model_id or path)
+        eng.model_id = model_id or Path(path).stem
+        eng._lib, eng._vocab, eng._special_cache = llama_cpp, eng._llm._model.vocab, {}
+        return eng
 
     # -- facts --------------------------------------------------------------
     @property
@@ -234,9 +274,14 @@ class LlamaCppEngine(WorkerEngine):
         return self._submit(run).result()
 
     def health(self) -> dict[str, Any]:
-        return {**super().health(), "queue": self.queued, "sealed": self._memfd is not None}
+        return {**super().health(), "queue": self.queued, "sealed": self._memfd is not None, "cpu_buffers": self.cpu.health()}
 
     def close(self) -> None:
+        if getattr(self, "_front", False):  # no worker to stop
+            if not self._closed:
+                self._closed = True
+                self._llm.close()
+            return
         if not self._stop_worker():
             return
         self._llm.close()

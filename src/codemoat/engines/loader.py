@@ -14,7 +14,7 @@ def engine_options(settings: Settings, model_id: str) -> dict:
     m = settings.model
     opts = {"model_id": model_id, "n_ctx": m.n_ctx}
     if m.engine == "llamacpp":
-        opts.update(n_threads=m.n_threads, n_gpu_layers=m.n_gpu_layers)
+        opts.update(n_threads=m.n_threads, n_gpu_layers=m.n_gpu_layers, cpu_buffers=m.cpu_buffers)
     return opts
 
 
