@@ -9,9 +9,11 @@ MODEL=$(demo_model tiny-random.gguf)
 REPO="$DEMO/payments-repo"
 rm -rf "$REPO" && cp -r "$ROOT/demo/repo" "$REPO"
 git -C "$REPO" init -q && git -C "$REPO" remote add origin git@git.acme.example:fin/payments.git
+# a contractor's commit: a symlink to this machine's key. The indexer never follows it (see "not read" below).
+ln -s "$CODEMOAT_HOME/machine.key" "$REPO/settings.json" && git -C "$REPO" add settings.json
 $CODEMOAT index remove payments >/dev/null 2>&1 || true
 
-say "admin: codemoat index add payments-repo --name payments --groups payments"
+say "admin: codemoat index add payments-repo --name payments --groups payments (settings.json -> machine.key: not read)"
 $CODEMOAT index add "$REPO" --name payments --groups payments
 $CODEMOAT index list
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import CodemoatError
 from .chunk import Chunk, chunk_file
 from .store import RepoInfo, SqliteIndex
-from .walk import decode, git_remote, list_files, read_bytes
+from .walk import Refused, RepoReader, decode, git_remote, scan
 
 Progress = Callable[[int, int, str], None]  # (files done, files in total, current path)
 
@@ -32,6 +32,7 @@ class UpdateStats:
     skipped: int = 0  # binaries, minified, generated, too large
     chunks: int = 0  # chunks written in this run
     symbols: int = 0
+    refused: dict[str, str] = field(default_factory=dict)  # path -> why it was never read (symlink, `..`, FIFO…)
 
 
 def parse_groups(spec: str | Sequence[str] | None) -> list[str]:
@@ -73,37 +74,47 @@ def update_repository(store: SqliteIndex, name: str, progress: Progress | None =
 def _update(store: SqliteIndex, info: RepoInfo, progress: Progress | None) -> UpdateStats:
     root = Path(info.root)
     stats = UpdateStats(info.name)
-    paths = list_files(root, info.include, info.exclude)
+    others = [Path(r.root) for r in store.repos() if r.id != info.id]
+    listing = scan(root, info.include, info.exclude, others)
+    paths, stats.refused = listing.paths, listing.refused
     known = store.file_hashes(info.id)
     stats.files = len(paths)
-    for i, rel in enumerate(paths, 1):
-        if progress is not None:
-            progress(i, len(paths), rel)
-        raw = read_bytes(root / rel)
-        if raw is None:
-            stats.skipped += 1
-            continue
-        digest = hashlib.blake2b(raw, digest_size=16).hexdigest()
-        old = known.get(rel)
-        if old is not None and old[1] == digest:
-            del known[rel]
-            stats.unchanged += 1
-            continue
-        text = decode(raw)
-        if text is None:
-            stats.skipped += 1
-            continue
-        chunks, symbols = _chunk(rel, text)
-        store.replace_file(info.id, rel, digest, text.count("\n") + 1, chunks, symbols, old[0] if old else None)
-        known.pop(rel, None)
-        stats.indexed += 1
-        stats.chunks += len(chunks)
-        stats.symbols += len(symbols)
-    for _rel, (fid, _h) in known.items():  # deleted, now ignored, or now skipped
+    with RepoReader(root, others) as reader:
+        for i, rel in enumerate(paths, 1):
+            if progress is not None:
+                progress(i, len(paths), rel)
+            _one(store, info, stats, known, rel, reader.read(rel))
+    for _rel, (fid, _h) in known.items():  # deleted, now ignored, now skipped or refused
         store.delete_file(fid)
         stats.removed += 1
     store.touch_repo(info.id)
     return stats
+
+
+def _one(store: SqliteIndex, info: RepoInfo, stats: UpdateStats, known: dict, rel: str,
+         raw: bytes | Refused | None) -> None:  # fmt: skip
+    if isinstance(raw, Refused):  # changed into a link (or a FIFO…) since the listing
+        stats.refused[rel] = str(raw)
+        return
+    if raw is None:
+        stats.skipped += 1
+        return
+    digest = hashlib.blake2b(raw, digest_size=16).hexdigest()
+    old = known.get(rel)
+    if old is not None and old[1] == digest:
+        del known[rel]
+        stats.unchanged += 1
+        return
+    text = decode(raw)
+    if text is None:
+        stats.skipped += 1
+        return
+    chunks, symbols = _chunk(rel, text)
+    store.replace_file(info.id, rel, digest, text.count("\n") + 1, chunks, symbols, old[0] if old else None)
+    known.pop(rel, None)
+    stats.indexed += 1
+    stats.chunks += len(chunks)
+    stats.symbols += len(symbols)
 
 
 def _chunk(rel: str, text: str) -> tuple[list[Chunk], list]:
