@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from .apps import app, index_app
 from .common import JsonFlag, console, emit
@@ -42,7 +43,14 @@ def _stats_line(s: Any) -> str:
     return (
         f"[bold]{s.repo}[/bold]: {s.files} files, {s.indexed} (re)indexed, {s.unchanged} unchanged, "
         f"{s.removed} removed, {s.skipped} skipped; {s.chunks} chunks, {s.symbols} symbols written"
-    )
+    ) + _refused_lines(s.refused)
+
+
+def _refused_lines(refused: dict[str, str], limit: int = 20) -> str:
+    """The paths never read (symlinks, special files…), each with its reason; `--json` lists them all."""
+    items = list(refused.items())
+    text = "".join(f"\n  not read: {escape(p)}: {escape(why)}" for p, why in items[:limit])
+    return text + (f"\n  … and {len(items) - limit} more (--json lists them all)" if len(items) > limit else "")
 
 
 @index_app.command("add")
