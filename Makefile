@@ -11,7 +11,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast bench install clean
+.PHONY: demo test test-fast lint format bench install clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,9 +31,20 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
+lint: $(STAMP)
+	$(PY) -m ruff check src tests bench demo
+	$(PY) -m ruff format --check src tests bench demo
+
+format: $(STAMP)
+	$(PY) -m ruff check --fix src tests bench demo
+	$(PY) -m ruff format src tests bench demo
+
+# Every bench, each comparing side by side in one run and writing bench/results/NAME.md.
+# Slow (an hour or more on two cores); one bench: `.venv/bin/python bench/NAME.py`.
+BENCHES ?= $(sort $(wildcard bench/*.py))
 bench: $(STAMP)
 	$(PY) -m pip install -q -e '.[bench]' 2>&1 | { $(QUIET_PIP); }
-	$(PY) bench/serve.py
+	@set -e; for b in $(BENCHES); do case $$b in */_*|*/gemma.py) continue;; esac; echo "== $$b"; $(PY) $$b; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache
