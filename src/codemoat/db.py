@@ -33,10 +33,12 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
 
 
 def make_engine(url: str) -> Engine:
-    """An SQLAlchemy engine; SQLite files get WAL and a busy timeout for concurrent writers."""
+    """An SQLAlchemy engine; SQLite files (mode 0600) get WAL and a busy timeout for concurrent writers."""
     if url.startswith("sqlite"):
-        if url.startswith("sqlite:///"):
-            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        db_path = make_url(url).database
+        if db_path and db_path != ":memory:" and not db_path.startswith("file:"):
+            Path(db_path).parent.mkdir(parents=True, exist_ok=True)
+            paths.private_file(Path(db_path))  # 0600 before SQLite opens it: its -wal and -shm copy the mode
         eng = create_engine(url, connect_args={"check_same_thread": False, "timeout": 10})
         event.listen(eng, "connect", _sqlite_pragmas)
         return eng

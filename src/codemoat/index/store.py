@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Protocol
 
 from ..errors import CodemoatError, NotFound
+from ..paths import private_file
 from .chunk import Chunk, Symbol
 from .terms import path_terms, terms
 
@@ -144,6 +145,7 @@ class SqliteIndex:
         conn = getattr(self._local, "conn", None)
         if conn is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            private_file(self.path)  # 0600 before SQLite opens it (its -wal and -shm take the same mode)
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
