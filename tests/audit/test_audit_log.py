@@ -234,3 +234,16 @@ def test_head_file_rollback_detected(audit_log, audit_home, db_file, db_url):
     hf.write_bytes(raw[:slot6] + b"\x00" * 512 + raw[slot6 + 512:])  # or blank it
     rep = audit_log.verify()
     assert not rep.ok and "blank slot" in rep.problem
+
+
+def test_verifier_and_writer_share_the_chain_without_a_cycle():
+    """`audit.verify` reads the chain's shape from `audit.chain`, never from the writer (`audit.log`)."""
+    import subprocess
+    import sys
+
+    code = "import sys, codemoat.audit.verify; print('codemoat.audit.log' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+    from codemoat.audit import chain, log
+
+    assert log.records is chain.records and log.record_hash is chain.record_hash  # still importable from log

@@ -13,10 +13,16 @@ a whole chain, so the chain is anchored by signatures of the machine's audit key
   deleting records from the end (truncation) leaves the head pointing past the end. A copy of the
   head is also written to a file outside the database, so dropping the tables is caught too.
 
-`verify()` (in `audit.verify`) walks everything and names the first bad record. What it cannot catch: someone who
-holds the signing key (root on this machine) and rewrites everything, or rolls the database and
-the head file back together to an earlier state; exporting checkpoints off the machine
-(`codemoat audit export`) defeats the latter.
+`verify()` (in `audit.verify`) walks everything and names the first bad record. A valid head
+only says where the log ends now: someone who can write the database and the head file can put
+back an older state with its own valid signatures. So `audit verify` remembers the last head it
+accepted in a file of its own (`audit.trusted`; an operator can also export one off the machine)
+and refuses any log that is not a continuation of it. What none of this catches: someone who holds
+the signing key (the service account, or root) and rewrites and re-signs everything, unless a head
+exported off the machine before the rewrite is checked against it.
+
+The tables, the record hash and the signed messages are in `audit.chain`, which both this module
+and `audit.verify` import; they are re-exported here.
 """
 
 from __future__ import annotations
@@ -41,12 +47,32 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from ..errors import CodemoatError
 from . import signing
+from .chain import (  # re-exported: the chain's shape lives in `audit.chain`
+    FIELDS,
+    GENESIS,
+    HEAD_SLOT,
+    SignedHead,
+    checkpoint_message,
+    checkpoints,
+    head,
+    head_file_for,
+    head_message,
+    meta,
+    record_hash,
+    records,
+    verified_file_for,
+)
+
+__all__ = [  # the chain's names stay importable from here (serve, tests, bench use them)
+    "FIELDS", "GENESIS", "HEAD_SLOT", "KINDS", "AuditLog", "AuditUnavailable", "SignedHead", "check_kind",
+    "checkpoint_message", "checkpoints", "head", "head_file_for", "head_message", "meta", "parse_since",
+    "record_hash", "records", "to_public", "verified_file_for",
+]
 
 log = logging.getLogger("codemoat.audit")
 
-GENESIS = "0" * 64
 #: every kind of record the server writes
-KINDS = ("request", "alert", "egress_blocked", "rotation")
+KINDS = ("request", "unauthenticated", "alert", "egress_blocked", "rotation")
 
 
 def check_kind(kind: str | None) -> str | None:
@@ -55,60 +81,8 @@ def check_kind(kind: str | None) -> str | None:
     if kind is not None and kind not in KINDS:
         raise CodemoatError(f"unknown record kind {kind!r}: use one of {', '.join(KINDS)}")
     return kind
-_SLOT = 512  # bytes per head-file slot
-_RECORD_TAG = b"codemoat-audit-record-v1\x00"
 
-meta = sa.MetaData()
-records = sa.Table(
-    "audit_records", meta,
-    sa.Column("seq", sa.BigInteger, primary_key=True, autoincrement=False),
-    sa.Column("ts_us", sa.BigInteger),
-    sa.Column("kind", sa.String(32)),
-    sa.Column("user", sa.String(128)),
-    sa.Column("token_id", sa.String(64)),
-    sa.Column("route", sa.String(256)),
-    sa.Column("protocol", sa.String(32)),
-    sa.Column("model", sa.String(256)),
-    sa.Column("repos", sa.Text),
-    sa.Column("snippets", sa.Text),
-    sa.Column("prompt_tokens", sa.Integer),
-    sa.Column("completion_tokens", sa.Integer),
-    sa.Column("latency_ms", sa.Float),
-    sa.Column("status", sa.Integer),
-    sa.Column("client", sa.String(128)),
-    sa.Column("prompt_text", sa.Text),
-    sa.Column("completion_text", sa.Text),
-    sa.Column("detail", sa.Text),
-    sa.Column("prev_hash", sa.String(64)),
-    sa.Column("hash", sa.String(64)),
-)
-checkpoints = sa.Table(
-    "audit_checkpoints", meta,
-    sa.Column("seq", sa.BigInteger, primary_key=True, autoincrement=False),
-    sa.Column("hash", sa.String(64)),
-    sa.Column("prev_checkpoint", sa.BigInteger),
-    sa.Column("ts_us", sa.BigInteger),
-    sa.Column("reason", sa.String(16)),
-    sa.Column("key_id", sa.String(16)),
-    sa.Column("signature", sa.String(128)),
-)
-head = sa.Table(
-    "audit_head", meta,
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
-    sa.Column("seq", sa.BigInteger),
-    sa.Column("hash", sa.String(64)),
-    sa.Column("last_checkpoint", sa.BigInteger),
-    sa.Column("ts_us", sa.BigInteger),
-    sa.Column("key_id", sa.String(16)),
-    sa.Column("signature", sa.String(128)),
-)
 
-# The hashed fields, in the order `export --format csv` prints them.
-FIELDS = (
-    "seq", "ts_us", "kind", "user", "token_id", "route", "protocol", "model", "repos", "snippets",
-    "prompt_tokens", "completion_tokens", "latency_ms", "status", "client", "prompt_text",
-    "completion_text", "detail", "prev_hash",
-)
 _INTS = ("prompt_tokens", "completion_tokens", "status")
 _TEXTS = ("kind", "user", "token_id", "route", "protocol", "model", "client", "prompt_text", "completion_text")
 
@@ -118,25 +92,6 @@ class AuditUnavailable(CodemoatError):
 
     status = 503
     code = "audit_unavailable"
-
-
-def record_hash(row: dict[str, Any]) -> str:
-    """SHA-256 over the record's fields (canonical JSON) and the previous record's hash."""
-    body = json.dumps({k: row.get(k) for k in FIELDS}, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(_RECORD_TAG + body.encode()).hexdigest()
-
-
-def checkpoint_message(seq: int, hash_: str, prev_checkpoint: int, ts_us: int, reason: str) -> bytes:
-    return f"codemoat-audit-checkpoint-v1|{seq}|{hash_}|{prev_checkpoint}|{ts_us}|{reason}".encode()
-
-
-def head_message(seq: int, hash_: str, last_checkpoint: int, ts_us: int) -> bytes:
-    return f"codemoat-audit-head-v1|{seq}|{hash_}|{last_checkpoint}|{ts_us}".encode()
-
-
-def head_file_for(url: str, home: Path) -> Path:
-    """Where the out-of-database copy of the signed head lives for database `url`."""
-    return home / f"audit-head-{hashlib.sha256(url.encode()).hexdigest()[:12]}.json"
 
 
 def _normalise(kind: str, fields: dict[str, Any]) -> dict[str, Any]:
@@ -174,11 +129,13 @@ class AuditLog:
         signer: signing.Signer | None = None,
         checkpoint_every: int = 100,
         head_file: Path | None = None,
+        verified_file: Path | None = None,
     ):
         self.engine = engine
         self._signer = signer
         self.checkpoint_every = max(1, checkpoint_every)
         self.head_file = head_file
+        self.verified_file = verified_file  # the verifier's memory (`audit.trusted`), not the writer's
         self._lock = threading.Lock()
         self._head_fd: int | None = None
         self._healthy = True
@@ -278,11 +235,11 @@ class AuditLog:
         if self.head_file is None:
             return
         data = json.dumps(head_row, separators=(",", ":")).encode()
-        data = data.ljust(_SLOT - 1) + b"\n"
+        data = data.ljust(HEAD_SLOT - 1) + b"\n"
         try:
             if self._head_fd is None:
                 self._head_fd = os.open(self.head_file, os.O_RDWR | os.O_CREAT, 0o600)
-            os.pwrite(self._head_fd, data, (head_row["seq"] % 2) * _SLOT)
+            os.pwrite(self._head_fd, data, (head_row["seq"] % 2) * HEAD_SLOT)
         except OSError as e:  # the database copy is authoritative; a missing file copy only weakens verify
             log.warning("could not write the audit head file %s: %s", self.head_file, e)
 
@@ -354,6 +311,12 @@ class AuditLog:
         detail = {"archive": str(archive), "archive_sha256": digest.hexdigest(), "records": n,
                   "previous_head": h.hash if h is not None else None, "previous_ok": rep.ok, "previous_problem": rep.problem}
         self.append("rotation", detail=detail)
+        if self.verified_file is not None:  # the operator started a new chain: the verifier follows it
+            from . import trusted
+
+            with self.engine.connect() as c:
+                row = c.execute(sa.select(head).where(head.c.id == 1)).first()
+            trusted.remember(self.verified_file, SignedHead.from_mapping(row._asdict()), self.public_key(), reset=True)
         return detail
 
     # -- reading --------------------------------------------------------------------
@@ -402,11 +365,30 @@ class AuditLog:
             raise CodemoatError(f"unknown export format {fmt!r}: use jsonl or csv")
 
     # -- verifying ------------------------------------------------------------------
-    def verify(self, public_key: bytes | None = None):
-        """Walk the chain, the checkpoints and the head; name the first bad record (see `audit.verify`)."""
+    def verify(self, public_key: bytes | None = None, *, trusted_head: Path | None = None):
+        """Walk the chain, the checkpoints and the head; name the first bad record (see `audit.verify`).
+
+        Also checks the log against the head verified before (`verified_file`) and an exported
+        `trusted_head`; when the log is OK, `verified_file` moves on to the current head."""
+        from . import trusted
         from .verify import verify
 
-        return verify(self, public_key)
+        if public_key is None:
+            public_key = self.public_key()
+        files = [p for p in (self.verified_file, trusted_head) if p is not None]
+        rep = verify(self.engine, public_key, head_file=self.head_file, trusted_files=files)
+        if rep.ok and rep.head is not None and self.verified_file is not None:
+            trusted.remember(self.verified_file, rep.head, public_key)
+        return rep
+
+    def public_key(self) -> bytes | None:
+        """The audit key's public half (None when this machine has no key yet)."""
+        if self._signer is not None:
+            return self._signer.public_bytes
+        try:
+            return signing.load_signer(create=False).public_bytes
+        except CodemoatError:
+            return None
 
 
 def to_public(row: dict[str, Any]) -> dict[str, Any]:

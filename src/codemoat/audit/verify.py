@@ -1,14 +1,17 @@
 """Verifying the audit log: walk the chain, the checkpoints and the head, and name the first bad record.
 
-What each check catches (see `audit.log` for how records are chained and signed):
+What each check catches (see `audit.chain` for how records are chained and signed):
 
 * a gap in sequence numbers: a deleted record;
 * a record whose hash does not match its contents: an edit;
 * a record that does not link to the one before: an edit that was re-hashed, or an insertion
   (the bad record is the one before the break);
 * a stretch that no longer matches its signed checkpoint or the signed head: a rewritten chain;
-* checkpoints whose own chain breaks: a deleted checkpoint;
-* a signed checkpoint, head or head-file copy beyond the last record: truncation.
+* checkpoints whose own chain breaks, or a checkpoint the signed head names that is gone: a
+  deleted checkpoint (all of them included);
+* a signed checkpoint, head or head-file copy beyond the last record: truncation;
+* a log that is not a continuation of a head verified before (`audit.trusted`): a rollback, an
+  emptied log, or a replaced one, even when every signature in it is valid.
 
 Problems are collected with the first record they implicate; the report names the smallest.
 """
@@ -16,17 +19,16 @@ Problems are collected with the first record they implicate; the report names th
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy import Engine
 
-from ..errors import CodemoatError
-from . import signing
-from .log import GENESIS, _SLOT, checkpoint_message, checkpoints, head, head_message, record_hash, records
-
-if TYPE_CHECKING:
-    from .log import AuditLog
+from . import signing, trusted
+from .chain import GENESIS, HEAD_SLOT, SignedHead, checkpoint_message, checkpoints, head, record_hash, records
 
 
 @dataclass
@@ -38,18 +40,24 @@ class VerifyReport:
     first_bad: int | None = None
     problem: str | None = None
     key_id: str | None = None
+    #: the remembered heads this log was found consistent with (or checked against), as "file: record N"
+    trusted: list[str] = field(default_factory=list)
+    #: the signed head as read (what a verifier remembers when the log is OK)
+    head: SignedHead | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d["head_hash"] = d.pop("head")["hash"] if self.head else None
+        return d
 
 
-def verify(log: "AuditLog", public_key: bytes | None = None) -> VerifyReport:
-    """Walk the chain, the checkpoints and the head; name the first bad record."""
-    if public_key is None:
-        try:
-            public_key = signing.load_signer(create=False).public_bytes if log._signer is None else log._signer.public_bytes
-        except CodemoatError:
-            public_key = None
+def verify(
+    engine: Engine, public_key: bytes | None, *, head_file: Path | None = None, trusted_files: Sequence[Path] = (),
+) -> VerifyReport:
+    """Walk the chain, the checkpoints and the head; name the first bad record.
+
+    `head_file` is the writer's copy of the signed head; `trusted_files` hold heads verified before
+    (a missing one is skipped: the caller checks that a file it was given exists)."""
     kid = signing.key_id(public_key) if public_key else None
     problems: list[tuple[int, str]] = []
 
@@ -62,9 +70,30 @@ def verify(log: "AuditLog", public_key: bytes | None = None) -> VerifyReport:
             return f"{what} has an invalid signature"
         return None
 
-    with log.engine.connect() as c:
+    remembered: list[tuple[str, SignedHead]] = []
+    for path in trusted_files:
+        label = f"the head verified before ({path})"
+        try:
+            t = trusted.load(path)
+        except ValueError as e:
+            problems.append((1, f"{label} cannot be used: {e}; if the log is known good, remove that file"))
+            continue
+        if t is None:
+            continue
+        why = bad_sig(label, t.key_id, t.message(), t.signature)
+        if why:
+            problems.append((1, why))
+        else:
+            remembered.append((label, t))
+
+    with engine.connect() as c:
         cps = c.execute(sa.select(checkpoints).order_by(checkpoints.c.seq)).all()
-        h = c.execute(sa.select(head).where(head.c.id == 1)).first()
+        row_h = c.execute(sa.select(head).where(head.c.id == 1)).first()
+        try:
+            h = SignedHead.from_mapping(row_h._asdict()) if row_h is not None else None
+        except ValueError as e:
+            return VerifyReport(ok=False, records=0, checkpoints=len(cps), head_seq=None, first_bad=1,
+                                problem=f"the signed head row is damaged: {e}", key_id=kid)
         prev_cp = 0
         for cp in cps:
             why = bad_sig(f"checkpoint at record {cp.seq}", cp.key_id, checkpoint_message(cp.seq, cp.hash, cp.prev_checkpoint, cp.ts_us, cp.reason), cp.signature)
@@ -80,7 +109,8 @@ def verify(log: "AuditLog", public_key: bytes | None = None) -> VerifyReport:
 
         expected, prev_hash, n = 1, GENESIS, 0
         hashes_at: dict[int, str] = {}
-        want = set(cp_by_seq) | ({h.seq} if h is not None else set())
+        first_record: dict[str, Any] | None = None
+        want = set(cp_by_seq) | ({h.seq} if h is not None else set()) | {t.seq for _, t in remembered}
         for r in c.execution_options(yield_per=2000).execute(sa.select(records).order_by(records.c.seq)):
             row = r._asdict()
             n += 1
@@ -102,11 +132,17 @@ def verify(log: "AuditLog", public_key: bytes | None = None) -> VerifyReport:
                 start = cp_prev[seq] + 1
                 problems.append((start, f"records {start}–{seq} were rewritten (they no longer match the signed checkpoint at record {seq})"))
                 break
+            if seq == 1:
+                first_record = row
             if seq in want:
                 hashes_at[seq] = row["hash"]
             prev_hash, expected = row["hash"], seq + 1
         else:
             last = expected - 1
+            # A rollback is named before whatever else it left behind (ties go to the first problem).
+            rollbacks = [p for label, t in remembered if (p := trusted.check(
+                t, label, last=last, hash_at=hashes_at, checkpoint_seqs=set(cp_by_seq), first_record=first_record)) is not None]
+            problems[:0] = rollbacks
             beyond = [cp.seq for cp in cps if cp.seq > last]
             if beyond:
                 problems.append((last + 1, f"the log was truncated: a signed checkpoint covers record {beyond[-1]} but the log ends at record {last}"))
@@ -114,7 +150,7 @@ def verify(log: "AuditLog", public_key: bytes | None = None) -> VerifyReport:
                 if last:
                     problems.append((last, "the signed head is missing (records exist but nothing signs the end of the log)"))
             else:
-                why = bad_sig("the head", h.key_id, head_message(h.seq, h.hash, h.last_checkpoint, h.ts_us), h.signature)
+                why = bad_sig("the head", h.key_id, h.message(), h.signature)
                 if why:
                     problems.append((min(h.seq, last) or 1, why))
                 elif h.seq > last:
@@ -124,45 +160,49 @@ def verify(log: "AuditLog", public_key: bytes | None = None) -> VerifyReport:
                 elif hashes_at.get(h.seq) != h.hash:
                     start = h.last_checkpoint + 1 if h.last_checkpoint < h.seq else h.seq
                     problems.append((start, f"records {start}–{h.seq} were rewritten (they no longer match the signed head)"))
+                elif h.last_checkpoint and h.last_checkpoint not in cp_by_seq:
+                    what = "every signed checkpoint was deleted" if not cps else "it was deleted"
+                    problems.append((h.last_checkpoint, f"the checkpoint at record {h.last_checkpoint} named by the signed head is missing ({what})"))
                 elif cps and cps[-1].seq != h.last_checkpoint:
-                    problems.append((h.last_checkpoint + 1, f"the checkpoint at record {h.last_checkpoint} named by the signed head is missing"))
-            problems.extend(_check_head_file(log, public_key, kid, last, c))
+                    problems.append((h.last_checkpoint + 1, f"a signed checkpoint at record {cps[-1].seq} is newer than the one the signed head names "
+                                                            f"({h.last_checkpoint}): the head was put back to an older one"))
+            if head_file is not None:
+                problems.extend(_check_head_file(head_file, public_key, kid, last, c))
 
-    report = VerifyReport(ok=not problems, records=n, checkpoints=len(cps), head_seq=h.seq if h is not None else None, key_id=kid)
+    report = VerifyReport(ok=not problems, records=n, checkpoints=len(cps), head_seq=h.seq if h is not None else None,
+                          key_id=kid, trusted=[f"{label}: record {t.seq}" for label, t in remembered], head=h)
     if problems:
         report.first_bad, report.problem = min(problems, key=lambda p: p[0])
     return report
 
-def _check_head_file(log: "AuditLog", public_key: bytes | None, kid: str | None, last: int, c) -> list[tuple[int, str]]:
-    if log.head_file is None or not log.head_file.exists():
+
+def _check_head_file(path: Path, public_key: bytes | None, kid: str | None, last: int, c) -> list[tuple[int, str]]:
+    if not path.exists():
         return []
-    raw = log.head_file.read_bytes()
+    raw = path.read_bytes()
     slots, empty = [], 0
-    for i in range(0, len(raw), _SLOT):
-        if not raw[i:i + _SLOT].strip(b"\x00 \n"):
+    for i in range(0, len(raw), HEAD_SLOT):
+        if not raw[i:i + HEAD_SLOT].strip(b"\x00 \n"):
             empty += 1  # never written (a new chain has only filled the other slot)
             continue
         try:
-            fh = json.loads(raw[i:i + _SLOT])
-            slots.append((fh, head_message(fh["seq"], fh["hash"], fh["last_checkpoint"], fh["ts_us"])))
-        except (ValueError, KeyError, TypeError):
+            slots.append(SignedHead.from_mapping(json.loads(raw[i:i + HEAD_SLOT])))
+        except ValueError:
             # Slots are sector-sized and sector-aligned, so a crash does not tear them; a damaged
             # slot would otherwise let someone fall back to the older head and drop a record.
-            return [(1, f"the head file {log.head_file} is damaged (slot {i // _SLOT})")]
+            return [(1, f"the head file {path} is damaged (slot {i // HEAD_SLOT})")]
     if not slots:
         return []
-    fh, msg = max(slots, key=lambda x: x[0]["seq"])
-    if empty and fh["seq"] > 1:
-        return [(1, f"the head file {log.head_file} has a blank slot after record {fh['seq']}")]
-    if fh.get("key_id") != kid:
-        return [(1, f"the head file {log.head_file} is signed by key {fh.get('key_id')}, not this machine's audit key {kid}")]
-    if public_key is None or not signing.verify(public_key, msg, fh.get("signature", "")):
-        return [(1, f"the head file {log.head_file} has an invalid signature")]
-    if fh["seq"] > last:
-        return [(last + 1, f"the log was truncated: the head file names record {fh['seq']} but the log ends at record {last}")]
-    got = c.execute(sa.select(records.c.hash).where(records.c.seq == fh["seq"])).scalar()
-    if got != fh["hash"]:
-        return [(1, f"records up to {fh['seq']} were rewritten (record {fh['seq']} no longer matches the head file)")]
+    fh = max(slots, key=lambda x: x.seq)
+    if empty and fh.seq > 1:
+        return [(1, f"the head file {path} has a blank slot after record {fh.seq}")]
+    if fh.key_id != kid:
+        return [(1, f"the head file {path} is signed by key {fh.key_id}, not this machine's audit key {kid}")]
+    if public_key is None or not signing.verify(public_key, fh.message(), fh.signature):
+        return [(1, f"the head file {path} has an invalid signature")]
+    if fh.seq > last:
+        return [(last + 1, f"the log was truncated: the head file names record {fh.seq} but the log ends at record {last}")]
+    got = c.execute(sa.select(records.c.hash).where(records.c.seq == fh.seq)).scalar()
+    if got != fh.hash:
+        return [(1, f"records up to {fh.seq} were rewritten (record {fh.seq} no longer matches the head file)")]
     return []
-
-

@@ -1,4 +1,4 @@
-"""`codemoat audit verify|export|outbound|alerts`: read and check the tamper-evident audit log."""
+"""`codemoat audit verify|export|outbound|alerts|rotate|head export`: read and check the tamper-evident audit log."""
 
 from __future__ import annotations
 
@@ -8,32 +8,47 @@ from typing import Annotated
 
 import typer
 
-from .apps import audit_app
+from .apps import _group, audit_app
 from .common import JsonFlag, console, emit
+
+head_app = _group("The signed head of the audit log: export it to keep off this machine.")
+audit_app.add_typer(head_app, name="head")
 
 ConfigOpt = Annotated[Path | None, typer.Option(help="TOML configuration file.", envvar="CODEMOAT_CONFIG")]
 
 
 def _log(config: Path | None):
     from .. import paths
-    from ..audit.log import AuditLog, head_file_for
+    from ..audit.log import AuditLog, head_file_for, verified_file_for
     from ..config import load_settings
     from ..db import open_db
 
     s = load_settings(config)
     url = s.database_url or paths.db_url()
-    return AuditLog(open_db(url), checkpoint_every=s.audit.checkpoint_every, head_file=head_file_for(url, paths.home()))
+    home = paths.home()
+    return AuditLog(open_db(url), checkpoint_every=s.audit.checkpoint_every, head_file=head_file_for(url, home),
+                    verified_file=verified_file_for(url, home))
+
+
+TrustedHeadOpt = Annotated[Path | None, typer.Option(
+    "--trusted-head", help="A head exported earlier (`codemoat audit head export`): refuse a log that is not a continuation of it.")]
 
 
 @audit_app.command("verify")
-def audit_verify(*, config: ConfigOpt = None, as_json: JsonFlag = False) -> None:
-    """Check every record, checkpoint and signature; name the first bad record and exit 1 if any."""
-    rep = _log(config).verify()
+def audit_verify(*, trusted_head: TrustedHeadOpt = None, config: ConfigOpt = None, as_json: JsonFlag = False) -> None:
+    """Check every record, checkpoint and signature, and that nothing verified before was rolled back; exit 1 if any fails."""
+    from ..errors import CodemoatError
+
+    if trusted_head is not None and not trusted_head.is_file():
+        raise CodemoatError(f"--trusted-head {trusted_head}: no such file")
+    rep = _log(config).verify(trusted_head=trusted_head)
 
     def human(r):
         if r["ok"]:
             console.print(f"[green]audit log OK[/green]: {r['records']} records, {r['checkpoints']} signed checkpoints, "
                           f"head at record {r['head_seq'] or 0} (audit key {r['key_id'] or 'none yet'})", highlight=False)
+            for t in r["trusted"]:
+                console.print(f"  consistent with {t}", highlight=False, markup=False, soft_wrap=True)
         else:
             console.print(f"[red]audit log FAILED at record {r['first_bad']}[/red]: {r['problem']}", highlight=False, soft_wrap=True)
 
@@ -139,3 +154,36 @@ def audit_rotate(
                       "the new chain starts with a signed rotation record", highlight=False, soft_wrap=True)
 
     emit(d, as_json, human)
+
+
+@head_app.command("export")
+def audit_head_export(
+    *,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write to this file instead of standard output.")] = None,
+    trusted_head: TrustedHeadOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Verify the log, then print its signed head (JSON, nothing secret) to keep off this machine for `audit verify --trusted-head`."""
+    import json
+
+    from ..audit import trusted
+    from ..errors import CodemoatError
+
+    if trusted_head is not None and not trusted_head.is_file():
+        raise CodemoatError(f"--trusted-head {trusted_head}: no such file")
+    log = _log(config)
+    rep = log.verify(trusted_head=trusted_head)
+    if not rep.ok:
+        raise CodemoatError(f"not exporting the head of a log that fails verification: record {rep.first_bad}: {rep.problem}")
+    if rep.head is None:
+        raise CodemoatError("the audit log is empty: there is no signed head to export yet")
+    text = json.dumps(trusted.document(rep.head, log.public_key()), indent=1) + "\n"
+    if output is None:
+        sys.stdout.write(text)
+        return
+    try:
+        output.write_text(text, encoding="utf-8")
+    except OSError as e:
+        raise CodemoatError(f"cannot write {output}: {e.strerror}") from None
+    console.print(f"signed head at record {rep.head.seq} written to {output}: keep it off this machine and check with "
+                  f"`codemoat audit verify --trusted-head {output}`", highlight=False, soft_wrap=True)
