@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
@@ -20,6 +20,8 @@ from . import paths
 # Packages whose migrations run against the customer database, in no particular order.
 CUSTOMER_BRANCHES = ("accounts", "audit", "index_meta")
 _lock = threading.Lock()
+# pg_advisory_xact_lock key held while migrating (any fixed 64-bit number; b"cm-migr" as an integer)
+MIGRATION_LOCK = 0x636D2D6D696772
 _migrated: set[tuple[str, tuple[str, ...]]] = set()
 
 
@@ -42,7 +44,9 @@ def make_engine(url: str) -> Engine:
         eng = create_engine(url, connect_args={"check_same_thread": False, "timeout": 10})
         event.listen(eng, "connect", _sqlite_pragmas)
         return eng
-    return create_engine(url, pool_pre_ping=True)
+    # pool_pre_ping: a connection that died with a server restart is replaced, not handed out;
+    # connect_timeout: an unreachable server fails a request in seconds, never hangs it
+    return create_engine(url, pool_pre_ping=True, connect_args={"connect_timeout": 5})
 
 
 def migration_dirs(packages: tuple[str, ...]) -> list[str]:
@@ -63,6 +67,11 @@ def upgrade(engine: Engine, packages: tuple[str, ...]) -> None:
     cfg.set_main_option("version_locations", " ".join(dirs))
     cfg.set_main_option("path_separator", "space")
     with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            # Replicas starting together against one database: the first to take this lock
+            # migrates, the others wait for it and then find nothing to do. A transaction-level
+            # lock, so a replica killed mid-way releases it with its connection.
+            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": MIGRATION_LOCK})
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "heads")
 

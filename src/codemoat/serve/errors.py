@@ -9,6 +9,7 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
+from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engines.base import PromptTooLong
@@ -42,7 +43,8 @@ def protocol_of(request: Request) -> str:
     return "plain"
 
 
-def render(request: Request, status: int, message: str, code: str | None = None, headers: dict | None = None) -> JSONResponse:
+def render(request: Request, status: int, message: str, code: str | None = None, headers: dict | None = None,
+           param: str | None = None) -> JSONResponse:
     proto = protocol_of(request)
     if proto == "ollama":
         body = ollama.error(message)
@@ -51,7 +53,7 @@ def render(request: Request, status: int, message: str, code: str | None = None,
     elif proto == "tabby":
         body = tabby.error(message)
     elif proto == "openai":
-        body = openai.error(message, _openai_type(status), code or _OPENAI_CODES.get(status))
+        body = openai.error(message, _openai_type(status), code or _OPENAI_CODES.get(status), param)
     else:
         body = {"error": message}
     h = dict(headers or {})
@@ -65,18 +67,25 @@ def render_exception(request: Request, exc: Exception) -> JSONResponse:
     if isinstance(exc, RateLimited):
         return render(request, 429, str(exc), exc.code, {"Retry-After": str(max(1, int(exc.retry_after + 0.999)))})
     if isinstance(exc, CodemoatError):
-        return render(request, exc.status, str(exc), exc.code)
+        # an error with no code of its own has OpenAI's null code (its type says invalid_request_error)
+        return render(request, exc.status, str(exc), None if exc.code == CodemoatError.code else exc.code)
     if isinstance(exc, PromptTooLong):
         return render(request, 400, str(exc), "context_length_exceeded")
     if isinstance(exc, (RequestValidationError, ValidationError)):
-        return render(request, 400, validation_message(exc), "invalid_request")
-    if isinstance(exc, json.JSONDecodeError):
-        return render(request, 400, f"request body is not valid JSON: {exc.msg} at position {exc.pos}", "invalid_json")
+        first = exc.errors()[0] if exc.errors() else {}
+        return render(request, 400, validation_message(exc), openai_code(first), param=param_of(first.get("loc", ())) or None)
+    if isinstance(exc, json.JSONDecodeError):  # OpenAI: null code and param for a body it cannot parse
+        return render(request, 400, f"request body is not valid JSON: {exc.msg} at position {exc.pos}")
     if isinstance(exc, StarletteHTTPException):
         if exc.status_code in (404, 405) and protocol_of(request) == "openai":
             # no such route (not a missing model): OpenAI's own words for it
-            return render(request, exc.status_code, f"Invalid URL ({request.method} {request.url.path})", "unknown_url")
+            return render(request, exc.status_code, f"Invalid URL ({request.method} {request.url.path})")
         return render(request, exc.status_code, str(exc.detail))
+    if isinstance(exc, (OperationalError, InterfaceError)):
+        # the shared database (PostgreSQL behind replicas) is down or restarting: a retryable 503,
+        # answered at once; the pool reconnects by itself when it is back (pool_pre_ping)
+        log.warning("database unreachable on %s: %s", request.url.path, type(exc.orig or exc).__name__)
+        return render(request, 503, "the shared database is unreachable; try again shortly", "database_unavailable")
     log.error("internal error on %s: %s", request.url.path, type(exc).__name__, exc_info=exc)
     return render(request, 500, f"internal error ({type(exc).__name__})", "internal_error")
 
@@ -85,10 +94,43 @@ def validation_message(exc: RequestValidationError | ValidationError) -> str:
     errs = exc.errors()
     parts = []
     for e in errs[:3]:
-        loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
-        parts.append(f"{loc or 'body'}: {e.get('msg')}")
+        parts.append(f"{param_of(e.get('loc', ())) or 'body'}: {e.get('msg')}")
     more = f" (+{len(errs) - 3} more)" if len(errs) > 3 else ""
     return "invalid request: " + "; ".join(parts) + more
+
+
+def param_of(loc: tuple) -> str:
+    """A validation error's location as OpenAI writes `param`: `messages[0].role`. Pydantic's own steps
+    (`body`, a union member such as `str` or `list[ContentPart]`) are left out."""
+    out = ""
+    for x in loc:
+        if isinstance(x, int):
+            out += f"[{x}]"
+        elif x != "body" and x not in _PYDANTIC_STEPS and not any(c in x for c in "[]-"):
+            out += f".{x}" if out else x
+    return out
+
+
+_PYDANTIC_STEPS = {"str", "int", "float", "bool", "list", "dict", "none", "function-after", "function-before"}
+
+
+def openai_code(err: dict) -> str:
+    """OpenAI's `code` for a pydantic error (the codes its API answers invalid parameters with)."""
+    kind, value = err.get("type", ""), err.get("input")
+    number = "integer" if isinstance(value, int) else "decimal"
+    if kind == "missing":
+        return "missing_required_parameter"
+    if kind in ("greater_than", "greater_than_equal"):
+        return f"{number}_below_min_value"
+    if kind in ("less_than", "less_than_equal"):
+        return f"{number}_above_max_value"
+    if kind == "too_short":
+        return "empty_array" if not value else "array_below_min_length"
+    if kind == "too_long":
+        return "array_above_max_length"
+    if kind.endswith(("_type", "_parsing")):
+        return "invalid_type"
+    return "invalid_value"
 
 
 def install(app) -> None:
