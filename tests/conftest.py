@@ -44,6 +44,37 @@ def tiny_gguf(random_gguf) -> Path:
     return BUNDLED if BUNDLED.is_file() else random_gguf
 
 
+@pytest.fixture(scope="session")
+def quantised(tmp_path_factory, tiny_gguf):
+    """`quantised("Q4_K_M")`: the bundled model quantised by llama.cpp (Q4_0, Q8_0, Q4_K_M, Q5_K_M,
+    Q6_K), built once per session. Its rows (192) are not multiples of 256, so the K-quant files
+    hold llama.cpp's fallbacks (Q5_0/Q5_1/Q8_0) for most matrices: `tinymodel.tensor_types` says."""
+    from tinymodel import quantise
+
+    out = tmp_path_factory.mktemp("quantised")
+    built: dict[str, Path] = {}
+
+    def get(quant: str) -> Path:
+        if quant not in built:
+            built[quant] = quantise(tiny_gguf, out / f"{tiny_gguf.stem}-{quant.lower()}.gguf", quant)
+        return built[quant]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def wide_q4_k_m(tmp_path_factory) -> Path:
+    """A random llama with real dimensions (hidden 1024, FFN 2816, 2 layers, 16 heads) in Q4_K_M:
+    rows divisible by 256, so the Q4_K/Q6_K kernels (AMX tiles, repacked layouts) really run."""
+    from tinymodel import build_tiny_gguf, quantise
+
+    d = tmp_path_factory.mktemp("wide")
+    f16 = build_tiny_gguf(d / "wide-f16.gguf", n_embd=1024, n_ff=2816, n_head=16, n_layer=2, dtype="F16", seed=3)
+    q = quantise(f16, d / "wide-q4_k_m.gguf", "Q4_K_M")
+    f16.unlink()
+    return q
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -124,3 +155,35 @@ def serve_process() -> Iterator:
     yield start
     for s in started:
         s.stop()
+
+
+# -- PostgreSQL: a private cluster per session (tests/pg.py), a fresh database per test --------
+@pytest.fixture(scope="session")
+def pg_cluster():
+    """A private PostgreSQL cluster on a free loopback port; skipped (with the reason) only when
+    Debian's postgresql package or psycopg is not installed."""
+    from pg import PgCluster, pg_bin
+
+    bindir = pg_bin()
+    if bindir is None:
+        pytest.skip("PostgreSQL is not installed here (Debian package `postgresql`; .ci/run installs it)")
+    pytest.importorskip("psycopg", reason="psycopg is not installed (the `postgres` extra)")
+    cluster = PgCluster(bindir).start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, home, monkeypatch) -> Iterator[str]:
+    """Shared state on each backend in turn: SQLite under $CODEMOAT_HOME, then a fresh PostgreSQL
+    database; `CODEMOAT_DATABASE_URL` is set so the CLI and servers the test starts use it too."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{home / 'codemoat.db'}"
+        monkeypatch.setenv("CODEMOAT_DATABASE_URL", url)
+        yield url
+        return
+    cluster = request.getfixturevalue("pg_cluster")
+    url = cluster.new_database()
+    monkeypatch.setenv("CODEMOAT_DATABASE_URL", url)
+    yield url
+    cluster.drop_database(url)  # WITH (FORCE): connections the test left open are closed

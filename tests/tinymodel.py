@@ -20,7 +20,9 @@ CORPUS = [
 ] * 20
 
 
-def build_tiny_gguf(path: Path, *, n_layer: int = 2, n_embd: int = 64, n_ctx: int = 512, seed: int = 0, chat_template: str | None = None) -> Path:
+def build_tiny_gguf(path: Path, *, n_layer: int = 2, n_embd: int = 64, n_ctx: int = 512, seed: int = 0, chat_template: str | None = None,
+                    n_ff: int | None = None, n_head: int = 4, dtype: str = "F32") -> Path:
+    """`n_ff` defaults to 2 x `n_embd`; `dtype` F16 halves the file of a wide model (norms stay F32)."""
     import gguf
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
 
@@ -41,12 +43,13 @@ def build_tiny_gguf(path: Path, *, n_layer: int = 2, n_embd: int = 64, n_ctx: in
     w.add_context_length(n_ctx)
     w.add_embedding_length(n_embd)
     w.add_block_count(n_layer)
-    w.add_feed_forward_length(n_embd * 2)
-    w.add_head_count(4)
-    w.add_head_count_kv(4)
-    w.add_rope_dimension_count(n_embd // 4)
+    n_ff = n_ff or n_embd * 2
+    w.add_feed_forward_length(n_ff)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_head)
+    w.add_rope_dimension_count(n_embd // n_head)
     w.add_layer_norm_rms_eps(1e-5)
-    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "F32" else gguf.LlamaFileType.MOSTLY_F16)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("qwen2")
     w.add_token_list(tokens)
@@ -59,7 +62,7 @@ def build_tiny_gguf(path: Path, *, n_layer: int = 2, n_embd: int = 64, n_ctx: in
         w.add_chat_template(chat_template)
 
     def t(name: str, *shape: int, scale: float = 0.02) -> None:
-        w.add_tensor(name, (rng.standard_normal(shape) * scale).astype(np.float32))
+        w.add_tensor(name, (rng.standard_normal(shape) * scale).astype(np.float32 if dtype == "F32" else np.float16))
 
     t("token_embd.weight", n_vocab, n_embd, scale=1.0)
     t("output.weight", n_vocab, n_embd, scale=0.5)
@@ -69,11 +72,38 @@ def build_tiny_gguf(path: Path, *, n_layer: int = 2, n_embd: int = 64, n_ctx: in
         w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(n_embd, np.float32))
         for n in ("attn_q", "attn_k", "attn_v", "attn_output"):
             t(f"blk.{i}.{n}.weight", n_embd, n_embd)
-        t(f"blk.{i}.ffn_gate.weight", n_embd * 2, n_embd)
-        t(f"blk.{i}.ffn_up.weight", n_embd * 2, n_embd)
-        t(f"blk.{i}.ffn_down.weight", n_embd, n_embd * 2)
+        t(f"blk.{i}.ffn_gate.weight", n_ff, n_embd)
+        t(f"blk.{i}.ffn_up.weight", n_ff, n_embd)
+        t(f"blk.{i}.ffn_down.weight", n_embd, n_ff)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+#: llama.cpp file types (LLAMA_FTYPE_MOSTLY_*) the tests quantise to
+QUANTS = {"Q4_0": 2, "Q8_0": 7, "Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18}
+
+
+def quantise(src: Path, dst: Path, quant: str) -> Path:
+    """llama.cpp's own quantiser, as customers receive GGUFs (K-quants need rows divisible by 256;
+    llama.cpp stores other rows in a fallback type: see `tensor_types`)."""
+    import ctypes
+
+    import llama_cpp
+
+    p = llama_cpp.llama_model_quantize_default_params()
+    p.ftype = QUANTS[quant]
+    if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(p)) != 0:
+        raise RuntimeError(f"llama_model_quantize to {quant} failed")
+    return dst
+
+
+def tensor_types(path: Path) -> dict[str, int]:
+    """How many tensors of each GGML type a GGUF holds, e.g. {"Q4_K": 14, "Q6_K": 1, "F32": 11}."""
+    import collections
+
+    import gguf
+
+    return dict(collections.Counter(t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors))
