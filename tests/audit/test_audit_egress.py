@@ -134,3 +134,94 @@ def test_rules():
     assert parse_rule("http://[::1]:8080/x").port == 8080
     with pytest.raises(ValueError):
         parse_rule("host:99999")
+
+
+class _ClaimsUnix(socket.socket):
+    """A socket that says it is a Unix socket while it is an Internet one."""
+
+    @property
+    def family(self):
+        return socket.AF_UNIX
+
+
+def test_socket_subclass_claiming_unix_is_checked_by_its_real_family(strict):
+    g, (ok, blocked), refusals = strict
+    s = _ClaimsUnix(socket.AF_INET, socket.SOCK_STREAM)
+    assert s.family == socket.AF_UNIX  # the lie
+    with pytest.raises(EgressBlocked, match=f"127.0.0.1:{blocked}"):
+        s.connect(("127.0.0.1", blocked))
+    s.close()
+    u = _ClaimsUnix(socket.AF_INET, socket.SOCK_DGRAM)
+    with pytest.raises(EgressBlocked):
+        u.sendto(b"x", ("127.0.0.1", blocked))
+    u.close()
+    with _ClaimsUnix(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(2)
+        s.connect(("127.0.0.1", ok))  # the allowed port stays reachable through the subclass
+    assert refusals == [("connect", f"127.0.0.1:{blocked}"), ("sendto", f"127.0.0.1:{blocked}")]
+
+
+def test_address_objects_that_lie_are_read_as_the_c_code_reads_them(strict):
+    g, (ok, blocked), _ = strict
+
+    class Addr(tuple):  # indexing says "the allowed port"; the C code reads the tuple's own items
+        def __getitem__(self, i):
+            return ("127.0.0.1", ok)[i]
+
+    class Port(int):  # compares equal to any allowed port
+        def __eq__(self, other):
+            return True
+
+        def __ne__(self, other):
+            return False
+
+        __hash__ = int.__hash__
+
+    s = socket.socket()
+    with pytest.raises(EgressBlocked, match=f"127.0.0.1:{blocked}"):
+        s.connect(Addr(("127.0.0.1", blocked)))
+    with pytest.raises(EgressBlocked, match=f"127.0.0.1:{blocked}"):
+        s.connect(("127.0.0.1", Port(blocked)))
+    s.close()
+
+
+def test_unix_sockets_still_pass(strict, tmp_path):
+    path = str(tmp_path / "s")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(1)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
+        c.connect(path)
+    srv.close()
+    assert strict[0].refused == 0
+
+
+def test_localhost_subdomains_are_not_resolved(listeners):
+    """`x.localhost` goes to the configured resolver like any name (data can ride in the label)."""
+    g = egress.arm(EgressGuard())  # loopback allowed: `localhost` itself resolves from /etc/hosts
+    try:
+        # Decisions first: on code that resolved these, the test stops here, before any lookup.
+        assert not g.may_resolve("secret-data.localhost") and not g.may_connect("secret-data.localhost", listeners[0])
+        assert g.may_resolve("localhost") and g.may_connect("localhost", listeners[0])
+        with pytest.raises(EgressBlocked):
+            socket.getaddrinfo("secret-data.localhost", 80)
+        with pytest.raises(EgressBlocked):
+            socket.gethostbyname("secret-data.localhost")
+        # connect() with a name resolves it in C before the audit event: refused before that.
+        s = socket.socket()
+        with pytest.raises(EgressBlocked, match="secret-data.localhost"):
+            s.connect(("secret-data.localhost", listeners[0]))
+        with pytest.raises(EgressBlocked):
+            s.connect_ex(("secret-data.localhost", listeners[0]))
+        s.close()
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        with pytest.raises(EgressBlocked):
+            u.sendto(b"x", ("secret-data.localhost", listeners[0]))
+        with pytest.raises(EgressBlocked):
+            u.sendmsg([b"x"], [], 0, ("secret-data.localhost", listeners[0]))
+        u.close()
+        with socket.create_connection(("localhost", listeners[0]), timeout=2):
+            pass
+    finally:
+        egress.disarm(g)
+    assert g.refused == 6

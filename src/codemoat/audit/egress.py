@@ -4,17 +4,30 @@ Armed at `serve` start, it sees every `socket.connect` (and `connect_ex`, which 
 event), `sendto`/`sendmsg` with an address, and every name or address lookup
 (`getaddrinfo`, `gethostbyname`, `gethostbyaddr`, `getnameinfo`), and raises `EgressBlocked`
 before the operation happens unless the destination is loopback or allow-listed. Lookups are
-guarded too because a DNS query is itself a way out (names can carry data to a resolver).
+guarded too because a DNS query is itself a way out (names can carry data to a resolver): no name
+is resolved unless it is allow-listed, or exactly `localhost` (names under `.localhost` reach the
+resolver like any other, RFC 6761 notwithstanding, and a resolver may answer them with any address).
 
 Allow-list entries: `host`, `host:port`, `[v6addr]:port`, or a network in CIDR form
 (`10.0.0.0/8`). A host name allows the addresses it resolves to (resolved when first needed,
 cached for a minute). Resolving an IP literal is always allowed (it sends nothing); the connect
 that follows is checked.
 
+What the hook is handed can lie, so it reads the truth underneath: the socket's family from the
+kernel (`getsockopt(SO_DOMAIN)` through the C base class, not a `family` property a subclass may
+override), the address's items through `tuple`'s own methods, host and port as the exact `str`/
+`bytes`/`int` values the C code used. Only Internet sockets are checked; Unix and netlink sockets
+stay on the machine; any other family with a destination (packet, vsock, …) is refused. One gap
+is closed outside the hook: `sock.connect(("name", port))` resolves the name in C *before* the
+audit event fires, so while a guard is armed `socket.socket`'s `connect`, `connect_ex`,
+`sendto` and `sendmsg` first refuse a name that may not be resolved.
+
 Limits, stated plainly: the hook sees sockets opened by Python code in this process (httpx,
-asyncio, the standard library). Native code that opens sockets itself, or a child process, is
-not covered; the OS firewall is the layer for that (e.g. an nftables `owner` rule for the service
-account), and this guard is the in-process proof that codemoat itself never tries.
+asyncio, the standard library). Native code that opens sockets or resolves names itself (a C
+library, llama.cpp), a child process, or Python code that calls `_socket` directly with a name
+is not covered; the OS is the layer for that (a network namespace, or nftables rules on the
+service user's uid: docs/operations.md), and this guard is the in-process proof that codemoat
+itself never tries.
 
 `sys.addaudithook` cannot be undone, so the hook is installed once per process and consults the
 guard that is armed now; `disarm` makes it inert (tests, server shutdown).
@@ -22,6 +35,7 @@ guard that is armed now; `disarm` makes it inert (tests, server shutdown).
 
 from __future__ import annotations
 
+import _socket
 import ipaddress
 import logging
 import socket
@@ -34,6 +48,9 @@ from dataclasses import dataclass, field
 log = logging.getLogger("codemoat.egress")
 
 _INET = (socket.AF_INET, socket.AF_INET6)
+#: families whose destinations never leave the machine
+_LOCAL = tuple(f for f in (getattr(socket, "AF_UNIX", None), getattr(socket, "AF_NETLINK", None)) if f is not None)
+_SO_DOMAIN = getattr(socket, "SO_DOMAIN", None)  # Linux
 
 
 class EgressBlocked(PermissionError):
@@ -83,8 +100,9 @@ def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
 
 
 def is_loopback(host: str) -> bool:
+    """A loopback address, or exactly `localhost` (resolved from /etc/hosts; `*.localhost` is not)."""
     h = host.lower().rstrip(".")
-    if h == "localhost" or h.endswith(".localhost"):
+    if h == "localhost":
         return True
     ip = _ip(h)
     if ip is None:
@@ -195,17 +213,57 @@ def _fmt(host, port) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def _real_family(sock) -> int | None:
+    """The socket's family as the kernel knows it (a subclass's `family` property may say otherwise)."""
+    if _SO_DOMAIN is not None:
+        try:
+            return _socket.socket.getsockopt(sock, socket.SOL_SOCKET, _SO_DOMAIN)
+        except (OSError, TypeError):
+            pass
+    try:
+        return _socket.socket.family.__get__(sock)
+    except TypeError:
+        return None
+
+
+def _exact_host(host) -> str | None:
+    """The host as the C code read it: the str's or bytes' own data (never a subclass's methods)."""
+    if isinstance(host, str):
+        return str.__str__(host)
+    if isinstance(host, (bytes, bytearray)):
+        return bytes(memoryview(host)).decode("ascii", "replace")
+    return None
+
+
+def _destination(sock, addr) -> tuple[str, int] | str | None:
+    """(host, port) of an Internet destination; None for one that stays on the machine; a string
+    naming a destination that must be refused unseen (an unknown family, an address that is not a
+    plain tuple of host and port)."""
+    if addr is None:
+        return None  # a send on a connected socket: its connect was checked
+    fam = _real_family(sock)
+    if fam in _LOCAL:
+        return None
+    if fam not in _INET:
+        return f"family {fam} address {addr!r}"[:200]
+    if not isinstance(addr, tuple) or tuple.__len__(addr) < 2:
+        return f"address {addr!r}"[:200]
+    host, port = _exact_host(tuple.__getitem__(addr, 0)), tuple.__getitem__(addr, 1)
+    if host is None or not isinstance(port, int):
+        return f"address {addr!r}"[:200]
+    return host, int.__index__(port)
+
+
 def _hook(event: str, args: tuple) -> None:
     if not event.startswith("socket.") or _armed is None or getattr(_state, "busy", False):
         return
     g = _armed
     if event in ("socket.connect", "socket.sendto", "socket.sendmsg"):
-        sock, addr = args[0], args[1]
-        if addr is None or getattr(sock, "family", None) not in _INET or not isinstance(addr, tuple):
-            return  # unix sockets, netlink, connected-socket sends
-        host, port = addr[0], addr[1]
-        if not g.may_connect(host.decode() if isinstance(host, bytes) else str(host), port):
-            g.refuse(event.removeprefix("socket."), _fmt(host, port))
+        dest = _destination(args[0], args[1])
+        if isinstance(dest, str):
+            g.refuse(event.removeprefix("socket."), dest)
+        elif dest is not None and not g.may_connect(*dest):
+            g.refuse(event.removeprefix("socket."), _fmt(*dest))
     elif event == "socket.getaddrinfo":
         host, port = args[0], args[1]
         if not g.may_resolve(host):
@@ -220,12 +278,46 @@ def _hook(event: str, args: tuple) -> None:
             g.refuse(event.removeprefix("socket."), _fmt(target, None))
 
 
+def _before_resolving(sock, addr, event: str) -> None:
+    """Refuse a destination name before the C code resolves it (it does so ahead of the audit event)."""
+    g = _armed
+    if g is None or getattr(_state, "busy", False):
+        return
+    dest = _destination(sock, addr)
+    if isinstance(dest, tuple) and _ip(dest[0]) is not None:
+        return  # an address: the audit event that follows checks it, nothing was resolved
+    if isinstance(dest, tuple) and not g.may_resolve(dest[0]):
+        g.refuse(event, _fmt(*dest))
+
+
+def _connect(self, address):
+    _before_resolving(self, address, "connect")
+    return _socket.socket.connect(self, address)
+
+
+def _connect_ex(self, address):
+    _before_resolving(self, address, "connect")
+    return _socket.socket.connect_ex(self, address)
+
+
+def _sendto(self, data, *flags_address):
+    _before_resolving(self, flags_address[-1] if flags_address else None, "sendto")
+    return _socket.socket.sendto(self, data, *flags_address)
+
+
+def _sendmsg(self, buffers, *rest):
+    _before_resolving(self, rest[2] if len(rest) > 2 else None, "sendmsg")
+    return _socket.socket.sendmsg(self, buffers, *rest)
+
+
 def arm(guard: EgressGuard) -> EgressGuard:
     """Make `guard` the process's egress policy (installing the audit hook on first use)."""
     global _armed, _hooked
     with _hook_lock:
         if not _hooked:
             sys.addaudithook(_hook)
+            socket.socket.connect, socket.socket.connect_ex = _connect, _connect_ex
+            socket.socket.sendto, socket.socket.sendmsg = _sendto, _sendmsg
             _hooked = True
         _armed = guard
     return guard
