@@ -1,92 +1,84 @@
-"""A minimal app with the trust layer installed, standing in for `create_app` in the audit tests.
+"""The real app for the trust-layer tests: `create_app` over a real llama.cpp engine on the tiny
+random model, with real accounts and the real audit log. Nothing fills `request.state.usage` by
+hand: the routes and the service do.
 
-Its handlers fill `request.state.usage` the way the real routes do; auth, error rendering and the
-trust layer are the real ones.
+`Paced` and `Broken` wrap the real engine to put time (a generation stuck in a queue) or a failure
+(an engine that falls over mid-stream) where a test needs one; everything else is the engine's own.
 """
 
 from __future__ import annotations
 
 import asyncio
-from contextlib import asynccontextmanager
+from pathlib import Path
 
-from fastapi import Depends, FastAPI, Request
-from fastapi.responses import StreamingResponse
+from fastapi import FastAPI
 
 from codemoat.accounts import Accounts
 from codemoat.config import Settings
 from codemoat.engines.holder import ModelHolder
-from codemoat.serve import errors, trust
-from codemoat.serve.auth import require
+from codemoat.serve.app import create_app
+
+SCOPES = {"alice": ("complete", "chat"), "bob": ("complete", "chat"), "root": ("admin",), "scraper": ("metrics",)}
 
 
-def make_app(settings: Settings, accounts: Accounts, holder: ModelHolder | None = None) -> FastAPI:
-    holder = holder or ModelHolder("tiny")
+def tiny_engine(path: Path):
+    from codemoat.engines.llamacpp import LlamaCppEngine
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        yield
-        hook = getattr(app.state, "on_shutdown", None)
-        if hook is not None:
-            hook()
+    return LlamaCppEngine.from_path(path, model_id="tiny", n_ctx=512, n_threads=1)
 
-    app = FastAPI(lifespan=lifespan)
-    app.state.accounts = accounts
-    app.state.holder = holder
-    app.state.egress_allow = []
-    errors.install(app)
-    app.state.handled = 0
 
-    @app.get("/health")
-    async def health():
-        return {"status": "ok"}
+class Keep(ModelHolder):
+    def close(self):  # the module-scoped engine outlives each app
+        pass
 
-    @app.post("/v1/completions")
-    async def complete(request: Request, principal=Depends(require("complete"))):
-        request.state.protocol = "openai"
-        body = await request.json()
-        prompt = trust.screen_prompt(body["prompt"], settings, request)
-        app.state.handled += 1
-        n = int(body.get("max_tokens", 5))
-        request.state.usage.update(
-            protocol="openai", model="tiny", prompt_tokens=len(prompt.split()), completion_tokens=n,
-            repos=["acme/api"], snippets=["acme/api:src/a.py:1-20"], prompt_text=body["prompt"], completion_text="ok " * n,
-        )
-        return {"choices": [{"text": "ok " * n}], "usage": {"completion_tokens": n}}
 
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request, principal=Depends(require("chat"))):
-        request.state.protocol = "openai"
-        body = await request.json()
-        u = request.state.usage
-        u.update(protocol="openai", model="tiny", prompt_text=body["messages"][-1]["content"])
+class Paced:
+    """The real engine, with `pause` seconds before each chunk it streams."""
 
-        chunks, pause = (40, 0.1) if body.get("slow") else (4, 0.01)
+    def __init__(self, engine, pause: float):
+        self._engine, self.pause = engine, pause
 
-        async def gen():
-            for i in range(chunks):
-                u["completion_tokens"] = i + 1
-                yield f"data: {{\"i\": {i}}}\n\n"
-                await asyncio.sleep(pause)
-            yield "data: [DONE]\n\n"
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
 
-        return StreamingResponse(gen(), media_type="text/event-stream")
+    async def stream(self, prompt, params):
+        async for ch in self._engine.stream(prompt, params):
+            await asyncio.sleep(self.pause)
+            yield ch
 
-    @app.post("/v1/slow")
-    async def slow(request: Request, principal=Depends(require("complete"))):
-        request.state.usage.update(protocol="openai", model="tiny", prompt_tokens=2)
-        await asyncio.sleep(60)  # a generation stuck in the queue
-        return {}
 
-    @app.post("/v1/boom")
-    async def boom(request: Request, principal=Depends(require("complete"))):
-        request.state.usage.update(protocol="openai", model="tiny", prompt_tokens=3)
-        raise RuntimeError("engine fell over")
+class Broken(Paced):
+    """The real engine, failing after its first chunk."""
 
-    @app.post("/v1/events")
-    async def events(request: Request, principal=Depends(require("complete"))):
-        body = await request.json()
-        request.state.usage.update(protocol="tabby", model="tiny", event=body.get("type"))
-        return {}
+    def __init__(self, engine):
+        super().__init__(engine, 0)
 
-    trust.install(app, settings)
-    return app
+    async def stream(self, prompt, params):
+        async for ch in self._engine.stream(prompt, params):
+            yield ch
+            raise RuntimeError("engine fell over")
+
+
+def make_app(settings: Settings, accounts: Accounts, engine) -> FastAPI:
+    holder = Keep("tiny")
+    holder.set(engine)
+    return create_app(settings, holder=holder, accounts=accounts)
+
+
+def make_tokens(accounts: Accounts) -> dict[str, dict[str, str]]:
+    out = {}
+    for name, scopes in SCOPES.items():
+        _, secret = accounts.create_token(name, user=name, scopes=scopes)
+        out[name] = {"Authorization": f"Bearer {secret}"}
+    return out
+
+
+def records(db, kind: str | None = "request") -> list[dict]:
+    from codemoat.audit.log import AuditLog
+
+    return list(AuditLog(db).records(kind=kind))
+
+
+def db_bytes(home: Path) -> bytes:
+    """Every byte of the customer database as it lies on disk (WAL included)."""
+    return b"".join(p.read_bytes() for p in home.glob("codemoat.db*"))

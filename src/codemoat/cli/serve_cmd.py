@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 from typing import Annotated
 
@@ -26,14 +25,14 @@ def serve(
     fim_template: Annotated[str | None, typer.Option("--fim-template", help="FIM template (default: detected).")] = None,
 ) -> None:
     """Serve a model to editors and API clients until SIGTERM or Ctrl-C."""
-    import uvicorn
-
     from ..accounts import Accounts
     from ..config import load_settings
     from ..db import open_db
     from ..engines.loader import open_model
     from ..paths import bundled_model
+    from ..retrieve import Retriever
     from ..serve.app import create_app
+    from ..serve.run import listen, run
 
     settings = load_settings(
         config,
@@ -48,32 +47,13 @@ def serve(
     log_to_stderr(settings.server.log_level)
     accounts = Accounts(open_db(settings.database_url))
     holder = open_model(settings)
-    retriever = _retriever()
+    retriever = Retriever()
     application = create_app(settings, holder=holder, accounts=accounts, retriever=retriever)
 
-    # proto=IPPROTO_TCP so that asyncio sets TCP_NODELAY on accepted connections (with proto 0 it
-    # does not, and Nagle + delayed ACKs add ~40 ms to every small response); set on the listener too.
-    family = socket.AF_INET6 if ":" in settings.server.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    try:
-        sock.bind((settings.server.host, settings.server.port))
-    except OSError as e:
-        from ..errors import CodemoatError
-
-        raise CodemoatError(f"cannot listen on {settings.server.host}:{settings.server.port}: {e.strerror}") from None
+    sock = listen(settings.server.host, settings.server.port)
     bound = sock.getsockname()[1]
     console.print(f"codemoat serving [bold]{holder.model_id}[/bold] on http://{settings.server.host}:{bound}", highlight=False)
-    cfg = uvicorn.Config(application, log_level=settings.server.log_level, access_log=False, timeout_graceful_shutdown=10)
-    server = uvicorn.Server(cfg)
-    # uvicorn drains requests on SIGTERM/SIGINT, then re-raises the signal under the handler it
-    # found at start; a quiet handler here makes a graceful stop exit 0, as service managers expect.
-    import signal
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: None)
-    server.run(sockets=[sock])
+    run(application, sock, settings.server.log_level)
     console.print("codemoat stopped", highlight=False)
 
 
@@ -91,13 +71,3 @@ def log_to_stderr(level: str) -> None:
     number = logging.getLevelName(level.upper())
     logger.setLevel(number if isinstance(number, int) else logging.DEBUG)  # uvicorn's "trace" → DEBUG
 
-
-def _retriever():
-    import importlib.util
-
-    if importlib.util.find_spec("codemoat.retrieve") is None:
-        return None
-    from .. import retrieve
-
-    cls = getattr(retrieve, "Retriever", None)
-    return cls() if cls is not None else None

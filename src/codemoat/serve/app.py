@@ -1,10 +1,15 @@
-"""The HTTP app factory. State lives in `app.state` (set here and in the lifespan), never in module globals."""
+"""The HTTP app factory. State lives in `app.state` (set here and in the lifespan), never in module globals.
+
+`GET /health` without a token is liveness only (`{"status": "ok"}`, or 503 while no model is
+loaded): what a load balancer needs and nothing more. With a valid token it describes the model,
+license and engine; a wrong token is a 401.
+"""
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from contextlib import asynccontextmanager
+from dataclasses import asdict
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -14,14 +19,13 @@ from .. import __version__
 from ..accounts import Accounts
 from ..config import Settings
 from ..engines.holder import ModelHolder
-from . import errors, routes_infill, routes_ollama, routes_openai, routes_tabby
+from . import errors, routes_infill, routes_ollama, routes_openai, routes_tabby, trust
+from .auth import authenticate, bearer
+from .headers import PromptHeaders
 from .limits import BodyLimit
 from .service import Service
 
 log = logging.getLogger("codemoat.serve")
-
-_SECRET_INFO = {"watermark_key", "content_key"}
-
 
 def create_app(settings: Settings, *, holder: ModelHolder, accounts: Accounts, retriever: Any | None = None) -> FastAPI:
     """An app serving `holder`'s model to callers authenticated by `accounts`."""
@@ -34,41 +38,44 @@ def create_app(settings: Settings, *, holder: ModelHolder, accounts: Accounts, r
             hook()
         holder.close()
 
-    app = FastAPI(title="codemoat", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+    # /openapi.json is served by the trust layer, to callers with a token (admin routes to admins only)
+    app = FastAPI(title="codemoat", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.settings = settings
     app.state.holder = holder
     app.state.accounts = accounts
     app.state.retriever = retriever
     app.state.service = Service(settings, holder, retriever)
     app.state.events = {}
-    app.state.egress_allow = list(holder.info.get("egress_allow", []))
+    app.state.egress_allow = list(holder.status.egress_allow)
     errors.install(app)
 
     @app.get("/health")
     async def health(request: Request):
-        info = {k: v for k, v in holder.info.items() if k not in _SECRET_INFO and k != "egress_allow"}
-        sealed = "license_id" in info
+        status = 200 if holder.ready else 503  # not ready: unloaded, loading, or its engine restarting
+        if bearer(request.headers) is None:  # liveness: no detail without a token
+            return JSONResponse({"status": "ok" if holder.ready else "unavailable"}, status_code=status)
+        authenticate(request)  # a wrong token is a 401, not a quiet liveness answer
+        st = holder.status  # holds no secret by construction
         body = {
-            "status": "ok" if holder.loaded else "unavailable",
+            "status": "ok" if holder.ready else "unavailable",
             "version": __version__,
             "model": holder.model_id,
             "state": holder.state,
             "reason": holder.reason or None,
-            "license": info if sealed else None,  # a plaintext model has none
-            "model_file": None if sealed else (info or None),
+            "license": asdict(st.license) if st.license else None,  # a plaintext model has none
+            "model_file": None if st.license else {"path": st.path, "size": st.size},
         }
         if holder.loaded:
             body["engine"] = holder.get().health()
-        return JSONResponse(body, status_code=200 if holder.loaded else 503)
+            body["prompts"] = app.state.service.prompt_facts()  # FIM template, whether the suffix is used, chat format
+        return JSONResponse(body, status_code=status)
 
     for r in (routes_openai.router, routes_ollama.router, routes_infill.router, routes_tabby.router):
         app.include_router(r)
 
-    # The trust layer (audit, quotas, egress guard, metrics) wraps everything when present.
-    if importlib.util.find_spec("codemoat.serve.trust") is not None:
-        from . import trust
-
-        trust.install(app, settings)
+    # The trust layer (audit, quotas, secret screen, egress guard, metrics, admin API) wraps every route.
+    trust.install(app, settings)
+    app.add_middleware(PromptHeaders)  # X-Codemoat-Suffix etc., set while the prompt is built
     # outermost: no layer reads a body past the limit (added last, so it wraps everything above)
     app.add_middleware(BodyLimit, max_bytes=int(settings.server.max_body_mb * (1 << 20)))
     return app

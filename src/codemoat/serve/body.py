@@ -1,4 +1,4 @@
-"""Request-body helpers shared by the routers."""
+"""Request-body helpers shared by the routers: the one place a JSON body is parsed and checked."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import Request
 
 from ..errors import CodemoatError
+from .usage import Usage, usage_of
 
 
 async def read_json(request: Request) -> Any:
@@ -24,18 +25,37 @@ async def read_json(request: Request) -> Any:
         raise CodemoatError("request body is not valid JSON: nested too deeply") from None
     if not isinstance(body, dict):
         raise CodemoatError("request body must be a JSON object")
+    check_text(body)
     return body
 
 
-def start_usage(request: Request, protocol: str, model: str) -> dict[str, Any]:
-    """The per-request usage record the audit middleware reads after the response."""
-    u = getattr(request.state, "usage", None)
-    if u is None:
-        u = {}
-        request.state.usage = u
-    u.update(protocol=protocol, model=model)
-    u.setdefault("prompt_tokens", 0)
-    u.setdefault("completion_tokens", 0)
-    u.setdefault("repos", [])
-    u.setdefault("snippets", [])
+def check_text(doc: Any) -> None:
+    """Refuse strings that are not Unicode text: JSON lets `"\\ud800"` (and Python's decoder raw
+    surrogate bytes) through as a lone UTF-16 surrogate, which no tokenizer, database or log can
+    encode. Every key and string value, iteratively (bodies nest as deep as the decoder allows)."""
+    todo = [doc]
+    while todo:
+        d = todo.pop()
+        if isinstance(d, str):
+            texts = (d,)
+        elif isinstance(d, dict):
+            texts = d.keys()
+            todo.extend(d.values())
+        elif isinstance(d, list):
+            todo.extend(d)
+            continue
+        else:
+            continue
+        for t in texts:
+            try:
+                t.encode("utf-8")
+            except UnicodeEncodeError:
+                raise CodemoatError("request body is not valid JSON text: a string holds a lone UTF-16 surrogate "
+                                    "(such as \\ud800), which is not a Unicode character") from None
+
+
+def start_usage(request: Request, protocol: str, model: str) -> Usage:
+    """The request's usage record (read by the audit middleware after the response), with its protocol and model."""
+    u = usage_of(request.state)
+    u.protocol, u.model = protocol, model
     return u

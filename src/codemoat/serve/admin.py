@@ -1,0 +1,97 @@
+"""Routes about the server rather than the model: Prometheus metrics (scope `metrics` or `admin`),
+the admin API under `/admin/api/` (scope `admin`), and the OpenAPI document (any valid token;
+the admin routes are listed only to admins). All read `request.app.state.trust`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+import anyio
+from fastapi import APIRouter, Depends, Request
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, Response
+from fastapi.routing import iter_route_contexts
+
+from .. import __version__
+from ..accounts import Principal
+from ..audit.log import check_kind, parse_since
+from ..audit.metrics import CONTENT_TYPE
+from .auth import any_token, require
+
+router = APIRouter()
+admin = Depends(require("admin"))
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics(request: Request, _p=Depends(require("metrics", quota=False))) -> Response:
+    return Response(request.app.state.trust.metrics.render(), media_type=CONTENT_TYPE)
+
+
+@router.get("/openapi.json", include_in_schema=False)
+async def openapi(request: Request, principal: Principal = Depends(any_token)) -> JSONResponse:
+    """The API's description; admin routes only for a token that may call them."""
+    app = request.app
+    full = principal.can("admin")
+    cache: dict[bool, dict[str, Any]] | None = getattr(app.state, "openapi", None)
+    if cache is None:
+        cache = app.state.openapi = {}
+    if full not in cache:
+        routes = [c for c in iter_route_contexts(app.routes) if full or not getattr(c.route, "path", "").startswith("/admin/")]
+        cache[full] = get_openapi(title=app.title, version=__version__, routes=routes)
+    return JSONResponse(cache[full])
+
+
+@router.get("/admin/api/audit")
+async def audit_records(request: Request, _p=admin, since: str | None = None, kind: str | None = None,
+                        user: str | None = None, after_seq: int = 0, limit: int = 100):
+    log = request.app.state.trust.log
+    limit = max(1, min(limit, 1000))
+    start = parse_since(since)
+    check_kind(kind)
+
+    def read():
+        return list(log.records(since=start, kind=kind, user=user, after_seq=after_seq, limit=limit, newest_first=after_seq == 0))
+
+    return {"records": await anyio.to_thread.run_sync(read)}
+
+
+@router.get("/admin/api/audit/verify")
+async def audit_verify(request: Request, _p=admin):
+    rep = await anyio.to_thread.run_sync(request.app.state.trust.log.verify)
+    return JSONResponse(rep.to_dict(), status_code=200 if rep.ok else 409)
+
+
+@router.get("/admin/api/alerts")
+async def alerts(request: Request, _p=admin, limit: int = 100):
+    trust = request.app.state.trust
+
+    def read():
+        return list(trust.log.records(kind="alert", limit=max(1, min(limit, 1000)), newest_first=True))
+
+    profiles = {u: trust.alarms.signals(u) for u in trust.alarms.users()}
+    return {"alerts": await anyio.to_thread.run_sync(read), "profiles": profiles}
+
+
+@router.get("/admin/api/users")
+async def users(request: Request, _p=admin):
+    quotas = request.app.state.trust.quotas
+    rows = await anyio.to_thread.run_sync(request.app.state.accounts.list_users)
+    for r in rows:
+        r["generated_tokens_today"] = quotas.used_today(user=r["name"])
+        r["throttled_rpm"] = quotas.throttled(r["name"])
+    return {"users": rows, "limits": {"requests_per_minute": quotas.rpm, "tokens_per_day": quotas.tpd}}
+
+
+@router.get("/admin/api/tokens")
+async def tokens(request: Request, _p=admin):
+    rows = await anyio.to_thread.run_sync(request.app.state.accounts.list_tokens)
+    return {"tokens": [dict(asdict(t), active=t.active) for t in rows]}
+
+
+@router.get("/admin/api/outbound")
+async def outbound(request: Request, _p=admin):
+    from ..audit.outbound import read_outbound
+
+    return {"outbound": await anyio.to_thread.run_sync(read_outbound)}
