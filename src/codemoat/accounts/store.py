@@ -19,7 +19,7 @@ from sqlalchemy import Engine
 from ..errors import CodemoatError, NotFound, Unauthorized
 
 EVERYONE = "everyone"
-ALL_SCOPES = ("complete", "chat", "admin")
+ALL_SCOPES = ("complete", "chat", "admin", "metrics")  # metrics: a scraper's token, /metrics only
 DEFAULT_SCOPES = ("complete", "chat")
 TOKEN_PREFIX = "cm_"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")

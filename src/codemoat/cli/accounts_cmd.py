@@ -33,7 +33,7 @@ def tokens_create(
     *,
     name: Annotated[str, typer.Option(help="A name for the token (e.g. the person or the editor).")],
     user: Annotated[str | None, typer.Option(help="User the token acts as (default: a user named like the token; created if missing).")] = None,
-    scopes: Annotated[str, typer.Option(help="Comma-separated scopes: complete, chat, admin.")] = "complete,chat",
+    scopes: Annotated[str, typer.Option(help="Comma-separated scopes: complete, chat, admin, metrics (a scraper's token for /metrics).")] = "complete,chat",
     expires: Annotated[str | None, typer.Option(help="Expiry: an ISO date or a duration such as 30d.")] = None,
     as_json: JsonFlag = False,
 ) -> None:

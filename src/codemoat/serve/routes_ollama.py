@@ -116,7 +116,7 @@ async def _answer(request: Request, svc: Service, prep: Prepared, stream: bool, 
             if ch.finish_reason:
                 u = request.state.usage
                 yield final(svc.model_id, "", "length" if ch.finish_reason == "length" else "stop",
-                            u["prompt_tokens"], u["completion_tokens"], time.perf_counter_ns() - t0, extra)
+                            u.prompt_tokens, u.completion_tokens, time.perf_counter_ns() - t0, extra)
 
     return ndjson(events())
 

@@ -60,7 +60,7 @@ async def openai_completion(request: Request, principal: Principal, body: Any):
         if len(prompt) != 1 or not isinstance(prompt[0], str):
             raise CodemoatError("prompt must be a string or a list of exactly one string")
         prompt = prompt[0]
-    params = svc.params(req.max_tokens if req.max_tokens is not None else None, req.temperature, req.top_p, as_stop_list(req.stop), req.seed)
+    params = svc.params(req.max_tokens, req.temperature, req.top_p, as_stop_list(req.stop), req.seed)
     ext = req.codemoat
     if req.suffix is not None or (ext and ext.path):
         f = FimInput.from_ext(prompt, req.suffix or "", ext)
@@ -111,7 +111,7 @@ async def chat_completions(request: Request):
                 yield openai.chat_chunk(cid, svc.model_id, {}, _finish(ch.finish_reason))
         if include_usage:
             u = request.state.usage
-            yield openai.chat_chunk(cid, svc.model_id, {}, None, openai.usage(u["prompt_tokens"], u["completion_tokens"]), choices=False)
+            yield openai.chat_chunk(cid, svc.model_id, {}, None, openai.usage(u.prompt_tokens, u.completion_tokens), choices=False)
 
     return sse(events())
 

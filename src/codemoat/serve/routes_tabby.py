@@ -12,28 +12,34 @@ from ..accounts import Principal
 from ..engines.templates import FileSnippet
 from ..protocol import tabby
 from ..protocol.common import new_id
-from .auth import require
+from .auth import any_token, require
 from .body import read_json, start_usage
 from .service import FimInput, Service
+from .usage import event_type
 
 router = APIRouter()
 
 
-@router.api_route("/v1/health", methods=["GET", "POST"])
-async def health(request: Request):
+@router.get("/v1/health")
+async def health(request: Request, principal: Principal = Depends(any_token)):
+    """Tabby's agent reads a 401 here as "ask the user for a token" (a liveness probe needs none: GET /health)."""
     svc: Service = request.app.state.service
     return tabby.health(svc.model_id, svc.model_id, __version__, os.cpu_count() or 1)
+
+
+@router.post("/v1/health")
+async def health_post(request: Request, principal: Principal = Depends(any_token)):
+    return await health(request, principal)
 
 
 @router.post("/v1/events")
 async def events(request: Request, principal: Principal = Depends(require("complete"))):
     request.state.protocol = "tabby"
     body = await read_json(request)
-    start_usage(request, "tabby", request.app.state.service.model_id)
-    kind = str(body.get("type", "unknown"))[:32]
+    kind = event_type(body.get("type"))  # one of a fixed set: a caller's text is never counted or stored
     counts = request.app.state.events
     counts[kind] = counts.get(kind, 0) + 1
-    request.state.usage["event"] = kind
+    start_usage(request, "tabby", request.app.state.service.model_id).event = kind
     return {}
 
 
