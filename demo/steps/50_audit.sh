@@ -57,6 +57,34 @@ $CODEMOAT audit verify && echo "!! tampering went unnoticed" || echo "(exit stat
 "$PY" -c "import sqlite3; c=sqlite3.connect('$DB'); c.execute('UPDATE audit_records SET completion_tokens=$OLD WHERE seq=$SEQ'); c.commit()"
 echo "restored the original value:"; $CODEMOAT audit verify
 
+say "a rollback needs no key: drop the last record, put back the older signed head the head file still holds"
+$CODEMOAT audit head export -o "$DEMO/audit-head.json"   # an operator keeps this copy off the machine
+"$PY" -c "import sqlite3; s=sqlite3.connect('$DB'); s.backup(sqlite3.connect('$DEMO/audit-before-rollback.db'))"
+"$PY" - "$DB" <<'EOF'
+import json, shutil, sqlite3, sys
+from codemoat import paths
+from codemoat.audit.log import head_file_for
+hf = head_file_for(paths.db_url(), paths.home())
+shutil.copy2(hf, str(hf) + ".before-rollback")
+raw = hf.read_bytes()
+older, newest = sorted((json.loads(raw[i:i + 512]) for i in (0, 512)), key=lambda h: h["seq"])
+c = sqlite3.connect(sys.argv[1])
+c.execute("DELETE FROM audit_records WHERE seq = ?", (newest["seq"],))
+c.execute("DELETE FROM audit_checkpoints WHERE seq > ?", (older["seq"],))
+c.execute("UPDATE audit_head SET seq=?, hash=?, last_checkpoint=?, ts_us=?, signature=? WHERE id = 1",
+          (older["seq"], older["hash"], older["last_checkpoint"], older["ts_us"], older["signature"]))
+c.commit()
+older_slot = raw[0:512] if json.loads(raw[0:512])["seq"] == older["seq"] else raw[512:1024]
+hf.write_bytes(older_slot * 2)
+print(f"DELETE FROM audit_records WHERE seq = {newest['seq']}; the signed head of record {older['seq']} put back "
+      f"in audit_head and in both slots of {hf.name} (every signature in what is left is valid)")
+EOF
+$CODEMOAT audit verify && echo "!! the rollback went unnoticed" || echo "(exit status $? — refused: audit verify remembers the last head it accepted)"
+"$PY" -c "import sqlite3; s=sqlite3.connect('$DEMO/audit-before-rollback.db'); s.backup(sqlite3.connect('$DB'))"
+HF=$("$PY" -c "from codemoat import paths; from codemoat.audit.log import head_file_for; print(head_file_for(paths.db_url(), paths.home()))")
+mv "$HF.before-rollback" "$HF"
+echo "put everything back:"; $CODEMOAT audit verify --trusted-head "$DEMO/audit-head.json"
+
 say "the egress guard that serve arms: one loopback port allowed, another refused, the refusal audited"
 "$PY" - 2>/dev/null <<'EOF'
 import socket

@@ -375,8 +375,7 @@ class AuditLog:
 
         if public_key is None:
             public_key = self.public_key()
-        files = [p for p in (self.verified_file, trusted_head) if p is not None]
-        rep = verify(self.engine, public_key, head_file=self.head_file, trusted_files=files)
+        rep = verify(self.engine, public_key, head_file=self.head_file, remembered=self.verified_file, trusted_head=trusted_head)
         if rep.ok and rep.head is not None and self.verified_file is not None:
             trusted.remember(self.verified_file, rep.head, public_key)
         return rep

@@ -19,7 +19,6 @@ Problems are collected with the first record they implicate; the report names th
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,12 +51,14 @@ class VerifyReport:
 
 
 def verify(
-    engine: Engine, public_key: bytes | None, *, head_file: Path | None = None, trusted_files: Sequence[Path] = (),
+    engine: Engine, public_key: bytes | None, *, head_file: Path | None = None,
+    remembered: Path | None = None, trusted_head: Path | None = None,
 ) -> VerifyReport:
     """Walk the chain, the checkpoints and the head; name the first bad record.
 
-    `head_file` is the writer's copy of the signed head; `trusted_files` hold heads verified before
-    (a missing one is skipped: the caller checks that a file it was given exists)."""
+    `head_file` is the writer's copy of the signed head; `remembered` the head `audit verify` last
+    accepted, `trusted_head` one exported earlier (a missing file is skipped: the caller checks
+    that a file it was given exists)."""
     kid = signing.key_id(public_key) if public_key else None
     problems: list[tuple[int, str]] = []
 
@@ -70,9 +71,12 @@ def verify(
             return f"{what} has an invalid signature"
         return None
 
-    remembered: list[tuple[str, SignedHead]] = []
-    for path in trusted_files:
-        label = f"the head verified before ({path})"
+    known: list[tuple[str, SignedHead]] = []  # heads verified before, each with its label
+    sources = [(f"the head `audit verify` last accepted ({remembered})", remembered),
+               (f"the exported head {trusted_head}", trusted_head)]
+    for label, path in sources:
+        if path is None:
+            continue
         try:
             t = trusted.load(path)
         except ValueError as e:
@@ -84,7 +88,7 @@ def verify(
         if why:
             problems.append((1, why))
         else:
-            remembered.append((label, t))
+            known.append((label, t))
 
     with engine.connect() as c:
         cps = c.execute(sa.select(checkpoints).order_by(checkpoints.c.seq)).all()
@@ -110,7 +114,7 @@ def verify(
         expected, prev_hash, n = 1, GENESIS, 0
         hashes_at: dict[int, str] = {}
         first_record: dict[str, Any] | None = None
-        want = set(cp_by_seq) | ({h.seq} if h is not None else set()) | {t.seq for _, t in remembered}
+        want = set(cp_by_seq) | ({h.seq} if h is not None else set()) | {t.seq for _, t in known}
         for r in c.execution_options(yield_per=2000).execute(sa.select(records).order_by(records.c.seq)):
             row = r._asdict()
             n += 1
@@ -140,7 +144,7 @@ def verify(
         else:
             last = expected - 1
             # A rollback is named before whatever else it left behind (ties go to the first problem).
-            rollbacks = [p for label, t in remembered if (p := trusted.check(
+            rollbacks = [p for label, t in known if (p := trusted.check(
                 t, label, last=last, hash_at=hashes_at, checkpoint_seqs=set(cp_by_seq), first_record=first_record)) is not None]
             problems[:0] = rollbacks
             beyond = [cp.seq for cp in cps if cp.seq > last]
@@ -170,7 +174,7 @@ def verify(
                 problems.extend(_check_head_file(head_file, public_key, kid, last, c))
 
     report = VerifyReport(ok=not problems, records=n, checkpoints=len(cps), head_seq=h.seq if h is not None else None,
-                          key_id=kid, trusted=[f"{label}: record {t.seq}" for label, t in remembered], head=h)
+                          key_id=kid, trusted=[f"{label}: record {t.seq}" for label, t in known], head=h)
     if problems:
         report.first_bad, report.problem = min(problems, key=lambda p: p[0])
     return report
