@@ -43,8 +43,9 @@ class ModelSettings(BaseModel):
     cpu_buffers: Literal["auto", "extra", "safe"] = Field("auto", description="llama.cpp's extra CPU buffer types (AMX tiles, repacked kernels) for quantised models: auto (a start-up self-test in a child process decides, cached per CPU and llama.cpp build), extra (always on), safe (always off: correct on every x86-64 CPU, slower).")
     fim_template: str | None = Field(None, description="Fill-in-the-middle template (qwen, deepseek, starcoder, codellama, codegemma); default: detected from the model.")
     chat_template: str | None = Field(None, description="Jinja2 chat template overriding the model's own.")
-    max_tokens_limit: int = Field(1024, ge=1, description="Largest max_tokens a request may ask for.")
-    default_max_tokens: int = Field(64, ge=1, description="max_tokens when a request sets none.")
+    max_tokens_limit: int = Field(4096, ge=1, description="Largest max_tokens a request may ask for; also caps a chat answer that sets no limit.")
+    default_max_tokens: int = Field(64, ge=1, description="max_tokens of a completion (FIM, Tabby, /infill, OpenAI completions) that sets none; "
+                                    "a chat answer without a limit (OpenAI, Ollama) generates until its stop token or the context is full.")
 
     @field_validator("fim_template")
     @classmethod

@@ -53,18 +53,36 @@ class SamplingParams:
     # Opaque per-request watermark settings (codemoat.trace); engines that cannot apply a
     # per-request processor (vLLM) key a start-up processor on it instead.
     watermark: Any | None = None
+    # llama.cpp server's `t_max_predict_ms`: once this many ms have passed since the first generated
+    # token, generation ends at the next token that holds a newline (editors stay responsive and
+    # still get whole lines). None: no time limit.
+    time_limit_ms: float | None = None
+    # llama.cpp server's `n_indent`: a generated line after the first whose indentation (spaces and
+    # tabs) is less than this ends generation, cut before its first other character. 0: off.
+    n_indent: int = 0
 
 
 FinishReason = Literal["stop", "length", "cancelled"]
 
 
 @dataclass
+class Timings:
+    """Where one generation's time went, measured on the engine's worker (llama.cpp server's `timings`):
+    from the start of the job to the first generated token (the prompt's evaluation), then to the end."""
+
+    prompt_ms: float
+    predicted_ms: float
+
+
+@dataclass
 class Chunk:
-    """A piece of generated text; the last chunk of a stream has `finish_reason` set."""
+    """A piece of generated text; the last chunk of a stream has `finish_reason` set (and `timings`,
+    where the engine measures them)."""
 
     text: str
     token_ids: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
+    timings: Timings | None = None
 
 
 @dataclass

@@ -226,7 +226,7 @@ class LlamaCppEngine(WorkerEngine):
         llm = self._model
         llm.set_seed(params.seed if params.seed is not None else random.getrandbits(31))
         lp = self._lib.LogitsProcessorList(list(params.logits_processors)) if params.logits_processors else None
-        cutter = StopCutter(params.stop, emit)
+        cutter = StopCutter(params.stop, emit, params.n_indent, params.time_limit_ms)
         raw = b""
         n = 0
         reason: FinishReason = "length"

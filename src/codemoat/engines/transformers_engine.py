@@ -184,7 +184,7 @@ class TransformersEngine(WorkerEngine):
     def _generate(self, prompt_ids: list[int], params: SamplingParams, emit: Callable[[Chunk], None], cancel: threading.Event) -> None:
         """Runs on the worker: sample with a KV cache, cut at stop strings."""
         rng = np.random.default_rng(params.seed)
-        cutter = StopCutter(params.stop, emit)
+        cutter = StopCutter(params.stop, emit, params.n_indent, params.time_limit_ms)
         ids = list(prompt_ids)
         out_ids: list[int] = []
         reason: FinishReason = "length"

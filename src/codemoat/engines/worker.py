@@ -13,51 +13,95 @@ import asyncio
 import abc
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from typing import Any
 
 from ..errors import CodemoatError
-from .base import Chunk, Completion, Engine, FinishReason, SamplingParams
+from .base import Chunk, Completion, Engine, FinishReason, SamplingParams, Timings
 
 _DONE = object()
 
 
 class StopCutter:
     """Turns a growing decoded text into final chunks: text that could still begin a stop string
-    is held back; a stop string ends generation and is not emitted."""
+    is held back; a stop string ends generation and is not emitted. It also applies llama.cpp's
+    line rules (`SamplingParams.n_indent`, `.time_limit_ms`), which end generation as a limit
+    ("length"), and times the generation (`Timings` on the last chunk): it is made when the job
+    starts on the worker, and the first `feed` comes with the first generated token."""
 
-    def __init__(self, stops: list[str], emit: Callable[[Chunk], None]):
+    def __init__(self, stops: list[str], emit: Callable[[Chunk], None], n_indent: int = 0, time_limit_ms: float | None = None):
         self.stops = [s for s in stops if s]
         self.hold = max((len(s) for s in self.stops), default=0)
         self.emit = emit
         self.sent = 0
         self.text = ""
         self.pending: list[int] = []
+        self.n_indent, self.time_limit_ms = n_indent, time_limit_ms
+        self.limited = False  # ended by a line rule, not by a stop string
+        self.started = time.perf_counter()
+        self.first: float | None = None
+        self.seen = 0  # text before this was looked at for newlines (time limit)
+        self.scan, self.line = 0, None  # where to find the next newline; start of the line being checked
 
     def feed(self, text: str, token_id: int, complete: int | None = None) -> bool:
         """`text` is everything decoded so far (its first `complete` characters are final, the
-        rest may be a partial UTF-8 sequence). Returns True when a stop string was reached."""
+        rest may be a partial UTF-8 sequence). Returns True when generation is to end here."""
+        now = time.perf_counter()
+        if self.first is None:
+            self.first = now
         self.text = text
         self.pending.append(token_id)
-        cut = min((i for i in (text.find(s, max(0, self.sent - self.hold)) for s in self.stops) if i >= 0), default=-1)
+        end = len(text) if complete is None else complete
+        worded = min((i for i in (text.find(s, max(0, self.sent - self.hold)) for s in self.stops) if i >= 0), default=-1)
+        short = self._indent_cut(text, end if worded < 0 else min(end, worded))
+        cut = worded if short is None else short
         if cut >= 0:
+            self.limited = short is not None
             if cut > self.sent:
                 self.emit(Chunk(text[self.sent : cut], self.pending))
                 self.pending = []
             self.text, self.sent = text[:cut], cut
             return True
-        end = len(text) if complete is None else complete
         safe = end - self.hold
         if safe > self.sent:
             self.emit(Chunk(text[self.sent : safe], self.pending))
             self.pending, self.sent = [], safe
+        newline, self.seen = "\n" in text[self.seen : end], end
+        if newline and self.time_limit_ms is not None and (now - self.first) * 1000 > self.time_limit_ms:
+            self.limited, self.text = True, text[:end]
+            return True
         return False
 
+    def _indent_cut(self, text: str, end: int) -> int | None:
+        """llama.cpp's `n_indent`: where the first line after the first newline that is indented less
+        than `n_indent` has its first other character (a newline too), or None."""
+        while self.n_indent > 0:
+            if self.line is None:
+                nl = text.find("\n", self.scan, end)
+                if nl < 0:
+                    self.scan = max(self.scan, end)
+                    return None
+                self.line = nl + 1
+            i = self.line
+            while i < end and text[i] in " \t":
+                i += 1
+            if i >= end:
+                return None  # only indentation so far
+            if i - self.line < self.n_indent:
+                return i
+            self.scan, self.line = i, None
+        return None
+
     def finish(self, reason: FinishReason) -> None:
+        if reason == "stop" and self.limited:
+            reason = "length"  # llama.cpp's "limit"
         if reason != "cancelled" and (self.sent < len(self.text) or self.pending):
             self.emit(Chunk(self.text[self.sent :], self.pending))
-        self.emit(Chunk("", [], reason))
+        now = time.perf_counter()
+        first = now if self.first is None else self.first
+        self.emit(Chunk("", [], reason, Timings((first - self.started) * 1000, (now - first) * 1000)))
 
 
 class WorkerEngine(Engine):

@@ -99,8 +99,12 @@ def chat_chunk(id: str, model: str, delta: dict, finish: str | None, u: dict | N
     return body
 
 
+def model_card(id: str, created: int) -> dict[str, Any]:
+    return {"id": id, "object": "model", "created": created, "owned_by": "codemoat"}
+
+
 def model_list(ids: list[str], created: int) -> dict[str, Any]:
-    return {"object": "list", "data": [{"id": i, "object": "model", "created": created, "owned_by": "codemoat"} for i in ids]}
+    return {"object": "list", "data": [model_card(i, created) for i in ids]}
 
 
 def error(message: str, type_: str, code: str | None, param: str | None = None) -> dict[str, Any]:

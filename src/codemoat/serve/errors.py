@@ -19,7 +19,7 @@ from ..protocol import infill, ollama, openai, tabby
 log = logging.getLogger("codemoat.serve")
 
 _OPENAI_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "permission_error", 404: "invalid_request_error", 429: "rate_limit_error", 503: "server_error"}
-_OPENAI_CODES = {401: "invalid_api_key", 404: "model_not_found", 429: "rate_limit_exceeded", 503: "model_unavailable"}
+_OPENAI_CODES = {401: "invalid_api_key", 429: "rate_limit_exceeded", 503: "model_unavailable"}
 
 
 def _openai_type(status: int) -> str:

@@ -9,7 +9,7 @@ from ..engines.templates import FileSnippet
 from ..protocol import infill
 from .auth import require
 from .body import read_json, start_usage
-from .service import FimInput, Service, snippets_extra
+from .service import FimInput, Prepared, Service, snippets_extra
 from .streaming import sse
 
 router = APIRouter()
@@ -22,23 +22,42 @@ async def infill_route(request: Request, principal: Principal = Depends(require(
     req = infill.InfillRequest.model_validate(await read_json(request))
     svc.check_model(req.model)
     start_usage(request, "infill", svc.model_id)
-    params, fit = svc.predict_params(req.n_predict, req.temperature, req.top_p, req.stop, req.seed, req.top_k)
+    # `n_predict: 0` warms the cache (llama.vscode sends it ahead of the user's next stop): the prompt
+    # is evaluated, and the llama.cpp engine keeps it for the request that follows; nothing is sent back
+    warmup = req.n_predict == 0
+    params, fit = svc.predict_params(1 if warmup else req.n_predict, req.temperature, req.top_p, req.stop, req.seed, req.top_k)
+    params.time_limit_ms = req.t_max_predict_ms or None
+    params.n_indent = req.n_indent
     ext = req.codemoat
     f = FimInput.from_ext(req.input_prefix + req.prompt, req.input_suffix, ext, [FileSnippet(e.filename, e.text) for e in req.input_extra if e.text])
     prep = await svc.prepare(svc.fim_prompt, request, principal, f, params, fit=fit)
     extra = snippets_extra(ext, prep)
+
+    def answer(content: str, reason: str | None) -> dict:
+        u = request.state.usage
+        predicted = 0 if warmup else u.completion_tokens
+        t = u.timings
+        settings = infill.generation_settings(
+            svc.model_id, prep.engine.n_ctx, 0 if warmup else prep.params.max_tokens, params.temperature, params.top_k,
+            params.top_p, params.repeat_penalty, params.stop, params.seed, req.n_indent, req.t_max_predict_ms, req.stream)
+        times = infill.timings(u.prompt_tokens, t.prompt_ms if t else 0.0, predicted, t.predicted_ms if t and not warmup else 0.0)
+        return infill.result(svc.model_id, "" if warmup else content, True, u.prompt_tokens, predicted,
+                             "limit" if reason == "length" else "eos", extra, settings, times, _truncated(prep))
+
     if not req.stream:
         c = await svc.run(request, prep)
-        return infill.result(svc.model_id, c.text, True, c.prompt_tokens, c.completion_tokens,
-                             "limit" if c.finish_reason == "length" else "eos", extra)
+        return answer(c.text, c.finish_reason)
 
     async def events():
         async for ch in svc.stream(request, prep):
             if ch.finish_reason:
-                u = request.state.usage
-                yield infill.result(svc.model_id, ch.text, True, u["prompt_tokens"], u["completion_tokens"],
-                                    "limit" if ch.finish_reason == "length" else "eos", extra)
-            elif ch.text:
+                yield answer(ch.text, ch.finish_reason)
+            elif ch.text and not warmup:
                 yield {"content": ch.text, "stop": False}
 
     return sse(events(), done_marker=False)
+
+
+def _truncated(prep: Prepared) -> bool:
+    """Whether the prompt was trimmed to fit the context (llama.cpp's `truncated`)."""
+    return False

@@ -42,7 +42,8 @@ async def tags(request: Request, principal: Principal = Depends(require("complet
     size = int(svc.holder.info.get("size", 0))
     digest = svc.holder.info.get("digest") or hashlib.sha256(f"{svc.model_id}:{size}".encode()).hexdigest()
     modified = dt.datetime.fromtimestamp(svc.started, dt.timezone.utc).isoformat().replace("+00:00", "Z")
-    return {"models": [ollama.model_entry(f"{svc.model_id}:latest", size, digest, family, quant, params, modified)]}
+    # one name everywhere (tags, show, answers); `name:latest` is accepted for it as Ollama clients send it
+    return {"models": [ollama.model_entry(svc.model_id, size, digest, family, quant, params, modified)]}
 
 
 @router.post("/api/show")
@@ -65,10 +66,13 @@ async def show(request: Request, principal: Principal = Depends(require("complet
     }
 
 
-def _params(svc: Service, o: ollama.Options):
+def _params(svc: Service, o: ollama.Options, fim: bool = False):
     """The sampling parameters, and whether `max_tokens` is to fit the room the prompt leaves: Ollama's
-    `num_predict: -1` (or more than the limit) generates until the limit or the context is full."""
-    return svc.predict_params(o.num_predict, 0.8 if o.temperature is None else o.temperature, o.top_p or 0.9,
+    `num_predict: -1` (or more than the limit) generates until the limit or the context is full. Without
+    `num_predict`, Ollama's default (-1) too, except for a FIM completion (`suffix`), which gets the
+    server's small completion default."""
+    n = o.num_predict if o.num_predict is not None or fim else -1
+    return svc.predict_params(n, 0.8 if o.temperature is None else o.temperature, o.top_p or 0.9,
                               o.stop or [], o.seed, o.top_k, o.repeat_penalty)
 
 
@@ -87,7 +91,7 @@ async def generate(request: Request, principal: Principal = Depends(require("com
     start_usage(request, "ollama", svc.model_id)
     if not req.prompt and not req.suffix:  # how Ollama clients preload a model
         return _loaded(svc, chat=False)
-    params, fit = _params(svc, req.options)
+    params, fit = _params(svc, req.options, fim=req.suffix is not None)
     ext = req.codemoat
     if req.suffix is not None:
         f = FimInput.from_ext(req.prompt, req.suffix, ext)

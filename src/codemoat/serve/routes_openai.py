@@ -30,6 +30,16 @@ async def models(request: Request, principal: Principal = Depends(require("compl
     return openai.model_list([svc.model_id], int(svc.started))
 
 
+@router.get("/v1/models/{model_id:path}")
+async def model(model_id: str, request: Request, principal: Principal = Depends(require("complete"))):
+    """The SDKs' `models.retrieve`: the served model's card, or OpenAI's 404 for any other name."""
+    svc: Service = request.app.state.service
+    request.state.protocol = "openai"
+    start_usage(request, "openai", svc.model_id)
+    svc.check_model(model_id)
+    return openai.model_card(svc.model_id, int(svc.started))
+
+
 @router.post("/v1/completions")
 async def completions(request: Request):
     # The body tells Tabby's requests from OpenAI's (and so the error shape), but the token is
@@ -91,9 +101,13 @@ async def chat_completions(request: Request):
     svc.check_model(req.model)
     start_usage(request, "openai", svc.model_id)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    params = svc.params(max_tokens, req.temperature, req.top_p, as_stop_list(req.stop), req.seed)
+    stop = as_stop_list(req.stop)
+    if max_tokens is None:  # as OpenAI does: until the stop token, or the context is full (at most the server's limit)
+        params, fit = svc.predict_params(-1, req.temperature, req.top_p, stop, req.seed)
+    else:
+        params, fit = svc.params(max_tokens, req.temperature, req.top_p, stop, req.seed), False
     messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-    prep = await svc.prepare(svc.chat_prompt, request, principal, messages, params, req.codemoat.repos if req.codemoat else None)
+    prep = await svc.prepare(svc.chat_prompt, request, principal, messages, params, req.codemoat.repos if req.codemoat else None, fit=fit)
     ext = req.codemoat
     extra = snippets_extra(ext, prep)
     cid = new_id("chatcmpl")
