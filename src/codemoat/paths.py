@@ -79,8 +79,24 @@ def private_file(path: Path) -> Path:
 
 
 def db_url() -> str:
-    """The customer database: `CODEMOAT_DATABASE_URL`, else SQLite under the data directory."""
-    return os.environ.get("CODEMOAT_DATABASE_URL") or f"sqlite:///{home() / 'codemoat.db'}"
+    """The customer database: `CODEMOAT_DATABASE_URL`, else the URL in the file named by
+    `CODEMOAT_DATABASE_URL_FILE` (a mounted secret: the password stays out of the environment),
+    else SQLite under the data directory."""
+    from .errors import CodemoatError
+
+    url = os.environ.get("CODEMOAT_DATABASE_URL")
+    if url:
+        return url
+    secret = os.environ.get("CODEMOAT_DATABASE_URL_FILE")
+    if secret:
+        try:
+            url = Path(secret).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise CodemoatError(f"CODEMOAT_DATABASE_URL_FILE {secret}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+        if not url:
+            raise CodemoatError(f"CODEMOAT_DATABASE_URL_FILE {secret} is empty: it must hold the database URL")
+        return url
+    return f"sqlite:///{home() / 'codemoat.db'}"
 
 
 def bundled_model() -> Path:

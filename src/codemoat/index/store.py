@@ -62,9 +62,13 @@ CREATE VIRTUAL TABLE IF NOT EXISTS chunks_vocab USING fts5vocab(chunks_fts, 'row
 
 
 def default_path() -> Path:
+    """`CODEMOAT_INDEX_PATH` (an index shared by replicas on one volume), else `$CODEMOAT_HOME/index.db`."""
+    import os
+
     from ..paths import home
 
-    return home() / "index.db"
+    shared = os.environ.get("CODEMOAT_INDEX_PATH")
+    return Path(shared).expanduser() if shared else home() / "index.db"
 
 
 def repo_term(repo_id: int) -> str:

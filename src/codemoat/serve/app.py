@@ -49,6 +49,12 @@ def create_app(settings: Settings, *, holder: ModelHolder, accounts: Accounts, r
     app.state.egress_allow = list(holder.status.egress_allow)
     errors.install(app)
 
+    @app.get("/livez")
+    async def livez():
+        """The process answers (a Kubernetes liveness probe): 200 even while the model is away, since
+        a restart would not bring a lost lease back; /health is the readiness and load-balancer check."""
+        return JSONResponse({"status": "alive"})
+
     @app.get("/health")
     async def health(request: Request):
         status = 200 if holder.ready else 503  # not ready: unloaded, loading, or its engine restarting

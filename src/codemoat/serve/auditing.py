@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("codemoat.audit")
 
-PROBES = frozenset({"/health", "/metrics", "/v1/health"})
+PROBES = frozenset({"/health", "/livez", "/metrics", "/v1/health"})
 
 
 class AuditMiddleware:
