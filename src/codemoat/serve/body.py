@@ -29,6 +29,15 @@ async def read_json(request: Request) -> Any:
     return body
 
 
+class NotText(CodemoatError):
+    """A JSON body holding a string that is not Unicode text; `body` is the parsed document, so that a
+    route can still tell which protocol's error shape to answer in."""
+
+    def __init__(self, message: str, body: Any):
+        super().__init__(message)
+        self.body = body
+
+
 def check_text(doc: Any) -> None:
     """Refuse strings that are not Unicode text: JSON lets `"\\ud800"` (and Python's decoder raw
     surrogate bytes) through as a lone UTF-16 surrogate, which no tokenizer, database or log can
@@ -50,8 +59,8 @@ def check_text(doc: Any) -> None:
             try:
                 t.encode("utf-8")
             except UnicodeEncodeError:
-                raise CodemoatError("request body is not valid JSON text: a string holds a lone UTF-16 surrogate "
-                                    "(such as \\ud800), which is not a Unicode character") from None
+                raise NotText("request body is not valid JSON text: a string holds a lone UTF-16 surrogate "
+                              "(such as \\ud800), which is not a Unicode character", doc) from None
 
 
 def start_usage(request: Request, protocol: str, model: str) -> Usage:

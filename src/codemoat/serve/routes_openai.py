@@ -47,7 +47,7 @@ async def completions(request: Request):
     try:
         body, bad = await read_json(request), None
     except CodemoatError as e:
-        body, bad = None, e
+        body, bad = getattr(e, "body", None), e  # a body that parsed but is refused still names its protocol
     tabby = isinstance(body, dict) and "segments" in body
     request.state.protocol = "tabby" if tabby else "openai"
     principal = await require("complete")(request)

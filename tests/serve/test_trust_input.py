@@ -1,0 +1,127 @@
+"""Hostile input at the trust layer (issue 14 items 5, 11 and 13): the secret screen reads only
+authenticated bodies and in bounded time; a lone surrogate is a 400 on every route; nothing a
+caller sends reaches the audit log verbatim."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+
+from audit.trustapp import db_bytes, make_app, make_tokens, records, tiny_engine
+from codemoat.accounts import Accounts
+from codemoat.config import Settings
+from codemoat.db import open_db
+from codemoat.serve import screen
+
+AWS = "AKIA" + "QWERTYUIOPASDFGH"
+
+
+@pytest.fixture(scope="module")
+def llm(random_gguf):
+    e = tiny_engine(random_gguf)
+    yield e
+    e.close()
+
+
+@pytest.fixture
+def db():
+    eng = open_db()
+    yield eng
+    eng.dispose()
+
+
+def client_for(db, llm, **settings) -> TestClient:
+    accounts = Accounts(db)
+    c = TestClient(make_app(Settings(**settings), accounts, llm))
+    c.tokens = make_tokens(accounts)
+    return c
+
+
+@pytest.fixture
+def scans(monkeypatch):
+    """Every call of the secret screen's scanner (the real one runs), with how many characters it was given."""
+    seen: list[int] = []
+    real = screen.scan_body
+
+    def counted(body, limit=screen.SCAN_CHARS):
+        seen.append(len(body))
+        return real(body, limit)
+
+    monkeypatch.setattr(screen, "scan_body", counted)
+    return seen
+
+
+def test_block_policy_authenticates_before_it_reads_a_body(db, llm, scans):
+    """The review's CPU drain: anyone could make the server scan 8 MiB bodies for secrets."""
+    big = {"model": "tiny", "prompt": f"key = '{AWS}'\n" + "x = 1\n" * 200_000}
+    with client_for(db, llm, policy={"secrets": "block"}) as c:
+        for headers in ({}, {"Authorization": "Bearer cm_wrong"}, {"x-api-key": "cm_wrong"}):
+            r = c.post("/v1/completions", json=big, headers=headers)
+            assert r.status_code == 401, r.text  # not a 400 naming the secret: the body was never read
+        assert scans == []
+        r = c.post("/v1/completions", json={"model": "tiny", "prompt": f"key = '{AWS}'"}, headers=c.tokens["alice"])
+        assert r.status_code == 400 and "aws_access_key_id" in r.text
+    assert len(scans) == 1
+
+
+def test_scan_is_bounded_and_looks_at_both_ends():
+    limit = 1000
+    filler = "y = 2\n" * 10_000
+    head, tail, middle = f"{AWS}\n" + filler, filler + f"\n{AWS}", filler + f"\n{AWS}\n" + filler
+    assert screen.scan_body(json.dumps({"prompt": head}).encode(), limit)[0] == {"aws_access_key_id"}
+    assert screen.scan_body(json.dumps({"prompt": tail}).encode(), limit)[0] == {"aws_access_key_id"}  # the cursor's end
+    assert screen.scan_body(json.dumps({"prompt": middle}).encode(), limit)[0] == set()  # past the bound: not scanned
+    scanned = list(screen._bounded(iter(["a" * 600, "b" * 600, "c" * 600]), limit))
+    assert sum(map(len, scanned)) == limit and scanned[0] == "a" * 600
+    assert screen.scan_body(b"not json " + AWS.encode(), limit)[0] == {"aws_access_key_id"}  # text, when not JSON
+
+
+HOSTILE = json.dumps("def f():\n    return '\ud800'")  # JSON's "\ud800": a lone surrogate once decoded
+ROUTES = [
+    ("/v1/completions", '{"model": "tiny", "prompt": %s, "max_tokens": 2}', "openai"),
+    ("/v1/completions", '{"model": "tiny", "prompt": "x", "suffix": %s, "max_tokens": 2}', "openai"),
+    ("/v1/completions", '{"segments": {"prefix": %s, "suffix": "\\n"}}', "tabby"),
+    ("/v1/chat/completions", '{"model": "tiny", "messages": [{"role": "user", "content": %s}], "max_tokens": 2}', "openai"),
+    ("/api/generate", '{"model": "tiny", "prompt": %s, "stream": false}', "ollama"),
+    ("/api/generate", '{"model": "tiny", "prompt": "x", "suffix": %s, "raw": true, "stream": false}', "ollama"),
+    ("/api/chat", '{"model": "tiny", "messages": [{"role": "user", "content": %s}], "stream": false}', "ollama"),
+    ("/infill", '{"input_prefix": %s, "input_suffix": "", "n_predict": 2}', "infill"),
+    ("/infill", '{"input_prefix": "x", "input_extra": [{"filename": "a.py", "text": %s}], "n_predict": 2}', "infill"),
+    ("/v1/events", '{"type": "view", "choice": %s}', "tabby"),
+    ("/api/show", '{"model": %s}', "ollama"),
+]
+
+
+@pytest.mark.parametrize("path,template,proto", ROUTES)
+def test_lone_surrogate_is_a_400_in_the_protocols_shape(db, llm, path, template, proto):
+    with client_for(db, llm) as c:
+        for body in (template % HOSTILE, (template % '"x"').replace('"x"', '"\\udfff"', 1)):
+            r = c.post(path, content=body.encode(), headers={**c.tokens["alice"], "Content-Type": "application/json"})
+            assert r.status_code == 400, (path, body, r.text)
+            assert "surrogate" in r.text and "Traceback" not in r.text
+            err = r.json()["error"]
+            if proto in ("openai", "infill"):
+                assert err["type"] == "invalid_request_error" and "surrogate" in err["message"]
+            else:  # Ollama's and Tabby's {"error": "..."}
+                assert isinstance(err, str)
+        raw = '{"model": "tiny", "prompt": "x\xed\xa0\x80"}'.encode("latin-1")  # the surrogate's UTF-8-like bytes
+        assert c.post("/v1/completions", content=raw, headers={**c.tokens["alice"], "Content-Type": "application/json"}).status_code == 400
+        assert c.post(path, json={"model": "tiny"} if proto == "ollama" else {}, headers=c.tokens["alice"]).status_code != 500
+
+
+def test_event_type_and_unmatched_paths_never_stored_verbatim(db, llm):
+    import codemoat.paths as paths
+
+    with client_for(db, llm) as c:
+        r = c.post("/v1/events", json={"type": AWS, "completion_id": "x"}, headers=c.tokens["alice"])
+        assert r.status_code == 200
+        assert c.post("/v1/events", json={"type": "select"}, headers=c.tokens["alice"]).status_code == 200
+        assert c.get(f"/v1/{AWS}/keys", headers=c.tokens["alice"]).status_code == 404
+        assert c.request(AWS, "/v1/completions", headers=c.tokens["alice"]).status_code in (400, 405)
+        assert AWS not in json.dumps(c.app.state.events) and c.app.state.events == {"other": 1, "select": 1}
+    recs = records(db)
+    assert [(r["route"], r["detail"].get("event")) for r in recs[:2]] == [("/v1/events", "other"), ("/v1/events", "select")]
+    assert {r["route"] for r in recs[2:]} <= {"unmatched", "/v1/completions"} and recs[2]["route"] == "unmatched"
+    assert AWS.encode() not in db_bytes(paths.home())
