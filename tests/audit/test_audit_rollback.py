@@ -60,7 +60,7 @@ def head_file(audit_home, db_url):
 
 def slots(head_file) -> dict[int, bytes]:
     raw = head_file.read_bytes()
-    return {json.loads(raw[i:i + 512])["seq"]: raw[i:i + 512] for i in (0, 512)}
+    return {json.loads(raw[i : i + 512])["seq"]: raw[i : i + 512] for i in (0, 512)}
 
 
 def test_emptied_tables_and_deleted_head_file_refused(audit_log, db_file, head_file):
@@ -78,15 +78,20 @@ def test_last_record_dropped_and_older_head_restored_refused(audit_log, db_file,
     fill(audit_log, 6)
     assert verify()[0] == 0
     older = json.loads(slots(head_file)[5])
-    sql(db_file, "DELETE FROM audit_records WHERE seq = 6",
+    sql(
+        db_file,
+        "DELETE FROM audit_records WHERE seq = 6",
         f"UPDATE audit_head SET seq={older['seq']}, hash='{older['hash']}', last_checkpoint={older['last_checkpoint']}, "
-        f"ts_us={older['ts_us']}, signature='{older['signature']}' WHERE id = 1")
+        f"ts_us={older['ts_us']}, signature='{older['signature']}' WHERE id = 1",
+    )
     if head_file_left == "deleted":
         head_file.unlink()
     else:
         head_file.write_bytes(slots(head_file)[5] * 2)
     code, out = verify()
-    assert code == 1 and "FAILED at record 6" in out and "rolled back" in out and "saw record 6" in out and "ends at record 5" in out, out
+    assert (
+        code == 1 and "FAILED at record 6" in out and "rolled back" in out and "saw record 6" in out and "ends at record 5" in out
+    ), out
 
 
 def test_every_checkpoint_deleted_refused(audit_log, db_file):
@@ -102,9 +107,13 @@ def test_deleted_checkpoints_and_older_head_refused_by_memory(audit_log, db_file
     early = json.loads(slots(head_file)[5])  # last_checkpoint 0
     fill(audit_log, 7, start=5)
     assert verify()[0] == 0
-    sql(db_file, "DELETE FROM audit_checkpoints", "DELETE FROM audit_records WHERE seq > 5",
+    sql(
+        db_file,
+        "DELETE FROM audit_checkpoints",
+        "DELETE FROM audit_records WHERE seq > 5",
         f"UPDATE audit_head SET seq=5, hash='{early['hash']}', last_checkpoint=0, ts_us={early['ts_us']}, "
-        f"signature='{early['signature']}' WHERE id = 1")
+        f"signature='{early['signature']}' WHERE id = 1",
+    )
     head_file.unlink()
     code, out = verify()
     assert code == 1 and "rolled back" in out and "saw record 12" in out, out
@@ -118,7 +127,12 @@ def test_honest_log_that_grows_still_verifies(audit_log, tmp_path):
     fill(audit_log, 9, start=3)
     audit_log.checkpoint("shutdown")
     code, out = verify()
-    assert code == 0 and "12 records" in out and "consistent with the head `audit verify` last accepted" in out and "record 12" in out, out
+    assert (
+        code == 0
+        and "12 records" in out
+        and "consistent with the head `audit verify` last accepted" in out
+        and "record 12" in out
+    ), out
     # A rotation is the operator starting a new chain on purpose: the verifier follows it.
     r = runner.invoke(app, ["audit", "rotate", "--archive", str(tmp_path / "archive.jsonl")])
     assert r.exit_code == 0, r.output
@@ -164,7 +178,9 @@ def test_exported_head_then_rollback_refused(audit_log, audit_home, db_file, hea
     assert r.returncode == 0  # what is left on the machine is consistent with itself: the stated limit
     r = run_cli("audit", "verify", "--trusted-head", str(exported))
     out = " ".join(r.stdout.split())
-    assert r.returncode == 1 and "rolled back" in out and "saw record 12" in out and "ends at record 8" in out, r.stdout + r.stderr
+    assert r.returncode == 1 and "rolled back" in out and "saw record 12" in out and "ends at record 8" in out, (
+        r.stdout + r.stderr
+    )
     assert "Traceback" not in r.stderr
 
 

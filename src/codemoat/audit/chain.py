@@ -25,7 +25,8 @@ _RECORD_TAG = b"codemoat-audit-record-v1\x00"
 
 meta = sa.MetaData()
 records = sa.Table(
-    "audit_records", meta,
+    "audit_records",
+    meta,
     sa.Column("seq", sa.BigInteger, primary_key=True, autoincrement=False),
     sa.Column("ts_us", sa.BigInteger),
     sa.Column("kind", sa.String(32)),
@@ -48,7 +49,8 @@ records = sa.Table(
     sa.Column("hash", sa.String(64)),
 )
 checkpoints = sa.Table(
-    "audit_checkpoints", meta,
+    "audit_checkpoints",
+    meta,
     sa.Column("seq", sa.BigInteger, primary_key=True, autoincrement=False),
     sa.Column("hash", sa.String(64)),
     sa.Column("prev_checkpoint", sa.BigInteger),
@@ -58,7 +60,8 @@ checkpoints = sa.Table(
     sa.Column("signature", sa.String(128)),
 )
 head = sa.Table(
-    "audit_head", meta,
+    "audit_head",
+    meta,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
     sa.Column("seq", sa.BigInteger),
     sa.Column("hash", sa.String(64)),
@@ -70,9 +73,25 @@ head = sa.Table(
 
 # The hashed fields, in the order `export --format csv` prints them.
 FIELDS = (
-    "seq", "ts_us", "kind", "user", "token_id", "route", "protocol", "model", "repos", "snippets",
-    "prompt_tokens", "completion_tokens", "latency_ms", "status", "client", "prompt_text",
-    "completion_text", "detail", "prev_hash",
+    "seq",
+    "ts_us",
+    "kind",
+    "user",
+    "token_id",
+    "route",
+    "protocol",
+    "model",
+    "repos",
+    "snippets",
+    "prompt_tokens",
+    "completion_tokens",
+    "latency_ms",
+    "status",
+    "client",
+    "prompt_text",
+    "completion_text",
+    "detail",
+    "prev_hash",
 )
 
 

@@ -37,7 +37,7 @@ import shutil
 import threading
 import time
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -168,7 +168,7 @@ class AuditLog:
         return seq
 
     def _append_locked(self, row: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-        signer = self.signer
+        _ = self.signer  # load the key before taking the database's write lock
         for attempt in range(10):
             try:
                 with self.engine.begin() as c:
@@ -393,7 +393,7 @@ class AuditLog:
 def to_public(row: dict[str, Any]) -> dict[str, Any]:
     """A stored row as people and exports see it: ISO time, lists and dicts decoded."""
     out = dict(row)
-    out["time"] = datetime.fromtimestamp(row["ts_us"] / 1_000_000, tz=timezone.utc).isoformat(timespec="microseconds")
+    out["time"] = datetime.fromtimestamp(row["ts_us"] / 1_000_000, tz=UTC).isoformat(timespec="microseconds")
     for k in ("repos", "snippets"):
         out[k] = json.loads(row[k]) if row.get(k) else []
     out["detail"] = json.loads(row["detail"]) if row.get("detail") else {}

@@ -18,7 +18,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,7 @@ def load(path: Path) -> SignedHead | None:
 
 def document(h: SignedHead, public_key: bytes | None) -> dict[str, Any]:
     """The JSON an exported or remembered head is kept as (nothing in it is secret)."""
-    when = datetime.fromtimestamp(h.ts_us / 1_000_000, tz=timezone.utc).isoformat(timespec="seconds")
+    when = datetime.fromtimestamp(h.ts_us / 1_000_000, tz=UTC).isoformat(timespec="seconds")
     return {"format": FORMAT, **h.to_dict(), "time": when, "public_key": public_key.hex() if public_key else None}
 
 
@@ -77,21 +77,29 @@ def remember(path: Path, h: SignedHead, public_key: bytes | None, *, reset: bool
 
 
 def check(
-    t: SignedHead, label: str, *, last: int, hash_at: dict[int, str], checkpoint_seqs: set[int],
+    t: SignedHead,
+    label: str,
+    *,
+    last: int,
+    hash_at: dict[int, str],
+    checkpoint_seqs: set[int],
     first_record: dict[str, Any] | None,
 ) -> tuple[int, str] | None:
     """(first bad record, problem) when the log is not a continuation of remembered head `t`."""
-    when = datetime.fromtimestamp(t.ts_us / 1_000_000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    when = datetime.fromtimestamp(t.ts_us / 1_000_000, tz=UTC).strftime("%Y-%m-%d %H:%M UTC")
     if t.seq > last:
         if last == 0:
             return 1, f"the log was emptied: {label} saw {t.seq} records (head signed {when}); the log now holds none"
-        return last + 1, (f"the log was rolled back: {label} saw record {t.seq} (head signed {when}); "
-                          f"the log now ends at record {last}")
+        return last + 1, (
+            f"the log was rolled back: {label} saw record {t.seq} (head signed {when}); the log now ends at record {last}"
+        )
     if hash_at.get(t.seq) != t.hash:
         if first_record is not None and first_record["kind"] == "rotation":
             moved = json.loads(first_record["detail"] or "{}").get("records", "?")
-            return 1, (f"the log was rotated after {label} was taken (record 1 archives {moved} records): "
-                       "check that head against the archive, and take a new one")
+            return 1, (
+                f"the log was rotated after {label} was taken (record 1 archives {moved} records): "
+                "check that head against the archive, and take a new one"
+            )
         return 1, f"the log was replaced or rewritten: record {t.seq} is not the one {label} saw (head signed {when})"
     if t.last_checkpoint and t.last_checkpoint not in checkpoint_seqs:
         return t.last_checkpoint, f"the signed checkpoint at record {t.last_checkpoint} that {label} saw was deleted"
