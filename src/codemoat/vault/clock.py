@@ -5,12 +5,24 @@ The guard keeps a high-water mark: the latest time this machine has seen, in
 machine's private X25519 key, so the record cannot be edited without that key. The record is
 made together with the machine key; a missing record beside an existing key is refused too.
 A clock more than `tolerance` seconds behind the mark is refused.
+
+A valid tag does not make a record current: a copy saved earlier and put back after the clock
+was set back carries a valid tag too. So the floor is the highest of several things that a restore
+of one file does not roll back: the record; the modification time of `machine.key`, which the
+guard sets to each new mark (the key cannot be deleted without losing the machine's identity);
+the modification times of the files the service keeps writing (the databases — the audit log and
+its signed checkpoints live in `codemoat.db` — and the outbound log); and every time a key server
+signed (`raise_floor`, called by the lease client). A license's issue time is a floor too (the
+license check refuses a clock before it). Someone who restores the whole data folder, or sets
+every file's time back as well, is not stopped by software on a machine they own: a lease license
+takes its time from the key server, and a TPM's monotonic clock is the hardware answer.
 """
 
 from __future__ import annotations
 
 import hmac
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -23,6 +35,8 @@ from ..durations import show_time
 from .codec import VaultError, write_secret, x_private_raw
 
 RECORD = "clock.json"
+STAMP = "machine.key"  # its mtime carries the mark too
+WRITTEN = ("codemoat.db", "codemoat.db-wal", "index.db", "index.db-wal", "outbound.jsonl")  # written while serving
 
 
 class Clock:
@@ -93,6 +107,10 @@ class ClockGuard:
         tmp = self.path.with_name(self.path.name + ".tmp")
         write_secret(tmp, json.dumps({"hwm": hwm, "mac": self._mac(hwm)}).encode())
         tmp.replace(self.path)
+        try:
+            os.utime(self.path.with_name(STAMP), (hwm, hwm))
+        except OSError:
+            pass  # no machine key file beside the record (a key held elsewhere): the record alone
 
     def start_record(self) -> None:
         self._write(int(self.clock.time()))
@@ -110,14 +128,32 @@ class ClockGuard:
             raise VaultError(f"clock record {self.path} was altered (its authentication tag does not match)")
         return hwm
 
+    def floor(self) -> tuple[float, str]:
+        """The latest time this machine has seen, and what showed it."""
+        best, why = float(self.read()), "its clock record"
+        for name in (STAMP, *WRITTEN):
+            try:
+                t = os.stat(self.path.with_name(name)).st_mtime
+            except OSError:
+                continue
+            if t > best:
+                best, why = t, f"{name} was written then"
+        return best, why
+
     def check(self) -> float:
         """The current time, after refusing a clock set back beyond tolerance; advances the mark."""
         with self._lock:
             now = self.clock.time()
-            hwm = self.read()
-            if now < hwm - self.tolerance:
+            floor, why = self.floor()
+            if now < floor - self.tolerance:
                 raise VaultError(f"system clock is set back: it reads {iso(now)}, but this machine has already "
-                                 f"seen {iso(hwm)}")
-            if int(now) > hwm:
+                                 f"seen {iso(floor)} ({why})")
+            if int(now) > self.read():
                 self._write(int(now))
             return now
+
+    def raise_floor(self, t: int) -> None:
+        """Move the mark up to `t`, a time someone this machine trusts signed (a key server's answer)."""
+        with self._lock:
+            if int(t) > self.read():
+                self._write(int(t))

@@ -9,6 +9,15 @@ nonce, a TTL, and an Ed25519 signature of the key server over the whole answer. 
 answer carries a nonce the client did not ask for; an edited one fails the signature; a
 replayed request carries a spent nonce. Seats are counted inside one database transaction that
 first bumps the license row (its write lock), so concurrent requests cannot oversubscribe.
+
+Refusals are signed too (`refusal`): the code, the message, the server's time and the request's
+license id, machine id and nonce (the challenge's `client_nonce`), so a client acts on a refusal —
+"revoked" unloads the model at once — only when the key server said it about this very request;
+anything else (a proxy's error page, an edited or replayed refusal) counts as "unreachable".
+
+The server keeps no state for a caller it does not know: a challenge names a license on this
+server or is refused, and outstanding nonces live in one table of at most `MAX_NONCES` entries,
+the oldest evicted first (an evicted client asks for a new challenge).
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ from __future__ import annotations
 import json
 import secrets
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,8 +37,12 @@ from .license import key_context
 from .vendor import Vendor, leases_t
 
 NONCE_TTL = 60.0
+MAX_NONCES = 100_000  # outstanding challenges and renewal nonces (~200 bytes each)
+MAX_ID = 128  # longest license id, machine id or nonce a request may carry
 REQUEST_DOMAIN = b"codemoat-lease-request-v1"
 ANSWER_DOMAIN = b"codemoat-lease-v1"
+REFUSAL_DOMAIN = b"codemoat-lease-refusal-v1"
+REFUSAL_FIELDS = ("code", "message", "license_id", "machine_id", "nonce", "server_time")
 REQUEST_FIELDS = ("license_id", "machine_id", "nonce", "client_time")
 
 
@@ -60,6 +74,10 @@ def request_message(req: dict[str, Any]) -> bytes:
     return canonical({k: req[k] for k in REQUEST_FIELDS})
 
 
+def _short(v: Any) -> str | None:
+    return v if isinstance(v, str) and 0 < len(v) <= MAX_ID else None
+
+
 @dataclass
 class _Licensed:
     doc: dict[str, Any]
@@ -74,7 +92,7 @@ class KeyServer:
     def __init__(self, vendor: Vendor, clock: Clock | None = None):
         self.vendor = vendor
         self.clock = clock or Clock()
-        self._nonces: dict[str, tuple[str, float]] = {}
+        self._nonces: OrderedDict[str, tuple[str, float]] = OrderedDict()
         self._nonce_lock = threading.Lock()
         self._seat_lock = threading.Lock()
         self._docs: dict[str, _Licensed] = {}
@@ -86,15 +104,29 @@ class KeyServer:
         nonce = b64e(secrets.token_bytes(32))
         now = self.clock.monotonic()
         with self._nonce_lock:
-            if len(self._nonces) > 100_000:
-                self._nonces = {n: v for n, v in self._nonces.items() if v[1] > now}
+            while self._nonces:  # the oldest first: drop the expired ones at the front
+                first = next(iter(self._nonces.values()))
+                if first[1] > now and len(self._nonces) < MAX_NONCES:
+                    break
+                self._nonces.popitem(last=False)
             self._nonces[nonce] = (license_id, now + ttl)
         return nonce
 
     def challenge(self, license_id: Any) -> dict[str, Any]:
-        if not isinstance(license_id, str) or not license_id:
-            raise LeaseDenied("bad_request", "license_id is required", 400)
-        return {"nonce": self._new_nonce(license_id, NONCE_TTL), "expires_in": NONCE_TTL}
+        """A fresh nonce for a license this server knows; no state is kept for any other caller."""
+        if _short(license_id) is None:
+            raise LeaseDenied("bad_request", f"license_id must be a string of 1 to {MAX_ID} characters", 400)
+        lic = self._licensed(license_id)
+        return {"nonce": self._new_nonce(lic.doc["id"], NONCE_TTL), "expires_in": NONCE_TTL}
+
+    def refusal(self, err: LeaseDenied, req: Any) -> dict[str, Any]:
+        """The signed body of a refusal, bound to the request's ids and nonce (`client_nonce` for a challenge)."""
+        req = req if isinstance(req, dict) else {}
+        body = {"code": err.code, "message": str(err), "license_id": _short(req.get("license_id")),
+                "machine_id": _short(req.get("machine_id")),
+                "nonce": _short(req.get("nonce")) or _short(req.get("client_nonce")),
+                "server_time": int(self.clock.time())}
+        return {"error": body, "signature": b64e(sign(self.vendor.keyserver_key, REFUSAL_DOMAIN, canonical(body)))}
 
     def _spend_nonce(self, nonce: str, license_id: str) -> None:
         with self._nonce_lock:
@@ -129,7 +161,7 @@ class KeyServer:
     # -- leases -------------------------------------------------------------
     def lease(self, req: Any) -> dict[str, Any]:
         """Check a signed lease request and answer with a signed, wrapped lease (or raise `LeaseDenied`)."""
-        if not isinstance(req, dict) or not all(isinstance(req.get(k), str) for k in REQUEST_FIELDS[:3]) \
+        if not isinstance(req, dict) or not all(_short(req.get(k)) for k in REQUEST_FIELDS[:3]) \
                 or not isinstance(req.get("client_time"), int) or not isinstance(req.get("signature"), str):
             raise LeaseDenied("bad_request", "lease request is malformed", 400)
         lid, mid = req["license_id"], req["machine_id"]
@@ -187,7 +219,7 @@ class KeyServer:
 
     def release(self, req: Any) -> dict[str, Any]:
         """Give a seat back (a server shutting down); authenticated like a lease request."""
-        if not isinstance(req, dict) or not all(isinstance(req.get(k), str) for k in REQUEST_FIELDS[:3]) \
+        if not isinstance(req, dict) or not all(_short(req.get(k)) for k in REQUEST_FIELDS[:3]) \
                 or not isinstance(req.get("client_time"), int) or not isinstance(req.get("signature"), str):
             raise LeaseDenied("bad_request", "release request is malformed", 400)
         lid, mid = req["license_id"], req["machine_id"]

@@ -9,11 +9,18 @@ RFC 2131 §4.4.5). When renewals fail it keeps the model until the lease's expir
 license's grace, then calls `on_lost`; a revoked license is lost at once. When a renewal
 succeeds again it calls `on_regained`. Deadlines use the monotonic clock from the moment the
 request was sent, so neither the server's clock nor a changed wall clock stretches a lease.
+
+A refusal acts only when the key server signed it for this request (its license id, machine id and
+nonce; a challenge carries a random `client_nonce` for that). An unsigned, mis-signed or replayed
+refusal — an on-path proxy answering "revoked" — is `Unreachable`: the model serves on through
+TTL + grace as in any outage. Each signed server time raises this machine's clock floor.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import threading
 import time
 import uuid
@@ -25,10 +32,10 @@ from typing import Any
 import httpx
 
 from .. import paths
-from .clock import Clock, iso
+from .clock import Clock, ClockGuard, iso
 from .codec import VaultError, b64d, b64e, canonical, ed_public, sign, unwrap, verify
 from .container import content_key_id
-from .keyserver import ANSWER_DOMAIN, REQUEST_DOMAIN, TERMINAL, LeaseDenied, request_message
+from .keyserver import ANSWER_DOMAIN, REFUSAL_DOMAIN, REQUEST_DOMAIN, TERMINAL, LeaseDenied, request_message
 from .license import License, key_context
 from .machine import MachineKey
 
@@ -49,7 +56,8 @@ def record_outbound(destination: str, method: str, body: str | None, status: int
     with _log_lock:
         f = _log_files.get(path)
         if f is None or f.closed:
-            f = _log_files[path] = open(path, "a", encoding="utf-8")
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+            f = _log_files[path] = open(fd, "a", encoding="utf-8")
         f.write(line + "\n")
         f.flush()
 
@@ -97,7 +105,9 @@ class LeaseClient:
     def close(self) -> None:
         self._http.close()
 
-    def _post(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
+    def _post(self, path: str, payload: dict[str, Any], nonce: str) -> dict[str, Any]:
+        """POST `payload`; a refusal raises `LeaseDenied` only when signed for `nonce` and this
+        license and machine, else `Unreachable`."""
         url = self.url + path
         body = json.dumps(payload, separators=(",", ":"))
         rid = uuid.uuid4().hex[:12]
@@ -113,13 +123,35 @@ class LeaseClient:
         except ValueError:
             raise Unreachable(f"key server at {self.url} answered {r.status_code} without JSON") from None
         if r.status_code != 200:
-            err = data.get("error", {}) if isinstance(data, dict) else {}
-            code = err.get("code", "error") if isinstance(err, dict) else "error"
-            msg = err.get("message", f"HTTP {r.status_code}") if isinstance(err, dict) else f"HTTP {r.status_code}"
-            raise LeaseDenied(str(code), f"key server refused the lease: {msg}", r.status_code)
+            raise self._refusal(data, r.status_code, nonce)
         if not isinstance(data, dict):
             raise VaultError("key server answer is not a JSON object")
         return data
+
+    def _refusal(self, data: Any, status: int, nonce: str) -> VaultError:
+        """`LeaseDenied` for a refusal the key server signed for this request, else `Unreachable`."""
+        err = data.get("error") if isinstance(data, dict) else None
+        code = err.get("code") if isinstance(err, dict) and isinstance(err.get("code"), str) else "error"
+        try:
+            verify(self.server_key, b64d(data.get("signature"), "refusal signature"), REFUSAL_DOMAIN,
+                   canonical(err), "key server refusal")
+            bound = (err.get("nonce") == nonce and err.get("license_id") == self.lic.id
+                     and err.get("machine_id") in (self.machine.id, None))
+        except (VaultError, TypeError, ValueError):
+            bound = False
+        if not bound:
+            return Unreachable(f"key server at {self.url} answered HTTP {status} ({code[:40]}) without a valid "
+                               "signature for this request: treated as unreachable")
+        if isinstance(err.get("server_time"), int):
+            self._saw_time(err["server_time"])
+        return LeaseDenied(code, f"key server refused the lease: {err.get('message', code)}", status)
+
+    def _saw_time(self, t: int) -> None:
+        """A time the key server signed: this machine's clock floor moves up to it."""
+        try:
+            ClockGuard(self.machine, self.clock).raise_floor(t)
+        except VaultError:
+            pass  # no clock record here (a machine key without one is refused by the license check)
 
     def _signed_request(self, nonce: str, domain: bytes) -> dict[str, Any]:
         req = {"license_id": self.lic.id, "machine_id": self.machine.id, "nonce": nonce,
@@ -128,7 +160,8 @@ class LeaseClient:
         return req
 
     def _challenge(self) -> str:
-        nonce = self._post("/v1/lease/challenge", {"license_id": self.lic.id}).get("nonce")
+        mine = b64e(secrets.token_bytes(18))
+        nonce = self._post("/v1/lease/challenge", {"license_id": self.lic.id, "client_nonce": mine}, mine).get("nonce")
         if not isinstance(nonce, str):
             raise VaultError("key server challenge has no nonce")
         return nonce
@@ -143,12 +176,12 @@ class LeaseClient:
         if nonce is None:
             nonce = self._challenge()
         try:
-            ans = self._post("/v1/lease", self._signed_request(nonce, REQUEST_DOMAIN))
+            ans = self._post("/v1/lease", self._signed_request(nonce, REQUEST_DOMAIN), nonce)
         except LeaseDenied as e:
             if e.code != "bad_nonce":
                 raise
             nonce = self._challenge()
-            ans = self._post("/v1/lease", self._signed_request(nonce, REQUEST_DOMAIN))
+            ans = self._post("/v1/lease", self._signed_request(nonce, REQUEST_DOMAIN), nonce)
         body = ans.get("lease")
         if not isinstance(body, dict):
             raise VaultError("key server answer has no lease")
@@ -167,14 +200,18 @@ class LeaseClient:
         ttl = body.get("ttl")
         if not isinstance(ttl, int) or ttl <= 0:
             raise VaultError("key server answer has no valid TTL")
+        server_time = body.get("server_time")
+        if isinstance(server_time, int):
+            self._saw_time(server_time)
         return Lease(key, wm, min(ttl, lic_lease["ttl"]), lic_lease["grace"], int(body.get("seats", 0)),
-                     int(body.get("seats_used", 0)), int(body.get("server_time", 0)), sent_at)
+                     int(body.get("seats_used", 0)), int(server_time or 0), sent_at)
 
     def release(self) -> None:
         """Give the seat back (best effort: an unreachable server frees it when the lease expires)."""
         try:
             nonce, self._next_nonce = self._next_nonce, None
-            self._post("/v1/lease/release", self._signed_request(nonce or self._challenge(), b"codemoat-lease-release-v1"))
+            nonce = nonce or self._challenge()
+            self._post("/v1/lease/release", self._signed_request(nonce, b"codemoat-lease-release-v1"), nonce)
         except VaultError:
             pass
 

@@ -1,0 +1,183 @@
+"""The key server under attack: forged and replayed refusals through an on-path proxy, oversized and
+deeply nested bodies, challenges for licenses it does not know, a flood of challenges."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import httpx
+import pytest
+
+from codemoat.vault import keyserver as ks_mod
+from codemoat.vault.clock import ManualClock
+from codemoat.vault.codec import b64d, canonical, ed_public, verify
+from codemoat.vault.keyserver import REFUSAL_DOMAIN, KeyServer, LeaseDenied
+from codemoat.vault.lease import LeaseClient, LeaseKeeper, Unreachable
+from codemoat.vault.license import License
+from codemoat.vault.machine import MachineKey
+from proxy import RewritingProxy
+from vaulthelp import bundle
+
+FORGED = json.dumps({"error": {"code": "revoked", "message": "license was revoked"}}).encode()
+
+
+@pytest.fixture
+def model(tmp_path):
+    p = tmp_path / "m.gguf"
+    p.write_bytes(b"GGUF" + os.urandom(20_000))
+    return p
+
+
+@pytest.fixture
+def proxied(keyserver):
+    """A proxy in front of the real key server; `mode["answer"]` replaces /v1/lease answers when set."""
+    mode: dict = {"answer": None}
+
+    def rewrite(path, status, body):
+        if path == "/v1/lease" and mode["answer"] is not None:
+            return mode["answer"]
+        return status, body
+
+    p = RewritingProxy(keyserver.url, rewrite).start()
+    p.mode = mode
+    yield p
+    p.stop()
+
+
+def _license(vendor, model, out, machine, url, **kw):
+    kw.setdefault("lease_ttl", 10)
+    kw.setdefault("grace", 5)
+    _, lic, _ = bundle(vendor, model, out, machine, mode="lease", keyserver=url, **kw)
+    return License.load(lic)
+
+
+def _keeper(lic, machine, clock, events):
+    client = LeaseClient(lic, machine, clock=clock)
+    return LeaseKeeper(client, client.acquire(), on_lost=lambda r: events.append("lost: " + r),
+                       on_regained=lambda l: events.append("regained"), clock=clock)
+
+
+def test_a_forged_revoked_answer_is_an_outage_not_a_revocation(vendor, machine, model, tmp_path, proxied):
+    lic = _license(vendor, model, tmp_path / "a", machine, proxied.url)
+    clock, events = ManualClock(), []
+    keeper = _keeper(lic, machine, clock, events)
+    t0 = keeper.lease.sent_at
+    proxied.mode["answer"] = (403, FORGED)  # the proxy now answers every renewal "revoked", unsigned
+    clock.advance(5)
+    keeper.tick()
+    assert keeper.state == "renewing" and events == []  # not unloaded: serving on through TTL + grace
+    assert "without a valid signature" in keeper.last_error
+    for _ in range(9):
+        clock.advance(1)
+        keeper.tick()
+    assert clock.monotonic() - t0 == 14 and events == []
+    clock.advance(1.5)  # past TTL + grace: lost as in any outage, never "revoked"
+    keeper.tick()
+    assert keeper.state == "lost" and len(events) == 1 and "could not be renewed" in events[0]
+    with pytest.raises(Unreachable):
+        LeaseClient(lic, machine).acquire()
+    # a forged refusal carrying a signature made with another key is no better
+    other = KeyServer(type(vendor).init(tmp_path / "other-vendor"))
+    forged = other.refusal(LeaseDenied("revoked", "license was revoked"), {"license_id": lic.id})
+    proxied.mode["answer"] = (403, json.dumps(forged).encode())
+    with pytest.raises(Unreachable, match="without a valid signature"):
+        LeaseClient(lic, machine).acquire()
+    proxied.mode["answer"] = None  # the real server answers again: the lease comes back
+    clock.advance(keeper.next_attempt - clock.monotonic())
+    keeper.tick()
+    assert keeper.state == "held" and events[-1] == "regained"
+
+
+def test_a_genuine_revocation_through_the_proxy_still_ends_serving_at_once(vendor, machine, model, tmp_path, proxied):
+    lic = _license(vendor, model, tmp_path / "a", machine, proxied.url, lease_ttl=60, grace=600)
+    clock, events = ManualClock(), []
+    keeper = _keeper(lic, machine, clock, events)
+    vendor.revoke(lic.id)
+    clock.advance(30)
+    keeper.tick()
+    assert keeper.state == "revoked" and "revoked" in events[0]
+    path, status, body = proxied.seen[-1]
+    refusal = json.loads(body)  # what the key server said: signed, and bound to this machine's request
+    assert status == 403 and refusal["error"]["code"] == "revoked" and refusal["error"]["machine_id"] == machine.id
+    verify(ed_public(lic.lease["server_key"], "k"), b64d(refusal["signature"]), REFUSAL_DOMAIN, canonical(refusal["error"]), "r")
+
+
+def test_a_genuine_refusal_replayed_to_another_request_is_an_outage(vendor, machine, model, tmp_path, proxied):
+    revoked = _license(vendor, model, tmp_path / "a", machine, proxied.url, customer="acme")
+    live = _license(vendor, model, tmp_path / "b", machine, proxied.url, customer="bolt")
+    vendor.revoke(revoked.id)
+    with pytest.raises(LeaseDenied, match="revoked"):
+        LeaseClient(revoked, machine).acquire()
+    genuine = proxied.seen[-1]
+    assert genuine[1] == 403 and json.loads(genuine[2])["error"]["code"] == "revoked"
+    with pytest.raises(LeaseDenied, match="revoked"):  # the same license again: a fresh nonce, a fresh refusal
+        LeaseClient(revoked, machine).acquire()
+    proxied.mode["answer"] = genuine[1:]
+    with pytest.raises(Unreachable):  # another license's signed refusal
+        LeaseClient(live, machine).acquire()
+    with pytest.raises(Unreachable):  # its own license, but an earlier request's nonce
+        LeaseClient(revoked, machine).acquire()
+
+
+def test_challenge_for_an_unknown_license_is_a_signed_refusal_and_keeps_no_state(vendor, keyserver):
+    app_ks: KeyServer = keyserver.server.config.app.state.keyserver
+    r = httpx.post(keyserver.url + "/v1/lease/challenge", json={"license_id": "lic_" + "x" * 100, "client_nonce": "n1"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_license"
+    err = r.json()["error"]
+    assert err["nonce"] == "n1"
+    verify(ed_public(vendor.keyserver_key_b64, "k"), b64d(r.json()["signature"]), REFUSAL_DOMAIN, canonical(err), "r")
+    assert len(app_ks._nonces) == 0
+    big = httpx.post(keyserver.url + "/v1/lease/challenge", content=json.dumps({"license_id": "x" * (1 << 20)}),
+                     headers={"content-type": "application/json"})
+    assert big.status_code == 413 and big.json()["error"]["code"] == "too_large"
+    assert len(app_ks._nonces) == 0
+
+
+def test_oversized_and_deeply_nested_bodies_are_refused_cleanly(keyserver):
+    for path in ("/v1/lease/challenge", "/v1/lease", "/v1/lease/release"):
+        deep = "[" * 5000 + "]" * 5000
+        r = httpx.post(keyserver.url + path, content=deep, headers={"content-type": "application/json"})
+        assert r.status_code == 400 and "nested" in r.json()["error"]["message"], (path, r.text)
+        r = httpx.post(keyserver.url + path, content='{"license_id": ' + "[" * 3000 + "]" * 3000 + "}")
+        assert r.status_code == 400
+        r = httpx.post(keyserver.url + path, content=b"{" + b" " * (1 << 20) + b"}")
+        assert r.status_code == 413
+
+        def chunked():  # no Content-Length: counted as it arrives
+            for _ in range(64):
+                yield b" " * 4096
+
+        r = httpx.post(keyserver.url + path, content=chunked())
+        assert r.status_code == 413
+        r = httpx.post(keyserver.url + path, content=b"not json")
+        assert r.status_code == 400
+    assert httpx.get(keyserver.url + "/health").status_code == 200
+    ok = httpx.post(keyserver.url + "/v1/lease/challenge", json={"license_id": "[[{\"}]]"})  # brackets in a string
+    assert ok.status_code == 404
+
+
+def test_the_challenge_table_is_bounded_and_expires(vendor, machine, model, tmp_path, monkeypatch):
+    lic = _license(vendor, model, tmp_path / "a", machine, "http://127.0.0.1:9")
+    clock = ManualClock()
+    server = KeyServer(vendor, clock)
+    for _ in range(10):
+        server.challenge(lic.id)
+    clock.advance(ks_mod.NONCE_TTL + 1)
+    server.challenge(lic.id)
+    assert len(server._nonces) == 1  # the ten expired ones are gone
+    monkeypatch.setattr(ks_mod, "MAX_NONCES", 5)
+    nonces = [server.challenge(lic.id)["nonce"] for _ in range(20)]
+    assert len(server._nonces) <= 5
+    server._spend_nonce(nonces[-1], lic.id)  # the newest still work
+    with pytest.raises(LeaseDenied, match="nonce is unknown"):
+        server._spend_nonce(nonces[0], lic.id)  # the oldest were evicted
+    with pytest.raises(LeaseDenied, match="no license"):
+        server.challenge("lic_unknown")
+
+
+def test_a_machine_not_on_the_license_gets_a_signed_refusal(vendor, machine, model, tmp_path, keyserver):
+    lic = _license(vendor, model, tmp_path / "a", machine, keyserver.url)
+    with pytest.raises(LeaseDenied, match="does not name machine") as e:
+        LeaseClient(lic, MachineKey.generate()).acquire()
+    assert e.value.code == "wrong_machine"
