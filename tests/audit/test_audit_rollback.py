@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 from codemoat.audit.log import AuditLog, head_file_for
 from codemoat.cli.main import app
+from codemoat.config import Settings
 
 runner = CliRunner()
 
@@ -226,3 +227,35 @@ def test_head_export_and_trusted_head_errors_are_one_line(audit_log, db_file, tm
     sql(db_file, "UPDATE audit_records SET user = 'mallory' WHERE seq = 2")
     r = run_cli("audit", "head", "export")
     assert r.returncode == 1 and "fails verification: record 2" in r.stderr and r.stdout == "" and "Traceback" not in r.stderr
+
+
+def test_admin_api_verify_remembers_and_exports_the_head(engine, audit_home, db_file, head_file, random_gguf):
+    """The real app: `/admin/api/audit/verify` refuses a rollback too; `/admin/api/audit/head` hands
+    an admin the head to keep off the machine."""
+    from fastapi.testclient import TestClient
+
+    from codemoat.accounts import Accounts
+
+    from .trustapp import make_app, make_tokens, tiny_engine
+
+    llm = tiny_engine(random_gguf)
+    accounts = Accounts(engine)
+    tokens = make_tokens(accounts)
+    try:
+        with TestClient(make_app(Settings(), accounts, llm)) as c:
+            assert c.get("/admin/api/audit/head", headers=tokens["root"]).status_code == 409  # nothing signed yet
+            for _ in range(3):
+                assert c.get("/v1/models", headers=tokens["alice"]).status_code == 200
+            assert c.get("/admin/api/audit/head", headers=tokens["alice"]).status_code == 403
+            r = c.get("/admin/api/audit/head", headers=tokens["root"])
+            doc = r.json()
+            assert r.status_code == 200 and doc["format"] == "codemoat-audit-head-v1" and doc["seq"] >= 3 and doc["public_key"]
+            n = doc["seq"]
+        sql(db_file, "DELETE FROM audit_records", "DELETE FROM audit_checkpoints", "DELETE FROM audit_head")
+        head_file.unlink()
+        with TestClient(make_app(Settings(), accounts, llm)) as c:
+            r = c.get("/admin/api/audit/verify", headers=tokens["root"])
+            problem = r.json()["problem"]
+            assert r.status_code == 409 and ("emptied" in problem or "rolled back" in problem) and f"{n}" in problem, r.json()
+    finally:
+        llm.close()

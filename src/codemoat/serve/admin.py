@@ -63,6 +63,19 @@ async def audit_verify(request: Request, _p=admin):
     return JSONResponse(rep.to_dict(), status_code=200 if rep.ok else 409)
 
 
+@router.get("/admin/api/audit/head")
+async def audit_head(request: Request, _p=admin):
+    """The log's signed head, verified first, to keep off the machine (`codemoat audit verify --trusted-head`)."""
+    from ..audit import trusted
+
+    log = request.app.state.trust.log
+    rep = await anyio.to_thread.run_sync(log.verify)
+    if not rep.ok or rep.head is None:
+        why = rep.problem if not rep.ok else "the audit log is empty: there is no signed head yet"
+        return JSONResponse({**rep.to_dict(), "problem": why}, status_code=409)
+    return trusted.document(rep.head, log.public_key())
+
+
 @router.get("/admin/api/alerts")
 async def alerts(request: Request, _p=admin, limit: int = 100):
     trust = request.app.state.trust

@@ -29,7 +29,7 @@ from .. import paths
 from ..accounts import Principal
 from ..audit import egress
 from ..audit.alarms import AlarmPolicy, Alarms
-from ..audit.log import AuditLog, AuditUnavailable, head_file_for
+from ..audit.log import AuditLog, AuditUnavailable, head_file_for, verified_file_for
 from ..audit.metrics import Metrics
 from ..audit.quota import Quotas
 from ..audit.redact import find_secrets, redact, screen
@@ -57,7 +57,8 @@ class Trust:
         shared = getattr(accounts, "engine", None)  # the accounts' database, migrated once, when it is one
         engine = shared if shared is not None else open_db(settings.database_url or paths.db_url())
         self.db_url = engine.url.render_as_string(hide_password=False)
-        self.log = AuditLog(engine, checkpoint_every=settings.audit.checkpoint_every, head_file=head_file_for(self.db_url, paths.home()))
+        self.log = AuditLog(engine, checkpoint_every=settings.audit.checkpoint_every, head_file=head_file_for(self.db_url, paths.home()),
+                            verified_file=verified_file_for(self.db_url, paths.home()))  # verify remembers the head it accepted
         self.log.signer  # load or create the signing key now: a key problem should stop start-up, not a request
         self.quotas = Quotas(settings.policy.requests_per_minute, settings.policy.tokens_per_day)
         self.quotas.seed(self.log)
