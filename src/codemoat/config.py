@@ -35,7 +35,8 @@ class ModelSettings(BaseModel):
 
     path: str | None = Field(None, description="Model to serve: a .gguf, a safetensors folder, or a sealed .moat file.")
     license: str | None = Field(None, description="License file (.lic) for a sealed model.")
-    engine: Literal["llamacpp", "transformers", "vllm"] = Field("llamacpp", description="Inference engine.")
+    engine: str = Field("llamacpp", description="Inference engine: llamacpp, transformers, vllm, or module:Class of an Engine subclass.")
+    isolation: Literal["process", "inline"] = Field("process", description="Run the engine in a supervised child process, restarted after a crash (llama.cpp), or inline in the server's process.")
     id: str | None = Field(None, description="Model name shown by the API (default: the file's stem).")
     n_ctx: int = Field(4096, ge=64, description="Context window in tokens (capped by the model's own).")
     n_threads: int | None = Field(None, description="CPU threads for llama.cpp (default: all cores).")

@@ -248,7 +248,11 @@ def test_admission_queue_waits_and_returns_slots(random_gguf):
 
 def test_license_features_are_enforced(client):
     """A license that grants only `complete` refuses chat (403 in the protocol's shape) and retrieval."""
-    client.holder.info["features"] = ["complete"]
+    from codemoat.engines.holder import LicenseStatus
+
+    client.holder.status.license = LicenseStatus(
+        license_id="L", customer="acme", license_mode="offline", license_expires="", license_expires_at=0.0,
+        features=["complete"], machine_id="m", model_file_id="f", format="gguf", non_dumpable=True)
     try:
         r = client.post("/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1})
         assert r.status_code == 403 and "license does not include 'chat'" in r.json()["error"]["message"]
@@ -257,5 +261,5 @@ def test_license_features_are_enforced(client):
         r = client.post("/v1/completions", json={"model": "tiny", "prompt": "x", "suffix": "", "max_tokens": 1})
         assert r.status_code == 200
     finally:
-        del client.holder.info["features"]
+        client.holder.status.license = None
     assert client.post("/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1}).status_code == 200

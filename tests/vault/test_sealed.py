@@ -69,20 +69,22 @@ def test_offline_serve_round_trip_in_memory(vendor, machine, gguf_file, tmp_path
             assert sealed_text == asyncio.run(plain.complete("def add(a, b):\n", GREEDY)).text
         finally:
             plain.close()
-        info = holder.info
-        assert info["license_id"] == doc["license"]["id"] and info["customer"] == "acme"
-        assert info["lease_state"] == "offline" and info["egress_allow"] == []
-        assert info["watermark_key"] == vendor.find_customer("acme").watermark_secret
-        assert set(info["features"]) == {"complete", "chat", "index"} and info["seconds_until_expiry"] > 86400
-        assert info["non_dumpable"] and not is_dumpable()
-        eng = holder.get()
-        assert eng._memfd is not None and eng._memfd.sealed
-        maps = Path("/proc/self/maps").read_text()
-        assert "/memfd:codemoat-tiny (deleted)" in maps or eng._memfd.path.startswith("/proc/self/fd/")
+        info = holder.status.license
+        assert info.license_id == doc["license"]["id"] and info.customer == "acme"
+        assert info.lease_state == "offline" and holder.status.egress_allow == []
+        assert holder.watermark_key == vendor.find_customer("acme").watermark_secret
+        assert holder.watermark_key.hex() not in str(holder.status) and str(holder.watermark_key) not in str(holder.status)
+        assert set(info.features) == {"complete", "chat", "index"} and info.seconds_until_expiry > 86400
+        assert info.non_dumpable and not is_dumpable()
+        eng = holder.get()  # the engine runs in a child process that inherited the sealed memfd
+        assert eng._buf is not None and eng._buf.sealed
+        child = eng._child.proc.pid
+        assert eng.health()["non_dumpable"] and eng.health()["isolation"] == "process"
+        assert os.readlink(f"/proc/{child}/fd/{eng._buf.fd}").startswith("/memfd:codemoat-")
         # Canary: the plaintext is in no file under the data dir, the temp dir or beside the model.
         needles = canaries(gguf_file.read_bytes())
         assert scan_for([vault_home, Path(tempfile.gettempdir()), tmp_path / "out"], needles) == []
-        buf = eng._memfd
+        buf = eng._buf
         holder.unload("test")
         assert buf.fd == -1  # closed (and zeroed) with the engine
         with pytest.raises(Unavailable, match="test"):
@@ -128,8 +130,8 @@ def test_lease_serving_outage_grace_revoke(vendor, machine, gguf_file, tmp_path)
     holder = open_sealed(moat, lic, settings=load_settings(**{"model.n_ctx": 256, "model.n_threads": 1}), clock=clock)
     try:
         assert complete(holder)
-        assert holder.info["egress_allow"] == [f"127.0.0.1:{ks.port}"]
-        assert holder.info["lease_state"] == "held" and holder.info["seats_used"] == 1
+        assert holder.status.egress_allow == [f"127.0.0.1:{ks.port}"]
+        assert holder.status.license.lease_state == "held" and holder.status.license.seats_used == 1
         keeper = holder.keeper
         clock.advance(10)  # half the TTL: renewed
         assert wait_for(lambda: keeper.renewals == 1)
@@ -138,7 +140,7 @@ def test_lease_serving_outage_grace_revoke(vendor, machine, gguf_file, tmp_path)
         clock.advance(t0 + 29 - clock.monotonic())  # within TTL + grace: still serving
         time.sleep(0.3)
         assert holder.loaded and complete(holder)
-        assert wait_for(lambda: holder.info["lease_state"] == "renewing")
+        assert wait_for(lambda: holder.status.license.lease_state == "renewing")
         clock.advance(2)  # t0 + 31: past TTL + grace
         assert wait_for(lambda: not holder.loaded)
         with pytest.raises(Unavailable, match="could not be renewed"):
@@ -176,7 +178,8 @@ def test_safetensors_round_trip(vendor, machine, tmp_path, vault_home):
     from codemoat.vault.container import SealedFile
 
     assert SealedFile(moat).manifest.format == "safetensors"
-    holder = open_sealed(moat, lic, settings=load_settings(**{"model.n_ctx": 128, "model.n_threads": 1}))
+    settings = load_settings(**{"model.engine": "transformers", "model.n_ctx": 128, "model.n_threads": 1})
+    holder = open_sealed(moat, lic, settings=settings)
     try:
         from codemoat.engines.transformers_engine import TransformersEngine
 

@@ -20,13 +20,17 @@ so a client that disconnects stops its generation.
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
 import numpy as np
 
 from ..errors import CodemoatError
+
+if TYPE_CHECKING:
+    from .memfd import MemfdBuffer
 
 
 class LogitsProcessor(Protocol):
@@ -112,11 +116,52 @@ class EmptyPrompt(CodemoatError):
 
 
 class Engine(abc.ABC):
-    """A loaded model. Thread-safe: the server calls it from many requests at once."""
+    """A loaded model. Thread-safe: the server calls it from many requests at once.
+
+    Construction, the same for a plaintext file and a sealed (decrypted in memory) model:
+
+        cls.from_path(path, **opts)             # a model file or folder
+        cls.from_buffer(buf, parts, **opts)     # a decrypted model in a sealed `MemfdBuffer`
+
+    `opts` are the same keywords for every engine (`engines.factory.engine_options`): `model_id`,
+    `n_ctx`, `n_threads`, `n_gpu_layers`; an engine ignores those it has no use for, and takes
+    `safe_options` when the supervisor asks for its safe configuration.
+    """
 
     name: str = "base"
     #: identifier the API shows for this model
     model_id: str = "model"
+    #: keywords that pick a configuration correct on any CPU (perhaps slower); the supervisor
+    #: restarts an engine with them after repeated crashes
+    safe_options: ClassVar[dict[str, Any]] = {}
+    #: the engine can run in a supervised child process (`engines.supervised`): built there with
+    #: `from_path` (a memfd's /proc/self/fd path too), while `front()` tokenises in the server
+    isolatable: ClassVar[bool] = False
+    #: the supervisor's incident callback (`kind, detail`), set by the model holder
+    on_incident: Any = None
+
+    @classmethod
+    def from_path(cls, path: str | Path, **opts: Any) -> "Engine":
+        """Load a model file or folder."""
+        raise CodemoatError(f"the {cls.name} engine cannot load a model file")
+
+    @classmethod
+    def from_buffer(cls, buf: "MemfdBuffer", parts: Mapping[str, tuple[int, int]] | None = None, **opts: Any) -> "Engine":
+        """Load a decrypted model held in `buf`: one file (`parts` None), or a folder's files at
+        (offset, size). The engine owns `buf` from here and zeroes it when it closes."""
+        buf.close(zero=True)
+        raise CodemoatError(f"the {cls.name} engine cannot serve a sealed model (decrypted in memory); "
+                            "use model.engine = \"llamacpp\" or \"transformers\"")
+
+    @classmethod
+    def front(cls, path: str, **opts: Any) -> "Engine":
+        """This model's tokenizer and metadata without its weights (the server's side of a supervised engine)."""
+        raise CodemoatError(f"the {cls.name} engine cannot run in a separate process")
+
+    @property
+    def state(self) -> str:
+        """"ready", or why not ("restarting" after a crash)."""
+        return "ready"
 
     @property
     @abc.abstractmethod
@@ -183,6 +228,9 @@ class Engine(abc.ABC):
         """Next-token logits after `prompt` (float32, vocab-sized); for parity checks and tracing.
         Engines that cannot expose them (a remote vLLM) raise `CodemoatError`."""
         from ..errors import CodemoatError
+
+if TYPE_CHECKING:
+    from .memfd import MemfdBuffer
 
         raise CodemoatError(f"the {self.name} engine does not expose logits")
 

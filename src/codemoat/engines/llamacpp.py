@@ -94,6 +94,9 @@ class LlamaCppEngine(WorkerEngine):
     # llama.cpp's CPU "extra buffer types" (AMX, repacked kernels) off: correct on any x86-64 CPU
     safe_options = {"use_extra_bufts": False}
     isolatable = True
+    # llama.cpp's CPU "extra buffer types" (AMX, repacked kernels) off: correct on any x86-64 CPU
+    safe_options = {"use_extra_bufts": False}
+    isolatable = True
 
     def __init__(
         self,
@@ -164,9 +167,31 @@ class LlamaCppEngine(WorkerEngine):
         return cls.from_memfd(buf, **kw)
 
     @classmethod
+    def from_buffer(cls, buf: MemfdBuffer, parts: Any = None, **kw: Any) -> "LlamaCppEngine":
+        """A decrypted GGUF in `buf` (the `Engine` contract; a GGUF is one part)."""
+        if parts and not any(name.endswith(".gguf") for name in parts):
+            buf.close(zero=True)
+            raise CodemoatError(f"the llamacpp engine serves GGUF files, and this model holds {', '.join(parts)}: "
+                                "serve it with model.engine = \"transformers\"")
+        return cls.from_memfd(buf, **kw)
+
+    @classmethod
     def from_bytes(cls, data: bytes | bytearray | memoryview, **kw: Any) -> "LlamaCppEngine":
         """Load a GGUF held in memory: copied into a sealed memfd, never written to a disk path."""
         return cls.from_memfd(MemfdBuffer.from_bytes(data), **kw)
+
+    @classmethod
+    def front(cls, path: str, *, model_id: str | None = None, **_: Any) -> "LlamaCppEngine":
+        """Tokenizer and metadata only (a vocab-only llama: no weights, no worker), for the server
+        side of a supervised engine; generating with it is refused."""
+        import llama_cpp
+
+        eng = cls.__new__(cls)
+        eng._memfd, eng._closed, eng._front = None, False, True
+        eng._llm = load_vocab(path, model_id or path)
+        eng.model_id = model_id or Path(path).stem
+        eng._lib, eng._vocab, eng._special_cache = llama_cpp, eng._llm._model.vocab, {}
+        return eng
 
     @classmethod
     def front(cls, path: str, *, model_id: str | None = None, **_: Any) -> "LlamaCppEngine":

@@ -98,6 +98,30 @@ class TransformersEngine(WorkerEngine):
         return cls(model, tokenizer_json, config, device=device, **kw)
 
     @classmethod
+    def from_buffer(cls, buf: Any, parts: Any = None, **kw: Any) -> "TransformersEngine":
+        """A sealed model folder decrypted in `buf` (a `MemfdBuffer`), its files at `parts`
+        (name → offset, size); `buf` is zeroed once the weights are loaded."""
+        try:
+            parts = dict(parts or {})
+            wname = next((n for n in parts if n.endswith(".safetensors")), None)
+            if wname is None:
+                raise CodemoatError("the sealed model holds no .safetensors file")
+
+            def part(name: str) -> bytes | None:
+                if name not in parts:
+                    return None
+                off, size = parts[name]
+                return bytes(buf.view[off: off + size])
+
+            config = json.loads(part("config.json") or b"{}")
+            tok = part("tokenizer.json")
+            off, size = parts[wname]
+            with buf.view[off: off + size] as weights:
+                return cls.from_bytes(weights, config, tok.decode() if tok is not None else None, **kw)
+        finally:
+            buf.close(zero=True)
+
+    @classmethod
     def from_dir(cls, path: str | Path, **kw: Any) -> "TransformersEngine":
         """Load a folder with model.safetensors, config.json and tokenizer.json."""
         p = Path(path)

@@ -39,8 +39,8 @@ async def tags(request: Request, principal: Principal = Depends(require("complet
     svc: Service = request.app.state.service
     start_usage(request, "ollama", svc.model_id)
     family, quant, params = _details(svc)
-    size = int(svc.holder.info.get("size", 0))
-    digest = svc.holder.info.get("digest") or hashlib.sha256(f"{svc.model_id}:{size}".encode()).hexdigest()
+    size = svc.holder.status.size
+    digest = hashlib.sha256(f"{svc.model_id}:{size}".encode()).hexdigest()
     modified = dt.datetime.fromtimestamp(svc.started, dt.timezone.utc).isoformat().replace("+00:00", "Z")
     # one name everywhere (tags, show, answers); `name:latest` is accepted for it as Ollama clients send it
     return {"models": [ollama.model_entry(svc.model_id, size, digest, family, quant, params, modified)]}

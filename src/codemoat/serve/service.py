@@ -107,7 +107,7 @@ class Service:
         if requested is None or requested == "":
             return
         base = requested.split(":")[0] if requested.endswith(":latest") else requested
-        if base != self.model_id:
+        if base != self.model_id and base not in self.holder.status.aliases:  # a sealed file's stem too
             raise ModelNotFound(f"model {requested!r} not found; this server serves {self.model_id!r}")
 
     def engine(self, feature: str | None = None) -> Engine:
@@ -117,7 +117,7 @@ class Service:
         return self.holder.get()
 
     def require_feature(self, feature: str) -> None:
-        features = self.holder.info.get("features")
+        features = self.holder.features
         if features is not None and feature not in features:
             raise Forbidden(f"the model's license does not include {feature!r} (it allows: {', '.join(features) or 'nothing'})")
 
@@ -167,7 +167,7 @@ class Service:
         return self.params(limit if fit else n_predict, temperature, top_p, stop, seed, top_k, repeat_penalty), fit
 
     def _watermark(self, p: SamplingParams) -> None:
-        key = self.holder.info.get("watermark_key")
+        key = self.holder.watermark_key
         if not key:
             return
         from ..trace.watermark import WatermarkProcessor
@@ -225,7 +225,7 @@ class Service:
             snippets.pop()
 
     def _indexing_licensed(self) -> bool:
-        features = self.holder.info.get("features")
+        features = self.holder.features
         return features is None or "index" in features
 
     def _repo_for(self, principal: Principal, f: FimInput) -> str | None:

@@ -122,6 +122,11 @@ class WatermarkProcessor:
     ):
         self.green = GreenList(key, gamma)
         self.delta, self.entropy_threshold, self.vocab_size = delta, entropy_threshold, vocab_size
+        self._key = key
+
+    def __reduce__(self):
+        # rebuilt from its parameters (its AES context cannot be pickled): it crosses to the engine process
+        return (type(self), (self._key, self.green.gamma, self.delta, self.entropy_threshold, self.vocab_size))
 
     def __call__(self, input_ids: Sequence[int], logits: np.ndarray) -> np.ndarray:
         if len(input_ids) == 0 or entropy(logits) < self.entropy_threshold:

@@ -1,0 +1,43 @@
+"""Build the configured engine from a plaintext path or a decrypted buffer, supervised or in-process.
+
+Plaintext and sealed models take the same road: `engine_class(settings.model.engine)` with the
+same options (`engine_options`). With `model.isolation = "process"` (the default) an engine that
+can (llama.cpp) runs in a supervised child process (`engines.supervised`), so a native crash
+costs a restart instead of the server; the transformers and vLLM engines stay in-process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ..config import Settings
+from . import engine_class
+from .base import Engine
+from .memfd import MemfdBuffer
+
+
+def engine_options(settings: Settings, model_id: str) -> dict[str, Any]:
+    """The keywords every engine's `from_path`/`from_buffer` takes."""
+    m = settings.model
+    return {"model_id": model_id, "n_ctx": m.n_ctx, "n_threads": m.n_threads, "n_gpu_layers": m.n_gpu_layers}
+
+
+def build_engine(settings: Settings, source: Path | MemfdBuffer, model_id: str,
+                 parts: Mapping[str, tuple[int, int]] | None = None) -> Engine:
+    """The engine for `source`; it owns a `MemfdBuffer` source from here (and zeroes it at close)."""
+    try:
+        cls = engine_class(settings.model.engine)
+    except BaseException:
+        if isinstance(source, MemfdBuffer):
+            source.close(zero=True)
+        raise
+    opts = engine_options(settings, model_id)
+    if settings.model.isolation == "process" and cls.isolatable:
+        from .supervised import SupervisedEngine
+
+        return SupervisedEngine.start(cls, source, opts)
+    if isinstance(source, MemfdBuffer):
+        return cls.from_buffer(source, parts, **opts)
+    return cls.from_path(source, **opts)

@@ -1,0 +1,380 @@
+"""An engine in a supervised child process: a native crash costs a restart, not the server.
+
+    eng = SupervisedEngine.start(LlamaCppEngine, Path("model.gguf"), opts)   # or a MemfdBuffer
+    async for chunk in eng.stream(prompt, params): ...
+
+The child (`engines.child`) loads the model with the engine's own `from_path`; a sealed model's
+memfd is inherited (`pass_fds`) and opened there as `/proc/self/fd/N`, so it is decrypted once,
+by the server, and a restart needs no decryption. Tokenising stays in the server (`Engine.front`:
+a tokenizer without weights), so only generation crosses the boundary: the prompt and sampling
+parameters go over a Unix socket, chunks come back on it, and a client that hangs up sends a cancel.
+
+When the child dies (a signal, or any exit the server did not ask for), every request in flight
+gets `Unavailable` (503 in each protocol's shape, or an in-band error on a stream that had begun),
+`on_incident("engine_crashed", …)` reports it with the signal, and the engine restarts after a
+backoff (`state` is "restarting" until then). `SAFE_AFTER` crashes within `SAFE_WINDOW_S` on the
+same configuration restart it with the engine's `safe_options` (llama.cpp: `use_extra_bufts=False`,
+the kernels that a quantised model crashed in on AMX Xeons), said in one log line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import CodemoatError, Unavailable
+from .base import Chunk, Engine, SamplingParams
+from .child import recv, send
+from .memfd import MemfdBuffer
+
+log = logging.getLogger("codemoat.engines")
+
+SAFE_AFTER = 2  # crashes ...
+SAFE_WINDOW_S = 600.0  # ... within this many seconds switch to the engine's safe options
+BACKOFF_S = (0.25, 1.0, 4.0, 15.0, 30.0)  # restart delays after consecutive crashes
+STABLE_S = 60.0  # a child that lived this long resets the backoff
+
+
+def describe_exit(code: int) -> str:
+    """"SIGSEGV" for a death by signal, else "exit status N"."""
+    if code < 0:
+        try:
+            return signal.Signals(-code).name
+        except ValueError:
+            return f"signal {-code}"
+    return f"exit status {code}"
+
+
+class _Child:
+    """One engine process and its socket."""
+
+    def __init__(self, proc: subprocess.Popen, sock: socket.socket, facts: dict[str, Any], stream):
+        self.proc, self.sock, self.facts, self.stream = proc, sock, facts, stream
+        self.started = time.monotonic()
+        self._send_lock = threading.Lock()
+
+    def send(self, msg: Any) -> None:
+        with self._send_lock:
+            send(self.sock, msg)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        try:
+            self.send(("stop",))
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.sock.close()
+
+
+class _Died(Exception):
+    def __init__(self, code: int):
+        self.code = code
+        super().__init__(describe_exit(code))
+
+
+class _Request:
+    """Where the reader thread delivers one request's messages: an asyncio queue, or a future."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None, future: Future | None = None):
+        self.loop, self.future = loop, future
+        self.queue: asyncio.Queue | None = asyncio.Queue() if loop is not None else None
+
+    def deliver(self, item: Any) -> None:
+        if self.future is not None:
+            if not self.future.done():
+                (self.future.set_exception if isinstance(item, BaseException) else self.future.set_result)(item)
+            return
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)  # type: ignore[union-attr]
+        except RuntimeError:  # its event loop is closed: nobody is waiting
+            pass
+
+
+class SupervisedEngine(Engine):
+    """The server's side of an engine running in a child process (see the module docstring)."""
+
+    def __init__(self, engine_cls: type[Engine], source: Path | str | MemfdBuffer, opts: dict[str, Any]):
+        self.engine_cls, self.name = engine_cls, engine_cls.name
+        self.opts = dict(opts)
+        self.model_id = str(opts.get("model_id") or "model")
+        self._buf = source if isinstance(source, MemfdBuffer) else None
+        self._path = source.path if isinstance(source, MemfdBuffer) else str(source)
+        self._lock = threading.Lock()
+        self._child: _Child | None = None
+        self._requests: dict[int, _Request] = {}
+        self._ids = itertools.count(1)
+        self._state, self._closed = "starting", False
+        self.crashes, self.restarts = 0, 0
+        self.last_exit: str | None = None
+        self.last_crash_at: float | None = None
+        self.safe = False
+        self._recent: deque[float] = deque()
+        self._backoff = 0
+        self._facts: dict[str, Any] = {}  # the loaded child's n_ctx, n_vocab and health
+        self.front = engine_cls.front(self._path, **self.opts)
+
+    @classmethod
+    def start(cls, engine_cls: type[Engine], source: Path | str | MemfdBuffer, opts: dict[str, Any]) -> "SupervisedEngine":
+        """Start the engine process and wait until its model is loaded; one `CodemoatError` line if it cannot."""
+        try:
+            eng = cls(engine_cls, source, opts)
+        except BaseException:
+            if isinstance(source, MemfdBuffer):
+                source.close(zero=True)
+            raise
+        try:
+            try:
+                eng._launch()
+            except _Died as d:
+                if not engine_cls.safe_options:
+                    raise
+                eng._go_safe(f"the {eng.name} engine died with {d} while loading {eng.model_id}")
+                eng._launch()
+        except _Died as d:
+            eng.close()
+            raise CodemoatError(f"the {eng.name} engine process died with {d} while loading model {eng.model_id}") from None
+        except BaseException:
+            eng.close()
+            raise
+        return eng
+
+    # -- the child process ------------------------------------------------------
+    def _spawn(self) -> _Child:
+        ours, theirs = socket.socketpair()
+        fds = [theirs.fileno()] + ([self._buf.fd] if self._buf is not None else [])
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "codemoat.engines.child", str(theirs.fileno())],
+                pass_fds=fds, stdin=subprocess.DEVNULL, start_new_session=True,
+            )
+        finally:
+            theirs.close()
+        stream = ours.makefile("rb")
+        spec = {"engine": f"{self.engine_cls.__module__}:{self.engine_cls.__qualname__}", "path": self._path,
+                "opts": self.opts, "log_level": logging.getLogger("codemoat").getEffectiveLevel()}
+        try:
+            send(ours, spec)
+            msg = recv(stream)
+        except OSError:
+            msg = None
+        if msg is None or msg[0] != "ready":
+            code = proc.wait()
+            ours.close()
+            if msg is not None and msg[0] == "error":
+                raise CodemoatError(msg[1])
+            raise _Died(code)
+        return _Child(proc, ours, msg[1], stream)
+
+    def _launch(self) -> None:
+        child = self._spawn()
+        with self._lock:
+            if self._closed:
+                child.stop()
+                return
+            self._child, self._state, self._facts = child, "ready", child.facts
+        threading.Thread(target=self._read, args=(child,), name=f"engine-{child.proc.pid}", daemon=True).start()
+        log.info("engine process %d serves %s (%s%s)", child.proc.pid, self.model_id, self.name,
+                 ", safe options" if self.safe else "")
+
+    def _read(self, child: _Child) -> None:
+        """Deliver the child's messages to their requests until its socket ends."""
+        requests = self._requests
+        while True:
+            try:
+                msg = recv(child.stream)
+            except (OSError, EOFError, ValueError):
+                msg = None
+            if msg is None:
+                break
+            req = requests.get(msg[1])
+            if req is None:
+                continue  # cancelled, or its client left
+            kind = msg[0]
+            if kind == "chunk":
+                req.deliver(msg[2])
+            elif kind == "done":
+                req.deliver(CodemoatError(msg[2]) if msg[2] else None)
+            elif kind == "result":
+                req.deliver(CodemoatError(msg[3]) if msg[3] else msg[2])
+        self._ended(child)
+
+    def _ended(self, child: _Child) -> None:
+        code = child.proc.wait()
+        with self._lock:
+            if self._closed or child is not self._child:
+                return  # asked to stop
+            self._child, self._state = None, "restarting"
+            failed, self._requests = self._requests, {}
+            now = time.monotonic()
+            self.crashes += 1
+            self.last_exit, self.last_crash_at = describe_exit(code), time.time()
+            self._backoff = 0 if now - child.started >= STABLE_S else self._backoff + 1
+            delay = BACKOFF_S[min(self._backoff, len(BACKOFF_S) - 1)]
+            self._recent.append(now)
+            while self._recent and now - self._recent[0] > SAFE_WINDOW_S:
+                self._recent.popleft()
+        child.sock.close()
+        message = f"the inference engine crashed ({self.last_exit}) and is restarting; retry in a moment"
+        for req in failed.values():
+            req.deliver(Unavailable(message))
+        log.error("engine process %d for %s died with %s (crash %d); restarting in %.2g s",
+                  child.proc.pid, self.model_id, self.last_exit, self.crashes, delay)
+        if not self.safe and self.engine_cls.safe_options and len(self._recent) >= SAFE_AFTER:
+            self._go_safe(f"the {self.name} engine crashed {len(self._recent)} times in {SAFE_WINDOW_S:.0f} s")
+        if self.on_incident is not None:
+            self.on_incident("engine_crashed", {
+                "signal": self.last_exit if code < 0 else None, "exit_code": code, "crashes": self.crashes,
+                "restart_in_s": delay, "safe_options": self.safe, "pid": child.proc.pid,
+            })
+        threading.Thread(target=self._restart, args=(delay,), name="engine-restart", daemon=True).start()
+
+    def _go_safe(self, why: str) -> None:
+        self.safe = True
+        self.opts.update(self.engine_cls.safe_options)
+        log.warning("%s: restarting it with %s", why, ", ".join(f"{k}={v}" for k, v in self.engine_cls.safe_options.items()))
+
+    def _restart(self, delay: float) -> None:
+        while True:
+            time.sleep(delay)
+            if self._closed:
+                return
+            try:
+                self._launch()
+                self.restarts += 1
+                return
+            except (CodemoatError, _Died, OSError) as e:
+                self.crashes += 1
+                self.last_exit, self.last_crash_at = str(e), time.time()
+                self._backoff += 1
+                delay = BACKOFF_S[min(self._backoff, len(BACKOFF_S) - 1)]
+                log.error("engine for %s did not start again (%s); next try in %.2g s", self.model_id, e, delay)
+
+    def _ready_child(self) -> _Child:
+        child = self._child
+        if child is None:
+            if self._closed:
+                raise Unavailable(f"model {self.model_id!r} is not available: engine closed")
+            raise Unavailable(f"the inference engine is restarting after a crash ({self.last_exit}); retry in a moment")
+        return child
+
+    def _register(self, req: _Request) -> tuple[int, _Child]:
+        with self._lock:
+            child = self._ready_child()
+            rid = next(self._ids)
+            self._requests[rid] = req
+        return rid, child
+
+    # -- the Engine interface ----------------------------------------------------
+    @property
+    def state(self) -> str:
+        return self._state
+
+    @property
+    def n_ctx(self) -> int:
+        return int(self._facts["n_ctx"])
+
+    @property
+    def n_vocab(self) -> int | None:
+        return self._facts.get("n_vocab")
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return self.front.metadata
+
+    def has_token(self, text: str) -> bool:
+        return self.front.has_token(text)
+
+    def token_text(self, which: str) -> str:
+        return self.front.token_text(which)
+
+    def tokenize(self, text: str, special: bool = True) -> list[int]:
+        return self.front.tokenize(text, special)
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self.front.detokenize(ids)
+
+    def encode(self, parts: Sequence[Any], bos: bool = True) -> list[int]:
+        return self.front.encode(parts, bos)
+
+    async def stream(self, prompt: str | list[int], params: SamplingParams) -> AsyncIterator[Chunk]:
+        self.check_prompt(prompt, params.max_tokens)
+        req = _Request(loop=asyncio.get_running_loop())
+        rid, child = self._register(req)
+        finished = False
+        try:
+            try:
+                child.send(("gen", rid, prompt, params))
+            except OSError:
+                raise Unavailable("the inference engine is restarting after a crash; retry in a moment") from None
+            while True:
+                item = await req.queue.get()  # type: ignore[union-attr]
+                if isinstance(item, Chunk):
+                    yield item
+                    if item.finish_reason:
+                        finished = True
+                        return
+                else:
+                    finished = True
+                    if item is not None:
+                        raise item
+                    return
+        finally:
+            self._requests.pop(rid, None)
+            if not finished:
+                try:
+                    child.send(("cancel", rid))
+                except OSError:
+                    pass
+
+    def logits(self, prompt: str) -> np.ndarray:
+        req = _Request(future=Future())
+        rid, child = self._register(req)
+        try:
+            child.send(("logits", rid, prompt))
+            return req.future.result()  # type: ignore[union-attr]
+        finally:
+            self._requests.pop(rid, None)
+
+    def health(self) -> dict[str, Any]:
+        child = self._child
+        return {
+            **self._facts.get("health", {}), "queue": len(self._requests), "sealed": self._buf is not None,
+            "isolation": "process", "pid": child.proc.pid if child else None, "state": self._state,
+            "crashes": self.crashes, "restarts": self.restarts, "last_exit": self.last_exit,
+            "last_signal": self.last_exit if (self.last_exit or "").startswith("SIG") else None,
+            "last_crash_at": self.last_crash_at, "safe_options": self.safe,
+        }
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed, self._state = True, "closed"
+            child, self._child = self._child, None
+            pending, self._requests = self._requests, {}
+        for req in pending.values():
+            req.deliver(Unavailable(f"model {self.model_id!r} is not available: engine closed"))
+        if child is not None:
+            child.stop()
+        self.front.close()
+        if self._buf is not None:
+            self._buf.close(zero=True)
+            self._buf = None

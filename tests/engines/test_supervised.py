@@ -1,0 +1,181 @@
+"""An engine crash is an incident, not a silent death: the engine runs in a supervised child process.
+
+A real `codemoat serve` runs the test-only `crash_engine.CrashingEngine` (llama.cpp with prompt
+markers that SIGSEGV the engine's process): the crashing request gets 503 in OpenAI and Ollama
+shapes, a stream in flight ends with an in-band error, the audit log records `engine_crashed`
+with the signal, /health shows the restart, the next request is answered, and repeated crashes
+restart the engine with its safe options (llama.cpp: use_extra_bufts=False).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import create_token, run_cli
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+ENGINE = "crash_engine:CrashingEngine"
+ENV = {"PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
+
+
+def wait_ready(c: httpx.Client, seconds: float = 60) -> dict:
+    end = time.time() + seconds
+    while time.time() < end:
+        r = c.get("/health")
+        if r.status_code == 200:
+            return r.json()
+        time.sleep(0.05)
+    raise AssertionError(f"not ready again: {c.get('/health').text}")
+
+
+def crashes(home: Path | None = None) -> list[dict]:
+    r = run_cli("audit", "export", "--kind", "engine_crashed")
+    assert r.returncode == 0, r.stderr
+    return [json.loads(line) for line in r.stdout.splitlines() if line.strip()]
+
+
+def detail(record: dict) -> dict:
+    d = record["detail"]
+    return json.loads(d) if isinstance(d, str) else d
+
+
+@pytest.fixture
+def server(serve_process, tiny_gguf):
+    token = create_token("--name", "crash")
+    srv = serve_process(["--model", str(tiny_gguf), "--engine", ENGINE, "--n-ctx", "512"], env=ENV)
+    with httpx.Client(base_url=srv.url, headers={"Authorization": f"Bearer {token}"}, timeout=60) as c:
+        c.srv = srv
+        yield c
+
+
+def test_a_crash_is_answered_audited_and_restarted(server):
+    c = server
+    model = c.get("/v1/models").json()["data"][0]["id"]
+    pid = wait_ready(c)["engine"]["pid"]
+    assert pid != c.srv.proc.pid and c.get("/health").json()["engine"]["isolation"] == "process"
+
+    # a client streaming when the engine dies
+    seen: list[str] = []
+    started = threading.Event()
+
+    def stream() -> None:
+        body = {"model": model, "prompt": "<<slow>>def add(a, b):", "max_tokens": 200, "temperature": 0.8, "stream": True}
+        with c.stream("POST", "/v1/completions", json=body) as r:
+            seen.append(str(r.status_code))
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    seen.append(line[6:])
+                    started.set()
+        started.set()
+
+    t = threading.Thread(target=stream)
+    t.start()
+    assert started.wait(30)
+
+    r = c.post("/v1/completions", json={"model": model, "prompt": "<<crash>>def f(", "max_tokens": 8})
+    assert r.status_code == 503, r.text
+    err = r.json()["error"]
+    assert "crashed (SIGSEGV)" in err["message"] and "restarting" in err["message"]
+    assert err["code"] == "model_unavailable"
+    t.join(60)
+    assert seen[0] == "200" and seen[-1] == "[DONE]"
+    assert "crashed (SIGSEGV)" in json.loads(seen[-2])["error"]["message"]  # a clean in-band error, then the end
+
+    h = wait_ready(c)
+    assert h["state"] == "loaded" and h["engine"]["crashes"] == 1 and h["engine"]["last_signal"] == "SIGSEGV"
+    assert h["engine"]["restarts"] == 1 and h["engine"]["pid"] != pid
+    assert c.srv.proc.poll() is None  # the server itself never went down
+
+    # Ollama's shape for the same crash
+    r = c.post("/api/generate", json={"model": model, "prompt": "<<crash>>", "stream": False})
+    assert r.status_code == 503 and "crashed (SIGSEGV)" in r.json()["error"]
+
+    h = wait_ready(c)
+    assert h["engine"]["crashes"] == 2 and h["engine"]["restarts"] == 2
+    r = c.post("/v1/completions", json={"model": model, "prompt": "def add(a, b):\n", "max_tokens": 8, "temperature": 0})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"]
+
+    records = crashes()
+    assert len(records) == 2
+    assert all(detail(x)["signal"] == "SIGSEGV" and x["model"] == model for x in records)
+    assert "died with SIGSEGV" in c.srv.output()
+
+
+def test_repeated_crashes_restart_on_the_safe_path(server):
+    c = server
+    model = c.get("/v1/models").json()["data"][0]["id"]
+    h = wait_ready(c)
+    assert h["engine"]["safe_options"] is False and h["engine"]["built_safe"] is False
+    body = {"model": model, "prompt": "<<crash-unless-safe>>def f(", "max_tokens": 4}
+    for n in (1, 2):
+        r = c.post("/v1/completions", json=body)
+        assert r.status_code == 503, r.text
+        h = wait_ready(c)
+        assert h["engine"]["crashes"] == n
+    # two crashes on the same configuration: restarted with use_extra_bufts=False, where it works
+    assert h["engine"]["safe_options"] is True and h["engine"]["built_safe"] is True
+    assert h["engine"]["cpu_buffers"]["path"] == "safe"
+    r = c.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    assert [detail(x)["safe_options"] for x in crashes()] == [False, True]
+    assert sum("restarting it with use_extra_bufts=False" in line for line in c.srv.output().splitlines()) == 1
+
+
+def test_one_crash_does_not_choose_the_safe_path(server):
+    """The negative beside the one above: a single crash restarts on the same (fast) configuration."""
+    c = server
+    model = c.get("/v1/models").json()["data"][0]["id"]
+    r = c.post("/v1/completions", json={"model": model, "prompt": "<<crash-unless-safe>>", "max_tokens": 4})
+    assert r.status_code == 503
+    h = wait_ready(c)
+    assert h["engine"]["crashes"] == 1 and h["engine"]["safe_options"] is False and h["engine"]["built_safe"] is False
+    assert "use_extra_bufts=False" not in c.srv.output()
+
+
+def test_restarting_state_and_holder(tiny_gguf, monkeypatch):
+    """In-process view of the same: while the engine restarts, the holder is not ready and says why;
+    a request then gets Unavailable, and the sealed-model memfd path is kept for the restart."""
+    from codemoat.engines import supervised
+    from codemoat.engines.holder import ModelHolder
+    from codemoat.engines.base import SamplingParams
+    from codemoat.errors import Unavailable
+    from crash_engine import CrashingEngine
+
+    monkeypatch.setattr(supervised, "BACKOFF_S", (1.5,))
+    monkeypatch.setenv("PYTHONPATH", ENV["PYTHONPATH"])  # the engine process imports crash_engine too
+    opts = {"model_id": "tiny", "n_ctx": 256, "n_threads": 1, "n_gpu_layers": 0}
+    events: list[tuple[str, dict]] = []
+    holder = ModelHolder("tiny", loader=lambda: supervised.SupervisedEngine.start(CrashingEngine, tiny_gguf, opts))
+    holder.incidents.append(lambda kind, d: events.append((kind, d)))
+    holder.load()
+    try:
+        eng = holder.get()
+        first = asyncio.run(eng.complete("def add(a, b):\n", SamplingParams(max_tokens=4, temperature=0)))
+        os.kill(eng._child.proc.pid, signal.SIGSEGV)
+        end = time.time() + 10
+        while not events and time.time() < end:
+            time.sleep(0.01)
+        assert events and events[0][0] == "engine_crashed" and events[0][1]["signal"] == "SIGSEGV"
+        assert events[0][1]["model"] == "tiny"
+        assert holder.state == "restarting" and not holder.ready and holder.loaded
+        with pytest.raises(Unavailable, match=r"restarting after a crash \(SIGSEGV\)"):
+            asyncio.run(eng.complete("def", SamplingParams(max_tokens=2)))
+        while not holder.ready and time.time() < end:
+            time.sleep(0.02)
+        assert holder.ready and eng.restarts == 1
+        again = asyncio.run(eng.complete("def add(a, b):\n", SamplingParams(max_tokens=4, temperature=0)))
+        assert again.text == first.text  # the same model, served again
+    finally:
+        holder.close()
+    assert eng.state == "closed"
