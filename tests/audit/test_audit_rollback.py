@@ -75,7 +75,7 @@ def test_emptied_tables_and_deleted_head_file_refused(audit_log, db_file, head_f
 
 
 @pytest.mark.parametrize("head_file_left", ["deleted", "older slot twice"])
-def test_last_record_dropped_and_older_head_restored_refused(audit_log, db_file, head_file, head_file_left):
+def test_last_record_dropped_and_older_head_restored_refused(audit_log, db_file, head_file, head_file_left, tmp_path):
     fill(audit_log, 6)
     assert verify()[0] == 0
     older = json.loads(slots(head_file)[5])
@@ -93,6 +93,16 @@ def test_last_record_dropped_and_older_head_restored_refused(audit_log, db_file,
     assert (
         code == 1 and "FAILED at record 6" in out and "rolled back" in out and "saw record 6" in out and "ends at record 5" in out
     ), out
+    # Deliberate (a restore from backup, say): the operator rotates, which says so in the new chain.
+    r = runner.invoke(app, ["audit", "rotate", "--archive", str(tmp_path / "restored.jsonl")])
+    assert r.exit_code == 0 and "NOT intact" in " ".join(r.output.split()), r.output
+    assert verify()[0] == 0
+    first = json.loads(runner.invoke(app, ["audit", "export"]).output.splitlines()[0])
+    assert (
+        first["kind"] == "rotation"
+        and first["detail"]["previous_ok"] is False
+        and "rolled back" in first["detail"]["previous_problem"]
+    )
 
 
 def test_every_checkpoint_deleted_refused(audit_log, db_file):
@@ -259,3 +269,10 @@ def test_admin_api_verify_remembers_and_exports_the_head(engine, audit_home, db_
             assert r.status_code == 409 and ("emptied" in problem or "rolled back" in problem) and f"{n}" in problem, r.json()
     finally:
         llm.close()
+
+
+def test_memory_that_cannot_be_written_is_a_warning_not_a_failure(audit_log, engine, tmp_path, head_file):
+    fill(audit_log, 2)
+    log = AuditLog(engine, head_file=head_file, verified_file=tmp_path / "no-such-dir" / "verified.json")
+    rep = log.verify()
+    assert rep.ok and rep.warning and "could not remember the verified head" in rep.warning

@@ -377,7 +377,10 @@ class AuditLog:
             public_key = self.public_key()
         rep = verify(self.engine, public_key, head_file=self.head_file, remembered=self.verified_file, trusted_head=trusted_head)
         if rep.ok and rep.head is not None and self.verified_file is not None:
-            trusted.remember(self.verified_file, rep.head, public_key)
+            try:
+                trusted.remember(self.verified_file, rep.head, public_key)
+            except OSError as e:  # the log is fine; only the memory of it could not be kept
+                rep.warning = f"could not remember the verified head in {self.verified_file}: {e.strerror or e}"
         return rep
 
     def public_key(self) -> bytes | None:

@@ -41,6 +41,8 @@ class VerifyReport:
     key_id: str | None = None
     #: the remembered heads this log was found consistent with (or checked against), as "file: record N"
     trusted: list[str] = field(default_factory=list)
+    #: something the reader should know that does not make the log bad
+    warning: str | None = None
     #: the signed head as read (what a verifier remembers when the log is OK)
     head: SignedHead | None = field(default=None, repr=False)
 

@@ -49,6 +49,8 @@ def audit_verify(*, trusted_head: TrustedHeadOpt = None, config: ConfigOpt = Non
                           f"head at record {r['head_seq'] or 0} (audit key {r['key_id'] or 'none yet'})", highlight=False)
             for t in r["trusted"]:
                 console.print(f"  consistent with {t}", highlight=False, markup=False, soft_wrap=True)
+            if r["warning"]:
+                console.print(f"  warning: {r['warning']}", style="yellow", highlight=False, markup=False, soft_wrap=True)
         else:
             console.print(f"[red]audit log FAILED at record {r['first_bad']}[/red]: {r['problem']}", highlight=False, soft_wrap=True)
 
