@@ -141,7 +141,10 @@ class EgressGuard:
     def may_resolve(self, host: str | bytes | None) -> bool:
         if host is None:
             return True
-        h = (host.decode() if isinstance(host, bytes) else str(host)).lower().rstrip(".")
+        exact = _exact_host(host)  # what the C code will look up, not what a str subclass says
+        if exact is None:
+            return False
+        h = exact.lower().rstrip(".")
         if h == "" or _ip(h) is not None:  # bind-any, or an IP literal: no query leaves the machine
             return True
         if self.loopback and is_loopback(h):
@@ -149,7 +152,7 @@ class EgressGuard:
         return any(r.host == h for r in self.rules())
 
     def may_connect(self, host: str, port: int | None) -> bool:
-        h = str(host).lower().rstrip(".")
+        h = (_exact_host(host) or "").lower().rstrip(".")
         if self.loopback and is_loopback(h):
             return True
         ip = _ip(h)
@@ -207,7 +210,7 @@ class _bypass:
 
 
 def _fmt(host, port) -> str:
-    host = host.decode() if isinstance(host, bytes) else str(host)
+    host = _exact_host(host) or repr(host)
     if port is None:
         return host
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -272,9 +275,10 @@ def _hook(event: str, args: tuple) -> None:
         if not g.may_resolve(args[0]):
             g.refuse("gethostbyname", _fmt(args[0], None))
     elif event in ("socket.gethostbyaddr", "socket.getnameinfo"):
-        target = args[0][0] if isinstance(args[0], tuple) else args[0]
+        target = tuple.__getitem__(args[0], 0) if isinstance(args[0], tuple) else args[0]
+        target = _exact_host(target) or ""
         # a reverse lookup of anything but loopback or an allowed address sends a PTR query
-        if not (g.loopback and is_loopback(str(target))) and not g.may_connect(str(target), None):
+        if not (g.loopback and is_loopback(target)) and not g.may_connect(target, None):
             g.refuse(event.removeprefix("socket."), _fmt(target, None))
 
 
