@@ -101,7 +101,9 @@ def _open_error(url: str, e: DBAPIError) -> Exception:
     from .errors import CodemoatError
 
     u = make_url(url)
-    where = (u.database or "the in-memory database") if u.get_backend_name() == "sqlite" else u.render_as_string(hide_password=True)
+    where = (
+        (u.database or "the in-memory database") if u.get_backend_name() == "sqlite" else u.render_as_string(hide_password=True)
+    )
     problem = str(e.orig or e).strip()
     if any(s in problem for s in _NOT_A_DATABASE):
         return CodemoatError(f"{where} is not a codemoat database, or it is corrupted (SQLite: {problem}); it was left as it is")

@@ -47,14 +47,18 @@ def make_private(root: Path, what: str = "the data folder") -> None:
 
     st = root.stat()
     if hasattr(os, "geteuid") and st.st_uid != os.geteuid():
-        raise CodemoatError(f"{what} {root} belongs to another account (uid {st.st_uid}); codemoat keeps its "
-                            f"keys and databases only in a folder it owns (mode 700)")
+        raise CodemoatError(
+            f"{what} {root} belongs to another account (uid {st.st_uid}); codemoat keeps its "
+            f"keys and databases only in a folder it owns (mode 700)"
+        )
     if stat.S_IMODE(st.st_mode) & 0o077:
         try:
             os.chmod(root, PRIVATE_DIR)
         except OSError as e:
-            raise CodemoatError(f"{what} {root} is open to other users (mode {stat.S_IMODE(st.st_mode):o}) and "
-                                f"cannot be made private: {e.strerror or e}") from None
+            raise CodemoatError(
+                f"{what} {root} is open to other users (mode {stat.S_IMODE(st.st_mode):o}) and "
+                f"cannot be made private: {e.strerror or e}"
+            ) from None
     try:
         entries = list(os.scandir(root))
     except OSError:
@@ -92,7 +96,9 @@ def db_url() -> str:
         try:
             url = Path(secret).read_text(encoding="utf-8").strip()
         except (OSError, UnicodeDecodeError) as e:
-            raise CodemoatError(f"CODEMOAT_DATABASE_URL_FILE {secret}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+            raise CodemoatError(
+                f"CODEMOAT_DATABASE_URL_FILE {secret}: cannot read it ({getattr(e, 'strerror', None) or e})"
+            ) from None
         if not url:
             raise CodemoatError(f"CODEMOAT_DATABASE_URL_FILE {secret} is empty: it must hold the database URL")
         return url

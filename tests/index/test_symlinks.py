@@ -84,8 +84,9 @@ def test_links_out_of_the_root_are_never_read(tmp_path, home, kind):
         assert marker.encode() not in blob, marker
     assert blob.count(b"OTHER_REPO_SECRET_4713") >= 1  # in the other repository's own rows only
     db = sqlite3.connect(home / "index.db")
-    got = db.execute("SELECT r.name FROM chunks c JOIN repos r ON r.id = c.repo_id "
-                     "WHERE c.text LIKE '%OTHER_REPO_SECRET_4713%'").fetchall()
+    got = db.execute(
+        "SELECT r.name FROM chunks c JOIN repos r ON r.id = c.repo_id WHERE c.text LIKE '%OTHER_REPO_SECRET_4713%'"
+    ).fetchall()
     assert got == [("other",)]
 
 
@@ -165,8 +166,16 @@ def test_scan_lists_only_safe_paths(tmp_path, home):
     repo, _ = _layout(tmp_path, home, "plain")
     listing = scan(repo)
     assert listing.paths == ["ok.py"]
-    assert set(listing.refused) >= {"settings.json", "secret.py", "peek.py", "sub/up.py", "alias.py", "hard.py",
-                                    "pipe.py", "linked"}
+    assert set(listing.refused) >= {
+        "settings.json",
+        "secret.py",
+        "peek.py",
+        "sub/up.py",
+        "alias.py",
+        "hard.py",
+        "pipe.py",
+        "linked",
+    }
 
 
 @git
@@ -191,9 +200,13 @@ def test_a_served_completion_never_returns_the_machine_key(tmp_path, home, serve
     assert run_cli("index", "add", str(repo), "--name", "repo", "--groups", "everyone").returncode == 0
     token = create_token("--name", "dev")
     s = serve_process(["--model", str(random_gguf), "--model-id", "tiny"])
-    body = {"model": "tiny", "max_tokens": 1, "temperature": 0,
-            "prompt": f"# settings.json x25519 ed25519 {secret}\nkey = load_machine_key(x25519, ",
-            "codemoat": {"repo": "repo", "path": "main.py", "return_snippets": True}}
+    body = {
+        "model": "tiny",
+        "max_tokens": 1,
+        "temperature": 0,
+        "prompt": f"# settings.json x25519 ed25519 {secret}\nkey = load_machine_key(x25519, ",
+        "codemoat": {"repo": "repo", "path": "main.py", "return_snippets": True},
+    }
     r = httpx.post(s.url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {token}"}, timeout=60)
     assert r.status_code == 200, r.text
     snippets = r.json()["codemoat"]["snippets"]

@@ -36,17 +36,24 @@ class RewritingProxy:
             length = int(next((v for k, v in headers.items() if k.lower() == "content-length"), "0"))
             body = await reader.readexactly(length) if length else b""
             async with httpx.AsyncClient(trust_env=False, timeout=30) as c:
-                r = await c.request(method, self.upstream + path, content=body,
-                                    headers={"content-type": headers.get("content-type", "application/json")})
+                r = await c.request(
+                    method,
+                    self.upstream + path,
+                    content=body,
+                    headers={"content-type": headers.get("content-type", "application/json")},
+                )
             self.seen.append((path, r.status_code, r.content))
             status, out = self.rewrite(path, r.status_code, r.content)
-            writer.write(f"HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {len(out)}\r\n"
-                         "connection: close\r\n\r\n".encode() + out)
+            writer.write(
+                f"HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {len(out)}\r\n"
+                "connection: close\r\n\r\n".encode()
+                + out
+            )
             await writer.drain()
         finally:
             writer.close()
 
-    def start(self) -> "RewritingProxy":
+    def start(self) -> RewritingProxy:
         self._thread.start()
         fut = asyncio.run_coroutine_threadsafe(asyncio.start_server(self._handle, "127.0.0.1", 0), self._loop)
         self._server = fut.result(10)

@@ -54,8 +54,13 @@ def _license(vendor, model, out, machine, url, **kw):
 
 def _keeper(lic, machine, clock, events):
     client = LeaseClient(lic, machine, clock=clock)
-    return LeaseKeeper(client, client.acquire(), on_lost=lambda r: events.append("lost: " + r),
-                       on_regained=lambda l: events.append("regained"), clock=clock)
+    return LeaseKeeper(
+        client,
+        client.acquire(),
+        on_lost=lambda r: events.append("lost: " + r),
+        on_regained=lambda l: events.append("regained"),
+        clock=clock,
+    )
 
 
 def test_a_forged_revoked_answer_is_an_outage_not_a_revocation(vendor, machine, model, tmp_path, proxied):
@@ -128,8 +133,11 @@ def test_challenge_for_an_unknown_license_is_a_signed_refusal_and_keeps_no_state
     assert err["nonce"] == "n1"
     verify(ed_public(vendor.keyserver_key_b64, "k"), b64d(r.json()["signature"]), REFUSAL_DOMAIN, canonical(err), "r")
     assert len(app_ks._nonces) == 0
-    big = httpx.post(keyserver.url + "/v1/lease/challenge", content=json.dumps({"license_id": "x" * (1 << 20)}),
-                     headers={"content-type": "application/json"})
+    big = httpx.post(
+        keyserver.url + "/v1/lease/challenge",
+        content=json.dumps({"license_id": "x" * (1 << 20)}),
+        headers={"content-type": "application/json"},
+    )
     assert big.status_code == 413 and big.json()["error"]["code"] == "too_large"
     assert len(app_ks._nonces) == 0
 
@@ -153,7 +161,7 @@ def test_oversized_and_deeply_nested_bodies_are_refused_cleanly(keyserver):
         r = httpx.post(keyserver.url + path, content=b"not json")
         assert r.status_code == 400
     assert httpx.get(keyserver.url + "/health").status_code == 200
-    ok = httpx.post(keyserver.url + "/v1/lease/challenge", json={"license_id": "[[{\"}]]"})  # brackets in a string
+    ok = httpx.post(keyserver.url + "/v1/lease/challenge", json={"license_id": '[[{"}]]'})  # brackets in a string
     assert ok.status_code == 404
 
 

@@ -76,8 +76,12 @@ def is_indexable_name(rel: str) -> bool:
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0)
-_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device file"),
-          (stat.S_ISBLK, "a device file"))
+_KINDS = (
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a device file"),
+    (stat.S_ISBLK, "a device file"),
+)
 
 
 class Refused(str):
@@ -105,8 +109,9 @@ class RepoReader:
         try:
             self._fd = os.open(self.root, _DIR_FLAGS)
         except OSError as e:
-            raise CodemoatError(f"cannot open repository folder {root}: {e.strerror or e} "
-                                "(a symlinked root is not followed: index its target)") from None
+            raise CodemoatError(
+                f"cannot open repository folder {root}: {e.strerror or e} (a symlinked root is not followed: index its target)"
+            ) from None
         self._dev = os.fstat(self._fd).st_dev
         # Only repositories inside this one: their files belong to their own groups, not to ours.
         self._others = [Path(o) for o in other_roots if self.root in Path(o).parents]
@@ -116,7 +121,7 @@ class RepoReader:
             os.close(self._fd)
             self._fd = -1
 
-    def __enter__(self) -> "RepoReader":
+    def __enter__(self) -> RepoReader:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -316,6 +321,7 @@ class _Ignore:
 def _walk(root: Path) -> Iterator[str]:
     """Paths under `root` that `.gitignore` files do not exclude: files, and every symlink or special
     entry (never entered or followed; yielded so that the reader names them as refused)."""
+
     def visit(folder: Path, rel: str, rules: _Ignore | None) -> Iterator[str]:
         gi = folder / ".gitignore"
         try:

@@ -120,8 +120,10 @@ class ClockGuard:
             d = json.loads(self.path.read_text())
             hwm, mac = d["hwm"], d["mac"]
         except FileNotFoundError:
-            raise VaultError(f"clock record {self.path} is missing (it is made with the machine key; "
-                             "deleting it does not reset the clock guard)") from None
+            raise VaultError(
+                f"clock record {self.path} is missing (it is made with the machine key; "
+                "deleting it does not reset the clock guard)"
+            ) from None
         except (ValueError, KeyError, TypeError):
             raise VaultError(f"clock record {self.path} is damaged") from None
         if not isinstance(hwm, int) or not isinstance(mac, str) or not hmac.compare_digest(mac, self._mac(hwm)):
@@ -146,8 +148,9 @@ class ClockGuard:
             now = self.clock.time()
             floor, why = self.floor()
             if now < floor - self.tolerance:
-                raise VaultError(f"system clock is set back: it reads {iso(now)}, but this machine has already "
-                                 f"seen {iso(floor)} ({why})")
+                raise VaultError(
+                    f"system clock is set back: it reads {iso(now)}, but this machine has already seen {iso(floor)} ({why})"
+                )
             if int(now) > self.read():
                 self._write(int(now))
             return now

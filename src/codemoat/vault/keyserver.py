@@ -48,15 +48,17 @@ REQUEST_FIELDS = ("license_id", "machine_id", "nonce", "client_time")
 
 # Plain SQL (portable between SQLite and PostgreSQL): a lease is a hot path, and building
 # SQLAlchemy expressions per request cost more than the cryptography.
-_RENEW = sa.text("UPDATE vault_leases SET expires = :exp, renewed_at = :now, renewals = renewals + 1 "
-                 "WHERE license_id = :lid AND machine_id = :mid AND expires > :now")
+_RENEW = sa.text(
+    "UPDATE vault_leases SET expires = :exp, renewed_at = :now, renewals = renewals + 1 "
+    "WHERE license_id = :lid AND machine_id = :mid AND expires > :now"
+)
 _COUNT_LIVE = sa.text("SELECT count(*) FROM vault_leases WHERE license_id = :lid AND expires > :now")
 _LOCK_LICENSE = sa.text("UPDATE vault_licenses SET lease_gen = lease_gen + 1 WHERE id = :lid")
 _DROP_EXPIRED = sa.text("DELETE FROM vault_leases WHERE license_id = :lid AND expires <= :now")
-_INSERT = sa.text("INSERT INTO vault_leases (license_id, machine_id, expires, renewed_at, renewals) "
-                  "VALUES (:lid, :mid, :exp, :now, 0)")
-_LICENSE_STATE = sa.text("SELECT revoked_at, expires, not_before, seats, lease_ttl, grace FROM vault_licenses "
-                         "WHERE id = :lid")
+_INSERT = sa.text(
+    "INSERT INTO vault_leases (license_id, machine_id, expires, renewed_at, renewals) VALUES (:lid, :mid, :exp, :now, 0)"
+)
+_LICENSE_STATE = sa.text("SELECT revoked_at, expires, not_before, seats, lease_ttl, grace FROM vault_licenses WHERE id = :lid")
 
 
 class LeaseDenied(VaultError):
@@ -122,10 +124,14 @@ class KeyServer:
     def refusal(self, err: LeaseDenied, req: Any) -> dict[str, Any]:
         """The signed body of a refusal, bound to the request's ids and nonce (`client_nonce` for a challenge)."""
         req = req if isinstance(req, dict) else {}
-        body = {"code": err.code, "message": str(err), "license_id": _short(req.get("license_id")),
-                "machine_id": _short(req.get("machine_id")),
-                "nonce": _short(req.get("nonce")) or _short(req.get("client_nonce")),
-                "server_time": int(self.clock.time())}
+        body = {
+            "code": err.code,
+            "message": str(err),
+            "license_id": _short(req.get("license_id")),
+            "machine_id": _short(req.get("machine_id")),
+            "nonce": _short(req.get("nonce")) or _short(req.get("client_nonce")),
+            "server_time": int(self.clock.time()),
+        }
         return {"error": body, "signature": b64e(sign(self.vendor.keyserver_key, REFUSAL_DOMAIN, canonical(body)))}
 
     def _spend_nonce(self, nonce: str, license_id: str) -> None:
@@ -161,8 +167,12 @@ class KeyServer:
     # -- leases -------------------------------------------------------------
     def lease(self, req: Any) -> dict[str, Any]:
         """Check a signed lease request and answer with a signed, wrapped lease (or raise `LeaseDenied`)."""
-        if not isinstance(req, dict) or not all(_short(req.get(k)) for k in REQUEST_FIELDS[:3]) \
-                or not isinstance(req.get("client_time"), int) or not isinstance(req.get("signature"), str):
+        if (
+            not isinstance(req, dict)
+            or not all(_short(req.get(k)) for k in REQUEST_FIELDS[:3])
+            or not isinstance(req.get("client_time"), int)
+            or not isinstance(req.get("signature"), str)
+        ):
             raise LeaseDenied("bad_request", "lease request is malformed", 400)
         lid, mid = req["license_id"], req["machine_id"]
         self._spend_nonce(req["nonce"], lid)
@@ -171,8 +181,13 @@ class KeyServer:
         if entry is None:
             raise LeaseDenied("wrong_machine", f"license {lid} does not name machine {mid}")
         try:
-            verify(ed_public(entry["ed25519"], "machine key"), b64d(req["signature"], "request signature"),
-                   REQUEST_DOMAIN, request_message(req), "lease request")
+            verify(
+                ed_public(entry["ed25519"], "machine key"),
+                b64d(req["signature"], "request signature"),
+                REQUEST_DOMAIN,
+                request_message(req),
+                "lease request",
+            )
         except VaultError:
             raise LeaseDenied("bad_signature", "lease request is not signed by the licensed machine's key", 401) from None
         now = self.clock.time()
@@ -194,8 +209,14 @@ class KeyServer:
         if lic.doc.get("watermark"):
             secret += self._watermark_key(lic.customer_id)
         body = {
-            "license_id": lid, "machine_id": mid, "nonce": req["nonce"], "server_time": int(now),
-            "ttl": ttl, "grace": row.grace, "seats": row.seats, "seats_used": used,
+            "license_id": lid,
+            "machine_id": mid,
+            "nonce": req["nonce"],
+            "server_time": int(now),
+            "ttl": ttl,
+            "grace": row.grace,
+            "seats": row.seats,
+            "seats_used": used,
             "keys": wrap(rcpt, secret, key_context("lease-keys", lid, b64d(req["nonce"]))),
             # The nonce for this machine's next renewal: one round trip per heartbeat, still server-chosen.
             "next_nonce": self._new_nonce(lid, ttl + row.grace + NONCE_TTL),
@@ -219,8 +240,12 @@ class KeyServer:
 
     def release(self, req: Any) -> dict[str, Any]:
         """Give a seat back (a server shutting down); authenticated like a lease request."""
-        if not isinstance(req, dict) or not all(_short(req.get(k)) for k in REQUEST_FIELDS[:3]) \
-                or not isinstance(req.get("client_time"), int) or not isinstance(req.get("signature"), str):
+        if (
+            not isinstance(req, dict)
+            or not all(_short(req.get(k)) for k in REQUEST_FIELDS[:3])
+            or not isinstance(req.get("client_time"), int)
+            or not isinstance(req.get("signature"), str)
+        ):
             raise LeaseDenied("bad_request", "release request is malformed", 400)
         lid, mid = req["license_id"], req["machine_id"]
         self._spend_nonce(req["nonce"], lid)
@@ -228,8 +253,13 @@ class KeyServer:
         if entry is None:
             raise LeaseDenied("wrong_machine", f"license {lid} does not name machine {mid}")
         try:
-            verify(ed_public(entry["ed25519"], "machine key"), b64d(req["signature"], "request signature"),
-                   b"codemoat-lease-release-v1", request_message(req), "release request")
+            verify(
+                ed_public(entry["ed25519"], "machine key"),
+                b64d(req["signature"], "request signature"),
+                b"codemoat-lease-release-v1",
+                request_message(req),
+                "release request",
+            )
         except VaultError:
             raise LeaseDenied("bad_signature", "release request is not signed by the licensed machine's key", 401) from None
         with self._seat_lock, self.vendor.engine.begin() as c:
@@ -238,5 +268,8 @@ class KeyServer:
 
     def live_leases(self, license_id: str) -> int:
         with self.vendor.engine.connect() as c:
-            return c.execute(sa.select(sa.func.count()).select_from(leases_t).where(
-                leases_t.c.license_id == license_id, leases_t.c.expires > self.clock.time())).scalar_one()
+            return c.execute(
+                sa.select(sa.func.count())
+                .select_from(leases_t)
+                .where(leases_t.c.license_id == license_id, leases_t.c.expires > self.clock.time())
+            ).scalar_one()

@@ -50,8 +50,10 @@ def record_outbound(destination: str, method: str, body: str | None, status: int
     """Append one line to the customer's outbound log (what was sent, or the status it got).
 
     The line is flushed to the file before this returns, so a request is on record before it leaves."""
-    line = json.dumps({"id": rid, "time": iso(time.time()), "destination": destination, "method": method,
-                       "body": body, "status": status}, ensure_ascii=False)
+    line = json.dumps(
+        {"id": rid, "time": iso(time.time()), "destination": destination, "method": method, "body": body, "status": status},
+        ensure_ascii=False,
+    )
     path = paths.home() / OUTBOUND
     with _log_lock:
         f = _log_files.get(path)
@@ -86,8 +88,15 @@ class Lease:
 class LeaseClient:
     """Talks to the key server named in a lease license, on behalf of this machine."""
 
-    def __init__(self, lic: License, machine: MachineKey, *, clock: Clock | None = None, timeout: float = 5.0,
-                 transport: httpx.BaseTransport | None = None):
+    def __init__(
+        self,
+        lic: License,
+        machine: MachineKey,
+        *,
+        clock: Clock | None = None,
+        timeout: float = 5.0,
+        transport: httpx.BaseTransport | None = None,
+    ):
         if lic.mode != "lease":
             raise VaultError("not a lease license")
         self.lic, self.machine, self.clock = lic, machine, clock or Clock()
@@ -133,15 +142,25 @@ class LeaseClient:
         err = data.get("error") if isinstance(data, dict) else None
         code = err.get("code") if isinstance(err, dict) and isinstance(err.get("code"), str) else "error"
         try:
-            verify(self.server_key, b64d(data.get("signature"), "refusal signature"), REFUSAL_DOMAIN,
-                   canonical(err), "key server refusal")
-            bound = (err.get("nonce") == nonce and err.get("license_id") == self.lic.id
-                     and err.get("machine_id") in (self.machine.id, None))
+            verify(
+                self.server_key,
+                b64d(data.get("signature"), "refusal signature"),
+                REFUSAL_DOMAIN,
+                canonical(err),
+                "key server refusal",
+            )
+            bound = (
+                err.get("nonce") == nonce
+                and err.get("license_id") == self.lic.id
+                and err.get("machine_id") in (self.machine.id, None)
+            )
         except (VaultError, TypeError, ValueError):
             bound = False
         if not bound:
-            return Unreachable(f"key server at {self.url} answered HTTP {status} ({code[:40]}) without a valid "
-                               "signature for this request: treated as unreachable")
+            return Unreachable(
+                f"key server at {self.url} answered HTTP {status} ({code[:40]}) without a valid "
+                "signature for this request: treated as unreachable"
+            )
         if isinstance(err.get("server_time"), int):
             self._saw_time(err["server_time"])
         return LeaseDenied(code, f"key server refused the lease: {err.get('message', code)}", status)
@@ -154,8 +173,7 @@ class LeaseClient:
             pass  # no clock record here (a machine key without one is refused by the license check)
 
     def _signed_request(self, nonce: str, domain: bytes) -> dict[str, Any]:
-        req = {"license_id": self.lic.id, "machine_id": self.machine.id, "nonce": nonce,
-               "client_time": int(self.clock.time())}
+        req = {"license_id": self.lic.id, "machine_id": self.machine.id, "nonce": nonce, "client_time": int(self.clock.time())}
         req["signature"] = b64e(sign(self.machine.ed25519, domain, request_message(req)))
         return req
 
@@ -185,12 +203,12 @@ class LeaseClient:
         body = ans.get("lease")
         if not isinstance(body, dict):
             raise VaultError("key server answer has no lease")
-        verify(self.server_key, b64d(ans.get("signature"), "lease signature"), ANSWER_DOMAIN, canonical(body),
-               "key server answer")
+        verify(
+            self.server_key, b64d(ans.get("signature"), "lease signature"), ANSWER_DOMAIN, canonical(body), "key server answer"
+        )
         if body.get("nonce") != nonce or body.get("license_id") != self.lic.id or body.get("machine_id") != self.machine.id:
             raise VaultError("key server answer is for another request (replayed)")
-        keys = unwrap(self.machine.x25519, body.get("keys"), key_context("lease-keys", self.lic.id, b64d(nonce)),
-                      "leased keys")
+        keys = unwrap(self.machine.x25519, body.get("keys"), key_context("lease-keys", self.lic.id, b64d(nonce)), "leased keys")
         key, wm = keys[:32], (keys[32:64] if len(keys) >= 64 else None)
         if content_key_id(key) != self.lic.model["key_id"]:
             raise VaultError("leased content key does not open the licensed model")
@@ -203,8 +221,16 @@ class LeaseClient:
         server_time = body.get("server_time")
         if isinstance(server_time, int):
             self._saw_time(server_time)
-        return Lease(key, wm, min(ttl, lic_lease["ttl"]), lic_lease["grace"], int(body.get("seats", 0)),
-                     int(body.get("seats_used", 0)), int(server_time or 0), sent_at)
+        return Lease(
+            key,
+            wm,
+            min(ttl, lic_lease["ttl"]),
+            lic_lease["grace"],
+            int(body.get("seats", 0)),
+            int(body.get("seats_used", 0)),
+            int(server_time or 0),
+            sent_at,
+        )
 
     def release(self) -> None:
         """Give the seat back (best effort: an unreachable server frees it when the lease expires)."""
@@ -219,8 +245,16 @@ class LeaseClient:
 class LeaseKeeper:
     """Renews a lease in the background and says when the model must go (or may come back)."""
 
-    def __init__(self, client: LeaseClient, lease: Lease, *, on_lost: Callable[[str], None],
-                 on_regained: Callable[[Lease], None], clock: Clock | None = None, renew_fraction: float = 0.5):
+    def __init__(
+        self,
+        client: LeaseClient,
+        lease: Lease,
+        *,
+        on_lost: Callable[[str], None],
+        on_regained: Callable[[Lease], None],
+        clock: Clock | None = None,
+        renew_fraction: float = 0.5,
+    ):
         self.client, self.lease, self.clock = client, lease, clock or client.clock
         self.on_lost, self.on_regained = on_lost, on_regained
         self.fraction = renew_fraction
@@ -282,7 +316,7 @@ class LeaseKeeper:
             due = self.next_attempt if self.state != "renewing" else min(self.next_attempt, self.deadline)
             self.clock.wait(self._stop, max(0.01, due - now))
 
-    def start(self) -> "LeaseKeeper":
+    def start(self) -> LeaseKeeper:
         self._thread = threading.Thread(target=self._run, name="codemoat-lease", daemon=True)
         self._thread.start()
         return self
@@ -296,9 +330,16 @@ class LeaseKeeper:
         self.client.close()
 
     def describe(self) -> dict[str, Any]:
-        return {"state": self.state, "seconds_left": round(self.seconds_left(), 1), "renewals": self.renewals,
-                "last_error": self.last_error, "ttl": self.lease.ttl, "grace": self.lease.grace,
-                "seats": self.lease.seats, "seats_used": self.lease.seats_used}
+        return {
+            "state": self.state,
+            "seconds_left": round(self.seconds_left(), 1),
+            "renewals": self.renewals,
+            "last_error": self.last_error,
+            "ttl": self.lease.ttl,
+            "grace": self.lease.grace,
+            "seats": self.lease.seats,
+            "seats_used": self.lease.seats_used,
+        }
 
 
 def outbound_path() -> Path:
