@@ -20,12 +20,21 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[train,test,postgres]' 2>&1 | { $(QUIET_PIP); }
 	@touch $(STAMP)
 
-install: $(STAMP)
+# Real editor clients (tabby-agent, ollama-js, openai-js) for tests/clients, pinned by its lock file;
+# without npm their tests skip, saying so.
+NODE_CLIENTS := tests/clients/node
+NODE_STAMP := $(NODE_CLIENTS)/node_modules/.installed
+
+$(NODE_STAMP): $(NODE_CLIENTS)/package-lock.json
+	@if command -v npm >/dev/null; then npm ci --prefix $(NODE_CLIENTS) --no-audit --no-fund --loglevel=error && touch $@; \
+	else echo "npm not found: the real-client tests (tests/clients) will be skipped"; fi
+
+install: $(STAMP) $(NODE_STAMP)
 
 demo: $(STAMP)
 	bash demo/run.sh
 
-test: $(STAMP)
+test: $(STAMP) $(NODE_STAMP)
 	$(PY) -m pytest -q
 
 test-fast: $(STAMP)
