@@ -150,11 +150,12 @@ def test_float_models_need_no_test_and_quantised_ones_are_recognised(tiny_gguf, 
     assert not cpu.is_quantised(tiny_gguf)
     assert all(cpu.is_quantised(quantised(q)) for q in ("Q4_0", "Q8_0", "Q4_K_M", "Q5_K_M", "Q6_K"))
     assert cpu.is_quantised(wide_q4_k_m)
-    # what cannot be read counts as quantised: the cautious answer (llama.cpp then says what is wrong)
+    # a GGUF whose header cannot be parsed counts as quantised (the cautious answer); what is no GGUF
+    # at all does not (llama.cpp refuses it, nothing to test)
     (tmp_path / "junk.gguf").write_bytes(b"not a model")
     (tmp_path / "cut.gguf").write_bytes(tiny_gguf.read_bytes()[:5000])
-    assert cpu.is_quantised(tmp_path / "junk.gguf") and cpu.is_quantised(tmp_path / "cut.gguf")
-    assert cpu.is_quantised(tmp_path / "missing.gguf")
+    assert cpu.is_quantised(tmp_path / "cut.gguf")
+    assert not cpu.is_quantised(tmp_path / "junk.gguf") and not cpu.is_quantised(tmp_path / "missing.gguf")
 
 
 def test_cache_is_keyed_by_cpu_and_build_and_survives_corruption(quantised, monkeypatch, home):

@@ -113,12 +113,19 @@ def cache_key() -> str:
 
 
 def is_quantised(path: str | os.PathLike) -> bool:
-    """Whether a GGUF file holds any quantised tensor (read from its header; unreadable counts as yes)."""
+    """Whether a GGUF file holds any quantised tensor, read from its header. A file that is not a GGUF
+    (or cannot be opened) is not: llama.cpp refuses it. A GGUF header that cannot be parsed is: the
+    self-test is the cautious answer."""
     try:
         with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                return False
+            f.seek(0)
             return any(t not in _FLOAT_TYPES for t in _tensor_types(f))
-    except (OSError, ValueError, struct.error):
-        return True  # llama.cpp will say what is wrong with it; the test is the cautious answer
+    except OSError:
+        return False
+    except (ValueError, struct.error):
+        return True
 
 
 def _tensor_types(f) -> list[int]:
