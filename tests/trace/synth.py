@@ -95,7 +95,7 @@ def write_gguf(
     merges: list[str],
     dtype: str = "F32",
 ) -> Path:
-    """A llama GGUF llama.cpp loads; matrices stored as `dtype` (F32, F16 or Q8_0)."""
+    """A llama GGUF llama.cpp loads; matrices stored as `dtype` (F32, F16, Q8_0 or Q4_1)."""
     import gguf
 
     w = gguf.GGUFWriter(str(path), "llama")
@@ -120,9 +120,9 @@ def write_gguf(
     for name, a in weights.items():
         if a.ndim >= 2 and dtype == "F16":
             w.add_tensor(name, a.astype(np.float16))
-        elif a.ndim >= 2 and dtype == "Q8_0":
-            q = gguf.quants.quantize(a, gguf.GGMLQuantizationType.Q8_0)
-            w.add_tensor(name, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        elif a.ndim >= 2 and dtype in ("Q8_0", "Q4_1"):
+            q = gguf.quants.quantize(a, gguf.GGMLQuantizationType[dtype])
+            w.add_tensor(name, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType[dtype])
         else:
             w.add_tensor(name, a.astype(np.float32))
     w.write_header_to_file()

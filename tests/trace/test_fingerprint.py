@@ -120,10 +120,11 @@ def test_q8_0_model_is_fingerprinted_in_place(tokenizer, tmp_path, secrets):
     assert trace_files(out, q8, secrets).named == ["cust07"]
 
 
-def test_mostly_k_quantised_gguf_is_refused(f16_model, tmp_path, secrets):
-    q4 = attacks.requantize(f16_model, tmp_path / "q4.gguf", 2)  # Q4_0
-    with pytest.raises(CodemoatError, match="quantise"):
-        fingerprint.fingerprint_model(q4.read_bytes(), "gguf", secrets["cust01"])
+def test_gguf_of_unmarkable_types_is_refused(tokenizer, tmp_path, secrets):
+    s = Shape()
+    q41 = write_gguf(tmp_path / "q4_1.gguf", s, random_weights(s, 0), *tokenizer, dtype="Q4_1")
+    with pytest.raises(CodemoatError, match="no tensor that can carry a fingerprint"):
+        fingerprint.fingerprint_model(q41.read_bytes(), "gguf", secrets["cust01"])
 
 
 def _safetensors(tensors: dict[str, np.ndarray]) -> bytes:

@@ -158,19 +158,24 @@ def trace(
 
 
 def load(path_or_bytes, kind: str | None = None) -> tuple[dict[str, np.ndarray], dict, list[str] | None]:
-    """Matrices of a GGUF or safetensors model, its metadata, and which tensors a fingerprint covers."""
+    """Matrices of a GGUF or safetensors model, its metadata, and which tensors carry the dense mark."""
     from . import gguf_io, st_io
+    from .gguf_stream import GGUFFile
     from .vendor_io import weights_path
 
     if not isinstance(path_or_bytes, (bytes, bytearray, memoryview)):
         path_or_bytes = weights_path(path_or_bytes)
     is_gguf = gguf_io.is_gguf(path_or_bytes) if kind is None else kind == "gguf"
     if is_gguf:
-        with gguf_io.open_gguf(path_or_bytes) as r:
-            mats = {t.name: gguf_io.dequantize(t) for t in r.tensors if len(t.shape) >= 2}
-            kinds = gguf_io.tensor_kinds(r)
-            meta = gguf_io.metadata(r)
-        return mats, meta, fp.marked_tensors(kinds, {n: w.shape for n, w in mats.items()})
+        if isinstance(path_or_bytes, (bytes, bytearray, memoryview)):
+            with gguf_io.open_gguf(path_or_bytes) as r:
+                mats = {t.name: gguf_io.dequantize(t) for t in r.tensors if len(t.shape) >= 2}
+                kinds, meta = gguf_io.tensor_kinds(r), gguf_io.metadata(r)
+        else:
+            with GGUFFile(path_or_bytes) as g:
+                mats = {t.name: g.matrix(t) for t in g.tensors if len(t.shape) >= 2}
+                kinds, meta = {t.name: t.kind for t in g.tensors}, g.metadata
+        return mats, meta, [n for n, w in mats.items() if fp.marks(n, kinds[n], w.shape) == "dense"]
     try:
         mats = st_io.read_matrices(path_or_bytes)
     except CodemoatError:
@@ -195,7 +200,18 @@ def _hf_config(path) -> dict:
 
 
 def trace_files(suspect_path, original_path, customers: Mapping[str, bytes], **kw) -> TraceResult:
-    """`trace` on two model files (GGUF of any quantisation, or safetensors)."""
-    s, _, _ = load(suspect_path)
-    o, meta, names = load(original_path)
+    """`trace` on two model files (GGUF of any quantisation, or safetensors); two GGUF files are
+    streamed tensor by tensor (trace_stream.py)."""
+    from . import gguf_io
+    from .vendor_io import weights_path
+
+    sp, op = weights_path(suspect_path), weights_path(original_path)
+    if gguf_io.is_gguf(sp) and gguf_io.is_gguf(op):
+        from .trace_stream import trace_gguf
+
+        if not customers:
+            raise CodemoatError("no customers registered: nothing to trace against")
+        return trace_gguf(sp, op, customers, **kw)
+    s, _, _ = load(sp)
+    o, meta, names = load(op)
     return trace(s, o, customers, names=names, meta=meta, **kw)

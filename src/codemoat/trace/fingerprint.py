@@ -20,24 +20,89 @@ each code at amplitude α/k, which the detector still names (bench: "average of 
 
 Row i of b starts at AES-CTR block i·⌈n_in/128⌉, so the detector can regenerate any range of
 rows without the others.
+
+Quantised tensors (Q8_0, Q4_0, Q5_0, Q4_K, Q5_K, Q6_K) cannot take an additive mark of 1% of
+a row's RMS: their rounding step is larger than that, and re-rounding a marked value returns the
+original code. They carry a sparse mark in the integer codes instead (quant.py): in every segment
+of 65,536 weights, 64 positions P drawn from AES-256-CTR (key HKDF(secret, "sel" ‖ tensor name))
+have their code moved by one step in the direction of a keyed sign b_k,
+
+    q'_k = q_k + b_k · sign(step_k)     (k ∈ P; left alone where q'_k would leave the code range)
+
+with every block scale kept, so a changed weight moves by exactly one step |step_k|. The added
+error is ~0.1% of the weights by one step each, against the uniform ±step/2 rounding error every
+weight already has: 1/1024 · step² next to step²/12 of mean squared error, about 1% of the
+quantisation's own noise. This is dithered quantisation index modulation (Chen & Wornell 2001,
+"Quantization index modulation", §IV) reduced to its simplest form; detect.py correlates the
+suspect's residual at P with b, so the rest of the tensor adds no noise to the score.
+
+Streaming. `stream_gguf(path, secret)` yields the marked file piece by piece (header, then each
+tensor in row blocks of ≤ 32 MiB of float32), reading with `pread`: memory stays at one row block
+whatever the model's size, and `Vendor.seal` encrypts the pieces as they come.
 """
 
 from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from ..errors import CodemoatError
 
 ALPHA = 0.01
+SEGMENT = 1 << 23  # weights per segment of the sparse (quantised) mark
+PER_SEGMENT = 64  # positions drawn per segment: p = 1/131,072 (bench/results/scale.md measures its KL)
 _INFO = b"codemoat/fingerprint/v1/"
+_INFO_SEL = b"codemoat/fingerprint/v1/sel/"
+_SEG_BYTES = 4 * PER_SEGMENT + 16  # 64 32-bit offsets, then 64 sign bits (and 8 spare bytes)
 
 
-def tensor_key(secret: bytes, name: str) -> bytes:
+def tensor_key(secret: bytes, name: str, info: bytes = _INFO) -> bytes:
     """The AES-256 key of one tensor's pattern: HKDF-SHA256(secret, info = version ‖ tensor name)."""
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_INFO + name.encode()).derive(secret)
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info + name.encode()).derive(secret)
+
+
+def _ctr(key: bytes, block0: int, nbytes: int) -> bytes:
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    enc = Cipher(algorithms.AES(key), modes.CTR(block0.to_bytes(16, "big"))).encryptor()
+    return enc.update(bytes(nbytes))
+
+
+def segment_size(total: int) -> int:
+    """Weights per segment in a tensor of `total` weights: SEGMENT, or the power of two ≥ total
+    (at least 4,096) for a smaller tensor, so that every tensor carries up to PER_SEGMENT positions."""
+    return min(SEGMENT, max(4096, 1 << max(0, total - 1).bit_length()))
+
+
+def selection(secret: bytes, name: str, n: int, seg0: int, seg1: int, total: int | None = None
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """The sparse mark's positions (flat indices < n, ascending within a segment) and signs (±1, int8)
+    in segments seg0..seg1-1 of tensor `name` of `total` weights (default n). A position drawn twice
+    in a segment is dropped."""
+    seg = segment_size(total or n)
+    if seg1 <= seg0:
+        return np.empty(0, np.int64), np.empty(0, np.int8)
+    stream = _ctr(tensor_key(secret, name, _INFO_SEL), seg0 * (_SEG_BYTES // 16), (seg1 - seg0) * _SEG_BYTES)
+    raw = np.frombuffer(stream, np.uint8).reshape(seg1 - seg0, _SEG_BYTES)
+    offsets = raw[:, : 4 * PER_SEGMENT].copy().view("<u4") & np.uint32(seg - 1)
+    signs = np.unpackbits(raw[:, 4 * PER_SEGMENT : 4 * PER_SEGMENT + PER_SEGMENT // 8], axis=1)
+    order = np.argsort(offsets, axis=1, kind="stable")
+    offsets = np.take_along_axis(offsets, order, axis=1).astype(np.int64)
+    signs = np.take_along_axis(signs, order, axis=1)
+    same = offsets[:, 1:] == offsets[:, :-1]
+    dup = np.zeros(offsets.shape, bool)
+    dup[:, 1:] |= same
+    dup[:, :-1] |= same
+    pos = offsets + (np.arange(seg0, seg1, dtype=np.int64) * seg)[:, None]
+    keep = ~dup & (pos < n)
+    return pos[keep], (signs[keep].astype(np.int8) * 2 - 1)
 
 
 def pattern(secret: bytes, name: str, n_cols: int, row0: int, row1: int) -> np.ndarray:
@@ -50,6 +115,13 @@ def pattern(secret: bytes, name: str, n_cols: int, row0: int, row1: int) -> np.n
     stream = enc.update(bytes((row1 - row0) * blocks * 16))
     bits = np.unpackbits(np.frombuffer(stream, dtype=np.uint8)).reshape(row1 - row0, blocks * 128)
     return bits[:, :n_cols].astype(np.float32) * 2.0 - 1.0
+
+
+def scheme(kind: str) -> str | None:
+    """How a tensor of this type is marked: "dense" (float types), "sparse" (codes), or None."""
+    from .quant import CODE_KINDS, FLOAT_KINDS
+
+    return "dense" if kind in FLOAT_KINDS else "sparse" if kind in CODE_KINDS else None
 
 
 def as_matrix(w: np.ndarray) -> np.ndarray:
@@ -75,17 +147,63 @@ def embed(w: np.ndarray, secret: bytes, name: str, alpha: float = ALPHA) -> np.n
     return (m + alpha * row_scale(m) * b).reshape(w.shape)
 
 
+
+
+#: tensors left unmarked: see `marks`
+UNMARKED: tuple[str, ...] = ()
+
+
+def marks(name: str, kind: str, shape: tuple[int, ...]) -> str | None:
+    """The scheme tensor `name` of this type and shape is marked with ("dense", "sparse"), or None."""
+    if not eligible(shape) or name in UNMARKED:
+        return None
+    return scheme(kind)
+
+
+def mark_rows(raw: np.ndarray, kind: str, how: str, secret: bytes, name: str, cols: int, row0: int, total: int,
+              alpha: float = ALPHA) -> np.ndarray:
+    """Rows row0.. of a tensor as stored (uint8 (rows, row_bytes)) with the mark: a new array for
+    "dense", `raw` changed in place for "sparse"."""
+    from . import quant
+
+    rows = raw.shape[0]
+    if how == "dense":
+        w = quant.to_float(raw, kind, cols)
+        b = pattern(secret, name, cols, row0, row0 + rows)
+        return quant.from_float(w + alpha * row_scale(w) * b, kind).reshape(rows, -1)
+    L = quant.LAYOUTS[kind]
+    lo, hi = row0 * cols, (row0 + rows) * cols
+    seg = segment_size(total)
+    pos, sign = selection(secret, name, hi, lo // seg, -(-hi // seg), total)
+    inside = pos >= lo
+    pos, sign = pos[inside] - lo, sign[inside]
+    blocks = raw.reshape(-1, L.nbytes)
+    bi, ei = pos // L.block, pos % L.block
+    q, step = quant.codes_at(blocks, kind, bi, ei)
+    q_new = q + sign * np.sign(step).astype(np.int16)
+    ok = (step != 0) & (q_new >= L.qmin) & (q_new <= L.qmax)
+    quant.set_codes_at(blocks, kind, bi[ok], ei[ok], q_new[ok])
+    return raw
+
+
 def fingerprint_model(data: bytes, fmt: str, secret: bytes, alpha: float = ALPHA) -> bytes:
     """The model `data` (fmt "gguf" or "safetensors") with the customer's fingerprint embedded.
 
-    GGUF: F32, F16, BF16 and Q8_0 matrices are marked and re-encoded in their own type, so the
-    file keeps its layout and metadata. Other quantisations cannot carry a mark at this amplitude
-    (their rounding step is larger than it): fingerprint the F16 model first, then quantise.
+    GGUF: float matrices get the dense mark, quantised ones (Q8_0, Q4_0, Q5_0, Q4_K, Q5_K, Q6_K)
+    the sparse one, each in its own type, so the file keeps its layout and metadata. For a GGUF
+    file on disk, `stream_gguf` does the same in bounded memory (what `Vendor.seal` uses).
     """
     if len(secret) < 16:
         raise CodemoatError("fingerprint secret must be at least 16 bytes")
     if fmt == "gguf":
-        return _fingerprint_gguf(data, secret, alpha)
+        fd = os.memfd_create("codemoat-gguf", os.MFD_CLOEXEC)
+        try:
+            mv, written = memoryview(data), 0
+            while written < len(mv):
+                written += os.write(fd, mv[written:])
+            return b"".join(stream_gguf(f"/proc/self/fd/{fd}", secret, alpha, name="the GGUF in memory").pieces())
+        finally:
+            os.close(fd)
     if fmt == "safetensors":
         from . import st_io
 
@@ -96,30 +214,51 @@ def fingerprint_model(data: bytes, fmt: str, secret: bytes, alpha: float = ALPHA
     raise CodemoatError(f"unknown model format {fmt!r} (expected 'gguf' or 'safetensors')")
 
 
-def _fingerprint_gguf(data: bytes, secret: bytes, alpha: float) -> bytes:
-    from . import gguf_io
+@dataclass
+class MarkedGGUF:
+    """A GGUF file with a customer's mark, produced piece by piece (twice if asked: it is deterministic)."""
 
-    marked = skipped = 0
-    with gguf_io.open_gguf(data, writable=True) as r:
-        for t in r.tensors:
-            shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-            if not eligible(shape):
-                continue
-            if t.tensor_type.name not in gguf_io.EMBEDDABLE:
-                skipped += t.n_elements
-                continue
-            gguf_io.write_tensor(t, embed(gguf_io.dequantize(t), secret, t.name, alpha))
-            marked += t.n_elements
-        if marked < skipped or marked == 0:
-            raise CodemoatError(
-                "this GGUF is mostly quantised below Q8_0, which cannot carry a fingerprint: "
-                "seal the F16/BF16/Q8_0 model, or fingerprint it and then quantise"
-            )
-        return bytes(r.data)
+    path: Path
+    size: int
+    pieces: Callable[[], Iterator[memoryview]]
+    marked: int  # weights in marked tensors
 
 
-def marked_tensors(kinds: dict[str, str], shapes: dict[str, tuple[int, ...]]) -> list[str]:
-    """Names `fingerprint_model` marks in a GGUF with these tensor types and shapes."""
-    from .gguf_io import EMBEDDABLE
+def stream_gguf(path: str | os.PathLike[str], secret: bytes, alpha: float = ALPHA, name: str | None = None,
+                block_bytes: int = 32 << 20) -> MarkedGGUF:
+    """The marked copy of the GGUF file at `path`, as pieces of bytes in file order (see module doc)."""
+    from .gguf_stream import GGUFFile
 
-    return [n for n, s in shapes.items() if eligible(s) and kinds.get(n, "F32") in EMBEDDABLE]
+    if len(secret) < 16:
+        raise CodemoatError("fingerprint secret must be at least 16 bytes")
+    with GGUFFile(path, name) as g:
+        plan = [(t, marks(t.name, t.kind, t.shape)) for t in sorted(g.tensors, key=lambda t: t.offset)]
+        size = g.file_size
+    marked = sum(t.size for t, how in plan if how)
+    if marked == 0:
+        raise CodemoatError("this GGUF has no tensor that can carry a fingerprint (F32, F16, BF16, Q8_0, "
+                            "Q4_0, Q5_0, Q4_K, Q5_K or Q6_K matrices)")
+
+    def pieces() -> Iterator[memoryview]:
+        with GGUFFile(path, name) as g:
+            at = 0
+            for t, how in plan:
+                yield from _copy(g, at, t.offset, block_bytes)
+                if how is None:
+                    yield from _copy(g, t.offset, t.offset + t.nbytes, block_bytes)
+                else:
+                    for r0, r1 in g.row_blocks(t, block_bytes):
+                        yield memoryview(mark_rows(g.raw_rows(t, r0, r1), t.kind, how, secret, t.name, t.cols, r0,
+                                                   t.size, alpha)).cast("B")
+                at = t.offset + t.nbytes
+            yield from _copy(g, at, g.file_size, block_bytes)
+
+    return MarkedGGUF(Path(path), size, pieces, marked)
+
+
+def _copy(g, lo: int, hi: int, block: int) -> Iterator[memoryview]:
+    for a in range(lo, hi, block):
+        yield memoryview(g.read(a, min(block, hi - a)))
+
+
+fingerprint_model.stream = stream_gguf  # type: ignore[attr-defined]  # Vendor.seal streams GGUF files through it
