@@ -16,7 +16,7 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ from .. import db
 from ..durations import LATEST
 from ..errors import CodemoatError, NotFound
 from .codec import VaultError, b64e, ed_private_raw, key_id, public_raw, write_secret
-from .container import SealedFile, seal_bytes
+from .container import SealedFile, seal_bytes, seal_stream
 from .license import issue as issue_license_doc
 
 _meta = sa.MetaData()
@@ -112,6 +112,24 @@ def read_model(path: Path) -> tuple[str, str, bytearray, list[dict[str, Any]]]:
         off += len(b)
     model_id = folder.name if path.is_dir() else wpath.stem
     return model_id, "safetensors", data, parts
+
+
+def _gguf_pieces(path: Path, stream: Callable | None, secret: bytes) -> tuple[Callable[[], Iterator[Any]], int]:
+    """(pieces, size) of a GGUF file, marked by `stream(path, secret)` when given, else as it is."""
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise CodemoatError(f"{path.name} is not a GGUF file (bad magic)")
+    if stream is not None:
+        marked = stream(path, secret)
+        return marked.pieces, marked.size
+    size = path.stat().st_size
+
+    def pieces() -> Iterator[bytes]:
+        with open(path, "rb") as f:
+            while block := f.read(32 << 20):
+                yield block
+
+    return pieces, size
 
 
 class Vendor:
@@ -234,6 +252,17 @@ class Vendor:
         """Encrypt a model for `customer` (fingerprinted first when `fingerprint` is given) into `out`."""
         model = Path(model)
         cust = self.customer(customer)
+        key = os.urandom(32)
+        kw = {"chunk_size": chunk_size} if chunk_size else {}
+        stream = getattr(fingerprint, "stream", None) if fingerprint is not None else None
+        if model.is_file() and model.suffix == ".gguf" and (fingerprint is None or stream is not None):
+            # a GGUF file is streamed: read (and marked) tensor by tensor, twice (hash, then encrypt)
+            pieces, size = _gguf_pieces(model, stream, cust.fingerprint_secret)
+            sealed = seal_stream(pieces, size, out, signing_key=self.signing_key, content_key=key, model_id=model.stem,
+                                 fmt="gguf", customer=cust.name, customer_id=cust.id,
+                                 parts=[{"name": model.name, "offset": 0, "size": size}],
+                                 fingerprinted=fingerprint is not None, **kw)
+            return self._record(sealed, cust, key, model, "gguf", fingerprint is not None)
         model_id, fmt, data, parts = read_model(model)
         if fingerprint is not None:
             w = parts[0]
@@ -245,19 +274,21 @@ class Vendor:
                          for i, p in enumerate(parts)]
             else:
                 data[: w["size"]] = marked
-        key = os.urandom(32)
-        kw = {"chunk_size": chunk_size} if chunk_size else {}
         sealed = seal_bytes(data, out, signing_key=self.signing_key, content_key=key, model_id=model_id, fmt=fmt,
                             customer=cust.name, customer_id=cust.id, parts=parts,
                             fingerprinted=fingerprint is not None, **kw)
         data[:] = bytes(len(data))
+        return self._record(sealed, cust, key, model, fmt, fingerprint is not None)
+
+    def _record(self, sealed: SealedFile, cust: Customer, key: bytes, model: Path, fmt: str,
+                fingerprinted: bool) -> SealedFile:
         m = sealed.manifest
         with self.engine.begin() as c:
             c.execute(models_t.insert().values(
-                file_id=m.file_id, customer_id=cust.id, model_id=model_id, format=fmt,
+                file_id=m.file_id, customer_id=cust.id, model_id=m.model_id, format=fmt,
                 plaintext_size=m.plaintext_size, plaintext_sha256=m.plaintext_sha256,
                 manifest_sha256=sealed.manifest_sha256, content_key=self._seal_secret(key, f"content:{m.file_id}"),
-                fingerprinted=fingerprint is not None, source=str(model.resolve()), created_at=m.created))
+                fingerprinted=fingerprinted, source=str(model.resolve()), created_at=m.created))
         return sealed
 
     def originals(self) -> list[Path]:
