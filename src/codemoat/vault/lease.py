@@ -132,13 +132,14 @@ class LeaseClient:
         except ValueError:
             raise Unreachable(f"key server at {self.url} answered {r.status_code} without JSON") from None
         if r.status_code != 200:
-            raise self._refusal(data, r.status_code, nonce)
+            raise self._refusal(data, r.status_code, nonce, payload.get("machine_id"))
         if not isinstance(data, dict):
             raise VaultError("key server answer is not a JSON object")
         return data
 
-    def _refusal(self, data: Any, status: int, nonce: str) -> VaultError:
-        """`LeaseDenied` for a refusal the key server signed for this request, else `Unreachable`."""
+    def _refusal(self, data: Any, status: int, nonce: str, machine_id: str | None) -> VaultError:
+        """`LeaseDenied` for a refusal the key server signed for this request (its nonce, this license,
+        and `machine_id`: this machine's, or None for a challenge, which names none), else `Unreachable`."""
         err = data.get("error") if isinstance(data, dict) else None
         code = err.get("code") if isinstance(err, dict) and isinstance(err.get("code"), str) else "error"
         try:
@@ -149,11 +150,7 @@ class LeaseClient:
                 canonical(err),
                 "key server refusal",
             )
-            bound = (
-                err.get("nonce") == nonce
-                and err.get("license_id") == self.lic.id
-                and err.get("machine_id") in (self.machine.id, None)
-            )
+            bound = err.get("nonce") == nonce and err.get("license_id") == self.lic.id and err.get("machine_id") == machine_id
         except (VaultError, TypeError, ValueError):
             bound = False
         if not bound:
