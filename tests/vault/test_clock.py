@@ -44,7 +44,8 @@ def test_a_saved_clock_record_put_back_after_setting_the_clock_back_is_refused(v
         verify_bundle(moat, lic, clock=clock)  # still refused
 
 
-def test_files_the_service_wrote_raise_the_floor(vendor, machine, model, tmp_path):
+@pytest.mark.parametrize("written", ["codemoat.db", "audit-head-0123abcd.json"])
+def test_files_the_service_wrote_raise_the_floor(vendor, machine, model, tmp_path, written):
     """The record and machine.key's time both put back: the audit database written at the later date still counts."""
     moat, lic, _ = bundle(vendor, model, tmp_path / "a", machine, days=30)
     clock = ManualClock()
@@ -54,7 +55,7 @@ def test_files_the_service_wrote_raise_the_floor(vendor, machine, model, tmp_pat
     _save(guard.path, tmp_path / "clock.saved")
     stamp = os.stat(key).st_mtime
     clock.advance(31 * 86400)
-    db = guard.path.with_name("codemoat.db")
+    db = guard.path.with_name(written)
     db.write_bytes(b"")
     os.utime(db, (clock.time(), clock.time()))  # the server's audit log, written on the later date
     with pytest.raises(VaultError, match="license expired"):
@@ -62,7 +63,7 @@ def test_files_the_service_wrote_raise_the_floor(vendor, machine, model, tmp_pat
     clock.set_wall(t0 + 86400)
     _save(tmp_path / "clock.saved", guard.path)
     os.utime(key, (stamp, stamp))
-    with pytest.raises(VaultError, match="system clock is set back.*codemoat.db"):
+    with pytest.raises(VaultError, match=f"system clock is set back.*{written}"):
         verify_bundle(moat, lic, clock=clock)
     os.utime(db, (stamp, stamp))  # every file's time put back too: software on the owner's machine stops here
     assert verify_bundle(moat, lic, clock=clock)["ok"]

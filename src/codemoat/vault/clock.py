@@ -11,7 +11,8 @@ was set back carries a valid tag too. So the floor is the highest of several thi
 of one file does not roll back: the record; the modification time of `machine.key`, which the
 guard sets to each new mark (the key cannot be deleted without losing the machine's identity);
 the modification times of the files the service keeps writing (the databases — the audit log and
-its signed checkpoints live in `codemoat.db` — and the outbound log); and every time a key server
+its signed checkpoints live in `codemoat.db` —, the audit log's signed head files, which exist
+for a PostgreSQL database too, and the outbound log); and every time a key server
 signed (`raise_floor`, called by the lease client). A license's issue time is a floor too (the
 license check refuses a clock before it). Someone who restores the whole data folder, or sets
 every file's time back as well, is not stopped by software on a machine they own: a lease license
@@ -36,7 +37,16 @@ from .codec import VaultError, write_secret, x_private_raw
 
 RECORD = "clock.json"
 STAMP = "machine.key"  # its mtime carries the mark too
-WRITTEN = ("codemoat.db", "codemoat.db-wal", "index.db", "index.db-wal", "outbound.jsonl")  # written while serving
+# Written while serving: the databases, the audit log's head files (one per database, PostgreSQL too), the outbound log
+WRITTEN = (
+    "codemoat.db",
+    "codemoat.db-wal",
+    "index.db",
+    "index.db-wal",
+    "audit-head-*.json",
+    "audit-verified-*.json",
+    "outbound.jsonl",
+)
 
 
 class Clock:
@@ -133,13 +143,15 @@ class ClockGuard:
     def floor(self) -> tuple[float, str]:
         """The latest time this machine has seen, and what showed it."""
         best, why = float(self.read()), "its clock record"
-        for name in (STAMP, *WRITTEN):
-            try:
-                t = os.stat(self.path.with_name(name)).st_mtime
-            except OSError:
-                continue
-            if t > best:
-                best, why = t, f"{name} was written then"
+        folder = self.path.parent
+        for pattern in (STAMP, *WRITTEN):
+            for p in folder.glob(pattern) if "*" in pattern else (folder / pattern,):
+                try:
+                    t = os.stat(p).st_mtime
+                except OSError:
+                    continue
+                if t > best:
+                    best, why = t, f"{p.name} was written then"
         return best, why
 
     def check(self) -> float:
