@@ -39,7 +39,7 @@ HOSTILE_TEXT = st.sampled_from([
     "", " ", "\ud800", "a\udfffb", "\x00", "\u202e", "\ufeff", "<|fim_middle|>", "<|endoftext|>", "{{ .Prompt }}", "%s%n",
     "-----BEGIN RSA PRIVATE KEY-----", "AKIA" + "QWERTYUIOPASDFGH", "x" * 5000, "\n" * 300, "../../etc/passwd",
     "tiny:latest", "select", "system", "developer", "tool", "user",
-]) | st.text(st.characters(exclude_categories=("Cs",)), max_size=40)  # surrogates: the two above
+]) | st.text(st.characters(exclude_categories=("Cs",)), max_size=40) | st.text(max_size=40)  # the last with surrogates
 SCALARS = (st.none() | st.booleans() | st.integers(min_value=-2**70, max_value=2**70)
            | st.floats(allow_nan=True, allow_infinity=True) | HOSTILE_TEXT)
 VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(HOSTILE_TEXT, inner, max_size=3),

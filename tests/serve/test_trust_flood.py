@@ -11,7 +11,6 @@ from audit.trustapp import db_bytes, make_app, make_tokens, records, tiny_engine
 from codemoat.accounts import Accounts
 from codemoat.config import Settings
 from codemoat.db import open_db
-from codemoat.serve.failures import OVERFLOW, FailureTally
 
 AWS = "AKIA" + "ZXCVBNMASDFGHJKL"
 
@@ -60,6 +59,8 @@ def test_unauthenticated_flood_is_one_record_and_one_tally_per_source(db, llm, h
 
 
 def test_tally_is_bounded_and_drained_at_shutdown():
+    from codemoat.serve.failures import OVERFLOW, FailureTally
+
     t = FailureTally(interval=60, max_sources=3)
     first = [t.observe(f"10.0.0.{i}", 401, "/v1/completions", now=100)[0] for i in range(5)]
     assert first == [True, True, True, True, False]  # the fourth source on is the overflow entry "*"

@@ -13,7 +13,6 @@ from audit.trustapp import db_bytes, make_app, make_tokens, records, tiny_engine
 from codemoat.accounts import Accounts
 from codemoat.config import Settings
 from codemoat.db import open_db
-from codemoat.serve import screen
 
 AWS = "AKIA" + "QWERTYUIOPASDFGH"
 
@@ -42,6 +41,8 @@ def client_for(db, llm, **settings) -> TestClient:
 @pytest.fixture
 def scans(monkeypatch):
     """Every call of the secret screen's scanner (the real one runs), with how many characters it was given."""
+    from codemoat.serve import screen
+
     seen: list[int] = []
     real = screen.scan_body
 
@@ -53,20 +54,29 @@ def scans(monkeypatch):
     return seen
 
 
-def test_block_policy_authenticates_before_it_reads_a_body(db, llm, scans):
+def test_block_policy_authenticates_before_it_reads_a_body(db, llm):
     """The review's CPU drain: anyone could make the server scan 8 MiB bodies for secrets."""
     big = {"model": "tiny", "prompt": f"key = '{AWS}'\n" + "x = 1\n" * 200_000}
     with client_for(db, llm, policy={"secrets": "block"}) as c:
         for headers in ({}, {"Authorization": "Bearer cm_wrong"}, {"x-api-key": "cm_wrong"}):
             r = c.post("/v1/completions", json=big, headers=headers)
-            assert r.status_code == 401, r.text  # not a 400 naming the secret: the body was never read
-        assert scans == []
+            assert r.status_code == 401, r.text[:200]  # not a 400 naming the secret: nobody read the body for it
         r = c.post("/v1/completions", json={"model": "tiny", "prompt": f"key = '{AWS}'"}, headers=c.tokens["alice"])
         assert r.status_code == 400 and "aws_access_key_id" in r.text
+
+
+def test_scanner_runs_only_for_a_valid_token(db, llm, scans):
+    with client_for(db, llm, policy={"secrets": "block"}) as c:
+        for headers in ({}, {"Authorization": "Bearer cm_wrong"}):
+            assert c.post("/v1/events", json={"type": "view", "choice": AWS}, headers=headers).status_code == 401
+        assert scans == []
+        assert c.post("/v1/events", json={"type": "view", "choice": AWS}, headers=c.tokens["alice"]).status_code == 400
     assert len(scans) == 1
 
 
 def test_scan_is_bounded_and_looks_at_both_ends():
+    from codemoat.serve import screen
+
     limit = 1000
     filler = "y = 2\n" * 10_000
     head, tail, middle = f"{AWS}\n" + filler, filler + f"\n{AWS}", filler + f"\n{AWS}\n" + filler
