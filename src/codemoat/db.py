@@ -8,7 +8,11 @@ The same code runs on SQLite (WAL, the default) and PostgreSQL (psycopg 3).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event, text
@@ -54,6 +58,23 @@ def migration_dirs(packages: tuple[str, ...]) -> list[str]:
     return [str(root / p / "migrations" / "versions") for p in packages if (root / p / "migrations" / "versions").is_dir()]
 
 
+@contextlib.contextmanager
+def _sqlite_file_lock(engine: Engine) -> Iterator[None]:
+    """For an SQLite file, an exclusive flock on `<file>.migrate-lock` while migrating: processes
+    starting together (a server and a CLI command on a first run) otherwise race to create the
+    same tables ("table alembic_version already exists"). Other backends: nothing."""
+    db = engine.url.database if engine.url.get_backend_name() == "sqlite" else None
+    if not db or db == ":memory:" or db.startswith("file:"):
+        yield
+        return
+    fd = os.open(f"{db}.migrate-lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def upgrade(engine: Engine, packages: tuple[str, ...]) -> None:
     """Run every package's Alembic branch up to its head (idempotent)."""
     from alembic import command
@@ -66,7 +87,7 @@ def upgrade(engine: Engine, packages: tuple[str, ...]) -> None:
     cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
     cfg.set_main_option("version_locations", " ".join(dirs))
     cfg.set_main_option("path_separator", "space")
-    with engine.begin() as conn:
+    with _sqlite_file_lock(engine), engine.begin() as conn:
         if conn.dialect.name == "postgresql":
             # Replicas starting together against one database: the first to take this lock
             # migrates, the others wait for it and then find nothing to do. A transaction-level
