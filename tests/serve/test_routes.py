@@ -42,10 +42,12 @@ def client(engine):
         yield c
 
 
-def test_health_is_open(client):
+def test_health_liveness_is_open_details_need_a_token(client):
     r = client.get("/health", headers={"Authorization": ""})
-    assert r.status_code == 200 and r.json()["status"] == "ok"
-    assert client.get("/v1/health", headers={"Authorization": ""}).json()["model"] == "tiny"
+    assert r.status_code == 200 and r.json() == {"status": "ok"}
+    assert client.get("/health").json()["model"] == "tiny"  # the client's token
+    assert client.get("/v1/health", headers={"Authorization": ""}).status_code == 401
+    assert client.get("/v1/health").json()["model"] == "tiny"
 
 
 def test_openai_completion_with_suffix_uses_fim(client):
@@ -144,8 +146,9 @@ def test_prompt_longer_than_context(client):
     r = client.post("/v1/completions", json={"model": "tiny", "prompt": "def " * 700, "max_tokens": 8})
     err = r.json()["error"]
     assert r.status_code == 400 and "512" in err["message"] and "max_tokens is 8" in err["message"]
-    r = client.post("/api/generate", json={"model": "tiny", "prompt": "def " * 700, "raw": True})
-    assert r.status_code == 400 and "context" in r.json()["error"]
+    # Ollama keeps the end of an over-long prompt instead (tests/serve/test_prompts.py)
+    r = client.post("/api/generate", json={"model": "tiny", "prompt": "def " * 700, "raw": True, "stream": False})
+    assert r.status_code == 200 and r.json()["prompt_eval_count"] < 512
 
 
 def test_max_tokens_bounded_by_configuration(client):

@@ -97,13 +97,16 @@ class Completion:
     finish_reason: FinishReason
 
 
-class PromptTooLong(ValueError):
-    """The prompt does not leave room for generation in the context window."""
+class PromptTooLong(CodemoatError, ValueError):
+    """The prompt does not leave room for generation in the context window (the one "too long"
+    error: engines raise it, and the server when a prompt cannot be fitted)."""
 
-    def __init__(self, prompt_tokens: int, n_ctx: int, max_tokens: int):
+    code = "context_length_exceeded"
+
+    def __init__(self, prompt_tokens: int, n_ctx: int, max_tokens: int, at_least: bool = False):
         self.prompt_tokens, self.n_ctx, self.max_tokens = prompt_tokens, n_ctx, max_tokens
         super().__init__(
-            f"prompt is {prompt_tokens} tokens and max_tokens is {max_tokens}, "
+            f"prompt is {'more than ' if at_least else ''}{prompt_tokens} tokens and max_tokens is {max_tokens}, "
             f"but the model's context is {n_ctx} tokens"
         )
 
@@ -189,10 +192,16 @@ class Engine(abc.ABC):
     def detokenize(self, ids: Sequence[int]) -> str:
         """Text of `ids` (control tokens rendered as text)."""
 
+    def encode(self, parts: Sequence[Any], bos: bool = True) -> list[int]:
+        """Token ids of a prompt given as parts (`templates.Part`: text, special): control tokens are
+        parsed only in special parts; with `bos`, the model's BOS (if it wants one) appears once at
+        the start, whether or not the template wrote it."""
+        return [t for p in parts if p.text for t in self.tokenize(p.text, p.special)]
+
     @abc.abstractmethod
-    def stream(self, prompt: str, params: SamplingParams) -> AsyncIterator[Chunk]:
-        """Generate from `prompt`; the last chunk carries `finish_reason`. Closing the
-        iterator (client gone) cancels generation."""
+    def stream(self, prompt: str | list[int], params: SamplingParams) -> AsyncIterator[Chunk]:
+        """Generate from `prompt` (text, or token ids already built by `encode`); the last chunk
+        carries `finish_reason`. Closing the iterator (client gone) cancels generation."""
 
     def count_tokens(self, prompt: str) -> int:
         return len(self.tokenize(prompt))
@@ -205,13 +214,13 @@ class Engine(abc.ABC):
         if n + max(1, max_tokens) > self.n_ctx:
             raise PromptTooLong(n, self.n_ctx, max_tokens)
 
-    def check_prompt(self, prompt: str, max_tokens: int) -> int:
+    def check_prompt(self, prompt: str | list[int], max_tokens: int) -> int:
         """Token count of `prompt`, checked by `check_count`."""
-        n = self.count_tokens(prompt)
+        n = len(prompt) if isinstance(prompt, list) else self.count_tokens(prompt)
         self.check_count(n, max_tokens)
         return n
 
-    async def complete(self, prompt: str, params: SamplingParams) -> Completion:
+    async def complete(self, prompt: str | list[int], params: SamplingParams) -> Completion:
         """Generate to the end and return the whole text."""
         n_prompt = self.check_prompt(prompt, params.max_tokens)
         parts: list[str] = []
@@ -228,9 +237,6 @@ class Engine(abc.ABC):
         """Next-token logits after `prompt` (float32, vocab-sized); for parity checks and tracing.
         Engines that cannot expose them (a remote vLLM) raise `CodemoatError`."""
         from ..errors import CodemoatError
-
-if TYPE_CHECKING:
-    from .memfd import MemfdBuffer
 
         raise CodemoatError(f"the {self.name} engine does not expose logits")
 

@@ -38,6 +38,10 @@ def _valid_utf8_prefix(b: bytes) -> int:
     return n
 
 
+# Prompt tokens are evaluated in chunks of this many, aligned to position 0 (`_eval_aligned`).
+ALIGN = 64
+
+
 def _cannot_load(name: str) -> CodemoatError:
     return CodemoatError(f"cannot load model {name}: llama.cpp cannot read it (not a GGUF model, truncated, "
                          "or an architecture this llama.cpp does not know)")
@@ -91,9 +95,6 @@ def load_llama(model_path: str, name: str | None = None, *, use_extra_bufts: boo
 
 class LlamaCppEngine(WorkerEngine):
     name = "llamacpp"
-    # llama.cpp's CPU "extra buffer types" (AMX, repacked kernels) off: correct on any x86-64 CPU
-    safe_options = {"use_extra_bufts": False}
-    isolatable = True
     # llama.cpp's CPU "extra buffer types" (AMX, repacked kernels) off: correct on any x86-64 CPU
     safe_options = {"use_extra_bufts": False}
     isolatable = True
@@ -164,11 +165,6 @@ class LlamaCppEngine(WorkerEngine):
     @classmethod
     def from_buffer(cls, buf: MemfdBuffer, parts: Any = None, **kw: Any) -> "LlamaCppEngine":
         """A decrypted GGUF in `buf` (the `Engine` contract; a GGUF is one part)."""
-        return cls.from_memfd(buf, **kw)
-
-    @classmethod
-    def from_buffer(cls, buf: MemfdBuffer, parts: Any = None, **kw: Any) -> "LlamaCppEngine":
-        """A decrypted GGUF in `buf` (the `Engine` contract; a GGUF is one part)."""
         if parts and not any(name.endswith(".gguf") for name in parts):
             buf.close(zero=True)
             raise CodemoatError(f"the llamacpp engine serves GGUF files, and this model holds {', '.join(parts)}: "
@@ -179,19 +175,6 @@ class LlamaCppEngine(WorkerEngine):
     def from_bytes(cls, data: bytes | bytearray | memoryview, **kw: Any) -> "LlamaCppEngine":
         """Load a GGUF held in memory: copied into a sealed memfd, never written to a disk path."""
         return cls.from_memfd(MemfdBuffer.from_bytes(data), **kw)
-
-    @classmethod
-    def front(cls, path: str, *, model_id: str | None = None, **_: Any) -> "LlamaCppEngine":
-        """Tokenizer and metadata only (a vocab-only llama: no weights, no worker), for the server
-        side of a supervised engine; generating with it is refused."""
-        import llama_cpp
-
-        eng = cls.__new__(cls)
-        eng._memfd, eng._closed, eng._front = None, False, True
-        eng._llm = load_vocab(path, model_id or path)
-        eng.model_id = model_id or Path(path).stem
-        eng._lib, eng._vocab, eng._special_cache = llama_cpp, eng._llm._model.vocab, {}
-        return eng
 
     @classmethod
     def front(cls, path: str, *, model_id: str | None = None, **_: Any) -> "LlamaCppEngine":
@@ -237,13 +220,24 @@ class LlamaCppEngine(WorkerEngine):
         return self._model.detokenize([tid], special=True).decode("utf-8", "replace")
 
     def tokenize(self, text: str, special: bool = True) -> list[int]:
-        return self._model.tokenize(text.encode(), add_bos=self._add_bos(), special=special)
+        """Token ids with the model's BOS once (a text that starts with the BOS token keeps just that one)."""
+        from .templates import Part
+
+        return self.encode([Part(text, special)])
 
     def _add_bos(self) -> bool:
         return str(self._model.metadata.get("tokenizer.ggml.add_bos_token", "false")).lower() == "true"
 
+    def encode(self, parts: Sequence[Any], bos: bool = True) -> list[int]:
+        ids = [t for p in parts if p.text for t in self._model.tokenize(p.text.encode(), add_bos=False, special=p.special)]
+        first = self._model.token_bos()
+        if bos and self._add_bos() and first is not None and first >= 0 and ids[:1] != [first]:
+            ids.insert(0, first)
+        return ids
+
     def detokenize(self, ids: Sequence[int]) -> str:
-        return self._model.detokenize(list(ids), special=True).decode("utf-8", "replace")
+        """Text of `ids` without control tokens (they are the template's, never the answer's)."""
+        return self._model.detokenize(list(ids), special=False).decode("utf-8", "replace")
 
     # -- generation ---------------------------------------------------------
     def _generate(self, prompt_ids: list[int], params: SamplingParams, emit: Callable[[Chunk], None], cancel: threading.Event) -> None:
@@ -255,6 +249,7 @@ class LlamaCppEngine(WorkerEngine):
         raw = b""
         n = 0
         reason: FinishReason = "length"
+        self._eval_aligned(prompt_ids)
         gen = llm.generate(
             prompt_ids,
             top_k=params.top_k if params.temperature > 0 else 1,
@@ -273,7 +268,19 @@ class LlamaCppEngine(WorkerEngine):
                     reason = "stop"
                     break
                 n += 1
-                raw += llm.detokenize([tok], prev_tokens=None, special=True)
+                if self._lib.llama_vocab_is_control(self._vocab, tok):
+                    # a control token is never text: <|fim_middle|> must not appear in an answer; one
+                    # that a stop string names (<|file_sep|>, <end_of_turn>) ends the answer
+                    if llm.detokenize([tok], special=True).decode("utf-8", "replace") in params.stop:
+                        reason = "stop"
+                        break
+                    if cutter.feed(raw[: _valid_utf8_prefix(raw)].decode("utf-8", "replace"), tok):
+                        reason = "stop"
+                        break
+                    if n >= params.max_tokens:
+                        break
+                    continue
+                raw += llm.detokenize([tok], prev_tokens=None, special=False)
                 if cutter.feed(raw[: _valid_utf8_prefix(raw)].decode("utf-8", "replace"), tok):
                     reason = "stop"
                     break
@@ -283,12 +290,33 @@ class LlamaCppEngine(WorkerEngine):
             gen.close()
         cutter.finish(reason)
 
+    def _eval_aligned(self, ids: list[int]) -> None:
+        """Evaluate all but the last prompt token in chunks of ALIGN tokens aligned to position 0,
+        reusing only cached positions that an aligned chunk computed. llama.cpp's results for a
+        position depend on the batch it was evaluated in; reusing a KV-cache prefix of any length
+        changed the split, and greedy answers with it (logits moved by up to 1.14). This way every
+        position of a prompt is computed in the same batch whatever came before, so equal prompts give
+        equal logits. Cost: up to ALIGN - 1 cached tokens evaluated again (bench/results/prompts.md)."""
+        llm = self._model
+        body = ids[:-1]
+        cached = llm._input_ids
+        same = 0
+        limit = min(len(cached), len(body), getattr(self, "_aligned", 0))
+        while same < limit and cached[same] == body[same]:
+            same += 1
+        start = same // ALIGN * ALIGN
+        llm.n_tokens = start  # eval() drops the cache from here
+        for i in range(start, len(body), ALIGN):
+            llm.eval(body[i : i + ALIGN])
+        self._aligned = len(body) // ALIGN * ALIGN  # positions computed by whole aligned chunks
+
     def logits(self, prompt: str) -> np.ndarray:
         """Next-token logits after `prompt` (float32 copy)."""
         ids = self.tokenize(prompt)
         self.check_count(len(ids), 0)  # not empty (eval() of nothing leaves stale logits), fits the context
 
         def run() -> np.ndarray:
+            self._aligned = 0
             self._model.reset()
             self._model.eval(ids)
             arr = np.ctypeslib.as_array(self._model._ctx.get_logits(), shape=(self.n_vocab,))

@@ -12,11 +12,25 @@ Clients send raw prefix and suffix; the server picks the template from the model
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..errors import CodemoatError
+
+
+@dataclass(frozen=True)
+class Part:
+    """A piece of a prompt. Only a template's own markers are `special` (tokenised with control
+    tokens parsed); a user's text never is, so `<eos>` written in source code stays text."""
+
+    text: str
+    special: bool = False
+
+
+def text_of(parts: Iterable[Part]) -> str:
+    return "".join(p.text for p in parts)
 
 
 @dataclass(frozen=True)
@@ -41,6 +55,23 @@ class FimTemplate:
     spaced: bool = False
     markers: tuple[str, ...] = field(default=())
 
+    def parts(
+        self,
+        prefix: str,
+        suffix: str = "",
+        extra: Sequence[FileSnippet] = (),
+        path: str | None = None,
+        repo: str | None = None,
+    ) -> list[Part]:
+        """The prompt as parts: the template's markers are special tokens, everything else is text
+        (a user's `<eos>` stays text; see `Part`)."""
+        out = self._context(extra, path, repo)
+        if self.spaced:
+            out += [Part(self.prefix, True), Part(f" {prefix} "), Part(self.suffix, True), Part(f"{suffix} "), Part(self.middle, True)]
+        else:
+            out += [Part(self.prefix, True), Part(prefix), Part(self.suffix, True), Part(suffix), Part(self.middle, True)]
+        return out
+
     def render(
         self,
         prefix: str,
@@ -50,26 +81,36 @@ class FimTemplate:
         repo: str | None = None,
     ) -> str:
         """The prompt for completing between `prefix` and `suffix`, with `extra` files as context."""
-        head = self._context(extra, path, repo)
-        if self.spaced:
-            return f"{head}{self.prefix} {prefix} {self.suffix}{suffix} {self.middle}"
-        return f"{head}{self.prefix}{prefix}{self.suffix}{suffix}{self.middle}"
+        return text_of(self.parts(prefix, suffix, extra, path, repo))
 
-    def _context(self, extra: Sequence[FileSnippet], path: str | None, repo: str | None) -> str:
+    def _context(self, extra: Sequence[FileSnippet], path: str | None, repo: str | None) -> list[Part]:
         if not extra:
-            return ""
-        if self.file_sep:
-            parts = []
-            if self.repo_name and repo:
-                parts.append(f"{self.repo_name}{repo}\n")
-            for s in extra:
-                parts.append(f"{self.file_sep}{s.path}\n{s.text.rstrip()}\n")
-            if path:
-                parts.append(f"{self.file_sep}{path}\n")
-            return "".join(parts)
-        return "".join(f"{comment_for(s.path)} {s.path}\n{s.text.rstrip()}\n\n" for s in extra) + (
-            f"{comment_for(path)} {path}\n" if path else ""
-        )
+            return []
+        if not self.file_sep:
+            return [Part(path_comments(extra, path))]
+        parts = []
+        if self.repo_name and repo:
+            parts += [Part(self.repo_name, True), Part(f"{repo}\n")]
+        for s in extra:
+            parts += [Part(self.file_sep, True), Part(f"{s.path}\n{s.text.rstrip()}\n")]
+        if path:
+            parts += [Part(self.file_sep, True), Part(f"{path}\n")]
+        return parts
+
+    def go_template(self) -> str:
+        """The template as Ollama's `/api/show` gives it (a Go template over `.Prompt` and `.Suffix`)."""
+        if self.spaced:
+            fim = f"{self.prefix} {{{{ .Prompt }}}} {self.suffix}{{{{ .Suffix }}}} {self.middle}"
+        else:
+            fim = f"{self.prefix}{{{{ .Prompt }}}}{self.suffix}{{{{ .Suffix }}}}{self.middle}"
+        return f"{{{{- if .Suffix }}}}{fim}{{{{- else }}}}{{{{ .Prompt }}}}{{{{- end }}}}"
+
+
+def path_comments(extra: Sequence[FileSnippet], path: str | None = None) -> str:
+    """Other files as path-commented text (for templates without file tokens, and models without FIM)."""
+    return "".join(f"{comment_for(s.path)} {s.path}\n{s.text.rstrip()}\n\n" for s in extra) + (
+        f"{comment_for(path)} {path}\n" if path else ""
+    )
 
 
 def comment_for(path: str | None) -> str:
@@ -115,14 +156,40 @@ FIM_TEMPLATES: dict[str, FimTemplate] = {
 }
 
 
+def fits_vocab(t: FimTemplate, has_token: Callable[[str], bool], strict: bool = False) -> FimTemplate | None:
+    """`t` when its prefix/suffix/middle markers are single tokens of the vocabulary (else None);
+    without file tokens, other files go in as path comments instead. `strict` (detection) also
+    needs the family's distinguishing `markers` (CodeGemma and Qwen share `<|fim_prefix|>`)."""
+    needed = (t.prefix, t.suffix, t.middle, *(t.markers if strict else ()))
+    if not all(has_token(m) for m in needed):
+        return None
+    if t.file_sep and not has_token(t.file_sep):
+        return replace(t, file_sep=None, repo_name=None)
+    if t.repo_name and not has_token(t.repo_name):
+        return replace(t, repo_name=None)
+    return t
+
+
 def detect_fim(metadata: dict[str, Any], has_token: Callable[[str], bool], configured: str | None = None) -> FimTemplate | None:
     """The FIM template for a model: configured, else from its architecture/name, else from the
-    special tokens in its vocabulary. None when the model has no FIM tokens at all."""
+    special tokens in its vocabulary. None when the model has no FIM tokens at all. A configured
+    template whose markers are not single tokens of this model is refused (the markers would
+    otherwise be split into ordinary text, and the model would see noise)."""
     if configured:
         try:
-            return FIM_TEMPLATES[configured]
+            t = FIM_TEMPLATES[configured]
         except KeyError:
             raise CodemoatError(f"unknown FIM template {configured!r}: choose from {', '.join(FIM_TEMPLATES)}") from None
+        fitted = fits_vocab(t, has_token)
+        if fitted is None:
+            missing = [m for m in (t.prefix, t.suffix, t.middle) if not has_token(m)]
+            usable = [n for n, c in FIM_TEMPLATES.items() if fits_vocab(c, has_token)]
+            raise CodemoatError(
+                f"FIM template {configured!r} does not fit this model: {', '.join(missing)} "
+                f"{'is not a single token' if len(missing) == 1 else 'are not single tokens'} of its vocabulary "
+                f"(templates that fit: {', '.join(usable) or 'none, the model has no FIM tokens'})"
+            )
+        return fitted
     arch = str(metadata.get("general.architecture", "")).lower()
     name = str(metadata.get("general.name", "")).lower() + " " + str(metadata.get("general.basename", "")).lower()
     by_meta = None
@@ -136,33 +203,73 @@ def detect_fim(metadata: dict[str, Any], has_token: Callable[[str], bool], confi
         by_meta = "codellama"
     elif arch == "qwen2" or "qwen" in name:
         by_meta = "qwen"
-    if by_meta and all(has_token(m) for m in FIM_TEMPLATES[by_meta].markers):
-        return FIM_TEMPLATES[by_meta]
+    if by_meta and (t := fits_vocab(FIM_TEMPLATES[by_meta], has_token, strict=True)):
+        return t
     # Vocabulary decides: order matters (codegemma and qwen share <|fim_prefix|>).
     for cand in ("codegemma", "qwen", "deepseek", "starcoder", "codellama"):
-        t = FIM_TEMPLATES[cand]
-        if all(has_token(m) for m in t.markers):
+        if t := fits_vocab(FIM_TEMPLATES[cand], has_token, strict=True):
             return t
     return None
 
 
 # ---------------------------------------------------------------- chat -----
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+# Chat formats for GGUFs without `tokenizer.chat_template`, recognised by their turn tokens. Each
+# follows its model card's template (the Jinja in the family's tokenizer_config.json), written
+# with `{{ "\n" }}` so that trim_blocks cannot eat a newline the format needs.
+CHAT_FORMATS: dict[str, tuple[tuple[str, ...], str, tuple[str, ...]]] = {
+    # name: (tokens that identify it, template, stop strings)
+    "gemma": (("<start_of_turn>", "<end_of_turn>"), (
+        "{{ bos_token }}{% set ns = namespace(sys='') %}{% for m in messages %}"
+        "{% if m['role'] == 'system' %}{% set ns.sys = ns.sys + m['content'] + '\n\n' %}"
+        "{% else %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else 'user' }}{{ '\n' }}"
+        "{% if m['role'] != 'assistant' %}{{ ns.sys }}{% set ns.sys = '' %}{% endif %}"
+        "{{ m['content'] }}<end_of_turn>{{ '\n' }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<start_of_turn>model{{ '\n' }}{% endif %}"
+    ), ("<end_of_turn>", "<start_of_turn>")),
+    "llama3": (("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"), (
+        "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>{{ '\n\n' }}"
+        "{{ m['content'] }}<|eot_id|>{% endfor %}"
+        "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>{{ '\n\n' }}{% endif %}"
+    ), ("<|eot_id|>", "<|start_header_id|>")),
+    "chatml": (("<|im_start|>", "<|im_end|>"), (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}{{ '\n' }}{{ m['content'] }}<|im_end|>{{ '\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant{{ '\n' }}{% endif %}"
+    ), ("<|im_end|>", "<|im_start|>", "<|endoftext|>")),
+    "phi3": (("<|user|>", "<|assistant|>", "<|end|>"), (
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ '\n' }}{{ m['content'] }}<|end|>{{ '\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{{ '\n' }}{% endif %}"
+    ), ("<|end|>", "<|user|>", "<|endoftext|>")),
+    "mistral": (("[INST]", "[/INST]"), (
+        "{{ bos_token }}{% set ns = namespace(sys='') %}{% for m in messages %}"
+        "{% if m['role'] == 'system' %}{% set ns.sys = ns.sys + m['content'] + '\n\n' %}"
+        "{% elif m['role'] == 'assistant' %}{{ m['content'] }}{{ eos_token }}"
+        "{% else %}[INST] {{ ns.sys }}{% set ns.sys = '' %}{{ m['content'] }} [/INST]{% endif %}{% endfor %}"
+    ), ("[INST]",)),
+    # DeepSeek-Coder instruct: "### Instruction:" / "### Response:" turns, each answer ended by <|EOT|>
+    "deepseek-coder": (("<|EOT|>",), (
+        "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}{{ '\n' }}"
+        "{% elif m['role'] == 'assistant' %}### Response:{{ '\n' }}{{ m['content'] }}{{ '\n' }}<|EOT|>{{ '\n' }}"
+        "{% else %}### Instruction:{{ '\n' }}{{ m['content'] }}{{ '\n' }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}### Response:{{ '\n' }}{% endif %}"
+    ), ("<|EOT|>", "### Instruction:")),
+}
+CHATML = CHAT_FORMATS["chatml"][1]
 PLAIN_CHAT = (
     "{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
     "{% elif m['role'] == 'user' %}### User:\n{{ m['content'] }}\n\n"
     "{% else %}### Assistant:\n{{ m['content'] }}\n\n{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}### Assistant:\n{% endif %}"
 )
+# Stands in for a message's content while the template is rendered, so that the template's own
+# text (special tokens parsed) and the user's (never parsed) can be told apart afterwards.
+_SLOT = "\ue000{}\ue001"
+_SLOT_RE = re.compile("\ue000(\\d+)\ue001")
 
 
 class ChatTemplate:
     """A Jinja2 chat template (the GGUF's `tokenizer.chat_template`), rendered in a sandbox."""
 
-    def __init__(self, source: str, bos_token: str = "", eos_token: str = "", stop: Iterable[str] = ()):
+    def __init__(self, source: str, bos_token: str = "", eos_token: str = "", stop: Iterable[str] = (), name: str = "custom"):
         from jinja2 import TemplateError
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -177,8 +284,9 @@ class ChatTemplate:
         except TemplateError as e:
             raise CodemoatError(f"chat template does not parse: {e}") from None
         self.source = source
+        self.name = name
         self.bos_token, self.eos_token = bos_token, eos_token
-        self.stop = tuple(s for s in stop if s)
+        self.stop = tuple(dict.fromkeys(s for s in stop if s))
 
     def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
         from jinja2 import TemplateError
@@ -194,15 +302,44 @@ class ChatTemplate:
         except TemplateError as e:
             raise CodemoatError(f"chat template failed: {e}") from None
 
+    def parts(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[Part]:
+        """The rendered prompt as parts: the template's text is special, each message's content is
+        not. Templates that trim the content are followed (found by rendering with the real text)."""
+        slotted = [{**m, "content": _SLOT.format(i)} for i, m in enumerate(messages)]
+        shape = self.render(slotted, add_generation_prompt)
+        real = self.render(messages, add_generation_prompt)
+
+        def fill(strip: bool) -> list[Part]:
+            out: list[Part] = []
+            pos = 0
+            for m in _SLOT_RE.finditer(shape):
+                if m.start() > pos:
+                    out.append(Part(shape[pos:m.start()], True))
+                c = str(messages[int(m.group(1))]["content"])
+                out.append(Part(c.strip() if strip else c))
+                pos = m.end()
+            if pos < len(shape):
+                out.append(Part(shape[pos:], True))
+            return out
+
+        exact = fill(False)
+        if text_of(exact) != real:
+            trimmed = fill(True)
+            if text_of(trimmed) == real:
+                return trimmed
+        return exact
+
 
 def chat_template_for(metadata: dict[str, Any], has_token: Callable[[str], bool], token_text: Callable[[str], str], configured: str | None = None) -> ChatTemplate:
-    """The configured template, else the model's own, else ChatML when its tokens exist, else plain text."""
+    """The configured template, else the model's own, else a known family's recognised by its turn
+    tokens (Gemma, Llama 3, ChatML, Phi-3, Mistral, DeepSeek-Coder), else plain text. `name` says which."""
     bos = token_text("bos")
     eos = token_text("eos")
     src = configured or metadata.get("tokenizer.chat_template")
     if src:
-        stops = [eos] + [t for t in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|EOT|>", "<|endoftext|>") if has_token(t)]
-        return ChatTemplate(str(src), bos, eos, stops)
-    if has_token("<|im_start|>") and has_token("<|im_end|>"):
-        return ChatTemplate(CHATML, bos, eos, ["<|im_end|>", eos, "<|endoftext|>"])
-    return ChatTemplate(PLAIN_CHAT, bos, eos, ["### User:", eos, "<|endoftext|>", "<|file_sep|>"])
+        stops = [eos] + [t for t in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|EOT|>", "<|endoftext|>", "<|end|>") if has_token(t)]
+        return ChatTemplate(str(src), bos, eos, stops, name="configured" if configured else "model")
+    for name, (tokens, template, stops) in CHAT_FORMATS.items():
+        if all(has_token(t) for t in tokens):
+            return ChatTemplate(template, bos, eos, [*stops, eos], name=name)
+    return ChatTemplate(PLAIN_CHAT, bos, eos, ["### User:", eos, "<|endoftext|>", "<|file_sep|>"], name="plain")

@@ -153,9 +153,10 @@ class WorkerEngine(Engine):
     def queued(self) -> int:
         return self._jobs.qsize()
 
-    def _prompt_ids(self, prompt: str, max_tokens: int) -> list[int]:
-        """Token ids of `prompt`, checked by `check_count` (not empty, room for `max_tokens`)."""
-        ids = self.tokenize(prompt)
+    def _prompt_ids(self, prompt: str | list[int], max_tokens: int) -> list[int]:
+        """Token ids of `prompt` (ids pass through, built once by the server), checked by `check_count`
+        (not empty, room for `max_tokens`)."""
+        ids = list(prompt) if isinstance(prompt, list) else self.tokenize(prompt)
         self.check_count(len(ids), max_tokens)
         return ids
 
@@ -163,7 +164,7 @@ class WorkerEngine(Engine):
     def _generate(self, ids: list[int], params: SamplingParams, emit: Callable[[Chunk], None], cancel: threading.Event) -> None:
         """Runs on the worker: generate, emitting chunks; the last one carries `finish_reason`."""
 
-    async def stream(self, prompt: str, params: SamplingParams) -> AsyncIterator[Chunk]:
+    async def stream(self, prompt: str | list[int], params: SamplingParams) -> AsyncIterator[Chunk]:
         ids = self._prompt_ids(prompt, params.max_tokens)
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
@@ -192,7 +193,7 @@ class WorkerEngine(Engine):
             cancel.set()
             fut.cancel()  # still queued: never runs
 
-    async def complete(self, prompt: str, params: SamplingParams) -> Completion:
+    async def complete(self, prompt: str | list[int], params: SamplingParams) -> Completion:
         """The whole completion in one hop to the worker (no per-token event-loop traffic)."""
         ids = self._prompt_ids(prompt, params.max_tokens)
         cancel = threading.Event()

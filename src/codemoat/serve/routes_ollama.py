@@ -55,13 +55,14 @@ async def show(request: Request, principal: Principal = Depends(require("complet
     eng = svc.holder.get()
     t = svc.templates(eng)
     family, quant, params = _details(svc)
-    caps = ["completion"] + (["insert"] if t.fim else [])
+    caps = ["completion"] + (["insert"] if t.fim else [])  # no FIM tokens: the suffix cannot be used
     return {
         "modelfile": f"FROM {svc.model_id}\n",
         "parameters": "",
-        "template": ollama.FIM_TEMPLATE if t.fim else "{{ .Prompt }}",
+        "template": t.fim.go_template() if t.fim else "{{ .Prompt }}",  # the template in use
         "details": {"parent_model": "", "format": "gguf", "family": family, "families": [family], "parameter_size": params, "quantization_level": quant},
-        "model_info": {"general.architecture": family, f"{family}.context_length": eng.n_ctx},
+        "model_info": {"general.architecture": family, f"{family}.context_length": eng.n_ctx,
+                       **{f"codemoat.{k}": v for k, v in t.facts().items()}},
         "capabilities": caps,
     }
 
@@ -97,7 +98,7 @@ async def generate(request: Request, principal: Principal = Depends(require("com
         f = FimInput.from_ext(req.prompt, req.suffix, ext)
         prep = await svc.prepare(svc.fim_prompt, request, principal, f, params, fit=fit)
     elif req.raw:
-        prep = await svc.prepare(svc.plain_prompt, request, req.prompt, params, fit=fit)
+        prep = await svc.prepare(svc.plain_prompt, request, req.prompt, params, fit=fit, truncate=True)
     else:
         msgs = ([{"role": "system", "content": req.system}] if req.system else []) + [{"role": "user", "content": req.prompt}]
         prep = await svc.prepare(svc.chat_prompt, request, principal, msgs, params, fit=fit)

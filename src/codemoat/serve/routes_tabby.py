@@ -65,4 +65,5 @@ async def tabby_completion(request: Request, principal: Principal, body: Any):
             debug["snippets"] = [{"filepath": s.path, "body": s.text, "score": float(s.score)} for s in prep.snippets]
         if dbg.return_prompt:
             debug["prompt"] = prep.prompt
+        debug["suffix"] = "dropped" if prep.suffix_dropped else "used"  # dropped: the model has no FIM tokens
     return tabby.completion(new_id("cmpl"), c.text, debug)

@@ -1,8 +1,9 @@
 """The serving layer: the one place that translates protocol requests into engine calls.
 
-Routers (routes_*.py) parse and render; this module builds prompts (FIM template, retrieved
-cross-file context, chat template), bounds sampling by configuration, runs the engine, and
-fills `request.state.usage` for the audit log.
+Routers (routes_*.py) parse and render; this module checks the model and the license, bounds
+sampling by configuration, decides which repositories a caller's prompt may draw on, has
+`prompts` build the prompt (template, fitting, token ids), runs the engine, and fills the
+request's `Usage` for the audit log.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -22,18 +24,19 @@ from ..accounts import Principal
 from ..config import Settings
 from ..engines.base import Chunk, Completion, Engine, SamplingParams
 from ..engines.holder import ModelHolder
-from ..engines.templates import ChatTemplate, FileSnippet, FimTemplate, chat_template_for, detect_fim
+from ..engines.templates import chat_template_for, detect_fim
 from ..errors import CodemoatError, Forbidden, NotFound
+from . import prompts
+from .prompts import FimInput, Prompt, Templates
+from .usage import usage_of
+
+__all__ = ["ClientGone", "FimInput", "ModelNotFound", "Prepared", "Service", "Templates", "snippet_json", "snippets_extra"]
+
+log = logging.getLogger("codemoat.serve")
 
 
 class ModelNotFound(NotFound):
     code = "model_not_found"
-
-
-class ContextExceeded(CodemoatError):
-    """A prompt found too long from its beginning alone (the rest was not tokenised)."""
-
-    code = "context_length_exceeded"
 
 
 class ClientGone(CodemoatError):
@@ -43,47 +46,16 @@ class ClientGone(CodemoatError):
     code = "client_closed_request"
 
 
-# A prompt's first n_ctx * HEAD_CHARS characters are tokenised first: if they alone overflow the
-# context the request is refused without tokenising the rest (a 10 MB prompt took the event loop
-# for ~11 s, stalling every other client). Code runs at 3-5 characters a token.
-HEAD_CHARS = 16
-
-
-@dataclass
-class Templates:
-    fim: FimTemplate | None
-    chat: ChatTemplate
-
-
-@dataclass
-class FimInput:
-    """A fill-in-the-middle request, whatever protocol it came in."""
-
-    prefix: str
-    suffix: str = ""
-    path: str | None = None
-    repo: str | None = None
-    git_url: str | None = None
-    extra: list[FileSnippet] = field(default_factory=list)
-    retrieval: bool = True
-
-
-    @classmethod
-    def from_ext(cls, prefix: str, suffix: str, ext: Any | None, extra: list[FileSnippet] | None = None) -> "FimInput":
-        """A FIM input whose file and repository come from the request's `codemoat` extension."""
-        return cls(
-            prefix, suffix, path=ext.path if ext else None, repo=ext.repo if ext else None,
-            git_url=ext.git_url if ext else None, extra=extra or [], retrieval=ext.retrieval if ext else True,
-        )
-
-
 @dataclass
 class Prepared:
     engine: Engine
-    prompt: str
+    prompt: str  # what the model reads
     params: SamplingParams
-    prompt_tokens: int  # counted once, by `_check`
+    prompt_tokens: int
     snippets: list[Any] = field(default_factory=list)
+    ids: list[int] = field(default_factory=list)  # the prompt's token ids, built once
+    truncated: bool = False  # fitted into the context (llama.cpp's `truncated`)
+    suffix_dropped: bool = False  # the model has no FIM tokens: the suffix was not used
 
 
 class Service:
@@ -96,6 +68,8 @@ class Service:
         # admission: at most `max_concurrent` generations hold a slot; the rest wait in line
         self._slots = asyncio.Semaphore(settings.server.max_concurrent)
         self.waiting = 0
+        if holder.loaded:  # a configured template that does not fit the model is refused at start-up
+            self.templates(holder.get())
 
     # -- model and templates --------------------------------------------
     @property
@@ -103,11 +77,11 @@ class Service:
         return self.holder.model_id
 
     def check_model(self, requested: str | None) -> None:
-        """Unknown model names are the protocol's not-found error (`name:latest` is accepted)."""
+        """Unknown model names are the protocol's not-found error (`name:latest` and aliases are accepted)."""
         if requested is None or requested == "":
             return
         base = requested.split(":")[0] if requested.endswith(":latest") else requested
-        if base != self.model_id and base not in self.holder.status.aliases:  # a sealed file's stem too
+        if base != self.model_id and base not in self.holder.status.aliases:
             raise ModelNotFound(f"model {requested!r} not found; this server serves {self.model_id!r}")
 
     def engine(self, feature: str | None = None) -> Engine:
@@ -128,7 +102,17 @@ class Service:
             fim = detect_fim(engine.metadata, engine.has_token, m.fim_template)
             chat = chat_template_for(engine.metadata, engine.has_token, engine.token_text, m.chat_template)
             t = self._templates[id(engine)] = Templates(fim, chat)
+            f = t.facts()
+            if fim:
+                log.info("prompts for %s: FIM template %s, chat format %s", self.model_id, fim.name, chat.name)
+            else:
+                log.warning("prompts for %s: the model has no FIM tokens, so completions cannot use the code after the "
+                            "cursor (the suffix is dropped; cross-file context is kept); chat format %s", self.model_id, f["chat_format"])
         return t
+
+    def prompt_facts(self) -> dict[str, Any] | None:
+        """The loaded model's prompt formats (for /health), None when no model is loaded."""
+        return self.templates(self.holder.get()).facts() if self.holder.loaded else None
 
     # -- sampling ------------------------------------------------------------
     def params(
@@ -176,53 +160,51 @@ class Service:
         p.watermark = key
         p.logits_processors.append(WatermarkProcessor(key, vocab_size=getattr(eng, "n_vocab", None)))
 
-    # -- prompts -------------------------------------------------------------
+    # -- prompts (built by `prompts`; this part decides what they may draw on) -----------------
     async def prepare(self, build: Callable[..., "Prepared"], *args: Any, **kw: Any) -> "Prepared":
         """`build` (fim_prompt, chat_prompt, plain_prompt) on a worker thread: tokenising a long prompt
         and retrieving snippets would otherwise hold the event loop, and every other client with it."""
-        return await anyio.to_thread.run_sync(functools.partial(build, *args, **kw))
+        request = args[0]
+        prep = await anyio.to_thread.run_sync(functools.partial(build, *args, **kw))
+        if prep.suffix_dropped:  # sent as a header by `prompts_headers` (app.py)
+            request.state.prompt_headers = {"X-Codemoat-Suffix": "dropped"}
+        return prep
+
+    def _reserve(self, params: SamplingParams, fit: bool) -> int:
+        # "as many as fit" (num_predict -1): the prompt is built beside a usual completion's length;
+        # the generation then gets whatever the final prompt leaves (`_finish`)
+        return min(params.max_tokens, self.settings.model.default_max_tokens) if fit else params.max_tokens
+
+    def _finish(self, engine: Engine, p: Prompt, params: SamplingParams, fit: bool, snippets: list[Any] | None = None) -> Prepared:
+        n = len(p.ids)
+        if fit and 0 < n < engine.n_ctx:
+            params.max_tokens = max(1, min(params.max_tokens, engine.n_ctx - n))
+        engine.check_count(n, params.max_tokens)
+        return Prepared(engine, p.text, params, n, p.snippets if snippets is None else snippets, p.ids, p.truncated, p.suffix_dropped)
 
     def fim_prompt(self, request: Request, principal: Principal, f: FimInput, params: SamplingParams, fit: bool = False) -> Prepared:
         """`fit`: lower `max_tokens` to the room the prompt leaves (Ollama's and llama.cpp's "-1")."""
         engine = self.engine("complete")
-        self._bound(engine, f.prefix + f.suffix + "".join(x.text for x in f.extra), params)
         t = self.templates(engine)
-        usage = request.state.usage
-        snippets: list[Any] = []
-        extra = list(f.extra)
-        # "as many as fit" (num_predict -1): retrieval keeps its room beside a usual completion's length;
-        # the generation then gets whatever the final prompt leaves (`_check`)
-        reserve = min(params.max_tokens, self.settings.model.default_max_tokens) if fit else params.max_tokens
-        if t.fim is None:
-            prompt = f.prefix  # no FIM tokens: plain continuation of the prefix
-        else:
-            repo = self._repo_for(principal, f)
-            if repo:
-                # retrieved context only fills the room the request leaves in the context window
-                room = engine.n_ctx - reserve - engine.count_tokens(t.fim.render(f.prefix, f.suffix, extra)) - 16
-                budget = min(self.settings.retrieval.budget_tokens, room)
-                if budget > 32:
-                    snippets = self._retrieve(principal, repo, f, engine, budget)
-            prompt = self._render_fitting(engine, t.fim, f, extra, snippets, repo, reserve)
-            if snippets:
-                usage["repos"] = [repo]
-                usage["snippets"] = [s.id for s in snippets]
-            params.stop = list(dict.fromkeys([*params.stop, *t.fim.stop]))
-        n = self._check(engine, prompt, params, fit)
-        usage["prompt_text"] = f.prefix + f.suffix
-        return Prepared(engine, prompt, params, n, snippets)
+        usage = usage_of(request.state)
+        prompts.screen_text(prompts.fim_document(f, engine.n_ctx), self.settings.policy.secrets, usage)
+        repo = self._repo_for(principal, f)
 
-    @staticmethod
-    def _render_fitting(engine: Engine, fim: FimTemplate, f: FimInput, extra: list[FileSnippet], snippets: list[Any], repo: str | None, max_tokens: int) -> str:
-        """The FIM prompt with as many retrieved snippets as fit beside `max_tokens`; their path
-        headers count too. Drops the lowest-ranked snippets (in place) first. The best snippet goes
-        last, next to the code being completed: models lean on the nearest context most."""
-        while True:
-            files = extra + [FileSnippet(s.path, s.text) for s in reversed(snippets)]
-            prompt = fim.render(f.prefix, f.suffix, files, path=f.path if files else None, repo=repo)
-            if not snippets or engine.count_tokens(prompt) + max_tokens <= engine.n_ctx:
-                return prompt
-            snippets.pop()
+        def retrieve(budget: int) -> list[Any]:
+            return self.retriever.snippets_for_completion(
+                groups=principal.groups, repo=repo, path=f.path or "", prefix=f.prefix, suffix=f.suffix,
+                k=self.settings.retrieval.k, budget_tokens=budget, count_tokens=_counter(engine),
+            )
+
+        p = prompts.build_fim(engine, t.fim, f, self._reserve(params, fit), repo=repo, retrieve=retrieve if repo else None,
+                              retrieval_budget=self.settings.retrieval.budget_tokens)
+        if p.snippets:
+            usage.repos = [repo]
+            usage.snippets = [s.id for s in p.snippets]
+        if t.fim:
+            params.stop = list(dict.fromkeys([*params.stop, *t.fim.stop]))
+        usage.prompt_text = f.prefix + f.suffix
+        return self._finish(engine, p, params, fit)
 
     def _indexing_licensed(self) -> bool:
         features = self.holder.features
@@ -238,17 +220,11 @@ class Service:
             return None  # not readable by this caller: complete without its code
         return repo
 
-    def _retrieve(self, principal: Principal, repo: str, f: FimInput, engine: Engine, budget: int) -> list[Any]:
-        return self.retriever.snippets_for_completion(
-            groups=principal.groups, repo=repo, path=f.path or "", prefix=f.prefix, suffix=f.suffix,
-            k=self.settings.retrieval.k, budget_tokens=budget, count_tokens=engine.count_tokens,
-        )
-
     def chat_prompt(self, request: Request, principal: Principal, messages: list[dict[str, str]], params: SamplingParams,
                     repos: list[str] | None = None, fit: bool = False) -> Prepared:
         engine = self.engine("chat")
-        self._bound(engine, "".join(m["content"] for m in messages), params)
         t = self.templates(engine)
+        usage = usage_of(request.state)
         msgs = [dict(m) for m in messages]
         for m in msgs:
             if m["role"] == "developer":
@@ -261,41 +237,25 @@ class Service:
                 "use as path:line.\n\n" + context
             )
             msgs.insert(0, {"role": "system", "content": note})
-            request.state.usage["repos"] = sorted({s.repo for s in snippets})
-            request.state.usage["snippets"] = [s.id for s in snippets]
-        prompt = t.chat.render(msgs)
+            usage.repos = sorted({s.repo for s in snippets})
+            usage.snippets = [s.id for s in snippets]
+        prompts.screen_text("\n".join(m["content"][-engine.n_ctx * prompts.HEAD_CHARS:] for m in messages),
+                            self.settings.policy.secrets, usage)
+        p = prompts.build_chat(engine, t.chat, msgs, self._reserve(params, fit))
         params.stop = list(dict.fromkeys([*params.stop, *t.chat.stop]))
-        n = self._check(engine, prompt, params, fit)
-        request.state.usage["prompt_text"] = "\n".join(m["content"] for m in messages)
-        return Prepared(engine, prompt, params, n, snippets)
+        usage.prompt_text = "\n".join(m["content"] for m in messages)
+        return self._finish(engine, p, params, fit, snippets)
 
-    def plain_prompt(self, request: Request, prompt: str, params: SamplingParams, fit: bool = False) -> Prepared:
-        """The prompt as the client sent it (OpenAI completions without suffix, Ollama's `raw`)."""
+    def plain_prompt(self, request: Request, prompt: str, params: SamplingParams, fit: bool = False,
+                     truncate: bool = False) -> Prepared:
+        """The prompt as the client sent it (OpenAI completions without suffix, Ollama's `raw`); with
+        `truncate` (Ollama) an over-long one keeps its end instead of being refused (OpenAI)."""
         engine = self.engine("complete")
-        self._bound(engine, prompt, params)
-        n = self._check(engine, prompt, params, fit)
-        request.state.usage["prompt_text"] = prompt
-        return Prepared(engine, prompt, params, n)
-
-    @staticmethod
-    def _bound(engine: Engine, text: str, params: SamplingParams) -> None:
-        """Refuse a text whose beginning alone overflows the context, before anything tokenises all of it."""
-        head = engine.n_ctx * HEAD_CHARS
-        if len(text) > head:
-            n = engine.count_tokens(text[:head])
-            if n >= engine.n_ctx:
-                raise ContextExceeded(f"prompt is more than {n} tokens and max_tokens is {params.max_tokens}, "
-                                      f"but the model's context is {engine.n_ctx} tokens")
-
-    @staticmethod
-    def _check(engine: Engine, prompt: str, params: SamplingParams, fit: bool) -> int:
-        """The engine's own rule (not empty, room for `max_tokens`), from one tokenisation; with `fit`,
-        `max_tokens` first shrinks to the room the prompt leaves."""
-        n = engine.count_tokens(prompt)
-        if fit and 0 < n < engine.n_ctx:
-            params.max_tokens = max(1, min(params.max_tokens, engine.n_ctx - n))
-        engine.check_count(n, params.max_tokens)
-        return n
+        usage = usage_of(request.state)
+        prompts.screen_text(prompt[-engine.n_ctx * prompts.HEAD_CHARS:], self.settings.policy.secrets, usage)
+        p = prompts.build_plain(engine, prompt, self._reserve(params, fit), keep_end=truncate)
+        usage.prompt_text = prompt
+        return self._finish(engine, p, params, fit)
 
     def _chat_context(self, principal: Principal, msgs: list[dict[str, str]], repos: list[str], engine: Engine) -> list[Any]:
         """Repositories named in the request (extension field or `@repo` in the last user message)."""
@@ -305,21 +265,17 @@ class Service:
             self.require_feature("index")
         if not self._indexing_licensed():
             return []
-        last = next((m["content"] for m in reversed(msgs) if m["role"] == "user"), "")
         readable = set(self.retriever.readable_repos(principal.groups))
-        named = list(repos)
-        for word in last.split():
-            if word.startswith("@") and word[1:].strip(".,:;!?") in readable:
-                named.append(word[1:].strip(".,:;!?"))
         for r in repos:
             if r not in readable:
                 raise Forbidden(f"repository {r!r} is not indexed or not readable by you")
-        named = list(dict.fromkeys(named))
+        last = next((m["content"] for m in reversed(msgs) if m["role"] == "user"), "")
+        named = list(dict.fromkeys([*repos, *self.retriever.mentioned_repos(principal.groups, last)]))
         if not named:
             return []
         return self.retriever.snippets_for_chat(
             groups=principal.groups, repos=named, query=last, k=8, budget_tokens=max(256, self.settings.retrieval.budget_tokens * 3),
-            count_tokens=engine.count_tokens,
+            count_tokens=_counter(engine),
         )
 
     # -- running ---------------------------------------------------------------
@@ -335,7 +291,7 @@ class Service:
                 parts.append(chunk.text)
                 reason = chunk.finish_reason or reason
             u = request.state.usage
-            return Completion("".join(parts), u["prompt_tokens"], u["completion_tokens"], reason)
+            return Completion("".join(parts), u.prompt_tokens, u.completion_tokens, reason)
 
         work = asyncio.ensure_future(generate())
         gone = asyncio.ensure_future(_disconnected(request))
@@ -355,17 +311,18 @@ class Service:
         """Chunks from the engine; usage is recorded as they come (the audit, written once the request
         ends, sees partial streams: the text is joined when the stream ends or is cut off)."""
         usage = request.state.usage
-        usage["prompt_tokens"] = p.prompt_tokens
-        usage["completion_tokens"] = 0
+        usage.prompt_tokens = p.prompt_tokens
+        usage.completion_tokens = 0
         parts: list[str] = []
         try:
             async with self._slot():
-                async for chunk in p.engine.stream(p.prompt, p.params):
-                    usage["completion_tokens"] += len(chunk.token_ids)
+                async for chunk in p.engine.stream(p.ids or p.prompt, p.params):
+                    usage.completion_tokens += len(chunk.token_ids)
+                    usage.timings = chunk.timings or usage.timings
                     parts.append(chunk.text)
                     yield chunk
         finally:
-            usage["completion_text"] = "".join(parts)
+            usage.completion_text = "".join(parts)
 
     @contextlib.asynccontextmanager
     async def _slot(self):
@@ -378,6 +335,11 @@ class Service:
             yield
         finally:
             self._slots.release()
+
+
+def _counter(engine: Engine) -> Callable[[str], int]:
+    """Token counts of a user's text for retrieval's budget (control tokens not parsed, no BOS)."""
+    return lambda text: len(engine.encode([prompts.Part(text)], bos=False))
 
 
 async def _disconnected(request: Request) -> None:
