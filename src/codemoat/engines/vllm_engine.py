@@ -92,7 +92,7 @@ class VllmEngine(Engine):
     def detokenize(self, ids: Sequence[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=False)
 
-    async def stream(self, prompt: str, params: SamplingParams) -> AsyncIterator[Chunk]:
+    async def stream(self, prompt: str | list[int], params: SamplingParams) -> AsyncIterator[Chunk]:
         from vllm import SamplingParams as VParams
 
         self.check_prompt(prompt, params.max_tokens)
@@ -105,7 +105,9 @@ class VllmEngine(Engine):
         rid = uuid.uuid4().hex
         sent_text, sent_ids = 0, 0
         try:
-            async for out in self._engine.generate(prompt, vp, rid):
+            # token ids built by the server go in as vLLM's TokensPrompt (not tokenised again)
+            source = prompt if isinstance(prompt, str) else {"prompt_token_ids": list(prompt)}
+            async for out in self._engine.generate(source, vp, rid):
                 o = out.outputs[0]
                 text, ids = o.text[sent_text:], list(o.token_ids[sent_ids:])
                 sent_text, sent_ids = len(o.text), len(o.token_ids)
