@@ -195,7 +195,7 @@ def test_llama_vscode_request_is_fitted_not_refused(qwen):
     with client(qwen) as c:
         r = c.post("/infill", json=llama_vscode_request())
         assert r.status_code == 200, r.text
-        assert 0 < r.json()["tokens_evaluated"] <= 512 - 128
+        assert 0 < r.json()["tokens_evaluated"] <= 512 - 128 and r.json()["truncated"] is True
 
 
 def test_fim_keeps_the_end_of_the_prefix_and_the_start_of_the_suffix(qwen):
