@@ -72,6 +72,11 @@ def test_infill_answer_has_what_llama_vscode_reads(client):
     assert body["generation_settings"]["t_max_predict_ms"] == 1000
 
 
+def test_infill_over_long_prompt_is_fitted_and_says_so(client):
+    body = client.post("/infill", json={**LLAMA_VSCODE, "input_prefix": "x = 1\n" * 2000, "n_predict": 8}).json()
+    assert body["truncated"] is True and body["tokens_evaluated"] + body["tokens_predicted"] <= client.n_ctx, body
+
+
 def test_infill_stream_ends_with_the_same_fields(client):
     with client.stream("POST", "/infill", json={**LLAMA_VSCODE, "stream": True}) as r:
         events = [json.loads(l[6:]) for l in r.iter_lines() if l.startswith("data: ")]

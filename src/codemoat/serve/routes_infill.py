@@ -9,7 +9,7 @@ from ..engines.templates import FileSnippet
 from ..protocol import infill
 from .auth import require
 from .body import read_json, start_usage
-from .service import FimInput, Prepared, Service, snippets_extra
+from .service import FimInput, Service, snippets_extra
 from .streaming import sse
 
 router = APIRouter()
@@ -42,7 +42,7 @@ async def infill_route(request: Request, principal: Principal = Depends(require(
             params.top_p, params.repeat_penalty, params.stop, params.seed, req.n_indent, req.t_max_predict_ms, req.stream)
         times = infill.timings(u.prompt_tokens, t.prompt_ms if t else 0.0, predicted, t.predicted_ms if t and not warmup else 0.0)
         return infill.result(svc.model_id, "" if warmup else content, True, u.prompt_tokens, predicted,
-                             "limit" if reason == "length" else "eos", extra, settings, times, _truncated(prep))
+                             "limit" if reason == "length" else "eos", extra, settings, times, prep.truncated)
 
     if not req.stream:
         c = await svc.run(request, prep)
@@ -56,8 +56,3 @@ async def infill_route(request: Request, principal: Principal = Depends(require(
                 yield {"content": ch.text, "stop": False}
 
     return sse(events(), done_marker=False)
-
-
-def _truncated(prep: Prepared) -> bool:
-    """Whether the prompt was trimmed to fit the context (llama.cpp's `truncated`)."""
-    return False
