@@ -88,3 +88,20 @@ def test_human_code_is_not_flagged(scorer):
         ids = scorer.tokenize(f.read_text(errors="replace"))[:500]
         res = wm.detect_ids(ids, keys, scorer.entropies(ids))
         assert not any(s.detected for s in res), f.name
+
+
+def test_stouffer_aggregate_finds_what_single_completions_miss(flat_model, scorer):
+    # 12 completions of 8 tokens each: too short alone, together they name the key
+    runs = [scorer.tokenize(_generate(flat_model, [wm.WatermarkProcessor(KEY)], n=8, seed=10 + i)) for i in range(12)]
+    ents = [scorer.entropies(ids) for ids in runs]
+    keys = {"acme": KEY, "globex": OTHER}
+    single = [wm.detect_ids(ids, keys, e) for ids, e in zip(runs, ents)]
+    assert sum(s[0].detected for s in single) < len(runs)
+    agg = wm.aggregate(runs, keys, ents)
+    assert agg[0].customer == "acme" and agg[0].detected and agg[0].scored_tokens > 40
+    assert not agg[1].detected
+    # the same number of unmarked completions, and a repeated one, are not flagged
+    plain = [scorer.tokenize(_generate(flat_model, None, n=8, seed=40 + i)) for i in range(12)]
+    assert not any(s.detected for s in wm.aggregate(plain, keys))
+    repeated = wm.aggregate([runs[0]] * 50, {"acme": KEY})[0]
+    assert repeated.scored_tokens == wm.aggregate([runs[0]], {"acme": KEY})[0].scored_tokens

@@ -85,7 +85,7 @@ def watermark_detect(
     """Print the watermark z-score and p-value of each FILE for each customer."""
     from ..errors import CodemoatError
     from ..trace import vendor_io
-    from ..trace.watermark import THRESHOLD, GreenList, LlamaScorer, detect_text
+    from ..trace.watermark import THRESHOLD, GreenList, LlamaScorer, aggregate, detect_ids
 
     texts = []  # read every file first: a wrong path fails at once, before the model loads
     for f in files:
@@ -107,12 +107,20 @@ def watermark_detect(
         raise CodemoatError(f"model not found: {model}")
     scorer = LlamaScorer(str(model), n_ctx=1024, vocab_only=not entropy)
     greens = {k: GreenList(s) for k, s in keys.items()}
-    out = []
+    out, runs, ents = [], [], []
     for f, text in zip(files, texts):
-        scores = detect_text(text, scorer.tokenize, keys, scorer.entropies if entropy else None, greens=greens)
+        ids = scorer.tokenize(text)
+        ent = scorer.entropies(ids) if entropy and len(ids) > 1 else None
+        runs.append(ids)
+        ents.append(ent)
+        scores = detect_ids(ids, keys, ent, greens=greens)
         out.append({"file": str(f), "detected": [s.customer for s in scores if s.detected],
                     "scores": [s.__dict__ for s in scores]})
-    data = {"threshold": THRESHOLD, "customers": len(keys), "entropy_gated": entropy, "files": out}
+    # the unit of evidence: each file alone, and all files together for each key (Stouffer)
+    together = aggregate(runs, keys, ents, greens=greens)
+    data = {"threshold": THRESHOLD, "customers": len(keys), "entropy_gated": entropy, "files": out,
+            "aggregate": {"files": len(files), "detected": [s.customer for s in together if s.detected],
+                          "scores": [s.__dict__ for s in together]}}
 
     def human(d: dict) -> None:
         t = Table(title=f"watermark, {d['customers']} customer key(s), detection at corrected p < {d['threshold']:g}")
@@ -122,6 +130,11 @@ def watermark_detect(
             s = r["scores"][0]
             t.add_row(Path(r["file"]).name, s["customer"], f"{s['z']:.2f}", _p(s["p_adj"]), str(s["scored_tokens"]),
                       ", ".join(r["detected"]) or "no")
+        a = d["aggregate"]
+        if a["files"] > 1:
+            s = a["scores"][0]
+            t.add_row(f"all {a['files']} files (Stouffer)", s["customer"], f"{s['z']:.2f}", _p(s["p_adj"]),
+                      str(s["scored_tokens"]), ", ".join(a["detected"]) or "no")
         console.print(t)
 
     emit(data, as_json, human)

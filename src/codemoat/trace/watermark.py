@@ -241,29 +241,85 @@ def detect_text(
     return detect_ids(ids, keys, entropy_fn(ids) if entropy_fn and len(ids) > 1 else None, **kw)
 
 
+def aggregate(
+    runs: Sequence[Sequence[int]],
+    keys: Mapping[str, bytes],
+    entropies: Sequence[Sequence[float] | None] | None = None,
+    gamma: float = GAMMA,
+    entropy_threshold: float = ENTROPY_THRESHOLD,
+    threshold: float = THRESHOLD,
+    greens: Mapping[str, GreenList] | None = None,
+) -> list[WatermarkScore]:
+    """One verdict per customer over many completions (token id lists), best first.
+
+    Stouffer's method (Stouffer et al. 1949; Whitlock 2005, "Combining probability from independent
+    studies") with weights √T_i: Z = Σ √T_i z_i / √(Σ T_i), which for the green-count z-test is the
+    z of the pooled counts; p = Φ̄(Z), Bonferroni over customers. A (previous, token) pair already
+    scored in an earlier completion is not scored again, so the completions' counts stay independent
+    (the repeated-pair rule of `count`, across completions).
+    """
+    out = []
+    for name, key in keys.items():
+        g = (greens or {}).get(name) or GreenList(key, gamma)
+        seen: set[tuple[int, int]] = set()
+        t_all = g_all = 0
+        for i, ids in enumerate(runs):
+            ids = np.asarray(ids, dtype=np.int64)
+            if len(ids) < 2:
+                continue
+            keep = np.ones(len(ids) - 1, bool)
+            ent = entropies[i] if entropies is not None else None
+            if ent is not None:
+                keep = np.asarray(ent, dtype=np.float64)[1 : len(ids)] >= entropy_threshold
+            pairs = {(int(a), int(b)) for a, b in zip(ids[:-1][keep], ids[1:][keep])} - seen
+            if not pairs:
+                continue
+            seen |= pairs
+            arr = np.array(sorted(pairs), dtype=np.uint32)
+            t_all += len(arr)
+            g_all += int(g.is_green(arr[:, 0], arr[:, 1]).sum())
+        z = (g_all - gamma * t_all) / math.sqrt(t_all * gamma * (1 - gamma)) if t_all else 0.0
+        p = 0.5 * math.erfc(z / math.sqrt(2)) if t_all else 1.0
+        p_adj = min(1.0, p * len(keys))
+        out.append(WatermarkScore(name, z, p, p_adj, p_adj < threshold, t_all))
+    out.sort(key=lambda s: -s.z)
+    return out
+
+
 class LlamaScorer:
-    """Tokenizer and per-token entropies from a GGUF model through llama.cpp (the vendor's original)."""
+    """Tokenizer and per-token entropies from a GGUF model through llama.cpp (the vendor's original).
+
+    Entropies are computed a batch of positions at a time in float32 on every core (logits.py):
+    memory is one batch of logits, not n_ctx × |V|."""
 
     def __init__(self, model_path: str, n_ctx: int = 2048, vocab_only: bool = False):
-        from ..engines.llamacpp import load_llama, load_vocab
+        from ..engines.llamacpp import load_vocab
 
+        self.stream = None
         if vocab_only:  # the tokenizer alone
             self.llm = load_vocab(str(model_path))
+            self.n_ctx = n_ctx
         else:  # n_ctx capped at the model's training context
-            self.llm = load_llama(str(model_path), n_ctx=n_ctx, n_batch=512, logits_all=True, n_threads=1)
-        self.n_ctx = self.llm.n_ctx()
+            from .logits import LogitStream
+
+            self.stream = LogitStream(str(model_path), n_ctx=n_ctx)
+            self.llm, self.n_ctx = self.stream.llm, self.stream.n_ctx
 
     def tokenize(self, text: str) -> list[int]:
         return self.llm.tokenize(text.encode("utf-8", "replace"), add_bos=False, special=False)
 
     def entropies(self, ids: list[int]) -> np.ndarray:
-        """H_t of the model's distribution over token t given ids[:t] (H_0 = 0: no context)."""
-        out = np.zeros(len(ids))
-        step = self.n_ctx
-        for start in range(0, len(ids), step):  # windows of n_ctx, each seeded with its first token
-            chunk = ids[start : start + step]
-            self.llm.reset()
-            self.llm.eval(chunk)
-            logits = np.asarray(self.llm.scores[: len(chunk)], dtype=np.float32)
-            out[start + 1 : start + len(chunk)] = entropies(logits[:-1])
+        """H_t of the model's distribution over token t given ids[:t] (H_0 = 0, and 0 at the first
+        token of each n_ctx window: no context)."""
+        from .logits import entropies
+
+        out = np.zeros(len(ids), np.float32)
+        if self.stream is None:
+            raise RuntimeError("a vocab-only scorer has no entropies")
+        for t, logits in self.stream.blocks(ids):
+            h = entropies(logits)  # h[j]: entropy of the token after ids[t + j]
+            end = min(len(ids), t + 1 + len(h))
+            if (t + len(h)) % self.n_ctx == 0 or end == len(ids):  # the window's last logit predicts past it
+                h = h[: end - t - 1]
+            out[t + 1 : t + 1 + len(h)] = h
         return out
