@@ -43,7 +43,10 @@ def test_serve_audits_every_request_and_verifies(audit_home, port, tmp_path):
         assert chunks
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=base + "/v1", api_key="wrong", max_retries=0).models.list()
-        metrics = httpx.get(base + "/metrics").text
+        assert httpx.get(base + "/metrics").status_code == 401  # traffic figures need a token
+        scraper = json.loads(subprocess.run([*CLI, "tokens", "create", "--name", "prometheus", "--scopes", "metrics", "--json"], env=env,
+                                            capture_output=True, text=True, check=True).stdout)["token"]
+        metrics = httpx.get(base + "/metrics", headers={"Authorization": f"Bearer {scraper}"}).text
         assert 'codemoat_requests_total{protocol="openai",route="/v1/completions",status="2xx"} 1.0' in metrics
         assert "codemoat_model_loaded 1.0" in metrics and "codemoat_queue_depth 0.0" in metrics  # the service's line
     finally:
@@ -53,9 +56,12 @@ def test_serve_audits_every_request_and_verifies(audit_home, port, tmp_path):
     assert server.returncode in (0, -signal.SIGTERM) and "Application shutdown complete" in out, out[-2000:]
     r = subprocess.run([*CLI, "audit", "verify", "--json"], env=env, capture_output=True, text=True)
     rep = json.loads(r.stdout)
-    assert r.returncode == 0 and rep["ok"] and rep["records"] == 4 and rep["checkpoints"] == 1, rep  # shutdown checkpoint
+    assert r.returncode == 0 and rep["ok"] and rep["records"] == 5 and rep["checkpoints"] == 1, rep  # shutdown checkpoint
     recs = [json.loads(x) for x in subprocess.run([*CLI, "audit", "export"], env=env, capture_output=True, text=True, check=True).stdout.splitlines()]
-    assert [(x["route"], x["status"]) for x in recs] == [("/v1/models", 200), ("/v1/completions", 200), ("/v1/chat/completions", 200), ("/v1/models", 401)]
+    assert [(x["kind"], x["route"], x["status"]) for x in recs] == [
+        ("request", "/v1/models", 200), ("request", "/v1/completions", 200), ("request", "/v1/chat/completions", 200),
+        ("request", "/v1/models", 401), ("unauthenticated", None, None)]  # the /metrics refusal after it, counted
+    assert recs[4]["detail"]["count"] == 1 and recs[4]["detail"]["routes"] == {"/metrics": 1}
     assert recs[1]["completion_tokens"] > 0 and recs[2]["user"] == "dev"
     blob = b"".join(p.read_bytes() for p in audit_home.glob("codemoat.db*"))
     assert b"def add(a, b):" in blob and secret.encode() not in blob

@@ -52,7 +52,8 @@ def test_serve_sealed_lease_then_revoke(vendor, machine, gguf_file, tmp_path):
         model = client.models.list().data[0].id
         out = client.completions.create(model=model, prompt="def add(a, b):\n", max_tokens=8, temperature=0)
         assert out.choices[0].text
-        health = httpx.get(f"http://127.0.0.1:{port}/health").json()
+        assert httpx.get(f"http://127.0.0.1:{port}/health").json() == {"status": "ok"}  # no license facts without a token
+        health = httpx.get(f"http://127.0.0.1:{port}/health", headers={"Authorization": f"Bearer {token}"}).json()
         assert health["license"]["license_id"] == doc["license"]["id"]
         assert "watermark_key" not in health["license"]  # secrets stay off the wire
         assert health["model_file"] is None
