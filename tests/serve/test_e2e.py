@@ -99,6 +99,32 @@ def test_cli_clients_and_graceful_shutdown(server):
     assert "Application shutdown complete" in server.output()
 
 
+@pytest.mark.parametrize("quant", ["Q4_0", "Q8_0", "wide-Q4_K_M"])  # all five types: tests/engines/test_cpu.py
+def test_quantised_models_serve_on_the_path_the_self_test_chose(quant, quantised, wide_q4_k_m, serve_process):
+    """Every quantised GGUF serves (issue 12: on AMX Xeons each one used to kill the server in llama_decode);
+    /health says which llama.cpp CPU path is in use and why."""
+    model = wide_q4_k_m if quant.startswith("wide") else quantised(quant)
+    token = create_token("--name", "quant")
+    s = serve_process(["--model", str(model), "--model-id", "q"])
+    client = openai.OpenAI(base_url=s.url + "/v1", api_key=token, max_retries=0)
+    c = client.completions.create(model="q", prompt="def add(a, b):\n    return", max_tokens=8, temperature=0)
+    assert c.usage.completion_tokens >= 1
+    cpu = httpx.get(s.url + "/health", headers={"Authorization": f"Bearer {token}"}).json()["engine"]["cpu_buffers"]
+    assert cpu["path"] in ("extra", "safe") and cpu["reason"]
+    assert ("self-test passed" in cpu["reason"]) == (cpu["path"] == "extra")
+
+
+def test_a_crashing_self_test_serves_on_the_safe_path(quantised, serve_process):
+    """The self-test's child dies with SIGSEGV (forced): the server says so in one line and serves anyway."""
+    token = create_token("--name", "quant")
+    s = serve_process(["--model", str(quantised("Q4_K_M")), "--model-id", "q"], env={"CODEMOAT_CPU_SELFTEST_FAULT": "segv"})
+    client = openai.OpenAI(base_url=s.url + "/v1", api_key=token, max_retries=0)
+    assert client.completions.create(model="q", prompt="def add(a, b):\n    return", max_tokens=8, temperature=0).usage.completion_tokens >= 1
+    cpu = httpx.get(s.url + "/health", headers={"Authorization": f"Bearer {token}"}).json()["engine"]["cpu_buffers"]
+    assert cpu["path"] == "safe" and "crashed a Q4_0 decode with SIGSEGV" in cpu["reason"]
+    assert [l for l in s.output().splitlines() if "SIGSEGV" in l] == [f"WARNING:     {cpu['reason']}"]
+
+
 def test_serve_errors_are_one_line(tmp_path):
     r = run_cli("serve", "--model", str(tmp_path / "missing.gguf"), "--port", "0")
     assert r.returncode == 1 and "model not found" in r.stderr and "Traceback" not in r.stderr
