@@ -7,8 +7,9 @@ Both limits apply to the token and to its user, so a user cannot multiply a limi
 tokens. The daily counters are seeded from the audit log at start-up, so a restart does not
 reset anyone's day. A user flagged by the distillation alarms can be throttled to a lower rate.
 
-State is per process (the embedded default); replicas behind a load balancer each enforce the
-limits on their share of the traffic.
+Requests per minute are per process. With a database (`engine`), the daily token budget lives in
+it (`quota_shared`): every replica on one PostgreSQL spends the same budget, atomically, and it
+survives restarts without seeding. Without one, both are per process, seeded from the audit log.
 """
 
 from __future__ import annotations
@@ -30,9 +31,13 @@ def seconds_to_midnight(t: float) -> float:
 
 
 class Quotas:
-    def __init__(self, requests_per_minute: int = 0, tokens_per_day: int = 0):
+    def __init__(self, requests_per_minute: int = 0, tokens_per_day: int = 0, engine=None):
+        from .quota_shared import SharedDailyTokens
+
         self.rpm = requests_per_minute
         self.tpd = tokens_per_day
+        #: the daily budget in the shared database (None: in this process only)
+        self.shared = SharedDailyTokens(engine) if engine is not None and tokens_per_day else None
         self._lock = threading.Lock()
         self._windows: dict[str, deque[float]] = {}
         self._tokens: dict[str, tuple[int, int]] = {}  # key -> (day, generated tokens)
@@ -61,17 +66,19 @@ class Quotas:
         """Admit one request or raise `RateLimited` with the seconds to wait."""
         now = time.time() if now is None else now
         keys = (f"token:{token_id}", f"user:{user}")
+        if self.shared is not None:
+            spent = self.shared.admit(keys, _day(now), self.tpd)
+            if spent is not None:
+                with self._lock:
+                    self.refused += 1
+                raise self._spent(spent, now)
         with self._lock:
-            if self.tpd:
+            if self.tpd and self.shared is None:
                 for k in keys:
                     day, used = self._tokens.get(k, (_day(now), 0))
                     if day == _day(now) and used >= self.tpd:
                         self.refused += 1
-                        who = "token" if k.startswith("token:") else "user"
-                        raise RateLimited(
-                            f"daily token quota of {self.tpd} generated tokens reached for this {who}; it resets at 00:00 UTC",
-                            seconds_to_midnight(now),
-                        )
+                        raise self._spent(k, now)
             limits = [(k, self.rpm) for k in keys] if self.rpm else []
             cap = self.throttled(user)
             if cap is not None:
@@ -87,11 +94,20 @@ class Quotas:
             for k, _ in limits:
                 self._windows[k].append(now)
 
+    def _spent(self, key: str, now: float) -> RateLimited:
+        who = "token" if key.startswith("token:") else "user"
+        return RateLimited(f"daily token quota of {self.tpd} generated tokens reached for this {who}; it resets at 00:00 UTC",
+                           seconds_to_midnight(now))
+
     def add_tokens(self, user: str, token_id: str, n: int, now: float | None = None) -> None:
-        """Count `n` generated tokens against the day's quota."""
+        """Count `n` generated tokens of an admitted request against the day's quota (shared: the
+        token `check` reserved is one of them, or is given back when it generated none)."""
+        now = time.time() if now is None else now
+        if self.shared is not None:
+            self.shared.add((f"token:{token_id}", f"user:{user}"), _day(now), max(n, 0) - 1)
+            return
         if n <= 0:
             return
-        now = time.time() if now is None else now
         with self._lock:
             for k in (f"token:{token_id}", f"user:{user}"):
                 day, used = self._tokens.get(k, (_day(now), 0))
@@ -99,11 +115,16 @@ class Quotas:
 
     def used_today(self, user: str | None = None, token_id: str | None = None) -> int:
         k = f"user:{user}" if user is not None else f"token:{token_id}"
+        if self.shared is not None:
+            return self.shared.used(k, _day(time.time()))
         day, used = self._tokens.get(k, (0, 0))
         return used if day == _day(time.time()) else 0
 
     def seed(self, audit_log) -> None:
-        """Load today's generated tokens per user and token from the audit log."""
+        """Load today's generated tokens per user and token from the audit log (in-process budgets
+        only: a shared one is already in the database)."""
+        if self.shared is not None:
+            return
         import sqlalchemy as sa
 
         from .log import records

@@ -60,7 +60,8 @@ class Trust:
         self.log = AuditLog(engine, checkpoint_every=settings.audit.checkpoint_every, head_file=head_file_for(self.db_url, paths.home()),
                             verified_file=verified_file_for(self.db_url, paths.home()))  # verify remembers the head it accepted
         self.log.signer  # load or create the signing key now: a key problem should stop start-up, not a request
-        self.quotas = Quotas(settings.policy.requests_per_minute, settings.policy.tokens_per_day)
+        # the daily token budget lives in the shared database: replicas spend one budget between them
+        self.quotas = Quotas(settings.policy.requests_per_minute, settings.policy.tokens_per_day, engine=engine)
         self.quotas.seed(self.log)
         self.alarms = Alarms(AlarmPolicy(throttle_rpm=int(getattr(settings.audit, "alarm_throttle_rpm", 0) or 0)))
         self.alarms.seed(self.log)  # each user's own baseline survives a restart
@@ -180,6 +181,8 @@ class Trust:
         try:  # the record is written; what follows must not turn the response into an error
             self.metrics.audit_records.labels("request").inc()
             self.metrics.observe(route, protocol or "", status, seconds, usage.prompt_tokens, usage.completion_tokens)
+            if principal is not None and state.get("quota_reserved") and not (200 <= status < 300 or status == 499):
+                self.quotas.add_tokens(principal.user, principal.token_id, 0)  # gives the reserved token back
             if principal is not None and (200 <= status < 300 or status == 499):  # 499: what was generated before the hang-up
                 self.quotas.add_tokens(principal.user, principal.token_id, usage.completion_tokens)
                 kind = "event" if usage.event else ("chat" if route.endswith(_CHAT_ROUTES) else "completion")
@@ -217,6 +220,7 @@ def check_quota(request: Request, principal: Principal) -> None:
     trust: Trust | None = getattr(request.app.state, "trust", None)
     if trust is not None and trust.quotas.active:
         trust.quotas.check(principal.user, principal.token_id)
+        request.state.quota_reserved = True  # a shared daily budget holds one token for this request
 
 
 def screen_prompt(text: str, settings: Settings, request: Request | None = None) -> str:
