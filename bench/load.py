@@ -178,9 +178,12 @@ def start_server(model: Path, env: dict, scratch: Path, token: str, *, trust: bo
     return server, url, model_id
 
 
+METRICS_AUTH: dict[str, str] = {}  # a metrics-scope token's header: /metrics needs one
+
+
 def in_flight(url: str) -> float:
     try:
-        text = httpx.get(url + "/metrics", timeout=10).text
+        text = httpx.get(url + "/metrics", headers=METRICS_AUTH, timeout=10).text
     except httpx.HTTPError:
         return 0.0
     line = next((x for x in text.splitlines() if x.startswith("codemoat_requests_in_flight ")), None)
@@ -239,6 +242,8 @@ def main() -> None:
         if r.returncode:
             sys.exit(f"tokens create failed: {r.stderr.strip()}")
         tokens.append(json.loads(r.stdout)["token"])
+    r = cli(env, "tokens", "create", "--name", "scraper", "--scopes", "metrics", "--json")
+    METRICS_AUTH["Authorization"] = f"Bearer {json.loads(r.stdout)['token']}"
 
     # Side by side first: the same server with and without the trust layer, alternating (A B A B)
     # so that the shared machine's changing load hits both alike.

@@ -15,7 +15,8 @@ $CODEMOAT serve --model "$MODEL" --model-id codemoat-tiny --port "$PORT" >"$DEMO
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null || true' EXIT
 wait_healthy $PORT
-curl -s "http://127.0.0.1:$PORT/health" | "$PY" -c 'import json,sys; d=json.load(sys.stdin); print("   health:", d["status"], "| engine", d["engine"]["engine"], "| context", d["engine"]["n_ctx"], "tokens")'
+echo "   /health without a token (liveness only): $(curl -s "http://127.0.0.1:$PORT/health")"
+curl -s -H "Authorization: Bearer $TOKEN" "http://127.0.0.1:$PORT/health" | "$PY" -c 'import json,sys; d=json.load(sys.stdin); print("   /health with a token:", d["status"], "| engine", d["engine"]["engine"], "| context", d["engine"]["n_ctx"], "tokens")'
 
 "$PY" "$ROOT/demo/serve_demo.py" "http://127.0.0.1:$PORT" "$TOKEN"
 

@@ -66,7 +66,7 @@ wait_healthy $PORT
 "$PY" - "$PORT" "$TOKEN" <<'PYEOF'
 import sys, httpx
 port, token = sys.argv[1], sys.argv[2]
-h = httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).json()
+h = httpx.get(f"http://127.0.0.1:{port}/health", headers={"Authorization": f"Bearer {token}"}, timeout=10).json()
 lic = h.get("license", {})
 print("   /health:", h["status"], "| license", lic.get("license_id"), "for", lic.get("customer"), "until", lic.get("license_expires"), "| non-dumpable:", lic.get("non_dumpable"))
 c = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {token}"}, timeout=60)
