@@ -28,6 +28,8 @@ for who, token in (("alice (group payments)", alice), ("carol (group contractors
     snippets = (d.get("debug_data") or {}).get("snippets") or []
     results[who] = text
     print(f"\n   {who}: {len(snippets)} snippet(s) in the prompt")
+    if (d.get("debug_data") or {}).get("suffix") == "dropped" or r.headers.get("x-codemoat-suffix") == "dropped":
+        print("      (this model has no fill-in-the-middle tokens: the code after the cursor was not used)")
     for s in snippets:
         first = s["body"].strip().splitlines()[0]
         print(f"      {s['filepath']}  score {s['score']:.3f}  │ {first[:70]}")
