@@ -56,14 +56,25 @@ def scan_for(paths: list[Path], needles: list[bytes]) -> list[str]:
     return hits
 
 
-def test_offline_serve_round_trip_in_memory(vendor, machine, gguf_file, tmp_path, vault_home):
+@pytest.fixture(params=["F32", "Q4_K_M", "wide-Q4_K_M"])
+def served_gguf(request, gguf_file, quantised, wide_q4_k_m):
+    """The random F32 GGUF, the bundled model in Q4_K_M and the hidden-1024 Q4_K_M: quantised, as
+    customers' models ship (a quantised model crashed llama.cpp on AMX Xeons: issue 12)."""
+    return {"F32": gguf_file, "Q4_K_M": quantised("Q4_K_M"), "wide-Q4_K_M": wide_q4_k_m}[request.param]
+
+
+def test_offline_serve_round_trip_in_memory(vendor, machine, served_gguf, tmp_path, vault_home):
     from codemoat.engines.llamacpp import LlamaCppEngine
 
+    gguf_file = served_gguf
     moat, lic, doc = bundle(vendor, gguf_file, tmp_path / "out", machine)
     settings = load_settings(**{"model.n_ctx": 256, "model.n_threads": 1})
     holder = open_sealed(moat, lic, settings=settings)
     try:
         sealed_text = complete(holder)
+        # the CPU path was chosen from the decrypted memfd's header (a self-test only for a quantised model)
+        cpu = holder.get().health()["cpu_buffers"]
+        assert ("no quantised tensors" in cpu["reason"]) == ("q4_k_m" not in served_gguf.name), cpu
         plain = LlamaCppEngine.from_path(gguf_file, n_ctx=256, n_threads=1)
         try:
             assert sealed_text == asyncio.run(plain.complete("def add(a, b):\n", GREEDY)).text
