@@ -1,15 +1,16 @@
 """A test-only engine: the real llama.cpp engine, plus prompt markers that kill the engine's process.
 
-Served with `--engine crash_engine:CrashingEngine` and this folder on PYTHONPATH. In a supervised
-engine process the marker kills only that process; inline (`model.isolation = "inline"`), it kills
-the whole server, which is what the supervisor exists to prevent.
+Served with `--engine crash_engine:CrashingEngine` and this folder on PYTHONPATH. The marker kills
+the process as the request arrives, while another request may be generating. In a supervised
+engine process that is only the engine; inline (`model.isolation = "inline"`) it is the whole
+server, which is what the supervisor exists to prevent.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
+import time
 from typing import Any
 
 from codemoat.engines.llamacpp import LlamaCppEngine
@@ -24,14 +25,23 @@ class CrashingEngine(LlamaCppEngine):
         self.safe = use_extra_bufts is False
         super().__init__(model_path, use_extra_bufts=use_extra_bufts, **kw)
 
-    async def stream(self, prompt, params):
-        text = prompt if isinstance(prompt, str) else self.detokenize(prompt)  # the server sends token ids
+    def _prompt_ids(self, prompt, max_tokens):
+        """Checked as a request arrives (`engines.child`), while another may be generating."""
+        ids = super()._prompt_ids(prompt, max_tokens)
+        text = self.detokenize(ids)
         if CRASH in text or (CRASH_UNLESS_SAFE in text and not self.safe):
             os.kill(os.getpid(), signal.SIGSEGV)
-        async for chunk in super().stream(prompt, params):
-            if SLOW in text:
-                await asyncio.sleep(0.05)
-            yield chunk
+        return ids
+
+    def _generate(self, prompt_ids, params, emit, cancel) -> None:
+        if SLOW in self.detokenize(prompt_ids):
+            inner = emit
+
+            def emit(chunk):
+                time.sleep(0.05)
+                inner(chunk)
+
+        super()._generate(prompt_ids, params, emit, cancel)
 
     def health(self) -> dict[str, Any]:
         return {**super().health(), "built_safe": self.safe}
