@@ -52,8 +52,13 @@ def test_one_record_per_request_with_its_facts(engine, accounts, tokens, llm):
         r = complete(c, tokens["alice"], "def add(a, b):", 7)
         assert r.status_code == 200
         used = r.json()["usage"]
-        body = {**GREEDY, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "stream": True,
-                "stream_options": {"include_usage": True}}
+        body = {
+            **GREEDY,
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 5,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
         r = c.post("/v1/chat/completions", json=body, headers=tokens["bob"])
         assert r.status_code == 200 and r.text.endswith("[DONE]\n\n")
         streamed = [line for line in r.text.splitlines() if '"usage"' in line][-1]
@@ -100,7 +105,10 @@ def test_block_policy_refuses_secret_prompts(engine, accounts, tokens, llm):
         assert r.json()["error"]["code"] == "secret_detected"
         assert complete(c, tokens["alice"], "x = 1").status_code == 200
     recs = records(engine)
-    assert [(x["status"], x["user"], x["detail"].get("secrets")) for x in recs] == [(400, "alice", ["github_token"]), (200, "alice", None)]
+    assert [(x["status"], x["user"], x["detail"].get("secrets")) for x in recs] == [
+        (400, "alice", ["github_token"]),
+        (200, "alice", None),
+    ]
     assert recs[0]["completion_tokens"] == 0 and recs[0]["detail"]["note"] == "refused: secret in the request"
 
 
@@ -114,7 +122,10 @@ def test_block_policy_enforced_by_the_middleware_for_any_route(engine, accounts,
         assert complete(c, tokens["alice"], "x = 1").status_code == 200
     recs = records(engine)
     assert [(x["route"], x["status"], x["user"], x["detail"].get("secrets")) for x in recs] == [
-        ("/v1/events", 400, "alice", ["private_key"]), ("/v1/events", 200, "alice", None), ("/v1/completions", 200, "alice", None)]
+        ("/v1/events", 400, "alice", ["private_key"]),
+        ("/v1/events", 200, "alice", None),
+        ("/v1/completions", 200, "alice", None),
+    ]
 
 
 def test_over_quota_token_gets_429_others_do_not(engine, accounts, tokens, llm):
@@ -203,7 +214,20 @@ def test_admin_api_needs_admin_scope(engine, accounts, tokens, llm):
         r = c.get("/admin/api/audit", params={"kind": "nosuch"}, headers=tokens["root"])
         assert r.status_code == 400 and "unknown record kind 'nosuch'" in r.text  # not an empty list
     recs = records(engine)
-    assert [x["status"] for x in recs] == [200, 403, 403, 401, 200, 200, 200, 200, 200, 200, 400, 400]  # admin reads are audited too
+    assert [x["status"] for x in recs] == [
+        200,
+        403,
+        403,
+        401,
+        200,
+        200,
+        200,
+        200,
+        200,
+        200,
+        400,
+        400,
+    ]  # admin reads are audited too
 
 
 def test_egress_guard_armed_by_install_and_refusals_audited(engine, accounts, tokens, port, llm):
@@ -239,7 +263,9 @@ def test_distillation_alarm_raised_audited_and_throttles(engine, accounts, token
     with client_for(Settings(model={"max_tokens_limit": 256}), accounts, llm) as c:
         trust = c.app.state.trust
         # small numbers so that ten requests look like a sweep; the heuristics themselves are in test_audit_alarms
-        trust.alarms.policy = AlarmPolicy(min_requests=10, every=10, min_baseline=1, volume_factor=2, long_tokens=20, throttle_rpm=1)
+        trust.alarms.policy = AlarmPolicy(
+            min_requests=10, every=10, min_baseline=1, volume_factor=2, long_tokens=20, throttle_rpm=1
+        )
         for i in range(10):
             prompt = "\n".join(f"def function_number_{i}_{j}(argument_{j}):" for j in range(5))
             r = complete(c, tokens["alice"], prompt, 200)
@@ -309,8 +335,12 @@ def test_request_cut_off_by_shutdown_is_still_audited(engine, accounts, tokens, 
 
     def call():
         try:
-            httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={**GREEDY, "prompt": "x", "max_tokens": 4},
-                       headers=tokens["alice"], timeout=60)
+            httpx.post(
+                f"http://127.0.0.1:{port}/v1/completions",
+                json={**GREEDY, "prompt": "x", "max_tokens": 4},
+                headers=tokens["alice"],
+                timeout=60,
+            )
         except httpx.HTTPError as e:
             errors.append(e)
 

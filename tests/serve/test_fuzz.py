@@ -19,31 +19,102 @@ from codemoat.db import open_db
 
 # A valid body per route: the fuzzer keeps, drops or replaces each field, and adds others.
 ROUTES = {
-    "/v1/completions": {"model": "tiny", "prompt": "def f(", "suffix": "):", "max_tokens": 3, "temperature": 0.5, "stop": ["\n"],
-                        "stream": False, "seed": 1, "codemoat": {"path": "a.py", "return_snippets": True}},
-    "/v1/completions#tabby": {"language": "python", "segments": {"prefix": "def f(", "suffix": "):", "filepath": "a.py",
-                              "declarations": [{"filepath": "b.py", "body": "x = 1"}]}, "temperature": 0.1,
-                              "debug_options": {"return_prompt": True, "return_snippets": True}},
-    "/v1/chat/completions": {"model": "tiny", "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
-                             "max_tokens": 3, "stream": True, "stream_options": {"include_usage": True}},
-    "/api/generate": {"model": "tiny", "prompt": "def f(", "suffix": "):", "raw": True, "stream": False,
-                      "options": {"num_predict": 3, "temperature": 0.5, "top_k": 5, "stop": ["\n"]}},
-    "/api/chat": {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stream": True, "options": {"num_predict": 3}},
+    "/v1/completions": {
+        "model": "tiny",
+        "prompt": "def f(",
+        "suffix": "):",
+        "max_tokens": 3,
+        "temperature": 0.5,
+        "stop": ["\n"],
+        "stream": False,
+        "seed": 1,
+        "codemoat": {"path": "a.py", "return_snippets": True},
+    },
+    "/v1/completions#tabby": {
+        "language": "python",
+        "segments": {
+            "prefix": "def f(",
+            "suffix": "):",
+            "filepath": "a.py",
+            "declarations": [{"filepath": "b.py", "body": "x = 1"}],
+        },
+        "temperature": 0.1,
+        "debug_options": {"return_prompt": True, "return_snippets": True},
+    },
+    "/v1/chat/completions": {
+        "model": "tiny",
+        "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
+        "max_tokens": 3,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    },
+    "/api/generate": {
+        "model": "tiny",
+        "prompt": "def f(",
+        "suffix": "):",
+        "raw": True,
+        "stream": False,
+        "options": {"num_predict": 3, "temperature": 0.5, "top_k": 5, "stop": ["\n"]},
+    },
+    "/api/chat": {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "hi"}],
+        "stream": True,
+        "options": {"num_predict": 3},
+    },
     "/api/show": {"model": "tiny"},
-    "/infill": {"input_prefix": "def f(", "input_suffix": "):", "n_predict": 3, "stream": False,
-                "input_extra": [{"filename": "b.py", "text": "x = 1"}], "t_max_predict_ms": 500, "n_indent": 4},
+    "/infill": {
+        "input_prefix": "def f(",
+        "input_suffix": "):",
+        "n_predict": 3,
+        "stream": False,
+        "input_extra": [{"filename": "b.py", "text": "x = 1"}],
+        "t_max_predict_ms": 500,
+        "n_indent": 4,
+    },
     "/v1/events": {"type": "select", "completion_id": "cmpl-1", "choice_index": 0},
 }
 
-HOSTILE_TEXT = st.sampled_from([
-    "", " ", "\ud800", "a\udfffb", "\x00", "\u202e", "\ufeff", "<|fim_middle|>", "<|endoftext|>", "{{ .Prompt }}", "%s%n",
-    "-----BEGIN RSA PRIVATE KEY-----", "AKIA" + "QWERTYUIOPASDFGH", "x" * 5000, "\n" * 300, "../../etc/passwd",
-    "tiny:latest", "select", "system", "developer", "tool", "user",
-]) | st.text(st.characters(exclude_categories=("Cs",)), max_size=40) | st.text(max_size=40)  # the last with surrogates
-SCALARS = (st.none() | st.booleans() | st.integers(min_value=-2**70, max_value=2**70)
-           | st.floats(allow_nan=True, allow_infinity=True) | HOSTILE_TEXT)
-VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(HOSTILE_TEXT, inner, max_size=3),
-                      max_leaves=8)
+HOSTILE_TEXT = (
+    st.sampled_from(
+        [
+            "",
+            " ",
+            "\ud800",
+            "a\udfffb",
+            "\x00",
+            "\u202e",
+            "\ufeff",
+            "<|fim_middle|>",
+            "<|endoftext|>",
+            "{{ .Prompt }}",
+            "%s%n",
+            "-----BEGIN RSA PRIVATE KEY-----",
+            "AKIA" + "QWERTYUIOPASDFGH",
+            "x" * 5000,
+            "\n" * 300,
+            "../../etc/passwd",
+            "tiny:latest",
+            "select",
+            "system",
+            "developer",
+            "tool",
+            "user",
+        ]
+    )
+    | st.text(st.characters(exclude_categories=("Cs",)), max_size=40)
+    | st.text(max_size=40)
+)  # the last with surrogates
+SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | HOSTILE_TEXT
+)
+VALUES = st.recursive(
+    SCALARS, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(HOSTILE_TEXT, inner, max_size=3), max_leaves=8
+)
 
 
 @st.composite
@@ -67,7 +138,7 @@ def _texts(draw, doc):
     slots = []  # (container, key) of every string
 
     def walk(d):
-        for k, v in (d.items() if isinstance(d, dict) else enumerate(d)):
+        for k, v in d.items() if isinstance(d, dict) else enumerate(d):
             if isinstance(v, str):
                 slots.append((d, k))
             elif isinstance(v, (dict, list)):
@@ -120,8 +191,13 @@ def _check(r) -> None:
 def test_hostile_bodies_authenticated(llm, policy):
     app, token, log = _app(policy, llm)
 
-    @settings(max_examples=150, deadline=None, derandomize=True, database=None,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @settings(
+        max_examples=150,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
     @given(bodies())
     def one(case):
         route, raw = case
@@ -138,9 +214,16 @@ def test_hostile_bodies_authenticated(llm, policy):
 def test_hostile_bodies_without_a_token(llm):
     app, _, log = _app("block", llm)
 
-    @settings(max_examples=60, deadline=None, derandomize=True, database=None,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-    @given(bodies(), st.sampled_from([{}, {"Authorization": "Bearer cm_wrong"}, {"Authorization": "Basic eDp5"}, {"x-api-key": ""}]))
+    @settings(
+        max_examples=60,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+    @given(
+        bodies(), st.sampled_from([{}, {"Authorization": "Bearer cm_wrong"}, {"Authorization": "Basic eDp5"}, {"x-api-key": ""}])
+    )
     def one(case, headers):
         route, raw = case
         r = client.post(route.split("#")[0], content=raw, headers={**headers, "Content-Type": "application/json"})

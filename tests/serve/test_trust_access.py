@@ -97,7 +97,9 @@ def test_operation_ids_are_unique(client):
     ids = [op["operationId"] for path in doc["paths"].values() for op in path.values()]
     assert len(ids) == len(set(ids))
     assert {doc["paths"]["/v1/health"]["get"]["operationId"], doc["paths"]["/v1/health"]["post"]["operationId"]} == {
-        "health_v1_health_get", "health_post_v1_health_post"}
+        "health_v1_health_get",
+        "health_post_v1_health_post",
+    }
 
 
 def test_probes_are_not_recorded_but_refused_probes_are(client, db):

@@ -48,7 +48,11 @@ def test_unauthenticated_flood_is_one_record_and_one_tally_per_source(db, llm, h
         assert attacker.post("/v1/completions", json={"prompt": "x"}).status_code == 401
     recs = records(db)
     assert [(r["client"], r["status"], r["user"]) for r in recs] == [
-        ("203.0.113.9", 401, None), ("198.51.100.7", 401, None), ("203.0.113.9", 200, "alice"), ("203.0.113.9", 401, None)]
+        ("203.0.113.9", 401, None),
+        ("198.51.100.7", 401, None),
+        ("203.0.113.9", 200, "alice"),
+        ("203.0.113.9", 401, None),
+    ]
     tallies = records(db, "unauthenticated")
     assert [(t["client"], t["detail"]["count"]) for t in tallies] == [("203.0.113.9", 59)]
     detail = tallies[0]["detail"]

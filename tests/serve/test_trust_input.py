@@ -117,7 +117,10 @@ def test_lone_surrogate_is_a_400_in_the_protocols_shape(db, llm, path, template,
             else:  # Ollama's and Tabby's {"error": "..."}
                 assert isinstance(err, str)
         raw = '{"model": "tiny", "prompt": "x\xed\xa0\x80"}'.encode("latin-1")  # the surrogate's UTF-8-like bytes
-        assert c.post("/v1/completions", content=raw, headers={**c.tokens["alice"], "Content-Type": "application/json"}).status_code == 400
+        assert (
+            c.post("/v1/completions", content=raw, headers={**c.tokens["alice"], "Content-Type": "application/json"}).status_code
+            == 400
+        )
         assert c.post(path, json={"model": "tiny"} if proto == "ollama" else {}, headers=c.tokens["alice"]).status_code != 500
 
 

@@ -14,7 +14,9 @@ from .common import console
 @app.command()
 def serve(
     *,
-    model: Annotated[str | None, typer.Option(help="Model: .gguf, safetensors folder, or sealed .moat (default: the bundled model).")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Model: .gguf, safetensors folder, or sealed .moat (default: the bundled model).")
+    ] = None,
     license: Annotated[Path | None, typer.Option(help="License file (.lic) for a sealed model.")] = None,
     host: Annotated[str | None, typer.Option(help="Address to listen on [default: 127.0.0.1].")] = None,
     port: Annotated[int | None, typer.Option(help="Port to listen on; 0 picks a free one [default: 8080].")] = None,
@@ -37,8 +39,13 @@ def serve(
     settings = load_settings(
         config,
         **{
-            "model.path": model, "model.license": str(license) if license else None, "server.host": host,
-            "server.port": port, "model.engine": engine, "model.id": model_id, "model.n_ctx": n_ctx,
+            "model.path": model,
+            "model.license": str(license) if license else None,
+            "server.host": host,
+            "server.port": port,
+            "model.engine": engine,
+            "model.id": model_id,
+            "model.n_ctx": n_ctx,
             "model.fim_template": fim_template,
         },
     )
@@ -70,4 +77,3 @@ def log_to_stderr(level: str) -> None:
         logger.addHandler(handler)
     number = logging.getLevelName(level.upper())
     logger.setLevel(number if isinstance(number, int) else logging.DEBUG)  # uvicorn's "trace" → DEBUG
-

@@ -22,15 +22,17 @@ from .auth import any_token, require
 
 router = APIRouter()
 admin = Depends(require("admin"))
+scraper = Depends(require("metrics", quota=False))  # a scrape is not a request against anyone's quota
+caller = Depends(any_token)
 
 
 @router.get("/metrics", include_in_schema=False)
-async def metrics(request: Request, _p=Depends(require("metrics", quota=False))) -> Response:
+async def metrics(request: Request, _p=scraper) -> Response:
     return Response(request.app.state.trust.metrics.render(), media_type=CONTENT_TYPE)
 
 
 @router.get("/openapi.json", include_in_schema=False)
-async def openapi(request: Request, principal: Principal = Depends(any_token)) -> JSONResponse:
+async def openapi(request: Request, principal: Principal = caller) -> JSONResponse:
     """The API's description; admin routes only for a token that may call them."""
     app = request.app
     full = principal.can("admin")
@@ -44,8 +46,15 @@ async def openapi(request: Request, principal: Principal = Depends(any_token)) -
 
 
 @router.get("/admin/api/audit")
-async def audit_records(request: Request, _p=admin, since: str | None = None, kind: str | None = None,
-                        user: str | None = None, after_seq: int = 0, limit: int = 100):
+async def audit_records(
+    request: Request,
+    _p=admin,
+    since: str | None = None,
+    kind: str | None = None,
+    user: str | None = None,
+    after_seq: int = 0,
+    limit: int = 100,
+):
     log = request.app.state.trust.log
     limit = max(1, min(limit, 1000))
     start = parse_since(since)

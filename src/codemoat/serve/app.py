@@ -27,6 +27,7 @@ from .service import Service
 
 log = logging.getLogger("codemoat.serve")
 
+
 def create_app(settings: Settings, *, holder: ModelHolder, accounts: Accounts, retriever: Any | None = None) -> FastAPI:
     """An app serving `holder`'s model to callers authenticated by `accounts`."""
 

@@ -124,8 +124,9 @@ class AuditMiddleware:
         await self.app(scope, receive, watched)
         if status in (401, 403):
             try:
-                await anyio.to_thread.run_sync(self.trust.write, scope, status, time.perf_counter() - t0, None,
-                                               limiter=self.trust.limiter)
+                await anyio.to_thread.run_sync(
+                    self.trust.write, scope, status, time.perf_counter() - t0, None, limiter=self.trust.limiter
+                )
             except AuditUnavailable:
                 self.trust.metrics.audit_failures.inc()
 
@@ -148,6 +149,10 @@ class AuditMiddleware:
     async def _refuse(self, scope, receive, send) -> None:
         why = self.trust.log.failure or "unknown error"
         log.error("refusing a request: the audit log cannot be written (%s)", why)
-        resp = errors.render(Request(scope), 503, "service unavailable: the audit log cannot be written, "
-                             "and codemoat serves nothing it cannot audit", "audit_unavailable")
+        resp = errors.render(
+            Request(scope),
+            503,
+            "service unavailable: the audit log cannot be written, and codemoat serves nothing it cannot audit",
+            "audit_unavailable",
+        )
         await resp(scope, receive, send)

@@ -59,8 +59,11 @@ def check_text(doc: Any) -> None:
             try:
                 t.encode("utf-8")
             except UnicodeEncodeError:
-                raise NotText("request body is not valid JSON text: a string holds a lone UTF-16 surrogate "
-                              "(such as \\ud800), which is not a Unicode character", doc) from None
+                raise NotText(
+                    "request body is not valid JSON text: a string holds a lone UTF-16 surrogate "
+                    "(such as \\ud800), which is not a Unicode character",
+                    doc,
+                ) from None
 
 
 def start_usage(request: Request, protocol: str, model: str) -> Usage:

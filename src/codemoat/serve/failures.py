@@ -29,8 +29,13 @@ class Tally:
     routes: Counter = field(default_factory=Counter)
 
     def detail(self) -> dict:
-        return {"count": self.count, "since": round(self.since, 3), "until": round(self.until, 3),
-                "statuses": {str(k): v for k, v in sorted(self.statuses.items())}, "routes": dict(sorted(self.routes.items()))}
+        return {
+            "count": self.count,
+            "since": round(self.since, 3),
+            "until": round(self.until, 3),
+            "statuses": {str(k): v for k, v in sorted(self.statuses.items())},
+            "routes": dict(sorted(self.routes.items())),
+        }
 
 
 class FailureTally:

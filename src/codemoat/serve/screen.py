@@ -7,7 +7,7 @@ turned into an anonymous CPU drain; the route then answers 401. An authenticated
 in bounded time: every string of the JSON document (or the body as text when it is not JSON) up
 to `SCAN_CHARS` characters in all; a string longer than what is left is scanned at both ends, where
 an editor puts the code around the cursor. The prompt a model actually sees is screened whole
-where it is assembled (`screen_prompt`); this screen is what holds for routes that take text but
+where it is assembled (`prompts.screen_text`); this screen is what holds for routes that take text but
 build no prompt (Tabby's events), and for the parts of a body no prompt uses.
 
 The kinds found (never the values) go into the request's audit record, written by the audit
@@ -107,7 +107,7 @@ def scan_body(body: bytes, limit: int = SCAN_CHARS) -> tuple[set[str], str]:
         if found and not message:
             try:
                 screen(text, "block")
-            except CodemoatError as e:  # the same one-line message screen_prompt gives
+            except CodemoatError as e:  # the same one-line message a screened prompt gives
                 message = str(e)
         kinds.update(f.kind for f in found)
     return kinds, message
@@ -121,7 +121,7 @@ def _bounded(texts: Iterator[str], limit: int) -> Iterator[str]:
         if len(t) > left:
             half = left // 2
             yield t[:half]
-            yield t[len(t) - (left - half):]
+            yield t[len(t) - (left - half) :]
             return
         left -= len(t)
         yield t

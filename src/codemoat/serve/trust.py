@@ -4,8 +4,7 @@
 
 * the audit middleware (`auditing.py`): one record per API request, 503 when it cannot audit;
 * with `policy.secrets = "block"`, the secret screen (`screen.py`) inside it: authenticated POST
-  bodies holding a secret get 400; `screen_prompt(text, settings, request)` gives routes the same
-  check on the prompt they assemble, and the redacted text;
+  bodies holding a secret get 400 (the prompt a route assembles is screened by `prompts.screen_text`);
 * `app.state.check_quota(request, principal)`, called by the auth dependency (429 + Retry-After);
 * the egress guard (loopback, `policy.egress_allow`, `app.state.egress_allow`, the database host);
 * the metrics, admin and OpenAPI routes (`admin.py`);
@@ -32,7 +31,7 @@ from ..audit.alarms import AlarmPolicy, Alarms
 from ..audit.log import AuditLog, AuditUnavailable, head_file_for, verified_file_for
 from ..audit.metrics import Metrics
 from ..audit.quota import Quotas
-from ..audit.redact import find_secrets, redact, screen
+from ..audit.redact import redact
 from ..config import Settings
 from ..db import open_db
 from . import admin
@@ -57,9 +56,13 @@ class Trust:
         shared = getattr(accounts, "engine", None)  # the accounts' database, migrated once, when it is one
         engine = shared if shared is not None else open_db(settings.database_url or paths.db_url())
         self.db_url = engine.url.render_as_string(hide_password=False)
-        self.log = AuditLog(engine, checkpoint_every=settings.audit.checkpoint_every, head_file=head_file_for(self.db_url, paths.home()),
-                            verified_file=verified_file_for(self.db_url, paths.home()))  # verify remembers the head it accepted
-        self.log.signer  # load or create the signing key now: a key problem should stop start-up, not a request
+        self.log = AuditLog(
+            engine,
+            checkpoint_every=settings.audit.checkpoint_every,
+            head_file=head_file_for(self.db_url, paths.home()),
+            verified_file=verified_file_for(self.db_url, paths.home()),
+        )  # verify remembers the head it accepted
+        self.signer = self.log.signer  # loaded (or created) now: a key problem stops start-up, not a request
         # the daily token budget lives in the shared database: replicas spend one budget between them
         self.quotas = Quotas(settings.policy.requests_per_minute, settings.policy.tokens_per_day, engine=engine)
         self.quotas.seed(self.log)
@@ -72,7 +75,8 @@ class Trust:
         # Audit I/O gets its own threads, so that it never queues behind other blocking work.
         self.limiter = anyio.CapacityLimiter(4)
         self.guard = egress.EgressGuard(
-            allow=self._static_allow(self.db_url), extra=lambda: getattr(app.state, "egress_allow", None) or (),
+            allow=self._static_allow(self.db_url),
+            extra=lambda: getattr(app.state, "egress_allow", None) or (),
             on_refuse=self._egress_refused,
         )
 
@@ -107,8 +111,11 @@ class Trust:
         route = getattr(scope.get("route"), "path", None)
         if route is None:
             if self._templates is None:  # every route is added by now
-                self._templates = [(r.path_regex, r.path) for r in (c.route for c in iter_route_contexts(self.app.routes))
-                                   if hasattr(r, "path_regex")]
+                self._templates = [
+                    (r.path_regex, r.path)
+                    for r in (c.route for c in iter_route_contexts(self.app.routes))
+                    if hasattr(r, "path_regex")
+                ]
             route = next((path for regex, path in self._templates if regex.match(scope.get("path", ""))), None)
         return route or UNMATCHED
 
@@ -148,9 +155,7 @@ class Trust:
             self.metrics.observe(route, protocol or "", status, seconds, 0, 0)
             return
         detail: dict[str, Any] = {"method": method_name(scope.get("method"))}
-        secrets = set(usage.secrets)
-        if usage.prompt_text:
-            secrets.update(f.kind for f in find_secrets(usage.prompt_text))
+        secrets = usage.secrets  # found where the prompt was screened (prompts.screen_text) or by the secret screen
         if secrets:
             detail["secrets"] = sorted(secrets)
             for k in secrets:
@@ -186,8 +191,13 @@ class Trust:
             if principal is not None and (200 <= status < 300 or status == 499):  # 499: what was generated before the hang-up
                 self.quotas.add_tokens(principal.user, principal.token_id, usage.completion_tokens)
                 kind = "event" if usage.event else ("chat" if route.endswith(_CHAT_ROUTES) else "completion")
-                alert = self.alarms.observe(principal.user, kind=kind, prompt_text=usage.prompt_text,
-                                            completion_tokens=usage.completion_tokens, event=usage.event)
+                alert = self.alarms.observe(
+                    principal.user,
+                    kind=kind,
+                    prompt_text=usage.prompt_text,
+                    completion_tokens=usage.completion_tokens,
+                    event=usage.event,
+                )
                 if alert is not None:
                     self._raise_alert(alert)
         except Exception:
@@ -204,10 +214,16 @@ class Trust:
 
     def _raise_alert(self, alert) -> None:
         rpm = self.alarms.policy.throttle_rpm
-        self.log.append("alert", user=alert.user, detail={
-            "alarm": "distillation", "reasons": alert.reasons, "signals": alert.signals,
-            "throttled_rpm": rpm or None,
-        })
+        self.log.append(
+            "alert",
+            user=alert.user,
+            detail={
+                "alarm": "distillation",
+                "reasons": alert.reasons,
+                "signals": alert.signals,
+                "throttled_rpm": rpm or None,
+            },
+        )
         self.metrics.alerts.inc()
         self.metrics.audit_records.labels("alert").inc()
         log.warning("distillation alarm for user %s: %s", alert.user, ", ".join(alert.reasons))
@@ -223,24 +239,11 @@ def check_quota(request: Request, principal: Principal) -> None:
         request.state.quota_reserved = True  # a shared daily budget holds one token for this request
 
 
-def screen_prompt(text: str, settings: Settings, request: Request | None = None) -> str:
-    """The prompt with secrets redacted; raises `SecretInPrompt` (400) when `policy.secrets == "block"`.
-
-    With `request`, the kinds found (never the values) go into its audit record, refused or not."""
-    redacted, findings = redact(text)
-    if findings and request is not None:
-        usage_of(request.state).secrets.update(f.kind for f in findings)
-    if findings and settings.policy.secrets == "block":
-        screen(text, "block")  # raises SecretInPrompt with the kinds and lines
-    return redacted
-
-
 def install(app: FastAPI, settings: Settings) -> None:
     """Wire the trust layer into `app` (see the module docstring)."""
     trust = Trust(app, settings)
     app.state.trust = trust
     app.state.check_quota = check_quota
-    app.state.screen_prompt = lambda text, request=None: screen_prompt(text, settings, request)
     previous = getattr(app.state, "on_shutdown", None)
 
     def on_shutdown() -> None:
