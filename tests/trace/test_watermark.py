@@ -20,13 +20,15 @@ def scorer(flat_model):
 
 
 def _generate(model: Path, procs, n: int = 200, seed: int = 0, prompt: str = "def main(") -> str:
-    from llama_cpp import Llama, LogitsProcessorList
+    from llama_cpp import LogitsProcessorList
 
     def no_eos(ids, logits):  # a random model would stop early; (llama-cpp's logit_bias drops
         logits[0] = -1e9  # the processor list: `list.extend` returns None, llama.py:1339)
         return logits
 
-    llm = Llama(str(model), n_ctx=256, verbose=False, n_threads=1, seed=seed)
+    from codemoat.engines.llamacpp import load_llama
+
+    llm = load_llama(str(model), n_ctx=256, n_threads=1, seed=seed)  # the CPU path the server would pick
     out = llm.create_completion(
         prompt, max_tokens=n, temperature=1.0, top_k=0, top_p=1.0, seed=seed,
         logits_processor=LogitsProcessorList([no_eos, *(procs or [])]),
@@ -63,7 +65,19 @@ def test_binomial_tail_is_exact():
         assert wm.binom_tail(k, n, q) == pytest.approx(want, rel=1e-9, abs=1e-15)
 
 
-def test_own_generations_are_detected_and_attributed(flat_model, scorer):
+@pytest.fixture(scope="module", params=["F32", "Q8_0", "Q4_0"])
+def served(request, flat_model, scorer, tmp_path_factory):
+    """(model, scorer): the flat model as written, and quantised by llama.cpp as customers' models ship."""
+    if request.param == "F32":
+        return flat_model, scorer
+    from . import attacks
+
+    q = attacks.requantize(flat_model, tmp_path_factory.mktemp("wm") / f"flat-{request.param}.gguf", {"Q8_0": 7, "Q4_0": 2}[request.param])
+    return q, wm.LlamaScorer(str(q), n_ctx=256)
+
+
+def test_own_generations_are_detected_and_attributed(served):
+    flat_model, scorer = served
     text = _generate(flat_model, [wm.WatermarkProcessor(KEY)])
     res = wm.detect_text(text, scorer.tokenize, {"acme": KEY, "globex": OTHER}, scorer.entropies)
     assert res[0].customer == "acme" and res[0].detected and res[0].scored_tokens > 50
