@@ -83,6 +83,18 @@ def test_requantised_copy_is_traced(marked, f16_model, secrets, tmp_path, ftype)
     q = attacks.requantize(marked["cust11"], tmp_path / "q.gguf", ftype)
     assert gguf_io.tensor_kinds(gguf_io._reader(q))["blk.0.ffn_up.weight"] != "F16"
     assert trace_files(q, f16_model, secrets).named == ["cust11"]
+    # the marked, quantised copy still serves, on the CPU path the self-test picks (issue 12)
+    import asyncio
+
+    from codemoat.engines.base import SamplingParams
+    from codemoat.engines.llamacpp import LlamaCppEngine
+
+    eng = LlamaCppEngine.from_path(q, n_ctx=64, n_threads=1)
+    try:
+        assert eng.health()["cpu_buffers"]["path"] in ("extra", "safe")
+        assert asyncio.run(eng.complete("def ", SamplingParams(max_tokens=4, temperature=0.0))).completion_tokens >= 1
+    finally:
+        eng.close()
 
 
 def test_noise_and_pruning_are_survived(marked, f16_model, secrets, tmp_path):
