@@ -247,3 +247,38 @@ def test_verifier_and_writer_share_the_chain_without_a_cycle():
     from codemoat.audit import chain, log
 
     assert log.records is chain.records and log.record_hash is chain.record_hash  # still importable from log
+
+
+def test_concurrent_appends_are_group_committed_into_one_valid_chain(audit_log, engine):
+    """Eight request threads appending at once: every caller gets its own sequence number, the
+    chain verifies, and the records went in fewer transactions than records (group commit)."""
+    import threading
+
+    from sqlalchemy import event
+
+    commits = []
+
+    def on_commit(conn) -> None:
+        commits.append(1)
+
+    event.listen(engine, "commit", on_commit)
+    seqs: list[int] = []
+    lock = threading.Lock()
+    go = threading.Barrier(8)
+
+    def writer(i: int) -> None:
+        go.wait()
+        for j in range(40):
+            s = audit_log.append("request", user=f"u{i}", route="/v1/completions", status=200, prompt_tokens=j)
+            with lock:
+                seqs.append(s)
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    event.remove(engine, "commit", on_commit)
+    assert sorted(seqs) == list(range(1, 321))
+    assert audit_log.verify().ok
+    assert len(commits) < 320

@@ -119,6 +119,19 @@ def _normalise(kind: str, fields: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+# records one group commit may write (a bound on one transaction's size and on a waiter's wait)
+MAX_BATCH = 256
+
+
+class _Pending:
+    """One record waiting for a group commit, and what became of it."""
+
+    __slots__ = ("row", "seq", "error", "done")
+
+    def __init__(self, row: dict[str, Any]):
+        self.row, self.seq, self.error, self.done = row, 0, None, False
+
+
 class AuditLog:
     """Append-only, hash-chained audit records over one SQLAlchemy engine (thread-safe)."""
 
@@ -137,6 +150,8 @@ class AuditLog:
         self.head_file = head_file
         self.verified_file = verified_file  # the verifier's memory (`audit.trusted`), not the writer's
         self._lock = threading.Lock()
+        self._pending: list[_Pending] = []  # records waiting for the next group commit
+        self._pending_lock = threading.Lock()
         self._head_fd: int | None = None
         self._healthy = True
         self._probed_at = 0.0
@@ -152,22 +167,44 @@ class AuditLog:
     def append(self, kind: str = "request", **fields: Any) -> int:
         """Append one record and re-sign the head; returns its sequence number.
 
+        Group commit: records appended at the same time by this process's threads (concurrent
+        requests) are written in one transaction under one head signature, and every caller still
+        returns only once its own record is committed. The first caller in becomes the leader and
+        flushes what is waiting; the others find their record written when the lock is theirs.
         Raises `AuditUnavailable` when it cannot be written (the caller must not serve)."""
-        row = _normalise(kind, fields)
+        me = _Pending(_normalise(kind, fields))
+        with self._pending_lock:
+            self._pending.append(me)
         with self._lock:
+            if not me.done:
+                with self._pending_lock:
+                    batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
+                self._flush(batch)
+        if me.error is not None:
+            raise me.error
+        return me.seq
+
+    def _flush(self, batch: list[_Pending]) -> None:
+        """Write `batch` in one transaction (under `_lock`); each waiter gets its seq or the error."""
+        try:
             try:
-                seq, head_row = self._append_locked(row)
+                seqs, head_row = self._append_locked([w.row for w in batch])
             except AuditUnavailable as e:
                 self._mark_failed(str(e))
                 raise
             except (DBAPIError, OSError) as e:
                 self._mark_failed(f"{type(e).__name__}: {str(e).splitlines()[0]}")
                 raise AuditUnavailable(f"audit log cannot be written: {self.failure}") from None
-            self._healthy, self.failure, self._probed_at = True, None, time.monotonic()
+        except AuditUnavailable as e:
+            for w in batch:
+                w.error, w.done = e, True
+            return
+        self._healthy, self.failure, self._probed_at = True, None, time.monotonic()
+        for w, seq in zip(batch, seqs):
+            w.seq, w.done = seq, True
         self._write_head_file(head_row)
-        return seq
 
-    def _append_locked(self, row: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    def _append_locked(self, rows: list[dict[str, Any]]) -> tuple[list[int], dict[str, Any]]:
         _ = self.signer  # load the key before taking the database's write lock
         for attempt in range(10):
             try:
@@ -175,28 +212,35 @@ class AuditLog:
                     h = c.execute(sa.select(head).where(head.c.id == 1).with_for_update()).first()
                     if h is None and c.execute(sa.select(sa.func.count()).select_from(records)).scalar():
                         raise AuditUnavailable("audit log tampered: records exist but the signed head is missing (run `codemoat audit verify`)")
-                    seq = (h.seq if h else 0) + 1
+                    seq = h.seq if h else 0
+                    prev = h.hash if h else GENESIS
                     last_cp = h.last_checkpoint if h else 0
-                    row.update(seq=seq, prev_hash=h.hash if h else GENESIS)
-                    row["hash"] = record_hash(row)
-                    c.execute(records.insert().values(**row))
-                    if seq % self.checkpoint_every == 0:
-                        self._insert_checkpoint(c, seq, row["hash"], last_cp, row["ts_us"], "periodic")
-                        last_cp = seq
-                    head_row = self._signed_head(seq, row["hash"], last_cp, row["ts_us"])
+                    seqs = []
+                    for row in rows:
+                        seq += 1
+                        row.update(seq=seq, prev_hash=prev)
+                        row["hash"] = prev = record_hash(row)
+                        seqs.append(seq)
+                    c.execute(records.insert(), rows)
+                    for row in rows:  # checkpoints after the records they name
+                        if row["seq"] % self.checkpoint_every == 0:
+                            self._insert_checkpoint(c, row["seq"], row["hash"], last_cp, row["ts_us"], "periodic")
+                            last_cp = row["seq"]
+                    last = rows[-1]
+                    head_row = self._signed_head(seq, last["hash"], last_cp, last["ts_us"])
                     if h is None:
                         c.execute(head.insert().values(id=1, **head_row))
                     else:
                         c.execute(head.update().where(head.c.id == 1).values(**head_row))
-                return seq, head_row
+                return seqs, head_row
             except IntegrityError:
-                # Another writer (a replica) took this sequence number; if the head did not move,
-                # the record beyond it was put there behind the log's back.
+                # Another writer (a replica) took these sequence numbers; if the head did not move,
+                # a record beyond it was put there behind the log's back.
                 with self.engine.connect() as c:
                     h2 = c.execute(sa.select(head.c.seq).where(head.c.id == 1)).scalar()
                 if h2 == (h.seq if h else None):
                     raise AuditUnavailable(
-                        f"audit log tampered: record {seq} exists beyond the signed head (run `codemoat audit verify`)"
+                        f"audit log tampered: record {(h.seq if h else 0) + 1} exists beyond the signed head (run `codemoat audit verify`)"
                     ) from None
             except DBAPIError as e:
                 if "locked" not in str(e).lower() or attempt == 9:
