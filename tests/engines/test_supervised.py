@@ -179,3 +179,40 @@ def test_restarting_state_and_holder(tiny_gguf, monkeypatch):
     finally:
         holder.close()
     assert eng.state == "closed"
+
+
+def test_a_client_that_leaves_cancels_generation_in_the_engine_process(tiny_gguf, monkeypatch):
+    """Closing a stream sends a cancel across: the engine's worker stops the paced 400-token generation
+    (20 s uncancelled) and takes the next request."""
+    from codemoat.engines.base import SamplingParams
+    from codemoat.engines.supervised import SupervisedEngine
+    from crash_engine import CrashingEngine
+
+    monkeypatch.setenv("PYTHONPATH", ENV["PYTHONPATH"])
+    eng = SupervisedEngine.start(CrashingEngine, tiny_gguf, {"model_id": "tiny", "n_ctx": 512, "n_threads": 1, "n_gpu_layers": 0})
+
+    async def go():
+        agen = eng.stream("<<slow>>def add(a, b):", SamplingParams(max_tokens=400, temperature=0.8))
+        first = await agen.__anext__()
+        await agen.aclose()  # the client went away
+        nxt = await asyncio.wait_for(eng.complete("def ", SamplingParams(max_tokens=3, temperature=0)), 10)
+        return first, nxt
+
+    try:
+        first, nxt = asyncio.run(go())
+        assert first.text and nxt.completion_tokens == 3
+        assert eng.health()["queue"] == 0 and eng.crashes == 0
+    finally:
+        eng.close()
+
+
+def test_a_model_that_cannot_load_is_one_line(tmp_path):
+    from codemoat.config import load_settings
+    from codemoat.engines.loader import open_model
+    from codemoat.errors import CodemoatError
+
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + bytes(64))
+    with pytest.raises(CodemoatError, match="cannot load model") as e:
+        open_model(load_settings(**{"model.path": str(bad)}))
+    assert "\n" not in str(e.value)

@@ -1,0 +1,233 @@
+"""What the engine process costs: the llama.cpp engine inline vs in a supervised child process, one run.
+
+Two measurements, rounds alternating between the two modes so machine noise hits both alike:
+- engine level (no HTTP): p50 of a greedy 32-token `stream()`, `LlamaCppEngine` in this process vs
+  `SupervisedEngine` (tokenising here, generation over a Unix socket);
+- through `codemoat serve`: two servers on the same GGUF, `model.isolation = "inline"` and
+  `"process"`: p50/p95 latency of a 32-token completion, requests/s with 4 concurrent clients,
+  streaming time to first token.
+Results go to bench/results/engine_process.md (target: process / inline ≤ 1.05 for p50 and throughput).
+Usage: .venv/bin/python bench/engine_process.py [--model PATH] [--rounds N] [--requests N] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = "import os\nimport sys\n\n\ndef walk_python_files(root):\n    \"\"\"Yield every .py file under root.\"\"\"\n    for dirpath, dirnames, filenames in os.walk(root):\n"
+MODES = ("inline", "process")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+
+
+# -- engine level -------------------------------------------------------------------
+def cpu_seconds(e) -> float:
+    """CPU time (user + system) of this process, plus the engine process's for a supervised engine."""
+    import psutil
+
+    t = psutil.Process().cpu_times()
+    total = t.user + t.system
+    child = getattr(e, "_child", None)
+    if child is not None:
+        c = psutil.Process(child.proc.pid).cpu_times()
+        total += c.user + c.system
+    return total
+
+
+def engine_level(model: Path, threads: int, rounds: int, n: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Wall seconds per request, and CPU seconds per request (robust to a busy machine), per mode."""
+    from codemoat.engines.base import SamplingParams
+    from codemoat.engines.llamacpp import LlamaCppEngine
+    from codemoat.engines.supervised import SupervisedEngine
+
+    opts = {"model_id": "m", "n_ctx": 2048, "n_threads": threads, "n_gpu_layers": 0}
+    engines = {"inline": LlamaCppEngine.from_path(model, **opts), "process": SupervisedEngine.start(LlamaCppEngine, model, opts)}
+    params = SamplingParams(max_tokens=32, temperature=0)
+
+    async def one(e) -> float:
+        t0 = time.perf_counter()
+        k = 0
+        async for c in e.stream(PROMPT, params):
+            k += len(c.token_ids)
+        assert k == 32, k
+        return time.perf_counter() - t0
+
+    async def run(e, count: int) -> list[float]:
+        return [await one(e) for _ in range(count)]
+
+    out: dict[str, list[float]] = {m: [] for m in MODES}
+    cpu: dict[str, list[float]] = {m: [] for m in MODES}
+    try:
+        for e in engines.values():
+            asyncio.run(run(e, 3))  # warm-up
+        for r in range(rounds):
+            for mode in (MODES if r % 2 == 0 else MODES[::-1]):
+                c0 = cpu_seconds(engines[mode])
+                out[mode] += asyncio.run(run(engines[mode], n))
+                cpu[mode].append((cpu_seconds(engines[mode]) - c0) / n)
+    finally:
+        for e in engines.values():
+            e.close()
+    return out, cpu
+
+
+# -- through serve -------------------------------------------------------------------
+def body(stream: bool = False) -> dict:
+    return {"model": "m", "prompt": PROMPT, "max_tokens": 32, "temperature": 0, "stream": stream}
+
+
+async def request(c: httpx.AsyncClient, stream: bool = False) -> tuple[float, int]:
+    """(seconds to the whole answer, or to the first text when streaming; completion tokens)."""
+    t0 = time.perf_counter()
+    if not stream:
+        r = await c.post("/v1/completions", json=body())
+        r.raise_for_status()
+        return time.perf_counter() - t0, r.json()["usage"]["completion_tokens"]
+    async with c.stream("POST", "/v1/completions", json=body(True)) as r:
+        async for line in r.aiter_lines():
+            if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["text"]:
+                return time.perf_counter() - t0, 0
+    return time.perf_counter() - t0, 0
+
+
+async def serve_round(url: str, headers: dict, n: int) -> dict[str, list[float]]:
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=120, limits=httpx.Limits(max_connections=4)) as c:
+        lat, toks = [], []
+        for _ in range(n):
+            dt, k = await request(c)
+            lat.append(dt)
+            toks.append(k)
+        ttft = [(await request(c, stream=True))[0] for _ in range(max(3, n // 2))]
+
+        async def worker():
+            for _ in range(4):
+                await request(c)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(4)))
+        rps = 16 / (time.perf_counter() - t0)
+    assert all(k == 32 for k in toks), toks
+    return {"lat": lat, "ttft": ttft, "rps": [rps]}
+
+
+def through_serve(model: Path, threads: int, rounds: int, n: int) -> dict[str, dict[str, list[float]]]:
+    home = Path(tempfile.mkdtemp())
+    env = dict(os.environ, CODEMOAT_HOME=str(home), CODEMOAT_MODEL__N_THREADS=str(threads))
+    py = sys.executable
+    tok = json.loads(subprocess.check_output([py, "-m", "codemoat.cli.main", "tokens", "create", "--name", "bench", "--json"], env=env))["token"]
+    headers = {"Authorization": f"Bearer {tok}"}
+    ports = {m: free_port() for m in MODES}
+    procs = {
+        m: subprocess.Popen([py, "-m", "codemoat.cli.main", "serve", "--model", str(model), "--model-id", "m",
+                             "--port", str(ports[m]), "--n-ctx", "2048"],
+                            env=dict(env, CODEMOAT_MODEL__ISOLATION=m), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for m in MODES
+    }
+    urls = {m: f"http://127.0.0.1:{ports[m]}" for m in MODES}
+    out: dict[str, dict[str, list[float]]] = {m: {"lat": [], "ttft": [], "rps": []} for m in MODES}
+    try:
+        for m, p in procs.items():
+            for _ in range(1200):
+                if p.poll() is not None:
+                    raise SystemExit(f"{m} server exited: {p.returncode}")
+                try:
+                    if httpx.get(urls[m] + "/health", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.1)
+            asyncio.run(serve_round(urls[m], headers, 3))  # warm-up
+        for r in range(rounds):
+            for m in (MODES if r % 2 == 0 else MODES[::-1]):
+                res = asyncio.run(serve_round(urls[m], headers, n))
+                for k, v in res.items():
+                    out[m][k] += v
+                print(f"round {r + 1} {m:8s} p50 {statistics.median(res['lat']) * 1000:7.1f} ms  rps {res['rps'][0]:6.2f}", flush=True)
+    finally:
+        for p in procs.values():
+            p.terminate()
+            p.wait(timeout=30)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=str(ROOT / "models" / "codemoat-tiny.gguf"))
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--requests", type=int, default=20, help="sequential requests per round and mode")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    model = Path(args.model)
+    load_before = os.getloadavg()[0]
+    eng, cpu = engine_level(model, args.threads, args.rounds, args.requests)
+    srv = through_serve(model, args.threads, args.rounds, args.requests)
+    load_after = os.getloadavg()[0]
+
+    ms = lambda xs: statistics.median(xs) * 1000
+    e_ratio = statistics.median(eng["process"]) / statistics.median(eng["inline"])
+    cpu_ratio = statistics.median(cpu["process"]) / statistics.median(cpu["inline"])
+    p50_ratio = statistics.median(srv["process"]["lat"]) / statistics.median(srv["inline"]["lat"])
+    p95_ratio = pct(srv["process"]["lat"], 95) / pct(srv["inline"]["lat"], 95)
+    rps_ratio = statistics.median(srv["inline"]["rps"]) / statistics.median(srv["process"]["rps"])
+    ttft_ratio = statistics.median(srv["process"]["ttft"]) / statistics.median(srv["inline"]["ttft"])
+    ok = lambda c: "met" if c else "MISSED"
+    rows = "\n".join(
+        f"| {m} | {ms(srv[m]['lat']):.1f} | {pct(srv[m]['lat'], 95) * 1000:.1f} | {statistics.median(srv[m]['rps']):.2f} "
+        f"| {statistics.median(srv[m]['rps']) * 32:.0f} | {ms(srv[m]['ttft']):.1f} | {ms(eng[m]):.2f} | {ms(cpu[m]):.2f} |"
+        for m in MODES)
+    cmd = "bench/engine_process.py" + "".join(f" --{k} {v}" for k, v in vars(args).items() if k != "model")
+    md = f"""# The engine process: llama.cpp inline vs in a supervised child process
+
+Measured by `.venv/bin/python {cmd}` on {time.strftime('%Y-%m-%d')} ({os.cpu_count()} CPU cores, a machine
+shared with other work: load average {load_before:.1f} before, {load_after:.1f} after), one run, rounds alternating
+between the modes. Model: `{model.name}` ({model.stat().st_size / 1e6:.1f} MB), n_ctx 2048, {args.threads} thread(s),
+greedy 32-token completions (every answer checked to be 32 tokens); {args.rounds} rounds × {args.requests}
+sequential requests per mode for latency, 4 clients × 4 requests for throughput.
+
+| isolation | p50 latency through serve (ms) | p95 (ms) | requests/s (4 clients) | tokens/s | streaming TTFT p50 (ms) | engine-level p50, no HTTP (ms) | engine-level CPU per request, both processes (ms) |
+| --- | --- | --- | --- | --- | --- | --- | --- |
+{rows}
+
+| ratio (process / inline) | value | target | |
+| --- | --- | --- | --- |
+| p50 latency through serve | {p50_ratio:.3f} | ≤ 1.05 | {ok(p50_ratio <= 1.05)} |
+| throughput (inline rps / process rps) | {rps_ratio:.3f} | ≤ 1.05 | {ok(rps_ratio <= 1.05)} |
+| p95 latency through serve | {p95_ratio:.3f} | — | |
+| streaming time to first token | {ttft_ratio:.3f} | — | |
+| engine level p50 (no HTTP) | {e_ratio:.3f} | — | |
+| engine level CPU time per request (server + engine process) | {cpu_ratio:.3f} | — | |
+
+What crosses the boundary per request: the prompt's token ids and sampling parameters one way, one
+pickled chunk per token back (a length-prefixed message on a Unix socket, read by one thread in the
+server and handed to the request's event loop), and a cancel when the client leaves. Tokenising and
+prompt building stay in the server (a vocab-only llama over the same file or memfd).
+"""
+    (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
+    (ROOT / "bench" / "results" / "engine_process.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
