@@ -16,6 +16,7 @@ index_app = _group("The private code index: add, update, remove, list repositori
 audit_app = _group("The tamper-evident audit log.")
 watermark_app = _group("Output watermarks (vendor).")
 config_app = _group("Configuration.")
+usage_app = _group("Usage analytics: completions, acceptance, active users.")
 
 vendor_app.add_typer(license_app, name="license")
 app.add_typer(vendor_app, name="vendor")
@@ -26,3 +27,4 @@ app.add_typer(index_app, name="index")
 app.add_typer(audit_app, name="audit")
 app.add_typer(watermark_app, name="watermark")
 app.add_typer(config_app, name="config")
+app.add_typer(usage_app, name="usage")

@@ -19,6 +19,7 @@ _MODULES = (
     "index_cmd",
     "trace_cmd",
     "audit_cmd",
+    "usage_cmd",
 )
 for _m in _MODULES:
     importlib.import_module(f"codemoat.cli.{_m}")

@@ -39,15 +39,18 @@ async def events(request: Request, principal: Principal = Depends(require("compl
     kind = event_type(body.get("type"))  # one of a fixed set: a caller's text is never counted or stored
     counts = request.app.state.events
     counts[kind] = counts.get(kind, 0) + 1
-    start_usage(request, "tabby", request.app.state.service.model_id).event = kind
+    u = start_usage(request, "tabby", request.app.state.service.model_id)
+    u.event, u.completion_id, u.choice_index = kind, body.get("completion_id"), body.get("choice_index")
+    u.select_kind = request.query_params.get("select_kind") or body.get("select_kind")  # checked by codemoat.usage
     return {}
 
 
 async def tabby_completion(request: Request, principal: Principal, body: Any):
     svc: Service = request.app.state.service
     req = tabby.CompletionRequest.model_validate(body)
-    start_usage(request, "tabby", svc.model_id)
+    u = start_usage(request, "tabby", svc.model_id)
     seg = req.segments
+    u.language, u.completion_id = req.language or seg.filepath, new_id("cmpl")
     extra = [FileSnippet(d.filepath, d.body) for d in (seg.declarations or []) if d.body]
     extra += [FileSnippet(s.filepath, s.body) for s in (seg.relevant_snippets_from_changed_files or []) if s.body]
     dbg = req.debug_options
@@ -66,4 +69,4 @@ async def tabby_completion(request: Request, principal: Principal, body: Any):
         if dbg.return_prompt:
             debug["prompt"] = prep.prompt
         debug["suffix"] = "dropped" if prep.suffix_dropped else "used"  # dropped: the model has no FIM tokens
-    return tabby.completion(new_id("cmpl"), c.text, debug)
+    return tabby.completion(u.completion_id, c.text, debug)

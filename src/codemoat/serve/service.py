@@ -204,6 +204,7 @@ class Service:
         if t.fim:
             params.stop = list(dict.fromkeys([*params.stop, *t.fim.stop]))
         usage.prompt_text = f.prefix + f.suffix
+        usage.language = usage.language or f.path  # for usage reports (codemoat.usage maps it to a language)
         return self._finish(engine, p, params, fit)
 
     def _indexing_licensed(self) -> bool:

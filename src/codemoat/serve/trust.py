@@ -34,6 +34,7 @@ from ..audit.quota import Quotas
 from ..audit.redact import redact
 from ..config import Settings
 from ..db import open_db
+from ..usage import UsageStore
 from . import admin
 from .auditing import AuditMiddleware
 from .failures import FailureTally, Tally
@@ -66,6 +67,7 @@ class Trust:
         # the daily token budget lives in the shared database: replicas spend one budget between them
         self.quotas = Quotas(settings.policy.requests_per_minute, settings.policy.tokens_per_day, engine=engine)
         self.quotas.seed(self.log)
+        self.usage = UsageStore(engine)  # completions and editor events for usage reports and the console
         self.alarms = Alarms(AlarmPolicy(throttle_rpm=int(getattr(settings.audit, "alarm_throttle_rpm", 0) or 0)))
         self.alarms.seed(self.log)  # each user's own baseline survives a restart
         self.metrics = Metrics(self.live)
@@ -186,6 +188,8 @@ class Trust:
         try:  # the record is written; what follows must not turn the response into an error
             self.metrics.audit_records.labels("request").inc()
             self.metrics.observe(route, protocol or "", status, seconds, usage.prompt_tokens, usage.completion_tokens)
+            if principal is not None:  # a completion, chat or editor event becomes a usage row (others: nothing)
+                self.usage.record(principal.user, route, status, seconds * 1000, usage)
             if principal is not None and state.get("quota_reserved") and not (200 <= status < 300 or status == 499):
                 self.quotas.add_tokens(principal.user, principal.token_id, 0)  # gives the reserved token back
             if principal is not None and (200 <= status < 300 or status == 499):  # 499: what was generated before the hang-up

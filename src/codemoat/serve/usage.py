@@ -42,6 +42,11 @@ class Usage:
     secrets: set[str] = field(default_factory=set)  # kinds found, never the values
     note: str | None = None  # why the server refused or cut the request short (the server's words)
     timings: Timings | None = None  # the engine's, from the stream's last chunk (/infill's answer shows them)
+    # for usage analytics (codemoat.usage): the id the client saw, the language, an editor event's keys
+    completion_id: str | None = None
+    language: str | None = None  # the client's word or the file's extension; codemoat.usage maps it to a fixed set
+    choice_index: int | None = None
+    select_kind: str | None = None
 
 
 def usage_of(scope_or_state) -> Usage:

@@ -1,0 +1,165 @@
+"""Writing usage: one row per successful completion or chat, one per editor event.
+
+`UsageStore.record(...)` is called by the serve trust layer once a request's audit record is
+written. It keeps numbers and values from fixed sets only: no prompt or completion text (the
+audit log keeps that, redacted, when `audit.retain_text` is on), no path, and a completion id
+only when it has the shape of one this server handed out. An event is tied to the completion it
+names only when the same user received that completion; a repeated (completion, choice, type)
+event is stored once, so replaying `select` cannot raise the acceptance rate.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from datetime import UTC, datetime
+from typing import Protocol
+
+import sqlalchemy as sa
+from sqlalchemy import Engine
+
+from .languages import UNKNOWN, language_of
+from .tables import completions, events
+
+log = logging.getLogger("codemoat.usage")
+
+COMPLETION_ROUTES = frozenset({"/v1/completions", "/api/generate", "/infill"})
+CHAT_ROUTES = frozenset({"/v1/chat/completions", "/api/chat"})
+EVENT_TYPES = frozenset({"view", "select", "dismiss"})
+SELECT_KINDS = frozenset({"line", "block"})
+COMPLETION_ID = re.compile(r"^cmpl-[0-9a-f]{24}$")  # codemoat.protocol.common.new_id("cmpl")
+
+
+class Facts(Protocol):
+    """What the trust layer knows of one request (`codemoat.serve.usage.Usage` has these fields)."""
+
+    protocol: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    snippets: list[str]
+    completion_text: str
+    event: str | None
+    completion_id: str | None
+    choice_index: int | None
+    select_kind: str | None
+    language: str | None
+
+
+def day_of(ts: float) -> str:
+    return datetime.fromtimestamp(ts, tz=UTC).strftime("%Y-%m-%d")
+
+
+def completion_id_or_none(value: object) -> str | None:
+    return value if isinstance(value, str) and COMPLETION_ID.match(value) else None
+
+
+def shape(text: str) -> tuple[int, int, int]:
+    """(characters, lines, characters of the first line) of a completion: what accepting it puts into the editor."""
+    return len(text), (text.count("\n") + 1 if text else 0), len(text.split("\n", 1)[0])
+
+
+class UsageStore:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    def record(
+        self, user: str, route: str, status: int, latency_ms: float, facts: Facts, *, now: float | None = None
+    ) -> str | None:
+        """Store what `facts` says about one finished request; returns "completion", "chat", "event" or None (not usage)."""
+        if not 200 <= status < 300 or not user:
+            return None
+        ts = time.time() if now is None else now
+        if facts.event:
+            self.record_event(
+                user,
+                facts.event,
+                completion_id=facts.completion_id,
+                choice_index=facts.choice_index,
+                select_kind=facts.select_kind,
+                protocol=facts.protocol,
+                now=ts,
+            )
+            return "event"
+        kind = "chat" if route in CHAT_ROUTES else "completion" if route in COMPLETION_ROUTES else None
+        if kind is None:
+            return None
+        chars, lines, first = shape(facts.completion_text or "")
+        with self.engine.begin() as c:
+            c.execute(
+                completions.insert().values(
+                    completion_id=completion_id_or_none(facts.completion_id),
+                    ts=ts,
+                    day=day_of(ts),
+                    user=user,
+                    kind=kind,
+                    language=language_of(facts.language),
+                    protocol=(facts.protocol or "other")[:16],
+                    prompt_tokens=int(facts.prompt_tokens or 0),
+                    completion_tokens=int(facts.completion_tokens or 0),
+                    latency_ms=float(latency_ms),
+                    retrieval=bool(facts.snippets),
+                    status=status,
+                    chars=chars,
+                    lines=lines,
+                    first_line_chars=first,
+                )
+            )
+        return kind
+
+    def record_event(
+        self,
+        user: str,
+        type_: str,
+        *,
+        completion_id: object = None,
+        choice_index: object = None,
+        select_kind: object = None,
+        protocol: str | None = "tabby",
+        now: float | None = None,
+    ) -> bool:
+        """One editor event; False when it repeats one already stored (same completion, choice and type)."""
+        ts = time.time() if now is None else now
+        t = type_ if type_ in EVENT_TYPES else "other"
+        cid = completion_id_or_none(completion_id)
+        idx = (
+            choice_index
+            if isinstance(choice_index, int) and not isinstance(choice_index, bool) and 0 <= choice_index < 1024
+            else 0
+        )
+        kind = select_kind if t == "select" and select_kind in SELECT_KINDS else None
+        with self.engine.begin() as c:
+            language, chars, lines, matched = UNKNOWN, 0, 0, False
+            if cid is not None:
+                if c.execute(
+                    sa.select(events.c.id)
+                    .where(events.c.completion_id == cid, events.c.choice_index == idx, events.c.type == t, events.c.user == user)
+                    .limit(1)
+                ).first():
+                    return False
+                row = c.execute(
+                    sa.select(completions.c.language, completions.c.chars, completions.c.lines, completions.c.first_line_chars)
+                    .where(completions.c.completion_id == cid, completions.c.user == user)
+                    .limit(1)
+                ).first()
+                if row is not None:
+                    language, chars, lines, matched = row.language, row.chars, row.lines, True
+                    if kind == "line":  # Tabby's select_kind=line: only the first line was taken
+                        chars, lines = row.first_line_chars, min(lines, 1)
+            c.execute(
+                events.insert().values(
+                    ts=ts,
+                    day=day_of(ts),
+                    user=user,
+                    type=t,
+                    select_kind=kind,
+                    completion_id=cid,
+                    choice_index=idx,
+                    protocol=(protocol or "other")[:16],
+                    matched=matched,
+                    language=language,
+                    chars=chars,
+                    lines=lines,
+                )
+            )
+        return True
