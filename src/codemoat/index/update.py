@@ -15,7 +15,7 @@ from pathlib import Path
 from ..errors import CodemoatError
 from .chunk import Chunk, chunk_file
 from .store import RepoInfo, SqliteIndex
-from .walk import Refused, RepoReader, decode, git_remote, scan
+from .walk import GONE, Refused, RepoReader, decode, git_remote, scan
 
 Progress = Callable[[int, int, str], None]  # (files done, files in total, current path)
 
@@ -93,10 +93,10 @@ def _update(store: SqliteIndex, info: RepoInfo, progress: Progress | None) -> Up
 
 def _one(store: SqliteIndex, info: RepoInfo, stats: UpdateStats, known: dict, rel: str,
          raw: bytes | Refused | None) -> None:  # fmt: skip
-    if isinstance(raw, Refused):  # changed into a link (or a FIFO…) since the listing
+    if isinstance(raw, Refused) and raw is not GONE:  # changed into a link (or a FIFO…) since the listing
         stats.refused[rel] = str(raw)
         return
-    if raw is None:
+    if raw is None or raw is GONE:
         stats.skipped += 1
         return
     digest = hashlib.blake2b(raw, digest_size=16).hexdigest()

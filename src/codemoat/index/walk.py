@@ -89,6 +89,7 @@ class Refused(str):
 
 
 FOLDER = Refused("a folder")  # a submodule or nested repository listed by git: not a file, not reported
+GONE = Refused("no longer there")  # tracked by git but deleted from the work tree: not reported
 
 
 class TooLarge(Exception):
@@ -142,7 +143,7 @@ class RepoReader:
                 where = "/".join(parts[: i + 1])
                 if e.errno in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK):
                     return Refused(f"{where} is a symlink or not a folder (never followed)")
-                return Refused(f"{where}: {e.strerror}")
+                return GONE if e.errno == errno.ENOENT else Refused(f"{where}: {e.strerror}")
             os.close(fd)
             fd = nfd
             if os.fstat(fd).st_dev != self._dev:
@@ -169,7 +170,7 @@ class RepoReader:
             st = os.lstat(parts[-1], dir_fd=fd)
         except OSError as e:
             os.close(fd)
-            return Refused(f"cannot stat: {e.strerror}")
+            return GONE if e.errno == errno.ENOENT else Refused(f"cannot stat: {e.strerror}")
         why = _refuse_entry(self.root, rel, st)
         if why is not None:
             os.close(fd)
@@ -386,7 +387,7 @@ def scan(root: Path, include: Sequence[str] = (), exclude: Sequence[str] = (),
             if exclude and any(fnmatch.fnmatchcase(rel, g) for g in exclude):
                 continue
             why = reader.check(rel)
-            if why is FOLDER:
+            if why is FOLDER or why is GONE:
                 continue
             if why is not None:
                 # A link or special entry is named whatever its name; a hard-linked non-code file is noise.
