@@ -14,7 +14,8 @@ import pytest
 
 from codemoat.index.store import SqliteIndex
 from codemoat.index.update import add_repository, update_repository
-from codemoat.index.walk import Refused, RepoReader, scan
+from codemoat.index.reader import Refused, RepoReader
+from codemoat.index.walk import scan
 from conftest import create_token, run_cli
 
 OUTSIDE = "OUTSIDE_SECRET_4711 = 'not for the index'\n"

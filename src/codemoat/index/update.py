@@ -15,7 +15,8 @@ from pathlib import Path
 from ..errors import CodemoatError
 from .chunk import Chunk, chunk_file
 from .store import RepoInfo, SqliteIndex
-from .walk import GONE, Refused, RepoReader, decode, git_remote, scan
+from .reader import GONE, Refused, RepoReader
+from .walk import decode, git_remote, scan
 
 Progress = Callable[[int, int, str], None]  # (files done, files in total, current path)
 
