@@ -1,7 +1,7 @@
 """Reading a file strictly inside a repository's folder, whatever its listing says.
 
-Nothing outside the repository's root is ever read, whatever the listing says (`git ls-files` lists
-committed symlinks as files). A path is opened one component at a time from a descriptor of the
+Nothing outside the repository's root is ever read (`git ls-files` lists committed symlinks as
+files). A path is opened one component at a time from a descriptor of the
 root (`openat` with `O_NOFOLLOW`), so a symlink anywhere on the way is refused, not followed — to a
 file or a folder, outside the root or inside it (a link that stays inside is skipped: its target
 is indexed once, under the target's own path). `..` components, device files, FIFOs and sockets,
