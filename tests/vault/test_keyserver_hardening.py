@@ -189,3 +189,13 @@ def test_a_machine_not_on_the_license_gets_a_signed_refusal(vendor, machine, mod
     with pytest.raises(LeaseDenied, match="does not name machine") as e:
         LeaseClient(lic, MachineKey.generate()).acquire()
     assert e.value.code == "wrong_machine"
+
+
+def test_depth_counts_brackets_outside_strings_only():
+    from codemoat.serve.keyserver_app import MAX_DEPTH, too_deep
+
+    assert not too_deep(b'{"a": "' + b"[" * 50 + b'"}')
+    assert not too_deep(b'{"a": "\\"' + b"{" * 50 + b'"}')  # an escaped quote does not end the string
+    assert not too_deep(b"[" * MAX_DEPTH + b"]" * MAX_DEPTH)
+    assert too_deep(b"[" * (MAX_DEPTH + 1) + b"]" * (MAX_DEPTH + 1))
+    assert too_deep(b'{"a": "x", "b": ' + b"[" * 20 + b"]" * 20 + b"}")
