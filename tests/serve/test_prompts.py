@@ -174,6 +174,8 @@ def test_greedy_logits_do_not_depend_on_the_previous_request(wide):
     first = wide.tokenize("def add(a, b):\n    return a + b\n" * 8)
     out = [t for c in generate(wide, first, SamplingParams(max_tokens=60, temperature=0)) for t in c.token_ids]
     again = first + out[:50] + ids_of(wide, "print(i)")[:3]
+    # a sampled request in between reuses any cached prefix (cheaper); what it computed is not reused after
+    generate(wide, again[:-20] + ids_of(wide, "x = 1"), SamplingParams(max_tokens=4, temperature=0.8))
     after, fresh = FirstLogits(), FirstLogits()
     generate(wide, again, SamplingParams(max_tokens=2, temperature=0, logits_processors=[after]))
     wide.logits("x")  # resets the cache

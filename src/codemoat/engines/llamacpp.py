@@ -38,8 +38,9 @@ def _valid_utf8_prefix(b: bytes) -> int:
     return n
 
 
-# Prompt tokens are evaluated in chunks of this many, aligned to position 0 (`_eval_aligned`).
-ALIGN = 64
+# Greedy and seeded requests evaluate their prompt in chunks of this many tokens, aligned to
+# position 0 (`_eval_aligned`).
+ALIGN = 32
 
 
 def _cannot_load(name: str) -> CodemoatError:
@@ -249,7 +250,7 @@ class LlamaCppEngine(WorkerEngine):
         raw = b""
         n = 0
         reason: FinishReason = "length"
-        self._eval_aligned(prompt_ids)
+        self._eval_aligned(prompt_ids, reproducible=params.temperature <= 0 or params.seed is not None)
         gen = llm.generate(
             prompt_ids,
             top_k=params.top_k if params.temperature > 0 else 1,
@@ -290,21 +291,27 @@ class LlamaCppEngine(WorkerEngine):
             gen.close()
         cutter.finish(reason)
 
-    def _eval_aligned(self, ids: list[int]) -> None:
-        """Evaluate all but the last prompt token in chunks of ALIGN tokens aligned to position 0,
-        reusing only cached positions that an aligned chunk computed. llama.cpp's results for a
-        position depend on the batch it was evaluated in; reusing a KV-cache prefix of any length
-        changed the split, and greedy answers with it (logits moved by up to 1.14). This way every
-        position of a prompt is computed in the same batch whatever came before, so equal prompts give
-        equal logits. Cost: up to ALIGN - 1 cached tokens evaluated again (bench/results/prompts.md)."""
+    def _eval_aligned(self, ids: list[int], reproducible: bool = True) -> None:
+        """For a `reproducible` request (greedy, or seeded), evaluate all but the last prompt token in
+        chunks of ALIGN tokens aligned to position 0, reusing only cached positions that such a chunk
+        computed. llama.cpp's results for a position depend on the batch it was evaluated in: reusing
+        a cached prefix of any length changed the split, and greedy answers with it (logits moved by
+        up to 1.14 on Gemma 3 270M). This way the same prompt gives the same logits whatever came
+        before. Cost: up to ALIGN - 1 cached tokens evaluated again (bench/results/prompts.md). Other
+        requests reuse any cached prefix (llama-cpp-python's `generate`), and the positions they
+        compute stop counting as aligned."""
         llm = self._model
         body = ids[:-1]
         cached = llm._input_ids
         same = 0
-        limit = min(len(cached), len(body), getattr(self, "_aligned", 0))
+        limit = min(len(cached), len(body))
         while same < limit and cached[same] == body[same]:
             same += 1
-        start = same // ALIGN * ALIGN
+        aligned = getattr(self, "_aligned", 0)
+        if not reproducible:
+            self._aligned = min(aligned, same) // ALIGN * ALIGN
+            return
+        start = min(same, aligned) // ALIGN * ALIGN
         llm.n_tokens = start  # eval() drops the cache from here
         for i in range(start, len(body), ALIGN):
             llm.eval(body[i : i + ALIGN])
