@@ -78,6 +78,12 @@ def test_one_record_per_request_with_its_facts(engine, accounts, tokens, llm):
     assert rep.ok and rep.checkpoints >= 1  # the shutdown checkpoint
 
 
+def test_audit_log_shares_the_accounts_database_engine(engine, accounts, llm):
+    """One engine, migrated once (the trust layer opened a second one and ran the migrations again)."""
+    with client_for(Settings(), accounts, llm) as c:
+        assert c.app.state.trust.log.engine is accounts.engine
+
+
 def test_secret_never_reaches_the_database_file(engine, accounts, tokens, audit_home, llm):
     secret = "AKIA" + "QWERTYUIOPASDFGH"
     prompt = f"import boto3\nclient = boto3.client('s3', aws_access_key_id='{secret}')\n"

@@ -1,0 +1,34 @@
+"""Running the server (serve/run.py): the listening socket and its one-line errors."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+from conftest import run_cli
+
+from codemoat.errors import CodemoatError
+from codemoat.serve.run import listen
+
+
+def test_listen_binds_a_free_port_with_nodelay():
+    sock = listen("127.0.0.1", 0)
+    try:
+        assert sock.getsockname()[1] > 0 and sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    finally:
+        sock.close()
+
+
+def test_a_busy_port_is_one_line(random_gguf):
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    port = busy.getsockname()[1]
+    try:
+        with pytest.raises(CodemoatError, match=f"cannot listen on 127.0.0.1:{port}: Address already in use"):
+            listen("127.0.0.1", port)
+        r = run_cli("serve", "--model", str(random_gguf), "--host", "127.0.0.1", "--port", str(port))
+        assert r.returncode == 1 and "Traceback" not in r.stderr
+        assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in r.stderr
+    finally:
+        busy.close()
