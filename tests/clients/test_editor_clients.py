@@ -23,7 +23,9 @@ NODE_DIR = Path(__file__).parent / "node"
 MODEL = "codemoat-tiny"
 
 
-def _node() -> str:
+@pytest.fixture(scope="module")
+def node() -> str:
+    """The `node` binary (the test skips, saying why, when there is none) with the pinned clients installed."""
     node = shutil.which("node")
     if node is None:
         pytest.skip("node is not installed: the npm clients (tabby-agent, ollama, openai) cannot run")
@@ -40,9 +42,9 @@ def server(serve_process, tiny_gguf):
     return s
 
 
-def _run_node(script: str, server, tmp_path) -> dict:
+def _run_node(node: str, script: str, server, tmp_path) -> dict:
     env = dict(os.environ, CODEMOAT_URL=server.url, CODEMOAT_TOKEN=server.token, CODEMOAT_MODEL=MODEL, HOME=str(tmp_path))
-    r = subprocess.run([_node(), script], cwd=NODE_DIR, capture_output=True, text=True, env=env, timeout=120)
+    r = subprocess.run([node, script], cwd=NODE_DIR, capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -106,8 +108,8 @@ def _audited_events() -> list[str]:
     return [(rec.get("detail") or {}).get("event") for rec in records if (rec.get("detail") or {}).get("event")]
 
 
-def test_tabby_agent_json_lines(server, tmp_path):
-    agent = TabbyAgent(_node(), tmp_path)
+def test_tabby_agent_json_lines(node, server, tmp_path):
+    agent = TabbyAgent(node, tmp_path)
     try:
         assert agent.initialize(server.url, server.token) is True
         assert agent.call("getStatus") == "ready"
@@ -124,8 +126,8 @@ def test_tabby_agent_json_lines(server, tmp_path):
     assert {"view", "select", "dismiss"} <= set(_audited_events())
 
 
-def test_tabby_agent_with_a_wrong_token_reports_unauthorized(server, tmp_path):
-    agent = TabbyAgent(_node(), tmp_path)
+def test_tabby_agent_with_a_wrong_token_reports_unauthorized(node, server, tmp_path):
+    agent = TabbyAgent(node, tmp_path)
     try:
         agent.initialize(server.url, "cm_wrong-token")
         assert agent.call("getStatus") == "unauthorized"
@@ -136,8 +138,8 @@ def test_tabby_agent_with_a_wrong_token_reports_unauthorized(server, tmp_path):
 
 
 # ---------------------------------------------------------------- npm libs ---
-def test_ollama_js(server, tmp_path):
-    out = _run_node("ollama_client.mjs", server, tmp_path)
+def test_ollama_js(node, server, tmp_path):
+    out = _run_node(node, "ollama_client.mjs", server, tmp_path)
     assert out["tags"] == [MODEL]
     assert ".Suffix" in out["show"]["template"] and "insert" in out["show"]["capabilities"]
     g = out["generate"]
@@ -147,8 +149,8 @@ def test_ollama_js(server, tmp_path):
     assert out["wrong_token"]["status"] == 401
 
 
-def test_openai_js(server, tmp_path):
-    out = _run_node("openai_client.mjs", server, tmp_path)
+def test_openai_js(node, server, tmp_path):
+    out = _run_node(node, "openai_client.mjs", server, tmp_path)
     assert out["completion"]["finish_reason"] in ("stop", "length") and out["completion"]["usage"]["completion_tokens"] >= 1
     assert out["chat"]["pieces"] >= 2 and out["chat"]["text"] and out["chat"]["finish_reason"] in ("stop", "length")
     assert out["retrieve"]["id"] == MODEL and out["retrieve"]["object"] == "model"

@@ -83,7 +83,7 @@ def test_timings_split_prompt_and_generation(monkeypatch):
     monkeypatch.setattr(worker.time, "perf_counter", clock)
     out = []
     c = StopCutter([], out.append)  # made at t=1.0: the job starts, the prompt is evaluated next
-    for i, (t, p) in enumerate(zip([1.5, 1.75], ["a", "b"])):
+    for i, t in enumerate([1.5, 1.75]):  # two tokens: "a", then "b"
         clock.now = t
         c.feed("ab"[: i + 1], i)
     clock.now = 2.0

@@ -71,7 +71,10 @@ def test_negative_cases_keep_the_server_serving(server):
         h = {"Authorization": f"Bearer {server.token}"}
         assert c.post("/v1/completions", content=b"{not json", headers=h).status_code == 400
         assert c.post("/api/generate", json={"model": "other", "prompt": "x"}, headers=h).status_code == 404
-        assert c.post("/infill", json={"input_prefix": "x " * 20000}, headers=h).status_code == 400
+        assert c.post("/infill", json={"input_prefix": "x", "n_indent": -1}, headers=h).status_code == 400
+        # an over-long infill prompt is fitted, as llama.cpp's server does, and the answer says so
+        r = c.post("/infill", json={"input_prefix": "x " * 20000, "n_predict": 4}, headers=h)
+        assert r.status_code == 200 and r.json()["truncated"] is True
         assert c.post("/v1/completions", json={"model": "codemoat-tiny", "prompt": "x", "max_tokens": 1}, headers=h).status_code == 200
 
 
