@@ -12,6 +12,7 @@ import subprocess
 import httpx
 import pytest
 
+from codemoat.errors import CodemoatError
 from codemoat.index.store import SqliteIndex
 from codemoat.index.update import add_repository, update_repository
 from codemoat.index.reader import Refused, RepoReader
@@ -214,3 +215,23 @@ def test_a_served_completion_never_returns_the_machine_key(tmp_path, home, serve
     assert any(sn["path"] == "keys.py" for sn in snippets)  # retrieval works for this prompt
     text = json.dumps(snippets)
     assert secret not in text and '"x25519":' not in text and "OUTSIDE_SECRET_4711" not in text
+
+
+def test_codemoat_data_folder_is_never_indexed(tmp_path, monkeypatch):
+    outer = tmp_path / "admin-home"
+    home = outer / ".codemoat"
+    home.mkdir(parents=True)
+    monkeypatch.setenv("CODEMOAT_HOME", str(home))
+    (home / "machine.key").write_text(KEY)
+    (home / "notes.md").write_text("MACHINEKEY4714 in a note\n")
+    store = SqliteIndex()
+    with pytest.raises(CodemoatError, match="inside codemoat's data folder"):
+        add_repository(store, home, "home", ["everyone"])
+    # a folder that holds the data folder (an admin indexing their home directory): that part is not read
+    (outer / "a.py").write_text("A = 1\n")
+    stats = add_repository(store, outer, "outer", ["everyone"])
+    assert "codemoat's data folder" in stats.refused[".codemoat/notes.md"]
+    rows = store.db.execute("SELECT path FROM files").fetchall()
+    assert rows == [("a.py",)]
+    store.close()
+    assert b"MACHINEKEY4714" not in _all_text(home)

@@ -6,7 +6,7 @@ root (`openat` with `O_NOFOLLOW`), so a symlink anywhere on the way is refused, 
 file or a folder, outside the root or inside it (a link that stays inside is skipped: its target
 is indexed once, under the target's own path). `..` components, device files, FIFOs and sockets,
 folders on another filesystem (a mount inside the repository) and folders of another indexed
-repository are refused too. The opened descriptor's device and inode must equal those of the
+repository, or codemoat's own data folder, are refused too. The opened descriptor's device and inode must equal those of the
 entry checked just before, so a file swapped for a link between check and open is refused. A hard
 link is the file itself by every path, so it cannot be told from a file that belongs here: any
 file with more than one link is refused ("hard link"); git never creates hard links in a work tree.
@@ -56,7 +56,7 @@ class RepoReader:
 
     `read(rel)` returns the bytes, `None` for a file over MAX_BYTES or gone, or a `Refused` reason."""
 
-    def __init__(self, root: Path, other_roots: Sequence[Path] = ()):
+    def __init__(self, root: Path, other_roots: Sequence[Path] = (), private: Sequence[Path] = ()):
         self.root = Path(root)
         try:
             self._fd = os.open(self.root, _DIR_FLAGS)
@@ -67,6 +67,8 @@ class RepoReader:
         self._dev = os.fstat(self._fd).st_dev
         # Only repositories inside this one: their files belong to their own groups, not to ours.
         self._others = [Path(o) for o in other_roots if self.root in Path(o).parents]
+        # Folders never read from any repository: codemoat's own data (machine key, databases).
+        self._private = [Path(p) for p in private if self.root in Path(p).parents]
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -111,6 +113,9 @@ class RepoReader:
         parts = rel.split("/")
         if rel.startswith("/") or any(p in ("", ".", "..") for p in parts):
             return Refused("path has '..', '.' or empty components, or is absolute")
+        full = self.root / rel
+        if any(full == p or p in full.parents for p in self._private):
+            return Refused("inside codemoat's data folder (never indexed)")
         other = self._inside_other(rel)
         if other is not None:
             return Refused(f"inside another indexed repository ({other})")

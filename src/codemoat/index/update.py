@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import CodemoatError
+from ..paths import home
 from .chunk import Chunk, chunk_file
 from .store import RepoInfo, SqliteIndex
 from .reader import GONE, Refused, RepoReader
@@ -58,6 +59,11 @@ def add_repository(store: SqliteIndex, path: Path | str, name: str, groups: Sequ
     groups = parse_groups(groups)
     if not groups:
         raise CodemoatError("a repository needs at least one group (e.g. --groups everyone)")
+    for p in _private(store):
+        if root == p or p in root.parents:
+            raise CodemoatError(
+                f"{path} is inside codemoat's data folder {p}: it holds the machine key and databases, never a repository"
+            )
     with store.transaction():
         store.add_repo(name, str(root), groups, git_remote(root), include, exclude)
         return _update(store, store.repo(name), progress)
@@ -76,11 +82,12 @@ def _update(store: SqliteIndex, info: RepoInfo, progress: Progress | None) -> Up
     root = Path(info.root)
     stats = UpdateStats(info.name)
     others = [Path(r.root) for r in store.repos() if r.id != info.id]
-    listing = scan(root, info.include, info.exclude, others)
+    private = _private(store)
+    listing = scan(root, info.include, info.exclude, others, private)
     paths, stats.refused = listing.paths, listing.refused
     known = store.file_hashes(info.id)
     stats.files = len(paths)
-    with RepoReader(root, others) as reader:
+    with RepoReader(root, others, private) as reader:
         for i, rel in enumerate(paths, 1):
             if progress is not None:
                 progress(i, len(paths), rel)
@@ -90,6 +97,11 @@ def _update(store: SqliteIndex, info: RepoInfo, progress: Progress | None) -> Up
         stats.removed += 1
     store.touch_repo(info.id)
     return stats
+
+
+def _private(store: SqliteIndex) -> list[Path]:
+    """Folders no repository may read: codemoat's data folder (the machine key, the databases)."""
+    return [home().resolve()]
 
 
 def _one(store: SqliteIndex, info: RepoInfo, stats: UpdateStats, known: dict, rel: str,

@@ -179,7 +179,7 @@ def _skipped_folder(rel: str) -> bool:
 
 
 def scan(root: Path, include: Sequence[str] = (), exclude: Sequence[str] = (),
-         other_roots: Sequence[Path] = ()) -> Listing:  # fmt: skip
+         other_roots: Sequence[Path] = (), private: Sequence[Path] = ()) -> Listing:  # fmt: skip
     """Repository-relative POSIX paths to index, sorted, and those refused as unsafe (symlinks, `..`,
     special files, hard links, other repositories' folders), each with its reason.
 
@@ -194,7 +194,7 @@ def scan(root: Path, include: Sequence[str] = (), exclude: Sequence[str] = (),
         out = _walk(root)
     keep: set[str] = set()
     refused: dict[str, str] = {}
-    with RepoReader(root, other_roots) as reader:
+    with RepoReader(root, other_roots, private) as reader:
         for rel in out:
             if rel.endswith("/") or _skipped_folder(rel):  # "sub/": an untracked nested repository
                 continue
