@@ -20,6 +20,8 @@ _MODULES = (
     "trace_cmd",
     "audit_cmd",
     "usage_cmd",
+    "tco_cmd",
+    "directory_cmd",
 )
 for _m in _MODULES:
     importlib.import_module(f"codemoat.cli.{_m}")
