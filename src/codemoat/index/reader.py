@@ -36,7 +36,16 @@ _KINDS = (
 
 
 class Refused(str):
-    """Why a path was not read (a symlink, `..`, a device…); it is never opened."""
+    """Why a path was not read (a symlink, `..`, a device…); it is never opened. `folder`: the
+    repository-relative folder refused as a whole (another repository, the data folder), if any."""
+
+    folder: str | None = None
+
+    @classmethod
+    def whole(cls, text: str, folder: str) -> Refused:
+        r = cls(text)
+        r.folder = folder
+        return r
 
 
 FOLDER = Refused("a folder")  # a submodule or nested repository listed by git: not a file, not reported
@@ -114,11 +123,12 @@ class RepoReader:
         if rel.startswith("/") or any(p in ("", ".", "..") for p in parts):
             return Refused("path has '..', '.' or empty components, or is absolute")
         full = self.root / rel
-        if any(full == p or p in full.parents for p in self._private):
-            return Refused("inside codemoat's data folder (never indexed)")
+        for p in self._private:
+            if full == p or p in full.parents:
+                return Refused.whole("codemoat's data folder (never indexed)", p.relative_to(self.root).as_posix())
         other = self._inside_other(rel)
         if other is not None:
-            return Refused(f"inside another indexed repository ({other})")
+            return Refused.whole(f"another indexed repository ({other})", other.relative_to(self.root).as_posix())
         fd = self._parent(parts)
         if isinstance(fd, Refused):
             return fd

@@ -208,7 +208,7 @@ def scan(root: Path, include: Sequence[str] = (), exclude: Sequence[str] = (),
             if why is not None:
                 # A link or special entry is named whatever its name; a hard-linked non-code file is noise.
                 if is_indexable_name(rel) or not why.startswith("hard link"):
-                    refused[rel] = str(why)
+                    refused[f"{why.folder}/" if why.folder else rel] = str(why)  # a whole folder: named once
                 continue
             if is_indexable_name(rel):
                 keep.add(rel)
