@@ -42,7 +42,11 @@ def native(self, ids):  # llama-cpp-python's own prefix reuse (the code before t
 
 
 def default_model() -> Path:
-    for p in (os.environ.get("CODEMOAT_BENCH_MODEL"), "/tmp/models/gemma-3-270m-q4_k_m.gguf", str(ROOT / "models/codemoat-tiny.gguf")):
+    for p in (
+        os.environ.get("CODEMOAT_BENCH_MODEL"),
+        "/tmp/models/gemma-3-270m-q4_k_m.gguf",
+        str(ROOT / "models/codemoat-tiny.gguf"),
+    ):
         if p and Path(p).is_file():
             return Path(p)
     raise SystemExit("no model: pass --model PATH")
@@ -61,7 +65,9 @@ class First:
 async def run(engine, ids, max_tokens, rec=None) -> float:
     """Seconds to the end of a greedy generation (or to its first token with max_tokens=1)."""
     t0 = time.perf_counter()
-    async for _ in engine.stream(ids, SamplingParams(max_tokens=max_tokens, temperature=0, logits_processors=[rec] if rec else [])):
+    async for _ in engine.stream(
+        ids, SamplingParams(max_tokens=max_tokens, temperature=0, logits_processors=[rec] if rec else [])
+    ):
         pass
     return time.perf_counter() - t0
 
@@ -98,7 +104,9 @@ async def fitting(engine, fim, rounds: int) -> dict:
     extra = [FileSnippet(f"src/mod{i}.py", source(30)) for i in range(4)]
     big = prompts.FimInput(source(160), source(40), extra=extra)
     trimmed = prompts.build_fim(engine, fim, big, 64)
-    small = prompts.FimInput(engine.detokenize(trimmed.ids[: len(trimmed.ids) // 2]), engine.detokenize(trimmed.ids[len(trimmed.ids) // 2:]))
+    small = prompts.FimInput(
+        engine.detokenize(trimmed.ids[: len(trimmed.ids) // 2]), engine.detokenize(trimmed.ids[len(trimmed.ids) // 2 :])
+    )
     out = {"trimmed": [], "fitting": []}
     sizes = {}
     for r in range(rounds):
@@ -108,8 +116,11 @@ async def fitting(engine, fim, rounds: int) -> dict:
             p = prompts.build_fim(engine, fim, f, 64)
             await run(engine, p.ids, 1)
             out[name].append(time.perf_counter() - t0)
-            sizes[name] = (len(p.ids), sum(len(engine.encode([prompts.Part(x.text)], bos=False)) for x in [*f.extra]) +
-                           len(engine.encode([prompts.Part(f.prefix + f.suffix)], bos=False)))
+            sizes[name] = (
+                len(p.ids),
+                sum(len(engine.encode([prompts.Part(x.text)], bos=False)) for x in [*f.extra])
+                + len(engine.encode([prompts.Part(f.prefix + f.suffix)], bos=False)),
+            )
     return {k: (statistics.median(v), sizes[k]) for k, v in out.items()}
 
 

@@ -24,8 +24,9 @@ CORPUS = [
 ] * 20
 
 
-def build_special_gguf(path: Path, family: str = "gemma", *, extra_specials: tuple[str, ...] = (), n_ctx: int = 512,
-                       n_embd: int = 64, seed: int = 0) -> Path:
+def build_special_gguf(
+    path: Path, family: str = "gemma", *, extra_specials: tuple[str, ...] = (), n_ctx: int = 512, n_embd: int = 64, seed: int = 0
+) -> Path:
     import gguf
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -34,7 +35,9 @@ def build_special_gguf(path: Path, family: str = "gemma", *, extra_specials: tup
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
     tok.train_from_iterator(CORPUS, trainer)
     vocab = tok.get_vocab()
     tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]

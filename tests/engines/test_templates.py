@@ -3,7 +3,11 @@
 import pytest
 
 from codemoat.engines.templates import (
-    FIM_TEMPLATES, ChatTemplate, FileSnippet, chat_template_for, detect_fim,
+    FIM_TEMPLATES,
+    ChatTemplate,
+    FileSnippet,
+    chat_template_for,
+    detect_fim,
 )
 from codemoat.errors import CodemoatError
 
@@ -75,14 +79,19 @@ def test_detect_fim_none_and_configured():
 
 def test_detect_fim_needs_all_three_markers():
     # a Gemma 3 vocabulary: <|fim_prefix|> and friends are absent, so no FIM template however it is named
-    assert detect_fim({"general.architecture": "gemma3", "general.name": "gemma-3-270m"}, vocab("<start_of_turn>", "<end_of_turn>")) is None
+    assert (
+        detect_fim({"general.architecture": "gemma3", "general.name": "gemma-3-270m"}, vocab("<start_of_turn>", "<end_of_turn>"))
+        is None
+    )
     assert detect_fim({"general.architecture": "gemma"}, vocab("<|fim_prefix|>", "<|file_separator|>")) is None
 
 
 def test_configured_fim_template_must_fit_the_vocabulary():
     """--fim-template codegemma on a model without its marker tokens is refused in one line (they
     would be split into ordinary text), naming the templates that do fit."""
-    with pytest.raises(CodemoatError, match=r"'codegemma' does not fit this model: .*<\|fim_prefix\|>.*templates that fit: starcoder") as e:
+    with pytest.raises(
+        CodemoatError, match=r"'codegemma' does not fit this model: .*<\|fim_prefix\|>.*templates that fit: starcoder"
+    ) as e:
         detect_fim({}, vocab(*STARCODER), "codegemma")
     assert "\n" not in str(e.value)
     with pytest.raises(CodemoatError, match="none, the model has no FIM tokens"):
@@ -95,7 +104,13 @@ def test_configured_fim_template_must_fit_the_vocabulary():
 
 def test_fim_parts_mark_only_the_template_markers_special():
     parts = FIM_TEMPLATES["qwen"].parts("x = '<|fim_middle|>' # ", "<eos>", [FileSnippet("u.py", "<|file_sep|>")], path="m.py")
-    assert [p.text for p in parts if p.special] == ["<|file_sep|>", "<|file_sep|>", "<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"]
+    assert [p.text for p in parts if p.special] == [
+        "<|file_sep|>",
+        "<|file_sep|>",
+        "<|fim_prefix|>",
+        "<|fim_suffix|>",
+        "<|fim_middle|>",
+    ]
     assert [p.text for p in parts if not p.special] == ["u.py\n<|file_sep|>\n", "m.py\n", "x = '<|fim_middle|>' # ", "<eos>"]
 
 
@@ -122,26 +137,46 @@ def test_chatml_fallback_and_plain_fallback():
     assert plain.render([{"role": "user", "content": "hi"}]).endswith("### User:\nhi\n\n### Assistant:\n")
 
 
-MSGS = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
-        {"role": "assistant", "content": "yo"}, {"role": "user", "content": "more"}]
+MSGS = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "hi"},
+    {"role": "assistant", "content": "yo"},
+    {"role": "user", "content": "more"},
+]
 
 
 @pytest.mark.parametrize(
     "tokens, name, expected, stop",
     [
         # Gemma: no system role (it opens the first user turn), model turns, BOS from the template
-        (("<start_of_turn>", "<end_of_turn>"), "gemma",
-         "<bos><start_of_turn>user\nBe brief.\n\nhi<end_of_turn>\n<start_of_turn>model\nyo<end_of_turn>\n"
-         "<start_of_turn>user\nmore<end_of_turn>\n<start_of_turn>model\n", "<end_of_turn>"),
-        (("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"), "llama3",
-         "<bos><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>"
-         "<|start_header_id|>assistant<|end_header_id|>\n\nyo<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nmore<|eot_id|>"
-         "<|start_header_id|>assistant<|end_header_id|>\n\n", "<|eot_id|>"),
+        (
+            ("<start_of_turn>", "<end_of_turn>"),
+            "gemma",
+            "<bos><start_of_turn>user\nBe brief.\n\nhi<end_of_turn>\n<start_of_turn>model\nyo<end_of_turn>\n"
+            "<start_of_turn>user\nmore<end_of_turn>\n<start_of_turn>model\n",
+            "<end_of_turn>",
+        ),
+        (
+            ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+            "llama3",
+            "<bos><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>"
+            "<|start_header_id|>assistant<|end_header_id|>\n\nyo<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nmore<|eot_id|>"
+            "<|start_header_id|>assistant<|end_header_id|>\n\n",
+            "<|eot_id|>",
+        ),
         (("[INST]", "[/INST]"), "mistral", "<bos>[INST] Be brief.\n\nhi [/INST]yo<eos>[INST] more [/INST]", "[INST]"),
-        (("<|user|>", "<|assistant|>", "<|end|>"), "phi3",
-         "<|system|>\nBe brief.<|end|>\n<|user|>\nhi<|end|>\n<|assistant|>\nyo<|end|>\n<|user|>\nmore<|end|>\n<|assistant|>\n", "<|end|>"),
-        (("<|EOT|>", "<｜fim▁begin｜>"), "deepseek-coder",
-         "<bos>Be brief.\n### Instruction:\nhi\n### Response:\nyo\n<|EOT|>\n### Instruction:\nmore\n### Response:\n", "<|EOT|>"),
+        (
+            ("<|user|>", "<|assistant|>", "<|end|>"),
+            "phi3",
+            "<|system|>\nBe brief.<|end|>\n<|user|>\nhi<|end|>\n<|assistant|>\nyo<|end|>\n<|user|>\nmore<|end|>\n<|assistant|>\n",
+            "<|end|>",
+        ),
+        (
+            ("<|EOT|>", "<｜fim▁begin｜>"),
+            "deepseek-coder",
+            "<bos>Be brief.\n### Instruction:\nhi\n### Response:\nyo\n<|EOT|>\n### Instruction:\nmore\n### Response:\n",
+            "<|EOT|>",
+        ),
     ],
 )
 def test_chat_family_recognised_by_its_turn_tokens(tokens, name, expected, stop):
@@ -153,7 +188,9 @@ def test_chat_family_recognised_by_its_turn_tokens(tokens, name, expected, stop)
 
 
 def test_the_models_own_template_wins_and_is_named():
-    t = chat_template_for({"tokenizer.chat_template": "{{ messages[0]['content'] }}"}, vocab("<start_of_turn>", "<end_of_turn>"), lambda w: "")
+    t = chat_template_for(
+        {"tokenizer.chat_template": "{{ messages[0]['content'] }}"}, vocab("<start_of_turn>", "<end_of_turn>"), lambda w: ""
+    )
     assert t.name == "model"
 
 
@@ -182,5 +219,5 @@ def test_chat_template_errors_are_clean():
 
 def test_chat_template_is_sandboxed():
     t = ChatTemplate("{{ ''.__class__.__mro__ }}")
-    with pytest.raises(Exception):
+    with pytest.raises(CodemoatError, match="unsafe"):
         t.render([{"role": "user", "content": "x"}])

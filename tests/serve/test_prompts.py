@@ -17,7 +17,7 @@ from codemoat.db import open_db
 from codemoat.engines.base import SamplingParams
 from codemoat.engines.holder import ModelHolder
 from codemoat.engines.llamacpp import LlamaCppEngine
-from codemoat.engines.templates import FIM_TEMPLATES, ChatTemplate, FileSnippet, Part, chat_template_for
+from codemoat.engines.templates import FIM_TEMPLATES, FileSnippet, Part, chat_template_for
 from codemoat.errors import CodemoatError
 from codemoat.serve import prompts
 from codemoat.serve.app import create_app
@@ -39,7 +39,9 @@ def gemma(tmp_path_factory):
 def llama3(tmp_path_factory):
     from special_models import build_special_gguf
 
-    e = LlamaCppEngine.from_path(build_special_gguf(tmp_path_factory.mktemp("m") / "l3.gguf", "llama3"), model_id="l3", n_ctx=512, n_threads=1)
+    e = LlamaCppEngine.from_path(
+        build_special_gguf(tmp_path_factory.mktemp("m") / "l3.gguf", "llama3"), model_id="l3", n_ctx=512, n_threads=1
+    )
     yield e
     e.close()
 
@@ -101,7 +103,10 @@ def test_chat_format_of_a_gguf_without_template(gemma, llama3):
         with client(engine) as c:
             show = c.post("/api/show", json={"model": engine.model_id}).json()
             assert show["model_info"]["codemoat.chat_format"] == name
-            r = c.post("/v1/chat/completions", json={"model": engine.model_id, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+            r = c.post(
+                "/v1/chat/completions",
+                json={"model": engine.model_id, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+            )
             assert r.status_code == 200, r.text
     t = chat_template_for(llama3.metadata, llama3.has_token, llama3.token_text)
     ids = prompts.build_chat(llama3, t, [{"role": "user", "content": "hi"}], 16).ids
@@ -143,7 +148,11 @@ def test_generated_control_tokens_are_not_text(gemma):
     assert "<|fim_middle|>" not in text and text.count("print") == 2
     assert sum(len(c.token_ids) for c in chunks) == 3  # counted all the same
     # a control token that a stop string names ends the answer
-    chunks = generate(gemma, "def", SamplingParams(max_tokens=5, temperature=0, stop=["<|fim_middle|>"], logits_processors=[Force(word[0], mid)]))
+    chunks = generate(
+        gemma,
+        "def",
+        SamplingParams(max_tokens=5, temperature=0, stop=["<|fim_middle|>"], logits_processors=[Force(word[0], mid)]),
+    )
     assert "".join(c.text for c in chunks) == "print" and chunks[-1].finish_reason == "stop"
 
 
@@ -188,9 +197,19 @@ def llama_vscode_request():
     """llama.vscode's ordinary /infill request: 256 lines before the cursor, 64 after, 16 extra chunks."""
     prefix = "".join(f"    total = total + values[{i}] * weight_{i}  # line {i}\n" for i in range(256))
     suffix = "".join(f"    check(total, {i})\n" for i in range(64))
-    extra = [{"filename": f"src/mod{i}.py", "text": "".join(f"def helper_{i}_{j}(x):\n    return x + {j}\n" for j in range(20))} for i in range(16)]
-    return {"input_prefix": prefix, "input_suffix": suffix, "input_extra": extra, "prompt": "    total = ",
-            "n_predict": 128, "temperature": 0, "stream": False}
+    extra = [
+        {"filename": f"src/mod{i}.py", "text": "".join(f"def helper_{i}_{j}(x):\n    return x + {j}\n" for j in range(20))}
+        for i in range(16)
+    ]
+    return {
+        "input_prefix": prefix,
+        "input_suffix": suffix,
+        "input_extra": extra,
+        "prompt": "    total = ",
+        "n_predict": 128,
+        "temperature": 0,
+        "stream": False,
+    }
 
 
 def test_llama_vscode_request_is_fitted_not_refused(qwen):
@@ -202,15 +221,23 @@ def test_llama_vscode_request_is_fitted_not_refused(qwen):
 
 def test_fim_keeps_the_end_of_the_prefix_and_the_start_of_the_suffix(qwen):
     req = llama_vscode_request()
-    f = FimInput(req["input_prefix"] + req["prompt"], req["input_suffix"], extra=[FileSnippet(e["filename"], e["text"]) for e in req["input_extra"]])
+    f = FimInput(
+        req["input_prefix"] + req["prompt"],
+        req["input_suffix"],
+        extra=[FileSnippet(e["filename"], e["text"]) for e in req["input_extra"]],
+    )
     p = prompts.build_fim(qwen, FIM_TEMPLATES["qwen"], f, 128)
     assert p.truncated and len(p.ids) <= 512 - 128
     assert "# line 255\n    total = <|fim_suffix|>    check(total, 0)\n" in p.text
     assert "# line 0\n" not in p.text and "check(total, 63)" not in p.text
     assert "src/mod0.py" not in p.text  # extra context gets only the room left
     # a request that fits is not touched
-    small = prompts.build_fim(qwen, FIM_TEMPLATES["qwen"], FimInput("def f(", "):\n", extra=[FileSnippet("u.py", "x = 1")], path="m.py"), 16)
-    assert not small.truncated and small.text == FIM_TEMPLATES["qwen"].render("def f(", "):\n", [FileSnippet("u.py", "x = 1")], path="m.py")
+    small = prompts.build_fim(
+        qwen, FIM_TEMPLATES["qwen"], FimInput("def f(", "):\n", extra=[FileSnippet("u.py", "x = 1")], path="m.py"), 16
+    )
+    assert not small.truncated and small.text == FIM_TEMPLATES["qwen"].render(
+        "def f(", "):\n", [FileSnippet("u.py", "x = 1")], path="m.py"
+    )
     assert small.ids == qwen.encode(FIM_TEMPLATES["qwen"].parts("def f(", "):\n", [FileSnippet("u.py", "x = 1")], path="m.py"))
 
 
@@ -221,14 +248,27 @@ def test_every_fim_route_fits(qwen, route):
         if route == "openai":
             r = c.post("/v1/completions", json={"model": "tiny", "prompt": prefix, "suffix": suffix, "max_tokens": 8})
         elif route == "ollama":
-            r = c.post("/api/generate", json={"model": "tiny", "prompt": prefix, "suffix": suffix, "stream": False, "options": {"num_predict": 8}})
+            r = c.post(
+                "/api/generate",
+                json={"model": "tiny", "prompt": prefix, "suffix": suffix, "stream": False, "options": {"num_predict": 8}},
+            )
         else:
-            r = c.post("/v1/completions", json={"language": "python", "segments": {"prefix": prefix, "suffix": suffix},
-                                                "debug_options": {"return_prompt": True}})
+            r = c.post(
+                "/v1/completions",
+                json={
+                    "language": "python",
+                    "segments": {"prefix": prefix, "suffix": suffix},
+                    "debug_options": {"return_prompt": True},
+                },
+            )
         assert r.status_code == 200, r.text
         if route == "tabby":
             prompt = r.json()["debug_data"]["prompt"]  # the end of the prefix, the start of the suffix
-            assert prompt.startswith("<|fim_prefix|>") and "x = 1\n<|fim_suffix|>y = 2\n" in prompt and prompt.endswith("<|fim_middle|>")
+            assert (
+                prompt.startswith("<|fim_prefix|>")
+                and "x = 1\n<|fim_suffix|>y = 2\n" in prompt
+                and prompt.endswith("<|fim_middle|>")
+            )
 
 
 def test_chat_keeps_the_system_message_and_the_newest_turns(qwen):
@@ -271,16 +311,31 @@ def test_model_without_fim_tokens_keeps_context_and_says_the_suffix_is_dropped(g
         assert r.status_code == 200 and r.headers["x-codemoat-suffix"] == "dropped"
         r = c.post("/v1/completions", json={"model": "gem", "prompt": "def f(", "max_tokens": 2})  # no suffix: nothing dropped
         assert r.status_code == 200 and "x-codemoat-suffix" not in r.headers
-        r = c.post("/v1/completions", json={
-            "language": "python", "debug_options": {"return_prompt": True},
-            "segments": {"prefix": "total = add(", "suffix": ")\n", "filepath": "app.py",
-                         "declarations": [{"filepath": "lib/math.py", "body": "def add(a, b):\n    return a + b\n"}]},
-        })
+        r = c.post(
+            "/v1/completions",
+            json={
+                "language": "python",
+                "debug_options": {"return_prompt": True},
+                "segments": {
+                    "prefix": "total = add(",
+                    "suffix": ")\n",
+                    "filepath": "app.py",
+                    "declarations": [{"filepath": "lib/math.py", "body": "def add(a, b):\n    return a + b\n"}],
+                },
+            },
+        )
         dbg = r.json()["debug_data"]
         assert r.headers["x-codemoat-suffix"] == "dropped" and dbg["suffix"] == "dropped"
         assert dbg["prompt"] == "# lib/math.py\ndef add(a, b):\n    return a + b\n\n# app.py\ntotal = add("
-        r = c.post("/infill", json={"input_prefix": "x = ", "input_suffix": "\n", "n_predict": 2,
-                                    "input_extra": [{"filename": "u.py", "text": "y = 1\n"}]})
+        r = c.post(
+            "/infill",
+            json={
+                "input_prefix": "x = ",
+                "input_suffix": "\n",
+                "n_predict": 2,
+                "input_extra": [{"filename": "u.py", "text": "y = 1\n"}],
+            },
+        )
         assert r.status_code == 200 and r.headers["x-codemoat-suffix"] == "dropped"
 
 
@@ -312,8 +367,14 @@ def test_secret_split_across_fields_is_caught(qwen, route):
             return c.post("/v1/completions", json={"model": "tiny", "prompt": first, "suffix": second, "max_tokens": 2})
         if route == "tabby":
             return c.post("/v1/completions", json={"language": "python", "segments": {"prefix": first, "suffix": second}})
-        return c.post("/infill", json={"input_prefix": "x = ", "n_predict": 2, "input_extra": [
-            {"filename": "a.py", "text": first}, {"filename": "b.py", "text": second}]})
+        return c.post(
+            "/infill",
+            json={
+                "input_prefix": "x = ",
+                "n_predict": 2,
+                "input_extra": [{"filename": "a.py", "text": first}, {"filename": "b.py", "text": second}],
+            },
+        )
 
     with client(qwen, **{"policy.secrets": "block"}) as c:
         r = send(c, a, b)

@@ -67,7 +67,13 @@ class FimTemplate:
         (a user's `<eos>` stays text; see `Part`)."""
         out = self._context(extra, path, repo)
         if self.spaced:
-            out += [Part(self.prefix, True), Part(f" {prefix} "), Part(self.suffix, True), Part(f"{suffix} "), Part(self.middle, True)]
+            out += [
+                Part(self.prefix, True),
+                Part(f" {prefix} "),
+                Part(self.suffix, True),
+                Part(f"{suffix} "),
+                Part(self.middle, True),
+            ]
         else:
             out += [Part(self.prefix, True), Part(prefix), Part(self.suffix, True), Part(suffix), Part(self.middle, True)]
         return out
@@ -127,27 +133,56 @@ FIM_TEMPLATES: dict[str, FimTemplate] = {
     t.name: t
     for t in [
         FimTemplate(
-            "qwen", "<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>",
-            stop=("<|endoftext|>", "<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>", "<|fim_pad|>", "<|file_sep|>", "<|repo_name|>", "<|im_end|>"),
-            file_sep="<|file_sep|>", repo_name="<|repo_name|>",
+            "qwen",
+            "<|fim_prefix|>",
+            "<|fim_suffix|>",
+            "<|fim_middle|>",
+            stop=(
+                "<|endoftext|>",
+                "<|fim_prefix|>",
+                "<|fim_suffix|>",
+                "<|fim_middle|>",
+                "<|fim_pad|>",
+                "<|file_sep|>",
+                "<|repo_name|>",
+                "<|im_end|>",
+            ),
+            file_sep="<|file_sep|>",
+            repo_name="<|repo_name|>",
             markers=("<|fim_prefix|>", "<|fim_pad|>"),
         ),
         FimTemplate(
-            "deepseek", "<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>",
+            "deepseek",
+            "<｜fim▁begin｜>",
+            "<｜fim▁hole｜>",
+            "<｜fim▁end｜>",
             stop=("<｜end▁of▁sentence｜>", "<|EOT|>", "<｜fim▁begin｜>"),
             markers=("<｜fim▁begin｜>",),
         ),
         FimTemplate(
-            "starcoder", "<fim_prefix>", "<fim_suffix>", "<fim_middle>",
+            "starcoder",
+            "<fim_prefix>",
+            "<fim_suffix>",
+            "<fim_middle>",
             stop=("<|endoftext|>", "<file_sep>", "<fim_prefix>", "<fim_middle>"),
-            file_sep="<file_sep>", repo_name="<repo_name>",
+            file_sep="<file_sep>",
+            repo_name="<repo_name>",
             markers=("<fim_prefix>",),
         ),
         FimTemplate(
-            "codellama", "<PRE>", "<SUF>", "<MID>", stop=("<EOT>", "</s>"), spaced=True, markers=("<PRE>", "<MID>"),
+            "codellama",
+            "<PRE>",
+            "<SUF>",
+            "<MID>",
+            stop=("<EOT>", "</s>"),
+            spaced=True,
+            markers=("<PRE>", "<MID>"),
         ),
         FimTemplate(
-            "codegemma", "<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>",
+            "codegemma",
+            "<|fim_prefix|>",
+            "<|fim_suffix|>",
+            "<|fim_middle|>",
             stop=("<|file_separator|>", "<|fim_prefix|>", "<end_of_turn>", "<eos>"),
             file_sep="<|file_separator|>",
             markers=("<|fim_prefix|>", "<|file_separator|>"),
@@ -218,40 +253,64 @@ def detect_fim(metadata: dict[str, Any], has_token: Callable[[str], bool], confi
 # with `{{ "\n" }}` so that trim_blocks cannot eat a newline the format needs.
 CHAT_FORMATS: dict[str, tuple[tuple[str, ...], str, tuple[str, ...]]] = {
     # name: (tokens that identify it, template, stop strings)
-    "gemma": (("<start_of_turn>", "<end_of_turn>"), (
-        "{{ bos_token }}{% set ns = namespace(sys='') %}{% for m in messages %}"
-        "{% if m['role'] == 'system' %}{% set ns.sys = ns.sys + m['content'] + '\n\n' %}"
-        "{% else %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else 'user' }}{{ '\n' }}"
-        "{% if m['role'] != 'assistant' %}{{ ns.sys }}{% set ns.sys = '' %}{% endif %}"
-        "{{ m['content'] }}<end_of_turn>{{ '\n' }}{% endif %}{% endfor %}"
-        "{% if add_generation_prompt %}<start_of_turn>model{{ '\n' }}{% endif %}"
-    ), ("<end_of_turn>", "<start_of_turn>")),
-    "llama3": (("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"), (
-        "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>{{ '\n\n' }}"
-        "{{ m['content'] }}<|eot_id|>{% endfor %}"
-        "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>{{ '\n\n' }}{% endif %}"
-    ), ("<|eot_id|>", "<|start_header_id|>")),
-    "chatml": (("<|im_start|>", "<|im_end|>"), (
-        "{% for m in messages %}<|im_start|>{{ m['role'] }}{{ '\n' }}{{ m['content'] }}<|im_end|>{{ '\n' }}{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant{{ '\n' }}{% endif %}"
-    ), ("<|im_end|>", "<|im_start|>", "<|endoftext|>")),
-    "phi3": (("<|user|>", "<|assistant|>", "<|end|>"), (
-        "{% for m in messages %}<|{{ m['role'] }}|>{{ '\n' }}{{ m['content'] }}<|end|>{{ '\n' }}{% endfor %}"
-        "{% if add_generation_prompt %}<|assistant|>{{ '\n' }}{% endif %}"
-    ), ("<|end|>", "<|user|>", "<|endoftext|>")),
-    "mistral": (("[INST]", "[/INST]"), (
-        "{{ bos_token }}{% set ns = namespace(sys='') %}{% for m in messages %}"
-        "{% if m['role'] == 'system' %}{% set ns.sys = ns.sys + m['content'] + '\n\n' %}"
-        "{% elif m['role'] == 'assistant' %}{{ m['content'] }}{{ eos_token }}"
-        "{% else %}[INST] {{ ns.sys }}{% set ns.sys = '' %}{{ m['content'] }} [/INST]{% endif %}{% endfor %}"
-    ), ("[INST]",)),
+    "gemma": (
+        ("<start_of_turn>", "<end_of_turn>"),
+        (
+            "{{ bos_token }}{% set ns = namespace(sys='') %}{% for m in messages %}"
+            "{% if m['role'] == 'system' %}{% set ns.sys = ns.sys + m['content'] + '\n\n' %}"
+            "{% else %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else 'user' }}{{ '\n' }}"
+            "{% if m['role'] != 'assistant' %}{{ ns.sys }}{% set ns.sys = '' %}{% endif %}"
+            "{{ m['content'] }}<end_of_turn>{{ '\n' }}{% endif %}{% endfor %}"
+            "{% if add_generation_prompt %}<start_of_turn>model{{ '\n' }}{% endif %}"
+        ),
+        ("<end_of_turn>", "<start_of_turn>"),
+    ),
+    "llama3": (
+        ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+        (
+            "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>{{ '\n\n' }}"
+            "{{ m['content'] }}<|eot_id|>{% endfor %}"
+            "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>{{ '\n\n' }}{% endif %}"
+        ),
+        ("<|eot_id|>", "<|start_header_id|>"),
+    ),
+    "chatml": (
+        ("<|im_start|>", "<|im_end|>"),
+        (
+            "{% for m in messages %}<|im_start|>{{ m['role'] }}{{ '\n' }}{{ m['content'] }}<|im_end|>{{ '\n' }}{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant{{ '\n' }}{% endif %}"
+        ),
+        ("<|im_end|>", "<|im_start|>", "<|endoftext|>"),
+    ),
+    "phi3": (
+        ("<|user|>", "<|assistant|>", "<|end|>"),
+        (
+            "{% for m in messages %}<|{{ m['role'] }}|>{{ '\n' }}{{ m['content'] }}<|end|>{{ '\n' }}{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>{{ '\n' }}{% endif %}"
+        ),
+        ("<|end|>", "<|user|>", "<|endoftext|>"),
+    ),
+    "mistral": (
+        ("[INST]", "[/INST]"),
+        (
+            "{{ bos_token }}{% set ns = namespace(sys='') %}{% for m in messages %}"
+            "{% if m['role'] == 'system' %}{% set ns.sys = ns.sys + m['content'] + '\n\n' %}"
+            "{% elif m['role'] == 'assistant' %}{{ m['content'] }}{{ eos_token }}"
+            "{% else %}[INST] {{ ns.sys }}{% set ns.sys = '' %}{{ m['content'] }} [/INST]{% endif %}{% endfor %}"
+        ),
+        ("[INST]",),
+    ),
     # DeepSeek-Coder instruct: "### Instruction:" / "### Response:" turns, each answer ended by <|EOT|>
-    "deepseek-coder": (("<|EOT|>",), (
-        "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}{{ '\n' }}"
-        "{% elif m['role'] == 'assistant' %}### Response:{{ '\n' }}{{ m['content'] }}{{ '\n' }}<|EOT|>{{ '\n' }}"
-        "{% else %}### Instruction:{{ '\n' }}{{ m['content'] }}{{ '\n' }}{% endif %}{% endfor %}"
-        "{% if add_generation_prompt %}### Response:{{ '\n' }}{% endif %}"
-    ), ("<|EOT|>", "### Instruction:")),
+    "deepseek-coder": (
+        ("<|EOT|>",),
+        (
+            "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}{{ '\n' }}"
+            "{% elif m['role'] == 'assistant' %}### Response:{{ '\n' }}{{ m['content'] }}{{ '\n' }}<|EOT|>{{ '\n' }}"
+            "{% else %}### Instruction:{{ '\n' }}{{ m['content'] }}{{ '\n' }}{% endif %}{% endfor %}"
+            "{% if add_generation_prompt %}### Response:{{ '\n' }}{% endif %}"
+        ),
+        ("<|EOT|>", "### Instruction:"),
+    ),
 }
 CHATML = CHAT_FORMATS["chatml"][1]
 PLAIN_CHAT = (
@@ -296,8 +355,10 @@ class ChatTemplate:
                 raise CodemoatError(f"unknown message role {m.get('role')!r}")
         try:
             return self._t.render(
-                messages=messages, add_generation_prompt=add_generation_prompt,
-                bos_token=self.bos_token, eos_token=self.eos_token,
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token,
+                eos_token=self.eos_token,
             )
         except TemplateError as e:
             raise CodemoatError(f"chat template failed: {e}") from None
@@ -314,7 +375,7 @@ class ChatTemplate:
             pos = 0
             for m in _SLOT_RE.finditer(shape):
                 if m.start() > pos:
-                    out.append(Part(shape[pos:m.start()], True))
+                    out.append(Part(shape[pos : m.start()], True))
                 c = str(messages[int(m.group(1))]["content"])
                 out.append(Part(c.strip() if strip else c))
                 pos = m.end()
@@ -330,14 +391,18 @@ class ChatTemplate:
         return exact
 
 
-def chat_template_for(metadata: dict[str, Any], has_token: Callable[[str], bool], token_text: Callable[[str], str], configured: str | None = None) -> ChatTemplate:
+def chat_template_for(
+    metadata: dict[str, Any], has_token: Callable[[str], bool], token_text: Callable[[str], str], configured: str | None = None
+) -> ChatTemplate:
     """The configured template, else the model's own, else a known family's recognised by its turn
     tokens (Gemma, Llama 3, ChatML, Phi-3, Mistral, DeepSeek-Coder), else plain text. `name` says which."""
     bos = token_text("bos")
     eos = token_text("eos")
     src = configured or metadata.get("tokenizer.chat_template")
     if src:
-        stops = [eos] + [t for t in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|EOT|>", "<|endoftext|>", "<|end|>") if has_token(t)]
+        stops = [eos] + [
+            t for t in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|EOT|>", "<|endoftext|>", "<|end|>") if has_token(t)
+        ]
         return ChatTemplate(str(src), bos, eos, stops, name="configured" if configured else "model")
     for name, (tokens, template, stops) in CHAT_FORMATS.items():
         if all(has_token(t) for t in tokens):

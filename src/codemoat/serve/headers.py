@@ -17,8 +17,10 @@ class PromptHeaders:
             if message["type"] == "http.response.start":
                 extra = (scope.get("state") or {}).get("prompt_headers")
                 if extra:
-                    message = {**message, "headers": [*message.get("headers", []),
-                                                      *((k.lower().encode(), v.encode()) for k, v in extra.items())]}
+                    message = {
+                        **message,
+                        "headers": [*message.get("headers", []), *((k.lower().encode(), v.encode()) for k, v in extra.items())],
+                    }
             await send(message)
 
         return await self.app(scope, receive, send_with)

@@ -18,7 +18,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from ..audit.redact import find_secrets, screen
 from ..engines.base import Engine, PromptTooLong
@@ -44,11 +45,16 @@ class FimInput:
     retrieval: bool = True
 
     @classmethod
-    def from_ext(cls, prefix: str, suffix: str, ext: Any | None, extra: list[FileSnippet] | None = None) -> "FimInput":
+    def from_ext(cls, prefix: str, suffix: str, ext: Any | None, extra: list[FileSnippet] | None = None) -> FimInput:
         """A FIM input whose file and repository come from the request's `codemoat` extension."""
         return cls(
-            prefix, suffix, path=ext.path if ext else None, repo=ext.repo if ext else None,
-            git_url=ext.git_url if ext else None, extra=extra or [], retrieval=ext.retrieval if ext else True,
+            prefix,
+            suffix,
+            path=ext.path if ext else None,
+            repo=ext.repo if ext else None,
+            git_url=ext.git_url if ext else None,
+            extra=extra or [],
+            retrieval=ext.retrieval if ext else True,
         )
 
 
@@ -61,8 +67,11 @@ class Templates:
 
     def facts(self) -> dict[str, Any]:
         """What /health, /api/show and the start-up log say about them."""
-        return {"fim_template": self.fim.name if self.fim else None, "suffix": "used" if self.fim else "dropped",
-                "chat_format": self.chat.name}
+        return {
+            "fim_template": self.fim.name if self.fim else None,
+            "suffix": "used" if self.fim else "dropped",
+            "chat_format": self.chat.name,
+        }
 
 
 @dataclass
@@ -91,11 +100,19 @@ def clip_fim(f: FimInput, n_ctx: int) -> tuple[str, str, bool]:
 def fim_document(f: FimInput, n_ctx: int) -> str:
     """The client's text in the order the model reads it, without the template between: what is screened."""
     prefix, suffix, _ = clip_fim(f, n_ctx)
-    return "".join(x.text[-n_ctx * HEAD_CHARS:] for x in f.extra) + prefix + suffix
+    return "".join(x.text[-n_ctx * HEAD_CHARS :] for x in f.extra) + prefix + suffix
 
 
-def build_fim(engine: Engine, fim: FimTemplate | None, f: FimInput, reserve: int, *, repo: str | None = None,
-              retrieve: Callable[[int], list[Any]] | None = None, retrieval_budget: int = 0) -> Prompt:
+def build_fim(
+    engine: Engine,
+    fim: FimTemplate | None,
+    f: FimInput,
+    reserve: int,
+    *,
+    repo: str | None = None,
+    retrieve: Callable[[int], list[Any]] | None = None,
+    retrieval_budget: int = 0,
+) -> Prompt:
     """The FIM prompt for `f` leaving `reserve` tokens to generate; `retrieve(budget)` is asked for
     snippets once the room the code leaves is known."""
     n_ctx = engine.n_ctx
@@ -117,7 +134,7 @@ def build_fim(engine: Engine, fim: FimTemplate | None, f: FimInput, reserve: int
     keep_pre, keep_suf = split_room(len(pre), len(suf), room)
     if keep_pre < len(pre) or keep_suf < len(suf):
         truncated = True
-        tail_ids[pre_at] = pre[len(pre) - keep_pre:]
+        tail_ids[pre_at] = pre[len(pre) - keep_pre :]
         tail[pre_at] = Part(engine.detokenize(tail_ids[pre_at]))
         if suf_at is not None:
             tail_ids[suf_at] = suf[:keep_suf]
@@ -133,8 +150,15 @@ def build_fim(engine: Engine, fim: FimTemplate | None, f: FimInput, reserve: int
     return Prompt(ids, text_of(parts), truncated, fim is None and bool(f.suffix), snippets)
 
 
-def _context(engine: Engine, fim: FimTemplate | None, extra: list[FileSnippet], snippets: list[Any], path: str | None,
-             repo: str | None, room: int) -> tuple[list[Part], list[int]]:
+def _context(
+    engine: Engine,
+    fim: FimTemplate | None,
+    extra: list[FileSnippet],
+    snippets: list[Any],
+    path: str | None,
+    repo: str | None,
+    room: int,
+) -> tuple[list[Part], list[int]]:
     """Other files before the code, within `room` tokens: the lowest-ranked snippets go first, then the
     client's extra files from the oldest (llama.cpp keeps the end of its extra context). Both lists
     are cut in place to what the prompt holds. The best snippet goes last, next to the code."""
@@ -224,7 +248,7 @@ def build_chat(engine: Engine, chat: ChatTemplate, messages: list[dict[str, str]
         last = engine.encode([Part(msgs[-1]["content"])], bos=False)
         if over >= len(last) or msgs[-1]["role"] == "system":
             break
-        msgs[-1]["content"], truncated = engine.detokenize(last[over + 2:]), True  # +2: the cut may retokenise longer
+        msgs[-1]["content"], truncated = engine.detokenize(last[over + 2 :]), True  # +2: the cut may retokenise longer
         parts, ids = encode(msgs)
     if len(ids) <= budget:
         return Prompt(ids, text_of(parts), truncated)
@@ -253,7 +277,7 @@ def build_plain(engine: Engine, text: str, reserve: int, keep_end: bool) -> Prom
     ids = engine.encode([Part(text, True)])
     if keep_end and len(ids) > budget > 0:
         bos = engine.encode([], bos=True)
-        body = ids[len(bos):] if ids[:len(bos)] == bos else ids
-        ids = bos + body[len(body) - (budget - len(bos)):]
-        text, truncated = engine.detokenize(ids[len(bos):]), True
+        body = ids[len(bos) :] if ids[: len(bos)] == bos else ids
+        ids = bos + body[len(body) - (budget - len(bos)) :]
+        text, truncated = engine.detokenize(ids[len(bos) :]), True
     return Prompt(ids, text, truncated)
