@@ -94,6 +94,7 @@ def test_chat_snippets_and_mentions(indexed):
     assert snips[0].path == "payments/money.py" and "def to_minor_units" in snips[0].text
     assert r.snippets_for_chat(groups=G, repos=[], query="to_minor_units")  # [] = every readable repository
     assert r.mentioned_repos(G, "@payments how do fees work? mail me@payments.example") == ["payments"]
+    assert r.mentioned_repos(G, "How do fees work in @payments.") == ["payments"]
     assert r.mentioned_repos(frozenset({"other"}), "@payments how?") == []
 
 

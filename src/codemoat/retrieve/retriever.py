@@ -204,7 +204,9 @@ class Retriever(Outlines):
     def mentioned_repos(self, groups: frozenset[str], text: str) -> list[str]:
         """Readable repositories named as `@name` in a chat message."""
         readable = set(self.readable_repos(groups))
-        return [m for m in dict.fromkeys(re.findall(r"(?<![\w@])@([\w.\-]+)", text)) if m in readable]
+        # a sentence's full stop after the name is not part of it ("ask @payments.")
+        names = (m.rstrip(".") for m in re.findall(r"(?<![\w@])@([\w.\-]+)", text))
+        return [m for m in dict.fromkeys(names) if m in readable]
 
     # -- ranking ---------------------------------------------------------------------------------
     def _relative(self, info: RepoInfo, path: str) -> str:
