@@ -184,6 +184,12 @@ def test_openai_errors_have_openai_codes_and_param(client, path, body, code, par
     assert param in err["message"]
 
 
+def test_a_prompt_over_the_context_names_it_as_openai_does(client):
+    r = client.post("/v1/completions", json={"model": "tiny", "prompt": "def " * 3000, "max_tokens": 8})
+    err = r.json()["error"]
+    assert r.status_code == 400 and (err["code"], err["param"]) == ("context_length_exceeded", "prompt"), err
+
+
 def test_errors_without_a_parameter_have_null_code_and_param(client):
     r = client.post("/v1/chat/completions", content=b"{bad", headers={"Content-Type": "application/json"})
     err = r.json()["error"]

@@ -68,9 +68,10 @@ def render_exception(request: Request, exc: Exception) -> JSONResponse:
         return render(request, 429, str(exc), exc.code, {"Retry-After": str(max(1, int(exc.retry_after + 0.999)))})
     if isinstance(exc, CodemoatError):
         # an error with no code of its own has OpenAI's null code (its type says invalid_request_error)
-        return render(request, exc.status, str(exc), None if exc.code == CodemoatError.code else exc.code)
+        code = None if exc.code == CodemoatError.code else exc.code
+        return render(request, exc.status, str(exc), code, param=_context_param(request) if code == _CONTEXT else None)
     if isinstance(exc, PromptTooLong):
-        return render(request, 400, str(exc), "context_length_exceeded")
+        return render(request, 400, str(exc), _CONTEXT, param=_context_param(request))
     if isinstance(exc, (RequestValidationError, ValidationError)):
         first = exc.errors()[0] if exc.errors() else {}
         return render(request, 400, validation_message(exc), openai_code(first), param=param_of(first.get("loc", ())) or None)
@@ -97,6 +98,14 @@ def validation_message(exc: RequestValidationError | ValidationError) -> str:
         parts.append(f"{param_of(e.get('loc', ())) or 'body'}: {e.get('msg')}")
     more = f" (+{len(errs) - 3} more)" if len(errs) > 3 else ""
     return "invalid request: " + "; ".join(parts) + more
+
+
+_CONTEXT = "context_length_exceeded"
+
+
+def _context_param(request: Request) -> str:
+    """What OpenAI names as too long: the chat's `messages`, a completion's `prompt`."""
+    return "messages" if request.url.path.endswith("/chat/completions") else "prompt"
 
 
 def param_of(loc: tuple) -> str:
