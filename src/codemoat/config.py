@@ -83,6 +83,31 @@ class PolicySettings(BaseModel):
     tokens_per_day: int = Field(0, ge=0, description="Per-user generated-token limit per day (0 = none).")
 
 
+class DirectorySettings(BaseModel):
+    """The company directory as the source of truth for users and groups (`codemoat.directory`)."""
+
+    ldap_url: str | None = Field(None, description="LDAP server, ldap://host:389 or ldaps://host:636 (unset: no directory; users are made by hand).")
+    start_tls: bool = Field(False, description="Upgrade an ldap:// connection with StartTLS before binding.")
+    ca_file: str | None = Field(None, description="CA certificate file that the server's TLS certificate must chain to (LDAPS and StartTLS).")
+    bind_dn: str | None = Field(None, description="The service account that searches the directory.")
+    bind_password_file: str | None = Field(None, description="File holding the service account's password (a mounted secret; never in the config).")
+    user_base: str = Field("", description="Base DN under which users are searched.")
+    user_filter: str = Field("(&(objectClass=inetOrgPerson)(uid={username}))", description="Filter finding one user; {username} is escaped per RFC 4515 before it is put in.")
+    user_attr: str = Field("uid", description="Attribute holding the user name codemoat uses.")
+    users_filter: str = Field("(objectClass=inetOrgPerson)", description="Filter listing every user for `directory sync`.")
+    disabled_filter: str | None = Field("(pwdAccountLockedTime=*)", description="Users matching this filter are disabled (lose tokens and groups at the next sync); unset: none.")
+    group_base: str = Field("", description="Base DN under which groups are searched.")
+    group_filter: str = Field("(objectClass=groupOfNames)", description="Filter selecting group entries.")
+    group_member_attr: str = Field("member", description="Group attribute listing member DNs (users or, for nested groups, other groups).")
+    group_name_attr: str = Field("cn", description="Attribute holding a group's name.")
+    group_map: dict[str, str] = Field(default_factory=dict, description="Directory group name -> codemoat group; only mapped groups grant access (an empty map mirrors every group under its own name).")
+    admin_groups: list[str] = Field(default_factory=list, description="codemoat groups whose members' self-service tokens get the admin scope.")
+    token_ttl_days: int = Field(30, ge=1, le=3650, description="Lifetime of a token made by `codemoat login`.")
+    sync_interval_s: int = Field(300, ge=0, description="How often `serve` mirrors the directory (0: never; run `codemoat directory sync`).")
+    max_staleness_s: int = Field(86400, ge=0, description="While the directory is unreachable, directory users keep their last-known groups this long; after it, their requests are refused.")
+    timeout_s: float = Field(5, gt=0, description="Connect and operation timeout for the directory, in seconds.")
+
+
 class Settings(BaseSettings):
     """All of codemoat's configuration."""
 
@@ -94,6 +119,7 @@ class Settings(BaseSettings):
     retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
     policy: PolicySettings = Field(default_factory=PolicySettings)
+    directory: DirectorySettings = Field(default_factory=DirectorySettings)
     database_url: str | None = Field(None, description="SQLAlchemy URL of the shared state (default: SQLite under $CODEMOAT_HOME).")
 
     @classmethod

@@ -22,7 +22,7 @@ from sqlalchemy.exc import DBAPIError
 from . import paths
 
 # Packages whose migrations run against the customer database, in no particular order.
-CUSTOMER_BRANCHES = ("accounts", "audit", "index_meta", "usage", "console")
+CUSTOMER_BRANCHES = ("accounts", "audit", "index_meta", "usage", "console", "directory")
 _lock = threading.Lock()
 # pg_advisory_xact_lock key held while migrating (any fixed 64-bit number; b"cm-migr" as an integer)
 MIGRATION_LOCK = 0x636D2D6D696772

@@ -19,7 +19,7 @@ from .. import __version__
 from ..accounts import Accounts
 from ..config import Settings
 from ..engines.holder import ModelHolder
-from . import errors, routes_infill, routes_ollama, routes_openai, routes_tabby, trust
+from . import directory, errors, routes_infill, routes_ollama, routes_openai, routes_tabby, trust
 from .auth import authenticate, bearer
 from .headers import PromptHeaders
 from .limits import BodyLimit
@@ -82,6 +82,7 @@ def create_app(settings: Settings, *, holder: ModelHolder, accounts: Accounts, r
 
     # The trust layer (audit, quotas, secret screen, egress guard, metrics, admin API) wraps every route.
     trust.install(app, settings)
+    directory.install(app, settings)  # only with directory.ldap_url: sync, fail-closed gate, /auth/login
     app.add_middleware(PromptHeaders)  # X-Codemoat-Suffix etc., set while the prompt is built
     # outermost: no layer reads a body past the limit (added last, so it wraps everything above)
     app.add_middleware(BodyLimit, max_bytes=int(settings.server.max_body_mb * (1 << 20)))

@@ -28,6 +28,9 @@ def authenticate(request: Request) -> Principal:
     principal = getattr(request.state, "principal", None)
     if principal is None:
         principal = request.app.state.accounts.authenticate(bearer(request.headers))
+        gate = getattr(request.app.state, "directory_gate", None)
+        if gate is not None:  # a directory user, while the directory has been unreachable too long: refused
+            gate(principal)
         request.state.principal = principal
     return principal
 

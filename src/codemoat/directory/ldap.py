@@ -1,0 +1,233 @@
+"""LDAP: find a user, check a password by binding as them, read their groups (nested included).
+
+Every value a caller supplies is escaped per RFC 4515 before it enters a filter
+(`ldap3.utils.conv.escape_filter_chars`): a user name `*)(uid=*` finds no one. An empty password
+is refused before any bind, since LDAP treats a bind with a DN and no password as an anonymous
+bind that *succeeds* (RFC 4513 §5.1.2, "unauthenticated authentication"). Passwords are never
+stored or logged. TLS: `ldaps://` or StartTLS, verified against `ca_file`.
+"""
+
+from __future__ import annotations
+
+import math
+import ssl
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..config import DirectorySettings
+from ..errors import CodemoatError, Unauthorized
+
+# nested groups are followed this many levels up (a cycle in the directory cannot loop forever)
+MAX_NESTING = 10
+
+
+class DirectoryError(CodemoatError):
+    """A configuration or directory problem, in one line."""
+
+
+class DirectoryUnavailable(DirectoryError):
+    """The directory cannot be reached (or timed out): fail closed, say so in one line."""
+
+    status = 503
+    code = "directory_unavailable"
+
+
+@dataclass(frozen=True)
+class DirUser:
+    name: str
+    dn: str
+    groups: frozenset[str] = frozenset()  # directory group names, nested memberships included
+    disabled: bool = False
+
+
+@dataclass
+class Snapshot:
+    """Every user the directory lists, as one sync reads them."""
+
+    users: dict[str, DirUser] = field(default_factory=dict)
+
+
+def _attr(entry, name: str) -> list[str]:
+    vals = entry["attributes"].get(name, [])
+    return [str(v) for v in (vals if isinstance(vals, list) else [vals])]
+
+
+class LdapDirectory:
+    """One LDAP directory, used from many threads (one service connection, re-bound when lost)."""
+
+    def __init__(self, cfg: DirectorySettings):
+        if not cfg.ldap_url:
+            raise DirectoryError("no directory configured: set directory.ldap_url")
+        self.cfg = cfg
+        self._lock = threading.Lock()
+        self._conn = None
+        self._timeout = max(1, math.ceil(cfg.timeout_s))  # ldap3 packs socket timeouts as whole seconds
+
+    # -- connections -----------------------------------------------------------
+    def _server(self):
+        import ldap3
+
+        tls = None
+        if self.cfg.ca_file or self.cfg.ldap_url.startswith("ldaps://") or self.cfg.start_tls:
+            tls = ldap3.Tls(validate=ssl.CERT_REQUIRED, ca_certs_file=self.cfg.ca_file)
+        return ldap3.Server(self.cfg.ldap_url, connect_timeout=self._timeout, get_info=ldap3.NONE, tls=tls)
+
+    def _password(self) -> str:
+        f = self.cfg.bind_password_file
+        if not f:
+            return ""
+        try:
+            return Path(f).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise DirectoryError(f"directory.bind_password_file {f}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+
+    def _bind(self, dn: str | None, password: str):
+        """A bound connection, or DirectoryUnavailable / Unauthorized (wrong credentials)."""
+        import ldap3
+        from ldap3.core import exceptions as lx
+
+        bind = ldap3.AUTO_BIND_TLS_BEFORE_BIND if self.cfg.start_tls else ldap3.AUTO_BIND_NO_TLS
+        try:
+            return ldap3.Connection(self._server(), user=dn, password=password, auto_bind=bind,
+                                    receive_timeout=self._timeout, raise_exceptions=True, read_only=True)
+        except (lx.LDAPInvalidCredentialsResult, lx.LDAPBindError) as e:
+            raise Unauthorized("directory sign-in failed: wrong user name or password") from e
+        except lx.LDAPException as e:
+            raise DirectoryUnavailable(f"directory {self.cfg.ldap_url} is unreachable: {type(e).__name__}") from None
+
+    def _service(self):
+        with self._lock:
+            if self._conn is None or not self._conn.bound or self._conn.closed:
+                try:
+                    self._conn = self._bind(self.cfg.bind_dn, self._password())
+                except Unauthorized:
+                    raise DirectoryError("the directory refused the service account (directory.bind_dn / bind_password_file)") from None
+            return self._conn
+
+    def _search(self, base: str, flt: str, attrs: list[str]) -> list:
+        from ldap3.core import exceptions as lx
+
+        for attempt in (1, 2):
+            conn = self._service()
+            try:
+                with self._lock:
+                    conn.search(base, flt, attributes=attrs, paged_size=1000)
+                    out = [e for e in conn.response if e.get("type") == "searchResEntry"]
+                    cookie = conn.result.get("controls", {}).get("1.2.840.113556.1.4.319", {}).get("value", {}).get("cookie")
+                    while cookie:
+                        conn.search(base, flt, attributes=attrs, paged_size=1000, paged_cookie=cookie)
+                        out += [e for e in conn.response if e.get("type") == "searchResEntry"]
+                        cookie = conn.result.get("controls", {}).get("1.2.840.113556.1.4.319", {}).get("value", {}).get("cookie")
+                return out
+            except lx.LDAPNoSuchObjectResult:
+                return []
+            except lx.LDAPException as e:
+                with self._lock:
+                    self._conn = None  # a dropped connection: one fresh bind, then give up
+                if attempt == 2:
+                    raise DirectoryUnavailable(f"directory {self.cfg.ldap_url} is unreachable: {type(e).__name__}") from None
+        return []
+
+    # -- users ---------------------------------------------------------------------
+    def find(self, username: str) -> DirUser | None:
+        """The enabled or disabled user named `username` (escaped into the filter), or None."""
+        from ldap3.utils.conv import escape_filter_chars
+
+        flt = self.cfg.user_filter.replace("{username}", escape_filter_chars(username))
+        hits = self._search(self.cfg.user_base, flt, [self.cfg.user_attr])
+        if len(hits) != 1:
+            return None  # none, or an ambiguous filter: never pick one of several
+        dn = hits[0]["dn"]
+        names = _attr(hits[0], self.cfg.user_attr)
+        return DirUser(names[0] if names else username, dn, self._groups_of(dn), self._is_disabled(dn))
+
+    def authenticate(self, username: str, password: str) -> DirUser:
+        """The user, once the directory accepted their password; Unauthorized otherwise."""
+        if not username or not password:
+            raise Unauthorized("directory sign-in failed: a user name and a password are both needed")
+        user = self.find(username)
+        if user is None:
+            raise Unauthorized("directory sign-in failed: wrong user name or password")
+        self._bind(user.dn, password).unbind()  # Unauthorized when the password is wrong
+        if user.disabled:
+            raise Unauthorized("directory sign-in failed: this account is disabled in the directory")
+        return user
+
+    def _is_disabled(self, dn: str) -> bool:
+        if not self.cfg.disabled_filter:
+            return False
+        import ldap3
+
+        return bool(self._search_base(dn, self.cfg.disabled_filter, ldap3))
+
+    def _search_base(self, dn: str, flt: str, ldap3) -> list:
+        from ldap3.core import exceptions as lx
+
+        conn = self._service()
+        try:
+            with self._lock:
+                conn.search(dn, flt, search_scope=ldap3.BASE, attributes=[])
+                return [e for e in conn.response if e.get("type") == "searchResEntry"]
+        except lx.LDAPNoSuchObjectResult:
+            return []
+        except lx.LDAPException as e:
+            raise DirectoryUnavailable(f"directory {self.cfg.ldap_url} is unreachable: {type(e).__name__}") from None
+
+    # -- groups --------------------------------------------------------------------
+    def _all_groups(self) -> dict[str, tuple[str, set[str]]]:
+        """group DN (lower-cased) -> (name, member DNs lower-cased)."""
+        rows = self._search(self.cfg.group_base, self.cfg.group_filter, [self.cfg.group_name_attr, self.cfg.group_member_attr])
+        out = {}
+        for e in rows:
+            names = _attr(e, self.cfg.group_name_attr)
+            out[e["dn"].lower()] = (names[0] if names else e["dn"], {m.lower() for m in _attr(e, self.cfg.group_member_attr)})
+        return out
+
+    @staticmethod
+    def _closure(groups: dict[str, tuple[str, set[str]]]) -> dict[str, set[str]]:
+        """member DN -> names of every group it is in, directly or through nested groups."""
+        parents: dict[str, set[str]] = {}
+        for gdn, (_, members) in groups.items():
+            for m in members:
+                parents.setdefault(m, set()).add(gdn)
+        memo: dict[str, set[str]] = {}
+
+        def up(dn: str, depth: int) -> set[str]:
+            if dn in memo:
+                return memo[dn]
+            found = set(parents.get(dn, ()))
+            if depth < MAX_NESTING:
+                for g in list(found):
+                    found |= up(g, depth + 1)
+            memo[dn] = found
+            return found
+
+        return {m: {groups[g][0] for g in up(m, 0) if g in groups} for m in parents}
+
+    def _groups_of(self, dn: str) -> frozenset[str]:
+        return frozenset(self._closure(self._all_groups()).get(dn.lower(), set()))
+
+    def snapshot(self) -> Snapshot:
+        """Every user with their nested groups and disabled flag: three searches, whatever the size."""
+        attr = self.cfg.user_attr
+        users = self._search(self.cfg.user_base, self.cfg.users_filter, [attr])
+        disabled = set()
+        if self.cfg.disabled_filter:
+            flt = f"(&{self.cfg.users_filter}{self.cfg.disabled_filter})"
+            disabled = {e["dn"].lower() for e in self._search(self.cfg.user_base, flt, [])}
+        member_of = self._closure(self._all_groups())
+        snap = Snapshot()
+        for e in users:
+            names = _attr(e, attr)
+            if not names:
+                continue
+            dn = e["dn"]
+            snap.users[names[0]] = DirUser(names[0], dn, frozenset(member_of.get(dn.lower(), ())), dn.lower() in disabled)
+        return snap
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.unbind()
+                self._conn = None

@@ -1,0 +1,183 @@
+"""Mirror the directory into accounts: users, and their groups through `directory.group_map`.
+
+A user the directory lists and has not disabled exists in codemoat with exactly the mapped groups
+(the implicit `everyone` aside). A user the directory manages who is gone from it, or disabled in
+it, is disabled here in the same transaction: every token revoked, every group membership removed,
+so retrieval from their former repositories is refused from the next request on. Users made by hand
+(never seen in the directory) are left alone. Every change is one audit record (`kind=directory`).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import Engine
+
+from ..accounts.store import EVERYONE, groups as groups_t, memberships, tokens, users
+from ..config import DirectorySettings
+from .ldap import Snapshot
+
+_GROUP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+meta = sa.MetaData()
+directory_users = sa.Table(
+    "directory_users", meta,
+    sa.Column("name", sa.String(128), primary_key=True),
+    sa.Column("dn", sa.String(1024)),
+    sa.Column("groups", sa.Text),
+    sa.Column("disabled", sa.Boolean),
+    sa.Column("synced_at", sa.Float),
+)
+directory_state = sa.Table(
+    "directory_state", meta,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("last_success", sa.Float),
+    sa.Column("last_attempt", sa.Float),
+    sa.Column("last_error", sa.String(512)),
+)
+
+
+@dataclass
+class SyncReport:
+    added: list[str] = field(default_factory=list)
+    updated: dict[str, dict[str, list[str]]] = field(default_factory=dict)  # user -> {"from": [...], "to": [...]}
+    disabled: list[str] = field(default_factory=list)
+    enabled: list[str] = field(default_factory=list)
+    unchanged: int = 0
+    skipped_groups: list[str] = field(default_factory=list)  # directory groups with no valid codemoat name
+    dry_run: bool = False
+    seconds: float = 0.0
+
+    @property
+    def changes(self) -> int:
+        return len(self.added) + len(self.updated) + len(self.disabled) + len(self.enabled)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "changes": self.changes}
+
+
+def mapped_groups(dir_groups: frozenset[str], cfg: DirectorySettings, skipped: set[str]) -> list[str]:
+    """The codemoat groups a user's directory groups grant (an empty map mirrors valid names)."""
+    if cfg.group_map:
+        return sorted({cfg.group_map[g] for g in dir_groups if g in cfg.group_map})
+    out = set()
+    for g in dir_groups:
+        if _GROUP_NAME.match(g) and g != EVERYONE:
+            out.add(g)
+        else:
+            skipped.add(g)
+    return sorted(out)
+
+
+def _current_groups(c, name: str) -> list[str]:
+    return sorted(c.execute(sa.select(memberships.c.group).where(memberships.c.user == name)).scalars())
+
+
+def _set_groups(c, name: str, wanted: list[str]) -> None:
+    c.execute(memberships.delete().where(memberships.c.user == name))
+    for g in wanted:
+        if not c.execute(sa.select(groups_t.c.name).where(groups_t.c.name == g)).first():
+            c.execute(groups_t.insert().values(name=g, created_at=time.time()))
+        c.execute(memberships.insert().values(user=name, group=g))
+
+
+def sync(engine: Engine, snap: Snapshot, cfg: DirectorySettings, *, audit=None, dry_run: bool = False,
+         partial: bool = False) -> SyncReport:
+    """Apply `snap` to the accounts in `engine` (one transaction); `audit.append` gets each change.
+
+    `partial`: `snap` holds only some users (one signing in): nobody else is disabled, and it does
+    not count as a full read of the directory."""
+    t0 = time.time()
+    rep = SyncReport(dry_run=dry_run)
+    skipped: set[str] = set()
+    records: list[dict[str, Any]] = []
+    with engine.begin() as c:
+        managed = {r.name: r for r in c.execute(sa.select(directory_users))}
+        existing = set(c.execute(sa.select(users.c.name)).scalars())
+        for name, du in sorted(snap.users.items()):
+            if du.disabled:
+                continue
+            wanted = mapped_groups(du.groups, cfg, skipped)
+            row = managed.get(name)
+            if name not in existing:
+                rep.added.append(name)
+                records.append({"user": name, "detail": {"action": "added", "groups": wanted}})
+                if not dry_run:
+                    c.execute(users.insert().values(name=name, created_at=time.time(), disabled=False))
+                    _set_groups(c, name, wanted)
+            else:
+                have = _current_groups(c, name)
+                if row is not None and row.disabled:
+                    rep.enabled.append(name)
+                    records.append({"user": name, "detail": {"action": "enabled", "groups": wanted}})
+                    if not dry_run:
+                        c.execute(users.update().where(users.c.name == name).values(disabled=False))
+                if have != wanted:
+                    rep.updated[name] = {"from": have, "to": wanted}
+                    records.append({"user": name, "detail": {"action": "groups", "from": have, "to": wanted}})
+                    if not dry_run:
+                        _set_groups(c, name, wanted)
+                elif row is None or not row.disabled:
+                    rep.unchanged += 1
+            if not dry_run:
+                values = dict(dn=du.dn, groups=",".join(wanted), disabled=False, synced_at=time.time())
+                if row is None:
+                    c.execute(directory_users.insert().values(name=name, **values))
+                else:
+                    c.execute(directory_users.update().where(directory_users.c.name == name).values(**values))
+        # managed users the directory no longer lists, or lists as disabled: cut off now
+        for name, row in sorted(managed.items()) if not partial else ():
+            du = snap.users.get(name)
+            if (du is not None and not du.disabled) or row.disabled:
+                continue
+            why = "disabled in the directory" if du is not None else "gone from the directory"
+            rep.disabled.append(name)
+            live = list(c.execute(sa.select(tokens.c.id).where(tokens.c.user == name, tokens.c.revoked_at.is_(None))).scalars())
+            records.append({"user": name, "detail": {"action": "disabled", "why": why, "tokens_revoked": len(live),
+                                                     "groups_removed": _current_groups(c, name)}})
+            if not dry_run:
+                now = time.time()
+                c.execute(tokens.update().where(tokens.c.user == name, tokens.c.revoked_at.is_(None)).values(revoked_at=now))
+                c.execute(memberships.delete().where(memberships.c.user == name))
+                c.execute(users.update().where(users.c.name == name).values(disabled=True))
+                c.execute(directory_users.update().where(directory_users.c.name == name).values(disabled=True, groups="", synced_at=now))
+        if not dry_run and not partial:
+            _mark(c, success=True)
+    rep.skipped_groups = sorted(skipped)
+    rep.seconds = time.time() - t0
+    if audit is not None and not dry_run:
+        for r in records:
+            audit.append("directory", route="directory sync", **r)
+    return rep
+
+
+def _mark(c, *, success: bool, error: str | None = None) -> None:
+    now = time.time()
+    values: dict[str, Any] = {"last_attempt": now, "last_error": (error or "")[:500] or None}
+    if success:
+        values["last_success"] = now
+    if c.execute(sa.select(directory_state.c.id).where(directory_state.c.id == 1)).first():
+        c.execute(directory_state.update().where(directory_state.c.id == 1).values(**values))
+    else:
+        c.execute(directory_state.insert().values(id=1, last_success=values.get("last_success"), **{
+            k: v for k, v in values.items() if k != "last_success"}))
+
+
+def record_failure(engine: Engine, error: str) -> None:
+    """Remember a sync that could not read the directory (for staleness and for people)."""
+    with engine.begin() as c:
+        _mark(c, success=False, error=error)
+
+
+def last_success(engine: Engine) -> float | None:
+    with engine.connect() as c:
+        return c.execute(sa.select(directory_state.c.last_success).where(directory_state.c.id == 1)).scalar()
+
+
+def managed_users(engine: Engine) -> frozenset[str]:
+    with engine.connect() as c:
+        return frozenset(c.execute(sa.select(directory_users.c.name).where(directory_users.c.disabled.is_(False))).scalars())

@@ -1,0 +1,59 @@
+"""A real OpenLDAP (tests/directory/slapd.py) seeded with a small company, per test."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+@pytest.fixture
+def slapd():
+    from slapd import Slapd, slapd_bin
+
+    exe = slapd_bin()
+    if exe is None:
+        pytest.skip("OpenLDAP is not installed here (Debian package `slapd`; .ci/run installs it)")
+    pytest.importorskip("ldap3", reason="ldap3 is not installed (the `directory` extra)")
+    s = Slapd(exe).start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def company(slapd):
+    """alice (payments-devs, nested in engineering), bob (web), carol (disabled), dave (no group)."""
+    people = {
+        "alice": slapd.user("alice", "alice-pw-1"),
+        "bob": slapd.user("bob", "bob-pw-2"),
+        "carol": slapd.user("carol", "carol-pw-3", employeeType="disabled"),
+        "dave": slapd.user("dave", "dave-pw-4"),
+    }
+    payments = slapd.group("payments-devs", [people["alice"]])
+    slapd.group("engineering", [payments, people["bob"]])
+    slapd.group("web", [people["bob"], people["carol"]])
+    slapd.group("admins", [people["bob"]])
+    slapd.people = people
+    return slapd
+
+
+@pytest.fixture
+def dir_settings(company, tmp_path):
+    """Settings pointing at the test directory (the service password in a 0600 file)."""
+    from slapd import BASE, SERVICE
+
+    from codemoat.config import DirectorySettings
+
+    pw = tmp_path / "ldap-service-password"
+    pw.write_text(company.service_pw + "\n")
+    pw.chmod(0o600)
+    return DirectorySettings(
+        ldap_url=company.url, bind_dn=SERVICE, bind_password_file=str(pw),
+        user_base=f"ou=people,{BASE}", group_base=f"ou=groups,{BASE}",
+        disabled_filter="(employeeType=disabled)",
+        group_map={"payments-devs": "payments", "web": "web", "engineering": "engineering", "admins": "admins"},
+        admin_groups=["admins"], timeout_s=3,
+    )
