@@ -61,6 +61,15 @@ def match(feat_s: np.ndarray, feat_o: np.ndarray) -> np.ndarray:
     return perm
 
 
+def _in_place(pairs: list[tuple[np.ndarray, np.ndarray]]) -> bool:
+    """match()'s first test, cos(suspect unit j, original unit j) > 0.5 for every j, summed over the
+    tensors that move with the units instead of on their concatenation (no copy of a layer)."""
+    dot = sum(np.einsum("ij,ij->i", a, b, dtype=np.float64) for a, b in pairs)
+    na = sum(np.einsum("ij,ij->i", a, a, dtype=np.float64) for a, _ in pairs)
+    nb = sum(np.einsum("ij,ij->i", b, b, dtype=np.float64) for _, b in pairs)
+    return bool(np.all(dot > 0.5 * np.sqrt(na * nb) + 1e-30))
+
+
 def _heads(w: np.ndarray, n: int) -> np.ndarray:
     """Rows of a projection grouped by head: (n, rows_per_head·n_in)."""
     return w.reshape(n, -1)
@@ -113,6 +122,9 @@ def align(suspect: dict[str, np.ndarray], original: dict[str, np.ndarray], meta:
             cols = [d] if d in original and d in suspect and suspect[d].shape == original[d].shape else []
             if not rows and not cols:
                 continue
+            pairs = [(suspect[x], original[x]) for x in rows] + [(suspect[x].T, original[x].T) for x in cols]
+            if _in_place(pairs):
+                continue  # every unit already where it was: nothing to build or match
             fs = np.concatenate([suspect[x] for x in rows] + [suspect[x].T for x in cols], axis=1)
             fo = np.concatenate([original[x] for x in rows] + [original[x].T for x in cols], axis=1)
             perm = match(fs, fo)

@@ -24,14 +24,14 @@ rows without the others.
 Quantised tensors (Q8_0, Q4_0, Q5_0, Q4_K, Q5_K, Q6_K) cannot take an additive mark of 1% of
 a row's RMS: their rounding step is larger than that, and re-rounding a marked value returns the
 original code. They carry a sparse mark in the integer codes instead (quant.py): in every segment
-of 65,536 weights, 64 positions P drawn from AES-256-CTR (key HKDF(secret, "sel" ‖ tensor name))
+of 2^20 weights, 64 positions P drawn from AES-256-CTR (key HKDF(secret, "sel" ‖ tensor name))
 have their code moved by one step in the direction of a keyed sign b_k,
 
     q'_k = q_k + b_k · sign(step_k)     (k ∈ P; left alone where q'_k would leave the code range)
 
 with every block scale kept, so a changed weight moves by exactly one step |step_k|. The added
-error is ~0.1% of the weights by one step each, against the uniform ±step/2 rounding error every
-weight already has: 1/1024 · step² next to step²/12 of mean squared error, about 1% of the
+error is one weight in 16,384 moved by one step, against the uniform ±step/2 rounding error every
+weight already has: step²/16,384 next to step²/12 of mean squared error, 0.07% of the
 quantisation's own noise. This is dithered quantisation index modulation (Chen & Wornell 2001,
 "Quantization index modulation", §IV) reduced to its simplest form; detect.py correlates the
 suspect's residual at P with b, so the rest of the tensor adds no noise to the score.
@@ -53,8 +53,8 @@ import numpy as np
 from ..errors import CodemoatError
 
 ALPHA = 0.01
-SEGMENT = 1 << 23  # weights per segment of the sparse (quantised) mark
-PER_SEGMENT = 64  # positions drawn per segment: p = 1/131,072 (bench/results/scale.md measures its KL)
+SEGMENT = 1 << 20  # weights per segment of the sparse (quantised) mark
+PER_SEGMENT = 64  # positions drawn per segment: p = 1/16,384 (bench/results/scale.md measures its KL)
 _INFO = b"codemoat/fingerprint/v1/"
 _INFO_SEL = b"codemoat/fingerprint/v1/sel/"
 _SEG_BYTES = 4 * PER_SEGMENT + 16  # 64 32-bit offsets, then 64 sign bits (and 8 spare bytes)
