@@ -354,6 +354,18 @@ def test_fim_template_that_does_not_fit_is_refused_at_start(gemma):
             pass
 
 
+def test_fim_template_that_does_not_fit_stops_serve_in_one_line(tmp_path):
+    """`codemoat serve --fim-template codegemma` on a model without its markers: exit 1, one line."""
+    from conftest import run_cli
+    from special_models import build_special_gguf
+
+    model = build_special_gguf(tmp_path / "gemma-style.gguf", "gemma")
+    r = run_cli("serve", "--model", str(model), "--port", "0", "--fim-template", "codegemma", timeout=120)
+    err = [line for line in r.stderr.splitlines() if "codegemma" in line]
+    assert r.returncode == 1 and len(err) == 1 and "not single tokens of its vocabulary" in err[0], r.stderr
+    assert "Traceback" not in r.stderr
+
+
 # -- secrets split across fields (issue 14 item 7) -----------------------------------------------
 AWS = "AKIAIOSFODNN7EXAMPLE"
 
