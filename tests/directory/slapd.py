@@ -46,7 +46,7 @@ class Slapd:
     def url(self) -> str:
         return f"ldap://127.0.0.1:{self.port}"
 
-    def start(self) -> "Slapd":
+    def start(self) -> Slapd:
         (self.root / "db").mkdir()
         conf = self.root / "slapd.conf"
         conf.write_text(f"""
