@@ -4,6 +4,7 @@ Both serve the same GGUF with the same context and thread count; rounds alternat
 servers so machine noise hits both alike. Reported: p50/p95 latency of a 32-token completion,
 requests/s with 8 concurrent clients, and time to first token when streaming. Results go to
 bench/results/serve.md. Usage: .venv/bin/python bench/serve.py [--model PATH] [--rounds N]
+`--model gemma` serves the pretrained Gemma 3 270M Q4_K_M (bench/gemma.py) into bench/results/serve-gemma.md.
 """
 
 from __future__ import annotations
@@ -104,6 +105,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     model = Path(args.model)
+    if args.model == "gemma":  # the pretrained Gemma 3 270M Q4_K_M, installed into the bench's scratch venv
+        sys.path.insert(0, str(ROOT / "bench"))
+        from gemma import gemma_path
+
+        model = gemma_path()
     home = Path(tempfile.mkdtemp())
     env = dict(os.environ, CODEMOAT_HOME=str(home))
     py = sys.executable
@@ -169,7 +175,13 @@ codemoat's path includes bearer-token authentication against SQLite, the audit r
 the protocol translation; the reference authenticates with a fixed API key and keeps no records.
 """
     (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
-    (ROOT / "bench" / "results" / "serve.md").write_text(md)
+    out = "serve.md"
+    if args.model == "gemma":  # its own file beside serve.md, with the model's terms
+        from gemma import TERMS
+
+        md = md.replace("# Serving overhead:", "# Serving overhead on Gemma 3 270M Q4_K_M:", 1) + f"\n## Model terms\n\n{TERMS}\n"
+        out = "serve-gemma.md"
+    (ROOT / "bench" / "results" / out).write_text(md)
     print(md)
 
 
