@@ -27,7 +27,7 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
-PROMPT = "import os\nimport sys\n\n\ndef walk_python_files(root):\n    \"\"\"Yield every .py file under root.\"\"\"\n    for dirpath, dirnames, filenames in os.walk(root):\n"
+PROMPT = 'import os\nimport sys\n\n\ndef walk_python_files(root):\n    """Yield every .py file under root."""\n    for dirpath, dirnames, filenames in os.walk(root):\n'
 MODES = ("inline", "process")
 
 
@@ -83,7 +83,7 @@ def engine_level(model: Path, threads: int, rounds: int, n: int) -> tuple[dict[s
         for e in engines.values():
             asyncio.run(run(e, 3))  # warm-up
         for r in range(rounds):
-            for mode in (MODES if r % 2 == 0 else MODES[::-1]):
+            for mode in MODES if r % 2 == 0 else MODES[::-1]:
                 c0 = cpu_seconds(engines[mode])
                 out[mode] += asyncio.run(run(engines[mode], n))
                 cpu[mode].append((cpu_seconds(engines[mode]) - c0) / n)
@@ -136,13 +136,31 @@ def through_serve(model: Path, threads: int, rounds: int, n: int) -> dict[str, d
     home = Path(tempfile.mkdtemp())
     env = dict(os.environ, CODEMOAT_HOME=str(home), CODEMOAT_MODEL__N_THREADS=str(threads))
     py = sys.executable
-    tok = json.loads(subprocess.check_output([py, "-m", "codemoat.cli.main", "tokens", "create", "--name", "bench", "--json"], env=env))["token"]
+    tok = json.loads(
+        subprocess.check_output([py, "-m", "codemoat.cli.main", "tokens", "create", "--name", "bench", "--json"], env=env)
+    )["token"]
     headers = {"Authorization": f"Bearer {tok}"}
     ports = {m: free_port() for m in MODES}
     procs = {
-        m: subprocess.Popen([py, "-m", "codemoat.cli.main", "serve", "--model", str(model), "--model-id", "m",
-                             "--port", str(ports[m]), "--n-ctx", "2048"],
-                            env=dict(env, CODEMOAT_MODEL__ISOLATION=m), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        m: subprocess.Popen(
+            [
+                py,
+                "-m",
+                "codemoat.cli.main",
+                "serve",
+                "--model",
+                str(model),
+                "--model-id",
+                "m",
+                "--port",
+                str(ports[m]),
+                "--n-ctx",
+                "2048",
+            ],
+            env=dict(env, CODEMOAT_MODEL__ISOLATION=m),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         for m in MODES
     }
     urls = {m: f"http://127.0.0.1:{ports[m]}" for m in MODES}
@@ -160,11 +178,14 @@ def through_serve(model: Path, threads: int, rounds: int, n: int) -> dict[str, d
                 time.sleep(0.1)
             asyncio.run(serve_round(urls[m], headers, 3))  # warm-up
         for r in range(rounds):
-            for m in (MODES if r % 2 == 0 else MODES[::-1]):
+            for m in MODES if r % 2 == 0 else MODES[::-1]:
                 res = asyncio.run(serve_round(urls[m], headers, n))
                 for k, v in res.items():
                     out[m][k] += v
-                print(f"round {r + 1} {m:8s} p50 {statistics.median(res['lat']) * 1000:7.1f} ms  rps {res['rps'][0]:6.2f}", flush=True)
+                print(
+                    f"round {r + 1} {m:8s} p50 {statistics.median(res['lat']) * 1000:7.1f} ms  rps {res['rps'][0]:6.2f}",
+                    flush=True,
+                )
     finally:
         for p in procs.values():
             p.terminate()
@@ -196,11 +217,12 @@ def main() -> None:
     rows = "\n".join(
         f"| {m} | {ms(srv[m]['lat']):.1f} | {pct(srv[m]['lat'], 95) * 1000:.1f} | {statistics.median(srv[m]['rps']):.2f} "
         f"| {statistics.median(srv[m]['rps']) * 32:.0f} | {ms(srv[m]['ttft']):.1f} | {ms(eng[m]):.2f} | {ms(cpu[m]):.2f} |"
-        for m in MODES)
+        for m in MODES
+    )
     cmd = "bench/engine_process.py" + "".join(f" --{k} {v}" for k, v in vars(args).items() if k != "model")
     md = f"""# The engine process: llama.cpp inline vs in a supervised child process
 
-Measured by `.venv/bin/python {cmd}` on {time.strftime('%Y-%m-%d')} ({os.cpu_count()} CPU cores, a machine
+Measured by `.venv/bin/python {cmd}` on {time.strftime("%Y-%m-%d")} ({os.cpu_count()} CPU cores, a machine
 shared with other work: load average {load_before:.1f} before, {load_after:.1f} after), one run, rounds alternating
 between the modes. Model: `{model.name}` ({model.stat().st_size / 1e6:.1f} MB), n_ctx 2048, {args.threads} thread(s),
 greedy 32-token completions (every answer checked to be 32 tokens); {args.rounds} rounds × {args.requests}

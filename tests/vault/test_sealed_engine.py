@@ -34,7 +34,9 @@ def test_served_under_the_manifest_id_with_the_file_stem_as_alias(vendor, machin
             r = c.post("/v1/completions", json={"model": name, "prompt": "def add(a, b):", "max_tokens": 2})
             assert r.status_code == 200, r.text
             assert r.json()["model"] == model_id
-        r = c.post("/api/generate", json={"model": "acme:latest", "prompt": "def", "stream": False, "options": {"num_predict": 2}})
+        r = c.post(
+            "/api/generate", json={"model": "acme:latest", "prompt": "def", "stream": False, "options": {"num_predict": 2}}
+        )
         assert r.status_code == 200, r.text
         r = c.post("/v1/completions", json={"model": "other", "prompt": "def", "max_tokens": 2})
         assert r.status_code == 404 and model_id in r.json()["error"]["message"]

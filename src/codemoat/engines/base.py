@@ -163,7 +163,7 @@ class Engine(abc.ABC):
 
     @property
     def state(self) -> str:
-        """"ready", or why not ("restarting" after a crash)."""
+        """Whether the engine takes requests now: "ready", or why not ("restarting" after a crash)."""
         return "ready"
 
     @property

@@ -159,8 +159,18 @@ def main(argv: list[str]) -> int:
     except CodemoatError as e:
         send(sock, ("error", str(e)))
         return 1
-    send(sock, ("ready", {"n_ctx": engine.n_ctx, "n_vocab": getattr(engine, "n_vocab", None),
-                          "health": {**engine.health(), "non_dumpable": not is_dumpable()}, "pid": os.getpid()}))
+    send(
+        sock,
+        (
+            "ready",
+            {
+                "n_ctx": engine.n_ctx,
+                "n_vocab": getattr(engine, "n_vocab", None),
+                "health": {**engine.health(), "non_dumpable": not is_dumpable()},
+                "pid": os.getpid(),
+            },
+        ),
+    )
 
     try:
         _Server(engine, sock).serve(stream)

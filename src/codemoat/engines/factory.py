@@ -24,8 +24,9 @@ def engine_options(settings: Settings, model_id: str) -> dict[str, Any]:
     return {"model_id": model_id, "n_ctx": m.n_ctx, "n_threads": m.n_threads, "n_gpu_layers": m.n_gpu_layers}
 
 
-def build_engine(settings: Settings, source: Path | MemfdBuffer, model_id: str,
-                 parts: Mapping[str, tuple[int, int]] | None = None) -> Engine:
+def build_engine(
+    settings: Settings, source: Path | MemfdBuffer, model_id: str, parts: Mapping[str, tuple[int, int]] | None = None
+) -> Engine:
     """The engine for `source`; it owns a `MemfdBuffer` source from here (and zeroes it at close)."""
     try:
         cls = engine_class(settings.model.engine)

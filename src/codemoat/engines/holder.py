@@ -84,7 +84,7 @@ class ModelHolder:
 
     @property
     def state(self) -> str:
-        """"loaded", "loading", "unloaded", or the engine's own state when it is not ready ("restarting")."""
+        """One of loaded, loading, unloaded, or the engine's own state when it is not ready (restarting)."""
         eng = self._engine
         if eng is not None and self._state == "loaded":
             s = eng.state

@@ -48,9 +48,14 @@ def decrypt_to_memfd(sealed: SealedFile, key: bytes) -> MemfdBuffer:
             # buffers, one per worker.
             sealed.decrypt_to(key, buf.write_at)
         seconds = time.perf_counter() - t
-        log.info("sealed model %s: %.2f GiB decrypted and authenticated in %.2f s into %s pages (shmem_enabled=%s)",
-                 sealed.manifest.model_id, buf.size / (1 << 30), seconds, "2 MiB" if buf.hugepages else "4 KiB",
-                 buf.policy)
+        log.info(
+            "sealed model %s: %.2f GiB decrypted and authenticated in %.2f s into %s pages (shmem_enabled=%s)",
+            sealed.manifest.model_id,
+            buf.size / (1 << 30),
+            seconds,
+            "2 MiB" if buf.hugepages else "4 KiB",
+            buf.policy,
+        )
         if not buf.hugepages and buf.size >= 256 << 20:
             log.info("allowing shmem huge pages makes this load several times faster: see docs/operations.md")
         buf.seal()
@@ -64,7 +69,7 @@ class SealedHolder(ModelHolder):
     """A `ModelHolder` whose model comes from a sealed file under a license; `close()` also stops
     the license watch and gives a leased seat back."""
 
-    watch: "LicenseWatch | None" = None
+    watch: LicenseWatch | None = None
     keeper: LeaseKeeper | None = None
 
     def close(self) -> None:
@@ -84,7 +89,7 @@ class LicenseWatch:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="codemoat-license", daemon=True)
 
-    def start(self) -> "LicenseWatch":
+    def start(self) -> LicenseWatch:
         self.refresh()
         self._thread.start()
         return self
@@ -177,12 +182,20 @@ def open_sealed(
     holder.status.size = sealed.manifest.plaintext_size
     holder.status.egress_allow = [client.destination] if client else []
     holder.status.license = LicenseStatus(
-        license_id=lic.id, customer=lic.customer, license_mode=lic.mode, license_expires=iso(lic.expires),
-        license_expires_at=lic.expires, features=list(lic.features), machine_id=machine.id,
-        model_file_id=sealed.manifest.file_id, format=sealed.manifest.format, non_dumpable=not is_dumpable(),
+        license_id=lic.id,
+        customer=lic.customer,
+        license_mode=lic.mode,
+        license_expires=iso(lic.expires),
+        license_expires_at=lic.expires,
+        features=list(lic.features),
+        machine_id=machine.id,
+        model_file_id=sealed.manifest.file_id,
+        format=sealed.manifest.format,
+        non_dumpable=not is_dumpable(),
     )
     keeper = None
     if client is not None and lease is not None:
+
         def lost(reason: str) -> None:
             content_key[0] = None
             holder.unload(reason)
@@ -194,8 +207,9 @@ def open_sealed(
             except CodemoatError as e:
                 holder.reason = str(e)
 
-        keeper = LeaseKeeper(client, lease, on_lost=lost, on_regained=regained, clock=clock,
-                             renew_fraction=settings.vault.lease_renew_fraction)
+        keeper = LeaseKeeper(
+            client, lease, on_lost=lost, on_regained=regained, clock=clock, renew_fraction=settings.vault.lease_renew_fraction
+        )
     try:
         holder.load()
     except BaseException:

@@ -50,7 +50,7 @@ STABLE_S = 60.0  # a child that lived this long resets the backoff
 
 
 def describe_exit(code: int) -> str:
-    """"SIGSEGV" for a death by signal, else "exit status N"."""
+    """The signal's name (SIGSEGV) for a death by signal, else "exit status N"."""
     if code < 0:
         try:
             return signal.Signals(-code).name
@@ -132,7 +132,7 @@ class SupervisedEngine(Engine):
         self.front = engine_cls.front(self._path, **self.opts)
 
     @classmethod
-    def start(cls, engine_cls: type[Engine], source: Path | str | MemfdBuffer, opts: dict[str, Any]) -> "SupervisedEngine":
+    def start(cls, engine_cls: type[Engine], source: Path | str | MemfdBuffer, opts: dict[str, Any]) -> SupervisedEngine:
         """Start the engine process and wait until its model is loaded; one `CodemoatError` line if it cannot."""
         try:
             eng = cls(engine_cls, source, opts)
@@ -163,13 +163,19 @@ class SupervisedEngine(Engine):
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "codemoat.engines.child", str(theirs.fileno())],
-                pass_fds=fds, stdin=subprocess.DEVNULL, start_new_session=True,
+                pass_fds=fds,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
             )
         finally:
             theirs.close()
         stream = ours.makefile("rb")
-        spec = {"engine": f"{self.engine_cls.__module__}:{self.engine_cls.__qualname__}", "path": self._path,
-                "opts": self.opts, "log_level": logging.getLogger("codemoat").getEffectiveLevel()}
+        spec = {
+            "engine": f"{self.engine_cls.__module__}:{self.engine_cls.__qualname__}",
+            "path": self._path,
+            "opts": self.opts,
+            "log_level": logging.getLogger("codemoat").getEffectiveLevel(),
+        }
         try:
             send(ours, spec)
             msg = recv(stream)
@@ -191,8 +197,9 @@ class SupervisedEngine(Engine):
                 return
             self._child, self._state, self._facts = child, "ready", child.facts
         threading.Thread(target=self._read, args=(child,), name=f"engine-{child.proc.pid}", daemon=True).start()
-        log.info("engine process %d serves %s (%s%s)", child.proc.pid, self.model_id, self.name,
-                 ", safe options" if self.safe else "")
+        log.info(
+            "engine process %d serves %s (%s%s)", child.proc.pid, self.model_id, self.name, ", safe options" if self.safe else ""
+        )
 
     def _read(self, child: _Child) -> None:
         """Deliver the child's messages to their requests until its socket ends."""
@@ -235,15 +242,28 @@ class SupervisedEngine(Engine):
         message = f"the inference engine crashed ({self.last_exit}) and is restarting; retry in a moment"
         for req in failed.values():
             req.deliver(Unavailable(message))
-        log.error("engine process %d for %s died with %s (crash %d); restarting in %.2g s",
-                  child.proc.pid, self.model_id, self.last_exit, self.crashes, delay)
+        log.error(
+            "engine process %d for %s died with %s (crash %d); restarting in %.2g s",
+            child.proc.pid,
+            self.model_id,
+            self.last_exit,
+            self.crashes,
+            delay,
+        )
         if not self.safe and self.engine_cls.safe_options and len(self._recent) >= SAFE_AFTER:
             self._go_safe(f"the {self.name} engine crashed {len(self._recent)} times in {SAFE_WINDOW_S:.0f} s")
         if self.on_incident is not None:
-            self.on_incident("engine_crashed", {
-                "signal": self.last_exit if code < 0 else None, "exit_code": code, "crashes": self.crashes,
-                "restart_in_s": delay, "safe_options": self.safe, "pid": child.proc.pid,
-            })
+            self.on_incident(
+                "engine_crashed",
+                {
+                    "signal": self.last_exit if code < 0 else None,
+                    "exit_code": code,
+                    "crashes": self.crashes,
+                    "restart_in_s": delay,
+                    "safe_options": self.safe,
+                    "pid": child.proc.pid,
+                },
+            )
         threading.Thread(target=self._restart, args=(delay,), name="engine-restart", daemon=True).start()
 
     def _go_safe(self, why: str) -> None:
@@ -356,11 +376,18 @@ class SupervisedEngine(Engine):
     def health(self) -> dict[str, Any]:
         child = self._child
         return {
-            **self._facts.get("health", {}), "queue": len(self._requests), "sealed": self._buf is not None,
-            "isolation": "process", "pid": child.proc.pid if child else None, "state": self._state,
-            "crashes": self.crashes, "restarts": self.restarts, "last_exit": self.last_exit,
+            **self._facts.get("health", {}),
+            "queue": len(self._requests),
+            "sealed": self._buf is not None,
+            "isolation": "process",
+            "pid": child.proc.pid if child else None,
+            "state": self._state,
+            "crashes": self.crashes,
+            "restarts": self.restarts,
+            "last_exit": self.last_exit,
             "last_signal": self.last_exit if (self.last_exit or "").startswith("SIG") else None,
-            "last_crash_at": self.last_crash_at, "safe_options": self.safe,
+            "last_crash_at": self.last_crash_at,
+            "safe_options": self.safe,
         }
 
     def close(self) -> None:
