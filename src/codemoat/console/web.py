@@ -1,0 +1,124 @@
+"""What every console response shares: templates that escape by default, strict security headers,
+the session check, and the CSRF check on every form.
+
+Headers: a CSP that allows only this server's own style sheet and images (no script at all, no
+inline style, no framing: `frame-ancestors 'none'`), `X-Frame-Options: DENY`, `nosniff`,
+`Referrer-Policy: no-referrer`, `Cache-Control: no-store` (pages hold audit data and, once, a new
+token). A POST is refused (403) without a live session, without the session's CSRF token in its
+form, or with an `Origin` other than this server's own.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs
+
+from fastapi import Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+
+from ..serve.usage import usage_of
+from .sessions import COOKIE, SESSION_SECONDS, Session, Sessions
+
+HERE = Path(__file__).parent
+CSP = (
+    "default-src 'none'; style-src 'self'; img-src 'self' data:; script-src 'self'; form-action 'self'; "
+    "frame-ancestors 'none'; base-uri 'none'"
+)
+HEADERS = {
+    "Content-Security-Policy": CSP,
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+    "Cross-Origin-Opener-Policy": "same-origin",
+}
+MAX_FORM = 64 * 1024
+
+env = Environment(
+    loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]), trim_blocks=True, lstrip_blocks=True
+)
+env.filters["when"] = lambda ts: "-" if not ts else time.strftime("%Y-%m-%d %H:%M", time.gmtime(ts))
+env.filters["pct"] = lambda v: "-" if v is None else f"{v * 100:.1f}%"
+env.filters["money"] = lambda v: "-" if v is None else (f"${v:,.0f}" if abs(v) >= 100 else f"${v:,.2f}")
+env.filters["num"] = lambda v: "-" if v is None else (f"{v:,.0f}" if abs(v) >= 100 or float(v).is_integer() else f"{v:,.2f}")
+
+
+def secure(resp: Response) -> Response:
+    for k, v in HEADERS.items():
+        resp.headers[k] = v
+    return resp
+
+
+def sessions(request: Request) -> Sessions:
+    s = getattr(request.app.state, "console_sessions", None)
+    if s is None:
+        s = request.app.state.console_sessions = Sessions(request.app.state.trust.usage.engine)
+    return s
+
+
+def session_of(request: Request) -> Session | None:
+    """The live session of this request (and its principal in `request.state`, for the audit record)."""
+    s = sessions(request).get(request.cookies.get(COOKIE))
+    if s is not None:
+        request.state.principal = s.principal()
+    return s
+
+
+def same_origin(request: Request) -> bool:
+    """False when the browser says the form came from another origin (a missing Origin is left to the CSRF token)."""
+    origin = request.headers.get("origin")
+    if origin is None:
+        return True
+    host = request.headers.get("host", "")
+    return origin in (f"http://{host}", f"https://{host}")
+
+
+async def form(request: Request) -> dict[str, str]:
+    """An urlencoded form as {name: last value}; bodies past `MAX_FORM` bytes are cut off (the forms here are small)."""
+    body = (await request.body())[:MAX_FORM]
+    try:
+        pairs = parse_qs(body.decode("utf-8"), keep_blank_values=True, max_num_fields=200)
+    except (UnicodeDecodeError, ValueError):
+        return {}
+    return {k: v[-1] for k, v in pairs.items()}
+
+
+def note(request: Request, text: str) -> None:
+    """What a console action did, in the server's words, for the request's audit record."""
+    usage_of(request.state).note = text[:300]
+
+
+def page(request: Request, template: str, session: Session | None, status: int = 200, **ctx: Any) -> Response:
+    from .banner import banner
+
+    html = env.get_template(template).render(
+        request=request, session=session, banner=banner(request) if session else None, nav=NAV, here=request.url.path, **ctx
+    )
+    return secure(HTMLResponse(html, status_code=status))
+
+
+def to_signin() -> Response:
+    return secure(RedirectResponse("/admin/signin", status_code=303))
+
+
+def refused(request: Request, why: str) -> Response:
+    note(request, f"console: refused: {why}")
+    return secure(HTMLResponse(f"<!doctype html><title>Refused</title><p>Refused: {why}.</p>", status_code=403))
+
+
+def session_cookie(resp: Response, request: Request, sid: str) -> None:
+    secure_flag = request.url.scheme == "https" or request.headers.get("x-forwarded-proto") == "https"
+    resp.set_cookie(COOKIE, sid, max_age=SESSION_SECONDS, path="/admin", httponly=True, samesite="strict", secure=secure_flag)
+
+
+NAV = (
+    ("/admin", "Overview"),
+    ("/admin/people", "People"),
+    ("/admin/repositories", "Repositories"),
+    ("/admin/model", "Model and license"),
+    ("/admin/audit", "Audit"),
+    ("/admin/costs", "Costs"),
+)

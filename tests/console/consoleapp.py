@@ -1,0 +1,36 @@
+"""The real app (`create_app`) over the tiny random model, real accounts and audit log, for the
+console tests; `signed_in(client, secret)` goes through the sign-in form as a browser would."""
+
+from __future__ import annotations
+
+import re
+
+from codemoat.accounts import Accounts
+from codemoat.config import Settings
+from codemoat.db import open_db
+from codemoat.engines.holder import ModelHolder
+from codemoat.serve.app import create_app
+
+
+class Keep(ModelHolder):
+    def close(self):  # the module-scoped engine outlives each app
+        pass
+
+
+def make(url: str, engine, settings: Settings | None = None):
+    accounts = Accounts(open_db(url))
+    holder = Keep("tiny")
+    holder.set(engine)
+    return create_app(settings or Settings(), holder=holder, accounts=accounts), accounts
+
+
+def csrf_of(html: str) -> str:
+    m = re.search(r'name="csrf" value="([^"]+)"', html)
+    assert m, html[:500]
+    return m.group(1)
+
+
+def signed_in(client, secret: str):
+    """Sign in through the form; returns the sign-in response (a 303 to /admin when it worked)."""
+    form = client.get("/admin/signin")
+    return client.post("/admin/signin", data={"csrf": csrf_of(form.text), "token": secret}, follow_redirects=False)

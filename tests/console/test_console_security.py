@@ -1,0 +1,198 @@
+"""The console's security: no page or action without a session, sessions that end, cookie flags,
+strict headers without inline script, CSRF on every form, escaped names, every action audited."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import sqlalchemy as sa
+from consoleapp import csrf_of, make, signed_in
+from fastapi.testclient import TestClient
+
+from codemoat.audit.log import AuditLog
+
+PAGES = (
+    "/admin",
+    "/admin/people",
+    "/admin/repositories",
+    "/admin/model",
+    "/admin/audit",
+    "/admin/costs",
+    "/admin/audit/export?fmt=jsonl",
+)
+ACTIONS = ("/admin/signout", "/admin/people/tokens", "/admin/people/tokens/revoke", "/admin/people/groups", "/admin/audit/verify")
+XSS = "<script>alert(1)</script>"
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory):
+    from tinymodel import build_tiny_gguf
+
+    from codemoat.engines.llamacpp import LlamaCppEngine
+
+    path = build_tiny_gguf(tmp_path_factory.mktemp("m") / "tiny.gguf")
+    eng = LlamaCppEngine.from_path(path, model_id="tiny", n_ctx=256, n_threads=1)
+    yield eng
+    eng.close()
+
+
+@pytest.fixture
+def setup(home, llm):
+    url = f"sqlite:///{home / 'codemoat.db'}"
+    app, accounts = make(url, llm)
+    _, admin = accounts.create_token("root", user="root", scopes=("admin",))
+    _, dev = accounts.create_token("dev", user="dev", scopes=("complete",))
+    with TestClient(app, base_url="http://testserver") as c:
+        yield c, accounts, admin, dev
+
+
+def test_nothing_without_a_session(setup):
+    c, accounts, admin, _ = setup
+    for p in PAGES:
+        r = c.get(p, follow_redirects=False)
+        assert r.status_code == 303 and r.headers["location"] == "/admin/signin", p
+        assert "root" not in r.text
+    before = len(accounts.list_tokens())
+    for p in ACTIONS:
+        r = c.post(
+            p, data={"csrf": "x", "name": "evil", "user": "evil", "scope_admin": "1", "id": "root"}, follow_redirects=False
+        )
+        assert r.status_code == 403, p
+    assert len(accounts.list_tokens()) == before and all(t.active for t in accounts.list_tokens())
+    # a bearer token is not a session: the console takes cookies only
+    r = c.get("/admin/people", headers={"Authorization": f"Bearer {admin}"}, follow_redirects=False)
+    assert r.status_code == 303
+
+
+def test_sign_in_cookie_flags_and_headers(setup):
+    c, _, admin, dev = setup
+    bad = signed_in(c, "cm_not-a-token")
+    assert (
+        bad.status_code == 401 and "invalid API token" in bad.text and "codemoat_session" not in bad.headers.get("set-cookie", "")
+    )
+    r = signed_in(c, dev)  # valid, but not an admin
+    assert r.status_code == 401 and "no admin scope" in r.text and "codemoat_session" not in r.headers.get("set-cookie", "")
+    r = signed_in(c, admin)
+    assert r.status_code == 303 and r.headers["location"] == "/admin"
+    cookie = next(h for h in r.headers.get_list("set-cookie") if h.startswith("codemoat_session="))
+    flags = {p.strip().split("=")[0].lower() for p in cookie.split(";")}
+    assert {"httponly", "max-age", "path"} <= flags and "samesite=strict" in cookie.lower() and "path=/admin" in cookie.lower()
+    assert "secure" not in flags  # plain http on loopback; behind TLS it is set (next test)
+    for p in PAGES[:-1]:
+        page = c.get(p)
+        assert page.status_code == 200, (p, page.text[:300])
+        csp = page.headers["content-security-policy"]
+        assert "frame-ancestors 'none'" in csp and "unsafe-inline" not in csp and "script-src 'self'" in csp
+        assert page.headers["x-frame-options"] == "DENY" and page.headers["x-content-type-options"] == "nosniff"
+        assert page.headers["cache-control"] == "no-store"
+        assert (
+            "<script" not in page.text.lower()
+            and " style=" not in page.text
+            and "http://" not in page.text.replace("http://www.w3.org/2000/svg", "")
+        )
+    # the session is stored only as a hash
+    sid = c.cookies.get("codemoat_session")
+    with c.app.state.trust.usage.engine.connect() as conn:
+        stored = [tuple(r) for r in conn.execute(sa.text("SELECT * FROM console_sessions"))]
+    assert stored and sid not in repr(stored)
+
+
+def test_secure_cookie_behind_tls(setup):
+    c, _, admin, _ = setup
+    form = c.get("/admin/signin")
+    r = c.post(
+        "/admin/signin",
+        data={"csrf": csrf_of(form.text), "token": admin},
+        headers={"X-Forwarded-Proto": "https"},
+        follow_redirects=False,
+    )
+    cookie = next(h for h in r.headers.get_list("set-cookie") if h.startswith("codemoat_session="))
+    assert "secure" in {p.strip().lower() for p in cookie.split(";")}
+
+
+def test_forged_cross_site_posts_are_refused(setup):
+    c, accounts, admin, _ = setup
+    assert signed_in(c, admin).status_code == 303
+    page = c.get("/admin/people")
+    csrf = csrf_of(page.text)
+    n = len(accounts.list_tokens())
+    forged = {"name": "evil", "user": "evil", "scope_admin": "1", "expires_days": "1"}
+    assert c.post("/admin/people/tokens", data=forged).status_code == 403  # no CSRF token
+    assert c.post("/admin/people/tokens", data={**forged, "csrf": csrf[:-2] + "xx"}).status_code == 403
+    r = c.post("/admin/people/tokens", data={**forged, "csrf": csrf}, headers={"Origin": "http://evil.example"})
+    assert r.status_code == 403
+    assert len(accounts.list_tokens()) == n
+    # the sign-in form too: a POST without the form's own cookie value is refused
+    c.cookies.delete("codemoat_signin")
+    assert c.post("/admin/signin", data={"csrf": "guess", "token": admin}, follow_redirects=False).status_code == 403
+    # and the real form works
+    r = c.post("/admin/people/tokens", data={"csrf": csrf, "name": "ci", "user": "ci", "scope_complete": "1"})
+    assert r.status_code == 200 and len(accounts.list_tokens()) == n + 1
+
+
+def test_token_shown_once_and_sessions_end(setup):
+    c, accounts, admin, _ = setup
+    assert signed_in(c, admin).status_code == 303
+    csrf = csrf_of(c.get("/admin/people").text)
+    r = c.post(
+        "/admin/people/tokens",
+        data={"csrf": csrf, "name": "alice-laptop", "user": "alice", "scope_complete": "1", "expires_days": "30"},
+    )
+    assert r.status_code == 200
+    import re
+
+    secret = re.search(r'id="new-token">([^<]+)<', r.text).group(1)
+    assert accounts.authenticate(secret).user == "alice"
+    assert secret not in c.get("/admin/people").text  # shown once
+    # a bad expiry is a one-line error on the page, not a traceback
+    r = c.post("/admin/people/tokens", data={"csrf": csrf, "name": "x", "expires_days": "soon"})
+    assert r.status_code == 400 and "expiry" in r.text and "Traceback" not in r.text
+    # sign-out ends the session: the old cookie no longer works
+    sid = c.cookies.get("codemoat_session")
+    assert c.post("/admin/signout", data={"csrf": csrf}, follow_redirects=False).status_code == 303
+    c.cookies.set("codemoat_session", sid, path="/admin")
+    assert c.get("/admin", follow_redirects=False).status_code == 303
+    # revoking the admin token ends its sessions
+    assert signed_in(c, admin).status_code == 303
+    assert c.get("/admin", follow_redirects=False).status_code == 200
+    accounts.revoke_token("root")
+    assert c.get("/admin", follow_redirects=False).status_code == 303
+
+
+def test_hostile_names_render_escaped(setup):
+    c, accounts, admin, _ = setup
+    from codemoat.accounts.store import tokens, users
+
+    with accounts.engine.begin() as conn:  # names the CLI refuses, written as a directory sync or a raw DB edit could
+        conn.execute(users.insert().values(name=XSS, created_at=0, disabled=False))
+        conn.execute(tokens.insert().values(id="tok_x", name=XSS, user=XSS, hash="0" * 64, scopes="complete", created_at=0))
+    c.app.state.trust.log.append("request", user=XSS, route=XSS, status=200, detail={"note": XSS})
+    assert signed_in(c, admin).status_code == 303
+    for p in ("/admin/people", "/admin/audit", f"/admin/audit?user={XSS}"):
+        html = c.get(p).text
+        assert XSS not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html, p
+
+
+def test_console_actions_are_audited(setup):
+    c, _, admin, _ = setup
+    assert signed_in(c, admin).status_code == 303
+    csrf = csrf_of(c.get("/admin/people").text)
+    c.post("/admin/people/tokens", data={"csrf": csrf, "name": "bob", "scope_complete": "1"})
+    c.post("/admin/people/tokens", data={"csrf": "wrong", "name": "eve", "scope_admin": "1"})
+    recs = [r for r in AuditLog(c.app.state.trust.log.engine).records(kind="request") if r["route"].startswith("/admin")]
+    by_route = {(r["route"], r["status"]): r for r in recs}
+    assert (
+        by_route[("/admin/signin", 303)]["user"] == "root"
+        and by_route[("/admin/signin", 303)]["detail"]["note"] == "console: signed in"
+    )
+    created = by_route[("/admin/people/tokens", 200)]
+    assert (
+        created["user"] == "root"
+        and created["detail"]["note"].startswith("console: created token")
+        and "bob" in created["detail"]["note"]
+    )
+    refused = by_route[("/admin/people/tokens", 403)]
+    assert refused["user"] == "root" and "CSRF" in refused["detail"]["note"]
+    assert ("/admin/people", 200) in by_route
+    assert "cm_" not in json.dumps(recs)  # no token secret in any record
