@@ -10,9 +10,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from fastapi import Request
+from starlette.datastructures import Headers
 
 from ..accounts import Principal
-from ..errors import Forbidden
+from ..errors import CodemoatError, Forbidden
 
 
 def bearer(headers: Mapping[str, str]) -> str | None:
@@ -21,6 +22,20 @@ def bearer(headers: Mapping[str, str]) -> str | None:
     if scheme.lower() == "bearer" and value.strip():
         return value.strip()
     return headers.get("x-api-key") or None
+
+
+def principal_of(scope) -> Principal | None:
+    """The principal of a raw ASGI request's token, or None (no token, or not a valid one): for the
+    layers in front of the routes (the secret screen, the audit record of a request no route saw)."""
+    app = scope.get("app")
+    accounts = getattr(app.state, "accounts", None) if app is not None else None
+    secret = bearer(Headers(scope=scope))
+    if not secret or accounts is None:
+        return None
+    try:
+        return accounts.authenticate(secret)
+    except CodemoatError:
+        return None
 
 
 def authenticate(request: Request) -> Principal:

@@ -21,13 +21,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import anyio
-from starlette.datastructures import Headers
 from starlette.requests import Request
 
 from ..audit.redact import find_secrets, screen
 from ..errors import CodemoatError
 from . import errors
-from .auth import bearer
+from .auth import principal_of
 from .usage import usage_of
 
 # At ~0.3 s per MB of code on one core (find_secrets, measured here), 256 Ki characters cost
@@ -45,7 +44,7 @@ class SecretScreen:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or scope.get("method") != "POST" or self.policy != "block":
             return await self.app(scope, receive, send)
-        principal = await anyio.to_thread.run_sync(_caller, scope)
+        principal = await anyio.to_thread.run_sync(principal_of, scope)
         if principal is None:  # no valid token: the route refuses it (401) without reading the body
             return await self.app(scope, receive, send)
         scope.setdefault("state", {})["principal"] = principal
@@ -57,18 +56,6 @@ class SecretScreen:
         usage.secrets |= kinds
         usage.note = "refused: secret in the request"
         await errors.render(Request(scope), 400, message, "secret_detected")(scope, receive, send)
-
-
-def _caller(scope):
-    """The principal of a request's token, or None (no token, or not a valid one)."""
-    accounts = getattr(scope["app"].state, "accounts", None) if scope.get("app") is not None else None
-    secret = bearer(Headers(scope=scope))
-    if not secret or accounts is None:
-        return None
-    try:
-        return accounts.authenticate(secret)
-    except CodemoatError:
-        return None
 
 
 async def _read(receive):

@@ -37,6 +37,7 @@ from ..db import open_db
 from ..usage import UsageStore
 from . import admin
 from .auditing import AuditMiddleware
+from .auth import principal_of
 from .failures import FailureTally, Tally
 from .screen import SecretScreen
 from .usage import method_name, usage_of
@@ -143,6 +144,8 @@ class Trust:
         state = scope.setdefault("state", {})
         usage = usage_of(state)
         principal: Principal | None = state.get("principal")
+        if principal is None and status != 401:  # a valid token on a request no route authenticated (404, 413)
+            principal = state["principal"] = principal_of(scope)
         route = self.route_of(scope)
         client = scope.get("client")
         source = f"{client[0]}" if client else None
