@@ -14,7 +14,7 @@ from codemoat.accounts import Accounts
 from codemoat.config import Settings
 from codemoat.db import open_db
 from codemoat.directory.service import DirectoryKeeper
-from codemoat.directory.sync import directory_state
+from codemoat.directory.sync import directory_state, directory_users, managed_users
 from codemoat.errors import Unauthorized
 from conftest import run_cli
 
@@ -117,8 +117,11 @@ def test_unreachable_directory_fails_closed_after_max_staleness(keeper, company)
     p = keeper.accounts.authenticate(token)
     keeper.gate(p)  # within max_staleness: last-known groups still hold
     assert _groups(keeper.accounts, "alice") == {"payments", "engineering"}
-    with keeper.engine.begin() as c:  # the last full read is now older than max_staleness_s
-        c.execute(directory_state.update().values(last_success=time.time() - keeper.cfg.max_staleness_s - 5))
+    old = time.time() - keeper.cfg.max_staleness_s - 5
+    with keeper.engine.begin() as c:  # the directory last vouched for alice longer ago than max_staleness_s
+        c.execute(directory_state.update().values(last_success=old))
+        c.execute(directory_users.update().values(synced_at=old))
+    keeper._managed = managed_users(keeper.engine)
     with pytest.raises(Unauthorized, match="fail closed"):
         keeper.gate(p)
     keeper.gate(keeper.accounts.authenticate(hand))  # users made by hand do not depend on the directory

@@ -87,10 +87,12 @@ class DirectoryKeeper:
     def gate(self, principal: Principal) -> None:
         """Refuse a directory user's request once the directory has been unreachable longer than
         `max_staleness_s`: their groups may have changed and we can no longer tell."""
-        if principal.user not in self._managed or not self.cfg.max_staleness_s:
+        confirmed = self._managed.get(principal.user)
+        if confirmed is None or not self.cfg.max_staleness_s:
             return
-        age = self.stale_for()
-        if age is None or age > self.cfg.max_staleness_s:
+        # the directory last vouched for this user at a full sync or at their own sign-in
+        age = time.time() - max(confirmed, last_success(self.engine) or 0.0)
+        if age > self.cfg.max_staleness_s:
             raise Unauthorized(f"the company directory has not been reachable for over {self.cfg.max_staleness_s} s; "
                                "directory accounts are refused until it is (fail closed)")
 

@@ -178,6 +178,8 @@ def last_success(engine: Engine) -> float | None:
         return c.execute(sa.select(directory_state.c.last_success).where(directory_state.c.id == 1)).scalar()
 
 
-def managed_users(engine: Engine) -> frozenset[str]:
+def managed_users(engine: Engine) -> dict[str, float]:
+    """The enabled users the directory manages -> when the directory last confirmed them."""
     with engine.connect() as c:
-        return frozenset(c.execute(sa.select(directory_users.c.name).where(directory_users.c.disabled.is_(False))).scalars())
+        rows = c.execute(sa.select(directory_users.c.name, directory_users.c.synced_at).where(directory_users.c.disabled.is_(False)))
+        return {name: at or 0.0 for name, at in rows}
