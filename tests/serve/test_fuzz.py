@@ -234,3 +234,28 @@ def test_hostile_bodies_without_a_token(llm):
     with TestClient(app, raise_server_exceptions=False) as client:
         one()
     assert log.count("unauthenticated") == 1 and log.count("request") == 1  # the tally, written at shutdown
+
+
+def test_hostile_paths_and_methods_authenticated(llm):
+    """Any path and method with a valid token: one record each (route template or "unmatched"), none verbatim."""
+    app, token, log = _app("block", llm)
+    methods = st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "AKIAQWERTYUIOPASDFGH"])
+    segment = st.text(st.characters(exclude_categories=("Cs", "Cc")), min_size=1, max_size=12)
+    paths = st.lists(segment, min_size=1, max_size=4).map(lambda parts: "/" + "/".join(parts)) | st.sampled_from(
+        ["/v1/models/..%2f..%2fetc", "/api/tags", "/v1/models", "/admin/api/audit", "/openapi.json", "/v1/completions"]
+    )
+    paths = paths.filter(lambda p: p not in ("/health", "/livez", "/metrics", "/v1/health"))  # probes: not recorded when answered
+
+    @settings(max_examples=80, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(methods, paths)
+    def one(method, path):
+        before = log.count("request")
+        r = client.request(method, path, headers=token)
+        _check(r)
+        assert log.count("request") == before + 1, (method, path, r.status_code)
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        one()
+    recs = list(log.records(kind="request"))
+    assert all(r["user"] == "alice" for r in recs)
+    assert not any("AKIA" in json.dumps(r) for r in recs)
