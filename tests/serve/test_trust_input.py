@@ -138,5 +138,7 @@ def test_event_type_and_unmatched_paths_never_stored_verbatim(db, llm):
     assert [(r["route"], r["detail"].get("event")) for r in recs[:2]] == [("/v1/events", "other"), ("/v1/events", "select")]
     # no route authenticated these two, but the token is valid: each is alice's own record, nothing verbatim
     assert [(r["route"], r["status"], r["user"], r["detail"]["method"]) for r in recs[2:]] == [
-        ("unmatched", 404, "alice", "GET"), ("/v1/completions", 405, "alice", "other")]
+        ("unmatched", 404, "alice", "GET"),
+        ("/v1/completions", 405, "alice", "other"),
+    ]
     assert AWS.encode() not in db_bytes(paths.home())
