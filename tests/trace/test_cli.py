@@ -90,8 +90,11 @@ def test_watermark_detect_cli(vendor, f16_model, flat_model, tmp_path):
     args = ["watermark", "detect", str(gen), str(human), "--vendor", str(vendor / "v"), "--model", str(flat_model), "--json"]
     r = _cli(*args)
     assert r.returncode == 0, r.stderr
-    files = json.loads(r.stdout)["files"]
+    d = json.loads(r.stdout)
+    files = d["files"]
     assert files[0]["detected"] == ["initech"] and files[1]["detected"] == []
+    # both units of evidence: each file, and the two files together per key (Stouffer)
+    assert d["aggregate"]["files"] == 2 and d["aggregate"]["detected"] == ["initech"]
     r = _cli(*args[:-1], "--customer", "acme")
     assert r.returncode == 0 and "no" in r.stdout
     r = _cli(*args, "--no-entropy")  # every token scored: still found, human still clean

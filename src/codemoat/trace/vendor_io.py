@@ -65,10 +65,10 @@ def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     with open(path, "rb") as f:
         head = f.read(8)
     if head[:4] == b"GGUF":
-        from .gguf_io import open_gguf
+        from .gguf_stream import GGUFFile
 
-        with open_gguf(path) as r:
-            return {t.name: tuple(int(d) for d in reversed(t.shape.tolist())) for t in r.tensors}
+        with GGUFFile(path) as g:  # the header only: no vocabulary decoded, no tensor read
+            return {t.name: t.shape for t in g.tensors}
     not_a_model = CodemoatError(f"{path} is neither a GGUF nor a safetensors model "
                                 "(a sealed .moat must be unsealed first: codemoat vendor unseal)")
     try:
