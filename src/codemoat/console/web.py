@@ -3,7 +3,7 @@ the session check, and the CSRF check on every form.
 
 Headers: a CSP that allows only this server's own style sheet and images (no script at all, no
 inline style, no framing: `frame-ancestors 'none'`), `X-Frame-Options: DENY`, `nosniff`,
-`Referrer-Policy: no-referrer`, `Cache-Control: no-store` (pages hold audit data and, once, a new
+`Referrer-Policy: same-origin`, `Cache-Control: no-store` (pages hold audit data and, once, a new
 token). A POST is refused (403) without a live session, without the session's CSRF token in its
 form, or with an `Origin` other than this server's own.
 """
@@ -31,7 +31,7 @@ HEADERS = {
     "Content-Security-Policy": CSP,
     "X-Frame-Options": "DENY",
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
+    "Referrer-Policy": "same-origin",  # "no-referrer" would make browsers send `Origin: null` on our own forms
     "Cache-Control": "no-store",
     "Cross-Origin-Opener-Policy": "same-origin",
 }
