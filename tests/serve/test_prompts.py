@@ -241,6 +241,13 @@ def test_fim_keeps_the_end_of_the_prefix_and_the_start_of_the_suffix(qwen):
     assert small.ids == qwen.encode(FIM_TEMPLATES["qwen"].parts("def f(", "):\n", [FileSnippet("u.py", "x = 1")], path="m.py"))
 
 
+def test_thousands_of_extra_files_keep_the_newest(qwen):
+    extra = [FileSnippet(f"f{i}.py", f"v{i} = {i}\n" * 3) for i in range(20000)]  # ~0.7 MB, far past the context
+    p = prompts.build_fim(qwen, FIM_TEMPLATES["qwen"], FimInput("x = ", "", extra=extra), 16)
+    assert p.truncated and len(p.ids) <= 512 - 16
+    assert "<|file_sep|>f19999.py\n" in p.text and "<|file_sep|>f0.py\n" not in p.text
+
+
 @pytest.mark.parametrize("route", ["openai", "ollama", "tabby"])
 def test_every_fim_route_fits(qwen, route):
     prefix, suffix = "x = 1\n" * 600, "y = 2\n" * 300

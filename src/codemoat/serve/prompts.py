@@ -141,13 +141,26 @@ def build_fim(
             tail[suf_at] = Part(engine.detokenize(tail_ids[suf_at]))
     left = room - keep_pre - keep_suf
     snippets = retrieve(min(retrieval_budget, left)) if retrieve and left > 32 else []
-    extra = list(f.extra)
+    extra, clipped = _clip_extra(f.extra, n_ctx * HEAD_CHARS)
     n_extra = len(extra)
     head_parts, head_ids = _context(engine, fim, extra, snippets, f.path, repo, left)
-    truncated = truncated or len(extra) < n_extra
+    truncated = truncated or clipped or len(extra) < n_extra
     parts = head_parts + tail
     ids = bos + head_ids + [t for x in tail_ids for t in x]
     return Prompt(ids, text_of(parts), truncated, fim is None and bool(f.suffix), snippets)
+
+
+def _clip_extra(extra: list[FileSnippet], clip: int) -> tuple[list[FileSnippet], bool]:
+    """The newest extra files within `clip` characters in all (more could never fit, and a client can
+    send thousands; the oldest kept keeps its end), and whether anything was cut."""
+    out: list[FileSnippet] = []
+    left = clip
+    for x in reversed(extra):
+        if left <= 0:
+            break
+        out.append(x if len(x.text) <= left else FileSnippet(x.path, x.text[-left:]))
+        left -= len(x.text)
+    return out[::-1], left < 0 or len(out) < len(extra)
 
 
 def _context(
