@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel 2>&1 | { $(QUIET_PIP); }
 	@echo "Installing codemoat and its dependencies (the first run compiles llama.cpp: ~5 minutes on 2 cores)..."
-	$(PY) -m pip install -q -e '.[train,test,postgres,directory]' 2>&1 | { $(QUIET_PIP); }
+	$(PY) -m pip install -q -e '.[train,test,postgres,directory,tpm]' 2>&1 | { $(QUIET_PIP); }
 	@touch $(STAMP)
 
 # Real editor clients (tabby-agent, ollama-js, openai-js) for tests/clients, pinned by its lock file;
