@@ -106,6 +106,13 @@ class DirectorySettings(BaseModel):
     sync_interval_s: int = Field(300, ge=0, description="How often `serve` mirrors the directory (0: never; run `codemoat directory sync`).")
     max_staleness_s: int = Field(86400, ge=0, description="While the directory is unreachable, directory users keep their last-known groups this long; after it, their requests are refused.")
     timeout_s: float = Field(5, gt=0, description="Connect and operation timeout for the directory, in seconds.")
+    oidc_issuer: str | None = Field(None, description="OpenID Connect issuer URL for browser sign-in (its /.well-known/openid-configuration is read); unset: no OIDC.")
+    oidc_client_id: str | None = Field(None, description="This server's client id at the OpenID provider.")
+    oidc_client_secret_file: str | None = Field(None, description="File holding the OIDC client secret (a mounted secret; never in the config).")
+    oidc_redirect_url: str | None = Field(None, description="This server's public callback URL, registered at the provider: https://HOST/auth/oidc/callback.")
+    oidc_user_claim: str = Field("preferred_username", description="ID-token claim that names the codemoat user.")
+    oidc_groups_claim: str = Field("groups", description="ID-token claim listing the user's directory groups (mapped through group_map).")
+    oidc_leeway_s: int = Field(60, ge=0, le=600, description="Clock skew allowed when checking an ID token's exp/iat/nbf.")
 
 
 class Settings(BaseSettings):

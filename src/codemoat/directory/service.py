@@ -30,7 +30,12 @@ class DirectoryKeeper:
         self.cfg = settings.directory
         self.engine = engine
         self.audit = audit
-        self.directory = directory or LdapDirectory(self.cfg)
+        self.directory = directory or (LdapDirectory(self.cfg) if self.cfg.ldap_url else None)
+        self.oidc = None
+        if self.cfg.oidc_issuer:
+            from .oidc import OidcClient
+
+            self.oidc = OidcClient(self.cfg, engine)
         self.accounts = Accounts(engine)
         self._managed = managed_users(engine)
         self._stop = threading.Event()
@@ -38,6 +43,8 @@ class DirectoryKeeper:
 
     # -- sync -----------------------------------------------------------------------
     def sync(self, dry_run: bool = False) -> SyncReport:
+        if self.directory is None:
+            raise DirectoryError("no LDAP directory configured (directory.ldap_url): there is nothing to sync from")
         try:
             snap = self.directory.snapshot()
         except DirectoryError as e:
@@ -52,7 +59,7 @@ class DirectoryKeeper:
 
     def start(self) -> None:
         """Sync every `sync_interval_s` on a background thread (serve); failures are logged and audited."""
-        if not self.cfg.sync_interval_s or self._thread is not None:
+        if not self.cfg.sync_interval_s or self._thread is not None or self.directory is None:
             return
 
         def loop() -> None:
@@ -76,7 +83,8 @@ class DirectoryKeeper:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
-        self.directory.close()
+        if self.directory is not None:
+            self.directory.close()
 
     # -- fail closed ----------------------------------------------------------------
     def stale_for(self) -> float | None:
@@ -100,7 +108,18 @@ class DirectoryKeeper:
     def login(self, username: str, password: str, token_name: str | None = None) -> tuple[str, dict[str, Any]]:
         """Check the password with the directory, mirror this user's groups now, and mint a token
         with the scopes those groups allow and `token_ttl_days` of life. The secret is returned once."""
-        user = self.directory.authenticate(username, password)
+        if self.directory is None:
+            raise DirectoryError("no LDAP directory configured (directory.ldap_url): sign in through the browser (OpenID Connect)")
+        return self.issue_token(self.directory.authenticate(username, password), token_name, how="ldap")
+
+    def login_oidc(self, state: str, code: str) -> tuple[str, dict[str, Any]]:
+        """The OpenID Connect callback: a checked ID token's user, mirrored, and their own token."""
+        if self.oidc is None:
+            raise DirectoryError("OpenID Connect sign-in is not configured (directory.oidc_issuer)")
+        return self.issue_token(self.oidc.finish(state, code), None, how="oidc")
+
+    def issue_token(self, user, token_name: str | None, how: str) -> tuple[str, dict[str, Any]]:
+        """Mirror `user`'s groups now and mint their token (scopes from admin_groups, token_ttl_days)."""
         apply_sync(self.engine, Snapshot({user.name: user}), self.cfg, audit=self.audit, partial=True)
         self._managed = managed_users(self.engine)
         groups = sorted(self.accounts.groups_of(user.name))
@@ -110,6 +129,6 @@ class DirectoryKeeper:
         info, secret = self.accounts.create_token(name, user=user.name, scopes=tuple(scopes), expires_at=expires)
         if self.audit is not None:
             self.audit.append("directory", user=user.name, token_id=info.id, route="login",
-                              detail={"action": "login", "scopes": scopes, "expires_at": int(expires)})
+                              detail={"action": "login", "via": how, "scopes": scopes, "expires_at": int(expires)})
         return secret, {"user": user.name, "token_id": info.id, "name": name, "groups": groups, "scopes": scopes,
                         "expires_at": expires}

@@ -1,5 +1,6 @@
 """The directory in a running server: the periodic sync, the fail-closed gate on every token,
-and `POST /auth/login`, where `codemoat login` trades a directory password for an API token.
+`POST /auth/login`, where `codemoat login` trades a directory password for an API token, and
+`GET /auth/oidc/start` + `/auth/oidc/callback`, the OpenID Connect browser sign-in.
 
 Installed by `create_app` only when `directory.ldap_url` is set. Sign-in failures are counted per
 user name: after `MAX_FAILURES` within `FAILURE_WINDOW_S` that name is refused (429) for the rest
@@ -14,10 +15,10 @@ from collections import deque
 
 import anyio
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, RedirectResponse
 from pydantic import BaseModel, Field
 
-from ..errors import RateLimited, Unauthorized
+from ..errors import NotFound, RateLimited, Unauthorized
 
 MAX_FAILURES, FAILURE_WINDOW_S = 5, 300
 
@@ -65,9 +66,32 @@ async def login(body: LoginRequest, request: Request):
     return JSONResponse({"token": secret, **info})
 
 
+@router.get("/auth/oidc/start")
+async def oidc_start(request: Request):
+    """Send the browser to the company's OpenID provider (authorization code flow with PKCE)."""
+    keeper = request.app.state.directory
+    if keeper.oidc is None:
+        raise NotFound("OpenID Connect sign-in is not configured on this server")
+    url = await anyio.to_thread.run_sync(keeper.oidc.start)
+    return RedirectResponse(url, status_code=302)
+
+
+@router.get("/auth/oidc/callback")
+async def oidc_callback(request: Request, state: str = "", code: str = "", error: str = ""):
+    """The provider's answer: a checked ID token becomes the user's own API token (shown once)."""
+    keeper = request.app.state.directory
+    if keeper.oidc is None:
+        raise NotFound("OpenID Connect sign-in is not configured on this server")
+    if error:
+        raise Unauthorized(f"sign-in refused by the provider: {error[:100]}")
+    secret, info = await anyio.to_thread.run_sync(keeper.login_oidc, state, code)
+    request.state.principal = request.app.state.accounts.authenticate(secret)
+    return JSONResponse({"token": secret, **info}, headers={"Cache-Control": "no-store"})
+
+
 def install(app, settings) -> None:
     """Wire the directory into `app` when one is configured; start its periodic sync."""
-    if not settings.directory.ldap_url:
+    if not settings.directory.ldap_url and not settings.directory.oidc_issuer:
         return
     from ..directory.service import DirectoryKeeper
 

@@ -1,0 +1,174 @@
+"""OpenID Connect sign-in: the authorization code flow with PKCE (OpenID Connect Core 1.0 §3.1,
+RFC 7636), for a browser that signs a developer in with the company's identity provider.
+
+    url = client.start()                       # redirect the browser there
+    user = client.finish(state, code)          # on the callback: DirUser, or Unauthorized
+
+`start` keeps a fresh `state`, `nonce` and PKCE verifier in the shared database (so any replica
+can take the callback) for `PENDING_TTL_S`; `finish` consumes the state exactly once (a replayed
+or unknown state is refused), trades the code with the verifier, and accepts the ID token only if
+its signature verifies against the provider's JWKS and `iss`, `aud`, `nonce` and `exp`/`iat`
+match (with `oidc_leeway_s` of clock skew). Groups come from `oidc_groups_claim`.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+import secrets
+import threading
+import time
+from pathlib import Path
+from urllib.parse import urlencode
+
+import httpx
+import sqlalchemy as sa
+from sqlalchemy import Engine
+
+from ..config import DirectorySettings
+from ..errors import Unauthorized
+from .ldap import DirectoryError, DirectoryUnavailable, DirUser
+
+PENDING_TTL_S = 600
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")
+
+meta = sa.MetaData()
+pending = sa.Table(
+    "oidc_pending", meta,
+    sa.Column("state", sa.String(64), primary_key=True),
+    sa.Column("nonce", sa.String(64)),
+    sa.Column("verifier", sa.String(128)),
+    sa.Column("created_at", sa.Float),
+)
+
+
+def s256(verifier: str) -> str:
+    """The PKCE code challenge of `verifier` (RFC 7636 §4.2: BASE64URL(SHA256(verifier)), unpadded)."""
+    return base64.urlsafe_b64encode(hashlib.sha256(verifier.encode("ascii")).digest()).rstrip(b"=").decode("ascii")
+
+
+class OidcClient:
+    def __init__(self, cfg: DirectorySettings, engine: Engine):
+        missing = [k for k in ("oidc_issuer", "oidc_client_id", "oidc_redirect_url") if not getattr(cfg, k)]
+        if missing:
+            raise DirectoryError(f"OpenID Connect sign-in needs directory.{', directory.'.join(missing)}")
+        self.cfg = cfg
+        self.engine = engine
+        self.issuer = cfg.oidc_issuer.rstrip("/")
+        self._meta: dict | None = None
+        self._jwks = None
+        self._lock = threading.Lock()
+
+    def _secret(self) -> str:
+        f = self.cfg.oidc_client_secret_file
+        if not f:
+            return ""
+        try:
+            return Path(f).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise DirectoryError(f"directory.oidc_client_secret_file {f}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+
+    def _get(self, url: str) -> dict:
+        try:
+            r = httpx.get(url, timeout=self.cfg.timeout_s)
+            r.raise_for_status()
+            return r.json()
+        except (httpx.HTTPError, ValueError) as e:
+            raise DirectoryUnavailable(f"OpenID provider {self.issuer} is unreachable: {type(e).__name__}") from None
+
+    def metadata(self) -> dict:
+        """The provider's discovery document (cached); its `issuer` must be the one configured."""
+        with self._lock:
+            if self._meta is None:
+                meta = self._get(self.issuer + "/.well-known/openid-configuration")
+                if meta.get("issuer", "").rstrip("/") != self.issuer:
+                    raise DirectoryError(f"OpenID provider at {self.issuer} names another issuer ({meta.get('issuer')!r})")
+                self._meta = meta
+            return self._meta
+
+    def _keys(self, refresh: bool = False):
+        from authlib.jose import JsonWebKey
+
+        if self._jwks is None or refresh:
+            keys = JsonWebKey.import_key_set(self._get(self.metadata()["jwks_uri"]))
+            with self._lock:
+                self._jwks = keys
+        return self._jwks
+
+    # -- the flow ------------------------------------------------------------------------
+    def start(self) -> str:
+        """The provider's authorization URL for a new sign-in (state, nonce and verifier kept)."""
+        meta = self.metadata()
+        state, nonce, verifier = secrets.token_urlsafe(32), secrets.token_urlsafe(32), secrets.token_urlsafe(64)
+        now = time.time()
+        with self.engine.begin() as c:
+            c.execute(pending.delete().where(pending.c.created_at < now - PENDING_TTL_S))
+            c.execute(pending.insert().values(state=state, nonce=nonce, verifier=verifier, created_at=now))
+        q = {"response_type": "code", "client_id": self.cfg.oidc_client_id, "redirect_uri": self.cfg.oidc_redirect_url,
+             "scope": "openid profile groups", "state": state, "nonce": nonce,
+             "code_challenge": s256(verifier), "code_challenge_method": "S256"}
+        return meta["authorization_endpoint"] + "?" + urlencode(q)
+
+    def _consume(self, state: str) -> tuple[str, str]:
+        """The nonce and verifier kept for `state`, removed so that it can be used once only."""
+        with self.engine.begin() as c:
+            row = c.execute(sa.select(pending).where(pending.c.state == state)).first()
+            if row is not None:
+                c.execute(pending.delete().where(pending.c.state == state))
+        if row is None:
+            raise Unauthorized("sign-in refused: unknown or already used state (start again)")
+        if row.created_at < time.time() - PENDING_TTL_S:
+            raise Unauthorized("sign-in refused: it took longer than 10 minutes (start again)")
+        return row.nonce, row.verifier
+
+    def finish(self, state: str, code: str) -> DirUser:
+        """Trade `code` for tokens and return the user the checked ID token names."""
+        if not state or not code:
+            raise Unauthorized("sign-in refused: the provider's answer has no state or no code")
+        nonce, verifier = self._consume(state)
+        meta = self.metadata()
+        try:
+            r = httpx.post(meta["token_endpoint"], timeout=self.cfg.timeout_s, auth=(self.cfg.oidc_client_id, self._secret()),
+                           data={"grant_type": "authorization_code", "code": code, "redirect_uri": self.cfg.oidc_redirect_url,
+                                 "code_verifier": verifier})
+        except httpx.HTTPError as e:
+            raise DirectoryUnavailable(f"OpenID provider {self.issuer} is unreachable: {type(e).__name__}") from None
+        if r.status_code != 200:
+            raise Unauthorized(f"sign-in refused by the provider: {r.json().get('error', r.status_code) if r.content else r.status_code}")
+        id_token = r.json().get("id_token")
+        if not id_token:
+            raise Unauthorized("sign-in refused: the provider sent no ID token")
+        return self.user_from(self.check_id_token(id_token, nonce))
+
+    def check_id_token(self, id_token: str, nonce: str) -> dict:
+        """The ID token's claims, once its signature, issuer, audience, nonce and times hold."""
+        from authlib.jose import JsonWebToken
+        from authlib.jose.errors import JoseError
+
+        opts = {"iss": {"essential": True, "value": self.issuer}, "aud": {"essential": True, "value": self.cfg.oidc_client_id},
+                "nonce": {"essential": True, "value": nonce}, "exp": {"essential": True}, "sub": {"essential": True}}
+        jwt = JsonWebToken(["RS256", "PS256", "ES256", "EdDSA"])  # never "none", never HS256 with a public key
+        for refresh in (False, True):  # a key the provider rotated in: fetch the JWKS once more
+            try:
+                claims = jwt.decode(id_token, self._keys(refresh), claims_options=opts)
+                claims.validate(leeway=self.cfg.oidc_leeway_s)
+                if isinstance(claims.get("aud"), list) and len(claims["aud"]) > 1 and claims.get("azp") != self.cfg.oidc_client_id:
+                    raise Unauthorized("sign-in refused: the ID token was issued to another party (azp)")
+                return dict(claims)
+            except JoseError as e:
+                if refresh or "key" not in str(e).lower():
+                    raise Unauthorized(f"sign-in refused: the ID token does not hold ({e.error})") from None
+            except ValueError as e:  # authlib: no key matches the token's kid
+                if refresh:
+                    raise Unauthorized(f"sign-in refused: the ID token does not hold ({e})") from None
+        raise Unauthorized("sign-in refused: the ID token does not hold")
+
+    def user_from(self, claims: dict) -> DirUser:
+        name = claims.get(self.cfg.oidc_user_claim) or claims.get("sub")
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise Unauthorized(f"sign-in refused: the ID token's {self.cfg.oidc_user_claim!r} is not a usable user name")
+        groups = claims.get(self.cfg.oidc_groups_claim) or []
+        if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):
+            raise Unauthorized(f"sign-in refused: the ID token's {self.cfg.oidc_groups_claim!r} claim is not a list of names")
+        return DirUser(name, f"oidc:{self.issuer}#{claims['sub']}", frozenset(groups))
