@@ -211,13 +211,17 @@ def main() -> None:
         ratio = lambda k: f"{on[k] / off[k]:.2f}x" if "error" not in on and "error" not in off else "-"
         lines.append(f"| {label} | {q} | {types} | {fmt(on, 'pp')} | {fmt(off, 'pp')} | {ratio('pp')} | "
                      f"{fmt(on, 'tg')} | {fmt(off, 'tg')} | {ratio('tg')} | {extra_buffers(on)} |")
+    same = [on[k] / off[k] for _, _, _, on, off in rows for k in ("pp", "tg")
+            if "error" not in on and "error" not in off and extra_buffers(on) == "none"]
+    floor = (f" Rows whose weights took no extra buffer run identical code on both sides: their on/off ratios "
+             f"({min(same):.2f}x to {max(same):.2f}x in this run) are the noise floor." if same else "")
     lines += [
         "",
         "Reading it: where the extra buffer types hold weights (CPU_REPACK on AVX2/AVX-512, AMX on Xeons with "
         "amx_int8), \"on\" runs the interleaved kernels; elsewhere both columns run the same code and differ by noise. "
         "The bundled model's rows (192) are not multiples of 256, so its K-quant files are mostly llama.cpp's "
         "fallbacks (Q5_0, Q5_1, Q8_0). `model.cpu_buffers = auto` keeps \"on\" wherever the self-test passes and "
-        "takes \"off\" where it fails (docs/llamacpp-amx.md).",
+        "takes \"off\" where it fails (docs/llamacpp-amx.md)." + floor,
         "",
         f"Total bench time {time.time() - t0:.0f} s.",
     ]
