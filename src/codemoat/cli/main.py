@@ -16,12 +16,14 @@ _MODULES = (
     "config_cmd",
     "vault_cmd",
     "train_cmd",
+    "tune_cmd",
     "index_cmd",
     "trace_cmd",
     "audit_cmd",
     "usage_cmd",
     "tco_cmd",
     "directory_cmd",
+    "updates_cmd",
 )
 for _m in _MODULES:
     importlib.import_module(f"codemoat.cli.{_m}")

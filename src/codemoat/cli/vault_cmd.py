@@ -115,6 +115,7 @@ def license_issue(
     machine: Annotated[list[str], typer.Option(help="Machine identity (a file or the JSON of `codemoat machine-id --json`); repeat for a floating lease license.")],
     expires: Annotated[str, typer.Option(help="Expiry: an ISO date (UTC) or a duration from now such as 365d.")],
     not_before: Annotated[str | None, typer.Option(help="Start: an ISO date (default: now).")] = None,
+    support_until: Annotated[str | None, typer.Option(help="End of the support contract (an ISO date or a duration): update bundles released after it do not install. Default: none recorded (support runs to the expiry).")] = None,
     features: Annotated[str, typer.Option(help="Comma-separated features: complete, chat, index.")] = "complete,chat,index",
     mode: Annotated[str, typer.Option(help="offline (signed certificate) or lease (key server heartbeat).")] = "offline",
     keyserver: Annotated[str | None, typer.Option(help="Key server URL for lease mode, e.g. http://127.0.0.1:8443.")] = None,
@@ -145,7 +146,8 @@ def license_issue(
             customer=customer, model=model, machines=machines, expires=expires_at, not_before=not_before_at,
             features=[f.strip() for f in features.split(",") if f.strip()], mode=mode, keyserver=keyserver,
             lease_ttl=int(parse_duration(lease_ttl)), grace=int(parse_duration(grace)), seats=seats,
-            watermark=watermark, policy=match)
+            watermark=watermark, policy=match,
+            support_until=int(parse_when(support_until)) if support_until else None)
     finally:
         v.close()
     body = doc["license"]

@@ -202,11 +202,15 @@ class SqliteIndex:
     def remove_repo(self, name: str) -> None:
         rid = self.repo(name).id
         with self.transaction():
-            db = self.db
-            db.execute("DELETE FROM chunks_fts WHERE rowid IN (SELECT id FROM chunks WHERE repo_id=?)", (rid,))
-            for table in ("chunks", "symbols", "files", "repo_groups"):
-                db.execute(f"DELETE FROM {table} WHERE repo_id=?", (rid,))
-            db.execute("DELETE FROM repos WHERE id=?", (rid,))
+            self.delete_repo_rows(rid)
+
+    def delete_repo_rows(self, rid: int) -> None:
+        """Everything indexed from repository `rid`, and the repository itself (inside a transaction)."""
+        db = self.db
+        db.execute("DELETE FROM chunks_fts WHERE rowid IN (SELECT id FROM chunks WHERE repo_id=?)", (rid,))
+        for table in ("chunks", "symbols", "files", "repo_groups"):
+            db.execute(f"DELETE FROM {table} WHERE repo_id=?", (rid,))
+        db.execute("DELETE FROM repos WHERE id=?", (rid,))
 
     def repos(self, counts: bool = False) -> list[RepoInfo]:
         db = self.db

@@ -8,7 +8,7 @@ previous index exactly as it was.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +17,7 @@ from ..paths import home
 from .chunk import Chunk, chunk_file
 from .store import RepoInfo, SqliteIndex
 from .reader import GONE, Refused, RepoReader
-from .walk import decode, git_remote, scan
+from .walk import decode, git_remote, is_indexable_name, scan
 
 Progress = Callable[[int, int, str], None]  # (files done, files in total, current path)
 
@@ -69,9 +69,42 @@ def add_repository(store: SqliteIndex, path: Path | str, name: str, groups: Sequ
         return _update(store, store.repo(name), progress)
 
 
+PACK_ROOT = "pack:"  # the `root` of a knowledge pack: indexed from memory, no folder (codemoat.updates)
+
+
+def import_source(store: SqliteIndex, name: str, root: str, groups: Sequence[str],
+                  files: Iterable[tuple[str, bytes]]) -> UpdateStats:  # fmt: skip
+    """Index files given in memory (a vendor's knowledge pack) as the source `name`, replacing
+    whatever it held, in one transaction: readers see the old source or the new one, never half."""
+    if not name or not set(name) <= _NAME_OK or not root.startswith(PACK_ROOT):
+        raise CodemoatError(f"invalid knowledge-pack source {name!r}")
+    groups = parse_groups(groups)
+    if not groups:
+        raise CodemoatError("a knowledge pack needs at least one group (e.g. --groups everyone)")
+    with store.transaction():
+        old = next((r for r in store.repos() if r.name == name), None)
+        if old is not None:
+            if not old.root.startswith(PACK_ROOT):
+                raise CodemoatError(f"{name!r} is an indexed repository, not a knowledge pack")
+            store.delete_repo_rows(old.id)
+        store.add_repo(name, root, groups, None)
+        info = store.repo(name)
+        stats = UpdateStats(name)
+        for rel, raw in files:
+            stats.files += 1
+            if not is_indexable_name(rel):
+                stats.skipped += 1
+                continue
+            _one(store, info, stats, {}, rel, raw)
+        store.touch_repo(info.id)
+    return stats
+
+
 def update_repository(store: SqliteIndex, name: str, progress: Progress | None = None) -> UpdateStats:
     """Bring one repository's index up to date with its folder."""
     info = store.repo(name)
+    if info.root.startswith(PACK_ROOT):  # a knowledge pack changes only through `codemoat update apply`
+        return UpdateStats(name)
     if not Path(info.root).is_dir():
         raise CodemoatError(f"repository {name!r}: its folder {info.root} is gone (`codemoat index remove {name}`)")
     with store.transaction():

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..index.store import ChunkRow, RepoInfo, SqliteIndex, default_path
+from ..index.update import PACK_ROOT
 from .acl import can_read
 from .fit import approx_tokens, fit_lines
 from .outlines import SYMBOL_BM25_FLOOR, Outlines, _Fragments, _fitness, _path_match, _stem
@@ -132,6 +133,10 @@ class Retriever(Outlines):
             self._packages[key] = Path(info.root).name if is_pkg else None
         return self._packages[key]
 
+    def _packs(self, groups: frozenset[str]) -> dict[int, RepoInfo]:
+        """Knowledge packs (vendor documentation and source, `codemoat update apply`) readable by `groups`."""
+        return {r.id: r for r in self._all_repos() if r.root.startswith(PACK_ROOT) and can_read(r.groups, groups)}
+
     def _readable(self, names: Sequence[str], groups: frozenset[str]) -> dict[int, RepoInfo]:
         want = set(names)
         return {r.id: r for r in self._all_repos() if r.name in want and can_read(r.groups, groups)}
@@ -161,6 +166,7 @@ class Retriever(Outlines):
         if not repos or k <= 0 or budget_tokens <= 0:
             return []
         info = next(iter(repos.values()))
+        repos.update(self._packs(groups))  # the vendor's knowledge packs this caller may read, like a dependency
         rel = self._relative(info, path)
         q = completion_query(prefix, suffix, rel)
         package = self._package(info)
@@ -172,7 +178,7 @@ class Retriever(Outlines):
         carried = {ln.strip() for ln in (prefix + "\n" + suffix).split("\n") if len(ln.strip()) > 3}
 
         def excluded(c: ChunkRow) -> bool:
-            if c.path != rel:
+            if c.path != rel or c.repo_id != info.id:
                 return False
             if c.start_line <= hi and c.end_line >= lo:
                 return True

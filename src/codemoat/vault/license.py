@@ -6,6 +6,9 @@ The signature is Ed25519 over "codemoat-license-v1\\0" + the canonical JSON of "
 An offline license carries the content key wrapped to the machine's X25519 key; a lease
 license names the key server and its public key instead (codemoat.vault.lease). Verifying
 checks, in order: signature, vendor, model, customer, machine key, hardware facts, clock.
+A machine entry with a "tpm" block (`binding: "tpm"`) binds to the chip: an offline content key
+is wrapped to its P-256 unwrap key (codemoat.vault.tpmwrap) under the PCR policy named there, and
+only that chip, with those PCR values, can unwrap it; a lease for it needs a fresh quote.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from .. import paths
 from .clock import ClockGuard, iso
 from .codec import VaultError, b64d, b64e, canonical, ed_public, key_id, public_raw, sign, unwrap, verify, wrap, x_public
 from .container import SealedFile, content_key_id
-from .machine import POLICIES, MachineKey, match_facts
+from .machine import POLICIES, MachineKey, check_tpm_block, match_facts
+from .tpmwrap import unwrap_p256, wrap_p256
 
 KIND = "codemoat-license"
 VERSION = 1
@@ -91,6 +95,7 @@ class License:
         d = {k: v for k, v in b.items() if k not in ("keys", "machines")}
         d.update(kind="license", vendor_key_id=self.vendor_key_id,
                  not_before_iso=iso(b["not_before"]), expires_iso=iso(b["expires"]), issued_at_iso=iso(b["issued_at"]),
+                 support_until_iso=iso(b["support_until"]) if b.get("support_until") is not None else None,
                  machines=[m["id"] for m in b["machines"]], content_key_included=b["keys"] is not None)
         return d
 
@@ -108,6 +113,9 @@ def _check_shape(b: dict[str, Any]) -> None:
     for name in ("issued_at", "not_before", "expires"):
         need(name, int)
     need("watermark", bool)
+    su = b.get("support_until")  # optional: absent on licenses issued before support contracts
+    if su is not None and (not isinstance(su, int) or isinstance(su, bool)):
+        raise VaultError("license field 'support_until' is malformed")
     if b["mode"] not in MODES or b["match_policy"] not in POLICIES:
         raise VaultError("license mode or match policy is unknown")
     model = need("model", dict)
@@ -120,6 +128,11 @@ def _check_shape(b: dict[str, Any]) -> None:
     if not machines or not all(isinstance(m, dict) and isinstance(m.get("id"), str) and isinstance(m.get("facts"), dict)
                                for m in machines):
         raise VaultError("license field 'machines' is malformed")
+    for m in machines:
+        if m.get("binding", "software") not in ("software", "tpm") or (m.get("binding") == "tpm") != ("tpm" in m):
+            raise VaultError("license field 'machines' is malformed")
+        if "tpm" in m:
+            check_tpm_block(m["tpm"])
     if b["mode"] == "offline":
         keys = need("keys", dict)
         if len(machines) != 1 or not isinstance(keys.get("content_key"), dict):
@@ -149,8 +162,12 @@ def issue(
     policy: str = "most",
     lease: dict[str, Any] | None = None,
     license_id: str | None = None,
+    support_until: int | None = None,
 ) -> dict[str, Any]:
-    """A signed license document (the JSON object written to the .lic file)."""
+    """A signed license document (the JSON object written to the .lic file).
+
+    `support_until`: the end of the support contract (updates released after it do not install);
+    omitted from the body when None, so a license without one signs exactly as before."""
     if mode not in MODES:
         raise VaultError(f"license mode must be one of {', '.join(MODES)}")
     if policy not in POLICIES:
@@ -176,8 +193,7 @@ def issue(
         "customer_id": customer_id,
         "model": {"file_id": m.file_id, "manifest_sha256": sealed.manifest_sha256, "key_id": m.key_id,
                   "model_id": m.model_id, "format": m.format},
-        "machines": [{"id": x["id"], "x25519": x["x25519"], "ed25519": x["ed25519"], "facts": x["facts"]}
-                     for x in machines],
+        "machines": [_entry(x) for x in machines],
         "match_policy": policy,
         "features": list(features),
         "mode": mode,
@@ -185,14 +201,12 @@ def issue(
         "keys": None,
         "lease": None,
     }
+    if support_until is not None:
+        body["support_until"] = int(support_until)
     if mode == "offline":
         if len(machines) != 1:
             raise VaultError("an offline license is bound to exactly one machine")
-        rcpt = x_public(machines[0]["x25519"], "machine x25519 key")
-        body["keys"] = {
-            "content_key": wrap(rcpt, content_key, key_context("content-key", lid)),
-            "watermark_key": wrap(rcpt, watermark_key, key_context("watermark-key", lid)) if watermark_key else None,
-        }
+        body["keys"] = wrap_keys(body["machines"][0], lid, content_key, watermark_key)
     else:
         if not lease:
             raise VaultError("a lease license needs a key server (--keyserver)")
@@ -201,6 +215,44 @@ def issue(
         body["lease"] = dict(lease)
     signature = sign(signing_key, DOMAIN, canonical(body))
     return {"kind": KIND, "version": VERSION, "license": body, "signature": b64e(signature)}
+
+
+def _entry(x: dict[str, Any]) -> dict[str, Any]:
+    """A license's machine entry: the software keys always, and the TPM block when the machine has one."""
+    e = {"id": x["id"], "x25519": x["x25519"], "ed25519": x["ed25519"], "facts": x["facts"], "binding": "software"}
+    if x.get("tpm"):
+        e.update(binding="tpm", tpm=check_tpm_block(x["tpm"]))
+    return e
+
+
+def wrap_keys(entry: dict[str, Any], lid: str, content_key: bytes, watermark_key: bytes | None) -> dict[str, Any]:
+    """An offline license's keys, wrapped to the machine's TPM unwrap key when it has one, else to its X25519 key."""
+    if entry.get("binding") == "tpm":
+        def w(secret: bytes, ctx: bytes) -> dict[str, str]:
+            return wrap_p256(entry["tpm"]["unwrap"], secret, ctx)
+    else:
+        rcpt = x_public(entry["x25519"], "machine x25519 key")
+
+        def w(secret: bytes, ctx: bytes) -> dict[str, str]:
+            return wrap(rcpt, secret, ctx)
+    return {"content_key": w(content_key, key_context("content-key", lid)),
+            "watermark_key": w(watermark_key, key_context("watermark-key", lid)) if watermark_key else None}
+
+
+def tpm_unwrapper(machine: MachineKey, entry: dict[str, Any]) -> Any:
+    """`unwrap(wrapped, context, what)` for a TPM-bound entry: refuses another chip before asking for ECDH."""
+    t = entry["tpm"]
+    attestor = machine.attestor()
+
+    def unwrap_tpm(wrapped: Any, context: bytes, what: str) -> bytes:
+        with attestor as a:
+            here = a.unwrap_public(t["policy"])
+            if here != t["unwrap"]:
+                raise VaultError(f"license is sealed to another TPM (its unwrap key is not in this chip at "
+                                 f"{a.tcti}): a copied data directory, or another machine")
+            return unwrap_p256(lambda p: a.zgen(t["policy"], p), t["unwrap"], wrapped, context, what)
+
+    return unwrap_tpm
 
 
 def check_trusted_vendor(vendor_key: str, path: Path | None = None) -> None:
@@ -264,10 +316,14 @@ def check(lic: License, sealed: SealedFile, machine: MachineKey, guard: ClockGua
         raise VaultError(f"license expired on {iso(b['expires'])}")
     content = wm = None
     if b["mode"] == "offline":
-        content = unwrap(machine.x25519, b["keys"]["content_key"], key_context("content-key", b["id"]), "content key")
+        if entry.get("binding") == "tpm":
+            opened = tpm_unwrapper(machine, entry)
+        else:
+            def opened(wrapped: Any, context: bytes, what: str) -> bytes:
+                return unwrap(machine.x25519, wrapped, context, what)
+        content = opened(b["keys"]["content_key"], key_context("content-key", b["id"]), "content key")
         if content_key_id(content) != m.key_id:
             raise VaultError("license content key does not open this sealed file")
         if b["keys"].get("watermark_key") is not None:
-            wm = unwrap(machine.x25519, b["keys"]["watermark_key"], key_context("watermark-key", b["id"]),
-                        "watermark key")
+            wm = opened(b["keys"]["watermark_key"], key_context("watermark-key", b["id"]), "watermark key")
     return Grant(lic, entry, content, wm, now)

@@ -341,7 +341,7 @@ class Vendor:
     def issue_license(self, *, customer: str, model: str | Path, machines: list[dict[str, Any]], expires: int,
                       not_before: int | None = None, features: list[str] | None = None, mode: str = "offline",
                       keyserver: str | None = None, lease_ttl: int = 3600, grace: int = 900, seats: int = 1,
-                      watermark: bool = True, policy: str = "most") -> dict[str, Any]:
+                      watermark: bool = True, policy: str = "most", support_until: int | None = None) -> dict[str, Any]:
         """Sign a license for `customer`'s sealed `model` on `machines`, record it, and return the document."""
         sealed, key = self.open_sealed(model)
         cust = self.find_customer(customer)
@@ -351,7 +351,7 @@ class Vendor:
             raise VaultError(f"{Path(model).name} is sealed for customer {sealed.manifest.customer!r}, not {customer!r}")
         now = int(time.time())
         nb = now if not_before is None else not_before
-        for what, t in (("expiry", expires), ("not-before date", nb)):
+        for what, t in (("expiry", expires), ("not-before date", nb), ("support date", support_until or 0)):
             if not 0 <= t <= LATEST:
                 raise CodemoatError(f"license {what} {t} is outside the years 1970-9999")
         lease = None
@@ -366,7 +366,7 @@ class Vendor:
                                 machines=machines, content_key=key,
                                 watermark_key=cust.watermark_secret if watermark else None,
                                 not_before=nb, expires=expires, issued_at=now, features=features or ["complete", "chat", "index"],
-                                mode=mode, policy=policy, lease=lease)
+                                mode=mode, policy=policy, lease=lease, support_until=support_until)
         body = doc["license"]
         with self.engine.begin() as c:
             c.execute(licenses_t.insert().values(

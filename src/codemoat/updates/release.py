@@ -1,0 +1,168 @@
+"""The vendor's side: `vendor release` turns a model, adapter or knowledge pack into a signed bundle.
+
+A bundle is bound to the machines of the customer's most recent (unrevoked) license. A model is
+sealed exactly as `vendor seal` seals it (Vendor.seal: the customer's fingerprint, a fresh content
+key) and a new license for it is issued with the terms of that latest license (dates, support
+window, mode, features), carried in the manifest. Adapters and knowledge packs are sealed to the
+machines' keys (vault.payload). Releases are remembered in DIR/releases.jsonl, which gives the
+default `replaces` (the version this one follows).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import time
+import uuid
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+from .. import __version__
+from ..errors import CodemoatError, NotFound
+from ..vault.payload import seal_payload
+from ..vault.vendor import Vendor, licenses_t
+from . import bundle as fmt
+
+RELEASES = "releases.jsonl"
+
+
+def latest_license(vendor: Vendor, customer_id: str, license_id: str | None = None) -> dict[str, Any]:
+    """The customer's license `license_id`, or its most recently issued unrevoked one."""
+    q = (sa.select(licenses_t.c.document).where(licenses_t.c.customer_id == customer_id)
+         .where(licenses_t.c.revoked_at.is_(None)).order_by(licenses_t.c.issued_at.desc()))
+    if license_id is not None:
+        q = q.where(licenses_t.c.id == license_id)
+    with vendor.engine.connect() as c:
+        row = c.execute(q).first()
+    if row is None and license_id is not None:
+        raise NotFound(f"no unrevoked license {license_id} for this customer")
+    if row is None:
+        raise NotFound("this customer has no license: issue one first (a bundle is bound to its license's machines)")
+    return json.loads(row.document)
+
+
+def pack_folder(folder: Path) -> bytes:
+    """A knowledge pack from a folder: its regular files (no links), in a deterministic zip."""
+    buf = io.BytesIO()
+    n = 0
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        for p in sorted(folder.rglob("*")):
+            if p.is_symlink() or not p.is_file() or "__pycache__" in p.parts:
+                continue
+            info = zipfile.ZipInfo(p.relative_to(folder).as_posix(), date_time=(2020, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            z.writestr(info, p.read_bytes())
+            n += 1
+    if not n:
+        raise CodemoatError(f"knowledge pack folder {folder} holds no files")
+    return buf.getvalue()
+
+
+def _previous(root: Path, customer_id: str, chan: str) -> str | None:
+    try:
+        lines = (root / RELEASES).read_text().splitlines()
+    except FileNotFoundError:
+        return None
+    found = None
+    for line in lines:
+        try:
+            r = json.loads(line)
+        except ValueError:
+            continue
+        if r.get("customer_id") == customer_id and r.get("channel") == chan:
+            found = r.get("version")
+    return found
+
+
+def release(vendor: Vendor, *, customer: str, kind: str, source: Path, version: str, out: Path,
+            name: str | None = None, notes: str = "", replaces: str | None = None, rollback_target: bool = False,
+            min_codemoat: str | None = None, released_at: int | None = None, fingerprint: Any = None,
+            license_id: str | None = None) -> dict[str, Any]:
+    """Build and sign one bundle for the machines (and, for a model, the terms) of `license_id`
+    (default: the customer's latest license); returns its manifest."""
+    if kind not in fmt.KINDS:
+        raise CodemoatError(f"bundle kind must be one of {', '.join(fmt.KINDS)}")
+    fmt.parse_version(version, "--version")
+    min_codemoat = min_codemoat or __version__
+    fmt.parse_version(min_codemoat, "minimum codemoat version")
+    source = Path(source)
+    if not source.exists():
+        raise NotFound(f"{kind} not found: {source}")
+    cust = vendor.find_customer(customer)
+    if cust is None:
+        raise NotFound(f"no customer named {customer!r} (customers are created by `vendor seal`)")
+    lic = latest_license(vendor, cust.id, license_id)["license"]
+    machines = lic["machines"]
+    if name is None:
+        name = source.stem if kind != "model" else "model"
+    fmt.check_name(name)
+    chan = fmt.channel(kind, name)
+    if replaces is None:
+        replaces = _previous(vendor.root, cust.id, chan)
+    now = int(time.time()) if released_at is None else int(released_at)
+    manifest: dict[str, Any] = {
+        "bundle_id": "b_" + uuid.uuid4().hex[:24], "kind": kind, "name": name, "version": version,
+        "released_at": now, "min_codemoat": min_codemoat, "replaces": replaces, "rollback_target": rollback_target,
+        "notes": notes, "customer": cust.name, "customer_id": cust.id, "vendor_key": vendor.vendor_key_b64,
+        "machines": [m["id"] for m in machines],
+    }
+    out = Path(out)
+    tmp_moat = out.with_name(f".{out.name}.moat.partial")
+    try:
+        if kind == "model":
+            vendor.seal(source, cust.name, tmp_moat, fingerprint=fingerprint)
+            lease = lic.get("lease")
+            doc = vendor.issue_license(
+                customer=cust.name, model=tmp_moat, machines=machines, expires=lic["expires"],
+                not_before=lic["not_before"], features=lic["features"], mode=lic["mode"],
+                keyserver=lease["url"] if lease else None, lease_ttl=lease["ttl"] if lease else 3600,
+                grace=lease["grace"] if lease else 900, seats=lease["seats"] if lease else 1,
+                watermark=lic["watermark"], policy=lic["match_policy"], support_until=lic.get("support_until"))
+            h, size = hashlib.sha256(), 0
+            with open(tmp_moat, "rb") as f:
+                while b := f.read(8 << 20):
+                    h.update(b)
+                    size += len(b)
+            manifest.update(license=doc, keys=None, payload={"format": "moat", "size": size, "sha256": h.hexdigest()})
+
+            def pieces():
+                with open(tmp_moat, "rb") as f:
+                    while b := f.read(8 << 20):
+                        yield b
+        else:
+            if kind == "knowledge-pack":
+                data = pack_folder(source) if source.is_dir() else source.read_bytes()
+                _check_zip(data)
+            else:
+                if not source.is_file():
+                    raise CodemoatError(f"an adapter is one file (.gguf or .safetensors): {source}")
+                data = source.read_bytes()
+            manifest.update(payload={"format": "sealed", "size": 0, "sha256": ""}, license=None)
+            blob, keys = seal_payload(data, machines, fmt.payload_context(manifest))
+            manifest.update(keys=keys, payload={"format": "sealed", "size": len(blob),
+                                                "sha256": hashlib.sha256(blob).hexdigest()})
+
+            def pieces():
+                yield blob
+        fmt.write(out, manifest, vendor.signing_key, pieces())
+    finally:
+        tmp_moat.unlink(missing_ok=True)
+    with open(vendor.root / RELEASES, "a") as f:
+        f.write(json.dumps({"bundle_id": manifest["bundle_id"], "customer_id": cust.id, "channel": chan,
+                            "version": version, "released_at": now, "file": str(out)}) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    return manifest
+
+
+def _check_zip(data: bytes) -> None:
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            z.infolist()
+    except zipfile.BadZipFile:
+        raise CodemoatError("a knowledge pack is a folder or a .zip file") from None

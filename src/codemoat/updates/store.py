@@ -1,0 +1,326 @@
+"""The customer's update store: verify, install, list and roll back bundles, crash-safely.
+
+    $CODEMOAT_HOME/updates/state.json        which bundle each channel serves, and its history
+    $CODEMOAT_HOME/updates/license.lic       the license whose support window gates new bundles
+    $CODEMOAT_HOME/updates/bundles/<id>/     an installed bundle (model.moat + model.lic, or the
+                                             sealed payload + manifest.json)
+    $CODEMOAT_HOME/updates/staging/<id>/     a bundle being installed (removed on the next run)
+
+Installing is rename-based: the payload is copied (and hashed) into staging, checked, renamed
+into bundles/, and only then does a new state.json (written beside it, fsynced) replace the old
+one by rename. A crash before that rename leaves the previous state, which names only complete
+bundles; a crash after it leaves the new one. `reconcile()`, run first by every operation,
+deletes staging leftovers and bundles no state names, and brings the index's knowledge packs in
+line with the state. Every step is reported to `audit(step, detail)`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .. import __version__, paths
+from ..errors import CodemoatError
+from ..vault.clock import ClockGuard, iso
+from ..vault.codec import b64e
+from ..vault.license import License, check as check_license, check_trusted_vendor
+from ..vault.machine import MachineKey
+from ..vault.payload import open_payload
+from . import packs
+from .bundle import Bundle, BundleError, channel, parse_version, payload_context
+
+CRASH_ENV = "CODEMOAT_UPDATE_CRASH_AT"  # tests only: os._exit() at a named step (needs PYTEST_CURRENT_TEST)
+STEPS = ("verified", "staged", "stored", "journaled", "switched", "indexed")
+KEEP = 2  # earlier versions kept per channel for `update rollback`
+Audit = Callable[[str, dict[str, Any]], None]
+
+
+def _step(name: str) -> None:
+    if os.environ.get(CRASH_ENV) == name and os.environ.get("PYTEST_CURRENT_TEST"):
+        os._exit(86)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def support_end(body: dict[str, Any]) -> int:
+    """When the license's support window ends; a license without `support_until` (issued before
+    support contracts existed) is supported until it expires."""
+    su = body.get("support_until")
+    return int(su) if su is not None else int(body["expires"])
+
+
+class UpdateStore:
+    def __init__(self, root: Path | None = None, machine: MachineKey | None = None, audit: Audit | None = None):
+        self.root = root or paths.home() / "updates"
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.machine = machine or MachineKey.load()
+        self.guard = ClockGuard(self.machine)
+        self._audit = audit
+
+    # -- state ----------------------------------------------------------------------------------
+    @property
+    def state_path(self) -> Path:
+        return self.root / "state.json"
+
+    @property
+    def license_path(self) -> Path:
+        return self.root / "license.lic"
+
+    def state(self) -> dict[str, Any]:
+        try:
+            s = json.loads(self.state_path.read_text())
+        except FileNotFoundError:
+            return {"format": 1, "channels": {}, "bundles": {}}
+        except ValueError:
+            raise CodemoatError(f"update state {self.state_path} is damaged") from None
+        if not isinstance(s, dict) or not isinstance(s.get("channels"), dict) or not isinstance(s.get("bundles"), dict):
+            raise CodemoatError(f"update state {self.state_path} is damaged")
+        return s
+
+    def _write_state(self, s: dict[str, Any]) -> None:
+        tmp = self.root / "state.json.tmp"
+        with open(tmp, "w") as f:
+            f.write(json.dumps(s, indent=2, sort_keys=True))
+            f.flush()
+            os.fsync(f.fileno())
+        _step("journaled")
+        os.replace(tmp, self.state_path)
+        _fsync_dir(self.root)
+
+    def audit(self, step: str, **detail: Any) -> None:
+        if self._audit is not None:
+            self._audit(step, detail)
+
+    def reconcile(self) -> list[str]:
+        """Finish or undo what a crash left: returns what it did (also audited)."""
+        did = []
+        (self.root / "state.json.tmp").unlink(missing_ok=True)
+        staging = self.root / "staging"
+        if staging.is_dir():
+            for p in staging.iterdir():
+                shutil.rmtree(p, ignore_errors=True)
+                did.append(f"removed unfinished install {p.name}")
+        s = self.state()
+        keep = {b for ch in s["channels"].values() for b in [ch.get("current"), *ch.get("history", [])] if b}
+        bdir = self.root / "bundles"
+        if bdir.is_dir():
+            for p in bdir.iterdir():
+                if p.name not in keep:
+                    shutil.rmtree(p, ignore_errors=True)
+                    did.append(f"removed bundle {p.name} no state names")
+        for chan, ch in s["channels"].items():
+            if not chan.startswith("knowledge-pack:"):
+                continue
+            name, cur = chan.split(":", 1)[1], ch.get("current")
+            want = packs.source_root(s["bundles"][cur]) if cur else None
+            if packs.indexed_root(name) != want:
+                if cur:
+                    info = s["bundles"][cur]
+                    self._index_pack(cur, info, info.get("groups") or ["everyone"])
+                    did.append(f"re-indexed knowledge pack {name} {info['version']}")
+                else:
+                    packs.remove_pack(name)
+                    did.append(f"removed knowledge pack {name} from the index")
+        if did:
+            self.audit("recovered", actions=did)
+        return did
+
+    # -- the support license ---------------------------------------------------------------------
+    def _license(self, given: Path | None) -> tuple[License, bool]:
+        if given is not None:
+            return License.load(given), True
+        if not self.license_path.exists():
+            raise CodemoatError("no license recorded for updates: pass --license FILE (your current license)")
+        return License.load(self.license_path), False
+
+    def _check_license(self, lic: License) -> float:
+        b = lic.body
+        check_trusted_vendor(b["vendor_key"])
+        entry = next((x for x in b["machines"] if x["id"] == self.machine.id), None)
+        if entry is None or entry.get("x25519") != b64e(self.machine.x25519_public):
+            raise CodemoatError(f"license {b['id']} is for another machine; this machine is {self.machine.id}")
+        now = self.guard.check()
+        if now >= b["expires"]:
+            raise CodemoatError(f"license {b['id']} expired on {iso(b['expires'])}")
+        return now
+
+    # -- checks ----------------------------------------------------------------------------------
+    def check(self, bundle: Bundle, license_file: Path | None = None) -> dict[str, Any]:
+        """Every check but the payload's digest; the first failure raises (one line)."""
+        m = bundle.manifest
+        lic, _ = self._license(license_file)
+        b = lic.body
+        if b["vendor_key"] != m["vendor_key"]:
+            raise BundleError(f"bundle is signed by vendor {bundle.vendor_key_id}, the license by {lic.vendor_key_id}")
+        now = self._check_license(lic)
+        if m["customer_id"] != b["customer_id"]:
+            raise BundleError(f"bundle is for customer {m['customer']!r}, this license is for {b['customer']!r}")
+        if self.machine.id not in m["machines"]:
+            raise BundleError(f"bundle is for other machines ({', '.join(m['machines'][:3])}); this machine is "
+                              f"{self.machine.id}")
+        if parse_version(m["min_codemoat"]) > parse_version(__version__):
+            raise BundleError(f"bundle needs codemoat {m['min_codemoat']} or newer; this is {__version__}")
+        end = support_end(b)
+        if m["released_at"] > end:
+            raise BundleError(f"{m['kind']} {m['name']} {m['version']} was released on {iso(m['released_at'])}, after "
+                              f"your support ended on {iso(end)}: renew support (a renewed license unlocks it)")
+        cur = self.current(bundle.channel)
+        if cur is not None:
+            if cur["bundle_id"] == m["bundle_id"] or cur["version"] == m["version"]:
+                raise BundleError(f"{bundle.channel} {m['version']} is already installed")
+            newer = parse_version(m["version"]) > parse_version(cur["version"])
+            if not newer and not m["rollback_target"]:
+                raise BundleError(f"{bundle.channel} {m['version']} is not newer than the installed {cur['version']}: "
+                                  "a downgrade needs a bundle the vendor signed as a rollback target")
+        if m["kind"] == "model":
+            inner = License.parse(json.dumps(m["license"]).encode())
+            if inner.body["vendor_key"] != m["vendor_key"] or inner.body["customer_id"] != m["customer_id"]:
+                raise BundleError("the license inside the bundle is for another vendor or customer")
+            if not any(x["id"] == self.machine.id for x in inner.body["machines"]):
+                raise BundleError("the license inside the bundle is for another machine")
+        return {"bundle": bundle.describe(), "license": b["id"], "support_until": iso(end), "checked_at": iso(now),
+                "installed": cur["version"] if cur else None}
+
+    def verify(self, path: Path, license_file: Path | None = None) -> dict[str, Any]:
+        try:
+            bundle = Bundle(path)
+            report = self.check(bundle, license_file)
+            bundle.check_payload()
+            if bundle.kind != "model":
+                open_payload(bundle.read_payload(), bundle.manifest["keys"], self.machine, payload_context(bundle.manifest))
+        except CodemoatError as e:
+            self.audit("refused", file=Path(path).name, action="verify", reason=str(e))
+            raise
+        self.audit("verified", file=Path(path).name, bundle_id=bundle.bundle_id, kind=bundle.kind,
+                   name=bundle.name, version=bundle.version)
+        return report
+
+    # -- install ---------------------------------------------------------------------------------
+    def current(self, chan: str) -> dict[str, Any] | None:
+        s = self.state()
+        cur = s["channels"].get(chan, {}).get("current")
+        return dict(s["bundles"][cur], bundle_id=cur) if cur else None
+
+    def apply(self, path: Path, license_file: Path | None = None, groups: list[str] | None = None) -> dict[str, Any]:
+        self.reconcile()
+        try:
+            return self._apply(Path(path), license_file, groups)
+        except CodemoatError as e:
+            self.audit("refused", file=Path(path).name, action="apply", reason=str(e))
+            raise
+
+    def _apply(self, path: Path, license_file: Path | None, groups: list[str] | None) -> dict[str, Any]:
+        bundle = Bundle(path)
+        report = self.check(bundle, license_file)
+        m = bundle.manifest
+        self.audit("apply_started", bundle_id=m["bundle_id"], kind=m["kind"], name=m["name"], version=m["version"],
+                   installed=report["installed"])
+        _step("verified")
+        stage = self.root / "staging" / m["bundle_id"]
+        stage.mkdir(parents=True, exist_ok=True)
+        if m["kind"] == "model":
+            from ..vault.container import SealedFile
+
+            bundle.copy_payload(stage / "model.moat")
+            lic_doc = json.dumps(m["license"], indent=2) + "\n"
+            (stage / "model.lic").write_text(lic_doc)
+            check_license(License.parse(lic_doc.encode()), SealedFile(stage / "model.moat"), self.machine, self.guard)
+        else:
+            bundle.copy_payload(stage / "payload.sealed")
+            blob = (stage / "payload.sealed").read_bytes()
+            plain = open_payload(blob, m["keys"], self.machine, payload_context(m))
+            if m["kind"] == "knowledge-pack":
+                sum(1 for _ in packs.members(plain))  # a bad zip is refused before anything switches
+        (stage / "manifest.json").write_text(json.dumps(m, indent=2, sort_keys=True))
+        _fsync_dir(stage)
+        _step("staged")
+        (self.root / "bundles").mkdir(exist_ok=True)
+        final = self.root / "bundles" / m["bundle_id"]
+        os.replace(stage, final)
+        _fsync_dir(self.root / "bundles")
+        _step("stored")
+        s = self.state()
+        chan = bundle.channel
+        ch = s["channels"].setdefault(chan, {"current": None, "history": []})
+        previous = ch["current"]
+        if previous:
+            ch["history"] = (ch.get("history", []) + [previous])[-KEEP:]
+        ch["current"] = m["bundle_id"]
+        info = {k: m.get(k) for k in ("kind", "name", "version", "released_at", "notes", "replaces",
+                                      "rollback_target", "bundle_id")}
+        info.update(installed_at=int(time.time()), dir=str(final))
+        if m["kind"] == "knowledge-pack":
+            info["groups"] = sorted(set(groups or packs.pack_groups(m["name"]) or ["everyone"]))
+        s["bundles"][m["bundle_id"]] = info
+        live = {b for c in s["channels"].values() for b in [c.get("current"), *c.get("history", [])] if b}
+        s["bundles"] = {k: v for k, v in s["bundles"].items() if k in live}
+        self._write_state(s)
+        if license_file is not None:
+            shutil.copyfile(license_file, self.root / "license.lic.tmp")
+            os.replace(self.root / "license.lic.tmp", self.license_path)
+        _step("switched")
+        out = {"bundle_id": m["bundle_id"], "kind": m["kind"], "name": m["name"], "version": m["version"],
+               "previous": s["bundles"].get(previous, {}).get("version") if previous else None, "dir": str(final)}
+        if m["kind"] == "knowledge-pack":
+            out["index"] = self._index_pack(m["bundle_id"], m, info["groups"])
+            _step("indexed")
+        self.reconcile()  # drops versions no longer kept
+        self.audit("applied", **{k: v for k, v in out.items() if k != "dir"})
+        return out
+
+    def _index_pack(self, bundle_id: str, m: dict[str, Any], groups: list[str]) -> dict[str, Any]:
+        full = json.loads((self.root / "bundles" / bundle_id / "manifest.json").read_text())
+        blob = (self.root / "bundles" / bundle_id / "payload.sealed").read_bytes()
+        plain = open_payload(blob, full["keys"], self.machine, payload_context(full))
+        return packs.import_pack(plain, full, groups)
+
+    def rollback(self, chan: str | None = None) -> dict[str, Any]:
+        """Serve the version installed before the current one (a local admin action: no vendor signature needed)."""
+        self.reconcile()
+        s = self.state()
+        if chan is None:
+            latest = max(((c, s["bundles"][v["current"]]["installed_at"]) for c, v in s["channels"].items()
+                          if v.get("current") and v.get("history")), key=lambda x: x[1], default=None)
+            if latest is None:
+                raise CodemoatError("nothing to roll back: no channel has an earlier version installed")
+            chan = latest[0]
+        ch = s["channels"].get(chan)
+        if not ch or not ch.get("history"):
+            raise CodemoatError(f"nothing to roll back in {chan}: no earlier version is installed")
+        gone, back = ch["current"], ch["history"][-1]
+        gone_version = s["bundles"][gone]["version"]
+        ch["current"], ch["history"] = back, ch["history"][:-1]
+        s["bundles"] = {k: v for k, v in s["bundles"].items() if k != gone}
+        self._write_state(s)
+        info = s["bundles"][back]
+        self.reconcile()  # drops the rolled-back bundle and re-indexes a pack
+        out = {"channel": chan, "version": info["version"], "from": gone_version, "bundle_id": back}
+        self.audit("rolled_back", channel=chan, to=info["version"], frm=gone_version, bundle_id=back)
+        return out
+
+    def list(self) -> list[dict[str, Any]]:
+        self.reconcile()
+        s = self.state()
+        rows = []
+        for chan, ch in sorted(s["channels"].items()):
+            for bid in [*ch.get("history", []), ch.get("current")]:
+                if not bid:
+                    continue
+                info = s["bundles"][bid]
+                row = dict(info, channel=chan, current=bid == ch.get("current"))
+                if info["kind"] == "model":
+                    row["model"] = str(Path(info["dir"]) / "model.moat")
+                    row["license"] = str(Path(info["dir"]) / "model.lic")
+                rows.append(row)
+        return rows
