@@ -4,6 +4,12 @@ The private keys never leave the machine (`$CODEMOAT_HOME/machine.key`, mode 060
 identity (`codemoat machine-id`) carries the public keys and salted SHA-256 hashes of hardware
 facts, so it reveals no serial number. A license matches facts with a policy named after
 Keygen's machine-fingerprint match strategies: all, most (more than half), two, any.
+
+With a TPM (`codemoat machine-id --tpm`), the identity also carries the chip's public keys (an
+ECC P-256 unwrap key under a PCR policy, an attestation key, the endorsement key and its
+certificate) and the PCR policy as it stands; their private parts never leave the chip
+(`codemoat.attest.tpm`). `$CODEMOAT_HOME/tpm.json` names the TPM (its TCTI) and that block; the
+software keys stay, for the clock record and as the binding of licenses issued without a TPM.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ from .. import paths
 from .codec import VaultError, b64d, b64e, ed_private_raw, public_raw, write_secret, x_private_raw
 
 KEY_FILE = "machine.key"
+TPM_FILE = "tpm.json"
+TCTI_ENV = "CODEMOAT_TPM_TCTI"  # overrides the TCTI in tpm.json (tests, a moved device node)
 POLICIES = ("all", "most", "two", "any")
 # Fact groups: a group with several values (network cards, GPUs) matches when any one value does.
 GROUPS = ("machine_id", "product_uuid", "cpu", "macs", "gpus")
@@ -104,9 +112,10 @@ class MachineKey:
     x25519: X25519PrivateKey
     ed25519: Ed25519PrivateKey
     facts: dict[str, Any] = field(default_factory=dict)
+    tpm: dict[str, Any] | None = None  # {"tcti": str, "identity": {...}} from tpm.json, or None
 
     @classmethod
-    def generate(cls, facts: dict[str, Any] | None = None) -> "MachineKey":
+    def generate(cls, facts: dict[str, Any] | None = None) -> MachineKey:
         return cls(X25519PrivateKey.generate(), Ed25519PrivateKey.generate(), facts if facts is not None else collect_facts())
 
     @classmethod
@@ -114,7 +123,7 @@ class MachineKey:
         return paths.home() / KEY_FILE
 
     @classmethod
-    def load(cls) -> "MachineKey":
+    def load(cls) -> MachineKey:
         """The key made by `codemoat machine-id`; an error if this machine has none."""
         p = cls.path()
         try:
@@ -125,13 +134,15 @@ class MachineKey:
             raise VaultError(f"{p} is readable by other users (mode {st.st_mode & 0o777:o}); chmod 600 it")
         try:
             d = json.loads(p.read_text())
-            return cls(X25519PrivateKey.from_private_bytes(b64d(d["x25519"])),
-                       Ed25519PrivateKey.from_private_bytes(b64d(d["ed25519"])), collect_facts())
+            key = cls(X25519PrivateKey.from_private_bytes(b64d(d["x25519"])),
+                      Ed25519PrivateKey.from_private_bytes(b64d(d["ed25519"])), collect_facts())
         except (KeyError, TypeError, ValueError, VaultError):
             raise VaultError(f"machine key file {p} is damaged") from None
+        key.tpm = _load_tpm(paths.home() / TPM_FILE)
+        return key
 
     @classmethod
-    def load_or_create(cls) -> "MachineKey":
+    def load_or_create(cls) -> MachineKey:
         p = cls.path()
         if p.exists():
             return cls.load()
@@ -157,8 +168,59 @@ class MachineKey:
 
     def identity(self) -> dict[str, Any]:
         """The public identity to send to the vendor: public keys and hashed facts, nothing secret."""
-        return {"kind": "codemoat-machine", "version": 1, "id": self.id,
-                "x25519": b64e(self.x25519_public), "ed25519": b64e(self.ed25519_public), "facts": self.facts}
+        d = {"kind": "codemoat-machine", "version": 1, "id": self.id,
+             "x25519": b64e(self.x25519_public), "ed25519": b64e(self.ed25519_public), "facts": self.facts}
+        if self.tpm:
+            d["tpm"] = self.tpm["identity"]
+        return d
+
+    def attestor(self) -> Any:
+        """The TPM this machine's TPM-bound licenses need (`codemoat.attest.tpm.TpmAttestor`, not yet open)."""
+        if not self.tpm:
+            raise VaultError("this license is bound to a TPM, but this machine has none set up "
+                             "(run `codemoat machine-id --tpm`)")
+        from ..attest.tpm import TpmAttestor
+
+        return TpmAttestor(os.environ.get(TCTI_ENV) or self.tpm["tcti"])
+
+    def enable_tpm(self, tcti: str, pcrs: list[int]) -> dict[str, Any]:
+        """Make (or re-derive) the TPM keys, record the current PCR policy in tpm.json, and return the block."""
+        from ..attest.tpm import TpmAttestor
+
+        with TpmAttestor(tcti) as a:
+            block = a.identity(pcrs)
+        self.tpm = {"tcti": tcti, "identity": block}
+        write_secret(paths.home() / TPM_FILE, json.dumps(self.tpm).encode())
+        return block
+
+
+def _load_tpm(p: Path) -> dict[str, Any] | None:
+    try:
+        d = json.loads(p.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        raise VaultError(f"TPM settings {p} are damaged: run `codemoat machine-id --tpm` again") from None
+    if not isinstance(d, dict) or not isinstance(d.get("tcti"), str) or not isinstance(d.get("identity"), dict):
+        raise VaultError(f"TPM settings {p} are damaged: run `codemoat machine-id --tpm` again")
+    return d
+
+
+def check_tpm_block(t: Any) -> dict[str, Any]:
+    """A machine identity's "tpm" block, checked for shape: P-256 keys and a SHA-256 PCR policy."""
+    from .tpmwrap import p256_public
+
+    if not isinstance(t, dict) or t.get("kind") != "tpm2":
+        raise VaultError("machine identity's TPM block is malformed")
+    p256_public(t.get("ak"), "machine TPM attestation key")
+    p256_public(t.get("unwrap"), "machine TPM unwrap key")
+    pol = t.get("policy")
+    ok = (isinstance(pol, dict) and pol.get("bank") == "sha256" and isinstance(pol.get("pcrs"), list) and pol["pcrs"]
+          and all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 24 for x in pol["pcrs"])
+          and isinstance(pol.get("digest"), str) and len(pol["digest"]) == 64)
+    if not ok or not all(t.get(k) is None or isinstance(t.get(k), str) for k in ("ek", "ek_cert")):
+        raise VaultError("machine identity's TPM policy is malformed")
+    return {k: t.get(k) for k in ("kind", "ak", "unwrap", "ek", "ek_cert", "policy")}
 
 
 def machine_id_of(x_pub: bytes, ed_pub: bytes) -> str:
@@ -195,4 +257,7 @@ def parse_identity(text_or_path: str | dict) -> dict[str, Any]:
     facts = d.get("facts", {})
     if not isinstance(facts, dict):
         raise VaultError("machine identity facts are malformed")
-    return {"id": d["id"], "x25519": d["x25519"], "ed25519": d["ed25519"], "facts": facts}
+    out = {"id": d["id"], "x25519": d["x25519"], "ed25519": d["ed25519"], "facts": facts}
+    if d.get("tpm") is not None:
+        out["tpm"] = check_tpm_block(d["tpm"])
+    return out

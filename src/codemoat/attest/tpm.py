@@ -1,0 +1,204 @@
+"""A TPM 2.0 attestor over tpm2-pytss (ESAPI): keys made in the chip, used there, never exported.
+
+Both keys are *primary* keys of the endorsement hierarchy (TPM 2.0 Part 1 §27.5 / Part 3
+§24.1 TPM2_CreatePrimary): the chip derives them from its endorsement seed and the template,
+so the same template gives the same key on the same chip, a different key on any other chip,
+and nothing needs to be stored on disk. The unwrap key (ECC P-256, decrypt, no
+userWithAuth) carries an authPolicy of TPM2_PolicyPCR over the license's PCRs and values, so
+TPM2_ECDH_ZGen runs only while those PCRs hold the values the vendor recorded; extend one
+(a tamper event) and the chip refuses. The attestation key (P-256, restricted signing,
+ECDSA-SHA256) signs TPM2_Quote over the same PCRs with the key server's nonce.
+
+The TCTI is a tpm2-tss string: `device:/dev/tpmrm0` on a host, `swtpm:host=127.0.0.1,port=P` in
+tests. Without a resource manager (swtpm's socket) every transient handle is flushed here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Any
+
+from .base import AttestError, Quote
+
+DEVICE_TCTI = "device:/dev/tpmrm0"
+BANK = "sha256"
+TAMPER_PCR = 15  # not resettable from software (PCR 16 and 23 are), extended only by codemoat
+# TCG EK Credential Profile 2.0 §2.2.1.4: EK types whose certificates are looked up in NV, in this order.
+_EK_TYPES = ("EK-ECC256", "EK-ECC384", "EK-RSA2048")
+
+
+def _pt():  # tpm2-pytss is an optional extra (`.[tpm]`); import it only when a TPM is used
+    # tpm2-tss writes every TPM error code to stderr; refusals here become one AttestError line instead.
+    os.environ.setdefault("TSS2_LOG", "all+NONE")
+    try:
+        import tpm2_pytss
+    except ImportError:
+        raise AttestError("TPM support is not installed (pip install 'codemoat[tpm]')") from None
+    return tpm2_pytss
+
+
+def pcr_selection(pcrs: list[int]) -> str:
+    if not pcrs or not all(isinstance(p, int) and 0 <= p < 24 for p in pcrs):
+        raise AttestError("PCR selection must be PCR numbers 0-23")
+    return f"{BANK}:" + ",".join(str(p) for p in sorted(set(pcrs)))
+
+
+class TpmAttestor:
+    """One TPM, reached through `tcti`; use as a context manager (one ESAPI connection)."""
+
+    kind = "tpm2"
+
+    def __init__(self, tcti: str = DEVICE_TCTI):
+        self.tcti = tcti
+        self._ctx: Any = None
+
+    # -- connection ---------------------------------------------------------
+    def __enter__(self) -> TpmAttestor:
+        pt = _pt()
+        name, _, conf = self.tcti.partition(":")
+        try:
+            self._ctx = pt.ESAPI(pt.TCTILdr(name, conf))
+        except Exception as e:  # TSS2_Exception and friends: one line, never a traceback
+            raise AttestError(f"cannot reach the TPM at {self.tcti!r}: {e}") from None
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._ctx is not None:
+            self._ctx.close()
+            self._ctx = None
+
+    @property
+    def ctx(self) -> Any:
+        if self._ctx is None:
+            raise AttestError("TPM is not open (use `with attestor:`)")
+        return self._ctx
+
+    # -- templates ------------------------------------------------------------
+    def _attrs(self, *names: str) -> int:
+        A = _pt().TPMA_OBJECT
+        v = A.FIXEDTPM | A.FIXEDPARENT | A.SENSITIVEDATAORIGIN
+        for n in names:
+            v |= getattr(A, n)
+        return v
+
+    def policy_digest(self, policy: dict[str, Any]) -> bytes:
+        """The authPolicy of TPM2_PolicyPCR(selection, digest of the recorded values), by a trial session."""
+        pt = _pt()
+        sel = pcr_selection(policy["pcrs"])
+        c = self.ctx
+        sess = c.start_auth_session(pt.ESYS_TR.NONE, pt.ESYS_TR.NONE, pt.TPM2_SE.TRIAL,
+                                    pt.TPMT_SYM_DEF(algorithm=pt.TPM2_ALG.NULL), pt.TPM2_ALG.SHA256)
+        try:
+            c.policy_pcr(sess, bytes.fromhex(policy["digest"]), sel)
+            return bytes(c.policy_get_digest(sess))
+        finally:
+            c.flush_context(sess)
+
+    def _unwrap_key(self, policy: dict[str, Any]) -> tuple[Any, Any]:
+        pt = _pt()
+        tmpl = pt.TPM2B_PUBLIC.parse("ecc256", objectAttributes=self._attrs("DECRYPT"),
+                                     authPolicy=self.policy_digest(policy))
+        h, pub, *_ = self.ctx.create_primary(None, tmpl, pt.ESYS_TR.ENDORSEMENT)
+        return h, pub
+
+    def _ak(self) -> tuple[Any, Any]:
+        pt = _pt()
+        tmpl = pt.TPM2B_PUBLIC.parse("ecc256:ecdsa-sha256",
+                                     objectAttributes=self._attrs("USERWITHAUTH", "RESTRICTED", "SIGN_ENCRYPT"))
+        tmpl.publicArea.parameters.eccDetail.symmetric.algorithm = pt.TPM2_ALG.NULL  # Part 2 §12.2.3.6
+        h, pub, *_ = self.ctx.create_primary(None, tmpl, pt.ESYS_TR.ENDORSEMENT)
+        return h, pub
+
+    # -- the interface ----------------------------------------------------------
+    def pcr_values(self, pcrs: list[int]) -> list[bytes]:
+        _, _, digests = self.ctx.pcr_read(pcr_selection(pcrs))
+        return [bytes(d) for d in digests]
+
+    def current_policy(self, pcrs: list[int]) -> dict[str, Any]:
+        """The PCR policy as the chip stands now: what the vendor records at provisioning."""
+        values = self.pcr_values(pcrs)
+        return {"bank": BANK, "pcrs": sorted(set(pcrs)), "digest": hashlib.sha256(b"".join(values)).hexdigest()}
+
+    def identity(self, pcrs: list[int]) -> dict[str, Any]:
+        """Public keys (DER SubjectPublicKeyInfo, hex), the EK certificate where present, and the policy."""
+        policy = self.current_policy(pcrs)
+        out: dict[str, Any] = {"kind": self.kind, "policy": policy}
+        for name, make in (("unwrap", lambda: self._unwrap_key(policy)), ("ak", self._ak)):
+            h, pub = make()
+            try:
+                out[name] = pub.to_der().hex()
+            finally:
+                self.ctx.flush_context(h)
+        out.update(self._ek())
+        return out
+
+    def _ek(self) -> dict[str, Any]:
+        """The endorsement key whose certificate the manufacturer stored (else the default ECC P-256 EK)."""
+        pt = _pt()
+        from tpm2_pytss.utils import NVReadEK, create_ek_template
+
+        found = None
+        for ektype in _EK_TYPES:
+            try:
+                cert, tmpl = create_ek_template(ektype, NVReadEK(self.ctx))
+            except ValueError:
+                continue  # a high-range type with no certificate on this chip
+            if cert is not None or found is None:
+                found = (cert, tmpl)
+            if cert is not None:
+                break
+        if found is None:
+            return {"ek": None, "ek_cert": None}
+        cert, tmpl = found
+        h, pub, *_ = self.ctx.create_primary(None, tmpl, pt.ESYS_TR.ENDORSEMENT)
+        self.ctx.flush_context(h)
+        return {"ek": pub.to_der().hex(), "ek_cert": cert.hex() if cert else None}
+
+    def unwrap_public(self, policy: dict[str, Any]) -> str:
+        """The unwrap key this chip derives for `policy` (DER hex): equal to a license's only on the same chip."""
+        h, pub = self._unwrap_key(policy)
+        self.ctx.flush_context(h)
+        return pub.to_der().hex()
+
+    def zgen(self, policy: dict[str, Any], point: bytes) -> bytes:
+        """ECDH's Z (the x coordinate) of the unwrap key and an uncompressed P-256 `point`, in the chip."""
+        pt = _pt()
+        if len(point) != 65 or point[0] != 4:
+            raise AttestError("ECDH point must be an uncompressed P-256 point")
+        c = self.ctx
+        h, _ = self._unwrap_key(policy)
+        sess = c.start_auth_session(pt.ESYS_TR.NONE, pt.ESYS_TR.NONE, pt.TPM2_SE.POLICY,
+                                    pt.TPMT_SYM_DEF(algorithm=pt.TPM2_ALG.NULL), pt.TPM2_ALG.SHA256)
+        try:
+            c.policy_pcr(sess, b"", pcr_selection(policy["pcrs"]))  # the chip's current values
+            ecc = pt.TPM2B_ECC_POINT(pt.TPMS_ECC_POINT(x=point[1:33], y=point[33:]))
+            try:
+                out = c.ecdh_zgen(h, ecc, session1=sess)
+            except pt.TSS2_Exception as e:
+                if e.rc & 0xFF in (0x1D, 0x99) or "policy" in str(e).lower():  # TPM_RC_POLICY_FAIL
+                    raise AttestError("the TPM refused to unwrap: its PCRs no longer match the license's policy "
+                                      f"(PCRs {policy['pcrs']}: a tamper event, or another boot state)") from None
+                raise AttestError(f"the TPM refused to unwrap: {e}") from None
+            return bytes(out.point.x)
+        finally:
+            c.flush_context(sess)
+            c.flush_context(h)
+
+    def quote(self, policy: dict[str, Any], data: bytes) -> Quote:
+        """TPM2_Quote by the AK over the policy's PCRs, with `data` (at most 64 bytes) as qualifyingData."""
+        _pt()
+        c = self.ctx
+        h, _ = self._ak()
+        try:
+            attest, sig = c.quote(h, pcr_selection(policy["pcrs"]), data)
+        finally:
+            c.flush_context(h)
+        e = sig.signature.ecdsa
+        return Quote(bytes(attest), bytes(e.signatureR), bytes(e.signatureS))
+
+    def extend(self, pcr: int, data: bytes) -> None:
+        """Extend `pcr` with SHA-256(`data`): from then on a policy over it no longer holds."""
+        pt = _pt()
+        pcr_selection([pcr])
+        self.ctx.pcr_event(getattr(pt.ESYS_TR, f"PCR{pcr}"), data)  # TPM2_PCR_Event: hashed and extended in every bank

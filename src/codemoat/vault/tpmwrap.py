@@ -1,0 +1,166 @@
+"""P-256 key wrapping to a TPM-resident key, and TPM2_Quote verification (no TPM needed here).
+
+Wrapping is `codec.wrap`'s ECIES with NIST P-256 in place of X25519 (TPMs do not do X25519):
+an ephemeral P-256 key agrees Z with the recipient's public key (SP 800-56A §5.7.1.2, the x
+coordinate), HKDF-SHA256 (RFC 5869) derives a one-time AES-256 key bound to both public points
+and the context, and AES-GCM seals the secret with the context as associated data. Unwrapping
+takes `zgen`, the ECDH half, so the private key can stay inside the chip (TPM2_ECDH_ZGen).
+
+A quote is TPMS_ATTEST (TPM 2.0 Part 2 §10.12.12) signed by the attestation key with
+ECDSA-SHA256 over the marshalled bytes. `verify_quote` checks, in order: the signer is the
+registered AK, the signature, the magic and type, extraData (the caller's nonce digest), the PCR
+selection and the PCR digest (SHA-256 of the selected values, Part 3 §18.4), and returns the
+clock info so a caller can refuse a reset count that went backwards.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from .codec import VaultError, b64d, b64e
+
+WRAP_ALG = "P256-HKDF-SHA256-A256GCM"
+TPM_GENERATED = 0xFF544347  # TPM_GENERATED_VALUE, Part 2 §6.2
+ST_ATTEST_QUOTE = 0x8018  # TPM_ST_ATTEST_QUOTE, Part 2 §6.9
+ALG_SHA256 = 0x000B
+
+
+class QuoteRefused(VaultError):
+    """A quote that does not hold; `code` names the check (bad_quote, stale_quote, pcr_mismatch, unknown_ak)."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def p256_public(der_hex: Any, what: str = "TPM public key") -> ec.EllipticCurvePublicKey:
+    try:
+        key = serialization.load_der_public_key(bytes.fromhex(der_hex))
+    except (TypeError, ValueError):
+        raise VaultError(f"{what} is not a DER public key in hex") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
+        raise VaultError(f"{what} is not an ECC P-256 key")
+    return key
+
+
+def _point(key: ec.EllipticCurvePublicKey) -> bytes:
+    return key.public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
+
+
+def _wrap_key(z: bytes, epk: bytes, rpk: bytes, context: bytes) -> bytes:
+    hk = HKDF(algorithm=hashes.SHA256(), length=32, salt=epk + rpk, info=b"codemoat-wrap-p256-v1\x00" + context)
+    return hk.derive(z)
+
+
+def wrap_p256(recipient_der_hex: str, secret: bytes, context: bytes) -> dict[str, str]:
+    """Encrypt `secret` so that only the chip holding `recipient`'s private key can read it."""
+    rcpt = p256_public(recipient_der_hex)
+    eph = ec.generate_private_key(ec.SECP256R1())
+    epk = _point(eph.public_key())
+    k = _wrap_key(eph.exchange(ec.ECDH(), rcpt), epk, _point(rcpt), context)
+    nonce = os.urandom(12)
+    return {"alg": WRAP_ALG, "epk": b64e(epk), "nonce": b64e(nonce), "ct": b64e(AESGCM(k).encrypt(nonce, secret, context))}
+
+
+def unwrap_p256(zgen: Callable[[bytes], bytes], recipient_der_hex: str, wrapped: Any, context: bytes, what: str) -> bytes:
+    """Inverse of `wrap_p256`, with the ECDH half (`zgen(ephemeral point) -> Z`) done by the chip."""
+    if not isinstance(wrapped, dict) or wrapped.get("alg") != WRAP_ALG:
+        raise VaultError(f"{what}: not wrapped to a TPM key")
+    epk = b64d(wrapped.get("epk"), f"{what} epk")
+    nonce = b64d(wrapped.get("nonce"), f"{what} nonce")
+    ct = b64d(wrapped.get("ct"), f"{what} ciphertext")
+    if len(epk) != 65 or epk[0] != 4 or len(nonce) != 12:
+        raise VaultError(f"{what}: malformed wrapped key")
+    try:
+        ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), epk)  # on the curve, before the chip sees it
+    except ValueError:
+        raise VaultError(f"{what}: malformed wrapped key") from None
+    k = _wrap_key(zgen(epk), epk, _point(p256_public(recipient_der_hex)), context)
+    try:
+        return AESGCM(k).decrypt(nonce, ct, context)
+    except InvalidTag:
+        raise VaultError(f"{what}: cannot be unwrapped with this TPM's key") from None
+
+
+@dataclass(frozen=True)
+class QuoteInfo:
+    extra_data: bytes
+    clock: int
+    reset_count: int
+    restart_count: int
+    pcr_select: list[tuple[int, bytes]]
+    pcr_digest: bytes
+
+
+def parse_quote(attest: bytes) -> QuoteInfo:
+    """TPMS_ATTEST of a quote, field by field; anything else (or trailing bytes) is refused."""
+    try:
+        magic, typ = struct.unpack_from(">IH", attest, 0)
+        off = 6
+        (n,) = struct.unpack_from(">H", attest, off)
+        off += 2 + n  # qualifiedSigner
+        (n,) = struct.unpack_from(">H", attest, off)
+        extra = attest[off + 2: off + 2 + n]
+        off += 2 + n
+        clock, reset, restart, _safe = struct.unpack_from(">QIIB", attest, off)
+        off += 17 + 8  # clockInfo, firmwareVersion
+        (count,) = struct.unpack_from(">I", attest, off)
+        off += 4
+        sel = []
+        for _ in range(min(count, 16)):
+            alg, size = struct.unpack_from(">HB", attest, off)
+            sel.append((alg, attest[off + 3: off + 3 + size]))
+            off += 3 + size
+        (n,) = struct.unpack_from(">H", attest, off)
+        digest = attest[off + 2: off + 2 + n]
+        off += 2 + n
+    except struct.error:
+        raise QuoteRefused("bad_quote", "quote is truncated") from None
+    if magic != TPM_GENERATED or typ != ST_ATTEST_QUOTE or count > 16 or off != len(attest) or len(extra) > 64:
+        raise QuoteRefused("bad_quote", "quote is not a TPM-generated quote")
+    return QuoteInfo(extra, clock, reset, restart, sel, digest)
+
+
+def pcr_bitmap(pcrs: list[int]) -> bytes:
+    bits = bytearray(3)
+    for p in pcrs:
+        bits[p // 8] |= 1 << (p % 8)
+    return bytes(bits)
+
+
+def verify_quote(tpm: dict[str, Any], quote: Any, expected_data: bytes) -> QuoteInfo:
+    """The quote in a request, checked against the machine's registered TPM entry (AK and policy)."""
+    if not isinstance(quote, dict) or not all(isinstance(quote.get(k), str) for k in ("ak", "attest", "r", "s")):
+        raise QuoteRefused("bad_quote", "request carries no TPM quote (this license is bound to a TPM)")
+    if quote["ak"] != tpm.get("ak"):
+        raise QuoteRefused("unknown_ak", "quote is signed by an attestation key not registered for this license")
+    attest = b64d(quote["attest"], "quote")
+    r, s = b64d(quote["r"], "quote signature r"), b64d(quote["s"], "quote signature s")
+    if len(attest) > 1024 or not (0 < len(r) <= 32 and 0 < len(s) <= 32):
+        raise QuoteRefused("bad_quote", "quote is malformed")
+    try:
+        p256_public(tpm["ak"], "attestation key").verify(
+            encode_dss_signature(int.from_bytes(r, "big"), int.from_bytes(s, "big")), attest, ec.ECDSA(hashes.SHA256()))
+    except (InvalidSignature, ValueError):
+        raise QuoteRefused("bad_quote", "quote signature does not verify with the registered attestation key") from None
+    info = parse_quote(attest)
+    if info.extra_data != expected_data:
+        raise QuoteRefused("stale_quote", "quote is not over this request's nonce (stale or replayed)")
+    policy = tpm["policy"]
+    if info.pcr_select != [(ALG_SHA256, pcr_bitmap(policy["pcrs"]))]:
+        raise QuoteRefused("pcr_mismatch", f"quote covers other PCRs than the license's policy {policy['pcrs']}")
+    if info.pcr_digest.hex() != policy["digest"]:
+        raise QuoteRefused("pcr_mismatch", f"PCRs {policy['pcrs']} differ from the values recorded at provisioning "
+                                           "(tamper event or another boot state): the vendor must reprovision")
+    return info
