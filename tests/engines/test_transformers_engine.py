@@ -168,3 +168,27 @@ def test_empty_prompt_is_refused_like_llamacpp(eng):
         with pytest.raises(CodemoatError, match="the prompt is empty"):
             attempt()
     assert run(eng.complete(PROMPT, p)).completion_tokens == 3  # still serving
+
+
+class _Force:
+    def __init__(self, *tokens):
+        self.tokens, self.step = list(tokens), 0
+
+    def __call__(self, ids, logits):
+        if self.step < len(self.tokens):
+            logits = np.full_like(logits, -1e9)
+            logits[self.tokens[self.step]] = 0.0
+        self.step += 1
+        return logits
+
+
+def test_generated_special_tokens_are_not_text(eng):
+    """`<|fim_middle|>` never reaches an answer; a special token that a stop string names ends it."""
+    mid = eng.tokenize("<|fim_middle|>")[0]
+    word = eng.tokenize("return", special=False)[0]
+    out = run(eng.complete(PROMPT, SamplingParams(max_tokens=3, temperature=0, logits_processors=[_Force(word, mid, word)])))
+    assert "<|fim_middle|>" not in out.text and out.completion_tokens == 3
+    out = run(eng.complete(PROMPT, SamplingParams(max_tokens=5, temperature=0, stop=["<|file_sep|>"],
+                                                  logits_processors=[_Force(word, eng.tokenize("<|file_sep|>")[0], word)])))
+    assert out.finish_reason == "stop" and out.completion_tokens == 1
+

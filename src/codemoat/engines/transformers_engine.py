@@ -183,7 +183,8 @@ class TransformersEngine(WorkerEngine):
         return tok.encode(text, add_special_tokens=False).ids
 
     def detokenize(self, ids: Sequence[int]) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=False)
+        """Text of `ids` without special tokens (they are the template's, never the answer's)."""
+        return self._tok.decode(list(ids), skip_special_tokens=True)
 
     # -- worker -------------------------------------------------------------
     def _worker_setup(self) -> None:
@@ -225,8 +226,8 @@ class TransformersEngine(WorkerEngine):
                 vals = logits[seen]
                 logits[seen] = np.where(vals > 0, vals / params.repeat_penalty, vals * params.repeat_penalty)
             tok = sample_token(logits, params, rng)
-            if tok in self._eog:
-                reason = "stop"
+            if tok in self._eog or (tok in self._specials.values() and self._tok.id_to_token(tok) in params.stop):
+                reason = "stop"  # a special token is never text; one a stop string names ends the answer
                 break
             ids.append(tok)
             out_ids.append(tok)
