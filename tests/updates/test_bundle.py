@@ -10,7 +10,7 @@ import pytest
 
 from codemoat.errors import CodemoatError
 from codemoat.updates.bundle import Bundle, PREFIX
-from conftest import DAY
+from updhelp import DAY
 
 
 def test_model_bundle_installs_and_serves_under_its_license(shop, store):
@@ -123,7 +123,7 @@ def test_bundle_for_another_machine_or_customer_is_refused(shop, store):
 
 def test_bundle_from_another_vendor_is_refused(shop, store, tmp_path):
     from codemoat.vault.vendor import Vendor
-    from conftest import Shop
+    from updhelp import Shop
 
     lic = shop.license()
     store.apply(shop.release("1"), lic)

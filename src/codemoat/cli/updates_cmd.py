@@ -34,6 +34,7 @@ def vendor_release(
 ) -> None:
     """Build a signed update bundle of a model, an adapter or a knowledge pack for one customer."""
     from ..updates.release import release
+    from ..updates.store import label
     from ..vault.vendor import Vendor
 
     given = [(k, p) for k, p in (("model", model), ("adapter", adapter), ("knowledge-pack", knowledge_pack)) if p]
@@ -51,7 +52,7 @@ def vendor_release(
     d = {k: m[k] for k in ("bundle_id", "kind", "name", "version", "released_at", "replaces", "rollback_target",
                            "customer", "machines")} | {"file": str(out), "size": out.stat().st_size}
     emit(d, as_json, lambda d: console.print(
-        f"released {d['kind']} {d['name']} {d['version']} for {d['customer']} "
+        f"released {label(d)} for {d['customer']} "
         f"({len(d['machines'])} machine(s)) -> {out}", highlight=False, soft_wrap=True))
 
 
@@ -79,9 +80,12 @@ def update_verify(file: Annotated[Path, typer.Argument(help="An update bundle (.
                   as_json: JsonFlag = False) -> None:
     """Check a bundle without installing it: signature, customer, machine, support window, version, payload."""
     r = _store().verify(file, license)
+    from ..updates.store import label
+    from ..vault.clock import iso
+
     b = r["bundle"]
     emit(r, as_json, lambda d: console.print(
-        f"ok: {b['kind']} {b['name']} {b['version']} (released {b['released_at']}) may be installed; "
+        f"ok: {label(b)} (released {iso(b['released_at'])}) may be installed; "
         f"installed now: {d['installed'] or 'none'}; support until {d['support_until']}", highlight=False, soft_wrap=True))
 
 
@@ -94,10 +98,11 @@ def update_apply(
 ) -> None:
     """Install a bundle atomically (a crash leaves the previous version serving)."""
     from ..index.update import parse_groups
+    from ..updates.store import label
 
     r = _store().apply(file, license, parse_groups(groups) if groups else None)
     emit(r, as_json, lambda d: console.print(
-        f"installed {d['kind']} {d['name']} {d['version']}" + (f" (was {d['previous']})" if d["previous"] else "")
+        f"installed {label(d)}" + (f" (was {d['previous']})" if d["previous"] else "")
         + (f"; indexed {d['index']['chunks']} chunks as {d['index']['source']}" if d.get("index") else ""),
         highlight=False, soft_wrap=True))
 

@@ -32,7 +32,7 @@ from ..vault.license import License, check as check_license, check_trusted_vendo
 from ..vault.machine import MachineKey
 from ..vault.payload import open_payload
 from . import packs
-from .bundle import Bundle, BundleError, channel, parse_version, payload_context
+from .bundle import Bundle, BundleError, parse_version, payload_context
 
 CRASH_ENV = "CODEMOAT_UPDATE_CRASH_AT"  # tests only: os._exit() at a named step (needs PYTEST_CURRENT_TEST)
 STEPS = ("verified", "staged", "stored", "journaled", "switched", "indexed")
@@ -51,6 +51,11 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def label(m: dict[str, Any]) -> str:
+    """'model 2', 'adapter lora 1.1', 'knowledge-pack httpx 0.28'."""
+    return f"model {m['version']}" if m["kind"] == "model" else f"{m['kind']} {m['name']} {m['version']}"
 
 
 def support_end(body: dict[str, Any]) -> int:
@@ -173,7 +178,7 @@ class UpdateStore:
             raise BundleError(f"bundle needs codemoat {m['min_codemoat']} or newer; this is {__version__}")
         end = support_end(b)
         if m["released_at"] > end:
-            raise BundleError(f"{m['kind']} {m['name']} {m['version']} was released on {iso(m['released_at'])}, after "
+            raise BundleError(f"{label(m)} was released on {iso(m['released_at'])}, after "
                               f"your support ended on {iso(end)}: renew support (a renewed license unlocks it)")
         cur = self.current(bundle.channel)
         if cur is not None:

@@ -1,0 +1,64 @@
+"""Helpers for the update tests: the vendor's side (Shop) and the CLI as a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DAY = 86400
+
+
+class Shop:
+    """The vendor's side of a test: a customer sealed and licensed, bundles released on demand."""
+
+    def __init__(self, vendor, machine, gguf: Path, folder: Path):
+        self.vendor, self.machine, self.gguf, self.folder = vendor, machine, gguf, folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self.moat = folder / "acme-v1.moat"
+        vendor.seal(gguf, "acme", self.moat)
+        self.last, self.last_customer = None, None
+
+    def license(self, *, support_until: float | None = None, days: float = 30, machine=None, customer: str = "acme",
+                name: str | None = None, **kw) -> Path:
+        moat = self.moat
+        self.last_customer = customer
+        if customer != "acme":
+            moat = self.folder / f"{customer}.moat"
+            if not moat.exists():
+                self.vendor.seal(self.gguf, customer, moat)
+        doc = self.vendor.issue_license(
+            customer=customer, model=moat, machines=[(machine or self.machine).identity()],
+            expires=int(time.time() + days * DAY), support_until=None if support_until is None else int(support_until), **kw)
+        self.last = doc["license"]["id"]  # releases take this license's machines and terms
+        p = self.folder / (name or f"{doc['license']['id']}.lic")
+        p.write_text(json.dumps(doc))
+        return p
+
+    def release(self, version: str, kind: str = "model", source: Path | None = None, customer: str = "acme",
+                **kw) -> Path:
+        from codemoat.updates.release import release
+
+        out = self.folder / f"{customer}-{kind}-{version}-{time.monotonic_ns()}.moatpkg"
+        kw.setdefault("license_id", self.last if customer == self.last_customer else None)
+        release(self.vendor, customer=customer, kind=kind, source=source or self.gguf, version=version, out=out, **kw)
+        return out
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    e = dict(os.environ, **(env or {}))
+    e.pop("CODEMOAT_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", "codemoat.cli.main", *args], capture_output=True, text=True, env=e,
+                          timeout=timeout)
+
+
+def one_line_error(p: subprocess.CompletedProcess) -> str:
+    """A clean CLI failure: exit 1, one line on stderr, no traceback; returns that line."""
+    assert p.returncode == 1, (p.returncode, p.stdout, p.stderr)
+    assert "Traceback" not in p.stderr + p.stdout, p.stderr
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), p.stderr
+    return lines[0]
