@@ -72,7 +72,7 @@ __all__ = [  # the chain's names stay importable from here (serve, tests, bench 
 log = logging.getLogger("codemoat.audit")
 
 #: every kind of record the server writes
-KINDS = ("request", "unauthenticated", "alert", "egress_blocked", "rotation", "engine_crashed", "directory", "update")
+KINDS = ("request", "unauthenticated", "alert", "egress_blocked", "rotation", "engine_crashed", "directory", "update", "tamper")
 
 
 def check_kind(kind: str | None) -> str | None:

@@ -23,6 +23,7 @@ _MODULES = (
     "usage_cmd",
     "tco_cmd",
     "directory_cmd",
+    "tpm_cmd",
     "updates_cmd",
 )
 for _m in _MODULES:
