@@ -12,7 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "attest"))
 
-from swtpm_fixture import swtpm, swtpm_ca, swtpm_factory  # noqa: E402,F401
+from swtpm_fixture import *  # noqa: E402,F403  (the swtpm fixtures)
 
 from codemoat.attest.tpm import TAMPER_PCR  # noqa: E402
 from codemoat.vault.codec import VaultError  # noqa: E402

@@ -15,6 +15,13 @@ license id, machine id and nonce (the challenge's `client_nonce`), so a client a
 "revoked" unloads the model at once — only when the key server said it about this very request;
 anything else (a proxy's error page, an edited or replayed refusal) counts as "unreachable".
 
+A machine bound to a TPM (its license entry has a "tpm" block) also sends a TPM2_Quote by its
+attestation key over the license's PCRs, whose qualifyingData is SHA-256 over `QUOTE_DOMAIN` and
+the signed request (so the quote is as fresh as the nonce); the key is released only when the
+quote verifies (`tpmwrap.verify_quote`), its PCR digest is the policy's, and the TPM's reset count
+and clock have not gone backwards; the answer's keys are then wrapped to the chip's unwrap key.
+Each such refusal is signed like any other and appended to the vendor's `attestation.jsonl`.
+
 The server keeps no state for a caller it does not know: a challenge names a license on this
 server or is refused, and outstanding nonces live in one table of at most `MAX_NONCES` entries,
 the oldest evicted first (an evicted client asks for a new challenge).
@@ -22,9 +29,11 @@ the oldest evicted first (an evicted client asks for a new challenge).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +43,7 @@ import sqlalchemy as sa
 from .clock import Clock
 from .codec import VaultError, b64d, b64e, canonical, ed_public, sign, verify, wrap, x_public
 from .license import key_context
+from .tpmwrap import QuoteRefused, verify_quote, wrap_p256
 from .vendor import Vendor, leases_t
 
 NONCE_TTL = 60.0
@@ -44,6 +54,8 @@ ANSWER_DOMAIN = b"codemoat-lease-v1"
 REFUSAL_DOMAIN = b"codemoat-lease-refusal-v1"
 REFUSAL_FIELDS = ("code", "message", "license_id", "machine_id", "nonce", "server_time")
 REQUEST_FIELDS = ("license_id", "machine_id", "nonce", "client_time")
+QUOTE_DOMAIN = b"codemoat-lease-quote-v1"
+ATTEST_LOG = "attestation.jsonl"
 
 
 # Plain SQL (portable between SQLite and PostgreSQL): a lease is a hot path, and building
@@ -69,11 +81,17 @@ class LeaseDenied(VaultError):
         self.code, self.status = code, status
 
 
-TERMINAL = ("revoked", "expired", "unknown_license", "wrong_machine", "not_yet_valid")
+# pcr_mismatch (a tamper event) and unknown_ak (another chip) end serving at once, like a revocation.
+TERMINAL = ("revoked", "expired", "unknown_license", "wrong_machine", "not_yet_valid", "pcr_mismatch", "unknown_ak")
 
 
 def request_message(req: dict[str, Any]) -> bytes:
     return canonical({k: req[k] for k in REQUEST_FIELDS})
+
+
+def quote_data(req: dict[str, Any]) -> bytes:
+    """The qualifyingData a TPM quotes for a lease request: binds the quote to its nonce and ids."""
+    return hashlib.sha256(QUOTE_DOMAIN + b"\x00" + request_message(req)).digest()
 
 
 def _short(v: Any) -> str | None:
@@ -100,6 +118,8 @@ class KeyServer:
         self._docs: dict[str, _Licensed] = {}
         self._keys: dict[str, bytes] = {}
         self._wm: dict[str, bytes] = {}
+        self._tpm_clock: dict[tuple[str, str], tuple[int, int]] = {}  # (license, machine) -> (resetCount, clock)
+        self._attest_lock = threading.RLock()
 
     # -- nonces -------------------------------------------------------------
     def _new_nonce(self, license_id: str, ttl: float) -> str:
@@ -190,6 +210,8 @@ class KeyServer:
             )
         except VaultError:
             raise LeaseDenied("bad_signature", "lease request is not signed by the licensed machine's key", 401) from None
+        if entry.get("tpm") is not None:
+            entry = self._attested(lid, mid, req)
         now = self.clock.time()
         # One transaction reads the license's state and takes the seat, so a revocation or another
         # machine's allocation cannot slip in between.
@@ -203,11 +225,16 @@ class KeyServer:
                 raise LeaseDenied("not_yet_valid", f"license {lid} is not valid yet")
             ttl = min(row.lease_ttl, max(1, int(row.expires - now)))
             used = self._take_seat(c, lid, mid, row.seats, now, ttl)
-        rcpt = x_public(entry["x25519"], "machine x25519 key")
         # One wrap carries both keys: the content key, then the watermark key when the license has one.
         secret = self._content_key(lic.file_id)
         if lic.doc.get("watermark"):
             secret += self._watermark_key(lic.customer_id)
+        ctx = key_context("lease-keys", lid, b64d(req["nonce"]))
+        tpm = entry.get("tpm")
+        if tpm is not None:  # only that chip, with the policy's PCR values, can unwrap
+            keys = wrap_p256(tpm["unwrap"], secret, ctx)
+        else:
+            keys = wrap(x_public(entry["x25519"], "machine x25519 key"), secret, ctx)
         body = {
             "license_id": lid,
             "machine_id": mid,
@@ -217,11 +244,42 @@ class KeyServer:
             "grace": row.grace,
             "seats": row.seats,
             "seats_used": used,
-            "keys": wrap(rcpt, secret, key_context("lease-keys", lid, b64d(req["nonce"]))),
+            "keys": keys,
             # The nonce for this machine's next renewal: one round trip per heartbeat, still server-chosen.
             "next_nonce": self._new_nonce(lid, ttl + row.grace + NONCE_TTL),
         }
+        if tpm is not None:  # the policy the keys are sealed under (new values after a reprovision)
+            body["tpm"] = {"unwrap": tpm["unwrap"], "policy": tpm["policy"]}
         return {"lease": body, "signature": b64e(sign(self.vendor.keyserver_key, ANSWER_DOMAIN, canonical(body)))}
+
+    def _attested(self, lid: str, mid: str, req: dict[str, Any]) -> dict[str, Any]:
+        """The machine entry, once the request's quote holds; else a refusal, recorded vendor-side."""
+        for attempt in (0, 1):
+            entry = self._licensed(lid).machines[mid]
+            try:
+                info = verify_quote(entry["tpm"], req.get("quote"), quote_data(req))
+                break
+            except QuoteRefused as e:
+                if attempt == 0 and e.code in ("pcr_mismatch", "unknown_ak"):
+                    self._docs.pop(lid, None)  # the vendor may have reprovisioned since this was cached
+                    continue
+                self._record_refusal(lid, mid, e.code, str(e))
+                raise LeaseDenied(e.code, str(e)) from None
+        with self._attest_lock:
+            last = self._tpm_clock.get((lid, mid))
+            if last is not None and (info.reset_count, info.clock) < last:
+                msg = (f"TPM reset count or clock went backwards ({info.reset_count}/{info.clock} after "
+                       f"{last[0]}/{last[1]}): a restored or replayed TPM state")
+                self._record_refusal(lid, mid, "tpm_rollback", msg)
+                raise LeaseDenied("tpm_rollback", msg)
+            self._tpm_clock[(lid, mid)] = (info.reset_count, info.clock)
+        return entry
+
+    def _record_refusal(self, lid: str, mid: str, code: str, message: str) -> None:
+        line = json.dumps({"time": int(time.time()), "license_id": lid, "machine_id": mid, "code": code,
+                           "message": message}, separators=(",", ":"))
+        with self._attest_lock, open(self.vendor.root / ATTEST_LOG, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
 
     @staticmethod
     def _take_seat(c: sa.Connection, lid: str, mid: str, seats: int, now: float, ttl: int) -> int:

@@ -14,6 +14,11 @@ A refusal acts only when the key server signed it for this request (its license 
 nonce; a challenge carries a random `client_nonce` for that). An unsigned, mis-signed or replayed
 refusal — an on-path proxy answering "revoked" — is `Unreachable`: the model serves on through
 TTL + grace as in any outage. Each signed server time raises this machine's clock floor.
+
+On a machine bound to a TPM (its license entry has a "tpm" block) each lease request also carries
+a quote by the chip's attestation key over the license's PCRs (`keyserver.quote_data`), and the
+answer's keys are unwrapped with ECDH inside the chip, under the PCR policy the signed answer
+names (so a reprovisioned policy needs no new license file).
 """
 
 from __future__ import annotations
@@ -35,9 +40,10 @@ from .. import paths
 from .clock import Clock, ClockGuard, iso
 from .codec import VaultError, b64d, b64e, canonical, ed_public, sign, unwrap, verify
 from .container import content_key_id
-from .keyserver import ANSWER_DOMAIN, REFUSAL_DOMAIN, REQUEST_DOMAIN, TERMINAL, LeaseDenied, request_message
+from .keyserver import ANSWER_DOMAIN, REFUSAL_DOMAIN, REQUEST_DOMAIN, TERMINAL, LeaseDenied, quote_data, request_message
 from .license import License, key_context
 from .machine import MachineKey
+from .tpmwrap import unwrap_p256
 
 OUTBOUND = "outbound.jsonl"
 _log_lock = threading.Lock()
@@ -104,6 +110,8 @@ class LeaseClient:
         self.server_key = ed_public(lic.lease["server_key"], "key server public key")
         self._http = httpx.Client(timeout=timeout, transport=transport, trust_env=False)
         self._next_nonce: str | None = None
+        entry = next((m for m in lic.machines if m["id"] == machine.id), None)
+        self.tpm: dict[str, Any] | None = entry.get("tpm") if entry else None
 
     @property
     def destination(self) -> str:
@@ -172,7 +180,19 @@ class LeaseClient:
     def _signed_request(self, nonce: str, domain: bytes) -> dict[str, Any]:
         req = {"license_id": self.lic.id, "machine_id": self.machine.id, "nonce": nonce, "client_time": int(self.clock.time())}
         req["signature"] = b64e(sign(self.machine.ed25519, domain, request_message(req)))
+        if self.tpm is not None and domain == REQUEST_DOMAIN:
+            with self.machine.attestor() as a:
+                q = a.quote(self.tpm["policy"], quote_data(req))
+            req["quote"] = {"ak": self.tpm["ak"], "attest": b64e(q.attest), "r": b64e(q.r), "s": b64e(q.s)}
         return req
+
+    def _unwrap(self, wrapped: Any, context: bytes, tpm: Any) -> bytes:
+        if self.tpm is None:
+            return unwrap(self.machine.x25519, wrapped, context, "leased keys")
+        if not isinstance(tpm, dict) or not isinstance(tpm.get("unwrap"), str) or not isinstance(tpm.get("policy"), dict):
+            raise VaultError("key server answer names no TPM policy for a TPM-bound license")
+        with self.machine.attestor() as a:
+            return unwrap_p256(lambda p: a.zgen(tpm["policy"], p), tpm["unwrap"], wrapped, context, "leased keys")
 
     def _challenge(self) -> str:
         mine = b64e(secrets.token_bytes(18))
@@ -205,7 +225,7 @@ class LeaseClient:
         )
         if body.get("nonce") != nonce or body.get("license_id") != self.lic.id or body.get("machine_id") != self.machine.id:
             raise VaultError("key server answer is for another request (replayed)")
-        keys = unwrap(self.machine.x25519, body.get("keys"), key_context("lease-keys", self.lic.id, b64d(nonce)), "leased keys")
+        keys = self._unwrap(body.get("keys"), key_context("lease-keys", self.lic.id, b64d(nonce)), body.get("tpm"))
         key, wm = keys[:32], (keys[32:64] if len(keys) >= 64 else None)
         if content_key_id(key) != self.lic.model["key_id"]:
             raise VaultError("leased content key does not open the licensed model")

@@ -1,0 +1,139 @@
+"""Attested leases (a real swtpm, the real key server): a fresh quote or nothing is released."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "attest"))
+
+from swtpm_fixture import *  # noqa: E402,F403  (the swtpm fixtures)
+
+from codemoat.attest.tpm import TAMPER_PCR, TpmAttestor  # noqa: E402
+from codemoat.vault.codec import b64e  # noqa: E402
+from codemoat.vault.keyserver import ATTEST_LOG, REQUEST_DOMAIN, TERMINAL, KeyServer, LeaseDenied  # noqa: E402
+from codemoat.vault.lease import LeaseClient, outbound_path  # noqa: E402
+from codemoat.vault.license import License  # noqa: E402
+from codemoat.vault.machine import MachineKey  # noqa: E402
+from codemoat.vault.reprovision import reprovision  # noqa: E402
+from vaulthelp import bundle  # noqa: E402
+
+
+@pytest.fixture
+def model(tmp_path):
+    p = tmp_path / "m.gguf"
+    p.write_bytes(b"GGUF" + os.urandom(20_000))
+    return p
+
+
+def _tpm_machine(tcti: str) -> MachineKey:
+    MachineKey.load_or_create().enable_tpm(tcti, [TAMPER_PCR])
+    return MachineKey.load()
+
+
+def _lease_license(vendor, model, tmp_path, machine, url="http://127.0.0.1:9"):
+    _, lic, doc = bundle(vendor, model, tmp_path / "out", machine, mode="lease", keyserver=url, lease_ttl=10, grace=5)
+    return License.load(lic), doc
+
+
+def _refusals(vendor) -> list[dict]:
+    p = vendor.root / ATTEST_LOG
+    return [json.loads(x) for x in p.read_text().splitlines()] if p.exists() else []
+
+
+def test_attested_lease_over_http_quotes_the_nonce_and_unwraps_in_the_chip(vendor, model, tmp_path, swtpm, keyserver):
+    machine = _tpm_machine(swtpm.tcti)
+    lic, _ = _lease_license(vendor, model, tmp_path, machine, keyserver.url)
+    client = LeaseClient(lic, machine)
+    lease = client.acquire()
+    assert lease.content_key == vendor.content_key(lic.model["file_id"])
+    sent = [json.loads(x) for x in outbound_path().read_text().splitlines()]
+    body = json.loads(next(x["body"] for x in sent if x["destination"].endswith("/v1/lease") and x["body"]))
+    assert set(body["quote"]) == {"ak", "attest", "r", "s"}  # the customer sees the quote go out, nothing else
+    assert client.acquire().content_key == lease.content_key  # a renewal quotes again
+    client.close()
+
+
+def test_lease_without_a_quote_gets_a_signed_refusal_recorded_by_the_vendor(vendor, model, tmp_path, swtpm, keyserver):
+    machine = _tpm_machine(swtpm.tcti)
+    lic, _ = _lease_license(vendor, model, tmp_path, machine, keyserver.url)
+    client = LeaseClient(lic, machine)
+    nonce = httpx.post(keyserver.url + "/v1/lease/challenge", json={"license_id": lic.id}).json()["nonce"]
+    req = client._signed_request(nonce, REQUEST_DOMAIN)
+    del req["quote"]  # a machine key copied elsewhere can sign, but cannot quote
+    r = httpx.post(keyserver.url + "/v1/lease", json=req)
+    assert r.status_code == 403 and "lease" not in r.json()
+    err = client._refusal(r.json(), r.status_code, nonce, machine.id)
+    assert isinstance(err, LeaseDenied) and err.code == "bad_quote"  # signed and bound to this request
+    assert [x["code"] for x in _refusals(vendor)] == ["bad_quote"]
+    client.close()
+
+
+def _ks_request(ks: KeyServer, client: LeaseClient) -> dict:
+    return client._signed_request(ks.challenge(client.lic.id)["nonce"], REQUEST_DOMAIN)
+
+
+def test_each_bad_quote_is_refused_and_releases_nothing(vendor, model, tmp_path, swtpm_factory, vault_home, monkeypatch):
+    one, two = swtpm_factory(), swtpm_factory()
+    machine = _tpm_machine(one.tcti)
+    lic, _ = _lease_license(vendor, model, tmp_path, machine)
+    ks = KeyServer(vendor)
+    client = LeaseClient(lic, machine)
+    ok = ks.lease(_ks_request(ks, client))
+    assert ok["lease"]["keys"]["alg"] == "P256-HKDF-SHA256-A256GCM"
+
+    def refused(req: dict, code: str) -> None:
+        with pytest.raises(LeaseDenied) as e:
+            ks.lease(req)
+        assert e.value.code == code, str(e.value)
+
+    # a quote replayed onto a fresh nonce
+    old = _ks_request(ks, client)
+    fresh = _ks_request(ks, client)
+    refused(dict(fresh, quote=old["quote"]), "stale_quote")
+    # a signature edited
+    req = _ks_request(ks, client)
+    r = bytearray(__import__("base64").b64decode(req["quote"]["r"]))
+    r[0] ^= 1
+    refused(dict(req, quote=dict(req["quote"], r=b64e(bytes(r)))), "bad_quote")
+    # the same home on another chip (the TPM's AK is not the registered one)
+    monkeypatch.setenv("CODEMOAT_TPM_TCTI", two.tcti)
+    other = LeaseClient(lic, MachineKey.load())
+    other.tpm = dict(other.tpm)
+    with TpmAttestor(two.tcti) as a:
+        other.tpm["ak"] = a.identity([TAMPER_PCR])["ak"]
+    refused(_ks_request(ks, other), "unknown_ak")
+    # ...and claiming the registered AK: the signature cannot hold
+    other.tpm["ak"] = client.tpm["ak"]
+    refused(_ks_request(ks, other), "bad_quote")
+    monkeypatch.delenv("CODEMOAT_TPM_TCTI")
+    # the TPM's clock or reset count going backwards (a restored TPM state)
+    ks._tpm_clock[(lic.id, machine.id)] = (10**6, 0)
+    refused(_ks_request(ks, client), "tpm_rollback")
+    assert [x["code"] for x in _refusals(vendor)] == ["stale_quote", "bad_quote", "unknown_ak", "bad_quote", "tpm_rollback"]
+    assert {"pcr_mismatch", "unknown_ak"} <= set(TERMINAL)
+
+
+def test_tamper_ends_the_lease_and_reprovision_brings_it_back(vendor, model, tmp_path, swtpm, keyserver):
+    machine = _tpm_machine(swtpm.tcti)
+    lic, _ = _lease_license(vendor, model, tmp_path, machine, keyserver.url)
+    client = LeaseClient(lic, machine)
+    client.acquire()
+    with TpmAttestor(swtpm.tcti) as a:
+        a.extend(TAMPER_PCR, b"codemoat-tamper-v1\x00chassis opened")
+    with pytest.raises(LeaseDenied) as e:
+        client.acquire()
+    assert e.value.code == "pcr_mismatch" and e.value.code in TERMINAL  # the keeper unloads at once
+    assert _refusals(vendor)[-1]["code"] == "pcr_mismatch"
+
+    key = MachineKey.load()
+    fresh = dict(key.identity(), tpm=key.enable_tpm(swtpm.tcti, [TAMPER_PCR]))
+    reprovision(vendor, lic.id, fresh)
+    # the same .lic on the customer side: the signed answer names the new policy; the server re-read the license
+    assert client.acquire().content_key == vendor.content_key(lic.model["file_id"])
+    client.close()
