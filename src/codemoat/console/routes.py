@@ -120,8 +120,7 @@ async def overview(request: Request):
         "chart_acceptance": charts.lines(
             f"Acceptance rate a day, last {DAYS} days (%)",
             [lab[5:] for lab in labels],
-            {"acceptance %": [100 * (d.acceptance or 0) for d in days]},
-            unit="",
+            {"acceptance %": [None if d.acceptance is None else 100 * d.acceptance for d in days]},
         ),
         "chart_tokens": charts.bars(
             "Tokens a day (prompt + completion)", labels, [d.prompt_tokens + d.completion_tokens for d in days]
