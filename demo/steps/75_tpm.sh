@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# 75 — hardware-rooted keys: the machine's keys live in a TPM (here swtpm, a software TPM 2.0 on
+# 127.0.0.1), a lease is released only against a fresh quote, a copied data directory on another
+# chip is refused, and a tamper event locks the model until the vendor reprovisions.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
+
+if ! command -v swtpm >/dev/null || ! command -v swtpm_setup >/dev/null || ! "$PY" -c "import tpm2_pytss" 2>/dev/null; then
+  echo "   (skipped: needs Debian's swtpm and swtpm-tools, and tpm2-pytss: pip install -e '.[tpm]')"; exit 0
+fi
+
+MODEL=$(demo_model vault-tiny.gguf)
+V="$DEMO/vendor"
+[[ -f "$V/vendor.json" ]] || $CODEMOAT vendor init --vendor "$V" >/dev/null
+export CODEMOAT_HOME="$DEMO/tpm-home"   # this step's machine: its own data directory
+T="$DEMO/tpm"; mkdir -p "$T/ca"
+cat >"$T/ca/localca.conf" <<CONF
+statedir = $T/ca
+signingkey = $T/ca/signkey.pem
+issuercert = $T/ca/issuercert.pem
+certserial = $T/ca/certserial
+CONF
+printf 'create_certs_tool = /usr/bin/swtpm_localca\ncreate_certs_tool_config = %s\ncreate_certs_tool_options = /etc/swtpm-localca.options\nactive_pcr_banks = sha256\n' \
+  "$T/ca/localca.conf" >"$T/ca/setup.conf"
+
+PIDS=""; KS=""; SERVER=""
+trap 'kill $PIDS $KS $SERVER 2>/dev/null || true' EXIT
+start_tpm() {  # start_tpm NAME: a fresh chip (its own endorsement seed, an EK certificate); prints its TCTI
+  local dir="$T/$1" port
+  mkdir -p "$dir"
+  swtpm_setup --tpm2 --tpmstate "$dir" --create-ek-cert --config "$T/ca/setup.conf" >/dev/null
+  port=$("$PY" -c 'import socket
+while True:
+    s=socket.socket(); s.bind(("127.0.0.1",0)); p=s.getsockname()[1]
+    try: socket.socket().bind(("127.0.0.1",p+1)); print(p); break
+    except OSError: pass')
+  swtpm socket --tpm2 --tpmstate dir="$dir" --server type=tcp,port=$port,bindaddr=127.0.0.1 \
+    --ctrl type=tcp,port=$((port + 1)),bindaddr=127.0.0.1 --flags not-need-init,startup-clear >/dev/null 2>&1 &
+  PIDS="$PIDS $!"; sleep 0.3
+  echo "swtpm:host=127.0.0.1,port=$port"
+}
+
+say "customer: the machine's identity, made in the TPM (keys never leave the chip)"
+TPM1=$(start_tpm chip1)
+$CODEMOAT machine-id --tpm --tcti "$TPM1" --json >"$DEMO/tpm-machine.json"
+"$PY" - "$DEMO/tpm-machine.json" <<'PYEOF'
+import json, sys
+d = json.load(open(sys.argv[1]))["tpm"]
+print(f"   AK {d['ak'][-16:]}…  unwrap key {d['unwrap'][-16:]}…  EK certificate {len(d['ek_cert'])//2} bytes")
+print(f"   PCR policy: PCRs {d['policy']['pcrs']} = {d['policy']['digest'][:16]}… (recorded by the vendor)")
+PYEOF
+
+KPORT=$(free_port); SPORT=$(free_port)
+say "vendor: seal, and a lease license bound to that TPM (TTL 6 s, grace 4 s)"
+[[ -f "$DEMO/acme-tpm.moat" ]] || $CODEMOAT vendor seal "$MODEL" --vendor "$V" --customer ACME --out "$DEMO/acme-tpm.moat" --no-fingerprint >/dev/null
+$CODEMOAT keyserver --vendor "$V" --port "$KPORT" >>"$DEMO/tpm-keyserver.log" 2>&1 & KS=$!
+wait_healthy $KPORT 20
+$CODEMOAT vendor license issue --vendor "$V" --customer ACME --model "$DEMO/acme-tpm.moat" \
+  --machine "$DEMO/tpm-machine.json" --expires 30d --mode lease --keyserver "http://127.0.0.1:$KPORT" \
+  --lease-ttl 6s --grace 4s --out "$DEMO/acme-tpm.lic" --json >"$DEMO/tpm-issue.json"
+LIC=$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['id'])" "$DEMO/tpm-issue.json")
+
+say "customer: serve under an attested lease (each renewal: a quote of the key server's nonce)"
+TOKEN=$($CODEMOAT tokens create --name tpm-demo --json | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["token"])')
+$CODEMOAT serve --model "$DEMO/acme-tpm.moat" --license "$DEMO/acme-tpm.lic" --port "$SPORT" >"$DEMO/tpm-serve.log" 2>&1 &
+SERVER=$!
+wait_healthy $SPORT
+probe() {
+  "$PY" - "$SPORT" "$TOKEN" "$1" <<'PYEOF'
+import sys, httpx
+port, token, label = sys.argv[1:4]
+c = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {token}"}, timeout=60)
+r = c.post("/v1/completions", json={"model": "acme-tpm", "prompt": "def add(a, b):\n", "max_tokens": 8, "temperature": 0})
+lic = c.get("/health").json().get("license", {})
+what = repr(r.json()["choices"][0]["text"]) if r.status_code == 200 else r.json().get("error", {}).get("message", "")[:90]
+print(f"   {label:<22} HTTP {r.status_code}  lease {lic.get('lease_state')}  {what}")
+PYEOF
+}
+probe "attested lease:"
+
+say "an attacker copies the data directory (machine.key, tpm.json, license) to a machine with another TPM"
+TPM2=$(start_tpm chip2)
+cp -a "$CODEMOAT_HOME" "$DEMO/tpm-home-copy"
+CODEMOAT_HOME="$DEMO/tpm-home-copy" CODEMOAT_TPM_TCTI="$TPM2" \
+  $CODEMOAT verify --model "$DEMO/acme-tpm.moat" --license "$DEMO/acme-tpm.lic" 2>&1 | sed 's/^/   /' || true
+
+say "the chassis is opened: the sensor's handler raises a tamper event"
+$CODEMOAT appliance tamper-event --reason "chassis intrusion sensor" | sed 's/^/   /'
+sleep 4; probe "after tamper:"
+echo "   vendor sees: $(tail -1 "$V/attestation.jsonl")"
+
+say "vendor reprovisions (the same chip, new policy values); the next renewal serves again"
+$CODEMOAT machine-id --tpm --tcti "$TPM1" --json >"$DEMO/tpm-machine-2.json"
+$CODEMOAT vendor license reprovision "$LIC" --vendor "$V" --machine "$DEMO/tpm-machine-2.json" --out "$DEMO/acme-tpm-2.lic" | sed 's/^/   /'
+sleep 4; wait_healthy $SPORT 20; probe "after reprovision:"
