@@ -24,7 +24,8 @@ rows without the others.
 Quantised tensors (Q8_0, Q4_0, Q5_0, Q4_K, Q5_K, Q6_K) cannot take an additive mark of 1% of
 a row's RMS: their rounding step is larger than that, and re-rounding a marked value returns the
 original code. They carry a sparse mark in the integer codes instead (quant.py): in every segment
-of 2^20 weights, 64 positions P drawn from AES-256-CTR (key HKDF(secret, "sel" ‖ tensor name))
+of 2^20 weights (a smaller tensor: one segment, its size rounded up to a power of two), 64
+positions P drawn from AES-256-CTR (key HKDF(secret, "sel" ‖ tensor name))
 have their code moved by one step in the direction of a keyed sign b_k,
 
     q'_k = q_k + b_k · sign(step_k)     (k ∈ P; left alone where q'_k would leave the code range)
@@ -32,9 +33,10 @@ have their code moved by one step in the direction of a keyed sign b_k,
 with every block scale kept, so a changed weight moves by exactly one step |step_k|. The added
 error is one weight in 16,384 moved by one step, against the uniform ±step/2 rounding error every
 weight already has: step²/16,384 next to step²/12 of mean squared error, 0.07% of the
-quantisation's own noise. This is dithered quantisation index modulation (Chen & Wornell 2001,
-"Quantization index modulation", §IV) reduced to its simplest form; detect.py correlates the
-suspect's residual at P with b, so the rest of the tensor adds no noise to the score.
+quantisation's own noise. It is quantisation index modulation (Chen & Wornell 2001, "Quantization
+index modulation: a class of provably good methods for digital watermarking") in its simplest
+form, one step either way; trace_stream.py correlates the suspect's residual at P with b, so the
+rest of the tensor adds no noise to the score.
 
 Streaming. `stream_gguf(path, secret)` yields the marked file piece by piece (header, then each
 tensor in row blocks of ≤ 32 MiB of float32), reading with `pread`: memory stays at one row block
