@@ -200,8 +200,8 @@ class UpdateStore:
     def verify(self, path: Path, license_file: Path | None = None) -> dict[str, Any]:
         try:
             bundle = Bundle(path)
+            bundle.check_payload()  # integrity first: a damaged file says so, whatever else is wrong with it
             report = self.check(bundle, license_file)
-            bundle.check_payload()
             if bundle.kind != "model":
                 open_payload(bundle.read_payload(), bundle.manifest["keys"], self.machine, payload_context(bundle.manifest))
         except CodemoatError as e:
