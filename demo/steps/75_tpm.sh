@@ -23,8 +23,8 @@ CONF
 printf 'create_certs_tool = /usr/bin/swtpm_localca\ncreate_certs_tool_config = %s\ncreate_certs_tool_options = /etc/swtpm-localca.options\nactive_pcr_banks = sha256\n' \
   "$T/ca/localca.conf" >"$T/ca/setup.conf"
 
-PIDS=""; KS=""; SERVER=""
-trap 'kill $PIDS $KS $SERVER 2>/dev/null || true' EXIT
+KS=""; SERVER=""
+trap 'kill $KS $SERVER $(cat "$T"/*.pid 2>/dev/null) 2>/dev/null || true' EXIT
 start_tpm() {  # start_tpm NAME: a fresh chip (its own endorsement seed, an EK certificate); prints its TCTI
   local dir="$T/$1" port
   mkdir -p "$dir"
@@ -36,7 +36,7 @@ while True:
     except OSError: pass')
   swtpm socket --tpm2 --tpmstate dir="$dir" --server type=tcp,port=$port,bindaddr=127.0.0.1 \
     --ctrl type=tcp,port=$((port + 1)),bindaddr=127.0.0.1 --flags not-need-init,startup-clear >/dev/null 2>&1 &
-  PIDS="$PIDS $!"; sleep 0.3
+  echo $! >"$T/$1.pid"; sleep 0.3  # (this runs in $(...): the pid goes through a file)
   echo "swtpm:host=127.0.0.1,port=$port"
 }
 
