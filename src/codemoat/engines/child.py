@@ -62,6 +62,34 @@ def recv(stream) -> Any:
     return pickle.loads(data) if len(data) == n else None
 
 
+class Frames:
+    """The messages arriving on a socket, in batches: all that one `recv` brought (a reader that fell
+    behind catches up with one hand-off, not one per message)."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock, self.buf = sock, bytearray()
+
+    def batch(self) -> list[Any] | None:
+        """The next messages (at least one), or None once the socket has ended."""
+        while True:
+            out, pos, buf = [], 0, self.buf
+            while len(buf) - pos >= _HEADER.size:
+                (n,) = _HEADER.unpack_from(buf, pos)
+                end = pos + _HEADER.size + n
+                if len(buf) < end:
+                    break
+                out.append(pickle.loads(bytes(buf[pos + _HEADER.size : end])))
+                pos = end
+            if pos:
+                del buf[:pos]
+            if out:
+                return out
+            data = self.sock.recv(1 << 16)
+            if not data:
+                return None
+            buf += data
+
+
 def error_text(exc: BaseException) -> str:
     from ..errors import CodemoatError
     from .base import PromptTooLong

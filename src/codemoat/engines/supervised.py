@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import pickle
 import signal
 import socket
 import subprocess
@@ -38,7 +39,7 @@ import numpy as np
 
 from ..errors import CodemoatError, Unavailable
 from .base import Chunk, Engine, SamplingParams
-from .child import recv, send
+from .child import Frames, send
 from .memfd import MemfdBuffer
 
 log = logging.getLogger("codemoat.engines")
@@ -62,8 +63,8 @@ def describe_exit(code: int) -> str:
 class _Child:
     """One engine process and its socket."""
 
-    def __init__(self, proc: subprocess.Popen, sock: socket.socket, facts: dict[str, Any], stream):
-        self.proc, self.sock, self.facts, self.stream = proc, sock, facts, stream
+    def __init__(self, proc: subprocess.Popen, sock: socket.socket, facts: dict[str, Any], frames: Frames):
+        self.proc, self.sock, self.facts, self.frames = proc, sock, facts, frames
         self.started = time.monotonic()
         self._send_lock = threading.Lock()
 
@@ -169,7 +170,7 @@ class SupervisedEngine(Engine):
             )
         finally:
             theirs.close()
-        stream = ours.makefile("rb")
+        frames = Frames(ours)
         spec = {
             "engine": f"{self.engine_cls.__module__}:{self.engine_cls.__qualname__}",
             "path": self._path,
@@ -178,7 +179,8 @@ class SupervisedEngine(Engine):
         }
         try:
             send(ours, spec)
-            msg = recv(stream)
+            got = frames.batch()
+            msg = got[0] if got else None
         except OSError:
             msg = None
         if msg is None or msg[0] != "ready":
@@ -187,7 +189,7 @@ class SupervisedEngine(Engine):
             if msg is not None and msg[0] == "error":
                 raise CodemoatError(msg[1])
             raise _Died(code)
-        return _Child(proc, ours, msg[1], stream)
+        return _Child(proc, ours, msg[1], frames)
 
     def _launch(self) -> None:
         child = self._spawn()
@@ -206,21 +208,23 @@ class SupervisedEngine(Engine):
         requests = self._requests
         while True:
             try:
-                msg = recv(child.stream)
-            except (OSError, EOFError, ValueError):
-                msg = None
-            if msg is None:
+                batch = child.frames.batch()
+            except (OSError, EOFError, ValueError, pickle.UnpicklingError):
+                batch = None
+            if batch is None:
                 break
-            req = requests.get(msg[1])
-            if req is None:
-                continue  # cancelled, or its client left
-            kind = msg[0]
-            if kind == "chunk":
-                req.deliver(msg[2])
-            elif kind == "done":
-                req.deliver(CodemoatError(msg[2]) if msg[2] else None)
-            elif kind == "result":
-                req.deliver(CodemoatError(msg[3]) if msg[3] else msg[2])
+            bursts: dict[int, list[Any]] = {}  # one hand-off per request and batch
+            for msg in batch:
+                kind, rid = msg[0], msg[1]
+                if kind == "chunk":
+                    bursts.setdefault(rid, []).append(msg[2])
+                elif kind == "done":
+                    bursts.setdefault(rid, []).append(CodemoatError(msg[2]) if msg[2] else None)
+                elif kind == "result" and (req := requests.get(rid)) is not None:
+                    req.deliver(CodemoatError(msg[3]) if msg[3] else msg[2])
+            for rid, items in bursts.items():
+                if (req := requests.get(rid)) is not None:  # else cancelled, or its client left
+                    req.deliver(items)
         self._ended(child)
 
     def _ended(self, child: _Child) -> None:
@@ -345,17 +349,18 @@ class SupervisedEngine(Engine):
             except OSError:
                 raise Unavailable("the inference engine is restarting after a crash; retry in a moment") from None
             while True:
-                item = await req.queue.get()  # type: ignore[union-attr]
-                if isinstance(item, Chunk):
-                    yield item
-                    if item.finish_reason:
+                got = await req.queue.get()  # type: ignore[union-attr]
+                for item in got if isinstance(got, list) else (got,):
+                    if isinstance(item, Chunk):
+                        yield item
+                        if item.finish_reason:
+                            finished = True
+                            return
+                    else:
                         finished = True
+                        if item is not None:
+                            raise item
                         return
-                else:
-                    finished = True
-                    if item is not None:
-                        raise item
-                    return
         finally:
             self._requests.pop(rid, None)
             if not finished:
