@@ -101,7 +101,7 @@ def build_llama(path: Path, n_layer: int = 22, n_embd: int = 2048, n_ff: int = 8
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
     rng = np.random.default_rng(0)
-    for name, shape in shapes.items():
+    for shape in shapes.values():  # in the order of the infos
         if len(shape) == 1:
             w.write_tensor_data(np.ones(shape, np.float32))
             continue

@@ -54,8 +54,10 @@ def test_fingerprinted_model_still_loads_and_barely_changes(f16_model, marked):
         return np.asarray(m.scores[: len(ids)], dtype=np.float64)
 
     a, b = logits(f16_model), logits(marked["cust03"])
-    pa = np.exp(a - a.max(1, keepdims=True)); pa /= pa.sum(1, keepdims=True)
-    pb = np.exp(b - b.max(1, keepdims=True)); pb /= pb.sum(1, keepdims=True)
+    pa = np.exp(a - a.max(1, keepdims=True))
+    pa /= pa.sum(1, keepdims=True)
+    pb = np.exp(b - b.max(1, keepdims=True))
+    pb /= pb.sum(1, keepdims=True)
     kl = float(np.mean(np.sum(pa * (np.log(pa) - np.log(pb)), axis=1)))
     assert 0 < kl < 1e-2
 

@@ -158,7 +158,7 @@ class GGUFFile:
             os.close(self._fd)
             self._fd = -1
 
-    def __enter__(self) -> "GGUFFile":
+    def __enter__(self) -> GGUFFile:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -67,7 +67,7 @@ def trace_gguf(
         for t, how in plan:
             m = _LAYER.match(t.name)
             groups.setdefault(m.group(1) if m else t.name, []).append((t, how))
-        for key, group in groups.items():
+        for group in groups.values():
             if _LAYER.match(group[0][0].name):  # a layer: whole matrices, re-aligned
                 s = {t.name: S.matrix(S.by_name[t.name]) for t, _ in group}
                 o = {t.name: O.matrix(t) for t, _ in group}
