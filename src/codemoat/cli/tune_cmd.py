@@ -1,0 +1,85 @@
+"""`codemoat tune`: train a LoRA adapter on indexed repositories, evaluate it, seal it to this machine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .apps import app
+from .common import JsonFlag, console, emit
+
+
+@app.command("tune")
+def tune_command(
+    *,
+    repos: Annotated[str, typer.Option("--repos", help="Indexed repositories to tune on, comma-separated (NAME[,NAME]).")],
+    out: Annotated[Path, typer.Option("--out", help="Sealed adapter to write (ADAPTER.moat).")],
+    model: Annotated[Path | None, typer.Option("--model", help="Base GGUF (default: model.path of the configuration).")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="Configuration file (TOML).")] = None,
+    minutes: Annotated[float, typer.Option("--minutes", help="Training time budget in minutes.")] = 10.0,
+    steps: Annotated[int | None, typer.Option("--steps", help="Train exactly this many steps instead of a time budget.")] = None,
+    rank: Annotated[int, typer.Option("--rank", help="LoRA rank.")] = 16,
+    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate.")] = 2e-3,
+    device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
+    seed: Annotated[int, typer.Option("--seed", help="Seed for the split, the data order and the LoRA initialisation.")] = 0,
+    threads: Annotated[int | None, typer.Option("--threads", help="CPU threads for torch.")] = None,
+    eval_tokens: Annotated[int, typer.Option("--eval-tokens", help="Held-out tokens scored before and after.")] = 20_000,
+    as_json: JsonFlag = False,
+) -> None:
+    """Fine-tune the served model on the named repositories' indexed code; write a sealed LoRA adapter."""
+    from ..config import load_settings
+    from ..errors import CodemoatError
+    from ..tune.trainer import TuneOptions, tune
+
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise CodemoatError(f"--device must be cpu or cuda, got {device!r}")
+    if minutes <= 0 and not steps:
+        raise CodemoatError("--minutes must be positive")
+    base = model or (Path(p) if (p := load_settings(config).model.path) else None)
+    if base is None:
+        raise CodemoatError("no base model: pass --model PATH.gguf or set model.path in the configuration")
+    names = [n.strip() for n in repos.split(",") if n.strip()]
+    opts = TuneOptions(repos=names, out=out, base=base, minutes=minutes, steps=steps, rank=rank, lr=lr,
+                       device=device, seed=seed, threads=threads, eval_tokens=eval_tokens)
+    result = _run(opts, tune, quiet=as_json)
+    data = {"adapter": str(result.out), **result.meta}
+
+    def human(d: dict) -> None:
+        e = d["eval"]
+
+        def row(what: str) -> str:
+            b, a = e["bpb_base"][what], e["bpb_adapter"][what]
+            if b is None or a is None:
+                return f"  {what:<9} n/a"
+            return f"  {what:<9} {b:.3f} → {a:.3f} bits/byte ({(a - b) / b * 100:+.1f} %)"
+
+        t = d["train"]
+        console.print(f"[green]tuned[/green] {d['name']} on {', '.join(r['name'] for r in d['repos'])}: "
+                      f"{t['steps']} steps, {t['tokens']:,} tokens in {t['seconds']:.0f} s ({t['tok_per_s']:,.0f} tok/s)")
+        console.print("held-out bits/byte, base → base + adapter:\n" + row("tuned") + "\n" + row("unrelated"))
+        console.print(f"  sealed to this machine: {d['adapter']} ({d['size']['sealed']:,} bytes); "
+                      f"served to groups that may read {' and '.join(r['name'] for r in d['repos'])}")
+
+    emit(data, as_json, human)
+
+
+def _run(opts, tune, quiet: bool):
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
+                  TimeElapsedColumn(), console=console, disable=quiet, transient=False) as progress:
+        task = progress.add_task("preparing", total=1.0, info="")
+
+        def on_event(ev: dict) -> None:
+            if ev["kind"] == "stage":
+                info = " ".join(f"{k}={v}" for k, v in ev.items() if k not in ("kind", "stage"))
+                progress.update(task, description=ev["stage"], info=info)
+            elif ev["kind"] == "step":
+                hb = ev["heldout_bpb"]
+                progress.update(task, description=f"tune step {ev['step']}", completed=ev["progress"],
+                                info=f"loss {ev['loss']:.3f}  held-out {hb:.3f} bits/byte  {ev['tok_per_s']:,.0f} tok/s"
+                                if hb is not None else f"loss {ev['loss']:.3f}")
+
+        return tune(opts, on_event)

@@ -1,0 +1,63 @@
+"""Training text from the code index: only the named repositories, exactly the indexed bytes.
+
+Files are listed by the index (so `.gitignore`, include/exclude rules and the root confinement of
+`index add` apply) and read from the repository's root; a file whose content no longer matches its
+indexed hash is skipped (it was never reviewed as indexed), as is anything that resolves outside
+the root. The held-out split is by file (`train.corpus.split`), so no file is in both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import CodemoatError
+from ..index.store import RepoInfo, SqliteIndex
+from ..train.corpus import SourceFile
+
+
+@dataclass(frozen=True)
+class TuneCorpus:
+    repos: list[RepoInfo]
+    files: list[SourceFile]
+    skipped: int  # changed since indexing, unreadable, or outside the root
+
+
+def _read_inside(root: Path, rel: str) -> bytes | None:
+    p = (root / rel).resolve()
+    if p != root and root not in p.parents:
+        return None
+    try:
+        fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        return f.read()
+
+
+def load_corpus(names: list[str], index_path: Path | None = None) -> TuneCorpus:
+    """The indexed files of `names` (each must be indexed), as `SourceFile`s named `<repo>/<path>`."""
+    if not names:
+        raise CodemoatError("--repos needs at least one indexed repository")
+    store = SqliteIndex(index_path)
+    try:
+        repos = [store.repo(n) for n in dict.fromkeys(names)]
+        files: list[SourceFile] = []
+        skipped = 0
+        for r in repos:
+            root = Path(r.root).resolve()
+            for rel, (_fid, digest) in sorted(store.file_hashes(r.id).items()):
+                raw = _read_inside(root, rel)
+                if raw is None or hashlib.blake2b(raw, digest_size=16).hexdigest() != digest:
+                    skipped += 1
+                    continue
+                text = raw.decode("utf-8", "replace")
+                if text.strip():
+                    files.append(SourceFile(f"{r.name}/{rel}", text))
+    finally:
+        store.close()
+    if not files:
+        raise CodemoatError(f"no indexed code to tune on in {', '.join(names)} (run `codemoat index update`)")
+    return TuneCorpus(repos, files, skipped)

@@ -1,0 +1,84 @@
+"""An adapter sealed to this machine: the vault's container, signed and opened with the machine key.
+
+The plaintext is `adapter.json` (what it was trained on: base digest, repositories and their groups,
+evaluation) + `adapter.gguf` + `adapter_model.safetensors` + `adapter_config.json`, each a part of one
+`.moat` container. The container is signed with this machine's Ed25519 key (its `vendor_key` must be
+this machine's) and its content key is wrapped to this machine's X25519 key (kept in the first part's
+entry of the signed manifest), so the file opens only here and any changed byte is refused. Opened
+adapters live in memory; llama.cpp reads the GGUF from a memfd.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import CodemoatError
+from ..vault.codec import b64e, unwrap
+from ..vault.codec import wrap as wrap_key
+from ..vault.container import SealedFile, seal_bytes
+from ..vault.machine import MachineKey
+
+CONTEXT = b"codemoat-adapter-v1\x00"
+MODEL_PREFIX = "adapter:"
+
+
+@dataclass
+class Adapter:
+    meta: dict[str, Any]  # adapter.json
+    gguf: bytes
+    safetensors: bytes
+    peft_config: str
+    path: Path | None = None
+
+    @property
+    def name(self) -> str:
+        return self.meta["name"]
+
+    @property
+    def repos(self) -> list[str]:
+        return [r["name"] for r in self.meta["repos"]]
+
+
+def seal_adapter(adapter: Adapter, out: Path, machine: MachineKey | None = None) -> Path:
+    """Write `adapter` to `out`, readable only on this machine."""
+    machine = machine or MachineKey.load_or_create()
+    blobs = [("adapter.json", json.dumps(adapter.meta, sort_keys=True).encode()), ("adapter.gguf", adapter.gguf),
+             ("adapter_model.safetensors", adapter.safetensors), ("adapter_config.json", adapter.peft_config.encode())]
+    key = os.urandom(32)
+    file_id = os.urandom(16).hex()
+    parts, at = [], 0
+    for name, b in blobs:
+        parts.append({"name": name, "offset": at, "size": len(b)})
+        at += len(b)
+    parts[0]["wrapped_key"] = wrap_key(machine.x25519.public_key(), key, CONTEXT + file_id.encode())
+    out = Path(out)
+    seal_bytes(b"".join(b for _, b in blobs), out, signing_key=machine.ed25519, content_key=key,
+               model_id=MODEL_PREFIX + adapter.name, fmt="gguf", customer="local", customer_id=machine.id,
+               parts=parts, file_id=file_id)
+    return out
+
+
+def open_adapter(path: Path, machine: MachineKey | None = None) -> Adapter:
+    """The adapter sealed at `path`; refuses another machine's adapter, a model file, or any change."""
+    path = Path(path).expanduser()
+    sf = SealedFile(path)  # checks the signature against the key the manifest names
+    m = sf.manifest
+    if not str(m.model_id).startswith(MODEL_PREFIX):
+        raise CodemoatError(f"{path.name} is not a codemoat adapter (it holds {m.model_id!r})")
+    machine = machine or MachineKey.load()
+    if m.vendor_key != b64e(machine.ed25519_public) or m.customer_id != machine.id:
+        raise CodemoatError(f"{path.name} was not sealed on this machine ({machine.id})")
+    wrapped = m.parts[0].get("wrapped_key") if m.parts else None
+    key = unwrap(machine.x25519, wrapped, CONTEXT + m.file_id.encode(), "adapter key")
+    plain = bytes(sf.decrypt(key, check_sha256=True))
+    got = {p["name"]: plain[p["offset"] : p["offset"] + p["size"]] for p in m.parts}
+    try:
+        meta = json.loads(got["adapter.json"])
+        return Adapter(meta, got["adapter.gguf"], got["adapter_model.safetensors"],
+                       got["adapter_config.json"].decode(), path)
+    except (KeyError, ValueError):
+        raise CodemoatError(f"{path.name} is damaged: adapter parts are missing") from None

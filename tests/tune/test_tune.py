@@ -1,0 +1,131 @@
+"""`codemoat tune` on a real index and the bundled model: only the named repositories, split by file,
+evaluated before and after, sealed with what it was trained on; llama.cpp serves the GGUF adapter
+with the logits PEFT computes."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from codemoat.errors import CodemoatError
+from codemoat.index.store import SqliteIndex
+from codemoat.index.update import add_repository
+from codemoat.tune.corpus import load_corpus
+from tests.conftest import run_cli
+
+PAY = {
+    "payments/fees.py": "def interchange_fee(amount_cents: int) -> int:\n    return amount_cents * 15 // 1000\n" * 6,
+    "payments/checkout.py": "from payments.fees import interchange_fee\n\n\ndef total(c):\n    return c + interchange_fee(c)\n" * 5,
+    "payments/refunds.py": "def refund(amount_cents: int) -> int:\n    return -amount_cents\n" * 8,
+}
+SECRET = {"ops/keys.py": "ROOT_PASSWORD = 'hunter2-ops-only'\n" * 10}
+
+
+def _index(tmp_path: Path, name: str, files: dict[str, str], groups: list[str]) -> Path:
+    root = tmp_path / name
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    store = SqliteIndex()
+    add_repository(store, root, name, groups)
+    store.close()
+    return root
+
+
+def test_corpus_holds_only_the_named_repositories(tmp_path):
+    _index(tmp_path, "payments", PAY, ["payments"])
+    _index(tmp_path, "ops", SECRET, ["ops"])
+    c = load_corpus(["payments"])
+    assert sorted(f.path for f in c.files) == sorted(f"payments/{p}" for p in PAY)
+    assert not any("hunter2" in f.text for f in c.files)
+    assert [r.name for r in c.repos] == ["payments"] and c.repos[0].groups == ("payments",)
+
+
+def test_a_file_changed_since_indexing_is_not_trained_on(tmp_path):
+    root = _index(tmp_path, "payments", PAY, ["payments"])
+    (root / "payments/refunds.py").write_text("LEAKED = 'not reviewed'\n")
+    c = load_corpus(["payments"])
+    assert c.skipped == 1 and not any("LEAKED" in f.text for f in c.files)
+
+
+def test_a_symlink_swapped_in_after_indexing_is_not_followed(tmp_path):
+    root = _index(tmp_path, "payments", PAY, ["payments"])
+    outside = tmp_path / "outside.py"
+    outside.write_text(PAY["payments/fees.py"])  # same bytes, same hash: only the link check stops it
+    (root / "payments/fees.py").unlink()
+    os.symlink(outside, root / "payments/fees.py")
+    c = load_corpus(["payments"])
+    assert c.skipped == 1 and "payments/payments/fees.py" not in [f.path for f in c.files]
+
+
+def test_unknown_repository_is_one_line_error(tmp_path):
+    with pytest.raises(CodemoatError, match="no indexed repository named 'nope'"):
+        load_corpus(["nope"])
+    r = run_cli("tune", "--repos", "nope", "--out", str(tmp_path / "a.moat"), "--model", str(tmp_path / "m.gguf"))
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_tune_end_to_end(tmp_path, tiny_gguf):
+    """A short tune: the adapter records base digest, repositories and groups; held-out files are
+    not trained on; its GGUF loads in llama.cpp from a memfd and matches PEFT's logits."""
+
+    from codemoat.tune.base import file_sha256
+    from codemoat.tune.seal import open_adapter
+    from codemoat.tune.trainer import TuneOptions, tune
+
+    _index(tmp_path, "payments", PAY, ["payments", "finance"])
+    _index(tmp_path, "ops", SECRET, ["ops"])
+    out = tmp_path / "pay.moat"
+    res = tune(TuneOptions(repos=["payments"], out=out, base=tiny_gguf, steps=3, rank=4, batch_size=1, n_ctx=128,
+                           eval_tokens=200, threads=2, lr=5e-3))
+    a = open_adapter(out)
+    assert a.meta["base"]["sha256"] == file_sha256(tiny_gguf)
+    assert a.meta["repos"] == [{"name": "payments", "groups": ["finance", "payments"]}]
+    held = set(a.meta["train"]["heldout_files"])
+    assert held and held < {f"payments/{p}" for p in PAY}
+    ev = a.meta["eval"]
+    for k in ("tuned", "unrelated"):
+        assert ev["bpb_base"][k] > 0 and ev["bpb_adapter"][k] > 0
+    assert ev["bpb_adapter"]["tuned"] != ev["bpb_base"]["tuned"]
+    assert res.meta["train"]["steps"] == 3
+
+    assert json.loads(a.peft_config)["r"] == 4
+
+
+@pytest.mark.slow
+def test_gguf_adapter_in_llamacpp_matches_peft(tiny_gguf):
+    """llama.cpp with the GGUF adapter (from a memfd) gives PEFT's logits; a wrong q/k permutation,
+    an A/B swap or a wrong alpha would not (the adapter moves the logits far more than the tolerance)."""
+    import llama_cpp
+    import numpy as np
+    import torch
+
+    from codemoat.tune.base import load_base
+    from codemoat.tune.lora import gguf_bytes, wrap
+
+    base = load_base(tiny_gguf, n_ctx=128)
+    ids = base.tokenizer.encode("def interchange_fee(amount_cents: int) -> int:", add_special_tokens=False).ids
+    with torch.no_grad():
+        plain = base.model(input_ids=torch.tensor([ids])).logits[0].numpy()
+    model = wrap(base.model, 4, 8.0)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.08)
+        want = model(input_ids=torch.tensor([ids])).logits[0].numpy()
+    fd = os.memfd_create("adapter")
+    try:
+        os.write(fd, gguf_bytes(model, base.hf_config, 8.0, "t"))
+        llm = llama_cpp.Llama(str(tiny_gguf), lora_path=f"/proc/self/fd/{fd}", n_ctx=128, logits_all=True, verbose=False)
+        llm.eval(ids)
+        got = np.array(llm.scores[: len(ids)])
+    finally:
+        os.close(fd)
+    err = np.abs(got - want).max()
+    assert err < 0.05, err
+    assert np.abs(plain - want).max() > 20 * max(err, 0.05)  # the adapter really changes the output
