@@ -62,3 +62,9 @@ def one_line_error(p: subprocess.CompletedProcess) -> str:
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:"), p.stderr
     return lines[0]
+
+
+def create_token(*extra: str) -> str:
+    r = run_cli("tokens", "create", "--json", *extra)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)["token"]

@@ -120,11 +120,35 @@ class ModelHolder:
 
     def set(self, engine: Engine) -> None:
         engine.on_incident = self.report
+        _track(engine)
         with self._lock:
             old, self._engine = self._engine, engine
             self.state, self.reason = "loaded", ""
         if old is not None and old is not engine:
             old.close()
+
+    def swap(self, new: Engine, check: Callable[[Engine], Any] | None = None, *, settle_s: float = 1.0,
+             drain_s: float = 600.0) -> Engine | None:
+        """Serve `new` from now on without dropping a request (an applied update bundle).
+
+        `check(new)` runs first (a fixed prompt must produce tokens); if it raises, `new` is closed
+        and the current engine keeps serving (the error goes to the caller). Then new requests get
+        `new`, while the old engine finishes the streams it has in flight and is closed afterwards
+        (after `settle_s`, once none is left, at most `drain_s`). Returns the old engine."""
+        try:
+            if check is not None:
+                check(new)
+        except BaseException:
+            new.close()
+            raise
+        new.on_incident = self.report
+        _track(new)
+        with self._lock:
+            old, self._engine = self._engine, new
+            self.state, self.reason = "loaded", ""
+        if old is not None and old is not new:
+            threading.Thread(target=_retire, args=(old, settle_s, drain_s), name="retire-engine", daemon=True).start()
+        return old
 
     def load(self) -> Engine:
         """(Re)load through the loader given at construction."""
@@ -151,3 +175,36 @@ class ModelHolder:
 
     def close(self) -> None:
         self.unload("server shutting down")
+
+
+def _track(engine: Engine) -> None:
+    """Count the engine's streams in flight (`engine.in_flight`), so a swapped-out engine is closed only when idle."""
+    if getattr(engine, "in_flight", None) is not None:
+        return
+    engine.in_flight = 0  # type: ignore[attr-defined]
+    inner = engine.stream
+
+    async def stream(prompt: Any, params: Any) -> Any:
+        engine.in_flight += 1  # type: ignore[attr-defined]
+        try:
+            async for chunk in inner(prompt, params):
+                yield chunk
+        finally:
+            engine.in_flight -= 1  # type: ignore[attr-defined]
+
+    engine.stream = stream  # type: ignore[method-assign]
+
+
+def _retire(old: Engine, settle_s: float, drain_s: float) -> None:
+    """Close a swapped-out engine once the requests that already hold it are done."""
+    import time
+
+    time.sleep(settle_s)  # a request that took the engine just before the swap reaches its stream
+    deadline = time.monotonic() + drain_s
+    while getattr(old, "in_flight", 0) > 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        old.close()
+    except Exception:
+        log.exception("closing the swapped-out engine failed")
+

@@ -31,3 +31,37 @@ def open_model(settings: Settings) -> ModelHolder:
     holder.status.path, holder.status.size = str(path), path.stat().st_size if path.is_file() else 0
     holder.load()
     return holder
+
+
+PROBE_PROMPT = "def add(a, b):\n    return"
+
+
+def probe(engine) -> None:
+    """The health check of a freshly loaded engine: a fixed prompt must produce tokens."""
+    import asyncio
+
+    from .base import SamplingParams
+
+    done = asyncio.run(engine.complete(PROBE_PROMPT, SamplingParams(max_tokens=4, temperature=0.0, top_p=1.0, top_k=1,
+                                                                    repeat_penalty=1.0, stop=[], seed=0)))
+    if done.completion_tokens < 1:
+        raise CodemoatError("the new model produced no tokens for the health-check prompt")
+
+
+def swap_model(holder: ModelHolder, settings: Settings, path: Path, license: Path | None) -> dict:
+    """Load `path` beside the served model, health-check it and make it the one served (`holder.swap`);
+    in-flight requests finish on the old engine. On any failure the old one keeps serving."""
+    import time
+
+    t0 = time.monotonic()
+    s = settings.model_copy(deep=True)
+    s.model.path, s.model.license = str(path), str(license) if license else None
+    fresh = open_model(s)
+    if fresh.status.license is not None and fresh.status.license.license_mode == "lease":
+        fresh.close()
+        raise CodemoatError("a lease-licensed model is swapped by restarting the server")
+    engine, fresh._engine = fresh.get(), None  # detached: `holder` owns it from here
+    holder.swap(engine, probe)
+    holder.watermark_key = fresh.watermark_key
+    holder.status.path, holder.status.size, holder.status.license = fresh.status.path, fresh.status.size, fresh.status.license
+    return {"model": holder.model_id, "path": str(path), "seconds": round(time.monotonic() - t0, 3)}

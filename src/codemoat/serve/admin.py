@@ -117,3 +117,38 @@ async def outbound(request: Request, _p=admin):
     from ..audit.outbound import read_outbound
 
     return {"outbound": await anyio.to_thread.run_sync(read_outbound)}
+
+
+@router.post("/admin/api/model/swap")
+async def model_swap(request: Request, _p=admin) -> JSONResponse:
+    """Serve the model `codemoat update apply` installed last (or `{"model", "license"}` given in the body)
+    without a restart: loaded beside the current one, health-checked, swapped in; in-flight requests
+    finish on the old model. A failed load or check leaves the old model serving (the error is returned)."""
+    from pathlib import Path
+
+    from ..engines.loader import swap_model
+    from ..errors import CodemoatError
+
+    body: Any = {}
+    if await request.body():
+        try:
+            body = await request.json()
+        except ValueError:
+            raise CodemoatError("the body must be JSON: {\"model\": PATH, \"license\": PATH}, or empty") from None
+    if not isinstance(body, dict):
+        raise CodemoatError("the body must be a JSON object")
+    model, lic = body.get("model"), body.get("license")
+    version = None
+    if model is None:
+        from ..updates.store import UpdateStore
+
+        rows = [r for r in await anyio.to_thread.run_sync(lambda: UpdateStore().list())
+                if r["channel"] == "model" and r["current"]]
+        if not rows:
+            raise CodemoatError("no model bundle is installed (`codemoat update apply FILE`)")
+        model, lic, version = rows[0]["model"], rows[0]["license"], rows[0]["version"]
+    if not isinstance(model, str) or (lic is not None and not isinstance(lic, str)):
+        raise CodemoatError("model and license are paths")
+    holder, settings = request.app.state.holder, request.app.state.service.settings
+    out = await anyio.to_thread.run_sync(lambda: swap_model(holder, settings, Path(model), Path(lic) if lic else None))
+    return JSONResponse(dict(out, version=version))
