@@ -69,7 +69,7 @@ def rows(engine: Engine, f: Filters):
             yield to_public(r._asdict())
 
 
-RECENT = 200_000  # alerts are looked for in the newest records only: the page stays fast on a long log
+RECENT = 50_000  # alerts are looked for in the newest records only: the page stays fast on a long log
 
 
 def alerts(engine: Engine, limit: int = 20) -> dict[str, list[dict[str, Any]]]:

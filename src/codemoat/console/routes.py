@@ -138,7 +138,9 @@ async def _people(request: Request, s, *, created: dict | None = None, error: st
     users = await _run(acc.list_users)
     groups = await _run(acc.list_groups)
     toks = await _run(acc.list_tokens)
-    per_user = {r.key: r for r in (await _run(report, _engine(request), by="user", since=time.time() - DAYS * 86400)).rows}
+    per_user = {
+        r.key: r for r in (await _run(report, _engine(request), by="user", since=time.time() - DAYS * 86400, summary=False)).rows
+    }
     return page(
         request,
         "people.html",

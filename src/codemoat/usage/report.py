@@ -90,8 +90,11 @@ def report(
     user: str | None = None,
     language: str | None = None,
     now: float | None = None,
+    summary: bool = True,
 ) -> Report:
-    """Usage since `since` (epoch seconds; None: all), one row per `by` value, newest day first for `by="day"`."""
+    """Usage since `since` (epoch seconds; None: all), one row per `by` value, newest day first for `by="day"`.
+
+    `summary=False` computes the rows only (total, latency, active and engaged users left empty)."""
     if by not in BY:
         raise CodemoatError(f"cannot group usage by {by!r}: choose one of {', '.join(BY)}")
     now = time.time() if now is None else now
@@ -146,13 +149,18 @@ def report(
             row = rows.setdefault(str(r.k), Row(str(r.k)))
             row.views, row.selects, row.dismisses = _one(r.views), _one(r.selects), _one(r.dismisses)
             row.accepted_chars, row.accepted_lines = _one(r.chars), _one(r.lines)
-        total = _total(c, where)
-        latency = _latency(c, where)
-        active = {f"{d}d": _active(c, now - d * 86400, user) for d in WINDOWS}
-        engaged = {f"{d}d": _engaged(c, now - d * 86400, user) for d in WINDOWS}
-        unmatched = _one(
-            c.execute(sa.select(sa.func.count()).select_from(events).where(events.c.matched.is_(False), *where(events))).scalar()
-        )
+        if not summary:
+            total, latency, active, engaged, unmatched = Row("total"), {}, {}, {}, 0
+        else:
+            total = _total(c, where)
+            latency = _latency(c, where)
+            active = {f"{d}d": _active(c, now - d * 86400, user) for d in WINDOWS}
+            engaged = {f"{d}d": _engaged(c, now - d * 86400, user) for d in WINDOWS}
+            unmatched = _one(
+                c.execute(
+                    sa.select(sa.func.count()).select_from(events).where(events.c.matched.is_(False), *where(events))
+                ).scalar()
+            )
     ordered = (
         sorted(rows.values(), key=lambda r: r.key, reverse=True)
         if by == "day"
@@ -226,7 +234,7 @@ def daily(engine: Engine, days: int = 30, *, now: float | None = None) -> list[R
     from .store import day_of
 
     now = time.time() if now is None else now
-    rep = report(engine, by="day", since=now - days * 86400, now=now)
+    rep = report(engine, by="day", since=now - days * 86400, now=now, summary=False)
     have = {r.key: r for r in rep.rows}
     out = []
     for i in range(days - 1, -1, -1):
