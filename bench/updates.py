@@ -8,8 +8,11 @@ hits all alike (all from the page cache, as the bundle is after being copied off
   copied and SHA-256-hashed in one pass, fsynced, the installed model's license checked, the
   rename-based switch), then uninstalled again for the next round;
 - verify+apply: `UpdateStore.verify` (a full read and hash) and then `apply`.
+With --swap: a real `codemoat serve` on a sealed model, 16 clients streaming completions in a loop,
+model v2 applied and swapped in through POST /admin/api/model/swap: failed requests (target 0), p99
+latency during the swap window vs before, and the time from the swap call to v2 serving.
 Results go to bench/results/updates.md (target: verify+apply / copy <= 1.5).
-Usage: .venv/bin/python bench/updates.py [--size-mib 1024] [--rounds 3]
+Usage: .venv/bin/python bench/updates.py [--size-mib 1024] [--rounds 3] [--swap] [--skip-copy]
 """
 
 from __future__ import annotations
@@ -30,7 +33,16 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size-mib", type=int, default=1024)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--swap", action="store_true", help="also measure the swap under 16 streaming clients")
+    ap.add_argument("--skip-copy", action="store_true", help="only the swap (keeps the copy table already written)")
     args = ap.parse_args()
+    swap_lines = swap_bench() if args.swap else []
+    if args.skip_copy:
+        out = ROOT / "bench" / "results" / "updates.md"
+        old = out.read_text().split("\n## Swap")[0].rstrip("\n") if out.exists() else ""
+        out.write_text(old + "\n\n" + "\n".join(swap_lines) + "\n")
+        print("\n".join(swap_lines))
+        return
     work = Path(tempfile.mkdtemp(prefix="bench-updates-"))
     os.environ["CODEMOAT_HOME"] = str(work / "home")
     from codemoat.updates.release import release
@@ -98,10 +110,131 @@ def main() -> None:
                   "the block just read (SHA-256 against the signed digest), then fsynced; verify is a separate full",
                   "read and hash. The target is verify+apply / copy <= 1.5."]
         out = ROOT / "bench" / "results" / "updates.md"
-        out.write_text("\n".join(lines) + "\n")
+        out.write_text("\n".join(lines + ([""] + swap_lines if swap_lines else [])) + "\n")
         print("\n".join(lines))
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def swap_bench(clients: int = 16) -> list[str]:
+    """16 streaming clients against a real server while v2 is applied and swapped in."""
+    import json
+    import subprocess
+    import threading
+
+    import httpx
+
+    work = Path(tempfile.mkdtemp(prefix="bench-swap-"))
+    env = dict(os.environ, CODEMOAT_HOME=str(work / "home"))
+    os.environ["CODEMOAT_HOME"] = env["CODEMOAT_HOME"]
+    from codemoat.updates.release import release
+    from codemoat.updates.store import UpdateStore
+    from codemoat.vault.machine import MachineKey
+    from codemoat.vault.vendor import Vendor
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from tinymodel import build_tiny_gguf
+
+    model = ROOT / "models" / "codemoat-tiny.gguf"
+    if not model.is_file():
+        model = build_tiny_gguf(work / "tiny.gguf")
+    cli = [sys.executable, "-m", "codemoat.cli.main"]
+    machine = MachineKey.load_or_create()
+    v = Vendor.init(work / "vendor")
+    moat = work / "v1.moat"
+    v.seal(model, "acme", moat)
+    doc = v.issue_license(customer="acme", model=moat, machines=[machine.identity()], expires=int(time.time()) + 86400)
+    lic = work / "acme.lic"
+    lic.write_text(json.dumps(doc))
+    bundle = work / "v2.moatpkg"
+    release(v, customer="acme", kind="model", source=model, version="2", out=bundle)
+    v.close()
+
+    def token(*extra: str) -> str:
+        r = subprocess.run([*cli, "tokens", "create", "--json", *extra], env=env, capture_output=True, text=True, check=True)
+        return json.loads(r.stdout)["token"]
+
+    user, admin = token("--name", "dev"), token("--name", "ops", "--scopes", "admin")
+    import socket
+
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    log = open(work / "serve.log", "w")
+    srv = subprocess.Popen([*cli, "serve", "--model", str(moat), "--license", str(lic), "--host", "127.0.0.1",
+                            "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        model_id = httpx.get(f"{url}/health", headers={"Authorization": f"Bearer {admin}"}).json()["model"]
+        stop, lock = threading.Event(), threading.Lock()
+        rows: list[tuple[float, float, bool]] = []  # (start, latency, ok)
+
+        def run() -> None:
+            body = {"model": model_id, "prompt": "def fibonacci(n):\n", "max_tokens": 16, "temperature": 0.0,
+                    "stream": True}
+            with httpx.Client(timeout=120) as c:
+                while not stop.is_set():
+                    t = time.monotonic()
+                    try:
+                        with c.stream("POST", f"{url}/v1/completions", json=body,
+                                      headers={"Authorization": f"Bearer {user}"}) as r:
+                            text = "".join(r.iter_text())
+                        ok = r.status_code == 200 and "[DONE]" in text and '"error"' not in text
+                    except httpx.HTTPError:
+                        ok = False
+                    with lock:
+                        rows.append((t, time.monotonic() - t, ok))
+
+        threads = [threading.Thread(target=run) for _ in range(clients)]
+        for t in threads:
+            t.start()
+        time.sleep(10)
+        t_apply = time.monotonic()
+        UpdateStore(machine=machine).apply(bundle, lic)
+        t_swap = time.monotonic()
+        r = httpx.post(f"{url}/admin/api/model/swap", headers={"Authorization": f"Bearer {admin}"}, timeout=600)
+        t_done = time.monotonic()
+        time.sleep(10)
+        stop.set()
+        for t in threads:
+            t.join()
+    finally:
+        srv.terminate()
+        srv.wait(30)
+        log.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+    def p99(xs: list[float]) -> float:
+        xs = sorted(xs)
+        return xs[min(len(xs) - 1, int(0.99 * len(xs)))] if xs else float("nan")
+
+    before = [lat for t, lat, _ in rows if t + lat < t_apply]
+    during = [lat for t, lat, _ in rows if t < t_done and t + lat > t_swap]
+    after = [lat for t, lat, _ in rows if t > t_done]
+    failed = sum(1 for *_, ok in rows if not ok)
+    return [
+        "## Swap under load",
+        "",
+        f"`.venv/bin/python bench/updates.py --swap` : a real `codemoat serve` (sealed bundled model, default engine "
+        f"isolation), {clients} clients streaming 16-token completions in a loop; after 10 s model v2 is applied "
+        "(`UpdateStore.apply`) and swapped in (`POST /admin/api/model/swap`, HTTP "
+        f"{r.status_code}); 10 s more.",
+        "",
+        "| requests | failed | p99 before (s) | p99 during the swap (s) | p99 after (s) | apply (s) | swap call until v2 serves (s) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+        f"| {len(rows)} | {failed} | {p99(before):.2f} | {p99(during):.2f} | {p99(after):.2f} | {t_swap - t_apply:.2f} "
+        f"| {t_done - t_swap:.2f} |",
+        "",
+        "The swap call returns once v2 is loaded beside v1, has answered the health-check prompt and takes new",
+        "requests; v1 finishes its in-flight streams and is closed after them.",
+    ]
 
 
 if __name__ == "__main__":
