@@ -38,6 +38,10 @@ def test_tabby_events_become_an_acceptance_rate_that_survives_a_restart(serve_pr
     with httpx.Client(base_url=server.url, timeout=60, headers={"Authorization": f"Bearer {eve}"}) as c:
         for i in ids:
             assert c.post("/v1/events", json={"type": "select", "completion_id": i, "choice_index": 0}).status_code == 200
+    scraper = create_token("--name", "prom", "--user", "prom", "--scopes", "metrics")
+    m = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {scraper}"}, timeout=60).text
+    assert 'codemoat_usage_acceptance_ratio{window="1d"} 0.3333' in m and 'codemoat_usage_engaged_users{window="28d"} 1.0' in m
+    assert 'codemoat_usage_completions{window="7d"} 3.0' in m
     server.stop()
 
     r = run_cli("usage", "report", "--by", "language", "--json")

@@ -35,6 +35,7 @@ from ..audit.redact import redact
 from ..config import Settings
 from ..db import open_db
 from ..usage import UsageStore
+from ..usage.metrics import UsageCollector
 from . import admin
 from .auditing import AuditMiddleware
 from .auth import principal_of
@@ -72,6 +73,7 @@ class Trust:
         self.alarms = Alarms(AlarmPolicy(throttle_rpm=int(getattr(settings.audit, "alarm_throttle_rpm", 0) or 0)))
         self.alarms.seed(self.log)  # each user's own baseline survives a restart
         self.metrics = Metrics(self.live)
+        self.metrics.registry.register(UsageCollector(engine))  # acceptance, active users: the usage tables at scrape time
         self.unauthenticated = FailureTally()
         self._templates: list | None = None
         self.in_flight = 0
@@ -167,6 +169,8 @@ class Trust:
                 self.metrics.secrets.labels(k).inc()
         if usage.event:
             detail["event"] = usage.event
+        if usage.adapter:
+            detail["adapter"] = usage.adapter
         if note or usage.note:
             detail["note"] = note or usage.note
         retain = self.settings.audit.retain_text
