@@ -29,17 +29,49 @@ $CODEMOAT vendor release --vendor "$V" --customer ACME --knowledge-pack "$PACK" 
 say "customer: model v2 was released after support ended -> refused (installed things keep working)"
 refused $CODEMOAT update apply "$U/model-v2.moatpkg" --license "$U/lapsed.lic"
 
-say "vendor: support renewed for a year (a new license); customer: the waiting bundles now install"
+say "vendor: support renewed for a year (a new license); the customer serves v1 under it"
 $CODEMOAT vendor license issue --vendor "$V" --customer ACME --model "$U/acme-v1.moat" --machine "$U/machine.json" \
   --expires 365d --support-until 365d --out "$U/renewed.lic" --force
+PORT=$(free_port)
+$CODEMOAT serve --model "$U/acme-v1.moat" --license "$U/renewed.lic" --host 127.0.0.1 --port "$PORT" >"$U/serve.log" 2>&1 &
+SERVE=$!
+trap 'kill $SERVE 2>/dev/null || true' EXIT
+wait_healthy "$PORT" 120
+USER_T=$($CODEMOAT tokens create --name updates-dev --json | "$PY" -c "import json,sys; print(json.load(sys.stdin)['token'])")
+ADMIN_T=$($CODEMOAT tokens create --name updates-ops --scopes admin --json | "$PY" -c "import json,sys; print(json.load(sys.stdin)['token'])")
+LIC1=$(curl -s -H "Authorization: Bearer $ADMIN_T" "http://127.0.0.1:$PORT/health" | "$PY" -c "import json,sys; print(json.load(sys.stdin)['license']['license_id'])")
+
+say "customer: while a client streams completions, the waiting bundles install and v2 is swapped in"
+rm -f "$U/stop"
+"$PY" - "$PORT" "$USER_T" "$U/stop" >"$U/client.txt" <<'PYEOF' &
+import os, sys, httpx
+port, token, stop = sys.argv[1:]
+h = {"Authorization": f"Bearer {token}"}
+model = httpx.get(f"http://127.0.0.1:{port}/health", headers=h).json()["model"]
+ok = failed = 0
+with httpx.Client(timeout=120) as c:
+    while not os.path.exists(stop) or ok + failed == 0:
+        with c.stream("POST", f"http://127.0.0.1:{port}/v1/completions", headers=h,
+                      json={"model": model, "prompt": "def fib(n):\n", "max_tokens": 12, "stream": True}) as r:
+            text = "".join(r.iter_text())
+        good = r.status_code == 200 and "[DONE]" in text and '"error"' not in text
+        ok, failed = ok + good, failed + (not good)
+print(ok, failed)
+PYEOF
+CLIENT=$!
 $CODEMOAT update verify "$U/model-v2.moatpkg" --license "$U/renewed.lic"
 $CODEMOAT update apply "$U/model-v2.moatpkg" --license "$U/renewed.lic"
 $CODEMOAT update apply "$U/httpx.moatpkg" --groups everyone
+curl -sf -X POST -H "Authorization: Bearer $ADMIN_T" "http://127.0.0.1:$PORT/admin/api/model/swap"; echo
+sleep 2
+touch "$U/stop"; wait $CLIENT
+read -r OK FAILED <"$U/client.txt"
+echo "   streaming client across the apply and the swap: $OK completions, $FAILED failed"
+[[ "$FAILED" == 0 ]] || { echo "!! requests failed across the swap"; exit 1; }
+LIC2=$(curl -s -H "Authorization: Bearer $ADMIN_T" "http://127.0.0.1:$PORT/health" | "$PY" -c "import json,sys; print(json.load(sys.stdin)['license']['license_id'])")
+echo "   serving license before: $LIC1, now: $LIC2 (v2 came with its own)"
 $CODEMOAT update list
-
-say "the installed v2 serves under the license it came with"
-MOAT=$($CODEMOAT update list --json | "$PY" -c "import json,sys; print([r['model'] for r in json.load(sys.stdin) if r['channel']=='model' and r['current']][0])")
-$CODEMOAT verify --model "$MOAT" --license "${MOAT%.moat}.lic"
+kill $SERVE 2>/dev/null || true
 
 say "attacks, each refused in one line"
 $CODEMOAT vendor release --vendor "$V" --customer ACME --model "$MODEL" --version 1.5 --no-fingerprint --out "$U/model-v1.5.moatpkg" >/dev/null
