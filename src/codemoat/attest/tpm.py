@@ -52,6 +52,7 @@ class TpmAttestor:
     def __init__(self, tcti: str = DEVICE_TCTI):
         self.tcti = tcti
         self._ctx: Any = None
+        self._unwrap_keys: dict[str, tuple[Any, Any]] = {}  # policy digest -> (handle, public), flushed on exit
 
     # -- connection ---------------------------------------------------------
     def __enter__(self) -> TpmAttestor:
@@ -65,8 +66,13 @@ class TpmAttestor:
 
     def __exit__(self, *exc: Any) -> None:
         if self._ctx is not None:
-            self._ctx.close()
-            self._ctx = None
+            try:
+                for h, _ in self._unwrap_keys.values():
+                    self._ctx.flush_context(h)
+            finally:
+                self._unwrap_keys.clear()
+                self._ctx.close()
+                self._ctx = None
 
     @property
     def ctx(self) -> Any:
@@ -96,11 +102,16 @@ class TpmAttestor:
             c.flush_context(sess)
 
     def _unwrap_key(self, policy: dict[str, Any]) -> tuple[Any, Any]:
+        """The unwrap key for `policy`, derived once per connection (held until `__exit__` flushes it)."""
         pt = _pt()
-        tmpl = pt.TPM2B_PUBLIC.parse("ecc256", objectAttributes=self._attrs("DECRYPT"),
-                                     authPolicy=self.policy_digest(policy))
-        h, pub, *_ = self.ctx.create_primary(None, tmpl, pt.ESYS_TR.ENDORSEMENT)
-        return h, pub
+        ck = ",".join(map(str, sorted(policy["pcrs"]))) + ":" + policy["digest"]
+        got = self._unwrap_keys.get(ck)
+        if got is None:
+            tmpl = pt.TPM2B_PUBLIC.parse("ecc256", objectAttributes=self._attrs("DECRYPT"),
+                                         authPolicy=self.policy_digest(policy))
+            h, pub, *_ = self.ctx.create_primary(None, tmpl, pt.ESYS_TR.ENDORSEMENT)
+            got = self._unwrap_keys[ck] = (h, pub)
+        return got
 
     def _ak(self) -> tuple[Any, Any]:
         pt = _pt()
@@ -124,12 +135,12 @@ class TpmAttestor:
         """Public keys (DER SubjectPublicKeyInfo, hex), the EK certificate where present, and the policy."""
         policy = self.current_policy(pcrs)
         out: dict[str, Any] = {"kind": self.kind, "policy": policy}
-        for name, make in (("unwrap", lambda: self._unwrap_key(policy)), ("ak", self._ak)):
-            h, pub = make()
-            try:
-                out[name] = pub.to_der().hex()
-            finally:
-                self.ctx.flush_context(h)
+        out["unwrap"] = self.unwrap_public(policy)
+        h, pub = self._ak()
+        try:
+            out["ak"] = pub.to_der().hex()
+        finally:
+            self.ctx.flush_context(h)
         out.update(self._ek())
         return out
 
@@ -157,9 +168,7 @@ class TpmAttestor:
 
     def unwrap_public(self, policy: dict[str, Any]) -> str:
         """The unwrap key this chip derives for `policy` (DER hex): equal to a license's only on the same chip."""
-        h, pub = self._unwrap_key(policy)
-        self.ctx.flush_context(h)
-        return pub.to_der().hex()
+        return self._unwrap_key(policy)[1].to_der().hex()
 
     def zgen(self, policy: dict[str, Any], point: bytes) -> bytes:
         """ECDH's Z (the x coordinate) of the unwrap key and an uncompressed P-256 `point`, in the chip."""
@@ -183,7 +192,6 @@ class TpmAttestor:
             return bytes(out.point.x)
         finally:
             c.flush_context(sess)
-            c.flush_context(h)
 
     def quote(self, policy: dict[str, Any], data: bytes) -> Quote:
         """TPM2_Quote by the AK over the policy's PCRs, with `data` (at most 64 bytes) as qualifyingData."""

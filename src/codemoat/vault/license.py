@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -239,18 +240,15 @@ def wrap_keys(entry: dict[str, Any], lid: str, content_key: bytes, watermark_key
             "watermark_key": w(watermark_key, key_context("watermark-key", lid)) if watermark_key else None}
 
 
-def tpm_unwrapper(machine: MachineKey, entry: dict[str, Any]) -> Any:
-    """`unwrap(wrapped, context, what)` for a TPM-bound entry: refuses another chip before asking for ECDH."""
+def tpm_unwrapper(attestor: Any, entry: dict[str, Any]) -> Any:
+    """`unwrap(wrapped, context, what)` through an open TPM: refuses another chip before asking for ECDH."""
     t = entry["tpm"]
-    attestor = machine.attestor()
+    if attestor.unwrap_public(t["policy"]) != t["unwrap"]:
+        raise VaultError(f"license is sealed to another TPM (its unwrap key is not in this chip at "
+                         f"{attestor.tcti}): a copied data directory, or another machine")
 
     def unwrap_tpm(wrapped: Any, context: bytes, what: str) -> bytes:
-        with attestor as a:
-            here = a.unwrap_public(t["policy"])
-            if here != t["unwrap"]:
-                raise VaultError(f"license is sealed to another TPM (its unwrap key is not in this chip at "
-                                 f"{a.tcti}): a copied data directory, or another machine")
-            return unwrap_p256(lambda p: a.zgen(t["policy"], p), t["unwrap"], wrapped, context, what)
+        return unwrap_p256(lambda p: attestor.zgen(t["policy"], p), t["unwrap"], wrapped, context, what)
 
     return unwrap_tpm
 
@@ -316,14 +314,15 @@ def check(lic: License, sealed: SealedFile, machine: MachineKey, guard: ClockGua
         raise VaultError(f"license expired on {iso(b['expires'])}")
     content = wm = None
     if b["mode"] == "offline":
-        if entry.get("binding") == "tpm":
-            opened = tpm_unwrapper(machine, entry)
-        else:
-            def opened(wrapped: Any, context: bytes, what: str) -> bytes:
-                return unwrap(machine.x25519, wrapped, context, what)
-        content = opened(b["keys"]["content_key"], key_context("content-key", b["id"]), "content key")
-        if content_key_id(content) != m.key_id:
-            raise VaultError("license content key does not open this sealed file")
-        if b["keys"].get("watermark_key") is not None:
-            wm = opened(b["keys"]["watermark_key"], key_context("watermark-key", b["id"]), "watermark key")
+        with ExitStack() as stack:  # a TPM is opened once for both keys
+            if entry.get("binding") == "tpm":
+                opened = tpm_unwrapper(stack.enter_context(machine.attestor()), entry)
+            else:
+                def opened(wrapped: Any, context: bytes, what: str) -> bytes:
+                    return unwrap(machine.x25519, wrapped, context, what)
+            content = opened(b["keys"]["content_key"], key_context("content-key", b["id"]), "content key")
+            if content_key_id(content) != m.key_id:
+                raise VaultError("license content key does not open this sealed file")
+            if b["keys"].get("watermark_key") is not None:
+                wm = opened(b["keys"]["watermark_key"], key_context("watermark-key", b["id"]), "watermark key")
     return Grant(lic, entry, content, wm, now)
