@@ -76,7 +76,7 @@ def source(n_lines: int) -> str:
     return "".join(f"    total = total + values[{i}] * weight_{i % 7}  # step {i}\n" for i in range(n_lines))
 
 
-async def typing(engine, fim, rounds: int) -> dict:
+async def typing(engine, fim, rounds: int, requests: int = 6) -> dict:
     """Requests as an editor sends them while typing: the prefix grows, the suffix stays."""
     text, suffix = source(40), source(8)
     times = {"native": [], "aligned": []}
@@ -85,7 +85,7 @@ async def typing(engine, fim, rounds: int) -> dict:
         for name, fn in (("native", native), ("aligned", ALIGNED)) if r % 2 == 0 else (("aligned", ALIGNED), ("native", native)):
             LlamaCppEngine._eval_aligned = fn
             engine.logits("x")  # a cold cache for each variant's series
-            for k in range(6):
+            for k in range(requests):
                 p = prompts.build_fim(engine, fim, prompts.FimInput(text + f"    x{k} = total + {k}", suffix), 8)
                 times[name].append(await run(engine, p.ids, 8))
             # the same prompt after that series, and on a fresh cache: equal logits?
@@ -104,9 +104,11 @@ async def fitting(engine, fim, rounds: int) -> dict:
     extra = [FileSnippet(f"src/mod{i}.py", source(30)) for i in range(4)]
     big = prompts.FimInput(source(160), source(40), extra=extra)
     trimmed = prompts.build_fim(engine, fim, big, 64)
-    small = prompts.FimInput(
-        engine.detokenize(trimmed.ids[: len(trimmed.ids) // 2]), engine.detokenize(trimmed.ids[len(trimmed.ids) // 2 :])
-    )
+    body = trimmed.ids[1:] if trimmed.ids[:1] == engine.encode([], bos=True) else trimmed.ids
+    if fim is None:  # no FIM tokens: the prompt is the prefix alone
+        small = prompts.FimInput(engine.detokenize(body))
+    else:
+        small = prompts.FimInput(engine.detokenize(body[: len(body) // 2]), engine.detokenize(body[len(body) // 2 :]))
     out = {"trimmed": [], "fitting": []}
     build = {"trimmed": [], "fitting": []}
     sizes = {}
@@ -130,6 +132,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", type=Path, default=None)
     ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--requests", type=int, default=6, help="requests per typing series")
     ap.add_argument("--n-ctx", type=int, default=2048)
     ap.add_argument("--threads", type=int, default=1, help="llama.cpp threads (1: steadier on a shared machine)")
     a = ap.parse_args()
@@ -138,7 +141,7 @@ def main() -> None:
     n_ctx = engine.n_ctx  # capped by the model's training context
     fim = detect_fim(engine.metadata, engine.has_token)
     t0 = time.perf_counter()
-    ty = asyncio.run(typing(engine, fim, a.rounds))
+    ty = asyncio.run(typing(engine, fim, a.rounds, a.requests))
     fi = asyncio.run(fitting(engine, fim, a.rounds))
     took = time.perf_counter() - t0
     engine.close()
@@ -148,11 +151,11 @@ def main() -> None:
         f"Model `{model.name}`, n_ctx {n_ctx}, {a.threads} thread(s) of {os.cpu_count()} cores (load average "
         f"{os.getloadavg()[0]:.1f} at the end), FIM template {fim.name if fim else 'none (suffix dropped)'}, ALIGN {llamacpp.ALIGN}, "
         f"{a.rounds} alternating rounds, {took:.0f} s. Command: `.venv/bin/python bench/prompts.py --model {model} "
-        f"--rounds {a.rounds} --n-ctx {a.n_ctx} --threads {a.threads}`.",
+        f"--rounds {a.rounds} --requests {a.requests} --n-ctx {a.n_ctx} --threads {a.threads}`.",
         "",
         "## Greedy reproducibility: aligned evaluation vs any cached prefix",
         "",
-        "Six FIM requests per series as an editor sends them while typing (the prefix grows, 8 greedy tokens each).",
+        f"{a.requests} FIM requests per series as an editor sends them while typing (the prefix grows, 8 greedy tokens each).",
         "",
         "| KV-cache reuse | median s per request | same prompt, warm vs cold cache: equal logits | requests |",
         "| --- | --- | --- | --- |",
