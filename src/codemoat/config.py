@@ -45,6 +45,8 @@ class ModelSettings(BaseModel):
     fim_template: str | None = Field(None, description="Fill-in-the-middle template (qwen, deepseek, starcoder, codellama, codegemma); default: detected from the model.")
     chat_template: str | None = Field(None, description="Jinja2 chat template overriding the model's own.")
     max_tokens_limit: int = Field(4096, ge=1, description="Largest max_tokens a request may ask for; also caps a chat answer that sets no limit.")
+    adapters: list[str] = Field(default_factory=list, description="LoRA adapters made by `codemoat tune` (sealed .moat files of this machine); "
+                                "a request gets one only when its user may read every repository it was trained on (llama.cpp engine).")
     default_max_tokens: int = Field(64, ge=1, description="max_tokens of a completion (FIM, Tabby, /infill, OpenAI completions) that sets none; "
                                     "a chat answer without a limit (OpenAI, Ollama) generates until its stop token or the context is full.")
 

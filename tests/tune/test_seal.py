@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from codemoat.errors import CodemoatError
-from codemoat.tune.seal import Adapter, open_adapter, seal_adapter
+from codemoat.engines.adapters import Adapter, open_adapter, seal_adapter
 from codemoat.vault.machine import MachineKey
 
 

@@ -74,7 +74,7 @@ def test_tune_end_to_end(tmp_path, tiny_gguf):
     not trained on; its GGUF loads in llama.cpp from a memfd and matches PEFT's logits."""
 
     from codemoat.tune.base import file_sha256
-    from codemoat.tune.seal import open_adapter
+    from codemoat.engines.adapters import open_adapter
     from codemoat.tune.trainer import TuneOptions, tune
 
     _index(tmp_path, "payments", PAY, ["payments", "finance"])

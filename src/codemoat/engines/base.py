@@ -64,6 +64,8 @@ class SamplingParams:
     # llama.cpp server's `n_indent`: a generated line after the first whose indentation (spaces and
     # tabs) is less than this ends generation, cut before its first other character. 0: off.
     n_indent: int = 0
+    # the LoRA adapter this request is served with (a name the engine loaded; None: the base model)
+    adapter: str | None = None
 
 
 FinishReason = Literal["stop", "length", "cancelled"]

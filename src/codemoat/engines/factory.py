@@ -35,6 +35,15 @@ def build_engine(
             source.close(zero=True)
         raise
     opts = engine_options(settings, model_id)
+    if settings.model.adapters:  # LoRA adapters made by `codemoat tune`; which request gets one is serve's choice
+        from .adapters import adapter_options
+
+        try:
+            opts["adapters"] = adapter_options(settings.model.adapters, cls.name, source)
+        except BaseException:
+            if isinstance(source, MemfdBuffer):
+                source.close(zero=True)
+            raise
     if settings.model.isolation == "process" and cls.isolatable:
         from .supervised import SupervisedEngine
 

@@ -9,6 +9,7 @@ completions in one file cheap.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import random
 import threading
@@ -112,6 +113,7 @@ class LlamaCppEngine(WorkerEngine):
         n_batch: int = 512,
         cpu_buffers: str = "auto",
         use_extra_bufts: bool | None = None,
+        adapters: dict[str, str] | None = None,
     ):
         """`cpu_buffers` ("auto", "extra", "safe") picks llama.cpp's CPU buffer types (`cpu.choose`);
         `use_extra_bufts` given as a bool overrides it (a supervisor falling back to the safe path)."""
@@ -138,6 +140,13 @@ class LlamaCppEngine(WorkerEngine):
         self._lib = llama_cpp
         self._vocab = self._llm._model.vocab
         self._special_cache: dict[str, bool] = {}
+        self._loras: dict[str, Any] = {}
+        self._lora_active: str | None = None
+        for name, lora_path in (adapters or {}).items():  # sealed adapters, each from a memfd (engines.adapters)
+            ptr = llama_cpp.llama_adapter_lora_init(self._llm._model.model, lora_path.encode())
+            if not ptr:
+                raise CodemoatError(f"adapter {name!r} does not fit model {self.model_id}")
+            self._loras[name] = ptr
         self._start_worker(f"llamacpp-{self.model_id}")
 
     @property
@@ -149,7 +158,7 @@ class LlamaCppEngine(WorkerEngine):
 
     # -- construction -----------------------------------------------------
     @classmethod
-    def from_path(cls, path: str | Path, **kw: Any) -> "LlamaCppEngine":
+    def from_path(cls, path: str | Path, **kw: Any) -> LlamaCppEngine:
         p = Path(path)
         if not p.is_file():
             raise CodemoatError(f"model file not found: {p}")
@@ -157,14 +166,14 @@ class LlamaCppEngine(WorkerEngine):
         return cls(str(p), **kw)
 
     @classmethod
-    def from_memfd(cls, buf: MemfdBuffer, **kw: Any) -> "LlamaCppEngine":
+    def from_memfd(cls, buf: MemfdBuffer, **kw: Any) -> LlamaCppEngine:
         """Load from plaintext held in a sealed memfd; `close()` zeroes and frees it."""
         if not buf.sealed:
             buf.seal()
         return cls(buf.path, memfd=buf, **kw)
 
     @classmethod
-    def from_buffer(cls, buf: MemfdBuffer, parts: Any = None, **kw: Any) -> "LlamaCppEngine":
+    def from_buffer(cls, buf: MemfdBuffer, parts: Any = None, **kw: Any) -> LlamaCppEngine:
         """A decrypted GGUF in `buf` (the `Engine` contract; a GGUF is one part)."""
         if parts and not any(name.endswith(".gguf") for name in parts):
             buf.close(zero=True)
@@ -173,12 +182,12 @@ class LlamaCppEngine(WorkerEngine):
         return cls.from_memfd(buf, **kw)
 
     @classmethod
-    def from_bytes(cls, data: bytes | bytearray | memoryview, **kw: Any) -> "LlamaCppEngine":
+    def from_bytes(cls, data: bytes | bytearray | memoryview, **kw: Any) -> LlamaCppEngine:
         """Load a GGUF held in memory: copied into a sealed memfd, never written to a disk path."""
         return cls.from_memfd(MemfdBuffer.from_bytes(data), **kw)
 
     @classmethod
-    def front(cls, path: str, *, model_id: str | None = None, **_: Any) -> "LlamaCppEngine":
+    def front(cls, path: str, *, model_id: str | None = None, **_: Any) -> LlamaCppEngine:
         """Tokenizer and metadata only (a vocab-only llama: no weights, no worker), for the server
         side of a supervised engine; generating with it is refused."""
         import llama_cpp
@@ -244,6 +253,7 @@ class LlamaCppEngine(WorkerEngine):
     def _generate(self, prompt_ids: list[int], params: SamplingParams, emit: Callable[[Chunk], None], cancel: threading.Event) -> None:
         """Runs on the worker: sample tokens with llama.cpp's sampler chain, cut at stop strings."""
         llm = self._model
+        self._use_adapter(getattr(params, "adapter", None))
         llm.set_seed(params.seed if params.seed is not None else random.getrandbits(31))
         lp = self._lib.LogitsProcessorList(list(params.logits_processors)) if params.logits_processors else None
         cutter = StopCutter(params.stop, emit, params.n_indent, params.time_limit_ms)
@@ -291,6 +301,26 @@ class LlamaCppEngine(WorkerEngine):
             gen.close()
         cutter.finish(reason)
 
+    def _use_adapter(self, name: str | None) -> None:
+        """Runs on the worker: this request's LoRA adapter (None: the base) on the context, through
+        llama.cpp's per-context adapter set. The KV cache was computed under the previous set, so a
+        change empties it: no token of one adapter's cache is reused under another."""
+        if name == self._lora_active:
+            return
+        if name is not None and name not in self._loras:
+            raise CodemoatError(f"no adapter named {name!r} is loaded")
+        lib, ctx = self._lib, self._model._ctx.ctx
+        if name is None:
+            rc = lib.llama_set_adapters_lora(ctx, None, 0, None)
+        else:
+            rc = lib.llama_set_adapters_lora(ctx, (lib.llama_adapter_lora_p_ctypes * 1)(self._loras[name]), 1,
+                                             (ctypes.c_float * 1)(1.0))
+        if rc != 0:
+            raise CodemoatError(f"llama.cpp refused adapter {name!r} (code {rc})")
+        self._aligned = 0
+        self._model.reset()
+        self._lora_active = name
+
     def _eval_aligned(self, ids: list[int], reproducible: bool = True) -> None:
         """For a `reproducible` request (greedy, or seeded), evaluate all but the last prompt token in
         chunks of ALIGN tokens aligned to position 0, reusing only cached positions that such a chunk
@@ -323,6 +353,7 @@ class LlamaCppEngine(WorkerEngine):
         self.check_count(len(ids), 0)  # not empty (eval() of nothing leaves stale logits), fits the context
 
         def run() -> np.ndarray:
+            self._use_adapter(None)
             self._aligned = 0
             self._model.reset()
             self._model.eval(ids)

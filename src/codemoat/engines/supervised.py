@@ -161,12 +161,14 @@ class SupervisedEngine(Engine):
     def _spawn(self) -> _Child:
         ours, theirs = socket.socketpair()
         fds = [theirs.fileno()] + ([self._buf.fd] if self._buf is not None else [])
+        # sealed adapters' memfds (engines.adapters), opened as /proc/self/fd/N in the child too
+        fds += [int(p.rsplit("/", 1)[1]) for p in (self.opts.get("adapters") or {}).values()]
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "codemoat.engines.child", str(theirs.fileno())],
                 pass_fds=fds,
                 stdin=subprocess.DEVNULL,
-                start_new_session=True,
+                process_group=0,  # not the terminal's (Ctrl-C is the server's to handle); the same session, so the same scheduling group
             )
         finally:
             theirs.close()

@@ -205,6 +205,7 @@ class Service:
         usage = request.state.usage
         usage.prompt_tokens = p.prompt_tokens
         usage.completion_tokens = 0
+        self._adapter(request, p)
         parts: list[str] = []
         try:
             async with self._slot():
@@ -215,6 +216,21 @@ class Service:
                     yield chunk
         finally:
             usage.completion_text = "".join(parts)
+
+    def _adapter(self, request: Request, p: Prepared) -> None:
+        """Base + the adapter this caller may have (`serve.adapters`), else the base; named in the audit."""
+        p.params.adapter = None
+        paths = self.settings.model.adapters
+        principal = getattr(request.state, "principal", None)
+        if not paths or principal is None or self.retriever is None:
+            return
+        from ..engines.adapters import load_adapters
+        from .adapters import choose
+
+        loaded = load_adapters(paths, None, cached_only=True)
+        a = choose(loaded, principal.groups, self.retriever.readable_repos(principal.groups))
+        if a is not None:
+            p.params.adapter = request.state.usage.adapter = a.name
 
     @contextlib.asynccontextmanager
     async def _slot(self):

@@ -169,6 +169,8 @@ class Trust:
                 self.metrics.secrets.labels(k).inc()
         if usage.event:
             detail["event"] = usage.event
+        if usage.adapter:
+            detail["adapter"] = usage.adapter
         if note or usage.note:
             detail["note"] = note or usage.note
         retain = self.settings.audit.retain_text

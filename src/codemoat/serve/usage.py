@@ -47,6 +47,7 @@ class Usage:
     language: str | None = None  # the client's word or the file's extension; codemoat.usage maps it to a fixed set
     choice_index: int | None = None
     select_kind: str | None = None
+    adapter: str | None = None  # the LoRA adapter that answered (codemoat tune), None: the base model
 
 
 def usage_of(scope_or_state) -> Usage:

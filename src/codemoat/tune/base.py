@@ -8,11 +8,11 @@ and is refused by a server whose model differs.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..engines.adapters import file_sha256
 from ..errors import CodemoatError
 
 
@@ -24,14 +24,6 @@ class BaseModel:
     sha256: str
     name: str
     n_ctx: int
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def load_base(path: Path, *, n_ctx: int = 512, device: str = "cpu") -> BaseModel:

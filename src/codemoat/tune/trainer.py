@@ -62,7 +62,7 @@ def tune(opts: TuneOptions, on_event: Callable[[dict], None] | None = None) -> T
     from .corpus import load_corpus
     from .evaluate import bits_per_byte, token_windows, unrelated_files
     from .lora import gguf_bytes, safetensors_bytes, wrap
-    from .seal import Adapter, seal_adapter
+    from ..engines.adapters import Adapter, seal_adapter
 
     emit = on_event or (lambda ev: None)
     if opts.rank < 1 or opts.rank > 256:

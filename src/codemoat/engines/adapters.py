@@ -10,6 +10,7 @@ adapters live in memory; llama.cpp reads the GGUF from a memfd.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from ..vault.codec import b64e, unwrap
 from ..vault.codec import wrap as wrap_key
 from ..vault.container import SealedFile, seal_bytes
 from ..vault.machine import MachineKey
+
 
 CONTEXT = b"codemoat-adapter-v1\x00"
 MODEL_PREFIX = "adapter:"
@@ -82,3 +84,68 @@ def open_adapter(path: Path, machine: MachineKey | None = None) -> Adapter:
                        got["adapter_config.json"].decode(), path)
     except (KeyError, ValueError):
         raise CodemoatError(f"{path.name} is damaged: adapter parts are missing") from None
+
+
+@dataclass(frozen=True)
+class LoadedAdapter:
+    """An adapter opened for serving: its GGUF in a memfd the engine (and its child process) opens."""
+
+    name: str
+    repos: tuple[tuple[str, tuple[str, ...]], ...]  # (repository, its groups when the adapter was trained)
+    base_sha256: str
+    fd: int
+
+    @property
+    def path(self) -> str:
+        return f"/proc/self/fd/{self.fd}"
+
+
+_LOADED: dict[str, tuple[float, LoadedAdapter]] = {}  # resolved path -> (mtime, adapter)
+
+
+def load_adapters(paths: list[str], base_sha256: str | None, *, cached_only: bool = False) -> list[LoadedAdapter]:
+    """The configured adapters, opened once per process (the memfds stay open while it serves);
+    one tuned on another base, or two with one name, are refused with one line. `cached_only`:
+    those already opened (the server's view of what the engine loaded), without reading any file."""
+    out: list[LoadedAdapter] = []
+    for p in paths:
+        path = Path(p).expanduser()
+        if cached_only:
+            hit = _LOADED.get(str(path.resolve()))
+            if hit is not None:
+                out.append(hit[1])
+            continue
+        if not path.is_file():
+            raise CodemoatError(f"adapter not found: {path}")
+        key, mtime = str(path.resolve()), path.stat().st_mtime
+        hit = _LOADED.get(key)
+        if hit is None or hit[0] != mtime:
+            a = open_adapter(path)
+            fd = os.memfd_create(f"codemoat-adapter-{a.name}")
+            os.write(fd, a.gguf)
+            repos = tuple((r["name"], tuple(r["groups"])) for r in a.meta["repos"])
+            hit = _LOADED[key] = (mtime, LoadedAdapter(a.name, repos, a.meta["base"]["sha256"], fd))
+        got = hit[1]
+        if base_sha256 is None or got.base_sha256 != base_sha256:
+            raise CodemoatError(f"adapter {got.name!r} ({path.name}) was tuned on another base model than the one served")
+        if any(o.name == got.name for o in out):
+            raise CodemoatError(f"two adapters are named {got.name!r}: rename one (codemoat tune --out NAME.moat)")
+        out.append(got)
+    return out
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def adapter_options(paths: list[str], engine: str, source: Any) -> dict[str, str]:
+    """{name: /proc/self/fd/N} for the engine's `adapters` option."""
+    if engine != "llamacpp":
+        raise CodemoatError(f"model.adapters are served by the llama.cpp engine only, not {engine}")
+    if not isinstance(source, Path):
+        raise CodemoatError("model.adapters need a plaintext GGUF base (adapters over a sealed model are not supported yet)")
+    return {a.name: a.path for a in load_adapters(paths, file_sha256(source))}

@@ -1,0 +1,26 @@
+"""Which LoRA adapter answers a request: one whose every source repository the caller may read.
+
+An adapter learned from its repositories' code and can reproduce it, so it is served only to a
+caller who may read all of them — by the groups recorded when it was tuned AND by the index now (a
+repository since moved to other groups, or removed from the index, closes the adapter to those who
+lost it). Anyone else gets the base model. The first eligible adapter in `model.adapters` order wins.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from ..engines.adapters import LoadedAdapter
+from ..retrieve.acl import can_read
+
+
+def eligible(adapter: LoadedAdapter, caller_groups: Iterable[str], readable_now: set[str]) -> bool:
+    groups = frozenset(caller_groups)
+    return bool(adapter.repos) and all(name in readable_now and can_read(recorded, groups)
+                                       for name, recorded in adapter.repos)
+
+
+def choose(adapters: Sequence[LoadedAdapter], caller_groups: Iterable[str], readable_now: Iterable[str]) -> LoadedAdapter | None:
+    """The adapter for a caller in `caller_groups` who may read `readable_now` in today's index; None: the base."""
+    groups, now = frozenset(caller_groups), set(readable_now)
+    return next((a for a in adapters if eligible(a, groups, now)), None)
