@@ -195,3 +195,16 @@ def test_adapter_is_sealed_to_the_machine(shop, store, tmp_path):
     with pytest.raises(CodemoatError):
         open_payload(blob, m["keys"], shop.machine, payload_context(moved))
     assert [r["channel"] for r in store.list()] == ["adapter:lora"]
+
+
+def test_support_until_of_the_wrong_type_is_refused_even_when_signed(shop):
+    from codemoat.vault.codec import b64e, canonical, sign
+    from codemoat.vault.license import DOMAIN, License
+
+    doc = json.loads(shop.license(support_until=time.time() + DAY).read_text())
+    assert License.parse(json.dumps(doc).encode()).body["support_until"] > time.time()
+    for bad in ("2099-01-01", True, 1.5):
+        body = dict(doc["license"], support_until=bad)
+        forged = dict(doc, license=body, signature=b64e(sign(shop.vendor.signing_key, DOMAIN, canonical(body))))
+        with pytest.raises(CodemoatError, match="support_until"):
+            License.parse(json.dumps(forged).encode())
