@@ -91,7 +91,10 @@ def tune(opts: TuneOptions, on_event: Callable[[dict], None] | None = None) -> T
     params = [p for p in model.parameters() if p.requires_grad]
     optim = torch.optim.AdamW(params, lr=opts.lr, betas=(0.9, 0.95), weight_decay=0.0)
     dopts = DataOptions(repo_name=opts.repos[0])
-    rows = epoch_rows(train_files, tok, n_ctx, dopts, opts.seed, 0)
+    try:
+        rows = epoch_rows(train_files, tok, n_ctx, dopts, opts.seed, 0)
+    except ValueError:  # fewer tokens than one sequence
+        raise CodemoatError(f"too little code to tune on in {', '.join(opts.repos)}: under {n_ctx} tokens") from None
     eval_rows = token_windows(held, tok, n_ctx, min(opts.eval_tokens, 4 * n_ctx))
     model.train()
     t0 = time.monotonic()
