@@ -10,7 +10,7 @@ import time
 import sqlalchemy as sa
 from sqlalchemy import Engine
 
-from .report import WINDOWS, _active, _engaged
+from .report import WINDOWS, _windows
 from .tables import completions, events
 
 
@@ -50,7 +50,10 @@ class UsageCollector:
                     )
                     if views:
                         out["acceptance"][w] = float(selects or 0) / float(views)
-                    out["active"][w], out["engaged"][w] = float(_active(c, start, None)), float(_engaged(c, start, None))
+
+                active, engaged = _windows(c, now, None)
+            out["active"] = {w: float(x) for w, x in active.items()}
+            out["engaged"] = {w: float(x) for w, x in engaged.items()}
             self._values, self._at = out, time.monotonic()
             return out
 

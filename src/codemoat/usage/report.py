@@ -154,8 +154,7 @@ def report(
         else:
             total = _total(c, where)
             latency = _latency(c, where)
-            active = {f"{d}d": _active(c, now - d * 86400, user) for d in WINDOWS}
-            engaged = {f"{d}d": _engaged(c, now - d * 86400, user) for d in WINDOWS}
+            active, engaged = _windows(c, now, user)
             unmatched = _one(
                 c.execute(
                     sa.select(sa.func.count()).select_from(events).where(events.c.matched.is_(False), *where(events))
@@ -211,22 +210,33 @@ def _latency(c, where) -> dict[str, float | None]:
     return out
 
 
-def _active(c, start: float, user: str | None) -> int:
-    a = sa.select(completions.c.user.label("u")).where(completions.c.ts >= start)
-    b = sa.select(events.c.user.label("u")).where(events.c.ts >= start)
-    if user is not None:
-        a, b = a.where(completions.c.user == user), b.where(events.c.user == user)
-    both = sa.union(a, b).subquery()
-    return _one(c.execute(sa.select(sa.func.count()).select_from(both)).scalar())
-
-
-def _engaged(c, start: float, user: str | None) -> int:
-    q = sa.select(sa.func.count(sa.distinct(events.c.user))).where(
-        events.c.ts >= start, events.c.type == "select", events.c.matched.is_(True)
+def _windows(c, now: float, user: str | None) -> tuple[dict[str, int], dict[str, int]]:
+    """(active, engaged) users for each of `WINDOWS`: each table grouped by user once (its last
+    activity, and its last acceptance), the per-user maxima then merged (one row per user)."""
+    starts = {f"{d}d": now - d * 86400 for d in WINDOWS}
+    oldest = min(starts.values())
+    accepted = sa.and_(events.c.type == "select", events.c.matched.is_(True))
+    qa = (
+        sa.select(completions.c.user, sa.func.max(completions.c.ts))
+        .where(completions.c.ts >= oldest)
+        .group_by(completions.c.user)
+    )
+    qb = (
+        sa.select(events.c.user, sa.func.max(events.c.ts), sa.func.max(sa.case((accepted, events.c.ts))))
+        .where(events.c.ts >= oldest)
+        .group_by(events.c.user)
     )
     if user is not None:
-        q = q.where(events.c.user == user)
-    return _one(c.execute(q).scalar())
+        qa, qb = qa.where(completions.c.user == user), qb.where(events.c.user == user)
+    last: dict[str, float] = dict(c.execute(qa).tuples().all())
+    last_sel: dict[str, float] = {}
+    for u, t, ts in c.execute(qb):
+        last[u] = max(last.get(u, t), t)
+        if ts is not None:
+            last_sel[u] = ts
+    active = {w: sum(1 for t in last.values() if t >= s) for w, s in starts.items()}
+    engaged = {w: sum(1 for t in last_sel.values() if t >= s) for w, s in starts.items()}
+    return active, engaged
 
 
 def daily(engine: Engine, days: int = 30, *, now: float | None = None) -> list[Row]:
