@@ -117,6 +117,10 @@ class DirectorySettings(BaseModel):
     oidc_leeway_s: int = Field(60, ge=0, le=600, description="Clock skew allowed when checking an ID token's exp/iat/nbf.")
 
 
+class UpdateSettings(BaseModel):
+    channel_url: str | None = Field(None, description="The vendor's online update channel (`codemoat update fetch` polls it; the only host it may reach). Off by default: bundles travel on removable media.")
+
+
 class Settings(BaseSettings):
     """All of codemoat's configuration."""
 
@@ -129,6 +133,7 @@ class Settings(BaseSettings):
     audit: AuditSettings = Field(default_factory=AuditSettings)
     policy: PolicySettings = Field(default_factory=PolicySettings)
     directory: DirectorySettings = Field(default_factory=DirectorySettings)
+    update: UpdateSettings = Field(default_factory=UpdateSettings)
     database_url: str | None = Field(None, description="SQLAlchemy URL of the shared state (default: SQLite under $CODEMOAT_HOME).")
 
     @classmethod

@@ -137,3 +137,42 @@ def update_rollback(
     """Go back to the version installed before the current one."""
     r = _store().rollback(channel)
     emit(r, as_json, lambda d: console.print(f"{d['channel']}: {d['from']} -> {d['version']}", highlight=False))
+
+
+@vendor_app.command("channel")
+def vendor_channel(
+    folder: Annotated[Path, typer.Option("--dir", help="Folder of released bundles (.moatpkg) to publish.")],
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8470,
+) -> None:
+    """Publish released bundles over HTTP for customers who turned the online channel on (GET /index.json)."""
+    from ..updates.channel import make_server
+
+    if not folder.is_dir():
+        raise CodemoatError(f"not a folder: {folder}")
+    srv = make_server(folder, host, port)
+    console.print(f"update channel on http://{host}:{srv.server_address[1]}/ serving {folder}", highlight=False)
+    try:
+        srv.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        srv.server_close()
+
+
+@update_app.command("fetch")
+def update_fetch(
+    channel: Annotated[str | None, typer.Option(help="The vendor's channel URL (default: update.channel_url; unset: off).")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Download new bundles from the vendor's online channel into $CODEMOAT_HOME/updates/inbox/ (then `update apply`)."""
+    from .. import paths
+    from ..config import load_settings
+    from ..updates.channel import fetch
+
+    url = channel or load_settings(None).update.channel_url
+    if not url:
+        raise CodemoatError("no update channel configured (update.channel_url is off by default; bundles also come as files)")
+    got = fetch(url, paths.home() / "updates" / "inbox")
+    emit(got, as_json, lambda rows: console.print(
+        "\n".join(f"fetched {r['file']} ({r['size']} bytes)" for r in rows) or "no new bundles", highlight=False))

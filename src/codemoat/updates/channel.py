@@ -1,0 +1,141 @@
+"""The optional online channel (off by default): the vendor publishes bundles over HTTP, the customer polls.
+
+Vendor: `codemoat vendor channel --dir DIR` serves DIR's `*.moatpkg` files and `GET /index.json`
+(name, size, SHA-256 of each). Bundles are signed and their payloads sealed, so the channel needs
+no secret of its own; whatever arrives is checked by `update verify/apply` like a file off a USB
+stick. Customer: `codemoat update fetch` (URL from `update.channel_url` or `--channel`) downloads
+new bundles into `$CODEMOAT_HOME/updates/inbox/`; the process's egress guard allows exactly the
+channel's host and port, and every request is recorded in the outbound log before it is sent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from ..errors import CodemoatError
+
+_FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,150}\.moatpkg")
+MAX_BUNDLE = 64 << 30
+
+
+def index(folder: Path) -> list[dict[str, Any]]:
+    out = []
+    for p in sorted(folder.glob("*.moatpkg")):
+        if not _FILE.fullmatch(p.name) or not p.is_file():
+            continue
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            while b := f.read(8 << 20):
+                h.update(b)
+        out.append({"file": p.name, "size": p.stat().st_size, "sha256": h.hexdigest()})
+    return out
+
+
+def make_server(folder: Path, host: str, port: int) -> ThreadingHTTPServer:
+    """The vendor's channel: GET /index.json and GET /<name>.moatpkg from `folder`, nothing else."""
+    folder = Path(folder).resolve()
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:  # quiet
+            pass
+
+        def do_GET(self) -> None:  # noqa: N802
+            name = self.path.lstrip("/")
+            if name == "index.json":
+                body = json.dumps(index(folder)).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                return
+            p = folder / name
+            if not _FILE.fullmatch(name) or not p.is_file():
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(p.stat().st_size))
+            self.end_headers()
+            with open(p, "rb") as f:
+                while b := f.read(1 << 20):
+                    self.wfile.write(b)
+
+    return ThreadingHTTPServer((host, port), Handler)
+
+
+def guard_for(url: str):
+    """An egress guard that allows exactly the channel's host and port (and loopback, as the server's does)."""
+    from ..audit.egress import EgressGuard
+
+    u = urlsplit(url)
+    if u.scheme not in ("http", "https") or not u.hostname:
+        raise CodemoatError(f"update channel URL {url!r} must be http(s)://HOST[:PORT]/PATH")
+    port = u.port or (443 if u.scheme == "https" else 80)
+    host = f"[{u.hostname}]" if ":" in u.hostname else u.hostname
+    return EgressGuard(allow=[f"{host}:{port}"])
+
+
+def fetch(url: str, inbox: Path) -> list[dict[str, Any]]:
+    """Download the channel's bundles not yet in `inbox` (by name and digest) into it; returns what was fetched."""
+    import httpx
+
+    from ..audit.egress import arm, disarm
+    from ..vault.lease import record_outbound
+
+    base = url.rstrip("/")
+    guard = arm(guard_for(url))
+    inbox.mkdir(parents=True, exist_ok=True)
+    got = []
+    try:
+        with httpx.Client(timeout=60, follow_redirects=False) as c:
+            rid = uuid.uuid4().hex[:16]
+            record_outbound(f"{base}/index.json", "GET", None, None, rid)
+            r = c.get(f"{base}/index.json")
+            record_outbound(f"{base}/index.json", "GET", None, r.status_code, rid)
+            if r.status_code != 200:
+                raise CodemoatError(f"update channel answered {r.status_code} for its index")
+            try:
+                entries = r.json()
+                assert isinstance(entries, list)
+            except (ValueError, AssertionError):
+                raise CodemoatError("update channel index is not a JSON list") from None
+            for e in entries:
+                name, size, digest = (e.get("file"), e.get("size"), e.get("sha256")) if isinstance(e, dict) else (None,) * 3
+                if not (isinstance(name, str) and _FILE.fullmatch(name) and isinstance(size, int) and 0 < size <= MAX_BUNDLE
+                        and isinstance(digest, str)):
+                    raise CodemoatError("update channel index holds a malformed entry")
+                dest = inbox / name
+                if dest.is_file() and dest.stat().st_size == size:
+                    continue
+                rid = uuid.uuid4().hex[:16]
+                record_outbound(f"{base}/{name}", "GET", None, None, rid)
+                tmp = inbox / f".{name}.partial"
+                h, n = hashlib.sha256(), 0
+                with c.stream("GET", f"{base}/{name}") as resp, open(tmp, "wb") as f:
+                    record_outbound(f"{base}/{name}", "GET", None, resp.status_code, rid)
+                    if resp.status_code != 200:
+                        raise CodemoatError(f"update channel answered {resp.status_code} for {name}")
+                    for b in resp.iter_bytes(1 << 20):
+                        n += len(b)
+                        if n > size:
+                            break
+                        h.update(b)
+                        f.write(b)
+                if n != size or h.hexdigest() != digest:
+                    tmp.unlink(missing_ok=True)
+                    raise CodemoatError(f"{name} from the update channel does not match its index entry")
+                tmp.replace(dest)
+                got.append({"file": str(dest), "size": size})
+    except httpx.HTTPError as e:
+        raise CodemoatError(f"update channel {base} is unreachable: {type(e).__name__}") from None
+    finally:
+        disarm(guard)
+    return got
