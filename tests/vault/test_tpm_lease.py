@@ -137,3 +137,26 @@ def test_tamper_ends_the_lease_and_reprovision_brings_it_back(vendor, model, tmp
     # the same .lic on the customer side: the signed answer names the new policy; the server re-read the license
     assert client.acquire().content_key == vendor.content_key(lic.model["file_id"])
     client.close()
+
+
+def test_a_tpm_gone_mid_lease_is_a_failed_renewal_and_the_keeper_lets_go(vendor, model, tmp_path, swtpm, keyserver):
+    from codemoat.vault.clock import ManualClock
+    from codemoat.vault.codec import VaultError
+    from codemoat.vault.lease import LeaseKeeper
+
+    machine = _tpm_machine(swtpm.tcti)
+    lic, _ = _lease_license(vendor, model, tmp_path, machine, keyserver.url)
+    clock = ManualClock()
+    client = LeaseClient(lic, machine, clock=clock)
+    lost: list[str] = []
+    keeper = LeaseKeeper(client, client.acquire(), on_lost=lost.append, on_regained=lambda _: None, clock=clock)
+    swtpm.stop()
+    with pytest.raises(VaultError, match="TPM: cannot reach the TPM"):  # a VaultError: the keeper counts it
+        client.acquire()
+    clock.advance(keeper.lease.ttl / 2 + 0.1)
+    keeper.tick()
+    assert keeper.state == "renewing" and "cannot reach the TPM" in keeper.last_error
+    clock.advance(keeper.lease.ttl + keeper.lease.grace)
+    keeper.tick()
+    assert keeper.state == "lost" and lost  # no chip, no model after TTL + grace
+    client.close()

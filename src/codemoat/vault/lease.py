@@ -37,6 +37,7 @@ from typing import Any
 import httpx
 
 from .. import paths
+from ..errors import CodemoatError
 from .clock import Clock, ClockGuard, iso
 from .codec import VaultError, b64d, b64e, canonical, ed_public, sign, unwrap, verify
 from .container import content_key_id
@@ -181,8 +182,13 @@ class LeaseClient:
         req = {"license_id": self.lic.id, "machine_id": self.machine.id, "nonce": nonce, "client_time": int(self.clock.time())}
         req["signature"] = b64e(sign(self.machine.ed25519, domain, request_message(req)))
         if self.tpm is not None and domain == REQUEST_DOMAIN:
-            with self.machine.attestor() as a:
-                q = a.quote(self.tpm["policy"], quote_data(req))
+            try:
+                with self.machine.attestor() as a:
+                    q = a.quote(self.tpm["policy"], quote_data(req))
+            except VaultError:
+                raise
+            except CodemoatError as e:  # the TPM gone or refusing: a failed renewal, counted against TTL + grace
+                raise VaultError(f"TPM: {e}") from None
             req["quote"] = {"ak": self.tpm["ak"], "attest": b64e(q.attest), "r": b64e(q.r), "s": b64e(q.s)}
         return req
 
@@ -191,8 +197,13 @@ class LeaseClient:
             return unwrap(self.machine.x25519, wrapped, context, "leased keys")
         if not isinstance(tpm, dict) or not isinstance(tpm.get("unwrap"), str) or not isinstance(tpm.get("policy"), dict):
             raise VaultError("key server answer names no TPM policy for a TPM-bound license")
-        with self.machine.attestor() as a:
-            return unwrap_p256(lambda p: a.zgen(tpm["policy"], p), tpm["unwrap"], wrapped, context, "leased keys")
+        try:
+            with self.machine.attestor() as a:
+                return unwrap_p256(lambda p: a.zgen(tpm["policy"], p), tpm["unwrap"], wrapped, context, "leased keys")
+        except VaultError:
+            raise
+        except CodemoatError as e:
+            raise VaultError(f"TPM: {e}") from None
 
     def _challenge(self) -> str:
         mine = b64e(secrets.token_bytes(18))
