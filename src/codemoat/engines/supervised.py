@@ -292,6 +292,22 @@ class SupervisedEngine(Engine):
                 self._backoff += 1
                 delay = BACKOFF_S[min(self._backoff, len(BACKOFF_S) - 1)]
                 log.error("engine for %s did not start again (%s); next try in %.2g s", self.model_id, e, delay)
+                if isinstance(e, _Died):  # died while loading: a crash like any other
+                    self._recent.append(time.monotonic())
+                    if not self.safe and self.engine_cls.safe_options and len(self._recent) >= SAFE_AFTER:
+                        self._go_safe(f"the {self.name} engine crashed {len(self._recent)} times in {SAFE_WINDOW_S:.0f} s")
+                    if self.on_incident is not None:
+                        self.on_incident(
+                            "engine_crashed",
+                            {
+                                "signal": str(e) if e.code < 0 else None,
+                                "exit_code": e.code,
+                                "crashes": self.crashes,
+                                "restart_in_s": delay,
+                                "safe_options": self.safe,
+                                "while": "loading",
+                            },
+                        )
 
     def _ready_child(self) -> _Child:
         child = self._child
