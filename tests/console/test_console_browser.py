@@ -10,7 +10,7 @@ import sqlite3
 import httpx
 import pytest
 from browser import chromium, distinct_colours, shot
-from conftest import create_token
+from conftest import create_token, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -45,6 +45,11 @@ def _sign_in(d, url: str, token: str) -> None:
 def test_console_in_a_browser(serve_process, tiny_gguf, browser, tmp_path, home):
     from selenium.webdriver.common.by import By
 
+    repo = tmp_path / "svc"
+    repo.mkdir()
+    for k in range(40):
+        (repo / f"m{k}.py").write_text(f"def f{k}(x):\n    return x + {k}\n")
+    assert run_cli("index", "add", str(repo), "--name", "svc").returncode == 0
     admin = create_token("--name", "root", "--user", "root", "--scopes", "admin")
     dev = create_token("--name", "ann", "--user", "ann", "--scopes", "complete")
     server = serve_process(["--model", str(tiny_gguf)])
@@ -96,8 +101,19 @@ def test_console_in_a_browser(serve_process, tiny_gguf, browser, tmp_path, home)
     d.get(server.url + "/admin/model")
     assert d.find_element(By.ID, "model-id").text and "no" in d.find_element(By.ID, "sealed").text
     shot(d, shots, "model")
+    # Repositories: re-index now, and the job page follows it to the end (it refreshes itself)
     d.get(server.url + "/admin/repositories")
+    assert "svc" in d.find_element(By.ID, "repos").text
     shot(d, shots, "repositories")
+    (repo / "new.py").write_text("def g():\n    return 1\n")
+    click(d, d.find_element(By.ID, "reindex-1"))
+    assert "/admin/repositories/jobs/" in d.current_url
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(d, 120, poll_frequency=0.5).until(lambda drv: drv.find_element(By.ID, "job-state").text.startswith("finished"))
+    stats = d.find_element(By.ID, "job-stats").text
+    assert "files\n41" in stats and "indexed\n1" in stats, stats
+    shot(d, shots, "reindex")
 
     # Audit: OK, then a tampered row is named
     d.get(server.url + "/admin/audit")
@@ -132,7 +148,18 @@ def test_console_in_a_browser(serve_process, tiny_gguf, browser, tmp_path, home)
     assert d.current_url.endswith("/admin/signin")
     assert sorted(p.name for p in shots.iterdir()) == sorted(
         f"{n}.png"
-        for n in ("signin", "overview", "overview-800", "people", "model", "repositories", "audit", "costs", "costs-changed")
+        for n in (
+            "signin",
+            "overview",
+            "overview-800",
+            "people",
+            "model",
+            "repositories",
+            "reindex",
+            "audit",
+            "costs",
+            "costs-changed",
+        )
     )
 
 

@@ -21,7 +21,14 @@ PAGES = (
     "/admin/costs",
     "/admin/audit/export?fmt=jsonl",
 )
-ACTIONS = ("/admin/signout", "/admin/people/tokens", "/admin/people/tokens/revoke", "/admin/people/groups", "/admin/audit/verify")
+ACTIONS = (
+    "/admin/signout",
+    "/admin/people/tokens",
+    "/admin/people/tokens/revoke",
+    "/admin/people/groups",
+    "/admin/audit/verify",
+    "/admin/repositories/reindex",
+)
 XSS = "<script>alert(1)</script>"
 
 
@@ -196,3 +203,42 @@ def test_console_actions_are_audited(setup):
     assert refused["user"] == "root" and "CSRF" in refused["detail"]["note"]
     assert ("/admin/people", 200) in by_route
     assert "cm_" not in json.dumps(recs)  # no token secret in any record
+
+
+def test_reindex_from_the_console_with_progress(setup, tmp_path):
+    import time
+
+    from codemoat.index.store import SqliteIndex, default_path
+    from codemoat.index.update import add_repository
+
+    c, _, admin, _ = setup
+    repo = tmp_path / "svc"
+    repo.mkdir()
+    for k in range(30):
+        (repo / f"m{k}.py").write_text(f"def f{k}(x):\n    return x + {k}\n")
+    store = SqliteIndex(default_path())
+    add_repository(store, repo, "svc", ["everyone"])
+    store.add_repo(XSS, str(tmp_path), ["everyone"], None)  # a name `index add` refuses, written straight into the index
+    store.close()
+    (repo / "new.py").write_text("def g():\n    return 1\n")
+    assert signed_in(c, admin).status_code == 303
+    page = c.get("/admin/repositories").text
+    assert "svc" in page and XSS not in page and "&lt;script&gt;" in page
+    r = c.post("/admin/repositories/reindex", data={"csrf": csrf_of(page), "name": "svc"}, follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"].startswith("/admin/repositories/jobs/")
+    job = r.headers["location"]
+    for _ in range(600):
+        html = c.get(job).text
+        if 'http-equiv="refresh"' not in html:
+            break
+        time.sleep(0.1)
+    assert (
+        "finished" in html
+        and 'id="job-stats"' in html
+        and "<dt>files</dt><dd>31</dd>" in html
+        and "<dt>indexed</dt><dd>1</dd>" in html
+    )
+    assert "finished" in c.get("/admin/repositories").text
+    r = c.post("/admin/repositories/reindex", data={"csrf": csrf_of(page), "name": "nope"})
+    assert r.status_code == 400 and "nope" in r.text and "Traceback" not in r.text
+    assert c.get("/admin/repositories/jobs/0000", follow_redirects=False).status_code == 404

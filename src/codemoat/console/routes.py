@@ -393,4 +393,39 @@ async def repositories(request: Request):
                 idx.close()
     except Exception as e:  # the page says why rather than failing
         error = f"cannot read the code index: {type(e).__name__}: {e}"
-    return page(request, "repositories.html", s, repos=repos, error=error)
+    return page(request, "repositories.html", s, repos=repos, error=error, jobs=_jobs(request).latest())
+
+
+def _jobs(request: Request):
+    from .jobs import Jobs
+
+    j = getattr(request.app.state, "console_jobs", None)
+    if j is None:
+        j = request.app.state.console_jobs = Jobs()
+    return j
+
+
+@router.post("/admin/repositories/reindex")
+async def reindex(request: Request):
+    s, f = await _guarded_post(request)
+    if s is None:
+        return f
+    name = f.get("name", "")
+    try:
+        job = await _run(_jobs(request).start, name, s.user)
+    except CodemoatError as e:
+        note(request, f"console: re-index refused: {e}")
+        return page(request, "repositories.html", s, status=400, repos=[], error=str(e), jobs={})
+    note(request, f"console: re-index of {name} started (job {job.id})")
+    return secure(RedirectResponse(f"/admin/repositories/jobs/{job.id}", status_code=303))
+
+
+@router.get("/admin/repositories/jobs/{job_id}")
+async def reindex_job(request: Request, job_id: str):
+    s = await _run(session_of, request)
+    if s is None:
+        return to_signin()
+    job = _jobs(request).get(job_id)
+    if job is None:
+        return page(request, "job.html", s, status=404, job=None)
+    return page(request, "job.html", s, job=job)
