@@ -47,7 +47,7 @@ class TuneResult:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-def _lr(opts: TuneOptions, step: int, progress: float, warmup: int = 10) -> float:
+def _lr(opts: TuneOptions, step: int, progress: float, warmup: int = 4) -> float:
     if step < warmup:
         return opts.lr * (step + 1) / warmup
     return opts.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))

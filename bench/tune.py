@@ -1,0 +1,125 @@
+"""Tune a LoRA adapter on two real repositories and measure what it buys and costs.
+
+    .venv/bin/python bench/tune.py [--minutes 3] [--repos rich,httpx] [--model models/codemoat-tiny.gguf]
+
+Indexes the installed sources of the named packages (site-packages; the bundled model never saw
+them) in a fresh $CODEMOAT_HOME, runs `codemoat tune`'s own code for the time budget, and reports:
+held-out bits/byte of those repositories with and without the adapter, bits/byte on CPython
+held-out modules (forgetting), tune tokens/s, the adapter's size, and completion p50 through the
+llama.cpp engine with and without the adapter (interleaved, same prompts, greedy). Writes
+bench/results/tune.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--minutes", type=float, default=3.0)
+    ap.add_argument("--repos", default="rich,httpx")
+    ap.add_argument("--model", default=str(ROOT / "models" / "codemoat-tiny.gguf"))
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--eval-tokens", type=int, default=6000)
+    ap.add_argument("--completions", type=int, default=8)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "tune.md"))
+    a = ap.parse_args()
+    os.environ["CODEMOAT_HOME"] = tempfile.mkdtemp(prefix="bench-tune-")
+
+    from codemoat.engines.adapters import open_adapter
+    from codemoat.engines.base import SamplingParams
+    from codemoat.engines.llamacpp import LlamaCppEngine
+    from codemoat.index.store import SqliteIndex
+    from codemoat.index.update import add_repository
+    from codemoat.tune.trainer import TuneOptions, tune
+
+    names = [n for n in a.repos.split(",") if n]
+    store = SqliteIndex()
+    for n in names:
+        spec = importlib.util.find_spec(n)
+        if spec is None or not spec.submodule_search_locations:
+            sys.exit(f"package {n} is not installed")
+        add_repository(store, Path(list(spec.submodule_search_locations)[0]), n, [f"team-{n}"])
+    store.close()
+    load0 = os.getloadavg()
+    t0 = time.monotonic()
+    res = tune(TuneOptions(repos=names, out=Path(os.environ["CODEMOAT_HOME"]) / "bench.moat", base=Path(a.model),
+                           minutes=a.minutes, rank=a.rank, threads=a.threads, eval_tokens=a.eval_tokens))
+    wall = time.monotonic() - t0
+    m = res.meta
+    ad = open_adapter(res.out)
+
+    # serving overhead: the same greedy completions, alternating base and base + adapter
+    fd = os.memfd_create("bench-adapter")
+    os.write(fd, ad.gguf)
+    eng = LlamaCppEngine(a.model, n_ctx=512, n_threads=a.threads, adapters={"bench": f"/proc/self/fd/{fd}"})
+    heldout = m["train"]["heldout_files"]
+    prompts = []
+    for rel in heldout:
+        repo, path = rel.split("/", 1)
+        spec = importlib.util.find_spec(repo)
+        text = (Path(list(spec.submodule_search_locations)[0]) / path).read_text()
+        prompts.append(text[:600])
+    prompts = (prompts * a.completions)[: a.completions]
+    times: dict[str | None, list[float]] = {None: [], "bench": []}
+    for p in prompts:
+        for which in (None, "bench"):
+            s = time.perf_counter()
+            asyncio.run(eng.complete(p, SamplingParams(max_tokens=16, temperature=0, adapter=which)))
+            times[which].append(time.perf_counter() - s)
+    eng.close()
+    p50 = {k: statistics.median(v) * 1000 for k, v in times.items()}
+    load1 = os.getloadavg()
+
+    e = m["eval"]
+
+    def pct(b: float, x: float) -> str:
+        return f"{(x - b) / b * 100:+.1f} %"
+
+    lines = [
+        "# Tuning a LoRA adapter on customer code (bench/tune.py)",
+        "",
+        f"Command: `.venv/bin/python bench/tune.py --minutes {a.minutes:g} --repos {a.repos} --rank {a.rank} "
+        f"--threads {a.threads} --eval-tokens {a.eval_tokens}`",
+        "",
+        f"Base: `{Path(a.model).name}`; repositories: {', '.join(f'{n} (installed sources)' for n in names)}; "
+        f"budget {a.minutes:g} min of training on {a.threads} threads of a shared 2-core AMD EPYC "
+        f"(load average {load0[0]:.1f} at the start, {load1[0]:.1f} at the end: every figure here is slowed by "
+        "the other work on the machine).",
+        "",
+        "| measure | base | base + adapter | change |",
+        "| --- | --- | --- | --- |",
+        f"| held-out bits/byte, tuned repositories ({len(heldout)} files never trained on, first {a.eval_tokens} tokens) "
+        f"| {e['bpb_base']['tuned']:.3f} | {e['bpb_adapter']['tuned']:.3f} | {pct(e['bpb_base']['tuned'], e['bpb_adapter']['tuned'])} |",
+        f"| bits/byte, CPython modules (forgetting) | {e['bpb_base']['unrelated']:.3f} | {e['bpb_adapter']['unrelated']:.3f} "
+        f"| {pct(e['bpb_base']['unrelated'], e['bpb_adapter']['unrelated'])} |",
+        f"| completion p50, 16 tokens greedy, llama.cpp ({len(prompts)} each, interleaved) | {p50[None]:.0f} ms "
+        f"| {p50['bench']:.0f} ms | {p50['bench'] / p50[None]:.2f}x |",
+        "",
+        f"Training: {m['train']['steps']} steps, {m['train']['tokens']:,} tokens in {m['train']['seconds']:.0f} s "
+        f"= {m['train']['tok_per_s']:,.0f} tokens/s (LoRA rank {a.rank} on every linear layer); "
+        f"{m['train']['files']} training files; whole run {wall:.0f} s.",
+        f"Adapter size: GGUF {m['size']['gguf']:,} bytes, safetensors {m['size']['safetensors']:,} bytes, "
+        f"sealed file {m['size']['sealed']:,} bytes.",
+        "",
+        "The issue's goals (≥ 15 % lower held-out bits/byte, ≤ 2 % worse on CPython, ≤ 1.10x p50) were set "
+        "for a 10-minute budget; this run's budget is above.",
+    ]
+    Path(a.out).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
