@@ -63,7 +63,7 @@ def test_bad_inputs_are_user_errors(tmp_path, hf_dir):
     cfg["num_hidden_layers"] += 1  # weights for 2 layers, config says 3
     with pytest.raises(CodemoatError, match="do not match"):
         TransformersEngine.from_bytes((hf_dir / "model.safetensors").read_bytes(), cfg, (hf_dir / "tokenizer.json").read_text())
-    with pytest.raises(Exception):
+    with pytest.raises(CodemoatError, match="cannot load transformers model"):  # one line, not a SafetensorError
         TransformersEngine.from_bytes(b"not safetensors", json.loads((hf_dir / "config.json").read_text()), (hf_dir / "tokenizer.json").read_text())
 
 

@@ -73,6 +73,7 @@ class TransformersEngine(WorkerEngine):
     def from_bytes(cls, weights: bytes, config: dict, tokenizer_json: str, **kw: Any) -> "TransformersEngine":
         """Build from safetensors bytes, a config dict (config.json) and a tokenizer.json string."""
         import torch
+        from safetensors import SafetensorError
         from safetensors.torch import load
         from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -85,7 +86,7 @@ class TransformersEngine(WorkerEngine):
             hf_cfg = AutoConfig.for_model(model_type, **cfg_dict)
             model = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32)
             sd = load(bytes(weights))
-        except (KeyError, ValueError, OSError) as e:
+        except (KeyError, ValueError, OSError, SafetensorError) as e:  # SafetensorError: bytes that are not safetensors
             raise CodemoatError(f"cannot load transformers model: {e}") from None
         missing, unexpected = model.load_state_dict(sd, strict=False)
         tied = {"lm_head.weight"} if getattr(hf_cfg, "tie_word_embeddings", False) else set()
