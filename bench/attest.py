@@ -71,11 +71,25 @@ class Tpms:
             shutil.rmtree(d, ignore_errors=True)
             d.mkdir(parents=True)
             port = free_pair()
-            self.procs.append(subprocess.Popen(
-                ["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={d}",
-                 "--server", f"type=tcp,port={port},bindaddr=127.0.0.1",
-                 "--ctrl", f"type=tcp,port={port + 1},bindaddr=127.0.0.1", "--flags", "not-need-init,startup-clear"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            self.procs.append(
+                subprocess.Popen(
+                    [
+                        "swtpm",
+                        "socket",
+                        "--tpm2",
+                        "--tpmstate",
+                        f"dir={d}",
+                        "--server",
+                        f"type=tcp,port={port},bindaddr=127.0.0.1",
+                        "--ctrl",
+                        f"type=tcp,port={port + 1},bindaddr=127.0.0.1",
+                        "--flags",
+                        "not-need-init,startup-clear",
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
             self.tctis.append(f"swtpm:host=127.0.0.1,port={port}")
         time.sleep(0.5)
 
@@ -135,9 +149,17 @@ def bench_keyserver(n: int, per: int, tpms: Tpms | None, vendor, url: str, serve
 
     kind = "tpm" if tpms else "software"
     machines = [tpm_machine(t) for t in tpms.tctis] if tpms else [MachineKey.generate(facts={}) for _ in range(n)]
-    doc = vendor.issue_license(customer="attest-bench", model=moat, machines=[m.identity() for m in machines],
-                               expires=int(time.time()) + 86400, mode="lease", keyserver=url, lease_ttl=600,
-                               grace=60, seats=n)
+    doc = vendor.issue_license(
+        customer="attest-bench",
+        model=moat,
+        machines=[m.identity() for m in machines],
+        expires=int(time.time()) + 86400,
+        mode="lease",
+        keyserver=url,
+        lease_ttl=600,
+        grace=60,
+        seats=n,
+    )
     lic = License.parse(json.dumps(doc).encode())
     t0 = time.perf_counter()
     bodies: list[list[str]] = [[] for _ in machines]
@@ -176,9 +198,18 @@ def bench_keyserver(n: int, per: int, tpms: Tpms | None, vendor, url: str, serve
     cpu = sum(sp.cpu_times()[:2]) - cpu0
     for w in workers:
         w.join()
-    return {"kind": kind, "clients": n, "leases": len(lat), "errors": len(errors), "error_codes": sorted(set(map(str, errors))),
-            "per_s": len(lat) / wall, "p50_ms": pct(lat, 0.5) * 1000, "p99_ms": pct(lat, 0.99) * 1000,
-            "server_cpu_ms": cpu / max(1, len(lat)) * 1000, "prep_s": prep}
+    return {
+        "kind": kind,
+        "clients": n,
+        "leases": len(lat),
+        "errors": len(errors),
+        "error_codes": sorted(set(map(str, errors))),
+        "per_s": len(lat) / wall,
+        "p50_ms": pct(lat, 0.5) * 1000,
+        "p99_ms": pct(lat, 0.99) * 1000,
+        "server_cpu_ms": cpu / max(1, len(lat)) * 1000,
+        "prep_s": prep,
+    }
 
 
 def bench_client(runs: int, vendor, url: str, moat: Path, tcti: str) -> dict:
@@ -190,8 +221,16 @@ def bench_client(runs: int, vendor, url: str, moat: Path, tcti: str) -> dict:
     clients = {}
     for kind in ("software", "tpm"):
         m = tpm_machine(tcti) if kind == "tpm" else MachineKey.generate(facts={})
-        doc = vendor.issue_license(customer="attest-bench", model=moat, machines=[m.identity()],
-                                   expires=int(time.time()) + 86400, mode="lease", keyserver=url, lease_ttl=600, grace=60)
+        doc = vendor.issue_license(
+            customer="attest-bench",
+            model=moat,
+            machines=[m.identity()],
+            expires=int(time.time()) + 86400,
+            mode="lease",
+            keyserver=url,
+            lease_ttl=600,
+            grace=60,
+        )
         clients[kind] = LeaseClient(License.parse(json.dumps(doc).encode()), m)
         clients[kind].acquire()  # the seat taken; the rest are renewals
         out[kind] = []
@@ -222,8 +261,9 @@ def bench_offline(mib: int, runs: int, vendor, tcti: str) -> dict:
     for kind, m in (("software", MachineKey.generate(facts={})), ("tpm", tpm)):
         if kind == "software":
             m = soft
-        doc = vendor.issue_license(customer="attest-offline", model=moat, machines=[m.identity()],
-                                   expires=int(time.time()) + 86400)
+        doc = vendor.issue_license(
+            customer="attest-offline", model=moat, machines=[m.identity()], expires=int(time.time()) + 86400
+        )
         p = WORK / f"offline-{kind}.lic"
         p.write_text(json.dumps(doc))
         lics[kind] = (p, m)
@@ -244,8 +284,15 @@ def bench_offline(mib: int, runs: int, vendor, tcti: str) -> dict:
             checks[kind].append(time.perf_counter() - t)
     med = {k: statistics.median(v) * 1000 for k, v in times.items()}
     chk = {k: statistics.median(v) * 1000 for k, v in checks.items()}
-    return {"mib": mib, "runs": runs, "software_ms": med["software"], "tpm_ms": med["tpm"], "ratio": med["tpm"] / med["software"],
-            "check_software_ms": chk["software"], "check_tpm_ms": chk["tpm"]}
+    return {
+        "mib": mib,
+        "runs": runs,
+        "software_ms": med["software"],
+        "tpm_ms": med["tpm"],
+        "ratio": med["tpm"] / med["software"],
+        "check_software_ms": chk["software"],
+        "check_tpm_ms": chk["tpm"],
+    }
 
 
 def write_md(ks: list[dict], client: dict, off: dict, args) -> Path:
@@ -265,9 +312,11 @@ def write_md(ks: list[dict], client: dict, off: dict, args) -> Path:
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in ks:
-        lines.append(f"| {r['kind']} | {r['leases']} | {r['per_s']:.0f} | {r['p50_ms']:.1f} ms | {r['p99_ms']:.1f} ms | "
-                     f"{r['server_cpu_ms']:.2f} ms | {r['errors']} {' '.join(r['error_codes'])} | "
-                     f"{'≥ 1,000/s, p99 ≤ 100 ms' if r['kind'] == 'tpm' else '(reference)'} |")
+        lines.append(
+            f"| {r['kind']} | {r['leases']} | {r['per_s']:.0f} | {r['p50_ms']:.1f} ms | {r['p99_ms']:.1f} ms | "
+            f"{r['server_cpu_ms']:.2f} ms | {r['errors']} {' '.join(r['error_codes'])} | "
+            f"{'≥ 1,000/s, p99 ≤ 100 ms' if r['kind'] == 'tpm' else '(reference)'} |"
+        )
     t = next(r for r in ks if r["kind"] == "tpm")
     s = next(r for r in ks if r["kind"] == "software")
     met = t["per_s"] >= 1000 and t["p99_ms"] <= 100
@@ -334,8 +383,11 @@ def main() -> None:
     vendor.seal(small, "attest-offline", WORK / "unused.moat")
     port = free_pair()
     url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "codemoat.cli.main", "keyserver", "--vendor", str(vdir), "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "codemoat.cli.main", "keyserver", "--vendor", str(vdir), "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     tpms = Tpms(n)
     try:
         for _ in range(200):
@@ -345,8 +397,10 @@ def main() -> None:
             except httpx.HTTPError:
                 time.sleep(0.05)
         log("key server: software machines, then TPM machines")
-        ks = [bench_keyserver(n, per, None, vendor, url, server.pid, moat),
-              bench_keyserver(n, per, tpms, vendor, url, server.pid, moat)]
+        ks = [
+            bench_keyserver(n, per, None, vendor, url, server.pid, moat),
+            bench_keyserver(n, per, tpms, vendor, url, server.pid, moat),
+        ]
         log("client lease with and without a quote")
         client = bench_client(runs * 6, vendor, url, moat, tpms.tctis[0])
         log("offline sealed start")

@@ -73,11 +73,22 @@ class Swtpm:
         self.port = _free_pair()
         ctrl = self.port + 1
         self.proc = subprocess.Popen(
-            ["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={self.state}",
-             "--server", f"type=tcp,port={self.port},bindaddr=127.0.0.1",
-             "--ctrl", f"type=tcp,port={ctrl},bindaddr=127.0.0.1",
-             "--flags", "not-need-init,startup-clear"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            [
+                "swtpm",
+                "socket",
+                "--tpm2",
+                "--tpmstate",
+                f"dir={self.state}",
+                "--server",
+                f"type=tcp,port={self.port},bindaddr=127.0.0.1",
+                "--ctrl",
+                f"type=tcp,port={ctrl},bindaddr=127.0.0.1",
+                "--flags",
+                "not-need-init,startup-clear",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         deadline = time.time() + 10
         while time.time() < deadline:
             try:
@@ -109,12 +120,14 @@ def swtpm_ca(tmp_path_factory) -> Path:
         pytest.skip(why)
     ca = tmp_path_factory.mktemp("swtpm-ca")
     (ca / "localca.conf").write_text(
-        f"statedir = {ca}\nsigningkey = {ca}/signkey.pem\nissuercert = {ca}/issuercert.pem\ncertserial = {ca}/certserial\n")
+        f"statedir = {ca}\nsigningkey = {ca}/signkey.pem\nissuercert = {ca}/issuercert.pem\ncertserial = {ca}/certserial\n"
+    )
     (ca / "setup.conf").write_text(
         "create_certs_tool = /usr/bin/swtpm_localca\n"
         f"create_certs_tool_config = {ca}/localca.conf\n"
         "create_certs_tool_options = /etc/swtpm-localca.options\n"
-        "active_pcr_banks = sha256\n")
+        "active_pcr_banks = sha256\n"
+    )
     return ca
 
 
@@ -139,4 +152,3 @@ def swtpm(swtpm_factory) -> Swtpm:
 
 
 __all__ = ["Swtpm", "available", "swtpm", "swtpm_ca", "swtpm_factory"]
-

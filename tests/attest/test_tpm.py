@@ -30,8 +30,11 @@ def test_identity_is_derived_in_the_chip_same_chip_same_keys_other_chip_other_ke
     for k in ("ak", "unwrap"):
         key = serialization.load_der_public_key(bytes.fromhex(a1[k]))
         assert isinstance(key.curve, ec.SECP256R1)
-    assert a1["policy"] == {"bank": "sha256", "pcrs": PCRS,
-                            "digest": hashlib.sha256(bytes(32)).hexdigest()}  # PCR 15 after reset: zeros
+    assert a1["policy"] == {
+        "bank": "sha256",
+        "pcrs": PCRS,
+        "digest": hashlib.sha256(bytes(32)).hexdigest(),
+    }  # PCR 15 after reset: zeros
 
 
 def test_ek_certificate_chains_to_the_local_ca_and_names_the_ek(swtpm, swtpm_ca):
@@ -41,8 +44,9 @@ def test_ek_certificate_chains_to_the_local_ca_and_names_the_ek(swtpm, swtpm_ca)
     root = x509.load_pem_x509_certificate((swtpm_ca / "swtpm-localca-rootca-cert.pem").read_bytes())
     cert.verify_directly_issued_by(issuer)
     issuer.verify_directly_issued_by(root)
-    assert cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo) \
-        == bytes.fromhex(ident["ek"])
+    assert cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    ) == bytes.fromhex(ident["ek"])
 
 
 def test_ek_certificate_of_another_ca_does_not_chain(swtpm):
@@ -53,9 +57,16 @@ def test_ek_certificate_of_another_ca_does_not_chain(swtpm):
     import datetime
 
     now = datetime.datetime.now(datetime.UTC)
-    fake = (x509.CertificateBuilder().subject_name(cert.issuer).issuer_name(name).public_key(stranger.public_key())
-            .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
-            .sign(stranger, hashes.SHA256()))
+    fake = (
+        x509.CertificateBuilder()
+        .subject_name(cert.issuer)
+        .issuer_name(name)
+        .public_key(stranger.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(stranger, hashes.SHA256())
+    )
     with pytest.raises(ValueError):  # the issuer name matches, the signature cannot
         cert.verify_directly_issued_by(fake)
 

@@ -70,8 +70,12 @@ def test_software_key_alone_cannot_open_a_tpm_license(vendor, model, tmp_path, s
     from codemoat.vault.license import key_context
 
     with pytest.raises(VaultError, match="unknown key wrapping"):
-        unwrap(MachineKey.load().x25519, doc["license"]["keys"]["content_key"],
-               key_context("content-key", doc["license"]["id"]), "content key")
+        unwrap(
+            MachineKey.load().x25519,
+            doc["license"]["keys"]["content_key"],
+            key_context("content-key", doc["license"]["id"]),
+            "content key",
+        )
     (vault_home / "tpm.json").unlink()  # the TPM settings gone: one clear line, not a wrong key
     with pytest.raises(VaultError, match="bound to a TPM, but this machine has none set up"):
         verify_bundle(moat, lic)
@@ -103,8 +107,20 @@ def test_tamper_event_locks_and_reprovision_unlocks(vendor, model, tmp_path, swt
     vdir = str(vendor.root)
     forged = dict(fresh, tpm=dict(fresh["tpm"], ak=ident["tpm"]["unwrap"]))  # another key posing as the AK
     lid = doc["license"]["id"]
-    line = one_line_error(cli("vendor", "license", "reprovision", lid, "--vendor", vdir, "--machine", json.dumps(forged),
-                              "--out", str(tmp_path / "bad.lic")))
+    line = one_line_error(
+        cli(
+            "vendor",
+            "license",
+            "reprovision",
+            lid,
+            "--vendor",
+            vdir,
+            "--machine",
+            json.dumps(forged),
+            "--out",
+            str(tmp_path / "bad.lic"),
+        )
+    )
     assert "not the one registered" in line
     new = tmp_path / "new.lic"
     p = cli("vendor", "license", "reprovision", lid, "--vendor", vdir, "--machine", json.dumps(fresh), "--out", str(new))
@@ -116,13 +132,19 @@ def test_tamper_event_locks_and_reprovision_unlocks(vendor, model, tmp_path, swt
 def test_identity_tpm_block_is_checked(swtpm):
     ident = _tpm_machine(swtpm.tcti).identity()
     assert parse_identity(ident)["tpm"]["ak"] == ident["tpm"]["ak"]
-    for bad in ({"ak": "00"}, {"unwrap": ident["ed25519"]}, {"policy": {"bank": "sha1", "pcrs": [15], "digest": "0" * 64}},
-                {"policy": {"bank": "sha256", "pcrs": [99], "digest": "0" * 64}}, {"kind": "sev"}):
+    for bad in (
+        {"ak": "00"},
+        {"unwrap": ident["ed25519"]},
+        {"policy": {"bank": "sha1", "pcrs": [15], "digest": "0" * 64}},
+        {"policy": {"bank": "sha256", "pcrs": [99], "digest": "0" * 64}},
+        {"kind": "sev"},
+    ):
         with pytest.raises(VaultError):
             parse_identity(dict(ident, tpm=dict(ident["tpm"], **bad)))
 
 
 def test_unreachable_tpm_is_one_line(vendor, model, tmp_path, swtpm, free_port):
     assert "cannot reach the TPM" in one_line_error(
-        cli("machine-id", "--tpm", "--tcti", f"swtpm:host=127.0.0.1,port={free_port}"))
+        cli("machine-id", "--tpm", "--tcti", f"swtpm:host=127.0.0.1,port={free_port}")
+    )
     assert "tamper PCR" in one_line_error(cli("machine-id", "--tpm", "--tcti", swtpm.tcti, "--pcrs", "7"))

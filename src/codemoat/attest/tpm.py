@@ -93,8 +93,9 @@ class TpmAttestor:
         pt = _pt()
         sel = pcr_selection(policy["pcrs"])
         c = self.ctx
-        sess = c.start_auth_session(pt.ESYS_TR.NONE, pt.ESYS_TR.NONE, pt.TPM2_SE.TRIAL,
-                                    pt.TPMT_SYM_DEF(algorithm=pt.TPM2_ALG.NULL), pt.TPM2_ALG.SHA256)
+        sess = c.start_auth_session(
+            pt.ESYS_TR.NONE, pt.ESYS_TR.NONE, pt.TPM2_SE.TRIAL, pt.TPMT_SYM_DEF(algorithm=pt.TPM2_ALG.NULL), pt.TPM2_ALG.SHA256
+        )
         try:
             c.policy_pcr(sess, bytes.fromhex(policy["digest"]), sel)
             return bytes(c.policy_get_digest(sess))
@@ -107,16 +108,16 @@ class TpmAttestor:
         ck = ",".join(map(str, sorted(policy["pcrs"]))) + ":" + policy["digest"]
         got = self._unwrap_keys.get(ck)
         if got is None:
-            tmpl = pt.TPM2B_PUBLIC.parse("ecc256", objectAttributes=self._attrs("DECRYPT"),
-                                         authPolicy=self.policy_digest(policy))
+            tmpl = pt.TPM2B_PUBLIC.parse("ecc256", objectAttributes=self._attrs("DECRYPT"), authPolicy=self.policy_digest(policy))
             h, pub, *_ = self.ctx.create_primary(None, tmpl, pt.ESYS_TR.ENDORSEMENT)
             got = self._unwrap_keys[ck] = (h, pub)
         return got
 
     def _ak(self) -> tuple[Any, Any]:
         pt = _pt()
-        tmpl = pt.TPM2B_PUBLIC.parse("ecc256:ecdsa-sha256",
-                                     objectAttributes=self._attrs("USERWITHAUTH", "RESTRICTED", "SIGN_ENCRYPT"))
+        tmpl = pt.TPM2B_PUBLIC.parse(
+            "ecc256:ecdsa-sha256", objectAttributes=self._attrs("USERWITHAUTH", "RESTRICTED", "SIGN_ENCRYPT")
+        )
         tmpl.publicArea.parameters.eccDetail.symmetric.algorithm = pt.TPM2_ALG.NULL  # Part 2 §12.2.3.6
         h, pub, *_ = self.ctx.create_primary(None, tmpl, pt.ESYS_TR.ENDORSEMENT)
         return h, pub
@@ -177,8 +178,9 @@ class TpmAttestor:
             raise AttestError("ECDH point must be an uncompressed P-256 point")
         c = self.ctx
         h, _ = self._unwrap_key(policy)
-        sess = c.start_auth_session(pt.ESYS_TR.NONE, pt.ESYS_TR.NONE, pt.TPM2_SE.POLICY,
-                                    pt.TPMT_SYM_DEF(algorithm=pt.TPM2_ALG.NULL), pt.TPM2_ALG.SHA256)
+        sess = c.start_auth_session(
+            pt.ESYS_TR.NONE, pt.ESYS_TR.NONE, pt.TPM2_SE.POLICY, pt.TPMT_SYM_DEF(algorithm=pt.TPM2_ALG.NULL), pt.TPM2_ALG.SHA256
+        )
         try:
             c.policy_pcr(sess, b"", pcr_selection(policy["pcrs"]))  # the chip's current values
             ecc = pt.TPM2B_ECC_POINT(pt.TPMS_ECC_POINT(x=point[1:33], y=point[33:]))
@@ -186,8 +188,10 @@ class TpmAttestor:
                 out = c.ecdh_zgen(h, ecc, session1=sess)
             except pt.TSS2_Exception as e:
                 if e.rc & 0xFF in (0x1D, 0x99) or "policy" in str(e).lower():  # TPM_RC_POLICY_FAIL
-                    raise AttestError("the TPM refused to unwrap: its PCRs no longer match the license's policy "
-                                      f"(PCRs {policy['pcrs']}: a tamper event, or another boot state)") from None
+                    raise AttestError(
+                        "the TPM refused to unwrap: its PCRs no longer match the license's policy "
+                        f"(PCRs {policy['pcrs']}: a tamper event, or another boot state)"
+                    ) from None
                 raise AttestError(f"the TPM refused to unwrap: {e}") from None
             return bytes(out.point.x)
         finally:

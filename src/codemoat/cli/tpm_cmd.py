@@ -45,10 +45,13 @@ def _audit(reason: str, pcr: int) -> int | None:
     s = load_settings(None)
     url = s.database_url or paths.db_url()
     home = paths.home()
-    log = AuditLog(open_db(url), checkpoint_every=s.audit.checkpoint_every, head_file=head_file_for(url, home),
-                   verified_file=verified_file_for(url, home))
-    return log.append("tamper", user="appliance", route="appliance tamper-event",
-                      detail={"reason": reason, "pcr": pcr})
+    log = AuditLog(
+        open_db(url),
+        checkpoint_every=s.audit.checkpoint_every,
+        head_file=head_file_for(url, home),
+        verified_file=verified_file_for(url, home),
+    )
+    return log.append("tamper", user="appliance", route="appliance tamper-event", detail={"reason": reason, "pcr": pcr})
 
 
 @appliance_app.command("tamper-event")
@@ -67,16 +70,27 @@ def tamper_event(
         a.extend(TAMPER_PCR, TAMPER_DOMAIN + reason.encode())
         value = a.pcr_values([TAMPER_PCR])[0].hex()
     seq = _audit(reason, TAMPER_PCR)
-    emit({"pcr": TAMPER_PCR, "value": value, "reason": reason, "audit_seq": seq}, as_json,
-         lambda d: console.print(f"tamper event recorded: PCR {TAMPER_PCR} extended; the model is locked until the vendor "
-                                 "reprovisions (send `codemoat machine-id --tpm` to the vendor)", highlight=False, soft_wrap=True))
+    emit(
+        {"pcr": TAMPER_PCR, "value": value, "reason": reason, "audit_seq": seq},
+        as_json,
+        lambda d: console.print(
+            f"tamper event recorded: PCR {TAMPER_PCR} extended; the model is locked until the vendor "
+            "reprovisions (send `codemoat machine-id --tpm` to the vendor)",
+            highlight=False,
+            soft_wrap=True,
+        ),
+    )
 
 
 @license_app.command("reprovision")
 def license_reprovision(
     license_id: Annotated[str, typer.Argument(help="License id (lic_...).")],
-    vendor: Annotated[Path, typer.Option("--vendor", help="The vendor's directory (keys and database).", envvar="CODEMOAT_VENDOR")],
-    machine: Annotated[str, typer.Option(help="The machine's new identity (`codemoat machine-id --tpm --json`, a file or JSON).")],
+    vendor: Annotated[
+        Path, typer.Option("--vendor", help="The vendor's directory (keys and database).", envvar="CODEMOAT_VENDOR")
+    ],
+    machine: Annotated[
+        str, typer.Option(help="The machine's new identity (`codemoat machine-id --tpm --json`, a file or JSON).")
+    ],
     out: Annotated[Path | None, typer.Option(help="License file to write (default: <license id>.lic).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out file.")] = False,
     as_json: JsonFlag = False,
@@ -100,6 +114,12 @@ def license_reprovision(
     except OSError as e:
         raise CodemoatError(f"license {license_id} was reprovisioned but cannot be written to {path}: {e.strerror}") from None
     pol = ident["tpm"]["policy"]
-    emit({"license_id": license_id, "machine_id": ident["id"], "policy": pol, "file": str(path)}, as_json,
-         lambda d: console.print(f"license {license_id} reprovisioned for {ident['id']} (PCRs {pol['pcrs']}, "
-                                 f"digest {pol['digest'][:12]}…) -> {path}", highlight=False, soft_wrap=True))
+    emit(
+        {"license_id": license_id, "machine_id": ident["id"], "policy": pol, "file": str(path)},
+        as_json,
+        lambda d: console.print(
+            f"license {license_id} reprovisioned for {ident['id']} (PCRs {pol['pcrs']}, digest {pol['digest'][:12]}…) -> {path}",
+            highlight=False,
+            soft_wrap=True,
+        ),
+    )

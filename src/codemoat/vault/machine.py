@@ -134,8 +134,11 @@ class MachineKey:
             raise VaultError(f"{p} is readable by other users (mode {st.st_mode & 0o777:o}); chmod 600 it")
         try:
             d = json.loads(p.read_text())
-            key = cls(X25519PrivateKey.from_private_bytes(b64d(d["x25519"])),
-                      Ed25519PrivateKey.from_private_bytes(b64d(d["ed25519"])), collect_facts())
+            key = cls(
+                X25519PrivateKey.from_private_bytes(b64d(d["x25519"])),
+                Ed25519PrivateKey.from_private_bytes(b64d(d["ed25519"])),
+                collect_facts(),
+            )
         except (KeyError, TypeError, ValueError, VaultError):
             raise VaultError(f"machine key file {p} is damaged") from None
         key.tpm = _load_tpm(paths.home() / TPM_FILE)
@@ -147,8 +150,9 @@ class MachineKey:
         if p.exists():
             return cls.load()
         key = cls.generate()
-        write_secret(p, json.dumps({"x25519": b64e(x_private_raw(key.x25519)),
-                                    "ed25519": b64e(ed_private_raw(key.ed25519))}).encode())
+        write_secret(
+            p, json.dumps({"x25519": b64e(x_private_raw(key.x25519)), "ed25519": b64e(ed_private_raw(key.ed25519))}).encode()
+        )
         from .clock import ClockGuard
 
         ClockGuard(key).start_record()
@@ -168,8 +172,14 @@ class MachineKey:
 
     def identity(self) -> dict[str, Any]:
         """The public identity to send to the vendor: public keys and hashed facts, nothing secret."""
-        d = {"kind": "codemoat-machine", "version": 1, "id": self.id,
-             "x25519": b64e(self.x25519_public), "ed25519": b64e(self.ed25519_public), "facts": self.facts}
+        d = {
+            "kind": "codemoat-machine",
+            "version": 1,
+            "id": self.id,
+            "x25519": b64e(self.x25519_public),
+            "ed25519": b64e(self.ed25519_public),
+            "facts": self.facts,
+        }
         if self.tpm:
             d["tpm"] = self.tpm["identity"]
         return d
@@ -177,8 +187,7 @@ class MachineKey:
     def attestor(self) -> Any:
         """The TPM this machine's TPM-bound licenses need (`codemoat.attest.tpm.TpmAttestor`, not yet open)."""
         if not self.tpm:
-            raise VaultError("this license is bound to a TPM, but this machine has none set up "
-                             "(run `codemoat machine-id --tpm`)")
+            raise VaultError("this license is bound to a TPM, but this machine has none set up (run `codemoat machine-id --tpm`)")
         from ..attest.tpm import TpmAttestor
 
         return TpmAttestor(os.environ.get(TCTI_ENV) or self.tpm["tcti"])
@@ -215,9 +224,15 @@ def check_tpm_block(t: Any) -> dict[str, Any]:
     p256_public(t.get("ak"), "machine TPM attestation key")
     p256_public(t.get("unwrap"), "machine TPM unwrap key")
     pol = t.get("policy")
-    ok = (isinstance(pol, dict) and pol.get("bank") == "sha256" and isinstance(pol.get("pcrs"), list) and pol["pcrs"]
-          and all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 24 for x in pol["pcrs"])
-          and isinstance(pol.get("digest"), str) and len(pol["digest"]) == 64)
+    ok = (
+        isinstance(pol, dict)
+        and pol.get("bank") == "sha256"
+        and isinstance(pol.get("pcrs"), list)
+        and pol["pcrs"]
+        and all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 24 for x in pol["pcrs"])
+        and isinstance(pol.get("digest"), str)
+        and len(pol["digest"]) == 64
+    )
     if not ok or not all(t.get(k) is None or isinstance(t.get(k), str) for k in ("ek", "ek_cert")):
         raise VaultError("machine identity's TPM policy is malformed")
     return {k: t.get(k) for k in ("kind", "ak", "unwrap", "ek", "ek_cert", "policy")}

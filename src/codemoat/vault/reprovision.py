@@ -38,8 +38,10 @@ def reprovision(vendor: Vendor, license_id: str, identity: dict[str, Any]) -> di
     if not identity.get("tpm"):
         raise VaultError("the machine identity has no TPM block (run `codemoat machine-id --tpm` on the machine)")
     if identity["tpm"]["ak"] != old["tpm"]["ak"]:
-        raise VaultError("the identity's TPM attestation key is not the one registered for this license "
-                         "(another chip): issue a new license instead")
+        raise VaultError(
+            "the identity's TPM attestation key is not the one registered for this license "
+            "(another chip): issue a new license instead"
+        )
     new = _entry(identity)
     machines = list(body["machines"])
     machines[idx] = new

@@ -111,7 +111,7 @@ def parse_quote(attest: bytes) -> QuoteInfo:
         (n,) = struct.unpack_from(">H", attest, off)
         off += 2 + n  # qualifiedSigner
         (n,) = struct.unpack_from(">H", attest, off)
-        extra = attest[off + 2: off + 2 + n]
+        extra = attest[off + 2 : off + 2 + n]
         off += 2 + n
         clock, reset, restart, _safe = struct.unpack_from(">QIIB", attest, off)
         off += 17 + 8  # clockInfo, firmwareVersion
@@ -120,10 +120,10 @@ def parse_quote(attest: bytes) -> QuoteInfo:
         sel = []
         for _ in range(min(count, 16)):
             alg, size = struct.unpack_from(">HB", attest, off)
-            sel.append((alg, attest[off + 3: off + 3 + size]))
+            sel.append((alg, attest[off + 3 : off + 3 + size]))
             off += 3 + size
         (n,) = struct.unpack_from(">H", attest, off)
-        digest = attest[off + 2: off + 2 + n]
+        digest = attest[off + 2 : off + 2 + n]
         off += 2 + n
     except struct.error:
         raise QuoteRefused("bad_quote", "quote is truncated") from None
@@ -151,7 +151,8 @@ def verify_quote(tpm: dict[str, Any], quote: Any, expected_data: bytes) -> Quote
         raise QuoteRefused("bad_quote", "quote is malformed")
     try:
         p256_public(tpm["ak"], "attestation key").verify(
-            encode_dss_signature(int.from_bytes(r, "big"), int.from_bytes(s, "big")), attest, ec.ECDSA(hashes.SHA256()))
+            encode_dss_signature(int.from_bytes(r, "big"), int.from_bytes(s, "big")), attest, ec.ECDSA(hashes.SHA256())
+        )
     except (InvalidSignature, ValueError):
         raise QuoteRefused("bad_quote", "quote signature does not verify with the registered attestation key") from None
     info = parse_quote(attest)
@@ -161,6 +162,9 @@ def verify_quote(tpm: dict[str, Any], quote: Any, expected_data: bytes) -> Quote
     if info.pcr_select != [(ALG_SHA256, pcr_bitmap(policy["pcrs"]))]:
         raise QuoteRefused("pcr_mismatch", f"quote covers other PCRs than the license's policy {policy['pcrs']}")
     if info.pcr_digest.hex() != policy["digest"]:
-        raise QuoteRefused("pcr_mismatch", f"PCRs {policy['pcrs']} differ from the values recorded at provisioning "
-                                           "(tamper event or another boot state): the vendor must reprovision")
+        raise QuoteRefused(
+            "pcr_mismatch",
+            f"PCRs {policy['pcrs']} differ from the values recorded at provisioning "
+            "(tamper event or another boot state): the vendor must reprovision",
+        )
     return info
