@@ -268,16 +268,20 @@ class KeyServer:
         with self._attest_lock:
             last = self._tpm_clock.get((lid, mid))
             if last is not None and (info.reset_count, info.clock) < last:
-                msg = (f"TPM reset count or clock went backwards ({info.reset_count}/{info.clock} after "
-                       f"{last[0]}/{last[1]}): a restored or replayed TPM state")
+                msg = (
+                    f"TPM reset count or clock went backwards ({info.reset_count}/{info.clock} after "
+                    f"{last[0]}/{last[1]}): a restored or replayed TPM state"
+                )
                 self._record_refusal(lid, mid, "tpm_rollback", msg)
                 raise LeaseDenied("tpm_rollback", msg)
             self._tpm_clock[(lid, mid)] = (info.reset_count, info.clock)
         return entry
 
     def _record_refusal(self, lid: str, mid: str, code: str, message: str) -> None:
-        line = json.dumps({"time": int(time.time()), "license_id": lid, "machine_id": mid, "code": code,
-                           "message": message}, separators=(",", ":"))
+        line = json.dumps(
+            {"time": int(time.time()), "license_id": lid, "machine_id": mid, "code": code, "message": message},
+            separators=(",", ":"),
+        )
         with self._attest_lock, open(self.vendor.root / ATTEST_LOG, "a", encoding="utf-8") as f:
             f.write(line + "\n")
 
