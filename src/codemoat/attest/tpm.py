@@ -187,7 +187,8 @@ class TpmAttestor:
             try:
                 out = c.ecdh_zgen(h, ecc, session1=sess)
             except pt.TSS2_Exception as e:
-                if e.rc & 0xFF in (0x1D, 0x99) or "policy" in str(e).lower():  # TPM_RC_POLICY_FAIL
+                # TPM_RC_POLICY_FAIL = RC_FMT1 + 0x01D (Part 2 §6.6.3); bits 6 and 8-11 name the session
+                if (e.rc & 0x80) and (e.rc & 0x3F) == 0x1D:
                     raise AttestError(
                         "the TPM refused to unwrap: its PCRs no longer match the license's policy "
                         f"(PCRs {policy['pcrs']}: a tamper event, or another boot state)"
