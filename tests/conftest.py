@@ -27,6 +27,7 @@ def home(tmp_path_factory, monkeypatch) -> Path:
     monkeypatch.setenv("CODEMOAT_HOME", str(h))
     monkeypatch.delenv("CODEMOAT_CONFIG", raising=False)
     monkeypatch.delenv("CODEMOAT_DATABASE_URL", raising=False)
+    monkeypatch.setenv("CODEMOAT_VAULT__TPM", "off")  # never a host's /dev/tpm*: TPM tests start their own swtpm
     return h
 
 

@@ -64,6 +64,11 @@ class ModelSettings(BaseModel):
 class VaultSettings(BaseModel):
     clock_tolerance_s: int = Field(300, description="How far the clock may go back before a license is refused.")
     lease_renew_fraction: float = Field(0.5, gt=0, lt=1, description="Renew a lease after this fraction of its TTL.")
+    tpm: Literal["auto", "on", "off"] = Field(
+        "auto", description="`machine-id` adds the TPM's keys: auto (when tpm_device exists and tpm2-pytss is installed), on, off."
+    )
+    tpm_device: str = Field("/dev/tpmrm0", description="The TPM resource manager's device (TCTI device:PATH).")
+    socket: str | None = Field(None, description="unix:PATH of a `codemoat vaultd`: serve gets the model from it as a sealed memfd and never opens the key, license or container (model.id names the model).")
 
 
 class RetrievalSettings(BaseModel):

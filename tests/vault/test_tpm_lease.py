@@ -21,7 +21,11 @@ from codemoat.vault.lease import LeaseClient, outbound_path  # noqa: E402
 from codemoat.vault.license import License  # noqa: E402
 from codemoat.vault.machine import MachineKey  # noqa: E402
 from codemoat.vault.reprovision import reprovision  # noqa: E402
-from vaulthelp import bundle  # noqa: E402
+
+try:  # tests/vault as a package, or as a plain folder on sys.path
+    from .vaulthelp import bundle
+except ImportError:
+    from vaulthelp import bundle  # noqa: E402
 
 
 @pytest.fixture

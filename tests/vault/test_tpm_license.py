@@ -18,7 +18,11 @@ from codemoat.attest.tpm import TAMPER_PCR  # noqa: E402
 from codemoat.vault.codec import VaultError  # noqa: E402
 from codemoat.vault.machine import TCTI_ENV, MachineKey, parse_identity  # noqa: E402
 from codemoat.vault.verify import verify_bundle  # noqa: E402
-from vaulthelp import bundle, cli, one_line_error  # noqa: E402
+
+try:  # tests/vault as a package, or as a plain folder on sys.path
+    from .vaulthelp import bundle, cli, one_line_error
+except ImportError:
+    from vaulthelp import bundle, cli, one_line_error  # noqa: E402
 
 
 @pytest.fixture
@@ -148,3 +152,24 @@ def test_unreachable_tpm_is_one_line(vendor, model, tmp_path, swtpm, free_port):
         cli("machine-id", "--tpm", "--tcti", f"swtpm:host=127.0.0.1,port={free_port}")
     )
     assert "tamper PCR" in one_line_error(cli("machine-id", "--tpm", "--tcti", swtpm.tcti, "--pcrs", "7"))
+
+
+def test_machine_id_uses_the_tpm_when_the_setting_and_the_device_allow(swtpm, tmp_path, monkeypatch):
+    device = tmp_path / "tpmrm0"  # stands in for /dev/tpmrm0: the chip itself is reached through the TCTI below
+    device.write_text("")
+    monkeypatch.setenv("CODEMOAT_TPM_TCTI", swtpm.tcti)
+    monkeypatch.setenv("CODEMOAT_VAULT__TPM_DEVICE", str(device))
+
+    def ident(setting: str, *flags: str, present: bool = True) -> dict:
+        monkeypatch.setenv("CODEMOAT_HOME", str(tmp_path / f"home-{setting}-{present}-{len(flags)}"))
+        monkeypatch.setenv("CODEMOAT_VAULT__TPM_DEVICE", str(device if present else tmp_path / "absent"))
+        monkeypatch.setenv("CODEMOAT_VAULT__TPM", setting)
+        p = cli("machine-id", "--json", *flags)
+        assert p.returncode == 0, p.stderr
+        return json.loads(p.stdout)
+
+    assert "tpm" in ident("auto")
+    assert "tpm" not in ident("auto", present=False)
+    assert "tpm" not in ident("off")
+    assert "tpm" not in ident("auto", "--no-tpm")
+    assert "tpm" in ident("off", "--tpm")

@@ -25,6 +25,23 @@ def _pcr_list(text: str) -> list[int]:
     return pcrs
 
 
+def tpm_wanted(flag: bool | None, tcti: str | None) -> tuple[bool, str]:
+    """Whether `machine-id` uses a TPM, and how to reach it: the flag, else the vault.tpm setting
+    (auto: when the device exists and tpm2-pytss is installed)."""
+    import importlib.util
+    import os
+
+    from ..config import load_settings
+
+    v = load_settings(None).vault
+    tcti = tcti or f"device:{v.tpm_device}"
+    if flag is not None:
+        return flag, tcti
+    if v.tpm == "auto":
+        return os.path.exists(v.tpm_device) and importlib.util.find_spec("tpm2_pytss") is not None, tcti
+    return v.tpm == "on", tcti
+
+
 def enable_tpm(key: Any, tcti: str, pcrs: str) -> dict[str, Any]:
     """Record this machine's TPM (keys re-derived in the chip, the current PCR policy) in tpm.json."""
     from ..attest.tpm import TAMPER_PCR

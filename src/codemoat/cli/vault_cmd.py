@@ -40,17 +40,18 @@ def vendor_init(vendor: VendorDir, as_json: JsonFlag = False) -> None:
 @app.command("machine-id")
 def machine_id(
     as_json: JsonFlag = False,
-    tpm: Annotated[bool, typer.Option("--tpm", help="Add this machine's TPM 2.0 keys (made in the chip) and its current PCR policy.")] = False,
-    tcti: Annotated[str, typer.Option(help="How to reach the TPM (tpm2-tss TCTI), e.g. swtpm:host=127.0.0.1,port=2321.", envvar="CODEMOAT_TPM_TCTI")] = "device:/dev/tpmrm0",
+    tpm: Annotated[bool | None, typer.Option("--tpm/--no-tpm", help="Add this machine's TPM 2.0 keys (made in the chip) and its current PCR policy (default: the vault.tpm setting, auto).")] = None,
+    tcti: Annotated[str | None, typer.Option(help="How to reach the TPM (tpm2-tss TCTI), e.g. swtpm:host=127.0.0.1,port=2321 (default: device:<vault.tpm_device>).", envvar="CODEMOAT_TPM_TCTI")] = None,
     pcrs: Annotated[str, typer.Option(help="PCRs the license policy covers (comma-separated; must include the tamper PCR 15).")] = "15",
 ) -> None:
     """Print this machine's public identity (made on first use); send it to the vendor. It holds no secret."""
     from ..vault.machine import MachineKey
 
     key = MachineKey.load_or_create()
-    if tpm:
-        from .tpm_cmd import enable_tpm
+    from .tpm_cmd import enable_tpm, tpm_wanted
 
+    use, tcti = tpm_wanted(tpm, tcti)
+    if use:
         enable_tpm(key, tcti, pcrs)
     ident = key.identity()
     if as_json:
