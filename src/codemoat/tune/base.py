@@ -33,6 +33,11 @@ def load_base(path: Path, *, n_ctx: int = 512, device: str = "cpu") -> BaseModel
         raise CodemoatError("tuning against a sealed base model is not supported yet: tune with the plaintext GGUF")
     if path.suffix != ".gguf" or not path.is_file():
         raise CodemoatError(f"base model must be a .gguf file: {path}")
+    import os
+    import warnings
+
+    os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF conversion bar would break the progress line
+    warnings.filterwarnings("ignore", module=r"(transformers|peft)\.")  # deprecation notes meant for their developers
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
