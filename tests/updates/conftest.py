@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).parent))  # updhelp: this folder is a package, not on the path by itself
 
 from updhelp import Shop  # noqa: E402
 

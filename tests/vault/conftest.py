@@ -13,6 +13,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+sys.path.insert(0, str(Path(__file__).parent))  # vaulthelp, proxy: this folder is a package, not on the path by itself
+
 
 @pytest.fixture(autouse=True)
 def vault_home(tmp_path, monkeypatch):

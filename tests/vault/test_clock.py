@@ -12,7 +12,7 @@ from codemoat.vault.codec import VaultError
 from codemoat.vault.lease import LeaseClient
 from codemoat.vault.license import License
 from codemoat.vault.verify import verify_bundle
-from conftest import KeyServerProcess
+from .conftest import KeyServerProcess
 from vaulthelp import bundle
 
 

@@ -15,7 +15,7 @@ from codemoat.vault.keyserver import LeaseDenied
 from codemoat.vault.lease import LeaseClient, LeaseKeeper, Unreachable, outbound_path
 from codemoat.vault.license import License
 from codemoat.vault.machine import MachineKey
-from conftest import KeyServerProcess
+from .conftest import KeyServerProcess
 from vaulthelp import bundle
 
 

@@ -17,7 +17,7 @@ from codemoat.engines.sealed import is_dumpable, open_sealed
 from codemoat.errors import Unavailable
 from codemoat.vault.clock import ManualClock
 from codemoat.vault.codec import VaultError
-from conftest import KeyServerProcess
+from .conftest import KeyServerProcess
 from vaulthelp import bundle
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0)

@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from conftest import KeyServerProcess, free_port
+from .conftest import KeyServerProcess, free_port
 from vaulthelp import bundle, cli
 
 pytestmark = pytest.mark.slow
