@@ -28,6 +28,7 @@ ACTIONS = (
     "/admin/people/groups",
     "/admin/audit/verify",
     "/admin/repositories/reindex",
+    "/admin/people/disable",
 )
 XSS = "<script>alert(1)</script>"
 
@@ -242,3 +243,35 @@ def test_reindex_from_the_console_with_progress(setup, tmp_path):
     r = c.post("/admin/repositories/reindex", data={"csrf": csrf_of(page), "name": "nope"})
     assert r.status_code == 400 and "nope" in r.text and "Traceback" not in r.text
     assert c.get("/admin/repositories/jobs/0000", follow_redirects=False).status_code == 404
+
+
+def test_disabling_a_user_stops_its_tokens_and_sessions(setup):
+    c, accounts, admin, dev = setup
+    _, admin2 = accounts.create_token("ops", user="ops", scopes=("admin",))
+    assert signed_in(c, admin).status_code == 303
+    csrf = csrf_of(c.get("/admin/people").text)
+    other = TestClient(c.app, base_url="http://testserver")
+    assert signed_in(other, admin2).status_code == 303 and other.get("/admin", follow_redirects=False).status_code == 200
+    assert (
+        c.post("/admin/people/disable", data={"csrf": csrf, "user": "ops", "disabled": "1"}, follow_redirects=False).status_code
+        == 303
+    )
+    assert other.get("/admin", follow_redirects=False).status_code == 303  # its console session is gone
+    from codemoat.errors import CodemoatError
+
+    with pytest.raises(CodemoatError):
+        accounts.authenticate(admin2)
+    r = c.post("/admin/people/tokens", data={"csrf": csrf, "name": "ops2", "user": "ops", "scope_complete": "1"})
+    assert r.status_code == 400 and "disabled" in r.text
+    assert "<td>disabled <form" in c.get("/admin/people").text
+    r = c.post("/admin/people/disable", data={"csrf": csrf, "user": "root", "disabled": "1"})
+    assert r.status_code == 400 and "yourself" in r.text
+    assert accounts.authenticate(dev).user == "dev"  # others untouched
+    assert (
+        c.post("/admin/people/disable", data={"csrf": csrf, "user": "ops", "disabled": "0"}, follow_redirects=False).status_code
+        == 303
+    )
+    assert (
+        c.post("/admin/people/tokens", data={"csrf": csrf, "name": "ops2", "user": "ops", "scope_complete": "1"}).status_code
+        == 200
+    )

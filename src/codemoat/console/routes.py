@@ -138,6 +138,9 @@ async def _people(request: Request, s, *, created: dict | None = None, error: st
     users = await _run(acc.list_users)
     groups = await _run(acc.list_groups)
     toks = await _run(acc.list_tokens)
+    from .people import disabled_users
+
+    disabled = await _run(disabled_users, acc.engine)
     per_user = {
         r.key: r for r in (await _run(report, _engine(request), by="user", since=time.time() - DAYS * 86400, summary=False)).rows
     }
@@ -154,6 +157,7 @@ async def _people(request: Request, s, *, created: dict | None = None, error: st
         created=created,
         error=error,
         now=time.time(),
+        disabled=disabled,
     )
 
 
@@ -178,6 +182,9 @@ async def create_token(request: Request):
         if days < 0 or days > 3650:
             raise CodemoatError("expiry: between 0 (never) and 3650 days")
         expires = time.time() + days * 86400 if days else None
+        from .people import check_enabled
+
+        await _run(check_enabled, request.app.state.accounts.engine, f.get("user", "").strip() or f.get("name", "").strip())
         info, secret = await _run(
             request.app.state.accounts.create_token,
             f.get("name", "").strip(),
@@ -429,3 +436,24 @@ async def reindex_job(request: Request, job_id: str):
     if job is None:
         return page(request, "job.html", s, status=404, job=None)
     return page(request, "job.html", s, job=job)
+
+
+@router.post("/admin/people/disable")
+async def disable_user(request: Request):
+    s, f = await _guarded_post(request)
+    if s is None:
+        return f
+    from .people import set_disabled
+
+    user, disabled = f.get("user", ""), f.get("disabled") == "1"
+    if user == s.user and disabled:
+        return await _people(request, s, error="you cannot disable yourself", status=400)
+    try:
+        revoked = await _run(set_disabled, request.app.state.accounts.engine, user, disabled)
+    except CodemoatError as e:
+        return await _people(request, s, error=str(e), status=400)
+    note(
+        request,
+        f"console: {'disabled' if disabled else 'enabled'} user {user}" + (f", revoked {revoked} token(s)" if revoked else ""),
+    )
+    return secure(RedirectResponse("/admin/people", status_code=303))
