@@ -24,15 +24,15 @@ rows without the others.
 Quantised tensors (Q8_0, Q4_0, Q5_0, Q4_K, Q5_K, Q6_K) cannot take an additive mark of 1% of
 a row's RMS: their rounding step is larger than that, and re-rounding a marked value returns the
 original code. They carry a sparse mark in the integer codes instead (quant.py): in every segment
-of 2^20 weights (a smaller tensor: one segment, its size rounded up to a power of two), 64
+of 2^20 weights (a smaller tensor: one segment, its size rounded up to a power of two), 32
 positions P drawn from AES-256-CTR (key HKDF(secret, "sel" ‖ tensor name))
 have their code moved by one step in the direction of a keyed sign b_k,
 
     q'_k = q_k + b_k · sign(step_k)     (k ∈ P; left alone where q'_k would leave the code range)
 
 with every block scale kept, so a changed weight moves by exactly one step |step_k|. The added
-error is one weight in 16,384 moved by one step, against the uniform ±step/2 rounding error every
-weight already has: step²/16,384 next to step²/12 of mean squared error, 0.07% of the
+error is one weight in 32,768 moved by one step, against the uniform ±step/2 rounding error every
+weight already has: step²/32,768 next to step²/12 of mean squared error, 0.04% of the
 quantisation's own noise. It is quantisation index modulation (Chen & Wornell 2001, "Quantization
 index modulation: a class of provably good methods for digital watermarking") in its simplest
 form, one step either way; trace_stream.py correlates the suspect's residual at P with b, so the
@@ -56,10 +56,10 @@ from ..errors import CodemoatError
 
 ALPHA = 0.01
 SEGMENT = 1 << 20  # weights per segment of the sparse (quantised) mark
-PER_SEGMENT = 64  # positions drawn per segment: p = 1/16,384 (bench/results/scale.md measures its KL)
+PER_SEGMENT = 32  # positions drawn per segment: p = 1/32,768 (bench/results/scale.md measures its KL)
 _INFO = b"codemoat/fingerprint/v1/"
 _INFO_SEL = b"codemoat/fingerprint/v1/sel/"
-_SEG_BYTES = 4 * PER_SEGMENT + 16  # 64 32-bit offsets, then 64 sign bits (and 8 spare bytes)
+_SEG_BYTES = 4 * PER_SEGMENT + 16  # 32 32-bit offsets, then 32 sign bits (and 12 spare bytes)
 
 
 def tensor_key(secret: bytes, name: str, info: bytes = _INFO) -> bytes:
@@ -109,6 +109,11 @@ def selection(secret: bytes, name: str, n: int, seg0: int, seg1: int, total: int
 
 def pattern(secret: bytes, name: str, n_cols: int, row0: int, row1: int) -> np.ndarray:
     """b[row0:row1] of tensor `name`: float32 ±1 of shape (row1 - row0, n_cols)."""
+    return pattern_bits(secret, name, n_cols, row0, row1).astype(np.float32) * 2.0 - 1.0
+
+
+def pattern_bits(secret: bytes, name: str, n_cols: int, row0: int, row1: int) -> np.ndarray:
+    """The bits behind `pattern`: uint8 1 for +1, 0 for -1."""
     from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
     blocks = -(-n_cols // 128)  # AES blocks (128 bits) per row
@@ -116,7 +121,7 @@ def pattern(secret: bytes, name: str, n_cols: int, row0: int, row1: int) -> np.n
     enc = Cipher(algorithms.AES(tensor_key(secret, name)), modes.CTR(counter)).encryptor()
     stream = enc.update(bytes((row1 - row0) * blocks * 16))
     bits = np.unpackbits(np.frombuffer(stream, dtype=np.uint8)).reshape(row1 - row0, blocks * 128)
-    return bits[:, :n_cols].astype(np.float32) * 2.0 - 1.0
+    return bits[:, :n_cols]
 
 
 def scheme(kind: str) -> str | None:
@@ -169,10 +174,11 @@ def mark_rows(raw: np.ndarray, kind: str, how: str, secret: bytes, name: str, co
     from . import quant
 
     rows = raw.shape[0]
-    if how == "dense":
+    if how == "dense":  # W + α·σ·b, with one temporary: ±α·σ chosen by b's bits
         w = quant.to_float(raw, kind, cols)
-        b = pattern(secret, name, cols, row0, row0 + rows)
-        return quant.from_float(w + alpha * row_scale(w) * b, kind).reshape(rows, -1)
+        step = (alpha * np.sqrt(np.einsum("ij,ij->i", w, w) / cols))[:, None].astype(np.float32)
+        w += np.where(pattern_bits(secret, name, cols, row0, row0 + rows).view(bool), step, -step)
+        return quant.from_float(w, kind).reshape(rows, -1)
     L = quant.LAYOUTS[kind]
     lo, hi = row0 * cols, (row0 + rows) * cols
     seg = segment_size(total)
