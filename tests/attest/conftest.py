@@ -1,6 +1,3 @@
-import sys
-from pathlib import Path
+"""The software-TPM fixtures (swtpm_fixture.py), for the tests here; tests/vault imports them too."""
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from swtpm_fixture import swtpm, swtpm_ca, swtpm_factory  # noqa: E402,F401
+from .swtpm_fixture import swtpm, swtpm_ca, swtpm_factory  # noqa: F401

@@ -4,28 +4,24 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-from pathlib import Path
 
 import httpx
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "attest"))
+from attest.swtpm_fixture import *  # noqa: F403  (the swtpm fixtures; tests/ is on the path)
 
-from swtpm_fixture import *  # noqa: E402,F403  (the swtpm fixtures)
-
-from codemoat.attest.tpm import TAMPER_PCR, TpmAttestor  # noqa: E402
-from codemoat.vault.codec import b64e  # noqa: E402
-from codemoat.vault.keyserver import ATTEST_LOG, REQUEST_DOMAIN, TERMINAL, KeyServer, LeaseDenied  # noqa: E402
-from codemoat.vault.lease import LeaseClient, outbound_path  # noqa: E402
-from codemoat.vault.license import License  # noqa: E402
-from codemoat.vault.machine import MachineKey  # noqa: E402
-from codemoat.vault.reprovision import reprovision  # noqa: E402
+from codemoat.attest.tpm import TAMPER_PCR, TpmAttestor
+from codemoat.vault.codec import b64e
+from codemoat.vault.keyserver import ATTEST_LOG, REQUEST_DOMAIN, TERMINAL, KeyServer, LeaseDenied
+from codemoat.vault.lease import LeaseClient, outbound_path
+from codemoat.vault.license import License
+from codemoat.vault.machine import MachineKey
+from codemoat.vault.reprovision import reprovision
 
 try:  # tests/vault as a package, or as a plain folder on sys.path
     from .vaulthelp import bundle
 except ImportError:
-    from vaulthelp import bundle  # noqa: E402
+    from vaulthelp import bundle
 
 
 @pytest.fixture

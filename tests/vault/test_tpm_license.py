@@ -5,24 +5,20 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "attest"))
+from attest.swtpm_fixture import *  # noqa: F403  (the swtpm fixtures; tests/ is on the path)
 
-from swtpm_fixture import *  # noqa: E402,F403  (the swtpm fixtures)
-
-from codemoat.attest.tpm import TAMPER_PCR  # noqa: E402
-from codemoat.vault.codec import VaultError  # noqa: E402
-from codemoat.vault.machine import TCTI_ENV, MachineKey, parse_identity  # noqa: E402
-from codemoat.vault.verify import verify_bundle  # noqa: E402
+from codemoat.attest.tpm import TAMPER_PCR
+from codemoat.vault.codec import VaultError
+from codemoat.vault.machine import TCTI_ENV, MachineKey, parse_identity
+from codemoat.vault.verify import verify_bundle
 
 try:  # tests/vault as a package, or as a plain folder on sys.path
     from .vaulthelp import bundle, cli, one_line_error
 except ImportError:
-    from vaulthelp import bundle, cli, one_line_error  # noqa: E402
+    from vaulthelp import bundle, cli, one_line_error
 
 
 @pytest.fixture
