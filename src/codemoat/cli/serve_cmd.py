@@ -25,6 +25,7 @@ def serve(
     model_id: Annotated[str | None, typer.Option("--model-id", help="Model name shown by the API.")] = None,
     n_ctx: Annotated[int | None, typer.Option("--n-ctx", help="Context window in tokens.")] = None,
     fim_template: Annotated[str | None, typer.Option("--fim-template", help="FIM template (default: detected).")] = None,
+    vault: Annotated[str | None, typer.Option(help="unix:PATH of a `codemoat vaultd`; --model is then the model id.")] = None,
 ) -> None:
     """Serve a model to editors and API clients until SIGTERM or Ctrl-C."""
     from ..accounts import Accounts
@@ -39,17 +40,18 @@ def serve(
     settings = load_settings(
         config,
         **{
-            "model.path": model,
+            "model.path": None if vault else model,
+            "vault.socket": vault,
             "model.license": str(license) if license else None,
             "server.host": host,
             "server.port": port,
             "model.engine": engine,
-            "model.id": model_id,
+            "model.id": (model_id or model) if vault else model_id,
             "model.n_ctx": n_ctx,
             "model.fim_template": fim_template,
         },
     )
-    if not settings.model.path:
+    if not settings.model.path and not settings.vault.socket:
         settings.model.path = str(bundled_model())
     log_to_stderr(settings.server.log_level)
     accounts = Accounts(open_db(settings.database_url))

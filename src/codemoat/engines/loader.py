@@ -13,6 +13,8 @@ from .holder import ModelHolder
 def open_model(settings: Settings) -> ModelHolder:
     """Load the configured model (verifying its license when sealed) and return its holder."""
     m = settings.model
+    if settings.vault.socket:
+        return open_vaulted(settings)
     if not m.path:
         raise CodemoatError("no model given: pass --model PATH or set model.path in the config")
     path = Path(m.path).expanduser()
@@ -30,6 +32,68 @@ def open_model(settings: Settings) -> ModelHolder:
     holder = ModelHolder(model_id, loader=lambda: build_engine(settings, path, model_id))
     holder.status.path, holder.status.size = str(path), path.stat().st_size if path.is_file() else 0
     holder.load()
+    return holder
+
+
+def open_vaulted(settings: Settings) -> ModelHolder:
+    """`serve --vault unix:PATH --model ID`: the model comes from the vault daemon as a sealed memfd.
+
+    This process never opens the machine key, the license or the container. The daemon's facts
+    (license, features) fill `/health`; a `revoke` on the kept connection unloads the model (503
+    with the daemon's reason), an `available` loads it again. When the daemon goes away the model
+    already held keeps serving; nothing can be fetched again until it is back."""
+    import dataclasses
+    import logging
+
+    from ..vault.daemon import VaultClient, VaultdError
+    from .child import is_dumpable, set_non_dumpable
+    from .holder import LicenseStatus
+    from .memfd import MemfdBuffer
+
+    model_id = settings.model.id or settings.model.path
+    if not model_id:
+        raise CodemoatError("serve --vault needs --model MODEL_ID (the model id `codemoat inspect` shows)")
+    set_non_dumpable()
+    client = VaultClient.connect(settings.vault.socket)
+    first = [client.fetch(model_id)]
+
+    def loader():
+        got = first.pop() if first else client.fetch(model_id)
+        try:
+            buf = MemfdBuffer.adopt(got.fd, got.size)
+        except ValueError as e:
+            raise VaultdError(f"the vault daemon sent {e}") from None
+        parts = {k: tuple(v) for k, v in (got.facts.get("parts") or {}).items()}
+        return build_engine(settings, buf, model_id, parts)
+
+    holder = ModelHolder(model_id, loader)
+    holder.status.size = first[0].size
+    lic = first[0].facts.get("license")
+    if isinstance(lic, dict):
+        names = {f.name for f in dataclasses.fields(LicenseStatus)}
+        holder.status.license = LicenseStatus(**{k: v for k, v in lic.items() if k in names})
+        holder.status.license.non_dumpable = not is_dumpable()
+    try:
+        holder.load()
+    except BaseException:
+        client.close()
+        raise
+
+    def on_message(msg: dict) -> None:
+        if msg.get("model") != model_id:
+            return
+        if msg.get("op") == "revoke":
+            holder.unload(str(msg.get("reason") or "withdrawn by the vault daemon"))
+        elif msg.get("op") == "available" and not holder.loaded:
+            try:
+                holder.load()
+            except CodemoatError as e:
+                holder.reason = str(e)
+
+    def on_lost(reason: str) -> None:
+        logging.getLogger("codemoat.vault").warning("%s; serving what is loaded, no new loads", reason)
+
+    client.watch(on_message, on_lost)
     return holder
 
 

@@ -55,6 +55,7 @@ class MemfdBuffer:
         self._map = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self.view = memoryview(self._map)
         self.sealed = False
+        self.writable = True  # False for an adopted memfd: this process cannot zero it
         #: the kernel's shmem huge-page policy when the buffer was made
         self.policy = shmem_thp_mode()
         #: True when writes through `view` land in 2 MiB pages: fill through the mapping then.
@@ -81,6 +82,26 @@ class MemfdBuffer:
         buf.seal()
         return buf
 
+    @classmethod
+    def adopt(cls, fd: int, size: int) -> "MemfdBuffer":
+        """Take over a sealed memfd another process made (the vault daemon's, received over SCM_RIGHTS):
+        refused unless it cannot shrink, grow or be written again and holds exactly `size` bytes.
+        Mapped read-only; `close()` only lets go of it (the daemon zeroes its own copy)."""
+        need = F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL
+        try:
+            seals, actual = fcntl.fcntl(fd, F_GET_SEALS), os.fstat(fd).st_size
+        except OSError:
+            seals, actual = 0, -1
+        if seals & need != need or not seals & (F_SEAL_WRITE | F_SEAL_FUTURE_WRITE) or actual != size or size <= 0:
+            os.close(fd)
+            raise ValueError(f"not a sealed model file of {size} bytes (seals {seals:#x}, size {actual})")
+        buf = cls.__new__(cls)
+        buf.size, buf.fd, buf.sealed, buf.policy, buf.hugepages = size, fd, True, shmem_thp_mode(), False
+        buf._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+        buf.view = memoryview(buf._map)
+        buf.writable = False
+        return buf
+
     @property
     def path(self) -> str:
         """A path the loader can open; valid only inside this process."""
@@ -97,7 +118,7 @@ class MemfdBuffer:
     def close(self, zero: bool = True) -> None:
         if self.fd < 0:
             return
-        if zero:
+        if zero and self.writable:
             # memset through our own mapping: one C call, ~10x faster than slice assignment
             base = ctypes.c_char.from_buffer(self._map)
             ctypes.memset(ctypes.addressof(base), 0, self.size)

@@ -143,10 +143,12 @@ def open_sealed(
     clock: Clock | None = None,
     machine: MachineKey | None = None,
     watch: bool = True,
+    build=build_engine,
 ) -> SealedHolder:
     """Verify `license_path` for `model_path` on this machine, load the model with the configured
     engine (`model.engine`), and keep the license alive. Served as `model_id`, else the manifest's
-    model id; `aliases` are other names the API accepts.
+    model id; `aliases` are other names the API accepts. `build(settings, memfd, model_id, parts)`
+    makes what the holder serves (the vault daemon keeps the memfd itself).
 
     Raises `VaultError` (one line) for every refusal; nothing is loaded then."""
     settings = settings or load_settings()
@@ -175,7 +177,7 @@ def open_sealed(
         key = content_key[0]
         if key is None:
             raise Unavailable(f"model {model_id!r} is not available: no valid lease")
-        return build_engine(settings, decrypt_to_memfd(sealed, key), model_id, parts)
+        return build(settings, decrypt_to_memfd(sealed, key), model_id, parts)
 
     holder = SealedHolder(model_id, loader, aliases=aliases)
     holder.watermark_key = watermark

@@ -1,0 +1,136 @@
+"""`codemoat vaultd`: the key-holding daemon; `serve --vault unix:PATH` gets models from it as sealed memfds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .apps import app
+from .common import console
+
+
+class HeldCopy:
+    """What the daemon's model holder keeps in place of an engine: the sealed memfd itself.
+
+    The license watch and lease keeper of `open_sealed` unload it on expiry, revocation or lease
+    loss; closing tells every connected serve to unload, then zeroes the daemon's copy."""
+
+    state = "ready"
+    in_flight = 0  # not an engine: nothing streams through it
+    on_incident = None
+
+    def __init__(self, buf, on_close):
+        self.buf, self._on_close = buf, on_close
+
+    async def stream(self, prompt, params):  # pragma: no cover - never called
+        raise RuntimeError("the vault daemon does not generate")
+        yield
+
+    def close(self) -> None:
+        if self.buf is None:
+            return
+        self._on_close()
+        self.buf.close(zero=True)
+        self.buf = None
+
+
+def _uid(value: str) -> int:
+    import pwd
+
+    from ..errors import CodemoatError
+
+    if value.isdigit():
+        return int(value)
+    try:
+        return pwd.getpwnam(value).pw_uid
+    except KeyError:
+        raise CodemoatError(f"--allow-uid {value}: no such user") from None
+
+
+def _gid(value: str) -> int:
+    import grp
+
+    from ..errors import CodemoatError
+
+    if value.isdigit():
+        return int(value)
+    try:
+        return grp.getgrnam(value).gr_gid
+    except KeyError:
+        raise CodemoatError(f"--allow-group {value}: no such group") from None
+
+
+def open_models(models: list[Path], licenses: list[Path], daemon, settings) -> list:
+    """Verify and decrypt each licensed model once, offering its memfd on `daemon`; returns the holders."""
+    from dataclasses import asdict
+
+    from ..engines.sealed import open_sealed
+    from ..vault.daemon import Offer
+
+    holders: list = []
+    for model, lic in zip(models, licenses):
+        facts: dict = {}  # shared with the offer: the license's facts are added once open_sealed returns
+        ref: list = []  # the holder, whose `reason` says why a copy was withdrawn
+
+        def build(settings, buf, model_id, parts, facts=facts, ref=ref):
+            facts["parts"] = {k: list(v) for k, v in parts.items()}
+            daemon.offer(Offer(model_id, buf.fd, buf.size, facts))
+
+            def withdraw() -> None:
+                daemon.revoke(model_id, (ref[0].reason if ref else "") or "withdrawn by the vault daemon")
+
+            return HeldCopy(buf, withdraw)
+
+        holder = open_sealed(model, lic, settings=settings, build=build)
+        ref.append(holder)
+        if holder.status.license is not None:
+            facts["license"] = asdict(holder.status.license)
+        holders.append(holder)
+    return holders
+
+
+@app.command()
+def vaultd(
+    *,
+    socket: Annotated[str, typer.Option(help="Unix socket to listen on (PATH or unix:PATH); mode 0660.")],
+    model: Annotated[list[Path], typer.Option(help="Sealed model (.moat); repeat with --license for several.")],
+    license: Annotated[list[Path], typer.Option(help="License (.lic) for the --model at the same position.")],
+    allow_uid: Annotated[list[str] | None, typer.Option(help="User (name or uid) allowed to fetch models; repeatable.")] = None,
+    allow_group: Annotated[list[str] | None, typer.Option(help="Group allowed to fetch models; the first also owns the socket.")] = None,
+    config: Annotated[Path | None, typer.Option(help="TOML configuration file.", envvar="CODEMOAT_CONFIG")] = None,
+) -> None:
+    """Hold the machine key: decrypt licensed models once and hand them to `serve --vault` as sealed memfds."""
+    import signal
+    import threading
+
+    from ..config import load_settings
+    from ..errors import CodemoatError
+    from ..vault.daemon import VaultDaemon, socket_path
+    from .serve_cmd import log_to_stderr
+
+    if len(model) != len(license):
+        raise CodemoatError(f"give one --license per --model ({len(model)} models, {len(license)} licenses)")
+    uids = {_uid(u) for u in allow_uid or []}
+    gids = [_gid(g) for g in allow_group or []]
+    if not uids and not gids:
+        raise CodemoatError("nobody may fetch models: give --allow-uid or --allow-group")
+    settings = load_settings(config)
+    log_to_stderr(settings.server.log_level)
+    daemon = VaultDaemon(socket_path(socket), allow_uids=uids, allow_groups=set(gids), group=gids[0] if gids else None)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    holders = open_models(model, license, daemon, settings)
+    try:
+        daemon.start()
+        names = ", ".join(h.model_id for h in holders)
+        console.print(f"codemoat vaultd holding [bold]{names}[/bold] on unix:{daemon.path}", highlight=False)
+        while not stop.wait(1.0):
+            pass
+    finally:
+        daemon.close()
+        for h in holders:
+            h.close()
+    console.print("codemoat vaultd stopped", highlight=False)

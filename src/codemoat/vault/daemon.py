@@ -1,0 +1,360 @@
+"""The vault daemon's protocol: hand a decrypted model to an allowed local process as a sealed memfd.
+
+    daemon = VaultDaemon("/run/codemoat/vault.sock", allow_uids={998}).start()
+    daemon.offer(Offer("acme-coder", fd, size, facts))       # a sealed memfd, decrypted once
+    ...
+    got = VaultClient.connect("/run/codemoat/vault.sock").fetch("acme-coder")   # in `serve`
+    got.fd, got.size, got.facts
+
+Privilege separation in the manner of OpenSSH's privsep monitor and ssh-agent: only the daemon's
+account reads the machine key, the license and the container; a worker gets the plaintext it
+needs and nothing that decrypts it again. The transport is an `AF_UNIX` `SOCK_SEQPACKET` socket
+(mode 0660, the group the admin chooses): one JSON object per message, the memfd attached as
+`SCM_RIGHTS` (unix(7)). Who may ask is decided twice by the kernel's word, never the caller's:
+`SO_PEERCRED` at connect time, and `SCM_CREDENTIALS` on every request (`SO_PASSCRED`), so a
+connected socket handed to a process of another uid cannot replay a request. The daemon's
+answers carry the model id, the size and manifest facts, never a key. On the kept connection the
+daemon later sends `{"op": "revoke"}` (serve unloads and answers 503) or `{"op": "available"}`.
+"""
+
+from __future__ import annotations
+
+import grp
+import json
+import logging
+import os
+import socket
+import struct
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from collections.abc import Callable
+
+from ..errors import CodemoatError
+
+log = logging.getLogger("codemoat.vault")
+
+MAX_MESSAGE = 64 * 1024
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+class VaultdError(CodemoatError):
+    """The vault daemon refused or could not be reached (one line)."""
+
+
+@dataclass
+class Offer:
+    """A model the daemon hands out: its sealed memfd (the daemon's own copy) and public facts."""
+
+    model_id: str
+    fd: int
+    size: int
+    facts: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Received:
+    """What a client got: a file descriptor it now owns, and the daemon's header."""
+
+    model_id: str
+    fd: int
+    size: int
+    facts: dict[str, Any]
+
+
+def socket_path(spec: str) -> str:
+    """`unix:/run/codemoat/vault.sock` or a bare path → the path."""
+    path = spec[5:] if spec.startswith("unix:") else spec
+    if not path or spec.startswith(("tcp:", "http:", "https:")):
+        raise VaultdError(f"vault socket {spec!r}: give unix:PATH")
+    return path
+
+
+def _send(sock: socket.socket, msg: dict[str, Any], fds: list[int] | None = None) -> None:
+    data = json.dumps(msg).encode()
+    if fds:
+        socket.send_fds(sock, [data], fds)
+    else:
+        sock.sendall(data)
+
+
+def _recv(sock: socket.socket, max_fds: int = 0) -> tuple[dict[str, Any] | None, list[int], tuple[int, int, int] | None]:
+    """One message: (JSON or None at EOF, received fds, the sender's (pid, uid, gid) when passed)."""
+    anc = socket.CMSG_SPACE(_UCRED.size) + (socket.CMSG_SPACE(max_fds * 4) if max_fds else 0)
+    data, ancdata, flags, _ = sock.recvmsg(MAX_MESSAGE, anc, getattr(socket, "MSG_CMSG_CLOEXEC", 0))
+    fds: list[int] = []
+    cred = None
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds += list(struct.unpack(f"{len(payload) // 4}i", payload[: len(payload) - len(payload) % 4]))
+        elif level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+            cred = _UCRED.unpack(payload[: _UCRED.size])
+    if not data:
+        for fd in fds:
+            os.close(fd)
+        return None, [], cred
+    if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+        for fd in fds:
+            os.close(fd)
+        raise VaultdError("vault daemon message too long")
+    try:
+        msg = json.loads(data)
+    except ValueError:
+        msg = {"op": "?"}
+    return (msg if isinstance(msg, dict) else {"op": "?"}), fds, cred
+
+
+def peer_cred(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process that connected, as the kernel recorded it (SO_PEERCRED)."""
+    return _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+
+
+class VaultDaemon:
+    """Listens on `path`; gives an offered model's memfd to callers whose uid (or group) is allowed."""
+
+    def __init__(self, path: str | Path, *, allow_uids: set[int] | None = None, allow_groups: set[int] | None = None,
+                 group: int | None = None):
+        self.path = str(path)
+        self.allow_uids, self.allow_groups = set(allow_uids or ()), set(allow_groups or ())
+        self.group = group
+        self._offers: dict[str, Offer] = {}
+        self._gone: dict[str, str] = {}  # model id → why it is not available now
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+        self._stop = threading.Event()
+
+    # -- who may ask ------------------------------------------------------------------------------
+    def allowed(self, uid: int, gid: int) -> bool:
+        """uid on the list, or primary group (or a supplementary group of uid's account) on it."""
+        if uid in self.allow_uids or gid in self.allow_groups:
+            return True
+        if self.allow_groups:
+            try:
+                import pwd
+
+                name = pwd.getpwuid(uid).pw_name
+            except KeyError:
+                return False
+            return any(name in grp.getgrgid(g).gr_mem for g in self.allow_groups if _group_exists(g))
+        return False
+
+    # -- what is offered --------------------------------------------------------------------------
+    def offer(self, offer: Offer) -> None:
+        with self._lock:
+            self._offers[offer.model_id] = offer
+            self._gone.pop(offer.model_id, None)
+        self._broadcast({"op": "available", "model": offer.model_id})
+
+    def revoke(self, model_id: str, reason: str) -> None:
+        """Stop handing `model_id` out and tell every connected client to unload it now."""
+        with self._lock:
+            self._offers.pop(model_id, None)
+            self._gone[model_id] = reason
+        log.info("vaultd: %s withdrawn: %s", model_id, reason)
+        self._broadcast({"op": "revoke", "model": model_id, "reason": reason})
+
+    def _broadcast(self, msg: dict[str, Any]) -> None:
+        with self._lock:
+            conns = list(self._conns)
+        for c in conns:
+            try:
+                _send(c, msg)
+            except OSError:
+                pass
+
+    # -- the socket -------------------------------------------------------------------------------
+    def start(self) -> VaultDaemon:
+        p = Path(self.path)
+        if p.is_socket():
+            p.unlink()
+        elif p.exists():
+            raise VaultdError(f"{p} exists and is not a socket")
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        # on the listener, so that even a request sent before accept() carries its sender's credentials
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        old = os.umask(0o177)  # never world-connectable, not even for an instant
+        try:
+            s.bind(self.path)
+        finally:
+            os.umask(old)
+        if self.group is not None:
+            try:
+                os.chown(self.path, -1, self.group)
+            except PermissionError:
+                s.close()
+                os.unlink(self.path)
+                raise VaultdError(f"cannot give {self.path} to group {self.group}: "
+                                  "vaultd's account must be a member of it") from None
+        os.chmod(self.path, 0o660)
+        s.listen(16)
+        self._sock = s
+        threading.Thread(target=self._accept_loop, name="vaultd-accept", daemon=True).start()
+        return self
+
+    def _accept_loop(self) -> None:
+        assert self._sock is not None
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve_conn, args=(conn,), name="vaultd-conn", daemon=True).start()
+
+    def _serve_conn(self, conn: socket.socket) -> None:
+        pid, uid, gid = peer_cred(conn)
+        if not self.allowed(uid, gid):
+            log.warning("vaultd: refused pid %d uid %d gid %d (not on the allow-list)", pid, uid, gid)
+            try:
+                _send(conn, {"ok": False, "error": f"uid {uid} is not allowed to use the vault daemon"})
+                # read what the caller sent before closing: closing on unread data resets the
+                # connection, and the caller would see "reset by peer" instead of the reason
+                conn.shutdown(socket.SHUT_WR)
+                conn.settimeout(5)
+                while conn.recv(MAX_MESSAGE):
+                    pass
+            except OSError:
+                pass
+            finally:
+                conn.close()
+            return
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        with self._lock:
+            self._conns.append(conn)
+        try:
+            while not self._stop.is_set():
+                msg, fds, cred = _recv(conn)
+                for fd in fds:  # clients send no descriptors
+                    os.close(fd)
+                if msg is None:
+                    return
+                if cred is None or cred[1] != uid or not self.allowed(cred[1], cred[2]):
+                    who = "unknown" if cred is None else f"uid {cred[1]}"
+                    log.warning("vaultd: refused a request from %s on a connection of uid %d", who, uid)
+                    _send(conn, {"ok": False, "error": f"request from {who} on a connection of uid {uid}: refused"})
+                    continue
+                self._answer(conn, msg, cred)
+        except (OSError, VaultdError):
+            return
+        finally:
+            with self._lock:
+                if conn in self._conns:
+                    self._conns.remove(conn)
+            conn.close()
+
+    def _answer(self, conn: socket.socket, msg: dict[str, Any], cred: tuple[int, int, int]) -> None:
+        if msg.get("op") != "get" or not isinstance(msg.get("model"), str):
+            _send(conn, {"ok": False, "error": "unknown request (expected {\"op\": \"get\", \"model\": ID})"})
+            return
+        mid = msg["model"]
+        with self._lock:
+            offer, gone = self._offers.get(mid), self._gone.get(mid)
+            known = sorted(self._offers)
+        if offer is None:
+            why = gone or f"no such model (offered: {', '.join(known) or 'none'})"
+            _send(conn, {"ok": False, "error": f"model {mid!r} is not available: {why}"})
+            return
+        log.info("vaultd: handed %s to pid %d uid %d", mid, cred[0], cred[1])
+        _send(conn, {"ok": True, "model": mid, "size": offer.size, "facts": offer.facts}, [offer.fd])
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+        with self._lock:
+            conns, self._conns = list(self._conns), []
+        for c in conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+def _group_exists(gid: int) -> bool:
+    try:
+        grp.getgrgid(gid)
+    except KeyError:
+        return False
+    return True
+
+
+class VaultClient:
+    """serve's side: one kept connection; `fetch` a model, then `watch` for revocations."""
+
+    def __init__(self, sock: socket.socket, path: str):
+        self.sock, self.path = sock, path
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    @classmethod
+    def connect(cls, spec: str) -> VaultClient:
+        path = socket_path(spec)
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            s.connect(path)
+        except OSError as e:
+            s.close()
+            raise VaultdError(f"cannot reach the vault daemon at {path}: {e.strerror or e}") from None
+        return cls(s, path)
+
+    def fetch(self, model_id: str) -> Received:
+        """The model's memfd (this process owns the fd), or `VaultdError` with the daemon's reason."""
+        with self._lock:
+            try:
+                _send(self.sock, {"op": "get", "model": model_id})
+                while True:
+                    msg, fds, _ = _recv(self.sock, max_fds=1)
+                    if msg is None:
+                        raise VaultdError(f"the vault daemon at {self.path} closed the connection")
+                    if "ok" in msg:
+                        break
+                    for fd in fds:
+                        os.close(fd)
+                    # an announcement that crossed our request: the watcher is not running yet
+            except OSError as e:
+                raise VaultdError(f"vault daemon at {self.path}: {e.strerror or e}") from None
+        if not msg.get("ok"):
+            for fd in fds:
+                os.close(fd)
+            raise VaultdError(f"vault daemon: {msg.get('error', 'refused')}")
+        if len(fds) != 1 or not isinstance(msg.get("size"), int):
+            for fd in fds:
+                os.close(fd)
+            raise VaultdError("vault daemon: answer without a model file")
+        return Received(str(msg.get("model")), fds[0], msg["size"], dict(msg.get("facts") or {}))
+
+    def watch(self, on_message: Callable[[dict[str, Any]], None], on_lost: Callable[[str], None]) -> None:
+        """A daemon thread: every announcement (revoke, available) to `on_message`; EOF to `on_lost`."""
+
+        def run() -> None:
+            while True:
+                try:
+                    msg, fds, _ = _recv(self.sock)
+                except (OSError, VaultdError) as e:
+                    on_lost(str(e))
+                    return
+                for fd in fds:
+                    os.close(fd)
+                if msg is None:
+                    on_lost(f"the vault daemon at {self.path} closed the connection")
+                    return
+                try:
+                    on_message(msg)
+                except Exception:
+                    log.exception("handling the vault daemon's %s", msg.get("op"))
+
+        self._thread = threading.Thread(target=run, name="vault-client", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
