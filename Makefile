@@ -17,7 +17,10 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel 2>&1 | { $(QUIET_PIP); }
 	@echo "Installing codemoat and its dependencies (the first run compiles llama.cpp: ~5 minutes on 2 cores)..."
-	$(PY) -m pip install -q -e '.[train,test,postgres,directory,tpm]' 2>&1 | { $(QUIET_PIP); }
+	$(PY) -m pip install -q -e '.[train,test,postgres,directory]' 2>&1 | { $(QUIET_PIP); }
+	@# tpm2-pytss builds from source against Debian's libtss2-dev (.ci/run installs it): without it the
+	@# TPM tests and demo step skip, saying so, and everything else still installs
+	@$(PY) -m pip install -q -e '.[tpm]' 2>&1 | { $(QUIET_PIP); } || echo "note: tpm2-pytss did not build (apt-get install libtss2-dev): the TPM tests and demo step will be skipped"
 	@touch $(STAMP)
 
 # Real editor clients (tabby-agent, ollama-js, openai-js) for tests/clients, pinned by its lock file;
