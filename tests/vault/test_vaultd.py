@@ -315,7 +315,7 @@ def test_serve_account_gets_the_model_only_through_vaultd_and_unloads_on_revocat
 
 @root_only
 @pytest.mark.slow
-def test_killed_vaultd_stops_new_loads_and_a_replayed_socket_is_refused(vendor, machine, gguf_file, accounts,
+def test_stopped_vaultd_stops_new_loads_and_a_replayed_socket_is_refused(vendor, machine, gguf_file, accounts,
                                                                         monkeypatch):
     vault, serve, clients = accounts
     setup = Setup(vendor, gguf_file, accounts, monkeypatch)  # offline license
@@ -350,11 +350,15 @@ except Exception as e:
         assert r.stdout.startswith("refused:") and "request from uid 0 on a connection of uid" in r.stdout, r.stdout
 
         proc, url = setup.serve_proc()
-        vd.kill()
-        vd.wait()
-        body = {"model": setup.model_id, "prompt": "def", "max_tokens": 2}
+        body = {"model": setup.model_id, "prompt": "def add(a, b):", "max_tokens": 8, "temperature": 0}
         auth = {"Authorization": f"Bearer {setup.token}"}
-        assert httpx.post(url + "/v1/completions", json=body, headers=auth, timeout=60).status_code == 200
+        before = httpx.post(url + "/v1/completions", json=body, headers=auth, timeout=60)
+        assert before.status_code == 200, before.text
+        vd.terminate()  # a graceful stop under an offline license: the running serve keeps its model intact
+        assert vd.wait(timeout=30) == 0, output(vd)
+        after = httpx.post(url + "/v1/completions", json=body, headers=auth, timeout=60)
+        assert after.status_code == 200, after.text
+        assert after.json()["choices"][0]["text"] == before.json()["choices"][0]["text"]  # not zeroed under it
         late = setup.spawn(serve, setup.serve_home, "serve", "--vault", f"unix:{setup.sock}", "--model", setup.model_id,
                            "--port", str(free_port()))
         assert late.wait(timeout=120) == 1

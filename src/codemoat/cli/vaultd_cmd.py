@@ -23,6 +23,8 @@ class HeldCopy:
 
     def __init__(self, buf, on_close):
         self.buf, self._on_close = buf, on_close
+        #: set when vaultd stops under an offline license: serves keep what they hold, nothing is zeroed
+        self.quiet = False
 
     async def stream(self, prompt, params):  # pragma: no cover - never called
         raise RuntimeError("the vault daemon does not generate")
@@ -31,8 +33,10 @@ class HeldCopy:
     def close(self) -> None:
         if self.buf is None:
             return
-        self._on_close()
-        self.buf.close(zero=True)
+        if not self.quiet:
+            self._on_close()
+        # zeroing through our mapping also empties the pages a serve that ignored the unload still maps
+        self.buf.close(zero=not self.quiet)
         self.buf = None
 
 
@@ -130,7 +134,12 @@ def vaultd(
         while not stop.wait(1.0):
             pass
     finally:
-        daemon.close()
+        # Stopping vaultd: under an offline license running serves keep their model (they cannot load
+        # again until vaultd is back); a lease is given back, so its serves are told to unload.
         for h in holders:
+            held = h._engine
+            if isinstance(held, HeldCopy) and h.status.license is not None and h.status.license.license_mode != "lease":
+                held.quiet = True
             h.close()
+        daemon.close()
     console.print("codemoat vaultd stopped", highlight=False)
