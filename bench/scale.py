@@ -331,10 +331,11 @@ def human_files(n: int) -> list[Path]:
 
     d = WORK / "human"
     d.mkdir(parents=True, exist_ok=True)
+    pieces = [t[a : a + 300] for t in corpus(200)[120:] for a in range(0, min(len(t), 3000), 600)]
     out = []
-    for i, text in enumerate(corpus(120 + n)[120:]):
+    for i, text in enumerate(pieces[:n]):
         f = d / f"h{i:03d}.txt"
-        f.write_text(text[:300])
+        f.write_text(text)
         out.append(f)
     return out
 
@@ -343,7 +344,6 @@ def evidence(model: Path, files: list[Path]) -> dict:
     """Per completion and per customer (Stouffer over the first k completions) at each temperature."""
     from codemoat.trace import watermark as wm
     from codemoat.trace.vendor_io import open_vendor, watermark_secrets
-    from tests.trace.synth import corpus
 
     v = open_vendor(WORK / "vendor")
     try:
@@ -354,8 +354,7 @@ def evidence(model: Path, files: list[Path]) -> dict:
     greens = {k: wm.GreenList(s) for k, s in keys.items()}
     out = {}
     groups = {t: [f for f in files if f.name.startswith(f"t{t}-")] for t in (0.2, 0.8)}
-    human = [t[:600] for t in corpus(200)[180:200]]
-    groups["human"] = human
+    groups["human"] = [f.read_text() for f in human_files(40)]
     for label, group in groups.items():
         runs = [scorer.tokenize(f.read_text() if isinstance(f, Path) else f) for f in group]
         ents = [scorer.entropies(ids) for ids in runs]
@@ -449,7 +448,7 @@ def write_md(res: dict) -> None:
             lines.append(f"| {name} | {e['completions']} | {e['detected_alone']} | {e['median_z_alone']:.2f} | "
                          f"{e['median_scored_tokens']:.0f} | {_needed(e) if label != 'human' else '-'} | "
                          f"{e['stouffer_z_all']:.1f} | {', '.join(e['any_customer_detected_all']) or 'none'} |")
-    lines += ["", "## Notes", ""] + res.get("notes", [])
+    lines += ["", "## Notes", ""] + [f"- {n}" for n in res.get("notes", [])]
     (RESULTS / "scale.md").write_text("\n".join(lines) + "\n")
 
 
