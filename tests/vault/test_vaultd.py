@@ -366,3 +366,31 @@ except Exception as e:
         assert "Traceback" not in output(late) and "vault daemon" in lines[-1], output(late)
     finally:
         setup.close()
+
+
+@root_only
+@pytest.mark.slow
+def test_leased_serve_stops_within_ttl_and_grace_after_vaultd_is_killed(vendor, gguf_file, accounts, monkeypatch):
+    ks = KeyServerProcess(vendor).start()
+    setup = Setup(vendor, gguf_file, accounts, monkeypatch, mode="lease", keyserver=ks.url, lease_ttl=4, grace=2)
+    try:
+        vd = setup.vaultd()
+        proc, url = setup.serve_proc()
+        body = {"model": setup.model_id, "prompt": "def", "max_tokens": 2}
+        auth = {"Authorization": f"Bearer {setup.token}"}
+        vd.kill()  # nobody renews the lease from here
+        vd.wait()
+        killed = time.time()
+        assert httpx.post(url + "/v1/completions", json=body, headers=auth, timeout=60).status_code == 200
+        while time.time() < killed + 30:
+            r = httpx.post(url + "/v1/completions", json=body, headers=auth, timeout=60)
+            if r.status_code == 503:
+                assert "lost the vault daemon" in r.json()["error"]["message"]
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError(f"a leased serve kept serving without vaultd:\n{output(proc)}")
+        assert time.time() - killed >= 4  # not before TTL + grace (6 s from the last renewal, >= 4 s from the kill)
+    finally:
+        setup.close()
+        ks.stop()

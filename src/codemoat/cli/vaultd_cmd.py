@@ -91,6 +91,9 @@ def open_models(models: list[Path], licenses: list[Path], daemon, settings) -> l
         ref.append(holder)
         if holder.status.license is not None:
             facts["license"] = asdict(holder.status.license)
+        if holder.keeper is not None:  # what a serve that loses vaultd may keep serving for (the lease rules)
+            k = holder.keeper.describe()
+            facts["lease_rules"] = {"ttl": k["ttl"], "grace": k["grace"]}
         holders.append(holder)
     return holders
 

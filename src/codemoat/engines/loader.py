@@ -44,6 +44,7 @@ def open_vaulted(settings: Settings) -> ModelHolder:
     already held keeps serving; nothing can be fetched again until it is back."""
     import dataclasses
     import logging
+    import threading
 
     from ..vault.daemon import VaultClient, VaultdError
     from .child import is_dumpable, set_non_dumpable
@@ -67,6 +68,7 @@ def open_vaulted(settings: Settings) -> ModelHolder:
         return build_engine(settings, buf, model_id, parts)
 
     holder = ModelHolder(model_id, loader)
+    first_facts = first[0].facts
     holder.status.size = first[0].size
     lic = first[0].facts.get("license")
     if isinstance(lic, dict):
@@ -90,8 +92,19 @@ def open_vaulted(settings: Settings) -> ModelHolder:
             except CodemoatError as e:
                 holder.reason = str(e)
 
+    rules = first_facts.get("lease_rules") if isinstance(first_facts.get("lease_rules"), dict) else None
+
     def on_lost(reason: str) -> None:
-        logging.getLogger("codemoat.vault").warning("%s; serving what is loaded, no new loads", reason)
+        log = logging.getLogger("codemoat.vault")
+        if rules is None:  # an offline license: keep what is loaded until it expires or serve restarts
+            log.warning("%s; serving what is loaded, no new loads", reason)
+            return
+        # a leased model: nobody renews the lease now, so stop when the last renewal could run out
+        wait = float(rules.get("ttl", 0)) + float(rules.get("grace", 0))
+        log.warning("%s; no new loads, and the leased model stops in %.0f s (lease TTL + grace)", reason, wait)
+        timer = threading.Timer(wait, holder.unload, args=(f"lost the vault daemon and its lease ({reason})",))
+        timer.daemon = True
+        timer.start()
 
     client.watch(on_message, on_lost)
     return holder
