@@ -25,7 +25,7 @@ from codemoat.engines.memfd import MemfdBuffer
 from codemoat.errors import CodemoatError
 from codemoat.vault.daemon import Offer, VaultClient, VaultDaemon, VaultdError
 from .conftest import KeyServerProcess, free_port
-from vaulthelp import bundle
+from vaulthelp import bundle, cli, one_line_error
 
 SEALS = 0x0001 | 0x0002 | 0x0004  # SEAL, SHRINK, GROW (and FUTURE_WRITE or WRITE, checked apart)
 
@@ -113,6 +113,19 @@ def test_socket_spec_must_be_unix():
         VaultClient.connect("tcp:127.0.0.1:9")
     with pytest.raises(VaultdError, match="cannot reach the vault daemon"):
         VaultClient.connect("unix:/nonexistent/vault.sock")
+
+
+def test_bad_input_is_one_line(tmp_path):
+    sock = f"unix:{tmp_path}/v.sock"
+    assert "give --allow-uid or --allow-group" in one_line_error(
+        cli("vaultd", "--socket", sock, "--model", "a.moat", "--license", "a.lic"))
+    assert "no such user" in one_line_error(
+        cli("vaultd", "--socket", sock, "--model", "a.moat", "--license", "a.lic", "--allow-uid", "nosuch-user-x"))
+    assert "one --license per --model" in one_line_error(
+        cli("vaultd", "--socket", sock, "--model", "a.moat", "--model", "b.moat", "--license", "a.lic", "--allow-uid", "0"))
+    assert "cannot reach the vault daemon" in one_line_error(
+        cli("serve", "--vault", sock, "--model", "acme-coder", "--port", "0"))
+    assert "give unix:PATH" in one_line_error(cli("serve", "--vault", "tcp:127.0.0.1:9", "--model", "m", "--port", "0"))
 
 
 # -- two accounts, as in production ---------------------------------------------------------------
