@@ -7,8 +7,9 @@ One process, alternating runs: `open_model` of the plaintext GGUF (llama.cpp map
 of the sealed .moat + .lic (license checks, decryption into a fresh memfd), and with
 `vault.socket` set (fetch the memfd that a VaultDaemon in this process decrypted once, over the
 real unix socket with SCM_RIGHTS), each to its first generated token, inline engine. Also vaultd's
-one-time decryption. Medians side by side; writes bench/results/vaultd.md. Not measured here: two
-replicas' resident memory, overlapping decryption with llama.cpp's load.
+one-time decryption, and the memory of two real `serve` replicas (sealed: each decrypts; through a
+real `codemoat vaultd`: one memfd shared). Writes bench/results/vaultd.md. Not measured here:
+overlapping decryption with llama.cpp's load.
 """
 
 from __future__ import annotations
@@ -29,10 +30,102 @@ WORK = Path(os.environ.get("VAULTD_BENCH_DIR", "/tmp/codemoat-bench-vaultd"))
 os.environ["VAULT_BENCH_DIR"] = str(WORK)
 
 
+def tree_memory(pid: int) -> tuple[int, int]:
+    """(PSS, RSS) in bytes of `pid` and all its descendants (PSS splits shared pages between sharers)."""
+    kids: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            kids.setdefault(ppid, []).append(int(d.name))
+    pss = rss = 0
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        todo += kids.get(p, [])
+        try:
+            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    pss += int(line.split()[1]) * 1024
+                elif line.startswith("Rss:"):
+                    rss += int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return pss, rss
+
+
+def bench_replicas(moat: Path, lic: Path, model_id: str) -> list[str]:
+    """Two real `codemoat serve` replicas, each after one completion: sealed (each decrypts) vs through vaultd."""
+    import subprocess
+
+    import httpx
+
+    from codemoat.engines.loader import open_model  # noqa: F401  (same import cost as the serves)
+
+    cli = [sys.executable, "-m", "codemoat.cli.main"]
+    env = dict(os.environ, CODEMOAT_MODEL__N_CTX="256", CODEMOAT_MODEL__N_THREADS="1")
+    token = json.loads(subprocess.run([*cli, "tokens", "create", "--name", "bench", "--json"], env=env,
+                                      capture_output=True, text=True, check=True).stdout)["token"]
+
+    def port() -> int:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    def replicas(args: list[str], extra: list[subprocess.Popen]) -> tuple[int, int]:
+        procs = []
+        try:
+            for _ in range(2):
+                p = port()
+                procs.append((subprocess.Popen([*cli, "serve", *args, "--port", str(p)], env=env,
+                                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), p))
+            for proc, p in procs:
+                for _ in range(600):
+                    try:
+                        if httpx.get(f"http://127.0.0.1:{p}/health", timeout=2).status_code == 200:
+                            break
+                    except httpx.HTTPError:
+                        time.sleep(0.2)
+                r = httpx.post(f"http://127.0.0.1:{p}/v1/completions", timeout=120, headers={"Authorization": f"Bearer {token}"},
+                               json={"model": model_id, "prompt": "def", "max_tokens": 2})
+                assert r.status_code == 200, r.text
+            totals = [tree_memory(x.pid) for x in [*(q for q, _ in procs), *extra]]
+            return sum(t[0] for t in totals), sum(t[1] for t in totals)
+        finally:
+            for proc, _ in procs:
+                proc.terminate()
+                proc.wait(timeout=60)
+
+    sealed = replicas(["--model", str(moat), "--license", str(lic)], [])
+    sock = WORK / "vaultd-replicas.sock"
+    vd = subprocess.Popen([*cli, "vaultd", "--socket", f"unix:{sock}", "--model", str(moat), "--license", str(lic),
+                           "--allow-uid", str(os.getuid())], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while not sock.is_socket():
+            time.sleep(0.1)
+        vaulted = replicas(["--vault", f"unix:{sock}", "--model", model_id], [vd])
+    finally:
+        vd.terminate()
+        vd.wait(timeout=60)
+    g = 1 << 20
+    return [
+        "", "## Two serve replicas on one host: memory after one completion each", "",
+        "| setup | PSS of all processes (MiB) | RSS summed (MiB) |", "| --- | --- | --- |",
+        f"| 2 x `serve --model X.moat` (each decrypts its own memfd) | {sealed[0] / g:.0f} | {sealed[1] / g:.0f} |",
+        f"| vaultd + 2 x `serve --vault` (one memfd, shared) | {vaulted[0] / g:.0f} | {vaulted[1] / g:.0f} |",
+        "", "PSS counts a shared page once across its sharers; RSS counts it in every process that maps it.", "",
+    ]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gib", type=float, default=0.25)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--no-replicas", action="store_true", help="skip the two-replica memory measurement")
     args = ap.parse_args()
     from vault import build_model, log, warm  # bench/vault.py (sets CODEMOAT_HOME under WORK)
 
@@ -107,6 +200,8 @@ def main() -> None:
               "", "Through vaultd no serve start decrypts; what remains is llama.cpp faulting in the memfd's "
               "pages to the first token. Timings on this shared machine swing by several times from run to run "
               "(other work on the 2 cores): read the best column beside the median.", ""]
+    if not args.no_replicas:
+        lines += bench_replicas(moat, lic, model_id)
     out = ROOT / "bench" / "results" / "vaultd.md"
     out.write_text("\n".join(lines))
     print("\n".join(lines))
