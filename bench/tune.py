@@ -31,6 +31,7 @@ def main() -> None:
     ap.add_argument("--repos", default="rich,httpx")
     ap.add_argument("--model", default=str(ROOT / "models" / "codemoat-tiny.gguf"))
     ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--eval-tokens", type=int, default=6000)
     ap.add_argument("--completions", type=int, default=8)
@@ -56,7 +57,7 @@ def main() -> None:
     load0 = os.getloadavg()
     t0 = time.monotonic()
     res = tune(TuneOptions(repos=names, out=Path(os.environ["CODEMOAT_HOME"]) / "bench.moat", base=Path(a.model),
-                           minutes=a.minutes, rank=a.rank, threads=a.threads, eval_tokens=a.eval_tokens))
+                           minutes=a.minutes, rank=a.rank, lr=a.lr, threads=a.threads, eval_tokens=a.eval_tokens))
     wall = time.monotonic() - t0
     m = res.meta
     ad = open_adapter(res.out)
@@ -91,7 +92,7 @@ def main() -> None:
     lines = [
         "# Tuning a LoRA adapter on customer code (bench/tune.py)",
         "",
-        f"Command: `.venv/bin/python bench/tune.py --minutes {a.minutes:g} --repos {a.repos} --rank {a.rank} "
+        f"Command: `.venv/bin/python bench/tune.py --minutes {a.minutes:g} --repos {a.repos} --rank {a.rank} --lr {a.lr:g} "
         f"--threads {a.threads} --eval-tokens {a.eval_tokens}`",
         "",
         f"Base: `{Path(a.model).name}`; repositories: {', '.join(f'{n} (installed sources)' for n in names)}; "
