@@ -73,10 +73,6 @@ def mapped_groups(dir_groups: frozenset[str], cfg: DirectorySettings, skipped: s
     return sorted(out)
 
 
-def _current_groups(c, name: str) -> list[str]:
-    return sorted(c.execute(sa.select(memberships.c.group).where(memberships.c.user == name)).scalars())
-
-
 def _set_groups(c, name: str, wanted: list[str]) -> None:
     c.execute(memberships.delete().where(memberships.c.user == name))
     for g in wanted:
@@ -98,6 +94,10 @@ def sync(engine: Engine, snap: Snapshot, cfg: DirectorySettings, *, audit=None, 
     with engine.begin() as c:
         managed = {r.name: r for r in c.execute(sa.select(directory_users))}
         existing = set(c.execute(sa.select(users.c.name)).scalars())
+        member_of: dict[str, list[str]] = {}
+        for u, g in c.execute(sa.select(memberships.c.user, memberships.c.group)):  # one read, not one per user
+            member_of.setdefault(u, []).append(g)
+        now = time.time()
         for name, du in sorted(snap.users.items()):
             if du.disabled:
                 continue
@@ -110,7 +110,7 @@ def sync(engine: Engine, snap: Snapshot, cfg: DirectorySettings, *, audit=None, 
                     c.execute(users.insert().values(name=name, created_at=time.time(), disabled=False))
                     _set_groups(c, name, wanted)
             else:
-                have = _current_groups(c, name)
+                have = sorted(member_of.get(name, ()))
                 if row is not None and row.disabled:
                     rep.enabled.append(name)
                     records.append({"user": name, "detail": {"action": "enabled", "groups": wanted}})
@@ -124,11 +124,12 @@ def sync(engine: Engine, snap: Snapshot, cfg: DirectorySettings, *, audit=None, 
                 elif row is None or not row.disabled:
                     rep.unchanged += 1
             if not dry_run:
-                values = dict(dn=du.dn, groups=",".join(wanted), disabled=False, synced_at=time.time())
+                values = dict(dn=du.dn, groups=",".join(wanted), disabled=False, synced_at=now)
                 if row is None:
                     c.execute(directory_users.insert().values(name=name, **values))
-                else:
+                elif partial or row.disabled or row.dn != du.dn or row.groups != values["groups"]:
                     c.execute(directory_users.update().where(directory_users.c.name == name).values(**values))
+                # unchanged rows: their synced_at moves on in one statement below (a full read vouches for all)
         # managed users the directory no longer lists, or lists as disabled: cut off now
         for name, row in sorted(managed.items()) if not partial else ():
             du = snap.users.get(name)
@@ -138,7 +139,7 @@ def sync(engine: Engine, snap: Snapshot, cfg: DirectorySettings, *, audit=None, 
             rep.disabled.append(name)
             live = list(c.execute(sa.select(tokens.c.id).where(tokens.c.user == name, tokens.c.revoked_at.is_(None))).scalars())
             records.append({"user": name, "detail": {"action": "disabled", "why": why, "tokens_revoked": len(live),
-                                                     "groups_removed": _current_groups(c, name)}})
+                                                     "groups_removed": sorted(member_of.get(name, ()))}})
             if not dry_run:
                 now = time.time()
                 c.execute(tokens.update().where(tokens.c.user == name, tokens.c.revoked_at.is_(None)).values(revoked_at=now))
@@ -146,6 +147,7 @@ def sync(engine: Engine, snap: Snapshot, cfg: DirectorySettings, *, audit=None, 
                 c.execute(users.update().where(users.c.name == name).values(disabled=True))
                 c.execute(directory_users.update().where(directory_users.c.name == name).values(disabled=True, groups="", synced_at=now))
         if not dry_run and not partial:
+            c.execute(directory_users.update().where(directory_users.c.disabled.is_(False)).values(synced_at=now))
             _mark(c, success=True)
     rep.skipped_groups = sorted(skipped)
     rep.seconds = time.time() - t0
