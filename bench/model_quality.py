@@ -120,8 +120,9 @@ def make_cases(files: list[tuple[str, str]], n: int, seed: int) -> list[dict]:
     by_path = dict(files)
     for path, i in pool[:n]:
         lines = by_path[path].splitlines(keepends=True)
-        cases.append({"path": path, "line": i, "prefix_lines": lines[:i], "target": lines[i].rstrip("\n"),
-                      "suffix_lines": lines[i + 1 :]})
+        cases.append(
+            {"path": path, "line": i, "prefix_lines": lines[:i], "target": lines[i].rstrip("\n"), "suffix_lines": lines[i + 1 :]}
+        )
     return cases
 
 
@@ -175,7 +176,9 @@ def tokens_per_second(engine, prompt: str, runs: int) -> float:
     n_tok = 0
     t = time.time()
     for seed in range(runs):
-        n_tok += asyncio.run(engine.complete(prompt, SamplingParams(max_tokens=128, temperature=0.8, seed=seed))).completion_tokens
+        n_tok += asyncio.run(
+            engine.complete(prompt, SamplingParams(max_tokens=128, temperature=0.8, seed=seed))
+        ).completion_tokens
     return n_tok / (time.time() - t)
 
 
@@ -264,8 +267,11 @@ def main() -> None:
             if key == "model":
                 c["prediction"] = out
             res[key].append((norm(out) == norm(c["target"]), edit_sim(out, c["target"])))
-        for key, guess in (("oracle", baseline_oracle(prefix, c["target"])), ("copy", baseline_copy(prefix)),
-                           ("previous", baseline_previous(prefix))):
+        for key, guess in (
+            ("oracle", baseline_oracle(prefix, c["target"])),
+            ("copy", baseline_copy(prefix)),
+            ("previous", baseline_previous(prefix)),
+        ):
             res[key].append((norm(guess) == norm(c["target"]), edit_sim(guess, c["target"])))
     t_infill = time.time() - t1
 
@@ -293,7 +299,8 @@ def write_report(args, model, files, total_bytes, model_bpb, comp, res, cases, s
         f"`{' '.join(['.venv/bin/python', 'bench/model_quality.py'] + sys.argv[1:])}` — one run, "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {cpu}, {args.threads} threads (shared machine).",
         f"Model: `{model.name}` ({model.stat().st_size / 1e6:.1f} MB"
-        + (f", {card['params']:,} parameters, {card['tokens']:,} training tokens" if card else "") + "). "
+        + (f", {card['params']:,} parameters, {card['tokens']:,} training tokens" if card else "")
+        + "). "
         f"Held-out: {len(files)} modules, {total_bytes:,} bytes (`models/heldout.txt`, never trained on).",
         "",
         "## Bits per byte (lower is better)",
@@ -352,7 +359,11 @@ def write_report(args, model, files, total_bytes, model_bpb, comp, res, cases, s
         if not met:
             lines.append(
                 f"- Bits per byte is {ratio:.2f}× the best compressor, above the 0.75× target. The model saw "
-                + (f"{card['tokens']:,} tokens ({card['train_seconds'] / 60:.0f} min on a shared 2-core CPU)" if card else "few tokens")
+                + (
+                    f"{card['tokens']:,} tokens ({card['train_seconds'] / 60:.0f} min on a shared 2-core CPU)"
+                    if card
+                    else "few tokens"
+                )
                 + "; held-out loss was still falling when the budget ended (see models/README.md). What would close it: "
                 "more training tokens (the same command with `--device cuda` for ~30 min, or a few hours on CPU), "
                 "a larger model once compute allows, and a longer context (the compressors see whole files)."
@@ -366,9 +377,12 @@ def write_report(args, model, files, total_bytes, model_bpb, comp, res, cases, s
                 f"similarity {es['model']:.1f} %, against {em['oracle']:.1f} % / {es['oracle']:.1f} % for the oracle "
                 f"baseline, {em['copy']:.1f} % / {es['copy']:.1f} % for the copy baseline that does not peek, and "
                 f"{em['previous']:.1f} % / {es['previous']:.1f} % for repeating the previous line. "
-                + ("The suffix helps it: PSM is its best prompt. " if uses_suffix else
-                   f"It has not yet learned to use the suffix: the {others} prompt, which lets it simply continue the "
-                   f"prefix, does better ({em[others]:.1f} % / {es[others]:.1f} %). ")
+                + (
+                    "The suffix helps it: PSM is its best prompt. "
+                    if uses_suffix
+                    else f"It has not yet learned to use the suffix: the {others} prompt, which lets it simply continue the "
+                    f"prefix, does better ({em[others]:.1f} % / {es[others]:.1f} %). "
+                )
                 + f"The model saw {seen}; at that point it models code well enough to beat the compressors, but it "
                 "rarely reproduces a whole line, and fill-in-the-middle is learned later than left-to-right modelling "
                 "(Bavarian et al. 2022 train on billions of tokens). What would close it: one to two orders of "

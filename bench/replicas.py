@@ -41,8 +41,12 @@ CODEMOAT = [sys.executable, "-m", "codemoat.cli.main"]
 MODEL = ROOT / "models" / "codemoat-tiny.gguf"
 # audit writers: (processes, request threads in each); 4 x 8 is four busy replicas
 SHAPES = ((1, 1), (4, 1), (4, 8))
-PROMPTS = ["def fibonacci(n):\n    ", "import os\n\ndef list_files(path):\n    ", "def add(a, b):\n    return",
-           "class Stack:\n    def __init__(self):\n        "]
+PROMPTS = [
+    "def fibonacci(n):\n    ",
+    "import os\n\ndef list_files(path):\n    ",
+    "def add(a, b):\n    return",
+    "class Stack:\n    def __init__(self):\n        ",
+]
 
 
 def free_port() -> int:
@@ -77,17 +81,30 @@ class Fleet:
         self.urls = []
         for i in range(n):
             port = free_port()
-            p = subprocess.Popen([*CODEMOAT, "serve", "--model", str(MODEL), "--host", "127.0.0.1", "--port", str(port)],
-                                 stdout=open(scratch / f"r{n}-{i}.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+            p = subprocess.Popen(
+                [*CODEMOAT, "serve", "--model", str(MODEL), "--host", "127.0.0.1", "--port", str(port)],
+                stdout=open(scratch / f"r{n}-{i}.log", "w"),
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
             self.procs.append(p)
             self.urls.append(f"127.0.0.1:{port}")
         for u, p in zip(self.urls, self.procs):
             wait("http://" + u, p)
         lb = free_port()
-        env = dict(os.environ, CODEMOAT_LB_BIND=f"127.0.0.1:{lb}", CODEMOAT_LB_STATS=f"127.0.0.1:{free_port()}",
-                   CODEMOAT_REPLICA1=self.urls[0], CODEMOAT_REPLICA2=self.urls[-1])
-        self.ha = subprocess.Popen(["haproxy", "-db", "-f", str(ROOT / "deploy" / "haproxy.cfg")], env=env,
-                                   stdout=open(scratch / f"haproxy{n}.log", "w"), stderr=subprocess.STDOUT)
+        env = dict(
+            os.environ,
+            CODEMOAT_LB_BIND=f"127.0.0.1:{lb}",
+            CODEMOAT_LB_STATS=f"127.0.0.1:{free_port()}",
+            CODEMOAT_REPLICA1=self.urls[0],
+            CODEMOAT_REPLICA2=self.urls[-1],
+        )
+        self.ha = subprocess.Popen(
+            ["haproxy", "-db", "-f", str(ROOT / "deploy" / "haproxy.cfg")],
+            env=env,
+            stdout=open(scratch / f"haproxy{n}.log", "w"),
+            stderr=subprocess.STDOUT,
+        )
         self.url = f"http://127.0.0.1:{lb}"
         wait(self.url, self.ha)
 
@@ -123,8 +140,14 @@ async def load(url: str, token: str, clients: int, seconds: float) -> dict:
     await asyncio.gather(*(client(i) for i in range(clients)))
     wall = time.perf_counter() - t0
     q = statistics.quantiles(lat, n=100)
-    return {"requests": len(lat), "rps": len(lat) / wall, "p50_ms": q[49] * 1000, "p95_ms": q[94] * 1000,
-            "5xx": sum(v for k, v in codes.items() if k >= 500 or k == 0), "codes": codes}
+    return {
+        "requests": len(lat),
+        "rps": len(lat) / wall,
+        "p50_ms": q[49] * 1000,
+        "p95_ms": q[94] * 1000,
+        "5xx": sum(v for k, v in codes.items() if k >= 500 or k == 0),
+        "codes": codes,
+    }
 
 
 def _appender(url: str, home: str, seconds: float, start_at: float, threads: int, out) -> None:
@@ -205,7 +228,9 @@ def main() -> None:
             with eng.connect() as c:
                 res["audited"] = c.execute(sa.text("select count(*) from audit_records where route='/v1/completions'")).scalar()
             eng.dispose()
-            res["verify"] = json.loads(subprocess.run([*CODEMOAT, "audit", "verify", "--json"], capture_output=True, text=True).stdout)["ok"]
+            res["verify"] = json.loads(
+                subprocess.run([*CODEMOAT, "audit", "verify", "--json"], capture_output=True, text=True).stdout
+            )["ok"]
             rows[f"{n} replica{'s' if n > 1 else ''}"] = res
             print(n, res, flush=True)
 
@@ -231,7 +256,10 @@ def main() -> None:
             refused = {}
             while len(refused) < 2 and time.perf_counter() - t0 < 30:
                 for u in fleet.urls:
-                    if u not in refused and httpx.post(f"http://{u}/v1/completions", json=body, headers=hdr, timeout=30).status_code == 401:
+                    if (
+                        u not in refused
+                        and httpx.post(f"http://{u}/v1/completions", json=body, headers=hdr, timeout=30).status_code == 401
+                    ):
                         refused[u] = time.perf_counter() - t_cli
             propagation = max(refused.values()) if len(refused) == 2 else float("inf")
         finally:
@@ -254,8 +282,10 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
-        lines.append(f"| {name} | {r['requests']} | {r['rps']:.1f} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['5xx']} | "
-                     f"{r['audited']} | {'OK' if r['verify'] else 'FAILED'} |")
+        lines.append(
+            f"| {name} | {r['requests']} | {r['rps']:.1f} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['5xx']} | "
+            f"{r['audited']} | {'OK' if r['verify'] else 'FAILED'} |"
+        )
     lines += [
         "",
         f"2 replicas / 1 replica: requests/s **{two['rps'] / one['rps']:.2f}×**, p50 {two['p50_ms'] / one['p50_ms']:.2f}×, "
@@ -264,7 +294,9 @@ def main() -> None:
         "## Audit appends/s (one chain; appends lock the head row; each process group-commits its threads' records",
         "under one Ed25519 head signature per transaction)",
         "",
-        "| backend | " + " | ".join(f"{w} process{'es' if w > 1 else ''} × {t} thread{'s' if t > 1 else ''}" for w, t in SHAPES) + " |",
+        "| backend | "
+        + " | ".join(f"{w} process{'es' if w > 1 else ''} × {t} thread{'s' if t > 1 else ''}" for w, t in SHAPES)
+        + " |",
         "|---|" + "---|" * len(SHAPES),
     ]
     for backend in ("sqlite", "postgresql"):

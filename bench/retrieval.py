@@ -385,7 +385,9 @@ def report(args, rng: random.Random, work: Path) -> None:
             lp, ls = case_io(root, c, whole_line=True)
             snips = retriever.snippets_for_completion(groups=GROUP, repo=name, path=c.path, prefix=lp, suffix=ls,
                                                       k=10, budget_tokens=10**6)  # fmt: skip
-            ranks["codemoat, cursor at line start"].append(rank_of([(s.path, s.start_line, s.end_line, s.text) for s in snips], c))
+            ranks["codemoat, cursor at line start"].append(
+                rank_of([(s.path, s.start_line, s.end_line, s.text) for s in snips], c)
+            )
             all_cases.append(c)
             all_inputs.append((prefix, suffix))
         rows[name] = (len(cases), {m: metrics(r) for m, r in ranks.items() if r})

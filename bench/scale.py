@@ -43,22 +43,22 @@ def log(*a) -> None:
 
 def measured(*args: str) -> dict:
     """`run` through a small parent that reports its child's own peak RSS (ru_maxrss of one child)."""
-    code = ("import json,resource,subprocess,sys,time;t=time.time();"
-            "p=subprocess.run(sys.argv[1:],capture_output=True,text=True);"
-            "print(json.dumps({'rc':p.returncode,'out':p.stdout,'err':p.stderr[-2000:],'s':time.time()-t,"
-            "'rss':resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss/1024,"
-            "'cpu':resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime+resource.getrusage(resource.RUSAGE_CHILDREN).ru_stime}))")
+    code = (
+        "import json,resource,subprocess,sys,time;t=time.time();"
+        "p=subprocess.run(sys.argv[1:],capture_output=True,text=True);"
+        "print(json.dumps({'rc':p.returncode,'out':p.stdout,'err':p.stderr[-2000:],'s':time.time()-t,"
+        "'rss':resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss/1024,"
+        "'cpu':resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime+resource.getrusage(resource.RUSAGE_CHILDREN).ru_stime}))"
+    )
     p = subprocess.run([sys.executable, "-c", code, *CLI, *args], capture_output=True, text=True, env=os.environ)
     d = json.loads(p.stdout)
     if d["rc"] != 0:
         raise RuntimeError(f"{' '.join(args[:3])} failed: {d['err'].strip()[-500:]}")
-    return {"seconds": round(d["s"], 2), "cpu_seconds": round(d["cpu"], 2), "peak_rss_mb": round(d["rss"]),
-            "stdout": d["out"]}
+    return {"seconds": round(d["s"], 2), "cpu_seconds": round(d["cpu"], 2), "peak_rss_mb": round(d["rss"]), "stdout": d["out"]}
 
 
 # -- models -------------------------------------------------------------------
-def build_llama(path: Path, n_layer: int = 22, n_embd: int = 2048, n_ff: int = 8192, n_head: int = 16,
-                n_kv: int = 8) -> Path:
+def build_llama(path: Path, n_layer: int = 22, n_embd: int = 2048, n_ff: int = 8192, n_head: int = 16, n_kv: int = 8) -> Path:
     """A random llama GGUF of ~1.5B parameters in F16, written tensor by tensor (GGUFWriter's
     add_tensor_info / write_tensor_data): memory is one tensor."""
     import gguf
@@ -72,15 +72,29 @@ def build_llama(path: Path, n_layer: int = 22, n_embd: int = 2048, n_ff: int = 8
     shapes: dict[str, tuple[int, ...]] = {"token_embd.weight": (vocab, n_embd), "output_norm.weight": (n_embd,)}
     for i in range(n_layer):
         p = f"blk.{i}."
-        shapes.update({p + "attn_norm.weight": (n_embd,), p + "attn_q.weight": (n_embd, n_embd),
-                       p + "attn_k.weight": (n_kv * hd, n_embd), p + "attn_v.weight": (n_kv * hd, n_embd),
-                       p + "attn_output.weight": (n_embd, n_embd), p + "ffn_norm.weight": (n_embd,),
-                       p + "ffn_gate.weight": (n_ff, n_embd), p + "ffn_up.weight": (n_ff, n_embd),
-                       p + "ffn_down.weight": (n_embd, n_ff)})
+        shapes.update(
+            {
+                p + "attn_norm.weight": (n_embd,),
+                p + "attn_q.weight": (n_embd, n_embd),
+                p + "attn_k.weight": (n_kv * hd, n_embd),
+                p + "attn_v.weight": (n_kv * hd, n_embd),
+                p + "attn_output.weight": (n_embd, n_embd),
+                p + "ffn_norm.weight": (n_embd,),
+                p + "ffn_gate.weight": (n_ff, n_embd),
+                p + "ffn_up.weight": (n_ff, n_embd),
+                p + "ffn_down.weight": (n_embd, n_ff),
+            }
+        )
     shapes["output.weight"] = (vocab, n_embd)
     w = gguf.GGUFWriter(str(path) + ".part", "llama")
-    for k, v in (("context_length", 2048), ("embedding_length", n_embd), ("block_count", n_layer),
-                 ("feed_forward_length", n_ff), ("head_count", n_head), ("head_count_kv", n_kv)):
+    for k, v in (
+        ("context_length", 2048),
+        ("embedding_length", n_embd),
+        ("block_count", n_layer),
+        ("feed_forward_length", n_ff),
+        ("head_count", n_head),
+        ("head_count_kv", n_kv),
+    ):
         getattr(w, f"add_{k}")(v)
     w.add_rope_dimension_count(hd)
     w.add_rope_freq_base(10000.0)
@@ -126,8 +140,14 @@ def describe(path: Path) -> dict:
         for t in g.tensors:
             kinds[t.kind] = kinds.get(t.kind, 0) + t.size
         big = max(g.tensors, key=lambda t: t.nbytes)
-        return {"file": path.name, "bytes": g.file_size, "params": sum(t.size for t in g.tensors), "types": kinds,
-                "largest_tensor": big.name, "largest_tensor_bytes": big.nbytes}
+        return {
+            "file": path.name,
+            "bytes": g.file_size,
+            "params": sum(t.size for t in g.tensors),
+            "types": kinds,
+            "largest_tensor": big.name,
+            "largest_tensor_bytes": big.nbytes,
+        }
 
 
 # -- the vendor ---------------------------------------------------------------
@@ -150,12 +170,36 @@ def license_for(v: Path, moat: Path, home: Path) -> Path:
     ident = home / "machine.json"
     if not ident.exists():
         home.mkdir(parents=True, exist_ok=True)
-        ident.write_text(subprocess.run([*CLI, "machine-id", "--json"], capture_output=True, text=True, check=True,
-                                        env={**os.environ, **env}).stdout)
+        ident.write_text(
+            subprocess.run(
+                [*CLI, "machine-id", "--json"], capture_output=True, text=True, check=True, env={**os.environ, **env}
+            ).stdout
+        )
     lic = moat.with_suffix(".lic")
-    subprocess.run([*CLI, "vendor", "license", "issue", "--vendor", str(v), "--customer", LEAKER, "--model", str(moat),
-                    "--machine", str(ident), "--expires", "30d", "--out", str(lic), "--force"],
-                   capture_output=True, text=True, check=True)
+    subprocess.run(
+        [
+            *CLI,
+            "vendor",
+            "license",
+            "issue",
+            "--vendor",
+            str(v),
+            "--customer",
+            LEAKER,
+            "--model",
+            str(moat),
+            "--machine",
+            str(ident),
+            "--expires",
+            "30d",
+            "--out",
+            str(lic),
+            "--force",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return lic
 
 
@@ -166,19 +210,44 @@ def commands(name: str, model: Path, texts: list[Path], entropy: bool) -> dict:
     v = vendor(WORK / "vendor")
     out: dict = {"model": describe(model)}
     log(name, "seal --no-fingerprint")
-    out["seal"] = measured("vendor", "seal", str(model), "--vendor", str(v), "--customer", LEAKER, "--out",
-                           str(d / "plain.moat"), "--no-fingerprint", "--force")
+    out["seal"] = measured(
+        "vendor",
+        "seal",
+        str(model),
+        "--vendor",
+        str(v),
+        "--customer",
+        LEAKER,
+        "--out",
+        str(d / "plain.moat"),
+        "--no-fingerprint",
+        "--force",
+    )
     log(name, "seal --fingerprint", out["seal"]["seconds"], "s")
-    out["seal_fingerprint"] = measured("vendor", "seal", str(model), "--vendor", str(v), "--customer", LEAKER,
-                                       "--out", str(d / "marked.moat"), "--fingerprint", "--force")
+    out["seal_fingerprint"] = measured(
+        "vendor",
+        "seal",
+        str(model),
+        "--vendor",
+        str(v),
+        "--customer",
+        LEAKER,
+        "--out",
+        str(d / "marked.moat"),
+        "--fingerprint",
+        "--force",
+    )
     log(name, "verify", out["seal_fingerprint"]["seconds"], "s")
     home = WORK / "home"
     lic = license_for(v, d / "marked.moat", home)
     os.environ["CODEMOAT_HOME"] = str(home)
     out["verify"] = measured("verify", "--model", str(d / "marked.moat"), "--license", str(lic), "--json")
     leak = d / "leak.gguf"
-    subprocess.run([*CLI, "vendor", "unseal", str(d / "marked.moat"), "--vendor", str(v), "--out", str(leak)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [*CLI, "vendor", "unseal", str(d / "marked.moat"), "--vendor", str(v), "--out", str(leak)],
+        check=True,
+        capture_output=True,
+    )
     log(name, "trace")
     out["trace"] = measured("trace", str(leak), "--vendor", str(v), "--original", str(model), "--json")
     r = json.loads(out["trace"]["stdout"])
@@ -187,8 +256,9 @@ def commands(name: str, model: Path, texts: list[Path], entropy: bool) -> dict:
     out["trace"]["positions"] = r["positions"]
     log(name, "trace", out["trace"]["seconds"], "s", r["named"], round(out["trace"]["z"], 1))
     flag = "--entropy" if entropy else "--no-entropy"
-    out["detect"] = measured("watermark", "detect", *map(str, texts), "--vendor", str(v), "--model", str(model),
-                             "--customer", LEAKER, flag, "--json")
+    out["detect"] = measured(
+        "watermark", "detect", *map(str, texts), "--vendor", str(v), "--model", str(model), "--customer", LEAKER, flag, "--json"
+    )
     out["detect"]["files"], out["detect"]["entropy"] = len(texts), entropy
     log(name, "detect", out["detect"]["seconds"], "s")
     for k in ("seal", "seal_fingerprint", "verify", "trace", "detect"):
@@ -224,8 +294,12 @@ def kl_exact(orig: Path, marked: Path, n_tokens: int = 192) -> dict:
             pa, pb = ref[s : s + k], log_softmax(L[:k])
             kls.extend(np.sum(np.exp(pa) * (pa - pb), axis=1).tolist())
         b.close()
-        out[label] = {"tokens": len(kls), "kl_mean": float(np.mean(kls)), "kl_median": float(np.median(kls)),
-                      "kl_max": float(np.max(kls))}
+        out[label] = {
+            "tokens": len(kls),
+            "kl_mean": float(np.mean(kls)),
+            "kl_median": float(np.median(kls)),
+            "kl_max": float(np.max(kls)),
+        }
         del ref
     fa.unlink()
     fb.unlink()
@@ -254,9 +328,12 @@ def gemma_extra(model: Path) -> dict:
         q = requantize(marked, WORK / f"gemma-leak-{label}.gguf", ftype)
         t = time.time()
         r = trace_files(q, model, secrets)
-        out["requantised"][label] = {"named": r.named, "z": r.scores[0].z if r.scores[0].customer == LEAKER else 0.0,
-                                     "max_z_other": max(s.z for s in r.scores if s.customer != LEAKER),
-                                     "seconds": round(time.time() - t, 1)}
+        out["requantised"][label] = {
+            "named": r.named,
+            "z": r.scores[0].z if r.scores[0].customer == LEAKER else 0.0,
+            "max_z_other": max(s.z for s in r.scores if s.customer != LEAKER),
+            "seconds": round(time.time() - t, 1),
+        }
         log("gemma", label, out["requantised"][label])
         q.unlink()
     marked.unlink()
@@ -372,12 +449,18 @@ def evidence(model: Path, files: list[Path]) -> dict:
         # not reached with these completions: Stouffer's Z grows as √k, so k ≈ k_seen · (z_needed / Z_seen)²
         z_needed = math.sqrt(2) * _erfcinv(2 * wm.THRESHOLD / len(keys))
         estimate = math.ceil(len(runs) * (z_needed / lk.z) ** 2) if need is None and lk.z > 0 else None
-        out[str(label)] = {"completions": len(runs), "detected_alone": int(sum(hit)),
-                           "median_scored_tokens": float(np.median([x.scored_tokens for x in mine])),
-                           "median_z_alone": float(np.median([x.z for x in mine])),
-                           "completions_needed_stouffer": need, "completions_needed_estimate": estimate,
-                           "z_needed": z_needed, "stouffer_z_all": lk.z, "stouffer_p_adj_all": lk.p_adj,
-                           "any_customer_detected_all": [x.customer for x in whole if x.detected]}
+        out[str(label)] = {
+            "completions": len(runs),
+            "detected_alone": int(sum(hit)),
+            "median_scored_tokens": float(np.median([x.scored_tokens for x in mine])),
+            "median_z_alone": float(np.median([x.z for x in mine])),
+            "completions_needed_stouffer": need,
+            "completions_needed_estimate": estimate,
+            "z_needed": z_needed,
+            "stouffer_z_all": lk.z,
+            "stouffer_p_adj_all": lk.p_adj,
+            "any_customer_detected_all": [x.customer for x in whole if x.detected],
+        }
         log("evidence", label, out[str(label)])
     scorer.stream.close()
     return out
@@ -402,23 +485,33 @@ def _needed(e: dict) -> str:
 
 
 def write_md(res: dict) -> None:
-    lines = ["# Seal, trace, watermark detection and verify at real sizes", "",
-             "`.venv/bin/python bench/scale.py` (parts: gemma, llama-f16, llama-q4); raw numbers in "
-             "`bench/results/scale.json`. Each command is the real CLI in its own process; peak RSS is the "
-             f"kernel's ru_maxrss of that process. {CUSTOMERS} customers registered (trace scores every one; "
-             "detection corrects for them). A shared 2-core machine: times are upper bounds.", "",
-             "Targets (issue 13): peak RSS ≤ 1.5 GB above the largest tensor; seal with the fingerprint ≤ 3× "
-             "without; trace of 1.5B ≤ 60 s; fingerprint KL on Gemma ≤ 1e-3 nats/token.", "",
-             "| model | size | largest tensor | command | wall time | CPU time | peak RSS | RSS − largest tensor | note |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Seal, trace, watermark detection and verify at real sizes",
+        "",
+        "`.venv/bin/python bench/scale.py` (parts: gemma, llama-f16, llama-q4); raw numbers in "
+        "`bench/results/scale.json`. Each command is the real CLI in its own process; peak RSS is the "
+        f"kernel's ru_maxrss of that process. {CUSTOMERS} customers registered (trace scores every one; "
+        "detection corrects for them). A shared 2-core machine: times are upper bounds.",
+        "",
+        "Targets (issue 13): peak RSS ≤ 1.5 GB above the largest tensor; seal with the fingerprint ≤ 3× "
+        "without; trace of 1.5B ≤ 60 s; fingerprint KL on Gemma ≤ 1e-3 nats/token.",
+        "",
+        "| model | size | largest tensor | command | wall time | CPU time | peak RSS | RSS − largest tensor | note |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for part in ("gemma", "llama-f16", "llama-q4"):
         r = res.get(part)
         if not r:
             continue
         m = r["model"]
         big = m["largest_tensor_bytes"] / 2**20
-        for k, label in (("seal", "vendor seal --no-fingerprint"), ("seal_fingerprint", "vendor seal --fingerprint"),
-                         ("trace", "trace"), ("detect", "watermark detect"), ("verify", "verify")):
+        for k, label in (
+            ("seal", "vendor seal --no-fingerprint"),
+            ("seal_fingerprint", "vendor seal --fingerprint"),
+            ("trace", "trace"),
+            ("detect", "watermark detect"),
+            ("verify", "verify"),
+        ):
             c = r[k]
             note = ""
             if k == "seal_fingerprint":
@@ -427,27 +520,39 @@ def write_md(res: dict) -> None:
                 note = f"named {', '.join(c['named']) or 'nobody'}, z = {c['z']:.1f} (others ≤ {c['max_z_other']:.1f})"
             elif k == "detect":
                 note = f"{c['files']} completions, " + ("entropy-gated" if c["entropy"] else "--no-entropy (tokenizer only)")
-            lines.append(f"| {m['file']} | {m['params'] / 1e9:.2f}B params, {m['bytes'] / 2**30:.2f} GiB | "
-                         f"{m['largest_tensor']} {big:.0f} MiB | {label} | {c['seconds']:.1f} s | {c['cpu_seconds']:.1f} s | "
-                         f"{c['peak_rss_mb']:,} MiB | {c['peak_rss_mb'] - big:,.0f} MiB | {note} |")
+            lines.append(
+                f"| {m['file']} | {m['params'] / 1e9:.2f}B params, {m['bytes'] / 2**30:.2f} GiB | "
+                f"{m['largest_tensor']} {big:.0f} MiB | {label} | {c['seconds']:.1f} s | {c['cpu_seconds']:.1f} s | "
+                f"{c['peak_rss_mb']:,} MiB | {c['peak_rss_mb'] - big:,.0f} MiB | {note} |"
+            )
     g = res.get("gemma", {})
     if "kl" in g:
         lines += ["", "## Fingerprint cost and robustness on Gemma 3 270M (Q4_K_M)", ""]
         for label, k in g["kl"].items():
-            lines.append(f"- KL(original ‖ fingerprinted), {label}: **{k['kl_mean']:.2e}** nats/token "
-                         f"(median {k['kl_median']:.1e}, max {k['kl_max']:.1e}, {k['tokens']} tokens)")
+            lines.append(
+                f"- KL(original ‖ fingerprinted), {label}: **{k['kl_mean']:.2e}** nats/token "
+                f"(median {k['kl_median']:.1e}, max {k['kl_max']:.1e}, {k['tokens']} tokens)"
+            )
         for label, r in g["requantised"].items():
-            lines.append(f"- leaker requantises the fingerprinted copy to {label} (llama.cpp): named "
-                         f"{', '.join(r['named']) or 'nobody'}, z = {r['z']:.1f}, others ≤ {r['max_z_other']:.1f}")
+            lines.append(
+                f"- leaker requantises the fingerprinted copy to {label} (llama.cpp): named "
+                f"{', '.join(r['named']) or 'nobody'}, z = {r['z']:.1f}, others ≤ {r['max_z_other']:.1f}"
+            )
     if "evidence" in g:
-        lines += ["", "## Watermark: the unit of evidence", "",
-                  "| completions | count | detected alone | median z alone | median tokens scored | completions needed (Stouffer) | Stouffer z, all | customers named, all |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Watermark: the unit of evidence",
+            "",
+            "| completions | count | detected alone | median z alone | median tokens scored | completions needed (Stouffer) | Stouffer z, all | customers named, all |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for label, e in g["evidence"].items():
             name = f"T = {label}" if label != "human" else "human code (stdlib)"
-            lines.append(f"| {name} | {e['completions']} | {e['detected_alone']} | {e['median_z_alone']:.2f} | "
-                         f"{e['median_scored_tokens']:.0f} | {_needed(e) if label != 'human' else '-'} | "
-                         f"{e['stouffer_z_all']:.1f} | {', '.join(e['any_customer_detected_all']) or 'none'} |")
+            lines.append(
+                f"| {name} | {e['completions']} | {e['detected_alone']} | {e['median_z_alone']:.2f} | "
+                f"{e['median_scored_tokens']:.0f} | {_needed(e) if label != 'human' else '-'} | "
+                f"{e['stouffer_z_all']:.1f} | {', '.join(e['any_customer_detected_all']) or 'none'} |"
+            )
     lines += ["", "## Notes", ""] + [f"- {n}" for n in res.get("notes", [])]
     (RESULTS / "scale.md").write_text("\n".join(lines) + "\n")
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
-PROMPT = "import os\nimport sys\n\n\ndef walk_python_files(root):\n    \"\"\"Yield every .py file under root.\"\"\"\n    for dirpath, dirnames, filenames in os.walk(root):\n"
+PROMPT = 'import os\nimport sys\n\n\ndef walk_python_files(root):\n    """Yield every .py file under root."""\n    for dirpath, dirnames, filenames in os.walk(root):\n'
 
 
 def free_port() -> int:
@@ -83,6 +83,7 @@ async def latency(url: str, headers: dict, n: int) -> tuple[list[float], list[fl
 
 async def throughput(url: str, headers: dict, clients: int, per_client: int) -> float:
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=300, limits=httpx.Limits(max_connections=clients)) as c:
+
         async def worker():
             for _ in range(per_client):
                 await one(c)
@@ -113,14 +114,52 @@ def main() -> None:
     home = Path(tempfile.mkdtemp())
     env = dict(os.environ, CODEMOAT_HOME=str(home))
     py = sys.executable
-    tok = json.loads(subprocess.check_output([py, "-m", "codemoat.cli.main", "tokens", "create", "--name", "bench", "--json"], env=env))["token"]
+    tok = json.loads(
+        subprocess.check_output([py, "-m", "codemoat.cli.main", "tokens", "create", "--name", "bench", "--json"], env=env)
+    )["token"]
     cm_port, ref_port = free_port(), free_port()
     procs = {
-        "codemoat": subprocess.Popen([py, "-m", "codemoat.cli.main", "serve", "--model", str(model), "--model-id", "m", "--port", str(cm_port), "--n-ctx", "2048"],
-                                     env=dict(env, CODEMOAT_MODEL__N_THREADS=str(args.threads), CODEMOAT_MODEL__MAX_TOKENS_LIMIT="1024"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
-        "llama_cpp.server": subprocess.Popen([py, "-m", "llama_cpp.server", "--model", str(model), "--model_alias", "m", "--port", str(ref_port), "--n_ctx", "2048",
-                                              "--n_threads", str(args.threads), "--api_key", tok],
-                                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+        "codemoat": subprocess.Popen(
+            [
+                py,
+                "-m",
+                "codemoat.cli.main",
+                "serve",
+                "--model",
+                str(model),
+                "--model-id",
+                "m",
+                "--port",
+                str(cm_port),
+                "--n-ctx",
+                "2048",
+            ],
+            env=dict(env, CODEMOAT_MODEL__N_THREADS=str(args.threads), CODEMOAT_MODEL__MAX_TOKENS_LIMIT="1024"),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        ),
+        "llama_cpp.server": subprocess.Popen(
+            [
+                py,
+                "-m",
+                "llama_cpp.server",
+                "--model",
+                str(model),
+                "--model_alias",
+                "m",
+                "--port",
+                str(ref_port),
+                "--n_ctx",
+                "2048",
+                "--n_threads",
+                str(args.threads),
+                "--api_key",
+                tok,
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        ),
     }
     urls = {"codemoat": f"http://127.0.0.1:{cm_port}", "llama_cpp.server": f"http://127.0.0.1:{ref_port}"}
     headers = {"Authorization": f"Bearer {tok}"}
@@ -147,7 +186,9 @@ def main() -> None:
     cm, ref = res["codemoat"], res["llama_cpp.server"]
     rows = []
     for name, r in res.items():
-        rows.append(f"| {name} | {statistics.median(r['lat']) * 1000:.1f} | {pct(r['lat'], 95) * 1000:.1f} | {statistics.median(r['rps']):.2f} | {statistics.median(r['ttft']) * 1000:.1f} | {statistics.mean(r['toks']):.1f} |")
+        rows.append(
+            f"| {name} | {statistics.median(r['lat']) * 1000:.1f} | {pct(r['lat'], 95) * 1000:.1f} | {statistics.median(r['rps']):.2f} | {statistics.median(r['ttft']) * 1000:.1f} | {statistics.mean(r['toks']):.1f} |"
+        )
     p50_ratio = statistics.median(cm["lat"]) / statistics.median(ref["lat"])
     p95_ratio = pct(cm["lat"], 95) / pct(ref["lat"], 95)
     rps_ratio = statistics.median(cm["rps"]) / statistics.median(ref["rps"])
@@ -155,7 +196,7 @@ def main() -> None:
     ok = lambda c: "met" if c else "MISSED"
     md = f"""# Serving overhead: codemoat vs llama-cpp-python's server
 
-Measured by `bench/serve.py` on {time.strftime('%Y-%m-%d')} ({os.cpu_count()} CPU cores, shared machine), one run,
+Measured by `bench/serve.py` on {time.strftime("%Y-%m-%d")} ({os.cpu_count()} CPU cores, shared machine), one run,
 rounds alternating between the servers. Model: `{model.name}` ({model.stat().st_size / 1e6:.1f} MB), n_ctx 2048,
 {args.threads} threads each, greedy 32-token completions of a {len(PROMPT)}-character prompt; throughput with 8 concurrent
 clients × 4 requests; {args.rounds} rounds × {args.requests} sequential requests for latency.

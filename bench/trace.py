@@ -133,8 +133,13 @@ def quality(orig: Path, other: Path, text: str, n_ctx: int = 512, windows: int =
         nll_b -= float(pb[np.arange(len(nxt)), nxt].sum())
         n += len(nxt)
     bpb_a, bpb_b = nll_a / math.log(2) / nbytes, nll_b / math.log(2) / nbytes
-    return {"tokens": n, "kl_nats_per_token": kl / n, "bpb_original": bpb_a, "bpb_other": bpb_b,
-            "bpb_change_pct": 100 * (bpb_b - bpb_a) / bpb_a}
+    return {
+        "tokens": n,
+        "kl_nats_per_token": kl / n,
+        "bpb_original": bpb_a,
+        "bpb_other": bpb_b,
+        "bpb_change_pct": 100 * (bpb_b - bpb_a) / bpb_a,
+    }
 
 
 # -- fingerprint robustness ---------------------------------------------------
@@ -145,7 +150,8 @@ def _trace(suspect: Path, orig: Path, secrets: dict, colluders: tuple[str, ...])
     mine = {s.customer: s for s in r.scores if s.customer in colluders}
     return {
         "named": r.named,
-        "ok": sorted(r.named) == sorted(colluders) and all(mine[c].p_adj < 1e-9 for c in colluders)
+        "ok": sorted(r.named) == sorted(colluders)
+        and all(mine[c].p_adj < 1e-9 for c in colluders)
         and min(s.p_adj for s in others) > 1e-3,
         "z_leaker": {c: round(mine[c].z, 1) for c in colluders},
         "max_z_other": round(max(s.z for s in others), 2),
@@ -180,7 +186,8 @@ def robustness(name: str, orig: Path, secrets: dict, kl_windows: int, attack_kl:
         "30% smallest weights pruned": lambda p: attacks.transform(copies[A], p, attacks.prune(0.3)),
         "MLP units and heads permuted": lambda p: attacks.transform(copies[A], p, attacks.permute(7)),
         "Q4_K_M of the permuted copy": lambda p: attacks.requantize(
-            attacks.transform(copies[A], d / "perm-f16.gguf", attacks.permute(7)), p, 15),
+            attacks.transform(copies[A], d / "perm-f16.gguf", attacks.permute(7)), p, 15
+        ),
         "average of A's and B's copies": lambda p: attacks.transform(copies[A], p, attacks.average(copies[B])),
     }
     out["attacks"] = {}
@@ -242,8 +249,12 @@ def snapshot_bundled() -> None:
 def bundled_or_standin() -> tuple[Path, bool]:
     if BUNDLED.exists():
         return BUNDLED, True
-    return standin(WORK / "standin-tiny.gguf", synth.Shape(n_layer=6, n_embd=256, n_ff=704, n_head=8, n_head_kv=4,
-                                                           n_ctx=512, out_std=0.6), 4096, 3), False
+    return standin(
+        WORK / "standin-tiny.gguf",
+        synth.Shape(n_layer=6, n_embd=256, n_ff=704, n_head=8, n_head_kv=4, n_ctx=512, out_std=0.6),
+        4096,
+        3,
+    ), False
 
 
 def part_bundled(n: int) -> dict:
@@ -314,11 +325,19 @@ def part_finetune(n: int, steps: int = 200) -> dict:
     mine = next(s for s in r.scores if s.customer == A)
     return {
         "description": _description(BUNDLED),
-        "steps": steps, "batch": f"{batch} x {seq} tokens", "lr": 3e-4, "seconds": round(time.time() - t, 1),
-        "loss_first_10": float(np.mean(losses[:10])), "loss_last_10": float(np.mean(losses[-10:])),
-        "weight_change_rel_median": float(np.median(rel)), "mark_rel": fingerprint.ALPHA,
-        "named": r.named, "z_leaker": round(mine.z, 1), "max_z_other": round(max(s.z for s in others), 2),
-        "min_p_adj_other": min(s.p_adj for s in others), "ok": r.named == [A] and min(s.p_adj for s in others) > 1e-3,
+        "steps": steps,
+        "batch": f"{batch} x {seq} tokens",
+        "lr": 3e-4,
+        "seconds": round(time.time() - t, 1),
+        "loss_first_10": float(np.mean(losses[:10])),
+        "loss_last_10": float(np.mean(losses[-10:])),
+        "weight_change_rel_median": float(np.median(rel)),
+        "mark_rel": fingerprint.ALPHA,
+        "named": r.named,
+        "z_leaker": round(mine.z, 1),
+        "max_z_other": round(max(s.z for s in others), 2),
+        "min_p_adj_other": min(s.p_adj for s in others),
+        "ok": r.named == [A] and min(s.p_adj for s in others) > 1e-3,
         "missing_keys": len(missing.missing_keys),
     }
 
@@ -332,7 +351,15 @@ def human_files(n: int) -> list[Path]:
 
 def _banned(llm) -> list[int]:
     out = {llm.token_eos()}
-    for s in ("<|endoftext|>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>"):
+    for s in (
+        "<|endoftext|>",
+        "<|fim_prefix|>",
+        "<|fim_middle|>",
+        "<|fim_suffix|>",
+        "<|fim_pad|>",
+        "<|repo_name|>",
+        "<|file_sep|>",
+    ):
         ids = llm.tokenize(s.encode(), add_bos=False, special=True)
         if len(ids) == 1:
             out.add(ids[0])
@@ -349,8 +376,15 @@ def part_watermark(n_files: int, n_gen: int, n_em: int, n_keys: int, n_cust: int
     key = keys[names[0]]
     scorer = wm.LlamaScorer(str(model), n_ctx=512)
     greens = {k: wm.GreenList(keys[k]) for k in names}
-    out: dict = {"model": str(model), "bundled": real, "description": _description(model), "gamma": wm.GAMMA, "delta": wm.DELTA,
-                 "entropy_threshold": wm.ENTROPY_THRESHOLD, "threshold": wm.THRESHOLD}
+    out: dict = {
+        "model": str(model),
+        "bundled": real,
+        "description": _description(model),
+        "gamma": wm.GAMMA,
+        "delta": wm.DELTA,
+        "entropy_threshold": wm.ENTROPY_THRESHOLD,
+        "threshold": wm.THRESHOLD,
+    }
 
     # false positives on human code, first 512 tokens of each file against n_keys customer keys:
     # every file scored on all tokens (the detector without a model), and the first `ent_files`
@@ -378,11 +412,16 @@ def part_watermark(n_files: int, n_gen: int, n_em: int, n_keys: int, n_cust: int
             continue
         zs, ps, scored = (np.asarray(x) for x in zip(*r))
         out["fpr"][mode] = {
-            "files": len(r) // len(names), "tests": len(ps),
-            "fp_at_threshold": int((ps < wm.THRESHOLD).sum()), "fpr_at_threshold": float((ps < wm.THRESHOLD).mean()),
+            "files": len(r) // len(names),
+            "tests": len(ps),
+            "fp_at_threshold": int((ps < wm.THRESHOLD).sum()),
+            "fpr_at_threshold": float((ps < wm.THRESHOLD).mean()),
             "fp_at_corrected_threshold": int((ps * n_cust < wm.THRESHOLD).sum()),
-            "fp_at_p_1e-3": int((ps < 1e-3).sum()), "expected_at_p_1e-3": len(ps) * 1e-3,
-            "max_z": float(zs.max()), "mean_z": float(zs.mean()), "std_z": float(zs.std()),
+            "fp_at_p_1e-3": int((ps < 1e-3).sum()),
+            "expected_at_p_1e-3": len(ps) * 1e-3,
+            "max_z": float(zs.max()),
+            "mean_z": float(zs.mean()),
+            "std_z": float(zs.std()),
             "median_scored_tokens": float(np.median(scored)),
         }
     log(f"watermark FPR: {out['fpr']}")
@@ -409,8 +448,15 @@ def part_watermark(n_files: int, n_gen: int, n_em: int, n_keys: int, n_cust: int
             s = int(rng.integers(0, len(ptoks) - 300))
             prompt = llm.detokenize(ptoks[s : s + 64]).decode(errors="replace")
             proc = wm.WatermarkProcessor(key, vocab_size=llm.n_vocab())
-            txt = llm.create_completion(prompt, max_tokens=200, temperature=temp, top_k=0, top_p=1.0, seed=g,
-                                        logits_processor=LogitsProcessorList([ban, proc]))["choices"][0]["text"]
+            txt = llm.create_completion(
+                prompt,
+                max_tokens=200,
+                temperature=temp,
+                top_k=0,
+                top_p=1.0,
+                seed=g,
+                logits_processor=LogitsProcessorList([ban, proc]),
+            )["choices"][0]["text"]
             generated.append(txt)
             res = wm.detect_text(txt, scorer.tokenize, {names[0]: key}, scorer.entropies)[0]
             # the corrected threshold a vendor with 1,000 customers applies
@@ -419,8 +465,13 @@ def part_watermark(n_files: int, n_gen: int, n_em: int, n_keys: int, n_cust: int
             zl.append(res.z)
             nscored.append(res.scored_tokens)
         out[f"detection_T{temp}"] = {
-            "generations": n_gen_t, "tokens": 200, "detected_1000_customers": det / n_gen_t, "detected_1_key": det_plain / n_gen_t,
-            "median_z": float(np.median(zl)), "median_scored_tokens": float(np.median(nscored)), "seconds": round(time.time() - t, 1),
+            "generations": n_gen_t,
+            "tokens": 200,
+            "detected_1000_customers": det / n_gen_t,
+            "detected_1_key": det_plain / n_gen_t,
+            "median_z": float(np.median(zl)),
+            "median_scored_tokens": float(np.median(nscored)),
+            "seconds": round(time.time() - t, 1),
         }
         log(f"watermark detection T={temp}: {out[f'detection_T{temp}']}")
 
@@ -441,13 +492,19 @@ def part_watermark(n_files: int, n_gen: int, n_em: int, n_keys: int, n_cust: int
         outs = {}
         for mode in ("off", "on"):
             procs = [ban] + ([wm.WatermarkProcessor(key, vocab_size=llm.n_vocab())] if mode == "on" else [])
-            c = llm.create_completion(prompt, max_tokens=48, temperature=0.0, stop=["\n"],
-                                      logits_processor=LogitsProcessorList(procs))["choices"][0]["text"]
+            c = llm.create_completion(
+                prompt, max_tokens=48, temperature=0.0, stop=["\n"], logits_processor=LogitsProcessorList(procs)
+            )["choices"][0]["text"]
             outs[mode] = c
             em[mode] += c.strip() == target.strip()
         changed += outs["on"] != outs["off"]
-    out["exact_match"] = {"lines": len(picks), "em_off": em["off"] / len(picks), "em_on": em["on"] / len(picks),
-                          "outputs_changed": changed / len(picks), "seconds": round(time.time() - t, 1)}
+    out["exact_match"] = {
+        "lines": len(picks),
+        "em_off": em["off"] / len(picks),
+        "em_on": em["on"] / len(picks),
+        "outputs_changed": changed / len(picks),
+        "seconds": round(time.time() - t, 1),
+    }
     log(f"exact match: {out['exact_match']}")
     return out
 
@@ -485,9 +542,15 @@ def part_radio(n_cust: int, n_train_gen: int = 100, steps: int = 400) -> dict:
     for g in range(n_train_gen):
         s = int(rng.integers(0, len(ptoks) - 100))
         proc = wm.WatermarkProcessor(key, vocab_size=llm.n_vocab())
-        out = llm.create_completion(llm.detokenize(ptoks[s : s + 32]).decode(errors="replace"), max_tokens=256,
-                                    temperature=0.8, top_k=0, top_p=1.0, seed=1000 + g,
-                                    logits_processor=LogitsProcessorList([ban, proc]))
+        out = llm.create_completion(
+            llm.detokenize(ptoks[s : s + 32]).decode(errors="replace"),
+            max_tokens=256,
+            temperature=0.8,
+            top_k=0,
+            top_p=1.0,
+            seed=1000 + g,
+            logits_processor=LogitsProcessorList([ban, proc]),
+        )
         data += llm.tokenize(out["choices"][0]["text"].encode(), add_bos=False, special=False)
     gen_s = time.time() - t
     torch.set_num_threads(1)
@@ -524,12 +587,20 @@ def part_radio(n_cust: int, n_train_gen: int = 100, steps: int = 400) -> dict:
             z_key.append(wm.detect(gen, key)[0])
             z_other.append(wm.detect(gen, other)[0])
     allgen_k = float(np.sum(z_key) / math.sqrt(len(z_key)))
-    return {"teacher_generations": n_train_gen + (len(json.loads(saved.read_text())["texts"]) if saved.exists() else 0), "train_tokens": len(data), "student": cfg, "steps": steps,
-            "final_loss": float(loss), "generation_seconds": round(gen_s, 1),
-            "student_median_z_key": float(np.median(z_key)), "student_median_z_other_key": float(np.median(z_other)),
-            "stouffer_z_50_generations_key": allgen_k,
-            "stouffer_z_50_generations_other": float(np.sum(z_other) / math.sqrt(len(z_other))), "bundled": real,
-            "description": _description(model)}
+    return {
+        "teacher_generations": n_train_gen + (len(json.loads(saved.read_text())["texts"]) if saved.exists() else 0),
+        "train_tokens": len(data),
+        "student": cfg,
+        "steps": steps,
+        "final_loss": float(loss),
+        "generation_seconds": round(gen_s, 1),
+        "student_median_z_key": float(np.median(z_key)),
+        "student_median_z_other_key": float(np.median(z_other)),
+        "stouffer_z_50_generations_key": allgen_k,
+        "stouffer_z_50_generations_other": float(np.sum(z_other) / math.sqrt(len(z_other))),
+        "bundled": real,
+        "description": _description(model),
+    }
 
 
 # -- report ---------------------------------------------------------------------
@@ -538,36 +609,60 @@ def _fmt_p(p: float) -> str:
 
 
 def render(res: dict) -> str:
-    L = ["# Leak tracing: fingerprint robustness and cost, watermark errors", "",
-         "`.venv/bin/python bench/trace.py` (parts: bundled, large, finetune, watermark, radio); raw numbers in "
-         "`bench/results/trace.json`. One thread on a shared 2-core machine. Fingerprint: "
-         f"α = {fingerprint.ALPHA} (mark = 1% of each row's RMS), scores over ≤ {detect.MAX_POSITIONS:,} weights, "
-         "a customer named at Bonferroni-corrected p < 1e-9 (p from Hoeffding's bound, detect.py).", ""]
+    L = [
+        "# Leak tracing: fingerprint robustness and cost, watermark errors",
+        "",
+        "`.venv/bin/python bench/trace.py` (parts: bundled, large, finetune, watermark, radio); raw numbers in "
+        "`bench/results/trace.json`. One thread on a shared 2-core machine. Fingerprint: "
+        f"α = {fingerprint.ALPHA} (mark = 1% of each row's RMS), scores over ≤ {detect.MAX_POSITIONS:,} weights, "
+        "a customer named at Bonferroni-corrected p < 1e-9 (p from Hoeffding's bound, detect.py).",
+        "",
+    ]
     for part, title in (("bundled", "Bundled model"), ("large", "Random llama-shaped model, ≥ 100M parameters")):
         r = res.get(part)
         if not r:
             continue
         note = "" if r.get("bundled", True) else " — **stand-in**: the bundled model was not there; a random model of its shape"
         desc = f" ({r['description']})" if r.get("description") else ""
-        L += [f"## {title}{note}", "", f"`{Path(r['model']).name}`{desc}, {r['params']:,} parameters, {r['customers']:,} "
-              f"registered customers; leaker {r.get('leaker', A)}, colluder {r.get('colluder', B)}.", ""]
+        L += [
+            f"## {title}{note}",
+            "",
+            f"`{Path(r['model']).name}`{desc}, {r['params']:,} parameters, {r['customers']:,} "
+            f"registered customers; leaker {r.get('leaker', A)}, colluder {r.get('colluder', B)}.",
+            "",
+        ]
         q = r["quality"]
-        L += [f"Quality cost of the fingerprint over {q['tokens']:,} held-out tokens: next-token KL "
-              f"**{q['kl_nats_per_token']:.2e} nats/token**, bits/byte {q['bpb_original']:.4f} → {q['bpb_other']:.4f} "
-              f"(**{q['bpb_change_pct']:+.3f}%**)." + (
-                  " Random weights have no behaviour to preserve: a random deep network is chaotic (its bits/byte "
-                  "above shows it predicts nothing) and any perturbation swings its outputs, so this KL is not a "
-                  "quality figure; the quality target is measured on the trained bundled model." if part == "large" else ""), ""]
+        L += [
+            f"Quality cost of the fingerprint over {q['tokens']:,} held-out tokens: next-token KL "
+            f"**{q['kl_nats_per_token']:.2e} nats/token**, bits/byte {q['bpb_original']:.4f} → {q['bpb_other']:.4f} "
+            f"(**{q['bpb_change_pct']:+.3f}%**)."
+            + (
+                " Random weights have no behaviour to preserve: a random deep network is chaotic (its bits/byte "
+                "above shows it predicts nothing) and any perturbation swings its outputs, so this KL is not a "
+                "quality figure; the quality target is measured on the trained bundled model."
+                if part == "large"
+                else ""
+            ),
+            "",
+        ]
         has_kl = any("attack_kl" in a for a in r["attacks"].values())
-        L += ["| leak | named | z (leaker) | max z (999 others) | min corrected p (others) | pass |"
-              + (" attack's own KL | attack's bpb change |" if has_kl else ""),
-              "|---|---|---|---|---|---|" + ("---|---|" if has_kl else "")]
+        L += [
+            "| leak | named | z (leaker) | max z (999 others) | min corrected p (others) | pass |"
+            + (" attack's own KL | attack's bpb change |" if has_kl else ""),
+            "|---|---|---|---|---|---|" + ("---|---|" if has_kl else ""),
+        ]
         for label, a in list(r["attacks"].items()) + [("clean original (no leak)", r["clean original"])]:
             z = ", ".join(f"{v}" for v in a["z_leaker"].values()) or "-"
-            row = (f"| {label} | {', '.join(a['named']) or 'nobody'} | {z} | {a['max_z_other']} | {_fmt_p(a['min_p_adj_other'])} | "
-                   f"{'yes' if a['ok'] else '**no**'} |")
+            row = (
+                f"| {label} | {', '.join(a['named']) or 'nobody'} | {z} | {a['max_z_other']} | {_fmt_p(a['min_p_adj_other'])} | "
+                f"{'yes' if a['ok'] else '**no**'} |"
+            )
             if has_kl:
-                row += f" {a.get('attack_kl', 0):.2e} | {a.get('attack_bpb_change_pct', 0):+.2f}% |" if "attack_kl" in a else " - | - |"
+                row += (
+                    f" {a.get('attack_kl', 0):.2e} | {a.get('attack_bpb_change_pct', 0):+.2f}% |"
+                    if "attack_kl" in a
+                    else " - | - |"
+                )
             L.append(row)
         L.append("")
     f = res.get("finetune")
@@ -576,40 +671,59 @@ def render(res: dict) -> str:
         if "skipped" in f:
             L += [f"Not run: {f['skipped']}.", ""]
         else:
-            L += [f"Model: {f.get('description', '')}.", "", f"{f['steps']} AdamW steps (lr {f['lr']}, {f['batch']}) on httpx + rich sources (not in the training set), "
-                  f"torch, {f['seconds']} s; loss {f['loss_first_10']:.3f} → {f['loss_last_10']:.3f}; median relative weight "
-                  f"change {f['weight_change_rel_median']:.3f} (the mark is {f['mark_rel']}).", "",
-                  f"Named: **{', '.join(f['named']) or 'nobody'}**, z = {f['z_leaker']}; max z of the other customers "
-                  f"{f['max_z_other']}, min corrected p {_fmt_p(f['min_p_adj_other'])}; pass: {'yes' if f['ok'] else '**no**'}.", ""]
+            L += [
+                f"Model: {f.get('description', '')}.",
+                "",
+                f"{f['steps']} AdamW steps (lr {f['lr']}, {f['batch']}) on httpx + rich sources (not in the training set), "
+                f"torch, {f['seconds']} s; loss {f['loss_first_10']:.3f} → {f['loss_last_10']:.3f}; median relative weight "
+                f"change {f['weight_change_rel_median']:.3f} (the mark is {f['mark_rel']}).",
+                "",
+                f"Named: **{', '.join(f['named']) or 'nobody'}**, z = {f['z_leaker']}; max z of the other customers "
+                f"{f['max_z_other']}, min corrected p {_fmt_p(f['min_p_adj_other'])}; pass: {'yes' if f['ok'] else '**no**'}.",
+                "",
+            ]
     w = res.get("watermark")
     if w:
         note = "" if w["bundled"] else " (**stand-in** random model: the bundled model was not there)"
         fp = res["fpr"]["fpr"] if "fpr" in res else w["fpr"]
-        L += [f"## Output watermark{note}", "",
-              f"γ = {w['gamma']}, δ = {w['delta']}, entropy threshold τ = {w['entropy_threshold']} nats (SWEET), "
-              f"detection at corrected p < {w['threshold']:g}; model `{Path(w['model']).name}` ({w.get('description', '')}).", "",
-              f"**False positives** on human-written code (stdlib + site-packages, first 512 tokens of each file, each "
-              f"file against {fp['keys_per_file']} customer keys; files under 16 tokens skipped), {fp['seconds']} s"
-              + (f", model {res['fpr'].get('description', '')}" if "fpr" in res else "") + ":", "",
-              "| scoring | files | tests | above threshold | rate | with 1,000-customer correction | p < 1e-3 (chance expects) | z mean / sd / max | tokens scored (median) |",
-              "|---|---|---|---|---|---|---|---|---|"]
+        L += [
+            f"## Output watermark{note}",
+            "",
+            f"γ = {w['gamma']}, δ = {w['delta']}, entropy threshold τ = {w['entropy_threshold']} nats (SWEET), "
+            f"detection at corrected p < {w['threshold']:g}; model `{Path(w['model']).name}` ({w.get('description', '')}).",
+            "",
+            f"**False positives** on human-written code (stdlib + site-packages, first 512 tokens of each file, each "
+            f"file against {fp['keys_per_file']} customer keys; files under 16 tokens skipped), {fp['seconds']} s"
+            + (f", model {res['fpr'].get('description', '')}" if "fpr" in res else "")
+            + ":",
+            "",
+            "| scoring | files | tests | above threshold | rate | with 1,000-customer correction | p < 1e-3 (chance expects) | z mean / sd / max | tokens scored (median) |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for mode, m in fp.items():
             if isinstance(m, dict):
-                L.append(f"| {mode} | {m['files']:,} | {m['tests']:,} | **{m['fp_at_threshold']}** | {m['fpr_at_threshold']:.1e} | "
-                         f"{m['fp_at_corrected_threshold']} | {m['fp_at_p_1e-3']} ({m['expected_at_p_1e-3']:.1f}) | "
-                         f"{m['mean_z']:.2f} / {m['std_z']:.2f} / {m['max_z']:.2f} | {m['median_scored_tokens']:.0f} |")
+                L.append(
+                    f"| {mode} | {m['files']:,} | {m['tests']:,} | **{m['fp_at_threshold']}** | {m['fpr_at_threshold']:.1e} | "
+                    f"{m['fp_at_corrected_threshold']} | {m['fp_at_p_1e-3']} ({m['expected_at_p_1e-3']:.1f}) | "
+                    f"{m['mean_z']:.2f} / {m['std_z']:.2f} / {m['max_z']:.2f} | {m['median_scored_tokens']:.0f} |"
+                )
         L.append("")
         for k in sorted(x for x in w if x.startswith("detection_T")):
             d = w[k]
-            L.append(f"**Detection**, temperature {k[11:]}: {d['generations']} generations of {d['tokens']} tokens, "
-                     f"**{100 * d['detected_1000_customers']:.1f}% detected** at the 1,000-customer corrected threshold "
-                     f"({100 * d['detected_1_key']:.1f}% testing one key); median z {d['median_z']:.1f}, median "
-                     f"{d['median_scored_tokens']:.0f} tokens scored.")
+            L.append(
+                f"**Detection**, temperature {k[11:]}: {d['generations']} generations of {d['tokens']} tokens, "
+                f"**{100 * d['detected_1000_customers']:.1f}% detected** at the 1,000-customer corrected threshold "
+                f"({100 * d['detected_1_key']:.1f}% testing one key); median z {d['median_z']:.1f}, median "
+                f"{d['median_scored_tokens']:.0f} tokens scored."
+            )
         e = w.get("exact_match")
         if e:
-            L += ["", f"**Single-line exact match** (greedy, {e['lines']} held-out lines): {100 * e['em_off']:.1f}% without, "
-                  f"{100 * e['em_on']:.1f}% with the watermark (**{100 * (e['em_on'] - e['em_off']):+.1f} points**); "
-                  f"{100 * e['outputs_changed']:.1f}% of completions changed."]
+            L += [
+                "",
+                f"**Single-line exact match** (greedy, {e['lines']} held-out lines): {100 * e['em_off']:.1f}% without, "
+                f"{100 * e['em_on']:.1f}% with the watermark (**{100 * (e['em_on'] - e['em_off']):+.1f} points**); "
+                f"{100 * e['outputs_changed']:.1f}% of completions changed.",
+            ]
         L.append("")
     rr = res.get("radio")
     if rr:
@@ -617,29 +731,40 @@ def render(res: dict) -> str:
         if "skipped" in rr:
             L += [f"Not run: {rr['skipped']}.", ""]
         else:
-            L += [f"Teacher: {rr.get('description', '')}.", "", f"A student ({rr['student']['n_layer']} layers, d = {rr['student']['d_model']}) trained {rr['steps']} steps on "
-                  f"{rr['train_tokens']:,} tokens of watermarked generations; 50 of its own 200-token samples scored "
-                  f"without entropies: median z {rr['student_median_z_key']:.2f} with the teacher's key vs "
-                  f"{rr['student_median_z_other_key']:.2f} with another key; combined over the 50 (Stouffer) "
-                  f"z = {rr['stouffer_z_50_generations_key']:.1f} vs {rr['stouffer_z_50_generations_other']:.1f}. "
-                  f"A favourable setting: the student saw only watermarked text and fits it closely (final loss "
-                  f"{rr['final_loss']:.2f}); Sander et al. find the signal weaker when watermarked text is a small part of "
-                  "a student's data.", ""]
+            L += [
+                f"Teacher: {rr.get('description', '')}.",
+                "",
+                f"A student ({rr['student']['n_layer']} layers, d = {rr['student']['d_model']}) trained {rr['steps']} steps on "
+                f"{rr['train_tokens']:,} tokens of watermarked generations; 50 of its own 200-token samples scored "
+                f"without entropies: median z {rr['student_median_z_key']:.2f} with the teacher's key vs "
+                f"{rr['student_median_z_other_key']:.2f} with another key; combined over the 50 (Stouffer) "
+                f"z = {rr['stouffer_z_50_generations_key']:.1f} vs {rr['stouffer_z_50_generations_other']:.1f}. "
+                f"A favourable setting: the student saw only watermarked text and fits it closely (final loss "
+                f"{rr['final_loss']:.2f}); Sander et al. find the signal weaker when watermarked text is a small part of "
+                "a student's data.",
+                "",
+            ]
     L += ["## Notes", ""]
     if "fpr" in res or w:
         n = (res.get("fpr") or {}).get("fpr", (w or {}).get("fpr", {})).get("all tokens", {}).get("tests", 0)
         if n:
-            L.append(f"- No false positive in {n:,} tests bounds the false-positive rate below {3 / n:.1e} with 95% "
-                     "confidence (rule of three). 'All tokens' is the detector without model entropies "
-                     "(`--no-entropy`); the gate only selects which positions count, so the null distribution is the same.")
+            L.append(
+                f"- No false positive in {n:,} tests bounds the false-positive rate below {3 / n:.1e} with 95% "
+                "confidence (rule of three). 'All tokens' is the detector without model entropies "
+                "(`--no-entropy`); the gate only selects which positions count, so the null distribution is the same."
+            )
     if w and w.get("exact_match", {}).get("em_off", 1) == 0:
-        L.append("- Exact match is 0% with and without the watermark: the 3.6M-parameter bundled model completes no held-out "
-                 "line exactly, so this bench cannot measure the watermark's cost there. Most greedy completions change "
-                 "because this weak model's next-token entropy is above τ almost everywhere; SWEET's gate leaves only "
-                 "low-entropy positions alone. Measure again on a real code model before relying on δ = 3.")
+        L.append(
+            "- Exact match is 0% with and without the watermark: the 3.6M-parameter bundled model completes no held-out "
+            "line exactly, so this bench cannot measure the watermark's cost there. Most greedy completions change "
+            "because this weak model's next-token entropy is above τ almost everywhere; SWEET's gate leaves only "
+            "low-entropy positions alone. Measure again on a real code model before relying on δ = 3."
+        )
     if w and "bundled" in res and w.get("description") != res["bundled"].get("description"):
-        L.append("- The watermark part ran on an earlier checkpoint of the same training run (see its description): "
-                 "the final model landed too late for its generations to finish on this shared machine.")
+        L.append(
+            "- The watermark part ran on an earlier checkpoint of the same training run (see its description): "
+            "the final model landed too late for its generations to finish on this shared machine."
+        )
     return "\n".join(L) + "\n"
 
 
@@ -671,8 +796,15 @@ def main() -> None:
         elif part == "finetune":
             res[part] = part_finetune(args.customers)
         elif part == "watermark":
-            res[part] = part_watermark(args.files, args.generations, args.em_lines, args.keys, args.customers, args.entropy_files,
-                                       [float(x) for x in args.temperatures.split(",")])
+            res[part] = part_watermark(
+                args.files,
+                args.generations,
+                args.em_lines,
+                args.keys,
+                args.customers,
+                args.entropy_files,
+                [float(x) for x in args.temperatures.split(",")],
+            )
         elif part == "fpr":  # false positives only, on more files than --files when some are too short
             res[part] = part_watermark(args.files, 0, 0, args.keys, args.customers, args.entropy_files, [])
         elif part == "radio":

@@ -56,8 +56,18 @@ def main() -> None:
     store.close()
     load0 = os.getloadavg()
     t0 = time.monotonic()
-    res = tune(TuneOptions(repos=names, out=Path(os.environ["CODEMOAT_HOME"]) / "bench.moat", base=Path(a.model),
-                           minutes=a.minutes, rank=a.rank, lr=a.lr, threads=a.threads, eval_tokens=a.eval_tokens))
+    res = tune(
+        TuneOptions(
+            repos=names,
+            out=Path(os.environ["CODEMOAT_HOME"]) / "bench.moat",
+            base=Path(a.model),
+            minutes=a.minutes,
+            rank=a.rank,
+            lr=a.lr,
+            threads=a.threads,
+            eval_tokens=a.eval_tokens,
+        )
+    )
     wall = time.monotonic() - t0
     m = res.meta
     ad = open_adapter(res.out)

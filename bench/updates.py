@@ -103,12 +103,15 @@ def main() -> None:
         ]
         for k, s in med.items():
             lines.append(f"| {k} | {s:.2f} | {size / 2**30 / s:.2f} | {s / med['copy']:.2f}x |")
-        lines += ["", f"All rounds (s): {', '.join(f'{k}: ' + ' '.join(f'{x:.2f}' for x in v) for k, v in times.items())}.",
-                  f"Vendor side, for reference: `vendor release` (seal + license + bundle) took {t_release:.1f} s.",
-                  "",
-                  "apply reads the bundle once: the payload is written to the store while a second thread hashes",
-                  "the block just read (SHA-256 against the signed digest), then fsynced; verify is a separate full",
-                  "read and hash. The target is verify+apply / copy <= 1.5."]
+        lines += [
+            "",
+            f"All rounds (s): {', '.join(f'{k}: ' + ' '.join(f'{x:.2f}' for x in v) for k, v in times.items())}.",
+            f"Vendor side, for reference: `vendor release` (seal + license + bundle) took {t_release:.1f} s.",
+            "",
+            "apply reads the bundle once: the payload is written to the store while a second thread hashes",
+            "the block just read (SHA-256 against the signed digest), then fsynced; verify is a separate full",
+            "read and hash. The target is verify+apply / copy <= 1.5.",
+        ]
         out = ROOT / "bench" / "results" / "updates.md"
         out.write_text("\n".join(lines + ([""] + swap_lines if swap_lines else [])) + "\n")
         print("\n".join(lines))
@@ -162,8 +165,12 @@ def swap_bench(clients: int = 16) -> list[str]:
         port = sk.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
     log = open(work / "serve.log", "w")
-    srv = subprocess.Popen([*cli, "serve", "--model", str(moat), "--license", str(lic), "--host", "127.0.0.1",
-                            "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    srv = subprocess.Popen(
+        [*cli, "serve", "--model", str(moat), "--license", str(lic), "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         for _ in range(600):
             try:
@@ -177,14 +184,14 @@ def swap_bench(clients: int = 16) -> list[str]:
         rows: list[tuple[float, float, bool]] = []  # (start, latency, ok)
 
         def run() -> None:
-            body = {"model": model_id, "prompt": "def fibonacci(n):\n", "max_tokens": 16, "temperature": 0.0,
-                    "stream": True}
+            body = {"model": model_id, "prompt": "def fibonacci(n):\n", "max_tokens": 16, "temperature": 0.0, "stream": True}
             with httpx.Client(timeout=120) as c:
                 while not stop.is_set():
                     t = time.monotonic()
                     try:
-                        with c.stream("POST", f"{url}/v1/completions", json=body,
-                                      headers={"Authorization": f"Bearer {user}"}) as r:
+                        with c.stream(
+                            "POST", f"{url}/v1/completions", json=body, headers={"Authorization": f"Bearer {user}"}
+                        ) as r:
                             text = "".join(r.iter_text())
                         ok = r.status_code == 200 and "[DONE]" in text and '"error"' not in text
                     except httpx.HTTPError:

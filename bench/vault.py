@@ -66,7 +66,7 @@ class ShmemPolicy:
 
         self.path, self.mode, self.old = SHMEM_THP, mode, shmem_thp_mode()
 
-    def __enter__(self) -> "ShmemPolicy":
+    def __enter__(self) -> ShmemPolicy:
         Path(self.path).write_text(self.mode)
         return self
 
@@ -94,8 +94,9 @@ def bench_load(gib: float, runs: int, policies: list[str]) -> dict:
     t = time.perf_counter()
     sealed = vendor.seal(model, "bench", moat)
     seal_s = time.perf_counter() - t
-    doc = vendor.issue_license(customer="bench", model=moat, machines=[machine.identity()],
-                               expires=int(time.time()) + 86400, watermark=False)
+    doc = vendor.issue_license(
+        customer="bench", model=moat, machines=[machine.identity()], expires=int(time.time()) + 86400, watermark=False
+    )
     lic = WORK / "bench.lic"
     import json
 
@@ -132,7 +133,7 @@ def bench_load(gib: float, runs: int, policies: list[str]) -> dict:
             for off in range(0, buf.size, len(zeros)):
                 piece = zeros[: buf.size - off]
                 if huge:
-                    buf.view[off: off + len(piece)] = piece
+                    buf.view[off : off + len(piece)] = piece
                 else:
                     buf.write_at(off, piece)
             fill.append(time.perf_counter() - t)
@@ -156,11 +157,23 @@ def bench_load(gib: float, runs: int, policies: list[str]) -> dict:
         # each alternating pair is its own ratio: their spread says how firm the median ratio is
         pairs = sorted(s / p for s, p in zip(rows["sealed_first"], rows["plain_first"]))
         quart = statistics.quantiles(pairs, n=4, method="inclusive") if len(pairs) > 1 else [pairs[0]] * 3
-        return {"pair_q1": quart[0], "pair_q3": quart[2], "pair_min": pairs[0], "pair_max": pairs[-1],
-                "pairs_met": sum(r <= 1.15 for r in pairs), "pairs": len(pairs),
-                "policy": shmem_thp_mode(), "hugepages": huge, "decrypt_s": decrypt_s, "decrypt_par_s": decrypt_par_s, "fill_s": min(fill),
-                "load_avg": os.getloadavg()[0], **med, "ratio_ready": med["sealed_ready"] / med["plain_ready"],
-                "ratio_first": med["sealed_first"] / med["plain_first"]}
+        return {
+            "pair_q1": quart[0],
+            "pair_q3": quart[2],
+            "pair_min": pairs[0],
+            "pair_max": pairs[-1],
+            "pairs_met": sum(r <= 1.15 for r in pairs),
+            "pairs": len(pairs),
+            "policy": shmem_thp_mode(),
+            "hugepages": huge,
+            "decrypt_s": decrypt_s,
+            "decrypt_par_s": decrypt_par_s,
+            "fill_s": min(fill),
+            "load_avg": os.getloadavg()[0],
+            **med,
+            "ratio_ready": med["sealed_ready"] / med["plain_ready"],
+            "ratio_first": med["sealed_first"] / med["plain_first"],
+        }
 
     results = []
     for policy in policies:
@@ -230,14 +243,25 @@ def bench_keyserver(clients: int, seconds: float, procs: int = 4) -> dict:
     vendor.seal(small, "ks-bench", moat)
     url = f"http://127.0.0.1:{port}"
     machines = [MachineKey.generate() for _ in range(clients)]
-    doc = vendor.issue_license(customer="ks-bench", model=moat, machines=[m.identity() for m in machines],
-                               expires=int(time.time()) + 86400, mode="lease", keyserver=url, lease_ttl=600,
-                               grace=60, seats=clients)
+    doc = vendor.issue_license(
+        customer="ks-bench",
+        model=moat,
+        machines=[m.identity() for m in machines],
+        expires=int(time.time()) + 86400,
+        mode="lease",
+        keyserver=url,
+        lease_ttl=600,
+        grace=60,
+        seats=clients,
+    )
     lic = License.parse(__import__("json").dumps(doc).encode())
     vendor.close()
     prof = ["-m", "cProfile", "-o", str(WORK / "ks.prof")] if os.environ.get("VAULT_BENCH_PROFILE") else []
-    server = subprocess.Popen([sys.executable, *prof, "-m", "codemoat.cli.main", "keyserver", "--vendor", str(vdir),
-                               "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    server = subprocess.Popen(
+        [sys.executable, *prof, "-m", "codemoat.cli.main", "keyserver", "--vendor", str(vdir), "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         for _ in range(200):
             try:
@@ -283,10 +307,21 @@ def bench_keyserver(clients: int, seconds: float, procs: int = 4) -> dict:
     def pct(p: float) -> float:
         return lat[min(len(lat) - 1, int(p * len(lat)))] if lat else float("nan")
 
-    return {"clients": clients, "procs": procs, "seconds": wall, "leases": len(lat), "errors": len(errors),
-            "first_error": errors[0] if errors else None, "per_s": len(lat) / wall,
-            "server_cpu_ms": server_cpu / max(1, len(lat)) * 1000, "client_cpu_ms": client_cpu / max(1, len(lat)) * 1000,
-            "load_avg": os.getloadavg()[0], "p50_ms": pct(0.5) * 1000, "p99_ms": pct(0.99) * 1000, "max_ms": (lat[-1] * 1000 if lat else float("nan"))}
+    return {
+        "clients": clients,
+        "procs": procs,
+        "seconds": wall,
+        "leases": len(lat),
+        "errors": len(errors),
+        "first_error": errors[0] if errors else None,
+        "per_s": len(lat) / wall,
+        "server_cpu_ms": server_cpu / max(1, len(lat)) * 1000,
+        "client_cpu_ms": client_cpu / max(1, len(lat)) * 1000,
+        "load_avg": os.getloadavg()[0],
+        "p50_ms": pct(0.5) * 1000,
+        "p99_ms": pct(0.99) * 1000,
+        "max_ms": (lat[-1] * 1000 if lat else float("nan")),
+    }
 
 
 def write_md(load: dict | None, ks: dict | None, args) -> Path:
@@ -295,66 +330,89 @@ def write_md(load: dict | None, ks: dict | None, args) -> Path:
     out = ROOT / "bench" / "results" / ("vault.md" if not args.quick else "vault-quick.md")
     out.parent.mkdir(parents=True, exist_ok=True)
     argv = " ".join(sys.argv[1:])
-    lines = ["# Vault bench", "", f"`.venv/bin/python bench/vault.py{' ' + argv if argv else ''}` on "
-             f"{os.cpu_count()} CPU cores, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. The machine is shared "
-             "with other work, so absolute times are noisy; the ratios come from alternating runs in one process.", ""]
+    lines = [
+        "# Vault bench",
+        "",
+        f"`.venv/bin/python bench/vault.py{' ' + argv if argv else ''}` on "
+        f"{os.cpu_count()} CPU cores, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. The machine is shared "
+        "with other work, so absolute times are noisy; the ratios come from alternating runs in one process.",
+        "",
+    ]
     if load:
         gib = load["size"] / (1 << 30)
-        lines += [f"## Loading a sealed {gib:.2f} GiB GGUF vs plaintext (page cache warm, median of {load['runs']})", "",
-                  "Each row alternates plaintext and sealed loads in the same process. `shmem_enabled` is the kernel's"
-                  " huge-page policy for memory files (`/sys/kernel/mm/transparent_hugepage/shmem_enabled`); the first"
-                  " row is the kernel as it is configured here (the distribution default, `never`), the others were"
-                  " set by the bench for their rows and put back afterwards. The ratio column divides the medians;"
-                  " every plaintext load and the sealed load after it also make a pair whose own ratio is counted,"
-                  " which shows how firm that median ratio is on a noisy machine.", "",
-                  "| shmem_enabled | memfd pages | | plaintext | sealed | ratio | per-pair ratios: quartiles (range) | pairs ≤ 1.15× | target |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [
+            f"## Loading a sealed {gib:.2f} GiB GGUF vs plaintext (page cache warm, median of {load['runs']})",
+            "",
+            "Each row alternates plaintext and sealed loads in the same process. `shmem_enabled` is the kernel's"
+            " huge-page policy for memory files (`/sys/kernel/mm/transparent_hugepage/shmem_enabled`); the first"
+            " row is the kernel as it is configured here (the distribution default, `never`), the others were"
+            " set by the bench for their rows and put back afterwards. The ratio column divides the medians;"
+            " every plaintext load and the sealed load after it also make a pair whose own ratio is counted,"
+            " which shows how firm that median ratio is on a noisy machine.",
+            "",
+            "| shmem_enabled | memfd pages | | plaintext | sealed | ratio | per-pair ratios: quartiles (range) | pairs ≤ 1.15× | target |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
         for c in load["configs"]:
             pages = "2 MiB" if c["hugepages"] else "4 KiB"
-            lines += [f"| `{c['policy']}` | {pages} | engine ready | {c['plain_ready']:.3f} s | {c['sealed_ready']:.3f} s"
-                      f" | {c['ratio_ready']:.2f}× | | | |",
-                      f"| `{c['policy']}` | {pages} | **first token** (every weight touched) | {c['plain_first']:.3f} s |"
-                      f" {c['sealed_first']:.3f} s | **{c['ratio_first']:.2f}×** | {c['pair_q1']:.2f}–{c['pair_q3']:.2f}×"
-                      f" ({c['pair_min']:.2f}–{c['pair_max']:.2f}×) | {c['pairs_met']} of {c['pairs']} | ≤ 1.15× |"]
+            lines += [
+                f"| `{c['policy']}` | {pages} | engine ready | {c['plain_ready']:.3f} s | {c['sealed_ready']:.3f} s"
+                f" | {c['ratio_ready']:.2f}× | | | |",
+                f"| `{c['policy']}` | {pages} | **first token** (every weight touched) | {c['plain_first']:.3f} s |"
+                f" {c['sealed_first']:.3f} s | **{c['ratio_first']:.2f}×** | {c['pair_q1']:.2f}–{c['pair_q3']:.2f}×"
+                f" ({c['pair_min']:.2f}–{c['pair_max']:.2f}×) | {c['pairs_met']} of {c['pairs']} | ≤ 1.15× |",
+            ]
         lines += [""]
         for c in load["configs"]:
             verdict = "met" if c["ratio_first"] <= 1.15 else "not met"
             how = "AES-GCM into the mapping" if c["hugepages"] else "AES-GCM into a scratch buffer, then `pwrite`"
-            lines += [f"- `shmem_enabled={c['policy']}`: target **{verdict}** ({c['ratio_first']:.2f}× to first token)."
-                      f" Fill path: {how}. AES-256-GCM `decrypt_into` alone (pages already there): {c['decrypt_s']:.3f} s"
-                      f" = {load['size'] / c['decrypt_s'] / 1e9:.1f} GB/s on one core, {c['decrypt_par_s']:.3f} s ="
-                      f" {load['size'] / c['decrypt_par_s'] / 1e9:.1f} GB/s with {default_threads()} workers. Filling a fresh memfd of the same"
-                      f" size without cryptography: {c['fill_s']:.3f} s"
-                      f" ({load['size'] / c['fill_s'] / 1e9:.1f} GB/s). Those two add up to"
-                      f" {c['fill_s'] + c['decrypt_par_s']:.3f} s; the sealed load took"
-                      f" {c['sealed_ready'] - c['plain_ready']:.3f} s longer than the plaintext one to engine ready."
-                      f" Load average: {c['load_avg']:.1f}."]
-        lines += ["",
-                  f"- Sealing (read, encrypt, write, no fingerprint): {load['seal_s']:.2f} s.",
-                  "- Plaintext: llama.cpp maps the file and faults pages from the page cache on first use; it needs no"
-                  " new memory at all. Sealed: the manifest and license are checked, every chunk is decrypted and"
-                  f" authenticated into a fresh memfd ({default_threads()} workers, one contiguous range of chunks each;"
-                  " AES-GCM releases the GIL), the memfd is sealed and llama.cpp maps it. With 4 KiB pages the"
-                  " kernel's page allocation (one per 4 KiB, about 3 GB/s) is most of the extra time, not AES-GCM;"
-                  " with 2 MiB pages the fill runs at about memory speed. docs/operations.md says how to enable it.", ""]
+            lines += [
+                f"- `shmem_enabled={c['policy']}`: target **{verdict}** ({c['ratio_first']:.2f}× to first token)."
+                f" Fill path: {how}. AES-256-GCM `decrypt_into` alone (pages already there): {c['decrypt_s']:.3f} s"
+                f" = {load['size'] / c['decrypt_s'] / 1e9:.1f} GB/s on one core, {c['decrypt_par_s']:.3f} s ="
+                f" {load['size'] / c['decrypt_par_s'] / 1e9:.1f} GB/s with {default_threads()} workers. Filling a fresh memfd of the same"
+                f" size without cryptography: {c['fill_s']:.3f} s"
+                f" ({load['size'] / c['fill_s'] / 1e9:.1f} GB/s). Those two add up to"
+                f" {c['fill_s'] + c['decrypt_par_s']:.3f} s; the sealed load took"
+                f" {c['sealed_ready'] - c['plain_ready']:.3f} s longer than the plaintext one to engine ready."
+                f" Load average: {c['load_avg']:.1f}."
+            ]
+        lines += [
+            "",
+            f"- Sealing (read, encrypt, write, no fingerprint): {load['seal_s']:.2f} s.",
+            "- Plaintext: llama.cpp maps the file and faults pages from the page cache on first use; it needs no"
+            " new memory at all. Sealed: the manifest and license are checked, every chunk is decrypted and"
+            f" authenticated into a fresh memfd ({default_threads()} workers, one contiguous range of chunks each;"
+            " AES-GCM releases the GIL), the memfd is sealed and llama.cpp maps it. With 4 KiB pages the"
+            " kernel's page allocation (one per 4 KiB, about 3 GB/s) is most of the extra time, not AES-GCM;"
+            " with 2 MiB pages the fill runs at about memory speed. docs/operations.md says how to enable it.",
+            "",
+        ]
     if ks:
-        lines += [f"## Key server: {ks['clients']} concurrent clients ({ks['procs']} processes) for {ks['seconds']:.1f} s", "",
-                  "| leases/s | p50 | p99 | max | errors | targets |", "| --- | --- | --- | --- | --- | --- |",
-                  f"| {ks['per_s']:.0f} | {ks['p50_ms']:.1f} ms | {ks['p99_ms']:.1f} ms | {ks['max_ms']:.1f} ms | "
-                  f"{ks['errors']} | ≥ 500/s, p99 ≤ 100 ms |", "",
-                  f"**Targets {'met' if ks['per_s'] >= 500 and ks['p99_ms'] <= 100 else 'not met'} on this machine.** "
-                  f"CPU per lease: key server {ks['server_cpu_ms']:.2f} ms (one core serves ≈ "
-                  f"{1000 / ks['server_cpu_ms']:.0f} leases/s), clients {ks['client_cpu_ms']:.2f} ms. Load average "
-                  f"during the run: {ks['load_avg']:.1f} on {os.cpu_count()} cores.", "",
-                  "Each lease here is a renewal, the steady state of a fleet: one round trip on the nonce the previous"
-                  " answer handed out, the request signed with the machine's Ed25519 key, the seat renewed in a"
-                  " database transaction, content and watermark keys wrapped (X25519 + HKDF + AES-GCM), the answer"
-                  " signed; the client checks signature and nonce, unwraps the keys and writes the outbound log."
-                  f" The key server and the {ks['clients']} clients share the machine's cores, so the clients' CPU"
-                  " counts against the server's throughput here, unlike a real fleet. The clients run as threads in"
-                  f" {ks['procs']} processes, as a fleet's machines are separate processes: with all of them in one"
-                  " Python process, their own interpreter lock queues them and adds to the latency measured"
-                  " (`--client-procs 1` measures that).", ""]
+        lines += [
+            f"## Key server: {ks['clients']} concurrent clients ({ks['procs']} processes) for {ks['seconds']:.1f} s",
+            "",
+            "| leases/s | p50 | p99 | max | errors | targets |",
+            "| --- | --- | --- | --- | --- | --- |",
+            f"| {ks['per_s']:.0f} | {ks['p50_ms']:.1f} ms | {ks['p99_ms']:.1f} ms | {ks['max_ms']:.1f} ms | "
+            f"{ks['errors']} | ≥ 500/s, p99 ≤ 100 ms |",
+            "",
+            f"**Targets {'met' if ks['per_s'] >= 500 and ks['p99_ms'] <= 100 else 'not met'} on this machine.** "
+            f"CPU per lease: key server {ks['server_cpu_ms']:.2f} ms (one core serves ≈ "
+            f"{1000 / ks['server_cpu_ms']:.0f} leases/s), clients {ks['client_cpu_ms']:.2f} ms. Load average "
+            f"during the run: {ks['load_avg']:.1f} on {os.cpu_count()} cores.",
+            "",
+            "Each lease here is a renewal, the steady state of a fleet: one round trip on the nonce the previous"
+            " answer handed out, the request signed with the machine's Ed25519 key, the seat renewed in a"
+            " database transaction, content and watermark keys wrapped (X25519 + HKDF + AES-GCM), the answer"
+            " signed; the client checks signature and nonce, unwraps the keys and writes the outbound log."
+            f" The key server and the {ks['clients']} clients share the machine's cores, so the clients' CPU"
+            " counts against the server's throughput here, unlike a real fleet. The clients run as threads in"
+            f" {ks['procs']} processes, as a fleet's machines are separate processes: with all of them in one"
+            " Python process, their own interpreter lock queues them and adds to the latency measured"
+            " (`--client-procs 1` measures that).",
+            "",
+        ]
         if ks["first_error"]:
             lines += [f"First error: `{ks['first_error']}`", ""]
     out.write_text("\n".join(lines))
@@ -369,8 +427,12 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--client-procs", type=int, default=4, help="processes the key server's clients run in")
-    ap.add_argument("--shmem-thp", default="", metavar="MODE",
-                    help="also measure the load with this shmem huge-page policy (e.g. advise); needs root, restored after")
+    ap.add_argument(
+        "--shmem-thp",
+        default="",
+        metavar="MODE",
+        help="also measure the load with this shmem huge-page policy (e.g. advise); needs root, restored after",
+    )
     args = ap.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     parts = set(args.parts.split(","))

@@ -66,8 +66,11 @@ def bench_replicas(moat: Path, lic: Path, model_id: str) -> list[str]:
 
     cli = [sys.executable, "-m", "codemoat.cli.main"]
     env = dict(os.environ, CODEMOAT_MODEL__N_CTX="256", CODEMOAT_MODEL__N_THREADS="1")
-    token = json.loads(subprocess.run([*cli, "tokens", "create", "--name", "bench", "--json"], env=env,
-                                      capture_output=True, text=True, check=True).stdout)["token"]
+    token = json.loads(
+        subprocess.run(
+            [*cli, "tokens", "create", "--name", "bench", "--json"], env=env, capture_output=True, text=True, check=True
+        ).stdout
+    )["token"]
 
     def port() -> int:
         import socket
@@ -81,8 +84,17 @@ def bench_replicas(moat: Path, lic: Path, model_id: str) -> list[str]:
         try:
             for _ in range(2):
                 p = port()
-                procs.append((subprocess.Popen([*cli, "serve", *args, "--port", str(p)], env=env,
-                                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), p))
+                procs.append(
+                    (
+                        subprocess.Popen(
+                            [*cli, "serve", *args, "--port", str(p)],
+                            env=env,
+                            stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL,
+                        ),
+                        p,
+                    )
+                )
             for proc, p in procs:
                 for _ in range(600):
                     try:
@@ -90,8 +102,12 @@ def bench_replicas(moat: Path, lic: Path, model_id: str) -> list[str]:
                             break
                     except httpx.HTTPError:
                         time.sleep(0.2)
-                r = httpx.post(f"http://127.0.0.1:{p}/v1/completions", timeout=120, headers={"Authorization": f"Bearer {token}"},
-                               json={"model": model_id, "prompt": "def", "max_tokens": 2})
+                r = httpx.post(
+                    f"http://127.0.0.1:{p}/v1/completions",
+                    timeout=120,
+                    headers={"Authorization": f"Bearer {token}"},
+                    json={"model": model_id, "prompt": "def", "max_tokens": 2},
+                )
                 assert r.status_code == 200, r.text
             totals = [tree_memory(x.pid) for x in [*(q for q, _ in procs), *extra]]
             return sum(t[0] for t in totals), sum(t[1] for t in totals)
@@ -102,8 +118,23 @@ def bench_replicas(moat: Path, lic: Path, model_id: str) -> list[str]:
 
     sealed = replicas(["--model", str(moat), "--license", str(lic)], [])
     sock = WORK / "vaultd-replicas.sock"
-    vd = subprocess.Popen([*cli, "vaultd", "--socket", f"unix:{sock}", "--model", str(moat), "--license", str(lic),
-                           "--allow-uid", str(os.getuid())], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    vd = subprocess.Popen(
+        [
+            *cli,
+            "vaultd",
+            "--socket",
+            f"unix:{sock}",
+            "--model",
+            str(moat),
+            "--license",
+            str(lic),
+            "--allow-uid",
+            str(os.getuid()),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         while not sock.is_socket():
             time.sleep(0.1)
@@ -113,11 +144,16 @@ def bench_replicas(moat: Path, lic: Path, model_id: str) -> list[str]:
         vd.wait(timeout=60)
     g = 1 << 20
     return [
-        "", "## Two serve replicas on one host: memory after one completion each", "",
-        "| setup | PSS of all processes (MiB) | RSS summed (MiB) |", "| --- | --- | --- |",
+        "",
+        "## Two serve replicas on one host: memory after one completion each",
+        "",
+        "| setup | PSS of all processes (MiB) | RSS summed (MiB) |",
+        "| --- | --- | --- |",
         f"| 2 x `serve --model X.moat` (each decrypts its own memfd) | {sealed[0] / g:.0f} | {sealed[1] / g:.0f} |",
         f"| vaultd + 2 x `serve --vault` (one memfd, shared) | {vaulted[0] / g:.0f} | {vaulted[1] / g:.0f} |",
-        "", "PSS counts a shared page once across its sharers; RSS counts it in every process that maps it.", "",
+        "",
+        "PSS counts a shared page once across its sharers; RSS counts it in every process that maps it.",
+        "",
     ]
 
 
@@ -146,8 +182,9 @@ def main() -> None:
     moat = WORK / f"model-{args.gib:g}g.moat"
     if not moat.exists():
         vendor.seal(model, "bench", moat)
-    doc = vendor.issue_license(customer="bench", model=moat, machines=[machine.identity()],
-                               expires=int(time.time()) + 86400, watermark=False)
+    doc = vendor.issue_license(
+        customer="bench", model=moat, machines=[machine.identity()], expires=int(time.time()) + 86400, watermark=False
+    )
     lic = WORK / "bench.lic"
     lic.write_text(json.dumps(doc))
     vendor.close()
@@ -194,12 +231,19 @@ def main() -> None:
     ]
     for name, v in rows.items():
         m = statistics.median(v)
-        lines.append(f"| {name} | {m:.3f} | {m / plain:.2f}x | {min(v):.3f} | {min(v) / plain_best:.2f}x | "
-                     f"{', '.join(f'{x:.3f}' for x in v)} |")
-    lines += ["", f"vaultd's one-time decryption and license check (before any serve): {vaultd_decrypt_s:.3f} s.",
-              "", "Through vaultd no serve start decrypts; what remains is llama.cpp faulting in the memfd's "
-              "pages to the first token. Timings on this shared machine swing by several times from run to run "
-              "(other work on the 2 cores): read the best column beside the median.", ""]
+        lines.append(
+            f"| {name} | {m:.3f} | {m / plain:.2f}x | {min(v):.3f} | {min(v) / plain_best:.2f}x | "
+            f"{', '.join(f'{x:.3f}' for x in v)} |"
+        )
+    lines += [
+        "",
+        f"vaultd's one-time decryption and license check (before any serve): {vaultd_decrypt_s:.3f} s.",
+        "",
+        "Through vaultd no serve start decrypts; what remains is llama.cpp faulting in the memfd's "
+        "pages to the first token. Timings on this shared machine swing by several times from run to run "
+        "(other work on the 2 cores): read the best column beside the median.",
+        "",
+    ]
     if not args.no_replicas:
         lines += bench_replicas(moat, lic, model_id)
     out = ROOT / "bench" / "results" / "vaultd.md"

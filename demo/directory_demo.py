@@ -35,8 +35,13 @@ def free_port() -> int:
 
 
 def completion_snippets(url: str, token: str) -> list[str]:
-    body = {"model": "codemoat-tiny", "prompt": "from payments.fees import interchange_fee\n\n\ndef charge(amount_minor):\n    fee = ",
-            "max_tokens": 4, "temperature": 0, "codemoat": {"repo": "payments", "path": "payments/checkout.py", "return_snippets": True}}
+    body = {
+        "model": "codemoat-tiny",
+        "prompt": "from payments.fees import interchange_fee\n\n\ndef charge(amount_minor):\n    fee = ",
+        "max_tokens": 4,
+        "temperature": 0,
+        "codemoat": {"repo": "payments", "path": "payments/checkout.py", "return_snippets": True},
+    }
     r = httpx.post(url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {token}"}, timeout=60)
     r.raise_for_status()
     return [s.get("path", "?") for s in (r.json().get("codemoat") or {}).get("snippets", [])]
@@ -74,8 +79,12 @@ sync_interval_s = 0
 """)
         env = dict(os.environ, CODEMOAT_CONFIG=str(cfg))
         port = free_port()
-        server = subprocess.Popen([CODEMOAT, "serve", "--model", MODEL, "--model-id", "codemoat-tiny", "--port", str(port)],
-                                  env=env, stdout=open(DEMO / "serve-65.log", "w"), stderr=subprocess.STDOUT)
+        server = subprocess.Popen(
+            [CODEMOAT, "serve", "--model", MODEL, "--model-id", "codemoat-tiny", "--port", str(port)],
+            env=env,
+            stdout=open(DEMO / "serve-65.log", "w"),
+            stderr=subprocess.STDOUT,
+        )
         url = f"http://127.0.0.1:{port}"
         deadline = time.time() + 90
         while time.time() < deadline:
@@ -85,14 +94,21 @@ sync_interval_s = 0
             except httpx.HTTPError:
                 time.sleep(0.2)
         print("$ codemoat login --server", url, "--user alice          (password typed at the prompt)")
-        r = subprocess.run([CODEMOAT, "login", "--server", url, "--user", "alice", "--password-stdin", "--json"],
-                           input="correct horse battery\n", capture_output=True, text=True, env=env)
+        r = subprocess.run(
+            [CODEMOAT, "login", "--server", url, "--user", "alice", "--password-stdin", "--json"],
+            input="correct horse battery\n",
+            capture_output=True,
+            text=True,
+            env=env,
+        )
         if r.returncode:
             raise SystemExit(r.stderr.strip())
         login = json.loads(r.stdout)
         days = (login["expires_at"] - time.time()) / 86400
-        print(f"  signed in as {login['user']}: groups {', '.join(login['groups'])}; scopes {', '.join(login['scopes'])}; "
-              f"token {login['token'][:7]}… expires in {days:.0f} days")
+        print(
+            f"  signed in as {login['user']}: groups {', '.join(login['groups'])}; scopes {', '.join(login['scopes'])}; "
+            f"token {login['token'][:7]}… expires in {days:.0f} days"
+        )
         print(f"  her completion in payments/checkout.py draws on: {completion_snippets(url, login['token']) or 'nothing'}")
 
         ldap.modify(f"cn=payments-devs,ou=groups,{BASE}", {"member": [("MODIFY_REPLACE", [ldap.user("dave", "x")])]})

@@ -17,8 +17,12 @@ lines = (Path(repo) / path).read_text().split("\n")
 prefix = "\n".join(lines[: line_no - 1] + [lines[line_no - 1][:col]])
 suffix = "\n" + "\n".join(lines[line_no:])  # the rest of the line is what the model must write
 expected = lines[line_no - 1][col:]
-body = {"language": "python", "segments": {"prefix": prefix, "suffix": suffix, "filepath": path, "git_url": git_url},
-        "temperature": 0, "debug_options": {"return_snippets": True}}
+body = {
+    "language": "python",
+    "segments": {"prefix": prefix, "suffix": suffix, "filepath": path, "git_url": git_url},
+    "temperature": 0,
+    "debug_options": {"return_snippets": True},
+}
 results = {}
 for who, token in (("alice (group payments)", alice), ("carol (group contractors)", carol)):
     r = httpx.post(f"{url}/v1/completions", json=body, headers={"Authorization": f"Bearer {token}"}, timeout=60)
@@ -39,7 +43,9 @@ for who, token in (("alice (group payments)", alice), ("carol (group contractors
 print(f"\n   the file has │ {lines[line_no - 1]}")
 alice_ok = next(iter(results.values())).strip() == expected.strip()
 if not alice_ok:
-    print("\n   \033[2mThe retrieved snippet holds what the line needs (interchange_fee and its arguments), but the\n"
-          "   bundled 3.6M-parameter model is too small to copy it into the line (models/README.md: it has not\n"
-          "   learned fill-in-the-middle in 45 CPU minutes). A real code model uses the same prompt:\n"
-          "   CODEMOAT_DEMO_MODEL=/path/to/qwen2.5-coder-1.5b-q8_0.gguf make demo\033[0m")
+    print(
+        "\n   \033[2mThe retrieved snippet holds what the line needs (interchange_fee and its arguments), but the\n"
+        "   bundled 3.6M-parameter model is too small to copy it into the line (models/README.md: it has not\n"
+        "   learned fill-in-the-middle in 45 CPU minutes). A real code model uses the same prompt:\n"
+        "   CODEMOAT_DEMO_MODEL=/path/to/qwen2.5-coder-1.5b-q8_0.gguf make demo\033[0m"
+    )

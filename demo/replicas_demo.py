@@ -64,23 +64,38 @@ def main() -> None:
     try:
         url = pg.new_database()
         os.environ["CODEMOAT_DATABASE_URL"] = url
-        print(f"PostgreSQL 15 on 127.0.0.1:{pg.port} (a private cluster for this demo); every replica: "
-              "database_url = postgresql+psycopg://…")
+        print(
+            f"PostgreSQL 15 on 127.0.0.1:{pg.port} (a private cluster for this demo); every replica: "
+            "database_url = postgresql+psycopg://…"
+        )
         replicas = []
         for i in (1, 2):
             port = free_port()
             log = open(DEMO / f"replica{i}.log", "w")
-            p = subprocess.Popen([CODEMOAT, "serve", "--model", MODEL, "--host", "127.0.0.1", "--port", str(port)],
-                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            p = subprocess.Popen(
+                [CODEMOAT, "serve", "--model", MODEL, "--host", "127.0.0.1", "--port", str(port)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
             procs.append(p)
             replicas.append((f"http://127.0.0.1:{port}", p))
         for i, (u, p) in enumerate(replicas, 1):
             wait(u, p, f"replica{i}")
         lb_port = free_port()
-        env = dict(os.environ, CODEMOAT_LB_BIND=f"127.0.0.1:{lb_port}", CODEMOAT_LB_STATS=f"127.0.0.1:{free_port()}",
-                   CODEMOAT_REPLICA1=replicas[0][0][7:], CODEMOAT_REPLICA2=replicas[1][0][7:])
-        ha = subprocess.Popen(["haproxy", "-db", "-f", str(ROOT / "deploy" / "haproxy.cfg")], env=env,
-                              stdout=open(DEMO / "haproxy.log", "w"), stderr=subprocess.STDOUT)
+        env = dict(
+            os.environ,
+            CODEMOAT_LB_BIND=f"127.0.0.1:{lb_port}",
+            CODEMOAT_LB_STATS=f"127.0.0.1:{free_port()}",
+            CODEMOAT_REPLICA1=replicas[0][0][7:],
+            CODEMOAT_REPLICA2=replicas[1][0][7:],
+        )
+        ha = subprocess.Popen(
+            ["haproxy", "-db", "-f", str(ROOT / "deploy" / "haproxy.cfg")],
+            env=env,
+            stdout=open(DEMO / "haproxy.log", "w"),
+            stderr=subprocess.STDOUT,
+        )
         procs.append(ha)
         lb = f"http://127.0.0.1:{lb_port}"
         wait(lb, ha, "HAProxy")
@@ -96,8 +111,9 @@ def main() -> None:
             print(f"  straight to {u}: {r.status_code} {r.json()['choices'][0]['text']!r}")
 
         ok = 0
-        with httpx.stream("POST", lb + "/v1/completions", json={**body, "max_tokens": 300, "stream": True},
-                          headers=hdr, timeout=60) as s:
+        with httpx.stream(
+            "POST", lb + "/v1/completions", json={**body, "max_tokens": 300, "stream": True}, headers=hdr, timeout=60
+        ) as s:
             name = s.headers["x-codemoat-replica"]
             lines = s.iter_lines()
             next(lines)
@@ -122,8 +138,10 @@ def main() -> None:
                 p.send_signal(signal.SIGTERM)
                 p.wait(timeout=30)
         rep = json.loads(cli("audit", "verify", "--json"))
-        print(f"codemoat audit verify (the shared log, both replicas' records): "
-              f"{'OK' if rep['ok'] else 'FAILED'}, {rep['records']} records, {rep['checkpoints']} signed checkpoints")
+        print(
+            f"codemoat audit verify (the shared log, both replicas' records): "
+            f"{'OK' if rep['ok'] else 'FAILED'}, {rep['records']} records, {rep['checkpoints']} signed checkpoints"
+        )
     finally:
         for p in procs:
             if p.poll() is None:

@@ -20,7 +20,9 @@ def show(code: str, color: str = "32") -> None:
 
 
 client = openai.OpenAI(base_url=f"{url}/v1", api_key=token)
-prefix = "import os\n\n\ndef read_lines(path):\n    \"\"\"Return the lines of a text file.\"\"\"\n    with open(path) as f:\n        return "
+prefix = (
+    'import os\n\n\ndef read_lines(path):\n    """Return the lines of a text file."""\n    with open(path) as f:\n        return '
+)
 suffix = "\n\n\ndef main():\n    print(read_lines('setup.cfg'))\n"
 say("developer (OpenAI client): fill in the middle — prompt + suffix, the server applies the model's FIM template")
 t = time.perf_counter()
@@ -33,7 +35,10 @@ print(f"   ({c.usage.completion_tokens} tokens in {dt * 1000:.0f} ms, finish_rea
 
 say("developer (OpenAI client): streamed chat")
 stream = client.chat.completions.create(
-    model="codemoat-tiny", stream=True, max_tokens=60, temperature=0.2,
+    model="codemoat-tiny",
+    stream=True,
+    max_tokens=60,
+    temperature=0.2,
     messages=[{"role": "user", "content": "Write a Python function that returns the size of a file."}],
 )
 sys.stdout.write("   │ ")
@@ -49,8 +54,14 @@ say("Continue's tab-autocomplete (Ollama API): /api/show, then /api/generate wit
 h = {"Authorization": f"Bearer {token}"}
 show_r = httpx.post(f"{url}/api/show", json={"name": "codemoat-tiny"}, headers=h).json()
 print(f"   /api/show template has .Suffix → FIM enabled: {'.Suffix' in show_r['template']}")
-body = {"model": "codemoat-tiny", "prompt": "def is_even(n):\n    return ", "suffix": "\n", "raw": True, "stream": True,
-        "options": {"temperature": 0.01, "num_predict": 16, "stop": ["\n"]}}
+body = {
+    "model": "codemoat-tiny",
+    "prompt": "def is_even(n):\n    return ",
+    "suffix": "\n",
+    "raw": True,
+    "stream": True,
+    "options": {"temperature": 0.01, "num_predict": 16, "stop": ["\n"]},
+}
 text = []
 with httpx.stream("POST", f"{url}/api/generate", json=body, headers=h, timeout=60) as r:
     for line in r.iter_lines():

@@ -108,7 +108,9 @@ class ServerProcess:
         self.log = open(Path(os.environ["CODEMOAT_HOME"]) / f"serve-{self.port}.log", "w+")
         self.proc = subprocess.Popen(
             [*CODEMOAT, "serve", "--host", "127.0.0.1", "--port", str(self.port), *args],
-            stdout=self.log, stderr=subprocess.STDOUT, env=dict(os.environ, **(env or {})),
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=dict(os.environ, **(env or {})),
         )
         if wait:
             self.wait_ready()

@@ -53,7 +53,7 @@ class PgCluster:
             cmd = ["runuser", "-u", "postgres", "--", *cmd]
         return subprocess.run(cmd, capture_output=True, text=True, check=check, timeout=120)
 
-    def start(self) -> "PgCluster":
+    def start(self) -> PgCluster:
         if self.as_root:
             shutil.chown(self.root, "postgres", "postgres")
         os.chmod(self.root, 0o700)
@@ -61,13 +61,30 @@ class PgCluster:
         pw.write_text(self.password + "\n")
         if self.as_root:
             shutil.chown(pw, "postgres", "postgres")
-        self._run("initdb", "-D", str(self.data), "-U", self.user, "--pwfile", str(pw),
-                  "-A", "scram-sha-256", "--no-sync", "-E", "UTF8", "--locale", "C")
+        self._run(
+            "initdb",
+            "-D",
+            str(self.data),
+            "-U",
+            self.user,
+            "--pwfile",
+            str(pw),
+            "-A",
+            "scram-sha-256",
+            "--no-sync",
+            "-E",
+            "UTF8",
+            "--locale",
+            "C",
+        )
         pw.unlink()
-        opts = (f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.root} -c fsync=off "
-                "-c full_page_writes=off -c max_connections=200")
-        r = self._run("pg_ctl", "-D", str(self.data), "-o", opts, "-l", str(self.root / "log"), "-w", "-t", "60",
-                      "start", check=False)
+        opts = (
+            f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.root} -c fsync=off "
+            "-c full_page_writes=off -c max_connections=200"
+        )
+        r = self._run(
+            "pg_ctl", "-D", str(self.data), "-o", opts, "-l", str(self.root / "log"), "-w", "-t", "60", "start", check=False
+        )
         if r.returncode != 0:
             raise RuntimeError(f"PostgreSQL did not start: {r.stdout}{r.stderr}\n{self.log()}")
         return self
@@ -82,8 +99,9 @@ class PgCluster:
     def admin(self, sql: str) -> None:
         import psycopg
 
-        with psycopg.connect(host="127.0.0.1", port=self.port, user=self.user, password=self.password,
-                             dbname="postgres", autocommit=True) as c:
+        with psycopg.connect(
+            host="127.0.0.1", port=self.port, user=self.user, password=self.password, dbname="postgres", autocommit=True
+        ) as c:
             c.execute(sql)
 
     def new_database(self) -> str:
@@ -102,8 +120,10 @@ class PgCluster:
         self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop", check=False)
 
     def resume(self) -> None:
-        opts = (f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.root} -c fsync=off "
-                "-c full_page_writes=off -c max_connections=200")
+        opts = (
+            f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.root} -c fsync=off "
+            "-c full_page_writes=off -c max_connections=200"
+        )
         self._run("pg_ctl", "-D", str(self.data), "-o", opts, "-l", str(self.root / "log"), "-w", "-t", "60", "start")
 
     def stop(self) -> None:

@@ -1,7 +1,6 @@
 """One settings tree: TOML file, then CODEMOAT_* environment, then flags; every setting documented."""
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -54,7 +53,11 @@ def test_unknown_fim_template_is_refused_at_start_up(tmp_path):
     cfg = tmp_path / "fim.toml"
     cfg.write_text('[model]\nfim_template = "nosuch"\n')
     missing = str(tmp_path / "no-such-model.gguf")
-    for args, env in ((["--fim-template", "nosuch"], None), (["--config", str(cfg)], None), ([], {"CODEMOAT_MODEL__FIM_TEMPLATE": "nosuch"})):
+    for args, env in (
+        (["--fim-template", "nosuch"], None),
+        (["--config", str(cfg)], None),
+        ([], {"CODEMOAT_MODEL__FIM_TEMPLATE": "nosuch"}),
+    ):
         # refused while the settings load, before the model is looked for (else: "model not found")
         r = run_cli("serve", "--model", missing, "--port", "0", *args, env=env)
         assert r.returncode == 1 and r.stderr.strip() == want, r.stderr
@@ -71,11 +74,12 @@ def test_config_folder_is_named_as_such(tmp_path):
 
 def test_config_unknown_keys_warn_in_one_line(tmp_path):
     cfg = tmp_path / "codemoat.toml"
-    cfg.write_text('[nosuch]\na = 1\n[server]\nprot = 9000\nport = 9001\n')
+    cfg.write_text("[nosuch]\na = 1\n[server]\nprot = 9000\nport = 9001\n")
     r = run_cli("config", "show", "--json", "--config", str(cfg))
     assert r.returncode == 0, r.stderr  # a newer codemoat's settings must not stop an older one
-    assert r.stderr.strip() == (f"warning: {cfg}: unknown settings 'nosuch', 'server.prot' ignored "
-                                "(`codemoat config show` lists every setting)")
+    assert r.stderr.strip() == (
+        f"warning: {cfg}: unknown settings 'nosuch', 'server.prot' ignored (`codemoat config show` lists every setting)"
+    )
     assert {row["setting"]: row["value"] for row in json.loads(r.stdout)}["server.port"] == 9001
     cfg.write_text("[server]\nport = 9001\n")
     r = run_cli("config", "show", "--json", "--config", str(cfg))

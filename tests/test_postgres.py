@@ -177,8 +177,9 @@ def test_postgres_outage_fails_fast_and_heals(pg_cluster, tiny_gguf, serve_proce
             assert r.status_code == 503, r.text
             err = r.json()["error"]
             assert err["type"] and "Traceback" not in r.text
-            o = httpx.post(s.url + "/api/generate", json={"model": tiny_gguf.stem, "prompt": "x", "stream": False},
-                           headers=hdr, timeout=60)
+            o = httpx.post(
+                s.url + "/api/generate", json={"model": tiny_gguf.stem, "prompt": "x", "stream": False}, headers=hdr, timeout=60
+            )
             assert o.status_code == 503 and "error" in o.json(), o.text
     finally:
         pg_cluster.resume()

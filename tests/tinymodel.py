@@ -10,7 +10,17 @@ from pathlib import Path
 
 import numpy as np
 
-SPECIALS = ["<|endoftext|>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>", "<|im_start|>", "<|im_end|>"]
+SPECIALS = [
+    "<|endoftext|>",
+    "<|fim_prefix|>",
+    "<|fim_middle|>",
+    "<|fim_suffix|>",
+    "<|fim_pad|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
+    "<|im_start|>",
+    "<|im_end|>",
+]
 CORPUS = [
     "def add(a, b):\n    return a + b\n",
     "class Greeter:\n    def greet(self, name):\n        return f'hello {name}'\n",
@@ -20,8 +30,18 @@ CORPUS = [
 ] * 20
 
 
-def build_tiny_gguf(path: Path, *, n_layer: int = 2, n_embd: int = 64, n_ctx: int = 512, seed: int = 0, chat_template: str | None = None,
-                    n_ff: int | None = None, n_head: int = 4, dtype: str = "F32") -> Path:
+def build_tiny_gguf(
+    path: Path,
+    *,
+    n_layer: int = 2,
+    n_embd: int = 64,
+    n_ctx: int = 512,
+    seed: int = 0,
+    chat_template: str | None = None,
+    n_ff: int | None = None,
+    n_head: int = 4,
+    dtype: str = "F32",
+) -> Path:
     """`n_ff` defaults to 2 x `n_embd`; `dtype` F16 halves the file of a wide model (norms stay F32)."""
     import gguf
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
@@ -29,7 +49,9 @@ def build_tiny_gguf(path: Path, *, n_layer: int = 2, n_embd: int = 64, n_ctx: in
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
     tok.train_from_iterator(CORPUS, trainer)
     vocab = tok.get_vocab()
     tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]

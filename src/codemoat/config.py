@@ -24,9 +24,13 @@ from pydantic_settings import (
 class ServerSettings(BaseModel):
     host: str = Field("127.0.0.1", description="Address to listen on.")
     port: int = Field(8080, ge=0, le=65535, description="Port to listen on (0 picks a free one).")
-    max_concurrent: int = Field(64, ge=1, description="Generations admitted at once; more wait for a slot (the engine still runs one batch at a time).")
+    max_concurrent: int = Field(
+        64, ge=1, description="Generations admitted at once; more wait for a slot (the engine still runs one batch at a time)."
+    )
     log_level: str = Field("info", description="uvicorn log level.")
-    max_body_mb: float = Field(8, ge=0, description="Largest request body accepted, in MiB; a larger one gets 413 (0 = no limit).")
+    max_body_mb: float = Field(
+        8, ge=0, description="Largest request body accepted, in MiB; a larger one gets 413 (0 = no limit)."
+    )
 
 
 class ModelSettings(BaseModel):
@@ -35,20 +39,40 @@ class ModelSettings(BaseModel):
 
     path: str | None = Field(None, description="Model to serve: a .gguf, a safetensors folder, or a sealed .moat file.")
     license: str | None = Field(None, description="License file (.lic) for a sealed model.")
-    engine: str = Field("llamacpp", description="Inference engine: llamacpp, transformers, vllm, or module:Class of an Engine subclass.")
-    isolation: Literal["process", "inline"] = Field("process", description="Run the engine in a supervised child process, restarted after a crash (llama.cpp), or inline in the server's process.")
+    engine: str = Field(
+        "llamacpp", description="Inference engine: llamacpp, transformers, vllm, or module:Class of an Engine subclass."
+    )
+    isolation: Literal["process", "inline"] = Field(
+        "process",
+        description="Run the engine in a supervised child process, restarted after a crash (llama.cpp), or inline in the server's process.",
+    )
     id: str | None = Field(None, description="Model name shown by the API (default: the file's stem).")
     n_ctx: int = Field(4096, ge=64, description="Context window in tokens (capped by the model's own).")
     n_threads: int | None = Field(None, description="CPU threads for llama.cpp (default: all cores).")
     n_gpu_layers: int = Field(0, description="Layers to offload to a GPU (llama.cpp).")
-    cpu_buffers: Literal["auto", "extra", "safe"] = Field("auto", description="llama.cpp's extra CPU buffer types (AMX tiles, repacked kernels) for quantised models: auto (a start-up self-test in a child process decides, cached per CPU and llama.cpp build), extra (always on), safe (always off: correct on every x86-64 CPU, slower).")
-    fim_template: str | None = Field(None, description="Fill-in-the-middle template (qwen, deepseek, starcoder, codellama, codegemma); default: detected from the model.")
+    cpu_buffers: Literal["auto", "extra", "safe"] = Field(
+        "auto",
+        description="llama.cpp's extra CPU buffer types (AMX tiles, repacked kernels) for quantised models: auto (a start-up self-test in a child process decides, cached per CPU and llama.cpp build), extra (always on), safe (always off: correct on every x86-64 CPU, slower).",
+    )
+    fim_template: str | None = Field(
+        None,
+        description="Fill-in-the-middle template (qwen, deepseek, starcoder, codellama, codegemma); default: detected from the model.",
+    )
     chat_template: str | None = Field(None, description="Jinja2 chat template overriding the model's own.")
-    max_tokens_limit: int = Field(4096, ge=1, description="Largest max_tokens a request may ask for; also caps a chat answer that sets no limit.")
-    adapters: list[str] = Field(default_factory=list, description="LoRA adapters made by `codemoat tune` (sealed .moat files of this machine); "
-                                "a request gets one only when its user may read every repository it was trained on (llama.cpp engine).")
-    default_max_tokens: int = Field(64, ge=1, description="max_tokens of a completion (FIM, Tabby, /infill, OpenAI completions) that sets none; "
-                                    "a chat answer without a limit (OpenAI, Ollama) generates until its stop token or the context is full.")
+    max_tokens_limit: int = Field(
+        4096, ge=1, description="Largest max_tokens a request may ask for; also caps a chat answer that sets no limit."
+    )
+    adapters: list[str] = Field(
+        default_factory=list,
+        description="LoRA adapters made by `codemoat tune` (sealed .moat files of this machine); "
+        "a request gets one only when its user may read every repository it was trained on (llama.cpp engine).",
+    )
+    default_max_tokens: int = Field(
+        64,
+        ge=1,
+        description="max_tokens of a completion (FIM, Tabby, /infill, OpenAI completions) that sets none; "
+        "a chat answer without a limit (OpenAI, Ollama) generates until its stop token or the context is full.",
+    )
 
     @field_validator("fim_template")
     @classmethod
@@ -65,10 +89,14 @@ class VaultSettings(BaseModel):
     clock_tolerance_s: int = Field(300, description="How far the clock may go back before a license is refused.")
     lease_renew_fraction: float = Field(0.5, gt=0, lt=1, description="Renew a lease after this fraction of its TTL.")
     tpm: Literal["auto", "on", "off"] = Field(
-        "auto", description="`machine-id` adds the TPM's keys: auto (when tpm_device exists and tpm2-pytss is installed), on, off."
+        "auto",
+        description="`machine-id` adds the TPM's keys: auto (when tpm_device exists and tpm2-pytss is installed), on, off.",
     )
     tpm_device: str = Field("/dev/tpmrm0", description="The TPM resource manager's device (TCTI device:PATH).")
-    socket: str | None = Field(None, description="unix:PATH of a `codemoat vaultd`: serve gets the model from it as a sealed memfd and never opens the key, license or container (model.id names the model).")
+    socket: str | None = Field(
+        None,
+        description="unix:PATH of a `codemoat vaultd`: serve gets the model from it as a sealed memfd and never opens the key, license or container (model.id names the model).",
+    )
 
 
 class RetrievalSettings(BaseModel):
@@ -80,11 +108,15 @@ class RetrievalSettings(BaseModel):
 class AuditSettings(BaseModel):
     retain_text: bool = Field(False, description="Keep prompt and completion text in the audit log (secrets redacted first).")
     checkpoint_every: int = Field(100, ge=1, description="Sign a checkpoint of the audit chain every N records.")
-    alarm_throttle_rpm: int = Field(0, ge=0, description="Requests/min allowed for an hour to a user flagged by a distillation alarm (0 = flag only).")
+    alarm_throttle_rpm: int = Field(
+        0, ge=0, description="Requests/min allowed for an hour to a user flagged by a distillation alarm (0 = flag only)."
+    )
 
 
 class PolicySettings(BaseModel):
-    secrets: Literal["redact", "block"] = Field("redact", description="Secrets found in prompts: redact them from what is kept, or refuse the request.")
+    secrets: Literal["redact", "block"] = Field(
+        "redact", description="Secrets found in prompts: redact them from what is kept, or refuse the request."
+    )
     egress_allow: list[str] = Field(default_factory=list, description="Extra host[:port] destinations the server may connect to.")
     requests_per_minute: int = Field(0, ge=0, description="Per-token request limit (0 = none).")
     tokens_per_day: int = Field(0, ge=0, description="Per-user generated-token limit per day (0 = none).")
@@ -93,37 +125,74 @@ class PolicySettings(BaseModel):
 class DirectorySettings(BaseModel):
     """The company directory as the source of truth for users and groups (`codemoat.directory`)."""
 
-    ldap_url: str | None = Field(None, description="LDAP server, ldap://host:389 or ldaps://host:636 (unset: no directory; users are made by hand).")
+    ldap_url: str | None = Field(
+        None, description="LDAP server, ldap://host:389 or ldaps://host:636 (unset: no directory; users are made by hand)."
+    )
     start_tls: bool = Field(False, description="Upgrade an ldap:// connection with StartTLS before binding.")
-    ca_file: str | None = Field(None, description="CA certificate file that the server's TLS certificate must chain to (LDAPS and StartTLS).")
+    ca_file: str | None = Field(
+        None, description="CA certificate file that the server's TLS certificate must chain to (LDAPS and StartTLS)."
+    )
     bind_dn: str | None = Field(None, description="The service account that searches the directory.")
-    bind_password_file: str | None = Field(None, description="File holding the service account's password (a mounted secret; never in the config).")
+    bind_password_file: str | None = Field(
+        None, description="File holding the service account's password (a mounted secret; never in the config)."
+    )
     user_base: str = Field("", description="Base DN under which users are searched.")
-    user_filter: str = Field("(&(objectClass=inetOrgPerson)(uid={username}))", description="Filter finding one user; {username} is escaped per RFC 4515 before it is put in.")
+    user_filter: str = Field(
+        "(&(objectClass=inetOrgPerson)(uid={username}))",
+        description="Filter finding one user; {username} is escaped per RFC 4515 before it is put in.",
+    )
     user_attr: str = Field("uid", description="Attribute holding the user name codemoat uses.")
     users_filter: str = Field("(objectClass=inetOrgPerson)", description="Filter listing every user for `directory sync`.")
-    disabled_filter: str | None = Field("(pwdAccountLockedTime=*)", description="Users matching this filter are disabled (lose tokens and groups at the next sync); unset: none.")
+    disabled_filter: str | None = Field(
+        "(pwdAccountLockedTime=*)",
+        description="Users matching this filter are disabled (lose tokens and groups at the next sync); unset: none.",
+    )
     group_base: str = Field("", description="Base DN under which groups are searched.")
     group_filter: str = Field("(objectClass=groupOfNames)", description="Filter selecting group entries.")
-    group_member_attr: str = Field("member", description="Group attribute listing member DNs (users or, for nested groups, other groups).")
+    group_member_attr: str = Field(
+        "member", description="Group attribute listing member DNs (users or, for nested groups, other groups)."
+    )
     group_name_attr: str = Field("cn", description="Attribute holding a group's name.")
-    group_map: dict[str, str] = Field(default_factory=dict, description="Directory group name -> codemoat group; only mapped groups grant access (an empty map mirrors every group under its own name).")
-    admin_groups: list[str] = Field(default_factory=list, description="codemoat groups whose members' self-service tokens get the admin scope.")
+    group_map: dict[str, str] = Field(
+        default_factory=dict,
+        description="Directory group name -> codemoat group; only mapped groups grant access (an empty map mirrors every group under its own name).",
+    )
+    admin_groups: list[str] = Field(
+        default_factory=list, description="codemoat groups whose members' self-service tokens get the admin scope."
+    )
     token_ttl_days: int = Field(30, ge=1, le=3650, description="Lifetime of a token made by `codemoat login`.")
-    sync_interval_s: int = Field(300, ge=0, description="How often `serve` mirrors the directory (0: never; run `codemoat directory sync`).")
-    max_staleness_s: int = Field(86400, ge=0, description="While the directory is unreachable, directory users keep their last-known groups this long; after it, their requests are refused.")
+    sync_interval_s: int = Field(
+        300, ge=0, description="How often `serve` mirrors the directory (0: never; run `codemoat directory sync`)."
+    )
+    max_staleness_s: int = Field(
+        86400,
+        ge=0,
+        description="While the directory is unreachable, directory users keep their last-known groups this long; after it, their requests are refused.",
+    )
     timeout_s: float = Field(5, gt=0, description="Connect and operation timeout for the directory, in seconds.")
-    oidc_issuer: str | None = Field(None, description="OpenID Connect issuer URL for browser sign-in (its /.well-known/openid-configuration is read); unset: no OIDC.")
+    oidc_issuer: str | None = Field(
+        None,
+        description="OpenID Connect issuer URL for browser sign-in (its /.well-known/openid-configuration is read); unset: no OIDC.",
+    )
     oidc_client_id: str | None = Field(None, description="This server's client id at the OpenID provider.")
-    oidc_client_secret_file: str | None = Field(None, description="File holding the OIDC client secret (a mounted secret; never in the config).")
-    oidc_redirect_url: str | None = Field(None, description="This server's public callback URL, registered at the provider: https://HOST/auth/oidc/callback.")
+    oidc_client_secret_file: str | None = Field(
+        None, description="File holding the OIDC client secret (a mounted secret; never in the config)."
+    )
+    oidc_redirect_url: str | None = Field(
+        None, description="This server's public callback URL, registered at the provider: https://HOST/auth/oidc/callback."
+    )
     oidc_user_claim: str = Field("preferred_username", description="ID-token claim that names the codemoat user.")
-    oidc_groups_claim: str = Field("groups", description="ID-token claim listing the user's directory groups (mapped through group_map).")
+    oidc_groups_claim: str = Field(
+        "groups", description="ID-token claim listing the user's directory groups (mapped through group_map)."
+    )
     oidc_leeway_s: int = Field(60, ge=0, le=600, description="Clock skew allowed when checking an ID token's exp/iat/nbf.")
 
 
 class UpdateSettings(BaseModel):
-    channel_url: str | None = Field(None, description="The vendor's online update channel (`codemoat update fetch` polls it; the only host it may reach). Off by default: bundles travel on removable media.")
+    channel_url: str | None = Field(
+        None,
+        description="The vendor's online update channel (`codemoat update fetch` polls it; the only host it may reach). Off by default: bundles travel on removable media.",
+    )
 
 
 class Settings(BaseSettings):
@@ -139,7 +208,9 @@ class Settings(BaseSettings):
     policy: PolicySettings = Field(default_factory=PolicySettings)
     directory: DirectorySettings = Field(default_factory=DirectorySettings)
     update: UpdateSettings = Field(default_factory=UpdateSettings)
-    database_url: str | None = Field(None, description="SQLAlchemy URL of the shared state (default: SQLite under $CODEMOAT_HOME).")
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL of the shared state (default: SQLite under $CODEMOAT_HOME)."
+    )
 
     @classmethod
     def settings_customise_sources(
@@ -167,8 +238,11 @@ def load_settings(config: str | Path | None = None, **overrides: Any) -> Setting
         os.environ["CODEMOAT_CONFIG"] = toml  # where `Settings` reads it from
         if unknown:
             names = ", ".join(repr(k) for k in unknown)
-            print(f"warning: {toml}: unknown setting{'s' if len(unknown) > 1 else ''} {names} ignored "
-                  "(`codemoat config show` lists every setting)", file=sys.stderr)
+            print(
+                f"warning: {toml}: unknown setting{'s' if len(unknown) > 1 else ''} {names} ignored "
+                "(`codemoat config show` lists every setting)",
+                file=sys.stderr,
+            )
     nested: dict[str, Any] = {}
     for key, value in overrides.items():
         if value is None:

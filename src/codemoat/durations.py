@@ -37,13 +37,15 @@ def parse_when(text: str) -> float:
         if re.match(r"\s*\d{4}-", text or ""):  # meant as a date, e.g. 2027-13-45
             raise CodemoatError(f"invalid date {text!r}: use an ISO date such as 2027-12-31 or 2027-12-31T18:00") from None
         if not _DURATION.fullmatch(text or ""):
-            raise CodemoatError(f"invalid duration or date {text!r}: use e.g. 30d, 12h or an ISO date such as 2027-12-31") from None
+            raise CodemoatError(
+                f"invalid duration or date {text!r}: use e.g. 30d, 12h or an ISO date such as 2027-12-31"
+            ) from None
         t = time.time() + parse_duration(text)
         if t > LATEST:
             raise CodemoatError(f"{text!r} from now is past the year 9999")
         return t
     if d.tzinfo is None:
-        d = d.replace(tzinfo=dt.timezone.utc)
+        d = d.replace(tzinfo=dt.UTC)
     if d.timestamp() > LATEST:  # 9999-12-31T23:00-05:00 is in the year 10000 in UTC
         raise CodemoatError(f"date {text!r} is past the year 9999")
     return d.timestamp()
@@ -62,6 +64,6 @@ def show_time(t: float | int, fmt: str = "%Y-%m-%dT%H:%M:%SZ") -> str:
     """A Unix time as a UTC date; one no calendar date can hold (a damaged or hostile stored field)
     is shown as the number it is, so listing or describing never fails on it."""
     try:
-        return dt.datetime.fromtimestamp(t, dt.timezone.utc).strftime(fmt)
+        return dt.datetime.fromtimestamp(t, dt.UTC).strftime(fmt)
     except (OverflowError, OSError, ValueError):
         return f"@{t} (out of range)"

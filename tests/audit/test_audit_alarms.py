@@ -7,14 +7,22 @@ import random
 from codemoat.audit.alarms import AlarmPolicy, Alarms
 
 T0 = 1_800_000_000.0
-WORDS = ("user order invoice total price item cart session token cache query index parse render "
-         "config client server request response handler value result error count limit offset").split()
+WORDS = (
+    "user order invoice total price item cart session token cache query index parse render "
+    "config client server request response handler value result error count limit offset"
+).split()
 
 
 def code_line(rng: random.Random) -> str:
     a, b, c = rng.sample(WORDS, 3)
-    return rng.choice([f"    {a}_{b} = self.{c}({a}, {b})", f"def {a}_{b}({c}, limit=10):",
-                       f"    if {a} is None: return {b}_{c}", f"    return [{a} for {a} in {b}s if {a}.{c}]"])
+    return rng.choice(
+        [
+            f"    {a}_{b} = self.{c}({a}, {b})",
+            f"def {a}_{b}({c}, limit=10):",
+            f"    if {a} is None: return {b}_{c}",
+            f"    return [{a} for {a} in {b}s if {a}.{c}]",
+        ]
+    )
 
 
 def make_file(rng: random.Random, n: int = 60) -> list[str]:
@@ -37,8 +45,9 @@ def editor_user(alarms, user, rng, *, per_hour, hours=2, files=6, accept=0.25, w
                 f[cursor] = f[cursor] + rng.choice("abcdefg() ")
             if rng.random() < 0.1:
                 cursor = min(len(f) - 1, cursor + 1)
-            a = alarms.observe(user, t=t, kind="completion", prompt_text="\n".join(f[: cursor + 1]),
-                               completion_tokens=rng.randint(4, 40))
+            a = alarms.observe(
+                user, t=t, kind="completion", prompt_text="\n".join(f[: cursor + 1]), completion_tokens=rng.randint(4, 40)
+            )
             flagged.append(a)
             if rng.random() < accept:
                 alarms.observe(user, t=t + 1, kind="event", event="select")
@@ -91,8 +100,15 @@ def test_heavy_chat_user_not_flagged():
     t, flagged = T0, []
     while t < T0 + 3 * 3600:
         for _ in range(rng.randint(5, 25)):  # a conversation
-            flagged.append(alarms.observe("asker", t=t, kind="chat", prompt_text="\n".join(code_line(rng) for _ in range(8)),
-                                          completion_tokens=rng.randint(200, 600)))
+            flagged.append(
+                alarms.observe(
+                    "asker",
+                    t=t,
+                    kind="chat",
+                    prompt_text="\n".join(code_line(rng) for _ in range(8)),
+                    completion_tokens=rng.randint(200, 600),
+                )
+            )
             t += rng.uniform(20, 90)
         t += rng.uniform(10, 40) * 60
     assert [a for a in flagged if a] == []

@@ -15,7 +15,9 @@ runner = CliRunner()
 
 def fill(audit_log, n=12):
     for i in range(n):
-        audit_log.append(user="alice", token_id="tok_1", route="/v1/completions", protocol="openai", status=200, completion_tokens=i)
+        audit_log.append(
+            user="alice", token_id="tok_1", route="/v1/completions", protocol="openai", status=200, completion_tokens=i
+        )
 
 
 def test_verify_ok_then_fails_naming_the_record(audit_log, audit_home):
@@ -47,10 +49,19 @@ def test_export(audit_log, tmp_path):
 def test_outbound_shows_payloads_verbatim(audit_home):
     assert "nothing has been sent" in runner.invoke(app, ["audit", "outbound"]).output
     body = '{"license":"lic_1","machine":"m_2","nonce":"n3"}'
-    line = {"id": "r1", "time": "2026-11-28T10:00:00Z", "destination": "https://keys.vendor.example/v1/lease", "method": "POST", "body": body, "status": None}
+    line = {
+        "id": "r1",
+        "time": "2026-11-28T10:00:00Z",
+        "destination": "https://keys.vendor.example/v1/lease",
+        "method": "POST",
+        "body": body,
+        "status": None,
+    }
     (audit_home / "outbound.jsonl").write_text(json.dumps(line) + "\n" + json.dumps(dict(line, body=None, status=200)) + "\n")
     r = runner.invoke(app, ["audit", "outbound"])
-    assert r.exit_code == 0 and body in r.output and "https://keys.vendor.example/v1/lease" in r.output and "status 200" in r.output
+    assert (
+        r.exit_code == 0 and body in r.output and "https://keys.vendor.example/v1/lease" in r.output and "status 200" in r.output
+    )
     assert json.loads(runner.invoke(app, ["audit", "outbound", "--json"]).output)[0]["body"] == body
 
 
@@ -95,12 +106,20 @@ def test_rotate_archives_and_restarts_a_tampered_log(audit_log, audit_home, tmp_
 
 
 def test_outbound_shows_a_line_that_is_not_utf8_and_keeps_going(audit_home):
-    good = {"id": "r1", "time": "2026-11-28T10:00:00Z", "destination": "https://keys.vendor.example/v1/lease",
-            "method": "POST", "body": "a\u2028b", "status": None}
+    good = {
+        "id": "r1",
+        "time": "2026-11-28T10:00:00Z",
+        "destination": "https://keys.vendor.example/v1/lease",
+        "method": "POST",
+        "body": "a\u2028b",
+        "status": None,
+    }
     (audit_home / "outbound.jsonl").write_bytes(
-        json.dumps(good, ensure_ascii=False).encode() + b"\n"
+        json.dumps(good, ensure_ascii=False).encode()
+        + b"\n"
         + b'{"id": "r2", "body": "caf\xe9 \xff"}\n'  # latin-1 bytes: not UTF-8
-        + json.dumps(dict(good, id="r3", status=200)).encode() + b"\n"
+        + json.dumps(dict(good, id="r3", status=200)).encode()
+        + b"\n"
         + b"3\n"  # JSON, but not an object
     )
     r = runner.invoke(app, ["audit", "outbound"])
@@ -128,8 +147,19 @@ def test_export_since_out_of_range_is_one_line(audit_log):
 def test_outbound_cannot_drive_the_terminal(audit_home):
     """A terminal escape sequence written into the file is shown as text, never sent to the terminal."""
     (audit_home / "outbound.jsonl").write_bytes(
-        json.dumps({"id": "r1", "time": "t", "destination": "http://127.0.0.1/x\x1b]0;owned\x07", "method": "POST",
-                    "body": "\x1b[2J\x1b[31mred", "status": 200}).encode() + b"\n" + b"raw \x1b[2J line\n")
+        json.dumps(
+            {
+                "id": "r1",
+                "time": "t",
+                "destination": "http://127.0.0.1/x\x1b]0;owned\x07",
+                "method": "POST",
+                "body": "\x1b[2J\x1b[31mred",
+                "status": 200,
+            }
+        ).encode()
+        + b"\n"
+        + b"raw \x1b[2J line\n"
+    )
     r = runner.invoke(app, ["audit", "outbound"])
     assert r.exit_code == 0, r.output
     assert "\x1b" not in r.output and "\x07" not in r.output

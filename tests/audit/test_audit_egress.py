@@ -49,7 +49,9 @@ def listeners():
 def strict(listeners):
     """A guard that allows only the first listener, and records refusals."""
     refusals: list[tuple[str, str]] = []
-    g = egress.arm(EgressGuard(allow=[f"127.0.0.1:{listeners[0]}"], loopback=False, on_refuse=lambda e, d: refusals.append((e, d))))
+    g = egress.arm(
+        EgressGuard(allow=[f"127.0.0.1:{listeners[0]}"], loopback=False, on_refuse=lambda e, d: refusals.append((e, d)))
+    )
     yield g, listeners, refusals
     egress.disarm(g)
 

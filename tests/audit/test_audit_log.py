@@ -15,9 +15,18 @@ from codemoat.errors import CodemoatError
 def fill(log: AuditLog, n: int) -> None:
     for i in range(n):
         log.append(
-            user=f"u{i % 3}", token_id=f"tok_{i % 3}", route="/v1/completions", protocol="openai", model="tiny",
-            repos=["acme/api"], snippets=[f"s{i}"], prompt_tokens=10 + i, completion_tokens=5, latency_ms=1.5 + i,
-            status=200, client="127.0.0.1",
+            user=f"u{i % 3}",
+            token_id=f"tok_{i % 3}",
+            route="/v1/completions",
+            protocol="openai",
+            model="tiny",
+            repos=["acme/api"],
+            snippets=[f"s{i}"],
+            prompt_tokens=10 + i,
+            completion_tokens=5,
+            latency_ms=1.5 + i,
+            status=200,
+            client="127.0.0.1",
         )
 
 
@@ -78,7 +87,10 @@ def test_whole_chain_rewritten_detected_by_checkpoint(audit_log, db_file):
     for r in rows[13:]:
         r["prev_hash"] = prev
         r["hash"] = prev = record_hash(r)
-        con.execute("UPDATE audit_records SET status=?, prev_hash=?, hash=? WHERE seq=?", (r["status"], r["prev_hash"], r["hash"], r["seq"]))
+        con.execute(
+            "UPDATE audit_records SET status=?, prev_hash=?, hash=? WHERE seq=?",
+            (r["status"], r["prev_hash"], r["hash"], r["seq"]),
+        )
     con.commit()
     rep = audit_log.verify()
     assert not rep.ok and rep.first_bad == 11 and "checkpoint at record 20" in rep.problem, rep
@@ -209,7 +221,9 @@ def test_export_formats_and_filters(audit_log):
     assert [json.loads(x)["kind"] for x in audit_log.export("jsonl", kind="alert")] == ["alert"]
     csv_text = "".join(audit_log.export("csv"))
     assert csv_text.splitlines()[0].startswith("seq,time,kind,user") and len(csv_text.splitlines()) == 6
-    assert list(audit_log.export("jsonl", since=parse_since("1h"))) and not list(audit_log.export("jsonl", since=parse_since("2999-01-01")))
+    assert list(audit_log.export("jsonl", since=parse_since("1h"))) and not list(
+        audit_log.export("jsonl", since=parse_since("2999-01-01"))
+    )
     with pytest.raises(CodemoatError):
         list(audit_log.export("xml"))
     with pytest.raises(CodemoatError):
@@ -224,14 +238,21 @@ def test_head_file_rollback_detected(audit_log, audit_home, db_file, db_url):
     older = json.loads(raw[512:1024] if json.loads(raw[:512])["seq"] == 6 else raw[:512])
     assert older["seq"] == 5
     sql(db_file, "DELETE FROM audit_records WHERE seq = 6")
-    sql(db_file, "UPDATE audit_head SET seq=?, hash=?, ts_us=?, signature=? WHERE id=1", older["seq"], older["hash"], older["ts_us"], older["signature"])
+    sql(
+        db_file,
+        "UPDATE audit_head SET seq=?, hash=?, ts_us=?, signature=? WHERE id=1",
+        older["seq"],
+        older["hash"],
+        older["ts_us"],
+        older["signature"],
+    )
     rep = audit_log.verify()
     assert not rep.ok and rep.first_bad == 6 and "head file" in rep.problem
     slot6 = 0 if json.loads(raw[:512])["seq"] == 6 else 512
-    hf.write_bytes(raw[:slot6] + b"x" * 512 + raw[slot6 + 512:])  # and damage the newer slot too
+    hf.write_bytes(raw[:slot6] + b"x" * 512 + raw[slot6 + 512 :])  # and damage the newer slot too
     rep = audit_log.verify()
     assert not rep.ok and "damaged" in rep.problem
-    hf.write_bytes(raw[:slot6] + b"\x00" * 512 + raw[slot6 + 512:])  # or blank it
+    hf.write_bytes(raw[:slot6] + b"\x00" * 512 + raw[slot6 + 512 :])  # or blank it
     rep = audit_log.verify()
     assert not rep.ok and "blank slot" in rep.problem
 

@@ -24,7 +24,12 @@ SECRETS = {
     "gcp_oauth_token": "ya29." + rand(60),
     "github_token": "ghp_" + rand(36),
     "slack_token": "xoxb-" + rand(10, string.digits) + "-" + rand(24),
-    "slack_webhook": "https://hooks.slack.com/services/T" + rand(8, string.ascii_uppercase) + "/B" + rand(8, string.ascii_uppercase) + "/" + rand(24),
+    "slack_webhook": "https://hooks.slack.com/services/T"
+    + rand(8, string.ascii_uppercase)
+    + "/B"
+    + rand(8, string.ascii_uppercase)
+    + "/"
+    + rand(24),
     "jwt": "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0." + rand(43),
 }
 
@@ -40,7 +45,11 @@ def test_token_formats_detected(kind):
 
 CONTEXTUAL = [
     ("aws_secret_access_key", 'aws_secret_access_key = "{}"', rand(40, B64)),
-    ("azure_storage_key", "DefaultEndpointsProtocol=https;AccountName=acme;AccountKey={};EndpointSuffix=core.windows.net", rand(86, B64) + "=="),
+    (
+        "azure_storage_key",
+        "DefaultEndpointsProtocol=https;AccountName=acme;AccountKey={};EndpointSuffix=core.windows.net",
+        rand(86, B64) + "==",
+    ),
     ("azure_sas_signature", "https://acme.blob.core.windows.net/c/f?sv=2022-11-02&sp=r&sig={}", rand(44, A) + "%3D"),
     ("url_password", "DATABASE_URL = 'postgresql://app:{}@db.internal:5432/app'", "s3cr3t-Pa55"),
     ("assigned_secret", 'config = {{"password": "{}"}}', "hunter2hunter2"),
@@ -102,10 +111,20 @@ def test_block_policy_refuses_with_clear_message_without_the_secret():
     assert screen("x = 1\n", "block") == ("x = 1\n", [])
 
 
-@pytest.mark.parametrize("text", [
-    "a" * 100_000, "x_" * 50_000, "password" * 10_000 + '="', "PASSWORD" * 10_000 + "=", "a" * 100_000 + "://",
-    '"a"=' * 25_000, "-----BEGIN " * 10_000, "aws" * 30_000,
-], ids=["letters", "identifier", "password-run", "env-run", "scheme-run", "quotes", "begin-run", "aws-run"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "a" * 100_000,
+        "x_" * 50_000,
+        "password" * 10_000 + '="',
+        "PASSWORD" * 10_000 + "=",
+        "a" * 100_000 + "://",
+        '"a"=' * 25_000,
+        "-----BEGIN " * 10_000,
+        "aws" * 30_000,
+    ],
+    ids=["letters", "identifier", "password-run", "env-run", "scheme-run", "quotes", "begin-run", "aws-run"],
+)
 def test_no_catastrophic_backtracking(text):
     """Adversarial prompts scan in linear time. The alarm is a hang detector, not a speed target:
     before the patterns were bounded, 20,000 letters took 85 s, so 100,000 would take about half an hour."""

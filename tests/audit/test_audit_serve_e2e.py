@@ -24,9 +24,17 @@ def test_serve_audits_every_request_and_verifies(audit_home, port, tmp_path):
     from tinymodel import build_tiny_gguf
 
     model = build_tiny_gguf(tmp_path / "tiny.gguf")
-    env = dict(os.environ, CODEMOAT_HOME=str(audit_home), CODEMOAT_AUDIT__RETAIN_TEXT="true", CODEMOAT_POLICY__REQUESTS_PER_MINUTE="50")
-    tok = json.loads(subprocess.run([*CLI, "tokens", "create", "--name", "dev", "--json"], env=env, capture_output=True, text=True, check=True).stdout)["token"]
-    server = subprocess.Popen([*CLI, "serve", "--model", str(model), "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    env = dict(
+        os.environ, CODEMOAT_HOME=str(audit_home), CODEMOAT_AUDIT__RETAIN_TEXT="true", CODEMOAT_POLICY__REQUESTS_PER_MINUTE="50"
+    )
+    tok = json.loads(
+        subprocess.run(
+            [*CLI, "tokens", "create", "--name", "dev", "--json"], env=env, capture_output=True, text=True, check=True
+        ).stdout
+    )["token"]
+    server = subprocess.Popen(
+        [*CLI, "serve", "--model", str(model), "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     try:
         base = f"http://127.0.0.1:{port}"
         for _ in range(300):
@@ -39,13 +47,24 @@ def test_serve_audits_every_request_and_verifies(audit_home, port, tmp_path):
         model_id = client.models.list().data[0].id
         secret = "ghp_" + "Zz9Yy8Xx7Ww6Vv5Uu4Tt3Ss2Rr1Qq0Pp9Oo8Nn"
         client.completions.create(model=model_id, prompt=f"token = '{secret}'\ndef add(a, b):", max_tokens=8)
-        chunks = list(client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": "hi"}], max_tokens=8, stream=True))
+        chunks = list(
+            client.chat.completions.create(
+                model=model_id, messages=[{"role": "user", "content": "hi"}], max_tokens=8, stream=True
+            )
+        )
         assert chunks
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=base + "/v1", api_key="wrong", max_retries=0).models.list()
         assert httpx.get(base + "/metrics").status_code == 401  # traffic figures need a token
-        scraper = json.loads(subprocess.run([*CLI, "tokens", "create", "--name", "prometheus", "--scopes", "metrics", "--json"], env=env,
-                                            capture_output=True, text=True, check=True).stdout)["token"]
+        scraper = json.loads(
+            subprocess.run(
+                [*CLI, "tokens", "create", "--name", "prometheus", "--scopes", "metrics", "--json"],
+                env=env,
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+        )["token"]
         metrics = httpx.get(base + "/metrics", headers={"Authorization": f"Bearer {scraper}"}).text
         assert 'codemoat_requests_total{protocol="openai",route="/v1/completions",status="2xx"} 1.0' in metrics
         assert "codemoat_model_loaded 1.0" in metrics and "codemoat_queue_depth 0.0" in metrics  # the service's line
@@ -57,10 +76,19 @@ def test_serve_audits_every_request_and_verifies(audit_home, port, tmp_path):
     r = subprocess.run([*CLI, "audit", "verify", "--json"], env=env, capture_output=True, text=True)
     rep = json.loads(r.stdout)
     assert r.returncode == 0 and rep["ok"] and rep["records"] == 5 and rep["checkpoints"] == 1, rep  # shutdown checkpoint
-    recs = [json.loads(x) for x in subprocess.run([*CLI, "audit", "export"], env=env, capture_output=True, text=True, check=True).stdout.splitlines()]
+    recs = [
+        json.loads(x)
+        for x in subprocess.run(
+            [*CLI, "audit", "export"], env=env, capture_output=True, text=True, check=True
+        ).stdout.splitlines()
+    ]
     assert [(x["kind"], x["route"], x["status"]) for x in recs] == [
-        ("request", "/v1/models", 200), ("request", "/v1/completions", 200), ("request", "/v1/chat/completions", 200),
-        ("request", "/v1/models", 401), ("unauthenticated", None, None)]  # the /metrics refusal after it, counted
+        ("request", "/v1/models", 200),
+        ("request", "/v1/completions", 200),
+        ("request", "/v1/chat/completions", 200),
+        ("request", "/v1/models", 401),
+        ("unauthenticated", None, None),
+    ]  # the /metrics refusal after it, counted
     assert recs[4]["detail"]["count"] == 1 and recs[4]["detail"]["routes"] == {"/metrics": 1}
     assert recs[1]["completion_tokens"] > 0 and recs[2]["user"] == "dev"
     blob = b"".join(p.read_bytes() for p in audit_home.glob("codemoat.db*"))

@@ -91,14 +91,39 @@ def test_vendor_bad_output_paths_record_nothing(tmp_path: Path):
     assert run_cli("vendor", "init", "--vendor", str(vendor)).returncode == 0
     machine.write_text(run_cli("machine-id", "--json").stdout)
     (tmp_path / "folder").mkdir()
-    one_line_error(run_cli("vendor", "seal", str(BUNDLED), "--vendor", str(vendor), "--customer", "ACME",
-                           "--out", str(tmp_path / "folder"), "--no-fingerprint"), "is a folder")
+    one_line_error(
+        run_cli(
+            "vendor",
+            "seal",
+            str(BUNDLED),
+            "--vendor",
+            str(vendor),
+            "--customer",
+            "ACME",
+            "--out",
+            str(tmp_path / "folder"),
+            "--no-fingerprint",
+        ),
+        "is a folder",
+    )
     moat = tmp_path / "acme.moat"
-    r = run_cli("vendor", "seal", str(BUNDLED), "--vendor", str(vendor), "--customer", "ACME", "--out", str(moat),
-                "--no-fingerprint")
+    r = run_cli(
+        "vendor", "seal", str(BUNDLED), "--vendor", str(vendor), "--customer", "ACME", "--out", str(moat), "--no-fingerprint"
+    )
     assert r.returncode == 0, r.stderr
-    issue = ["vendor", "license", "issue", "--vendor", str(vendor), "--customer", "ACME", "--model", str(moat),
-             "--machine", str(machine)]
+    issue = [
+        "vendor",
+        "license",
+        "issue",
+        "--vendor",
+        str(vendor),
+        "--customer",
+        "ACME",
+        "--model",
+        str(moat),
+        "--machine",
+        str(machine),
+    ]
     one_line_error(run_cli(*issue, "--expires", "30d", "--out", str(tmp_path / "nodir" / "a.lic")), "does not exist")
     one_line_error(run_cli(*issue, "--expires", "30d", "--out", str(tmp_path / "folder")), "is a folder")
     one_line_error(run_cli(*issue, "--expires", "99999999999999d", "--out", str(tmp_path / "a.lic")), "too long")
@@ -118,8 +143,7 @@ def test_audit_export_to_a_folder(tmp_path: Path):
 
 
 def test_watermark_detect_reads_its_files_first(tmp_path: Path):
-    one_line_error(run_cli("watermark", "detect", str(tmp_path / "missing.txt"), "--vendor", str(tmp_path / "v")),
-                   "cannot read")
+    one_line_error(run_cli("watermark", "detect", str(tmp_path / "missing.txt"), "--vendor", str(tmp_path / "v")), "cannot read")
 
 
 def test_retrieve_stays_inside_the_repository(tmp_path: Path):
@@ -135,7 +159,7 @@ def test_retrieve_stays_inside_the_repository(tmp_path: Path):
 def test_readme_tour_account_steps_run_in_order():
     """Steps 1 and 3 of the README's tour, as written: the token makes alice, step 3 gives her a group."""
     text = (ROOT / "README.md").read_text()
-    tour = text[text.index("## A five-minute tour"):text.index("## Documentation")]
+    tour = text[text.index("## A five-minute tour") : text.index("## Documentation")]
     lines = [re.sub(r"\s+#.*$", "", ln).strip() for ln in tour.splitlines()]
     steps = [ln for ln in lines if ln.startswith(("codemoat tokens ", "codemoat users "))]
     assert len(steps) >= 2

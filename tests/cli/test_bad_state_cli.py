@@ -16,8 +16,10 @@ def test_damaged_database_is_named_and_left_as_it_is(home: Path):
     junk = os.urandom(8192)
     db.write_bytes(junk)
     for args in (("users", "list"), ("tokens", "create", "--name", "a"), ("audit", "verify")):
-        one_line(run_cli(*args), f"error: {db} is not a codemoat database, or it is corrupted "
-                                 "(SQLite: file is not a database); it was left as it is")
+        one_line(
+            run_cli(*args),
+            f"error: {db} is not a codemoat database, or it is corrupted (SQLite: file is not a database); it was left as it is",
+        )
     assert db.read_bytes() == junk
     # nothing else written: at most the empty lock file migrations serialise on (codemoat.db)
     others = {p.name: p.stat().st_size for p in home.iterdir() if p.name != "codemoat.db"}
@@ -32,7 +34,12 @@ def test_database_path_that_is_a_folder(home: Path):
 def test_codemoat_home_must_be_a_folder(tmp_path: Path):
     f = tmp_path / "home-file"
     f.write_text("keep me")
-    one_line(run_cli("users", "list", env={"CODEMOAT_HOME": str(f)}), f"error: CODEMOAT_HOME must be a folder: {f} exists and is not one")
-    one_line(run_cli("users", "list", env={"CODEMOAT_HOME": str(f / "sub")}),
-             f"error: CODEMOAT_HOME must be a folder: part of the path {f / 'sub'} is a file")
+    one_line(
+        run_cli("users", "list", env={"CODEMOAT_HOME": str(f)}),
+        f"error: CODEMOAT_HOME must be a folder: {f} exists and is not one",
+    )
+    one_line(
+        run_cli("users", "list", env={"CODEMOAT_HOME": str(f / "sub")}),
+        f"error: CODEMOAT_HOME must be a folder: part of the path {f / 'sub'} is a file",
+    )
     assert f.read_text() == "keep me"

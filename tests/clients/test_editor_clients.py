@@ -29,8 +29,9 @@ def node() -> str:
     node = shutil.which("node")
     if node is None:
         pytest.skip("node is not installed: the npm clients (tabby-agent, ollama, openai) cannot run")
-    assert (NODE_DIR / "node_modules" / "tabby-agent").is_dir(), \
+    assert (NODE_DIR / "node_modules" / "tabby-agent").is_dir(), (
         "the npm clients are not installed: run `make install` (npm ci --prefix tests/clients/node)"
+    )
     return node
 
 
@@ -56,8 +57,14 @@ class TabbyAgent:
 
     def __init__(self, node: str, home: Path):
         cli = NODE_DIR / "node_modules" / "tabby-agent" / "dist" / "cli.js"
-        self.proc = subprocess.Popen([node, str(cli)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                     text=True, env=dict(os.environ, HOME=str(home)))
+        self.proc = subprocess.Popen(
+            [node, str(cli)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env=dict(os.environ, HOME=str(home)),
+        )
         self.lines: queue.Queue = queue.Queue()
         self.events: list[dict] = []
         self.next_id = 1
@@ -87,11 +94,17 @@ class TabbyAgent:
         raise AssertionError(f"tabby-agent did not answer {func} within {timeout}s")
 
     def initialize(self, url: str, token: str):
-        return self.call("initialize", {
-            "config": {"server": {"endpoint": url, "token": token}, "anonymousUsageTracking": {"disable": True},
-                       "logs": {"level": "silent"}},
-            "clientProperties": {"session": {"client": "codemoat-tests"}, "user": {}},
-        })
+        return self.call(
+            "initialize",
+            {
+                "config": {
+                    "server": {"endpoint": url, "token": token},
+                    "anonymousUsageTracking": {"disable": True},
+                    "logs": {"level": "silent"},
+                },
+                "clientProperties": {"session": {"client": "codemoat-tests"}, "user": {}},
+            },
+        )
 
     def close(self):
         self.proc.terminate()
@@ -114,8 +127,16 @@ def test_tabby_agent_json_lines(node, server, tmp_path):
         assert agent.initialize(server.url, server.token) is True
         assert agent.call("getStatus") == "ready"
         text = "import os\n\ndef cwd():\n    return \n"
-        done = agent.call("provideCompletions", {"filepath": str(tmp_path / "a.py"), "language": "python", "text": text,
-                                                  "position": text.index("return ") + 7, "manually": True})
+        done = agent.call(
+            "provideCompletions",
+            {
+                "filepath": str(tmp_path / "a.py"),
+                "language": "python",
+                "text": text,
+                "position": text.index("return ") + 7,
+                "manually": True,
+            },
+        )
         assert done["id"].startswith("cmpl-") and isinstance(done["choices"], list), done
         for kind in ("view", "select", "dismiss"):
             assert agent.call("postEvent", {"type": kind, "completion_id": done["id"], "choice_index": 0}) is True, kind
@@ -131,8 +152,9 @@ def test_tabby_agent_with_a_wrong_token_reports_unauthorized(node, server, tmp_p
     try:
         agent.initialize(server.url, "cm_wrong-token")
         assert agent.call("getStatus") == "unauthorized"
-        assert any(e.get("event") == "authRequired" for e in agent.events) or \
-            any(e.get("status") == "unauthorized" for e in agent.events), agent.events
+        assert any(e.get("event") == "authRequired" for e in agent.events) or any(
+            e.get("status") == "unauthorized" for e in agent.events
+        ), agent.events
     finally:
         agent.close()
 
@@ -154,8 +176,18 @@ def test_openai_js(node, server, tmp_path):
     assert out["completion"]["finish_reason"] in ("stop", "length") and out["completion"]["usage"]["completion_tokens"] >= 1
     assert out["chat"]["pieces"] >= 2 and out["chat"]["text"] and out["chat"]["finish_reason"] in ("stop", "length")
     assert out["retrieve"]["id"] == MODEL and out["retrieve"]["object"] == "model"
-    assert out["retrieve_unknown"] == {"status": 404, "code": "model_not_found", "type": "invalid_request_error", "name": "NotFoundError"}
-    assert out["bad_role"] == {"status": 400, "code": "invalid_value", "param": "messages[0].role", "type": "invalid_request_error"}
+    assert out["retrieve_unknown"] == {
+        "status": 404,
+        "code": "model_not_found",
+        "type": "invalid_request_error",
+        "name": "NotFoundError",
+    }
+    assert out["bad_role"] == {
+        "status": 400,
+        "code": "invalid_value",
+        "param": "messages[0].role",
+        "type": "invalid_request_error",
+    }
 
 
 # ------------------------------------------------------------- Python SDK ---
@@ -169,8 +201,9 @@ def test_python_openai_models_retrieve_and_chat_without_a_limit(server):
     # The bundled model never ends a chat answer by itself: greedy, this answer reaches the client's stop
     # sequence after about 85 tokens, past the old default limit of 64.
     msgs = [{"role": "user", "content": "Write a class Point with x and y."}]
-    with client.chat.completions.stream(model=MODEL, messages=msgs, temperature=0, stop=["\n    def "],
-                                        stream_options={"include_usage": True}) as s:
+    with client.chat.completions.stream(
+        model=MODEL, messages=msgs, temperature=0, stop=["\n    def "], stream_options={"include_usage": True}
+    ) as s:
         for _ in s:
             pass
         final = s.get_final_completion()

@@ -106,8 +106,13 @@ def test_haproxy_config_checks():
     exe = shutil.which("haproxy")
     if exe is None:
         pytest.skip("HAProxy is not installed here (Debian package `haproxy`; .ci/run installs it)")
-    env = dict(os.environ, CODEMOAT_LB_BIND="127.0.0.1:18080", CODEMOAT_LB_STATS="127.0.0.1:18404",
-               CODEMOAT_REPLICA1="127.0.0.1:18081", CODEMOAT_REPLICA2="127.0.0.1:18082")
+    env = dict(
+        os.environ,
+        CODEMOAT_LB_BIND="127.0.0.1:18080",
+        CODEMOAT_LB_STATS="127.0.0.1:18404",
+        CODEMOAT_REPLICA1="127.0.0.1:18081",
+        CODEMOAT_REPLICA2="127.0.0.1:18082",
+    )
     r = subprocess.run([exe, "-c", "-f", str(DEPLOY / "haproxy.cfg")], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "httpchk GET /health" in (DEPLOY / "haproxy.cfg").read_text()

@@ -17,9 +17,14 @@ pytestmark = pytest.mark.slow
 
 
 def _snippets(url: str, token: str) -> str:
-    body = {"model": "codemoat-tiny", "prompt": "from lib.money import fmt\n\n\ndef total(c):\n    return fmt(", "suffix": ")\n",
-            "max_tokens": 1, "temperature": 0,
-            "codemoat": {"repo": "payments", "path": "report.py", "return_snippets": True}}
+    body = {
+        "model": "codemoat-tiny",
+        "prompt": "from lib.money import fmt\n\n\ndef total(c):\n    return fmt(",
+        "suffix": ")\n",
+        "max_tokens": 1,
+        "temperature": 0,
+        "codemoat": {"repo": "payments", "path": "report.py", "return_snippets": True},
+    }
     r = httpx.post(url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {token}"}, timeout=60)
     assert r.status_code == 200, r.text
     return str(r.json().get("codemoat", r.json()))
@@ -47,7 +52,7 @@ def test_killed_index_update_leaves_replicas_on_the_previous_index(tmp_path, tin
     # the writer dies (no cleanup at all) half-way through its update
     code = textwrap.dedent(f"""
         import os, sys
-        sys.path.insert(0, {str(ROOT / 'src')!r})
+        sys.path.insert(0, {str(ROOT / "src")!r})
         from codemoat.index.store import SqliteIndex
         from codemoat.index.update import update_repository
         def progress(done, total, path):

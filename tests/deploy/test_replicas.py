@@ -11,7 +11,6 @@ import shutil
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -32,10 +31,17 @@ def haproxy(tmp_path):
 
     def start(*replicas: str) -> str:
         port = free_port()
-        env = dict(os.environ, CODEMOAT_LB_BIND=f"127.0.0.1:{port}", CODEMOAT_LB_STATS=f"127.0.0.1:{free_port()}",
-                   CODEMOAT_REPLICA1=replicas[0].removeprefix("http://"), CODEMOAT_REPLICA2=replicas[1].removeprefix("http://"))
+        env = dict(
+            os.environ,
+            CODEMOAT_LB_BIND=f"127.0.0.1:{port}",
+            CODEMOAT_LB_STATS=f"127.0.0.1:{free_port()}",
+            CODEMOAT_REPLICA1=replicas[0].removeprefix("http://"),
+            CODEMOAT_REPLICA2=replicas[1].removeprefix("http://"),
+        )
         log = open(tmp_path / "haproxy.log", "w")
-        p = subprocess.Popen([exe, "-db", "-f", str(ROOT / "deploy" / "haproxy.cfg")], env=env, stdout=log, stderr=subprocess.STDOUT)
+        p = subprocess.Popen(
+            [exe, "-db", "-f", str(ROOT / "deploy" / "haproxy.cfg")], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
         procs.append(p)
         url = f"http://127.0.0.1:{port}"
         deadline = time.time() + 30

@@ -51,9 +51,13 @@ def dir_settings(company, tmp_path):
     pw.write_text(company.service_pw + "\n")
     pw.chmod(0o600)
     return DirectorySettings(
-        ldap_url=company.url, bind_dn=SERVICE, bind_password_file=str(pw),
-        user_base=f"ou=people,{BASE}", group_base=f"ou=groups,{BASE}",
+        ldap_url=company.url,
+        bind_dn=SERVICE,
+        bind_password_file=str(pw),
+        user_base=f"ou=people,{BASE}",
+        group_base=f"ou=groups,{BASE}",
         disabled_filter="(employeeType=disabled)",
         group_map={"payments-devs": "payments", "web": "web", "engineering": "engineering", "admins": "admins"},
-        admin_groups=["admins"], timeout_s=3,
+        admin_groups=["admins"],
+        timeout_s=3,
     )

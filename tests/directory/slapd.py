@@ -67,8 +67,11 @@ index objectClass,uid,member eq
 access to attrs=userPassword by self =xw by anonymous auth by * none
 access to * by dn.exact="{SERVICE}" read by self read by * none
 """)
-        self.proc = subprocess.Popen([self.exe, "-f", str(conf), "-h", self.url + "/", "-d", "0"],
-                                     stdout=subprocess.DEVNULL, stderr=open(self.root / "slapd.log", "w"))
+        self.proc = subprocess.Popen(
+            [self.exe, "-f", str(conf), "-h", self.url + "/", "-d", "0"],
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.root / "slapd.log", "w"),
+        )
         deadline = time.time() + 30
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -86,8 +89,9 @@ access to * by dn.exact="{SERVICE}" read by self read by * none
     def admin(self):
         import ldap3
 
-        return ldap3.Connection(ldap3.Server(self.url, get_info=ldap3.NONE), ADMIN, self.admin_pw, auto_bind=True,
-                                raise_exceptions=True)
+        return ldap3.Connection(
+            ldap3.Server(self.url, get_info=ldap3.NONE), ADMIN, self.admin_pw, auto_bind=True, raise_exceptions=True
+        )
 
     def add(self, dn: str, classes: list[str], attrs: dict) -> None:
         c = self.admin()
@@ -108,7 +112,9 @@ access to * by dn.exact="{SERVICE}" read by self read by * none
         self.add(BASE, ["dcObject", "organization"], {"o": "Example", "dc": "example"})
         for ou in ("people", "groups", "services"):
             self.add(f"ou={ou},{BASE}", ["organizationalUnit"], {"ou": ou})
-        self.add(SERVICE, ["person", "simpleSecurityObject"], {"cn": "codemoat", "sn": "service", "userPassword": self.service_pw})
+        self.add(
+            SERVICE, ["person", "simpleSecurityObject"], {"cn": "codemoat", "sn": "service", "userPassword": self.service_pw}
+        )
 
     def user(self, uid: str, password: str, **extra) -> str:
         dn = f"uid={uid},ou=people,{BASE}"

@@ -22,14 +22,23 @@ def _config(tmp_path, dir_settings, interval: int) -> str:
     d = dir_settings.model_dump()
     d["sync_interval_s"] = interval
     cfg = tmp_path / "codemoat.toml"
-    cfg.write_text("[directory]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in d.items() if v is not None and not isinstance(v, dict))
-                   + "[directory.group_map]\n" + "".join(f"{json.dumps(k)} = {json.dumps(v)}\n" for k, v in d["group_map"].items()))
+    cfg.write_text(
+        "[directory]\n"
+        + "".join(f"{k} = {json.dumps(v)}\n" for k, v in d.items() if v is not None and not isinstance(v, dict))
+        + "[directory.group_map]\n"
+        + "".join(f"{json.dumps(k)} = {json.dumps(v)}\n" for k, v in d["group_map"].items())
+    )
     return str(cfg)
 
 
 def _snippets(url: str, token: str) -> str:
-    body = {"model": "codemoat-tiny", "prompt": "from billing import cents_to_display\n\ndef total(c):\n    return cents_to_display(",
-            "max_tokens": 1, "temperature": 0, "codemoat": {"repo": "payments", "path": "report.py", "return_snippets": True}}
+    body = {
+        "model": "codemoat-tiny",
+        "prompt": "from billing import cents_to_display\n\ndef total(c):\n    return cents_to_display(",
+        "max_tokens": 1,
+        "temperature": 0,
+        "codemoat": {"repo": "payments", "path": "report.py", "return_snippets": True},
+    }
     r = httpx.post(url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {token}"}, timeout=60)
     assert r.status_code == 200, r.text
     return json.dumps(r.json())
@@ -70,8 +79,10 @@ def test_login_groups_and_periodic_sync(tmp_path, dir_settings, company, tiny_gg
 def test_password_guessing_is_throttled(tmp_path, dir_settings, company, tiny_gguf, serve_process, monkeypatch):
     monkeypatch.setenv("CODEMOAT_CONFIG", _config(tmp_path, dir_settings, interval=0))
     s = serve_process(["--model", str(tiny_gguf)])
-    codes = [httpx.post(s.url + "/auth/login", json={"username": "bob", "password": f"guess{i}"}, timeout=30).status_code
-             for i in range(7)]
+    codes = [
+        httpx.post(s.url + "/auth/login", json={"username": "bob", "password": f"guess{i}"}, timeout=30).status_code
+        for i in range(7)
+    ]
     assert codes[:5] == [401] * 5 and codes[5:] == [429, 429]
     # even the right password waits out the window once it is locked
     r = httpx.post(s.url + "/auth/login", json={"username": "bob", "password": "bob-pw-2"}, timeout=30)

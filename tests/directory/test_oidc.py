@@ -48,8 +48,12 @@ def provider(tmp_path):
         secret = "test-secret-" + os.urandom(4).hex()
         redirect = f"http://127.0.0.1:{serve_port}/auth/oidc/callback"
         log = tmp_path / f"oidc-{port}.log"
-        p = subprocess.Popen(["node", "oidc_provider.mjs", str(port), "codemoat", secret, redirect, json.dumps(users),
-                              str(id_token_ttl)], cwd=NODE_DIR, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+        p = subprocess.Popen(
+            ["node", "oidc_provider.mjs", str(port), "codemoat", secret, redirect, json.dumps(users), str(id_token_ttl)],
+            cwd=NODE_DIR,
+            stdout=open(log, "w"),
+            stderr=subprocess.STDOUT,
+        )
         procs.append(p)
         issuer = f"http://127.0.0.1:{port}"
         _wait(issuer + "/.well-known/openid-configuration", p, log)
@@ -67,7 +71,7 @@ def _config(tmp_path: Path, issuer: str, redirect: str, extra: str = "") -> Path
     cfg.write_text(f"""[directory]
 oidc_issuer = "{issuer}"
 oidc_client_id = "codemoat"
-oidc_client_secret_file = "{tmp_path / 'oidc-secret'}"
+oidc_client_secret_file = "{tmp_path / "oidc-secret"}"
 oidc_redirect_url = "{redirect}"
 {extra}
 [directory.group_map]
@@ -82,8 +86,12 @@ def serve_on(tiny_gguf, tmp_path):
 
     def start(port: int, cfg: Path) -> str:
         log = tmp_path / f"serve-{port}.log"
-        p = subprocess.Popen([*CODEMOAT, "serve", "--model", str(tiny_gguf), "--host", "127.0.0.1", "--port", str(port)],
-                             env=dict(os.environ, CODEMOAT_CONFIG=str(cfg)), stdout=open(log, "w"), stderr=subprocess.STDOUT)
+        p = subprocess.Popen(
+            [*CODEMOAT, "serve", "--model", str(tiny_gguf), "--host", "127.0.0.1", "--port", str(port)],
+            env=dict(os.environ, CODEMOAT_CONFIG=str(cfg)),
+            stdout=open(log, "w"),
+            stderr=subprocess.STDOUT,
+        )
         procs.append(p)
         url = f"http://127.0.0.1:{port}"
         _wait(url + "/livez", p, log)
@@ -165,8 +173,15 @@ def _client(issuer: str, tmp_path: Path, **over):
     from codemoat.db import open_db
     from codemoat.directory.oidc import OidcClient
 
-    cfg = DirectorySettings(**{"oidc_issuer": issuer, "oidc_client_id": "codemoat", "oidc_redirect_url": "http://127.0.0.1:1/cb",
-                               "oidc_client_secret_file": str(tmp_path / "oidc-secret"), **over})
+    cfg = DirectorySettings(
+        **{
+            "oidc_issuer": issuer,
+            "oidc_client_id": "codemoat",
+            "oidc_redirect_url": "http://127.0.0.1:1/cb",
+            "oidc_client_secret_file": str(tmp_path / "oidc-secret"),
+            **over,
+        }
+    )
     return OidcClient(cfg, open_db())
 
 

@@ -131,9 +131,13 @@ def test_unreachable_directory_fails_closed_after_max_staleness(keeper, company)
 def test_cli_sync_is_one_line_when_unreachable(dir_settings, tmp_path, company):
     cfg = tmp_path / "codemoat.toml"
     cfg.write_text(
-        "[directory]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in dir_settings.model_dump().items()
-                                  if v is not None and not isinstance(v, dict))
-        + "[directory.group_map]\n" + "".join(f"{json.dumps(k)} = {json.dumps(v)}\n" for k, v in dir_settings.group_map.items()))
+        "[directory]\n"
+        + "".join(
+            f"{k} = {json.dumps(v)}\n" for k, v in dir_settings.model_dump().items() if v is not None and not isinstance(v, dict)
+        )
+        + "[directory.group_map]\n"
+        + "".join(f"{json.dumps(k)} = {json.dumps(v)}\n" for k, v in dir_settings.group_map.items())
+    )
     r = run_cli("directory", "sync", "--json", "--config", str(cfg))
     assert r.returncode == 0, r.stderr
     assert sorted(json.loads(r.stdout)["added"]) == ["alice", "bob", "dave"]

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import stat
 
 import numpy as np
@@ -96,8 +95,10 @@ def test_forced_crash_serves_on_the_safe_path_with_one_log_line(quantised, monke
         again.close()
 
 
-@pytest.mark.parametrize("fault, words", [("hang", "hung for more than 6 s in a Q4_0 decode"),
-                                          ("mismatch", "gave logits unlike the safe path's at step 0")])
+@pytest.mark.parametrize(
+    "fault, words",
+    [("hang", "hung for more than 6 s in a Q4_0 decode"), ("mismatch", "gave logits unlike the safe path's at step 0")],
+)
 def test_hang_and_wrong_logits_pick_the_safe_path(fault, words, monkeypatch, caplog):
     monkeypatch.setenv(cpu.FAULT_ENV, fault)
     with caplog.at_level(logging.INFO, "codemoat.engines"):

@@ -7,12 +7,15 @@ import pytest
 from codemoat.engines.memfd import F_SEAL_FUTURE_WRITE, MemfdBuffer, shmem_thp_mode
 
 
-@pytest.mark.parametrize("text, mode", [
-    ("always within_size advise [never] deny force\n", "never"),
-    ("always [within_size] advise never deny force\n", "within_size"),
-    ("[advise]\n", "advise"),
-    ("garbage\n", "unavailable"),
-])
+@pytest.mark.parametrize(
+    "text, mode",
+    [
+        ("always within_size advise [never] deny force\n", "never"),
+        ("always [within_size] advise never deny force\n", "within_size"),
+        ("[advise]\n", "advise"),
+        ("garbage\n", "unavailable"),
+    ],
+)
 def test_shmem_thp_mode_reads_the_bracketed_policy(tmp_path, text, mode):
     f = tmp_path / "shmem_enabled"
     f.write_text(text)

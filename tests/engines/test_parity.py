@@ -46,7 +46,15 @@ def test_token_ids_identical(engines, text):
 
 def test_special_tokens_are_control_and_parsed_only_when_asked(engines):
     lc, tf = engines
-    for s in ("<|endoftext|>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>"):
+    for s in (
+        "<|endoftext|>",
+        "<|fim_prefix|>",
+        "<|fim_middle|>",
+        "<|fim_suffix|>",
+        "<|fim_pad|>",
+        "<|repo_name|>",
+        "<|file_sep|>",
+    ):
         assert len(lc.tokenize(s)) == 1 and tf.tokenize(s) == lc.tokenize(s)
         assert lc.has_token(s) and tf.has_token(s)
         assert len(tf.tokenize(s, special=False)) > 1

@@ -64,7 +64,9 @@ def test_bad_inputs_are_user_errors(tmp_path, hf_dir):
     with pytest.raises(CodemoatError, match="do not match"):
         TransformersEngine.from_bytes((hf_dir / "model.safetensors").read_bytes(), cfg, (hf_dir / "tokenizer.json").read_text())
     with pytest.raises(CodemoatError, match="cannot load transformers model"):  # one line, not a SafetensorError
-        TransformersEngine.from_bytes(b"not safetensors", json.loads((hf_dir / "config.json").read_text()), (hf_dir / "tokenizer.json").read_text())
+        TransformersEngine.from_bytes(
+            b"not safetensors", json.loads((hf_dir / "config.json").read_text()), (hf_dir / "tokenizer.json").read_text()
+        )
 
 
 def test_greedy_is_deterministic_and_bounded(eng):
@@ -188,7 +190,15 @@ def test_generated_special_tokens_are_not_text(eng):
     word = eng.tokenize("return", special=False)[0]
     out = run(eng.complete(PROMPT, SamplingParams(max_tokens=3, temperature=0, logits_processors=[_Force(word, mid, word)])))
     assert "<|fim_middle|>" not in out.text and out.completion_tokens == 3
-    out = run(eng.complete(PROMPT, SamplingParams(max_tokens=5, temperature=0, stop=["<|file_sep|>"],
-                                                  logits_processors=[_Force(word, eng.tokenize("<|file_sep|>")[0], word)])))
+    out = run(
+        eng.complete(
+            PROMPT,
+            SamplingParams(
+                max_tokens=5,
+                temperature=0,
+                stop=["<|file_sep|>"],
+                logits_processors=[_Force(word, eng.tokenize("<|file_sep|>")[0], word)],
+            ),
+        )
+    )
     assert out.finish_reason == "stop" and out.completion_tokens == 1
-

@@ -18,7 +18,10 @@ def test_without_vllm_the_error_is_one_clear_line(random_gguf):
         engine_class("vllm").from_path(random_gguf)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM cannot be installed on this CPU-only machine (needs CUDA torch and flashinfer)")
+@pytest.mark.skipif(
+    importlib.util.find_spec("vllm") is None,
+    reason="vLLM cannot be installed on this CPU-only machine (needs CUDA torch and flashinfer)",
+)
 def test_generate_on_gpu(random_gguf):  # pragma: no cover - runs only where vLLM is installed
     import asyncio
 

@@ -22,7 +22,9 @@ def _repo(tmp_path: Path, n: int = 6) -> Path:
     root = tmp_path / "repo"
     root.mkdir()
     for i in range(n):
-        (root / f"mod{i}.py").write_text(f"def func_{i}(x):\n    return x + {i}\n\nclass Thing{i}:\n    def run(self):\n        return {i}\n")
+        (root / f"mod{i}.py").write_text(
+            f"def func_{i}(x):\n    return x + {i}\n\nclass Thing{i}:\n    def run(self):\n        return {i}\n"
+        )
     return root
 
 

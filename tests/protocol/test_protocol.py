@@ -8,10 +8,16 @@ from codemoat.protocol.common import as_stop_list
 
 
 def test_openai_chat_content_parts_and_unknown_fields():
-    req = openai.ChatRequest.model_validate({
-        "model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "image_url"}, {"type": "text", "text": "b"}]}],
-        "logprobs": False, "frequency_penalty": 0.1,  # accepted and ignored, as the reference servers do
-    })
+    req = openai.ChatRequest.model_validate(
+        {
+            "model": "m",
+            "messages": [
+                {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "image_url"}, {"type": "text", "text": "b"}]}
+            ],
+            "logprobs": False,
+            "frequency_penalty": 0.1,  # accepted and ignored, as the reference servers do
+        }
+    )
     assert req.messages[0].text() == "ab"
 
 
@@ -26,7 +32,9 @@ def test_stop_lists():
 
 
 def test_ollama_defaults_stream_and_options():
-    g = ollama.GenerateRequest.model_validate({"model": "m", "prompt": "p", "suffix": "s", "options": {"num_predict": 5, "stop": ["\n"]}})
+    g = ollama.GenerateRequest.model_validate(
+        {"model": "m", "prompt": "p", "suffix": "s", "options": {"num_predict": 5, "stop": ["\n"]}}
+    )
     assert g.stream is True and g.options.num_predict == 5
     final = ollama.generate_final("m", "", "stop", 3, 4, 10)
     assert final["done"] and final["eval_count"] == 4 and final["created_at"].endswith("Z")
@@ -35,7 +43,15 @@ def test_ollama_defaults_stream_and_options():
 def test_infill_and_tabby_shapes():
     r = infill.InfillRequest.model_validate({"input_prefix": "a", "input_extra": [{"filename": "f.py", "text": "x"}]})
     assert r.input_extra[0].filename == "f.py" and r.stream is False
-    t = tabby.CompletionRequest.model_validate({"segments": {"prefix": "a", "git_url": "https://x/y.git", "declarations": [{"filepath": "d.py", "body": "def d(): ..."}]}})
+    t = tabby.CompletionRequest.model_validate(
+        {
+            "segments": {
+                "prefix": "a",
+                "git_url": "https://x/y.git",
+                "declarations": [{"filepath": "d.py", "body": "def d(): ..."}],
+            }
+        }
+    )
     assert t.segments.declarations[0].filepath == "d.py"
     with pytest.raises(ValidationError):
         tabby.CompletionRequest.model_validate({"language": "python"})  # segments are required
@@ -43,6 +59,10 @@ def test_infill_and_tabby_shapes():
 
 
 def test_error_shapes():
-    assert openai.error("m", "invalid_request_error", "c") == {"error": {"message": "m", "type": "invalid_request_error", "param": None, "code": "c"}}
+    assert openai.error("m", "invalid_request_error", "c") == {
+        "error": {"message": "m", "type": "invalid_request_error", "param": None, "code": "c"}
+    }
     assert ollama.error("m") == {"error": "m"}
-    assert infill.error("m", 400, "invalid_request_error") == {"error": {"code": 400, "message": "m", "type": "invalid_request_error"}}
+    assert infill.error("m", 400, "invalid_request_error") == {
+        "error": {"code": 400, "message": "m", "type": "invalid_request_error"}
+    }

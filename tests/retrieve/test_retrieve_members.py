@@ -18,7 +18,7 @@ G = frozenset({"dev"})
 FILES = {
     "__init__.py": "from .api import checkout as checkout\nfrom .api import Basket as Basket\n",
     "api.py": "from ._impl.pricing import checkout as checkout\nfrom ._impl.pricing import Basket\nfrom ._impl.pricing import tax_rate\n\n"
-              "def refill(basket):\n    basket.add(tax_rate(1))\n    basket.remove(2)\n    return basket\n",
+    "def refill(basket):\n    basket.add(tax_rate(1))\n    basket.remove(2)\n    return basket\n",
     "_impl/__init__.py": "",
     "_impl/pricing.py": '''
         def checkout(basket, *, coupon=None):
@@ -49,7 +49,7 @@ FILES = {
     "greet.py": "from . import text\n\ndef greet_softly(name, hour):\n    return text.whisper(name) if hour > 22 else name\n",
     "noise.py": "from . import text\n\ndef alarm():\n    return text.shout(1)\n\ndef siren():\n    return text.shout(2)\n",
     "errors.py": "class PaymentError(Exception):\n    pass\n\ndef refundable(order) -> bool:\n    return True\n\n"
-                 "def refund(order):\n    return order\n",
+    "def refund(order):\n    return order\n",
 }
 
 
@@ -160,8 +160,12 @@ def test_a_chunk_whose_signature_an_outline_shows_ranks_lower(shop, monkeypatch)
     prefix = "from ._impl.pricing import checkout, tax_rate\n\ndef f(b):\n    x = "
 
     def scores() -> tuple[float, float]:
-        snips = shop.snippets_for_completion(groups=G, repo="shop", path="cli.py", prefix=prefix, suffix="", k=10, budget_tokens=4000)
-        outline = next(s.score for s in snips if s.path == "_impl/pricing.py" and "def checkout(" in s.text and "def tax_rate(" in s.text)
+        snips = shop.snippets_for_completion(
+            groups=G, repo="shop", path="cli.py", prefix=prefix, suffix="", k=10, budget_tokens=4000
+        )
+        outline = next(
+            s.score for s in snips if s.path == "_impl/pricing.py" and "def checkout(" in s.text and "def tax_rate(" in s.text
+        )
         chunk = next(s.score for s in snips if s.path == "_impl/pricing.py" and "return basket" in s.text)
         return outline, chunk
 

@@ -18,9 +18,13 @@ def test_python_imports_give_names_with_their_modules():
 
 
 def test_js_and_go_imports():
-    q = completion_query("import { charge, refund } from './billing';\nimport * as money from '../money';\nconst x = ", "", "web/src/app.ts")
+    q = completion_query(
+        "import { charge, refund } from './billing';\nimport * as money from '../money';\nconst x = ", "", "web/src/app.ts"
+    )
     assert q.hints["charge"] == {"web/src/billing"}
-    q = completion_query('package main\nimport (\n\t"fmt"\n\tpay "example.com/acme/payments"\n)\nfunc main() {\n\tpay.', "", "cmd/main.go")
+    q = completion_query(
+        'package main\nimport (\n\t"fmt"\n\tpay "example.com/acme/payments"\n)\nfunc main() {\n\tpay.', "", "cmd/main.go"
+    )
     assert q.owner == "pay" and q.owner_module == "example.com/acme/payments"
 
 

@@ -83,7 +83,9 @@ def test_repo_for_by_remote_name_and_path(indexed):
     assert normalize_git_url("git@github.com:Org/Repo.git") == normalize_git_url("https://u:p@github.com/org/repo/")
     # An absolute path is accepted in place of the relative one.
     prefix, suffix = _cursor(root, "payments/checkout.py", 15, 16)
-    a = r.snippets_for_completion(groups=G, repo="payments", path=str(root / "payments/checkout.py"), prefix=prefix, suffix=suffix)
+    a = r.snippets_for_completion(
+        groups=G, repo="payments", path=str(root / "payments/checkout.py"), prefix=prefix, suffix=suffix
+    )
     b = r.snippets_for_completion(groups=G, repo="payments", path="payments/checkout.py", prefix=prefix, suffix=suffix)
     assert a == b
 

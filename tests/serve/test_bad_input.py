@@ -63,11 +63,14 @@ def test_huge_prompt_is_refused_from_its_beginning(server, c):
     def send(path, body):
         answers[path] = c.post(path, json=body)
 
-    threads = [threading.Thread(target=send, args=a) for a in (
-        ("/v1/completions", {"model": "m", "prompt": big, "max_tokens": 1}),
-        ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": big}], "max_tokens": 1}),
-        ("/api/generate", {"model": "m", "prompt": big, "raw": True, "stream": False, "options": {"num_predict": 1}}),
-    )]
+    threads = [
+        threading.Thread(target=send, args=a)
+        for a in (
+            ("/v1/completions", {"model": "m", "prompt": big, "max_tokens": 1}),
+            ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": big}], "max_tokens": 1}),
+            ("/api/generate", {"model": "m", "prompt": big, "raw": True, "stream": False, "options": {"num_predict": 1}}),
+        )
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -111,12 +114,24 @@ def test_minus_one_and_above_limit_fit_the_context(c):
     """Ollama's num_predict -1 and llama.cpp's n_predict -1 mean "until the limit or a full context";
     with the limit (1024) above the context (512) they were a 400 for every prompt."""
     for n in (-1, -2, 10**9):
-        r = c.post("/api/generate", json={"model": "m", "prompt": "def f(", "raw": True, "stream": False, "options": {"num_predict": n, "temperature": 0}})
+        r = c.post(
+            "/api/generate",
+            json={
+                "model": "m",
+                "prompt": "def f(",
+                "raw": True,
+                "stream": False,
+                "options": {"num_predict": n, "temperature": 0},
+            },
+        )
         assert r.status_code == 200 and r.json()["done"] is True, (n, r.text)
     for n in (-1, 10**9):
         r = c.post("/infill", json={"input_prefix": "def f(", "input_suffix": ")", "n_predict": n})
         assert r.status_code == 200 and r.json()["stop"] is True, (n, r.text)
-    r = c.post("/api/chat", json={"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": False, "options": {"num_predict": -1}})
+    r = c.post(
+        "/api/chat",
+        json={"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": False, "options": {"num_predict": -1}},
+    )
     assert r.status_code == 200, r.text
 
 
@@ -151,19 +166,31 @@ def slow_server(tmp_path_factory):
     s.stop()
 
 
-@pytest.mark.parametrize("path, body", [
-    ("/v1/completions", {"model": "m", "prompt": "def f", "max_tokens": 6000, "temperature": 0}),
-    ("/api/generate", {"model": "m", "prompt": "def f", "raw": True, "stream": False, "options": {"num_predict": 6000, "temperature": 0}}),
-])
+@pytest.mark.parametrize(
+    "path, body",
+    [
+        ("/v1/completions", {"model": "m", "prompt": "def f", "max_tokens": 6000, "temperature": 0}),
+        (
+            "/api/generate",
+            {"model": "m", "prompt": "def f", "raw": True, "stream": False, "options": {"num_predict": 6000, "temperature": 0}},
+        ),
+    ],
+)
 def test_client_gone_before_a_whole_answer_frees_the_worker(slow_server, path, body):
     """Editors cancel completions as the user types (Tabby's are never streamed): the generation stops."""
     h = {"Authorization": f"Bearer {slow_server.token}"}
     # warm the engine process first, so that the abandoned request has generated tokens by the hang-up
-    assert httpx.post(slow_server.url + "/v1/completions", json={"model": "m", "prompt": "y", "max_tokens": 2},
-                      headers=h, timeout=60).status_code == 200
+    assert (
+        httpx.post(
+            slow_server.url + "/v1/completions", json={"model": "m", "prompt": "y", "max_tokens": 2}, headers=h, timeout=60
+        ).status_code
+        == 200
+    )
     with pytest.raises(httpx.TimeoutException):
         httpx.post(slow_server.url + path, json=body, headers=h, timeout=1.5)
-    r = httpx.post(slow_server.url + "/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 2}, headers=h, timeout=60)
+    r = httpx.post(
+        slow_server.url + "/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 2}, headers=h, timeout=60
+    )
     assert r.status_code == 200
     # the audit log says what became of the abandoned request: cut off (499) after some tokens and long
     # before its 6000; without the cancellation it ran them all for nobody and was recorded as a 200

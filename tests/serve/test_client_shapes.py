@@ -57,10 +57,20 @@ def _check_infill_fields(body, n_predict, n_ctx):
 
 
 LLAMA_VSCODE = {  # llama.vscode's request shape (its src/llama-server.ts)
-    "input_prefix": "import os\n\ndef cwd():\n", "input_suffix": "\n", "prompt": "    return ",
+    "input_prefix": "import os\n\ndef cwd():\n",
+    "input_suffix": "\n",
+    "prompt": "    return ",
     "input_extra": [{"filename": "util.py", "text": "def helper():\n    pass\n"}],
-    "n_predict": 16, "top_k": 40, "top_p": 0.99, "stream": False, "samplers": ["top_k", "top_p", "infill"],
-    "cache_prompt": True, "t_max_prompt_ms": 500, "t_max_predict_ms": 1000, "n_indent": 0, "temperature": 0,
+    "n_predict": 16,
+    "top_k": 40,
+    "top_p": 0.99,
+    "stream": False,
+    "samplers": ["top_k", "top_p", "infill"],
+    "cache_prompt": True,
+    "t_max_prompt_ms": 500,
+    "t_max_predict_ms": 1000,
+    "n_indent": 0,
+    "temperature": 0,
 }
 
 
@@ -140,14 +150,21 @@ def test_chat_without_max_tokens_is_not_cut_at_the_completion_default(client):
 
 def test_ollama_chat_without_num_predict_is_not_cut_either(client):
     msgs = [{"role": "user", "content": "Write a Python class for a stack with push, pop, peek and size methods."}]
-    body = client.post("/api/chat", json={"model": "tiny", "messages": msgs, "stream": False, "options": {"temperature": 0}}).json()
+    body = client.post(
+        "/api/chat", json={"model": "tiny", "messages": msgs, "stream": False, "options": {"temperature": 0}}
+    ).json()
     assert body["eval_count"] > 64 or body["done_reason"] == "stop", body
 
 
 # ------------------------------------------------------------ model names ---
 def test_models_retrieve_and_its_404(client):
     r = client.get("/v1/models/tiny")
-    assert r.status_code == 200 and r.json() == {"id": "tiny", "object": "model", "created": r.json()["created"], "owned_by": "codemoat"}
+    assert r.status_code == 200 and r.json() == {
+        "id": "tiny",
+        "object": "model",
+        "created": r.json()["created"],
+        "owned_by": "codemoat",
+    }
     r = client.get("/v1/models/gpt-4o")
     err = r.json()["error"]
     assert r.status_code == 404 and err["code"] == "model_not_found" and err["type"] == "invalid_request_error"
@@ -158,7 +175,9 @@ def test_one_model_name_across_ollama_routes(client):
     name = client.get("/api/tags").json()["models"][0]["name"]
     for asked in (name, f"{name}:latest"):
         assert client.post("/api/show", json={"model": asked}).status_code == 200
-        r = client.post("/api/generate", json={"model": asked, "prompt": "x", "raw": True, "stream": False, "options": {"num_predict": 2}})
+        r = client.post(
+            "/api/generate", json={"model": asked, "prompt": "x", "raw": True, "stream": False, "options": {"num_predict": 2}}
+        )
         assert r.json()["model"] == name
     assert client.post("/api/show", json={"model": f"{name}:7b"}).status_code == 404
 
@@ -167,11 +186,21 @@ def test_one_model_name_across_ollama_routes(client):
 @pytest.mark.parametrize(
     "path, body, code, param",
     [
-        ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]}, "invalid_value", "messages[0].role"),
+        (
+            "/v1/chat/completions",
+            {"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]},
+            "invalid_value",
+            "messages[0].role",
+        ),
         ("/v1/chat/completions", {"model": "tiny", "messages": []}, "empty_array", "messages"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}, "missing_required_parameter", "model"),
         ("/v1/chat/completions", {"model": "tiny", "messages": "hi"}, "invalid_type", "messages"),
-        ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "temperature": 2.5}, "decimal_above_max_value", "temperature"),
+        (
+            "/v1/chat/completions",
+            {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "temperature": 2.5},
+            "decimal_above_max_value",
+            "temperature",
+        ),
         ("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": -1}, "integer_below_min_value", "max_tokens"),
         ("/v1/completions", {"model": "tiny", "prompt": "x", "n": 2}, "integer_above_max_value", "n"),
     ],

@@ -23,10 +23,17 @@ def server(serve_process, tiny_gguf):
 def test_openai_client_completion_with_suffix_and_streamed_chat(server):
     client = openai.OpenAI(base_url=server.url + "/v1", api_key=server.token, max_retries=0)
     assert [m.id for m in client.models.list()] == ["codemoat-tiny"]
-    c = client.completions.create(model="codemoat-tiny", prompt="def add(a, b):\n    return ", suffix="\n", max_tokens=16, temperature=0)
+    c = client.completions.create(
+        model="codemoat-tiny", prompt="def add(a, b):\n    return ", suffix="\n", max_tokens=16, temperature=0
+    )
     assert c.choices[0].finish_reason in ("stop", "length") and c.usage.completion_tokens >= 1
-    stream = client.chat.completions.create(model="codemoat-tiny", messages=[{"role": "user", "content": "What does os.path.join do?"}], max_tokens=24, stream=True,
-                                           temperature=0)  # sampled, the model sometimes ends at once (~1 in 6 runs)
+    stream = client.chat.completions.create(
+        model="codemoat-tiny",
+        messages=[{"role": "user", "content": "What does os.path.join do?"}],
+        max_tokens=24,
+        stream=True,
+        temperature=0,
+    )  # sampled, the model sometimes ends at once (~1 in 6 runs)
     pieces = [ch.choices[0].delta.content or "" for ch in stream if ch.choices]
     assert len(pieces) >= 2 and "".join(pieces)
     with pytest.raises(openai.AuthenticationError):
@@ -42,8 +49,14 @@ def test_ollama_autocomplete_as_continue_sends_it(server):
     with httpx.Client(base_url=server.url, headers=h, timeout=60) as c:
         show = c.post("/api/show", json={"name": "codemoat-tiny"}).json()
         assert ".Suffix" in show["template"]
-        body = {"model": "codemoat-tiny", "prompt": "import os\n\ndef cwd():\n    return ", "suffix": "\n", "raw": True,
-                "options": {"temperature": 0.01, "num_predict": 16, "stop": ["\n\n"]}, "keep_alive": 1800}
+        body = {
+            "model": "codemoat-tiny",
+            "prompt": "import os\n\ndef cwd():\n    return ",
+            "suffix": "\n",
+            "raw": True,
+            "options": {"temperature": 0.01, "num_predict": 16, "stop": ["\n\n"]},
+            "keep_alive": 1800,
+        }
         with c.stream("POST", "/api/generate", json=body) as r:
             assert r.status_code == 200
             lines = [json.loads(l) for l in r.iter_lines() if l]
@@ -53,13 +66,31 @@ def test_ollama_autocomplete_as_continue_sends_it(server):
 def test_infill_and_tabby(server):
     h = {"Authorization": f"Bearer {server.token}"}
     with httpx.Client(base_url=server.url, headers=h, timeout=60) as c:
-        r = c.post("/infill", json={"input_prefix": "import os\nprint(os.", "input_suffix": ")\n", "n_predict": 8,
-                                    "input_extra": [{"filename": "util.py", "text": "def helper():\n    pass\n"}]})
+        r = c.post(
+            "/infill",
+            json={
+                "input_prefix": "import os\nprint(os.",
+                "input_suffix": ")\n",
+                "n_predict": 8,
+                "input_extra": [{"filename": "util.py", "text": "def helper():\n    pass\n"}],
+            },
+        )
         assert r.status_code == 200 and r.json()["stop"] is True
         assert c.get("/v1/health").status_code == 200
         health = c.get("/health").json()  # a plaintext model: its file, and no license to show
         assert health["license"] is None and health["model_file"]["path"].endswith("codemoat-tiny.gguf")
-        t = c.post("/v1/completions", json={"language": "python", "segments": {"prefix": "def f():\n    return ", "suffix": "\n", "filepath": "a.py", "git_url": "https://example.invalid/acme.git"}})
+        t = c.post(
+            "/v1/completions",
+            json={
+                "language": "python",
+                "segments": {
+                    "prefix": "def f():\n    return ",
+                    "suffix": "\n",
+                    "filepath": "a.py",
+                    "git_url": "https://example.invalid/acme.git",
+                },
+            },
+        )
         assert t.status_code == 200 and t.json()["choices"][0]["index"] == 0
         assert c.post("/v1/events", json={"type": "view", "completion_id": t.json()["id"], "choice_index": 0}).status_code == 200
 
@@ -67,7 +98,9 @@ def test_infill_and_tabby(server):
 def test_negative_cases_keep_the_server_serving(server):
     with httpx.Client(base_url=server.url, timeout=60) as c:
         assert c.post("/v1/completions", json={"model": "codemoat-tiny", "prompt": "x"}).status_code == 401
-        assert c.post("/api/generate", json={"model": "codemoat-tiny", "prompt": "x"}, headers={"Authorization": "Bearer nope"}).json()["error"]
+        assert c.post(
+            "/api/generate", json={"model": "codemoat-tiny", "prompt": "x"}, headers={"Authorization": "Bearer nope"}
+        ).json()["error"]
         h = {"Authorization": f"Bearer {server.token}"}
         assert c.post("/v1/completions", content=b"{not json", headers=h).status_code == 400
         assert c.post("/api/generate", json={"model": "other", "prompt": "x"}, headers=h).status_code == 404
@@ -75,14 +108,21 @@ def test_negative_cases_keep_the_server_serving(server):
         # an over-long infill prompt is fitted, as llama.cpp's server does, and the answer says so
         r = c.post("/infill", json={"input_prefix": "x " * 20000, "n_predict": 4}, headers=h)
         assert r.status_code == 200 and r.json()["truncated"] is True
-        assert c.post("/v1/completions", json={"model": "codemoat-tiny", "prompt": "x", "max_tokens": 1}, headers=h).status_code == 200
+        assert (
+            c.post("/v1/completions", json={"model": "codemoat-tiny", "prompt": "x", "max_tokens": 1}, headers=h).status_code
+            == 200
+        )
 
 
 def test_client_disconnect_cancels_generation(server):
     """A client that goes away mid-stream frees the worker: the next request is answered at once."""
     h = {"Authorization": f"Bearer {server.token}"}
     with httpx.Client(base_url=server.url, headers=h, timeout=60) as c:
-        with c.stream("POST", "/v1/completions", json={"model": "codemoat-tiny", "prompt": "def ", "max_tokens": 1000, "stream": True, "temperature": 1}) as r:
+        with c.stream(
+            "POST",
+            "/v1/completions",
+            json={"model": "codemoat-tiny", "prompt": "def ", "max_tokens": 1000, "stream": True, "temperature": 1},
+        ) as r:
             next(r.iter_lines())
         r = c.post("/v1/completions", json={"model": "codemoat-tiny", "prompt": "x", "max_tokens": 2})
         assert r.status_code == 200
@@ -122,7 +162,12 @@ def test_a_crashing_self_test_serves_on_the_safe_path(quantised, serve_process):
     token = create_token("--name", "quant")
     s = serve_process(["--model", str(quantised("Q4_K_M")), "--model-id", "q"], env={"CODEMOAT_CPU_SELFTEST_FAULT": "segv"})
     client = openai.OpenAI(base_url=s.url + "/v1", api_key=token, max_retries=0)
-    assert client.completions.create(model="q", prompt="def add(a, b):\n    return", max_tokens=8, temperature=0).usage.completion_tokens >= 1
+    assert (
+        client.completions.create(
+            model="q", prompt="def add(a, b):\n    return", max_tokens=8, temperature=0
+        ).usage.completion_tokens
+        >= 1
+    )
     cpu = httpx.get(s.url + "/health", headers={"Authorization": f"Bearer {token}"}).json()["engine"]["cpu_buffers"]
     assert cpu["path"] == "safe" and "crashed a Q4_0 decode with SIGSEGV" in cpu["reason"]
     assert [l for l in s.output().splitlines() if "SIGSEGV" in l] == [f"WARNING:     {cpu['reason']}"]

@@ -19,12 +19,12 @@ def cents_to_display(cents: int, currency: str = "EUR") -> str:
     """Format an amount in cents for people."""
     return f"{cents / 100:.2f} {currency}"
 '''
-APP = '''from billing.money import cents_to_display
+APP = """from billing.money import cents_to_display
 
 
 def invoice_line(item, cents):
     return item + ": " + cents_to_display(cents)
-'''
+"""
 
 
 @pytest.fixture
@@ -59,9 +59,14 @@ def complete(client, who, body):
     return client.post("/v1/completions", json=body, headers={"Authorization": f"Bearer {client.tokens[who]}"})
 
 
-BODY = {"model": "tiny", "prompt": "from billing.money import cents_to_display\n\n\ndef total(cents):\n    return cents_to_display(",
-        "suffix": ")\n", "max_tokens": 2, "temperature": 0,
-        "codemoat": {"repo": "payments", "path": "report.py", "return_snippets": True}}
+BODY = {
+    "model": "tiny",
+    "prompt": "from billing.money import cents_to_display\n\n\ndef total(cents):\n    return cents_to_display(",
+    "suffix": ")\n",
+    "max_tokens": 2,
+    "temperature": 0,
+    "codemoat": {"repo": "payments", "path": "report.py", "return_snippets": True},
+}
 
 
 def test_reader_gets_the_definition_from_another_file(client):
@@ -79,8 +84,11 @@ def test_outsider_gets_no_snippet_and_no_error(client):
 
 
 def test_tabby_git_url_and_debug_snippets(client, repo):
-    body = {"language": "python", "segments": {"prefix": BODY["prompt"], "suffix": ")\n", "filepath": str(repo / "report.py")},
-            "debug_options": {"return_snippets": True}}
+    body = {
+        "language": "python",
+        "segments": {"prefix": BODY["prompt"], "suffix": ")\n", "filepath": str(repo / "report.py")},
+        "debug_options": {"return_snippets": True},
+    }
     r = client.post("/v1/completions", json=body, headers={"Authorization": f"Bearer {client.tokens['alice']}"})
     assert r.status_code == 200, r.text
     assert any("cents_to_display" in s["body"] for s in r.json()["debug_data"]["snippets"])
@@ -90,18 +98,27 @@ def test_tabby_git_url_and_debug_snippets(client, repo):
 
 def test_chat_grounded_in_a_named_repository(client):
     msgs = [{"role": "user", "content": "How is money shown to people in @payments?"}]
-    r = client.post("/v1/chat/completions", json={"model": "tiny", "messages": msgs, "max_tokens": 2, "codemoat": {"return_snippets": True}},
-                    headers={"Authorization": f"Bearer {client.tokens['alice']}"})
+    r = client.post(
+        "/v1/chat/completions",
+        json={"model": "tiny", "messages": msgs, "max_tokens": 2, "codemoat": {"return_snippets": True}},
+        headers={"Authorization": f"Bearer {client.tokens['alice']}"},
+    )
     assert r.status_code == 200, r.text
     assert any(s["path"] == "billing/money.py" for s in r.json()["codemoat"]["snippets"])
-    r = client.post("/v1/chat/completions", json={"model": "tiny", "messages": msgs, "max_tokens": 2, "codemoat": {"repos": ["payments"]}},
-                    headers={"Authorization": f"Bearer {client.tokens['mallory']}"})
+    r = client.post(
+        "/v1/chat/completions",
+        json={"model": "tiny", "messages": msgs, "max_tokens": 2, "codemoat": {"repos": ["payments"]}},
+        headers={"Authorization": f"Bearer {client.tokens['mallory']}"},
+    )
     assert r.status_code == 403 and "not readable" in r.json()["error"]["message"]
 
 
 def test_best_snippet_sits_next_to_the_code_being_completed(client, repo):
-    body = {"language": "python", "segments": {"prefix": BODY["prompt"], "suffix": ")\n", "filepath": str(repo / "report.py")},
-            "debug_options": {"return_snippets": True, "return_prompt": True}}
+    body = {
+        "language": "python",
+        "segments": {"prefix": BODY["prompt"], "suffix": ")\n", "filepath": str(repo / "report.py")},
+        "debug_options": {"return_snippets": True, "return_prompt": True},
+    }
     r = client.post("/v1/completions", json=body, headers={"Authorization": f"Bearer {client.tokens['alice']}"})
     assert r.status_code == 200, r.text
     debug = r.json()["debug_data"]
@@ -116,13 +133,27 @@ def test_as_many_tokens_as_fit_still_gets_retrieval(client):
     """Ollama's num_predict -1 (and llama.cpp's n_predict -1) asks for as many tokens as fit: the
     snippets keep their room, and the generation gets what the prompt leaves (it used to reserve
     the whole max_tokens limit, leaving no room for retrieval at all)."""
-    body = {"model": "tiny", "prompt": BODY["prompt"], "suffix": BODY["suffix"], "stream": False,
-            "options": {"num_predict": -1, "temperature": 0, "stop": ["\n"]}, "codemoat": BODY["codemoat"]}
+    body = {
+        "model": "tiny",
+        "prompt": BODY["prompt"],
+        "suffix": BODY["suffix"],
+        "stream": False,
+        "options": {"num_predict": -1, "temperature": 0, "stop": ["\n"]},
+        "codemoat": BODY["codemoat"],
+    }
     r = client.post("/api/generate", json=body, headers={"Authorization": f"Bearer {client.tokens['alice']}"})
     assert r.status_code == 200, r.text
     assert any(s["path"] == "billing/money.py" for s in r.json()["codemoat"]["snippets"])
-    r = client.post("/infill", json={"input_prefix": BODY["prompt"], "input_suffix": BODY["suffix"], "n_predict": -1,
-                                     "stop": ["\n"], "codemoat": BODY["codemoat"]},
-                    headers={"Authorization": f"Bearer {client.tokens['alice']}"})
+    r = client.post(
+        "/infill",
+        json={
+            "input_prefix": BODY["prompt"],
+            "input_suffix": BODY["suffix"],
+            "n_predict": -1,
+            "stop": ["\n"],
+            "codemoat": BODY["codemoat"],
+        },
+        headers={"Authorization": f"Bearer {client.tokens['alice']}"},
+    )
     assert r.status_code == 200, r.text
     assert any(s["path"] == "billing/money.py" for s in r.json()["codemoat"]["snippets"])

@@ -51,7 +51,9 @@ def test_health_liveness_is_open_details_need_a_token(client):
 
 
 def test_openai_completion_with_suffix_uses_fim(client):
-    r = client.post("/v1/completions", json={"model": "tiny", "prompt": "def f(", "suffix": "):\n", "max_tokens": 5, "temperature": 0})
+    r = client.post(
+        "/v1/completions", json={"model": "tiny", "prompt": "def f(", "suffix": "):\n", "max_tokens": 5, "temperature": 0}
+    )
     body = r.json()
     assert r.status_code == 200, body
     assert body["object"] == "text_completion" and body["usage"]["completion_tokens"] <= 5
@@ -60,7 +62,9 @@ def test_openai_completion_with_suffix_uses_fim(client):
 
 def test_openai_completion_stream(client):
     # greedy: sampling, the random model ends within 4 tokens in about 3% of runs ("stop", not "length")
-    with client.stream("POST", "/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 4, "stream": True, "temperature": 0}) as r:
+    with client.stream(
+        "POST", "/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 4, "stream": True, "temperature": 0}
+    ) as r:
         lines = [l for l in r.iter_lines() if l.startswith("data: ")]
     assert lines[-1] == "data: [DONE]"
     events = [json.loads(l[6:]) for l in lines[:-1]]
@@ -71,7 +75,11 @@ def test_chat_nonstream_and_stream_with_usage(client):
     msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
     r = client.post("/v1/chat/completions", json={"model": "tiny", "messages": msgs, "max_tokens": 4})
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["role"] == "assistant"
-    with client.stream("POST", "/v1/chat/completions", json={"model": "tiny", "messages": msgs, "max_tokens": 4, "stream": True, "stream_options": {"include_usage": True}}) as r:
+    with client.stream(
+        "POST",
+        "/v1/chat/completions",
+        json={"model": "tiny", "messages": msgs, "max_tokens": 4, "stream": True, "stream_options": {"include_usage": True}},
+    ) as r:
         ev = [json.loads(l[6:]) for l in r.iter_lines() if l.startswith("data: {")]
     assert ev[0]["choices"][0]["delta"]["role"] == "assistant"
     assert ev[-1]["choices"] == [] and ev[-1]["usage"]["completion_tokens"] >= 1
@@ -82,26 +90,53 @@ def test_ollama_routes(client):
     assert tags["models"][0]["name"] == tags["models"][0]["model"] == "tiny"  # the name answers use too
     show = client.post("/api/show", json={"model": "tiny:latest"}).json()
     assert "{{ .Suffix }}" in show["template"] and "insert" in show["capabilities"]
-    r = client.post("/api/generate", json={"model": "tiny:latest", "prompt": "def f(", "suffix": ")", "options": {"num_predict": 3}, "stream": False})
+    r = client.post(
+        "/api/generate",
+        json={"model": "tiny:latest", "prompt": "def f(", "suffix": ")", "options": {"num_predict": 3}, "stream": False},
+    )
     assert r.json()["done"] is True and r.json()["eval_count"] <= 3
-    with client.stream("POST", "/api/generate", json={"model": "tiny", "prompt": "a", "raw": True, "options": {"num_predict": 3}}) as r:
+    with client.stream(
+        "POST", "/api/generate", json={"model": "tiny", "prompt": "a", "raw": True, "options": {"num_predict": 3}}
+    ) as r:
         lines = [json.loads(l) for l in r.iter_lines() if l]
     assert r.headers["content-type"].startswith("application/x-ndjson")
     assert lines[-1]["done"] is True and all(not l["done"] for l in lines[:-1])
-    c = client.post("/api/chat", json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stream": False, "options": {"num_predict": 2}})
+    c = client.post(
+        "/api/chat",
+        json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stream": False, "options": {"num_predict": 2}},
+    )
     assert c.json()["message"]["role"] == "assistant"
 
 
 def test_infill_with_input_extra(client):
-    r = client.post("/infill", json={"input_prefix": "x = h(", "input_suffix": ")", "input_extra": [{"filename": "u.py", "text": "def h(a): return a"}], "n_predict": 3, "temperature": 0})
+    r = client.post(
+        "/infill",
+        json={
+            "input_prefix": "x = h(",
+            "input_suffix": ")",
+            "input_extra": [{"filename": "u.py", "text": "def h(a): return a"}],
+            "n_predict": 3,
+            "temperature": 0,
+        },
+    )
     body = r.json()
     assert r.status_code == 200 and body["stop"] is True and body["tokens_predicted"] <= 3
     # the cross-file snippet went into the prompt as the model's template expects
-    assert body["tokens_evaluated"] > client.post("/infill", json={"input_prefix": "x = h(", "input_suffix": ")", "n_predict": 1}).json()["tokens_evaluated"]
+    assert (
+        body["tokens_evaluated"]
+        > client.post("/infill", json={"input_prefix": "x = h(", "input_suffix": ")", "n_predict": 1}).json()["tokens_evaluated"]
+    )
 
 
 def test_tabby_completion_and_events(client):
-    r = client.post("/v1/completions", json={"language": "python", "segments": {"prefix": "def f(", "suffix": ")", "filepath": "a.py"}, "debug_options": {"return_prompt": True}})
+    r = client.post(
+        "/v1/completions",
+        json={
+            "language": "python",
+            "segments": {"prefix": "def f(", "suffix": ")", "filepath": "a.py"},
+            "debug_options": {"return_prompt": True},
+        },
+    )
     body = r.json()
     assert r.status_code == 200 and body["id"].startswith("cmpl-") and "text" in body["choices"][0]
     assert body["debug_data"]["prompt"].startswith("<|fim_prefix|>def f(")
@@ -175,10 +210,17 @@ def test_validation_errors_are_400_in_shape(client):
 
 
 def test_scopes(client):
-    r = client.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 1}, headers={"Authorization": f"Bearer {client.chat_only}"})
+    r = client.post(
+        "/v1/completions",
+        json={"model": "tiny", "prompt": "x", "max_tokens": 1},
+        headers={"Authorization": f"Bearer {client.chat_only}"},
+    )
     assert r.status_code == 403 and "complete" in r.json()["error"]["message"]
-    r = client.post("/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1},
-                    headers={"Authorization": f"Bearer {client.chat_only}"})
+    r = client.post(
+        "/v1/chat/completions",
+        json={"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1},
+        headers={"Authorization": f"Bearer {client.chat_only}"},
+    )
     assert r.status_code == 200
 
 
@@ -236,6 +278,7 @@ def test_admission_queue_waits_and_returns_slots(random_gguf):
     async def requests():
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://t", headers={"Authorization": f"Bearer {tok}"}) as c:
+
             async def one(i):
                 r = await c.post("/v1/completions", json={"model": "tiny", "prompt": f"x{i}", "max_tokens": 8, "temperature": 0})
                 return r.status_code, r.text
@@ -254,10 +297,21 @@ def test_license_features_are_enforced(client):
     from codemoat.engines.holder import LicenseStatus
 
     client.holder.status.license = LicenseStatus(
-        license_id="L", customer="acme", license_mode="offline", license_expires="", license_expires_at=0.0,
-        features=["complete"], machine_id="m", model_file_id="f", format="gguf", non_dumpable=True)
+        license_id="L",
+        customer="acme",
+        license_mode="offline",
+        license_expires="",
+        license_expires_at=0.0,
+        features=["complete"],
+        machine_id="m",
+        model_file_id="f",
+        format="gguf",
+        non_dumpable=True,
+    )
     try:
-        r = client.post("/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1})
+        r = client.post(
+            "/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1}
+        )
         assert r.status_code == 403 and "license does not include 'chat'" in r.json()["error"]["message"]
         r = client.post("/api/chat", json={"model": "tiny", "messages": [{"role": "user", "content": "x"}], "stream": False})
         assert r.status_code == 403 and "chat" in r.json()["error"]
@@ -265,4 +319,9 @@ def test_license_features_are_enforced(client):
         assert r.status_code == 200
     finally:
         client.holder.status.license = None
-    assert client.post("/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1}).status_code == 200
+    assert (
+        client.post(
+            "/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1}
+        ).status_code
+        == 200
+    )

@@ -64,24 +64,29 @@ def _quiet():
 
 def noise(rel: float, seed: int = 0):
     """Gaussian noise of `rel` times each tensor's RMS on every matrix."""
+
     def fn(m: dict, meta: dict) -> None:
         rng = np.random.default_rng(seed)
         for k, w in m.items():
             m[k] = w + rel * float(np.sqrt(np.mean(w**2))) * rng.standard_normal(w.shape).astype(np.float32)
+
     return fn
 
 
 def prune(frac: float):
     """Magnitude pruning: zero the `frac` smallest weights of every matrix."""
+
     def fn(m: dict, meta: dict) -> None:
         for k, w in m.items():
             t = np.quantile(np.abs(w), frac)
             m[k] = np.where(np.abs(w) < t, 0.0, w).astype(np.float32)
+
     return fn
 
 
 def permute(seed: int = 0):
     """Reorder MLP hidden units and attention heads of every layer (the function is unchanged)."""
+
     def fn(m: dict, meta: dict) -> None:
         rng = np.random.default_rng(seed)
         arch = meta["general.architecture"]
@@ -102,15 +107,18 @@ def permute(seed: int = 0):
             m[p + "attn_k.weight"] = k.reshape(n_kv, hd, -1)[pkv].reshape(k.shape)
             m[p + "attn_v.weight"] = v.reshape(n_kv, hd, -1)[pkv].reshape(v.shape)
             m[p + "attn_output.weight"] = o.reshape(o.shape[0], n_head, hd)[:, pq].reshape(o.shape)
+
     return fn
 
 
 def average(other: Path):
     """The mean of this copy and `other` (two customers colluding)."""
+
     def fn(m: dict, meta: dict) -> None:
         o, _ = gguf_io.read_matrices(other)
         for k in m:
             m[k] = (m[k] + o[k]) / 2
+
     return fn
 
 

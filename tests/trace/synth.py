@@ -132,8 +132,13 @@ def write_gguf(
     return Path(path)
 
 
-def tiny_model(path: str | Path, seed: int = 0, dtype: str = "F32", shape: Shape | None = None,
-               tokenizer: tuple[list[str], list[str]] | None = None) -> Path:
+def tiny_model(
+    path: str | Path,
+    seed: int = 0,
+    dtype: str = "F32",
+    shape: Shape | None = None,
+    tokenizer: tuple[list[str], list[str]] | None = None,
+) -> Path:
     """Build and write a tiny random llama GGUF; returns its path."""
     s = shape or Shape()
     tokens, merges = tokenizer or train_bpe(s.vocab, corpus(20))

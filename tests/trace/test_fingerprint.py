@@ -150,9 +150,11 @@ def _safetensors(tensors: dict[str, np.ndarray]) -> bytes:
 
 def test_safetensors_f32_and_bf16(secrets):
     rng = np.random.default_rng(0)
-    w = {"a.weight": (0.02 * rng.standard_normal((256, 128))).astype(np.float32),
-         "b.weight.bf16": (0.02 * rng.standard_normal((256, 128))).astype(np.float32),
-         "norm": np.ones(128, np.float32)}
+    w = {
+        "a.weight": (0.02 * rng.standard_normal((256, 128))).astype(np.float32),
+        "b.weight.bf16": (0.02 * rng.standard_normal((256, 128))).astype(np.float32),
+        "norm": np.ones(128, np.float32),
+    }
     data = _safetensors(w)
     marked = fingerprint.fingerprint_model(data, "safetensors", secrets["cust05"])
     assert len(marked) == len(data)

@@ -30,7 +30,12 @@ def _generate(model: Path, procs, n: int = 200, seed: int = 0, prompt: str = "de
 
     llm = load_llama(str(model), n_ctx=256, n_threads=1, seed=seed)  # the CPU path the server would pick
     out = llm.create_completion(
-        prompt, max_tokens=n, temperature=1.0, top_k=0, top_p=1.0, seed=seed,
+        prompt,
+        max_tokens=n,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        seed=seed,
         logits_processor=LogitsProcessorList([no_eos, *(procs or [])]),
     )
     return out["choices"][0]["text"]
@@ -72,7 +77,9 @@ def served(request, flat_model, scorer, tmp_path_factory):
         return flat_model, scorer
     from . import attacks
 
-    q = attacks.requantize(flat_model, tmp_path_factory.mktemp("wm") / f"flat-{request.param}.gguf", {"Q8_0": 7, "Q4_0": 2}[request.param])
+    q = attacks.requantize(
+        flat_model, tmp_path_factory.mktemp("wm") / f"flat-{request.param}.gguf", {"Q8_0": 7, "Q4_0": 2}[request.param]
+    )
     return q, wm.LlamaScorer(str(q), n_ctx=256)
 
 

@@ -1,7 +1,5 @@
 """The tokenizer's special tokens and byte coverage; the model against Hugging Face's LlamaForCausalLM."""
 
-import json
-
 import numpy as np
 import pytest
 

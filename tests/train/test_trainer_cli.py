@@ -46,16 +46,22 @@ def test_same_seed_same_model_other_seed_other_model(tmp_path):
 
 
 def _cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "codemoat.cli.main", "vendor", "train", *args],
-                          capture_output=True, text=True, cwd=cwd, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "codemoat.cli.main", "vendor", "train", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=300,
+    )
 
 
 @pytest.mark.slow
 def test_cli_trains_and_reports_json(tmp_path):
     corpus = micro_corpus(tmp_path)
     out = tmp_path / "m.gguf"
-    r = _cli("--corpus", str(corpus), "--out", str(out), "--size", "micro", "--steps", "8",
-             "--threads", "1", "--json", cwd=tmp_path)
+    r = _cli(
+        "--corpus", str(corpus), "--out", str(out), "--size", "micro", "--steps", "8", "--threads", "1", "--json", cwd=tmp_path
+    )
     assert r.returncode == 0, r.stderr
     rep = json.loads(r.stdout)
     assert rep["steps"] == 8 and rep["gguf"] == str(out) and out.is_file()

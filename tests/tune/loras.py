@@ -37,7 +37,11 @@ def random_lora_gguf(base: Path, rank: int = 4, scale: float = 0.3, seed: int = 
 def sealed_adapter(base: Path, out: Path, name: str, repos: list[tuple[str, list[str]]], seed: int = 0) -> Path:
     from codemoat.engines.adapters import Adapter, file_sha256, seal_adapter
 
-    meta = {"name": name, "kind": "codemoat-adapter", "version": 1,
-            "base": {"name": base.stem, "sha256": file_sha256(base)},
-            "repos": [{"name": r, "groups": g} for r, g in repos]}
+    meta = {
+        "name": name,
+        "kind": "codemoat-adapter",
+        "version": 1,
+        "base": {"name": base.stem, "sha256": file_sha256(base)},
+        "repos": [{"name": r, "groups": g} for r, g in repos],
+    }
     return seal_adapter(Adapter(meta, random_lora_gguf(base, seed=seed), b"", "{}"), out)

@@ -38,15 +38,23 @@ def world(tmp_path_factory) -> tuple[Path, SqliteIndex]:
 
 group_sets = st.frozensets(st.sampled_from(GROUPS), max_size=3)
 adapters = st.lists(
-    st.lists(st.tuples(st.sampled_from([f"repo{i}" for i in range(N_REPOS)] + ["gone"]), group_sets),
-             min_size=0, max_size=3, unique_by=lambda t: t[0]),
-    min_size=1, max_size=4,
+    st.lists(
+        st.tuples(st.sampled_from([f"repo{i}" for i in range(N_REPOS)] + ["gone"]), group_sets),
+        min_size=0,
+        max_size=3,
+        unique_by=lambda t: t[0],
+    ),
+    min_size=1,
+    max_size=4,
 )
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(now=st.lists(group_sets, min_size=N_REPOS, max_size=N_REPOS), specs=adapters,
-       caller=st.frozensets(st.sampled_from(GROUPS + ["nobody"]), max_size=3))
+@given(
+    now=st.lists(group_sets, min_size=N_REPOS, max_size=N_REPOS),
+    specs=adapters,
+    caller=st.frozensets(st.sampled_from(GROUPS + ["nobody"]), max_size=3),
+)
 def test_an_adapter_serves_only_who_may_read_all_its_repositories(world, now, specs, caller):
     base, store = world
     with store.transaction():  # today's groups, which may differ from those recorded at tuning time
@@ -55,13 +63,13 @@ def test_an_adapter_serves_only_who_may_read_all_its_repositories(world, now, sp
             store.db.execute("DELETE FROM repo_groups WHERE repo_id=?", (rid,))
             store.db.executemany("INSERT INTO repo_groups VALUES (?,?)", [(rid, g) for g in gs])
     current = {f"repo{i}": set(gs) for i, gs in enumerate(now)}
-    loaded = [LoadedAdapter(f"a{k}", tuple((r, tuple(sorted(g))) for r, g in spec), "0" * 64, -1)
-              for k, spec in enumerate(specs)]
+    loaded = [LoadedAdapter(f"a{k}", tuple((r, tuple(sorted(g))) for r, g in spec), "0" * 64, -1) for k, spec in enumerate(specs)]
     readable_now = Retriever(base / "index.db").readable_repos(caller)
 
     def may(a: LoadedAdapter) -> bool:
-        return bool(a.repos) and all(r in current and _oracle(current[r], set(caller)) and _oracle(set(g), set(caller))
-                                     for r, g in a.repos)
+        return bool(a.repos) and all(
+            r in current and _oracle(current[r], set(caller)) and _oracle(set(g), set(caller)) for r, g in a.repos
+        )
 
     got = choose(loaded, caller, readable_now)
     if got is not None:

@@ -74,7 +74,9 @@ def test_server_serves_the_adapter_by_group_and_audits_it(tmp_path, tiny_gguf):
         root.mkdir()
         (root / "a.py").write_text(f"NAME = {name!r}\n")
         assert run_cli("index", "add", str(root), "--name", name, "--groups", groups).returncode == 0
-    adapter = sealed_adapter(Path(tiny_gguf), tmp_path / "pay.moat", "pay", [("payments", ["payments"]), ("ledger", ["payments", "finance"])])
+    adapter = sealed_adapter(
+        Path(tiny_gguf), tmp_path / "pay.moat", "pay", [("payments", ["payments"]), ("ledger", ["payments", "finance"])]
+    )
     settings = load_settings(**{"model.adapters": [str(adapter)], "model.n_ctx": 256, "model.n_threads": 2})
     accounts = Accounts(open_db())
     accounts.add_user("alice", ["payments"])

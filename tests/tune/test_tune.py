@@ -18,7 +18,8 @@ from tests.conftest import run_cli
 
 PAY = {
     "payments/fees.py": "def interchange_fee(amount_cents: int) -> int:\n    return amount_cents * 15 // 1000\n" * 6,
-    "payments/checkout.py": "from payments.fees import interchange_fee\n\n\ndef total(c):\n    return c + interchange_fee(c)\n" * 5,
+    "payments/checkout.py": "from payments.fees import interchange_fee\n\n\ndef total(c):\n    return c + interchange_fee(c)\n"
+    * 5,
     "payments/refunds.py": "def refund(amount_cents: int) -> int:\n    return -amount_cents\n" * 8,
 }
 SECRET = {"ops/keys.py": "ROOT_PASSWORD = 'hunter2-ops-only'\n" * 10}
@@ -80,8 +81,20 @@ def test_tune_end_to_end(tmp_path, tiny_gguf):
     _index(tmp_path, "payments", PAY, ["payments", "finance"])
     _index(tmp_path, "ops", SECRET, ["ops"])
     out = tmp_path / "pay.moat"
-    res = tune(TuneOptions(repos=["payments"], out=out, base=tiny_gguf, steps=3, rank=4, batch_size=1, n_ctx=128,
-                           eval_tokens=200, threads=2, lr=5e-3))
+    res = tune(
+        TuneOptions(
+            repos=["payments"],
+            out=out,
+            base=tiny_gguf,
+            steps=3,
+            rank=4,
+            batch_size=1,
+            n_ctx=128,
+            eval_tokens=200,
+            threads=2,
+            lr=5e-3,
+        )
+    )
     a = open_adapter(out)
     assert a.meta["base"]["sha256"] == file_sha256(tiny_gguf)
     assert a.meta["repos"] == [{"name": "payments", "groups": ["finance", "payments"]}]

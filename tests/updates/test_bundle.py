@@ -154,8 +154,14 @@ def test_any_changed_byte_is_refused_before_install(shop, store, where):
     lic = shop.license()
     b = shop.release("1")
     mlen = PREFIX.unpack(b.read_bytes()[: PREFIX.size])[3]
-    offset = {"manifest": PREFIX.size + 40, "signature": PREFIX.size + mlen + 5, "payload": PREFIX.size + mlen + 64 + 100,
-              "last": b.stat().st_size - 1, "version": 9, "reserved": 11}[where]
+    offset = {
+        "manifest": PREFIX.size + 40,
+        "signature": PREFIX.size + mlen + 5,
+        "payload": PREFIX.size + mlen + 64 + 100,
+        "last": b.stat().st_size - 1,
+        "version": 9,
+        "reserved": 11,
+    }[where]
     _flip(b, offset)
     with pytest.raises(CodemoatError):
         store.apply(b, lic)
@@ -167,8 +173,12 @@ def test_truncated_extended_and_foreign_files_are_refused(shop, store, tmp_path)
     lic = shop.license()
     b = shop.release("1")
     data = b.read_bytes()
-    for name, blob, why in (("short", data[:-1], "truncated"), ("long", data + b"\0", "trailing"),
-                            ("tiny", data[:10], "too short"), ("magic", b"X" + data[1:], "bad magic")):
+    for name, blob, why in (
+        ("short", data[:-1], "truncated"),
+        ("long", data + b"\0", "trailing"),
+        ("tiny", data[:10], "too short"),
+        ("magic", b"X" + data[1:], "bad magic"),
+    ):
         p = tmp_path / f"{name}.moatpkg"
         p.write_bytes(blob)
         with pytest.raises(CodemoatError, match=why):

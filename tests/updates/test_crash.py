@@ -48,8 +48,9 @@ def test_crash_at_each_step(shop, machine, step):
 def test_crash_hook_is_inert_outside_tests(shop, machine):
     lic = shop.license()
     b = shop.release("1")
-    r = run_cli("update", "apply", str(b), "--license", str(lic),
-                env={"CODEMOAT_UPDATE_CRASH_AT": "staged", "PYTEST_CURRENT_TEST": ""})
+    r = run_cli(
+        "update", "apply", str(b), "--license", str(lic), env={"CODEMOAT_UPDATE_CRASH_AT": "staged", "PYTEST_CURRENT_TEST": ""}
+    )
     assert r.returncode == 0, r.stderr
 
 

@@ -11,12 +11,12 @@ import pytest
 
 from codemoat.errors import CodemoatError
 
-CALL_SITE = '''import httpx
+CALL_SITE = """import httpx
 
 
 def fetch_status(url: str) -> int:
     with httpx.Client(timeout=5.0, follow_redirects=True) as client:
-        response = client.'''
+        response = client."""
 
 
 @pytest.fixture
@@ -42,8 +42,9 @@ def _snippets(groups: set[str]) -> list:
     from codemoat.retrieve.retriever import Retriever
 
     r = Retriever()
-    return r.snippets_for_completion(groups=frozenset(groups), repo="app", path="status.py", prefix=CALL_SITE,
-                                     suffix="", k=8, budget_tokens=2000)
+    return r.snippets_for_completion(
+        groups=frozenset(groups), repo="app", path="status.py", prefix=CALL_SITE, suffix="", k=8, budget_tokens=2000
+    )
 
 
 def test_pack_definitions_reach_a_call_site_and_only_its_groups(shop, store, httpx_pack, app_repo):
@@ -59,8 +60,9 @@ def test_pack_definitions_reach_a_call_site_and_only_its_groups(shop, store, htt
     got = _snippets({"dev"})
     from_pack = [s for s in got if s.repo == "pack.httpx"]
     assert from_pack, [s.source for s in got]
-    assert any(s.path == "httpx/_client.py" and ("def get(" in s.text or "class Client" in s.text)
-               for s in from_pack), [s.source for s in from_pack]
+    assert any(s.path == "httpx/_client.py" and ("def get(" in s.text or "class Client" in s.text) for s in from_pack), [
+        s.source for s in from_pack
+    ]
     # a user outside the groups the admin chose gets nothing from the pack
     assert not any(s.repo == "pack.httpx" for s in _snippets({"support"}))
     # `index update` of everything leaves the pack alone (it changes only through `update apply`)
@@ -77,8 +79,7 @@ def test_newer_pack_replaces_older_and_keeps_its_groups(shop, store, tmp_path):
         f = tmp_path / f"p{v}"
         f.mkdir()
         (f / "api.py").write_text(f"def {name}():\n    return {v}\n")
-        store.apply(shop.release(v, kind="knowledge-pack", source=f, name="fw"), lic,
-                    groups=["dev"] if v == "1" else None)
+        store.apply(shop.release(v, kind="knowledge-pack", source=f, name="fw"), lic, groups=["dev"] if v == "1" else None)
     idx = SqliteIndex()
     [pack] = [r for r in idx.repos() if r.name == "pack.fw"]
     assert pack.groups == ("dev",) and pack.root.startswith("pack:fw@2#")

@@ -19,8 +19,7 @@ def _stream_forever(url: str, token: str, model: str, stop: threading.Event, sta
         while not stop.is_set():
             t = time.monotonic()
             try:
-                with c.stream("POST", f"{url}/v1/completions", json=body,
-                              headers={"Authorization": f"Bearer {token}"}) as r:
+                with c.stream("POST", f"{url}/v1/completions", json=body, headers={"Authorization": f"Bearer {token}"}) as r:
                     text = "".join(r.iter_text())
                 ok = r.status_code == 200 and "data: [DONE]" in text and '"error"' not in text
             except httpx.HTTPError as e:
@@ -40,7 +39,9 @@ def test_swap_under_16_streaming_clients_drops_nothing(shop, store, serve_proces
     store.apply(shop.release("2"), lic)
     stop, lock = threading.Event(), threading.Lock()
     stats = {"done": 0, "failed": 0, "lat": [], "errors": []}
-    clients = [threading.Thread(target=_stream_forever, args=(srv.url, user, before["model"], stop, stats, lock)) for _ in range(16)]
+    clients = [
+        threading.Thread(target=_stream_forever, args=(srv.url, user, before["model"], stop, stats, lock)) for _ in range(16)
+    ]
     for t in clients:
         t.start()
     time.sleep(3)
@@ -70,11 +71,14 @@ def test_failed_swap_keeps_the_old_model_serving(shop, store, serve_process, tmp
     data = bytearray(shop.moat.read_bytes())
     data[len(data) // 2] ^= 1
     broken.write_bytes(bytes(data))
-    r = httpx.post(f"{srv.url}/admin/api/model/swap", headers=h, json={"model": str(broken), "license": str(lic)},
-                   timeout=120)
+    r = httpx.post(f"{srv.url}/admin/api/model/swap", headers=h, json={"model": str(broken), "license": str(lic)}, timeout=120)
     assert r.status_code >= 400, r.text
-    r = httpx.post(f"{srv.url}/v1/completions", headers={"Authorization": f"Bearer {user}"},
-                   json={"model": "tiny", "prompt": "def f():", "max_tokens": 4}, timeout=60)
+    r = httpx.post(
+        f"{srv.url}/v1/completions",
+        headers={"Authorization": f"Bearer {user}"},
+        json={"model": "tiny", "prompt": "def f():", "max_tokens": 4},
+        timeout=60,
+    )
     assert r.status_code == 200, r.text  # the old model never stopped
     r = httpx.post(f"{srv.url}/admin/api/model/swap", headers={"Authorization": f"Bearer {user}"}, timeout=60)
     assert r.status_code == 403  # not an admin

@@ -22,8 +22,16 @@ class Shop:
         vendor.seal(gguf, "acme", self.moat)
         self.last, self.last_customer = None, None
 
-    def license(self, *, support_until: float | None = None, days: float = 30, machine=None, customer: str = "acme",
-                name: str | None = None, **kw) -> Path:
+    def license(
+        self,
+        *,
+        support_until: float | None = None,
+        days: float = 30,
+        machine=None,
+        customer: str = "acme",
+        name: str | None = None,
+        **kw,
+    ) -> Path:
         moat = self.moat
         self.last_customer = customer
         if customer != "acme":
@@ -31,15 +39,19 @@ class Shop:
             if not moat.exists():
                 self.vendor.seal(self.gguf, customer, moat)
         doc = self.vendor.issue_license(
-            customer=customer, model=moat, machines=[(machine or self.machine).identity()],
-            expires=int(time.time() + days * DAY), support_until=None if support_until is None else int(support_until), **kw)
+            customer=customer,
+            model=moat,
+            machines=[(machine or self.machine).identity()],
+            expires=int(time.time() + days * DAY),
+            support_until=None if support_until is None else int(support_until),
+            **kw,
+        )
         self.last = doc["license"]["id"]  # releases take this license's machines and terms
         p = self.folder / (name or f"{doc['license']['id']}.lic")
         p.write_text(json.dumps(doc))
         return p
 
-    def release(self, version: str, kind: str = "model", source: Path | None = None, customer: str = "acme",
-                **kw) -> Path:
+    def release(self, version: str, kind: str = "model", source: Path | None = None, customer: str = "acme", **kw) -> Path:
         from codemoat.updates.release import release
 
         out = self.folder / f"{customer}-{kind}-{version}-{time.monotonic_ns()}.moatpkg"
@@ -51,8 +63,9 @@ class Shop:
 def run_cli(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     e = dict(os.environ, **(env or {}))
     e.pop("CODEMOAT_DEBUG", None)
-    return subprocess.run([sys.executable, "-m", "codemoat.cli.main", *args], capture_output=True, text=True, env=e,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "codemoat.cli.main", *args], capture_output=True, text=True, env=e, timeout=timeout
+    )
 
 
 def one_line_error(p: subprocess.CompletedProcess) -> str:

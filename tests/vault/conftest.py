@@ -72,13 +72,14 @@ class KeyServerProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> "KeyServerProcess":
+    def start(self) -> KeyServerProcess:
         import uvicorn
 
         from codemoat.serve.keyserver_app import create_app
 
-        cfg = uvicorn.Config(create_app(self.vendor, self.clock), host="127.0.0.1", port=self.port,
-                             log_level="error", access_log=False)
+        cfg = uvicorn.Config(
+            create_app(self.vendor, self.clock), host="127.0.0.1", port=self.port, log_level="error", access_log=False
+        )
         self.server = uvicorn.Server(cfg)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()

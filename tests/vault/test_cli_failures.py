@@ -28,8 +28,19 @@ def test_cli_issue_then_expired_and_not_yet_valid(setup):
     vendor, machine, model, moat, lic, doc, tmp = setup
     ident = tmp / "me.json"
     ident.write_text(json.dumps(machine.identity()))
-    base = ["vendor", "license", "issue", "--vendor", str(vendor.root), "--customer", "acme", "--model", str(moat),
-            "--machine", str(ident)]
+    base = [
+        "vendor",
+        "license",
+        "issue",
+        "--vendor",
+        str(vendor.root),
+        "--customer",
+        "acme",
+        "--model",
+        str(moat),
+        "--machine",
+        str(ident),
+    ]
     p = cli(*base, "--not-before", "2019-01-01", "--expires", "2020-01-01", "--out", str(tmp / "old.lic"))
     assert p.returncode == 0, p.stderr
     assert "license expired on 2020-01-01" in one_line_error(verify(moat, tmp / "old.lic"))
@@ -37,12 +48,12 @@ def test_cli_issue_then_expired_and_not_yet_valid(setup):
     assert p.returncode == 0, p.stderr
     assert "license is not valid until" in one_line_error(verify(moat, tmp / "future.lic"))
     assert "expiry must come after its start" in one_line_error(
-        cli(*base, "--not-before", "2030-01-01", "--expires", "2029-01-01"))
+        cli(*base, "--not-before", "2030-01-01", "--expires", "2029-01-01")
+    )
     assert "unknown feature" in one_line_error(cli(*base, "--expires", "30d", "--features", "complete,root"))
     assert "--mode must be" in one_line_error(cli(*base, "--expires", "30d", "--mode", "cloud"))
     assert "needs --keyserver" in one_line_error(cli(*base, "--expires", "30d", "--mode", "lease"))
-    assert "machine identity" in one_line_error(
-        cli(*base[:-1], '{"kind": "something-else"}', "--expires", "30d"))
+    assert "machine identity" in one_line_error(cli(*base[:-1], '{"kind": "something-else"}', "--expires", "30d"))
 
 
 def test_cli_signature_model_customer_clock(setup):
@@ -54,8 +65,22 @@ def test_cli_signature_model_customer_clock(setup):
     moat_b, lic_b, _ = bundle(vendor, model, tmp / "b", machine, customer="bolt")
     assert "license is for another model" in one_line_error(verify(moat_b, lic))
     assert "is sealed for customer 'acme', not 'bolt'" in one_line_error(
-        cli("vendor", "license", "issue", "--vendor", str(vendor.root), "--customer", "bolt", "--model", str(moat),
-            "--machine", json.dumps(machine.identity()), "--expires", "30d"))
+        cli(
+            "vendor",
+            "license",
+            "issue",
+            "--vendor",
+            str(vendor.root),
+            "--customer",
+            "bolt",
+            "--model",
+            str(moat),
+            "--machine",
+            json.dumps(machine.identity()),
+            "--expires",
+            "30d",
+        )
+    )
     # The machine once saw a date a year ahead (its authenticated clock record says so): today is "set back".
     guard = ClockGuard(machine)
     guard._write(int(time.time()) + 365 * 86400)
@@ -74,16 +99,30 @@ def test_cli_wrong_kinds_of_path_are_one_line(setup):
     folder.mkdir()
     assert f"{folder} is a folder, not a sealed file" in one_line_error(verify(folder, lic))
     assert "is a folder, not a sealed file" in one_line_error(
-        cli("vendor", "unseal", str(folder), "--vendor", str(vendor.root), "--out", str(tmp / "x.gguf")))
+        cli("vendor", "unseal", str(folder), "--vendor", str(vendor.root), "--out", str(tmp / "x.gguf"))
+    )
     # unseal into a folder where a .gguf file is meant: refused before anything is decrypted or written
     assert f"{folder} is a folder: name the .gguf file" in one_line_error(
-        cli("vendor", "unseal", str(moat), "--vendor", str(vendor.root), "--out", str(folder)))
+        cli("vendor", "unseal", str(moat), "--vendor", str(vendor.root), "--out", str(folder))
+    )
     assert list(folder.iterdir()) == []
     # a machine identity that is not text, or is a folder
     binary = tmp / "id.bin"
     binary.write_bytes(b"\xff\xfe\x00garbage")
-    base = ["vendor", "license", "issue", "--vendor", str(vendor.root), "--customer", "acme", "--model", str(moat),
-            "--expires", "30d", "--machine"]
+    base = [
+        "vendor",
+        "license",
+        "issue",
+        "--vendor",
+        str(vendor.root),
+        "--customer",
+        "acme",
+        "--model",
+        str(moat),
+        "--expires",
+        "30d",
+        "--machine",
+    ]
     assert "is not text (not UTF-8)" in one_line_error(cli(*base, str(binary)))
     assert "is a folder: name the identity file" in one_line_error(cli(*base, str(folder)))
     # vendor init on a file, and under a path that cannot exist
@@ -111,7 +150,7 @@ def test_license_times_stay_printable(vendor, machine, tmp_path):
     assert vendor.licenses() == []
     doc = vendor.issue_license(customer="acme", model=moat, machines=[machine.identity()], expires=LATEST)
     assert iso(LATEST) == "9999-12-31T23:59:59Z" and doc["license"]["expires"] == LATEST
-    assert iso(10 ** 20).endswith("(out of range)")
+    assert iso(10**20).endswith("(out of range)")
 
 
 def test_cli_outputs_are_not_overwritten_and_licenses_can_be_exported_again(setup):
@@ -119,8 +158,23 @@ def test_cli_outputs_are_not_overwritten_and_licenses_can_be_exported_again(setu
     write any license out again, byte for byte the document that was issued."""
     vendor, machine, model, moat, lic, doc, tmp = setup
     out = tmp / "acme.lic"
-    base = ["vendor", "license", "issue", "--vendor", str(vendor.root), "--customer", "acme", "--model", str(moat),
-            "--machine", json.dumps(machine.identity()), "--expires", "30d", "--out", str(out)]
+    base = [
+        "vendor",
+        "license",
+        "issue",
+        "--vendor",
+        str(vendor.root),
+        "--customer",
+        "acme",
+        "--model",
+        str(moat),
+        "--machine",
+        json.dumps(machine.identity()),
+        "--expires",
+        "30d",
+        "--out",
+        str(out),
+    ]
     assert cli(*base).returncode == 0
     first = out.read_text()
     err = one_line_error(cli(*base))
@@ -141,6 +195,17 @@ def test_cli_outputs_are_not_overwritten_and_licenses_can_be_exported_again(setu
     # sealing over an existing sealed file
     before = moat.read_bytes()
     assert f"{moat} exists: pass --force" in one_line_error(
-        cli("vendor", "seal", str(model), "--vendor", str(vendor.root), "--customer", "acme", "--out", str(moat),
-            "--no-fingerprint"))
+        cli(
+            "vendor",
+            "seal",
+            str(model),
+            "--vendor",
+            str(vendor.root),
+            "--customer",
+            "acme",
+            "--out",
+            str(moat),
+            "--no-fingerprint",
+        )
+    )
     assert moat.read_bytes() == before

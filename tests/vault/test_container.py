@@ -20,8 +20,17 @@ CHUNK = 4096
 def make(tmp_path, data: bytes, key: bytes | None = None, signer=None, name="m.moat"):
     key = key or os.urandom(32)
     signer = signer or Ed25519PrivateKey.generate()
-    sealed = seal_bytes(data, tmp_path / name, signing_key=signer, content_key=key, model_id="m", fmt="gguf",
-                        customer="acme", customer_id="c_1", chunk_size=CHUNK)
+    sealed = seal_bytes(
+        data,
+        tmp_path / name,
+        signing_key=signer,
+        content_key=key,
+        model_id="m",
+        fmt="gguf",
+        customer="acme",
+        customer_id="c_1",
+        chunk_size=CHUNK,
+    )
     return sealed, key
 
 
@@ -93,7 +102,7 @@ def test_swapped_chunks_rejected(tmp_path):
     sealed, key = make(tmp_path, os.urandom(CHUNK * 3))
     raw = bytearray(sealed.path.read_bytes())
     (a, n), (b, _), _ = _chunk_offsets(sealed)
-    raw[a:a + n], raw[b:b + n] = raw[b:b + n], raw[a:a + n]
+    raw[a : a + n], raw[b : b + n] = raw[b : b + n], raw[a : a + n]
     sealed.path.write_bytes(raw)
     with pytest.raises(VaultError, match="chunk 0 of 3 failed authentication"):
         SealedFile(sealed.path).decrypt(key)
@@ -106,13 +115,23 @@ def test_last_chunk_cannot_pose_as_middle(tmp_path):
     key = os.urandom(32)
     data = os.urandom(CHUNK * 2)
     full, _ = make(tmp_path, data, key, signer, "full.moat")
-    short = seal_bytes(data[:CHUNK], tmp_path / "short.moat", signing_key=signer, content_key=key, model_id="m",
-                       fmt="gguf", customer="acme", customer_id="c_1", chunk_size=CHUNK,
-                       file_id=full.manifest.file_id, created=full.manifest.created)
+    short = seal_bytes(
+        data[:CHUNK],
+        tmp_path / "short.moat",
+        signing_key=signer,
+        content_key=key,
+        model_id="m",
+        fmt="gguf",
+        customer="acme",
+        customer_id="c_1",
+        chunk_size=CHUNK,
+        file_id=full.manifest.file_id,
+        created=full.manifest.created,
+    )
     raw_full = full.path.read_bytes()
     raw_short = bytearray(short.path.read_bytes())
     off, n = _chunk_offsets(full)[0]
-    raw_short[short.payload_offset:] = raw_full[off:off + n]
+    raw_short[short.payload_offset :] = raw_full[off : off + n]
     short.path.write_bytes(raw_short)
     with pytest.raises(VaultError, match="chunk 0 of 1 failed authentication"):
         SealedFile(short.path).decrypt(key)
@@ -147,18 +166,18 @@ def test_resigned_manifest_still_bound_to_chunks(tmp_path):
     # so every chunk's associated data differs and the first chunk fails.
     sealed, key = make(tmp_path, os.urandom(CHUNK * 2))
     raw = sealed.path.read_bytes()
-    _, _, mlen = PREFIX.unpack(raw[:PREFIX.size])
+    _, _, mlen = PREFIX.unpack(raw[: PREFIX.size])
     other = Ed25519PrivateKey.generate()
     import json
 
     from codemoat.vault.codec import b64e, canonical, public_raw, sign
 
-    fields = json.loads(raw[PREFIX.size:PREFIX.size + mlen])
+    fields = json.loads(raw[PREFIX.size : PREFIX.size + mlen])
     fields["customer"] = "evil"
     fields["vendor_key"] = b64e(public_raw(other.public_key()))
     manifest = canonical(fields)
     signed = PREFIX.pack(b"CODEMOAT", 1, len(manifest)) + manifest
-    rebuilt = signed + sign(other, b"codemoat-manifest-v1", signed) + raw[PREFIX.size + mlen + 64:]
+    rebuilt = signed + sign(other, b"codemoat-manifest-v1", signed) + raw[PREFIX.size + mlen + 64 :]
     sealed.path.write_bytes(rebuilt)
     with pytest.raises(VaultError, match="chunk 0 of 2 failed authentication"):
         SealedFile(sealed.path).decrypt(key)

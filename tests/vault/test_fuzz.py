@@ -74,19 +74,19 @@ def test_container_mutations_all_rejected(vendor, tmp_path):
         elif kind == "header_flip":
             data[rng.randrange(sealed.payload_offset)] ^= 1 << rng.randrange(8)
         elif kind == "truncate":
-            del data[rng.randrange(len(data)):]
+            del data[rng.randrange(len(data)) :]
         elif kind == "extend":
             data += os.urandom(rng.randint(1, 64))
         elif kind == "swap":
             (a, n), (b, m) = rng.sample(offsets[:-1], 2)  # equal-sized full chunks
-            data[a:a + n], data[b:b + m] = orig[b:b + m], orig[a:a + n]
+            data[a : a + n], data[b : b + m] = orig[b : b + m], orig[a : a + n]
         elif kind == "drop":
             a, n = rng.choice(offsets)
-            del data[a:a + n]
+            del data[a : a + n]
         else:  # duplicate a chunk at its neighbour's place
             (a, n) = offsets[rng.randrange(len(offsets) - 2)]
             b = a + n
-            data[b:b + n] = orig[a:a + n]
+            data[b : b + n] = orig[a : a + n]
         if bytes(data) == orig:
             continue
         kinds[kind] = kinds.get(kind, 0) + 1
@@ -107,9 +107,9 @@ def _edits(rng: random.Random, body: dict) -> dict:
     b = copy.deepcopy(body)
     choice = rng.randrange(10)
     if choice == 0:
-        b["expires"] += rng.choice([1, 86400, 10 ** 8])
+        b["expires"] += rng.choice([1, 86400, 10**8])
     elif choice == 1:
-        b["not_before"] -= rng.randint(1, 10 ** 6)
+        b["not_before"] -= rng.randint(1, 10**6)
     elif choice == 2:
         b["features"] = b["features"] + ["admin"]
     elif choice == 3:
@@ -136,8 +136,7 @@ def test_license_mutations_all_rejected(vendor, machine, tmp_path):
     model.write_bytes(b"GGUF" + os.urandom(2 * CHUNK))
     moat = tmp_path / "a.moat"
     sealed = vendor.seal(model, "acme", moat, chunk_size=CHUNK)
-    doc = vendor.issue_license(customer="acme", model=moat, machines=[machine.identity()],
-                               expires=int(time.time()) + 86400)
+    doc = vendor.issue_license(customer="acme", model=moat, machines=[machine.identity()], expires=int(time.time()) + 86400)
     raw = json.dumps(doc).encode()
     guard = ClockGuard(machine)
     assert check(License.parse(raw), sealed, machine, guard).content_key is not None
@@ -152,7 +151,7 @@ def test_license_mutations_all_rejected(vendor, machine, tmp_path):
         elif kind == "truncate":
             data = bytearray(raw[: rng.randrange(len(raw))])
         elif kind == "extend":
-            data = bytearray(raw + bytes([rng.choice(b"x}]0,\"")]) + os.urandom(rng.randint(0, 8)))
+            data = bytearray(raw + bytes([rng.choice(b'x}]0,"')]) + os.urandom(rng.randint(0, 8)))
         elif kind == "edit":
             d = copy.deepcopy(doc)
             d["license"] = _edits(rng, doc["license"])
@@ -165,8 +164,12 @@ def test_license_mutations_all_rejected(vendor, machine, tmp_path):
             forger = Ed25519PrivateKey.generate()
             body = _edits(rng, doc["license"])
             body["vendor_key"] = b64e(public_raw(forger.public_key()))
-            d = {"kind": doc["kind"], "version": doc["version"], "license": body,
-                 "signature": b64e(sign(forger, b"codemoat-license-v1", canonical(body)))}
+            d = {
+                "kind": doc["kind"],
+                "version": doc["version"],
+                "license": body,
+                "signature": b64e(sign(forger, b"codemoat-license-v1", canonical(body))),
+            }
             data = bytearray(json.dumps(d).encode())
         if bytes(data) == raw:
             continue
@@ -187,10 +190,14 @@ def test_hostile_json_is_a_clean_refusal(vendor, machine, tmp_path):
 
     from codemoat.vault.container import MAGIC
 
-    hostile = [b'{"kind":"codemoat-license","version":1,"license":{"x":NaN},"signature":"AA=="}',
-               b'{"kind":"codemoat-license","version":1,"license":' + b"[" * 100000 + b"]" * 100000 + b"}",
-               b'{"kind":"codemoat-license","version":1,"license":[],"signature":"AA=="}',
-               b'{"kind":"codemoat-license","version":1,"license":{},"signature":5}', b"\xff\xfe", b"null"]
+    hostile = [
+        b'{"kind":"codemoat-license","version":1,"license":{"x":NaN},"signature":"AA=="}',
+        b'{"kind":"codemoat-license","version":1,"license":' + b"[" * 100000 + b"]" * 100000 + b"}",
+        b'{"kind":"codemoat-license","version":1,"license":[],"signature":"AA=="}',
+        b'{"kind":"codemoat-license","version":1,"license":{},"signature":5}',
+        b"\xff\xfe",
+        b"null",
+    ]
     for doc in hostile:
         try:
             License.parse(doc)

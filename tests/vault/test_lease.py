@@ -91,7 +91,7 @@ class Tamper(httpx.HTTPTransport):
         resp.read()
         data = resp.json()
         if self.mode == "edit":
-            data["lease"]["ttl"] = 10 ** 6
+            data["lease"]["ttl"] = 10**6
         elif self.mode == "replay":
             if self.saved is None:
                 self.saved = data
@@ -152,8 +152,13 @@ def test_keeper_outage_within_ttl_plus_grace(vendor, machine, model, tmp_path):
         clock = ManualClock()
         client = LeaseClient(lic, machine, clock=clock)
         events: list[str] = []
-        keeper = LeaseKeeper(client, client.acquire(), on_lost=lambda r: events.append("lost: " + r),
-                             on_regained=lambda l: events.append("regained"), clock=clock)
+        keeper = LeaseKeeper(
+            client,
+            client.acquire(),
+            on_lost=lambda r: events.append("lost: " + r),
+            on_regained=lambda l: events.append("regained"),
+            clock=clock,
+        )
         t0 = keeper.lease.sent_at
         clock.advance(5)
         keeper.tick()
@@ -234,8 +239,9 @@ def test_cli_lease_failures_are_one_line(vendor, machine, model, tmp_path):
     ks = KeyServerProcess(vendor).start()
     other = MachineKey.generate()
     try:
-        moat, lic, doc = bundle(vendor, model, tmp_path / "out", [machine, other], mode="lease",
-                                keyserver=ks.url, lease_ttl=600, grace=60, seats=1)
+        moat, lic, doc = bundle(
+            vendor, model, tmp_path / "out", [machine, other], mode="lease", keyserver=ks.url, lease_ttl=600, grace=60, seats=1
+        )
         p = cli("verify", "--model", str(moat), "--license", str(lic), "--json")
         assert p.returncode == 0 and "lease from" in json.loads(p.stdout)["checks"][-2]
         LeaseClient(License.load(lic), other).acquire()  # the one seat is now held by the other machine
@@ -245,8 +251,7 @@ def test_cli_lease_failures_are_one_line(vendor, machine, model, tmp_path):
     finally:
         ks.stop()
     assert "key server unreachable" in one_line_error(cli("verify", "--model", str(moat), "--license", str(lic)))
-    moat2, lic2, _ = bundle(vendor, model, tmp_path / "out2", machine, mode="lease",
-                            keyserver=f"http://127.0.0.1:{free_port()}")
+    moat2, lic2, _ = bundle(vendor, model, tmp_path / "out2", machine, mode="lease", keyserver=f"http://127.0.0.1:{free_port()}")
     assert "key server unreachable" in one_line_error(cli("verify", "--model", str(moat2), "--license", str(lic2)))
 
 

@@ -38,8 +38,9 @@ def test_offline_round_trip(vendor, machine, model, tmp_path):
 
 def test_watermark_key_delivered_only_when_asked(vendor, machine, model, tmp_path):
     moat, lic, _ = bundle(vendor, model, tmp_path / "a", machine)
-    g = check(License.load(lic), __import__("codemoat.vault.container", fromlist=["x"]).SealedFile(moat), machine,
-              ClockGuard(machine))
+    g = check(
+        License.load(lic), __import__("codemoat.vault.container", fromlist=["x"]).SealedFile(moat), machine, ClockGuard(machine)
+    )
     assert g.watermark_key == vendor.find_customer("acme").watermark_secret
     moat2, lic2, _ = bundle(vendor, model, tmp_path / "b", machine, watermark=False)
     from codemoat.vault.container import SealedFile
@@ -66,8 +67,9 @@ def test_forged_machine_entry_cannot_unwrap(vendor, machine, model, tmp_path):
     _, lic, doc = bundle(vendor, model, tmp_path / "out", machine)
     other = MachineKey.generate()
     with pytest.raises(VaultError, match="cannot be unwrapped"):
-        unwrap(other.x25519, doc["license"]["keys"]["content_key"], key_context("content-key", doc["license"]["id"]),
-               "content key")
+        unwrap(
+            other.x25519, doc["license"]["keys"]["content_key"], key_context("content-key", doc["license"]["id"]), "content key"
+        )
 
 
 def test_hardware_policy(vendor, model, tmp_path, monkeypatch):
@@ -141,7 +143,7 @@ def test_clock_record_tampered_or_deleted(vendor, machine, model, tmp_path):
     moat, lic, _ = bundle(vendor, model, tmp_path / "a", machine)
     guard = ClockGuard(machine)
     d = json.loads(guard.path.read_text())
-    guard.path.write_text(json.dumps({"hwm": d["hwm"] - 10 ** 6, "mac": d["mac"]}))
+    guard.path.write_text(json.dumps({"hwm": d["hwm"] - 10**6, "mac": d["mac"]}))
     with pytest.raises(VaultError, match="was altered"):
         verify_bundle(moat, lic)
     guard.path.unlink()
@@ -165,10 +167,19 @@ def test_other_model_and_other_customer(vendor, machine, model, tmp_path):
     from codemoat.vault.license import issue
 
     sealed = SealedFile(moat_a)
-    doc = issue(vendor.signing_key, sealed=sealed, customer="bolt", customer_id=vendor.find_customer("bolt").id,
-                machines=[machine.identity()], content_key=vendor.content_key(sealed.manifest.file_id),
-                watermark_key=None, not_before=int(time.time()), expires=int(time.time()) + 999,
-                issued_at=int(time.time()), features=["chat"])
+    doc = issue(
+        vendor.signing_key,
+        sealed=sealed,
+        customer="bolt",
+        customer_id=vendor.find_customer("bolt").id,
+        machines=[machine.identity()],
+        content_key=vendor.content_key(sealed.manifest.file_id),
+        watermark_key=None,
+        not_before=int(time.time()),
+        expires=int(time.time()) + 999,
+        issued_at=int(time.time()),
+        features=["chat"],
+    )
     bad = tmp_path / "bad.lic"
     bad.write_text(json.dumps(doc))
     with pytest.raises(VaultError, match="license is for customer 'bolt', but the model is sealed for 'acme'"):
@@ -230,11 +241,37 @@ def test_cli_flow_and_one_line_errors(tmp_path, model, vault_home):
     ident_file = tmp_path / "me.json"
     ident_file.write_text(ident.stdout)
     assert json.loads(ident.stdout)["kind"] == "codemoat-machine"
-    p = cli("vendor", "seal", str(model), "--vendor", str(v), "--customer", "acme", "--out", str(tmp_path / "a.moat"),
-            "--no-fingerprint")
+    p = cli(
+        "vendor",
+        "seal",
+        str(model),
+        "--vendor",
+        str(v),
+        "--customer",
+        "acme",
+        "--out",
+        str(tmp_path / "a.moat"),
+        "--no-fingerprint",
+    )
     assert p.returncode == 0, p.stderr
-    p = cli("vendor", "license", "issue", "--vendor", str(v), "--customer", "acme", "--model", str(tmp_path / "a.moat"),
-            "--machine", str(ident_file), "--expires", "30d", "--out", str(tmp_path / "a.lic"), "--json")
+    p = cli(
+        "vendor",
+        "license",
+        "issue",
+        "--vendor",
+        str(v),
+        "--customer",
+        "acme",
+        "--model",
+        str(tmp_path / "a.moat"),
+        "--machine",
+        str(ident_file),
+        "--expires",
+        "30d",
+        "--out",
+        str(tmp_path / "a.lic"),
+        "--json",
+    )
     assert p.returncode == 0, p.stderr
     lid = json.loads(p.stdout)["id"]
     p = cli("verify", "--model", str(tmp_path / "a.moat"), "--license", str(tmp_path / "a.lic"), "--json")
@@ -247,25 +284,35 @@ def test_cli_flow_and_one_line_errors(tmp_path, model, vault_home):
     # failure classes: each one line, exit 1
     elsewhere = tmp_path / "elsewhere"
     assert "no identity yet" in one_line_error(
-        cli("verify", "--model", str(tmp_path / "a.moat"), "--license", str(tmp_path / "a.lic"), home=elsewhere))
+        cli("verify", "--model", str(tmp_path / "a.moat"), "--license", str(tmp_path / "a.lic"), home=elsewhere)
+    )
     assert cli("machine-id", home=elsewhere).returncode == 0
     assert "another machine" in one_line_error(
-        cli("verify", "--model", str(tmp_path / "a.moat"), "--license", str(tmp_path / "a.lic"), home=elsewhere))
+        cli("verify", "--model", str(tmp_path / "a.moat"), "--license", str(tmp_path / "a.lic"), home=elsewhere)
+    )
     raw = bytearray((tmp_path / "a.moat").read_bytes())
     raw[-5] ^= 1
     (tmp_path / "t.moat").write_bytes(raw)
     assert "failed authentication" in one_line_error(
-        cli("verify", "--model", str(tmp_path / "t.moat"), "--license", str(tmp_path / "a.lic")))
+        cli("verify", "--model", str(tmp_path / "t.moat"), "--license", str(tmp_path / "a.lic"))
+    )
     (tmp_path / "s.moat").write_bytes(raw[:-100])
     assert "truncated" in one_line_error(cli("inspect", str(tmp_path / "s.moat")))
-    assert "--no-fingerprint" in one_line_error(cli("vendor", "seal", str(model), "--vendor", str(v), "--customer",
-                                                    "acme", "--out", str(tmp_path / "x.moat"))) or _has_trace()
-    assert "no vendor keys" in one_line_error(cli("vendor", "unseal", str(tmp_path / "a.moat"), "--vendor",
-                                                  str(tmp_path / "nobody"), "--out", str(tmp_path / "x.gguf")))
+    assert (
+        "--no-fingerprint"
+        in one_line_error(
+            cli("vendor", "seal", str(model), "--vendor", str(v), "--customer", "acme", "--out", str(tmp_path / "x.moat"))
+        )
+        or _has_trace()
+    )
+    assert "no vendor keys" in one_line_error(
+        cli("vendor", "unseal", str(tmp_path / "a.moat"), "--vendor", str(tmp_path / "nobody"), "--out", str(tmp_path / "x.gguf"))
+    )
     other = tmp_path / "v2"
     assert cli("vendor", "init", "--vendor", str(other)).returncode == 0
-    assert "not by this vendor" in one_line_error(cli("vendor", "unseal", str(tmp_path / "a.moat"), "--vendor",
-                                                      str(other), "--out", str(tmp_path / "x.gguf")))
+    assert "not by this vendor" in one_line_error(
+        cli("vendor", "unseal", str(tmp_path / "a.moat"), "--vendor", str(other), "--out", str(tmp_path / "x.gguf"))
+    )
     assert not (tmp_path / "x.gguf").exists()
     assert cli("vendor", "license", "revoke", lid, "--vendor", str(v)).returncode == 0
     assert "no license" in one_line_error(cli("vendor", "license", "revoke", "lic_nope", "--vendor", str(v)))

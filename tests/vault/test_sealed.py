@@ -39,7 +39,7 @@ def wait_for(cond, seconds=10.0) -> bool:
 def canaries(plain: bytes, n: int = 6) -> list[bytes]:
     """Distinctive 32-byte slices of the plaintext (weights are random: each occurs once)."""
     step = len(plain) // (n + 1)
-    return [plain[i * step: i * step + 32] for i in range(1, n + 1)]
+    return [plain[i * step : i * step + 32] for i in range(1, n + 1)]
 
 
 def scan_for(paths: list[Path], needles: list[bytes]) -> list[str]:
@@ -136,8 +136,7 @@ def test_offline_license_expiry_unloads_while_serving(vendor, machine, gguf_file
 def test_lease_serving_outage_grace_revoke(vendor, machine, gguf_file, tmp_path):
     ks = KeyServerProcess(vendor).start()
     clock = ManualClock()
-    moat, lic, doc = bundle(vendor, gguf_file, tmp_path / "out", machine, mode="lease", keyserver=ks.url,
-                            lease_ttl=20, grace=10)
+    moat, lic, doc = bundle(vendor, gguf_file, tmp_path / "out", machine, mode="lease", keyserver=ks.url, lease_ttl=20, grace=10)
     holder = open_sealed(moat, lic, settings=load_settings(**{"model.n_ctx": 256, "model.n_threads": 1}), clock=clock)
     try:
         assert complete(holder)

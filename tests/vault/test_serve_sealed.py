@@ -21,9 +21,13 @@ pytestmark = pytest.mark.slow
 
 def start_serve(moat, lic, port):
     env = dict(os.environ, CODEMOAT_MODEL__N_CTX="256", CODEMOAT_MODEL__N_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "codemoat.cli.main", "serve", "--model", str(moat), "--license",
-                             str(lic), "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "codemoat.cli.main", "serve", "--model", str(moat), "--license", str(lic), "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.time() + 90
     while time.time() < deadline:
         if proc.poll() is not None:
@@ -43,8 +47,7 @@ def test_serve_sealed_lease_then_revoke(vendor, machine, gguf_file, tmp_path):
 
     ks = KeyServerProcess(vendor).start()
     port = free_port()
-    moat, lic, doc = bundle(vendor, gguf_file, tmp_path / "out", machine, mode="lease", keyserver=ks.url,
-                            lease_ttl=4, grace=2)
+    moat, lic, doc = bundle(vendor, gguf_file, tmp_path / "out", machine, mode="lease", keyserver=ks.url, lease_ttl=4, grace=2)
     token = json.loads(cli("tokens", "create", "--name", "vault-e2e", "--json").stdout)["token"]
     proc = start_serve(moat, lic, port)
     try:

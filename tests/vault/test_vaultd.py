@@ -118,13 +118,17 @@ def test_socket_spec_must_be_unix():
 def test_bad_input_is_one_line(tmp_path):
     sock = f"unix:{tmp_path}/v.sock"
     assert "give --allow-uid or --allow-group" in one_line_error(
-        cli("vaultd", "--socket", sock, "--model", "a.moat", "--license", "a.lic"))
+        cli("vaultd", "--socket", sock, "--model", "a.moat", "--license", "a.lic")
+    )
     assert "no such user" in one_line_error(
-        cli("vaultd", "--socket", sock, "--model", "a.moat", "--license", "a.lic", "--allow-uid", "nosuch-user-x"))
+        cli("vaultd", "--socket", sock, "--model", "a.moat", "--license", "a.lic", "--allow-uid", "nosuch-user-x")
+    )
     assert "one --license per --model" in one_line_error(
-        cli("vaultd", "--socket", sock, "--model", "a.moat", "--model", "b.moat", "--license", "a.lic", "--allow-uid", "0"))
+        cli("vaultd", "--socket", sock, "--model", "a.moat", "--model", "b.moat", "--license", "a.lic", "--allow-uid", "0")
+    )
     assert "cannot reach the vault daemon" in one_line_error(
-        cli("serve", "--vault", sock, "--model", "acme-coder", "--port", "0"))
+        cli("serve", "--vault", sock, "--model", "acme-coder", "--port", "0")
+    )
     assert "give unix:PATH" in one_line_error(cli("serve", "--vault", "tcp:127.0.0.1:9", "--model", "m", "--port", "0"))
 
 
@@ -142,8 +146,18 @@ def _python_for(user: pwd.struct_passwd) -> tuple[list[str], dict[str, str]]:
     version = f"python{sys.version_info.major}.{sys.version_info.minor}"
     for exe in (sys.executable, f"/usr/bin/{version}", f"/usr/local/bin/{version}"):
         try:
-            ok = exe and subprocess.run([exe, "-c", "import codemoat.cli.main"], user=user.pw_uid, group=user.pw_gid,
-                                        extra_groups=[], env=dict(os.environ, **env), capture_output=True).returncode == 0
+            ok = (
+                exe
+                and subprocess.run(
+                    [exe, "-c", "import codemoat.cli.main"],
+                    user=user.pw_uid,
+                    group=user.pw_gid,
+                    extra_groups=[],
+                    env=dict(os.environ, **env),
+                    capture_output=True,
+                ).returncode
+                == 0
+            )
         except OSError:  # not executable by that user
             ok = False
         if ok:
@@ -160,8 +174,21 @@ def accounts():
     subprocess.run(["groupadd", "--system", f"cmcl{tag}"], check=True, capture_output=True)
     made = []
     for role in ("vd", "sv"):
-        subprocess.run(["useradd", "--system", "--user-group", "--no-create-home", "--shell", "/usr/sbin/nologin",
-                        "-G", f"cmcl{tag}", f"cm{role}{tag}"], check=True, capture_output=True)
+        subprocess.run(
+            [
+                "useradd",
+                "--system",
+                "--user-group",
+                "--no-create-home",
+                "--shell",
+                "/usr/sbin/nologin",
+                "-G",
+                f"cmcl{tag}",
+                f"cm{role}{tag}",
+            ],
+            check=True,
+            capture_output=True,
+        )
         made.append(pwd.getpwnam(f"cm{role}{tag}"))
     yield (*made, grp.getgrnam(f"cmcl{tag}"))
     for u in made:
@@ -194,8 +221,12 @@ class Setup:
         self.moat, self.lic, self.doc = bundle(vendor, gguf_file, self.vault_home / "models", machine, **issue)
         self.model_id = SealedFile(self.moat).manifest.model_id
         monkeypatch.setenv("CODEMOAT_HOME", str(self.serve_home))
-        r = subprocess.run([sys.executable, "-m", "codemoat.cli.main", "tokens", "create", "--name", "dev", "--json"],
-                           capture_output=True, text=True, env=dict(os.environ))
+        r = subprocess.run(
+            [sys.executable, "-m", "codemoat.cli.main", "tokens", "create", "--name", "dev", "--json"],
+            capture_output=True,
+            text=True,
+            env=dict(os.environ),
+        )
         assert r.returncode == 0, r.stderr
         self.token = json.loads(r.stdout)["token"]
         chown_tree(self.vault_home, vault)
@@ -206,25 +237,59 @@ class Setup:
 
     def spawn(self, user, home: Path, *args: str, wait: bool = False) -> subprocess.Popen:
         exe, extra = _python_for(user)
-        env = dict(os.environ, CODEMOAT_HOME=str(home), TMPDIR=str(home), CODEMOAT_MODEL__N_CTX="256",
-                   CODEMOAT_MODEL__N_THREADS="1", **extra)
+        env = dict(
+            os.environ,
+            CODEMOAT_HOME=str(home),
+            TMPDIR=str(home),
+            CODEMOAT_MODEL__N_CTX="256",
+            CODEMOAT_MODEL__N_THREADS="1",
+            **extra,
+        )
         env.pop("CODEMOAT_DEBUG", None)
         log = open(home / f"log-{len(self.procs)}.txt", "w+")
-        p = subprocess.Popen([*exe, "-m", "codemoat.cli.main", *args], user=user.pw_uid, group=user.pw_gid,
-                             extra_groups=[self.clients.gr_gid],
-                             env=env, stdout=log, stderr=subprocess.STDOUT, cwd=str(home))
+        p = subprocess.Popen(
+            [*exe, "-m", "codemoat.cli.main", *args],
+            user=user.pw_uid,
+            group=user.pw_gid,
+            extra_groups=[self.clients.gr_gid],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=str(home),
+        )
         p.log = log  # type: ignore[attr-defined]
         self.procs.append(p)
         return p
 
     def run_as(self, user, code: str) -> subprocess.CompletedProcess:
         exe, extra = _python_for(user)
-        return subprocess.run([*exe, "-c", code], user=user.pw_uid, group=user.pw_gid, extra_groups=[],
-                              env=dict(os.environ, **extra), capture_output=True, text=True, timeout=60)
+        return subprocess.run(
+            [*exe, "-c", code],
+            user=user.pw_uid,
+            group=user.pw_gid,
+            extra_groups=[],
+            env=dict(os.environ, **extra),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
 
     def vaultd(self) -> subprocess.Popen:
-        p = self.spawn(self.vault, self.vault_home, "vaultd", "--socket", f"unix:{self.sock}", "--model", str(self.moat),
-                       "--license", str(self.lic), "--allow-uid", self.serve.pw_name, "--allow-group", self.clients.gr_name)
+        p = self.spawn(
+            self.vault,
+            self.vault_home,
+            "vaultd",
+            "--socket",
+            f"unix:{self.sock}",
+            "--model",
+            str(self.moat),
+            "--license",
+            str(self.lic),
+            "--allow-uid",
+            self.serve.pw_name,
+            "--allow-group",
+            self.clients.gr_name,
+        )
         deadline = time.time() + 60
         while not self.sock.is_socket():
             assert p.poll() is None and time.time() < deadline, output(p)
@@ -233,8 +298,19 @@ class Setup:
 
     def serve_proc(self) -> tuple[subprocess.Popen, str]:
         port = free_port()
-        p = self.spawn(self.serve, self.serve_home, "serve", "--vault", f"unix:{self.sock}", "--model", self.model_id,
-                       "--host", "127.0.0.1", "--port", str(port))
+        p = self.spawn(
+            self.serve,
+            self.serve_home,
+            "serve",
+            "--vault",
+            f"unix:{self.sock}",
+            "--model",
+            self.model_id,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        )
         url = f"http://127.0.0.1:{port}"
         deadline = time.time() + 120
         while time.time() < deadline:
@@ -266,8 +342,10 @@ def output(p: subprocess.Popen) -> str:
 
 
 def readable(setup: Setup, user, *files: Path) -> dict[str, bool]:
-    code = ("import json\nout={}\nfor f in %r:\n    try:\n        open(f,'rb').read(1); out[f]=True\n"
-            "    except OSError:\n        out[f]=False\nprint(json.dumps(out))" % [str(f) for f in files])
+    code = (
+        "import json\nout={}\nfor f in %r:\n    try:\n        open(f,'rb').read(1); out[f]=True\n"
+        "    except OSError:\n        out[f]=False\nprint(json.dumps(out))" % [str(f) for f in files]
+    )
     r = setup.run_as(user, code)
     assert r.returncode == 0, r.stderr
     return {Path(k).name: v for k, v in json.loads(r.stdout).items()}
@@ -275,8 +353,7 @@ def readable(setup: Setup, user, *files: Path) -> dict[str, bool]:
 
 @root_only
 @pytest.mark.slow
-def test_serve_account_gets_the_model_only_through_vaultd_and_unloads_on_revocation(
-        vendor, gguf_file, accounts, monkeypatch):
+def test_serve_account_gets_the_model_only_through_vaultd_and_unloads_on_revocation(vendor, gguf_file, accounts, monkeypatch):
     from openai import APIStatusError, OpenAI
 
     vault, serve, clients = accounts
@@ -289,8 +366,9 @@ def test_serve_account_gets_the_model_only_through_vaultd_and_unloads_on_revocat
         assert readable(setup, serve, *secrets) == {"machine.key": False, setup.lic.name: False, "acme.moat": False}
 
         # without vaultd, serve's account cannot open the sealed model itself
-        direct = setup.spawn(serve, setup.serve_home, "serve", "--model", str(setup.moat), "--license", str(setup.lic),
-                             "--port", str(free_port()))
+        direct = setup.spawn(
+            serve, setup.serve_home, "serve", "--model", str(setup.moat), "--license", str(setup.lic), "--port", str(free_port())
+        )
         assert direct.wait(timeout=120) == 1
         assert "Traceback" not in output(direct) and "error:" in output(direct)
 
@@ -306,7 +384,8 @@ def test_serve_account_gets_the_model_only_through_vaultd_and_unloads_on_revocat
         health = httpx.get(url + "/health", headers={"Authorization": f"Bearer {setup.token}"}).json()
         assert health["license"]["license_id"] == setup.doc["license"]["id"]
         maps = Path(f"/proc/{proc.pid}/maps").read_text() + "".join(
-            os.readlink(f) for f in Path(f"/proc/{proc.pid}/fd").iterdir() if f.is_symlink())
+            os.readlink(f) for f in Path(f"/proc/{proc.pid}/fd").iterdir() if f.is_symlink()
+        )
         assert "machine.key" not in maps and "acme.moat" not in maps
 
         vendor.revoke(setup.doc["license"]["id"])
@@ -328,8 +407,7 @@ def test_serve_account_gets_the_model_only_through_vaultd_and_unloads_on_revocat
 
 @root_only
 @pytest.mark.slow
-def test_stopped_vaultd_stops_new_loads_and_a_replayed_socket_is_refused(vendor, machine, gguf_file, accounts,
-                                                                        monkeypatch):
+def test_stopped_vaultd_stops_new_loads_and_a_replayed_socket_is_refused(vendor, machine, gguf_file, accounts, monkeypatch):
     vault, serve, clients = accounts
     setup = Setup(vendor, gguf_file, accounts, monkeypatch)  # offline license
     try:
@@ -372,8 +450,17 @@ except Exception as e:
         after = httpx.post(url + "/v1/completions", json=body, headers=auth, timeout=60)
         assert after.status_code == 200, after.text
         assert after.json()["choices"][0]["text"] == before.json()["choices"][0]["text"]  # not zeroed under it
-        late = setup.spawn(serve, setup.serve_home, "serve", "--vault", f"unix:{setup.sock}", "--model", setup.model_id,
-                           "--port", str(free_port()))
+        late = setup.spawn(
+            serve,
+            setup.serve_home,
+            "serve",
+            "--vault",
+            f"unix:{setup.sock}",
+            "--model",
+            setup.model_id,
+            "--port",
+            str(free_port()),
+        )
         assert late.wait(timeout=120) == 1
         lines = [l for l in output(late).splitlines() if l.strip()]
         assert "Traceback" not in output(late) and "vault daemon" in lines[-1], output(late)

@@ -12,8 +12,16 @@ from pathlib import Path
 from codemoat.vault.machine import MachineKey
 
 
-def bundle(vendor, model: Path, out_dir: Path, machine: MachineKey | list[MachineKey], *, customer: str = "acme",
-           days: float = 30, **issue) -> tuple[Path, Path, dict]:
+def bundle(
+    vendor,
+    model: Path,
+    out_dir: Path,
+    machine: MachineKey | list[MachineKey],
+    *,
+    customer: str = "acme",
+    days: float = 30,
+    **issue,
+) -> tuple[Path, Path, dict]:
     """Seal `model` for `customer` and license it to `machine`; returns (moat, lic, license document)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     moat = out_dir / f"{customer}.moat"
@@ -22,8 +30,9 @@ def bundle(vendor, model: Path, out_dir: Path, machine: MachineKey | list[Machin
     else:
         issue.pop("chunk_size", None)
     machines = machine if isinstance(machine, list) else [machine]
-    doc = vendor.issue_license(customer=customer, model=moat, machines=[m.identity() for m in machines],
-                               expires=int(time.time() + days * 86400), **issue)
+    doc = vendor.issue_license(
+        customer=customer, model=moat, machines=[m.identity() for m in machines], expires=int(time.time() + days * 86400), **issue
+    )
     lic = out_dir / f"{doc['license']['id']}.lic"
     lic.write_text(json.dumps(doc, indent=2) + "\n")
     return moat, lic, doc
@@ -34,8 +43,9 @@ def cli(*args: str, home: Path | None = None) -> subprocess.CompletedProcess:
     if home is not None:
         env["CODEMOAT_HOME"] = str(home)
     env.pop("CODEMOAT_DEBUG", None)
-    return subprocess.run([sys.executable, "-m", "codemoat.cli.main", *args], capture_output=True, text=True,
-                          env=env, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "codemoat.cli.main", *args], capture_output=True, text=True, env=env, timeout=120
+    )
 
 
 def one_line_error(p: subprocess.CompletedProcess) -> str:

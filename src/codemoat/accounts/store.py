@@ -26,7 +26,8 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")
 
 meta = sa.MetaData()
 users = sa.Table(
-    "users", meta,
+    "users",
+    meta,
     sa.Column("name", sa.String(128), primary_key=True),
     sa.Column("created_at", sa.Float),
     sa.Column("disabled", sa.Boolean),
@@ -36,7 +37,8 @@ memberships = sa.Table(
     "memberships", meta, sa.Column("user", sa.String(128), primary_key=True), sa.Column("group", sa.String(128), primary_key=True)
 )
 tokens = sa.Table(
-    "tokens", meta,
+    "tokens",
+    meta,
     sa.Column("id", sa.String(32), primary_key=True),
     sa.Column("name", sa.String(128)),
     sa.Column("user", sa.String(128)),
@@ -197,8 +199,13 @@ class Accounts:
         with self.engine.begin() as c:
             c.execute(
                 tokens.insert().values(
-                    id=tid, name=name, user=user, hash=_hash(secret), scopes=",".join(scopes),
-                    created_at=now, expires_at=expires_at,
+                    id=tid,
+                    name=name,
+                    user=user,
+                    hash=_hash(secret),
+                    scopes=",".join(scopes),
+                    created_at=now,
+                    expires_at=expires_at,
                 )
             )
         return TokenInfo(tid, name, user, tuple(scopes), now, expires_at, None, None), secret
@@ -210,12 +217,16 @@ class Accounts:
 
     @staticmethod
     def _info(r) -> TokenInfo:
-        return TokenInfo(r.id, r.name, r.user, tuple(r.scopes.split(",")), r.created_at, r.expires_at, r.revoked_at, r.last_used_at)
+        return TokenInfo(
+            r.id, r.name, r.user, tuple(r.scopes.split(",")), r.created_at, r.expires_at, r.revoked_at, r.last_used_at
+        )
 
     def revoke_token(self, id_or_name: str) -> TokenInfo:
         with self.engine.begin() as c:
             rows = c.execute(
-                sa.select(tokens).where(sa.or_(tokens.c.id == id_or_name, tokens.c.name == id_or_name), tokens.c.revoked_at.is_(None))
+                sa.select(tokens).where(
+                    sa.or_(tokens.c.id == id_or_name, tokens.c.name == id_or_name), tokens.c.revoked_at.is_(None)
+                )
             ).all()
             if not rows:
                 raise NotFound(f"no active token with id or name {id_or_name!r}")

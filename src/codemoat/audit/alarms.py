@@ -109,8 +109,16 @@ class Alarms:
         self._profiles: dict[str, _Profile] = {}
         self._lock = threading.Lock()
 
-    def observe(self, user: str, *, t: float | None = None, kind: str = "completion", prompt_text: str = "",
-                completion_tokens: int = 0, event: str | None = None) -> Alert | None:
+    def observe(
+        self,
+        user: str,
+        *,
+        t: float | None = None,
+        kind: str = "completion",
+        prompt_text: str = "",
+        completion_tokens: int = 0,
+        event: str | None = None,
+    ) -> Alert | None:
         p = self.policy
         t = time.time() if t is None else t
         with self._lock:
@@ -191,7 +199,8 @@ class Alarms:
             "novelty": s["novelty"] >= p.novelty,
             "sustained": s["span_s"] >= 1800 and s["active_minute_share"] >= p.sustained,
             "long_unaccepted": s["completions"] >= p.min_requests // 2
-            and s["mean_completion_tokens"] >= p.long_tokens and s["accept_rate"] < p.accept_rate,
+            and s["mean_completion_tokens"] >= p.long_tokens
+            and s["accept_rate"] < p.accept_rate,
         }
         others = sum(hits[k] for k in ("novelty", "sustained", "long_unaccepted"))
         if (hits["volume"] and others >= 2) or others == 3:
@@ -210,10 +219,16 @@ class Alarms:
 
         now = time.time() if now is None else now
         hour = sa.cast(records.c.ts_us / 3_600_000_000, sa.BigInteger)
-        q = (sa.select(records.c.user, hour, sa.func.count())
-             .where(records.c.kind == "request", records.c.user.is_not(None), records.c.status < 300,
-                    records.c.ts_us >= int((now - days * 86400) * 1_000_000))
-             .group_by(records.c.user, hour))
+        q = (
+            sa.select(records.c.user, hour, sa.func.count())
+            .where(
+                records.c.kind == "request",
+                records.c.user.is_not(None),
+                records.c.status < 300,
+                records.c.ts_us >= int((now - days * 86400) * 1_000_000),
+            )
+            .group_by(records.c.user, hour)
+        )
         n = 0
         with audit_log.engine.connect() as c, self._lock:
             for user, h, count in c.execute(q):

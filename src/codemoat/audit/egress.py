@@ -188,8 +188,10 @@ class EgressGuard:
                     self.on_refuse(event, destination)
                 except Exception:  # the refusal stands even if recording it fails
                     log.exception("could not record an egress refusal")
-        raise EgressBlocked(f"outbound connection to {destination} blocked by codemoat's egress guard "
-                            "(only loopback and policy.egress_allow are reachable)")
+        raise EgressBlocked(
+            f"outbound connection to {destination} blocked by codemoat's egress guard "
+            "(only loopback and policy.egress_allow are reachable)"
+        )
 
 
 _state = threading.local()

@@ -64,9 +64,25 @@ from .chain import (  # re-exported: the chain's shape lives in `audit.chain`
 )
 
 __all__ = [  # the chain's names stay importable from here (serve, tests, bench use them)
-    "FIELDS", "GENESIS", "HEAD_SLOT", "KINDS", "AuditLog", "AuditUnavailable", "SignedHead", "check_kind",
-    "checkpoint_message", "checkpoints", "head", "head_file_for", "head_message", "meta", "parse_since",
-    "record_hash", "records", "to_public", "verified_file_for",
+    "FIELDS",
+    "GENESIS",
+    "HEAD_SLOT",
+    "KINDS",
+    "AuditLog",
+    "AuditUnavailable",
+    "SignedHead",
+    "check_kind",
+    "checkpoint_message",
+    "checkpoints",
+    "head",
+    "head_file_for",
+    "head_message",
+    "meta",
+    "parse_since",
+    "record_hash",
+    "records",
+    "to_public",
+    "verified_file_for",
 ]
 
 log = logging.getLogger("codemoat.audit")
@@ -211,7 +227,9 @@ class AuditLog:
                 with self.engine.begin() as c:
                     h = c.execute(sa.select(head).where(head.c.id == 1).with_for_update()).first()
                     if h is None and c.execute(sa.select(sa.func.count()).select_from(records)).scalar():
-                        raise AuditUnavailable("audit log tampered: records exist but the signed head is missing (run `codemoat audit verify`)")
+                        raise AuditUnavailable(
+                            "audit log tampered: records exist but the signed head is missing (run `codemoat audit verify`)"
+                        )
                     seq = h.seq if h else 0
                     prev = h.hash if h else GENESIS
                     last_cp = h.last_checkpoint if h else 0
@@ -254,9 +272,17 @@ class AuditLog:
 
     def _insert_checkpoint(self, c, seq: int, hash_: str, prev_cp: int, ts_us: int, reason: str) -> None:
         sig = self.signer.sign(checkpoint_message(seq, hash_, prev_cp, ts_us, reason))
-        c.execute(checkpoints.insert().values(
-            seq=seq, hash=hash_, prev_checkpoint=prev_cp, ts_us=ts_us, reason=reason, key_id=self.signer.key_id, signature=sig,
-        ))
+        c.execute(
+            checkpoints.insert().values(
+                seq=seq,
+                hash=hash_,
+                prev_checkpoint=prev_cp,
+                ts_us=ts_us,
+                reason=reason,
+                key_id=self.signer.key_id,
+                signature=sig,
+            )
+        )
 
     def checkpoint(self, reason: str = "shutdown") -> int | None:
         """Sign a checkpoint at the current head (at shutdown); None when there is nothing new."""
@@ -331,6 +357,7 @@ class AuditLog:
         digest = hashlib.sha256()
         with self._lock:
             with self.engine.begin() as c, open(archive, "x", encoding="utf-8") as f:
+
                 def out(obj: dict[str, Any]) -> None:
                     line = (json.dumps(obj, ensure_ascii=False, default=str) + "\n").encode()
                     digest.update(line)
@@ -352,8 +379,14 @@ class AuditLog:
                     os.truncate(self.head_file, 0)  # in place: writers keep their open descriptors
             os.chmod(archive, 0o600)
             self._healthy, self.failure = True, None
-        detail = {"archive": str(archive), "archive_sha256": digest.hexdigest(), "records": n,
-                  "previous_head": h.hash if h is not None else None, "previous_ok": rep.ok, "previous_problem": rep.problem}
+        detail = {
+            "archive": str(archive),
+            "archive_sha256": digest.hexdigest(),
+            "records": n,
+            "previous_head": h.hash if h is not None else None,
+            "previous_ok": rep.ok,
+            "previous_problem": rep.problem,
+        }
         self.append("rotation", detail=detail)
         if self.verified_file is not None:  # the operator started a new chain: the verifier follows it
             from . import trusted
@@ -365,8 +398,14 @@ class AuditLog:
 
     # -- reading --------------------------------------------------------------------
     def records(
-        self, *, since: float | None = None, kind: str | None = None, user: str | None = None,
-        after_seq: int = 0, limit: int | None = None, newest_first: bool = False,
+        self,
+        *,
+        since: float | None = None,
+        kind: str | None = None,
+        user: str | None = None,
+        after_seq: int = 0,
+        limit: int | None = None,
+        newest_first: bool = False,
     ) -> Iterator[dict[str, Any]]:
         q = sa.select(records).where(records.c.seq > after_seq)
         if since is not None:

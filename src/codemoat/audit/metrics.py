@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -30,19 +30,29 @@ class _Live:
 
     def collect(self):
         s = self.read()
-        yield GaugeMetricFamily("codemoat_model_loaded", "1 when the model is loaded and serving, else 0.", value=1 if s.get("loaded") else 0)
+        yield GaugeMetricFamily(
+            "codemoat_model_loaded", "1 when the model is loaded and serving, else 0.", value=1 if s.get("loaded") else 0
+        )
         g = GaugeMetricFamily("codemoat_queue_depth", "Requests waiting for a generation slot.", value=s.get("queue_depth", 0))
         yield g
         yield GaugeMetricFamily("codemoat_requests_in_flight", "API requests being handled now.", value=s.get("in_flight", 0))
         lease = InfoMetricFamily("codemoat_lease", "License lease state (offline, active, renewing, lost, ...).")
-        lease.add_metric([], {"state": str(s.get("lease_state") or "none"), "model_state": str(s.get("model_state") or "unknown")})
+        lease.add_metric(
+            [], {"state": str(s.get("lease_state") or "none"), "model_state": str(s.get("model_state") or "unknown")}
+        )
         yield lease
         if s.get("expires_at") is not None:
-            yield GaugeMetricFamily("codemoat_license_seconds_left", "Seconds until the license (or lease) expires.",
-                                    value=float(s["expires_at"]) - time.time())
+            yield GaugeMetricFamily(
+                "codemoat_license_seconds_left",
+                "Seconds until the license (or lease) expires.",
+                value=float(s["expires_at"]) - time.time(),
+            )
         if s.get("lease_seconds_left") is not None:
-            yield GaugeMetricFamily("codemoat_lease_seconds_left", "Seconds until the key lease lapses without renewal.",
-                                    value=float(s["lease_seconds_left"]))
+            yield GaugeMetricFamily(
+                "codemoat_lease_seconds_left",
+                "Seconds until the key lease lapses without renewal.",
+                value=float(s["lease_seconds_left"]),
+            )
 
 
 class Metrics:
@@ -50,12 +60,21 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter("codemoat_requests", "API requests answered.", ["route", "protocol", "status"], registry=r)
-        self.latency = Histogram("codemoat_request_latency_seconds", "Time from request to the last byte of the response.",
-                                 ["route"], buckets=LATENCY_BUCKETS, registry=r)
+        self.latency = Histogram(
+            "codemoat_request_latency_seconds",
+            "Time from request to the last byte of the response.",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.tokens = Counter("codemoat_tokens", "Tokens processed.", ["kind"], registry=r)
         self.audit_records = Counter("codemoat_audit_records", "Audit records written.", ["kind"], registry=r)
-        self.audit_failures = Counter("codemoat_audit_failures", "Requests refused because the audit log could not be written.", registry=r)
-        self.egress_blocked = Counter("codemoat_egress_blocked", "Outbound connections or lookups refused by the egress guard.", registry=r)
+        self.audit_failures = Counter(
+            "codemoat_audit_failures", "Requests refused because the audit log could not be written.", registry=r
+        )
+        self.egress_blocked = Counter(
+            "codemoat_egress_blocked", "Outbound connections or lookups refused by the egress guard.", registry=r
+        )
         self.secrets = Counter("codemoat_secrets_found", "Secrets found in prompts (redacted or blocked).", ["kind"], registry=r)
         self.rate_limited = Counter("codemoat_rate_limited", "Requests refused by a quota (429).", registry=r)
         self.alerts = Counter("codemoat_alerts", "Distillation alarms raised.", registry=r)

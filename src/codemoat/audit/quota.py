@@ -17,7 +17,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 
 from ..errors import RateLimited
 
@@ -89,15 +89,21 @@ class Quotas:
                     w.popleft()
                 if len(w) >= limit:
                     self.refused += 1
-                    who = {"token": "token", "user": "user", "throttle": "user (throttled by a distillation alarm)"}[k.split(":")[0]]
-                    raise RateLimited(f"rate limit of {limit} requests per minute reached for this {who}", max(0.001, w[0] + 60 - now))
+                    who = {"token": "token", "user": "user", "throttle": "user (throttled by a distillation alarm)"}[
+                        k.split(":")[0]
+                    ]
+                    raise RateLimited(
+                        f"rate limit of {limit} requests per minute reached for this {who}", max(0.001, w[0] + 60 - now)
+                    )
             for k, _ in limits:
                 self._windows[k].append(now)
 
     def _spent(self, key: str, now: float) -> RateLimited:
         who = "token" if key.startswith("token:") else "user"
-        return RateLimited(f"daily token quota of {self.tpd} generated tokens reached for this {who}; it resets at 00:00 UTC",
-                           seconds_to_midnight(now))
+        return RateLimited(
+            f"daily token quota of {self.tpd} generated tokens reached for this {who}; it resets at 00:00 UTC",
+            seconds_to_midnight(now),
+        )
 
     def add_tokens(self, user: str, token_id: str, n: int, now: float | None = None) -> None:
         """Count `n` generated tokens of an admitted request against the day's quota (shared: the
@@ -129,7 +135,7 @@ class Quotas:
 
         from .log import records
 
-        midnight = datetime.now(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
+        midnight = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
         q = (
             sa.select(records.c.user, records.c.token_id, sa.func.sum(records.c.completion_tokens))
             .where(records.c.ts_us >= int(midnight * 1_000_000), records.c.kind == "request", records.c.user.is_not(None))

@@ -20,7 +20,8 @@ from sqlalchemy.exc import IntegrityError
 
 metadata = sa.MetaData()
 usage = sa.Table(
-    "quota_usage", metadata,
+    "quota_usage",
+    metadata,
     sa.Column("key", sa.String(160), primary_key=True),
     sa.Column("day", sa.Integer, primary_key=True),
     sa.Column("used", sa.BigInteger, nullable=False),

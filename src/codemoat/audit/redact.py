@@ -41,35 +41,65 @@ class Finding:
 
 
 # Names that make an assigned string a secret (matched inside the key, case-insensitive).
-_SECRET_NAME = re.compile(r"(?i)pass(?:word|wd|phrase)?|pwd|secret|api[_-]?key|apikey|access[_-]?key|auth[_-]?token|access[_-]?token|private[_-]?key|token")
+_SECRET_NAME = re.compile(
+    r"(?i)pass(?:word|wd|phrase)?|pwd|secret|api[_-]?key|apikey|access[_-]?key|auth[_-]?token|access[_-]?token|private[_-]?key|token"
+)
 # Every quantifier over text is bounded, and runs start only at a boundary, so that scanning is
 # linear in the prompt's length even for adversarial input (one long line of letters, say).
 # (kind, pattern, group holding the secret: 0 = the whole match)
 _PATTERNS: list[tuple[str, re.Pattern[str], int]] = [
-    ("private_key", re.compile(r"-----BEGIN (?:[A-Z0-9]{1,16} ){0,3}PRIVATE KEY(?: BLOCK)?-----(?:.*?-----END (?:[A-Z0-9]{1,16} ){0,3}PRIVATE KEY(?: BLOCK)?-----|.*\Z)", re.S), 0),
+    (
+        "private_key",
+        re.compile(
+            r"-----BEGIN (?:[A-Z0-9]{1,16} ){0,3}PRIVATE KEY(?: BLOCK)?-----(?:.*?-----END (?:[A-Z0-9]{1,16} ){0,3}PRIVATE KEY(?: BLOCK)?-----|.*\Z)",
+            re.S,
+        ),
+        0,
+    ),
     ("aws_access_key_id", re.compile(r"\b(?:AKIA|ASIA|ABIA|ACCA|AROA|AIDA)[0-9A-Z]{16}\b"), 0),
-    ("aws_secret_access_key", re.compile(r"(?i)aws.{0,20}?(?:secret|key).{0,20}?[=:]\s{0,8}[\"']?([A-Za-z0-9/+]{40})(?![A-Za-z0-9/+])"), 1),
+    (
+        "aws_secret_access_key",
+        re.compile(r"(?i)aws.{0,20}?(?:secret|key).{0,20}?[=:]\s{0,8}[\"']?([A-Za-z0-9/+]{40})(?![A-Za-z0-9/+])"),
+        1,
+    ),
     ("gcp_api_key", re.compile(r"\bAIza[0-9A-Za-z_\-]{35}(?![0-9A-Za-z_\-])"), 0),
     ("gcp_oauth_token", re.compile(r"\bya29\.[0-9A-Za-z_\-]{20,2048}"), 0),
     ("gcp_client_secret", re.compile(r"\bGOCSPX-[0-9A-Za-z_\-]{28}"), 0),
     ("azure_storage_key", re.compile(r"(?i)AccountKey=([A-Za-z0-9+/]{86}==)"), 1),
     ("azure_sas_signature", re.compile(r"[?&]sig=([A-Za-z0-9%+/]{40,256}(?:%3D|=){0,2})"), 1),
-    ("azure_client_secret", re.compile(r"(?<![A-Za-z0-9_~.-])[A-Za-z0-9_~.-]{3}\dQ~[A-Za-z0-9_~.-]{31,34}(?![A-Za-z0-9_~.-])"), 0),
+    (
+        "azure_client_secret",
+        re.compile(r"(?<![A-Za-z0-9_~.-])[A-Za-z0-9_~.-]{3}\dQ~[A-Za-z0-9_~.-]{31,34}(?![A-Za-z0-9_~.-])"),
+        0,
+    ),
     ("github_token", re.compile(r"\b(?:gh[pousr]_[A-Za-z0-9]{36,255}|github_pat_[A-Za-z0-9_]{60,255})"), 0),
     ("slack_token", re.compile(r"\bxox[abposr]-[A-Za-z0-9-]{10,255}"), 0),
     ("slack_webhook", re.compile(r"https://hooks\.slack\.com/(?:services|workflows)/[A-Za-z0-9/_-]{20,255}"), 0),
     ("jwt", re.compile(r"\beyJ[A-Za-z0-9_-]{8,4096}\.eyJ[A-Za-z0-9_-]{8,8192}\.[A-Za-z0-9_-]{16,1024}"), 0),
     ("url_password", re.compile(r"(?<![A-Za-z0-9+.-])[a-zA-Z][a-zA-Z0-9+.-]{0,31}://[^\s/:@\"']{1,256}:([^\s@/\"']{1,256})@"), 1),
     # password = "…", "api_key": "…", token: '…'  (a string literal assigned to a key whose name says secret)
-    ("assigned_secret", re.compile(
-        r"(?<![A-Za-z0-9_.-])[\"']?([A-Za-z0-9_.-]{1,64})[\"']?\s{0,8}(?::=|=>|[:=])\s{0,8}[rbf]?([\"'])([^\"'\n]{4,512})\2"), 3),
+    (
+        "assigned_secret",
+        re.compile(
+            r"(?<![A-Za-z0-9_.-])[\"']?([A-Za-z0-9_.-]{1,64})[\"']?\s{0,8}(?::=|=>|[:=])\s{0,8}[rbf]?([\"'])([^\"'\n]{4,512})\2"
+        ),
+        3,
+    ),
     # DB_PASSWORD=hunter2 (dotenv / shell: an unquoted value at the start of a line)
-    ("assigned_secret", re.compile(r"(?m)^[ \t]{0,8}(?:export[ \t]{1,8})?([A-Z0-9_]{1,64})[ \t]{0,8}=[ \t]{0,8}(?!\d+\s*$)([^\s\"'#$]{4,512})[ \t]*$"), 2),
+    (
+        "assigned_secret",
+        re.compile(
+            r"(?m)^[ \t]{0,8}(?:export[ \t]{1,8})?([A-Z0-9_]{1,64})[ \t]{0,8}=[ \t]{0,8}(?!\d+\s*$)([^\s\"'#$]{4,512})[ \t]*$"
+        ),
+        2,
+    ),
 ]
 # which group of an assigned_secret pattern holds the key's name
 _KEY_GROUP = {id(_PATTERNS[-2][1]): 1, id(_PATTERNS[-1][1]): 1}
 _ENV_NAME = re.compile(r"PASSWORD|PASSWD|SECRET|TOKEN|API_KEY|APIKEY|ACCESS_KEY")
-_PLACEHOLDER = re.compile(r"(?i)^(?:x+|\*+|\.+|<[^>]*>|\$\{[^}]*\}|\{\{[^}]*\}\}|%s|%\([a-z_]+\)s|changeme|password|secret|your[_-].*|none|null|true|false|test|example|dummy|redacted.*)$")
+_PLACEHOLDER = re.compile(
+    r"(?i)^(?:x+|\*+|\.+|<[^>]*>|\$\{[^}]*\}|\{\{[^}]*\}\}|%s|%\([a-z_]+\)s|changeme|password|secret|your[_-].*|none|null|true|false|test|example|dummy|redacted.*)$"
+)
 _TOKEN = re.compile(r"[A-Za-z0-9+/_\-]{24,}={0,2}")
 ENTROPY_BITS = 4.5
 
@@ -124,7 +154,7 @@ def redact(text: str) -> tuple[str, list[Finding]]:
         return text, findings
     parts, pos = [], 0
     for f in findings:
-        parts.append(text[pos:f.start])
+        parts.append(text[pos : f.start])
         parts.append(f"[REDACTED:{f.kind}]")
         pos = f.end
     parts.append(text[pos:])
@@ -141,6 +171,6 @@ def screen(text: str, policy: str = "redact") -> tuple[str, list[Finding]]:
         more = f" and {len(findings) - 5} more" if len(findings) > 5 else ""
         raise SecretInPrompt(
             f"request refused: the prompt contains {len(findings)} secret(s) ({where}{more}); "
-            "remove them, or ask the admin to set policy.secrets = \"redact\""
+            'remove them, or ask the admin to set policy.secrets = "redact"'
         )
     return redacted, findings

@@ -53,8 +53,12 @@ class VerifyReport:
 
 
 def verify(
-    engine: Engine, public_key: bytes | None, *, head_file: Path | None = None,
-    remembered: Path | None = None, trusted_head: Path | None = None,
+    engine: Engine,
+    public_key: bytes | None,
+    *,
+    head_file: Path | None = None,
+    remembered: Path | None = None,
+    trusted_head: Path | None = None,
 ) -> VerifyReport:
     """Walk the chain, the checkpoints and the head; name the first bad record.
 
@@ -74,8 +78,10 @@ def verify(
         return None
 
     known: list[tuple[str, SignedHead]] = []  # heads verified before, each with its label
-    sources = [(f"the head `audit verify` last accepted ({remembered})", remembered),
-               (f"the exported head {trusted_head}", trusted_head)]
+    sources = [
+        (f"the head `audit verify` last accepted ({remembered})", remembered),
+        (f"the exported head {trusted_head}", trusted_head),
+    ]
     for label, path in sources:
         if path is None:
             continue
@@ -98,16 +104,33 @@ def verify(
         try:
             h = SignedHead.from_mapping(row_h._asdict()) if row_h is not None else None
         except ValueError as e:
-            return VerifyReport(ok=False, records=0, checkpoints=len(cps), head_seq=None, first_bad=1,
-                                problem=f"the signed head row is damaged: {e}", key_id=kid)
+            return VerifyReport(
+                ok=False,
+                records=0,
+                checkpoints=len(cps),
+                head_seq=None,
+                first_bad=1,
+                problem=f"the signed head row is damaged: {e}",
+                key_id=kid,
+            )
         prev_cp = 0
         for cp in cps:
-            why = bad_sig(f"checkpoint at record {cp.seq}", cp.key_id, checkpoint_message(cp.seq, cp.hash, cp.prev_checkpoint, cp.ts_us, cp.reason), cp.signature)
+            why = bad_sig(
+                f"checkpoint at record {cp.seq}",
+                cp.key_id,
+                checkpoint_message(cp.seq, cp.hash, cp.prev_checkpoint, cp.ts_us, cp.reason),
+                cp.signature,
+            )
             if why:
                 problems.append((prev_cp + 1, why))
                 break
             if cp.prev_checkpoint != prev_cp:
-                problems.append((min(prev_cp, cp.prev_checkpoint) + 1, f"the checkpoint at record {cp.prev_checkpoint} was deleted (the checkpoint at {cp.seq} follows it)"))
+                problems.append(
+                    (
+                        min(prev_cp, cp.prev_checkpoint) + 1,
+                        f"the checkpoint at record {cp.prev_checkpoint} was deleted (the checkpoint at {cp.seq} follows it)",
+                    )
+                )
                 break
             prev_cp = cp.seq
         cp_by_seq = {cp.seq: cp for cp in cps}
@@ -122,13 +145,22 @@ def verify(
             n += 1
             seq = row["seq"]
             if seq != expected:
-                what = f"record {expected} is missing (deleted)" if seq == expected + 1 else f"records {expected}–{seq - 1} are missing (deleted)"
+                what = (
+                    f"record {expected} is missing (deleted)"
+                    if seq == expected + 1
+                    else f"records {expected}–{seq - 1} are missing (deleted)"
+                )
                 problems.append((expected, what))
                 break
             if row["prev_hash"] != prev_hash:
                 # Record seq-1 was re-hashed after an edit, or inserted (seqs renumbered): either way
                 # the boundary is where the chain breaks.
-                problems.append((max(1, seq - 1), f"the chain breaks between records {seq - 1} and {seq}: record {seq - 1} was altered and re-hashed, or a record was inserted or deleted there"))
+                problems.append(
+                    (
+                        max(1, seq - 1),
+                        f"the chain breaks between records {seq - 1} and {seq}: record {seq - 1} was altered and re-hashed, or a record was inserted or deleted there",
+                    )
+                )
                 break
             if record_hash(row) != row["hash"]:
                 problems.append((seq, f"record {seq} was edited (its contents no longer match its hash)"))
@@ -136,7 +168,9 @@ def verify(
             cp = cp_by_seq.get(seq)
             if cp is not None and cp.hash != row["hash"]:
                 start = cp_prev[seq] + 1
-                problems.append((start, f"records {start}–{seq} were rewritten (they no longer match the signed checkpoint at record {seq})"))
+                problems.append(
+                    (start, f"records {start}–{seq} were rewritten (they no longer match the signed checkpoint at record {seq})")
+                )
                 break
             if seq == 1:
                 first_record = row
@@ -146,12 +180,25 @@ def verify(
         else:
             last = expected - 1
             # A rollback is named before whatever else it left behind (ties go to the first problem).
-            rollbacks = [p for label, t in known if (p := trusted.check(
-                t, label, last=last, hash_at=hashes_at, checkpoint_seqs=set(cp_by_seq), first_record=first_record)) is not None]
+            rollbacks = [
+                p
+                for label, t in known
+                if (
+                    p := trusted.check(
+                        t, label, last=last, hash_at=hashes_at, checkpoint_seqs=set(cp_by_seq), first_record=first_record
+                    )
+                )
+                is not None
+            ]
             problems[:0] = rollbacks
             beyond = [cp.seq for cp in cps if cp.seq > last]
             if beyond:
-                problems.append((last + 1, f"the log was truncated: a signed checkpoint covers record {beyond[-1]} but the log ends at record {last}"))
+                problems.append(
+                    (
+                        last + 1,
+                        f"the log was truncated: a signed checkpoint covers record {beyond[-1]} but the log ends at record {last}",
+                    )
+                )
             if h is None:
                 if last:
                     problems.append((last, "the signed head is missing (records exist but nothing signs the end of the log)"))
@@ -160,7 +207,12 @@ def verify(
                 if why:
                     problems.append((min(h.seq, last) or 1, why))
                 elif h.seq > last:
-                    problems.append((last + 1, f"the log was truncated: the signed head names record {h.seq} but the log ends at record {last}"))
+                    problems.append(
+                        (
+                            last + 1,
+                            f"the log was truncated: the signed head names record {h.seq} but the log ends at record {last}",
+                        )
+                    )
                 elif h.seq < last:
                     problems.append((h.seq + 1, f"records {h.seq + 1}–{last} were added after the signed head"))
                 elif hashes_at.get(h.seq) != h.hash:
@@ -168,15 +220,32 @@ def verify(
                     problems.append((start, f"records {start}–{h.seq} were rewritten (they no longer match the signed head)"))
                 elif h.last_checkpoint and h.last_checkpoint not in cp_by_seq:
                     what = "every signed checkpoint was deleted" if not cps else "it was deleted"
-                    problems.append((h.last_checkpoint, f"the checkpoint at record {h.last_checkpoint} named by the signed head is missing ({what})"))
+                    problems.append(
+                        (
+                            h.last_checkpoint,
+                            f"the checkpoint at record {h.last_checkpoint} named by the signed head is missing ({what})",
+                        )
+                    )
                 elif cps and cps[-1].seq != h.last_checkpoint:
-                    problems.append((h.last_checkpoint + 1, f"a signed checkpoint at record {cps[-1].seq} is newer than the one the signed head names "
-                                                            f"({h.last_checkpoint}): the head was put back to an older one"))
+                    problems.append(
+                        (
+                            h.last_checkpoint + 1,
+                            f"a signed checkpoint at record {cps[-1].seq} is newer than the one the signed head names "
+                            f"({h.last_checkpoint}): the head was put back to an older one",
+                        )
+                    )
             if head_file is not None:
                 problems.extend(_check_head_file(head_file, public_key, kid, last, c))
 
-    report = VerifyReport(ok=not problems, records=n, checkpoints=len(cps), head_seq=h.seq if h is not None else None,
-                          key_id=kid, trusted=[f"{label}: record {t.seq}" for label, t in known], head=h)
+    report = VerifyReport(
+        ok=not problems,
+        records=n,
+        checkpoints=len(cps),
+        head_seq=h.seq if h is not None else None,
+        key_id=kid,
+        trusted=[f"{label}: record {t.seq}" for label, t in known],
+        head=h,
+    )
     if problems:
         report.first_bad, report.problem = min(problems, key=lambda p: p[0])
     return report
@@ -188,11 +257,11 @@ def _check_head_file(path: Path, public_key: bytes | None, kid: str | None, last
     raw = path.read_bytes()
     slots, empty = [], 0
     for i in range(0, len(raw), HEAD_SLOT):
-        if not raw[i:i + HEAD_SLOT].strip(b"\x00 \n"):
+        if not raw[i : i + HEAD_SLOT].strip(b"\x00 \n"):
             empty += 1  # never written (a new chain has only filled the other slot)
             continue
         try:
-            slots.append(SignedHead.from_mapping(json.loads(raw[i:i + HEAD_SLOT])))
+            slots.append(SignedHead.from_mapping(json.loads(raw[i : i + HEAD_SLOT])))
         except ValueError:
             # Slots are sector-sized and sector-aligned, so a crash does not tear them; a damaged
             # slot would otherwise let someone fall back to the older head and drop a record.

@@ -32,8 +32,12 @@ def _groups(text: str) -> list[str]:
 def tokens_create(
     *,
     name: Annotated[str, typer.Option(help="A name for the token (e.g. the person or the editor).")],
-    user: Annotated[str | None, typer.Option(help="User the token acts as (default: a user named like the token; created if missing).")] = None,
-    scopes: Annotated[str, typer.Option(help="Comma-separated scopes: complete, chat, admin, metrics (a scraper's token for /metrics).")] = "complete,chat",
+    user: Annotated[
+        str | None, typer.Option(help="User the token acts as (default: a user named like the token; created if missing).")
+    ] = None,
+    scopes: Annotated[
+        str, typer.Option(help="Comma-separated scopes: complete, chat, admin, metrics (a scraper's token for /metrics).")
+    ] = "complete,chat",
     expires: Annotated[str | None, typer.Option(help="Expiry: an ISO date or a duration such as 30d.")] = None,
     as_json: JsonFlag = False,
 ) -> None:
@@ -41,7 +45,14 @@ def tokens_create(
     from ..durations import parse_when
 
     info, secret = _accounts().create_token(name, user, tuple(_groups(scopes)), parse_when(expires) if expires else None)
-    data = {"token": secret, "id": info.id, "name": info.name, "user": info.user, "scopes": list(info.scopes), "expires_at": info.expires_at}
+    data = {
+        "token": secret,
+        "id": info.id,
+        "name": info.name,
+        "user": info.user,
+        "scopes": list(info.scopes),
+        "expires_at": info.expires_at,
+    }
 
     def human(d):
         console.print(f"token [bold]{d['id']}[/bold] for user {d['user']} ({', '.join(d['scopes'])}); shown once, keep it safe:")
@@ -55,8 +66,17 @@ def tokens_list(*, as_json: JsonFlag = False) -> None:
     """List tokens (never their secrets)."""
     rows = _accounts().list_tokens()
     data = [
-        {"id": t.id, "name": t.name, "user": t.user, "scopes": list(t.scopes), "created_at": t.created_at,
-         "expires_at": t.expires_at, "revoked": t.revoked_at is not None, "active": t.active, "last_used_at": t.last_used_at}
+        {
+            "id": t.id,
+            "name": t.name,
+            "user": t.user,
+            "scopes": list(t.scopes),
+            "created_at": t.created_at,
+            "expires_at": t.expires_at,
+            "revoked": t.revoked_at is not None,
+            "active": t.active,
+            "last_used_at": t.last_used_at,
+        }
         for t in rows
     ]
 
@@ -64,7 +84,16 @@ def tokens_list(*, as_json: JsonFlag = False) -> None:
         table = Table("id", "name", "user", "scopes", "created", "expires", "state", "last used")
         for t in d:
             state = "revoked" if t["revoked"] else ("active" if t["active"] else "expired")
-            table.add_row(t["id"], t["name"], t["user"], ",".join(t["scopes"]), _ts(t["created_at"]), _ts(t["expires_at"]), state, _ts(t["last_used_at"]))
+            table.add_row(
+                t["id"],
+                t["name"],
+                t["user"],
+                ",".join(t["scopes"]),
+                _ts(t["created_at"]),
+                _ts(t["expires_at"]),
+                state,
+                _ts(t["last_used_at"]),
+            )
         console.print(table)
 
     emit(data, as_json, human)
@@ -86,7 +115,11 @@ def users_add(
 ) -> None:
     """Add a user (every user is also in the group `everyone`)."""
     _accounts().add_user(name, _groups(groups))
-    emit({"user": name, "groups": _groups(groups)}, as_json, lambda d: console.print(f"added user {name} in groups: {', '.join(d['groups']) or '-'}"))
+    emit(
+        {"user": name, "groups": _groups(groups)},
+        as_json,
+        lambda d: console.print(f"added user {name} in groups: {', '.join(d['groups']) or '-'}"),
+    )
 
 
 @users_app.command("set-groups")

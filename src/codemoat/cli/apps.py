@@ -2,6 +2,7 @@
 
 import typer
 
+
 def _group(help: str) -> typer.Typer:
     return typer.Typer(help=help, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 

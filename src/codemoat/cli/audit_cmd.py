@@ -26,12 +26,21 @@ def _log(config: Path | None):
     s = load_settings(config)
     url = s.database_url or paths.db_url()
     home = paths.home()
-    return AuditLog(open_db(url), checkpoint_every=s.audit.checkpoint_every, head_file=head_file_for(url, home),
-                    verified_file=verified_file_for(url, home))
+    return AuditLog(
+        open_db(url),
+        checkpoint_every=s.audit.checkpoint_every,
+        head_file=head_file_for(url, home),
+        verified_file=verified_file_for(url, home),
+    )
 
 
-TrustedHeadOpt = Annotated[Path | None, typer.Option(
-    "--trusted-head", help="A head exported earlier (`codemoat audit head export`): refuse a log that is not a continuation of it.")]
+TrustedHeadOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--trusted-head",
+        help="A head exported earlier (`codemoat audit head export`): refuse a log that is not a continuation of it.",
+    ),
+]
 
 
 @audit_app.command("verify")
@@ -45,14 +54,19 @@ def audit_verify(*, trusted_head: TrustedHeadOpt = None, config: ConfigOpt = Non
 
     def human(r):
         if r["ok"]:
-            console.print(f"[green]audit log OK[/green]: {r['records']} records, {r['checkpoints']} signed checkpoints, "
-                          f"head at record {r['head_seq'] or 0} (audit key {r['key_id'] or 'none yet'})", highlight=False)
+            console.print(
+                f"[green]audit log OK[/green]: {r['records']} records, {r['checkpoints']} signed checkpoints, "
+                f"head at record {r['head_seq'] or 0} (audit key {r['key_id'] or 'none yet'})",
+                highlight=False,
+            )
             for t in r["trusted"]:
                 console.print(f"  consistent with {t}", highlight=False, markup=False, soft_wrap=True)
             if r["warning"]:
                 console.print(f"  warning: {r['warning']}", style="yellow", highlight=False, markup=False, soft_wrap=True)
         else:
-            console.print(f"[red]audit log FAILED at record {r['first_bad']}[/red]: {r['problem']}", highlight=False, soft_wrap=True)
+            console.print(
+                f"[red]audit log FAILED at record {r['first_bad']}[/red]: {r['problem']}", highlight=False, soft_wrap=True
+            )
 
     emit(rep.to_dict(), as_json, human)
     if not rep.ok:
@@ -62,9 +76,13 @@ def audit_verify(*, trusted_head: TrustedHeadOpt = None, config: ConfigOpt = Non
 @audit_app.command("export")
 def audit_export(
     *,
-    since: Annotated[str | None, typer.Option(help="Only records from this time: ISO (2026-11-28T10:00) or a duration back (15m, 2h, 7d).")] = None,
+    since: Annotated[
+        str | None, typer.Option(help="Only records from this time: ISO (2026-11-28T10:00) or a duration back (15m, 2h, 7d).")
+    ] = None,
     fmt: Annotated[str, typer.Option("--format", help="jsonl or csv.")] = "jsonl",
-    kind: Annotated[str | None, typer.Option(help="Only records of this kind (request, alert, egress_blocked, rotation).")] = None,
+    kind: Annotated[
+        str | None, typer.Option(help="Only records of this kind (request, alert, egress_blocked, rotation).")
+    ] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write to this file instead of standard output.")] = None,
     config: ConfigOpt = None,
 ) -> None:
@@ -104,7 +122,9 @@ def audit_outbound(*, as_json: JsonFlag = False) -> None:
 
     def human(rs):
         if not rs:
-            console.print(f"nothing has been sent off this machine ({outbound_file()} does not exist or is empty)", highlight=False)
+            console.print(
+                f"nothing has been sent off this machine ({outbound_file()} does not exist or is empty)", highlight=False
+            )
             return
         for r in rs:
             if "raw" in r:
@@ -112,8 +132,9 @@ def audit_outbound(*, as_json: JsonFlag = False) -> None:
                 console.print(f"line {r['line']} ({why}): {_printable(r['raw'])}", highlight=False, markup=False)
                 continue
             status = "sending" if r.get("status") is None else f"status {r['status']}"
-            console.print(_printable(f"{r.get('time')}  {r.get('method')} {r.get('destination')}  {status}"),
-                          highlight=False, markup=False)
+            console.print(
+                _printable(f"{r.get('time')}  {r.get('method')} {r.get('destination')}  {status}"), highlight=False, markup=False
+            )
             if r.get("body") is not None:
                 console.print(f"  {_printable(str(r['body']))}", highlight=False, markup=False, soft_wrap=True)
         console.print(f"{len(rs)} lines in {outbound_file()}", highlight=False)
@@ -132,10 +153,14 @@ def audit_alerts(*, config: ConfigOpt = None, as_json: JsonFlag = False) -> None
             return
         for r in rs:
             d, s = r["detail"], r["detail"].get("signals", {})
-            console.print(f"record {r['seq']}  {r['time'][:19]}  user {r['user']}: {', '.join(d.get('reasons', []))}  "
-                          f"(requests in window {s.get('requests', '?')}, novelty {s.get('novelty', '?')}, "
-                          f"mean tokens {s.get('mean_completion_tokens', '?')}, accept rate {s.get('accept_rate', '?')})",
-                          highlight=False, markup=False, soft_wrap=True)
+            console.print(
+                f"record {r['seq']}  {r['time'][:19]}  user {r['user']}: {', '.join(d.get('reasons', []))}  "
+                f"(requests in window {s.get('requests', '?')}, novelty {s.get('novelty', '?')}, "
+                f"mean tokens {s.get('mean_completion_tokens', '?')}, accept rate {s.get('accept_rate', '?')})",
+                highlight=False,
+                markup=False,
+                soft_wrap=True,
+            )
 
     emit(rows, as_json, human)
 
@@ -152,8 +177,12 @@ def audit_rotate(
 
     def human(x):
         state = "verified OK" if x["previous_ok"] else f"NOT intact: {x['previous_problem']}"
-        console.print(f"moved {x['records']} records to {x['archive']} (sha256 {x['archive_sha256'][:16]}…; the old chain {state}); "
-                      "the new chain starts with a signed rotation record", highlight=False, soft_wrap=True)
+        console.print(
+            f"moved {x['records']} records to {x['archive']} (sha256 {x['archive_sha256'][:16]}…; the old chain {state}); "
+            "the new chain starts with a signed rotation record",
+            highlight=False,
+            soft_wrap=True,
+        )
 
     emit(d, as_json, human)
 
@@ -187,5 +216,9 @@ def audit_head_export(
         output.write_text(text, encoding="utf-8")
     except OSError as e:
         raise CodemoatError(f"cannot write {output}: {e.strerror}") from None
-    console.print(f"signed head at record {rep.head.seq} written to {output}: keep it off this machine and check with "
-                  f"`codemoat audit verify --trusted-head {output}`", highlight=False, soft_wrap=True)
+    console.print(
+        f"signed head at record {rep.head.seq} written to {output}: keep it off this machine and check with "
+        f"`codemoat audit verify --trusted-head {output}`",
+        highlight=False,
+        soft_wrap=True,
+    )

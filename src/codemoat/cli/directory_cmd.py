@@ -25,14 +25,22 @@ def _keeper(config: Path | None):
     url = s.database_url or paths.db_url()
     engine = open_db(url)
     home = paths.home()
-    audit = AuditLog(engine, checkpoint_every=s.audit.checkpoint_every, head_file=head_file_for(url, home),
-                     verified_file=verified_file_for(url, home))
+    audit = AuditLog(
+        engine,
+        checkpoint_every=s.audit.checkpoint_every,
+        head_file=head_file_for(url, home),
+        verified_file=verified_file_for(url, home),
+    )
     return DirectoryKeeper(s, engine, audit)
 
 
 @directory_app.command("sync")
-def directory_sync(*, dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would change; change nothing.")] = False,
-                   config: ConfigOpt = None, as_json: JsonFlag = False) -> None:
+def directory_sync(
+    *,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would change; change nothing.")] = False,
+    config: ConfigOpt = None,
+    as_json: JsonFlag = False,
+) -> None:
     """Mirror users and group memberships from the directory; users it no longer lists (or disabled) lose every token and group."""
     keeper = _keeper(config)
     try:
@@ -42,9 +50,12 @@ def directory_sync(*, dry_run: Annotated[bool, typer.Option("--dry-run", help="S
 
     def human(d: dict) -> None:
         verb = "would change" if d["dry_run"] else "changed"
-        console.print(f"directory sync: {d['changes']} {verb} in {d['seconds']:.2f} s "
-                      f"({len(d['added'])} added, {len(d['updated'])} regrouped, {len(d['disabled'])} disabled, "
-                      f"{len(d['enabled'])} enabled, {d['unchanged']} unchanged)", highlight=False)
+        console.print(
+            f"directory sync: {d['changes']} {verb} in {d['seconds']:.2f} s "
+            f"({len(d['added'])} added, {len(d['updated'])} regrouped, {len(d['disabled'])} disabled, "
+            f"{len(d['enabled'])} enabled, {d['unchanged']} unchanged)",
+            highlight=False,
+        )
         for u in d["added"]:
             console.print(f"  + {u}", highlight=False)
         for u, ch in d["updated"].items():
@@ -52,18 +63,25 @@ def directory_sync(*, dry_run: Annotated[bool, typer.Option("--dry-run", help="S
         for u in d["disabled"]:
             console.print(f"  - {u} (tokens revoked, groups removed)", highlight=False)
         if d["skipped_groups"]:
-            console.print(f"  directory groups with no valid codemoat name (not mirrored): {', '.join(d['skipped_groups'])}",
-                          highlight=False)
+            console.print(
+                f"  directory groups with no valid codemoat name (not mirrored): {', '.join(d['skipped_groups'])}",
+                highlight=False,
+            )
 
     emit(rep.to_dict(), as_json, human)
 
 
 @app.command("login")
-def login(*, server: Annotated[str, typer.Option(help="The codemoat server, e.g. https://codemoat.example.com.", envvar="CODEMOAT_URL")],
-          user: Annotated[str, typer.Option(help="Your directory user name.")],
-          password_stdin: Annotated[bool, typer.Option("--password-stdin", help="Read the password from standard input (scripts).")] = False,
-          name: Annotated[str | None, typer.Option(help="A name for the token (default: login-USER-TIME).")] = None,
-          as_json: JsonFlag = False) -> None:
+def login(
+    *,
+    server: Annotated[str, typer.Option(help="The codemoat server, e.g. https://codemoat.example.com.", envvar="CODEMOAT_URL")],
+    user: Annotated[str, typer.Option(help="Your directory user name.")],
+    password_stdin: Annotated[
+        bool, typer.Option("--password-stdin", help="Read the password from standard input (scripts).")
+    ] = False,
+    name: Annotated[str | None, typer.Option(help="A name for the token (default: login-USER-TIME).")] = None,
+    as_json: JsonFlag = False,
+) -> None:
     """Sign in with your directory password and get your own API token for your editor (shown once)."""
     import httpx
 
@@ -72,8 +90,9 @@ def login(*, server: Annotated[str, typer.Option(help="The codemoat server, e.g.
     else:
         password = typer.prompt("directory password", hide_input=True)
     try:
-        r = httpx.post(server.rstrip("/") + "/auth/login", json={"username": user, "password": password, "name": name},
-                       timeout=30)
+        r = httpx.post(
+            server.rstrip("/") + "/auth/login", json={"username": user, "password": password, "name": name}, timeout=30
+        )
     except httpx.HTTPError as e:
         fail(f"cannot reach {server}: {type(e).__name__}")
     body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
@@ -82,8 +101,9 @@ def login(*, server: Annotated[str, typer.Option(help="The codemoat server, e.g.
         fail(f"sign-in refused ({r.status_code}): {msg or r.text[:200]}")
 
     def human(d: dict) -> None:
-        console.print(f"signed in as {d['user']} (groups: {', '.join(d['groups'])}; scopes: {', '.join(d['scopes'])})",
-                      highlight=False)
+        console.print(
+            f"signed in as {d['user']} (groups: {', '.join(d['groups'])}; scopes: {', '.join(d['scopes'])})", highlight=False
+        )
         console.print("your API token (shown once; put it in your editor's settings):", highlight=False)
         console.print(d["token"], highlight=False, soft_wrap=True)
 

@@ -161,7 +161,12 @@ def retrieve(
     column: Annotated[int | None, typer.Option("--column", min=0, help="Cursor column (0-based; default: end of line).")] = None,
     k: Annotated[int, typer.Option("--k", min=1, help="Snippets to return at most.")] = 5,
     budget: Annotated[int, typer.Option("--budget", min=1, help="Token budget for the snippets (≈4 characters a token).")] = 512,
-    groups: Annotated[str, typer.Option("--groups", help="Retrieve as a caller in these groups (comma-separated); default: admin, who reads everything.")] = "admin",
+    groups: Annotated[
+        str,
+        typer.Option(
+            "--groups", help="Retrieve as a caller in these groups (comma-separated); default: admin, who reads everything."
+        ),
+    ] = "admin",
     as_json: JsonFlag = False,
 ) -> None:
     """Print the snippets a completion with the cursor at --line/--column would get (prefix = the file up to the cursor)."""

@@ -11,7 +11,9 @@ from rich.table import Table
 from .apps import app, watermark_app
 from .common import JsonFlag, console, emit
 
-VendorDir = Annotated[Path, typer.Option("--vendor", help="The vendor directory (from `codemoat vendor init`).", envvar="CODEMOAT_VENDOR")]
+VendorDir = Annotated[
+    Path, typer.Option("--vendor", help="The vendor directory (from `codemoat vendor init`).", envvar="CODEMOAT_VENDOR")
+]
 
 
 def _p(p: float) -> str:
@@ -20,10 +22,15 @@ def _p(p: float) -> str:
 
 @app.command("trace")
 def trace_cmd(
-    suspect: Annotated[Path, typer.Argument(help="The suspect model: a GGUF of any quantisation, a .safetensors file or a folder holding one.")],
+    suspect: Annotated[
+        Path, typer.Argument(help="The suspect model: a GGUF of any quantisation, a .safetensors file or a folder holding one.")
+    ],
     *,
     vendor: VendorDir,
-    original: Annotated[Path | None, typer.Option(help="The unfingerprinted original (default: the one recorded when sealing that matches the suspect).")] = None,
+    original: Annotated[
+        Path | None,
+        typer.Option(help="The unfingerprinted original (default: the one recorded when sealing that matches the suspect)."),
+    ] = None,
     top: Annotated[int, typer.Option(min=0, help="Customers to show, best first (0: all; --json always lists all).")] = 10,
     as_json: JsonFlag = False,
 ) -> None:
@@ -35,7 +42,9 @@ def trace_cmd(
     v = vendor_io.open_vendor(vendor)
     try:
         secrets = vendor_io.fingerprint_secrets(v)
-        orig = vendor_io.weights_path(original) if original else vendor_io.pick_original(suspect_w, vendor_io.recorded_originals(v))
+        orig = (
+            vendor_io.weights_path(original) if original else vendor_io.pick_original(suspect_w, vendor_io.recorded_originals(v))
+        )
     finally:
         v.close()
     with console.status(f"scoring {len(secrets)} customers…", spinner="dots") if not as_json else _null():
@@ -43,8 +52,11 @@ def trace_cmd(
     data = {"suspect": str(suspect), "original": str(orig), **result.as_dict()}
 
     def human(d: dict) -> None:
-        what = (f"{d['positions']:,} changed weights in {d['tensors']} tensors" if d["tensors"]
-                else "identical to the original in every fingerprinted tensor")
+        what = (
+            f"{d['positions']:,} changed weights in {d['tensors']} tensors"
+            if d["tensors"]
+            else "identical to the original in every fingerprinted tensor"
+        )
         t = Table(title=f"{Path(d['suspect']).name} vs {Path(d['original']).name}: {what}")
         for col in ("customer", "z", "p (corrected)", "named"):
             t.add_column(col, justify="right" if col != "customer" else "left")
@@ -56,10 +68,14 @@ def trace_cmd(
         if d["realigned"]:
             console.print("re-aligned permuted units: " + ", ".join(f"{k} ({n})" for k, n in d["realigned"].items()))
         if d["named"]:
-            console.print(f"[bold red]verdict:[/bold red] carries the fingerprint of {', '.join(d['named'])} "
-                          f"(p < {d['threshold']:g} after correcting for {len(d['scores'])} customers)")
+            console.print(
+                f"[bold red]verdict:[/bold red] carries the fingerprint of {', '.join(d['named'])} "
+                f"(p < {d['threshold']:g} after correcting for {len(d['scores'])} customers)"
+            )
         else:
-            console.print(f"no verdict: no customer reaches p < {d['threshold']:g} after correcting for {len(d['scores'])} customers")
+            console.print(
+                f"no verdict: no customer reaches p < {d['threshold']:g} after correcting for {len(d['scores'])} customers"
+            )
 
     emit(data, as_json, human)
 
@@ -77,9 +93,19 @@ def watermark_detect(
     files: Annotated[list[Path], typer.Argument(help="Text files to test (generated code, or a suspect model's outputs).")],
     *,
     vendor: VendorDir,
-    customer: Annotated[str | None, typer.Option(help="Test only this customer's key (default: every customer, corrected for their number).")] = None,
-    model: Annotated[Path | None, typer.Option(help="GGUF model for tokens and entropies (default: the GGUF original recorded when sealing).")] = None,
-    entropy: Annotated[bool, typer.Option("--entropy/--no-entropy", help="Score only where the model had freedom (SWEET; one forward pass per file), or every token.")] = True,
+    customer: Annotated[
+        str | None, typer.Option(help="Test only this customer's key (default: every customer, corrected for their number).")
+    ] = None,
+    model: Annotated[
+        Path | None, typer.Option(help="GGUF model for tokens and entropies (default: the GGUF original recorded when sealing).")
+    ] = None,
+    entropy: Annotated[
+        bool,
+        typer.Option(
+            "--entropy/--no-entropy",
+            help="Score only where the model had freedom (SWEET; one forward pass per file), or every token.",
+        ),
+    ] = True,
     as_json: JsonFlag = False,
 ) -> None:
     """Print the watermark z-score and p-value of each FILE for each customer."""
@@ -114,13 +140,22 @@ def watermark_detect(
         runs.append(ids)
         ents.append(ent)
         scores = detect_ids(ids, keys, ent, greens=greens)
-        out.append({"file": str(f), "detected": [s.customer for s in scores if s.detected],
-                    "scores": [s.__dict__ for s in scores]})
+        out.append(
+            {"file": str(f), "detected": [s.customer for s in scores if s.detected], "scores": [s.__dict__ for s in scores]}
+        )
     # the unit of evidence: each file alone, and all files together for each key (Stouffer)
     together = aggregate(runs, keys, ents, greens=greens)
-    data = {"threshold": THRESHOLD, "customers": len(keys), "entropy_gated": entropy, "files": out,
-            "aggregate": {"files": len(files), "detected": [s.customer for s in together if s.detected],
-                          "scores": [s.__dict__ for s in together]}}
+    data = {
+        "threshold": THRESHOLD,
+        "customers": len(keys),
+        "entropy_gated": entropy,
+        "files": out,
+        "aggregate": {
+            "files": len(files),
+            "detected": [s.customer for s in together if s.detected],
+            "scores": [s.__dict__ for s in together],
+        },
+    }
 
     def human(d: dict) -> None:
         t = Table(title=f"watermark, {d['customers']} customer key(s), detection at corrected p < {d['threshold']:g}")
@@ -128,13 +163,25 @@ def watermark_detect(
             t.add_column(col)
         for r in d["files"]:
             s = r["scores"][0]
-            t.add_row(Path(r["file"]).name, s["customer"], f"{s['z']:.2f}", _p(s["p_adj"]), str(s["scored_tokens"]),
-                      ", ".join(r["detected"]) or "no")
+            t.add_row(
+                Path(r["file"]).name,
+                s["customer"],
+                f"{s['z']:.2f}",
+                _p(s["p_adj"]),
+                str(s["scored_tokens"]),
+                ", ".join(r["detected"]) or "no",
+            )
         a = d["aggregate"]
         if a["files"] > 1:
             s = a["scores"][0]
-            t.add_row(f"all {a['files']} files (Stouffer)", s["customer"], f"{s['z']:.2f}", _p(s["p_adj"]),
-                      str(s["scored_tokens"]), ", ".join(a["detected"]) or "no")
+            t.add_row(
+                f"all {a['files']} files (Stouffer)",
+                s["customer"],
+                f"{s['z']:.2f}",
+                _p(s["p_adj"]),
+                str(s["scored_tokens"]),
+                ", ".join(a["detected"]) or "no",
+            )
         console.print(t)
 
     emit(data, as_json, human)

@@ -18,16 +18,22 @@ def train_command(
     out: Annotated[Path, typer.Option("--out", help="Output GGUF path; safetensors go to <stem>.hf/ beside it.")],
     size: Annotated[str, typer.Option("--size", help="Model size: tiny, small or base (micro for tests).")] = "tiny",
     minutes: Annotated[float, typer.Option("--minutes", help="Training time budget in minutes.")] = 45.0,
-    steps: Annotated[int | None, typer.Option("--steps", help="Train exactly this many steps instead of a time budget (bit-reproducible).")] = None,
+    steps: Annotated[
+        int | None, typer.Option("--steps", help="Train exactly this many steps instead of a time budget (bit-reproducible).")
+    ] = None,
     device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
     seed: Annotated[int, typer.Option("--seed", help="Seed for the split, data order, FIM draws and initialisation.")] = 0,
     threads: Annotated[int | None, typer.Option("--threads", help="CPU threads for torch (default: torch's choice).")] = None,
     lr: Annotated[float, typer.Option("--lr", help="Peak learning rate.")] = 1.5e-3,
-    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Sequences per optimiser step (default by size).")] = None,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", help="Sequences per optimiser step (default by size).")
+    ] = None,
     vocab_size: Annotated[int | None, typer.Option("--vocab-size", help="BPE vocabulary size (default by size).")] = None,
     ftype: Annotated[str, typer.Option("--ftype", help="GGUF weight type: f16 or f32.")] = "f16",
     name: Annotated[str | None, typer.Option("--name", help="Model name written to the GGUF (default: the output stem).")] = None,
-    checkpoint_minutes: Annotated[float, typer.Option("--checkpoint-minutes", help="Export the model this often during training.")] = 5.0,
+    checkpoint_minutes: Annotated[
+        float, typer.Option("--checkpoint-minutes", help="Export the model this often during training.")
+    ] = 5.0,
     as_json: JsonFlag = False,
 ) -> None:
     """Train a byte-level BPE tokenizer and a llama-architecture model with FIM; export GGUF and safetensors."""
@@ -41,15 +47,33 @@ def train_command(
     if minutes <= 0 and not steps:
         raise CodemoatError("--minutes must be positive")
     opts = TrainOptions(
-        corpus=corpus, out=out, size=size, minutes=minutes, steps=steps, device=device, seed=seed,
-        threads=threads, lr=lr, batch_size=batch_size, vocab_size=vocab_size, ftype=ftype, name=name,
+        corpus=corpus,
+        out=out,
+        size=size,
+        minutes=minutes,
+        steps=steps,
+        device=device,
+        seed=seed,
+        threads=threads,
+        lr=lr,
+        batch_size=batch_size,
+        vocab_size=vocab_size,
+        ftype=ftype,
+        name=name,
         checkpoint_minutes=checkpoint_minutes,
     )
     result = _run_with_progress(opts, train, quiet=as_json)
     data = {
-        "gguf": str(result.gguf), "hf_dir": str(result.hf_dir), "params": result.params, "steps": result.steps,
-        "tokens": result.tokens, "seconds": round(result.seconds, 1), "train_loss": result.train_loss,
-        "heldout_loss": result.heldout_loss, "heldout_bpb": result.heldout_bpb, "summary": str(result.summary_path),
+        "gguf": str(result.gguf),
+        "hf_dir": str(result.hf_dir),
+        "params": result.params,
+        "steps": result.steps,
+        "tokens": result.tokens,
+        "seconds": round(result.seconds, 1),
+        "train_loss": result.train_loss,
+        "heldout_loss": result.heldout_loss,
+        "heldout_bpb": result.heldout_bpb,
+        "summary": str(result.summary_path),
     }
 
     def human(d: dict) -> None:
@@ -66,8 +90,13 @@ def _run_with_progress(opts, train, quiet: bool):
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(), console=console, disable=quiet, transient=False,
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=console,
+        disable=quiet,
+        transient=False,
     ) as progress:
         task = progress.add_task("preparing", total=1.0, info="")
 
@@ -75,13 +104,25 @@ def _run_with_progress(opts, train, quiet: bool):
             kind = ev["kind"]
             if kind == "stage":
                 info = {k: v for k, v in ev.items() if k not in ("kind", "stage", "config")}
-                progress.update(task, description=ev["stage"], info=" ".join(f"{k}={v:,}" if isinstance(v, int) and not isinstance(v, bool) else f"{k}={v}" for k, v in info.items()))
+                progress.update(
+                    task,
+                    description=ev["stage"],
+                    info=" ".join(
+                        f"{k}={v:,}" if isinstance(v, int) and not isinstance(v, bool) else f"{k}={v}" for k, v in info.items()
+                    ),
+                )
             elif kind == "step":
-                progress.update(task, description=f"train step {ev['step']}", completed=ev["progress"],
-                                info=f"loss {ev['loss_ema']:.3f}  {ev['tok_per_s']:,.0f} tok/s  lr {ev['lr']:.2e}")
+                progress.update(
+                    task,
+                    description=f"train step {ev['step']}",
+                    completed=ev["progress"],
+                    info=f"loss {ev['loss_ema']:.3f}  {ev['tok_per_s']:,.0f} tok/s  lr {ev['lr']:.2e}",
+                )
             elif kind == "checkpoint" and not quiet:
                 hl = ev["heldout_loss"]
-                progress.console.print(f"checkpoint at step {ev['step']}: train loss {ev['train_loss']:.3f}"
-                                       + (f", held-out loss {hl:.3f}" if hl is not None else ""))
+                progress.console.print(
+                    f"checkpoint at step {ev['step']}: train loss {ev['train_loss']:.3f}"
+                    + (f", held-out loss {hl:.3f}" if hl is not None else "")
+                )
 
         return train(opts, on_event)

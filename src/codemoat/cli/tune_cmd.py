@@ -41,8 +41,19 @@ def tune_command(
     if base is None:
         raise CodemoatError("no base model: pass --model PATH.gguf or set model.path in the configuration")
     names = [n.strip() for n in repos.split(",") if n.strip()]
-    opts = TuneOptions(repos=names, out=out, base=base, minutes=minutes, steps=steps, rank=rank, lr=lr,
-                       device=device, seed=seed, threads=threads, eval_tokens=eval_tokens)
+    opts = TuneOptions(
+        repos=names,
+        out=out,
+        base=base,
+        minutes=minutes,
+        steps=steps,
+        rank=rank,
+        lr=lr,
+        device=device,
+        seed=seed,
+        threads=threads,
+        eval_tokens=eval_tokens,
+    )
     result = _run(opts, tune, quiet=as_json)
     data = {"adapter": str(result.out), **result.meta}
 
@@ -56,11 +67,15 @@ def tune_command(
             return f"  {what:<9} {b:.3f} → {a:.3f} bits/byte ({(a - b) / b * 100:+.1f} %)"
 
         t = d["train"]
-        console.print(f"[green]tuned[/green] {d['name']} on {', '.join(r['name'] for r in d['repos'])}: "
-                      f"{t['steps']} steps, {t['tokens']:,} tokens in {t['seconds']:.0f} s ({t['tok_per_s']:,.0f} tok/s)")
+        console.print(
+            f"[green]tuned[/green] {d['name']} on {', '.join(r['name'] for r in d['repos'])}: "
+            f"{t['steps']} steps, {t['tokens']:,} tokens in {t['seconds']:.0f} s ({t['tok_per_s']:,.0f} tok/s)"
+        )
         console.print("held-out bits/byte, base → base + adapter:\n" + row("tuned") + "\n" + row("unrelated"))
-        console.print(f"  sealed to this machine: {d['adapter']} ({d['size']['sealed']:,} bytes); "
-                      f"served to groups that may read {' and '.join(r['name'] for r in d['repos'])}")
+        console.print(
+            f"  sealed to this machine: {d['adapter']} ({d['size']['sealed']:,} bytes); "
+            f"served to groups that may read {' and '.join(r['name'] for r in d['repos'])}"
+        )
 
     emit(data, as_json, human)
 
@@ -68,8 +83,15 @@ def tune_command(
 def _run(opts, tune, quiet: bool):
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
-                  TimeElapsedColumn(), console=console, disable=quiet, transient=False) as progress:
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=console,
+        disable=quiet,
+        transient=False,
+    ) as progress:
         task = progress.add_task("preparing", total=1.0, info="")
 
         def on_event(ev: dict) -> None:
@@ -78,8 +100,13 @@ def _run(opts, tune, quiet: bool):
                 progress.update(task, description=ev["stage"], info=info)
             elif ev["kind"] == "step":
                 hb = ev["heldout_bpb"]
-                progress.update(task, description=f"tune step {ev['step']}", completed=ev["progress"],
-                                info=f"loss {ev['loss']:.3f}  held-out {hb:.3f} bits/byte  {ev['tok_per_s']:,.0f} tok/s"
-                                if hb is not None else f"loss {ev['loss']:.3f}")
+                progress.update(
+                    task,
+                    description=f"tune step {ev['step']}",
+                    completed=ev["progress"],
+                    info=f"loss {ev['loss']:.3f}  held-out {hb:.3f} bits/byte  {ev['tok_per_s']:,.0f} tok/s"
+                    if hb is not None
+                    else f"loss {ev['loss']:.3f}",
+                )
 
         return tune(opts, on_event)

@@ -12,7 +12,13 @@ from .apps import update_app, vendor_app
 from .common import JsonFlag, console, emit
 from .vault_cmd import VendorDir, _fingerprinter
 
-LicenseOpt = Annotated[Path | None, typer.Option("--license", help="Your current license (.lic): its support window gates the bundle; recorded once the bundle installs. Default: the one recorded by the last apply.")]
+LicenseOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--license",
+        help="Your current license (.lic): its support window gates the bundle; recorded once the bundle installs. Default: the one recorded by the last apply.",
+    ),
+]
 
 
 @vendor_app.command("release")
@@ -21,15 +27,33 @@ def vendor_release(
     customer: Annotated[str, typer.Option(help="Customer the bundle is for (bound to the machines of its latest license).")],
     version: Annotated[str, typer.Option(help="The bundle's version, e.g. 2 or 1.4.0 (compared numerically).")],
     out: Annotated[Path, typer.Option(help="The bundle to write (.moatpkg).")],
-    model: Annotated[Path | None, typer.Option(help="A model (.gguf, or safetensors file or folder): sealed and fingerprinted for the customer.")] = None,
+    model: Annotated[
+        Path | None,
+        typer.Option(help="A model (.gguf, or safetensors file or folder): sealed and fingerprinted for the customer."),
+    ] = None,
     adapter: Annotated[Path | None, typer.Option(help="An adapter file, sealed to the customer's machines.")] = None,
-    knowledge_pack: Annotated[Path | None, typer.Option(help="A folder (or .zip) of documentation and source for the customer's retrieval index.")] = None,
+    knowledge_pack: Annotated[
+        Path | None, typer.Option(help="A folder (or .zip) of documentation and source for the customer's retrieval index.")
+    ] = None,
     name: Annotated[str | None, typer.Option(help="Name of the adapter or pack (default: the file or folder name).")] = None,
     notes: Annotated[str, typer.Option(help="Release notes shown by `update list`.")] = "",
-    replaces: Annotated[str | None, typer.Option(help="The version this one follows (default: the last one released to this customer).")] = None,
-    rollback_target: Annotated[bool, typer.Option("--rollback-target", help="Sign this bundle as a downgrade the customer may install over a newer version.")] = False,
-    license_id: Annotated[str | None, typer.Option("--license-id", help="The customer's license whose machines (and, for a model, terms) the bundle takes (default: the latest).")] = None,
-    fingerprint: Annotated[bool, typer.Option("--fingerprint/--no-fingerprint", help="Embed the customer's weight fingerprint (models).")] = True,
+    replaces: Annotated[
+        str | None, typer.Option(help="The version this one follows (default: the last one released to this customer).")
+    ] = None,
+    rollback_target: Annotated[
+        bool,
+        typer.Option("--rollback-target", help="Sign this bundle as a downgrade the customer may install over a newer version."),
+    ] = False,
+    license_id: Annotated[
+        str | None,
+        typer.Option(
+            "--license-id",
+            help="The customer's license whose machines (and, for a model, terms) the bundle takes (default: the latest).",
+        ),
+    ] = None,
+    fingerprint: Annotated[
+        bool, typer.Option("--fingerprint/--no-fingerprint", help="Embed the customer's weight fingerprint (models).")
+    ] = True,
     as_json: JsonFlag = False,
 ) -> None:
     """Build a signed update bundle of a model, an adapter or a knowledge pack for one customer."""
@@ -44,16 +68,33 @@ def vendor_release(
     fp = _fingerprinter() if kind == "model" and fingerprint else None
     v = Vendor.open(vendor)
     try:
-        m = release(v, customer=customer, kind=kind, source=source, version=version, out=out, name=name,
-                    notes=notes, replaces=replaces, rollback_target=rollback_target, fingerprint=fp,
-                    license_id=license_id)
+        m = release(
+            v,
+            customer=customer,
+            kind=kind,
+            source=source,
+            version=version,
+            out=out,
+            name=name,
+            notes=notes,
+            replaces=replaces,
+            rollback_target=rollback_target,
+            fingerprint=fp,
+            license_id=license_id,
+        )
     finally:
         v.close()
-    d = {k: m[k] for k in ("bundle_id", "kind", "name", "version", "released_at", "replaces", "rollback_target",
-                           "customer", "machines")} | {"file": str(out), "size": out.stat().st_size}
-    emit(d, as_json, lambda d: console.print(
-        f"released {label(d)} for {d['customer']} "
-        f"({len(d['machines'])} machine(s)) -> {out}", highlight=False, soft_wrap=True))
+    d = {
+        k: m[k]
+        for k in ("bundle_id", "kind", "name", "version", "released_at", "replaces", "rollback_target", "customer", "machines")
+    } | {"file": str(out), "size": out.stat().st_size}
+    emit(
+        d,
+        as_json,
+        lambda d: console.print(
+            f"released {label(d)} for {d['customer']} ({len(d['machines'])} machine(s)) -> {out}", highlight=False, soft_wrap=True
+        ),
+    )
 
 
 def _store():
@@ -66,8 +107,12 @@ def _store():
     s = load_settings(None)
     url = s.database_url or paths.db_url()
     home = paths.home()
-    log = AuditLog(open_db(url), checkpoint_every=s.audit.checkpoint_every, head_file=head_file_for(url, home),
-                   verified_file=verified_file_for(url, home))
+    log = AuditLog(
+        open_db(url),
+        checkpoint_every=s.audit.checkpoint_every,
+        head_file=head_file_for(url, home),
+        verified_file=verified_file_for(url, home),
+    )
 
     def audit(step: str, detail: dict[str, Any]) -> None:
         log.append("update", user="admin", route=f"update {step}", detail=detail)
@@ -76,24 +121,39 @@ def _store():
 
 
 @update_app.command("verify")
-def update_verify(file: Annotated[Path, typer.Argument(help="An update bundle (.moatpkg).")], license: LicenseOpt = None,
-                  as_json: JsonFlag = False) -> None:
+def update_verify(
+    file: Annotated[Path, typer.Argument(help="An update bundle (.moatpkg).")],
+    license: LicenseOpt = None,
+    as_json: JsonFlag = False,
+) -> None:
     """Check a bundle without installing it: signature, customer, machine, support window, version, payload."""
     r = _store().verify(file, license)
     from ..updates.store import label
     from ..vault.clock import iso
 
     b = r["bundle"]
-    emit(r, as_json, lambda d: console.print(
-        f"ok: {label(b)} (released {iso(b['released_at'])}) may be installed; "
-        f"installed now: {d['installed'] or 'none'}; support until {d['support_until']}", highlight=False, soft_wrap=True))
+    emit(
+        r,
+        as_json,
+        lambda d: console.print(
+            f"ok: {label(b)} (released {iso(b['released_at'])}) may be installed; "
+            f"installed now: {d['installed'] or 'none'}; support until {d['support_until']}",
+            highlight=False,
+            soft_wrap=True,
+        ),
+    )
 
 
 @update_app.command("apply")
 def update_apply(
     file: Annotated[Path, typer.Argument(help="An update bundle (.moatpkg).")],
     license: LicenseOpt = None,
-    groups: Annotated[str | None, typer.Option("--groups", help="Knowledge packs: comma-separated groups that may read it (default: as before, else everyone).")] = None,
+    groups: Annotated[
+        str | None,
+        typer.Option(
+            "--groups", help="Knowledge packs: comma-separated groups that may read it (default: as before, else everyone)."
+        ),
+    ] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Install a bundle atomically (a crash leaves the previous version serving)."""
@@ -101,10 +161,17 @@ def update_apply(
     from ..updates.store import label
 
     r = _store().apply(file, license, parse_groups(groups) if groups else None)
-    emit(r, as_json, lambda d: console.print(
-        f"installed {label(d)}" + (f" (was {d['previous']})" if d["previous"] else "")
-        + (f"; indexed {d['index']['chunks']} chunks as {d['index']['source']}" if d.get("index") else ""),
-        highlight=False, soft_wrap=True))
+    emit(
+        r,
+        as_json,
+        lambda d: console.print(
+            f"installed {label(d)}"
+            + (f" (was {d['previous']})" if d["previous"] else "")
+            + (f"; indexed {d['index']['chunks']} chunks as {d['index']['source']}" if d.get("index") else ""),
+            highlight=False,
+            soft_wrap=True,
+        ),
+    )
 
 
 @update_app.command("list")
@@ -122,8 +189,14 @@ def update_list(as_json: JsonFlag = False) -> None:
             return
         t = Table("channel", "version", "current", "released", "installed", "notes")
         for r in rows:
-            t.add_row(r["channel"], r["version"], "yes" if r["current"] else "", iso(r["released_at"]),
-                      iso(r["installed_at"]), r.get("notes") or "")
+            t.add_row(
+                r["channel"],
+                r["version"],
+                "yes" if r["current"] else "",
+                iso(r["released_at"]),
+                iso(r["installed_at"]),
+                r.get("notes") or "",
+            )
         console.print(t)
 
     emit(rows, as_json, human)
@@ -131,7 +204,9 @@ def update_list(as_json: JsonFlag = False) -> None:
 
 @update_app.command("rollback")
 def update_rollback(
-    channel: Annotated[str | None, typer.Option(help="model, adapter:NAME or knowledge-pack:NAME (default: the last one applied).")] = None,
+    channel: Annotated[
+        str | None, typer.Option(help="model, adapter:NAME or knowledge-pack:NAME (default: the last one applied).")
+    ] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Go back to the version installed before the current one."""
@@ -162,7 +237,9 @@ def vendor_channel(
 
 @update_app.command("fetch")
 def update_fetch(
-    channel: Annotated[str | None, typer.Option(help="The vendor's channel URL (default: update.channel_url; unset: off).")] = None,
+    channel: Annotated[
+        str | None, typer.Option(help="The vendor's channel URL (default: update.channel_url; unset: off).")
+    ] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Download new bundles from the vendor's online channel into $CODEMOAT_HOME/updates/inbox/ (then `update apply`)."""
@@ -174,5 +251,10 @@ def update_fetch(
     if not url:
         raise CodemoatError("no update channel configured (update.channel_url is off by default; bundles also come as files)")
     got = fetch(url, paths.home() / "updates" / "inbox")
-    emit(got, as_json, lambda rows: console.print(
-        "\n".join(f"fetched {r['file']} ({r['size']} bytes)" for r in rows) or "no new bundles", highlight=False))
+    emit(
+        got,
+        as_json,
+        lambda rows: console.print(
+            "\n".join(f"fetched {r['file']} ({r['size']} bytes)" for r in rows) or "no new bundles", highlight=False
+        ),
+    )

@@ -13,8 +13,9 @@ from ..errors import CodemoatError
 from .apps import app, license_app, vendor_app
 from .common import JsonFlag, console, emit, err_console
 
-VendorDir = Annotated[Path, typer.Option("--vendor", help="The vendor's directory (keys and database).",
-                                         envvar="CODEMOAT_VENDOR")]
+VendorDir = Annotated[
+    Path, typer.Option("--vendor", help="The vendor's directory (keys and database).", envvar="CODEMOAT_VENDOR")
+]
 
 
 def _size(n: int) -> str:
@@ -33,16 +34,36 @@ def vendor_init(vendor: VendorDir, as_json: JsonFlag = False) -> None:
     v = Vendor.init(vendor)
     info = json.loads((vendor / "vendor.json").read_text())
     v.close()
-    emit(info, as_json, lambda d: console.print(
-        f"vendor created in {vendor}: signing key {d['vendor_key_id']}, key server key {d['keyserver_key_id']}", soft_wrap=True))
+    emit(
+        info,
+        as_json,
+        lambda d: console.print(
+            f"vendor created in {vendor}: signing key {d['vendor_key_id']}, key server key {d['keyserver_key_id']}",
+            soft_wrap=True,
+        ),
+    )
 
 
 @app.command("machine-id")
 def machine_id(
     as_json: JsonFlag = False,
-    tpm: Annotated[bool | None, typer.Option("--tpm/--no-tpm", help="Add this machine's TPM 2.0 keys (made in the chip) and its current PCR policy (default: the vault.tpm setting, auto).")] = None,
-    tcti: Annotated[str | None, typer.Option(help="How to reach the TPM (tpm2-tss TCTI), e.g. swtpm:host=127.0.0.1,port=2321 (default: device:<vault.tpm_device>).", envvar="CODEMOAT_TPM_TCTI")] = None,
-    pcrs: Annotated[str, typer.Option(help="PCRs the license policy covers (comma-separated; must include the tamper PCR 15).")] = "15",
+    tpm: Annotated[
+        bool | None,
+        typer.Option(
+            "--tpm/--no-tpm",
+            help="Add this machine's TPM 2.0 keys (made in the chip) and its current PCR policy (default: the vault.tpm setting, auto).",
+        ),
+    ] = None,
+    tcti: Annotated[
+        str | None,
+        typer.Option(
+            help="How to reach the TPM (tpm2-tss TCTI), e.g. swtpm:host=127.0.0.1,port=2321 (default: device:<vault.tpm_device>).",
+            envvar="CODEMOAT_TPM_TCTI",
+        ),
+    ] = None,
+    pcrs: Annotated[
+        str, typer.Option(help="PCRs the license policy covers (comma-separated; must include the tamper PCR 15).")
+    ] = "15",
 ) -> None:
     """Print this machine's public identity (made on first use); send it to the vendor. It holds no secret."""
     from ..vault.machine import MachineKey
@@ -58,8 +79,11 @@ def machine_id(
         emit(ident, True)
         return
     # The identity alone goes to stdout (`codemoat machine-id > machine.json` is what the vendor needs).
-    err_console.print(f"[bold]{ident['id']}[/bold]  ({len(ident['facts'])} hardware facts, hashed; "
-                      "send the line below to your vendor)", highlight=False, soft_wrap=True)
+    err_console.print(
+        f"[bold]{ident['id']}[/bold]  ({len(ident['facts'])} hardware facts, hashed; send the line below to your vendor)",
+        highlight=False,
+        soft_wrap=True,
+    )
     typer.echo(json.dumps(ident, separators=(",", ":")))
 
 
@@ -67,8 +91,9 @@ def _fingerprinter():
     try:
         from ..trace.fingerprint import fingerprint_model
     except ModuleNotFoundError:
-        raise CodemoatError("weight fingerprinting is not available (codemoat.trace.fingerprint is missing); "
-                            "seal with --no-fingerprint") from None
+        raise CodemoatError(
+            "weight fingerprinting is not available (codemoat.trace.fingerprint is missing); seal with --no-fingerprint"
+        ) from None
     return fingerprint_model
 
 
@@ -78,8 +103,9 @@ def vendor_seal(
     vendor: VendorDir,
     customer: Annotated[str, typer.Option(help="Customer the copy is made for (created on first use).")],
     out: Annotated[Path, typer.Option(help="The sealed file to write (.moat).")],
-    fingerprint: Annotated[bool, typer.Option("--fingerprint/--no-fingerprint",
-                                              help="Embed the customer's weight fingerprint first.")] = True,
+    fingerprint: Annotated[
+        bool, typer.Option("--fingerprint/--no-fingerprint", help="Embed the customer's weight fingerprint first.")
+    ] = True,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out file.")] = False,
     as_json: JsonFlag = False,
 ) -> None:
@@ -94,9 +120,16 @@ def vendor_seal(
     finally:
         v.close()
     d = sealed.describe()
-    emit(d, as_json, lambda d: console.print(
-        f"sealed {d['model_id']} ({d['format']}, {_size(d['plaintext_size'])}, {d['chunks']} chunks) for "
-        f"{d['customer']} -> {out}  fingerprint: {'yes' if d['fingerprinted'] else 'no'}", highlight=False, soft_wrap=True))
+    emit(
+        d,
+        as_json,
+        lambda d: console.print(
+            f"sealed {d['model_id']} ({d['format']}, {_size(d['plaintext_size'])}, {d['chunks']} chunks) for "
+            f"{d['customer']} -> {out}  fingerprint: {'yes' if d['fingerprinted'] else 'no'}",
+            highlight=False,
+            soft_wrap=True,
+        ),
+    )
 
 
 @vendor_app.command("unseal")
@@ -114,8 +147,11 @@ def vendor_unseal(
         path = v.unseal(moat, out)
     finally:
         v.close()
-    emit({"sealed": str(moat), "out": str(path)}, as_json,
-         lambda d: console.print(f"unsealed {moat.name} -> {path}", highlight=False, soft_wrap=True))
+    emit(
+        {"sealed": str(moat), "out": str(path)},
+        as_json,
+        lambda d: console.print(f"unsealed {moat.name} -> {path}", highlight=False, soft_wrap=True),
+    )
 
 
 @license_app.command("issue")
@@ -123,17 +159,29 @@ def license_issue(
     vendor: VendorDir,
     customer: Annotated[str, typer.Option(help="Customer the license is for.")],
     model: Annotated[Path, typer.Option(help="The customer's sealed model (.moat).")],
-    machine: Annotated[list[str], typer.Option(help="Machine identity (a file or the JSON of `codemoat machine-id --json`); repeat for a floating lease license.")],
+    machine: Annotated[
+        list[str],
+        typer.Option(
+            help="Machine identity (a file or the JSON of `codemoat machine-id --json`); repeat for a floating lease license."
+        ),
+    ],
     expires: Annotated[str, typer.Option(help="Expiry: an ISO date (UTC) or a duration from now such as 365d.")],
     not_before: Annotated[str | None, typer.Option(help="Start: an ISO date (default: now).")] = None,
-    support_until: Annotated[str | None, typer.Option(help="End of the support contract (an ISO date or a duration): update bundles released after it do not install. Default: none recorded (support runs to the expiry).")] = None,
+    support_until: Annotated[
+        str | None,
+        typer.Option(
+            help="End of the support contract (an ISO date or a duration): update bundles released after it do not install. Default: none recorded (support runs to the expiry)."
+        ),
+    ] = None,
     features: Annotated[str, typer.Option(help="Comma-separated features: complete, chat, index.")] = "complete,chat,index",
     mode: Annotated[str, typer.Option(help="offline (signed certificate) or lease (key server heartbeat).")] = "offline",
     keyserver: Annotated[str | None, typer.Option(help="Key server URL for lease mode, e.g. http://127.0.0.1:8443.")] = None,
     lease_ttl: Annotated[str, typer.Option(help="Lease lifetime; renewed at half of it.")] = "1h",
     grace: Annotated[str, typer.Option(help="How long serving continues after a lease expires unrenewed.")] = "15m",
     seats: Annotated[int, typer.Option(help="Machines that may hold a lease at once (lease mode).")] = 1,
-    watermark: Annotated[bool, typer.Option("--watermark/--no-watermark", help="Deliver the customer's output-watermark key.")] = True,
+    watermark: Annotated[
+        bool, typer.Option("--watermark/--no-watermark", help="Deliver the customer's output-watermark key.")
+    ] = True,
     match: Annotated[str, typer.Option(help="Hardware match policy: all, most, two, any.")] = "most",
     out: Annotated[Path | None, typer.Option(help="License file to write (default: <license id>.lic).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out file.")] = False,
@@ -154,11 +202,21 @@ def license_issue(
     v = Vendor.open(vendor)
     try:
         doc = v.issue_license(
-            customer=customer, model=model, machines=machines, expires=expires_at, not_before=not_before_at,
-            features=[f.strip() for f in features.split(",") if f.strip()], mode=mode, keyserver=keyserver,
-            lease_ttl=int(parse_duration(lease_ttl)), grace=int(parse_duration(grace)), seats=seats,
-            watermark=watermark, policy=match,
-            support_until=int(parse_when(support_until)) if support_until else None)
+            customer=customer,
+            model=model,
+            machines=machines,
+            expires=expires_at,
+            not_before=not_before_at,
+            features=[f.strip() for f in features.split(",") if f.strip()],
+            mode=mode,
+            keyserver=keyserver,
+            lease_ttl=int(parse_duration(lease_ttl)),
+            grace=int(parse_duration(grace)),
+            seats=seats,
+            watermark=watermark,
+            policy=match,
+            support_until=int(parse_when(support_until)) if support_until else None,
+        )
     finally:
         v.close()
     body = doc["license"]
@@ -170,9 +228,16 @@ def license_issue(
     from ..vault.license import License
 
     d = dict(License.parse(path.read_bytes()).describe(), file=str(path))
-    emit(d, as_json, lambda d: console.print(
-        f"license {d['id']} ({d['mode']}) for {d['customer']} on {', '.join(d['machines'])}, "
-        f"expires {d['expires_iso']} -> {path}", highlight=False, soft_wrap=True))
+    emit(
+        d,
+        as_json,
+        lambda d: console.print(
+            f"license {d['id']} ({d['mode']}) for {d['customer']} on {', '.join(d['machines'])}, "
+            f"expires {d['expires_iso']} -> {path}",
+            highlight=False,
+            soft_wrap=True,
+        ),
+    )
 
 
 def _check_writable(path: Path, force: bool = False, replacing: str = "") -> None:
@@ -181,16 +246,20 @@ def _check_writable(path: Path, force: bool = False, replacing: str = "") -> Non
     if path.is_dir():
         raise CodemoatError(f"{path} is a folder: name a file to write")
     if path.exists() and not force:
-        raise CodemoatError(f"{path} exists: pass --force to replace it ({replacing})" if replacing
-                            else f"{path} exists: pass --force to replace it")
+        raise CodemoatError(
+            f"{path} exists: pass --force to replace it ({replacing})"
+            if replacing
+            else f"{path} exists: pass --force to replace it"
+        )
     parent = path.parent
     if not parent.is_dir():
         raise CodemoatError(f"folder {parent} does not exist")
 
 
 @license_app.command("revoke")
-def license_revoke(license_id: Annotated[str, typer.Argument(help="License id (lic_...).")], vendor: VendorDir,
-                   as_json: JsonFlag = False) -> None:
+def license_revoke(
+    license_id: Annotated[str, typer.Argument(help="License id (lic_...).")], vendor: VendorDir, as_json: JsonFlag = False
+) -> None:
     """Revoke a license: its leases end at their next renewal."""
     from ..vault.vendor import Vendor
 
@@ -232,8 +301,7 @@ def license_show(
     except OSError as e:
         raise CodemoatError(f"cannot write {out}: {e.strerror}") from None
     d = dict(License.parse(text.encode()).describe(), file=str(out))
-    emit(d, as_json, lambda d: console.print(f"license {d['id']} for {d['customer']} -> {out}",
-                                             highlight=False, soft_wrap=True))
+    emit(d, as_json, lambda d: console.print(f"license {d['id']} for {d['customer']} -> {out}", highlight=False, soft_wrap=True))
 
 
 @license_app.command("list")
@@ -253,16 +321,18 @@ def license_list(vendor: VendorDir, as_json: JsonFlag = False) -> None:
     def human(rows: list[dict[str, Any]]) -> None:
         t = Table("id", "customer", "model", "mode", "seats", "leases", "expires", "state")
         for r in rows:
-            t.add_row(r["id"], r["customer"], r["model"], r["mode"], str(r["seats"]), str(r["leases"]),
-                      iso(r["expires"]), r["state"])
+            t.add_row(
+                r["id"], r["customer"], r["model"], r["mode"], str(r["seats"]), str(r["leases"]), iso(r["expires"]), r["state"]
+            )
         console.print(t)
 
     emit(rows, as_json, human)
 
 
 @app.command("inspect")
-def inspect_cmd(file: Annotated[Path, typer.Argument(help="A sealed model (.moat) or a license (.lic).")],
-                as_json: JsonFlag = False) -> None:
+def inspect_cmd(
+    file: Annotated[Path, typer.Argument(help="A sealed model (.moat) or a license (.lic).")], as_json: JsonFlag = False
+) -> None:
     """Show what a sealed model or license holds (after checking its signature); no secret is shown."""
     from ..vault.codec import VaultError
     from ..vault.container import MAGIC, SealedFile
@@ -311,8 +381,12 @@ def verify_cmd(
     def human(r: dict[str, Any]) -> None:
         for c in r["checks"]:
             console.print(f"[green]ok[/green]  {c}", highlight=False, soft_wrap=True)
-        console.print(f"[bold green]valid[/bold green]: {r['model_id']} for {r['customer']}, license {r['license_id']} "
-                      f"({r['mode']}) until {r['expires']}", highlight=False, soft_wrap=True)
+        console.print(
+            f"[bold green]valid[/bold green]: {r['model_id']} for {r['customer']}, license {r['license_id']} "
+            f"({r['mode']}) until {r['expires']}",
+            highlight=False,
+            soft_wrap=True,
+        )
 
     emit(report, as_json, human)
 
@@ -331,6 +405,9 @@ def keyserver_cmd(
     from ..vault.vendor import Vendor
 
     v = Vendor.open(vendor)
-    console.print(f"key server on http://{host}:{port} (key {json.loads((vendor / 'vendor.json').read_text())['keyserver_key_id']})",
-                  highlight=False, soft_wrap=True)
+    console.print(
+        f"key server on http://{host}:{port} (key {json.loads((vendor / 'vendor.json').read_text())['keyserver_key_id']})",
+        highlight=False,
+        soft_wrap=True,
+    )
     uvicorn.run(create_app(v), host=host, port=port, log_level=log_level)

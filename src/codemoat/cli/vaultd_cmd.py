@@ -105,7 +105,9 @@ def vaultd(
     model: Annotated[list[Path], typer.Option(help="Sealed model (.moat); repeat with --license for several.")],
     license: Annotated[list[Path], typer.Option(help="License (.lic) for the --model at the same position.")],
     allow_uid: Annotated[list[str] | None, typer.Option(help="User (name or uid) allowed to fetch models; repeatable.")] = None,
-    allow_group: Annotated[list[str] | None, typer.Option(help="Group allowed to fetch models; the first also owns the socket.")] = None,
+    allow_group: Annotated[
+        list[str] | None, typer.Option(help="Group allowed to fetch models; the first also owns the socket.")
+    ] = None,
     config: Annotated[Path | None, typer.Option(help="TOML configuration file.", envvar="CODEMOAT_CONFIG")] = None,
 ) -> None:
     """Hold the machine key: decrypt licensed models once and hand them to `serve --vault` as sealed memfds."""

@@ -80,7 +80,9 @@ class LdapDirectory:
         try:
             return Path(f).read_text(encoding="utf-8").strip()
         except (OSError, UnicodeDecodeError) as e:
-            raise DirectoryError(f"directory.bind_password_file {f}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+            raise DirectoryError(
+                f"directory.bind_password_file {f}: cannot read it ({getattr(e, 'strerror', None) or e})"
+            ) from None
 
     def _bind(self, dn: str | None, password: str):
         """A bound connection, or DirectoryUnavailable / Unauthorized (wrong credentials)."""
@@ -89,8 +91,15 @@ class LdapDirectory:
 
         bind = ldap3.AUTO_BIND_TLS_BEFORE_BIND if self.cfg.start_tls else ldap3.AUTO_BIND_NO_TLS
         try:
-            return ldap3.Connection(self._server(), user=dn, password=password, auto_bind=bind,
-                                    receive_timeout=self._timeout, raise_exceptions=True, read_only=True)
+            return ldap3.Connection(
+                self._server(),
+                user=dn,
+                password=password,
+                auto_bind=bind,
+                receive_timeout=self._timeout,
+                raise_exceptions=True,
+                read_only=True,
+            )
         except (lx.LDAPInvalidCredentialsResult, lx.LDAPBindError) as e:
             raise Unauthorized("directory sign-in failed: wrong user name or password") from e
         except lx.LDAPException as e:
@@ -102,7 +111,9 @@ class LdapDirectory:
                 try:
                     self._conn = self._bind(self.cfg.bind_dn, self._password())
                 except Unauthorized:
-                    raise DirectoryError("the directory refused the service account (directory.bind_dn / bind_password_file)") from None
+                    raise DirectoryError(
+                        "the directory refused the service account (directory.bind_dn / bind_password_file)"
+                    ) from None
             return self._conn
 
     def _search(self, base: str, flt: str, attrs: list[str]) -> list:

@@ -35,7 +35,8 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")
 
 meta = sa.MetaData()
 pending = sa.Table(
-    "oidc_pending", meta,
+    "oidc_pending",
+    meta,
     sa.Column("state", sa.String(64), primary_key=True),
     sa.Column("nonce", sa.String(64)),
     sa.Column("verifier", sa.String(128)),
@@ -67,7 +68,9 @@ class OidcClient:
         try:
             return Path(f).read_text(encoding="utf-8").strip()
         except (OSError, UnicodeDecodeError) as e:
-            raise DirectoryError(f"directory.oidc_client_secret_file {f}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+            raise DirectoryError(
+                f"directory.oidc_client_secret_file {f}: cannot read it ({getattr(e, 'strerror', None) or e})"
+            ) from None
 
     def _get(self, url: str) -> dict:
         try:
@@ -105,9 +108,16 @@ class OidcClient:
         with self.engine.begin() as c:
             c.execute(pending.delete().where(pending.c.created_at < now - PENDING_TTL_S))
             c.execute(pending.insert().values(state=state, nonce=nonce, verifier=verifier, created_at=now))
-        q = {"response_type": "code", "client_id": self.cfg.oidc_client_id, "redirect_uri": self.cfg.oidc_redirect_url,
-             "scope": "openid profile groups", "state": state, "nonce": nonce,
-             "code_challenge": s256(verifier), "code_challenge_method": "S256"}
+        q = {
+            "response_type": "code",
+            "client_id": self.cfg.oidc_client_id,
+            "redirect_uri": self.cfg.oidc_redirect_url,
+            "scope": "openid profile groups",
+            "state": state,
+            "nonce": nonce,
+            "code_challenge": s256(verifier),
+            "code_challenge_method": "S256",
+        }
         return meta["authorization_endpoint"] + "?" + urlencode(q)
 
     def _consume(self, state: str) -> tuple[str, str]:
@@ -129,13 +139,23 @@ class OidcClient:
         nonce, verifier = self._consume(state)
         meta = self.metadata()
         try:
-            r = httpx.post(meta["token_endpoint"], timeout=self.cfg.timeout_s, auth=(self.cfg.oidc_client_id, self._secret()),
-                           data={"grant_type": "authorization_code", "code": code, "redirect_uri": self.cfg.oidc_redirect_url,
-                                 "code_verifier": verifier})
+            r = httpx.post(
+                meta["token_endpoint"],
+                timeout=self.cfg.timeout_s,
+                auth=(self.cfg.oidc_client_id, self._secret()),
+                data={
+                    "grant_type": "authorization_code",
+                    "code": code,
+                    "redirect_uri": self.cfg.oidc_redirect_url,
+                    "code_verifier": verifier,
+                },
+            )
         except httpx.HTTPError as e:
             raise DirectoryUnavailable(f"OpenID provider {self.issuer} is unreachable: {type(e).__name__}") from None
         if r.status_code != 200:
-            raise Unauthorized(f"sign-in refused by the provider: {r.json().get('error', r.status_code) if r.content else r.status_code}")
+            raise Unauthorized(
+                f"sign-in refused by the provider: {r.json().get('error', r.status_code) if r.content else r.status_code}"
+            )
         id_token = r.json().get("id_token")
         if not id_token:
             raise Unauthorized("sign-in refused: the provider sent no ID token")
@@ -146,14 +166,23 @@ class OidcClient:
         from authlib.jose import JsonWebToken
         from authlib.jose.errors import JoseError
 
-        opts = {"iss": {"essential": True, "value": self.issuer}, "aud": {"essential": True, "value": self.cfg.oidc_client_id},
-                "nonce": {"essential": True, "value": nonce}, "exp": {"essential": True}, "sub": {"essential": True}}
+        opts = {
+            "iss": {"essential": True, "value": self.issuer},
+            "aud": {"essential": True, "value": self.cfg.oidc_client_id},
+            "nonce": {"essential": True, "value": nonce},
+            "exp": {"essential": True},
+            "sub": {"essential": True},
+        }
         jwt = JsonWebToken(["RS256", "PS256", "ES256", "EdDSA"])  # never "none", never HS256 with a public key
         for refresh in (False, True):  # a key the provider rotated in: fetch the JWKS once more
             try:
                 claims = jwt.decode(id_token, self._keys(refresh), claims_options=opts)
                 claims.validate(leeway=self.cfg.oidc_leeway_s)
-                if isinstance(claims.get("aud"), list) and len(claims["aud"]) > 1 and claims.get("azp") != self.cfg.oidc_client_id:
+                if (
+                    isinstance(claims.get("aud"), list)
+                    and len(claims["aud"]) > 1
+                    and claims.get("azp") != self.cfg.oidc_client_id
+                ):
                     raise Unauthorized("sign-in refused: the ID token was issued to another party (azp)")
                 return dict(claims)
             except JoseError as e:

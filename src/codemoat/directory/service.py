@@ -67,11 +67,19 @@ class DirectoryKeeper:
                 try:
                     rep = self.sync()
                     if rep.changes:
-                        log.info("directory sync: %d added, %d regrouped, %d disabled, %d enabled",
-                                 len(rep.added), len(rep.updated), len(rep.disabled), len(rep.enabled))
+                        log.info(
+                            "directory sync: %d added, %d regrouped, %d disabled, %d enabled",
+                            len(rep.added),
+                            len(rep.updated),
+                            len(rep.disabled),
+                            len(rep.enabled),
+                        )
                 except DirectoryError as e:
-                    log.warning("directory sync failed (directory users keep their last-known groups for at most "
-                                "%d s): %s", self.cfg.max_staleness_s, e)
+                    log.warning(
+                        "directory sync failed (directory users keep their last-known groups for at most %d s): %s",
+                        self.cfg.max_staleness_s,
+                        e,
+                    )
                 except Exception:
                     log.exception("directory sync")
                 self._stop.wait(self.cfg.sync_interval_s)
@@ -101,15 +109,19 @@ class DirectoryKeeper:
         # the directory last vouched for this user at a full sync or at their own sign-in
         age = time.time() - max(confirmed, last_success(self.engine) or 0.0)
         if age > self.cfg.max_staleness_s:
-            raise Unauthorized(f"the company directory has not been reachable for over {self.cfg.max_staleness_s} s; "
-                               "directory accounts are refused until it is (fail closed)")
+            raise Unauthorized(
+                f"the company directory has not been reachable for over {self.cfg.max_staleness_s} s; "
+                "directory accounts are refused until it is (fail closed)"
+            )
 
     # -- sign-in ----------------------------------------------------------------------
     def login(self, username: str, password: str, token_name: str | None = None) -> tuple[str, dict[str, Any]]:
         """Check the password with the directory, mirror this user's groups now, and mint a token
         with the scopes those groups allow and `token_ttl_days` of life. The secret is returned once."""
         if self.directory is None:
-            raise DirectoryError("no LDAP directory configured (directory.ldap_url): sign in through the browser (OpenID Connect)")
+            raise DirectoryError(
+                "no LDAP directory configured (directory.ldap_url): sign in through the browser (OpenID Connect)"
+            )
         return self.issue_token(self.directory.authenticate(username, password), token_name, how="ldap")
 
     def login_oidc(self, state: str, code: str) -> tuple[str, dict[str, Any]]:
@@ -128,7 +140,18 @@ class DirectoryKeeper:
         name = token_name or f"login-{user.name}-{int(time.time())}"
         info, secret = self.accounts.create_token(name, user=user.name, scopes=tuple(scopes), expires_at=expires)
         if self.audit is not None:
-            self.audit.append("directory", user=user.name, token_id=info.id, route="login",
-                              detail={"action": "login", "via": how, "scopes": scopes, "expires_at": int(expires)})
-        return secret, {"user": user.name, "token_id": info.id, "name": name, "groups": groups, "scopes": scopes,
-                        "expires_at": expires}
+            self.audit.append(
+                "directory",
+                user=user.name,
+                token_id=info.id,
+                route="login",
+                detail={"action": "login", "via": how, "scopes": scopes, "expires_at": int(expires)},
+            )
+        return secret, {
+            "user": user.name,
+            "token_id": info.id,
+            "name": name,
+            "groups": groups,
+            "scopes": scopes,
+            "expires_at": expires,
+        }

@@ -25,7 +25,8 @@ _GROUP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 meta = sa.MetaData()
 directory_users = sa.Table(
-    "directory_users", meta,
+    "directory_users",
+    meta,
     sa.Column("name", sa.String(128), primary_key=True),
     sa.Column("dn", sa.String(1024)),
     sa.Column("groups", sa.Text),
@@ -33,7 +34,8 @@ directory_users = sa.Table(
     sa.Column("synced_at", sa.Float),
 )
 directory_state = sa.Table(
-    "directory_state", meta,
+    "directory_state",
+    meta,
     sa.Column("id", sa.Integer, primary_key=True),
     sa.Column("last_success", sa.Float),
     sa.Column("last_attempt", sa.Float),
@@ -81,8 +83,9 @@ def _set_groups(c, name: str, wanted: list[str]) -> None:
         c.execute(memberships.insert().values(user=name, group=g))
 
 
-def sync(engine: Engine, snap: Snapshot, cfg: DirectorySettings, *, audit=None, dry_run: bool = False,
-         partial: bool = False) -> SyncReport:
+def sync(
+    engine: Engine, snap: Snapshot, cfg: DirectorySettings, *, audit=None, dry_run: bool = False, partial: bool = False
+) -> SyncReport:
     """Apply `snap` to the accounts in `engine` (one transaction); `audit.append` gets each change.
 
     `partial`: `snap` holds only some users (one signing in): nobody else is disabled, and it does
@@ -138,14 +141,25 @@ def sync(engine: Engine, snap: Snapshot, cfg: DirectorySettings, *, audit=None, 
             why = "disabled in the directory" if du is not None else "gone from the directory"
             rep.disabled.append(name)
             live = list(c.execute(sa.select(tokens.c.id).where(tokens.c.user == name, tokens.c.revoked_at.is_(None))).scalars())
-            records.append({"user": name, "detail": {"action": "disabled", "why": why, "tokens_revoked": len(live),
-                                                     "groups_removed": sorted(member_of.get(name, ()))}})
+            records.append(
+                {
+                    "user": name,
+                    "detail": {
+                        "action": "disabled",
+                        "why": why,
+                        "tokens_revoked": len(live),
+                        "groups_removed": sorted(member_of.get(name, ())),
+                    },
+                }
+            )
             if not dry_run:
                 now = time.time()
                 c.execute(tokens.update().where(tokens.c.user == name, tokens.c.revoked_at.is_(None)).values(revoked_at=now))
                 c.execute(memberships.delete().where(memberships.c.user == name))
                 c.execute(users.update().where(users.c.name == name).values(disabled=True))
-                c.execute(directory_users.update().where(directory_users.c.name == name).values(disabled=True, groups="", synced_at=now))
+                c.execute(
+                    directory_users.update().where(directory_users.c.name == name).values(disabled=True, groups="", synced_at=now)
+                )
         if not dry_run and not partial:
             c.execute(directory_users.update().where(directory_users.c.disabled.is_(False)).values(synced_at=now))
             _mark(c, success=True)
@@ -165,8 +179,11 @@ def _mark(c, *, success: bool, error: str | None = None) -> None:
     if c.execute(sa.select(directory_state.c.id).where(directory_state.c.id == 1)).first():
         c.execute(directory_state.update().where(directory_state.c.id == 1).values(**values))
     else:
-        c.execute(directory_state.insert().values(id=1, last_success=values.get("last_success"), **{
-            k: v for k, v in values.items() if k != "last_success"}))
+        c.execute(
+            directory_state.insert().values(
+                id=1, last_success=values.get("last_success"), **{k: v for k, v in values.items() if k != "last_success"}
+            )
+        )
 
 
 def record_failure(engine: Engine, error: str) -> None:
@@ -183,5 +200,7 @@ def last_success(engine: Engine) -> float | None:
 def managed_users(engine: Engine) -> dict[str, float]:
     """The enabled users the directory manages -> when the directory last confirmed them."""
     with engine.connect() as c:
-        rows = c.execute(sa.select(directory_users.c.name, directory_users.c.synced_at).where(directory_users.c.disabled.is_(False)))
+        rows = c.execute(
+            sa.select(directory_users.c.name, directory_users.c.synced_at).where(directory_users.c.disabled.is_(False))
+        )
         return {name: at or 0.0 for name, at in rows}

@@ -48,8 +48,12 @@ class Adapter:
 def seal_adapter(adapter: Adapter, out: Path, machine: MachineKey | None = None) -> Path:
     """Write `adapter` to `out`, readable only on this machine."""
     machine = machine or MachineKey.load_or_create()
-    blobs = [("adapter.json", json.dumps(adapter.meta, sort_keys=True).encode()), ("adapter.gguf", adapter.gguf),
-             ("adapter_model.safetensors", adapter.safetensors), ("adapter_config.json", adapter.peft_config.encode())]
+    blobs = [
+        ("adapter.json", json.dumps(adapter.meta, sort_keys=True).encode()),
+        ("adapter.gguf", adapter.gguf),
+        ("adapter_model.safetensors", adapter.safetensors),
+        ("adapter_config.json", adapter.peft_config.encode()),
+    ]
     key = os.urandom(32)
     file_id = os.urandom(16).hex()
     parts, at = [], 0
@@ -58,9 +62,18 @@ def seal_adapter(adapter: Adapter, out: Path, machine: MachineKey | None = None)
         at += len(b)
     parts[0]["wrapped_key"] = wrap_key(machine.x25519.public_key(), key, CONTEXT + file_id.encode())
     out = Path(out)
-    seal_bytes(b"".join(b for _, b in blobs), out, signing_key=machine.ed25519, content_key=key,
-               model_id=MODEL_PREFIX + adapter.name, fmt="gguf", customer="local", customer_id=machine.id,
-               parts=parts, file_id=file_id)
+    seal_bytes(
+        b"".join(b for _, b in blobs),
+        out,
+        signing_key=machine.ed25519,
+        content_key=key,
+        model_id=MODEL_PREFIX + adapter.name,
+        fmt="gguf",
+        customer="local",
+        customer_id=machine.id,
+        parts=parts,
+        file_id=file_id,
+    )
     return out
 
 
@@ -80,8 +93,7 @@ def open_adapter(path: Path, machine: MachineKey | None = None) -> Adapter:
     got = {p["name"]: plain[p["offset"] : p["offset"] + p["size"]] for p in m.parts}
     try:
         meta = json.loads(got["adapter.json"])
-        return Adapter(meta, got["adapter.gguf"], got["adapter_model.safetensors"],
-                       got["adapter_config.json"].decode(), path)
+        return Adapter(meta, got["adapter.gguf"], got["adapter_model.safetensors"], got["adapter_config.json"].decode(), path)
     except (KeyError, ValueError):
         raise CodemoatError(f"{path.name} is damaged: adapter parts are missing") from None
 

@@ -146,20 +146,22 @@ class Engine(abc.ABC):
     on_incident: Any = None
 
     @classmethod
-    def from_path(cls, path: str | Path, **opts: Any) -> "Engine":
+    def from_path(cls, path: str | Path, **opts: Any) -> Engine:
         """Load a model file or folder."""
         raise CodemoatError(f"the {cls.name} engine cannot load a model file")
 
     @classmethod
-    def from_buffer(cls, buf: "MemfdBuffer", parts: Mapping[str, tuple[int, int]] | None = None, **opts: Any) -> "Engine":
+    def from_buffer(cls, buf: MemfdBuffer, parts: Mapping[str, tuple[int, int]] | None = None, **opts: Any) -> Engine:
         """Load a decrypted model held in `buf`: one file (`parts` None), or a folder's files at
         (offset, size). The engine owns `buf` from here and zeroes it when it closes."""
         buf.close(zero=True)
-        raise CodemoatError(f"the {cls.name} engine cannot serve a sealed model (decrypted in memory); "
-                            "use model.engine = \"llamacpp\" or \"transformers\"")
+        raise CodemoatError(
+            f"the {cls.name} engine cannot serve a sealed model (decrypted in memory); "
+            'use model.engine = "llamacpp" or "transformers"'
+        )
 
     @classmethod
-    def front(cls, path: str, **opts: Any) -> "Engine":
+    def front(cls, path: str, **opts: Any) -> Engine:
         """This model's tokenizer and metadata without its weights (the server's side of a supervised engine)."""
         raise CodemoatError(f"the {cls.name} engine cannot run in a separate process")
 

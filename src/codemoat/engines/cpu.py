@@ -230,8 +230,13 @@ def remember(key: str, choice: Choice) -> None:
         log.warning("cannot cache the CPU self-test verdict in %s: %s", path, e.strerror or e)
 
 
-def choose(setting: str = "auto", model_path: str | os.PathLike | None = None, *, n_threads: int | None = None,
-           timeout: float = TIMEOUT_S) -> Choice:
+def choose(
+    setting: str = "auto",
+    model_path: str | os.PathLike | None = None,
+    *,
+    n_threads: int | None = None,
+    timeout: float = TIMEOUT_S,
+) -> Choice:
     """The CPU configuration to load `model_path` with, for `model.cpu_buffers = setting`."""
     if setting == "extra":
         return Choice(True, "model.cpu_buffers = extra")
@@ -265,7 +270,7 @@ def selftest(*, n_threads: int | None = None, timeout: float = TIMEOUT_S) -> Cho
         except subprocess.TimeoutExpired as e:
             out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
             rc = None
-    lines = [json.loads(x[len("selftest "):]) for x in out.splitlines() if x.startswith("selftest ")]
+    lines = [json.loads(x[len("selftest ") :]) for x in out.splitlines() if x.startswith("selftest ")]
     begun = [x for x in lines if x.get("begin")]
     quant = begun[-1]["quant"] if begun else "Q4_0"
     done = lines[-1] if lines and "ok" in lines[-1] else None
@@ -280,8 +285,12 @@ def selftest(*, n_threads: int | None = None, timeout: float = TIMEOUT_S) -> Cho
         why = f"self-test failed to run (exit {rc}: {tail})"
     else:
         ms = (time.perf_counter() - t0) * 1000
-        log.info("llama.cpp's extra CPU buffer types passed the self-test on this CPU (%s; %s, %.0f ms): serving with them",
-                 name, feat, ms)
+        log.info(
+            "llama.cpp's extra CPU buffer types passed the self-test on this CPU (%s; %s, %.0f ms): serving with them",
+            name,
+            feat,
+            ms,
+        )
         return Choice(True, f"self-test passed on this CPU ({feat}): Q4_0, Q8_0 and Q4_K_M decodes match the safe path")
     reason = f"llama.cpp's extra CPU buffer types (AMX/repack) {why} on this CPU ({feat}): serving on the safe path"
     log.warning("%s", reason)

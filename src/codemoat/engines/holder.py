@@ -127,8 +127,9 @@ class ModelHolder:
         if old is not None and old is not engine:
             old.close()
 
-    def swap(self, new: Engine, check: Callable[[Engine], Any] | None = None, *, settle_s: float = 1.0,
-             drain_s: float = 600.0) -> Engine | None:
+    def swap(
+        self, new: Engine, check: Callable[[Engine], Any] | None = None, *, settle_s: float = 1.0, drain_s: float = 600.0
+    ) -> Engine | None:
         """Serve `new` from now on without dropping a request (an applied update bundle).
 
         `check(new)` runs first (a fixed prompt must produce tokens); if it raises, `new` is closed
@@ -207,4 +208,3 @@ def _retire(old: Engine, settle_s: float, drain_s: float) -> None:
         old.close()
     except Exception:
         log.exception("closing the swapped-out engine failed")
-

@@ -45,8 +45,10 @@ ALIGN = 32
 
 
 def _cannot_load(name: str) -> CodemoatError:
-    return CodemoatError(f"cannot load model {name}: llama.cpp cannot read it (not a GGUF model, truncated, "
-                         "or an architecture this llama.cpp does not know)")
+    return CodemoatError(
+        f"cannot load model {name}: llama.cpp cannot read it (not a GGUF model, truncated, "
+        "or an architecture this llama.cpp does not know)"
+    )
 
 
 def load_vocab(model_path: str, name: str | None = None):
@@ -177,8 +179,10 @@ class LlamaCppEngine(WorkerEngine):
         """A decrypted GGUF in `buf` (the `Engine` contract; a GGUF is one part)."""
         if parts and not any(name.endswith(".gguf") for name in parts):
             buf.close(zero=True)
-            raise CodemoatError(f"the llamacpp engine serves GGUF files, and this model holds {', '.join(parts)}: "
-                                "serve it with model.engine = \"transformers\"")
+            raise CodemoatError(
+                f"the llamacpp engine serves GGUF files, and this model holds {', '.join(parts)}: "
+                'serve it with model.engine = "transformers"'
+            )
         return cls.from_memfd(buf, **kw)
 
     @classmethod
@@ -250,7 +254,9 @@ class LlamaCppEngine(WorkerEngine):
         return self._model.detokenize(list(ids), special=False).decode("utf-8", "replace")
 
     # -- generation ---------------------------------------------------------
-    def _generate(self, prompt_ids: list[int], params: SamplingParams, emit: Callable[[Chunk], None], cancel: threading.Event) -> None:
+    def _generate(
+        self, prompt_ids: list[int], params: SamplingParams, emit: Callable[[Chunk], None], cancel: threading.Event
+    ) -> None:
         """Runs on the worker: sample tokens with llama.cpp's sampler chain, cut at stop strings."""
         llm = self._model
         self._use_adapter(getattr(params, "adapter", None))
@@ -313,8 +319,9 @@ class LlamaCppEngine(WorkerEngine):
         if name is None:
             rc = lib.llama_set_adapters_lora(ctx, None, 0, None)
         else:
-            rc = lib.llama_set_adapters_lora(ctx, (lib.llama_adapter_lora_p_ctypes * 1)(self._loras[name]), 1,
-                                             (ctypes.c_float * 1)(1.0))
+            rc = lib.llama_set_adapters_lora(
+                ctx, (lib.llama_adapter_lora_p_ctypes * 1)(self._loras[name]), 1, (ctypes.c_float * 1)(1.0)
+            )
         if rc != 0:
             raise CodemoatError(f"llama.cpp refused adapter {name!r} (code {rc})")
         self._aligned = 0

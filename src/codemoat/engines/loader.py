@@ -119,8 +119,11 @@ def probe(engine) -> None:
 
     from .base import SamplingParams
 
-    done = asyncio.run(engine.complete(PROBE_PROMPT, SamplingParams(max_tokens=4, temperature=0.0, top_p=1.0, top_k=1,
-                                                                    repeat_penalty=1.0, stop=[], seed=0)))
+    done = asyncio.run(
+        engine.complete(
+            PROBE_PROMPT, SamplingParams(max_tokens=4, temperature=0.0, top_p=1.0, top_k=1, repeat_penalty=1.0, stop=[], seed=0)
+        )
+    )
     if done.completion_tokens < 1:
         raise CodemoatError("the new model produced no tokens for the health-check prompt")
 

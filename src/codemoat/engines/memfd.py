@@ -40,7 +40,7 @@ def shmem_thp_mode(path: str = SHMEM_THP) -> str:
     except OSError:
         return "unavailable"
     start, end = text.find("["), text.find("]")
-    return text[start + 1: end] if 0 <= start < end else "unavailable"
+    return text[start + 1 : end] if 0 <= start < end else "unavailable"
 
 
 class MemfdBuffer:
@@ -76,14 +76,14 @@ class MemfdBuffer:
             view, offset = view[n:], offset + n
 
     @classmethod
-    def from_bytes(cls, data: bytes | bytearray | memoryview, name: str = "codemoat-model") -> "MemfdBuffer":
+    def from_bytes(cls, data: bytes | bytearray | memoryview, name: str = "codemoat-model") -> MemfdBuffer:
         buf = cls(len(data), name)
         buf.view[:] = data
         buf.seal()
         return buf
 
     @classmethod
-    def adopt(cls, fd: int, size: int) -> "MemfdBuffer":
+    def adopt(cls, fd: int, size: int) -> MemfdBuffer:
         """Take over a sealed memfd another process made (the vault daemon's, received over SCM_RIGHTS):
         refused unless it cannot shrink, grow or be written again and holds exactly `size` bytes.
         Mapped read-only; `close()` only lets go of it (the daemon zeroes its own copy)."""
@@ -128,7 +128,7 @@ class MemfdBuffer:
         os.close(self.fd)
         self.fd = -1
 
-    def __enter__(self) -> "MemfdBuffer":
+    def __enter__(self) -> MemfdBuffer:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -26,8 +26,9 @@ def byte_alphabet() -> list[str]:
     return chars
 
 
-def build_random_llama(path: Path, *, n_embd: int = 512, n_ff: int = 1536, n_layer: int = 2, n_head: int = 4,
-                       n_ctx: int = 512, seed: int = 0) -> Path:
+def build_random_llama(
+    path: Path, *, n_embd: int = 512, n_ff: int = 1536, n_layer: int = 2, n_head: int = 4, n_ctx: int = 512, seed: int = 0
+) -> Path:
     """Write an F32 llama GGUF with `n_embd` hidden units and a 512-token byte-level vocabulary."""
     import gguf
 

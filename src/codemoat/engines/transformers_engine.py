@@ -24,6 +24,7 @@ import numpy as np
 from ..errors import CodemoatError
 from .base import Chunk, FinishReason, SamplingParams
 from .worker import StopCutter, WorkerEngine
+
 #: tokens that end a generation besides eos (llama.cpp treats Qwen's FIM pad/repo/file separators as end-of-generation too)
 _EOG_TEXTS = ("<|endoftext|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>", "<|im_end|>", "<|eot_id|>", "<|EOT|>")
 
@@ -47,8 +48,17 @@ def sample_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Gene
 class TransformersEngine(WorkerEngine):
     name = "transformers"
 
-    def __init__(self, model, tokenizer_json: str, config: dict, *, model_id: str = "model", n_ctx: int | None = None,
-                 device: str = "cpu", n_threads: int | None = None):
+    def __init__(
+        self,
+        model,
+        tokenizer_json: str,
+        config: dict,
+        *,
+        model_id: str = "model",
+        n_ctx: int | None = None,
+        device: str = "cpu",
+        n_threads: int | None = None,
+    ):
         from tokenizers import Tokenizer
 
         self._model = model
@@ -70,7 +80,7 @@ class TransformersEngine(WorkerEngine):
 
     # -- construction -----------------------------------------------------
     @classmethod
-    def from_bytes(cls, weights: bytes, config: dict, tokenizer_json: str, **kw: Any) -> "TransformersEngine":
+    def from_bytes(cls, weights: bytes, config: dict, tokenizer_json: str, **kw: Any) -> TransformersEngine:
         """Build from safetensors bytes, a config dict (config.json) and a tokenizer.json string."""
         import torch
         from safetensors import SafetensorError
@@ -91,7 +101,9 @@ class TransformersEngine(WorkerEngine):
         missing, unexpected = model.load_state_dict(sd, strict=False)
         tied = {"lm_head.weight"} if getattr(hf_cfg, "tie_word_embeddings", False) else set()
         if set(missing) - tied or unexpected:
-            raise CodemoatError(f"weights do not match the config: missing {sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]}")
+            raise CodemoatError(
+                f"weights do not match the config: missing {sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]}"
+            )
         if tied:
             model.tie_weights()
         model.to(device).eval()
@@ -99,7 +111,7 @@ class TransformersEngine(WorkerEngine):
         return cls(model, tokenizer_json, config, device=device, **kw)
 
     @classmethod
-    def from_buffer(cls, buf: Any, parts: Any = None, **kw: Any) -> "TransformersEngine":
+    def from_buffer(cls, buf: Any, parts: Any = None, **kw: Any) -> TransformersEngine:
         """A sealed model folder decrypted in `buf` (a `MemfdBuffer`), its files at `parts`
         (name → offset, size); `buf` is zeroed once the weights are loaded."""
         try:
@@ -112,18 +124,18 @@ class TransformersEngine(WorkerEngine):
                 if name not in parts:
                     return None
                 off, size = parts[name]
-                return bytes(buf.view[off: off + size])
+                return bytes(buf.view[off : off + size])
 
             config = json.loads(part("config.json") or b"{}")
             tok = part("tokenizer.json")
             off, size = parts[wname]
-            with buf.view[off: off + size] as weights:
+            with buf.view[off : off + size] as weights:
                 return cls.from_bytes(weights, config, tok.decode() if tok is not None else None, **kw)
         finally:
             buf.close(zero=True)
 
     @classmethod
-    def from_dir(cls, path: str | Path, **kw: Any) -> "TransformersEngine":
+    def from_dir(cls, path: str | Path, **kw: Any) -> TransformersEngine:
         """Load a folder with model.safetensors, config.json and tokenizer.json."""
         p = Path(path)
         need = [p / "model.safetensors", p / "config.json", p / "tokenizer.json"]
@@ -140,7 +152,7 @@ class TransformersEngine(WorkerEngine):
         return cls.from_bytes(need[0].read_bytes(), config, need[2].read_text(), **kw)
 
     @classmethod
-    def from_path(cls, path: str | Path, **kw: Any) -> "TransformersEngine":
+    def from_path(cls, path: str | Path, **kw: Any) -> TransformersEngine:
         """A model folder, or a .gguf whose `<stem>.hf/` folder (written by `vendor train`) lies beside it."""
         p = Path(path)
         if p.is_dir():
@@ -207,7 +219,9 @@ class TransformersEngine(WorkerEngine):
         out = self._model(input_ids=x, past_key_values=past, use_cache=True)
         return out.logits[0, -1].float().cpu().numpy(), out.past_key_values
 
-    def _generate(self, prompt_ids: list[int], params: SamplingParams, emit: Callable[[Chunk], None], cancel: threading.Event) -> None:
+    def _generate(
+        self, prompt_ids: list[int], params: SamplingParams, emit: Callable[[Chunk], None], cancel: threading.Event
+    ) -> None:
         """Runs on the worker: sample with a KV cache, cut at stop strings."""
         rng = np.random.default_rng(params.seed)
         cutter = StopCutter(params.stop, emit, params.n_indent, params.time_limit_ms)

@@ -61,7 +61,9 @@ class VllmEngine(Engine):
         except ImportError as e:
             raise CodemoatError(f"the vllm engine needs vLLM and a CUDA GPU: {e}") from None
         args = AsyncEngineArgs(
-            model=model, max_model_len=n_ctx, tensor_parallel_size=tensor_parallel_size,
+            model=model,
+            max_model_len=n_ctx,
+            tensor_parallel_size=tensor_parallel_size,
             logits_processors=[_adapter_class()],
         )
         self._engine = AsyncLLM.from_engine_args(args)
@@ -70,7 +72,7 @@ class VllmEngine(Engine):
         self.model_id = model_id or Path(model).name
 
     @classmethod
-    def from_path(cls, path: str | Path, **kw: Any) -> "VllmEngine":
+    def from_path(cls, path: str | Path, **kw: Any) -> VllmEngine:
         return cls(str(path), **kw)
 
     @property
@@ -98,9 +100,14 @@ class VllmEngine(Engine):
         self.check_prompt(prompt, params.max_tokens)
         extra = {WATERMARK_ARG: params.watermark.hex()} if isinstance(params.watermark, bytes) else None
         vp = VParams(
-            max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
-            top_k=params.top_k if params.top_k > 0 else -1, repetition_penalty=params.repeat_penalty,
-            stop=params.stop or None, seed=params.seed, extra_args=extra,
+            max_tokens=params.max_tokens,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=params.top_k if params.top_k > 0 else -1,
+            repetition_penalty=params.repeat_penalty,
+            stop=params.stop or None,
+            seed=params.seed,
+            extra_args=extra,
         )
         rid = uuid.uuid4().hex
         sent_text, sent_ids = 0, 0

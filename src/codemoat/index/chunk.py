@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 MAX_DEF_LINES = 80  # a definition longer than this is cut into pieces
@@ -68,12 +68,48 @@ TYPES = {
     "cpp": {"enum_specifier", "union_specifier", "type_definition", "alias_declaration"},
     "csharp": {"enum_declaration"},
 }  # fmt: skip
-SCOPES = {"internal_module", "module", "namespace_definition", "namespace_declaration", "file_scoped_namespace_declaration", "mod_item"}
+SCOPES = {
+    "internal_module",
+    "module",
+    "namespace_definition",
+    "namespace_declaration",
+    "file_scoped_namespace_declaration",
+    "mod_item",
+}
 # Nodes to look inside without adding a scope; the first three also lend their start line (decorators, `export`, `template<>`).
 WRAPPERS = {"decorated_definition", "export_statement", "template_declaration"}
-TRANSPARENT = WRAPPERS | {"ERROR", "type_declaration", "expression_statement", "enum_body_declarations", "declaration_list", "linkage_specification", "ambient_declaration"}
-BODIES = {"block", "class_body", "declaration_list", "field_declaration_list", "body_statement", "interface_body", "enum_body", "statement_block", "compound_statement", "function_body", "enum_class_body"}
-NAME_TYPES = {"identifier", "type_identifier", "simple_identifier", "constant", "name", "field_identifier", "property_identifier", "namespace_identifier"}
+TRANSPARENT = WRAPPERS | {
+    "ERROR",
+    "type_declaration",
+    "expression_statement",
+    "enum_body_declarations",
+    "declaration_list",
+    "linkage_specification",
+    "ambient_declaration",
+}
+BODIES = {
+    "block",
+    "class_body",
+    "declaration_list",
+    "field_declaration_list",
+    "body_statement",
+    "interface_body",
+    "enum_body",
+    "statement_block",
+    "compound_statement",
+    "function_body",
+    "enum_class_body",
+}
+NAME_TYPES = {
+    "identifier",
+    "type_identifier",
+    "simple_identifier",
+    "constant",
+    "name",
+    "field_identifier",
+    "property_identifier",
+    "namespace_identifier",
+}
 FN_VALUES = {"arrow_function", "function_expression", "function", "generator_function"}
 for _ts in ("tsx",):
     FUNCS[_ts], CLASSES[_ts], TYPES[_ts] = FUNCS["typescript"], CLASSES["typescript"], TYPES["typescript"]
@@ -90,7 +126,7 @@ def language_for(path: str) -> str | None:
     return LANG_BY_EXT.get(name.rsplit(".", 1)[-1].lower()) if "." in name else None
 
 
-@lru_cache(maxsize=None)
+@cache
 def parser_for(lang: str) -> Any:
     """A tree-sitter parser from the bundled grammars (tree_sitter is imported here only)."""
     from tree_sitter_language_pack import get_parser
@@ -255,7 +291,10 @@ class _Collector:
 
     def _def(self, node: Any, outer: Any, scope: list[str], in_class: bool) -> _Def | None:
         t = node.type
-        if t in ("struct_specifier", "enum_specifier", "union_specifier", "class_specifier") and node.child_by_field_name("body") is None:
+        if (
+            t in ("struct_specifier", "enum_specifier", "union_specifier", "class_specifier")
+            and node.child_by_field_name("body") is None
+        ):
             return None
         name = _name_of(node, self.lang)
         if not name:

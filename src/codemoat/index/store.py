@@ -258,7 +258,9 @@ class SqliteIndex:
         db = self.db
         if old_file_id is not None:
             self.delete_file(old_file_id)
-        fid = db.execute("INSERT INTO files(repo_id, path, hash, lines) VALUES (?,?,?,?)", (repo_id, path, digest, lines)).lastrowid
+        fid = db.execute(
+            "INSERT INTO files(repo_id, path, hash, lines) VALUES (?,?,?,?)", (repo_id, path, digest, lines)
+        ).lastrowid
         first = self._next_chunk
         self._next_chunk += len(chunks)
         extra = " ".join([repo_term(repo_id), *path_terms(path)])

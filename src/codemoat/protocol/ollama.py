@@ -54,18 +54,28 @@ class ShowRequest(Lenient):
 
 
 def timestamp() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat().replace("+00:00", "Z")
+    return dt.datetime.now(dt.UTC).isoformat().replace("+00:00", "Z")
 
 
 def generate_chunk(model: str, text: str) -> dict[str, Any]:
     return {"model": model, "created_at": timestamp(), "response": text, "done": False}
 
 
-def generate_final(model: str, text: str, reason: str, prompt_n: int, eval_n: int, total_ns: int, extra: dict | None = None) -> dict[str, Any]:
+def generate_final(
+    model: str, text: str, reason: str, prompt_n: int, eval_n: int, total_ns: int, extra: dict | None = None
+) -> dict[str, Any]:
     body = {
-        "model": model, "created_at": timestamp(), "response": text, "done": True, "done_reason": reason,
-        "total_duration": total_ns, "load_duration": 0, "prompt_eval_count": prompt_n,
-        "prompt_eval_duration": 0, "eval_count": eval_n, "eval_duration": total_ns,
+        "model": model,
+        "created_at": timestamp(),
+        "response": text,
+        "done": True,
+        "done_reason": reason,
+        "total_duration": total_ns,
+        "load_duration": 0,
+        "prompt_eval_count": prompt_n,
+        "prompt_eval_duration": 0,
+        "eval_count": eval_n,
+        "eval_duration": total_ns,
     }
     if extra:
         body.update(extra)
@@ -76,11 +86,21 @@ def chat_chunk(model: str, text: str) -> dict[str, Any]:
     return {"model": model, "created_at": timestamp(), "message": {"role": "assistant", "content": text}, "done": False}
 
 
-def chat_final(model: str, text: str, reason: str, prompt_n: int, eval_n: int, total_ns: int, extra: dict | None = None) -> dict[str, Any]:
+def chat_final(
+    model: str, text: str, reason: str, prompt_n: int, eval_n: int, total_ns: int, extra: dict | None = None
+) -> dict[str, Any]:
     body = {
-        "model": model, "created_at": timestamp(), "message": {"role": "assistant", "content": text},
-        "done": True, "done_reason": reason, "total_duration": total_ns, "load_duration": 0,
-        "prompt_eval_count": prompt_n, "prompt_eval_duration": 0, "eval_count": eval_n, "eval_duration": total_ns,
+        "model": model,
+        "created_at": timestamp(),
+        "message": {"role": "assistant", "content": text},
+        "done": True,
+        "done_reason": reason,
+        "total_duration": total_ns,
+        "load_duration": 0,
+        "prompt_eval_count": prompt_n,
+        "prompt_eval_duration": 0,
+        "eval_count": eval_n,
+        "eval_duration": total_ns,
     }
     if extra:
         body.update(extra)
@@ -89,9 +109,19 @@ def chat_final(model: str, text: str, reason: str, prompt_n: int, eval_n: int, t
 
 def model_entry(name: str, size: int, digest: str, family: str, quant: str, params: str, modified: str) -> dict[str, Any]:
     return {
-        "name": name, "model": name, "modified_at": modified, "size": size, "digest": digest,
-        "details": {"parent_model": "", "format": "gguf", "family": family, "families": [family],
-                    "parameter_size": params, "quantization_level": quant},
+        "name": name,
+        "model": name,
+        "modified_at": modified,
+        "size": size,
+        "digest": digest,
+        "details": {
+            "parent_model": "",
+            "format": "gguf",
+            "family": family,
+            "families": [family],
+            "parameter_size": params,
+            "quantization_level": quant,
+        },
     }
 
 

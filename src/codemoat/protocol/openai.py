@@ -68,7 +68,10 @@ def usage(prompt: int, completion: int) -> dict[str, int]:
 
 def completion(id: str, model: str, text: str, finish: str | None, u: dict | None, extra: dict | None = None) -> dict[str, Any]:
     body: dict[str, Any] = {
-        "id": id, "object": "text_completion", "created": now(), "model": model,
+        "id": id,
+        "object": "text_completion",
+        "created": now(),
+        "model": model,
         "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
     }
     if u is not None:
@@ -80,7 +83,10 @@ def completion(id: str, model: str, text: str, finish: str | None, u: dict | Non
 
 def chat(id: str, model: str, text: str, finish: str, u: dict, extra: dict | None = None) -> dict[str, Any]:
     body = {
-        "id": id, "object": "chat.completion", "created": now(), "model": model,
+        "id": id,
+        "object": "chat.completion",
+        "created": now(),
+        "model": model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish}],
         "usage": u,
     }
@@ -89,9 +95,14 @@ def chat(id: str, model: str, text: str, finish: str, u: dict, extra: dict | Non
     return body
 
 
-def chat_chunk(id: str, model: str, delta: dict, finish: str | None, u: dict | None = None, choices: bool = True) -> dict[str, Any]:
+def chat_chunk(
+    id: str, model: str, delta: dict, finish: str | None, u: dict | None = None, choices: bool = True
+) -> dict[str, Any]:
     body: dict[str, Any] = {
-        "id": id, "object": "chat.completion.chunk", "created": now(), "model": model,
+        "id": id,
+        "object": "chat.completion.chunk",
+        "created": now(),
+        "model": model,
         "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}] if choices else [],
     }
     if u is not None:

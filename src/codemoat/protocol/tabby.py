@@ -60,8 +60,14 @@ def completion(id: str, text: str, debug: dict | None = None) -> dict[str, Any]:
 
 def health(model: str, chat_model: str | None, version: str, cpu_count: int) -> dict[str, Any]:
     return {
-        "model": model, "chat_model": chat_model, "device": "cpu", "arch": "x86_64",
-        "cpu_info": "", "cpu_count": cpu_count, "accelerators": [], "cuda_devices": [],
+        "model": model,
+        "chat_model": chat_model,
+        "device": "cpu",
+        "arch": "x86_64",
+        "cpu_info": "",
+        "cpu_count": cpu_count,
+        "accelerators": [],
+        "cuda_devices": [],
         "version": {"build_date": "", "build_timestamp": "", "git_sha": "", "git_describe": f"codemoat-{version}"},
     }
 

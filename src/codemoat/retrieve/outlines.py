@@ -258,7 +258,11 @@ class _Fragments:
                 hit = "" in self.frags
             else:  # the stem is a fragment or ends one, or a fragment ends the stem
                 parts = stem.split("/")
-                hit = stem in self.frags or stem in self.tails or any("/".join(parts[i:]) in self.frags for i in range(1, len(parts)))
+                hit = (
+                    stem in self.frags
+                    or stem in self.tails
+                    or any("/".join(parts[i:]) in self.frags for i in range(1, len(parts)))
+                )
             self._memo[stem] = hit
         return hit
 

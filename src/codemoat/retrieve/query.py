@@ -34,7 +34,9 @@ _BUILTINS = frozenset(
 _IDENT = re.compile(r"[^\W\d]\w*")
 _CALL = re.compile(r"([^\W\d]\w*)\s*\(")
 _CHAIN = re.compile(r"([^\W\d]\w*(?:\s*(?:\.|::|->)\s*[^\W\d]\w*)+)")
-_DEF = re.compile(r"^\s*(?:async\s+)?(?:def|class|function|func|fn|struct|interface|type|enum|trait)\s+(?:\([^)]*\)\s*)?([^\W\d]\w*)", re.M)
+_DEF = re.compile(
+    r"^\s*(?:async\s+)?(?:def|class|function|func|fn|struct|interface|type|enum|trait)\s+(?:\([^)]*\)\s*)?([^\W\d]\w*)", re.M
+)
 
 _PY_FROM = re.compile(r"^\s*from\s+([.\w]+)\s+import\s+(\([^)]*\)|[^\n#]+)", re.M)
 _PY_IMPORT = re.compile(r"^\s*import\s+([\w.]+(?:\s+as\s+\w+)?(?:\s*,\s*[\w.]+(?:\s+as\s+\w+)?)*)", re.M)

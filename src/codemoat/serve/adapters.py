@@ -16,8 +16,7 @@ from ..retrieve.acl import can_read
 
 def eligible(adapter: LoadedAdapter, caller_groups: Iterable[str], readable_now: set[str]) -> bool:
     groups = frozenset(caller_groups)
-    return bool(adapter.repos) and all(name in readable_now and can_read(recorded, groups)
-                                       for name, recorded in adapter.repos)
+    return bool(adapter.repos) and all(name in readable_now and can_read(recorded, groups) for name, recorded in adapter.repos)
 
 
 def choose(adapters: Sequence[LoadedAdapter], caller_groups: Iterable[str], readable_now: Iterable[str]) -> LoadedAdapter | None:

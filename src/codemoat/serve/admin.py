@@ -134,7 +134,7 @@ async def model_swap(request: Request, _p=admin) -> JSONResponse:
         try:
             body = await request.json()
         except ValueError:
-            raise CodemoatError("the body must be JSON: {\"model\": PATH, \"license\": PATH}, or empty") from None
+            raise CodemoatError('the body must be JSON: {"model": PATH, "license": PATH}, or empty') from None
     if not isinstance(body, dict):
         raise CodemoatError("the body must be a JSON object")
     model, lic = body.get("model"), body.get("license")
@@ -142,8 +142,9 @@ async def model_swap(request: Request, _p=admin) -> JSONResponse:
     if model is None:
         from ..updates.store import UpdateStore
 
-        rows = [r for r in await anyio.to_thread.run_sync(lambda: UpdateStore().list())
-                if r["channel"] == "model" and r["current"]]
+        rows = [
+            r for r in await anyio.to_thread.run_sync(lambda: UpdateStore().list()) if r["channel"] == "model" and r["current"]
+        ]
         if not rows:
             raise CodemoatError("no model bundle is installed (`codemoat update apply FILE`)")
         model, lic, version = rows[0]["model"], rows[0]["license"], rows[0]["version"]

@@ -43,8 +43,10 @@ class _Failures:
             while w and w[0] < now - FAILURE_WINDOW_S:
                 w.popleft()
             if w and len(w) >= MAX_FAILURES:
-                raise RateLimited(f"too many failed sign-ins for this user; try again in {int(w[0] + FAILURE_WINDOW_S - now) + 1} s",
-                                  w[0] + FAILURE_WINDOW_S - now)
+                raise RateLimited(
+                    f"too many failed sign-ins for this user; try again in {int(w[0] + FAILURE_WINDOW_S - now) + 1} s",
+                    w[0] + FAILURE_WINDOW_S - now,
+                )
 
     def failed(self, user: str) -> None:
         with self._lock:

@@ -18,7 +18,14 @@ from ..protocol import infill, ollama, openai, tabby
 
 log = logging.getLogger("codemoat.serve")
 
-_OPENAI_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "permission_error", 404: "invalid_request_error", 429: "rate_limit_error", 503: "server_error"}
+_OPENAI_TYPES = {
+    400: "invalid_request_error",
+    401: "invalid_request_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "server_error",
+}
 _OPENAI_CODES = {401: "invalid_api_key", 429: "rate_limit_exceeded", 503: "model_unavailable"}
 
 
@@ -43,8 +50,9 @@ def protocol_of(request: Request) -> str:
     return "plain"
 
 
-def render(request: Request, status: int, message: str, code: str | None = None, headers: dict | None = None,
-           param: str | None = None) -> JSONResponse:
+def render(
+    request: Request, status: int, message: str, code: str | None = None, headers: dict | None = None, param: str | None = None
+) -> JSONResponse:
     proto = protocol_of(request)
     if proto == "ollama":
         body = ollama.error(message)
@@ -146,5 +154,13 @@ def install(app) -> None:
     async def handler(request: Request, exc: Exception):
         return render_exception(request, exc)
 
-    for kind in (CodemoatError, PromptTooLong, RequestValidationError, ValidationError, json.JSONDecodeError, StarletteHTTPException, Exception):
+    for kind in (
+        CodemoatError,
+        PromptTooLong,
+        RequestValidationError,
+        ValidationError,
+        json.JSONDecodeError,
+        StarletteHTTPException,
+        Exception,
+    ):
         app.add_exception_handler(kind, handler)

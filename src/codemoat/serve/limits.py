@@ -30,8 +30,7 @@ class BodyLimit:
         self.app, self.max_bytes = app, max_bytes
 
     def _error(self) -> BodyTooLarge:
-        return BodyTooLarge(f"request body is larger than this server's limit of {self.max_bytes:,} bytes "
-                            "(server.max_body_mb)")
+        return BodyTooLarge(f"request body is larger than this server's limit of {self.max_bytes:,} bytes (server.max_body_mb)")
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or self.max_bytes <= 0:

@@ -29,7 +29,9 @@ async def infill_route(request: Request, principal: Principal = Depends(require(
     params.time_limit_ms = req.t_max_predict_ms or None
     params.n_indent = req.n_indent
     ext = req.codemoat
-    f = FimInput.from_ext(req.input_prefix + req.prompt, req.input_suffix, ext, [FileSnippet(e.filename, e.text) for e in req.input_extra if e.text])
+    f = FimInput.from_ext(
+        req.input_prefix + req.prompt, req.input_suffix, ext, [FileSnippet(e.filename, e.text) for e in req.input_extra if e.text]
+    )
     prep = await svc.prepare(svc.fim_prompt, request, principal, f, params, fit=fit)
     extra = snippets_extra(ext, prep)
 
@@ -38,11 +40,32 @@ async def infill_route(request: Request, principal: Principal = Depends(require(
         predicted = 0 if warmup else u.completion_tokens
         t = u.timings
         settings = infill.generation_settings(
-            svc.model_id, prep.engine.n_ctx, 0 if warmup else prep.params.max_tokens, params.temperature, params.top_k,
-            params.top_p, params.repeat_penalty, params.stop, params.seed, req.n_indent, req.t_max_predict_ms, req.stream)
+            svc.model_id,
+            prep.engine.n_ctx,
+            0 if warmup else prep.params.max_tokens,
+            params.temperature,
+            params.top_k,
+            params.top_p,
+            params.repeat_penalty,
+            params.stop,
+            params.seed,
+            req.n_indent,
+            req.t_max_predict_ms,
+            req.stream,
+        )
         times = infill.timings(u.prompt_tokens, t.prompt_ms if t else 0.0, predicted, t.predicted_ms if t and not warmup else 0.0)
-        return infill.result(svc.model_id, "" if warmup else content, True, u.prompt_tokens, predicted,
-                             "limit" if reason == "length" else "eos", extra, settings, times, prep.truncated)
+        return infill.result(
+            svc.model_id,
+            "" if warmup else content,
+            True,
+            u.prompt_tokens,
+            predicted,
+            "limit" if reason == "length" else "eos",
+            extra,
+            settings,
+            times,
+            prep.truncated,
+        )
 
     if not req.stream:
         c = await svc.run(request, prep)

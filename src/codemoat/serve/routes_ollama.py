@@ -41,7 +41,7 @@ async def tags(request: Request, principal: Principal = Depends(require("complet
     family, quant, params = _details(svc)
     size = svc.holder.status.size
     digest = hashlib.sha256(f"{svc.model_id}:{size}".encode()).hexdigest()
-    modified = dt.datetime.fromtimestamp(svc.started, dt.timezone.utc).isoformat().replace("+00:00", "Z")
+    modified = dt.datetime.fromtimestamp(svc.started, dt.UTC).isoformat().replace("+00:00", "Z")
     # one name everywhere (tags, show, answers); `name:latest` is accepted for it as Ollama clients send it
     return {"models": [ollama.model_entry(svc.model_id, size, digest, family, quant, params, modified)]}
 
@@ -60,9 +60,19 @@ async def show(request: Request, principal: Principal = Depends(require("complet
         "modelfile": f"FROM {svc.model_id}\n",
         "parameters": "",
         "template": t.fim.go_template() if t.fim else "{{ .Prompt }}",  # the template in use
-        "details": {"parent_model": "", "format": "gguf", "family": family, "families": [family], "parameter_size": params, "quantization_level": quant},
-        "model_info": {"general.architecture": family, f"{family}.context_length": eng.n_ctx,
-                       **{f"codemoat.{k}": v for k, v in t.facts().items()}},
+        "details": {
+            "parent_model": "",
+            "format": "gguf",
+            "family": family,
+            "families": [family],
+            "parameter_size": params,
+            "quantization_level": quant,
+        },
+        "model_info": {
+            "general.architecture": family,
+            f"{family}.context_length": eng.n_ctx,
+            **{f"codemoat.{k}": v for k, v in t.facts().items()},
+        },
         "capabilities": caps,
     }
 
@@ -73,8 +83,9 @@ def _params(svc: Service, o: ollama.Options, fim: bool = False):
     `num_predict`, Ollama's default (-1) too, except for a FIM completion (`suffix`), which gets the
     server's small completion default."""
     n = o.num_predict if o.num_predict is not None or fim else -1
-    return svc.predict_params(n, 0.8 if o.temperature is None else o.temperature, o.top_p or 0.9,
-                              o.stop or [], o.seed, o.top_k, o.repeat_penalty)
+    return svc.predict_params(
+        n, 0.8 if o.temperature is None else o.temperature, o.top_p or 0.9, o.stop or [], o.seed, o.top_k, o.repeat_penalty
+    )
 
 
 def _loaded(svc: Service, chat: bool) -> dict:
@@ -111,8 +122,15 @@ async def _answer(request: Request, svc: Service, prep: Prepared, stream: bool, 
     t0 = time.perf_counter_ns()
     if not stream:
         c = await svc.run(request, prep)
-        return final(svc.model_id, c.text, "length" if c.finish_reason == "length" else "stop",
-                     c.prompt_tokens, c.completion_tokens, time.perf_counter_ns() - t0, extra)
+        return final(
+            svc.model_id,
+            c.text,
+            "length" if c.finish_reason == "length" else "stop",
+            c.prompt_tokens,
+            c.completion_tokens,
+            time.perf_counter_ns() - t0,
+            extra,
+        )
 
     async def events():
         async for ch in svc.stream(request, prep):
@@ -120,8 +138,15 @@ async def _answer(request: Request, svc: Service, prep: Prepared, stream: bool, 
                 yield chunk(svc.model_id, ch.text)
             if ch.finish_reason:
                 u = request.state.usage
-                yield final(svc.model_id, "", "length" if ch.finish_reason == "length" else "stop",
-                            u.prompt_tokens, u.completion_tokens, time.perf_counter_ns() - t0, extra)
+                yield final(
+                    svc.model_id,
+                    "",
+                    "length" if ch.finish_reason == "length" else "stop",
+                    u.prompt_tokens,
+                    u.completion_tokens,
+                    time.perf_counter_ns() - t0,
+                    extra,
+                )
 
     return ndjson(events())
 
@@ -136,6 +161,8 @@ async def chat(request: Request, principal: Principal = Depends(require("chat"))
         return _loaded(svc, chat=True)
     params, fit = _params(svc, req.options)
     msgs = [{"role": m.role, "content": m.content} for m in req.messages]
-    prep = await svc.prepare(svc.chat_prompt, request, principal, msgs, params, req.codemoat.repos if req.codemoat else None, fit=fit)
+    prep = await svc.prepare(
+        svc.chat_prompt, request, principal, msgs, params, req.codemoat.repos if req.codemoat else None, fit=fit
+    )
     extra = snippets_extra(req.codemoat, prep)
     return await _answer(request, svc, prep, req.stream, ollama.chat_chunk, ollama.chat_final, extra)

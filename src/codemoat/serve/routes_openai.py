@@ -81,12 +81,16 @@ async def openai_completion(request: Request, principal: Principal, body: Any):
     cid = new_id("cmpl")
     if not req.stream:
         c = await svc.run(request, prep)
-        return openai.completion(cid, svc.model_id, c.text, _finish(c.finish_reason), openai.usage(c.prompt_tokens, c.completion_tokens), extra)
+        return openai.completion(
+            cid, svc.model_id, c.text, _finish(c.finish_reason), openai.usage(c.prompt_tokens, c.completion_tokens), extra
+        )
 
     async def events():
         async for ch in svc.stream(request, prep):
             if ch.text or ch.finish_reason:
-                yield openai.completion(cid, svc.model_id, ch.text, _finish(ch.finish_reason), None, extra if ch.finish_reason else None)
+                yield openai.completion(
+                    cid, svc.model_id, ch.text, _finish(ch.finish_reason), None, extra if ch.finish_reason else None
+                )
 
     return sse(events())
 
@@ -107,13 +111,22 @@ async def chat_completions(request: Request):
     else:
         params, fit = svc.params(max_tokens, req.temperature, req.top_p, stop, req.seed), False
     messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-    prep = await svc.prepare(svc.chat_prompt, request, principal, messages, params, req.codemoat.repos if req.codemoat else None, fit=fit)
+    prep = await svc.prepare(
+        svc.chat_prompt, request, principal, messages, params, req.codemoat.repos if req.codemoat else None, fit=fit
+    )
     ext = req.codemoat
     extra = snippets_extra(ext, prep)
     cid = new_id("chatcmpl")
     if not req.stream:
         c = await svc.run(request, prep)
-        return openai.chat(cid, svc.model_id, c.text, _finish(c.finish_reason) or "stop", openai.usage(c.prompt_tokens, c.completion_tokens), extra)
+        return openai.chat(
+            cid,
+            svc.model_id,
+            c.text,
+            _finish(c.finish_reason) or "stop",
+            openai.usage(c.prompt_tokens, c.completion_tokens),
+            extra,
+        )
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
     async def events():
@@ -125,7 +138,8 @@ async def chat_completions(request: Request):
                 yield openai.chat_chunk(cid, svc.model_id, {}, _finish(ch.finish_reason))
         if include_usage:
             u = request.state.usage
-            yield openai.chat_chunk(cid, svc.model_id, {}, None, openai.usage(u.prompt_tokens, u.completion_tokens), choices=False)
+            yield openai.chat_chunk(
+                cid, svc.model_id, {}, None, openai.usage(u.prompt_tokens, u.completion_tokens), choices=False
+            )
 
     return sse(events())
-

@@ -55,7 +55,11 @@ async def tabby_completion(request: Request, principal: Principal, body: Any):
     extra += [FileSnippet(s.filepath, s.body) for s in (seg.relevant_snippets_from_changed_files or []) if s.body]
     dbg = req.debug_options
     f = FimInput(
-        seg.prefix, seg.suffix or "", path=seg.filepath, git_url=seg.git_url, extra=extra,
+        seg.prefix,
+        seg.suffix or "",
+        path=seg.filepath,
+        git_url=seg.git_url,
+        extra=extra,
         retrieval=not (dbg and dbg.disable_retrieval_augmented_code_completion),
     )
     params = svc.params(None, 0.1 if req.temperature is None else req.temperature, None, [], req.seed)

@@ -40,7 +40,9 @@ def sse(events: AsyncIterator[dict], done_marker: bool = True) -> StreamingRespo
         if done_marker:
             yield "data: [DONE]\n\n"
 
-    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
 
 
 def ndjson(events: AsyncIterator[dict]) -> StreamingResponse:

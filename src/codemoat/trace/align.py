@@ -92,9 +92,7 @@ def _align_attention(s: dict, o: dict, names: tuple[str, ...], n_head: int, n_kv
     sq, skv = feats(s)
     oq, okv = feats(o)
     pkv = match(skv, okv)  # suspect group pkv[j] ↔ original group j
-    perm_q = np.concatenate(
-        [pkv[j] * g + match(sq[pkv[j] * g : pkv[j] * g + g], oq[j * g : j * g + g]) for j in range(n_kv)]
-    )
+    perm_q = np.concatenate([pkv[j] * g + match(sq[pkv[j] * g : pkv[j] * g + g], oq[j * g : j * g + g]) for j in range(n_kv)])
     if np.array_equal(pkv, np.arange(n_kv)) and np.array_equal(perm_q, np.arange(n_head)):
         return 0
     s[q] = s[q].reshape(n_head, hd, -1)[perm_q].reshape(s[q].shape)

@@ -180,8 +180,9 @@ def load(path_or_bytes, kind: str | None = None) -> tuple[dict[str, np.ndarray],
         mats = st_io.read_matrices(path_or_bytes)
     except CodemoatError:
         name = "the model" if isinstance(path_or_bytes, (bytes, bytearray, memoryview)) else str(path_or_bytes)
-        raise CodemoatError(f"{name} is neither a GGUF nor a safetensors model "
-                            "(a sealed .moat must be unsealed first: codemoat vendor unseal)") from None
+        raise CodemoatError(
+            f"{name} is neither a GGUF nor a safetensors model (a sealed .moat must be unsealed first: codemoat vendor unseal)"
+        ) from None
     return mats, _hf_config(path_or_bytes), None
 
 

@@ -83,8 +83,7 @@ def segment_size(total: int) -> int:
     return min(SEGMENT, max(4096, 1 << max(0, total - 1).bit_length()))
 
 
-def selection(secret: bytes, name: str, n: int, seg0: int, seg1: int, total: int | None = None
-              ) -> tuple[np.ndarray, np.ndarray]:
+def selection(secret: bytes, name: str, n: int, seg0: int, seg1: int, total: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The sparse mark's positions (flat indices < n, ascending within a segment) and signs (±1, int8)
     in segments seg0..seg1-1 of tensor `name` of `total` weights (default n). A position drawn twice
     in a segment is dropped."""
@@ -154,8 +153,6 @@ def embed(w: np.ndarray, secret: bytes, name: str, alpha: float = ALPHA) -> np.n
     return (m + alpha * row_scale(m) * b).reshape(w.shape)
 
 
-
-
 #: tensors left unmarked: see `marks`
 UNMARKED: tuple[str, ...] = ()
 
@@ -167,8 +164,9 @@ def marks(name: str, kind: str, shape: tuple[int, ...]) -> str | None:
     return scheme(kind)
 
 
-def mark_rows(raw: np.ndarray, kind: str, how: str, secret: bytes, name: str, cols: int, row0: int, total: int,
-              alpha: float = ALPHA) -> np.ndarray:
+def mark_rows(
+    raw: np.ndarray, kind: str, how: str, secret: bytes, name: str, cols: int, row0: int, total: int, alpha: float = ALPHA
+) -> np.ndarray:
     """Rows row0.. of a tensor as stored (uint8 (rows, row_bytes)) with the mark: a new array for
     "dense", `raw` changed in place for "sparse"."""
     from . import quant
@@ -232,8 +230,9 @@ class MarkedGGUF:
     marked: int  # weights in marked tensors
 
 
-def stream_gguf(path: str | os.PathLike[str], secret: bytes, alpha: float = ALPHA, name: str | None = None,
-                block_bytes: int = 32 << 20) -> MarkedGGUF:
+def stream_gguf(
+    path: str | os.PathLike[str], secret: bytes, alpha: float = ALPHA, name: str | None = None, block_bytes: int = 32 << 20
+) -> MarkedGGUF:
     """The marked copy of the GGUF file at `path`, as pieces of bytes in file order (see module doc)."""
     from .gguf_stream import GGUFFile
 
@@ -244,8 +243,9 @@ def stream_gguf(path: str | os.PathLike[str], secret: bytes, alpha: float = ALPH
         size = g.file_size
     marked = sum(t.size for t, how in plan if how)
     if marked == 0:
-        raise CodemoatError("this GGUF has no tensor that can carry a fingerprint (F32, F16, BF16, Q8_0, "
-                            "Q4_0, Q5_0, Q4_K, Q5_K or Q6_K matrices)")
+        raise CodemoatError(
+            "this GGUF has no tensor that can carry a fingerprint (F32, F16, BF16, Q8_0, Q4_0, Q5_0, Q4_K, Q5_K or Q6_K matrices)"
+        )
 
     def pieces() -> Iterator[memoryview]:
         with GGUFFile(path, name) as g:
@@ -256,8 +256,9 @@ def stream_gguf(path: str | os.PathLike[str], secret: bytes, alpha: float = ALPH
                     yield from _copy(g, t.offset, t.offset + t.nbytes, block_bytes)
                 else:
                     for r0, r1 in g.row_blocks(t, block_bytes):
-                        yield memoryview(mark_rows(g.raw_rows(t, r0, r1), t.kind, how, secret, t.name, t.cols, r0,
-                                                   t.size, alpha)).cast("B")
+                        yield memoryview(
+                            mark_rows(g.raw_rows(t, r0, r1), t.kind, how, secret, t.name, t.cols, r0, t.size, alpha)
+                        ).cast("B")
                 at = t.offset + t.nbytes
             yield from _copy(g, at, g.file_size, block_bytes)
 

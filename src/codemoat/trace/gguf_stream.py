@@ -115,8 +115,11 @@ class GGUFFile:
             nbytes = n // block * block_bytes
             if data_start + offset + nbytes > self.file_size:
                 raise ValueError("tensor past the end")
-            self.tensors.append(TensorInfo(name, kind.name, type_id, tuple(int(d) for d in reversed(ne)),
-                                           data_start + offset, nbytes, block, block_bytes))
+            self.tensors.append(
+                TensorInfo(
+                    name, kind.name, type_id, tuple(int(d) for d in reversed(ne)), data_start + offset, nbytes, block, block_bytes
+                )
+            )
         self.by_name = {t.name: t for t in self.tensors}
 
     # -- data ---------------------------------------------------------------

@@ -33,8 +33,9 @@ class LogitStream:
         from ..engines.llamacpp import load_llama
 
         n = n_threads or threads()
-        self.llm = load_llama(str(model_path), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, logits_all=False,
-                              n_threads=n, n_threads_batch=n)
+        self.llm = load_llama(
+            str(model_path), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, logits_all=False, n_threads=n, n_threads_batch=n
+        )
         self.n_ctx, self.n_batch, self.n_vocab = self.llm.n_ctx(), self.llm.n_batch, self.llm.n_vocab()
 
     def tokenize(self, text: str) -> list[int]:

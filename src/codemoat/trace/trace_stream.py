@@ -74,22 +74,41 @@ def trace_gguf(
                 realigned.update(align(s, o, O.metadata))
                 for t, how in group:
                     rows = _rows(t, how, share_d, share_s)
-                    _score(O, t, how, fp.as_matrix(s.pop(t.name))[:rows], fp.as_matrix(o.pop(t.name))[:rows],
-                           customers, acc, stats, alpha, share_s)
+                    _score(
+                        O,
+                        t,
+                        how,
+                        fp.as_matrix(s.pop(t.name))[:rows],
+                        fp.as_matrix(o.pop(t.name))[:rows],
+                        customers,
+                        acc,
+                        stats,
+                        alpha,
+                        share_s,
+                    )
             else:  # never permuted: the scored rows only
                 for t, how in group:
                     rows = _rows(t, how, share_d, share_s)
                     if how == "dense":
-                        _score(O, t, how, S.rows(S.by_name[t.name], 0, rows), O.rows(t, 0, rows), customers, acc,
-                               stats, alpha, share_s)
+                        _score(
+                            O,
+                            t,
+                            how,
+                            S.rows(S.by_name[t.name], 0, rows),
+                            O.rows(t, 0, rows),
+                            customers,
+                            acc,
+                            stats,
+                            alpha,
+                            share_s,
+                        )
                         continue
                     part: dict = {}
                     for r0, r1 in O.row_blocks(t, 64 << 20):
                         if r0 >= rows:
                             break
                         r1 = min(r1, rows)
-                        _sparse(O, t, S.rows(S.by_name[t.name], r0, r1), O.rows(t, r0, r1), r0, customers, part,
-                                share_s)
+                        _sparse(O, t, S.rows(S.by_name[t.name], r0, r1), O.rows(t, r0, r1), r0, customers, part, share_s)
                     _finish(part, acc, stats)
     n = len(customers)
     scores = []
@@ -99,8 +118,14 @@ def trace_gguf(
         p_adj = min(1.0, p * n)
         scores.append(Score(cname, z, p, p_adj, p_adj < threshold))
     scores.sort(key=lambda x: -x.z)
-    return TraceResult(scores=scores, named=[x.customer for x in scores if x.named], positions=stats["positions"],
-                       tensors=stats["tensors"], realigned=realigned, threshold=threshold)
+    return TraceResult(
+        scores=scores,
+        named=[x.customer for x in scores if x.named],
+        positions=stats["positions"],
+        tensors=stats["tensors"],
+        realigned=realigned,
+        threshold=threshold,
+    )
 
 
 def _segments(t: TensorInfo, share_s: float) -> int:
@@ -114,8 +139,18 @@ def _rows(t: TensorInfo, how: str, share_d: float, share_s: float) -> int:
     return min(t.rows, math.ceil(min(t.size, _segments(t, share_s) * fp.segment_size(t.size)) / t.cols))
 
 
-def _score(O: GGUFFile, t: TensorInfo, how: str, s: np.ndarray, w: np.ndarray, customers: Mapping[str, bytes],
-           acc: dict, stats: dict, alpha: float, share_s: float) -> None:
+def _score(
+    O: GGUFFile,
+    t: TensorInfo,
+    how: str,
+    s: np.ndarray,
+    w: np.ndarray,
+    customers: Mapping[str, bytes],
+    acc: dict,
+    stats: dict,
+    alpha: float,
+    share_s: float,
+) -> None:
     """Add tensor t's evidence (suspect rows s, original rows w, float32 (rows, cols)) to every customer."""
     if how == "dense":
         sigma = fp.row_scale(w)
@@ -138,8 +173,16 @@ def _score(O: GGUFFile, t: TensorInfo, how: str, s: np.ndarray, w: np.ndarray, c
     _finish(part, acc, stats)
 
 
-def _sparse(O: GGUFFile, t: TensorInfo, s: np.ndarray, w: np.ndarray, row0: int, customers: Mapping[str, bytes],
-            part: dict, share_s: float) -> None:
+def _sparse(
+    O: GGUFFile,
+    t: TensorInfo,
+    s: np.ndarray,
+    w: np.ndarray,
+    row0: int,
+    customers: Mapping[str, bytes],
+    part: dict,
+    share_s: float,
+) -> None:
     """Σ r·b, Σ r², |P| of every customer over rows row0.. of a sparse-marked tensor, added to `part`."""
     from . import quant
 

@@ -69,8 +69,9 @@ def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 
         with GGUFFile(path) as g:  # the header only: no vocabulary decoded, no tensor read
             return {t.name: t.shape for t in g.tensors}
-    not_a_model = CodemoatError(f"{path} is neither a GGUF nor a safetensors model "
-                                "(a sealed .moat must be unsealed first: codemoat vendor unseal)")
+    not_a_model = CodemoatError(
+        f"{path} is neither a GGUF nor a safetensors model (a sealed .moat must be unsealed first: codemoat vendor unseal)"
+    )
     try:
         (n,) = struct.unpack("<Q", head)
         if n > min(path.stat().st_size - 8, 100_000_000):

@@ -182,7 +182,10 @@ def detect(
 
 
 def count(
-    token_ids: Sequence[int], green: GreenList, entropies: Sequence[float] | None = None, entropy_threshold: float = ENTROPY_THRESHOLD
+    token_ids: Sequence[int],
+    green: GreenList,
+    entropies: Sequence[float] | None = None,
+    entropy_threshold: float = ENTROPY_THRESHOLD,
 ) -> tuple[int, int]:
     """(T, |s|_G): unique (prev, token) pairs scored, and how many are green."""
     ids = np.asarray(token_ids, dtype=np.int64)

@@ -16,15 +16,51 @@ from ..errors import CodemoatError
 
 #: source extensions read from a corpus directory
 CODE_EXTENSIONS = {
-    ".py", ".pyi", ".c", ".h", ".cc", ".cpp", ".hpp", ".go", ".rs", ".java", ".js", ".ts",
-    ".tsx", ".jsx", ".rb", ".sh", ".sql", ".kt", ".scala", ".cs", ".php", ".swift", ".lua",
+    ".py",
+    ".pyi",
+    ".c",
+    ".h",
+    ".cc",
+    ".cpp",
+    ".hpp",
+    ".go",
+    ".rs",
+    ".java",
+    ".js",
+    ".ts",
+    ".tsx",
+    ".jsx",
+    ".rb",
+    ".sh",
+    ".sql",
+    ".kt",
+    ".scala",
+    ".cs",
+    ".php",
+    ".swift",
+    ".lua",
 }
 #: directories never read: tests (a corpus of tests teaches the model test boilerplate and
 #: leaks expected outputs), vendored packages, caches, version control
 SKIP_DIRS = {
-    "test", "tests", "idle_test", "__pycache__", "site-packages", "dist-packages", ".git",
-    ".hg", ".svn", "node_modules", ".venv", "venv", "build", "dist", "pydoc_data",
-    "_bundled", ".tox", ".mypy_cache",
+    "test",
+    "tests",
+    "idle_test",
+    "__pycache__",
+    "site-packages",
+    "dist-packages",
+    ".git",
+    ".hg",
+    ".svn",
+    "node_modules",
+    ".venv",
+    "venv",
+    "build",
+    "dist",
+    "pydoc_data",
+    "_bundled",
+    ".tox",
+    ".mypy_cache",
 }
 MAX_FILE_BYTES = 200_000  # generated tables (e.g. Unicode data) teach nothing about code
 #: generated files (codec tables, parser tables) teach tables, not code

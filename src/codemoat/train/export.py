@@ -162,7 +162,9 @@ def write_hf_dir(out_dir: Path, state_dict, hf_config: dict, tokenizer_json: str
     return out_dir
 
 
-def export(model, tokenizer_json: str, gguf_path: Path, *, name: str, ftype: str = "f16", description: str = "") -> tuple[Path, Path]:
+def export(
+    model, tokenizer_json: str, gguf_path: Path, *, name: str, ftype: str = "f16", description: str = ""
+) -> tuple[Path, Path]:
     """Both formats from a `model.Llama`: (gguf path, hf folder `<stem>.hf/`)."""
     from .tokenizer import load_tokenizer, special_ids
 

@@ -1,7 +1,7 @@
 """A micro model for tests: a tokenizer and a few training steps on a few stdlib modules, in seconds.
 
-    from codemoat.train.micro import build_micro_gguf
-    path = build_micro_gguf(tmp_path)          # tmp_path/micro.gguf, and tmp_path/micro.hf/
+from codemoat.train.micro import build_micro_gguf
+path = build_micro_gguf(tmp_path)          # tmp_path/micro.gguf, and tmp_path/micro.hf/
 """
 
 from __future__ import annotations
@@ -15,8 +15,16 @@ def micro_corpus(out_dir: Path) -> Path:
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     corpus = Path(out_dir) / "micro-corpus"
     corpus.mkdir(parents=True, exist_ok=True)
-    for rel in ("json/__init__.py", "json/decoder.py", "json/encoder.py", "json/scanner.py",
-                "textwrap.py", "colorsys.py", "bisect.py", "heapq.py"):
+    for rel in (
+        "json/__init__.py",
+        "json/decoder.py",
+        "json/encoder.py",
+        "json/scanner.py",
+        "textwrap.py",
+        "colorsys.py",
+        "bisect.py",
+        "heapq.py",
+    ):
         src = stdlib / rel
         if src.exists():
             dst = corpus / rel.replace("/", "_")

@@ -147,7 +147,9 @@ def train(opts: TrainOptions, on_event: Callable[[dict], None] | None = None) ->
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     optim = torch.optim.AdamW(
         [{"params": decay, "weight_decay": opts.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=opts.lr, betas=(0.9, 0.95), eps=1e-8,
+        lr=opts.lr,
+        betas=(0.9, 0.95),
+        eps=1e-8,
     )
     log_path = out.with_name(out.stem + ".log.jsonl")
     log = log_path.open("w")
@@ -175,9 +177,15 @@ def train(opts: TrainOptions, on_event: Callable[[dict], None] | None = None) ->
         desc = f"{name}: {n_params:,} parameters, {tokens:,} training tokens, {step} steps"
         model_cpu = model if opts.device == "cpu" else _cpu_copy(model, mcfg)
         g, h = export(model_cpu, tokenizer_json, out, name=name, ftype=opts.ftype, description=desc)
-        ev = {"kind": "checkpoint" if not final else "done", "step": step, "tokens": tokens,
-              "seconds": round(time.time() - t_train, 1), "train_loss": train_loss, "heldout_loss": vl,
-              "heldout_bpb": bpb}
+        ev = {
+            "kind": "checkpoint" if not final else "done",
+            "step": step,
+            "tokens": tokens,
+            "seconds": round(time.time() - t_train, 1),
+            "train_loss": train_loss,
+            "heldout_loss": vl,
+            "heldout_bpb": bpb,
+        }
         log.write(json.dumps(ev) + "\n")
         log.flush()
         emit(ev)
@@ -221,9 +229,18 @@ def train(opts: TrainOptions, on_event: Callable[[dict], None] | None = None) ->
             raise CodemoatError(f"training diverged at step {step} (loss {lv}); lower --lr")
         ema = lv if ema is None else 0.95 * ema + 0.05 * lv
         elapsed = time.time() - t_train
-        ev = {"kind": "step", "step": step, "epoch": epoch, "loss": lv, "loss_ema": ema, "lr": lr,
-              "tokens": tokens, "seconds": round(elapsed, 2), "tok_per_s": tokens / max(elapsed, 1e-9),
-              "progress": min(1.0, step / opts.steps if opts.steps else elapsed / budget_s)}
+        ev = {
+            "kind": "step",
+            "step": step,
+            "epoch": epoch,
+            "loss": lv,
+            "loss_ema": ema,
+            "lr": lr,
+            "tokens": tokens,
+            "seconds": round(elapsed, 2),
+            "tok_per_s": tokens / max(elapsed, 1e-9),
+            "progress": min(1.0, step / opts.steps if opts.steps else elapsed / budget_s),
+        }
         if step % 10 == 0:
             log.write(json.dumps(ev) + "\n")
             log.flush()
@@ -238,13 +255,28 @@ def train(opts: TrainOptions, on_event: Callable[[dict], None] | None = None) ->
     bpb = vl / math.log(2) / bytes_per_token if vl is not None and bytes_per_token else None
     seconds = time.time() - t_train
     summary = {
-        "name": name, "params": n_params, "config": asdict(mcfg), "vocab_size": tok.get_vocab_size(),
-        "steps": step, "epochs_started": epoch + 1, "tokens": tokens, "batch": B, "bf16": bf16,
-        "train_seconds": round(seconds, 1), "total_seconds": round(time.time() - t_start, 1),
-        "train_loss": ema, "heldout_loss": vl, "heldout_bpb_estimate": bpb,
-        "train_files": len(train_files), "train_bytes": n_bytes, "heldout_files": len(held),
-        "seed": opts.seed, "device": opts.device, "threads": torch.get_num_threads(),
-        "hardware": _hardware(opts.device, torch), "options": {k: str(v) for k, v in asdict(opts).items()},
+        "name": name,
+        "params": n_params,
+        "config": asdict(mcfg),
+        "vocab_size": tok.get_vocab_size(),
+        "steps": step,
+        "epochs_started": epoch + 1,
+        "tokens": tokens,
+        "batch": B,
+        "bf16": bf16,
+        "train_seconds": round(seconds, 1),
+        "total_seconds": round(time.time() - t_start, 1),
+        "train_loss": ema,
+        "heldout_loss": vl,
+        "heldout_bpb_estimate": bpb,
+        "train_files": len(train_files),
+        "train_bytes": n_bytes,
+        "heldout_files": len(held),
+        "seed": opts.seed,
+        "device": opts.device,
+        "threads": torch.get_num_threads(),
+        "hardware": _hardware(opts.device, torch),
+        "options": {k: str(v) for k, v in asdict(opts).items()},
     }
     summary_path = out.with_name(out.stem + ".train.json")
     summary_path.write_text(json.dumps(summary, indent=2) + "\n")

@@ -15,8 +15,18 @@ from pathlib import Path
 from ..train.corpus import SourceFile
 
 #: stdlib modules used as "unrelated code" for the forgetting check (present in every CPython)
-UNRELATED_MODULES = ["textwrap.py", "json/decoder.py", "csv.py", "shlex.py", "fractions.py", "heapq.py",
-                     "calendar.py", "difflib.py", "ipaddress.py", "string.py"]
+UNRELATED_MODULES = [
+    "textwrap.py",
+    "json/decoder.py",
+    "csv.py",
+    "shlex.py",
+    "fractions.py",
+    "heapq.py",
+    "calendar.py",
+    "difflib.py",
+    "ipaddress.py",
+    "string.py",
+]
 
 
 def unrelated_files() -> list[SourceFile]:

@@ -26,8 +26,14 @@ def wrap(model, rank: int, alpha: float | None = None):
     """`model` with trainable LoRA weights on every linear layer; the base weights are frozen."""
     from peft import LoraConfig, get_peft_model
 
-    cfg = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else 2 * rank, lora_dropout=0.0,
-                     target_modules=TARGETS, bias="none", task_type="CAUSAL_LM")
+    cfg = LoraConfig(
+        r=rank,
+        lora_alpha=alpha if alpha is not None else 2 * rank,
+        lora_dropout=0.0,
+        target_modules=TARGETS,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     return get_peft_model(model, cfg)
 
 

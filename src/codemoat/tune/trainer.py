@@ -83,8 +83,10 @@ def tune(opts: TuneOptions, on_event: Callable[[dict], None] | None = None) -> T
     held_w = token_windows(held, tok, n_ctx, opts.eval_tokens)
     other_w = token_windows(unrelated_files(), tok, n_ctx, opts.eval_tokens)
     emit({"kind": "stage", "stage": "evaluating the base"})
-    before = {"tuned": bits_per_byte(base.model, *held_w, device=opts.device),
-              "unrelated": bits_per_byte(base.model, *other_w, device=opts.device)}
+    before = {
+        "tuned": bits_per_byte(base.model, *held_w, device=opts.device),
+        "unrelated": bits_per_byte(base.model, *other_w, device=opts.device),
+    }
 
     alpha = opts.alpha if opts.alpha is not None else 2.0 * opts.rank
     model = wrap(base.model, opts.rank, alpha)
@@ -114,8 +116,7 @@ def tune(opts: TuneOptions, on_event: Callable[[dict], None] | None = None) -> T
         for g in optim.param_groups:
             g["lr"] = _lr(opts, step, progress)
         out = model(input_ids=batch[:, :-1], labels=None)
-        loss = torch.nn.functional.cross_entropy(out.logits.float().reshape(-1, out.logits.shape[-1]),
-                                                 batch[:, 1:].reshape(-1))
+        loss = torch.nn.functional.cross_entropy(out.logits.float().reshape(-1, out.logits.shape[-1]), batch[:, 1:].reshape(-1))
         optim.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -127,24 +128,48 @@ def tune(opts: TuneOptions, on_event: Callable[[dict], None] | None = None) -> T
             bpb = bits_per_byte(model, *eval_rows, device=opts.device)
             heldout_loss = bpb
         elapsed = time.monotonic() - t0
-        emit({"kind": "step", "step": step, "loss": ema, "heldout_bpb": heldout_loss,
-              "progress": min(1.0, step / opts.steps if opts.steps else elapsed / budget),
-              "tok_per_s": tokens / max(elapsed, 1e-9)})
+        emit(
+            {
+                "kind": "step",
+                "step": step,
+                "loss": ema,
+                "heldout_bpb": heldout_loss,
+                "progress": min(1.0, step / opts.steps if opts.steps else elapsed / budget),
+                "tok_per_s": tokens / max(elapsed, 1e-9),
+            }
+        )
     seconds = time.monotonic() - t0
     emit({"kind": "stage", "stage": "evaluating the adapter"})
-    after = {"tuned": bits_per_byte(model, *held_w, device=opts.device),
-             "unrelated": bits_per_byte(model, *other_w, device=opts.device)}
+    after = {
+        "tuned": bits_per_byte(model, *held_w, device=opts.device),
+        "unrelated": bits_per_byte(model, *other_w, device=opts.device),
+    }
     name = opts.name or Path(opts.out).name.split(".")[0]
     meta = {
-        "name": name, "kind": "codemoat-adapter", "version": 1, "created": int(time.time()),
+        "name": name,
+        "kind": "codemoat-adapter",
+        "version": 1,
+        "created": int(time.time()),
         "base": {"name": base.name, "sha256": base.sha256},
         "repos": [{"name": r.name, "groups": list(r.groups)} for r in corpus.repos],
         "lora": {"rank": opts.rank, "alpha": alpha, "targets": sorted(model.peft_config["default"].target_modules)},
-        "train": {"files": len(train_files), "heldout_files": [f.path for f in held], "skipped": corpus.skipped,
-                  "steps": step, "tokens": tokens, "seconds": round(seconds, 1),
-                  "tok_per_s": round(tokens / max(seconds, 1e-9), 1), "loss": ema, "seed": opts.seed},
-        "eval": {"bpb_base": before, "bpb_adapter": after, "heldout_tokens": opts.eval_tokens,
-                 "unrelated": "CPython standard-library modules"},
+        "train": {
+            "files": len(train_files),
+            "heldout_files": [f.path for f in held],
+            "skipped": corpus.skipped,
+            "steps": step,
+            "tokens": tokens,
+            "seconds": round(seconds, 1),
+            "tok_per_s": round(tokens / max(seconds, 1e-9), 1),
+            "loss": ema,
+            "seed": opts.seed,
+        },
+        "eval": {
+            "bpb_base": before,
+            "bpb_adapter": after,
+            "heldout_tokens": opts.eval_tokens,
+            "unrelated": "CPython standard-library modules",
+        },
     }
     emit({"kind": "stage", "stage": "writing the adapter"})
     st, peft_cfg = safetensors_bytes(model)

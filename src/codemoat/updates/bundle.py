@@ -34,9 +34,19 @@ MAX_MANIFEST = 4 << 20
 DOMAIN = b"codemoat-bundle-v1"
 KINDS = ("model", "adapter", "knowledge-pack")
 FIELDS = {
-    "bundle_id": str, "kind": str, "name": str, "version": str, "released_at": int, "min_codemoat": str,
-    "rollback_target": bool, "notes": str, "customer": str, "customer_id": str, "vendor_key": str,
-    "machines": list, "payload": dict,
+    "bundle_id": str,
+    "kind": str,
+    "name": str,
+    "version": str,
+    "released_at": int,
+    "min_codemoat": str,
+    "rollback_target": bool,
+    "notes": str,
+    "customer": str,
+    "customer_id": str,
+    "vendor_key": str,
+    "machines": list,
+    "payload": dict,
 }
 _VERSION_RE = re.compile(r"\d{1,9}(\.\d{1,9}){0,3}")
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
@@ -66,8 +76,9 @@ def channel(kind: str, name: str) -> str:
 
 
 def payload_context(m: dict[str, Any]) -> bytes:
-    return b"\x00".join(x.encode() for x in ("codemoat-bundle-payload-v1", m["bundle_id"], m["kind"], m["name"],
-                                              m["version"], m["customer_id"]))
+    return b"\x00".join(
+        x.encode() for x in ("codemoat-bundle-payload-v1", m["bundle_id"], m["kind"], m["name"], m["version"], m["customer_id"])
+    )
 
 
 def _check_manifest(m: Any) -> dict[str, Any]:
@@ -88,8 +99,14 @@ def _check_manifest(m: Any) -> dict[str, Any]:
     if m.get("replaces") is not None and not isinstance(m["replaces"], str):
         raise BundleError("bundle manifest field 'replaces' is malformed")
     p = m["payload"]
-    if not (isinstance(p.get("size"), int) and not isinstance(p["size"], bool) and p["size"] >= 0
-            and isinstance(p.get("sha256"), str) and len(p["sha256"]) == 64 and p.get("format") in ("moat", "sealed")):
+    if not (
+        isinstance(p.get("size"), int)
+        and not isinstance(p["size"], bool)
+        and p["size"] >= 0
+        and isinstance(p.get("sha256"), str)
+        and len(p["sha256"]) == 64
+        and p.get("format") in ("moat", "sealed")
+    ):
         raise BundleError("bundle manifest field 'payload' is malformed")
     if not m["machines"] or not all(isinstance(x, str) for x in m["machines"]):
         raise BundleError("bundle manifest field 'machines' is malformed")
@@ -232,6 +249,19 @@ class Bundle:
 
     def describe(self) -> dict[str, Any]:
         m = self.manifest
-        return {k: m.get(k) for k in ("bundle_id", "kind", "name", "version", "released_at", "min_codemoat",
-                                      "replaces", "rollback_target", "notes", "customer", "machines")} | {
-            "payload_size": m["payload"]["size"], "vendor_key_id": self.vendor_key_id, "file": str(self.path)}
+        return {
+            k: m.get(k)
+            for k in (
+                "bundle_id",
+                "kind",
+                "name",
+                "version",
+                "released_at",
+                "min_codemoat",
+                "replaces",
+                "rollback_target",
+                "notes",
+                "customer",
+                "machines",
+            )
+        } | {"payload_size": m["payload"]["size"], "vendor_key_id": self.vendor_key_id, "file": str(self.path)}

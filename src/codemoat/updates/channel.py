@@ -109,8 +109,13 @@ def fetch(url: str, inbox: Path) -> list[dict[str, Any]]:
                 raise CodemoatError("update channel index is not a JSON list") from None
             for e in entries:
                 name, size, digest = (e.get("file"), e.get("size"), e.get("sha256")) if isinstance(e, dict) else (None,) * 3
-                if not (isinstance(name, str) and _FILE.fullmatch(name) and isinstance(size, int) and 0 < size <= MAX_BUNDLE
-                        and isinstance(digest, str)):
+                if not (
+                    isinstance(name, str)
+                    and _FILE.fullmatch(name)
+                    and isinstance(size, int)
+                    and 0 < size <= MAX_BUNDLE
+                    and isinstance(digest, str)
+                ):
                     raise CodemoatError("update channel index holds a malformed entry")
                 dest = inbox / name
                 if dest.is_file() and dest.stat().st_size == size:

@@ -45,8 +45,12 @@ def members(data: bytes) -> Iterator[tuple[str, bytes]]:
                 continue
             name = info.filename
             parts = name.split("/")
-            if (name.startswith("/") or "\\" in name or any(p in ("", ".", "..") for p in parts)
-                    or any(ord(ch) < 32 for ch in name)):
+            if (
+                name.startswith("/")
+                or "\\" in name
+                or any(p in ("", ".", "..") for p in parts)
+                or any(ord(ch) < 32 for ch in name)
+            ):
                 raise CodemoatError(f"knowledge pack member {name[:80]!r} has an unsafe path")
             if info.file_size > MAX_FILE:
                 continue

@@ -33,8 +33,12 @@ RELEASES = "releases.jsonl"
 
 def latest_license(vendor: Vendor, customer_id: str, license_id: str | None = None) -> dict[str, Any]:
     """The customer's license `license_id`, or its most recently issued unrevoked one."""
-    q = (sa.select(licenses_t.c.document).where(licenses_t.c.customer_id == customer_id)
-         .where(licenses_t.c.revoked_at.is_(None)).order_by(licenses_t.c.issued_at.desc()))
+    q = (
+        sa.select(licenses_t.c.document)
+        .where(licenses_t.c.customer_id == customer_id)
+        .where(licenses_t.c.revoked_at.is_(None))
+        .order_by(licenses_t.c.issued_at.desc())
+    )
     if license_id is not None:
         q = q.where(licenses_t.c.id == license_id)
     with vendor.engine.connect() as c:
@@ -79,10 +83,23 @@ def _previous(root: Path, customer_id: str, chan: str) -> str | None:
     return found
 
 
-def release(vendor: Vendor, *, customer: str, kind: str, source: Path, version: str, out: Path,
-            name: str | None = None, notes: str = "", replaces: str | None = None, rollback_target: bool = False,
-            min_codemoat: str | None = None, released_at: int | None = None, fingerprint: Any = None,
-            license_id: str | None = None) -> dict[str, Any]:
+def release(
+    vendor: Vendor,
+    *,
+    customer: str,
+    kind: str,
+    source: Path,
+    version: str,
+    out: Path,
+    name: str | None = None,
+    notes: str = "",
+    replaces: str | None = None,
+    rollback_target: bool = False,
+    min_codemoat: str | None = None,
+    released_at: int | None = None,
+    fingerprint: Any = None,
+    license_id: str | None = None,
+) -> dict[str, Any]:
     """Build and sign one bundle for the machines (and, for a model, the terms) of `license_id`
     (default: the customer's latest license); returns its manifest."""
     if kind not in fmt.KINDS:
@@ -106,9 +123,18 @@ def release(vendor: Vendor, *, customer: str, kind: str, source: Path, version: 
         replaces = _previous(vendor.root, cust.id, chan)
     now = int(time.time()) if released_at is None else int(released_at)
     manifest: dict[str, Any] = {
-        "bundle_id": "b_" + uuid.uuid4().hex[:24], "kind": kind, "name": name, "version": version,
-        "released_at": now, "min_codemoat": min_codemoat, "replaces": replaces, "rollback_target": rollback_target,
-        "notes": notes, "customer": cust.name, "customer_id": cust.id, "vendor_key": vendor.vendor_key_b64,
+        "bundle_id": "b_" + uuid.uuid4().hex[:24],
+        "kind": kind,
+        "name": name,
+        "version": version,
+        "released_at": now,
+        "min_codemoat": min_codemoat,
+        "replaces": replaces,
+        "rollback_target": rollback_target,
+        "notes": notes,
+        "customer": cust.name,
+        "customer_id": cust.id,
+        "vendor_key": vendor.vendor_key_b64,
         "machines": [m["id"] for m in machines],
     }
     out = Path(out)
@@ -118,11 +144,21 @@ def release(vendor: Vendor, *, customer: str, kind: str, source: Path, version: 
             vendor.seal(source, cust.name, tmp_moat, fingerprint=fingerprint)
             lease = lic.get("lease")
             doc = vendor.issue_license(
-                customer=cust.name, model=tmp_moat, machines=machines, expires=lic["expires"],
-                not_before=lic["not_before"], features=lic["features"], mode=lic["mode"],
-                keyserver=lease["url"] if lease else None, lease_ttl=lease["ttl"] if lease else 3600,
-                grace=lease["grace"] if lease else 900, seats=lease["seats"] if lease else 1,
-                watermark=lic["watermark"], policy=lic["match_policy"], support_until=lic.get("support_until"))
+                customer=cust.name,
+                model=tmp_moat,
+                machines=machines,
+                expires=lic["expires"],
+                not_before=lic["not_before"],
+                features=lic["features"],
+                mode=lic["mode"],
+                keyserver=lease["url"] if lease else None,
+                lease_ttl=lease["ttl"] if lease else 3600,
+                grace=lease["grace"] if lease else 900,
+                seats=lease["seats"] if lease else 1,
+                watermark=lic["watermark"],
+                policy=lic["match_policy"],
+                support_until=lic.get("support_until"),
+            )
             h, size = hashlib.sha256(), 0
             with open(tmp_moat, "rb") as f:
                 while b := f.read(8 << 20):
@@ -144,17 +180,30 @@ def release(vendor: Vendor, *, customer: str, kind: str, source: Path, version: 
                 data = source.read_bytes()
             manifest.update(payload={"format": "sealed", "size": 0, "sha256": ""}, license=None)
             blob, keys = seal_payload(data, machines, fmt.payload_context(manifest))
-            manifest.update(keys=keys, payload={"format": "sealed", "size": len(blob),
-                                                "sha256": hashlib.sha256(blob).hexdigest()})
+            manifest.update(
+                keys=keys, payload={"format": "sealed", "size": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
+            )
 
             def pieces():
                 yield blob
+
         fmt.write(out, manifest, vendor.signing_key, pieces())
     finally:
         tmp_moat.unlink(missing_ok=True)
     with open(vendor.root / RELEASES, "a") as f:
-        f.write(json.dumps({"bundle_id": manifest["bundle_id"], "customer_id": cust.id, "channel": chan,
-                            "version": version, "released_at": now, "file": str(out)}) + "\n")
+        f.write(
+            json.dumps(
+                {
+                    "bundle_id": manifest["bundle_id"],
+                    "customer_id": cust.id,
+                    "channel": chan,
+                    "version": version,
+                    "released_at": now,
+                    "file": str(out),
+                }
+            )
+            + "\n"
+        )
         f.flush()
         os.fsync(f.fileno())
     return manifest

@@ -172,30 +172,38 @@ class UpdateStore:
         if m["customer_id"] != b["customer_id"]:
             raise BundleError(f"bundle is for customer {m['customer']!r}, this license is for {b['customer']!r}")
         if self.machine.id not in m["machines"]:
-            raise BundleError(f"bundle is for other machines ({', '.join(m['machines'][:3])}); this machine is "
-                              f"{self.machine.id}")
+            raise BundleError(f"bundle is for other machines ({', '.join(m['machines'][:3])}); this machine is {self.machine.id}")
         if parse_version(m["min_codemoat"]) > parse_version(__version__):
             raise BundleError(f"bundle needs codemoat {m['min_codemoat']} or newer; this is {__version__}")
         end = support_end(b)
         if m["released_at"] > end:
-            raise BundleError(f"{label(m)} was released on {iso(m['released_at'])}, after "
-                              f"your support ended on {iso(end)}: renew support (a renewed license unlocks it)")
+            raise BundleError(
+                f"{label(m)} was released on {iso(m['released_at'])}, after "
+                f"your support ended on {iso(end)}: renew support (a renewed license unlocks it)"
+            )
         cur = self.current(bundle.channel)
         if cur is not None:
             if cur["bundle_id"] == m["bundle_id"] or cur["version"] == m["version"]:
                 raise BundleError(f"{bundle.channel} {m['version']} is already installed")
             newer = parse_version(m["version"]) > parse_version(cur["version"])
             if not newer and not m["rollback_target"]:
-                raise BundleError(f"{bundle.channel} {m['version']} is not newer than the installed {cur['version']}: "
-                                  "a downgrade needs a bundle the vendor signed as a rollback target")
+                raise BundleError(
+                    f"{bundle.channel} {m['version']} is not newer than the installed {cur['version']}: "
+                    "a downgrade needs a bundle the vendor signed as a rollback target"
+                )
         if m["kind"] == "model":
             inner = License.parse(json.dumps(m["license"]).encode())
             if inner.body["vendor_key"] != m["vendor_key"] or inner.body["customer_id"] != m["customer_id"]:
                 raise BundleError("the license inside the bundle is for another vendor or customer")
             if not any(x["id"] == self.machine.id for x in inner.body["machines"]):
                 raise BundleError("the license inside the bundle is for another machine")
-        return {"bundle": bundle.describe(), "license": b["id"], "support_until": iso(end), "checked_at": iso(now),
-                "installed": cur["version"] if cur else None}
+        return {
+            "bundle": bundle.describe(),
+            "license": b["id"],
+            "support_until": iso(end),
+            "checked_at": iso(now),
+            "installed": cur["version"] if cur else None,
+        }
 
     def verify(self, path: Path, license_file: Path | None = None) -> dict[str, Any]:
         try:
@@ -207,8 +215,14 @@ class UpdateStore:
         except CodemoatError as e:
             self.audit("refused", file=Path(path).name, action="verify", reason=str(e))
             raise
-        self.audit("verified", file=Path(path).name, bundle_id=bundle.bundle_id, kind=bundle.kind,
-                   name=bundle.name, version=bundle.version)
+        self.audit(
+            "verified",
+            file=Path(path).name,
+            bundle_id=bundle.bundle_id,
+            kind=bundle.kind,
+            name=bundle.name,
+            version=bundle.version,
+        )
         return report
 
     # -- install ---------------------------------------------------------------------------------
@@ -229,8 +243,14 @@ class UpdateStore:
         bundle = Bundle(path)
         report = self.check(bundle, license_file)
         m = bundle.manifest
-        self.audit("apply_started", bundle_id=m["bundle_id"], kind=m["kind"], name=m["name"], version=m["version"],
-                   installed=report["installed"])
+        self.audit(
+            "apply_started",
+            bundle_id=m["bundle_id"],
+            kind=m["kind"],
+            name=m["name"],
+            version=m["version"],
+            installed=report["installed"],
+        )
         _step("verified")
         stage = self.root / "staging" / m["bundle_id"]
         stage.mkdir(parents=True, exist_ok=True)
@@ -262,8 +282,9 @@ class UpdateStore:
         if previous:
             ch["history"] = (ch.get("history", []) + [previous])[-KEEP:]
         ch["current"] = m["bundle_id"]
-        info = {k: m.get(k) for k in ("kind", "name", "version", "released_at", "notes", "replaces",
-                                      "rollback_target", "bundle_id")}
+        info = {
+            k: m.get(k) for k in ("kind", "name", "version", "released_at", "notes", "replaces", "rollback_target", "bundle_id")
+        }
         info.update(installed_at=int(time.time()), dir=str(final))
         if m["kind"] == "knowledge-pack":
             info["groups"] = sorted(set(groups or packs.pack_groups(m["name"]) or ["everyone"]))
@@ -275,8 +296,14 @@ class UpdateStore:
             shutil.copyfile(license_file, self.root / "license.lic.tmp")
             os.replace(self.root / "license.lic.tmp", self.license_path)
         _step("switched")
-        out = {"bundle_id": m["bundle_id"], "kind": m["kind"], "name": m["name"], "version": m["version"],
-               "previous": s["bundles"].get(previous, {}).get("version") if previous else None, "dir": str(final)}
+        out = {
+            "bundle_id": m["bundle_id"],
+            "kind": m["kind"],
+            "name": m["name"],
+            "version": m["version"],
+            "previous": s["bundles"].get(previous, {}).get("version") if previous else None,
+            "dir": str(final),
+        }
         if m["kind"] == "knowledge-pack":
             out["index"] = self._index_pack(m["bundle_id"], m, info["groups"])
             _step("indexed")
@@ -295,8 +322,15 @@ class UpdateStore:
         self.reconcile()
         s = self.state()
         if chan is None:
-            latest = max(((c, s["bundles"][v["current"]]["installed_at"]) for c, v in s["channels"].items()
-                          if v.get("current") and v.get("history")), key=lambda x: x[1], default=None)
+            latest = max(
+                (
+                    (c, s["bundles"][v["current"]]["installed_at"])
+                    for c, v in s["channels"].items()
+                    if v.get("current") and v.get("history")
+                ),
+                key=lambda x: x[1],
+                default=None,
+            )
             if latest is None:
                 raise CodemoatError("nothing to roll back: no channel has an earlier version installed")
             chan = latest[0]

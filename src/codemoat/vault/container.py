@@ -45,9 +45,19 @@ SIGN_DOMAIN = b"codemoat-manifest-v1"
 CHUNK_DOMAIN = b"codemoat-chunk-v1"
 FORMATS = ("gguf", "safetensors")
 MANIFEST_FIELDS = {
-    "file_id": str, "model_id": str, "format": str, "plaintext_size": int, "plaintext_sha256": str,
-    "chunk_size": int, "customer": str, "customer_id": str, "key_id": str, "created": int,
-    "vendor_key": str, "parts": list, "fingerprinted": bool,
+    "file_id": str,
+    "model_id": str,
+    "format": str,
+    "plaintext_size": int,
+    "plaintext_sha256": str,
+    "chunk_size": int,
+    "customer": str,
+    "customer_id": str,
+    "key_id": str,
+    "created": int,
+    "vendor_key": str,
+    "parts": list,
+    "fingerprinted": bool,
 }
 
 
@@ -90,7 +100,7 @@ class Manifest:
             raise AttributeError(name) from None
 
     @classmethod
-    def check(cls, fields: Any) -> "Manifest":
+    def check(cls, fields: Any) -> Manifest:
         if not isinstance(fields, dict):
             raise VaultError("sealed file manifest is not a JSON object")
         for name, typ in MANIFEST_FIELDS.items():
@@ -103,8 +113,14 @@ class Manifest:
             raise VaultError("sealed file manifest sizes are out of range")
         end = 0
         for p in fields["parts"]:
-            if not (isinstance(p, dict) and isinstance(p.get("name"), str) and isinstance(p.get("offset"), int)
-                    and isinstance(p.get("size"), int) and p["offset"] == end and p["size"] >= 0):
+            if not (
+                isinstance(p, dict)
+                and isinstance(p.get("name"), str)
+                and isinstance(p.get("offset"), int)
+                and isinstance(p.get("size"), int)
+                and p["offset"] == end
+                and p["size"] >= 0
+            ):
                 raise VaultError("sealed file manifest parts are malformed")
             end += p["size"]
         if end != fields["plaintext_size"]:
@@ -126,8 +142,9 @@ class SealedFile:
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
-                raise VaultError(f"{self.path} is {'a folder' if stat.S_ISDIR(st.st_mode) else 'not a regular file'},"
-                                 " not a sealed file")
+                raise VaultError(
+                    f"{self.path} is {'a folder' if stat.S_ISDIR(st.st_mode) else 'not a regular file'}, not a sealed file"
+                )
             self.file_size = st.st_size
             head = os.pread(fd, PREFIX.size, 0)
             if len(head) < PREFIX.size:
@@ -149,8 +166,7 @@ class SealedFile:
             self.manifest = Manifest.check(fields)
             if canonical_form != body[:mlen]:
                 raise VaultError("sealed file manifest is not in canonical form")
-            verify(ed_public(fields["vendor_key"], "manifest vendor key"), signature, SIGN_DOMAIN, signed,
-                   "sealed file manifest")
+            verify(ed_public(fields["vendor_key"], "manifest vendor key"), signature, SIGN_DOMAIN, signed, "sealed file manifest")
             self.header_hash = hashlib.sha256(signed).digest()
             self.payload_offset = PREFIX.size + mlen + SIG_LEN
             m = self.manifest
@@ -174,12 +190,19 @@ class SealedFile:
     def describe(self) -> dict[str, Any]:
         """Everything `inspect` shows: the manifest, no secret."""
         d = dict(self.manifest.fields)
-        d.update(kind="sealed-model", version=VERSION, chunks=self.n_chunks, file_size=self.file_size,
-                 manifest_sha256=self.manifest_sha256, vendor_key_id=self.vendor_key_id)
+        d.update(
+            kind="sealed-model",
+            version=VERSION,
+            chunks=self.n_chunks,
+            file_size=self.file_size,
+            manifest_sha256=self.manifest_sha256,
+            vendor_key_id=self.vendor_key_id,
+        )
         return d
 
-    def decrypt_into(self, key: bytes, out: memoryview, *, check_sha256: bool = False, progress=None,
-                     threads: int | None = None) -> None:
+    def decrypt_into(
+        self, key: bytes, out: memoryview, *, check_sha256: bool = False, progress=None, threads: int | None = None
+    ) -> None:
         """Decrypt and authenticate every chunk into `out` (exactly `plaintext_size` bytes, writable).
 
         Chunks are independent, so `threads` workers (default: the usable cores, at most 8) take one
@@ -192,12 +215,13 @@ class SealedFile:
             if len(view) != m.plaintext_size:
                 raise ValueError(f"output buffer is {len(view)} bytes, plaintext is {m.plaintext_size}")
             after = progress and (lambda lo, out: progress(len(out)))
-            self._decrypt_file(key, lambda: (lambda lo, size: view[lo: lo + size]), after, threads)
+            self._decrypt_file(key, lambda: lambda lo, size: view[lo : lo + size], after, threads)
             if check_sha256:
                 self._check_digest(hashlib.sha256(view))
 
-    def decrypt_to(self, key: bytes, write: Callable[[int, memoryview], Any], *, check_sha256: bool = False,
-                   threads: int | None = None) -> None:
+    def decrypt_to(
+        self, key: bytes, write: Callable[[int, memoryview], Any], *, check_sha256: bool = False, threads: int | None = None
+    ) -> None:
         """Decrypt chunk by chunk into scratch buffers and hand each to `write(offset, plaintext)`.
 
         For a destination best filled by a system call: `os.pwrite` into a memfd allocates its
@@ -238,8 +262,13 @@ class SealedFile:
         if digest.hexdigest() != self.manifest.plaintext_sha256:
             raise VaultError("plaintext SHA-256 does not match the manifest")
 
-    def _decrypt_file(self, key: bytes, make_dest: Callable[[], Callable[[int, int], memoryview]],
-                      after: Callable[[int, memoryview], Any] | None, threads: int | None) -> None:
+    def _decrypt_file(
+        self,
+        key: bytes,
+        make_dest: Callable[[], Callable[[int, int], memoryview]],
+        after: Callable[[int, memoryview], Any] | None,
+        threads: int | None,
+    ) -> None:
         """Authenticate and decrypt every chunk, `threads` contiguous ranges at once; `make_dest()` is
         called once per worker and gives where chunk (offset, size) is decrypted to."""
         n = self.n_chunks
@@ -256,8 +285,10 @@ class SealedFile:
                     else:
                         bounds = [n * w // workers for w in range(workers + 1)]
                         with ThreadPoolExecutor(workers, thread_name_prefix="codemoat-decrypt") as pool:
-                            futures = [pool.submit(self._decrypt_range, key, src, bounds[w], bounds[w + 1],
-                                                   make_dest(), after, stop) for w in range(workers)]
+                            futures = [
+                                pool.submit(self._decrypt_range, key, src, bounds[w], bounds[w + 1], make_dest(), after, stop)
+                                for w in range(workers)
+                            ]
                             failed = [fut.result() for fut in futures]
             finally:
                 mm.close()
@@ -265,9 +296,16 @@ class SealedFile:
         if bad is not None:
             raise VaultError(f"chunk {bad} of {n} failed authentication (the sealed file was altered)")
 
-    def _decrypt_range(self, key: bytes, src: memoryview, first: int, last: int,
-                       dest: Callable[[int, int], memoryview], after: Callable[[int, memoryview], Any] | None,
-                       stop: threading.Event) -> int | None:
+    def _decrypt_range(
+        self,
+        key: bytes,
+        src: memoryview,
+        first: int,
+        last: int,
+        dest: Callable[[int, int], memoryview],
+        after: Callable[[int, memoryview], Any] | None,
+        stop: threading.Event,
+    ) -> int | None:
         """Chunks first..last-1; the index of the first that fails authentication, or None. Sets `stop`
         on a failure, and returns early once another worker has set it."""
         m, n = self.manifest, self.n_chunks
@@ -282,8 +320,7 @@ class SealedFile:
                 final = i == n - 1
                 out = dest(lo, size)
                 try:
-                    aead.decrypt_into(_nonce(i, final), src[pos: pos + size + TAG_LEN],
-                                      _aad(self.header_hash, i, final), out)
+                    aead.decrypt_into(_nonce(i, final), src[pos : pos + size + TAG_LEN], _aad(self.header_hash, i, final), out)
                 except InvalidTag:
                     stop.set()
                     return i
@@ -392,7 +429,7 @@ def seal_stream(
                     if want <= 0:
                         raise VaultError(f"model plaintext is longer than {size} bytes")
                     take = min(want - fill, len(src) - at)
-                    pview[fill: fill + take] = src[at: at + take]
+                    pview[fill : fill + take] = src[at : at + take]
                     fill, at, done = fill + take, at + take, done + take
                     if fill == want:
                         emit(fill)

@@ -113,8 +113,14 @@ def peer_cred(sock: socket.socket) -> tuple[int, int, int]:
 class VaultDaemon:
     """Listens on `path`; gives an offered model's memfd to callers whose uid (or group) is allowed."""
 
-    def __init__(self, path: str | Path, *, allow_uids: set[int] | None = None, allow_groups: set[int] | None = None,
-                 group: int | None = None):
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        allow_uids: set[int] | None = None,
+        allow_groups: set[int] | None = None,
+        group: int | None = None,
+    ):
         self.path = str(path)
         self.allow_uids, self.allow_groups = set(allow_uids or ()), set(allow_groups or ())
         self.group = group
@@ -185,8 +191,9 @@ class VaultDaemon:
             except PermissionError:
                 s.close()
                 os.unlink(self.path)
-                raise VaultdError(f"cannot give {self.path} to group {self.group}: "
-                                  "vaultd's account must be a member of it") from None
+                raise VaultdError(
+                    f"cannot give {self.path} to group {self.group}: vaultd's account must be a member of it"
+                ) from None
         os.chmod(self.path, 0o660)
         s.listen(16)
         self._sock = s
@@ -245,7 +252,7 @@ class VaultDaemon:
 
     def _answer(self, conn: socket.socket, msg: dict[str, Any], cred: tuple[int, int, int]) -> None:
         if msg.get("op") != "get" or not isinstance(msg.get("model"), str):
-            _send(conn, {"ok": False, "error": "unknown request (expected {\"op\": \"get\", \"model\": ID})"})
+            _send(conn, {"ok": False, "error": 'unknown request (expected {"op": "get", "model": ID})'})
             return
         mid = msg["model"]
         with self._lock:

@@ -55,7 +55,7 @@ class License:
             raise AttributeError(name) from None
 
     @classmethod
-    def load(cls, path: str | Path) -> "License":
+    def load(cls, path: str | Path) -> License:
         try:
             data = Path(path).read_bytes()
         except FileNotFoundError:
@@ -65,7 +65,7 @@ class License:
         return cls.parse(data)
 
     @classmethod
-    def parse(cls, data: bytes) -> "License":
+    def parse(cls, data: bytes) -> License:
         try:
             doc = json.loads(data.decode("utf-8"))
         except (UnicodeDecodeError, ValueError, RecursionError):
@@ -94,15 +94,22 @@ class License:
         """What `inspect` shows: every field except the wrapped keys' ciphertext."""
         b = self.body
         d = {k: v for k, v in b.items() if k not in ("keys", "machines")}
-        d.update(kind="license", vendor_key_id=self.vendor_key_id,
-                 not_before_iso=iso(b["not_before"]), expires_iso=iso(b["expires"]), issued_at_iso=iso(b["issued_at"]),
-                 support_until_iso=iso(b["support_until"]) if b.get("support_until") is not None else None,
-                 machines=[m["id"] for m in b["machines"]], content_key_included=b["keys"] is not None)
+        d.update(
+            kind="license",
+            vendor_key_id=self.vendor_key_id,
+            not_before_iso=iso(b["not_before"]),
+            expires_iso=iso(b["expires"]),
+            issued_at_iso=iso(b["issued_at"]),
+            support_until_iso=iso(b["support_until"]) if b.get("support_until") is not None else None,
+            machines=[m["id"] for m in b["machines"]],
+            content_key_included=b["keys"] is not None,
+        )
         return d
 
 
 def _check_shape(b: dict[str, Any]) -> None:
     """Types of every field a verifier reads (the signature already says the vendor wrote them)."""
+
     def need(name: str, typ: type | tuple) -> Any:
         v = b.get(name)
         if not isinstance(v, typ) or (typ is int and isinstance(v, bool)):
@@ -126,8 +133,9 @@ def _check_shape(b: dict[str, Any]) -> None:
     if not all(isinstance(f, str) for f in feats):
         raise VaultError("license field 'features' is malformed")
     machines = need("machines", list)
-    if not machines or not all(isinstance(m, dict) and isinstance(m.get("id"), str) and isinstance(m.get("facts"), dict)
-                               for m in machines):
+    if not machines or not all(
+        isinstance(m, dict) and isinstance(m.get("id"), str) and isinstance(m.get("facts"), dict) for m in machines
+    ):
         raise VaultError("license field 'machines' is malformed")
     for m in machines:
         if m.get("binding", "software") not in ("software", "tpm") or (m.get("binding") == "tpm") != ("tpm" in m):
@@ -140,9 +148,14 @@ def _check_shape(b: dict[str, Any]) -> None:
             raise VaultError("offline license must name one machine and carry its content key")
     else:
         lease = need("lease", dict)
-        if not (isinstance(lease.get("url"), str) and isinstance(lease.get("server_key"), str)
-                and all(isinstance(lease.get(k), int) and not isinstance(lease.get(k), bool) and lease[k] > 0
-                        for k in ("ttl", "grace", "seats"))):
+        if not (
+            isinstance(lease.get("url"), str)
+            and isinstance(lease.get("server_key"), str)
+            and all(
+                isinstance(lease.get(k), int) and not isinstance(lease.get(k), bool) and lease[k] > 0
+                for k in ("ttl", "grace", "seats")
+            )
+        ):
             raise VaultError("license field 'lease' is malformed")
 
 
@@ -192,8 +205,13 @@ def issue(
         "vendor_key": b64e(public_raw(signing_key.public_key())),
         "customer": customer,
         "customer_id": customer_id,
-        "model": {"file_id": m.file_id, "manifest_sha256": sealed.manifest_sha256, "key_id": m.key_id,
-                  "model_id": m.model_id, "format": m.format},
+        "model": {
+            "file_id": m.file_id,
+            "manifest_sha256": sealed.manifest_sha256,
+            "key_id": m.key_id,
+            "model_id": m.model_id,
+            "format": m.format,
+        },
         "machines": [_entry(x) for x in machines],
         "match_policy": policy,
         "features": list(features),
@@ -229,6 +247,7 @@ def _entry(x: dict[str, Any]) -> dict[str, Any]:
 def wrap_keys(entry: dict[str, Any], lid: str, content_key: bytes, watermark_key: bytes | None) -> dict[str, Any]:
     """An offline license's keys, wrapped to the machine's TPM unwrap key when it has one, else to its X25519 key."""
     if entry.get("binding") == "tpm":
+
         def w(secret: bytes, ctx: bytes) -> dict[str, str]:
             return wrap_p256(entry["tpm"]["unwrap"], secret, ctx)
     else:
@@ -236,16 +255,21 @@ def wrap_keys(entry: dict[str, Any], lid: str, content_key: bytes, watermark_key
 
         def w(secret: bytes, ctx: bytes) -> dict[str, str]:
             return wrap(rcpt, secret, ctx)
-    return {"content_key": w(content_key, key_context("content-key", lid)),
-            "watermark_key": w(watermark_key, key_context("watermark-key", lid)) if watermark_key else None}
+
+    return {
+        "content_key": w(content_key, key_context("content-key", lid)),
+        "watermark_key": w(watermark_key, key_context("watermark-key", lid)) if watermark_key else None,
+    }
 
 
 def tpm_unwrapper(attestor: Any, entry: dict[str, Any]) -> Any:
     """`unwrap(wrapped, context, what)` through an open TPM: refuses another chip before asking for ECDH."""
     t = entry["tpm"]
     if attestor.unwrap_public(t["policy"]) != t["unwrap"]:
-        raise VaultError(f"license is sealed to another TPM (its unwrap key is not in this chip at "
-                         f"{attestor.tcti}): a copied data directory, or another machine")
+        raise VaultError(
+            f"license is sealed to another TPM (its unwrap key is not in this chip at "
+            f"{attestor.tcti}): a copied data directory, or another machine"
+        )
 
     def unwrap_tpm(wrapped: Any, context: bytes, what: str) -> bytes:
         return unwrap_p256(lambda p: attestor.zgen(t["policy"], p), t["unwrap"], wrapped, context, what)
@@ -266,8 +290,10 @@ def check_trusted_vendor(vendor_key: str, path: Path | None = None) -> None:
     except ValueError:
         raise VaultError(f"trusted vendor list {p} is damaged") from None
     if vendor_key not in trusted:
-        raise VaultError(f"license is signed by vendor key {key_id(b64d(vendor_key))}, which this machine does not "
-                         f"trust (trusted keys are listed in {p})")
+        raise VaultError(
+            f"license is signed by vendor key {key_id(b64d(vendor_key))}, which this machine does not "
+            f"trust (trusted keys are listed in {p})"
+        )
 
 
 @dataclass
@@ -281,17 +307,16 @@ class Grant:
     now: float
 
 
-def check(lic: License, sealed: SealedFile, machine: MachineKey, guard: ClockGuard, *,
-          trust_path: Path | None = None) -> Grant:
+def check(lic: License, sealed: SealedFile, machine: MachineKey, guard: ClockGuard, *, trust_path: Path | None = None) -> Grant:
     """Every offline check of `lic` against `sealed` on `machine`; the first failure raises."""
     b, m = lic.body, sealed.manifest
     if b["vendor_key"] != m.vendor_key:
-        raise VaultError(f"license (vendor {lic.vendor_key_id}) and sealed file (vendor {sealed.vendor_key_id}) "
-                         "come from different vendors")
+        raise VaultError(
+            f"license (vendor {lic.vendor_key_id}) and sealed file (vendor {sealed.vendor_key_id}) come from different vendors"
+        )
     check_trusted_vendor(b["vendor_key"], trust_path)
     if b["model"]["file_id"] != m.file_id or b["model"]["manifest_sha256"] != sealed.manifest_sha256:
-        raise VaultError(f"license is for another model (sealed file {b['model']['file_id'][:12]}…, "
-                         f"this is {m.file_id[:12]}…)")
+        raise VaultError(f"license is for another model (sealed file {b['model']['file_id'][:12]}…, this is {m.file_id[:12]}…)")
     if b["customer_id"] != m.customer_id or b["customer"] != m.customer:
         raise VaultError(f"license is for customer {b['customer']!r}, but the model is sealed for {m.customer!r}")
     entry = next((x for x in b["machines"] if x["id"] == machine.id), None)
@@ -302,12 +327,12 @@ def check(lic: License, sealed: SealedFile, machine: MachineKey, guard: ClockGua
         raise VaultError(f"license machine entry does not match this machine's keys ({machine.id})")
     ok, hit, total = match_facts(entry["facts"], machine.facts, b["match_policy"])
     if not ok:
-        raise VaultError(f"this machine's hardware does not match the license: {hit} of {total} facts match, "
-                         f"policy {b['match_policy']!r}")
+        raise VaultError(
+            f"this machine's hardware does not match the license: {hit} of {total} facts match, policy {b['match_policy']!r}"
+        )
     now = guard.check()
     if now < b["issued_at"] - guard.tolerance:
-        raise VaultError(f"system clock is set back: it reads {iso(now)}, before the license was issued "
-                         f"({iso(b['issued_at'])})")
+        raise VaultError(f"system clock is set back: it reads {iso(now)}, before the license was issued ({iso(b['issued_at'])})")
     if now < b["not_before"]:
         raise VaultError(f"license is not valid until {iso(b['not_before'])}")
     if now >= b["expires"]:
@@ -318,8 +343,10 @@ def check(lic: License, sealed: SealedFile, machine: MachineKey, guard: ClockGua
             if entry.get("binding") == "tpm":
                 opened = tpm_unwrapper(stack.enter_context(machine.attestor()), entry)
             else:
+
                 def opened(wrapped: Any, context: bytes, what: str) -> bytes:
                     return unwrap(machine.x25519, wrapped, context, what)
+
             content = opened(b["keys"]["content_key"], key_context("content-key", b["id"]), "content key")
             if content_key_id(content) != m.key_id:
                 raise VaultError("license content key does not open this sealed file")

@@ -36,31 +36,54 @@ from .license import issue as issue_license_doc
 
 _meta = sa.MetaData()
 customers_t = sa.Table(
-    "vault_customers", _meta,
-    sa.Column("id", sa.String(40), primary_key=True), sa.Column("name", sa.String(200)),
-    sa.Column("fingerprint_secret", sa.LargeBinary), sa.Column("watermark_secret", sa.LargeBinary),
+    "vault_customers",
+    _meta,
+    sa.Column("id", sa.String(40), primary_key=True),
+    sa.Column("name", sa.String(200)),
+    sa.Column("fingerprint_secret", sa.LargeBinary),
+    sa.Column("watermark_secret", sa.LargeBinary),
     sa.Column("created_at", sa.Integer),
 )
 models_t = sa.Table(
-    "vault_models", _meta,
-    sa.Column("file_id", sa.String(40), primary_key=True), sa.Column("customer_id", sa.String(40)),
-    sa.Column("model_id", sa.String(200)), sa.Column("format", sa.String(20)),
-    sa.Column("plaintext_size", sa.BigInteger), sa.Column("plaintext_sha256", sa.String(64)),
-    sa.Column("manifest_sha256", sa.String(64)), sa.Column("content_key", sa.LargeBinary),
-    sa.Column("fingerprinted", sa.Boolean), sa.Column("source", sa.String(500)), sa.Column("created_at", sa.Integer),
+    "vault_models",
+    _meta,
+    sa.Column("file_id", sa.String(40), primary_key=True),
+    sa.Column("customer_id", sa.String(40)),
+    sa.Column("model_id", sa.String(200)),
+    sa.Column("format", sa.String(20)),
+    sa.Column("plaintext_size", sa.BigInteger),
+    sa.Column("plaintext_sha256", sa.String(64)),
+    sa.Column("manifest_sha256", sa.String(64)),
+    sa.Column("content_key", sa.LargeBinary),
+    sa.Column("fingerprinted", sa.Boolean),
+    sa.Column("source", sa.String(500)),
+    sa.Column("created_at", sa.Integer),
 )
 licenses_t = sa.Table(
-    "vault_licenses", _meta,
-    sa.Column("id", sa.String(40), primary_key=True), sa.Column("customer_id", sa.String(40)),
-    sa.Column("file_id", sa.String(40)), sa.Column("mode", sa.String(10)), sa.Column("seats", sa.Integer),
-    sa.Column("issued_at", sa.Integer), sa.Column("not_before", sa.Integer), sa.Column("expires", sa.Integer),
-    sa.Column("lease_ttl", sa.Integer), sa.Column("grace", sa.Integer), sa.Column("revoked_at", sa.Integer),
-    sa.Column("lease_gen", sa.Integer), sa.Column("document", sa.Text),
+    "vault_licenses",
+    _meta,
+    sa.Column("id", sa.String(40), primary_key=True),
+    sa.Column("customer_id", sa.String(40)),
+    sa.Column("file_id", sa.String(40)),
+    sa.Column("mode", sa.String(10)),
+    sa.Column("seats", sa.Integer),
+    sa.Column("issued_at", sa.Integer),
+    sa.Column("not_before", sa.Integer),
+    sa.Column("expires", sa.Integer),
+    sa.Column("lease_ttl", sa.Integer),
+    sa.Column("grace", sa.Integer),
+    sa.Column("revoked_at", sa.Integer),
+    sa.Column("lease_gen", sa.Integer),
+    sa.Column("document", sa.Text),
 )
 leases_t = sa.Table(
-    "vault_leases", _meta,
-    sa.Column("license_id", sa.String(40), primary_key=True), sa.Column("machine_id", sa.String(40), primary_key=True),
-    sa.Column("expires", sa.Float), sa.Column("renewed_at", sa.Float), sa.Column("renewals", sa.Integer),
+    "vault_leases",
+    _meta,
+    sa.Column("license_id", sa.String(40), primary_key=True),
+    sa.Column("machine_id", sa.String(40), primary_key=True),
+    sa.Column("expires", sa.Float),
+    sa.Column("renewed_at", sa.Float),
+    sa.Column("renewals", sa.Integer),
 )
 
 Fingerprinter = Callable[[bytes, str, bytes], bytes]
@@ -135,13 +158,12 @@ def _gguf_pieces(path: Path, stream: Callable | None, secret: bytes) -> tuple[Ca
 class Vendor:
     """A vendor directory, opened: keys in memory, database migrated."""
 
-    def __init__(self, root: Path, signing: Ed25519PrivateKey, keyserver: Ed25519PrivateKey, master: bytes,
-                 engine: sa.Engine):
+    def __init__(self, root: Path, signing: Ed25519PrivateKey, keyserver: Ed25519PrivateKey, master: bytes, engine: sa.Engine):
         self.root, self.signing_key, self.keyserver_key, self._master, self.engine = root, signing, keyserver, master, engine
 
     # -- lifecycle --------------------------------------------------------
     @classmethod
-    def init(cls, root: str | Path, database_url: str | None = None) -> "Vendor":
+    def init(cls, root: str | Path, database_url: str | None = None) -> Vendor:
         root = Path(root)
         if (root / "vendor.json").exists():
             raise CodemoatError(f"{root} already holds a vendor (vendor.json exists); refusing to overwrite its keys")
@@ -155,17 +177,20 @@ class Vendor:
         write_secret(root / "signing.key", ed_private_raw(signing))
         write_secret(root / "keyserver.key", ed_private_raw(ks))
         write_secret(root / "master.key", os.urandom(32))
-        info = {"version": 1, "created_at": int(time.time()),
-                "vendor_key": b64e(public_raw(signing.public_key())),
-                "vendor_key_id": key_id(public_raw(signing.public_key())),
-                "keyserver_key": b64e(public_raw(ks.public_key())),
-                "keyserver_key_id": key_id(public_raw(ks.public_key())),
-                "database_url": database_url}
+        info = {
+            "version": 1,
+            "created_at": int(time.time()),
+            "vendor_key": b64e(public_raw(signing.public_key())),
+            "vendor_key_id": key_id(public_raw(signing.public_key())),
+            "keyserver_key": b64e(public_raw(ks.public_key())),
+            "keyserver_key_id": key_id(public_raw(ks.public_key())),
+            "database_url": database_url,
+        }
         (root / "vendor.json").write_text(json.dumps(info, indent=2) + "\n")
         return cls.open(root)
 
     @classmethod
-    def open(cls, root: str | Path) -> "Vendor":
+    def open(cls, root: str | Path) -> Vendor:
         root = Path(root)
         try:
             info = json.loads((root / "vendor.json").read_text())
@@ -173,8 +198,9 @@ class Vendor:
             ks = Ed25519PrivateKey.from_private_bytes((root / "keyserver.key").read_bytes())
             master = (root / "master.key").read_bytes()
         except FileNotFoundError as e:
-            raise VaultError(f"no vendor keys in {root} ({Path(e.filename).name} is missing): "
-                             "run `codemoat vendor init --vendor DIR`") from None
+            raise VaultError(
+                f"no vendor keys in {root} ({Path(e.filename).name} is missing): run `codemoat vendor init --vendor DIR`"
+            ) from None
         except (ValueError, OSError) as e:
             raise VaultError(f"vendor directory {root} is damaged: {e}") from None
         if len(master) != 32:
@@ -207,8 +233,13 @@ class Vendor:
 
     # -- customers --------------------------------------------------------
     def _customer(self, row: Any) -> Customer:
-        return Customer(row.name, row.id, self._open_secret(row.fingerprint_secret, f"fingerprint:{row.id}"),
-                        self._open_secret(row.watermark_secret, f"watermark:{row.id}"), row.created_at)
+        return Customer(
+            row.name,
+            row.id,
+            self._open_secret(row.fingerprint_secret, f"fingerprint:{row.id}"),
+            self._open_secret(row.watermark_secret, f"watermark:{row.id}"),
+            row.created_at,
+        )
 
     def find_customer(self, name: str) -> Customer | None:
         with self.engine.connect() as c:
@@ -226,10 +257,15 @@ class Vendor:
         cid = "c_" + uuid.uuid4().hex[:16]
         try:
             with self.engine.begin() as c:
-                c.execute(customers_t.insert().values(
-                    id=cid, name=name, created_at=int(time.time()),
-                    fingerprint_secret=self._seal_secret(os.urandom(32), f"fingerprint:{cid}"),
-                    watermark_secret=self._seal_secret(os.urandom(32), f"watermark:{cid}")))
+                c.execute(
+                    customers_t.insert().values(
+                        id=cid,
+                        name=name,
+                        created_at=int(time.time()),
+                        fingerprint_secret=self._seal_secret(os.urandom(32), f"fingerprint:{cid}"),
+                        watermark_secret=self._seal_secret(os.urandom(32), f"watermark:{cid}"),
+                    )
+                )
         except IntegrityError:  # created meanwhile by another process
             pass
         return self.find_customer(name)  # type: ignore[return-value]
@@ -247,8 +283,15 @@ class Vendor:
         return self._customer(row)
 
     # -- sealing ----------------------------------------------------------
-    def seal(self, model: str | Path, customer: str, out: str | Path, *, fingerprint: Fingerprinter | None = None,
-             chunk_size: int | None = None) -> SealedFile:
+    def seal(
+        self,
+        model: str | Path,
+        customer: str,
+        out: str | Path,
+        *,
+        fingerprint: Fingerprinter | None = None,
+        chunk_size: int | None = None,
+    ) -> SealedFile:
         """Encrypt a model for `customer` (fingerprinted first when `fingerprint` is given) into `out`."""
         model = Path(model)
         cust = self.customer(customer)
@@ -258,37 +301,67 @@ class Vendor:
         if model.is_file() and model.suffix == ".gguf" and (fingerprint is None or stream is not None):
             # a GGUF file is streamed: read (and marked) tensor by tensor, twice (hash, then encrypt)
             pieces, size = _gguf_pieces(model, stream, cust.fingerprint_secret)
-            sealed = seal_stream(pieces, size, out, signing_key=self.signing_key, content_key=key, model_id=model.stem,
-                                 fmt="gguf", customer=cust.name, customer_id=cust.id,
-                                 parts=[{"name": model.name, "offset": 0, "size": size}],
-                                 fingerprinted=fingerprint is not None, **kw)
+            sealed = seal_stream(
+                pieces,
+                size,
+                out,
+                signing_key=self.signing_key,
+                content_key=key,
+                model_id=model.stem,
+                fmt="gguf",
+                customer=cust.name,
+                customer_id=cust.id,
+                parts=[{"name": model.name, "offset": 0, "size": size}],
+                fingerprinted=fingerprint is not None,
+                **kw,
+            )
             return self._record(sealed, cust, key, model, "gguf", fingerprint is not None)
         model_id, fmt, data, parts = read_model(model)
         if fingerprint is not None:
             w = parts[0]
-            marked = fingerprint(bytes(data[w["offset"]: w["offset"] + w["size"]]), fmt, cust.fingerprint_secret)
+            marked = fingerprint(bytes(data[w["offset"] : w["offset"] + w["size"]]), fmt, cust.fingerprint_secret)
             if len(marked) != w["size"]:
-                data = bytearray(bytes(marked) + bytes(data[w["size"]:]))
+                data = bytearray(bytes(marked) + bytes(data[w["size"] :]))
                 shift = len(marked) - w["size"]
-                parts = [dict(p, size=len(marked)) if i == 0 else dict(p, offset=p["offset"] + shift)
-                         for i, p in enumerate(parts)]
+                parts = [
+                    dict(p, size=len(marked)) if i == 0 else dict(p, offset=p["offset"] + shift) for i, p in enumerate(parts)
+                ]
             else:
                 data[: w["size"]] = marked
-        sealed = seal_bytes(data, out, signing_key=self.signing_key, content_key=key, model_id=model_id, fmt=fmt,
-                            customer=cust.name, customer_id=cust.id, parts=parts,
-                            fingerprinted=fingerprint is not None, **kw)
+        sealed = seal_bytes(
+            data,
+            out,
+            signing_key=self.signing_key,
+            content_key=key,
+            model_id=model_id,
+            fmt=fmt,
+            customer=cust.name,
+            customer_id=cust.id,
+            parts=parts,
+            fingerprinted=fingerprint is not None,
+            **kw,
+        )
         data[:] = bytes(len(data))
         return self._record(sealed, cust, key, model, fmt, fingerprint is not None)
 
-    def _record(self, sealed: SealedFile, cust: Customer, key: bytes, model: Path, fmt: str,
-                fingerprinted: bool) -> SealedFile:
+    def _record(self, sealed: SealedFile, cust: Customer, key: bytes, model: Path, fmt: str, fingerprinted: bool) -> SealedFile:
         m = sealed.manifest
         with self.engine.begin() as c:
-            c.execute(models_t.insert().values(
-                file_id=m.file_id, customer_id=cust.id, model_id=m.model_id, format=fmt,
-                plaintext_size=m.plaintext_size, plaintext_sha256=m.plaintext_sha256,
-                manifest_sha256=sealed.manifest_sha256, content_key=self._seal_secret(key, f"content:{m.file_id}"),
-                fingerprinted=fingerprinted, source=str(model.resolve()), created_at=m.created))
+            c.execute(
+                models_t.insert().values(
+                    file_id=m.file_id,
+                    customer_id=cust.id,
+                    model_id=m.model_id,
+                    format=fmt,
+                    plaintext_size=m.plaintext_size,
+                    plaintext_sha256=m.plaintext_sha256,
+                    manifest_sha256=sealed.manifest_sha256,
+                    content_key=self._seal_secret(key, f"content:{m.file_id}"),
+                    fingerprinted=fingerprinted,
+                    source=str(model.resolve()),
+                    created_at=m.created,
+                )
+            )
         return sealed
 
     def originals(self) -> list[Path]:
@@ -303,15 +376,19 @@ class Vendor:
         with self.engine.connect() as c:
             row = c.execute(sa.select(models_t.c.content_key).where(models_t.c.file_id == file_id)).first()
         if row is None:
-            raise VaultError(f"this vendor has no key for sealed file {file_id} (it was sealed by another vendor "
-                             "or with another vendor database)")
+            raise VaultError(
+                f"this vendor has no key for sealed file {file_id} (it was sealed by another vendor "
+                "or with another vendor database)"
+            )
         return self._open_secret(row.content_key, f"content:{file_id}")
 
     def open_sealed(self, moat: str | Path) -> tuple[SealedFile, bytes]:
         sealed = SealedFile(moat)
         if sealed.manifest.vendor_key != self.vendor_key_b64:
-            raise VaultError(f"{Path(moat).name} was sealed by vendor {sealed.vendor_key_id}, not by this vendor "
-                             f"({key_id(public_raw(self.signing_key.public_key()))})")
+            raise VaultError(
+                f"{Path(moat).name} was sealed by vendor {sealed.vendor_key_id}, not by this vendor "
+                f"({key_id(public_raw(self.signing_key.public_key()))})"
+            )
         return sealed, self.content_key(sealed.manifest.file_id)
 
     def unseal(self, moat: str | Path, out: str | Path) -> Path:
@@ -332,16 +409,30 @@ class Vendor:
                 out.mkdir(parents=True, exist_ok=True)
                 for p in m.parts:
                     name = Path(p["name"]).name
-                    (out / name).write_bytes(plain[p["offset"]: p["offset"] + p["size"]])
+                    (out / name).write_bytes(plain[p["offset"] : p["offset"] + p["size"]])
         except OSError as e:
             raise CodemoatError(f"cannot write {e.filename or out}: {e.strerror}") from None
         return out
 
     # -- licenses ---------------------------------------------------------
-    def issue_license(self, *, customer: str, model: str | Path, machines: list[dict[str, Any]], expires: int,
-                      not_before: int | None = None, features: list[str] | None = None, mode: str = "offline",
-                      keyserver: str | None = None, lease_ttl: int = 3600, grace: int = 900, seats: int = 1,
-                      watermark: bool = True, policy: str = "most", support_until: int | None = None) -> dict[str, Any]:
+    def issue_license(
+        self,
+        *,
+        customer: str,
+        model: str | Path,
+        machines: list[dict[str, Any]],
+        expires: int,
+        not_before: int | None = None,
+        features: list[str] | None = None,
+        mode: str = "offline",
+        keyserver: str | None = None,
+        lease_ttl: int = 3600,
+        grace: int = 900,
+        seats: int = 1,
+        watermark: bool = True,
+        policy: str = "most",
+        support_until: int | None = None,
+    ) -> dict[str, Any]:
         """Sign a license for `customer`'s sealed `model` on `machines`, record it, and return the document."""
         sealed, key = self.open_sealed(model)
         cust = self.find_customer(customer)
@@ -360,26 +451,54 @@ class Vendor:
                 raise CodemoatError("a lease license needs --keyserver URL")
             if lease_ttl < 2 or grace < 0 or seats < 1:
                 raise CodemoatError("lease TTL must be at least 2 s, grace at least 0 s, seats at least 1")
-            lease = {"url": keyserver.rstrip("/"), "server_key": self.keyserver_key_b64, "ttl": lease_ttl,
-                     "grace": max(grace, 1), "seats": seats}
-        doc = issue_license_doc(self.signing_key, sealed=sealed, customer=cust.name, customer_id=cust.id,
-                                machines=machines, content_key=key,
-                                watermark_key=cust.watermark_secret if watermark else None,
-                                not_before=nb, expires=expires, issued_at=now, features=features or ["complete", "chat", "index"],
-                                mode=mode, policy=policy, lease=lease, support_until=support_until)
+            lease = {
+                "url": keyserver.rstrip("/"),
+                "server_key": self.keyserver_key_b64,
+                "ttl": lease_ttl,
+                "grace": max(grace, 1),
+                "seats": seats,
+            }
+        doc = issue_license_doc(
+            self.signing_key,
+            sealed=sealed,
+            customer=cust.name,
+            customer_id=cust.id,
+            machines=machines,
+            content_key=key,
+            watermark_key=cust.watermark_secret if watermark else None,
+            not_before=nb,
+            expires=expires,
+            issued_at=now,
+            features=features or ["complete", "chat", "index"],
+            mode=mode,
+            policy=policy,
+            lease=lease,
+            support_until=support_until,
+        )
         body = doc["license"]
         with self.engine.begin() as c:
-            c.execute(licenses_t.insert().values(
-                id=body["id"], customer_id=cust.id, file_id=sealed.manifest.file_id, mode=mode,
-                seats=seats if mode == "lease" else 1, issued_at=now, not_before=nb, expires=expires,
-                lease_ttl=lease_ttl if mode == "lease" else None, grace=(lease or {}).get("grace"),
-                revoked_at=None, lease_gen=0, document=json.dumps(doc)))
+            c.execute(
+                licenses_t.insert().values(
+                    id=body["id"],
+                    customer_id=cust.id,
+                    file_id=sealed.manifest.file_id,
+                    mode=mode,
+                    seats=seats if mode == "lease" else 1,
+                    issued_at=now,
+                    not_before=nb,
+                    expires=expires,
+                    lease_ttl=lease_ttl if mode == "lease" else None,
+                    grace=(lease or {}).get("grace"),
+                    revoked_at=None,
+                    lease_gen=0,
+                    document=json.dumps(doc),
+                )
+            )
         return doc
 
     def revoke(self, license_id: str) -> None:
         with self.engine.begin() as c:
-            n = c.execute(licenses_t.update().where(licenses_t.c.id == license_id)
-                          .values(revoked_at=int(time.time()))).rowcount
+            n = c.execute(licenses_t.update().where(licenses_t.c.id == license_id).values(revoked_at=int(time.time()))).rowcount
             c.execute(leases_t.delete().where(leases_t.c.license_id == license_id))
         if not n:
             raise NotFound(f"no license {license_id}")
@@ -396,13 +515,32 @@ class Vendor:
                 sa.select(licenses_t, customers_t.c.name.label("customer"), models_t.c.model_id)
                 .join(customers_t, customers_t.c.id == licenses_t.c.customer_id)
                 .join(models_t, models_t.c.file_id == licenses_t.c.file_id)
-                .order_by(licenses_t.c.issued_at)).all()
-            live = dict(c.execute(sa.select(leases_t.c.license_id, sa.func.count())
-                                  .where(leases_t.c.expires > now).group_by(leases_t.c.license_id)).all())
+                .order_by(licenses_t.c.issued_at)
+            ).all()
+            live = dict(
+                c.execute(
+                    sa.select(leases_t.c.license_id, sa.func.count())
+                    .where(leases_t.c.expires > now)
+                    .group_by(leases_t.c.license_id)
+                ).all()
+            )
         out = []
         for r in rows:
             state = "revoked" if r.revoked_at else "expired" if r.expires <= now else "active"
-            out.append({"id": r.id, "customer": r.customer, "model": r.model_id, "file_id": r.file_id, "mode": r.mode,
-                        "seats": r.seats, "leases": live.get(r.id, 0), "issued_at": r.issued_at,
-                        "not_before": r.not_before, "expires": r.expires, "revoked_at": r.revoked_at, "state": state})
+            out.append(
+                {
+                    "id": r.id,
+                    "customer": r.customer,
+                    "model": r.model_id,
+                    "file_id": r.file_id,
+                    "mode": r.mode,
+                    "seats": r.seats,
+                    "leases": live.get(r.id, 0),
+                    "issued_at": r.issued_at,
+                    "not_before": r.not_before,
+                    "expires": r.expires,
+                    "revoked_at": r.revoked_at,
+                    "state": state,
+                }
+            )
         return out

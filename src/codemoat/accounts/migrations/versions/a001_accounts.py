@@ -3,6 +3,7 @@
 Revision ID: a001_accounts
 Revises:
 """
+
 import sqlalchemy as sa
 from alembic import op
 

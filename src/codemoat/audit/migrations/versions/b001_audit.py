@@ -3,6 +3,7 @@
 Revision ID: b001_audit
 Revises:
 """
+
 import sqlalchemy as sa
 from alembic import op
 

@@ -3,6 +3,7 @@
 Revision ID: b002_quota_usage
 Revises: b001_audit
 """
+
 import sqlalchemy as sa
 from alembic import op
 

@@ -3,6 +3,7 @@
 Revision ID: d001_directory
 Revises:
 """
+
 import sqlalchemy as sa
 from alembic import op
 

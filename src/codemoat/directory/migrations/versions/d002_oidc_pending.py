@@ -3,6 +3,7 @@
 Revision ID: d002_oidc_pending
 Revises: d001_directory
 """
+
 import sqlalchemy as sa
 from alembic import op
 

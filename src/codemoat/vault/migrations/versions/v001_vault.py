@@ -3,6 +3,7 @@
 Revision ID: v001_vault
 Revises:
 """
+
 import sqlalchemy as sa
 from alembic import op
 
