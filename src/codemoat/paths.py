@@ -93,16 +93,22 @@ def db_url() -> str:
         return url
     secret = os.environ.get("CODEMOAT_DATABASE_URL_FILE")
     if secret:
-        try:
-            url = Path(secret).read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as e:
-            raise CodemoatError(
-                f"CODEMOAT_DATABASE_URL_FILE {secret}: cannot read it ({getattr(e, 'strerror', None) or e})"
-            ) from None
+        url = read_secret(secret, "CODEMOAT_DATABASE_URL_FILE")
         if not url:
             raise CodemoatError(f"CODEMOAT_DATABASE_URL_FILE {secret} is empty: it must hold the database URL")
         return url
     return f"sqlite:///{home() / 'codemoat.db'}"
+
+
+def read_secret(file: str | Path, what: str) -> str:
+    """The text of a secret held in a file (a mounted secret: never the config or the environment),
+    stripped; one line naming `what` (the setting that points at it) when it cannot be read."""
+    from .errors import CodemoatError
+
+    try:
+        return Path(file).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CodemoatError(f"{what} {file}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
 
 
 def bundled_model() -> Path:

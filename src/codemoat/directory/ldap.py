@@ -13,9 +13,9 @@ import math
 import ssl
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from ..config import DirectorySettings
+from ..paths import read_secret
 from ..errors import CodemoatError, Unauthorized
 
 # nested groups are followed this many levels up (a cycle in the directory cannot loop forever)
@@ -75,14 +75,7 @@ class LdapDirectory:
 
     def _password(self) -> str:
         f = self.cfg.bind_password_file
-        if not f:
-            return ""
-        try:
-            return Path(f).read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as e:
-            raise DirectoryError(
-                f"directory.bind_password_file {f}: cannot read it ({getattr(e, 'strerror', None) or e})"
-            ) from None
+        return read_secret(f, "directory.bind_password_file") if f else ""
 
     def _bind(self, dn: str | None, password: str):
         """A bound connection, or DirectoryUnavailable / Unauthorized (wrong credentials)."""

@@ -19,7 +19,6 @@ import re
 import secrets
 import threading
 import time
-from pathlib import Path
 from urllib.parse import urlencode
 
 import httpx
@@ -27,6 +26,7 @@ import sqlalchemy as sa
 from sqlalchemy import Engine
 
 from ..config import DirectorySettings
+from ..paths import read_secret
 from ..errors import Unauthorized
 from .ldap import DirectoryError, DirectoryUnavailable, DirUser
 
@@ -63,14 +63,7 @@ class OidcClient:
 
     def _secret(self) -> str:
         f = self.cfg.oidc_client_secret_file
-        if not f:
-            return ""
-        try:
-            return Path(f).read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as e:
-            raise DirectoryError(
-                f"directory.oidc_client_secret_file {f}: cannot read it ({getattr(e, 'strerror', None) or e})"
-            ) from None
+        return read_secret(f, "directory.oidc_client_secret_file") if f else ""
 
     def _get(self, url: str) -> dict:
         try:
