@@ -93,8 +93,15 @@ def test_watermark_detect_cli(vendor, f16_model, flat_model, tmp_path):
     d = json.loads(r.stdout)
     files = d["files"]
     assert files[0]["detected"] == ["initech"] and files[1]["detected"] == []
-    # both units of evidence: each file, and the two files together per key (Stouffer)
-    assert d["aggregate"]["files"] == 2 and d["aggregate"]["detected"] == ["initech"]
+    # both units of evidence: each file, and the files pooled per key (Stouffer). Pooled with human
+    # code the evidence is diluted by design (the pool is one body of text), so the pooled test is
+    # run on two generations of the same customer: together they name it.
+    assert d["aggregate"]["files"] == 2
+    gen2 = tmp_path / "generated2.py"
+    gen2.write_text(_generate(flat_model, [wm.WatermarkProcessor(key)], seed=5))
+    pooled = _cli("watermark", "detect", str(gen), str(gen2), *args[4:])
+    assert pooled.returncode == 0, pooled.stderr
+    assert json.loads(pooled.stdout)["aggregate"]["detected"] == ["initech"]
     r = _cli(*args[:-1], "--customer", "acme")
     assert r.returncode == 0 and "no" in r.stdout
     r = _cli(*args, "--no-entropy")  # every token scored: still found, human still clean
