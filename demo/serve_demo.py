@@ -26,8 +26,13 @@ prefix = (
 suffix = "\n\n\ndef main():\n    print(read_lines('setup.cfg'))\n"
 say("developer (OpenAI client): fill in the middle — prompt + suffix, the server applies the model's FIM template")
 t = time.perf_counter()
-c = client.completions.create(model="codemoat-tiny", prompt=prefix, suffix=suffix, max_tokens=24, temperature=0, stop=["\n"])
+raw = client.completions.with_raw_response.create(
+    model="codemoat-tiny", prompt=prefix, suffix=suffix, max_tokens=24, temperature=0, stop=["\n"]
+)
+c = raw.parse()
 dt = time.perf_counter() - t
+if raw.headers.get("x-codemoat-suffix") == "dropped":  # the model has no FIM tokens: say so, as the server does
+    print("   (this model has no fill-in-the-middle tokens: the server used the prefix only and said so in X-Codemoat-Suffix)")
 show("\n".join(prefix.splitlines()[:-1]), "2")
 show(prefix.splitlines()[-1] + c.choices[0].text)
 show(suffix.strip("\n"), "2")

@@ -17,14 +17,19 @@ def s(key):
     return bytes(v).decode() if f.types[0] == gguf.GGUFValueType.STRING else v[0]
 n = sum(int(t.n_elements) for t in r.tensors)
 toks = r.fields["tokenizer.ggml.tokens"]
-vocab = [bytes(toks.parts[i]).decode() for i in toks.data]
-specials = [t for t in vocab if t.startswith("<|") and t.endswith("|>")]
+vocab = [bytes(toks.parts[i]).decode(errors="replace") for i in toks.data]
+types = r.fields.get("tokenizer.ggml.token_type")
+control = [vocab[i] for i, t in enumerate(types.data) if int(types.parts[t][0]) == 3] if types else []
+arch = s("general.architecture")  # keys are named after the architecture: llama.block_count, gemma3.block_count…
+kind = {"gpt2": "byte-level BPE", "llama": "SentencePiece (SPM)"}.get(s("tokenizer.ggml.model"), s("tokenizer.ggml.model"))
 print(f"model        {s('general.name')}  ({p.stat().st_size / 1e6:.1f} MB, {n:,} parameters)")
-print(f"architecture {s('general.architecture')}: {s('llama.block_count')} layers, d={s('llama.embedding_length')}, "
-      f"{s('llama.attention.head_count')} heads ({s('llama.attention.head_count_kv')} kv), context {s('llama.context_length')}")
-print(f"tokenizer    byte-level BPE, {len(vocab):,} tokens, pre-tokenizer {s('tokenizer.ggml.pre')}; specials: {' '.join(specials)}")
+print(f"architecture {arch}: {s(arch + '.block_count')} layers, d={s(arch + '.embedding_length')}, "
+      f"{s(arch + '.attention.head_count')} heads ({s(arch + '.attention.head_count_kv')} kv), context {s(arch + '.context_length')}")
+shown = " ".join(control[:12]) + (f" … (+{len(control) - 12})" if len(control) > 12 else "")
+print(f"tokenizer    {kind}, {len(vocab):,} tokens, pre-tokenizer {s('tokenizer.ggml.pre')}; control tokens: {shown}")
 PY
-if [[ -f "$ROOT/bench/results/model.md" ]]; then
+# the bench's scores are the bundled model's: shown only for it
+if [[ "$(realpath "$MODEL")" == "$(realpath "$ROOT/models/codemoat-tiny.gguf")" && -f "$ROOT/bench/results/model.md" ]]; then
   echo "evaluation   (bench/results/model.md, held-out CPython modules):"
   grep -E '^Model /|^Model vs' "$ROOT/bench/results/model.md" | sed -e 's/^/  /' -e 's/\*\*//g'
 fi
