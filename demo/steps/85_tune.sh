@@ -28,6 +28,13 @@ $CODEMOAT serve --config "$DEMO/tune.toml" --model "$MODEL" --model-id codemoat-
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null || true' EXIT
 wait_healthy $PORT
+if ! curl -sf "http://127.0.0.1:$PORT/health" >/dev/null; then  # e.g. an adapter llama.cpp cannot apply to this base
+  echo "   the server did not start with the adapter: $(grep -m1 '^error:' "$DEMO/serve-85.log" || tail -n1 "$DEMO/serve-85.log")"
+  echo "   (adapters are tested on llama-architecture bases such as the bundled model; see issue 22's note)"
+  kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null || true
+  trap - EXIT
+  exit 0
+fi
 BODY='{"model":"codemoat-tiny","prompt":"from payments.fees import interchange_fee\n\ndef charge(amount_cents):\n    fee = ","max_tokens":16,"temperature":0}'
 for who in ALICE CAROL; do
   tok=${!who}
