@@ -17,11 +17,11 @@ say "admin: codemoat tune --repos payments --out payments.moat (a short run: 12 
 $CODEMOAT tune --repos payments --out "$DEMO/payments.moat" --model "$MODEL" --steps 12 --rank 8 --eval-tokens 4000
 ls -l "$DEMO/payments.moat" | awk '{print "   sealed adapter:", $5, "bytes (encrypted; opens only on this machine)"}'
 
-say "serve with model.adapters = [payments.moat]: alice (payments) and carol (contractors) complete the same line"
+say "serve with model.adapters = [payments.moat]: priya (payments) and carol (contractors) complete the same line"
 printf '[model]\nadapters = ["%s"]\nn_threads = 2\n' "$DEMO/payments.moat" > "$DEMO/tune.toml"
-$CODEMOAT users add alice --groups payments >/dev/null 2>&1 || true
+$CODEMOAT users add priya --groups payments >/dev/null 2>&1 || $CODEMOAT users set-groups priya --groups payments >/dev/null  # (alice left payments in step 65)
 $CODEMOAT users add carol --groups contractors >/dev/null 2>&1 || true
-ALICE=$($CODEMOAT tokens create --name alice-tune --user alice --json | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["token"])')
+PRIYA=$($CODEMOAT tokens create --name priya-tune --user priya --json | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["token"])')
 CAROL=$($CODEMOAT tokens create --name carol-tune --user carol --json | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["token"])')
 PORT=$(free_port)
 $CODEMOAT serve --config "$DEMO/tune.toml" --model "$MODEL" --model-id codemoat-tiny --port "$PORT" >"$DEMO/serve-85.log" 2>&1 &
@@ -37,7 +37,7 @@ if ! curl -sf "http://127.0.0.1:$PORT/health" >/dev/null; then  # e.g. an adapte
   exit 0
 fi
 BODY='{"model":"codemoat-tiny","prompt":"from payments.fees import interchange_fee\n\ndef charge(amount_cents):\n    fee = ","max_tokens":16,"temperature":0}'
-for who in ALICE CAROL; do
+for who in PRIYA CAROL; do
   tok=${!who}
   printf '   %-6s → ' "${who,,}"
   curl -s "http://127.0.0.1:$PORT/v1/completions" -H "Authorization: Bearer $tok" -H 'Content-Type: application/json' -d "$BODY" \
@@ -51,7 +51,7 @@ $CODEMOAT audit export --kind request | "$PY" -c '
 import json, sys
 for line in sys.stdin:
     r = json.loads(line)
-    if r.get("route", "").endswith("/completions") and r.get("user") in ("alice", "carol"):
+    if r.get("route", "").endswith("/completions") and r.get("user") in ("priya", "carol"):
         d = r.get("detail") or {}
         d = json.loads(d) if isinstance(d, str) else d
         print("   %-6s adapter=%s" % (r["user"], d.get("adapter", "(base model)")))
