@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from .apps import vendor_app
-from .common import JsonFlag, console, emit
+from .common import JsonFlag, console, emit, stage_progress
 
 
 @vendor_app.command("train")
@@ -87,18 +87,7 @@ def train_command(
 
 
 def _run_with_progress(opts, train, quiet: bool):
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-        console=console,
-        disable=quiet,
-        transient=False,
-    ) as progress:
-        task = progress.add_task("preparing", total=1.0, info="")
+    with stage_progress(quiet) as (progress, task):
 
         def on_event(ev: dict) -> None:
             kind = ev["kind"]

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from .apps import app
-from .common import JsonFlag, console, emit
+from .common import JsonFlag, console, emit, stage_progress
 
 
 @app.command("tune")
@@ -81,18 +81,7 @@ def tune_command(
 
 
 def _run(opts, tune, quiet: bool):
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-        console=console,
-        disable=quiet,
-        transient=False,
-    ) as progress:
-        task = progress.add_task("preparing", total=1.0, info="")
+    with stage_progress(quiet) as (progress, task):
 
         def on_event(ev: dict) -> None:
             if ev["kind"] == "stage":
