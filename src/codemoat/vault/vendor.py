@@ -16,7 +16,6 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,62 +30,10 @@ from .. import db
 from ..durations import LATEST
 from ..errors import CodemoatError, NotFound
 from .codec import VaultError, b64e, ed_private_raw, key_id, public_raw, write_secret
-from .container import SealedFile, seal_bytes, seal_stream
+from .container import SealedFile
 from .license import issue as issue_license_doc
-
-_meta = sa.MetaData()
-customers_t = sa.Table(
-    "vault_customers",
-    _meta,
-    sa.Column("id", sa.String(40), primary_key=True),
-    sa.Column("name", sa.String(200)),
-    sa.Column("fingerprint_secret", sa.LargeBinary),
-    sa.Column("watermark_secret", sa.LargeBinary),
-    sa.Column("created_at", sa.Integer),
-)
-models_t = sa.Table(
-    "vault_models",
-    _meta,
-    sa.Column("file_id", sa.String(40), primary_key=True),
-    sa.Column("customer_id", sa.String(40)),
-    sa.Column("model_id", sa.String(200)),
-    sa.Column("format", sa.String(20)),
-    sa.Column("plaintext_size", sa.BigInteger),
-    sa.Column("plaintext_sha256", sa.String(64)),
-    sa.Column("manifest_sha256", sa.String(64)),
-    sa.Column("content_key", sa.LargeBinary),
-    sa.Column("fingerprinted", sa.Boolean),
-    sa.Column("source", sa.String(500)),
-    sa.Column("created_at", sa.Integer),
-)
-licenses_t = sa.Table(
-    "vault_licenses",
-    _meta,
-    sa.Column("id", sa.String(40), primary_key=True),
-    sa.Column("customer_id", sa.String(40)),
-    sa.Column("file_id", sa.String(40)),
-    sa.Column("mode", sa.String(10)),
-    sa.Column("seats", sa.Integer),
-    sa.Column("issued_at", sa.Integer),
-    sa.Column("not_before", sa.Integer),
-    sa.Column("expires", sa.Integer),
-    sa.Column("lease_ttl", sa.Integer),
-    sa.Column("grace", sa.Integer),
-    sa.Column("revoked_at", sa.Integer),
-    sa.Column("lease_gen", sa.Integer),
-    sa.Column("document", sa.Text),
-)
-leases_t = sa.Table(
-    "vault_leases",
-    _meta,
-    sa.Column("license_id", sa.String(40), primary_key=True),
-    sa.Column("machine_id", sa.String(40), primary_key=True),
-    sa.Column("expires", sa.Float),
-    sa.Column("renewed_at", sa.Float),
-    sa.Column("renewals", sa.Integer),
-)
-
-Fingerprinter = Callable[[bytes, str, bytes], bytes]
+from .seal_model import Fingerprinter, seal_model
+from .vendor_tables import customers_t, leases_t, licenses_t, models_t
 
 
 @dataclass(frozen=True)
@@ -96,63 +43,6 @@ class Customer:
     fingerprint_secret: bytes
     watermark_secret: bytes
     created_at: int
-
-
-def read_model(path: Path) -> tuple[str, str, bytearray, list[dict[str, Any]]]:
-    """(model id, format, plaintext, parts) of a .gguf file or a safetensors model (file or folder).
-
-    A safetensors model is packed as its weights followed by the folder's JSON files
-    (config.json, tokenizer.json, ...), each a named part in the manifest."""
-    if not path.exists():
-        raise NotFound(f"model not found: {path}")
-    if path.is_file() and path.suffix == ".gguf":
-        with open(path, "rb") as f:
-            head = f.read(4)
-        if head != b"GGUF":
-            raise CodemoatError(f"{path.name} is not a GGUF file (bad magic)")
-        data = bytearray(path.stat().st_size)
-        with open(path, "rb") as f:
-            f.readinto(data)
-        return path.stem, "gguf", data, [{"name": path.name, "offset": 0, "size": len(data)}]
-    folder = path if path.is_dir() else path.parent
-    if path.is_dir():
-        weights = sorted(folder.glob("*.safetensors"))
-        if len(weights) != 1:
-            raise CodemoatError(f"{path} must hold exactly one .safetensors file (found {len(weights)})")
-        wpath = weights[0]
-    elif path.suffix == ".safetensors":
-        wpath = path
-    else:
-        raise CodemoatError(f"{path.name}: a model is a .gguf file, a .safetensors file or a folder holding one")
-    files = [wpath] + sorted(p for p in folder.glob("*.json") if p.is_file())
-    if not (folder / "config.json").is_file():
-        raise CodemoatError(f"{folder} has no config.json beside the safetensors weights")
-    blobs = [p.read_bytes() for p in files]
-    data = bytearray(b"".join(blobs))
-    parts, off = [], 0
-    for p, b in zip(files, blobs):
-        parts.append({"name": p.name, "offset": off, "size": len(b)})
-        off += len(b)
-    model_id = folder.name if path.is_dir() else wpath.stem
-    return model_id, "safetensors", data, parts
-
-
-def _gguf_pieces(path: Path, stream: Callable | None, secret: bytes) -> tuple[Callable[[], Iterator[Any]], int]:
-    """(pieces, size) of a GGUF file, marked by `stream(path, secret)` when given, else as it is."""
-    with open(path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise CodemoatError(f"{path.name} is not a GGUF file (bad magic)")
-    if stream is not None:
-        marked = stream(path, secret)
-        return marked.pieces, marked.size
-    size = path.stat().st_size
-
-    def pieces() -> Iterator[bytes]:
-        with open(path, "rb") as f:
-            while block := f.read(32 << 20):
-                yield block
-
-    return pieces, size
 
 
 class Vendor:
@@ -295,53 +185,16 @@ class Vendor:
         """Encrypt a model for `customer` (fingerprinted first when `fingerprint` is given) into `out`."""
         model = Path(model)
         cust = self.customer(customer)
-        key = os.urandom(32)
-        kw = {"chunk_size": chunk_size} if chunk_size else {}
-        stream = getattr(fingerprint, "stream", None) if fingerprint is not None else None
-        if model.is_file() and model.suffix == ".gguf" and (fingerprint is None or stream is not None):
-            # a GGUF file is streamed: read (and marked) tensor by tensor, twice (hash, then encrypt)
-            pieces, size = _gguf_pieces(model, stream, cust.fingerprint_secret)
-            sealed = seal_stream(
-                pieces,
-                size,
-                out,
-                signing_key=self.signing_key,
-                content_key=key,
-                model_id=model.stem,
-                fmt="gguf",
-                customer=cust.name,
-                customer_id=cust.id,
-                parts=[{"name": model.name, "offset": 0, "size": size}],
-                fingerprinted=fingerprint is not None,
-                **kw,
-            )
-            return self._record(sealed, cust, key, model, "gguf", fingerprint is not None)
-        model_id, fmt, data, parts = read_model(model)
-        if fingerprint is not None:
-            w = parts[0]
-            marked = fingerprint(bytes(data[w["offset"] : w["offset"] + w["size"]]), fmt, cust.fingerprint_secret)
-            if len(marked) != w["size"]:
-                data = bytearray(bytes(marked) + bytes(data[w["size"] :]))
-                shift = len(marked) - w["size"]
-                parts = [
-                    dict(p, size=len(marked)) if i == 0 else dict(p, offset=p["offset"] + shift) for i, p in enumerate(parts)
-                ]
-            else:
-                data[: w["size"]] = marked
-        sealed = seal_bytes(
-            data,
+        sealed, key, fmt = seal_model(
+            model,
             out,
             signing_key=self.signing_key,
-            content_key=key,
-            model_id=model_id,
-            fmt=fmt,
             customer=cust.name,
             customer_id=cust.id,
-            parts=parts,
-            fingerprinted=fingerprint is not None,
-            **kw,
+            fingerprint_secret=cust.fingerprint_secret,
+            fingerprint=fingerprint,
+            chunk_size=chunk_size,
         )
-        data[:] = bytes(len(data))
         return self._record(sealed, cust, key, model, fmt, fingerprint is not None)
 
     def _record(self, sealed: SealedFile, cust: Customer, key: bytes, model: Path, fmt: str, fingerprinted: bool) -> SealedFile:

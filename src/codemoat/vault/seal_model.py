@@ -1,0 +1,131 @@
+"""Sealing a model file for one customer: read (or stream) it, fingerprint it, encrypt it.
+
+A GGUF file is streamed tensor by tensor (read twice: hash, then encrypt), so a model larger than
+memory seals; a safetensors model (file or folder) is packed in memory with its JSON files.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from ..errors import CodemoatError, NotFound
+from .container import SealedFile, seal_bytes, seal_stream
+
+Fingerprinter = Callable[[bytes, str, bytes], bytes]
+
+
+def read_model(path: Path) -> tuple[str, str, bytearray, list[dict[str, Any]]]:
+    """(model id, format, plaintext, parts) of a .gguf file or a safetensors model (file or folder).
+
+    A safetensors model is packed as its weights followed by the folder's JSON files
+    (config.json, tokenizer.json, ...), each a named part in the manifest."""
+    if not path.exists():
+        raise NotFound(f"model not found: {path}")
+    if path.is_file() and path.suffix == ".gguf":
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if head != b"GGUF":
+            raise CodemoatError(f"{path.name} is not a GGUF file (bad magic)")
+        data = bytearray(path.stat().st_size)
+        with open(path, "rb") as f:
+            f.readinto(data)
+        return path.stem, "gguf", data, [{"name": path.name, "offset": 0, "size": len(data)}]
+    folder = path if path.is_dir() else path.parent
+    if path.is_dir():
+        weights = sorted(folder.glob("*.safetensors"))
+        if len(weights) != 1:
+            raise CodemoatError(f"{path} must hold exactly one .safetensors file (found {len(weights)})")
+        wpath = weights[0]
+    elif path.suffix == ".safetensors":
+        wpath = path
+    else:
+        raise CodemoatError(f"{path.name}: a model is a .gguf file, a .safetensors file or a folder holding one")
+    files = [wpath] + sorted(p for p in folder.glob("*.json") if p.is_file())
+    if not (folder / "config.json").is_file():
+        raise CodemoatError(f"{folder} has no config.json beside the safetensors weights")
+    blobs = [p.read_bytes() for p in files]
+    data = bytearray(b"".join(blobs))
+    parts, off = [], 0
+    for p, b in zip(files, blobs):
+        parts.append({"name": p.name, "offset": off, "size": len(b)})
+        off += len(b)
+    model_id = folder.name if path.is_dir() else wpath.stem
+    return model_id, "safetensors", data, parts
+
+
+def gguf_pieces(path: Path, stream: Callable | None, secret: bytes) -> tuple[Callable[[], Iterator[Any]], int]:
+    """(pieces, size) of a GGUF file, marked by `stream(path, secret)` when given, else as it is."""
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise CodemoatError(f"{path.name} is not a GGUF file (bad magic)")
+    if stream is not None:
+        marked = stream(path, secret)
+        return marked.pieces, marked.size
+    size = path.stat().st_size
+
+    def pieces() -> Iterator[bytes]:
+        with open(path, "rb") as f:
+            while block := f.read(32 << 20):
+                yield block
+
+    return pieces, size
+
+
+def seal_model(
+    model: Path,
+    out: str | Path,
+    *,
+    signing_key: Ed25519PrivateKey,
+    customer: str,
+    customer_id: str,
+    fingerprint_secret: bytes,
+    fingerprint: Fingerprinter | None = None,
+    chunk_size: int | None = None,
+) -> tuple[SealedFile, bytes, str]:
+    """(sealed file, its fresh content key, format): `model` encrypted for one customer into `out`,
+    fingerprinted first when `fingerprint` is given."""
+    key = os.urandom(32)
+    kw: dict[str, Any] = {"chunk_size": chunk_size} if chunk_size else {}
+    common = dict(signing_key=signing_key, content_key=key, customer=customer, customer_id=customer_id)
+    stream = getattr(fingerprint, "stream", None) if fingerprint is not None else None
+    if model.is_file() and model.suffix == ".gguf" and (fingerprint is None or stream is not None):
+        pieces, size = gguf_pieces(model, stream, fingerprint_secret)
+        sealed = seal_stream(
+            pieces,
+            size,
+            out,
+            model_id=model.stem,
+            fmt="gguf",
+            parts=[{"name": model.name, "offset": 0, "size": size}],
+            fingerprinted=fingerprint is not None,
+            **common,
+            **kw,
+        )
+        return sealed, key, "gguf"
+    model_id, fmt, data, parts = read_model(model)
+    if fingerprint is not None:
+        w = parts[0]
+        marked = fingerprint(bytes(data[w["offset"] : w["offset"] + w["size"]]), fmt, fingerprint_secret)
+        if len(marked) != w["size"]:
+            data = bytearray(bytes(marked) + bytes(data[w["size"] :]))
+            shift = len(marked) - w["size"]
+            parts = [dict(p, size=len(marked)) if i == 0 else dict(p, offset=p["offset"] + shift) for i, p in enumerate(parts)]
+        else:
+            data[: w["size"]] = marked
+    sealed = seal_bytes(
+        data,
+        out,
+        model_id=model_id,
+        fmt=fmt,
+        parts=parts,
+        fingerprinted=fingerprint is not None,
+        **common,
+        **kw,
+    )
+    data[:] = bytes(len(data))
+    return sealed, key, fmt
