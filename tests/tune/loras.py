@@ -45,3 +45,42 @@ def sealed_adapter(base: Path, out: Path, name: str, repos: list[tuple[str, list
         "repos": [{"name": r, "groups": g} for r, g in repos],
     }
     return seal_adapter(Adapter(meta, random_lora_gguf(base, seed=seed), b"", "{}"), out)
+
+
+def peft_vs_llamacpp(base_path: Path, prompt: str, *, permute_anyway: bool = False) -> tuple[float, float]:
+    """(max |llama.cpp logits with the GGUF adapter - PEFT's|, max |PEFT's - the base's|) for a random
+    rank-4 LoRA on every linear layer of `base_path`; the adapter is loaded from a memfd.
+    `permute_anyway` writes q/k rows in llama's permuted order whatever the architecture (the old bug)."""
+    import llama_cpp
+    import torch
+
+    from codemoat.tune import lora
+    from codemoat.tune.base import load_base
+
+    base = load_base(base_path, n_ctx=128)
+    ids = base.tokenizer.encode(prompt, add_special_tokens=False).ids
+    with torch.no_grad():
+        plain = base.model(input_ids=torch.tensor([ids])).logits[0].numpy()
+    model = lora.wrap(base.model, 4, 8.0)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.08)
+        want = model(input_ids=torch.tensor([ids])).logits[0].numpy()
+    saved = lora.PERMUTED_QK
+    lora.PERMUTED_QK = saved | {base.arch} if permute_anyway else saved
+    try:
+        data = lora.gguf_bytes(model, base.hf_config, 8.0, "t", arch=base.arch)
+    finally:
+        lora.PERMUTED_QK = saved
+    fd = os.memfd_create("adapter")
+    try:
+        os.write(fd, data)
+        llm = llama_cpp.Llama(str(base_path), lora_path=f"/proc/self/fd/{fd}", n_ctx=128, logits_all=True, verbose=False)
+        llm.eval(ids)
+        got = np.array(llm.scores[: len(ids)])
+        llm.close()
+    finally:
+        os.close(fd)
+    return float(np.abs(got - want).max()), float(np.abs(plain - want).max())

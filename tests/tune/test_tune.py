@@ -15,6 +15,7 @@ from codemoat.index.store import SqliteIndex
 from codemoat.index.update import add_repository
 from codemoat.tune.corpus import load_corpus
 from tests.conftest import run_cli
+from tests.tune.loras import peft_vs_llamacpp
 
 PAY = {
     "payments/fees.py": "def interchange_fee(amount_cents: int) -> int:\n    return amount_cents * 15 // 1000\n" * 6,
@@ -113,32 +114,6 @@ def test_tune_end_to_end(tmp_path, tiny_gguf):
 def test_gguf_adapter_in_llamacpp_matches_peft(tiny_gguf):
     """llama.cpp with the GGUF adapter (from a memfd) gives PEFT's logits; a wrong q/k permutation,
     an A/B swap or a wrong alpha would not (the adapter moves the logits far more than the tolerance)."""
-    import llama_cpp
-    import numpy as np
-    import torch
-
-    from codemoat.tune.base import load_base
-    from codemoat.tune.lora import gguf_bytes, wrap
-
-    base = load_base(tiny_gguf, n_ctx=128)
-    ids = base.tokenizer.encode("def interchange_fee(amount_cents: int) -> int:", add_special_tokens=False).ids
-    with torch.no_grad():
-        plain = base.model(input_ids=torch.tensor([ids])).logits[0].numpy()
-    model = wrap(base.model, 4, 8.0)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.08)
-        want = model(input_ids=torch.tensor([ids])).logits[0].numpy()
-    fd = os.memfd_create("adapter")
-    try:
-        os.write(fd, gguf_bytes(model, base.hf_config, 8.0, "t"))
-        llm = llama_cpp.Llama(str(tiny_gguf), lora_path=f"/proc/self/fd/{fd}", n_ctx=128, logits_all=True, verbose=False)
-        llm.eval(ids)
-        got = np.array(llm.scores[: len(ids)])
-    finally:
-        os.close(fd)
-    err = np.abs(got - want).max()
+    err, moved = peft_vs_llamacpp(tiny_gguf, "def interchange_fee(amount_cents: int) -> int:")
     assert err < 0.05, err
-    assert np.abs(plain - want).max() > 20 * max(err, 0.05)  # the adapter really changes the output
+    assert moved > 20 * max(err, 0.05)  # the adapter really changes the output

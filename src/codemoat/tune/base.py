@@ -24,6 +24,7 @@ class BaseModel:
     sha256: str
     name: str
     n_ctx: int
+    arch: str = "llama"  # the GGUF's general.architecture, which the adapter's must equal
 
 
 def load_base(path: Path, *, n_ctx: int = 512, device: str = "cpu") -> BaseModel:
@@ -52,4 +53,14 @@ def load_base(path: Path, *, n_ctx: int = 512, device: str = "cpu") -> BaseModel
     model.to(device)
     cfg = model.config.to_dict()
     limit = int(cfg.get("max_position_embeddings") or n_ctx)
-    return BaseModel(model, tok.backend_tokenizer, cfg, file_sha256(path), path.stem, min(n_ctx, limit))
+    return BaseModel(model, tok.backend_tokenizer, cfg, file_sha256(path), path.stem, min(n_ctx, limit), gguf_arch(path))
+
+
+def gguf_arch(path: Path) -> str:
+    """`general.architecture` of a GGUF file (read from its header only)."""
+    import gguf
+
+    f = gguf.GGUFReader(str(path)).fields.get("general.architecture")
+    if f is None:
+        raise CodemoatError(f"{path.name} names no architecture (general.architecture)")
+    return bytes(f.parts[f.data[0]]).decode()

@@ -1,9 +1,13 @@
 """LoRA on the base (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models") with
 `peft`, and the adapter written for both engines:
 
-- GGUF for llama.cpp: `general.type = adapter`, `adapter.type = lora`, `adapter.lora.alpha`, tensors
-  `blk.N.<name>.weight.lora_a` (r × in) and `.lora_b` (out × r); q and k rows of `lora_b` permuted
-  like the base's q/k (llama.cpp's interleaved RoPE order), so base + B·A equals the tuned weight.
+- GGUF for llama.cpp: `general.architecture` the base's own (llama.cpp refuses an adapter whose
+  architecture differs: "model arch and LoRA arch mismatch"), `general.type = adapter`,
+  `adapter.type = lora`, `adapter.lora.alpha`, tensors `blk.N.<name>.weight.lora_a` (r × in) and
+  `.lora_b` (out × r). Only a `llama` base has its q/k rows permuted into llama.cpp's interleaved
+  RoPE order (by llama.cpp's converter; transformers' GGUF reader undoes it for that architecture
+  alone), so only there are `lora_b`'s q/k rows permuted the same way; Gemma, Qwen and the rest keep
+  HF's order. Either way base + B·A equals the tuned weight.
 - safetensors in peft's layout (`adapter_model.safetensors` + `adapter_config.json`), which
   transformers and vLLM load.
 
@@ -51,24 +55,29 @@ def lora_pairs(peft_model) -> dict[str, tuple[Any, Any]]:
     return {k: (a, b) for k, (a, b) in pairs.items()}
 
 
-def gguf_bytes(peft_model, hf_config: dict, alpha: float, name: str) -> bytes:
-    """The adapter as a llama.cpp GGUF LoRA file, in memory."""
+#: GGUF architectures whose q/k rows llama.cpp's converter permutes (and transformers un-permutes)
+PERMUTED_QK = {"llama"}
+
+
+def gguf_bytes(peft_model, hf_config: dict, alpha: float, name: str, *, arch: str) -> bytes:
+    """The adapter as a llama.cpp GGUF LoRA file for a base of GGUF architecture `arch`, in memory."""
     import gguf
     import numpy as np
 
     n_head, n_kv = hf_config["num_attention_heads"], hf_config["num_key_value_heads"]
+    permute = arch in PERMUTED_QK
     fd = os.memfd_create("codemoat-adapter", os.MFD_CLOEXEC)
     try:
-        w = gguf.GGUFWriter(f"/proc/self/fd/{fd}", "llama")
+        w = gguf.GGUFWriter(f"/proc/self/fd/{fd}", arch)
         w.add_type("adapter")
         w.add_string("adapter.type", "lora")
         w.add_float32("adapter.lora.alpha", float(alpha))
         w.add_name(name)
         for hf_name, (a, b) in sorted(lora_pairs(peft_model).items()):
             _, _, i, rest = hf_name.split(".", 3)
-            if rest == "self_attn.q_proj.weight":
+            if permute and rest == "self_attn.q_proj.weight":
                 b = permute_qk(b, n_head)
-            elif rest == "self_attn.k_proj.weight":
+            elif permute and rest == "self_attn.k_proj.weight":
                 b = permute_qk(b, n_kv)
             base = f"blk.{i}.{_HF_TO_GGUF[rest]}"
             w.add_tensor(base + ".lora_a", np.ascontiguousarray(a, dtype=np.float32))

@@ -173,7 +173,7 @@ def tune(opts: TuneOptions, on_event: Callable[[dict], None] | None = None) -> T
     }
     emit({"kind": "stage", "stage": "writing the adapter"})
     st, peft_cfg = safetensors_bytes(model)
-    adapter = Adapter(meta, gguf_bytes(model, base.hf_config, alpha, name), st, peft_cfg)
+    adapter = Adapter(meta, gguf_bytes(model, base.hf_config, alpha, name, arch=base.arch), st, peft_cfg)
     seal_adapter(adapter, Path(opts.out))
     meta["size"] = {"gguf": len(adapter.gguf), "safetensors": len(st), "sealed": Path(opts.out).stat().st_size}
     return TuneResult(Path(opts.out), meta)
