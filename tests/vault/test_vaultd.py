@@ -39,9 +39,13 @@ def offered(tmp_path, gguf_file):
     buf.close()
 
 
+WM_KEY = bytes(range(32))
+
+
 def start_daemon(tmp_path, buf, **allow) -> VaultDaemon:
     d = VaultDaemon(tmp_path / "vault.sock", **allow).start()
-    d.offer(Offer("acme-coder", buf.fd, buf.size, {"parts": {"model.gguf": [0, buf.size]}}))
+    d.offer(Offer("acme-coder", buf.fd, buf.size, {"parts": {"model.gguf": [0, buf.size]}}, watermark_key=lambda: WM_KEY))
+    d.offer(Offer("unmarked", buf.fd, buf.size, {}))
     return d
 
 
@@ -52,6 +56,10 @@ def test_allowed_uid_gets_the_sealed_memfd(tmp_path, offered):
         assert oct(os.stat(d.path).st_mode & 0o777) == "0o660"
         got = VaultClient.connect(f"unix:{d.path}").fetch("acme-coder")
         assert got.size == len(data) and "key" not in json.dumps(got.facts).lower()
+        assert got.watermark_key == WM_KEY and WM_KEY.hex() not in repr(got)  # serve marks outputs; never in a repr
+        plain = VaultClient.connect(f"unix:{d.path}").fetch("unmarked")
+        assert plain.watermark_key is None  # a license without a watermark: nothing is sent
+        os.close(plain.fd)
         adopted = MemfdBuffer.adopt(got.fd, got.size)
         assert hashlib.sha256(adopted.view).digest() == hashlib.sha256(data).digest()
         assert adopted.seals() & SEALS == SEALS
@@ -217,7 +225,7 @@ class Setup:
         from codemoat.vault.container import SealedFile
         from codemoat.vault.machine import MachineKey
 
-        machine = MachineKey.load_or_create()
+        machine = self.machine = MachineKey.load_or_create()
         self.moat, self.lic, self.doc = bundle(vendor, gguf_file, self.vault_home / "models", machine, **issue)
         self.model_id = SealedFile(self.moat).manifest.model_id
         monkeypatch.setenv("CODEMOAT_HOME", str(self.serve_home))
@@ -341,6 +349,78 @@ def output(p: subprocess.Popen) -> str:
     return p.log.read()
 
 
+def process_tree(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        for task in Path(f"/proc/{p}/task").iterdir():
+            todo += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+def secrets_seen(pid: int, secrets: dict[str, bytes]) -> list[str]:
+    """Which secrets appear in the command line, environment or readable memory of `pid` or its children (root reads /proc/PID/mem)."""
+    seen = set()
+    for p in process_tree(pid):
+        blobs = [Path(f"/proc/{p}/cmdline").read_bytes(), Path(f"/proc/{p}/environ").read_bytes()]
+        with open(f"/proc/{p}/mem", "rb", 0) as mem:
+            for line in Path(f"/proc/{p}/maps").read_text().splitlines():
+                span, perm = line.split()[:2]
+                if "r" not in perm or line.endswith(("[vvar]", "[vsyscall]")):
+                    continue
+                lo, hi = (int(x, 16) for x in span.split("-"))
+                try:
+                    mem.seek(lo)
+                    blobs.append(mem.read(hi - lo))
+                except OSError:
+                    continue
+        for name, secret in secrets.items():
+            import base64
+
+            forms = (secret, secret.hex().encode(), base64.b64encode(secret), base64.urlsafe_b64encode(secret).rstrip(b"="))
+            if any(f in b for b in blobs for f in forms):
+                seen.add(name)
+    return sorted(seen)
+
+
+def watermarked_through_vaultd(setup: Setup, vendor, gguf_file: Path, proc: subprocess.Popen, url: str) -> None:
+    """What serve got from vaultd marks its completions with the customer's watermark (`watermark detect`
+    names acme), while serve and its engine hold neither the content key nor the machine key."""
+    from codemoat.vault.codec import ed_private_raw, unwrap, x_private_raw
+    from codemoat.vault.license import License, key_context
+
+    auth = {"Authorization": f"Bearer {setup.token}"}
+    texts = []
+    for seed in range(20):  # a random model often stops early: enough text to score a few hundred tokens
+        body = {"model": setup.model_id, "prompt": "def main(", "max_tokens": 180, "temperature": 1.0, "top_p": 1.0, "seed": seed}
+        r = httpx.post(url + "/v1/completions", json=body, headers=auth, timeout=120)
+        assert r.status_code == 200, r.text
+        texts.append(r.json()["choices"][0]["text"])
+    gen = setup.base / "generated.txt"
+    gen.write_text("\n".join(texts))
+    r = subprocess.run(
+        [sys.executable, "-m", "codemoat.cli.main", "watermark", "detect", str(gen), "--vendor", str(vendor.root)]
+        + ["--customer", "acme", "--model", str(gguf_file), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["files"][0]["detected"] == ["acme"], r.stdout
+
+    m, b = setup.machine, License.load(setup.lic).body
+    content_key = unwrap(m.x25519, b["keys"]["content_key"], key_context("content-key", b["id"]), "content key")
+    secrets = {
+        "content key": content_key,
+        "machine X25519": x_private_raw(m.x25519),
+        "machine Ed25519": ed_private_raw(m.ed25519),
+    }
+    assert secrets_seen(proc.pid, secrets) == []
+    vaultd = next(p for p in setup.procs if p.args[-1] == setup.clients.gr_name)
+    assert secrets_seen(vaultd.pid, secrets) != []  # the scan finds a key where one is held
+
+
 def readable(setup: Setup, user, *files: Path) -> dict[str, bool]:
     code = (
         "import json\nout={}\nfor f in %r:\n    try:\n        open(f,'rb').read(1); out[f]=True\n"
@@ -445,6 +525,7 @@ except Exception as e:
         auth = {"Authorization": f"Bearer {setup.token}"}
         before = httpx.post(url + "/v1/completions", json=body, headers=auth, timeout=60)
         assert before.status_code == 200, before.text
+        watermarked_through_vaultd(setup, vendor, gguf_file, proc, url)
         vd.terminate()  # a graceful stop under an offline license: the running serve keeps its model intact
         assert vd.wait(timeout=30) == 0, output(vd)
         after = httpx.post(url + "/v1/completions", json=body, headers=auth, timeout=60)

@@ -60,6 +60,7 @@ def open_vaulted(settings: Settings) -> ModelHolder:
 
     def loader():
         got = first.pop() if first else client.fetch(model_id)
+        holder.watermark_key = got.watermark_key  # the customer's, from vaultd: completions stay traceable
         try:
             buf = MemfdBuffer.adopt(got.fd, got.size)
         except ValueError as e:

@@ -13,12 +13,16 @@ needs and nothing that decrypts it again. The transport is an `AF_UNIX` `SOCK_SE
 `SCM_RIGHTS` (unix(7)). Who may ask is decided twice by the kernel's word, never the caller's:
 `SO_PEERCRED` at connect time, and `SCM_CREDENTIALS` on every request (`SO_PASSCRED`), so a
 connected socket handed to a process of another uid cannot replay a request. The daemon's
-answers carry the model id, the size and manifest facts, never a key. On the kept connection the
-daemon later sends `{"op": "revoke"}` (serve unloads and answers 503) or `{"op": "available"}`.
+answers carry the model id, the size and manifest facts, and, when the license watermarks outputs,
+the customer's watermark key (what serve needs to mark completions; it decrypts nothing), never the
+content key or the machine key. On the kept connection the daemon later sends `{"op": "revoke"}`
+(serve unloads and answers 503) or `{"op": "available"}`.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import grp
 import json
 import logging
@@ -51,16 +55,19 @@ class Offer:
     fd: int
     size: int
     facts: dict[str, Any] = field(default_factory=dict)
+    #: the license's (or lease's) watermark key as it is now; None: outputs are not watermarked
+    watermark_key: Callable[[], bytes | None] | None = None
 
 
 @dataclass
 class Received:
-    """What a client got: a file descriptor it now owns, and the daemon's header."""
+    """What a client got: a file descriptor it now owns, the daemon's header, and the watermark key."""
 
     model_id: str
     fd: int
     size: int
     facts: dict[str, Any]
+    watermark_key: bytes | None = field(default=None, repr=False)
 
 
 def socket_path(spec: str) -> str:
@@ -263,7 +270,11 @@ class VaultDaemon:
             _send(conn, {"ok": False, "error": f"model {mid!r} is not available: {why}"})
             return
         log.info("vaultd: handed %s to pid %d uid %d", mid, cred[0], cred[1])
-        _send(conn, {"ok": True, "model": mid, "size": offer.size, "facts": offer.facts}, [offer.fd])
+        answer: dict[str, Any] = {"ok": True, "model": mid, "size": offer.size, "facts": offer.facts}
+        wm = offer.watermark_key() if offer.watermark_key is not None else None
+        if wm:
+            answer["watermark_key"] = base64.b64encode(wm).decode()
+        _send(conn, answer, [offer.fd])
 
     def close(self) -> None:
         self._stop.set()
@@ -334,7 +345,15 @@ class VaultClient:
             for fd in fds:
                 os.close(fd)
             raise VaultdError("vault daemon: answer without a model file")
-        return Received(str(msg.get("model")), fds[0], msg["size"], dict(msg.get("facts") or {}))
+        wm = msg.get("watermark_key")
+        try:
+            key = base64.b64decode(wm, validate=True) if isinstance(wm, str) else None
+        except (binascii.Error, ValueError):
+            key = None
+        if wm is not None and (key is None or len(key) != 32):
+            os.close(fds[0])
+            raise VaultdError("vault daemon: the watermark key in its answer is malformed")
+        return Received(str(msg.get("model")), fds[0], msg["size"], dict(msg.get("facts") or {}), key)
 
     def watch(self, on_message: Callable[[dict[str, Any]], None], on_lost: Callable[[str], None]) -> None:
         """A daemon thread: every announcement (revoke, available) to `on_message`; EOF to `on_lost`."""
