@@ -46,7 +46,7 @@ def test_lease_round_trip_and_outbound_log(vendor, machine, model, tmp_path, key
     assert [l["destination"] for l in sent] == [keyserver.url + "/v1/lease/challenge", keyserver.url + "/v1/lease"]
     assert {l["status"] for l in lines if l["body"] is None} == {200}
     req = json.loads(sent[1]["body"])
-    assert set(req) == {"license_id", "machine_id", "nonce", "client_time", "signature"}
+    assert set(req) == {"license_id", "machine_id", "nonce", "client_time", "signature", "instance", "instance_signature"}
     # the log line was written before the request left: its id precedes its answer's
     assert [l["id"] for l in lines] == [sent[0]["id"], sent[0]["id"], sent[1]["id"], sent[1]["id"]]
     # a renewal is one round trip, on the nonce the last answer handed out
@@ -100,7 +100,8 @@ class Tamper(httpx.HTTPTransport):
 
 
 def test_tampered_and_replayed_answers_rejected(vendor, machine, model, tmp_path, keyserver):
-    _, lic, _ = lease_license(vendor, model, tmp_path, machine, keyserver.url)
+    # two clients, two seats: each client is its own instance (the edited answer's seat stays taken)
+    _, lic, _ = lease_license(vendor, model, tmp_path, machine, keyserver.url, seats=2)
     with pytest.raises(VaultError, match="key server answer: bad signature"):
         LeaseClient(lic, machine, transport=Tamper("edit")).acquire()
     replay = LeaseClient(lic, machine, transport=Tamper("replay"))
@@ -115,21 +116,19 @@ def test_seats_never_exceed_n_under_concurrency(vendor, model, tmp_path, keyserv
     from codemoat.vault.keyserver import KeyServer
 
     probe = KeyServer(vendor)
+    clients = {m.id: LeaseClient(lic, m) for m in machines}  # one serving process per machine, kept across rounds
     for round_ in range(3):
         barrier = threading.Barrier(len(machines))
         got: list[str] = []
         denied: list[str] = []
 
         def run(m: MachineKey) -> None:
-            c = LeaseClient(lic, m)
             barrier.wait()
             try:
-                c.acquire()
+                clients[m.id].acquire()
                 got.append(m.id)
             except LeaseDenied as e:
                 denied.append(e.code)
-            finally:
-                c.close()
 
         threads = [threading.Thread(target=run, args=(m,)) for m in machines]
         for t in threads:
@@ -143,6 +142,8 @@ def test_seats_never_exceed_n_under_concurrency(vendor, model, tmp_path, keyserv
         else:
             assert set(got) == holders  # renewals by holders succeed; nobody else gets in
     assert probe.live_leases(lic.id) == 3
+    for c in clients.values():
+        c.close()
 
 
 def test_keeper_outage_within_ttl_plus_grace(vendor, machine, model, tmp_path):

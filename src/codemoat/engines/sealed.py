@@ -22,6 +22,7 @@ from ..config import Settings, load_settings
 from ..errors import CodemoatError, Unavailable
 from ..vault.clock import Clock, ClockGuard, iso
 from ..vault.container import SealedFile
+from ..vault.keyserver import LeaseDenied
 from ..vault.lease import Lease, LeaseClient, LeaseKeeper
 from ..vault.license import License, check
 from ..vault.machine import MachineKey
@@ -63,6 +64,12 @@ def decrypt_to_memfd(sealed: SealedFile, key: bytes) -> MemfdBuffer:
     except BaseException:
         buf.close(zero=True)
         raise
+
+
+def _no_lease(lic: License, clock: Clock) -> Lease:
+    """A lease that already ended, for a process refused a seat at start: no key, nothing to serve."""
+    ttl, grace = lic.lease["ttl"], lic.lease["grace"]
+    return Lease(b"", None, ttl, grace, 0, 0, 0, clock.monotonic() - ttl - grace)
 
 
 class SealedHolder(ModelHolder):
@@ -164,14 +171,23 @@ def open_sealed(
     content_key: list[bytes | None] = [grant.content_key]  # the loader's, never the holder's status
     client = lease = None
     watermark = grant.watermark_key
+    no_seat = None
     if lic.mode == "lease":
         client = LeaseClient(lic, machine, clock=clock)
         try:
             lease = client.acquire()
+            content_key[0], watermark = lease.content_key, lease.watermark_key
+        except LeaseDenied as e:
+            if e.code != "seats_exhausted":
+                client.close()
+                raise
+            # One replica too many: serve 503 with the reason, and ask again at every renewal.
+            no_seat = f"no license seat: {e}"
+            lease = _no_lease(lic, clock)
+            log.warning("%s; this replica answers 503 until a seat frees", no_seat)
         except BaseException:
             client.close()
             raise
-        content_key[0], watermark = lease.content_key, lease.watermark_key
 
     def loader() -> Engine:
         key = content_key[0]
@@ -212,6 +228,14 @@ def open_sealed(
         keeper = LeaseKeeper(
             client, lease, on_lost=lost, on_regained=regained, clock=clock, renew_fraction=settings.vault.lease_renew_fraction
         )
+    if no_seat is not None:
+        assert keeper is not None
+        keeper.state, keeper.last_error = "lost", no_seat
+        keeper.next_attempt = clock.monotonic() + keeper.retry_interval()
+        holder.reason = no_seat
+        holder.keeper = keeper
+        holder.watch = LicenseWatch(holder, lic, clock, keeper).start() if watch else None
+        return holder
     try:
         holder.load()
     except BaseException:

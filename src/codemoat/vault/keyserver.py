@@ -22,6 +22,14 @@ quote verifies (`tpmwrap.verify_quote`), its PCR digest is the policy's, and the
 and clock have not gone backwards; the answer's keys are then wrapped to the chip's unwrap key.
 Each such refusal is signed like any other and appended to the vendor's `attestation.jsonl`.
 
+Each serving process (an instance: several replicas may share one machine and its key) makes an
+Ed25519 key of its own at start and names its public key in every request (`instance`), with a
+second signature by it (`instance_signature`, under `INSTANCE_DOMAIN`). A seat belongs to
+(machine, instance): N+1 processes on an N-seat license leave the last one refused
+(`seats_exhausted`), and a process that has the machine key but not another instance's private key
+can neither renew nor release that instance's seat. The instance key lives only in memory, so a
+crashed process's seat lapses after its TTL, and a clean shutdown gives it back at once.
+
 The server keeps no state for a caller it does not know: a challenge names a license on this
 server or is refused, and outstanding nonces live in one table of at most `MAX_NONCES` entries,
 the oldest evicted first (an evicted client asks for a new challenge).
@@ -54,6 +62,7 @@ ANSWER_DOMAIN = b"codemoat-lease-v1"
 REFUSAL_DOMAIN = b"codemoat-lease-refusal-v1"
 REFUSAL_FIELDS = ("code", "message", "license_id", "machine_id", "nonce", "server_time")
 REQUEST_FIELDS = ("license_id", "machine_id", "nonce", "client_time")
+INSTANCE_DOMAIN = b"codemoat-lease-instance-v1"
 QUOTE_DOMAIN = b"codemoat-lease-quote-v1"
 ATTEST_LOG = "attestation.jsonl"
 
@@ -62,14 +71,16 @@ ATTEST_LOG = "attestation.jsonl"
 # SQLAlchemy expressions per request cost more than the cryptography.
 _RENEW = sa.text(
     "UPDATE vault_leases SET expires = :exp, renewed_at = :now, renewals = renewals + 1 "
-    "WHERE license_id = :lid AND machine_id = :mid AND expires > :now"
+    "WHERE license_id = :lid AND machine_id = :mid AND instance = :inst AND expires > :now"
 )
 _COUNT_LIVE = sa.text("SELECT count(*) FROM vault_leases WHERE license_id = :lid AND expires > :now")
 _LOCK_LICENSE = sa.text("UPDATE vault_licenses SET lease_gen = lease_gen + 1 WHERE id = :lid")
 _DROP_EXPIRED = sa.text("DELETE FROM vault_leases WHERE license_id = :lid AND expires <= :now")
 _INSERT = sa.text(
-    "INSERT INTO vault_leases (license_id, machine_id, expires, renewed_at, renewals) VALUES (:lid, :mid, :exp, :now, 0)"
+    "INSERT INTO vault_leases (license_id, machine_id, instance, expires, renewed_at, renewals) "
+    "VALUES (:lid, :mid, :inst, :exp, :now, 0)"
 )
+_RELEASE = sa.text("DELETE FROM vault_leases WHERE license_id = :lid AND machine_id = :mid AND instance = :inst")
 _LICENSE_STATE = sa.text("SELECT revoked_at, expires, not_before, seats, lease_ttl, grace FROM vault_licenses WHERE id = :lid")
 
 
@@ -86,7 +97,11 @@ TERMINAL = ("revoked", "expired", "unknown_license", "wrong_machine", "not_yet_v
 
 
 def request_message(req: dict[str, Any]) -> bytes:
-    return canonical({k: req[k] for k in REQUEST_FIELDS})
+    """The signed bytes of a request: its fields, and the instance when it names one."""
+    fields = {k: req[k] for k in REQUEST_FIELDS}
+    if "instance" in req:
+        fields["instance"] = req["instance"]
+    return canonical(fields)
 
 
 def quote_data(req: dict[str, Any]) -> bytes:
@@ -210,6 +225,7 @@ class KeyServer:
             )
         except VaultError:
             raise LeaseDenied("bad_signature", "lease request is not signed by the licensed machine's key", 401) from None
+        inst = self._instance(req)
         if entry.get("tpm") is not None:
             entry = self._attested(lid, mid, req)
         now = self.clock.time()
@@ -224,7 +240,7 @@ class KeyServer:
             if now < row.not_before:
                 raise LeaseDenied("not_yet_valid", f"license {lid} is not valid yet")
             ttl = min(row.lease_ttl, max(1, int(row.expires - now)))
-            used = self._take_seat(c, lid, mid, row.seats, now, ttl)
+            used = self._take_seat(c, lid, mid, inst, row.seats, now, ttl)
         # One wrap carries both keys: the content key, then the watermark key when the license has one.
         secret = self._content_key(lic.file_id)
         if lic.doc.get("watermark"):
@@ -286,9 +302,31 @@ class KeyServer:
             f.write(line + "\n")
 
     @staticmethod
-    def _take_seat(c: sa.Connection, lid: str, mid: str, seats: int, now: float, ttl: int) -> int:
-        """Renew this machine's seat or take a free one; seats in use after, or `seats_exhausted`."""
-        p = {"lid": lid, "mid": mid, "now": now, "exp": now + ttl}
+    def _instance(req: dict[str, Any]) -> str:
+        """The serving process a request speaks for ("" when it names none, one seat per machine):
+        its Ed25519 public key, proven by a second signature over the same request."""
+        if "instance" not in req:
+            return ""
+        inst = req["instance"]
+        try:
+            if _short(inst) is None:
+                raise VaultError("instance is not a key")
+            pub = ed_public(inst, "instance key")
+            verify(
+                pub, b64d(req.get("instance_signature"), "instance signature"), INSTANCE_DOMAIN, request_message(req), "instance"
+            )
+        except VaultError:
+            raise LeaseDenied("bad_signature", "lease request is not signed by the instance key it names", 401) from None
+        return inst
+
+    @staticmethod
+    def _take_seat(c: sa.Connection, lid: str, mid: str, inst: str, seats: int, now: float, ttl: int) -> int:
+        """Renew this instance's seat or take a free one; seats in use after, or `seats_exhausted`.
+
+        Seats are counted per license over (machine, instance): each serving process on a licensed
+        machine holds its own. A refused request writes nothing, so a flood of made-up instances from
+        one machine holds at most the license's free seats, and never one that a live instance holds."""
+        p = {"lid": lid, "mid": mid, "inst": inst, "now": now, "exp": now + ttl}
         # Fast path, a renewal of a live seat: the number of seats in use does not change.
         if c.execute(_RENEW, p).rowcount:
             return c.execute(_COUNT_LIVE, p).scalar_one()
@@ -324,8 +362,9 @@ class KeyServer:
             )
         except VaultError:
             raise LeaseDenied("bad_signature", "release request is not signed by the licensed machine's key", 401) from None
+        inst = self._instance(req)  # only the instance's own key gives its seat back
         with self._seat_lock, self.vendor.engine.begin() as c:
-            c.execute(leases_t.delete().where(leases_t.c.license_id == lid, leases_t.c.machine_id == mid))
+            c.execute(_RELEASE, {"lid": lid, "mid": mid, "inst": inst})
         return {"released": True}
 
     def live_leases(self, license_id: str) -> int:

@@ -35,13 +35,23 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from .. import paths
 from ..errors import CodemoatError
 from .clock import Clock, ClockGuard, iso
-from .codec import VaultError, b64d, b64e, canonical, ed_public, sign, unwrap, verify
+from .codec import VaultError, b64d, b64e, canonical, ed_public, public_raw, sign, unwrap, verify
 from .container import content_key_id
-from .keyserver import ANSWER_DOMAIN, REFUSAL_DOMAIN, REQUEST_DOMAIN, TERMINAL, LeaseDenied, quote_data, request_message
+from .keyserver import (
+    ANSWER_DOMAIN,
+    INSTANCE_DOMAIN,
+    REFUSAL_DOMAIN,
+    REQUEST_DOMAIN,
+    TERMINAL,
+    LeaseDenied,
+    quote_data,
+    request_message,
+)
 from .license import License, key_context
 from .machine import MachineKey
 from .tpmwrap import unwrap_p256
@@ -111,6 +121,10 @@ class LeaseClient:
         self.server_key = ed_public(lic.lease["server_key"], "key server public key")
         self._http = httpx.Client(timeout=timeout, transport=transport, trust_env=False)
         self._next_nonce: str | None = None
+        # This process's own seat: a key made here, never stored, named in every request and
+        # proven by a second signature (a crashed process's seat lapses after its TTL).
+        self._instance_key = Ed25519PrivateKey.generate()
+        self.instance = b64e(public_raw(self._instance_key.public_key()))
         entry = next((m for m in lic.machines if m["id"] == machine.id), None)
         self.tpm: dict[str, Any] | None = entry.get("tpm") if entry else None
 
@@ -179,8 +193,16 @@ class LeaseClient:
             pass  # no clock record here (a machine key without one is refused by the license check)
 
     def _signed_request(self, nonce: str, domain: bytes) -> dict[str, Any]:
-        req = {"license_id": self.lic.id, "machine_id": self.machine.id, "nonce": nonce, "client_time": int(self.clock.time())}
-        req["signature"] = b64e(sign(self.machine.ed25519, domain, request_message(req)))
+        req = {
+            "license_id": self.lic.id,
+            "machine_id": self.machine.id,
+            "nonce": nonce,
+            "client_time": int(self.clock.time()),
+            "instance": self.instance,
+        }
+        msg = request_message(req)
+        req["signature"] = b64e(sign(self.machine.ed25519, domain, msg))
+        req["instance_signature"] = b64e(sign(self._instance_key, INSTANCE_DOMAIN, msg))
         if self.tpm is not None and domain == REQUEST_DOMAIN:
             try:
                 with self.machine.attestor() as a:
@@ -301,7 +323,7 @@ class LeaseKeeper:
     def seconds_left(self) -> float:
         return self.lease.expires_at - self.clock.monotonic()
 
-    def _retry_interval(self) -> float:
+    def retry_interval(self) -> float:
         return max(1.0, min(30.0, self.lease.ttl / 10))
 
     def tick(self) -> None:
@@ -312,14 +334,14 @@ class LeaseKeeper:
                 lease = self.client.acquire()
             except LeaseDenied as e:
                 self.last_error = str(e)
-                self.next_attempt = now + (self.lease.ttl * self.fraction if e.code in TERMINAL else self._retry_interval())
+                self.next_attempt = now + (self.lease.ttl * self.fraction if e.code in TERMINAL else self.retry_interval())
                 if e.code in TERMINAL and self.state != "revoked":
                     self.state = "revoked"
                     self.on_lost(f"license {e.code.replace('_', ' ')}: {e}")
                     return
             except VaultError as e:
                 self.last_error = str(e)
-                self.next_attempt = now + self._retry_interval()
+                self.next_attempt = now + self.retry_interval()
             else:
                 self.lease, self.last_error, self.renewals = lease, None, self.renewals + 1
                 self.next_attempt = lease.sent_at + lease.ttl * self.fraction
