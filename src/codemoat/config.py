@@ -54,6 +54,17 @@ class ModelSettings(BaseModel):
         "auto",
         description="llama.cpp's extra CPU buffer types (AMX tiles, repacked kernels) for quantised models: auto (a start-up self-test in a child process decides, cached per CPU and llama.cpp build), extra (always on), safe (always off: correct on every x86-64 CPU, slower).",
     )
+    parallel: int = Field(
+        4,
+        ge=1,
+        le=64,
+        description="llama.cpp: requests decoded together (continuous batching): sequence slots of n_ctx tokens each in one context (KV memory grows with it); 1 decodes one request at a time.",
+    )
+    batch_tokens: int = Field(
+        512,
+        ge=32,
+        description="llama.cpp, batched: prompt tokens evaluated per step between two decode steps (chunked prefill, so a long prompt does not stall the other requests' tokens).",
+    )
     fim_template: str | None = Field(
         None,
         description="Fill-in-the-middle template (qwen, deepseek, starcoder, codellama, codegemma); default: detected from the model.",
@@ -186,6 +197,19 @@ class DirectorySettings(BaseModel):
         "groups", description="ID-token claim listing the user's directory groups (mapped through group_map)."
     )
     oidc_leeway_s: int = Field(60, ge=0, le=600, description="Clock skew allowed when checking an ID token's exp/iat/nbf.")
+    oidc_console_redirect_url: str | None = Field(
+        None,
+        description="The admin console's OIDC callback, registered at the provider too (unset: /admin/oidc/callback on oidc_redirect_url's host).",
+    )
+    oidc_display_name: str = Field(
+        "your company account", description="How the console's sign-in button names the OpenID provider (Sign in with ...)."
+    )
+    device_code_ttl_s: int = Field(
+        300,
+        ge=10,
+        le=1800,
+        description="Life of a `codemoat login` device code (RFC 8628), at most the provider's own: short, so a phished code soon dies.",
+    )
 
 
 class UpdateSettings(BaseModel):

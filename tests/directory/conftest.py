@@ -61,3 +61,15 @@ def dir_settings(company, tmp_path):
         admin_groups=["admins"],
         timeout_s=3,
     )
+
+
+@pytest.fixture(scope="session")
+def oidc_stack(tmp_path_factory, tiny_gguf):
+    """One oidc-provider (device flow on) and one `codemoat serve` trusting it, for the session:
+    alice (payments-devs), bob (it-admins -> the admin group), eve (no group)."""
+    from oidcstack import start_stack
+
+    users = {"alice": {"groups": ["payments-devs"]}, "bob": {"groups": ["it-admins"]}, "eve": {"groups": []}}
+    stack = start_stack(tmp_path_factory.mktemp("oidc-stack"), tiny_gguf, users)
+    yield stack
+    stack.stop()

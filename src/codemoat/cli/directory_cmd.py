@@ -75,36 +75,91 @@ def directory_sync(
 def login(
     *,
     server: Annotated[str, typer.Option(help="The codemoat server, e.g. https://codemoat.example.com.", envvar="CODEMOAT_URL")],
-    user: Annotated[str, typer.Option(help="Your directory user name.")],
+    user: Annotated[
+        str | None,
+        typer.Option(help="Your directory user name: sign in with your LDAP password (without it: a device code)."),
+    ] = None,
     password_stdin: Annotated[
         bool, typer.Option("--password-stdin", help="Read the password from standard input (scripts).")
+    ] = False,
+    browser: Annotated[
+        bool, typer.Option("--browser", help="Open the sign-in page in a browser (default: only print its address).")
     ] = False,
     name: Annotated[str | None, typer.Option(help="A name for the token (default: login-USER-TIME).")] = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Sign in with your directory password and get your own API token for your editor (shown once)."""
+    """Get your own API token for your editor: with your directory password (--user), or by approving a
+    device code with the company's identity provider. The token is shown once and kept 0600 in $CODEMOAT_HOME/login.json."""
     import httpx
 
-    if password_stdin:
-        password = sys.stdin.readline().rstrip("\n")
+    from ..directory.login_client import NoDeviceFlow, device_login, save_login
+    from ..errors import CodemoatError
+
+    if user is None:
+        try:
+            body = device_login(server, lambda st: _show_code(st, browser, as_json), name=name)
+        except NoDeviceFlow as e:
+            body = _browser_fallback(server, e, browser)
+        except CodemoatError as e:
+            fail(str(e))
     else:
-        password = typer.prompt("directory password", hide_input=True)
-    try:
-        r = httpx.post(
-            server.rstrip("/") + "/auth/login", json={"username": user, "password": password, "name": name}, timeout=30
-        )
-    except httpx.HTTPError as e:
-        fail(f"cannot reach {server}: {type(e).__name__}")
-    body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
-    if r.status_code != 200:
-        msg = body.get("error", {}).get("message") if isinstance(body.get("error"), dict) else body.get("error")
-        fail(f"sign-in refused ({r.status_code}): {msg or r.text[:200]}")
+        if password_stdin:
+            password = sys.stdin.readline().rstrip("\n")
+        else:
+            password = typer.prompt("directory password", hide_input=True)
+        try:
+            r = httpx.post(
+                server.rstrip("/") + "/auth/login", json={"username": user, "password": password, "name": name}, timeout=30
+            )
+        except httpx.HTTPError as e:
+            fail(f"cannot reach {server}: {type(e).__name__}")
+        body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
+        if r.status_code != 200:
+            msg = body.get("error", {}).get("message") if isinstance(body.get("error"), dict) else body.get("error")
+            fail(f"sign-in refused ({r.status_code}): {msg or r.text[:200]}")
+    body["saved_to"] = str(save_login(server, body))
 
     def human(d: dict) -> None:
-        console.print(
-            f"signed in as {d['user']} (groups: {', '.join(d['groups'])}; scopes: {', '.join(d['scopes'])})", highlight=False
-        )
+        if d.get("user"):
+            console.print(
+                f"signed in as {d['user']} (groups: {', '.join(d['groups'])}; scopes: {', '.join(d['scopes'])})",
+                highlight=False,
+            )
         console.print("your API token (shown once; put it in your editor's settings):", highlight=False)
         console.print(d["token"], highlight=False, soft_wrap=True)
+        console.print(f"kept in {d['saved_to']} (readable by you only)", highlight=False)
 
     emit(body, as_json, human)
+
+
+def _show_code(start: dict, browser: bool, as_json: bool) -> None:
+    """What a person needs to approve the code, and how to tell a phishing page from the real one."""
+    out = sys.stderr if as_json else sys.stdout
+    minutes = max(1, round(start["expires_in"] / 60))
+    print(
+        f"To sign in to codemoat at {start['server']}, open {start['verification_uri']}\n"
+        f"and enter the code {start['user_code']} (it expires in {minutes} min).\n"
+        f"Only enter it if you ran `codemoat login` yourself just now; the page is your company's sign-in ({start['issuer']}).",
+        file=out,
+        flush=True,
+    )
+    if browser:
+        import webbrowser
+
+        webbrowser.open(start.get("verification_uri_complete") or start["verification_uri"])
+
+
+def _browser_fallback(server: str, e, browser: bool) -> dict:
+    """No device flow at the provider: sign in through the browser, which shows a token once; paste it here."""
+    import httpx
+
+    print(f"{e}\nOpen {e.signin_url} , sign in, and paste the token the page shows.", file=sys.stderr, flush=True)
+    if browser:
+        import webbrowser
+
+        webbrowser.open(e.signin_url)
+    token = typer.prompt("token", hide_input=True).strip()
+    r = httpx.get(server.rstrip("/") + "/v1/models", headers={"Authorization": f"Bearer {token}"}, timeout=30)
+    if r.status_code != 200:
+        fail(f"{server} does not accept that token ({r.status_code})")
+    return {"token": token}

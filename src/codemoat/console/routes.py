@@ -15,11 +15,12 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, RedirectResponse, Response, StreamingResponse
 
 from ..errors import CodemoatError
-from . import auditview, charts
+from . import auditview, charts, signin as oidc_signin
 from .sessions import COOKIE, SIGNIN_COOKIE
 from .web import HERE, form, note, page, refused, same_origin, secure, session_cookie, session_of, sessions, to_signin
 
 router = APIRouter(include_in_schema=False)
+router.include_router(oidc_signin.router)  # "Sign in with ..." (OpenID Connect): /admin/oidc/start, /callback
 DAYS = 30
 
 
@@ -54,7 +55,7 @@ async def css(request: Request):
 @router.get("/admin/signin")
 async def signin_form(request: Request):
     value = secrets.token_urlsafe(24)
-    resp = page(request, "signin.html", None, signin_csrf=value, error=None)
+    resp = page(request, "signin.html", None, signin_csrf=value, error=None, oidc=oidc_signin.provider_name(request))
     resp.set_cookie(SIGNIN_COOKIE, value, max_age=600, path="/admin", httponly=True, samesite="strict")
     return resp
 
@@ -84,7 +85,7 @@ async def signin(request: Request):
 
 def _signin_again(request: Request, error: str) -> Response:
     value = secrets.token_urlsafe(24)
-    resp = page(request, "signin.html", None, status=401, signin_csrf=value, error=error)
+    resp = page(request, "signin.html", None, status=401, signin_csrf=value, error=error, oidc=oidc_signin.provider_name(request))
     resp.set_cookie(SIGNIN_COOKIE, value, max_age=600, path="/admin", httponly=True, samesite="strict")
     return resp
 

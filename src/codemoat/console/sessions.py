@@ -23,6 +23,7 @@ from ..accounts.store import tokens, users
 SESSION_SECONDS = 8 * 3600
 COOKIE = "codemoat_session"
 SIGNIN_COOKIE = "codemoat_signin"  # the sign-in form's double-submit CSRF value (before any session exists)
+OIDC_COOKIE = "codemoat_oidc"  # binds an OpenID Connect sign-in to the browser that started it (console/signin.py)
 
 meta = sa.MetaData()
 table = sa.Table(

@@ -1,20 +1,28 @@
 """OpenID Connect sign-in: the authorization code flow with PKCE (OpenID Connect Core 1.0 §3.1,
 RFC 7636), for a browser that signs a developer in with the company's identity provider.
 
-    url = client.start()                       # redirect the browser there
-    user = client.finish(state, code)          # on the callback: DirUser, or Unauthorized
+    url = client.start(binding=cookie)         # redirect the browser there (cookie: its own random value)
+    user = client.finish(state, code, binding=cookie)  # on the callback: DirUser, or Unauthorized
 
 `start` keeps a fresh `state`, `nonce` and PKCE verifier in the shared database (so any replica
 can take the callback) for `PENDING_TTL_S`; `finish` consumes the state exactly once (a replayed
 or unknown state is refused), trades the code with the verifier, and accepts the ID token only if
 its signature verifies against the provider's JWKS and `iss`, `aud`, `nonce` and `exp`/`iat`
 match (with `oidc_leeway_s` of clock skew). Groups come from `oidc_groups_claim`.
+
+Login CSRF (OpenID Connect Core §15.5.2, RFC 6749 §10.12): a sign-in is bound to the browser that
+started it. `start` keeps the SHA-256 of a random value that the caller also puts in a cookie;
+`finish` refuses a callback whose browser does not hold it, so a callback URL carrying someone
+else's state and code (forged, or stolen from their browser) signs no one in. A `purpose` ("api":
+the token page at /auth/oidc, "console": the admin console) keeps a sign-in started for one from
+being finished at the other, and picks the redirect URI registered for it.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import re
 import secrets
 import threading
@@ -41,7 +49,22 @@ pending = sa.Table(
     sa.Column("nonce", sa.String(64)),
     sa.Column("verifier", sa.String(128)),
     sa.Column("created_at", sa.Float),
+    sa.Column("purpose", sa.String(16)),
+    sa.Column("binding", sa.String(64)),
 )
+PURPOSES = ("api", "console")
+
+
+def _h(value: str) -> str:
+    return hashlib.sha256(value.encode()).hexdigest()
+
+
+def console_redirect(cfg: DirectorySettings) -> str:
+    """The console's callback: `oidc_console_redirect_url`, else /admin/oidc/callback on the API callback's origin."""
+    if cfg.oidc_console_redirect_url:
+        return cfg.oidc_console_redirect_url
+    u = httpx.URL(cfg.oidc_redirect_url or "")
+    return str(u.copy_with(path="/admin/oidc/callback", query=None, fragment=None))
 
 
 def s256(verifier: str) -> str:
@@ -60,6 +83,12 @@ class OidcClient:
         self._meta: dict | None = None
         self._jwks = None
         self._lock = threading.Lock()
+
+    def redirect_for(self, purpose: str) -> str:
+        """The callback URL registered at the provider for this kind of sign-in."""
+        if purpose == "console":
+            return console_redirect(self.cfg)
+        return self.cfg.oidc_redirect_url
 
     def _secret(self) -> str:
         f = self.cfg.oidc_client_secret_file
@@ -93,18 +122,30 @@ class OidcClient:
         return self._jwks
 
     # -- the flow ------------------------------------------------------------------------
-    def start(self) -> str:
-        """The provider's authorization URL for a new sign-in (state, nonce and verifier kept)."""
+    def start(self, purpose: str = "api", binding: str | None = None) -> str:
+        """The provider's authorization URL for a new sign-in (state, nonce, verifier and the hash of
+        the browser's `binding` cookie kept)."""
+        if purpose not in PURPOSES:
+            raise ValueError(purpose)
         meta = self.metadata()
         state, nonce, verifier = secrets.token_urlsafe(32), secrets.token_urlsafe(32), secrets.token_urlsafe(64)
         now = time.time()
         with self.engine.begin() as c:
             c.execute(pending.delete().where(pending.c.created_at < now - PENDING_TTL_S))
-            c.execute(pending.insert().values(state=state, nonce=nonce, verifier=verifier, created_at=now))
+            c.execute(
+                pending.insert().values(
+                    state=state,
+                    nonce=nonce,
+                    verifier=verifier,
+                    created_at=now,
+                    purpose=purpose,
+                    binding=_h(binding) if binding else None,
+                )
+            )
         q = {
             "response_type": "code",
             "client_id": self.cfg.oidc_client_id,
-            "redirect_uri": self.cfg.oidc_redirect_url,
+            "redirect_uri": self.redirect_for(purpose),
             "scope": "openid profile groups",
             "state": state,
             "nonce": nonce,
@@ -113,8 +154,9 @@ class OidcClient:
         }
         return meta["authorization_endpoint"] + "?" + urlencode(q)
 
-    def _consume(self, state: str) -> tuple[str, str]:
-        """The nonce and verifier kept for `state`, removed so that it can be used once only."""
+    def _consume(self, state: str, purpose: str, binding: str | None) -> tuple[str, str]:
+        """The nonce and verifier kept for `state`, removed so that it can be used once only (a
+        callback refused for its browser burns the state too: it was exposed)."""
         with self.engine.begin() as c:
             row = c.execute(sa.select(pending).where(pending.c.state == state)).first()
             if row is not None:
@@ -123,13 +165,17 @@ class OidcClient:
             raise Unauthorized("sign-in refused: unknown or already used state (start again)")
         if row.created_at < time.time() - PENDING_TTL_S:
             raise Unauthorized("sign-in refused: it took longer than 10 minutes (start again)")
+        if (row.purpose or "api") != purpose:
+            raise Unauthorized("sign-in refused: this sign-in was started for another page (start again)")
+        if row.binding is not None and not (binding and hmac.compare_digest(_h(binding), row.binding)):
+            raise Unauthorized("sign-in refused: this browser did not start this sign-in (start again from this browser)")
         return row.nonce, row.verifier
 
-    def finish(self, state: str, code: str) -> DirUser:
+    def finish(self, state: str, code: str, purpose: str = "api", binding: str | None = None) -> DirUser:
         """Trade `code` for tokens and return the user the checked ID token names."""
         if not state or not code:
             raise Unauthorized("sign-in refused: the provider's answer has no state or no code")
-        nonce, verifier = self._consume(state)
+        nonce, verifier = self._consume(state, purpose, binding)
         meta = self.metadata()
         try:
             r = httpx.post(
@@ -139,7 +185,7 @@ class OidcClient:
                 data={
                     "grant_type": "authorization_code",
                     "code": code,
-                    "redirect_uri": self.cfg.oidc_redirect_url,
+                    "redirect_uri": self.redirect_for(purpose),
                     "code_verifier": verifier,
                 },
             )
@@ -154,15 +200,29 @@ class OidcClient:
             raise Unauthorized("sign-in refused: the provider sent no ID token")
         return self.user_from(self.check_id_token(id_token, nonce))
 
-    def check_id_token(self, id_token: str, nonce: str) -> dict:
-        """The ID token's claims, once its signature, issuer, audience, nonce and times hold."""
+    def token_request(self, data: dict) -> httpx.Response:
+        """POST to the provider's token endpoint, authenticated as this client."""
+        try:
+            return httpx.post(
+                self.metadata()["token_endpoint"],
+                timeout=self.cfg.timeout_s,
+                auth=(self.cfg.oidc_client_id, self._secret()),
+                data=data,
+            )
+        except httpx.HTTPError as e:
+            raise DirectoryUnavailable(f"OpenID provider {self.issuer} is unreachable: {type(e).__name__}") from None
+
+    def check_id_token(self, id_token: str, nonce: str, nonce_required: bool = True) -> dict:
+        """The ID token's claims, once its signature, issuer, audience, nonce and times hold
+        (`nonce_required=False`: a token the provider answered this client directly, over the
+        back channel, may lack the nonce (RFC 8628 has none); if present it must still match)."""
         from authlib.jose import JsonWebToken
         from authlib.jose.errors import JoseError
 
         opts = {
             "iss": {"essential": True, "value": self.issuer},
             "aud": {"essential": True, "value": self.cfg.oidc_client_id},
-            "nonce": {"essential": True, "value": nonce},
+            "nonce": {"essential": nonce_required, "validate": lambda _c, v: v == nonce or (v is None and not nonce_required)},
             "exp": {"essential": True},
             "sub": {"essential": True},
         }

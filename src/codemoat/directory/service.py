@@ -32,10 +32,14 @@ class DirectoryKeeper:
         self.audit = audit
         self.directory = directory or (LdapDirectory(self.cfg) if self.cfg.ldap_url else None)
         self.oidc = None
+        self.device = None
         if self.cfg.oidc_issuer:
             from .oidc import OidcClient
 
+            from .device import DeviceFlow
+
             self.oidc = OidcClient(self.cfg, engine)
+            self.device = DeviceFlow(self.oidc, engine, self.cfg.device_code_ttl_s)
         self.accounts = Accounts(engine)
         self._managed = managed_users(engine)
         self._stop = threading.Event()
@@ -124,20 +128,49 @@ class DirectoryKeeper:
             )
         return self.issue_token(self.directory.authenticate(username, password), token_name, how="ldap")
 
-    def login_oidc(self, state: str, code: str) -> tuple[str, dict[str, Any]]:
+    def login_oidc(self, state: str, code: str, binding: str | None = None) -> tuple[str, dict[str, Any]]:
         """The OpenID Connect callback: a checked ID token's user, mirrored, and their own token."""
         if self.oidc is None:
             raise DirectoryError("OpenID Connect sign-in is not configured (directory.oidc_issuer)")
-        return self.issue_token(self.oidc.finish(state, code), None, how="oidc")
+        return self.issue_token(self.oidc.finish(state, code, "api", binding), None, how="oidc")
 
-    def issue_token(self, user, token_name: str | None, how: str) -> tuple[str, dict[str, Any]]:
-        """Mirror `user`'s groups now and mint their token (scopes from admin_groups, token_ttl_days)."""
+    def login_device(self, device_code: str) -> tuple[str, dict[str, Any]]:
+        """A device-code poll (RFC 8628) that the provider approved: the user's own token."""
+        if self.device is None:
+            raise DirectoryError("OpenID Connect sign-in is not configured (directory.oidc_issuer)")
+        user, name = self.device.poll(device_code)
+        return self.issue_token(user, name, how="device")
+
+    def console_signin(self, state: str, code: str, binding: str | None, ttl_s: float) -> tuple[str, dict[str, Any]]:
+        """The console's OpenID Connect callback: an admin-only token that lives as long as a console
+        session (it backs the session; its secret is never shown). Users outside `admin_groups` are refused."""
+        if self.oidc is None:
+            raise DirectoryError("OpenID Connect sign-in is not configured (directory.oidc_issuer)")
+        user = self.oidc.finish(state, code, "console", binding)
+        return self.issue_token(user, None, how="oidc-console", console_ttl_s=ttl_s)
+
+    def issue_token(
+        self, user, token_name: str | None, how: str, console_ttl_s: float | None = None
+    ) -> tuple[str, dict[str, Any]]:
+        """Mirror `user`'s groups now and mint their token (scopes from admin_groups, token_ttl_days);
+        with `console_ttl_s`: an admin-only token for a console session, refused to non-admins."""
         apply_sync(self.engine, Snapshot({user.name: user}), self.cfg, audit=self.audit, partial=True)
         self._managed = managed_users(self.engine)
         groups = sorted(self.accounts.groups_of(user.name))
-        scopes = ["complete", "chat"] + (["admin"] if set(groups) & set(self.cfg.admin_groups) else [])
-        expires = time.time() + self.cfg.token_ttl_days * 86400
-        name = token_name or f"login-{user.name}-{int(time.time())}"
+        admin = bool(set(groups) & set(self.cfg.admin_groups))
+        if console_ttl_s is not None:
+            if not admin:
+                if self.audit is not None:
+                    self.audit.append(
+                        "directory", user=user.name, route="console sign-in", detail={"action": "refused", "via": how}
+                    )
+                raise Unauthorized(f"{user.name} is not in an admin group ({', '.join(self.cfg.admin_groups) or 'none set'})")
+            scopes, expires = ["admin"], time.time() + console_ttl_s
+            name = f"console-{user.name}-{int(time.time())}"
+        else:
+            scopes = ["complete", "chat"] + (["admin"] if admin else [])
+            expires = time.time() + self.cfg.token_ttl_days * 86400
+            name = token_name or f"login-{user.name}-{int(time.time())}"
         info, secret = self.accounts.create_token(name, user=user.name, scopes=tuple(scopes), expires_at=expires)
         if self.audit is not None:
             self.audit.append(

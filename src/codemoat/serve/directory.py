@@ -1,6 +1,9 @@
 """The directory in a running server: the periodic sync, the fail-closed gate on every token,
 `POST /auth/login`, where `codemoat login` trades a directory password for an API token, and
-`GET /auth/oidc/start` + `/auth/oidc/callback`, the OpenID Connect browser sign-in.
+`GET /auth/oidc/start` + `/auth/oidc/callback`, the OpenID Connect browser sign-in (bound to the
+browser that started it by a cookie, against login CSRF), and `POST /auth/device/start` +
+`/auth/device/poll`, the device authorization grant (RFC 8628) behind `codemoat login` without a
+password; those two answer errors in OAuth's shape (`{"error": "slow_down", ...}`, RFC 8628 §3.5).
 
 Installed by `create_app` only when `directory.ldap_url` is set. Sign-in failures are counted per
 user name: after `MAX_FAILURES` within `FAILURE_WINDOW_S` that name is refused (429) for the rest
@@ -13,14 +16,18 @@ import threading
 import time
 from collections import deque
 
+import secrets
+from urllib.parse import parse_qs
+
 import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, RedirectResponse
 from pydantic import BaseModel, Field
 
-from ..errors import NotFound, RateLimited, Unauthorized
+from ..errors import CodemoatError, NotFound, RateLimited, Unauthorized
 
 MAX_FAILURES, FAILURE_WINDOW_S = 5, 300
+BINDING_COOKIE, BINDING_PATH = "codemoat_oidc_api", "/auth/oidc"
 
 router = APIRouter()
 
@@ -74,8 +81,12 @@ async def oidc_start(request: Request):
     keeper = request.app.state.directory
     if keeper.oidc is None:
         raise NotFound("OpenID Connect sign-in is not configured on this server")
-    url = await anyio.to_thread.run_sync(keeper.oidc.start)
-    return RedirectResponse(url, status_code=302)
+    binding = secrets.token_urlsafe(32)
+    url = await anyio.to_thread.run_sync(keeper.oidc.start, "api", binding)
+    resp = RedirectResponse(url, status_code=302)
+    https = request.url.scheme == "https" or request.headers.get("x-forwarded-proto") == "https"
+    resp.set_cookie(BINDING_COOKIE, binding, max_age=600, path=BINDING_PATH, httponly=True, samesite="lax", secure=https)
+    return resp
 
 
 @router.get("/auth/oidc/callback")
@@ -86,9 +97,83 @@ async def oidc_callback(request: Request, state: str = "", code: str = "", error
         raise NotFound("OpenID Connect sign-in is not configured on this server")
     if error:
         raise Unauthorized(f"sign-in refused by the provider: {error[:100]}")
-    secret, info = await anyio.to_thread.run_sync(keeper.login_oidc, state, code)
+    secret, info = await anyio.to_thread.run_sync(keeper.login_oidc, state, code, request.cookies.get(BINDING_COOKIE))
+    request.state.principal = request.app.state.accounts.authenticate(secret)
+    resp = JSONResponse({"token": secret, **info}, headers={"Cache-Control": "no-store"})
+    resp.delete_cookie(BINDING_COOKIE, path=BINDING_PATH)
+    return resp
+
+
+def _oauth_error(code: str, message: str, status: int = 400, **extra) -> JSONResponse:
+    return JSONResponse(
+        {"error": code, "error_description": message, **extra}, status_code=status, headers={"Cache-Control": "no-store"}
+    )
+
+
+@router.post("/auth/device/start")
+async def device_start(request: Request):
+    """A user code for `codemoat login` (RFC 8628 §3.2), or where to sign in instead when the provider has none."""
+    keeper = request.app.state.directory
+    base = str(request.base_url).rstrip("/")
+    if keeper.device is None:
+        return _oauth_error("device_flow_unsupported", "no OpenID provider is configured on this server", 404)
+    name = _field(await request.body(), "name")
+    try:
+        st = await anyio.to_thread.run_sync(keeper.device.start, name[:128] if name else None)
+    except CodemoatError as e:
+        if getattr(e, "code", "") == "device_flow_unsupported":
+            return _oauth_error(e.code, str(e), 404, signin_url=base + "/auth/oidc/start")
+        return _oauth_error("server_error", str(e), e.status if e.status >= 500 else 400)
+    return JSONResponse(
+        {
+            "device_code": st.device_code,
+            "user_code": st.user_code,
+            "verification_uri": st.verification_uri,
+            "verification_uri_complete": st.verification_uri_complete,
+            "expires_in": st.expires_in,
+            "interval": st.interval,
+            "server": base,
+            "issuer": keeper.oidc.issuer,
+        },
+        headers={"Cache-Control": "no-store"},
+    )
+
+
+@router.post("/auth/device/poll")
+async def device_poll(request: Request):
+    """Poll with `device_code` (form or JSON): the developer's own token once the provider said yes."""
+    from ..directory.device import DeviceError
+
+    keeper = request.app.state.directory
+    if keeper.device is None:
+        return _oauth_error("device_flow_unsupported", "no OpenID provider is configured on this server", 404)
+    code = _field(await request.body(), "device_code") or ""
+    try:
+        secret, info = await anyio.to_thread.run_sync(keeper.login_device, code)
+    except DeviceError as e:
+        return _oauth_error(e.code, str(e))
+    except CodemoatError as e:
+        return _oauth_error("access_denied" if e.status == 401 else "server_error", str(e), 400 if e.status < 500 else e.status)
     request.state.principal = request.app.state.accounts.authenticate(secret)
     return JSONResponse({"token": secret, **info}, headers={"Cache-Control": "no-store"})
+
+
+def _field(body: bytes, name: str) -> str | None:
+    """One field of a small form-encoded (RFC 6749 style) or JSON body."""
+    body = body[:8192]
+    if body.lstrip().startswith(b"{"):
+        import json
+
+        try:
+            v = json.loads(body).get(name)
+        except (ValueError, AttributeError):
+            return None
+        return v if isinstance(v, str) else None
+    try:
+        v = parse_qs(body.decode("utf-8"), max_num_fields=20).get(name)
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return v[-1] if v else None
 
 
 def install(app, settings) -> None:

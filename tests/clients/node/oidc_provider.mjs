@@ -1,18 +1,23 @@
 // A real OpenID Connect provider (panva's oidc-provider, OpenID Certified) for tests/directory:
-//   node oidc_provider.mjs PORT CLIENT_ID CLIENT_SECRET REDIRECT_URI USERS_JSON [ID_TOKEN_TTL_S]
-// USERS_JSON maps an account id to its claims, e.g. {"alice": {"groups": ["payments-devs"]}}.
+//   node oidc_provider.mjs PORT CLIENT_ID CLIENT_SECRET REDIRECT_URIS USERS_JSON [ID_TOKEN_TTL_S] [nodevice]
+// REDIRECT_URIS: one or more, comma-separated. USERS_JSON maps an account id to its claims, e.g.
+// {"alice": {"groups": ["payments-devs"]}}. The device flow (RFC 8628, /device pages) is on unless
+// `nodevice` is given. A second client, "other-app" (same secret and redirects), stands for another
+// application at the same provider (its tokens are for another audience).
 // Sign-in uses the provider's own development interactions (a login form that accepts any
 // password for a listed account, then a consent form), driven by the tests over HTTP.
 import Provider from 'oidc-provider';
 
-const [port, clientId, secret, redirect, usersJson, ttl] = process.argv.slice(2);
+const [port, clientId, secret, redirect, usersJson, ttl, device] = process.argv.slice(2);
+const grants = ['authorization_code', ...(device === 'nodevice' ? [] : ['urn:ietf:params:oauth:grant-type:device_code'])];
+const client = (id) => ({
+  client_id: id, client_secret: secret, redirect_uris: redirect.split(','),
+  grant_types: grants, response_types: ['code'], client_name: id,
+});
 const users = JSON.parse(usersJson);
 const issuer = `http://127.0.0.1:${port}`;
 const provider = new Provider(issuer, {
-  clients: [{
-    client_id: clientId, client_secret: secret, redirect_uris: [redirect],
-    grant_types: ['authorization_code'], response_types: ['code'],
-  }],
+  clients: [client(clientId), client('other-app')],
   claims: { openid: ['sub'], profile: ['name', 'preferred_username'], groups: ['groups'] },
   scopes: ['openid', 'profile', 'groups'],
   pkce: { required: () => true },
@@ -23,6 +28,6 @@ const provider = new Provider(issuer, {
     claims: async () => ({ sub: id, name: id, preferred_username: id, groups: users[id].groups || [] }),
   } : undefined),
   cookies: { keys: [`test-only-${port}-${Date.now()}`] },
-  features: { devInteractions: { enabled: true } },
+  features: { devInteractions: { enabled: true }, deviceFlow: { enabled: device !== 'nodevice' } },
 });
 provider.listen(Number(port), '127.0.0.1', () => console.log(`ready ${issuer}`));

@@ -1,0 +1,98 @@
+"""The developer's side of `codemoat login`: the device flow against a codemoat server (which
+relays RFC 8628 to the company's OpenID provider), and where the token is kept.
+
+    body = device_login("https://codemoat.example.com", show=print_code)  # polls until yes/no/expiry
+    path = save_login("https://codemoat.example.com", body)              # $CODEMOAT_HOME/login.json, 0600
+
+`show` gets the server's answer to the start (user code, verification URI, expiry, the server's
+own address) before the first poll. Polls follow RFC 8628 §3.5: wait `interval` seconds, add 5 on
+`slow_down`, keep going on `authorization_pending`, stop on anything else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from ..errors import CodemoatError
+from .device import SLOW_DOWN_STEP_S
+
+LOGIN_FILE = "login.json"
+
+
+class NoDeviceFlow(CodemoatError):
+    """The server's provider has no device flow; `signin_url` is the browser sign-in that shows a token."""
+
+    def __init__(self, message: str, signin_url: str):
+        super().__init__(message)
+        self.signin_url = signin_url
+
+
+def _post(url: str, data: dict) -> httpx.Response:
+    try:
+        return httpx.post(url, data=data, timeout=30)
+    except httpx.HTTPError as e:
+        raise CodemoatError(f"cannot reach {url}: {type(e).__name__}") from None
+
+
+def _error(r: httpx.Response) -> tuple[str, str]:
+    try:
+        body = r.json()
+    except ValueError:
+        return "server_error", f"HTTP {r.status_code}"
+    err = body.get("error")
+    if isinstance(err, dict):  # a codemoat error in the API's own shape
+        return str(err.get("code") or "server_error"), str(err.get("message") or r.status_code)
+    return str(err or "server_error"), str(body.get("error_description") or err or r.status_code)
+
+
+def device_login(
+    server: str,
+    show: Callable[[dict[str, Any]], None],
+    name: str | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> dict[str, Any]:
+    """Start a device-code sign-in at `server`, show the code, poll until the provider answers: the token body."""
+    base = server.rstrip("/")
+    r = _post(base + "/auth/device/start", {"name": name} if name else {})
+    if r.status_code != 200:
+        code, msg = _error(r)
+        if code == "device_flow_unsupported":
+            raise NoDeviceFlow(msg, r.json().get("signin_url") or base + "/auth/oidc/start")
+        raise CodemoatError(f"{base} refused to start a sign-in ({r.status_code}): {msg}")
+    start = r.json()
+    show(start)
+    interval = max(int(start.get("interval") or 5), 1)
+    deadline = time.monotonic() + int(start.get("expires_in") or 300) + interval
+    while True:
+        sleep(interval)
+        r = _post(base + "/auth/device/poll", {"device_code": start["device_code"]})
+        if r.status_code == 200:
+            return r.json()
+        code, msg = _error(r)
+        if code == "authorization_pending" and time.monotonic() < deadline:
+            continue
+        if code == "slow_down":
+            interval += SLOW_DOWN_STEP_S
+            continue
+        raise CodemoatError(f"sign-in did not complete ({code}): {msg}")
+
+
+def save_login(server: str, body: dict[str, Any]) -> Path:
+    """Keep the token where this account alone can read it (0600), with its server and expiry."""
+    from ..paths import home, private_file
+
+    path = private_file(home() / LOGIN_FILE)
+    keep = {"server": server.rstrip("/"), **{k: body.get(k) for k in ("token", "user", "token_id", "scopes", "expires_at")}}
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(keep, f, indent=2)
+    os.replace(tmp, path)
+    return path
