@@ -131,18 +131,31 @@ def probe(engine) -> None:
 
 def swap_model(holder: ModelHolder, settings: Settings, path: Path, license: Path | None) -> dict:
     """Load `path` beside the served model, health-check it and make it the one served (`holder.swap`);
-    in-flight requests finish on the old engine. On any failure the old one keeps serving."""
+    in-flight requests finish on the old engine. On any failure the old one keeps serving.
+
+    A leased model takes its lease first (opening it does: no lease, no load), so the switch happens
+    only once the new license holds; from then on the new license's watch and lease govern the
+    served model, and the old license's lease is given back (`sealed.adopt`)."""
     import time
+
+    from .sealed import SealedHolder, adopt
 
     t0 = time.monotonic()
     s = settings.model_copy(deep=True)
     s.model.path, s.model.license = str(path), str(license) if license else None
     fresh = open_model(s)
-    if fresh.status.license is not None and fresh.status.license.license_mode == "lease":
-        fresh.close()
-        raise CodemoatError("a lease-licensed model is swapped by restarting the server")
-    engine, fresh._engine = fresh.get(), None  # detached: `holder` owns it from here
-    holder.swap(engine, probe)
-    holder.watermark_key = fresh.watermark_key
+    try:
+        if isinstance(fresh, SealedHolder) and fresh.keeper is not None and not isinstance(holder, SealedHolder):
+            raise CodemoatError("a lease-licensed model replaces a sealed model only: restart the server to serve it")
+        engine, fresh._engine = fresh.get(), None  # detached: `holder` owns it from here
+        holder.swap(engine, probe)
+    except BaseException:
+        fresh.close()  # stops its license watch and gives its lease back
+        raise
+    if isinstance(fresh, SealedHolder):
+        adopt(holder, fresh)
+    else:
+        holder._loader, holder.watermark_key = fresh._loader, None
     holder.status.path, holder.status.size, holder.status.license = fresh.status.path, fresh.status.size, fresh.status.license
+    holder.status.egress_allow = list(fresh.status.egress_allow)
     return {"model": holder.model_id, "path": str(path), "seconds": round(time.monotonic() - t0, 3)}

@@ -88,6 +88,27 @@ class SealedHolder(ModelHolder):
         super().close()
 
 
+def adopt(holder: ModelHolder, fresh: SealedHolder) -> None:
+    """After `holder.swap` took `fresh`'s engine: `holder` serves on under `fresh`'s license. Its
+    watch and lease now unload and reload `holder` (with `fresh`'s loader); `holder`'s own watch
+    stops and its lease is given back. A leased model replaces only a sealed one (whose `close`
+    gives the seat back at shutdown)."""
+    if fresh.keeper is not None and not isinstance(holder, SealedHolder):
+        raise CodemoatError("a lease-licensed model replaces a sealed model only: restart the server to serve it")
+    old_watch, old_keeper = getattr(holder, "watch", None), getattr(holder, "keeper", None)
+    holder._loader, holder.watermark_key = fresh._loader, fresh.watermark_key
+    fresh.serving[0] = holder
+    holder.serving = fresh.serving  # type: ignore[attr-defined]
+    holder.watch, holder.keeper = fresh.watch, fresh.keeper  # type: ignore[attr-defined]
+    fresh.watch = fresh.keeper = None
+    if holder.watch is not None:
+        holder.watch.holder = holder
+    if old_watch is not None:
+        old_watch.stop(release=True)
+    elif old_keeper is not None:
+        old_keeper.stop(release=True)
+
+
 class LicenseWatch:
     """One daemon thread: renews the lease (or watches the offline expiry) and refreshes `holder.status.license`."""
 
@@ -196,6 +217,7 @@ def open_sealed(
         return build(settings, decrypt_to_memfd(sealed, key), model_id, parts)
 
     holder = SealedHolder(model_id, loader, aliases=aliases)
+    serving = holder.serving = [holder]  # what the lease unloads and reloads: another holder after `adopt`
     holder.watermark_key = watermark
     holder.status.size = sealed.manifest.plaintext_size
     holder.status.egress_allow = [client.destination] if client else []
@@ -216,14 +238,15 @@ def open_sealed(
 
         def lost(reason: str) -> None:
             content_key[0] = None
-            holder.unload(reason)
+            serving[0].unload(reason)
 
         def regained(new: Lease) -> None:
-            content_key[0], holder.watermark_key = new.content_key, new.watermark_key
+            target = serving[0]
+            content_key[0], target.watermark_key = new.content_key, new.watermark_key
             try:
-                holder.load()
+                target.load()
             except CodemoatError as e:
-                holder.reason = str(e)
+                target.reason = str(e)
 
         keeper = LeaseKeeper(
             client, lease, on_lost=lost, on_regained=regained, clock=clock, renew_fraction=settings.vault.lease_renew_fraction

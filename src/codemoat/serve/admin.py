@@ -152,4 +152,5 @@ async def model_swap(request: Request, _p=admin) -> JSONResponse:
         raise CodemoatError("model and license are paths")
     holder, settings = request.app.state.holder, request.app.state.service.settings
     out = await anyio.to_thread.run_sync(lambda: swap_model(holder, settings, Path(model), Path(lic) if lic else None))
+    request.app.state.egress_allow = list(holder.status.egress_allow)  # the new license's key server
     return JSONResponse(dict(out, version=version))
