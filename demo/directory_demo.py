@@ -4,6 +4,11 @@ A throw-away OpenLDAP (tests/directory/slapd.py) holds alice in payments-devs. S
 her directory password (`codemoat login`) and gets her own token; her completion draws on the
 payments repository indexed in step 30. The directory drops her from payments-devs; `codemoat
 directory sync` follows; her next completion gets nothing from payments.
+
+Then OpenID Connect, against a throw-away oidc-provider under Node (tests/clients/node): sam (in
+the provider's it-admins group) signs in to the admin console with "Sign in with ...", lee (a
+developer) is refused there, and lee runs `codemoat login` without a password: a device code,
+approved on the provider's own pages (a scripted browser stands in for lee's), and his own token.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "directory"))
+from idp_browser import walk  # noqa: E402
 from slapd import BASE, SERVICE, Slapd, slapd_bin  # noqa: E402
 
 CODEMOAT = os.environ.get("CODEMOAT", "codemoat")
@@ -47,6 +53,93 @@ def completion_snippets(url: str, token: str) -> list[str]:
     return [s.get("path", "?") for s in (r.json().get("codemoat") or {}).get("snippets", [])]
 
 
+NODE_DIR = ROOT / "tests" / "clients" / "node"
+OIDC_USERS = {"sam": {"groups": ["it-admins"]}, "lee": {"groups": ["web-devs"]}}
+
+
+def start_provider(serve_port: int):
+    """oidc-provider with codemoat's client (both callbacks registered), or None where Node is missing."""
+    import shutil
+
+    if shutil.which("node") is None or not (NODE_DIR / "node_modules" / "oidc-provider").is_dir():
+        return None, None, ""
+    port = free_port()
+    secret = os.urandom(16).hex()
+    (DEMO / "oidc-client-secret").write_text(secret)
+    (DEMO / "oidc-client-secret").chmod(0o600)
+    cbs = f"http://127.0.0.1:{serve_port}/auth/oidc/callback,http://127.0.0.1:{serve_port}/admin/oidc/callback"
+    proc = subprocess.Popen(
+        ["node", "oidc_provider.mjs", str(port), "codemoat", secret, cbs, json.dumps(OIDC_USERS)],
+        cwd=NODE_DIR,
+        stdout=open(DEMO / "oidc-65.log", "w"),
+        stderr=subprocess.STDOUT,
+    )
+    issuer = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            httpx.get(issuer + "/.well-known/openid-configuration", timeout=2)
+            break
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    cfg = f"""oidc_issuer = "{issuer}"
+oidc_client_id = "codemoat"
+oidc_client_secret_file = "{DEMO / "oidc-client-secret"}"
+oidc_redirect_url = "http://127.0.0.1:{serve_port}/auth/oidc/callback"
+oidc_display_name = "ACME sign-in"
+admin_groups = ["codemoat-admins"]
+"""
+    return proc, issuer, cfg
+
+
+def oidc_part(url: str, issuer: str, env: dict) -> None:
+    print(f"\nOpenID Connect: an OpenID provider on {issuer} (oidc-provider) knows sam (it-admins) and lee (web-devs)")
+    print(
+        f"the console's sign-in page offers: {'Sign in with ACME sign-in' if 'signin-oidc' in httpx.get(url + '/admin/signin').text else '(nothing)'}"
+    )
+    with httpx.Client(timeout=30) as b:
+        cb = walk(b, url + "/admin/oidc/start", url + "/admin/oidc/callback", user="sam")
+        print("  sam: /admin/oidc/start -> the provider's login and consent pages -> /admin/oidc/callback")
+        r = b.get(cb)
+        overview = b.get(url + "/admin")
+        print(
+            f"  sam is in it-admins (mapped to codemoat-admins): {r.status_code}, session cookie "
+            f"{'set' if b.cookies.get('codemoat_session') else 'NOT set'}; /admin shows "
+            f"{'the Overview' if overview.status_code == 200 and 'Overview' in overview.text else overview.status_code}"
+        )
+        again = b.get(cb)
+        print(f"  the same callback URL once more (a replay): {again.status_code}, {_said(again.text)}")
+    with httpx.Client(timeout=30) as attacker, httpx.Client(timeout=30) as victim:
+        cb = walk(attacker, url + "/admin/oidc/start", url + "/admin/oidc/callback", user="sam")
+        r = victim.get(cb)
+        print(f"  that callback URL opened in another browser (login CSRF): {r.status_code}, {_said(r.text)}")
+    with httpx.Client(timeout=30) as b:
+        r = b.get(walk(b, url + "/admin/oidc/start", url + "/admin/oidc/callback", user="lee"))
+        print(f"  lee (web-devs, not an admin) tries the console: {r.status_code}, {_said(r.text)}")
+
+    print(f"\n$ codemoat login --server {url}            (no password: a device code)")
+    p = subprocess.Popen([CODEMOAT, "login", "--server", url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    shown = "".join(p.stdout.readline() for _ in range(3))
+    print("\n".join("  " + line for line in shown.strip().splitlines()))
+    code = shown.split("enter the code ")[1].split(" ")[0]
+    with httpx.Client(timeout=30) as b:
+        walk(b, issuer + "/device", url, user="lee", user_code=code)
+    print(f"  (lee opens {issuer}/device, types {code}, confirms, signs in as lee: a scripted browser here)")
+    out, err = p.communicate(timeout=120)
+    if p.returncode:
+        raise SystemExit(err.strip())
+    prev = ""
+    for line in out.strip().splitlines():
+        print("  " + (line[:7] + "…  (cut here; the CLI shows it whole, once)" if "your API token" in prev else line))
+        prev = line
+
+
+def _said(html: str) -> str:
+    import re
+
+    m = re.search(r'class="error"[^>]*>([^<]+)<', html)
+    return m.group(1).strip() if m else "refused"
+
+
 def main() -> None:
     exe = slapd_bin()
     try:
@@ -57,7 +150,7 @@ def main() -> None:
         print("(skipped: this step needs Debian's slapd and the `directory` extra; `.ci/run` and `make` install them)")
         return
     ldap = Slapd(exe).start()
-    server = None
+    server = provider = None
     try:
         alice_dn = ldap.user("alice", "correct horse battery")
         ldap.group("payments-devs", [alice_dn])
@@ -65,8 +158,11 @@ def main() -> None:
         pw = DEMO / "ldap-service-password"
         pw.write_text(ldap.service_pw + "\n")
         pw.chmod(0o600)
+        port = free_port()
+        provider, issuer, oidc_cfg = start_provider(port)
         cfg = DEMO / "codemoat-directory.toml"
         cfg.write_text(f"""[directory]
+{oidc_cfg}
 ldap_url = "{ldap.url}"
 bind_dn = "{SERVICE}"
 bind_password_file = "{pw}"
@@ -76,9 +172,10 @@ sync_interval_s = 0
 
 [directory.group_map]
 "payments-devs" = "payments"
+"it-admins" = "codemoat-admins"
+"web-devs" = "web"
 """)
         env = dict(os.environ, CODEMOAT_CONFIG=str(cfg))
-        port = free_port()
         server = subprocess.Popen(
             [CODEMOAT, "serve", "--model", MODEL, "--model-id", "codemoat-tiny", "--port", str(port)],
             env=env,
@@ -114,13 +211,22 @@ sync_interval_s = 0
         ldap.modify(f"cn=payments-devs,ou=groups,{BASE}", {"member": [("MODIFY_REPLACE", [ldap.user("dave", "x")])]})
         print("the directory admin moves alice out of payments-devs; then:")
         r = subprocess.run([CODEMOAT, "directory", "sync"], capture_output=True, text=True, env=env)
-        print("$ codemoat directory sync\n" + "\n".join("  " + line for line in r.stdout.strip().splitlines()))
+        print("$ codemoat directory sync\n" + "\n".join("  " + line for line in (r.stdout + r.stderr).strip().splitlines()))
         print(f"  her next completion draws on: {completion_snippets(url, login['token']) or 'nothing from payments'}")
         print("(`serve` also syncs by itself every directory.sync_interval_s, 5 minutes by default)")
+        if provider is None:
+            print(
+                "(OpenID Connect part skipped: it needs node and tests/clients/node's oidc-provider; `make install` runs npm ci)"
+            )
+        else:
+            oidc_part(url, issuer, env)
     finally:
         if server is not None:
             server.send_signal(signal.SIGTERM)
             server.wait(timeout=30)
+        if provider is not None:
+            provider.terminate()
+            provider.wait(timeout=10)
         ldap.stop()
 
 

@@ -10,7 +10,8 @@ import sys
 
 import httpx
 import pytest
-from oidcstack import ROOT, walk
+from idp_browser import walk
+from oidcstack import ROOT
 
 pytestmark = pytest.mark.slow
 CALLBACK = "/admin/oidc/callback"

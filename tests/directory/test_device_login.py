@@ -14,7 +14,8 @@ import time
 
 import httpx
 import pytest
-from oidcstack import CODEMOAT, walk
+from idp_browser import walk
+from oidcstack import CODEMOAT
 
 pytestmark = pytest.mark.slow
 
