@@ -84,3 +84,67 @@ def peft_vs_llamacpp(base_path: Path, prompt: str, *, permute_anyway: bool = Fal
     finally:
         os.close(fd)
     return float(np.abs(got - want).max()), float(np.abs(plain - want).max())
+
+
+def finetune_lora(base_path: Path, texts: list[str], *, steps: int, rank: int = 8, lr: float = 2e-3, n_ctx: int = 32):
+    """A customer's own fine-tune of a GGUF: `steps` AdamW steps of a rank-`rank` LoRA on every linear
+    layer (`codemoat tune`'s learning rate), on windows of `texts`, on one thread; returns (peft model, base)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: more threads only contend on a shared machine
+    try:
+        return _finetune(base_path, texts, steps, rank, lr, n_ctx)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _finetune(base_path: Path, texts: list[str], steps: int, rank: int, lr: float, n_ctx: int):
+    import torch
+
+    from codemoat.tune.base import load_base
+    from codemoat.tune.lora import wrap
+
+    torch.manual_seed(0)
+    base = load_base(base_path, n_ctx=n_ctx)
+    ids = [i for t in texts for i in base.tokenizer.encode(t, add_special_tokens=False).ids]
+    model = wrap(base.model, rank)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    model.train()
+    for s in range(steps):
+        at = (s * n_ctx) % (len(ids) - n_ctx - 1)
+        x = torch.tensor([ids[at : at + n_ctx + 1]])
+        logits = model(input_ids=x[:, :-1]).logits
+        loss = torch.nn.functional.cross_entropy(logits[0], x[0, 1:])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return model, base
+
+
+def merge_lora(src: Path, adapter_gguf: bytes, dst: Path) -> Path:
+    """What llama.cpp's `llama-export-lora` does: W + (alpha / r) · B·A written into every adapted
+    matrix of the GGUF `src` (types kept), as a customer who folds an adapter into the weights."""
+    import gguf
+
+    from tests.trace import attacks
+
+    fd = os.memfd_create("adapter")
+    try:
+        os.write(fd, adapter_gguf)
+        r = gguf.GGUFReader(f"/proc/self/fd/{fd}")
+        f = r.fields["adapter.lora.alpha"]
+        alpha = float(f.parts[f.data[0]][0])
+        ts = {t.name: np.array(t.data, dtype=np.float32).reshape([int(x) for x in reversed(t.shape)]) for t in r.tensors}
+    finally:
+        os.close(fd)
+
+    def fold(mats: dict[str, np.ndarray], _meta: dict) -> None:
+        for name, a in ts.items():
+            if name.endswith(".lora_a"):
+                b = ts[name[: -len("_a")] + "_b"]
+                w = name[: -len(".lora_a")]
+                mats[w] = (mats[w] + (alpha / a.shape[0]) * (b @ a)).astype(mats[w].dtype)
+
+    return attacks.transform(src, dst, fold)
