@@ -10,28 +10,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from updhelp import create_token
+from updhelp import create_token, stream_forever
 from vault.conftest import KeyServerProcess
 
 pytestmark = pytest.mark.slow
-
-
-def _stream_forever(url: str, token: str, model: str, stop: threading.Event, stats: dict, lock: threading.Lock) -> None:
-    body = {"model": model, "prompt": "def fibonacci(n):\n", "max_tokens": 12, "temperature": 0.0, "stream": True}
-    with httpx.Client(timeout=60) as c:
-        while not stop.is_set():
-            t = time.monotonic()
-            try:
-                with c.stream("POST", f"{url}/v1/completions", json=body, headers={"Authorization": f"Bearer {token}"}) as r:
-                    text = "".join(r.iter_text())
-                ok = r.status_code == 200 and "data: [DONE]" in text and '"error"' not in text
-            except httpx.HTTPError as e:
-                ok, text = False, repr(e)
-            with lock:
-                stats["done" if ok else "failed"] += 1
-                stats["lat"].append((t, time.monotonic() - t))
-                if not ok:
-                    stats["errors"].append(text[-300:])
 
 
 def test_swap_under_16_streaming_clients_drops_nothing(shop, store, serve_process):
@@ -40,11 +22,10 @@ def test_swap_under_16_streaming_clients_drops_nothing(shop, store, serve_proces
     user, admin = create_token("--name", "dev"), create_token("--name", "ops", "--scopes", "admin")
     before = httpx.get(f"{srv.url}/health", headers={"Authorization": f"Bearer {admin}"}).json()
     store.apply(shop.release("2"), lic)
+    body = {"model": before["model"], "prompt": "def fibonacci(n):\n", "max_tokens": 12, "temperature": 0.0}
     stop, lock = threading.Event(), threading.Lock()
     stats = {"done": 0, "failed": 0, "lat": [], "errors": []}
-    clients = [
-        threading.Thread(target=_stream_forever, args=(srv.url, user, before["model"], stop, stats, lock)) for _ in range(16)
-    ]
+    clients = [threading.Thread(target=stream_forever, args=(srv.url, user, body, stop, stats, lock)) for _ in range(16)]
     for t in clients:
         t.start()
     time.sleep(3)

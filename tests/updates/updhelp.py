@@ -6,8 +6,11 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+
+import httpx
 
 DAY = 86400
 
@@ -81,3 +84,22 @@ def create_token(*extra: str) -> str:
     r = run_cli("tokens", "create", "--json", *extra)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)["token"]
+
+
+def stream_forever(url: str, token: str, body: dict, stop: threading.Event, stats: dict, lock: threading.Lock) -> None:
+    """One client streaming completions until `stop`; counts done/failed, start times and latencies."""
+    body = dict(body, stream=True)
+    with httpx.Client(timeout=60) as c:
+        while not stop.is_set():
+            t = time.monotonic()
+            try:
+                with c.stream("POST", f"{url}/v1/completions", json=body, headers={"Authorization": f"Bearer {token}"}) as r:
+                    text = "".join(r.iter_text())
+                ok = r.status_code == 200 and "data: [DONE]" in text and '"error"' not in text
+            except httpx.HTTPError as e:
+                ok, text = False, repr(e)
+            with lock:
+                stats["done" if ok else "failed"] += 1
+                stats["lat"].append((t, time.monotonic() - t))
+                if not ok:
+                    stats["errors"].append(text[-300:])

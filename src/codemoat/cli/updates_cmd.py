@@ -151,7 +151,9 @@ def update_apply(
     groups: Annotated[
         str | None,
         typer.Option(
-            "--groups", help="Knowledge packs: comma-separated groups that may read it (default: as before, else everyone)."
+            "--groups",
+            help="Knowledge packs and adapters: comma-separated groups that may read (or are served with) it "
+            "(default: as before, else everyone).",
         ),
     ] = None,
     as_json: JsonFlag = False,

@@ -6,6 +6,11 @@ evaluation) + `adapter.gguf` + `adapter_model.safetensors` + `adapter_config.jso
 this machine's) and its content key is wrapped to this machine's X25519 key (kept in the first part's
 entry of the signed manifest), so the file opens only here and any changed byte is refused. Opened
 adapters live in memory; llama.cpp reads the GGUF from a memfd.
+
+An entry `update:NAME` in `model.adapters` is a vendor adapter installed by `codemoat update apply`
+(codemoat.updates.adapters): no repositories, served to the groups the admin gave it; its base is
+checked by llama.cpp's shapes only (a vendor adapter is released for the vendor's model, whose
+per-customer copy has no digest in common with it), so it may ride on a sealed base.
 """
 
 from __future__ import annotations
@@ -104,8 +109,10 @@ class LoadedAdapter:
 
     name: str
     repos: tuple[tuple[str, tuple[str, ...]], ...]  # (repository, its groups when the adapter was trained)
-    base_sha256: str
+    base_sha256: str | None  # None: a vendor adapter (no digest to compare)
     fd: int
+    groups: tuple[str, ...] = ()  # a vendor adapter's: who is served with it (tuned adapters: by `repos`)
+    version: str | None = None  # a vendor adapter's installed version
 
     @property
     def path(self) -> str:
@@ -121,6 +128,15 @@ def load_adapters(paths: list[str], base_sha256: str | None, *, cached_only: boo
     those already opened (the server's view of what the engine loaded), without reading any file."""
     out: list[LoadedAdapter] = []
     for p in paths:
+        if p.startswith(VENDOR_PREFIX):
+            if not cached_only:
+                got = _vendor_adapter(p[len(VENDOR_PREFIX) :])
+            elif (got := _LATEST.get(p[len(VENDOR_PREFIX) :])) is None:
+                continue
+            if any(o.name == got.name for o in out):
+                raise CodemoatError(f"two adapters are named {got.name!r}: rename one (codemoat tune --out NAME.moat)")
+            out.append(got)
+            continue
         path = Path(p).expanduser()
         if cached_only:
             hit = _LOADED.get(str(path.resolve()))
@@ -146,6 +162,25 @@ def load_adapters(paths: list[str], base_sha256: str | None, *, cached_only: boo
     return out
 
 
+VENDOR_PREFIX = "update:"
+_LATEST: dict[str, LoadedAdapter] = {}  # vendor adapter name -> the version opened last
+
+
+def _vendor_adapter(name: str) -> LoadedAdapter:
+    """The installed version of vendor adapter `name` in a memfd, opened once per installed version."""
+    from ..updates.adapters import current, open_installed
+
+    key = f"{VENDOR_PREFIX}{name}@{current(name)['bundle_id']}"
+    hit = _LOADED.get(key)
+    if hit is None:
+        a = open_installed(name)
+        fd = os.memfd_create(f"codemoat-adapter-{name}")
+        os.write(fd, a.gguf)
+        hit = _LOADED[key] = (0.0, LoadedAdapter(a.name, (), None, fd, a.groups, a.version))
+    _LATEST[name] = hit[1]
+    return hit[1]
+
+
 def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -156,8 +191,16 @@ def file_sha256(path: Path) -> str:
 
 def adapter_options(paths: list[str], engine: str, source: Any) -> dict[str, str]:
     """{name: /proc/self/fd/N} for the engine's `adapters` option."""
+    return {a.name: a.path for a in open_adapters(paths, engine, source)}
+
+
+def open_adapters(paths: list[str], engine: str, source: Any) -> list[LoadedAdapter]:
+    """The adapters an engine over `source` serves (tuned ones checked against its digest)."""
     if engine != "llamacpp":
         raise CodemoatError(f"model.adapters are served by the llama.cpp engine only, not {engine}")
-    if not isinstance(source, Path):
-        raise CodemoatError("model.adapters need a plaintext GGUF base (adapters over a sealed model are not supported yet)")
-    return {a.name: a.path for a in load_adapters(paths, file_sha256(source))}
+    tuned = [p for p in paths if not p.startswith(VENDOR_PREFIX)]
+    if tuned and not isinstance(source, Path):
+        raise CodemoatError(
+            "adapters made by `codemoat tune` need a plaintext GGUF base (over a sealed model only vendor adapters, update:NAME)"
+        )
+    return load_adapters(paths, file_sha256(source) if tuned else None)

@@ -35,11 +35,13 @@ def build_engine(
             source.close(zero=True)
         raise
     opts = engine_options(settings, model_id)
-    if settings.model.adapters:  # LoRA adapters made by `codemoat tune`; which request gets one is serve's choice
-        from .adapters import adapter_options
+    served: tuple = ()
+    if settings.model.adapters:  # LoRA adapters (codemoat tune, or vendor update:NAME); which request gets one is serve's choice
+        from .adapters import open_adapters
 
         try:
-            opts["adapters"] = adapter_options(settings.model.adapters, cls.name, source)
+            served = tuple(open_adapters(settings.model.adapters, cls.name, source))
+            opts["adapters"] = {a.name: a.path for a in served}
         except BaseException:
             if isinstance(source, MemfdBuffer):
                 source.close(zero=True)
@@ -47,7 +49,11 @@ def build_engine(
     if settings.model.isolation == "process" and cls.isolatable:
         from .supervised import SupervisedEngine
 
-        return SupervisedEngine.start(cls, source, opts)
-    if isinstance(source, MemfdBuffer):
-        return cls.from_buffer(source, parts, **opts)
-    return cls.from_path(source, **opts)
+        engine: Engine = SupervisedEngine.start(cls, source, opts)
+    elif isinstance(source, MemfdBuffer):
+        engine = cls.from_buffer(source, parts, **opts)
+    else:
+        engine = cls.from_path(source, **opts)
+    # the adapters this engine loaded: serve chooses among them per request (an adapter swap builds a new engine)
+    engine.adapters_served = served  # type: ignore[attr-defined]
+    return engine

@@ -114,19 +114,51 @@ def open_vaulted(settings: Settings) -> ModelHolder:
 PROBE_PROMPT = "def add(a, b):\n    return"
 
 
-def probe(engine) -> None:
-    """The health check of a freshly loaded engine: a fixed prompt must produce tokens."""
+def probe(engine, adapter: str | None = None) -> None:
+    """The health check of a freshly loaded engine: a fixed prompt must produce tokens (with `adapter` when given)."""
     import asyncio
 
     from .base import SamplingParams
 
-    done = asyncio.run(
-        engine.complete(
-            PROBE_PROMPT, SamplingParams(max_tokens=4, temperature=0.0, top_p=1.0, top_k=1, repeat_penalty=1.0, stop=[], seed=0)
-        )
-    )
+    params = SamplingParams(max_tokens=4, temperature=0.0, top_p=1.0, top_k=1, repeat_penalty=1.0, stop=[], seed=0)
+    params.adapter = adapter
+    done = asyncio.run(engine.complete(PROBE_PROMPT, params))
     if done.completion_tokens < 1:
-        raise CodemoatError("the new model produced no tokens for the health-check prompt")
+        what = f"adapter {adapter!r}" if adapter else "model"
+        raise CodemoatError(f"the new {what} produced no tokens for the health-check prompt")
+
+
+def swap_adapter(holder: ModelHolder, settings: Settings, name: str) -> dict:
+    """Serve the installed version of vendor adapter `name` (`update:NAME`, added to `model.adapters` when
+    new) without a restart: an engine over the same base with the new adapter set is built beside the
+    served one, health-checked with and without the adapter, and swapped in (`holder.swap`); in-flight
+    requests finish on the old engine. On any failure the old engine serves on and the list is unchanged."""
+    import time
+
+    from .adapters import VENDOR_PREFIX
+
+    t0 = time.monotonic()
+    entry = VENDOR_PREFIX + name
+    before = list(settings.model.adapters)
+    if holder._loader is None:
+        raise CodemoatError("this server's model cannot be reloaded, so its adapters cannot be swapped")
+    settings.model.adapters = before if entry in before else [*before, entry]
+    try:
+        engine = holder._loader()  # the same base (a sealed one is decrypted again), the new adapter set
+        served = {a.name: a for a in getattr(engine, "adapters_served", ())}
+        if name not in served:
+            engine.close()
+            raise CodemoatError(f"adapter {name!r} was not loaded by the new engine")
+        holder.swap(engine, lambda e: (probe(e), probe(e, name)))
+    except BaseException:
+        settings.model.adapters = before
+        raise
+    return {
+        "model": holder.model_id,
+        "adapter": name,
+        "version": served[name].version,
+        "seconds": round(time.monotonic() - t0, 3),
+    }
 
 
 def swap_model(holder: ModelHolder, settings: Settings, path: Path, license: Path | None) -> dict:

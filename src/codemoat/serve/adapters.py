@@ -4,6 +4,8 @@ An adapter learned from its repositories' code and can reproduce it, so it is se
 caller who may read all of them — by the groups recorded when it was tuned AND by the index now (a
 repository since moved to other groups, or removed from the index, closes the adapter to those who
 lost it). Anyone else gets the base model. The first eligible adapter in `model.adapters` order wins.
+A vendor adapter (an update bundle, `update:NAME`) learned no customer code: it serves the groups the
+admin gave it at `update apply --groups` (everyone by default).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from ..retrieve.acl import can_read
 
 def eligible(adapter: LoadedAdapter, caller_groups: Iterable[str], readable_now: set[str]) -> bool:
     groups = frozenset(caller_groups)
+    if adapter.groups and not adapter.repos:  # a vendor adapter
+        return can_read(adapter.groups, groups)
     return bool(adapter.repos) and all(name in readable_now and can_read(recorded, groups) for name, recorded in adapter.repos)
 
 

@@ -120,13 +120,11 @@ async def outbound(request: Request, _p=admin):
 
 
 @router.post("/admin/api/model/swap")
-async def model_swap(request: Request, _p=admin) -> JSONResponse:
-    """Serve the model `codemoat update apply` installed last (or `{"model", "license"}` given in the body)
-    without a restart: loaded beside the current one, health-checked, swapped in; in-flight requests
-    finish on the old model. A failed load or check leaves the old model serving (the error is returned)."""
-    from pathlib import Path
-
-    from ..engines.loader import swap_model
+async def model_swap(request: Request, principal: Principal = admin) -> JSONResponse:
+    """Serve the model `codemoat update apply` installed last (or `{"model", "license"}` given in the body),
+    or with `{"adapter": NAME}` the installed version of vendor adapter NAME, without a restart: loaded
+    beside the current engine, health-checked, swapped in; in-flight requests finish on the old one. A
+    failed load or check leaves the old engine serving (the error is returned). Both outcomes are audited."""
     from ..errors import CodemoatError
 
     body: Any = {}
@@ -134,9 +132,37 @@ async def model_swap(request: Request, _p=admin) -> JSONResponse:
         try:
             body = await request.json()
         except ValueError:
-            raise CodemoatError('the body must be JSON: {"model": PATH, "license": PATH}, or empty') from None
+            raise CodemoatError('the body must be JSON: {"model": PATH, "license": PATH}, {"adapter": NAME}, or empty') from None
     if not isinstance(body, dict):
         raise CodemoatError("the body must be a JSON object")
+    log = request.app.state.trust.log
+    what = {"adapter": body["adapter"]} if "adapter" in body else {"model": body.get("model") or "installed"}
+
+    def audit(step: str, **detail: Any) -> None:
+        log.append("update", user=principal.user, token_id=principal.token_id, route=f"update {step}", detail=detail)
+
+    try:
+        out = await _swap(request, body)
+    except Exception as e:
+        reason = str(e)[:300]
+        await anyio.to_thread.run_sync(lambda: audit("swap_failed", **what, reason=reason))
+        raise
+    await anyio.to_thread.run_sync(lambda: audit("swapped", **out))
+    return JSONResponse(out)
+
+
+async def _swap(request: Request, body: dict[str, Any]) -> dict[str, Any]:
+    from pathlib import Path
+
+    from ..engines.loader import swap_adapter, swap_model
+    from ..errors import CodemoatError
+
+    holder, settings = request.app.state.holder, request.app.state.service.settings
+    if "adapter" in body:
+        name = body["adapter"]
+        if not isinstance(name, str) or not name:
+            raise CodemoatError("adapter is the name of an installed adapter bundle")
+        return await anyio.to_thread.run_sync(lambda: swap_adapter(holder, settings, name))
     model, lic = body.get("model"), body.get("license")
     version = None
     if model is None:
@@ -150,7 +176,6 @@ async def model_swap(request: Request, _p=admin) -> JSONResponse:
         model, lic, version = rows[0]["model"], rows[0]["license"], rows[0]["version"]
     if not isinstance(model, str) or (lic is not None and not isinstance(lic, str)):
         raise CodemoatError("model and license are paths")
-    holder, settings = request.app.state.holder, request.app.state.service.settings
     out = await anyio.to_thread.run_sync(lambda: swap_model(holder, settings, Path(model), Path(lic) if lic else None))
     request.app.state.egress_allow = list(holder.status.egress_allow)  # the new license's key server
-    return JSONResponse(dict(out, version=version))
+    return dict(out, version=version)

@@ -220,15 +220,15 @@ class Service:
     def _adapter(self, request: Request, p: Prepared) -> None:
         """Base + the adapter this caller may have (`serve.adapters`), else the base; named in the audit."""
         p.params.adapter = None
-        paths = self.settings.model.adapters
+        # the adapters this request's engine loaded (not the settings: an adapter swap changes them)
+        loaded = getattr(p.engine, "adapters_served", ())
         principal = getattr(request.state, "principal", None)
-        if not paths or principal is None or self.retriever is None:
+        if not loaded or principal is None:
             return
-        from ..engines.adapters import load_adapters
         from .adapters import choose
 
-        loaded = load_adapters(paths, None, cached_only=True)
-        a = choose(loaded, principal.groups, self.retriever.readable_repos(principal.groups))
+        readable = self.retriever.readable_repos(principal.groups) if self.retriever is not None else ()
+        a = choose(loaded, principal.groups, readable)
         if a is not None:
             p.params.adapter = request.state.usage.adapter = a.name
 

@@ -288,6 +288,9 @@ class UpdateStore:
         info.update(installed_at=int(time.time()), dir=str(final))
         if m["kind"] == "knowledge-pack":
             info["groups"] = sorted(set(groups or packs.pack_groups(m["name"]) or ["everyone"]))
+        elif m["kind"] == "adapter":  # who is served with it (updates.adapters); a new version keeps the choice
+            before = s["bundles"].get(previous, {}).get("groups") if previous else None
+            info["groups"] = sorted(set(groups or before or ["everyone"]))
         s["bundles"][m["bundle_id"]] = info
         live = {b for c in s["channels"].values() for b in [c.get("current"), *c.get("history", [])] if b}
         s["bundles"] = {k: v for k, v in s["bundles"].items() if k in live}

@@ -1,0 +1,100 @@
+"""Vendor adapter bundles: installed by `update apply`, served by group (`model.adapters = ["update:NAME"]`)
+over a sealed base, and a new version swapped in under 16 streaming clients without a failure, audited."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+import pytest
+
+from tests.tune.loras import random_lora_gguf
+from updhelp import create_token, stream_forever
+
+pytestmark = pytest.mark.slow
+
+PROMPT = "def interchange_fee(amount_cents: int) -> int:\n    return"
+
+
+def _text(url: str, token: str, model: str) -> str:
+    body = {"model": model, "prompt": PROMPT, "max_tokens": 12, "temperature": 0}
+    r = httpx.post(f"{url}/v1/completions", json=body, headers={"Authorization": f"Bearer {token}"}, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["text"]
+
+
+def _update_records() -> list[dict]:
+    from codemoat.audit.log import AuditLog
+    from codemoat.db import open_db
+
+    return list(AuditLog(open_db()).records(kind="update", limit=100))
+
+
+def test_vendor_adapter_served_by_group_and_swapped_without_downtime(shop, store, serve_process, gguf_file, tmp_path):
+    from codemoat.accounts import Accounts
+    from codemoat.db import open_db
+
+    lic = shop.license()
+    lora = tmp_path / "fee.gguf"
+    lora.write_bytes(random_lora_gguf(gguf_file, seed=0))
+    store.apply(shop.release("1", kind="adapter", source=lora), lic, groups=["payments"])
+
+    accounts = Accounts(open_db())
+    accounts.add_user("alice", ["payments"])
+    accounts.add_user("carol", ["contractors"])
+    alice, carol = (accounts.create_token(f"{u}-editor", user=u)[1] for u in ("alice", "carol"))
+    admin = create_token("--name", "ops", "--scopes", "admin")
+    h = {"Authorization": f"Bearer {admin}"}
+    srv = serve_process(
+        ["--model", str(shop.moat), "--license", str(lic)], env={"CODEMOAT_MODEL__ADAPTERS": json.dumps(["update:fee"])}
+    )
+    model = httpx.get(f"{srv.url}/health", headers=h).json()["model"]
+
+    v1, base = _text(srv.url, alice, model), _text(srv.url, carol, model)
+    assert v1 != base  # alice (payments) gets base + the vendor's adapter; carol gets the base
+    from codemoat.audit.log import AuditLog
+
+    recs = {r["user"]: r for r in AuditLog(open_db()).records(kind="request", limit=50) if r["user"] in ("alice", "carol")}
+    assert recs["alice"]["detail"].get("adapter") == "fee" and "adapter" not in recs["carol"]["detail"]
+
+    lora.write_bytes(random_lora_gguf(gguf_file, seed=1))
+    store.apply(shop.release("2", kind="adapter", source=lora), lic)  # keeps the groups chosen for v1
+    body = {"model": model, "prompt": PROMPT, "max_tokens": 12, "temperature": 0.0}
+    stop, lock = threading.Event(), threading.Lock()
+    stats = {"done": 0, "failed": 0, "lat": [], "errors": []}
+    clients = [threading.Thread(target=stream_forever, args=(srv.url, alice, body, stop, stats, lock)) for _ in range(16)]
+    for t in clients:
+        t.start()
+    time.sleep(3)
+    r = httpx.post(f"{srv.url}/admin/api/model/swap", headers=h, json={"adapter": "fee"}, timeout=300)
+    assert r.status_code == 200, r.text
+    assert r.json()["adapter"] == "fee" and r.json()["version"] == "2"
+    swapped_at = time.monotonic()
+    time.sleep(3)
+    stop.set()
+    for t in clients:
+        t.join(timeout=120)
+    assert stats["failed"] == 0, stats["errors"][:3]
+    assert any(t0 > swapped_at for t0, _ in stats["lat"])
+
+    v2 = _text(srv.url, alice, model)
+    assert v2 not in (v1, base)  # the new version answers alice
+    assert _text(srv.url, carol, model) == base  # and still not carol
+
+    bad = httpx.post(f"{srv.url}/admin/api/model/swap", headers=h, json={"adapter": "nosuch"}, timeout=120)
+    assert bad.status_code >= 400 and "no adapter bundle named 'nosuch'" in bad.text
+    assert _text(srv.url, alice, model) == v2  # a failed swap changes nothing
+    steps = [(r["route"], r["user"], r["detail"]) for r in _update_records()]
+    assert any(
+        s == "update swapped" and u == "ops" and d.get("adapter") == "fee" and d.get("version") == "2" for s, u, d in steps
+    )
+    assert any(s == "update swap_failed" and d.get("adapter") == "nosuch" for s, _, d in steps)
+
+
+def test_adapter_reference_without_an_installed_bundle_is_one_line(serve_process, gguf_file, machine):
+    srv = serve_process(["--model", str(gguf_file)], env={"CODEMOAT_MODEL__ADAPTERS": '["update:nosuch"]'}, wait=False)
+    assert srv.proc.wait(timeout=120) == 1
+    out = srv.output()
+    assert "Traceback" not in out and "no adapter bundle named 'nosuch' is installed" in out, out
