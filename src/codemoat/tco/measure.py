@@ -14,7 +14,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import Engine
 
-from ..usage.tables import completions, events
+from ..usage.rollup import facts, per_hour
 
 MIN_COMPLETIONS = 100
 MIN_VIEWS = 50
@@ -51,49 +51,25 @@ DEFAULT_SOURCES = {
 }
 
 
-def _hour(dialect: str):
-    # an integer hour number on both backends (SQLite's CAST truncates; PostgreSQL's would round)
-    return sa.cast(completions.c.ts / 3600, sa.Integer) if dialect == "sqlite" else sa.func.floor(completions.c.ts / 3600)
-
-
 def measured(engine: Engine, *, days: int = 28, now: float | None = None) -> dict[str, tuple[float, str]]:
     """Inputs measured from the last `days` days of usage, each as (value, "measured: …"); {} without enough history."""
     start = (time.time() if now is None else now) - days * 86400
-    c_in = completions.c.ts >= start
+    f = facts(since=start)  # the daily roll-up, and the raw rows of the first day only
     with engine.connect() as c:
-        n = int(
-            c.execute(
-                sa.select(sa.func.count()).select_from(completions).where(c_in, completions.c.kind == "completion")
-            ).scalar()
-            or 0
-        )
+        r = c.execute(
+            sa.select(*(sa.func.sum(f.c[k]) for k in ("completions", "chats", "c_prompt", "c_output", "h_prompt", "h_output")))
+        ).one()
+        n, chats, c_prompt, c_output, h_prompt, h_output = (int(v or 0) for v in r)
         if n < MIN_COMPLETIONS:
             return {}
-        dev_days = int(
-            c.execute(
-                sa.select(sa.func.count()).select_from(
-                    sa.select(completions.c.user, completions.c.day).where(c_in).distinct().subquery()
-                )
-            ).scalar()
-            or 0
-        )
-        stats: dict[str, Any] = {}
-        for kind in ("completion", "chat"):
-            r = c.execute(
-                sa.select(
-                    sa.func.count(), sa.func.avg(completions.c.prompt_tokens), sa.func.avg(completions.c.completion_tokens)
-                ).where(c_in, completions.c.kind == kind)
-            ).one()
-            stats[kind] = (int(r[0] or 0), float(r[1] or 0), float(r[2] or 0))
-        e_t = events.c.type
-        views, selects = c.execute(
-            sa.select(
-                sa.func.sum(sa.case((e_t == "view", 1), else_=0)), sa.func.sum(sa.case((e_t == "select", 1), else_=0))
-            ).where(events.c.ts >= start, events.c.matched.is_(True))
-        ).one()
-        hour = _hour(engine.dialect.name).label("h")
-        per_hour = sa.select(hour, sa.func.count().label("n")).where(c_in).group_by(hour).subquery()
-        peak, mean = c.execute(sa.select(sa.func.max(per_hour.c.n), sa.func.avg(per_hour.c.n))).one()
+        made = sa.select(f.c.user, f.c.day).where(f.c.completions + f.c.chats > 0).distinct().subquery()
+        dev_days = int(c.execute(sa.select(sa.func.count()).select_from(made)).scalar() or 0)
+        views, selects = c.execute(sa.select(sa.func.sum(f.c.views), sa.func.sum(f.c.selects))).one()
+        peak, mean = per_hour(c, since=start)
+    stats: dict[str, Any] = {
+        "completion": (n, c_prompt / n, c_output / n),
+        "chat": (chats, h_prompt / chats if chats else 0.0, h_output / chats if chats else 0.0),
+    }
     where = f"measured: last {days} days of this server's usage"
     out = {
         "completions_per_dev_day": (

@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from sqlalchemy import Engine
 
 from .report import WINDOWS, _windows
-from .tables import completions, events
+from .rollup import facts
 
 
 class UsageCollector:
@@ -33,15 +33,12 @@ class UsageCollector:
             out: dict[str, dict[str, float]] = {
                 k: {} for k in ("completions", "views", "selects", "acceptance", "active", "engaged")
             }
-            e_t = events.c.type
             with self.engine.connect() as c:
                 for d in WINDOWS:
-                    w, start = f"{d}d", now - d * 86400
-                    n = c.execute(sa.select(sa.func.count()).select_from(completions).where(completions.c.ts >= start)).scalar()
-                    views, selects = c.execute(
-                        sa.select(
-                            sa.func.sum(sa.case((e_t == "view", 1), else_=0)), sa.func.sum(sa.case((e_t == "select", 1), else_=0))
-                        ).where(events.c.ts >= start, events.c.matched.is_(True))
+                    w = f"{d}d"
+                    f = facts(since=now - d * 86400)
+                    n, views, selects = c.execute(
+                        sa.select(sa.func.sum(f.c.completions + f.c.chats), sa.func.sum(f.c.views), sa.func.sum(f.c.selects))
                     ).one()
                     out["completions"][w], out["views"][w], out["selects"][w] = (
                         float(n or 0),

@@ -5,6 +5,7 @@ Acceptance rate = selected / viewed (Tabby's Reports: Σselect / Σview), counte
 to a completion this server handed to that same user; events that name no such completion are
 reported apart (`unmatched_events`). Active users used the service in the window; engaged users
 accepted at least one completion in it (GitHub Copilot's metrics API draws the same line).
+Whole days are read from the daily roll-up (rollup.py), the rest of the first day from the rows.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import sqlalchemy as sa
 from sqlalchemy import Engine
 
 from ..errors import CodemoatError
-from .tables import completions, events, memberships
+from . import rollup as rollup_
+from .tables import completions, memberships
 
 BY = ("day", "user", "language", "protocol", "group")
 WINDOWS = (1, 7, 28)
@@ -71,15 +73,44 @@ class Report:
         }
 
 
-def _key(table: sa.Table, by: str):
-    """(column to group on, FROM clause) for one grouping."""
-    if by == "group":
-        return memberships.c.group, table.join(memberships, memberships.c.user == table.c.user)
-    return table.c[by], table
-
-
 def _one(v) -> int:
     return int(v or 0)
+
+
+def _sums(f) -> list:
+    """The Row fields summed over a facts subquery (see rollup.facts), users counted once."""
+    made = f.c.completions + f.c.chats
+    return [
+        sa.func.sum(f.c.completions).label("completions"),
+        sa.func.sum(f.c.chats).label("chats"),
+        sa.func.count(sa.distinct(sa.case((made > 0, f.c.user)))).label("users"),
+        sa.func.sum(f.c.c_prompt + f.c.h_prompt).label("prompt_tokens"),
+        sa.func.sum(f.c.c_output + f.c.h_output).label("completion_tokens"),
+        sa.func.sum(f.c.views).label("views"),
+        sa.func.sum(f.c.selects).label("selects"),
+        sa.func.sum(f.c.dismisses).label("dismisses"),
+        sa.func.sum(f.c.accepted_chars).label("accepted_chars"),
+        sa.func.sum(f.c.accepted_lines).label("accepted_lines"),
+    ]
+
+
+def _row(key: str, r) -> Row:
+    return Row(key, *(_one(getattr(r, n)) for n in ROW_FIELDS))
+
+
+ROW_FIELDS = (
+    "completions",
+    "chats",
+    "users",
+    "prompt_tokens",
+    "completion_tokens",
+    "views",
+    "selects",
+    "dismisses",
+    "accepted_chars",
+    "accepted_lines",
+)
+PERCENTILES = {"p50": 0.50, "p95": 0.95, "p99": 0.99}
 
 
 def report(
@@ -91,151 +122,76 @@ def report(
     language: str | None = None,
     now: float | None = None,
     summary: bool = True,
+    rollup: bool = True,
 ) -> Report:
     """Usage since `since` (epoch seconds; None: all), one row per `by` value, newest day first for `by="day"`.
 
-    `summary=False` computes the rows only (total, latency, active and engaged users left empty)."""
+    `summary=False` computes the rows only (total, latency, active and engaged users left empty).
+    `rollup=False` scans the raw tables instead of the daily roll-up (same answers, slower)."""
     if by not in BY:
         raise CodemoatError(f"cannot group usage by {by!r}: choose one of {', '.join(BY)}")
     now = time.time() if now is None else now
-    rows: dict[str, Row] = {}
-
-    def where(t: sa.Table):
-        conds = []
-        if since is not None:
-            conds.append(t.c.ts >= since)
-        if user is not None:
-            conds.append(t.c.user == user)
-        if language is not None:
-            conds.append(t.c.language == language)
-        return conds
-
-    c_is = completions.c.kind
-    key, src = _key(completions, by)
-    q_c = (
-        sa.select(
-            key.label("k"),
-            sa.func.sum(sa.case((c_is == "completion", 1), else_=0)).label("completions"),
-            sa.func.sum(sa.case((c_is == "chat", 1), else_=0)).label("chats"),
-            sa.func.count(sa.distinct(completions.c.user)).label("users"),
-            sa.func.sum(completions.c.prompt_tokens).label("pt"),
-            sa.func.sum(completions.c.completion_tokens).label("ct"),
-        )
-        .select_from(src)
-        .where(*where(completions))
-        .group_by(key)
-    )
-    e_t = events.c.type
-    key_e, src_e = _key(events, by)
-    q_e = (
-        sa.select(
-            key_e.label("k"),
-            sa.func.sum(sa.case((e_t == "view", 1), else_=0)).label("views"),
-            sa.func.sum(sa.case((e_t == "select", 1), else_=0)).label("selects"),
-            sa.func.sum(sa.case((e_t == "dismiss", 1), else_=0)).label("dismisses"),
-            sa.func.sum(sa.case((e_t == "select", events.c.chars), else_=0)).label("chars"),
-            sa.func.sum(sa.case((e_t == "select", events.c.lines), else_=0)).label("lines"),
-        )
-        .select_from(src_e)
-        .where(events.c.matched.is_(True), *where(events))
-        .group_by(key_e)
-    )
+    f = rollup_.facts(since=since, user=user, language=language, rollup=rollup)
+    if by == "group":
+        key, src = memberships.c.group, f.join(memberships, memberships.c.user == f.c.user)
+    else:
+        key, src = f.c[by], f
+    # a key is shown when it has a completion, a chat or an event tied to a completion (as before the roll-up)
+    shown = sa.func.sum(f.c.completions + f.c.chats + f.c.events - f.c.unmatched) > 0
+    q = sa.select(key.label("k"), *_sums(f)).select_from(src).group_by(key).having(shown)
     with engine.connect() as c:
-        for r in c.execute(q_c):
-            row = rows.setdefault(str(r.k), Row(str(r.k)))
-            row.completions, row.chats, row.users = _one(r.completions), _one(r.chats), _one(r.users)
-            row.prompt_tokens, row.completion_tokens = _one(r.pt), _one(r.ct)
-        for r in c.execute(q_e):
-            row = rows.setdefault(str(r.k), Row(str(r.k)))
-            row.views, row.selects, row.dismisses = _one(r.views), _one(r.selects), _one(r.dismisses)
-            row.accepted_chars, row.accepted_lines = _one(r.chars), _one(r.lines)
+        rows = [_row(str(r.k), r) for r in c.execute(q)]
         if not summary:
             total, latency, active, engaged, unmatched = Row("total"), {}, {}, {}, 0
         else:
-            total = _total(c, where)
-            latency = _latency(c, where)
-            active, engaged = _windows(c, now, user)
-            unmatched = _one(
-                c.execute(
-                    sa.select(sa.func.count()).select_from(events).where(events.c.matched.is_(False), *where(events))
-                ).scalar()
-            )
+            r = c.execute(sa.select(*_sums(f), sa.func.sum(f.c.unmatched).label("unmatched"))).one()
+            total, unmatched = _row("total", r), _one(r.unmatched)
+            latency = _latency(c, since, user, language, rollup)
+            active, engaged = _windows(c, now, user, rollup)
     ordered = (
-        sorted(rows.values(), key=lambda r: r.key, reverse=True)
+        sorted(rows, key=lambda r: r.key, reverse=True)
         if by == "day"
-        else sorted(rows.values(), key=lambda r: (-r.completions - r.chats, r.key))
+        else sorted(rows, key=lambda r: (-r.completions - r.chats, r.key))
     )
     return Report(by, since, ordered, total, latency, active, engaged, unmatched)
 
 
-def _total(c, where) -> Row:
-    t = Row("total")
-    r = c.execute(
-        sa.select(
-            sa.func.sum(sa.case((completions.c.kind == "completion", 1), else_=0)),
-            sa.func.sum(sa.case((completions.c.kind == "chat", 1), else_=0)),
-            sa.func.count(sa.distinct(completions.c.user)),
-            sa.func.sum(completions.c.prompt_tokens),
-            sa.func.sum(completions.c.completion_tokens),
-        ).where(*where(completions))
-    ).one()
-    t.completions, t.chats, t.users, t.prompt_tokens, t.completion_tokens = (_one(v) for v in r)
-    e_t = events.c.type
-    r = c.execute(
-        sa.select(
-            sa.func.sum(sa.case((e_t == "view", 1), else_=0)),
-            sa.func.sum(sa.case((e_t == "select", 1), else_=0)),
-            sa.func.sum(sa.case((e_t == "dismiss", 1), else_=0)),
-            sa.func.sum(sa.case((e_t == "select", events.c.chars), else_=0)),
-            sa.func.sum(sa.case((e_t == "select", events.c.lines), else_=0)),
-        ).where(events.c.matched.is_(True), *where(events))
-    ).one()
-    t.views, t.selects, t.dismisses, t.accepted_chars, t.accepted_lines = (_one(v) for v in r)
-    return t
-
-
-def _latency(c, where) -> dict[str, float | None]:
-    """p50/p95/p99 of completion latency: the row at each rank, read through the latency index."""
-    conds = [completions.c.kind == "completion", *where(completions)]
+def _latency(c, since, user, language, rollup: bool) -> dict[str, float | None]:
+    """p50/p95/p99 of completion latency, to the bucket (rollup.bucket). Unfiltered: from the daily
+    histogram; for one user or language (the histogram has neither): the row at each rank, read
+    through the latency index."""
+    if user is None and language is None:
+        return rollup_.percentiles(rollup_.latency_buckets(c, since=since, rollup=rollup), PERCENTILES)
+    conds = [completions.c.kind == "completion"]
+    conds += [completions.c.ts >= since] if since is not None else []
+    conds += [completions.c.user == user] if user is not None else []
+    conds += [completions.c.language == language] if language is not None else []
     n = _one(c.execute(sa.select(sa.func.count()).select_from(completions).where(*conds)).scalar())
     out: dict[str, float | None] = {}
-    for name, q in (("p50", 0.50), ("p95", 0.95), ("p99", 0.99)):
+    for name, q in PERCENTILES.items():
         if n == 0:
             out[name] = None
             continue
         v = c.execute(
             sa.select(completions.c.latency_ms).where(*conds).order_by(completions.c.latency_ms).offset(int(q * (n - 1))).limit(1)
         ).scalar()
-        out[name] = round(float(v), 1)
+        out[name] = float(rollup_.bucket(float(v)))
     return out
 
 
-def _windows(c, now: float, user: str | None) -> tuple[dict[str, int], dict[str, int]]:
-    """(active, engaged) users for each of `WINDOWS`: each table grouped by user once (its last
-    activity, and its last acceptance), the per-user maxima then merged (one row per user)."""
-    starts = {f"{d}d": now - d * 86400 for d in WINDOWS}
-    oldest = min(starts.values())
-    accepted = sa.and_(events.c.type == "select", events.c.matched.is_(True))
-    qa = (
-        sa.select(completions.c.user, sa.func.max(completions.c.ts))
-        .where(completions.c.ts >= oldest)
-        .group_by(completions.c.user)
-    )
-    qb = (
-        sa.select(events.c.user, sa.func.max(events.c.ts), sa.func.max(sa.case((accepted, events.c.ts))))
-        .where(events.c.ts >= oldest)
-        .group_by(events.c.user)
-    )
-    if user is not None:
-        qa, qb = qa.where(completions.c.user == user), qb.where(events.c.user == user)
-    last: dict[str, float] = dict(c.execute(qa).tuples().all())
-    last_sel: dict[str, float] = {}
-    for u, t, ts in c.execute(qb):
-        last[u] = max(last.get(u, t), t)
-        if ts is not None:
-            last_sel[u] = ts
-    active = {w: sum(1 for t in last.values() if t >= s) for w, s in starts.items()}
-    engaged = {w: sum(1 for t in last_sel.values() if t >= s) for w, s in starts.items()}
+def _windows(c, now: float, user: str | None, rollup: bool = True) -> tuple[dict[str, int], dict[str, int]]:
+    """(active, engaged) users for each of `WINDOWS`: active used the service (a completion, a chat
+    or any editor event) in the window, engaged accepted a completion in it."""
+    active, engaged = {}, {}
+    for d in WINDOWS:
+        f = rollup_.facts(since=now - d * 86400, user=user, rollup=rollup)
+        a, e = c.execute(
+            sa.select(
+                sa.func.count(sa.distinct(sa.case((f.c.completions + f.c.chats + f.c.events > 0, f.c.user)))),
+                sa.func.count(sa.distinct(sa.case((f.c.selects > 0, f.c.user)))),
+            )
+        ).one()
+        active[f"{d}d"], engaged[f"{d}d"] = _one(a), _one(e)
     return active, engaged
 
 

@@ -5,7 +5,8 @@ written. It keeps numbers and values from fixed sets only: no prompt or completi
 audit log keeps that, redacted, when `audit.retain_text` is on), no path, and a completion id
 only when it has the shape of one this server handed out. An event is tied to the completion it
 names only when the same user received that completion; a repeated (completion, choice, type)
-event is stored once, so replaying `select` cannot raise the acceptance rate.
+event is stored once, so replaying `select` cannot raise the acceptance rate. Each row is added
+to the daily roll-up (rollup.py) in the same transaction.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Protocol
 import sqlalchemy as sa
 from sqlalchemy import Engine
 
+from . import rollup
 from .languages import UNKNOWN, language_of
 from .tables import completions, events
 
@@ -85,26 +87,26 @@ class UsageStore:
         if kind is None:
             return None
         chars, lines, first = shape(facts.completion_text or "")
+        row = dict(
+            completion_id=completion_id_or_none(facts.completion_id),
+            ts=ts,
+            day=day_of(ts),
+            user=user,
+            kind=kind,
+            language=language_of(facts.language),
+            protocol=(facts.protocol or "other")[:16],
+            prompt_tokens=int(facts.prompt_tokens or 0),
+            completion_tokens=int(facts.completion_tokens or 0),
+            latency_ms=float(latency_ms),
+            retrieval=bool(facts.snippets),
+            status=status,
+            chars=chars,
+            lines=lines,
+            first_line_chars=first,
+        )
         with self.engine.begin() as c:
-            c.execute(
-                completions.insert().values(
-                    completion_id=completion_id_or_none(facts.completion_id),
-                    ts=ts,
-                    day=day_of(ts),
-                    user=user,
-                    kind=kind,
-                    language=language_of(facts.language),
-                    protocol=(facts.protocol or "other")[:16],
-                    prompt_tokens=int(facts.prompt_tokens or 0),
-                    completion_tokens=int(facts.completion_tokens or 0),
-                    latency_ms=float(latency_ms),
-                    retrieval=bool(facts.snippets),
-                    status=status,
-                    chars=chars,
-                    lines=lines,
-                    first_line_chars=first,
-                )
-            )
+            c.execute(completions.insert().values(**row))
+            rollup.add_completion(c, row)
         return kind
 
     def record_event(
@@ -146,20 +148,20 @@ class UsageStore:
                     language, chars, lines, matched = row.language, row.chars, row.lines, True
                     if kind == "line":  # Tabby's select_kind=line: only the first line was taken
                         chars, lines = row.first_line_chars, min(lines, 1)
-            c.execute(
-                events.insert().values(
-                    ts=ts,
-                    day=day_of(ts),
-                    user=user,
-                    type=t,
-                    select_kind=kind,
-                    completion_id=cid,
-                    choice_index=idx,
-                    protocol=(protocol or "other")[:16],
-                    matched=matched,
-                    language=language,
-                    chars=chars,
-                    lines=lines,
-                )
+            row = dict(
+                ts=ts,
+                day=day_of(ts),
+                user=user,
+                type=t,
+                select_kind=kind,
+                completion_id=cid,
+                choice_index=idx,
+                protocol=(protocol or "other")[:16],
+                matched=matched,
+                language=language,
+                chars=chars,
+                lines=lines,
             )
+            c.execute(events.insert().values(**row))
+            rollup.add_event(c, row)
         return True

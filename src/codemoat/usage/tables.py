@@ -44,3 +44,42 @@ events = sa.Table(
 )
 # the accounts' membership table, read (never written) for per-group reports
 memberships = sa.table("memberships", sa.column("user", sa.String), sa.column("group", sa.String))
+
+# The daily roll-up (migration u002_rollup; written in the same transaction as each row above, see
+# rollup.py): one row per UTC day x user x language x protocol, sums only.
+daily = sa.Table(
+    "usage_daily",
+    meta,
+    sa.Column("day", sa.String(10), primary_key=True),
+    sa.Column("user", sa.String(128), primary_key=True),
+    sa.Column("language", sa.String(32), primary_key=True),
+    sa.Column("protocol", sa.String(16), primary_key=True),
+    sa.Column("completions", sa.BigInteger),  # rows of kind "completion"
+    sa.Column("chats", sa.BigInteger),
+    sa.Column("c_prompt", sa.BigInteger),  # prompt / output tokens of completions, then of chats
+    sa.Column("c_output", sa.BigInteger),
+    sa.Column("h_prompt", sa.BigInteger),
+    sa.Column("h_output", sa.BigInteger),
+    sa.Column("views", sa.BigInteger),  # matched events only (named a completion this user received)
+    sa.Column("selects", sa.BigInteger),
+    sa.Column("dismisses", sa.BigInteger),
+    sa.Column("accepted_chars", sa.BigInteger),
+    sa.Column("accepted_lines", sa.BigInteger),
+    sa.Column("unmatched", sa.BigInteger),  # events naming no completion of this user
+    sa.Column("events", sa.BigInteger),  # every event, any type, matched or not (activity)
+)
+# completion latency (kind "completion") per day in buckets: 1 ms below 1 s, 10 ms below 10 s, then 100 ms
+latency_daily = sa.Table(
+    "usage_latency_daily",
+    meta,
+    sa.Column("day", sa.String(10), primary_key=True),
+    sa.Column("bucket", sa.Integer, primary_key=True),
+    sa.Column("n", sa.BigInteger),
+)
+# completions and chats per hour (epoch hours): the cost case's peak-hour factor
+hourly = sa.Table(
+    "usage_hourly",
+    meta,
+    sa.Column("hour", sa.Integer, primary_key=True),
+    sa.Column("n", sa.BigInteger),
+)
