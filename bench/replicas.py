@@ -150,23 +150,24 @@ async def load(url: str, token: str, clients: int, seconds: float) -> dict:
     }
 
 
-def _appender(url: str, home: str, seconds: float, start_at: float, threads: int, out) -> None:
+def _appender(url: str, home: str, seconds: float, start_at: float, threads: int, out, pipeline: bool = True) -> None:
     try:
-        out.put(_append_for(url, home, seconds, start_at, threads))
+        out.put(_append_for(url, home, seconds, start_at, threads, pipeline))
     except Exception as e:
         out.put(e)
         raise
 
 
-def _append_for(url: str, home: str, seconds: float, start_at: float, threads: int) -> int:
-    """One replica: `threads` request threads appending as fast as they can (group commit batches them)."""
+def _append_for(url: str, home: str, seconds: float, start_at: float, threads: int, pipeline: bool = True) -> int:
+    """One replica: `threads` request threads appending as fast as they can (group commit batches them);
+    `pipeline=False`: PostgreSQL through the portable SQLAlchemy path (the code before pipelining)."""
     import threading
 
     os.environ["CODEMOAT_HOME"] = home
     from codemoat.audit.log import AuditLog
     from codemoat.db import open_db
 
-    log = AuditLog(open_db(url), checkpoint_every=100)
+    log = AuditLog(open_db(url), checkpoint_every=100, pg_pipeline=pipeline)
     counts = [0] * threads
     time.sleep(max(0.0, start_at - time.time()))
     end = time.time() + seconds
@@ -184,11 +185,13 @@ def _append_for(url: str, home: str, seconds: float, start_at: float, threads: i
     return sum(counts)
 
 
-def appends_per_s(url: str, home: Path, writers: int, threads: int, seconds: float = 8.0) -> float:
+def appends_per_s(url: str, home: Path, writers: int, threads: int, seconds: float = 8.0, pipeline: bool = True) -> float:
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     start_at = time.time() + 3
-    procs = [ctx.Process(target=_appender, args=(url, str(home), seconds, start_at, threads, out)) for _ in range(writers)]
+    procs = [
+        ctx.Process(target=_appender, args=(url, str(home), seconds, start_at, threads, out, pipeline)) for _ in range(writers)
+    ]
     for p in procs:
         p.start()
     counts = [out.get(timeout=120) for _ in procs]

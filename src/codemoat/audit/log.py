@@ -37,7 +37,6 @@ import shutil
 import threading
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +46,8 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from ..errors import CodemoatError
 from . import signing
+from .pgappend import PgAppender, Tampered
+from .rows import KINDS, check_kind, normalise, parse_since, to_public
 from .chain import (  # re-exported: the chain's shape lives in `audit.chain`
     FIELDS,
     GENESIS,
@@ -87,52 +88,12 @@ __all__ = [  # the chain's names stay importable from here (serve, tests, bench 
 
 log = logging.getLogger("codemoat.audit")
 
-#: every kind of record the server writes
-KINDS = ("request", "unauthenticated", "alert", "egress_blocked", "rotation", "engine_crashed", "directory", "update", "tamper")
-
-
-def check_kind(kind: str | None) -> str | None:
-    """`kind` if it is one the log holds (or None); an unknown one is a one-line error, not an
-    empty answer."""
-    if kind is not None and kind not in KINDS:
-        raise CodemoatError(f"unknown record kind {kind!r}: use one of {', '.join(KINDS)}")
-    return kind
-
-
-_INTS = ("prompt_tokens", "completion_tokens", "status")
-_TEXTS = ("kind", "user", "token_id", "route", "protocol", "model", "client", "prompt_text", "completion_text")
-
 
 class AuditUnavailable(CodemoatError):
     """The audit log cannot take a record, so the request is refused."""
 
     status = 503
     code = "audit_unavailable"
-
-
-def _normalise(kind: str, fields: dict[str, Any]) -> dict[str, Any]:
-    """Coerce values to what the database gives back, so hashes recompute exactly after a round trip."""
-    unknown = set(fields) - set(FIELDS) - {"ts"}
-    if unknown:
-        raise ValueError(f"unknown audit fields: {sorted(unknown)}")
-    row: dict[str, Any] = {k: None for k in FIELDS}
-    row["kind"] = kind
-    ts = fields.get("ts")
-    row["ts_us"] = int((time.time() if ts is None else float(ts)) * 1_000_000)
-    for k in _TEXTS:
-        if fields.get(k) is not None:
-            row[k] = str(fields[k])
-    for k in _INTS:
-        if fields.get(k) is not None:
-            row[k] = int(fields[k])
-    if fields.get("latency_ms") is not None:
-        row["latency_ms"] = round(float(fields["latency_ms"]), 3)
-    for k in ("repos", "snippets"):
-        if fields.get(k):
-            row[k] = json.dumps([str(x) for x in fields[k]], separators=(",", ":"))
-    if fields.get("detail"):
-        row["detail"] = json.dumps(fields["detail"], sort_keys=True, separators=(",", ":"), default=str)
-    return row
 
 
 # records one group commit may write (a bound on one transaction's size and on a waiter's wait)
@@ -159,8 +120,12 @@ class AuditLog:
         checkpoint_every: int = 100,
         head_file: Path | None = None,
         verified_file: Path | None = None,
+        pg_pipeline: bool = True,
     ):
         self.engine = engine
+        # PostgreSQL: one writer connection in pipeline mode (`audit.pgappend`); False keeps the
+        # portable SQLAlchemy path (bench/replicas.py compares the two)
+        self._pg = PgAppender(engine) if pg_pipeline and engine.dialect.name == "postgresql" else None
         self._signer = signer
         self.checkpoint_every = max(1, checkpoint_every)
         self.head_file = head_file
@@ -188,7 +153,7 @@ class AuditLog:
         returns only once its own record is committed. The first caller in becomes the leader and
         flushes what is waiting; the others find their record written when the lock is theirs.
         Raises `AuditUnavailable` when it cannot be written (the caller must not serve)."""
-        me = _Pending(_normalise(kind, fields))
+        me = _Pending(normalise(kind, fields))
         with self._pending_lock:
             self._pending.append(me)
         with self._lock:
@@ -222,67 +187,92 @@ class AuditLog:
 
     def _append_locked(self, rows: list[dict[str, Any]]) -> tuple[list[int], dict[str, Any]]:
         _ = self.signer  # load the key before taking the database's write lock
+        if self._pg is not None:
+            return self._append_pg(rows)
         for attempt in range(10):
             try:
                 with self.engine.begin() as c:
                     h = c.execute(sa.select(head).where(head.c.id == 1).with_for_update()).first()
-                    if h is None and c.execute(sa.select(sa.func.count()).select_from(records)).scalar():
-                        raise AuditUnavailable(
-                            "audit log tampered: records exist but the signed head is missing (run `codemoat audit verify`)"
-                        )
-                    seq = h.seq if h else 0
-                    prev = h.hash if h else GENESIS
-                    last_cp = h.last_checkpoint if h else 0
-                    seqs = []
-                    for row in rows:
-                        seq += 1
-                        row.update(seq=seq, prev_hash=prev)
-                        row["hash"] = prev = record_hash(row)
-                        seqs.append(seq)
+                    exist = h is None and bool(c.execute(sa.select(sa.func.count()).select_from(records)).scalar())
+                    rows, cps, head_row = self._chain(rows, (h.seq, h.hash, h.last_checkpoint) if h else None, exist)
                     c.execute(records.insert(), rows)
-                    for row in rows:  # checkpoints after the records they name
-                        if row["seq"] % self.checkpoint_every == 0:
-                            self._insert_checkpoint(c, row["seq"], row["hash"], last_cp, row["ts_us"], "periodic")
-                            last_cp = row["seq"]
-                    last = rows[-1]
-                    head_row = self._signed_head(seq, last["hash"], last_cp, last["ts_us"])
+                    if cps:  # checkpoints after the records they name
+                        c.execute(checkpoints.insert(), cps)
                     if h is None:
                         c.execute(head.insert().values(id=1, **head_row))
                     else:
                         c.execute(head.update().where(head.c.id == 1).values(**head_row))
-                return seqs, head_row
+                return [r["seq"] for r in rows], head_row
             except IntegrityError:
-                # Another writer (a replica) took these sequence numbers; if the head did not move,
-                # a record beyond it was put there behind the log's back.
-                with self.engine.connect() as c:
-                    h2 = c.execute(sa.select(head.c.seq).where(head.c.id == 1)).scalar()
-                if h2 == (h.seq if h else None):
-                    raise AuditUnavailable(
-                        f"audit log tampered: record {(h.seq if h else 0) + 1} exists beyond the signed head (run `codemoat audit verify`)"
-                    ) from None
+                self._raise_if_tampered(h.seq if h else None)
             except DBAPIError as e:
                 if "locked" not in str(e).lower() or attempt == 9:
                     raise
                 time.sleep(0.01 * (attempt + 1))
         raise AuditUnavailable("audit log busy: could not append after 10 attempts")
 
+    def _append_pg(self, rows: list[dict[str, Any]]) -> tuple[list[int], dict[str, Any]]:
+        """PostgreSQL: the same chain in two network flushes (`audit.pgappend`)."""
+        import psycopg
+
+        seen: list[Any] = []
+
+        def chain(h: Any, exist: bool):
+            seen.append(h)
+            return self._chain(rows, h, exist)
+
+        for _ in range(10):
+            seen.clear()
+            try:
+                done, head_row = self._pg.append(chain)
+                return [r["seq"] for r in done], head_row
+            except Tampered:
+                self._raise_if_tampered(seen[-1][0] if seen and seen[-1] else None)
+            except psycopg.Error as e:
+                raise AuditUnavailable(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        raise AuditUnavailable("audit log busy: could not append after 10 attempts")
+
+    def _raise_if_tampered(self, locked_seq: int | None) -> None:
+        """After a duplicate sequence number: another writer (a replica) took it, unless the head did
+        not move, in which case a record beyond it was put there behind the log's back."""
+        with self.engine.connect() as c:
+            h2 = c.execute(sa.select(head.c.seq).where(head.c.id == 1)).scalar()
+        if h2 == locked_seq:
+            raise AuditUnavailable(
+                f"audit log tampered: record {(locked_seq or 0) + 1} exists beyond the signed head (run `codemoat audit verify`)"
+            ) from None
+
+    def _chain(self, rows: list[dict[str, Any]], h: Any, exist: bool):
+        """Chain `rows` onto the locked head `h` (seq, hash, last_checkpoint; None: an empty log):
+        the rows with seq, prev_hash and hash, the signed checkpoints due, the signed head."""
+        if h is None and exist:
+            raise AuditUnavailable(
+                "audit log tampered: records exist but the signed head is missing (run `codemoat audit verify`)"
+            )
+        seq, prev, last_cp = (h[0], h[1], h[2]) if h is not None else (0, GENESIS, 0)
+        cps = []
+        for row in rows:
+            seq += 1
+            row.update(seq=seq, prev_hash=prev)
+            row["hash"] = prev = record_hash(row)
+            if seq % self.checkpoint_every == 0:
+                cps.append(self._checkpoint_row(seq, prev, last_cp, row["ts_us"], "periodic"))
+                last_cp = seq
+        last = rows[-1]
+        return rows, cps, self._signed_head(seq, last["hash"], last_cp, last["ts_us"])
+
     def _signed_head(self, seq: int, hash_: str, last_cp: int, ts_us: int) -> dict[str, Any]:
         sig = self.signer.sign(head_message(seq, hash_, last_cp, ts_us))
         return dict(seq=seq, hash=hash_, last_checkpoint=last_cp, ts_us=ts_us, key_id=self.signer.key_id, signature=sig)
 
-    def _insert_checkpoint(self, c, seq: int, hash_: str, prev_cp: int, ts_us: int, reason: str) -> None:
+    def _checkpoint_row(self, seq: int, hash_: str, prev_cp: int, ts_us: int, reason: str) -> dict[str, Any]:
         sig = self.signer.sign(checkpoint_message(seq, hash_, prev_cp, ts_us, reason))
-        c.execute(
-            checkpoints.insert().values(
-                seq=seq,
-                hash=hash_,
-                prev_checkpoint=prev_cp,
-                ts_us=ts_us,
-                reason=reason,
-                key_id=self.signer.key_id,
-                signature=sig,
-            )
+        return dict(
+            seq=seq, hash=hash_, prev_checkpoint=prev_cp, ts_us=ts_us, reason=reason, key_id=self.signer.key_id, signature=sig
         )
+
+    def _insert_checkpoint(self, c, seq: int, hash_: str, prev_cp: int, ts_us: int, reason: str) -> None:
+        c.execute(checkpoints.insert().values(**self._checkpoint_row(seq, hash_, prev_cp, ts_us, reason)))
 
     def checkpoint(self, reason: str = "shutdown") -> int | None:
         """Sign a checkpoint at the current head (at shutdown); None when there is nothing new."""
@@ -459,6 +449,10 @@ class AuditLog:
         if public_key is None:
             public_key = self.public_key()
         rep = verify(self.engine, public_key, head_file=self.head_file, remembered=self.verified_file, trusted_head=trusted_head)
+        if rep.ok:  # the TPM's checkpoints and its monotonic counter, when this machine has a TPM
+            from .tpm_checkpoint import check_report
+
+            check_report(self.engine, rep)
         if rep.ok and rep.head is not None and self.verified_file is not None:
             try:
                 trusted.remember(self.verified_file, rep.head, public_key)
@@ -474,25 +468,3 @@ class AuditLog:
             return signing.load_signer(create=False).public_bytes
         except CodemoatError:
             return None
-
-
-def to_public(row: dict[str, Any]) -> dict[str, Any]:
-    """A stored row as people and exports see it: ISO time, lists and dicts decoded."""
-    out = dict(row)
-    out["time"] = datetime.fromtimestamp(row["ts_us"] / 1_000_000, tz=UTC).isoformat(timespec="microseconds")
-    for k in ("repos", "snippets"):
-        out[k] = json.loads(row[k]) if row.get(k) else []
-    out["detail"] = json.loads(row["detail"]) if row.get("detail") else {}
-    return {"seq": out.pop("seq"), "time": out.pop("time"), **out}
-
-
-def parse_since(text: str | None) -> float | None:
-    """`--since` as epoch seconds: an ISO date/time, or a duration back from now (90s, 15m, 2h, 7d, 2w)."""
-    if not text:
-        return None
-    from ..durations import parse_ago
-
-    try:  # refuses what reaches past year 9999 (as a count of microseconds it would not fit SQLite)
-        return parse_ago(text.strip())
-    except CodemoatError as e:
-        raise CodemoatError(f"cannot use --since {text!r}: {e}") from None

@@ -1,0 +1,73 @@
+"""An audit record's fields as callers hand them in (`normalise`) and as people read them (`to_public`)."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from ..errors import CodemoatError
+from .chain import FIELDS
+
+#: every kind of record the server writes
+KINDS = ("request", "unauthenticated", "alert", "egress_blocked", "rotation", "engine_crashed", "directory", "update", "tamper")
+
+
+def check_kind(kind: str | None) -> str | None:
+    """`kind` if it is one the log holds (or None); an unknown one is a one-line error, not an
+    empty answer."""
+    if kind is not None and kind not in KINDS:
+        raise CodemoatError(f"unknown record kind {kind!r}: use one of {', '.join(KINDS)}")
+    return kind
+
+
+_INTS = ("prompt_tokens", "completion_tokens", "status")
+_TEXTS = ("kind", "user", "token_id", "route", "protocol", "model", "client", "prompt_text", "completion_text")
+
+
+def normalise(kind: str, fields: dict[str, Any]) -> dict[str, Any]:
+    """Coerce values to what the database gives back, so hashes recompute exactly after a round trip."""
+    unknown = set(fields) - set(FIELDS) - {"ts"}
+    if unknown:
+        raise ValueError(f"unknown audit fields: {sorted(unknown)}")
+    row: dict[str, Any] = {k: None for k in FIELDS}
+    row["kind"] = kind
+    ts = fields.get("ts")
+    row["ts_us"] = int((time.time() if ts is None else float(ts)) * 1_000_000)
+    for k in _TEXTS:
+        if fields.get(k) is not None:
+            row[k] = str(fields[k])
+    for k in _INTS:
+        if fields.get(k) is not None:
+            row[k] = int(fields[k])
+    if fields.get("latency_ms") is not None:
+        row["latency_ms"] = round(float(fields["latency_ms"]), 3)
+    for k in ("repos", "snippets"):
+        if fields.get(k):
+            row[k] = json.dumps([str(x) for x in fields[k]], separators=(",", ":"))
+    if fields.get("detail"):
+        row["detail"] = json.dumps(fields["detail"], sort_keys=True, separators=(",", ":"), default=str)
+    return row
+
+
+def to_public(row: dict[str, Any]) -> dict[str, Any]:
+    """A stored row as people and exports see it: ISO time, lists and dicts decoded."""
+    out = dict(row)
+    out["time"] = datetime.fromtimestamp(row["ts_us"] / 1_000_000, tz=UTC).isoformat(timespec="microseconds")
+    for k in ("repos", "snippets"):
+        out[k] = json.loads(row[k]) if row.get(k) else []
+    out["detail"] = json.loads(row["detail"]) if row.get("detail") else {}
+    return {"seq": out.pop("seq"), "time": out.pop("time"), **out}
+
+
+def parse_since(text: str | None) -> float | None:
+    """`--since` as epoch seconds: an ISO date/time, or a duration back from now (90s, 15m, 2h, 7d, 2w)."""
+    if not text:
+        return None
+    from ..durations import parse_ago
+
+    try:  # refuses what reaches past year 9999 (as a count of microseconds it would not fit SQLite)
+        return parse_ago(text.strip())
+    except CodemoatError as e:
+        raise CodemoatError(f"cannot use --since {text!r}: {e}") from None
