@@ -16,7 +16,12 @@ def tune_command(
     *,
     repos: Annotated[str, typer.Option("--repos", help="Indexed repositories to tune on, comma-separated (NAME[,NAME]).")],
     out: Annotated[Path, typer.Option("--out", help="Sealed adapter to write (ADAPTER.moat).")],
-    model: Annotated[Path | None, typer.Option("--model", help="Base GGUF (default: model.path of the configuration).")] = None,
+    model: Annotated[
+        Path | None, typer.Option("--model", help="Base GGUF or sealed .moat (default: model.path of the configuration).")
+    ] = None,
+    license: Annotated[
+        Path | None, typer.Option("--license", help="License of a sealed base (default: model.license of the configuration).")
+    ] = None,
     config: Annotated[Path | None, typer.Option("--config", help="Configuration file (TOML).")] = None,
     minutes: Annotated[float, typer.Option("--minutes", help="Training time budget in minutes.")] = 10.0,
     steps: Annotated[int | None, typer.Option("--steps", help="Train exactly this many steps instead of a time budget.")] = None,
@@ -37,9 +42,11 @@ def tune_command(
         raise CodemoatError(f"--device must be cpu or cuda, got {device!r}")
     if minutes <= 0 and not steps:
         raise CodemoatError("--minutes must be positive")
-    base = model or (Path(p) if (p := load_settings(config).model.path) else None)
+    settings = load_settings(config)
+    base = model or (Path(p) if (p := settings.model.path) else None)
     if base is None:
         raise CodemoatError("no base model: pass --model PATH.gguf or set model.path in the configuration")
+    lic = license or (Path(p) if (p := settings.model.license) else None)
     names = [n.strip() for n in repos.split(",") if n.strip()]
     opts = TuneOptions(
         repos=names,
@@ -53,6 +60,7 @@ def tune_command(
         seed=seed,
         threads=threads,
         eval_tokens=eval_tokens,
+        license=lic,
     )
     result = _run(opts, tune, quiet=as_json)
     data = {"adapter": str(result.out), **result.meta}

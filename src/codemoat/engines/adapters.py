@@ -199,8 +199,7 @@ def open_adapters(paths: list[str], engine: str, source: Any) -> list[LoadedAdap
     if engine != "llamacpp":
         raise CodemoatError(f"model.adapters are served by the llama.cpp engine only, not {engine}")
     tuned = [p for p in paths if not p.startswith(VENDOR_PREFIX)]
-    if tuned and not isinstance(source, Path):
-        raise CodemoatError(
-            "adapters made by `codemoat tune` need a plaintext GGUF base (over a sealed model only vendor adapters, update:NAME)"
-        )
-    return load_adapters(paths, file_sha256(source) if tuned else None)
+    digest = None
+    if tuned:  # checked against the base's digest; a sealed base's plaintext is hashed where it lies, in memory
+        digest = file_sha256(source) if isinstance(source, Path) else hashlib.sha256(source.view).hexdigest()
+    return load_adapters(paths, digest)

@@ -39,6 +39,7 @@ class TuneOptions:
     threads: int | None = None
     index_path: Path | None = None
     name: str | None = None
+    license: Path | None = None  # for a sealed base (.moat)
 
 
 @dataclass
@@ -78,7 +79,7 @@ def tune(opts: TuneOptions, on_event: Callable[[dict], None] | None = None) -> T
             raise CodemoatError("too little code to tune on: need at least two indexed files")
         held = [train_files.pop()]
     emit({"kind": "stage", "stage": "loading the base model", "files": len(train_files), "heldout": len(held)})
-    base = load_base(opts.base, n_ctx=opts.n_ctx, device=opts.device)
+    base = load_base(opts.base, n_ctx=opts.n_ctx, device=opts.device, license=opts.license)
     tok, n_ctx = base.tokenizer, base.n_ctx
     held_w = token_windows(held, tok, n_ctx, opts.eval_tokens)
     other_w = token_windows(unrelated_files(), tok, n_ctx, opts.eval_tokens)
@@ -150,7 +151,7 @@ def tune(opts: TuneOptions, on_event: Callable[[dict], None] | None = None) -> T
         "kind": "codemoat-adapter",
         "version": 1,
         "created": int(time.time()),
-        "base": {"name": base.name, "sha256": base.sha256},
+        "base": {"name": base.name, "sha256": base.sha256, "sealed": base.sealed},
         "repos": [{"name": r.name, "groups": list(r.groups)} for r in corpus.repos],
         "lora": {"rank": opts.rank, "alpha": alpha, "targets": sorted(model.peft_config["default"].target_modules)},
         "train": {
