@@ -100,13 +100,27 @@ class Tpms:
             p.wait(timeout=10)
 
 
-def tpm_machine(tcti: str):
+def tpm_machine(tcti: str, vendor):
+    """A machine on that chip, its AK marked bound at the vendor. Provisioning (EK certificate chain,
+    MakeCredential/ActivateCredential: `vendor tpm challenge|confirm`) is not what is measured here, and
+    these swtpm states have no EK certificate, so the bound row is written directly."""
+    import sqlalchemy as sa
+
     from codemoat.attest.tpm import TpmAttestor
     from codemoat.vault.machine import MachineKey
+    from codemoat.vault.tpmbind import key_id, tpm_keys_t
 
     m = MachineKey.generate(facts={})
     with TpmAttestor(tcti) as a:
         m.tpm = {"tcti": tcti, "identity": a.identity(PCRS)}
+    t = m.tpm["identity"]
+    with vendor.engine.begin() as c:
+        c.execute(sa.delete(tpm_keys_t).where(tpm_keys_t.c.ak_id == key_id(t["ak"])))
+        c.execute(
+            tpm_keys_t.insert().values(
+                ak_id=key_id(t["ak"]), machine_id=m.id, ek_id=key_id(t["ek"] or ""), bound_at=int(time.time())
+            )
+        )
     return m
 
 
@@ -148,7 +162,7 @@ def bench_keyserver(n: int, per: int, tpms: Tpms | None, vendor, url: str, serve
     from codemoat.vault.machine import MachineKey
 
     kind = "tpm" if tpms else "software"
-    machines = [tpm_machine(t) for t in tpms.tctis] if tpms else [MachineKey.generate(facts={}) for _ in range(n)]
+    machines = [tpm_machine(t, vendor) for t in tpms.tctis] if tpms else [MachineKey.generate(facts={}) for _ in range(n)]
     doc = vendor.issue_license(
         customer="attest-bench",
         model=moat,
@@ -220,7 +234,7 @@ def bench_client(runs: int, vendor, url: str, moat: Path, tcti: str) -> dict:
     out = {}
     clients = {}
     for kind in ("software", "tpm"):
-        m = tpm_machine(tcti) if kind == "tpm" else MachineKey.generate(facts={})
+        m = tpm_machine(tcti, vendor) if kind == "tpm" else MachineKey.generate(facts={})
         doc = vendor.issue_license(
             customer="attest-bench",
             model=moat,
@@ -255,7 +269,7 @@ def bench_offline(mib: int, runs: int, vendor, tcti: str) -> dict:
             f.write(os.urandom(1 << 20))
     moat = WORK / "offline.moat"
     vendor.seal(model, "attest-offline", moat)
-    soft, tpm = MachineKey.load_or_create(), tpm_machine(tcti)
+    soft, tpm = MachineKey.load_or_create(), tpm_machine(tcti, vendor)
     tpm.x25519, tpm.ed25519 = soft.x25519, soft.ed25519  # same machine (clock record), two bindings
     lics = {}
     for kind, m in (("software", MachineKey.generate(facts={})), ("tpm", tpm)):

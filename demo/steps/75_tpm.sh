@@ -50,6 +50,13 @@ print(f"   AK {d['ak'][-16:]}…  unwrap key {d['unwrap'][-16:]}…  EK certific
 print(f"   PCR policy: PCRs {d['policy']['pcrs']} = {d['policy']['digest'][:16]}… (recorded by the vendor)")
 PYEOF
 
+say "vendor: the EK certificate chains to the TPM maker's CA, and the chip proves the AK lives beside that EK"
+cat "$T/ca/issuercert.pem" "$T/ca/swtpm-localca-rootca-cert.pem" >"$T/ek-ca.pem"  # swtpm's CA stands in for the TPM maker's
+[[ -f "$V/tpm-ek-ca.pem" ]] || $CODEMOAT vendor tpm trust-ca "$T/ek-ca.pem" --vendor "$V" | sed 's/^/   /'
+$CODEMOAT vendor tpm challenge --vendor "$V" --machine "$DEMO/tpm-machine.json" --out "$DEMO/tpm-challenge.json" --force | sed 's/^/   /'
+$CODEMOAT appliance tpm-activate "$DEMO/tpm-challenge.json" --out "$DEMO/tpm-activation.json" --force | sed 's/^/   /'
+$CODEMOAT vendor tpm confirm "$DEMO/tpm-activation.json" --vendor "$V" | sed 's/^/   /'
+
 KPORT=$(free_port); SPORT=$(free_port)
 say "vendor: seal, and a lease license bound to that TPM (TTL 6 s, grace 4 s)"
 [[ -f "$DEMO/acme-tpm.moat" ]] || $CODEMOAT vendor seal "$MODEL" --vendor "$V" --customer ACME --out "$DEMO/acme-tpm.moat" --no-fingerprint >/dev/null

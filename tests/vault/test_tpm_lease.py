@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from attest.swtpm_fixture import *  # noqa: F403  (the swtpm fixtures; tests/ is on the path)
+from attest.tpmhelp import tpm_machine
 
 from codemoat.attest.tpm import TAMPER_PCR, TpmAttestor
 from codemoat.vault.codec import b64e
@@ -31,9 +32,8 @@ def model(tmp_path):
     return p
 
 
-def _tpm_machine(tcti: str) -> MachineKey:
-    MachineKey.load_or_create().enable_tpm(tcti, [TAMPER_PCR])
-    return MachineKey.load()
+def _tpm_machine(tpm, vendor) -> MachineKey:
+    return tpm_machine(tpm, vendor)  # set up and bound (EK certificate checked, AK activated) at the vendor
 
 
 def _lease_license(vendor, model, tmp_path, machine, url="http://127.0.0.1:9"):
@@ -47,7 +47,7 @@ def _refusals(vendor) -> list[dict]:
 
 
 def test_attested_lease_over_http_quotes_the_nonce_and_unwraps_in_the_chip(vendor, model, tmp_path, swtpm, keyserver):
-    machine = _tpm_machine(swtpm.tcti)
+    machine = _tpm_machine(swtpm, vendor)
     lic, _ = _lease_license(vendor, model, tmp_path, machine, keyserver.url)
     client = LeaseClient(lic, machine)
     lease = client.acquire()
@@ -60,7 +60,7 @@ def test_attested_lease_over_http_quotes_the_nonce_and_unwraps_in_the_chip(vendo
 
 
 def test_lease_without_a_quote_gets_a_signed_refusal_recorded_by_the_vendor(vendor, model, tmp_path, swtpm, keyserver):
-    machine = _tpm_machine(swtpm.tcti)
+    machine = _tpm_machine(swtpm, vendor)
     lic, _ = _lease_license(vendor, model, tmp_path, machine, keyserver.url)
     client = LeaseClient(lic, machine)
     nonce = httpx.post(keyserver.url + "/v1/lease/challenge", json={"license_id": lic.id}).json()["nonce"]
@@ -80,7 +80,7 @@ def _ks_request(ks: KeyServer, client: LeaseClient) -> dict:
 
 def test_each_bad_quote_is_refused_and_releases_nothing(vendor, model, tmp_path, swtpm_factory, vault_home, monkeypatch):
     one, two = swtpm_factory(), swtpm_factory()
-    machine = _tpm_machine(one.tcti)
+    machine = _tpm_machine(one, vendor)
     lic, _ = _lease_license(vendor, model, tmp_path, machine)
     ks = KeyServer(vendor)
     client = LeaseClient(lic, machine)
@@ -113,14 +113,19 @@ def test_each_bad_quote_is_refused_and_releases_nothing(vendor, model, tmp_path,
     refused(_ks_request(ks, other), "bad_quote")
     monkeypatch.delenv("CODEMOAT_TPM_TCTI")
     # the TPM's clock or reset count going backwards (a restored TPM state)
-    ks._tpm_clock[(lic.id, machine.id)] = (10**6, 0)
+    from codemoat.vault.tpmbind import key_id, tpm_keys_t
+
+    with vendor.engine.begin() as c:  # the vendor database's floor for this AK, above what the chip shows
+        c.execute(
+            tpm_keys_t.update().where(tpm_keys_t.c.ak_id == key_id(machine.tpm["identity"]["ak"])).values(reset_count=10**6)
+        )
     refused(_ks_request(ks, client), "tpm_rollback")
     assert [x["code"] for x in _refusals(vendor)] == ["stale_quote", "bad_quote", "unknown_ak", "bad_quote", "tpm_rollback"]
     assert {"pcr_mismatch", "unknown_ak"} <= set(TERMINAL)
 
 
 def test_tamper_ends_the_lease_and_reprovision_brings_it_back(vendor, model, tmp_path, swtpm, keyserver):
-    machine = _tpm_machine(swtpm.tcti)
+    machine = _tpm_machine(swtpm, vendor)
     lic, _ = _lease_license(vendor, model, tmp_path, machine, keyserver.url)
     client = LeaseClient(lic, machine)
     client.acquire()
@@ -144,7 +149,7 @@ def test_a_tpm_gone_mid_lease_is_a_failed_renewal_and_the_keeper_lets_go(vendor,
     from codemoat.vault.codec import VaultError
     from codemoat.vault.lease import LeaseKeeper
 
-    machine = _tpm_machine(swtpm.tcti)
+    machine = _tpm_machine(swtpm, vendor)
     lic, _ = _lease_license(vendor, model, tmp_path, machine, keyserver.url)
     clock = ManualClock()
     client = LeaseClient(lic, machine, clock=clock)

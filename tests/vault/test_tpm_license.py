@@ -9,6 +9,7 @@ import shutil
 import pytest
 
 from attest.swtpm_fixture import *  # noqa: F403  (the swtpm fixtures; tests/ is on the path)
+from attest.tpmhelp import tpm_machine
 
 from codemoat.attest.tpm import TAMPER_PCR
 from codemoat.vault.codec import VaultError
@@ -28,14 +29,12 @@ def model(tmp_path):
     return p
 
 
-def _tpm_machine(tcti: str) -> MachineKey:
-    key = MachineKey.load_or_create()
-    key.enable_tpm(tcti, [TAMPER_PCR])
-    return MachineKey.load()
+def _tpm_machine(tpm, vendor=None) -> MachineKey:
+    return tpm_machine(tpm, vendor)  # set up, and bound at `vendor` (EK certificate checked, AK activated)
 
 
 def test_offline_license_binds_to_the_tpm_and_opens_there(vendor, model, tmp_path, swtpm):
-    machine = _tpm_machine(swtpm.tcti)
+    machine = _tpm_machine(swtpm, vendor)
     moat, lic, doc = bundle(vendor, model, tmp_path / "out", machine)
     entry = doc["license"]["machines"][0]
     assert entry["binding"] == "tpm" and entry["tpm"]["ak"] == machine.tpm["identity"]["ak"]
@@ -51,7 +50,7 @@ def test_a_machine_without_tpm_keeps_software_binding(vendor, machine, model, tm
 
 def test_copied_home_on_another_tpm_is_refused(vendor, model, tmp_path, swtpm_factory, vault_home, monkeypatch):
     one, two = swtpm_factory(), swtpm_factory()
-    _tpm_machine(one.tcti)
+    _tpm_machine(one, vendor)
     moat, lic, _ = bundle(vendor, model, tmp_path / "out", MachineKey.load())
     copy = tmp_path / "copied-home"
     shutil.copytree(vault_home, copy)  # machine.key, tpm.json, clock record: everything a file copy takes
@@ -64,7 +63,7 @@ def test_copied_home_on_another_tpm_is_refused(vendor, model, tmp_path, swtpm_fa
 
 
 def test_software_key_alone_cannot_open_a_tpm_license(vendor, model, tmp_path, swtpm, vault_home):
-    _tpm_machine(swtpm.tcti)
+    _tpm_machine(swtpm, vendor)
     moat, lic, doc = bundle(vendor, model, tmp_path / "out", MachineKey.load())
     from codemoat.vault.codec import unwrap
     from codemoat.vault.license import key_context
@@ -87,6 +86,17 @@ def test_tamper_event_locks_and_reprovision_unlocks(vendor, model, tmp_path, swt
     assert p.returncode == 0, p.stderr
     ident = json.loads(p.stdout)
     assert ident["tpm"]["policy"]["pcrs"] == [TAMPER_PCR] and ident["tpm"]["ek_cert"]
+    # provisioning: the vendor checks the EK certificate, the chip activates the credential, the AK is bound
+    ca_pem, ch, act = tmp_path / "ek-ca.pem", tmp_path / "challenge.json", tmp_path / "activation.json"
+    ca_pem.write_bytes((swtpm.ca / "issuercert.pem").read_bytes() + (swtpm.ca / "swtpm-localca-rootca-cert.pem").read_bytes())
+    for args in (
+        ("vendor", "tpm", "trust-ca", str(ca_pem), "--vendor", str(vendor.root)),
+        ("vendor", "tpm", "challenge", "--vendor", str(vendor.root), "--machine", json.dumps(ident), "--out", str(ch)),
+        ("appliance", "tpm-activate", str(ch), "--out", str(act)),
+        ("vendor", "tpm", "confirm", str(act), "--vendor", str(vendor.root)),
+    ):
+        p = cli(*args)
+        assert p.returncode == 0, p.stderr
     moat, lic, doc = bundle(vendor, model, tmp_path / "out", MachineKey.load())
     p = cli("verify", "--model", str(moat), "--license", str(lic))
     assert p.returncode == 0, p.stderr
@@ -130,7 +140,7 @@ def test_tamper_event_locks_and_reprovision_unlocks(vendor, model, tmp_path, swt
 
 
 def test_identity_tpm_block_is_checked(swtpm):
-    ident = _tpm_machine(swtpm.tcti).identity()
+    ident = _tpm_machine(swtpm).identity()
     assert parse_identity(ident)["tpm"]["ak"] == ident["tpm"]["ak"]
     for bad in (
         {"ak": "00"},

@@ -24,6 +24,8 @@ from .base import AttestError, Quote
 DEVICE_TCTI = "device:/dev/tpmrm0"
 BANK = "sha256"
 TAMPER_PCR = 15  # not resettable from software (PCR 16 and 23 are), extended only by codemoat
+# The audit log's NV counter (TPM_NT_COUNTER, owner range of the TCG handle registry): +1 per TPM-signed checkpoint.
+AUDIT_NV_INDEX = 0x0100C0DE
 # TCG EK Credential Profile 2.0 §2.2.1.4: EK types whose certificates are looked up in NV, in this order.
 _EK_TYPES = ("EK-ECC256", "EK-ECC384", "EK-RSA2048")
 
@@ -140,14 +142,15 @@ class TpmAttestor:
         h, pub = self._ak()
         try:
             out["ak"] = pub.to_der().hex()
+            out["ak_public"] = pub.publicArea.marshal().hex()  # TPMT_PUBLIC: the vendor computes the AK's name from it
         finally:
             self.ctx.flush_context(h)
         out.update(self._ek())
         return out
 
-    def _ek(self) -> dict[str, Any]:
-        """The endorsement key whose certificate the manufacturer stored (else the default ECC P-256 EK)."""
-        pt = _pt()
+    def _ek_template(self) -> tuple[bytes | None, Any] | None:
+        """(certificate, template) of the EK the manufacturer certified, else the default ECC P-256 EK's."""
+        _pt()
         from tpm2_pytss.utils import NVReadEK, create_ek_template
 
         found = None
@@ -160,12 +163,54 @@ class TpmAttestor:
                 found = (cert, tmpl)
             if cert is not None:
                 break
+        return found
+
+    def _ek(self) -> dict[str, Any]:
+        """The endorsement key whose certificate the manufacturer stored (else the default ECC P-256 EK)."""
+        pt = _pt()
+        found = self._ek_template()
         if found is None:
             return {"ek": None, "ek_cert": None}
         cert, tmpl = found
         h, pub, *_ = self.ctx.create_primary(None, tmpl, pt.ESYS_TR.ENDORSEMENT)
         self.ctx.flush_context(h)
         return {"ek": pub.to_der().hex(), "ek_cert": cert.hex() if cert else None}
+
+    def activate_credential(self, credential_blob: bytes, secret: bytes) -> bytes:
+        """TPM2_ActivateCredential with the certified EK and this chip's AK: the vendor's secret, which
+        the chip gives back only when it holds both (TPM 2.0 Part 1 §24, Part 3 §12.5)."""
+        pt = _pt()
+        found = self._ek_template()
+        if found is None:
+            raise AttestError("this TPM has no endorsement key template to activate a credential with")
+        c = self.ctx
+        ek, _, *_ = c.create_primary(None, found[1], pt.ESYS_TR.ENDORSEMENT)
+        ak, _ = self._ak()
+        sess = None
+        try:
+            # The EK's authPolicy is PolicySecret(TPM_RH_ENDORSEMENT) (EK Credential Profile §B.6).
+            sess = c.start_auth_session(
+                pt.ESYS_TR.NONE,
+                pt.ESYS_TR.NONE,
+                pt.TPM2_SE.POLICY,
+                pt.TPMT_SYM_DEF(algorithm=pt.TPM2_ALG.NULL),
+                pt.TPM2_ALG.SHA256,
+            )
+            c.policy_secret(pt.ESYS_TR.ENDORSEMENT, sess)
+            try:
+                blob, _ = pt.TPM2B_ID_OBJECT.unmarshal(len(credential_blob).to_bytes(2, "big") + credential_blob)
+                enc, _ = pt.TPM2B_ENCRYPTED_SECRET.unmarshal(len(secret).to_bytes(2, "big") + secret)
+                out = c.activate_credential(ak, ek, blob, enc, session1=pt.ESYS_TR.PASSWORD, session2=sess)
+            except pt.TSS2_Exception as e:
+                raise AttestError(
+                    f"the TPM refused the vendor's credential (it was made for another TPM or another attestation key): {e}"
+                ) from None
+            return bytes(out)
+        finally:
+            if sess is not None:
+                c.flush_context(sess)
+            c.flush_context(ak)
+            c.flush_context(ek)
 
     def unwrap_public(self, policy: dict[str, Any]) -> str:
         """The unwrap key this chip derives for `policy` (DER hex): equal to a license's only on the same chip."""
@@ -215,3 +260,63 @@ class TpmAttestor:
         pt = _pt()
         pcr_selection([pcr])
         self.ctx.pcr_event(getattr(pt.ESYS_TR, f"PCR{pcr}"), data)  # TPM2_PCR_Event: hashed and extended in every bank
+
+    # -- the audit log's monotonic counter --------------------------------------------
+    def _audit_nv(self, create: bool) -> Any:
+        """The ESYS handle of the audit counter (defined on first use when `create`), else None."""
+        pt = _pt()
+        c = self.ctx
+        try:
+            return c.tr_from_tpmpublic(AUDIT_NV_INDEX)
+        except pt.TSS2_Exception:
+            if not create:
+                return None
+        attrs = pt.TPMA_NV.AUTHWRITE | pt.TPMA_NV.AUTHREAD | pt.TPMA_NV.NO_DA | (pt.TPM2_NT.COUNTER << pt.TPMA_NV.TPM2_NT_SHIFT)
+        pub = pt.TPM2B_NV_PUBLIC(
+            nvPublic=pt.TPMS_NV_PUBLIC(nvIndex=AUDIT_NV_INDEX, nameAlg=pt.TPM2_ALG.SHA256, attributes=attrs, dataSize=8)
+        )
+        try:
+            return c.nv_define_space(b"", pub, pt.ESYS_TR.OWNER)
+        except pt.TSS2_Exception as e:
+            raise AttestError(f"cannot define the audit counter (NV index {AUDIT_NV_INDEX:#x}) in the TPM: {e}") from None
+
+    def audit_counter(self) -> int | None:
+        """The audit counter's value now, or None when this TPM has none (no checkpoint was ever signed)."""
+        pt = _pt()
+        h = self._audit_nv(create=False)
+        if h is None:
+            return None
+        try:
+            return int.from_bytes(bytes(self.ctx.nv_read(h, 8, 0, auth_handle=h)), "big")
+        except pt.TSS2_Exception as e:  # a counter never incremented cannot be read (TPM_RC_NV_UNINITIALIZED)
+            if (e.rc & 0xFFF) == 0x14A:
+                return None
+            raise AttestError(f"cannot read the TPM's audit counter: {e}") from None
+
+    def audit_checkpoint(self, data: bytes) -> tuple[Quote, int]:
+        """Increment the audit counter, then TPM2_NV_Certify it with the AK over `data` (<= 64 bytes):
+        the signed TPMS_ATTEST carries the counter's value, its NV name, `data` and the TPM clock."""
+        pt = _pt()
+        c = self.ctx
+        h = self._audit_nv(create=True)
+        ak, _ = self._ak()
+        try:
+            c.nv_increment(h, auth_handle=h)
+            attest, sig = c.nv_certify(
+                ak,
+                h,
+                data,
+                pt.TPMT_SIG_SCHEME(scheme=pt.TPM2_ALG.NULL),
+                8,
+                0,
+                auth_handle=h,
+                session1=pt.ESYS_TR.PASSWORD,
+                session2=pt.ESYS_TR.PASSWORD,
+            )
+        except pt.TSS2_Exception as e:
+            raise AttestError(f"the TPM could not sign the audit checkpoint: {e}") from None
+        finally:
+            c.flush_context(ak)
+        e = sig.signature.ecdsa
+        raw = bytes(attest)
+        return Quote(raw, bytes(e.signatureR), bytes(e.signatureS)), int.from_bytes(raw[-8:], "big")

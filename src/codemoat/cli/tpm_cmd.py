@@ -1,4 +1,6 @@
-"""TPM commands: `appliance tamper-event` (the chassis sensor's handler) and `vendor license reprovision`."""
+"""TPM commands: `appliance tamper-event` (the chassis sensor's handler), `vendor license reprovision`, and
+binding a machine's attestation key to its certified EK: `vendor tpm trust-ca|challenge|confirm` with
+`appliance tpm-activate` on the machine (TPM2_MakeCredential / ActivateCredential, `vault.tpmbind`)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from ..errors import CodemoatError
-from .apps import appliance_app, license_app
+from .apps import appliance_app, audit_app, license_app, vendor_tpm_app
 from .common import JsonFlag, console, emit
 
 TAMPER_DOMAIN = b"codemoat-tamper-v1\x00"
@@ -68,7 +70,14 @@ def _audit(reason: str, pcr: int) -> int | None:
         head_file=head_file_for(url, home),
         verified_file=verified_file_for(url, home),
     )
-    return log.append("tamper", user="appliance", route="appliance tamper-event", detail={"reason": reason, "pcr": pcr})
+    seq = log.append("tamper", user="appliance", route="appliance tamper-event", detail={"reason": reason, "pcr": pcr})
+    from ..audit.tpm_checkpoint import take
+
+    try:
+        take(log)  # the chip certifies its audit counter over the log, tamper record included
+    except CodemoatError as e:  # the tamper event itself stands; the next checkpoint covers it
+        console.print(f"warning: no TPM checkpoint of the audit log: {e}", style="yellow", highlight=False, soft_wrap=True)
+    return seq
 
 
 @appliance_app.command("tamper-event")
@@ -136,6 +145,155 @@ def license_reprovision(
         as_json,
         lambda d: console.print(
             f"license {license_id} reprovisioned for {ident['id']} (PCRs {pol['pcrs']}, digest {pol['digest'][:12]}…) -> {path}",
+            highlight=False,
+            soft_wrap=True,
+        ),
+    )
+
+
+VendorOpt = Annotated[
+    Path, typer.Option("--vendor", help="The vendor's directory (keys and database).", envvar="CODEMOAT_VENDOR")
+]
+
+
+def _write(path: Path, doc: dict[str, Any], force: bool) -> None:
+    if path.exists() and not force:
+        raise CodemoatError(f"{path} exists: pass --force to replace it")
+    try:
+        path.write_text(json.dumps(doc, indent=2) + "\n")
+    except OSError as e:
+        raise CodemoatError(f"cannot write {path}: {e.strerror}") from None
+
+
+@vendor_tpm_app.command("trust-ca")
+def tpm_trust_ca(
+    ca: Annotated[Path, typer.Argument(help="PEM file: a TPM manufacturer's root (and intermediate) CA certificates.")],
+    vendor: VendorOpt,
+    as_json: JsonFlag = False,
+) -> None:
+    """Trust a TPM manufacturer's CA: EK certificates must chain to one before a machine's TPM is bound."""
+    from ..vault.tpmbind import EK_CA_FILE, trust_ca
+    from ..vault.vendor import Vendor
+
+    try:
+        pem = ca.read_bytes()
+    except OSError as e:
+        raise CodemoatError(f"cannot read {ca}: {e.strerror}") from None
+    v = Vendor.open(vendor)
+    try:
+        n = trust_ca(v.root, pem)
+    finally:
+        v.close()
+    emit(
+        {"added": n, "file": str(vendor / EK_CA_FILE)},
+        as_json,
+        lambda d: console.print(f"{n} certificate(s) added to {d['file']}", highlight=False, soft_wrap=True),
+    )
+
+
+@vendor_tpm_app.command("challenge")
+def tpm_challenge(
+    vendor: VendorOpt,
+    machine: Annotated[str, typer.Option(help="The machine's identity (`codemoat machine-id --tpm --json`, a file or JSON).")],
+    out: Annotated[Path, typer.Option(help="Challenge file to send to the machine.")] = Path("tpm-challenge.json"),
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out file.")] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Check the machine's EK certificate chain and AK, and write a credential only that TPM can activate."""
+    from ..vault.machine import parse_identity
+    from ..vault.tpmbind import challenge
+    from ..vault.vendor import Vendor
+
+    ident = parse_identity(machine)
+    v = Vendor.open(vendor)
+    try:
+        doc = challenge(v, ident)
+    finally:
+        v.close()
+    _write(out, doc, force)
+    emit(
+        {"machine_id": ident["id"], "ak_id": doc["ak_id"], "file": str(out)},
+        as_json,
+        lambda d: console.print(
+            f"EK certificate of {ident['id']} chains to a trusted TPM CA; challenge -> {out} "
+            "(on the machine: `codemoat appliance tpm-activate`)",
+            highlight=False,
+            soft_wrap=True,
+        ),
+    )
+
+
+@vendor_tpm_app.command("confirm")
+def tpm_confirm(
+    activation: Annotated[str, typer.Argument(help="The machine's answer (`codemoat appliance tpm-activate`), a file or JSON.")],
+    vendor: VendorOpt,
+    as_json: JsonFlag = False,
+) -> None:
+    """Bind the machine's attestation key once its TPM gave back the challenge's secret; licenses may then name it."""
+    from ..vault.tpmbind import confirm
+    from ..vault.vendor import Vendor
+
+    v = Vendor.open(vendor)
+    try:
+        got = confirm(v, activation)
+    finally:
+        v.close()
+    emit(
+        got,
+        as_json,
+        lambda d: console.print(
+            f"TPM attestation key of {d['machine_id']} bound to its certified EK", highlight=False, soft_wrap=True
+        ),
+    )
+
+
+@appliance_app.command("tpm-activate")
+def tpm_activate(
+    challenge_file: Annotated[
+        str, typer.Argument(help="The vendor's challenge (`codemoat vendor tpm challenge`), a file or JSON.")
+    ],
+    out: Annotated[Path, typer.Option(help="Answer file to send back to the vendor.")] = Path("tpm-activation.json"),
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out file.")] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Let this machine's TPM open the vendor's credential (only the chip with that EK and this AK can)."""
+    from ..vault.machine import MachineKey
+    from ..vault.tpmbind import activate
+
+    key = MachineKey.load()
+    if not key.tpm:
+        raise CodemoatError("this machine has no TPM set up: run `codemoat machine-id --tpm` first")
+    doc = activate(key.attestor(), key.id, key.tpm["identity"], challenge_file)
+    _write(out, doc, force)
+    emit(
+        {"machine_id": key.id, "file": str(out)},
+        as_json,
+        lambda d: console.print(
+            f"TPM activated the vendor's credential -> {out} (send it to the vendor)", highlight=False, soft_wrap=True
+        ),
+    )
+
+
+@audit_app.command("tpm-checkpoint")
+def audit_tpm_checkpoint(
+    config: Annotated[Path | None, typer.Option(help="TOML configuration file.", envvar="CODEMOAT_CONFIG")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Have the TPM sign a checkpoint of the audit log with its monotonic counter (run it from a timer);
+    `audit verify` then catches the log put back to an older copy."""
+    from ..audit.tpm_checkpoint import take
+    from .audit_cmd import _log
+
+    got = take(_log(config))
+    if got is None:
+        emit({"record": None}, as_json, lambda d: console.print("the audit log is empty: nothing to checkpoint"))
+        return
+    out = {k: got[k] for k in ("record", "seq", "counter", "ak_id")}
+    emit(
+        out,
+        as_json,
+        lambda d: console.print(
+            f"TPM checkpoint: counter {d['counter']} over record {d['seq']} (written as record {d['record']})",
             highlight=False,
             soft_wrap=True,
         ),

@@ -139,6 +139,12 @@ class Trust:
             self.log.checkpoint("shutdown")
         except Exception as e:  # the server is going down anyway; say so
             log.error("could not sign the shutdown checkpoint of the audit log: %s", e)
+        try:  # on a machine with a TPM, the chip signs one too, with its monotonic counter
+            from ..audit.tpm_checkpoint import maybe_take
+
+            maybe_take(self.log)
+        except Exception as e:
+            log.error("could not take the TPM checkpoint of the audit log: %s", e)
 
     # -- one request's record -----------------------------------------------------------
     def write(self, scope: dict, status: int, seconds: float, note: str | None = None) -> None:

@@ -19,7 +19,8 @@ A machine bound to a TPM (its license entry has a "tpm" block) also sends a TPM2
 attestation key over the license's PCRs, whose qualifyingData is SHA-256 over `QUOTE_DOMAIN` and
 the signed request (so the quote is as fresh as the nonce); the key is released only when the
 quote verifies (`tpmwrap.verify_quote`), its PCR digest is the policy's, and the TPM's reset count
-and clock have not gone backwards; the answer's keys are then wrapped to the chip's unwrap key.
+and clock have not gone backwards (the highest seen per AK is kept in the vendor database, so a
+restart forgets nothing); the answer's keys are then wrapped to the chip's unwrap key.
 Each such refusal is signed like any other and appended to the vendor's `attestation.jsonl`.
 
 Each serving process (an instance: several replicas may share one machine and its key) makes an
@@ -51,6 +52,7 @@ import sqlalchemy as sa
 from .clock import Clock
 from .codec import VaultError, b64d, b64e, canonical, ed_public, sign, verify, wrap, x_public
 from .license import key_context
+from .tpmbind import advance
 from .tpmwrap import QuoteRefused, verify_quote, wrap_p256
 from .vendor import Vendor, leases_t
 
@@ -133,7 +135,6 @@ class KeyServer:
         self._docs: dict[str, _Licensed] = {}
         self._keys: dict[str, bytes] = {}
         self._wm: dict[str, bytes] = {}
-        self._tpm_clock: dict[tuple[str, str], tuple[int, int]] = {}  # (license, machine) -> (resetCount, clock)
         self._attest_lock = threading.RLock()
 
     # -- nonces -------------------------------------------------------------
@@ -281,16 +282,15 @@ class KeyServer:
                     continue
                 self._record_refusal(lid, mid, e.code, str(e))
                 raise LeaseDenied(e.code, str(e)) from None
-        with self._attest_lock:
-            last = self._tpm_clock.get((lid, mid))
-            if last is not None and (info.reset_count, info.clock) < last:
-                msg = (
-                    f"TPM reset count or clock went backwards ({info.reset_count}/{info.clock} after "
-                    f"{last[0]}/{last[1]}): a restored or replayed TPM state"
-                )
-                self._record_refusal(lid, mid, "tpm_rollback", msg)
-                raise LeaseDenied("tpm_rollback", msg)
-            self._tpm_clock[(lid, mid)] = (info.reset_count, info.clock)
+        # The floor is the vendor database's (`tpmbind.advance`): a key server restart forgets nothing.
+        last = advance(self.vendor.engine, entry["tpm"]["ak"], mid, info.reset_count, info.clock)
+        if last is not None:
+            msg = (
+                f"TPM reset count or clock went backwards ({info.reset_count}/{info.clock} after "
+                f"{last[0]}/{last[1]}): a restored or replayed TPM state"
+            )
+            self._record_refusal(lid, mid, "tpm_rollback", msg)
+            raise LeaseDenied("tpm_rollback", msg)
         return entry
 
     def _record_refusal(self, lid: str, mid: str, code: str, message: str) -> None:

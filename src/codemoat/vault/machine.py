@@ -233,9 +233,12 @@ def check_tpm_block(t: Any) -> dict[str, Any]:
         and isinstance(pol.get("digest"), str)
         and len(pol["digest"]) == 64
     )
-    if not ok or not all(t.get(k) is None or isinstance(t.get(k), str) for k in ("ek", "ek_cert")):
+    if not ok or not all(t.get(k) is None or isinstance(t.get(k), str) for k in ("ek", "ek_cert", "ak_public")):
         raise VaultError("machine identity's TPM policy is malformed")
-    return {k: t.get(k) for k in ("kind", "ak", "unwrap", "ek", "ek_cert", "policy")}
+    out = {k: t.get(k) for k in ("kind", "ak", "unwrap", "ek", "ek_cert", "policy")}
+    if t.get("ak_public") is not None:  # the AK's TPMT_PUBLIC: its TPM name, for the vendor's credential (tpmbind)
+        out["ak_public"] = t["ak_public"]
+    return out
 
 
 def machine_id_of(x_pub: bytes, ed_pub: bytes) -> str:

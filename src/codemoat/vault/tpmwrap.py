@@ -15,6 +15,7 @@ clock info so a caller can refuse a reset count that went backwards.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import struct
 from collections.abc import Callable
@@ -168,3 +169,61 @@ def verify_quote(tpm: dict[str, Any], quote: Any, expected_data: bytes) -> Quote
             "(tamper event or another boot state): the vendor must reprovision",
         )
     return info
+
+
+ST_ATTEST_NV = 0x8014  # TPM_ST_ATTEST_NV, Part 2 §6.9
+# TPMA_NV (Part 2 §13.4) of the audit counter as the chip reports it once incremented: AUTHWRITE,
+# TPM_NT_COUNTER, AUTHREAD, NO_DA, WRITTEN. Its name is what NV_Certify names, so a look-alike
+# ordinary index (whose value anyone with owner auth could set back) has another name.
+COUNTER_ATTRS = (1 << 2) | (1 << 4) | (1 << 18) | (1 << 25) | (1 << 29)
+
+
+def counter_name(index: int) -> bytes:
+    """The TPM name (SHA-256 || H(TPMS_NV_PUBLIC)) of codemoat's 8-byte audit counter at `index`."""
+    nv_public = struct.pack(">IHIHH", index, ALG_SHA256, COUNTER_ATTRS, 0, 8)
+    return struct.pack(">H", ALG_SHA256) + hashlib.sha256(nv_public).digest()
+
+
+@dataclass(frozen=True)
+class CounterInfo:
+    counter: int
+    clock: int
+    reset_count: int
+
+
+def verify_nv_certify(ak_der_hex: str, attest: bytes, r: bytes, s: bytes, expected_data: bytes, index: int) -> CounterInfo:
+    """A TPM2_NV_Certify of the audit counter by the AK over `expected_data`: the counter's value
+    and the TPM clock, or `QuoteRefused` naming what does not hold."""
+    if len(attest) > 1024 or not (0 < len(r) <= 32 and 0 < len(s) <= 32):
+        raise QuoteRefused("bad_quote", "TPM checkpoint is malformed")
+    try:
+        p256_public(ak_der_hex, "attestation key").verify(
+            encode_dss_signature(int.from_bytes(r, "big"), int.from_bytes(s, "big")), attest, ec.ECDSA(hashes.SHA256())
+        )
+    except (InvalidSignature, ValueError):
+        raise QuoteRefused("bad_quote", "TPM checkpoint signature does not verify with the attestation key") from None
+    try:
+        magic, typ = struct.unpack_from(">IH", attest, 0)
+        off = 6
+        (n,) = struct.unpack_from(">H", attest, off)
+        off += 2 + n  # qualifiedSigner
+        (n,) = struct.unpack_from(">H", attest, off)
+        extra = attest[off + 2 : off + 2 + n]
+        off += 2 + n
+        clock, reset, _restart, _safe = struct.unpack_from(">QIIB", attest, off)
+        off += 17 + 8  # clockInfo, firmwareVersion
+        (n,) = struct.unpack_from(">H", attest, off)
+        name = attest[off + 2 : off + 2 + n]
+        off += 2 + n
+        (offset, n) = struct.unpack_from(">HH", attest, off)
+        contents = attest[off + 4 : off + 4 + n]
+        off += 4 + n
+    except struct.error:
+        raise QuoteRefused("bad_quote", "TPM checkpoint is truncated") from None
+    if magic != TPM_GENERATED or typ != ST_ATTEST_NV or off != len(attest) or offset != 0 or len(contents) != 8:
+        raise QuoteRefused("bad_quote", "TPM checkpoint is not a TPM-generated certification of an 8-byte counter")
+    if name != counter_name(index):
+        raise QuoteRefused("bad_quote", f"TPM checkpoint certifies another NV index than the audit counter {index:#x}")
+    if extra != expected_data:
+        raise QuoteRefused("stale_quote", "TPM checkpoint was signed over another record than the one it names")
+    return CounterInfo(int.from_bytes(contents, "big"), clock, reset)

@@ -328,6 +328,10 @@ class Vendor:
             lease=lease,
             support_until=support_until,
         )
+        from .tpmbind import require_bound
+
+        for m in doc["license"]["machines"]:  # a TPM's AK must have been proven to live beside its certified EK
+            require_bound(self.engine, m)
         body = doc["license"]
         with self.engine.begin() as c:
             c.execute(

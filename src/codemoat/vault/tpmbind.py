@@ -1,0 +1,212 @@
+"""The vendor's record of each TPM attestation key: bound to its certified EK, and its clock's floor.
+
+Provisioning a TPM machine is two messages (credential protection, `tpmcred`):
+
+    vendor:   challenge(identity)  -> {"kind": "codemoat-tpm-challenge", credential, secret}
+    machine:  activate(attestor, challenge) -> {"kind": "codemoat-tpm-activation", secret}
+    vendor:   confirm(activation)  -> the AK is bound: licenses may now name it
+
+The vendor first checks the EK certificate chains to a TPM manufacturer CA it trusts
+(`tpm-ek-ca.pem` in the vendor folder) and that the AK's public area is a restricted, fixedTPM
+signing key; the secret comes back only from the chip that holds that EK with that AK loaded.
+`require_bound` refuses to license a TPM identity whose AK was not bound this way.
+
+The same row keeps the highest (resetCount, clock) a verified quote showed (`advance`): in the
+vendor database, so a key server restart or a second key server process does not forget it, and
+a restored TPM state (a vTPM snapshot) is refused however long ago it was last seen.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+
+from .codec import VaultError
+
+EK_CA_FILE = "tpm-ek-ca.pem"
+CHALLENGE_KIND, ACTIVATION_KIND = "codemoat-tpm-challenge", "codemoat-tpm-activation"
+CHALLENGE_TTL = 7 * 86400  # a challenge sent to a customer stays answerable for a week
+
+_meta = sa.MetaData()
+tpm_keys_t = sa.Table(
+    "vault_tpm_keys",
+    _meta,
+    sa.Column("ak_id", sa.String(64), primary_key=True),
+    sa.Column("machine_id", sa.String(40)),
+    sa.Column("ek_id", sa.String(64)),
+    sa.Column("secret_hash", sa.String(64)),
+    sa.Column("challenged_at", sa.Integer),
+    sa.Column("bound_at", sa.Integer),
+    sa.Column("reset_count", sa.BigInteger),
+    sa.Column("clock", sa.BigInteger),
+    sa.Column("seen_at", sa.Integer),
+)
+
+_ADVANCE = sa.text(
+    "UPDATE vault_tpm_keys SET reset_count = :r, clock = :c, seen_at = :now WHERE ak_id = :ak AND "
+    "(reset_count IS NULL OR reset_count < :r OR (reset_count = :r AND clock <= :c))"
+)
+_LAST = sa.text("SELECT reset_count, clock FROM vault_tpm_keys WHERE ak_id = :ak")
+
+
+def key_id(der_hex: str) -> str:
+    return hashlib.sha256(bytes.fromhex(der_hex)).hexdigest()
+
+
+def trust_ca(root: Path, pem: bytes) -> int:
+    """Add TPM manufacturer CA certificates (PEM: roots and intermediates) to the vendor's trust file."""
+    from .tpmcred import load_ca_bundle
+
+    n = len(load_ca_bundle(pem))
+    with open(root / EK_CA_FILE, "ab") as f:
+        f.write(pem if pem.endswith(b"\n") else pem + b"\n")
+    return n
+
+
+def _trusted_cas(root: Path) -> list[Any]:
+    from .tpmcred import load_ca_bundle
+
+    try:
+        return load_ca_bundle((root / EK_CA_FILE).read_bytes())
+    except FileNotFoundError:
+        raise VaultError(
+            "this vendor trusts no TPM manufacturer CA yet: add one with `codemoat vendor tpm trust-ca FILE`"
+        ) from None
+
+
+def challenge(vendor: Any, identity: dict[str, Any]) -> dict[str, Any]:
+    """Check the identity's EK certificate and AK, and make the credential only that chip can activate."""
+    from .tpmcred import ak_name, make_credential, verify_ek_cert
+
+    t = identity.get("tpm")
+    if not t:
+        raise VaultError("the machine identity has no TPM block (run `codemoat machine-id --tpm` on the machine)")
+    if not isinstance(t.get("ak_public"), str):
+        raise VaultError(
+            "the machine identity lacks the AK's public area: run `codemoat machine-id --tpm` again (newer codemoat)"
+        )
+    verify_ek_cert(t.get("ek_cert"), t.get("ek") or "", _trusted_cas(vendor.root))
+    name = ak_name(t["ak_public"], t["ak"])
+    secret = os.urandom(32)
+    blob, enc = make_credential(t["ek"], name, secret)
+    ak, now = key_id(t["ak"]), int(time.time())
+    values = {
+        "machine_id": identity["id"],
+        "ek_id": key_id(t["ek"]),
+        "secret_hash": hashlib.sha256(secret).hexdigest(),
+        "challenged_at": now,
+    }
+    with vendor.engine.begin() as c:
+        row = c.execute(sa.select(tpm_keys_t.c.ak_id).where(tpm_keys_t.c.ak_id == ak)).first()
+        if row is None:
+            c.execute(tpm_keys_t.insert().values(ak_id=ak, **values))
+        else:
+            c.execute(tpm_keys_t.update().where(tpm_keys_t.c.ak_id == ak).values(**values))
+    return {
+        "kind": CHALLENGE_KIND,
+        "version": 1,
+        "machine_id": identity["id"],
+        "ak_id": ak,
+        "credential": blob.hex(),
+        "secret": enc.hex(),
+    }
+
+
+def _doc(text_or_path: str | dict, kind: str, what: str) -> dict[str, Any]:
+    if isinstance(text_or_path, dict):
+        d: Any = text_or_path
+    else:
+        src = text_or_path.strip()
+        try:
+            d = json.loads(src if src.startswith("{") else Path(src).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            raise VaultError(f"{what} {text_or_path[:80]!r} is neither a readable file nor JSON") from None
+    fields = ("machine_id", "ak_id", "credential", "secret") if kind == CHALLENGE_KIND else ("machine_id", "ak_id", "secret")
+    if not isinstance(d, dict) or d.get("kind") != kind or not all(isinstance(d.get(k), str) for k in fields):
+        raise VaultError(f"{what} is not a {kind} document")
+    return d
+
+
+def activate(attestor: Any, machine_id: str, tpm_block: dict[str, Any], challenge_doc: str | dict) -> dict[str, Any]:
+    """The machine's answer: the secret its TPM releases from the vendor's credential."""
+    ch = _doc(challenge_doc, CHALLENGE_KIND, "TPM challenge")
+    if ch["machine_id"] != machine_id or ch["ak_id"] != key_id(tpm_block["ak"]):
+        raise VaultError(f"the TPM challenge is for machine {ch['machine_id']}, not this one ({machine_id})")
+    try:
+        blob, enc = bytes.fromhex(ch["credential"]), bytes.fromhex(ch["secret"])
+    except ValueError:
+        raise VaultError("the TPM challenge is malformed") from None
+    if not 0 < len(blob) <= 512 or not 0 < len(enc) <= 512:
+        raise VaultError("the TPM challenge is malformed")
+    with attestor as a:
+        secret = a.activate_credential(blob, enc)
+    return {"kind": ACTIVATION_KIND, "version": 1, "machine_id": machine_id, "ak_id": ch["ak_id"], "secret": secret.hex()}
+
+
+def confirm(vendor: Any, activation_doc: str | dict) -> dict[str, Any]:
+    """Bind the AK once the machine gave back the challenge's secret; each challenge is answered once."""
+    act = _doc(activation_doc, ACTIVATION_KIND, "TPM activation")
+    try:
+        got = hashlib.sha256(bytes.fromhex(act["secret"])).hexdigest()
+    except ValueError:
+        raise VaultError("the TPM activation is malformed") from None
+    now = int(time.time())
+    with vendor.engine.begin() as c:
+        row = c.execute(sa.select(tpm_keys_t).where(tpm_keys_t.c.ak_id == act["ak_id"]).with_for_update()).first()
+        if row is None or row.machine_id != act["machine_id"] or row.secret_hash is None:
+            raise VaultError(f"no open TPM challenge for machine {act['machine_id']}: run `codemoat vendor tpm challenge` first")
+        if now - row.challenged_at > CHALLENGE_TTL:
+            raise VaultError("the TPM challenge has expired: make a new one")
+        if not hmac.compare_digest(got, row.secret_hash):
+            raise VaultError(
+                "the TPM activation does not match the challenge: the attestation key does not live in the TPM "
+                "whose EK certificate was checked"
+            )
+        c.execute(tpm_keys_t.update().where(tpm_keys_t.c.ak_id == act["ak_id"]).values(secret_hash=None, bound_at=now))
+    return {"machine_id": act["machine_id"], "ak_id": act["ak_id"], "bound_at": now}
+
+
+def require_bound(engine: sa.Engine, identity: dict[str, Any]) -> None:
+    """Refuse to license a TPM identity whose AK was not proven to live beside its certified EK."""
+    t = identity.get("tpm")
+    if not t:
+        return
+    with engine.connect() as c:
+        row = c.execute(sa.select(tpm_keys_t).where(tpm_keys_t.c.ak_id == key_id(t["ak"]))).first()
+    if row is None or row.bound_at is None or row.machine_id != identity["id"] or row.ek_id != key_id(t.get("ek") or ""):
+        raise VaultError(
+            f"machine {identity['id']}'s TPM attestation key is not bound to its EK: run `codemoat vendor tpm challenge` "
+            "and `codemoat vendor tpm confirm` with the machine first"
+        )
+
+
+def advance(engine: sa.Engine, ak_der_hex: str, machine_id: str, reset_count: int, clock: int) -> tuple[int, int] | None:
+    """Record a verified quote's (resetCount, clock); the last values seen when they went backwards, else None."""
+    ak = key_id(ak_der_hex)
+    p = {"ak": ak, "r": reset_count, "c": clock, "now": int(time.time())}
+    for _ in range(3):
+        with engine.begin() as c:
+            if c.execute(_ADVANCE, p).rowcount:
+                return None
+            last = c.execute(_LAST, p).first()
+            if last is not None:
+                return (last.reset_count, last.clock)
+        try:  # a license issued before AKs were bound: start its record now
+            with engine.begin() as c:
+                c.execute(
+                    tpm_keys_t.insert().values(
+                        ak_id=ak, machine_id=machine_id, reset_count=reset_count, clock=clock, seen_at=p["now"]
+                    )
+                )
+            return None
+        except IntegrityError:
+            continue  # another request inserted it first: compare against that
+    raise VaultError("the TPM clock record could not be updated")
