@@ -453,10 +453,6 @@ class AuditLog:
             from .tpm_checkpoint import check_report
 
             check_report(self.engine, rep)
-        if rep.ok:  # the TPM's checkpoints and its monotonic counter, when this machine has a TPM
-            from .tpm_checkpoint import check_report
-
-            check_report(self.engine, rep)
         if rep.ok and rep.head is not None and self.verified_file is not None:
             try:
                 trusted.remember(self.verified_file, rep.head, public_key)
