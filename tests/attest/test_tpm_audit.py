@@ -89,6 +89,8 @@ def test_a_fresh_log_with_tpm_checkpoints_verifies_and_the_cli_takes_them(swtpm,
         assert json.loads(p.stdout)["counter"] == n
     p = run_cli("audit", "verify")
     assert p.returncode == 0 and "audit log OK" in p.stdout, p.stdout + p.stderr
+    p = run_cli("audit", "export", "--kind", "tpm_checkpoint")
+    assert p.returncode == 0 and len(p.stdout.splitlines()) == 2, p.stdout + p.stderr
 
 
 def test_nv_certify_of_the_counter_verifies_and_each_forgery_is_refused(swtpm_factory):

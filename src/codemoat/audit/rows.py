@@ -11,7 +11,18 @@ from ..errors import CodemoatError
 from .chain import FIELDS
 
 #: every kind of record the server writes
-KINDS = ("request", "unauthenticated", "alert", "egress_blocked", "rotation", "engine_crashed", "directory", "update", "tamper")
+KINDS = (
+    "request",
+    "unauthenticated",
+    "alert",
+    "egress_blocked",
+    "rotation",
+    "engine_crashed",
+    "directory",
+    "update",
+    "tamper",
+    "tpm_checkpoint",
+)
 
 
 def check_kind(kind: str | None) -> str | None:
