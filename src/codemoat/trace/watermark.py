@@ -89,11 +89,12 @@ class GreenList:
 
 def entropy(logits: np.ndarray) -> float:
     """Shannon entropy (nats) of softmax(logits): log Z - Σ p·x for x = logits - max."""
-    x = np.asarray(logits, dtype=np.float32)
-    x = x - np.max(x)
+    x = np.array(logits, dtype=np.float32)  # a copy, shifted in place
+    x -= x.max()
+    np.maximum(x, np.float32(-1e30), out=x)  # -inf (a banned token) → a finite floor whose e^x is 0
     e = np.exp(x)
     z = float(e.sum())
-    return max(0.0, math.log(z) - float(np.dot(e, np.where(np.isfinite(x), x, 0.0))) / z)
+    return max(0.0, math.log(z) - float(np.dot(e, x)) / z)
 
 
 def entropies(logits: np.ndarray) -> np.ndarray:
@@ -135,9 +136,8 @@ class WatermarkProcessor:
         mask = self.green.mask(int(input_ids[-1]), len(logits))
         if n < len(logits):
             mask = mask & (np.arange(len(logits)) < n)
-        out = np.array(logits, dtype=logits.dtype, copy=True)
-        out[mask] += self.delta
-        return out
+        # arithmetic, not `out[mask] += δ`: boolean indexing costs ~20× more at a 262k vocabulary
+        return logits + mask * logits.dtype.type(self.delta)
 
 
 def binom_tail(k: int, n: int, p: float) -> float:
