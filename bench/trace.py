@@ -11,6 +11,8 @@ Parts (each merges its numbers into bench/results/trace.json; trace.md is rebuil
   watermark  false positives on ≥ 10,000 human code files, detection on 200-token generations,
              exact match with the watermark on and off
   radio      stretch: a student trained on watermarked outputs, is the watermark in its outputs?
+  watermark-gemma  the watermark's quality cost on a real pretrained model (Gemma 3 270M Q4_K_M,
+             bench/gemma.py): exact match and similarity off vs on, detection on 64-token completions
 
 1,000 customers are registered in a real vendor directory; a customer is named at corrected
 p < 1e-9 (detect.py). Runs on one thread; sized for a busy 2-core machine.
@@ -30,6 +32,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from codemoat.trace import detect, fingerprint  # noqa: E402
@@ -509,6 +512,99 @@ def part_watermark(n_files: int, n_gen: int, n_em: int, n_keys: int, n_cust: int
     return out
 
 
+def part_watermark_gemma(n_lines: int, n_gen: int) -> dict:
+    """The watermark's quality cost on a real pretrained model (Gemma 3 270M Q4_K_M): single-line
+    exact match and similarity, greedy, watermark off vs on, on held-out code; and its detection
+    rate on short completions of the same model."""
+    import difflib
+
+    from gemma import TERMS, gemma_path
+    from llama_cpp import Llama, LogitsProcessorList
+
+    model = gemma_path()
+    customers(4)
+    keys = watermark_keys(4)
+    name = next(iter(keys))
+    key = keys[name]
+    llm = Llama(str(model), n_ctx=1024, verbose=False, n_threads=int(os.environ.get("WM_THREADS", "2")), seed=0)
+    banned = {llm.token_eos()}
+
+    def ban(_ids, logits):
+        logits[list(banned)] = -1e9
+        return logits
+
+    text = heldout_text(400_000)
+    lines = text.splitlines(keepends=True)
+    rng = np.random.default_rng(2)
+    cands = [i for i in range(20, len(lines)) if len(lines[i].strip()) >= 8]
+    picks = sorted(rng.choice(cands, size=min(n_lines, len(cands)), replace=False))
+    em = {"off": 0, "on": 0}
+    sim: dict[str, list[float]] = {"off": [], "on": []}
+    changed = 0
+    t = time.time()
+    for n, i in enumerate(picks):
+        ctx = llm.tokenize("".join(lines[max(0, i - 40) : i]).encode(), add_bos=True, special=False)[-400:]
+        target = lines[i].strip()
+        outs = {}
+        for mode in ("off", "on"):
+            procs = [ban] + ([wm.WatermarkProcessor(key, vocab_size=llm.n_vocab())] if mode == "on" else [])
+            c = llm.create_completion(
+                ctx, max_tokens=40, temperature=0.0, stop=["\n"], logits_processor=LogitsProcessorList(procs)
+            )["choices"][0]["text"]
+            outs[mode] = c
+            em[mode] += c.strip() == target
+            sim[mode].append(difflib.SequenceMatcher(None, c.strip(), target).ratio())
+        changed += outs["on"] != outs["off"]
+        if n % 25 == 0:
+            log(f"gemma exact match {n}/{len(picks)}: off {em['off']} on {em['on']}")
+    out: dict = {
+        "model": str(model),
+        "terms": TERMS,
+        "exact_match": {
+            "lines": len(picks),
+            "em_off": em["off"] / len(picks),
+            "em_on": em["on"] / len(picks),
+            "similarity_off": float(np.mean(sim["off"])),
+            "similarity_on": float(np.mean(sim["on"])),
+            "outputs_changed": changed / len(picks),
+            "seconds": round(time.time() - t, 1),
+        },
+    }
+    log(f"gemma exact match: {out['exact_match']}")
+    # detection on short completions (what an editor receives), at the corrected threshold
+    scorer = wm.LlamaScorer(str(model), n_ctx=512)
+    ptoks = llm.tokenize(text.encode(), add_bos=False, special=False)
+    for temp in (0.2, 0.8):
+        zs, det = [], 0
+        t = time.time()
+        for g in range(n_gen):
+            s = int(rng.integers(0, len(ptoks) - 300))
+            proc = wm.WatermarkProcessor(key, vocab_size=llm.n_vocab())
+            txt = llm.create_completion(
+                [llm.token_bos(), *ptoks[s : s + 128]],
+                max_tokens=64,
+                temperature=temp,
+                top_k=0,
+                top_p=1.0,
+                seed=g,
+                logits_processor=LogitsProcessorList([ban, proc]),
+            )["choices"][0]["text"]
+            res = wm.detect_text(txt, scorer.tokenize, {name: key}, scorer.entropies)[0]
+            zs.append(res.z)
+            det += res.detected
+        stouffer = float(np.sum(zs) / math.sqrt(len(zs))) if zs else 0.0
+        out[f"detection_T{temp}"] = {
+            "generations": n_gen,
+            "tokens": 64,
+            "detected_alone": det / max(1, n_gen),
+            "median_z": float(np.median(zs)),
+            "stouffer_z": stouffer,
+            "seconds": round(time.time() - t, 1),
+        }
+        log(f"gemma detection T={temp}: {out[f'detection_T{temp}']}")
+    return out
+
+
 # -- radioactivity (stretch) ----------------------------------------------------
 def part_radio(n_cust: int, n_train_gen: int = 100, steps: int = 400) -> dict:
     """Train a small student on the watermarked bundled model's outputs; score the student's outputs."""
@@ -725,6 +821,29 @@ def render(res: dict) -> str:
                 f"{100 * e['outputs_changed']:.1f}% of completions changed.",
             ]
         L.append("")
+    g = res.get("watermark-gemma")
+    if g:
+        e = g["exact_match"]
+        L += [
+            "## The watermark's quality cost on a real pretrained model",
+            "",
+            f"`{Path(g['model']).name}` (Gemma 3 270M, Q4_K_M, from PyPI via bench/gemma.py). {g['terms']}",
+            "",
+            f"**Single-line completion, greedy**, {e['lines']} held-out lines (40 lines of context): exact match "
+            f"{100 * e['em_off']:.1f}% without, {100 * e['em_on']:.1f}% with the watermark "
+            f"(**{100 * (e['em_on'] - e['em_off']):+.1f} points**); mean similarity to the real line (difflib ratio) "
+            f"{e['similarity_off']:.3f} → {e['similarity_on']:.3f}; {100 * e['outputs_changed']:.1f}% of completions "
+            f"changed; {e['seconds']} s.",
+            "",
+        ]
+        for k in sorted(x for x in g if x.startswith("detection_T")):
+            d = g[k]
+            L.append(
+                f"**Detection**, temperature {k[11:]}: {d['generations']} completions of ≤ {d['tokens']} tokens, "
+                f"{100 * d['detected_alone']:.0f}% detected alone (one key, p < threshold), median z {d['median_z']:.2f}, "
+                f"all {d['generations']} pooled (Stouffer) z = {d['stouffer_z']:.1f}."
+            )
+        L.append("")
     rr = res.get("radio")
     if rr:
         L += ["## Stretch: radioactivity (Sander et al. 2024)", ""]
@@ -779,6 +898,7 @@ def main() -> None:
     ap.add_argument("--keys", type=int, default=3)
     ap.add_argument("--entropy-files", type=int, default=300, help="FPR files also scored with model entropies")
     ap.add_argument("--temperatures", default="0.2,0.8")
+    ap.add_argument("--gemma-generations", type=int, default=20, help="watermark-gemma: completions per temperature")
     args = ap.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -809,6 +929,8 @@ def main() -> None:
             res[part] = part_watermark(args.files, 0, 0, args.keys, args.customers, args.entropy_files, [])
         elif part == "radio":
             res[part] = part_radio(args.customers)
+        elif part == "watermark-gemma":
+            res[part] = part_watermark_gemma(args.em_lines, args.gemma_generations)
         else:
             raise SystemExit(f"unknown part {part}")
         res[part]["part_seconds"] = round(time.time() - t, 1)
