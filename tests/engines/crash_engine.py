@@ -43,5 +43,15 @@ class CrashingEngine(LlamaCppEngine):
 
         super()._generate(prompt_ids, params, emit, cancel)
 
+    def _start(self, ids, params, emit, cancel, finished) -> None:
+        if SLOW in self.detokenize(ids) and self._batcher is not None:  # batched: `_generate` is not used
+            inner = emit
+
+            def emit(chunk):
+                time.sleep(0.05)
+                inner(chunk)
+
+        super()._start(ids, params, emit, cancel, finished)
+
     def health(self) -> dict[str, Any]:
         return {**super().health(), "built_safe": self.safe}

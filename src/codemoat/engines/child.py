@@ -10,6 +10,10 @@ Messages are length-prefixed pickles (`send`/`recv`), between two processes of t
     server → engine   ("gen", rid, prompt, params) · ("cancel", rid) · ("logits", rid, prompt) · ("stop",)
     engine → server   ("ready", facts) · ("error", message) · ("chunk", rid, Chunk)
                       · ("done", rid, error or None) · ("result", rid, value, error or None)
+                      · ("slots", 0, {"total", "busy", "waiting"}) when a batching engine's slot use changes
+
+Requests are multiplexed by rid: a batching engine (llama.cpp with `parallel` > 1) decodes many at
+once, and a ("cancel", rid) frees that request's slot at the engine's next step.
 """
 
 from __future__ import annotations
@@ -108,6 +112,8 @@ class _Server:
         self.engine, self.sock = engine, sock
         self.cancels: dict[int, threading.Event] = {}
         self._lock = threading.Lock()
+        if hasattr(engine, "on_slots"):  # a batching engine says when a slot is taken or freed
+            engine.on_slots = lambda usage: self.send(("slots", 0, usage))
 
     def send(self, msg: Any) -> None:
         try:
@@ -125,15 +131,15 @@ class _Server:
             return
         cancel = self.cancels[rid] = threading.Event()
 
-        def job() -> None:
-            try:
-                eng._generate(ids, params, lambda c: self.send(("chunk", rid, c)), cancel)
-            except Exception as e:
-                self.send(("done", rid, error_text(e)))
-            finally:
-                self.cancels.pop(rid, None)
+        def finished(exc: BaseException | None) -> None:
+            self.cancels.pop(rid, None)
+            if exc is not None:
+                self.send(("done", rid, error_text(exc)))
 
-        eng._submit(job)
+        try:  # a batching engine takes it into its running batch; others queue a job for their worker
+            eng._start(ids, params, lambda c: self.send(("chunk", rid, c)), cancel, finished)
+        except Exception as e:
+            finished(e)
 
     def call(self, rid: int, fn: Any, *args: Any) -> None:
         try:

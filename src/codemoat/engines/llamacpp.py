@@ -22,26 +22,9 @@ import numpy as np
 from ..errors import CodemoatError
 from .base import Chunk, FinishReason, SamplingParams
 from .memfd import MemfdBuffer
+from .batch import ALIGN, Batcher, Seq
+from .batch import valid_utf8_prefix as _valid_utf8_prefix
 from .worker import StopCutter, WorkerEngine
-
-
-def _valid_utf8_prefix(b: bytes) -> int:
-    """Length of the longest prefix of `b` that does not end inside a UTF-8 sequence."""
-    n = len(b)
-    for back in range(1, min(4, n) + 1):
-        c = b[n - back]
-        if c & 0xC0 == 0x80:  # continuation byte: keep looking for the lead
-            continue
-        if c & 0x80 == 0:
-            return n
-        need = 2 if c & 0xE0 == 0xC0 else 3 if c & 0xF0 == 0xE0 else 4
-        return n if back >= need else n - back
-    return n
-
-
-# Greedy and seeded requests evaluate their prompt in chunks of this many tokens, aligned to
-# position 0 (`_eval_aligned`).
-ALIGN = 32
 
 
 def _cannot_load(name: str) -> CodemoatError:
@@ -116,9 +99,14 @@ class LlamaCppEngine(WorkerEngine):
         cpu_buffers: str = "auto",
         use_extra_bufts: bool | None = None,
         adapters: dict[str, str] | None = None,
+        parallel: int = 1,
+        batch_tokens: int = 512,
     ):
         """`cpu_buffers` ("auto", "extra", "safe") picks llama.cpp's CPU buffer types (`cpu.choose`);
-        `use_extra_bufts` given as a bool overrides it (a supervisor falling back to the safe path)."""
+        `use_extra_bufts` given as a bool overrides it (a supervisor falling back to the safe path).
+        `parallel` > 1 batches: that many requests decode together in one context of `parallel` slots
+        of `n_ctx` tokens each (`engines.batch`), with up to `batch_tokens` prompt tokens per step;
+        1 decodes one request at a time, each to its end."""
         import llama_cpp
 
         from .cpu import Choice, choose
@@ -129,11 +117,13 @@ class LlamaCppEngine(WorkerEngine):
             self.cpu = choose(cpu_buffers, model_path, n_threads=n_threads)
         else:
             self.cpu = Choice(use_extra_bufts, f"use_extra_bufts={use_extra_bufts} given by the engine's caller")
+        self._batcher: Batcher | None = None
         self._llm = load_llama(
             model_path,
             model_id or model_path,
             use_extra_bufts=self.cpu.use_extra_bufts,
-            n_ctx=n_ctx,
+            # batched, this context only holds the model: the requests' KV cells are the batcher's
+            n_ctx=n_ctx if parallel <= 1 else 2 * ALIGN,
             n_batch=n_batch,
             n_threads=n_threads,
             n_gpu_layers=n_gpu_layers,
@@ -149,6 +139,11 @@ class LlamaCppEngine(WorkerEngine):
             if not ptr:
                 raise CodemoatError(f"adapter {name!r} does not fit model {self.model_id}")
             self._loras[name] = ptr
+        if parallel > 1:
+            slot_ctx = min(n_ctx, training_context(self._llm.metadata, n_ctx))
+            self._batcher = Batcher(
+                self, parallel=parallel, slot_ctx=slot_ctx, batch_tokens=batch_tokens, n_threads=n_threads, loras=self._loras
+            )
         self._start_worker(f"llamacpp-{self.model_id}")
 
     @property
@@ -206,6 +201,9 @@ class LlamaCppEngine(WorkerEngine):
     # -- facts --------------------------------------------------------------
     @property
     def n_ctx(self) -> int:
+        """Context length of one request (a batched engine's slot)."""
+        if getattr(self, "_batcher", None) is not None:
+            return self._batcher.slot_ctx
         return self._model.n_ctx()
 
     @property
@@ -254,6 +252,35 @@ class LlamaCppEngine(WorkerEngine):
         return self._model.detokenize(list(ids), special=False).decode("utf-8", "replace")
 
     # -- generation ---------------------------------------------------------
+    def _work(self) -> None:
+        if self._batcher is None:
+            super()._work()
+        else:
+            self._batcher.run(self._jobs)
+
+    def _start(self, ids, params, emit, cancel, finished) -> None:  # type: ignore[no-untyped-def]
+        if self._batcher is None:
+            return super()._start(ids, params, emit, cancel, finished)
+        if self._closed:
+            raise CodemoatError("engine is closed")
+        self._jobs.put(Seq(list(ids), params, emit, cancel, finished))
+
+    @property
+    def on_slots(self):  # type: ignore[no-untyped-def]
+        """Called on the worker with `slots()` whenever a slot is taken or freed (batched only)."""
+        return self._batcher.on_slots if self._batcher is not None else None
+
+    @on_slots.setter
+    def on_slots(self, fn) -> None:  # type: ignore[no-untyped-def]
+        if self._batcher is not None:
+            self._batcher.on_slots = fn
+
+    def slots(self) -> dict[str, int]:
+        """Slot use: total, busy, and requests waiting for one (one-at-a-time: one slot)."""
+        if self._batcher is not None:
+            return self._batcher.usage()
+        return {"total": 1, "waiting": self.queued}
+
     def _generate(
         self, prompt_ids: list[int], params: SamplingParams, emit: Callable[[Chunk], None], cancel: threading.Event
     ) -> None:
@@ -358,6 +385,14 @@ class LlamaCppEngine(WorkerEngine):
         """Next-token logits after `prompt` (float32 copy)."""
         ids = self.tokenize(prompt)
         self.check_count(len(ids), 0)  # not empty (eval() of nothing leaves stale logits), fits the context
+        if self._batcher is not None:
+            from concurrent.futures import Future
+
+            fut: Future = Future()
+            seq = Seq(ids, SamplingParams(max_tokens=0, temperature=0), lambda c: None, threading.Event(), None, want_logits=True)  # type: ignore[arg-type]
+            seq.finished = lambda e: fut.set_exception(e) if e is not None else fut.set_result(seq.result)
+            self._jobs.put(seq)
+            return fut.result()
 
         def run() -> np.ndarray:
             self._use_adapter(None)
@@ -372,7 +407,13 @@ class LlamaCppEngine(WorkerEngine):
         return self._submit(run).result()
 
     def health(self) -> dict[str, Any]:
-        return {**super().health(), "queue": self.queued, "sealed": self._memfd is not None, "cpu_buffers": self.cpu.health()}
+        return {
+            **super().health(),
+            "queue": self.queued,
+            "sealed": self._memfd is not None,
+            "cpu_buffers": self.cpu.health(),
+            "slots": self.slots(),
+        }
 
     def close(self) -> None:
         if getattr(self, "_front", False):  # no worker to stop
@@ -382,6 +423,8 @@ class LlamaCppEngine(WorkerEngine):
             return
         if not self._stop_worker():
             return
+        if self._batcher is not None:
+            self._batcher.close()
         self._llm.close()
         if self._memfd is not None:
             self._memfd.close(zero=True)

@@ -222,6 +222,8 @@ class SupervisedEngine(Engine):
                     bursts.setdefault(rid, []).append(msg[2])
                 elif kind == "done":
                     bursts.setdefault(rid, []).append(CodemoatError(msg[2]) if msg[2] else None)
+                elif kind == "slots":
+                    self._facts["slots"] = msg[2]
                 elif kind == "result" and (req := requests.get(rid)) is not None:
                     req.deliver(CodemoatError(msg[3]) if msg[3] else msg[2])
             for rid, items in bursts.items():
@@ -401,6 +403,7 @@ class SupervisedEngine(Engine):
         return {
             **self._facts.get("health", {}),
             "queue": len(self._requests),
+            "slots": self._facts.get("slots") or self._facts.get("health", {}).get("slots"),
             "sealed": self._buf is not None,
             "isolation": "process",
             "pid": child.proc.pid if child else None,

@@ -164,6 +164,30 @@ class WorkerEngine(Engine):
     def _generate(self, ids: list[int], params: SamplingParams, emit: Callable[[Chunk], None], cancel: threading.Event) -> None:
         """Runs on the worker: generate, emitting chunks; the last one carries `finish_reason`."""
 
+    def _start(
+        self,
+        ids: list[int],
+        params: SamplingParams,
+        emit: Callable[[Chunk], None],
+        cancel: threading.Event,
+        finished: Callable[[BaseException | None], None],
+    ) -> None:
+        """Queue a generation and return at once: `emit` gets its chunks on the worker, then `finished`
+        (None, or the error) is called once. Here a job per generation; a batching engine overrides it."""
+
+        def job() -> None:
+            if cancel.is_set():  # its consumer left while it waited
+                finished(None)
+                return
+            try:
+                self._generate(ids, params, emit, cancel)
+            except BaseException as e:
+                finished(e)
+            else:
+                finished(None)
+
+        self._submit(job)
+
     async def stream(self, prompt: str | list[int], params: SamplingParams) -> AsyncIterator[Chunk]:
         ids = self._prompt_ids(prompt, params.max_tokens)
         loop = asyncio.get_running_loop()
@@ -173,37 +197,40 @@ class WorkerEngine(Engine):
         def emit(c: Chunk) -> None:
             loop.call_soon_threadsafe(q.put_nowait, c)
 
-        def job() -> None:
+        def finished(exc: BaseException | None) -> None:
             try:
-                self._generate(ids, params, emit, cancel)
-            finally:
-                loop.call_soon_threadsafe(q.put_nowait, _DONE)
+                loop.call_soon_threadsafe(q.put_nowait, (_DONE, exc))
+            except RuntimeError:  # its event loop is closed: nobody is waiting
+                pass
 
-        fut = self._submit(job)
+        self._start(ids, params, emit, cancel, finished)
         try:
             while True:
                 item = await q.get()
-                if item is _DONE:
+                if isinstance(item, tuple) and item[0] is _DONE:
+                    if item[1] is not None:
+                        raise item[1]
                     break
                 yield item
-            exc = fut.exception() if fut.done() else None
-            if exc:
-                raise exc
         finally:
             cancel.set()
-            fut.cancel()  # still queued: never runs
 
     async def complete(self, prompt: str | list[int], params: SamplingParams) -> Completion:
-        """The whole completion in one hop to the worker (no per-token event-loop traffic)."""
+        """The whole completion in one hop from the worker (no per-token event-loop traffic)."""
         ids = self._prompt_ids(prompt, params.max_tokens)
         cancel = threading.Event()
         chunks: list[Chunk] = []
-        fut = self._submit(lambda: self._generate(ids, params, chunks.append, cancel))
+        fut: Future = Future()
+
+        def finished(exc: BaseException | None) -> None:
+            if not fut.done():
+                fut.set_exception(exc) if exc is not None else fut.set_result(None)
+
+        self._start(ids, params, chunks.append, cancel, finished)
         try:
             await asyncio.wrap_future(fut)
         except asyncio.CancelledError:
             cancel.set()
-            fut.cancel()
             raise
         text = "".join(c.text for c in chunks)
         n_out = sum(len(c.token_ids) for c in chunks)

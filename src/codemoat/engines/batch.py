@@ -1,0 +1,423 @@
+"""Continuous batching for the llama.cpp engine: many requests share one llama.cpp context.
+
+One context holds `parallel` sequence slots (`n_seq_max`, one KV stream per slot: `kv_unified`
+off, as `llama-server -np N` runs). The engine's worker thread runs `Batcher.run`: each step it
+
+1. admits waiting requests into free slots, picking the slot whose cached tokens share the longest
+   prompt prefix (editors resend the same file prefix on every keystroke), and drops the rest of
+   that slot's KV cells (`llama_memory_seq_rm`);
+2. decodes one token for every generating sequence in one `llama_decode` call (a `llama_batch`
+   with each token's `seq_id` and position), then samples each sequence with its own parameters,
+   logits processors (the watermark stays per request) and stop strings (`worker.StopCutter`);
+3. evaluates up to `batch_tokens` prompt tokens of sequences still reading their prompt (chunked
+   prefill: a long prompt does not stall everyone's next token), in ALIGN-token chunks aligned to
+   position 0, so a prompt gives the same logits whatever else was in the cache or the batch
+   (see `LlamaCppEngine._eval_aligned`).
+
+llama.cpp applies LoRA adapters per context, not per sequence, so requests with different
+adapters never share a step: a request for another adapter waits (and holds back the requests
+behind it) until the running ones end, then the context switches adapter and forgets its cache.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import queue
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..errors import CodemoatError
+from .base import Chunk, FinishReason, SamplingParams
+from .worker import StopCutter
+
+ALIGN = 32  # prompt chunks: this many tokens, aligned to position 0 (as `llamacpp.ALIGN`)
+PENALTY_LAST_N = 64  # llama-cpp-python's `last_n_tokens_size`: the window repeat_penalty looks at
+
+
+def valid_utf8_prefix(b: bytes) -> int:
+    """Length of the longest prefix of `b` that does not end inside a UTF-8 sequence."""
+    n = len(b)
+    for back in range(1, min(4, n) + 1):
+        c = b[n - back]
+        if c & 0xC0 == 0x80:  # continuation byte: keep looking for the lead
+            continue
+        if c & 0x80 == 0:
+            return n
+        need = 2 if c & 0xE0 == 0xC0 else 3 if c & 0xF0 == 0xE0 else 4
+        return n if back >= need else n - back
+    return n
+
+
+@dataclass
+class Seq:
+    """One request: its prompt, parameters and callbacks, and where it stands in its slot."""
+
+    ids: list[int]
+    params: SamplingParams
+    emit: Callable[[Chunk], None]
+    cancel: threading.Event
+    finished: Callable[[BaseException | None], None]
+    want_logits: bool = False  # `Engine.logits`: evaluate the prompt, keep its next-token logits, stop
+    result: Any = None
+    slot: int = -1
+    pos: int = 0  # next prompt position to evaluate (of ids[:-1])
+    n_past: int = 0  # tokens of this sequence in its slot's KV cells
+    next_token: int = -1  # the token to feed at the next decode step
+    phase: str = "prefill"  # prefill → decode (the last prompt token, then each sampled one)
+    n_gen: int = 0
+    raw: bytes = b""
+    history: list[int] = field(default_factory=list)
+    chain: Any = None  # llama.cpp sampler chain; None: plain greedy (argmax)
+    cutter: StopCutter | None = None
+    row: int = -1
+
+
+class _Slot:
+    def __init__(self) -> None:
+        self.cached: list[int] = []  # tokens whose KV cells this slot holds, positions 0..len-1
+        self.aligned = 0  # positions [0, aligned) were computed by whole aligned chunks
+        self.used_at = 0.0
+        self.seq: Seq | None = None
+
+
+class _Batch:
+    """A `llama_batch` whose arrays numpy owns (one seq id per token)."""
+
+    def __init__(self, lib: Any, capacity: int):
+        self.token = np.zeros(capacity, dtype=np.int32)
+        self.pos = np.zeros(capacity, dtype=np.int32)
+        self.n_seq_id = np.ones(capacity, dtype=np.int32)
+        self.seq = np.zeros(capacity, dtype=np.int32)
+        self.logits = np.zeros(capacity, dtype=np.int8)
+        base = self.seq.ctypes.data
+        self._ptrs = (ctypes.POINTER(ctypes.c_int32) * capacity)(
+            *(ctypes.cast(base + 4 * i, ctypes.POINTER(ctypes.c_int32)) for i in range(capacity))
+        )
+        b = lib.llama_batch()
+        b.token = self.token.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
+        b.embd = None
+        b.pos = self.pos.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
+        b.n_seq_id = self.n_seq_id.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
+        b.seq_id = ctypes.cast(self._ptrs, ctypes.POINTER(ctypes.POINTER(ctypes.c_int32)))
+        b.logits = self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
+        self.struct = b
+        self.capacity = capacity
+
+
+class Batcher:
+    """The scheduler and the batched llama.cpp context (see the module docstring). Runs on one thread."""
+
+    def __init__(
+        self,
+        engine: Any,
+        *,
+        parallel: int,
+        slot_ctx: int,
+        batch_tokens: int,
+        n_threads: int,
+        loras: dict[str, Any],
+    ):
+        import llama_cpp as lib
+
+        self.lib, self.engine, self.loras = lib, engine, loras
+        self.parallel, self.batch_tokens = parallel, max(batch_tokens, ALIGN)
+        self.vocab = engine._vocab
+        self.n_vocab = engine._llm.n_vocab()
+        cp = lib.llama_context_default_params()
+        cp.n_ctx = slot_ctx * parallel
+        cp.n_batch = cp.n_ubatch = max(ALIGN, parallel)
+        cp.n_seq_max = parallel
+        cp.kv_unified = False  # a KV stream per slot: a sequence's cells do not move with the others'
+        cp.n_threads = cp.n_threads_batch = n_threads
+        cp.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_DISABLED  # as the one-at-a-time engine
+        cp.no_perf = True
+        self.ctx = lib.llama_init_from_model(engine._llm._model.model, cp)
+        if not self.ctx:
+            raise CodemoatError(f"llama.cpp could not make a context of {parallel} slots × {slot_ctx} tokens")
+        self.slot_ctx = min(slot_ctx, int(lib.llama_n_ctx_seq(self.ctx)))
+        self.mem = lib.llama_get_memory(self.ctx)
+        self.batch = _Batch(lib, cp.n_batch)
+        self.slots = [_Slot() for _ in range(parallel)]
+        self.waiting: deque[Seq] = deque()
+        self.active: list[Seq] = []
+        self.adapter: str | None = None
+        self.on_slots: Callable[[dict[str, int]], None] | None = None
+        self.steps = 0
+        self.reused_tokens = 0  # prompt tokens whose KV cells a slot already held (prefix reuse)
+        self._piece = ctypes.create_string_buffer(256)
+
+    # -- facts -------------------------------------------------------------------
+    def usage(self) -> dict[str, int]:
+        return {"total": self.parallel, "busy": len(self.active), "waiting": len(self.waiting)}
+
+    def _changed(self) -> None:
+        if self.on_slots is not None:
+            self.on_slots(self.usage())
+
+    # -- the loop ------------------------------------------------------------------
+    def run(self, jobs: queue.Queue) -> None:
+        """Take requests from `jobs` (a `Seq`, a `(fn, future)` job, or None to stop) and step until stopped."""
+        while True:
+            idle = not self.active and not self.waiting
+            try:
+                item = jobs.get() if idle else jobs.get_nowait()
+                while True:
+                    if item is None:
+                        self._stop()
+                        return
+                    if isinstance(item, Seq):
+                        self.waiting.append(item)
+                    else:
+                        fn, fut = item
+                        if fut.set_running_or_notify_cancel():
+                            try:
+                                fut.set_result(fn())
+                            except BaseException as e:
+                                fut.set_exception(e)
+                    item = jobs.get_nowait()
+            except queue.Empty:
+                pass
+            before = (len(self.active), len(self.waiting))
+            self._admit()
+            if before != (len(self.active), len(self.waiting)):
+                self._changed()
+            if self.active:
+                self._step()
+
+    def _stop(self) -> None:
+        for s in list(self.active) + list(self.waiting):
+            s.finished(CodemoatError("engine is closed"))
+        self.active, self.waiting = [], deque()
+        for s in self.slots:
+            if s.seq is not None and s.seq.chain is not None:
+                self.lib.llama_sampler_free(s.seq.chain)
+            s.seq = None
+
+    def close(self) -> None:
+        """Free the context (after `run` returned)."""
+        if self.ctx:
+            self.lib.llama_free(self.ctx)
+            self.ctx = None
+
+    # -- admission -------------------------------------------------------------------
+    def _admit(self) -> None:
+        while self.waiting:
+            seq = self.waiting[0]
+            if seq.cancel.is_set():
+                self.waiting.popleft()
+                seq.finished(None)
+                continue
+            free = [i for i, s in enumerate(self.slots) if s.seq is None]
+            if not free:
+                return
+            want = None if seq.want_logits else seq.params.adapter
+            if want != self.adapter:
+                if self.active:
+                    return  # adapters are per context: wait until the running requests end
+                self._set_adapter(want)
+            self.waiting.popleft()
+            try:
+                self._start(seq, free)
+            except Exception as e:
+                seq.finished(e)
+
+    def _set_adapter(self, name: str | None) -> None:
+        lib = self.lib
+        if name is not None and name not in self.loras:
+            raise CodemoatError(f"no adapter named {name!r} is loaded")
+        if name is None:
+            rc = lib.llama_set_adapters_lora(self.ctx, None, 0, None)
+        else:
+            rc = lib.llama_set_adapters_lora(
+                self.ctx, (lib.llama_adapter_lora_p_ctypes * 1)(self.loras[name]), 1, (ctypes.c_float * 1)(1.0)
+            )
+        if rc != 0:
+            raise CodemoatError(f"llama.cpp refused adapter {name!r} (code {rc})")
+        lib.llama_memory_clear(self.mem, True)  # cells computed under the other adapter set
+        for s in self.slots:
+            s.cached, s.aligned = [], 0
+        self.adapter = name
+
+    def _start(self, seq: Seq, free: list[int]) -> None:
+        p, body = seq.params, seq.ids[:-1]
+        reproducible = seq.want_logits or p.temperature <= 0 or p.seed is not None
+
+        def keep(i: int) -> int:
+            s, same = self.slots[i], 0
+            limit = min(len(s.cached), len(body))
+            while same < limit and s.cached[same] == body[same]:
+                same += 1
+            return min(same, s.aligned) // ALIGN * ALIGN if reproducible else same
+
+        # the longest reusable prefix; among equals the slot used least recently
+        i = max(free, key=lambda j: (keep(j), -self.slots[j].used_at))
+        slot, k = self.slots[i], keep(i)
+        self.lib.llama_memory_seq_rm(self.mem, i, k, -1)
+        slot.aligned = min(slot.aligned, k) // ALIGN * ALIGN
+        self.reused_tokens += k
+        slot.cached = body[:k]
+        slot.seq, slot.used_at = seq, time.monotonic()
+        seq.slot, seq.pos, seq.n_past = i, k, k
+        seq.phase = "prefill" if k < len(body) else "decode"
+        seq.next_token = seq.ids[-1]
+        seq.history = list(seq.ids)
+        seq.cutter = StopCutter(p.stop, seq.emit, p.n_indent, p.time_limit_ms)
+        if not seq.want_logits:
+            seq.chain = self._chain(p)
+        self.active.append(seq)
+
+    def _chain(self, p: SamplingParams) -> Any:
+        """This request's llama.cpp sampler chain (as llama-cpp-python's `generate` builds it), or None
+        for plain greedy, which is an argmax."""
+        lib = self.lib
+        greedy = p.temperature <= 0
+        if greedy and p.repeat_penalty == 1.0:
+            return None
+        chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+        add = lambda s: lib.llama_sampler_chain_add(chain, s)  # noqa: E731
+        if p.repeat_penalty != 1.0:
+            add(lib.llama_sampler_init_penalties(self.n_vocab, PENALTY_LAST_N, p.repeat_penalty, 0.0, 0.0))
+        if greedy:
+            add(lib.llama_sampler_init_greedy())
+        else:
+            add(lib.llama_sampler_init_top_k(p.top_k))
+            add(lib.llama_sampler_init_top_p(p.top_p, 1))
+            add(lib.llama_sampler_init_temp(p.temperature))
+            add(lib.llama_sampler_init_dist(p.seed if p.seed is not None else random.getrandbits(31)))
+        return chain  # the penalty window holds generated tokens only, as in llama-cpp-python's `generate`
+
+    # -- a step ---------------------------------------------------------------------
+    def _decode(self, n: int) -> int:
+        self.batch.struct.n_tokens = n
+        return int(self.lib.llama_decode(self.ctx, self.batch.struct))
+
+    def _put(self, row: int, token: int, pos: int, seq_id: int, logits: bool) -> None:
+        b = self.batch
+        b.token[row], b.pos[row], b.seq[row], b.logits[row] = token, pos, seq_id, logits
+
+    def _step(self) -> None:
+        self.steps += 1
+        for s in [s for s in self.active if s.cancel.is_set()]:
+            self._finish(s, "cancelled")
+        rows = sorted((s for s in self.active if s.phase == "decode"), key=lambda s: s.slot)
+        for at in range(0, len(rows), self.batch.capacity):
+            group = rows[at : at + self.batch.capacity]
+            for r, s in enumerate(group):
+                self._put(r, s.next_token, s.n_past, s.slot, True)
+                s.row = r
+            rc = self._decode(len(group))
+            for s in group:
+                if rc != 0:
+                    self._fail(s, CodemoatError(f"llama.cpp could not decode the batch (code {rc})"))
+                    continue
+                self.slots[s.slot].cached.append(s.next_token)
+                s.n_past += 1
+                try:
+                    self._sample(s)
+                except Exception as e:
+                    self._fail(s, e)
+        budget = self.batch_tokens - len(rows)
+        for s in [s for s in self.active if s.phase == "prefill"]:
+            if budget <= 0:
+                break
+            budget -= self._prefill(s, budget)
+
+    def _prefill(self, s: Seq, budget: int) -> int:
+        """Evaluate up to `budget` of `s`'s prompt (at least one aligned chunk); returns tokens evaluated."""
+        body, done = s.ids[:-1], 0
+        slot = self.slots[s.slot]
+        while s.pos < len(body) and (done == 0 or done < budget):
+            end = min(len(body), (s.pos // ALIGN + 1) * ALIGN)
+            for r, t in enumerate(body[s.pos : end]):
+                self._put(r, t, s.pos + r, s.slot, False)
+            rc = self._decode(end - s.pos)
+            if rc != 0:
+                self._fail(s, CodemoatError(f"llama.cpp could not evaluate the prompt (code {rc})"))
+                return done
+            if s.pos % ALIGN == 0 and slot.aligned == s.pos and end - s.pos == ALIGN:
+                slot.aligned = end
+            slot.cached.extend(body[s.pos : end])
+            done += end - s.pos
+            s.pos = s.n_past = end
+        if s.pos >= len(body):
+            s.phase = "decode"
+        return done
+
+    def _sample(self, s: Seq) -> None:
+        lib = self.lib
+        if s.want_logits:
+            ptr = lib.llama_get_logits_ith(self.ctx, s.row)
+            s.result = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).astype(np.float32, copy=True)
+            self._finish(s, "length")
+            return
+        p = s.params
+        if p.logits_processors or s.chain is None:
+            logits = np.ctypeslib.as_array(lib.llama_get_logits_ith(self.ctx, s.row), shape=(self.n_vocab,))
+            for proc in p.logits_processors:
+                out = proc(s.history, logits)
+                if out is not logits:
+                    logits[:] = out
+        tok = int(np.argmax(logits)) if s.chain is None else int(lib.llama_sampler_sample(s.chain, self.ctx, s.row))
+        s.history.append(tok)
+        s.next_token = tok
+        reason = self._take(s, tok)
+        if reason is not None:
+            self._finish(s, reason)
+
+    def _text(self, tok: int, special: bool) -> bytes:
+        n = self.lib.llama_token_to_piece(self.vocab, tok, self._piece, len(self._piece), 0, special)
+        return self._piece.raw[: max(n, 0)]
+
+    def _take(self, s: Seq, tok: int) -> FinishReason | None:
+        """The generated token `tok`, as the one-at-a-time engine takes it; a finish reason when it ends the answer."""
+        lib, p, cutter = self.lib, s.params, s.cutter
+        assert cutter is not None
+        if lib.llama_vocab_is_eog(self.vocab, tok):
+            return "stop"
+        s.n_gen += 1
+        if lib.llama_vocab_is_control(self.vocab, tok):
+            # a control token is never text; one that a stop string names ends the answer
+            if self._text(tok, True).decode("utf-8", "replace") in p.stop:
+                return "stop"
+        else:
+            s.raw += self._text(tok, False)
+        if cutter.feed(s.raw[: valid_utf8_prefix(s.raw)].decode("utf-8", "replace"), tok):
+            return "stop"
+        if s.n_gen >= p.max_tokens:
+            return "length"
+        return None
+
+    def _release(self, s: Seq) -> None:
+        if s in self.active:
+            self.active.remove(s)
+        slot = self.slots[s.slot]
+        slot.seq, slot.used_at = None, time.monotonic()
+        if s.chain is not None:
+            self.lib.llama_sampler_free(s.chain)
+            s.chain = None
+        self._changed()
+
+    def _finish(self, s: Seq, reason: FinishReason) -> None:
+        self._release(s)
+        if not s.want_logits and s.cutter is not None:
+            try:
+                s.cutter.finish(reason)
+            except Exception as e:  # an emit that failed: the request is over either way
+                s.finished(e)
+                return
+        s.finished(None)
+
+    def _fail(self, s: Seq, exc: BaseException) -> None:
+        """End `s` with an error; its slot's cells are not trusted again."""
+        self._release(s)
+        self.lib.llama_memory_seq_rm(self.mem, s.slot, 0, -1)
+        slot = self.slots[s.slot]
+        slot.cached, slot.aligned = [], 0
+        s.finished(exc)
