@@ -115,6 +115,11 @@ class RetrievalSettings(BaseModel):
     enabled: bool = Field(True, description="Add cross-file context from indexed repositories to completions.")
     budget_tokens: int = Field(512, ge=0, description="Tokens of retrieved context a completion prompt may hold.")
     k: int = Field(5, ge=0, description="Snippets retrieved per completion.")
+    index_snapshot_grace_s: float = Field(
+        600.0,
+        ge=0,
+        description="With a snapshot directory as the index (replicas on several machines): seconds an index snapshot is kept after a newer one is published.",
+    )
 
 
 class AuditSettings(BaseModel):

@@ -1,4 +1,5 @@
-"""One index writer, several serving replicas (CODEMOAT_INDEX_PATH on a shared volume): a writer
+"""One index writer, several serving replicas (CODEMOAT_INDEX_PATH on a shared volume, a file or a
+snapshot directory): a writer
 killed mid-way leaves every replica serving the previous index, and a complete update becomes
 visible to every replica at once, with no restart."""
 
@@ -30,9 +31,14 @@ def _snippets(url: str, token: str) -> str:
     return str(r.json().get("codemoat", r.json()))
 
 
-def test_killed_index_update_leaves_replicas_on_the_previous_index(tmp_path, tiny_gguf, serve_process, monkeypatch):
-    shared = tmp_path / "shared-volume" / "index.db"
+@pytest.mark.parametrize("layout", ["file", "snapshots"])
+def test_killed_index_update_leaves_replicas_on_the_previous_index(layout, tmp_path, tiny_gguf, serve_process, monkeypatch):
+    # "file": one SQLite file in WAL mode (replicas on one host); "snapshots": a directory of
+    # immutable snapshots behind a pointer (replicas on several hosts sharing the volume)
+    shared = tmp_path / "shared-volume" / ("index.db" if layout == "file" else "index")
     shared.parent.mkdir()
+    if layout == "snapshots":
+        shared.mkdir()
     monkeypatch.setenv("CODEMOAT_INDEX_PATH", str(shared))
     repo = tmp_path / "payments"
     (repo / "lib").mkdir(parents=True)

@@ -29,6 +29,7 @@ from typing import Protocol
 from ..errors import CodemoatError, NotFound
 from ..paths import private_file
 from .chunk import Chunk, Symbol
+from .snapshots import SnapshotDir
 from .terms import path_terms, terms
 
 SCHEMA_VERSION = 2
@@ -142,10 +143,14 @@ class SqliteIndex:
         self.path = Path(path) if path is not None else default_path()
         self._local = threading.local()
         self._next_chunk = 0
+        # a directory: immutable snapshots behind a pointer, for replicas sharing a volume (`index.snapshots`)
+        self._snap = SnapshotDir(self.path) if self.path.is_dir() else None
 
     # -- connections -----------------------------------------------------------------------------
     @property
     def db(self) -> sqlite3.Connection:
+        if self._snap is not None:
+            return getattr(self._local, "write", None) or self._snapshot_reader()
         conn = getattr(self._local, "conn", None)
         if conn is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -165,10 +170,37 @@ class SqliteIndex:
             conn.close()
             self._local.conn = None
 
+    def _snapshot_reader(self) -> sqlite3.Connection:
+        """This thread's connection to the snapshot that was current when it last looked (`refresh`)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            cur = self._snap.current()  # type: ignore[union-attr]
+            if cur is None:  # nothing published yet: an empty index
+                conn = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+                conn.executescript(_SCHEMA)
+            else:
+                conn = SnapshotDir.open_reader(cur[0])
+            self._local.conn, self._local.pointer = conn, cur[1] if cur else None
+        return conn
+
+    def refresh(self) -> bool:
+        """At a request's start: move to a newly published snapshot (one stat); True when it moved."""
+        if self._snap is None or getattr(self._local, "conn", None) is None:
+            return False
+        if self._snap.pointer_id() == getattr(self._local, "pointer", None):
+            return False
+        self.close()
+        return True
+
     @contextmanager
     def transaction(self) -> Iterator[None]:
         """One write transaction: committed when the block ends, rolled back on any exception
-        (Ctrl-C included); a killed process leaves nothing behind either (WAL)."""
+        (Ctrl-C included); a killed process leaves nothing behind either (WAL; or, for a snapshot
+        directory, the next snapshot is published only once complete)."""
+        if self._snap is not None:
+            with self._snapshot_transaction():
+                yield
+            return
         db = self.db
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -178,6 +210,30 @@ class SqliteIndex:
             db.execute("ROLLBACK")
             raise
         db.execute("COMMIT")
+
+    @contextmanager
+    def _snapshot_transaction(self) -> Iterator[None]:
+        building = self._snap.begin()  # type: ignore[union-attr]
+        conn = None
+        try:
+            conn = building.connect()
+            if conn.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
+                conn.executescript(_SCHEMA + f"PRAGMA user_version={SCHEMA_VERSION};")
+            self._local.write = conn
+            conn.execute("BEGIN IMMEDIATE")
+            self._next_chunk = (conn.execute("SELECT max(id) FROM chunks").fetchone()[0] or 0) + 1
+            yield
+            conn.execute("COMMIT")
+            conn.close()
+        except BaseException:
+            self._local.write = None
+            if conn is not None:
+                conn.close()
+            building.abandon()
+            raise
+        self._local.write = None
+        building.publish()
+        self.close()  # this thread reads what it just wrote from now on
 
     # -- repositories ----------------------------------------------------------------------------
     def add_repo(self, name: str, root: str, groups: Sequence[str], git_url: str | None,

@@ -89,6 +89,9 @@ class Retriever(Outlines):
 
     # -- repositories ----------------------------------------------------------------------------
     def _all_repos(self) -> list[RepoInfo]:
+        if self._store.refresh():  # a new index snapshot was published: this request reads it whole
+            with self._lock:
+                self._repos = (0.0, [])
         if not self.path.exists():
             return []
         with self._lock:

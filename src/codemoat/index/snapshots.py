@@ -1,0 +1,180 @@
+"""The index as immutable snapshot files behind one pointer, for replicas that share a volume.
+
+SQLite's WAL mode (the single-host index) keeps its index in shared memory (`-shm`), which only
+works when every reader is on the same host (https://sqlite.org/wal.html, "WAL does not work over
+a network filesystem"). When the index path is a directory, the index is kept this way instead:
+
+    DIR/snapshots/snap-000012.db   complete index files, never written after they are published
+    DIR/CURRENT                    the name of the current one (replaced by rename, never edited)
+    DIR/writer.lock                held (flock) by the one writer while it builds the next snapshot
+
+The writer copies the current snapshot to `DIR/snapshots/.building-*`, applies its update there,
+flushes it to stable storage (fsync), renames it to the next `snap-N.db`, then writes `CURRENT.tmp`,
+fsyncs it and renames it over `CURRENT` (rename is atomic in POSIX and on NFS, where it is one
+RENAME call), and fsyncs the directory. A writer killed at any point leaves `CURRENT` naming the
+previous complete snapshot (the half-built file is removed by a later writer). Readers open the
+named file with `mode=ro&immutable=1` (no lock, no journal, no `-wal`/`-shm` on the shared volume)
+and look at `CURRENT` again at the start of each request: they switch between requests, never
+during one. A snapshot is deleted once its successor has been current for `grace_s` seconds, so a
+reader on another machine that has not yet looked again never finds its file gone.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import shutil
+import sqlite3
+import time
+import uuid
+from pathlib import Path
+
+POINTER = "CURRENT"
+_SNAP = re.compile(r"^snap-(\d{6,})\.db$")
+
+
+def grace_s() -> float:
+    """The setting `retrieval.index_snapshot_grace_s` (ten minutes by default: readers look at the pointer on every request)."""
+    from ..config import load_settings
+
+    return load_settings().retrieval.index_snapshot_grace_s
+
+
+class SnapshotDir:
+    """A directory of index snapshots: which one is current, reading it, publishing the next."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.snaps = root / "snapshots"
+
+    def current(self) -> tuple[Path, int] | None:
+        """The current snapshot and the pointer's inode (which changes with every publish), or None."""
+        try:
+            with open(self.root / POINTER, encoding="ascii") as f:
+                name, ino = f.read().strip(), os.fstat(f.fileno()).st_ino
+        except FileNotFoundError:
+            return None
+        if not _SNAP.match(name):
+            from ..errors import CodemoatError
+
+            raise CodemoatError(f"the index pointer {self.root / POINTER} names no snapshot ({name[:40]!r})")
+        return self.snaps / name, ino
+
+    def pointer_id(self) -> int | None:
+        """What changes when a new snapshot is published (the pointer file's inode): one stat."""
+        try:
+            return os.stat(self.root / POINTER).st_ino
+        except FileNotFoundError:
+            return None
+
+    @staticmethod
+    def open_reader(path: Path) -> sqlite3.Connection:
+        return sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True, isolation_level=None, check_same_thread=False)
+
+    def begin(self) -> Building:
+        """Take the writer lock and start the next snapshot from a copy of the current one."""
+        self.snaps.mkdir(parents=True, exist_ok=True)
+        lock = os.open(self.root / "writer.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            cur = self.current()
+            tmp = self.snaps / f".building-{uuid.uuid4().hex}.db"
+            # 0600 from the start (it holds the customer's code, like index.db), then the copy
+            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as dst:
+                if cur is not None:
+                    with open(cur[0], "rb") as src:
+                        shutil.copyfileobj(src, dst, 1 << 20)
+            return Building(self, lock, tmp, _number(cur[0]) if cur else 0)
+        except BaseException:
+            os.close(lock)
+            raise
+
+    def collect(self, now: float | None = None) -> list[str]:
+        """Delete snapshots whose successor has been published for over the grace period, and
+        half-built files older than it; returns the names deleted."""
+        now = time.time() if now is None else now
+        cur = self.current()
+        names = sorted((n for n in os.listdir(self.snaps) if _SNAP.match(n)), key=lambda n: int(_SNAP.match(n)[1]))
+        gone = []
+        for old, succ in zip(names, names[1:]):
+            if cur is not None and self.snaps / old == cur[0]:
+                continue
+            try:
+                if now - os.stat(self.snaps / succ).st_mtime > grace_s():
+                    os.unlink(self.snaps / old)
+                    gone.append(old)
+            except FileNotFoundError:
+                pass
+        for n in os.listdir(self.snaps):
+            p = self.snaps / n
+            if n.startswith(".building-"):
+                try:
+                    if now - os.stat(p).st_mtime > grace_s():
+                        os.unlink(p)
+                        gone.append(n)
+                except FileNotFoundError:
+                    pass
+        return gone
+
+
+class Building:
+    """The next snapshot while the writer fills it; `publish()` makes it current, `abandon()` drops it."""
+
+    def __init__(self, snapdir: SnapshotDir, lock_fd: int, path: Path, after: int):
+        self.dir, self._lock, self.path, self.after = snapdir, lock_fd, path, after
+
+    def connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+        # a private file until it is published: no journal needed to survive a crash (it is thrown away)
+        conn.execute("PRAGMA journal_mode=OFF")
+        conn.execute("PRAGMA synchronous=OFF")
+        conn.execute("PRAGMA foreign_keys=ON")
+        return conn
+
+    def publish(self) -> Path:
+        try:
+            _fsync(self.path)
+            final = self.dir.snaps / f"snap-{self.after + 1:06d}.db"
+            os.rename(self.path, final)
+            _fsync_dir(self.dir.snaps)
+            tmp = self.dir.root / f"{POINTER}.tmp"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.write(fd, final.name.encode() + b"\n")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.dir.root / POINTER)
+            _fsync_dir(self.dir.root)
+            self.dir.collect()
+            return final
+        finally:
+            os.close(self._lock)
+
+    def abandon(self) -> None:
+        try:
+            self.path.unlink(missing_ok=True)
+        finally:
+            os.close(self._lock)
+
+
+def _number(path: Path) -> int:
+    m = _SNAP.match(path.name)
+    return int(m[1]) if m else 0
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
