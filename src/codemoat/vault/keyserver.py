@@ -52,7 +52,7 @@ import sqlalchemy as sa
 from .clock import Clock
 from .codec import VaultError, b64d, b64e, canonical, ed_public, sign, verify, wrap, x_public
 from .license import key_context
-from .tpmbind import advance
+from .tpmbind import advance_on
 from .tpmwrap import QuoteRefused, verify_quote, wrap_p256
 from .vendor import Vendor, leases_t
 
@@ -136,6 +136,7 @@ class KeyServer:
         self._keys: dict[str, bytes] = {}
         self._wm: dict[str, bytes] = {}
         self._attest_lock = threading.RLock()
+        self._ed_keys: dict[str, Any] = {}
 
     # -- nonces -------------------------------------------------------------
     def _new_nonce(self, license_id: str, ttl: float) -> str:
@@ -188,6 +189,13 @@ class KeyServer:
             self._docs[license_id] = got
         return got
 
+    def _machine_key(self, b64: str) -> Any:
+        """A licensed machine's Ed25519 key, parsed once (licenses name a bounded set of machines)."""
+        key = self._ed_keys.get(b64)
+        if key is None:
+            key = self._ed_keys[b64] = ed_public(b64, "machine key")
+        return key
+
     def _content_key(self, file_id: str) -> bytes:
         key = self._keys.get(file_id)
         if key is None:
@@ -218,7 +226,7 @@ class KeyServer:
             raise LeaseDenied("wrong_machine", f"license {lid} does not name machine {mid}")
         try:
             verify(
-                ed_public(entry["ed25519"], "machine key"),
+                self._machine_key(entry["ed25519"]),
                 b64d(req["signature"], "request signature"),
                 REQUEST_DOMAIN,
                 request_message(req),
@@ -227,12 +235,15 @@ class KeyServer:
         except VaultError:
             raise LeaseDenied("bad_signature", "lease request is not signed by the licensed machine's key", 401) from None
         inst = self._instance(req)
+        info = None
         if entry.get("tpm") is not None:
-            entry = self._attested(lid, mid, req)
+            entry, info = self._attested(lid, mid, req)
         now = self.clock.time()
         # One transaction reads the license's state and takes the seat, so a revocation or another
         # machine's allocation cannot slip in between.
         with self._seat_lock, self.vendor.engine.begin() as c:
+            if info is not None:  # the TPM clock floor, in the same transaction (one commit per lease)
+                self._tpm_floor(c, lid, mid, entry["tpm"]["ak"], info)
             row = c.execute(_LICENSE_STATE, {"lid": lid}).first()
             if row.revoked_at:
                 raise LeaseDenied("revoked", f"license {lid} was revoked")
@@ -269,8 +280,8 @@ class KeyServer:
             body["tpm"] = {"unwrap": tpm["unwrap"], "policy": tpm["policy"]}
         return {"lease": body, "signature": b64e(sign(self.vendor.keyserver_key, ANSWER_DOMAIN, canonical(body)))}
 
-    def _attested(self, lid: str, mid: str, req: dict[str, Any]) -> dict[str, Any]:
-        """The machine entry, once the request's quote holds; else a refusal, recorded vendor-side."""
+    def _attested(self, lid: str, mid: str, req: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+        """The machine entry and the quote's facts, once the quote holds; else a refusal, recorded vendor-side."""
         for attempt in (0, 1):
             entry = self._licensed(lid).machines[mid]
             try:
@@ -282,8 +293,12 @@ class KeyServer:
                     continue
                 self._record_refusal(lid, mid, e.code, str(e))
                 raise LeaseDenied(e.code, str(e)) from None
-        # The floor is the vendor database's (`tpmbind.advance`): a key server restart forgets nothing.
-        last = advance(self.vendor.engine, entry["tpm"]["ak"], mid, info.reset_count, info.clock)
+        return entry, info
+
+    def _tpm_floor(self, c: sa.Connection, lid: str, mid: str, ak: str, info: Any) -> None:
+        """Refuse a TPM whose (resetCount, clock) is below the highest seen for its AK. The floor is the
+        vendor database's (`tpmbind.advance_on`): a key server restart or a second process forgets nothing."""
+        last = advance_on(c, ak, mid, info.reset_count, info.clock)
         if last is not None:
             msg = (
                 f"TPM reset count or clock went backwards ({info.reset_count}/{info.clock} after "
@@ -291,7 +306,6 @@ class KeyServer:
             )
             self._record_refusal(lid, mid, "tpm_rollback", msg)
             raise LeaseDenied("tpm_rollback", msg)
-        return entry
 
     def _record_refusal(self, lid: str, mid: str, code: str, message: str) -> None:
         line = json.dumps(

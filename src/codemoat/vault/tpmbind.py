@@ -188,19 +188,19 @@ def require_bound(engine: sa.Engine, identity: dict[str, Any]) -> None:
         )
 
 
-def advance(engine: sa.Engine, ak_der_hex: str, machine_id: str, reset_count: int, clock: int) -> tuple[int, int] | None:
-    """Record a verified quote's (resetCount, clock); the last values seen when they went backwards, else None."""
+def advance_on(c: sa.Connection, ak_der_hex: str, machine_id: str, reset_count: int, clock: int) -> tuple[int, int] | None:
+    """Record a verified quote's (resetCount, clock) in the caller's transaction (the key server's
+    seat transaction: one commit per lease); the last values seen when they went backwards, else None."""
     ak = key_id(ak_der_hex)
     p = {"ak": ak, "r": reset_count, "c": clock, "now": int(time.time())}
     for _ in range(3):
-        with engine.begin() as c:
-            if c.execute(_ADVANCE, p).rowcount:
-                return None
-            last = c.execute(_LAST, p).first()
-            if last is not None:
-                return (last.reset_count, last.clock)
+        if c.execute(_ADVANCE, p).rowcount:
+            return None
+        last = c.execute(_LAST, p).first()
+        if last is not None:
+            return (last.reset_count, last.clock)
         try:  # a license issued before AKs were bound: start its record now
-            with engine.begin() as c:
+            with c.begin_nested():  # a savepoint: a concurrent insert does not abort the caller's transaction
                 c.execute(
                     tpm_keys_t.insert().values(
                         ak_id=ak, machine_id=machine_id, reset_count=reset_count, clock=clock, seen_at=p["now"]
@@ -210,3 +210,9 @@ def advance(engine: sa.Engine, ak_der_hex: str, machine_id: str, reset_count: in
         except IntegrityError:
             continue  # another request inserted it first: compare against that
     raise VaultError("the TPM clock record could not be updated")
+
+
+def advance(engine: sa.Engine, ak_der_hex: str, machine_id: str, reset_count: int, clock: int) -> tuple[int, int] | None:
+    """`advance_on` in a transaction of its own."""
+    with engine.begin() as c:
+        return advance_on(c, ak_der_hex, machine_id, reset_count, clock)

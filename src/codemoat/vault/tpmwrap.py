@@ -15,6 +15,7 @@ clock info so a caller can refuse a reset count that went backwards.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import struct
@@ -46,12 +47,21 @@ class QuoteRefused(VaultError):
 
 
 def p256_public(der_hex: Any, what: str = "TPM public key") -> ec.EllipticCurvePublicKey:
+    key = _p256_or_none(der_hex) if isinstance(der_hex, str) else None
+    if key is None:
+        raise VaultError(f"{what} is not a DER public key in hex, or not an ECC P-256 key")
+    return key
+
+
+@functools.lru_cache(maxsize=4096)
+def _p256_or_none(der_hex: str) -> ec.EllipticCurvePublicKey | None:
+    """Parsed once per key: the key server meets the same AKs and unwrap keys at every renewal."""
     try:
         key = serialization.load_der_public_key(bytes.fromhex(der_hex))
-    except (TypeError, ValueError):
-        raise VaultError(f"{what} is not a DER public key in hex") from None
+    except ValueError:
+        return None
     if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
-        raise VaultError(f"{what} is not an ECC P-256 key")
+        return None
     return key
 
 
