@@ -40,6 +40,7 @@ class TuneOptions:
     index_path: Path | None = None
     name: str | None = None
     license: Path | None = None  # for a sealed base (.moat)
+    checkpoint_steps: int | None = None  # checkpoint every N steps (default: every checkpoint.EVERY_S seconds)
 
 
 @dataclass
@@ -59,6 +60,7 @@ def tune(opts: TuneOptions, on_event: Callable[[dict], None] | None = None) -> T
 
     from ..train.corpus import split
     from ..train.data import DataOptions, epoch_rows
+    from . import checkpoint
     from .base import load_base
     from .corpus import load_corpus
     from .evaluate import bits_per_byte, token_windows, unrelated_files
@@ -83,11 +85,16 @@ def tune(opts: TuneOptions, on_event: Callable[[dict], None] | None = None) -> T
     tok, n_ctx = base.tokenizer, base.n_ctx
     held_w = token_windows(held, tok, n_ctx, opts.eval_tokens)
     other_w = token_windows(unrelated_files(), tok, n_ctx, opts.eval_tokens)
-    emit({"kind": "stage", "stage": "evaluating the base"})
-    before = {
-        "tuned": bits_per_byte(base.model, *held_w, device=opts.device),
-        "unrelated": bits_per_byte(base.model, *other_w, device=opts.device),
-    }
+    ck_path = checkpoint.path_for(checkpoint.key(opts, base.sha256))
+    ck = checkpoint.load(ck_path)
+    if ck is None:
+        emit({"kind": "stage", "stage": "evaluating the base"})
+        before = {
+            "tuned": bits_per_byte(base.model, *held_w, device=opts.device),
+            "unrelated": bits_per_byte(base.model, *other_w, device=opts.device),
+        }
+    else:
+        before = ck["state"]["before"]
 
     alpha = opts.alpha if opts.alpha is not None else 2.0 * opts.rank
     model = wrap(base.model, opts.rank, alpha)
@@ -99,14 +106,25 @@ def tune(opts: TuneOptions, on_event: Callable[[dict], None] | None = None) -> T
     except ValueError:  # fewer tokens than one sequence
         raise CodemoatError(f"too little code to tune on in {', '.join(opts.repos)}: under {n_ctx} tokens") from None
     eval_rows = token_windows(held, tok, n_ctx, min(opts.eval_tokens, 4 * n_ctx))
-    model.train()
-    t0 = time.monotonic()
-    budget = opts.minutes * 60
     step = tokens = epoch = at = 0
-    ema = None
-    heldout_loss = None
+    ema = heldout_loss = None
+    spent = 0.0  # training seconds of the runs this one resumes
+    if ck is not None:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, ck["lora"])
+        optim.load_state_dict(ck["optim"])
+        st = ck["state"]
+        step, tokens, epoch, at, ema, heldout_loss, spent = (
+            st[k] for k in ("step", "tokens", "epoch", "at", "ema", "heldout", "spent")
+        )
+        rows = epoch_rows(train_files, tok, n_ctx, dopts, opts.seed, epoch)
+        emit({"kind": "stage", "stage": f"resuming from step {step}", "checkpoint": str(ck_path)})
+    model.train()
+    t0 = saved_at = time.monotonic()
+    budget = opts.minutes * 60
     while True:
-        progress = step / opts.steps if opts.steps else (time.monotonic() - t0) / budget
+        progress = step / opts.steps if opts.steps else (spent + time.monotonic() - t0) / budget
         if progress >= 1.0:
             break
         if at + opts.batch_size > len(rows):
@@ -128,7 +146,15 @@ def tune(opts: TuneOptions, on_event: Callable[[dict], None] | None = None) -> T
         if step % 20 == 0 or step == 1:
             bpb = bits_per_byte(model, *eval_rows, device=opts.device)
             heldout_loss = bpb
-        elapsed = time.monotonic() - t0
+        elapsed = spent + time.monotonic() - t0
+        if (step % opts.checkpoint_steps == 0) if opts.checkpoint_steps else time.monotonic() - saved_at >= checkpoint.EVERY_S:
+            from peft import get_peft_model_state_dict
+
+            state = {"step": step, "tokens": tokens, "epoch": epoch, "at": at, "ema": ema, "heldout": heldout_loss}
+            checkpoint.save(
+                ck_path, get_peft_model_state_dict(model), optim.state_dict(), {**state, "spent": elapsed, "before": before}
+            )
+            saved_at = time.monotonic()
         emit(
             {
                 "kind": "step",
@@ -139,7 +165,7 @@ def tune(opts: TuneOptions, on_event: Callable[[dict], None] | None = None) -> T
                 "tok_per_s": tokens / max(elapsed, 1e-9),
             }
         )
-    seconds = time.monotonic() - t0
+    seconds = spent + time.monotonic() - t0
     emit({"kind": "stage", "stage": "evaluating the adapter"})
     after = {
         "tuned": bits_per_byte(model, *held_w, device=opts.device),
@@ -164,6 +190,7 @@ def tune(opts: TuneOptions, on_event: Callable[[dict], None] | None = None) -> T
             "tok_per_s": round(tokens / max(seconds, 1e-9), 1),
             "loss": ema,
             "seed": opts.seed,
+            "resumed_from_step": ck["state"]["step"] if ck is not None else None,
         },
         "eval": {
             "bpb_base": before,
@@ -176,5 +203,6 @@ def tune(opts: TuneOptions, on_event: Callable[[dict], None] | None = None) -> T
     st, peft_cfg = safetensors_bytes(model)
     adapter = Adapter(meta, gguf_bytes(model, base.hf_config, alpha, name, arch=base.arch), st, peft_cfg)
     seal_adapter(adapter, Path(opts.out))
+    checkpoint.remove(ck_path)
     meta["size"] = {"gguf": len(adapter.gguf), "safetensors": len(st), "sealed": Path(opts.out).stat().st_size}
     return TuneResult(Path(opts.out), meta)

@@ -1,0 +1,81 @@
+"""Resuming `codemoat tune`: the run's state, written every minute to `$CODEMOAT_HOME/tune/`.
+
+A checkpoint holds the LoRA weights, AdamW's moments, the position in the data (epoch and row:
+the rows of an epoch are a function of the seed, so they are rebuilt, not stored), the steps,
+tokens and training seconds so far, and the base's evaluation. It is keyed by everything that
+shapes the run (base digest, repositories, output path, rank, alpha, learning rate, batch, context,
+seed, steps or minutes, device), so only the same command picks it up; a run that completes removes
+it. The file is private like everything in the data folder (0600 in a 0700 folder), written to a
+temporary name, synced and renamed, so a kill at any moment leaves the previous checkpoint whole.
+It holds weights trained on the customer's code (not the code itself) and never leaves this machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from ..paths import home
+
+EVERY_S = 60.0  # seconds of training between checkpoints
+
+
+def key(opts, base_sha256: str) -> str:
+    shape = {
+        "base": base_sha256,
+        "repos": sorted(opts.repos),
+        "out": str(Path(opts.out).expanduser().resolve()),
+        "rank": opts.rank,
+        "alpha": opts.alpha,
+        "lr": opts.lr,
+        "batch": opts.batch_size,
+        "n_ctx": opts.n_ctx,
+        "seed": opts.seed,
+        "steps": opts.steps,
+        "minutes": None if opts.steps else opts.minutes,
+        "heldout": opts.heldout_fraction,
+        "device": opts.device,
+    }
+    return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def path_for(k: str) -> Path:
+    d = home() / "tune"
+    d.mkdir(mode=0o700, exist_ok=True)
+    return d / f"{k}.ckpt"
+
+
+def save(path: Path, lora: dict, optim: dict, state: dict[str, Any]) -> None:
+    import torch
+
+    buf = io.BytesIO()
+    torch.save({"lora": lora, "optim": optim, "state": state}, buf)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    try:
+        os.write(fd, buf.getbuffer())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def load(path: Path) -> dict | None:
+    """The checkpoint at `path`, or None (none there, or unreadable: the run starts over)."""
+    import torch
+
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception:  # a damaged file: start over rather than fail
+        return None
+
+
+def remove(path: Path) -> None:
+    for p in (path, path.with_name(path.name + ".tmp")):
+        p.unlink(missing_ok=True)
