@@ -3,6 +3,7 @@
     .venv/bin/python bench/vault.py                 # 1 GiB model, 32 clients for 10 s
     .venv/bin/python bench/vault.py --quick         # 64 MiB model, 3 s of leases (a smoke run)
     .venv/bin/python bench/vault.py --shmem-thp advise --parts load   # also with shmem huge pages (root)
+    .venv/bin/python bench/vault.py --parts load --model gemma        # the real Gemma 3 270M file → vault-<name>.md
 
 Load: a random llama-shaped F32 GGUF of ~1 GiB is written once; the plaintext file is read once so
 the page cache is warm; then, alternating, `LlamaCppEngine.from_path` (llama.cpp maps the file) and
@@ -74,8 +75,9 @@ class ShmemPolicy:
         Path(self.path).write_text(self.old)
 
 
-def bench_load(gib: float, runs: int, policies: list[str]) -> dict:
-    """Plaintext vs sealed, alternating, under each shmem policy in `policies` ("" = as the kernel is)."""
+def bench_load(gib: float, runs: int, policies: list[str], real: Path | None = None) -> dict:
+    """Plaintext vs sealed, alternating, under each shmem policy in `policies` ("" = as the kernel is);
+    on a random F32 model of `gib` GiB, or on the real GGUF `real`."""
     from codemoat.config import load_settings
     from codemoat.engines.base import SamplingParams
     from codemoat.engines.llamacpp import LlamaCppEngine
@@ -85,12 +87,12 @@ def bench_load(gib: float, runs: int, policies: list[str]) -> dict:
     from codemoat.vault.machine import MachineKey
     from codemoat.vault.vendor import Vendor
 
-    model = build_model(WORK / f"model-{gib:g}g.gguf", gib)
+    model = real or build_model(WORK / f"model-{gib:g}g.gguf", gib)
     size = model.stat().st_size
     vdir = WORK / "vendor"
     vendor = Vendor.open(vdir) if (vdir / "vendor.json").exists() else Vendor.init(vdir)
     machine = MachineKey.load_or_create()
-    moat = WORK / f"model-{gib:g}g.moat"
+    moat = WORK / (f"{real.stem}.moat" if real else f"model-{gib:g}g.moat")
     t = time.perf_counter()
     sealed = vendor.seal(model, "bench", moat)
     seal_s = time.perf_counter() - t
@@ -186,7 +188,7 @@ def bench_load(gib: float, runs: int, policies: list[str]) -> dict:
         except OSError as e:
             log(f"cannot set shmem policy {policy!r} ({e.strerror}); skipped")
         log(results[-1])
-    return {"size": size, "seal_s": seal_s, "runs": runs, "configs": results}
+    return {"size": size, "seal_s": seal_s, "runs": runs, "configs": results, "model": model.name if real else None}
 
 
 def _lease_clients(lic, machines, gate, stop, results) -> None:
@@ -324,10 +326,20 @@ def bench_keyserver(clients: int, seconds: float, procs: int = 4) -> dict:
     }
 
 
+def _terms() -> str:
+    sys.path.insert(0, str(ROOT / "bench"))
+    from gemma import TERMS
+
+    return TERMS
+
+
 def write_md(load: dict | None, ks: dict | None, args) -> Path:
     from codemoat.vault.container import default_threads
 
-    out = ROOT / "bench" / "results" / ("vault.md" if not args.quick else "vault-quick.md")
+    name = (
+        "vault-quick.md" if args.quick else f"vault-{Path(load['model']).stem}.md" if load and load.get("model") else "vault.md"
+    )
+    out = ROOT / "bench" / "results" / name
     out.parent.mkdir(parents=True, exist_ok=True)
     argv = " ".join(sys.argv[1:])
     lines = [
@@ -343,6 +355,11 @@ def write_md(load: dict | None, ks: dict | None, args) -> Path:
         lines += [
             f"## Loading a sealed {gib:.2f} GiB GGUF vs plaintext (page cache warm, median of {load['runs']})",
             "",
+            *(
+                [f"The real model `{load['model']}` (bench/gemma.py), not the random F32 stand-in. {_terms()}", ""]
+                if load.get("model")
+                else []
+            ),
             "Each row alternates plaintext and sealed loads in the same process. `shmem_enabled` is the kernel's"
             " huge-page policy for memory files (`/sys/kernel/mm/transparent_hugepage/shmem_enabled`); the first"
             " row is the kernel as it is configured here (the distribution default, `never`), the others were"
@@ -424,6 +441,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="64 MiB model, short key server run")
     ap.add_argument("--parts", default="load,keyserver")
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--model", default="", help="load part on a real GGUF instead of the random one: a path, or `gemma`")
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--client-procs", type=int, default=4, help="processes the key server's clients run in")
@@ -438,7 +456,15 @@ def main() -> None:
     parts = set(args.parts.split(","))
     load = ks = None
     if "load" in parts:
-        load = bench_load(1 / 16 if args.quick else 1.0, 2 if args.quick else args.runs, ["", *filter(None, [args.shmem_thp])])
+        real = None
+        if args.model:
+            sys.path.insert(0, str(ROOT / "bench"))
+            from gemma import gemma_path
+
+            real = gemma_path() if args.model == "gemma" else Path(args.model)
+        load = bench_load(
+            1 / 16 if args.quick else 1.0, 2 if args.quick else args.runs, ["", *filter(None, [args.shmem_thp])], real
+        )
         log(load)
     if "keyserver" in parts:
         ks = bench_keyserver(args.clients, 3.0 if args.quick else args.seconds, args.client_procs)
