@@ -96,6 +96,8 @@ while time.time() < deadline:
     s.refresh()
     c = s.db.execute("SELECT sum(text LIKE '%OLD_MARKER%'), sum(text LIKE '%NEW_MARKER%') FROM chunks").fetchone()
     seen.append(list(c))
+    if len(seen) == 1:
+        print("reading", flush=True)
     if c[1] == {n}:
         break
 print(json.dumps(seen))
@@ -108,7 +110,8 @@ def test_two_reader_processes_see_the_update_whole(shared):
         subprocess.Popen([sys.executable, "-c", _READER.format(src=str(SRC), d=str(d), n=N)], stdout=subprocess.PIPE, text=True)
         for _ in range(2)
     ]
-    time.sleep(1.0)  # both are reading the old snapshot
+    for p in readers:  # both are reading the old snapshot
+        assert p.stdout.readline().strip() == "reading"
     _write(repo, "NEW")
     update_repository(SqliteIndex(d), "payments")
     for p in readers:
