@@ -15,7 +15,8 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from .. import __version__, console
+from .. import __version__
+from ..console.routes import router as console_router
 from ..accounts import Accounts
 from ..config import Settings
 from ..engines.holder import ModelHolder
@@ -79,7 +80,7 @@ def create_app(settings: Settings, *, holder: ModelHolder, accounts: Accounts, r
 
     for r in (routes_openai.router, routes_ollama.router, routes_infill.router, routes_tabby.router):
         app.include_router(r)
-    app.include_router(console.router)  # the admin console's pages at /admin (the admin JSON API is /admin/api, in trust)
+    app.include_router(console_router)  # the admin console's pages at /admin (the admin JSON API is /admin/api, in trust)
 
     # The trust layer (audit, quotas, secret screen, egress guard, metrics, admin API) wraps every route.
     trust.install(app, settings)
