@@ -203,11 +203,77 @@ def appends_per_s(url: str, home: Path, writers: int, threads: int, seconds: flo
     return total / seconds
 
 
+def audit_only(seconds: float = 8.0) -> None:
+    """Appends/s: SQLite, PostgreSQL through SQLAlchemy (the code before pipelining), PostgreSQL
+    pipelined (`audit/pgappend.py`), each shape in turn, in one run; rewrites that section of RESULTS."""
+    if pg_bin() is None:
+        raise SystemExit("bench/replicas.py needs Debian's postgresql package")
+    scratch = Path(tempfile.mkdtemp(prefix="codemoat-replicas-"))
+    os.environ["CODEMOAT_HOME"] = str(scratch / "home")
+    pg = PgCluster(pg_bin()).start()
+    rows = {"sqlite": {}, "postgresql, SQLAlchemy path (before)": {}, "postgresql, pipelined (now)": {}}
+    loads = []
+    try:
+        for writers, threads in SHAPES:
+            for name in rows:
+                if name == "sqlite":
+                    url, pipe = f"sqlite:///{scratch / f'audit-{writers}-{threads}.db'}", True
+                else:
+                    url, pipe = pg.new_database(), "pipelined" in name
+                rows[name][(writers, threads)] = appends_per_s(url, scratch / "home", writers, threads, seconds, pipeline=pipe)
+                loads.append(os.getloadavg()[0])
+                print(name, writers, threads, round(rows[name][(writers, threads)]), f"load {loads[-1]:.1f}", flush=True)
+    finally:
+        pg.stop()
+    section = [
+        "## Audit appends/s (one chain; appends lock the head row; each process group-commits its threads' records",
+        "under one Ed25519 head signature per transaction)",
+        "",
+        f"`.venv/bin/python bench/replicas.py --audit-only` on {platform.machine()}, {os.cpu_count()} CPUs, "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {seconds:g} s per cell, load average "
+        f"{min(loads):.1f}–{max(loads):.1f} while it ran (other work on the machine: compare within a column).",
+        "",
+        "| backend | "
+        + " | ".join(f"{w} process{'es' if w > 1 else ''} × {t} thread{'s' if t > 1 else ''}" for w, t in SHAPES)
+        + " |",
+        "|---|" + "---|" * len(SHAPES),
+    ]
+    for name, r in rows.items():
+        section.append(f"| {name} | " + " | ".join(f"{r[s]:.0f}" for s in SHAPES) + " |")
+    before, now = rows["postgresql, SQLAlchemy path (before)"], rows["postgresql, pipelined (now)"]
+    section += [
+        "",
+        "PostgreSQL pipelined / before: "
+        + ", ".join(f"{w} × {t}: **{now[(w, t)] / before[(w, t)]:.1f}×**" for w, t in SHAPES)
+        + ".",
+        "",
+        "Target: ≥ 2,000 records/s on PostgreSQL with 4 writers (a serving replica appends from many request threads at",
+        "once, the 4 × 8 column; 4 × 1 is four single-threaded writers, where there is nothing to batch).",
+        "",
+    ]
+    text = RESULTS.read_text() if RESULTS.exists() else ""
+    start, end = text.find("## Audit appends/s"), text.find("## Token revocation")
+    if start < 0 or end < 0:
+        text = text.rstrip("\n") + "\n\n" + "\n".join(section)
+    else:
+        text = text[:start] + "\n".join(section) + "\n" + text[end:]
+    RESULTS.write_text(text)
+    print("\n".join(section))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--seconds", type=float, default=60)
+    ap.add_argument(
+        "--audit-only",
+        action="store_true",
+        help="only the audit appends/s table, PostgreSQL's portable path and pipelined path side by side (rewrites that section)",
+    )
     args = ap.parse_args()
+    if args.audit_only:
+        audit_only()
+        return
     if pg_bin() is None or shutil.which("haproxy") is None:
         raise SystemExit("bench/replicas.py needs Debian's postgresql and haproxy packages")
     scratch = Path(tempfile.mkdtemp(prefix="codemoat-replicas-"))
