@@ -67,6 +67,17 @@ index objectClass,uid,member eq
 access to attrs=userPassword by self =xw by anonymous auth by * none
 access to * by dn.exact="{SERVICE}" read by self read by * none
 """)
+        self._spawn()
+        self.seed_base()
+        return self
+
+    def restart(self) -> Slapd:
+        """Start it again on the same port and data, after `stop` (the directory came back)."""
+        self._spawn()
+        return self
+
+    def _spawn(self) -> None:
+        conf = self.root / "slapd.conf"
         self.proc = subprocess.Popen(
             [self.exe, "-f", str(conf), "-h", self.url + "/", "-d", "0"],
             stdout=subprocess.DEVNULL,
@@ -83,8 +94,6 @@ access to * by dn.exact="{SERVICE}" read by self read by * none
                 time.sleep(0.1)
         else:
             raise RuntimeError("slapd did not start: " + (self.root / "slapd.log").read_text())
-        self.seed_base()
-        return self
 
     def admin(self):
         import ldap3
@@ -126,8 +135,10 @@ access to * by dn.exact="{SERVICE}" read by self read by * none
         self.add(dn, ["groupOfNames"], {"cn": cn, "member": members})
         return dn
 
-    def stop(self) -> None:
+    def stop(self, keep: bool = False) -> None:
+        """Stop slapd; its data is removed unless `keep` (then `restart` brings the same directory back)."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(timeout=10)
-        shutil.rmtree(self.root, ignore_errors=True)
+        if not keep:
+            shutil.rmtree(self.root, ignore_errors=True)

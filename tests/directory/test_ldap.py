@@ -73,3 +73,37 @@ def test_unreachable_directory_fails_closed(dir_settings, company):
         d.authenticate("alice", "alice-pw-1")
     with pytest.raises(DirectoryUnavailable):
         d.snapshot()
+
+
+def test_connections_are_pooled_and_a_password_check_never_searches(dir_settings):
+    """Concurrent sign-ins share at most `ldap_pool_size` connections per pool; a wrong password
+    drops its connection (never back in the pool half-bound); the connection re-bound as a user is
+    never the one that searches."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    d = LdapDirectory(dir_settings.model_copy(update={"ldap_pool_size": 2}))
+    pairs = [("alice", "alice-pw-1"), ("bob", "bob-pw-2"), ("dave", "dave-pw-4")] * 6
+    with ThreadPoolExecutor(8) as ex:
+        users = list(ex.map(lambda p: d.authenticate(*p), pairs))
+    assert [u.name for u in users] == [p[0] for p in pairs]
+    assert users[1].groups == {"engineering", "web", "admins"}
+    assert d.service_pool.opened <= 2 and d.check_pool.opened <= 2
+    idle = d.check_pool._free.qsize()
+    with pytest.raises(Unauthorized, match="wrong user name or password"):
+        d.authenticate("alice", "bob-pw-2")
+    assert d.check_pool._free.qsize() == idle - 1  # the refused bind's connection was dropped, not pooled
+    assert d.authenticate("alice", "alice-pw-1").name == "alice"
+    for conn in list(d.service_pool._free.queue):
+        assert conn.user == dir_settings.bind_dn  # searches only ever run as the service account
+    d.close()
+
+
+def test_a_pool_survives_the_directory_restarting(dir_settings, company):
+    d = LdapDirectory(dir_settings)
+    assert d.authenticate("alice", "alice-pw-1").name == "alice"
+    company.stop(keep=True)
+    with pytest.raises(DirectoryUnavailable):
+        d.authenticate("alice", "alice-pw-1")
+    company.restart()
+    assert d.authenticate("alice", "alice-pw-1").name == "alice"  # broken connections dropped, fresh ones opened
+    d.close()

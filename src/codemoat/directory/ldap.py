@@ -5,13 +5,23 @@ Every value a caller supplies is escaped per RFC 4515 before it enters a filter
 is refused before any bind, since LDAP treats a bind with a DN and no password as an anonymous
 bind that *succeeds* (RFC 4513 §5.1.2, "unauthenticated authentication"). Passwords are never
 stored or logged. TLS: `ldaps://` or StartTLS, verified against `ca_file`.
+
+Connections: two pools of at most `ldap_pool_size` each, a connection used by one thread at a
+time. The service pool holds connections bound as the service account (searches); the check pool
+holds connections used only to check passwords, re-bound as each user signing in (never used to
+search, so a user's identity never reaches a query). Re-binding an open connection spares a TCP
+(and TLS) handshake per sign-in; a connection that fails is dropped and the next use opens another.
+A sign-in reads only the groups above the user (one search per nesting level), not every group.
 """
 
 from __future__ import annotations
 
 import math
+import queue
 import ssl
 import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from ..config import DirectorySettings
@@ -53,16 +63,62 @@ def _attr(entry, name: str) -> list[str]:
     return [str(v) for v in (vals if isinstance(vals, list) else [vals])]
 
 
+class _Pool:
+    """At most `size` connections, each lent to one thread at a time; one that failed is dropped."""
+
+    def __init__(self, size: int, connect: Callable[[], object], wait_s: float, what: str):
+        self._slots = threading.BoundedSemaphore(size)
+        self._free: queue.LifoQueue = queue.LifoQueue()
+        self._connect, self._wait_s, self._what = connect, wait_s, what
+        self.opened = 0  # connections opened so far (tests and the bench read it)
+
+    @contextmanager
+    def lend(self) -> Iterator:
+        if not self._slots.acquire(timeout=self._wait_s):
+            raise DirectoryUnavailable(f"the directory's {self._what} connections were all busy for {self._wait_s:g} s")
+        try:
+            try:
+                conn = self._free.get_nowait()
+            except queue.Empty:
+                conn = self._connect()
+                self.opened += 1
+            ok = False
+            try:
+                yield conn
+                ok = True
+            finally:
+                if ok and not conn.closed:
+                    self._free.put(conn)
+                else:
+                    _drop(conn)
+        finally:
+            self._slots.release()
+
+    def close(self) -> None:
+        while True:
+            try:
+                _drop(self._free.get_nowait())
+            except queue.Empty:
+                return
+
+
+def _drop(conn) -> None:
+    try:
+        conn.unbind()
+    except Exception:  # already broken: nothing to tell the server
+        pass
+
+
 class LdapDirectory:
-    """One LDAP directory, used from many threads (one service connection, re-bound when lost)."""
+    """One LDAP directory, used from many threads (pooled connections, see the module's docstring)."""
 
     def __init__(self, cfg: DirectorySettings):
         if not cfg.ldap_url:
             raise DirectoryError("no directory configured: set directory.ldap_url")
         self.cfg = cfg
-        self._lock = threading.Lock()
-        self._conn = None
         self._timeout = max(1, math.ceil(cfg.timeout_s))  # ldap3 packs socket timeouts as whole seconds
+        self.service_pool = _Pool(cfg.ldap_pool_size, self._service_conn, cfg.timeout_s, "service")
+        self.check_pool = _Pool(cfg.ldap_pool_size, self._open, cfg.timeout_s, "sign-in")
 
     # -- connections -----------------------------------------------------------
     def _server(self):
@@ -98,37 +154,62 @@ class LdapDirectory:
         except lx.LDAPException as e:
             raise DirectoryUnavailable(f"directory {self.cfg.ldap_url} is unreachable: {type(e).__name__}") from None
 
-    def _service(self):
-        with self._lock:
-            if self._conn is None or not self._conn.bound or self._conn.closed:
-                try:
-                    self._conn = self._bind(self.cfg.bind_dn, self._password())
-                except Unauthorized:
-                    raise DirectoryError(
-                        "the directory refused the service account (directory.bind_dn / bind_password_file)"
-                    ) from None
-            return self._conn
+    def _service_conn(self):
+        try:
+            return self._bind(self.cfg.bind_dn, self._password())
+        except Unauthorized:
+            raise DirectoryError("the directory refused the service account (directory.bind_dn / bind_password_file)") from None
 
-    def _search(self, base: str, flt: str, attrs: list[str]) -> list:
+    def _open(self):
+        """An open connection, not yet bound (TLS started when configured): the check pool re-binds it per user."""
+        import ldap3
+        from ldap3.core import exceptions as lx
+
+        conn = ldap3.Connection(self._server(), receive_timeout=self._timeout, raise_exceptions=True, read_only=True)
+        try:
+            conn.open()
+            if self.cfg.start_tls:
+                conn.start_tls()
+        except lx.LDAPException as e:
+            raise DirectoryUnavailable(f"directory {self.cfg.ldap_url} is unreachable: {type(e).__name__}") from None
+        return conn
+
+    def check_password(self, dn: str, password: str) -> None:
+        """Unauthorized unless the directory accepts `password` for `dn` (a bind as that user)."""
+        from ldap3.core import exceptions as lx
+
+        if not password:  # never an "unauthenticated" bind (RFC 4513 §5.1.2), whoever calls this
+            raise Unauthorized("directory sign-in failed: a user name and a password are both needed")
+        for attempt in (1, 2):
+            try:
+                with self.check_pool.lend() as conn:
+                    conn.rebind(user=dn, password=password)
+                return
+            except (lx.LDAPInvalidCredentialsResult, lx.LDAPBindError) as e:
+                raise Unauthorized("directory sign-in failed: wrong user name or password") from e
+            except lx.LDAPException as e:  # a pooled connection the server dropped: once more on a fresh one
+                if attempt == 2:
+                    raise DirectoryUnavailable(f"directory {self.cfg.ldap_url} is unreachable: {type(e).__name__}") from None
+
+    def _search(self, base: str, flt: str, attrs: list[str], scope: str | None = None) -> list:
         from ldap3.core import exceptions as lx
 
         for attempt in (1, 2):
-            conn = self._service()
             try:
-                with self._lock:
-                    conn.search(base, flt, attributes=attrs, paged_size=1000)
+                with self.service_pool.lend() as conn:
+                    try:
+                        kw = {"search_scope": scope} if scope else {}
+                        conn.search(base, flt, attributes=attrs, paged_size=1000, **kw)
+                    except lx.LDAPNoSuchObjectResult:
+                        return []
                     out = [e for e in conn.response if e.get("type") == "searchResEntry"]
-                    cookie = conn.result.get("controls", {}).get("1.2.840.113556.1.4.319", {}).get("value", {}).get("cookie")
+                    cookie = _cookie(conn)
                     while cookie:
-                        conn.search(base, flt, attributes=attrs, paged_size=1000, paged_cookie=cookie)
+                        conn.search(base, flt, attributes=attrs, paged_size=1000, paged_cookie=cookie, **kw)
                         out += [e for e in conn.response if e.get("type") == "searchResEntry"]
-                        cookie = conn.result.get("controls", {}).get("1.2.840.113556.1.4.319", {}).get("value", {}).get("cookie")
+                        cookie = _cookie(conn)
                 return out
-            except lx.LDAPNoSuchObjectResult:
-                return []
-            except lx.LDAPException as e:
-                with self._lock:
-                    self._conn = None  # a dropped connection: one fresh bind, then give up
+            except lx.LDAPException as e:  # the connection was dropped (and so is it): one fresh one, then give up
                 if attempt == 2:
                     raise DirectoryUnavailable(f"directory {self.cfg.ldap_url} is unreachable: {type(e).__name__}") from None
         return []
@@ -153,7 +234,7 @@ class LdapDirectory:
         user = self.find(username)
         if user is None:
             raise Unauthorized("directory sign-in failed: wrong user name or password")
-        self._bind(user.dn, password).unbind()  # Unauthorized when the password is wrong
+        self.check_password(user.dn, password)
         if user.disabled:
             raise Unauthorized("directory sign-in failed: this account is disabled in the directory")
         return user
@@ -163,20 +244,7 @@ class LdapDirectory:
             return False
         import ldap3
 
-        return bool(self._search_base(dn, self.cfg.disabled_filter, ldap3))
-
-    def _search_base(self, dn: str, flt: str, ldap3) -> list:
-        from ldap3.core import exceptions as lx
-
-        conn = self._service()
-        try:
-            with self._lock:
-                conn.search(dn, flt, search_scope=ldap3.BASE, attributes=[])
-                return [e for e in conn.response if e.get("type") == "searchResEntry"]
-        except lx.LDAPNoSuchObjectResult:
-            return []
-        except lx.LDAPException as e:
-            raise DirectoryUnavailable(f"directory {self.cfg.ldap_url} is unreachable: {type(e).__name__}") from None
+        return bool(self._search(dn, self.cfg.disabled_filter, [], scope=ldap3.BASE))
 
     # -- groups --------------------------------------------------------------------
     def _all_groups(self) -> dict[str, tuple[str, set[str]]]:
@@ -210,7 +278,26 @@ class LdapDirectory:
         return {m: {groups[g][0] for g in up(m, 0) if g in groups} for m in parents}
 
     def _groups_of(self, dn: str) -> frozenset[str]:
-        return frozenset(self._closure(self._all_groups()).get(dn.lower(), set()))
+        """`dn`'s groups, nested ones included: one search per level up, for the groups naming any DN
+        of the level below as a member (DNs escaped per RFC 4515), at most MAX_NESTING levels."""
+        from ldap3.utils.conv import escape_filter_chars
+
+        attr, seen, names = self.cfg.group_member_attr, set(), set()
+        level = {dn.lower()}
+        for _ in range(MAX_NESTING + 1):
+            if not level:
+                break
+            ors = "".join(f"({attr}={escape_filter_chars(d)})" for d in sorted(level))
+            hits = self._search(self.cfg.group_base, f"(&{self.cfg.group_filter}(|{ors}))", [self.cfg.group_name_attr])
+            level = set()
+            for e in hits:
+                gdn = e["dn"].lower()
+                if gdn not in seen:
+                    seen.add(gdn)
+                    level.add(gdn)
+                    got = _attr(e, self.cfg.group_name_attr)
+                    names.add(got[0] if got else e["dn"])
+        return frozenset(names)
 
     def snapshot(self) -> Snapshot:
         """Every user with their nested groups and disabled flag: three searches, whatever the size."""
@@ -231,7 +318,10 @@ class LdapDirectory:
         return snap
 
     def close(self) -> None:
-        with self._lock:
-            if self._conn is not None:
-                self._conn.unbind()
-                self._conn = None
+        self.service_pool.close()
+        self.check_pool.close()
+
+
+def _cookie(conn):
+    """The paged-results cookie of the last search (RFC 2696), empty at the last page."""
+    return conn.result.get("controls", {}).get("1.2.840.113556.1.4.319", {}).get("value", {}).get("cookie")
