@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from codemoat.db import open_db
 from codemoat.usage import BY, UsageStore, report
-from codemoat.usage.rollup import bucket, per_hour, rebuild
+from codemoat.usage.rollup import bucket, per_hour, rebuild, whole_days
 from codemoat.usage.tables import completions, daily, events, hourly, latency_daily
 
 NOW = 1_780_000_000.0  # 2026-05-28 (UTC)
@@ -106,12 +106,16 @@ def test_rollup_answers_equal_the_raw_tables(store, ops, cut, who, lang):
     _wipe(store.engine)
     _apply(store, ops)
     since = NOW - cut
+    day_start = whole_days(1, since)  # a window of whole days: the roll-up alone answers it
     for by in BY:
         _same(store.engine, by=by)
         _same(store.engine, by=by, since=since)
+    _same(store.engine, by="user", since=day_start)
     _same(store.engine, by="day", since=since, user=who, language=lang)
+    _same(store.engine, by="language", since=day_start, user=who)
     with store.engine.connect() as c:
         assert per_hour(c, since=since) == per_hour(c, since=since, rollup=False)
+        assert per_hour(c, since=day_start) == per_hour(c, since=day_start, rollup=False)
     kept = _snapshot(store.engine)
     with store.engine.begin() as c:
         rebuild(c)

@@ -109,10 +109,11 @@ async def overview(request: Request):
     if s is None:
         return to_signin()
     from ..usage import daily, report
+    from ..usage.rollup import whole_days
 
     eng = _engine(request)
     now = time.time()
-    rep = await _run(report, eng, by="language", since=now - DAYS * 86400, now=now)
+    rep = await _run(report, eng, by="language", since=whole_days(DAYS, now), now=now)
     days = await _run(daily, eng, DAYS, now=now)
     labels = [d.key for d in days]
     ctx = {
@@ -134,6 +135,7 @@ async def overview(request: Request):
 async def _people(request: Request, s, *, created: dict | None = None, error: str | None = None, status: int = 200):
     from ..accounts import ALL_SCOPES
     from ..usage import report
+    from ..usage.rollup import whole_days
 
     acc = request.app.state.accounts
     users = await _run(acc.list_users)
@@ -143,7 +145,8 @@ async def _people(request: Request, s, *, created: dict | None = None, error: st
 
     disabled = await _run(disabled_users, acc.engine)
     per_user = {
-        r.key: r for r in (await _run(report, _engine(request), by="user", since=time.time() - DAYS * 86400, summary=False)).rows
+        r.key: r
+        for r in (await _run(report, _engine(request), by="user", since=whole_days(DAYS, time.time()), summary=False)).rows
     }
     return page(
         request,

@@ -14,7 +14,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import Engine
 
-from ..usage.rollup import facts, per_hour
+from ..usage.rollup import facts, per_hour, whole_days
 
 MIN_COMPLETIONS = 100
 MIN_VIEWS = 50
@@ -53,8 +53,8 @@ DEFAULT_SOURCES = {
 
 def measured(engine: Engine, *, days: int = 28, now: float | None = None) -> dict[str, tuple[float, str]]:
     """Inputs measured from the last `days` days of usage, each as (value, "measured: …"); {} without enough history."""
-    start = (time.time() if now is None else now) - days * 86400
-    f = facts(since=start)  # the daily roll-up, and the raw rows of the first day only
+    start = whole_days(days, time.time() if now is None else now)  # the last `days` UTC days: the daily roll-up alone
+    f = facts(since=start)
     with engine.connect() as c:
         r = c.execute(
             sa.select(*(sa.func.sum(f.c[k]) for k in ("completions", "chats", "c_prompt", "c_output", "h_prompt", "h_output")))

@@ -1,5 +1,5 @@
 """Usage numbers for Prometheus (`/metrics`): acceptance rate, active and engaged users, completions
-and editor events over the last 1, 7 and 28 days, read from the shared database at scrape time
+and editor events over the last 1, 7 and 28 UTC days (today included), read from the shared database at scrape time
 (so every replica reports the same numbers) and cached for `ttl` seconds."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from sqlalchemy import Engine
 
 from .report import WINDOWS, _windows
-from .rollup import facts
+from .rollup import facts, whole_days
 
 
 class UsageCollector:
@@ -36,7 +36,7 @@ class UsageCollector:
             with self.engine.connect() as c:
                 for d in WINDOWS:
                     w = f"{d}d"
-                    f = facts(since=now - d * 86400)
+                    f = facts(since=whole_days(d, now))
                     n, views, selects = c.execute(
                         sa.select(sa.func.sum(f.c.completions + f.c.chats), sa.func.sum(f.c.views), sa.func.sum(f.c.selects))
                     ).one()

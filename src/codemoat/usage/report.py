@@ -19,6 +19,7 @@ from sqlalchemy import Engine
 
 from ..errors import CodemoatError
 from . import rollup as rollup_
+from .store import day_of
 from .tables import completions, memberships
 
 BY = ("day", "user", "language", "protocol", "group")
@@ -180,27 +181,24 @@ def _latency(c, since, user, language, rollup: bool) -> dict[str, float | None]:
 
 
 def _windows(c, now: float, user: str | None, rollup: bool = True) -> tuple[dict[str, int], dict[str, int]]:
-    """(active, engaged) users for each of `WINDOWS`: active used the service (a completion, a chat
-    or any editor event) in the window, engaged accepted a completion in it."""
-    active, engaged = {}, {}
+    """(active, engaged) users for each of `WINDOWS` (the last 1, 7, 28 UTC days, today included):
+    active used the service (a completion, a chat or any editor event), engaged accepted a completion."""
+    f = rollup_.facts(since=rollup_.whole_days(max(WINDOWS), now), user=user, rollup=rollup)
+    cols = []
     for d in WINDOWS:
-        f = rollup_.facts(since=now - d * 86400, user=user, rollup=rollup)
-        a, e = c.execute(
-            sa.select(
-                sa.func.count(sa.distinct(sa.case((f.c.completions + f.c.chats + f.c.events > 0, f.c.user)))),
-                sa.func.count(sa.distinct(sa.case((f.c.selects > 0, f.c.user)))),
-            )
-        ).one()
-        active[f"{d}d"], engaged[f"{d}d"] = _one(a), _one(e)
+        in_w = f.c.day >= day_of(rollup_.whole_days(d, now))
+        cols.append(sa.func.count(sa.distinct(sa.case((sa.and_(in_w, f.c.completions + f.c.chats + f.c.events > 0), f.c.user)))))
+        cols.append(sa.func.count(sa.distinct(sa.case((sa.and_(in_w, f.c.selects > 0), f.c.user)))))
+    r = c.execute(sa.select(*cols)).one()
+    active = {f"{d}d": _one(r[2 * i]) for i, d in enumerate(WINDOWS)}
+    engaged = {f"{d}d": _one(r[2 * i + 1]) for i, d in enumerate(WINDOWS)}
     return active, engaged
 
 
 def daily(engine: Engine, days: int = 30, *, now: float | None = None) -> list[Row]:
     """One row per UTC day for the last `days` days, oldest first, days without use included (zeros)."""
-    from .store import day_of
-
     now = time.time() if now is None else now
-    rep = report(engine, by="day", since=now - days * 86400, now=now, summary=False)
+    rep = report(engine, by="day", since=rollup_.whole_days(days, now), now=now, summary=False)
     have = {r.key: r for r in rep.rows}
     out = []
     for i in range(days - 1, -1, -1):
