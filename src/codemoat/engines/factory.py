@@ -21,7 +21,10 @@ from .memfd import MemfdBuffer
 def engine_options(settings: Settings, model_id: str) -> dict[str, Any]:
     """The keywords every engine's `from_path`/`from_buffer` takes."""
     m = settings.model
-    return {"model_id": model_id, "n_ctx": m.n_ctx, "n_threads": m.n_threads, "n_gpu_layers": m.n_gpu_layers}
+    opts = {"model_id": model_id, "n_ctx": m.n_ctx, "n_threads": m.n_threads, "n_gpu_layers": m.n_gpu_layers}
+    if m.engine == "vllm":
+        opts.update(tensor_parallel_size=m.tensor_parallel_size, kv_cache_gib=m.kv_cache_gib, enforce_eager=m.enforce_eager)
+    return opts
 
 
 def build_engine(

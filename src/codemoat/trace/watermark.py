@@ -61,6 +61,16 @@ class GreenList:
         self._masks: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self._cache = cache
 
+    @property
+    def limit(self) -> int:
+        """A token is green when its 16-bit value is below this."""
+        return int(self._limit)
+
+    def prf(self, blocks: bytes | memoryview) -> bytes:
+        """The raw PRF over 16-byte blocks (u ‖ i as two little-endian u64 each): eight little-endian
+        16-bit values per block, for engines that build green masks in their own tensor library (vLLM)."""
+        return self._aes.update(blocks)
+
     def _values(self, prev: np.ndarray, block: np.ndarray) -> np.ndarray:
         blocks = np.empty((len(block), 2), dtype="<u8")
         blocks[:, 0], blocks[:, 1] = prev, block
