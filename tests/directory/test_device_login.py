@@ -117,7 +117,7 @@ def test_an_expired_code_is_refused_even_once_approved(oidc_stack):
     assert e.value.code == "expired_token"
 
 
-def test_a_provider_without_a_device_flow_sends_the_cli_to_the_browser(tmp_path, tiny_gguf):
+def test_a_provider_without_a_device_flow_sends_the_cli_to_the_browser(tmp_path, tiny_gguf, home):
     from oidcstack import start_stack
 
     from codemoat.directory.device import DeviceUnsupported
@@ -130,5 +130,24 @@ def test_a_provider_without_a_device_flow_sends_the_cli_to_the_browser(tmp_path,
         with pytest.raises(NoDeviceFlow) as e:
             device_login(stack.url, show=lambda st: None)
         assert e.value.signin_url == stack.url + "/auth/oidc/start"
+        # the CLI says where to sign in, and takes the token that page shows
+        with httpx.Client(timeout=30) as b:
+            cb = walk(b, e.value.signin_url, stack.url + "/auth/oidc/callback", user="alice")
+            shown = b.get(cb).json()["token"]
+        r = subprocess.run(
+            [*CODEMOAT, "login", "--server", stack.url],
+            input=shown + "\n",
+            capture_output=True,
+            text=True,
+            env=dict(os.environ, CODEMOAT_HOME=str(home)),
+            timeout=120,
+        )
+        assert r.returncode == 0, r.stderr
+        assert "has no device flow" in r.stderr and e.value.signin_url in r.stderr
+        assert json.loads((home / "login.json").read_text())["token"] == shown
+        r = subprocess.run(
+            [*CODEMOAT, "login", "--server", stack.url], input="cm_not-a-token\n", capture_output=True, text=True, timeout=120
+        )
+        assert r.returncode == 1 and "does not accept that token" in r.stderr
     finally:
         stack.stop()

@@ -158,7 +158,7 @@ def _browser_fallback(server: str, e, browser: bool) -> dict:
         import webbrowser
 
         webbrowser.open(e.signin_url)
-    token = typer.prompt("token", hide_input=True).strip()
+    token = (typer.prompt("token", hide_input=True) if sys.stdin.isatty() else sys.stdin.readline()).strip()
     r = httpx.get(server.rstrip("/") + "/v1/models", headers={"Authorization": f"Bearer {token}"}, timeout=30)
     if r.status_code != 200:
         fail(f"{server} does not accept that token ({r.status_code})")

@@ -8,7 +8,9 @@
 membership with nesting); `sync` mirrors users and memberships into `accounts` and disables, at
 once, every directory user who left or was disabled; `state` remembers which users the directory
 manages and when it was last read, so an unreachable directory fails closed after
-`max_staleness_s`. OpenID Connect sign-in is not here yet (see the issue's notes).
+`max_staleness_s`. `oidc` signs people in through the company's OpenID provider (browser code
+flow with PKCE, bound to the browser that started it); `device` relays RFC 8628 device codes for
+`codemoat login`; `login_client` is the CLI's side of it.
 """
 
 from .ldap import DirectoryError, DirectoryUnavailable, DirUser, LdapDirectory, Snapshot

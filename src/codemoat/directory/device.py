@@ -25,7 +25,7 @@ import sqlalchemy as sa
 from sqlalchemy import Engine
 
 from ..errors import CodemoatError
-from .ldap import DirUser
+from .ldap import DirectoryUnavailable, DirUser
 from .oidc import OidcClient, meta
 
 GRANT = "urn:ietf:params:oauth:grant-type:device_code"
@@ -105,8 +105,6 @@ class DeviceFlow:
             )
             body = r.json()
         except (httpx.HTTPError, ValueError) as e:
-            from .ldap import DirectoryUnavailable
-
             raise DirectoryUnavailable(f"OpenID provider {self.oidc.issuer} is unreachable: {type(e).__name__}") from None
         if r.status_code != 200 or not body.get("device_code") or not body.get("user_code"):
             raise DeviceError("server_error", f"the OpenID provider refused a device code: {body.get('error', r.status_code)}")

@@ -5,7 +5,7 @@ browser that started it by a cookie, against login CSRF), and `POST /auth/device
 `/auth/device/poll`, the device authorization grant (RFC 8628) behind `codemoat login` without a
 password; those two answer errors in OAuth's shape (`{"error": "slow_down", ...}`, RFC 8628 §3.5).
 
-Installed by `create_app` only when `directory.ldap_url` is set. Sign-in failures are counted per
+Installed by `create_app` only when `directory.ldap_url` or `directory.oidc_issuer` is set. Sign-in failures are counted per
 user name: after `MAX_FAILURES` within `FAILURE_WINDOW_S` that name is refused (429) for the rest
 of the window, so a password cannot be guessed through this route at the directory's speed.
 """
