@@ -13,8 +13,6 @@ import pytest
 from tests.tune.loras import random_lora_gguf
 from updhelp import create_token, stream_forever
 
-pytestmark = pytest.mark.slow
-
 PROMPT = "def interchange_fee(amount_cents: int) -> int:\n    return"
 
 
@@ -32,6 +30,7 @@ def _update_records() -> list[dict]:
     return list(AuditLog(open_db()).records(kind="update", limit=100))
 
 
+@pytest.mark.slow
 def test_vendor_adapter_served_by_group_and_swapped_without_downtime(shop, store, serve_process, gguf_file, tmp_path):
     from codemoat.accounts import Accounts
     from codemoat.db import open_db
@@ -93,8 +92,40 @@ def test_vendor_adapter_served_by_group_and_swapped_without_downtime(shop, store
     assert any(s == "update swap_failed" and d.get("adapter") == "nosuch" for s, _, d in steps)
 
 
+@pytest.mark.slow
 def test_adapter_reference_without_an_installed_bundle_is_one_line(serve_process, gguf_file, machine):
     srv = serve_process(["--model", str(gguf_file)], env={"CODEMOAT_MODEL__ADAPTERS": '["update:nosuch"]'}, wait=False)
     assert srv.proc.wait(timeout=120) == 1
     out = srv.output()
     assert "Traceback" not in out and "no adapter bundle named 'nosuch' is installed" in out, out
+
+
+def test_vendor_adapter_groups_are_recorded_kept_and_enforced(shop, store, gguf_file, tmp_path):
+    from codemoat.engines.adapters import LoadedAdapter
+    from codemoat.errors import CodemoatError
+    from codemoat.serve.adapters import choose, eligible
+    from codemoat.updates.adapters import open_installed
+
+    lic = shop.license()
+    lora = tmp_path / "fee.gguf"
+    lora.write_bytes(random_lora_gguf(gguf_file, seed=0))
+    store.apply(shop.release("1", kind="adapter", source=lora), lic, groups=["payments", "finance"])
+    store.apply(shop.release("2", kind="adapter", source=lora), lic)  # no --groups: v1's choice is kept
+    got = open_installed("fee")
+    assert (got.version, got.groups, got.gguf) == ("2", ("finance", "payments"), lora.read_bytes())
+
+    vendor = LoadedAdapter("fee", (), None, -1, got.groups, got.version)
+    assert eligible(vendor, ["payments"], set()) and eligible(vendor, ["admin"], set())
+    assert not eligible(vendor, ["contractors"], set()) and not eligible(vendor, [], set())
+    everyone = LoadedAdapter("all", (), None, -1, ("everyone",), "1")
+    assert eligible(everyone, [], set())
+    tuned = LoadedAdapter("pay", (("payments", ("payments",)),), "0" * 64, -1)
+    assert choose([tuned, vendor], ["payments"], set()) is vendor  # the tuned one needs the repository readable now
+    assert choose([tuned, vendor], ["payments"], {"payments"}) is tuned
+    assert choose([tuned, vendor], ["contractors"], {"payments"}) is None
+
+    text = tmp_path / "notes.txt"
+    text.write_bytes(b"not a LoRA")
+    store.apply(shop.release("1", kind="adapter", source=text, name="notes"), lic)
+    with pytest.raises(CodemoatError, match="not a GGUF LoRA adapter"):
+        open_installed("notes")
