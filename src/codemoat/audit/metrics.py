@@ -36,6 +36,14 @@ class _Live:
         g = GaugeMetricFamily("codemoat_queue_depth", "Requests waiting for a generation slot.", value=s.get("queue_depth", 0))
         yield g
         yield GaugeMetricFamily("codemoat_requests_in_flight", "API requests being handled now.", value=s.get("in_flight", 0))
+        slots = s.get("engine_slots") or {}
+        for key, what in (
+            ("total", "Sequence slots of the engine (model.parallel)."),
+            ("busy", "Engine slots decoding a request now."),
+            ("waiting", "Requests waiting in the engine for a free slot."),
+        ):
+            if slots.get(key) is not None:
+                yield GaugeMetricFamily(f"codemoat_engine_slots_{key}", what, value=slots[key])
         lease = InfoMetricFamily("codemoat_lease", "License lease state (offline, active, renewing, lost, ...).")
         lease.add_metric(
             [], {"state": str(s.get("lease_state") or "none"), "model_state": str(s.get("model_state") or "unknown")}

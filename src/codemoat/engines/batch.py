@@ -259,7 +259,9 @@ class Batcher:
         # the longest reusable prefix; among equals the slot used least recently
         i = max(free, key=lambda j: (keep(j), -self.slots[j].used_at))
         slot, k = self.slots[i], keep(i)
-        self.lib.llama_memory_seq_rm(self.mem, i, k, -1)
+        if not self.lib.llama_memory_seq_rm(self.mem, i, k, -1):  # a cache that cannot drop a tail (some SWA/recurrent ones)
+            self.lib.llama_memory_seq_rm(self.mem, i, 0, -1)  # dropping a whole sequence never fails
+            k = 0
         slot.aligned = min(slot.aligned, k) // ALIGN * ALIGN
         self.reused_tokens += k
         slot.cached = body[:k]

@@ -126,6 +126,7 @@ class LlamaCppEngine(WorkerEngine):
             n_ctx=n_ctx if parallel <= 1 else 2 * ALIGN,
             n_batch=n_batch,
             n_threads=n_threads,
+            n_threads_batch=n_threads,  # else llama-cpp-python evaluates prompts on every core, whatever model.n_threads says
             n_gpu_layers=n_gpu_layers,
         )
         self.model_id = model_id or Path(model_path).stem

@@ -108,7 +108,16 @@ class Trust:
             "lease_state": (lic.lease_state or lic.license_mode) if lic else None,
             "expires_at": lic.license_expires_at if lic else None,
             "lease_seconds_left": lic.lease_seconds_left if lic else None,
+            "engine_slots": self._engine_slots(holder),
         }
+
+    @staticmethod
+    def _engine_slots(holder: Any) -> dict[str, int] | None:
+        """A batching engine's slot use (total, busy, waiting), or None."""
+        try:
+            return holder.get().health().get("slots") if holder.loaded else None
+        except Exception:  # unloaded or restarting between the check and the read
+            return None
 
     def route_of(self, scope: dict) -> str:
         """The template of the route a request went to, or would have gone to had a layer in front
