@@ -66,6 +66,21 @@ def check_text(doc: Any) -> None:
                 ) from None
 
 
+def issue_completion_id(request: Request, path: str | None = None) -> str:
+    """A new id for this completion: stored with its usage, so that `POST /v1/events` can name it (only
+    by the user it was given to), and sent as `X-Codemoat-Completion-Id` on every route (OpenAI's body
+    `id` too). Call it after `Service.prepare`, which may set the prompt headers."""
+    from ..protocol.common import new_id
+
+    u = usage_of(request.state)
+    u.completion_id = new_id("cmpl")
+    if path and not u.language:
+        u.language = path  # codemoat.usage maps the extension to a fixed set of languages
+    headers = getattr(request.state, "prompt_headers", None) or {}
+    request.state.prompt_headers = {**headers, "X-Codemoat-Completion-Id": u.completion_id}
+    return u.completion_id
+
+
 def start_usage(request: Request, protocol: str, model: str) -> Usage:
     """The request's usage record (read by the audit middleware after the response), with its protocol and model."""
     u = usage_of(request.state)

@@ -8,7 +8,7 @@ from ..accounts import Principal
 from ..engines.templates import FileSnippet
 from ..protocol import infill
 from .auth import require
-from .body import read_json, start_usage
+from .body import issue_completion_id, read_json, start_usage
 from .service import FimInput, Service, snippets_extra
 from .streaming import sse
 
@@ -34,6 +34,8 @@ async def infill_route(request: Request, principal: Principal = Depends(require(
     )
     prep = await svc.prepare(svc.fim_prompt, request, principal, f, params, fit=fit)
     extra = snippets_extra(ext, prep)
+    if not warmup:
+        issue_completion_id(request, ext.path if ext else None)  # X-Codemoat-Completion-Id: what /v1/events names
 
     def answer(content: str, reason: str | None) -> dict:
         u = request.state.usage

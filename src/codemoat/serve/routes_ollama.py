@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, Request
 from ..accounts import Principal
 from ..protocol import ollama
 from .auth import require
-from .body import read_json, start_usage
+from .body import issue_completion_id, read_json, start_usage
 from .service import FimInput, Prepared, Service, snippets_extra
 from .streaming import ndjson
 
@@ -114,6 +114,7 @@ async def generate(request: Request, principal: Principal = Depends(require("com
         msgs = ([{"role": "system", "content": req.system}] if req.system else []) + [{"role": "user", "content": req.prompt}]
         prep = await svc.prepare(svc.chat_prompt, request, principal, msgs, params, fit=fit)
     extra = snippets_extra(ext, prep)
+    issue_completion_id(request, ext.path if ext else None)  # X-Codemoat-Completion-Id: what /v1/events names
     return await _answer(request, svc, prep, req.stream, ollama.generate_chunk, ollama.generate_final, extra)
 
 

@@ -11,7 +11,7 @@ from ..errors import CodemoatError
 from ..protocol import openai
 from ..protocol.common import as_stop_list, new_id
 from .auth import require
-from .body import read_json, start_usage
+from .body import issue_completion_id, read_json, start_usage
 from .service import FimInput, Service, snippets_extra
 from .streaming import sse
 
@@ -78,7 +78,7 @@ async def openai_completion(request: Request, principal: Principal, body: Any):
     else:
         prep = await svc.prepare(svc.plain_prompt, request, prompt, params)
     extra = snippets_extra(ext, prep)
-    cid = new_id("cmpl")
+    cid = issue_completion_id(request, ext.path if ext else None)
     if not req.stream:
         c = await svc.run(request, prep)
         return openai.completion(

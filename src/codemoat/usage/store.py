@@ -140,12 +140,18 @@ class UsageStore:
                 ).first():
                     return False
                 row = c.execute(
-                    sa.select(completions.c.language, completions.c.chars, completions.c.lines, completions.c.first_line_chars)
+                    sa.select(
+                        completions.c.language,
+                        completions.c.protocol,
+                        completions.c.chars,
+                        completions.c.lines,
+                        completions.c.first_line_chars,
+                    )
                     .where(completions.c.completion_id == cid, completions.c.user == user)
                     .limit(1)
                 ).first()
-                if row is not None:
-                    language, chars, lines, matched = row.language, row.chars, row.lines, True
+                if row is not None:  # counted under the completion's language and protocol (OpenAI, Ollama, ...)
+                    language, chars, lines, matched, protocol = row.language, row.chars, row.lines, True, row.protocol
                     if kind == "line":  # Tabby's select_kind=line: only the first line was taken
                         chars, lines = row.first_line_chars, min(lines, 1)
             row = dict(
