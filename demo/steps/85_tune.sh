@@ -30,7 +30,7 @@ trap 'kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null || true' EXIT
 wait_healthy $PORT
 if ! curl -sf "http://127.0.0.1:$PORT/health" >/dev/null; then  # e.g. an adapter llama.cpp cannot apply to this base
   echo "   the server did not start with the adapter: $(grep -m1 '^error:' "$DEMO/serve-85.log" || tail -n1 "$DEMO/serve-85.log")"
-  echo "   (adapters are tested on llama-architecture bases such as the bundled model; see issue 22's note)"
+  echo "   (see $DEMO/serve-85.log)"
   kill $SERVER 2>/dev/null || true  # it has usually exited already
   wait $SERVER 2>/dev/null || true
   trap - EXIT

@@ -20,7 +20,18 @@ class Killed(BaseException):
 def _opts(out: Path, tiny: Path, **kw):
     from codemoat.tune.trainer import TuneOptions
 
-    base = dict(repos=["payments"], out=out, base=tiny, steps=6, rank=4, batch_size=1, n_ctx=64, eval_tokens=100, threads=1)
+    base = dict(
+        repos=["payments"],
+        out=out,
+        base=tiny,
+        steps=6,
+        rank=4,
+        batch_size=1,
+        n_ctx=64,
+        eval_tokens=100,
+        threads=1,
+        infill_lines=2,
+    )
     return TuneOptions(**{**base, **kw, "checkpoint_steps": 3})
 
 

@@ -84,6 +84,7 @@ def test_tune_against_a_sealed_base_in_memory_only(tmp_path, sealed, home):
             n_ctx=64,
             eval_tokens=100,
             threads=2,
+            infill_lines=2,
         )
     )
     assert set(_gguf_files(tmp_path, Path(home))) == before  # no plaintext model (or adapter) written anywhere

@@ -94,6 +94,7 @@ def test_tune_end_to_end(tmp_path, tiny_gguf):
             eval_tokens=200,
             threads=2,
             lr=5e-3,
+            infill_lines=4,
         )
     )
     a = open_adapter(out)
@@ -105,6 +106,8 @@ def test_tune_end_to_end(tmp_path, tiny_gguf):
     for k in ("tuned", "unrelated"):
         assert ev["bpb_base"][k] > 0 and ev["bpb_adapter"][k] > 0
     assert ev["bpb_adapter"]["tuned"] != ev["bpb_base"]["tuned"]
+    for k in ("infill_base", "infill_adapter"):  # single-line infill on held-out lines, base vs tuned
+        assert ev[k]["n"] == 4 and 0 <= ev[k]["exact"] <= 1 and 0 <= ev[k]["edit_sim"] <= 1
     assert res.meta["train"]["steps"] == 3
 
     assert json.loads(a.peft_config)["r"] == 4

@@ -31,6 +31,7 @@ def tune_command(
     seed: Annotated[int, typer.Option("--seed", help="Seed for the split, the data order and the LoRA initialisation.")] = 0,
     threads: Annotated[int | None, typer.Option("--threads", help="CPU threads for torch.")] = None,
     eval_tokens: Annotated[int, typer.Option("--eval-tokens", help="Held-out tokens scored before and after.")] = 20_000,
+    infill_lines: Annotated[int, typer.Option("--infill-lines", help="Held-out lines completed before and after.")] = 30,
     as_json: JsonFlag = False,
 ) -> None:
     """Fine-tune the served model on the named repositories' indexed code; write a sealed LoRA adapter."""
@@ -60,6 +61,7 @@ def tune_command(
         seed=seed,
         threads=threads,
         eval_tokens=eval_tokens,
+        infill_lines=infill_lines,
         license=lic,
     )
     result = _run(opts, tune, quiet=as_json)
@@ -80,6 +82,14 @@ def tune_command(
             f"{t['steps']} steps, {t['tokens']:,} tokens in {t['seconds']:.0f} s ({t['tok_per_s']:,.0f} tok/s)"
         )
         console.print("held-out bits/byte, base → base + adapter:\n" + row("tuned") + "\n" + row("unrelated"))
+        ib, ia = e.get("infill_base"), e.get("infill_adapter")
+        if ib and ia:
+            console.print(
+                f"  infill    exact match {ib['exact']:.0%} → {ia['exact']:.0%}, edit similarity "
+                f"{ib['edit_sim']:.2f} → {ia['edit_sim']:.2f} ({ia['n']} held-out lines)"
+            )
+        else:
+            console.print("  infill    n/a (the model has no <|fim_prefix|>/<|fim_suffix|>/<|fim_middle|> tokens)")
         console.print(
             f"  sealed to this machine: {d['adapter']} ({d['size']['sealed']:,} bytes); "
             f"served to groups that may read {' and '.join(r['name'] for r in d['repos'])}"

@@ -36,6 +36,7 @@ class TuneOptions:
     seed: int = 0
     heldout_fraction: float = 0.1
     eval_tokens: int = 20_000
+    infill_lines: int = 30  # held-out lines for the single-line infill score
     threads: int | None = None
     index_path: Path | None = None
     name: str | None = None
@@ -60,7 +61,7 @@ def tune(opts: TuneOptions, on_event: Callable[[dict], None] | None = None) -> T
 
     from ..train.corpus import split
     from ..train.data import DataOptions, epoch_rows
-    from . import checkpoint
+    from . import checkpoint, infill
     from .base import load_base
     from .corpus import load_corpus
     from .evaluate import bits_per_byte, token_windows, unrelated_files
@@ -85,6 +86,7 @@ def tune(opts: TuneOptions, on_event: Callable[[dict], None] | None = None) -> T
     tok, n_ctx = base.tokenizer, base.n_ctx
     held_w = token_windows(held, tok, n_ctx, opts.eval_tokens)
     other_w = token_windows(unrelated_files(), tok, n_ctx, opts.eval_tokens)
+    lines = infill.cases(held, opts.infill_lines, opts.seed)
     ck_path = checkpoint.path_for(checkpoint.key(opts, base.sha256))
     ck = checkpoint.load(ck_path)
     if ck is None:
@@ -92,6 +94,7 @@ def tune(opts: TuneOptions, on_event: Callable[[dict], None] | None = None) -> T
         before = {
             "tuned": bits_per_byte(base.model, *held_w, device=opts.device),
             "unrelated": bits_per_byte(base.model, *other_w, device=opts.device),
+            "infill": infill.scores(base.model, tok, lines, n_ctx, opts.device),
         }
     else:
         before = ck["state"]["before"]
@@ -170,6 +173,7 @@ def tune(opts: TuneOptions, on_event: Callable[[dict], None] | None = None) -> T
     after = {
         "tuned": bits_per_byte(model, *held_w, device=opts.device),
         "unrelated": bits_per_byte(model, *other_w, device=opts.device),
+        "infill": infill.scores(model, tok, lines, n_ctx, opts.device),
     }
     name = opts.name or Path(opts.out).name.split(".")[0]
     meta = {
@@ -193,9 +197,11 @@ def tune(opts: TuneOptions, on_event: Callable[[dict], None] | None = None) -> T
             "resumed_from_step": ck["state"]["step"] if ck is not None else None,
         },
         "eval": {
-            "bpb_base": before,
-            "bpb_adapter": after,
+            "bpb_base": {k: v for k, v in before.items() if k != "infill"},
+            "bpb_adapter": {k: v for k, v in after.items() if k != "infill"},
             "heldout_tokens": opts.eval_tokens,
+            "infill_base": before.get("infill"),  # single-line infill on held-out lines (tune/infill.py)
+            "infill_adapter": after["infill"],
             "unrelated": "CPython standard-library modules",
         },
     }
