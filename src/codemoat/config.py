@@ -196,6 +196,12 @@ class DirectorySettings(BaseModel):
         description="While the directory is unreachable, directory users keep their last-known groups this long; after it, their requests are refused.",
     )
     timeout_s: float = Field(5, gt=0, description="Connect and operation timeout for the directory, in seconds.")
+    ldap_pool_size: int = Field(
+        4,
+        ge=1,
+        le=64,
+        description="LDAP connections kept open per pool (searches as the service account; password checks), each used by one sign-in at a time.",
+    )
     oidc_issuer: str | None = Field(
         None,
         description="OpenID Connect issuer URL for browser sign-in (its /.well-known/openid-configuration is read); unset: no OIDC.",
@@ -205,12 +211,6 @@ class DirectorySettings(BaseModel):
         None, description="File holding the OIDC client secret (a mounted secret; never in the config)."
     )
     oidc_redirect_url: str | None = Field(
-    ldap_pool_size: int = Field(
-        4,
-        ge=1,
-        le=64,
-        description="LDAP connections kept open per pool (searches as the service account; password checks), each used by one sign-in at a time.",
-    )
         None, description="This server's public callback URL, registered at the provider: https://HOST/auth/oidc/callback."
     )
     oidc_user_claim: str = Field("preferred_username", description="ID-token claim that names the codemoat user.")
