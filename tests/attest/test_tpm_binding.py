@@ -145,8 +145,18 @@ def test_tpm_rollback_is_refused_after_a_key_server_restart(database_url, swtpm,
     _, lic_path, _ = bundle(vendor, _model(tmp_path), tmp_path / "out", key, mode="lease", keyserver="http://127.0.0.1:9")
     lic = License.load(lic_path)
 
-    def restart_tpm(state_from=None) -> None:
+    def power_off() -> None:
+        # TPM2_Shutdown(CLEAR), then stop: the next TPM2_Startup(CLEAR) is a TPM Reset (resetCount + 1).
+        # Killed without it, swtpm may not have saved the count the last start made, and counts it again.
+        from tpm2_pytss import TPM2_SU
+
+        with TpmAttestor(swtpm.tcti) as a:
+            a.ctx.shutdown(TPM2_SU.CLEAR)
         swtpm.stop()
+
+    def restart_tpm(state_from=None) -> None:
+        if swtpm.proc is not None:
+            power_off()
         if state_from is not None:
             shutil.rmtree(swtpm.state)
             shutil.copytree(state_from, swtpm.state)
@@ -158,7 +168,7 @@ def test_tpm_rollback_is_refused_after_a_key_server_restart(database_url, swtpm,
     def request(ks: KeyServer) -> dict:
         return client._signed_request(ks.challenge(lic.id)["nonce"], REQUEST_DOMAIN)
 
-    swtpm.stop()
+    power_off()
     snapshot = tmp_path / "tpm-snapshot"  # what a vTPM snapshot keeps: the whole state
     shutil.copytree(swtpm.state, snapshot)
     restart_tpm()
