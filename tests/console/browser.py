@@ -3,8 +3,10 @@ flags keep Chromium from reaching the internet; a fresh profile per browser."""
 
 from __future__ import annotations
 
+import secrets
 import shutil
 import struct
+import time
 import zlib
 from pathlib import Path
 
@@ -90,3 +92,88 @@ def shot(driver, folder: Path, name: str) -> Path:
     p.write_bytes(png)
     assert distinct_colours(png) > 20, f"{p} looks blank"
     return p
+
+
+# Chromium answers these when an element found a moment ago belongs to a document that has since
+# been replaced (a navigation still finishing, a refresh): nothing was clicked or typed, so find
+# the element again by its locator and retry, until a deadline.
+_GONE = ("does not belong to the document", "stale element", "not attached to the page", "no such element")
+
+
+def _gone(exc: Exception) -> bool:
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+
+    return isinstance(exc, StaleElementReferenceException | NoSuchElementException) or any(s in str(exc).lower() for s in _GONE)
+
+
+def settle(driver, deadline: float) -> None:
+    """Wait until the current document has finished loading."""
+    from selenium.common.exceptions import WebDriverException
+
+    while True:
+        try:
+            if driver.execute_script("return document.readyState") == "complete":
+                return
+        except WebDriverException:  # between two documents
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{driver.current_url} did not finish loading")
+        time.sleep(0.1)
+
+
+def _retry(driver, action, timeout: float):
+    from selenium.common.exceptions import WebDriverException
+
+    deadline = time.monotonic() + timeout
+    while True:
+        settle(driver, deadline)
+        try:
+            return action()
+        except WebDriverException as e:
+            if not _gone(e) or time.monotonic() > deadline:
+                raise
+        time.sleep(0.2)
+
+
+def fill(driver, locator: tuple[str, str], text: str, timeout: float = 60) -> None:
+    """Type into a field found by locator (found again if the page was replaced meanwhile)."""
+
+    def act():
+        box = driver.find_element(*locator)
+        box.clear()
+        box.send_keys(text)
+
+    _retry(driver, act, timeout)
+
+
+def submit(driver, locator: tuple[str, str], timeout: float = 60) -> None:
+    """Click the button at locator, which submits a form, and wait until the page it leads to has
+    loaded. The current document is marked first; the wait ends when a loaded document without the
+    mark is there, so a page replaced before the click is neither mistaken for the answer nor
+    clicked in (the element is found again and clicked then)."""
+    from selenium.common.exceptions import WebDriverException
+
+    mark = secrets.token_hex(8)
+
+    def act():
+        button = driver.find_element(*locator)
+        # marked after the find: a document replaced in between makes the click fail, and retry
+        driver.execute_script("window.__codemoatMark = arguments[0]", mark)
+        button.click()
+
+    _retry(driver, act, timeout)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if driver.execute_script("return document.readyState === 'complete' && window.__codemoatMark !== arguments[0]", mark):
+                return
+        except WebDriverException:  # between two documents
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"clicking {locator} on {driver.current_url} led to no new page")
+        time.sleep(0.1)
+
+
+def text_of(driver, locator: tuple[str, str], timeout: float = 60) -> str:
+    """The text of an element found by locator (found again if the page refreshed meanwhile)."""
+    return _retry(driver, lambda: driver.find_element(*locator).text, timeout)
