@@ -184,6 +184,8 @@ def swap_model(holder: ModelHolder, settings: Settings, path: Path, license: Pat
     except BaseException:
         fresh.close()  # stops its license watch and gives its lease back
         raise
+    # reloads (a regained lease, an adapter swap) build with the server's own model settings, not the copy
+    s.model = settings.model
     if isinstance(fresh, SealedHolder):
         adopt(holder, fresh)
     else:
