@@ -164,6 +164,10 @@ def test_keeper_outage_within_ttl_plus_grace(vendor, machine, model, tmp_path):
         clock.advance(5)
         keeper.tick()
         assert keeper.renewals == 1 and keeper.state == "held"  # renewed at half the TTL
+        renewed = clock.time()
+        d = keeper.describe()  # what /health and the console's Model page show
+        assert (d["renewed_at"], d["next_renewal_in"], d["failures"]) == (renewed, 5.0, 0)
+        assert d["key_server"] == client.destination and "/" not in d["key_server"]
         t0 = keeper.lease.sent_at
         ks.stop()
         for step in (5, 2, 2, 2, 2, 1.5):  # fails to renew from t0+5 on; deadline is t0+15
@@ -172,6 +176,7 @@ def test_keeper_outage_within_ttl_plus_grace(vendor, machine, model, tmp_path):
         assert clock.monotonic() - t0 == pytest.approx(14.5)
         assert events == [] and keeper.state == "renewing"
         assert "unreachable" in keeper.last_error
+        assert keeper.describe()["failures"] == 6 and keeper.describe()["renewed_at"] == renewed
         clock.advance(1.0)  # t0 + 15.5: past expiry + grace
         keeper.tick()
         assert keeper.state == "lost" and len(events) == 1 and "could not be renewed" in events[0]
@@ -179,6 +184,7 @@ def test_keeper_outage_within_ttl_plus_grace(vendor, machine, model, tmp_path):
         clock.advance(keeper.next_attempt - clock.monotonic())
         keeper.tick()
         assert events[-1] == "regained" and keeper.state == "held"
+        assert keeper.describe()["failures"] == 0 and keeper.describe()["renewed_at"] == clock.time()
     finally:
         ks.stop()
 

@@ -261,6 +261,7 @@ async def model(request: Request):
         lic=lic,
         engine=engine_health,
         prompts=request.app.state.service.prompt_facts() if holder.loaded else None,
+        now=time.time(),
     )
 
 

@@ -45,6 +45,10 @@ class LicenseStatus:
     lease_seconds_left: float | None = None
     lease_renewals: int | None = None
     lease_last_error: str | None = None
+    lease_renewed_at: float | None = None  # wall time of the last lease the key server granted
+    lease_next_renewal_in: float | None = None  # seconds until the next attempt (negative: overdue)
+    lease_failures: int | None = None  # failed attempts since the last renewal
+    lease_key_server: str | None = None  # host:port
     seats: int | None = None
     seats_used: int | None = None
 

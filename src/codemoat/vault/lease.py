@@ -311,6 +311,9 @@ class LeaseKeeper:
         self.state = "held"
         self.last_error: str | None = None
         self.renewals = 0
+        self.failures = 0  # failed attempts since the last renewal
+        # wall time of the last lease granted (the first one: when it was asked for)
+        self.renewed_at = self.clock.time() - (self.clock.monotonic() - lease.sent_at)
         self.next_attempt = lease.sent_at + lease.ttl * renew_fraction
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -333,17 +336,18 @@ class LeaseKeeper:
             try:
                 lease = self.client.acquire()
             except LeaseDenied as e:
-                self.last_error = str(e)
+                self.last_error, self.failures = str(e), self.failures + 1
                 self.next_attempt = now + (self.lease.ttl * self.fraction if e.code in TERMINAL else self.retry_interval())
                 if e.code in TERMINAL and self.state != "revoked":
                     self.state = "revoked"
                     self.on_lost(f"license {e.code.replace('_', ' ')}: {e}")
                     return
             except VaultError as e:
-                self.last_error = str(e)
+                self.last_error, self.failures = str(e), self.failures + 1
                 self.next_attempt = now + self.retry_interval()
             else:
                 self.lease, self.last_error, self.renewals = lease, None, self.renewals + 1
+                self.failures, self.renewed_at = 0, self.clock.time()
                 self.next_attempt = lease.sent_at + lease.ttl * self.fraction
                 lost = self.state in ("lost", "revoked")
                 self.state = "held"
@@ -385,6 +389,10 @@ class LeaseKeeper:
             "seconds_left": round(self.seconds_left(), 1),
             "renewals": self.renewals,
             "last_error": self.last_error,
+            "renewed_at": self.renewed_at,  # wall time of the last lease granted
+            "next_renewal_in": round(self.next_attempt - self.clock.monotonic(), 1),
+            "failures": self.failures,
+            "key_server": self.client.destination,  # host:port only: never a URL's userinfo
             "ttl": self.lease.ttl,
             "grace": self.lease.grace,
             "seats": self.lease.seats,
