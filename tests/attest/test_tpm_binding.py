@@ -195,5 +195,12 @@ def test_tpm_rollback_is_refused_after_a_key_server_restart(database_url, swtpm,
     restart_tpm()
     restart_tpm()  # rebooted past the highest reset count seen: a chip moving forward is fine
     assert ks.lease(request(ks))["lease"]["ttl"] > 0
+
+    restart_tpm(state_from=snapshot)  # restored once more: refused, until the vendor binds the chip again
+    with pytest.raises(LeaseDenied) as e:
+        ks.lease(request(ks))
+    assert e.value.code == "tpm_rollback"
+    bind(vendor, key, swtpm.ca)  # challenge, activation in the chip, confirm: the floor starts over
+    assert ks.lease(request(ks))["lease"]["ttl"] > 0
     client.close()
     vendor.close()

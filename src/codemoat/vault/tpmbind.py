@@ -170,7 +170,13 @@ def confirm(vendor: Any, activation_doc: str | dict) -> dict[str, Any]:
                 "the TPM activation does not match the challenge: the attestation key does not live in the TPM "
                 "whose EK certificate was checked"
             )
-        c.execute(tpm_keys_t.update().where(tpm_keys_t.c.ak_id == act["ak_id"]).values(secret_hash=None, bound_at=now))
+        # A fresh binding also clears the clock floor: the vendor's way back for a chip whose clock went
+        # backwards for a reason it accepts (a vTPM restored by its operator, a swtpm state lost).
+        c.execute(
+            tpm_keys_t.update()
+            .where(tpm_keys_t.c.ak_id == act["ak_id"])
+            .values(secret_hash=None, bound_at=now, reset_count=None, clock=None)
+        )
     return {"machine_id": act["machine_id"], "ak_id": act["ak_id"], "bound_at": now}
 
 
