@@ -413,7 +413,7 @@ def _jobs(request: Request):
 
     j = getattr(request.app.state, "console_jobs", None)
     if j is None:
-        j = request.app.state.console_jobs = Jobs()
+        j = request.app.state.console_jobs = Jobs(_engine(request))
     return j
 
 
