@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # 80 — the vendor sells a service: signed offline update bundles (a model v2 and a knowledge pack),
 # gated by the support contract; a bundle released after support ended is refused until a renewed
-# license unlocks it; a downgrade is refused; every step is in the audit log.
+# license unlocks it; a downgrade is refused; a vendor adapter for one team is applied and swapped in;
+# every step is in the audit log.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
 refused() { if "$@" 2>"$DEMO/err.txt" >/dev/null; then echo "!! accepted"; exit 1; else printf '   refused: %s\n' "$(cat "$DEMO/err.txt")"; fi; }
@@ -70,6 +71,31 @@ echo "   streaming client across the apply and the swap: $OK completions, $FAILE
 [[ "$FAILED" == 0 ]] || { echo "!! requests failed across the swap"; exit 1; }
 LIC2=$(curl -s -H "Authorization: Bearer $ADMIN_T" "http://127.0.0.1:$PORT/health" | "$PY" -c "import json,sys; print(json.load(sys.stdin)['license']['license_id'])")
 echo "   serving license before: $LIC1, now: $LIC2 (v2 came with its own)"
+
+say "vendor: a LoRA adapter for the model (here a random stand-in), for ACME's fee team only"
+"$PY" - "$MODEL" "$U/fee.gguf" "$ROOT" <<'PYEOF'
+import sys
+from pathlib import Path
+sys.path.insert(0, f"{sys.argv[3]}/tests")
+from tune.loras import random_lora_gguf  # what the vendor would train: a LoRA GGUF for this base
+Path(sys.argv[2]).write_bytes(random_lora_gguf(Path(sys.argv[1])))
+PYEOF
+$CODEMOAT vendor release --vendor "$V" --customer ACME --adapter "$U/fee.gguf" --name fee --version 1 --out "$U/fee-1.moatpkg"
+$CODEMOAT update apply "$U/fee-1.moatpkg" --groups fee-team
+$CODEMOAT users add updates-fee --groups fee-team >/dev/null
+FEE_T=$($CODEMOAT tokens create --name updates-fee-editor --user updates-fee --json | "$PY" -c "import json,sys; print(json.load(sys.stdin)['token'])")
+echo "   swap it in (no restart): $(curl -sf -X POST -H "Authorization: Bearer $ADMIN_T" -H 'Content-Type: application/json' \
+  -d '{"adapter": "fee"}' "http://127.0.0.1:$PORT/admin/api/model/swap")"
+"$PY" - "$PORT" "$FEE_T" "$USER_T" <<'PYEOF'
+import sys, httpx
+port, fee, other = sys.argv[1:]
+url = f"http://127.0.0.1:{port}"
+model = httpx.get(f"{url}/health", headers={"Authorization": f"Bearer {fee}"}).json()["model"]
+body = {"model": model, "prompt": "def interchange_fee(amount_cents: int) -> int:\n    return", "max_tokens": 12, "temperature": 0}
+for who, tok in (("fee-team user (base + adapter)", fee), ("anyone else (the base)", other)):
+    r = httpx.post(f"{url}/v1/completions", json=body, headers={"Authorization": f"Bearer {tok}"}, timeout=120)
+    print(f"   {who}: {r.json()['choices'][0]['text']!r}")
+PYEOF
 $CODEMOAT update list
 kill $SERVE 2>/dev/null || true
 
@@ -83,4 +109,4 @@ CODEMOAT_HOME="$DEMO/other-machine" $CODEMOAT machine-id >/dev/null 2>&1
 refused env CODEMOAT_HOME="$DEMO/other-machine" $CODEMOAT update apply "$U/httpx.moatpkg" --license "$U/renewed.lic"
 
 say "audit: every update step is a record"
-$CODEMOAT audit export --kind update | "$PY" -c "import json,sys; [print('  ', r['route'], {k: v for k, v in (r['detail'] or {}).items() if k in ('version','reason','name')}) for r in map(json.loads, sys.stdin)]"
+$CODEMOAT audit export --kind update | "$PY" -c "import json,sys; [print('  ', r['route'], {k: v for k, v in (r['detail'] or {}).items() if k in ('version','reason','name','adapter')}) for r in map(json.loads, sys.stdin)]"
