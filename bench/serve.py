@@ -54,6 +54,67 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+VENV_LIB = (
+    Path(sys.prefix) / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages" / "llama_cpp" / "lib"
+)
+
+
+def _patch(src: Path) -> None:
+    """Build only what the server adds: libllama and libmtmd are llama-cpp-python's own (the same
+    source, already built by pip), and the web UI's assets are never downloaded."""
+    edits = [
+        (
+            src / "CMakeLists.txt",
+            "add_subdirectory(src)\n",
+            "add_library(llama SHARED IMPORTED GLOBAL)  # codemoat bench: llama-cpp-python's libllama\n"
+            f'set_target_properties(llama PROPERTIES IMPORTED_LOCATION {VENV_LIB}/libllama.so INTERFACE_INCLUDE_DIRECTORIES "${{CMAKE_CURRENT_SOURCE_DIR}}/include" '
+            "INTERFACE_LINK_LIBRARIES ggml INTERFACE_COMPILE_DEFINITIONS LLAMA_SHARED)\n",
+        ),
+        (
+            src / "CMakeLists.txt",
+            "install(TARGETS llama LIBRARY PUBLIC_HEADER)",
+            "# install(TARGETS llama LIBRARY PUBLIC_HEADER)",
+        ),
+        (
+            src / "tools" / "CMakeLists.txt",
+            "    add_subdirectory(mtmd)\n",
+            "    add_library(mtmd SHARED IMPORTED GLOBAL)  # codemoat bench: llama-cpp-python's libmtmd\n"
+            f'    set_target_properties(mtmd PROPERTIES IMPORTED_LOCATION {VENV_LIB}/libmtmd.so INTERFACE_INCLUDE_DIRECTORIES "${{CMAKE_CURRENT_SOURCE_DIR}}/mtmd")\n',
+        ),
+        (
+            src / "scripts" / "ui-assets.cmake",
+            'set(LLAMA_UI_GZIP     "" CACHE STRING "Apply gzip compress to assets to save bandwidth")\n',
+            'set(LLAMA_UI_GZIP     "" CACHE STRING "Apply gzip compress to assets to save bandwidth")\nset(HF_ENABLED OFF)\n',
+        ),
+    ]
+    for path, old, new in edits:
+        text = path.read_text()
+        if new not in text:  # once
+            path.write_text(text.replace(old, new, 1))
+    # code a /v1/completions or /infill request never runs (chat templates and parsers, argument
+    # parsing, JSON schemas, tools) is compiled without optimisation, so that it builds on 2 loaded cores
+    cold = {
+        src / "common" / "CMakeLists.txt": "file(GLOB CODEMOAT_COLD "
+        + " ".join(
+            "${CMAKE_CURRENT_SOURCE_DIR}/" + f
+            for f in (
+                "parsers/*.cpp jinja/*.cpp chat*.cpp arg.cpp json-schema*.cpp peg-parser.cpp preset.cpp download.cpp "
+                "hf-cache.cpp console.cpp debug.cpp imatrix-loader.cpp llguidance.cpp reasoning-budget.cpp subproc.cpp fit.cpp"
+            ).split()
+        )
+        + ')\nset_source_files_properties(${CODEMOAT_COLD} PROPERTIES COMPILE_OPTIONS "-O0")\n',
+        src
+        / "tools"
+        / "server"
+        / "CMakeLists.txt": "set_source_files_properties(server-chat.cpp server-tools.cpp server-mcp.cpp "
+        'server-schema.cpp server-models.cpp PROPERTIES COMPILE_OPTIONS "-O0")\n',
+    }
+    for path, block in cold.items():
+        text = path.read_text()
+        if "# codemoat bench" not in text:
+            path.write_text(text + "\n# codemoat bench: not on the completion path\n" + block)
+
+
 def build_llama_server() -> Path:
     """llama-server from the llama.cpp that llama-cpp-python 0.3.36 vendors (its sdist, from pip)."""
     if LLAMA_SERVER.is_file():
@@ -79,8 +140,11 @@ def build_llama_server() -> Path:
     src = LLAMA_SERVER.parents[2]
     if not src.is_dir():
         subprocess.run(["tar", "xzf", str(sdist), "-C", str(CACHE)], check=True)
+    _patch(src)
     flags = ["-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_CURL=OFF"]
-    subprocess.run(["cmake", "-B", "build", *flags, "-DCMAKE_BUILD_TYPE=Release"], cwd=src, check=True)
+    subprocess.run(
+        ["cmake", "-B", "build", *flags, "-DLLAMA_USE_PREBUILT_UI=OFF", "-DCMAKE_BUILD_TYPE=Release"], cwd=src, check=True
+    )
     subprocess.run(["cmake", "--build", "build", "--target", "llama-server", "-j2"], cwd=src, check=True)
     return LLAMA_SERVER
 
@@ -132,7 +196,7 @@ class Servers:
             "llama-server": (
                 [str(LLAMA_SERVER), "-m", str(model), "-a", "m", "-c", str(ctx * par), "-np", str(par), "-cb"]
                 + ["-t", t, "-tb", t, "-fa", "off", "--api-key", token, "--host", "127.0.0.1", "--no-webui"],
-                env,
+                dict(env, LD_LIBRARY_PATH=str(VENV_LIB)),  # the engine's own libllama and ggml
             ),
             "llama_cpp.server": (
                 [py, "-m", "llama_cpp.server", "--model", str(model), "--model_alias", "m", "--n_ctx", str(ctx)]

@@ -208,12 +208,12 @@ class Batcher:
 
     # -- admission -------------------------------------------------------------------
     def _admit(self) -> None:
+        if any(s.cancel.is_set() for s in self.waiting):  # their clients left while they waited
+            for s in [s for s in self.waiting if s.cancel.is_set()]:
+                s.finished(None)
+            self.waiting = deque(s for s in self.waiting if not s.cancel.is_set())
         while self.waiting:
             seq = self.waiting[0]
-            if seq.cancel.is_set():
-                self.waiting.popleft()
-                seq.finished(None)
-                continue
             free = [i for i, s in enumerate(self.slots) if s.seq is None]
             if not free:
                 return
