@@ -393,19 +393,22 @@ async def repositories(request: Request):
     s = await _run(session_of, request)
     if s is None:
         return to_signin()
-    repos, error = [], None
+    repos, error, langs = [], None, {}
     try:
         from ..index.store import SqliteIndex, default_path
 
         if default_path().exists():
             idx = SqliteIndex(default_path())
             try:
+                from .repos import languages
+
                 repos = await _run(idx.repos, True)
+                langs = await _run(languages, idx)
             finally:
                 idx.close()
     except Exception as e:  # the page says why rather than failing
         error = f"cannot read the code index: {type(e).__name__}: {e}"
-    return page(request, "repositories.html", s, repos=repos, error=error, jobs=_jobs(request).latest())
+    return page(request, "repositories.html", s, repos=repos, error=error, jobs=_jobs(request).latest(), langs=langs)
 
 
 def _jobs(request: Request):
