@@ -53,3 +53,25 @@ def test_the_adapter_names_the_base_architecture(gemma3):
         assert "blk.0.attn_q.weight.lora_a" in names and "blk.1.ffn_down.weight.lora_b" in names
     finally:
         os.close(fd)
+
+
+def test_samples_for_a_base_without_fim_tokens_use_its_own_markers(tmp_path, tiny_gguf):
+    """A Gemma-style vocabulary (no FIM or repository tokens, `<eos>`): no FIM or cross-file samples,
+    each sample ended by `<eos>`, so no `<|fim_prefix|>` is ever trained as text; the bundled model
+    keeps vendor train's mix."""
+    from codemoat.train.corpus import SourceFile
+    from codemoat.train.data import epoch_rows
+    from codemoat.tune.base import load_base
+    from codemoat.tune.trainer import data_options
+    from tests.special_models import build_special_gguf
+
+    files = [SourceFile(f"r/m{i}.py", "def add(a, b):\n    return a + b\n" * 20) for i in range(4)]
+    g = load_base(build_special_gguf(tmp_path / "gemma-style.gguf", "gemma"), n_ctx=64)
+    o = data_options(g.tokenizer, g.eos, "r")
+    assert (o.fim_rate, o.repo_rate, o.eos) == (0.0, 0.0, "<eos>")
+    rows = epoch_rows(files, g.tokenizer, 64, o, 0, 0)
+    text = g.tokenizer.decode(rows.flatten().tolist(), skip_special_tokens=False)
+    assert "<|" not in text and "<eos>" in text
+    b = load_base(tiny_gguf, n_ctx=64)
+    o = data_options(b.tokenizer, b.eos, "r")
+    assert o.fim_rate > 0 and o.repo_rate > 0 and o.eos == "<|endoftext|>"

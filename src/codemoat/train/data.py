@@ -44,6 +44,7 @@ class DataOptions:
     repo_rate: float = 0.2
     repo_name: str = "corpus"
     snippet_chars: int = 300
+    eos: str = ENDOFTEXT  # the text that ends each sample (a tuned base's own end-of-text token)
 
 
 def chunks(text: str, size: int) -> list[str]:
@@ -115,7 +116,7 @@ def render_samples(files: list[SourceFile], opts: DataOptions, rng: random.Rando
                 if ctx:
                     head = "".join(f"{FILE_SEP}{p}\n{s}" for p, s in ctx)
                     body = f"{REPO_NAME}{opts.repo_name}\n{head}{FILE_SEP}{f.path}\n{body}"
-            yield body + ENDOFTEXT
+            yield body + opts.eos
 
 
 def pack(token_lists: list[list[int]], n_ctx: int) -> list[list[int]]:

@@ -34,6 +34,7 @@ class BaseModel:
     n_ctx: int
     arch: str = "llama"  # the GGUF's general.architecture, which the adapter's must equal
     sealed: bool = False
+    eos: str | None = None  # the tokenizer's end-of-text token, as text
 
 
 def load_base(path: Path, *, n_ctx: int = 512, device: str = "cpu", license: Path | None = None) -> BaseModel:
@@ -97,7 +98,8 @@ def _load(path: Path, n_ctx: int, device: str, sha256: str, name: str, shown: st
     model.to(device)
     cfg = model.config.to_dict()
     limit = int(cfg.get("max_position_embeddings") or n_ctx)
-    return BaseModel(model, tok.backend_tokenizer, cfg, sha256, name, min(n_ctx, limit), gguf_arch(path))
+    arch = gguf_arch(path)
+    return BaseModel(model, tok.backend_tokenizer, cfg, sha256, name, min(n_ctx, limit), arch, eos=tok.eos_token)
 
 
 def gguf_arch(path: Path) -> str:

@@ -56,11 +56,30 @@ def _lr(opts: TuneOptions, step: int, progress: float, warmup: int = 4) -> float
     return opts.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
+def data_options(tok, eos: str | None, repo: str):
+    """`vendor train`'s sample mix, limited to what this tokenizer has: FIM samples only with its
+    FIM tokens, cross-file context only with <|repo_name|>/<|file_sep|>, each sample ended by its own
+    end-of-text token (a Gemma base has none of the first, and `<eos>` for the last); otherwise
+    those markers would be trained as ordinary text."""
+    from ..train.data import DataOptions
+    from ..train.tokenizer import ENDOFTEXT, FILE_SEP, FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX, REPO_NAME
+
+    def has(*names: str) -> bool:
+        return all(tok.token_to_id(n) is not None for n in names)
+
+    return DataOptions(
+        repo_name=repo,
+        fim_rate=0.5 if has(FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE) else 0.0,
+        repo_rate=0.2 if has(REPO_NAME, FILE_SEP) else 0.0,
+        eos=eos if eos and has(eos) else ENDOFTEXT if has(ENDOFTEXT) else "",
+    )
+
+
 def tune(opts: TuneOptions, on_event: Callable[[dict], None] | None = None) -> TuneResult:
     import torch
 
     from ..train.corpus import split
-    from ..train.data import DataOptions, epoch_rows
+    from ..train.data import epoch_rows
     from . import checkpoint, infill
     from .base import load_base
     from .corpus import load_corpus
@@ -103,7 +122,7 @@ def tune(opts: TuneOptions, on_event: Callable[[dict], None] | None = None) -> T
     model = wrap(base.model, opts.rank, alpha)
     params = [p for p in model.parameters() if p.requires_grad]
     optim = torch.optim.AdamW(params, lr=opts.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    dopts = DataOptions(repo_name=opts.repos[0])
+    dopts = data_options(tok, base.eos, opts.repos[0])
     try:
         rows = epoch_rows(train_files, tok, n_ctx, dopts, opts.seed, 0)
     except ValueError:  # fewer tokens than one sequence
