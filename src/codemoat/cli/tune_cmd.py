@@ -81,6 +81,8 @@ def tune_command(
             f"[green]tuned[/green] {d['name']} on {', '.join(r['name'] for r in d['repos'])}: "
             f"{t['steps']} steps, {t['tokens']:,} tokens in {t['seconds']:.0f} s ({t['tok_per_s']:,.0f} tok/s)"
         )
+        if t.get("resumed_from_step"):
+            console.print(f"  (resumed from the checkpoint of step {t['resumed_from_step']})")
         console.print("held-out bits/byte, base → base + adapter:\n" + row("tuned") + "\n" + row("unrelated"))
         ib, ia = e.get("infill_base"), e.get("infill_adapter")
         if ib and ia:
