@@ -96,6 +96,13 @@ $CODEMOAT appliance tamper-event --reason "chassis intrusion sensor" | sed 's/^/
 sleep 4; probe "after tamper:"
 echo "   vendor sees: $(tail -1 "$V/attestation.jsonl")"
 
+say "the audit log: the chip certified its monotonic counter over the log (an older copy put back would not match it)"
+$CODEMOAT audit export --kind tpm_checkpoint | "$PY" -c 'import json, sys
+for line in sys.stdin:
+    d = json.loads(line)["detail"]
+    print("   TPM checkpoint: counter %s over record %s (NV_Certify by the AK)" % (d["counter"], d["seq"]))'
+$CODEMOAT audit verify | sed 's/^/   /'
+
 say "vendor reprovisions (the same chip, new policy values); the next renewal serves again"
 $CODEMOAT machine-id --tpm --tcti "$TPM1" --json >"$DEMO/tpm-machine-2.json"
 $CODEMOAT vendor license reprovision "$LIC" --vendor "$V" --machine "$DEMO/tpm-machine-2.json" --out "$DEMO/acme-tpm-2.lic" | sed 's/^/   /'
