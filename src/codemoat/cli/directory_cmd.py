@@ -92,9 +92,13 @@ def login(
     device code with the company's identity provider. The token is shown once and kept 0600 in $CODEMOAT_HOME/login.json."""
     import httpx
 
-    from ..directory.login_client import NoDeviceFlow, device_login, save_login
+    from ..directory.login_client import NoDeviceFlow, check_server, device_login, save_login
     from ..errors import CodemoatError
 
+    try:
+        check_server(server)
+    except CodemoatError as e:
+        fail(str(e))
     if user is None:
         try:
             body = device_login(server, lambda st: _show_code(st, browser, as_json), name=name)

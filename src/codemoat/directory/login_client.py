@@ -59,6 +59,7 @@ def device_login(
     sleep: Callable[[float], None] = time.sleep,
 ) -> dict[str, Any]:
     """Start a device-code sign-in at `server`, show the code, poll until the provider answers: the token body."""
+    check_server(server)
     base = server.rstrip("/")
     r = _post(base + "/auth/device/start", {"name": name} if name else {})
     if r.status_code != 200:
@@ -84,15 +85,46 @@ def device_login(
         raise CodemoatError(f"sign-in did not complete ({code}): {msg}")
 
 
-def save_login(server: str, body: dict[str, Any]) -> Path:
-    """Keep the token where this account alone can read it (0600), with its server and expiry."""
-    from ..paths import home, private_file
+def check_server(server: str) -> None:
+    """Refuse a server address that would carry a password or a token in the clear: https://, or
+    http:// to this machine only (127.0.0.0/8, ::1, localhost); no user:password@ in it either."""
+    import ipaddress
 
-    path = private_file(home() / LOGIN_FILE)
+    try:
+        u = httpx.URL(server)
+    except (httpx.InvalidURL, TypeError):
+        u = None
+    if u is None or u.scheme not in ("http", "https") or not u.host:
+        raise CodemoatError(f"{server!r} is not a server address: give https://HOST[:PORT]")
+    if u.userinfo:
+        raise CodemoatError("put no user name or password in the server's address: give https://HOST[:PORT]")
+    if u.scheme == "https" or u.host == "localhost":
+        return
+    try:
+        if ipaddress.ip_address(u.host).is_loopback:
+            return
+    except ValueError:
+        pass
+    raise CodemoatError(
+        f"{server} is plain HTTP to another machine: your password and token would cross the network in the clear; use https://"
+    )
+
+
+def save_login(server: str, body: dict[str, Any]) -> Path:
+    """Keep the token where this account alone can read it (0600), with its server and expiry: written
+    to a new file of our own (O_EXCL, 0600; never a leftover or a planted symlink), then renamed over."""
+    import tempfile
+
+    from ..paths import home
+
+    path = home() / LOGIN_FILE
     keep = {"server": server.rstrip("/"), **{k: body.get(k) for k in ("token", "user", "token_id", "scopes", "expires_at")}}
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(keep, f, indent=2)
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(prefix=".login-", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(keep, f, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path

@@ -14,10 +14,13 @@ import threading
 import time
 from typing import Any
 
+import sqlalchemy as sa
+
 from ..accounts import Accounts, Principal
+from ..accounts.store import users
 from ..config import Settings
 from ..errors import Unauthorized
-from .sync import SyncReport, last_success, managed_users, record_failure
+from .sync import SyncReport, directory_users, last_success, managed_users, record_failure
 from .sync import sync as apply_sync
 from .ldap import DirectoryError, LdapDirectory, Snapshot
 
@@ -149,11 +152,34 @@ class DirectoryKeeper:
         user = self.oidc.finish(state, code, "console", binding)
         return self.issue_token(user, None, how="oidc-console", console_ttl_s=ttl_s)
 
+    def _owns_name(self, user, how: str) -> None:
+        """Refuse an OpenID sign-in whose user name belongs to someone else here: the claim naming the
+        user (`preferred_username` by default) is not unique at most providers and often chosen by the
+        user (OpenID Connect Core §5.7), so it must not take over a hand-made local account, nor a name
+        that another subject at the provider signed in with first (`sub` is what identifies)."""
+        if not user.dn.startswith("oidc:"):
+            return  # LDAP: the configured directory is the authority on its names (a full sync adopts them too)
+        with self.engine.connect() as c:
+            bound = c.execute(sa.select(directory_users.c.dn).where(directory_users.c.name == user.name)).first()
+            local = c.execute(sa.select(users.c.name).where(users.c.name == user.name)).first()
+        if bound is None and local is None:
+            return
+        if bound is None:
+            why = f"{user.name} is an account made here, not one from the directory"
+        elif bound.dn.startswith("oidc:") and bound.dn != user.dn:
+            why = f"the user name {user.name} belongs to another identity at the provider"
+        else:
+            return
+        if self.audit is not None:
+            self.audit.append("directory", user=user.name, route="login", detail={"action": "refused", "via": how, "why": why})
+        raise Unauthorized(f"sign-in refused: {why} (ask an admin)")
+
     def issue_token(
         self, user, token_name: str | None, how: str, console_ttl_s: float | None = None
     ) -> tuple[str, dict[str, Any]]:
         """Mirror `user`'s groups now and mint their token (scopes from admin_groups, token_ttl_days);
         with `console_ttl_s`: an admin-only token for a console session, refused to non-admins."""
+        self._owns_name(user, how)
         apply_sync(self.engine, Snapshot({user.name: user}), self.cfg, audit=self.audit, partial=True)
         self._managed = managed_users(self.engine)
         groups = sorted(self.accounts.groups_of(user.name))

@@ -1,0 +1,122 @@
+"""An attacker's review of directory sign-in (issue 23): a curious employee, a hostile page, an
+on-path proxy, a phisher. Each attack that worked before its fix is named in the docstring of its
+test; the rest show that the attack is stopped."""
+
+from __future__ import annotations
+
+import json
+import stat
+
+import pytest
+
+from codemoat.config import DirectorySettings, Settings
+from codemoat.db import open_db
+from codemoat.directory.ldap import DirUser
+from codemoat.directory.service import DirectoryKeeper
+from codemoat.errors import CodemoatError, Unauthorized
+from conftest import run_cli
+
+ISSUER = "http://127.0.0.1:9"  # never contacted: these tests start at the checked ID token's user
+
+
+@pytest.fixture
+def oidc_keeper(home):
+    engine = open_db(f"sqlite:///{home / 'codemoat.db'}")
+    cfg = DirectorySettings(
+        oidc_issuer=ISSUER,
+        oidc_client_id="codemoat",
+        oidc_redirect_url="http://127.0.0.1:9/auth/oidc/callback",
+        group_map={"it-admins": "admins", "payments-devs": "payments"},
+        admin_groups=["admins"],
+    )
+    yield DirectoryKeeper(Settings(directory=cfg), engine)
+    engine.dispose()
+
+
+def _oidc_user(name: str, sub: str, *groups: str) -> DirUser:
+    return DirUser(name, f"oidc:{ISSUER}#{sub}", frozenset(groups))
+
+
+# -- an OpenID user name is a claim, not an identity ---------------------------------------------
+def test_a_second_subject_cannot_take_over_a_user_name(oidc_keeper):
+    """Was broken: `preferred_username` is not unique at a provider (and often the user's to
+    choose); a second subject calling itself alice got alice's account, groups and a token as her."""
+    k = oidc_keeper
+    secret, _ = k.issue_token(_oidc_user("alice", "sub-alice", "payments-devs"), None, how="oidc")
+    with pytest.raises(Unauthorized, match="belongs to another identity"):
+        k.issue_token(_oidc_user("alice", "sub-mallory"), None, how="oidc")
+    with pytest.raises(Unauthorized, match="belongs to another identity"):
+        k.issue_token(_oidc_user("alice", "sub-mallory", "it-admins"), None, how="oidc-console", console_ttl_s=60)
+    p = k.accounts.authenticate(secret)  # alice keeps her token and her groups
+    assert p.user == "alice" and "payments" in p.groups and "admins" not in p.groups
+    # alice herself (the same subject) signs in again as before
+    again, info = k.issue_token(_oidc_user("alice", "sub-alice", "payments-devs"), None, how="device")
+    assert k.accounts.authenticate(again).user == "alice" and info["groups"] == ["everyone", "payments"]
+
+
+def test_an_openid_sign_in_cannot_take_over_a_hand_made_account(oidc_keeper):
+    """Was broken: a provider user naming itself like an account made here (an operator's) was
+    given that account, its groups were replaced by the provider's, and a token was minted for it."""
+    k = oidc_keeper
+    k.accounts.add_user("ops", ["admins"])
+    _, ops_token = k.accounts.create_token("ops-laptop", user="ops", scopes=("admin",))
+    for how, ttl in (("oidc", None), ("device", None), ("oidc-console", 60.0)):
+        with pytest.raises(Unauthorized, match="account made here"):
+            k.issue_token(_oidc_user("ops", "sub-x", "it-admins"), None, how=how, console_ttl_s=ttl)
+    assert "admins" in k.accounts.groups_of("ops") and k.accounts.authenticate(ops_token).user == "ops"
+    assert [t.name for t in k.accounts.list_tokens() if t.user == "ops"] == ["ops-laptop"]
+
+
+# -- where `codemoat login` keeps the token ---------------------------------------------------------
+def _body() -> dict:
+    return {"token": "cm_secret-token-value", "user": "alice", "token_id": "t1", "scopes": ["complete"], "expires_at": 1.0}
+
+
+def test_login_json_is_private_whatever_was_there(home, tmp_path):
+    """Was broken: a leftover login.tmp (0644, or a symlink planted in a shared $CODEMOAT_HOME) was
+    opened as it was: the token landed in a world-readable file, or in the symlink's target."""
+    from codemoat.directory.login_client import save_login
+
+    elsewhere = tmp_path / "attacker-reads-this"
+    elsewhere.write_text("")
+    elsewhere.chmod(0o644)
+    (home / "login.tmp").symlink_to(elsewhere)
+    path = save_login("http://127.0.0.1:8080", _body())
+    assert elsewhere.read_text() == "" and not path.is_symlink()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and json.loads(path.read_text())["token"] == _body()["token"]
+
+    for leftover in (home / "login.tmp", path):  # a 0644 leftover, then a 0644 login.json
+        leftover.unlink(missing_ok=True)
+        leftover.write_text("{}")
+        leftover.chmod(0o644)
+        assert stat.S_IMODE(save_login("http://127.0.0.1:8080", _body()).stat().st_mode) == 0o600
+
+    path.unlink()
+    path.symlink_to(elsewhere)  # login.json itself a symlink: replaced, never written through
+    save_login("http://127.0.0.1:8080", _body())
+    assert elsewhere.read_text() == "" and not path.is_symlink()
+    assert not [p for p in home.iterdir() if p.name.endswith(".tmp") and p.name != "login.tmp"]
+
+
+# -- the server's address -------------------------------------------------------------------------
+@pytest.mark.parametrize("server", ["http://codemoat.example.com", "http://10.1.2.3:8080", "ftp://127.0.0.1"])
+def test_codemoat_login_sends_nothing_in_the_clear(home, server, free_port):
+    """Was broken: `codemoat login --server http://host` sent the directory password (and took the
+    token back) over plain HTTP to any host, readable by anyone on the path."""
+    # should the check regress, the request goes to a closed loopback port, never off this machine
+    dead = {k: f"http://127.0.0.1:{free_port}" for k in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy")}
+    for args, stdin in ((["--user", "alice", "--password-stdin"], "alice-pw\n"), ([], None)):
+        r = run_cli("login", "--server", server, *args, input=stdin, env={**dead, "NO_PROXY": "", "no_proxy": ""}, timeout=60)
+        assert r.returncode == 1 and "https://" in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+    assert not (home / "login.json").exists()
+
+
+def test_codemoat_login_may_use_plain_http_on_loopback(free_port):
+    from codemoat.directory.login_client import check_server
+
+    for ok in ("https://codemoat.example.com", f"http://127.0.0.1:{free_port}", "http://localhost:1", "http://[::1]:2"):
+        check_server(ok)
+    for bad in ("http://127.0.0.1.example.com", "http://user:pw@codemoat.example.com", "codemoat.example.com"):
+        with pytest.raises(CodemoatError):
+            check_server(bad)
