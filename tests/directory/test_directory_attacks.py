@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import stat
 
+import httpx
 import pytest
 
 from codemoat.config import DirectorySettings, Settings
@@ -120,3 +121,44 @@ def test_codemoat_login_may_use_plain_http_on_loopback(free_port):
     for bad in ("http://127.0.0.1.example.com", "http://user:pw@codemoat.example.com", "codemoat.example.com"):
         with pytest.raises(CodemoatError):
             check_server(bad)
+
+
+# -- guessing a directory password through the server -------------------------------------------------
+def _ldap_config(tmp_path, dir_settings) -> str:
+    d = dir_settings.model_dump()
+    d["sync_interval_s"] = 0
+    cfg = tmp_path / "codemoat.toml"
+    cfg.write_text(
+        "[directory]\n"
+        + "".join(f"{k} = {json.dumps(v)}\n" for k, v in d.items() if v is not None and not isinstance(v, dict))
+        + "[directory.group_map]\n"
+        + "".join(f"{json.dumps(k)} = {json.dumps(v)}\n" for k, v in d["group_map"].items())
+    )
+    return str(cfg)
+
+
+@pytest.mark.slow
+def test_spelling_a_name_differently_does_not_buy_more_guesses(tmp_path, dir_settings, tiny_gguf, serve_process, monkeypatch):
+    """Was broken: the throttle counted failures per typed name, but LDAP finds `bob` as ` bob`,
+    `bob `, `BOB\\t`, full-width `ｂｏｂ`...: five guesses per spelling, without end. Now the name the
+    directory resolved is counted, and checked before the password is tried. Also broken: a password
+    with a control character (a tab) was answered 503 "directory unreachable" and not counted."""
+    monkeypatch.setenv("CODEMOAT_CONFIG", _ldap_config(tmp_path, dir_settings))
+    s = serve_process(["--model", str(tiny_gguf)])
+
+    def login(name: str, password: str) -> httpx.Response:
+        return httpx.post(s.url + "/auth/login", json={"username": name, "password": password}, timeout=30)
+
+    spellings = ["bob", " bob", "bob ", "BOB\t", "ｂｏｂ", "bob  ", "  Bob"]
+    codes = [login(n, f"guess{i}").status_code for i, n in enumerate(spellings)]
+    assert codes == [401] * 5 + [429, 429]
+    r = login("ＢＯＢ ", "bob-pw-2")  # the right password, yet another spelling
+    assert r.status_code == 429 and "Retry-After" in r.headers
+    # names that find no one are counted as typed; someone else is not locked out by bob's guesser
+    assert [login(f"nobody{i} ", "x").status_code for i in range(2)] == [401, 401]
+    r = login("alice", "alice-pw-1")
+    assert r.status_code == 200 and r.json()["user"] == "alice"
+    # an empty or blank password, or a DN typed as the user name, never signs anyone in
+    for name, pw in (("alice", " "), ("alice", "\t"), (dir_settings.user_base.replace("ou=", "uid=alice,ou=", 1), "alice-pw-1")):
+        r = login(name, pw)
+        assert r.status_code == 401, (name, pw, r.text)

@@ -187,6 +187,8 @@ class LdapDirectory:
                 return
             except (lx.LDAPInvalidCredentialsResult, lx.LDAPBindError) as e:
                 raise Unauthorized("directory sign-in failed: wrong user name or password") from e
+            except lx.LDAPSASLPrepError:  # a password no directory can hold (control characters): wrong, not an outage
+                raise Unauthorized("directory sign-in failed: wrong user name or password") from None
             except lx.LDAPException as e:  # a pooled connection the server dropped: once more on a fresh one
                 if attempt == 2:
                     raise DirectoryUnavailable(f"directory {self.cfg.ldap_url} is unreachable: {type(e).__name__}") from None
@@ -227,13 +229,17 @@ class LdapDirectory:
         names = _attr(hits[0], self.cfg.user_attr)
         return DirUser(names[0] if names else username, dn, self._groups_of(dn), self._is_disabled(dn))
 
-    def authenticate(self, username: str, password: str) -> DirUser:
-        """The user, once the directory accepted their password; Unauthorized otherwise."""
+    def authenticate(self, username: str, password: str, before_bind: Callable[[str], None] | None = None) -> DirUser:
+        """The user, once the directory accepted their password; Unauthorized otherwise.
+        `before_bind` gets the directory's own name for the user before the password is tried (many
+        typed names find one user: `bob`, ` bob`, `BOB`, full-width letters): a throttle keys on it."""
         if not username or not password:
             raise Unauthorized("directory sign-in failed: a user name and a password are both needed")
         user = self.find(username)
         if user is None:
             raise Unauthorized("directory sign-in failed: wrong user name or password")
+        if before_bind is not None:
+            before_bind(user.name)
         self.check_password(user.dn, password)
         if user.disabled:
             raise Unauthorized("directory sign-in failed: this account is disabled in the directory")

@@ -122,14 +122,15 @@ class DirectoryKeeper:
             )
 
     # -- sign-in ----------------------------------------------------------------------
-    def login(self, username: str, password: str, token_name: str | None = None) -> tuple[str, dict[str, Any]]:
+    def login(self, username: str, password: str, token_name: str | None = None, before_bind=None) -> tuple[str, dict[str, Any]]:
         """Check the password with the directory, mirror this user's groups now, and mint a token
-        with the scopes those groups allow and `token_ttl_days` of life. The secret is returned once."""
+        with the scopes those groups allow and `token_ttl_days` of life. The secret is returned once.
+        `before_bind(name)`: see `LdapDirectory.authenticate` (the sign-in throttle)."""
         if self.directory is None:
             raise DirectoryError(
                 "no LDAP directory configured (directory.ldap_url): sign in through the browser (OpenID Connect)"
             )
-        return self.issue_token(self.directory.authenticate(username, password), token_name, how="ldap")
+        return self.issue_token(self.directory.authenticate(username, password, before_bind), token_name, how="ldap")
 
     def login_oidc(self, state: str, code: str, binding: str | None = None) -> tuple[str, dict[str, Any]]:
         """The OpenID Connect callback: a checked ID token's user, mirrored, and their own token."""

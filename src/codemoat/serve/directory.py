@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import threading
 import time
+import unicodedata
 from collections import deque
 
 import secrets
@@ -43,10 +44,14 @@ class _Failures:
         self._lock = threading.Lock()
         self._seen: dict[str, deque[float]] = {}
 
+    @staticmethod
+    def key(user: str) -> str:
+        return " ".join(unicodedata.normalize("NFKC", user).casefold().split())
+
     def check(self, user: str) -> None:
         now = time.monotonic()
         with self._lock:
-            w = self._seen.get(user.lower())
+            w = self._seen.get(self.key(user))
             while w and w[0] < now - FAILURE_WINDOW_S:
                 w.popleft()
             if w and len(w) >= MAX_FAILURES:
@@ -57,7 +62,7 @@ class _Failures:
 
     def failed(self, user: str) -> None:
         with self._lock:
-            self._seen.setdefault(user.lower(), deque()).append(time.monotonic())
+            self._seen.setdefault(self.key(user), deque()).append(time.monotonic())
 
 
 @router.post("/auth/login")
@@ -66,10 +71,17 @@ async def login(body: LoginRequest, request: Request):
     keeper = request.app.state.directory
     failures: _Failures = request.app.state.login_failures
     failures.check(body.username)
+    found: list[str] = []  # the directory's name for whoever the typed name found: `bob`, ` bob`, `ＢＯＢ` are one
+
+    def before_bind(name: str) -> None:
+        found.append(name)
+        failures.check(name)
+
     try:
-        secret, info = await anyio.to_thread.run_sync(keeper.login, body.username, body.password, body.name)
+        secret, info = await anyio.to_thread.run_sync(keeper.login, body.username, body.password, body.name, before_bind)
     except Unauthorized:
-        failures.failed(body.username)
+        for name in {failures.key(n) for n in [body.username, *found]}:
+            failures.failed(name)
         raise
     request.state.principal = request.app.state.accounts.authenticate(secret)  # audited as the user it now is
     return JSONResponse({"token": secret, **info})
