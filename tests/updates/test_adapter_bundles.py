@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from tests.tune.loras import random_lora_gguf
-from updhelp import create_token, stream_forever
+from updhelp import create_token, served_after, stream_forever
 
 PROMPT = "def interchange_fee(amount_cents: int) -> int:\n    return"
 
@@ -78,11 +78,12 @@ def test_vendor_adapter_served_by_group_and_swapped_without_downtime(shop, store
     assert r.json()["adapter"] == "fee" and r.json()["version"] == "2"
     swapped_at = time.monotonic()
     time.sleep(3)
+    new_served = served_after(stats, lock, swapped_at)  # requests were served by the new engine too
     stop.set()
     for t in clients:
         t.join(timeout=120)
     assert stats["failed"] == 0, stats["errors"][:3]
-    assert any(t0 > swapped_at for t0, _ in stats["lat"])
+    assert new_served
 
     v2 = _text(srv.url, alice, model)
     assert v2 not in (v1, base)  # the new version answers alice

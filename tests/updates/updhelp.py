@@ -103,3 +103,14 @@ def stream_forever(url: str, token: str, body: dict, stop: threading.Event, stat
                 stats["lat"].append((t, time.monotonic() - t))
                 if not ok:
                     stats["errors"].append(text[-300:])
+
+
+def served_after(stats: dict, lock: threading.Lock, t: float, timeout: float = 120) -> bool:
+    """Wait until some streamed request that started after `t` has finished (a busy machine is slow)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with lock:
+            if any(t0 > t for t0, _ in stats["lat"]):
+                return True
+        time.sleep(0.2)
+    return False
