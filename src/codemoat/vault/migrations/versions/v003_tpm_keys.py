@@ -1,14 +1,14 @@
 """vault: each TPM attestation key, bound to its certified EK, and the highest TPM clock seen
 
-Revision ID: v002_tpm_keys
-Revises: v001_vault
+Revision ID: v003_tpm_keys
+Revises: v002_lease_instances
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "v002_tpm_keys"
-down_revision = "v001_vault"
+revision = "v003_tpm_keys"
+down_revision = "v002_lease_instances"
 branch_labels = None
 depends_on = None
 
