@@ -55,7 +55,7 @@ def test_update_publishes_a_new_snapshot_and_readers_switch_between_requests(sha
     assert (d / POINTER).read_text().strip() == "snap-000002.db"
     assert _count(reader, "OLD") == N  # the request in progress keeps its snapshot
     assert reader.refresh() and _count(reader, "NEW") == N and _count(reader, "OLD") == 0
-    assert not reader.refresh()  # nothing new: one stat, no reopen
+    assert not reader.refresh()  # nothing new: one small read, no reopen
     names = sorted(os.listdir(d)) + sorted(os.listdir(d / "snapshots"))
     assert not [n for n in names if n.endswith(("-wal", "-shm", "-journal"))], names  # nothing but whole files
     assert (d / "snapshots" / "snap-000002.db").stat().st_mode & 0o077 == 0  # the customer's code: private

@@ -14,7 +14,7 @@ fsyncs it and renames it over `CURRENT` (rename is atomic in POSIX and on NFS, w
 RENAME call), and fsyncs the directory. A writer killed at any point leaves `CURRENT` naming the
 previous complete snapshot (the half-built file is removed by a later writer). Readers open the
 named file with `mode=ro&immutable=1` (no lock, no journal, no `-wal`/`-shm` on the shared volume)
-and look at `CURRENT` again at the start of each request: they switch between requests, never
+and read `CURRENT` again at the start of each request: they switch between requests, never
 during one. A snapshot is deleted once its successor has been current for `grace_s` seconds, so a
 reader on another machine that has not yet looked again never finds its file gone.
 """
@@ -22,6 +22,7 @@ reader on another machine that has not yet looked again never finds its file gon
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import re
 import shutil
@@ -30,6 +31,7 @@ import time
 import uuid
 from pathlib import Path
 
+log = logging.getLogger("codemoat.index")
 POINTER = "CURRENT"
 _SNAP = re.compile(r"^snap-(\d{6,})\.db$")
 
@@ -48,23 +50,22 @@ class SnapshotDir:
         self.root = root
         self.snaps = root / "snapshots"
 
-    def current(self) -> tuple[Path, int] | None:
-        """The current snapshot and the pointer's inode (which changes with every publish), or None."""
-        try:
-            with open(self.root / POINTER, encoding="ascii") as f:
-                name, ino = f.read().strip(), os.fstat(f.fileno()).st_ino
-        except FileNotFoundError:
+    def current(self) -> Path | None:
+        """The current snapshot (None before the first publish)."""
+        name = self.pointer()
+        if name is None:
             return None
         if not _SNAP.match(name):
             from ..errors import CodemoatError
 
             raise CodemoatError(f"the index pointer {self.root / POINTER} names no snapshot ({name[:40]!r})")
-        return self.snaps / name, ino
+        return self.snaps / name
 
-    def pointer_id(self) -> int | None:
-        """What changes when a new snapshot is published (the pointer file's inode): one stat."""
+    def pointer(self) -> str | None:
+        """What `CURRENT` says now: one small read (its name, not its inode, which a filesystem may reuse)."""
         try:
-            return os.stat(self.root / POINTER).st_ino
+            with open(self.root / POINTER, encoding="ascii", errors="replace") as f:
+                return f.read(256).strip()
         except FileNotFoundError:
             return None
 
@@ -83,9 +84,9 @@ class SnapshotDir:
             # 0600 from the start (it holds the customer's code, like index.db), then the copy
             with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as dst:
                 if cur is not None:
-                    with open(cur[0], "rb") as src:
+                    with open(cur, "rb") as src:
                         shutil.copyfileobj(src, dst, 1 << 20)
-            return Building(self, lock, tmp, _number(cur[0]) if cur else 0)
+            return Building(self, lock, tmp, _number(cur) if cur else 0)
         except BaseException:
             os.close(lock)
             raise
@@ -98,7 +99,7 @@ class SnapshotDir:
         names = sorted((n for n in os.listdir(self.snaps) if _SNAP.match(n)), key=lambda n: int(_SNAP.match(n)[1]))
         gone = []
         for old, succ in zip(names, names[1:]):
-            if cur is not None and self.snaps / old == cur[0]:
+            if cur is not None and self.snaps / old == cur:
                 continue
             try:
                 if now - os.stat(self.snaps / succ).st_mtime > grace_s():
@@ -147,7 +148,10 @@ class Building:
                 os.close(fd)
             os.replace(tmp, self.dir.root / POINTER)
             _fsync_dir(self.dir.root)
-            self.dir.collect()
+            try:
+                self.dir.collect()
+            except (OSError, ValueError) as e:  # published all the same; the next writer collects
+                log.warning("index snapshots in %s were not collected: %s", self.dir.snaps, e)
             return final
         finally:
             os.close(self._lock)

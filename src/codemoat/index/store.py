@@ -179,15 +179,15 @@ class SqliteIndex:
                 conn = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
                 conn.executescript(_SCHEMA)
             else:
-                conn = SnapshotDir.open_reader(cur[0])
-            self._local.conn, self._local.pointer = conn, cur[1] if cur else None
+                conn = SnapshotDir.open_reader(cur)
+            self._local.conn, self._local.pointer = conn, cur.name if cur else None
         return conn
 
     def refresh(self) -> bool:
-        """At a request's start: move to a newly published snapshot (one stat); True when it moved."""
+        """At a request's start: move to a newly published snapshot (one small read); True when it moved."""
         if self._snap is None or getattr(self._local, "conn", None) is None:
             return False
-        if self._snap.pointer_id() == getattr(self._local, "pointer", None):
+        if self._snap.pointer() == getattr(self._local, "pointer", None):
             return False
         self.close()
         return True
