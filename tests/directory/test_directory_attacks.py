@@ -162,3 +162,32 @@ def test_spelling_a_name_differently_does_not_buy_more_guesses(tmp_path, dir_set
     for name, pw in (("alice", " "), ("alice", "\t"), (dir_settings.user_base.replace("ou=", "uid=alice,ou=", 1), "alice-pw-1")):
         r = login(name, pw)
         assert r.status_code == 401, (name, pw, r.text)
+
+
+# -- what an ID token may say -----------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "claims, why",
+    [
+        ({"sub": "s1", "preferred_username": "alice", "groups": "it-admins"}, "not a list"),  # a string, not a list
+        ({"sub": "s1", "preferred_username": "alice", "groups": ["it-admins", 7]}, "not a list"),
+        ({"sub": "s1", "preferred_username": "alice", "groups": {"it-admins": True}}, "not a list"),
+        ({"sub": "s1", "preferred_username": "cn=admin,dc=example,dc=com"}, "not a usable user name"),
+        ({"sub": "s1", "preferred_username": "../alice"}, "not a usable user name"),
+        ({"sub": "s1", "preferred_username": "alice\nadmin"}, "not a usable user name"),
+        ({"sub": "s1", "preferred_username": "ａｌｉｃｅ"}, "not a usable user name"),
+        ({"sub": "s1", "preferred_username": ["alice"]}, "not a usable user name"),
+    ],
+)
+def test_an_id_tokens_odd_claims_sign_nobody_in(oidc_keeper, claims, why):
+    with pytest.raises(Unauthorized, match=why):
+        oidc_keeper.oidc.user_from(claims)
+
+
+def test_unmapped_and_non_ascii_groups_grant_nothing(oidc_keeper):
+    k = oidc_keeper
+    groups = ["IT-ADMINS", "it-admins ", "іt-admins", "admins", *[f"g{i}" for i in range(5000)]]  # "і": Cyrillic
+    user = k.oidc.user_from({"sub": "s9", "preferred_username": "zed", "groups": groups})
+    secret, info = k.issue_token(user, None, how="oidc")
+    assert info["groups"] == ["everyone"] and info["scopes"] == ["complete", "chat"]
+    with pytest.raises(Unauthorized, match="not in an admin group"):
+        k.issue_token(user, None, how="oidc-console", console_ttl_s=60)
