@@ -438,7 +438,8 @@ def test_serve_account_gets_the_model_only_through_vaultd_and_unloads_on_revocat
 
     vault, serve, clients = accounts
     ks = KeyServerProcess(vendor).start()
-    setup = Setup(vendor, gguf_file, accounts, monkeypatch, mode="lease", keyserver=ks.url, lease_ttl=4, grace=2)
+    # a TTL long enough that a busy machine does not lose the lease before the revocation is seen
+    setup = Setup(vendor, gguf_file, accounts, monkeypatch, mode="lease", keyserver=ks.url, lease_ttl=10, grace=5)
     try:
         secrets = (setup.vault_home / "machine.key", setup.lic, setup.moat)
         assert oct((setup.vault_home / "machine.key").stat().st_mode & 0o777) == "0o600"
@@ -469,7 +470,7 @@ def test_serve_account_gets_the_model_only_through_vaultd_and_unloads_on_revocat
         assert "machine.key" not in maps and "acme.moat" not in maps
 
         vendor.revoke(setup.doc["license"]["id"])
-        deadline = time.time() + 30  # vaultd's next renewal is due within TTL/2 = 2 s
+        deadline = time.time() + 40  # vaultd's next renewal is due within TTL/2 = 5 s
         while time.time() < deadline:
             try:
                 client.completions.create(model=setup.model_id, prompt="x", max_tokens=1)
