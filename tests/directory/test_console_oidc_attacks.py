@@ -68,3 +68,18 @@ def test_a_planted_session_cookie_is_not_kept_and_the_sessions_token_is_never_sh
         assert stolen.get(oidc_stack.url + "/admin").headers["location"].endswith("/admin/signin")
     log = (oidc_stack.home.parent / "serve.log").read_text()
     assert not re.search(r"cm_[A-Za-z0-9_-]{20,}", log) and fresh not in log
+
+
+@pytest.mark.parametrize("name", ["<b>x</b>", "../../etc", "x" * 200, "a b"])
+def test_a_bad_token_name_is_refused_before_anyone_approves_a_code(oidc_stack, name):
+    """Was broken: `codemoat login --name BAD` got a user code, and only after the developer
+    approved it at the provider did minting the token fail (as a server_error), the code spent."""
+    r = httpx.post(oidc_stack.url + "/auth/device/start", data={"name": name}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"] == "invalid_request" and "user_code" not in r.json()
+    assert "invalid token name" in r.json()["error_description"]
+
+
+@pytest.mark.parametrize("code", ["", "x" * 129, "a" * 43, "' OR 1=1 --"])
+def test_a_made_up_device_code_gives_nothing(oidc_stack, code):
+    r = httpx.post(oidc_stack.url + "/auth/device/poll", data={"device_code": code}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"] == "invalid_grant" and "token" not in r.json()

@@ -130,8 +130,15 @@ async def device_start(request: Request):
     if keeper.device is None:
         return _oauth_error("device_flow_unsupported", "no OpenID provider is configured on this server", 404)
     name = _field(await request.body(), "name")
+    if name:  # checked now, not after the developer approved the code (the token is minted then)
+        from ..accounts.store import _check_name
+
+        try:
+            _check_name("token", name)
+        except CodemoatError as e:
+            return _oauth_error("invalid_request", str(e))
     try:
-        st = await anyio.to_thread.run_sync(keeper.device.start, name[:128] if name else None)
+        st = await anyio.to_thread.run_sync(keeper.device.start, name or None)
     except CodemoatError as e:
         if getattr(e, "code", "") == "device_flow_unsupported":
             return _oauth_error(e.code, str(e), 404, signin_url=base + "/auth/oidc/start")
