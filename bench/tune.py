@@ -35,6 +35,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--eval-tokens", type=int, default=6000)
     ap.add_argument("--completions", type=int, default=8)
+    ap.add_argument("--infill-lines", type=int, default=20)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "tune.md"))
     a = ap.parse_args()
     os.environ["CODEMOAT_HOME"] = tempfile.mkdtemp(prefix="bench-tune-")
@@ -66,6 +67,7 @@ def main() -> None:
             lr=a.lr,
             threads=a.threads,
             eval_tokens=a.eval_tokens,
+            infill_lines=a.infill_lines,
         )
     )
     wall = time.monotonic() - t0
@@ -103,7 +105,8 @@ def main() -> None:
         "# Tuning a LoRA adapter on customer code (bench/tune.py)",
         "",
         f"Command: `.venv/bin/python bench/tune.py --minutes {a.minutes:g} --repos {a.repos} --rank {a.rank} --lr {a.lr:g} "
-        f"--threads {a.threads} --eval-tokens {a.eval_tokens}`",
+        f"--threads {a.threads} --eval-tokens {a.eval_tokens} --infill-lines {a.infill_lines}` "
+        f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})",
         "",
         f"Base: `{Path(a.model).name}`; repositories: {', '.join(f'{n} (installed sources)' for n in names)}; "
         f"budget {a.minutes:g} min of training on {a.threads} threads of a shared 2-core AMD EPYC "
@@ -116,6 +119,7 @@ def main() -> None:
         f"| {e['bpb_base']['tuned']:.3f} | {e['bpb_adapter']['tuned']:.3f} | {pct(e['bpb_base']['tuned'], e['bpb_adapter']['tuned'])} |",
         f"| bits/byte, CPython modules (forgetting) | {e['bpb_base']['unrelated']:.3f} | {e['bpb_adapter']['unrelated']:.3f} "
         f"| {pct(e['bpb_base']['unrelated'], e['bpb_adapter']['unrelated'])} |",
+        *_infill_rows(e),
         f"| completion p50, 16 tokens greedy, llama.cpp ({len(prompts)} each, interleaved) | {p50[None]:.0f} ms "
         f"| {p50['bench']:.0f} ms | {p50['bench'] / p50[None]:.2f}x |",
         "",
@@ -130,6 +134,18 @@ def main() -> None:
     ]
     Path(a.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def _infill_rows(e: dict) -> list[str]:
+    ib, ia = e.get("infill_base"), e.get("infill_adapter")
+    if not ib or not ia:
+        return ["| single-line infill on held-out lines | n/a (no FIM tokens) | | |"]
+    return [
+        f"| single-line infill, exact match ({ia['n']} held-out lines) | {ib['exact']:.0%} | {ia['exact']:.0%} "
+        f"| {(ia['exact'] - ib['exact']) * 100:+.0f} points |",
+        f"| single-line infill, edit similarity | {ib['edit_sim']:.3f} | {ia['edit_sim']:.3f} "
+        f"| {(ia['edit_sim'] - ib['edit_sim']) * 100:+.1f} points |",
+    ]
 
 
 if __name__ == "__main__":
