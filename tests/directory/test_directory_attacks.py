@@ -142,7 +142,8 @@ def test_spelling_a_name_differently_does_not_buy_more_guesses(tmp_path, dir_set
     """Was broken: the throttle counted failures per typed name, but LDAP finds `bob` as ` bob`,
     `bob `, `BOB\\t`, full-width `ｂｏｂ`...: five guesses per spelling, without end. Now the name the
     directory resolved is counted, and checked before the password is tried. Also broken: a password
-    with a control character (a tab) was answered 503 "directory unreachable" and not counted."""
+    with a control character (a tab) was answered 503 "directory unreachable" and not counted. And:
+    guesses sent together all passed the check before the first failed (24 at once: 24 guesses)."""
     monkeypatch.setenv("CODEMOAT_CONFIG", _ldap_config(tmp_path, dir_settings))
     s = serve_process(["--model", str(tiny_gguf)])
 
@@ -154,6 +155,12 @@ def test_spelling_a_name_differently_does_not_buy_more_guesses(tmp_path, dir_set
     assert codes == [401] * 5 + [429, 429]
     r = login("ＢＯＢ ", "bob-pw-2")  # the right password, yet another spelling
     assert r.status_code == 429 and "Retry-After" in r.headers
+    # guesses sent all at once: each is counted before its password is tried, so five get through
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(24) as pool:
+        burst = sorted(pool.map(lambda i: login("dave", f"guess{i}").status_code, range(24)))
+    assert burst == [401] * 5 + [429] * 19
     # names that find no one are counted as typed; someone else is not locked out by bob's guesser
     assert [login(f"nobody{i} ", "x").status_code for i in range(2)] == [401, 401]
     r = login("alice", "alice-pw-1")

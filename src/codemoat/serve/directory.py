@@ -43,6 +43,7 @@ class _Failures:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._seen: dict[str, deque[float]] = {}
+        self._prune_at = 1024
 
     @staticmethod
     def key(user: str) -> str:
@@ -63,6 +64,35 @@ class _Failures:
     def failed(self, user: str) -> None:
         with self._lock:
             self._seen.setdefault(self.key(user), deque()).append(time.monotonic())
+            self._prune()
+
+    def attempt(self, user: str) -> tuple[str, float]:
+        """Check and count a password try at once, before it is made (so many tries sent together
+        cannot all pass the check before the first fails); `forgive` takes it back if it succeeds."""
+        k, now = self.key(user), time.monotonic()
+        self.check(user)
+        with self._lock:
+            w = self._seen.setdefault(k, deque())
+            if len(w) >= MAX_FAILURES:  # another try got in between
+                raise RateLimited("too many failed sign-ins for this user; try again later", FAILURE_WINDOW_S)
+            w.append(now)
+            self._prune()
+        return k, now
+
+    def forgive(self, mark: tuple[str, float]) -> None:
+        with self._lock:
+            try:
+                self._seen.get(mark[0], deque()).remove(mark[1])
+            except ValueError:
+                pass
+
+    def _prune(self) -> None:
+        """Forget names with no failure inside the window, once the map has doubled (many made-up names)."""
+        if len(self._seen) < self._prune_at:
+            return
+        cutoff = time.monotonic() - FAILURE_WINDOW_S
+        self._seen = {k: w for k, w in self._seen.items() if w and w[-1] >= cutoff}
+        self._prune_at = max(1024, 2 * len(self._seen))
 
 
 @router.post("/auth/login")
@@ -71,18 +101,23 @@ async def login(body: LoginRequest, request: Request):
     keeper = request.app.state.directory
     failures: _Failures = request.app.state.login_failures
     failures.check(body.username)
-    found: list[str] = []  # the directory's name for whoever the typed name found: `bob`, ` bob`, `ＢＯＢ` are one
-
-    def before_bind(name: str) -> None:
-        found.append(name)
-        failures.check(name)
-
+    # counted under the directory's name for whoever the typed name found (`bob`, ` bob`, `ＢＯＢ` are
+    # one user), before the password is tried; taken back unless the directory said "wrong"
+    marks: list[tuple[str, float]] = []
     try:
-        secret, info = await anyio.to_thread.run_sync(keeper.login, body.username, body.password, body.name, before_bind)
+        secret, info = await anyio.to_thread.run_sync(
+            keeper.login, body.username, body.password, body.name, lambda name: marks.append(failures.attempt(name))
+        )
     except Unauthorized:
-        for name in {failures.key(n) for n in [body.username, *found]}:
-            failures.failed(name)
+        if not marks:  # no such user: counted under the name as typed
+            failures.failed(body.username)
         raise
+    except BaseException:
+        for m in marks:
+            failures.forgive(m)
+        raise
+    for m in marks:
+        failures.forgive(m)
     request.state.principal = request.app.state.accounts.authenticate(secret)  # audited as the user it now is
     return JSONResponse({"token": secret, **info})
 
