@@ -53,6 +53,14 @@ def test_a_second_subject_cannot_take_over_a_user_name(oidc_keeper):
     # alice herself (the same subject) signs in again as before
     again, info = k.issue_token(_oidc_user("alice", "sub-alice", "payments-devs"), None, how="device")
     assert k.accounts.authenticate(again).user == "alice" and info["groups"] == ["everyone", "payments"]
+    # an admin hands the name over by removing the account (its tokens go with it)
+    k.accounts.remove_user("alice")
+    new, info = k.issue_token(_oidc_user("alice", "sub-mallory"), None, how="oidc")
+    assert k.accounts.authenticate(new).user == "alice" and info["groups"] == ["everyone"]
+    with pytest.raises(Unauthorized):
+        k.accounts.authenticate(again)
+    with pytest.raises(Unauthorized, match="belongs to another identity"):
+        k.issue_token(_oidc_user("alice", "sub-alice"), None, how="oidc")
 
 
 def test_an_openid_sign_in_cannot_take_over_a_hand_made_account(oidc_keeper):

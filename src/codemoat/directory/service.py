@@ -163,8 +163,8 @@ class DirectoryKeeper:
         with self.engine.connect() as c:
             bound = c.execute(sa.select(directory_users.c.dn).where(directory_users.c.name == user.name)).first()
             local = c.execute(sa.select(users.c.name).where(users.c.name == user.name)).first()
-        if bound is None and local is None:
-            return
+        if local is None:
+            return  # no such account (never made, or removed by an admin to hand the name over)
         if bound is None:
             why = f"{user.name} is an account made here, not one from the directory"
         elif bound.dn.startswith("oidc:") and bound.dn != user.dn:
