@@ -267,10 +267,21 @@ class TpmAttestor:
         pt = _pt()
         c = self.ctx
         try:
-            return c.tr_from_tpmpublic(AUDIT_NV_INDEX)
+            h = c.tr_from_tpmpublic(AUDIT_NV_INDEX)
         except pt.TSS2_Exception:
             if not create:
                 return None
+        else:
+            # The index's name covers its type and attributes: an owner can undefine the counter and
+            # define an ordinary index there, whose value it can write back to an older checkpoint's.
+            from ..vault.tpmwrap import counter_name
+
+            if bytes(c.tr_get_name(h)) not in (counter_name(AUDIT_NV_INDEX), counter_name(AUDIT_NV_INDEX, written=False)):
+                raise AttestError(
+                    f"NV index {AUDIT_NV_INDEX:#x} is not codemoat's audit counter (another kind of index was defined "
+                    "there: the counter was undefined and replaced)"
+                )
+            return h
         attrs = pt.TPMA_NV.AUTHWRITE | pt.TPMA_NV.AUTHREAD | pt.TPMA_NV.NO_DA | (pt.TPM2_NT.COUNTER << pt.TPMA_NV.TPM2_NT_SHIFT)
         pub = pt.TPM2B_NV_PUBLIC(
             nvPublic=pt.TPMS_NV_PUBLIC(nvIndex=AUDIT_NV_INDEX, nameAlg=pt.TPM2_ALG.SHA256, attributes=attrs, dataSize=8)

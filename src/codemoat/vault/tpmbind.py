@@ -105,10 +105,12 @@ def challenge(vendor: Any, identity: dict[str, Any]) -> dict[str, Any]:
         "challenged_at": now,
     }
     with vendor.engine.begin() as c:
-        row = c.execute(sa.select(tpm_keys_t.c.ak_id).where(tpm_keys_t.c.ak_id == ak)).first()
+        row = c.execute(sa.select(tpm_keys_t).where(tpm_keys_t.c.ak_id == ak).with_for_update()).first()
         if row is None:
             c.execute(tpm_keys_t.insert().values(ak_id=ak, **values))
         else:
+            if (row.machine_id, row.ek_id) != (values["machine_id"], values["ek_id"]):
+                values["bound_at"] = None  # a binding proves one AK-EK pair: another pair must be proven anew
             c.execute(tpm_keys_t.update().where(tpm_keys_t.c.ak_id == ak).values(**values))
     return {
         "kind": CHALLENGE_KIND,

@@ -188,9 +188,11 @@ ST_ATTEST_NV = 0x8014  # TPM_ST_ATTEST_NV, Part 2 §6.9
 COUNTER_ATTRS = (1 << 2) | (1 << 4) | (1 << 18) | (1 << 25) | (1 << 29)
 
 
-def counter_name(index: int) -> bytes:
-    """The TPM name (SHA-256 || H(TPMS_NV_PUBLIC)) of codemoat's 8-byte audit counter at `index`."""
-    nv_public = struct.pack(">IHIHH", index, ALG_SHA256, COUNTER_ATTRS, 0, 8)
+def counter_name(index: int, written: bool = True) -> bytes:
+    """The TPM name (SHA-256 || H(TPMS_NV_PUBLIC)) of codemoat's 8-byte audit counter at `index`
+    (before its first increment the chip has not set TPMA_NV_WRITTEN: `written=False`)."""
+    attrs = COUNTER_ATTRS if written else COUNTER_ATTRS & ~(1 << 29)
+    nv_public = struct.pack(">IHIHH", index, ALG_SHA256, attrs, 0, 8)
     return struct.pack(">H", ALG_SHA256) + hashlib.sha256(nv_public).digest()
 
 
