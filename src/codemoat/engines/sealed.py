@@ -216,6 +216,8 @@ def open_sealed(
         key = content_key[0]
         if key is None:
             raise Unavailable(f"model {model_id!r} is not available: no valid lease")
+        if clock.time() >= lic.expires:  # a reload (an adapter swap) after expiry decrypts nothing
+            raise Unavailable(f"model {model_id!r} is not available: license {lic.id} expired on {iso(lic.expires)}")
         return build(settings, decrypt_to_memfd(sealed, key), model_id, parts)
 
     holder = SealedHolder(model_id, loader, aliases=aliases)

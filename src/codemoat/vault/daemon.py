@@ -107,7 +107,7 @@ def _recv(sock: socket.socket, max_fds: int = 0) -> tuple[dict[str, Any] | None,
         raise VaultdError("vault daemon message too long")
     try:
         msg = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):  # deep nesting: an unknown request, not a dead connection thread
         msg = {"op": "?"}
     return (msg if isinstance(msg, dict) else {"op": "?"}), fds, cred
 

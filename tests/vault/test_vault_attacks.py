@@ -1,0 +1,108 @@
+"""An attacker's view of the sealed holder and the vault daemon (review of issues 19 and 21).
+
+- A customer admin whose offline license expired asks the running server to reload (an adapter
+  swap rebuilds the engine through the holder's loader): the loader must refuse, not decrypt again.
+- A local process on the vaultd socket sends malformed or hostile messages: vaultd answers each in
+  one line and keeps serving everyone else (it serves every replica on the host).
+"""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from codemoat.config import load_settings
+from codemoat.engines.sealed import open_sealed
+from codemoat.errors import CodemoatError, Unavailable
+from codemoat.vault.clock import ManualClock
+from codemoat.vault.daemon import MAX_MESSAGE, Offer, VaultClient, VaultDaemon
+from vaulthelp import bundle
+
+from .test_sealed import wait_for
+
+
+def test_expired_offline_license_is_not_reloaded_by_a_reload_or_an_adapter_swap(vendor, machine, gguf_file, tmp_path):
+    from codemoat.engines.loader import swap_adapter
+
+    moat, lic, doc = bundle(vendor, gguf_file, tmp_path / "out", machine, days=1)
+    clock = ManualClock()
+    settings = load_settings(**{"model.n_ctx": 256, "model.n_threads": 1})
+    holder = open_sealed(moat, lic, settings=settings, clock=clock)
+    try:
+        assert holder.loaded
+        holder.load()  # the positive side: a reload while the license holds is fine
+        clock.set_wall(doc["license"]["expires"] + 1)
+        assert wait_for(lambda: not holder.loaded)
+        # the attack: POST /admin/api/model/swap {"adapter": ...} rebuilds through the same loader
+        with pytest.raises(Unavailable, match="expired"):
+            holder.load()
+        with pytest.raises(CodemoatError, match="expired"):
+            swap_adapter(holder, settings, "fee")
+        assert not holder.loaded
+        with pytest.raises(Unavailable, match="expired"):
+            holder.get()
+    finally:
+        holder.close()
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    fd = socket.socket()  # any descriptor will do for the protocol: the test reads only the answer
+    d = VaultDaemon(tmp_path / "v.sock", allow_uids={__import__("os").getuid()}).start()
+    d.offer(Offer("m1", fd.fileno(), 1, {"k": "v"}))
+    yield d
+    d.close()
+    fd.close()
+
+
+def _raw(path) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.settimeout(10)
+    s.connect(str(path))
+    return s
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"[" * 60_000,  # nested past Python's recursion limit
+        b'{"op": "get", "model": ' + b"[" * 30_000,
+        b"\xff\xfe not json",
+        b'"just a string"',
+        b'{"op": "get", "model": ["m1"]}',
+        b'{"op": "get", "model": "../../etc/shadow"}',
+    ],
+    ids=["deep-array", "deep-model", "binary", "string", "model-list", "model-path"],
+)
+def test_vaultd_answers_hostile_messages_in_one_line_and_keeps_serving(daemon, payload):
+    s = _raw(daemon.path)
+    try:
+        s.send(payload)
+        answer = s.recv(MAX_MESSAGE)
+        assert answer, "vaultd closed the connection instead of answering"
+        assert b'"ok": false' in answer and b"\n" not in answer
+        assert b"Traceback" not in answer
+        s.send(b'{"op": "get", "model": "m1"}')  # the same connection still works afterwards
+        assert b'"ok": true' in s.recv(MAX_MESSAGE)
+    finally:
+        s.close()
+    got = VaultClient.connect(f"unix:{daemon.path}").fetch("m1")  # and everyone else is served
+    assert (got.model_id, got.size) == ("m1", 1)
+    __import__("os").close(got.fd)
+
+
+def test_vaultd_survives_an_oversized_message(daemon):
+    s = _raw(daemon.path)
+    try:
+        s.send(b"{" + b" " * (MAX_MESSAGE * 2) + b"}")
+        try:
+            rest = s.recv(MAX_MESSAGE)
+        except ConnectionResetError:
+            rest = b""
+        assert rest == b""  # that connection is closed ...
+    finally:
+        s.close()
+    got = VaultClient.connect(f"unix:{daemon.path}").fetch("m1")  # ... and vaultd serves on
+    assert got.model_id == "m1"
+    __import__("os").close(got.fd)
