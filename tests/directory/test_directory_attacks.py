@@ -206,3 +206,47 @@ def test_unmapped_and_non_ascii_groups_grant_nothing(oidc_keeper):
     assert info["groups"] == ["everyone"] and info["scopes"] == ["complete", "chat"]
     with pytest.raises(Unauthorized, match="not in an admin group"):
         k.issue_token(user, None, how="oidc-console", console_ttl_s=60)
+
+
+# -- an admin the directory demotes ---------------------------------------------------------------------
+@pytest.fixture
+def ldap_keeper(dir_settings, home):
+    from codemoat.audit.log import AuditLog
+
+    engine = open_db(f"sqlite:///{home / 'codemoat.db'}")
+    k = DirectoryKeeper(Settings(directory=dir_settings), engine, audit=AuditLog(engine))
+    yield k
+    k.directory.close()
+    engine.dispose()
+
+
+def test_an_admin_taken_out_of_the_admin_group_loses_the_admin_scope(ldap_keeper, company):
+    """Was broken: the admin scope is minted into a token from the user's groups at sign-in; when the
+    directory took bob out of `admins`, the sync removed the group but his 30-day token (and an
+    8-hour console session) kept the admin scope."""
+    k = ldap_keeper
+    k.sync()
+    admin_secret, info = k.login("bob", "bob-pw-2")
+    assert "admin" in info["scopes"]
+    console_secret, _ = k.issue_token(k.directory.find("bob"), None, how="oidc-console", console_ttl_s=3600)
+    _, editor_secret = k.accounts.create_token("bob-editor", user="bob", scopes=("complete",))
+    alice_secret, _ = k.login("alice", "alice-pw-1")
+    company.modify("cn=admins,ou=groups,dc=example,dc=com", {"member": [("MODIFY_REPLACE", [company.people["dave"]])]})
+    rep = k.sync()
+    assert rep.updated["bob"]["to"] == ["engineering", "web"]
+    for secret in (admin_secret, console_secret):
+        with pytest.raises(Unauthorized):
+            k.accounts.authenticate(secret)
+    assert k.accounts.authenticate(editor_secret).user == "bob"  # what he may still do, he keeps
+    assert k.accounts.authenticate(alice_secret).user == "alice"
+    with k.engine.connect() as c:
+        details = [json.loads(d) for (d,) in c.exec_driver_sql("select detail from audit_records where kind = 'directory'")]
+    assert {
+        "action": "groups",
+        "from": ["admins", "engineering", "web"],
+        "to": ["engineering", "web"],
+        "admin_tokens_revoked": 2,
+    } in details
+    # signing in again gives him a token without the admin scope
+    _, info = k.login("bob", "bob-pw-2")
+    assert "admin" not in info["scopes"]

@@ -5,6 +5,8 @@ A user the directory lists and has not disabled exists in codemoat with exactly 
 it, is disabled here in the same transaction: every token revoked, every group membership removed,
 so retrieval from their former repositories is refused from the next request on. Users made by hand
 (never seen in the directory) are left alone. Every change is one audit record (`kind=directory`).
+A user taken out of every `admin_groups` group loses each live token carrying the admin scope (it
+was minted from those groups), console sessions included; their other tokens live on.
 """
 
 from __future__ import annotations
@@ -121,9 +123,15 @@ def sync(
                         c.execute(users.update().where(users.c.name == name).values(disabled=False))
                 if have != wanted:
                     rep.updated[name] = {"from": have, "to": wanted}
-                    records.append({"user": name, "detail": {"action": "groups", "from": have, "to": wanted}})
+                    detail: dict[str, Any] = {"action": "groups", "from": have, "to": wanted}
+                    admin_tokens = _admin_tokens(c, name) if _demoted(have, wanted, cfg) else []
+                    if admin_tokens:  # the admin scope was minted from groups the directory took away
+                        detail["admin_tokens_revoked"] = len(admin_tokens)
+                    records.append({"user": name, "detail": detail})
                     if not dry_run:
                         _set_groups(c, name, wanted)
+                        if admin_tokens:
+                            c.execute(tokens.update().where(tokens.c.id.in_(admin_tokens)).values(revoked_at=time.time()))
                 elif row is None or not row.disabled:
                     rep.unchanged += 1
             if not dry_run:
@@ -169,6 +177,18 @@ def sync(
         for r in records:
             audit.append("directory", route="directory sync", **r)
     return rep
+
+
+def _demoted(have: list[str], wanted: list[str], cfg: DirectorySettings) -> bool:
+    """Was in an admin group, is in none now."""
+    admins = set(cfg.admin_groups)
+    return bool(admins & set(have)) and not admins & set(wanted)
+
+
+def _admin_tokens(c, name: str) -> list[str]:
+    """The live tokens of `name` that carry the admin scope (self-service ones, console sessions, by hand)."""
+    rows = c.execute(sa.select(tokens.c.id, tokens.c.scopes).where(tokens.c.user == name, tokens.c.revoked_at.is_(None)))
+    return [r.id for r in rows if "admin" in (r.scopes or "").split(",")]
 
 
 def _mark(c, *, success: bool, error: str | None = None) -> None:
