@@ -110,3 +110,34 @@ def test_a_rolled_back_log_is_not_hidden_by_an_ordinary_nv_index_holding_the_old
     assert not rep.ok and "not codemoat's audit counter" in rep.problem, rep.problem
     with pytest.raises(AttestError, match="not codemoat's audit counter"):  # and no checkpoint is taken over it
         take(log, machine)
+
+
+def test_a_log_truncated_before_its_only_tpm_checkpoint_fails_unless_the_operator_rotated_it(swtpm, tmp_path, monkeypatch):
+    machine = tpm_machine(swtpm)
+    db = tmp_path / "audit.db"
+    url = f"sqlite:///{db}"
+    monkeypatch.setenv("CODEMOAT_DATABASE_URL", url)
+    log = _log(url)
+    _append(log, 5)
+    assert log.verify().ok
+    copy = tmp_path / "copy"  # taken before the log's first (and only) TPM checkpoint
+    copy.mkdir()
+    log.engine.dispose()
+    for f in (db, log.head_file):
+        shutil.copy(f, copy / f.name)
+    assert take(log, machine)["counter"] == 1
+    _append(log, 3)
+    assert log.verify().ok
+    log.engine.dispose()
+    for f in (db, log.head_file):  # the checkpoint and everything after it gone, every signature valid
+        shutil.copy(copy / f.name, f)
+    log.verified_file.unlink(missing_ok=True)
+    log = _log(url)
+    rep = log.verify()
+    assert not rep.ok and "holds none of them" in rep.problem, rep
+    # an operator who starts a new chain on purpose says so in the log (a signed rotation record first)
+    log.rotate(tmp_path / "archive.jsonl")
+    rep = log.verify()
+    assert rep.ok and "rotated" in (rep.warning or ""), rep
+    assert take(log, machine)["counter"] == 2  # and the next checkpoint starts the new log's sequence
+    assert log.verify().ok

@@ -14,7 +14,9 @@ other), holding the named record, the counter value, the TPMS_ATTEST and its ECD
 counter's NV name, the data over the record it names, that record's hash), that the counter
 values follow one another (a gap: checkpoints removed), and that the newest equals the chip's
 counter now: a database put back to an older copy holds an older newest checkpoint than the chip
-has signed since, and the report names both. What it cannot stop: the service account can ask
+has signed since, and the report names both. A log holding none of the chip's checkpoints must
+start with a rotation (else it was cut back to before its first one), and the NV index must be the
+counter (`attest.tpm` checks its name: an ordinary index there could be written back). What it cannot stop: the service account can ask
 the chip for a new checkpoint at run time (over a log it rewrote), and can lose the records after
 the newest TPM checkpoint unnoticed; take them often (`codemoat audit tpm-checkpoint` on a timer;
 the server takes one at shutdown, `appliance tamper-event` after its record).
@@ -151,7 +153,17 @@ def check(engine: sa.Engine, machine: Any = None) -> tuple[list[tuple[int, str]]
     if prev is None:
         if now:
             more = f"this TPM has signed {now} audit checkpoint(s) but this log holds none of them"
-            return [], "; ".join(x for x in (warning, f"{more} (a new or rotated log; else it was rolled back)") if x)
+            with engine.connect() as c:
+                first = c.execute(sa.select(records.c.kind).order_by(records.c.seq).limit(1)).scalar()
+            if first != "rotation":  # cut back to before its first TPM checkpoint, or replaced: not a fresh start
+                return [
+                    (
+                        1,
+                        f"{more}, and it does not start with a rotation: it was rolled back to before its first TPM "
+                        "checkpoint or replaced (a new log on purpose starts with `codemoat audit rotate`)",
+                    )
+                ], None
+            return [], "; ".join(x for x in (warning, f"{more} (the log was rotated)") if x)
         return [], warning
     if now is None or now < prev[1]:
         return [
