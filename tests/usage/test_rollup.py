@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from codemoat.db import open_db
 from codemoat.usage import BY, UsageStore, report
 from codemoat.usage.rollup import bucket, per_hour, rebuild, whole_days
-from codemoat.usage.tables import completions, daily, events, hourly, latency_daily
+from codemoat.usage.tables import completions, daily, daily_lang, daily_users, events, hourly, latency_daily
 
 NOW = 1_780_000_000.0  # 2026-05-28 (UTC)
 DAY = 86400
@@ -74,13 +74,16 @@ def _apply(store: UsageStore, ops) -> None:
 
 def _wipe(engine) -> None:
     with engine.begin() as c:
-        for t in (completions, events, daily, latency_daily, hourly):
+        for t in (completions, events, daily, daily_lang, daily_users, latency_daily, hourly):
             c.execute(t.delete())
 
 
 def _snapshot(engine) -> dict:
     with engine.connect() as c:
-        return {t.name: sorted(tuple(r) for r in c.execute(sa.select(t))) for t in (daily, latency_daily, hourly)}
+        return {
+            t.name: sorted(tuple(r) for r in c.execute(sa.select(t)))
+            for t in (daily, daily_lang, daily_users, latency_daily, hourly)
+        }
 
 
 def _same(engine, **kw) -> None:
@@ -116,10 +119,32 @@ def test_rollup_answers_equal_the_raw_tables(store, ops, cut, who, lang):
     with store.engine.connect() as c:
         assert per_hour(c, since=since) == per_hour(c, since=since, rollup=False)
         assert per_hour(c, since=day_start) == per_hour(c, since=day_start, rollup=False)
+    _oracle(store.engine)
     kept = _snapshot(store.engine)
     with store.engine.begin() as c:
         rebuild(c)
     assert _snapshot(store.engine) == kept
+
+
+def _oracle(engine) -> None:
+    """Per language and in total: completions, users, views and selects counted in Python from the rows."""
+    with engine.connect() as c:
+        done = c.execute(sa.select(completions.c.language, completions.c.user, completions.c.kind)).all()
+        evs = c.execute(sa.select(events.c.language, events.c.type).where(events.c.matched.is_(True))).all()
+    want: dict[str, list] = {}
+    for lang, user, kind in done:
+        w = want.setdefault(lang, [0, set(), 0, 0])
+        w[0] += kind == "completion"
+        w[1].add(user)
+    for lang, type_ in evs:
+        w = want.setdefault(lang, [0, set(), 0, 0])
+        w[2] += type_ == "view"
+        w[3] += type_ == "select"
+    rep = report(engine, by="language", now=NOW)
+    assert {r.key: (r.completions, r.users, r.views, r.selects) for r in rep.rows} == {
+        k: (n, len(u), v, s) for k, (n, u, v, s) in want.items()
+    }
+    assert rep.total.users == len({u for _, u, _ in done})
 
 
 def test_a_mid_day_window_counts_the_first_day_from_the_rows(store):

@@ -14,7 +14,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import Engine
 
-from ..usage.rollup import facts, per_hour, whole_days
+from ..usage.rollup import LANG_DIMS, USER_DIMS, facts, per_hour, whole_days
 
 MIN_COMPLETIONS = 100
 MIN_VIEWS = 50
@@ -54,7 +54,7 @@ DEFAULT_SOURCES = {
 def measured(engine: Engine, *, days: int = 28, now: float | None = None) -> dict[str, tuple[float, str]]:
     """Inputs measured from the last `days` days of usage, each as (value, "measured: …"); {} without enough history."""
     start = whole_days(days, time.time() if now is None else now)  # the last `days` UTC days: the daily roll-up alone
-    f = facts(since=start)
+    f, fu = facts(since=start, dims=LANG_DIMS), facts(since=start, dims=USER_DIMS)
     with engine.connect() as c:
         r = c.execute(
             sa.select(*(sa.func.sum(f.c[k]) for k in ("completions", "chats", "c_prompt", "c_output", "h_prompt", "h_output")))
@@ -62,7 +62,7 @@ def measured(engine: Engine, *, days: int = 28, now: float | None = None) -> dic
         n, chats, c_prompt, c_output, h_prompt, h_output = (int(v or 0) for v in r)
         if n < MIN_COMPLETIONS:
             return {}
-        made = sa.select(f.c.user, f.c.day).where(f.c.completions + f.c.chats > 0).distinct().subquery()
+        made = sa.select(fu.c.user, fu.c.day).where(fu.c.completions + fu.c.chats > 0).distinct().subquery()
         dev_days = int(c.execute(sa.select(sa.func.count()).select_from(made)).scalar() or 0)
         views, selects = c.execute(sa.select(sa.func.sum(f.c.views), sa.func.sum(f.c.selects))).one()
         peak, mean = per_hour(c, since=start)

@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from sqlalchemy import Engine
 
 from .report import WINDOWS, _windows
-from .rollup import facts, whole_days
+from .rollup import LANG_DIMS, facts, whole_days
 
 
 class UsageCollector:
@@ -36,7 +36,7 @@ class UsageCollector:
             with self.engine.connect() as c:
                 for d in WINDOWS:
                     w = f"{d}d"
-                    f = facts(since=whole_days(d, now))
+                    f = facts(since=whole_days(d, now), dims=LANG_DIMS)
                     n, views, selects = c.execute(
                         sa.select(sa.func.sum(f.c.completions + f.c.chats), sa.func.sum(f.c.views), sa.func.sum(f.c.selects))
                     ).one()

@@ -78,13 +78,13 @@ def _one(v) -> int:
     return int(v or 0)
 
 
-def _sums(f) -> list:
-    """The Row fields summed over a facts subquery (see rollup.facts), users counted once."""
+def _sums(f, users: bool = True) -> list:
+    """The Row fields summed over a facts subquery (see rollup.facts), users counted once (or 0)."""
     made = f.c.completions + f.c.chats
     return [
         sa.func.sum(f.c.completions).label("completions"),
         sa.func.sum(f.c.chats).label("chats"),
-        sa.func.count(sa.distinct(sa.case((made > 0, f.c.user)))).label("users"),
+        (sa.func.count(sa.distinct(sa.case((made > 0, f.c.user)))) if users else sa.literal_column("0")).label("users"),
         sa.func.sum(f.c.c_prompt + f.c.h_prompt).label("prompt_tokens"),
         sa.func.sum(f.c.c_output + f.c.h_output).label("completion_tokens"),
         sa.func.sum(f.c.views).label("views"),
@@ -132,21 +132,34 @@ def report(
     if by not in BY:
         raise CodemoatError(f"cannot group usage by {by!r}: choose one of {', '.join(BY)}")
     now = time.time() if now is None else now
+    # unfiltered, by day, language or protocol: sums from the day x language x protocol grain, users
+    # counted from the day x user grain (by day) or the full one; otherwise the full grain throughout
+    coarse = user is None and language is None and by in ("day", "language", "protocol")
     f = rollup_.facts(since=since, user=user, language=language, rollup=rollup)
+    fs = rollup_.facts(since=since, rollup=rollup, dims=rollup_.LANG_DIMS) if coarse else f
+    fu = rollup_.facts(since=since, user=user, rollup=rollup, dims=rollup_.USER_DIMS) if language is None else f
     if by == "group":
         key, src = memberships.c.group, f.join(memberships, memberships.c.user == f.c.user)
     else:
-        key, src = f.c[by], f
+        key, src = fs.c[by], fs
     # a key is shown when it has a completion, a chat or an event tied to a completion (as before the roll-up)
-    shown = sa.func.sum(f.c.completions + f.c.chats + f.c.events - f.c.unmatched) > 0
-    q = sa.select(key.label("k"), *_sums(f)).select_from(src).group_by(key).having(shown)
+    shown = sa.func.sum(fs.c.completions + fs.c.chats + fs.c.events - fs.c.unmatched) > 0
+    q = sa.select(key.label("k"), *_sums(fs, users=not coarse)).select_from(src).group_by(key).having(shown)
     with engine.connect() as c:
         rows = [_row(str(r.k), r) for r in c.execute(q)]
+        if coarse:
+            fk = fu if by == "day" else f
+            made = sa.case((fk.c.completions + fk.c.chats > 0, fk.c.user))
+            users = dict(c.execute(sa.select(fk.c[by], sa.func.count(sa.distinct(made))).group_by(fk.c[by])).tuples().all())
+            for row in rows:
+                row.users = _one(users.get(row.key))
         if not summary:
             total, latency, active, engaged, unmatched = Row("total"), {}, {}, {}, 0
         else:
-            r = c.execute(sa.select(*_sums(f), sa.func.sum(f.c.unmatched).label("unmatched"))).one()
+            r = c.execute(sa.select(*_sums(fs, users=False), sa.func.sum(fs.c.unmatched).label("unmatched"))).one()
             total, unmatched = _row("total", r), _one(r.unmatched)
+            made = sa.case((fu.c.completions + fu.c.chats > 0, fu.c.user))
+            total.users = _one(c.execute(sa.select(sa.func.count(sa.distinct(made)))).scalar())
             latency = _latency(c, since, user, language, rollup)
             active, engaged = _windows(c, now, user, rollup)
     ordered = (
@@ -183,7 +196,7 @@ def _latency(c, since, user, language, rollup: bool) -> dict[str, float | None]:
 def _windows(c, now: float, user: str | None, rollup: bool = True) -> tuple[dict[str, int], dict[str, int]]:
     """(active, engaged) users for each of `WINDOWS` (the last 1, 7, 28 UTC days, today included):
     active used the service (a completion, a chat or any editor event), engaged accepted a completion."""
-    f = rollup_.facts(since=rollup_.whole_days(max(WINDOWS), now), user=user, rollup=rollup)
+    f = rollup_.facts(since=rollup_.whole_days(max(WINDOWS), now), user=user, rollup=rollup, dims=rollup_.USER_DIMS)
     cols = []
     for d in WINDOWS:
         in_w = f.c.day >= day_of(rollup_.whole_days(d, now))

@@ -1,7 +1,9 @@
 """The daily roll-up: what the reports read instead of every row.
 
 `usage_daily` holds one row per UTC day x user x language x protocol with sums (completions, chats,
-tokens, matched view/select/dismiss events, accepted characters and lines, unmatched and all events);
+tokens, matched view/select/dismiss events, accepted characters and lines, unmatched and all events),
+`usage_daily_lang` and `usage_daily_users` the same sums per day x language x protocol and per day x
+user (an unfiltered report reads tens of rows a day from the first, distinct users from the second);
 `usage_latency_daily` counts completion latencies per day in buckets; `usage_hourly` counts requests
 per hour. `UsageStore` adds to them in the same transaction as the row it writes (an upsert that
 adds, atomic on SQLite and PostgreSQL), so the roll-up is never behind; migration u002 backfills it
@@ -24,9 +26,11 @@ from datetime import UTC, datetime
 
 import sqlalchemy as sa
 
-from .tables import completions, daily, events, hourly, latency_daily
+from .tables import completions, daily, daily_lang, daily_users, events, hourly, latency_daily
 
 DIMS = ("day", "user", "language", "protocol")
+LANG_DIMS = ("day", "language", "protocol")
+USER_DIMS = ("day", "user")
 FACTS = (
     "completions",
     "chats",
@@ -42,6 +46,9 @@ FACTS = (
     "unmatched",
     "events",
 )
+
+
+TABLES = {DIMS: daily, LANG_DIMS: daily_lang, USER_DIMS: daily_users}  # the same sums at three grains
 
 
 def bucket(ms: float) -> int:
@@ -105,7 +112,7 @@ def add_completion(c, row: dict) -> None:
         h_prompt=pt if chat else 0,
         h_output=ct if chat else 0,
     )
-    _add(c, daily, {k: row[k] for k in DIMS}, facts)
+    _add_all(c, row, facts)
     if not chat:
         _add(c, latency_daily, {"day": row["day"], "bucket": bucket(row["latency_ms"])}, {"n": 1})
     _add(c, hourly, {"hour": hour_of(row["ts"])}, {"n": 1})
@@ -124,7 +131,12 @@ def add_event(c, row: dict) -> None:
         unmatched=int(not m),
         events=1,
     )
-    _add(c, daily, {k: row[k] for k in DIMS}, facts)
+    _add_all(c, row, facts)
+
+
+def _add_all(c, row: dict, facts: dict) -> None:
+    for dims, table in TABLES.items():
+        _add(c, table, {k: row[k] for k in dims}, facts)
 
 
 # -- reading -------------------------------------------------------------------------------------
@@ -132,11 +144,11 @@ def _sum(cond, value=1):
     return sa.func.sum(sa.case((cond, value), else_=0))
 
 
-def _raw_completions(conds: list):
+def _raw_completions(conds: list, dims: tuple[str, ...] = DIMS):
     k, t = completions.c.kind, completions.c
     return (
         sa.select(
-            *(t[d] for d in DIMS),
+            *(t[d] for d in dims),
             _sum(k == "completion").label("completions"),
             _sum(k == "chat").label("chats"),
             _sum(k == "completion", t.prompt_tokens).label("c_prompt"),
@@ -146,17 +158,17 @@ def _raw_completions(conds: list):
             *(sa.literal_column("0").label(f) for f in FACTS[6:]),
         )
         .where(*conds)
-        .group_by(*(t[d] for d in DIMS))
+        .group_by(*(t[d] for d in dims))
     )
 
 
-def _raw_events(conds: list):
+def _raw_events(conds: list, dims: tuple[str, ...] = DIMS):
     t = events.c
     m = t.matched.is_(True)
     sel = sa.and_(m, t.type == "select")
     return (
         sa.select(
-            *(t[d] for d in DIMS),
+            *(t[d] for d in dims),
             *(sa.literal_column("0").label(f) for f in FACTS[:6]),
             _sum(sa.and_(m, t.type == "view")).label("views"),
             _sum(sel).label("selects"),
@@ -167,14 +179,23 @@ def _raw_events(conds: list):
             sa.func.count().label("events"),
         )
         .where(*conds)
-        .group_by(*(t[d] for d in DIMS))
+        .group_by(*(t[d] for d in dims))
     )
 
 
-def facts(*, since: float | None = None, user: str | None = None, language: str | None = None, rollup: bool = True):
-    """A subquery with DIMS and FACTS columns, rows to be summed: usage at or after `since`.
+def facts(
+    *,
+    since: float | None = None,
+    user: str | None = None,
+    language: str | None = None,
+    rollup: bool = True,
+    dims: tuple[str, ...] = DIMS,
+):
+    """A subquery with `dims` and FACTS columns, rows to be summed: usage at or after `since`. `dims`
+    is one of the roll-up's grains (DIMS, LANG_DIMS, USER_DIMS); a filter needs its column there.
 
     rollup=False reads the raw tables only (the reference the roll-up is checked against)."""
+    table = TABLES[dims]
 
     def conds(t: sa.Table) -> list:
         out = []
@@ -187,17 +208,17 @@ def facts(*, since: float | None = None, user: str | None = None, language: str 
     if not rollup:
         since_c = [completions.c.ts >= since] if since is not None else []
         since_e = [events.c.ts >= since] if since is not None else []
-        parts = [_raw_completions(since_c + conds(completions)), _raw_events(since_e + conds(events))]
+        parts = [_raw_completions(since_c + conds(completions), dims), _raw_events(since_e + conds(events), dims)]
     else:
-        whole = sa.select(*(daily.c[d] for d in DIMS), *(daily.c[f] for f in FACTS)).where(*conds(daily))
+        whole = sa.select(*(table.c[d] for d in dims), *(table.c[f] for f in FACTS)).where(*conds(table))
         parts = [whole]
         if since is not None and _aligned(since):
-            parts[0] = whole.where(daily.c.day >= _day_of(since))
+            parts[0] = whole.where(table.c.day >= _day_of(since))
         elif since is not None:
             d0 = _day_of(since)
-            parts[0] = whole.where(daily.c.day > d0)
-            parts.append(_raw_completions([completions.c.day == d0, completions.c.ts >= since, *conds(completions)]))
-            parts.append(_raw_events([events.c.day == d0, events.c.ts >= since, *conds(events)]))
+            parts[0] = whole.where(table.c.day > d0)
+            parts.append(_raw_completions([completions.c.day == d0, completions.c.ts >= since, *conds(completions)], dims))
+            parts.append(_raw_events([events.c.day == d0, events.c.ts >= since, *conds(events)], dims))
     return sa.union_all(*parts).subquery("facts") if len(parts) > 1 else parts[0].subquery("facts")
 
 
@@ -265,14 +286,17 @@ def per_hour(c, *, since: float, rollup: bool = True) -> tuple[int | None, float
 
 # -- rebuilding ----------------------------------------------------------------------------------
 def rebuild(c) -> None:
-    """Recompute the whole roll-up from the raw tables (migration u002's backfill), in `c`'s transaction."""
-    for t in (daily, latency_daily, hourly):
+    """Recompute the whole roll-up from the raw tables (migration u003's backfill), in `c`'s transaction."""
+    for t in (*TABLES.values(), latency_daily, hourly):
         c.execute(t.delete())
-    src = facts(rollup=False)
-    dims = [src.c[d] for d in DIMS]
-    c.execute(
-        daily.insert().from_select([*DIMS, *FACTS], sa.select(*dims, *(sa.func.sum(src.c[f]) for f in FACTS)).group_by(*dims))
-    )
+    for grain, table in TABLES.items():
+        src = facts(rollup=False, dims=grain)
+        dims = [src.c[d] for d in grain]
+        c.execute(
+            table.insert().from_select(
+                [*grain, *FACTS], sa.select(*dims, *(sa.func.sum(src.c[f]) for f in FACTS)).group_by(*dims)
+            )
+        )
     t = completions.c
     b = bucket_sql(t.latency_ms, c.dialect.name)
     c.execute(

@@ -68,6 +68,23 @@ daily = sa.Table(
     sa.Column("unmatched", sa.BigInteger),  # events naming no completion of this user
     sa.Column("events", sa.BigInteger),  # every event, any type, matched or not (activity)
 )
+# the same sums per day x language x protocol (unfiltered reports: tens of rows a day, not thousands)
+daily_lang = sa.Table(
+    "usage_daily_lang",
+    meta,
+    sa.Column("day", sa.String(10), primary_key=True),
+    sa.Column("language", sa.String(32), primary_key=True),
+    sa.Column("protocol", sa.String(16), primary_key=True),
+    *(sa.Column(c.name, sa.BigInteger) for c in daily.c if c.name not in ("day", "user", "language", "protocol")),
+)
+# and per day x user (distinct users: totals, per day, active and engaged windows)
+daily_users = sa.Table(
+    "usage_daily_users",
+    meta,
+    sa.Column("day", sa.String(10), primary_key=True),
+    sa.Column("user", sa.String(128), primary_key=True),
+    *(sa.Column(c.name, sa.BigInteger) for c in daily.c if c.name not in ("day", "user", "language", "protocol")),
+)
 # completion latency (kind "completion") per day in buckets: 1 ms below 1 s, 10 ms below 10 s, then 100 ms
 latency_daily = sa.Table(
     "usage_latency_daily",

@@ -1,5 +1,5 @@
 """usage: the daily roll-up (day x user x language x protocol), latency buckets per day, requests
-per hour; backfilled from the rows already there; an index on day for the partial first day
+per hour; an index on day for the partial first day (backfilled by u003)
 
 Revision ID: u002_rollup
 Revises: u001_usage
@@ -53,9 +53,7 @@ def upgrade() -> None:
     # reports read the raw rows of one day only (the part of the first day at or after `since`)
     op.create_index("ix_usage_completions_day", "usage_completions", ["day"])
     op.create_index("ix_usage_events_day", "usage_events", ["day"])
-    from codemoat.usage.rollup import rebuild
-
-    rebuild(op.get_bind())
+    # filled from the rows already there by u003 (rollup.rebuild fills every grain of the roll-up)
 
 
 def downgrade() -> None:
