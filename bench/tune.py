@@ -138,8 +138,8 @@ def main() -> None:
 
 def _infill_rows(e: dict) -> list[str]:
     ib, ia = e.get("infill_base"), e.get("infill_adapter")
-    if not ib or not ia:
-        return ["| single-line infill on held-out lines | n/a (no FIM tokens) | | |"]
+    if not ib or not ia or not ia["n"]:
+        return ["| single-line infill on held-out lines | n/a (no FIM tokens or no line) | | |"]
     return [
         f"| single-line infill, exact match ({ia['n']} held-out lines) | {ib['exact']:.0%} | {ia['exact']:.0%} "
         f"| {(ia['exact'] - ib['exact']) * 100:+.0f} points |",

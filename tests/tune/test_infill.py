@@ -51,3 +51,4 @@ def test_scores_on_the_bundled_model(tiny_gguf: Path):
     base = load_base(tiny_gguf, n_ctx=128)
     got = scores(base.model, base.tokenizer, cases(FILES, 3, 0), base.n_ctx)
     assert got is not None and got["n"] == 3 and 0 <= got["exact"] <= 1 and 0 <= got["edit_sim"] <= 1
+    assert scores(base.model, base.tokenizer, [], base.n_ctx) == {"n": 0, "exact": None, "edit_sim": None}

@@ -85,7 +85,9 @@ def tune_command(
             console.print(f"  (resumed from the checkpoint of step {t['resumed_from_step']})")
         console.print("held-out bits/byte, base → base + adapter:\n" + row("tuned") + "\n" + row("unrelated"))
         ib, ia = e.get("infill_base"), e.get("infill_adapter")
-        if ib and ia:
+        if ia and not ia["n"]:
+            console.print("  infill    n/a (no line of the held-out files to complete)")
+        elif ib and ia:
             console.print(
                 f"  infill    exact match {ib['exact']:.0%} → {ia['exact']:.0%}, edit similarity "
                 f"{ib['edit_sim']:.2f} → {ia['edit_sim']:.2f} ({ia['n']} held-out lines)"

@@ -8,7 +8,8 @@ model gets `<|fim_prefix|>` code above `<|fim_suffix|>` code below `<|fim_middle
 completes greedily up to the end of the line. Exact match compares the line without its leading
 and trailing whitespace; edit
 similarity is 1 − Levenshtein distance / length of the longer (as in CodeXGLUE and RepoBench).
-A tokenizer without those FIM tokens gets no score (None), not a misleading one.
+A tokenizer without those FIM tokens gets no score (None), not a misleading one; held-out files
+without a line to complete give n = 0.
 """
 
 from __future__ import annotations
@@ -61,12 +62,15 @@ def edit_similarity(a: str, b: str) -> float:
 
 
 def scores(model, tok, items: list[Case], n_ctx: int, device: str = "cpu") -> dict | None:
-    """{"n", "exact", "edit_sim"} of greedy single-line infill by `model` (None without FIM tokens or lines)."""
+    """{"n", "exact", "edit_sim"} of greedy single-line infill by `model`: None without FIM tokens,
+    n = 0 (and no rates) without a line to complete."""
     import torch
 
     special = {s: tok.token_to_id(s) for s in (FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE)}
-    if not items or any(v is None for v in special.values()):
+    if any(v is None for v in special.values()):
         return None
+    if not items:
+        return {"n": 0, "exact": None, "edit_sim": None}
     stop = {v for v in (tok.token_to_id(ENDOFTEXT), *special.values()) if v is not None}
     room = n_ctx - 3 - MAX_NEW
     was = model.training
