@@ -45,6 +45,7 @@ def leased(renewed_at: float, **kw) -> LicenseStatus:
         lease_next_renewal_in=900.0,
         lease_failures=0,
         lease_key_server="keys.vendor.example:443",
+        lease_grace=600.0,
     )
     return LicenseStatus(**{**base, **kw})
 
@@ -57,6 +58,7 @@ def test_lease_renewal_on_the_model_page_and_in_health(setup):
     page = c.get("/admin/model").text
     assert time.strftime("%Y-%m-%d %H:%M", time.gmtime(renewed)) + " UTC" in page
     assert "in 900 s" in page and "0 since the last renewal" in page and "keys.vendor.example:443" in page
+    assert "2,100 s until the model is unloaded without a renewal (600 s of grace after expiry)" in page
     lic = c.get("/health", headers={"Authorization": f"Bearer {admin}"}).json()["license"]
     assert lic["lease_renewed_at"] == renewed and lic["lease_next_renewal_in"] == 900.0
     assert lic["lease_failures"] == 0 and lic["lease_key_server"] == "keys.vendor.example:443"

@@ -49,6 +49,7 @@ class LicenseStatus:
     lease_next_renewal_in: float | None = None  # seconds until the next attempt (negative: overdue)
     lease_failures: int | None = None  # failed attempts since the last renewal
     lease_key_server: str | None = None  # host:port
+    lease_grace: float | None = None  # seconds the model stays loaded after the lease expires unrenewed
     seats: int | None = None
     seats_used: int | None = None
 

@@ -139,7 +139,7 @@ class LicenseWatch:
             st.lease_state, st.lease_seconds_left, st.lease_renewals = k["state"], k["seconds_left"], k["renewals"]
             st.lease_last_error, st.seats, st.seats_used = k["last_error"], k["seats"], k["seats_used"]
             st.lease_renewed_at, st.lease_next_renewal_in = k["renewed_at"], k["next_renewal_in"]
-            st.lease_failures, st.lease_key_server = k["failures"], k["key_server"]
+            st.lease_failures, st.lease_key_server, st.lease_grace = k["failures"], k["key_server"], k["grace"]
         else:
             st.lease_state = "offline"
 
