@@ -220,7 +220,8 @@ class OidcClient:
         from authlib.jose.errors import JoseError
 
         opts = {
-            "iss": {"essential": True, "value": self.issuer},
+            # exactly the discovery document's issuer (OpenID Connect Core §3.1.3.7), a trailing "/" included
+            "iss": {"essential": True, "value": self.metadata()["issuer"]},
             "aud": {"essential": True, "value": self.cfg.oidc_client_id},
             "nonce": {"essential": nonce_required, "validate": lambda _c, v: v == nonce or (v is None and not nonce_required)},
             "exp": {"essential": True},
