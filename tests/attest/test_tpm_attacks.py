@@ -141,3 +141,135 @@ def test_a_log_truncated_before_its_only_tpm_checkpoint_fails_unless_the_operato
     assert rep.ok and "rotated" in (rep.warning or ""), rep
     assert take(log, machine)["counter"] == 2  # and the next checkpoint starts the new log's sequence
     assert log.verify().ok
+
+
+def _software_ak(attrs):
+    """A P-256 key made in software, described by a TPMT_PUBLIC that claims an AK's attributes."""
+    import tpm2_pytss as pt
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    k = ec.generate_private_key(ec.SECP256R1())
+    n = k.public_key().public_numbers()
+    tmpl = pt.TPM2B_PUBLIC.parse("ecc256:ecdsa-sha256", objectAttributes=attrs)
+    tmpl.publicArea.parameters.eccDetail.symmetric.algorithm = pt.TPM2_ALG.NULL
+    tmpl.publicArea.unique.ecc.x = n.x.to_bytes(32, "big")
+    tmpl.publicArea.unique.ecc.y = n.y.to_bytes(32, "big")
+    der = k.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return tmpl, der.hex()
+
+
+def test_a_software_key_loaded_public_only_under_ak_attributes_cannot_activate_the_credential(swtpm):
+    """The binding's premise: only a key the chip made can answer. A software key claiming fixedTPM,
+    restricted and sign, loaded into the genuine chip as a public area only (TPM2_LoadExternal), has
+    the name the vendor's credential is bound to; the chip must still refuse to release the secret."""
+    import tpm2_pytss as pt
+
+    from codemoat.vault.tpmcred import ak_name, make_credential
+
+    with TpmAttestor(swtpm.tcti) as a:
+        ident = a.identity([TAMPER_PCR])
+        tmpl, der = _software_ak(a._attrs("USERWITHAUTH", "RESTRICTED", "SIGN_ENCRYPT"))
+        area = tmpl.publicArea.marshal().hex()
+        name = ak_name(area, der)  # its public area alone looks like an AK: the vendor makes the credential
+        blob, secret = make_credential(ident["ek"], name, b"s" * 32)
+        c = a.ctx
+        try:
+            h = c.load_external(tmpl, None, pt.ESYS_TR.NULL)
+        except pt.TSS2_Exception:
+            return  # the chip will not even load it with those attributes: stopped
+        try:
+            assert bytes(c.tr_get_name(h)) == name
+            found = a._ek_template()
+            ek, *_ = c.create_primary(None, found[1], pt.ESYS_TR.ENDORSEMENT)
+            sess = c.start_auth_session(
+                pt.ESYS_TR.NONE,
+                pt.ESYS_TR.NONE,
+                pt.TPM2_SE.POLICY,
+                pt.TPMT_SYM_DEF(algorithm=pt.TPM2_ALG.NULL),
+                pt.TPM2_ALG.SHA256,
+            )
+            c.policy_secret(pt.ESYS_TR.ENDORSEMENT, sess)
+            b, _ = pt.TPM2B_ID_OBJECT.unmarshal(len(blob).to_bytes(2, "big") + blob)
+            e, _ = pt.TPM2B_ENCRYPTED_SECRET.unmarshal(len(secret).to_bytes(2, "big") + secret)
+            # swtpm loads it, and refuses here: no authValue for an object whose private part it lacks
+            with pytest.raises(pt.TSS2_Exception, match="not available"):
+                c.activate_credential(h, ek, b, e, session1=pt.ESYS_TR.PASSWORD, session2=sess)
+            c.flush_context(ek)
+        finally:
+            c.flush_context(h)
+
+
+def _cert(subject, key, issuer=None, issuer_key=None, *, ca=True, days=(-1, 1)):
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    n = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, subject)])
+    now = datetime.datetime.now(datetime.UTC)
+    b = (
+        x509.CertificateBuilder()
+        .subject_name(n)
+        .issuer_name(issuer.subject if issuer is not None else n)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now + datetime.timedelta(days=days[0]))
+        .not_valid_after(now + datetime.timedelta(days=days[1]))
+    )
+    if ca is not None:
+        b = b.add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    return b.sign(issuer_key if issuer_key is not None else key, hashes.SHA256())
+
+
+def test_ek_certificate_chains_through_a_non_ca_or_an_expired_certificate_are_refused():
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from codemoat.vault.tpmcred import verify_ek_cert
+
+    root_k, mid_k, ek_k = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
+    ek_hex = ek_k.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo).hex()
+    root = _cert("TPM maker root", root_k)
+
+    def chain(mid_ca=True, mid_days=(-1, 1), ek_days=(-1, 1)):
+        mid = _cert("TPM maker issuing", mid_k, root, root_k, ca=mid_ca, days=mid_days)
+        ek = _cert("EK", ek_k, mid, mid_k, ca=None, days=ek_days)
+        return ek.public_bytes(serialization.Encoding.DER).hex(), [mid, root]
+
+    ek, cas = chain()
+    assert verify_ek_cert(ek, ek_hex, cas)  # the well-formed chain holds (so each refusal below is the change's)
+    ek, cas = chain(mid_ca=False)  # a leaf certificate of the maker's, used to sign an EK certificate
+    with pytest.raises(VaultError, match="not a CA"):
+        verify_ek_cert(ek, ek_hex, cas)
+    ek, cas = chain(mid_ca=None)  # no basicConstraints at all
+    with pytest.raises(VaultError, match="not a CA"):
+        verify_ek_cert(ek, ek_hex, cas)
+    ek, cas = chain(mid_days=(-10, -5))  # an expired intermediate
+    with pytest.raises(VaultError, match="outside its validity"):
+        verify_ek_cert(ek, ek_hex, cas)
+    ek, cas = chain(ek_days=(1, 5))  # an EK certificate not valid yet
+    with pytest.raises(VaultError, match="outside its validity"):
+        verify_ek_cert(ek, ek_hex, cas)
+    ek, cas = chain()
+    with pytest.raises(VaultError, match="does not chain"):  # the intermediate not trusted, only the root
+        verify_ek_cert(ek, ek_hex, [cas[1]])
+
+
+def test_an_ak_public_area_with_another_name_alg_or_without_fixed_tpm_or_restricted_is_refused(swtpm):
+    import struct
+
+    from codemoat.vault.tpmcred import FIXED_TPM, RESTRICTED, SENSITIVE_DATA_ORIGIN, SIGN, ak_name
+
+    with TpmAttestor(swtpm.tcti) as a:
+        ident = a.identity([TAMPER_PCR])
+    area = bytes.fromhex(ident["ak_public"])
+    assert ak_name(area.hex(), ident["ak"])[:2] == b"\x00\x0b"
+    typ, name_alg, attrs = struct.unpack_from(">HHI", area, 0)
+    sha1 = struct.pack(">HHI", typ, 0x0004, attrs) + area[8:]  # the name over SHA-1: a weaker binding
+    with pytest.raises(VaultError, match="not an ECDSA-SHA256 P-256 key"):
+        ak_name(sha1.hex(), ident["ak"])
+    for bit in (FIXED_TPM, RESTRICTED, SENSITIVE_DATA_ORIGIN, SIGN):  # a key that may leave, sign anything, or was imported
+        edited = struct.pack(">HHI", typ, name_alg, attrs & ~bit) + area[8:]
+        with pytest.raises(VaultError, match="not a restricted signing key"):
+            ak_name(edited.hex(), ident["ak"])
