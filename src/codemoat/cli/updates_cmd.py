@@ -162,7 +162,7 @@ def update_apply(
     from ..index.update import parse_groups
     from ..updates.store import label
 
-    r = _store().apply(file, license, parse_groups(groups) if groups else None)
+    r = _store().apply(file, license, parse_groups(groups) if groups is not None else None)
     emit(
         r,
         as_json,

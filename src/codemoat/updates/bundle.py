@@ -48,8 +48,9 @@ FIELDS = {
     "machines": list,
     "payload": dict,
 }
-_VERSION_RE = re.compile(r"\d{1,9}(\.\d{1,9}){0,3}")
+_VERSION_RE = re.compile(r"[0-9]{1,9}(\.[0-9]{1,9}){0,3}")  # ASCII digits only
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,99}")  # a folder name in the update store: no "/", no ".."
 
 
 class BundleError(VaultError):
@@ -88,6 +89,8 @@ def _check_manifest(m: Any) -> dict[str, Any]:
         v = m.get(name)
         if not isinstance(v, typ) or (typ is int and isinstance(v, bool)):
             raise BundleError(f"bundle manifest field {name!r} is missing or malformed")
+    if not _ID_RE.fullmatch(m["bundle_id"]):
+        raise BundleError("bundle manifest field 'bundle_id' is malformed")
     if m["kind"] not in KINDS:
         raise BundleError(f"bundle kind {m['kind']!r} is not one of {', '.join(KINDS)}")
     try:

@@ -234,6 +234,8 @@ class UpdateStore:
     def apply(self, path: Path, license_file: Path | None = None, groups: list[str] | None = None) -> dict[str, Any]:
         self.reconcile()
         try:
+            if groups is not None and not [g for g in groups if g]:  # not "everyone" by default: say so
+                raise CodemoatError("--groups names no group: give the groups that may use it (or leave it out)")
             return self._apply(Path(path), license_file, groups)
         except CodemoatError as e:
             self.audit("refused", file=Path(path).name, action="apply", reason=str(e))

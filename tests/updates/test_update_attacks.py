@@ -1,0 +1,119 @@
+"""An attacker's view of signed offline updates (review of issue 21).
+
+The customer's admin who wants what they did not pay for, a hostile USB stick (a crafted
+.moatpkg), and a vendor-signed manifest that names paths: each attack below is refused in one line
+and changes nothing installed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from codemoat.errors import CodemoatError
+from updhelp import one_line_error, run_cli
+
+
+def _resign(shop, src: Path, out: Path, **changes) -> Path:
+    """`src` with manifest fields changed and signed again with the vendor's own key (a compromised
+    release pipeline, or a vendor bug): the signature holds, so only the store's checks stand."""
+    from codemoat.updates import bundle as fmt
+
+    b = fmt.Bundle(src)
+    m = dict(b.manifest, **changes)
+    return fmt.write(out, m, shop.vendor.signing_key, b.pieces())
+
+
+@pytest.mark.parametrize(
+    "kind, bundle_id",
+    [("model", x) for x in ("../../escaped", "..", "", "a/b", "ABS", "b_x\n")]
+    + [("adapter", "../../escaped"), ("adapter", "ABS")],
+)
+def test_signed_bundle_id_that_names_a_path_is_refused(shop, store, tmp_path, kind, bundle_id):
+    from codemoat import paths
+
+    lic = shop.license()
+    src = tmp_path / "fee.gguf"
+    src.write_bytes(b"GGUF" + bytes(64))
+    good = shop.release("1", kind=kind, source=src if kind == "adapter" else None)
+    outside = tmp_path / "outside"
+    bundle_id = str(outside) if bundle_id == "ABS" else bundle_id
+    evil = _resign(shop, good, tmp_path / "evil.moatpkg", bundle_id=bundle_id)
+    with pytest.raises(CodemoatError, match="bundle_id"):
+        store.apply(evil, lic)
+    assert not outside.exists() and not list(tmp_path.rglob("escaped"))
+    updates = paths.home() / "updates"
+    assert not (updates / "bundles").exists() or not any((updates / "bundles").iterdir())
+    assert store.list() == []
+    assert store.apply(good, lic)["version"] == "1"  # the genuine bundle installs
+
+
+@pytest.mark.parametrize("groups", [[], [""]])
+def test_adapter_or_pack_with_an_empty_group_list_is_refused_not_opened_to_everyone(shop, store, tmp_path, groups):
+    lic = shop.license()
+    src = tmp_path / "fee.gguf"
+    src.write_bytes(b"GGUF" + bytes(64))
+    with pytest.raises(CodemoatError, match="no group"):
+        store.apply(shop.release("1", kind="adapter", source=src), lic, groups=groups)
+    assert store.list() == []
+    out = store.apply(shop.release("2", kind="adapter", source=src), lic, groups=["payments"])
+    assert store.current("adapter:fee")["groups"] == ["payments"], out
+
+
+def test_cli_groups_that_parse_to_nothing_are_refused(shop, tmp_path):
+    lic = shop.license()
+    src = tmp_path / "fee.gguf"
+    src.write_bytes(b"GGUF" + bytes(64))
+    b = shop.release("1", kind="adapter", source=src)
+    for spec in (",", " ", ""):
+        p = run_cli("update", "apply", str(b), "--license", str(lic), "--groups", spec)
+        assert "no group" in one_line_error(p), spec
+    p = run_cli("update", "apply", str(b), "--license", str(lic), "--groups", "*")
+    assert "invalid group name" in one_line_error(p)
+    p = run_cli("update", "list", "--json")
+    assert p.returncode == 0 and json.loads(p.stdout) == []
+
+
+def test_version_strings_that_sort_oddly_are_refused_or_compared_as_numbers(shop, store):
+    lic = shop.license()
+    for bad in ("1.0.0-rc1", "v2", "2 ", "1.2.3.4.5", "", "1..2", "\u0661\u0660"):
+        with pytest.raises(CodemoatError, match="version"):
+            shop.release(bad)
+    store.apply(shop.release("9"), lic)
+    assert store.apply(shop.release("10"))["version"] == "10"
+    with pytest.raises(CodemoatError, match="not newer"):
+        store.apply(shop.release("9.99"))
+    with pytest.raises(CodemoatError, match="already installed|not newer"):
+        store.apply(shop.release("10.0"))  # the same version spelled otherwise is no upgrade
+
+
+def test_local_rollback_does_not_reopen_older_unsigned_downgrades(shop, store):
+    lic = shop.license()
+    v1, v2, v3 = shop.release("1"), shop.release("2"), shop.release("3")
+    for b in (v1, v2, v3):
+        store.apply(b, lic)
+    assert store.rollback("model")["version"] == "2"
+    with pytest.raises(CodemoatError, match="already installed"):
+        store.apply(v2)
+    with pytest.raises(CodemoatError, match="not newer"):
+        store.apply(v1)  # rolled back locally to 2: 1 is still a downgrade the vendor did not sign
+    assert store.apply(v3)["version"] == "3"  # the newer one installs again
+
+
+def test_rogue_vendor_with_its_own_license_for_this_machine_is_refused(shop, store, tmp_path):
+    from codemoat.vault.vendor import Vendor
+    from updhelp import Shop
+
+    lic = shop.license()
+    store.apply(shop.release("1"), lic)  # this machine trusts the real vendor now
+    rogue = Vendor.init(tmp_path / "rogue")
+    try:
+        evil = Shop(rogue, shop.machine, shop.gguf, tmp_path / "rogue-shop")
+        evil_lic = evil.license(support_until=4102444800)  # a license the attacker minted, support to 2100
+        with pytest.raises(CodemoatError, match="does not trust"):
+            store.apply(evil.release("9"), evil_lic)
+    finally:
+        rogue.close()
+    assert [r["version"] for r in store.list()] == ["1"]
