@@ -1,0 +1,254 @@
+"""The vLLM engine, side by side in one run: is codemoat's layer free, and when does vLLM beat llama.cpp?
+
+Parts (each one run of a few minutes; `--part all` runs both):
+  serve   streamed /v1/completions at 1, 8 and 32 concurrent clients against
+            vllm-serve        vLLM's own OpenAI server (`vllm serve`) on models/codemoat-tiny.hf
+            codemoat-vllm     `codemoat serve --engine vllm` on the same folder, the same engine flags
+            codemoat-llama    `codemoat serve` (llama.cpp, batched) on models/codemoat-tiny.gguf
+          greedy 64-token completions of the same prompts, so every server writes the same text:
+          characters per second compare like tokens per second; p50 latency and time to first token.
+  engine  in one process: vLLM start to first token from the plaintext folder vs from a sealed
+          container (decrypt, memfd hand-off, codemoat's loader); then one engine, batches of 32
+          requests alternating watermark-keyed and unkeyed (throughput ratio).
+
+    .venv/bin/python bench/vllm.py --part serve --seconds 8
+    .venv/bin/python bench/vllm.py --part engine
+
+Writes bench/results/vllm.md (the command, the date and the load average with the figures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+HF = ROOT / "models" / "codemoat-tiny.hf"
+GGUF = ROOT / "models" / "codemoat-tiny.gguf"
+PROMPTS = [
+    "import os\nimport sys\n\n\ndef main(",
+    "def add(a, b):\n    return",
+    "class Config:\n    def __init__(self, path):\n",
+    "for i in range(10):\n    print(",
+]
+ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "CODEMOAT_VAULT__TPM": "off"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait(url: str, proc: subprocess.Popen, timeout: float = 900) -> float:
+    t = time.monotonic()
+    while time.monotonic() - t < timeout:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited {proc.returncode}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return time.monotonic() - t
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit("server did not start")
+
+
+async def load(url: str, model: str, token: str | None, clients: int, seconds: float) -> dict:
+    """`clients` loops of streamed greedy completions for `seconds`: chars/s, p50 latency, p50 TTFT."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    lat, ttft, chars = [], [], 0
+    end = time.monotonic() + seconds
+
+    async def one(c: httpx.AsyncClient, i: int) -> None:
+        nonlocal chars
+        while time.monotonic() < end:
+            body = {"model": model, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": 64, "temperature": 0, "stream": True}
+            t0, first = time.monotonic(), None
+            async with c.stream("POST", url + "/v1/completions", json=body, headers=headers) as r:
+                async for line in r.aiter_lines():
+                    if line.startswith("data: ") and line != "data: [DONE]":
+                        text = "".join(ch.get("text", "") for ch in json.loads(line[6:]).get("choices", []))
+                        if text and first is None:
+                            first = time.monotonic() - t0
+                        chars += len(text)
+            lat.append(time.monotonic() - t0)
+            ttft.append(first or lat[-1])
+            i += clients
+
+    t = time.monotonic()
+    async with httpx.AsyncClient(timeout=300) as c:
+        await asyncio.gather(*(one(c, i) for i in range(clients)))
+    wall = time.monotonic() - t
+    return {"chars_s": chars / wall, "p50": statistics.median(lat), "ttft": statistics.median(ttft), "n": len(lat)}
+
+
+def start(kind: str, home: Path) -> tuple[subprocess.Popen, str, str, str | None, float]:
+    port = free_port()
+    env = dict(os.environ, **ENV, CODEMOAT_HOME=str(home))
+    log = open(home / f"{kind}.log", "w")
+    if kind == "vllm-serve":
+        # vLLM's own OpenAI server as `vllm serve` runs it (vllm-cpu's `vllm` script looks for a "vllm" distribution and fails)
+        cmd = [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(HF),
+            "--port",
+            str(port),
+            "--host",
+            "127.0.0.1",
+        ]
+        cmd += ["--max-model-len", "512", "--enforce-eager", "--served-model-name", "tiny"]
+        model, token = "tiny", None
+    else:
+        token = json.loads(
+            subprocess.run(
+                [sys.executable, "-m", "codemoat.cli.main", "tokens", "create", "--name", "bench", "--json"],
+                env=env,
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+        )["token"]
+        engine = ["--engine", "vllm", "--model", str(HF)] if kind == "codemoat-vllm" else ["--model", str(GGUF)]
+        cmd = [sys.executable, "-m", "codemoat.cli.main", "serve", "--port", str(port), *engine]
+        env["CODEMOAT_MODEL__N_CTX"] = "512"
+        model = "codemoat-tiny"
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    took = wait(url, proc)
+    return proc, url, model, token, took
+
+
+def part_serve(seconds: float, out: list[str]) -> None:
+    home = Path(tempfile.mkdtemp(prefix="bench-vllm-"))
+    rows: dict[tuple[str, int], dict] = {}
+    for kind in ("vllm-serve", "codemoat-vllm", "codemoat-llama"):
+        proc, url, model, token, took = start(kind, home)
+        print(f"{kind}: ready in {took:.0f} s", flush=True)
+        try:
+            asyncio.run(load(url, model, token, 1, 2))  # warm-up
+            for clients in (1, 8, 32) if kind != "codemoat-llama" else (1, 32):
+                rows[kind, clients] = r = asyncio.run(load(url, model, token, clients, seconds))
+                print(kind, clients, {k: round(v, 3) for k, v in r.items()}, flush=True)
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    out.append("| server | clients | chars/s | p50 latency (s) | p50 TTFT (s) | requests |")
+    out.append("| --- | --- | --- | --- | --- | --- |")
+    for (kind, c), r in rows.items():
+        out.append(f"| {kind} | {c} | {r['chars_s']:.0f} | {r['p50']:.3f} | {r['ttft']:.3f} | {r['n']} |")
+    out.append("")
+    out.append("| ratio | clients | throughput | p50 latency | p50 TTFT |")
+    out.append("| --- | --- | --- | --- | --- |")
+    for a, b, cs in (("codemoat-vllm", "vllm-serve", (1, 8, 32)), ("codemoat-vllm", "codemoat-llama", (1, 32))):
+        for c in cs:
+            if (a, c) in rows and (b, c) in rows:
+                x, y = rows[a, c], rows[b, c]
+                out.append(
+                    f"| {a} / {b} | {c} | {x['chars_s'] / y['chars_s']:.2f} | {x['p50'] / y['p50']:.2f} | {x['ttft'] / y['ttft']:.2f} |"
+                )
+    out.append("")
+
+
+def part_engine(out: list[str]) -> None:
+    """Sealed vs plaintext start, and watermark on/off, in this process."""
+    from codemoat.engines.base import SamplingParams
+    from codemoat.engines.memfd import MemfdBuffer
+    from codemoat.engines.vllm_engine import VllmEngine
+
+    greedy = SamplingParams(max_tokens=64, temperature=0.0, top_k=0, top_p=1.0, stop=[])
+
+    async def first_token(eng) -> None:
+        async for _ in eng.stream(PROMPTS[0], SamplingParams(max_tokens=1, temperature=0)):
+            pass
+
+    t = time.monotonic()
+    plain = VllmEngine.from_path(HF, n_ctx=512)
+    asyncio.run(first_token(plain))
+    t_plain = time.monotonic() - t
+    plain.close()
+    # the sealed path from the memfd on: decrypting is measured by bench/vault.py
+    files = ["model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"]
+    data, parts = b"", {}
+    for f in files:
+        b = (HF / f).read_bytes()
+        parts[f], data = (len(data), len(b)), data + b
+    t = time.monotonic()
+    sealed = VllmEngine.from_buffer(MemfdBuffer.from_bytes(data), parts, n_ctx=512)
+    asyncio.run(first_token(sealed))
+    t_sealed = time.monotonic() - t
+    out.append("| vLLM start to first token | seconds |")
+    out.append("| --- | --- |")
+    out.append(f"| plaintext folder | {t_plain:.1f} |")
+    out.append(f"| sealed (memfd hand-off, codemoat loader) | {t_sealed:.1f} |")
+    out.append(f"| ratio sealed / plaintext | {t_sealed / t_plain:.2f} |")
+    out.append("")
+
+    async def batch(key: bytes | None) -> tuple[int, float]:
+        p = SamplingParams(**{**greedy.__dict__, "watermark": key, "stop": [], "logits_processors": []})
+        t = time.monotonic()
+        done = await asyncio.gather(*(sealed.complete(PROMPTS[i % 4], p) for i in range(32)))
+        return sum(d.completion_tokens for d in done), time.monotonic() - t
+
+    async def ab() -> dict[str, list[float]]:
+        res: dict[str, list[float]] = {"off": [], "on": []}
+        await batch(None)
+        for i in range(6):
+            for name, key in (("off", None), ("on", os.urandom(32))) if i % 2 == 0 else (("on", os.urandom(32)), ("off", None)):
+                n, s = await batch(key)
+                res[name].append(n / s)
+        return res
+
+    res = asyncio.run(ab())
+    sealed.close()
+    on, off = statistics.median(res["on"]), statistics.median(res["off"])
+    out.append("| 32 concurrent greedy 64-token requests, one engine | tokens/s (median of 6 alternating batches) |")
+    out.append("| --- | --- |")
+    out.append(f"| watermark off | {off:.0f} |")
+    out.append(f"| watermark on (every request keyed) | {on:.0f} |")
+    out.append(f"| ratio on / off | {on / off:.2f} |")
+    out.append("")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--part", choices=["serve", "engine", "all"], default="all")
+    ap.add_argument("--seconds", type=float, default=8.0, help="load per (server, clients)")
+    args = ap.parse_args()
+    out: list[str] = []
+    load0 = os.getloadavg()
+    if args.part in ("serve", "all"):
+        part_serve(args.seconds, out)
+    if args.part in ("engine", "all"):
+        part_engine(out)
+    load1 = os.getloadavg()
+    path = ROOT / "bench" / "results" / "vllm.md"
+    head = (
+        f"## `bench/vllm.py {' '.join(sys.argv[1:])}`, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n"
+        f"{os.cpu_count()} CPUs; load average {load0[0]:.1f} at the start, {load1[0]:.1f} at the end "
+        "(other work shared the cores: ratios within this run are what compares).\n\n"
+    )
+    old = path.read_text() if path.exists() else "# bench/vllm.py: codemoat over vLLM, side by side\n\n"
+    path.write_text(old + head + "\n".join(out) + "\n")
+    print(head + "\n".join(out))
+
+
+if __name__ == "__main__":
+    main()
