@@ -6,8 +6,10 @@ browser that started it by a cookie, against login CSRF), and `POST /auth/device
 password; those two answer errors in OAuth's shape (`{"error": "slow_down", ...}`, RFC 8628 §3.5).
 
 Installed by `create_app` only when `directory.ldap_url` or `directory.oidc_issuer` is set. Sign-in failures are counted per
-user name: after `MAX_FAILURES` within `FAILURE_WINDOW_S` that name is refused (429) for the rest
-of the window, so a password cannot be guessed through this route at the directory's speed.
+user: after `MAX_FAILURES` within `FAILURE_WINDOW_S` that user is refused (429) for the rest of the
+window, so a password cannot be guessed through this route at the directory's speed. The user is
+the one the directory found (however the name was spelled), and each try counts before its password
+is checked (tries sent together cannot all pass); a name that finds no one counts as typed.
 """
 
 from __future__ import annotations
