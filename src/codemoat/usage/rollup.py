@@ -23,6 +23,7 @@ from the rows (the bucket is monotonic, so ranks are kept).
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -89,14 +90,25 @@ def _aligned(since: float) -> bool:
 
 
 # -- writing -------------------------------------------------------------------------------------
+_UPSERTS: dict[tuple, Any] = {}
+
+
+def _upsert(dialect: str, table: sa.Table, keys: tuple[str, ...], adds: tuple[str, ...]):
+    """INSERT a row, or add `adds` to the one with these keys: built once, parameters bound per call."""
+    k = (dialect, table.name, keys, adds)
+    if k not in _UPSERTS:
+        if dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert
+        stmt = insert(table).values({n: sa.bindparam(n) for n in (*keys, *adds)})
+        _UPSERTS[k] = stmt.on_conflict_do_update(index_elements=list(keys), set_={n: table.c[n] + stmt.excluded[n] for n in adds})
+    return _UPSERTS[k]
+
+
 def _add(c, table: sa.Table, keys: dict, adds: dict) -> None:
-    """INSERT the row, or add `adds` to the one with these keys (one atomic statement)."""
-    if c.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert
-    stmt = insert(table).values(**keys, **adds)
-    c.execute(stmt.on_conflict_do_update(index_elements=list(keys), set_={k: table.c[k] + stmt.excluded[k] for k in adds}))
+    """Add `adds` to the roll-up row with these keys (one atomic statement)."""
+    c.execute(_upsert(c.dialect.name, table, tuple(keys), tuple(adds)), {**keys, **adds})
 
 
 def add_completion(c, row: dict) -> None:
