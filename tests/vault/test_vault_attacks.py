@@ -106,3 +106,74 @@ def test_vaultd_survives_an_oversized_message(daemon):
     got = VaultClient.connect(f"unix:{daemon.path}").fetch("m1")  # ... and vaultd serves on
     assert got.model_id == "m1"
     __import__("os").close(got.fd)
+
+
+def test_a_refused_caller_cannot_hold_a_vaultd_thread_by_talking(tmp_path):
+    """A member of the socket's group who is not on the allow-list is told no and cut off, however
+    long it keeps sending (each connection holds a thread of the daemon that serves every replica)."""
+    import os
+    import time
+
+    other = os.getuid() + 4242  # only that uid is allowed: this process is refused
+    d = VaultDaemon(tmp_path / "v.sock", allow_uids={other}).start()
+    try:
+        s = _raw(d.path)
+        s.settimeout(1)
+        answer = s.recv(MAX_MESSAGE)
+        assert b"not allowed" in answer
+        cut_off = False
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not cut_off:
+            try:  # vaultd shut its side at once; a send fails only once it closed the connection too
+                s.send(b'{"op": "get", "model": "m1"}')
+                time.sleep(0.2)
+            except OSError:
+                cut_off = True
+        s.close()
+        assert cut_off, "vaultd kept reading from a refused caller"
+    finally:
+        d.close()
+
+
+def test_a_second_swap_while_one_is_loading_is_refused_and_the_adapter_list_stays_true(tmp_path):
+    """Two admins (or one, twice) swap at once: before, both edited `model.adapters` and could leave an
+    adapter that failed its health check in the list that the next reload (a regained lease) serves."""
+    import threading
+
+    from codemoat.engines.holder import ModelHolder
+    from codemoat.engines.loader import swap_adapter
+
+    entered, release, calls = threading.Event(), threading.Event(), []
+
+    def loader():
+        calls.append(len(calls))
+        if len(calls) == 1:
+            entered.set()
+            release.wait(30)
+        raise CodemoatError("this load fails its health check")
+
+    holder = ModelHolder("m", loader)
+    settings = load_settings()
+    settings.model.adapters = []
+    errors: list[str] = []
+
+    def first() -> None:
+        try:
+            swap_adapter(holder, settings, "a")
+        except CodemoatError as e:
+            errors.append(str(e))
+
+    t = threading.Thread(target=first)
+    t.start()
+    try:
+        assert entered.wait(30)
+        with pytest.raises(CodemoatError, match="in progress"):
+            swap_adapter(holder, settings, "b")
+        assert calls == [0]  # the second swap loaded nothing
+    finally:
+        release.set()
+        t.join(30)
+    assert errors == ["this load fails its health check"] and settings.model.adapters == []
+    with pytest.raises(CodemoatError, match="health check"):  # once it is over, the next swap may run
+        swap_adapter(holder, settings, "b")
+    assert settings.model.adapters == []

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 from ..config import Settings
 from ..errors import CodemoatError
 from .factory import build_engine
 from .holder import ModelHolder
+
+_SWAPPING = threading.Lock()  # held while a swap loads and checks its engine
 
 
 def open_model(settings: Settings) -> ModelHolder:
@@ -128,6 +131,24 @@ def probe(engine, adapter: str | None = None) -> None:
         raise CodemoatError(f"the new {what} produced no tokens for the health-check prompt")
 
 
+def _one_swap_at_a_time(fn):
+    """Swaps run one at a time: each edits `model.adapters` and loads a second engine; two at once
+    could leave a failed adapter in the list the next reload serves (and hold three engines)."""
+    import functools
+
+    @functools.wraps(fn)
+    def run(*args, **kw):
+        if not _SWAPPING.acquire(blocking=False):
+            raise CodemoatError("another model or adapter swap is in progress: try again once it has finished")
+        try:
+            return fn(*args, **kw)
+        finally:
+            _SWAPPING.release()
+
+    return run
+
+
+@_one_swap_at_a_time
 def swap_adapter(holder: ModelHolder, settings: Settings, name: str) -> dict:
     """Serve the installed version of vendor adapter `name` (`update:NAME`, added to `model.adapters` when
     new) without a restart: an engine over the same base with the new adapter set is built beside the
@@ -161,6 +182,7 @@ def swap_adapter(holder: ModelHolder, settings: Settings, name: str) -> dict:
     }
 
 
+@_one_swap_at_a_time
 def swap_model(holder: ModelHolder, settings: Settings, path: Path, license: Path | None) -> dict:
     """Load `path` beside the served model, health-check it and make it the one served (`holder.swap`);
     in-flight requests finish on the old engine. On any failure the old one keeps serving.

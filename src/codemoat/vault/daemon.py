@@ -30,6 +30,7 @@ import os
 import socket
 import struct
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ from ..errors import CodemoatError
 log = logging.getLogger("codemoat.vault")
 
 MAX_MESSAGE = 64 * 1024
+REFUSED_DRAIN_S = 2.0  # how long a refused caller's unread requests are read before its connection closes
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
@@ -214,7 +216,11 @@ class VaultDaemon:
                 conn, _ = self._sock.accept()
             except OSError:
                 return
-            threading.Thread(target=self._serve_conn, args=(conn,), name="vaultd-conn", daemon=True).start()
+            try:
+                threading.Thread(target=self._serve_conn, args=(conn,), name="vaultd-conn", daemon=True).start()
+            except RuntimeError:  # no thread to be had: refuse this one, keep accepting
+                log.warning("vaultd: cannot start a thread for a new connection; closed it")
+                conn.close()
 
     def _serve_conn(self, conn: socket.socket) -> None:
         pid, uid, gid = peer_cred(conn)
@@ -225,9 +231,11 @@ class VaultDaemon:
                 # read what the caller sent before closing: closing on unread data resets the
                 # connection, and the caller would see "reset by peer" instead of the reason
                 conn.shutdown(socket.SHUT_WR)
-                conn.settimeout(5)
-                while conn.recv(MAX_MESSAGE):
-                    pass
+                deadline = time.monotonic() + REFUSED_DRAIN_S  # in all: talking on does not keep the thread
+                while (left := deadline - time.monotonic()) > 0:
+                    conn.settimeout(left)
+                    if not conn.recv(MAX_MESSAGE):
+                        break
             except OSError:
                 pass
             finally:
