@@ -117,3 +117,27 @@ def test_rogue_vendor_with_its_own_license_for_this_machine_is_refused(shop, sto
     finally:
         rogue.close()
     assert [r["version"] for r in store.list()] == ["1"]
+
+
+def test_rollback_keeps_the_groups_the_admin_narrowed_to(shop, store, tmp_path):
+    """v1 went to everyone; the admin gave v2 to payments only; rolling the version back must not
+    reopen the adapter (or the pack, in the retrieval index) to everyone."""
+    from codemoat.index.store import SqliteIndex
+
+    lic = shop.license()
+    src = tmp_path / "fee.gguf"
+    src.write_bytes(b"GGUF" + bytes(64))
+    store.apply(shop.release("1", kind="adapter", source=src), lic)
+    store.apply(shop.release("2", kind="adapter", source=src), lic, groups=["payments"])
+    assert store.rollback("adapter:fee")["version"] == "1"
+    assert store.current("adapter:fee")["groups"] == ["payments"]
+
+    for v in ("1", "2"):
+        f = tmp_path / f"p{v}"
+        f.mkdir()
+        (f / "api.py").write_text(f"def api_v{v}():\n    return {v}\n")
+        store.apply(shop.release(v, kind="knowledge-pack", source=f, name="fw"), lic, groups=None if v == "1" else ["dev"])
+    assert store.rollback("knowledge-pack:fw")["version"] == "1"
+    [pack] = [r for r in SqliteIndex().repos() if r.name == "pack.fw"]
+    assert pack.root.startswith("pack:fw@1#") and pack.groups == ("dev",)
+    assert store.current("knowledge-pack:fw")["groups"] == ["dev"]

@@ -343,7 +343,9 @@ class UpdateStore:
         if not ch or not ch.get("history"):
             raise CodemoatError(f"nothing to roll back in {chan}: no earlier version is installed")
         gone, back = ch["current"], ch["history"][-1]
-        gone_version = s["bundles"][gone]["version"]
+        gone_version, gone_groups = s["bundles"][gone]["version"], s["bundles"][gone].get("groups")
+        if gone_groups is not None:  # who may use it is the admin's latest choice, not the old version's
+            s["bundles"][back]["groups"] = gone_groups
         ch["current"], ch["history"] = back, ch["history"][:-1]
         s["bundles"] = {k: v for k, v in s["bundles"].items() if k != gone}
         self._write_state(s)
