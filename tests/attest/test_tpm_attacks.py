@@ -273,3 +273,46 @@ def test_an_ak_public_area_with_another_name_alg_or_without_fixed_tpm_or_restric
         edited = struct.pack(">HHI", typ, name_alg, attrs & ~bit) + area[8:]
         with pytest.raises(VaultError, match="not a restricted signing key"):
             ak_name(edited.hex(), ident["ak"])
+
+
+def test_a_software_unwrap_key_beside_a_bound_ak_gets_no_license(vendor, swtpm, tmp_path):
+    """The admin keeps the chip's bound AK and EK but names an unwrap key made in software: an offline
+    license sealed to it would open on any machine. The AK must have certified the unwrap key."""
+    import os
+    import struct
+    import time
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = tpm_machine(swtpm, vendor)
+    ident = parse_identity(key.identity())
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF" + os.urandom(20_000))
+    moat = tmp_path / "acme.moat"
+    vendor.seal(model, "acme", moat)
+    soft = ec.generate_private_key(ec.SECP256R1())
+    soft_der = soft.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    forged = dict(ident, tpm=dict(ident["tpm"], unwrap=soft_der.hex()))
+    with pytest.raises(VaultError, match="unwrap key"):
+        vendor.issue_license(customer="acme", model=moat, machines=[forged], expires=int(time.time()) + 99, mode="offline")
+    # its public area rewritten to the software key (attributes and policy kept): not the key the AK certified
+    n = soft.public_key().public_numbers()
+    area = bytes.fromhex(ident["tpm"]["unwrap_public"])[:-68]
+    area += struct.pack(">H", 32) + n.x.to_bytes(32, "big") + struct.pack(">H", 32) + n.y.to_bytes(32, "big")
+    forged["tpm"]["unwrap_public"] = area.hex()
+    with pytest.raises(VaultError, match="unwrap key is not certified.*made for another key"):
+        vendor.issue_license(customer="acme", model=moat, machines=[forged], expires=int(time.time()) + 99, mode="offline")
+    # the chip's own certification holds, and the policy in its area is the identity's PCR policy
+    from codemoat.vault.tpmcred import pcr_policy_digest
+
+    with TpmAttestor(swtpm.tcti) as a:
+        assert pcr_policy_digest(ident["tpm"]["policy"]) == a.policy_digest(ident["tpm"]["policy"])
+    doc = vendor.issue_license(customer="acme", model=moat, machines=[ident], expires=int(time.time()) + 99, mode="offline")
+    assert doc["license"]["machines"][0]["tpm"]["unwrap"] == ident["tpm"]["unwrap"]
+    certified = dict(ident["tpm"], unwrap_certify=dict(ident["tpm"]["unwrap_certify"]))
+    certified["unwrap_certify"]["r"] = "00" + certified["unwrap_certify"]["r"][2:]
+    with pytest.raises(VaultError, match="does not verify"):  # the chip's signature, edited
+        vendor.issue_license(
+            customer="acme", model=moat, machines=[dict(ident, tpm=certified)], expires=int(time.time()) + 99, mode="offline"
+        )

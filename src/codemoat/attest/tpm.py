@@ -138,11 +138,31 @@ class TpmAttestor:
         """Public keys (DER SubjectPublicKeyInfo, hex), the EK certificate where present, and the policy."""
         policy = self.current_policy(pcrs)
         out: dict[str, Any] = {"kind": self.kind, "policy": policy}
-        out["unwrap"] = self.unwrap_public(policy)
+        pt = _pt()
+        from ..vault.tpmwrap import unwrap_certify_data
+
+        uh, upub = self._unwrap_key(policy)
+        out["unwrap"] = upub.to_der().hex()
+        out["unwrap_public"] = upub.publicArea.marshal().hex()  # its name: what the AK certifies below
         h, pub = self._ak()
         try:
             out["ak"] = pub.to_der().hex()
             out["ak_public"] = pub.publicArea.marshal().hex()  # TPMT_PUBLIC: the vendor computes the AK's name from it
+            # TPM2_Certify by the AK: the unwrap key is in this chip (the vendor binds the AK to the EK)
+            attest, sig = self.ctx.certify(
+                uh,
+                h,
+                unwrap_certify_data(out["unwrap"]),
+                pt.TPMT_SIG_SCHEME(scheme=pt.TPM2_ALG.NULL),
+                session1=pt.ESYS_TR.PASSWORD,
+                session2=pt.ESYS_TR.PASSWORD,
+            )
+            e = sig.signature.ecdsa
+            out["unwrap_certify"] = {
+                "attest": bytes(attest).hex(),
+                "r": bytes(e.signatureR).hex(),
+                "s": bytes(e.signatureS).hex(),
+            }
         finally:
             self.ctx.flush_context(h)
         out.update(self._ek())

@@ -233,11 +233,16 @@ def check_tpm_block(t: Any) -> dict[str, Any]:
         and isinstance(pol.get("digest"), str)
         and len(pol["digest"]) == 64
     )
-    if not ok or not all(t.get(k) is None or isinstance(t.get(k), str) for k in ("ek", "ek_cert", "ak_public")):
+    uc = t.get("unwrap_certify")
+    ok = ok and (uc is None or (isinstance(uc, dict) and all(isinstance(uc.get(k), str) for k in ("attest", "r", "s"))))
+    if not ok or not all(t.get(k) is None or isinstance(t.get(k), str) for k in ("ek", "ek_cert", "ak_public", "unwrap_public")):
         raise VaultError("machine identity's TPM policy is malformed")
     out = {k: t.get(k) for k in ("kind", "ak", "unwrap", "ek", "ek_cert", "policy")}
     if t.get("ak_public") is not None:  # the AK's TPMT_PUBLIC: its TPM name, for the vendor's credential (tpmbind)
         out["ak_public"] = t["ak_public"]
+    for k in ("unwrap_public", "unwrap_certify"):  # the unwrap key's area and the AK's TPM2_Certify of it (tpmbind)
+        if t.get(k) is not None:
+            out[k] = t[k]
     return out
 
 

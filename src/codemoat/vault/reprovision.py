@@ -43,6 +43,9 @@ def reprovision(vendor: Vendor, license_id: str, identity: dict[str, Any]) -> di
             "(another chip): issue a new license instead"
         )
     new = _entry(identity)
+    from .tpmbind import require_bound
+
+    require_bound(vendor.engine, new)  # the new unwrap key certified by the bound AK
     machines = list(body["machines"])
     machines[idx] = new
     body.update(machines=machines, issued_at=max(int(time.time()), body["issued_at"]))

@@ -182,8 +182,36 @@ def confirm(vendor: Any, activation_doc: str | dict) -> dict[str, Any]:
     return {"machine_id": act["machine_id"], "ak_id": act["ak_id"], "bound_at": now}
 
 
+def check_unwrap(identity: dict[str, Any]) -> None:
+    """The identity's unwrap key (what licenses wrap keys to) is certified by its AK (TPM2_Certify):
+    a key the chip made, under the identity's PCR policy. Without it a bound AK could sit beside an
+    unwrap key made in software, and an offline license sealed to it would open on any machine."""
+    from .tpmcred import unwrap_name
+    from .tpmwrap import unwrap_certify_data, verify_certify
+
+    t = identity["tpm"]
+    up, uc = t.get("unwrap_public"), t.get("unwrap_certify")
+    if not isinstance(up, str) or not isinstance(uc, dict):
+        raise VaultError(
+            f"machine {identity['id']}'s identity lacks its AK's certification of the TPM unwrap key: "
+            "run `codemoat machine-id --tpm` again (newer codemoat)"
+        )
+    name = unwrap_name(up, t["unwrap"], t["policy"])
+    try:
+        attest, r, s = (bytes.fromhex(uc[k]) for k in ("attest", "r", "s"))
+    except (KeyError, TypeError, ValueError):
+        raise VaultError("the TPM unwrap key's certification is malformed") from None
+    try:
+        certified = verify_certify(t["ak"], attest, r, s, unwrap_certify_data(t["unwrap"]))
+    except VaultError as e:
+        raise VaultError(f"the TPM unwrap key is not certified by the attestation key: {e}") from None
+    if certified != name:
+        raise VaultError("the TPM unwrap key is not the one the attestation key certified: it is not in that chip")
+
+
 def require_bound(engine: sa.Engine, identity: dict[str, Any]) -> None:
-    """Refuse to license a TPM identity whose AK was not proven to live beside its certified EK."""
+    """Refuse to license a TPM identity whose AK was not proven to live beside its certified EK, or
+    whose unwrap key the AK has not certified."""
     t = identity.get("tpm")
     if not t:
         return
@@ -194,6 +222,7 @@ def require_bound(engine: sa.Engine, identity: dict[str, Any]) -> None:
             f"machine {identity['id']}'s TPM attestation key is not bound to its EK: run `codemoat vendor tpm challenge` "
             "and `codemoat vendor tpm confirm` with the machine first"
         )
+    check_unwrap(identity)
 
 
 def advance_on(c: sa.Connection, ak_der_hex: str, machine_id: str, reset_count: int, clock: int) -> tuple[int, int] | None:

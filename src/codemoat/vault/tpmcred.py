@@ -34,6 +34,8 @@ ALG_SHA256, ALG_NULL, ALG_ECC, ALG_ECDSA, CURVE_P256 = 0x000B, 0x0010, 0x0023, 0
 # TPMA_OBJECT bits (Part 2 §8.3): what an attestation key must be, and must not be
 FIXED_TPM, FIXED_PARENT, SENSITIVE_DATA_ORIGIN, RESTRICTED, DECRYPT, SIGN = 1 << 1, 1 << 4, 1 << 5, 1 << 16, 1 << 17, 1 << 18
 AK_MUST = FIXED_TPM | FIXED_PARENT | SENSITIVE_DATA_ORIGIN | RESTRICTED | SIGN
+USER_WITH_AUTH, ALG_ECDH, TPM_CC_POLICY_PCR = 1 << 6, 0x0019, 0x0000017F
+UNWRAP_MUST = FIXED_TPM | FIXED_PARENT | SENSITIVE_DATA_ORIGIN | DECRYPT
 MAX_CHAIN = 6
 
 
@@ -61,17 +63,25 @@ def kdfe(z: bytes, label: bytes, party_u: bytes, party_v: bytes, bits: int) -> b
     return out[: bits // 8]
 
 
-def ak_name(ak_public_hex: str, ak_der_hex: str) -> bytes:
-    """The TPM name of the AK whose marshalled TPMT_PUBLIC is `ak_public_hex`, after checking it is
-    a restricted, fixedTPM, chip-generated ECDSA-SHA256 P-256 signing key equal to `ak_der_hex`."""
+def _ecc_area(public_hex: str, what: str) -> tuple[bytes, tuple[int, ...], int, bytes, bytes, bytes]:
+    """A marshalled ECC TPMT_PUBLIC: (area, (type, nameAlg, sym, scheme, scheme hash, curve, kdf), attrs, authPolicy, x, y)."""
     try:
-        area = bytes.fromhex(ak_public_hex)
+        area = bytes.fromhex(public_hex)
         typ, name_alg, attrs = struct.unpack_from(">HHI", area, 0)
         off = 8
         (n,) = struct.unpack_from(">H", area, off)
+        auth_policy = area[off + 2 : off + 2 + n]
         off += 2 + n  # authPolicy
-        sym, scheme, scheme_hash, curve, kdf = struct.unpack_from(">HHHHH", area, off)
-        off += 10
+        sym, scheme = struct.unpack_from(">HH", area, off)  # a restricted decrypt key's sym has more: refused below
+        off += 4
+        scheme_hash = ALG_NULL
+        if scheme != ALG_NULL:  # TPMU_ASYM_SCHEME: a hash follows only a scheme
+            (scheme_hash,) = struct.unpack_from(">H", area, off)
+            off += 2
+        curve, kdf = struct.unpack_from(">HH", area, off)
+        off += 4
+        if kdf != ALG_NULL:
+            raise ValueError("a KDF scheme")
         (n,) = struct.unpack_from(">H", area, off)
         x = area[off + 2 : off + 2 + n]
         off += 2 + n
@@ -79,10 +89,29 @@ def ak_name(ak_public_hex: str, ak_der_hex: str) -> bytes:
         y = area[off + 2 : off + 2 + n]
         off += 2 + n
     except (TypeError, ValueError, struct.error):
-        raise VaultError("the TPM attestation key's public area is malformed") from None
-    if off != len(area):  # truncated, or bytes after the key
-        raise VaultError("the TPM attestation key's public area is malformed")
-    if (typ, name_alg, sym, scheme, scheme_hash, curve, kdf) != (
+        raise VaultError(f"the TPM {what}'s public area is malformed") from None
+    if off != len(area) or len(x) != 32 or len(y) != 32:  # truncated, or bytes after the key
+        raise VaultError(f"the TPM {what}'s public area is malformed")
+    return area, (typ, name_alg, sym, scheme, scheme_hash, curve, kdf), attrs, auth_policy, x, y
+
+
+def _same_key(x: bytes, y: bytes, der_hex: str, what: str) -> None:
+    point = ec.EllipticCurvePublicNumbers(int.from_bytes(x, "big"), int.from_bytes(y, "big"), ec.SECP256R1())
+    try:
+        der = point.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    except ValueError:
+        raise VaultError(f"the TPM {what} is not on the P-256 curve") from None
+    if der.hex() != der_hex:
+        raise VaultError(
+            f"the TPM {what}'s public area names another key than the identity's {what.replace('attestation key', 'AK')}"
+        )
+
+
+def ak_name(ak_public_hex: str, ak_der_hex: str) -> bytes:
+    """The TPM name of the AK whose marshalled TPMT_PUBLIC is `ak_public_hex`, after checking it is
+    a restricted, fixedTPM, chip-generated ECDSA-SHA256 P-256 signing key equal to `ak_der_hex`."""
+    area, params, attrs, _, x, y = _ecc_area(ak_public_hex, "attestation key")
+    if params != (
         ALG_ECC,
         ALG_SHA256,
         ALG_NULL,
@@ -92,15 +121,35 @@ def ak_name(ak_public_hex: str, ak_der_hex: str) -> bytes:
         ALG_NULL,
     ):
         raise VaultError("the TPM attestation key is not an ECDSA-SHA256 P-256 key")
-    if attrs & AK_MUST != AK_MUST or attrs & DECRYPT or len(x) != 32 or len(y) != 32:
+    if attrs & AK_MUST != AK_MUST or attrs & DECRYPT:
         raise VaultError("the TPM attestation key is not a restricted signing key that cannot leave its TPM")
-    point = ec.EllipticCurvePublicNumbers(int.from_bytes(x, "big"), int.from_bytes(y, "big"), ec.SECP256R1())
-    try:
-        der = point.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    except ValueError:
-        raise VaultError("the TPM attestation key is not on the P-256 curve") from None
-    if der.hex() != ak_der_hex:
-        raise VaultError("the TPM attestation key's public area names another key than the identity's AK")
+    _same_key(x, y, ak_der_hex, "attestation key")
+    return struct.pack(">H", ALG_SHA256) + hashlib.sha256(area).digest()
+
+
+def pcr_policy_digest(policy: dict) -> bytes:
+    """The authPolicy TPM2_PolicyPCR(selection, digest) leaves from a fresh session (Part 3 §23.7)."""
+    from .tpmwrap import pcr_bitmap
+
+    sel = struct.pack(">IHB", 1, ALG_SHA256, 3) + pcr_bitmap(policy["pcrs"])
+    return hashlib.sha256(bytes(32) + struct.pack(">I", TPM_CC_POLICY_PCR) + sel + bytes.fromhex(policy["digest"])).digest()
+
+
+def unwrap_name(unwrap_public_hex: str, unwrap_der_hex: str, policy: dict) -> bytes:
+    """The TPM name of the unwrap key, after checking its public area is a chip-made, fixedTPM P-256
+    decrypt key equal to `unwrap_der_hex` that only TPM2_PolicyPCR over `policy` authorizes."""
+    area, params, attrs, auth_policy, x, y = _ecc_area(unwrap_public_hex, "unwrap key")
+    typ, name_alg, sym, scheme, _, curve, kdf = params
+    if (typ, name_alg, sym, curve, kdf) != (ALG_ECC, ALG_SHA256, ALG_NULL, CURVE_P256, ALG_NULL) or scheme not in (
+        ALG_NULL,
+        ALG_ECDH,
+    ):
+        raise VaultError("the TPM unwrap key is not a P-256 ECDH key")
+    if attrs & UNWRAP_MUST != UNWRAP_MUST or attrs & (SIGN | RESTRICTED | USER_WITH_AUTH):
+        raise VaultError("the TPM unwrap key is not a decrypt key that cannot leave its TPM, used only under its PCR policy")
+    if auth_policy != pcr_policy_digest(policy):
+        raise VaultError("the TPM unwrap key's policy is not the identity's PCR policy")
+    _same_key(x, y, unwrap_der_hex, "unwrap key")
     return struct.pack(">H", ALG_SHA256) + hashlib.sha256(area).digest()
 
 

@@ -239,3 +239,46 @@ def verify_nv_certify(ak_der_hex: str, attest: bytes, r: bytes, s: bytes, expect
     if extra != expected_data:
         raise QuoteRefused("stale_quote", "TPM checkpoint was signed over another record than the one it names")
     return CounterInfo(int.from_bytes(contents, "big"), clock, reset)
+
+
+ST_ATTEST_CERTIFY = 0x8017  # TPM_ST_ATTEST_CERTIFY, Part 2 §6.9
+UNWRAP_CERTIFY_DOMAIN = b"codemoat-tpm-unwrap-certify-v1\x00"
+
+
+def unwrap_certify_data(unwrap_der_hex: str) -> bytes:
+    """The qualifyingData of the AK's TPM2_Certify of the unwrap key: which key, for what."""
+    return hashlib.sha256(UNWRAP_CERTIFY_DOMAIN + bytes.fromhex(unwrap_der_hex)).digest()
+
+
+def verify_certify(ak_der_hex: str, attest: bytes, r: bytes, s: bytes, expected_data: bytes) -> bytes:
+    """A TPM2_Certify by the AK (TPMS_ATTEST of type CERTIFY) over `expected_data`: the certified
+    object's name, which the chip signs only for an object loaded in it; else `QuoteRefused`."""
+    if len(attest) > 1024 or not (0 < len(r) <= 32 and 0 < len(s) <= 32):
+        raise QuoteRefused("bad_quote", "TPM certification is malformed")
+    try:
+        p256_public(ak_der_hex, "attestation key").verify(
+            encode_dss_signature(int.from_bytes(r, "big"), int.from_bytes(s, "big")), attest, ec.ECDSA(hashes.SHA256())
+        )
+    except (InvalidSignature, ValueError):
+        raise QuoteRefused("bad_quote", "TPM certification signature does not verify with the attestation key") from None
+    try:
+        magic, typ = struct.unpack_from(">IH", attest, 0)
+        off = 6
+        (n,) = struct.unpack_from(">H", attest, off)
+        off += 2 + n  # qualifiedSigner
+        (n,) = struct.unpack_from(">H", attest, off)
+        extra = attest[off + 2 : off + 2 + n]
+        off += 2 + n
+        off += 17 + 8  # clockInfo, firmwareVersion
+        (n,) = struct.unpack_from(">H", attest, off)
+        name = attest[off + 2 : off + 2 + n]
+        off += 2 + n
+        (n,) = struct.unpack_from(">H", attest, off)
+        off += 2 + n  # qualifiedName
+    except struct.error:
+        raise QuoteRefused("bad_quote", "TPM certification is truncated") from None
+    if magic != TPM_GENERATED or typ != ST_ATTEST_CERTIFY or off != len(attest):
+        raise QuoteRefused("bad_quote", "TPM certification is not a TPM-generated TPM2_Certify")
+    if extra != expected_data:
+        raise QuoteRefused("stale_quote", "TPM certification was made for another key")
+    return name
