@@ -8,7 +8,9 @@
 
 from __future__ import annotations
 
+import os
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -177,3 +179,53 @@ def test_a_second_swap_while_one_is_loading_is_refused_and_the_adapter_list_stay
     with pytest.raises(CodemoatError, match="health check"):  # once it is over, the next swap may run
         swap_adapter(holder, settings, "b")
     assert settings.model.adapters == []
+
+
+SQUATTER = r"""
+import json, os, socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+s.bind(sys.argv[1]); s.listen(1)
+print("ready", flush=True)
+c, _ = s.accept()
+c.recv(65536)
+fd = os.memfd_create("evil")
+os.write(fd, b"GGUF attacker's model")
+socket.send_fds(c, [json.dumps({"ok": True, "model": "acme-coder", "size": 21, "facts": {},
+                               "watermark_key": "QUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUE="}).encode()], [fd])
+c.recv(1)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run the squatter as another user")
+def test_serve_refuses_a_socket_squatted_by_another_user(tmp_path):
+    """A local user creates the socket first in a world-writable folder (before vaultd starts, or
+    after it stops): serve must not take a model and watermark key from that user's process."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    from codemoat.vault.daemon import VaultdError
+
+    folder = Path(tempfile.mkdtemp(prefix="cm-squat-", dir="/tmp"))
+    os.chmod(folder, 0o1777)
+    sock = folder / "vault.sock"
+    python = shutil.which("python3", path="/usr/bin:/usr/local/bin:/bin")  # one that user 65534 may run
+    if python is None:
+        pytest.skip("no system python3 for the squatter")
+    p = subprocess.Popen([python, "-c", SQUATTER, str(sock)], user=65534, group=65534, stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "ready"
+        with pytest.raises(VaultdError, match="uid 65534"):
+            VaultClient.connect(f"unix:{sock}").fetch("acme-coder")
+    finally:
+        p.kill()
+        p.wait()
+        shutil.rmtree(folder, ignore_errors=True)
+    # the positive side: a daemon of this user, or of the folder's owner, is trusted
+    d = VaultDaemon(tmp_path / "v.sock", allow_uids={os.getuid()}).start()
+    try:
+        d.offer(Offer("m1", os.memfd_create("m1"), 0))
+        got = VaultClient.connect(f"unix:{d.path}").fetch("m1")
+        os.close(got.fd)
+    finally:
+        d.close()

@@ -327,6 +327,19 @@ class VaultClient:
         except OSError as e:
             s.close()
             raise VaultdError(f"cannot reach the vault daemon at {path}: {e.strerror or e}") from None
+        # the listener must be root, this account, or the owner of the socket's folder (vaultd's own
+        # RuntimeDirectory): not another user who bound the path first in a folder anyone may write
+        _, uid, _ = peer_cred(s)
+        try:
+            owner = os.stat(os.path.dirname(os.path.abspath(path))).st_uid
+        except OSError:
+            owner = -1
+        if uid not in (0, os.getuid(), owner):
+            s.close()
+            raise VaultdError(
+                f"the process listening on {path} runs as uid {uid}, which owns neither the socket's folder nor "
+                "this server: not trusted as the vault daemon"
+            )
         return cls(s, path)
 
     def fetch(self, model_id: str) -> Received:
