@@ -65,6 +65,10 @@ REFUSAL_DOMAIN = b"codemoat-lease-refusal-v1"
 REFUSAL_FIELDS = ("code", "message", "license_id", "machine_id", "nonce", "server_time")
 REQUEST_FIELDS = ("license_id", "machine_id", "nonce", "client_time")
 INSTANCE_DOMAIN = b"codemoat-lease-instance-v1"
+RELEASE_DOMAIN = b"codemoat-lease-release-v1"
+# The instance's signature on a release has a domain of its own: one over the same fields for a
+# lease (a renewal held back on the way, nonce unspent) must not give that instance's seat back.
+RELEASE_INSTANCE_DOMAIN = b"codemoat-lease-release-instance-v1"
 QUOTE_DOMAIN = b"codemoat-lease-quote-v1"
 ATTEST_LOG = "attestation.jsonl"
 
@@ -234,7 +238,7 @@ class KeyServer:
             )
         except VaultError:
             raise LeaseDenied("bad_signature", "lease request is not signed by the licensed machine's key", 401) from None
-        inst = self._instance(req)
+        inst = self._instance(req, INSTANCE_DOMAIN)
         info = None
         if entry.get("tpm") is not None:
             entry, info = self._attested(lid, mid, req)
@@ -316,9 +320,10 @@ class KeyServer:
             f.write(line + "\n")
 
     @staticmethod
-    def _instance(req: dict[str, Any]) -> str:
+    def _instance(req: dict[str, Any], domain: bytes) -> str:
         """The serving process a request speaks for ("" when it names none, one seat per machine):
-        its Ed25519 public key, proven by a second signature over the same request."""
+        its Ed25519 public key, proven by a second signature over the same request under `domain`
+        (`INSTANCE_DOMAIN` for a lease, `RELEASE_INSTANCE_DOMAIN` for a release)."""
         if "instance" not in req:
             return ""
         inst = req["instance"]
@@ -326,9 +331,7 @@ class KeyServer:
             if _short(inst) is None:
                 raise VaultError("instance is not a key")
             pub = ed_public(inst, "instance key")
-            verify(
-                pub, b64d(req.get("instance_signature"), "instance signature"), INSTANCE_DOMAIN, request_message(req), "instance"
-            )
+            verify(pub, b64d(req.get("instance_signature"), "instance signature"), domain, request_message(req), "instance")
         except VaultError:
             raise LeaseDenied("bad_signature", "lease request is not signed by the instance key it names", 401) from None
         return inst
@@ -370,13 +373,13 @@ class KeyServer:
             verify(
                 ed_public(entry["ed25519"], "machine key"),
                 b64d(req["signature"], "request signature"),
-                b"codemoat-lease-release-v1",
+                RELEASE_DOMAIN,
                 request_message(req),
                 "release request",
             )
         except VaultError:
             raise LeaseDenied("bad_signature", "release request is not signed by the licensed machine's key", 401) from None
-        inst = self._instance(req)  # only the instance's own key gives its seat back
+        inst = self._instance(req, RELEASE_INSTANCE_DOMAIN)  # only the instance's own key gives its seat back
         with self._seat_lock, self.vendor.engine.begin() as c:
             c.execute(_RELEASE, {"lid": lid, "mid": mid, "inst": inst})
         return {"released": True}

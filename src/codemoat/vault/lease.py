@@ -46,6 +46,8 @@ from .keyserver import (
     ANSWER_DOMAIN,
     INSTANCE_DOMAIN,
     REFUSAL_DOMAIN,
+    RELEASE_DOMAIN,
+    RELEASE_INSTANCE_DOMAIN,
     REQUEST_DOMAIN,
     TERMINAL,
     LeaseDenied,
@@ -202,7 +204,8 @@ class LeaseClient:
         }
         msg = request_message(req)
         req["signature"] = b64e(sign(self.machine.ed25519, domain, msg))
-        req["instance_signature"] = b64e(sign(self._instance_key, INSTANCE_DOMAIN, msg))
+        inst_domain = RELEASE_INSTANCE_DOMAIN if domain == RELEASE_DOMAIN else INSTANCE_DOMAIN
+        req["instance_signature"] = b64e(sign(self._instance_key, inst_domain, msg))
         if self.tpm is not None and domain == REQUEST_DOMAIN:
             try:
                 with self.machine.attestor() as a:
@@ -287,7 +290,13 @@ class LeaseClient:
         try:
             nonce, self._next_nonce = self._next_nonce, None
             nonce = nonce or self._challenge()
-            self._post("/v1/lease/release", self._signed_request(nonce, b"codemoat-lease-release-v1"), nonce)
+            try:
+                self._post("/v1/lease/release", self._signed_request(nonce, RELEASE_DOMAIN), nonce)
+            except LeaseDenied as e:
+                if e.code != "bad_nonce":  # a key server restarted since: its nonce is forgotten
+                    raise
+                nonce = self._challenge()
+                self._post("/v1/lease/release", self._signed_request(nonce, RELEASE_DOMAIN), nonce)
         except VaultError:
             pass
 
