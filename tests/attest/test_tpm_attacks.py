@@ -316,3 +316,21 @@ def test_a_software_unwrap_key_beside_a_bound_ak_gets_no_license(vendor, swtpm, 
         vendor.issue_license(
             customer="acme", model=moat, machines=[dict(ident, tpm=certified)], expires=int(time.time()) + 99, mode="offline"
         )
+
+
+def test_an_old_activation_answer_or_a_relabelled_one_does_not_confirm_a_new_challenge(vendor, swtpm):
+    from codemoat.vault.tpmbind import confirm
+
+    key = tpm_machine(swtpm, vendor)
+    ident = parse_identity(key.identity())
+    old = activate(key.attestor(), key.id, key.tpm["identity"], challenge(vendor, ident))
+    fresh = challenge(vendor, ident)  # a new challenge replaces the old one's secret
+    with pytest.raises(VaultError, match="does not match the challenge"):  # the chip's genuine, but earlier, answer
+        confirm(vendor, old)
+    with pytest.raises(VaultError, match="does not match the challenge"):  # a guessed secret
+        confirm(vendor, dict(old, secret="11" * 32))
+    with pytest.raises(VaultError, match="no open TPM challenge"):  # the answer relabelled for another machine id
+        confirm(vendor, dict(old, machine_id="m_" + "0" * 24))
+    # the answer to the live challenge still binds (the failed tries above did not spend it)
+    confirm(vendor, activate(key.attestor(), key.id, key.tpm["identity"], fresh))
+    require_bound(vendor.engine, ident)
