@@ -17,6 +17,11 @@ named file with `mode=ro&immutable=1` (no lock, no journal, no `-wal`/`-shm` on 
 and read `CURRENT` again at the start of each request: they switch between requests, never
 during one. A snapshot is deleted once its successor has been current for `grace_s` seconds, so a
 reader on another machine that has not yet looked again never finds its file gone.
+
+Whoever can write the shared volume is not trusted with the files of the hosts that use it: the
+pointer, the snapshots folder and a snapshot are never followed through a symbolic link (a reader
+would open, and the writer copy onto the volume, a host file; a planted `CURRENT.tmp` link would
+have the writer overwrite one), and a pointer that names no snapshot is not quoted back.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import os
 import re
 import shutil
 import sqlite3
+import stat
 import time
 import uuid
 from pathlib import Path
@@ -34,6 +40,13 @@ from pathlib import Path
 log = logging.getLogger("codemoat.index")
 POINTER = "CURRENT"
 _SNAP = re.compile(r"^snap-(\d{6,})\.db$")
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+def _refuse(msg: str) -> Exception:
+    from ..errors import CodemoatError
+
+    return CodemoatError(msg)
 
 
 def grace_s() -> float:
@@ -55,19 +68,36 @@ class SnapshotDir:
         name = self.pointer()
         if name is None:
             return None
-        if not _SNAP.match(name):
-            from ..errors import CodemoatError
+        if not _SNAP.match(name):  # its content is not quoted: it may be a host file's
+            raise _refuse(f"the index pointer {self.root / POINTER} names no snapshot (snap-NNNNNN.db)")
+        self._check_folder()
+        path = self.snaps / name
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            raise _refuse(f"the index pointer {self.root / POINTER} names {name}, which is missing") from None
+        if not stat.S_ISREG(mode):
+            raise _refuse(f"index snapshot {path} is not a regular file (a link or a folder): refused")
+        return path
 
-            raise CodemoatError(f"the index pointer {self.root / POINTER} names no snapshot ({name[:40]!r})")
-        return self.snaps / name
+    def _check_folder(self) -> None:
+        try:
+            mode = os.lstat(self.snaps).st_mode
+        except FileNotFoundError:
+            return
+        if not stat.S_ISDIR(mode):
+            raise _refuse(f"{self.snaps} is not a folder (a link or a file): the index snapshots are refused")
 
     def pointer(self) -> str | None:
         """What `CURRENT` says now: one small read (its name, not its inode, which a filesystem may reuse)."""
         try:
-            with open(self.root / POINTER, encoding="ascii", errors="replace") as f:
-                return f.read(256).strip()
+            fd = os.open(self.root / POINTER, os.O_RDONLY | _NOFOLLOW)
         except FileNotFoundError:
             return None
+        except OSError as e:  # ELOOP: a symbolic link
+            raise _refuse(f"the index pointer {self.root / POINTER} is not a regular file ({e.strerror}): refused") from None
+        with open(fd, encoding="ascii", errors="replace") as f:
+            return f.read(256).strip()
 
     @staticmethod
     def open_reader(path: Path) -> sqlite3.Connection:
@@ -75,8 +105,13 @@ class SnapshotDir:
 
     def begin(self) -> Building:
         """Take the writer lock and start the next snapshot from a copy of the current one."""
+        self._check_folder()
         self.snaps.mkdir(parents=True, exist_ok=True)
-        lock = os.open(self.root / "writer.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        self._check_folder()
+        try:
+            lock = os.open(self.root / "writer.lock", os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o600)
+        except OSError as e:
+            raise _refuse(f"cannot open {self.root / 'writer.lock'}: {e.strerror}") from None
         try:
             fcntl.flock(lock, fcntl.LOCK_EX)
             cur = self.current()
@@ -84,7 +119,7 @@ class SnapshotDir:
             # 0600 from the start (it holds the customer's code, like index.db), then the copy
             with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as dst:
                 if cur is not None:
-                    with open(cur, "rb") as src:
+                    with open(os.open(cur, os.O_RDONLY | _NOFOLLOW), "rb") as src:
                         shutil.copyfileobj(src, dst, 1 << 20)
             return Building(self, lock, tmp, _number(cur) if cur else 0)
         except BaseException:
@@ -140,7 +175,8 @@ class Building:
             os.rename(self.path, final)
             _fsync_dir(self.dir.snaps)
             tmp = self.dir.root / f"{POINTER}.tmp"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            tmp.unlink(missing_ok=True)  # a link planted there is removed, never written through
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o600)
             try:
                 os.write(fd, final.name.encode() + b"\n")
                 os.fsync(fd)
