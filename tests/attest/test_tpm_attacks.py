@@ -334,3 +334,41 @@ def test_an_old_activation_answer_or_a_relabelled_one_does_not_confirm_a_new_cha
     # the answer to the live challenge still binds (the failed tries above did not spend it)
     confirm(vendor, activate(key.attestor(), key.id, key.tpm["identity"], fresh))
     require_bound(vendor.engine, ident)
+
+
+def test_a_rolled_back_log_is_not_hidden_by_pointing_the_verifier_at_another_tpm(swtpm_factory, tmp_path, monkeypatch):
+    """`audit verify` compares the log with "the chip's counter now": the answer must come from this
+    machine's chip (certified by its AK over a fresh nonce), not from whatever TPM the TCTI names."""
+    from codemoat.audit.tpm_checkpoint import checkpoint_data
+    from codemoat.vault.machine import TCTI_ENV
+
+    one, two = swtpm_factory(ek_cert=False), swtpm_factory(ek_cert=False)
+    machine = tpm_machine(one)
+    db = tmp_path / "audit.db"
+    url = f"sqlite:///{db}"
+    monkeypatch.setenv("CODEMOAT_DATABASE_URL", url)
+    log = _log(url)
+    _append(log, 5)
+    assert take(log, machine)["counter"] == 1
+    _append(log, 2)
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    log.engine.dispose()
+    for f in (db, log.head_file):
+        shutil.copy(f, copy / f.name)
+    _append(log, 3)
+    assert take(log, machine)["counter"] == 2
+    log.engine.dispose()
+    for f in (db, log.head_file):  # rolled back to the copy whose newest TPM checkpoint holds 1
+        shutil.copy(copy / f.name, f)
+    log.verified_file.unlink(missing_ok=True)
+    log = _log(url)
+    assert not log.verify().ok
+    with TpmAttestor(two.tcti) as a:  # a spare (software) TPM whose counter the admin brought to 1
+        assert a.audit_checkpoint(checkpoint_data("x", 1, "00" * 32))[1] == 1
+    monkeypatch.setenv(TCTI_ENV, two.tcti)
+    rep = log.verify()
+    assert not rep.ok and "not this machine's TPM" in rep.problem, rep
+    monkeypatch.setenv(TCTI_ENV, one.tcti)  # the machine's own chip: the rollback named as before
+    rep = log.verify()
+    assert not rep.ok and "rolled back" in rep.problem, rep

@@ -311,18 +311,35 @@ class TpmAttestor:
         except pt.TSS2_Exception as e:
             raise AttestError(f"cannot define the audit counter (NV index {AUDIT_NV_INDEX:#x}) in the TPM: {e}") from None
 
-    def audit_counter(self) -> int | None:
-        """The audit counter's value now, or None when this TPM has none (no checkpoint was ever signed)."""
+    def audit_counter(self, nonce: bytes) -> Quote | None:
+        """The audit counter's value now, certified by the AK (TPM2_NV_Certify) over `nonce` so the
+        verifier knows this chip answered; None when this TPM has none (no checkpoint was ever signed)."""
         pt = _pt()
+        c = self.ctx
         h = self._audit_nv(create=False)
         if h is None:
             return None
+        ak, _ = self._ak()
         try:
-            return int.from_bytes(bytes(self.ctx.nv_read(h, 8, 0, auth_handle=h)), "big")
+            attest, sig = c.nv_certify(
+                ak,
+                h,
+                nonce,
+                pt.TPMT_SIG_SCHEME(scheme=pt.TPM2_ALG.NULL),
+                8,
+                0,
+                auth_handle=h,
+                session1=pt.ESYS_TR.PASSWORD,
+                session2=pt.ESYS_TR.PASSWORD,
+            )
         except pt.TSS2_Exception as e:  # a counter never incremented cannot be read (TPM_RC_NV_UNINITIALIZED)
             if (e.rc & 0xFFF) == 0x14A:
                 return None
             raise AttestError(f"cannot read the TPM's audit counter: {e}") from None
+        finally:
+            c.flush_context(ak)
+        e = sig.signature.ecdsa
+        return Quote(bytes(attest), bytes(e.signatureR), bytes(e.signatureS))
 
     def audit_checkpoint(self, data: bytes) -> tuple[Quote, int]:
         """Increment the audit counter, then TPM2_NV_Certify it with the AK over `data` (<= 64 bytes):

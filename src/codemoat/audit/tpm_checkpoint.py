@@ -13,7 +13,7 @@ other), holding the named record, the counter value, the TPMS_ATTEST and its ECD
 `check` (run by `audit verify`) verifies each of this machine's TPM checkpoints (AK signature, the
 counter's NV name, the data over the record it names, that record's hash), that the counter
 values follow one another (a gap: checkpoints removed), and that the newest equals the chip's
-counter now: a database put back to an older copy holds an older newest checkpoint than the chip
+counter now (read as a TPM2_NV_Certify by the AK over a fresh nonce: no other TPM can answer): a database put back to an older copy holds an older newest checkpoint than the chip
 has signed since, and the report names both. A log holding none of the chip's checkpoints must
 start with a rotation (else it was cut back to before its first one), and the NV index must be the
 counter (`attest.tpm` checks its name: an ordinary index there could be written back). What it cannot stop: the service account can ask
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from typing import Any
 
 import sqlalchemy as sa
@@ -144,9 +145,13 @@ def check(engine: sa.Engine, machine: Any = None) -> tuple[list[tuple[int, str]]
                     )
                 ], None
             prev = (seq, counter)
+    nonce = os.urandom(32)  # the chip certifies its counter over it: a TPM the TCTI names instead cannot answer
     try:
         with machine.attestor() as a:
-            now = a.audit_counter()
+            q = a.audit_counter(nonce)
+        now = None if q is None else verify_nv_certify(ak, q.attest, q.r, q.s, nonce, AUDIT_NV_INDEX).counter
+    except QuoteRefused as e:
+        return [(1, f"the TPM that answered for the audit counter is not this machine's TPM, or not its counter: {e}")], None
     except CodemoatError as e:
         return [(1, f"cannot read the TPM's audit counter to check for a rollback: {e}")], None
     warning = f"{others} TPM checkpoints by other machines' TPMs not checked" if others else None
