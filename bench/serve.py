@@ -285,7 +285,11 @@ async def one(c: httpx.AsyncClient, prompt: str, tokens: int, stream: bool = Fal
 
 
 def client(url: str, headers: dict, n: int) -> httpx.AsyncClient:
-    return httpx.AsyncClient(base_url=url, headers=headers, timeout=600, limits=httpx.Limits(max_connections=n + 2))
+    # a connection per request for every server: llama-server closes idle keep-alive connections, and a
+    # reused one it had closed failed as "Server disconnected without sending a response"
+    return httpx.AsyncClient(
+        base_url=url, headers=headers, timeout=600, limits=httpx.Limits(max_connections=n + 2, max_keepalive_connections=0)
+    )
 
 
 async def single(url: str, headers: dict, reps: int) -> dict:
@@ -419,7 +423,10 @@ def bench_model(name: str, args: argparse.Namespace, token: str, env: dict) -> s
     res: dict[str, dict[str, dict]] = {s: {} for s in servers.procs}
     try:
         for s, u in servers.urls.items():  # warm-up: load pages, caches, first-call costs
-            asyncio.run(single(u, servers.headers[s], 2))
+            try:
+                asyncio.run(single(u, servers.headers[s], 2))
+            except httpx.HTTPError as e:  # reported in its cells ("—") and here
+                print(f"{name} warm-up {s}: {type(e).__name__} {e} (exit {servers.procs[s].poll()})", file=sys.stderr)
         for i, (key, label, how) in enumerate(scenarios(args.quick)):
             order = list(servers.urls) if i % 2 == 0 else list(reversed(servers.urls))
             for s in order:
