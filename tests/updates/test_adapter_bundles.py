@@ -133,6 +133,7 @@ def test_vendor_adapter_groups_are_recorded_kept_and_enforced(shop, store, gguf_
 
     text = tmp_path / "notes.txt"
     text.write_bytes(b"not a LoRA")
-    store.apply(shop.release("1", kind="adapter", source=text, name="notes"), lic)
-    with pytest.raises(CodemoatError, match="not a GGUF LoRA adapter"):
+    with pytest.raises(CodemoatError, match="not a GGUF LoRA adapter"):  # refused at apply (test_update_attacks)
+        store.apply(shop.release("1", kind="adapter", source=text, name="notes"), lic)
+    with pytest.raises(CodemoatError, match="no adapter bundle named 'notes'"):
         open_installed("notes")

@@ -141,3 +141,17 @@ def test_rollback_keeps_the_groups_the_admin_narrowed_to(shop, store, tmp_path):
     [pack] = [r for r in SqliteIndex().repos() if r.name == "pack.fw"]
     assert pack.root.startswith("pack:fw@1#") and pack.groups == ("dev",)
     assert store.current("knowledge-pack:fw")["groups"] == ["dev"]
+
+
+def test_adapter_bundle_whose_payload_is_not_gguf_is_refused_at_apply(shop, store, tmp_path):
+    """Before, it installed, and the next serve start with `update:NAME` stopped in one line."""
+    lic = shop.license()
+    text = tmp_path / "notes.txt"
+    text.write_bytes(b"not a LoRA")
+    b = shop.release("1", kind="adapter", source=text, name="notes")
+    with pytest.raises(CodemoatError, match="not a GGUF LoRA adapter"):
+        store.verify(b, lic)
+    with pytest.raises(CodemoatError, match="not a GGUF LoRA adapter"):
+        store.apply(b, lic)
+    assert [s for s, d in store.records if "GGUF" in d.get("reason", "")] == ["refused", "refused"]
+    assert store.list() == []

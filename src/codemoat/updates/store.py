@@ -32,6 +32,7 @@ from ..vault.license import License, check as check_license, check_trusted_vendo
 from ..vault.machine import MachineKey
 from ..vault.payload import open_payload
 from . import packs
+from .adapters import check_gguf
 from .bundle import Bundle, BundleError, parse_version, payload_context
 
 CRASH_ENV = "CODEMOAT_UPDATE_CRASH_AT"  # tests only: os._exit() at a named step (needs PYTEST_CURRENT_TEST)
@@ -211,7 +212,11 @@ class UpdateStore:
             bundle.check_payload()  # integrity first: a damaged file says so, whatever else is wrong with it
             report = self.check(bundle, license_file)
             if bundle.kind != "model":
-                open_payload(bundle.read_payload(), bundle.manifest["keys"], self.machine, payload_context(bundle.manifest))
+                plain = open_payload(
+                    bundle.read_payload(), bundle.manifest["keys"], self.machine, payload_context(bundle.manifest)
+                )
+                if bundle.kind == "adapter":
+                    check_gguf(plain, bundle.name)
         except CodemoatError as e:
             self.audit("refused", file=Path(path).name, action="verify", reason=str(e))
             raise
@@ -269,6 +274,8 @@ class UpdateStore:
             plain = open_payload(blob, m["keys"], self.machine, payload_context(m))
             if m["kind"] == "knowledge-pack":
                 sum(1 for _ in packs.members(plain))  # a bad zip is refused before anything switches
+            elif m["kind"] == "adapter":  # not at the next serve start, which `update:NAME` would stop
+                check_gguf(plain, m["name"])
         (stage / "manifest.json").write_text(json.dumps(m, indent=2, sort_keys=True))
         _fsync_dir(stage)
         _step("staged")
