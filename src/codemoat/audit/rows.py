@@ -35,6 +35,16 @@ def check_kind(kind: str | None) -> str | None:
 
 _INTS = ("prompt_tokens", "completion_tokens", "status")
 _TEXTS = ("kind", "user", "token_id", "route", "protocol", "model", "client", "prompt_text", "completion_text")
+# The columns' lengths (migrations/b001_audit.py): PostgreSQL refuses a longer value, or a NUL in any
+# text, and would fail the whole group-committed batch; SQLite takes both. Coerced the same on both
+# backends (before the hash), so a caller's model name or prompt cannot make an append fail.
+_LIMITS = {"kind": 32, "user": 128, "token_id": 64, "route": 256, "protocol": 32, "model": 256, "client": 128}
+
+
+def _text(k: str, v: Any) -> str:
+    t = str(v).replace("\x00", "\ufffd")
+    n = _LIMITS.get(k)
+    return t if n is None or len(t) <= n else t[: n - 1] + "\u2026"
 
 
 def normalise(kind: str, fields: dict[str, Any]) -> dict[str, Any]:
@@ -48,7 +58,7 @@ def normalise(kind: str, fields: dict[str, Any]) -> dict[str, Any]:
     row["ts_us"] = int((time.time() if ts is None else float(ts)) * 1_000_000)
     for k in _TEXTS:
         if fields.get(k) is not None:
-            row[k] = str(fields[k])
+            row[k] = _text(k, fields[k])
     for k in _INTS:
         if fields.get(k) is not None:
             row[k] = int(fields[k])
