@@ -112,16 +112,18 @@ class WatermarkLogits(LogitsProcessor):
         if not idx:
             return logits
         rows = torch.tensor(idx, dtype=torch.long, device=logits.device)
-        sub = logits.index_select(0, rows).float()
-        logp = torch.log_softmax(sub, dim=-1)
+        logp = torch.log_softmax(logits.index_select(0, rows).float(), dim=-1)
         ent = -(torch.exp(logp) * torch.nan_to_num(logp, neginf=0.0)).sum(-1)
+        hot = (ent >= self.tau).nonzero().flatten().tolist()  # SWEET's gate first: masks only where it opens
+        if not hot:
+            return logits
         width = logits.shape[1]
-        mask = torch.zeros(sub.shape, dtype=torch.bool, device=logits.device)
-        for key in dict.fromkeys(keys):
-            at = [j for j, k in enumerate(keys) if k == key]
-            mask[at] = self.masks(key, [prevs[j] for j in at], width)
+        mask = torch.empty((len(hot), width), dtype=torch.bool, device=logits.device)
+        for key in dict.fromkeys(keys[j] for j in hot):
+            at = [n for n, j in enumerate(hot) if keys[j] == key]
+            mask[at] = self.masks(key, [prevs[hot[n]] for n in at], width)
         if self.vocab_size is not None and self.vocab_size < width:
             mask[:, self.vocab_size :] = False
-        mask &= (ent >= self.tau)[:, None]
-        logits.index_copy_(0, rows, (sub + self.delta * mask).to(logits.dtype))
+        sel = torch.tensor([idx[j] for j in hot], dtype=torch.long, device=logits.device)
+        logits.index_add_(0, sel, mask.to(logits.dtype) * self.delta)
         return logits
