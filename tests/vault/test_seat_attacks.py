@@ -147,3 +147,32 @@ def test_a_clean_stop_after_a_key_server_restart_still_gives_the_seat_back(vendo
     assert b.acquire().seats_used == 1  # the replica that replaces A gets the seat at once
     a.close()
     b.close()
+
+
+def test_a_replica_cut_off_from_the_key_server_keeps_its_seat_through_its_grace(vendor, machine, model, tmp_path):
+    """The admin blocks replica A's renewals (a firewall rule): A serves on through its lease's TTL and
+    then its grace, as in any outage. If its seat were free once the TTL ran out, a waiting replica B
+    would take it and both would serve on one seat; repeated, N seats serve N + N·grace/TTL replicas."""
+    from codemoat.vault.clock import ManualClock
+
+    _, path, _ = bundle(
+        vendor, model, tmp_path / "out", machine, mode="lease", keyserver="http://127.0.0.1:9", seats=1, lease_ttl=600, grace=300
+    )
+    lic = License.load(path)
+    clock = ManualClock()
+    ks = KeyServer(vendor, clock=clock)
+    a, b = LeaseClient(lic, machine), LeaseClient(lic, machine)
+
+    def take(c: LeaseClient) -> dict:
+        return ks.lease(c._signed_request(ks.challenge(lic.id)["nonce"], REQUEST_DOMAIN))["lease"]
+
+    take(a)
+    clock.advance(601)  # A's lease ran out; it may still serve for its 300 s of grace
+    with pytest.raises(LeaseDenied) as e:
+        take(b)
+    assert e.value.code == "seats_exhausted"
+    assert take(a)["seats_used"] == 1  # A, heard from again within its grace, keeps its seat
+    clock.advance(600 + 300 + 1)  # A gone for good (a crash): past TTL + grace its seat is free
+    assert take(b)["seats_used"] == 1
+    a.close()
+    b.close()

@@ -29,7 +29,8 @@ second signature by it (`instance_signature`, under `INSTANCE_DOMAIN`). A seat b
 (machine, instance): N+1 processes on an N-seat license leave the last one refused
 (`seats_exhausted`), and a process that has the machine key but not another instance's private key
 can neither renew nor release that instance's seat. The instance key lives only in memory, so a
-crashed process's seat lapses after its TTL, and a clean shutdown gives it back at once.
+crashed process's seat lapses after its TTL plus the license's grace (the time a process cut off from
+the key server may serve on), and a clean shutdown gives it back at once.
 
 The server keeps no state for a caller it does not know: a challenge names a license on this
 server or is refused, and outstanding nonces live in one table of at most `MAX_NONCES` entries,
@@ -77,11 +78,14 @@ ATTEST_LOG = "attestation.jsonl"
 # SQLAlchemy expressions per request cost more than the cryptography.
 _RENEW = sa.text(
     "UPDATE vault_leases SET expires = :exp, renewed_at = :now, renewals = renewals + 1 "
-    "WHERE license_id = :lid AND machine_id = :mid AND instance = :inst AND expires > :now"
+    "WHERE license_id = :lid AND machine_id = :mid AND instance = :inst AND expires > :held"
 )
-_COUNT_LIVE = sa.text("SELECT count(*) FROM vault_leases WHERE license_id = :lid AND expires > :now")
+# A seat is held until its lease's expiry plus the license's grace (`:held` = now - grace): its holder
+# may serve on that long without being heard from (a key server outage, or a firewall rule), so the
+# seat is not handed to another process before then; a clean stop releases it at once.
+_COUNT_LIVE = sa.text("SELECT count(*) FROM vault_leases WHERE license_id = :lid AND expires > :held")
 _LOCK_LICENSE = sa.text("UPDATE vault_licenses SET lease_gen = lease_gen + 1 WHERE id = :lid")
-_DROP_EXPIRED = sa.text("DELETE FROM vault_leases WHERE license_id = :lid AND expires <= :now")
+_DROP_EXPIRED = sa.text("DELETE FROM vault_leases WHERE license_id = :lid AND expires <= :held")
 _INSERT = sa.text(
     "INSERT INTO vault_leases (license_id, machine_id, instance, expires, renewed_at, renewals) "
     "VALUES (:lid, :mid, :inst, :exp, :now, 0)"
@@ -256,7 +260,7 @@ class KeyServer:
             if now < row.not_before:
                 raise LeaseDenied("not_yet_valid", f"license {lid} is not valid yet")
             ttl = min(row.lease_ttl, max(1, int(row.expires - now)))
-            used = self._take_seat(c, lid, mid, inst, row.seats, now, ttl)
+            used = self._take_seat(c, lid, mid, inst, row.seats, now, ttl, row.grace)
         # One wrap carries both keys: the content key, then the watermark key when the license has one.
         secret = self._content_key(lic.file_id)
         if lic.doc.get("watermark"):
@@ -337,18 +341,19 @@ class KeyServer:
         return inst
 
     @staticmethod
-    def _take_seat(c: sa.Connection, lid: str, mid: str, inst: str, seats: int, now: float, ttl: int) -> int:
+    def _take_seat(c: sa.Connection, lid: str, mid: str, inst: str, seats: int, now: float, ttl: int, grace: int) -> int:
         """Renew this instance's seat or take a free one; seats in use after, or `seats_exhausted`.
 
         Seats are counted per license over (machine, instance): each serving process on a licensed
         machine holds its own. A refused request writes nothing, so a flood of made-up instances from
-        one machine holds at most the license's free seats, and never one that a live instance holds."""
-        p = {"lid": lid, "mid": mid, "inst": inst, "now": now, "exp": now + ttl}
+        one machine holds at most the license's free seats, and never one that a live instance holds.
+        A seat is held through its lease's TTL and then the grace in which its holder may still serve."""
+        p = {"lid": lid, "mid": mid, "inst": inst, "now": now, "exp": now + ttl, "held": now - max(0, grace or 0)}
         # Fast path, a renewal of a live seat: the number of seats in use does not change.
         if c.execute(_RENEW, p).rowcount:
             return c.execute(_COUNT_LIVE, p).scalar_one()
         c.execute(_LOCK_LICENSE, p)  # the row's write lock: seat allocations serialise across processes
-        c.execute(_DROP_EXPIRED, p)  # including this machine's own lapsed seat: it competes again
+        c.execute(_DROP_EXPIRED, p)  # including this instance's own lapsed seat (past its grace): it competes again
         held = c.execute(_COUNT_LIVE, p).scalar_one()
         if held >= seats:
             raise LeaseDenied("seats_exhausted", f"all {seats} seats of license {lid} are in use", 409)

@@ -124,7 +124,7 @@ class LeaseClient:
         self._http = httpx.Client(timeout=timeout, transport=transport, trust_env=False)
         self._next_nonce: str | None = None
         # This process's own seat: a key made here, never stored, named in every request and
-        # proven by a second signature (a crashed process's seat lapses after its TTL).
+        # proven by a second signature (a crashed process's seat lapses after its TTL and grace).
         self._instance_key = Ed25519PrivateKey.generate()
         self.instance = b64e(public_raw(self._instance_key.public_key()))
         entry = next((m for m in lic.machines if m["id"] == machine.id), None)
