@@ -117,3 +117,15 @@ def test_collection_touches_only_snapshot_names(volume):
     other.write_text("kept")
     assert SnapshotDir(volume).collect(now=4e9) == []  # only snap-1 and it is current
     assert other.read_text() == "kept"
+
+
+def test_a_writer_whose_clock_runs_ahead_of_the_volume_does_not_collect_early(volume, tmp_path, monkeypatch):
+    """Snapshot ages are the file server's (mtimes); the writer's own clock an hour ahead of it
+    must not delete the snapshot that was current a moment ago, which readers on other machines
+    may still have open (on NFS a deleted file is gone for every other client)."""
+    import codemoat.index.snapshots as snapshots
+
+    real = snapshots.time.time
+    monkeypatch.setattr(snapshots.time, "time", lambda: real() + 3600)
+    add_repository(SqliteIndex(volume), _repo(tmp_path, "other"), "other", ["everyone"])
+    assert sorted(os.listdir(volume / "snapshots")) == ["snap-000001.db", "snap-000002.db"]

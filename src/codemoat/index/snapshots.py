@@ -128,8 +128,16 @@ class SnapshotDir:
 
     def collect(self, now: float | None = None) -> list[str]:
         """Delete snapshots whose successor has been published for over the grace period, and
-        half-built files older than it; returns the names deleted."""
-        now = time.time() if now is None else now
+        half-built files older than it; returns the names deleted.
+
+        Ages are measured on the file server's clock (the pointer's mtime, written at the publish
+        that calls this, against the files' mtimes), not the writer's: a writer whose clock runs
+        ahead of the volume's would otherwise delete a snapshot readers elsewhere still use."""
+        if now is None:
+            try:
+                now = os.stat(self.root / POINTER).st_mtime
+            except FileNotFoundError:
+                now = time.time()
         cur = self.current()
         names = sorted((n for n in os.listdir(self.snaps) if _SNAP.match(n)), key=lambda n: int(_SNAP.match(n)[1]))
         gone = []
@@ -137,7 +145,7 @@ class SnapshotDir:
             if cur is not None and self.snaps / old == cur:
                 continue
             try:
-                if now - os.stat(self.snaps / succ).st_mtime > grace_s():
+                if now - os.stat(self.snaps / succ).st_mtime >= grace_s():
                     os.unlink(self.snaps / old)
                     gone.append(old)
             except FileNotFoundError:
@@ -146,7 +154,7 @@ class SnapshotDir:
             p = self.snaps / n
             if n.startswith(".building-"):
                 try:
-                    if now - os.stat(p).st_mtime > grace_s():
+                    if now - os.stat(p).st_mtime >= grace_s():
                         os.unlink(p)
                         gone.append(n)
                 except FileNotFoundError:
