@@ -66,13 +66,16 @@ class ModelSettings(BaseModel):
         description="llama.cpp, batched: prompt tokens evaluated per step between two decode steps (chunked prefill, so a long prompt does not stall the other requests' tokens).",
     )
     tensor_parallel_size: int = Field(
-        1, ge=1, description="vLLM: ranks (GPUs, or CPU core groups: VLLM_CPU_OMP_THREADS_BIND) that split each layer; the KV heads must divide by it."
+        1,
+        ge=1,
+        description="vLLM: ranks (GPUs, or CPU core groups: VLLM_CPU_OMP_THREADS_BIND) that split each layer; the KV heads must divide by it.",
     )
     kv_cache_gib: float = Field(
         1.0, gt=0, description="vLLM on CPUs: GiB of memory for its KV cache (VLLM_CPU_KVCACHE_SPACE, unless that is set)."
     )
     enforce_eager: bool = Field(
-        True, description="vLLM: run the model eagerly (starts in about 15 s); false compiles it (25-50 s more at start, faster decoding)."
+        True,
+        description="vLLM: run the model eagerly (starts in about 15 s); false compiles it (25-50 s more at start, faster decoding).",
     )
     fim_template: str | None = Field(
         None,
