@@ -521,8 +521,11 @@ def part_watermark_gemma(n_lines: int, n_gen: int) -> dict:
     from gemma import TERMS, gemma_path
     from llama_cpp import Llama, LogitsProcessorList
 
+    global A, B
     model = gemma_path()
-    customers(4)
+    saved = A, B
+    customers(4)  # a small vendor for the keys; it must not rename the other parts' leaker and colluder
+    A, B = saved
     keys = watermark_keys(4)
     name = next(iter(keys))
     key = keys[name]
@@ -827,6 +830,7 @@ def render(res: dict) -> str:
         L += [
             "## The watermark's quality cost on a real pretrained model",
             "",
+            f"`.venv/bin/python bench/trace.py --parts watermark-gemma --em-lines {e['lines']}`: "
             f"`{Path(g['model']).name}` (Gemma 3 270M, Q4_K_M, from PyPI via bench/gemma.py). {g['terms']}",
             "",
             f"**Single-line completion, greedy**, {e['lines']} held-out lines (40 lines of context): exact match "
