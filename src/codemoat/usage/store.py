@@ -4,8 +4,9 @@
 written. It keeps numbers and values from fixed sets only: no prompt or completion text (the
 audit log keeps that, redacted, when `audit.retain_text` is on), no path, and a completion id
 only when it has the shape of one this server handed out. An event is tied to the completion it
-names only when the same user received that completion; a repeated (completion, choice, type)
-event is stored once, so replaying `select` cannot raise the acceptance rate. Each row is added
+names only when the same user received that completion; a repeated (completion, type) event is
+stored once, whatever its choice index (every completion has one choice), so replaying `select`,
+or sending one per choice index, cannot raise the acceptance rate. Each row is added
 to the daily roll-up (rollup.py) in the same transaction.
 """
 
@@ -120,7 +121,7 @@ class UsageStore:
         protocol: str | None = "tabby",
         now: float | None = None,
     ) -> bool:
-        """One editor event; False when it repeats one already stored (same completion, choice and type)."""
+        """One editor event; False when it repeats one already stored (same completion and type, any choice)."""
         ts = time.time() if now is None else now
         t = type_ if type_ in EVENT_TYPES else "other"
         cid = completion_id_or_none(completion_id)
@@ -134,8 +135,9 @@ class UsageStore:
             language, chars, lines, matched = UNKNOWN, 0, 0, False
             if cid is not None:
                 if c.execute(
+                    # any choice index: this server's completions have one choice, so a select per index is a replay
                     sa.select(events.c.id)
-                    .where(events.c.completion_id == cid, events.c.choice_index == idx, events.c.type == t, events.c.user == user)
+                    .where(events.c.completion_id == cid, events.c.type == t, events.c.user == user)
                     .limit(1)
                 ).first():
                     return False

@@ -1,0 +1,99 @@
+"""An outside review of the usage numbers, as an attacker with a normal token: events that try to
+inflate acceptance (a select per choice index, odd choice indexes over HTTP), and languages a client
+makes up per request to grow the roll-up without bound."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import pytest
+import sqlalchemy as sa
+from fastapi.testclient import TestClient
+
+from codemoat.accounts import Accounts
+from codemoat.config import Settings
+from codemoat.db import open_db
+from codemoat.engines.holder import ModelHolder
+from codemoat.serve.app import create_app
+from codemoat.usage import UsageStore, report
+
+NOW = 1_780_000_000.0  # 2026-05-28 (UTC)
+
+
+@dataclass
+class F:  # the fields codemoat.serve.usage.Usage has
+    protocol: str | None = "tabby"
+    prompt_tokens: int = 10
+    completion_tokens: int = 3
+    snippets: list = field(default_factory=list)
+    completion_text: str = "abc"
+    event: str | None = None
+    completion_id: str | None = None
+    choice_index: int | None = None
+    select_kind: str | None = None
+    language: str | None = "python"
+
+
+def cid(n: int) -> str:
+    return f"cmpl-{n:024x}"
+
+
+@pytest.fixture
+def store(database_url):
+    return UsageStore(open_db(database_url))
+
+
+def test_a_select_per_choice_index_counts_once(store):
+    """Every completion this server gives has one choice (index 0): selecting "choice" 0..49 of one
+    completion is one select, not 50 (before: acceptance 50.0 and 50x the accepted characters)."""
+    s = store
+    s.record("ann", "/v1/completions", 200, 10, F(completion_id=cid(1)), now=NOW)
+    s.record("ann", "/v1/completions", 200, 10, F(completion_id=cid(2)), now=NOW)
+    assert s.record_event("ann", "view", completion_id=cid(1), choice_index=0, now=NOW)
+    assert s.record_event("ann", "view", completion_id=cid(2), choice_index=0, now=NOW)
+    assert s.record_event("ann", "select", completion_id=cid(1), choice_index=0, now=NOW)
+    for i in range(1, 50):
+        assert not s.record_event("ann", "select", completion_id=cid(1), choice_index=i, now=NOW)
+        assert not s.record_event("ann", "view", completion_id=cid(2), choice_index=i, now=NOW)
+    for rollup in (True, False):  # the roll-up and the raw rows agree
+        t = report(store.engine, by="user", now=NOW, rollup=rollup).total
+        assert (t.views, t.selects, t.acceptance, t.accepted_chars) == (2, 1, 0.5, 3)
+
+
+def test_made_up_languages_do_not_grow_the_rollup(store):
+    """A client sending a new "language" (a path trick, 10 kB, control characters, HTML) per request
+    adds no roll-up rows: languages come from a fixed set, the rest is "unknown"."""
+    s, rnd = store, random.Random(7)
+    words = ["../../etc/passwd", "x" * 10_000, "py\x00thon", "\x1b[31mred", "<img src=x onerror=alert(1)>", "a.py/../b"]
+    words += [f"lang{rnd.getrandbits(64):x}" for _ in range(60)]
+    for i, w in enumerate(words):
+        s.record("ann", "/v1/completions", 200, 10, F(completion_id=cid(100 + i), language=w), now=NOW)
+    with s.engine.connect() as c:
+        langs = {r[0] for r in c.execute(sa.text("SELECT DISTINCT language FROM usage_daily"))}
+        n = c.execute(sa.text("SELECT COUNT(*) FROM usage_daily")).scalar()
+    assert langs == {"unknown"} and n == 1
+
+
+@pytest.fixture
+def served(home):
+    engine = open_db(f"sqlite:///{home / 'codemoat.db'}")
+    accounts = Accounts(engine)
+    _, ann = accounts.create_token("ann", user="ann", scopes=("complete",))
+    with TestClient(create_app(Settings(), holder=ModelHolder("tiny"), accounts=accounts)) as c:
+        yield c, engine, {"Authorization": f"Bearer {ann}"}
+
+
+def test_odd_choice_indexes_over_http_count_one_select(served):
+    """POST /v1/events with a list of thousands of indexes, a huge, negative, boolean or string index:
+    each answered 200 (Tabby's agent ignores the body) and, together, one select of ann's completion."""
+    c, engine, ann = served
+    UsageStore(engine).record("ann", "/v1/completions", 200, 10, F(completion_id=cid(7)), now=NOW)
+    odd = [0, list(range(5000)), 10**30, -1, True, "3", 1023, 1024, None, {"$gt": 0}]
+    for idx in odd:
+        r = c.post("/v1/events", json={"type": "select", "completion_id": cid(7), "choice_index": idx}, headers=ann)
+        assert r.status_code == 200, (idx, r.text)
+    r = c.post("/v1/events", json={"type": "view", "completion_id": cid(7)}, headers=ann)
+    assert r.status_code == 200
+    t = report(engine, by="user", now=NOW).total
+    assert (t.views, t.selects, t.acceptance) == (1, 1, 1.0)
