@@ -19,12 +19,15 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..paths import home
+from ..paths import home, make_private
 
 EVERY_S = 60.0  # seconds of training between checkpoints
 
 
-def key(opts, base_sha256: str) -> str:
+def key(opts, base_sha256: str, corpus=None) -> str:
+    """`corpus` (tune.corpus.TuneCorpus): each repository's root and groups and every file's bytes are
+    in the key, so a checkpoint trained on the code once indexed as "payments" is not resumed after
+    that name is re-added over other code or given other groups, nor after the code changed."""
     shape = {
         "base": base_sha256,
         "repos": sorted(opts.repos),
@@ -39,13 +42,24 @@ def key(opts, base_sha256: str) -> str:
         "minutes": None if opts.steps else opts.minutes,
         "heldout": opts.heldout_fraction,
         "device": opts.device,
+        "data": None if corpus is None else _data_digest(corpus),
     }
     return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _data_digest(corpus) -> str:
+    h = hashlib.sha256()
+    for r in corpus.repos:
+        h.update(json.dumps([r.name, str(r.root), sorted(r.groups)]).encode() + b"\0")
+    for f in corpus.files:
+        h.update(f.path.encode() + b"\0" + hashlib.sha256(f.text.encode()).digest())
+    return h.hexdigest()
 
 
 def path_for(k: str) -> Path:
     d = home() / "tune"
     d.mkdir(mode=0o700, exist_ok=True)
+    make_private(d, "the tune checkpoint folder")  # one made before (or by hand) open to others
     return d / f"{k}.ckpt"
 
 

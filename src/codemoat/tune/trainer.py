@@ -106,7 +106,7 @@ def tune(opts: TuneOptions, on_event: Callable[[dict], None] | None = None) -> T
     held_w = token_windows(held, tok, n_ctx, opts.eval_tokens)
     other_w = token_windows(unrelated_files(), tok, n_ctx, opts.eval_tokens)
     lines = infill.cases(held, opts.infill_lines, opts.seed)
-    ck_path = checkpoint.path_for(checkpoint.key(opts, base.sha256))
+    ck_path = checkpoint.path_for(checkpoint.key(opts, base.sha256, corpus))
     ck = checkpoint.load(ck_path)
     if ck is None:
         emit({"kind": "stage", "stage": "evaluating the base"})
