@@ -1,0 +1,110 @@
+"""An outside review of the console's re-index jobs and of /health's lease details, as an attacker: a
+developer with a normal token, a caller with none, an admin sending path tricks and hostile names."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import sqlalchemy as sa
+from consoleapp import csrf_of, signed_in
+from fastapi.testclient import TestClient
+
+from codemoat.accounts import Accounts
+from codemoat.config import Settings
+from codemoat.console.jobs import Jobs
+from codemoat.console.jobs import table as jobs_table
+from codemoat.db import open_db
+from codemoat.engines.holder import LicenseStatus, ModelHolder
+from codemoat.serve.app import create_app
+
+XSS = "<script>alert(1)</script>"
+SECRET_REPO = "payments-secret-repo"
+
+
+@pytest.fixture
+def setup(home):
+    engine = open_db(f"sqlite:///{home / 'codemoat.db'}")
+    accounts = Accounts(engine)
+    holder = ModelHolder("sealed-model")  # no engine: jobs, pages and /health need none
+    _, admin = accounts.create_token("root", user="root", scopes=("admin",))
+    _, dev = accounts.create_token("dev", user="dev", scopes=("complete", "chat"))
+    with TestClient(create_app(Settings(), holder=holder, accounts=accounts), base_url="http://testserver") as c:
+        Jobs(engine)  # the table exists once the app has migrated
+        with engine.begin() as conn:  # a job another replica runs (fresh heartbeat)
+            conn.execute(
+                jobs_table.insert().values(
+                    id="a" * 16,
+                    repo=SECRET_REPO,
+                    by="root",
+                    state="running",
+                    done=1,
+                    total=9,
+                    started=time.time(),
+                    host="replica-b",
+                    pid=1,
+                    instance="x",
+                    heartbeat=time.time(),
+                )
+            )
+        yield c, engine, holder, admin, dev
+
+
+def test_a_job_page_needs_an_admin_session(setup):
+    """No session, a developer's bearer token, or a developer's attempt to sign in: no job page."""
+    c, _, _, _, dev = setup
+    url = "/admin/repositories/jobs/" + "a" * 16
+    r = c.get(url, follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == "/admin/signin" and SECRET_REPO not in r.text
+    r = c.get(url, headers={"Authorization": f"Bearer {dev}"}, follow_redirects=False)
+    assert r.status_code == 303 and SECRET_REPO not in r.text
+    assert signed_in(c, dev).status_code == 401
+    r = c.get(url, follow_redirects=False)
+    assert r.status_code == 303 and SECRET_REPO not in r.text
+    r = c.post("/admin/repositories/reindex", data={"csrf": "x", "name": SECRET_REPO}, follow_redirects=False)
+    assert r.status_code == 403
+
+
+def test_odd_job_ids_and_repository_names_are_one_line_refusals(setup):
+    """Job ids that are SQL, huge or hold NUL are a 404; re-index names with path tricks, NUL, HTML
+    or 10 kB are a 400 naming no file, escaped, and start no job; another replica's running job is
+    shown running (not failed) and refuses a second job for its repository."""
+    c, engine, _, admin, _ = setup
+    assert signed_in(c, admin).status_code == 303
+    for jid in ("' OR '1'='1", "x" * 5000, "%00", "..%2F..%2Fadmin"):
+        r = c.get(f"/admin/repositories/jobs/{jid}", follow_redirects=False)
+        assert r.status_code == 404 and "Traceback" not in r.text, jid
+    page = c.get("/admin/repositories").text
+    for name in ("../../etc/passwd", "/etc", XSS, "svc\x00", "x" * 10_000):
+        r = c.post("/admin/repositories/reindex", data={"csrf": csrf_of(page), "name": name}, follow_redirects=False)
+        assert r.status_code == 400 and "Traceback" not in r.text and XSS not in r.text, name[:20]
+        assert "root:" not in r.text  # no file read
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(jobs_table)).scalar() == 1
+    html = c.get("/admin/repositories/jobs/" + "a" * 16).text
+    assert SECRET_REPO in html and "running" in html and "failed" not in html
+
+
+def test_health_shows_no_license_to_a_caller_without_a_token(setup):
+    """A load balancer's /health without a token gets the status only: no license, customer, machine
+    id or key server; a wrong token is a 401, not a quiet status."""
+    c, _, holder, _, _ = setup
+    holder.status.license = LicenseStatus(
+        license_id="lic-1",
+        customer="acme",
+        license_mode="lease",
+        license_expires="2027-01-01T00:00:00Z",
+        license_expires_at=1798761600.0,
+        features=["complete"],
+        machine_id="m" * 16,
+        model_file_id="f" * 16,
+        format="gguf",
+        non_dumpable=True,
+        lease_state="held",
+        lease_key_server="keys.vendor.example:443",
+    )
+    r = c.get("/health")
+    assert set(r.json()) == {"status"}
+    assert "keys.vendor" not in r.text and "acme" not in r.text and "m" * 16 not in r.text
+    r = c.get("/health", headers={"Authorization": "Bearer cm_not_a_token"})
+    assert r.status_code == 401 and "keys.vendor" not in r.text
