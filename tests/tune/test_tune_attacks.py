@@ -96,3 +96,31 @@ def test_a_checkpoint_is_not_resumed_over_other_code_under_the_same_name(tmp_pat
 
     o, c = _opts(out, tiny_gguf), load_corpus(["payments"])
     assert checkpoint.key(o, "ab" * 32, c) == checkpoint.key(o, "ab" * 32, load_corpus(["payments"]))
+
+
+def test_the_checkpoint_is_sealed_to_this_machine(tmp_path, home, monkeypatch):
+    """Weights trained on a team's code are not readable from the checkpoint file (a backup, a copied
+    disk): it is encrypted like the adapter; one sealed elsewhere, or an adapter put in its place, is ignored."""
+    import torch
+
+    from codemoat.engines.adapters import seal_adapter
+    from codemoat.tune import checkpoint
+    from codemoat.vault.machine import MachineKey
+    from tests.tune.test_seal import _adapter
+
+    marker = torch.full((64,), 1234.5678)
+    p = checkpoint.path_for("s" * 24)
+    checkpoint.save(p, {"w": marker}, {}, {"step": 3})
+    raw = p.read_bytes()
+    assert marker.numpy().tobytes() not in raw and b"step" not in raw
+    assert stat.S_IMODE(p.stat().st_mode) == 0o600
+    got = checkpoint.load(p)
+    assert got["state"]["step"] == 3 and torch.equal(got["lora"]["w"], marker)
+
+    other = MachineKey.generate(facts={})
+    with monkeypatch.context() as m:
+        m.setattr(MachineKey, "load_or_create", lambda *a, **k: other)
+        checkpoint.save(p, {"w": marker}, {}, {"step": 3})  # sealed with another machine's key
+    assert checkpoint.load(p) is None
+    seal_adapter(_adapter(), p)  # a real adapter of this machine is not a checkpoint
+    assert checkpoint.load(p) is None

@@ -5,9 +5,9 @@ the rows of an epoch are a function of the seed, so they are rebuilt, not stored
 tokens and training seconds so far, and the base's evaluation. It is keyed by everything that
 shapes the run (base digest, repositories, output path, rank, alpha, learning rate, batch, context,
 seed, steps or minutes, device), so only the same command picks it up; a run that completes removes
-it. The file is private like everything in the data folder (0600 in a 0700 folder), written to a
-temporary name, synced and renamed, so a kill at any moment leaves the previous checkpoint whole.
-It holds weights trained on the customer's code (not the code itself) and never leaves this machine.
+it. The file is private like everything in the data folder (0600 in a 0700 folder) and sealed to this
+machine like an adapter (it holds weights trained on the customer's code), written to a temporary
+name and renamed, so a kill at any moment leaves the previous checkpoint whole.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Any
 from ..paths import home, make_private
 
 EVERY_S = 60.0  # seconds of training between checkpoints
+KIND = "codemoat-tune-checkpoint"
 
 
 def key(opts, base_sha256: str, corpus=None) -> str:
@@ -64,32 +65,36 @@ def path_for(k: str) -> Path:
 
 
 def save(path: Path, lora: dict, optim: dict, state: dict[str, Any]) -> None:
+    """Sealed to this machine like the adapter it becomes (engines.adapters: encrypted with a key
+    wrapped to the machine key, signed), written to a temporary name and renamed."""
     import torch
+
+    from ..engines.adapters import Adapter, seal_adapter
 
     buf = io.BytesIO()
     torch.save({"lora": lora, "optim": optim, "state": state}, buf)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    try:
-        os.write(fd, buf.getbuffer())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    meta = {"name": f"tune-checkpoint-{path.stem}", "kind": KIND, "repos": [], "base": {"sha256": None}}
+    seal_adapter(Adapter(meta, b"", buf.getvalue(), ""), path)
+    os.chmod(path, 0o600)
 
 
 def load(path: Path) -> dict | None:
-    """The checkpoint at `path`, or None (none there, or unreadable: the run starts over)."""
+    """The checkpoint at `path`, or None (none there, unreadable, not sealed here: the run starts over)."""
     import torch
+
+    from ..engines.adapters import open_adapter
 
     if not path.is_file():
         return None
     try:
-        return torch.load(path, weights_only=True)
-    except Exception:  # a damaged file: start over rather than fail
+        a = open_adapter(path)
+        if a.meta.get("kind") != KIND:
+            return None
+        return torch.load(io.BytesIO(a.safetensors), weights_only=True)
+    except Exception:  # a damaged or foreign file: start over rather than fail
         return None
 
 
 def remove(path: Path) -> None:
-    for p in (path, path.with_name(path.name + ".tmp")):
+    for p in (path, path.with_name(path.name + ".tmp"), path.with_name(path.name + ".part")):
         p.unlink(missing_ok=True)
