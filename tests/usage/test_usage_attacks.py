@@ -97,3 +97,29 @@ def test_odd_choice_indexes_over_http_count_one_select(served):
     assert r.status_code == 200
     t = report(engine, by="user", now=NOW).total
     assert (t.views, t.selects, t.acceptance) == (1, 1, 1.0)
+
+
+def test_simultaneous_selects_of_one_completion_count_once(store):
+    """Eight editors' worth of the same select at the same moment (threads on one barrier): one select,
+    on both backends (before, on PostgreSQL, each transaction saw no earlier select and all counted)."""
+    import threading
+
+    s = store
+    s.record("ann", "/v1/completions", 200, 10, F(completion_id=cid(3)), now=NOW)
+    assert s.record_event("ann", "view", completion_id=cid(3), now=NOW)
+    gate = threading.Barrier(8)
+
+    def go():
+        gate.wait()
+        try:
+            s.record_event("ann", "select", completion_id=cid(3), now=NOW)
+        except Exception:  # a writer that lost the race may be refused; it must not count
+            pass
+
+    threads = [threading.Thread(target=go) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    t = report(s.engine, by="user", now=NOW).total
+    assert (t.views, t.selects, t.acceptance) == (1, 1, 1.0)

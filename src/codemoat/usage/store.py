@@ -134,6 +134,13 @@ class UsageStore:
         with self.engine.begin() as c:
             language, chars, lines, matched = UNKNOWN, 0, 0, False
             if cid is not None:
+                # a no-op write to the completion's row first: it takes the write lock (SQLite) or the
+                # row's lock (PostgreSQL), so simultaneous events for one completion are checked one by one
+                c.execute(
+                    completions.update()
+                    .where(completions.c.completion_id == cid, completions.c.user == user)
+                    .values(completion_id=completions.c.completion_id)
+                )
                 if c.execute(
                     # any choice index: this server's completions have one choice, so a select per index is a replay
                     sa.select(events.c.id)
