@@ -173,6 +173,16 @@ def test_a_crashing_self_test_serves_on_the_safe_path(quantised, serve_process):
     assert [l for l in s.output().splitlines() if "SIGSEGV" in l] == [f"WARNING:     {cpu['reason']}"]
 
 
+@pytest.mark.parametrize("path", ["safe", "extra"])
+def test_the_operators_cpu_buffers_setting_reaches_the_engine(path, quantised, serve_process):
+    """`model.cpu_buffers = safe` is what an operator sets on a CPU where llama.cpp's extra buffer types
+    crash: the served engine must take it as given, not run the self-test and choose for itself."""
+    token = create_token("--name", "quant")
+    s = serve_process(["--model", str(quantised("Q4_0")), "--model-id", "q"], env={"CODEMOAT_MODEL__CPU_BUFFERS": path})
+    cpu = httpx.get(s.url + "/health", headers={"Authorization": f"Bearer {token}"}).json()["engine"]["cpu_buffers"]
+    assert cpu == {"path": path, "reason": f"model.cpu_buffers = {path}"}
+
+
 def test_serve_errors_are_one_line(tmp_path):
     r = run_cli("serve", "--model", str(tmp_path / "missing.gguf"), "--port", "0")
     assert r.returncode == 1 and "model not found" in r.stderr and "Traceback" not in r.stderr

@@ -39,7 +39,9 @@ def build_engine(
         raise
     opts = engine_options(settings, model_id)
     if cls.name == "llamacpp":  # continuous batching (engines.batch)
-        opts.update(parallel=settings.model.parallel, batch_tokens=settings.model.batch_tokens)
+        opts.update(
+            parallel=settings.model.parallel, batch_tokens=settings.model.batch_tokens, cpu_buffers=settings.model.cpu_buffers
+        )
     served: tuple = ()
     if settings.model.adapters:  # LoRA adapters (codemoat tune, or vendor update:NAME); which request gets one is serve's choice
         from .adapters import open_adapters
