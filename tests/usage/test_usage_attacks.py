@@ -123,3 +123,20 @@ def test_simultaneous_selects_of_one_completion_count_once(store):
         t.join()
     t = report(s.engine, by="user", now=NOW).total
     assert (t.views, t.selects, t.acceptance) == (1, 1, 1.0)
+
+
+def test_odd_since_values_are_one_line_errors_or_empty_reports(store):
+    """`usage report --since` with a date at either end of the calendar, zero, a newline, or words:
+    a report (empty where nothing is that new) or a one-line CodemoatError, never a traceback."""
+    from codemoat.audit.rows import parse_since
+    from codemoat.errors import CodemoatError
+
+    s = store
+    s.record("ann", "/v1/completions", 200, 10, F(completion_id=cid(5)), now=NOW)
+    for text in ("9999-12-31", "0001-01-01", "0d", "7d\n", "1970-01-01T00:00:00+00:00", "2026-05-28T12:00:00"):
+        rep = report(s.engine, by="day", since=parse_since(text), now=NOW)
+        assert rep.total.completions in (0, 1), text
+    for text in ("99999999999d", "-5d", "nan", "2026-13-40", "'; DROP TABLE usage_events; --"):
+        with pytest.raises(CodemoatError) as e:
+            report(s.engine, by="day", since=parse_since(text), now=NOW)
+        assert "\n" not in str(e.value) and "Traceback" not in str(e.value), text[:20]

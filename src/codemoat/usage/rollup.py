@@ -73,11 +73,11 @@ def hour_sql(col, dialect: str):
 
 
 def _day_of(ts: float) -> str:
-    return datetime.fromtimestamp(ts, tz=UTC).strftime("%Y-%m-%d")
+    return datetime.fromtimestamp(ts, tz=UTC).date().isoformat()  # "0001-01-01" (strftime's %Y gives "1-01-01")
 
 
 def _day_start(day: str) -> float:
-    return datetime.strptime(day, "%Y-%m-%d").replace(tzinfo=UTC).timestamp()
+    return datetime.fromisoformat(day).replace(tzinfo=UTC).timestamp()
 
 
 def whole_days(n: int, now: float) -> float:
