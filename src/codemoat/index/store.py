@@ -32,14 +32,14 @@ from .chunk import Chunk, Symbol
 from .snapshots import SnapshotDir
 from .terms import path_terms, terms
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: repos.last_report
 MAX_DF_FRACTION = 0.05  # query terms in more chunks than this carry little BM25 weight and cost the most
 MAX_QUERY_TERMS = 24
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS repos(
   id INTEGER PRIMARY KEY, name TEXT UNIQUE NOT NULL, root TEXT NOT NULL, git_url TEXT,
   include TEXT NOT NULL DEFAULT '[]', exclude TEXT NOT NULL DEFAULT '[]',
-  created REAL NOT NULL, updated REAL);
+  created REAL NOT NULL, updated REAL, last_report TEXT);
 CREATE TABLE IF NOT EXISTS repo_groups(
   repo_id INTEGER NOT NULL REFERENCES repos(id) ON DELETE CASCADE, grp TEXT NOT NULL,
   PRIMARY KEY(repo_id, grp));
@@ -77,6 +77,16 @@ def repo_term(repo_id: int) -> str:
     return f"__r{repo_id}"
 
 
+def _upgrade(conn: sqlite3.Connection) -> None:
+    """Bring an index written by an older codemoat to SCHEMA_VERSION (tables are created if missing)."""
+    if conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
+        return
+    cols = {r[1] for r in conn.execute("PRAGMA table_info(repos)")}
+    if cols and "last_report" not in cols:
+        conn.execute("ALTER TABLE repos ADD COLUMN last_report TEXT")
+    conn.executescript(_SCHEMA + f"PRAGMA user_version={SCHEMA_VERSION};")
+
+
 @dataclass(frozen=True)
 class RepoInfo:
     id: int
@@ -91,6 +101,7 @@ class RepoInfo:
     files: int = 0
     chunks: int = 0
     symbols: int = 0
+    last_report: dict | None = None  # the last update's counts: indexed, removed, skipped, refused (path -> why)
 
 
 @dataclass(frozen=True)
@@ -159,8 +170,7 @@ class SqliteIndex:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA foreign_keys=ON")
-            if conn.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
-                conn.executescript(_SCHEMA + f"PRAGMA user_version={SCHEMA_VERSION};")
+            _upgrade(conn)
             self._local.conn = conn
         return conn
 
@@ -217,8 +227,7 @@ class SqliteIndex:
         conn = None
         try:
             conn = building.connect()
-            if conn.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
-                conn.executescript(_SCHEMA + f"PRAGMA user_version={SCHEMA_VERSION};")
+            _upgrade(conn)
             self._local.write = conn
             conn.execute("BEGIN IMMEDIATE")
             self._next_chunk = (conn.execute("SELECT max(id) FROM chunks").fetchone()[0] or 0) + 1
@@ -283,12 +292,15 @@ class SqliteIndex:
                 f, c, _ = stats.get(rid, (0, 0, 0))
                 stats[rid] = (f, c, s)
         out = []
-        for rid, name, root, url, inc, exc, created, updated in db.execute(
-            "SELECT id, name, root, git_url, include, exclude, created, updated FROM repos ORDER BY name"
+        # a snapshot published before schema 3 (read-only here) has no last_report column
+        report = "last_report" if any(r[1] == "last_report" for r in db.execute("PRAGMA table_info(repos)")) else "NULL"
+        for rid, name, root, url, inc, exc, created, updated, rep in db.execute(
+            f"SELECT id, name, root, git_url, include, exclude, created, updated, {report} FROM repos ORDER BY name"
         ):
             f, c, s = stats.get(rid, (0, 0, 0))
             out.append(RepoInfo(rid, name, root, url, tuple(groups.get(rid, ())), tuple(json.loads(inc)),
-                                tuple(json.loads(exc)), created, updated, f, c, s))  # fmt: skip
+                                tuple(json.loads(exc)), created, updated, f, c, s,
+                                json.loads(rep) if rep else None))  # fmt: skip
         return out
 
     def repo(self, name: str) -> RepoInfo:
@@ -334,8 +346,12 @@ class SqliteIndex:
             [(fid, repo_id, first + s.chunk, s.name, s.qualname, s.kind, s.signature, s.doc, s.start, s.end) for s in symbols],
         )
 
-    def touch_repo(self, repo_id: int) -> None:
-        self.db.execute("UPDATE repos SET updated=? WHERE id=?", (time.time(), repo_id))
+    def touch_repo(self, repo_id: int, report: dict | None = None) -> None:
+        """The repository was updated now; `report` (its skipped and refused files) is what the console shows."""
+        self.db.execute(
+            "UPDATE repos SET updated=?, last_report=? WHERE id=?",
+            (time.time(), json.dumps(report) if report is not None else None, repo_id),
+        )
 
     # -- reading ---------------------------------------------------------------------------------
     def prune_terms(self, query_terms: Sequence[str]) -> list[str]:

@@ -36,6 +36,16 @@ class UpdateStats:
     symbols: int = 0
     refused: dict[str, str] = field(default_factory=dict)  # path -> why it was never read (symlink, `..`, FIFO…)
 
+    def report(self, keep: int = 50) -> dict:
+        """What the console's Repositories page shows of this update (the first `keep` refused paths)."""
+        return {
+            "indexed": self.indexed,
+            "removed": self.removed,
+            "skipped": self.skipped,
+            "refused_count": len(self.refused),
+            "refused": dict(list(self.refused.items())[:keep]),
+        }
+
 
 def parse_groups(spec: str | Sequence[str] | None) -> list[str]:
     """`"a, b"` -> ['a', 'b'], validated: names of letters, digits, `-`, `_` and `.`."""
@@ -96,7 +106,7 @@ def import_source(store: SqliteIndex, name: str, root: str, groups: Sequence[str
                 stats.skipped += 1
                 continue
             _one(store, info, stats, {}, rel, raw)
-        store.touch_repo(info.id)
+        store.touch_repo(info.id, stats.report())
     return stats
 
 
@@ -128,7 +138,7 @@ def _update(store: SqliteIndex, info: RepoInfo, progress: Progress | None) -> Up
     for _rel, (fid, _h) in known.items():  # deleted, now ignored, now skipped or refused
         store.delete_file(fid)
         stats.removed += 1
-    store.touch_repo(info.id)
+    store.touch_repo(info.id, stats.report())
     return stats
 
 
