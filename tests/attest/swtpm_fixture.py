@@ -23,6 +23,17 @@ import pytest
 NEEDED = ("swtpm", "swtpm_setup", "swtpm_localca")
 
 
+def _listening(port: int) -> bool:
+    """Is a socket listening on 127.0.0.1:`port`? Read from /proc/net/tcp: connecting would take the
+    TPM's one command connection."""
+    want = f"0100007F:{port:04X}"
+    try:
+        with open("/proc/net/tcp") as f:
+            return any(cols[1] == want and cols[3] == "0A" for cols in (line.split() for line in f) if len(cols) > 3)
+    except OSError:
+        return True  # no /proc: the control port's answer has to do
+
+
 def _free_pair() -> int:
     """A free port P with P+1 free too: the swtpm TCTI sends control commands to port + 1."""
     for _ in range(50):
@@ -94,7 +105,9 @@ class Swtpm:
             try:
                 # the control channel: a probe on the command port would take the TPM's one connection
                 socket.create_connection(("127.0.0.1", ctrl), timeout=0.2).close()
-                return
+                if _listening(self.port):  # the command port too (the control port can be up first)
+                    return
+                time.sleep(0.02)
             except OSError:
                 if self.proc.poll() is not None:
                     raise RuntimeError(f"swtpm exited: {self.proc.stderr.read().decode()[-300:]}")
