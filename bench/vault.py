@@ -103,7 +103,8 @@ def bench_load(gib: float, runs: int, policies: list[str], real: Path | None = N
     import json
 
     lic.write_text(json.dumps(doc))
-    settings = load_settings(**{"model.n_ctx": 256, "model.n_threads": 2})
+    # inline and one sequence, as the plaintext side is built: the ratio is the vault's cost alone
+    settings = load_settings(**{"model.n_ctx": 256, "model.n_threads": 2, "model.isolation": "inline", "model.parallel": 1})
     opts = {"n_ctx": 256, "n_threads": 2}
     params = SamplingParams(max_tokens=1, temperature=0.0)
     key = vendor.content_key(sealed.manifest.file_id)
