@@ -12,14 +12,15 @@ CODEMOAT_HOME="$DEMO/replicas-home" "$PY" "$ROOT/demo/replicas_demo.py" "$MODEL"
 
 say "license seats: each replica holds its own seat of a lease license; a third replica on a 2-seat license is refused"
 S="$DEMO/seats"; mkdir -p "$S"
-[[ -f "$S/vendor/vendor.json" ]] || $CODEMOAT vendor init --vendor "$S/vendor" >/dev/null
+V="$DEMO/vendor"  # the vendor of the earlier steps: this machine trusts the first vendor key it meets, and only it
+[[ -f "$V/vendor.json" ]] || $CODEMOAT vendor init --vendor "$V" >/dev/null
 $CODEMOAT machine-id --json >"$S/machine.json"
-[[ -f "$S/acme.moat" ]] || $CODEMOAT vendor seal "$MODEL" --vendor "$S/vendor" --customer ACME --out "$S/acme.moat" --no-fingerprint >/dev/null
+[[ -f "$S/acme.moat" ]] || $CODEMOAT vendor seal "$MODEL" --vendor "$V" --customer ACME --out "$S/acme.moat" --no-fingerprint >/dev/null
 KPORT=$(free_port); PIDS=()
 trap 'kill "${PIDS[@]}" 2>/dev/null || true' EXIT
-$CODEMOAT keyserver --vendor "$S/vendor" --port "$KPORT" >"$S/keyserver.log" 2>&1 & PIDS+=($!)
+$CODEMOAT keyserver --vendor "$V" --port "$KPORT" >"$S/keyserver.log" 2>&1 & PIDS+=($!)
 wait_healthy "$KPORT" 20
-$CODEMOAT vendor license issue --vendor "$S/vendor" --customer ACME --model "$S/acme.moat" --machine "$S/machine.json" \
+$CODEMOAT vendor license issue --vendor "$V" --customer ACME --model "$S/acme.moat" --machine "$S/machine.json" \
   --expires 30d --mode lease --keyserver "http://127.0.0.1:$KPORT" --lease-ttl 6s --grace 4s --seats 2 \
   --out "$S/acme.lic" >/dev/null
 TOKEN=$($CODEMOAT tokens create --name seats-demo --json | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["token"])')
