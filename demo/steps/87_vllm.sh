@@ -11,14 +11,14 @@ if [[ ! -f "$HF/model.safetensors" ]]; then echo "   models/codemoat-tiny.hf is 
 W="$DEMO/vllm"
 STARTED=$(date +%s)
 mkdir -p "$W"
-V="$W/vendor"
+V="$DEMO/vendor"  # the vendor of the earlier steps: this machine trusts the first vendor key it meets, and only it
 
 say "vendor: seal the HF folder for ACME with its weight fingerprint, and a license for this machine"
 [[ -f "$V/vendor.json" ]] || $CODEMOAT vendor init --vendor "$V" >/dev/null
 $CODEMOAT machine-id --json >"$W/machine.json"
 $CODEMOAT vendor seal "$HF" --vendor "$V" --customer ACME --out "$W/acme-hf.moat" --fingerprint --force >/dev/null
 $CODEMOAT vendor license issue --vendor "$V" --customer ACME --model "$W/acme-hf.moat" \
-  --machine "$W/machine.json" --expires 30d --features complete,chat --out "$W/acme-hf.lic" >/dev/null
+  --machine "$W/machine.json" --expires 30d --features complete,chat --out "$W/acme-hf.lic" --force >/dev/null
 $CODEMOAT inspect "$W/acme-hf.moat" --json | "$PY" -c "import json,sys; d=json.load(sys.stdin); print('   manifest:', {k: d[k] for k in ('model_id','format','plaintext_size','customer','fingerprinted')})"
 
 say "customer: codemoat serve --engine vllm (vLLM starts its own processes: 15-20 s on an idle machine)"
@@ -28,7 +28,11 @@ VLLM_CPU_KVCACHE_SPACE=1 CODEMOAT_MODEL__N_CTX=512 $CODEMOAT serve --engine vllm
   --port "$PORT" >"$W/serve.log" 2>&1 &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null || true' EXIT
-wait_healthy "$PORT" 900
+for _ in $(seq 9000); do  # up to 15 minutes on a busy machine, but not a moment after the server has died
+  curl -sf "http://127.0.0.1:$PORT/health" >/dev/null && break
+  kill -0 $SERVER 2>/dev/null || break
+  sleep 0.1
+done
 if ! kill -0 $SERVER 2>/dev/null; then echo "   the server did not start:"; tail -3 "$W/serve.log"; exit 1; fi
 
 say "a completion through vLLM"
