@@ -203,17 +203,17 @@ class CounterInfo:
     reset_count: int
 
 
-def verify_nv_certify(ak_der_hex: str, attest: bytes, r: bytes, s: bytes, expected_data: bytes, index: int) -> CounterInfo:
-    """A TPM2_NV_Certify of the audit counter by the AK over `expected_data`: the counter's value
-    and the TPM clock, or `QuoteRefused` naming what does not hold."""
+def _signed_attest(ak_der_hex: str, attest: bytes, r: bytes, s: bytes, what: str) -> tuple[int, int, bytes, int, int, int]:
+    """A TPMS_ATTEST signed by the AK, its common header read: (magic, type, extraData, clock,
+    resetCount, offset of the type-specific part), or `QuoteRefused` naming `what` failed."""
     if len(attest) > 1024 or not (0 < len(r) <= 32 and 0 < len(s) <= 32):
-        raise QuoteRefused("bad_quote", "TPM checkpoint is malformed")
+        raise QuoteRefused("bad_quote", f"{what} is malformed")
     try:
         p256_public(ak_der_hex, "attestation key").verify(
             encode_dss_signature(int.from_bytes(r, "big"), int.from_bytes(s, "big")), attest, ec.ECDSA(hashes.SHA256())
         )
     except (InvalidSignature, ValueError):
-        raise QuoteRefused("bad_quote", "TPM checkpoint signature does not verify with the attestation key") from None
+        raise QuoteRefused("bad_quote", f"{what} signature does not verify with the attestation key") from None
     try:
         magic, typ = struct.unpack_from(">IH", attest, 0)
         off = 6
@@ -224,6 +224,16 @@ def verify_nv_certify(ak_der_hex: str, attest: bytes, r: bytes, s: bytes, expect
         off += 2 + n
         clock, reset, _restart, _safe = struct.unpack_from(">QIIB", attest, off)
         off += 17 + 8  # clockInfo, firmwareVersion
+    except struct.error:
+        raise QuoteRefused("bad_quote", f"{what} is truncated") from None
+    return magic, typ, extra, clock, reset, off
+
+
+def verify_nv_certify(ak_der_hex: str, attest: bytes, r: bytes, s: bytes, expected_data: bytes, index: int) -> CounterInfo:
+    """A TPM2_NV_Certify of the audit counter by the AK over `expected_data`: the counter's value
+    and the TPM clock, or `QuoteRefused` naming what does not hold."""
+    magic, typ, extra, clock, reset, off = _signed_attest(ak_der_hex, attest, r, s, "TPM checkpoint")
+    try:
         (n,) = struct.unpack_from(">H", attest, off)
         name = attest[off + 2 : off + 2 + n]
         off += 2 + n
@@ -253,23 +263,8 @@ def unwrap_certify_data(unwrap_der_hex: str) -> bytes:
 def verify_certify(ak_der_hex: str, attest: bytes, r: bytes, s: bytes, expected_data: bytes) -> bytes:
     """A TPM2_Certify by the AK (TPMS_ATTEST of type CERTIFY) over `expected_data`: the certified
     object's name, which the chip signs only for an object loaded in it; else `QuoteRefused`."""
-    if len(attest) > 1024 or not (0 < len(r) <= 32 and 0 < len(s) <= 32):
-        raise QuoteRefused("bad_quote", "TPM certification is malformed")
+    magic, typ, extra, _clock, _reset, off = _signed_attest(ak_der_hex, attest, r, s, "TPM certification")
     try:
-        p256_public(ak_der_hex, "attestation key").verify(
-            encode_dss_signature(int.from_bytes(r, "big"), int.from_bytes(s, "big")), attest, ec.ECDSA(hashes.SHA256())
-        )
-    except (InvalidSignature, ValueError):
-        raise QuoteRefused("bad_quote", "TPM certification signature does not verify with the attestation key") from None
-    try:
-        magic, typ = struct.unpack_from(">IH", attest, 0)
-        off = 6
-        (n,) = struct.unpack_from(">H", attest, off)
-        off += 2 + n  # qualifiedSigner
-        (n,) = struct.unpack_from(">H", attest, off)
-        extra = attest[off + 2 : off + 2 + n]
-        off += 2 + n
-        off += 17 + 8  # clockInfo, firmwareVersion
         (n,) = struct.unpack_from(">H", attest, off)
         name = attest[off + 2 : off + 2 + n]
         off += 2 + n
