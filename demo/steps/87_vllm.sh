@@ -50,22 +50,61 @@ $CODEMOAT watermark detect "$W/generated.py" --vendor "$V" --model "$ROOT/models
 
 say "no plaintext weight file anywhere while it serves (/dev/shm, /tmp, \$HOME, the demo folder)"
 "$PY" - "$HF/model.safetensors" "$DEMO" "$STARTED" <<'PYEOF'
-import os, sys
-size, started = os.path.getsize(sys.argv[1]), float(sys.argv[3])  # a file of the weights' size written since the step began
-hits = []
+import hashlib, json, os, struct, sys
+original, started = sys.argv[1], float(sys.argv[3])
+size = os.path.getsize(original)
+
+
+def sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tensor_shapes(path):  # the safetensors header: names and shapes, or None when it is not one
+    try:
+        with open(path, "rb") as f:
+            n = struct.unpack("<Q", f.read(8))[0]
+            head = json.loads(f.read(n)) if n < 1 << 24 else None
+        return {k: v["shape"] for k, v in head.items() if k != "__metadata__"} if head else None
+    except (OSError, ValueError, KeyError, TypeError, struct.error):
+        return None
+
+
+want, want_sha = tensor_shapes(original), sha256(original)
+# A hit is a file holding the served model's weights: the original's tensors (names and shapes), or a
+# file of the weights' size written since the step began, that is not byte for byte the vendor's own
+# unsealed original (a checkout of this repository holds that one; other checkouts on a shared machine
+# are not the served, fingerprinted copy).
+hits, originals, seen = [], 0, set()
 for base in ("/dev/shm", "/tmp", os.path.expanduser("~"), sys.argv[2]):
     for d, _, files in os.walk(base):
         for n in files:
             p = os.path.join(d, n)
+            if p in seen:
+                continue
+            seen.add(p)
             try:
                 st = os.stat(p, follow_symlinks=False)
             except OSError:
                 continue
-            if n.endswith(".safetensors") and not p.startswith(os.path.dirname(sys.argv[1])) and ("/site-packages/" not in p):
-                hits.append(p)
-            elif st.st_size == size and st.st_mtime >= started - 1 and not p.startswith(os.path.dirname(sys.argv[1])):
-                hits.append(p)
-print("   plaintext weight files found:", hits or "none")
+            if "/site-packages/" in p or not os.path.isfile(p) or os.path.islink(p):
+                continue
+            fresh_same_size = st.st_size == size and st.st_mtime >= started - 1
+            if not (n.endswith(".safetensors") or fresh_same_size):
+                continue
+            if not fresh_same_size and tensor_shapes(p) != want:
+                continue
+            try:
+                if sha256(p) == want_sha:
+                    originals += 1
+                    continue
+            except OSError:
+                continue
+            hits.append(p)
+print("   plaintext weight files found:", hits or "none", f"(byte-identical copies of the vendor's unsealed original in checkouts: {originals})")
 private = [os.path.join("/dev/shm", d) for d in os.listdir("/dev/shm") if d.startswith("codemoat-vllm-")]
 for d in private:
     print(f"   {d} (mode {oct(os.stat(d).st_mode & 0o777)}): {sorted(os.listdir(d))}")
