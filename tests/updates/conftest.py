@@ -42,10 +42,12 @@ def shop(vendor, machine, gguf_file, tmp_path):
 
 
 @pytest.fixture
-def store(machine):
+def store(machine, request):
     from codemoat.updates.store import UpdateStore
 
     records: list[tuple[str, dict]] = []
-    s = UpdateStore(machine=machine, audit=lambda step, d: records.append((step, d)))
+    # the model this machine serves (as `model.path` would name it): adapter bundles are for its base
+    models = [request.getfixturevalue("shop").moat] if "shop" in request.fixturenames else []
+    s = UpdateStore(machine=machine, audit=lambda step, d: records.append((step, d)), models=models)
     s.records = records
     return s

@@ -54,6 +54,13 @@ def vendor_release(
     fingerprint: Annotated[
         bool, typer.Option("--fingerprint/--no-fingerprint", help="Embed the customer's weight fingerprint (models).")
     ] = True,
+    base_model: Annotated[
+        Path | None,
+        typer.Option(
+            "--base-model",
+            help="Adapters: the customer's model it is for (their .moat, or a plain file); default: the model of the license used.",
+        ),
+    ] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Build a signed update bundle of a model, an adapter or a knowledge pack for one customer."""
@@ -81,6 +88,7 @@ def vendor_release(
             rollback_target=rollback_target,
             fingerprint=fp,
             license_id=license_id,
+            base_model=base_model,
         )
     finally:
         v.close()
@@ -117,7 +125,8 @@ def _store():
     def audit(step: str, detail: dict[str, Any]) -> None:
         log.append("update", user="admin", route=f"update {step}", detail=detail)
 
-    return UpdateStore(audit=audit)
+    models = [Path(s.model.path)] if s.model.path else []  # an adapter bundle must be for this model or the installed one
+    return UpdateStore(audit=audit, models=models)
 
 
 @update_app.command("verify")

@@ -117,6 +117,15 @@ def _check_manifest(m: Any) -> dict[str, Any]:
         raise BundleError("a model bundle carries a sealed model (.moat) and its license")
     if m["kind"] != "model" and (p["format"] != "sealed" or not isinstance(m.get("keys"), dict)):
         raise BundleError(f"a {m['kind']} bundle carries a payload sealed to the customer's machines")
+    base = m.get("base")  # adapters: the base model it was made for (older bundles have none: refused at install)
+    if base is not None and not (
+        m["kind"] == "adapter"
+        and isinstance(base, dict)
+        and isinstance(base.get("model_id"), str)
+        and isinstance(base.get("sha256"), str)
+        and re.fullmatch(r"[0-9a-f]{64}", base["sha256"])
+    ):
+        raise BundleError("bundle manifest field 'base' is malformed")
     return m
 
 
@@ -266,5 +275,6 @@ class Bundle:
                 "notes",
                 "customer",
                 "machines",
+                "base",
             )
         } | {"payload_size": m["payload"]["size"], "vendor_key_id": self.vendor_key_id, "file": str(self.path)}

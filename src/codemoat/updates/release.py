@@ -4,7 +4,8 @@ A bundle is bound to the machines of the customer's most recent (unrevoked) lice
 sealed exactly as `vendor seal` seals it (Vendor.seal: the customer's fingerprint, a fresh content
 key) and a new license for it is issued with the terms of that latest license (dates, support
 window, mode, features), carried in the manifest. Adapters and knowledge packs are sealed to the
-machines' keys (vault.payload). Releases are remembered in DIR/releases.jsonl, which gives the
+machines' keys (vault.payload); an adapter's manifest names its base model (`base`: model id and
+plaintext SHA-256, by default of the model the customer's license is for). Releases are remembered in DIR/releases.jsonl, which gives the
 default `replaces` (the version this one follows).
 """
 
@@ -26,6 +27,7 @@ from .. import __version__
 from ..errors import CodemoatError, NotFound
 from ..vault.payload import seal_payload
 from ..vault.vendor import Vendor, licenses_t
+from ..vault.vendor_tables import models_t
 from . import bundle as fmt
 
 RELEASES = "releases.jsonl"
@@ -67,6 +69,33 @@ def pack_folder(folder: Path) -> bytes:
     return buf.getvalue()
 
 
+def base_of(vendor: Vendor, lic: dict[str, Any], base_model: Path | None) -> dict[str, str]:
+    """The base model an adapter is released for: `base_model` (the customer's sealed copy, or a plain
+    file), else the model of the license the bundle is bound to; named by its plaintext SHA-256 (the
+    customer's fingerprinted copy, which is what the customer serves)."""
+    if base_model is not None:
+        base_model = Path(base_model)
+        if not base_model.is_file():
+            raise NotFound(f"base model not found: {base_model}")
+        if base_model.suffix == ".moat":
+            from ..vault.container import SealedFile
+
+            m = SealedFile(base_model).manifest
+            return {"model_id": m.model_id, "sha256": m.plaintext_sha256}
+        h = hashlib.sha256()
+        with open(base_model, "rb") as f:
+            while b := f.read(8 << 20):
+                h.update(b)
+        return {"model_id": base_model.name.split(".")[0], "sha256": h.hexdigest()}
+    with vendor.engine.connect() as c:
+        row = c.execute(
+            sa.select(models_t.c.model_id, models_t.c.plaintext_sha256).where(models_t.c.file_id == lic["model"]["file_id"])
+        ).first()
+    if row is None or not row.plaintext_sha256:
+        raise NotFound("the customer's license names a model this vendor did not seal: give --base-model FILE")
+    return {"model_id": row.model_id, "sha256": row.plaintext_sha256}
+
+
 def _previous(root: Path, customer_id: str, chan: str) -> str | None:
     try:
         lines = (root / RELEASES).read_text().splitlines()
@@ -99,11 +128,14 @@ def release(
     released_at: int | None = None,
     fingerprint: Any = None,
     license_id: str | None = None,
+    base_model: Path | None = None,
 ) -> dict[str, Any]:
     """Build and sign one bundle for the machines (and, for a model, the terms) of `license_id`
     (default: the customer's latest license); returns its manifest."""
     if kind not in fmt.KINDS:
         raise CodemoatError(f"bundle kind must be one of {', '.join(fmt.KINDS)}")
+    if base_model is not None and kind != "adapter":
+        raise CodemoatError("--base-model names the model an adapter is for: give it with --adapter only")
     fmt.parse_version(version, "--version")
     min_codemoat = min_codemoat or __version__
     fmt.parse_version(min_codemoat, "minimum codemoat version")
@@ -178,6 +210,7 @@ def release(
                 if not source.is_file():
                     raise CodemoatError(f"an adapter is one file (.gguf or .safetensors): {source}")
                 data = source.read_bytes()
+                manifest["base"] = base_of(vendor, lic, base_model)
             manifest.update(payload={"format": "sealed", "size": 0, "sha256": ""}, license=None)
             blob, keys = seal_payload(data, machines, fmt.payload_context(manifest))
             manifest.update(

@@ -16,6 +16,7 @@ line with the state. Every step is reported to `audit(step, detail)`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -67,8 +68,17 @@ def support_end(body: dict[str, Any]) -> int:
 
 
 class UpdateStore:
-    def __init__(self, root: Path | None = None, machine: MachineKey | None = None, audit: Audit | None = None):
+    def __init__(
+        self,
+        root: Path | None = None,
+        machine: MachineKey | None = None,
+        audit: Audit | None = None,
+        models: list[Path] | None = None,
+    ):
         self.root = root or paths.home() / "updates"
+        #: model files this machine serves besides the installed model bundle (`model.path`): an
+        #: adapter bundle installs only for one of these or that bundle's model
+        self.models = list(models or [])
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.machine = machine or MachineKey.load()
         self.guard = ClockGuard(self.machine)
@@ -192,6 +202,8 @@ class UpdateStore:
                     f"{bundle.channel} {m['version']} is not newer than the installed {cur['version']}: "
                     "a downgrade needs a bundle the vendor signed as a rollback target"
                 )
+        if m["kind"] == "adapter":
+            self._check_base(m)
         if m["kind"] == "model":
             inner = License.parse(json.dumps(m["license"]).encode())
             if inner.body["vendor_key"] != m["vendor_key"] or inner.body["customer_id"] != m["customer_id"]:
@@ -205,6 +217,47 @@ class UpdateStore:
             "checked_at": iso(now),
             "installed": cur["version"] if cur else None,
         }
+
+    def installed_models(self) -> dict[str, str]:
+        """{plaintext SHA-256: what it is} of the models this machine serves: the installed model bundle
+        and `self.models` (a sealed file's digest is read from its signed manifest, a plain file is hashed)."""
+        from ..vault.container import SealedFile
+
+        files = list(self.models)
+        cur = self.current("model")
+        if cur is not None:
+            files.append(Path(cur["dir"]) / "model.moat")
+        out: dict[str, str] = {}
+        for f in files:
+            f = Path(f).expanduser()
+            if f.suffix == ".moat" and f.is_file():
+                m = SealedFile(f).manifest
+                out[m.plaintext_sha256] = f"{m.model_id} ({f.name})"
+            elif f.is_file():
+                h = hashlib.sha256()
+                with open(f, "rb") as fh:
+                    while b := fh.read(8 << 20):
+                        h.update(b)
+                out[h.hexdigest()] = f.name
+        return out
+
+    def _check_base(self, m: dict[str, Any]) -> None:
+        base = m.get("base")
+        if base is None:
+            raise BundleError(
+                f"{label(m)} names no base model (released before bundles named one): ask the vendor to release it again"
+            )
+        have = self.installed_models()
+        if not have:
+            raise BundleError(
+                f"{label(m)} is for base model {base['model_id']}, and no model is installed here to check it against "
+                "(apply the model bundle first, or set model.path)"
+            )
+        if base["sha256"] not in have:
+            mine = ", ".join(f"{v} {k[:12]}" for k, v in have.items())
+            raise BundleError(
+                f"{label(m)} is for base model {base['model_id']} {base['sha256'][:12]}, not the installed model {mine}"
+            )
 
     def verify(self, path: Path, license_file: Path | None = None) -> dict[str, Any]:
         try:
@@ -292,7 +345,8 @@ class UpdateStore:
             ch["history"] = (ch.get("history", []) + [previous])[-KEEP:]
         ch["current"] = m["bundle_id"]
         info = {
-            k: m.get(k) for k in ("kind", "name", "version", "released_at", "notes", "replaces", "rollback_target", "bundle_id")
+            k: m.get(k)
+            for k in ("kind", "name", "version", "released_at", "notes", "replaces", "rollback_target", "bundle_id", "base")
         }
         info.update(installed_at=int(time.time()), dir=str(final))
         if m["kind"] == "knowledge-pack":
