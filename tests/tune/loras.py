@@ -34,6 +34,39 @@ def random_lora_gguf(base: Path, rank: int = 4, scale: float = 0.3, seed: int = 
         os.close(fd)
 
 
+def forcing_lora_gguf(base: Path, token: str, strength: float = 64.0) -> bytes:
+    """A LoRA adapter on `token_embd` that adds `strength` x the unit vector of `token`'s output row to
+    every input embedding, so that base + adapter answers `token` at every step whatever the prompt,
+    the base's own weights (a per-customer fingerprint included) or the batch: a test asserts the exact
+    answer instead of hoping that a random adapter moves a greedy answer away from the base's.
+    `token` is spelt as in the GGUF's vocabulary ("Ġfox" for " fox")."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(base))
+    f = reader.fields["tokenizer.ggml.tokens"]
+    vocab = [bytes(f.parts[i]).decode() for i in f.data]
+    tid = vocab.index(token)
+    ts = {t.name: t for t in reader.tensors}
+    out = ts.get("output.weight") or ts["token_embd.weight"]  # tied embeddings: the same rows
+    row = np.asarray(gguf.quants.dequantize(out.data, out.tensor_type), dtype=np.float32).reshape(len(vocab), -1)[tid]
+    fd = os.memfd_create("lora")
+    try:
+        w = gguf.GGUFWriter(f"/proc/self/fd/{fd}", reader.fields["general.architecture"].contents())
+        w.add_type("adapter")
+        w.add_string("adapter.type", "lora")
+        w.add_float32("adapter.lora.alpha", 1.0)
+        # token_embd's pair is stored flipped (llama.cpp's build_inp_embd): delta(t) = b @ a[t]
+        w.add_tensor("token_embd.weight.lora_a", np.ones((len(vocab), 1), np.float32))
+        w.add_tensor("token_embd.weight.lora_b", (row / np.linalg.norm(row) * strength).astype(np.float32)[:, None])
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        return os.pread(fd, os.fstat(fd).st_size, 0)
+    finally:
+        os.close(fd)
+
+
 def sealed_adapter(base: Path, out: Path, name: str, repos: list[tuple[str, list[str]]], seed: int = 0) -> Path:
     from codemoat.engines.adapters import Adapter, file_sha256, seal_adapter
 

@@ -10,10 +10,13 @@ import time
 import httpx
 import pytest
 
-from tests.tune.loras import random_lora_gguf
+from tests.tune.loras import forcing_lora_gguf, random_lora_gguf
 from updhelp import create_token, served_after, stream_forever
 
 PROMPT = "def interchange_fee(amount_cents: int) -> int:\n    return"
+# the adapters force one token at every step (tests/tune/loras.py), so the answer with each is known exactly:
+# a random adapter sometimes left the greedy answer of the base, whose per-customer fingerprint is random, unchanged
+FOX, DOG = " fox" * 12, " dog" * 12
 
 
 def _text(url: str, token: str, model: str) -> str:
@@ -37,7 +40,7 @@ def test_vendor_adapter_served_by_group_and_swapped_without_downtime(shop, store
 
     lic = shop.license()
     lora = tmp_path / "fee.gguf"
-    lora.write_bytes(random_lora_gguf(gguf_file, seed=0))
+    lora.write_bytes(forcing_lora_gguf(gguf_file, "Ġfox"))
     store.apply(shop.release("1", kind="adapter", source=lora), lic, groups=["payments"])
 
     accounts = Accounts(open_db())
@@ -52,7 +55,7 @@ def test_vendor_adapter_served_by_group_and_swapped_without_downtime(shop, store
     model = httpx.get(f"{srv.url}/health", headers=h).json()["model"]
 
     v1, base = _text(srv.url, alice, model), _text(srv.url, carol, model)
-    assert v1 != base  # alice (payments) gets base + the vendor's adapter; carol gets the base
+    assert v1 == FOX and base != FOX  # alice (payments) gets base + the vendor's adapter; carol gets the base
     from codemoat.audit.log import AuditLog
 
     recs = {r["user"]: r for r in AuditLog(open_db()).records(kind="request", limit=50) if r["user"] in ("alice", "carol")}
@@ -61,10 +64,9 @@ def test_vendor_adapter_served_by_group_and_swapped_without_downtime(shop, store
     store.apply(shop.release("2"), lic)  # a model swap first: the adapter swap then reloads the new model
     r = httpx.post(f"{srv.url}/admin/api/model/swap", headers=h, timeout=300)
     assert r.status_code == 200 and r.json()["version"] == "2", r.text
-    v1 = _text(srv.url, alice, model)
-    assert v1 == _text(srv.url, alice, model) and _text(srv.url, carol, model) != v1  # v2 of the model still has fee 1
+    assert _text(srv.url, alice, model) == FOX and _text(srv.url, carol, model) != FOX  # v2 of the model still has fee 1
 
-    lora.write_bytes(random_lora_gguf(gguf_file, seed=1))
+    lora.write_bytes(forcing_lora_gguf(gguf_file, "Ġdog"))
     store.apply(shop.release("2", kind="adapter", source=lora), lic)  # keeps the groups chosen for v1
     body = {"model": model, "prompt": PROMPT, "max_tokens": 12, "temperature": 0.0}
     stop, lock = threading.Event(), threading.Lock()
@@ -86,7 +88,7 @@ def test_vendor_adapter_served_by_group_and_swapped_without_downtime(shop, store
     assert new_served
 
     v2 = _text(srv.url, alice, model)
-    assert v2 not in (v1, base)  # the new version answers alice
+    assert v2 == DOG  # the new version answers alice
     assert _text(srv.url, carol, model) != v2  # and still not carol
 
     bad = httpx.post(f"{srv.url}/admin/api/model/swap", headers=h, json={"adapter": "nosuch"}, timeout=120)
