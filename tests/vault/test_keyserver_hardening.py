@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from codemoat.vault import keyserver as ks_mod
+from codemoat.vault import nonces as nonces_mod
 from codemoat.vault.clock import ManualClock
 from codemoat.vault.codec import b64d, canonical, ed_public, verify
 from codemoat.vault.keyserver import REFUSAL_DOMAIN, KeyServer, LeaseDenied
@@ -132,14 +133,14 @@ def test_challenge_for_an_unknown_license_is_a_signed_refusal_and_keeps_no_state
     err = r.json()["error"]
     assert err["nonce"] == "n1"
     verify(ed_public(vendor.keyserver_key_b64, "k"), b64d(r.json()["signature"]), REFUSAL_DOMAIN, canonical(err), "r")
-    assert len(app_ks._nonces) == 0
+    assert app_ks.nonces.count() == 0
     big = httpx.post(
         keyserver.url + "/v1/lease/challenge",
         content=json.dumps({"license_id": "x" * (1 << 20)}),
         headers={"content-type": "application/json"},
     )
     assert big.status_code == 413 and big.json()["error"]["code"] == "too_large"
-    assert len(app_ks._nonces) == 0
+    assert app_ks.nonces.count() == 0
 
 
 def test_oversized_and_deeply_nested_bodies_are_refused_cleanly(keyserver):
@@ -169,17 +170,22 @@ def test_the_challenge_table_is_bounded_and_expires(vendor, machine, model, tmp_
     lic = _license(vendor, model, tmp_path / "a", machine, "http://127.0.0.1:9")
     clock = ManualClock()
     server = KeyServer(vendor, clock)
+    monkeypatch.setattr(nonces_mod, "SWEEP_EVERY", 1)  # a sweep at every issue (one in 256 when serving)
     for _ in range(10):
         server.challenge(lic.id)
     clock.advance(ks_mod.NONCE_TTL + 1)
     server.challenge(lic.id)
-    assert len(server._nonces) == 1  # the ten expired ones are gone
-    monkeypatch.setattr(ks_mod, "MAX_NONCES", 5)
-    nonces = [server.challenge(lic.id)["nonce"] for _ in range(20)]
-    assert len(server._nonces) <= 5
-    server._spend_nonce(nonces[-1], lic.id)  # the newest still work
-    with pytest.raises(LeaseDenied, match="nonce is unknown"):
-        server._spend_nonce(nonces[0], lic.id)  # the oldest were evicted
+    assert server.nonces.count() == 1  # the ten expired ones are gone
+    monkeypatch.setattr(nonces_mod, "MAX_NONCES", 5)
+    nonces = []
+    for _ in range(20):
+        clock.advance(0.01)  # each issued later, so each expires later
+        nonces.append(server.challenge(lic.id)["nonce"])
+    assert server.nonces.count() <= 5
+    with vendor.engine.begin() as c:
+        server._spend_nonce(c, nonces[-1], lic.id)  # the newest still work
+    with pytest.raises(LeaseDenied, match="nonce is unknown"), vendor.engine.begin() as c:
+        server._spend_nonce(c, nonces[0], lic.id)  # the oldest were evicted
     with pytest.raises(LeaseDenied, match="no license"):
         server.challenge("lic_unknown")
 

@@ -397,17 +397,35 @@ def keyserver_cmd(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8443,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "warning",
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            max=64,
+            help="Worker processes on one port (challenges live in the vendor database, so any worker accepts any other's).",
+        ),
+    ] = 1,
 ) -> None:
     """Run the lease service for this vendor's licenses."""
+    import os
+
     import uvicorn
 
-    from ..serve.keyserver_app import create_app
+    from ..serve.keyserver_app import VENDOR_ENV, create_app
     from ..vault.vendor import Vendor
 
-    v = Vendor.open(vendor)
+    v = Vendor.open(vendor)  # checks the folder and migrates the database once, before any worker starts
     console.print(
-        f"key server on http://{host}:{port} (key {json.loads((vendor / 'vendor.json').read_text())['keyserver_key_id']})",
+        f"key server on http://{host}:{port} (key {json.loads((vendor / 'vendor.json').read_text())['keyserver_key_id']}"
+        f"{f', {workers} workers' if workers > 1 else ''})",
         highlight=False,
         soft_wrap=True,
     )
-    uvicorn.run(create_app(v), host=host, port=port, log_level=log_level)
+    if workers == 1:
+        uvicorn.run(create_app(v), host=host, port=port, log_level=log_level)
+        return
+    v.close()
+    os.environ[VENDOR_ENV] = str(vendor.resolve())
+    uvicorn.run(
+        "codemoat.serve.keyserver_app:app_from_env", factory=True, workers=workers, host=host, port=port, log_level=log_level
+    )

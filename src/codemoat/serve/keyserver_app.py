@@ -75,6 +75,17 @@ async def _body(request: Request) -> Any:
         raise _Refused(LeaseDenied("bad_request", "body is not JSON", 400)) from None
 
 
+# `codemoat keyserver --workers N` names the vendor folder to its worker processes here (each opens it).
+VENDOR_ENV = "CODEMOAT_KEYSERVER_VENDOR_DIR"
+
+
+def app_from_env() -> FastAPI:
+    """The app for one worker process of `codemoat keyserver --workers N` (uvicorn's factory)."""
+    import os
+
+    return create_app(Vendor.open(os.environ[VENDOR_ENV]))
+
+
 def create_app(vendor: Vendor, clock: Clock | None = None) -> FastAPI:
     """An app serving leases for `vendor`'s licenses."""
     app = FastAPI(title="codemoat key server", docs_url=None, redoc_url=None, openapi_url=None)

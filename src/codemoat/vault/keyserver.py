@@ -33,18 +33,21 @@ crashed process's seat lapses after its TTL plus the license's grace (the time a
 the key server may serve on), and a clean shutdown gives it back at once.
 
 The server keeps no state for a caller it does not know: a challenge names a license on this
-server or is refused, and outstanding nonces live in one table of at most `MAX_NONCES` entries,
-the oldest evicted first (an evicted client asks for a new challenge).
+server or is refused. Outstanding nonces live in the vendor database (`nonces.NonceStore`, at most
+`nonces.MAX_NONCES`, the soonest to expire evicted first), so several key server processes (`codemoat
+keyserver --workers N`, or N servers behind a balancer on one PostgreSQL) accept each other's
+challenges, and a key server restart forgets none. A request's signatures (and quote) are checked
+first; the nonce is then spent in the seat transaction, and stays spent when the lease is refused
+after that (revoked, seats exhausted, TPM rollback): a forged request cannot burn a client's nonce,
+a genuine one is answered once.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import secrets
 import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,12 +56,12 @@ import sqlalchemy as sa
 from .clock import Clock
 from .codec import VaultError, b64d, b64e, canonical, ed_public, sign, verify, wrap, x_public
 from .license import key_context
+from .nonces import NonceStore
 from .tpmbind import advance_on
 from .tpmwrap import QuoteRefused, verify_quote, wrap_p256
 from .vendor import Vendor, leases_t
 
 NONCE_TTL = 60.0
-MAX_NONCES = 100_000  # outstanding challenges and renewal nonces (~200 bytes each)
 MAX_ID = 128  # longest license id, machine id or nonce a request may carry
 REQUEST_DOMAIN = b"codemoat-lease-request-v1"
 ANSWER_DOMAIN = b"codemoat-lease-v1"
@@ -137,8 +140,7 @@ class KeyServer:
     def __init__(self, vendor: Vendor, clock: Clock | None = None):
         self.vendor = vendor
         self.clock = clock or Clock()
-        self._nonces: OrderedDict[str, tuple[str, float]] = OrderedDict()
-        self._nonce_lock = threading.Lock()
+        self.nonces = NonceStore(vendor.engine, self.clock)
         self._seat_lock = threading.Lock()
         self._docs: dict[str, _Licensed] = {}
         self._keys: dict[str, bytes] = {}
@@ -147,24 +149,12 @@ class KeyServer:
         self._ed_keys: dict[str, Any] = {}
 
     # -- nonces -------------------------------------------------------------
-    def _new_nonce(self, license_id: str, ttl: float) -> str:
-        nonce = b64e(secrets.token_bytes(32))
-        now = self.clock.monotonic()
-        with self._nonce_lock:
-            while self._nonces:  # the oldest first: drop the expired ones at the front
-                first = next(iter(self._nonces.values()))
-                if first[1] > now and len(self._nonces) < MAX_NONCES:
-                    break
-                self._nonces.popitem(last=False)
-            self._nonces[nonce] = (license_id, now + ttl)
-        return nonce
-
     def challenge(self, license_id: Any) -> dict[str, Any]:
         """A fresh nonce for a license this server knows; no state is kept for any other caller."""
         if _short(license_id) is None:
             raise LeaseDenied("bad_request", f"license_id must be a string of 1 to {MAX_ID} characters", 400)
         lic = self._licensed(license_id)
-        return {"nonce": self._new_nonce(lic.doc["id"], NONCE_TTL), "expires_in": NONCE_TTL}
+        return {"nonce": self.nonces.issue(lic.doc["id"], NONCE_TTL), "expires_in": NONCE_TTL}
 
     def refusal(self, err: LeaseDenied, req: Any) -> dict[str, Any]:
         """The signed body of a refusal, bound to the request's ids and nonce (`client_nonce` for a challenge)."""
@@ -179,10 +169,9 @@ class KeyServer:
         }
         return {"error": body, "signature": b64e(sign(self.vendor.keyserver_key, REFUSAL_DOMAIN, canonical(body)))}
 
-    def _spend_nonce(self, nonce: str, license_id: str) -> None:
-        with self._nonce_lock:
-            got = self._nonces.pop(nonce, None)
-        if got is None or got[0] != license_id or got[1] < self.clock.monotonic():
+    def _spend_nonce(self, c: sa.Connection, nonce: str, license_id: str) -> None:
+        """Spend `nonce` in the caller's transaction (atomic across processes), else `bad_nonce`."""
+        if not self.nonces.spend_on(c, nonce, license_id):
             raise LeaseDenied("bad_nonce", "nonce is unknown, spent or expired: ask for a new challenge", 401)
 
     # -- license facts ------------------------------------------------------
@@ -227,7 +216,6 @@ class KeyServer:
         ):
             raise LeaseDenied("bad_request", "lease request is malformed", 400)
         lid, mid = req["license_id"], req["machine_id"]
-        self._spend_nonce(req["nonce"], lid)
         lic = self._licensed(lid)
         entry = lic.machines.get(mid)
         if entry is None:
@@ -247,20 +235,31 @@ class KeyServer:
         if entry.get("tpm") is not None:
             entry, info = self._attested(lid, mid, req)
         now = self.clock.time()
-        # One transaction reads the license's state and takes the seat, so a revocation or another
-        # machine's allocation cannot slip in between.
+        # One transaction spends the nonce (its first write: the write lock before any read), reads the
+        # license's state, takes the seat and issues the next nonce, so a revocation or another
+        # machine's allocation cannot slip in between. A refusal after the nonce is spent commits
+        # the spend alone.
+        refused: LeaseDenied | None = None
         with self._seat_lock, self.vendor.engine.begin() as c:
-            if info is not None:  # the TPM clock floor, in the same transaction (one commit per lease)
-                self._tpm_floor(c, lid, mid, entry["tpm"]["ak"], info)
-            row = c.execute(_LICENSE_STATE, {"lid": lid}).first()
-            if row.revoked_at:
-                raise LeaseDenied("revoked", f"license {lid} was revoked")
-            if now >= row.expires:
-                raise LeaseDenied("expired", f"license {lid} has expired")
-            if now < row.not_before:
-                raise LeaseDenied("not_yet_valid", f"license {lid} is not valid yet")
-            ttl = min(row.lease_ttl, max(1, int(row.expires - now)))
-            used = self._take_seat(c, lid, mid, inst, row.seats, now, ttl, row.grace)
+            self._spend_nonce(c, req["nonce"], lid)
+            try:
+                if info is not None:  # the TPM clock floor, in the same transaction (one commit per lease)
+                    self._tpm_floor(c, lid, mid, entry["tpm"]["ak"], info)
+                row = c.execute(_LICENSE_STATE, {"lid": lid}).first()
+                if row.revoked_at:
+                    raise LeaseDenied("revoked", f"license {lid} was revoked")
+                if now >= row.expires:
+                    raise LeaseDenied("expired", f"license {lid} has expired")
+                if now < row.not_before:
+                    raise LeaseDenied("not_yet_valid", f"license {lid} is not valid yet")
+                ttl = min(row.lease_ttl, max(1, int(row.expires - now)))
+                used = self._take_seat(c, lid, mid, inst, row.seats, now, ttl, row.grace)
+                # The nonce for this machine's next renewal: one round trip per heartbeat, still server-chosen.
+                next_nonce = self.nonces.issue_on(c, lid, ttl + row.grace + NONCE_TTL)
+            except LeaseDenied as e:
+                refused = e
+        if refused is not None:
+            raise refused
         # One wrap carries both keys: the content key, then the watermark key when the license has one.
         secret = self._content_key(lic.file_id)
         if lic.doc.get("watermark"):
@@ -281,8 +280,7 @@ class KeyServer:
             "seats": row.seats,
             "seats_used": used,
             "keys": keys,
-            # The nonce for this machine's next renewal: one round trip per heartbeat, still server-chosen.
-            "next_nonce": self._new_nonce(lid, ttl + row.grace + NONCE_TTL),
+            "next_nonce": next_nonce,
         }
         if tpm is not None:  # the policy the keys are sealed under (new values after a reprovision)
             body["tpm"] = {"unwrap": tpm["unwrap"], "policy": tpm["policy"]}
@@ -370,7 +368,6 @@ class KeyServer:
         ):
             raise LeaseDenied("bad_request", "release request is malformed", 400)
         lid, mid = req["license_id"], req["machine_id"]
-        self._spend_nonce(req["nonce"], lid)
         entry = self._licensed(lid).machines.get(mid)
         if entry is None:
             raise LeaseDenied("wrong_machine", f"license {lid} does not name machine {mid}")
@@ -386,6 +383,7 @@ class KeyServer:
             raise LeaseDenied("bad_signature", "release request is not signed by the licensed machine's key", 401) from None
         inst = self._instance(req, RELEASE_INSTANCE_DOMAIN)  # only the instance's own key gives its seat back
         with self._seat_lock, self.vendor.engine.begin() as c:
+            self._spend_nonce(c, req["nonce"], lid)
             c.execute(_RELEASE, {"lid": lid, "mid": mid, "inst": inst})
         return {"released": True}
 
