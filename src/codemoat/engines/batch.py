@@ -16,7 +16,11 @@ off, as `llama-server -np N` runs). The engine's worker thread runs `Batcher.run
 
 llama.cpp applies LoRA adapters per context, not per sequence, so requests with different
 adapters never share a step: a request for another adapter waits (and holds back the requests
-behind it) until the running ones end, then the context switches adapter and forgets its cache.
+behind it) until the running ones end, then the context switches adapter. The slots keep their KV
+cells across a switch (each cell was computed under its own sequence's adapter and stays valid),
+but a slot's cached prefix is reused only by a request under the adapter set it was computed
+under: under another set it would give wrong logits, and under the base it would hand a user the
+effect of a team's tuned weights on that prompt.
 """
 
 from __future__ import annotations
@@ -84,6 +88,7 @@ class _Slot:
         self.cached: list[int] = []  # tokens whose KV cells this slot holds, positions 0..len-1
         self.aligned = 0  # positions [0, aligned) were computed by whole aligned chunks
         self.used_at = 0.0
+        self.adapter: str | None = None  # the adapter set `cached` was computed under (None: the base)
         self.seq: Seq | None = None
 
 
@@ -244,9 +249,7 @@ class Batcher:
             )
         if rc != 0:
             raise CodemoatError(f"llama.cpp refused adapter {name!r} (code {rc})")
-        lib.llama_memory_clear(self.mem, True)  # cells computed under the other adapter set
-        for s in self.slots:
-            s.cached, s.aligned = [], 0
+        # the slots' cells stay: `_start` reuses a prefix only under the set it was computed under
         self.adapter = name
 
     def _start(self, seq: Seq, free: list[int]) -> None:
@@ -255,6 +258,8 @@ class Batcher:
 
         def keep(i: int) -> int:
             s, same = self.slots[i], 0
+            if s.adapter != self.adapter:  # cells computed under another adapter set (or the base)
+                return 0
             limit = min(len(s.cached), len(body))
             while same < limit and s.cached[same] == body[same]:
                 same += 1
@@ -268,7 +273,7 @@ class Batcher:
             k = 0
         slot.aligned = min(slot.aligned, k) // ALIGN * ALIGN
         self.reused_tokens += k
-        slot.cached = body[:k]
+        slot.cached, slot.adapter = body[:k], self.adapter
         slot.seq, slot.used_at = seq, time.monotonic()
         seq.slot, seq.pos, seq.n_past = i, k, k
         seq.phase = "prefill" if k < len(body) else "decode"
