@@ -39,7 +39,8 @@ def forcing_lora_gguf(base: Path, token: str, strength: float = 64.0) -> bytes:
     every input embedding, so that base + adapter answers `token` at every step whatever the prompt,
     the base's own weights (a per-customer fingerprint included) or the batch: a test asserts the exact
     answer instead of hoping that a random adapter moves a greedy answer away from the base's.
-    `token` is spelt as in the GGUF's vocabulary ("Ġfox" for " fox")."""
+    `token` is spelt as in the GGUF's vocabulary ("Ġfox" for " fox"). Untied models only: where the output
+    reuses token_embd, llama.cpp applies this pair to the output matmul too, and aborts (shapes)."""
     import gguf
 
     reader = gguf.GGUFReader(str(base))
@@ -47,7 +48,7 @@ def forcing_lora_gguf(base: Path, token: str, strength: float = 64.0) -> bytes:
     vocab = [bytes(f.parts[i]).decode() for i in f.data]
     tid = vocab.index(token)
     ts = {t.name: t for t in reader.tensors}
-    out = ts.get("output.weight") or ts["token_embd.weight"]  # tied embeddings: the same rows
+    out = ts["output.weight"]
     row = np.asarray(gguf.quants.dequantize(out.data, out.tensor_type), dtype=np.float32).reshape(len(vocab), -1)[tid]
     fd = os.memfd_create("lora")
     try:
