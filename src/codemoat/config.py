@@ -121,6 +121,10 @@ class VaultSettings(BaseModel):
         None,
         description="unix:PATH of a `codemoat vaultd`: serve gets the model from it as a sealed memfd and never opens the key, license or container (model.id names the model).",
     )
+    overlap_load: bool = Field(
+        False,
+        description="Decrypt a sealed GGUF while llama.cpp reads it (use_mmap off, its progress callback waits for each tensor's chunks) instead of before; llama.cpp engine in the server's process (model.isolation = inline) only. Off: decrypt, then map (bench/results/vault.md compares the two).",
+    )
 
 
 class RetrievalSettings(BaseModel):

@@ -171,8 +171,9 @@ def _tensor_types(f) -> list[int]:
 
 # -- loading with or without extra buffer types ----------------------------------
 @contextlib.contextmanager
-def extra_bufts(on: bool):
-    """Make `llama_cpp.Llama(...)` load with `use_extra_bufts = on`.
+def extra_bufts(on: bool, progress=None):
+    """Make `llama_cpp.Llama(...)` load with `use_extra_bufts = on` (and llama.cpp's load progress
+    callback `progress`, a `llama_cpp.llama_progress_callback`, when given: `engines.overlap`).
 
     llama-cpp-python 0.3.36 has the field in `llama_model_params` but no constructor argument for it
     (unknown keywords are swallowed by `**kwargs`); `Llama.__init__` takes its model params from
@@ -186,6 +187,8 @@ def extra_bufts(on: bool):
         def params():
             p = default()
             p.use_extra_bufts = on
+            if progress is not None:
+                p.progress_callback = progress
             return p
 
         lib.llama_model_default_params = params

@@ -57,11 +57,11 @@ def training_context(metadata: dict[str, Any], default: int) -> int:
         return default
 
 
-def load_llama(model_path: str, name: str | None = None, *, use_extra_bufts: bool | None = None, **kw: Any):
+def load_llama(model_path: str, name: str | None = None, *, use_extra_bufts: bool | None = None, progress=None, **kw: Any):
     """A full `llama_cpp.Llama` with `n_ctx` capped at the model's training context (a larger one
     makes llama.cpp warn of a training context overflow on every load); one line naming the file if it cannot load.
     `use_extra_bufts` (llama.cpp's AMX/repacked CPU buffers): None lets `cpu.choose` decide (a self-test
-    for a quantised model, cached per CPU and build)."""
+    for a quantised model, cached per CPU and build). `progress`: llama.cpp's load progress callback."""
     import llama_cpp
 
     from .cpu import choose, extra_bufts
@@ -74,7 +74,7 @@ def load_llama(model_path: str, name: str | None = None, *, use_extra_bufts: boo
     kw["n_ctx"] = min(kw.get("n_ctx", 512), train_ctx)
     kw["n_batch"] = min(kw.get("n_batch", 512), kw["n_ctx"])
     try:
-        with extra_bufts(use_extra_bufts):
+        with extra_bufts(use_extra_bufts, progress):
             return llama_cpp.Llama(model_path=model_path, verbose=False, **kw)
     except (ValueError, RuntimeError, OSError):
         raise _cannot_load(name or model_path) from None
@@ -101,12 +101,15 @@ class LlamaCppEngine(WorkerEngine):
         adapters: dict[str, str] | None = None,
         parallel: int = 1,
         batch_tokens: int = 512,
+        use_mmap: bool = True,
+        progress=None,
     ):
         """`cpu_buffers` ("auto", "extra", "safe") picks llama.cpp's CPU buffer types (`cpu.choose`);
         `use_extra_bufts` given as a bool overrides it (a supervisor falling back to the safe path).
         `parallel` > 1 batches: that many requests decode together in one context of `parallel` slots
         of `n_ctx` tokens each (`engines.batch`), with up to `batch_tokens` prompt tokens per step;
-        1 decodes one request at a time, each to its end."""
+        1 decodes one request at a time, each to its end. `use_mmap` False copies the weights in (read
+        with a `progress` callback that may block: engines.overlap)."""
         import llama_cpp
 
         from .cpu import Choice, choose
@@ -128,6 +131,8 @@ class LlamaCppEngine(WorkerEngine):
             n_threads=n_threads,
             n_threads_batch=n_threads,  # else llama-cpp-python evaluates prompts on every core, whatever model.n_threads says
             n_gpu_layers=n_gpu_layers,
+            use_mmap=use_mmap,
+            progress=progress,
         )
         self.model_id = model_id or Path(model_path).stem
         self._lib = llama_cpp
@@ -166,6 +171,9 @@ class LlamaCppEngine(WorkerEngine):
     @classmethod
     def from_memfd(cls, buf: MemfdBuffer, **kw: Any) -> LlamaCppEngine:
         """Load from plaintext held in a sealed memfd; `close()` zeroes and frees it."""
+        overlapped = getattr(buf, "load_overlapped", None)
+        if overlapped is not None:  # still being decrypted: llama.cpp reads behind the decryptor (engines.overlap)
+            return overlapped(lambda **extra: cls(buf.path, memfd=buf, **kw, **extra))
         if not buf.sealed:
             buf.seal()
         return cls(buf.path, memfd=buf, **kw)

@@ -66,6 +66,21 @@ def decrypt_to_memfd(sealed: SealedFile, key: bytes) -> MemfdBuffer:
         raise
 
 
+def _overlap(settings: Settings, sealed: SealedFile, build) -> bool:
+    """Whether to decrypt while llama.cpp loads (`vault.overlap_load`, engines.overlap): a GGUF built by
+    the llama.cpp engine in this process, without adapters (a child process or vaultd gets a whole memfd)."""
+    if not settings.vault.overlap_load or build is not build_engine or settings.model.adapters:
+        return False
+    from . import engine_class
+
+    try:
+        cls = engine_class(settings.model.engine)
+    except CodemoatError:
+        return False  # build_engine says why, in one line
+    inline = settings.model.isolation != "process" or not cls.isolatable
+    return cls.name == "llamacpp" and inline and sealed.manifest.format == "gguf"
+
+
 def _no_lease(lic: License, clock: Clock) -> Lease:
     """A lease that already ended, for a process refused a seat at start: no key, nothing to serve."""
     ttl, grace = lic.lease["ttl"], lic.lease["grace"]
@@ -218,6 +233,10 @@ def open_sealed(
             raise Unavailable(f"model {model_id!r} is not available: no valid lease")
         if clock.time() >= lic.expires:  # a reload (an adapter swap) after expiry decrypts nothing
             raise Unavailable(f"model {model_id!r} is not available: license {lic.id} expired on {iso(lic.expires)}")
+        if _overlap(settings, sealed, build):
+            from .overlap import FillingBuffer
+
+            return build(settings, FillingBuffer(sealed, key), model_id, parts)
         return build(settings, decrypt_to_memfd(sealed, key), model_id, parts)
 
     holder = SealedHolder(model_id, loader, aliases=aliases)

@@ -26,7 +26,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
@@ -254,6 +254,45 @@ class SealedFile:
                 buf[:] = bytes(len(buf))
         if digest is not None:
             self._check_digest(digest)
+
+    def decrypt_chunks(
+        self,
+        key: bytes,
+        order: Iterable[int],
+        write: Callable[[int, memoryview], Any],
+        stop: threading.Event | None = None,
+    ) -> None:
+        """Decrypt the chunks `order` names, in that order (a loader's order, not the file's), each into a
+        scratch buffer, and hand it to `write(offset, plaintext)` only once its tag has checked out, so
+        the destination never holds unauthenticated bytes. `order` may be shared by several threads
+        calling this at once (it must then be thread-safe). Raises `VaultError` naming the first chunk
+        that fails; returns early once `stop` is set. The scratch buffer is zeroed before returning."""
+        self._check_key(key)
+        m, n = self.manifest, self.n_chunks
+        stop = stop or threading.Event()
+        scratch = bytearray(max(1, min(m.chunk_size, m.plaintext_size)))
+        view = memoryview(scratch)
+        try:
+            with open(self.path, "rb") as f:
+                if os.fstat(f.fileno()).st_size != self.file_size:
+                    raise VaultError("sealed file changed size while being read")
+                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                try:
+                    with memoryview(mm) as src:
+                        drop = functools.partial(_drop_pages, mm)
+                        for i in order:
+                            if not 0 <= i < n:
+                                raise ValueError(f"no chunk {i} in a file of {n}")
+                            bad = self._decrypt_range(key, src, i, i + 1, lambda lo, size: view[:size], write, stop, drop)
+                            if bad is not None:
+                                raise VaultError(f"chunk {bad} of {n} failed authentication (the sealed file was altered)")
+                            if stop.is_set():
+                                return
+                finally:
+                    mm.close()
+        finally:
+            scratch[:] = bytes(len(scratch))
+            view.release()
 
     def _check_key(self, key: bytes) -> None:
         if content_key_id(key) != self.manifest.key_id:
