@@ -66,6 +66,10 @@ class SamplingParams:
     n_indent: int = 0
     # the LoRA adapter this request is served with (a name the engine loaded; None: the base model)
     adapter: str | None = None
+    # whose cached prompt this request may reuse: the server sets the caller's user, and an engine
+    # reuses KV cells (a prefix another request left) only between requests with the same key, so
+    # no one learns from the time to first token that someone else sent a prefix (a secret in a file)
+    cache_key: str | None = None
 
 
 FinishReason = Literal["stop", "length", "cancelled"]

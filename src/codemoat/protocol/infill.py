@@ -29,7 +29,7 @@ class InfillRequest(Lenient):
     stream: bool = False
     # editors' line rules (llama.vscode sends both): stop at the next newline once this many ms
     # have passed since the first generated token (0: no limit), and stop at a line indented less
-    t_max_predict_ms: float = Field(0, ge=0)
+    t_max_predict_ms: float = Field(0, ge=0, allow_inf_nan=False)  # echoed in generation_settings: JSON has no Infinity
     n_indent: int = Field(0, ge=0)
     codemoat: CodemoatExt | None = None
 

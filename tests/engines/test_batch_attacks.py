@@ -1,0 +1,225 @@
+"""Attacks on the batched llama.cpp engine (`engines/batch.py`) and the requests it serves side by side:
+one user learning from another's cached prompt, one user holding every slot, a request the context cannot
+take ending the engine's loop for everyone, hostile bodies that must get an answer or the protocol's
+error (never a crash of the engine: that kills everyone's requests)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+
+import pytest
+from fastapi.testclient import TestClient
+
+from codemoat.accounts import Accounts
+from codemoat.config import load_settings
+from codemoat.db import open_db
+from codemoat.engines.base import SamplingParams
+from codemoat.engines.holder import ModelHolder
+from codemoat.engines.llamacpp import LlamaCppEngine
+from codemoat.errors import CodemoatError
+from codemoat.serve.app import create_app
+
+# a payments file with a secret in it: what the contractor must not learn that someone sent
+SECRET_FILE = "".join(f"PAYMENTS_KEY_{i} = 'sk_live_{i:04d}abcdefghij'\n" for i in range(12)) + "def charge(amount):\n"
+
+
+def run(coro, timeout: float = 60):
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+def greedy(**kw) -> SamplingParams:
+    return SamplingParams(max_tokens=8, temperature=0, **kw)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_gguf):
+    """One batched engine (2 slots) for the module; each test uses prompts of its own."""
+    e = LlamaCppEngine.from_path(tiny_gguf, model_id="tiny", n_ctx=512, n_threads=1, parallel=2)
+    yield e
+    e.close()
+
+
+def reused(engine, prompt: str, **kw) -> int:
+    """Prompt tokens this request found in a slot's cache (llama-server's `tokens_cached` of the prompt)."""
+    b = engine._batcher
+    before = b.reused_tokens
+    run(engine.complete(prompt, greedy(**kw)))
+    return b.reused_tokens - before
+
+
+# ------------------------------------------------------------------- prefix cache ---
+def test_a_cached_prompt_is_reused_for_its_own_user_only(engine):
+    """Alice's file stays in a slot; Bob sending the same prefix gets none of it (he would see it in his time
+    to first token), while Alice's next keystroke reuses it. A request without a key reuses no keyed cache."""
+    assert reused(engine, SECRET_FILE, cache_key="alice") == 0
+    assert reused(engine, SECRET_FILE + "    ", cache_key="bob") == 0  # the other slot: alice's stays
+    assert reused(engine, SECRET_FILE + "    re", cache_key="alice") >= 32
+    assert reused(engine, SECRET_FILE + "    ", cache_key=None) == 0
+
+
+def test_the_one_at_a_time_engine_keeps_caches_apart_too(tiny_gguf):
+    """`model.parallel = 1`: llama-cpp-python reuses any cached prefix; Bob's request evaluates the whole prompt."""
+    eng = LlamaCppEngine.from_path(tiny_gguf, n_ctx=512, n_threads=1, parallel=1)
+    evaluated: list[int] = []
+    real = eng._llm.eval
+    eng._llm.eval = lambda toks: (evaluated.append(len(toks)), real(toks))[1]
+    try:
+
+        def cost(key: str) -> int:
+            evaluated.clear()
+            run(eng.complete(SECRET_FILE, greedy(cache_key=key)))
+            return sum(evaluated) - len(evaluated[-8:])  # the prompt, not the 8 generated tokens
+
+        n = len(eng.tokenize(SECRET_FILE))
+        assert cost("alice") >= n - 1
+        assert cost("bob") >= n - 1
+        assert cost("bob") < n // 2  # the same user's next request still reuses it
+    finally:
+        eng.close()
+
+
+@pytest.fixture
+def app_client(engine):
+    """The real app over the module's engine, with tokens for alice and bob (two users of one server)."""
+
+    class Keep(ModelHolder):
+        def close(self):  # the module's engine outlives each app
+            pass
+
+    accounts = Accounts(open_db())
+    holder = Keep("tiny")
+    holder.set(engine)
+    tokens = {u: accounts.create_token(u)[1] for u in ("alice", "bob")}
+    with TestClient(create_app(load_settings(), holder=holder, accounts=accounts)) as c:
+        c.tokens = tokens
+        yield c
+
+
+def test_infill_from_another_user_does_not_reuse_a_secret_prefix(app_client, engine):
+    """Through /infill (llama.vscode's route, which answers `timings`): the server keys the cache by user."""
+    prefix = SECRET_FILE.replace("charge", "refund")
+
+    def infill(user: str, more: str = "") -> int:
+        before = engine._batcher.reused_tokens
+        r = app_client.post(
+            "/infill",
+            json={"input_prefix": prefix + more, "n_predict": 4, "temperature": 0},
+            headers={"Authorization": f"Bearer {app_client.tokens[user]}"},
+        )
+        assert r.status_code == 200, r.text
+        return engine._batcher.reused_tokens - before
+
+    infill("alice")
+    assert infill("bob", "    ") == 0
+    assert infill("alice", "    x") >= 32
+
+
+# ------------------------------------------------------------------- one user holds every slot ---
+def test_a_user_with_many_requests_does_not_keep_another_waiting(engine):
+    """Alice has two requests decoding on the two slots and two more waiting; then Bob sends one. Bob gets
+    the next free slot, before Alice's third (first come, first served started his after all of hers)."""
+    lib, vocab = engine._lib, engine._vocab
+    eog = [t for t in range(engine.n_vocab) if lib.llama_vocab_is_eog(vocab, t)]
+
+    def no_end(ids, logits):  # every answer runs to max_tokens: the order is decided by admission alone
+        logits[eog] = -math.inf
+        return logits
+
+    order: list[str] = []
+
+    async def one(name: str, key: str):
+        params = SamplingParams(max_tokens=200, temperature=0, cache_key=key, logits_processors=[no_end])
+        async for _ in engine.stream(f"def {name}(x):\n", params):
+            if name not in order:
+                order.append(name)
+
+    async def go():
+        jobs = [asyncio.ensure_future(one(f"alice{i}", "alice")) for i in range(4)]
+        while engine.health()["slots"] != {"total": 2, "busy": 2, "waiting": 2}:  # hers hold both slots, two wait
+            await asyncio.sleep(0.002)
+        jobs.append(asyncio.ensure_future(one("bob", "bob")))
+        await asyncio.gather(*jobs)
+
+    run(go())
+    assert order.index("bob") < order.index("alice2") < order.index("alice3"), order
+
+
+# ------------------------------------------------------------------- a request the context cannot take ---
+def test_a_request_for_an_adapter_the_engine_lacks_fails_alone(engine):
+    """An adapter the context cannot set (not loaded, or refused by llama.cpp) fails that request in one
+    line; before, the exception ended the engine's loop and every later request waited forever."""
+    with pytest.raises(CodemoatError, match="no adapter named 'nope'"):
+        run(engine.complete("def f(x):\n", greedy(adapter="nope")))
+    assert run(engine.complete("def f(x):\n", greedy())).finish_reason in ("stop", "length")
+    assert engine.health()["slots"]["busy"] == 0
+
+
+# ------------------------------------------------------------------- hostile bodies ---
+@pytest.mark.parametrize(
+    "params",
+    [
+        dict(temperature=math.nan),
+        dict(temperature=math.inf),
+        dict(temperature=0.8, top_k=-5),
+        dict(temperature=0.8, top_k=2**31 + 7),
+        dict(temperature=0.8, top_p=math.nan),
+        dict(temperature=0.8, top_p=-1.0),
+        dict(temperature=0, repeat_penalty=math.nan),
+        dict(temperature=0, repeat_penalty=0.0),
+        dict(temperature=0.5, repeat_penalty=-1e308),
+        dict(temperature=0.8, seed=2**70),
+        dict(temperature=0.8, seed=-7),
+        dict(temperature=0, n_indent=10**12, time_limit_ms=math.inf),
+    ],
+    ids=lambda p: ",".join(f"{k}={v}" for k, v in p.items()),
+)
+def test_odd_sampling_values_get_a_bounded_answer_and_the_engine_serves_on(engine, params):
+    """Values no protocol model bounds (Ollama's repeat_penalty, seeds, top_k) reach the sampler chain: each
+    request ends within max_tokens or fails in one line, and the next request is answered."""
+    try:
+        c = run(engine.complete("def f(x):\n", SamplingParams(max_tokens=6, **params)))
+        assert c.completion_tokens <= 6
+    except CodemoatError:
+        pass
+    assert run(engine.complete("x = 1\n", greedy())).completion_tokens >= 1
+
+
+HOSTILE = [
+    ("/infill", {"input_prefix": "def f(x):\n", "n_predict": 8, "t_max_predict_ms": "Infinity"}, 400),
+    ("/infill", {"input_prefix": "def f(x):\n", "n_predict": 8, "stop": ["q" * 50] * 20_000}, 400),
+    ("/infill", {"input_prefix": "def f(x):\n", "n_predict": 8, "stop": ["q" * 5_000]}, 400),
+    ("/v1/completions", {"model": "tiny", "prompt": "def f(x):\n", "max_tokens": 8, "stop": ["q"] * 65}, 400),
+    ("/api/generate", {"model": "tiny", "prompt": "def f(x):\n", "stream": False, "options": {"stop": ["q"] * 65}}, 400),
+    ("/infill", {"input_prefix": "def f(x):\n", "n_predict": 8, "stop": ["\n\n", "```", "<|file_sep|>"] * 4}, 200),
+    ("/infill", {"input_prefix": "def f(x):\n", "n_predict": 10**12}, 200),
+    ("/infill", {"input_prefix": "def f(x):\n", "n_predict": 8, "n_indent": 10**12, "t_max_predict_ms": 1e300}, 200),
+    ("/infill", {"input_prefix": "def f(\x00x):\n\x00", "input_suffix": "\x00", "n_predict": 8}, 200),
+    ("/infill", {"input_prefix": "<|endoftext|>" * 600, "n_predict": 8}, 200),
+    ("/infill", {"input_prefix": "<|fim_middle|><|fim_prefix|>" * 300, "n_predict": 8}, 200),
+    ("/infill", {"input_prefix": "def f(x):\n", "n_predict": 8, "logit_bias": {str(i): 1e30 for i in range(5000)}}, 200),
+    ("/infill", {"input_prefix": "def f(x):\n", "n_predict": 8, "seed": 10**40, "top_k": 10**12}, 200),
+    (
+        "/api/generate",
+        {"model": "tiny", "prompt": "x", "stream": False, "options": {"repeat_penalty": "NaN", "num_predict": -(10**30)}},
+        200,
+    ),
+]
+
+
+@pytest.mark.parametrize("path,body,status", HOSTILE, ids=[f"{i}:{p}" for i, (p, _, _) in enumerate(HOSTILE)])
+def test_hostile_bodies_get_the_protocols_answer(app_client, path, body, status):
+    """Each gets a bounded answer or a one-line error in its protocol's shape, never a 500 (a traceback), and
+    the engine answers the next request. Infinity was echoed in /infill's `generation_settings`, which JSON
+    cannot hold: a 500 after the generation had run; thousands of stop strings slowed every slot's step."""
+    raw = json.dumps(body).replace('"Infinity"', "Infinity").replace('"NaN"', "NaN")
+    h = {"Authorization": f"Bearer {app_client.tokens['bob']}", "Content-Type": "application/json"}
+    r = app_client.post(path, content=raw, headers=h)
+    assert r.status_code == status, r.text[:300]
+    if status == 400:
+        err = r.json()["error"]
+        msg = err if isinstance(err, str) else err["message"]
+        assert "\n" not in msg and "Traceback" not in msg
+    nxt = app_client.post("/infill", json={"input_prefix": "x = 1\n", "n_predict": 4}, headers=h)
+    assert nxt.status_code == 200
