@@ -304,12 +304,19 @@ class KeyServer:
     def _tpm_floor(self, c: sa.Connection, lid: str, mid: str, ak: str, info: Any) -> None:
         """Refuse a TPM whose (resetCount, clock) is below the highest seen for its AK. The floor is the
         vendor database's (`tpmbind.advance_on`): a key server restart or a second process forgets nothing."""
-        last = advance_on(c, ak, mid, info.reset_count, info.clock)
+        last = advance_on(c, ak, mid, info.reset_count, info.clock, info.safe)
         if last is not None:
-            msg = (
-                f"TPM reset count or clock went backwards ({info.reset_count}/{info.clock} after "
-                f"{last[0]}/{last[1]}): a restored or replayed TPM state"
-            )
+            if (info.reset_count, info.clock) >= last:  # only the safe flag stands in the way
+                msg = (
+                    f"TPM clock is not safe (clockInfo.safe = NO: it may have gone back) and its reset count "
+                    f"{info.reset_count} is not above the {last[0]} already seen: a restored TPM state, or a "
+                    "power loss the chip did not count; a clean reboot, or the vendor binding the chip again, clears it"
+                )
+            else:
+                msg = (
+                    f"TPM reset count or clock went backwards ({info.reset_count}/{info.clock} after "
+                    f"{last[0]}/{last[1]}): a restored or replayed TPM state"
+                )
             self._record_refusal(lid, mid, "tpm_rollback", msg)
             raise LeaseDenied("tpm_rollback", msg)
 

@@ -14,6 +14,14 @@ signing key; the secret comes back only from the chip that holds that EK with th
 The same row keeps the highest (resetCount, clock) a verified quote showed (`advance`): in the
 vendor database, so a key server restart or a second key server process does not forget it, and
 a restored TPM state (a vTPM snapshot) is refused however long ago it was last seen.
+
+A quote whose clockInfo.safe is NO says the chip may have reported a higher clock before (TPM 2.0
+Part 1 §36.5, Part 2 §10.11.1: it lost power before the clock was saved), so its clock does not
+order it after the floor. Such a quote is accepted only from a boot the floor has not seen: a reset
+count strictly above the floor's (a TPM Reset follows every power loss), which then becomes the
+floor with `unsafe_reset` set to it, so the rest of that boot's quotes (still safe = NO until the
+chip saves its clock) go on as usual. The same reset count with safe = NO is what a chip whose state
+was put back, or whose reset count was lost with the power, shows: refused like a rollback.
 """
 
 from __future__ import annotations
@@ -48,11 +56,19 @@ tpm_keys_t = sa.Table(
     sa.Column("reset_count", sa.BigInteger),
     sa.Column("clock", sa.BigInteger),
     sa.Column("seen_at", sa.Integer),
+    sa.Column("unsafe_reset", sa.BigInteger),
 )
 
+# SET's right-hand sides read the row as it was (SQLite and PostgreSQL alike).
 _ADVANCE = sa.text(
-    "UPDATE vault_tpm_keys SET reset_count = :r, clock = :c, seen_at = :now WHERE ak_id = :ak AND "
+    "UPDATE vault_tpm_keys SET reset_count = :r, clock = :c, seen_at = :now, "
+    "unsafe_reset = CASE WHEN reset_count = :r THEN unsafe_reset END WHERE ak_id = :ak AND "
     "(reset_count IS NULL OR reset_count < :r OR (reset_count = :r AND clock <= :c))"
+)
+# clockInfo.safe = NO: a boot not seen yet, or more of the one already accepted that way
+_ADVANCE_UNSAFE = sa.text(
+    "UPDATE vault_tpm_keys SET reset_count = :r, clock = :c, seen_at = :now, unsafe_reset = :r WHERE ak_id = :ak AND "
+    "(reset_count IS NULL OR reset_count < :r OR (reset_count = :r AND unsafe_reset = :r AND clock <= :c))"
 )
 _LAST = sa.text("SELECT reset_count, clock FROM vault_tpm_keys WHERE ak_id = :ak")
 
@@ -225,13 +241,16 @@ def require_bound(engine: sa.Engine, identity: dict[str, Any]) -> None:
     check_unwrap(identity)
 
 
-def advance_on(c: sa.Connection, ak_der_hex: str, machine_id: str, reset_count: int, clock: int) -> tuple[int, int] | None:
+def advance_on(
+    c: sa.Connection, ak_der_hex: str, machine_id: str, reset_count: int, clock: int, safe: bool = True
+) -> tuple[int, int] | None:
     """Record a verified quote's (resetCount, clock) in the caller's transaction (the key server's
-    seat transaction: one commit per lease); the last values seen when they went backwards, else None."""
+    seat transaction: one commit per lease); the last values seen when they went backwards (or when
+    an unsafe clock did not come with a new boot), else None."""
     ak = key_id(ak_der_hex)
     p = {"ak": ak, "r": reset_count, "c": clock, "now": int(time.time())}
     for _ in range(3):
-        if c.execute(_ADVANCE, p).rowcount:
+        if c.execute(_ADVANCE if safe else _ADVANCE_UNSAFE, p).rowcount:
             return None
         last = c.execute(_LAST, p).first()
         if last is not None:
@@ -240,7 +259,12 @@ def advance_on(c: sa.Connection, ak_der_hex: str, machine_id: str, reset_count: 
             with c.begin_nested():  # a savepoint: a concurrent insert does not abort the caller's transaction
                 c.execute(
                     tpm_keys_t.insert().values(
-                        ak_id=ak, machine_id=machine_id, reset_count=reset_count, clock=clock, seen_at=p["now"]
+                        ak_id=ak,
+                        machine_id=machine_id,
+                        reset_count=reset_count,
+                        clock=clock,
+                        seen_at=p["now"],
+                        unsafe_reset=None if safe else reset_count,
                     )
                 )
             return None
@@ -249,7 +273,9 @@ def advance_on(c: sa.Connection, ak_der_hex: str, machine_id: str, reset_count: 
     raise VaultError("the TPM clock record could not be updated")
 
 
-def advance(engine: sa.Engine, ak_der_hex: str, machine_id: str, reset_count: int, clock: int) -> tuple[int, int] | None:
+def advance(
+    engine: sa.Engine, ak_der_hex: str, machine_id: str, reset_count: int, clock: int, safe: bool = True
+) -> tuple[int, int] | None:
     """`advance_on` in a transaction of its own."""
     with engine.begin() as c:
-        return advance_on(c, ak_der_hex, machine_id, reset_count, clock)
+        return advance_on(c, ak_der_hex, machine_id, reset_count, clock, safe)

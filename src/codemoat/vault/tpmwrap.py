@@ -112,20 +112,31 @@ class QuoteInfo:
     restart_count: int
     pcr_select: list[tuple[int, bytes]]
     pcr_digest: bytes
+    # TPMS_CLOCK_INFO.safe (Part 2 §10.11.1): NO when the chip may have reported a higher clock
+    # before (it lost power before saving the clock to NV), so this clock alone does not order it.
+    safe: bool = True
+
+
+@dataclass(frozen=True)
+class AttestHeader:
+    """The common part of a TPMS_ATTEST (Part 2 §10.12.12), up to firmwareVersion; `off` is where
+    the type-specific part (attested) starts."""
+
+    magic: int
+    type: int
+    extra_data: bytes
+    clock: int
+    reset_count: int
+    restart_count: int
+    safe: bool
+    off: int
 
 
 def parse_quote(attest: bytes) -> QuoteInfo:
     """TPMS_ATTEST of a quote, field by field; anything else (or trailing bytes) is refused."""
+    h = _header(attest, "quote")
+    magic, typ, extra, off = h.magic, h.type, h.extra_data, h.off
     try:
-        magic, typ = struct.unpack_from(">IH", attest, 0)
-        off = 6
-        (n,) = struct.unpack_from(">H", attest, off)
-        off += 2 + n  # qualifiedSigner
-        (n,) = struct.unpack_from(">H", attest, off)
-        extra = attest[off + 2 : off + 2 + n]
-        off += 2 + n
-        clock, reset, restart, _safe = struct.unpack_from(">QIIB", attest, off)
-        off += 17 + 8  # clockInfo, firmwareVersion
         (count,) = struct.unpack_from(">I", attest, off)
         off += 4
         sel = []
@@ -140,7 +151,7 @@ def parse_quote(attest: bytes) -> QuoteInfo:
         raise QuoteRefused("bad_quote", "quote is truncated") from None
     if magic != TPM_GENERATED or typ != ST_ATTEST_QUOTE or count > 16 or off != len(attest) or len(extra) > 64:
         raise QuoteRefused("bad_quote", "quote is not a TPM-generated quote")
-    return QuoteInfo(extra, clock, reset, restart, sel, digest)
+    return QuoteInfo(extra, h.clock, h.reset_count, h.restart_count, sel, digest, h.safe)
 
 
 def pcr_bitmap(pcrs: list[int]) -> bytes:
@@ -158,14 +169,7 @@ def verify_quote(tpm: dict[str, Any], quote: Any, expected_data: bytes) -> Quote
         raise QuoteRefused("unknown_ak", "quote is signed by an attestation key not registered for this license")
     attest = b64d(quote["attest"], "quote")
     r, s = b64d(quote["r"], "quote signature r"), b64d(quote["s"], "quote signature s")
-    if len(attest) > 1024 or not (0 < len(r) <= 32 and 0 < len(s) <= 32):
-        raise QuoteRefused("bad_quote", "quote is malformed")
-    try:
-        p256_public(tpm["ak"], "attestation key").verify(
-            encode_dss_signature(int.from_bytes(r, "big"), int.from_bytes(s, "big")), attest, ec.ECDSA(hashes.SHA256())
-        )
-    except (InvalidSignature, ValueError):
-        raise QuoteRefused("bad_quote", "quote signature does not verify with the registered attestation key") from None
+    _verify_signature(tpm["ak"], attest, r, s, "quote")
     info = parse_quote(attest)
     if info.extra_data != expected_data:
         raise QuoteRefused("stale_quote", "quote is not over this request's nonce (stale or replayed)")
@@ -203,9 +207,8 @@ class CounterInfo:
     reset_count: int
 
 
-def _signed_attest(ak_der_hex: str, attest: bytes, r: bytes, s: bytes, what: str) -> tuple[int, int, bytes, int, int, int]:
-    """A TPMS_ATTEST signed by the AK, its common header read: (magic, type, extraData, clock,
-    resetCount, offset of the type-specific part), or `QuoteRefused` naming `what` failed."""
+def _verify_signature(ak_der_hex: str, attest: bytes, r: bytes, s: bytes, what: str) -> None:
+    """The AK's ECDSA-SHA256 signature over a TPMS_ATTEST of bounded size, or `QuoteRefused`."""
     if len(attest) > 1024 or not (0 < len(r) <= 32 and 0 < len(s) <= 32):
         raise QuoteRefused("bad_quote", f"{what} is malformed")
     try:
@@ -214,6 +217,11 @@ def _signed_attest(ak_der_hex: str, attest: bytes, r: bytes, s: bytes, what: str
         )
     except (InvalidSignature, ValueError):
         raise QuoteRefused("bad_quote", f"{what} signature does not verify with the attestation key") from None
+
+
+def _header(attest: bytes, what: str) -> AttestHeader:
+    """The common TPMS_ATTEST header: magic, type, qualifiedSigner (skipped), extraData, clockInfo
+    (clock, resetCount, restartCount, safe) and firmwareVersion (skipped)."""
     try:
         magic, typ = struct.unpack_from(">IH", attest, 0)
         off = 6
@@ -221,12 +229,24 @@ def _signed_attest(ak_der_hex: str, attest: bytes, r: bytes, s: bytes, what: str
         off += 2 + n  # qualifiedSigner
         (n,) = struct.unpack_from(">H", attest, off)
         extra = attest[off + 2 : off + 2 + n]
+        if len(extra) != n:
+            raise struct.error("short extraData")
         off += 2 + n
-        clock, reset, _restart, _safe = struct.unpack_from(">QIIB", attest, off)
+        clock, reset, restart, safe = struct.unpack_from(">QIIB", attest, off)
         off += 17 + 8  # clockInfo, firmwareVersion
     except struct.error:
         raise QuoteRefused("bad_quote", f"{what} is truncated") from None
-    return magic, typ, extra, clock, reset, off
+    if safe not in (0, 1):  # TPMI_YES_NO
+        raise QuoteRefused("bad_quote", f"{what} is not a TPM-generated statement (clockInfo.safe is {safe})")
+    return AttestHeader(magic, typ, extra, clock, reset, restart, safe == 1, off)
+
+
+def _signed_attest(ak_der_hex: str, attest: bytes, r: bytes, s: bytes, what: str) -> tuple[int, int, bytes, int, int, int]:
+    """A TPMS_ATTEST signed by the AK, its common header read: (magic, type, extraData, clock,
+    resetCount, offset of the type-specific part), or `QuoteRefused` naming `what` failed."""
+    _verify_signature(ak_der_hex, attest, r, s, what)
+    h = _header(attest, what)
+    return h.magic, h.type, h.extra_data, h.clock, h.reset_count, h.off
 
 
 def verify_nv_certify(ak_der_hex: str, attest: bytes, r: bytes, s: bytes, expected_data: bytes, index: int) -> CounterInfo:
