@@ -10,7 +10,8 @@ import pytest
 
 from codemoat.errors import CodemoatError
 from codemoat.trace import detect, fingerprint, gguf_io, st_io
-from codemoat.trace.detect import trace, trace_files
+from codemoat.trace.detect import trace
+from codemoat.trace.trace_stream import trace_files
 
 from . import attacks
 from .synth import Shape, random_weights, write_gguf

@@ -36,7 +36,7 @@ def trace_cmd(
 ) -> None:
     """Rank every customer by the evidence that SUSPECT is their fingerprinted copy."""
     from ..trace import vendor_io
-    from ..trace.detect import trace_files
+    from ..trace.trace_stream import trace_files
 
     suspect_w = vendor_io.weights_path(suspect)
     v = vendor_io.open_vendor(vendor)

@@ -1,7 +1,7 @@
 """codemoat.trace: which copy leaked, and who wrote this.
 
 - `fingerprint.fingerprint_model(data, fmt, secret)`: a customer's spread-spectrum mark in the weights
-  (called by `Vendor.seal`); `detect.trace_files(suspect, original, secrets)` names the customer.
+  (called by `Vendor.seal`); `trace_stream.trace_files(suspect, original, secrets)` names the customer.
 - `align`: undoes function-preserving permutations (MLP units, attention heads) before scoring.
 - `gguf_io`, `st_io`: tensors of GGUF (any quantisation) and safetensors files as float32;
   `gguf_stream` reads a GGUF tensor by tensor, `quant` dequantises (llama.cpp) and edits integer codes.

@@ -198,21 +198,3 @@ def _hf_config(path) -> dict:
         return json.loads(cfg.read_text())
     except (OSError, ValueError):
         return {}
-
-
-def trace_files(suspect_path, original_path, customers: Mapping[str, bytes], **kw) -> TraceResult:
-    """`trace` on two model files (GGUF of any quantisation, or safetensors); two GGUF files are
-    streamed tensor by tensor (trace_stream.py)."""
-    from . import gguf_io
-    from .vendor_io import weights_path
-
-    sp, op = weights_path(suspect_path), weights_path(original_path)
-    if gguf_io.is_gguf(sp) and gguf_io.is_gguf(op):
-        from .trace_stream import trace_gguf
-
-        if not customers:
-            raise CodemoatError("no customers registered: nothing to trace against")
-        return trace_gguf(sp, op, customers, **kw)
-    s, _, _ = load(sp)
-    o, meta, names = load(op)
-    return trace(s, o, customers, names=names, meta=meta, **kw)

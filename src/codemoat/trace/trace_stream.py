@@ -30,7 +30,7 @@ import numpy as np
 from ..errors import CodemoatError
 from . import fingerprint as fp
 from .align import align
-from .detect import MAX_POSITIONS, THRESHOLD, Score, TraceResult, p_value
+from .detect import MAX_POSITIONS, THRESHOLD, Score, TraceResult, load, p_value, trace
 from .gguf_stream import GGUFFile, TensorInfo
 
 MAX_SPARSE = 1_000_000
@@ -222,3 +222,20 @@ def _finish(part: dict, acc: dict, stats: dict) -> None:
     if used:
         stats["positions"] += used
         stats["tensors"] += 1
+
+
+def trace_files(suspect_path, original_path, customers: Mapping[str, bytes], **kw) -> TraceResult:
+    """`trace` on two model files (GGUF of any quantisation, or safetensors); two GGUF files are
+    streamed tensor by tensor (`trace_gguf`); others are loaded whole (`detect.trace`). Here rather
+    than in detect.py, so that the two modules import one way (this one imports detect)."""
+    from . import gguf_io
+    from .vendor_io import weights_path
+
+    sp, op = weights_path(suspect_path), weights_path(original_path)
+    if gguf_io.is_gguf(sp) and gguf_io.is_gguf(op):
+        if not customers:
+            raise CodemoatError("no customers registered: nothing to trace against")
+        return trace_gguf(sp, op, customers, **kw)
+    s, _, _ = load(sp)
+    o, meta, names = load(op)
+    return trace(s, o, customers, names=names, meta=meta, **kw)
