@@ -33,6 +33,7 @@ CORPUS = [
 def build_tiny_gguf(
     path: Path,
     *,
+    arch: str = "llama",
     n_layer: int = 2,
     n_embd: int = 64,
     n_ctx: int = 512,
@@ -40,9 +41,12 @@ def build_tiny_gguf(
     chat_template: str | None = None,
     n_ff: int | None = None,
     n_head: int = 4,
+    n_kv: int | None = None,
     dtype: str = "F32",
 ) -> Path:
-    """`n_ff` defaults to 2 x `n_embd`; `dtype` F16 halves the file of a wide model (norms stay F32)."""
+    """A GGUF of architecture `arch` ("llama", or "gemma3": see tests/tune/tinygemma.py) with random
+    weights. `n_ff` defaults to 2 x `n_embd`, `n_kv` (KV heads) to `n_head`; `dtype` F16 halves the
+    file of a wide llama (norms stay F32)."""
     import gguf
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
 
@@ -58,19 +62,18 @@ def build_tiny_gguf(
     import json
 
     merges = [m if isinstance(m, str) else " ".join(m) for m in json.loads(tok.to_str())["model"]["merges"]]
-    n_vocab = len(tokens)
+    layout = LAYOUTS[arch]
     rng = np.random.default_rng(seed)
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_name("tiny-test")
+    n_ff = n_ff or n_embd * 2
+    n_kv = n_kv or n_head
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name("tiny-test" if arch == "llama" else f"tiny-{arch}-test")
     w.add_context_length(n_ctx)
     w.add_embedding_length(n_embd)
     w.add_block_count(n_layer)
-    n_ff = n_ff or n_embd * 2
     w.add_feed_forward_length(n_ff)
     w.add_head_count(n_head)
-    w.add_head_count_kv(n_head)
-    w.add_rope_dimension_count(n_embd // n_head)
-    w.add_layer_norm_rms_eps(1e-5)
+    w.add_head_count_kv(n_kv)
     w.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "F32" else gguf.LlamaFileType.MOSTLY_F16)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("qwen2")
@@ -83,25 +86,62 @@ def build_tiny_gguf(
     if chat_template:
         w.add_chat_template(chat_template)
 
-    def t(name: str, *shape: int, scale: float = 0.02) -> None:
+    def t(name: str, *shape: int, scale: float) -> None:
         w.add_tensor(name, (rng.standard_normal(shape) * scale).astype(np.float32 if dtype == "F32" else np.float16))
 
-    t("token_embd.weight", n_vocab, n_embd, scale=1.0)
-    t("output.weight", n_vocab, n_embd, scale=0.5)
-    w.add_tensor("output_norm.weight", np.ones(n_embd, np.float32))
-    for i in range(n_layer):
-        w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(n_embd, np.float32))
-        w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(n_embd, np.float32))
-        for n in ("attn_q", "attn_k", "attn_v", "attn_output"):
-            t(f"blk.{i}.{n}.weight", n_embd, n_embd)
-        t(f"blk.{i}.ffn_gate.weight", n_ff, n_embd)
-        t(f"blk.{i}.ffn_up.weight", n_ff, n_embd)
-        t(f"blk.{i}.ffn_down.weight", n_embd, n_ff)
+    def norm(name: str, n: int, spread: float = 0.0) -> None:  # 1 + spread * noise (all ones without)
+        w.add_tensor(name, (1.0 + rng.standard_normal(n) * spread).astype(np.float32) if spread else np.ones(n, np.float32))
+
+    layout(w, t, norm, n_vocab=len(tokens), n_layer=n_layer, n_embd=n_embd, n_ff=n_ff, n_head=n_head, n_kv=n_kv)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def _llama(w, t, norm, *, n_vocab: int, n_layer: int, n_embd: int, n_ff: int, n_head: int, n_kv: int) -> None:
+    w.add_rope_dimension_count(n_embd // n_head)
+    w.add_layer_norm_rms_eps(1e-5)
+    t("token_embd.weight", n_vocab, n_embd, scale=1.0)
+    t("output.weight", n_vocab, n_embd, scale=0.5)
+    norm("output_norm.weight", n_embd)
+    for i in range(n_layer):
+        norm(f"blk.{i}.attn_norm.weight", n_embd)
+        norm(f"blk.{i}.ffn_norm.weight", n_embd)
+        head = n_embd // n_head
+        for n, rows in (("attn_q", n_embd), ("attn_k", n_kv * head), ("attn_v", n_kv * head), ("attn_output", n_embd)):
+            t(f"blk.{i}.{n}.weight", rows, n_embd, scale=0.02)
+        t(f"blk.{i}.ffn_gate.weight", n_ff, n_embd, scale=0.02)
+        t(f"blk.{i}.ffn_up.weight", n_ff, n_embd, scale=0.02)
+        t(f"blk.{i}.ffn_down.weight", n_embd, n_ff, scale=0.02)
+
+
+def _gemma3(w, t, norm, *, n_vocab: int, n_layer: int, n_embd: int, n_ff: int, n_head: int, n_kv: int) -> None:
+    head_dim = 256  # as in every Gemma 3 (tests/tune/tinygemma.py says why)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_rope_freq_base(1_000_000.0)
+    w.add_sliding_window(512)
+    t("token_embd.weight", n_vocab, n_embd, scale=0.5)  # also the output matrix (tied)
+    norm("output_norm.weight", n_embd, 0.1)  # stored as 1 + w (Gemma's RMSNorm multiplies by 1 + w)
+    for i in range(n_layer):
+        for n in ("attn_norm", "post_attention_norm", "ffn_norm", "post_ffw_norm"):
+            norm(f"blk.{i}.{n}.weight", n_embd, 0.1)
+        norm(f"blk.{i}.attn_q_norm.weight", head_dim, 0.1)
+        norm(f"blk.{i}.attn_k_norm.weight", head_dim, 0.1)
+        t(f"blk.{i}.attn_q.weight", n_head * head_dim, n_embd, scale=0.05)
+        t(f"blk.{i}.attn_k.weight", n_kv * head_dim, n_embd, scale=0.05)
+        t(f"blk.{i}.attn_v.weight", n_kv * head_dim, n_embd, scale=0.05)
+        t(f"blk.{i}.attn_output.weight", n_embd, n_head * head_dim, scale=0.05)
+        t(f"blk.{i}.ffn_gate.weight", n_ff, n_embd, scale=0.05)
+        t(f"blk.{i}.ffn_up.weight", n_ff, n_embd, scale=0.05)
+        t(f"blk.{i}.ffn_down.weight", n_embd, n_ff, scale=0.05)
+
+
+#: architecture -> its hyperparameters and tensors, as llama.cpp's converter lays them out
+LAYOUTS = {"llama": _llama, "gemma3": _gemma3}
 
 
 #: llama.cpp file types (LLAMA_FTYPE_MOSTLY_*) the tests quantise to
