@@ -43,10 +43,17 @@ def build_tiny_gguf(
     n_head: int = 4,
     n_kv: int | None = None,
     dtype: str = "F32",
+    specials: list[str] = SPECIALS,
+    corpus: list[str] = CORPUS,
+    bos: str = "<|endoftext|>",
+    eos: str = "<|endoftext|>",
+    add_bos: bool = False,
+    name: str | None = None,
 ) -> Path:
     """A GGUF of architecture `arch` ("llama", or "gemma3": see tests/tune/tinygemma.py) with random
-    weights. `n_ff` defaults to 2 x `n_embd`, `n_kv` (KV heads) to `n_head`; `dtype` F16 halves the
-    file of a wide llama (norms stay F32)."""
+    weights and a byte-level BPE vocabulary trained on `corpus`, `specials` marked as control tokens.
+    `n_ff` defaults to 2 x `n_embd`, `n_kv` (KV heads) to `n_head`; `dtype` F16 halves the file of a
+    wide llama (norms stay F32)."""
     import gguf
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
 
@@ -54,9 +61,9 @@ def build_tiny_gguf(
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
     )
-    tok.train_from_iterator(CORPUS, trainer)
+    tok.train_from_iterator(corpus, trainer)
     vocab = tok.get_vocab()
     tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
     import json
@@ -67,7 +74,7 @@ def build_tiny_gguf(
     n_ff = n_ff or n_embd * 2
     n_kv = n_kv or n_head
     w = gguf.GGUFWriter(str(path), arch)
-    w.add_name("tiny-test" if arch == "llama" else f"tiny-{arch}-test")
+    w.add_name(name or ("tiny-test" if arch == "llama" else f"tiny-{arch}-test"))
     w.add_context_length(n_ctx)
     w.add_embedding_length(n_embd)
     w.add_block_count(n_layer)
@@ -78,11 +85,11 @@ def build_tiny_gguf(
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("qwen2")
     w.add_token_list(tokens)
-    w.add_token_types([gguf.TokenType.CONTROL if t in SPECIALS else gguf.TokenType.NORMAL for t in tokens])
+    w.add_token_types([gguf.TokenType.CONTROL if t in specials else gguf.TokenType.NORMAL for t in tokens])
     w.add_token_merges(merges)
-    w.add_bos_token_id(vocab["<|endoftext|>"])
-    w.add_eos_token_id(vocab["<|endoftext|>"])
-    w.add_add_bos_token(False)
+    w.add_bos_token_id(vocab[bos])
+    w.add_eos_token_id(vocab[eos])
+    w.add_add_bos_token(add_bos)
     if chat_template:
         w.add_chat_template(chat_template)
 
