@@ -223,3 +223,40 @@ def test_hostile_bodies_get_the_protocols_answer(app_client, path, body, status)
         assert "\n" not in msg and "Traceback" not in msg
     nxt = app_client.post("/infill", json={"input_prefix": "x = 1\n", "n_predict": 4}, headers=h)
     assert nxt.status_code == 200
+
+
+# ------------------------------------------------------------------- a flood at the server's door ---
+def test_the_servers_admission_hands_a_freed_place_to_the_user_holding_fewest(app_client):
+    """`server.max_concurrent` places: a contractor who opened many requests holds them all and has more
+    waiting; the payments team's request, arriving last, gets the next freed place (first come first
+    served put it behind every one of the contractor's). A waiter that gives up leaks no place."""
+    from codemoat.serve.admission import FairSlots
+
+    svc = app_client.app.state.service
+    assert isinstance(svc._slots, FairSlots)
+    order: list[str] = []
+
+    async def go():
+        svc._slots = FairSlots(2)
+        gate = asyncio.Event()
+
+        async def request(who: str, tag: str):
+            async with svc._slot(who):
+                order.append(tag)
+                await gate.wait()
+
+        first = [asyncio.ensure_future(request("contractor", f"c{i}")) for i in range(2)]
+        await asyncio.sleep(0)
+        queued = [asyncio.ensure_future(request("contractor", f"c{i}")) for i in range(2, 6)]
+        gone = asyncio.ensure_future(request("payments", "gone"))
+        pay = asyncio.ensure_future(request("payments", "pay"))
+        await asyncio.sleep(0)
+        assert svc.waiting == 6 and order == ["c0", "c1"]
+        gone.cancel()  # this client hung up while waiting
+        gate.set()
+        await asyncio.gather(*first, *queued, pay)
+        assert svc._slots.busy == 0 and not svc._slots.held and svc.waiting == 0
+
+    run(go())
+    assert order[:3] == ["c0", "c1", "pay"], order
+    assert "gone" not in order

@@ -288,7 +288,7 @@ def test_admission_queue_waits_and_returns_slots(random_gguf):
     codes = asyncio.run(go())
     assert [c for c, _ in codes] == [200] * 6, codes
     assert max(peak) >= 1  # someone waited for the single slot
-    assert svc.waiting == 0 and svc._slots._value == 1
+    assert svc.waiting == 0 and svc._slots.busy == 0 and not svc._slots.held
     holder.close()
 
 

@@ -24,6 +24,7 @@ from ..engines.base import Chunk, Completion, Engine, SamplingParams
 from ..engines.holder import ModelHolder
 from ..engines.templates import chat_template_for, detect_fim
 from ..errors import CodemoatError, Forbidden, NotFound
+from .admission import FairSlots
 from .prepare import Prepared, Preparer
 from .prompts import FimInput, Templates
 
@@ -52,7 +53,7 @@ class Service:
         self._templates: dict[int, Templates] = {}
         self.started = time.time()
         # admission: at most `max_concurrent` generations hold a slot; the rest wait in line
-        self._slots = asyncio.Semaphore(settings.server.max_concurrent)
+        self._slots = FairSlots(settings.server.max_concurrent)  # a freed place goes to the user holding fewest
         self.waiting = 0
         if holder.loaded:  # a configured template that does not fit the model is refused at start-up
             self.templates(holder.get())
@@ -216,7 +217,7 @@ class Service:
         p.params.cache_key = None if principal is None else f"{principal.user}\0{p.params.adapter or ''}"
         parts: list[str] = []
         try:
-            async with self._slot():
+            async with self._slot(None if principal is None else principal.user):
                 async for chunk in p.engine.stream(p.ids or p.prompt, p.params):
                     usage.completion_tokens += len(chunk.token_ids)
                     usage.timings = chunk.timings or usage.timings
@@ -241,16 +242,16 @@ class Service:
             p.params.adapter = request.state.usage.adapter = a.name
 
     @contextlib.asynccontextmanager
-    async def _slot(self):
+    async def _slot(self, who: str | None):
         self.waiting += 1
         try:
-            await self._slots.acquire()
+            await self._slots.acquire(who)
         finally:
             self.waiting -= 1
         try:
             yield
         finally:
-            self._slots.release()
+            self._slots.release(who)
 
 
 async def _disconnected(request: Request) -> None:

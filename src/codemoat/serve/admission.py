@@ -1,0 +1,62 @@
+"""Admission to generation: at most `limit` requests at once (`server.max_concurrent`), shared fairly.
+
+A first-come-first-served semaphore let one user who opened many requests hold every place and put
+everyone else's behind all of theirs (a flood of 1,000 requests from a contractor kept the payments
+team waiting until 936 of them had run). Here a freed place goes to the waiting request of the user
+who holds the fewest places; among one user's requests, and among equals, the first to arrive. The
+batched engine admits to its slots by the same rule (`engines.batch.Batcher._next`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+
+class FairSlots:
+    """An asyncio semaphore of `limit` places whose waiters are woken by how many places their user holds."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.busy = 0
+        self.held: Counter[str | None] = Counter()
+        self._waiters: list[tuple[str | None, asyncio.Future]] = []
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    async def acquire(self, who: str | None) -> None:
+        if self.busy < self.limit and not self._waiters:
+            self._take(who)
+            return
+        entry = (who, asyncio.get_running_loop().create_future())
+        self._waiters.append(entry)
+        try:
+            await entry[1]
+        except BaseException:  # cancelled (the client left): give back a place handed over meanwhile
+            if entry in self._waiters:
+                self._waiters.remove(entry)
+            elif entry[1].done() and not entry[1].cancelled():
+                self.release(who)
+            raise
+
+    def release(self, who: str | None) -> None:
+        self.busy -= 1
+        self.held[who] -= 1
+        if self.held[who] <= 0:
+            del self.held[who]
+        self._wake()
+
+    def _take(self, who: str | None) -> None:
+        self.busy += 1
+        self.held[who] += 1
+
+    def _wake(self) -> None:
+        while self.busy < self.limit and self._waiters:
+            at = min(range(len(self._waiters)), key=lambda i: self.held[self._waiters[i][0]])  # the first among equals
+            who, fut = self._waiters.pop(at)
+            if fut.done():  # cancelled while waiting
+                continue
+            self._take(who)
+            fut.set_result(None)
