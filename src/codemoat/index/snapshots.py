@@ -21,7 +21,9 @@ reader on another machine that has not yet looked again never finds its file gon
 Whoever can write the shared volume is not trusted with the files of the hosts that use it: the
 pointer, the snapshots folder and a snapshot are never followed through a symbolic link (a reader
 would open, and the writer copy onto the volume, a host file; a planted `CURRENT.tmp` link would
-have the writer overwrite one), and a pointer that names no snapshot is not quoted back.
+have the writer overwrite one), and a pointer that names no snapshot is not quoted back. Nor is
+a snapshot's schema trusted: views and triggers planted in one cannot call functions
+(`_untrusted_schema`).
 """
 
 from __future__ import annotations
@@ -101,7 +103,8 @@ class SnapshotDir:
 
     @staticmethod
     def open_reader(path: Path) -> sqlite3.Connection:
-        return sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True, isolation_level=None, check_same_thread=False)
+        conn = sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True, isolation_level=None, check_same_thread=False)
+        return _untrusted_schema(conn)
 
     def begin(self) -> Building:
         """Take the writer lock and start the next snapshot from a copy of the current one."""
@@ -169,7 +172,7 @@ class Building:
         self.dir, self._lock, self.path, self.after = snapdir, lock_fd, path, after
 
     def connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+        conn = _untrusted_schema(sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30))
         # a private file until it is published: no journal needed to survive a crash (it is thrown away)
         conn.execute("PRAGMA journal_mode=OFF")
         conn.execute("PRAGMA synchronous=OFF")
@@ -205,6 +208,19 @@ class Building:
             self.path.unlink(missing_ok=True)
         finally:
             os.close(self._lock)
+
+
+def _untrusted_schema(conn: sqlite3.Connection) -> sqlite3.Connection:
+    """A snapshot came from a shared volume: its schema may have been crafted there.
+
+    `trusted_schema=OFF`: views and triggers in the file cannot call functions or virtual tables
+    that are not marked innocuous (json_each, pragma_* tables, FTS5 tables, any function an
+    application registers); the index's own schema has neither views nor triggers, and its
+    queries name its tables directly. `cell_size_check=ON`: a malformed page is reported as
+    corruption instead of being read (https://sqlite.org/security.html, "untrusted database files")."""
+    conn.execute("PRAGMA trusted_schema=OFF")
+    conn.execute("PRAGMA cell_size_check=ON")
+    return conn
 
 
 def _number(path: Path) -> int:
