@@ -61,13 +61,9 @@ def generate_chunk(model: str, text: str) -> dict[str, Any]:
     return {"model": model, "created_at": timestamp(), "response": text, "done": False}
 
 
-def generate_final(
-    model: str, text: str, reason: str, prompt_n: int, eval_n: int, total_ns: int, extra: dict | None = None
-) -> dict[str, Any]:
+def _done(reason: str, prompt_n: int, eval_n: int, total_ns: int, extra: dict | None) -> dict[str, Any]:
+    """The closing fields a final /api/generate and /api/chat object share."""
     body = {
-        "model": model,
-        "created_at": timestamp(),
-        "response": text,
         "done": True,
         "done_reason": reason,
         "total_duration": total_ns,
@@ -77,9 +73,13 @@ def generate_final(
         "eval_count": eval_n,
         "eval_duration": total_ns,
     }
-    if extra:
-        body.update(extra)
-    return body
+    return body | (extra or {})
+
+
+def generate_final(
+    model: str, text: str, reason: str, prompt_n: int, eval_n: int, total_ns: int, extra: dict | None = None
+) -> dict[str, Any]:
+    return {"model": model, "created_at": timestamp(), "response": text, **_done(reason, prompt_n, eval_n, total_ns, extra)}
 
 
 def chat_chunk(model: str, text: str) -> dict[str, Any]:
@@ -89,22 +89,8 @@ def chat_chunk(model: str, text: str) -> dict[str, Any]:
 def chat_final(
     model: str, text: str, reason: str, prompt_n: int, eval_n: int, total_ns: int, extra: dict | None = None
 ) -> dict[str, Any]:
-    body = {
-        "model": model,
-        "created_at": timestamp(),
-        "message": {"role": "assistant", "content": text},
-        "done": True,
-        "done_reason": reason,
-        "total_duration": total_ns,
-        "load_duration": 0,
-        "prompt_eval_count": prompt_n,
-        "prompt_eval_duration": 0,
-        "eval_count": eval_n,
-        "eval_duration": total_ns,
-    }
-    if extra:
-        body.update(extra)
-    return body
+    message = {"role": "assistant", "content": text}
+    return {"model": model, "created_at": timestamp(), "message": message, **_done(reason, prompt_n, eval_n, total_ns, extra)}
 
 
 def model_entry(name: str, size: int, digest: str, family: str, quant: str, params: str, modified: str) -> dict[str, Any]:
