@@ -4,6 +4,7 @@ over a sealed base, and a new version swapped in under 16 streaming clients with
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 
@@ -24,6 +25,17 @@ def _text(url: str, token: str, model: str) -> str:
     r = httpx.post(f"{url}/v1/completions", json=body, headers={"Authorization": f"Bearer {token}"}, timeout=60)
     assert r.status_code == 200, r.text
     return r.json()["choices"][0]["text"]
+
+
+def _memfds(pid: int, name: str) -> int:
+    """How many of the adapter's memfds process `pid` holds open."""
+    n = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            n += os.readlink(f"/proc/{pid}/fd/{fd}").startswith(f"/memfd:codemoat-adapter-{name} ")
+        except OSError:
+            pass
+    return n
 
 
 def _update_records() -> list[dict]:
@@ -68,6 +80,7 @@ def test_vendor_adapter_served_by_group_and_swapped_without_downtime(shop, store
 
     lora.write_bytes(forcing_lora_gguf(gguf_file, "Ġdog"))
     store.apply(shop.release("2", kind="adapter", source=lora), lic)  # keeps the groups chosen for v1
+    assert _memfds(srv.proc.pid, "fee") == 1
     body = {"model": model, "prompt": PROMPT, "max_tokens": 12, "temperature": 0.0}
     stop, lock = threading.Event(), threading.Lock()
     stats = {"done": 0, "failed": 0, "lat": [], "errors": []}
@@ -86,6 +99,10 @@ def test_vendor_adapter_served_by_group_and_swapped_without_downtime(shop, store
         t.join(timeout=120)
     assert stats["failed"] == 0, stats["errors"][:3]
     assert new_served
+    deadline = time.monotonic() + 60  # v1's memfd is closed once the old engine's streams are done
+    while _memfds(srv.proc.pid, "fee") != 1:
+        assert time.monotonic() < deadline, f"{_memfds(srv.proc.pid, 'fee')} memfds of adapter fee are still open"
+        time.sleep(0.2)
 
     v2 = _text(srv.url, alice, model)
     assert v2 == DOG  # the new version answers alice

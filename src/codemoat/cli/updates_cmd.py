@@ -9,7 +9,7 @@ import typer
 
 from ..errors import CodemoatError
 from .apps import update_app, vendor_app
-from .common import JsonFlag, console, emit
+from .common import JsonFlag, console, emit, print_error
 from .vault_cmd import VendorDir, _fingerprinter
 
 LicenseOpt = Annotated[
@@ -165,24 +165,48 @@ def update_apply(
             "(default: as before, else everyone).",
         ),
     ] = None,
+    swap: Annotated[
+        bool,
+        typer.Option(
+            "--swap/--no-swap",
+            help="Hand a model, or an adapter a server serves, to the `codemoat serve` running on this home, which "
+            "swaps it in without a restart (a failed health check keeps the old one and rolls the store back).",
+        ),
+    ] = True,
     as_json: JsonFlag = False,
 ) -> None:
-    """Install a bundle atomically (a crash leaves the previous version serving)."""
+    """Install a bundle atomically (a crash leaves the previous version serving), then swap it into the running server."""
     from ..index.update import parse_groups
+    from ..updates.bundle import channel
+    from ..updates.handoff import hand_over
     from ..updates.store import label
 
     r = _store().apply(file, license, parse_groups(groups) if groups is not None else None)
-    emit(
-        r,
-        as_json,
-        lambda d: console.print(
-            f"installed {label(d)}"
-            + (f" (was {d['previous']})" if d["previous"] else "")
-            + (f"; indexed {d['index']['chunks']} chunks as {d['index']['source']}" if d.get("index") else ""),
-            highlight=False,
-            soft_wrap=True,
-        ),
-    )
+    if swap and r["kind"] in ("model", "adapter"):
+        r["served"] = hand_over(channel(r["kind"], r["name"]))
+    failed = [a for a in r.get("served", []) if not a.get("ok")]
+
+    def human(d: dict[str, Any]) -> None:
+        line = f"installed {label(d)}" + (f" (was {d['previous']})" if d["previous"] else "")
+        if d.get("index"):
+            line += f"; indexed {d['index']['chunks']} chunks as {d['index']['source']}"
+        served = d.get("served")
+        if served is not None and not served:
+            line += "; no server is running on this home: it serves from the next start"
+        for a in served or []:
+            if a.get("ok") and a.get("swapped"):
+                line += f"; server pid {a['pid']} serves it now (swapped in {a.get('seconds', '?')} s)"
+            elif a.get("ok"):
+                line += f"; server pid {a['pid']} left as it is: {a.get('reason')}"
+        if failed:
+            a = failed[0]
+            print_error(f"{line}; but server pid {a['pid']} could not serve it: {a.get('error')}")
+        else:
+            console.print(line, highlight=False, soft_wrap=True)
+
+    emit(r, as_json, human)
+    if failed:
+        raise typer.Exit(1)
 
 
 @update_app.command("list")
@@ -203,7 +227,7 @@ def update_list(as_json: JsonFlag = False) -> None:
             t.add_row(
                 r["channel"],
                 r["version"],
-                "yes" if r["current"] else "",
+                "yes" if r["current"] else r.get("status", ""),
                 iso(r["released_at"]),
                 iso(r["installed_at"]),
                 r.get("notes") or "",

@@ -181,6 +181,27 @@ def _vendor_adapter(name: str) -> LoadedAdapter:
     return hit[1]
 
 
+def release_unused(adapters: Any, keep: Any) -> int:
+    """Close the memfds of `adapters` that no engine in `keep` serves (a swapped-out version, once the
+    engine that served it has closed) and forget them; returns how many were closed."""
+    keep_fds = {a.fd for a in keep}
+    closed = 0
+    for a in adapters:
+        if a.fd < 0 or a.fd in keep_fds:
+            continue
+        for k, (_, cached) in list(_LOADED.items()):
+            if cached is a:
+                del _LOADED[k]
+        if _LATEST.get(a.name) is a:
+            del _LATEST[a.name]
+        try:
+            os.close(a.fd)
+            closed += 1
+        except OSError:
+            pass
+    return closed
+
+
 def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

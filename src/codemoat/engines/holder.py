@@ -81,6 +81,8 @@ class ModelHolder:
         self.watermark_key: bytes | None = None
         #: called with (kind, detail) when the engine reports an incident, e.g. ("engine_crashed", {...})
         self.incidents: list[Callable[[str, dict[str, Any]], None]] = []
+        #: swapped-out engines still finishing their in-flight requests
+        self.retiring: set[Engine] = set()
 
     @property
     def features(self) -> list[str] | None:
@@ -133,14 +135,21 @@ class ModelHolder:
             old.close()
 
     def swap(
-        self, new: Engine, check: Callable[[Engine], Any] | None = None, *, settle_s: float = 1.0, drain_s: float = 600.0
+        self,
+        new: Engine,
+        check: Callable[[Engine], Any] | None = None,
+        *,
+        settle_s: float = 1.0,
+        drain_s: float = 600.0,
+        after_close: Callable[[Engine], Any] | None = None,
     ) -> Engine | None:
         """Serve `new` from now on without dropping a request (an applied update bundle).
 
         `check(new)` runs first (a fixed prompt must produce tokens); if it raises, `new` is closed
         and the current engine keeps serving (the error goes to the caller). Then new requests get
         `new`, while the old engine finishes the streams it has in flight and is closed afterwards
-        (after `settle_s`, once none is left, at most `drain_s`). Returns the old engine."""
+        (after `settle_s`, once none is left, at most `drain_s`), then `after_close(old)` runs (freeing
+        what only the old engine used: a swapped-out adapter's memfd). Returns the old engine."""
         try:
             if check is not None:
                 check(new)
@@ -153,7 +162,14 @@ class ModelHolder:
             old, self._engine = self._engine, new
             self.state, self.reason = "loaded", ""
         if old is not None and old is not new:
-            threading.Thread(target=_retire, args=(old, settle_s, drain_s), name="retire-engine", daemon=True).start()
+            self.retiring.add(old)
+
+            def done(e: Engine) -> None:
+                self.retiring.discard(e)
+                if after_close is not None:
+                    after_close(e)
+
+            threading.Thread(target=_retire, args=(old, settle_s, drain_s, done), name="retire-engine", daemon=True).start()
         return old
 
     def load(self) -> Engine:
@@ -201,8 +217,8 @@ def _track(engine: Engine) -> None:
     engine.stream = stream  # type: ignore[method-assign]
 
 
-def _retire(old: Engine, settle_s: float, drain_s: float) -> None:
-    """Close a swapped-out engine once the requests that already hold it are done."""
+def _retire(old: Engine, settle_s: float, drain_s: float, done: Callable[[Engine], Any] | None = None) -> None:
+    """Close a swapped-out engine once the requests that already hold it are done, then `done(old)`."""
     import time
 
     time.sleep(settle_s)  # a request that took the engine just before the swap reaches its stream
@@ -213,3 +229,8 @@ def _retire(old: Engine, settle_s: float, drain_s: float) -> None:
         old.close()
     except Exception:
         log.exception("closing the swapped-out engine failed")
+    if done is not None:
+        try:
+            done(old)
+        except Exception:
+            log.exception("cleaning up after the swapped-out engine failed")

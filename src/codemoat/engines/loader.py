@@ -13,6 +13,13 @@ from .holder import ModelHolder
 _SWAPPING = threading.Lock()  # held while a swap loads and checks its engine
 
 
+class SwapBusy(CodemoatError):
+    """Another swap is loading its engine: nothing was tried (so nothing to roll back)."""
+
+    status = 409
+    code = "conflict"
+
+
 def open_model(settings: Settings) -> ModelHolder:
     """Load the configured model (verifying its license when sealed) and return its holder."""
     m = settings.model
@@ -139,7 +146,7 @@ def _one_swap_at_a_time(fn):
     @functools.wraps(fn)
     def run(*args, **kw):
         if not _SWAPPING.acquire(blocking=False):
-            raise CodemoatError("another model or adapter swap is in progress: try again once it has finished")
+            raise SwapBusy("another model or adapter swap is in progress: try again once it has finished")
         try:
             return fn(*args, **kw)
         finally:
@@ -170,7 +177,7 @@ def swap_adapter(holder: ModelHolder, settings: Settings, name: str) -> dict:
         if name not in served:
             engine.close()
             raise CodemoatError(f"adapter {name!r} was not loaded by the new engine")
-        holder.swap(engine, lambda e: (probe(e), probe(e, name)))
+        holder.swap(engine, lambda e: (probe(e), probe(e, name)), after_close=lambda old: _free_adapters(holder, old))
     except BaseException:
         settings.model.adapters = before
         raise
@@ -180,6 +187,14 @@ def swap_adapter(holder: ModelHolder, settings: Settings, name: str) -> dict:
         "version": served[name].version,
         "seconds": round(time.monotonic() - t0, 3),
     }
+
+
+def _free_adapters(holder: ModelHolder, old) -> None:
+    """Close the memfds of adapters only the closed engine `old` served (a swapped-out version)."""
+    from .adapters import release_unused
+
+    live = [e for e in (holder._engine, *holder.retiring) if e is not None]
+    release_unused(getattr(old, "adapters_served", ()), [a for e in live for a in getattr(e, "adapters_served", ())])
 
 
 @_one_swap_at_a_time

@@ -124,8 +124,10 @@ async def model_swap(request: Request, principal: Principal = admin) -> JSONResp
     """Serve the model `codemoat update apply` installed last (or `{"model", "license"}` given in the body),
     or with `{"adapter": NAME}` the installed version of vendor adapter NAME, without a restart: loaded
     beside the current engine, health-checked, swapped in; in-flight requests finish on the old one. A
-    failed load or check leaves the old engine serving (the error is returned). Both outcomes are audited."""
+    failed load or check leaves the old engine serving (the error is returned) and, for an installed
+    version, rolls the update store back (serve.swapping). Every outcome is audited."""
     from ..errors import CodemoatError
+    from .swapping import swap_installed
 
     body: Any = {}
     if await request.body():
@@ -136,46 +138,42 @@ async def model_swap(request: Request, principal: Principal = admin) -> JSONResp
     if not isinstance(body, dict):
         raise CodemoatError("the body must be a JSON object")
     log = request.app.state.trust.log
-    what = {"adapter": body["adapter"]} if "adapter" in body else {"model": body.get("model") or "installed"}
 
     def audit(step: str, **detail: Any) -> None:
         log.append("update", user=principal.user, token_id=principal.token_id, route=f"update {step}", detail=detail)
 
+    if "adapter" in body:
+        name = body["adapter"]
+        if not isinstance(name, str) or not name:
+            raise CodemoatError("adapter is the name of an installed adapter bundle")
+        app = request.app
+        return JSONResponse(
+            await anyio.to_thread.run_sync(lambda: swap_installed(app, f"adapter:{name}", audit, add_adapter=True))
+        )
+    if body.get("model") is None:
+        app = request.app
+        return JSONResponse(await anyio.to_thread.run_sync(lambda: swap_installed(app, "model", audit)))
     try:
-        out = await _swap(request, body)
+        out = await _swap_file(request, body)
     except Exception as e:
         reason = str(e)[:300]
-        await anyio.to_thread.run_sync(lambda: audit("swap_failed", **what, reason=reason))
+        await anyio.to_thread.run_sync(lambda: audit("swap_failed", model=body.get("model"), reason=reason))
         raise
     await anyio.to_thread.run_sync(lambda: audit("swapped", **out))
     return JSONResponse(out)
 
 
-async def _swap(request: Request, body: dict[str, Any]) -> dict[str, Any]:
+async def _swap_file(request: Request, body: dict[str, Any]) -> dict[str, Any]:
+    """`{"model": PATH, "license": PATH}`: a model file not from the update store."""
     from pathlib import Path
 
-    from ..engines.loader import swap_adapter, swap_model
+    from ..engines.loader import swap_model
     from ..errors import CodemoatError
 
     holder, settings = request.app.state.holder, request.app.state.service.settings
-    if "adapter" in body:
-        name = body["adapter"]
-        if not isinstance(name, str) or not name:
-            raise CodemoatError("adapter is the name of an installed adapter bundle")
-        return await anyio.to_thread.run_sync(lambda: swap_adapter(holder, settings, name))
     model, lic = body.get("model"), body.get("license")
-    version = None
-    if model is None:
-        from ..updates.store import UpdateStore
-
-        rows = [
-            r for r in await anyio.to_thread.run_sync(lambda: UpdateStore().list()) if r["channel"] == "model" and r["current"]
-        ]
-        if not rows:
-            raise CodemoatError("no model bundle is installed (`codemoat update apply FILE`)")
-        model, lic, version = rows[0]["model"], rows[0]["license"], rows[0]["version"]
     if not isinstance(model, str) or (lic is not None and not isinstance(lic, str)):
         raise CodemoatError("model and license are paths")
     out = await anyio.to_thread.run_sync(lambda: swap_model(holder, settings, Path(model), Path(lic) if lic else None))
     request.app.state.egress_allow = list(holder.status.egress_allow)  # the new license's key server
-    return dict(out, version=version)
+    return dict(out, version=None)

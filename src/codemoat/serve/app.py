@@ -34,7 +34,12 @@ def create_app(settings: Settings, *, holder: ModelHolder, accounts: Accounts, r
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        from .swapping import start_handoff
+
+        handoff = start_handoff(app)  # `codemoat update apply` swaps what it installed in here
         yield
+        if handoff is not None:
+            handoff.close()
         hook = getattr(app.state, "on_shutdown", None)
         if hook is not None:
             hook()

@@ -1,6 +1,7 @@
 """The customer's update store: verify, install, list and roll back bundles, crash-safely.
 
-    $CODEMOAT_HOME/updates/state.json        which bundle each channel serves, and its history
+    $CODEMOAT_HOME/updates/state.json        which bundle each channel serves, its history, and the
+                                             versions a running server refused (`fail`)
     $CODEMOAT_HOME/updates/license.lic       the license whose support window gates new bundles
     $CODEMOAT_HOME/updates/bundles/<id>/     an installed bundle (model.moat + model.lic, or the
                                              sealed payload + manifest.json)
@@ -416,6 +417,34 @@ class UpdateStore:
         self.audit("rolled_back", channel=chan, to=info["version"], frm=gone_version, bundle_id=back)
         return out
 
+    def fail(self, chan: str, bundle_id: str, reason: str) -> dict[str, Any] | None:
+        """The running server could not serve `bundle_id` (it failed to load or its health check): make
+        the version before it current again and record this one as failed. None when `bundle_id` is
+        not current in `chan` (nothing to undo)."""
+        s = self.state()
+        ch = s["channels"].get(chan)
+        if not ch or ch.get("current") != bundle_id:
+            return None
+        gone = s["bundles"][bundle_id]
+        hist = ch.get("history", [])
+        back = hist[-1] if hist else None
+        if back is not None and gone.get("groups") is not None:  # the admin's latest choice stays
+            s["bundles"][back]["groups"] = gone["groups"]
+        ch["current"], ch["history"] = back, hist[:-1]
+        failed = {k: gone.get(k) for k in ("kind", "name", "version", "released_at", "installed_at", "notes")}
+        failed.update(channel=chan, bundle_id=bundle_id, reason=reason[:300], failed_at=int(time.time()))
+        s["failed"] = ([*s.get("failed", [])] + [failed])[-10:]
+        s["bundles"] = {k: v for k, v in s["bundles"].items() if k != bundle_id}
+        self._write_state(s)
+        self.reconcile()  # drops the failed bundle's files (and re-indexes a pack)
+        to = s["bundles"][back]["version"] if back else None
+        self.audit("swap_rolled_back", channel=chan, failed=gone["version"], to=to, bundle_id=bundle_id, reason=reason[:300])
+        return {"channel": chan, "failed": gone["version"], "version": to}
+
+    def failed(self) -> list[dict[str, Any]]:
+        """Versions the running server refused (failed load or health check), oldest first."""
+        return list(self.state().get("failed", []))
+
     def list(self) -> list[dict[str, Any]]:
         self.reconcile()
         s = self.state()
@@ -430,4 +459,6 @@ class UpdateStore:
                     row["model"] = str(Path(info["dir"]) / "model.moat")
                     row["license"] = str(Path(info["dir"]) / "model.lic")
                 rows.append(row)
+        for f in s.get("failed", []):
+            rows.append(dict(f, current=False, status="failed"))
         return rows

@@ -1,0 +1,89 @@
+"""Serving an installed update without a restart: the swap behind `POST /admin/api/model/swap` and
+behind `codemoat update apply` (its hand-off socket, updates.handoff, started with the app).
+
+`swap_installed(app, channel, audit)` swaps in the update store's current version of `model` or
+`adapter:NAME` (engines.loader: the new engine is loaded beside the served one, a fixed prompt must
+produce tokens, then it takes new requests while in-flight ones finish on the old one). When the load
+or that health check fails, the old engine serves on and the store is rolled back with it: the
+version before is current again and the failed one is recorded as failed (`update list`). Every
+outcome is audited (`update swapped`, `update swap_failed`, `update swap_rolled_back`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from ..errors import CodemoatError
+
+log = logging.getLogger("codemoat.serve")
+
+Audit = Callable[..., None]  # audit(step, **detail)
+
+
+def swap_installed(app: Any, channel: str, audit: Audit, *, add_adapter: bool = False) -> dict[str, Any]:
+    """Serve `channel`'s installed version now; `{"swapped": False, "reason"}` when this server does not
+    serve that channel (an adapter not in `model.adapters` unless `add_adapter`, a model held by vaultd)."""
+    from pathlib import Path
+
+    from ..engines.loader import SwapBusy, swap_adapter, swap_model
+    from ..updates.store import UpdateStore, label
+
+    holder, settings = app.state.holder, app.state.service.settings
+    store = UpdateStore(audit=lambda step, d: audit(step, **d))
+    name = channel.split(":", 1)[1] if channel.startswith("adapter:") else None
+    what = {"adapter": name} if name else {"model": "installed"}
+    cur = store.current(channel)
+    if cur is None:
+        why = f"no adapter bundle named {name!r} is installed" if name else "no model bundle is installed"
+        audit("swap_failed", **what, reason=why)
+        raise CodemoatError(f"{why} (`codemoat update apply FILE`)")
+    if name is None and settings.vault.socket:
+        return {"channel": channel, "version": cur["version"], "swapped": False, "reason": _VAULT}
+    if name is not None and not add_adapter and f"update:{name}" not in settings.model.adapters:
+        why = f"this server does not serve it (add update:{name} to model.adapters)"
+        return {"channel": channel, "version": cur["version"], "swapped": False, "reason": why}
+    try:
+        if name is None:
+            d = Path(cur["dir"])
+            out = swap_model(holder, settings, d / "model.moat", d / "model.lic")
+            app.state.egress_allow = list(holder.status.egress_allow)  # the new license's key server
+        else:
+            out = swap_adapter(holder, settings, name)
+    except SwapBusy as e:
+        audit("swap_failed", **what, version=cur["version"], reason=str(e))
+        raise
+    except Exception as e:
+        reason = (str(e) or type(e).__name__).splitlines()[0][:300]
+        if not isinstance(e, CodemoatError):
+            log.exception("swapping in %s failed", label(cur))
+        audit("swap_failed", **what, version=cur["version"], reason=reason)
+        back = store.fail(channel, cur["bundle_id"], reason)
+        undo = ""
+        if back is not None:
+            undo = f"; the store is back on {back['version']}" if back["version"] else "; the store no longer lists it"
+        raise CodemoatError(f"{label(cur)} failed in the running server, which serves on as before: {reason}{undo}") from None
+    out = dict(out, channel=channel, version=cur["version"], swapped=True)
+    audit("swapped", **out)
+    return out
+
+
+_VAULT = "this server's model comes from vaultd: restart vaultd with the installed model (`codemoat update list`)"
+
+
+def start_handoff(app: Any) -> Any:
+    """Listen for `update apply` on $CODEMOAT_HOME/run/serve-PID.sock (update.handoff); None when off."""
+    settings = app.state.settings
+    if not settings.update.handoff:
+        return None
+    from ..updates.handoff import Listener
+
+    def audit(step: str, **detail: Any) -> None:
+        app.state.trust.log.append("update", user="admin", route=f"update {step}", detail=dict(detail, via="update apply"))
+
+    try:
+        return Listener(lambda channel: swap_installed(app, channel, audit)).start()
+    except OSError as e:
+        log.warning("cannot listen for `update apply` (%s): installed updates serve from the next start", e)
+        return None

@@ -1,0 +1,174 @@
+"""`update apply` hands what it installed to the `codemoat serve`s running on this home.
+
+    $CODEMOAT_HOME/run/serve-<pid>.sock      one per running serve (AF_UNIX stream, mode 0600, folder 0700)
+
+Each serve listens on its own socket while it runs (`update.handoff`, on by default); after an
+install, `update apply` connects to every socket there, sends one JSON line
+`{"op": "swap", "channel": "model" | "adapter:NAME"}` and reads one JSON line back: `{"ok": true,
+"swapped": true, ...}` (serving it now), `{"ok": true, "swapped": false, "reason": ...}` (this serve
+does not serve that channel: nothing to do) or `{"ok": false, "error": ...}` (the swap failed; the
+serve rolled the store back). A socket nobody listens on any more (a serve that was killed) is
+removed. No socket: nothing is running, the bundle serves from the next start.
+
+Who may ask is the kernel's word (SO_PEERCRED): the serve's own uid, or root. That account owns the
+update store and the machine key already, so the socket grants nothing it could not do by
+restarting the server; it is not reachable from the network, unlike an admin route.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import struct
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .. import paths
+
+log = logging.getLogger("codemoat.updates")
+
+MAX_LINE = 64 * 1024
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+_SUN_PATH_MAX = 107  # sockaddr_un.sun_path holds 108 bytes with the final NUL
+
+
+def run_dir(home: Path | None = None) -> Path:
+    return (home or paths.home()) / "run"
+
+
+def _peer_uid(conn: socket.socket) -> int:
+    return _UCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))[1]
+
+
+def _read_line(conn: socket.socket) -> bytes:
+    buf = b""
+    while b"\n" not in buf:
+        got = conn.recv(4096)
+        if not got:
+            break
+        buf += got
+        if len(buf) > MAX_LINE:
+            raise ValueError("message too long")
+    return buf.split(b"\n", 1)[0]
+
+
+class Listener:
+    """serve's side: answers `swap` requests from its own account with `handle(channel) -> dict`
+    (which raises a CodemoatError when the swap failed), one connection at a time."""
+
+    def __init__(self, handle: Callable[[str], dict[str, Any]], home: Path | None = None):
+        self.handle = handle
+        self.path = run_dir(home) / f"serve-{os.getpid()}.sock"
+        self._sock: socket.socket | None = None
+        self._busy = threading.Lock()
+
+    def start(self) -> Listener | None:
+        """Listen; None (logged) when the path is too long for a unix socket."""
+        d = self.path.parent
+        d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(d, 0o700)
+        if len(os.fsencode(self.path)) > _SUN_PATH_MAX:
+            log.warning("%s is too long for a unix socket: `update apply` will not swap this server's model", self.path)
+            return None
+        self.path.unlink(missing_ok=True)
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)  # never connectable by others, not even for an instant
+        try:
+            s.bind(str(self.path))
+        finally:
+            os.umask(old)
+        s.listen(4)
+        self._sock = s
+        threading.Thread(target=self._accept_loop, name="update-handoff", daemon=True).start()
+        return self
+
+    def _accept_loop(self) -> None:
+        while self._sock is not None:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), name="update-handoff-conn", daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        from ..errors import CodemoatError
+
+        with conn:
+            try:
+                uid = _peer_uid(conn)
+                if uid not in (0, os.getuid()):
+                    log.warning("update hand-off: refused uid %d (only this server's account or root)", uid)
+                    answer: dict[str, Any] = {"ok": False, "error": f"uid {uid} may not swap this server's model"}
+                else:
+                    conn.settimeout(10)
+                    try:
+                        msg = json.loads(_read_line(conn))
+                    except (ValueError, RecursionError):
+                        msg = None
+                    conn.settimeout(None)
+                    chan = msg.get("channel") if isinstance(msg, dict) and msg.get("op") == "swap" else None
+                    if not isinstance(chan, str) or not (chan == "model" or chan.startswith("adapter:")):
+                        answer = {"ok": False, "error": 'unknown request (expected {"op": "swap", "channel": CHANNEL})'}
+                    else:
+                        with self._busy:
+                            try:
+                                answer = {"ok": True, **self.handle(chan)}
+                            except CodemoatError as e:
+                                answer = {"ok": False, "error": str(e)}
+                            except Exception as e:  # never a traceback to the caller; the log has it
+                                log.exception("update hand-off of %s failed", chan)
+                                answer = {"ok": False, "error": f"the swap failed: {type(e).__name__}"}
+                answer["pid"] = os.getpid()
+                conn.sendall(json.dumps(answer, default=str).encode() + b"\n")
+            except OSError:
+                return
+
+    def close(self) -> None:
+        s, self._sock = self._sock, None
+        if s is not None:
+            s.close()
+            self.path.unlink(missing_ok=True)
+
+
+def hand_over(channel: str, home: Path | None = None, timeout: float = 900.0) -> list[dict[str, Any]]:
+    """Ask every serve running on this home to serve `channel`'s installed version; one answer each
+    (`pid`, `ok`, `swapped`, `error` or `reason`). An empty list: no serve is running."""
+    d = run_dir(home)
+    out: list[dict[str, Any]] = []
+    for p in sorted(d.glob("serve-*.sock")) if d.is_dir() else []:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.settimeout(5)
+            s.connect(str(p))
+        except (ConnectionRefusedError, FileNotFoundError):
+            s.close()
+            p.unlink(missing_ok=True)  # its serve is gone
+            continue
+        except OSError as e:
+            s.close()
+            out.append({"ok": False, "pid": None, "error": f"cannot reach the server at {p}: {e.strerror or e}"})
+            continue
+        with s:
+            try:
+                s.settimeout(timeout)
+                s.sendall(json.dumps({"op": "swap", "channel": channel}).encode() + b"\n")
+                line = _read_line(s)
+                answer = json.loads(line) if line else None
+            except (OSError, ValueError) as e:
+                answer = {"ok": False, "error": f"no answer from the server at {p}: {e}"}
+        if not isinstance(answer, dict):
+            answer = {"ok": False, "error": f"the server at {p} closed the connection without an answer"}
+        answer.setdefault("pid", _pid_of(p))
+        out.append(answer)
+    return out
+
+
+def _pid_of(p: Path) -> int | None:
+    try:
+        return int(p.stem.split("-", 1)[1])
+    except (IndexError, ValueError):
+        return None

@@ -1,0 +1,176 @@
+"""`update apply` hands what it installed to the running serve (updates.handoff); a version that fails
+the server's health check leaves the old one serving and the store rolled back, recorded and audited."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from codemoat.errors import CodemoatError
+from updhelp import create_token, one_line_error, run_cli, stream_forever
+
+
+def mute_gguf(src, dst):
+    """A copy of `src` whose output layer is zero: every logit ties, greedy picks token 0, the end-of-text
+    token, so the model loads but produces no token for any prompt (it fails the health check)."""
+    import gguf
+
+    shutil.copyfile(src, dst)
+    r = gguf.GGUFReader(str(dst), "r+")
+    next(t for t in r.tensors if t.name == "output.weight").data[...] = 0
+    del r
+    return dst
+
+
+def test_store_fail_makes_the_previous_version_current_and_records_the_failed_one(shop, store):
+    lic = shop.license()
+    v1 = store.apply(shop.release("1"), lic)
+    v2 = store.apply(shop.release("2"), lic)
+    assert store.fail("model", v1["bundle_id"], "not current") is None  # nothing to undo: unchanged
+    assert store.current("model")["version"] == "2"
+    back = store.fail("model", v2["bundle_id"], "the new model produced no tokens for the health-check prompt")
+    assert back == {"channel": "model", "failed": "2", "version": "1"}
+    assert store.current("model")["bundle_id"] == v1["bundle_id"]
+    assert not os.path.exists(v2["dir"]) and os.path.exists(v1["dir"])
+    rows = store.list()
+    assert [(r["version"], r["current"], r.get("status")) for r in rows] == [("1", True, None), ("2", False, "failed")]
+    assert "no tokens" in rows[1]["reason"]
+    assert ("swap_rolled_back", "2") in [(s, d.get("failed")) for s, d in store.records]
+    assert store.apply(shop.release("2.1"), lic)["previous"] == "1"  # the next release installs over 1
+
+
+def test_listener_answers_its_own_account_only(home, tmp_path):
+    from codemoat.updates.handoff import Listener, hand_over, run_dir
+
+    assert hand_over("model") == []  # no server: nothing to hand over
+    seen = []
+
+    def handle(chan):
+        seen.append(chan)
+        if chan == "adapter:bad":
+            raise CodemoatError("adapter bad failed in the running server")
+        return {"swapped": True, "version": "2"}
+
+    ln = Listener(handle).start()
+    try:
+        assert oct(ln.path.stat().st_mode & 0o777) == "0o600" and oct(run_dir().stat().st_mode & 0o777) == "0o700"
+        stale = run_dir() / "serve-999999.sock"  # a server that was killed left its socket
+        s = socket.socket(socket.AF_UNIX)
+        s.bind(str(stale))
+        s.close()
+        got = hand_over("model")
+        assert got == [{"ok": True, "swapped": True, "version": "2", "pid": os.getpid()}]
+        assert not stale.exists()
+        assert hand_over("adapter:bad")[0] == {
+            "ok": False,
+            "error": "adapter bad failed in the running server",
+            "pid": os.getpid(),
+        }
+        assert hand_over("../../etc")[0]["ok"] is False and seen == ["model", "adapter:bad"]  # no such channel
+        for raw in (b"not json\n", b'{"op": "swap"}\n', b"[" * 70000):
+            c = socket.socket(socket.AF_UNIX)
+            c.connect(str(ln.path))
+            c.sendall(raw + b"\n")
+            assert json.loads(c.makefile().readline())["ok"] is False
+            c.close()
+        if os.getuid() == 0:  # another account cannot even connect (0600), nor swap if it could (SO_PEERCRED)
+            pid = os.fork()
+            if pid == 0:
+                code = 0
+                try:
+                    os.setuid(65534)
+                    c = socket.socket(socket.AF_UNIX)
+                    try:
+                        c.connect(str(ln.path))
+                        code = 3
+                    except PermissionError:
+                        code = 0
+                finally:
+                    os._exit(code)
+            assert os.waitpid(pid, 0)[1] == 0
+            # even with every folder and the socket opened up, the peer's uid (SO_PEERCRED) is checked
+            import tempfile
+
+            open_home = Path(tempfile.mkdtemp(prefix="handoff-"))
+            other = Listener(handle, home=open_home).start()
+            os.chmod(open_home, 0o755)
+            os.chmod(run_dir(open_home), 0o755)
+            os.chmod(other.path, 0o666)
+            pid = os.fork()
+            if pid == 0:
+                code = 5
+                try:
+                    os.setuid(65534)
+                    c = socket.socket(socket.AF_UNIX)
+                    c.connect(str(other.path))
+                    c.sendall(b'{"op": "swap", "channel": "model"}\n')
+                    a = json.loads(c.makefile().readline())
+                    code = 0 if a["ok"] is False and "uid 65534 may not" in a["error"] else 4
+                finally:
+                    os._exit(code)
+            assert os.waitpid(pid, 0)[1] == 0 and seen == ["model", "adapter:bad"]
+            other.close()
+            shutil.rmtree(open_home)
+    finally:
+        ln.close()
+    assert not ln.path.exists()
+
+
+@pytest.mark.slow
+def test_apply_swaps_the_running_serve_and_a_failed_health_check_rolls_back(shop, serve_process, gguf_file, tmp_path):
+    lic = shop.license()
+    srv = serve_process(["--model", str(shop.moat), "--license", str(lic)])
+    user, admin = create_token("--name", "dev"), create_token("--name", "ops", "--scopes", "admin")
+    h = {"Authorization": f"Bearer {admin}"}
+    before = httpx.get(f"{srv.url}/health", headers=h).json()
+    body = {"model": before["model"], "prompt": "def fibonacci(n):\n", "max_tokens": 8, "temperature": 0.0}
+    stop, lock = threading.Event(), threading.Lock()
+    stats = {"done": 0, "failed": 0, "lat": [], "errors": []}
+    clients = [threading.Thread(target=stream_forever, args=(srv.url, user, body, stop, stats, lock)) for _ in range(4)]
+    for t in clients:
+        t.start()
+    try:
+        r = run_cli("update", "apply", str(shop.release("2")), "--license", str(lic), "--json", timeout=600)
+        assert r.returncode == 0, r.stderr
+        out = json.loads(r.stdout)
+        (a,) = out["served"]
+        assert a["ok"] and a["swapped"] and a["version"] == "2" and a["pid"] == srv.proc.pid, out
+        after = httpx.get(f"{srv.url}/health", headers=h).json()
+        assert after["license"]["license_id"] != before["license"]["license_id"]  # v2, with its own license
+
+        mute = mute_gguf(gguf_file, tmp_path / "mute.gguf")
+        line = one_line_error(run_cli("update", "apply", str(shop.release("3", source=mute)), timeout=600))
+        assert "installed model 3 (was 2); but server pid" in line and "produced no tokens" in line, line
+        assert "the store is back on 2" in line
+    finally:
+        stop.set()
+        for t in clients:
+            t.join(timeout=120)
+    if stats["failed"]:
+        print(srv.output()[-3000:])
+    assert stats["failed"] == 0 and stats["done"] > 0, stats["errors"][:3]
+    assert httpx.get(f"{srv.url}/health", headers=h).json()["license"]["license_id"] == after["license"]["license_id"]
+    rows = json.loads(run_cli("update", "list", "--json").stdout)
+    assert [(r["version"], r["current"], r.get("status")) for r in rows if r["channel"] == "model"] == [
+        ("2", True, None),
+        ("3", False, "failed"),
+    ]
+    assert "produced no tokens" in rows[-1]["reason"]
+    recs = [json.loads(x) for x in run_cli("audit", "export", "--kind", "update").stdout.splitlines()]
+    steps = [(r["route"], (r["detail"] or {}).get("version") or (r["detail"] or {}).get("failed")) for r in recs]
+    for want in (("update swapped", "2"), ("update swap_failed", "3"), ("update swap_rolled_back", "3")):
+        assert want in steps, steps
+
+    srv.stop()
+    time.sleep(0.5)
+    r = run_cli("update", "apply", str(shop.release("4")))  # no server: installs for the next start
+    assert r.returncode == 0 and "no server is running on this home: it serves from the next start" in r.stdout, r.stdout
+    assert not list((Path(os.environ["CODEMOAT_HOME"]) / "run").glob("serve-*.sock"))  # none left behind
