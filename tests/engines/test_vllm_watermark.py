@@ -84,3 +84,26 @@ def test_a_malformed_key_is_refused_at_the_request():
     with pytest.raises(ValueError, match="hex key"):
         WatermarkLogits.validate_params(SamplingParams(extra_args={WATERMARK_ARG: "not hex"}))
     WatermarkLogits.validate_params(SamplingParams())  # no key: nothing to check
+
+
+def test_green_rows_are_cached_and_stay_exact(monkeypatch):
+    """One key serves every request of a licence: a previous token seen before costs no AES, and the
+    cached rows give what a fresh llama.cpp processor gives (banned tokens, -inf, included)."""
+    from codemoat.trace.watermark import GreenList
+
+    calls = []
+    prf = GreenList.prf
+    monkeypatch.setattr(GreenList, "prf", lambda self, blocks: calls.append(len(blocks)) or prf(self, blocks))
+    k = os.urandom(32)
+    proc = WatermarkLogits(None, torch.device("cpu"), False)
+    outs = [[9], [9], [4]]
+    proc.update_state(BatchUpdate(3, [], [(i, _params(k), [1], outs[i]) for i in range(3)], []))
+    logits = torch.randn((3, V), generator=torch.Generator().manual_seed(5)) * 2.0
+    logits[0, :100] = float("-inf")  # tokens a grammar or a ban removed
+    for step in range(2):
+        before = logits.clone()
+        after = proc.apply(logits.clone())
+        for i in range(3):
+            ref = WatermarkProcessor(k)([1, *outs[i]], before[i].numpy().astype(np.float32))
+            np.testing.assert_allclose(after[i].numpy(), ref, rtol=0, atol=1e-5)
+        assert len(calls) == 1  # the first step: one PRF call for both previous tokens; the second: none

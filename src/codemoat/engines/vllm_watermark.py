@@ -5,8 +5,11 @@ starts (`AsyncEngineArgs(logits_processors=[...])`, by qualified name so the spa
 import it) and applies codemoat's watermark (`trace.watermark`, Kirchenbauer et al. with SWEET's
 entropy gate) to the requests whose `SamplingParams.extra_args[WATERMARK_ARG]` holds a key
 (hex), leaving every other row of the batch untouched. Per step it is vectorised over the batch in
-torch: one entropy over the keyed rows, one PRF call per key for all of its rows' green masks
-(AES from `trace`, the same green lists as llama.cpp's `WatermarkProcessor`), one masked add.
+torch: one float32 entropy over the keyed rows (log Z - Σe·x/Z: one exp, no log-softmax), then for
+the rows SWEET's gate opens only, δ·G(prev) added in place row by row. G(prev) comes from a bounded
+cache of (key, prev) rows (one key serves a licence's every request, and code repeats its previous
+tokens), else from one PRF call per key for all missing rows (AES from `trace`: the same green lists
+as llama.cpp's `WatermarkProcessor`).
 
 This is the V1 sampler's interface (`vllm.v1.sample.logits_processor.LogitsProcessor`), which the
 CPU build runs; vLLM's GPU Model Runner V2 has its own interface, not implemented here (pin the
@@ -41,6 +44,9 @@ class WatermarkLogits(LogitsProcessor):
         # batch row → (key hex, prompt token ids, output token ids: vLLM's live list)
         self.rows: dict[int, tuple[str, list[int] | None, list[int]]] = {}
         self._greens: dict[str, Any] = {}
+        self._cache: dict[tuple[str, int], torch.Tensor] = {}  # (key, prev) → δ·G(prev), insertion-ordered
+        self._cache_shape: tuple = ()
+        self._cache_max = 0
 
     @classmethod
     def validate_params(cls, sampling_params: Any) -> None:
@@ -93,8 +99,33 @@ class WatermarkLogits(LogitsProcessor):
         blocks[:, :, 0] = torch.tensor(prevs, dtype=torch.int64)[:, None]
         blocks[:, :, 1] = torch.arange(n, dtype=torch.int64)[None, :]
         raw = g.prf(memoryview(blocks.numpy()).cast("B"))
-        vals = torch.frombuffer(bytearray(raw), dtype=torch.int16).to(torch.int32) & 0xFFFF
-        return (vals.view(len(prevs), n * 8)[:, :width] < g.limit).to(self.device)
+        vals = torch.frombuffer(bytearray(raw), dtype=torch.int16).view(len(prevs), n * 8)[:, :width]
+        if g.limit <= 1 << 15:  # v < limit as an unsigned 16-bit value, read from its signed twin
+            green = (vals >= 0) & (vals < g.limit)
+        else:
+            green = (vals.to(torch.int32) & 0xFFFF) < g.limit
+        if self.vocab_size is not None and self.vocab_size < width:
+            green[:, self.vocab_size :] = False  # padding rows of the output layer are never raised
+        return green
+
+    def _deltas(self, key: str, prevs: list[int], like: torch.Tensor) -> list[torch.Tensor]:
+        """δ·G(prev) rows (in `like`'s dtype and device) for `prevs`, from a bounded cache: one key serves
+        a licence's every request, and code repeats its previous tokens (newlines, indents, brackets),
+        so most steps need no AES and no conversion."""
+        shape = (like.shape[1], like.dtype, like.device)
+        if shape != self._cache_shape:
+            self._cache.clear()
+            self._cache_shape = shape
+            self._cache_max = max(32, _CACHE_BYTES // max(1, like.shape[1] * like.element_size()))
+        out: list[Any] = [self._cache.get((key, p)) for p in prevs]
+        miss = [n for n, m in enumerate(out) if m is None]
+        if miss:
+            fresh = self.masks(key, [prevs[n] for n in miss], like.shape[1]).to(like.device, like.dtype) * self.delta
+            for j, n in enumerate(miss):
+                out[n] = self._cache[key, prevs[n]] = fresh[j]
+            while len(self._cache) > self._cache_max:
+                self._cache.pop(next(iter(self._cache)))  # first in, first out
+        return out
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         if not self.rows:
@@ -111,19 +142,32 @@ class WatermarkLogits(LogitsProcessor):
             keys.append(key)
         if not idx:
             return logits
-        rows = torch.tensor(idx, dtype=torch.long, device=logits.device)
-        logp = torch.log_softmax(logits.index_select(0, rows).float(), dim=-1)
-        ent = -(torch.exp(logp) * torch.nan_to_num(logp, neginf=0.0)).sum(-1)
-        hot = (ent >= self.tau).nonzero().flatten().tolist()  # SWEET's gate first: masks only where it opens
-        if not hot:
+        hot = [idx[j] for j in (_entropy(logits, idx) >= self.tau).nonzero().flatten().tolist()]
+        if not hot:  # SWEET's gate first: masks only where it opens
             return logits
-        width = logits.shape[1]
-        mask = torch.empty((len(hot), width), dtype=torch.bool, device=logits.device)
-        for key in dict.fromkeys(keys[j] for j in hot):
-            at = [n for n, j in enumerate(hot) if keys[j] == key]
-            mask[at] = self.masks(key, [prevs[hot[n]] for n in at], width)
-        if self.vocab_size is not None and self.vocab_size < width:
-            mask[:, self.vocab_size :] = False
-        sel = torch.tensor([idx[j] for j in hot], dtype=torch.long, device=logits.device)
-        logits.index_add_(0, sel, mask.to(logits.dtype) * self.delta)
+        at = {i: j for j, i in enumerate(idx)}
+        by_key: dict[str, list[int]] = {}
+        for i in hot:
+            by_key.setdefault(keys[at[i]], []).append(i)
+        for key, rows in by_key.items():
+            for i, d in zip(rows, self._deltas(key, [prevs[at[i]] for i in rows], logits)):
+                logits[i].add_(d)  # in place, row by row: no batch-sized temporary
         return logits
+
+
+#: the green-list cache's bound (float32 rows: 4|V| bytes each; 2,048 rows of an 8k vocabulary, 110 of 152k)
+_CACHE_BYTES = 64 << 20
+
+
+def _entropy(logits: torch.Tensor, idx: list[int]) -> torch.Tensor:
+    """Shannon entropy (nats) of softmax over each row in `idx`, in float32: log Z - Σ e·x / Z with
+    x = logits - max (`trace.watermark.entropy`'s formula, as llama.cpp's path computes it)."""
+    if len(idx) == logits.shape[0] and idx == list(range(len(idx))):
+        x = logits.float() - logits.amax(-1, keepdim=True).float()
+    else:
+        x = logits.index_select(0, torch.tensor(idx, dtype=torch.long, device=logits.device)).float()
+        x -= x.amax(-1, keepdim=True)
+    x.clamp_(min=-1e30)  # a banned token (-inf) weighs e^x = 0, not NaN
+    e = torch.exp(x)
+    z = e.sum(-1)
+    return (torch.log(z) - (e.mul_(x)).sum(-1) / z).clamp_(min=0.0)
