@@ -113,12 +113,13 @@ def fill(engine, records: int, events: int) -> None:
             c.execute(completions.insert(), comp)
             c.execute(ev.insert(), evs)
     if records:  # a signed head over the bulk rows, so that the server appends after them (their hashes stay unchecked)
-        from codemoat.audit.chain import head
+        from codemoat.audit.chain import head, tip
         from codemoat.audit.log import AuditLog
 
         row = AuditLog(engine)._signed_head(records, "0" * 64, 0, int(now * 1e6))
         with engine.begin() as c:
             c.execute(head.insert().values(id=1, **row))
+            c.execute(tip.update().where(tip.c.id == 1).values(seq=records, hash="0" * 64))  # the chain goes on from there
     with engine.begin() as c:
         from codemoat.usage.rollup import rebuild
 

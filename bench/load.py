@@ -248,6 +248,7 @@ def wipe_audit(env: dict) -> None:
     con = sqlite3.connect(home / "codemoat.db")
     for t in ("audit_records", "audit_checkpoints", "audit_head"):
         con.execute(f"DELETE FROM {t}")
+    con.execute("UPDATE audit_tip SET seq = 0, hash = ?", ("0" * 64,))  # the chain starts again at record 1
     con.commit()
     con.close()
     for p in home.glob("audit-head-*.json"):

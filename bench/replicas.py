@@ -3,11 +3,14 @@
 1. Load: `--clients` concurrent clients for `--seconds` each, short completions of the bundled
    model, through HAProxy (deploy/haproxy.cfg) to 1 replica and then to 2 replicas: requests/s,
    p50/p95, 5xx count, and audit records = requests sent (then `codemoat audit verify`).
-2. Audit appends/s on PostgreSQL vs SQLite, with 1 writer and with 4 concurrent writer processes
-   (each a replica's AuditLog: one chain, appends serialised on the head row).
-3. Token revocation propagation: revoke through the CLI, then time until both replicas refuse.
+2. Token revocation propagation: revoke through the CLI, then time until both replicas refuse.
+3. `--audit-only`: audit appends/s on PostgreSQL and SQLite, 1 writer, 4 single-threaded writer
+   processes and 4 × 8 threads, the code before (`--before REV`, unpacked with `git archive` and
+   run in the writer processes) and now side by side, `audit verify` after each; it rewrites only
+   its section, which the full run keeps.
 
-    .venv/bin/python bench/replicas.py [--clients 32] [--seconds 60]
+    flock /tmp/s6/bench.lock .venv/bin/python bench/replicas.py [--clients 32] [--seconds 60]
+    flock /tmp/s6/bench.lock .venv/bin/python bench/replicas.py --audit-only [--before REV]
 
 Writes bench/results/replicas.md. Needs Debian's postgresql and haproxy (tests/pg.py starts a
 private cluster on a free loopback port).
@@ -150,24 +153,33 @@ async def load(url: str, token: str, clients: int, seconds: float) -> dict:
     }
 
 
-def _appender(url: str, home: str, seconds: float, start_at: float, threads: int, out, pipeline: bool = True) -> None:
+def _appender(url: str, home: str, seconds: float, start_at: float, threads: int, out, src: str | None, sign_every: int) -> None:
     try:
-        out.put(_append_for(url, home, seconds, start_at, threads, pipeline))
+        out.put(_append_for(url, home, seconds, start_at, threads, src, sign_every))
     except Exception as e:
         out.put(e)
         raise
 
 
-def _append_for(url: str, home: str, seconds: float, start_at: float, threads: int, pipeline: bool = True) -> int:
-    """One replica: `threads` request threads appending as fast as they can (group commit batches them);
-    `pipeline=False`: PostgreSQL through the portable SQLAlchemy path (the code before pipelining)."""
+def _append_for(url: str, home: str, seconds: float, start_at: float, threads: int, src: str | None, sign_every: int) -> int:
+    """One replica: `threads` request threads appending as fast as they can (group commit batches them).
+    `src`: a source tree of an older commit to run instead (the code before, side by side);
+    `sign_every`: 0 = the setting's default for the backend."""
     import threading
 
     os.environ["CODEMOAT_HOME"] = home
+    if src:
+        sys.path.insert(0, src)  # this process imports the older tree's codemoat
     from codemoat.audit.log import AuditLog
     from codemoat.db import open_db
 
-    log = AuditLog(open_db(url), checkpoint_every=100, pg_pipeline=pipeline)
+    eng = open_db(url)
+    if src:
+        log = AuditLog(eng, checkpoint_every=100)
+    else:
+        from codemoat.audit.heads import sign_every_for
+
+        log = AuditLog(eng, checkpoint_every=100, sign_every=sign_every_for(sign_every, eng))
     counts = [0] * threads
     time.sleep(max(0.0, start_at - time.time()))
     end = time.time() + seconds
@@ -182,73 +194,124 @@ def _append_for(url: str, home: str, seconds: float, start_at: float, threads: i
         t.start()
     for t in ts:
         t.join()
+    if not src:
+        log.close()  # signs what this writer left unsigned, as a replica does at shutdown
     return sum(counts)
 
 
-def appends_per_s(url: str, home: Path, writers: int, threads: int, seconds: float = 8.0, pipeline: bool = True) -> float:
+def appends_per_s(
+    url: str, home: Path, writers: int, threads: int, seconds: float = 8.0, src: str | None = None, sign_every: int = 0
+) -> tuple[float, int]:
+    """(appends per second over all writers, records appended)."""
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     start_at = time.time() + 3
     procs = [
-        ctx.Process(target=_appender, args=(url, str(home), seconds, start_at, threads, out, pipeline)) for _ in range(writers)
+        ctx.Process(target=_appender, args=(url, str(home), seconds, start_at, threads, out, src, sign_every))
+        for _ in range(writers)
     ]
     for p in procs:
         p.start()
-    counts = [out.get(timeout=120) for _ in procs]
+    counts = [out.get(timeout=180) for _ in procs]
     if bad := [c for c in counts if isinstance(c, Exception)]:
         raise SystemExit(f"an audit writer failed: {bad[0]!r}")
     total = sum(counts)
     for p in procs:
         p.join()
-    return total / seconds
+    return total / seconds, total
 
 
-def audit_only(seconds: float = 8.0) -> None:
-    """Appends/s: SQLite, PostgreSQL through SQLAlchemy (the code before pipelining), PostgreSQL
-    pipelined (`audit/pgappend.py`), each shape in turn, in one run; rewrites that section of RESULTS."""
+def _verified(url: str, home: Path, appended: int) -> str:
+    """`audit verify` of what the writers left (this tree's verifier): OK and the count, or the problem."""
+    from codemoat.audit.log import AuditLog
+    from codemoat.db import open_db
+
+    eng = open_db(url)
+    rep = AuditLog(eng, checkpoint_every=100).verify()
+    eng.dispose()
+    if rep.ok and rep.records == appended:
+        return "OK"
+    return f"FAILED ({rep.records} of {appended}: {rep.problem})"
+
+
+def _old_tree(rev: str, scratch: Path) -> str:
+    """The `src` folder of commit `rev`, unpacked under `scratch` (git archive: no checkout of this tree)."""
+    dest = scratch / f"src-{rev}"
+    dest.mkdir()
+    arch = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "src"], capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=arch, check=True)
+    return str(dest / "src")
+
+
+# The code before batched signatures (appends re-signed the head each time, the writer linked the
+# records holding the head row across a round trip): the parent of the commit that changed it.
+BEFORE = "32bd45b"
+
+
+def audit_only(seconds: float = 8.0, before: str = BEFORE) -> None:
+    """Appends/s, the code before (`before`) and now side by side, SQLite and PostgreSQL, each shape in
+    turn, in one run; `audit verify` after each of today's cells; rewrites that section of RESULTS."""
     if pg_bin() is None:
         raise SystemExit("bench/replicas.py needs Debian's postgresql package")
     scratch = Path(tempfile.mkdtemp(prefix="codemoat-replicas-"))
     os.environ["CODEMOAT_HOME"] = str(scratch / "home")
+    (scratch / "home").mkdir()
+    old = _old_tree(before, scratch)
     pg = PgCluster(pg_bin()).start()
-    rows = {"sqlite": {}, "postgresql, SQLAlchemy path (before)": {}, "postgresql, pipelined (now)": {}}
+    # (label, backend, source tree or None for this one, sign_every: 0 = the default)
+    cells = [
+        (f"sqlite, before ({before})", "sqlite", old, 0),
+        ("sqlite, now (signed every record)", "sqlite", None, 0),
+        (f"postgresql, before ({before}: pipelined, head row held across a round trip)", "postgresql", old, 0),
+        ("postgresql, now, signed every record (`sign_every = 1`)", "postgresql", None, 1),
+        ("postgresql, now (default: linked by the database, signed per 64 records)", "postgresql", None, 0),
+    ]
+    rows: dict[str, dict] = {c[0]: {} for c in cells}
+    checks: list[str] = []
+    load_before = open("/proc/loadavg").read().split()[:3]
     loads = []
     try:
         for writers, threads in SHAPES:
-            for name in rows:
-                if name == "sqlite":
-                    url, pipe = f"sqlite:///{scratch / f'audit-{writers}-{threads}.db'}", True
+            for label, backend, src, every in cells:
+                if backend == "sqlite":
+                    url = f"sqlite:///{scratch / f'audit-{len(loads)}.db'}"
                 else:
-                    url, pipe = pg.new_database(), "pipelined" in name
-                rows[name][(writers, threads)] = appends_per_s(url, scratch / "home", writers, threads, seconds, pipeline=pipe)
+                    url = pg.new_database()
+                rate, n = appends_per_s(url, scratch / "home", writers, threads, seconds, src=src, sign_every=every)
+                rows[label][(writers, threads)] = rate
+                if src is None:
+                    checks.append(f"{label}, {writers}×{threads}: {_verified(url, scratch / 'home', n)}")
                 loads.append(os.getloadavg()[0])
-                print(name, writers, threads, round(rows[name][(writers, threads)]), f"load {loads[-1]:.1f}", flush=True)
+                print(label, writers, threads, round(rate), f"load {loads[-1]:.1f}", flush=True)
     finally:
         pg.stop()
+    load_after = open("/proc/loadavg").read().split()[:3]
     section = [
-        "## Audit appends/s (one chain; appends lock the head row; each process group-commits its threads' records",
-        "under one Ed25519 head signature per transaction)",
+        "## Audit appends/s (one chain for all writers)",
         "",
-        f"`.venv/bin/python bench/replicas.py --audit-only` on {platform.machine()}, {os.cpu_count()} CPUs, "
-        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {seconds:g} s per cell, load average "
-        f"{min(loads):.1f}–{max(loads):.1f} while it ran (other work on the machine: compare within a column).",
+        f"`flock /tmp/s6/bench.lock .venv/bin/python bench/replicas.py --audit-only` on {platform.machine()}, "
+        f"{os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {seconds:g} s per cell; "
+        f"/proc/loadavg before {' '.join(load_before)}, after {' '.join(load_after)} (1-min load {min(loads):.1f}–"
+        f"{max(loads):.1f} while it ran). PostgreSQL 15, private cluster, fsync off as in the tests. Each cell a fresh "
+        "database; writers are processes (`× 8 threads`: a busy replica's request threads, group-committed).",
         "",
-        "| backend | "
+        "| code | "
         + " | ".join(f"{w} process{'es' if w > 1 else ''} × {t} thread{'s' if t > 1 else ''}" for w, t in SHAPES)
         + " |",
         "|---|" + "---|" * len(SHAPES),
     ]
-    for name, r in rows.items():
-        section.append(f"| {name} | " + " | ".join(f"{r[s]:.0f}" for s in SHAPES) + " |")
-    before, now = rows["postgresql, SQLAlchemy path (before)"], rows["postgresql, pipelined (now)"]
+    for label, r in rows.items():
+        section.append(f"| {label} | " + " | ".join(f"{r[s]:.0f}" for s in SHAPES) + " |")
+    pb, pn = rows[cells[2][0]], rows[cells[4][0]]
+    met = pn[(4, 1)] >= 2000
     section += [
         "",
-        "PostgreSQL pipelined / before: "
-        + ", ".join(f"{w} × {t}: **{now[(w, t)] / before[(w, t)]:.1f}×**" for w, t in SHAPES)
-        + ".",
+        "PostgreSQL now / before: " + ", ".join(f"{w} × {t}: **{pn[(w, t)] / pb[(w, t)]:.1f}×**" for w, t in SHAPES) + ".",
         "",
-        "Target: ≥ 2,000 records/s on PostgreSQL with 4 writers (a serving replica appends from many request threads at",
-        "once, the 4 × 8 column; 4 × 1 is four single-threaded writers, where there is nothing to batch).",
+        f"Target ≥ 2,000 records/s on PostgreSQL with 4 single-threaded writers: **{'met' if met else 'missed'}** "
+        f"({pn[(4, 1)]:.0f}/s).",
+        "",
+        "`audit verify` after each of today's cells (records = appends): " + "; ".join(checks) + ".",
         "",
     ]
     text = RESULTS.read_text() if RESULTS.exists() else ""
@@ -268,16 +331,18 @@ def main() -> None:
     ap.add_argument(
         "--audit-only",
         action="store_true",
-        help="only the audit appends/s table, PostgreSQL's portable path and pipelined path side by side (rewrites that section)",
+        help="only the audit appends/s table, the code before and now side by side (rewrites that section)",
     )
+    ap.add_argument("--before", default=BEFORE, help="the commit whose audit code is 'before' (with --audit-only)")
     args = ap.parse_args()
     if args.audit_only:
-        audit_only()
+        audit_only(before=args.before)
         return
     if pg_bin() is None or shutil.which("haproxy") is None:
         raise SystemExit("bench/replicas.py needs Debian's postgresql and haproxy packages")
     scratch = Path(tempfile.mkdtemp(prefix="codemoat-replicas-"))
     os.environ["CODEMOAT_HOME"] = str(scratch / "home")
+    load_before = open("/proc/loadavg").read().split()[:3]
     pg = PgCluster(pg_bin()).start()
     rows: dict[str, dict] = {}
     try:
@@ -302,14 +367,6 @@ def main() -> None:
             )["ok"]
             rows[f"{n} replica{'s' if n > 1 else ''}"] = res
             print(n, res, flush=True)
-
-        # 2. audit appends/s
-        appends = {}
-        for backend in ("sqlite", "postgresql"):
-            for writers, threads in SHAPES:
-                url = f"sqlite:///{scratch / f'audit-{writers}-{threads}.db'}" if backend == "sqlite" else pg.new_database()
-                appends[(backend, writers, threads)] = appends_per_s(url, scratch / "home", writers, threads)
-                print(backend, writers, threads, appends[(backend, writers, threads)], flush=True)
 
         # 3. revocation propagation across two replicas
         url = pg.new_database()
@@ -337,12 +394,16 @@ def main() -> None:
         pg.stop()
 
     one, two = rows["1 replica"], rows["2 replicas"]
-    load_avg = os.getloadavg()
+    load_after = open("/proc/loadavg").read().split()[:3]
+    old = RESULTS.read_text() if RESULTS.exists() else ""
+    start, end = old.find("## Audit appends/s"), old.find("## Token revocation")
+    audit_section = old[start:end].rstrip("\n").splitlines() if 0 <= start < end else []
     lines = [
         "# Replicas: two `codemoat serve` on one PostgreSQL behind HAProxy vs one",
         "",
-        f"`.venv/bin/python bench/replicas.py --clients {args.clients} --seconds {args.seconds:g}` on {platform.machine()}, "
-        f"{os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} (load average {load_avg[0]:.1f} at the end).",
+        f"`flock /tmp/s6/bench.lock .venv/bin/python bench/replicas.py --clients {args.clients} --seconds {args.seconds:g}` on "
+        f"{platform.machine()}, {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
+        f"/proc/loadavg before {' '.join(load_before)}, after {' '.join(load_after)}.",
         f"Model: bundled {MODEL.name}, 16-token completions, greedy. PostgreSQL 15 (private cluster, fsync off as in the tests), "
         "HAProxy 2.6 with deploy/haproxy.cfg. Every replica, HAProxy, PostgreSQL and the clients share this machine's cores,",
         "so two replicas cannot double throughput here: the row says what the fleet costs and that nothing is lost, not what two hosts would do.",
@@ -355,30 +416,21 @@ def main() -> None:
             f"| {name} | {r['requests']} | {r['rps']:.1f} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['5xx']} | "
             f"{r['audited']} | {'OK' if r['verify'] else 'FAILED'} |"
         )
+    same = all(r["audited"] == r["requests"] for r in rows.values())
+    zero = all(r["5xx"] == 0 for r in rows.values())
     lines += [
         "",
         f"2 replicas / 1 replica: requests/s **{two['rps'] / one['rps']:.2f}×**, p50 {two['p50_ms'] / one['p50_ms']:.2f}×, "
-        f"p95 {two['p95_ms'] / one['p95_ms']:.2f}×.",
+        f"p95 {two['p95_ms'] / one['p95_ms']:.2f}×. 5xx: {'0 (target met)' if zero else 'NOT 0 (target missed)'}; "
+        f"audit records = requests: {'yes' if same else 'NO'}.",
         "",
-        "## Audit appends/s (one chain; appends lock the head row; each process group-commits its threads' records",
-        "under one Ed25519 head signature per transaction)",
-        "",
-        "| backend | "
-        + " | ".join(f"{w} process{'es' if w > 1 else ''} × {t} thread{'s' if t > 1 else ''}" for w, t in SHAPES)
-        + " |",
-        "|---|" + "---|" * len(SHAPES),
-    ]
-    for backend in ("sqlite", "postgresql"):
-        lines.append(f"| {backend} | " + " | ".join(f"{appends[(backend, w, t)]:.0f}" for w, t in SHAPES) + " |")
-    lines += [
-        "",
-        "Target: ≥ 2,000 records/s on PostgreSQL with 4 writers (a serving replica appends from many request threads at",
-        "once, the 4 × 8 column; 4 × 1 is four single-threaded writers, where there is nothing to batch).",
+        *audit_section,
         "",
         "## Token revocation across replicas",
         "",
         f"`codemoat tokens revoke` returned, then both replicas refused the token **{propagation * 1000:.0f} ms** later "
-        "(the first request after the revocation; tokens are checked in the database on every request). Target ≤ 1 s.",
+        "(the first request after the revocation; tokens are checked in the database on every request). Target ≤ 1 s: "
+        f"{'met' if propagation <= 1 else 'missed'}.",
         "",
     ]
     RESULTS.write_text("\n".join(lines))

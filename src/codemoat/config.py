@@ -141,6 +141,14 @@ class RetrievalSettings(BaseModel):
 class AuditSettings(BaseModel):
     retain_text: bool = Field(False, description="Keep prompt and completion text in the audit log (secrets redacted first).")
     checkpoint_every: int = Field(100, ge=1, description="Sign a checkpoint of the audit chain every N records.")
+    sign_every: int = Field(
+        0,
+        ge=0,
+        description="Sign the audit chain's head once N records follow it unsigned (0: every record on SQLite, 64 on PostgreSQL).",
+    )
+    sign_interval_ms: float = Field(
+        1000.0, gt=0, description="Sign the audit chain's head at the latest this long after a record was left unsigned."
+    )
     alarm_throttle_rpm: int = Field(
         0, ge=0, description="Requests/min allowed for an hour to a user flagged by a distillation alarm (0 = flag only)."
     )

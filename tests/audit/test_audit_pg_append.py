@@ -1,7 +1,8 @@
-"""The PostgreSQL append path (`audit.pgappend`: two network flushes, one with the head locked):
-the same chain as the portable path, interleaved with it; tamper evidence on the writer's side
-(a record slipped in beyond the head, a deleted head); a writer whose connection the server
-dropped carries on without a lost or doubled record."""
+"""The PostgreSQL append path (`audit.pgappend`: records linked by the database's trigger, one flush
+per group commit): the database links byte for byte as `audit.chain.link_hash` (and as the SQLite
+writer does); writers signing at different paces make one chain; tamper evidence on the writer's
+side (a record slipped in beyond the tip, a numbered INSERT, a deleted head); a writer whose
+connection the server dropped carries on without a lost or doubled record."""
 
 from __future__ import annotations
 
@@ -28,36 +29,60 @@ def _fill(log, n, start=0):
     return [log.append("request", user="alice", route="/v1/completions", status=200, prompt_tokens=start + i) for i in range(n)]
 
 
-def test_pipeline_and_portable_writers_make_one_chain(pg_url, audit_home):
-    fast, portable = _log(pg_url, audit_home), _log(pg_url, audit_home, pg_pipeline=False)
-    assert fast._pg is not None and portable._pg is None
-    seqs = _fill(fast, 25) + _fill(portable, 7, 25) + _fill(fast, 8, 32)
+def test_the_database_links_records_exactly_as_the_sqlite_writer_does(pg_url, audit_home):
+    from codemoat.audit.chain import body_hash, link_hash
+
+    pg = _log(pg_url, audit_home)
+    lite = _log(f"sqlite:///{audit_home / 'same.db'}", audit_home)
+    fields = [
+        dict(user="alice", route="/v1/completions", status=200, latency_ms=12.345, ts=1_700_000_000.25),
+        dict(user='bøb \u2603 "q" \\', prompt_text="def f():\n\treturn 1\x00", repos=["a", "b"], ts=1_700_000_001),
+        dict(detail={"z": 1, "a": [1.5, None]}, prompt_tokens=7, completion_tokens=0, ts=1_700_000_002),
+    ]
+    for f in fields:
+        assert pg.append("request", **f) == lite.append("request", **f)
+    rows_pg, rows_lite = list(pg.records()), list(lite.records())
+    assert [r["hash"] for r in rows_pg] == [r["hash"] for r in rows_lite]
+    with pg.engine.connect() as c:
+        raw = [r._asdict() for r in c.execute(sa.text("select * from audit_records order by seq"))]
+    prev = "0" * 64
+    for r in raw:  # recomputed here from the stored fields: the trigger's SQL is `link_hash`
+        assert r["prev_hash"] == prev and r["hash"] == link_hash(r["seq"], prev, body_hash(r))
+        prev = r["hash"]
+    assert pg.verify().ok and lite.verify().ok
+
+
+def test_writers_signing_at_different_paces_make_one_chain(pg_url, audit_home):
+    every, batched = _log(pg_url, audit_home), _log(pg_url, audit_home, sign_every=8)
+    seqs = _fill(every, 25) + _fill(batched, 7, 25) + _fill(every, 8, 32)
     assert seqs == list(range(1, 41))
-    rep = fast.verify()
+    rep = every.verify()
     assert rep.ok, rep.problem
-    assert (rep.records, rep.checkpoints, rep.head_seq) == (40, 4, 40)
-    assert [r["prompt_tokens"] for r in fast.records()] == list(range(40))
+    assert (rep.records, rep.checkpoints, rep.head_seq, rep.unsigned) == (40, 4, 40, 0)
+    assert [r["prompt_tokens"] for r in every.records()] == list(range(40))
 
 
 def test_group_commit_of_many_threads_on_one_connection(pg_url, audit_home):
     import threading
 
-    log = _log(pg_url, audit_home)
+    log = _log(pg_url, audit_home, sign_every=16)
     ts = [threading.Thread(target=_fill, args=(log, 30, i * 100)) for i in range(8)]
     for t in ts:
         t.start()
     for t in ts:
         t.join()
+    log.close()
     rep = log.verify()
-    assert rep.ok and rep.records == 240, rep.problem
+    assert rep.ok and rep.records == 240 and rep.unsigned == 0, rep.problem
 
 
-def test_record_slipped_in_beyond_the_head_stops_the_writer(pg_url, audit_home):
+def test_record_slipped_in_beyond_the_tip_stops_the_writer(pg_url, audit_home):
     from codemoat.audit.log import AuditUnavailable
 
     log = _log(pg_url, audit_home)
     _fill(log, 5)
-    with log.engine.begin() as c:  # a copy of record 5 as record 6, without the signing key
+    with log.engine.begin() as c:  # a copy of record 5 as record 6, the chain's trigger switched off
+        c.execute(sa.text("alter table audit_records disable trigger audit_chain"))
         c.execute(
             sa.text(
                 'insert into audit_records select 6, ts_us, kind, "user", token_id, route, protocol, model, repos, '
@@ -65,11 +90,24 @@ def test_record_slipped_in_beyond_the_head_stops_the_writer(pg_url, audit_home):
                 "detail, hash, hash from audit_records where seq = 5"
             )
         )
-    with pytest.raises(AuditUnavailable, match="tampered: record 6 exists beyond the signed head"):
+        c.execute(sa.text("alter table audit_records enable trigger audit_chain"))
+    with pytest.raises(AuditUnavailable, match="tampered: a record exists beyond the chain's tip"):
         log.append("request", user="bob")
     assert not log.check_writable()  # the writer stays refused: the request is not served
     rep = log.verify()
     assert not rep.ok and rep.first_bad == 6
+
+
+def test_a_numbered_insert_is_refused_by_the_chain(pg_url, audit_home):
+    log = _log(pg_url, audit_home)
+    _fill(log, 2)
+    with pytest.raises(sa.exc.IntegrityError, match="record numbers are given by the chain"):
+        with log.engine.begin() as c:
+            c.execute(
+                sa.text("insert into audit_records (seq, ts_us, kind, prev_hash, hash) values (3, 1, 'request', :h, :h)"),
+                {"h": "0" * 64},
+            )
+    assert _fill(log, 1, 2) == [3] and log.verify().ok
 
 
 def test_deleted_head_with_records_left_stops_the_writer(pg_url, audit_home):
@@ -81,8 +119,7 @@ def test_deleted_head_with_records_left_stops_the_writer(pg_url, audit_home):
         c.execute(sa.text("delete from audit_head"))
     with pytest.raises(AuditUnavailable, match="signed head is missing"):
         log.append("request", user="bob")
-    with log.engine.connect() as c:
-        assert c.execute(sa.text("select count(*) from audit_records")).scalar() == 3  # nothing written
+    assert not log.verify().ok
 
 
 def test_connection_dropped_by_the_server_is_replaced(pg_url, audit_home):
@@ -91,7 +128,7 @@ def test_connection_dropped_by_the_server_is_replaced(pg_url, audit_home):
     pid = log._pg._raw.driver_connection.info.backend_pid
     with log.engine.connect() as c:  # what a PostgreSQL restart or failover does to the writer
         assert c.execute(sa.text("select pg_terminate_backend(:p)"), {"p": pid}).scalar()
-    assert _fill(log, 2, 3) == [4, 5]  # tried again on a new connection: nothing had been sent
+    assert _fill(log, 2, 3) == [4, 5]  # tried again on a new connection: nothing had been committed
     assert log._pg._raw.driver_connection.info.backend_pid != pid
     rep = log.verify()
     assert rep.ok and rep.records == 5, rep.problem

@@ -200,7 +200,13 @@ def test_exported_head_catches_a_key_holders_rewrite(audit_log, audit_home, db_f
     fill(audit_log, 5)
     exported = tmp_path / "head.json"
     assert runner.invoke(app, ["audit", "head", "export", "-o", str(exported)]).exit_code == 0
-    sql(db_file, "DELETE FROM audit_records", "DELETE FROM audit_checkpoints", "DELETE FROM audit_head")
+    sql(
+        db_file,
+        "DELETE FROM audit_records",
+        "DELETE FROM audit_checkpoints",
+        "DELETE FROM audit_head",
+        f"UPDATE audit_tip SET seq = 0, hash = '{'0' * 64}'",  # the chain starts again at record 1
+    )
     head_file.unlink()
     for f in audit_home.glob("audit-verified-*"):
         f.unlink()

@@ -22,6 +22,8 @@ import sqlalchemy as sa
 GENESIS = "0" * 64
 HEAD_SLOT = 512  # bytes per head-file slot
 _RECORD_TAG = b"codemoat-audit-record-v1\x00"
+_BODY_TAG = b"codemoat-audit-body-v2\x00"
+LINK_TAG = b"codemoat-audit-link-v2\x00"  # also spelled out in the PostgreSQL trigger (migrations/b003)
 
 meta = sa.MetaData()
 records = sa.Table(
@@ -59,6 +61,15 @@ checkpoints = sa.Table(
     sa.Column("key_id", sa.String(16)),
     sa.Column("signature", sa.String(128)),
 )
+# The chain's tip: the last record's seq and hash, unsigned (the signed head trails it by at most
+# `sign_every` records); on PostgreSQL the trigger `audit_chain` moves it (migrations/b003_audit_tip.py).
+tip = sa.Table(
+    "audit_tip",
+    meta,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("seq", sa.BigInteger),
+    sa.Column("hash", sa.String(64)),
+)
 head = sa.Table(
     "audit_head",
     meta,
@@ -93,12 +104,35 @@ FIELDS = (
     "detail",
     "prev_hash",
 )
+BODY_FIELDS = FIELDS[1:-1]  # v2's body: everything but seq and prev_hash, which the link binds
 
 
 def record_hash(row: dict[str, Any]) -> str:
-    """SHA-256 over the record's fields (canonical JSON) and the previous record's hash."""
+    """v1 (records written before chain v2): SHA-256 over the fields (canonical JSON) and prev_hash."""
     body = json.dumps({k: row.get(k) for k in FIELDS}, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(_RECORD_TAG + body.encode()).hexdigest()
+
+
+def body_hash(row: dict[str, Any]) -> str:
+    """v2: SHA-256 over the record's own fields (canonical JSON), without seq and prev_hash, which
+    the writer does not know until the chain's tip is locked (on PostgreSQL: inside the database)."""
+    body = json.dumps({k: row.get(k) for k in BODY_FIELDS}, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(_BODY_TAG + body.encode()).hexdigest()
+
+
+def link_hash(seq: int, prev_hash: str, body: str) -> str:
+    """v2: SHA-256(tag || seq as 8 bytes big-endian || previous hash || body hash), raw bytes."""
+    return hashlib.sha256(LINK_TAG + seq.to_bytes(8, "big") + bytes.fromhex(prev_hash) + bytes.fromhex(body)).hexdigest()
+
+
+def hash_matches(row: dict[str, Any]) -> bool:
+    """Whether a stored record's `hash` is its v2 link hash, or its v1 hash (a log begun before v2)."""
+    try:
+        if link_hash(row["seq"], row["prev_hash"], body_hash(row)) == row["hash"]:
+            return True
+    except (ValueError, TypeError, OverflowError):  # a prev_hash that is not hex: not a v2 record
+        pass
+    return record_hash(row) == row["hash"]
 
 
 def checkpoint_message(seq: int, hash_: str, prev_checkpoint: int, ts_us: int, reason: str) -> bytes:

@@ -28,7 +28,6 @@ and `audit.verify` import; they are re-exported here.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import logging
@@ -46,7 +45,9 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from ..errors import CodemoatError
 from . import signing
+from .heads import MAX_BATCH, AuditUnavailable, sign_tip, signed_head_row, tail_allowance
 from .pgappend import PgAppender, Tampered
+from .timer import HeadTimer
 from .rows import KINDS, check_kind, normalise, parse_since, to_public
 from .chain import (  # re-exported: the chain's shape lives in `audit.chain`
     FIELDS,
@@ -59,8 +60,11 @@ from .chain import (  # re-exported: the chain's shape lives in `audit.chain`
     head_file_for,
     head_message,
     meta,
+    body_hash,
+    link_hash,
     record_hash,
     records,
+    tip,
     verified_file_for,
 )
 
@@ -89,15 +93,10 @@ __all__ = [  # the chain's names stay importable from here (serve, tests, bench 
 log = logging.getLogger("codemoat.audit")
 
 
-class AuditUnavailable(CodemoatError):
-    """The audit log cannot take a record, so the request is refused."""
+def _psycopg_error() -> type[BaseException]:
+    import psycopg
 
-    status = 503
-    code = "audit_unavailable"
-
-
-# records one group commit may write (a bound on one transaction's size and on a waiter's wait)
-MAX_BATCH = 256
+    return psycopg.Error
 
 
 class _Pending:
@@ -118,25 +117,33 @@ class AuditLog:
         *,
         signer: signing.Signer | None = None,
         checkpoint_every: int = 100,
+        sign_every: int = 1,
+        sign_interval_ms: float = 1000.0,
         head_file: Path | None = None,
         verified_file: Path | None = None,
-        pg_pipeline: bool = True,
     ):
         self.engine = engine
-        # PostgreSQL: one writer connection in pipeline mode (`audit.pgappend`); False keeps the
-        # portable SQLAlchemy path (bench/replicas.py compares the two)
-        self._pg = PgAppender(engine) if pg_pipeline and engine.dialect.name == "postgresql" else None
+        # PostgreSQL: the database links records (trigger `audit_chain`), one flush per group commit
+        self._pg = PgAppender(engine) if engine.dialect.name == "postgresql" else None
         self._signer = signer
         self.checkpoint_every = max(1, checkpoint_every)
+        self.sign_every = max(1, sign_every)  # 1: every append returns with its record signed
+        self.sign_interval = max(0.001, sign_interval_ms / 1000)
         self.head_file = head_file
         self.verified_file = verified_file  # the verifier's memory (`audit.trusted`), not the writer's
         self._lock = threading.Lock()
         self._pending: list[_Pending] = []  # records waiting for the next group commit
         self._pending_lock = threading.Lock()
         self._head_fd: int | None = None
+        self._slot = 0
         self._healthy = True
         self._probed_at = 0.0
         self.failure: str | None = None
+        self._signed_seq = 0  # the newest record this process knows to be signed
+        self._last_seq = 0  # the newest record this process wrote
+        self._seen_head = False  # a signed head was seen: a missing one was deleted
+        self._unsigned_since: float | None = None  # when this process first left a record unsigned
+        self._timer = HeadTimer(self)
 
     @property
     def signer(self) -> signing.Signer:
@@ -144,14 +151,19 @@ class AuditLog:
             self._signer = signing.load_signer()
         return self._signer
 
+    @property
+    def tail_allowance(self) -> int:
+        return tail_allowance(self.sign_every)
+
     # -- writing ------------------------------------------------------------------
     def append(self, kind: str = "request", **fields: Any) -> int:
-        """Append one record and re-sign the head; returns its sequence number.
+        """Append one record to the chain; returns its sequence number.
 
         Group commit: records appended at the same time by this process's threads (concurrent
-        requests) are written in one transaction under one head signature, and every caller still
-        returns only once its own record is committed. The first caller in becomes the leader and
-        flushes what is waiting; the others find their record written when the lock is theirs.
+        requests) are written in one transaction, and every caller still returns only once its own
+        record is committed. The first caller in becomes the leader and flushes what is waiting; the
+        others find their record written when the lock is theirs. The head is signed when
+        `sign_every` records or `sign_interval_ms` have gone by unsigned (`audit.heads`).
         Raises `AuditUnavailable` when it cannot be written (the caller must not serve)."""
         me = _Pending(normalise(kind, fields))
         with self._pending_lock:
@@ -169,7 +181,10 @@ class AuditLog:
         """Write `batch` in one transaction (under `_lock`); each waiter gets its seq or the error."""
         try:
             try:
-                seqs, head_row = self._append_locked([w.row for w in batch])
+                rows = [w.row for w in batch]
+                head_row = self._append_locked(rows)
+                if head_row is None and self._pg is not None and self._sign_due(rows[-1]["seq"]):
+                    head_row = self._sign_after(rows[-1]["seq"])
             except AuditUnavailable as e:
                 self._mark_failed(str(e))
                 raise
@@ -181,117 +196,162 @@ class AuditLog:
                 w.error, w.done = e, True
             return
         self._healthy, self.failure, self._probed_at = True, None, time.monotonic()
-        for w, seq in zip(batch, seqs):
-            w.seq, w.done = seq, True
-        self._write_head_file(head_row)
+        for w in batch:
+            w.seq, w.done = w.row["seq"], True
+        if self._signed_seq < batch[-1].seq and self._unsigned_since is None:
+            self._unsigned_since = time.monotonic()
+            self._timer.arm()
+        if head_row is not None:
+            self._write_head_file(head_row)
 
-    def _append_locked(self, rows: list[dict[str, Any]]) -> tuple[list[int], dict[str, Any]]:
-        _ = self.signer  # load the key before taking the database's write lock
+    def _sign_after(self, seq: int) -> dict[str, Any] | None:
+        """Sign after records up to `seq` were committed: a database error leaves them for the timer
+        (they are written; the request is served), a tampered log stops the writer."""
+        try:
+            return self._sign(wait=self.sign_every == 1, min_tail=self.sign_every)
+        except DBAPIError as e:
+            if self.sign_every == 1:
+                raise
+            log.warning("could not sign the audit head after record %d: %s", seq, str(e).splitlines()[0])
+            return None
+
+    def _sign_due(self, seq: int) -> bool:
+        if seq <= self._signed_seq:  # the chain was rotated by another process: it starts again
+            self._signed_seq = 0
+        since = self._unsigned_since
+        return seq - self._signed_seq >= self.sign_every or (since is not None and time.monotonic() - since >= self.sign_interval)
+
+    def _signed(self, seq: int | None, head_row: dict[str, Any] | None) -> None:
+        """Note that records up to `seq` are signed (by this process when `head_row`, or by another)."""
+        if seq is not None and seq >= self._signed_seq:
+            self._signed_seq, self._seen_head = seq, self._seen_head or seq > 0
+            if seq >= self._last_seq:
+                self._unsigned_since = None
+
+    def _append_locked(self, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+        """Write `rows`; on SQLite also sign the head when due, in the same transaction (the new head row or None)."""
         if self._pg is not None:
-            return self._append_pg(rows)
+            try:
+                self._pg.append(rows)
+                self._last_seq = rows[-1]["seq"]
+            except Tampered:
+                raise AuditUnavailable(
+                    "audit log tampered: a record exists beyond the chain's tip (run `codemoat audit verify`)"
+                ) from None
+            except _psycopg_error() as e:
+                raise AuditUnavailable(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+            return None
+        _ = self.signer  # load the key before taking the database's write lock
         for attempt in range(10):
             try:
                 with self.engine.begin() as c:
-                    h = c.execute(sa.select(head).where(head.c.id == 1).with_for_update()).first()
-                    exist = h is None and bool(c.execute(sa.select(sa.func.count()).select_from(records)).scalar())
-                    rows, cps, head_row = self._chain(rows, (h.seq, h.hash, h.last_checkpoint) if h else None, exist)
+                    t = c.execute(sa.select(tip.c.seq, tip.c.hash).where(tip.c.id == 1)).first()
+                    if t is None:
+                        if c.execute(sa.select(records.c.seq).limit(1)).first() is not None:
+                            raise AuditUnavailable(
+                                "audit log tampered: records exist but the chain's tip is missing (run `codemoat audit verify`)"
+                            )
+                        c.execute(tip.insert().values(id=1, seq=0, hash=GENESIS))
+                        t = (0, GENESIS)
+                    seq, prev = t[0], t[1]
+                    for row in rows:
+                        seq += 1
+                        row.update(seq=seq, prev_hash=prev)
+                        row["hash"] = prev = link_hash(seq, prev, body_hash(row))
                     c.execute(records.insert(), rows)
-                    if cps:  # checkpoints after the records they name
-                        c.execute(checkpoints.insert(), cps)
-                    if h is None:
-                        c.execute(head.insert().values(id=1, **head_row))
-                    else:
-                        c.execute(head.update().where(head.c.id == 1).values(**head_row))
-                return [r["seq"] for r in rows], head_row
+                    c.execute(tip.update().where(tip.c.id == 1).values(seq=seq, hash=prev))
+                    self._last_seq = seq
+                    signed, head_row = None, None
+                    if self._sign_due(seq):
+                        signed, head_row = sign_tip(
+                            c,
+                            self.signer,
+                            checkpoint_every=self.checkpoint_every,
+                            min_tail=self.sign_every,
+                            head_expected=self._seen_head,
+                            allowance=self.tail_allowance,
+                        )
+                self._signed(signed, head_row)
+                return head_row
             except IntegrityError:
-                self._raise_if_tampered(h.seq if h else None)
+                # SQLite reads the tip before its write lock: another writer (a replica) took the
+                # number, unless the tip did not move, in which case a record beyond it was put there
+                with self.engine.connect() as c:
+                    now = c.execute(sa.select(tip.c.seq).where(tip.c.id == 1)).scalar()
+                if now == t[0]:
+                    raise AuditUnavailable(
+                        f"audit log tampered: record {t[0] + 1} exists beyond the chain's tip (run `codemoat audit verify`)"
+                    ) from None
             except DBAPIError as e:
                 if "locked" not in str(e).lower() or attempt == 9:
                     raise
                 time.sleep(0.01 * (attempt + 1))
         raise AuditUnavailable("audit log busy: could not append after 10 attempts")
 
-    def _append_pg(self, rows: list[dict[str, Any]]) -> tuple[list[int], dict[str, Any]]:
-        """PostgreSQL: the same chain in two network flushes (`audit.pgappend`)."""
-        import psycopg
-
-        seen: list[Any] = []
-
-        def chain(h: Any, exist: bool):
-            seen.append(h)
-            return self._chain(rows, h, exist)
-
-        for _ in range(10):
-            seen.clear()
+    def _sign(self, *, wait: bool = True, min_tail: int = 1, reason: str | None = None) -> dict[str, Any] | None:
+        """Sign the tip in a transaction of its own (the new head row, or None when nothing was signed)."""
+        for attempt in range(10):
             try:
-                done, head_row = self._pg.append(chain)
-                return [r["seq"] for r in done], head_row
-            except Tampered:
-                self._raise_if_tampered(seen[-1][0] if seen and seen[-1] else None)
-            except psycopg.Error as e:
-                raise AuditUnavailable(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
-        raise AuditUnavailable("audit log busy: could not append after 10 attempts")
-
-    def _raise_if_tampered(self, locked_seq: int | None) -> None:
-        """After a duplicate sequence number: another writer (a replica) took it, unless the head did
-        not move, in which case a record beyond it was put there behind the log's back."""
-        with self.engine.connect() as c:
-            h2 = c.execute(sa.select(head.c.seq).where(head.c.id == 1)).scalar()
-        if h2 == locked_seq:
-            raise AuditUnavailable(
-                f"audit log tampered: record {(locked_seq or 0) + 1} exists beyond the signed head (run `codemoat audit verify`)"
-            ) from None
-
-    def _chain(self, rows: list[dict[str, Any]], h: Any, exist: bool):
-        """Chain `rows` onto the locked head `h` (seq, hash, last_checkpoint; None: an empty log):
-        the rows with seq, prev_hash and hash, the signed checkpoints due, the signed head."""
-        if h is None and exist:
-            raise AuditUnavailable(
-                "audit log tampered: records exist but the signed head is missing (run `codemoat audit verify`)"
-            )
-        seq, prev, last_cp = (h[0], h[1], h[2]) if h is not None else (0, GENESIS, 0)
-        cps = []
-        for row in rows:
-            seq += 1
-            row.update(seq=seq, prev_hash=prev)
-            row["hash"] = prev = record_hash(row)
-            if seq % self.checkpoint_every == 0:
-                cps.append(self._checkpoint_row(seq, prev, last_cp, row["ts_us"], "periodic"))
-                last_cp = seq
-        last = rows[-1]
-        return rows, cps, self._signed_head(seq, last["hash"], last_cp, last["ts_us"])
+                with self.engine.begin() as c:
+                    signed, head_row = sign_tip(
+                        c,
+                        self.signer,
+                        checkpoint_every=self.checkpoint_every,
+                        min_tail=min_tail,
+                        reason=reason,
+                        wait=wait,
+                        head_expected=self._seen_head,
+                        allowance=self.tail_allowance,
+                    )
+                self._signed(signed, head_row)
+                return head_row
+            except IntegrityError:  # two replicas wrote the first head at once: the other one's stands
+                if not wait:
+                    return None
+            except DBAPIError as e:
+                if "locked" not in str(e).lower() or attempt == 9:
+                    raise
+                time.sleep(0.01 * (attempt + 1))
+        raise AuditUnavailable("audit log busy: could not sign the head after 10 attempts")
 
     def _signed_head(self, seq: int, hash_: str, last_cp: int, ts_us: int) -> dict[str, Any]:
-        sig = self.signer.sign(head_message(seq, hash_, last_cp, ts_us))
-        return dict(seq=seq, hash=hash_, last_checkpoint=last_cp, ts_us=ts_us, key_id=self.signer.key_id, signature=sig)
+        return signed_head_row(self.signer, seq, hash_, last_cp, ts_us)
 
-    def _checkpoint_row(self, seq: int, hash_: str, prev_cp: int, ts_us: int, reason: str) -> dict[str, Any]:
-        sig = self.signer.sign(checkpoint_message(seq, hash_, prev_cp, ts_us, reason))
-        return dict(
-            seq=seq, hash=hash_, prev_checkpoint=prev_cp, ts_us=ts_us, reason=reason, key_id=self.signer.key_id, signature=sig
-        )
-
-    def _insert_checkpoint(self, c, seq: int, hash_: str, prev_cp: int, ts_us: int, reason: str) -> None:
-        c.execute(checkpoints.insert().values(**self._checkpoint_row(seq, hash_, prev_cp, ts_us, reason)))
+    def sign(self, reason: str | None = None) -> int | None:
+        """Sign the head at the chain's tip now (with a `reason`, a checkpoint there too); the seq signed."""
+        with self._lock:
+            try:
+                head_row = self._sign(reason=reason)
+            except DBAPIError as e:
+                raise AuditUnavailable(f"audit log cannot be signed: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        if head_row is not None:
+            self._write_head_file(head_row)
+        return self._signed_seq
 
     def checkpoint(self, reason: str = "shutdown") -> int | None:
-        """Sign a checkpoint at the current head (at shutdown); None when there is nothing new."""
-        with self._lock, self.engine.begin() as c:
-            h = c.execute(sa.select(head).where(head.c.id == 1).with_for_update()).first()
-            if h is None or h.last_checkpoint == h.seq:
+        """Sign a checkpoint and the head at the chain's tip (at shutdown); None when there is nothing new."""
+        with self._lock:
+            with self.engine.connect() as c:
+                h = c.execute(sa.select(head.c.last_checkpoint).where(head.c.id == 1)).first()
+                t = c.execute(sa.select(tip.c.seq).where(tip.c.id == 1)).scalar()
+            if not t or (h is not None and h.last_checkpoint == t):
                 return None
-            ts_us = int(time.time() * 1_000_000)
-            self._insert_checkpoint(c, h.seq, h.hash, h.last_checkpoint, ts_us, reason)
-            head_row = self._signed_head(h.seq, h.hash, h.seq, ts_us)
-            c.execute(head.update().where(head.c.id == 1).values(**head_row))
-        self._write_head_file(head_row)
-        return h.seq
+        self.sign(reason)
+        return t
+
+    def close(self) -> None:
+        """Sign what this process left unsigned and stop its timer (also run at interpreter exit)."""
+        self._timer.stop()
+        if self._unsigned_since is not None:
+            self.sign()
+        if self._pg is not None:
+            self._pg.close()
 
     def _write_head_file(self, head_row: dict[str, Any]) -> None:
-        """Write the signed head into one of two fixed 512-byte slots (by seq parity), in place.
+        """Write the signed head into one of two fixed 512-byte slots (in turn), in place.
 
-        A rename per append costs milliseconds on some filesystems; an in-place write does not,
-        and with two slots a write torn by a crash leaves the other (one record older) intact."""
+        A rename per signature costs milliseconds on some filesystems; an in-place write does not,
+        and with two slots a write torn by a crash leaves the other (one signature older) intact."""
         if self.head_file is None:
             return
         data = json.dumps(head_row, separators=(",", ":")).encode()
@@ -299,7 +359,10 @@ class AuditLog:
         try:
             if self._head_fd is None:
                 self._head_fd = os.open(self.head_file, os.O_RDWR | os.O_CREAT, 0o600)
-            os.pwrite(self._head_fd, data, (head_row["seq"] % 2) * HEAD_SLOT)
+                if os.fstat(self._head_fd).st_size < 2 * HEAD_SLOT:  # a new file: both slots, no blank one
+                    os.pwrite(self._head_fd, data, HEAD_SLOT)
+            os.pwrite(self._head_fd, data, self._slot * HEAD_SLOT)
+            self._slot ^= 1
         except OSError as e:  # the database copy is authoritative; a missing file copy only weakens verify
             log.warning("could not write the audit head file %s: %s", self.head_file, e)
 
@@ -335,56 +398,10 @@ class AuditLog:
             return False
 
     def rotate(self, archive: Path) -> dict[str, Any]:
-        """Move every record, checkpoint and the head into `archive` (JSON lines) and start a new chain.
+        """Move every record, checkpoint and the head into `archive` and start a new chain (`audit.rotate`)."""
+        from .rotate import rotate
 
-        For retention, and to resume after tampering has been investigated. The new chain's first
-        record (kind `rotation`, signed like any other) holds the archive's SHA-256, the number of
-        records moved, the old head's hash and what `verify` said of the old chain, so the archive
-        stays anchored to the live log."""
-        rep = self.verify()
-        if archive.exists():
-            raise CodemoatError(f"{archive} already exists: choose a new archive file")
-        digest = hashlib.sha256()
-        with self._lock:
-            with self.engine.begin() as c, open(archive, "x", encoding="utf-8") as f:
-
-                def out(obj: dict[str, Any]) -> None:
-                    line = (json.dumps(obj, ensure_ascii=False, default=str) + "\n").encode()
-                    digest.update(line)
-                    f.write(line.decode())
-
-                out({"entry": "archive", "format": "codemoat-audit-archive-v1", "verify": rep.to_dict()})
-                n = 0
-                for r in c.execute(sa.select(records).order_by(records.c.seq)):
-                    out({"entry": "record", **r._asdict()})
-                    n += 1
-                for cp in c.execute(sa.select(checkpoints).order_by(checkpoints.c.seq)):
-                    out({"entry": "checkpoint", **cp._asdict()})
-                h = c.execute(sa.select(head).where(head.c.id == 1)).first()
-                if h is not None:
-                    out({"entry": "head", **h._asdict()})
-                for t in (records, checkpoints, head):
-                    c.execute(t.delete())
-                if self.head_file is not None and self.head_file.exists():
-                    os.truncate(self.head_file, 0)  # in place: writers keep their open descriptors
-            os.chmod(archive, 0o600)
-            self._healthy, self.failure = True, None
-        detail = {
-            "archive": str(archive),
-            "archive_sha256": digest.hexdigest(),
-            "records": n,
-            "previous_head": h.hash if h is not None else None,
-            "previous_ok": rep.ok,
-            "previous_problem": rep.problem,
-        }
-        self.append("rotation", detail=detail)
-        if self.verified_file is not None:  # the operator started a new chain: the verifier follows it
-            from . import trusted
-
-            with self.engine.connect() as c:
-                row = c.execute(sa.select(head).where(head.c.id == 1)).first()
-            trusted.remember(self.verified_file, SignedHead.from_mapping(row._asdict()), self.public_key(), reset=True)
-        return detail
+        return rotate(self, archive)
 
     # -- reading --------------------------------------------------------------------
     def records(
@@ -448,7 +465,14 @@ class AuditLog:
 
         if public_key is None:
             public_key = self.public_key()
-        rep = verify(self.engine, public_key, head_file=self.head_file, remembered=self.verified_file, trusted_head=trusted_head)
+        rep = verify(
+            self.engine,
+            public_key,
+            head_file=self.head_file,
+            remembered=self.verified_file,
+            trusted_head=trusted_head,
+            allowance=self.tail_allowance,
+        )
         if rep.ok:  # the TPM's checkpoints and its monotonic counter, when this machine has a TPM
             from .tpm_checkpoint import check_report
 

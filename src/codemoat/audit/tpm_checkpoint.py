@@ -69,6 +69,7 @@ def take(log: Any, machine: Any = None) -> dict[str, Any] | None:
     from ..attest.tpm import AUDIT_NV_INDEX
 
     ak_id = _ak_id(machine.tpm["identity"]["ak"])
+    log.sign()  # the chip certifies the chain's tip, not a signed head that trails it
     with log.engine.connect() as c:
         h = c.execute(sa.select(head.c.seq, head.c.hash).where(head.c.id == 1)).first()
     if h is None:
@@ -86,6 +87,7 @@ def take(log: Any, machine: Any = None) -> dict[str, Any] | None:
         "s": b64e(q.s),
     }
     rec = log.append(KIND, user="appliance", route="audit tpm-checkpoint", detail=detail)
+    log.sign()  # the chip's checkpoint record under a signed head at once (signatures may be batched)
     return dict(detail, record=rec)
 
 

@@ -19,7 +19,9 @@ Problems are collected with the first record they implicate; the report names th
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,7 @@ import sqlalchemy as sa
 from sqlalchemy import Engine
 
 from . import signing, trusted
-from .chain import GENESIS, HEAD_SLOT, SignedHead, checkpoint_message, checkpoints, head, record_hash, records
+from .chain import GENESIS, HEAD_SLOT, SignedHead, checkpoint_message, checkpoints, hash_matches, head, records
 
 
 @dataclass
@@ -43,6 +45,10 @@ class VerifyReport:
     trusted: list[str] = field(default_factory=list)
     #: something the reader should know that does not make the log bad
     warning: str | None = None
+    #: records after the signed head (not signed yet: whoever writes the database could cut or rewrite them)
+    unsigned: int = 0
+    #: when the oldest of them was written (ISO 8601 UTC), None when there are none
+    unsigned_since: str | None = None
     #: the signed head as read (what a verifier remembers when the log is OK)
     head: SignedHead | None = field(default=None, repr=False)
 
@@ -59,12 +65,14 @@ def verify(
     head_file: Path | None = None,
     remembered: Path | None = None,
     trusted_head: Path | None = None,
+    allowance: int = 0,
 ) -> VerifyReport:
     """Walk the chain, the checkpoints and the head; name the first bad record.
 
     `head_file` is the writer's copy of the signed head; `remembered` the head `audit verify` last
     accepted, `trusted_head` one exported earlier (a missing file is skipped: the caller checks
-    that a file it was given exists)."""
+    that a file it was given exists). `allowance`: how many records the writers may leave after
+    the signed head (`audit.heads.tail_allowance`); more is a problem, fewer a warning."""
     kid = signing.key_id(public_key) if public_key else None
     problems: list[tuple[int, str]] = []
 
@@ -139,6 +147,8 @@ def verify(
         expected, prev_hash, n = 1, GENESIS, 0
         hashes_at: dict[int, str] = {}
         first_record: dict[str, Any] | None = None
+        tail_from = (h.seq if h is not None else 0) + 1
+        tail, tail_ts = 0, None
         want = set(cp_by_seq) | ({h.seq} if h is not None else set()) | {t.seq for _, t in known}
         for r in c.execution_options(yield_per=2000).execute(sa.select(records).order_by(records.c.seq)):
             row = r._asdict()
@@ -162,7 +172,7 @@ def verify(
                     )
                 )
                 break
-            if record_hash(row) != row["hash"]:
+            if not hash_matches(row):
                 problems.append((seq, f"record {seq} was edited (its contents no longer match its hash)"))
                 break
             cp = cp_by_seq.get(seq)
@@ -174,6 +184,8 @@ def verify(
                 break
             if seq == 1:
                 first_record = row
+            if seq == tail_from:
+                tail_ts = row["ts_us"]
             if seq in want:
                 hashes_at[seq] = row["hash"]
             prev_hash, expected = row["hash"], seq + 1
@@ -199,8 +211,9 @@ def verify(
                         f"the log was truncated: a signed checkpoint covers record {beyond[-1]} but the log ends at record {last}",
                     )
                 )
+            tail = last - (h.seq if h is not None else 0)
             if h is None:
-                if last:
+                if last and (cps or last > allowance):
                     problems.append((last, "the signed head is missing (records exist but nothing signs the end of the log)"))
             else:
                 why = bad_sig("the head", h.key_id, h.message(), h.signature)
@@ -213,9 +226,15 @@ def verify(
                             f"the log was truncated: the signed head names record {h.seq} but the log ends at record {last}",
                         )
                     )
-                elif h.seq < last:
-                    problems.append((h.seq + 1, f"records {h.seq + 1}–{last} were added after the signed head"))
-                elif hashes_at.get(h.seq) != h.hash:
+                elif tail > allowance:
+                    problems.append(
+                        (
+                            h.seq + 1,
+                            f"records {h.seq + 1}–{last} were added after the signed head"
+                            + (f" (more than the {allowance} the writers leave unsigned)" if allowance else ""),
+                        )
+                    )
+                elif h.seq <= last and hashes_at.get(h.seq) != h.hash:
                     start = h.last_checkpoint + 1 if h.last_checkpoint < h.seq else h.seq
                     problems.append((start, f"records {start}–{h.seq} were rewritten (they no longer match the signed head)"))
                 elif h.last_checkpoint and h.last_checkpoint not in cp_by_seq:
@@ -237,6 +256,7 @@ def verify(
             if head_file is not None:
                 problems.extend(_check_head_file(head_file, public_key, kid, last, c))
 
+    unsigned = max(0, tail)
     report = VerifyReport(
         ok=not problems,
         records=n,
@@ -245,7 +265,15 @@ def verify(
         key_id=kid,
         trusted=[f"{label}: record {t.seq}" for label, t in known],
         head=h,
+        unsigned=unsigned,
     )
+    if unsigned and tail_ts is not None:
+        report.unsigned_since = datetime.fromtimestamp(tail_ts / 1_000_000, tz=UTC).isoformat(timespec="seconds")
+        age = max(0.0, time.time() - tail_ts / 1_000_000)
+        report.warning = (
+            f"records {last - unsigned + 1}–{last} ({unsigned}, the oldest {age:.0f} s old) follow the signed head: "
+            "not signed yet, so whoever writes the database could cut or rewrite them unnoticed"
+        )
     if problems:
         report.first_bad, report.problem = min(problems, key=lambda p: p[0])
     return report

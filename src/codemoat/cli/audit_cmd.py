@@ -19,6 +19,7 @@ ConfigOpt = Annotated[Path | None, typer.Option(help="TOML configuration file.",
 
 def _log(config: Path | None):
     from .. import paths
+    from ..audit.heads import sign_every_for
     from ..audit.log import AuditLog, head_file_for, verified_file_for
     from ..config import load_settings
     from ..db import open_db
@@ -26,9 +27,12 @@ def _log(config: Path | None):
     s = load_settings(config)
     url = s.database_url or paths.db_url()
     home = paths.home()
+    engine = open_db(url)
     return AuditLog(
-        open_db(url),
+        engine,
         checkpoint_every=s.audit.checkpoint_every,
+        sign_every=sign_every_for(s.audit.sign_every, engine),  # also what `verify` lets follow the signed head
+        sign_interval_ms=s.audit.sign_interval_ms,
         head_file=head_file_for(url, home),
         verified_file=verified_file_for(url, home),
     )

@@ -28,6 +28,7 @@ from .. import paths
 from ..accounts import Principal
 from ..audit import egress
 from ..audit.alarms import AlarmPolicy, Alarms
+from ..audit.heads import sign_every_for
 from ..audit.log import AuditLog, AuditUnavailable, head_file_for, verified_file_for
 from ..audit.metrics import Metrics
 from ..audit.quota import Quotas
@@ -62,6 +63,8 @@ class Trust:
         self.log = AuditLog(
             engine,
             checkpoint_every=settings.audit.checkpoint_every,
+            sign_every=sign_every_for(settings.audit.sign_every, engine),  # signatures batched on PostgreSQL
+            sign_interval_ms=settings.audit.sign_interval_ms,
             head_file=head_file_for(self.db_url, paths.home()),
             verified_file=verified_file_for(self.db_url, paths.home()),
         )  # verify remembers the head it accepted

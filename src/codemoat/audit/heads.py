@@ -1,0 +1,125 @@
+"""Signing the audit chain: the signed head and checkpoints, every `sign_every` records, `sign_interval_ms`
+after a record was left unsigned, and at shutdown.
+
+Every record is linked (`audit.chain`) the moment it is written; what is batched is the Ed25519
+signature over the chain's tip. `sign_tip` locks the signed head row, reads the tip, signs the
+checkpoints due since the last one (every record whose seq is a multiple of `checkpoint_every`,
+chained by `prev_checkpoint` as before) and a new head naming the tip. Signers take turns on the
+head row, appenders on the tip row: a replica signing never holds up another one's appends.
+
+The records after the signed head (the unsigned tail) can be cut or rewritten by whoever writes
+the database, with no signature to betray it; the writers bound that tail (`sign_every` records,
+`sign_interval_ms`), and `audit verify` reports its length and age and refuses a tail longer than
+any writer leaves (`tail_allowance`). With `sign_every = 1` every append returns only after a head
+naming its record is signed: there is no tail.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import sqlalchemy as sa
+
+from ..errors import CodemoatError
+from . import signing
+from .chain import checkpoint_message, checkpoints, head, head_message, records, tip
+
+
+class AuditUnavailable(CodemoatError):
+    """The audit log cannot take a record, so the request is refused."""
+
+    status = 503
+    code = "audit_unavailable"
+
+
+# records one group commit may write (a bound on one transaction's size and on a waiter's wait)
+MAX_BATCH = 256
+
+
+def sign_every_for(setting: int, engine: sa.Engine) -> int:
+    """`audit.sign_every` as a writer uses it: 0 means every record on SQLite (one host, the
+    signature costs nothing there), 64 on PostgreSQL (replicas: one signature per 64 records)."""
+    return setting if setting > 0 else (64 if engine.dialect.name == "postgresql" else 1)
+
+
+def tail_allowance(sign_every: int) -> int:
+    """Unsigned records `audit verify` accepts after the signed head: none when every append signs;
+    else what writers leave between two signatures (`sign_every`, a few times over for replicas
+    appending while one signs, plus a group commit in flight)."""
+    return 0 if sign_every <= 1 else 4 * sign_every + MAX_BATCH
+
+
+def signed_head_row(signer: signing.Signer, seq: int, hash_: str, last_cp: int, ts_us: int) -> dict[str, Any]:
+    sig = signer.sign(head_message(seq, hash_, last_cp, ts_us))
+    return dict(seq=seq, hash=hash_, last_checkpoint=last_cp, ts_us=ts_us, key_id=signer.key_id, signature=sig)
+
+
+def checkpoint_row(signer: signing.Signer, seq: int, hash_: str, prev_cp: int, ts_us: int, reason: str) -> dict[str, Any]:
+    sig = signer.sign(checkpoint_message(seq, hash_, prev_cp, ts_us, reason))
+    return dict(seq=seq, hash=hash_, prev_checkpoint=prev_cp, ts_us=ts_us, reason=reason, key_id=signer.key_id, signature=sig)
+
+
+def sign_tip(
+    c: sa.Connection,
+    signer: signing.Signer,
+    *,
+    checkpoint_every: int,
+    min_tail: int = 1,
+    reason: str | None = None,
+    wait: bool = True,
+    head_expected: bool = False,
+    allowance: int = 0,
+) -> tuple[int | None, dict[str, Any] | None]:
+    """Sign the tip in transaction `c`: (the seq now signed, the new head row or None when nothing was signed).
+
+    Signs only when the tip is `min_tail` or more records past the signed head, or always with a
+    `reason` (then a checkpoint is also signed at the tip: "shutdown"). `wait=False`: when another
+    signer holds the head row, give up at once (None, None). `head_expected`: this writer saw a signed
+    head before, so a missing one was deleted."""
+    q = sa.select(head).where(head.c.id == 1)
+    h = c.execute(q.with_for_update(skip_locked=not wait)).first()
+    if h is None and not wait and c.execute(sa.select(head.c.id).where(head.c.id == 1)).first() is not None:
+        return None, None  # another replica is signing now
+    t = c.execute(sa.select(tip.c.seq, tip.c.hash).where(tip.c.id == 1)).first()
+    if t is None:
+        raise AuditUnavailable("audit log tampered: the chain's tip row is missing (run `codemoat audit verify`)")
+    if h is None:
+        cps_exist = c.execute(sa.select(checkpoints.c.seq).limit(1)).first() is not None
+        if t.seq and (head_expected or cps_exist or t.seq > allowance + MAX_BATCH):
+            raise AuditUnavailable(
+                "audit log tampered: records exist but the signed head is missing (run `codemoat audit verify`)"
+            )
+        hseq, last_cp = 0, 0
+    else:
+        hseq, last_cp = h.seq, h.last_checkpoint
+    if t.seq < hseq:
+        raise AuditUnavailable(
+            f"audit log tampered: the chain ends at record {t.seq} but the signed head names record {hseq} (run `codemoat audit verify`)"
+        )
+    at_tip = reason is not None and last_cp != t.seq
+    if not at_tip and t.seq - hseq < max(1, min_tail):
+        return hseq, None
+    now = int(time.time() * 1_000_000)
+    k = max(1, checkpoint_every)
+    due = list(range((last_cp // k + 1) * k, t.seq + 1, k))
+    got = {}
+    if due:
+        got = dict(c.execute(sa.select(records.c.seq, records.c.hash).where(records.c.seq.in_(due))).all())
+    cps = []
+    for s in due:
+        if s not in got:
+            raise AuditUnavailable(f"audit log tampered: record {s} is missing (run `codemoat audit verify`)")
+        cps.append(checkpoint_row(signer, s, got[s], last_cp, now, "periodic"))
+        last_cp = s
+    if at_tip and last_cp != t.seq:
+        cps.append(checkpoint_row(signer, t.seq, t.hash, last_cp, now, reason))
+        last_cp = t.seq
+    if cps:
+        c.execute(checkpoints.insert(), cps)
+    row = signed_head_row(signer, t.seq, t.hash, last_cp, now)
+    if h is None:
+        c.execute(head.insert().values(id=1, **row))
+    else:
+        c.execute(head.update().where(head.c.id == 1).values(**row))
+    return t.seq, row
