@@ -179,6 +179,10 @@ def license_issue(
     lease_ttl: Annotated[str, typer.Option(help="Lease lifetime; renewed at half of it.")] = "1h",
     grace: Annotated[str, typer.Option(help="How long serving continues after a lease expires unrenewed.")] = "15m",
     seats: Annotated[int, typer.Option(help="Machines that may hold a lease at once (lease mode).")] = 1,
+    max_seats_per_machine: Annotated[
+        int | None,
+        typer.Option(help="Seats one machine may hold at once (lease mode; each serving process holds one). Default: all."),
+    ] = None,
     watermark: Annotated[
         bool, typer.Option("--watermark/--no-watermark", help="Deliver the customer's output-watermark key.")
     ] = True,
@@ -213,6 +217,7 @@ def license_issue(
             lease_ttl=int(parse_duration(lease_ttl)),
             grace=int(parse_duration(grace)),
             seats=seats,
+            max_seats_per_machine=max_seats_per_machine,
             watermark=watermark,
             policy=match,
             support_until=int(parse_when(support_until)) if support_until else None,

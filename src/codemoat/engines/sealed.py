@@ -216,7 +216,7 @@ def open_sealed(
             lease = client.acquire()
             content_key[0], watermark = lease.content_key, lease.watermark_key
         except LeaseDenied as e:
-            if e.code != "seats_exhausted":
+            if e.code not in ("seats_exhausted", "machine_seats_exhausted"):
                 client.close()
                 raise
             # One replica too many: serve 503 with the reason, and ask again at every renewal.

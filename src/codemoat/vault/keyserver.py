@@ -88,6 +88,9 @@ _RENEW = sa.text(
 # seat is not handed to another process before then; a clean stop releases it at once.
 _COUNT_LIVE = sa.text("SELECT count(*) FROM vault_leases WHERE license_id = :lid AND expires > :held")
 _LOCK_LICENSE = sa.text("UPDATE vault_licenses SET lease_gen = lease_gen + 1 WHERE id = :lid")
+_COUNT_LIVE_MACHINE = sa.text(
+    "SELECT count(*) FROM vault_leases WHERE license_id = :lid AND machine_id = :mid AND expires > :held"
+)
 _DROP_EXPIRED = sa.text("DELETE FROM vault_leases WHERE license_id = :lid AND expires <= :held")
 _INSERT = sa.text(
     "INSERT INTO vault_leases (license_id, machine_id, instance, expires, renewed_at, renewals) "
@@ -253,7 +256,8 @@ class KeyServer:
                 if now < row.not_before:
                     raise LeaseDenied("not_yet_valid", f"license {lid} is not valid yet")
                 ttl = min(row.lease_ttl, max(1, int(row.expires - now)))
-                used = self._take_seat(c, lid, mid, inst, row.seats, now, ttl, row.grace)
+                per_machine = (lic.doc.get("lease") or {}).get("max_seats_per_machine")  # signed by the vendor
+                used = self._take_seat(c, lid, mid, inst, row.seats, now, ttl, row.grace, per_machine)
                 # The nonce for this machine's next renewal: one round trip per heartbeat, still server-chosen.
                 next_nonce = self.nonces.issue_on(c, lid, ttl + row.grace + NONCE_TTL)
             except LeaseDenied as e:
@@ -346,12 +350,24 @@ class KeyServer:
         return inst
 
     @staticmethod
-    def _take_seat(c: sa.Connection, lid: str, mid: str, inst: str, seats: int, now: float, ttl: int, grace: int) -> int:
+    def _take_seat(
+        c: sa.Connection,
+        lid: str,
+        mid: str,
+        inst: str,
+        seats: int,
+        now: float,
+        ttl: int,
+        grace: int,
+        per_machine: int | None = None,
+    ) -> int:
         """Renew this instance's seat or take a free one; seats in use after, or `seats_exhausted`.
 
         Seats are counted per license over (machine, instance): each serving process on a licensed
         machine holds its own. A refused request writes nothing, so a flood of made-up instances from
-        one machine holds at most the license's free seats, and never one that a live instance holds.
+        one machine holds at most the license's free seats, and never one that a live instance holds;
+        with the license's `max_seats_per_machine`, at most that many (`machine_seats_exhausted`), so
+        one licensed machine cannot take the seats the others need.
         A seat is held through its lease's TTL and then the grace in which its holder may still serve."""
         p = {"lid": lid, "mid": mid, "inst": inst, "now": now, "exp": now + ttl, "held": now - max(0, grace or 0)}
         # Fast path, a renewal of a live seat: the number of seats in use does not change.
@@ -366,6 +382,12 @@ class KeyServer:
         return held + 1
 
     def release(self, req: Any) -> dict[str, Any]:
+        if per_machine and c.execute(_COUNT_LIVE_MACHINE, p).scalar_one() >= per_machine:
+            raise LeaseDenied(
+                "machine_seats_exhausted",
+                f"machine {mid} already holds {per_machine} seats of license {lid}, the most one machine may hold",
+                409,
+            )
         """Give a seat back (a server shutting down); authenticated like a lease request."""
         if (
             not isinstance(req, dict)

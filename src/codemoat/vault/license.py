@@ -157,6 +157,9 @@ def _check_shape(b: dict[str, Any]) -> None:
             )
         ):
             raise VaultError("license field 'lease' is malformed")
+        cap = lease.get("max_seats_per_machine")
+        if cap is not None and (type(cap) is not int or not 1 <= cap <= lease["seats"]):
+            raise VaultError("license field 'lease.max_seats_per_machine' is malformed")
 
 
 def issue(

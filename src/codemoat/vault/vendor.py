@@ -282,6 +282,7 @@ class Vendor:
         lease_ttl: int = 3600,
         grace: int = 900,
         seats: int = 1,
+        max_seats_per_machine: int | None = None,
         watermark: bool = True,
         policy: str = "most",
         support_until: int | None = None,
@@ -311,6 +312,10 @@ class Vendor:
                 "grace": max(grace, 1),
                 "seats": seats,
             }
+            if max_seats_per_machine is not None:  # signed in the license: the key server enforces it
+                if not 1 <= max_seats_per_machine <= seats:
+                    raise CodemoatError(f"--max-seats-per-machine must be from 1 to the license's {seats} seats")
+                lease["max_seats_per_machine"] = max_seats_per_machine
         doc = issue_license_doc(
             self.signing_key,
             sealed=sealed,
