@@ -171,28 +171,30 @@ class FillingBuffer(MemfdBuffer):
             self._workers.append(t)
 
     def _take(self):
+        """Chunk indices in plan order, shared by the workers (each holds its own generator)."""
         while True:
             with self._lock:
                 i = self._next
                 if i >= len(self.plan.order) or self._stop.is_set():
                     return
                 self._next += 1
-            yield i
+            yield self.plan.order[i]
 
     def _work(self) -> None:
-        for i in self._take():
-            try:
-                self.sealed_file.decrypt_chunks(self._key, [self.plan.order[i]], self._write, self._stop)
-            except Exception as e:
-                with self._cond:
-                    self.failed = self.failed or (str(e) if isinstance(e, CodemoatError) else f"{type(e).__name__}: {e}")
-                    self._stop.set()
-                    self._cond.notify_all()
-                return
+        def write(offset: int, data: memoryview) -> None:  # called once the chunk's tag checked out
+            self._write(offset, data)
             with self._cond:
-                self._done[i] = True
+                self._done[self.plan.pos[offset // self.chunk]] = True
                 while self.prefix < len(self._done) and self._done[self.prefix]:
                     self.prefix += 1
+                self._cond.notify_all()
+
+        try:
+            self.sealed_file.decrypt_chunks(self._key, self._take(), write, self._stop)
+        except Exception as e:
+            with self._cond:
+                self.failed = self.failed or (str(e) if isinstance(e, CodemoatError) else f"{type(e).__name__}: {e}")
+                self._stop.set()
                 self._cond.notify_all()
 
     def wait(self, upto: int) -> bool:
