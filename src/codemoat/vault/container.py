@@ -13,6 +13,7 @@ Decryption writes straight into a caller's buffer (`AESGCM.decrypt_into`): a sea
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -273,23 +274,15 @@ class SealedFile:
         scratch = bytearray(max(1, min(m.chunk_size, m.plaintext_size)))
         view = memoryview(scratch)
         try:
-            with open(self.path, "rb") as f:
-                if os.fstat(f.fileno()).st_size != self.file_size:
-                    raise VaultError("sealed file changed size while being read")
-                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-                try:
-                    with memoryview(mm) as src:
-                        drop = functools.partial(_drop_pages, mm)
-                        for i in order:
-                            if not 0 <= i < n:
-                                raise ValueError(f"no chunk {i} in a file of {n}")
-                            bad = self._decrypt_range(key, src, i, i + 1, lambda lo, size: view[:size], write, stop, drop)
-                            if bad is not None:
-                                raise VaultError(f"chunk {bad} of {n} failed authentication (the sealed file was altered)")
-                            if stop.is_set():
-                                return
-                finally:
-                    mm.close()
+            with self._ciphertext() as (src, drop):
+                for i in order:
+                    if not 0 <= i < n:
+                        raise ValueError(f"no chunk {i} in a file of {n}")
+                    bad = self._decrypt_range(key, src, i, i + 1, lambda lo, size: view[:size], write, stop, drop)
+                    if bad is not None:
+                        raise VaultError(f"chunk {bad} of {n} failed authentication (the sealed file was altered)")
+                    if stop.is_set():
+                        return
         finally:
             scratch[:] = bytes(len(scratch))
             view.release()
@@ -313,31 +306,34 @@ class SealedFile:
         called once per worker and gives where chunk (offset, size) is decrypted to."""
         n = self.n_chunks
         workers = max(1, min(threads or default_threads(), n // 2))  # at least two chunks each
+        with self._ciphertext() as (src, drop):
+            stop = threading.Event()
+            if workers == 1:
+                failed = [self._decrypt_range(key, src, 0, n, make_dest(), after, stop, drop)]
+            else:
+                bounds = [n * w // workers for w in range(workers + 1)]
+                with ThreadPoolExecutor(workers, thread_name_prefix="codemoat-decrypt") as pool:
+                    futures = [
+                        pool.submit(self._decrypt_range, key, src, bounds[w], bounds[w + 1], make_dest(), after, stop, drop)
+                        for w in range(workers)
+                    ]
+                    failed = [fut.result() for fut in futures]
+        bad = min((i for i in failed if i is not None), default=None)
+        if bad is not None:
+            raise VaultError(f"chunk {bad} of {n} failed authentication (the sealed file was altered)")
+
+    @contextlib.contextmanager
+    def _ciphertext(self) -> Iterator[tuple[memoryview, Callable[[int, int], None]]]:
+        """The file mapped read-only, and `drop(pos, length)` to release a chunk's pages once read."""
         with open(self.path, "rb") as f:
             if os.fstat(f.fileno()).st_size != self.file_size:
                 raise VaultError("sealed file changed size while being read")
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             try:
                 with memoryview(mm) as src:
-                    stop = threading.Event()
-                    drop = functools.partial(_drop_pages, mm)
-                    if workers == 1:
-                        failed = [self._decrypt_range(key, src, 0, n, make_dest(), after, stop, drop)]
-                    else:
-                        bounds = [n * w // workers for w in range(workers + 1)]
-                        with ThreadPoolExecutor(workers, thread_name_prefix="codemoat-decrypt") as pool:
-                            futures = [
-                                pool.submit(
-                                    self._decrypt_range, key, src, bounds[w], bounds[w + 1], make_dest(), after, stop, drop
-                                )
-                                for w in range(workers)
-                            ]
-                            failed = [fut.result() for fut in futures]
+                    yield src, functools.partial(_drop_pages, mm)
             finally:
                 mm.close()
-        bad = min((i for i in failed if i is not None), default=None)
-        if bad is not None:
-            raise VaultError(f"chunk {bad} of {n} failed authentication (the sealed file was altered)")
 
     def _decrypt_range(
         self,
