@@ -93,6 +93,18 @@ def chat_final(
     return {"model": model, "created_at": timestamp(), "message": message, **_done(reason, prompt_n, eval_n, total_ns, extra)}
 
 
+def details(family: str, quant: str, params: str) -> dict[str, Any]:
+    """A model's `details`, as /api/tags and /api/show give them."""
+    return {
+        "parent_model": "",
+        "format": "gguf",
+        "family": family,
+        "families": [family],
+        "parameter_size": params,
+        "quantization_level": quant,
+    }
+
+
 def model_entry(name: str, size: int, digest: str, family: str, quant: str, params: str, modified: str) -> dict[str, Any]:
     return {
         "name": name,
@@ -100,14 +112,7 @@ def model_entry(name: str, size: int, digest: str, family: str, quant: str, para
         "modified_at": modified,
         "size": size,
         "digest": digest,
-        "details": {
-            "parent_model": "",
-            "format": "gguf",
-            "family": family,
-            "families": [family],
-            "parameter_size": params,
-            "quantization_level": quant,
-        },
+        "details": details(family, quant, params),
     }
 
 

@@ -60,14 +60,7 @@ async def show(request: Request, principal: Principal = Depends(require("complet
         "modelfile": f"FROM {svc.model_id}\n",
         "parameters": "",
         "template": t.fim.go_template() if t.fim else "{{ .Prompt }}",  # the template in use
-        "details": {
-            "parent_model": "",
-            "format": "gguf",
-            "family": family,
-            "families": [family],
-            "parameter_size": params,
-            "quantization_level": quant,
-        },
+        "details": ollama.details(family, quant, params),
         "model_info": {
             "general.architecture": family,
             f"{family}.context_length": eng.n_ctx,
