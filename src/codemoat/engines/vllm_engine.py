@@ -208,12 +208,19 @@ class VllmEngine(Engine):
     # -- generation -----------------------------------------------------------
     def vllm_params(self, params: SamplingParams) -> Any:
         from vllm import SamplingParams as VParams
+        from vllm.exceptions import VLLMError
 
         from .vllm_watermark import WATERMARK_ARG
 
         key = params.watermark
         extra = {WATERMARK_ARG: key.hex()} if isinstance(key, bytes) and key else None
         greedy = params.temperature <= 0
+        try:
+            return self._vparams(VParams, params, greedy, extra)
+        except (ValueError, VLLMError) as e:  # vLLM's own checks (a non-finite penalty...): the request's error, in one line
+            raise CodemoatError(f"vLLM refused the sampling parameters: {str(e).splitlines()[0]}") from None
+
+    def _vparams(self, VParams: Any, params: SamplingParams, greedy: bool, extra: dict | None) -> Any:
         return VParams(
             max_tokens=params.max_tokens,
             temperature=max(0.0, params.temperature),
@@ -222,7 +229,8 @@ class VllmEngine(Engine):
             repetition_penalty=params.repeat_penalty if params.repeat_penalty > 0 else 1.0,
             stop=[s for s in params.stop if s] or None,
             stop_token_ids=self._stop_ids(),
-            seed=params.seed,
+            # torch seeds vLLM's generators with 64 bits and raises on more inside the engine core, which then dies
+            seed=None if params.seed is None else params.seed % (1 << 64),
             skip_special_tokens=True,
             extra_args=extra,
         )

@@ -21,7 +21,7 @@ class Options(Lenient):
     num_predict: int | None = None
     stop: list[str] | None = None
     seed: int | None = None
-    repeat_penalty: float | None = None
+    repeat_penalty: float | None = Field(None, allow_inf_nan=False)
 
 
 class GenerateRequest(Lenient):

@@ -128,6 +128,9 @@ class Service:
         # everyone: 20,000 of them made each step of every request in the batch ~5 ms slower
         if len(stop) > MAX_STOPS or any(len(s) > MAX_STOP_CHARS for s in stop):
             raise CodemoatError(f"stop: at most {MAX_STOPS} stop strings of at most {MAX_STOP_CHARS} characters each")
+        # a seed is 64 bits in every engine (torch's generators, which vLLM seeds, raise on more, inside its engine core)
+        if seed is not None and seed >= 1 << 64:
+            raise CodemoatError("seed must be below 2**64")
         p = SamplingParams(
             max_tokens=max(1, max_tokens),
             temperature=0.2 if temperature is None else temperature,
@@ -135,7 +138,7 @@ class Service:
             top_k=40 if top_k is None else top_k,
             repeat_penalty=1.0 if repeat_penalty is None else repeat_penalty,
             stop=list(stop),
-            seed=seed,
+            seed=None if seed is None or seed < 0 else seed,  # llama.cpp's -1: a random seed
         )
         self._watermark(p)
         return p
