@@ -10,7 +10,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from codemoat.attest import AttestError
-from codemoat.attest.tpm import TAMPER_PCR, TpmAttestor
+from codemoat.attest.tpm import TAMPER_NV_INDEX, TAMPER_PCR, TpmAttestor
 from codemoat.vault.tpmwrap import QuoteRefused, unwrap_p256, verify_quote, wrap_p256
 
 PCRS = [TAMPER_PCR]
@@ -36,7 +36,8 @@ def test_identity_is_derived_in_the_chip_same_chip_same_keys_other_chip_other_ke
         "bank": "sha256",
         "pcrs": PCRS,
         "digest": hashlib.sha256(bytes(32)).hexdigest(),
-    }  # PCR 15 after reset: zeros
+        "latch": {"index": TAMPER_NV_INDEX, "count": a1["policy"]["latch"]["count"]},
+    }  # PCR 15 after reset: zeros; the tamper latch as the chip counts it
 
 
 def test_ek_certificate_chains_to_the_local_ca_and_names_the_ek(swtpm, swtpm_ca):
@@ -89,9 +90,13 @@ def test_another_chip_cannot_unwrap(swtpm_factory):
     ident = _ident(one.tcti)
     wrapped = wrap_p256(ident["unwrap"], b"k" * 32, b"ctx")
     with TpmAttestor(two.tcti) as b:
-        assert b.unwrap_public(ident["policy"]) != ident["unwrap"]
+        assert b.unwrap_public(ident["policy"]) == ""  # no tamper latch here to derive a key with
         from codemoat.vault.codec import VaultError
 
+        with pytest.raises(AttestError, match="no tamper latch"):  # a chip that never ran codemoat
+            unwrap_p256(lambda p: b.zgen(ident["policy"], p), ident["unwrap"], wrapped, b"ctx", "key")
+        assert b.tamper_count() == ident["policy"]["latch"]["count"]  # the same count in a chip of its own
+        assert b.unwrap_public(ident["policy"]) not in ("", ident["unwrap"])
         with pytest.raises(VaultError, match="cannot be unwrapped"):
             unwrap_p256(lambda p: b.zgen(ident["policy"], p), ident["unwrap"], wrapped, b"ctx", "key")
 

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import subprocess
+import sys
+import time
+
+import httpx
+
 from codemoat.attest.tpm import TAMPER_PCR
 from codemoat.vault.machine import MachineKey, parse_identity
 from codemoat.vault.tpmbind import EK_CA_FILE, activate, challenge, confirm, trust_ca
@@ -27,3 +34,37 @@ def tpm_machine(tpm, vendor=None, pcrs=(TAMPER_PCR,)) -> MachineKey:
     if vendor is not None:
         bind(vendor, key, tpm.ca)
     return key
+
+
+@contextlib.contextmanager
+def keyserver_process(vendor_dir, *extra: str):
+    """A real `codemoat keyserver` subprocess on a free loopback port: yields its URL; stopped after."""
+    from conftest import free_port
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "codemoat.cli.main", "keyserver", "--vendor", str(vendor_dir), "--port", str(port), *extra],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"key server exited: {proc.stderr.read().decode()[-400:]}")
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                if time.time() > deadline:
+                    raise RuntimeError("key server did not start") from None
+                time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

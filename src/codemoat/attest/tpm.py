@@ -9,6 +9,13 @@ TPM2_ECDH_ZGen runs only while those PCRs hold the values the vendor recorded; e
 (a tamper event) and the chip refuses. The attestation key (P-256, restricted signing,
 ECDSA-SHA256) signs TPM2_Quote over the same PCRs with the key server's nonce.
 
+A reboot resets the tamper PCR, so the policy also names the tamper latch: an NV counter
+(`TAMPER_NV_INDEX`) that `tamper` increments beside the PCR extend, and TPM2_PolicyNV (Part 3
+§23.9) requires it to hold the count recorded at provisioning. NV survives a reboot; an NV counter
+only counts up, and one undefined and defined again starts above the highest count the chip ever
+held (Part 1 §37.2.3), so someone with owner authorization can delete the latch (the unwrap then
+fails for good) but cannot set it back.
+
 The TCTI is a tpm2-tss string: `device:/dev/tpmrm0` on a host, `swtpm:host=127.0.0.1,port=P` in
 tests. Without a resource manager (swtpm's socket) every transient handle is flushed here.
 """
@@ -26,6 +33,8 @@ BANK = "sha256"
 TAMPER_PCR = 15  # not resettable from software (PCR 16 and 23 are), extended only by codemoat
 # The audit log's NV counter (TPM_NT_COUNTER, owner range of the TCG handle registry): +1 per TPM-signed checkpoint.
 AUDIT_NV_INDEX = 0x0100C0DE
+# The tamper latch (TPM_NT_COUNTER beside it): +1 per tamper event; unwrap policies require its provisioned count.
+TAMPER_NV_INDEX = 0x0100C0DF
 # TCG EK Credential Profile 2.0 §2.2.1.4: EK types whose certificates are looked up in NV, in this order.
 _EK_TYPES = ("EK-ECC256", "EK-ECC384", "EK-RSA2048")
 
@@ -100,14 +109,37 @@ class TpmAttestor:
         )
         try:
             c.policy_pcr(sess, bytes.fromhex(policy["digest"]), sel)
+            self._policy_latch(sess, policy)
             return bytes(c.policy_get_digest(sess))
         finally:
             c.flush_context(sess)
 
+    def _policy_latch(self, sess: Any, policy: dict[str, Any]) -> None:
+        """TPM2_PolicyNV: the tamper latch holds the policy's count (policies made before it had none)."""
+        latch = policy.get("latch")
+        if latch is None:
+            return
+        pt = _pt()
+        h = self._counter(latch["index"], create=False, what="tamper latch")
+        if h is None:
+            raise AttestError(
+                f"this TPM has no tamper latch at NV index {latch['index']:#x} (another TPM than the license's, or the "
+                "latch was deleted with owner authorization): the key cannot be unwrapped here"
+            )
+        try:
+            self.ctx.policy_nv(
+                h, h, sess, pt.TPM2B_OPERAND(latch["count"].to_bytes(8, "big")), pt.TPM2_EO.EQ, 0, session1=pt.ESYS_TR.PASSWORD
+            )
+        except pt.TSS2_Exception:
+            raise AttestError(
+                f"the TPM refused to unwrap: its tamper latch has counted a tamper event since provisioning (count "
+                f"{latch['count']} expected; it survives reboots): the vendor must reprovision"
+            ) from None
+
     def _unwrap_key(self, policy: dict[str, Any]) -> tuple[Any, Any]:
         """The unwrap key for `policy`, derived once per connection (held until `__exit__` flushes it)."""
         pt = _pt()
-        ck = ",".join(map(str, sorted(policy["pcrs"]))) + ":" + policy["digest"]
+        ck = ",".join(map(str, sorted(policy["pcrs"]))) + ":" + policy["digest"] + ":" + repr(policy.get("latch"))
         got = self._unwrap_keys.get(ck)
         if got is None:
             tmpl = pt.TPM2B_PUBLIC.parse("ecc256", objectAttributes=self._attrs("DECRYPT"), authPolicy=self.policy_digest(policy))
@@ -130,9 +162,46 @@ class TpmAttestor:
         return [bytes(d) for d in digests]
 
     def current_policy(self, pcrs: list[int]) -> dict[str, Any]:
-        """The PCR policy as the chip stands now: what the vendor records at provisioning."""
+        """The PCR policy and the tamper latch's count as the chip stands now: what the vendor records at provisioning."""
         values = self.pcr_values(pcrs)
-        return {"bank": BANK, "pcrs": sorted(set(pcrs)), "digest": hashlib.sha256(b"".join(values)).hexdigest()}
+        return {
+            "bank": BANK,
+            "pcrs": sorted(set(pcrs)),
+            "digest": hashlib.sha256(b"".join(values)).hexdigest(),
+            "latch": {"index": TAMPER_NV_INDEX, "count": self.tamper_count()},
+        }
+
+    def tamper_count(self) -> int:
+        """The tamper latch's count (defined and counted once on first use: a counter is unreadable before)."""
+        h = self._counter(TAMPER_NV_INDEX, create=True, what="tamper latch")
+        got = self._read_counter(h)
+        if got is None:
+            try:
+                self.ctx.nv_increment(h, auth_handle=h)
+            except _pt().TSS2_Exception as e:
+                raise AttestError(f"cannot start the TPM's tamper latch: {e}") from None
+            got = self._read_counter(h)
+        return got
+
+    def _read_counter(self, h: Any) -> int | None:
+        pt = _pt()
+        try:
+            return int.from_bytes(bytes(self.ctx.nv_read(h, 8, 0, auth_handle=h)), "big")
+        except pt.TSS2_Exception as e:
+            if (e.rc & 0xFFF) == 0x14A:  # TPM_RC_NV_UNINITIALIZED: never incremented
+                return None
+            raise AttestError(f"cannot read the TPM's NV counter: {e}") from None
+
+    def tamper(self, pcr: int, data: bytes) -> int:
+        """A tamper event: extend `pcr` (ends serving now) and count it in the latch (survives a reboot);
+        the latch's new count."""
+        self.extend(pcr, data)
+        h = self._counter(TAMPER_NV_INDEX, create=True, what="tamper latch")
+        try:
+            self.ctx.nv_increment(h, auth_handle=h)
+        except _pt().TSS2_Exception as e:
+            raise AttestError(f"the TPM could not count the tamper event in its latch (PCR {pcr} was extended): {e}") from None
+        return self._read_counter(h) or 0
 
     def identity(self, pcrs: list[int]) -> dict[str, Any]:
         """Public keys (DER SubjectPublicKeyInfo, hex), the EK certificate where present, and the policy."""
@@ -233,7 +302,11 @@ class TpmAttestor:
             c.flush_context(ek)
 
     def unwrap_public(self, policy: dict[str, Any]) -> str:
-        """The unwrap key this chip derives for `policy` (DER hex): equal to a license's only on the same chip."""
+        """The unwrap key this chip derives for `policy` (DER hex): equal to a license's only on the same chip
+        ("" when this chip has no tamper latch to derive it with: another chip)."""
+        latch = policy.get("latch")
+        if latch is not None and self._counter(latch["index"], create=False, what="tamper latch") is None:
+            return ""
         return self._unwrap_key(policy)[1].to_der().hex()
 
     def zgen(self, policy: dict[str, Any], point: bytes) -> bytes:
@@ -248,6 +321,7 @@ class TpmAttestor:
         )
         try:
             c.policy_pcr(sess, b"", pcr_selection(policy["pcrs"]))  # the chip's current values
+            self._policy_latch(sess, policy)  # the tamper latch still at its provisioned count
             ecc = pt.TPM2B_ECC_POINT(pt.TPMS_ECC_POINT(x=point[1:33], y=point[33:]))
             try:
                 out = c.ecdh_zgen(h, ecc, session1=sess)
@@ -284,32 +358,36 @@ class TpmAttestor:
     # -- the audit log's monotonic counter --------------------------------------------
     def _audit_nv(self, create: bool) -> Any:
         """The ESYS handle of the audit counter (defined on first use when `create`), else None."""
+        return self._counter(AUDIT_NV_INDEX, create, "audit counter")
+
+    def _counter(self, index: int, create: bool, what: str) -> Any:
+        """The ESYS handle of codemoat's NV counter at `index` (defined on first use when `create`), else None."""
         pt = _pt()
         c = self.ctx
         try:
-            h = c.tr_from_tpmpublic(AUDIT_NV_INDEX)
+            h = c.tr_from_tpmpublic(index)
         except pt.TSS2_Exception:
             if not create:
                 return None
         else:
             # The index's name covers its type and attributes: an owner can undefine the counter and
-            # define an ordinary index there, whose value it can write back to an older checkpoint's.
+            # define an ordinary index there, whose value it can write back to an older one.
             from ..vault.tpmwrap import counter_name
 
-            if bytes(c.tr_get_name(h)) not in (counter_name(AUDIT_NV_INDEX), counter_name(AUDIT_NV_INDEX, written=False)):
+            if bytes(c.tr_get_name(h)) not in (counter_name(index), counter_name(index, written=False)):
                 raise AttestError(
-                    f"NV index {AUDIT_NV_INDEX:#x} is not codemoat's audit counter (another kind of index was defined "
+                    f"NV index {index:#x} is not codemoat's {what} (another kind of index was defined "
                     "there: the counter was undefined and replaced)"
                 )
             return h
         attrs = pt.TPMA_NV.AUTHWRITE | pt.TPMA_NV.AUTHREAD | pt.TPMA_NV.NO_DA | (pt.TPM2_NT.COUNTER << pt.TPMA_NV.TPM2_NT_SHIFT)
         pub = pt.TPM2B_NV_PUBLIC(
-            nvPublic=pt.TPMS_NV_PUBLIC(nvIndex=AUDIT_NV_INDEX, nameAlg=pt.TPM2_ALG.SHA256, attributes=attrs, dataSize=8)
+            nvPublic=pt.TPMS_NV_PUBLIC(nvIndex=index, nameAlg=pt.TPM2_ALG.SHA256, attributes=attrs, dataSize=8)
         )
         try:
             return c.nv_define_space(b"", pub, pt.ESYS_TR.OWNER)
         except pt.TSS2_Exception as e:
-            raise AttestError(f"cannot define the audit counter (NV index {AUDIT_NV_INDEX:#x}) in the TPM: {e}") from None
+            raise AttestError(f"cannot define the {what} (NV index {index:#x}) in the TPM: {e}") from None
 
     def audit_counter(self, nonce: bytes) -> Quote | None:
         """The audit counter's value now, certified by the AK (TPM2_NV_Certify) over `nonce` so the

@@ -93,14 +93,15 @@ def tamper_event(
         raise CodemoatError("--reason must be 1 to 500 characters")
     key = MachineKey.load()
     with key.attestor() as a:
-        a.extend(TAMPER_PCR, TAMPER_DOMAIN + reason.encode())
+        latch = a.tamper(TAMPER_PCR, TAMPER_DOMAIN + reason.encode())  # the PCR now, the NV latch past reboots
         value = a.pcr_values([TAMPER_PCR])[0].hex()
     seq = _audit(reason, TAMPER_PCR)
     emit(
-        {"pcr": TAMPER_PCR, "value": value, "reason": reason, "audit_seq": seq},
+        {"pcr": TAMPER_PCR, "value": value, "latch": latch, "reason": reason, "audit_seq": seq},
         as_json,
         lambda d: console.print(
-            f"tamper event recorded: PCR {TAMPER_PCR} extended; the model is locked until the vendor "
+            f"tamper event recorded: PCR {TAMPER_PCR} extended, tamper latch at {d['latch']} (a reboot does not "
+            "reset it); the model is locked until the vendor "
             "reprovisions (send `codemoat machine-id --tpm` to the vendor)",
             highlight=False,
             soft_wrap=True,

@@ -62,6 +62,7 @@ from .tpmwrap import QuoteRefused, verify_quote, wrap_p256
 from .vendor import Vendor, leases_t
 
 NONCE_TTL = 60.0
+DOC_TTL = 2.0  # seconds a process keeps a license document before reading it again
 MAX_ID = 128  # longest license id, machine id or nonce a request may carry
 REQUEST_DOMAIN = b"codemoat-lease-request-v1"
 ANSWER_DOMAIN = b"codemoat-lease-v1"
@@ -145,7 +146,7 @@ class KeyServer:
         self.clock = clock or Clock()
         self.nonces = NonceStore(vendor.engine, self.clock)
         self._seat_lock = threading.Lock()
-        self._docs: dict[str, _Licensed] = {}
+        self._docs: dict[str, tuple[_Licensed, float]] = {}  # license id -> (its facts, when read)
         self._keys: dict[str, bytes] = {}
         self._wm: dict[str, bytes] = {}
         self._attest_lock = threading.RLock()
@@ -179,15 +180,18 @@ class KeyServer:
 
     # -- license facts ------------------------------------------------------
     def _licensed(self, license_id: str) -> _Licensed:
+        """The license as the vendor database holds it, re-read every `DOC_TTL` seconds: a reprovision
+        (a new TPM unwrap key under the same PCR values) reaches every key server process that soon."""
         got = self._docs.get(license_id)
-        if got is None:
+        now = time.monotonic()
+        if got is None or now - got[1] > DOC_TTL:
             row = self.vendor.license_row(license_id)
             if row is None:
                 raise LeaseDenied("unknown_license", f"no license {license_id} on this key server", 404)
             doc = json.loads(row.document)["license"]
-            got = _Licensed(doc, {m["id"]: m for m in doc["machines"]}, row.file_id, row.customer_id)
+            got = (_Licensed(doc, {m["id"]: m for m in doc["machines"]}, row.file_id, row.customer_id), now)
             self._docs[license_id] = got
-        return got
+        return got[0]
 
     def _machine_key(self, b64: str) -> Any:
         """A licensed machine's Ed25519 key, parsed once (licenses name a bounded set of machines)."""

@@ -268,7 +268,13 @@ def wrap_keys(entry: dict[str, Any], lid: str, content_key: bytes, watermark_key
 def tpm_unwrapper(attestor: Any, entry: dict[str, Any]) -> Any:
     """`unwrap(wrapped, context, what)` through an open TPM: refuses another chip before asking for ECDH."""
     t = entry["tpm"]
-    if attestor.unwrap_public(t["policy"]) != t["unwrap"]:
+    mine = attestor.unwrap_public(t["policy"])
+    if mine == "":  # the policy names a tamper latch this chip does not have
+        raise VaultError(
+            f"license is sealed to another TPM, or this one's tamper latch was deleted (no tamper latch in the chip at "
+            f"{attestor.tcti}): a copied data directory, another machine, or a reprovision by the vendor is needed"
+        )
+    if mine != t["unwrap"]:
         raise VaultError(
             f"license is sealed to another TPM (its unwrap key is not in this chip at "
             f"{attestor.tcti}): a copied data directory, or another machine"

@@ -215,6 +215,17 @@ def _load_tpm(p: Path) -> dict[str, Any] | None:
     return d
 
 
+def _latch_ok(latch: Any) -> bool:
+    """The policy's tamper latch: an NV index in the owner range and the count it must hold."""
+    return (
+        isinstance(latch, dict)
+        and set(latch) == {"index", "count"}
+        and all(isinstance(latch[k], int) and not isinstance(latch[k], bool) for k in ("index", "count"))
+        and 0x01000000 <= latch["index"] <= 0x01FFFFFF
+        and 0 <= latch["count"] < 1 << 64
+    )
+
+
 def check_tpm_block(t: Any) -> dict[str, Any]:
     """A machine identity's "tpm" block, checked for shape: P-256 keys and a SHA-256 PCR policy."""
     from .tpmwrap import p256_public
@@ -232,6 +243,7 @@ def check_tpm_block(t: Any) -> dict[str, Any]:
         and all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 24 for x in pol["pcrs"])
         and isinstance(pol.get("digest"), str)
         and len(pol["digest"]) == 64
+        and (pol.get("latch") is None or _latch_ok(pol["latch"]))
     )
     uc = t.get("unwrap_certify")
     ok = ok and (uc is None or (isinstance(uc, dict) and all(isinstance(uc.get(k), str) for k in ("attest", "r", "s"))))

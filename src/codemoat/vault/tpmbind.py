@@ -205,7 +205,15 @@ def check_unwrap(identity: dict[str, Any]) -> None:
     from .tpmcred import unwrap_name
     from .tpmwrap import unwrap_certify_data, verify_certify
 
+    from ..attest.tpm import TAMPER_NV_INDEX
+
     t = identity["tpm"]
+    latch = t["policy"].get("latch")
+    if latch is None or latch["index"] != TAMPER_NV_INDEX:
+        raise VaultError(
+            f"machine {identity['id']}'s TPM policy names no tamper latch (NV index {TAMPER_NV_INDEX:#x}), so a reboot "
+            "would undo a tamper event: run `codemoat machine-id --tpm` again (newer codemoat)"
+        )
     up, uc = t.get("unwrap_public"), t.get("unwrap_certify")
     if not isinstance(up, str) or not isinstance(uc, dict):
         raise VaultError(

@@ -127,12 +127,22 @@ def ak_name(ak_public_hex: str, ak_der_hex: str) -> bytes:
     return struct.pack(">H", ALG_SHA256) + hashlib.sha256(area).digest()
 
 
+TPM_CC_POLICY_NV, TPM_EO_EQ = 0x00000149, 0x0000
+
+
 def pcr_policy_digest(policy: dict) -> bytes:
-    """The authPolicy TPM2_PolicyPCR(selection, digest) leaves from a fresh session (Part 3 §23.7)."""
-    from .tpmwrap import pcr_bitmap
+    """The authPolicy TPM2_PolicyPCR(selection, digest) leaves from a fresh session (Part 3 §23.7),
+    then TPM2_PolicyNV(tamper latch == its count) when the policy names the latch (Part 3 §23.9:
+    H(digest || TPM_CC_PolicyNV || H(operandB || offset || operation) || the NV index's name))."""
+    from .tpmwrap import counter_name, pcr_bitmap
 
     sel = struct.pack(">IHB", 1, ALG_SHA256, 3) + pcr_bitmap(policy["pcrs"])
-    return hashlib.sha256(bytes(32) + struct.pack(">I", TPM_CC_POLICY_PCR) + sel + bytes.fromhex(policy["digest"])).digest()
+    d = hashlib.sha256(bytes(32) + struct.pack(">I", TPM_CC_POLICY_PCR) + sel + bytes.fromhex(policy["digest"])).digest()
+    latch = policy.get("latch")
+    if latch is not None:
+        args = hashlib.sha256(latch["count"].to_bytes(8, "big") + struct.pack(">HH", 0, TPM_EO_EQ)).digest()
+        d = hashlib.sha256(d + struct.pack(">I", TPM_CC_POLICY_NV) + args + counter_name(latch["index"])).digest()
+    return d
 
 
 def unwrap_name(unwrap_public_hex: str, unwrap_der_hex: str, policy: dict) -> bytes:
