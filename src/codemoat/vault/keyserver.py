@@ -88,10 +88,10 @@ _RENEW = sa.text(
 # may serve on that long without being heard from (a key server outage, or a firewall rule), so the
 # seat is not handed to another process before then; a clean stop releases it at once.
 _COUNT_LIVE = sa.text("SELECT count(*) FROM vault_leases WHERE license_id = :lid AND expires > :held")
-_LOCK_LICENSE = sa.text("UPDATE vault_licenses SET lease_gen = lease_gen + 1 WHERE id = :lid")
 _COUNT_LIVE_MACHINE = sa.text(
     "SELECT count(*) FROM vault_leases WHERE license_id = :lid AND machine_id = :mid AND expires > :held"
 )
+_LOCK_LICENSE = sa.text("UPDATE vault_licenses SET lease_gen = lease_gen + 1 WHERE id = :lid")
 _DROP_EXPIRED = sa.text("DELETE FROM vault_leases WHERE license_id = :lid AND expires <= :held")
 _INSERT = sa.text(
     "INSERT INTO vault_leases (license_id, machine_id, instance, expires, renewed_at, renewals) "
@@ -382,16 +382,16 @@ class KeyServer:
         held = c.execute(_COUNT_LIVE, p).scalar_one()
         if held >= seats:
             raise LeaseDenied("seats_exhausted", f"all {seats} seats of license {lid} are in use", 409)
-        c.execute(_INSERT, p)
-        return held + 1
-
-    def release(self, req: Any) -> dict[str, Any]:
         if per_machine and c.execute(_COUNT_LIVE_MACHINE, p).scalar_one() >= per_machine:
             raise LeaseDenied(
                 "machine_seats_exhausted",
                 f"machine {mid} already holds {per_machine} seats of license {lid}, the most one machine may hold",
                 409,
             )
+        c.execute(_INSERT, p)
+        return held + 1
+
+    def release(self, req: Any) -> dict[str, Any]:
         """Give a seat back (a server shutting down); authenticated like a lease request."""
         if (
             not isinstance(req, dict)
