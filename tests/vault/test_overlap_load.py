@@ -23,7 +23,7 @@ GREEDY = SamplingParams(max_tokens=8, temperature=0.0)
 CHUNK = 4096  # the smallest the format allows: the tiny model is ~60 chunks
 
 
-def settings(overlap_load: bool = True):
+def settings(overlap_load: str = "read"):
     return load_settings(
         **{
             "model.n_ctx": 256,
@@ -61,16 +61,16 @@ def buffers(monkeypatch):
 
 def test_overlapped_load_serves_what_the_sealed_load_serves(sealed, buffers):
     moat, lic = sealed
-    plain = open_sealed(moat, lic, settings=settings(False), watch=False)
+    plain = open_sealed(moat, lic, settings=settings("off"), watch=False)
     try:
         expected = complete(plain)
     finally:
         plain.close()
-    assert not buffers  # off by default: decrypt, then map
+    assert not buffers and load_settings().vault.overlap_load == "off"  # by default: decrypt, then map
     holder = open_sealed(moat, lic, settings=settings(), watch=False)
     try:
         (buf,) = buffers
-        assert buf.outcome == "overlap", buf.reason
+        assert buf.outcome == "overlap" and buf.mode == "read", buf.reason
         assert SealedFile(moat).n_chunks > 40 and len(buf.plan.order) == buf.n_chunks
         assert complete(holder) == expected
         # sealed before the engine was handed out: no resize, no new write
@@ -130,7 +130,7 @@ def test_llama_reading_ahead_of_the_decryption_is_caught(sealed, buffers, monkey
     llama.cpp reads chunks not yet written): the fdinfo check sees it, the load is redone after a full
     decryption and serves the right model. Without the check the same load serves other weights."""
     moat, lic = sealed
-    plain = open_sealed(moat, lic, settings=settings(False), watch=False)
+    plain = open_sealed(moat, lic, settings=settings("off"), watch=False)
     try:
         expected = complete(plain)
     finally:
@@ -155,6 +155,38 @@ def test_llama_reading_ahead_of_the_decryption_is_caught(sealed, buffers, monkey
         assert buffers[-1].outcome == "overlap" and complete(holder) != expected
     finally:
         holder.close()
+
+
+def test_map_mode_waits_for_the_whole_file_before_any_weight(sealed, buffers, monkeypatch):
+    """ "map": llama.cpp maps the memfd and parses its header while the rest is decrypted; the decryptor
+    starts late here, so the first progress callback has to wait for it, and the answer is the same."""
+    moat, lic = sealed
+    plain = open_sealed(moat, lic, settings=settings("off"), watch=False)
+    try:
+        expected = complete(plain)
+    finally:
+        plain.close()
+    work = overlap.FillingBuffer._work
+
+    def late(self):
+        time.sleep(0.5)
+        work(self)
+
+    monkeypatch.setattr(overlap.FillingBuffer, "_work", late)
+    holder = open_sealed(moat, lic, settings=settings("map"), watch=False)
+    try:
+        (buf,) = buffers
+        assert buf.mode == "map" and buf.outcome == "overlap" and buf.gate_wait_s > 0.2
+        assert complete(holder) == expected and holder.get()._memfd is buf and buf.sealed
+    finally:
+        holder.close()
+    sf = SealedFile(moat)
+    data = bytearray(moat.read_bytes())
+    data[sf.payload_offset + (sf.n_chunks - 1) * (CHUNK + TAG_LEN) + 10] ^= 0x01
+    moat.write_bytes(bytes(data))
+    with pytest.raises(VaultError, match=f"chunk {sf.n_chunks - 1} of {sf.n_chunks} failed authentication"):
+        open_sealed(moat, lic, settings=settings("map"), watch=False)
+    assert buffers[-1].fd == -1
 
 
 def test_gguf_table_refuses_a_short_header(gguf_file):

@@ -9,7 +9,11 @@ false, which aborts the load. Each chunk is decrypted into a scratch buffer and 
 only after its tag checked (`SealedFile.decrypt_chunks`), so llama.cpp never reads unauthenticated
 plaintext, and the memfd is sealed once complete, before the engine is handed out.
 
-llama.cpp reads tensors in its own order (creation order), not the file's. The plan assumes the
+That is `vault.overlap_load = "read"`. With "map", llama.cpp maps the memfd as usual and only its
+header parsing, vocabulary and mapping overlap the decryption: its first progress callback, before it
+touches any weight (repacking copies weights after it), waits for the whole file.
+
+In "read", llama.cpp reads tensors in its own order (creation order), not the file's. The plan assumes the
 tensors outside the blocks (`token_embd`, `output_norm`, ...) come first, then block 0, 1, 2, ...,
 each block's tensors in any order, and reads llama.cpp's position in the plan from the progress value
 (bytes loaded so far). Nothing trusts that plan: at every callback the offset of llama.cpp's file
@@ -119,7 +123,10 @@ class _Plan:
 class FillingBuffer(MemfdBuffer):
     """A memfd that a background thread fills with a sealed file's plaintext in llama.cpp's read order."""
 
-    def __init__(self, sealed: SealedFile, key: bytes, *, threads: int | None = None):
+    def __init__(self, sealed: SealedFile, key: bytes, *, mode: str = "read", threads: int | None = None):
+        if mode not in ("read", "map"):
+            raise ValueError(f"overlap mode {mode!r} is not read or map")
+        self.mode = mode
         super().__init__(sealed.manifest.plaintext_size, name=f"codemoat-{sealed.manifest.model_id}")
         self.sealed_file, self._key = sealed, key
         self.chunk, self.n_chunks = sealed.manifest.chunk_size, sealed.n_chunks
@@ -257,6 +264,16 @@ class FillingBuffer(MemfdBuffer):
 
         state: dict[str, Any] = {"fds": None, "seen": set(), "loaded": 0, "snapshot": self.prefix}
 
+        def whole(progress: float) -> bool:
+            """map: before its first tensor llama.cpp has read the header only; from there, everything."""
+            if state["fds"] is None:
+                state["fds"] = []
+                t = time.perf_counter()
+                if not self.wait(len(self.plan.order)):
+                    return False
+                self.gate_wait_s += time.perf_counter() - t
+            return True
+
         def check(progress: float) -> bool:
             loaded = round(progress * self.plan.total)
             if state["fds"] is None:
@@ -288,7 +305,7 @@ class FillingBuffer(MemfdBuffer):
         @llama_cpp.llama_progress_callback
         def callback(progress: float, _user: Any) -> bool:
             try:
-                return check(progress)
+                return whole(progress) if self.mode == "map" else check(progress)
             except Exception as e:  # a callback must not raise into C: abort the load instead
                 self.reason = f"{type(e).__name__}: {e}"
                 return False
@@ -296,12 +313,12 @@ class FillingBuffer(MemfdBuffer):
         return callback
 
     def load_overlapped(self, make: Callable[..., Any]) -> Any:
-        """`make(use_mmap=False, progress=callback)` builds the engine while this buffer fills; if
+        """`make(use_mmap=..., progress=callback)` builds the engine while this buffer fills; if
         llama.cpp got ahead of the decryption, `make()` again after it (mmap, as without overlap)."""
         callback = self.gate()
         try:
             try:
-                engine = make(use_mmap=False, progress=callback)
+                engine = make(use_mmap=self.mode == "map", progress=callback)
             except CodemoatError:
                 if self.failed is not None:
                     raise VaultError(self.failed) from None

@@ -69,7 +69,7 @@ def decrypt_to_memfd(sealed: SealedFile, key: bytes) -> MemfdBuffer:
 def _overlap(settings: Settings, sealed: SealedFile, build) -> bool:
     """Whether to decrypt while llama.cpp loads (`vault.overlap_load`, engines.overlap): a GGUF built by
     the llama.cpp engine in this process, without adapters (a child process or vaultd gets a whole memfd)."""
-    if not settings.vault.overlap_load or build is not build_engine or settings.model.adapters:
+    if settings.vault.overlap_load == "off" or build is not build_engine or settings.model.adapters:
         return False
     from . import engine_class
 
@@ -236,7 +236,7 @@ def open_sealed(
         if _overlap(settings, sealed, build):
             from .overlap import FillingBuffer
 
-            return build(settings, FillingBuffer(sealed, key), model_id, parts)
+            return build(settings, FillingBuffer(sealed, key, mode=settings.vault.overlap_load), model_id, parts)
         return build(settings, decrypt_to_memfd(sealed, key), model_id, parts)
 
     holder = SealedHolder(model_id, loader, aliases=aliases)
