@@ -101,6 +101,47 @@ def open_models(models: list[Path], licenses: list[Path], daemon, settings) -> l
     return holders
 
 
+class VendorAdapters:
+    """`update:NAME` for `serve --vault`: the installed version of vendor adapter NAME (sealed to this
+    machine's key, which only vaultd reads), decrypted into a sealed memfd at the first request and
+    again when `update apply` has installed a newer one; the older copy is closed (the serves that
+    fetched it hold their own descriptor)."""
+
+    PREFIX = "update:"
+
+    def __init__(self) -> None:
+        import threading
+
+        self._held: dict[str, object] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, model_id: str):
+        from ..engines.memfd import MemfdBuffer
+        from ..updates.adapters import current, open_installed
+        from ..vault.daemon import Offer
+
+        if not model_id.startswith(self.PREFIX):
+            return None
+        name = model_id[len(self.PREFIX) :]
+        with self._lock:
+            held = self._held.get(name)
+            if held is not None and held[0].facts["bundle_id"] == current(name)["bundle_id"]:
+                return held[0]
+            a = open_installed(name)
+            buf = MemfdBuffer.from_bytes(a.gguf, name=f"codemoat-adapter-{name}")
+            facts = {"kind": "adapter", "name": a.name, "version": a.version, "bundle_id": a.bundle_id, "groups": list(a.groups)}
+            self._held[name] = (Offer(model_id, buf.fd, buf.size, facts), buf)
+            if held is not None:
+                held[1].close(zero=False)
+            return self._held[name][0]
+
+    def close(self) -> None:
+        with self._lock:
+            for _, buf in self._held.values():
+                buf.close(zero=False)
+            self._held.clear()
+
+
 @app.command()
 def vaultd(
     *,
@@ -130,7 +171,10 @@ def vaultd(
         raise CodemoatError("nobody may fetch models: give --allow-uid or --allow-group")
     settings = load_settings(config)
     log_to_stderr(settings.server.log_level)
-    daemon = VaultDaemon(socket_path(socket), allow_uids=uids, allow_groups=set(gids), group=gids[0] if gids else None)
+    adapters = VendorAdapters()  # `model.adapters = ["update:NAME"]` of a serve --vault
+    daemon = VaultDaemon(
+        socket_path(socket), allow_uids=uids, allow_groups=set(gids), group=gids[0] if gids else None, resolve=adapters
+    )
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -150,4 +194,5 @@ def vaultd(
                 held.quiet = True
             h.close()
         daemon.close()
+        adapters.close()
     console.print("codemoat vaultd stopped", highlight=False)

@@ -10,7 +10,8 @@ adapters live in memory; llama.cpp reads the GGUF from a memfd.
 An entry `update:NAME` in `model.adapters` is a vendor adapter installed by `codemoat update apply`
 (codemoat.updates.adapters): no repositories, served to the groups the admin gave it; its base is
 checked by llama.cpp's shapes only (a vendor adapter is released for the vendor's model, whose
-per-customer copy has no digest in common with it), so it may ride on a sealed base.
+per-customer copy has no digest in common with it), so it may ride on a sealed base. Under `serve
+--vault` the vault daemon, which alone reads the machine key, hands it over as a sealed memfd.
 """
 
 from __future__ import annotations
@@ -166,9 +167,40 @@ VENDOR_PREFIX = "update:"
 _LATEST: dict[str, LoadedAdapter] = {}  # vendor adapter name -> the version opened last
 
 
+#: `serve --vault`: fetches `update:NAME` from vaultd (which alone reads the machine key the payload
+#: is sealed to) as a sealed memfd with its facts; set by engines.loader.open_vaulted
+_VENDOR_SOURCE: Any = None
+
+
+def set_vendor_source(fetch: Any) -> None:
+    global _VENDOR_SOURCE
+    _VENDOR_SOURCE = fetch
+
+
+def _vaulted_adapter(name: str) -> LoadedAdapter:
+    """Vendor adapter `name` as vaultd hands it (its current installed version), kept once per version."""
+    got = _VENDOR_SOURCE(VENDOR_PREFIX + name)
+    f = got.facts
+    groups, version, bundle_id = f.get("groups"), f.get("version"), f.get("bundle_id")
+    if not (isinstance(bundle_id, str) and isinstance(version, str) and isinstance(groups, list) and groups):
+        os.close(got.fd)
+        raise CodemoatError(f"the vault daemon's answer for adapter {name!r} names no version or groups")
+    key = f"{VENDOR_PREFIX}{name}@{bundle_id}"
+    hit = _LOADED.get(key)
+    if hit is None:
+        hit = _LOADED[key] = (0.0, LoadedAdapter(name, (), None, got.fd, tuple(str(g) for g in groups), version))
+    else:
+        os.close(got.fd)  # this version is open already
+    _LATEST[name] = hit[1]
+    return hit[1]
+
+
 def _vendor_adapter(name: str) -> LoadedAdapter:
     """The installed version of vendor adapter `name` in a memfd, opened once per installed version."""
     from ..updates.adapters import current, open_installed
+
+    if _VENDOR_SOURCE is not None:
+        return _vaulted_adapter(name)
 
     key = f"{VENDOR_PREFIX}{name}@{current(name)['bundle_id']}"
     hit = _LOADED.get(key)

@@ -67,6 +67,9 @@ def open_vaulted(settings: Settings) -> ModelHolder:
     set_non_dumpable()
     client = VaultClient.connect(settings.vault.socket)
     first = [client.fetch(model_id)]
+    from .adapters import set_vendor_source
+
+    set_vendor_source(client.fetch)  # vendor adapters (update:NAME) come from vaultd too: this process cannot open them
 
     def loader():
         got = first.pop() if first else client.fetch(model_id)

@@ -34,6 +34,8 @@ def swap_installed(app: Any, channel: str, audit: Audit, *, add_adapter: bool = 
     store = UpdateStore(audit=lambda step, d: audit(step, **d))
     name = channel.split(":", 1)[1] if channel.startswith("adapter:") else None
     what = {"adapter": name} if name else {"model": "installed"}
+    if name is not None and settings.vault.socket:  # vaultd keeps the store and hands the current version
+        return _swap_vaulted_adapter(holder, settings, name, audit)
     cur = store.current(channel)
     if cur is None:
         why = f"no adapter bundle named {name!r} is installed" if name else "no model bundle is installed"
@@ -65,6 +67,20 @@ def swap_installed(app: Any, channel: str, audit: Audit, *, add_adapter: bool = 
             undo = f"; the store is back on {back['version']}" if back["version"] else "; the store no longer lists it"
         raise CodemoatError(f"{label(cur)} failed in the running server, which serves on as before: {reason}{undo}") from None
     out = dict(out, channel=channel, version=cur["version"], swapped=True)
+    audit("swapped", **out)
+    return out
+
+
+def _swap_vaulted_adapter(holder: Any, settings: Any, name: str, audit: Audit) -> dict[str, Any]:
+    """`serve --vault`: the update store is vaultd's; a failed swap leaves it as it is (vaultd's admin rolls back)."""
+    from ..engines.loader import swap_adapter
+
+    try:
+        out = swap_adapter(holder, settings, name)
+    except Exception as e:
+        audit("swap_failed", adapter=name, reason=(str(e) or type(e).__name__).splitlines()[0][:300])
+        raise
+    out = dict(out, channel=f"adapter:{name}", swapped=True)
     audit("swapped", **out)
     return out
 

@@ -4,8 +4,9 @@
 GGUF the vendor released for the served base model) to the groups the admin gave it at `update
 apply --groups` (default: everyone). A newer version applied later is swapped in without downtime by
 `POST /admin/api/model/swap {"adapter": NAME}` (engines.loader.swap_adapter). The payload is sealed
-to this machine's key (vault.payload): opening it needs the machine key, so serve opens it itself
-(not under `serve --vault`, whose account cannot read the key).
+to this machine's key (vault.payload): opening it needs the machine key, so serve opens it itself,
+or under `serve --vault` (whose account cannot read the key) `codemoat vaultd` opens it and hands
+it over as a sealed memfd (`update:NAME`, cli/vaultd_cmd.VendorAdapters).
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ import grp
 import json
 import logging
 import os
+import queue
 import socket
 import struct
 import threading
@@ -41,6 +42,7 @@ from ..errors import CodemoatError
 log = logging.getLogger("codemoat.vault")
 
 MAX_MESSAGE = 64 * 1024
+FETCH_TIMEOUT_S = 120.0  # a fetch made while `watch` reads the socket waits this long for its answer
 REFUSED_DRAIN_S = 2.0  # how long a refused caller's unread requests are read before its connection closes
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
@@ -129,8 +131,12 @@ class VaultDaemon:
         allow_uids: set[int] | None = None,
         allow_groups: set[int] | None = None,
         group: int | None = None,
+        resolve: Callable[[str], Offer | None] | None = None,
     ):
         self.path = str(path)
+        #: asked for an id nothing was offered under (vaultd: `update:NAME`, an installed vendor
+        #: adapter, opened at the first request and again when a newer version is installed)
+        self.resolve = resolve
         self.allow_uids, self.allow_groups = set(allow_uids or ()), set(allow_groups or ())
         self.group = group
         self._offers: dict[str, Offer] = {}
@@ -273,6 +279,12 @@ class VaultDaemon:
         with self._lock:
             offer, gone = self._offers.get(mid), self._gone.get(mid)
             known = sorted(self._offers)
+        if offer is None and gone is None and self.resolve is not None:
+            try:
+                offer = self.resolve(mid)
+            except CodemoatError as e:
+                _send(conn, {"ok": False, "error": f"{mid!r} is not available: {e}"})
+                return
         if offer is None:
             why = gone or f"no such model (offered: {', '.join(known) or 'none'})"
             _send(conn, {"ok": False, "error": f"model {mid!r} is not available: {why}"})
@@ -317,6 +329,8 @@ class VaultClient:
         self.sock, self.path = sock, path
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        #: once `watch` reads the socket, it hands the answers to `fetch` through here
+        self._answers: queue.Queue[tuple[dict[str, Any] | None, list[int]]] = queue.Queue()
 
     @classmethod
     def connect(cls, spec: str) -> VaultClient:
@@ -347,7 +361,19 @@ class VaultClient:
         with self._lock:
             try:
                 _send(self.sock, {"op": "get", "model": model_id})
-                while True:
+                # the watcher reads the socket and passes answers on, unless this is the watcher itself
+                # (an `available` announcement reloads the model from inside it)
+                relay = self._thread is not None and threading.current_thread() is not self._thread
+                while relay:
+                    try:
+                        msg, fds = self._answers.get(timeout=FETCH_TIMEOUT_S)
+                    except queue.Empty:
+                        raise VaultdError(f"the vault daemon at {self.path} did not answer") from None
+                    if msg is None:
+                        self._answers.put((None, []))  # for the next fetch too
+                        raise VaultdError(f"the vault daemon at {self.path} closed the connection")
+                    break
+                while not relay:
                     msg, fds, _ = _recv(self.sock, max_fds=1)
                     if msg is None:
                         raise VaultdError(f"the vault daemon at {self.path} closed the connection")
@@ -382,13 +408,18 @@ class VaultClient:
         def run() -> None:
             while True:
                 try:
-                    msg, fds, _ = _recv(self.sock)
+                    msg, fds, _ = _recv(self.sock, max_fds=1)
                 except (OSError, VaultdError) as e:
+                    self._answers.put((None, []))
                     on_lost(str(e))
                     return
+                if msg is not None and "ok" in msg:  # the answer to a `fetch` (a reload, an adapter)
+                    self._answers.put((msg, fds))
+                    continue
                 for fd in fds:
                     os.close(fd)
                 if msg is None:
+                    self._answers.put((None, []))
                     on_lost(f"the vault daemon at {self.path} closed the connection")
                     return
                 try:
