@@ -13,7 +13,7 @@ A reboot resets the tamper PCR, so the policy also names the tamper latch: an NV
 (`TAMPER_NV_INDEX`) that `tamper` increments beside the PCR extend, and TPM2_PolicyNV (Part 3
 §23.9) requires it to hold the count recorded at provisioning. NV survives a reboot; an NV counter
 only counts up, and one undefined and defined again starts above the highest count the chip ever
-held (Part 1 §37.2.3), so someone with owner authorization can delete the latch (the unwrap then
+held (Part 1, NV counter indexes), so someone with owner authorization can delete the latch (the unwrap then
 fails for good) but cannot set it back.
 
 The TCTI is a tpm2-tss string: `device:/dev/tpmrm0` on a host, `swtpm:host=127.0.0.1,port=P` in
