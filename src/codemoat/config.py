@@ -91,6 +91,13 @@ class ModelSettings(BaseModel):
         "a request gets one only when its user may read every repository it was trained on (llama.cpp engine). "
         "`update:NAME` is a vendor adapter installed by `codemoat update apply`, served to the groups given there.",
     )
+    fold_adapters: bool = Field(
+        True,
+        description="Fold each adapter into its own in-memory copy of the base model's weights (as llama.cpp's "
+        "export-lora does, never written to disk), served at the base's speed, when the weights it changes are "
+        "F32, F16, BF16 or Q8_0 and the base is at most 2 GiB: one more copy of the base in memory per adapter. "
+        "Otherwise, or when off, llama.cpp applies the adapter at run time (extra work in every layer).",
+    )
     default_max_tokens: int = Field(
         64,
         ge=1,

@@ -42,6 +42,8 @@ def build_engine(
         opts.update(
             parallel=settings.model.parallel, batch_tokens=settings.model.batch_tokens, cpu_buffers=settings.model.cpu_buffers
         )
+        if settings.model.adapters:
+            opts["fold_adapters"] = settings.model.fold_adapters  # engines.merge
     served: tuple = ()
     if settings.model.adapters:  # LoRA adapters (codemoat tune, or vendor update:NAME); which request gets one is serve's choice
         from .adapters import open_adapters

@@ -10,6 +10,7 @@ completions in one file cheap.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import os
 import random
 import threading
@@ -103,13 +104,16 @@ class LlamaCppEngine(WorkerEngine):
         batch_tokens: int = 512,
         use_mmap: bool = True,
         progress=None,
+        fold_adapters: bool = False,
     ):
         """`cpu_buffers` ("auto", "extra", "safe") picks llama.cpp's CPU buffer types (`cpu.choose`);
         `use_extra_bufts` given as a bool overrides it (a supervisor falling back to the safe path).
         `parallel` > 1 batches: that many requests decode together in one context of `parallel` slots
         of `n_ctx` tokens each (`engines.batch`), with up to `batch_tokens` prompt tokens per step;
         1 decodes one request at a time, each to its end. `use_mmap` False copies the weights in (read
-        with a `progress` callback that may block: engines.overlap)."""
+        with a `progress` callback that may block: engines.overlap). `fold_adapters`: each adapter
+        that can be is folded into its own in-memory copy of the weights and served by an engine of its
+        own at the base's speed (engines.merge); the others are applied by llama.cpp at run time."""
         import llama_cpp
 
         from .cpu import Choice, choose
@@ -140,7 +144,16 @@ class LlamaCppEngine(WorkerEngine):
         self._special_cache: dict[str, bool] = {}
         self._loras: dict[str, Any] = {}
         self._lora_active: str | None = None
+        self._folded: dict[str, LlamaCppEngine] = {}
+        if fold_adapters and adapters:
+            from .merge import fold_into_engines
+
+            kw = dict(model_id=self.model_id, n_ctx=n_ctx, n_threads=n_threads, n_batch=n_batch, parallel=parallel)
+            kw.update(batch_tokens=batch_tokens, use_extra_bufts=self.cpu.use_extra_bufts)
+            self._folded = fold_into_engines(model_path, adapters, lambda buf: LlamaCppEngine.from_memfd(buf, **kw))
         for name, lora_path in (adapters or {}).items():  # sealed adapters, each from a memfd (engines.adapters)
+            if name in self._folded:
+                continue
             ptr = llama_cpp.llama_adapter_lora_init(self._llm._model.model, lora_path.encode())
             if not ptr:
                 raise CodemoatError(f"adapter {name!r} does not fit model {self.model_id}")
@@ -268,6 +281,9 @@ class LlamaCppEngine(WorkerEngine):
             self._batcher.run(self._jobs)
 
     def _start(self, ids, params, emit, cancel, finished) -> None:  # type: ignore[no-untyped-def]
+        folded = getattr(self, "_folded", {}).get(params.adapter) if params.adapter else None
+        if folded is not None:  # the adapter is in that engine's weights: it serves the request as its base
+            return folded._start(ids, dataclasses.replace(params, adapter=None), emit, cancel, finished)
         if self._batcher is None:
             return super()._start(ids, params, emit, cancel, finished)
         if self._closed:
@@ -436,6 +452,8 @@ class LlamaCppEngine(WorkerEngine):
             return
         if not self._stop_worker():
             return
+        for folded in getattr(self, "_folded", {}).values():
+            folded.close()
         if self._batcher is not None:
             self._batcher.close()
         self._llm.close()
