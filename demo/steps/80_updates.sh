@@ -61,9 +61,9 @@ print(ok, failed)
 PYEOF
 CLIENT=$!
 $CODEMOAT update verify "$U/model-v2.moatpkg" --license "$U/renewed.lic"
+# apply hands v2 to the running serve (its socket in $CODEMOAT_HOME/run), which swaps it in
 $CODEMOAT update apply "$U/model-v2.moatpkg" --license "$U/renewed.lic"
 $CODEMOAT update apply "$U/httpx.moatpkg" --groups everyone
-curl -sf -X POST -H "Authorization: Bearer $ADMIN_T" "http://127.0.0.1:$PORT/admin/api/model/swap"; echo
 sleep 2
 touch "$U/stop"; wait $CLIENT
 read -r OK FAILED <"$U/client.txt"
