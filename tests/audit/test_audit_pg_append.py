@@ -125,10 +125,10 @@ def test_deleted_head_with_records_left_stops_the_writer(pg_url, audit_home):
 def test_connection_dropped_by_the_server_is_replaced(pg_url, audit_home):
     log = _log(pg_url, audit_home)
     _fill(log, 3)
-    pid = log._pg._raw.driver_connection.info.backend_pid
+    pid = log._pg._conn.info.backend_pid
     with log.engine.connect() as c:  # what a PostgreSQL restart or failover does to the writer
         assert c.execute(sa.text("select pg_terminate_backend(:p)"), {"p": pid}).scalar()
     assert _fill(log, 2, 3) == [4, 5]  # tried again on a new connection: nothing had been committed
-    assert log._pg._raw.driver_connection.info.backend_pid != pid
+    assert log._pg._conn.info.backend_pid != pid
     rep = log.verify()
     assert rep.ok and rep.records == 5, rep.problem

@@ -71,7 +71,7 @@ def test_a_failure_in_the_middle_of_the_pipeline_leaves_the_head_and_chain_whole
     for i in range(5):
         log.append("request", user="alice", prompt_tokens=i)
     # the records' INSERT fails on the server (a column it does not have)
-    monkeypatch.setattr(pgappend, "_INSERT_RECORD", pgappend._INSERT_RECORD.replace('"hash"', '"no_such_column"', 1))
+    monkeypatch.setattr(pgappend, "_INSERT", pgappend._INSERT.replace('"hash"', '"no_such_column"', 1))
     with pytest.raises(AuditUnavailable):
         log.append("request", user="mallory")
     monkeypatch.undo()

@@ -70,6 +70,8 @@ def sign_tip(
     wait: bool = True,
     head_expected: bool = False,
     allowance: int = 0,
+    tip_row: tuple[int, str] | None = None,
+    known: dict[int, str] | None = None,
 ) -> tuple[int | None, dict[str, Any] | None]:
     """Sign the tip in transaction `c`: (the seq now signed, the new head row or None when nothing was signed).
 
@@ -81,45 +83,47 @@ def sign_tip(
     h = c.execute(q.with_for_update(skip_locked=not wait)).first()
     if h is None and not wait and c.execute(sa.select(head.c.id).where(head.c.id == 1)).first() is not None:
         return None, None  # another replica is signing now
-    t = c.execute(sa.select(tip.c.seq, tip.c.hash).where(tip.c.id == 1)).first()
+    t = tip_row if tip_row is not None else c.execute(sa.select(tip.c.seq, tip.c.hash).where(tip.c.id == 1)).first()
     if t is None:
         raise AuditUnavailable("audit log tampered: the chain's tip row is missing (run `codemoat audit verify`)")
     if h is None:
         cps_exist = c.execute(sa.select(checkpoints.c.seq).limit(1)).first() is not None
-        if t.seq and (head_expected or cps_exist or t.seq > allowance + MAX_BATCH):
+        if t[0] and (head_expected or cps_exist or t[0] > allowance + MAX_BATCH):
             raise AuditUnavailable(
                 "audit log tampered: records exist but the signed head is missing (run `codemoat audit verify`)"
             )
         hseq, last_cp = 0, 0
     else:
         hseq, last_cp = h.seq, h.last_checkpoint
-    if t.seq < hseq:
+    t_seq, t_hash = t[0], t[1]
+    if t_seq < hseq:
         raise AuditUnavailable(
-            f"audit log tampered: the chain ends at record {t.seq} but the signed head names record {hseq} (run `codemoat audit verify`)"
+            f"audit log tampered: the chain ends at record {t_seq} but the signed head names record {hseq} (run `codemoat audit verify`)"
         )
-    at_tip = reason is not None and last_cp != t.seq
-    if not at_tip and t.seq - hseq < max(1, min_tail):
+    at_tip = reason is not None and last_cp != t_seq
+    if not at_tip and t_seq - hseq < max(1, min_tail):
         return hseq, None
     now = int(time.time() * 1_000_000)
     k = max(1, checkpoint_every)
-    due = list(range((last_cp // k + 1) * k, t.seq + 1, k))
-    got = {}
-    if due:
-        got = dict(c.execute(sa.select(records.c.seq, records.c.hash).where(records.c.seq.in_(due))).all())
+    due = list(range((last_cp // k + 1) * k, t_seq + 1, k))
+    got = {s: known[s] for s in due if known and s in known}
+    if len(got) < len(due):
+        q = sa.select(records.c.seq, records.c.hash).where(records.c.seq.in_([s for s in due if s not in got]))
+        got.update(dict(c.execute(q).all()))
     cps = []
     for s in due:
         if s not in got:
             raise AuditUnavailable(f"audit log tampered: record {s} is missing (run `codemoat audit verify`)")
         cps.append(checkpoint_row(signer, s, got[s], last_cp, now, "periodic"))
         last_cp = s
-    if at_tip and last_cp != t.seq:
-        cps.append(checkpoint_row(signer, t.seq, t.hash, last_cp, now, reason))
-        last_cp = t.seq
+    if at_tip and last_cp != t_seq:
+        cps.append(checkpoint_row(signer, t_seq, t_hash, last_cp, now, reason))
+        last_cp = t_seq
     if cps:
         c.execute(checkpoints.insert(), cps)
-    row = signed_head_row(signer, t.seq, t.hash, last_cp, now)
+    row = signed_head_row(signer, t_seq, t_hash, last_cp, now)
     if h is None:
         c.execute(head.insert().values(id=1, **row))
     else:
         c.execute(head.update().where(head.c.id == 1).values(**row))
-    return t.seq, row
+    return t_seq, row

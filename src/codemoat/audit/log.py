@@ -270,6 +270,8 @@ class AuditLog:
                             min_tail=self.sign_every,
                             head_expected=self._seen_head,
                             allowance=self.tail_allowance,
+                            tip_row=(seq, prev),
+                            known={r["seq"]: r["hash"] for r in rows},
                         )
                 self._signed(signed, head_row)
                 return head_row

@@ -6,9 +6,10 @@ tip, hash and sign, and write back, holding the tip's row lock across a network 
 writer descheduled while holding it stalled every replica: 205 appends/s from four single-threaded
 writers). Now the trigger `audit_chain` (migrations/b003_audit_tip.py) numbers and links each
 record in the INSERT itself; the writer sends the records with their body hashes
-(`audit.chain.body_hash`) and the COMMIT in one flush (psycopg pipeline mode, PostgreSQL docs
-§55.2.4) and reads back each record's seq and hash. The tip's lock is held from the INSERT to the
-COMMIT inside the server. Signing is separate and batched (`audit.heads`).
+(`audit.chain.body_hash`) in one multi-row INSERT … RETURNING on a connection in autocommit: one
+statement, one transaction, one network round trip, and reads back each record's seq and hash
+(checked by recomputing the link). The tip's lock is held from the INSERT to its commit inside the
+server. Signing is separate and batched (`audit.heads`).
 
 A connection that fails (a server restart since the last append) is replaced; whether the lost
 flush committed is then read back (records with the same time and body hash), so a retry neither
@@ -22,12 +23,12 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import Engine
 
-from .chain import BODY_FIELDS, body_hash, records
+from .chain import BODY_FIELDS, body_hash, link_hash, records
 
 _COLS = (*BODY_FIELDS, "hash")
-_INSERT_RECORD = "INSERT INTO audit_records ({}) VALUES ({}) RETURNING seq, prev_hash, hash".format(
-    ",".join(f'"{c}"' for c in _COLS), ",".join(["%s"] * len(_COLS))
-)
+_ROW = "({})".format(",".join(["%s"] * len(_COLS)))
+_INSERT = "INSERT INTO audit_records ({}) VALUES ".format(",".join(f'"{c}"' for c in _COLS))
+_RETURNING = " RETURNING seq, prev_hash, hash"
 
 
 class Tampered(Exception):
@@ -39,43 +40,38 @@ class PgAppender:
 
     def __init__(self, engine: Engine):
         self.engine = engine
-        self._raw: Any = None  # a pooled DBAPI connection, kept checked out between appends
+        self._raw: Any = None  # a DBAPI connection taken from the pool and detached from it
+        self._conn: Any = None  # its psycopg connection
 
     def close(self) -> None:
-        if self._raw is not None:
-            self._raw.close()
-            self._raw = None
+        if self._conn is not None:
+            self._conn.close()
+        self._raw = self._conn = None
 
     def _discard(self) -> None:
-        if self._raw is not None:
-            self._raw.invalidate()
-            self._raw = None
+        self.close()  # a broken connection: the next append opens another
 
     def append(self, rows: list[dict[str, Any]]) -> None:
-        """Write `rows` (normalised records) in one transaction; fills in each row's seq, prev_hash and hash."""
+        """Write `rows` (normalised records) in one statement; fills in each row's seq, prev_hash and hash."""
         import psycopg
 
         bodies = [body_hash(r) for r in rows]
+        sql = _INSERT + ",".join([_ROW] * len(rows)) + _RETURNING
+        params = [v for r, b in zip(rows, bodies) for v in (*(r[c] for c in BODY_FIELDS), b)]
         for attempt in (0, 1):
             if self._raw is None:
-                self._raw = self.engine.raw_connection()  # pre-pinged by the pool
-            conn = self._raw.driver_connection
+                raw = self.engine.raw_connection()  # pre-pinged by the pool
+                conn = raw.driver_connection
+                raw.detach()  # ours alone from now on (autocommit), closed rather than pooled
+                conn.autocommit = True
+                self._raw, self._conn = raw, conn
+            conn = self._conn
             try:
-                with conn.pipeline(), conn.cursor() as cur:
-                    cur.executemany(
-                        _INSERT_RECORD, [(*(r[c] for c in BODY_FIELDS), b) for r, b in zip(rows, bodies)], returning=True
-                    )
-                    conn.commit()
-                    got = []
-                    while True:
-                        got.append(cur.fetchone())
-                        if not cur.nextset():
-                            break
-                for r, (seq, prev, h) in zip(rows, got):
-                    r.update(seq=seq, prev_hash=prev, hash=h)
+                # One statement, one implicit transaction, one round trip: the rows commit together.
+                got = conn.execute(sql, params).fetchall()
+                _match(rows, bodies, got)
                 return
             except psycopg.errors.UniqueViolation:
-                conn.rollback()
                 raise Tampered() from None
             except psycopg.OperationalError:
                 self._discard()
@@ -83,10 +79,6 @@ class PgAppender:
                     return
                 if attempt == 1:
                     raise
-            except BaseException:
-                if not conn.closed:
-                    conn.rollback()
-                raise
         raise AssertionError("unreachable")
 
     def _committed(self, rows: list[dict[str, Any]], bodies: list[str]) -> bool:
@@ -101,3 +93,15 @@ class PgAppender:
             taken.add(match.seq)
             r.update(seq=match.seq, prev_hash=match.prev_hash, hash=match.hash)
         return True
+
+
+def _match(rows: list[dict[str, Any]], bodies: list[str], got: list[Any]) -> None:
+    """Give each row its seq, prev_hash and hash from RETURNING, checked by recomputing its link (the
+    rows come back in the order of VALUES; were they not, each is matched to its body)."""
+    left = sorted(got)
+    for r, b in zip(rows, bodies):
+        seq, prev, h = next((x for x in left if link_hash(x[0], x[1], b) == x[2]), (None, None, None))
+        if seq is None:
+            raise RuntimeError("audit append: the database returned records that do not link to what was sent")
+        left.remove((seq, prev, h))
+        r.update(seq=seq, prev_hash=prev, hash=h)
