@@ -10,9 +10,10 @@ Servers, each on the same GGUF with the same threads and the same context per sl
 
 Scenarios, each run on one server at a time, the servers' order alternating between scenarios so
 machine noise hits them alike: one client (p50 latency, streaming time to first token), 8 and 32
-concurrent clients with 32- and 128-token greedy completions (tokens/s), an editor-like mix (each
-client resends its growing file prefix every 150 ms) and a 3,000-token /infill that the server must
-trim (time to first token). Models: the bundled one, a ~100M-parameter random llama built here
+concurrent clients with 32- and 128-token greedy completions (tokens/s, and tokens per CPU-second of
+the server's processes), an editor-like mix (each client resends its growing file prefix every 150 ms)
+and a 3,000-token /infill that the server must trim (time to first token, next to an /infill that fits
+with the same final prompt size). Models: the bundled one, a ~100M-parameter random llama built here
 (Q4_K_M) and Gemma 3 270M Q4_K_M (bench/gemma.py). Results: bench/results/serve.md.
 
     .venv/bin/python bench/serve.py --build                  # once: builds llama-server (~30-60 min on 2 loaded cores)
@@ -315,7 +316,7 @@ async def load(url: str, headers: dict, clients: int, tokens: int, per_client: i
         t0 = time.perf_counter()
         await asyncio.gather(*(worker(k) for k in range(clients)))
         wall = time.perf_counter() - t0
-    return {"tok_s": toks / wall, "rps": len(lat) / wall, "p50": statistics.median(lat), "tokens": toks / len(lat)}
+    return {"tok_s": toks / wall, "rps": len(lat) / wall, "p50": statistics.median(lat), "tokens": toks / len(lat), "toks": toks}
 
 
 async def editor(url: str, headers: dict, clients: int, seconds: float) -> dict:
@@ -339,30 +340,53 @@ async def editor(url: str, headers: dict, clients: int, seconds: float) -> dict:
     return {"p50": statistics.median(lat), "rps": len(lat) / wall}
 
 
-async def infill(url: str, headers: dict, reps: int) -> dict:
-    """Time to first token of a streamed /infill whose prefix is ~3,000 tokens: more than the slot's
-    context, so the server trims it (llama-server keeps the end of the prefix; so does codemoat)."""
-    prefix = (FILE * 6)[-12000:]
-    body = {
-        "input_prefix": prefix,
-        "input_suffix": "\n\ndef tail():\n    pass\n",
-        "n_predict": 16,
-        "stream": True,
-        "temperature": 0,
-    }
-    out = []
+def variant(r: int) -> str:
+    """FILE*6 (~3,000 tokens) made new for rep `r` on every line, so no cached prefix helps."""
+    return (FILE * 6).replace("handler_", f"handler_{r}_").replace("amount_cents", f"cents_{r}")[-12000:]
+
+
+INFILL_SUFFIX = "\n\ndef tail():\n    pass\n"
+
+
+async def infill_ttft(c: httpx.AsyncClient, prefix: str) -> tuple[float, int, bool]:
+    """(time to first token, prompt tokens the server evaluated, whether it trimmed) of a streamed /infill."""
+    body = {"input_prefix": prefix, "input_suffix": INFILL_SUFFIX, "n_predict": 16, "stream": True, "temperature": 0}
+    t0, ttft, n, cut = time.perf_counter(), 0.0, 0, False
+    async with c.stream("POST", "/infill", json=body) as resp:
+        resp.raise_for_status()
+        async for line in resp.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            ev = json.loads(line[6:])
+            if ev.get("content") and not ttft:
+                ttft = time.perf_counter() - t0
+            n, cut = ev.get("tokens_evaluated", n), ev.get("truncated", cut)
+    return ttft, n, cut
+
+
+async def infill(url: str, headers: dict, reps: int, model: Path) -> dict:
+    """Time to first token of a streamed /infill whose prefix is ~3,000 tokens, more than the slot's
+    context, so that the server trims it (keeps the end of the prefix), next to an /infill that already
+    fits with a prompt of the same final size (the trimmed request's tail, cut here by the model's own
+    tokenizer); every request is new text (a cold cache)."""
+    from codemoat.engines.llamacpp import LlamaCppEngine
+
+    vocab = LlamaCppEngine.front(str(model))
+    out: dict[str, list] = {"ttft": [], "fit": [], "n": [], "n_fit": []}
     async with client(url, headers, 1) as c:
         for r in range(reps):
-            t0, ttft = time.perf_counter(), 0.0
-            b = dict(body, input_prefix=f"# edit {r}\n" + prefix)  # a cold cache each time
-            async with c.stream("POST", "/infill", json=b) as resp:
-                resp.raise_for_status()
-                async for line in resp.aiter_lines():
-                    if line.startswith("data: {") and json.loads(line[6:]).get("content"):
-                        ttft = time.perf_counter() - t0
-                        break
-            out.append(ttft)
-    return {"ttft": statistics.median(out)}
+            ttft, n, cut = await infill_ttft(c, variant(2 * r))
+            ids = vocab.tokenize(variant(2 * r + 1), special=False)
+            fixed = len(vocab.tokenize(INFILL_SUFFIX, special=False)) + 8  # BOS, FIM tokens, the suffix; a margin
+            fit, n_fit, cut_fit = await infill_ttft(c, vocab.detokenize(ids[-max(1, n - fixed) :]))
+            if not cut or cut_fit:
+                print(f"/infill: trimmed {cut} ({n} tokens), fitting request trimmed {cut_fit} ({n_fit} tokens)", file=sys.stderr)
+            out["ttft"].append(ttft)
+            out["fit"].append(fit)
+            out["n"].append(n)
+            out["n_fit"].append(n_fit)
+    vocab.close()
+    return {k: statistics.median(v) for k, v in out.items()}
 
 
 def scenarios(quick: bool) -> list[tuple[str, str, dict]]:
@@ -378,7 +402,11 @@ def scenarios(quick: bool) -> list[tuple[str, str, dict]]:
             "editor mix, 8 clients every 150 ms: p50 latency",
             {"kind": "editor", "clients": 8, "seconds": 5 if quick else 10},
         ),
-        ("infill", "/infill of ~3,000 tokens, trimmed: TTFT", {"kind": "infill", "reps": 2 if quick else 5}),
+        (
+            "infill",
+            "/infill of ~3,000 tokens, trimmed / one that fits, same final size: TTFT",
+            {"kind": "infill", "reps": 2 if quick else 4},
+        ),
     ]
     if quick:
         s = [x for x in s if x[0] not in ("c32_128",)]
@@ -393,7 +421,7 @@ def run_one(url: str, headers: dict, how: dict) -> dict:
         return asyncio.run(load(url, headers, how["clients"], how["tokens"], how["per"]))
     if k == "editor":
         return asyncio.run(editor(url, headers, how["clients"], how["seconds"]))
-    return asyncio.run(infill(url, headers, how["reps"]))
+    return asyncio.run(infill(url, headers, how["reps"], how["model"]))
 
 
 def fmt(key: str, r: dict | None) -> str:
@@ -402,10 +430,33 @@ def fmt(key: str, r: dict | None) -> str:
     if key == "single":
         return f"{r['p50'] * 1000:.1f} / {r['ttft'] * 1000:.1f} ms"
     if key.startswith("c"):
-        return f"{r['tok_s']:.0f} tok/s (p50 {r['p50'] * 1000:.0f} ms, {r['tokens']:.0f} tok/answer)"
+        per_cpu = f", {r['toks'] / r['cpu']:.0f} tok/CPU-s" if r.get("cpu") else ""
+        return f"{r['tok_s']:.0f} tok/s{per_cpu} (p50 {r['p50'] * 1000:.0f} ms, {r['tokens']:.0f} tok/answer)"
     if key == "editor":
         return f"{r['p50'] * 1000:.1f} ms ({r['rps']:.1f} req/s)"
-    return f"{r['ttft'] * 1000:.0f} ms"
+    return (
+        f"{r['ttft'] * 1000:.0f} / {r['fit'] * 1000:.0f} ms = {r['ttft'] / r['fit']:.2f}× "
+        f"({r['n']:.0f} / {r['n_fit']:.0f} prompt tokens)"
+    )
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of process `pid` and every process under it, from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    stats: dict[int, tuple[int, float]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                f = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            stats[int(d.name)] = (int(f[1]), (int(f[11]) + int(f[12])) / tick)  # ppid, utime + stime
+    tree, total = {pid}, 0.0
+    for _ in range(8):  # a few generations deep
+        tree |= {p for p, (pp, _) in stats.items() if pp in tree}
+    for p in tree:
+        total += stats.get(p, (0, 0.0))[1]
+    return total
 
 
 def metric(key: str, r: dict) -> tuple[float, bool]:
@@ -431,7 +482,9 @@ def bench_model(name: str, args: argparse.Namespace, token: str, env: dict) -> s
             order = list(servers.urls) if i % 2 == 0 else list(reversed(servers.urls))
             for s in order:
                 try:
-                    res[s][key] = run_one(servers.urls[s], servers.headers[s], how)
+                    cpu0 = cpu_seconds(servers.procs[s].pid)
+                    res[s][key] = run_one(servers.urls[s], servers.headers[s], dict(how, model=model))
+                    res[s][key]["cpu"] = cpu_seconds(servers.procs[s].pid) - cpu0
                 except httpx.HTTPError as e:
                     print(f"{name} {key} {s}: {type(e).__name__} {e}", file=sys.stderr)
                 print(f"{name:10s} {key:8s} {s:17s} {fmt(key, res[s].get(key))}", flush=True)
@@ -448,6 +501,8 @@ def ratio(res: dict, key: str, a: str, b: str) -> str:
         return f"{ra['p50'] / rb['p50']:.2f} / {ra['ttft'] / rb['ttft']:.2f}"
     va, _ = metric(key, ra)
     vb, _ = metric(key, rb)
+    if key.startswith("c") and ra.get("cpu") and rb.get("cpu"):  # and per CPU-second: what the load did not move
+        return f"{va / vb:.2f} ({(ra['toks'] / ra['cpu']) / (rb['toks'] / rb['cpu']):.2f})"
     return f"{va / vb:.2f}"
 
 
@@ -502,7 +557,12 @@ model.parallel = {args.parallel} (batched, the default engine) and = 1 (one requ
 llama-cpp-python's `llama_cpp.server` (one sequence). Greedy completions of fixed length; codemoat's path
 includes bearer-token authentication, the audit record and usage facts of every request; the references
 check a fixed API key and keep no records. A cell "1 client" is p50 latency / time to first token;
-ratios below 1 are better for latency and time to first token, above 1 for tokens/s.
+ratios below 1 are better for latency and time to first token, above 1 for tokens/s. Load rows also
+give tokens per CPU-second (user + system time of the server's processes, read from /proc around the
+scenario), and their ratios that one in brackets: other work on the machine stretches wall-clock time
+but hardly the CPU time a server needs for the same tokens. The /infill row sends ~3,000 tokens that
+the server must trim to its slot, then an /infill that already fits with a prompt of the same final
+size (cut by the model's tokenizer), each new text: time to first token of both, and their ratio.
 
 {chr(10).join(parts)}
 """

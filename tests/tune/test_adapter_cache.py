@@ -68,11 +68,15 @@ def test_prefix_cells_survive_a_switch_and_are_never_reused_under_another_adapte
 
     assert asyncio.run(batched.complete(FILE, greedy("one"))).text == want["one"]  # cells of FILE under one
     before = b.reused_tokens
+    # slots under the base and "two" hold PROMPT (the test before): reusing the tokens it starts with
+    # in common with FILE is right (prefixes are reused exactly); FILE's cells under one never are
+    p, f = batched.tokenize(PROMPT), batched.tokenize(FILE)
+    shared = next(i for i in range(len(f)) if p[i] != f[i])
     # the base, same prompt: the slot holding FILE under one must not lend it its cells
     assert asyncio.run(batched.complete(FILE, greedy(None))).text == want[None]
-    assert b.reused_tokens == before
+    assert b.reused_tokens - before <= shared
     assert asyncio.run(batched.complete(FILE, greedy("two"))).text == want["two"]  # nor under another adapter
-    assert b.reused_tokens == before
+    assert b.reused_tokens - before <= 2 * shared
     # back to one: its slot kept its cells through both switches, and they are reused
     assert asyncio.run(batched.complete(FILE, greedy("one"))).text == want["one"]
     assert b.reused_tokens - before >= (len(batched.tokenize(FILE)) - 1) // 32 * 32 > 0

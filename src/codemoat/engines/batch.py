@@ -4,15 +4,22 @@ One context holds `parallel` sequence slots (`n_seq_max`, one KV stream per slot
 off, as `llama-server -np N` runs). The engine's worker thread runs `Batcher.run`: each step it
 
 1. admits waiting requests into free slots, picking the slot whose cached tokens share the longest
-   prompt prefix (editors resend the same file prefix on every keystroke), and drops the rest of
-   that slot's KV cells (`llama_memory_seq_rm`);
-2. decodes one token for every generating sequence in one `llama_decode` call (a `llama_batch`
-   with each token's `seq_id` and position), then samples each sequence with its own parameters,
-   logits processors (the watermark stays per request) and stop strings (`worker.StopCutter`);
-3. evaluates up to `batch_tokens` prompt tokens of sequences still reading their prompt (chunked
-   prefill: a long prompt does not stall everyone's next token), in ALIGN-token chunks aligned to
-   position 0, so a prompt gives the same logits whatever else was in the cache or the batch
-   (see `LlamaCppEngine._eval_aligned`).
+   prompt prefix (editors resend the same file prefix on every keystroke), keeps that prefix's KV
+   cells, all of them, as `llama-server`'s `cache_prompt` does, and drops the rest of the slot's
+   (`llama_memory_seq_rm`);
+2. makes ONE `llama_batch` (each token with its `seq_id` and position), in slot order: the next
+   token of every generating sequence, and up to `batch_tokens` prompt tokens of sequences still
+   reading their prompt (chunked prefill, so a long prompt does not stall everyone's next token;
+   a chunk ends on a multiple of ALIGN unless the prompt ends first), and evaluates it in one
+   `llama_decode` call: the weights are read once per step for everyone's rows;
+3. samples each generating sequence with its own parameters, logits processors (the watermark
+   stays per request) and stop strings (`worker.StopCutter`).
+
+Results do not depend on the batch bit for bit: ggml picks its matmul kernel by a ubatch's row
+count (one row, or a multiple of 4 rows on repacked quantised weights), so a logit can move by
+~1e-3 with what else was in the step or in the cache. Greedy answers were the same batched, alone
+and on the one-at-a-time engine in every test (tests/engines/test_batching.py); the one-at-a-time
+engine alone keeps the stricter "same prompt, same logits" (`LlamaCppEngine._eval_aligned`).
 
 llama.cpp applies LoRA adapters per context, not per sequence, so requests with different
 adapters never share a step: a request for another adapter waits (and holds back the requests
@@ -86,7 +93,6 @@ class Seq:
 class _Slot:
     def __init__(self) -> None:
         self.cached: list[int] = []  # tokens whose KV cells this slot holds, positions 0..len-1
-        self.aligned = 0  # positions [0, aligned) were computed by whole aligned chunks
         self.used_at = 0.0
         self.owner: str | None = None  # `SamplingParams.cache_key` of the request that left `cached`
         self.adapter: str | None = None  # the adapter set `cached` was computed under (None: the base)
@@ -134,16 +140,19 @@ class Batcher:
 
         self.lib, self.engine, self.loras = lib, engine, loras
         self.parallel, self.batch_tokens = parallel, max(batch_tokens, ALIGN)
+        # a step's rows: the prefill budget, one chunk's overrun to its ALIGN boundary, and a token per slot
+        # (a generating sequence's next one, or the last of a prompt read to its end)
+        capacity = self.batch_tokens + ALIGN + 2 * parallel
         self.vocab = engine._vocab
         self.n_vocab = engine._llm.n_vocab()
         cp = lib.llama_context_default_params()
         cp.n_ctx = slot_ctx * parallel
-        cp.n_batch = cp.n_ubatch = max(ALIGN, parallel)
+        cp.n_batch = cp.n_ubatch = capacity
         cp.n_seq_max = parallel
-        # a KV stream per slot, as `llama-server -np N`: a sequence's cells do not move with the others'.
-        # A unified buffer put every generating sequence in one ubatch (llama.cpp splits a step into one
-        # ubatch per run of consecutive slot ids otherwise): 1.4x the tokens/s at 8 clients on a 100M
-        # model, but its attention sums moved enough to flip a greedy answer of the bundled model.
+        # a KV stream per slot, as `llama-server -np N`: a sequence attends over its own cells only
+        # (a unified buffer makes every row attend over every slot's cells, masked: a cost that grows with
+        # all slots' prompts). llama.cpp splits such a batch into ubatches of consecutive slot ids with
+        # equally many rows each (one more ubatch per gap between busy slots), which is why rows go in slot order.
         cp.kv_unified = False
         cp.n_threads = cp.n_threads_batch = n_threads
         cp.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_DISABLED  # as the one-at-a-time engine
@@ -270,7 +279,6 @@ class Batcher:
 
     def _start(self, seq: Seq, free: list[int]) -> None:
         p, body = seq.params, seq.ids[:-1]
-        reproducible = seq.want_logits or p.temperature <= 0 or p.seed is not None
 
         def keep(i: int) -> int:
             s, same = self.slots[i], 0
@@ -281,7 +289,7 @@ class Batcher:
             limit = min(len(s.cached), len(body))
             while same < limit and s.cached[same] == body[same]:
                 same += 1
-            return min(same, s.aligned) // ALIGN * ALIGN if reproducible else same
+            return same
 
         # the longest reusable prefix; among equals the slot used least recently
         i = max(free, key=lambda j: (keep(j), -self.slots[j].used_at))
@@ -289,7 +297,6 @@ class Batcher:
         if not self.lib.llama_memory_seq_rm(self.mem, i, k, -1):  # a cache that cannot drop a tail (some SWA/recurrent ones)
             self.lib.llama_memory_seq_rm(self.mem, i, 0, -1)  # dropping a whole sequence never fails
             k = 0
-        slot.aligned = min(slot.aligned, k) // ALIGN * ALIGN
         self.reused_tokens += k
         slot.cached, slot.adapter = body[:k], self.adapter
         slot.seq, slot.used_at, slot.owner = seq, time.monotonic(), p.cache_key
@@ -332,52 +339,56 @@ class Batcher:
         b.token[row], b.pos[row], b.seq[row], b.logits[row] = token, pos, seq_id, logits
 
     def _step(self) -> None:
+        """One `llama_decode`: the next token of every generating sequence and a share of the prompts
+        being read (the oldest first), in slot order; then each sequence whose row has logits samples."""
         self.steps += 1
         for s in [s for s in self.active if s.cancel.is_set()]:
             self._finish(s, "cancelled")
-        rows = sorted((s for s in self.active if s.phase == "decode"), key=lambda s: s.slot)
-        for at in range(0, len(rows), self.batch.capacity):
-            group = rows[at : at + self.batch.capacity]
-            for r, s in enumerate(group):
-                self._put(r, s.next_token, s.n_past, s.slot, True)
-                s.row = r
-            rc = self._decode(len(group))
-            for s in group:
-                if rc != 0:
-                    self._fail(s, CodemoatError(f"llama.cpp could not decode the batch (code {rc})"))
-                    continue
-                self.slots[s.slot].cached.append(s.next_token)
-                s.n_past += 1
-                try:
-                    self._sample(s)
-                except Exception as e:
-                    self._fail(s, e)
-        budget = self.batch_tokens - len(rows)
-        for s in [s for s in self.active if s.phase == "prefill"]:
-            if budget <= 0:
+        decoding = [s for s in self.active if s.phase == "decode"]
+        budget, ends = self.batch_tokens - len(decoding), {}
+        for s in self.active:
+            if s.phase != "prefill":
+                continue
+            if budget <= 0 and ends:
                 break
-            budget -= self._prefill(s, budget)
-
-    def _prefill(self, s: Seq, budget: int) -> int:
-        """Evaluate up to `budget` of `s`'s prompt (at least one aligned chunk); returns tokens evaluated."""
-        body, done = s.ids[:-1], 0
-        slot = self.slots[s.slot]
-        while s.pos < len(body) and (done == 0 or done < budget):
-            end = min(len(body), (s.pos // ALIGN + 1) * ALIGN)
-            for r, t in enumerate(body[s.pos : end]):
-                self._put(r, t, s.pos + r, s.slot, False)
-            rc = self._decode(end - s.pos)
+            n = len(s.ids) - 1
+            end = min(n, s.pos + max(budget, 1))
+            if end < n:  # a chunk ends on a multiple of ALIGN: at least the next one, at most the budget's last
+                end = min(n, max(end // ALIGN * ALIGN, (s.pos // ALIGN + 1) * ALIGN))
+            ends[s.slot] = end
+            budget -= end - s.pos
+        rows = sorted(decoding + [s for s in self.active if s.slot in ends], key=lambda s: s.slot)
+        r = 0
+        for s in rows:
+            if s.phase == "prefill":
+                end = ends[s.slot]
+                for j, tok in enumerate(s.ids[s.pos : end]):
+                    self._put(r + j, tok, s.pos + j, s.slot, False)
+                r += end - s.pos
+                if end < len(s.ids) - 1:
+                    continue
+                s.n_past = end  # the prompt's last token is read in this step too: its logits give the first token
+            self._put(r, s.next_token, s.n_past, s.slot, True)
+            s.row, r = r, r + 1
+        rc = self._decode(r)
+        for s in rows:
             if rc != 0:
-                self._fail(s, CodemoatError(f"llama.cpp could not evaluate the prompt (code {rc})"))
-                return done
-            if s.pos % ALIGN == 0 and slot.aligned == s.pos and end - s.pos == ALIGN:
-                slot.aligned = end
-            slot.cached.extend(body[s.pos : end])
-            done += end - s.pos
-            s.pos = s.n_past = end
-        if s.pos >= len(body):
-            s.phase = "decode"
-        return done
+                self._fail(s, CodemoatError(f"llama.cpp could not decode the batch (code {rc})"))
+                continue
+            slot = self.slots[s.slot]
+            if s.phase == "prefill":
+                end = ends[s.slot]
+                slot.cached.extend(s.ids[s.pos : end])
+                s.pos = s.n_past = end
+                if end < len(s.ids) - 1:
+                    continue
+                s.phase = "decode"
+            slot.cached.append(s.next_token)
+            s.n_past += 1
+            try:
+                self._sample(s)
+            except Exception as e:
+                self._fail(s, e)
 
     def _sample(self, s: Seq) -> None:
         lib = self.lib
@@ -448,5 +459,5 @@ class Batcher:
         self._release(s)
         self.lib.llama_memory_seq_rm(self.mem, s.slot, 0, -1)
         slot = self.slots[s.slot]
-        slot.cached, slot.aligned = [], 0
+        slot.cached = []
         s.finished(exc)
