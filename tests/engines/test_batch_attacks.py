@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 
 import pytest
 from fastapi.testclient import TestClient
@@ -30,7 +31,7 @@ def run(coro, timeout: float = 60):
 
 
 def greedy(**kw) -> SamplingParams:
-    return SamplingParams(max_tokens=8, temperature=0, **kw)
+    return SamplingParams(**{"max_tokens": 8, "temperature": 0, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +120,7 @@ def test_infill_from_another_user_does_not_reuse_a_secret_prefix(app_client, eng
 # ------------------------------------------------------------------- one user holds every slot ---
 def test_a_user_with_many_requests_does_not_keep_another_waiting(engine):
     """Alice has two requests decoding on the two slots and two more waiting; then Bob sends one. Bob gets
-    the next free slot, before Alice's third (first come, first served started his after all of hers)."""
+    a slot as soon as one is free, before Alice's fourth (first come, first served started his after all of hers)."""
     lib, vocab = engine._lib, engine._vocab
     eog = [t for t in range(engine.n_vocab) if lib.llama_vocab_is_eog(vocab, t)]
 
@@ -143,7 +144,9 @@ def test_a_user_with_many_requests_does_not_keep_another_waiting(engine):
         await asyncio.gather(*jobs)
 
     run(go())
-    assert order.index("bob") < order.index("alice2") < order.index("alice3"), order
+    # alice0 and alice1 may end in the same step: bob and alice2 then start together (their first tokens
+    # come in slot order); first come, first served gave both slots to alice2 and alice3
+    assert order.index("bob") < order.index("alice3"), order
 
 
 # ------------------------------------------------------------------- a request the context cannot take ---
@@ -154,6 +157,41 @@ def test_a_request_for_an_adapter_the_engine_lacks_fails_alone(engine):
         run(engine.complete("def f(x):\n", greedy(adapter="nope")))
     assert run(engine.complete("def f(x):\n", greedy())).finish_reason in ("stop", "length")
     assert engine.health()["slots"]["busy"] == 0
+
+
+# ------------------------------------------------------------------- adapters: the reverse direction ---
+def test_a_base_request_never_gets_an_adapters_output_or_cells(tiny_gguf):
+    """A contractor (base model) whose requests arrive among the payments team's (their adapter) in every
+    order, some while the context is switching adapter sets: each contractor answer is the base's alone,
+    and no prompt cell computed under the adapter is reused for the base, even with the same prompt and key."""
+    from tests.tune.loras import random_lora_gguf
+
+    fd = os.memfd_create("lora")
+    os.write(fd, random_lora_gguf(tiny_gguf))
+    eng = LlamaCppEngine(str(tiny_gguf), n_ctx=256, n_threads=1, parallel=3, adapters={"pay": f"/proc/self/fd/{fd}"})
+    try:
+        prompt = "def interchange_fee(amount_cents: int) -> int:\n    return"
+        pay = run(eng.complete(prompt, greedy(max_tokens=16, adapter="pay"))).text
+        b = eng._batcher
+        before = b.reused_tokens
+        base = run(eng.complete(prompt, greedy(max_tokens=16))).text
+        assert b.reused_tokens == before  # the one slot holding the prompt computed it under the adapter
+        assert base != pay
+
+        async def mixed(order: str):
+            async def one(i: int, who: str):
+                await asyncio.sleep(0.003 * i)  # some arrive mid-step, some mid-switch
+                a = "pay" if who == "p" else None
+                return who, (await eng.complete(prompt, greedy(max_tokens=16, adapter=a))).text
+
+            return await asyncio.gather(*(one(i, w) for i, w in enumerate(order)))
+
+        for order in ("pcpcc", "cppcp", "ppccp", "cccpp"):
+            for who, text in run(mixed(order)):
+                assert text == (pay if who == "p" else base), (order, who)
+    finally:
+        eng.close()
+        os.close(fd)
 
 
 # ------------------------------------------------------------------- hostile bodies ---
@@ -199,11 +237,17 @@ HOSTILE = [
     ("/infill", {"input_prefix": "<|endoftext|>" * 600, "n_predict": 8}, 200),
     ("/infill", {"input_prefix": "<|fim_middle|><|fim_prefix|>" * 300, "n_predict": 8}, 200),
     ("/infill", {"input_prefix": "def f(x):\n", "n_predict": 8, "logit_bias": {str(i): 1e30 for i in range(5000)}}, 200),
-    ("/infill", {"input_prefix": "def f(x):\n", "n_predict": 8, "seed": 10**40, "top_k": 10**12}, 200),
+    ("/infill", {"input_prefix": "def f(x):\n", "n_predict": 8, "seed": 2**64 - 1, "top_k": 10**12}, 200),
+    ("/infill", {"input_prefix": "def f(x):\n", "n_predict": 8, "seed": 10**40}, 400),
     (
         "/api/generate",
-        {"model": "tiny", "prompt": "x", "stream": False, "options": {"repeat_penalty": "NaN", "num_predict": -(10**30)}},
+        {"model": "tiny", "prompt": "x", "stream": False, "options": {"repeat_penalty": -5, "num_predict": -(10**30)}},
         200,
+    ),
+    (
+        "/api/generate",
+        {"model": "tiny", "prompt": "x", "stream": False, "options": {"repeat_penalty": "NaN", "num_predict": 4}},
+        400,
     ),
 ]
 
