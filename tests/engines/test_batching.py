@@ -193,6 +193,31 @@ def test_watermark_stays_with_its_request(tiny_gguf):
         eng.close()
 
 
+def test_watermarked_answers_decoded_in_a_batch_are_detected_and_plain_ones_are_not(tiny_gguf):
+    """Two watermarked (key A) and two plain sampled requests decode side by side: the detector finds A in
+    each marked answer and nothing in the plain ones, and key B in none (the watermark rides with its own
+    sequence's logits, whatever shares the step)."""
+    from codemoat.trace import watermark as wm
+
+    eng = LlamaCppEngine.from_path(tiny_gguf, n_ctx=512, n_threads=1, parallel=4)
+    scorer = wm.LlamaScorer(str(tiny_gguf), vocab_only=True)  # every token scored (no entropies): quick, still clear
+    a, b = bytes(range(32)), bytes(range(1, 33))
+    try:
+
+        def sampled(seed: int, marked: bool) -> SamplingParams:
+            procs = [wm.WatermarkProcessor(a)] if marked else []
+            return SamplingParams(max_tokens=160, temperature=1.0, top_k=0, top_p=1.0, seed=seed, logits_processors=procs)
+
+        prompts = ["import os\n", "class Parser:\n", "def main(argv):\n", "# utilities\n"]
+        got = run(together(eng, [(p, sampled(i, marked=i % 2 == 0)) for i, p in enumerate(prompts)]))
+        for i, g in enumerate(got):
+            res = {s.customer: s for s in wm.detect_text(g.text, scorer.tokenize, {"A": a, "B": b})}
+            assert not res["B"].detected, (i, res)
+            assert res["A"].detected == (i % 2 == 0), (i, res["A"], g.completion_tokens)
+    finally:
+        eng.close()
+
+
 def test_requests_with_other_adapters_never_share_a_step(tiny_gguf):
     """llama.cpp applies adapters per context: base and adapter requests sent together each get their
     alone answer (the adapter's differs from the base's), and a cache made under one is not reused under the other."""
