@@ -229,7 +229,7 @@ class VllmEngine(Engine):
             repetition_penalty=params.repeat_penalty if params.repeat_penalty > 0 else 1.0,
             stop=[s for s in params.stop if s] or None,
             stop_token_ids=self._stop_ids(),
-            # torch seeds vLLM's generators with 64 bits and raises on more inside the engine core, which then dies
+            # 64 bits, as torch's generators (seeded per request in the engine core) take; vLLM's front end fails on more
             seed=None if params.seed is None else params.seed % (1 << 64),
             skip_special_tokens=True,
             extra_args=extra,

@@ -128,7 +128,7 @@ class Service:
         # everyone: 20,000 of them made each step of every request in the batch ~5 ms slower
         if len(stop) > MAX_STOPS or any(len(s) > MAX_STOP_CHARS for s in stop):
             raise CodemoatError(f"stop: at most {MAX_STOPS} stop strings of at most {MAX_STOP_CHARS} characters each")
-        # a seed is 64 bits in every engine (torch's generators, which vLLM seeds, raise on more, inside its engine core)
+        # a seed is 64 bits in every engine (torch's generators take no more; vLLM failed such a request with a 500)
         if seed is not None and seed >= 1 << 64:
             raise CodemoatError("seed must be below 2**64")
         p = SamplingParams(
