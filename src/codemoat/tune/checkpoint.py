@@ -43,6 +43,8 @@ def key(opts, base_sha256: str, corpus=None) -> str:
         "minutes": None if opts.steps else opts.minutes,
         "heldout": opts.heldout_fraction,
         "device": opts.device,
+        "replay": opts.replay,
+        "validation": [opts.val_fraction, opts.eval_every],
         "data": None if corpus is None else _data_digest(corpus),
     }
     return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:24]

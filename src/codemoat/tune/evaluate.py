@@ -29,11 +29,42 @@ UNRELATED_MODULES = [
 ]
 
 
+#: stdlib modules replayed during tuning against forgetting: none of them is in UNRELATED_MODULES,
+#: so the forgetting check still scores code the adapter never trained on
+REPLAY_MODULES = [
+    "argparse.py",
+    "functools.py",
+    "dataclasses.py",
+    "enum.py",
+    "pathlib.py",
+    "subprocess.py",
+    "tokenize.py",
+    "configparser.py",
+    "pprint.py",
+    "logging/__init__.py",
+    "collections/__init__.py",
+    "email/message.py",
+    "http/client.py",
+    "urllib/parse.py",
+    "zipfile/__init__.py",
+    "tarfile.py",
+]
+
+
+def replay_files() -> list[SourceFile]:
+    """The CPython modules of REPLAY_MODULES that this Python has."""
+    return _stdlib(REPLAY_MODULES)
+
+
 def unrelated_files() -> list[SourceFile]:
     """A few CPython standard-library modules: code no customer repository is."""
+    return _stdlib(UNRELATED_MODULES)
+
+
+def _stdlib(modules: list[str]) -> list[SourceFile]:
     root = Path(sysconfig.get_paths()["stdlib"])
     out = []
-    for rel in UNRELATED_MODULES:
+    for rel in modules:
         p = root / rel
         if p.is_file():
             out.append(SourceFile(f"python{sys.version_info[0]}.{sys.version_info[1]}/{rel}", p.read_text("utf-8")))

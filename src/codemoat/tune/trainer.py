@@ -3,7 +3,12 @@
 Data: the named repositories' indexed files, split by file into train and held-out (never a file in
 both), rendered into FIM and next-token samples by `vendor train`'s own code (`train.data`).
 Optimiser: AdamW over the LoRA weights only, linear warm-up then cosine decay over the wall-clock
-budget (or over `steps` when given, which makes a run reproducible). Evaluation, before and after:
+budget (or over `steps` when given, which makes a run reproducible). Against forgetting, a share
+of each batch (`replay`) is public code the base already knows: CPython modules that are not in the
+forgetting check's own set (`evaluate.REPLAY_MODULES`). A few training files are set aside for
+validation (never trained on, and not the evaluation's held-out files); the adapter written is the
+one with the lowest validation bits/byte seen, the untuned start included (a cheap early stop within
+the budget: a run that only made things worse writes an adapter that changes nothing). Evaluation, before and after:
 bits per byte on the held-out files of the tuned repositories and on unrelated code (CPython
 modules) — the second shows what the adapter made the model forget.
 """
@@ -42,6 +47,9 @@ class TuneOptions:
     name: str | None = None
     license: Path | None = None  # for a sealed base (.moat)
     checkpoint_steps: int | None = None  # checkpoint every N steps (default: every checkpoint.EVERY_S seconds)
+    replay: float = 0.25  # share of each batch's rows from public code the base knows (0: none)
+    val_fraction: float = 0.05  # training files set aside to pick the best adapter seen
+    eval_every: int = 20  # steps between validation scores
 
 
 @dataclass
@@ -83,7 +91,7 @@ def tune(opts: TuneOptions, on_event: Callable[[dict], None] | None = None) -> T
     from . import checkpoint, infill
     from .base import load_base
     from .corpus import load_corpus
-    from .evaluate import bits_per_byte, token_windows, unrelated_files
+    from .evaluate import bits_per_byte, replay_files, token_windows, unrelated_files
     from .lora import gguf_bytes, safetensors_bytes, wrap
     from ..engines.adapters import Adapter, seal_adapter
 
@@ -100,6 +108,7 @@ def tune(opts: TuneOptions, on_event: Callable[[dict], None] | None = None) -> T
         if len(train_files) < 2:
             raise CodemoatError("too little code to tune on: need at least two indexed files")
         held = [train_files.pop()]
+    train_files, val = _validation(train_files, opts)
     emit({"kind": "stage", "stage": "loading the base model", "files": len(train_files), "heldout": len(held)})
     base = load_base(opts.base, n_ctx=opts.n_ctx, device=opts.device, license=opts.license)
     tok, n_ctx = base.tokenizer, base.n_ctx
@@ -127,9 +136,14 @@ def tune(opts: TuneOptions, on_event: Callable[[dict], None] | None = None) -> T
         rows = epoch_rows(train_files, tok, n_ctx, dopts, opts.seed, 0)
     except ValueError:  # fewer tokens than one sequence
         raise CodemoatError(f"too little code to tune on in {', '.join(opts.repos)}: under {n_ctx} tokens") from None
-    eval_rows = token_windows(held, tok, n_ctx, min(opts.eval_tokens, 4 * n_ctx))
+    val_rows = token_windows(val, tok, n_ctx, min(opts.eval_tokens, 4 * n_ctx))
+    n_rep = min(opts.batch_size - 1, round(opts.batch_size * opts.replay)) if opts.replay > 0 else 0
+    replay = _replay_rows(replay_files(), tok, n_ctx, opts.seed) if n_rep else None
+    if replay is None or len(replay) < n_rep:
+        n_rep = 0
+    take = opts.batch_size - n_rep
     step = tokens = epoch = at = 0
-    ema = heldout_loss = None
+    ema = heldout_loss = best = None
     spent = 0.0  # training seconds of the runs this one resumes
     if ck is not None:
         from peft import set_peft_model_state_dict
@@ -140,8 +154,11 @@ def tune(opts: TuneOptions, on_event: Callable[[dict], None] | None = None) -> T
         step, tokens, epoch, at, ema, heldout_loss, spent = (
             st[k] for k in ("step", "tokens", "epoch", "at", "ema", "heldout", "spent")
         )
+        best = st.get("best")
         rows = epoch_rows(train_files, tok, n_ctx, dopts, opts.seed, epoch)
         emit({"kind": "stage", "stage": f"resuming from step {step}", "checkpoint": str(ck_path)})
+    if ck is None:  # step 0: the base itself (a zero LoRA), so the adapter kept never scores worse than no adapter
+        best = _keep_best(model, None, bits_per_byte(model, *val_rows, device=opts.device), 0)
     model.train()
     t0 = saved_at = time.monotonic()
     budget = opts.minutes * 60
@@ -149,11 +166,15 @@ def tune(opts: TuneOptions, on_event: Callable[[dict], None] | None = None) -> T
         progress = step / opts.steps if opts.steps else (spent + time.monotonic() - t0) / budget
         if progress >= 1.0:
             break
-        if at + opts.batch_size > len(rows):
+        if at + take > len(rows):
             epoch += 1
             rows, at = epoch_rows(train_files, tok, n_ctx, dopts, opts.seed, epoch), 0
-        batch = rows[at : at + opts.batch_size].to(opts.device)
-        at += opts.batch_size
+        batch = rows[at : at + take]
+        if n_rep:  # the replay rows in a fixed rotation (a function of the step: a resumed run takes the same)
+            j = (step * n_rep) % (len(replay) - n_rep + 1)
+            batch = torch.cat([batch, replay[j : j + n_rep]])
+        batch = batch.to(opts.device)
+        at += take
         for g in optim.param_groups:
             g["lr"] = _lr(opts, step, progress)
         out = model(input_ids=batch[:, :-1], labels=None)
@@ -165,14 +186,14 @@ def tune(opts: TuneOptions, on_event: Callable[[dict], None] | None = None) -> T
         step += 1
         tokens += batch[:, 1:].numel()
         ema = loss.item() if ema is None else 0.9 * ema + 0.1 * loss.item()
-        if step % 20 == 0 or step == 1:
-            bpb = bits_per_byte(model, *eval_rows, device=opts.device)
-            heldout_loss = bpb
+        if step % opts.eval_every == 0 or step == 1:
+            heldout_loss = bits_per_byte(model, *val_rows, device=opts.device)
+            best = _keep_best(model, best, heldout_loss, step)
         elapsed = spent + time.monotonic() - t0
         if (step % opts.checkpoint_steps == 0) if opts.checkpoint_steps else time.monotonic() - saved_at >= checkpoint.EVERY_S:
             from peft import get_peft_model_state_dict
 
-            state = {"step": step, "tokens": tokens, "epoch": epoch, "at": at, "ema": ema, "heldout": heldout_loss}
+            state = {"step": step, "tokens": tokens, "epoch": epoch, "at": at, "ema": ema, "heldout": heldout_loss, "best": best}
             checkpoint.save(
                 ck_path, get_peft_model_state_dict(model), optim.state_dict(), {**state, "spent": elapsed, "before": before}
             )
@@ -188,6 +209,11 @@ def tune(opts: TuneOptions, on_event: Callable[[dict], None] | None = None) -> T
             }
         )
     seconds = spent + time.monotonic() - t0
+    best = _keep_best(model, best, bits_per_byte(model, *val_rows, device=opts.device), step)
+    if best is not None and best["step"] != step:  # an earlier state scored better on the validation files
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, best["lora"])
     emit({"kind": "stage", "stage": "evaluating the adapter"})
     after = {
         "tuned": bits_per_byte(model, *held_w, device=opts.device),
@@ -214,6 +240,10 @@ def tune(opts: TuneOptions, on_event: Callable[[dict], None] | None = None) -> T
             "loss": ema,
             "seed": opts.seed,
             "resumed_from_step": ck["state"]["step"] if ck is not None else None,
+            "replay": n_rep / opts.batch_size,
+            "validation_files": len(val),
+            "kept_step": best["step"] if best is not None else step,
+            "validation_bpb": best["bpb"] if best is not None else None,
         },
         "eval": {
             "bpb_base": {k: v for k, v in before.items() if k != "infill"},
@@ -231,3 +261,35 @@ def tune(opts: TuneOptions, on_event: Callable[[dict], None] | None = None) -> T
     checkpoint.remove(ck_path)
     meta["size"] = {"gguf": len(adapter.gguf), "safetensors": len(st), "sealed": Path(opts.out).stat().st_size}
     return TuneResult(Path(opts.out), meta)
+
+
+def _validation(files: list, opts: TuneOptions) -> tuple[list, list]:
+    """(train, validation): a few training files set aside (none when that would leave too few to train on)."""
+    from ..train.corpus import split
+
+    if opts.val_fraction <= 0 or len(files) < 4:
+        return files, []
+    train, val = split(files, opts.val_fraction, opts.seed + 1)
+    return (train, val) if len(train) >= 2 else (files, [])
+
+
+def _replay_rows(files: list, tok, n_ctx: int, seed: int, max_tokens: int = 400_000):
+    """Full windows (n_ctx + 1 ids) of `files`, shuffled by `seed`; None without one."""
+    import torch
+
+    from .evaluate import token_windows
+
+    windows = [w for w in token_windows(files, tok, n_ctx, max_tokens)[0] if len(w) == n_ctx + 1]
+    if not windows:
+        return None
+    rows = torch.tensor(windows, dtype=torch.long)
+    return rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))]
+
+
+def _keep_best(model, best: dict | None, bpb: float | None, step: int) -> dict | None:
+    """The LoRA state with the lowest validation bits/byte so far ({"bpb", "step", "lora"})."""
+    if bpb is None or not math.isfinite(bpb) or (best is not None and best["bpb"] <= bpb):  # a diverged state scores NaN
+        return best
+    from peft import get_peft_model_state_dict
+
+    return {"bpb": bpb, "step": step, "lora": {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}}
