@@ -89,6 +89,7 @@ class VllmEngine(Engine):
         self._tok_plain = Tokenizer.from_str(tok_json)
         self._tok_plain.encode_special_tokens = True
         self._specials = {t.content: i for i, t in self._tok.get_added_tokens_decoder().items()}
+        self._stop_ids = sorted({self._specials[t] for t in _EOG_TEXTS if t in self._specials})
         tc = folder / "tokenizer_config.json"
         if "chat_template" not in self._config and tc.is_file():
             tmpl = json.loads(tc.read_text()).get("chat_template")
@@ -202,13 +203,11 @@ class VllmEngine(Engine):
     def detokenize(self, ids: Sequence[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=True)
 
-    def _stop_ids(self) -> list[int]:
-        return sorted({self._specials[t] for t in _EOG_TEXTS if t in self._specials})
-
     # -- generation -----------------------------------------------------------
     def vllm_params(self, params: SamplingParams) -> Any:
         from vllm import SamplingParams as VParams
         from vllm.exceptions import VLLMError
+        from vllm.sampling_params import RequestOutputKind
 
         from .vllm_watermark import WATERMARK_ARG
 
@@ -216,23 +215,25 @@ class VllmEngine(Engine):
         extra = {WATERMARK_ARG: key.hex()} if isinstance(key, bytes) and key else None
         greedy = params.temperature <= 0
         try:
-            return self._vparams(VParams, params, greedy, extra)
+            return self._vparams(VParams, RequestOutputKind, params, greedy, extra)
         except (ValueError, VLLMError) as e:  # vLLM's own checks (a non-finite penalty...): the request's error, in one line
             raise CodemoatError(f"vLLM refused the sampling parameters: {str(e).splitlines()[0]}") from None
 
-    def _vparams(self, VParams: Any, params: SamplingParams, greedy: bool, extra: dict | None) -> Any:
+    def _vparams(self, VParams: Any, RequestOutputKind: Any, params: SamplingParams, greedy: bool, extra: dict | None) -> Any:
         return VParams(
             max_tokens=params.max_tokens,
             temperature=max(0.0, params.temperature),
             top_p=1.0 if greedy or not 0 < params.top_p <= 1 else params.top_p,
             top_k=params.top_k if params.top_k > 0 and not greedy else -1,
             repetition_penalty=params.repeat_penalty if params.repeat_penalty > 0 else 1.0,
-            stop=[s for s in params.stop if s] or None,
-            stop_token_ids=self._stop_ids(),
+            # stop strings are cut here (`StopCutter`, which aborts the request): vLLM need not search for them too
+            stop_token_ids=self._stop_ids,
             # 64 bits, as torch's generators (seeded per request in the engine core) take; vLLM's front end fails on more
             seed=None if params.seed is None else params.seed % (1 << 64),
             skip_special_tokens=True,
             extra_args=extra,
+            # only what is new since the last output: no per-step copy of every token and all the text so far
+            output_kind=RequestOutputKind.DELTA,
         )
 
     async def stream(self, prompt: str | list[int], params: SamplingParams) -> AsyncIterator[Chunk]:
@@ -246,16 +247,16 @@ class VllmEngine(Engine):
         out: list[Chunk] = []
         cutter = StopCutter(params.stop, out.append, params.n_indent, params.time_limit_ms)
         reason: FinishReason = "length"
-        finished, seen = False, 0
+        finished, text = False, ""
         try:
             async for res in eng.generate(vllm_prompt(ids, params), vp, rid):
                 o = res.outputs[0]
-                toks, text = list(o.token_ids), o.text  # cumulative: every token and the text so far
+                toks = o.token_ids  # the tokens since the last output (several when this loop fell behind)
+                text += o.text
                 done = False
-                if len(toks) > seen:
-                    cutter.pending.extend(toks[seen:-1])
+                if toks:
+                    cutter.pending.extend(toks[:-1])
                     done = cutter.feed(text, toks[-1], len(text) - (1 if text.endswith("\ufffd") else 0))
-                    seen = len(toks)
                 for c in out:
                     yield c
                 out.clear()
