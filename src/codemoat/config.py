@@ -27,6 +27,11 @@ class ServerSettings(BaseModel):
     max_concurrent: int = Field(
         64, ge=1, description="Generations admitted at once; more wait for a slot (the engine still runs one batch at a time)."
     )
+    max_waiting_per_user: int = Field(
+        64,
+        ge=0,
+        description="Requests one user may have waiting for a place of server.max_concurrent at once; more get 429 (0 = no limit). Places go to the user holding the fewest.",
+    )
     log_level: str = Field("info", description="uvicorn log level.")
     max_body_mb: float = Field(
         8, ge=0, description="Largest request body accepted, in MiB; a larger one gets 413 (0 = no limit)."

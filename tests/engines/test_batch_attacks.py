@@ -304,3 +304,35 @@ def test_the_servers_admission_hands_a_freed_place_to_the_user_holding_fewest(ap
     run(go())
     assert order[:3] == ["c0", "c1", "pay"], order
     assert "gone" not in order
+
+
+def test_a_users_requests_waiting_past_the_cap_get_429_and_others_still_wait(app_client):
+    """`server.max_waiting_per_user`: the contractor's requests beyond that many waiting are refused at once
+    (429: the client backs off) instead of holding a connection and a prepared prompt each; another user
+    still queues, and a refused request takes no place."""
+    from codemoat.errors import RateLimited
+    from codemoat.serve.admission import FairSlots
+
+    svc = app_client.app.state.service
+    assert svc._slots.max_waiting_per_user == load_settings().server.max_waiting_per_user > 0
+
+    async def go():
+        svc._slots = FairSlots(1, max_waiting_per_user=2)
+        gate = asyncio.Event()
+
+        async def request(who: str):
+            async with svc._slot(who):
+                await gate.wait()
+
+        held = [asyncio.ensure_future(request("contractor")) for _ in range(3)]  # one runs, two wait
+        await asyncio.sleep(0)
+        with pytest.raises(RateLimited, match="2 of your requests are already waiting"):
+            await request("contractor")
+        pay = asyncio.ensure_future(request("payments"))
+        await asyncio.sleep(0)
+        assert svc._slots.waiting == 3
+        gate.set()
+        await asyncio.gather(*held, pay)
+        assert svc._slots.busy == 0 and not svc._slots.held
+
+    run(go())

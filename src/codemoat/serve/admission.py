@@ -4,7 +4,9 @@ A first-come-first-served semaphore let one user who opened many requests hold e
 everyone else's behind all of theirs (a flood of 1,000 requests from a contractor kept the payments
 team waiting until 936 of them had run). Here a freed place goes to the waiting request of the user
 who holds the fewest places; among one user's requests, and among equals, the first to arrive. The
-batched engine admits to its slots by the same rule (`engines.batch.Batcher._next`).
+batched engine admits to its slots by the same rule (`engines.batch.Batcher._next`). A user with
+`max_waiting_per_user` requests waiting gets 429 for the next (`server.max_waiting_per_user`): a flood
+holds no more than that many connections and prepared prompts in the queue.
 """
 
 from __future__ import annotations
@@ -12,12 +14,14 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 
+from ..errors import RateLimited
+
 
 class FairSlots:
     """An asyncio semaphore of `limit` places whose waiters are woken by how many places their user holds."""
 
-    def __init__(self, limit: int):
-        self.limit = limit
+    def __init__(self, limit: int, max_waiting_per_user: int = 0):
+        self.limit, self.max_waiting_per_user = limit, max_waiting_per_user
         self.busy = 0
         self.held: Counter[str | None] = Counter()
         self._waiters: list[tuple[str | None, asyncio.Future]] = []
@@ -30,6 +34,11 @@ class FairSlots:
         if self.busy < self.limit and not self._waiters:
             self._take(who)
             return
+        cap = self.max_waiting_per_user
+        if cap and sum(1 for w, _ in self._waiters if w == who) >= cap:
+            raise RateLimited(
+                f"{cap} of your requests are already waiting for a place on this server (server.max_waiting_per_user)"
+            )
         entry = (who, asyncio.get_running_loop().create_future())
         self._waiters.append(entry)
         try:

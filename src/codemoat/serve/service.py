@@ -53,7 +53,8 @@ class Service:
         self._templates: dict[int, Templates] = {}
         self.started = time.time()
         # admission: at most `max_concurrent` generations hold a slot; the rest wait in line
-        self._slots = FairSlots(settings.server.max_concurrent)  # a freed place goes to the user holding fewest
+        # a freed place goes to the user holding fewest; a user's requests waiting past a cap get 429
+        self._slots = FairSlots(settings.server.max_concurrent, settings.server.max_waiting_per_user)
         self.waiting = 0
         if holder.loaded:  # a configured template that does not fit the model is refused at start-up
             self.templates(holder.get())
