@@ -1,8 +1,10 @@
 """The audit chain's shape, shared by the writer (`audit.log`) and the verifier (`audit.verify`).
 
 Tables, the record hash and the signed messages live here, so that both sides import them from
-one place and neither imports the other. A record's `hash` is SHA-256(tag || canonical JSON of
-`FIELDS`), `FIELDS` ending in the previous record's hash; a checkpoint signs (seq, hash, previous
+one place and neither imports the other. A record's `hash` (v2) is SHA-256(tag || seq || previous
+hash || body), body = SHA-256(tag || canonical JSON of `BODY_FIELDS`): the link needs no JSON, so
+PostgreSQL computes it in the INSERT (migrations/b003_audit_tip.py); records written before v2 hash
+the JSON of all `FIELDS` (`record_hash`) and still verify. A checkpoint signs (seq, hash, previous
 checkpoint, time, reason); the head signs (seq, hash, last checkpoint, time). A signed head is the
 chain's counterpart of a transparency log's signed tree head (RFC 9162): whoever remembers one
 can later check that the log still holds record `seq` with hash `hash` (for a hash chain, that is

@@ -1,17 +1,19 @@
 """The tamper-evident audit log: hash-chained records, signed checkpoints, a signed head.
 
-Each record carries `prev_hash` and `hash = SHA-256(tag || canonical JSON of its fields and
-prev_hash)`, so editing a record breaks its own hash and inserting or reordering one breaks the
-next record's link (a Merkle–Damgård-style chain, as in Schneier & Kelsey, "Secure audit logs to
-support computer forensics", ACM TISSEC 1999). Whoever can write the database can also recompute
-a whole chain, so the chain is anchored by signatures of the machine's audit key:
+Each record carries `prev_hash` and a `hash` that binds its fields, its seq and `prev_hash` (chain
+v2, `audit.chain`), so editing a record breaks its own hash and inserting or reordering one breaks
+the next record's link (a Merkle–Damgård-style chain, as in Schneier & Kelsey, "Secure audit logs
+to support computer forensics", ACM TISSEC 1999). Whoever can write the database can also recompute
+a whole chain, so the chain is anchored by signatures of the machine's audit key (`audit.heads`):
 
-* a **checkpoint** every `checkpoint_every` records and at shutdown signs (seq, hash, previous
+* a **checkpoint** at every `checkpoint_every`-th record and at shutdown signs (seq, hash, previous
   checkpoint): a rewritten stretch no longer matches its checkpoint, and a deleted checkpoint
   breaks the checkpoints' own chain;
-* the **head**, re-signed on every append (one Ed25519 signature, ~30 µs), names the last record:
-  deleting records from the end (truncation) leaves the head pointing past the end. A copy of the
-  head is also written to a file outside the database, so dropping the tables is caught too.
+* the **head** names the chain's tip: deleting records from the end (truncation) leaves it pointing
+  past the end. A copy is also written to a file outside the database, so dropping the tables is
+  caught too. It is signed every `sign_every` records (1 by default here and on SQLite: after each
+  append), at most `sign_interval_ms` after a record was left unsigned, and at shutdown; the
+  records after it, the unsigned tail, are what `verify` reports and bounds.
 
 `verify()` (in `audit.verify`) walks everything and names the first bad record. A valid head
 only says where the log ends now: someone who can write the database and the head file can put
