@@ -23,7 +23,7 @@ import sqlalchemy as sa
 
 from ..errors import CodemoatError
 from . import signing
-from .chain import checkpoint_message, checkpoints, head, head_message, records, tip
+from .chain import checkpoint_message, head_message
 
 
 class AuditUnavailable(CodemoatError):
@@ -35,6 +35,26 @@ class AuditUnavailable(CodemoatError):
 
 # records one group commit may write (a bound on one transaction's size and on a waiter's wait)
 MAX_BATCH = 256
+
+# Plain SQL, built once: signing runs after every append when `sign_every` is 1, and building
+# SQLAlchemy expressions per call cost more than the signature.
+_HEAD = "SELECT seq, last_checkpoint FROM audit_head WHERE id = 1"
+_HEAD_SQL = {
+    "wait": sa.text(_HEAD + " FOR UPDATE"),
+    "skip": sa.text(_HEAD + " FOR UPDATE SKIP LOCKED"),
+    "sqlite": sa.text(_HEAD),  # SQLite has one writer at a time: the transaction's write lock serialises
+}
+_HEAD_EXISTS = sa.text("SELECT 1 FROM audit_head WHERE id = 1")
+_TIP = sa.text("SELECT seq, hash FROM audit_tip WHERE id = 1")
+_ANY_CHECKPOINT = sa.text("SELECT 1 FROM audit_checkpoints LIMIT 1")
+_HASHES = sa.text("SELECT seq, hash FROM audit_records WHERE seq IN :seqs").bindparams(sa.bindparam("seqs", expanding=True))
+_HEAD_COLS = ("seq", "hash", "last_checkpoint", "ts_us", "key_id", "signature")
+_CP_COLS = ("seq", "hash", "prev_checkpoint", "ts_us", "reason", "key_id", "signature")
+_INSERT_CP = sa.text(f"INSERT INTO audit_checkpoints ({', '.join(_CP_COLS)}) VALUES ({', '.join(':' + k for k in _CP_COLS)})")
+_INSERT_HEAD = sa.text(
+    f"INSERT INTO audit_head (id, {', '.join(_HEAD_COLS)}) VALUES (1, {', '.join(':' + k for k in _HEAD_COLS)})"
+)
+_UPDATE_HEAD = sa.text(f"UPDATE audit_head SET {', '.join(f'{k} = :{k}' for k in _HEAD_COLS)} WHERE id = 1")
 
 
 def sign_every_for(setting: int, engine: sa.Engine) -> int:
@@ -79,15 +99,15 @@ def sign_tip(
     `reason` (then a checkpoint is also signed at the tip: "shutdown"). `wait=False`: when another
     signer holds the head row, give up at once (None, None). `head_expected`: this writer saw a signed
     head before, so a missing one was deleted."""
-    q = sa.select(head).where(head.c.id == 1)
-    h = c.execute(q.with_for_update(skip_locked=not wait)).first()
-    if h is None and not wait and c.execute(sa.select(head.c.id).where(head.c.id == 1)).first() is not None:
+    kind = "sqlite" if c.dialect.name == "sqlite" else ("wait" if wait else "skip")
+    h = c.execute(_HEAD_SQL[kind]).first()
+    if h is None and kind == "skip" and c.execute(_HEAD_EXISTS).first() is not None:
         return None, None  # another replica is signing now
-    t = tip_row if tip_row is not None else c.execute(sa.select(tip.c.seq, tip.c.hash).where(tip.c.id == 1)).first()
+    t = tip_row if tip_row is not None else c.execute(_TIP).first()
     if t is None:
         raise AuditUnavailable("audit log tampered: the chain's tip row is missing (run `codemoat audit verify`)")
     if h is None:
-        cps_exist = c.execute(sa.select(checkpoints.c.seq).limit(1)).first() is not None
+        cps_exist = c.execute(_ANY_CHECKPOINT).first() is not None
         if t[0] and (head_expected or cps_exist or t[0] > allowance + MAX_BATCH):
             raise AuditUnavailable(
                 "audit log tampered: records exist but the signed head is missing (run `codemoat audit verify`)"
@@ -108,8 +128,7 @@ def sign_tip(
     due = list(range((last_cp // k + 1) * k, t_seq + 1, k))
     got = {s: known[s] for s in due if known and s in known}
     if len(got) < len(due):
-        q = sa.select(records.c.seq, records.c.hash).where(records.c.seq.in_([s for s in due if s not in got]))
-        got.update(dict(c.execute(q).all()))
+        got.update(dict(c.execute(_HASHES, {"seqs": [s for s in due if s not in got]}).all()))
     cps = []
     for s in due:
         if s not in got:
@@ -120,10 +139,7 @@ def sign_tip(
         cps.append(checkpoint_row(signer, t_seq, t_hash, last_cp, now, reason))
         last_cp = t_seq
     if cps:
-        c.execute(checkpoints.insert(), cps)
+        c.execute(_INSERT_CP, cps)
     row = signed_head_row(signer, t_seq, t_hash, last_cp, now)
-    if h is None:
-        c.execute(head.insert().values(id=1, **row))
-    else:
-        c.execute(head.update().where(head.c.id == 1).values(**row))
+    c.execute(_INSERT_HEAD if h is None else _UPDATE_HEAD, row)
     return t_seq, row

@@ -95,6 +95,11 @@ __all__ = [  # the chain's names stay importable from here (serve, tests, bench 
 log = logging.getLogger("codemoat.audit")
 
 
+_TIP = sa.text("SELECT seq, hash FROM audit_tip WHERE id = 1")
+_MOVE_TIP = sa.text("UPDATE audit_tip SET seq = :seq, hash = :hash WHERE id = 1")
+_INSERT_RECORDS = records.insert()
+
+
 def _psycopg_error() -> type[BaseException]:
     import psycopg
 
@@ -247,7 +252,7 @@ class AuditLog:
         for attempt in range(10):
             try:
                 with self.engine.begin() as c:
-                    t = c.execute(sa.select(tip.c.seq, tip.c.hash).where(tip.c.id == 1)).first()
+                    t = c.execute(_TIP).first()
                     if t is None:
                         if c.execute(sa.select(records.c.seq).limit(1)).first() is not None:
                             raise AuditUnavailable(
@@ -260,8 +265,8 @@ class AuditLog:
                         seq += 1
                         row.update(seq=seq, prev_hash=prev)
                         row["hash"] = prev = link_hash(seq, prev, body_hash(row))
-                    c.execute(records.insert(), rows)
-                    c.execute(tip.update().where(tip.c.id == 1).values(seq=seq, hash=prev))
+                    c.execute(_INSERT_RECORDS, rows)
+                    c.execute(_MOVE_TIP, {"seq": seq, "hash": prev})
                     self._last_seq = seq
                     signed, head_row = None, None
                     if self._sign_due(seq):
