@@ -95,7 +95,9 @@ __all__ = [  # the chain's names stay importable from here (serve, tests, bench 
 log = logging.getLogger("codemoat.audit")
 
 
-_TIP = sa.text("SELECT seq, hash FROM audit_tip WHERE id = 1")
+# A write first: SQLite's write lock is taken (waiting up to busy_timeout) before the tip is read, so
+# concurrent writers (processes) queue instead of failing on a stale read ("database is locked").
+_LOCK_TIP = sa.text("UPDATE audit_tip SET seq = seq WHERE id = 1 RETURNING seq, hash")
 _MOVE_TIP = sa.text("UPDATE audit_tip SET seq = :seq, hash = :hash WHERE id = 1")
 _INSERT_RECORDS = records.insert()
 
@@ -252,7 +254,7 @@ class AuditLog:
         for attempt in range(10):
             try:
                 with self.engine.begin() as c:
-                    t = c.execute(_TIP).first()
+                    t = c.execute(_LOCK_TIP).first()
                     if t is None:
                         if c.execute(sa.select(records.c.seq).limit(1)).first() is not None:
                             raise AuditUnavailable(
