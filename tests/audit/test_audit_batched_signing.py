@@ -7,7 +7,6 @@ from __future__ import annotations
 import threading
 import time
 
-import pytest
 import sqlalchemy as sa
 
 GENESIS = "0" * 64
