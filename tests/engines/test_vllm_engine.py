@@ -63,7 +63,8 @@ class Bundle:
         self.moat = root / "acme.moat"
         sealed = self.vendor.seal(HF, "acme", self.moat, fingerprint=fingerprint_model)
         self.content_key = self.vendor.content_key(sealed.manifest.file_id)
-        machine = MachineKey.load_or_create()
+        self.machine = machine = MachineKey.load_or_create()
+        self.keyserver = keyserver
         lease = {"mode": "lease", "keyserver": keyserver, "lease_ttl": 20, "grace": 4} if keyserver else {}
         self.lic, self.license_id = self.license(machine, days=30, **lease)
         self.expired, _ = self.license(machine, days=-1)
@@ -318,6 +319,79 @@ def test_vllm_output_is_watermarked_and_detected(served, tmp_path):
     assert json.loads(r.stdout)["files"][0]["detected"] == []
 
 
+def hf_names(state: dict, cfg: dict) -> dict:
+    """vLLM's fused tensors back under Hugging Face's names: qkv_proj = q ‖ k ‖ v, gate_up_proj = gate ‖ up
+    (rows), as a leaker converting a dump for another runtime would do."""
+    hd = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
+    out = {}
+    for name, t in state.items():
+        if name.endswith("qkv_proj.weight"):
+            for part, w in zip(("q", "k", "v"), t.split([q, kv, kv])):
+                out[name.replace("qkv_proj", f"{part}_proj")] = w.contiguous()
+        elif name.endswith("gate_up_proj.weight"):
+            gate, up = t.chunk(2)
+            out[name.replace("gate_up_proj", "gate_proj")], out[name.replace("gate_up_proj", "up_proj")] = (
+                gate.contiguous(),
+                up.contiguous(),
+            )
+        else:
+            out[name] = t
+    if cfg.get("tie_word_embeddings") and "lm_head.weight" in out:  # one tensor, kept under the output layer's name
+        out.setdefault("model.embed_tokens.weight", out.pop("lm_head.weight"))
+    return out
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_trace_names_the_customer_from_the_weights_vllm_served(served_bundle_only, tmp_path):
+    """The weights read back out of the running vLLM worker (its own `save_sharded_state`, what a customer
+    with access to the engine could run) carry acme's fingerprint: `codemoat trace` names acme; the
+    unfingerprinted original names no one. (On CPU vLLM packs the linear layers into oneDNN buffers and
+    leaves empty tensors in their place: the embedding alone is traced there; on GPUs every matrix.)"""
+    import asyncio
+
+    from safetensors.torch import load_file, save_file
+
+    from codemoat.config import load_settings
+    from codemoat.engines.base import SamplingParams
+    from codemoat.engines.sealed import open_sealed
+
+    b, env = served_bundle_only
+    holder = open_sealed(b.moat, b.lic, settings=load_settings(**{"model.engine": "vllm", "model.n_ctx": 256}))
+    dump = tmp_path / "dump"
+    dump.mkdir()
+
+    async def served_and_dumped() -> None:
+        eng = holder.get()
+        out = await eng.complete("def add(a, b):", SamplingParams(max_tokens=4))
+        assert out.completion_tokens >= 1  # the engine serves from these weights
+        await eng._engine.collective_rpc("save_sharded_state", kwargs={"path": str(dump)})
+
+    try:
+        asyncio.run(served_and_dumped())
+    finally:
+        holder.close()
+    cfg = json.loads((HF / "config.json").read_text())
+    state = {}
+    for f in sorted(dump.glob("*.safetensors")):
+        state.update(load_file(f))
+    # vLLM's own layout; its CPU backend moves linear weights into oneDNN's packed buffers (empty here),
+    # so what reads back is the embedding (and the norms): enough to name the customer
+    state = hf_names({n: t for n, t in state.items() if t.numel() > 0}, cfg)
+    assert "model.embed_tokens.weight" in state, sorted(state)
+    leaked = tmp_path / "leaked.hf"
+    leaked.mkdir()
+    save_file(state, leaked / "model.safetensors")
+    (leaked / "config.json").write_text(json.dumps(cfg))
+    r = run_cli("trace", str(leaked), "--vendor", str(b.vendor_dir), "--original", str(HF), "--json", env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["named"] == ["acme"] and res["tensors"] > 0, res
+    r = run_cli("trace", str(HF), "--vendor", str(b.vendor_dir), "--original", str(HF), "--json", env=env, timeout=300)
+    assert r.returncode == 0 and json.loads(r.stdout)["named"] == [], r.stdout + r.stderr
+
+
 @needs_vllm
 def test_an_expired_license_refuses_before_vllm_starts(served_bundle_only):
     b, env = served_bundle_only
@@ -337,6 +411,39 @@ def served_bundle_only(tmp_path, monkeypatch):
     b = Bundle(tmp_path)
     yield b, {"CODEMOAT_HOME": os.environ["CODEMOAT_HOME"]}
     b.close()
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_a_model_swap_serves_through_the_new_vllm_engine(served):
+    """An update swap while serving through vLLM (`POST /admin/api/model/swap`): the new engine is loaded
+    beside the old one and health-checked on the server's event loop, then serves; the old engine's
+    processes exit. (The health check on a loop of its own left the new engine bound to a dead loop:
+    every request after the swap hung.)"""
+    server, b, token = served
+    env = {"CODEMOAT_HOME": str(b.root / "home"), "CODEMOAT_VAULT__TPM": "off"}
+    # the served license has one seat, held by the running model: the update comes with its own license
+    lic, lic_id = b.license(b.machine, days=30, mode="lease", keyserver=b.keyserver, lease_ttl=20, grace=4)
+    r = run_cli("tokens", "create", "--json", "--name", "ops", "--scopes", "admin", env=env)
+    assert r.returncode == 0, r.stderr
+    admin = json.loads(r.stdout)["token"]
+    before = {p for p in _tree(server.proc.pid) if p != server.proc.pid and b"resource_tracker" not in _cmdline(p)}
+    r = httpx.post(
+        f"{server.url}/admin/api/model/swap",
+        headers={"Authorization": f"Bearer {admin}"},
+        json={"model": str(b.moat), "license": str(lic)},
+        timeout=600,
+    )
+    assert r.status_code == 200, r.text
+    b.lic, b.license_id = lic, lic_id  # the revocation test, next, ends the license served now
+    body = {"model": "acme", "prompt": "def add(a, b):\n    return", "max_tokens": 8, "temperature": 0}
+    r = httpx.post(f"{server.url}/v1/completions", json=body, headers={"Authorization": f"Bearer {token}"}, timeout=60)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] > 0, r.text
+    deadline = time.time() + 120  # the old engine closes once idle (after a settle second)
+    while time.time() < deadline and _alive(before):
+        time.sleep(0.5)
+    assert _alive(before) == set()
+    assert {p for p in _tree(server.proc.pid) if p != server.proc.pid and b"resource_tracker" not in _cmdline(p)} - before
 
 
 @needs_vllm

@@ -79,6 +79,9 @@ class ModelHolder:
         self.status = ModelStatus(model_id, aliases=[a for a in aliases or [] if a != model_id])
         #: the license's watermark key (None: outputs are not watermarked); a secret, never in `status`
         self.watermark_key: bytes | None = None
+        #: the serving event loop (anyio's token, set by the app): a swapped-in engine is health-checked on it,
+        #: since vLLM's stays bound to the loop of its first request
+        self.loop_token: Any = None
         #: called with (kind, detail) when the engine reports an incident, e.g. ("engine_crashed", {...})
         self.incidents: list[Callable[[str, dict[str, Any]], None]] = []
         #: swapped-out engines still finishing their in-flight requests

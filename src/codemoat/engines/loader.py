@@ -127,15 +127,23 @@ def open_vaulted(settings: Settings) -> ModelHolder:
 PROBE_PROMPT = "def add(a, b):\n    return"
 
 
-def probe(engine, adapter: str | None = None) -> None:
-    """The health check of a freshly loaded engine: a fixed prompt must produce tokens (with `adapter` when given)."""
+def probe(engine, adapter: str | None = None, *, loop: object = None) -> None:
+    """The health check of a freshly loaded engine: a fixed prompt must produce tokens (with `adapter` when given).
+
+    It runs on the serving event loop `loop` (an anyio token) when given: vLLM's engine binds its output
+    handler to the loop of its first request, so one checked on a loop of its own would hang once served."""
     import asyncio
 
     from .base import SamplingParams
 
     params = SamplingParams(max_tokens=4, temperature=0.0, top_p=1.0, top_k=1, repeat_penalty=1.0, stop=[], seed=0)
     params.adapter = adapter
-    done = asyncio.run(engine.complete(PROBE_PROMPT, params))
+    if loop is not None:
+        import anyio.from_thread
+
+        done = anyio.from_thread.run(engine.complete, PROBE_PROMPT, params, token=loop)
+    else:
+        done = asyncio.run(engine.complete(PROBE_PROMPT, params))
     if done.completion_tokens < 1:
         what = f"adapter {adapter!r}" if adapter else "model"
         raise CodemoatError(f"the new {what} produced no tokens for the health-check prompt")
@@ -180,7 +188,12 @@ def swap_adapter(holder: ModelHolder, settings: Settings, name: str) -> dict:
         if name not in served:
             engine.close()
             raise CodemoatError(f"adapter {name!r} was not loaded by the new engine")
-        holder.swap(engine, lambda e: (probe(e), probe(e, name)), after_close=lambda old: _free_adapters(holder, old))
+        loop = holder.loop_token
+        holder.swap(
+            engine,
+            lambda e: (probe(e, loop=loop), probe(e, name, loop=loop)),
+            after_close=lambda old: _free_adapters(holder, old),
+        )
     except BaseException:
         settings.model.adapters = before
         raise
@@ -220,7 +233,7 @@ def swap_model(holder: ModelHolder, settings: Settings, path: Path, license: Pat
         if isinstance(fresh, SealedHolder) and fresh.keeper is not None and not isinstance(holder, SealedHolder):
             raise CodemoatError("a lease-licensed model replaces a sealed model only: restart the server to serve it")
         engine, fresh._engine = fresh.get(), None  # detached: `holder` owns it from here
-        holder.swap(engine, probe)
+        holder.swap(engine, lambda e: probe(e, loop=holder.loop_token))
     except BaseException:
         fresh.close()  # stops its license watch and gives its lease back
         raise

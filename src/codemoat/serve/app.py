@@ -34,8 +34,11 @@ def create_app(settings: Settings, *, holder: ModelHolder, accounts: Accounts, r
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        import anyio.lowlevel
+
         from .swapping import start_handoff
 
+        holder.loop_token = anyio.lowlevel.current_token()  # swaps health-check new engines on this loop
         handoff = start_handoff(app)  # `codemoat update apply` swaps what it installed in here
         yield
         if handoff is not None:
