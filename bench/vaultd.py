@@ -8,8 +8,8 @@ of the sealed .moat + .lic (license checks, decryption into a fresh memfd), and 
 `vault.socket` set (fetch the memfd that a VaultDaemon in this process decrypted once, over the
 real unix socket with SCM_RIGHTS), each to its first generated token, inline engine. Also vaultd's
 one-time decryption, and the memory of two real `serve` replicas (sealed: each decrypts; through a
-real `codemoat vaultd`: one memfd shared). Writes bench/results/vaultd.md. Not measured here:
-overlapping decryption with llama.cpp's load.
+real `codemoat vaultd`: one memfd shared). Writes bench/results/vaultd.md. Overlapping decryption
+with llama.cpp's load (`vault.overlap_load`) is measured by bench/vault.py.
 """
 
 from __future__ import annotations
