@@ -33,7 +33,6 @@ import csv
 import io
 import json
 import logging
-import os
 import shutil
 import threading
 import time
@@ -47,7 +46,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from ..errors import CodemoatError
 from . import signing
-from .heads import MAX_BATCH, AuditUnavailable, sign_tip, signed_head_row, tail_allowance
+from .heads import MAX_BATCH, AuditUnavailable, HeadFile, sign_tip, signed_head_row, tail_allowance
 from .pgappend import PgAppender, Tampered
 from .timer import HeadTimer
 from .rows import KINDS, check_kind, normalise, parse_since, to_public
@@ -143,8 +142,7 @@ class AuditLog:
         self._lock = threading.Lock()
         self._pending: list[_Pending] = []  # records waiting for the next group commit
         self._pending_lock = threading.Lock()
-        self._head_fd: int | None = None
-        self._slot = 0
+        self._head_copy = HeadFile(head_file) if head_file is not None else None
         self._healthy = True
         self._probed_at = 0.0
         self.failure: str | None = None
@@ -217,12 +215,17 @@ class AuditLog:
         """Sign after records up to `seq` were committed: a database error leaves them for the timer
         (they are written; the request is served), a tampered log stops the writer."""
         try:
-            return self._sign(wait=self.sign_every == 1, min_tail=self.sign_every)
+            return self._sign(wait=self.sign_every == 1, min_tail=self._min_tail())
         except DBAPIError as e:
             if self.sign_every == 1:
                 raise
             log.warning("could not sign the audit head after record %d: %s", seq, str(e).splitlines()[0])
             return None
+
+    def _min_tail(self) -> int:
+        """Sign a tail this long or longer: `sign_every`, or any once the interval has passed."""
+        since = self._unsigned_since
+        return 1 if since is not None and time.monotonic() - since >= self.sign_interval else self.sign_every
 
     def _sign_due(self, seq: int) -> bool:
         if seq <= self._signed_seq:  # the chain was rotated by another process: it starts again
@@ -276,7 +279,7 @@ class AuditLog:
                             c,
                             self.signer,
                             checkpoint_every=self.checkpoint_every,
-                            min_tail=self.sign_every,
+                            min_tail=self._min_tail(),
                             head_expected=self._seen_head,
                             allowance=self.tail_allowance,
                             tip_row=(seq, prev),
@@ -359,23 +362,8 @@ class AuditLog:
             self._pg.close()
 
     def _write_head_file(self, head_row: dict[str, Any]) -> None:
-        """Write the signed head into one of two fixed 512-byte slots (in turn), in place.
-
-        A rename per signature costs milliseconds on some filesystems; an in-place write does not,
-        and with two slots a write torn by a crash leaves the other (one signature older) intact."""
-        if self.head_file is None:
-            return
-        data = json.dumps(head_row, separators=(",", ":")).encode()
-        data = data.ljust(HEAD_SLOT - 1) + b"\n"
-        try:
-            if self._head_fd is None:
-                self._head_fd = os.open(self.head_file, os.O_RDWR | os.O_CREAT, 0o600)
-                if os.fstat(self._head_fd).st_size < 2 * HEAD_SLOT:  # a new file: both slots, no blank one
-                    os.pwrite(self._head_fd, data, HEAD_SLOT)
-            os.pwrite(self._head_fd, data, self._slot * HEAD_SLOT)
-            self._slot ^= 1
-        except OSError as e:  # the database copy is authoritative; a missing file copy only weakens verify
-            log.warning("could not write the audit head file %s: %s", self.head_file, e)
+        if self._head_copy is not None:
+            self._head_copy.write(head_row)
 
     def _mark_failed(self, why: str) -> None:
         self._healthy, self.failure = False, why
