@@ -308,7 +308,7 @@ def kl_exact(orig: Path, marked: Path, n_tokens: int = 192) -> dict:
 
 def gemma_extra(model: Path) -> dict:
     from codemoat.trace import fingerprint
-    from codemoat.trace.detect import trace_files
+    from codemoat.trace.trace_stream import trace_files
     from codemoat.trace.vendor_io import fingerprint_secrets, open_vendor
 
     v = open_vendor(vendor(WORK / "vendor"))

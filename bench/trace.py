@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from codemoat.trace import detect, fingerprint  # noqa: E402
+from codemoat.trace import detect, fingerprint, trace_stream  # noqa: E402
 from codemoat.trace import watermark as wm  # noqa: E402
 from tests.trace import attacks, synth  # noqa: E402
 
@@ -148,7 +148,7 @@ def quality(orig: Path, other: Path, text: str, n_ctx: int = 512, windows: int =
 # -- fingerprint robustness ---------------------------------------------------
 def _trace(suspect: Path, orig: Path, secrets: dict, colluders: tuple[str, ...]) -> dict:
     t = time.time()
-    r = detect.trace_files(suspect, orig, secrets)
+    r = trace_stream.trace_files(suspect, orig, secrets)
     others = [s for s in r.scores if s.customer not in colluders]
     mine = {s.customer: s for s in r.scores if s.customer in colluders}
     return {

@@ -8,7 +8,7 @@ import pytest
 
 from codemoat.errors import CodemoatError
 from codemoat.trace import fingerprint, quant
-from codemoat.trace.detect import trace_files
+from codemoat.trace.trace_stream import trace_files
 from codemoat.trace.gguf_stream import GGUFFile
 
 from . import attacks

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from codemoat.trace import fingerprint
-from codemoat.trace.detect import trace_files
+from codemoat.trace.trace_stream import trace_files
 from codemoat.tune.lora import gguf_bytes
 from tests.trace import attacks
 from tests.trace.synth import corpus, tiny_model, train_bpe

@@ -139,22 +139,20 @@ def trace(
     names = names if names is not None else [n for n, w in original.items() if fp.eligible(w.shape)]
     realigned = align(suspect, original, meta)
     res = residuals(suspect, original, names, alpha, max_positions)
-    n = len(customers)
+    zs = {cname: score(res, secret) for cname, secret in customers.items()}
+    return ranked(zs, threshold, positions=sum(t.r.size for t in res), tensors=len(res), realigned=realigned)
+
+
+def ranked(zs: Mapping[str, float], threshold: float, *, positions: int, tensors: int, realigned: dict) -> TraceResult:
+    """Customers best first by Z, each with p = exp(-Z²/2) Bonferroni-adjusted over all of them."""
     scores = []
-    for cname, secret in customers.items():
-        z = score(res, secret)
+    for cname, z in zs.items():
         p = p_value(z)
-        p_adj = min(1.0, p * n)
+        p_adj = min(1.0, p * len(zs))
         scores.append(Score(cname, z, p, p_adj, p_adj < threshold))
     scores.sort(key=lambda s: -s.z)
-    return TraceResult(
-        scores=scores,
-        named=[s.customer for s in scores if s.named],
-        positions=sum(t.r.size for t in res),
-        tensors=len(res),
-        realigned=realigned,
-        threshold=threshold,
-    )
+    named = [s.customer for s in scores if s.named]
+    return TraceResult(scores, named, positions, tensors, realigned, threshold)
 
 
 def load(path_or_bytes, kind: str | None = None) -> tuple[dict[str, np.ndarray], dict, list[str] | None]:

@@ -30,7 +30,7 @@ import numpy as np
 from ..errors import CodemoatError
 from . import fingerprint as fp
 from .align import align
-from .detect import MAX_POSITIONS, THRESHOLD, Score, TraceResult, load, p_value, trace
+from .detect import MAX_POSITIONS, THRESHOLD, TraceResult, load, ranked, trace
 from .gguf_stream import GGUFFile, TensorInfo
 
 MAX_SPARSE = 1_000_000
@@ -110,22 +110,8 @@ def trace_gguf(
                         r1 = min(r1, rows)
                         _sparse(O, t, S.rows(S.by_name[t.name], r0, r1), O.rows(t, r0, r1), r0, customers, part, share_s)
                     _finish(part, acc, stats)
-    n = len(customers)
-    scores = []
-    for cname, (num, den) in acc.items():
-        z = num / math.sqrt(den) if den > 0 else 0.0
-        p = p_value(z)
-        p_adj = min(1.0, p * n)
-        scores.append(Score(cname, z, p, p_adj, p_adj < threshold))
-    scores.sort(key=lambda x: -x.z)
-    return TraceResult(
-        scores=scores,
-        named=[x.customer for x in scores if x.named],
-        positions=stats["positions"],
-        tensors=stats["tensors"],
-        realigned=realigned,
-        threshold=threshold,
-    )
+    zs = {cname: num / math.sqrt(den) if den > 0 else 0.0 for cname, (num, den) in acc.items()}
+    return ranked(zs, threshold, positions=stats["positions"], tensors=stats["tensors"], realigned=realigned)
 
 
 def _segments(t: TensorInfo, share_s: float) -> int:
