@@ -178,8 +178,8 @@ def test_lease_serving_outage_grace_revoke(engine, vendor, machine, gguf_file, t
     run = vllm.complete if vllm else complete
     slow = 600 if vllm else 10  # vLLM starts in 15-60 s (minutes on a loaded machine) and stops in seconds
     ks = KeyServerProcess(vendor).start()
-    clock = ManualClock()
     moat, lic, doc = bundle(vendor, model, tmp_path / "out", machine, mode="lease", keyserver=ks.url, lease_ttl=20, grace=10)
+    clock = ManualClock()  # after sealing, which can take seconds: else the license's not_before is ahead of it
     holder = open_sealed(moat, lic, settings=load_settings(**opts), clock=clock)
     try:
         assert run(holder)
