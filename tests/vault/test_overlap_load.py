@@ -39,6 +39,26 @@ def complete(holder) -> str:
     return asyncio.run(holder.get().complete("def add(a, b):\n", GREEDY)).text
 
 
+def plain_answer(moat, lic) -> str:
+    """The answer of the same sealed model loaded the default way (decrypt, then map)."""
+    plain = open_sealed(moat, lic, settings=settings("off"), watch=False)
+    try:
+        return complete(plain)
+    finally:
+        plain.close()
+
+
+def start_late(monkeypatch, seconds: float) -> None:
+    """The decrypting threads begin `seconds` late (llama.cpp has started loading by then)."""
+    work = overlap.FillingBuffer._work
+
+    def late(self):
+        time.sleep(seconds)
+        work(self)
+
+    monkeypatch.setattr(overlap.FillingBuffer, "_work", late)
+
+
 @pytest.fixture
 def sealed(vendor, machine, gguf_file, tmp_path):
     moat, lic, _ = bundle(vendor, gguf_file, tmp_path / "out", machine, chunk_size=CHUNK)
@@ -61,11 +81,7 @@ def buffers(monkeypatch):
 
 def test_overlapped_load_serves_what_the_sealed_load_serves(sealed, buffers):
     moat, lic = sealed
-    plain = open_sealed(moat, lic, settings=settings("off"), watch=False)
-    try:
-        expected = complete(plain)
-    finally:
-        plain.close()
+    expected = plain_answer(moat, lic)
     assert not buffers and load_settings().vault.overlap_load == "off"  # by default: decrypt, then map
     holder = open_sealed(moat, lic, settings=settings(), watch=False)
     try:
@@ -130,19 +146,9 @@ def test_llama_reading_ahead_of_the_decryption_is_caught(sealed, buffers, monkey
     llama.cpp reads chunks not yet written): the fdinfo check sees it, the load is redone after a full
     decryption and serves the right model. Without the check the same load serves other weights."""
     moat, lic = sealed
-    plain = open_sealed(moat, lic, settings=settings("off"), watch=False)
-    try:
-        expected = complete(plain)
-    finally:
-        plain.close()
+    expected = plain_answer(moat, lic)
     monkeypatch.setattr(overlap._Plan, "need", lambda self, loaded: 0)
-    work = overlap.FillingBuffer._work
-
-    def late(self):
-        time.sleep(1.0)
-        work(self)
-
-    monkeypatch.setattr(overlap.FillingBuffer, "_work", late)
+    start_late(monkeypatch, 1.0)
     holder = open_sealed(moat, lic, settings=settings(), watch=False)
     try:
         assert buffers[-1].outcome == "fallback" and "ahead of the decryption" in buffers[-1].reason
@@ -161,18 +167,8 @@ def test_map_mode_waits_for_the_whole_file_before_any_weight(sealed, buffers, mo
     """ "map": llama.cpp maps the memfd and parses its header while the rest is decrypted; the decryptor
     starts late here, so the first progress callback has to wait for it, and the answer is the same."""
     moat, lic = sealed
-    plain = open_sealed(moat, lic, settings=settings("off"), watch=False)
-    try:
-        expected = complete(plain)
-    finally:
-        plain.close()
-    work = overlap.FillingBuffer._work
-
-    def late(self):
-        time.sleep(0.5)
-        work(self)
-
-    monkeypatch.setattr(overlap.FillingBuffer, "_work", late)
+    expected = plain_answer(moat, lic)
+    start_late(monkeypatch, 0.5)
     holder = open_sealed(moat, lic, settings=settings("map"), watch=False)
     try:
         (buf,) = buffers
