@@ -78,7 +78,10 @@ def _overlap(settings: Settings, sealed: SealedFile, build) -> bool:
     except CodemoatError:
         return False  # build_engine says why, in one line
     inline = settings.model.isolation != "process" or not cls.isolatable
-    return cls.name == "llamacpp" and inline and sealed.manifest.format == "gguf"
+    if cls.name == "llamacpp" and inline and sealed.manifest.format == "gguf":
+        return True
+    log.info("vault.overlap_load applies to a GGUF on the llama.cpp engine with model.isolation = inline: decrypting first")
+    return False
 
 
 def _no_lease(lic: License, clock: Clock) -> Lease:
