@@ -163,6 +163,28 @@ def test_llama_reading_ahead_of_the_decryption_is_caught(sealed, buffers, monkey
         holder.close()
 
 
+def test_a_descriptor_that_never_moves_is_not_taken_for_llamas(sealed, buffers, monkeypatch):
+    """Only descriptors that stay at offset 0 (such as the one our own mmap keeps) in view: nothing shows
+    what llama.cpp read, so the overlapped load is not trusted and is redone after a full decryption."""
+    moat, lic = sealed
+    expected = plain_answer(moat, lic)
+    dups: list[int] = []
+
+    def ours_only(self):
+        dups.append(os.dup(self.fd))  # shares our description: pwrite never moves its offset
+        return dups[-1:]
+
+    monkeypatch.setattr(overlap.FillingBuffer, "_other_fds", ours_only)
+    holder = open_sealed(moat, lic, settings=settings(), watch=False)
+    try:
+        assert buffers[-1].outcome == "fallback" and "file position" in buffers[-1].reason
+        assert complete(holder) == expected
+    finally:
+        holder.close()
+        for fd in dups:
+            os.close(fd)
+
+
 def test_map_mode_waits_for_the_whole_file_before_any_weight(sealed, buffers, monkeypatch):
     """ "map": llama.cpp maps the memfd and parses its header while the rest is decrypted; the decryptor
     starts late here, so the first progress callback has to wait for it, and the answer is the same."""

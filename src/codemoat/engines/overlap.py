@@ -284,11 +284,13 @@ class FillingBuffer(MemfdBuffer):
             # what llama.cpp read since the last callback: one tensor (plus what its FILE buffer read
             # ahead, and a float32's rounding on the size); everything before, the first time
             span = loaded - state["loaded"] + READ_AHEAD + max(1024, self.plan.total >> 20)
-            for fd in state["fds"]:
-                pos = self._position(fd)
-                if pos is None:
-                    self.reason = "cannot read llama.cpp's file position"
-                    return False
+            positions = {fd: self._position(fd) for fd in state["fds"]}
+            if None in positions.values() or state["seen"] and not any(positions.values()):
+                # from the second callback on, llama.cpp has read a tensor: one of these has moved (the
+                # others are, e.g., the duplicate descriptor our own mmap keeps, which stays at 0)
+                self.reason = "cannot read llama.cpp's file position"
+                return False
+            for fd, pos in positions.items():
                 if not self._read_was_safe(pos, span if fd in state["seen"] else pos, state["snapshot"]):
                     self.reason = f"llama.cpp read bytes before {pos} ahead of the decryption (another tensor order)"
                     return False
