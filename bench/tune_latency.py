@@ -69,6 +69,7 @@ def main() -> None:
     ap.add_argument("--parallel", type=int, default=4)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "tune.md"))
     a = ap.parse_args()
+    model_arg = a.model
     if a.model == "gemma":
         import sys
 
@@ -125,7 +126,8 @@ def main() -> None:
         "",
         "## Where the adapter's serving overhead comes from (bench/tune_latency.py)",
         "",
-        f"Command: `.venv/bin/python bench/tune_latency.py --rank {a.rank} --rounds {a.rounds} --threads {a.threads}`; "
+        f"Command: `.venv/bin/python bench/tune_latency.py{' --model gemma' if model_arg == 'gemma' else ''} --rank {a.rank} "
+        f"--rounds {a.rounds} --threads {a.threads} --parallel {a.parallel}`; "
         f"`{Path(a.model).name}`, {a.parallel} batch slots, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
         f"load average {load0[0]:.1f} → {load1[0]:.1f}. "
         f"Random rank-{a.rank} adapters; 16 greedy tokens after a fresh 600-character prompt, every variant each round "
