@@ -93,8 +93,9 @@ def app_client(engine):
     holder = Keep("tiny")
     holder.set(engine)
     tokens = {u: accounts.create_token(u)[1] for u in ("alice", "bob")}
+    tokens["scraper"] = accounts.create_token("scraper", scopes=["metrics"])[1]
     with TestClient(create_app(load_settings(), holder=holder, accounts=accounts)) as c:
-        c.tokens = tokens
+        c.tokens, c.holder = tokens, holder
         yield c
 
 
@@ -336,3 +337,50 @@ def test_a_users_requests_waiting_past_the_cap_get_429_and_others_still_wait(app
         assert svc._slots.busy == 0 and not svc._slots.held
 
     run(go())
+
+
+# ------------------------------------------------------------------- the watermark key ---
+def test_the_watermark_key_is_in_no_answer_error_health_metrics_or_log(app_client, caplog):
+    """With the customer's watermark key on the holder (as a sealed model's license puts it): completions,
+    streams, refusals (400, 429-shaped errors), /health, /metrics and the server's log never carry it, in
+    any encoding; the answers are watermarked (they differ from the unkeyed ones)."""
+    import base64
+
+    key = bytes(range(7, 39))
+    forms = [
+        key.hex(),
+        key.hex().upper(),
+        base64.b64encode(key).decode(),
+        base64.urlsafe_b64encode(key).decode().rstrip("="),
+        repr(key),
+    ]
+    h = {"Authorization": f"Bearer {app_client.tokens['bob']}"}
+    body = {"input_prefix": "def parse(text):\n", "n_predict": 24, "temperature": 0}
+    plain = app_client.post("/infill", json=body, headers=h).json()["content"]
+    app_client.holder.watermark_key = key
+    try:
+        seen = []
+        with caplog.at_level("DEBUG"):
+            r = app_client.post("/infill", json=body, headers=h)
+            assert r.status_code == 200 and r.json()["content"] != plain
+            seen += [r.text, str(r.headers)]
+            with app_client.stream("POST", "/infill", json={**body, "stream": True}, headers=h) as s:
+                seen.append("".join(s.iter_text()))
+            for bad in ({**body, "seed": 2**70}, {**body, "stop": ["x"] * 100}, {**body, "temperature": -1}):
+                r = app_client.post("/infill", json=bad, headers=h)
+                assert r.status_code == 400
+                seen.append(r.text)
+            seen.append(
+                app_client.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 4}, headers=h).text
+            )
+            for r in (
+                app_client.get("/health", headers=h),
+                app_client.get("/metrics", headers={"Authorization": f"Bearer {app_client.tokens['scraper']}"}),
+            ):
+                assert r.status_code == 200
+                seen.append(r.text)
+        seen.append(caplog.text)
+        for text in seen:
+            assert not any(f in text for f in forms)
+    finally:
+        app_client.holder.watermark_key = None
