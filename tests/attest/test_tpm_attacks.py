@@ -200,7 +200,7 @@ def test_a_software_key_loaded_public_only_under_ak_attributes_cannot_activate_t
             c.flush_context(h)
 
 
-def _cert(subject, key, issuer=None, issuer_key=None, *, ca=True, days=(-1, 1)):
+def _cert(subject, key, issuer=None, issuer_key=None, *, ca=True, days=(-1, 1), extra=()):
     import datetime
 
     from cryptography import x509
@@ -219,6 +219,8 @@ def _cert(subject, key, issuer=None, issuer_key=None, *, ca=True, days=(-1, 1)):
     )
     if ca is not None:
         b = b.add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    for ext, critical in extra:
+        b = b.add_extension(ext, critical=critical)
     return b.sign(issuer_key if issuer_key is not None else key, hashes.SHA256())
 
 
@@ -254,6 +256,37 @@ def test_ek_certificate_chains_through_a_non_ca_or_an_expired_certificate_are_re
     ek, cas = chain()
     with pytest.raises(VaultError, match="does not chain"):  # the intermediate not trusted, only the root
         verify_ek_cert(ek, ek_hex, [cas[1]])
+
+
+def test_ek_certificate_chains_with_unknown_critical_extensions_or_a_ca_key_not_for_certificates_are_refused():
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from codemoat.vault.tpmcred import verify_ek_cert
+
+    root_k, mid_k, ek_k = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
+    ek_hex = ek_k.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo).hex()
+    root = _cert("TPM maker root", root_k)
+    odd = x509.UnrecognizedExtension(x509.ObjectIdentifier("1.3.6.1.4.1.99999.1"), b"\x05\x00")
+    no_sign = x509.KeyUsage(True, False, False, False, False, False, True, False, False)  # signature, CRL; no keyCertSign
+
+    def chain(mid_extra=(), ek_extra=()):
+        mid = _cert("TPM maker issuing", mid_k, root, root_k, extra=mid_extra)
+        ek = _cert("EK", ek_k, mid, mid_k, ca=None, extra=ek_extra)
+        return ek.public_bytes(serialization.Encoding.DER).hex(), [mid, root]
+
+    ek, cas = chain(ek_extra=[(odd, False)])
+    assert verify_ek_cert(ek, ek_hex, cas)  # the same extension not marked critical: ignored, the chain holds
+    ek, cas = chain(ek_extra=[(odd, True)])  # a constraint on the EK certificate this check does not know
+    with pytest.raises(VaultError, match="critical extension this vendor does not understand"):
+        verify_ek_cert(ek, ek_hex, cas)
+    ek, cas = chain(mid_extra=[(odd, True)])  # ...or on the issuing CA
+    with pytest.raises(VaultError, match="critical extension"):
+        verify_ek_cert(ek, ek_hex, cas)
+    ek, cas = chain(mid_extra=[(no_sign, True)])  # an issuer whose key the maker restricted to other uses
+    with pytest.raises(VaultError, match="may not sign certificates"):
+        verify_ek_cert(ek, ek_hex, cas)
 
 
 def test_an_ak_public_area_with_another_name_alg_or_without_fixed_tpm_or_restricted_is_refused(swtpm):

@@ -200,9 +200,35 @@ def load_ca_bundle(pem: bytes) -> list[x509.Certificate]:
     return certs
 
 
+# Extensions this check understands or may ignore (RFC 5280 §4.2; TCG EK Credential Profile §3.2):
+# any other marked critical makes the certificate unusable, as RFC 5280 requires.
+_KNOWN_CRITICAL = {
+    x509.ExtensionOID.BASIC_CONSTRAINTS,
+    x509.ExtensionOID.KEY_USAGE,
+    x509.ExtensionOID.SUBJECT_ALTERNATIVE_NAME,  # critical in EK certificates, whose subject is empty
+    x509.ExtensionOID.EXTENDED_KEY_USAGE,
+    x509.ExtensionOID.CERTIFICATE_POLICIES,
+    x509.ExtensionOID.SUBJECT_DIRECTORY_ATTRIBUTES,
+    x509.ExtensionOID.AUTHORITY_KEY_IDENTIFIER,
+    x509.ExtensionOID.SUBJECT_KEY_IDENTIFIER,
+    x509.ExtensionOID.AUTHORITY_INFORMATION_ACCESS,
+    x509.ExtensionOID.CRL_DISTRIBUTION_POINTS,
+}
+
+
+def _known_critical(cert: x509.Certificate) -> None:
+    for ext in cert.extensions:
+        if ext.critical and ext.oid not in _KNOWN_CRITICAL:
+            raise VaultError(
+                f"the EK certificate chain has a critical extension this vendor does not understand ({ext.oid.dotted_string} "
+                f"in {cert.subject.rfc4514_string() or 'the EK certificate'}): refused, as RFC 5280 requires"
+            )
+
+
 def verify_ek_cert(ek_cert_hex: str | None, ek_der_hex: str, cas: list[x509.Certificate]) -> x509.Certificate:
     """The EK certificate, once it names the EK and chains (signatures, validity, CA flags) to a
-    self-signed certificate in `cas` (the TPM manufacturers' roots and intermediates the vendor trusts).
+    self-signed certificate in `cas` (the TPM manufacturers' roots and intermediates the vendor trusts),
+    with no critical extension it does not understand and issuers whose keyUsage allows keyCertSign.
     Revocation (CRLs) is not checked."""
     if not ek_cert_hex:
         raise VaultError("the machine's TPM has no EK certificate: nothing proves it is a manufacturer's TPM")
@@ -218,6 +244,7 @@ def verify_ek_cert(ek_cert_hex: str | None, ek_der_hex: str, cas: list[x509.Cert
     for _ in range(MAX_CHAIN):
         if not cur.not_valid_before_utc <= now <= cur.not_valid_after_utc:
             raise VaultError(f"the EK certificate chain has a certificate outside its validity ({cur.subject.rfc4514_string()})")
+        _known_critical(cur)
         issuer = None
         for ca in cas:
             if ca.subject != cur.issuer:
@@ -236,6 +263,15 @@ def verify_ek_cert(ek_cert_hex: str | None, ek_der_hex: str, cas: list[x509.Cert
             bc = None
         if bc is None or not bc.ca:
             raise VaultError(f"the EK certificate chain names an issuer that is not a CA ({issuer.subject.rfc4514_string()})")
+        _known_critical(issuer)
+        try:
+            ku = issuer.extensions.get_extension_for_class(x509.KeyUsage).value
+        except x509.ExtensionNotFound:
+            ku = None
+        if ku is not None and not ku.key_cert_sign:  # RFC 5280 §4.2.1.3: a key that may not sign certificates
+            raise VaultError(
+                f"the EK certificate chain names an issuer whose key may not sign certificates ({issuer.subject.rfc4514_string()})"
+            )
         if issuer.subject == issuer.issuer:
             if not issuer.not_valid_before_utc <= now <= issuer.not_valid_after_utc:
                 raise VaultError("the trusted EK root certificate is outside its validity")
