@@ -9,7 +9,9 @@ import asyncio
 import json
 import math
 import os
+import time
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
@@ -148,6 +150,71 @@ def test_a_user_with_many_requests_does_not_keep_another_waiting(engine):
     # alice0 and alice1 may end in the same step: bob and alice2 then start together (their first tokens
     # come in slot order); first come, first served gave both slots to alice2 and alice3
     assert order.index("bob") < order.index("alice3"), order
+
+
+def test_a_cancel_storm_leaves_no_slot_or_queue_entry_behind(engine):
+    """200 streams opened and dropped at once, some before their first token, some after: every slot and
+    queue entry is given back and the next request is answered."""
+
+    async def one(i: int):
+        agen = engine.stream(
+            f"def storm_{i}(x):\n", SamplingParams(max_tokens=64, temperature=0.8, seed=i, cache_key=f"u{i % 7}")
+        )
+        if i % 2:
+            await agen.__anext__()
+        await agen.aclose()
+
+    async def go():
+        await asyncio.gather(*(one(i) for i in range(200)))
+        for _ in range(500):
+            if engine.health()["slots"] == {"total": 2, "busy": 0, "waiting": 0}:
+                break
+            await asyncio.sleep(0.01)
+
+    run(go())
+    assert engine.health()["slots"] == {"total": 2, "busy": 0, "waiting": 0}
+    assert run(engine.complete("x = 1\n", greedy())).completion_tokens >= 1
+
+
+@pytest.mark.slow
+def test_a_cancel_storm_through_a_real_server_returns_every_slot_and_place(serve_process, tiny_gguf):
+    """Through `codemoat serve` (the engine in its own process, batched): 60 streams dropped by their
+    clients at once, half before a token came; the cancels cross to the engine process, /health shows every
+    slot free and no one waiting, the engine is the same process, and the next request is answered."""
+    from conftest import create_token
+
+    token = create_token("--name", "storm")
+    srv = serve_process(["--model", str(tiny_gguf), "--n-ctx", "512"], env={"CODEMOAT_MODEL__PARALLEL": "2"})
+    h = {"Authorization": f"Bearer {token}"}
+    health = lambda: httpx.get(srv.url + "/health", headers=h, timeout=30).json()  # noqa: E731
+    pid, model = health()["engine"].get("pid"), health()["model"]
+    codes: list[int] = []
+
+    async def storm():
+        async with httpx.AsyncClient(base_url=srv.url, headers=h, timeout=60) as c:
+
+            async def one(i: int):
+                body = {"model": model, "prompt": f"def storm_{i}(x):\n", "max_tokens": 200, "temperature": 0.8, "stream": True}
+                async with c.stream("POST", "/v1/completions", json=body) as r:
+                    codes.append(r.status_code)
+                    if i % 2:
+                        async for _ in r.aiter_lines():
+                            break
+
+            await asyncio.gather(*(one(i) for i in range(60)))
+
+    run(storm(), timeout=120)
+    assert codes == [200] * 60
+    deadline = time.time() + 30
+    while health()["engine"]["slots"] != {"total": 2, "busy": 0, "waiting": 0} and time.time() < deadline:
+        time.sleep(0.1)
+    after = health()
+    assert after["engine"]["slots"] == {"total": 2, "busy": 0, "waiting": 0}
+    assert pid and after["engine"]["pid"] == pid and after["engine"]["crashes"] == 0  # no crash, no restart
+    r = httpx.post(
+        srv.url + "/v1/completions", headers=h, json={"model": model, "prompt": "x = 1\n", "max_tokens": 4}, timeout=60
+    )
+    assert r.status_code == 200
 
 
 # ------------------------------------------------------------------- a request the context cannot take ---
