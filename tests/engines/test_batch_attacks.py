@@ -451,3 +451,48 @@ def test_the_watermark_key_is_in_no_answer_error_health_metrics_or_log(app_clien
             assert not any(f in text for f in forms)
     finally:
         app_client.holder.watermark_key = None
+
+
+def test_a_users_flood_is_refused_before_its_prompts_are_built(engine):
+    """Over HTTP: with one place taken and the contractor's one allowed request waiting, the contractor's next
+    request is a 429 in the protocol's shape before its prompt is built (a prompt too long for the model,
+    which building refuses with a 400, shows the order); another user's same request is built (the 400)."""
+    import httpx
+
+    from codemoat.config import load_settings as settings_with
+
+    class Keep(ModelHolder):
+        def close(self):
+            pass
+
+    holder = Keep("tiny")
+    holder.set(engine)
+    accounts = Accounts(open_db())
+    tok = {u: accounts.create_token(u)[1] for u in ("contractor", "payments")}
+    app = create_app(
+        settings_with(**{"server.max_concurrent": 1, "server.max_waiting_per_user": 1}), holder=holder, accounts=accounts
+    )
+    svc = app.state.service
+    huge = {"model": "tiny", "prompt": "x = 1\n" * 3000, "max_tokens": 8}
+
+    async def go():
+        gate = asyncio.Event()
+
+        async def hold(who: str):
+            async with svc._slot(who):
+                await gate.wait()
+
+        tasks = [asyncio.ensure_future(hold("payments")), asyncio.ensure_future(hold("contractor"))]
+        await asyncio.sleep(0)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            post = lambda who: c.post("/v1/completions", json=huge, headers={"Authorization": f"Bearer {tok[who]}"})  # noqa: E731
+            flood, other = await post("contractor"), await post("payments")
+        gate.set()
+        await asyncio.gather(*tasks)
+        return flood, other
+
+    flood, other = run(go())
+    assert flood.status_code == 429, flood.text
+    assert "already waiting" in flood.json()["error"]["message"]
+    assert other.status_code == 400 and "context" in other.json()["error"]["message"]

@@ -30,15 +30,19 @@ class FairSlots:
     def waiting(self) -> int:
         return len(self._waiters)
 
-    async def acquire(self, who: str | None) -> None:
-        if self.busy < self.limit and not self._waiters:
-            self._take(who)
-            return
+    def check(self, who: str | None) -> None:
+        """RateLimited when `who` already has `max_waiting_per_user` requests waiting (checked again on acquire)."""
         cap = self.max_waiting_per_user
         if cap and sum(1 for w, _ in self._waiters if w == who) >= cap:
             raise RateLimited(
                 f"{cap} of your requests are already waiting for a place on this server (server.max_waiting_per_user)"
             )
+
+    async def acquire(self, who: str | None) -> None:
+        if self.busy < self.limit and not self._waiters:
+            self._take(who)
+            return
+        self.check(who)
         entry = (who, asyncio.get_running_loop().create_future())
         self._waiters.append(entry)
         try:

@@ -175,6 +175,8 @@ class Service:
         """`build` (fim_prompt, chat_prompt, plain_prompt) on a worker thread: tokenising a long prompt
         and retrieving snippets would otherwise hold the event loop, and every other client with it."""
         request = args[0]
+        principal = getattr(request.state, "principal", None)
+        self._slots.check(None if principal is None else principal.user)  # a flood's prompts are not built to wait
         prep = await anyio.to_thread.run_sync(functools.partial(build, *args, **kw))
         if prep.suffix_dropped:  # sent as a header by `prompts_headers` (app.py)
             request.state.prompt_headers = {"X-Codemoat-Suffix": "dropped"}
