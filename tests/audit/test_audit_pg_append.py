@@ -132,3 +132,28 @@ def test_connection_dropped_by_the_server_is_replaced(pg_url, audit_home):
     assert log._pg._conn.info.backend_pid != pid
     rep = log.verify()
     assert rep.ok and rep.records == 5, rep.problem
+
+
+def test_a_flush_whose_answer_is_lost_after_it_committed_is_not_written_twice(pg_url, audit_home, monkeypatch):
+    import psycopg
+
+    log = _log(pg_url, audit_home)
+    _fill(log, 2)
+    conn = log._pg._conn
+    real = conn.execute
+
+    class LostAnswer:
+        def execute(self, *a, **kw):  # the INSERT commits, then the connection dies before the answer is read
+            real(*a, **kw).fetchall()
+            conn.close()
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+
+        def __getattr__(self, name):
+            return getattr(conn, name)
+
+    log._pg._conn = LostAnswer()
+    assert _fill(log, 1, 2) == [3]  # read back as committed: the caller gets its record's number
+    assert _fill(log, 1, 3) == [4]  # and the writer carries on with a new connection
+    rep = log.verify()
+    assert rep.ok and rep.records == 4, rep.problem
+    assert [r["prompt_tokens"] for r in log.records()] == [0, 1, 2, 3]  # none doubled
