@@ -175,3 +175,14 @@ def test_four_writers_with_batched_signatures_make_one_verifiable_chain(database
     rep = logs[0].verify()
     assert rep.ok and rep.records == 160 and rep.unsigned == 0, rep.problem
     assert sorted(r["prompt_tokens"] for r in logs[0].records()) == sorted(100 * i + j for i in range(4) for j in range(40))
+
+
+def test_the_head_file_keeps_the_newest_two_heads_whoever_signs(database_url, audit_home):
+    import json
+
+    a, b = _log(database_url, audit_home, sign_every=3), _log(database_url, audit_home, sign_every=3)
+    for i in range(4):  # the writers take turns, each with its own descriptor on the one head file
+        _fill(a if i % 2 else b, 3, 10 * i)
+    raw = a.head_file.read_bytes()
+    assert sorted(json.loads(raw[i : i + 512])["seq"] for i in (0, 512)) == [9, 12]
+    assert a.verify().ok

@@ -152,15 +152,24 @@ def sign_tip(
 
 
 class HeadFile:
-    """The signed head's copy outside the database: two fixed 512-byte slots, written in turn, in place.
+    """The signed head's copy outside the database: two fixed 512-byte slots, written in place.
 
-    A rename per signature costs milliseconds on some filesystems; an in-place write does not, and
-    with two slots a write torn by a crash leaves the other (one signature older) intact."""
+    A rename per signature costs milliseconds on some filesystems; an in-place write does not. The
+    slot written is the one holding the older head (read first: several processes may write one
+    file), so the file always holds the newest two and a write torn by a crash leaves the other."""
 
     def __init__(self, path: Path):
         self.path = path
         self._fd: int | None = None
-        self._slot = 0
+
+    def _older_slot(self) -> int:
+        seqs = []
+        for slot in (0, 1):
+            try:
+                seqs.append(json.loads(os.pread(self._fd, HEAD_SLOT, slot * HEAD_SLOT))["seq"])
+            except (ValueError, KeyError, TypeError):
+                return slot  # blank or damaged: written first
+        return 0 if seqs[0] <= seqs[1] else 1
 
     def write(self, head_row: dict[str, Any]) -> None:
         data = json.dumps(head_row, separators=(",", ":")).encode()
@@ -168,9 +177,10 @@ class HeadFile:
         try:
             if self._fd is None:
                 self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-                if os.fstat(self._fd).st_size < 2 * HEAD_SLOT:  # a new file: both slots, no blank one
-                    os.pwrite(self._fd, data, HEAD_SLOT)
-            os.pwrite(self._fd, data, self._slot * HEAD_SLOT)
-            self._slot ^= 1
+            if os.fstat(self._fd).st_size < 2 * HEAD_SLOT:  # a new (or rotated) file: both slots, no blank one
+                os.pwrite(self._fd, data, HEAD_SLOT)
+                os.pwrite(self._fd, data, 0)
+                return
+            os.pwrite(self._fd, data, self._older_slot() * HEAD_SLOT)
         except OSError as e:  # the database copy is authoritative; a missing file copy only weakens verify
             log.warning("could not write the audit head file %s: %s", self.path, e)
