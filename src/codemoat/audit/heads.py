@@ -155,20 +155,23 @@ class HeadFile:
     """The signed head's copy outside the database: two fixed 512-byte slots, written in place.
 
     A rename per signature costs milliseconds on some filesystems; an in-place write does not. The
-    slot written is the one holding the older head (read first: several processes may write one
-    file), so the file always holds the newest two and a write torn by a crash leaves the other."""
+    slot written is the one holding the older head, or this record's head signed before (read first:
+    several processes may write one file), so the file holds the newest two records' heads and a
+    write torn by a crash leaves the other."""
 
     def __init__(self, path: Path):
         self.path = path
         self._fd: int | None = None
 
-    def _older_slot(self) -> int:
+    def _slot_for(self, seq: int) -> int:
         seqs = []
         for slot in (0, 1):
             try:
                 seqs.append(json.loads(os.pread(self._fd, HEAD_SLOT, slot * HEAD_SLOT))["seq"])
             except (ValueError, KeyError, TypeError):
                 return slot  # blank or damaged: written first
+        if seq in seqs:  # the same record signed again (a shutdown checkpoint): the older head stays
+            return seqs.index(seq)
         return 0 if seqs[0] <= seqs[1] else 1
 
     def write(self, head_row: dict[str, Any]) -> None:
@@ -181,6 +184,6 @@ class HeadFile:
                 os.pwrite(self._fd, data, HEAD_SLOT)
                 os.pwrite(self._fd, data, 0)
                 return
-            os.pwrite(self._fd, data, self._older_slot() * HEAD_SLOT)
+            os.pwrite(self._fd, data, self._slot_for(head_row["seq"]) * HEAD_SLOT)
         except OSError as e:  # the database copy is authoritative; a missing file copy only weakens verify
             log.warning("could not write the audit head file %s: %s", self.path, e)
