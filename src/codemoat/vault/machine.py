@@ -18,6 +18,7 @@ import glob
 import hashlib
 import json
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -150,9 +151,19 @@ class MachineKey:
         if p.exists():
             return cls.load()
         key = cls.generate()
+        # Created whole under a private name, then linked into place: link() fails if the key exists, so
+        # two processes (or threads) starting at once on a fresh home agree on one key, and no reader
+        # ever sees a half-written file. The loser loads the winner's key.
+        tmp = p.with_name(f".{p.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         write_secret(
-            p, json.dumps({"x25519": b64e(x_private_raw(key.x25519)), "ed25519": b64e(ed_private_raw(key.ed25519))}).encode()
+            tmp, json.dumps({"x25519": b64e(x_private_raw(key.x25519)), "ed25519": b64e(ed_private_raw(key.ed25519))}).encode()
         )
+        try:
+            os.link(tmp, p)
+        except FileExistsError:
+            return cls.load()
+        finally:
+            tmp.unlink(missing_ok=True)
         from .clock import ClockGuard
 
         ClockGuard(key).start_record()
