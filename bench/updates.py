@@ -9,10 +9,11 @@ hits all alike (all from the page cache, as the bundle is after being copied off
   rename-based switch), then uninstalled again for the next round;
 - verify+apply: `UpdateStore.verify` (a full read and hash) and then `apply`.
 With --swap: a real `codemoat serve` on a sealed model, 16 clients streaming completions in a loop,
-model v2 applied and swapped in through POST /admin/api/model/swap: failed requests (target 0), p99
-latency during the swap window vs before, and the time from the swap call to v2 serving.
+`codemoat update apply v2.moatpkg` run as an operator runs it (it installs v2 and hands it to the
+serve, which swaps it in): failed requests (target 0), p99 latency during the swap window vs before,
+and the time from starting `update apply` to v2 serving (apply's return: the serve answered "swapped").
 With --adapter-swap (alone): the same for a vendor adapter (`model.adapters = ["update:fee"]`, v1
-installed before the server starts, v2 applied and swapped in with `{"adapter": "fee"}`).
+installed before the server starts, v2 applied with `update apply`).
 Results go to bench/results/updates.md (target: verify+apply / copy <= 1.5).
 Usage: .venv/bin/python bench/updates.py [--size-mib 1024] [--rounds 3] [--swap] [--skip-copy] [--adapter-swap]
 """
@@ -29,6 +30,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def loadavg() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
 def main() -> None:
@@ -54,6 +59,7 @@ def main() -> None:
         out.write_text(old + "\n\n" + "\n".join(swap_lines) + "\n" + kept)
         print("\n".join(swap_lines))
         return
+    load_before, started = loadavg(), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     work = Path(tempfile.mkdtemp(prefix="bench-updates-"))
     os.environ["CODEMOAT_HOME"] = str(work / "home")
     from codemoat.updates.release import release
@@ -106,8 +112,9 @@ def main() -> None:
         lines = [
             "# Update install cost: verify + apply of a model bundle vs a plain copy",
             "",
-            f"`.venv/bin/python bench/updates.py --size-mib {args.size_mib} --rounds {args.rounds}` on "
-            f"{os.cpu_count()} CPUs (shared), one run, modes interleaved; bundle {size / 2**30:.2f} GiB, page cache warm.",
+            f"`flock /tmp/s6/bench.lock timeout 600 .venv/bin/python bench/updates.py --size-mib {args.size_mib} "
+            f"--rounds {args.rounds}` on {started}, {os.cpu_count()} CPUs (shared), load average {load_before} before and "
+            f"{loadavg()} after; one run, modes interleaved; bundle {size / 2**30:.2f} GiB, page cache warm.",
             "",
             "| mode | median s | GiB/s | vs copy |",
             "| --- | --- | --- | --- |",
@@ -124,7 +131,12 @@ def main() -> None:
             "read and hash. The target is verify+apply / copy <= 1.5.",
         ]
         out = ROOT / "bench" / "results" / "updates.md"
-        out.write_text("\n".join(lines + ([""] + swap_lines if swap_lines else [])) + "\n")
+        if swap_lines:  # the adapter swap's section (written by --adapter-swap) stays
+            tail = ["", *swap_lines] + (["", ("## Adapter swap" + adapter_part).strip()] if adapter_part else [])
+        else:  # without --swap the swap sections already written stay
+            _, sep, kept = text.partition("\n## Swap")
+            tail = ["", (sep + kept).strip()] if sep else []
+        out.write_text("\n".join(lines + tail) + "\n")
         print("\n".join(lines))
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -138,6 +150,7 @@ def swap_bench(clients: int = 16, kind: str = "model") -> list[str]:
 
     import httpx
 
+    load_before, started = loadavg(), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     work = Path(tempfile.mkdtemp(prefix="bench-swap-"))
     env = dict(os.environ, CODEMOAT_HOME=str(work / "home"))
     os.environ["CODEMOAT_HOME"] = env["CODEMOAT_HOME"]
@@ -161,7 +174,6 @@ def swap_bench(clients: int = 16, kind: str = "model") -> list[str]:
     lic = work / "acme.lic"
     lic.write_text(json.dumps(doc))
     bundle = work / "v2.moatpkg"
-    swap_body: dict = {}
     if kind == "adapter":
         from tune.loras import random_lora_gguf  # tests/tune: a random LoRA for the model, no torch
 
@@ -170,9 +182,9 @@ def swap_bench(clients: int = 16, kind: str = "model") -> list[str]:
             lora.write_bytes(random_lora_gguf(model, seed=seed))
             out = bundle if version == "2" else work / "fee-1.moatpkg"
             release(v, customer="acme", kind="adapter", source=lora, version=version, out=out)
-        UpdateStore(machine=machine).apply(work / "fee-1.moatpkg", lic)
+        UpdateStore(machine=machine, models=[moat]).apply(work / "fee-1.moatpkg", lic)
         env["CODEMOAT_MODEL__ADAPTERS"] = json.dumps(["update:fee"])
-        swap_body = {"adapter": "fee"}
+        env["CODEMOAT_MODEL__PATH"] = str(moat)  # the model the adapter is for, as `update apply` checks it
     else:
         release(v, customer="acme", kind="model", source=model, version="2", out=bundle)
     v.close()
@@ -228,10 +240,14 @@ def swap_bench(clients: int = 16, kind: str = "model") -> list[str]:
             t.start()
         time.sleep(10)
         t_apply = time.monotonic()
-        UpdateStore(machine=machine).apply(bundle, lic)
-        t_swap = time.monotonic()
-        r = httpx.post(f"{url}/admin/api/model/swap", headers={"Authorization": f"Bearer {admin}"}, json=swap_body, timeout=600)
+        r = subprocess.run(
+            [*cli, "update", "apply", str(bundle), "--license", str(lic), "--json"], env=env, capture_output=True, text=True
+        )
         t_done = time.monotonic()
+        served = json.loads(r.stdout).get("served") if r.returncode == 0 else None
+        if not served or not served[0].get("swapped"):
+            raise SystemExit(f"update apply did not swap: {r.stdout} {r.stderr}")
+        t_swap = t_done - float(served[0]["seconds"])  # the serve's own swap time, from its answer
         time.sleep(10)
         stop.set()
         for t in threads:
@@ -250,21 +266,23 @@ def swap_bench(clients: int = 16, kind: str = "model") -> list[str]:
     during = [lat for t, lat, _ in rows if t < t_done and t + lat > t_swap]
     after = [lat for t, lat, _ in rows if t > t_done]
     failed = sum(1 for *_, ok in rows if not ok)
+    table = [
+        "| requests | failed | p99 before (s) | p99 during the swap (s) | p99 after (s) | `update apply` until v2 serves (s) | of which the serve's swap (s) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+        f"| {len(rows)} | {failed} | {p99(before):.2f} | {p99(during):.2f} | {p99(after):.2f} | {t_done - t_apply:.2f} "
+        f"| {t_done - t_swap:.2f} |",
+    ]
+    when = f"on {started}, load average {load_before} before and {loadavg()} after (2 shared CPUs)"
     if kind == "adapter":
-        load = " ".join(f"{x:.2f}" for x in os.getloadavg())
         return [
             "## Adapter swap under load",
             "",
-            f"`.venv/bin/python bench/updates.py --adapter-swap` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
-            f"load average at the end {load} (2 shared CPUs): a real `codemoat serve` (sealed bundled model, "
-            f'`model.adapters = ["update:fee"]`, v1 installed), {clients} clients (everyone is served with the adapter) '
-            "streaming 16-token completions in a loop; after 10 s adapter v2 is applied and swapped in "
-            f'(`POST /admin/api/model/swap {{"adapter": "fee"}}`, HTTP {r.status_code}); 10 s more.',
+            f"`flock /tmp/s6/bench.lock timeout 600 .venv/bin/python bench/updates.py --adapter-swap` {when}: a real "
+            f'`codemoat serve` (sealed bundled model, `model.adapters = ["update:fee"]`, v1 installed), {clients} clients '
+            "(everyone is served with the adapter) streaming 16-token completions in a loop; after 10 s "
+            "`codemoat update apply fee-2.moatpkg` installs adapter v2 and hands it to the serve, which swaps it in; 10 s more.",
             "",
-            "| requests | failed | p99 before (s) | p99 during the swap (s) | p99 after (s) | apply (s) | swap call until v2 serves (s) |",
-            "| --- | --- | --- | --- | --- | --- | --- |",
-            f"| {len(rows)} | {failed} | {p99(before):.2f} | {p99(during):.2f} | {p99(after):.2f} | {t_swap - t_apply:.2f} "
-            f"| {t_done - t_swap:.2f} |",
+            *table,
             "",
             "The swap builds a second engine over the same base (a sealed base is decrypted again) with adapter v2,",
             "checks a fixed prompt with and without it, and swaps engines as for a model; in-flight streams finish",
@@ -273,18 +291,17 @@ def swap_bench(clients: int = 16, kind: str = "model") -> list[str]:
     return [
         "## Swap under load",
         "",
-        f"`.venv/bin/python bench/updates.py --swap` : a real `codemoat serve` (sealed bundled model, default engine "
-        f"isolation), {clients} clients streaming 16-token completions in a loop; after 10 s model v2 is applied "
-        "(`UpdateStore.apply`) and swapped in (`POST /admin/api/model/swap`, HTTP "
-        f"{r.status_code}); 10 s more.",
+        f"`flock /tmp/s6/bench.lock timeout 600 .venv/bin/python bench/updates.py --swap --skip-copy` {when}: a real "
+        f"`codemoat serve` (sealed bundled model, default engine isolation), {clients} clients streaming 16-token "
+        "completions in a loop; after 10 s `codemoat update apply v2.moatpkg` installs model v2 and hands it to the "
+        "serve (its socket in $CODEMOAT_HOME/run), which swaps it in; 10 s more.",
         "",
-        "| requests | failed | p99 before (s) | p99 during the swap (s) | p99 after (s) | apply (s) | swap call until v2 serves (s) |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
-        f"| {len(rows)} | {failed} | {p99(before):.2f} | {p99(during):.2f} | {p99(after):.2f} | {t_swap - t_apply:.2f} "
-        f"| {t_done - t_swap:.2f} |",
+        *table,
         "",
-        "The swap call returns once v2 is loaded beside v1, has answered the health-check prompt and takes new",
-        "requests; v1 finishes its in-flight streams and is closed after them.",
+        "`update apply` returns once the serve has loaded v2 beside v1, v2 has answered the health-check prompt and",
+        "takes new requests (the CLI's own start, the install and the hand-off are the difference between the two",
+        "times); v1 finishes its in-flight streams and is closed after them. The window 'during the swap' is the",
+        "serve's swap; 'before' ends when `update apply` starts.",
     ]
 
 
