@@ -96,6 +96,12 @@ async def load(url: str, model: str, token: str | None, clients: int, seconds: f
     return {"chars_s": chars / wall, "p50": statistics.median(lat), "ttft": statistics.median(ttft), "n": len(lat)}
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process `pid` (all its threads), from /proc."""
+    f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def start(kind: str, home: Path) -> tuple[subprocess.Popen, str, str, str | None, float]:
     port = free_port()
     env = dict(os.environ, **ENV, CODEMOAT_HOME=str(home))
@@ -144,7 +150,9 @@ def part_serve(seconds: float, out: list[str]) -> None:
         try:
             asyncio.run(load(url, model, token, 1, 2))  # warm-up
             for clients in (1, 8, 32) if kind != "codemoat-llama" else (1, 32):
+                c0 = cpu_seconds(proc.pid)
                 rows[kind, clients] = r = asyncio.run(load(url, model, token, clients, seconds))
+                r["api_ms"] = (cpu_seconds(proc.pid) - c0) / max(1, r["n"]) * 1000  # the HTTP server's process only
                 print(kind, clients, {k: round(v, 3) for k, v in r.items()}, flush=True)
         finally:
             proc.terminate()
@@ -152,14 +160,15 @@ def part_serve(seconds: float, out: list[str]) -> None:
                 proc.wait(60)
             except subprocess.TimeoutExpired:
                 proc.kill()
-    out.append("| server | clients | chars/s | p50 latency (s) | p50 TTFT (s) | requests |")
-    out.append("| --- | --- | --- | --- | --- | --- |")
+    out.append("| server | clients | chars/s | p50 latency (s) | p50 TTFT (s) | requests | server process CPU per request (ms) |")
+    out.append("| --- | --- | --- | --- | --- | --- | --- |")
     for (kind, c), r in rows.items():
-        out.append(f"| {kind} | {c} | {r['chars_s']:.0f} | {r['p50']:.3f} | {r['ttft']:.3f} | {r['n']} |")
+        out.append(f"| {kind} | {c} | {r['chars_s']:.0f} | {r['p50']:.3f} | {r['ttft']:.3f} | {r['n']} | {r['api_ms']:.1f} |")
     out.append("")
     out.append("| ratio | clients | throughput | p50 latency | p50 TTFT |")
     out.append("| --- | --- | --- | --- | --- |")
-    for a, b, cs in (("codemoat-vllm", "vllm-serve", (1, 8, 32)), ("codemoat-vllm", "codemoat-llama", (1, 32))):
+    pairs = (("codemoat-vllm", "vllm-serve", (1, 8, 32)), ("codemoat-vllm", "codemoat-llama", (1, 32)))
+    for a, b, cs in (*pairs, ("codemoat-llama", "codemoat-vllm", (1, 32))):
         for c in cs:
             if (a, c) in rows and (b, c) in rows:
                 x, y = rows[a, c], rows[b, c]
