@@ -222,11 +222,32 @@ class Bundle:
                 left -= len(b)
                 yield b
 
-    def check_payload(self) -> None:
-        """Hash the payload against the signed digest (read only)."""
+    def check_payload(self, block: int = 8 << 20) -> None:
+        """Hash the payload against the signed digest (read only). Two buffers read into in turn (no
+        allocation per block) while a second thread hashes the other one (hashlib releases the GIL)."""
+        from concurrent.futures import ThreadPoolExecutor
+
         h = hashlib.sha256()
-        for b in self.pieces():
-            h.update(b)
+        bufs = [bytearray(block), bytearray(block)]
+        left = self.manifest["payload"]["size"]
+        with open(self.path, "rb", buffering=0) as f, ThreadPoolExecutor(1) as pool:
+            f.seek(self.payload_offset)
+            pending, i = None, 0
+            while left > 0:
+                view = memoryview(bufs[i])[: min(block, left)]
+                got = 0
+                while got < len(view):
+                    n = f.readinto(view[got:])
+                    if not n:
+                        raise BundleError("update bundle payload is truncated")
+                    got += n
+                if pending is not None:
+                    pending.result()
+                pending = pool.submit(h.update, view)
+                left -= got
+                i ^= 1
+            if pending is not None:
+                pending.result()
         self._compare(h.hexdigest())
 
     def copy_payload(self, dest: Path) -> None:
