@@ -292,6 +292,40 @@ def test_a_stream_that_is_closed_frees_its_slot(tiny_gguf):
         eng.close()
 
 
+def test_a_request_whose_client_left_while_waiting_never_takes_a_slot(tiny_gguf):
+    """Two streams hold both slots; a third request waits; its client hangs up. It leaves the queue at
+    the next step without ever taking a slot (no prompt evaluated for it). (Without the check in
+    `_admit` it waited until a stream ended, then took that slot.)"""
+    eng = LlamaCppEngine.from_path(tiny_gguf, n_ctx=512, n_threads=1, parallel=2)
+    b, started = eng._batcher, []
+    start = b._start
+    b._start = lambda seq, free: started.append(seq.ids) or start(seq, free)
+    try:
+
+        async def go():
+            slow = SamplingParams(max_tokens=300, temperature=0.8, seed=1)
+            holders = [eng.stream(p, slow) for p in ("def add(a, b):", "class Queue:")]
+            for h in holders:
+                await h.__anext__()
+            late = asyncio.ensure_future(eng.complete("import this\n", greedy()))
+            while eng.health()["slots"]["waiting"] != 1:
+                await asyncio.sleep(0.005)
+            late.cancel()  # the client hangs up while its request waits
+            for _ in range(400):
+                if eng.health()["slots"]["waiting"] == 0:
+                    break
+                await asyncio.sleep(0.005)
+            waiting = eng.health()["slots"]["waiting"]
+            for h in holders:
+                await h.aclose()
+            return waiting
+
+        assert run(go()) == 0
+        assert eng.tokenize("import this\n") not in started and len(started) == 2
+    finally:
+        eng.close()
+
+
 @pytest.mark.slow
 def test_a_hung_up_client_frees_its_slot_in_health(serve_process, tiny_gguf):
     """Through a real server (engine process, batching by default): a slow stream holds a slot, shown
