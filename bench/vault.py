@@ -111,7 +111,15 @@ def bench_load(gib: float, runs: int, policies: list[str], real: Path | None = N
 
     lic.write_text(json.dumps(doc))
     # inline and one sequence, as the plaintext side is built: the ratio is the vault's cost alone
-    settings = load_settings(**{"model.n_ctx": 256, "model.n_threads": 2, "model.isolation": "inline", "model.parallel": 1})
+    settings = load_settings(
+        **{
+            "model.n_ctx": 256,
+            "model.n_threads": 2,
+            "model.isolation": "inline",
+            "model.parallel": 1,
+            "vault.overlap_load": "off",
+        }
+    )
     overlapped = {}  # decrypt while llama.cpp loads (engines.overlap), each way
     for mode in ("read", "map"):
         overlapped[mode] = settings.model_copy(deep=True)

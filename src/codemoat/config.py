@@ -133,9 +133,9 @@ class VaultSettings(BaseModel):
         None,
         description="unix:PATH of a `codemoat vaultd`: serve gets the model from it as a sealed memfd and never opens the key, license or container (model.id names the model).",
     )
-    overlap_load: Literal["off", "read", "map"] = Field(
-        "off",
-        description="Decrypt a sealed GGUF while llama.cpp loads it instead of before (llama.cpp engine in the server's process, model.isolation = inline): read = use_mmap off, llama.cpp copies each tensor once its chunks are authenticated (its progress callback waits); map = llama.cpp maps the memfd and parses the header and vocabulary meanwhile, then waits for the whole file before touching a weight; off = decrypt, then map (bench/results/vault.md compares them).",
+    overlap_load: Literal["auto", "off", "read", "map"] = Field(
+        "auto",
+        description="Decrypt a sealed GGUF while llama.cpp loads it instead of before (llama.cpp engine in the server's process, model.isolation = inline): map = llama.cpp maps the memfd and parses the header and vocabulary meanwhile, then waits for the whole file before touching a weight; read = use_mmap off, llama.cpp copies each tensor once its chunks are authenticated (its progress callback waits); off = decrypt, then map; auto = map while the memfd gets 4 KiB pages (shmem huge pages not allowed), else off (bench/results/vault.md).",
     )
 
 

@@ -82,7 +82,7 @@ def buffers(monkeypatch):
 def test_overlapped_load_serves_what_the_sealed_load_serves(sealed, buffers):
     moat, lic = sealed
     expected = plain_answer(moat, lic)
-    assert not buffers and load_settings().vault.overlap_load == "off"  # by default: decrypt, then map
+    assert not buffers
     holder = open_sealed(moat, lic, settings=settings(), watch=False)
     try:
         (buf,) = buffers
@@ -97,6 +97,23 @@ def test_overlapped_load_serves_what_the_sealed_load_serves(sealed, buffers):
     finally:
         holder.close()
     assert buf.fd == -1  # zeroed and closed with the engine
+
+
+@pytest.mark.parametrize("huge", [False, True])
+def test_auto_maps_while_the_memfd_gets_4k_pages_and_decrypts_first_with_huge_pages(sealed, buffers, monkeypatch, huge):
+    """The default ("auto"): map where the kernel gives memory files 4 KiB pages (faster or equal there,
+    bench/results/vault.md), decrypt-then-map where it allows 2 MiB pages (map was slower there)."""
+    from codemoat.engines import memfd
+
+    moat, lic = sealed
+    monkeypatch.setattr(memfd, "huge_pages_allowed", lambda: huge)
+    assert load_settings().vault.overlap_load == "auto"
+    holder = open_sealed(moat, lic, settings=settings("auto"), watch=False)
+    try:
+        assert [b.mode for b in buffers] == ([] if huge else ["map"])
+        assert complete(holder) and holder.get()._memfd.sealed
+    finally:
+        holder.close()
 
 
 def test_a_chunk_failing_authentication_fails_the_overlapped_load(sealed, buffers, monkeypatch):

@@ -43,6 +43,11 @@ def shmem_thp_mode(path: str = SHMEM_THP) -> str:
     return text[start + 1 : end] if 0 <= start < end else "unavailable"
 
 
+def huge_pages_allowed() -> bool:
+    """Whether a new MemfdBuffer's mapping may get 2 MiB pages (the kernel's shmem policy allows advising)."""
+    return shmem_thp_mode() in _HUGE_MODES
+
+
 class MemfdBuffer:
     """A fixed-size anonymous file with a writable mapping owned by this process."""
 
