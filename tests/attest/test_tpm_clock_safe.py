@@ -92,3 +92,41 @@ def test_an_unsafe_tpm_clock_is_accepted_only_from_a_new_boot(database_url, swtp
     assert ks.lease(req)["lease"]["ttl"] > 0
     client.close()
     vendor.close()
+
+
+def test_quotes_of_one_boot_arriving_out_of_order_are_not_a_rollback(swtpm, tmp_path, monkeypatch):
+    """Two serving processes on one machine quote one after the other; the later request is leased first."""
+    from vault.vaulthelp import bundle
+
+    from codemoat.vault.keyserver import REORDER_MS
+
+    vendor = Vendor.init(tmp_path / "vendor")
+    key = tpm_machine(swtpm, vendor)
+    monkeypatch.setenv(TCTI_ENV, swtpm.tcti)
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF" + os.urandom(20_000))
+    _, lic_path, _ = bundle(vendor, model, tmp_path / "out", key, mode="lease", keyserver="http://127.0.0.1:9", seats=2)
+    lic = License.load(lic_path)
+    one, two = LeaseClient(lic, key), LeaseClient(lic, key)  # two instances, one chip
+    ks = KeyServer(vendor)
+    first = one._signed_request(ks.challenge(lic.id)["nonce"], REQUEST_DOMAIN)
+    second = two._signed_request(ks.challenge(lic.id)["nonce"], REQUEST_DOMAIN)
+    c1 = parse_quote(base64.b64decode(first["quote"]["attest"])).clock
+    assert parse_quote(base64.b64decode(second["quote"]["attest"])).clock > c1
+    assert ks.lease(second)["lease"]["ttl"] > 0
+    assert ks.lease(first)["lease"]["ttl"] > 0  # overtaken, same boot, a few ms older: refused as a rollback before
+    # older than the window: still a rollback
+    late = one._signed_request(ks.challenge(lic.id)["nonce"], REQUEST_DOMAIN)
+    clock = parse_quote(base64.b64decode(late["quote"]["attest"])).clock
+    with vendor.engine.begin() as c:
+        c.execute(
+            tpm_keys_t.update()
+            .where(tpm_keys_t.c.ak_id == key_id(key.tpm["identity"]["ak"]))
+            .values(clock=clock + REORDER_MS + 1)
+        )
+    with pytest.raises(LeaseDenied) as e:
+        ks.lease(late)
+    assert e.value.code == "tpm_rollback" and "went backwards" in str(e.value)
+    one.close()
+    two.close()
+    vendor.close()

@@ -63,6 +63,10 @@ from .vendor import Vendor, leases_t
 
 NONCE_TTL = 60.0
 DOC_TTL = 2.0  # seconds a process keeps a license document before reading it again
+# A quote this much older (TPM clock, ms) than the newest seen, in the same boot and with a safe clock, is
+# accepted without moving the floor: two serving processes on one machine quote one after the other, and
+# their requests may reach the key server (or two of its workers) in the other order.
+REORDER_MS = 10_000
 MAX_ID = 128  # longest license id, machine id or nonce a request may carry
 REQUEST_DOMAIN = b"codemoat-lease-request-v1"
 ANSWER_DOMAIN = b"codemoat-lease-v1"
@@ -313,6 +317,8 @@ class KeyServer:
         """Refuse a TPM whose (resetCount, clock) is below the highest seen for its AK. The floor is the
         vendor database's (`tpmbind.advance_on`): a key server restart or a second process forgets nothing."""
         last = advance_on(c, ak, mid, info.reset_count, info.clock, info.safe)
+        if last is not None and info.safe and info.reset_count == last[0] and last[1] - info.clock <= REORDER_MS:
+            return  # a request overtaken by a later one of the same boot: not a rollback
         if last is not None:
             if (info.reset_count, info.clock) >= last:  # only the safe flag stands in the way
                 msg = (
