@@ -128,7 +128,9 @@ def main() -> None:
             "",
             "apply reads the bundle once: the payload is written to the store while a second thread hashes",
             "the block just read (SHA-256 against the signed digest), then fsynced; verify is a separate full",
-            "read and hash. The target is verify+apply / copy <= 1.5.",
+            "read and hash (two buffers read into in turn, the other hashed in a second thread). `update apply`",
+            "alone makes every check `update verify` makes (signature, license, support window, version, the",
+            "payload's digest), so running verify first is optional. The target is verify+apply / copy <= 1.5.",
         ]
         out = ROOT / "bench" / "results" / "updates.md"
         if swap_lines:  # the adapter swap's section (written by --adapter-swap) stays
