@@ -194,7 +194,9 @@ def model_path(name: str) -> Path:
 class Servers:
     """The four servers on one model, started together, stopped together."""
 
-    def __init__(self, model: Path, args: argparse.Namespace, token: str, env: dict):
+    def __init__(self, model: Path, args: argparse.Namespace, token: str, env: dict, variants: dict | None = None):
+        """`variants`: more codemoat servers, name -> environment over codemoat's (bench/serve_before.py: an
+        older checkout's code through PYTHONPATH)."""
         self.procs: dict[str, subprocess.Popen] = {}
         self.urls: dict[str, str] = {}
         self.headers: dict[str, dict] = {}
@@ -216,6 +218,7 @@ class Servers:
                 env,
             ),
         }
+        cmds.update({name: (cm, dict(cm_env, **extra)) for name, extra in (variants or {}).items()})
         for name in args.servers:
             if name == "llama-server" and not LLAMA_SERVER.is_file():
                 print("llama-server is not built (bench/serve.py --build): its column is left out", file=sys.stderr)
@@ -285,12 +288,12 @@ async def one(c: httpx.AsyncClient, prompt: str, tokens: int, stream: bool = Fal
     return time.perf_counter() - t0, ttft, n
 
 
-def client(url: str, headers: dict, n: int) -> httpx.AsyncClient:
+def client(url: str, headers: dict, n: int, keepalive: bool = False) -> httpx.AsyncClient:
     # a connection per request for every server: llama-server closes idle keep-alive connections, and a
     # reused one it had closed failed as "Server disconnected without sending a response"
-    return httpx.AsyncClient(
-        base_url=url, headers=headers, timeout=600, limits=httpx.Limits(max_connections=n + 2, max_keepalive_connections=0)
-    )
+    # (bench/serve_before.py keeps them, as the 2026-11-28 run did: no llama-server there)
+    limits = httpx.Limits(max_connections=n + 2, max_keepalive_connections=n + 2 if keepalive else 0)
+    return httpx.AsyncClient(base_url=url, headers=headers, timeout=600, limits=limits)
 
 
 async def single(url: str, headers: dict, reps: int) -> dict:
