@@ -11,6 +11,7 @@ import hashlib
 import re
 import secrets
 import time
+import weakref
 from dataclasses import dataclass
 
 import sqlalchemy as sa
@@ -96,6 +97,9 @@ class Accounts:
     def __init__(self, engine: Engine):
         self.engine = engine
         self._last_used: dict[str, float] = {}
+        # verified tokens, by their SHA-256 (never the token): hash -> (principal, expires_at, cached until)
+        self._verified: dict[str, tuple[Principal, float | None, float]] = {}
+        self._writes = _watch_writes(engine, self._verified)
 
     # -- users and groups -------------------------------------------------
     def add_user(self, name: str, groups_: list[str] | tuple[str, ...] = ()) -> None:
@@ -236,16 +240,26 @@ class Accounts:
         return self._info(rows[0])
 
     def authenticate(self, secret: str | None) -> Principal:
-        """The principal a bearer token stands for, or `Unauthorized`."""
+        """The principal a bearer token stands for, or `Unauthorized`.
+
+        A verified token is remembered for `VERIFIED_TTL` seconds (by its hash), so that a burst of
+        requests costs one lookup; a change to tokens, users or memberships through this process's
+        engine forgets them all at once, and one made elsewhere (another replica, the CLI) takes
+        effect within the TTL. Failures are never remembered."""
         if not secret:
             raise Unauthorized("missing API token: send 'Authorization: Bearer <token>'")
+        digest = _hash(secret)
+        now = time.time()
+        hit = self._verified.get(digest)
+        if hit is not None and now < hit[2] and (hit[1] is None or hit[1] > now):
+            return hit[0]
+        generation = self._writes.generation
         with self.engine.connect() as c:
-            r = c.execute(sa.select(tokens).where(tokens.c.hash == _hash(secret))).first()
+            r = c.execute(sa.select(tokens).where(tokens.c.hash == digest)).first()
         if r is None:
             raise Unauthorized("invalid API token")
         if r.revoked_at is not None:
             raise Unauthorized("API token has been revoked")
-        now = time.time()
         if r.expires_at is not None and r.expires_at <= now:
             raise Unauthorized("API token has expired")
         # last_used is written at most once a minute per token, off the hot path's common case
@@ -253,4 +267,54 @@ class Accounts:
             self._last_used[r.id] = now
             with self.engine.begin() as c:
                 c.execute(tokens.update().where(tokens.c.id == r.id).values(last_used_at=now))
-        return Principal(r.user, r.id, self.groups_of(r.user), frozenset(r.scopes.split(",")))
+            generation = -1  # that write forgets the cache: remembered from the next lookup on
+        principal = Principal(r.user, r.id, self.groups_of(r.user), frozenset(r.scopes.split(",")))
+        if self._writes.generation == generation:  # no write to accounts while we read: safe to remember
+            if len(self._verified) >= _VERIFIED_MAX:
+                self._verified.clear()
+            self._verified[digest] = (principal, r.expires_at, now + VERIFIED_TTL)
+        return principal
+
+
+VERIFIED_TTL = 0.5  # seconds a verified token is trusted without a lookup (a revocation elsewhere waits this long)
+_VERIFIED_MAX = 4096
+# a statement that writes an accounts table (quoted or not, as the dialect spells it)
+_WRITES_ACCOUNTS = re.compile(r'^\s*(?:UPDATE|DELETE\s+FROM|INSERT\s+INTO)\s+"?(?:tokens|users|memberships|groups)"?\s', re.I)
+
+
+class _Writes:
+    """Counts the writes to the accounts tables through one engine, and forgets its caches on each."""
+
+    def __init__(self, engine: Engine):
+        self.generation = 0
+        self.caches: list[dict] = []
+        sa.event.listen(engine, "after_cursor_execute", self._executed)
+        sa.event.listen(engine, "commit", self._ended)
+        sa.event.listen(engine, "rollback", self._ended)
+
+    def bump(self) -> None:
+        self.generation += 1
+        for c in self.caches:
+            c.clear()
+
+    def _executed(self, conn, cursor, statement, parameters, context, executemany) -> None:
+        if _WRITES_ACCOUNTS.match(statement):
+            conn.info["codemoat_accounts_written"] = True
+            self.bump()
+
+    def _ended(self, conn) -> None:  # again once the write is visible to other connections
+        if conn.info.pop("codemoat_accounts_written", False):
+            self.bump()
+
+
+_watches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _watch_writes(engine: Engine, cache: dict) -> _Writes:
+    """Forget `cache` whenever a statement through `engine` writes an accounts table (before and
+    again after its commit, so that a lookup racing the write cannot keep the old answer)."""
+    w = _watches.get(engine)
+    if w is None:
+        w = _watches[engine] = _Writes(engine)
+    w.caches.append(cache)
+    return w

@@ -106,7 +106,7 @@ class UsageStore:
             first_line_chars=first,
         )
         with self.engine.begin() as c:
-            c.execute(completions.insert().values(**row))
+            c.execute(completions.insert(), row)  # parameters bound: one compiled statement for every row
             rollup.add_completion(c, row)
         return kind
 

@@ -1,0 +1,104 @@
+"""The short-lived cache of verified tokens: one lookup per burst, and never a wrong or stale answer."""
+
+import time
+
+import pytest
+import sqlalchemy as sa
+
+from codemoat.accounts import Accounts
+from codemoat.accounts import store
+from codemoat.accounts.store import VERIFIED_TTL, tokens
+from codemoat.db import open_db
+from codemoat.errors import Unauthorized
+
+
+@pytest.fixture
+def acc(database_url):
+    eng = open_db(database_url)
+    yield Accounts(eng)
+    eng.dispose()
+
+
+def _lookups(engine) -> list[str]:
+    seen: list[str] = []
+
+    def count(conn, cursor, statement, *a) -> None:
+        if statement.lstrip().upper().startswith("SELECT") and "tokens" in statement:
+            seen.append(statement)
+
+    sa.event.listen(engine, "after_cursor_execute", count)
+    return seen
+
+
+def test_a_burst_costs_one_lookup(acc):
+    _, secret = acc.create_token("alice")
+    acc.authenticate(secret)  # the first one also writes last_used_at, and is not remembered
+    seen = _lookups(acc.engine)
+    for _ in range(20):
+        assert acc.authenticate(secret).user == "alice"
+    assert len(seen) == 1
+    assert secret not in repr(acc._verified)  # kept by its hash, never the token
+
+
+def test_failures_are_never_remembered(acc):
+    _, secret = acc.create_token("alice")
+    acc.authenticate(secret)
+    seen = _lookups(acc.engine)
+    for bad in ("cm_wrong", secret[:-1], secret + "x", secret.upper()):
+        for _ in range(3):
+            with pytest.raises(Unauthorized):
+                acc.authenticate(bad)
+    assert len(seen) == 12  # every wrong token looked up each time
+    assert len(acc._verified) <= 1
+
+
+def test_changes_through_this_process_take_effect_at_once(acc):
+    _, secret = acc.create_token("alice")
+    for _ in range(2):
+        acc.authenticate(secret)
+    acc.revoke_token("alice")
+    with pytest.raises(Unauthorized, match="revoked"):
+        acc.authenticate(secret)
+
+    _, s2 = acc.create_token("bob")
+    acc.add_group("red")
+    for _ in range(2):
+        acc.authenticate(s2)
+    acc.set_groups("bob", ["red"])
+    assert "red" in acc.authenticate(s2).groups
+    with acc.engine.begin() as c:  # as the console's "disable user" does: SQL on the same engine
+        c.execute(tokens.update().where(tokens.c.user == "bob").values(revoked_at=time.time()))
+    with pytest.raises(Unauthorized):
+        acc.authenticate(s2)
+
+    _, s3 = acc.create_token("carol")
+    for _ in range(2):
+        acc.authenticate(s3)
+    acc.remove_user("carol")
+    with pytest.raises(Unauthorized):
+        acc.authenticate(s3)
+
+
+def test_a_revocation_elsewhere_takes_effect_within_the_ttl(acc, database_url):
+    _, secret = acc.create_token("alice")
+    for _ in range(2):
+        acc.authenticate(secret)
+    other = sa.create_engine(database_url)  # another replica's connection to the shared database
+    try:
+        with other.begin() as c:
+            c.execute(tokens.update().values(revoked_at=time.time()))
+    finally:
+        other.dispose()
+    time.sleep(VERIFIED_TTL + 0.05)
+    with pytest.raises(Unauthorized, match="revoked"):
+        acc.authenticate(secret)
+
+
+def test_expiry_is_checked_on_a_remembered_token(acc, monkeypatch):
+    monkeypatch.setattr(store, "VERIFIED_TTL", 30.0)  # remembered for longer than the token lives
+    _, secret = acc.create_token("alice", expires_at=time.time() + 1.0)
+    for _ in range(2):
+        acc.authenticate(secret)
+    time.sleep(max(0.0, acc._verified[next(iter(acc._verified))][1] - time.time()) + 0.05)
+    with pytest.raises(Unauthorized, match="expired"):
+        acc.authenticate(secret)
