@@ -265,6 +265,10 @@ class UpdateSettings(BaseModel):
         None,
         description="The vendor's online update channel (`codemoat update fetch` polls it; the only host it may reach). Off by default: bundles travel on removable media.",
     )
+    handoff: bool = Field(
+        True,
+        description="`codemoat serve` listens on $CODEMOAT_HOME/run/serve-PID.sock (mode 0600, its own account or root only) so that `codemoat update apply` swaps an installed model or served adapter in without a restart; off: installs serve from the next start (or the admin swap route).",
+    )
 
 
 class Settings(BaseSettings):
@@ -273,10 +277,6 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CODEMOAT_", env_nested_delimiter="__", extra="ignore")
 
     server: ServerSettings = Field(default_factory=ServerSettings)
-    handoff: bool = Field(
-        True,
-        description="`codemoat serve` listens on $CODEMOAT_HOME/run/serve-PID.sock (mode 0600, its own account or root only) so that `codemoat update apply` swaps an installed model or served adapter in without a restart; off: installs serve from the next start (or the admin swap route).",
-    )
     model: ModelSettings = Field(default_factory=ModelSettings)
     vault: VaultSettings = Field(default_factory=VaultSettings)
     retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings)
