@@ -30,7 +30,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve import PROMPT, ROOT, Servers, client, one  # noqa: E402
+from serve import PROMPT, ROOT, Servers, client, cpu_seconds, one  # noqa: E402
 
 REF = "llama_cpp.server"
 
@@ -88,33 +88,36 @@ def summary(r: dict) -> dict:
         "rps": statistics.median(r["rps"]),
         "ttft": statistics.median(r["ttft"]),
         "toks": statistics.mean(r["toks"]),
+        "cpu": sum(r["cpu"]) / (len(r["lat"]) + len(r["ttft"]) + 32 * len(r["rps"])),
     }
 
 
 def table(res: dict[str, dict], before: str) -> str:
     s = {name: summary(r) for name, r in res.items()}
     lines = [
-        "| server | p50 latency (ms) | p95 latency (ms) | requests/s (8 clients) | streaming TTFT p50 (ms) | mean tokens/answer |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| server | p50 latency (ms) | p95 latency (ms) | requests/s (8 clients) | streaming TTFT p50 (ms) | mean tokens/answer "
+        "| server CPU per request (ms) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, v in s.items():
         lines.append(
-            f"| {name} | {v['p50'] * 1000:.1f} | {v['p95'] * 1000:.1f} | {v['rps']:.2f} | {v['ttft'] * 1000:.1f} | {v['toks']:.1f} |"
+            f"| {name} | {v['p50'] * 1000:.1f} | {v['p95'] * 1000:.1f} | {v['rps']:.2f} | {v['ttft'] * 1000:.1f} | {v['toks']:.1f} "
+            f"| {v['cpu'] * 1000:.1f} |"
         )
     if REF not in s:
         return "\n".join(lines)
     ref = s[REF]
-    ratios = {n: {k: v[k] / ref[k] for k in ("p50", "p95", "rps", "ttft")} for n, v in s.items() if n != REF}
+    ratios = {n: {k: v[k] / ref[k] for k in ("p50", "p95", "rps", "ttft", "cpu")} for n, v in s.items() if n != REF}
     lines += [
         "",
-        f"| ratio vs {REF} | p50 latency | p95 latency | throughput | time to first token | p50 ratio / {before}'s | "
-        f"throughput ratio / {before}'s |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        f"| ratio vs {REF} | p50 latency | p95 latency | throughput | time to first token | CPU per request "
+        f"| p50 ratio / {before}'s | throughput ratio / {before}'s | CPU per request / {before}'s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for n, r in ratios.items():
         b = ratios.get(before)
-        vs = f"{r['p50'] / b['p50']:.2f} | {r['rps'] / b['rps']:.2f}" if b else "— | —"
-        lines.append(f"| {n} | {r['p50']:.3f} | {r['p95']:.3f} | {r['rps']:.3f} | {r['ttft']:.3f} | {vs} |")
+        vs = f"{r['p50'] / b['p50']:.2f} | {r['rps'] / b['rps']:.2f} | {r['cpu'] / b['cpu']:.2f}" if b else "— | — | —"
+        lines.append(f"| {n} | {r['p50']:.3f} | {r['p95']:.3f} | {r['rps']:.3f} | {r['ttft']:.3f} | {r['cpu']:.3f} | {vs} |")
     return "\n".join(lines)
 
 
@@ -133,19 +136,28 @@ def main() -> None:
     tree = checkout(args.commit)
     try:
         where = resolves_to(tree / "src")
-        args.servers = [before, "codemoat", "codemoat-1", REF]
+        args.servers = [before, "codemoat", "codemoat-1", "codemoat-inline", REF]
         load0, t0 = open("/proc/loadavg").read().split()[:3], time.time()
         servers = Servers(
-            Path(args.model), args, "bench-" + os.urandom(12).hex(), dict(os.environ), {before: {"PYTHONPATH": str(tree / "src")}}
+            Path(args.model),
+            args,
+            "bench-" + os.urandom(12).hex(),
+            dict(os.environ),
+            {
+                before: {"PYTHONPATH": str(tree / "src")},
+                "codemoat-inline": {"CODEMOAT_MODEL__ISOLATION": "inline", "CODEMOAT_MODEL__PARALLEL": str(args.parallel)},
+            },
         )
-        res: dict[str, dict] = {s: {"lat": [], "ttft": [], "toks": [], "rps": []} for s in servers.urls}
+        res: dict[str, dict] = {s: {"lat": [], "ttft": [], "toks": [], "rps": [], "cpu": []} for s in servers.urls}
         try:
             for s, u in servers.urls.items():  # warm-up
                 asyncio.run(round_(u, servers.headers[s], 3))
             for r in range(args.rounds):
                 order = list(servers.urls) if r % 2 == 0 else list(reversed(servers.urls))
                 for s in order:
+                    cpu0 = cpu_seconds(servers.procs[s].pid)
                     got = asyncio.run(round_(servers.urls[s], servers.headers[s], args.requests))
+                    got["cpu"] = [cpu_seconds(servers.procs[s].pid) - cpu0]
                     for k, v in got.items():
                         res[s][k] += v
                     print(
@@ -165,9 +177,12 @@ def main() -> None:
 (1/5/15 min) {" ".join(load0)} before, {" ".join(load1)} after. Model `{model.name}` ({model.stat().st_size / 1e6:.1f} MB) for every
 server, n_ctx {args.n_ctx}, {args.threads} threads each; {before}: `git archive {args.commit}`, run from this venv
 (codemoat imported from `{Path(where).parent.parent.parent.name}/src/codemoat`), its token made by its own CLI;
-codemoat: this checkout, model.parallel = {args.parallel}; codemoat-1: model.parallel = 1. Greedy 32-token completions of a
+codemoat: this checkout, model.parallel = {args.parallel} (engine in a child process, the default);
+codemoat-1: model.parallel = 1; codemoat-inline: model.isolation = inline (the engine in the server's process, as
+{args.commit} ran it; model.parallel = {args.parallel}). Greedy 32-token completions of a
 {len(PROMPT)}-character prompt; {args.rounds} rounds × {args.requests} sequential requests (p50/p95), {max(3, args.requests // 2)}
-streamed (TTFT), 8 concurrent clients × 4 requests (requests/s); rounds alternate the servers' order.
+streamed (TTFT), 8 concurrent clients × 4 requests (requests/s); rounds alternate the servers' order. Server
+CPU per request: user + system time of the server's process tree (/proc) over its rounds, per request.
 
 {table(res, before)}
 """
