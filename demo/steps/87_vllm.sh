@@ -74,10 +74,10 @@ def tensor_shapes(path):  # the safetensors header: names and shapes, or None wh
 
 
 want, want_sha = tensor_shapes(original), sha256(original)
-# A hit is a file holding the served model's weights: the original's tensors (names and shapes), or a
-# file of the weights' size written since the step began, that is not byte for byte the vendor's own
-# unsealed original (a checkout of this repository holds that one; other checkouts on a shared machine
-# are not the served, fingerprinted copy).
+# A hit is a file written since the step began that holds the served model's weights: the original's
+# tensors (names and shapes), or the weights' size, and is not byte for byte the vendor's own unsealed
+# original (a checkout of this repository holds that one). Older files (other checkouts on a shared
+# machine, older versions of the bundled model) cannot be what this server decrypted.
 hits, originals, seen = [], 0, set()
 for base in ("/dev/shm", "/tmp", os.path.expanduser("~"), sys.argv[2]):
     for d, _, files in os.walk(base):
@@ -92,10 +92,9 @@ for base in ("/dev/shm", "/tmp", os.path.expanduser("~"), sys.argv[2]):
                 continue
             if "/site-packages/" in p or not os.path.isfile(p) or os.path.islink(p):
                 continue
-            fresh_same_size = st.st_size == size and st.st_mtime >= started - 1
-            if not (n.endswith(".safetensors") or fresh_same_size):
+            if st.st_mtime < started - 1:  # the served weights could only have been written during this step
                 continue
-            if not fresh_same_size and tensor_shapes(p) != want:
+            if st.st_size != size and not (n.endswith(".safetensors") and tensor_shapes(p) == want):
                 continue
             try:
                 if sha256(p) == want_sha:
@@ -104,7 +103,7 @@ for base in ("/dev/shm", "/tmp", os.path.expanduser("~"), sys.argv[2]):
             except OSError:
                 continue
             hits.append(p)
-print("   plaintext weight files found:", hits or "none", f"(byte-identical copies of the vendor's unsealed original in checkouts: {originals})")
+print("   plaintext weight files found:", hits or "none", f"(files of this step that are byte for byte the unsealed original, not the served copy: {originals})")
 private = [os.path.join("/dev/shm", d) for d in os.listdir("/dev/shm") if d.startswith("codemoat-vllm-")]
 for d in private:
     print(f"   {d} (mode {oct(os.stat(d).st_mode & 0o777)}): {sorted(os.listdir(d))}")
