@@ -53,7 +53,10 @@ class ModelSettings(BaseModel):
     )
     id: str | None = Field(None, description="Model name shown by the API (default: the file's stem).")
     n_ctx: int = Field(4096, ge=64, description="Context window in tokens (capped by the model's own).")
-    n_threads: int | None = Field(None, description="CPU threads for llama.cpp (default: all cores).")
+    n_threads: int | None = Field(
+        None,
+        description="CPU threads for llama.cpp (default: the cores this process may run on: its affinity, e.g. `taskset -c` or a container's cpuset). Replicas sharing a host: cores / replicas each.",
+    )
     n_gpu_layers: int = Field(0, description="Layers to offload to a GPU (llama.cpp).")
     cpu_buffers: Literal["auto", "extra", "safe"] = Field(
         "auto",

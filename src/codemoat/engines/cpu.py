@@ -35,6 +35,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..cores import usable_cores
+
 log = logging.getLogger("codemoat.engines")
 
 #: bump when the test changes, so verdicts cached by an older test are not trusted
@@ -266,7 +268,7 @@ def selftest(*, n_threads: int | None = None, timeout: float = TIMEOUT_S) -> Cho
     feat = feature(flags, system_info())
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="codemoat-cpu-") as tmp:
-        cmd = [sys.executable, "-m", "codemoat.engines.cpu", tmp, str(n_threads or os.cpu_count() or 1)]
+        cmd = [sys.executable, "-m", "codemoat.engines.cpu", tmp, str(n_threads or usable_cores())]
         try:
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
             out, rc = r.stdout, r.returncode

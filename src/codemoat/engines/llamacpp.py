@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
-import os
 import random
 import threading
 from collections.abc import Callable, Sequence
@@ -20,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from ..cores import usable_cores
 from ..errors import CodemoatError
 from .base import Chunk, FinishReason, SamplingParams
 from .memfd import MemfdBuffer
@@ -119,7 +119,7 @@ class LlamaCppEngine(WorkerEngine):
         from .cpu import Choice, choose
 
         self._memfd = memfd
-        n_threads = n_threads or os.cpu_count() or 1
+        n_threads = n_threads or usable_cores()
         if use_extra_bufts is None:
             self.cpu = choose(cpu_buffers, model_path, n_threads=n_threads)
         else:

@@ -10,20 +10,18 @@ runs on every core this process may use.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import numpy as np
+
+from ..cores import usable_cores
 
 BATCH = 64  # positions per decode: 64 × 262,144 × 4 B = 64 MiB of logits for Gemma 3
 
 
 def threads() -> int:
     """Cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+    return usable_cores()
 
 
 class LogitStream:

@@ -34,6 +34,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from ..cores import usable_cores
 from .codec import VaultError, b64d, b64e, canonical, ed_public, key_id, public_raw, sign, verify
 
 MAGIC = b"CODEMOAT"
@@ -65,11 +66,7 @@ MANIFEST_FIELDS = {
 
 def default_threads() -> int:
     """Decryption workers: the cores this process may use, at most 8 (memory bandwidth runs out)."""
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        n = os.cpu_count() or 1
-    return max(1, min(n, 8))
+    return max(1, min(usable_cores(), 8))
 
 
 def content_key_id(key: bytes) -> str:
