@@ -25,6 +25,7 @@ def _to_callback(b: httpx.Client, stack, user: str) -> str:
 def test_admin_signs_in_through_the_provider_in_a_browser(oidc_stack, tmp_path):
     sys.path.insert(0, str(ROOT / "tests" / "console"))  # the console's Selenium helpers (not a package)
     from browser import chromium
+    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
@@ -32,9 +33,14 @@ def test_admin_signs_in_through_the_provider_in_a_browser(oidc_stack, tmp_path):
     d = chromium(tmp_path / "profile")
     try:
         d.get(oidc_stack.url + "/admin/signin")
-        link = d.find_element(By.ID, "signin-oidc")
-        assert link.text == "Sign in with Test IdP"
-        link.click()
+        # the element is read again until it holds (headless Chromium can hand back a node the page
+        # has just replaced: "Node with given id does not belong to the document")
+        WebDriverWait(d, 30, ignored_exceptions=(WebDriverException,)).until(
+            lambda d: d.find_element(By.ID, "signin-oidc").text == "Sign in with Test IdP"
+        )
+        WebDriverWait(d, 30, ignored_exceptions=(WebDriverException,)).until(
+            lambda d: d.find_element(By.ID, "signin-oidc").click() or True
+        )
         WebDriverWait(d, 60).until(lambda d: d.current_url.startswith(oidc_stack.issuer))
         d.find_element(By.NAME, "login").send_keys("bob")
         d.find_element(By.NAME, "password").send_keys("any")
