@@ -4,10 +4,7 @@ by another, once; a replayed or expired one is refused by every process (SQLite 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import threading
-import time
 
 import httpx
 import pytest
@@ -18,7 +15,7 @@ from codemoat.vault.lease import LeaseClient
 from codemoat.vault.license import License
 from codemoat.vault.machine import MachineKey
 from codemoat.vault.vendor import Vendor
-from conftest import free_port
+from attest.tpmhelp import keyserver_process
 from vault.vaulthelp import bundle
 
 
@@ -36,35 +33,6 @@ def leased(database_url, tmp_path):
     vendor.close()
 
 
-def _keyserver(vendor_dir, *extra: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "codemoat.cli.main", "keyserver", "--vendor", str(vendor_dir), "--port", str(port), *extra],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"key server exited: {proc.stderr.read().decode()[-400:]}")
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    raise RuntimeError("key server did not start")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 def _lease(url: str, req: dict) -> tuple[int, str | None]:
     r = httpx.post(url + "/v1/lease", json=req, timeout=30)
     return r.status_code, (r.json().get("error") or {}).get("code")
@@ -78,9 +46,10 @@ def _challenge(url: str, lid: str) -> str:
 def test_a_challenge_from_one_key_server_process_is_accepted_once_by_another(leased, tmp_path):
     vendor, client = leased
     lid = client.lic.id
-    a, url_a = _keyserver(tmp_path / "vendor", "--workers", "2")  # itself two processes on one port
-    b, url_b = _keyserver(tmp_path / "vendor")
-    try:
+    with (
+        keyserver_process(tmp_path / "vendor", "--workers", "2") as url_a,  # itself two processes on one port
+        keyserver_process(tmp_path / "vendor") as url_b,
+    ):
         req = client._signed_request(_challenge(url_a, lid), REQUEST_DOMAIN)
         assert _lease(url_b, req) == (200, None)  # issued by A, spent at B
         for url in (url_a, url_b):  # a replay, at either
@@ -112,9 +81,6 @@ def test_a_challenge_from_one_key_server_process_is_accepted_once_by_another(lea
             req = client._signed_request(_challenge(url_a, lid), REQUEST_DOMAIN)
             assert _lease(url_a, req) == (200, None)
             assert _lease(url_a, req) == (401, "bad_nonce")
-    finally:
-        _stop(a)
-        _stop(b)
 
 
 def test_expired_and_replayed_challenges_are_refused_by_every_process(leased):
