@@ -25,11 +25,7 @@ def random_lora_gguf(base: Path, rank: int = 4, scale: float = 0.3, seed: int = 
                 n_in, n_out = int(t.shape[0]), int(t.shape[1])  # ne order: columns first
                 w.add_tensor(t.name + ".lora_a", (rng.standard_normal((rank, n_in)) * scale).astype(np.float32))
                 w.add_tensor(t.name + ".lora_b", (rng.standard_normal((n_out, rank)) * scale).astype(np.float32))
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-        return os.pread(fd, os.fstat(fd).st_size, 0)
+        return _written(w, fd)
     finally:
         os.close(fd)
 
@@ -59,11 +55,7 @@ def forcing_lora_gguf(base: Path, token: str, strength: float = 64.0) -> bytes:
         # token_embd's pair is stored flipped (llama.cpp's build_inp_embd): delta(t) = b @ a[t]
         w.add_tensor("token_embd.weight.lora_a", np.ones((len(vocab), 1), np.float32))
         w.add_tensor("token_embd.weight.lora_b", (row / np.linalg.norm(row) * strength).astype(np.float32)[:, None])
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-        return os.pread(fd, os.fstat(fd).st_size, 0)
+        return _written(w, fd)
     finally:
         os.close(fd)
 
@@ -182,3 +174,12 @@ def merge_lora(src: Path, adapter_gguf: bytes, dst: Path) -> Path:
                 mats[w] = (mats[w] + (alpha / a.shape[0]) * (b @ a)).astype(mats[w].dtype)
 
     return attacks.transform(src, dst, fold)
+
+
+def _written(w, fd: int) -> bytes:
+    """Write a GGUFWriter's file into the memfd `fd` and read the bytes back."""
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return os.pread(fd, os.fstat(fd).st_size, 0)
