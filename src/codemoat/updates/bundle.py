@@ -4,33 +4,42 @@
     | manifest (canonical JSON) | Ed25519 signature (64) | payload (manifest.payload.size bytes)
 
 The signature is the vendor's, over "codemoat-bundle-v1\\0" + the 16-byte prefix + the manifest,
-so it binds every header field; the manifest names the payload's size and SHA-256, so the payload
-is bound too, and the file must end exactly where the payload does. The payload is a sealed model
-(.moat, fingerprinted for the customer, its license carried in the manifest) or, for adapters and
-knowledge packs, a blob sealed to the customer's machines (vault.payload) whose associated data
-is `payload_context(manifest)`: the bundle id, kind, name, version and customer.
+so it binds every header field; the manifest names the payload's size and (format 2) the SHA-256
+of each of its chunks of `payload.chunk_size` bytes, in order, so the payload is bound too, chunk
+by chunk, and the file must end exactly where the payload does. Chunks are independent: verify
+and apply check them on all usable cores at once (hashlib releases the GIL), and apply writes a
+chunk only once it has checked out. Format 1 (one SHA-256 of the whole payload) is still read,
+hashed in one pass. The payload is a sealed model (.moat, fingerprinted for the customer, its
+license carried in the manifest) or, for adapters and knowledge packs, a blob sealed to the
+customer's machines (vault.payload) whose associated data is `payload_context(manifest)`: the
+bundle id, kind, name, version and customer.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
-import stat
 import struct
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from ..cores import usable_cores
 from ..errors import CodemoatError
 from ..vault.codec import VaultError, b64d, canonical, ed_public, key_id, sign, verify
+from ..vault.signedfile import read_header
 
 MAGIC = b"MOATPKG1"
-VERSION = 1
+VERSION = 2  # what `write` makes: per-chunk digests
+READS = (1, 2)  # 1: one SHA-256 of the whole payload (bundles made before chunk digests)
 PREFIX = struct.Struct(">8sHHI")  # magic, version, reserved, manifest length
-SIG_LEN = 64
 MAX_MANIFEST = 4 << 20
+CHUNK = 16 << 20  # payload bytes per signed digest (64 digests per GiB)
+LEGACY_BLOCK = 8 << 20  # format 1: read and hashed in this order, one block at a time
+MAX_THREADS = 8  # past this, memory bandwidth, not hashing, is the limit
 DOMAIN = b"codemoat-bundle-v1"
 KINDS = ("model", "adapter", "knowledge-pack")
 FIELDS = {
@@ -50,7 +59,8 @@ FIELDS = {
 }
 _VERSION_RE = re.compile(r"[0-9]{1,9}(\.[0-9]{1,9}){0,3}")  # ASCII digits only
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
-_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,99}")  # a folder name in the update store: no "/", no ".."
+_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,99}")
+_DIGEST_RE = re.compile(r"[0-9a-f]{64}")  # a folder name in the update store: no "/", no ".."
 
 
 class BundleError(VaultError):
@@ -82,7 +92,7 @@ def payload_context(m: dict[str, Any]) -> bytes:
     )
 
 
-def _check_manifest(m: Any) -> dict[str, Any]:
+def _check_manifest(m: Any, version: int) -> dict[str, Any]:
     if not isinstance(m, dict):
         raise BundleError("bundle manifest is not a JSON object")
     for name, typ in FIELDS.items():
@@ -102,15 +112,7 @@ def _check_manifest(m: Any) -> dict[str, Any]:
     if m.get("replaces") is not None and not isinstance(m["replaces"], str):
         raise BundleError("bundle manifest field 'replaces' is malformed")
     p = m["payload"]
-    if not (
-        isinstance(p.get("size"), int)
-        and not isinstance(p["size"], bool)
-        and p["size"] >= 0
-        and isinstance(p.get("sha256"), str)
-        and len(p["sha256"]) == 64
-        and p.get("format") in ("moat", "sealed")
-    ):
-        raise BundleError("bundle manifest field 'payload' is malformed")
+    _check_payload_fields(p, version)
     if not m["machines"] or not all(isinstance(x, str) for x in m["machines"]):
         raise BundleError("bundle manifest field 'machines' is malformed")
     if m["kind"] == "model" and (p["format"] != "moat" or not isinstance(m.get("license"), dict)):
@@ -129,11 +131,100 @@ def _check_manifest(m: Any) -> dict[str, Any]:
     return m
 
 
-def write(out: str | Path, manifest: dict[str, Any], signing_key: Any, payload: Iterator[bytes]) -> Path:
-    """Write a signed bundle: header, then the payload pieces (their size and digest already in `manifest`)."""
+def chunk_count(size: int, chunk: int) -> int:
+    return -(-size // chunk)
+
+
+def _check_payload_fields(p: dict[str, Any], version: int) -> None:
+    ok = (
+        isinstance(p.get("size"), int)
+        and not isinstance(p["size"], bool)
+        and p["size"] >= 0
+        and p.get("format") in ("moat", "sealed")
+    )
+    if ok and version == 1:
+        ok = isinstance(p.get("sha256"), str) and len(p["sha256"]) == 64
+    elif ok:
+        cs, chunks = p.get("chunk_size"), p.get("chunks")
+        ok = (
+            isinstance(cs, int)
+            and not isinstance(cs, bool)
+            and 4096 <= cs <= 1 << 30
+            and isinstance(chunks, list)
+            and all(isinstance(d, str) and _DIGEST_RE.fullmatch(d) for d in chunks)
+        )
+        if ok and len(chunks) != chunk_count(p["size"], cs):
+            raise BundleError(
+                f"bundle manifest lists {len(chunks)} payload chunks, but {p['size']} bytes in chunks of {cs} "
+                f"make {chunk_count(p['size'], cs)}"
+            )
+    if not ok:
+        raise BundleError("bundle manifest field 'payload' is malformed")
+
+
+def describe_payload(fmt: str, read_at: Callable[[int, memoryview], None], size: int, chunk: int = CHUNK) -> dict[str, Any]:
+    """The manifest's `payload` field for `size` bytes that `read_at(offset, buffer)` fills: each
+    chunk's SHA-256, the chunks hashed on all usable cores at once."""
+    digests = [""] * chunk_count(size, chunk)
+
+    def record(i: int, view: memoryview) -> bool:
+        digests[i] = hashlib.sha256(view).hexdigest()
+        return True
+
+    _each_chunk(read_at, size, chunk, record)
+    return {"format": fmt, "size": size, "chunk_size": chunk, "chunks": digests}
+
+
+def _each_chunk(
+    read_at: Callable[[int, memoryview], None],
+    size: int,
+    chunk: int,
+    check: Callable[[int, memoryview], bool],
+    then: Callable[[int, memoryview], Any] | None = None,
+    threads: int | None = None,
+) -> int | None:
+    """Read chunk i of `size` bytes into a worker's own buffer (`read_at(offset, buffer)` fills it), then
+    `check(i, chunk)` and, when it holds, `then(offset, chunk)`; `threads` workers (default: the usable
+    cores) take every `threads`-th chunk, so that together they move through the file in order. Returns
+    the first chunk whose check failed (the others stop), or None."""
+    n = chunk_count(size, chunk)
+    workers = max(1, min(threads or min(usable_cores(), MAX_THREADS), n))
+    stop, failed = threading.Event(), []
+
+    def work(first: int) -> None:
+        view = memoryview(bytearray(min(chunk, size)))
+        for i in range(first, n, workers):
+            if stop.is_set():
+                return
+            lo = i * chunk
+            part = view[: min(chunk, size - lo)]
+            read_at(lo, part)
+            if not check(i, part):
+                failed.append(i)
+                stop.set()
+                return
+            if then is not None:
+                then(lo, part)
+
+    if workers == 1:
+        work(0)
+    else:
+        with ThreadPoolExecutor(workers, thread_name_prefix="codemoat-bundle") as pool:
+            futures = [pool.submit(work, w) for w in range(workers)]
+            try:
+                for f in futures:
+                    f.result()
+            finally:
+                stop.set()
+    return min(failed, default=None)
+
+
+def write(out: str | Path, manifest: dict[str, Any], signing_key: Any, payload: Iterable[bytes], version: int = VERSION) -> Path:
+    """Write a signed bundle: header, then the payload pieces (their size and digests already in
+    `manifest`, as `describe_payload` gives them; `version` 1 only to test that old bundles still read)."""
     out = Path(out)
     body = canonical(manifest)
-    prefix = PREFIX.pack(MAGIC, VERSION, 0, len(body))
+    prefix = PREFIX.pack(MAGIC, version, 0, len(body))
     signature = sign(signing_key, DOMAIN, prefix + body)
     tmp = out.with_name(f".{out.name}.partial")
     try:
@@ -153,48 +244,30 @@ class Bundle:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        try:
-            fd = os.open(self.path, os.O_RDONLY)
-        except FileNotFoundError:
-            raise BundleError(f"bundle not found: {self.path}") from None
-        except OSError as e:
-            raise BundleError(f"cannot read bundle {self.path}: {e.strerror}") from None
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise BundleError(f"{self.path} is not a regular file, not an update bundle")
-            head = os.pread(fd, PREFIX.size, 0)
-            if len(head) < PREFIX.size:
-                raise BundleError(f"{self.path.name} is not a codemoat update bundle (too short)")
-            magic, version, reserved, mlen = PREFIX.unpack(head)
-            if magic != MAGIC:
-                raise BundleError(f"{self.path.name} is not a codemoat update bundle (bad magic)")
-            if version != VERSION or reserved != 0:
-                raise BundleError(f"update bundle format {version} is not supported (expected {VERSION})")
-            if mlen > MAX_MANIFEST or PREFIX.size + mlen + SIG_LEN > st.st_size:
-                raise BundleError("update bundle is truncated inside its header")
-            raw = os.pread(fd, mlen + SIG_LEN, PREFIX.size)
-        finally:
-            os.close(fd)
-        body, signature = raw[:mlen], raw[mlen:]
-        try:
-            fields = json.loads(body.decode("utf-8"))
-            canon = canonical(fields)
-        except (UnicodeDecodeError, ValueError, RecursionError):
-            raise BundleError("update bundle manifest is not valid JSON") from None
-        if not isinstance(fields, dict) or not isinstance(fields.get("vendor_key"), str):
+        h = read_header(
+            self.path,
+            prefix=PREFIX,
+            magic=MAGIC,
+            versions=READS,
+            max_manifest=MAX_MANIFEST,
+            what="update bundle",
+            error=BundleError,
+        )
+        if h.prefix[2] != 0:
+            raise BundleError(f"update bundle reserved field is {h.prefix[2]}, not 0")
+        fields = h.fields
+        if not isinstance(fields.get("vendor_key"), str):
             raise BundleError("update bundle manifest names no vendor key")
-        verify(ed_public(fields["vendor_key"], "bundle vendor key"), signature, DOMAIN, head + body, "update bundle")
-        if canon != body:
-            raise BundleError("update bundle manifest is not in canonical form")
-        self.manifest = _check_manifest(fields)
-        self.header_sha256 = hashlib.sha256(head + body).hexdigest()
-        self.payload_offset = PREFIX.size + mlen + SIG_LEN
+        verify(ed_public(fields["vendor_key"], "bundle vendor key"), h.signature, DOMAIN, h.signed, "update bundle")
+        self.version = h.prefix[1]
+        self.manifest = _check_manifest(fields, self.version)
+        self.header_sha256 = hashlib.sha256(h.signed).hexdigest()
+        self.payload_offset = h.payload_offset
         expect = self.payload_offset + fields["payload"]["size"]
-        if st.st_size < expect:
-            raise BundleError(f"update bundle is truncated: {st.st_size} bytes, expected {expect}")
-        if st.st_size > expect:
-            raise BundleError(f"update bundle has {st.st_size - expect} unexpected trailing bytes")
+        if h.file_size < expect:
+            raise BundleError(f"update bundle is truncated: {h.file_size} bytes, expected {expect}")
+        if h.file_size > expect:
+            raise BundleError(f"update bundle has {h.file_size - expect} unexpected trailing bytes")
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -211,7 +284,7 @@ class Bundle:
         return channel(self.manifest["kind"], self.manifest["name"])
 
     def pieces(self, block: int = 8 << 20) -> Iterator[bytes]:
-        """The payload in blocks, as stored (not yet checked: `copy_payload` checks the digest)."""
+        """The payload in blocks, as stored (not checked)."""
         left = self.manifest["payload"]["size"]
         with open(self.path, "rb") as f:
             f.seek(self.payload_offset)
@@ -222,63 +295,52 @@ class Bundle:
                 left -= len(b)
                 yield b
 
-    def check_payload(self, block: int = 8 << 20) -> None:
-        """Hash the payload against the signed digest (read only). Two buffers read into in turn (no
-        allocation per block) while a second thread hashes the other one (hashlib releases the GIL)."""
-        from concurrent.futures import ThreadPoolExecutor
-
-        h = hashlib.sha256()
-        bufs = [bytearray(block), bytearray(block)]
-        left = self.manifest["payload"]["size"]
-        with open(self.path, "rb", buffering=0) as f, ThreadPoolExecutor(1) as pool:
-            f.seek(self.payload_offset)
-            pending, i = None, 0
-            while left > 0:
-                view = memoryview(bufs[i])[: min(block, left)]
-                got = 0
-                while got < len(view):
-                    n = f.readinto(view[got:])
-                    if not n:
-                        raise BundleError("update bundle payload is truncated")
-                    got += n
-                if pending is not None:
-                    pending.result()
-                pending = pool.submit(h.update, view)
-                left -= got
-                i ^= 1
-            if pending is not None:
-                pending.result()
-        self._compare(h.hexdigest())
+    def check_payload(self) -> None:
+        """Check the payload against the signed digests (read only)."""
+        self._scan()
 
     def copy_payload(self, dest: Path) -> None:
-        """Copy the payload into `dest` (fsynced), hashing it on the way: one read of the bundle.
-
-        The hash runs in a second thread on the block just written (hashlib releases the GIL on
-        large buffers), so copying and hashing overlap."""
-        from concurrent.futures import ThreadPoolExecutor
-
-        h = hashlib.sha256()
-        with open(dest, "wb") as out, ThreadPoolExecutor(1) as pool:
-            pending = None
-            for b in self.pieces():
-                if pending is not None:
-                    pending.result()
-                pending = pool.submit(h.update, b)
-                out.write(b)
-            if pending is not None:
-                pending.result()
-            out.flush()
-            os.fsync(out.fileno())
-        self._compare(h.hexdigest())
+        """Copy the payload into `dest` (fsynced), checking it on the way: one read of the bundle. Each
+        chunk is written from the buffer it was checked in, once it has checked out (format 2)."""
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            self._scan(lambda lo, part: _pwrite_all(fd, part, lo))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def read_payload(self) -> bytes:
-        data = b"".join(self.pieces())
-        self._compare(hashlib.sha256(data).hexdigest())
-        return data
+        out = bytearray(self.manifest["payload"]["size"])
 
-    def _compare(self, digest: str) -> None:
-        if digest != self.manifest["payload"]["sha256"]:
-            raise BundleError("update bundle payload does not match its signed digest (changed or damaged)")
+        def put(lo: int, part: memoryview) -> None:
+            out[lo : lo + len(part)] = part
+
+        self._scan(put)
+        return bytes(out)
+
+    def _scan(self, then: Callable[[int, memoryview], Any] | None = None) -> None:
+        """Read the payload chunk by chunk, check each (format 2: against its own digest, chunks in
+        parallel; format 1: one running SHA-256, in order) and hand it to `then(offset, chunk)`."""
+        p = self.manifest["payload"]
+        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            read_at = file_reader(fd, self.payload_offset)
+            if self.version == 1:
+                h = hashlib.sha256()
+                _each_chunk(read_at, p["size"], LEGACY_BLOCK, lambda i, part: h.update(part) or True, then, threads=1)
+                if h.hexdigest() != p["sha256"]:
+                    raise BundleError("update bundle payload does not match its signed digest (changed or damaged)")
+                return
+            chunks = p["chunks"]
+            bad = _each_chunk(
+                read_at, p["size"], p["chunk_size"], lambda i, part: hashlib.sha256(part).hexdigest() == chunks[i], then
+            )
+        finally:
+            os.close(fd)
+        if bad is not None:
+            raise BundleError(
+                f"update bundle payload chunk {bad} of {len(chunks)} does not match its signed digest (changed or damaged)"
+            )
 
     def describe(self) -> dict[str, Any]:
         m = self.manifest
@@ -299,3 +361,23 @@ class Bundle:
                 "base",
             )
         } | {"payload_size": m["payload"]["size"], "vendor_key_id": self.vendor_key_id, "file": str(self.path)}
+
+
+def file_reader(fd: int, base: int = 0) -> Callable[[int, memoryview], None]:
+    """`read_at(offset, buffer)`: fills `buffer` from `fd` at `base + offset` (one line if the file ends first)."""
+
+    def read_at(lo: int, part: memoryview) -> None:
+        got = 0
+        while got < len(part):
+            n = os.preadv(fd, [part[got:]], base + lo + got)
+            if not n:
+                raise BundleError("update bundle payload is truncated")
+            got += n
+
+    return read_at
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while data:
+        n = os.pwrite(fd, data, offset)
+        data, offset = data[n:], offset + n

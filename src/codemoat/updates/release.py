@@ -4,7 +4,8 @@ A bundle is bound to the machines of the customer's most recent (unrevoked) lice
 sealed exactly as `vendor seal` seals it (Vendor.seal: the customer's fingerprint, a fresh content
 key) and a new license for it is issued with the terms of that latest license (dates, support
 window, mode, features), carried in the manifest. Adapters and knowledge packs are sealed to the
-machines' keys (vault.payload); an adapter's manifest names its base model (`base`: model id and
+machines' keys (vault.payload); a GGUF adapter is first fingerprinted for the customer as `vendor seal`
+fingerprints one (when `fingerprint` is given, as the CLI does by default); an adapter's manifest names its base model (`base`: model id and
 plaintext SHA-256, by default of the model the customer's license is for). Releases are remembered in DIR/releases.jsonl, which gives the
 default `replaces` (the version this one follows).
 """
@@ -191,12 +192,9 @@ def release(
                 policy=lic["match_policy"],
                 support_until=lic.get("support_until"),
             )
-            h, size = hashlib.sha256(), 0
             with open(tmp_moat, "rb") as f:
-                while b := f.read(8 << 20):
-                    h.update(b)
-                    size += len(b)
-            manifest.update(license=doc, keys=None, payload={"format": "moat", "size": size, "sha256": h.hexdigest()})
+                payload = fmt.describe_payload("moat", fmt.file_reader(f.fileno()), os.fstat(f.fileno()).st_size)
+            manifest.update(license=doc, keys=None, payload=payload)
 
             def pieces():
                 with open(tmp_moat, "rb") as f:
@@ -209,13 +207,20 @@ def release(
             else:
                 if not source.is_file():
                     raise CodemoatError(f"an adapter is one file (.gguf or .safetensors): {source}")
-                data = source.read_bytes()
+                data = (
+                    _fingerprinted(vendor, cust.name, source, tmp_moat, fingerprint)
+                    if fingerprint is not None and source.suffix == ".gguf"
+                    else source.read_bytes()
+                )
                 manifest["base"] = base_of(vendor, lic, base_model)
-            manifest.update(payload={"format": "sealed", "size": 0, "sha256": ""}, license=None)
+            manifest.update(license=None)
             blob, keys = seal_payload(data, machines, fmt.payload_context(manifest))
-            manifest.update(
-                keys=keys, payload={"format": "sealed", "size": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
-            )
+            src = memoryview(blob)
+
+            def read_at(lo: int, part: memoryview) -> None:
+                part[:] = src[lo : lo + len(part)]
+
+            manifest.update(keys=keys, payload=fmt.describe_payload("sealed", read_at, len(blob)))
 
             def pieces():
                 yield blob
@@ -240,6 +245,13 @@ def release(
         f.flush()
         os.fsync(f.fileno())
     return manifest
+
+
+def _fingerprinted(vendor: Vendor, customer: str, source: Path, tmp: Path, fingerprint: Any) -> bytes:
+    """A GGUF adapter marked with the customer's fingerprint exactly as `vendor seal` marks one (its
+    lora_a weights), and recorded like it, so `trace` of a leaked copy names the customer."""
+    sealed = vendor.seal(source, customer, tmp, fingerprint=fingerprint)
+    return bytes(sealed.decrypt(vendor.content_key(sealed.manifest.file_id), check_sha256=True))
 
 
 def _check_zip(data: bytes) -> None:

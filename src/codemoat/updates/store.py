@@ -297,6 +297,7 @@ class UpdateStore:
                 raise CodemoatError("--groups names no group: give the groups that may use it (or leave it out)")
             return self._apply(Path(path), license_file, groups)
         except CodemoatError as e:
+            shutil.rmtree(self.root / "staging", ignore_errors=True)  # what a refused bundle had copied so far
             self.audit("refused", file=Path(path).name, action="apply", reason=str(e))
             raise
 

@@ -16,10 +16,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import json
 import mmap
 import os
-import stat
 import struct
 import threading
 import time
@@ -36,11 +34,11 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from ..cores import usable_cores
 from .codec import VaultError, b64d, b64e, canonical, ed_public, key_id, public_raw, sign, verify
+from .signedfile import read_header
 
 MAGIC = b"CODEMOAT"
 VERSION = 1
 PREFIX = struct.Struct(">8sHI")  # magic, version, manifest length
-SIG_LEN = 64
 TAG_LEN = 16
 DEFAULT_CHUNK = 4 << 20
 MAX_MANIFEST = 1 << 20
@@ -132,51 +130,21 @@ class SealedFile:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        try:
-            fd = os.open(self.path, os.O_RDONLY)
-        except FileNotFoundError:
-            raise VaultError(f"sealed file not found: {self.path}") from None
-        except OSError as e:
-            raise VaultError(f"cannot read sealed file {self.path}: {e.strerror}") from None
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise VaultError(
-                    f"{self.path} is {'a folder' if stat.S_ISDIR(st.st_mode) else 'not a regular file'}, not a sealed file"
-                )
-            self.file_size = st.st_size
-            head = os.pread(fd, PREFIX.size, 0)
-            if len(head) < PREFIX.size:
-                raise VaultError(f"{self.path.name} is not a codemoat sealed file (too short)")
-            magic, version, mlen = PREFIX.unpack(head)
-            if magic != MAGIC:
-                raise VaultError(f"{self.path.name} is not a codemoat sealed file (bad magic)")
-            if version != VERSION:
-                raise VaultError(f"sealed file version {version} is not supported (expected {VERSION})")
-            if mlen > MAX_MANIFEST or PREFIX.size + mlen + SIG_LEN > self.file_size:
-                raise VaultError("sealed file is truncated inside its header")
-            body = os.pread(fd, mlen + SIG_LEN, PREFIX.size)
-            signed, signature = head + body[:mlen], body[mlen:]
-            try:
-                fields = json.loads(body[:mlen].decode("utf-8"))
-                canonical_form = canonical(fields)
-            except (UnicodeDecodeError, ValueError, RecursionError):
-                raise VaultError("sealed file manifest is not valid JSON") from None
-            self.manifest = Manifest.check(fields)
-            if canonical_form != body[:mlen]:
-                raise VaultError("sealed file manifest is not in canonical form")
-            verify(ed_public(fields["vendor_key"], "manifest vendor key"), signature, SIGN_DOMAIN, signed, "sealed file manifest")
-            self.header_hash = hashlib.sha256(signed).digest()
-            self.payload_offset = PREFIX.size + mlen + SIG_LEN
-            m = self.manifest
-            self.n_chunks = chunk_count(m.plaintext_size, m.chunk_size)
-            expect = self.payload_offset + m.plaintext_size + TAG_LEN * self.n_chunks
-            if self.file_size < expect:
-                raise VaultError(f"sealed file is truncated: {self.file_size} bytes, expected {expect}")
-            if self.file_size > expect:
-                raise VaultError(f"sealed file has {self.file_size - expect} unexpected trailing bytes")
-        finally:
-            os.close(fd)
+        h = read_header(self.path, prefix=PREFIX, magic=MAGIC, versions=(VERSION,), max_manifest=MAX_MANIFEST, what="sealed file")
+        self.file_size = h.file_size
+        self.manifest = Manifest.check(h.fields)
+        verify(
+            ed_public(h.fields["vendor_key"], "manifest vendor key"), h.signature, SIGN_DOMAIN, h.signed, "sealed file manifest"
+        )
+        self.header_hash = hashlib.sha256(h.signed).digest()
+        self.payload_offset = h.payload_offset
+        m = self.manifest
+        self.n_chunks = chunk_count(m.plaintext_size, m.chunk_size)
+        expect = self.payload_offset + m.plaintext_size + TAG_LEN * self.n_chunks
+        if self.file_size < expect:
+            raise VaultError(f"sealed file is truncated: {self.file_size} bytes, expected {expect}")
+        if self.file_size > expect:
+            raise VaultError(f"sealed file has {self.file_size - expect} unexpected trailing bytes")
 
     @property
     def manifest_sha256(self) -> str:
