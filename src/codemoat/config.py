@@ -42,7 +42,11 @@ class ModelSettings(BaseModel):
     # checked on assignment too, so that nothing reaches the server unchecked
     model_config = ConfigDict(validate_assignment=True)
 
-    path: str | None = Field(None, description="Model to serve: a .gguf, a safetensors folder, or a sealed .moat file.")
+    path: str | None = Field(
+        None,
+        description="Model to serve: a .gguf, a safetensors folder, or a sealed .moat file; `update:model` serves the "
+        "model bundle installed by `codemoat update apply` (its current version, with the license it carries).",
+    )
     license: str | None = Field(None, description="License file (.lic) for a sealed model.")
     engine: str = Field(
         "llamacpp", description="Inference engine: llamacpp, transformers, vllm, or module:Class of an Engine subclass."

@@ -20,6 +20,15 @@ LicenseOpt = Annotated[
     ),
 ]
 
+SwapOpt = Annotated[
+    bool,
+    typer.Option(
+        "--swap/--no-swap",
+        help="Hand a model, or an adapter a server serves, to the `codemoat serve` running on this home, which "
+        "swaps it in without a restart (a failed health check keeps the old one and rolls the store back).",
+    ),
+]
+
 
 @vendor_app.command("release")
 def vendor_release(
@@ -31,7 +40,9 @@ def vendor_release(
         Path | None,
         typer.Option(help="A model (.gguf, or safetensors file or folder): sealed and fingerprinted for the customer."),
     ] = None,
-    adapter: Annotated[Path | None, typer.Option(help="An adapter file, sealed to the customer's machines.")] = None,
+    adapter: Annotated[
+        Path | None, typer.Option(help="An adapter file, fingerprinted (GGUF) and sealed to the customer's machines.")
+    ] = None,
     knowledge_pack: Annotated[
         Path | None, typer.Option(help="A folder (or .zip) of documentation and source for the customer's retrieval index.")
     ] = None,
@@ -52,7 +63,8 @@ def vendor_release(
         ),
     ] = None,
     fingerprint: Annotated[
-        bool, typer.Option("--fingerprint/--no-fingerprint", help="Embed the customer's weight fingerprint (models).")
+        bool,
+        typer.Option("--fingerprint/--no-fingerprint", help="Embed the customer's weight fingerprint (models, GGUF adapters)."),
     ] = True,
     base_model: Annotated[
         Path | None,
@@ -72,7 +84,7 @@ def vendor_release(
     if len(given) != 1:
         raise CodemoatError("give exactly one of --model, --adapter or --knowledge-pack")
     kind, source = given[0]
-    fp = _fingerprinter() if kind == "model" and fingerprint else None
+    fp = _fingerprinter() if kind in ("model", "adapter") and fingerprint else None
     v = Vendor.open(vendor)
     try:
         m = release(
@@ -125,7 +137,8 @@ def _store():
     def audit(step: str, detail: dict[str, Any]) -> None:
         log.append("update", user="admin", route=f"update {step}", detail=detail)
 
-    models = [Path(s.model.path)] if s.model.path else []  # an adapter bundle must be for this model or the installed one
+    # an adapter bundle must be for this model or the installed one (which `update:model` names)
+    models = [Path(s.model.path)] if s.model.path and not s.model.path.startswith("update:") else []
     return UpdateStore(audit=audit, models=models)
 
 
@@ -165,14 +178,7 @@ def update_apply(
             "(default: as before, else everyone).",
         ),
     ] = None,
-    swap: Annotated[
-        bool,
-        typer.Option(
-            "--swap/--no-swap",
-            help="Hand a model, or an adapter a server serves, to the `codemoat serve` running on this home, which "
-            "swaps it in without a restart (a failed health check keeps the old one and rolls the store back).",
-        ),
-    ] = True,
+    swap: SwapOpt = True,
     as_json: JsonFlag = False,
 ) -> None:
     """Install a bundle atomically (a crash leaves the previous version serving), then swap it into the running server."""
@@ -184,28 +190,35 @@ def update_apply(
     r = _store().apply(file, license, parse_groups(groups) if groups is not None else None)
     if swap and r["kind"] in ("model", "adapter"):
         r["served"] = hand_over(channel(r["kind"], r["name"]))
-    failed = [a for a in r.get("served", []) if not a.get("ok")]
 
     def human(d: dict[str, Any]) -> None:
         line = f"installed {label(d)}" + (f" (was {d['previous']})" if d["previous"] else "")
         if d.get("index"):
             line += f"; indexed {d['index']['chunks']} chunks as {d['index']['source']}"
-        served = d.get("served")
-        if served is not None and not served:
-            line += "; no server is running on this home: it serves from the next start"
-        for a in served or []:
-            if a.get("ok") and a.get("swapped"):
-                line += f"; server pid {a['pid']} serves it now (swapped in {a.get('seconds', '?')} s)"
-            elif a.get("ok"):
-                line += f"; server pid {a['pid']} left as it is: {a.get('reason')}"
-        if failed:
-            a = failed[0]
-            print_error(f"{line}; but server pid {a['pid']} could not serve it: {a.get('error')}")
-        else:
-            console.print(line, highlight=False, soft_wrap=True)
+        _report(line, d.get("served"))
 
-    emit(r, as_json, human)
+    _emit_served(r, as_json, human)
+
+
+def _report(line: str, served: list[dict[str, Any]] | None) -> None:
+    """`line` and what each running serve made of the hand-off: one line (on stderr when one failed)."""
+    if served is not None and not served:
+        line += "; no server is running on this home: it serves from the next start"
+    for a in served or []:
+        if a.get("ok") and a.get("swapped"):
+            line += f"; server pid {a['pid']} serves it now (swapped in {a.get('seconds', '?')} s)"
+        elif a.get("ok"):
+            line += f"; server pid {a['pid']} left as it is: {a.get('reason')}"
+    failed = [a for a in served or [] if not a.get("ok")]
     if failed:
+        print_error(f"{line}; but server pid {failed[0]['pid']} could not serve it: {failed[0].get('error')}")
+    else:
+        console.print(line, highlight=False, soft_wrap=True)
+
+
+def _emit_served(r: dict[str, Any], as_json: bool, human) -> None:
+    emit(r, as_json, human)
+    if any(not a.get("ok") for a in r.get("served", [])):
         raise typer.Exit(1)
 
 
@@ -242,11 +255,16 @@ def update_rollback(
     channel: Annotated[
         str | None, typer.Option(help="model, adapter:NAME or knowledge-pack:NAME (default: the last one applied).")
     ] = None,
+    swap: SwapOpt = True,
     as_json: JsonFlag = False,
 ) -> None:
-    """Go back to the version installed before the current one."""
+    """Go back to the version installed before the current one (and hand it to the running server)."""
+    from ..updates.handoff import hand_over
+
     r = _store().rollback(channel)
-    emit(r, as_json, lambda d: console.print(f"{d['channel']}: {d['from']} -> {d['version']}", highlight=False))
+    if swap and (r["channel"] == "model" or r["channel"].startswith("adapter:")):
+        r["served"] = hand_over(r["channel"])
+    _emit_served(r, as_json, lambda d: _report(f"{d['channel']}: {d['from']} -> {d['version']}", d.get("served")))
 
 
 @vendor_app.command("channel")

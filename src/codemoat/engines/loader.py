@@ -27,22 +27,41 @@ def open_model(settings: Settings) -> ModelHolder:
         return open_vaulted(settings)
     if not m.path:
         raise CodemoatError("no model given: pass --model PATH or set model.path in the config")
-    path = Path(m.path).expanduser()
+    if m.path == INSTALLED:
+        path, license = installed_model(m.license)
+    else:
+        path, license = Path(m.path).expanduser(), Path(m.license).expanduser() if m.license else None
     if not path.exists():
         raise CodemoatError(f"model not found: {path}")
     stem = path.name.split(".")[0]
     if path.suffix == ".moat":
-        if not m.license:
+        if license is None:
             raise CodemoatError(f"{path.name} is sealed: pass --license FILE.lic")
         from .sealed import open_sealed
 
         # served under the manifest's model id (or model.id); the file's stem is accepted too
-        return open_sealed(path, Path(m.license).expanduser(), settings=settings, model_id=m.id, aliases=[stem])
+        return open_sealed(path, license, settings=settings, model_id=m.id, aliases=[stem])
     model_id = m.id or stem
     holder = ModelHolder(model_id, loader=lambda: build_engine(settings, path, model_id))
     holder.status.path, holder.status.size = str(path), path.stat().st_size if path.is_file() else 0
     holder.load()
     return holder
+
+
+#: `model.path` that serves the model bundle `codemoat update apply` installed (its current version)
+INSTALLED = "update:model"
+
+
+def installed_model(license: str | None) -> tuple[Path, Path]:
+    """The current model bundle's sealed model and its own license (updates.store)."""
+    from ..updates.store import UpdateStore
+
+    if license:
+        raise CodemoatError(f"model.path = {INSTALLED!r} serves the installed model with its own license: leave out --license")
+    cur = UpdateStore().current("model")
+    if cur is None:
+        raise CodemoatError(f"model.path is {INSTALLED!r}, but no model bundle is installed (`codemoat update apply FILE`)")
+    return Path(cur["dir"]) / "model.moat", Path(cur["dir"]) / "model.lic"
 
 
 def open_vaulted(settings: Settings) -> ModelHolder:
