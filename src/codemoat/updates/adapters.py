@@ -17,10 +17,9 @@ from pathlib import Path
 from ..errors import CodemoatError
 from ..vault.machine import MachineKey
 from ..vault.payload import open_payload
-from .bundle import payload_context
+from .bundle import check_gguf, payload_context
 
 PREFIX = "update:"
-GGUF_MAGIC = b"GGUF"
 
 
 @dataclass(frozen=True)
@@ -35,11 +34,6 @@ class InstalledAdapter:
 def is_reference(entry: str) -> bool:
     """`update:NAME` in `model.adapters`: an installed vendor adapter, not a file."""
     return entry.startswith(PREFIX)
-
-
-def check_gguf(data: bytes, name: str) -> None:
-    if data[:4] != GGUF_MAGIC:
-        raise CodemoatError(f"adapter {name!r} is not a GGUF LoRA adapter (llama.cpp serves GGUF adapters only)")
 
 
 def current(name: str, root: Path | None = None) -> dict:

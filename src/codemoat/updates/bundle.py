@@ -39,6 +39,7 @@ PREFIX = struct.Struct(">8sHHI")  # magic, version, reserved, manifest length
 MAX_MANIFEST = 4 << 20
 CHUNK = 16 << 20  # payload bytes per signed digest (64 digests per GiB)
 LEGACY_BLOCK = 8 << 20  # format 1: read and hashed in this order, one block at a time
+GGUF_MAGIC = b"GGUF"
 MAX_THREADS = 8  # past this, memory bandwidth, not hashing, is the limit
 DOMAIN = b"codemoat-bundle-v1"
 KINDS = ("model", "adapter", "knowledge-pack")
@@ -84,6 +85,12 @@ def check_name(name: str) -> str:
 def channel(kind: str, name: str) -> str:
     """What anti-rollback and `rollback` count versions in: one model; each adapter and pack by name."""
     return "model" if kind == "model" else f"{kind}:{name}"
+
+
+def check_gguf(data: bytes, name: str) -> None:
+    """An adapter bundle's plaintext is a GGUF LoRA adapter (checked at verify, apply and serve)."""
+    if data[:4] != GGUF_MAGIC:
+        raise CodemoatError(f"adapter {name!r} is not a GGUF LoRA adapter (llama.cpp serves GGUF adapters only)")
 
 
 def payload_context(m: dict[str, Any]) -> bytes:

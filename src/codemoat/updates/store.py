@@ -34,8 +34,7 @@ from ..vault.license import License, check as check_license, check_trusted_vendo
 from ..vault.machine import MachineKey
 from ..vault.payload import open_payload
 from . import packs
-from .adapters import check_gguf
-from .bundle import Bundle, BundleError, parse_version, payload_context
+from .bundle import Bundle, BundleError, check_gguf, parse_version, payload_context
 
 CRASH_ENV = "CODEMOAT_UPDATE_CRASH_AT"  # tests only: os._exit() at a named step (needs PYTEST_CURRENT_TEST)
 STEPS = ("verified", "staged", "stored", "journaled", "switched", "indexed")
