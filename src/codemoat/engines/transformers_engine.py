@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +23,8 @@ import numpy as np
 
 from ..errors import CodemoatError
 from .base import Chunk, FinishReason, SamplingParams
+from .hf import HfModel, fit_context, read_config
 from .worker import StopCutter, WorkerEngine
-
-#: tokens that end a generation besides eos (llama.cpp treats Qwen's FIM pad/repo/file separators as end-of-generation too)
-_EOG_TEXTS = ("<|endoftext|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>", "<|im_end|>", "<|eot_id|>", "<|EOT|>")
 
 
 def sample_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
@@ -45,7 +43,7 @@ def sample_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Gene
     return int(idx[rng.choice(len(idx), p=p)])
 
 
-class TransformersEngine(WorkerEngine):
+class TransformersEngine(HfModel, WorkerEngine):
     name = "transformers"
 
     def __init__(
@@ -59,22 +57,13 @@ class TransformersEngine(WorkerEngine):
         device: str = "cpu",
         n_threads: int | None = None,
     ):
-        from tokenizers import Tokenizer
-
         self._model = model
         self._config = config
         self._device = device
         self._threads = n_threads
-        self._tok = Tokenizer.from_str(tokenizer_json)
-        self._tok_plain = Tokenizer.from_str(tokenizer_json)
-        self._tok_plain.encode_special_tokens = True  # special=False: "<|endoftext|>" in text is just text
-        self._specials = {c: i for i, c in ((i, t.content) for i, t in self._tok.get_added_tokens_decoder().items())}
-        self._eog = {self._specials[t] for t in _EOG_TEXTS if t in self._specials}
-        eos = config.get("eos_token_id")
-        if isinstance(eos, int):
-            self._eog.add(eos)
-        limit = int(config.get("max_position_embeddings") or 2048)
-        self._n_ctx = min(n_ctx, limit) if n_ctx else limit
+        self._load_tokenizer(tokenizer_json)
+        self._eog = self._eog_ids()
+        self._n_ctx = fit_context(config, n_ctx, default=2048)
         self.model_id = model_id
         self._start_worker(f"transformers-{model_id}")
 
@@ -143,13 +132,7 @@ class TransformersEngine(WorkerEngine):
             if not f.is_file():
                 raise CodemoatError(f"not a model folder: {f.name} missing in {p}")
         kw.setdefault("model_id", p.name.split(".")[0])
-        config = json.loads(need[1].read_text())
-        tc = p / "tokenizer_config.json"
-        if "chat_template" not in config and tc.is_file():
-            tmpl = json.loads(tc.read_text()).get("chat_template")
-            if isinstance(tmpl, str):
-                config["chat_template"] = tmpl
-        return cls.from_bytes(need[0].read_bytes(), config, need[2].read_text(), **kw)
+        return cls.from_bytes(need[0].read_bytes(), read_config(p), need[2].read_text(), **kw)
 
     @classmethod
     def from_path(cls, path: str | Path, **kw: Any) -> TransformersEngine:
@@ -162,42 +145,6 @@ class TransformersEngine(WorkerEngine):
             kw.setdefault("model_id", p.stem)
             return cls.from_dir(sibling, **kw)
         raise CodemoatError(f"the transformers engine needs a safetensors folder, not {p}")
-
-    # -- facts --------------------------------------------------------------
-    @property
-    def n_ctx(self) -> int:
-        return self._n_ctx
-
-    @property
-    def n_vocab(self) -> int:
-        return int(self._config.get("vocab_size") or self._tok.get_vocab_size())
-
-    @property
-    def metadata(self) -> dict[str, Any]:
-        md: dict[str, Any] = {"general.architecture": self._config.get("model_type", ""), "general.name": self.model_id}
-        if isinstance(self._config.get("chat_template"), str):
-            md["tokenizer.chat_template"] = self._config["chat_template"]
-        md.update({f"config.{k}": v for k, v in self._config.items() if isinstance(v, (int, float, str))})
-        return md
-
-    @property
-    def vocab(self) -> set[str]:
-        return set(self._specials)
-
-    def has_token(self, text: str) -> bool:
-        return text in self._specials
-
-    def token_text(self, which: str) -> str:
-        tid = self._config.get("bos_token_id" if which == "bos" else "eos_token_id")
-        return (self._tok.id_to_token(tid) or "") if isinstance(tid, int) else ""
-
-    def tokenize(self, text: str, special: bool = True) -> list[int]:
-        tok = self._tok if special else self._tok_plain
-        return tok.encode(text, add_special_tokens=False).ids
-
-    def detokenize(self, ids: Sequence[int]) -> str:
-        """Text of `ids` without special tokens (they are the template's, never the answer's)."""
-        return self._tok.decode(list(ids), skip_special_tokens=True)
 
     # -- worker -------------------------------------------------------------
     def _worker_setup(self) -> None:

@@ -23,7 +23,6 @@ the memfd is zeroed; the next renewal builds it again. (vLLM's sleep mode is CUD
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -32,11 +31,11 @@ from typing import Any
 
 from ..errors import CodemoatError
 from .base import Chunk, Engine, FinishReason, SamplingParams
+from .hf import HfModel, fit_context, read_config
 from .worker import StopCutter
 
 #: files vLLM reads from the model folder besides the weights (everything else in a sealed folder stays in memory)
 CONFIG_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-_EOG_TEXTS = ("<|endoftext|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>", "<|im_end|>", "<|eot_id|>", "<|EOT|>")
 
 
 def _vllm():
@@ -57,7 +56,7 @@ def vllm_prompt(ids: Sequence[int], params: SamplingParams) -> dict[str, Any]:
     return prompt
 
 
-class VllmEngine(Engine):
+class VllmEngine(HfModel, Engine):
     name = "vllm"
 
     def __init__(
@@ -74,29 +73,19 @@ class VllmEngine(Engine):
         **_: Any,
     ):
         AsyncEngineArgs, AsyncLLM = _vllm()
-        from tokenizers import Tokenizer
 
         from .vllm_watermark import QUALNAME
 
         folder = Path(folder)
         self._on_close = on_close
         try:
-            self._config = json.loads((folder / "config.json").read_text())
+            self._config = read_config(folder)
             tok_json = (folder / "tokenizer.json").read_text()
         except (OSError, ValueError) as e:
             raise CodemoatError(f"not a model folder for vLLM ({folder.name}): {e}") from None
-        self._tok = Tokenizer.from_str(tok_json)
-        self._tok_plain = Tokenizer.from_str(tok_json)
-        self._tok_plain.encode_special_tokens = True
-        self._specials = {t.content: i for i, t in self._tok.get_added_tokens_decoder().items()}
-        self._stop_ids = sorted({self._specials[t] for t in _EOG_TEXTS if t in self._specials})
-        tc = folder / "tokenizer_config.json"
-        if "chat_template" not in self._config and tc.is_file():
-            tmpl = json.loads(tc.read_text()).get("chat_template")
-            if isinstance(tmpl, str):
-                self._config["chat_template"] = tmpl
-        limit = int(self._config.get("max_position_embeddings") or n_ctx)
-        self._n_ctx = min(n_ctx, limit)
+        self._load_tokenizer(tok_json)
+        self._stop_ids = sorted(self._eog_ids(eos=False))  # vLLM stops at eos itself
+        self._n_ctx = fit_context(self._config, n_ctx, default=n_ctx)
         self.model_id = model_id or folder.name.split(".")[0]
         # vLLM's CPU backend sizes its KV cache from the environment (GPUs use gpu_memory_utilization)
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{kv_cache_gib:g}")
@@ -167,41 +156,6 @@ class VllmEngine(Engine):
         handoff.close()
         eng.handoff = handoff
         return eng
-
-    # -- facts --------------------------------------------------------------
-    @property
-    def n_ctx(self) -> int:
-        return self._n_ctx
-
-    @property
-    def n_vocab(self) -> int:
-        return int(self._config.get("vocab_size") or self._tok.get_vocab_size())
-
-    @property
-    def metadata(self) -> dict[str, Any]:
-        md: dict[str, Any] = {"general.architecture": self._config.get("model_type", ""), "general.name": self.model_id}
-        if isinstance(self._config.get("chat_template"), str):
-            md["tokenizer.chat_template"] = self._config["chat_template"]
-        md.update({f"config.{k}": v for k, v in self._config.items() if isinstance(v, (int, float, str))})
-        return md
-
-    @property
-    def vocab(self) -> set[str]:
-        return set(self._specials)
-
-    def has_token(self, text: str) -> bool:
-        return text in self._specials
-
-    def token_text(self, which: str) -> str:
-        tid = self._config.get("bos_token_id" if which == "bos" else "eos_token_id")
-        return (self._tok.id_to_token(tid) or "") if isinstance(tid, int) else ""
-
-    def tokenize(self, text: str, special: bool = True) -> list[int]:
-        tok = self._tok if special else self._tok_plain
-        return tok.encode(text, add_special_tokens=False).ids
-
-    def detokenize(self, ids: Sequence[int]) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=True)
 
     # -- generation -----------------------------------------------------------
     def vllm_params(self, params: SamplingParams) -> Any:
