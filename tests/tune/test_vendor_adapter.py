@@ -75,3 +75,43 @@ def test_the_fingerprinted_adapter_still_applies_and_barely_moves_the_output(sea
     moved = np.abs(out["clean"] - out["base"]).max()
     assert moved > 0.1  # the adapter does something
     assert np.abs(out["marked"] - out["clean"]).max() < 0.1 * moved  # the mark barely changes what it does
+
+
+def test_trace_names_the_customer_of_an_adapter_leaked_from_an_update_bundle(sealed, home, tmp_path):
+    """`vendor release --adapter` marks the adapter for its customer as `vendor seal` does: the copy a
+    customer's machine decrypts from the bundle, leaked, names that customer (before: every customer
+    got the same bytes, and trace named nobody)."""
+    import time
+
+    from codemoat.updates.adapters import open_installed
+    from codemoat.updates.store import UpdateStore
+    from codemoat.vault.machine import MachineKey
+    from codemoat.vault.vendor import Vendor
+
+    d, base, adapter = sealed
+    machine = MachineKey.load_or_create()
+    v = Vendor.open(d / "v")
+    try:
+        for c in ("acme", "globex"):
+            v.seal(base, c, tmp_path / f"{c}-base.moat")
+            doc = v.issue_license(
+                customer=c, model=tmp_path / f"{c}-base.moat", machines=[machine.identity()], expires=int(time.time() + 86400)
+            )
+            (tmp_path / f"{c}.lic").write_text(json.dumps(doc))
+    finally:
+        v.close()
+    for c in ("acme", "globex"):
+        r = _cli(
+            "vendor", "release", "--vendor", str(d / "v"), "--customer", c, "--version", "1", "--adapter", str(adapter),
+            "--name", "domain", "--out", str(tmp_path / f"{c}.moatpkg"),
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+    store = UpdateStore(machine=machine, audit=lambda step, detail: None, models=[tmp_path / "acme-base.moat"])
+    store.apply(tmp_path / "acme.moatpkg", tmp_path / "acme.lic", groups=["payments"])
+    leak = tmp_path / "leaked-from-bundle.gguf"
+    leak.write_bytes(open_installed("domain", machine=machine).gguf)
+    assert leak.read_bytes() != adapter.read_bytes()
+    r = _cli("trace", str(leak), "--vendor", str(d / "v"), "--json")
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert got["named"] == ["acme"] and got["original"] == str(adapter)
