@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Annotated, Any
 
 import typer
@@ -37,21 +36,3 @@ def emit(data: Any, as_json: bool, human: Callable[[Any], None] | None = None) -
         sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
     else:
         human(data)
-
-
-@contextlib.contextmanager
-def stage_progress(quiet: bool) -> Iterator[tuple[Any, Any]]:
-    """A rich progress bar for long work reported as stages and steps (train, tune): yields the
-    `Progress` and its one task, whose `info` field carries the latest figures."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-        console=console,
-        disable=quiet,
-        transient=False,
-    ) as progress:
-        yield progress, progress.add_task("preparing", total=1.0, info="")

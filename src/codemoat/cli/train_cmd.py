@@ -8,7 +8,8 @@ from typing import Annotated
 import typer
 
 from .apps import vendor_app
-from .common import JsonFlag, console, emit, stage_progress
+from .common import JsonFlag, console, emit
+from .training import Device, Lr, Minutes, check_budget, run_with_progress
 
 
 @vendor_app.command("train")
@@ -17,14 +18,14 @@ def train_command(
     corpus: Annotated[list[Path], typer.Option("--corpus", help="Directory of code to train on (repeat for several).")],
     out: Annotated[Path, typer.Option("--out", help="Output GGUF path; safetensors go to <stem>.hf/ beside it.")],
     size: Annotated[str, typer.Option("--size", help="Model size: tiny, small or base (micro for tests).")] = "tiny",
-    minutes: Annotated[float, typer.Option("--minutes", help="Training time budget in minutes.")] = 45.0,
+    minutes: Minutes = 45.0,
     steps: Annotated[
         int | None, typer.Option("--steps", help="Train exactly this many steps instead of a time budget (bit-reproducible).")
     ] = None,
-    device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
+    device: Device = "cpu",
     seed: Annotated[int, typer.Option("--seed", help="Seed for the split, data order, FIM draws and initialisation.")] = 0,
     threads: Annotated[int | None, typer.Option("--threads", help="CPU threads for torch (default: torch's choice).")] = None,
-    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate.")] = 1.5e-3,
+    lr: Lr = 1.5e-3,
     batch_size: Annotated[
         int | None, typer.Option("--batch-size", help="Sequences per optimiser step (default by size).")
     ] = None,
@@ -40,12 +41,9 @@ def train_command(
     from ..errors import CodemoatError
     from ..train.trainer import TrainOptions, train
 
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise CodemoatError(f"--device must be cpu or cuda, got {device!r}")
+    check_budget(device, minutes, steps)
     if ftype not in ("f16", "f32"):
         raise CodemoatError(f"--ftype must be f16 or f32, got {ftype!r}")
-    if minutes <= 0 and not steps:
-        raise CodemoatError("--minutes must be positive")
     opts = TrainOptions(
         corpus=corpus,
         out=out,
@@ -62,7 +60,9 @@ def train_command(
         name=name,
         checkpoint_minutes=checkpoint_minutes,
     )
-    result = _run_with_progress(opts, train, quiet=as_json)
+    result = run_with_progress(
+        train, opts, quiet=as_json, verb="train", stage_info=_stage_info, step_info=_step_info, other=_checkpoint
+    )
     data = {
         "gguf": str(result.gguf),
         "hf_dir": str(result.hf_dir),
@@ -86,32 +86,19 @@ def train_command(
     emit(data, as_json, human)
 
 
-def _run_with_progress(opts, train, quiet: bool):
-    with stage_progress(quiet) as (progress, task):
+def _stage_info(ev: dict) -> str:
+    info = {k: v for k, v in ev.items() if k not in ("kind", "stage", "config")}
+    return " ".join(f"{k}={v:,}" if isinstance(v, int) and not isinstance(v, bool) else f"{k}={v}" for k, v in info.items())
 
-        def on_event(ev: dict) -> None:
-            kind = ev["kind"]
-            if kind == "stage":
-                info = {k: v for k, v in ev.items() if k not in ("kind", "stage", "config")}
-                progress.update(
-                    task,
-                    description=ev["stage"],
-                    info=" ".join(
-                        f"{k}={v:,}" if isinstance(v, int) and not isinstance(v, bool) else f"{k}={v}" for k, v in info.items()
-                    ),
-                )
-            elif kind == "step":
-                progress.update(
-                    task,
-                    description=f"train step {ev['step']}",
-                    completed=ev["progress"],
-                    info=f"loss {ev['loss_ema']:.3f}  {ev['tok_per_s']:,.0f} tok/s  lr {ev['lr']:.2e}",
-                )
-            elif kind == "checkpoint" and not quiet:
-                hl = ev["heldout_loss"]
-                progress.console.print(
-                    f"checkpoint at step {ev['step']}: train loss {ev['train_loss']:.3f}"
-                    + (f", held-out loss {hl:.3f}" if hl is not None else "")
-                )
 
-        return train(opts, on_event)
+def _step_info(ev: dict) -> str:
+    return f"loss {ev['loss_ema']:.3f}  {ev['tok_per_s']:,.0f} tok/s  lr {ev['lr']:.2e}"
+
+
+def _checkpoint(progress, ev: dict) -> None:
+    if ev["kind"] == "checkpoint" and not progress.disable:
+        hl = ev["heldout_loss"]
+        progress.console.print(
+            f"checkpoint at step {ev['step']}: train loss {ev['train_loss']:.3f}"
+            + (f", held-out loss {hl:.3f}" if hl is not None else "")
+        )

@@ -8,7 +8,8 @@ from typing import Annotated
 import typer
 
 from .apps import app
-from .common import JsonFlag, console, emit, stage_progress
+from .common import JsonFlag, console, emit
+from .training import Device, Lr, Minutes, check_budget, run_with_progress
 
 
 @app.command("tune")
@@ -23,11 +24,11 @@ def tune_command(
         Path | None, typer.Option("--license", help="License of a sealed base (default: model.license of the configuration).")
     ] = None,
     config: Annotated[Path | None, typer.Option("--config", help="Configuration file (TOML).")] = None,
-    minutes: Annotated[float, typer.Option("--minutes", help="Training time budget in minutes.")] = 10.0,
+    minutes: Minutes = 10.0,
     steps: Annotated[int | None, typer.Option("--steps", help="Train exactly this many steps instead of a time budget.")] = None,
     rank: Annotated[int, typer.Option("--rank", help="LoRA rank.")] = 16,
-    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate.")] = 2e-3,
-    device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
+    lr: Lr = 2e-3,
+    device: Device = "cpu",
     seed: Annotated[int, typer.Option("--seed", help="Seed for the split, the data order and the LoRA initialisation.")] = 0,
     threads: Annotated[int | None, typer.Option("--threads", help="CPU threads for torch.")] = None,
     eval_tokens: Annotated[int, typer.Option("--eval-tokens", help="Held-out tokens scored before and after.")] = 20_000,
@@ -39,10 +40,7 @@ def tune_command(
     from ..errors import CodemoatError
     from ..tune.trainer import TuneOptions, tune
 
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise CodemoatError(f"--device must be cpu or cuda, got {device!r}")
-    if minutes <= 0 and not steps:
-        raise CodemoatError("--minutes must be positive")
+    check_budget(device, minutes, steps)
     settings = load_settings(config)
     base = model or (Path(p) if (p := settings.model.path) else None)
     if base is None:
@@ -64,7 +62,7 @@ def tune_command(
         infill_lines=infill_lines,
         license=lic,
     )
-    result = _run(opts, tune, quiet=as_json)
+    result = run_with_progress(tune, opts, quiet=as_json, verb="tune", stage_info=_stage_info, step_info=_step_info)
     data = {"adapter": str(result.out), **result.meta}
 
     def human(d: dict) -> None:
@@ -102,22 +100,12 @@ def tune_command(
     emit(data, as_json, human)
 
 
-def _run(opts, tune, quiet: bool):
-    with stage_progress(quiet) as (progress, task):
+def _stage_info(ev: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in ev.items() if k not in ("kind", "stage"))
 
-        def on_event(ev: dict) -> None:
-            if ev["kind"] == "stage":
-                info = " ".join(f"{k}={v}" for k, v in ev.items() if k not in ("kind", "stage"))
-                progress.update(task, description=ev["stage"], info=info)
-            elif ev["kind"] == "step":
-                hb = ev["heldout_bpb"]
-                progress.update(
-                    task,
-                    description=f"tune step {ev['step']}",
-                    completed=ev["progress"],
-                    info=f"loss {ev['loss']:.3f}  held-out {hb:.3f} bits/byte  {ev['tok_per_s']:,.0f} tok/s"
-                    if hb is not None
-                    else f"loss {ev['loss']:.3f}",
-                )
 
-        return tune(opts, on_event)
+def _step_info(ev: dict) -> str:
+    hb = ev["heldout_bpb"]
+    if hb is None:
+        return f"loss {ev['loss']:.3f}"
+    return f"loss {ev['loss']:.3f}  held-out {hb:.3f} bits/byte  {ev['tok_per_s']:,.0f} tok/s"
