@@ -16,8 +16,9 @@ leases per server CPU-second: the capacity when the clients do not share the ser
 Client: `LeaseClient.acquire()` (challenge, quote, lease, unwrap by ECDH in the chip) vs the same
 with a software key, alternating; medians and p99.
 
-Offline start: `verify_bundle` (license checks, content-key unwrap, every chunk decrypted and
-hashed) for a TPM-bound license vs a software-bound one, alternating; medians and their ratio.
+Offline start: `open_sealed` to a sealed memfd (serve's start without the engine) and `verify_bundle`
+(license checks, content-key unwrap, every chunk decrypted and hashed) for a TPM-bound license vs a
+software-bound one, alternating; medians and their ratio.
 Writes bench/results/attest.md.
 """
 
@@ -282,11 +283,27 @@ def bench_offline(mib: int, runs: int, vendor, tcti: str) -> dict:
     from codemoat.vault.container import SealedFile
     from codemoat.vault.license import License, check
 
+    from codemoat.engines.sealed import open_sealed
+
+    class Held:  # what the holder serves: the sealed memfd itself (as `codemoat tune` opens a sealed base)
+        in_flight = 0
+
+        def __init__(self, buf) -> None:
+            self.buf = buf
+
+        def close(self) -> None:
+            self.buf.close(zero=True)
+
     times = {"software": [], "tpm": []}
+    starts = {"software": [], "tpm": []}
     checks = {"software": [], "tpm": []}
     sealed = SealedFile(moat)
     for _ in range(runs):
         for kind, (p, m) in lics.items():
+            t = time.perf_counter()  # serve's start without the engine: checks, unwrap, decrypt into a sealed memfd
+            holder = open_sealed(moat, p, machine=m, watch=False, build=lambda _s, buf, _id, _p: Held(buf))
+            starts[kind].append(time.perf_counter() - t)
+            holder.close()
             t = time.perf_counter()
             verify_bundle(moat, p, machine=m)
             times[kind].append(time.perf_counter() - t)
@@ -295,9 +312,13 @@ def bench_offline(mib: int, runs: int, vendor, tcti: str) -> dict:
             checks[kind].append(time.perf_counter() - t)
     med = {k: statistics.median(v) * 1000 for k, v in times.items()}
     chk = {k: statistics.median(v) * 1000 for k, v in checks.items()}
+    st = {k: statistics.median(v) * 1000 for k, v in starts.items()}
     return {
         "mib": mib,
         "runs": runs,
+        "start_software_ms": st["software"],
+        "start_tpm_ms": st["tpm"],
+        "start_ratio": st["tpm"] / st["software"],
         "software_ms": med["software"],
         "tpm_ms": med["tpm"],
         "ratio": med["tpm"] / med["software"],
@@ -326,7 +347,7 @@ def write_md(ks: list[dict], core: dict, client: dict, offs: list[dict], load: t
     lines = [
         "# TPM attestation: key server, client lease, offline sealed start",
         "",
-        f"`{' '.join(['.venv/bin/python', 'bench/attest.py', *sys.argv[1:]])}` (under `flock /tmp/s6/bench.lock`) on "
+        f"`{' '.join(['.venv/bin/python', 'bench/attest.py', *sys.argv[1:]])}` (under `flock /tmp/s7/bench.lock`) on "
         f"{platform.machine()}, {cpus} CPUs shared with the load generator, "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; load average (1/5/15 min) before {load[0]}, after "
         f"{load[1]}. Software TPMs (swtpm) on 127.0.0.1, so TPM times are a software chip's, not a hardware one's (a "
@@ -402,23 +423,37 @@ def write_md(ks: list[dict], core: dict, client: dict, offs: list[dict], load: t
         "primary keys are recreated from the seed rather than stored. A renewal happens every TTL / 2, so this is "
         "off any request's path.",
         "",
-        "## Offline sealed start: `verify_bundle` (checks, unwrap, every chunk decrypted and hashed)",
+        "## Offline sealed start: serve's start to a sealed memfd (`open_sealed`: checks, unwrap, decrypt)",
         "",
         "| model | software X25519 key | TPM P-256 key (ECDH in the chip, PCR + NV policy session) | ratio | target |",
         "| --- | --- | --- | --- | --- |",
         *[
-            f"| {o['mib']} MiB | {o['software_ms']:.1f} ms | {o['tpm_ms']:.1f} ms | {o['ratio']:.3f} | ≤ 1.05× "
-            f"({'met' if o['ratio'] <= 1.05 else 'not met'}) |"
+            f"| {o['mib']} MiB | {o['start_software_ms']:.1f} ms | {o['start_tpm_ms']:.1f} ms | {o['start_ratio']:.3f} | "
+            f"≤ 1.05× ({'met' if o['start_ratio'] <= 1.05 else 'not met'}) |"
             for o in offs
         ],
+        "",
+        "`open_sealed` as `codemoat serve` and `vaultd` start a sealed model, without the engine (the build step keeps "
+        "the memfd): header and manifest, license checks, the content and watermark keys unwrapped, every chunk "
+        "decrypted and authenticated into a sealed memfd, which is then zeroed and closed (not timed). While the key "
+        "is unwrapped a thread allocates the memfd's pages (`engines.memfd.Prefault`: fallocate, 8 MiB a step, "
+        "stopped when the key arrives), so the TPM's round trips (sockets: the GIL is released) overlap page "
+        "allocation that both starts do; the software start gets the key within ~1 ms and allocates as before.",
+        "",
+        "## `codemoat verify` (`verify_bundle`: checks, unwrap, every chunk decrypted into a scratch buffer and hashed)",
+        "",
+        "| model | software X25519 key | TPM P-256 key | ratio |",
+        "| --- | --- | --- | --- |",
+        *[f"| {o['mib']} MiB | {o['software_ms']:.1f} ms | {o['tpm_ms']:.1f} ms | {o['ratio']:.3f} |" for o in offs],
         "",
         f"Medians of {off['runs']} alternating runs per size. The license check with the key unwrap alone ({off['mib']} MiB "
         f"run): software {off['check_software_ms']:.1f} ms, TPM {off['check_tpm_ms']:.1f} ms — a fixed cost (connect, the "
         "tamper latch's NV public area, one primary-key derivation, per unwrap a policy session with TPM2_PolicyPCR and "
         f"TPM2_PolicyNV and ECDH_ZGen) of {off['check_tpm_ms'] - off['check_software_ms']:.0f} ms that does not grow with "
-        f"the model, so the ratio falls as the model grows; the software start here decrypts ≈ "
-        f"{off['mib'] / (off['software_ms'] / 1000):.0f} MiB/s. A hardware TPM's ECDH and policy session take longer "
-        "than swtpm's.",
+        "the model. `verify` writes no buffer, so it has nothing to do while the chip works and pays that cost in "
+        f"full (the software verify here decrypts ≈ {off['mib'] / (off['software_ms'] / 1000):.0f} MiB/s). A hardware "
+        "TPM's ECDH and policy session take longer than swtpm's; the start hides them only up to the page allocation "
+        "of the model's size.",
         "",
     ]
     out.write_text("\n".join(lines))

@@ -54,3 +54,22 @@ def test_both_fill_paths_give_the_same_bytes_and_zero_on_close(hugepages):
         assert os.pread(fd, len(data), 0) == bytes(len(data))
     finally:
         os.close(fd)
+
+
+def test_prefault_allocates_ahead_and_hands_its_buffer_over_once():
+    from codemoat.engines.memfd import Prefault
+
+    size = (20 << 20) + 123
+    p = Prefault(size)
+    p._thread.join()  # let it finish: a slow key
+    buf = p.take()
+    try:
+        assert buf is not None and buf.size == size and not buf.sealed
+        if not buf.hugepages:
+            assert p.allocated == size and os.fstat(buf.fd).st_blocks * 512 >= size
+        assert p.take() is None  # handed over once: a second start decrypts into a buffer of its own
+    finally:
+        buf.close()
+    stopped = Prefault(64 << 20)
+    stopped.close()  # a key that comes at once: the thread stops where it is, and nothing is kept
+    assert stopped.take() is None

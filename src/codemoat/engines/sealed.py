@@ -30,14 +30,15 @@ from .base import Engine
 from .child import is_dumpable, set_non_dumpable
 from .factory import build_engine
 from .holder import LicenseStatus, ModelHolder
-from .memfd import MemfdBuffer
+from .memfd import MemfdBuffer, Prefault
 
 log = logging.getLogger("codemoat.vault")
 
 
-def decrypt_to_memfd(sealed: SealedFile, key: bytes) -> MemfdBuffer:
-    """The plaintext in a sealed memfd (never a disk path); the caller owns the buffer."""
-    buf = MemfdBuffer(sealed.manifest.plaintext_size, name=f"codemoat-{sealed.manifest.model_id}")
+def decrypt_to_memfd(sealed: SealedFile, key: bytes, buf: MemfdBuffer | None = None) -> MemfdBuffer:
+    """The plaintext in a sealed memfd (never a disk path), in `buf` when given (a `Prefault`'s, of the
+    plaintext's size) else a new one; the caller owns the buffer."""
+    buf = buf or MemfdBuffer(sealed.manifest.plaintext_size, name=f"codemoat-{sealed.manifest.model_id}")
     try:
         t = time.perf_counter()
         if buf.hugepages:
@@ -212,6 +213,31 @@ def open_sealed(
     clock = clock or Clock()
     machine = machine or MachineKey.load()
     sealed = SealedFile(model_path)
+    # The memfd's pages are allocated while the key is unwrapped or leased (memfd.Prefault): a TPM's
+    # round trips then hide behind work every start does (bench/results/attest.md, offline start).
+    early = None
+    if _overlap(settings, sealed, build) is None:
+        early = Prefault(sealed.manifest.plaintext_size, name=f"codemoat-{sealed.manifest.model_id}")
+    try:
+        return _open(sealed, license_path, settings, model_id, aliases, clock, machine, watch, build, early)
+    finally:
+        if early is not None:
+            early.close()  # unused: a refusal, no seat, or a loader that did not decrypt (nothing once taken)
+
+
+def _open(
+    sealed: SealedFile,
+    license_path: str | Path,
+    settings: Settings,
+    model_id: str | None,
+    aliases: list[str] | None,
+    clock: Clock,
+    machine: MachineKey,
+    watch: bool,
+    build,
+    early: Prefault | None,
+) -> SealedHolder:
+    """`open_sealed` once the sealed file is open (and its memfd being allocated)."""
     lic = License.load(license_path)
     guard = ClockGuard(machine, clock, settings.vault.clock_tolerance_s)
     grant = check(lic, sealed, machine, guard)
@@ -249,7 +275,7 @@ def open_sealed(
             from .overlap import FillingBuffer
 
             return build(settings, FillingBuffer(sealed, key, mode=mode), model_id, parts)
-        return build(settings, decrypt_to_memfd(sealed, key), model_id, parts)
+        return build(settings, decrypt_to_memfd(sealed, key, early.take() if early else None), model_id, parts)
 
     holder = SealedHolder(model_id, loader, aliases=aliases)
     serving = holder.serving = [holder]  # what the lease unloads and reloads: another holder after `adopt`
