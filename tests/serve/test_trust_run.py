@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import socket
 
 import pytest
 from conftest import run_cli
 
 from codemoat.errors import CodemoatError
-from codemoat.serve.run import listen
+from codemoat.serve.run import freeze_heap, listen
 
 
 def test_listen_binds_a_free_port_with_nodelay():
@@ -32,3 +33,19 @@ def test_a_busy_port_is_one_line(random_gguf):
         assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in r.stderr
     finally:
         busy.close()
+
+
+def test_what_start_up_made_is_out_of_the_collectors_sight():
+    """`run` freezes the heap before serving: objects made before it (the model's libraries) are no
+    longer walked by a full collection; objects made while serving still are."""
+    made = [[i] for i in range(1000)]
+    ids = {id(x) for x in made}
+    assert sum(id(o) in ids for o in gc.get_objects()) == 1000
+    try:
+        freeze_heap()
+        later = [[i] for i in range(10)]
+        tracked = {id(o) for o in gc.get_objects()}
+        assert not ids & tracked
+        assert {id(x) for x in later} <= tracked
+    finally:
+        gc.unfreeze()

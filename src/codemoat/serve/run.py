@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import signal
 import socket
 
@@ -24,11 +25,22 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def freeze_heap() -> None:
+    """Move every object start-up made (the model's libraries: ~640k objects with vLLM imported) out of
+    the cyclic collector's sight, as `vllm serve` does. Otherwise every full collection walks them all
+    and holds the event loop for 0.3-1 s, every client with it (py-spy, codemoat serve over vLLM at 32
+    clients: one such stall in 18 s, 12 % of the server's busy samples); it then scans only what
+    requests allocate."""
+    gc.collect()
+    gc.freeze()
+
+
 def run(app, sock: socket.socket, log_level: str) -> None:
     """Serve `app` on `sock` until SIGTERM or SIGINT; requests in flight get 10 s to finish."""
     import uvicorn
 
     server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, access_log=False, timeout_graceful_shutdown=10))
+    freeze_heap()  # the model is loaded and the app built: what follows is serving
     # uvicorn drains requests on SIGTERM/SIGINT, then re-raises the signal under the handler it
     # found at start; a quiet handler here makes a graceful stop exit 0, as service managers expect.
     for sig in (signal.SIGTERM, signal.SIGINT):
