@@ -58,6 +58,9 @@ def vllm_prompt(ids: Sequence[int], params: SamplingParams) -> dict[str, Any]:
 
 class VllmEngine(HfModel, Engine):
     name = "vllm"
+    #: the watermark is applied inside vLLM (`vllm_watermark`, keyed by `SamplingParams.watermark`): the
+    #: server builds no host-side processor for it (`Service._watermark`)
+    watermarks_itself = True
 
     def __init__(
         self,

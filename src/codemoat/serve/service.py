@@ -164,10 +164,12 @@ class Service:
         key = self.holder.watermark_key
         if not key:
             return
-        from ..trace.watermark import WatermarkProcessor
-
         eng = self.holder.get()
         p.watermark = key
+        if getattr(eng, "watermarks_itself", False):  # vLLM: its own logits processor, batched in torch
+            return
+        from ..trace.watermark import WatermarkProcessor
+
         p.logits_processors.append(WatermarkProcessor(key, vocab_size=getattr(eng, "n_vocab", None)))
 
     # -- prompts (built by `prompts`; this part decides what they may draw on) -----------------
@@ -221,9 +223,11 @@ class Service:
         principal = getattr(request.state, "principal", None)
         # a cached prompt is reused only for its own user, under the same adapter (`SamplingParams.cache_key`)
         p.params.cache_key = None if principal is None else f"{principal.user}\0{p.params.adapter or ''}"
+        wait = self.settings.server.max_queue_wait_s  # for a place here, then a slot of the engine
+        p.params.queue_deadline = time.monotonic() + wait if wait > 0 else None
         parts: list[str] = []
         try:
-            async with self._slot(None if principal is None else principal.user):
+            async with self._slot(None if principal is None else principal.user, p.params.queue_deadline):
                 async for chunk in p.engine.stream(p.ids or p.prompt, p.params):
                     usage.completion_tokens += len(chunk.token_ids)
                     usage.timings = chunk.timings or usage.timings
@@ -248,10 +252,10 @@ class Service:
             p.params.adapter = request.state.usage.adapter = a.name
 
     @contextlib.asynccontextmanager
-    async def _slot(self, who: str | None):
+    async def _slot(self, who: str | None, deadline: float | None = None):
         self.waiting += 1
         try:
-            await self._slots.acquire(who)
+            await self._slots.acquire(who, deadline)
         finally:
             self.waiting -= 1
         try:
