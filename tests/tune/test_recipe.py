@@ -51,3 +51,50 @@ def test_a_run_that_learns_keeps_a_trained_state_and_replays(tmp_path, tiny_gguf
     t = res.meta["train"]
     assert t["kept_step"] > 0 and t["replay"] == 0.5 and t["validation_bpb"] is not None
     assert res.meta["eval"]["bpb_adapter"]["tuned"] != res.meta["eval"]["bpb_base"]["tuned"]
+
+
+@pytest.mark.slow
+def test_the_kept_state_forgot_at_most_max_forgetting_of_unseen_public_code(tmp_path, tiny_gguf):
+    """Forgetting-aware selection: of the same run's states, the one kept without a limit (the last:
+    validation still falling) made unseen public code worse; with `max_forgetting = 0` an earlier state
+    that did not is kept, and the final forgetting check sees less forgetting."""
+    from codemoat.tune.trainer import tune
+
+    _index(tmp_path, "shop", FILES, ["shop"])
+    free = tune(_opts(tmp_path, tiny_gguf, lr=5e-3, steps=4, max_forgetting=None)).meta
+    held = tune(_opts(tmp_path, tiny_gguf, lr=5e-3, steps=4, max_forgetting=0.0, out=tmp_path / "b.moat")).meta
+    assert free["train"]["kept_step"] == 4
+    base, kept = held["train"]["forgetting_validation_bpb"]
+    assert 0 < held["train"]["kept_step"] < 4 and kept <= base
+    assert held["eval"]["bpb_adapter"]["unrelated"] < free["eval"]["bpb_adapter"]["unrelated"]
+
+
+def test_forgetting_validation_code_is_neither_replayed_nor_scored():
+    from codemoat.tune.evaluate import FORGETTING_VALIDATION_MODULES, REPLAY_MODULES, UNRELATED_MODULES
+
+    assert FORGETTING_VALIDATION_MODULES
+    assert not set(FORGETTING_VALIDATION_MODULES) & (set(REPLAY_MODULES) | set(UNRELATED_MODULES))
+
+
+def test_data_tables_are_not_code_to_learn_from():
+    from codemoat.tune.corpus import is_data_table
+
+    table = "WIDTHS = [\n" + "".join(f"    ({i * 7}, {i * 7 + 3}, {i % 3 - 1}),\n" for i in range(300)) + "]\n"
+    assert is_data_table(table)
+    assert not is_data_table(FILES["shop/mod1.py"])
+    assert not is_data_table("def f(x):\n    return x * 1000 + 42\n")
+
+
+@pytest.mark.slow
+def test_a_data_table_in_the_repository_is_not_trained_on(tmp_path, tiny_gguf):
+    from codemoat.tune.trainer import tune
+
+    from codemoat.train.corpus import SourceFile, split
+
+    table = "W = [\n" + "".join(f"    ({i}, {i + 3}, 1),\n" for i in range(400)) + "]\n"
+    # a name the seeded split by file makes a training file (a held-out table is scored, as it should be)
+    name = next(n for n in (f"shop/_widths{i}.py" for i in range(50)) if split([SourceFile(f"shop/{n}", "")], 0.1, 0)[0])
+    _index(tmp_path, "shop", {**FILES, name: table}, ["shop"])
+    t = tune(_opts(tmp_path, tiny_gguf, lr=5e-3, steps=2)).meta["train"]
+    assert f"shop/{name}" not in t["heldout_files"]
+    assert t["data_tables"] == 1 and t["files"] + t["validation_files"] == len(FILES) - len(t["heldout_files"])

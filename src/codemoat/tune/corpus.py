@@ -3,7 +3,11 @@
 Files are listed by the index (so `.gitignore`, include/exclude rules and the root confinement of
 `index add` apply) and read from the repository's root; a file whose content no longer matches its
 indexed hash is skipped (it was never reviewed as indexed), as is anything that resolves outside
-the root. The held-out split is by file (`train.corpus.split`), so no file is in both.
+the root. The held-out split is by file (`train.corpus.split`), so no file is in both. Data tables (a file
+whose characters are under a fifth letters: generated Unicode width tables, palettes, numeric
+constants) are not trained on: they are much of some repositories' bytes and teach a model nothing
+about the code (the data-file filter of StarCoder's training data, Li et al. 2023, §3, which drops
+files under a quarter alphabetic); they stay in the held-out evaluation.
 """
 
 from __future__ import annotations
@@ -35,6 +39,15 @@ def _read_inside(root: Path, rel: str) -> bytes | None:
         return None
     with os.fdopen(fd, "rb") as f:
         return f.read()
+
+
+#: a file with a smaller share of letters is a data table, not code to learn from
+MIN_LETTERS = 0.2
+
+
+def is_data_table(text: str) -> bool:
+    """Mostly digits, punctuation and space: a table of numbers rather than code."""
+    return sum(ch.isalpha() for ch in text) < MIN_LETTERS * len(text)
 
 
 def load_corpus(names: list[str], index_path: Path | None = None) -> TuneCorpus:

@@ -51,6 +51,22 @@ REPLAY_MODULES = [
 ]
 
 
+#: stdlib modules scored while tuning to see forgetting as it happens (the kept adapter state is one
+#: that made them at most `TuneOptions.max_forgetting` worse): in neither list above, so neither the
+#: replay trains on them nor does the final forgetting check score them
+FORGETTING_VALIDATION_MODULES = [
+    "inspect.py",
+    "typing.py",
+    "statistics.py",
+    "ast.py",
+]
+
+
+def forgetting_validation_files() -> list[SourceFile]:
+    """The CPython modules of FORGETTING_VALIDATION_MODULES that this Python has."""
+    return _stdlib(FORGETTING_VALIDATION_MODULES)
+
+
 def replay_files() -> list[SourceFile]:
     """The CPython modules of REPLAY_MODULES that this Python has."""
     return _stdlib(REPLAY_MODULES)
@@ -89,6 +105,18 @@ def token_windows(files: list[SourceFile], tok, n_ctx: int, max_tokens: int) -> 
             windows.append(ids[s : s + n_ctx + 1])
         if budget >= max_tokens:
             break
+    return windows, nbytes
+
+
+def spread_windows(files: list[SourceFile], tok, n_ctx: int, max_tokens: int) -> tuple[list[list[int]], int]:
+    """`token_windows` with the budget shared out over the files (the start of each, every file
+    scored): a selection score that one long file in sorted order would otherwise make all its own."""
+    windows: list[list[int]] = []
+    nbytes = 0
+    for f in files:
+        w, n = token_windows([f], tok, n_ctx, max(32, max_tokens // max(1, len(files))))
+        windows += w
+        nbytes += n
     return windows, nbytes
 
 

@@ -26,14 +26,14 @@ from ..train.export import _HF_TO_GGUF, permute_qk
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def wrap(model, rank: int, alpha: float | None = None):
+def wrap(model, rank: int, alpha: float | None = None, dropout: float = 0.0):
     """`model` with trainable LoRA weights on every linear layer; the base weights are frozen."""
     from peft import LoraConfig, get_peft_model
 
     cfg = LoraConfig(
         r=rank,
         lora_alpha=alpha if alpha is not None else 2 * rank,
-        lora_dropout=0.0,
+        lora_dropout=dropout,
         target_modules=TARGETS,
         bias="none",
         task_type="CAUSAL_LM",

@@ -50,6 +50,9 @@ class TuneOptions:
     replay: float = 0.25  # share of each batch's rows from public code the base knows (0: none)
     val_fraction: float = 0.05  # training files set aside to pick the best adapter seen
     eval_every: int = 20  # steps between validation scores
+    max_forgetting: float | None = 0.015  # kept state: at most this much worse on unseen public code (None: any)
+    lora_dropout: float = 0.0
+    weight_decay: float = 0.0
 
 
 @dataclass
@@ -90,8 +93,8 @@ def tune(opts: TuneOptions, on_event: Callable[[dict], None] | None = None) -> T
     from ..train.data import epoch_rows
     from . import checkpoint, infill
     from .base import load_base
-    from .corpus import load_corpus
-    from .evaluate import bits_per_byte, replay_files, token_windows, unrelated_files
+    from .corpus import is_data_table, load_corpus
+    from .evaluate import bits_per_byte, forgetting_validation_files, replay_files, spread_windows, token_windows, unrelated_files
     from .lora import gguf_bytes, safetensors_bytes, wrap
     from ..engines.adapters import Adapter, seal_adapter
 
@@ -109,6 +112,11 @@ def tune(opts: TuneOptions, on_event: Callable[[dict], None] | None = None) -> T
             raise CodemoatError("too little code to tune on: need at least two indexed files")
         held = [train_files.pop()]
     train_files, val = _validation(train_files, opts)
+    tables = [f for f in train_files + val if is_data_table(f.text)]
+    if len(tables) < len(train_files):  # not trained on, nor used to choose the adapter kept
+        train_files, val = ([f for f in fs if f not in tables] for fs in (train_files, val))
+    else:
+        tables = []
     emit({"kind": "stage", "stage": "loading the base model", "files": len(train_files), "heldout": len(held)})
     base = load_base(opts.base, n_ctx=opts.n_ctx, device=opts.device, license=opts.license)
     tok, n_ctx = base.tokenizer, base.n_ctx
@@ -128,22 +136,31 @@ def tune(opts: TuneOptions, on_event: Callable[[dict], None] | None = None) -> T
         before = ck["state"]["before"]
 
     alpha = opts.alpha if opts.alpha is not None else 2.0 * opts.rank
-    model = wrap(base.model, opts.rank, alpha)
+    model = wrap(base.model, opts.rank, alpha, dropout=opts.lora_dropout)
     params = [p for p in model.parameters() if p.requires_grad]
-    optim = torch.optim.AdamW(params, lr=opts.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    optim = torch.optim.AdamW(params, lr=opts.lr, betas=(0.9, 0.95), weight_decay=opts.weight_decay)
     dopts = data_options(tok, base.eos, opts.repos[0])
     try:
         rows = epoch_rows(train_files, tok, n_ctx, dopts, opts.seed, 0)
     except ValueError:  # fewer tokens than one sequence
         raise CodemoatError(f"too little code to tune on in {', '.join(opts.repos)}: under {n_ctx} tokens") from None
-    val_rows = token_windows(val, tok, n_ctx, min(opts.eval_tokens, 4 * n_ctx))
+    val_rows = spread_windows(val, tok, n_ctx, min(opts.eval_tokens, 8 * n_ctx))
+    forget_rows = spread_windows(forgetting_validation_files(), tok, n_ctx, min(opts.eval_tokens, 4 * n_ctx))
+
+    def score() -> tuple[float | None, float | None]:
+        """(validation bits/byte, bits/byte on the forgetting-validation modules or None when not watched)."""
+        watch = opts.max_forgetting is not None
+        return bits_per_byte(model, *val_rows, device=opts.device), (
+            bits_per_byte(model, *forget_rows, device=opts.device) if watch else None
+        )
+
     n_rep = min(opts.batch_size - 1, round(opts.batch_size * opts.replay)) if opts.replay > 0 else 0
     replay = _replay_rows(replay_files(), tok, n_ctx, opts.seed) if n_rep else None
     if replay is None or len(replay) < n_rep:
         n_rep = 0
     take = opts.batch_size - n_rep
     step = tokens = epoch = at = 0
-    ema = heldout_loss = best = None
+    ema = heldout_loss = best = forget0 = None
     spent = 0.0  # training seconds of the runs this one resumes
     if ck is not None:
         from peft import set_peft_model_state_dict
@@ -154,11 +171,13 @@ def tune(opts: TuneOptions, on_event: Callable[[dict], None] | None = None) -> T
         step, tokens, epoch, at, ema, heldout_loss, spent = (
             st[k] for k in ("step", "tokens", "epoch", "at", "ema", "heldout", "spent")
         )
-        best = st.get("best")
+        best, forget0 = st.get("best"), st.get("forget0")
         rows = epoch_rows(train_files, tok, n_ctx, dopts, opts.seed, epoch)
         emit({"kind": "stage", "stage": f"resuming from step {step}", "checkpoint": str(ck_path)})
     if ck is None:  # step 0: the base itself (a zero LoRA), so the adapter kept never scores worse than no adapter
-        best = _keep_best(model, None, bits_per_byte(model, *val_rows, device=opts.device), 0)
+        val0, forget0 = score()
+        best = _keep_best(model, None, val0, 0, forget0)
+    forget_limit = forget0 * (1 + opts.max_forgetting) if forget0 is not None and opts.max_forgetting is not None else None
     model.train()
     t0 = saved_at = time.monotonic()
     budget = opts.minutes * 60
@@ -187,13 +206,14 @@ def tune(opts: TuneOptions, on_event: Callable[[dict], None] | None = None) -> T
         tokens += batch[:, 1:].numel()
         ema = loss.item() if ema is None else 0.9 * ema + 0.1 * loss.item()
         if step % opts.eval_every == 0 or step == 1:
-            heldout_loss = bits_per_byte(model, *val_rows, device=opts.device)
-            best = _keep_best(model, best, heldout_loss, step)
+            heldout_loss, forget = score()
+            best = _keep_best(model, best, heldout_loss, step, forget, forget_limit)
         elapsed = spent + time.monotonic() - t0
         if (step % opts.checkpoint_steps == 0) if opts.checkpoint_steps else time.monotonic() - saved_at >= checkpoint.EVERY_S:
             from peft import get_peft_model_state_dict
 
             state = {"step": step, "tokens": tokens, "epoch": epoch, "at": at, "ema": ema, "heldout": heldout_loss, "best": best}
+            state["forget0"] = forget0
             checkpoint.save(
                 ck_path, get_peft_model_state_dict(model), optim.state_dict(), {**state, "spent": elapsed, "before": before}
             )
@@ -209,7 +229,8 @@ def tune(opts: TuneOptions, on_event: Callable[[dict], None] | None = None) -> T
             }
         )
     seconds = spent + time.monotonic() - t0
-    best = _keep_best(model, best, bits_per_byte(model, *val_rows, device=opts.device), step)
+    val_end, forget_end = score()
+    best = _keep_best(model, best, val_end, step, forget_end, forget_limit)
     if best is not None and best["step"] != step:  # an earlier state scored better on the validation files
         from peft import set_peft_model_state_dict
 
@@ -233,6 +254,7 @@ def tune(opts: TuneOptions, on_event: Callable[[dict], None] | None = None) -> T
             "files": len(train_files),
             "heldout_files": [f.path for f in held],
             "skipped": corpus.skipped,
+            "data_tables": len(tables),  # files not trained on (tune.corpus.is_data_table)
             "steps": step,
             "tokens": tokens,
             "seconds": round(seconds, 1),
@@ -244,6 +266,8 @@ def tune(opts: TuneOptions, on_event: Callable[[dict], None] | None = None) -> T
             "validation_files": len(val),
             "kept_step": best["step"] if best is not None else step,
             "validation_bpb": best["bpb"] if best is not None else None,
+            "max_forgetting": opts.max_forgetting,
+            "forgetting_validation_bpb": [forget0, best.get("forget") if best is not None else None],  # base, kept
         },
         "eval": {
             "bpb_base": {k: v for k, v in before.items() if k != "infill"},
@@ -286,10 +310,16 @@ def _replay_rows(files: list, tok, n_ctx: int, seed: int, max_tokens: int = 400_
     return rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))]
 
 
-def _keep_best(model, best: dict | None, bpb: float | None, step: int) -> dict | None:
-    """The LoRA state with the lowest validation bits/byte so far ({"bpb", "step", "lora"})."""
+def _keep_best(
+    model, best: dict | None, bpb: float | None, step: int, forget: float | None = None, limit: float | None = None
+) -> dict | None:
+    """The LoRA state with the lowest validation bits/byte so far ({"bpb", "step", "lora"}) among those
+    that scored at most `limit` bits/byte on the forgetting-validation modules (`forget`; no limit: any)."""
     if bpb is None or not math.isfinite(bpb) or (best is not None and best["bpb"] <= bpb):  # a diverged state scores NaN
+        return best
+    if limit is not None and (forget is None or not math.isfinite(forget) or forget > limit):  # forgot too much
         return best
     from peft import get_peft_model_state_dict
 
-    return {"bpb": bpb, "step": step, "lora": {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}}
+    lora = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+    return {"bpb": bpb, "step": step, "forget": forget, "lora": lora}
