@@ -9,33 +9,16 @@ from typing import Annotated
 import typer
 
 from .apps import _group, audit_app
-from .common import JsonFlag, console, emit
+from .common import ConfigOpt, JsonFlag, console, emit, open_audit_log, say, write_text
 
 head_app = _group("The signed head of the audit log: export it to keep off this machine.")
 audit_app.add_typer(head_app, name="head")
 
-ConfigOpt = Annotated[Path | None, typer.Option(help="TOML configuration file.", envvar="CODEMOAT_CONFIG")]
-
 
 def _log(config: Path | None):
-    from .. import paths
-    from ..audit.heads import sign_every_for
-    from ..audit.log import AuditLog, head_file_for, verified_file_for
     from ..config import load_settings
-    from ..db import open_db
 
-    s = load_settings(config)
-    url = s.database_url or paths.db_url()
-    home = paths.home()
-    engine = open_db(url)
-    return AuditLog(
-        engine,
-        checkpoint_every=s.audit.checkpoint_every,
-        sign_every=sign_every_for(s.audit.sign_every, engine),  # also what `verify` lets follow the signed head
-        sign_interval_ms=s.audit.sign_interval_ms,
-        head_file=head_file_for(url, home),
-        verified_file=verified_file_for(url, home),
-    )
+    return open_audit_log(load_settings(config), batched=True)  # batched: what `verify` lets follow the signed head
 
 
 TrustedHeadOpt = Annotated[
@@ -64,13 +47,11 @@ def audit_verify(*, trusted_head: TrustedHeadOpt = None, config: ConfigOpt = Non
                 highlight=False,
             )
             for t in r["trusted"]:
-                console.print(f"  consistent with {t}", highlight=False, markup=False, soft_wrap=True)
+                say(f"  consistent with {t}", markup=False)
             if r["warning"]:
-                console.print(f"  warning: {r['warning']}", style="yellow", highlight=False, markup=False, soft_wrap=True)
+                say(f"  warning: {r['warning']}", style="yellow", markup=False)
         else:
-            console.print(
-                f"[red]audit log FAILED at record {r['first_bad']}[/red]: {r['problem']}", highlight=False, soft_wrap=True
-            )
+            say(f"[red]audit log FAILED at record {r['first_bad']}[/red]: {r['problem']}")
 
     emit(rep.to_dict(), as_json, human)
     if not rep.ok:
@@ -140,7 +121,7 @@ def audit_outbound(*, as_json: JsonFlag = False) -> None:
                 _printable(f"{r.get('time')}  {r.get('method')} {r.get('destination')}  {status}"), highlight=False, markup=False
             )
             if r.get("body") is not None:
-                console.print(f"  {_printable(str(r['body']))}", highlight=False, markup=False, soft_wrap=True)
+                say(f"  {_printable(str(r['body']))}", markup=False)
         console.print(f"{len(rs)} lines in {outbound_file()}", highlight=False)
 
     emit(rows, as_json, human)
@@ -157,13 +138,11 @@ def audit_alerts(*, config: ConfigOpt = None, as_json: JsonFlag = False) -> None
             return
         for r in rs:
             d, s = r["detail"], r["detail"].get("signals", {})
-            console.print(
+            say(
                 f"record {r['seq']}  {r['time'][:19]}  user {r['user']}: {', '.join(d.get('reasons', []))}  "
                 f"(requests in window {s.get('requests', '?')}, novelty {s.get('novelty', '?')}, "
                 f"mean tokens {s.get('mean_completion_tokens', '?')}, accept rate {s.get('accept_rate', '?')})",
-                highlight=False,
                 markup=False,
-                soft_wrap=True,
             )
 
     emit(rows, as_json, human)
@@ -181,11 +160,9 @@ def audit_rotate(
 
     def human(x):
         state = "verified OK" if x["previous_ok"] else f"NOT intact: {x['previous_problem']}"
-        console.print(
+        say(
             f"moved {x['records']} records to {x['archive']} (sha256 {x['archive_sha256'][:16]}…; the old chain {state}); "
             "the new chain starts with a signed rotation record",
-            highlight=False,
-            soft_wrap=True,
         )
 
     emit(d, as_json, human)
@@ -216,13 +193,8 @@ def audit_head_export(
     if output is None:
         sys.stdout.write(text)
         return
-    try:
-        output.write_text(text, encoding="utf-8")
-    except OSError as e:
-        raise CodemoatError(f"cannot write {output}: {e.strerror}") from None
-    console.print(
+    write_text(output, text)
+    say(
         f"signed head at record {rep.head.seq} written to {output}: keep it off this machine and check with "
         f"`codemoat audit verify --trusted-head {output}`",
-        highlight=False,
-        soft_wrap=True,
     )

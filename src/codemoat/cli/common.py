@@ -1,19 +1,29 @@
-"""Shared CLI plumbing: one-line errors, `--json` output."""
+"""Shared CLI plumbing: the options many commands take, one-line errors, `--json` or one-line output,
+and this home's audit log as a command opens it."""
 
 from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
+
+if TYPE_CHECKING:
+    from ..audit.log import AuditLog
+    from ..config import Settings
 
 console = Console()
 err_console = Console(stderr=True)
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+ConfigOpt = Annotated[Path | None, typer.Option(help="TOML configuration file.", envvar="CODEMOAT_CONFIG")]
+VendorDir = Annotated[
+    Path, typer.Option("--vendor", help="The vendor's directory (keys and database).", envvar="CODEMOAT_VENDOR")
+]
 
 
 def print_error(message: str) -> None:
@@ -36,3 +46,45 @@ def emit(data: Any, as_json: bool, human: Callable[[Any], None] | None = None) -
         sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
     else:
         human(data)
+
+
+def say(text: str, **kw: Any) -> None:
+    """One line for people on stdout: names and paths in it are not highlighted, and it is not cut
+    at the terminal's width (a path or a token copied from it stays whole)."""
+    console.print(text, highlight=False, soft_wrap=True, **kw)
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write `text` to `path`; an error is the one line "cannot write PATH: why"."""
+    from ..errors import CodemoatError
+
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as e:
+        raise CodemoatError(f"cannot write {path}: {e.strerror}") from None
+
+
+def open_audit_log(s: Settings, *, batched: bool = False) -> AuditLog:
+    """This home's audit log (`database_url`, else the home's database) with its head and verified files.
+    `batched`: signatures as the server batches them (`audit.sign_every`, `audit.sign_interval_ms`),
+    which `verify` needs to know; else every append is signed at once (a one-shot command appends
+    nothing later that would sign it)."""
+    from .. import paths
+    from ..audit.heads import sign_every_for
+    from ..audit.log import AuditLog, head_file_for, verified_file_for
+    from ..db import open_db
+
+    url = s.database_url or paths.db_url()
+    engine = open_db(url)
+    batching = (
+        {"sign_every": sign_every_for(s.audit.sign_every, engine), "sign_interval_ms": s.audit.sign_interval_ms}
+        if batched
+        else {}
+    )
+    return AuditLog(
+        engine,
+        checkpoint_every=s.audit.checkpoint_every,
+        head_file=head_file_for(url, paths.home()),
+        verified_file=verified_file_for(url, paths.home()),
+        **batching,
+    )

@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated
 
-import typer
 from rich.table import Table
 
 from .apps import config_app
-from .common import JsonFlag, console, emit
+from .common import ConfigOpt, JsonFlag, console, emit
 
 
 @config_app.command("show")
 def config_show(
     *,
-    config: Annotated[Path | None, typer.Option(help="TOML configuration file.", envvar="CODEMOAT_CONFIG")] = None,
+    config: ConfigOpt = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Show the effective configuration (file, then CODEMOAT_* environment) with descriptions."""

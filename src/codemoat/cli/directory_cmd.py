@@ -9,29 +9,16 @@ from typing import Annotated
 import typer
 
 from .apps import app, directory_app
-from .common import JsonFlag, console, emit, fail
-
-ConfigOpt = Annotated[Path | None, typer.Option(help="TOML configuration file.", envvar="CODEMOAT_CONFIG")]
+from .common import ConfigOpt, JsonFlag, console, emit, fail, open_audit_log, say
 
 
 def _keeper(config: Path | None):
-    from .. import paths
-    from ..audit.log import AuditLog, head_file_for, verified_file_for
     from ..config import load_settings
-    from ..db import open_db
     from ..directory.service import DirectoryKeeper
 
     s = load_settings(config)
-    url = s.database_url or paths.db_url()
-    engine = open_db(url)
-    home = paths.home()
-    audit = AuditLog(
-        engine,
-        checkpoint_every=s.audit.checkpoint_every,
-        head_file=head_file_for(url, home),
-        verified_file=verified_file_for(url, home),
-    )
-    return DirectoryKeeper(s, engine, audit)
+    audit = open_audit_log(s)
+    return DirectoryKeeper(s, audit.engine, audit)
 
 
 @directory_app.command("sync")
@@ -130,7 +117,7 @@ def login(
                 highlight=False,
             )
         console.print("your API token (shown once; put it in your editor's settings):", highlight=False)
-        console.print(d["token"], highlight=False, soft_wrap=True)
+        say(d["token"])
         console.print(f"kept in {d['saved_to']} (readable by you only)", highlight=False)
 
     emit(body, as_json, human)

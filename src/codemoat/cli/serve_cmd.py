@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from .apps import app
-from .common import console
+from .common import ConfigOpt, console
 
 
 @app.command()
@@ -20,7 +20,7 @@ def serve(
     license: Annotated[Path | None, typer.Option(help="License file (.lic) for a sealed model.")] = None,
     host: Annotated[str | None, typer.Option(help="Address to listen on [default: 127.0.0.1].")] = None,
     port: Annotated[int | None, typer.Option(help="Port to listen on; 0 picks a free one [default: 8080].")] = None,
-    config: Annotated[Path | None, typer.Option(help="TOML configuration file.", envvar="CODEMOAT_CONFIG")] = None,
+    config: ConfigOpt = None,
     engine: Annotated[str | None, typer.Option(help="Inference engine: llamacpp, transformers, vllm.")] = None,
     model_id: Annotated[str | None, typer.Option("--model-id", help="Model name shown by the API.")] = None,
     n_ctx: Annotated[int | None, typer.Option("--n-ctx", help="Context window in tokens.")] = None,

@@ -8,9 +8,7 @@ from typing import Annotated
 import typer
 
 from .apps import app
-from .common import JsonFlag, console, emit
-
-ConfigOpt = Annotated[Path | None, typer.Option(help="TOML configuration file.", envvar="CODEMOAT_CONFIG")]
+from .common import ConfigOpt, JsonFlag, console, emit
 
 
 def parse_sets(items: list[str]) -> dict[str, float]:

@@ -9,11 +9,7 @@ import typer
 from rich.table import Table
 
 from .apps import app, watermark_app
-from .common import JsonFlag, console, emit
-
-VendorDir = Annotated[
-    Path, typer.Option("--vendor", help="The vendor directory (from `codemoat vendor init`).", envvar="CODEMOAT_VENDOR")
-]
+from .common import JsonFlag, VendorDir, console, emit
 
 
 def _p(p: float) -> str:

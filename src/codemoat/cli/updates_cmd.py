@@ -9,8 +9,8 @@ import typer
 
 from ..errors import CodemoatError
 from .apps import update_app, vendor_app
-from .common import JsonFlag, console, emit, print_error
-from .vault_cmd import VendorDir, _fingerprinter
+from .common import JsonFlag, VendorDir, console, emit, open_audit_log, print_error, say
+from .vault_cmd import _fingerprinter
 
 LicenseOpt = Annotated[
     Path | None,
@@ -111,28 +111,16 @@ def vendor_release(
     emit(
         d,
         as_json,
-        lambda d: console.print(
-            f"released {label(d)} for {d['customer']} ({len(d['machines'])} machine(s)) -> {out}", highlight=False, soft_wrap=True
-        ),
+        lambda d: say(f"released {label(d)} for {d['customer']} ({len(d['machines'])} machine(s)) -> {out}"),
     )
 
 
 def _store():
-    from .. import paths
-    from ..audit.log import AuditLog, head_file_for, verified_file_for
     from ..config import load_settings
-    from ..db import open_db
     from ..updates.store import UpdateStore
 
     s = load_settings(None)
-    url = s.database_url or paths.db_url()
-    home = paths.home()
-    log = AuditLog(
-        open_db(url),
-        checkpoint_every=s.audit.checkpoint_every,
-        head_file=head_file_for(url, home),
-        verified_file=verified_file_for(url, home),
-    )
+    log = open_audit_log(s)
 
     def audit(step: str, detail: dict[str, Any]) -> None:
         log.append("update", user="admin", route=f"update {step}", detail=detail)
@@ -157,11 +145,9 @@ def update_verify(
     emit(
         r,
         as_json,
-        lambda d: console.print(
+        lambda d: say(
             f"ok: {label(b)} (released {iso(b['released_at'])}) may be installed; "
             f"installed now: {d['installed'] or 'none'}; support until {d['support_until']}",
-            highlight=False,
-            soft_wrap=True,
         ),
     )
 
@@ -213,7 +199,7 @@ def _report(line: str, served: list[dict[str, Any]] | None) -> None:
     if failed:
         print_error(f"{line}; but server pid {failed[0]['pid']} could not serve it: {failed[0].get('error')}")
     else:
-        console.print(line, highlight=False, soft_wrap=True)
+        say(line)
 
 
 def _emit_served(r: dict[str, Any], as_json: bool, human) -> None:

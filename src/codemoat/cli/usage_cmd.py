@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import csv
 import sys
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from .apps import usage_app
-from .common import JsonFlag, console, emit
+from .common import ConfigOpt, JsonFlag, console, emit
 
-ConfigOpt = Annotated[Path | None, typer.Option(help="TOML configuration file.", envvar="CODEMOAT_CONFIG")]
 COLUMNS = (
     "key",
     "completions",

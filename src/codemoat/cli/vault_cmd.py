@@ -11,11 +11,7 @@ import typer
 
 from ..errors import CodemoatError
 from .apps import app, license_app, vendor_app
-from .common import JsonFlag, console, emit, err_console
-
-VendorDir = Annotated[
-    Path, typer.Option("--vendor", help="The vendor's directory (keys and database).", envvar="CODEMOAT_VENDOR")
-]
+from .common import JsonFlag, VendorDir, console, emit, err_console, say, write_text
 
 
 def _size(n: int) -> str:
@@ -123,11 +119,9 @@ def vendor_seal(
     emit(
         d,
         as_json,
-        lambda d: console.print(
+        lambda d: say(
             f"sealed {d['model_id']} ({d['format']}, {_size(d['plaintext_size'])}, {d['chunks']} chunks) for "
             f"{d['customer']} -> {out}  fingerprint: {'yes' if d['fingerprinted'] else 'no'}",
-            highlight=False,
-            soft_wrap=True,
         ),
     )
 
@@ -150,7 +144,7 @@ def vendor_unseal(
     emit(
         {"sealed": str(moat), "out": str(path)},
         as_json,
-        lambda d: console.print(f"unsealed {moat.name} -> {path}", highlight=False, soft_wrap=True),
+        lambda d: say(f"unsealed {moat.name} -> {path}"),
     )
 
 
@@ -236,11 +230,9 @@ def license_issue(
     emit(
         d,
         as_json,
-        lambda d: console.print(
+        lambda d: say(
             f"license {d['id']} ({d['mode']}) for {d['customer']} on {', '.join(d['machines'])}, "
             f"expires {d['expires_iso']} -> {path}",
-            highlight=False,
-            soft_wrap=True,
         ),
     )
 
@@ -273,7 +265,7 @@ def license_revoke(
         v.revoke(license_id)
     finally:
         v.close()
-    emit({"revoked": license_id}, as_json, lambda d: console.print(f"revoked {license_id}", highlight=False, soft_wrap=True))
+    emit({"revoked": license_id}, as_json, lambda d: say(f"revoked {license_id}"))
 
 
 @license_app.command("show")
@@ -301,12 +293,9 @@ def license_show(
     if out is None:  # the document itself (JSON either way)
         sys.stdout.write(text)
         return
-    try:
-        out.write_text(text)
-    except OSError as e:
-        raise CodemoatError(f"cannot write {out}: {e.strerror}") from None
+    write_text(out, text)
     d = dict(License.parse(text.encode()).describe(), file=str(out))
-    emit(d, as_json, lambda d: console.print(f"license {d['id']} for {d['customer']} -> {out}", highlight=False, soft_wrap=True))
+    emit(d, as_json, lambda d: say(f"license {d['id']} for {d['customer']} -> {out}"))
 
 
 @license_app.command("list")
@@ -360,7 +349,7 @@ def inspect_cmd(
         for k, v in d.items():
             if k in ("vendor_key",):
                 continue
-            console.print(f"[bold]{k}[/bold]: {v}", highlight=False, soft_wrap=True)
+            say(f"[bold]{k}[/bold]: {v}")
 
     emit(d, as_json, human)
 
@@ -385,12 +374,10 @@ def verify_cmd(
 
     def human(r: dict[str, Any]) -> None:
         for c in r["checks"]:
-            console.print(f"[green]ok[/green]  {c}", highlight=False, soft_wrap=True)
-        console.print(
+            say(f"[green]ok[/green]  {c}")
+        say(
             f"[bold green]valid[/bold green]: {r['model_id']} for {r['customer']}, license {r['license_id']} "
             f"({r['mode']}) until {r['expires']}",
-            highlight=False,
-            soft_wrap=True,
         )
 
     emit(report, as_json, human)
@@ -420,11 +407,9 @@ def keyserver_cmd(
     from ..vault.vendor import Vendor
 
     v = Vendor.open(vendor)  # checks the folder and migrates the database once, before any worker starts
-    console.print(
+    say(
         f"key server on http://{host}:{port} (key {json.loads((vendor / 'vendor.json').read_text())['keyserver_key_id']}"
         f"{f', {workers} workers' if workers > 1 else ''})",
-        highlight=False,
-        soft_wrap=True,
     )
     if workers == 1:
         uvicorn.run(create_app(v), host=host, port=port, log_level=log_level)
