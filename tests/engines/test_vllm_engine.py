@@ -435,6 +435,8 @@ def test_a_model_swap_serves_through_the_new_vllm_engine(served):
         timeout=600,
     )
     assert r.status_code == 200, r.text
+    # reported under the name the server serves (the plaintext folder's: `codemoat-tiny`, not `codemoat-tiny.hf`)
+    assert r.json()["model"] == "codemoat-tiny", r.json()
     b.lic, b.license_id = lic, lic_id  # the revocation test, next, ends the license served now
     body = {"model": "acme", "prompt": "def add(a, b):\n    return", "max_tokens": 8, "temperature": 0}
     r = httpx.post(f"{server.url}/v1/completions", json=body, headers={"Authorization": f"Bearer {token}"}, timeout=60)

@@ -243,6 +243,9 @@ def test_safetensors_round_trip(vendor, machine, tmp_path, vault_home):
     settings = load_settings(**{"model.engine": "transformers", "model.n_ctx": 128, "model.n_threads": 1})
     holder = open_sealed(moat, lic, settings=settings)
     try:
+        # served under the name its plaintext folder has (`micro.hf` -> `micro`), not the folder's file name
+        assert holder.model_id == hf.name.split(".")[0] != hf.name
+        assert hf.name in holder.status.aliases
         from codemoat.engines.transformers_engine import TransformersEngine
 
         plain = TransformersEngine.from_dir(hf, n_threads=1)

@@ -241,7 +241,10 @@ def _open(
     lic = License.load(license_path)
     guard = ClockGuard(machine, clock, settings.vault.clock_tolerance_s)
     grant = check(lic, sealed, machine, guard)
-    model_id = model_id or sealed.manifest.model_id
+    if not model_id:  # served as the same model in plaintext is (loader: its name up to the first dot): a
+        # sealed HF folder's manifest says `codemoat-tiny.hf`, its plaintext folder serves as `codemoat-tiny`
+        model_id = sealed.manifest.model_id.split(".")[0] or sealed.manifest.model_id
+        aliases = [*(aliases or []), sealed.manifest.model_id]  # the manifest's own name is accepted too
     parts = {p["name"]: (p["offset"], p["size"]) for p in sealed.manifest.parts}
     content_key: list[bytes | None] = [grant.content_key]  # the loader's, never the holder's status
     client = lease = None
