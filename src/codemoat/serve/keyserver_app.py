@@ -10,15 +10,18 @@ with the status the key server chose, signed like a lease, so plain HTTP on loop
 TLS terminator is safe against tampering and replay of grants and refusals alike. Bodies over
 `MAX_BODY` bytes get 413 before they are read whole, and JSON nested deeper than `MAX_DEPTH` gets
 400 before it is parsed (a lease request is one flat object).
+
+A plain ASGI app, not FastAPI: four fixed routes of raw JSON need no router, dependency injection or
+response models, and through FastAPI the framework cost as much server CPU per lease as the lease
+itself (bench/results/attest.md). `app.state.keyserver` is the `KeyServer` it serves.
 """
 
 from __future__ import annotations
 
 import json
+import os
+from types import SimpleNamespace
 from typing import Any
-
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
 
 from ..vault.clock import Clock
 from ..vault.keyserver import KeyServer, LeaseDenied
@@ -26,6 +29,9 @@ from ..vault.vendor import Vendor
 
 MAX_BODY = 16 * 1024  # a lease request is about 400 bytes
 MAX_DEPTH = 8
+# `codemoat keyserver --workers N` names the vendor folder to its worker processes here (each opens it).
+VENDOR_ENV = "CODEMOAT_KEYSERVER_VENDOR_DIR"
+_JSON = (b"content-type", b"application/json")
 
 
 class _Refused(Exception):
@@ -57,16 +63,24 @@ def too_deep(raw: bytes, limit: int = MAX_DEPTH) -> bool:
     return False
 
 
-async def _body(request: Request) -> Any:
+def _too_large() -> _Refused:
+    return _Refused(LeaseDenied("too_large", f"request body over {MAX_BODY} bytes", 413))
+
+
+async def _body(scope: dict, receive: Any) -> Any:
     """The parsed JSON body, or `_Refused` with 413 (too large) or 400 (not JSON, too deep)."""
-    length = request.headers.get("content-length")
-    if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
-        raise _Refused(LeaseDenied("too_large", f"request body over {MAX_BODY} bytes", 413))
-    raw = bytearray()
-    async for part in request.stream():
-        raw += part
+    for name, value in scope["headers"]:
+        if name == b"content-length" and (not value.isdigit() or int(value) > MAX_BODY):
+            raise _too_large()
+    raw, more = b"", True
+    while more:
+        msg = await receive()
+        if msg["type"] != "http.request":  # the client went away
+            raise _Refused(LeaseDenied("bad_request", "request body was cut short", 400))
+        raw += msg.get("body", b"")
+        more = msg.get("more_body", False)
         if len(raw) > MAX_BODY:
-            raise _Refused(LeaseDenied("too_large", f"request body over {MAX_BODY} bytes", 413))
+            raise _too_large()
     if too_deep(raw):
         raise _Refused(LeaseDenied("bad_request", f"JSON nested deeper than {MAX_DEPTH} levels", 400))
     try:
@@ -75,50 +89,66 @@ async def _body(request: Request) -> Any:
         raise _Refused(LeaseDenied("bad_request", "body is not JSON", 400)) from None
 
 
-# `codemoat keyserver --workers N` names the vendor folder to its worker processes here (each opens it).
-VENDOR_ENV = "CODEMOAT_KEYSERVER_VENDOR_DIR"
+async def _send(send: Any, status: int, content: Any, *extra: tuple[bytes, bytes]) -> None:
+    body = json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+    headers = [_JSON, (b"content-length", str(len(body)).encode()), *extra]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
-def app_from_env() -> FastAPI:
+class KeyServerApp:
+    """The ASGI app: POST routes to `KeyServer` methods, GET /health, lifespan acknowledged."""
+
+    def __init__(self, vendor: Vendor, clock: Clock | None = None):
+        ks = KeyServer(vendor, clock)
+        self.state = SimpleNamespace(keyserver=ks)
+        self._health = {"status": "ok", "keyserver_key": vendor.keyserver_key_b64}
+        self._routes = {
+            "/v1/lease/challenge": lambda b: ks.challenge(b.get("license_id") if isinstance(b, dict) else None),
+            "/v1/lease": ks.lease,
+            "/v1/lease/release": ks.release,
+        }
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                msg = await receive()
+                if msg["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif msg["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            return
+        path, method = scope["path"], scope["method"]
+        if path == "/health":
+            if method in ("GET", "HEAD"):
+                return await _send(send, 200, self._health)
+            return await _send(send, 405, {"detail": "Method Not Allowed"}, (b"allow", b"GET"))
+        fn = self._routes.get(path)
+        if fn is None:
+            return await _send(send, 404, {"detail": "Not Found"})
+        if method != "POST":
+            return await _send(send, 405, {"detail": "Method Not Allowed"}, (b"allow", b"POST"))
+        ks: KeyServer = self.state.keyserver
+        body: Any = None
+        try:
+            body = await _body(scope, receive)
+            # Inline, not in a thread pool: the work is a millisecond of CPU (signatures, a local
+            # SQLite transaction), and a thread hop costs more than it saves on a single process.
+            answer = fn(body)
+        except _Refused as e:
+            return await _send(send, e.err.status, ks.refusal(e.err, None))
+        except LeaseDenied as e:
+            return await _send(send, e.status, ks.refusal(e, body))
+        await _send(send, 200, answer)
+
+
+def app_from_env() -> KeyServerApp:
     """The app for one worker process of `codemoat keyserver --workers N` (uvicorn's factory)."""
-    import os
-
     return create_app(Vendor.open(os.environ[VENDOR_ENV]))
 
 
-def create_app(vendor: Vendor, clock: Clock | None = None) -> FastAPI:
+def create_app(vendor: Vendor, clock: Clock | None = None) -> KeyServerApp:
     """An app serving leases for `vendor`'s licenses."""
-    app = FastAPI(title="codemoat key server", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.keyserver = KeyServer(vendor, clock)
-
-    async def call(fn, request: Request) -> JSONResponse:
-        ks: KeyServer = request.app.state.keyserver
-        body: Any = None
-        try:
-            body = await _body(request)
-            # Inline, not in a thread pool: the work is a millisecond of CPU (signatures, a local
-            # SQLite transaction), and a thread hop costs more than it saves on a single process.
-            return JSONResponse(fn(body))
-        except _Refused as e:
-            return JSONResponse(ks.refusal(e.err, None), status_code=e.err.status)
-        except LeaseDenied as e:
-            return JSONResponse(ks.refusal(e, body), status_code=e.status)
-
-    @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "keyserver_key": vendor.keyserver_key_b64}
-
-    @app.post("/v1/lease/challenge")
-    async def challenge(request: Request) -> JSONResponse:
-        ks: KeyServer = request.app.state.keyserver
-        return await call(lambda b: ks.challenge(b.get("license_id") if isinstance(b, dict) else None), request)
-
-    @app.post("/v1/lease")
-    async def lease(request: Request) -> JSONResponse:
-        return await call(request.app.state.keyserver.lease, request)
-
-    @app.post("/v1/lease/release")
-    async def release(request: Request) -> JSONResponse:
-        return await call(request.app.state.keyserver.release, request)
-
-    return app
+    return KeyServerApp(vendor, clock)
