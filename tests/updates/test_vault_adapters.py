@@ -12,11 +12,14 @@ import time
 import httpx
 import pytest
 
-from tests.tune.loras import random_lora_gguf
+from tests.tune.loras import forcing_lora_gguf
 from updhelp import run_cli
 
 pytestmark = pytest.mark.slow
 PROMPT = "def interchange_fee(amount_cents: int) -> int:\n    return"
+# each version forces one token at every step (tests/tune/loras.py), so the answers are known exactly: a random
+# adapter sometimes left the greedy answer of the base (whose per-customer fingerprint is random) unchanged
+FOX, DOG = " fox" * 12, " dog" * 12
 
 
 def _token(env: dict, *args: str) -> str:
@@ -35,7 +38,7 @@ def _text(url: str, token: str) -> str:
 def test_serve_vault_gets_vendor_adapters_from_vaultd(shop, store, serve_process, gguf_file, tmp_path):
     lic = shop.license()
     lora = tmp_path / "fee.gguf"
-    lora.write_bytes(random_lora_gguf(gguf_file, seed=0))
+    lora.write_bytes(forcing_lora_gguf(gguf_file, "Ġfox"))
     store.apply(shop.release("1", kind="adapter", source=lora), lic, groups=["payments"])
 
     sock = tmp_path / "v.sock"
@@ -68,18 +71,18 @@ def test_serve_vault_gets_vendor_adapters_from_vaultd(shop, store, serve_process
 
         srv = serve_process(["--vault", f"unix:{sock}", "--model", "tiny"], env=env)
         v1, base = _text(srv.url, alice), _text(srv.url, carol)
-        assert v1 != base  # alice (payments) gets base + the vendor's adapter, carol the base
+        assert v1 == FOX and base != FOX  # alice (payments) gets base + the vendor's adapter, carol the base
         assert not (serve_home / "updates").exists()  # and its machine key (if any) is not the one the payload is sealed to
         fds = [os.readlink(f"/proc/{srv.proc.pid}/fd/{f}") for f in os.listdir(f"/proc/{srv.proc.pid}/fd")]
         assert sum(f.startswith("/memfd:codemoat-adapter-fee ") for f in fds) == 1
 
-        lora.write_bytes(random_lora_gguf(gguf_file, seed=1))
+        lora.write_bytes(forcing_lora_gguf(gguf_file, "Ġdog"))
         store.apply(shop.release("2", kind="adapter", source=lora), lic)  # in vaultd's home
         h = {"Authorization": f"Bearer {admin}"}
         r = httpx.post(f"{srv.url}/admin/api/model/swap", headers=h, json={"adapter": "fee"}, timeout=300)
         assert r.status_code == 200 and r.json()["version"] == "2", r.text
         v2 = _text(srv.url, alice)
-        assert v2 not in (v1, base) and _text(srv.url, carol) == base
+        assert v2 == DOG and _text(srv.url, carol) == base
         assert _text(srv.url, alice) == v2  # the connection to vaultd keeps working after the swap's fetches
     finally:
         vaultd.terminate()
