@@ -1,5 +1,5 @@
 """What every console response shares: templates that escape by default, strict security headers,
-the session check, and the CSRF check on every form.
+the session check, and the CSRF check on every form; the helpers every page module uses.
 
 Headers: a CSP that allows only this server's own style sheet and images (no script at all, no
 inline style, no framing: `frame-ancestors 'none'`), `X-Frame-Options: DENY`, `nosniff`,
@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
+import anyio
 from fastapi import Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from jinja2 import Environment, FileSystemLoader, select_autoescape
@@ -36,6 +37,8 @@ HEADERS = {
     "Cross-Origin-Opener-Policy": "same-origin",
 }
 MAX_FORM = 64 * 1024
+#: the days the pages chart and sum
+DAYS = 30
 
 env = Environment(
     loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]), trim_blocks=True, lstrip_blocks=True
@@ -44,6 +47,16 @@ env.filters["when"] = lambda ts: "-" if not ts else time.strftime("%Y-%m-%d %H:%
 env.filters["pct"] = lambda v: "-" if v is None else f"{v * 100:.1f}%"
 env.filters["money"] = lambda v: "-" if v is None else (f"${v:,.0f}" if abs(v) >= 100 else f"${v:,.2f}")
 env.filters["num"] = lambda v: "-" if v is None else (f"{v:,.0f}" if abs(v) >= 100 or float(v).is_integer() else f"{v:,.2f}")
+
+
+async def run(fn, *args, **kw):
+    """`fn(*args, **kw)` in a worker thread (database reads and writes stay off the event loop)."""
+    return await anyio.to_thread.run_sync(lambda: fn(*args, **kw))
+
+
+def usage_engine(request: Request):
+    """The database of usage, sessions and jobs (the serve trust layer's)."""
+    return request.app.state.trust.usage.engine
 
 
 def secure(resp: Response) -> Response:
@@ -55,7 +68,7 @@ def secure(resp: Response) -> Response:
 def sessions(request: Request) -> Sessions:
     s = getattr(request.app.state, "console_sessions", None)
     if s is None:
-        s = request.app.state.console_sessions = Sessions(request.app.state.trust.usage.engine)
+        s = request.app.state.console_sessions = Sessions(usage_engine(request))
     return s
 
 
@@ -122,3 +135,16 @@ NAV = (
     ("/admin/audit", "Audit"),
     ("/admin/costs", "Costs"),
 )
+
+
+async def guarded_post(request: Request):
+    """(session, form) for a POST that may act, or (None, response) refusing it."""
+    s = await run(session_of, request)
+    if s is None:
+        return None, refused(request, "not signed in")
+    if not same_origin(request):
+        return None, refused(request, "the form came from another site")
+    f = await form(request)
+    if not s.csrf_ok(f.get("csrf")):
+        return None, refused(request, "missing or wrong CSRF token")
+    return s, f
