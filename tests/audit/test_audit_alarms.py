@@ -151,3 +151,57 @@ def test_own_baseline_is_seeded_from_the_audit_log(audit_log):
     alarms.observe("heavy", t=now, prompt_text="x = 1")
     assert alarms.signals("heavy", t=now)["own_hourly_median"] == 50
     assert alarms.seed(audit_log, days=0, now=now) == 0
+
+
+def _scan(events, users, user, t, window):
+    """The signals' numbers counted from every event, as they were computed before the running sums."""
+    reqs = [e for e in events if e[0] == user and e[2] != "select" and e[1] >= t - window]
+    comps = [e for e in reqs if e[2] == "completion"]
+    others = [sum(1 for e in events if e[0] == u and e[2] != "select" and e[1] >= t - window) for u in users if u != user]
+    others = sorted(n for n in others if n)
+    span = reqs[-1][1] - reqs[0][1] if len(reqs) > 1 else 0.0
+    accepts = sum(1 for e in events if e[0] == user and e[2] == "select" and e[1] >= t - window)
+    return {
+        "requests": len(reqs),
+        "team_median": (others[len(others) // 2] + others[(len(others) - 1) // 2]) / 2 if others else 0.0,
+        "novelty": round(sum(e[3] for e in reqs) / len(reqs), 3) if reqs else 0.0,
+        "span_s": round(span, 1),
+        "active_minute_share": round(len({int(e[1] // 60) for e in reqs}) / max(1, int(span // 60) + 1), 3),
+        "completions": len(comps),
+        "mean_completion_tokens": round(sum(e[4] for e in comps) / len(comps), 1) if comps else 0.0,
+        "accept_rate": round(accepts / len(comps), 4) if comps else 0.0,
+    }
+
+
+def test_running_sums_equal_a_scan_of_the_window():
+    """The signals come from sums kept as requests arrive and leave the window (not from a walk over the
+    window per evaluation, which grew with the traffic of the last hour): on random traffic of three users,
+    across many windows, they equal a scan of every event."""
+    rng = random.Random(7)
+    window = 600
+    alarms = Alarms(AlarmPolicy(window_s=window, every=10**9))  # never evaluated: the numbers are compared
+    events: list[tuple] = []  # (user, t, kind, novel, completion tokens)
+    users = ["a", "b", "c"]
+    t = T0
+    for i in range(3000):
+        t += rng.expovariate(1 / 3)
+        u = rng.choice(users)
+        kind = rng.choice(["completion", "completion", "chat", "select", "view"])
+        if kind in ("select", "view"):  # editor events: only acceptances count
+            alarms.observe(u, t=t, kind="event", event=kind)
+            if kind == "select":
+                events.append((u, t, "select", False, 0))
+            continue
+        novel = rng.random() < 0.5  # a new line is novel; an empty prompt never is
+        n = rng.randint(1, 300)
+        alarms.observe(u, t=t, kind=kind, prompt_text=f"unique_line_{i} = {i}" if novel else "", completion_tokens=n)
+        events.append((u, t, kind, novel, n))
+        if i % 97 == 0:
+            for who in users:
+                s = alarms.signals(who, t=t)
+                if s:
+                    assert {k: s[k] for k in _scan(events, users, who, t, window)} == _scan(events, users, who, t, window)
+    later = t + window / 2  # half the window has passed in silence: the oldest half has left it
+    for who in users:
+        s = alarms.signals(who, t=later)
+        assert {k: s[k] for k in _scan(events, users, who, later, window)} == _scan(events, users, who, later, window)

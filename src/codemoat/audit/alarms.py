@@ -68,11 +68,45 @@ class _Event:
 
 @dataclass
 class _Profile:
-    events: deque = field(default_factory=deque)
+    """One user's window, kept with running sums, so that a signal costs the same after an hour of
+    traffic as after a minute (it was a walk over every event in the window, per evaluation)."""
+
+    reqs: deque = field(default_factory=deque)  # completions and chats (`_Event`s) in the window, oldest first
+    accepts: deque = field(default_factory=deque)  # times of acceptance events in the window
+    novel: int = 0  # sums over `reqs`
+    comps: int = 0
+    comp_tokens: int = 0
+    minutes: dict[int, int] = field(default_factory=dict)  # minute -> requests in it
     recent: deque = field(default_factory=deque)  # line-hash sets of the last prompts
     hourly: dict[int, int] = field(default_factory=dict)
     since_eval: int = 0
     last_alert: float = -1e18
+
+    def add(self, e: _Event) -> None:
+        self.reqs.append(e)
+        self.novel += e.novel
+        if e.kind == "completion":
+            self.comps += 1
+            self.comp_tokens += e.completion_tokens
+        m = int(e.t // 60)
+        self.minutes[m] = self.minutes.get(m, 0) + 1
+
+    def prune(self, cutoff: float) -> None:
+        """Drop what happened before `cutoff` (the window's start)."""
+        reqs, minutes = self.reqs, self.minutes
+        while reqs and reqs[0].t < cutoff:
+            e = reqs.popleft()
+            self.novel -= e.novel
+            if e.kind == "completion":
+                self.comps -= 1
+                self.comp_tokens -= e.completion_tokens
+            m = int(e.t // 60)
+            if minutes[m] <= 1:
+                del minutes[m]
+            else:
+                minutes[m] -= 1
+        while self.accepts and self.accepts[0] < cutoff:
+            self.accepts.popleft()
 
 
 @dataclass(frozen=True)
@@ -120,23 +154,22 @@ class Alarms:
         event: str | None = None,
     ) -> Alert | None:
         p = self.policy
-        t = time.time() if t is None else t
+        lines = line_set(prompt_text) if kind != "event" else frozenset()
         with self._lock:
+            t = time.time() if t is None else t  # under the lock: the window's events stay in time order
             prof = self._profiles.setdefault(user, _Profile())
             if kind == "event":
                 if event in ACCEPT_EVENTS:
-                    prof.events.append(_Event(t, "event", False, 0, True))
+                    prof.accepts.append(t)
                 return None
-            lines = line_set(prompt_text)
             novel = bool(lines) and all(jaccard(lines, prev) < p.similar for prev in prof.recent)
             prof.recent.append(lines)
             if len(prof.recent) > p.recent:
                 prof.recent.popleft()
-            prof.events.append(_Event(t, kind, novel, completion_tokens, False))
+            prof.add(_Event(t, kind, novel, completion_tokens, False))
             hour = int(t // 3600)
             prof.hourly[hour] = prof.hourly.get(hour, 0) + 1
-            while prof.events and prof.events[0].t < t - p.window_s:
-                prof.events.popleft()
+            prof.prune(t - p.window_s)
             for h in [h for h in prof.hourly if h < hour - 24 * 7]:
                 del prof.hourly[h]
             prof.since_eval += 1
@@ -153,45 +186,48 @@ class Alarms:
         for u, prof in self._profiles.items():
             if u == user:
                 continue
-            n = sum(1 for e in prof.events if e.kind != "event" and e.t >= t - self.policy.window_s)
-            if n:
-                counts.append(n)
+            prof.prune(t - self.policy.window_s)
+            if prof.reqs:
+                counts.append(len(prof.reqs))
         return statistics.median(counts) if counts else 0.0
 
     def signals(self, user: str, t: float | None = None) -> dict[str, Any]:
         """The numbers behind the heuristics for `user` now (for alerts and the admin API)."""
-        t = time.time() if t is None else t
+        with self._lock:
+            return self._signals(user, time.time() if t is None else t)
+
+    def _signals(self, user: str, t: float) -> dict[str, Any]:
         prof = self._profiles.get(user)
         if prof is None:
             return {}
         p = self.policy
-        reqs = [e for e in prof.events if e.kind != "event" and e.t >= t - p.window_s]
+        prof.prune(t - p.window_s)
+        reqs = prof.reqs
         n = len(reqs)
         hour = int(t // 3600)
         own = statistics.median([c for h, c in prof.hourly.items() if h < hour]) if any(h < hour for h in prof.hourly) else 0.0
         scale = 3600 / p.window_s
-        baseline = max(own / scale, self._team_median(user, t), p.min_baseline / scale)
+        team = self._team_median(user, t)
+        baseline = max(own / scale, team, p.min_baseline / scale)
         span = (reqs[-1].t - reqs[0].t) if n > 1 else 0.0
-        minutes = {int(e.t // 60) for e in reqs}
         window_minutes = max(1, int(span // 60) + 1)
-        comps = [e for e in reqs if e.kind == "completion"]
-        accepts = sum(1 for e in prof.events if e.accepted and e.t >= t - p.window_s)
+        comps = prof.comps
         return {
             "requests": n,
             "baseline": round(baseline, 1),
             "own_hourly_median": own,
-            "team_median": self._team_median(user, t),
-            "novelty": round(sum(e.novel for e in reqs) / n, 3) if n else 0.0,
-            "active_minute_share": round(len(minutes) / window_minutes, 3),
+            "team_median": team,
+            "novelty": round(prof.novel / n, 3) if n else 0.0,
+            "active_minute_share": round(len(prof.minutes) / window_minutes, 3),
             "span_s": round(span, 1),
-            "completions": len(comps),
-            "mean_completion_tokens": round(sum(e.completion_tokens for e in comps) / len(comps), 1) if comps else 0.0,
-            "accept_rate": round(accepts / len(comps), 4) if comps else 0.0,
+            "completions": comps,
+            "mean_completion_tokens": round(prof.comp_tokens / comps, 1) if comps else 0.0,
+            "accept_rate": round(len(prof.accepts) / comps, 4) if comps else 0.0,
         }
 
     def _evaluate(self, user: str, prof: _Profile, t: float) -> Alert | None:
         p = self.policy
-        s = self.signals(user, t)
+        s = self._signals(user, t)
         if s["requests"] < p.min_requests or t - prof.last_alert < p.cooldown_s:
             return None
         hits = {
