@@ -64,6 +64,24 @@ def write_text(path: Path, text: str) -> None:
         raise CodemoatError(f"cannot write {path}: {e.strerror}") from None
 
 
+def check_writable(path: Path, force: bool = False, replacing: str = "") -> None:
+    """One clear line now, rather than a failure after the work is done, when `path` cannot be written
+    (or holds a file that only `--force` may replace)."""
+    from ..errors import CodemoatError
+
+    if path.is_dir():
+        raise CodemoatError(f"{path} is a folder: name a file to write")
+    if path.exists() and not force:
+        raise CodemoatError(
+            f"{path} exists: pass --force to replace it ({replacing})"
+            if replacing
+            else f"{path} exists: pass --force to replace it"
+        )
+    parent = path.parent
+    if not parent.is_dir():
+        raise CodemoatError(f"folder {parent} does not exist")
+
+
 def open_audit_log(s: Settings, *, batched: bool = False) -> AuditLog:
     """This home's audit log (`database_url`, else the home's database) with its head and verified files.
     `batched`: signatures as the server batches them (`audit.sign_every`, `audit.sign_interval_ms`),

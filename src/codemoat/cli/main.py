@@ -15,6 +15,7 @@ _MODULES = (
     "accounts_cmd",
     "config_cmd",
     "vault_cmd",
+    "license_cmd",
     "vaultd_cmd",
     "train_cmd",
     "tune_cmd",
