@@ -102,12 +102,10 @@ def test_another_chip_cannot_unwrap(swtpm_factory):
 
 
 def _quote(tcti: str, ident: dict, data: bytes) -> dict:
-    import base64
+    from codemoat.vault.tpmwrap import quote_json
 
     with TpmAttestor(tcti) as a:
-        q = a.quote(ident["policy"], data)
-    e = lambda b: base64.b64encode(b).decode()  # noqa: E731
-    return {"ak": ident["ak"], "attest": e(q.attest), "r": e(q.r), "s": e(q.s)}
+        return quote_json(ident["ak"], a.quote(ident["policy"], data))
 
 
 def test_quote_verifies_with_the_nonce_and_each_forgery_is_refused(swtpm_factory):

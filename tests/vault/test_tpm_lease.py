@@ -54,7 +54,7 @@ def test_attested_lease_over_http_quotes_the_nonce_and_unwraps_in_the_chip(vendo
     assert lease.content_key == vendor.content_key(lic.model["file_id"])
     sent = [json.loads(x) for x in outbound_path().read_text().splitlines()]
     body = json.loads(next(x["body"] for x in sent if x["destination"].endswith("/v1/lease") and x["body"]))
-    assert set(body["quote"]) == {"ak", "attest", "r", "s"}  # the customer sees the quote go out, nothing else
+    assert set(body["quote"]) == {"ak", "attest", "r", "s", "latch"}  # the quote and the tamper latch go out, nothing else
     assert client.acquire().content_key == lease.content_key  # a renewal quotes again
     client.close()
 

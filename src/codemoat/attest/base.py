@@ -31,11 +31,13 @@ class AttestError(CodemoatError):
 
 @dataclass(frozen=True)
 class Quote:
-    """A signed platform statement: TPMS_ATTEST bytes as the chip marshalled them, and ECDSA (r, s)."""
+    """A signed platform statement: TPMS_ATTEST bytes as the chip marshalled them, and ECDSA (r, s);
+    for a quote, `latch` is the same key's certification of the tamper latch over the same data."""
 
     attest: bytes
     r: bytes
     s: bytes
+    latch: Quote | None = None
 
 
 class Attestor(Protocol):

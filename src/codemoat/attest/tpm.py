@@ -336,14 +336,41 @@ class TpmAttestor:
             c.flush_context(sess)
 
     def quote(self, policy: dict[str, Any], data: bytes) -> Quote:
-        """TPM2_Quote by the AK over the policy's PCRs, with `data` (at most 64 bytes) as qualifyingData."""
-        _pt()
+        """TPM2_Quote by the AK over the policy's PCRs, with `data` (at most 64 bytes) as qualifyingData; when
+        the policy names the tamper latch, also the AK's TPM2_NV_Certify of it over `data` (`Quote.latch`, None
+        when the chip has no latch): a reboot resets the tamper PCR, not the latch, so the verifier sees the event."""
+        pt = _pt()
         c = self.ctx
         h, _ = self._ak()
+        latch = None
         try:
             attest, sig = c.quote(h, pcr_selection(policy["pcrs"]), data)
+            index = (policy.get("latch") or {}).get("index")
+            nv = None if index is None else self._counter(index, create=False, what="tamper latch")
+            if nv is not None:
+                try:
+                    latch = self._nv_certify(h, nv, data)
+                except pt.TSS2_Exception as e:
+                    raise AttestError(f"the TPM could not certify its tamper latch: {e}") from None
         finally:
             c.flush_context(h)
+        e = sig.signature.ecdsa
+        return Quote(bytes(attest), bytes(e.signatureR), bytes(e.signatureS), latch)
+
+    def _nv_certify(self, ak: Any, nv: Any, data: bytes) -> Quote:
+        """TPM2_NV_Certify by `ak` of the 8-byte NV counter `nv` over `data` (TSS2_Exception passes through)."""
+        pt = _pt()
+        attest, sig = self.ctx.nv_certify(
+            ak,
+            nv,
+            data,
+            pt.TPMT_SIG_SCHEME(scheme=pt.TPM2_ALG.NULL),
+            8,
+            0,
+            auth_handle=nv,
+            session1=pt.ESYS_TR.PASSWORD,
+            session2=pt.ESYS_TR.PASSWORD,
+        )
         e = sig.signature.ecdsa
         return Quote(bytes(attest), bytes(e.signatureR), bytes(e.signatureS))
 
@@ -397,25 +424,13 @@ class TpmAttestor:
             return None
         ak, _ = self._ak()
         try:
-            attest, sig = c.nv_certify(
-                ak,
-                h,
-                nonce,
-                pt.TPMT_SIG_SCHEME(scheme=pt.TPM2_ALG.NULL),
-                8,
-                0,
-                auth_handle=h,
-                session1=pt.ESYS_TR.PASSWORD,
-                session2=pt.ESYS_TR.PASSWORD,
-            )
+            return self._nv_certify(ak, h, nonce)
         except pt.TSS2_Exception as e:  # a counter never incremented cannot be read (TPM_RC_NV_UNINITIALIZED)
             if (e.rc & 0xFFF) == 0x14A:
                 return None
             raise AttestError(f"cannot read the TPM's audit counter: {e}") from None
         finally:
             c.flush_context(ak)
-        e = sig.signature.ecdsa
-        return Quote(bytes(attest), bytes(e.signatureR), bytes(e.signatureS))
 
     def audit_checkpoint(self, data: bytes) -> tuple[Quote, int]:
         """Increment the audit counter, then TPM2_NV_Certify it with the AK over `data` (<= 64 bytes):
@@ -426,21 +441,9 @@ class TpmAttestor:
         ak, _ = self._ak()
         try:
             c.nv_increment(h, auth_handle=h)
-            attest, sig = c.nv_certify(
-                ak,
-                h,
-                data,
-                pt.TPMT_SIG_SCHEME(scheme=pt.TPM2_ALG.NULL),
-                8,
-                0,
-                auth_handle=h,
-                session1=pt.ESYS_TR.PASSWORD,
-                session2=pt.ESYS_TR.PASSWORD,
-            )
+            q = self._nv_certify(ak, h, data)
         except pt.TSS2_Exception as e:
             raise AttestError(f"the TPM could not sign the audit checkpoint: {e}") from None
         finally:
             c.flush_context(ak)
-        e = sig.signature.ecdsa
-        raw = bytes(attest)
-        return Quote(raw, bytes(e.signatureR), bytes(e.signatureS)), int.from_bytes(raw[-8:], "big")
+        return q, int.from_bytes(q.attest[-8:], "big")

@@ -113,8 +113,9 @@ class LeaseDenied(VaultError):
         self.code, self.status = code, status
 
 
-# pcr_mismatch (a tamper event) and unknown_ak (another chip) end serving at once, like a revocation.
-TERMINAL = ("revoked", "expired", "unknown_license", "wrong_machine", "not_yet_valid", "pcr_mismatch", "unknown_ak")
+# pcr_mismatch and tampered (a tamper event, before or after a reboot) and unknown_ak (another chip) end
+# serving at once, like a revocation.
+TERMINAL = ("revoked", "expired", "unknown_license", "wrong_machine", "not_yet_valid", "pcr_mismatch", "tampered", "unknown_ak")
 
 
 def request_message(req: dict[str, Any]) -> bytes:
@@ -306,7 +307,7 @@ class KeyServer:
                 info = verify_quote(entry["tpm"], req.get("quote"), quote_data(req))
                 break
             except QuoteRefused as e:
-                if attempt == 0 and e.code in ("pcr_mismatch", "unknown_ak"):
+                if attempt == 0 and e.code in ("pcr_mismatch", "tampered", "unknown_ak"):
                     self._docs.pop(lid, None)  # the vendor may have reprovisioned since this was cached
                     continue
                 self._record_refusal(lid, mid, e.code, str(e))

@@ -56,7 +56,7 @@ from .keyserver import (
 )
 from .license import License, key_context
 from .machine import MachineKey
-from .tpmwrap import unwrap_p256
+from .tpmwrap import quote_json, unwrap_p256
 
 OUTBOUND = "outbound.jsonl"
 _log_lock = threading.Lock()
@@ -214,7 +214,7 @@ class LeaseClient:
                 raise
             except CodemoatError as e:  # the TPM gone or refusing: a failed renewal, counted against TTL + grace
                 raise VaultError(f"TPM: {e}") from None
-            req["quote"] = {"ak": self.tpm["ak"], "attest": b64e(q.attest), "r": b64e(q.r), "s": b64e(q.s)}
+            req["quote"] = quote_json(self.tpm["ak"], q)
         return req
 
     def _unwrap(self, wrapped: Any, context: bytes, tpm: Any) -> bytes:

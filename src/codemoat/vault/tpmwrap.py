@@ -161,6 +161,14 @@ def pcr_bitmap(pcrs: list[int]) -> bytes:
     return bytes(bits)
 
 
+def quote_json(ak: str, q: Any) -> dict[str, Any]:
+    """A quote (`attest.base.Quote`) as a lease request carries it: what `verify_quote` reads."""
+    out = {"ak": ak, "attest": b64e(q.attest), "r": b64e(q.r), "s": b64e(q.s)}
+    if q.latch is not None:  # the tamper latch's count: refused after a tamper event, a reboot or not
+        out["latch"] = {"attest": b64e(q.latch.attest), "r": b64e(q.latch.r), "s": b64e(q.latch.s)}
+    return out
+
+
 def verify_quote(tpm: dict[str, Any], quote: Any, expected_data: bytes) -> QuoteInfo:
     """The quote in a request, checked against the machine's registered TPM entry (AK and policy)."""
     if not isinstance(quote, dict) or not all(isinstance(quote.get(k), str) for k in ("ak", "attest", "r", "s")):
@@ -182,7 +190,33 @@ def verify_quote(tpm: dict[str, Any], quote: Any, expected_data: bytes) -> Quote
             f"PCRs {policy['pcrs']} differ from the values recorded at provisioning "
             "(tamper event or another boot state): the vendor must reprovision",
         )
+    if policy.get("latch") is not None:
+        _check_latch(tpm["ak"], quote.get("latch"), expected_data, policy["latch"])
     return info
+
+
+def _check_latch(ak_der_hex: str, cert: Any, expected_data: bytes, latch: dict[str, Any]) -> None:
+    """The AK's TPM2_NV_Certify of the tamper latch over the request's data must show the count recorded at
+    provisioning. A reboot resets the tamper PCR, so a quote alone would hold again after one; the latch's
+    NV counter survives it (and only counts up), so the key server still sees the event and refuses."""
+    if not isinstance(cert, dict) or not all(isinstance(cert.get(k), str) for k in ("attest", "r", "s")):
+        raise QuoteRefused(
+            "bad_quote",
+            "request carries no certification of the TPM's tamper latch, which this license's policy names "
+            "(the latch was deleted from the chip, or the client predates it)",
+        )
+    what = "tamper latch certification"
+    try:
+        attest, r, s = b64d(cert["attest"], what), b64d(cert["r"], f"{what} r"), b64d(cert["s"], f"{what} s")
+    except VaultError as e:
+        raise QuoteRefused("bad_quote", str(e)) from None
+    count = verify_nv_certify(ak_der_hex, attest, r, s, expected_data, latch["index"], what).counter
+    if count != latch["count"]:
+        raise QuoteRefused(
+            "tampered",
+            f"the TPM's tamper latch has counted {count - latch['count']} tamper event(s) since provisioning "
+            f"(count {count}, provisioned {latch['count']}; a reboot does not clear it): the vendor must reprovision",
+        )
 
 
 ST_ATTEST_NV = 0x8014  # TPM_ST_ATTEST_NV, Part 2 §6.9
@@ -249,10 +283,12 @@ def _signed_attest(ak_der_hex: str, attest: bytes, r: bytes, s: bytes, what: str
     return h.magic, h.type, h.extra_data, h.clock, h.reset_count, h.off
 
 
-def verify_nv_certify(ak_der_hex: str, attest: bytes, r: bytes, s: bytes, expected_data: bytes, index: int) -> CounterInfo:
-    """A TPM2_NV_Certify of the audit counter by the AK over `expected_data`: the counter's value
-    and the TPM clock, or `QuoteRefused` naming what does not hold."""
-    magic, typ, extra, clock, reset, off = _signed_attest(ak_der_hex, attest, r, s, "TPM checkpoint")
+def verify_nv_certify(
+    ak_der_hex: str, attest: bytes, r: bytes, s: bytes, expected_data: bytes, index: int, what: str = "TPM checkpoint"
+) -> CounterInfo:
+    """A TPM2_NV_Certify of codemoat's NV counter at `index` (the audit counter, the tamper latch) by the AK
+    over `expected_data`: the counter's value and the TPM clock, or `QuoteRefused` naming what does not hold."""
+    magic, typ, extra, clock, reset, off = _signed_attest(ak_der_hex, attest, r, s, what)
     try:
         (n,) = struct.unpack_from(">H", attest, off)
         name = attest[off + 2 : off + 2 + n]
@@ -261,13 +297,13 @@ def verify_nv_certify(ak_der_hex: str, attest: bytes, r: bytes, s: bytes, expect
         contents = attest[off + 4 : off + 4 + n]
         off += 4 + n
     except struct.error:
-        raise QuoteRefused("bad_quote", "TPM checkpoint is truncated") from None
+        raise QuoteRefused("bad_quote", f"{what} is truncated") from None
     if magic != TPM_GENERATED or typ != ST_ATTEST_NV or off != len(attest) or offset != 0 or len(contents) != 8:
-        raise QuoteRefused("bad_quote", "TPM checkpoint is not a TPM-generated certification of an 8-byte counter")
+        raise QuoteRefused("bad_quote", f"{what} is not a TPM-generated certification of an 8-byte counter")
     if name != counter_name(index):
-        raise QuoteRefused("bad_quote", f"TPM checkpoint certifies another NV index than the audit counter {index:#x}")
+        raise QuoteRefused("bad_quote", f"{what} certifies another NV index than codemoat's counter {index:#x}")
     if extra != expected_data:
-        raise QuoteRefused("stale_quote", "TPM checkpoint was signed over another record than the one it names")
+        raise QuoteRefused("stale_quote", f"{what} was signed over another record or request than this one (stale or replayed)")
     return CounterInfo(int.from_bytes(contents, "big"), clock, reset)
 
 
