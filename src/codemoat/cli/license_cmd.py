@@ -63,8 +63,7 @@ def license_issue(
     not_before_at = int(parse_when(not_before)) if not_before else None
     if out is not None:  # before signing: a license recorded but never written would be orphaned
         check_writable(out, force, "the license in it stays in the vendor database: `vendor license show ID`")
-    v = Vendor.open(vendor)
-    try:
+    with Vendor.open(vendor) as v:
         doc = v.issue_license(
             customer=customer,
             model=model,
@@ -82,8 +81,6 @@ def license_issue(
             policy=match,
             support_until=int(parse_when(support_until)) if support_until else None,
         )
-    finally:
-        v.close()
     body = doc["license"]
     path = out or Path(f"{body['id']}.lic")
     try:
@@ -110,11 +107,8 @@ def license_revoke(
     """Revoke a license: its leases end at their next renewal."""
     from ..vault.vendor import Vendor
 
-    v = Vendor.open(vendor)
-    try:
+    with Vendor.open(vendor) as v:
         v.revoke(license_id)
-    finally:
-        v.close()
     emit({"revoked": license_id}, as_json, lambda d: say(f"revoked {license_id}"))
 
 
@@ -132,11 +126,8 @@ def license_show(
 
     if out is not None:
         check_writable(out, force)
-    v = Vendor.open(vendor)
-    try:
+    with Vendor.open(vendor) as v:
         row = v.license_row(license_id)
-    finally:
-        v.close()
     if row is None:
         raise CodemoatError(f"no license {license_id}")
     text = json.dumps(json.loads(row.document), indent=2) + "\n"
@@ -156,11 +147,8 @@ def license_list(vendor: VendorDir, as_json: JsonFlag = False) -> None:
     from ..vault.clock import iso
     from ..vault.vendor import Vendor
 
-    v = Vendor.open(vendor)
-    try:
+    with Vendor.open(vendor) as v:
         rows = v.licenses()
-    finally:
-        v.close()
 
     def human(rows: list[dict[str, Any]]) -> None:
         t = Table("id", "customer", "model", "mode", "seats", "leases", "expires", "state")

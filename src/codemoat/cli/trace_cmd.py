@@ -35,14 +35,11 @@ def trace_cmd(
     from ..trace.trace_stream import trace_files
 
     suspect_w = vendor_io.weights_path(suspect)
-    v = vendor_io.open_vendor(vendor)
-    try:
+    with vendor_io.open_vendor(vendor) as v:
         secrets = vendor_io.fingerprint_secrets(v)
         orig = (
             vendor_io.weights_path(original) if original else vendor_io.pick_original(suspect_w, vendor_io.recorded_originals(v))
         )
-    finally:
-        v.close()
     with console.status(f"scoring {len(secrets)} customers…", spinner="dots") if not as_json else _null():
         result = trace_files(suspect_w, orig, secrets)
     data = {"suspect": str(suspect), "original": str(orig), **result.as_dict()}
@@ -115,16 +112,13 @@ def watermark_detect(
             texts.append(f.read_text(errors="replace"))
         except OSError as e:
             raise CodemoatError(f"cannot read {f}: {e.strerror}") from None
-    v = vendor_io.open_vendor(vendor)
-    try:
+    with vendor_io.open_vendor(vendor) as v:
         keys = vendor_io.watermark_secrets(v, customer)
         if model is None:
             ggufs = [p for p in vendor_io.recorded_originals(v) if p.suffix == ".gguf" and p.is_file()]
             if not ggufs:
                 raise CodemoatError("no GGUF original recorded for this vendor: pass --model PATH (its tokenizer is needed)")
             model = ggufs[0]
-    finally:
-        v.close()
     if not model.is_file():
         raise CodemoatError(f"model not found: {model}")
     scorer = LlamaScorer(str(model), n_ctx=1024, vocab_only=not entropy)

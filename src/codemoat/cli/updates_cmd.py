@@ -85,8 +85,7 @@ def vendor_release(
         raise CodemoatError("give exactly one of --model, --adapter or --knowledge-pack")
     kind, source = given[0]
     fp = _fingerprinter() if kind in ("model", "adapter") and fingerprint else None
-    v = Vendor.open(vendor)
-    try:
+    with Vendor.open(vendor) as v:
         m = release(
             v,
             customer=customer,
@@ -102,8 +101,6 @@ def vendor_release(
             license_id=license_id,
             base_model=base_model,
         )
-    finally:
-        v.close()
     d = {
         k: m[k]
         for k in ("bundle_id", "kind", "name", "version", "released_at", "replaces", "rollback_target", "customer", "machines")

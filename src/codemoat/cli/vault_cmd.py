@@ -109,11 +109,8 @@ def vendor_seal(
 
     check_writable(out, force, "its licenses name that file's content; the new file gets a new key")
     fp = _fingerprinter() if fingerprint else None
-    v = Vendor.open(vendor)
-    try:
+    with Vendor.open(vendor) as v:
         sealed = v.seal(model, customer, out, fingerprint=fp)
-    finally:
-        v.close()
     d = sealed.describe()
     emit(
         d,
@@ -135,11 +132,8 @@ def vendor_unseal(
     """Decrypt the vendor's own sealed file (needs the vendor's keys and database)."""
     from ..vault.vendor import Vendor
 
-    v = Vendor.open(vendor)
-    try:
+    with Vendor.open(vendor) as v:
         path = v.unseal(moat, out)
-    finally:
-        v.close()
     emit(
         {"sealed": str(moat), "out": str(path)},
         as_json,

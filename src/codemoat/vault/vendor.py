@@ -102,6 +102,12 @@ class Vendor:
     def close(self) -> None:
         self.engine.dispose()
 
+    def __enter__(self) -> Vendor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     @property
     def vendor_key_b64(self) -> str:
         return b64e(public_raw(self.signing_key.public_key()))
