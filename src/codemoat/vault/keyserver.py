@@ -57,6 +57,7 @@ from .clock import Clock
 from .codec import VaultError, b64d, b64e, canonical, ed_public, sign, verify, wrap, x_public
 from .license import key_context
 from .nonces import NonceStore
+from .snpbind import SnpLeaseRefused, verify_snp
 from .tpmbind import advance_on
 from .tpmwrap import QuoteRefused, verify_quote, wrap_p256
 from .vendor import Vendor, leases_t
@@ -246,6 +247,12 @@ class KeyServer:
         info = None
         if entry.get("tpm") is not None:
             entry, info = self._attested(lid, mid, req)
+        if entry.get("snp") is not None:  # an SEV-SNP guest: its report over this request, or nothing
+            try:
+                verify_snp(self.vendor.root, entry["snp"], req.get("snp"), quote_data(req))
+            except SnpLeaseRefused as e:
+                self._record_refusal(lid, mid, e.code, str(e))
+                raise LeaseDenied(e.code, str(e)) from None
         now = self.clock.time()
         # One transaction spends the nonce (its first write: the write lock before any read), reads the
         # license's state, takes the seat and issues the next nonce, so a revocation or another

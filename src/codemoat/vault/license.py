@@ -27,6 +27,7 @@ from .clock import ClockGuard, iso
 from .codec import VaultError, b64d, b64e, canonical, ed_public, key_id, public_raw, sign, unwrap, verify, wrap, x_public
 from .container import SealedFile, content_key_id
 from .machine import POLICIES, MachineKey, check_tpm_block, match_facts
+from .snpbind import check_snp_block
 from .tpmwrap import unwrap_p256, wrap_p256
 
 KIND = "codemoat-license"
@@ -142,6 +143,8 @@ def _check_shape(b: dict[str, Any]) -> None:
             raise VaultError("license field 'machines' is malformed")
         if "tpm" in m:
             check_tpm_block(m["tpm"])
+        if "snp" in m:
+            check_snp_block(m["snp"])
     if b["mode"] == "offline":
         keys = need("keys", dict)
         if len(machines) != 1 or not isinstance(keys.get("content_key"), dict):
@@ -244,6 +247,8 @@ def _entry(x: dict[str, Any]) -> dict[str, Any]:
     e = {"id": x["id"], "x25519": x["x25519"], "ed25519": x["ed25519"], "facts": x["facts"], "binding": "software"}
     if x.get("tpm"):
         e.update(binding="tpm", tpm=check_tpm_block(x["tpm"]))
+    if x.get("snp"):  # an SEV-SNP guest: leases need its attestation report (vault.snpbind)
+        e["snp"] = check_snp_block(x["snp"])
     return e
 
 
