@@ -12,7 +12,7 @@ from dataclasses import asdict, fields
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse, RedirectResponse, Response
+from fastapi.responses import FileResponse, Response
 
 from ..errors import CodemoatError
 from . import charts, routes_audit, routes_people, routes_repos, signin as oidc_signin
@@ -28,6 +28,7 @@ from .web import (
     run,
     same_origin,
     secure,
+    see_other,
     session_cookie,
     session_of,
     sessions,
@@ -74,7 +75,7 @@ async def signin(request: Request):
     request.state.principal = principal
     sid, _s = await run(sessions(request).create, principal)
     note(request, "console: signed in")
-    resp = secure(RedirectResponse("/admin", status_code=303))
+    resp = see_other("/admin")
     session_cookie(resp, request, sid)
     resp.delete_cookie(SIGNIN_COOKIE, path="/admin")
     return resp

@@ -6,11 +6,11 @@ from __future__ import annotations
 import time
 
 from fastapi import APIRouter, Request
-from fastapi.responses import RedirectResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 
 from ..errors import CodemoatError
 from . import auditview
-from .web import guarded_post, note, page, refused, run, secure, session_of, to_signin
+from .web import guarded_post, note, page, refused, run, secure, see_other, session_of, to_signin
 
 router = APIRouter(include_in_schema=False)
 
@@ -54,7 +54,7 @@ async def audit_verify(request: Request):
     rep = await run(request.app.state.trust.log.verify)
     request.app.state.console_verify = {"at": time.time(), **rep.to_dict()}
     note(request, f"console: verified the audit log: {'OK' if rep.ok else f'FAILED at record {rep.first_bad}'}")
-    return secure(RedirectResponse("/admin/audit", status_code=303))
+    return see_other("/admin/audit")
 
 
 @router.get("/admin/audit/export")

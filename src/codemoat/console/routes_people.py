@@ -6,10 +6,9 @@ from __future__ import annotations
 import time
 
 from fastapi import APIRouter, Request
-from fastapi.responses import RedirectResponse
 
 from ..errors import CodemoatError
-from .web import DAYS, guarded_post, note, page, run, secure, session_of, to_signin, usage_engine
+from .web import DAYS, guarded_post, note, page, run, see_other, session_of, to_signin, usage_engine
 
 router = APIRouter(include_in_schema=False)
 
@@ -96,7 +95,7 @@ async def revoke_token(request: Request):
     except CodemoatError as e:
         return await _people(request, s, error=str(e), status=400)
     note(request, f"console: revoked token {info.id} of user {info.user}")
-    return secure(RedirectResponse("/admin/people", status_code=303))
+    return see_other("/admin/people")
 
 
 @router.post("/admin/people/groups")
@@ -115,7 +114,7 @@ async def set_groups(request: Request):
     except CodemoatError as e:
         return await _people(request, s, error=str(e), status=400)
     note(request, f"console: {'added user' if f.get('new') else 'set groups of'} {user}: {','.join(groups) or '-'}")
-    return secure(RedirectResponse("/admin/people", status_code=303))
+    return see_other("/admin/people")
 
 
 @router.post("/admin/people/disable")
@@ -136,4 +135,4 @@ async def disable_user(request: Request):
         request,
         f"console: {'disabled' if disabled else 'enabled'} user {user}" + (f", revoked {revoked} token(s)" if revoked else ""),
     )
-    return secure(RedirectResponse("/admin/people", status_code=303))
+    return see_other("/admin/people")

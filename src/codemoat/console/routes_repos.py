@@ -4,10 +4,9 @@ started from it (`console.jobs`)."""
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from fastapi.responses import RedirectResponse
 
 from ..errors import CodemoatError
-from .web import guarded_post, note, page, run, secure, session_of, to_signin, usage_engine
+from .web import guarded_post, note, page, run, see_other, session_of, to_signin, usage_engine
 
 router = APIRouter(include_in_schema=False)
 
@@ -56,7 +55,7 @@ async def reindex(request: Request):
         note(request, f"console: re-index refused: {e}")
         return page(request, "repositories.html", s, status=400, repos=[], error=str(e), jobs={})
     note(request, f"console: re-index of {name} started (job {job.id})")
-    return secure(RedirectResponse(f"/admin/repositories/jobs/{job.id}", status_code=303))
+    return see_other(f"/admin/repositories/jobs/{job.id}")
 
 
 @router.get("/admin/repositories/jobs/{job_id}")

@@ -20,13 +20,12 @@ from __future__ import annotations
 import html
 import secrets
 
-import anyio
 from fastapi import APIRouter, Request
-from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.responses import HTMLResponse, Response
 
 from ..errors import CodemoatError
 from .sessions import OIDC_COOKIE, SESSION_SECONDS, SIGNIN_COOKIE
-from .web import note, page, secure, session_cookie, sessions
+from .web import note, page, run, secure, see_other, session_cookie, sessions
 
 router = APIRouter(include_in_schema=False)
 PATH = "/admin/oidc"
@@ -60,11 +59,11 @@ async def start(request: Request):
         return _again(request, "sign-in with an OpenID provider is not configured on this server", 404)
     binding = secrets.token_urlsafe(32)
     try:
-        url = await anyio.to_thread.run_sync(lambda: keeper.oidc.start("console", binding))
+        url = await run(keeper.oidc.start, "console", binding)
     except CodemoatError as e:
         return _again(request, str(e), 503)
     note(request, "console: sign-in with the OpenID provider started")
-    resp = secure(RedirectResponse(url, status_code=303))
+    resp = see_other(url)
     resp.set_cookie(
         OIDC_COOKIE, binding, max_age=BINDING_SECONDS, path=PATH, httponly=True, samesite="lax", secure=_https(request)
     )
@@ -81,16 +80,14 @@ async def callback(request: Request, state: str = "", code: str = "", error: str
         return _again(request, f"sign-in refused by the provider: {error[:100]}")
     binding = request.cookies.get(OIDC_COOKIE)
     try:
-        secret, info = await anyio.to_thread.run_sync(
-            lambda: keeper.console_signin(state[:256], code[:2048], binding, SESSION_SECONDS)
-        )
-        principal = await anyio.to_thread.run_sync(request.app.state.accounts.authenticate, secret)
+        secret, info = await run(keeper.console_signin, state[:256], code[:2048], binding, SESSION_SECONDS)
+        principal = await run(request.app.state.accounts.authenticate, secret)
     except CodemoatError as e:
         note(request, f"console: sign-in refused: {e}")
         return _again(request, str(e), 503 if e.status >= 500 else 401)
     del secret  # the token backs the session only; nobody sees it
     request.state.principal = principal
-    sid, _s = await anyio.to_thread.run_sync(sessions(request).create, principal)
+    sid, _s = await run(sessions(request).create, principal)
     note(request, "console: signed in with the OpenID provider")
     who = html.escape(info["user"])
     # A page, not a redirect: the browser arrived here from the provider's site, and a redirect would

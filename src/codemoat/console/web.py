@@ -113,8 +113,13 @@ def page(request: Request, template: str, session: Session | None, status: int =
     return secure(HTMLResponse(html, status_code=status))
 
 
+def see_other(url: str) -> Response:
+    """The redirect after a form's action (303: the browser GETs `url`)."""
+    return secure(RedirectResponse(url, status_code=303))
+
+
 def to_signin() -> Response:
-    return secure(RedirectResponse("/admin/signin", status_code=303))
+    return see_other("/admin/signin")
 
 
 def refused(request: Request, why: str) -> Response:
