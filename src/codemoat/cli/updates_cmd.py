@@ -10,7 +10,6 @@ import typer
 from ..errors import CodemoatError
 from .apps import update_app, vendor_app
 from .common import JsonFlag, VendorDir, console, emit, open_audit_log, print_error, say
-from .vault_cmd import _fingerprinter
 
 LicenseOpt = Annotated[
     Path | None,
@@ -76,6 +75,7 @@ def vendor_release(
     as_json: JsonFlag = False,
 ) -> None:
     """Build a signed update bundle of a model, an adapter or a knowledge pack for one customer."""
+    from ..trace.fingerprint import fingerprint_model
     from ..updates.release import release
     from ..updates.store import label
     from ..vault.vendor import Vendor
@@ -84,7 +84,7 @@ def vendor_release(
     if len(given) != 1:
         raise CodemoatError("give exactly one of --model, --adapter or --knowledge-pack")
     kind, source = given[0]
-    fp = _fingerprinter() if kind in ("model", "adapter") and fingerprint else None
+    fp = fingerprint_model if kind in ("model", "adapter") and fingerprint else None
     with Vendor.open(vendor) as v:
         m = release(
             v,

@@ -82,16 +82,6 @@ def machine_id(
     typer.echo(json.dumps(ident, separators=(",", ":")))
 
 
-def _fingerprinter():
-    try:
-        from ..trace.fingerprint import fingerprint_model
-    except ModuleNotFoundError:
-        raise CodemoatError(
-            "weight fingerprinting is not available (codemoat.trace.fingerprint is missing); seal with --no-fingerprint"
-        ) from None
-    return fingerprint_model
-
-
 @vendor_app.command("seal")
 def vendor_seal(
     model: Annotated[Path, typer.Argument(help="A .gguf file, or a safetensors model (file or folder).")],
@@ -105,10 +95,11 @@ def vendor_seal(
     as_json: JsonFlag = False,
 ) -> None:
     """Encrypt a model for one customer: signed manifest, AES-256-GCM chunks, fresh content key."""
+    from ..trace.fingerprint import fingerprint_model
     from ..vault.vendor import Vendor
 
     check_writable(out, force, "its licenses name that file's content; the new file gets a new key")
-    fp = _fingerprinter() if fingerprint else None
+    fp = fingerprint_model if fingerprint else None
     with Vendor.open(vendor) as v:
         sealed = v.seal(model, customer, out, fingerprint=fp)
     d = sealed.describe()
