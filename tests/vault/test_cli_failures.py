@@ -24,23 +24,16 @@ def verify(moat, lic):
     return cli("verify", "--model", str(moat), "--license", str(lic))
 
 
+def issue(vendor, moat, customer="acme"):
+    """`vendor license issue` of `moat` for `customer`: the arguments every test here starts with."""
+    return ["vendor", "license", "issue", "--vendor", str(vendor.root), "--customer", customer, "--model", str(moat)]
+
+
 def test_cli_issue_then_expired_and_not_yet_valid(setup):
     vendor, machine, model, moat, lic, doc, tmp = setup
     ident = tmp / "me.json"
     ident.write_text(json.dumps(machine.identity()))
-    base = [
-        "vendor",
-        "license",
-        "issue",
-        "--vendor",
-        str(vendor.root),
-        "--customer",
-        "acme",
-        "--model",
-        str(moat),
-        "--machine",
-        str(ident),
-    ]
+    base = [*issue(vendor, moat), "--machine", str(ident)]
     p = cli(*base, "--not-before", "2019-01-01", "--expires", "2020-01-01", "--out", str(tmp / "old.lic"))
     assert p.returncode == 0, p.stderr
     assert "license expired on 2020-01-01" in one_line_error(verify(moat, tmp / "old.lic"))
@@ -65,21 +58,7 @@ def test_cli_signature_model_customer_clock(setup):
     moat_b, lic_b, _ = bundle(vendor, model, tmp / "b", machine, customer="bolt")
     assert "license is for another model" in one_line_error(verify(moat_b, lic))
     assert "is sealed for customer 'acme', not 'bolt'" in one_line_error(
-        cli(
-            "vendor",
-            "license",
-            "issue",
-            "--vendor",
-            str(vendor.root),
-            "--customer",
-            "bolt",
-            "--model",
-            str(moat),
-            "--machine",
-            json.dumps(machine.identity()),
-            "--expires",
-            "30d",
-        )
+        cli(*issue(vendor, moat, "bolt"), "--machine", json.dumps(machine.identity()), "--expires", "30d")
     )
     # The machine once saw a date a year ahead (its authenticated clock record says so): today is "set back".
     guard = ClockGuard(machine)
@@ -109,20 +88,7 @@ def test_cli_wrong_kinds_of_path_are_one_line(setup):
     # a machine identity that is not text, or is a folder
     binary = tmp / "id.bin"
     binary.write_bytes(b"\xff\xfe\x00garbage")
-    base = [
-        "vendor",
-        "license",
-        "issue",
-        "--vendor",
-        str(vendor.root),
-        "--customer",
-        "acme",
-        "--model",
-        str(moat),
-        "--expires",
-        "30d",
-        "--machine",
-    ]
+    base = [*issue(vendor, moat), "--expires", "30d", "--machine"]
     assert "is not text (not UTF-8)" in one_line_error(cli(*base, str(binary)))
     assert "is a folder: name the identity file" in one_line_error(cli(*base, str(folder)))
     # vendor init on a file, and under a path that cannot exist
@@ -158,23 +124,7 @@ def test_cli_outputs_are_not_overwritten_and_licenses_can_be_exported_again(setu
     write any license out again, byte for byte the document that was issued."""
     vendor, machine, model, moat, lic, doc, tmp = setup
     out = tmp / "acme.lic"
-    base = [
-        "vendor",
-        "license",
-        "issue",
-        "--vendor",
-        str(vendor.root),
-        "--customer",
-        "acme",
-        "--model",
-        str(moat),
-        "--machine",
-        json.dumps(machine.identity()),
-        "--expires",
-        "30d",
-        "--out",
-        str(out),
-    ]
+    base = [*issue(vendor, moat), "--machine", json.dumps(machine.identity()), "--expires", "30d", "--out", str(out)]
     assert cli(*base).returncode == 0
     first = out.read_text()
     err = one_line_error(cli(*base))
