@@ -7,7 +7,7 @@ import time
 
 import pytest
 import sqlalchemy as sa
-from consoleapp import csrf_of, signed_in
+from consoleapp import csrf_of, leased, signed_in
 from fastapi.testclient import TestClient
 
 from codemoat.accounts import Accounts
@@ -15,7 +15,7 @@ from codemoat.config import Settings
 from codemoat.console.jobs import Jobs
 from codemoat.console.jobs import table as jobs_table
 from codemoat.db import open_db
-from codemoat.engines.holder import LicenseStatus, ModelHolder
+from codemoat.engines.holder import ModelHolder
 from codemoat.serve.app import create_app
 
 XSS = "<script>alert(1)</script>"
@@ -89,20 +89,7 @@ def test_health_shows_no_license_to_a_caller_without_a_token(setup):
     """A load balancer's /health without a token gets the status only: no license, customer, machine
     id or key server; a wrong token is a 401, not a quiet status."""
     c, _, holder, _, _ = setup
-    holder.status.license = LicenseStatus(
-        license_id="lic-1",
-        customer="acme",
-        license_mode="lease",
-        license_expires="2027-01-01T00:00:00Z",
-        license_expires_at=1798761600.0,
-        features=["complete"],
-        machine_id="m" * 16,
-        model_file_id="f" * 16,
-        format="gguf",
-        non_dumpable=True,
-        lease_state="held",
-        lease_key_server="keys.vendor.example:443",
-    )
+    holder.status.license = leased(time.time())
     r = c.get("/health")
     assert set(r.json()) == {"status"}
     assert "keys.vendor" not in r.text and "acme" not in r.text and "m" * 16 not in r.text

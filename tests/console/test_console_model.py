@@ -6,13 +6,13 @@ from __future__ import annotations
 import time
 
 import pytest
-from consoleapp import signed_in
+from consoleapp import leased, signed_in
 from fastapi.testclient import TestClient
 
 from codemoat.accounts import Accounts
 from codemoat.config import Settings
 from codemoat.db import open_db
-from codemoat.engines.holder import LicenseStatus, ModelHolder
+from codemoat.engines.holder import ModelHolder
 from codemoat.serve.app import create_app
 
 
@@ -23,31 +23,6 @@ def setup(home):
     _, admin = accounts.create_token("root", user="root", scopes=("admin",))
     with TestClient(create_app(Settings(), holder=holder, accounts=accounts)) as c:
         yield c, holder, admin
-
-
-def leased(renewed_at: float, **kw) -> LicenseStatus:
-    """What the license watch (engines/sealed.py) writes from LeaseKeeper.describe()."""
-    base = dict(
-        license_id="lic-1",
-        customer="acme",
-        license_mode="lease",
-        license_expires="2027-01-01T00:00:00Z",
-        license_expires_at=1798761600.0,
-        features=["complete"],
-        machine_id="m" * 16,
-        model_file_id="f" * 16,
-        format="gguf",
-        non_dumpable=True,
-        lease_state="held",
-        lease_seconds_left=1500.0,
-        lease_renewals=7,
-        lease_renewed_at=renewed_at,
-        lease_next_renewal_in=900.0,
-        lease_failures=0,
-        lease_key_server="keys.vendor.example:443",
-        lease_grace=600.0,
-    )
-    return LicenseStatus(**{**base, **kw})
 
 
 def test_lease_renewal_on_the_model_page_and_in_health(setup):
