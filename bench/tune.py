@@ -37,7 +37,13 @@ def main() -> None:
     ap.add_argument("--completions", type=int, default=8)
     ap.add_argument("--infill-lines", type=int, default=20)
     ap.add_argument(
-        "--replay", type=float, default=0.25, help="share of each batch from CPython modules outside the forgetting check"
+        "--replay", type=float, default=0.5, help="share of each batch from CPython modules outside the forgetting check"
+    )
+    ap.add_argument(
+        "--max-forgetting",
+        type=float,
+        default=0.015,
+        help="the kept state is at most this much worse on the forgetting-validation modules (negative: no limit)",
     )
     ap.add_argument("--parallel", type=int, default=4, help="the serving part's batch slots (model.parallel)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "tune.md"))
@@ -73,6 +79,7 @@ def main() -> None:
             eval_tokens=a.eval_tokens,
             infill_lines=a.infill_lines,
             replay=a.replay,
+            max_forgetting=a.max_forgetting if a.max_forgetting >= 0 else None,
         )
     )
     wall = time.monotonic() - t0
@@ -117,6 +124,7 @@ def main() -> None:
         "",
         f"Command: `.venv/bin/python bench/tune.py --minutes {a.minutes:g} --repos {a.repos} --rank {a.rank} --lr {a.lr:g} "
         f"--threads {a.threads} --eval-tokens {a.eval_tokens} --infill-lines {a.infill_lines} --replay {a.replay:g} "
+        f"--max-forgetting {a.max_forgetting:g} "
         f"--parallel {a.parallel}` "
         f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})",
         "",
@@ -141,8 +149,9 @@ def main() -> None:
         f"Training: {m['train']['steps']} steps, {m['train']['tokens']:,} tokens in {m['train']['seconds']:.0f} s "
         f"= {m['train']['tok_per_s']:,.0f} tokens/s (LoRA rank {a.rank} on every linear layer; {m['train']['replay']:.0%} of "
         f"each batch replayed CPython modules outside the forgetting check); {m['train']['files']} training files, "
-        f"{m['train']['validation_files']} validation files; the adapter kept is step {m['train']['kept_step']}'s "
-        f"(lowest validation bits/byte, {_f(m['train']['validation_bpb'])}); whole run {wall:.0f} s.",
+        f"{m['train']['validation_files']} validation files, {m['train']['data_tables']} data tables not trained on; "
+        f"the adapter kept is step {m['train']['kept_step']}'s (lowest validation bits/byte, {_f(m['train']['validation_bpb'])}, "
+        f"{_kept(m['train'])}); whole run {wall:.0f} s.",
         f"Adapter size: GGUF {m['size']['gguf']:,} bytes, safetensors {m['size']['safetensors']:,} bytes, "
         f"sealed file {m['size']['sealed']:,} bytes.",
         "",
@@ -163,6 +172,16 @@ def _goals(e: dict, p50: dict) -> list[tuple[str, bool]]:
         (f"CPython {other * 100:+.1f} % (≤ +2 %)", other <= 0.02),
         (f"p50 {p50['bench'] / p50[None]:.2f}x (≤ 1.10x)", p50["bench"] / p50[None] <= 1.10),
     ]
+
+
+def _kept(t: dict) -> str:
+    if t.get("max_forgetting") is None:
+        return "no forgetting limit"
+    base, kept = t["forgetting_validation_bpb"]
+    return (
+        f"among states at most {t['max_forgetting']:.1%} worse than the base on the forgetting-validation modules: "
+        f"{_f(base)} → {_f(kept)}"
+    )
 
 
 def _f(x: float | None) -> str:

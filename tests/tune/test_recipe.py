@@ -61,8 +61,8 @@ def test_the_kept_state_forgot_at_most_max_forgetting_of_unseen_public_code(tmp_
     from codemoat.tune.trainer import tune
 
     _index(tmp_path, "shop", FILES, ["shop"])
-    free = tune(_opts(tmp_path, tiny_gguf, lr=5e-3, steps=4, max_forgetting=None)).meta
-    held = tune(_opts(tmp_path, tiny_gguf, lr=5e-3, steps=4, max_forgetting=0.0, out=tmp_path / "b.moat")).meta
+    free = tune(_opts(tmp_path, tiny_gguf, lr=5e-3, steps=4, replay=0, max_forgetting=None)).meta
+    held = tune(_opts(tmp_path, tiny_gguf, lr=5e-3, steps=4, replay=0, max_forgetting=0.0, out=tmp_path / "b.moat")).meta
     assert free["train"]["kept_step"] == 4
     base, kept = held["train"]["forgetting_validation_bpb"]
     assert 0 < held["train"]["kept_step"] < 4 and kept <= base

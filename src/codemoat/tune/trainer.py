@@ -8,7 +8,10 @@ of each batch (`replay`) is public code the base already knows: CPython modules 
 forgetting check's own set (`evaluate.REPLAY_MODULES`). A few training files are set aside for
 validation (never trained on, and not the evaluation's held-out files); the adapter written is the
 one with the lowest validation bits/byte seen, the untuned start included (a cheap early stop within
-the budget: a run that only made things worse writes an adapter that changes nothing). Evaluation, before and after:
+the budget: a run that only made things worse writes an adapter that changes nothing), among the
+states that made a third set of CPython modules (`evaluate.FORGETTING_VALIDATION_MODULES`) at most
+`max_forgetting` worse than the base: forgetting-aware selection. Data tables (`corpus.is_data_table`)
+are neither trained on nor validated on. Evaluation, before and after:
 bits per byte on the held-out files of the tuned repositories and on unrelated code (CPython
 modules) — the second shows what the adapter made the model forget.
 """
@@ -47,7 +50,7 @@ class TuneOptions:
     name: str | None = None
     license: Path | None = None  # for a sealed base (.moat)
     checkpoint_steps: int | None = None  # checkpoint every N steps (default: every checkpoint.EVERY_S seconds)
-    replay: float = 0.25  # share of each batch's rows from public code the base knows (0: none)
+    replay: float = 0.5  # share of each batch's rows from public code the base knows (0: none)
     val_fraction: float = 0.05  # training files set aside to pick the best adapter seen
     eval_every: int = 20  # steps between validation scores
     max_forgetting: float | None = 0.015  # kept state: at most this much worse on unseen public code (None: any)
