@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from html.parser import HTMLParser
 from pathlib import Path
@@ -17,23 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import ROOT, free_port
-
-NODE_DIR = ROOT / "tests" / "clients" / "node"
-CODEMOAT = [sys.executable, "-m", "codemoat.cli.main"]
-
-
-def _wait(url: str, proc: subprocess.Popen, log: Path) -> None:
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(log.read_text())
-        try:
-            httpx.get(url, timeout=2)
-            return
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    raise RuntimeError("not up: " + log.read_text())
+from conftest import free_port
+from oidcstack import CODEMOAT, NODE_DIR, wait_up
 
 
 @pytest.fixture
@@ -56,7 +40,7 @@ def provider(tmp_path):
         )
         procs.append(p)
         issuer = f"http://127.0.0.1:{port}"
-        _wait(issuer + "/.well-known/openid-configuration", p, log)
+        wait_up(issuer + "/.well-known/openid-configuration", p, log, timeout=60)
         (tmp_path / "oidc-secret").write_text(secret)
         return issuer, serve_port, redirect
 
@@ -94,7 +78,7 @@ def serve_on(tiny_gguf, tmp_path):
         )
         procs.append(p)
         url = f"http://127.0.0.1:{port}"
-        _wait(url + "/livez", p, log)
+        wait_up(url + "/livez", p, log, timeout=60)
         return url
 
     yield start
