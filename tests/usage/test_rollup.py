@@ -5,7 +5,6 @@ backfill rebuilds the same roll-up that writing kept."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -17,25 +16,12 @@ from codemoat.db import open_db
 from codemoat.usage import BY, UsageStore, report
 from codemoat.usage.rollup import bucket, per_hour, rebuild, whole_days
 from codemoat.usage.tables import completions, daily, daily_lang, daily_users, events, hourly, latency_daily
+from usagehelp import usage
 
 NOW = 1_780_000_000.0  # 2026-05-28 (UTC)
 DAY = 86400
 USERS = ("ann", "bob", "cy")
 PATHS = ("a.py", "b.go", "c.rs", None)
-
-
-@dataclass
-class F:  # the fields codemoat.serve.usage.Usage has
-    protocol: str | None = "tabby"
-    prompt_tokens: int = 100
-    completion_tokens: int = 10
-    snippets: list = field(default_factory=list)
-    completion_text: str = ""
-    event: str | None = None
-    completion_id: str | None = None
-    choice_index: int | None = None
-    select_kind: str | None = None
-    language: str | None = None
 
 
 completion_st = st.tuples(
@@ -65,7 +51,7 @@ def _apply(store: UsageStore, ops) -> None:
         if op[0] == "c":
             _, user, ago, route, path, proto, lat, pt, text = op
             n += 1
-            f = F(protocol=proto, prompt_tokens=pt, completion_text=text, language=path, completion_id=f"cmpl-{n:024x}")
+            f = usage(protocol=proto, prompt_tokens=pt, completion_text=text, language=path, completion_id=f"cmpl-{n:024x}")
             store.record(user, route, 200, lat, f, now=NOW - ago)
         else:
             _, user, ago, type_, which, kind = op
@@ -151,9 +137,9 @@ def test_a_mid_day_window_counts_the_first_day_from_the_rows(store):
     """since falls mid-day: the part of that day before it is left out (the roll-up alone cannot)."""
     s = store
     day_start = NOW - NOW % DAY
-    s.record("ann", "/v1/completions", 200, 10, F(completion_id=f"cmpl-{1:024x}"), now=day_start + 100)
-    s.record("ann", "/v1/completions", 200, 20, F(completion_id=f"cmpl-{2:024x}"), now=day_start + 5000)
-    s.record("bob", "/v1/completions", 200, 30, F(completion_id=f"cmpl-{3:024x}"), now=day_start + DAY + 10)
+    s.record("ann", "/v1/completions", 200, 10, usage(completion_id=f"cmpl-{1:024x}"), now=day_start + 100)
+    s.record("ann", "/v1/completions", 200, 20, usage(completion_id=f"cmpl-{2:024x}"), now=day_start + 5000)
+    s.record("bob", "/v1/completions", 200, 30, usage(completion_id=f"cmpl-{3:024x}"), now=day_start + DAY + 10)
     r = report(s.engine, by="user", since=day_start + 1000, now=NOW + DAY)
     assert r.total.completions == 2 and {x.key: x.completions for x in r.rows} == {"ann": 1, "bob": 1}
     assert r.latency_ms["p50"] == 20.0

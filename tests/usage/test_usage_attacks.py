@@ -5,7 +5,6 @@ makes up per request to grow the roll-up without bound."""
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
 
 import pytest
 import sqlalchemy as sa
@@ -17,26 +16,14 @@ from codemoat.db import open_db
 from codemoat.engines.holder import ModelHolder
 from codemoat.serve.app import create_app
 from codemoat.usage import UsageStore, report
+from usagehelp import cid, usage
 
 NOW = 1_780_000_000.0  # 2026-05-28 (UTC)
 
 
-@dataclass
-class F:  # the fields codemoat.serve.usage.Usage has
-    protocol: str | None = "tabby"
-    prompt_tokens: int = 10
-    completion_tokens: int = 3
-    snippets: list = field(default_factory=list)
-    completion_text: str = "abc"
-    event: str | None = None
-    completion_id: str | None = None
-    choice_index: int | None = None
-    select_kind: str | None = None
-    language: str | None = "python"
-
-
-def cid(n: int) -> str:
-    return f"cmpl-{n:024x}"
+def small(**kw):
+    """A three-token Python completion."""
+    return usage(**{"prompt_tokens": 10, "completion_tokens": 3, "completion_text": "abc", "language": "python", **kw})
 
 
 @pytest.fixture
@@ -48,8 +35,8 @@ def test_a_select_per_choice_index_counts_once(store):
     """Every completion this server gives has one choice (index 0): selecting "choice" 0..49 of one
     completion is one select, not 50 (before: acceptance 50.0 and 50x the accepted characters)."""
     s = store
-    s.record("ann", "/v1/completions", 200, 10, F(completion_id=cid(1)), now=NOW)
-    s.record("ann", "/v1/completions", 200, 10, F(completion_id=cid(2)), now=NOW)
+    s.record("ann", "/v1/completions", 200, 10, small(completion_id=cid(1)), now=NOW)
+    s.record("ann", "/v1/completions", 200, 10, small(completion_id=cid(2)), now=NOW)
     assert s.record_event("ann", "view", completion_id=cid(1), choice_index=0, now=NOW)
     assert s.record_event("ann", "view", completion_id=cid(2), choice_index=0, now=NOW)
     assert s.record_event("ann", "select", completion_id=cid(1), choice_index=0, now=NOW)
@@ -68,7 +55,7 @@ def test_made_up_languages_do_not_grow_the_rollup(store):
     words = ["../../etc/passwd", "x" * 10_000, "py\x00thon", "\x1b[31mred", "<img src=x onerror=alert(1)>", "a.py/../b"]
     words += [f"lang{rnd.getrandbits(64):x}" for _ in range(60)]
     for i, w in enumerate(words):
-        s.record("ann", "/v1/completions", 200, 10, F(completion_id=cid(100 + i), language=w), now=NOW)
+        s.record("ann", "/v1/completions", 200, 10, small(completion_id=cid(100 + i), language=w), now=NOW)
     with s.engine.connect() as c:
         langs = {r[0] for r in c.execute(sa.text("SELECT DISTINCT language FROM usage_daily"))}
         n = c.execute(sa.text("SELECT COUNT(*) FROM usage_daily")).scalar()
@@ -88,7 +75,7 @@ def test_odd_choice_indexes_over_http_count_one_select(served):
     """POST /v1/events with a list of thousands of indexes, a huge, negative, boolean or string index:
     each answered 200 (Tabby's agent ignores the body) and, together, one select of ann's completion."""
     c, engine, ann = served
-    UsageStore(engine).record("ann", "/v1/completions", 200, 10, F(completion_id=cid(7)), now=NOW)
+    UsageStore(engine).record("ann", "/v1/completions", 200, 10, small(completion_id=cid(7)), now=NOW)
     odd = [0, list(range(5000)), 10**30, -1, True, "3", 1023, 1024, None, {"$gt": 0}]
     for idx in odd:
         r = c.post("/v1/events", json={"type": "select", "completion_id": cid(7), "choice_index": idx}, headers=ann)
@@ -105,7 +92,7 @@ def test_simultaneous_selects_of_one_completion_count_once(store):
     import threading
 
     s = store
-    s.record("ann", "/v1/completions", 200, 10, F(completion_id=cid(3)), now=NOW)
+    s.record("ann", "/v1/completions", 200, 10, small(completion_id=cid(3)), now=NOW)
     assert s.record_event("ann", "view", completion_id=cid(3), now=NOW)
     gate = threading.Barrier(8)
 
@@ -132,7 +119,7 @@ def test_odd_since_values_are_one_line_errors_or_empty_reports(store):
     from codemoat.errors import CodemoatError
 
     s = store
-    s.record("ann", "/v1/completions", 200, 10, F(completion_id=cid(5)), now=NOW)
+    s.record("ann", "/v1/completions", 200, 10, small(completion_id=cid(5)), now=NOW)
     for text in ("9999-12-31", "0001-01-01", "0d", "7d\n", "1970-01-01T00:00:00+00:00", "2026-05-28T12:00:00"):
         rep = report(s.engine, by="day", since=parse_since(text), now=NOW)
         assert rep.total.completions in (0, 1), text

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 
 import pytest
 
@@ -10,27 +9,10 @@ from codemoat.accounts import Accounts
 from codemoat.db import open_db
 from codemoat.errors import CodemoatError
 from codemoat.usage import UsageStore, daily, report
+from usagehelp import cid, usage
 
 NOW = 1_780_000_000.0  # 2026-05-28 (UTC)
 DAY = 86400
-
-
-@dataclass
-class F:  # the fields codemoat.serve.usage.Usage has
-    protocol: str | None = "tabby"
-    prompt_tokens: int = 100
-    completion_tokens: int = 10
-    snippets: list = field(default_factory=list)
-    completion_text: str = ""
-    event: str | None = None
-    completion_id: str | None = None
-    choice_index: int | None = None
-    select_kind: str | None = None
-    language: str | None = None
-
-
-def cid(n: int) -> str:
-    return f"cmpl-{n:024x}"
 
 
 @pytest.fixture
@@ -44,10 +26,10 @@ def test_acceptance_by_language_user_day_and_group(store, database_url):
     Accounts(s.engine).add_user("bob", ["web", "data"])
     # ann: three python completions, two viewed, one selected (2 lines, 11 chars), one dismissed
     s.record(
-        "ann", "/v1/completions", 200, 50, F(completion_id=cid(1), completion_text="x = 1\ny = 2", language="a/b.py"), now=NOW
+        "ann", "/v1/completions", 200, 50, usage(completion_id=cid(1), completion_text="x = 1\ny = 2", language="a/b.py"), now=NOW
     )
-    s.record("ann", "/v1/completions", 200, 70, F(completion_id=cid(2), completion_text="pass", language="python"), now=NOW)
-    s.record("ann", "/v1/completions", 200, 90, F(completion_id=cid(3), completion_text="z", language="python"), now=NOW)
+    s.record("ann", "/v1/completions", 200, 70, usage(completion_id=cid(2), completion_text="pass", language="python"), now=NOW)
+    s.record("ann", "/v1/completions", 200, 90, usage(completion_id=cid(3), completion_text="z", language="python"), now=NOW)
     for c in (1, 2):
         assert s.record_event("ann", "view", completion_id=cid(c), choice_index=0, now=NOW)
     assert s.record_event("ann", "select", completion_id=cid(1), choice_index=0, now=NOW)
@@ -58,17 +40,22 @@ def test_acceptance_by_language_user_day_and_group(store, database_url):
         "/v1/completions",
         200,
         30,
-        F(completion_id=cid(4), completion_text="return\nnil }", language="go"),
+        usage(completion_id=cid(4), completion_text="return\nnil }", language="go"),
         now=NOW - DAY - 60,
     )
     s.record(
-        "bob", "/v1/chat/completions", 200, 400, F(protocol="openai", prompt_tokens=300, completion_tokens=50), now=NOW - DAY - 60
+        "bob",
+        "/v1/chat/completions",
+        200,
+        400,
+        usage(protocol="openai", prompt_tokens=300, completion_tokens=50),
+        now=NOW - DAY - 60,
     )
     s.record_event("bob", "view", completion_id=cid(4), now=NOW - DAY - 60)
     s.record_event("bob", "select", completion_id=cid(4), select_kind="line", now=NOW - DAY - 60)
     # not usage: a failed completion, a route that generates nothing
-    assert s.record("ann", "/v1/completions", 500, 5, F(), now=NOW) is None
-    assert s.record("ann", "/v1/models", 200, 1, F(), now=NOW) is None
+    assert s.record("ann", "/v1/completions", 500, 5, usage(), now=NOW) is None
+    assert s.record("ann", "/v1/models", 200, 1, usage(), now=NOW) is None
 
     rep = report(s.engine, by="language", now=NOW)
     rows = {r.key: r for r in rep.rows}
@@ -99,7 +86,7 @@ def test_events_cannot_inflate_acceptance(store):
     """Replayed selects count once; a select naming another user's completion, or an id this
     server never handed out, is not tied to any completion and stays out of the rate."""
     s = store
-    s.record("ann", "/v1/completions", 200, 10, F(completion_id=cid(9), completion_text="abc"), now=NOW)
+    s.record("ann", "/v1/completions", 200, 10, usage(completion_id=cid(9), completion_text="abc"), now=NOW)
     assert s.record_event("ann", "view", completion_id=cid(9), now=NOW)
     assert s.record_event("ann", "select", completion_id=cid(9), now=NOW)
     assert not s.record_event("ann", "select", completion_id=cid(9), now=NOW)  # the replay
@@ -119,8 +106,8 @@ def test_events_cannot_inflate_acceptance(store):
 
 def test_no_text_and_languages_from_a_fixed_set(store):
     s = store
-    s.record("ann", "/v1/completions", 200, 10, F(completion_text="SECRET_TEXT", language="<b>evil</b>"), now=NOW)
-    s.record("ann", "/api/generate", 200, 10, F(protocol="ollama", completion_text="y", language="src/App.TSX"), now=NOW)
+    s.record("ann", "/v1/completions", 200, 10, usage(completion_text="SECRET_TEXT", language="<b>evil</b>"), now=NOW)
+    s.record("ann", "/api/generate", 200, 10, usage(protocol="ollama", completion_text="y", language="src/App.TSX"), now=NOW)
     with s.engine.connect() as c:
         import sqlalchemy as sa
 
