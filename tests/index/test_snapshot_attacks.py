@@ -15,23 +15,14 @@ from codemoat.errors import CodemoatError
 from codemoat.index.snapshots import POINTER, SnapshotDir
 from codemoat.index.store import SqliteIndex
 from codemoat.index.update import add_repository
+from snaphelp import shared_volume, small_repo
 
 SECRET = "hunter2-private-key-material"
 
 
-def _repo(root: Path, name: str) -> Path:
-    repo = root / name
-    repo.mkdir()
-    (repo / "mod.py").write_text('def helper():\n    """INDEXED_MARKER"""\n    return 1\n')
-    return repo
-
-
 @pytest.fixture
 def volume(tmp_path):
-    d = tmp_path / "shared-volume" / "index"
-    d.mkdir(parents=True)
-    add_repository(SqliteIndex(d), _repo(tmp_path, "payments"), "payments", ["everyone"])
-    return d
+    return shared_volume(tmp_path, "everyone")
 
 
 @pytest.fixture
@@ -74,7 +65,7 @@ def test_a_snapshot_linked_to_a_host_database_is_neither_read_nor_copied_onto_th
     with pytest.raises(CodemoatError, match="not a regular file"):
         SqliteIndex(volume).repos()  # a replica does not open the host's file as the index
     with pytest.raises(CodemoatError, match="not a regular file"):
-        add_repository(SqliteIndex(volume), _repo(tmp_path, "other"), "other", ["everyone"])
+        add_repository(SqliteIndex(volume), small_repo(tmp_path, "other"), "other", ["everyone"])
     assert SECRET.encode() not in _volume_bytes(volume)  # the writer published no copy of it
     assert sorted(os.listdir(volume / "snapshots")) == ["snap-000001.db", "snap-000009.db"]
 
@@ -84,7 +75,7 @@ def test_a_planted_pointer_tmp_link_does_not_overwrite_a_host_file(volume, tmp_p
     victim.parent.mkdir()
     victim.write_text("precious")
     (volume / f"{POINTER}.tmp").symlink_to(victim)
-    add_repository(SqliteIndex(volume), _repo(tmp_path, "other"), "other", ["everyone"])
+    add_repository(SqliteIndex(volume), small_repo(tmp_path, "other"), "other", ["everyone"])
     assert victim.read_text() == "precious"
     assert (volume / POINTER).read_text().strip() == "snap-000002.db" and not (volume / POINTER).is_symlink()
     assert {r.name for r in SqliteIndex(volume).repos()} == {"payments", "other"}
@@ -97,7 +88,7 @@ def test_a_snapshots_folder_linked_elsewhere_is_refused(tmp_path):
     elsewhere.mkdir(parents=True)
     (d / "snapshots").symlink_to(elsewhere)
     with pytest.raises(CodemoatError, match="not a folder"):
-        add_repository(SqliteIndex(d), _repo(tmp_path, "payments"), "payments", ["everyone"])
+        add_repository(SqliteIndex(d), small_repo(tmp_path, "payments"), "payments", ["everyone"])
     assert os.listdir(elsewhere) == []  # nothing written (nor collected) outside the volume
 
 
@@ -105,8 +96,8 @@ def test_a_reader_in_a_request_keeps_its_snapshot_when_collection_deletes_it(vol
     reader = SqliteIndex(volume)
     assert [r.name for r in reader.repos()] == ["payments"]  # a request has opened snap-000001
     monkeypatch.setenv("CODEMOAT_RETRIEVAL__INDEX_SNAPSHOT_GRACE_S", "0")  # collection at once
-    add_repository(SqliteIndex(volume), _repo(tmp_path, "a"), "a", ["everyone"])
-    add_repository(SqliteIndex(volume), _repo(tmp_path, "b"), "b", ["everyone"])
+    add_repository(SqliteIndex(volume), small_repo(tmp_path, "a"), "a", ["everyone"])
+    add_repository(SqliteIndex(volume), small_repo(tmp_path, "b"), "b", ["everyone"])
     assert sorted(os.listdir(volume / "snapshots")) == ["snap-000003.db"]  # snap-000001 is gone
     assert [r.name for r in reader.repos()] == ["payments"]  # the open reader still reads it whole
     assert reader.refresh() and {r.name for r in reader.repos()} == {"payments", "a", "b"}
@@ -127,5 +118,5 @@ def test_a_writer_whose_clock_runs_ahead_of_the_volume_does_not_collect_early(vo
 
     real = snapshots.time.time
     monkeypatch.setattr(snapshots.time, "time", lambda: real() + 3600)
-    add_repository(SqliteIndex(volume), _repo(tmp_path, "other"), "other", ["everyone"])
+    add_repository(SqliteIndex(volume), small_repo(tmp_path, "other"), "other", ["everyone"])
     assert sorted(os.listdir(volume / "snapshots")) == ["snap-000001.db", "snap-000002.db"]

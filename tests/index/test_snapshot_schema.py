@@ -13,21 +13,12 @@ import pytest
 from codemoat.index.snapshots import POINTER, SnapshotDir
 from codemoat.index.store import SqliteIndex
 from codemoat.index.update import add_repository
-
-
-def _repo(root: Path, name: str) -> Path:
-    repo = root / name
-    repo.mkdir()
-    (repo / "mod.py").write_text('def helper():\n    """INDEXED_MARKER"""\n    return 1\n')
-    return repo
+from snaphelp import shared_volume, small_repo
 
 
 @pytest.fixture
 def volume(tmp_path):
-    d = tmp_path / "shared-volume" / "index"
-    d.mkdir(parents=True)
-    add_repository(SqliteIndex(d), _repo(tmp_path, "payments"), "payments", ["team-pay"])
-    return d
+    return shared_volume(tmp_path, "team-pay")
 
 
 def _plant(volume: Path, script: str) -> None:
@@ -69,7 +60,7 @@ def test_a_planted_trigger_cannot_call_functions_in_the_writer(volume, tmp_path)
         "INSERT INTO repo_groups VALUES (NEW.id, json_extract('[\"everyone\"]', '$[0]')); END;",
     )
     with pytest.raises(sqlite3.DatabaseError, match="unsafe use"):
-        add_repository(SqliteIndex(volume), _repo(tmp_path, "billing"), "billing", ["team-bill"])
+        add_repository(SqliteIndex(volume), small_repo(tmp_path, "billing"), "billing", ["team-bill"])
     assert (volume / POINTER).read_text().strip() == "snap-000002.db"  # nothing published over it
     names = {x.name: x.groups for x in SqliteIndex(volume).repos()}
     assert "billing" not in names
