@@ -39,6 +39,17 @@ def random_gguf(tmp_path_factory) -> Path:
     return build_tiny_gguf(tmp_path_factory.mktemp("models") / "tiny-test.gguf")
 
 
+@pytest.fixture(scope="module")
+def tiny_llm(random_gguf):
+    """A llama.cpp engine of the random GGUF (model id "tiny", 256-token context, one thread), shared
+    by the apps of one test module (hold it in a holder whose close() leaves it open)."""
+    from codemoat.engines.llamacpp import LlamaCppEngine
+
+    eng = LlamaCppEngine.from_path(random_gguf, model_id="tiny", n_ctx=256, n_threads=1)
+    yield eng
+    eng.close()
+
+
 @pytest.fixture(scope="session")
 def tiny_gguf(random_gguf) -> Path:
     """The bundled model when it is there (its text makes sense), else the random one."""

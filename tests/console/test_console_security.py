@@ -33,22 +33,10 @@ ACTIONS = (
 XSS = "<script>alert(1)</script>"
 
 
-@pytest.fixture(scope="module")
-def llm(tmp_path_factory):
-    from tinymodel import build_tiny_gguf
-
-    from codemoat.engines.llamacpp import LlamaCppEngine
-
-    path = build_tiny_gguf(tmp_path_factory.mktemp("m") / "tiny.gguf")
-    eng = LlamaCppEngine.from_path(path, model_id="tiny", n_ctx=256, n_threads=1)
-    yield eng
-    eng.close()
-
-
 @pytest.fixture
-def setup(home, llm):
+def setup(home, tiny_llm):
     url = f"sqlite:///{home / 'codemoat.db'}"
-    app, accounts = make(url, llm)
+    app, accounts = make(url, tiny_llm)
     _, admin = accounts.create_token("root", user="root", scopes=("admin",))
     _, dev = accounts.create_token("dev", user="dev", scopes=("complete",))
     with TestClient(app, base_url="http://testserver") as c:

@@ -4,23 +4,10 @@ the admin API accepts cookies. It takes bearer tokens only (review of issue 21).
 
 from __future__ import annotations
 
-import pytest
 from consoleapp import make, signed_in
 from fastapi.testclient import TestClient
 
 from codemoat.audit.log import AuditLog
-
-
-@pytest.fixture(scope="module")
-def llm(tmp_path_factory):
-    from tinymodel import build_tiny_gguf
-
-    from codemoat.engines.llamacpp import LlamaCppEngine
-
-    path = build_tiny_gguf(tmp_path_factory.mktemp("m") / "tiny.gguf")
-    eng = LlamaCppEngine.from_path(path, model_id="tiny", n_ctx=256, n_threads=1)
-    yield eng
-    eng.close()
 
 
 def _swaps(url: str) -> list[str]:
@@ -29,9 +16,9 @@ def _swaps(url: str) -> list[str]:
     return [r["route"] for r in AuditLog(open_db(url)).records(kind="update", limit=50)]
 
 
-def test_swap_takes_a_bearer_token_never_the_console_cookie(home, llm):
+def test_swap_takes_a_bearer_token_never_the_console_cookie(home, tiny_llm):
     url = f"sqlite:///{home / 'codemoat.db'}"
-    app, accounts = make(url, llm)
+    app, accounts = make(url, tiny_llm)
     _, admin = accounts.create_token("root", user="root", scopes=("admin",))
     with TestClient(app, base_url="http://testserver") as c:
         assert signed_in(c, admin).status_code == 303 and c.cookies  # a live console session in this browser

@@ -21,29 +21,17 @@ HEADER = "X-Codemoat-Completion-Id"
 CID = re.compile(r"^cmpl-[0-9a-f]{24}$")
 
 
-@pytest.fixture(scope="module")
-def llm(tmp_path_factory):
-    from tinymodel import build_tiny_gguf
-
-    from codemoat.engines.llamacpp import LlamaCppEngine
-
-    path = build_tiny_gguf(tmp_path_factory.mktemp("m") / "tiny.gguf")
-    eng = LlamaCppEngine.from_path(path, model_id="tiny", n_ctx=256, n_threads=1)
-    yield eng
-    eng.close()
-
-
 class Keep(ModelHolder):
     def close(self):  # the module's engine outlives the app
         pass
 
 
 @pytest.fixture
-def app(home, llm):
+def app(home, tiny_llm):
     engine = open_db(f"sqlite:///{home / 'codemoat.db'}")
     accounts = Accounts(engine)
     holder = Keep("tiny")
-    holder.set(llm)
+    holder.set(tiny_llm)
     _, ann = accounts.create_token("ann", user="ann", scopes=("complete", "chat"))
     _, eve = accounts.create_token("eve", user="eve", scopes=("complete",))
     with TestClient(create_app(Settings(), holder=holder, accounts=accounts)) as c:
