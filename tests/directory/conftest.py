@@ -63,6 +63,27 @@ def dir_settings(company, tmp_path):
     )
 
 
+@pytest.fixture
+def ldap_config(dir_settings, tmp_path):
+    """`ldap_config(sync_interval_s)`: the path of a codemoat.toml whose [directory] is `dir_settings`
+    (the test directory and its group map), syncing every `sync_interval_s` seconds (0: never)."""
+    import json
+
+    def write(sync_interval_s: int) -> str:
+        d = dir_settings.model_dump()
+        d["sync_interval_s"] = sync_interval_s
+        cfg = tmp_path / "codemoat.toml"
+        cfg.write_text(
+            "[directory]\n"
+            + "".join(f"{k} = {json.dumps(v)}\n" for k, v in d.items() if v is not None and not isinstance(v, dict))
+            + "[directory.group_map]\n"
+            + "".join(f"{json.dumps(k)} = {json.dumps(v)}\n" for k, v in d["group_map"].items())
+        )
+        return str(cfg)
+
+    return write
+
+
 @pytest.fixture(scope="session")
 def oidc_stack(tmp_path_factory, tiny_gguf):
     """One oidc-provider (device flow on) and one `codemoat serve` trusting it, for the session:

@@ -133,27 +133,16 @@ def test_codemoat_login_may_use_plain_http_on_loopback(free_port):
 
 
 # -- guessing a directory password through the server -------------------------------------------------
-def _ldap_config(tmp_path, dir_settings) -> str:
-    d = dir_settings.model_dump()
-    d["sync_interval_s"] = 0
-    cfg = tmp_path / "codemoat.toml"
-    cfg.write_text(
-        "[directory]\n"
-        + "".join(f"{k} = {json.dumps(v)}\n" for k, v in d.items() if v is not None and not isinstance(v, dict))
-        + "[directory.group_map]\n"
-        + "".join(f"{json.dumps(k)} = {json.dumps(v)}\n" for k, v in d["group_map"].items())
-    )
-    return str(cfg)
-
-
 @pytest.mark.slow
-def test_spelling_a_name_differently_does_not_buy_more_guesses(tmp_path, dir_settings, tiny_gguf, serve_process, monkeypatch):
+def test_spelling_a_name_differently_does_not_buy_more_guesses(
+    tmp_path, dir_settings, tiny_gguf, serve_process, monkeypatch, ldap_config
+):
     """Was broken: the throttle counted failures per typed name, but LDAP finds `bob` as ` bob`,
     `bob `, `BOB\\t`, full-width `ｂｏｂ`...: five guesses per spelling, without end. Now the name the
     directory resolved is counted, and checked before the password is tried. Also broken: a password
     with a control character (a tab) was answered 503 "directory unreachable" and not counted. And:
     guesses sent together all passed the check before the first failed (24 at once: 24 guesses)."""
-    monkeypatch.setenv("CODEMOAT_CONFIG", _ldap_config(tmp_path, dir_settings))
+    monkeypatch.setenv("CODEMOAT_CONFIG", ldap_config(0))
     s = serve_process(["--model", str(tiny_gguf)])
 
     def login(name: str, password: str) -> httpx.Response:

@@ -18,19 +18,6 @@ pytestmark = pytest.mark.slow
 LIB = 'def cents_to_display(cents):\n    """PAYMENTS_SECRET_HELPER"""\n    return f"{cents / 100:.2f}"\n'
 
 
-def _config(tmp_path, dir_settings, interval: int) -> str:
-    d = dir_settings.model_dump()
-    d["sync_interval_s"] = interval
-    cfg = tmp_path / "codemoat.toml"
-    cfg.write_text(
-        "[directory]\n"
-        + "".join(f"{k} = {json.dumps(v)}\n" for k, v in d.items() if v is not None and not isinstance(v, dict))
-        + "[directory.group_map]\n"
-        + "".join(f"{json.dumps(k)} = {json.dumps(v)}\n" for k, v in d["group_map"].items())
-    )
-    return str(cfg)
-
-
 def _snippets(url: str, token: str) -> str:
     body = {
         "model": "codemoat-tiny",
@@ -44,12 +31,12 @@ def _snippets(url: str, token: str) -> str:
     return json.dumps(r.json())
 
 
-def test_login_groups_and_periodic_sync(tmp_path, dir_settings, company, tiny_gguf, serve_process, monkeypatch):
+def test_login_groups_and_periodic_sync(tmp_path, ldap_config, company, tiny_gguf, serve_process, monkeypatch):
     repo = tmp_path / "payments"
     repo.mkdir()
     (repo / "billing.py").write_text(LIB)
     assert run_cli("index", "add", str(repo), "--name", "payments", "--groups", "payments").returncode == 0
-    monkeypatch.setenv("CODEMOAT_CONFIG", _config(tmp_path, dir_settings, interval=1))
+    monkeypatch.setenv("CODEMOAT_CONFIG", ldap_config(1))
     s = serve_process(["--model", str(tiny_gguf)])
 
     r = run_cli("login", "--server", s.url, "--user", "alice", "--password-stdin", "--json", input="alice-pw-1\n")
@@ -76,8 +63,8 @@ def test_login_groups_and_periodic_sync(tmp_path, dir_settings, company, tiny_gg
         time.sleep(0.5)
 
 
-def test_password_guessing_is_throttled(tmp_path, dir_settings, company, tiny_gguf, serve_process, monkeypatch):
-    monkeypatch.setenv("CODEMOAT_CONFIG", _config(tmp_path, dir_settings, interval=0))
+def test_password_guessing_is_throttled(tmp_path, ldap_config, company, tiny_gguf, serve_process, monkeypatch):
+    monkeypatch.setenv("CODEMOAT_CONFIG", ldap_config(0))
     s = serve_process(["--model", str(tiny_gguf)])
     codes = [
         httpx.post(s.url + "/auth/login", json={"username": "bob", "password": f"guess{i}"}, timeout=30).status_code
