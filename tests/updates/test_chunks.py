@@ -1,7 +1,10 @@
-"""Bundle format 2: the signed manifest lists the SHA-256 of every payload chunk, so verify and apply
-check chunks in parallel and apply writes only chunks that checked out. An attacker's view: a changed,
-swapped, missing or extra chunk, and a signed chunk list that does not fit the size, are each refused
-in one line with nothing installed; a format-1 bundle (one digest) still installs."""
+"""Bundle format 2. An adapter's or pack's payload: the signed manifest lists the SHA-256 of every
+chunk, so verify and apply check chunks in parallel and apply writes only chunks that checked out. A
+model's payload, a sealed model, is authenticated by itself: its license (in the signed manifest)
+names its signed header, and every chunk's GCM tag is checked under the content key the license wraps
+for this machine. An attacker's view: a changed, swapped, missing or extra chunk, and a signed chunk
+list that does not fit the size, are each refused in one line with nothing installed; a format-1
+bundle (one digest) still installs."""
 
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ def _rechunk(shop, src: Path, out: Path, chunk: int = SMALL, **payload) -> Path:
 
 
 def _nothing_installed(store) -> None:
-    assert store.current("model") is None
+    assert store.list() == []
     bundles = store.root / "bundles"
     assert not bundles.exists() or not any(bundles.iterdir())
     staging = store.root / "staging"
@@ -49,8 +52,11 @@ def _refused(store, path: Path, lic: Path, match: str) -> None:
 
 @pytest.fixture
 def chunked(shop, tmp_path):
+    """An adapter bundle whose payload is 25 chunks."""
     lic = shop.license()
-    b = _rechunk(shop, shop.release("1"), tmp_path / "chunked.moatpkg")
+    src = tmp_path / "fee.gguf"
+    src.write_bytes(b"GGUF" + bytes(range(256)) * 400)
+    b = _rechunk(shop, shop.release("1", kind="adapter", source=src), tmp_path / "chunked.moatpkg")
     bundle = fmt.Bundle(b)
     assert bundle.version == 2 and len(bundle.manifest["payload"]["chunks"]) > 8
     return b, bundle, lic
@@ -58,15 +64,17 @@ def chunked(shop, tmp_path):
 
 def test_release_signs_a_digest_per_chunk_and_apply_installs_the_same_bytes(shop, store, chunked, tmp_path):
     path, bundle, lic = chunked
-    m = fmt.Bundle(shop.release("1")).manifest["payload"]
-    assert m["chunk_size"] == fmt.CHUNK and "sha256" not in m
+    src = tmp_path / "fee.gguf"
+    m = fmt.Bundle(shop.release("2", kind="adapter", source=src)).manifest["payload"]
+    assert m["chunk_size"] == fmt.CHUNK and len(m["chunks"]) == 1 and "sha256" not in m
+    assert fmt.Bundle(shop.release("1")).manifest["payload"] == {"format": "moat", "size": shop.moat.stat().st_size}
     p = bundle.manifest["payload"]
     payload = b"".join(bundle.pieces())
     for i, d in enumerate(p["chunks"]):
         assert hashlib.sha256(payload[i * SMALL : (i + 1) * SMALL]).hexdigest() == d
     store.verify(path, lic)
     out = store.apply(path, lic)
-    assert (Path(out["dir"]) / "model.moat").read_bytes() == payload
+    assert (Path(out["dir"]) / "payload.sealed").read_bytes() == payload
 
 
 @pytest.mark.parametrize("where", ["first", "middle", "last"])
@@ -172,5 +180,83 @@ def test_cli_names_the_bad_chunk_in_one_line(chunked):
     data = bytearray(path.read_bytes())
     data[bundle.payload_offset + 5 * SMALL] ^= 1
     path.write_bytes(bytes(data))
-    line = one_line_error(run_cli("update", "apply", str(path), "--license", str(lic)))
+    line = one_line_error(run_cli("update", "verify", str(path), "--license", str(lic)))
     assert "chunk 5 of" in line and "signed digest" in line
+
+
+@pytest.fixture
+def model_bundle(shop, tmp_path):
+    """A model bundle whose sealed model is many 4 KiB chunks (a genuine release, re-sealed smaller)."""
+    import json
+
+    lic = shop.license()
+    moat = tmp_path / "small-chunks.moat"
+    shop.vendor.seal(shop.gguf, "acme", moat, chunk_size=SMALL)
+    b = fmt.Bundle(shop.release("1"))
+    doc = shop.vendor.issue_license(
+        customer="acme", model=moat, machines=[shop.machine.identity()], expires=b.manifest["license"]["license"]["expires"]
+    )
+    m = dict(b.manifest, license=json.loads(json.dumps(doc)), payload={"format": "moat", "size": moat.stat().st_size})
+    path = fmt.write(tmp_path / "model.moatpkg", m, shop.vendor.signing_key, [moat.read_bytes()])
+    from codemoat.vault.container import SealedFile
+
+    sealed = SealedFile(path, offset=fmt.Bundle(path).payload_offset)
+    assert sealed.n_chunks > 8
+    return path, sealed, lic
+
+
+def test_a_model_bundle_is_authenticated_by_its_own_gcm_tags(store, model_bundle):
+    path, sealed, lic = model_bundle
+    store.verify(path, lic)
+    out = store.apply(path, lic)
+    assert (Path(out["dir"]) / "model.moat").read_bytes() == path.read_bytes()[-sealed.file_size :]
+
+
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+def test_a_flipped_byte_in_any_sealed_model_chunk_is_refused(store, model_bundle, where):
+    path, sealed, lic = model_bundle
+    n = sealed.n_chunks
+    i = {"first": 0, "middle": n // 2, "last": n - 1}[where]
+    data = bytearray(path.read_bytes())
+    data[sealed.payload_offset + i * (SMALL + 16) + 3] ^= 0x40
+    path.write_bytes(bytes(data))
+    _refused(store, path, lic, f"chunk {i} of {n} failed authentication")
+
+
+def test_swapped_sealed_model_chunks_are_refused(store, model_bundle):
+    path, sealed, lic = model_bundle
+    data = bytearray(path.read_bytes())
+    a, b = (sealed.payload_offset + k * (SMALL + 16) for k in (2, 3))
+    w = SMALL + 16
+    data[a : a + w], data[b : b + w] = data[b : b + w], data[a : a + w]
+    path.write_bytes(bytes(data))
+    _refused(store, path, lic, "chunk [23] of .* failed authentication")
+
+
+def test_truncated_and_extended_model_payloads_are_refused(shop, store, model_bundle, tmp_path):
+    path, sealed, lic = model_bundle
+    data = path.read_bytes()
+    for name, blob, why in (
+        ("short", data[:-1], "truncated"),
+        ("chunk-short", data[: -(SMALL + 16)], "truncated"),
+        ("extra-chunk", data + data[-(SMALL + 16) :], "unexpected trailing bytes"),
+    ):
+        p = tmp_path / f"{name}.moatpkg"
+        p.write_bytes(blob)
+        _refused(store, p, lic, why)
+    # a vendor-signed size that does not fit the sealed model: cut a chunk, or add one
+    b = fmt.Bundle(path)
+    for cut, why in ((SMALL + 16, "truncated"), (-(SMALL + 16), "trailing")):
+        m = dict(b.manifest, payload={"format": "moat", "size": b.manifest["payload"]["size"] - cut})
+        body = data[b.payload_offset :]
+        body = body[:-cut] if cut > 0 else body + body[-(SMALL + 16) :]
+        p = fmt.write(tmp_path / f"resigned-{cut}.moatpkg", m, shop.vendor.signing_key, [body])
+        _refused(store, p, lic, why)
+
+
+def test_a_model_payload_with_digests_is_malformed(shop, store, model_bundle, tmp_path):
+    path, _, lic = model_bundle
+    b = fmt.Bundle(path)
+    m = dict(b.manifest, payload=dict(b.manifest["payload"], chunks=[]))
+    p = fmt.write(tmp_path / "digests.moatpkg", m, shop.vendor.signing_key, b.pieces())
+    _refused(store, p, lic, "'payload' is malformed")

@@ -29,7 +29,7 @@ from typing import Any
 from .. import __version__, paths
 from ..errors import CodemoatError
 from ..vault.clock import ClockGuard, iso
-from ..vault.codec import b64e
+from ..vault.codec import VaultError, b64e
 from ..vault.license import License, check as check_license, check_trusted_vendor
 from ..vault.machine import MachineKey
 from ..vault.payload import open_payload
@@ -259,11 +259,28 @@ class UpdateStore:
                 f"{label(m)} is for base model {base['model_id']} {base['sha256'][:12]}, not the installed model {mine}"
             )
 
+    def _authenticate(self, opened: Callable[[], Any], m: dict[str, Any]) -> None:
+        """A model bundle's sealed model: its license (carried in the manifest, vendor-signed) must grant it
+        on this machine, which also checks that it names this sealed file's signed header; then every
+        chunk's GCM tag is checked under the content key it wraps (the header hash is in each chunk's
+        associated data, so a chunk moved, changed, cut or added fails). Nothing is kept of the plaintext."""
+        try:
+            sealed = opened()
+            grant = check_license(License.parse(json.dumps(m["license"]).encode()), sealed, self.machine, self.guard)
+            sealed.decrypt_to(grant.content_key, lambda lo, out: None)
+        except VaultError as e:
+            raise BundleError(f"the sealed model in the update bundle is refused: {e}") from None
+
     def verify(self, path: Path, license_file: Path | None = None) -> dict[str, Any]:
         try:
             bundle = Bundle(path)
-            bundle.check_payload()  # integrity first: a damaged file says so, whatever else is wrong with it
+            if not bundle.self_sealed:
+                bundle.check_payload()  # integrity first: a damaged file says so, whatever else is wrong with it
             report = self.check(bundle, license_file)
+            if bundle.self_sealed:
+                from ..vault.container import SealedFile
+
+                self._authenticate(lambda: SealedFile(bundle.path, offset=bundle.payload_offset), bundle.manifest)
             if bundle.kind != "model":
                 plain = open_payload(
                     bundle.read_payload(), bundle.manifest["keys"], self.machine, payload_context(bundle.manifest)
@@ -318,10 +335,14 @@ class UpdateStore:
         if m["kind"] == "model":
             from ..vault.container import SealedFile
 
-            bundle.copy_payload(stage / "model.moat")
             lic_doc = json.dumps(m["license"], indent=2) + "\n"
             (stage / "model.lic").write_text(lic_doc)
-            check_license(License.parse(lic_doc.encode()), SealedFile(stage / "model.moat"), self.machine, self.guard)
+            if bundle.self_sealed:  # copied in the kernel, then every chunk of the copy authenticated
+                bundle.copy_raw(stage / "model.moat")
+                self._authenticate(lambda: SealedFile(stage / "model.moat"), m)
+            else:
+                bundle.copy_payload(stage / "model.moat")
+                check_license(License.parse(lic_doc.encode()), SealedFile(stage / "model.moat"), self.machine, self.guard)
         else:
             bundle.copy_payload(stage / "payload.sealed")
             blob = (stage / "payload.sealed").read_bytes()

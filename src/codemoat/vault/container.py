@@ -128,19 +128,30 @@ class Manifest:
 class SealedFile:
     """An opened .moat file whose header signature has been checked; chunks are checked on decrypt."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, offset: int = 0):
+        """`offset`: where the sealed file starts inside `path` (the payload of a model update bundle,
+        which ends where the file does)."""
         self.path = Path(path)
-        h = read_header(self.path, prefix=PREFIX, magic=MAGIC, versions=(VERSION,), max_manifest=MAX_MANIFEST, what="sealed file")
+        h = read_header(
+            self.path,
+            prefix=PREFIX,
+            magic=MAGIC,
+            versions=(VERSION,),
+            max_manifest=MAX_MANIFEST,
+            what="sealed file",
+            offset=offset,
+        )
         self.file_size = h.file_size
         self.manifest = Manifest.check(h.fields)
         verify(
             ed_public(h.fields["vendor_key"], "manifest vendor key"), h.signature, SIGN_DOMAIN, h.signed, "sealed file manifest"
         )
         self.header_hash = hashlib.sha256(h.signed).digest()
-        self.payload_offset = h.payload_offset
+        self.payload_offset = offset + h.payload_offset  # in `path`
+        self._offset = offset
         m = self.manifest
         self.n_chunks = chunk_count(m.plaintext_size, m.chunk_size)
-        expect = self.payload_offset + m.plaintext_size + TAG_LEN * self.n_chunks
+        expect = h.payload_offset + m.plaintext_size + TAG_LEN * self.n_chunks
         if self.file_size < expect:
             raise VaultError(f"sealed file is truncated: {self.file_size} bytes, expected {expect}")
         if self.file_size > expect:
@@ -291,7 +302,7 @@ class SealedFile:
     def _ciphertext(self) -> Iterator[tuple[memoryview, Callable[[int, int], None]]]:
         """The file mapped read-only, and `drop(pos, length)` to release a chunk's pages once read."""
         with open(self.path, "rb") as f:
-            if os.fstat(f.fileno()).st_size != self.file_size:
+            if os.fstat(f.fileno()).st_size != self._offset + self.file_size:
                 raise VaultError("sealed file changed size while being read")
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             try:

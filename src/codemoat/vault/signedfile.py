@@ -25,7 +25,7 @@ SIG_LEN = 64
 
 @dataclass
 class Header:
-    file_size: int
+    file_size: int  # from the header's start to the end of the file
     prefix: tuple[Any, ...]  # the unpacked prefix: magic, version, ..., manifest length
     signed: bytes  # prefix + manifest: what the signature covers
     signature: bytes
@@ -45,8 +45,11 @@ def read_header(
     max_manifest: int,
     what: str,
     error: type[VaultError] = VaultError,
+    offset: int = 0,
 ) -> Header:
-    """Open `path` and read its header; `error` (one line naming `what`, e.g. "update bundle") on any fault."""
+    """Open `path` and read the header that starts `offset` bytes into it (a sealed model inside an update
+    bundle); `error` (one line naming `what`, e.g. "update bundle") on any fault. Offsets in the result
+    are from the header's start."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
@@ -57,7 +60,7 @@ def read_header(
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise error(f"{path} is {'a folder' if stat.S_ISDIR(st.st_mode) else 'not a regular file'}, not a {what}")
-        head = os.pread(fd, prefix.size, 0)
+        head = os.pread(fd, prefix.size, offset)
         if len(head) < prefix.size:
             raise error(f"{path.name} is not a codemoat {what} (too short)")
         fields = prefix.unpack(head)
@@ -66,9 +69,9 @@ def read_header(
         if fields[1] not in versions:
             raise error(f"{what} version {fields[1]} is not supported (this codemoat reads {' and '.join(map(str, versions))})")
         mlen = fields[-1]
-        if mlen > max_manifest or prefix.size + mlen + SIG_LEN > st.st_size:
+        if mlen > max_manifest or offset + prefix.size + mlen + SIG_LEN > st.st_size:
             raise error(f"{what} is truncated inside its header")
-        body = os.pread(fd, mlen + SIG_LEN, prefix.size)
+        body = os.pread(fd, mlen + SIG_LEN, offset + prefix.size)
     finally:
         os.close(fd)
     manifest, signature = body[:mlen], body[mlen:]
@@ -81,4 +84,4 @@ def read_header(
         raise error(f"{what} manifest is not a JSON object")
     if canon != manifest:
         raise error(f"{what} manifest is not in canonical form")
-    return Header(st.st_size, fields, head + manifest, signature, parsed)
+    return Header(st.st_size - offset, fields, head + manifest, signature, parsed)
