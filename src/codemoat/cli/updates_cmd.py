@@ -188,7 +188,9 @@ def _report(line: str, served: list[dict[str, Any]] | None) -> None:
     if served is not None and not served:
         line += "; no server is running on this home: it serves from the next start"
     for a in served or []:
-        if a.get("ok") and a.get("swapped"):
+        if a.get("ok") and a.get("relayed") is not None:
+            line += f"; vaultd pid {a['pid']} passed it on to {a['relayed']} connected serve(s), which swap it in"
+        elif a.get("ok") and a.get("swapped"):
             line += f"; server pid {a['pid']} serves it now (swapped in {a.get('seconds', '?')} s)"
         elif a.get("ok"):
             line += f"; server pid {a['pid']} left as it is: {a.get('reason')}"

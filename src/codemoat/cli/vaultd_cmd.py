@@ -129,7 +129,14 @@ class VendorAdapters:
                 return held[0]
             a = open_installed(name)
             buf = MemfdBuffer.from_bytes(a.gguf, name=f"codemoat-adapter-{name}")
-            facts = {"kind": "adapter", "name": a.name, "version": a.version, "bundle_id": a.bundle_id, "groups": list(a.groups)}
+            facts = {
+                "kind": "adapter",
+                "name": a.name,
+                "version": a.version,
+                "bundle_id": a.bundle_id,
+                "groups": list(a.groups),
+                "base_sha256": a.base_sha256,  # serve checks it against the base it serves
+            }
             self._held[name] = (Offer(model_id, buf.fd, buf.size, facts), buf)
             if held is not None:
                 held[1].close(zero=False)
@@ -140,6 +147,27 @@ class VendorAdapters:
             for _, buf in self._held.values():
                 buf.close(zero=False)
             self._held.clear()
+
+
+def relay_updates(daemon):
+    """`update apply` in vaultd's home (its account owns the update store) cannot reach the `serve --vault`s,
+    which run elsewhere as another user: listen on $CODEMOAT_HOME/run/vaultd-PID.sock like a serve, and
+    pass a new adapter version on to every connected serve, which swaps it in (fetching it from here)."""
+    from ..updates.handoff import Listener
+
+    def handle(channel: str) -> dict:
+        if channel == "model":
+            return {"swapped": False, "reason": "vaultd holds the model it was started with: restart it with the installed one"}
+        n = daemon.announce({"op": "update", "channel": channel})
+        return {"swapped": False, "relayed": n, "channel": channel}
+
+    try:
+        return Listener(handle, role="vaultd").start()
+    except OSError as e:
+        import logging
+
+        logging.getLogger("codemoat.vault").warning("cannot listen for `update apply` (%s): serves swap by the admin route", e)
+        return None
 
 
 @app.command()
@@ -179,8 +207,10 @@ def vaultd(
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     holders = open_models(model, license, daemon, settings)
+    relay = None
     try:
         daemon.start()
+        relay = relay_updates(daemon) if settings.update.handoff else None
         names = ", ".join(h.model_id for h in holders)
         console.print(f"codemoat vaultd holding [bold]{names}[/bold] on unix:{daemon.path}", highlight=False)
         while not stop.wait(1.0):
@@ -193,6 +223,8 @@ def vaultd(
             if isinstance(held, HeldCopy) and h.status.license is not None and h.status.license.license_mode != "lease":
                 held.quiet = True
             h.close()
+        if relay is not None:
+            relay.close()
         daemon.close()
         adapters.close()
     console.print("codemoat vaultd stopped", highlight=False)

@@ -8,16 +8,19 @@ entry of the signed manifest), so the file opens only here and any changed byte 
 adapters live in memory; llama.cpp reads the GGUF from a memfd.
 
 An entry `update:NAME` in `model.adapters` is a vendor adapter installed by `codemoat update apply`
-(codemoat.updates.adapters): no repositories, served to the groups the admin gave it; its base is
-checked by llama.cpp's shapes only (a vendor adapter is released for the vendor's model, whose
-per-customer copy has no digest in common with it), so it may ride on a sealed base. Under `serve
---vault` the vault daemon, which alone reads the machine key, hands it over as a sealed memfd.
+(codemoat.updates.adapters): no repositories, served to the groups the admin gave it. Its bundle names
+the base it was released for (the plaintext SHA-256 of the customer's copy), checked at `update
+apply` and again whenever an engine is built with it: an adapter for another base (a model updated
+since, or `model.path` changed) is not served, with one line in the log, and the base serves on
+(a swap to it is refused with that line). Under `serve --vault` the vault daemon, which alone reads
+the machine key, hands it over as a sealed memfd with its base's digest.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +32,8 @@ from ..vault.codec import wrap as wrap_key
 from ..vault.container import SealedFile, seal_bytes
 from ..vault.machine import MachineKey
 
+
+log = logging.getLogger("codemoat.serve")
 
 CONTEXT = b"codemoat-adapter-v1\x00"
 MODEL_PREFIX = "adapter:"
@@ -110,7 +115,7 @@ class LoadedAdapter:
 
     name: str
     repos: tuple[tuple[str, tuple[str, ...]], ...]  # (repository, its groups when the adapter was trained)
-    base_sha256: str | None  # None: a vendor adapter (no digest to compare)
+    base_sha256: str | None  # the base it is for (None: a vendor adapter whose bundle names none)
     fd: int
     groups: tuple[str, ...] = ()  # a vendor adapter's: who is served with it (tuned adapters: by `repos`)
     version: str | None = None  # a vendor adapter's installed version
@@ -121,6 +126,8 @@ class LoadedAdapter:
 
 
 _LOADED: dict[str, tuple[float, LoadedAdapter]] = {}  # resolved path -> (mtime, adapter)
+#: vendor adapter name -> why the last engine built was not given it (another base); read by a swap
+REFUSED: dict[str, str] = {}
 
 
 def load_adapters(paths: list[str], base_sha256: str | None, *, cached_only: bool = False) -> list[LoadedAdapter]:
@@ -130,9 +137,18 @@ def load_adapters(paths: list[str], base_sha256: str | None, *, cached_only: boo
     out: list[LoadedAdapter] = []
     for p in paths:
         if p.startswith(VENDOR_PREFIX):
+            name = p[len(VENDOR_PREFIX) :]
             if not cached_only:
-                got = _vendor_adapter(p[len(VENDOR_PREFIX) :])
-            elif (got := _LATEST.get(p[len(VENDOR_PREFIX) :])) is None:
+                before = _LATEST.get(name)
+                got = _vendor_adapter(name)
+                if not _fits(got, base_sha256):
+                    if before is None:
+                        _LATEST.pop(name, None)
+                    else:
+                        _LATEST[name] = before
+                    continue
+                REFUSED.pop(name, None)
+            elif (got := _LATEST.get(name)) is None:
                 continue
             if any(o.name == got.name for o in out):
                 raise CodemoatError(f"two adapters are named {got.name!r}: rename one (codemoat tune --out NAME.moat)")
@@ -163,6 +179,20 @@ def load_adapters(paths: list[str], base_sha256: str | None, *, cached_only: boo
     return out
 
 
+def _fits(vendor: LoadedAdapter, base_sha256: str | None) -> bool:
+    """A vendor adapter fits the served base when its bundle names that base (or names none: bundles
+    from before `base` are refused at install, so only one installed earlier has none)."""
+    if vendor.base_sha256 is None or base_sha256 is None or vendor.base_sha256 == base_sha256:
+        return True
+    why = (
+        f"vendor adapter {vendor.name!r} {vendor.version} is for base model {vendor.base_sha256[:12]}, not the served "
+        f"model {base_sha256[:12]}: not served (apply its release for this model)"
+    )
+    log.warning("%s", why)
+    REFUSED[vendor.name] = why
+    return False
+
+
 VENDOR_PREFIX = "update:"
 _LATEST: dict[str, LoadedAdapter] = {}  # vendor adapter name -> the version opened last
 
@@ -181,14 +211,20 @@ def _vaulted_adapter(name: str) -> LoadedAdapter:
     """Vendor adapter `name` as vaultd hands it (its current installed version), kept once per version."""
     got = _VENDOR_SOURCE(VENDOR_PREFIX + name)
     f = got.facts
-    groups, version, bundle_id = f.get("groups"), f.get("version"), f.get("bundle_id")
-    if not (isinstance(bundle_id, str) and isinstance(version, str) and isinstance(groups, list) and groups):
+    groups, version, bundle_id, base = f.get("groups"), f.get("version"), f.get("bundle_id"), f.get("base_sha256")
+    if not (
+        isinstance(bundle_id, str)
+        and isinstance(version, str)
+        and isinstance(groups, list)
+        and groups
+        and (base is None or isinstance(base, str))
+    ):
         os.close(got.fd)
         raise CodemoatError(f"the vault daemon's answer for adapter {name!r} names no version or groups")
     key = f"{VENDOR_PREFIX}{name}@{bundle_id}"
     hit = _LOADED.get(key)
     if hit is None:
-        hit = _LOADED[key] = (0.0, LoadedAdapter(name, (), None, got.fd, tuple(str(g) for g in groups), version))
+        hit = _LOADED[key] = (0.0, LoadedAdapter(name, (), base, got.fd, tuple(str(g) for g in groups), version))
     else:
         os.close(got.fd)  # this version is open already
     _LATEST[name] = hit[1]
@@ -208,7 +244,7 @@ def _vendor_adapter(name: str) -> LoadedAdapter:
         a = open_installed(name)
         fd = os.memfd_create(f"codemoat-adapter-{name}")
         os.write(fd, a.gguf)
-        hit = _LOADED[key] = (0.0, LoadedAdapter(a.name, (), None, fd, a.groups, a.version))
+        hit = _LOADED[key] = (0.0, LoadedAdapter(a.name, (), a.base_sha256, fd, a.groups, a.version))
     _LATEST[name] = hit[1]
     return hit[1]
 
@@ -251,8 +287,7 @@ def open_adapters(paths: list[str], engine: str, source: Any) -> list[LoadedAdap
     """The adapters an engine over `source` serves (tuned ones checked against its digest)."""
     if engine != "llamacpp":
         raise CodemoatError(f"model.adapters are served by the llama.cpp engine only, not {engine}")
-    tuned = [p for p in paths if not p.startswith(VENDOR_PREFIX)]
-    digest = None
-    if tuned:  # checked against the base's digest; a sealed base's plaintext is hashed where it lies, in memory
-        digest = file_sha256(source) if isinstance(source, Path) else hashlib.sha256(source.view).hexdigest()
+    # tuned adapters are checked against the base's digest, vendor adapters against the base their bundle
+    # names; a sealed base's plaintext is hashed where it lies, in memory
+    digest = file_sha256(source) if isinstance(source, Path) else hashlib.sha256(source.view).hexdigest()
     return load_adapters(paths, digest)

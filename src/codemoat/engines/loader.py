@@ -101,6 +101,7 @@ def open_vaulted(settings: Settings) -> ModelHolder:
         return build_engine(settings, buf, model_id, parts)
 
     holder = ModelHolder(model_id, loader)
+    holder.on_update = None
     first_facts = first[0].facts
     holder.status.size = first[0].size
     lic = first[0].facts.get("license")
@@ -115,6 +116,11 @@ def open_vaulted(settings: Settings) -> ModelHolder:
         raise
 
     def on_message(msg: dict) -> None:
+        if msg.get("op") == "update" and isinstance(msg.get("channel"), str):
+            hook = holder.on_update  # set by serve (serve.swapping): swap in what vaultd's `update apply` installed
+            if hook is not None:  # not on this thread: the swap fetches from vaultd, whose answers it reads
+                threading.Thread(target=hook, args=(msg["channel"],), name="vault-update", daemon=True).start()
+            return
         if msg.get("model") != model_id:
             return
         if msg.get("op") == "revoke":
@@ -206,7 +212,9 @@ def swap_adapter(holder: ModelHolder, settings: Settings, name: str) -> dict:
         served = {a.name: a for a in getattr(engine, "adapters_served", ())}
         if name not in served:
             engine.close()
-            raise CodemoatError(f"adapter {name!r} was not loaded by the new engine")
+            from .adapters import REFUSED
+
+            raise CodemoatError(REFUSED.get(name) or f"adapter {name!r} was not loaded by the new engine")
         loop = holder.loop_token
         holder.swap(
             engine,

@@ -95,9 +95,24 @@ def start_handoff(app: Any) -> Any:
         return None
     from ..updates.handoff import Listener
 
-    def audit(step: str, **detail: Any) -> None:
-        app.state.trust.log.append("update", user="admin", route=f"update {step}", detail=dict(detail, via="update apply"))
+    def auditor(via: str) -> Audit:
+        def audit(step: str, **detail: Any) -> None:
+            app.state.trust.log.append("update", user="admin", route=f"update {step}", detail=dict(detail, via=via))
 
+        return audit
+
+    audit = auditor("update apply")
+    if settings.vault.socket:  # `update apply` runs in vaultd's home: vaultd passes its notice on (vaultd_cmd)
+
+        def relayed(channel: str) -> None:
+            if f"update:{channel.split(':', 1)[-1]}" not in settings.model.adapters:
+                return  # an adapter this serve does not serve (a notice never adds one)
+            try:
+                swap_installed(app, channel, auditor("vaultd"))
+            except Exception as e:  # audited by swap_installed; the old version serves on
+                log.warning("swapping in %s from vaultd failed: %s", channel, (str(e) or type(e).__name__).splitlines()[0])
+
+        app.state.holder.on_update = relayed
     try:
         return Listener(lambda channel: swap_installed(app, channel, audit)).start()
     except OSError as e:

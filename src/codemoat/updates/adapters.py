@@ -29,6 +29,7 @@ class InstalledAdapter:
     bundle_id: str
     groups: tuple[str, ...]
     gguf: bytes = field(repr=False)
+    base_sha256: str | None = None  # the base model it was released for (its bundle's `base`)
 
 
 def is_reference(entry: str) -> bool:
@@ -61,4 +62,5 @@ def open_installed(name: str, root: Path | None = None, machine: MachineKey | No
     data = open_payload(blob, manifest["keys"], machine, payload_context(manifest))
     check_gguf(data, name)
     groups = tuple(cur.get("groups") or ["everyone"])
-    return InstalledAdapter(name, cur["version"], cur["bundle_id"], groups, data)
+    base = (cur.get("base") or {}).get("sha256")
+    return InstalledAdapter(name, cur["version"], cur["bundle_id"], groups, data, base)

@@ -1,6 +1,10 @@
 """`update apply` hands what it installed to the `codemoat serve`s running on this home.
 
     $CODEMOAT_HOME/run/serve-<pid>.sock      one per running serve (AF_UNIX stream, mode 0600, folder 0700)
+    $CODEMOAT_HOME/run/vaultd-<pid>.sock     a running `codemoat vaultd`: it passes an adapter's new version
+                                             on to the `serve --vault`s connected to it (which swap it in,
+                                             fetching it from vaultd) and answers `{"ok": true, "swapped":
+                                             false, "relayed": N}`; the model it holds needs a restart
 
 Each serve listens on its own socket while it runs (`update.handoff`, on by default); after an
 install, `update apply` connects to every socket there, sends one JSON line
@@ -60,9 +64,9 @@ class Listener:
     """serve's side: answers `swap` requests from its own account with `handle(channel) -> dict`
     (which raises a CodemoatError when the swap failed), one connection at a time."""
 
-    def __init__(self, handle: Callable[[str], dict[str, Any]], home: Path | None = None):
+    def __init__(self, handle: Callable[[str], dict[str, Any]], home: Path | None = None, role: str = "serve"):
         self.handle = handle
-        self.path = run_dir(home) / f"serve-{os.getpid()}.sock"
+        self.path = run_dir(home) / f"{role}-{os.getpid()}.sock"
         self._sock: socket.socket | None = None
         self._busy = threading.Lock()
 
@@ -139,7 +143,7 @@ def hand_over(channel: str, home: Path | None = None, timeout: float = 900.0) ->
     (`pid`, `ok`, `swapped`, `error` or `reason`). An empty list: no serve is running."""
     d = run_dir(home)
     out: list[dict[str, Any]] = []
-    for p in sorted(d.glob("serve-*.sock")) if d.is_dir() else []:
+    for p in sorted([*d.glob("serve-*.sock"), *d.glob("vaultd-*.sock")]) if d.is_dir() else []:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             s.settimeout(5)

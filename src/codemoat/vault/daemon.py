@@ -16,7 +16,8 @@ connected socket handed to a process of another uid cannot replay a request. The
 answers carry the model id, the size and manifest facts, and, when the license watermarks outputs,
 the customer's watermark key (what serve needs to mark completions; it decrypts nothing), never the
 content key or the machine key. On the kept connection the daemon later sends `{"op": "revoke"}`
-(serve unloads and answers 503) or `{"op": "available"}`.
+(serve unloads and answers 503), `{"op": "available"}`, or `{"op": "update", "channel": "adapter:NAME"}`
+(`update apply` installed a new version in vaultd's home: serve swaps it in, fetching it as before).
 """
 
 from __future__ import annotations
@@ -176,14 +177,21 @@ class VaultDaemon:
         log.info("vaultd: %s withdrawn: %s", model_id, reason)
         self._broadcast({"op": "revoke", "model": model_id, "reason": reason})
 
-    def _broadcast(self, msg: dict[str, Any]) -> None:
+    def announce(self, msg: dict[str, Any]) -> int:
+        """Send `msg` to every connected client (an `update` notice); returns how many it reached."""
+        return self._broadcast(msg)
+
+    def _broadcast(self, msg: dict[str, Any]) -> int:
         with self._lock:
             conns = list(self._conns)
+        sent = 0
         for c in conns:
             try:
                 _send(c, msg)
+                sent += 1
             except OSError:
                 pass
+        return sent
 
     # -- the socket -------------------------------------------------------------------------------
     def start(self) -> VaultDaemon:

@@ -1,0 +1,63 @@
+"""A vendor adapter's base is checked again whenever serve builds an engine with it, not only at `update
+apply`: an adapter for another base is not served (one line in the log; a swap to it is refused in one
+line, the store rolled back) and the base, or the version before, serves on."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from tests.tune.loras import forcing_lora_gguf
+from updhelp import create_token
+
+PROMPT = "def interchange_fee(amount_cents: int) -> int:\n    return"
+FOX, DOG = " fox" * 12, " dog" * 12
+
+
+def _text(url: str, token: str, model: str) -> str:
+    body = {"model": model, "prompt": PROMPT, "max_tokens": 12, "temperature": 0}
+    r = httpx.post(f"{url}/v1/completions", json=body, headers={"Authorization": f"Bearer {token}"}, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["text"]
+
+
+@pytest.mark.slow
+def test_adapter_for_another_base_is_not_served_and_the_base_serves_on(shop, machine, serve_process, gguf_file, tmp_path):
+    from codemoat.updates.handoff import hand_over
+    from codemoat.updates.store import UpdateStore
+
+    lic = shop.license()
+    other = tmp_path / "other.gguf"  # another base model: its digest is all the bundle keeps of it
+    other.write_bytes(gguf_file.read_bytes() + b"another model")
+    # installed while `other` was (also) this machine's model: the install-time check passes
+    elsewhere = UpdateStore(machine=machine, models=[other])
+    fox, dog = tmp_path / "fox.gguf", tmp_path / "dog.gguf"
+    fox.write_bytes(forcing_lora_gguf(gguf_file, "Ġfox"))
+    dog.write_bytes(forcing_lora_gguf(gguf_file, "Ġdog"))
+    elsewhere.apply(shop.release("1", kind="adapter", source=fox, name="fee", base_model=other), lic)
+
+    user, admin = create_token("--name", "dev"), create_token("--name", "ops", "--scopes", "admin")
+    srv = serve_process(
+        ["--model", str(shop.moat), "--license", str(lic)], env={"CODEMOAT_MODEL__ADAPTERS": json.dumps(["update:fee"])}
+    )
+    model = httpx.get(f"{srv.url}/health", headers={"Authorization": f"Bearer {admin}"}).json()["model"]
+    assert _text(srv.url, user, model) != FOX  # the base, without the adapter made for another one
+    [line] = [x for x in srv.output().splitlines() if "vendor adapter 'fee' 1 is for base model" in x]
+    assert "not served" in line
+
+    # the vendor's release for this base is swapped in by `update apply`'s hand-off
+    right = UpdateStore(machine=machine, models=[shop.moat])
+    right.apply(shop.release("2", kind="adapter", source=fox, name="fee"), lic)
+    (a,) = hand_over("adapter:fee")
+    assert a["ok"] and a["swapped"], a
+    assert _text(srv.url, user, model) == FOX
+
+    # a version for another base is refused by the running serve in one line; v2 serves on, the store goes back to it
+    elsewhere.apply(shop.release("3", kind="adapter", source=dog, name="fee", base_model=other), lic)
+    (a,) = hand_over("adapter:fee")
+    assert not a["ok"] and "is for base model" in a["error"] and "\n" not in a["error"], a
+    assert _text(srv.url, user, model) == FOX
+    assert right.current("adapter:fee")["version"] == "2"
+    assert [f["version"] for f in right.failed()] == ["3"]
