@@ -10,17 +10,7 @@ import httpx
 import pytest
 
 from tests.tune.loras import forcing_lora_gguf
-from updhelp import create_token
-
-PROMPT = "def interchange_fee(amount_cents: int) -> int:\n    return"
-FOX, DOG = " fox" * 12, " dog" * 12
-
-
-def _text(url: str, token: str, model: str) -> str:
-    body = {"model": model, "prompt": PROMPT, "max_tokens": 12, "temperature": 0}
-    r = httpx.post(f"{url}/v1/completions", json=body, headers={"Authorization": f"Bearer {token}"}, timeout=60)
-    assert r.status_code == 200, r.text
-    return r.json()["choices"][0]["text"]
+from updhelp import FOX, adapter_text, create_token
 
 
 @pytest.mark.slow
@@ -43,7 +33,7 @@ def test_adapter_for_another_base_is_not_served_and_the_base_serves_on(shop, mac
         ["--model", str(shop.moat), "--license", str(lic)], env={"CODEMOAT_MODEL__ADAPTERS": json.dumps(["update:fee"])}
     )
     model = httpx.get(f"{srv.url}/health", headers={"Authorization": f"Bearer {admin}"}).json()["model"]
-    assert _text(srv.url, user, model) != FOX  # the base, without the adapter made for another one
+    assert adapter_text(srv.url, user, model) != FOX  # the base, without the adapter made for another one
     [line] = [x for x in srv.output().splitlines() if "vendor adapter 'fee' 1 is for base model" in x]
     assert "not served" in line
 
@@ -52,12 +42,12 @@ def test_adapter_for_another_base_is_not_served_and_the_base_serves_on(shop, mac
     right.apply(shop.release("2", kind="adapter", source=fox, name="fee"), lic)
     (a,) = hand_over("adapter:fee")
     assert a["ok"] and a["swapped"], a
-    assert _text(srv.url, user, model) == FOX
+    assert adapter_text(srv.url, user, model) == FOX
 
     # a version for another base is refused by the running serve in one line; v2 serves on, the store goes back to it
     elsewhere.apply(shop.release("3", kind="adapter", source=dog, name="fee", base_model=other), lic)
     (a,) = hand_over("adapter:fee")
     assert not a["ok"] and "is for base model" in a["error"] and "\n" not in a["error"], a
-    assert _text(srv.url, user, model) == FOX
+    assert adapter_text(srv.url, user, model) == FOX
     assert right.current("adapter:fee")["version"] == "2"
     assert [f["version"] for f in right.failed()] == ["3"]

@@ -6,25 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
+from pathlib import Path
 
-import httpx
 import pytest
 
 from tests.tune.loras import forcing_lora_gguf
-from updhelp import run_cli
-
-PROMPT = "def interchange_fee(amount_cents: int) -> int:\n    return"
-FOX, DOG = " fox" * 12, " dog" * 12
-
-
-def _text(url: str, token: str) -> str:
-    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 12, "temperature": 0}
-    r = httpx.post(f"{url}/v1/completions", json=body, headers={"Authorization": f"Bearer {token}"}, timeout=120)
-    assert r.status_code == 200, r.text
-    return r.json()["choices"][0]["text"]
+from updhelp import DOG, FOX, Vaultd, adapter_text, run_cli
 
 
 @pytest.mark.slow
@@ -34,34 +22,22 @@ def test_update_apply_in_vaultds_home_reaches_serve_vault_through_vaultd(shop, s
     lora.write_bytes(forcing_lora_gguf(gguf_file, "Ġfox"))
     store.apply(shop.release("1", kind="adapter", source=lora), lic)
 
-    sock = tmp_path / "v.sock"
-    vaultd = subprocess.Popen(
-        [sys.executable, "-m", "codemoat.cli.main", "vaultd", "--socket", f"unix:{sock}", "--model", str(shop.moat)]
-        + ["--license", str(lic), "--allow-uid", str(os.getuid())],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        deadline = time.time() + 60
-        while not sock.is_socket():
-            assert vaultd.poll() is None and time.time() < deadline, vaultd.stdout.read()
-            time.sleep(0.1)
+    with Vaultd(tmp_path / "v.sock", shop.moat, lic) as vaultd:
         serve_home = tmp_path / "serve-home"  # serve's own home: `update apply` in vaultd's cannot see its socket
         env = {"CODEMOAT_HOME": str(serve_home), "CODEMOAT_MODEL__ADAPTERS": '["update:fee"]'}
         r = run_cli("tokens", "create", "--json", "--name", "dev", env=env)
         user = json.loads(r.stdout)["token"]
-        srv = serve_process(["--vault", f"unix:{sock}", "--model", "tiny"], env=env)
-        assert _text(srv.url, user) == FOX
+        srv = serve_process(["--vault", f"unix:{vaultd.sock}", "--model", "tiny"], env=env)
+        assert adapter_text(srv.url, user) == FOX
 
         lora.write_bytes(forcing_lora_gguf(gguf_file, "Ġdog"))
         vault_env = {"CODEMOAT_MODEL__PATH": str(shop.moat)}  # vaultd's home's model: what the adapter is for
         r = run_cli("update", "apply", str(shop.release("2", kind="adapter", source=lora)), "--json", env=vault_env, timeout=300)
         assert r.returncode == 0, r.stderr
         (a,) = json.loads(r.stdout)["served"]  # vaultd's answer: it told the one serve connected to it
-        assert a["ok"] and a["relayed"] == 1 and a["pid"] == vaultd.pid, a
+        assert a["ok"] and a["relayed"] == 1 and a["pid"] == vaultd.proc.pid, a
         deadline = time.time() + 180
-        while (text := _text(srv.url, user)) != DOG and time.time() < deadline:
+        while (text := adapter_text(srv.url, user)) != DOG and time.time() < deadline:
             time.sleep(0.5)
         assert text == DOG, srv.output()[-2000:]
         r = run_cli("audit", "export", "--kind", "update", env=env)
@@ -73,7 +49,4 @@ def test_update_apply_in_vaultds_home_reaches_serve_vault_through_vaultd(shop, s
         assert r.returncode == 0, r.stderr
         (a,) = json.loads(r.stdout)["served"]
         assert a["ok"] and not a["swapped"] and "restart" in a["reason"], a
-    finally:
-        vaultd.terminate()
-        vaultd.wait(timeout=30)
-    assert not list((tmp_path / "home").glob("run/vaultd-*.sock")) if (tmp_path / "home").exists() else True
+    assert not list((Path(os.environ["CODEMOAT_HOME"]) / "run").glob("vaultd-*.sock"))  # vaultd removed its socket

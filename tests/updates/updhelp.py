@@ -114,3 +114,37 @@ def served_after(stats: dict, lock: threading.Lock, t: float, timeout: float = 1
                 return True
         time.sleep(0.2)
     return False
+
+
+ADAPTER_PROMPT = "def interchange_fee(amount_cents: int) -> int:\n    return"
+# the test adapters force one token at every step (tests/tune/loras.py), so the answer with each is known exactly
+FOX, DOG = " fox" * 12, " dog" * 12
+
+
+def adapter_text(url: str, token: str, model: str = "tiny") -> str:
+    """The greedy 12-token completion of ADAPTER_PROMPT for `token` (FOX or DOG when served with a test adapter)."""
+    body = {"model": model, "prompt": ADAPTER_PROMPT, "max_tokens": 12, "temperature": 0}
+    r = httpx.post(f"{url}/v1/completions", json=body, headers={"Authorization": f"Bearer {token}"}, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["text"]
+
+
+class Vaultd:
+    """`codemoat vaultd` on `sock` holding `moat` under `lic`, for this uid, in this test's home (a context)."""
+
+    def __init__(self, sock: Path, moat: Path, lic: Path):
+        cmd = [sys.executable, "-m", "codemoat.cli.main", "vaultd", "--socket", f"unix:{sock}", "--model", str(moat)]
+        cmd += ["--license", str(lic), "--allow-uid", str(os.getuid())]
+        self.sock = sock
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def __enter__(self) -> Vaultd:
+        deadline = time.time() + 60
+        while not self.sock.is_socket():
+            assert self.proc.poll() is None and time.time() < deadline, self.proc.stdout.read()
+            time.sleep(0.1)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
