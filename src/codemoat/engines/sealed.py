@@ -204,7 +204,8 @@ def open_sealed(
 ) -> SealedHolder:
     """Verify `license_path` for `model_path` on this machine, load the model with the configured
     engine (`model.engine`), and keep the license alive. Served as `model_id`, else the manifest's
-    model id; `aliases` are other names the API accepts. `build(settings, memfd, model_id, parts)`
+    model id up to its first dot (as the plaintext copy would be: a sealed `x.hf` folder is `x`, its full
+    id an alias); `aliases` are other names the API accepts. `build(settings, memfd, model_id, parts)`
     makes what the holder serves (the vault daemon keeps the memfd itself).
 
     Raises `VaultError` (one line) for every refusal; nothing is loaded then."""
