@@ -32,6 +32,11 @@ class ServerSettings(BaseModel):
         ge=0,
         description="Requests one user may have waiting for a place of server.max_concurrent at once; more get 429 (0 = no limit). Places go to the user holding the fewest.",
     )
+    max_queue_wait_s: float = Field(
+        0,
+        ge=0,
+        description="Longest a request waits for a place of server.max_concurrent and then a slot of the engine (model.parallel) before it is refused with the protocol's overloaded error (503 with Retry-After; Ollama's \"server busy\"); 0 = it waits as long as it takes.",
+    )
     log_level: str = Field("info", description="uvicorn log level.")
     max_body_mb: float = Field(
         8, ge=0, description="Largest request body accepted, in MiB; a larger one gets 413 (0 = no limit)."

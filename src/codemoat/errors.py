@@ -32,6 +32,20 @@ class Unavailable(CodemoatError):
     code = "model_unavailable"
 
 
+class Overloaded(Unavailable):
+    """Every generation slot stayed busy longer than a request may wait (`server.max_queue_wait_s`):
+    each protocol's "overloaded, retry" error (503 with Retry-After; Ollama's "server busy")."""
+
+    code = "server_overloaded"
+    retry_after = 1.0
+
+    def __init__(
+        self,
+        message: str = "the server is busy: no generation slot became free within server.max_queue_wait_s; retry in a moment",
+    ):
+        super().__init__(message)
+
+
 class RateLimited(CodemoatError):
     status = 429
     code = "rate_limit_exceeded"

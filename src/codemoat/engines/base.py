@@ -70,6 +70,9 @@ class SamplingParams:
     # reuses KV cells (a prefix another request left) only between requests with the same key, so
     # no one learns from the time to first token that someone else sent a prefix (a secret in a file)
     cache_key: str | None = None
+    # when (`time.monotonic()`, one clock for every process of the machine) a request still waiting for a
+    # slot is refused with `Overloaded` instead (`server.max_queue_wait_s`); None: it waits as long as it takes
+    queue_deadline: float | None = None
 
 
 FinishReason = Literal["stop", "length", "cancelled"]

@@ -13,7 +13,14 @@ off, as `llama-server -np N` runs). The engine's worker thread runs `Batcher.run
    a chunk ends on a multiple of ALIGN unless the prompt ends first), and evaluates it in one
    `llama_decode` call: the weights are read once per step for everyone's rows;
 3. samples each generating sequence with its own parameters, logits processors (the watermark
-   stays per request) and stop strings (`worker.StopCutter`).
+   stays per request) and stop strings (`worker.StopCutter`): the step's logits are one numpy view
+   (`llama_get_logits`: a row per output, in batch order), plain greedy rows take one `argmax` for
+   all, a token's text and kind are looked up once per token id, and each answer's text grows by the
+   new token's bytes (not decoded again from its start); `after_step` is then called once (the engine
+   process sends the step's chunks of every request as one message: `engines.child`).
+
+A request whose `SamplingParams.queue_deadline` passes while it waits for a slot ends with
+`Overloaded` (`server.max_queue_wait_s`: the protocol's overloaded error, 503), never taking a slot.
 
 Results do not depend on the batch bit for bit: ggml picks its matmul kernel by a ubatch's row
 count (one row, or a multiple of 4 rows on repacked quantised weights), so a logit can move by
@@ -44,9 +51,9 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import CodemoatError
+from ..errors import CodemoatError, Overloaded
 from .base import Chunk, FinishReason, SamplingParams
-from .worker import StopCutter
+from .worker import StopCutter, late
 
 ALIGN = 32  # prompt chunks: this many tokens, aligned to position 0 (as `llamacpp.ALIGN`)
 PENALTY_LAST_N = 64  # llama-cpp-python's `last_n_tokens_size`: the window repeat_penalty looks at
@@ -66,7 +73,7 @@ def valid_utf8_prefix(b: bytes) -> int:
     return n
 
 
-@dataclass
+@dataclass(eq=False)  # one request is itself only (`in`, `remove` compare identity, not every field)
 class Seq:
     """One request: its prompt, parameters and callbacks, and where it stands in its slot."""
 
@@ -83,11 +90,13 @@ class Seq:
     next_token: int = -1  # the token to feed at the next decode step
     phase: str = "prefill"  # prefill → decode (the last prompt token, then each sampled one)
     n_gen: int = 0
-    raw: bytes = b""
+    text: str = ""  # the answer's text so far: its complete UTF-8 sequences, decoded
+    tail: bytes = b""  # the bytes of a UTF-8 sequence not complete yet
     history: list[int] = field(default_factory=list)
     chain: Any = None  # llama.cpp sampler chain; None: plain greedy (argmax)
     cutter: StopCutter | None = None
-    row: int = -1
+    row: int = -1  # this step's batch row with logits
+    out: int = -1  # its index among the step's outputs (a row of `llama_get_logits`)
 
 
 class _Slot:
@@ -168,9 +177,11 @@ class Batcher:
         self.active: list[Seq] = []
         self.adapter: str | None = None
         self.on_slots: Callable[[dict[str, int]], None] | None = None
+        self.after_step: Callable[[], None] | None = None  # called after each turn of the loop (engines.child)
         self.steps = 0
         self.reused_tokens = 0  # prompt tokens whose KV cells a slot already held (prefix reuse)
         self._piece = ctypes.create_string_buffer(256)
+        self._tokens: dict[int, tuple[bool, bool, Any]] = {}  # token id -> (end of generation, control, its text)
 
     # -- facts -------------------------------------------------------------------
     def usage(self) -> dict[str, int]:
@@ -190,6 +201,8 @@ class Batcher:
                 while True:
                     if item is None:
                         self._stop()
+                        if self.after_step is not None:
+                            self.after_step()
                         return
                     if isinstance(item, Seq):
                         self.waiting.append(item)
@@ -209,6 +222,8 @@ class Batcher:
                 self._changed()
             if self.active:
                 self._step()
+            if self.after_step is not None:
+                self.after_step()
 
     def _stop(self) -> None:
         for s in list(self.active) + list(self.waiting):
@@ -227,10 +242,11 @@ class Batcher:
 
     # -- admission -------------------------------------------------------------------
     def _admit(self) -> None:
-        if any(s.cancel.is_set() for s in self.waiting):  # their clients left while they waited
-            for s in [s for s in self.waiting if s.cancel.is_set()]:
-                s.finished(None)
-            self.waiting = deque(s for s in self.waiting if not s.cancel.is_set())
+        gone = [s for s in self.waiting if s.cancel.is_set() or late(s.params)]  # their clients left, or waited too long
+        if gone:
+            self.waiting = deque(s for s in self.waiting if s not in gone)
+            for s in gone:
+                s.finished(None if s.cancel.is_set() else Overloaded())
         while self.waiting:
             free = [i for i, s in enumerate(self.slots) if s.seq is None]
             if not free:
@@ -362,15 +378,19 @@ class Batcher:
         for s in rows:
             if s.phase == "prefill":
                 end = ends[s.slot]
-                for j, tok in enumerate(s.ids[s.pos : end]):
-                    self._put(r + j, tok, s.pos + j, s.slot, False)
-                r += end - s.pos
+                b, m = self.batch, end - s.pos
+                b.token[r : r + m] = s.ids[s.pos : end]
+                b.pos[r : r + m] = np.arange(s.pos, end, dtype=np.int32)
+                b.seq[r : r + m] = s.slot
+                b.logits[r : r + m] = 0
+                r += m
                 if end < len(s.ids) - 1:
                     continue
                 s.n_past = end  # the prompt's last token is read in this step too: its logits give the first token
             self._put(r, s.next_token, s.n_past, s.slot, True)
             s.row, r = r, r + 1
         rc = self._decode(r)
+        sampling: list[Seq] = []
         for s in rows:
             if rc != 0:
                 self._fail(s, CodemoatError(f"llama.cpp could not decode the batch (code {rc})"))
@@ -385,26 +405,44 @@ class Batcher:
                 s.phase = "decode"
             slot.cached.append(s.next_token)
             s.n_past += 1
+            s.out = len(sampling)  # outputs come in batch order, one per row with logits
+            sampling.append(s)
+        if sampling:
+            self._sample(sampling)
+
+    def _sample(self, seqs: list[Seq]) -> None:
+        """Sample the next token of every sequence whose row had logits in this step: the logits are one
+        view of the context's output buffer; logits processors rewrite their row in place (a sampler
+        chain reads the same buffer), then one `argmax` serves every plain greedy row."""
+        lib = self.lib
+        logits = np.ctypeslib.as_array(lib.llama_get_logits(self.ctx), shape=(len(seqs), self.n_vocab))
+        plain = []
+        for s in seqs:
             try:
-                self._sample(s)
+                if s.want_logits:
+                    s.result = logits[s.out].astype(np.float32, copy=True)
+                    self._finish(s, "length")
+                    continue
+                row = logits[s.out]
+                for proc in s.params.logits_processors:
+                    out = proc(s.history, row)
+                    if out is not row:
+                        row[:] = out
+                if s.chain is None:
+                    plain.append(s)
+                else:
+                    self._accept(s, int(lib.llama_sampler_sample(s.chain, self.ctx, s.row)))
             except Exception as e:
                 self._fail(s, e)
+        if plain:
+            best = logits.argmax(axis=1) if len(plain) == len(seqs) else None
+            for s in plain:
+                try:
+                    self._accept(s, int(best[s.out] if best is not None else logits[s.out].argmax()))
+                except Exception as e:
+                    self._fail(s, e)
 
-    def _sample(self, s: Seq) -> None:
-        lib = self.lib
-        if s.want_logits:
-            ptr = lib.llama_get_logits_ith(self.ctx, s.row)
-            s.result = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).astype(np.float32, copy=True)
-            self._finish(s, "length")
-            return
-        p = s.params
-        if p.logits_processors or s.chain is None:
-            logits = np.ctypeslib.as_array(lib.llama_get_logits_ith(self.ctx, s.row), shape=(self.n_vocab,))
-            for proc in p.logits_processors:
-                out = proc(s.history, logits)
-                if out is not logits:
-                    logits[:] = out
-        tok = int(np.argmax(logits)) if s.chain is None else int(lib.llama_sampler_sample(s.chain, self.ctx, s.row))
+    def _accept(self, s: Seq, tok: int) -> None:
         s.history.append(tok)
         s.next_token = tok
         reason = self._take(s, tok)
@@ -413,22 +451,40 @@ class Batcher:
 
     def _text(self, tok: int, special: bool) -> bytes:
         n = self.lib.llama_token_to_piece(self.vocab, tok, self._piece, len(self._piece), 0, special)
+        if n < 0:  # a piece longer than the buffer: -n is its length
+            self._piece = ctypes.create_string_buffer(-n)
+            n = self.lib.llama_token_to_piece(self.vocab, tok, self._piece, len(self._piece), 0, special)
         return self._piece.raw[: max(n, 0)]
+
+    def _token(self, tok: int) -> tuple[bool, bool, Any]:
+        """(ends generation, is a control token, its text: a control token's as str, with specials; else bytes)."""
+        facts = self._tokens.get(tok)
+        if facts is None:
+            lib = self.lib
+            control = bool(lib.llama_vocab_is_control(self.vocab, tok))
+            text = self._text(tok, True).decode("utf-8", "replace") if control else self._text(tok, False)
+            facts = self._tokens[tok] = (bool(lib.llama_vocab_is_eog(self.vocab, tok)), control, text)
+        return facts
 
     def _take(self, s: Seq, tok: int) -> FinishReason | None:
         """The generated token `tok`, as the one-at-a-time engine takes it; a finish reason when it ends the answer."""
-        lib, p, cutter = self.lib, s.params, s.cutter
+        p, cutter = s.params, s.cutter
         assert cutter is not None
-        if lib.llama_vocab_is_eog(self.vocab, tok):
+        eog, control, text = self._token(tok)
+        if eog:
             return "stop"
         s.n_gen += 1
-        if lib.llama_vocab_is_control(self.vocab, tok):
+        if control:
             # a control token is never text; one that a stop string names ends the answer
-            if self._text(tok, True).decode("utf-8", "replace") in p.stop:
+            if text in p.stop:
                 return "stop"
-        else:
-            s.raw += self._text(tok, False)
-        if cutter.feed(s.raw[: valid_utf8_prefix(s.raw)].decode("utf-8", "replace"), tok):
+        elif text:
+            raw = s.tail + text
+            n = valid_utf8_prefix(raw)
+            if n:
+                s.text += raw[:n].decode("utf-8", "replace")
+            s.tail = raw[n:]
+        if cutter.feed(s.text, tok):
             return "stop"
         if s.n_gen >= p.max_tokens:
             return "length"

@@ -8,9 +8,11 @@ the server: the plaintext is never decrypted again, nor written anywhere.
 
 Messages are length-prefixed pickles (`send`/`recv`), between two processes of the same program:
     server → engine   ("gen", rid, prompt, params) · ("cancel", rid) · ("logits", rid, prompt) · ("stop",)
-    engine → server   ("ready", facts) · ("error", message) · ("chunk", rid, Chunk)
-                      · ("done", rid, error or None) · ("result", rid, value, error or None)
+    engine → server   ("ready", facts) · ("error", message) · ("chunk", rid, (text, token_ids, finish_reason, timings))
+                      · ("done", rid, error or None, error class or None) · ("result", rid, value, error or None)
                       · ("slots", 0, {"total", "busy", "waiting"}) when a batching engine's slot use changes
+                      · ("batch", [message, ...]): a batching engine's messages of one step, sent together
+                        (one pickle and one write per step for all its requests, not one per token)
 
 Requests are multiplexed by rid: a batching engine (llama.cpp with `parallel` > 1) decodes many at
 once, and a ("cancel", rid) frees that request's slot at the engine's next step.
@@ -94,6 +96,15 @@ class Frames:
             buf += data
 
 
+def error_class(exc: BaseException | None) -> str | None:
+    """The name of `exc`'s class in `codemoat.errors` (the server raises that class again: `Overloaded`
+    is a 503 with Retry-After, not a 400), else None."""
+    from .. import errors
+
+    name = type(exc).__name__
+    return name if exc is not None and getattr(errors, name, None) is type(exc) else None
+
+
 def error_text(exc: BaseException) -> str:
     from ..errors import CodemoatError
     from .base import PromptTooLong
@@ -112,8 +123,11 @@ class _Server:
         self.engine, self.sock = engine, sock
         self.cancels: dict[int, threading.Event] = {}
         self._lock = threading.Lock()
-        if hasattr(engine, "on_slots"):  # a batching engine says when a slot is taken or freed
-            engine.on_slots = lambda usage: self.send(("slots", 0, usage))
+        self._out: list[Any] = []  # a batching engine's messages of the current step
+        self.batched = bool(getattr(engine, "batches", False))
+        if self.batched:  # it says when a slot is taken or freed, and when a step is over
+            engine.on_slots = lambda usage: self.post(("slots", 0, usage))
+            engine.after_step = self.flush
 
     def send(self, msg: Any) -> None:
         try:
@@ -122,24 +136,46 @@ class _Server:
         except OSError:  # the server is gone; the reader sees the end and stops us
             pass
 
+    def post(self, msg: Any) -> None:
+        """Send `msg` now, or, for a batching engine, with the rest of its step (`flush`)."""
+        if not self.batched:
+            self.send(msg)
+            return
+        with self._lock:
+            self._out.append(msg)
+
+    def flush(self) -> None:
+        with self._lock:
+            out, self._out = self._out, []
+            if not out:
+                return
+            try:
+                send(self.sock, out[0] if len(out) == 1 else ("batch", out))
+            except OSError:
+                pass
+
     def generate(self, rid: int, prompt: str | list[int], params: Any) -> None:
         eng = self.engine
         try:
             ids = eng._prompt_ids(prompt, params.max_tokens)  # checked on arrival, not after the queue
         except Exception as e:
-            self.send(("done", rid, error_text(e)))
+            self.send(("done", rid, error_text(e), error_class(e)))
             return
         cancel = self.cancels[rid] = threading.Event()
 
         def finished(exc: BaseException | None) -> None:
             self.cancels.pop(rid, None)
             if exc is not None:
-                self.send(("done", rid, error_text(exc)))
+                self.post(("done", rid, error_text(exc), error_class(exc)))
+
+        def emit(c: Any) -> None:  # a tuple: a dataclass costs more to pickle
+            self.post(("chunk", rid, (c.text, c.token_ids, c.finish_reason, c.timings)))
 
         try:  # a batching engine takes it into its running batch; others queue a job for their worker
-            eng._start(ids, params, lambda c: self.send(("chunk", rid, c)), cancel, finished)
+            eng._start(ids, params, emit, cancel, finished)
         except Exception as e:
             finished(e)
+            self.flush()
 
     def call(self, rid: int, fn: Any, *args: Any) -> None:
         try:

@@ -300,6 +300,24 @@ class LlamaCppEngine(WorkerEngine):
         if self._batcher is not None:
             self._batcher.on_slots = fn
 
+    @property
+    def batches(self) -> bool:
+        """Whether requests decode together (`model.parallel` > 1): `engines.batch`."""
+        return getattr(self, "_batcher", None) is not None
+
+    @property
+    def after_step(self):  # type: ignore[no-untyped-def]
+        """Called on the worker after each step of the batch (batched only; the engine process sends the
+        step's chunks then): also for the engines serving folded adapters."""
+        return self._batcher.after_step if self._batcher is not None else None
+
+    @after_step.setter
+    def after_step(self, fn) -> None:  # type: ignore[no-untyped-def]
+        if self._batcher is not None:
+            self._batcher.after_step = fn
+        for folded in getattr(self, "_folded", {}).values():
+            folded.after_step = fn
+
     def slots(self) -> dict[str, int]:
         """Slot use: total, busy, and requests waiting for one (one-at-a-time: one slot)."""
         if self._batcher is not None:

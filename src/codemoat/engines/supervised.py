@@ -85,6 +85,41 @@ class _Child:
         self.sock.close()
 
 
+def _flat(batch: list[Any]) -> list[Any]:
+    """The messages of a batch, a batching engine's ("batch", [...]) of one step opened."""
+    if not any(m[0] == "batch" for m in batch):
+        return batch
+    return [x for m in batch for x in (m[1] if m[0] == "batch" else (m,))]
+
+
+def _error(text: str, name: str | None) -> CodemoatError:
+    """The engine's error as the class it was raised as (`codemoat.errors`: `Overloaded` is a 503), else a 400."""
+    from .. import errors
+
+    cls = getattr(errors, name, None) if name else None
+    return cls(text) if isinstance(cls, type) and issubclass(cls, CodemoatError) else CodemoatError(text)
+
+
+def _chunks(items: list[Any]) -> list[Any]:
+    """One request's messages of a burst as `Chunk`s (and its end: None or an error); consecutive chunks
+    that end nothing are joined into one (a reader that fell behind hands over one chunk, not several)."""
+    out: list[Any] = []
+    text: list[str] = []
+    ids: list[int] = []
+    for it in items:
+        if isinstance(it, tuple) and it[2] is None:
+            text.append(it[0])
+            ids.extend(it[1])
+            continue
+        if text:
+            out.append(Chunk("".join(text), ids))
+            text, ids = [], []
+        out.append(Chunk(it[0], it[1], it[2], it[3]) if isinstance(it, tuple) else it)
+    if text:
+        out.append(Chunk("".join(text), ids))
+    return out
+
+
 class _Died(Exception):
     def __init__(self, code: int):
         self.code = code
@@ -193,13 +228,14 @@ class SupervisedEngine(Engine):
             raise _Died(code)
         return _Child(proc, ours, msg[1], frames)
 
-    def _launch(self) -> None:
+    def _launch(self, restart: bool = False) -> None:
         child = self._spawn()
         with self._lock:
             if self._closed:
                 child.stop()
                 return
             self._child, self._state, self._facts = child, "ready", child.facts
+            self.restarts += restart  # counted as it becomes ready, not after (a reader saw ready with the old count)
         threading.Thread(target=self._read, args=(child,), name=f"engine-{child.proc.pid}", daemon=True).start()
         log.info(
             "engine process %d serves %s (%s%s)", child.proc.pid, self.model_id, self.name, ", safe options" if self.safe else ""
@@ -216,19 +252,19 @@ class SupervisedEngine(Engine):
             if batch is None:
                 break
             bursts: dict[int, list[Any]] = {}  # one hand-off per request and batch
-            for msg in batch:
+            for msg in _flat(batch):
                 kind, rid = msg[0], msg[1]
                 if kind == "chunk":
                     bursts.setdefault(rid, []).append(msg[2])
                 elif kind == "done":
-                    bursts.setdefault(rid, []).append(CodemoatError(msg[2]) if msg[2] else None)
+                    bursts.setdefault(rid, []).append(_error(msg[2], msg[3]) if msg[2] else None)
                 elif kind == "slots":
                     self._facts["slots"] = msg[2]
                 elif kind == "result" and (req := requests.get(rid)) is not None:
                     req.deliver(CodemoatError(msg[3]) if msg[3] else msg[2])
             for rid, items in bursts.items():
                 if (req := requests.get(rid)) is not None:  # else cancelled, or its client left
-                    req.deliver(items)
+                    req.deliver(_chunks(items))
         self._ended(child)
 
     def _ended(self, child: _Child) -> None:
@@ -285,8 +321,7 @@ class SupervisedEngine(Engine):
             if self._closed:
                 return
             try:
-                self._launch()
-                self.restarts += 1
+                self._launch(restart=True)
                 return
             except (CodemoatError, _Died, OSError) as e:
                 self.crashes += 1

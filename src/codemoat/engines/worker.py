@@ -18,10 +18,15 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from typing import Any
 
-from ..errors import CodemoatError
+from ..errors import CodemoatError, Overloaded
 from .base import Chunk, Completion, Engine, FinishReason, SamplingParams, Timings
 
 _DONE = object()
+
+
+def late(params: SamplingParams) -> bool:
+    """Whether a request still waiting for the engine is past its `queue_deadline` (it gets `Overloaded`)."""
+    return params.queue_deadline is not None and time.monotonic() > params.queue_deadline
 
 
 class StopCutter:
@@ -178,6 +183,9 @@ class WorkerEngine(Engine):
         def job() -> None:
             if cancel.is_set():  # its consumer left while it waited
                 finished(None)
+                return
+            if late(params):  # it waited longer than it may
+                finished(Overloaded())
                 return
             try:
                 self._generate(ids, params, emit, cancel)

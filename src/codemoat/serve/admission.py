@@ -6,15 +6,17 @@ team waiting until 936 of them had run). Here a freed place goes to the waiting 
 who holds the fewest places; among one user's requests, and among equals, the first to arrive. The
 batched engine admits to its slots by the same rule (`engines.batch.Batcher._next`). A user with
 `max_waiting_per_user` requests waiting gets 429 for the next (`server.max_waiting_per_user`): a flood
-holds no more than that many connections and prepared prompts in the queue.
+holds no more than that many connections and prepared prompts in the queue. A request still waiting at
+its deadline (`server.max_queue_wait_s`) gets `Overloaded` (503 with Retry-After in its protocol's shape).
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 
-from ..errors import RateLimited
+from ..errors import Overloaded, RateLimited
 
 
 class FairSlots:
@@ -38,7 +40,8 @@ class FairSlots:
                 f"{cap} of your requests are already waiting for a place on this server (server.max_waiting_per_user)"
             )
 
-    async def acquire(self, who: str | None) -> None:
+    async def acquire(self, who: str | None, deadline: float | None = None) -> None:
+        """A place for `who`; `Overloaded` if none is free by `deadline` (`time.monotonic()`; None: no limit)."""
         if self.busy < self.limit and not self._waiters:
             self._take(who)
             return
@@ -46,12 +49,17 @@ class FairSlots:
         entry = (who, asyncio.get_running_loop().create_future())
         self._waiters.append(entry)
         try:
-            await entry[1]
-        except BaseException:  # cancelled (the client left): give back a place handed over meanwhile
+            if deadline is None:
+                await entry[1]
+            else:
+                await asyncio.wait_for(entry[1], max(0.0, deadline - time.monotonic()))
+        except BaseException as e:  # cancelled (the client left), or waited too long: give back a place handed over meanwhile
             if entry in self._waiters:
                 self._waiters.remove(entry)
             elif entry[1].done() and not entry[1].cancelled():
                 self.release(who)
+            if isinstance(e, TimeoutError):
+                raise Overloaded() from None
             raise
 
     def release(self, who: str | None) -> None:

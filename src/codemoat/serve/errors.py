@@ -13,7 +13,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engines.base import PromptTooLong
-from ..errors import CodemoatError, RateLimited
+from ..errors import CodemoatError, Overloaded, RateLimited
 from ..protocol import infill, ollama, openai, tabby
 
 log = logging.getLogger("codemoat.serve")
@@ -56,8 +56,8 @@ def render(
     proto = protocol_of(request)
     if proto == "ollama":
         body = ollama.error(message)
-    elif proto == "infill":
-        body = infill.error(message, status, _openai_type(status))
+    elif proto == "infill":  # llama.cpp's server: a 503 is its "unavailable_error"
+        body = infill.error(message, status, "unavailable_error" if status == 503 else _openai_type(status))
     elif proto == "tabby":
         body = tabby.error(message)
     elif proto == "openai":
@@ -72,8 +72,8 @@ def render(
 
 def render_exception(request: Request, exc: Exception) -> JSONResponse:
     """Any exception as the caller's protocol error; unexpected ones are logged without request text."""
-    if isinstance(exc, RateLimited):
-        return render(request, 429, str(exc), exc.code, {"Retry-After": str(max(1, int(exc.retry_after + 0.999)))})
+    if isinstance(exc, (RateLimited, Overloaded)):  # 429 / 503, each with when to retry
+        return render(request, exc.status, str(exc), exc.code, {"Retry-After": str(max(1, int(exc.retry_after + 0.999)))})
     if isinstance(exc, CodemoatError):
         # an error with no code of its own has OpenAI's null code (its type says invalid_request_error)
         code = None if exc.code == CodemoatError.code else exc.code
