@@ -1,8 +1,8 @@
-"""Bundle format 2. An adapter's or pack's payload: the signed manifest lists the SHA-256 of every
-chunk, so verify and apply check chunks in parallel and apply writes only chunks that checked out. A
-model's payload, a sealed model, is authenticated by itself: its license (in the signed manifest)
-names its signed header, and every chunk's GCM tag is checked under the content key the license wraps
-for this machine. An attacker's view: a changed, swapped, missing or extra chunk, and a signed chunk
+"""Bundle format 2: the signed manifest lists the SHA-256 of every payload chunk, so verify and apply
+check chunks in parallel and apply writes only chunks that checked out. A model's payload, a sealed
+model, is checked by itself when its license (in the signed manifest, naming its signed header) wraps
+the content key for this machine: every chunk's GCM tag, faster than hashing; under a lease (no key
+offline) by the digests. An attacker's view: a changed, swapped, missing or extra chunk, and a signed chunk
 list that does not fit the size, are each refused in one line with nothing installed; a format-1
 bundle (one digest) still installs."""
 
@@ -25,12 +25,7 @@ def _rechunk(shop, src: Path, out: Path, chunk: int = SMALL, **payload) -> Path:
     with the vendor's own key: a genuine bundle, or a vendor bug when `payload` says otherwise."""
     b = fmt.Bundle(src)
     data = b"".join(b.pieces())
-    view = memoryview(data)
-
-    def read_at(lo, part):
-        part[:] = view[lo : lo + len(part)]
-
-    p = dict(fmt.describe_payload(b.manifest["payload"]["format"], read_at, len(data), chunk), **payload)
+    p = dict(_describe(b.manifest["payload"]["format"], data, chunk), **payload)
     return fmt.write(out, dict(b.manifest, payload=p), shop.vendor.signing_key, [data])
 
 
@@ -67,7 +62,8 @@ def test_release_signs_a_digest_per_chunk_and_apply_installs_the_same_bytes(shop
     src = tmp_path / "fee.gguf"
     m = fmt.Bundle(shop.release("2", kind="adapter", source=src)).manifest["payload"]
     assert m["chunk_size"] == fmt.CHUNK and len(m["chunks"]) == 1 and "sha256" not in m
-    assert fmt.Bundle(shop.release("1")).manifest["payload"] == {"format": "moat", "size": shop.moat.stat().st_size}
+    mp = fmt.Bundle(shop.release("1")).manifest["payload"]
+    assert mp["format"] == "moat" and mp["chunk_size"] == fmt.CHUNK and len(mp["chunks"]) == 1
     p = bundle.manifest["payload"]
     payload = b"".join(bundle.pieces())
     for i, d in enumerate(p["chunks"]):
@@ -196,7 +192,7 @@ def model_bundle(shop, tmp_path):
     doc = shop.vendor.issue_license(
         customer="acme", model=moat, machines=[shop.machine.identity()], expires=b.manifest["license"]["license"]["expires"]
     )
-    m = dict(b.manifest, license=json.loads(json.dumps(doc)), payload={"format": "moat", "size": moat.stat().st_size})
+    m = dict(b.manifest, license=json.loads(json.dumps(doc)), payload=_describe("moat", moat.read_bytes(), SMALL))
     path = fmt.write(tmp_path / "model.moatpkg", m, shop.vendor.signing_key, [moat.read_bytes()])
     from codemoat.vault.container import SealedFile
 
@@ -244,19 +240,35 @@ def test_truncated_and_extended_model_payloads_are_refused(shop, store, model_bu
         p = tmp_path / f"{name}.moatpkg"
         p.write_bytes(blob)
         _refused(store, p, lic, why)
-    # a vendor-signed size that does not fit the sealed model: cut a chunk, or add one
+    # a vendor-signed size and digest list that do not fit the sealed model: cut a chunk, or add one
     b = fmt.Bundle(path)
     for cut, why in ((SMALL + 16, "truncated"), (-(SMALL + 16), "trailing")):
-        m = dict(b.manifest, payload={"format": "moat", "size": b.manifest["payload"]["size"] - cut})
         body = data[b.payload_offset :]
         body = body[:-cut] if cut > 0 else body + body[-(SMALL + 16) :]
+        m = dict(b.manifest, payload=_describe("moat", body, SMALL))
         p = fmt.write(tmp_path / f"resigned-{cut}.moatpkg", m, shop.vendor.signing_key, [body])
         _refused(store, p, lic, why)
 
 
-def test_a_model_payload_with_digests_is_malformed(shop, store, model_bundle, tmp_path):
-    path, _, lic = model_bundle
-    b = fmt.Bundle(path)
-    m = dict(b.manifest, payload=dict(b.manifest["payload"], chunks=[]))
-    p = fmt.write(tmp_path / "digests.moatpkg", m, shop.vendor.signing_key, b.pieces())
-    _refused(store, p, lic, "'payload' is malformed")
+def test_under_a_lease_license_the_model_is_checked_by_its_signed_digests(shop, store, tmp_path):
+    """A leased model's key comes from the key server, not the license: install (offline) checks the
+    model payload's chunk digests instead of its GCM tags."""
+    lic = shop.license(mode="lease", keyserver="http://127.0.0.1:9", lease_ttl=60, grace=60)
+    good = _rechunk(shop, shop.release("1"), tmp_path / "leased.moatpkg")
+    b = fmt.Bundle(good)
+    data = bytearray(good.read_bytes())
+    data[b.payload_offset + 6 * SMALL + 1] ^= 1
+    bad = tmp_path / "leased-bad.moatpkg"
+    bad.write_bytes(bytes(data))
+    _refused(store, bad, lic, "chunk 6 of .* does not match its signed digest")
+    store.verify(good, lic)
+    assert store.apply(good, lic)["version"] == "1"
+
+
+def _describe(kind: str, data: bytes, chunk: int) -> dict:
+    view = memoryview(data)
+
+    def read_at(lo, part):
+        part[:] = view[lo : lo + len(part)]
+
+    return fmt.describe_payload(kind, read_at, len(data), chunk)

@@ -151,8 +151,6 @@ def _check_payload_fields(p: dict[str, Any], version: int) -> None:
     )
     if ok and version == 1:
         ok = isinstance(p.get("sha256"), str) and len(p["sha256"]) == 64
-    elif ok and p["format"] == "moat":  # a sealed model authenticates itself (its signed header, its license, GCM)
-        ok = set(p) == {"format", "size"}
     elif ok:
         cs, chunks = p.get("chunk_size"), p.get("chunks")
         ok = (
@@ -304,21 +302,13 @@ class Bundle:
                 left -= len(b)
                 yield b
 
-    @property
-    def self_sealed(self) -> bool:
-        """A format-2 model bundle: its payload, a sealed model, is checked by its own GCM tags (the store
-        does, with the content key its license wraps for this machine), not by digests in the manifest."""
-        return self.version >= 2 and self.manifest["payload"]["format"] == "moat"
-
     def check_payload(self) -> None:
         """Check the payload against the signed digests (read only)."""
-        if self.self_sealed:
-            raise BundleError("a sealed model payload is checked with its content key, not digests")
         self._scan()
 
     def copy_raw(self, dest: Path) -> None:
-        """Copy the payload into `dest` unchecked, in the kernel (sendfile), fsynced: for a sealed model,
-        whose copy the store then authenticates chunk by chunk (GCM)."""
+        """Copy the payload into `dest` unchecked, in the kernel (sendfile), fsynced: for a sealed model
+        whose copy the store then authenticates chunk by chunk (GCM tags, under its content key)."""
         with open(self.path, "rb") as src, open(dest, "wb") as out:
             left, at = self.manifest["payload"]["size"], self.payload_offset
             while left > 0:

@@ -192,9 +192,9 @@ def release(
                 policy=lic["match_policy"],
                 support_until=lic.get("support_until"),
             )
-            # no digests: the sealed model is authenticated by its signed header, which the license names,
-            # and its chunks' GCM tags under the content key the license wraps for the customer's machines
-            manifest.update(license=doc, keys=None, payload={"format": "moat", "size": tmp_moat.stat().st_size})
+            with open(tmp_moat, "rb") as f:
+                payload = fmt.describe_payload("moat", fmt.file_reader(f.fileno()), os.fstat(f.fileno()).st_size)
+            manifest.update(license=doc, keys=None, payload=payload)
 
             def pieces():
                 with open(tmp_moat, "rb") as f:

@@ -259,28 +259,44 @@ class UpdateStore:
                 f"{label(m)} is for base model {base['model_id']} {base['sha256'][:12]}, not the installed model {mine}"
             )
 
-    def _authenticate(self, opened: Callable[[], Any], m: dict[str, Any]) -> None:
-        """A model bundle's sealed model: its license (carried in the manifest, vendor-signed) must grant it
-        on this machine, which also checks that it names this sealed file's signed header; then every
-        chunk's GCM tag is checked under the content key it wraps (the header hash is in each chunk's
-        associated data, so a chunk moved, changed, cut or added fails). Nothing is kept of the plaintext."""
+    def _content_key(self, sealed: Any, m: dict[str, Any]) -> bytes | None:
+        """The content key of a model bundle's sealed model, when the license it carries (vendor-signed,
+        in the manifest) grants it on this machine offline (None under a lease: the key server has it).
+        The grant also checks that the license names this sealed file's signed header."""
         try:
-            sealed = opened()
-            grant = check_license(License.parse(json.dumps(m["license"]).encode()), sealed, self.machine, self.guard)
-            sealed.decrypt_to(grant.content_key, lambda lo, out: None)
+            return check_license(License.parse(json.dumps(m["license"]).encode()), sealed, self.machine, self.guard).content_key
         except VaultError as e:
             raise BundleError(f"the sealed model in the update bundle is refused: {e}") from None
+
+    def _check_model(self, bundle: Bundle, copy: Path | None = None) -> bool:
+        """Authenticate a model bundle's sealed model (the bundle's payload, or its `copy`) by itself: every
+        chunk's GCM tag under the content key its license wraps (each chunk's associated data holds the
+        signed header's hash and the chunk's index, so a chunk changed, moved, cut or added fails); nothing
+        is kept of the plaintext. False when there is no key to do it with here (a lease): then the
+        signed chunk digests are checked instead."""
+        from ..vault.container import SealedFile
+
+        if bundle.version < 2:
+            return False
+        sealed = SealedFile(copy) if copy is not None else SealedFile(bundle.path, offset=bundle.payload_offset)
+        key = self._content_key(sealed, bundle.manifest)
+        if key is None:
+            return False
+        try:
+            sealed.decrypt_to(key, lambda lo, out: None)
+        except VaultError as e:
+            raise BundleError(f"the sealed model in the update bundle is refused: {e}") from None
+        return True
 
     def verify(self, path: Path, license_file: Path | None = None) -> dict[str, Any]:
         try:
             bundle = Bundle(path)
-            if not bundle.self_sealed:
+            model = bundle.kind == "model" and bundle.version >= 2  # checked by its own GCM tags when it can be
+            if not model:
                 bundle.check_payload()  # integrity first: a damaged file says so, whatever else is wrong with it
             report = self.check(bundle, license_file)
-            if bundle.self_sealed:
-                from ..vault.container import SealedFile
-
-                self._authenticate(lambda: SealedFile(bundle.path, offset=bundle.payload_offset), bundle.manifest)
+            if model and not self._check_model(bundle):
+                bundle.check_payload()
             if bundle.kind != "model":
                 plain = open_payload(
                     bundle.read_payload(), bundle.manifest["keys"], self.machine, payload_context(bundle.manifest)
@@ -337,10 +353,11 @@ class UpdateStore:
 
             lic_doc = json.dumps(m["license"], indent=2) + "\n"
             (stage / "model.lic").write_text(lic_doc)
-            if bundle.self_sealed:  # copied in the kernel, then every chunk of the copy authenticated
-                bundle.copy_raw(stage / "model.moat")
-                self._authenticate(lambda: SealedFile(stage / "model.moat"), m)
-            else:
+            if bundle.version >= 2 and self._content_key(SealedFile(bundle.path, offset=bundle.payload_offset), m):
+                bundle.copy_raw(stage / "model.moat")  # in the kernel; then every chunk of the copy authenticated
+                if not self._check_model(bundle, stage / "model.moat"):
+                    raise BundleError("the sealed model's license no longer grants its key")
+            else:  # format 1, or a lease (no key here): each chunk checked against its signed digest as it is copied
                 bundle.copy_payload(stage / "model.moat")
                 check_license(License.parse(lic_doc.encode()), SealedFile(stage / "model.moat"), self.machine, self.guard)
         else:
