@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import socket
+import weakref
 
 import pytest
 from conftest import run_cli
@@ -47,5 +48,24 @@ def test_what_start_up_made_is_out_of_the_collectors_sight():
         tracked = {id(o) for o in gc.get_objects()}
         assert not ids & tracked
         assert {id(x) for x in later} <= tracked
+    finally:
+        gc.unfreeze()
+
+
+def test_an_engine_let_go_is_freed_with_the_heap_frozen(random_gguf):
+    """Lease loss while serving: the engine loaded before `freeze_heap` (frozen with the start-up heap,
+    and a reference cycle through its tracked stream) is freed once the holder unloads it, its weights
+    with it; frozen for good, it would have stayed in memory."""
+    from codemoat.engines.holder import ModelHolder
+    from codemoat.engines.llamacpp import LlamaCppEngine
+
+    holder = ModelHolder("tiny", loader=lambda: LlamaCppEngine.from_path(random_gguf, model_id="tiny", n_ctx=256, n_threads=1))
+    holder.load()
+    engine = weakref.ref(holder.get())
+    try:
+        freeze_heap()
+        holder.unload("lease lost")
+        gc.collect()
+        assert engine() is None
     finally:
         gc.unfreeze()

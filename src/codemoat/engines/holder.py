@@ -13,6 +13,7 @@ audit log.
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 from collections.abc import Callable
@@ -135,7 +136,7 @@ class ModelHolder:
             old, self._engine = self._engine, engine
             self.state, self.reason = "loaded", ""
         if old is not None and old is not engine:
-            old.close()
+            _close(old)
 
     def swap(
         self,
@@ -196,10 +197,18 @@ class ModelHolder:
             old, self._engine = self._engine, None
             self.state, self.reason = "unloaded", reason
         if old is not None:
-            old.close()
+            _close(old)
 
     def close(self) -> None:
         self.unload("server shutting down")
+
+
+def _close(engine: Engine) -> None:
+    """Close an engine the holder let go of, and unfreeze the heap: `serve.run.freeze_heap` froze what
+    start-up made, this engine included, and an engine is a reference cycle (`_track`'s stream refers to
+    it), which only the collector frees: frozen, its memory (in-process weights) would stay for good."""
+    engine.close()
+    gc.unfreeze()
 
 
 def _track(engine: Engine) -> None:
@@ -229,7 +238,7 @@ def _retire(old: Engine, settle_s: float, drain_s: float, done: Callable[[Engine
     while getattr(old, "in_flight", 0) > 0 and time.monotonic() < deadline:
         time.sleep(0.05)
     try:
-        old.close()
+        _close(old)
     except Exception:
         log.exception("closing the swapped-out engine failed")
     if done is not None:
