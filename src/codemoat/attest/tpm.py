@@ -303,8 +303,11 @@ class TpmAttestor:
         """The unwrap key this chip derives for `policy` (DER hex): equal to a license's only on the same chip
         ("" when this chip has no tamper latch to derive it with: another chip)."""
         latch = policy.get("latch")
-        if latch is not None and self._counter(latch["index"], create=False, what="tamper latch") is None:
-            return ""
+        if latch is not None:
+            h = self._counter(latch["index"], create=False, what="tamper latch")
+            if h is None:
+                return ""
+            self._latch_handles[latch["index"]] = h  # zgen's TPM2_PolicyNV needs it next: one NV_ReadPublic fewer
         return self._unwrap_key(policy)[1].to_der().hex()
 
     def zgen(self, policy: dict[str, Any], point: bytes) -> bytes:
