@@ -8,8 +8,9 @@
 A refusal answers `{"error": {code, message, license_id, machine_id, nonce, server_time}, "signature"}`
 with the status the key server chose, signed like a lease, so plain HTTP on loopback or behind a
 TLS terminator is safe against tampering and replay of grants and refusals alike. Bodies over
-`MAX_BODY` bytes get 413 before they are read whole, and JSON nested deeper than `MAX_DEPTH` gets
-400 before it is parsed (a lease request is one flat object).
+`MAX_BODY` bytes get 413 before they are read whole, JSON nested deeper than `MAX_DEPTH` gets
+400 before it is parsed (a lease request is one flat object), and so does a string with a lone
+surrogate escape ("\\ud800": a str that cannot be encoded, so no lookup or answer could use it).
 
 A plain ASGI app, not FastAPI: four fixed routes of raw JSON need no router, dependency injection or
 response models, and through FastAPI the framework cost as much server CPU per lease as the lease
@@ -84,9 +85,20 @@ async def _body(scope: dict, receive: Any) -> Any:
     if too_deep(raw):
         raise _Refused(LeaseDenied("bad_request", f"JSON nested deeper than {MAX_DEPTH} levels", 400))
     try:
-        return json.loads(raw)
+        body = json.loads(raw)
     except (ValueError, RecursionError):
         raise _Refused(LeaseDenied("bad_request", "body is not JSON", 400)) from None
+    if b"\\u" in raw and _lone_surrogate(body):  # "\ud800" parses to a str no UTF-8 encoder takes
+        raise _Refused(LeaseDenied("bad_request", "body has a lone UTF-16 surrogate escape (not text)", 400))
+    return body
+
+
+def _lone_surrogate(body: Any) -> bool:
+    try:
+        json.dumps(body, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 async def _send(send: Any, status: int, content: Any, *extra: tuple[bytes, bytes]) -> None:
