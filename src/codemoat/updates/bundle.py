@@ -306,9 +306,11 @@ class Bundle:
         """Check the payload against the signed digests (read only)."""
         self._scan()
 
-    def copy_raw(self, dest: Path) -> None:
+    def copy_raw(self, dest: Path, meanwhile: Callable[[], Any] | None = None) -> None:
         """Copy the payload into `dest` unchecked, in the kernel (sendfile), fsynced: for a sealed model
-        whose copy the store then authenticates chunk by chunk (GCM tags, under its content key)."""
+        whose copy the store then authenticates chunk by chunk (GCM tags, under its content key). The
+        copy's pages are in the page cache before they are on disk: `meanwhile()` (that check) runs
+        while the fsync does, and a failure of either is raised once both are done."""
         with open(self.path, "rb") as src, open(dest, "wb") as out:
             left, at = self.manifest["payload"]["size"], self.payload_offset
             while left > 0:
@@ -316,7 +318,15 @@ class Bundle:
                 if not n:
                     raise BundleError("update bundle payload is truncated")
                 left, at = left - n, at + n
-            os.fsync(out.fileno())
+            if meanwhile is None:
+                os.fsync(out.fileno())
+                return
+            with ThreadPoolExecutor(1, thread_name_prefix="codemoat-fsync") as pool:
+                synced = pool.submit(os.fsync, out.fileno())
+                try:
+                    meanwhile()
+                finally:
+                    synced.result()
 
     def copy_payload(self, dest: Path) -> None:
         """Copy the payload into `dest` (fsynced), checking it on the way: one read of the bundle. Each

@@ -354,9 +354,12 @@ class UpdateStore:
             lic_doc = json.dumps(m["license"], indent=2) + "\n"
             (stage / "model.lic").write_text(lic_doc)
             if bundle.version >= 2 and self._content_key(SealedFile(bundle.path, offset=bundle.payload_offset), m):
-                bundle.copy_raw(stage / "model.moat")  # in the kernel; then every chunk of the copy authenticated
-                if not self._check_model(bundle, stage / "model.moat"):
-                    raise BundleError("the sealed model's license no longer grants its key")
+
+                def check_copy() -> None:  # every chunk of the copy authenticated, while it is fsynced
+                    if not self._check_model(bundle, stage / "model.moat"):
+                        raise BundleError("the sealed model's license no longer grants its key")
+
+                bundle.copy_raw(stage / "model.moat", meanwhile=check_copy)  # copied in the kernel
             else:  # format 1, or a lease (no key here): each chunk checked against its signed digest as it is copied
                 bundle.copy_payload(stage / "model.moat")
                 check_license(License.parse(lic_doc.encode()), SealedFile(stage / "model.moat"), self.machine, self.guard)
