@@ -146,8 +146,7 @@ def main() -> None:
         "# codemoat serve: CPU per request, before vs after (bench/serve_cpu.py)",
         "",
         f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Command: "
-        f"`flock /tmp/s6/bench.lock timeout 300 .venv/bin/python bench/serve_cpu.py --before {args.before} "
-        f"--before-rev {args.before_rev}` "
+        f"`.venv/bin/python bench/serve_cpu.py {' '.join(sys.argv[1:])}` (under the shared bench lock) "
         f"(before = `git archive` of {args.before_rev}; after = the working tree). Model: "
         f"models/codemoat-tiny.gguf, llama.cpp engine, {args.threads} thread(s), 4-token greedy completions, "
         f"{args.requests} requests per scenario and round, {args.rounds} rounds (medians), the servers' order "
