@@ -312,7 +312,7 @@ class UpdateStore:
             bundle_id=bundle.bundle_id,
             kind=bundle.kind,
             name=bundle.name,
-            version=bundle.version,
+            version=bundle.manifest["version"],  # not bundle.version: the format number
         )
         return report
 
