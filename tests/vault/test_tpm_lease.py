@@ -121,7 +121,7 @@ def test_each_bad_quote_is_refused_and_releases_nothing(vendor, model, tmp_path,
         )
     refused(_ks_request(ks, client), "tpm_rollback")
     assert [x["code"] for x in _refusals(vendor)] == ["stale_quote", "bad_quote", "unknown_ak", "bad_quote", "tpm_rollback"]
-    assert {"pcr_mismatch", "unknown_ak"} <= set(TERMINAL)
+    assert "pcr_mismatch" in TERMINAL and "unknown_ak" not in TERMINAL  # a proxy can name any AK (test_tpm_lease_proxy)
 
 
 def test_tamper_ends_the_lease_and_reprovision_brings_it_back(vendor, model, tmp_path, swtpm, keyserver):

@@ -114,9 +114,11 @@ class LeaseDenied(VaultError):
         self.code, self.status = code, status
 
 
-# pcr_mismatch and tampered (a tamper event, before or after a reboot) and unknown_ak (another chip) end
-# serving at once, like a revocation.
-TERMINAL = ("revoked", "expired", "unknown_license", "wrong_machine", "not_yet_valid", "pcr_mismatch", "tampered", "unknown_ak")
+# pcr_mismatch and tampered (a tamper event, before or after a reboot) end serving at once, like a
+# revocation: only the registered AK's signature shows them. unknown_ak does not: the quote is outside the
+# machine's signature, so a proxy could name any AK in a genuine request and get this refusal signed for
+# it (a copied home on another chip gains nothing: its keys are wrapped to the registered chip).
+TERMINAL = ("revoked", "expired", "unknown_license", "wrong_machine", "not_yet_valid", "pcr_mismatch", "tampered")
 
 
 def request_message(req: dict[str, Any]) -> bytes:
