@@ -134,6 +134,10 @@ def quote_data(req: dict[str, Any]) -> bytes:
     return hashlib.sha256(QUOTE_DOMAIN + b"\x00" + request_message(req)).digest()
 
 
+def _bad_nonce() -> LeaseDenied:
+    return LeaseDenied("bad_nonce", "nonce is unknown, spent or expired: ask for a new challenge", 401)
+
+
 def _short(v: Any) -> str | None:
     return v if isinstance(v, str) and 0 < len(v) <= MAX_ID else None
 
@@ -184,7 +188,7 @@ class KeyServer:
     def _spend_nonce(self, c: sa.Connection, nonce: str, license_id: str) -> None:
         """Spend `nonce` in the caller's transaction (atomic across processes), else `bad_nonce`."""
         if not self.nonces.spend_on(c, nonce, license_id):
-            raise LeaseDenied("bad_nonce", "nonce is unknown, spent or expired: ask for a new challenge", 401)
+            raise _bad_nonce()
 
     # -- license facts ------------------------------------------------------
     def _licensed(self, license_id: str) -> _Licensed:
@@ -253,8 +257,7 @@ class KeyServer:
             try:
                 verify_snp(self.vendor.root, entry["snp"], req.get("snp"), quote_data(req))
             except SnpLeaseRefused as e:
-                self._record_refusal(lid, mid, e.code, str(e))
-                raise LeaseDenied(e.code, str(e)) from None
+                raise self._attest_refused(req, e.code, str(e)) from None
         now = self.clock.time()
         # One transaction spends the nonce (its first write: the write lock before any read), reads the
         # license's state, takes the seat and issues the next nonce, so a revocation or another
@@ -319,9 +322,19 @@ class KeyServer:
                 if attempt == 0 and e.code in ("pcr_mismatch", "tampered", "unknown_ak"):
                     self._docs.pop(lid, None)  # the vendor may have reprovisioned since this was cached
                     continue
-                self._record_refusal(lid, mid, e.code, str(e))
-                raise LeaseDenied(e.code, str(e)) from None
+                raise self._attest_refused(req, e.code, str(e)) from None
         return entry, info
+
+    def _attest_refused(self, req: dict[str, Any], code: str, message: str) -> LeaseDenied:
+        """The refusal of a request whose quote or report did not hold, recorded vendor-side once per nonce:
+        the nonce is spent with it, so the same signed request replayed (its quote edited: the quote is
+        outside the machine's signature) is `bad_nonce`, not recorded again."""
+        with self.vendor.engine.begin() as c:
+            live = self.nonces.spend_on(c, req["nonce"], req["license_id"])
+        if not live:
+            return _bad_nonce()
+        self._record_refusal(req["license_id"], req["machine_id"], code, message)
+        return LeaseDenied(code, message)
 
     def _tpm_floor(self, c: sa.Connection, lid: str, mid: str, ak: str, info: Any) -> None:
         """Refuse a TPM whose (resetCount, clock) is below the highest seen for its AK. The floor is the
