@@ -51,8 +51,9 @@ class FairSlots:
         try:
             if deadline is None:
                 await entry[1]
-            else:
-                await asyncio.wait_for(entry[1], max(0.0, deadline - time.monotonic()))
+            else:  # not wait_for: on 3.11 it swallows a hang-up that comes with the place (the place stayed taken)
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                    await entry[1]
         except BaseException as e:  # cancelled (the client left), or waited too long: give back a place handed over meanwhile
             if entry in self._waiters:
                 self._waiters.remove(entry)
