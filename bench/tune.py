@@ -42,7 +42,7 @@ def main() -> None:
     ap.add_argument(
         "--max-forgetting",
         type=float,
-        default=0.01,
+        default=0.015,
         help="the kept state is at most this much worse on the forgetting-validation modules (negative: no limit)",
     )
     ap.add_argument("--parallel", type=int, default=4, help="the serving part's batch slots (model.parallel)")
