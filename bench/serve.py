@@ -18,6 +18,11 @@ with the same final prompt size). Models: the bundled one, a ~100M-parameter ran
 
     .venv/bin/python bench/serve.py --build                  # once: builds llama-server (~30-60 min on 2 loaded cores)
     .venv/bin/python bench/serve.py --models bundled,random100m,gemma
+    .venv/bin/python bench/serve.py --models bundled --quick --servers codemoat,codemoat-1,llama-server,llama-server-1,llama_cpp.server \
+        --baseline /tmp/base/src       # + llama-server -np 1, and codemoat from another checkout (git archive HEAD src)
+
+The results file keeps what this script does not write: each run replaces only its models' `### <model>:`
+sections (each says its command, time and load), and the text, targets and notes around them stay.
 """
 
 from __future__ import annotations
@@ -47,6 +52,15 @@ FILE = "".join(
     for i in range(40)
 )
 SERVERS = ("codemoat", "codemoat-1", "llama-server", "llama_cpp.server")
+ONE_SLOT = "llama-server-1"  # --servers ...,llama-server-1: llama-server -np 1 (no batching)
+BASE = "codemoat-base"  # --baseline: codemoat (batched) from another checkout's src/, beside this one
+
+
+def commit() -> str:
+    """This checkout's commit (with "+changes" when the work tree differs from it)."""
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "src"], cwd=ROOT).returncode != 0
+    return head + (" + uncommitted changes in src/" if dirty else "") if head else "unknown"
 
 
 def free_port() -> int:
@@ -212,6 +226,11 @@ class Servers:
                 + ["-t", t, "-tb", t, "-fa", "off", "--api-key", token, "--host", "127.0.0.1", "--no-webui"],
                 dict(env, LD_LIBRARY_PATH=str(VENV_LIB)),  # the engine's own libllama and ggml
             ),
+            "llama-server-1": (  # one slot: what batching gains on llama.cpp's own server, on this machine
+                [str(LLAMA_SERVER), "-m", str(model), "-a", "m", "-c", str(ctx), "-np", "1"]
+                + ["-t", t, "-tb", t, "-fa", "off", "--api-key", token, "--host", "127.0.0.1", "--no-webui"],
+                dict(env, LD_LIBRARY_PATH=str(VENV_LIB)),
+            ),
             "llama_cpp.server": (
                 [py, "-m", "llama_cpp.server", "--model", str(model), "--model_alias", "m", "--n_ctx", str(ctx)]
                 + ["--n_threads", t, "--n_threads_batch", t, "--api_key", token],
@@ -220,7 +239,7 @@ class Servers:
         }
         cmds.update({name: (cm, dict(cm_env, **extra)) for name, extra in (variants or {}).items()})
         for name in args.servers:
-            if name == "llama-server" and not LLAMA_SERVER.is_file():
+            if name.startswith("llama-server") and not LLAMA_SERVER.is_file():
                 print("llama-server is not built (bench/serve.py --build): its column is left out", file=sys.stderr)
                 continue
             cmd, e = cmds[name]
@@ -239,8 +258,12 @@ class Servers:
             )
             self.urls[name] = f"http://127.0.0.1:{port}"
             self.headers[name] = {"Authorization": f"Bearer {key}"}
-        for name, p in self.procs.items():
-            self._wait(name, p)
+        try:
+            for name, p in self.procs.items():
+                self._wait(name, p)
+        except BaseException:  # one did not start: stop the others (they outlived the bench before)
+            self.stop()
+            raise
 
     def _wait(self, name: str, proc: subprocess.Popen) -> None:
         for _ in range(3000):
@@ -473,7 +496,8 @@ def metric(key: str, r: dict) -> tuple[float, bool]:
 
 def bench_model(name: str, args: argparse.Namespace, token: str, env: dict) -> str:
     model = model_path(name)
-    servers = Servers(model, args, token, env)
+    variants = {BASE: {"PYTHONPATH": args.baseline, "CODEMOAT_MODEL__PARALLEL": str(args.parallel)}} if args.baseline else None
+    servers = Servers(model, args, token, env, variants)
     res: dict[str, dict[str, dict]] = {s: {} for s in servers.procs}
     try:
         for s, u in servers.urls.items():  # warm-up: load pages, caches, first-call costs
@@ -510,20 +534,40 @@ def ratio(res: dict, key: str, a: str, b: str) -> str:
 
 
 def table(name: str, model: Path, res: dict, args: argparse.Namespace) -> str:
-    cols = [s for s in SERVERS if s in res]
-    head = (
-        "| scenario | " + " | ".join(cols) + " | codemoat / llama-server | codemoat / codemoat-1 | codemoat / llama_cpp.server |"
-    )
-    lines = [head, "|" + " --- |" * (len(cols) + 4)]
+    cols = [s for s in (*SERVERS, ONE_SLOT, BASE) if s in res]
+    pairs = [
+        ("codemoat", b) for b in ["llama-server", "codemoat-1", "llama_cpp.server"] + [s for s in (ONE_SLOT, BASE) if s in res]
+    ]
+    if ONE_SLOT in res:  # what batching gains on the reference itself
+        pairs.append(("llama-server", ONE_SLOT))
+    head = "| scenario | " + " | ".join(cols) + " | " + " | ".join(f"{a} / {b}" for a, b in pairs) + " |"
+    lines = [head, "|" + " --- |" * (len(cols) + len(pairs) + 1)]
     for key, label, _ in scenarios(args.quick):
-        cells = [fmt(key, res[s].get(key)) for s in cols]
-        lines.append(
-            f"| {label} | "
-            + " | ".join(cells)
-            + f" | {ratio(res, key, 'codemoat', 'llama-server')} | {ratio(res, key, 'codemoat', 'codemoat-1')} | {ratio(res, key, 'codemoat', 'llama_cpp.server')} |"
-        )
+        cells = [fmt(key, res[s].get(key)) for s in cols] + [ratio(res, key, a, b) for a, b in pairs]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     size = model.stat().st_size / 1e6
     return f"### {name}: `{model.name}` ({size:.1f} MB)\n\n" + "\n".join(lines) + "\n"
+
+
+def merge(old: str, parts: dict[str, str], header: str) -> str:
+    """`old` (the results file) with the `### <model>:` section of each model run here replaced, or added
+    after the last model section; every other section (targets, notes, other benches' sections) and the
+    text before the first model section stay as they were. No file yet: `header`, then the sections."""
+    if not old.strip():
+        return header + "\n" + "\n".join(parts.values())
+    lines = old.splitlines(keepends=True)
+    heads = [i for i, x in enumerate(lines) if x.startswith("## ") or x.startswith("### ")]
+    sections: list[tuple[str | None, str]] = [(None, "".join(lines[: heads[0] if heads else len(lines)]))]
+    for a, b in zip(heads, heads[1:] + [len(lines)]):
+        head = lines[a]
+        name = head[4:].split(":", 1)[0].strip() if head.startswith("### ") and ":" in head else None
+        sections.append((name, "".join(lines[a:b])))
+    todo = dict(parts)
+    out = [parts[n].rstrip("\n") + "\n\n" if n in parts and todo.pop(n, None) else text for n, text in sections]
+    if todo:  # new models: after the last model section (else at the end)
+        last = max((i for i, (n, _) in enumerate(sections) if n is not None), default=len(sections) - 1)
+        out[last + 1 : last + 1] = [t.rstrip("\n") + "\n\n" for t in todo.values()]
+    return "".join(out)
 
 
 def main() -> None:
@@ -537,23 +581,35 @@ def main() -> None:
     ap.add_argument("--n-ctx", type=int, default=2048, help="context per slot")
     ap.add_argument("--quick", action="store_true", help="fewer requests per scenario and no 32×128 row (larger models)")
     ap.add_argument("--build", action="store_true", help="build llama-server first (once; cached)")
+    ap.add_argument(
+        "--baseline",
+        help="src/ folder of another codemoat checkout (e.g. `git archive HEAD src | tar -x -C /tmp/base`): "
+        f"run as the {BASE} column (batched, same settings) to measure a change side by side",
+    )
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve.md"))
     args = ap.parse_args()
-    args.servers = [s for s in args.servers.split(",") if s]
+    args.servers = [s for s in args.servers.split(",") if s] + ([BASE] if args.baseline else [])
     if args.build:
         build_llama_server()
     env = dict(os.environ)
     token = "bench-" + os.urandom(12).hex()  # the references' API key
-    load_before = os.getloadavg()
-    t0 = time.time()
-    parts = [bench_model(m, args, token, env) for m in args.models.split(",") if m]
-    load_after = os.getloadavg()
     cmd = " ".join(["bench/serve.py", *sys.argv[1:]])
-    md = f"""# Serving under load: codemoat vs llama.cpp's `llama-server`
+    parts = {}
+    for m in [m for m in args.models.split(",") if m]:
+        load_before, t0 = open("/proc/loadavg").read().split()[:3], time.time()
+        table_md = bench_model(m, args, token, env)
+        load_after = open("/proc/loadavg").read().split()[:3]
+        head, _, rest = table_md.partition("\n\n")
+        parts[m] = (
+            f"{head}\n\nMeasured by `.venv/bin/python {cmd}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(t0))}, "
+            f"{time.time() - t0:.0f} s, {os.cpu_count()} CPU cores shared with other work, load average (1/5/15 min) "
+            f"{' '.join(load_before)} before, {' '.join(load_after)} after; {args.threads} thread(s) per server, "
+            f"codemoat at commit {commit()}.\n\n{rest}"
+        )
+    header = f"""# Serving under load: codemoat vs llama.cpp's `llama-server`
 
-Measured by `.venv/bin/python {cmd}` on {time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t0))}, {time.time() - t0:.0f} s,
-on {os.cpu_count()} CPU cores shared with other work: load average {load_before[0]:.1f} at the start, {load_after[0]:.1f} at
-the end (so absolute numbers are noisy; the servers take turns per scenario, and ratios are the result).
+Measured by `bench/serve.py` (each model's section says when, with what load): servers take turns per
+scenario, and ratios are the result.
 Every server: the same GGUF, {args.threads} threads, {args.n_ctx} tokens of context per slot; codemoat with
 model.parallel = {args.parallel} (batched, the default engine) and = 1 (one request at a time); `llama-server -np
 {args.parallel} -cb -fa off` built from the llama.cpp that llama-cpp-python 0.3.36 vendors (same commit as the engine);
@@ -567,11 +623,11 @@ but hardly the CPU time a server needs for the same tokens. The /infill row send
 the server must trim to its slot, then an /infill that already fits with a prompt of the same final
 size (cut by the model's tokenizer), each new text: time to first token of both, and their ratio.
 
-{chr(10).join(parts)}
 """
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(md)
-    print(md)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(merge(out.read_text() if out.is_file() else "", parts, header))
+    print("\n".join(parts.values()))
 
 
 if __name__ == "__main__":
