@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("--repos", default="rich,httpx")
     ap.add_argument("--model", default=str(ROOT / "models" / "codemoat-tiny.gguf"))
     ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--eval-tokens", type=int, default=6000)
     ap.add_argument("--completions", type=int, default=8)

@@ -27,7 +27,7 @@ def tune_command(
     minutes: Minutes = 10.0,
     steps: Annotated[int | None, typer.Option("--steps", help="Train exactly this many steps instead of a time budget.")] = None,
     rank: Annotated[int, typer.Option("--rank", help="LoRA rank.")] = 16,
-    lr: Lr = 2e-3,
+    lr: Lr = 1e-3,
     device: Device = "cpu",
     seed: Annotated[int, typer.Option("--seed", help="Seed for the split, the data order and the LoRA initialisation.")] = 0,
     threads: Annotated[int | None, typer.Option("--threads", help="CPU threads for torch.")] = None,

@@ -37,7 +37,7 @@ class TuneOptions:
     steps: int | None = None
     rank: int = 16
     alpha: float | None = None
-    lr: float = 2e-3
+    lr: float = 1e-3
     batch_size: int = 4
     n_ctx: int = 512
     device: str = "cpu"
