@@ -42,6 +42,8 @@ def _edits(quote: dict) -> dict[str, dict]:
         "ak replaced": dict(quote, ak="30" + "ab" * 40),
         "ak dropped": {k: v for k, v in quote.items() if k != "ak"},
         "attest cut": dict(quote, attest=quote["attest"][:40]),
+        "attest not base64": dict(quote, attest="*not base64*"),
+        "signature not base64": dict(quote, r="%%", s="%%"),
         "latch dropped": {k: v for k, v in quote.items() if k != "latch"},
         "latch as the quote": dict(quote, latch={k: quote[k] for k in ("attest", "r", "s")}),
         "not an object": "quote",

@@ -175,8 +175,11 @@ def verify_quote(tpm: dict[str, Any], quote: Any, expected_data: bytes) -> Quote
         raise QuoteRefused("bad_quote", "request carries no TPM quote (this license is bound to a TPM)")
     if quote["ak"] != tpm.get("ak"):
         raise QuoteRefused("unknown_ak", "quote is signed by an attestation key not registered for this license")
-    attest = b64d(quote["attest"], "quote")
-    r, s = b64d(quote["r"], "quote signature r"), b64d(quote["s"], "quote signature s")
+    try:  # a proxy may edit the quote (it is the TPM's, not under the machine's signature): a signed refusal, not a 500
+        attest = b64d(quote["attest"], "quote")
+        r, s = b64d(quote["r"], "quote signature r"), b64d(quote["s"], "quote signature s")
+    except VaultError as e:
+        raise QuoteRefused("bad_quote", str(e)) from None
     _verify_signature(tpm["ak"], attest, r, s, "quote")
     info = parse_quote(attest)
     if info.extra_data != expected_data:
