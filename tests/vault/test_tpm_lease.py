@@ -165,3 +165,28 @@ def test_a_tpm_gone_mid_lease_is_a_failed_renewal_and_the_keeper_lets_go(vendor,
     keeper.tick()
     assert keeper.state == "lost" and lost  # no chip, no model after TTL + grace
     client.close()
+
+
+def test_a_machine_removed_while_its_license_is_cached_gets_a_signed_refusal(
+    vendor, model, tmp_path, swtpm, keyserver, monkeypatch
+):
+    """A quote that fails against the cached license makes the server re-read it; if the vendor has
+    taken the machine off the license meanwhile, the answer is a signed `wrong_machine`, not a 500."""
+    from codemoat.vault import keyserver as ks_mod
+    from codemoat.vault.vendor import licenses_t
+
+    monkeypatch.setattr(ks_mod, "DOC_TTL", 3600.0)  # the first lookup must hit the cache, however slow the run
+    machine = _tpm_machine(swtpm, vendor)
+    lic, _ = _lease_license(vendor, model, tmp_path, machine, keyserver.url)
+    client = LeaseClient(lic, machine)
+    client.acquire()  # the key server now holds the license document
+    doc = json.loads(vendor.license_row(lic.id).document)
+    doc["license"]["machines"] = [m for m in doc["license"]["machines"] if m["id"] != machine.id]
+    with vendor.engine.begin() as c:
+        c.execute(licenses_t.update().where(licenses_t.c.id == lic.id).values(document=json.dumps(doc)))
+    with TpmAttestor(swtpm.tcti) as a:  # the quote no longer matches the cached policy: the server re-reads
+        a.extend(TAMPER_PCR, b"codemoat-tamper-v1\x00chassis opened")
+    with pytest.raises(LeaseDenied) as e:  # LeaseDenied only from a refusal under the key server's signature
+        client.acquire()
+    assert e.value.code == "wrong_machine" and e.value.code in TERMINAL, str(e.value)
+    client.close()

@@ -138,6 +138,10 @@ def _bad_nonce() -> LeaseDenied:
     return LeaseDenied("bad_nonce", "nonce is unknown, spent or expired: ask for a new challenge", 401)
 
 
+def _wrong_machine(lid: str, mid: str) -> LeaseDenied:
+    return LeaseDenied("wrong_machine", f"license {lid} does not name machine {mid}")
+
+
 def _short(v: Any) -> str | None:
     return v if isinstance(v, str) and 0 < len(v) <= MAX_ID else None
 
@@ -238,7 +242,7 @@ class KeyServer:
         lic = self._licensed(lid)
         entry = lic.machines.get(mid)
         if entry is None:
-            raise LeaseDenied("wrong_machine", f"license {lid} does not name machine {mid}")
+            raise _wrong_machine(lid, mid)
         try:
             verify(
                 self._machine_key(entry["ed25519"]),
@@ -314,7 +318,9 @@ class KeyServer:
     def _attested(self, lid: str, mid: str, req: dict[str, Any]) -> tuple[dict[str, Any], Any]:
         """The machine entry and the quote's facts, once the quote holds; else a refusal, recorded vendor-side."""
         for attempt in (0, 1):
-            entry = self._licensed(lid).machines[mid]
+            entry = self._licensed(lid).machines.get(mid)
+            if entry is None:  # the vendor took the machine off the license since the first lookup
+                raise _wrong_machine(lid, mid)
             try:
                 info = verify_quote(entry["tpm"], req.get("quote"), quote_data(req))
                 break
@@ -432,7 +438,7 @@ class KeyServer:
         lid, mid = req["license_id"], req["machine_id"]
         entry = self._licensed(lid).machines.get(mid)
         if entry is None:
-            raise LeaseDenied("wrong_machine", f"license {lid} does not name machine {mid}")
+            raise _wrong_machine(lid, mid)
         try:
             verify(
                 ed_public(entry["ed25519"], "machine key"),
