@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated
 
@@ -10,6 +11,21 @@ import typer
 from .apps import app
 from .common import JsonFlag, console, emit
 from .training import Device, Lr, Minutes, check_budget, run_with_progress
+
+
+def _forgetting_limit(value: str | float | None) -> float | None:
+    """`--max-forgetting`: a fraction from 0 to 1, or `off` for no limit."""
+    if value is None or isinstance(value, float):
+        return value
+    if value.strip().lower() in ("off", "none"):
+        return None
+    try:
+        f = float(value)
+    except ValueError:
+        f = math.nan
+    if not 0.0 <= f <= 1.0:  # NaN fails this too
+        raise typer.BadParameter(f"must be a fraction from 0 to 1 (e.g. 0.015) or off, got {value!r}")
+    return f
 
 
 @app.command("tune")
@@ -33,6 +49,26 @@ def tune_command(
     threads: Annotated[int | None, typer.Option("--threads", help="CPU threads for torch.")] = None,
     eval_tokens: Annotated[int, typer.Option("--eval-tokens", help="Held-out tokens scored before and after.")] = 20_000,
     infill_lines: Annotated[int, typer.Option("--infill-lines", help="Held-out lines completed before and after.")] = 30,
+    replay: Annotated[
+        float,
+        typer.Option(
+            "--replay",
+            min=0.0,
+            max=0.75,
+            help="Share of each batch's 4 rows taken from public CPython modules the base knows, against "
+            "forgetting (0 to 0.75, rounded to quarters; 0: none).",
+        ),
+    ] = 0.5,
+    max_forgetting: Annotated[
+        float | None,
+        typer.Option(
+            "--max-forgetting",
+            parser=_forgetting_limit,
+            metavar="FRACTION|off",
+            help="Keep only states at most this much worse than the base on unseen CPython modules "
+            "(0 to 1, e.g. 0.015 = 1.5 %; off: no limit).",
+        ),
+    ] = 0.015,
     as_json: JsonFlag = False,
 ) -> None:
     """Fine-tune the served model on the named repositories' indexed code; write a sealed LoRA adapter."""
@@ -61,6 +97,8 @@ def tune_command(
         eval_tokens=eval_tokens,
         infill_lines=infill_lines,
         license=lic,
+        replay=replay,
+        max_forgetting=max_forgetting,
     )
     result = run_with_progress(tune, opts, quiet=as_json, verb="tune", stage_info=_stage_info, step_info=_step_info)
     data = {"adapter": str(result.out), **result.meta}
