@@ -39,3 +39,15 @@ def test_a_surrogate_pair_is_still_plain_json(vendor, keyserver):
     body = '{"license_id": "lic\\ud83d\\ude00", "client_nonce": "n"}'
     r = httpx.post(keyserver.url + "/v1/lease/challenge", content=body.encode(), headers={"content-type": "application/json"})
     assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_license"
+
+
+@pytest.mark.parametrize("path", ["/v1/lease/challenge", "/v1/lease", "/v1/lease/release"])
+def test_raw_surrogate_bytes_are_a_signed_400_not_a_500(vendor, keyserver, path):
+    """No escape at all: Python's json decodes bytes with 'surrogatepass', so the UTF-8-like bytes of a
+    surrogate (ED A0 80) parse to the same unencodable str; the check must not rely on seeing "\\u"."""
+    body = (LEASE % ('"lic\xed\xa0\x80"', "")).encode("latin-1")
+    r = httpx.post(keyserver.url + path, content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400, (r.status_code, r.text[:200])
+    err = r.json()["error"]
+    assert err["code"] == "bad_request" and "surrogate" in err["message"]
+    verify(ed_public(vendor.keyserver_key_b64, "k"), b64d(r.json()["signature"]), REFUSAL_DOMAIN, canonical(err), "r")

@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import Request
 
 from ..errors import CodemoatError
+from .jsontext import SURROGATE_MESSAGE, lone_surrogate
 from .usage import Usage, usage_of
 
 
@@ -39,31 +40,9 @@ class NotText(CodemoatError):
 
 
 def check_text(doc: Any) -> None:
-    """Refuse strings that are not Unicode text: JSON lets `"\\ud800"` (and Python's decoder raw
-    surrogate bytes) through as a lone UTF-16 surrogate, which no tokenizer, database or log can
-    encode. Every key and string value, iteratively (bodies nest as deep as the decoder allows)."""
-    todo = [doc]
-    while todo:
-        d = todo.pop()
-        if isinstance(d, str):
-            texts = (d,)
-        elif isinstance(d, dict):
-            texts = d.keys()
-            todo.extend(d.values())
-        elif isinstance(d, list):
-            todo.extend(d)
-            continue
-        else:
-            continue
-        for t in texts:
-            try:
-                t.encode("utf-8")
-            except UnicodeEncodeError:
-                raise NotText(
-                    "request body is not valid JSON text: a string holds a lone UTF-16 surrogate "
-                    "(such as \\ud800), which is not a Unicode character",
-                    doc,
-                ) from None
+    """Refuse a body holding a string or key that is not Unicode text (`jsontext.lone_surrogate`)."""
+    if lone_surrogate(doc):
+        raise NotText(SURROGATE_MESSAGE, doc)
 
 
 def issue_completion_id(request: Request, path: str | None = None) -> str:

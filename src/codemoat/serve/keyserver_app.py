@@ -10,7 +10,8 @@ with the status the key server chose, signed like a lease, so plain HTTP on loop
 TLS terminator is safe against tampering and replay of grants and refusals alike. Bodies over
 `MAX_BODY` bytes get 413 before they are read whole, JSON nested deeper than `MAX_DEPTH` gets
 400 before it is parsed (a lease request is one flat object), and so does a string with a lone
-surrogate escape ("\\ud800": a str that cannot be encoded, so no lookup or answer could use it).
+surrogate ("\\ud800" or its raw bytes: a str that cannot be encoded, so no lookup or answer could
+use it; the check is `serve.jsontext`, shared with the FastAPI routers).
 
 A plain ASGI app, not FastAPI: four fixed routes of raw JSON need no router, dependency injection or
 response models, and through FastAPI the framework cost as much server CPU per lease as the lease
@@ -27,6 +28,7 @@ from typing import Any
 from ..vault.clock import Clock
 from ..vault.keyserver import KeyServer, LeaseDenied
 from ..vault.vendor import Vendor
+from .jsontext import SURROGATE_MESSAGE, lone_surrogate
 
 MAX_BODY = 16 * 1024  # a lease request is about 400 bytes
 MAX_DEPTH = 8
@@ -88,17 +90,9 @@ async def _body(scope: dict, receive: Any) -> Any:
         body = json.loads(raw)
     except (ValueError, RecursionError):
         raise _Refused(LeaseDenied("bad_request", "body is not JSON", 400)) from None
-    if b"\\u" in raw and _lone_surrogate(body):  # "\ud800" parses to a str no UTF-8 encoder takes
-        raise _Refused(LeaseDenied("bad_request", "body has a lone UTF-16 surrogate escape (not text)", 400))
+    if lone_surrogate(body):  # "\ud800", or its raw bytes: a str no UTF-8 encoder takes
+        raise _Refused(LeaseDenied("bad_request", SURROGATE_MESSAGE, 400))
     return body
-
-
-def _lone_surrogate(body: Any) -> bool:
-    try:
-        json.dumps(body, ensure_ascii=False).encode()
-    except UnicodeEncodeError:
-        return True
-    return False
 
 
 async def _send(send: Any, status: int, content: Any, *extra: tuple[bytes, bytes]) -> None:
