@@ -2,6 +2,7 @@
 # 80 — the vendor sells a service: signed offline update bundles (a model v2 and a knowledge pack),
 # gated by the support contract; a bundle released after support ended is refused until a renewed
 # license unlocks it; a downgrade is refused; a vendor adapter for one team is applied and swapped in;
+# a serve of the installed model (`--model update:model`) follows apply and rollback without a restart;
 # every step is in the audit log.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
@@ -78,7 +79,8 @@ import sys
 from pathlib import Path
 sys.path.insert(0, f"{sys.argv[3]}/tests")
 from tune.loras import random_lora_gguf  # what the vendor would train: a LoRA GGUF for this base
-Path(sys.argv[2]).write_bytes(random_lora_gguf(Path(sys.argv[1])))
+# rank 16, tune's default: release fingerprints the lora_a matrices, which need >= 1024 weights each
+Path(sys.argv[2]).write_bytes(random_lora_gguf(Path(sys.argv[1]), rank=16, scale=0.2))
 PYEOF
 $CODEMOAT vendor release --vendor "$V" --customer ACME --adapter "$U/fee.gguf" --name fee --version 1 --out "$U/fee-1.moatpkg"
 $CODEMOAT update apply "$U/fee-1.moatpkg" --groups fee-team
@@ -98,6 +100,31 @@ for who, tok in (("fee-team user (base + adapter)", fee), ("anyone else (the bas
 PYEOF
 $CODEMOAT update list
 kill $SERVE 2>/dev/null || true
+wait $SERVE 2>/dev/null || true
+
+say "customer: serve the installed model itself (serve --model update:model: the bundle's own license, no --license)"
+# the model version a serve runs: its /health license id, found among the installed model bundles' licenses
+served() {
+  $CODEMOAT update list --json | "$PY" -c "
+import json, sys, httpx
+rows = [r for r in json.load(sys.stdin) if r['channel'] == 'model']
+lic = httpx.get(f'http://127.0.0.1:{sys.argv[1]}/health', headers={'Authorization': f'Bearer {sys.argv[2]}'}).json()['license']['license_id']
+print(next((r['version'] for r in rows if json.load(open(r['license']))['license']['id'] == lic), '?'))" "$PORT" "$ADMIN_T"
+}
+$CODEMOAT vendor release --vendor "$V" --customer ACME --model "$MODEL" --version 3 --notes "v3" --no-fingerprint \
+  --out "$U/model-v3.moatpkg" >/dev/null
+PORT=$(free_port)
+$CODEMOAT serve --model update:model --host 127.0.0.1 --port "$PORT" >"$U/serve-installed.log" 2>&1 &
+SERVE=$!
+wait_healthy "$PORT" 120
+echo "   serving model version $(served) (installed by update apply)"
+$CODEMOAT update apply "$U/model-v3.moatpkg"
+echo "   serving model version $(served)"
+say "customer: v3 disappoints; update rollback goes back to v2 and hands it to the running serve (no restart)"
+$CODEMOAT update rollback --channel model
+echo "   serving model version $(served)"
+kill $SERVE 2>/dev/null || true
+wait $SERVE 2>/dev/null || true
 
 say "attacks, each refused in one line"
 $CODEMOAT vendor release --vendor "$V" --customer ACME --model "$MODEL" --version 1.5 --no-fingerprint --out "$U/model-v1.5.moatpkg" >/dev/null
@@ -109,4 +136,4 @@ CODEMOAT_HOME="$DEMO/other-machine" $CODEMOAT machine-id >/dev/null 2>&1
 refused env CODEMOAT_HOME="$DEMO/other-machine" $CODEMOAT update apply "$U/httpx.moatpkg" --license "$U/renewed.lic"
 
 say "audit: every update step is a record"
-$CODEMOAT audit export --kind update | "$PY" -c "import json,sys; [print('  ', r['route'], {k: v for k, v in (r['detail'] or {}).items() if k in ('version','reason','name','adapter')}) for r in map(json.loads, sys.stdin)]"
+$CODEMOAT audit export --kind update | "$PY" -c "import json,sys; [print('  ', r['route'], {k: v for k, v in (r['detail'] or {}).items() if k in ('version','reason','name','adapter','frm','to')}) for r in map(json.loads, sys.stdin)]"
