@@ -53,7 +53,8 @@ def chunked(shop, tmp_path):
     src.write_bytes(b"GGUF" + bytes(range(256)) * 400)
     b = _rechunk(shop, shop.release("1", kind="adapter", source=src), tmp_path / "chunked.moatpkg")
     bundle = fmt.Bundle(b)
-    assert bundle.version == 2 and len(bundle.manifest["payload"]["chunks"]) > 8
+    assert bundle.format_version == 2 and len(bundle.manifest["payload"]["chunks"]) > 8
+    assert bundle.version == "1"  # the release's version (the manifest's), never the layout number
     return b, bundle, lic
 
 
@@ -140,13 +141,13 @@ def _format1(shop, src: Path, out: Path) -> Path:
     b = fmt.Bundle(src)
     data = b"".join(b.pieces())
     p = {"format": b.manifest["payload"]["format"], "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    return fmt.write(out, dict(b.manifest, payload=p), shop.vendor.signing_key, [data], version=1)
+    return fmt.write(out, dict(b.manifest, payload=p), shop.vendor.signing_key, [data], format_version=1)
 
 
 def test_a_format_1_bundle_still_verifies_and_installs_and_is_still_checked(shop, store, tmp_path):
     lic = shop.license()
     old = _format1(shop, shop.release("1"), tmp_path / "old.moatpkg")
-    assert fmt.Bundle(old).version == 1
+    assert fmt.Bundle(old).format_version == 1
     data = bytearray(old.read_bytes())
     data[-100] ^= 1
     bad = tmp_path / "old-bad.moatpkg"

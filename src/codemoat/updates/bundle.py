@@ -33,9 +33,9 @@ from ..vault.codec import VaultError, b64d, canonical, ed_public, key_id, sign, 
 from ..vault.signedfile import read_header
 
 MAGIC = b"MOATPKG1"
-VERSION = 2  # what `write` makes: per-chunk digests
+FORMAT_VERSION = 2  # what `write` makes: per-chunk digests
 READS = (1, 2)  # 1: one SHA-256 of the whole payload (bundles made before chunk digests)
-PREFIX = struct.Struct(">8sHHI")  # magic, version, reserved, manifest length
+PREFIX = struct.Struct(">8sHHI")  # magic, format version, reserved, manifest length
 MAX_MANIFEST = 4 << 20
 CHUNK = 16 << 20  # payload bytes per signed digest (64 digests per GiB)
 LEGACY_BLOCK = 8 << 20  # format 1: read and hashed in this order, one block at a time
@@ -99,7 +99,7 @@ def payload_context(m: dict[str, Any]) -> bytes:
     )
 
 
-def _check_manifest(m: Any, version: int) -> dict[str, Any]:
+def _check_manifest(m: Any, format_version: int) -> dict[str, Any]:
     if not isinstance(m, dict):
         raise BundleError("bundle manifest is not a JSON object")
     for name, typ in FIELDS.items():
@@ -119,7 +119,7 @@ def _check_manifest(m: Any, version: int) -> dict[str, Any]:
     if m.get("replaces") is not None and not isinstance(m["replaces"], str):
         raise BundleError("bundle manifest field 'replaces' is malformed")
     p = m["payload"]
-    _check_payload_fields(p, version)
+    _check_payload_fields(p, format_version)
     if not m["machines"] or not all(isinstance(x, str) for x in m["machines"]):
         raise BundleError("bundle manifest field 'machines' is malformed")
     if m["kind"] == "model" and (p["format"] != "moat" or not isinstance(m.get("license"), dict)):
@@ -142,14 +142,14 @@ def chunk_count(size: int, chunk: int) -> int:
     return -(-size // chunk)
 
 
-def _check_payload_fields(p: dict[str, Any], version: int) -> None:
+def _check_payload_fields(p: dict[str, Any], format_version: int) -> None:
     ok = (
         isinstance(p.get("size"), int)
         and not isinstance(p["size"], bool)
         and p["size"] >= 0
         and p.get("format") in ("moat", "sealed")
     )
-    if ok and version == 1:
+    if ok and format_version == 1:
         ok = isinstance(p.get("sha256"), str) and len(p["sha256"]) == 64
     elif ok:
         cs, chunks = p.get("chunk_size"), p.get("chunks")
@@ -226,12 +226,14 @@ def _each_chunk(
     return min(failed, default=None)
 
 
-def write(out: str | Path, manifest: dict[str, Any], signing_key: Any, payload: Iterable[bytes], version: int = VERSION) -> Path:
+def write(
+    out: str | Path, manifest: dict[str, Any], signing_key: Any, payload: Iterable[bytes], format_version: int = FORMAT_VERSION
+) -> Path:
     """Write a signed bundle: header, then the payload pieces (their size and digests already in
-    `manifest`, as `describe_payload` gives them; `version` 1 only to test that old bundles still read)."""
+    `manifest`, as `describe_payload` gives them; `format_version` 1 only to test that old bundles still read)."""
     out = Path(out)
     body = canonical(manifest)
-    prefix = PREFIX.pack(MAGIC, version, 0, len(body))
+    prefix = PREFIX.pack(MAGIC, format_version, 0, len(body))
     signature = sign(signing_key, DOMAIN, prefix + body)
     tmp = out.with_name(f".{out.name}.partial")
     try:
@@ -266,8 +268,8 @@ class Bundle:
         if not isinstance(fields.get("vendor_key"), str):
             raise BundleError("update bundle manifest names no vendor key")
         verify(ed_public(fields["vendor_key"], "bundle vendor key"), h.signature, DOMAIN, h.signed, "update bundle")
-        self.version = h.prefix[1]
-        self.manifest = _check_manifest(fields, self.version)
+        self.format_version = h.prefix[1]  # the layout (1 or 2); the release's version is the manifest's
+        self.manifest = _check_manifest(fields, self.format_version)
         self.header_sha256 = hashlib.sha256(h.signed).hexdigest()
         self.payload_offset = h.payload_offset
         expect = self.payload_offset + fields["payload"]["size"]
@@ -354,7 +356,7 @@ class Bundle:
         fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             read_at = file_reader(fd, self.payload_offset)
-            if self.version == 1:
+            if self.format_version == 1:
                 h = hashlib.sha256()
                 _each_chunk(read_at, p["size"], LEGACY_BLOCK, lambda i, part: h.update(part) or True, then, threads=1)
                 if h.hexdigest() != p["sha256"]:

@@ -276,7 +276,7 @@ class UpdateStore:
         signed chunk digests are checked instead."""
         from ..vault.container import SealedFile
 
-        if bundle.version < 2:
+        if bundle.format_version < 2:
             return False
         sealed = SealedFile(copy) if copy is not None else SealedFile(bundle.path, offset=bundle.payload_offset)
         key = self._content_key(sealed, bundle.manifest)
@@ -291,7 +291,7 @@ class UpdateStore:
     def verify(self, path: Path, license_file: Path | None = None) -> dict[str, Any]:
         try:
             bundle = Bundle(path)
-            model = bundle.kind == "model" and bundle.version >= 2  # checked by its own GCM tags when it can be
+            model = bundle.kind == "model" and bundle.format_version >= 2  # checked by its own GCM tags when it can be
             if not model:
                 bundle.check_payload()  # integrity first: a damaged file says so, whatever else is wrong with it
             report = self.check(bundle, license_file)
@@ -312,7 +312,7 @@ class UpdateStore:
             bundle_id=bundle.bundle_id,
             kind=bundle.kind,
             name=bundle.name,
-            version=bundle.manifest["version"],  # not bundle.version: the format number
+            version=bundle.manifest["version"],  # the release's (the layout is bundle.format_version)
         )
         return report
 
@@ -353,7 +353,7 @@ class UpdateStore:
 
             lic_doc = json.dumps(m["license"], indent=2) + "\n"
             (stage / "model.lic").write_text(lic_doc)
-            if bundle.version >= 2 and self._content_key(SealedFile(bundle.path, offset=bundle.payload_offset), m):
+            if bundle.format_version >= 2 and self._content_key(SealedFile(bundle.path, offset=bundle.payload_offset), m):
 
                 def check_copy() -> None:  # every chunk of the copy authenticated, while it is fsynced
                     if not self._check_model(bundle, stage / "model.moat"):
