@@ -190,3 +190,28 @@ def test_a_machine_removed_while_its_license_is_cached_gets_a_signed_refusal(
         client.acquire()
     assert e.value.code == "wrong_machine" and e.value.code in TERMINAL, str(e.value)
     client.close()
+
+
+def test_a_machine_relicensed_without_its_tpm_while_cached_gets_a_software_lease(vendor, model, tmp_path, swtpm, monkeypatch):
+    """The same re-read, when the vendor's database now binds the machine to its software keys: the
+    lease the first lookup would have given (wrapped to the X25519 key), not a 500 from a missing TPM block."""
+    from codemoat.vault import keyserver as ks_mod
+    from codemoat.vault.vendor import licenses_t
+
+    monkeypatch.setattr(ks_mod, "DOC_TTL", 3600.0)
+    machine = _tpm_machine(swtpm, vendor)
+    lic, _ = _lease_license(vendor, model, tmp_path, machine)
+    ks = KeyServer(vendor)
+    client = LeaseClient(lic, machine)
+    ks.lease(_ks_request(ks, client))  # cached, TPM-bound
+    doc = json.loads(vendor.license_row(lic.id).document)
+    for m in doc["license"]["machines"]:
+        m.pop("tpm", None)
+        m["binding"] = "software"
+    with vendor.engine.begin() as c:
+        c.execute(licenses_t.update().where(licenses_t.c.id == lic.id).values(document=json.dumps(doc)))
+    with TpmAttestor(swtpm.tcti) as a:
+        a.extend(TAMPER_PCR, b"codemoat-tamper-v1\x00chassis opened")
+    answer = ks.lease(_ks_request(ks, client))["lease"]
+    assert "tpm" not in answer and answer["keys"]["alg"] != "P256-HKDF-SHA256-A256GCM"
+    client.close()

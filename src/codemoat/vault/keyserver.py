@@ -321,6 +321,8 @@ class KeyServer:
             entry = self._licensed(lid).machines.get(mid)
             if entry is None:  # the vendor took the machine off the license since the first lookup
                 raise _wrong_machine(lid, mid)
+            if entry.get("tpm") is None:  # now bound to its software keys: the lease a first lookup would give
+                return entry, None
             try:
                 info = verify_quote(entry["tpm"], req.get("quote"), quote_data(req))
                 break
