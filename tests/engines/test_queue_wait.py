@@ -47,6 +47,9 @@ def test_a_request_still_waiting_for_a_slot_at_its_deadline_is_refused_and_takes
     eog = [t for t in range(engine.n_vocab) if lib.llama_vocab_is_eog(vocab, t)]
 
     def no_end(ids, logits):
+        # at least 2 ms a token, so 400 tokens outlast the 0.3 s wait on any machine (the tiny model makes
+        # ~1,500 tokens/s on a quiet one: the holders ended first and the test failed now and then)
+        time.sleep(0.002)
         logits[eog] = -math.inf
         return logits
 
@@ -125,11 +128,15 @@ CASES = {
     "infill": ("/infill", {"input_prefix": "def f(x):\n", "input_suffix": "\n", "n_predict": 4}),
     "tabby": ("/v1/completions", {"language": "python", "segments": {"prefix": "def f(x):\n", "suffix": "\n"}}),
 }
+# the same, streamed (Tabby's completions have no stream; its chat is OpenAI's): the headers wait for the
+# first token, so a refusal before it is a real 503 too (it was an in-band error inside a 200 stream)
+CASES |= {f"{name}-stream": (path, {**body, "stream": True}) for name, (path, body) in CASES.items() if name != "tabby"}
 
 
 def test_each_protocol_gets_its_own_overloaded_error_after_the_wait_limit(engine):
     """The one place of `server.max_concurrent` is held; with `server.max_queue_wait_s = 0.2` every
-    protocol's request is answered after ~0.2 s with 503, Retry-After, and the body its client parses."""
+    protocol's request, streamed or not, is answered after ~0.2 s with 503, Retry-After, and the body its
+    client parses."""
 
     class Keep(ModelHolder):
         def close(self):
@@ -162,20 +169,91 @@ def test_each_protocol_gets_its_own_overloaded_error_after_the_wait_limit(engine
             gate.set()
             await holding
             after = await c.post("/v1/completions", json=CASES["openai"][1], headers={"Authorization": f"Bearer {token}"})
-        return got, after
+            streamed = await c.post(
+                "/v1/completions", json=CASES["openai-stream"][1], headers={"Authorization": f"Bearer {token}"}
+            )
+        return got, after, streamed
 
-    got, after = run(go())
+    got, after, streamed = run(go())
     for name, (r, waited) in got.items():
         assert r.status_code == 503, (name, r.text)
         assert r.headers["Retry-After"] == "1", name
         assert waited >= 0.2, name
+        assert r.headers["content-type"] == "application/json", name  # an error answer, not a 200 stream
         err = r.json()["error"]
         if name.startswith("openai"):
             assert err["type"] == "server_error" and err["code"] == "server_overloaded", err
             assert "busy" in err["message"]
-        elif name == "infill":  # llama.cpp's server: {"error": {"code", "message", "type"}}
+        elif name.startswith("infill"):  # llama.cpp's server: {"error": {"code", "message", "type"}}
             assert err["code"] == 503 and err["type"] == "unavailable_error" and "busy" in err["message"], err
         else:  # Ollama and Tabby: {"error": "..."}
             assert isinstance(err, str) and "busy" in err, (name, err)
     assert after.status_code == 200, after.text  # the place is free again: nothing leaked
+    assert streamed.status_code == 200 and streamed.headers["content-type"].startswith("text/event-stream")
+    assert streamed.text.endswith("data: [DONE]\n\n") and '"text"' in streamed.text, streamed.text
     assert svc._slots.busy == 0 and svc._slots.waiting == 0
+
+
+def test_a_streamed_request_whose_client_hangs_up_while_it_waits_gives_its_place_in_line_back(engine, free_port):
+    """Attacker's test for the streamed routes' wait for the first token (`Service.open_stream`): the
+    response has not begun, so the server itself must notice the hang-up. Over real TCP (uvicorn), one
+    place held and no wait limit, a streamed client that gives up while queued leaves the line at once,
+    and never takes the place once it is free; waiting for the first token without watching the
+    connection would have kept it queued, then generated for nobody."""
+    import uvicorn
+
+    class Keep(ModelHolder):
+        def close(self):
+            pass
+
+    holder = Keep("tiny")
+    holder.set(engine)
+    accounts = Accounts(open_db())
+    token = accounts.create_token("payments")[1]
+    app = create_app(load_settings(**{"server.max_concurrent": 1}), holder=holder, accounts=accounts)
+    svc = app.state.service
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port, log_level="warning"))
+    url, h = f"http://127.0.0.1:{free_port}", {"Authorization": f"Bearer {token}"}
+
+    async def settle(cond) -> bool:
+        for _ in range(400):
+            if cond():
+                return True
+            await asyncio.sleep(0.025)
+        return cond()
+
+    async def go():
+        serving = asyncio.ensure_future(server.serve())
+        assert await settle(lambda: server.started)
+        gate = asyncio.Event()
+
+        async def hold():
+            async with svc._slot("someone"):
+                await gate.wait()
+
+        holding = asyncio.ensure_future(hold())
+        async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+
+            async def give_up():
+                async with c.stream("POST", "/v1/completions", json=CASES["openai-stream"][1], headers=h) as r:
+                    return r.status_code
+
+            asked = asyncio.ensure_future(give_up())
+            queued = await settle(lambda: svc._slots.waiting == 1)
+            asked.cancel()  # the editor moves on: its connection closes
+            with pytest.raises(asyncio.CancelledError):
+                await asked
+            left = await settle(lambda: svc._slots.waiting == 0 and svc.waiting == 0)
+            gate.set()
+            await holding
+            busy_after = svc._slots.busy
+            r = await c.post("/v1/completions", json=CASES["openai"][1], headers=h)
+        server.should_exit = True
+        await serving
+        return queued, left, busy_after, r
+
+    queued, left, busy_after, r = run(go())
+    assert queued, "the streamed request never queued for the held place"
+    assert left, "the hung-up streamed request stayed in line"
+    assert busy_after == 0  # it did not take the place once it was free
+    assert r.status_code == 200, r.text

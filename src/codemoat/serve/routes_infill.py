@@ -73,8 +73,10 @@ async def infill_route(request: Request, principal: Principal = Depends(require(
         c = await svc.run(request, prep)
         return answer(c.text, c.finish_reason)
 
+    chunks = await svc.open_stream(request, prep)  # a refusal before the first token is a real 503, not a 200
+
     async def events():
-        async for ch in svc.stream(request, prep):
+        async for ch in chunks:
             if ch.finish_reason:
                 yield answer(ch.text, ch.finish_reason)
             elif ch.text and not warmup:

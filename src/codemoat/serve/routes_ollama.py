@@ -126,8 +126,10 @@ async def _answer(request: Request, svc: Service, prep: Prepared, stream: bool, 
             extra,
         )
 
+    chunks = await svc.open_stream(request, prep)  # a refusal before the first token is a real 503, not a 200
+
     async def events():
-        async for ch in svc.stream(request, prep):
+        async for ch in chunks:
             if ch.text:
                 yield chunk(svc.model_id, ch.text)
             if ch.finish_reason:

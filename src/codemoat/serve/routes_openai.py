@@ -85,8 +85,10 @@ async def openai_completion(request: Request, principal: Principal, body: Any):
             cid, svc.model_id, c.text, _finish(c.finish_reason), openai.usage(c.prompt_tokens, c.completion_tokens), extra
         )
 
+    chunks = await svc.open_stream(request, prep)  # a refusal before the first token is a real 503, not a 200
+
     async def events():
-        async for ch in svc.stream(request, prep):
+        async for ch in chunks:
             if ch.text or ch.finish_reason:
                 yield openai.completion(
                     cid, svc.model_id, ch.text, _finish(ch.finish_reason), None, extra if ch.finish_reason else None
@@ -128,10 +130,11 @@ async def chat_completions(request: Request):
             extra,
         )
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    chunks = await svc.open_stream(request, prep)
 
     async def events():
         yield openai.chat_chunk(cid, svc.model_id, {"role": "assistant", "content": ""}, None)
-        async for ch in svc.stream(request, prep):
+        async for ch in chunks:
             if ch.text:
                 yield openai.chat_chunk(cid, svc.model_id, {"content": ch.text}, None)
             if ch.finish_reason:

@@ -199,19 +199,33 @@ class Service:
             u = request.state.usage
             return Completion("".join(parts), u.prompt_tokens, u.completion_tokens, reason)
 
-        work = asyncio.ensure_future(generate())
-        gone = asyncio.ensure_future(_disconnected(request))
-        try:
-            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            gone.cancel()
-            if not work.done():
-                work.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await work
-        if work.cancelled():
-            raise ClientGone("the client closed the connection; generation was cancelled")
-        return work.result()
+        return await _unless_gone(request, generate())
+
+    async def open_stream(self, request: Request, p: Prepared) -> AsyncIterator[Chunk]:
+        """`stream`, once its first chunk is there: a streamed answer's headers wait for it, so a request
+        refused before then (`Overloaded` after `server.max_queue_wait_s`, a prompt too long) gets its real
+        status and protocol error, as `run` does, instead of an in-band error inside a 200 stream. The
+        first chunk is awaited either way, so the time to it does not change; a hang-up meanwhile cancels."""
+        chunks = self.stream(request, p)
+
+        async def first() -> Chunk | None:
+            try:
+                return await chunks.__anext__()
+            except StopAsyncIteration:
+                return None
+
+        head = await _unless_gone(request, first())
+
+        async def rest() -> AsyncIterator[Chunk]:
+            try:
+                if head is not None:
+                    yield head
+                    async for chunk in chunks:
+                        yield chunk
+            finally:
+                await chunks.aclose()
+
+        return rest()
 
     async def stream(self, request: Request, p: Prepared) -> AsyncIterator[Chunk]:
         """Chunks from the engine; usage is recorded as they come (the audit, written once the request
@@ -262,6 +276,23 @@ class Service:
             yield
         finally:
             self._slots.release(who)
+
+
+async def _unless_gone(request: Request, coro: Any) -> Any:
+    """`coro`'s result, or `ClientGone` (and `coro` cancelled) if the client hangs up first."""
+    work = asyncio.ensure_future(coro)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not work.done():
+            work.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await work
+    if work.cancelled():
+        raise ClientGone("the client closed the connection; generation was cancelled")
+    return work.result()
 
 
 async def _disconnected(request: Request) -> None:

@@ -1,7 +1,9 @@
 """Server-sent events (OpenAI, llama.cpp) and NDJSON (Ollama) bodies.
 
-Errors that happen after the first byte cannot change the status code any more; they are sent
-in-band in the protocol's own error shape, then the stream ends.
+The routes build these once the engine's first chunk is there (`Service.open_stream`), so a request
+refused before it (overloaded, prompt too long) gets its status and protocol error as a non-streamed
+one does. Errors after the first byte cannot change the status code any more; they are sent in-band
+in the protocol's own error shape, then the stream ends.
 """
 
 from __future__ import annotations
