@@ -61,7 +61,9 @@ class RewritingProxy:
         return self
 
     def stop(self) -> None:
+        # on the loop's own thread: asyncio's Server is not thread-safe (closing it from here raced a
+        # connection the loop was finishing: "'NoneType' object is not iterable" in Server._wakeup)
         if self._server is not None:
-            self._server.close()
+            self._loop.call_soon_threadsafe(self._server.close)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
