@@ -40,6 +40,22 @@ def engine(tiny_gguf):
     e.close()
 
 
+class _Keep(ModelHolder):
+    """Holds the module's engine without closing it when an app is done with it."""
+
+    def close(self):
+        pass
+
+
+def _served(engine, **settings) -> tuple:
+    """An app over the module's engine with `settings`, and a bearer token it accepts."""
+    holder = _Keep("tiny")
+    holder.set(engine)
+    accounts = Accounts(open_db())
+    token = accounts.create_token("payments")[1]
+    return create_app(load_settings(**settings), holder=holder, accounts=accounts), token
+
+
 def test_a_request_still_waiting_for_a_slot_at_its_deadline_is_refused_and_takes_none(engine):
     """Two answers that never end early hold both slots; a third request may wait 0.3 s: it gets
     `Overloaded` while they still run, and its prompt is never evaluated; the holders are not disturbed."""
@@ -138,16 +154,7 @@ def test_each_protocol_gets_its_own_overloaded_error_after_the_wait_limit(engine
     protocol's request, streamed or not, is answered after ~0.2 s with 503, Retry-After, and the body its
     client parses."""
 
-    class Keep(ModelHolder):
-        def close(self):
-            pass
-
-    holder = Keep("tiny")
-    holder.set(engine)
-    accounts = Accounts(open_db())
-    token = accounts.create_token("payments")[1]
-    settings = load_settings(**{"server.max_concurrent": 1, "server.max_queue_wait_s": 0.2})
-    app = create_app(settings, holder=holder, accounts=accounts)
+    app, token = _served(engine, **{"server.max_concurrent": 1, "server.max_queue_wait_s": 0.2})
     svc = app.state.service
 
     async def go():
@@ -202,15 +209,7 @@ def test_a_streamed_request_whose_client_hangs_up_while_it_waits_gives_its_place
     connection would have kept it queued, then generated for nobody."""
     import uvicorn
 
-    class Keep(ModelHolder):
-        def close(self):
-            pass
-
-    holder = Keep("tiny")
-    holder.set(engine)
-    accounts = Accounts(open_db())
-    token = accounts.create_token("payments")[1]
-    app = create_app(load_settings(**{"server.max_concurrent": 1}), holder=holder, accounts=accounts)
+    app, token = _served(engine, **{"server.max_concurrent": 1})
     svc = app.state.service
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port, log_level="warning"))
     url, h = f"http://127.0.0.1:{free_port}", {"Authorization": f"Bearer {token}"}
