@@ -3,10 +3,8 @@
 One context holds `parallel` sequence slots (`n_seq_max`, one KV stream per slot: `kv_unified`
 off, as `llama-server -np N` runs). The engine's worker thread runs `Batcher.run`: each step it
 
-1. admits waiting requests into free slots, picking the slot whose cached tokens share the longest
-   prompt prefix (editors resend the same file prefix on every keystroke), keeps that prefix's KV
-   cells, all of them, as `llama-server`'s `cache_prompt` does, and drops the rest of the slot's
-   (`llama_memory_seq_rm`);
+1. admits waiting requests into free slots (`engines.slots`: a request takes the slot whose cached
+   tokens share the longest prefix of its prompt and keeps that prefix's KV cells);
 2. makes ONE `llama_batch` (each token with its `seq_id` and position), in slot order: the next
    token of every generating sequence, and up to `batch_tokens` prompt tokens of sequences still
    reading their prompt (chunked prefill, so a long prompt does not stall everyone's next token;
@@ -31,10 +29,8 @@ engine alone keeps the stricter "same prompt, same logits" (`LlamaCppEngine._eva
 llama.cpp applies LoRA adapters per context, not per sequence, so requests with different
 adapters never share a step: a request for another adapter waits (and holds back the requests
 behind it) until the running ones end, then the context switches adapter. The slots keep their KV
-cells across a switch (each cell was computed under its own sequence's adapter and stays valid),
-but a slot's cached prefix is reused only by a request under the adapter set it was computed
-under: under another set it would give wrong logits, and under the base it would hand a user the
-effect of a team's tuned weights on that prompt.
+cells across a switch, but a cached prefix is reused only under the adapter set it was computed
+under (`engines.slots`).
 """
 
 from __future__ import annotations
@@ -42,17 +38,15 @@ from __future__ import annotations
 import ctypes
 import queue
 import random
-import threading
-import time
 from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from ..errors import CodemoatError, Overloaded
-from .base import Chunk, FinishReason, SamplingParams
+from .base import FinishReason, SamplingParams
+from .slots import Seq, Slots
 from .worker import StopCutter, late
 
 ALIGN = 32  # prompt chunks: this many tokens, aligned to position 0 (as `llamacpp.ALIGN`)
@@ -71,41 +65,6 @@ def valid_utf8_prefix(b: bytes) -> int:
         need = 2 if c & 0xE0 == 0xC0 else 3 if c & 0xF0 == 0xE0 else 4
         return n if back >= need else n - back
     return n
-
-
-@dataclass(eq=False)  # one request is itself only (`in`, `remove` compare identity, not every field)
-class Seq:
-    """One request: its prompt, parameters and callbacks, and where it stands in its slot."""
-
-    ids: list[int]
-    params: SamplingParams
-    emit: Callable[[Chunk], None]
-    cancel: threading.Event
-    finished: Callable[[BaseException | None], None]
-    want_logits: bool = False  # `Engine.logits`: evaluate the prompt, keep its next-token logits, stop
-    result: Any = None
-    slot: int = -1
-    pos: int = 0  # next prompt position to evaluate (of ids[:-1])
-    n_past: int = 0  # tokens of this sequence in its slot's KV cells
-    next_token: int = -1  # the token to feed at the next decode step
-    phase: str = "prefill"  # prefill → decode (the last prompt token, then each sampled one)
-    n_gen: int = 0
-    text: str = ""  # the answer's text so far: its complete UTF-8 sequences, decoded
-    tail: bytes = b""  # the bytes of a UTF-8 sequence not complete yet
-    history: list[int] = field(default_factory=list)
-    chain: Any = None  # llama.cpp sampler chain; None: plain greedy (argmax)
-    cutter: StopCutter | None = None
-    row: int = -1  # this step's batch row with logits
-    out: int = -1  # its index among the step's outputs (a row of `llama_get_logits`)
-
-
-class _Slot:
-    def __init__(self) -> None:
-        self.cached: list[int] = []  # tokens whose KV cells this slot holds, positions 0..len-1
-        self.used_at = 0.0
-        self.owner: str | None = None  # `SamplingParams.cache_key` of the request that left `cached`
-        self.adapter: str | None = None  # the adapter set `cached` was computed under (None: the base)
-        self.seq: Seq | None = None
 
 
 class _Batch:
@@ -172,18 +131,22 @@ class Batcher:
         self.slot_ctx = min(slot_ctx, int(lib.llama_n_ctx_seq(self.ctx)))
         self.mem = lib.llama_get_memory(self.ctx)
         self.batch = _Batch(lib, cp.n_batch)
-        self.slots = [_Slot() for _ in range(parallel)]
+        self.slots = Slots(lib, self.mem, parallel)
         self.waiting: deque[Seq] = deque()
         self.active: list[Seq] = []
         self.adapter: str | None = None
         self.on_slots: Callable[[dict[str, int]], None] | None = None
         self.after_step: Callable[[], None] | None = None  # called after each turn of the loop (engines.child)
         self.steps = 0
-        self.reused_tokens = 0  # prompt tokens whose KV cells a slot already held (prefix reuse)
         self._piece = ctypes.create_string_buffer(256)
         self._tokens: dict[int, tuple[bool, bool, Any]] = {}  # token id -> (end of generation, control, its text)
 
     # -- facts -------------------------------------------------------------------
+    @property
+    def reused_tokens(self) -> int:
+        """Prompt tokens whose KV cells a slot already held (prefix reuse)."""
+        return self.slots.reused_tokens
+
     def usage(self) -> dict[str, int]:
         return {"total": self.parallel, "busy": len(self.active), "waiting": len(self.waiting)}
 
@@ -229,7 +192,7 @@ class Batcher:
         for s in list(self.active) + list(self.waiting):
             s.finished(CodemoatError("engine is closed"))
         self.active, self.waiting = [], deque()
-        for s in self.slots:
+        for s in self.slots.all:
             if s.seq is not None and s.seq.chain is not None:
                 self.lib.llama_sampler_free(s.seq.chain)
             s.seq = None
@@ -248,7 +211,7 @@ class Batcher:
             for s in gone:
                 s.finished(None if s.cancel.is_set() else Overloaded())
         while self.waiting:
-            free = [i for i, s in enumerate(self.slots) if s.seq is None]
+            free = self.slots.free()
             if not free:
                 return
             at = self._next()
@@ -294,30 +257,10 @@ class Batcher:
             raise CodemoatError(f"llama.cpp refused the adapter (code {rc})")
 
     def _start(self, seq: Seq, free: list[int]) -> None:
-        p, body = seq.params, seq.ids[:-1]
-
-        def keep(i: int) -> int:
-            s, same = self.slots[i], 0
-            if s.adapter != self.adapter:  # cells computed under another adapter set (or the base)
-                return 0
-            if s.owner != p.cache_key:  # another user's prompt: reusing it would tell in the time to first token
-                return 0
-            limit = min(len(s.cached), len(body))
-            while same < limit and s.cached[same] == body[same]:
-                same += 1
-            return same
-
-        # the longest reusable prefix; among equals the slot used least recently
-        i = max(free, key=lambda j: (keep(j), -self.slots[j].used_at))
-        slot, k = self.slots[i], keep(i)
-        if not self.lib.llama_memory_seq_rm(self.mem, i, k, -1):  # a cache that cannot drop a tail (some SWA/recurrent ones)
-            self.lib.llama_memory_seq_rm(self.mem, i, 0, -1)  # dropping a whole sequence never fails
-            k = 0
-        self.reused_tokens += k
-        slot.cached, slot.adapter = body[:k], self.adapter
-        slot.seq, slot.used_at, slot.owner = seq, time.monotonic(), p.cache_key
-        seq.slot, seq.pos, seq.n_past = i, k, k
-        seq.phase = "prefill" if k < len(body) else "decode"
+        p = seq.params
+        k = self.slots.claim(seq, free, self.adapter)
+        seq.pos, seq.n_past = k, k
+        seq.phase = "prefill" if k < len(seq.ids) - 1 else "decode"
         seq.next_token = seq.ids[-1]
         seq.history = list(seq.ids)
         seq.cutter = StopCutter(p.stop, seq.emit, p.n_indent, p.time_limit_ms)
@@ -493,8 +436,7 @@ class Batcher:
     def _release(self, s: Seq) -> None:
         if s in self.active:
             self.active.remove(s)
-        slot = self.slots[s.slot]
-        slot.seq, slot.used_at = None, time.monotonic()
+        self.slots.release(s.slot)
         if s.chain is not None:
             self.lib.llama_sampler_free(s.chain)
             s.chain = None
@@ -513,7 +455,5 @@ class Batcher:
     def _fail(self, s: Seq, exc: BaseException) -> None:
         """End `s` with an error; its slot's cells are not trusted again."""
         self._release(s)
-        self.lib.llama_memory_seq_rm(self.mem, s.slot, 0, -1)
-        slot = self.slots[s.slot]
-        slot.cached = []
+        self.slots.forget(s.slot)
         s.finished(exc)
