@@ -182,13 +182,22 @@ class VaultDaemon:
         return self._broadcast(msg)
 
     def _broadcast(self, msg: dict[str, Any]) -> int:
+        """Never waits on a client: one whose socket is full (it stopped reading, or asks and never reads
+        the answers) would hold every later revocation back from the clients after it; it is cut off."""
+        data = json.dumps(msg).encode()
         with self._lock:
             conns = list(self._conns)
         sent = 0
         for c in conns:
             try:
-                _send(c, msg)
+                c.send(data, socket.MSG_DONTWAIT)
                 sent += 1
+            except BlockingIOError:
+                log.warning("vaultd: a client does not read its messages; disconnected it")
+                try:
+                    c.shutdown(socket.SHUT_RDWR)  # its thread, maybe blocked answering it, ends and closes it
+                except OSError:
+                    pass
             except OSError:
                 pass
         return sent

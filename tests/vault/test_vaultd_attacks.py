@@ -1,0 +1,73 @@
+"""A hostile client on vaultd's allow-list (a compromised serve account): whatever it sends, or does not
+read, other clients still get their models and every revocation, and vaultd's own threads go on."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+
+import pytest
+
+from codemoat.engines.memfd import MemfdBuffer
+from codemoat.vault.daemon import Offer, VaultClient, VaultDaemon
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    buf = MemfdBuffer.from_bytes(b"GGUF" + bytes(4092), name="test-model")
+    d = VaultDaemon(tmp_path / "vault.sock", allow_uids={os.getuid()}).start()
+    d.offer(Offer("acme-coder", buf.fd, buf.size, {}))
+    yield d
+    d.close()
+    buf.close()
+
+
+def _stuffed(path: str) -> socket.socket:
+    """A client that sends requests and never reads an answer, until vaultd cannot send it any more."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.connect(path)
+    s.setblocking(False)
+    request = b'{"op": "get", "model": "nosuch"}'
+    stalled = 0
+    while stalled < 50:  # vaultd stops reading once its answers fill this socket: our sends then stall too
+        try:
+            s.send(request)
+            stalled = 0
+        except BlockingIOError:
+            stalled += 1
+            time.sleep(0.01)
+    return s
+
+
+def _wait(seen: list, deadline_s: float = 20.0) -> None:
+    end = time.monotonic() + deadline_s
+    while not seen and time.monotonic() < end:
+        time.sleep(0.02)
+
+
+def test_a_client_that_never_reads_does_not_hold_back_a_revocation(daemon):
+    """Before: vaultd's broadcast was a blocking send to each client in turn; a client on the list whose
+    socket was full (it asked and never read) blocked it for good, so the serve connected after it never
+    heard the revocation, and every later revoke or update notice hung with it."""
+    hostile = _stuffed(daemon.path)
+    honest = VaultClient.connect(daemon.path)
+    os.close(honest.fetch("acme-coder").fd)
+    seen: list = []
+    honest.watch(seen.append, lambda why: seen.append({"lost": why}))
+    done = threading.Event()
+    threading.Thread(target=lambda: (daemon.revoke("acme-coder", "license L1 revoked"), done.set()), daemon=True).start()
+    _wait(seen)
+    assert seen == [{"op": "revoke", "model": "acme-coder", "reason": "license L1 revoked"}]
+    assert done.wait(20), "vaultd's revoke() is still blocked on the client that does not read"
+    # the stuffed connection is dropped, not served on: vaultd closed its end
+    hostile.setblocking(True)
+    hostile.settimeout(20)
+    try:
+        while hostile.recv(65536):
+            pass
+    except ConnectionResetError:  # closed with our unread requests in its queue
+        pass
+    hostile.close()
+    honest.close()
