@@ -95,3 +95,14 @@ def test_health_shows_no_license_to_a_caller_without_a_token(setup):
     assert "keys.vendor" not in r.text and "acme" not in r.text and "m" * 16 not in r.text
     r = c.get("/health", headers={"Authorization": "Bearer cm_not_a_token"})
     assert r.status_code == 401 and "keys.vendor" not in r.text
+
+
+def test_a_refusal_never_echoes_a_query_as_html(setup):
+    """The audit export's refusal quoted the caller's `status` or `since` into its page unescaped: a link
+    an admin follows could put markup (a form, a meta refresh) into a page on the console's own origin."""
+    c, _, _, admin, _ = setup
+    assert signed_in(c, admin).status_code == 303
+    for q in (f"status={XSS}", f"since={XSS}", f"fmt={XSS}"):
+        for path in ("/admin/audit/export", "/admin/audit"):
+            r = c.get(f"{path}?{q}", follow_redirects=False)
+            assert XSS not in r.text and "Traceback" not in r.text, (path, q, r.status_code, r.text[:300])

@@ -10,6 +10,7 @@ form, or with an `Origin` other than this server's own.
 
 from __future__ import annotations
 
+import html
 import time
 from pathlib import Path
 from typing import Any
@@ -107,10 +108,10 @@ def note(request: Request, text: str) -> None:
 def page(request: Request, template: str, session: Session | None, status: int = 200, **ctx: Any) -> Response:
     from .banner import banner
 
-    html = env.get_template(template).render(
+    text = env.get_template(template).render(
         request=request, session=session, banner=banner(request) if session else None, nav=NAV, here=request.url.path, **ctx
     )
-    return secure(HTMLResponse(html, status_code=status))
+    return secure(HTMLResponse(text, status_code=status))
 
 
 def see_other(url: str) -> Response:
@@ -124,7 +125,8 @@ def to_signin() -> Response:
 
 def refused(request: Request, why: str) -> Response:
     note(request, f"console: refused: {why}")
-    return secure(HTMLResponse(f"<!doctype html><title>Refused</title><p>Refused: {why}.</p>", status_code=403))
+    body = f"<!doctype html><title>Refused</title><p>Refused: {html.escape(why)}.</p>"  # `why` may quote a query
+    return secure(HTMLResponse(body, status_code=403))
 
 
 def session_cookie(resp: Response, request: Request, sid: str) -> None:
