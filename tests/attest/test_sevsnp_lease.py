@@ -88,6 +88,25 @@ def test_a_real_report_not_over_this_nonce_is_refused_after_its_chain_and_signat
     assert _codes(vendor) == ["snp_refused"] * 6
 
 
+def test_a_replayed_request_costs_no_second_report_check(snp, monkeypatch):
+    """A report check is a certificate chain and a P-384 verify; a signed request replayed with its
+    (refused) report ran all of it again before the spent nonce was found. Now the nonce is spent
+    before the check: every replay is bad_nonce, at this worker or another, with no report check."""
+    import codemoat.attest.sevsnp as sevsnp
+
+    vendor, ks, request = snp
+    real, calls = sevsnp.verify_report, []
+    monkeypatch.setattr(sevsnp, "verify_report", lambda *a, **k: calls.append(1) or real(*a, **k))
+    req = dict(request(), snp=_report())
+    _refused(ks, req, "report_data differs")
+    for server in [ks] * 3 + [KeyServer(vendor)] * 3:
+        with pytest.raises(LeaseDenied) as e:
+            server.lease(req)
+        assert e.value.code == "bad_nonce"
+    assert len(calls) == 1
+    assert _codes(vendor) == ["snp_refused"]
+
+
 def test_a_malformed_snp_block_is_refused_at_issue():
     from codemoat.vault.snpbind import check_snp_block
 

@@ -103,3 +103,50 @@ def test_a_request_replayed_with_a_bad_quote_is_recorded_once_at_most(vendor, mo
     assert codes == ["unknown_ak"] + ["bad_nonce"] * 4
     assert [r["code"] for r in _records(vendor)] == ["unknown_ak"]
     client.close()
+
+
+def _counted(monkeypatch, module, name: str) -> list[int]:
+    """Count the calls of `module.name` (the real function still runs): the CPU a request costs, not timed."""
+    real, calls = getattr(module, name), [0]
+
+    def counting(*a, **k):
+        calls[0] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(module, name, counting)
+    return calls
+
+
+def test_a_replayed_attested_request_costs_no_quote_check_and_a_forged_one_burns_no_nonce(
+    vendor, model, tmp_path, swtpm, monkeypatch
+):
+    """Replays cost verification CPU: a signed TPM request seen once (on the wire, in outbound.jsonl) sent
+    again had its quote (an ECDSA verify, and another for the tamper latch) checked every time before its
+    spent nonce was found. Now the nonce is spent once the machine's signature holds, before the quote:
+    a replay is bad_nonce with no quote check (no check at all in the process that saw it spent, one
+    Ed25519 check in another worker), and a forged request still burns nothing."""
+    import codemoat.vault.keyserver as ksm
+
+    machine = tpm_machine(swtpm, vendor)
+    _, lic, _ = bundle(vendor, model, tmp_path / "out", machine, mode="lease", keyserver="http://127.0.0.1:9", lease_ttl=10)
+    client = LeaseClient(License.load(lic), machine)
+    ks, other = KeyServer(vendor), KeyServer(vendor)  # two workers over one vendor database
+    quotes, sigs = _counted(monkeypatch, ksm, "verify_quote"), _counted(monkeypatch, ksm, "verify")
+
+    req = client._signed_request(ks.challenge(client.lic.id)["nonce"], REQUEST_DOMAIN)
+    forged = dict(req, signature=req["signature"][:-4] + ("AAAA" if not req["signature"].endswith("AAAA") else "BBBB"))
+    with pytest.raises(LeaseDenied) as e:
+        ks.lease(forged)
+    assert e.value.code == "bad_signature" and quotes[0] == 0  # no quote check for an unsigned request
+    assert "lease" in ks.lease(req)  # its nonce was not burned by the forgery
+    assert quotes[0] == 1
+    sigs[0] = 0
+    for server in [ks] * 5 + [other] * 5:
+        with pytest.raises(LeaseDenied) as e:
+            server.lease(req)
+        assert e.value.code == "bad_nonce"
+    assert quotes[0] == 1, "a replay reached the quote check"
+    # Only the other worker's first replay: the machine's signature (and the instance's, when it names one).
+    assert sigs[0] == 1 + ("instance" in req), "a replay this worker had seen spent cost a signature check"
+    assert _records(vendor) == []
+    client.close()

@@ -36,10 +36,13 @@ The server keeps no state for a caller it does not know: a challenge names a lic
 server or is refused. Outstanding nonces live in the vendor database (`nonces.NonceStore`, at most
 `nonces.MAX_NONCES`, the soonest to expire evicted first), so several key server processes (`codemoat
 keyserver --workers N`, or N servers behind a balancer on one PostgreSQL) accept each other's
-challenges, and a key server restart forgets none. A request's signatures (and quote) are checked
-first; the nonce is then spent in the seat transaction, and stays spent when the lease is refused
-after that (revoked, seats exhausted, TPM rollback): a forged request cannot burn a client's nonce,
-a genuine one is answered once.
+challenges, and a key server restart forgets none. A request's signatures are checked first, so a
+forged request cannot burn a client's nonce; the nonce is then spent, and stays spent when the lease
+is refused after that (bad quote, revoked, seats exhausted, TPM rollback): a genuine one is answered
+once. An attested request's nonce is spent in a transaction of its own before its quote or SNP report
+is checked, so a replay costs at most the Ed25519 check, never an attestation check; a software
+lease's is spent in the seat transaction (one commit). A replay of a nonce this process saw spent
+(`NonceStore.seen_spent`) is refused before any database read or signature check.
 """
 
 from __future__ import annotations
@@ -239,6 +242,8 @@ class KeyServer:
         ):
             raise LeaseDenied("bad_request", "lease request is malformed", 400)
         lid, mid = req["license_id"], req["machine_id"]
+        if self.nonces.seen_spent(lid, req["nonce"]):  # a replay: no database read, no signature check
+            raise _bad_nonce()
         lic = self._licensed(lid)
         entry = lic.machines.get(mid)
         if entry is None:
@@ -254,6 +259,11 @@ class KeyServer:
         except VaultError:
             raise LeaseDenied("bad_signature", "lease request is not signed by the licensed machine's key", 401) from None
         inst = self._instance(req, INSTANCE_DOMAIN)
+        # An attested request's nonce is spent now that the machine has signed it, before the quote or report
+        # (an ECDSA verify or a certificate chain each) is checked: the same request again costs none of that.
+        spent = entry.get("tpm") is not None or entry.get("snp") is not None
+        if spent and not self.nonces.spend(req["nonce"], lid):
+            raise _bad_nonce()
         info = None
         if entry.get("tpm") is not None:
             entry, info = self._attested(lid, mid, req)
@@ -263,13 +273,14 @@ class KeyServer:
             except SnpLeaseRefused as e:
                 raise self._attest_refused(req, e.code, str(e)) from None
         now = self.clock.time()
-        # One transaction spends the nonce (its first write: the write lock before any read), reads the
-        # license's state, takes the seat and issues the next nonce, so a revocation or another
-        # machine's allocation cannot slip in between. A refusal after the nonce is spent commits
+        # One transaction spends the nonce (unless spent above; its first write: the write lock before any
+        # read), reads the license's state, takes the seat and issues the next nonce, so a revocation or
+        # another machine's allocation cannot slip in between. A refusal after the nonce is spent commits
         # the spend alone.
         refused: LeaseDenied | None = None
         with self._seat_lock, self.vendor.engine.begin() as c:
-            self._spend_nonce(c, req["nonce"], lid)
+            if not spent:
+                self._spend_nonce(c, req["nonce"], lid)
             try:
                 if info is not None:  # the TPM clock floor, in the same transaction (one commit per lease)
                     self._tpm_floor(c, lid, mid, entry["tpm"]["ak"], info)
@@ -287,6 +298,7 @@ class KeyServer:
                 next_nonce = self.nonces.issue_on(c, lid, ttl + row.grace + NONCE_TTL)
             except LeaseDenied as e:
                 refused = e
+        self.nonces.remember_spent(lid, req["nonce"])
         if refused is not None:
             raise refused
         # One wrap carries both keys: the content key, then the watermark key when the license has one.
@@ -335,12 +347,8 @@ class KeyServer:
 
     def _attest_refused(self, req: dict[str, Any], code: str, message: str) -> LeaseDenied:
         """The refusal of a request whose quote or report did not hold, recorded vendor-side once per nonce:
-        the nonce is spent with it, so the same signed request replayed (its quote edited: the quote is
-        outside the machine's signature) is `bad_nonce`, not recorded again."""
-        with self.vendor.engine.begin() as c:
-            live = self.nonces.spend_on(c, req["nonce"], req["license_id"])
-        if not live:
-            return _bad_nonce()
+        the nonce was spent before the check, so the same signed request replayed (its quote edited: the
+        quote is outside the machine's signature) is `bad_nonce`, neither checked nor recorded again."""
         self._record_refusal(req["license_id"], req["machine_id"], code, message)
         return LeaseDenied(code, message)
 
@@ -438,6 +446,8 @@ class KeyServer:
         ):
             raise LeaseDenied("bad_request", "release request is malformed", 400)
         lid, mid = req["license_id"], req["machine_id"]
+        if self.nonces.seen_spent(lid, req["nonce"]):
+            raise _bad_nonce()
         entry = self._licensed(lid).machines.get(mid)
         if entry is None:
             raise _wrong_machine(lid, mid)
@@ -455,6 +465,7 @@ class KeyServer:
         with self._seat_lock, self.vendor.engine.begin() as c:
             self._spend_nonce(c, req["nonce"], lid)
             c.execute(_RELEASE, {"lid": lid, "mid": mid, "inst": inst})
+        self.nonces.remember_spent(lid, req["nonce"])
         return {"released": True}
 
     def live_leases(self, license_id: str) -> int:

@@ -7,6 +7,10 @@ expires > now` whose row count says whether it was outstanding: atomic on SQLite
 time) and on PostgreSQL (a second DELETE of the same row waits for the first to commit, then finds
 nothing), so a nonce is accepted once however many processes see it at the same moment.
 
+Each process also remembers the last `REPLAY_MEMORY` (license, nonce) pairs it saw spent (`seen_spent`),
+so a replayed request it has met before is refused with no database round trip and no signature or
+attestation check; the database stays the authority across processes.
+
 The table is bounded: every `SWEEP_EVERY` issues a process deletes the expired rows and, when more
 than `MAX_NONCES` remain (a flood of challenges for a known license id), the ones that expire
 first; their clients ask for a new challenge.
@@ -24,6 +28,7 @@ from .codec import b64e
 
 MAX_NONCES = 100_000  # outstanding challenges and renewal nonces (~120 bytes a row)
 SWEEP_EVERY = 256  # issues per process between sweeps of the expired rows
+REPLAY_MEMORY = 65_536  # spent (license, nonce) pairs a process remembers (~200 bytes each)
 
 _meta = sa.MetaData()
 nonces_t = sa.Table(
@@ -47,6 +52,7 @@ class NonceStore:
         self.engine, self.clock = engine, clock
         self._issued = 0
         self._lock = threading.Lock()
+        self._spent: dict[tuple[str, str], None] = {}  # insertion-ordered: the oldest is forgotten first
 
     def issue_on(self, c: sa.Connection, license_id: str, ttl: float) -> str:
         """A fresh nonce for `license_id`, valid `ttl` seconds, written in the caller's transaction."""
@@ -64,8 +70,30 @@ class NonceStore:
             return self.issue_on(c, license_id, ttl)
 
     def spend_on(self, c: sa.Connection, nonce: str, license_id: str) -> bool:
-        """True once for an outstanding, unexpired nonce of `license_id`; False after (or for any other)."""
-        return c.execute(_SPEND, {"n": nonce, "lid": license_id, "now": self.clock.time()}).rowcount == 1
+        """True once for an outstanding, unexpired nonce of `license_id`; False after (or for any other).
+        The caller calls `remember_spent` once its transaction has committed (a rollback leaves it live)."""
+        live = c.execute(_SPEND, {"n": nonce, "lid": license_id, "now": self.clock.time()}).rowcount == 1
+        if not live:  # spent, expired or never issued for this license: it cannot come back
+            self.remember_spent(license_id, nonce)
+        return live
+
+    def spend(self, nonce: str, license_id: str) -> bool:
+        """`spend_on` in a transaction of its own, remembered once committed."""
+        with self.engine.begin() as c:
+            live = self.spend_on(c, nonce, license_id)
+        if live:
+            self.remember_spent(license_id, nonce)
+        return live
+
+    def seen_spent(self, license_id: str, nonce: str) -> bool:
+        """True when this process saw `nonce` spent for `license_id` (False says nothing: ask the database)."""
+        return (license_id, nonce) in self._spent
+
+    def remember_spent(self, license_id: str, nonce: str) -> None:
+        with self._lock:
+            self._spent[(license_id, nonce)] = None
+            if len(self._spent) > REPLAY_MEMORY:
+                del self._spent[next(iter(self._spent))]
 
     def _sweep(self, c: sa.Connection) -> None:
         c.execute(_EXPIRE, {"now": self.clock.time()})
