@@ -13,8 +13,7 @@ off, as `llama-server -np N` runs). The engine's worker thread runs `Batcher.run
 3. samples each generating sequence with its own parameters, logits processors (the watermark
    stays per request) and stop strings (`worker.StopCutter`): the step's logits are one numpy view
    (`llama_get_logits`: a row per output, in batch order), plain greedy rows take one `argmax` for
-   all, a token's text and kind are looked up once per token id, and each answer's text grows by the
-   new token's bytes (not decoded again from its start); `after_step` is then called once (the engine
+   all, and each answer takes its token (`engines.pieces`); `after_step` is then called once (the engine
    process sends the step's chunks of every request as one message: `engines.child`).
 
 A request whose `SamplingParams.queue_deadline` passes while it waits for a slot ends with
@@ -46,25 +45,12 @@ import numpy as np
 
 from ..errors import CodemoatError, Overloaded
 from .base import FinishReason, SamplingParams
+from .pieces import Pieces
 from .slots import Seq, Slots
 from .worker import StopCutter, late
 
 ALIGN = 32  # prompt chunks: this many tokens, aligned to position 0 (as `llamacpp.ALIGN`)
 PENALTY_LAST_N = 64  # llama-cpp-python's `last_n_tokens_size`: the window repeat_penalty looks at
-
-
-def valid_utf8_prefix(b: bytes) -> int:
-    """Length of the longest prefix of `b` that does not end inside a UTF-8 sequence."""
-    n = len(b)
-    for back in range(1, min(4, n) + 1):
-        c = b[n - back]
-        if c & 0xC0 == 0x80:  # continuation byte: keep looking for the lead
-            continue
-        if c & 0x80 == 0:
-            return n
-        need = 2 if c & 0xE0 == 0xC0 else 3 if c & 0xF0 == 0xE0 else 4
-        return n if back >= need else n - back
-    return n
 
 
 class _Batch:
@@ -111,7 +97,6 @@ class Batcher:
         # a step's rows: the prefill budget, one chunk's overrun to its ALIGN boundary, and a token per slot
         # (a generating sequence's next one, or the last of a prompt read to its end)
         capacity = self.batch_tokens + ALIGN + 2 * parallel
-        self.vocab = engine._vocab
         self.n_vocab = engine._llm.n_vocab()
         cp = lib.llama_context_default_params()
         cp.n_ctx = slot_ctx * parallel
@@ -138,8 +123,7 @@ class Batcher:
         self.on_slots: Callable[[dict[str, int]], None] | None = None
         self.after_step: Callable[[], None] | None = None  # called after each turn of the loop (engines.child)
         self.steps = 0
-        self._piece = ctypes.create_string_buffer(256)
-        self._tokens: dict[int, tuple[bool, bool, Any]] = {}  # token id -> (end of generation, control, its text)
+        self.pieces = Pieces(lib, engine._vocab)
 
     # -- facts -------------------------------------------------------------------
     @property
@@ -388,50 +372,9 @@ class Batcher:
     def _accept(self, s: Seq, tok: int) -> None:
         s.history.append(tok)
         s.next_token = tok
-        reason = self._take(s, tok)
+        reason = self.pieces.take(s, tok)
         if reason is not None:
             self._finish(s, reason)
-
-    def _text(self, tok: int, special: bool) -> bytes:
-        n = self.lib.llama_token_to_piece(self.vocab, tok, self._piece, len(self._piece), 0, special)
-        if n < 0:  # a piece longer than the buffer: -n is its length
-            self._piece = ctypes.create_string_buffer(-n)
-            n = self.lib.llama_token_to_piece(self.vocab, tok, self._piece, len(self._piece), 0, special)
-        return self._piece.raw[: max(n, 0)]
-
-    def _token(self, tok: int) -> tuple[bool, bool, Any]:
-        """(ends generation, is a control token, its text: a control token's as str, with specials; else bytes)."""
-        facts = self._tokens.get(tok)
-        if facts is None:
-            lib = self.lib
-            control = bool(lib.llama_vocab_is_control(self.vocab, tok))
-            text = self._text(tok, True).decode("utf-8", "replace") if control else self._text(tok, False)
-            facts = self._tokens[tok] = (bool(lib.llama_vocab_is_eog(self.vocab, tok)), control, text)
-        return facts
-
-    def _take(self, s: Seq, tok: int) -> FinishReason | None:
-        """The generated token `tok`, as the one-at-a-time engine takes it; a finish reason when it ends the answer."""
-        p, cutter = s.params, s.cutter
-        assert cutter is not None
-        eog, control, text = self._token(tok)
-        if eog:
-            return "stop"
-        s.n_gen += 1
-        if control:
-            # a control token is never text; one that a stop string names ends the answer
-            if text in p.stop:
-                return "stop"
-        elif text:
-            raw = s.tail + text
-            n = valid_utf8_prefix(raw)
-            if n:
-                s.text += raw[:n].decode("utf-8", "replace")
-            s.tail = raw[n:]
-        if cutter.feed(s.text, tok):
-            return "stop"
-        if s.n_gen >= p.max_tokens:
-            return "length"
-        return None
 
     def _release(self, s: Seq) -> None:
         if s in self.active:

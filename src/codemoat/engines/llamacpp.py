@@ -24,7 +24,7 @@ from ..errors import CodemoatError
 from .base import Chunk, FinishReason, SamplingParams
 from .memfd import MemfdBuffer
 from .batch import ALIGN, Batcher, Seq
-from .batch import valid_utf8_prefix as _valid_utf8_prefix
+from .pieces import valid_utf8_prefix as _valid_utf8_prefix
 from .worker import StopCutter, WorkerEngine
 
 
