@@ -30,3 +30,17 @@ def test_swap_takes_a_bearer_token_never_the_console_cookie(home, tiny_llm):
         r = c.post("/admin/api/model/swap", json={"adapter": "fee"}, headers={"Authorization": f"Bearer {admin}"})
         assert r.status_code == 400 and "adapter" in r.text and "Traceback" not in r.text, r.text  # it ran, and failed
         assert _swaps(url) == ["update swap_failed"]
+
+
+def test_swap_body_that_is_not_json_text_is_a_400(home, tiny_llm):
+    """An admin's hostile or broken body: deep nesting was a 500 (RecursionError), a lone surrogate in the
+    model path a 500 (UnicodeEncodeError while answering); both a one-line 400 now."""
+    url = f"sqlite:///{home / 'codemoat.db'}"
+    app, accounts = make(url, tiny_llm)
+    _, admin = accounts.create_token("root", user="root", scopes=("admin",))
+    h = {"Authorization": f"Bearer {admin}", "content-type": "application/json"}
+    with TestClient(app, base_url="http://testserver", raise_server_exceptions=False) as c:
+        for raw in (b"[" * 100_000 + b"]" * 100_000, b'{"model": "\\ud800"}', b'{"model": "/m.gguf", "license": "\\udfff"}'):
+            r = c.post("/admin/api/model/swap", content=raw, headers=h)
+            assert r.status_code == 400 and "Traceback" not in r.text, (raw[:30], r.status_code, r.text[:200])
+        assert app.state.trust.log.verify().ok
