@@ -15,33 +15,16 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from codemoat.accounts import Accounts
 from codemoat.config import load_settings
-from codemoat.db import open_db
 from codemoat.engines.base import SamplingParams
-from codemoat.engines.holder import ModelHolder
 from codemoat.engines.llamacpp import LlamaCppEngine
 from codemoat.errors import CodemoatError
-from codemoat.serve.app import create_app
+from enginehelp import batched_engine, greedy, run, served
+
+engine = batched_engine  # the module's fixture: one batched engine of 2 slots
 
 # a payments file with a secret in it: what the contractor must not learn that someone sent
 SECRET_FILE = "".join(f"PAYMENTS_KEY_{i} = 'sk_live_{i:04d}abcdefghij'\n" for i in range(12)) + "def charge(amount):\n"
-
-
-def run(coro, timeout: float = 60):
-    return asyncio.run(asyncio.wait_for(coro, timeout))
-
-
-def greedy(**kw) -> SamplingParams:
-    return SamplingParams(**{"max_tokens": 8, "temperature": 0, **kw})
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_gguf):
-    """One batched engine (2 slots) for the module; each test uses prompts of its own."""
-    e = LlamaCppEngine.from_path(tiny_gguf, model_id="tiny", n_ctx=512, n_threads=1, parallel=2)
-    yield e
-    e.close()
 
 
 def reused(engine, prompt: str, **kw) -> int:
@@ -87,17 +70,10 @@ def test_the_one_at_a_time_engine_keeps_caches_apart_too(tiny_gguf):
 def app_client(engine):
     """The real app over the module's engine, with tokens for alice and bob (two users of one server)."""
 
-    class Keep(ModelHolder):
-        def close(self):  # the module's engine outlives each app
-            pass
-
-    accounts = Accounts(open_db())
-    holder = Keep("tiny")
-    holder.set(engine)
-    tokens = {u: accounts.create_token(u)[1] for u in ("alice", "bob")}
-    tokens["scraper"] = accounts.create_token("scraper", scopes=["metrics"])[1]
-    with TestClient(create_app(load_settings(), holder=holder, accounts=accounts)) as c:
-        c.tokens, c.holder = tokens, holder
+    app, tokens = served(engine, users=("alice", "bob"))
+    tokens["scraper"] = app.state.accounts.create_token("scraper", scopes=["metrics"])[1]
+    with TestClient(app) as c:
+        c.tokens, c.holder = tokens, app.state.holder
         yield c
 
 
@@ -459,19 +435,7 @@ def test_a_users_flood_is_refused_before_its_prompts_are_built(engine):
     which building refuses with a 400, shows the order); another user's same request is built (the 400)."""
     import httpx
 
-    from codemoat.config import load_settings as settings_with
-
-    class Keep(ModelHolder):
-        def close(self):
-            pass
-
-    holder = Keep("tiny")
-    holder.set(engine)
-    accounts = Accounts(open_db())
-    tok = {u: accounts.create_token(u)[1] for u in ("contractor", "payments")}
-    app = create_app(
-        settings_with(**{"server.max_concurrent": 1, "server.max_waiting_per_user": 1}), holder=holder, accounts=accounts
-    )
+    app, tok = served(engine, users=("contractor", "payments"), **{"server.max_concurrent": 1, "server.max_waiting_per_user": 1})
     svc = app.state.service
     huge = {"model": "tiny", "prompt": "x = 1\n" * 3000, "max_tokens": 8}
 

@@ -20,6 +20,7 @@ import pytest
 from codemoat.engines.base import SamplingParams
 from codemoat.engines.llamacpp import LlamaCppEngine
 from conftest import create_token
+from enginehelp import run
 
 HERE = Path(__file__).parent
 PROMPTS = [
@@ -44,10 +45,6 @@ def mixed(i: int) -> SamplingParams:
         greedy(repeat_penalty=1.3),
         greedy(stop=["\n"]),
     ][i % 4]
-
-
-def run(coro):
-    return asyncio.run(coro)
 
 
 async def together(eng, jobs):

@@ -1,6 +1,5 @@
 """The llama.cpp engine on a real GGUF: generation, sampling controls, memfd loading, cancellation."""
 
-import asyncio
 import os
 
 import numpy as np
@@ -10,6 +9,7 @@ from codemoat.engines.base import PromptTooLong, SamplingParams
 from codemoat.engines.llamacpp import LlamaCppEngine, _valid_utf8_prefix
 from codemoat.engines.memfd import F_SEAL_GROW, F_SEAL_SHRINK, MemfdBuffer
 from codemoat.errors import CodemoatError
+from enginehelp import run
 
 
 @pytest.fixture(scope="module")
@@ -17,10 +17,6 @@ def engine(random_gguf):
     e = LlamaCppEngine.from_path(random_gguf, n_ctx=512, n_threads=1)
     yield e
     e.close()
-
-
-def run(coro):
-    return asyncio.run(coro)
 
 
 def test_facts(engine):

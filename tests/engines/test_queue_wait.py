@@ -14,46 +14,13 @@ import time
 import httpx
 import pytest
 
-from codemoat.accounts import Accounts
-from codemoat.config import load_settings
-from codemoat.db import open_db
 from codemoat.engines.base import SamplingParams
-from codemoat.engines.holder import ModelHolder
 from codemoat.engines.llamacpp import LlamaCppEngine
 from codemoat.engines.supervised import SupervisedEngine
 from codemoat.errors import Overloaded
-from codemoat.serve.app import create_app
+from enginehelp import batched_engine, greedy, run, served
 
-
-def run(coro, timeout: float = 120):
-    return asyncio.run(asyncio.wait_for(coro, timeout))
-
-
-def greedy(**kw) -> SamplingParams:
-    return SamplingParams(**{"max_tokens": 8, "temperature": 0, **kw})
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_gguf):
-    e = LlamaCppEngine.from_path(tiny_gguf, model_id="tiny", n_ctx=512, n_threads=1, parallel=2)
-    yield e
-    e.close()
-
-
-class _Keep(ModelHolder):
-    """Holds the module's engine without closing it when an app is done with it."""
-
-    def close(self):
-        pass
-
-
-def _served(engine, **settings) -> tuple:
-    """An app over the module's engine with `settings`, and a bearer token it accepts."""
-    holder = _Keep("tiny")
-    holder.set(engine)
-    accounts = Accounts(open_db())
-    token = accounts.create_token("payments")[1]
-    return create_app(load_settings(**settings), holder=holder, accounts=accounts), token
+engine = batched_engine  # the module's fixture: one batched engine of 2 slots
 
 
 def test_a_request_still_waiting_for_a_slot_at_its_deadline_is_refused_and_takes_none(engine):
@@ -154,7 +121,8 @@ def test_each_protocol_gets_its_own_overloaded_error_after_the_wait_limit(engine
     protocol's request, streamed or not, is answered after ~0.2 s with 503, Retry-After, and the body its
     client parses."""
 
-    app, token = _served(engine, **{"server.max_concurrent": 1, "server.max_queue_wait_s": 0.2})
+    app, tokens = served(engine, **{"server.max_concurrent": 1, "server.max_queue_wait_s": 0.2})
+    token = tokens["payments"]
     svc = app.state.service
 
     async def go():
@@ -209,7 +177,8 @@ def test_a_streamed_request_whose_client_hangs_up_while_it_waits_gives_its_place
     connection would have kept it queued, then generated for nobody."""
     import uvicorn
 
-    app, token = _served(engine, **{"server.max_concurrent": 1})
+    app, tokens = served(engine, **{"server.max_concurrent": 1})
+    token = tokens["payments"]
     svc = app.state.service
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port, log_level="warning"))
     url, h = f"http://127.0.0.1:{free_port}", {"Authorization": f"Bearer {token}"}

@@ -1,6 +1,5 @@
 """The transformers engine on a micro model: loading from bytes, sampling options, stops, processors, cancellation."""
 
-import asyncio
 import json
 
 import numpy as np
@@ -13,6 +12,7 @@ from codemoat.engines.base import PromptTooLong, SamplingParams  # noqa: E402
 from codemoat.engines.transformers_engine import TransformersEngine, sample_token  # noqa: E402
 from codemoat.errors import CodemoatError  # noqa: E402
 from codemoat.train.micro import build_micro_gguf  # noqa: E402
+from enginehelp import run  # noqa: E402
 
 PROMPT = "def decode(self, s):\n    "
 
@@ -27,10 +27,6 @@ def eng(hf_dir):
     e = TransformersEngine.from_dir(hf_dir, n_threads=1)
     yield e
     e.close()
-
-
-def run(coro):
-    return asyncio.run(coro)
 
 
 def test_registry_and_from_bytes(hf_dir, eng):

@@ -1,0 +1,51 @@
+"""What the engine tests share: `run` a coroutine with a deadline, `greedy` parameters, the module's
+batched engine fixture, and `served`: the real app over an engine that outlives it."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from codemoat.accounts import Accounts
+from codemoat.config import load_settings
+from codemoat.db import open_db
+from codemoat.engines.base import SamplingParams
+from codemoat.engines.holder import ModelHolder
+from codemoat.engines.llamacpp import LlamaCppEngine
+from codemoat.serve.app import create_app
+
+
+def run(coro, timeout: float = 120):
+    """Run `coro` on a new event loop; a test that hangs fails after `timeout` seconds."""
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+def greedy(**kw) -> SamplingParams:
+    """Greedy sampling, 8 tokens unless `max_tokens` says otherwise."""
+    return SamplingParams(**{"max_tokens": 8, "temperature": 0, **kw})
+
+
+@pytest.fixture(scope="module")
+def batched_engine(tiny_gguf):
+    """One batched engine (2 slots) on the bundled model for the test module; each test uses prompts of its own.
+    A module takes it as its `engine` with `engine = batched_engine`."""
+    e = LlamaCppEngine.from_path(tiny_gguf, model_id="tiny", n_ctx=512, n_threads=1, parallel=2)
+    yield e
+    e.close()
+
+
+class _Keep(ModelHolder):
+    """Holds the module's engine without closing it when an app is done with it."""
+
+    def close(self):
+        pass
+
+
+def served(engine, users=("payments",), **settings) -> tuple:
+    """The real app over `engine` with `settings`, and a bearer token it accepts for each of `users`."""
+    holder = _Keep("tiny")
+    holder.set(engine)
+    accounts = Accounts(open_db())
+    tokens = {u: accounts.create_token(u)[1] for u in users}
+    return create_app(load_settings(**settings), holder=holder, accounts=accounts), tokens
