@@ -27,6 +27,7 @@ _MODULES = (
     "directory_cmd",
     "tpm_cmd",
     "updates_cmd",
+    "crl_cmd",
 )
 for _m in _MODULES:
     importlib.import_module(f"codemoat.cli.{_m}")

@@ -5,7 +5,8 @@
 The signature is Ed25519 over "codemoat-license-v1\\0" + the canonical JSON of "license".
 An offline license carries the content key wrapped to the machine's X25519 key; a lease
 license names the key server and its public key instead (codemoat.vault.lease). Verifying
-checks, in order: signature, vendor, model, customer, machine key, hardware facts, clock.
+checks, in order: signature, vendor, revocation (the vendor's installed CRL, codemoat.vault.crl),
+model, customer, machine key, hardware facts, clock.
 A machine entry with a "tpm" block (`binding: "tpm"`) binds to the chip: an offline content key
 is wrapped to its P-256 unwrap key (codemoat.vault.tpmwrap) under the PCR policy named there, and
 only that chip, with those PCR values, can unwrap it; a lease for it needs a fresh quote.
@@ -26,6 +27,7 @@ from .. import paths
 from .clock import ClockGuard, iso
 from .codec import VaultError, b64d, b64e, canonical, ed_public, key_id, public_raw, sign, unwrap, verify, wrap, x_public
 from .container import SealedFile, content_key_id
+from .crl import check_revoked
 from .machine import POLICIES, MachineKey, check_tpm_block, match_facts
 from .snpbind import check_snp_block
 from .tpmwrap import unwrap_p256, wrap_p256
@@ -329,6 +331,7 @@ def check(lic: License, sealed: SealedFile, machine: MachineKey, guard: ClockGua
             f"license (vendor {lic.vendor_key_id}) and sealed file (vendor {sealed.vendor_key_id}) come from different vendors"
         )
     check_trusted_vendor(b["vendor_key"], trust_path)
+    check_revoked(b, machine.id, trust_path.parent if trust_path else None)  # the vendor's installed CRL
     if b["model"]["file_id"] != m.file_id or b["model"]["manifest_sha256"] != sealed.manifest_sha256:
         raise VaultError(f"license is for another model (sealed file {b['model']['file_id'][:12]}…, this is {m.file_id[:12]}…)")
     if b["customer_id"] != m.customer_id or b["customer"] != m.customer:

@@ -56,3 +56,12 @@ leases_t = sa.Table(
     sa.Column("renewed_at", sa.Float),
     sa.Column("renewals", sa.Integer),
 )
+revocations_t = sa.Table(
+    "vault_revocations",
+    _meta,
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("kind", sa.String(16)),
+    sa.Column("subject", sa.String(128)),
+    sa.Column("reason", sa.Text),
+    sa.Column("revoked_at", sa.Integer),
+)

@@ -1,0 +1,216 @@
+"""Revocation lists (CRLs) for licenses the key server never sees: the vendor revokes a license or a
+machine offline, the customer installs the signed list, and a revoked license refuses to start.
+
+    {"kind": "codemoat-crl", "version": 1, "crl": {...}, "signature": base64}
+
+`crl` is {"number", "issued_at", "vendor_key", "revoked": [{"kind", "id", "reason", "revoked_at"}, ...]};
+the signature is Ed25519 by the vendor's signing key (the one that signs licenses) over
+"codemoat-crl-v1\\0" + the canonical JSON of `crl` (docs/formats.md). Every CRL lists every revocation
+so far: it replaces the installed one, never adds to it. Its number is the highest revocation sequence
+number in the vendor database, so a later CRL has a higher one; a machine refuses a CRL numbered below
+the one it holds (an old list would un-revoke), one with the same number and other contents, one
+signed by a vendor key it does not trust, and any edited one (the signature).
+
+A machine keeps one CRL per vendor key, `$CODEMOAT_HOME/crl/<vendor key id>.crl`; `license.check`
+(serve, verify, updates) reads it and verifies it again, so an edited file refuses to start (fail
+closed). Deleting the file, or never installing the CRL, is not detected: docs/threat-model.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+from .. import paths
+from ..errors import NotFound
+from .clock import iso
+from .codec import VaultError, b64d, b64e, canonical, ed_public, key_id, sign, verify
+from .vendor_tables import leases_t, licenses_t, revocations_t
+
+KIND = "codemoat-crl"
+VERSION = 1
+DOMAIN = b"codemoat-crl-v1"
+KINDS = ("license", "machine")
+MAX_ID = 128
+MAX_REASON = 500
+
+
+def _check_reason(reason: Any) -> str:
+    if not isinstance(reason, str) or not 0 < len(reason) <= MAX_REASON or any(ord(ch) < 32 for ch in reason):
+        raise VaultError(f"a revocation reason is one line of 1 to {MAX_REASON} characters")
+    return reason
+
+
+# -- vendor side ---------------------------------------------------------------
+def revoke(
+    vendor: Any, *, licenses: Iterable[str] = (), machines: Iterable[str] = (), reason: str, now: int | None = None
+) -> int:
+    """Record revocations (a license is also revoked for leases, its seats freed); the new CRL number.
+    A subject already revoked is not listed twice (the number stays when nothing is new)."""
+    _check_reason(reason)
+    now = int(time.time()) if now is None else now
+    with vendor.engine.begin() as c:
+        listed = {(r.kind, r.subject) for r in c.execute(sa.select(revocations_t.c.kind, revocations_t.c.subject))}
+        for kind, subjects in (("license", licenses), ("machine", machines)):
+            for s in subjects:
+                if not isinstance(s, str) or not 0 < len(s) <= MAX_ID:
+                    raise VaultError(f"a {kind} id is 1 to {MAX_ID} characters")
+                if kind == "license":
+                    upd = licenses_t.update().where(licenses_t.c.id == s)
+                    if not c.execute(upd.values(revoked_at=sa.func.coalesce(licenses_t.c.revoked_at, now))).rowcount:
+                        raise NotFound(f"no license {s}")
+                    c.execute(leases_t.delete().where(leases_t.c.license_id == s))
+                if (kind, s) not in listed:
+                    listed.add((kind, s))
+                    c.execute(revocations_t.insert().values(kind=kind, subject=s, reason=reason, revoked_at=now))
+        return c.execute(sa.select(sa.func.coalesce(sa.func.max(revocations_t.c.seq), 0))).scalar_one()
+
+
+def build(vendor: Any, now: int | None = None) -> dict[str, Any]:
+    """The vendor's current CRL document (every revocation so far), signed."""
+    with vendor.engine.connect() as c:
+        rows = c.execute(sa.select(revocations_t).order_by(revocations_t.c.seq)).all()
+    body = {
+        "number": rows[-1].seq if rows else 0,
+        "issued_at": int(time.time()) if now is None else now,
+        "vendor_key": vendor.vendor_key_b64,
+        "revoked": [{"kind": r.kind, "id": r.subject, "reason": r.reason, "revoked_at": r.revoked_at} for r in rows],
+    }
+    return {"kind": KIND, "version": VERSION, "crl": body, "signature": b64e(sign(vendor.signing_key, DOMAIN, canonical(body)))}
+
+
+# -- machine side --------------------------------------------------------------
+@dataclass
+class Crl:
+    """A parsed CRL whose signature holds for the vendor key it names."""
+
+    body: dict[str, Any]
+
+    @property
+    def number(self) -> int:
+        return self.body["number"]
+
+    @property
+    def vendor_key_id(self) -> str:
+        return key_id(b64d(self.body["vendor_key"]))
+
+    @classmethod
+    def parse(cls, data: bytes) -> Crl:
+        try:
+            doc = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            raise VaultError("CRL is not valid JSON") from None
+        if not isinstance(doc, dict) or doc.get("kind") != KIND:
+            raise VaultError("not a codemoat CRL")
+        if doc.get("version") != VERSION:
+            raise VaultError(f"CRL version {doc.get('version')!r} is not supported")
+        body = doc.get("crl")
+        if not isinstance(body, dict):
+            raise VaultError("CRL body is missing")
+        try:
+            signed = canonical(body)
+        except (ValueError, RecursionError):
+            raise VaultError("CRL body is not canonical JSON") from None
+        verify(
+            ed_public(body.get("vendor_key"), "CRL vendor key"),
+            b64d(doc.get("signature"), "CRL signature"),
+            DOMAIN,
+            signed,
+            "CRL",
+        )
+        _check_shape(body)
+        return cls(body)
+
+    def find(self, kind: str, subject: str) -> dict[str, Any] | None:
+        return next((e for e in self.body["revoked"] if e["kind"] == kind and e["id"] == subject), None)
+
+
+def _check_shape(b: dict[str, Any]) -> None:
+    def whole(v: Any) -> bool:
+        return type(v) is int and v >= 0
+
+    rev = b.get("revoked")
+    if not (whole(b.get("number")) and whole(b.get("issued_at")) and isinstance(rev, list)):
+        raise VaultError("CRL fields 'number', 'issued_at' or 'revoked' are missing or malformed")
+    for e in rev:
+        if not (
+            isinstance(e, dict)
+            and e.get("kind") in KINDS
+            and isinstance(e.get("id"), str)
+            and isinstance(e.get("reason"), str)
+            and whole(e.get("revoked_at"))
+        ):
+            raise VaultError("CRL entry is malformed")
+
+
+def installed_path(vendor_key_b64: str, home: Path | None = None) -> Path:
+    return (home or paths.home()) / "crl" / f"{key_id(b64d(vendor_key_b64, 'vendor key'))}.crl"
+
+
+def _installed(vendor_key_b64: str, home: Path | None) -> Crl | None:
+    """The CRL installed for this vendor key, verified again; None when there is none."""
+    p = installed_path(vendor_key_b64, home)
+    try:
+        data = p.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise VaultError(f"cannot read the installed CRL {p}: {e.strerror}") from None
+    try:
+        crl = Crl.parse(data)
+    except VaultError as e:
+        raise VaultError(f"the installed CRL {p} does not verify ({e}): install the vendor's latest CRL again") from None
+    if crl.body["vendor_key"] != vendor_key_b64:
+        raise VaultError(f"the installed CRL {p} is another vendor's: install the vendor's latest CRL again")
+    return crl
+
+
+def install(data: bytes, home: Path | None = None) -> tuple[Crl, bool]:
+    """Verify and install a CRL for a vendor this machine trusts; (the CRL, False when already installed)."""
+    from .license import TRUST_FILE
+
+    crl = Crl.parse(data)
+    vk = crl.body["vendor_key"]
+    trust = (home or paths.home()) / TRUST_FILE
+    try:
+        trusted = json.loads(trust.read_text())
+    except (OSError, ValueError):
+        trusted = []
+    if not isinstance(trusted, list) or vk not in trusted:
+        raise VaultError(f"CRL is signed by vendor key {crl.vendor_key_id}, which this machine does not trust ({trust})")
+    old = _installed(vk, home)
+    if old is not None:
+        if crl.number < old.number:
+            raise VaultError(
+                f"CRL number {crl.number} is older than the installed one ({old.number}): a CRL cannot be rolled back"
+            )
+        if crl.number == old.number:
+            if canonical(crl.body["revoked"]) != canonical(old.body["revoked"]):
+                raise VaultError(f"a different CRL with the same number ({crl.number}) is installed: refused")
+            return old, False
+    p = installed_path(vk, home)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, p)
+    return crl, True
+
+
+def check_revoked(lic: dict[str, Any], machine_id: str, home: Path | None = None) -> None:
+    """Refuse a license (or this machine) the installed CRL of its vendor revokes, naming the reason."""
+    crl = _installed(lic["vendor_key"], home)
+    if crl is None:
+        return
+    for kind, subject in (("license", lic["id"]), ("machine", machine_id)):
+        e = crl.find(kind, subject)
+        if e is not None:
+            raise VaultError(
+                f"{kind} {subject} was revoked by the vendor on {iso(e['revoked_at'])}: {e['reason']} (CRL {crl.number})"
+            )

@@ -1,0 +1,184 @@
+"""CRLs for offline licenses (vault.crl): the vendor revokes a license or a machine without reaching it;
+the machine installs the signed list and a revoked license refuses to start, naming the reason.
+Attacker's cases: an older CRL over a newer one, another vendor's, an edited one (in transit or once
+installed), one with the same number and other contents."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+
+from codemoat.vault import crl
+from codemoat.vault.codec import VaultError
+from codemoat.vault.vendor import Vendor
+from codemoat.vault.verify import verify_bundle
+from vaulthelp import bundle, cli, one_line_error
+
+
+@pytest.fixture
+def model(tmp_path):
+    p = tmp_path / "m.gguf"
+    p.write_bytes(b"GGUF" + os.urandom(20_000))
+    return p
+
+
+@pytest.fixture
+def offline(vendor, machine, model, tmp_path):
+    """A sealed model and offline license this machine has opened once (so it trusts the vendor)."""
+    moat, lic, doc = bundle(vendor, model, tmp_path / "out", machine)
+    assert verify_bundle(moat, lic)["ok"]
+    return moat, lic, doc["license"]["id"]
+
+
+def _crl(vendor, tmp_path, name: str, **revoke) -> bytes:
+    if revoke:
+        crl.revoke(vendor, **revoke)
+    p = tmp_path / name
+    p.write_text(json.dumps(crl.build(vendor)))
+    return p.read_bytes()
+
+
+def test_a_revoked_license_refuses_to_start_with_the_reason(vendor, offline, tmp_path):
+    moat, lic, lid = offline
+    data = _crl(vendor, tmp_path, "1.crl", licenses=[lid], reason="customer contract ended")
+    got, new = crl.install(data)
+    assert new and got.number == 1
+    with pytest.raises(VaultError, match=f"license {lid} was revoked by the vendor on .*: customer contract ended \\(CRL 1\\)"):
+        verify_bundle(moat, lic)
+    assert vendor.license_row(lid).revoked_at  # its leases end too, at the key server
+
+
+def test_a_revoked_machine_refuses_every_license_on_it(vendor, machine, offline, tmp_path):
+    moat, lic, _ = offline
+    crl.install(_crl(vendor, tmp_path, "m.crl", machines=[machine.id], reason="appliance reported stolen"))
+    with pytest.raises(VaultError, match=f"machine {machine.id} was revoked .*appliance reported stolen"):
+        verify_bundle(moat, lic)
+
+
+def test_a_crl_naming_others_leaves_this_license_serving(vendor, offline, tmp_path):
+    moat, lic, _ = offline
+    crl.install(_crl(vendor, tmp_path, "o.crl", machines=["m_someone_else"], reason="lost"))
+    assert verify_bundle(moat, lic)["ok"]
+
+
+def test_an_older_crl_cannot_replace_a_newer_one(vendor, offline, tmp_path):
+    """Anti-rollback: installing an old list (from before the revocation) would un-revoke the license."""
+    moat, lic, lid = offline
+    old = _crl(vendor, tmp_path, "old.crl", machines=["m_other"], reason="lost")
+    new = _crl(vendor, tmp_path, "new.crl", licenses=[lid], reason="unpaid")
+    assert crl.install(new)[1]
+    with pytest.raises(VaultError, match="CRL number 1 is older than the installed one \\(2\\): a CRL cannot be rolled back"):
+        crl.install(old)
+    with pytest.raises(VaultError, match="unpaid"):
+        verify_bundle(moat, lic)
+    assert crl.install(new) == (crl.Crl.parse(new), False)  # the same list again: nothing to do
+
+
+def test_a_crl_signed_by_another_vendor_key_is_refused(offline, tmp_path):
+    other = Vendor.init(tmp_path / "other-vendor")
+    try:
+        with pytest.raises(VaultError, match="which this machine does not trust"):
+            crl.install(_crl(other, tmp_path, "x.crl", machines=["m_x"], reason="x"))
+    finally:
+        other.close()
+
+
+def test_an_edited_crl_is_refused(vendor, offline, tmp_path):
+    """A revocation taken out (or a reason or number changed) after signing fails the vendor's signature."""
+    moat, lic, lid = offline
+    doc = json.loads(_crl(vendor, tmp_path, "t.crl", licenses=[lid], reason="unpaid"))
+    for edit in (
+        lambda b: b.update(revoked=[]),
+        lambda b: b.update(number=99),
+        lambda b: b["revoked"][0].update(id="lic_other"),
+    ):
+        bad = json.loads(json.dumps(doc))
+        edit(bad["crl"])
+        with pytest.raises(VaultError, match="CRL: bad signature"):
+            crl.install(json.dumps(bad).encode())
+    forged = dict(doc, crl=dict(doc["crl"], number=doc["crl"]["number"] + 1, revoked=[]))
+    with pytest.raises(VaultError, match="bad signature"):  # a higher number cannot be made up either
+        crl.install(json.dumps(forged).encode())
+    assert verify_bundle(moat, lic)["ok"]  # nothing was installed
+
+
+def test_an_installed_crl_edited_on_disk_refuses_to_start(vendor, offline, tmp_path):
+    """Fail closed: taking the license out of the installed file breaks its signature, and start is refused."""
+    moat, lic, lid = offline
+    got, _ = crl.install(_crl(vendor, tmp_path, "d.crl", licenses=[lid], reason="unpaid"))
+    p = crl.installed_path(got.body["vendor_key"])
+    doc = json.loads(p.read_text())
+    doc["crl"]["revoked"] = []
+    p.write_text(json.dumps(doc))
+    with pytest.raises(VaultError, match="the installed CRL .* does not verify"):
+        verify_bundle(moat, lic)
+
+
+def test_a_different_crl_with_the_same_number_is_refused(vendor, offline, tmp_path):
+    """Two signed lists with one number exist only if the vendor database was rolled back; neither replaces the other."""
+    crl.install(_crl(vendor, tmp_path, "a.crl", machines=["m_a"], reason="a"))
+    body = crl.build(vendor)["crl"]
+    body["revoked"] = [dict(body["revoked"][0], id="m_b")]
+    from codemoat.vault.codec import b64e, canonical, sign
+
+    same = {"kind": crl.KIND, "version": 1, "crl": body, "signature": b64e(sign(vendor.signing_key, crl.DOMAIN, canonical(body)))}
+    with pytest.raises(VaultError, match="a different CRL with the same number \\(1\\)"):
+        crl.install(json.dumps(same).encode())
+
+
+def test_cli_revoke_install_and_refusal_are_one_line_each(vendor, offline, tmp_path):
+    moat, lic, lid = offline
+    out = tmp_path / "rev.crl"
+    vendor.close()  # the CLI opens the vendor directory itself
+    p = cli(
+        "vendor",
+        "revoke",
+        "--vendor",
+        str(vendor.root),
+        "--license",
+        lid,
+        "--reason",
+        "licence terminated",
+        "--out",
+        str(out),
+        "--json",
+    )
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout) == {"number": 1, "revoked": 1, "file": str(out)}
+    p = cli("license", "crl", "install", str(out))
+    assert p.returncode == 0 and "CRL 1 (1 revoked) installed" in p.stdout, p.stderr
+    line = one_line_error(cli("verify", "--model", str(moat), "--license", str(lic)))
+    assert f"license {lid} was revoked by the vendor" in line and "licence terminated" in line
+    shown = json.loads(cli("license", "crl", "show", "--json").stdout)
+    assert [(r["kind"], r["id"], r["reason"]) for r in shown] == [("license", lid, "licence terminated")]
+    p = cli("vendor", "revoke", "--vendor", str(vendor.root), "--license", "lic_nope", "--out", str(tmp_path / "x.crl"))
+    assert "no license lic_nope" in one_line_error(p)
+    bad = tmp_path / "bad.crl"
+    bad.write_text("{not json")
+    assert "CRL is not valid JSON" in one_line_error(cli("license", "crl", "install", str(bad)))
+    assert "cannot read CRL" in one_line_error(cli("license", "crl", "install", str(tmp_path / "missing.crl")))
+
+
+def test_a_revoked_offline_license_does_not_serve(vendor, offline, tmp_path):
+    """`codemoat serve` on a revoked license stops at start with the reason (one line), before any model loads."""
+    moat, lic, lid = offline
+    data = _crl(vendor, tmp_path, "s.crl", licenses=[lid], reason="licence terminated")
+    crl.install(data)
+    p = cli("serve", "--model", str(moat), "--license", str(lic), "--port", "1")
+    line = one_line_error(p)
+    assert f"license {lid} was revoked" in line and "licence terminated" in line
+
+
+def test_revocations_are_numbered_in_order_and_listed_once(vendor, offline, tmp_path):
+    _, _, lid = offline
+    assert crl.build(vendor)["crl"]["number"] == 0
+    assert crl.revoke(vendor, licenses=[lid], reason="a", now=int(time.time())) == 1
+    assert crl.revoke(vendor, licenses=[lid], reason="again") == 1  # already listed: nothing new
+    assert crl.revoke(vendor, machines=["m_1", "m_2"], reason="b") == 3
+    assert [e["id"] for e in crl.build(vendor)["crl"]["revoked"]] == [lid, "m_1", "m_2"]
+    for bad in ("", "two\nlines", "x" * 501):
+        with pytest.raises(VaultError, match="one line"):
+            crl.revoke(vendor, machines=["m_3"], reason=bad)
