@@ -71,3 +71,36 @@ def test_a_client_that_never_reads_does_not_hold_back_a_revocation(daemon):
         pass
     hostile.close()
     honest.close()
+
+
+def test_a_model_closed_while_it_is_handed_out_never_sends_another_file(tmp_path):
+    """Before: vaultd looked the offer up under its lock but sent `offer.fd` after letting go of it, so a
+    model revoked and closed in between (license expiry, lease loss, a newer adapter version) sent
+    whatever file the process opened next under that descriptor number: here a file of vaultd's own
+    (in vaultd: the machine key being read, a key-server socket, another serve's connection)."""
+    buf = MemfdBuffer.from_bytes(b"GGUF" + bytes(4092), name="test-model")
+    secret = tmp_path / "machine.key"
+    secret.write_bytes(b"the machine key")
+    d = VaultDaemon(tmp_path / "vault.sock", allow_uids={os.getuid()}).start()
+    opened: list[int] = []
+
+    def key_then_withdrawn() -> None:  # runs between the look-up and the send, as another thread could
+        d.revoke("acme-coder", "license expired")
+        buf.close()
+        opened.append(os.open(secret, os.O_RDONLY))  # the lowest free number: the one just closed
+        return None
+
+    d.offer(Offer("acme-coder", buf.fd, buf.size, {}, watermark_key=key_then_withdrawn))
+    try:
+        try:
+            got = VaultClient.connect(d.path).fetch("acme-coder")
+        except Exception as e:  # refused: nothing was handed out
+            assert "not available" in str(e) or "without a model file" in str(e), e
+        else:
+            target = os.readlink(f"/proc/self/fd/{got.fd}")
+            os.close(got.fd)
+            assert "memfd:test-model" in target, f"vaultd handed out {target}"
+    finally:
+        d.close()
+        for fd in opened:
+            os.close(fd)

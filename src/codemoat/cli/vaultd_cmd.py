@@ -116,6 +116,9 @@ class VendorAdapters:
         self._lock = threading.Lock()
 
     def __call__(self, model_id: str):
+        import dataclasses
+        import os
+
         from ..engines.memfd import MemfdBuffer
         from ..updates.adapters import current, open_installed
         from ..vault.daemon import Offer
@@ -126,7 +129,7 @@ class VendorAdapters:
         with self._lock:
             held = self._held.get(name)
             if held is not None and held[0].facts["bundle_id"] == current(name)["bundle_id"]:
-                return held[0]
+                return dataclasses.replace(held[0], fd=os.dup(held[0].fd))  # the daemon's to close once sent
             a = open_installed(name)
             buf = MemfdBuffer.from_bytes(a.gguf, name=f"codemoat-adapter-{name}")
             facts = {
@@ -138,9 +141,9 @@ class VendorAdapters:
                 "base_sha256": a.base_sha256,  # serve checks it against the base it serves
             }
             self._held[name] = (Offer(model_id, buf.fd, buf.size, facts), buf)
-            if held is not None:
+            if held is not None:  # answers being sent hold their own copies of its descriptor
                 held[1].close(zero=False)
-            return self._held[name][0]
+            return dataclasses.replace(self._held[name][0], fd=os.dup(buf.fd))
 
     def close(self) -> None:
         with self._lock:
@@ -218,6 +221,7 @@ def vaultd(
     finally:
         # Stopping vaultd: under an offline license running serves keep their model (they cannot load
         # again until vaultd is back); a lease is given back, so its serves are told to unload.
+        daemon.withdraw_all("the vault daemon is stopping")  # nothing handed out once the copies close
         for h in holders:
             held = h._engine
             if isinstance(held, HeldCopy) and h.status.license is not None and h.status.license.license_mode != "lease":

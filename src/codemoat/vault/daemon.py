@@ -136,7 +136,8 @@ class VaultDaemon:
     ):
         self.path = str(path)
         #: asked for an id nothing was offered under (vaultd: `update:NAME`, an installed vendor
-        #: adapter, opened at the first request and again when a newer version is installed)
+        #: adapter, opened at the first request and again when a newer version is installed); the
+        #: Offer it returns holds a descriptor of its own (a dup), which the daemon closes once sent
         self.resolve = resolve
         self.allow_uids, self.allow_groups = set(allow_uids or ()), set(allow_groups or ())
         self.group = group
@@ -296,22 +297,38 @@ class VaultDaemon:
         with self._lock:
             offer, gone = self._offers.get(mid), self._gone.get(mid)
             known = sorted(self._offers)
-        if offer is None and gone is None and self.resolve is not None:
-            try:
-                offer = self.resolve(mid)
-            except CodemoatError as e:
-                _send(conn, {"ok": False, "error": f"{mid!r} is not available: {e}"})
+            # this answer's own descriptor, taken while the offer is current: its owner revokes it (under
+            # this lock) and then closes the offer's fd, whose number the next open() anywhere reuses
+            fd = os.dup(offer.fd) if offer is not None else -1
+        try:
+            if offer is None and gone is None and self.resolve is not None:
+                try:
+                    offer = self.resolve(mid)  # its fd is a copy of its own, closed here once sent
+                except CodemoatError as e:
+                    _send(conn, {"ok": False, "error": f"{mid!r} is not available: {e}"})
+                    return
+                fd = offer.fd if offer is not None else -1
+            if offer is None:
+                why = gone or f"no such model (offered: {', '.join(known) or 'none'})"
+                _send(conn, {"ok": False, "error": f"model {mid!r} is not available: {why}"})
                 return
-        if offer is None:
-            why = gone or f"no such model (offered: {', '.join(known) or 'none'})"
-            _send(conn, {"ok": False, "error": f"model {mid!r} is not available: {why}"})
-            return
-        log.info("vaultd: handed %s to pid %d uid %d", mid, cred[0], cred[1])
-        answer: dict[str, Any] = {"ok": True, "model": mid, "size": offer.size, "facts": offer.facts}
-        wm = offer.watermark_key() if offer.watermark_key is not None else None
-        if wm:
-            answer["watermark_key"] = base64.b64encode(wm).decode()
-        _send(conn, answer, [offer.fd])
+            log.info("vaultd: handed %s to pid %d uid %d", mid, cred[0], cred[1])
+            answer: dict[str, Any] = {"ok": True, "model": mid, "size": offer.size, "facts": offer.facts}
+            wm = offer.watermark_key() if offer.watermark_key is not None else None
+            if wm:
+                answer["watermark_key"] = base64.b64encode(wm).decode()
+            _send(conn, answer, [fd])
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
+    def withdraw_all(self, reason: str) -> None:
+        """Hand nothing out any more and tell no one (vaultd stopping under an offline license: its serves
+        keep what they hold), before the offers' descriptors are closed."""
+        with self._lock:
+            self._gone.update(dict.fromkeys(self._offers, reason))
+            self._offers.clear()
+            self.resolve = None
 
     def close(self) -> None:
         self._stop.set()
