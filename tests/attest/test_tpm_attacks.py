@@ -10,18 +10,15 @@ import shutil
 
 import pytest
 
-from codemoat import paths
 from codemoat.attest import AttestError
 from codemoat.attest.tpm import AUDIT_NV_INDEX, TAMPER_PCR, TpmAttestor
-from codemoat.audit.log import AuditLog, head_file_for, verified_file_for
 from codemoat.audit.tpm_checkpoint import take
-from codemoat.db import open_db
 from codemoat.vault.codec import VaultError
 from codemoat.vault.machine import parse_identity
 from codemoat.vault.tpmbind import activate, challenge, require_bound
 from codemoat.vault.vendor import Vendor
 
-from .tpmhelp import bind, tpm_machine
+from .tpmhelp import append, audit_log, bind, tpm_machine
 
 
 @pytest.fixture
@@ -53,18 +50,6 @@ def test_a_new_challenge_pairing_a_bound_ak_with_another_ek_does_not_inherit_the
         require_bound(vendor.engine, forged)
 
 
-def _log(url: str) -> AuditLog:
-    home = paths.home()
-    return AuditLog(
-        open_db(url), checkpoint_every=4, head_file=head_file_for(url, home), verified_file=verified_file_for(url, home)
-    )
-
-
-def _append(log: AuditLog, n: int) -> None:
-    for i in range(n):
-        log.append("request", user="alice", route="/v1/completions", status=200, prompt_tokens=i)
-
-
 def _replace_counter_with_ordinary_index(tcti: str, value: int) -> None:
     """What an owner can do: undefine the audit counter and define an ordinary 8-byte index at the same
     handle, holding whatever value it likes (an ordinary index can be written back down)."""
@@ -86,22 +71,22 @@ def test_a_rolled_back_log_is_not_hidden_by_an_ordinary_nv_index_holding_the_old
     db = tmp_path / "audit.db"
     url = f"sqlite:///{db}"
     monkeypatch.setenv("CODEMOAT_DATABASE_URL", url)
-    log = _log(url)
-    _append(log, 5)
+    log = audit_log(url)
+    append(log, 5)
     assert take(log, machine)["counter"] == 1
-    _append(log, 2)
+    append(log, 2)
     copy = tmp_path / "copy"
     copy.mkdir()
     log.engine.dispose()
     for f in (db, log.head_file):
         shutil.copy(f, copy / f.name)
-    _append(log, 3)
+    append(log, 3)
     assert take(log, machine)["counter"] == 2
     log.engine.dispose()
     for f in (db, log.head_file):  # the log put back to the copy with one TPM checkpoint (counter 1)
         shutil.copy(copy / f.name, f)
     log.verified_file.unlink(missing_ok=True)
-    log = _log(url)
+    log = audit_log(url)
     rep = log.verify()
     assert not rep.ok and "rolled back" in rep.problem  # the chip's counter (2) says so...
 
@@ -117,8 +102,8 @@ def test_a_log_truncated_before_its_only_tpm_checkpoint_fails_unless_the_operato
     db = tmp_path / "audit.db"
     url = f"sqlite:///{db}"
     monkeypatch.setenv("CODEMOAT_DATABASE_URL", url)
-    log = _log(url)
-    _append(log, 5)
+    log = audit_log(url)
+    append(log, 5)
     assert log.verify().ok
     copy = tmp_path / "copy"  # taken before the log's first (and only) TPM checkpoint
     copy.mkdir()
@@ -126,13 +111,13 @@ def test_a_log_truncated_before_its_only_tpm_checkpoint_fails_unless_the_operato
     for f in (db, log.head_file):
         shutil.copy(f, copy / f.name)
     assert take(log, machine)["counter"] == 1
-    _append(log, 3)
+    append(log, 3)
     assert log.verify().ok
     log.engine.dispose()
     for f in (db, log.head_file):  # the checkpoint and everything after it gone, every signature valid
         shutil.copy(copy / f.name, f)
     log.verified_file.unlink(missing_ok=True)
-    log = _log(url)
+    log = audit_log(url)
     rep = log.verify()
     assert not rep.ok and "holds none of them" in rep.problem, rep
     # an operator who starts a new chain on purpose says so in the log (a signed rotation record first)
@@ -380,22 +365,22 @@ def test_a_rolled_back_log_is_not_hidden_by_pointing_the_verifier_at_another_tpm
     db = tmp_path / "audit.db"
     url = f"sqlite:///{db}"
     monkeypatch.setenv("CODEMOAT_DATABASE_URL", url)
-    log = _log(url)
-    _append(log, 5)
+    log = audit_log(url)
+    append(log, 5)
     assert take(log, machine)["counter"] == 1
-    _append(log, 2)
+    append(log, 2)
     copy = tmp_path / "copy"
     copy.mkdir()
     log.engine.dispose()
     for f in (db, log.head_file):
         shutil.copy(f, copy / f.name)
-    _append(log, 3)
+    append(log, 3)
     assert take(log, machine)["counter"] == 2
     log.engine.dispose()
     for f in (db, log.head_file):  # rolled back to the copy whose newest TPM checkpoint holds 1
         shutil.copy(copy / f.name, f)
     log.verified_file.unlink(missing_ok=True)
-    log = _log(url)
+    log = audit_log(url)
     assert not log.verify().ok
     with TpmAttestor(two.tcti) as a:  # a spare (software) TPM whose counter the admin brought to 1
         assert a.audit_checkpoint(checkpoint_data("x", 1, "00" * 32))[1] == 1

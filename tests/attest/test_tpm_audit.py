@@ -9,27 +9,12 @@ import shutil
 import pytest
 from conftest import run_cli
 
-from codemoat import paths
 from codemoat.attest.tpm import AUDIT_NV_INDEX, TpmAttestor
-from codemoat.audit.log import AuditLog, head_file_for, verified_file_for
 from codemoat.audit.tpm_checkpoint import checkpoint_data, take
 from codemoat.audit.verify import verify as chain_verify
-from codemoat.db import open_db
 from codemoat.vault.tpmwrap import QuoteRefused, counter_name, verify_nv_certify
 
-from .tpmhelp import tpm_machine
-
-
-def _log(url: str) -> AuditLog:
-    home = paths.home()
-    return AuditLog(
-        open_db(url), checkpoint_every=4, head_file=head_file_for(url, home), verified_file=verified_file_for(url, home)
-    )
-
-
-def _append(log: AuditLog, n: int) -> None:
-    for i in range(n):
-        log.append("request", user="alice", route="/v1/completions", status=200, prompt_tokens=i)
+from .tpmhelp import append, audit_log, tpm_machine
 
 
 def test_a_log_rolled_back_to_an_earlier_copy_fails_against_the_tpm_counter(swtpm, tmp_path, monkeypatch):
@@ -37,11 +22,11 @@ def test_a_log_rolled_back_to_an_earlier_copy_fails_against_the_tpm_counter(swtp
     db = tmp_path / "audit.db"
     url = f"sqlite:///{db}"
     monkeypatch.setenv("CODEMOAT_DATABASE_URL", url)
-    log = _log(url)
-    _append(log, 5)
+    log = audit_log(url)
+    append(log, 5)
     first = take(log, machine)
     assert first["counter"] == 1 and first["seq"] == 5
-    _append(log, 3)
+    append(log, 3)
     assert log.verify().ok
 
     copy = tmp_path / "copy"  # an earlier copy of everything the writer keeps: database and head file
@@ -50,9 +35,9 @@ def test_a_log_rolled_back_to_an_earlier_copy_fails_against_the_tpm_counter(swtp
     for f in (db, log.head_file):
         shutil.copy(f, copy / f.name)
 
-    _append(log, 4)
+    append(log, 4)
     assert take(log, machine)["counter"] == 2
-    _append(log, 1)
+    append(log, 1)
     rep = log.verify()
     assert rep.ok, rep.problem
 
@@ -60,7 +45,7 @@ def test_a_log_rolled_back_to_an_earlier_copy_fails_against_the_tpm_counter(swtp
     for f in (db, log.head_file):  # rolled back: every signature in it is valid
         shutil.copy(copy / f.name, f)
     log.verified_file.unlink()  # and the verifier's memory of the newer head wiped too
-    log = _log(url)
+    log = audit_log(url)
     soft = chain_verify(log.engine, log.public_key(), head_file=log.head_file)
     assert soft.ok  # the software key's signatures cannot tell
     rep = log.verify()
@@ -81,8 +66,8 @@ def test_a_fresh_log_with_tpm_checkpoints_verifies_and_the_cli_takes_them(swtpm,
     tpm_machine(swtpm)
     url = f"sqlite:///{tmp_path / 'audit.db'}"
     monkeypatch.setenv("CODEMOAT_DATABASE_URL", url)
-    log = _log(url)
-    _append(log, 2)
+    log = audit_log(url)
+    append(log, 2)
     for n in (1, 2):
         p = run_cli("audit", "tpm-checkpoint", "--json")
         assert p.returncode == 0, p.stderr

@@ -4,29 +4,17 @@ record is signed at once, so `audit verify` (the TPM's counter included) holds w
 
 from __future__ import annotations
 
-from codemoat import paths
-from codemoat.audit.log import AuditLog, head_file_for, verified_file_for
 from codemoat.audit.tpm_checkpoint import take
-from codemoat.db import open_db
 
-from .tpmhelp import tpm_machine
+from .tpmhelp import append, audit_log, tpm_machine
 
 
 def test_a_tpm_checkpoint_covers_the_unsigned_tail(swtpm, tmp_path, monkeypatch):
     machine = tpm_machine(swtpm)
     url = f"sqlite:///{tmp_path / 'audit.db'}"
     monkeypatch.setenv("CODEMOAT_DATABASE_URL", url)
-    home = paths.home()
-    log = AuditLog(
-        open_db(url),
-        checkpoint_every=4,
-        sign_every=50,
-        sign_interval_ms=600_000,
-        head_file=head_file_for(url, home),
-        verified_file=verified_file_for(url, home),
-    )
-    for i in range(7):
-        log.append("request", user="alice", route="/v1/completions", status=200, prompt_tokens=i)
+    log = audit_log(url, sign_every=50, sign_interval_ms=600_000)
+    append(log, 7)
     assert log.verify().unsigned == 7  # nothing signed yet
     got = take(log, machine)
     assert got is not None and got["seq"] == 7 and got["counter"] == 1  # the tip, not a trailing head

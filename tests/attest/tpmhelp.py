@@ -1,4 +1,5 @@
-"""Provisioning a TPM machine the way the vendor must: trust the EK's CA, challenge, activate, confirm."""
+"""Provisioning a TPM machine the way the vendor must: trust the EK's CA, challenge, activate, confirm;
+and the audit log the TPM checkpoint tests write to."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ import time
 
 import httpx
 
+from codemoat import paths
 from codemoat.attest.tpm import TAMPER_PCR
+from codemoat.audit.log import AuditLog, head_file_for, verified_file_for
+from codemoat.db import open_db
 from codemoat.vault.machine import MachineKey, parse_identity
 from codemoat.vault.tpmbind import EK_CA_FILE, activate, challenge, confirm, trust_ca
 
@@ -34,6 +38,20 @@ def tpm_machine(tpm, vendor=None, pcrs=(TAMPER_PCR,)) -> MachineKey:
     if vendor is not None:
         bind(vendor, key, tpm.ca)
     return key
+
+
+def audit_log(url: str, **kw) -> AuditLog:
+    """The audit log at database `url`, a TPM checkpoint every 4 records, its head files in this home."""
+    home = paths.home()
+    return AuditLog(
+        open_db(url), checkpoint_every=4, head_file=head_file_for(url, home), verified_file=verified_file_for(url, home), **kw
+    )
+
+
+def append(log: AuditLog, n: int) -> None:
+    """`n` request records by alice."""
+    for i in range(n):
+        log.append("request", user="alice", route="/v1/completions", status=200, prompt_tokens=i)
 
 
 @contextlib.contextmanager

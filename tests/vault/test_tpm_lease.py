@@ -32,10 +32,6 @@ def model(tmp_path):
     return p
 
 
-def _tpm_machine(tpm, vendor) -> MachineKey:
-    return tpm_machine(tpm, vendor)  # set up and bound (EK certificate checked, AK activated) at the vendor
-
-
 def _lease_license(vendor, model, tmp_path, machine, url="http://127.0.0.1:9"):
     _, lic, doc = bundle(vendor, model, tmp_path / "out", machine, mode="lease", keyserver=url, lease_ttl=10, grace=5)
     return License.load(lic), doc
@@ -47,7 +43,7 @@ def _refusals(vendor) -> list[dict]:
 
 
 def test_attested_lease_over_http_quotes_the_nonce_and_unwraps_in_the_chip(vendor, model, tmp_path, swtpm, keyserver):
-    machine = _tpm_machine(swtpm, vendor)
+    machine = tpm_machine(swtpm, vendor)
     lic, _ = _lease_license(vendor, model, tmp_path, machine, keyserver.url)
     client = LeaseClient(lic, machine)
     lease = client.acquire()
@@ -60,7 +56,7 @@ def test_attested_lease_over_http_quotes_the_nonce_and_unwraps_in_the_chip(vendo
 
 
 def test_lease_without_a_quote_gets_a_signed_refusal_recorded_by_the_vendor(vendor, model, tmp_path, swtpm, keyserver):
-    machine = _tpm_machine(swtpm, vendor)
+    machine = tpm_machine(swtpm, vendor)
     lic, _ = _lease_license(vendor, model, tmp_path, machine, keyserver.url)
     client = LeaseClient(lic, machine)
     nonce = httpx.post(keyserver.url + "/v1/lease/challenge", json={"license_id": lic.id}).json()["nonce"]
@@ -80,7 +76,7 @@ def _ks_request(ks: KeyServer, client: LeaseClient) -> dict:
 
 def test_each_bad_quote_is_refused_and_releases_nothing(vendor, model, tmp_path, swtpm_factory, vault_home, monkeypatch):
     one, two = swtpm_factory(), swtpm_factory()
-    machine = _tpm_machine(one, vendor)
+    machine = tpm_machine(one, vendor)
     lic, _ = _lease_license(vendor, model, tmp_path, machine)
     ks = KeyServer(vendor)
     client = LeaseClient(lic, machine)
@@ -125,7 +121,7 @@ def test_each_bad_quote_is_refused_and_releases_nothing(vendor, model, tmp_path,
 
 
 def test_tamper_ends_the_lease_and_reprovision_brings_it_back(vendor, model, tmp_path, swtpm, keyserver):
-    machine = _tpm_machine(swtpm, vendor)
+    machine = tpm_machine(swtpm, vendor)
     lic, _ = _lease_license(vendor, model, tmp_path, machine, keyserver.url)
     client = LeaseClient(lic, machine)
     client.acquire()
@@ -149,7 +145,7 @@ def test_a_tpm_gone_mid_lease_is_a_failed_renewal_and_the_keeper_lets_go(vendor,
     from codemoat.vault.codec import VaultError
     from codemoat.vault.lease import LeaseKeeper
 
-    machine = _tpm_machine(swtpm, vendor)
+    machine = tpm_machine(swtpm, vendor)
     lic, _ = _lease_license(vendor, model, tmp_path, machine, keyserver.url)
     clock = ManualClock()
     client = LeaseClient(lic, machine, clock=clock)
@@ -176,7 +172,7 @@ def test_a_machine_removed_while_its_license_is_cached_gets_a_signed_refusal(
     from codemoat.vault.vendor import licenses_t
 
     monkeypatch.setattr(ks_mod, "DOC_TTL", 3600.0)  # the first lookup must hit the cache, however slow the run
-    machine = _tpm_machine(swtpm, vendor)
+    machine = tpm_machine(swtpm, vendor)
     lic, _ = _lease_license(vendor, model, tmp_path, machine, keyserver.url)
     client = LeaseClient(lic, machine)
     client.acquire()  # the key server now holds the license document
@@ -199,7 +195,7 @@ def test_a_machine_relicensed_without_its_tpm_while_cached_gets_a_software_lease
     from codemoat.vault.vendor import licenses_t
 
     monkeypatch.setattr(ks_mod, "DOC_TTL", 3600.0)
-    machine = _tpm_machine(swtpm, vendor)
+    machine = tpm_machine(swtpm, vendor)
     lic, _ = _lease_license(vendor, model, tmp_path, machine)
     ks = KeyServer(vendor)
     client = LeaseClient(lic, machine)

@@ -29,12 +29,8 @@ def model(tmp_path):
     return p
 
 
-def _tpm_machine(tpm, vendor=None) -> MachineKey:
-    return tpm_machine(tpm, vendor)  # set up, and bound at `vendor` (EK certificate checked, AK activated)
-
-
 def test_offline_license_binds_to_the_tpm_and_opens_there(vendor, model, tmp_path, swtpm):
-    machine = _tpm_machine(swtpm, vendor)
+    machine = tpm_machine(swtpm, vendor)
     moat, lic, doc = bundle(vendor, model, tmp_path / "out", machine)
     entry = doc["license"]["machines"][0]
     assert entry["binding"] == "tpm" and entry["tpm"]["ak"] == machine.tpm["identity"]["ak"]
@@ -50,7 +46,7 @@ def test_a_machine_without_tpm_keeps_software_binding(vendor, machine, model, tm
 
 def test_copied_home_on_another_tpm_is_refused(vendor, model, tmp_path, swtpm_factory, vault_home, monkeypatch):
     one, two = swtpm_factory(), swtpm_factory()
-    _tpm_machine(one, vendor)
+    tpm_machine(one, vendor)
     moat, lic, _ = bundle(vendor, model, tmp_path / "out", MachineKey.load())
     copy = tmp_path / "copied-home"
     shutil.copytree(vault_home, copy)  # machine.key, tpm.json, clock record: everything a file copy takes
@@ -63,7 +59,7 @@ def test_copied_home_on_another_tpm_is_refused(vendor, model, tmp_path, swtpm_fa
 
 
 def test_software_key_alone_cannot_open_a_tpm_license(vendor, model, tmp_path, swtpm, vault_home):
-    _tpm_machine(swtpm, vendor)
+    tpm_machine(swtpm, vendor)
     moat, lic, doc = bundle(vendor, model, tmp_path / "out", MachineKey.load())
     from codemoat.vault.codec import unwrap
     from codemoat.vault.license import key_context
@@ -140,7 +136,7 @@ def test_tamper_event_locks_and_reprovision_unlocks(vendor, model, tmp_path, swt
 
 
 def test_identity_tpm_block_is_checked(swtpm):
-    ident = _tpm_machine(swtpm).identity()
+    ident = tpm_machine(swtpm).identity()
     assert parse_identity(ident)["tpm"]["ak"] == ident["tpm"]["ak"]
     for bad in (
         {"ak": "00"},
