@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # 75 — hardware-rooted keys: the machine's keys live in a TPM (here swtpm, a software TPM 2.0 on
 # 127.0.0.1), a lease is released only against a fresh quote, a copied data directory on another
-# chip is refused, and a tamper event locks the model until the vendor reprovisions.
+# chip is refused, and a tamper event locks the model until the vendor reprovisions, a reboot included.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
 
@@ -38,6 +38,21 @@ while True:
     --ctrl type=tcp,port=$((port + 1)),bindaddr=127.0.0.1 --flags not-need-init,startup-clear >/dev/null 2>&1 &
   echo $! >"$T/$1.pid"; sleep 0.3  # (this runs in $(...): the pid goes through a file)
   echo "swtpm:host=127.0.0.1,port=$port"
+}
+
+reboot_tpm() {  # reboot_tpm NAME TCTI: TPM2_Shutdown, power off, power on (same state, same port): PCRs reset
+  "$PY" - "$2" <<'PYEOF'
+import sys
+from tpm2_pytss import TPM2_SU
+from codemoat.attest.tpm import TpmAttestor
+with TpmAttestor(sys.argv[1]) as a:
+    a.ctx.shutdown(TPM2_SU.CLEAR)
+PYEOF
+  local pid port=${2##*port=}
+  pid=$(cat "$T/$1.pid"); kill "$pid"; while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
+  swtpm socket --tpm2 --tpmstate dir="$T/$1" --server type=tcp,port=$port,bindaddr=127.0.0.1 \
+    --ctrl type=tcp,port=$((port + 1)),bindaddr=127.0.0.1 --flags not-need-init,startup-clear >/dev/null 2>&1 &
+  echo $! >"$T/$1.pid"; sleep 0.3
 }
 
 say "customer: the machine's identity, made in the TPM (keys never leave the chip)"
@@ -96,6 +111,21 @@ $CODEMOAT appliance tamper-event --reason "chassis intrusion sensor" | sed 's/^/
 sleep 4; probe "after tamper:"
 echo "   vendor sees: $(tail -1 "$V/attestation.jsonl")"
 
+say "the machine is rebooted: PCR 15 is back to zero, but the tamper latch (an NV counter) still counts the event"
+kill $SERVER 2>/dev/null || true; wait $SERVER 2>/dev/null || true
+reboot_tpm chip1 "$TPM1"
+"$PY" - "$TPM1" <<'PYEOF'
+import sys
+from codemoat.attest.tpm import TAMPER_PCR, TpmAttestor
+with TpmAttestor(sys.argv[1]) as a:
+    print(f"   PCR {TAMPER_PCR} after the reboot: {a.pcr_values([TAMPER_PCR])[0].hex()[:16]}… (the quote alone would hold again)")
+PYEOF
+if $CODEMOAT verify --model "$DEMO/acme-tpm.moat" --license "$DEMO/acme-tpm.lic" >/dev/null 2>"$DEMO/err.txt"; then
+  echo "!! a lease was released after tamper + reboot"; exit 1
+fi
+printf '   start refused: %s\n' "$(cat "$DEMO/err.txt")"
+echo "   vendor sees: $(tail -1 "$V/attestation.jsonl")"
+
 say "the audit log: the chip certified its monotonic counter over the log (an older copy put back would not match it)"
 $CODEMOAT audit export --kind tpm_checkpoint | "$PY" -c 'import json, sys
 for line in sys.stdin:
@@ -103,7 +133,9 @@ for line in sys.stdin:
     print("   TPM checkpoint: counter %s over record %s (NV_Certify by the AK)" % (d["counter"], d["seq"]))'
 $CODEMOAT audit verify | sed 's/^/   /'
 
-say "vendor reprovisions (the same chip, new policy values); the next renewal serves again"
+say "vendor reprovisions (the same chip, new policy values): the restarted server serves again"
 $CODEMOAT machine-id --tpm --tcti "$TPM1" --json >"$DEMO/tpm-machine-2.json"
 $CODEMOAT vendor license reprovision "$LIC" --vendor "$V" --machine "$DEMO/tpm-machine-2.json" --out "$DEMO/acme-tpm-2.lic" | sed 's/^/   /'
-sleep 4; wait_healthy $SPORT 20; probe "after reprovision:"
+$CODEMOAT serve --model "$DEMO/acme-tpm.moat" --license "$DEMO/acme-tpm-2.lic" --port "$SPORT" >>"$DEMO/tpm-serve.log" 2>&1 &
+SERVER=$!
+wait_healthy $SPORT; probe "after reprovision:"
