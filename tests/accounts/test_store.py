@@ -64,6 +64,11 @@ def test_groups(acc):
         acc.add_user("alice")
     with pytest.raises(CodemoatError, match="invalid user name"):
         acc.add_user("bad name; drop table")
+    for name in ("alice\n", "bob\n"):  # was accepted (`$` matches before a final newline): a second "alice"
+        with pytest.raises(CodemoatError, match="invalid user name"):
+            acc.add_user(name)
+    with pytest.raises(CodemoatError, match="invalid token name"):
+        acc.create_token("laptop\n", user="alice")
     with pytest.raises(CodemoatError, match="unknown scope"):
         acc.create_token("t", scopes=("root",))
     acc.remove_user("alice")

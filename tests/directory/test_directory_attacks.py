@@ -179,6 +179,8 @@ def test_spelling_a_name_differently_does_not_buy_more_guesses(
         ({"sub": "s1", "preferred_username": "cn=admin,dc=example,dc=com"}, "not a usable user name"),
         ({"sub": "s1", "preferred_username": "../alice"}, "not a usable user name"),
         ({"sub": "s1", "preferred_username": "alice\nadmin"}, "not a usable user name"),
+        # was accepted (`$` matches before a final newline): an account that reads as alice in every page
+        ({"sub": "s1", "preferred_username": "alice\n"}, "not a usable user name"),
         ({"sub": "s1", "preferred_username": "ａｌｉｃｅ"}, "not a usable user name"),
         ({"sub": "s1", "preferred_username": ["alice"]}, "not a usable user name"),
     ],

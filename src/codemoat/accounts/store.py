@@ -23,7 +23,7 @@ EVERYONE = "everyone"
 ALL_SCOPES = ("complete", "chat", "admin", "metrics")  # metrics: a scraper's token, /metrics only
 DEFAULT_SCOPES = ("complete", "chat")
 TOKEN_PREFIX = "cm_"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,127}")  # fullmatch: `$` would let a final newline through
 
 meta = sa.MetaData()
 users = sa.Table(
@@ -86,7 +86,7 @@ def _hash(secret: str) -> str:
 
 
 def _check_name(kind: str, name: str) -> str:
-    if not _NAME.match(name or ""):
+    if not _NAME.fullmatch(name or ""):
         raise CodemoatError(f"invalid {kind} name {name!r}: use letters, digits, '.', '_', '@', '-' (max 128)")
     return name
 

@@ -39,7 +39,7 @@ from ..errors import Unauthorized
 from .ldap import DirectoryError, DirectoryUnavailable, DirUser
 
 PENDING_TTL_S = 600
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,127}")  # fullmatch: `$` would let a final newline through
 
 meta = sa.MetaData()
 pending = sa.Table(
@@ -249,7 +249,7 @@ class OidcClient:
 
     def user_from(self, claims: dict) -> DirUser:
         name = claims.get(self.cfg.oidc_user_claim) or claims.get("sub")
-        if not isinstance(name, str) or not _NAME.match(name):
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise Unauthorized(f"sign-in refused: the ID token's {self.cfg.oidc_user_claim!r} is not a usable user name")
         groups = claims.get(self.cfg.oidc_groups_claim) or []
         if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):

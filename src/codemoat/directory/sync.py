@@ -23,7 +23,7 @@ from ..accounts.store import EVERYONE, groups as groups_t, memberships, tokens, 
 from ..config import DirectorySettings
 from .ldap import Snapshot
 
-_GROUP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_GROUP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # fullmatch: `$` would let a final newline through
 
 meta = sa.MetaData()
 directory_users = sa.Table(
@@ -70,7 +70,7 @@ def mapped_groups(dir_groups: frozenset[str], cfg: DirectorySettings, skipped: s
         return sorted({cfg.group_map[g] for g in dir_groups if g in cfg.group_map})
     out = set()
     for g in dir_groups:
-        if _GROUP_NAME.match(g) and g != EVERYONE:
+        if _GROUP_NAME.fullmatch(g) and g != EVERYONE:
             out.add(g)
         else:
             skipped.add(g)

@@ -31,7 +31,7 @@ COMPLETION_ROUTES = frozenset({"/v1/completions", "/api/generate", "/infill"})
 CHAT_ROUTES = frozenset({"/v1/chat/completions", "/api/chat"})
 EVENT_TYPES = frozenset({"view", "select", "dismiss"})
 SELECT_KINDS = frozenset({"line", "block"})
-COMPLETION_ID = re.compile(r"^cmpl-[0-9a-f]{24}$")  # codemoat.protocol.common.new_id("cmpl")
+COMPLETION_ID = re.compile(r"cmpl-[0-9a-f]{24}")  # codemoat.protocol.common.new_id("cmpl"); fullmatch, not `$`
 
 
 class Facts(Protocol):
@@ -54,7 +54,7 @@ def day_of(ts: float) -> str:
 
 
 def completion_id_or_none(value: object) -> str | None:
-    return value if isinstance(value, str) and COMPLETION_ID.match(value) else None
+    return value if isinstance(value, str) and COMPLETION_ID.fullmatch(value) else None
 
 
 def shape(text: str) -> tuple[int, int, int]:
