@@ -182,3 +182,22 @@ def test_revocations_are_numbered_in_order_and_listed_once(vendor, offline, tmp_
     for bad in ("", "two\nlines", "x" * 501):
         with pytest.raises(VaultError, match="one line"):
             crl.revoke(vendor, machines=["m_3"], reason=bad)
+
+
+def test_a_revoked_machine_gets_no_lease_from_the_key_server(vendor, machine, model, tmp_path):
+    """`vendor revoke --machine` reaches lease licenses too: the key server refuses that machine (terminal
+    `revoked`, the client unloads at once) within the time it keeps a license document."""
+    from codemoat.vault.keyserver import REQUEST_DOMAIN, TERMINAL, KeyServer, LeaseDenied
+    from codemoat.vault.lease import LeaseClient
+    from codemoat.vault.license import License
+
+    _, lic, _ = bundle(vendor, model, tmp_path / "lease", machine, mode="lease", keyserver="http://127.0.0.1:9")
+    client = LeaseClient(License.load(lic), machine)
+    ks = KeyServer(vendor)
+    assert "lease" in ks.lease(client._signed_request(ks.challenge(client.lic.id)["nonce"], REQUEST_DOMAIN))
+    crl.revoke(vendor, machines=[machine.id], reason="appliance reported stolen")
+    ks._docs.clear()  # what DOC_TTL (2 s) does on its own
+    with pytest.raises(LeaseDenied, match="appliance reported stolen") as e:
+        ks.lease(client._signed_request(ks.challenge(client.lic.id)["nonce"], REQUEST_DOMAIN))
+    assert e.value.code == "revoked" and e.value.code in TERMINAL
+    client.close()

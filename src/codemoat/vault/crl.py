@@ -86,6 +86,15 @@ def build(vendor: Any, now: int | None = None) -> dict[str, Any]:
     return {"kind": KIND, "version": VERSION, "crl": body, "signature": b64e(sign(vendor.signing_key, DOMAIN, canonical(body)))}
 
 
+def revoked_machines(engine: sa.Engine, ids: Iterable[str]) -> dict[str, str]:
+    """Which of these machines the vendor revoked, with the reason (the key server refuses their leases)."""
+    q = sa.select(revocations_t.c.subject, revocations_t.c.reason).where(
+        revocations_t.c.kind == "machine", revocations_t.c.subject.in_(list(ids))
+    )
+    with engine.connect() as c:
+        return {r.subject: r.reason for r in c.execute(q)}
+
+
 # -- machine side --------------------------------------------------------------
 @dataclass
 class Crl:

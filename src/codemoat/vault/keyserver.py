@@ -58,6 +58,7 @@ import sqlalchemy as sa
 
 from .clock import Clock
 from .codec import VaultError, b64d, b64e, canonical, ed_public, sign, verify, wrap, x_public
+from .crl import revoked_machines
 from .license import key_context
 from .nonces import NonceStore
 from .snpbind import SnpLeaseRefused, verify_snp
@@ -155,6 +156,7 @@ class _Licensed:
     machines: dict[str, dict[str, Any]]
     file_id: str
     customer_id: str
+    revoked_machines: dict[str, str]  # machine id -> reason (`codemoat vendor revoke --machine`)
 
 
 class KeyServer:
@@ -208,7 +210,9 @@ class KeyServer:
             if row is None:
                 raise LeaseDenied("unknown_license", f"no license {license_id} on this key server", 404)
             doc = json.loads(row.document)["license"]
-            got = (_Licensed(doc, {m["id"]: m for m in doc["machines"]}, row.file_id, row.customer_id), now)
+            machines = {m["id"]: m for m in doc["machines"]}
+            revoked = revoked_machines(self.vendor.engine, machines)
+            got = (_Licensed(doc, machines, row.file_id, row.customer_id, revoked), now)
             self._docs[license_id] = got
         return got[0]
 
@@ -259,6 +263,8 @@ class KeyServer:
         except VaultError:
             raise LeaseDenied("bad_signature", "lease request is not signed by the licensed machine's key", 401) from None
         inst = self._instance(req, INSTANCE_DOMAIN)
+        if mid in lic.revoked_machines:
+            raise LeaseDenied("revoked", f"machine {mid} was revoked by the vendor: {lic.revoked_machines[mid]}")
         # An attested request's nonce is spent now that the machine has signed it, before the quote or report
         # (an ECDSA verify or a certificate chain each) is checked: the same request again costs none of that.
         spent = entry.get("tpm") is not None or entry.get("snp") is not None
