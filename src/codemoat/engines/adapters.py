@@ -5,7 +5,7 @@ evaluation) + `adapter.gguf` + `adapter_model.safetensors` + `adapter_config.jso
 `.moat` container. The container is signed with this machine's Ed25519 key (its `vendor_key` must be
 this machine's) and its content key is wrapped to this machine's X25519 key (kept in the first part's
 entry of the signed manifest), so the file opens only here and any changed byte is refused. Opened
-adapters live in memory; llama.cpp reads the GGUF from a memfd.
+adapters live in memory; llama.cpp reads the GGUF from a memfd, vLLM the safetensors (engines.vllm_lora).
 
 An entry `update:NAME` in `model.adapters` is a vendor adapter installed by `codemoat update apply`
 (codemoat.updates.adapters): no repositories, served to the groups the admin gave it. Its bundle names
@@ -111,7 +111,8 @@ def open_adapter(path: Path, machine: MachineKey | None = None) -> Adapter:
 
 @dataclass(frozen=True)
 class LoadedAdapter:
-    """An adapter opened for serving: its GGUF in a memfd the engine (and its child process) opens."""
+    """An adapter opened for serving: its GGUF (for vLLM: its safetensors, with `peft_config`) in a memfd
+    the engine (and its child or worker processes) opens."""
 
     name: str
     repos: tuple[tuple[str, tuple[str, ...]], ...]  # (repository, its groups when the adapter was trained)
@@ -119,6 +120,7 @@ class LoadedAdapter:
     fd: int
     groups: tuple[str, ...] = ()  # a vendor adapter's: who is served with it (tuned adapters: by `repos`)
     version: str | None = None  # a vendor adapter's installed version
+    peft_config: str = ""  # adapter_config.json, when the memfd holds the safetensors (vLLM)
 
     @property
     def path(self) -> str:
@@ -130,12 +132,17 @@ _LOADED: dict[str, tuple[float, LoadedAdapter]] = {}  # resolved path -> (mtime,
 REFUSED: dict[str, str] = {}
 
 
-def load_adapters(paths: list[str], base_sha256: str | None, *, cached_only: bool = False) -> list[LoadedAdapter]:
+def load_adapters(
+    paths: list[str], base_sha256: str | None, *, cached_only: bool = False, safetensors: bool = False
+) -> list[LoadedAdapter]:
     """The configured adapters, opened once per process (the memfds stay open while it serves);
     one tuned on another base, or two with one name, are refused with one line. `cached_only`:
-    those already opened (the server's view of what the engine loaded), without reading any file."""
+    those already opened (the server's view of what the engine loaded), without reading any file.
+    `safetensors`: the memfds hold peft's safetensors (vLLM's format) instead of the GGUF."""
     out: list[LoadedAdapter] = []
     for p in paths:
+        if p.startswith(VENDOR_PREFIX) and safetensors:
+            raise CodemoatError(f"vendor adapter {p!r} ships as GGUF only: the llama.cpp engine serves it, not vLLM")
         if p.startswith(VENDOR_PREFIX):
             name = p[len(VENDOR_PREFIX) :]
             if not cached_only:
@@ -155,21 +162,25 @@ def load_adapters(paths: list[str], base_sha256: str | None, *, cached_only: boo
             out.append(got)
             continue
         path = Path(p).expanduser()
+        suffix = "#safetensors" if safetensors else ""
         if cached_only:
-            hit = _LOADED.get(str(path.resolve()))
+            hit = _LOADED.get(str(path.resolve()) + suffix)
             if hit is not None:
                 out.append(hit[1])
             continue
         if not path.is_file():
             raise CodemoatError(f"adapter not found: {path}")
-        key, mtime = str(path.resolve()), path.stat().st_mtime
+        key, mtime = str(path.resolve()) + suffix, path.stat().st_mtime
         hit = _LOADED.get(key)
         if hit is None or hit[0] != mtime:
             a = open_adapter(path)
+            if safetensors and not a.safetensors:
+                raise CodemoatError(f"adapter {a.name!r} ({path.name}) holds no safetensors part for vLLM")
             fd = os.memfd_create(f"codemoat-adapter-{a.name}")
-            os.write(fd, a.gguf)
+            os.write(fd, a.safetensors if safetensors else a.gguf)
             repos = tuple((r["name"], tuple(r["groups"])) for r in a.meta["repos"])
-            hit = _LOADED[key] = (mtime, LoadedAdapter(a.name, repos, a.meta["base"]["sha256"], fd))
+            config = a.peft_config if safetensors else ""
+            hit = _LOADED[key] = (mtime, LoadedAdapter(a.name, repos, a.meta["base"]["sha256"], fd, peft_config=config))
         got = hit[1]
         if base_sha256 is None or got.base_sha256 != base_sha256:
             raise CodemoatError(f"adapter {got.name!r} ({path.name}) was tuned on another base model than the one served")
@@ -285,9 +296,15 @@ def adapter_options(paths: list[str], engine: str, source: Any) -> dict[str, str
 
 def open_adapters(paths: list[str], engine: str, source: Any) -> list[LoadedAdapter]:
     """The adapters an engine over `source` serves (tuned ones checked against its digest)."""
-    if engine != "llamacpp":
-        raise CodemoatError(f"model.adapters are served by the llama.cpp engine only, not {engine}")
+    if engine not in ("llamacpp", "vllm"):
+        raise CodemoatError(f"model.adapters are served by the llama.cpp and vLLM engines, not {engine}")
+    if isinstance(source, Path) and source.is_dir():
+        # tune trains on a GGUF and records its digest: vLLM serves that GGUF's HF twin (X.hf beside X.gguf)
+        raise CodemoatError(
+            f"model.adapters need the base named by the GGUF they were tuned on: --model {source.with_suffix('.gguf').name} "
+            f"(vLLM serves the {source.name} folder beside it)"
+        )
     # tuned adapters are checked against the base's digest, vendor adapters against the base their bundle
     # names; a sealed base's plaintext is hashed where it lies, in memory
     digest = file_sha256(source) if isinstance(source, Path) else hashlib.sha256(source.view).hexdigest()
-    return load_adapters(paths, digest)
+    return load_adapters(paths, digest, safetensors=engine == "vllm")

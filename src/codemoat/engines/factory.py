@@ -50,7 +50,8 @@ def build_engine(
 
         try:
             served = tuple(open_adapters(settings.model.adapters, cls.name, source))
-            opts["adapters"] = {a.name: a.path for a in served}
+            # llama.cpp opens each GGUF by path; vLLM hands each safetensors memfd to its workers (engines.vllm_lora)
+            opts["adapters"] = {a.name: (a.fd, a.peft_config) if cls.name == "vllm" else a.path for a in served}
         except BaseException:
             if isinstance(source, MemfdBuffer):
                 source.close(zero=True)

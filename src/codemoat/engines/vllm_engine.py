@@ -16,12 +16,18 @@ by `StopCutter` like every other engine; a request that ends early is aborted in
 Watermarking: vLLM v1 takes no per-request logits processors; `vllm_watermark.WatermarkLogits` is
 registered at start-up and keyed per request through `SamplingParams.extra_args`.
 
+LoRA adapters (`codemoat tune`, sealed to this machine): `adapters` maps each name to its memfd
+(the adapter's safetensors) and adapter_config.json; vLLM runs with `enable_lora` and each request
+carries the `LoRARequest` of the adapter serve chose for its user (`SamplingParams.adapter`), None
+for the base. The weights reach vLLM's workers from memory (`engines.vllm_lora`).
+
 Lease loss closes the engine (`close()`): vLLM's processes exit, taking the weights with them, and
 the memfd is zeroed; the next renewal builds it again. (vLLM's sleep mode is CUDA-only.)
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import uuid
@@ -72,6 +78,7 @@ class VllmEngine(HfModel, Engine):
         enforce_eager: bool = True,
         kv_cache_gib: float = 1.0,
         loader: dict[str, Any] | None = None,
+        adapters: Mapping[str, tuple[int, str]] | None = None,
         on_close: Any = None,
         **_: Any,
     ):
@@ -81,6 +88,8 @@ class VllmEngine(HfModel, Engine):
 
         folder = Path(folder)
         self._on_close = on_close
+        self._lora: Any = None  # vllm_lora.LoraHandoff when adapters are served
+        self._lora_ready: Any = None  # the task adding them to vLLM (made by the first request), True once done
         try:
             self._config = read_config(folder)
             tok_json = (folder / "tokenizer.json").read_text()
@@ -92,6 +101,12 @@ class VllmEngine(HfModel, Engine):
         self.model_id = model_id or folder.name.split(".")[0]
         # vLLM's CPU backend sizes its KV cache from the environment (GPUs use gpu_memory_utilization)
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{kv_cache_gib:g}")
+        lora_args: dict[str, Any] = {}
+        if adapters:
+            from .vllm_lora import LoraHandoff
+
+            self._lora = LoraHandoff(adapters)
+            lora_args = self._lora.engine_args
         args = AsyncEngineArgs(
             model=str(folder),
             tokenizer=str(folder),
@@ -101,10 +116,13 @@ class VllmEngine(HfModel, Engine):
             enforce_eager=enforce_eager,
             logits_processors=[QUALNAME],
             **(loader or {}),
+            **lora_args,
         )
         try:
             self._engine = AsyncLLM.from_engine_args(args)
         except Exception as e:  # vLLM's own errors are many; one line for the user, the cause in the log
+            if self._lora is not None:
+                self._lora.close()
             raise CodemoatError(f"vLLM could not start the model: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
 
     # -- construction -------------------------------------------------------
@@ -200,13 +218,14 @@ class VllmEngine(HfModel, Engine):
         if eng is None:
             raise CodemoatError("the vllm engine is closed")
         vp = self.vllm_params(params)
+        lora = await self._lora_request(params.adapter)
         rid = uuid.uuid4().hex
         out: list[Chunk] = []
         cutter = StopCutter(params.stop, out.append, params.n_indent, params.time_limit_ms)
         reason: FinishReason = "length"
         finished, text = False, ""
         try:
-            async for res in eng.generate(vllm_prompt(ids, params), vp, rid):
+            async for res in eng.generate(vllm_prompt(ids, params), vp, rid, lora_request=lora):
                 o = res.outputs[0]
                 toks = o.token_ids  # the tokens since the last output (several when this loop fell behind)
                 text += o.text
@@ -234,6 +253,27 @@ class VllmEngine(HfModel, Engine):
         for c in out:
             yield c
 
+    async def _lora_request(self, name: str | None) -> Any:
+        """vLLM's LoRARequest for adapter `name` (None: the base). The first request adds every adapter
+        to vLLM and closes their hand-off sockets; the others wait for that."""
+        if self._lora is None:
+            if name is not None:
+                raise CodemoatError(f"no adapter named {name!r} is loaded")
+            return None
+        req = self._lora.request(name)
+        if self._lora_ready is not True:
+            if self._lora_ready is None:
+                self._lora_ready = asyncio.ensure_future(self._lora.load(self._engine))
+            try:
+                await asyncio.shield(self._lora_ready)
+            except CodemoatError:
+                raise
+            except Exception as e:
+                why = (str(e) or type(e).__name__).splitlines()[0][:300]
+                raise CodemoatError(f"vLLM could not load the adapters: {why}") from e
+            self._lora_ready = True
+        return req
+
     def health(self) -> dict[str, Any]:
         return {**super().health(), "backend": "vllm"}
 
@@ -245,5 +285,8 @@ class VllmEngine(HfModel, Engine):
                 eng.shutdown()
         finally:
             cb, self._on_close = self._on_close, None
+            lora, self._lora = self._lora, None
+            if lora is not None:
+                lora.close()
             if cb is not None:
                 cb()

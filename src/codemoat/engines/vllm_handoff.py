@@ -82,10 +82,11 @@ class PrivateDir:
 
 
 class WeightHandoff:
-    """Serve one sealed memfd (`fd`, `size` bytes, its files at `parts`) to this process's descendants."""
+    """Serve one sealed memfd (`fd`, `size` bytes, its files at `parts`) to this process's descendants,
+    on the socket `folder/name`."""
 
-    def __init__(self, folder: Path, fd: int, size: int, parts: dict[str, tuple[int, int]]):
-        self.path = str(folder / "weights.sock")
+    def __init__(self, folder: Path, fd: int, size: int, parts: dict[str, tuple[int, int]], name: str = "weights.sock"):
+        self.path = str(folder / name)
         self._fd, self._size, self._parts = fd, size, {k: list(v) for k, v in parts.items()}
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         self._sock.bind(self.path)

@@ -104,7 +104,11 @@ def load_from_memfd(model: Any, fd: int, size: int, parts: dict[str, Any]) -> se
 
 
 def register() -> None:
-    """The `vllm.general_plugins` entry point: make `load_format="codemoat"` known in this process."""
+    """The `vllm.general_plugins` entry point: make `load_format="codemoat"` known in this process, and
+    sealed LoRA adapters load from memory (`engines.vllm_lora`)."""
+    from .vllm_lora import patch_lora_loading
+
+    patch_lora_loading()
     try:
         from vllm.model_executor.model_loader import register_model_loader
         from vllm.model_executor.model_loader.base_loader import BaseModelLoader

