@@ -32,6 +32,7 @@ from .. import paths
 from ..errors import NotFound
 from .clock import iso
 from .codec import VaultError, b64d, b64e, canonical, ed_public, key_id, sign, verify
+from .trust import TRUST_FILE, check_trusted_vendor
 from .vendor_tables import leases_t, licenses_t, revocations_t
 
 KIND = "codemoat-crl"
@@ -183,17 +184,9 @@ def _installed(vendor_key_b64: str, home: Path | None) -> Crl | None:
 
 def install(data: bytes, home: Path | None = None) -> tuple[Crl, bool]:
     """Verify and install a CRL for a vendor this machine trusts; (the CRL, False when already installed)."""
-    from .license import TRUST_FILE
-
     crl = Crl.parse(data)
     vk = crl.body["vendor_key"]
-    trust = (home or paths.home()) / TRUST_FILE
-    try:
-        trusted = json.loads(trust.read_text())
-    except (OSError, ValueError):
-        trusted = []
-    if not isinstance(trusted, list) or vk not in trusted:
-        raise VaultError(f"CRL is signed by vendor key {crl.vendor_key_id}, which this machine does not trust ({trust})")
+    check_trusted_vendor(vk, (home or paths.home()) / TRUST_FILE, "CRL")  # never pins a key
     old = _installed(vk, home)
     if old is not None:
         if crl.number < old.number:

@@ -23,7 +23,6 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from .. import paths
 from .clock import ClockGuard, iso
 from .codec import VaultError, b64d, b64e, canonical, ed_public, key_id, public_raw, sign, unwrap, verify, wrap, x_public
 from .container import SealedFile, content_key_id
@@ -31,13 +30,13 @@ from .crl import check_revoked
 from .machine import POLICIES, MachineKey, check_tpm_block, match_facts
 from .snpbind import check_snp_block
 from .tpmwrap import unwrap_p256, wrap_p256
+from .trust import check_trusted_vendor
 
 KIND = "codemoat-license"
 VERSION = 1
 DOMAIN = b"codemoat-license-v1"
 FEATURES = ("complete", "chat", "index")
 MODES = ("offline", "lease")
-TRUST_FILE = "trusted-vendors.json"
 
 
 def key_context(purpose: str, license_id: str, extra: bytes = b"") -> bytes:
@@ -291,25 +290,6 @@ def tpm_unwrapper(attestor: Any, entry: dict[str, Any]) -> Any:
         return unwrap_p256(lambda p: attestor.zgen(t["policy"], p), t["unwrap"], wrapped, context, what)
 
     return unwrap_tpm
-
-
-def check_trusted_vendor(vendor_key: str, path: Path | None = None) -> None:
-    """Trust on first use: the first vendor key this machine accepts is pinned; others are refused."""
-    p = path or paths.home() / TRUST_FILE
-    try:
-        trusted = json.loads(p.read_text())
-        if not isinstance(trusted, list):
-            raise ValueError
-    except FileNotFoundError:
-        p.write_text(json.dumps([vendor_key]))
-        return
-    except ValueError:
-        raise VaultError(f"trusted vendor list {p} is damaged") from None
-    if vendor_key not in trusted:
-        raise VaultError(
-            f"license is signed by vendor key {key_id(b64d(vendor_key))}, which this machine does not "
-            f"trust (trusted keys are listed in {p})"
-        )
 
 
 @dataclass
