@@ -142,3 +142,40 @@ def test_event_type_and_unmatched_paths_never_stored_verbatim(db, llm):
         ("/v1/completions", 405, "alice", "other"),
     ]
     assert AWS.encode() not in db_bytes(paths.home())
+
+
+@pytest.fixture
+def parses(monkeypatch):
+    """Every body that serve.body parsed (the real check runs), by its length in bytes."""
+    from codemoat.serve import body
+
+    seen: list[int] = []
+    real = body.json.loads
+
+    class Counted:
+        JSONDecodeError = body.json.JSONDecodeError
+
+        @staticmethod
+        def loads(raw, *a, **kw):
+            seen.append(len(raw))
+            return real(raw, *a, **kw)
+
+    monkeypatch.setattr(body, "json", Counted)
+    return seen
+
+
+def test_completions_authenticate_before_they_parse_a_body(db, llm, parses):
+    """Was broken: /v1/completions parsed the JSON body (to tell Tabby's requests from OpenAI's) before it
+    checked the token, so anyone could make the server parse and walk 8 MiB bodies of millions of tiny
+    values on its event loop (about a second each on this machine, every other request waiting)."""
+    junk = b'{"model": "tiny", "prompt": "x", "junk": [' + b"[]," * 100_000 + b"[]]}"
+    with client_for(db, llm) as c:
+        for headers in ({}, {"Authorization": "Bearer cm_wrong"}):
+            r = c.post("/v1/completions", content=junk, headers={**headers, "Content-Type": "application/json"})
+            assert r.status_code == 401 and r.json()["error"]["type"] == "invalid_request_error", r.text[:200]
+            tabby = b'{"segments": {"prefix": "def f("}, "junk": [' + b"[]," * 100_000 + b"[]]}"
+            r = c.post("/v1/completions", content=tabby, headers={**headers, "Content-Type": "application/json"})
+            assert r.status_code == 401 and isinstance(r.json()["error"], str), r.text[:200]  # Tabby's shape, unparsed
+        assert parses == []
+        r = c.post("/v1/completions", content=junk, headers={**c.tokens["alice"], "Content-Type": "application/json"})
+        assert r.status_code == 200 and parses == [len(junk)]

@@ -42,15 +42,17 @@ async def model(model_id: str, request: Request, principal: Principal = Depends(
 
 @router.post("/v1/completions")
 async def completions(request: Request):
-    # The body tells Tabby's requests from OpenAI's (and so the error shape), but the token is
-    # checked before a body error is reported: a caller without a token learns nothing else.
+    # The body tells Tabby's requests from OpenAI's (and so the error shape), but the token is checked
+    # before the body is parsed: a caller without one costs no parse (8 MiB of tiny JSON values take about
+    # a second) and learns nothing else. Its 401 takes Tabby's shape when the raw body names "segments".
+    request.state.protocol = "tabby" if b'"segments"' in await request.body() else "openai"
+    principal = await require("complete")(request)
     try:
         body, bad = await read_json(request), None
     except CodemoatError as e:
         body, bad = getattr(e, "body", None), e  # a body that parsed but is refused still names its protocol
     tabby = isinstance(body, dict) and "segments" in body
     request.state.protocol = "tabby" if tabby else "openai"
-    principal = await require("complete")(request)
     if bad is not None:
         raise bad
     if tabby:
