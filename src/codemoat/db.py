@@ -14,8 +14,9 @@ import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Connection, Engine, TextClause, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
@@ -131,3 +132,25 @@ def _open_error(url: str, e: DBAPIError) -> Exception:
     if "unable to open database file" in problem:
         return CodemoatError(f"cannot open database {where}: {problem}")
     return e
+
+
+# (statement, dialect name) -> (the statement's SQL in the driver's paramstyle, parameter order or None)
+_fast_sql: dict[tuple[int, str], tuple[Any, str, tuple[str, ...] | None]] = {}
+
+
+def fast_execute(conn: Connection, stmt: TextClause, params: dict[str, Any]) -> Any:
+    """`conn.execute(stmt, params)` straight on the driver's cursor, in `conn`'s transaction: for the few
+    fixed `text()` statements of a hot path (the key server's lease), where SQLAlchemy's per-call work
+    (parameter and result processing) costs more CPU than SQLite does. The statement is compiled once per
+    dialect (`?` for sqlite3, `%(name)s` for psycopg); the answer is the driver's cursor (`rowcount`,
+    `fetchone()` tuples in the SELECT's column order), and an error is the driver's own."""
+    key = (id(stmt), conn.dialect.name)
+    got = _fast_sql.get(key)
+    if got is None:
+        compiled = stmt.compile(dialect=conn.dialect)
+        order = tuple(compiled.positiontup or ()) if compiled.positional else None
+        got = _fast_sql[key] = (stmt, compiled.string, order)  # the statement kept: its id stays its own
+    _, sql, order = got
+    cur = conn.connection.cursor()
+    cur.execute(sql, params if order is None else tuple(params[k] for k in order))
+    return cur

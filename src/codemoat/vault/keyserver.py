@@ -56,6 +56,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from ..db import fast_execute
 from .clock import Clock
 from .codec import VaultError, b64d, b64e, canonical, ed_public, sign, verify, wrap, x_public
 from .crl import revoked_machines
@@ -290,18 +291,20 @@ class KeyServer:
             try:
                 if info is not None:  # the TPM clock floor, in the same transaction (one commit per lease)
                     self._tpm_floor(c, lid, mid, entry["tpm"]["ak"], info)
-                row = c.execute(_LICENSE_STATE, {"lid": lid}).first()
-                if row.revoked_at:
+                revoked_at, expires, not_before, seats, lease_ttl, grace = fast_execute(
+                    c, _LICENSE_STATE, {"lid": lid}
+                ).fetchone()
+                if revoked_at:
                     raise LeaseDenied("revoked", f"license {lid} was revoked")
-                if now >= row.expires:
+                if now >= expires:
                     raise LeaseDenied("expired", f"license {lid} has expired")
-                if now < row.not_before:
+                if now < not_before:
                     raise LeaseDenied("not_yet_valid", f"license {lid} is not valid yet")
-                ttl = min(row.lease_ttl, max(1, int(row.expires - now)))
+                ttl = min(lease_ttl, max(1, int(expires - now)))
                 per_machine = (lic.doc.get("lease") or {}).get("max_seats_per_machine")  # signed by the vendor
-                used = self._take_seat(c, lid, mid, inst, row.seats, now, ttl, row.grace, per_machine)
+                used = self._take_seat(c, lid, mid, inst, seats, now, ttl, grace, per_machine)
                 # The nonce for this machine's next renewal: one round trip per heartbeat, still server-chosen.
-                next_nonce = self.nonces.issue_on(c, lid, ttl + row.grace + NONCE_TTL)
+                next_nonce = self.nonces.issue_on(c, lid, ttl + grace + NONCE_TTL)
             except LeaseDenied as e:
                 refused = e
         self.nonces.remember_spent(lid, req["nonce"])
@@ -323,8 +326,8 @@ class KeyServer:
             "nonce": req["nonce"],
             "server_time": int(now),
             "ttl": ttl,
-            "grace": row.grace,
-            "seats": row.seats,
+            "grace": grace,
+            "seats": seats,
             "seats_used": used,
             "keys": keys,
             "next_nonce": next_nonce,
@@ -426,20 +429,20 @@ class KeyServer:
         A seat is held through its lease's TTL and then the grace in which its holder may still serve."""
         p = {"lid": lid, "mid": mid, "inst": inst, "now": now, "exp": now + ttl, "held": now - max(0, grace or 0)}
         # Fast path, a renewal of a live seat: the number of seats in use does not change.
-        if c.execute(_RENEW, p).rowcount:
-            return c.execute(_COUNT_LIVE, p).scalar_one()
-        c.execute(_LOCK_LICENSE, p)  # the row's write lock: seat allocations serialise across processes
-        c.execute(_DROP_EXPIRED, p)  # including this instance's own lapsed seat (past its grace): it competes again
-        held = c.execute(_COUNT_LIVE, p).scalar_one()
+        if fast_execute(c, _RENEW, p).rowcount:
+            return fast_execute(c, _COUNT_LIVE, p).fetchone()[0]
+        fast_execute(c, _LOCK_LICENSE, p)  # the row's write lock: seat allocations serialise across processes
+        fast_execute(c, _DROP_EXPIRED, p)  # including this instance's own lapsed seat (past its grace): it competes again
+        held = fast_execute(c, _COUNT_LIVE, p).fetchone()[0]
         if held >= seats:
             raise LeaseDenied("seats_exhausted", f"all {seats} seats of license {lid} are in use", 409)
-        if per_machine and c.execute(_COUNT_LIVE_MACHINE, p).scalar_one() >= per_machine:
+        if per_machine and fast_execute(c, _COUNT_LIVE_MACHINE, p).fetchone()[0] >= per_machine:
             raise LeaseDenied(
                 "machine_seats_exhausted",
                 f"machine {mid} already holds {per_machine} seats of license {lid}, the most one machine may hold",
                 409,
             )
-        c.execute(_INSERT, p)
+        fast_execute(c, _INSERT, p)
         return held + 1
 
     def release(self, req: Any) -> dict[str, Any]:

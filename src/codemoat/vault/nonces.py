@@ -24,6 +24,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from ..db import fast_execute
 from .codec import b64e
 
 MAX_NONCES = 100_000  # outstanding challenges and renewal nonces (~120 bytes a row)
@@ -57,7 +58,7 @@ class NonceStore:
     def issue_on(self, c: sa.Connection, license_id: str, ttl: float) -> str:
         """A fresh nonce for `license_id`, valid `ttl` seconds, written in the caller's transaction."""
         nonce = b64e(secrets.token_bytes(32))
-        c.execute(_INSERT, {"n": nonce, "lid": license_id, "exp": self.clock.time() + ttl})
+        fast_execute(c, _INSERT, {"n": nonce, "lid": license_id, "exp": self.clock.time() + ttl})
         with self._lock:
             self._issued += 1
             due = self._issued % SWEEP_EVERY == 0
@@ -72,7 +73,7 @@ class NonceStore:
     def spend_on(self, c: sa.Connection, nonce: str, license_id: str) -> bool:
         """True once for an outstanding, unexpired nonce of `license_id`; False after (or for any other).
         The caller calls `remember_spent` once its transaction has committed (a rollback leaves it live)."""
-        live = c.execute(_SPEND, {"n": nonce, "lid": license_id, "now": self.clock.time()}).rowcount == 1
+        live = fast_execute(c, _SPEND, {"n": nonce, "lid": license_id, "now": self.clock.time()}).rowcount == 1
         if not live:  # spent, expired or never issued for this license: it cannot come back
             self.remember_spent(license_id, nonce)
         return live

@@ -26,6 +26,7 @@ was put back, or whose reset count was lost with the power, shows: refused like 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
@@ -37,6 +38,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
+from ..db import fast_execute
 from .codec import VaultError
 
 EK_CA_FILE = "tpm-ek-ca.pem"
@@ -73,6 +75,7 @@ _ADVANCE_UNSAFE = sa.text(
 _LAST = sa.text("SELECT reset_count, clock FROM vault_tpm_keys WHERE ak_id = :ak")
 
 
+@functools.lru_cache(maxsize=4096)  # the key server names an AK at every lease
 def key_id(der_hex: str) -> str:
     return hashlib.sha256(bytes.fromhex(der_hex)).hexdigest()
 
@@ -258,11 +261,11 @@ def advance_on(
     ak = key_id(ak_der_hex)
     p = {"ak": ak, "r": reset_count, "c": clock, "now": int(time.time())}
     for _ in range(3):
-        if c.execute(_ADVANCE if safe else _ADVANCE_UNSAFE, p).rowcount:
+        if fast_execute(c, _ADVANCE if safe else _ADVANCE_UNSAFE, p).rowcount:
             return None
-        last = c.execute(_LAST, p).first()
+        last = fast_execute(c, _LAST, p).fetchone()
         if last is not None:
-            return (last.reset_count, last.clock)
+            return (last[0], last[1])
         try:  # a license issued before AKs were bound: start its record now
             with c.begin_nested():  # a savepoint: a concurrent insert does not abort the caller's transaction
                 c.execute(
