@@ -168,14 +168,36 @@ def test_completions_authenticate_before_they_parse_a_body(db, llm, parses):
     """Was broken: /v1/completions parsed the JSON body (to tell Tabby's requests from OpenAI's) before it
     checked the token, so anyone could make the server parse and walk 8 MiB bodies of millions of tiny
     values on its event loop (about a second each on this machine, every other request waiting)."""
-    junk = b'{"model": "tiny", "prompt": "x", "junk": [' + b"[]," * 100_000 + b"[]]}"
+    junk = b'{"model": "tiny", "prompt": "x", "junk": [' + b"[]," * 50_000 + b"[]]}"
     with client_for(db, llm) as c:
         for headers in ({}, {"Authorization": "Bearer cm_wrong"}):
             r = c.post("/v1/completions", content=junk, headers={**headers, "Content-Type": "application/json"})
             assert r.status_code == 401 and r.json()["error"]["type"] == "invalid_request_error", r.text[:200]
-            tabby = b'{"segments": {"prefix": "def f("}, "junk": [' + b"[]," * 100_000 + b"[]]}"
+            tabby = b'{"segments": {"prefix": "def f("}, "junk": [' + b"[]," * 50_000 + b"[]]}"
             r = c.post("/v1/completions", content=tabby, headers={**headers, "Content-Type": "application/json"})
             assert r.status_code == 401 and isinstance(r.json()["error"], str), r.text[:200]  # Tabby's shape, unparsed
         assert parses == []
         r = c.post("/v1/completions", content=junk, headers={**c.tokens["alice"], "Content-Type": "application/json"})
         assert r.status_code == 200 and parses == [len(junk)]
+
+
+def test_a_body_of_millions_of_tiny_values_is_refused(db, llm):
+    """Was broken: a token holder's 4 MiB /infill body of a million empty `input_extra` entries took about
+    3 s of CPU to parse, walk and validate, all on the event loop, every other request waiting (a million
+    empty chat content parts, or Ollama messages, likewise). A body holding more JSON values than any
+    client sends is a 400 in its protocol's shape before it is validated; a long real conversation is not."""
+    many = 1_000_000
+    cases = [
+        ("/infill", {"input_prefix": "x", "n_predict": 1, "input_extra": [{}] * many}),
+        ("/v1/chat/completions", {"model": "tiny", "max_tokens": 1, "messages": [{"role": "user", "content": [{}] * many}]}),
+        ("/api/chat", {"model": "tiny", "stream": False, "messages": [{}] * many}),
+        ("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 1, "junk": [[]] * many}),
+        ("/v1/completions", {"segments": {"prefix": "x", "declarations": [{}] * many}}),
+    ]
+    with client_for(db, llm) as c:
+        for path, body in cases:
+            r = c.post(path, content=json.dumps(body), headers={**c.tokens["alice"], "Content-Type": "application/json"})
+            assert r.status_code == 400 and "JSON values" in r.text, (path, r.status_code, r.text[:200])
+        chat = [{"role": "user" if i % 2 == 0 else "assistant", "content": "hi"} for i in range(2001)]
+        r = c.post("/v1/chat/completions", json={"model": "tiny", "max_tokens": 1, "messages": chat}, headers=c.tokens["alice"])
+        assert r.status_code != 400 or "JSON values" not in r.text, r.text[:200]

@@ -8,8 +8,13 @@ from typing import Any
 from fastapi import Request
 
 from ..errors import CodemoatError
-from .jsontext import SURROGATE_MESSAGE, lone_surrogate
+from .jsontext import SURROGATE_MESSAGE, TooManyValues, lone_surrogate
 from .usage import Usage, usage_of
+
+#: more JSON values than any client's request holds (a 2,000-message chat is about 6,000): each one
+#: becomes a Python object and, in a list the protocol reads, a validated model, on the event loop;
+#: a million empty `input_extra` entries (4 MiB) took about 3 s of it before this limit
+MAX_VALUES = 100_000
 
 
 async def read_json(request: Request) -> Any:
@@ -31,8 +36,8 @@ async def read_json(request: Request) -> Any:
 
 
 class NotText(CodemoatError):
-    """A JSON body holding a string that is not Unicode text; `body` is the parsed document, so that a
-    route can still tell which protocol's error shape to answer in."""
+    """A JSON body holding a string that is not Unicode text, or more than `MAX_VALUES` values; `body` is
+    the parsed document, so that a route can still tell which protocol's error shape to answer in."""
 
     def __init__(self, message: str, body: Any):
         super().__init__(message)
@@ -40,8 +45,13 @@ class NotText(CodemoatError):
 
 
 def check_text(doc: Any) -> None:
-    """Refuse a body holding a string or key that is not Unicode text (`jsontext.lone_surrogate`)."""
-    if lone_surrogate(doc):
+    """Refuse a body holding a string or key that is not Unicode text (`jsontext.lone_surrogate`), or
+    more than `MAX_VALUES` values."""
+    try:
+        bad = lone_surrogate(doc, MAX_VALUES)
+    except TooManyValues:
+        raise NotText(f"request body holds more than {MAX_VALUES:,} JSON values", doc) from None
+    if bad:
         raise NotText(SURROGATE_MESSAGE, doc)
 
 

@@ -16,13 +16,22 @@ SURROGATE_MESSAGE = (
 )
 
 
-def lone_surrogate(doc: Any) -> bool:
+class TooManyValues(ValueError):
+    """The document holds more values than the caller's `max_values`."""
+
+
+def lone_surrogate(doc: Any, max_values: int | None = None) -> bool:
     """True when any key or string value in `doc` is not Unicode text; iterative, since bodies nest as
     deep as the decoder allows (about 2 us for a lease request: no shortcut on the raw bytes, which
-    would have to know every encoding `json.loads` accepts)."""
+    would have to know every encoding `json.loads` accepts). With `max_values`, raises `TooManyValues`
+    once it has seen more values (objects, arrays and scalars) than that."""
     todo = [doc]
+    seen = 0
     while todo:
         d = todo.pop()
+        seen += 1
+        if max_values is not None and seen > max_values:
+            raise TooManyValues(max_values)
         if isinstance(d, str):
             texts = (d,)
         elif isinstance(d, dict):
