@@ -308,3 +308,31 @@ def test_an_id_token_or_discovery_from_another_issuer_is_refused(stub_provider, 
     docs["/.well-known/openid-configuration"] = {"issuer": "https://evil.example", "jwks_uri": url + "/jwks"}
     with pytest.raises(DirectoryError, match="names another issuer"):
         OidcClient(cfg, client.engine).metadata()
+
+
+def test_a_sign_in_body_is_small_or_refused_unread(dir_settings, home):
+    """Was broken: POST /auth/login, which anyone may call, had the whole server's body limit (8 MiB), and
+    FastAPI parsed all of it as JSON on the event loop before any check (about half a second for 8 MiB of
+    tiny values, every other request waiting). A sign-in body past 16 KiB is now a 413, never parsed;
+    a real one still signs in."""
+    from fastapi.testclient import TestClient
+
+    from codemoat.accounts import Accounts
+    from codemoat.engines.holder import ModelHolder
+    from codemoat.serve.app import create_app
+
+    accounts = Accounts(open_db(f"sqlite:///{home / 'codemoat.db'}"))
+    app = create_app(Settings(directory=dir_settings), holder=ModelHolder("m"), accounts=accounts)
+    junk = b'{"username": "alice", "password": "x", "junk": [' + b"[]," * 300_000 + b"[]]}"
+    with TestClient(app, raise_server_exceptions=False) as c:
+        for headers in (
+            {"content-type": "application/json"},
+            {"content-type": "application/json", "transfer-encoding": "chunked"},
+        ):
+            body = junk if "transfer-encoding" not in headers else iter([junk[:65536], junk[65536:]])
+            r = c.post("/auth/login", content=body, headers=headers)
+            assert r.status_code == 413 and "Traceback" not in r.text, (r.status_code, r.text[:200])
+        r = c.post("/auth/login", json={"username": "alice", "password": "alice-pw-1"})
+        assert r.status_code == 200 and r.json()["user"] == "alice", r.text[:200]
+        r = c.post("/auth/login", content=b'{"username": "alice"', headers={"content-type": "application/json"})
+        assert r.status_code == 400 and "Traceback" not in r.text, r.text[:200]
