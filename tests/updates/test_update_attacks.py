@@ -155,3 +155,19 @@ def test_adapter_bundle_whose_payload_is_not_gguf_is_refused_at_apply(shop, stor
         store.apply(b, lic)
     assert [s for s, d in store.records if "GGUF" in d.get("reason", "")] == ["refused", "refused"]
     assert store.list() == []
+
+
+@pytest.mark.parametrize("action", ["verify", "apply"])
+def test_a_fifo_named_as_the_bundle_is_refused_not_waited_on(machine, tmp_path, action):
+    """Was broken: `update verify/apply` opened the file before looking at what it is, and opening a FIFO
+    blocks until someone writes to it: a named pipe on a hostile USB stick hung the command for good."""
+    import os
+    import subprocess
+
+    fifo = tmp_path / "release.moatpkg"
+    os.mkfifo(fifo)
+    try:
+        p = run_cli("update", action, str(fifo), timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"`codemoat update {action}` on a FIFO did not return")
+    assert "not a regular file" in one_line_error(p)

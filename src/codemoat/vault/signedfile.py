@@ -51,7 +51,7 @@ def read_header(
     bundle); `error` (one line naming `what`, e.g. "update bundle") on any fault. Offsets in the result
     are from the header's start."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO would block the open itself: refused below
     except FileNotFoundError:
         raise error(f"{what} not found: {path}") from None
     except OSError as e:
