@@ -220,7 +220,7 @@ class DirectorySettings(BaseModel):
     group_name_attr: str = Field("cn", description="Attribute holding a group's name.")
     group_map: dict[str, str] = Field(
         default_factory=dict,
-        description="Directory group name -> codemoat group; only mapped groups grant access (an empty map mirrors every group under its own name).",
+        description="Directory group name -> codemoat group; only mapped groups grant access (an empty map mirrors every group under its own name, except `admin` and `everyone`).",
     )
     admin_groups: list[str] = Field(
         default_factory=list, description="codemoat groups whose members' self-service tokens get the admin scope."

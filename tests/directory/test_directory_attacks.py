@@ -336,3 +336,28 @@ def test_a_sign_in_body_is_small_or_refused_unread(dir_settings, home):
         assert r.status_code == 200 and r.json()["user"] == "alice", r.text[:200]
         r = c.post("/auth/login", content=b'{"username": "alice"', headers={"content-type": "application/json"})
         assert r.status_code == 400 and "Traceback" not in r.text, r.text[:200]
+
+
+def test_a_directory_group_named_admin_is_not_mirrored_into_codemoat_admin(home):
+    """Was broken: without a group_map every directory group is mirrored under its own name, and a group
+    called `admin` became codemoat's `admin` group, whose members read every indexed repository. Many
+    identity providers let any user create a group (Google Groups, GitLab, self-service groups in Entra
+    ID): one named `admin` read all the company's code through retrieval. Like `everyone`, `admin` is
+    never mirrored (a group_map may still name it: the admin's own choice)."""
+    from codemoat.retrieve import can_read
+
+    engine = open_db(f"sqlite:///{home / 'codemoat.db'}")
+    cfg = DirectorySettings(
+        oidc_issuer=ISSUER, oidc_client_id="codemoat", oidc_redirect_url="http://127.0.0.1:9/auth/oidc/callback"
+    )
+    k = DirectoryKeeper(Settings(directory=cfg), engine)
+    try:
+        user = k.oidc.user_from({"sub": "s7", "preferred_username": "mallory", "groups": ["admin", "web"]})
+        _, info = k.issue_token(user, None, how="oidc")
+        assert "admin" not in info["groups"] and "web" in info["groups"], info
+        assert not can_read(["payments"], info["groups"])  # the repositories of a group mallory is not in
+        mapped = DirectoryKeeper(Settings(directory=cfg.model_copy(update={"group_map": {"code-admins": "admin"}})), engine)
+        user = mapped.oidc.user_from({"sub": "s8", "preferred_username": "ada", "groups": ["code-admins"]})
+        assert mapped.issue_token(user, None, how="oidc")[1]["groups"] == ["admin", "everyone"]
+    finally:
+        engine.dispose()

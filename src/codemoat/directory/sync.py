@@ -21,6 +21,7 @@ from sqlalchemy import Engine
 
 from ..accounts.store import EVERYONE, groups as groups_t, memberships, tokens, users
 from ..config import DirectorySettings
+from ..retrieve.acl import ADMIN
 from .ldap import Snapshot
 
 _GROUP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # fullmatch: `$` would let a final newline through
@@ -70,7 +71,9 @@ def mapped_groups(dir_groups: frozenset[str], cfg: DirectorySettings, skipped: s
         return sorted({cfg.group_map[g] for g in dir_groups if g in cfg.group_map})
     out = set()
     for g in dir_groups:
-        if _GROUP_NAME.fullmatch(g) and g != EVERYONE:
+        # never `everyone` or `admin` (retrieve.acl: reads every repository): anyone may make a group of
+        # that name in many identity providers; a group_map may still name them
+        if _GROUP_NAME.fullmatch(g) and g not in (EVERYONE, ADMIN):
             out.add(g)
         else:
             skipped.add(g)
