@@ -144,6 +144,11 @@ def test_token_shown_once_and_sessions_end(setup):
     # a bad expiry is a one-line error on the page, not a traceback
     r = c.post("/admin/people/tokens", data={"csrf": csrf, "name": "x", "expires_days": "soon"})
     assert r.status_code == 400 and "expiry" in r.text and "Traceback" not in r.text
+    n = len(accounts.list_tokens())
+    for days in ("nan", "NaN", "inf", "-inf"):  # nan passed both range checks: a token that never expired
+        r = c.post("/admin/people/tokens", data={"csrf": csrf, "name": "x", "scope_complete": "1", "expires_days": days})
+        assert r.status_code == 400 and "expiry" in r.text, (days, r.status_code)
+    assert len(accounts.list_tokens()) == n
     # sign-out ends the session: the old cookie no longer works
     sid = c.cookies.get("codemoat_session")
     assert c.post("/admin/signout", data={"csrf": csrf}, follow_redirects=False).status_code == 303

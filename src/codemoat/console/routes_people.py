@@ -64,7 +64,7 @@ async def create_token(request: Request):
     scopes = [x for x in ALL_SCOPES if f.get(f"scope_{x}")]
     try:
         days = float(f.get("expires_days") or 0)
-        if days < 0 or days > 3650:
+        if not 0 <= days <= 3650:  # NaN too: it passed `days < 0 or days > 3650` (a token that never expired)
             raise CodemoatError("expiry: between 0 (never) and 3650 days")
         expires = time.time() + days * 86400 if days else None
         from .people import check_enabled
