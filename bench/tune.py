@@ -45,6 +45,7 @@ def main() -> None:
         default=0.015,
         help="the kept state is at most this much worse on the forgetting-validation modules (negative: no limit)",
     )
+    ap.add_argument("--ema", type=float, default=0.0, help="decay of the moving average of the adapter's weights (0: off)")
     ap.add_argument("--parallel", type=int, default=4, help="the serving part's batch slots (model.parallel)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "tune.md"))
     a = ap.parse_args()
@@ -80,6 +81,7 @@ def main() -> None:
             infill_lines=a.infill_lines,
             replay=a.replay,
             max_forgetting=a.max_forgetting if a.max_forgetting >= 0 else None,
+            ema=a.ema,
         )
     )
     wall = time.monotonic() - t0
@@ -124,7 +126,7 @@ def main() -> None:
         "",
         f"Command: `.venv/bin/python bench/tune.py --minutes {a.minutes:g} --repos {a.repos} --rank {a.rank} --lr {a.lr:g} "
         f"--threads {a.threads} --eval-tokens {a.eval_tokens} --infill-lines {a.infill_lines} --replay {a.replay:g} "
-        f"--max-forgetting {a.max_forgetting:g} "
+        f"--max-forgetting {a.max_forgetting:g} --ema {a.ema:g} "
         f"--parallel {a.parallel}` "
         f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})",
         "",
@@ -135,8 +137,9 @@ def main() -> None:
         "",
         "| measure | base | base + adapter | change |",
         "| --- | --- | --- | --- |",
-        f"| held-out bits/byte, tuned repositories ({len(heldout)} files never trained on, first {a.eval_tokens} tokens) "
+        f"| held-out bits/byte, tuned repositories ({len(heldout)} files never trained on, first {a.eval_tokens} tokens in path order) "
         f"| {e['bpb_base']['tuned']:.3f} | {e['bpb_adapter']['tuned']:.3f} | {pct(e['bpb_base']['tuned'], e['bpb_adapter']['tuned'])} |",
+        *_each_file_row(e, len(heldout), a.eval_tokens),
         f"| bits/byte, CPython modules (forgetting) | {e['bpb_base']['unrelated']:.3f} | {e['bpb_adapter']['unrelated']:.3f} "
         f"| {pct(e['bpb_base']['unrelated'], e['bpb_adapter']['unrelated'])} |",
         *_infill_rows(e),
@@ -148,7 +151,7 @@ def main() -> None:
         "",
         f"Training: {m['train']['steps']} steps, {m['train']['tokens']:,} tokens in {m['train']['seconds']:.0f} s "
         f"= {m['train']['tok_per_s']:,.0f} tokens/s (LoRA rank {a.rank} on every linear layer; {m['train']['replay']:.0%} of "
-        f"each batch replayed CPython modules outside the forgetting check); {m['train']['files']} training files, "
+        f"each batch replayed CPython modules outside the forgetting check{_ema(m['train'])}); {m['train']['files']} training files, "
         f"{m['train']['validation_files']} validation files, {m['train']['data_tables']} data tables not trained on; "
         f"the adapter kept is step {m['train']['kept_step']}'s (lowest validation bits/byte, {_f(m['train']['validation_bpb'])}, "
         f"{_kept(m['train'])}); whole run {wall:.0f} s.",
@@ -182,6 +185,20 @@ def _kept(t: dict) -> str:
         f"among states at most {t['max_forgetting']:.1%} worse than the base on the forgetting-validation modules: "
         f"{_f(base)} → {_f(kept)}"
     )
+
+
+def _each_file_row(e: dict, n: int, tokens: int) -> list[str]:
+    b, x = e["bpb_base"].get("tuned_each_file"), e["bpb_adapter"].get("tuned_each_file")
+    if b is None or x is None:
+        return []
+    return [
+        f"| the same files, the start of each (about {tokens // max(1, n)} tokens of every one of the {n}; data tables included) "
+        f"| {b:.3f} | {x:.3f} | {(x - b) / b * 100:+.1f} % |"
+    ]
+
+
+def _ema(t: dict) -> str:
+    return f"; the weights averaged over the run, decay {t['ema']:g}" if t.get("ema") else ""
 
 
 def _f(x: float | None) -> str:

@@ -98,3 +98,41 @@ def test_a_data_table_in_the_repository_is_not_trained_on(tmp_path, tiny_gguf):
     t = tune(_opts(tmp_path, tiny_gguf, lr=5e-3, steps=2)).meta["train"]
     assert f"shop/{name}" not in t["heldout_files"]
     assert t["data_tables"] == 1 and t["files"] + t["validation_files"] == len(FILES) - len(t["heldout_files"])
+
+
+@pytest.mark.slow
+def test_with_ema_the_adapter_written_is_the_average_of_the_weights_not_the_last_step(tmp_path, tiny_gguf):
+    """`ema`: the states scored, kept and written are a moving average of the adapter's weights. An
+    average that forgets its start this slowly (0.999) is still almost the untuned start (lora_B
+    starts at zero) after a few steps that moved the last weights far; without averaging (or with the
+    option ignored) the adapter written is those last weights."""
+    import torch
+    from safetensors.torch import load
+
+    from codemoat.engines.adapters import open_adapter
+    from codemoat.tune.trainer import tune
+
+    _index(tmp_path, "shop", FILES, ["shop"])
+    kw = dict(lr=5e-3, steps=4, replay=0, max_forgetting=None, eval_every=100)
+    raw = tune(_opts(tmp_path, tiny_gguf, **kw))
+    avg = tune(_opts(tmp_path, tiny_gguf, ema=0.999, out=tmp_path / "b.moat", **kw))
+
+    def b_norm(res) -> float:
+        sd = load(open_adapter(res.out).safetensors)
+        return sum(float(torch.linalg.norm(v)) for k, v in sd.items() if "lora_B" in k)
+
+    assert avg.meta["train"]["ema"] == 0.999 and raw.meta["train"]["ema"] == 0.0
+    assert raw.meta["train"]["kept_step"] == 4 and b_norm(raw) > 0
+    assert b_norm(avg) < 0.01 * b_norm(raw)
+    e_raw, e_avg = raw.meta["eval"], avg.meta["eval"]
+    assert e_avg["bpb_adapter"]["tuned"] == pytest.approx(e_avg["bpb_base"]["tuned"], rel=1e-3)
+    assert e_raw["bpb_adapter"]["tuned"] != pytest.approx(e_raw["bpb_base"]["tuned"], rel=1e-3)
+
+
+def test_an_ema_decay_out_of_range_is_refused(tmp_path, tiny_gguf):
+    from codemoat.errors import CodemoatError
+    from codemoat.tune.trainer import tune
+
+    for bad in (1.0, -0.1, float("nan")):
+        with pytest.raises(CodemoatError, match="--ema must be from 0 to below 1"):
+            tune(_opts(tmp_path, tiny_gguf, ema=bad))

@@ -69,6 +69,16 @@ def tune_command(
             "(0 to 1, e.g. 0.015 = 1.5 %; off: no limit).",
         ),
     ] = 0.015,
+    ema: Annotated[
+        float,
+        typer.Option(
+            "--ema",
+            min=0.0,
+            max=0.999,
+            help="Average the adapter's weights over the run (the decay of an exponential moving average, "
+            "0 to 0.999, e.g. 0.95; 0: off): the averaged weights are scored, kept and written.",
+        ),
+    ] = 0.0,
     as_json: JsonFlag = False,
 ) -> None:
     """Fine-tune the served model on the named repositories' indexed code; write a sealed LoRA adapter."""
@@ -99,6 +109,7 @@ def tune_command(
         license=lic,
         replay=replay,
         max_forgetting=max_forgetting,
+        ema=ema,
     )
     result = run_with_progress(tune, opts, quiet=as_json, verb="tune", stage_info=_stage_info, step_info=_step_info)
     data = {"adapter": str(result.out), **result.meta}
