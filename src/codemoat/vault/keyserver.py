@@ -134,9 +134,10 @@ def request_message(req: dict[str, Any]) -> bytes:
     return canonical(fields)
 
 
-def quote_data(req: dict[str, Any]) -> bytes:
-    """The qualifyingData a TPM quotes for a lease request: binds the quote to its nonce and ids."""
-    return hashlib.sha256(QUOTE_DOMAIN + b"\x00" + request_message(req)).digest()
+def quote_data(req: dict[str, Any], message: bytes | None = None) -> bytes:
+    """The qualifyingData a TPM quotes for a lease request: binds the quote to its nonce and ids
+    (`message`: the request's `request_message`, when the caller has it already)."""
+    return hashlib.sha256(QUOTE_DOMAIN + b"\x00" + (message or request_message(req))).digest()
 
 
 def _bad_nonce() -> LeaseDenied:
@@ -253,17 +254,18 @@ class KeyServer:
         entry = lic.machines.get(mid)
         if entry is None:
             raise _wrong_machine(lid, mid)
+        msg = request_message(req)  # signed twice (machine, instance) and quoted: made once
         try:
             verify(
                 self._machine_key(entry["ed25519"]),
                 b64d(req["signature"], "request signature"),
                 REQUEST_DOMAIN,
-                request_message(req),
+                msg,
                 "lease request",
             )
         except VaultError:
             raise LeaseDenied("bad_signature", "lease request is not signed by the licensed machine's key", 401) from None
-        inst = self._instance(req, INSTANCE_DOMAIN)
+        inst = self._instance(req, INSTANCE_DOMAIN, msg)
         if mid in lic.revoked_machines:
             raise LeaseDenied("revoked", f"machine {mid} was revoked by the vendor: {lic.revoked_machines[mid]}")
         # An attested request's nonce is spent now that the machine has signed it, before the quote or report
@@ -273,10 +275,10 @@ class KeyServer:
             raise _bad_nonce()
         info = None
         if entry.get("tpm") is not None:
-            entry, info = self._attested(lid, mid, req)
+            entry, info = self._attested(lid, mid, req, quote_data(req, msg))
         if entry.get("snp") is not None:  # an SEV-SNP guest: its report over this request, or nothing
             try:
-                verify_snp(self.vendor.root, entry["snp"], req.get("snp"), quote_data(req))
+                verify_snp(self.vendor.root, entry["snp"], req.get("snp"), quote_data(req, msg))
             except SnpLeaseRefused as e:
                 raise self._attest_refused(req, e.code, str(e)) from None
         now = self.clock.time()
@@ -336,7 +338,7 @@ class KeyServer:
             body["tpm"] = {"unwrap": tpm["unwrap"], "policy": tpm["policy"]}
         return {"lease": body, "signature": b64e(sign(self.vendor.keyserver_key, ANSWER_DOMAIN, canonical(body)))}
 
-    def _attested(self, lid: str, mid: str, req: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    def _attested(self, lid: str, mid: str, req: dict[str, Any], qdata: bytes) -> tuple[dict[str, Any], Any]:
         """The machine entry and the quote's facts, once the quote holds; else a refusal, recorded vendor-side."""
         for attempt in (0, 1):
             entry = self._licensed(lid).machines.get(mid)
@@ -345,7 +347,7 @@ class KeyServer:
             if entry.get("tpm") is None:  # now bound to its software keys: the lease a first lookup would give
                 return entry, None
             try:
-                info = verify_quote(entry["tpm"], req.get("quote"), quote_data(req))
+                info = verify_quote(entry["tpm"], req.get("quote"), qdata)
                 break
             except QuoteRefused as e:
                 if attempt == 0 and e.code in ("pcr_mismatch", "tampered", "unknown_ak"):
@@ -391,7 +393,7 @@ class KeyServer:
             f.write(line + "\n")
 
     @staticmethod
-    def _instance(req: dict[str, Any], domain: bytes) -> str:
+    def _instance(req: dict[str, Any], domain: bytes, msg: bytes) -> str:
         """The serving process a request speaks for ("" when it names none, one seat per machine):
         its Ed25519 public key, proven by a second signature over the same request under `domain`
         (`INSTANCE_DOMAIN` for a lease, `RELEASE_INSTANCE_DOMAIN` for a release)."""
@@ -402,7 +404,7 @@ class KeyServer:
             if _short(inst) is None:
                 raise VaultError("instance is not a key")
             pub = ed_public(inst, "instance key")
-            verify(pub, b64d(req.get("instance_signature"), "instance signature"), domain, request_message(req), "instance")
+            verify(pub, b64d(req.get("instance_signature"), "instance signature"), domain, msg, "instance")
         except VaultError:
             raise LeaseDenied("bad_signature", "lease request is not signed by the instance key it names", 401) from None
         return inst
@@ -460,17 +462,18 @@ class KeyServer:
         entry = self._licensed(lid).machines.get(mid)
         if entry is None:
             raise _wrong_machine(lid, mid)
+        msg = request_message(req)
         try:
             verify(
-                ed_public(entry["ed25519"], "machine key"),
+                self._machine_key(entry["ed25519"]),
                 b64d(req["signature"], "request signature"),
                 RELEASE_DOMAIN,
-                request_message(req),
+                msg,
                 "release request",
             )
         except VaultError:
             raise LeaseDenied("bad_signature", "release request is not signed by the licensed machine's key", 401) from None
-        inst = self._instance(req, RELEASE_INSTANCE_DOMAIN)  # only the instance's own key gives its seat back
+        inst = self._instance(req, RELEASE_INSTANCE_DOMAIN, msg)  # only the instance's own key gives its seat back
         with self._seat_lock, self.vendor.engine.begin() as c:
             self._spend_nonce(c, req["nonce"], lid)
             c.execute(_RELEASE, {"lid": lid, "mid": mid, "inst": inst})

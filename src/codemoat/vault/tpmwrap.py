@@ -36,6 +36,7 @@ WRAP_ALG = "P256-HKDF-SHA256-A256GCM"
 TPM_GENERATED = 0xFF544347  # TPM_GENERATED_VALUE, Part 2 §6.2
 ST_ATTEST_QUOTE = 0x8018  # TPM_ST_ATTEST_QUOTE, Part 2 §6.9
 ALG_SHA256 = 0x000B
+_ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
 
 
 class QuoteRefused(VaultError):
@@ -69,6 +70,13 @@ def _point(key: ec.EllipticCurvePublicKey) -> bytes:
     return key.public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
 
 
+@functools.lru_cache(maxsize=4096)
+def _recipient(der_hex: str) -> tuple[ec.EllipticCurvePublicKey, bytes]:
+    """A chip's unwrap key and its point, made once: the key server wraps to the same keys at every renewal."""
+    key = p256_public(der_hex)
+    return key, _point(key)
+
+
 def _wrap_key(z: bytes, epk: bytes, rpk: bytes, context: bytes) -> bytes:
     hk = HKDF(algorithm=hashes.SHA256(), length=32, salt=epk + rpk, info=b"codemoat-wrap-p256-v1\x00" + context)
     return hk.derive(z)
@@ -76,10 +84,10 @@ def _wrap_key(z: bytes, epk: bytes, rpk: bytes, context: bytes) -> bytes:
 
 def wrap_p256(recipient_der_hex: str, secret: bytes, context: bytes) -> dict[str, str]:
     """Encrypt `secret` so that only the chip holding `recipient`'s private key can read it."""
-    rcpt = p256_public(recipient_der_hex)
+    rcpt, rpk = _recipient(recipient_der_hex)
     eph = ec.generate_private_key(ec.SECP256R1())
     epk = _point(eph.public_key())
-    k = _wrap_key(eph.exchange(ec.ECDH(), rcpt), epk, _point(rcpt), context)
+    k = _wrap_key(eph.exchange(ec.ECDH(), rcpt), epk, rpk, context)
     nonce = os.urandom(12)
     return {"alg": WRAP_ALG, "epk": b64e(epk), "nonce": b64e(nonce), "ct": b64e(AESGCM(k).encrypt(nonce, secret, context))}
 
@@ -250,7 +258,7 @@ def _verify_signature(ak_der_hex: str, attest: bytes, r: bytes, s: bytes, what: 
         raise QuoteRefused("bad_quote", f"{what} is malformed")
     try:
         p256_public(ak_der_hex, "attestation key").verify(
-            encode_dss_signature(int.from_bytes(r, "big"), int.from_bytes(s, "big")), attest, ec.ECDSA(hashes.SHA256())
+            encode_dss_signature(int.from_bytes(r, "big"), int.from_bytes(s, "big")), attest, _ECDSA_SHA256
         )
     except (InvalidSignature, ValueError):
         raise QuoteRefused("bad_quote", f"{what} signature does not verify with the attestation key") from None
