@@ -104,3 +104,61 @@ def test_a_model_closed_while_it_is_handed_out_never_sends_another_file(tmp_path
         d.close()
         for fd in opened:
             os.close(fd)
+
+
+DAEMON = """
+import os, resource, sys
+from codemoat.engines.memfd import MemfdBuffer
+from codemoat.vault.daemon import Offer, VaultDaemon
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+buf = MemfdBuffer.from_bytes(b"GGUF" + bytes(4092), name="test-model")
+d = VaultDaemon(sys.argv[1], allow_uids={os.getuid()}).start()
+d.offer(Offer("acme-coder", buf.fd, buf.size, {}))
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+def _connect(path: str, tries: int) -> socket.socket | None:
+    """A connection, or None once vaultd's queue of connections to accept stays full `tries` times."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.settimeout(0.5)
+    for _ in range(tries):
+        try:
+            s.connect(path)
+            return s
+        except (BlockingIOError, TimeoutError):  # the listen queue is full: nobody accepts
+            time.sleep(0.05)
+    s.close()
+    return None
+
+
+def test_running_out_of_descriptors_for_a_moment_does_not_stop_vaultd_accepting(tmp_path):
+    """Before: accept() failing with EMFILE (a client holding many connections, or many refused ones being
+    drained at once) ended vaultd's accept thread for good: no serve could connect again, even after
+    those connections closed. vaultd runs with its own process's descriptor limit (64 here)."""
+    import subprocess
+    import sys
+
+    path = str(tmp_path / "vault.sock")
+    p = subprocess.Popen([sys.executable, "-c", DAEMON, path], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "ready"
+        held = []
+        while len(held) < 200 and (s := _connect(path, 10)) is not None:  # past vaultd's limit, and its queue
+            held.append(s)
+        assert 64 < len(held) < 200, len(held)
+        for s in held:
+            s.close()
+        s = _connect(path, 200)
+        assert s is not None, "vaultd no longer accepts connections"
+        s.settimeout(20)
+        s.send(b'{"op": "get", "model": "acme-coder"}')
+        msg, fds, _, _ = socket.recv_fds(s, 65536, 1)
+        assert b'"ok": true' in msg and len(fds) == 1, msg
+        os.close(fds[0])
+        s.close()
+    finally:
+        p.stdin.close()
+        p.kill()
+        p.wait()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import grp
 import json
 import logging
@@ -46,6 +47,7 @@ MAX_MESSAGE = 64 * 1024
 FETCH_TIMEOUT_S = 120.0  # a fetch made while `watch` reads the socket waits this long for its answer
 REFUSED_DRAIN_S = 2.0  # how long a refused caller's unread requests are read before its connection closes
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+_TRANSIENT = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.ECONNABORTED, errno.EINTR}
 
 
 class VaultdError(CodemoatError):
@@ -238,8 +240,14 @@ class VaultDaemon:
         while not self._stop.is_set():
             try:
                 conn, _ = self._sock.accept()
-            except OSError:
-                return
+            except OSError as e:
+                if self._stop.is_set() or e.errno not in _TRANSIENT:
+                    return  # closed
+                # out of descriptors or memory for now (many connections at once): they come back when
+                # those close; returning would stop vaultd accepting anyone, for good
+                log.warning("vaultd: cannot accept a connection now (%s); trying again", e.strerror or e)
+                self._stop.wait(0.1)
+                continue
             try:
                 threading.Thread(target=self._serve_conn, args=(conn,), name="vaultd-conn", daemon=True).start()
             except RuntimeError:  # no thread to be had: refuse this one, keep accepting
