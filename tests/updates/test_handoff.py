@@ -174,3 +174,57 @@ def test_apply_swaps_the_running_serve_and_a_failed_health_check_rolls_back(shop
     r = run_cli("update", "apply", str(shop.release("4")))  # no server: installs for the next start
     assert r.returncode == 0 and "no server is running on this home: it serves from the next start" in r.stdout, r.stdout
     assert not list((Path(os.environ["CODEMOAT_HOME"]) / "run").glob("serve-*.sock"))  # none left behind
+
+
+LISTENER = """
+import resource, sys
+from pathlib import Path
+from codemoat.updates.handoff import Listener
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+ln = Listener(lambda chan: {"swapped": True, "version": "2"}, home=Path(sys.argv[1])).start()
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_serve_out_of_descriptors_for_a_moment_still_takes_update_apply(tmp_path):
+    """Before: the hand-off listener's accept loop ended on any error, so one accept() failing with EMFILE
+    (a serve whose HTTP clients, anyone's, hold all its descriptors for a moment) stopped it for good:
+    `update apply` then found the socket's queue full and could not swap. Its own limit here is 64."""
+    import subprocess
+    import sys
+
+    from codemoat.updates.handoff import hand_over
+
+    home = tmp_path / "home"
+    p = subprocess.Popen([sys.executable, "-c", LISTENER, str(home)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "ready"
+        path = str(next((home / "run").glob("serve-*.sock")))
+        held = []
+        while len(held) < 200:  # each is kept 10 s waiting for its line: past the limit, and the queue
+            s = socket.socket(socket.AF_UNIX)
+            s.settimeout(0.5)
+            for _ in range(10):
+                try:
+                    s.connect(path)
+                    break
+                except (BlockingIOError, TimeoutError):  # the queue is full: nobody accepts now
+                    time.sleep(0.05)
+            else:
+                s.close()
+                break
+            held.append(s)
+        assert 64 < len(held) < 200, len(held)
+        for s in held:
+            s.close()
+        for _ in range(40):  # the queue empties as the listener accepts (and drops) the closed ones
+            got = hand_over("model", home=home, timeout=30)
+            if got[0].get("ok"):
+                break
+            time.sleep(0.5)
+        assert [a.get("ok") for a in got] == [True], got
+    finally:
+        p.stdin.close()
+        p.kill()
+        p.wait()

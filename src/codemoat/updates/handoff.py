@@ -69,6 +69,7 @@ class Listener:
         self.path = run_dir(home) / f"{role}-{os.getpid()}.sock"
         self._sock: socket.socket | None = None
         self._busy = threading.Lock()
+        self._stop = threading.Event()
 
     def start(self) -> Listener | None:
         """Listen; None (logged) when the path is too long for a unix socket."""
@@ -91,11 +92,10 @@ class Listener:
         return self
 
     def _accept_loop(self) -> None:
-        while self._sock is not None:
-            try:
-                conn, _ = self._sock.accept()
-            except OSError:
-                return
+        from ..vault.daemon import accept
+
+        sock = self._sock
+        while sock is not None and (conn := accept(sock, self._stop, "update hand-off")) is not None:
             threading.Thread(target=self._serve, args=(conn,), name="update-handoff-conn", daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
@@ -132,6 +132,7 @@ class Listener:
                 return
 
     def close(self) -> None:
+        self._stop.set()
         s, self._sock = self._sock, None
         if s is not None:
             s.close()

@@ -237,17 +237,7 @@ class VaultDaemon:
 
     def _accept_loop(self) -> None:
         assert self._sock is not None
-        while not self._stop.is_set():
-            try:
-                conn, _ = self._sock.accept()
-            except OSError as e:
-                if self._stop.is_set() or e.errno not in _TRANSIENT:
-                    return  # closed
-                # out of descriptors or memory for now (many connections at once): they come back when
-                # those close; returning would stop vaultd accepting anyone, for good
-                log.warning("vaultd: cannot accept a connection now (%s); trying again", e.strerror or e)
-                self._stop.wait(0.1)
-                continue
+        while (conn := accept(self._sock, self._stop, "vaultd")) is not None:
             try:
                 threading.Thread(target=self._serve_conn, args=(conn,), name="vaultd-conn", daemon=True).start()
             except RuntimeError:  # no thread to be had: refuse this one, keep accepting
@@ -354,6 +344,21 @@ class VaultDaemon:
                 c.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+
+def accept(sock: socket.socket, stop: threading.Event, who: str) -> socket.socket | None:
+    """The next connection on a unix listener, or None once `sock` is closed or `stop` set. Out of
+    descriptors or memory for now (many connections at once) is waited out: they come back when those
+    close, and giving up would stop the listener accepting anyone, for good."""
+    while not stop.is_set():
+        try:
+            return sock.accept()[0]
+        except OSError as e:
+            if stop.is_set() or e.errno not in _TRANSIENT:
+                return None  # closed
+            log.warning("%s: cannot accept a connection now (%s); trying again", who, e.strerror or e)
+            stop.wait(0.1)
+    return None
 
 
 def _group_exists(gid: int) -> bool:
