@@ -154,3 +154,46 @@ def fast_execute(conn: Connection, stmt: TextClause, params: dict[str, Any]) -> 
     cur = conn.connection.cursor()
     cur.execute(sql, params if order is None else tuple(params[k] for k in order))
     return cur
+
+
+class WriterLock:
+    """A process's write transactions on one database taken in turn, by its threads and, for an SQLite file,
+    by every process holding the `writer_lock` of that file (a flock on `<file>.write-lock`): a process that
+    finds the write lock taken by another then waits in the kernel and wakes when it is let go, instead of
+    SQLite's busy handler polling for it (sleeps of 1, 2, 5, 10 ms... while the event loop that called it
+    stands still). SQLite's own lock stays the authority; other backends get the thread lock alone."""
+
+    def __init__(self, path: str | None):
+        self._lock = threading.Lock()
+        self._fd = os.open(f"{path}.write-lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600) if path else None
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+        if self._fd is not None:
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX)
+            except BaseException:
+                self._lock.release()
+                raise
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        self._lock.release()
+
+
+_writer_locks: dict[tuple[int, str], WriterLock] = {}
+
+
+def writer_lock(engine: Engine) -> WriterLock:
+    """The `WriterLock` of `engine`'s database: one per SQLite file and process (a forked child makes its
+    own: a flock is shared through an inherited descriptor), a thread lock of its own for any other."""
+    db = engine.url.database if engine.url.get_backend_name() == "sqlite" else None
+    if not db or db == ":memory:" or db.startswith("file:"):
+        return WriterLock(None)
+    key = (os.getpid(), os.path.abspath(db))
+    with _lock:
+        got = _writer_locks.get(key)
+        if got is None:
+            got = _writer_locks[key] = WriterLock(key[1])
+    return got

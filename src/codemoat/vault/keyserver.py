@@ -39,10 +39,12 @@ keyserver --workers N`, or N servers behind a balancer on one PostgreSQL) accept
 challenges, and a key server restart forgets none. A request's signatures are checked first, so a
 forged request cannot burn a client's nonce; the nonce is then spent, and stays spent when the lease
 is refused after that (bad quote, revoked, seats exhausted, TPM rollback): a genuine one is answered
-once. An attested request's nonce is spent in a transaction of its own before its quote or SNP report
-is checked, so a replay costs at most the Ed25519 check, never an attestation check; a software
-lease's is spent in the seat transaction (one commit). A replay of a nonce this process saw spent
-(`NonceStore.seen_spent`) is refused before any database read or signature check.
+once. The spend is the seat transaction's first statement, and an attested request's quote or SNP report
+is checked after it, in that transaction: a replay costs at most the Ed25519 check, never an attestation
+check, and a lease is one commit. A replay of a nonce this process saw spent (`NonceStore.seen_spent`) is
+refused before any database read or signature check. The seat transactions of one vendor database are
+taken in turn (`db.writer_lock`: across processes too, for an SQLite file), so a worker waits for another's
+commit in the kernel rather than in SQLite's polling busy handler.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from ..db import fast_execute
+from ..db import fast_execute, writer_lock
 from .clock import Clock
 from .codec import VaultError, b64d, b64e, canonical, ed_public, sign, verify, wrap, x_public
 from .crl import revoked_machines
@@ -168,7 +170,7 @@ class KeyServer:
         self.vendor = vendor
         self.clock = clock or Clock()
         self.nonces = NonceStore(vendor.engine, self.clock)
-        self._seat_lock = threading.Lock()
+        self._seat_lock = writer_lock(vendor.engine)  # lease transactions in turn, across processes too
         self._docs: dict[str, tuple[_Licensed, float]] = {}  # license id -> (its facts, when read)
         self._keys: dict[str, bytes] = {}
         self._wm: dict[str, bytes] = {}
@@ -181,7 +183,8 @@ class KeyServer:
         if _short(license_id) is None:
             raise LeaseDenied("bad_request", f"license_id must be a string of 1 to {MAX_ID} characters", 400)
         lic = self._licensed(license_id)
-        return {"nonce": self.nonces.issue(lic.doc["id"], NONCE_TTL), "expires_in": NONCE_TTL}
+        with self._seat_lock:
+            return {"nonce": self.nonces.issue(lic.doc["id"], NONCE_TTL), "expires_in": NONCE_TTL}
 
     def refusal(self, err: LeaseDenied, req: Any) -> dict[str, Any]:
         """The signed body of a refusal, bound to the request's ids and nonce (`client_nonce` for a challenge)."""
@@ -268,29 +271,23 @@ class KeyServer:
         inst = self._instance(req, INSTANCE_DOMAIN, msg)
         if mid in lic.revoked_machines:
             raise LeaseDenied("revoked", f"machine {mid} was revoked by the vendor: {lic.revoked_machines[mid]}")
-        # An attested request's nonce is spent now that the machine has signed it, before the quote or report
-        # (an ECDSA verify or a certificate chain each) is checked: the same request again costs none of that.
-        spent = entry.get("tpm") is not None or entry.get("snp") is not None
-        if spent and not self.nonces.spend(req["nonce"], lid):
-            raise _bad_nonce()
-        info = None
-        if entry.get("tpm") is not None:
-            entry, info = self._attested(lid, mid, req, quote_data(req, msg))
-        if entry.get("snp") is not None:  # an SEV-SNP guest: its report over this request, or nothing
-            try:
-                verify_snp(self.vendor.root, entry["snp"], req.get("snp"), quote_data(req, msg))
-            except SnpLeaseRefused as e:
-                raise self._attest_refused(req, e.code, str(e)) from None
         now = self.clock.time()
-        # One transaction spends the nonce (unless spent above; its first write: the write lock before any
-        # read), reads the license's state, takes the seat and issues the next nonce, so a revocation or
-        # another machine's allocation cannot slip in between. A refusal after the nonce is spent commits
-        # the spend alone.
+        # One transaction spends the nonce (its first write: the write lock before any read), checks an attested
+        # request's quote or report, reads the license's state, takes the seat and issues the next nonce, so a
+        # revocation or another machine's allocation cannot slip in between, and a replay (the nonce already
+        # spent) costs no attestation check. A refusal after the nonce is spent commits the spend alone.
         refused: LeaseDenied | None = None
         with self._seat_lock, self.vendor.engine.begin() as c:
-            if not spent:
-                self._spend_nonce(c, req["nonce"], lid)
+            self._spend_nonce(c, req["nonce"], lid)
             try:
+                info = None
+                if entry.get("tpm") is not None:
+                    entry, info = self._attested(lid, mid, req, quote_data(req, msg))
+                if entry.get("snp") is not None:  # an SEV-SNP guest: its report over this request, or nothing
+                    try:
+                        verify_snp(self.vendor.root, entry["snp"], req.get("snp"), quote_data(req, msg))
+                    except SnpLeaseRefused as e:
+                        raise self._attest_refused(req, e.code, str(e)) from None
                 if info is not None:  # the TPM clock floor, in the same transaction (one commit per lease)
                     self._tpm_floor(c, lid, mid, entry["tpm"]["ak"], info)
                 revoked_at, expires, not_before, seats, lease_ttl, grace = fast_execute(
@@ -358,8 +355,9 @@ class KeyServer:
 
     def _attest_refused(self, req: dict[str, Any], code: str, message: str) -> LeaseDenied:
         """The refusal of a request whose quote or report did not hold, recorded vendor-side once per nonce:
-        the nonce was spent before the check, so the same signed request replayed (its quote edited: the
-        quote is outside the machine's signature) is `bad_nonce`, neither checked nor recorded again."""
+        the nonce was spent before the check, in the transaction that commits with this refusal, so the same
+        signed request replayed (its quote edited: the quote is outside the machine's signature) is `bad_nonce`,
+        neither checked nor recorded again."""
         self._record_refusal(req["license_id"], req["machine_id"], code, message)
         return LeaseDenied(code, message)
 

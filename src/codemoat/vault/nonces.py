@@ -78,14 +78,6 @@ class NonceStore:
             self.remember_spent(license_id, nonce)
         return live
 
-    def spend(self, nonce: str, license_id: str) -> bool:
-        """`spend_on` in a transaction of its own, remembered once committed."""
-        with self.engine.begin() as c:
-            live = self.spend_on(c, nonce, license_id)
-        if live:
-            self.remember_spent(license_id, nonce)
-        return live
-
     def seen_spent(self, license_id: str, nonce: str) -> bool:
         """True when this process saw `nonce` spent for `license_id` (False says nothing: ask the database)."""
         return (license_id, nonce) in self._spent
