@@ -106,3 +106,29 @@ def test_a_refusal_never_echoes_a_query_as_html(setup):
         for path in ("/admin/audit/export", "/admin/audit"):
             r = c.get(f"{path}?{q}", follow_redirects=False)
             assert XSS not in r.text and "Traceback" not in r.text, (path, q, r.status_code, r.text[:300])
+
+
+def test_a_record_holding_a_lone_surrogate_does_not_break_the_audit_pages(setup):
+    """Was broken: an audit detail holding a lone surrogate (a bundle file name that is not UTF-8, which
+    Python reads as '\\udcff'; the model swap's path before d3f0aae) was stored as the JSON escape
+    and decoded back into a str no encoder takes: the console's audit page, its export and the admin
+    API's audit records answered 500 from then on, for every admin, for as long as it was on a page."""
+    c, engine, _, admin, _ = setup
+    log = c.app.state.trust.log
+    name = b"\xff-release.moatpkg".decode("utf-8", "surrogateescape")  # what `update verify` sees on disk
+    log.append("update", user="admin", route="update refused", detail={"file": name, "reason": "bad \ud800 bundle"})
+    log.append("request", user="alice", route="/v1/completions", status=200, model="m\udcff", detail={"ok": "😀"})
+    assert signed_in(c, admin).status_code == 303
+    for path in ("/admin/audit", "/admin/audit/export?fmt=jsonl", "/admin/audit/export?fmt=csv", "/admin"):
+        r = c.get(path)
+        assert r.status_code == 200, (path, r.status_code, r.text[:200])
+        assert "release.moatpkg" in r.text or path == "/admin", path
+    r = c.get("/admin/api/audit", params={"kind": "update"}, headers={"Authorization": f"Bearer {admin}"})
+    assert r.status_code == 200 and r.json()["records"][0]["detail"]["file"] == "\ufffd-release.moatpkg", r.text[:300]
+    r = c.get("/admin/api/audit", headers={"Authorization": f"Bearer {admin}"})
+    assert "😀" in r.text  # a real character outside the BMP is kept
+    assert log.verify().ok
+    from codemoat.audit.rows import to_public  # a record stored before the fix reads with U+FFFD too
+
+    old = {"seq": 1, "ts_us": 0, "detail": '{"file":"\\udcff-release.moatpkg","ok":"\\ud83d\\ude00"}'}
+    assert to_public(old)["detail"] == {"file": "\ufffd-release.moatpkg", "ok": "😀"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -41,8 +42,14 @@ _TEXTS = ("kind", "user", "token_id", "route", "protocol", "model", "client", "p
 _LIMITS = {"kind": 32, "user": 128, "token_id": 64, "route": 256, "protocol": 32, "model": 256, "client": 128}
 
 
+#: a lone UTF-16 surrogate: Python lets one into a str (a file name that is not UTF-8, read with
+#: surrogateescape; JSON's "\\ud800"), but no encoder takes it: in a record it failed the append (and
+#: its group-committed batch) or, escaped in a detail, every page and answer that showed the record
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _text(k: str, v: Any) -> str:
-    t = str(v).replace("\x00", "\ufffd")
+    t = _SURROGATE.sub("\ufffd", str(v).replace("\x00", "\ufffd"))
     n = _LIMITS.get(k)
     return t if n is None or len(t) <= n else t[: n - 1] + "\u2026"
 
@@ -68,8 +75,17 @@ def normalise(kind: str, fields: dict[str, Any]) -> dict[str, Any]:
         if fields.get(k):
             row[k] = json.dumps([str(x) for x in fields[k]], separators=(",", ":"))
     if fields.get("detail"):
-        row["detail"] = json.dumps(fields["detail"], sort_keys=True, separators=(",", ":"), default=str)
+        row["detail"] = _detail(fields["detail"])
     return row
+
+
+def _detail(detail: Any) -> str:
+    """`detail` as stored: ASCII JSON, lone surrogates replaced by U+FFFD (a real pair, an emoji, stays)."""
+    text = json.dumps(detail, sort_keys=True, separators=(",", ":"), default=str)
+    if "\\ud" in text:  # an escaped surrogate, paired or lone: only a lone one is replaced
+        raw = json.dumps(detail, sort_keys=True, separators=(",", ":"), default=str, ensure_ascii=False)
+        text = json.dumps(json.loads(_SURROGATE.sub("\ufffd", raw)), sort_keys=True, separators=(",", ":"))
+    return text
 
 
 def to_public(row: dict[str, Any]) -> dict[str, Any]:
@@ -78,8 +94,17 @@ def to_public(row: dict[str, Any]) -> dict[str, Any]:
     out["time"] = datetime.fromtimestamp(row["ts_us"] / 1_000_000, tz=UTC).isoformat(timespec="microseconds")
     for k in ("repos", "snippets"):
         out[k] = json.loads(row[k]) if row.get(k) else []
-    out["detail"] = json.loads(row["detail"]) if row.get("detail") else {}
+    out["detail"] = _public_detail(row["detail"]) if row.get("detail") else {}
     return {"seq": out.pop("seq"), "time": out.pop("time"), **out}
+
+
+def _public_detail(stored: str) -> Any:
+    """A stored detail decoded; one written before lone surrogates were replaced (`_detail`) is shown
+    with U+FFFD in their place, as it would be stored now."""
+    detail = json.loads(stored)
+    if "\\ud" in stored:
+        detail = json.loads(_SURROGATE.sub("\ufffd", json.dumps(detail, ensure_ascii=False)))
+    return detail
 
 
 def parse_since(text: str | None) -> float | None:
