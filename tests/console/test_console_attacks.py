@@ -132,3 +132,17 @@ def test_a_record_holding_a_lone_surrogate_does_not_break_the_audit_pages(setup)
 
     old = {"seq": 1, "ts_us": 0, "detail": '{"file":"\\udcff-release.moatpkg","ok":"\\ud83d\\ude00"}'}
     assert to_public(old)["detail"] == {"file": "\ufffd-release.moatpkg", "ok": "😀"}
+
+
+def test_huge_record_numbers_are_one_line_refusals(setup):
+    """Was broken: /admin/audit?before=<30 digits> was a 500 (OverflowError: SQLite takes 64-bit integers),
+    <5000 digits> a 500 too (int() refuses over 4300 digits); the admin API's after_seq=<30 digits> the same."""
+    c, _, _, admin, _ = setup
+    assert signed_in(c, admin).status_code == 303
+    for before in ("9" * 30, "9" * 5000, str(2**63)):
+        r = c.get(f"/admin/audit?before={before}")
+        assert r.status_code in (200, 400) and "Traceback" not in r.text, (before[:10], r.status_code, r.text[:200])
+    h = {"Authorization": f"Bearer {admin}"}
+    for q in ("after_seq=" + "9" * 30, "after_seq=-1", "limit=" + "9" * 30):
+        r = c.get(f"/admin/api/audit?{q}", headers=h)
+        assert r.status_code in (200, 400) and ("error" in r.json() or "records" in r.json()), (q[:20], r.status_code)

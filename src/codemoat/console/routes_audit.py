@@ -25,7 +25,8 @@ async def audit(request: Request):
     f = auditview.Filters.of(dict(request.query_params))
     error = None
     try:
-        before = int(request.query_params["before"]) if request.query_params.get("before", "").isdigit() else None
+        b = request.query_params.get("before", "")
+        before = int(b) if b.isascii() and b.isdigit() and len(b) <= 18 else None  # a record number fits 64 bits
         recs = await run(auditview.page, request.app.state.trust.log.engine, f, before)
     except CodemoatError as e:
         recs, error = [], str(e)

@@ -9,7 +9,7 @@ from dataclasses import asdict
 from typing import Any
 
 import anyio
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import iter_route_contexts
@@ -52,7 +52,7 @@ async def audit_records(
     since: str | None = None,
     kind: str | None = None,
     user: str | None = None,
-    after_seq: int = 0,
+    after_seq: int = Query(0, ge=0, lt=1 << 63),  # a record number: SQLite's integers are 64-bit (a 500 past that)
     limit: int = 100,
 ):
     log = request.app.state.trust.log
