@@ -220,11 +220,14 @@ def keyserver_cmd(
         f"key server on http://{host}:{port} (key {json.loads((vendor / 'vendor.json').read_text())['keyserver_key_id']}"
         f"{f', {workers} workers' if workers > 1 else ''})",
     )
+    # Per request, uvicorn formats an access line (then dropped below "info") and reads X-Forwarded-* headers the
+    # key server never uses (it answers by signature, not by address): a few µs of a lease's CPU. The access line
+    # is made only at --log-level info or below; proxy headers are not read.
+    opts = {"host": host, "port": port, "log_level": log_level, "proxy_headers": False}
+    opts["access_log"] = log_level.lower() in ("info", "debug", "trace")
     if workers == 1:
-        uvicorn.run(create_app(v), host=host, port=port, log_level=log_level)
+        uvicorn.run(create_app(v), **opts)
         return
     v.close()
     os.environ[VENDOR_ENV] = str(vendor.resolve())
-    uvicorn.run(
-        "codemoat.serve.keyserver_app:app_from_env", factory=True, workers=workers, host=host, port=port, log_level=log_level
-    )
+    uvicorn.run("codemoat.serve.keyserver_app:app_from_env", factory=True, workers=workers, **opts)
