@@ -201,3 +201,29 @@ def test_a_revoked_machine_gets_no_lease_from_the_key_server(vendor, machine, mo
         ks.lease(client._signed_request(ks.challenge(client.lic.id)["nonce"], REQUEST_DOMAIN))
     assert e.value.code == "revoked" and e.value.code in TERMINAL
     client.close()
+
+
+def test_a_crl_installed_while_serving_unloads_the_model(vendor, machine, gguf_file, tmp_path):
+    """A server already running stops serving a license revoked under it at its next watch step (each
+    second): the model is unloaded and every request answers 503 with the vendor's reason."""
+    from codemoat.config import load_settings
+    from codemoat.engines.sealed import open_sealed
+    from codemoat.errors import Unavailable
+
+    moat, lic, doc = bundle(vendor, gguf_file, tmp_path / "serve", machine)
+    holder = open_sealed(
+        moat, lic, settings=load_settings(**{"model.n_ctx": 256, "model.n_threads": 1, "model.isolation": "inline"})
+    )
+    try:
+        assert holder.loaded
+        holder.watch.step()  # no CRL, or one naming others: serving goes on
+        crl.install(_crl(vendor, tmp_path, "o.crl", machines=["m_other"], reason="lost"))
+        holder.watch.step()
+        assert holder.loaded
+        crl.install(_crl(vendor, tmp_path, "r.crl", licenses=[doc["license"]["id"]], reason="licence terminated"))
+        holder.watch.step()  # what the watch thread does within a second
+        assert not holder.loaded
+        with pytest.raises(Unavailable, match="was revoked by the vendor on .*licence terminated"):
+            holder.get()
+    finally:
+        holder.close()

@@ -22,6 +22,7 @@ from ..config import Settings, load_settings
 from ..errors import CodemoatError, Unavailable
 from ..vault.clock import Clock, ClockGuard, iso
 from ..vault.container import SealedFile
+from ..vault.crl import InstalledWatch
 from ..vault.keyserver import LeaseDenied
 from ..vault.lease import Lease, LeaseClient, LeaseKeeper
 from ..vault.license import License, check
@@ -139,8 +140,9 @@ def adopt(holder: ModelHolder, fresh: SealedHolder) -> None:
 class LicenseWatch:
     """One daemon thread: renews the lease (or watches the offline expiry) and refreshes `holder.status.license`."""
 
-    def __init__(self, holder: ModelHolder, lic: License, clock: Clock, keeper: LeaseKeeper | None):
+    def __init__(self, holder: ModelHolder, lic: License, clock: Clock, keeper: LeaseKeeper | None, machine_id: str = ""):
         self.holder, self.lic, self.clock, self.keeper = holder, lic, clock, keeper
+        self.crl = InstalledWatch(lic.body, machine_id)  # a CRL installed while serving stops it
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="codemoat-license", daemon=True)
 
@@ -154,6 +156,9 @@ class LicenseWatch:
             self.keeper.tick()
         elif self.holder.loaded and self.clock.time() >= self.lic.expires:
             self.holder.unload(f"license {self.lic.id} expired on {iso(self.lic.expires)}")
+        revoked = self.crl.revoked()
+        if revoked is not None and self.holder.loaded:
+            self.holder.unload(revoked)
         self.refresh()
 
     def refresh(self) -> None:
@@ -322,7 +327,7 @@ def _open(
         keeper.next_attempt = clock.monotonic() + keeper.retry_interval()
         holder.reason = no_seat
         holder.keeper = keeper
-        holder.watch = LicenseWatch(holder, lic, clock, keeper).start() if watch else None
+        holder.watch = LicenseWatch(holder, lic, clock, keeper, machine.id).start() if watch else None
         return holder
     try:
         holder.load()
@@ -331,5 +336,5 @@ def _open(
             keeper.stop(release=True)
         raise
     holder.keeper = keeper
-    holder.watch = LicenseWatch(holder, lic, clock, keeper).start() if watch else None
+    holder.watch = LicenseWatch(holder, lic, clock, keeper, machine.id).start() if watch else None
     return holder

@@ -216,3 +216,29 @@ def check_revoked(lic: dict[str, Any], machine_id: str, home: Path | None = None
             raise VaultError(
                 f"{kind} {subject} was revoked by the vendor on {iso(e['revoked_at'])}: {e['reason']} (CRL {crl.number})"
             )
+
+
+class InstalledWatch:
+    """A running server's view of the installed CRL: `revoked()` is the refusal (or None), re-read only
+    when the file changes (one stat per call), so a CRL installed under a serving process stops it."""
+
+    def __init__(self, lic: dict[str, Any], machine_id: str, home: Path | None = None):
+        self.lic, self.machine_id, self.home = lic, machine_id, home
+        self.path = installed_path(lic["vendor_key"], home)
+        self._seen: tuple[int, int, int] | None = None
+        self._reason: str | None = None
+
+    def revoked(self) -> str | None:
+        try:
+            st = self.path.stat()
+            seen = (st.st_mtime_ns, st.st_size, st.st_ino)
+        except FileNotFoundError:
+            seen = None
+        if seen != self._seen:
+            self._seen = seen
+            try:
+                check_revoked(self.lic, self.machine_id, self.home)
+                self._reason = None
+            except VaultError as e:
+                self._reason = str(e)
+        return self._reason
