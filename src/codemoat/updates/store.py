@@ -7,12 +7,13 @@
                                              sealed payload + manifest.json)
     $CODEMOAT_HOME/updates/staging/<id>/     a bundle being installed (removed on the next run)
 
-Installing is rename-based: the payload is copied (and hashed) into staging, checked, renamed
-into bundles/, and only then does a new state.json (written beside it, fsynced) replace the old
-one by rename. A crash before that rename leaves the previous state, which names only complete
-bundles; a crash after it leaves the new one. `reconcile()`, run first by every operation,
-deletes staging leftovers and bundles no state names, and brings the index's knowledge packs in
-line with the state. Every step is reported to `audit(step, detail)`.
+Installing is rename-based: the payload is copied into staging and checked there (updates.payload:
+what `verify` checks, on the copy), renamed into bundles/, and only then does a new state.json
+(written beside it, fsynced) replace the old one by rename. A crash before that rename leaves the
+previous state, which names only complete bundles; a crash after it leaves the new one.
+`reconcile()`, run first by every operation, deletes staging leftovers and bundles no state names,
+and brings the index's knowledge packs in line with the state. Every step is reported to
+`audit(step, detail)`.
 """
 
 from __future__ import annotations
@@ -29,12 +30,12 @@ from typing import Any
 from .. import __version__, paths
 from ..errors import CodemoatError
 from ..vault.clock import ClockGuard, iso
-from ..vault.codec import VaultError, b64e
-from ..vault.license import License, check as check_license, check_trusted_vendor
+from ..vault.codec import b64e
+from ..vault.license import License, check_trusted_vendor
 from ..vault.machine import MachineKey
 from ..vault.payload import open_payload
-from . import packs
-from .bundle import Bundle, BundleError, check_gguf, parse_version, payload_context
+from . import packs, payload
+from .bundle import Bundle, BundleError, parse_version, payload_context
 
 CRASH_ENV = "CODEMOAT_UPDATE_CRASH_AT"  # tests only: os._exit() at a named step (needs PYTEST_CURRENT_TEST)
 STEPS = ("verified", "staged", "stored", "journaled", "switched", "indexed")
@@ -259,50 +260,12 @@ class UpdateStore:
                 f"{label(m)} is for base model {base['model_id']} {base['sha256'][:12]}, not the installed model {mine}"
             )
 
-    def _content_key(self, sealed: Any, m: dict[str, Any]) -> bytes | None:
-        """The content key of a model bundle's sealed model, when the license it carries (vendor-signed,
-        in the manifest) grants it on this machine offline (None under a lease: the key server has it).
-        The grant also checks that the license names this sealed file's signed header."""
-        try:
-            return check_license(License.parse(json.dumps(m["license"]).encode()), sealed, self.machine, self.guard).content_key
-        except VaultError as e:
-            raise BundleError(f"the sealed model in the update bundle is refused: {e}") from None
-
-    def _check_model(self, bundle: Bundle, copy: Path | None = None) -> bool:
-        """Authenticate a model bundle's sealed model (the bundle's payload, or its `copy`) by itself: every
-        chunk's GCM tag under the content key its license wraps (each chunk's associated data holds the
-        signed header's hash and the chunk's index, so a chunk changed, moved, cut or added fails); nothing
-        is kept of the plaintext. False when there is no key to do it with here (a lease): then the
-        signed chunk digests are checked instead."""
-        from ..vault.container import SealedFile
-
-        if bundle.format_version < 2:
-            return False
-        sealed = SealedFile(copy) if copy is not None else SealedFile(bundle.path, offset=bundle.payload_offset)
-        key = self._content_key(sealed, bundle.manifest)
-        if key is None:
-            return False
-        try:
-            sealed.decrypt_to(key, lambda lo, out: None)
-        except VaultError as e:
-            raise BundleError(f"the sealed model in the update bundle is refused: {e}") from None
-        return True
-
     def verify(self, path: Path, license_file: Path | None = None) -> dict[str, Any]:
         try:
             bundle = Bundle(path)
-            model = bundle.kind == "model" and bundle.format_version >= 2  # checked by its own GCM tags when it can be
-            if not model:
-                bundle.check_payload()  # integrity first: a damaged file says so, whatever else is wrong with it
+            payload.check_early(bundle)
             report = self.check(bundle, license_file)
-            if model and not self._check_model(bundle):
-                bundle.check_payload()
-            if bundle.kind != "model":
-                plain = open_payload(
-                    bundle.read_payload(), bundle.manifest["keys"], self.machine, payload_context(bundle.manifest)
-                )
-                if bundle.kind == "adapter":
-                    check_gguf(plain, bundle.name)
+            payload.check_contents(bundle, self.machine, self.guard)
         except CodemoatError as e:
             self.audit("refused", file=Path(path).name, action="verify", reason=str(e))
             raise
@@ -348,29 +311,7 @@ class UpdateStore:
         _step("verified")
         stage = self.root / "staging" / m["bundle_id"]
         stage.mkdir(parents=True, exist_ok=True)
-        if m["kind"] == "model":
-            from ..vault.container import SealedFile
-
-            lic_doc = json.dumps(m["license"], indent=2) + "\n"
-            (stage / "model.lic").write_text(lic_doc)
-            if bundle.format_version >= 2 and self._content_key(SealedFile(bundle.path, offset=bundle.payload_offset), m):
-
-                def check_copy() -> None:  # every chunk of the copy authenticated, while it is fsynced
-                    if not self._check_model(bundle, stage / "model.moat"):
-                        raise BundleError("the sealed model's license no longer grants its key")
-
-                bundle.copy_raw(stage / "model.moat", meanwhile=check_copy)  # copied in the kernel
-            else:  # format 1, or a lease (no key here): each chunk checked against its signed digest as it is copied
-                bundle.copy_payload(stage / "model.moat")
-                check_license(License.parse(lic_doc.encode()), SealedFile(stage / "model.moat"), self.machine, self.guard)
-        else:
-            bundle.copy_payload(stage / "payload.sealed")
-            blob = (stage / "payload.sealed").read_bytes()
-            plain = open_payload(blob, m["keys"], self.machine, payload_context(m))
-            if m["kind"] == "knowledge-pack":
-                sum(1 for _ in packs.members(plain))  # a bad zip is refused before anything switches
-            elif m["kind"] == "adapter":  # not at the next serve start, which `update:NAME` would stop
-                check_gguf(plain, m["name"])
+        payload.stage(bundle, stage, self.machine, self.guard)
         (stage / "manifest.json").write_text(json.dumps(m, indent=2, sort_keys=True))
         _fsync_dir(stage)
         _step("staged")
