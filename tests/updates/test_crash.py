@@ -45,6 +45,28 @@ def test_crash_at_each_step(shop, machine, step):
         _consistent(store)
 
 
+def test_a_crash_is_recorded_as_recovered_and_a_rollback_is_not(shop, store):
+    """`recovered` means a crash was repaired: a rollback's (or an apply's) own tidying is named in its
+    own record, and the next run after a real crash still records the repair."""
+    lic = shop.license()
+    first = shop.release("1", kind="knowledge-pack", source=_pack(shop), name="docs")
+    second = shop.release("2", kind="knowledge-pack", source=_pack(shop, "v2"), name="docs")
+    store.apply(first, lic)
+    v2 = store.apply(second)["bundle_id"]
+    store.records.clear()
+    assert store.rollback()["version"] == "1"
+    assert [step for step, _ in store.records] == ["rolled_back"]  # was: recovered, then rolled_back
+    assert f"removed bundle {v2} no state names" in store.records[0][1]["tidied"]
+    _consistent(store)
+
+    r = run_cli("update", "apply", str(second), env={"CODEMOAT_UPDATE_CRASH_AT": "staged"})
+    assert r.returncode == 86, (r.returncode, r.stderr)
+    store.records.clear()
+    assert [row["version"] for row in store.list() if row["current"]] == ["1"]  # list reconciles first
+    assert store.records == [("recovered", {"actions": [f"removed unfinished install {v2}"]})]
+    _consistent(store)
+
+
 def test_crash_hook_is_inert_outside_tests(shop, machine):
     lic = shop.license()
     b = shop.release("1")

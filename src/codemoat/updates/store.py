@@ -12,8 +12,10 @@ what `verify` checks, on the copy), renamed into bundles/, and only then does a 
 (written beside it, fsynced) replace the old one by rename. A crash before that rename leaves the
 previous state, which names only complete bundles; a crash after it leaves the new one.
 `reconcile()`, run first by every operation, deletes staging leftovers and bundles no state names,
-and brings the index's knowledge packs in line with the state. Every step is reported to
-`audit(step, detail)`.
+and brings the index's knowledge packs in line with the state: what it did is audited as
+`recovered` (the repair of a crash). An operation's own tidying after its switch (the version a
+rollback left, one no longer kept) is named in that operation's record instead. Every step is
+reported to `audit(step, detail)`.
 """
 
 from __future__ import annotations
@@ -120,7 +122,15 @@ class UpdateStore:
             self._audit(step, detail)
 
     def reconcile(self) -> list[str]:
-        """Finish or undo what a crash left: returns what it did (also audited)."""
+        """Finish or undo what a crash left: returns what it did (also audited, as `recovered`)."""
+        did = self._tidy()
+        if did:
+            self.audit("recovered", actions=did)
+        return did
+
+    def _tidy(self) -> list[str]:
+        """Delete staging leftovers and bundles no state names, and index the packs the state names;
+        returns what it did."""
         did = []
         (self.root / "state.json.tmp").unlink(missing_ok=True)
         staging = self.root / "staging"
@@ -149,8 +159,6 @@ class UpdateStore:
                 else:
                     packs.remove_pack(name)
                     did.append(f"removed knowledge pack {name} from the index")
-        if did:
-            self.audit("recovered", actions=did)
         return did
 
     # -- the support license ---------------------------------------------------------------------
@@ -356,8 +364,8 @@ class UpdateStore:
         if m["kind"] == "knowledge-pack":
             out["index"] = self._index_pack(m["bundle_id"], m, info["groups"])
             _step("indexed")
-        self.reconcile()  # drops versions no longer kept
-        self.audit("applied", **{k: v for k, v in out.items() if k != "dir"})
+        tidied = self._tidy()  # drops versions no longer kept
+        self.audit("applied", **{k: v for k, v in out.items() if k != "dir"}, **({"tidied": tidied} if tidied else {}))
         return out
 
     def _index_pack(self, bundle_id: str, m: dict[str, Any], groups: list[str]) -> dict[str, Any]:
@@ -394,9 +402,9 @@ class UpdateStore:
         s["bundles"] = {k: v for k, v in s["bundles"].items() if k != gone}
         self._write_state(s)
         info = s["bundles"][back]
-        self.reconcile()  # drops the rolled-back bundle and re-indexes a pack
+        tidied = self._tidy()  # drops the rolled-back bundle and re-indexes a pack
         out = {"channel": chan, "version": info["version"], "from": gone_version, "bundle_id": back}
-        self.audit("rolled_back", channel=chan, to=info["version"], frm=gone_version, bundle_id=back)
+        self.audit("rolled_back", channel=chan, to=info["version"], frm=gone_version, bundle_id=back, tidied=tidied)
         return out
 
     def fail(self, chan: str, bundle_id: str, reason: str) -> dict[str, Any] | None:
@@ -418,9 +426,17 @@ class UpdateStore:
         s["failed"] = ([*s.get("failed", [])] + [failed])[-10:]
         s["bundles"] = {k: v for k, v in s["bundles"].items() if k != bundle_id}
         self._write_state(s)
-        self.reconcile()  # drops the failed bundle's files (and re-indexes a pack)
+        tidied = self._tidy()  # drops the failed bundle's files (and re-indexes a pack)
         to = s["bundles"][back]["version"] if back else None
-        self.audit("swap_rolled_back", channel=chan, failed=gone["version"], to=to, bundle_id=bundle_id, reason=reason[:300])
+        self.audit(
+            "swap_rolled_back",
+            channel=chan,
+            failed=gone["version"],
+            to=to,
+            bundle_id=bundle_id,
+            reason=reason[:300],
+            tidied=tidied,
+        )
         return {"channel": chan, "failed": gone["version"], "version": to}
 
     def failed(self) -> list[dict[str, Any]]:
