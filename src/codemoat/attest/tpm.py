@@ -65,6 +65,7 @@ class TpmAttestor:
         self._ctx: Any = None
         self._unwrap_keys: dict[str, tuple[Any, Any]] = {}  # policy digest -> (handle, public), flushed on exit
         self._latch_handles: dict[int, Any] = {}  # NV index -> ESYS handle of the tamper latch, per connection
+        self._policy_session: Any = None  # zgen's policy session, kept for the next zgen on this connection
 
     # -- connection ---------------------------------------------------------
     def __enter__(self) -> TpmAttestor:
@@ -81,7 +82,10 @@ class TpmAttestor:
             try:
                 for h, _ in self._unwrap_keys.values():
                     self._ctx.flush_context(h)
+                if self._policy_session is not None:
+                    self._ctx.flush_context(self._policy_session)
             finally:
+                self._policy_session = None
                 self._unwrap_keys.clear()
                 self._latch_handles.clear()
                 self._ctx.close()
@@ -317,9 +321,19 @@ class TpmAttestor:
             raise AttestError("ECDH point must be an uncompressed P-256 point")
         c = self.ctx
         h, _ = self._unwrap_key(policy)
-        sess = c.start_auth_session(
-            pt.ESYS_TR.NONE, pt.ESYS_TR.NONE, pt.TPM2_SE.POLICY, pt.TPMT_SYM_DEF(algorithm=pt.TPM2_ALG.NULL), pt.TPM2_ALG.SHA256
-        )
+        # A start unwraps two keys (content, watermark): the second reuses the first's policy session, two TPM
+        # commands fewer (StartAuthSession, FlushContext). ESAPI sessions continue after use, and the chip resets
+        # a used policy session's digest, so each use runs PolicyPCR and PolicyNV again; a session whose use failed
+        # is flushed, never kept.
+        sess, self._policy_session, kept = self._policy_session, None, False
+        if sess is None:
+            sess = c.start_auth_session(
+                pt.ESYS_TR.NONE,
+                pt.ESYS_TR.NONE,
+                pt.TPM2_SE.POLICY,
+                pt.TPMT_SYM_DEF(algorithm=pt.TPM2_ALG.NULL),
+                pt.TPM2_ALG.SHA256,
+            )
         try:
             c.policy_pcr(sess, b"", pcr_selection(policy["pcrs"]))  # the chip's current values
             self._policy_latch(sess, policy)  # the tamper latch still at its provisioned count
@@ -334,9 +348,11 @@ class TpmAttestor:
                         f"(PCRs {policy['pcrs']}: a tamper event, or another boot state)"
                     ) from None
                 raise AttestError(f"the TPM refused to unwrap: {e}") from None
+            self._policy_session, kept = sess, True
             return bytes(out.point.x)
         finally:
-            c.flush_context(sess)
+            if not kept:
+                c.flush_context(sess)
 
     def quote(self, policy: dict[str, Any], data: bytes) -> Quote:
         """TPM2_Quote by the AK over the policy's PCRs, with `data` (at most 64 bytes) as qualifyingData; when
