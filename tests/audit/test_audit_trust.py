@@ -17,16 +17,12 @@ from codemoat.audit import egress
 from codemoat.audit.egress import EgressBlocked
 from codemoat.config import Settings
 
-from .trustapp import Broken, Paced, db_bytes, make_app, make_tokens, records, tiny_engine
+from .trustapp import Broken, Paced, db_bytes, make_app, make_tokens, records, tiny_llm
 
 GREEDY = {"model": "tiny", "temperature": 0}
 
 
-@pytest.fixture(scope="module")
-def llm(random_gguf):
-    e = tiny_engine(random_gguf)
-    yield e
-    e.close()
+llm = tiny_llm  # the module's engine (trustapp)
 
 
 @pytest.fixture

@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
 from fastapi import FastAPI
 
 from codemoat.accounts import Accounts
 from codemoat.config import Settings
+from codemoat.db import open_db
 from codemoat.engines.holder import ModelHolder
 from codemoat.serve.app import create_app
 
@@ -25,6 +27,22 @@ def tiny_engine(path: Path):
     from codemoat.engines.llamacpp import LlamaCppEngine
 
     return LlamaCppEngine.from_path(path, model_id="tiny", n_ctx=512, n_threads=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(random_gguf):
+    """That engine for a test module, closed after it; a module takes it as its `llm` with `llm = tiny_llm`."""
+    e = tiny_engine(random_gguf)
+    yield e
+    e.close()
+
+
+@pytest.fixture
+def fresh_db():
+    """The home's database through an engine of the test's own, disposed after; a module takes it as `db = fresh_db`."""
+    eng = open_db()
+    yield eng
+    eng.dispose()
 
 
 class Keep(ModelHolder):

@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from audit.trustapp import make_app, make_tokens, tiny_engine
+from audit.trustapp import make_app, make_tokens, tiny_llm
 from codemoat.accounts import Accounts
 from codemoat.config import Settings
 from codemoat.db import open_db
@@ -168,11 +168,7 @@ def _mutate(draw, doc):
     return draw(VALUES) if draw(st.booleans()) else doc
 
 
-@pytest.fixture(scope="module")
-def llm(random_gguf):
-    e = tiny_engine(random_gguf)
-    yield e
-    e.close()
+llm = tiny_llm  # the module's engine (trustapp)
 
 
 def _app(policy: str, llm):

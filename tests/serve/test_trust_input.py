@@ -9,26 +9,17 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 
-from audit.trustapp import db_bytes, make_app, make_tokens, records, tiny_engine
+from audit.trustapp import db_bytes, fresh_db, make_app, make_tokens, records, tiny_llm
 from codemoat.accounts import Accounts
 from codemoat.config import Settings
-from codemoat.db import open_db
 
 AWS = "AKIA" + "QWERTYUIOPASDFGH"
 
 
-@pytest.fixture(scope="module")
-def llm(random_gguf):
-    e = tiny_engine(random_gguf)
-    yield e
-    e.close()
+llm = tiny_llm  # the module's engine (trustapp)
 
 
-@pytest.fixture
-def db():
-    eng = open_db()
-    yield eng
-    eng.dispose()
+db = fresh_db  # the test's own database engine (trustapp)
 
 
 def client_for(db, llm, **settings) -> TestClient:
