@@ -79,6 +79,7 @@ def test_infill_and_tabby(server):
         assert c.get("/v1/health").status_code == 200
         health = c.get("/health").json()  # a plaintext model: its file, and no license to show
         assert health["license"] is None and health["model_file"]["path"].endswith("codemoat-tiny.gguf")
+        assert health["bundle"] is None  # served by path, not an installed update bundle
         t = c.post(
             "/v1/completions",
             json={

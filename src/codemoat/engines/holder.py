@@ -56,6 +56,16 @@ class LicenseStatus:
 
 
 @dataclass
+class InstalledBundle:
+    """The update bundle the served model was installed from (`model.path = "update:model"`)."""
+
+    version: str
+    bundle_id: str
+    released_at: str
+    installed_at: str
+
+
+@dataclass
 class ModelStatus:
     """Facts about the served model for `/health` and metrics; holds no secret by construction."""
 
@@ -65,6 +75,8 @@ class ModelStatus:
     path: str | None = None
     size: int = 0
     license: LicenseStatus | None = None
+    #: the installed update bundle it comes from (None: a model file named by path)
+    bundle: InstalledBundle | None = None
     #: destinations the server may reach for this model (the key server of a leased license)
     egress_allow: list[str] = field(default_factory=list)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from ..config import Settings
 from ..errors import CodemoatError
 from .factory import build_engine
-from .holder import ModelHolder
+from .holder import InstalledBundle, ModelHolder
 
 _SWAPPING = threading.Lock()  # held while a swap loads and checks its engine
 
@@ -27,8 +27,9 @@ def open_model(settings: Settings) -> ModelHolder:
         return open_vaulted(settings)
     if not m.path:
         raise CodemoatError("no model given: pass --model PATH or set model.path in the config")
+    bundle = None
     if m.path == INSTALLED:
-        path, license = installed_model(m.license)
+        path, license, bundle = installed_model(m.license)
     else:
         path, license = Path(m.path).expanduser(), Path(m.license).expanduser() if m.license else None
     if not path.exists():
@@ -40,7 +41,9 @@ def open_model(settings: Settings) -> ModelHolder:
         from .sealed import open_sealed
 
         # served under the manifest's model id (or model.id); the file's stem is accepted too
-        return open_sealed(path, license, settings=settings, model_id=m.id, aliases=[stem])
+        sealed = open_sealed(path, license, settings=settings, model_id=m.id, aliases=[stem])
+        sealed.status.bundle = bundle
+        return sealed
     model_id = m.id or stem
     holder = ModelHolder(model_id, loader=lambda: build_engine(settings, path, model_id))
     holder.status.path, holder.status.size = str(path), path.stat().st_size if path.is_file() else 0
@@ -52,8 +55,8 @@ def open_model(settings: Settings) -> ModelHolder:
 INSTALLED = "update:model"
 
 
-def installed_model(license: str | None) -> tuple[Path, Path]:
-    """The current model bundle's sealed model and its own license (updates.store)."""
+def installed_model(license: str | None) -> tuple[Path, Path, InstalledBundle]:
+    """The current model bundle's sealed model, its own license and what /health says of it (updates.store)."""
     from ..updates.store import UpdateStore
 
     if license:
@@ -61,7 +64,14 @@ def installed_model(license: str | None) -> tuple[Path, Path]:
     cur = UpdateStore().current("model")
     if cur is None:
         raise CodemoatError(f"model.path is {INSTALLED!r}, but no model bundle is installed (`codemoat update apply FILE`)")
-    return Path(cur["dir"]) / "model.moat", Path(cur["dir"]) / "model.lic"
+    return Path(cur["dir"]) / "model.moat", Path(cur["dir"]) / "model.lic", installed_bundle(cur)
+
+
+def installed_bundle(cur: dict) -> InstalledBundle:
+    """/health's facts of an installed model bundle (`UpdateStore.current("model")`)."""
+    from ..vault.clock import iso
+
+    return InstalledBundle(cur["version"], cur["bundle_id"], iso(cur["released_at"]), iso(cur["installed_at"]))
 
 
 def open_vaulted(settings: Settings) -> ModelHolder:
@@ -241,9 +251,12 @@ def _free_adapters(holder: ModelHolder, old) -> None:
 
 
 @_one_swap_at_a_time
-def swap_model(holder: ModelHolder, settings: Settings, path: Path, license: Path | None) -> dict:
+def swap_model(
+    holder: ModelHolder, settings: Settings, path: Path, license: Path | None, bundle: InstalledBundle | None = None
+) -> dict:
     """Load `path` beside the served model, health-check it and make it the one served (`holder.swap`);
-    in-flight requests finish on the old engine. On any failure the old one keeps serving.
+    in-flight requests finish on the old engine. On any failure the old one keeps serving. `bundle`:
+    the installed update bundle `path` is (None: a model file).
 
     A leased model takes its lease first (opening it does: no lease, no load), so the switch happens
     only once the new license holds; from then on the new license's watch and lease govern the
@@ -272,4 +285,5 @@ def swap_model(holder: ModelHolder, settings: Settings, path: Path, license: Pat
         holder._loader, holder.watermark_key = fresh._loader, None
     holder.status.path, holder.status.size, holder.status.license = fresh.status.path, fresh.status.size, fresh.status.license
     holder.status.egress_allow = list(fresh.status.egress_allow)
+    holder.status.bundle = bundle
     return {"model": holder.model_id, "path": str(path), "seconds": round(time.monotonic() - t0, 3)}

@@ -80,6 +80,7 @@ def create_app(settings: Settings, *, holder: ModelHolder, accounts: Accounts, r
             "reason": holder.reason or None,
             "license": asdict(st.license) if st.license else None,  # a plaintext model has none
             "model_file": None if st.license else {"path": st.path, "size": st.size},
+            "bundle": asdict(st.bundle) if st.bundle else None,  # the installed update (`update:model`)
         }
         if holder.loaded:
             body["engine"] = holder.get().health()

@@ -27,7 +27,7 @@ def swap_installed(app: Any, channel: str, audit: Audit, *, add_adapter: bool = 
     serve that channel (an adapter not in `model.adapters` unless `add_adapter`, a model held by vaultd)."""
     from pathlib import Path
 
-    from ..engines.loader import SwapBusy, swap_adapter, swap_model
+    from ..engines.loader import SwapBusy, installed_bundle, swap_adapter, swap_model
     from ..updates.store import UpdateStore, label
 
     holder, settings = app.state.holder, app.state.service.settings
@@ -49,7 +49,7 @@ def swap_installed(app: Any, channel: str, audit: Audit, *, add_adapter: bool = 
     try:
         if name is None:
             d = Path(cur["dir"])
-            out = swap_model(holder, settings, d / "model.moat", d / "model.lic")
+            out = swap_model(holder, settings, d / "model.moat", d / "model.lic", installed_bundle(cur))
             app.state.egress_allow = list(holder.status.egress_allow)  # the new license's key server
         else:
             out = swap_adapter(holder, settings, name)
