@@ -227,3 +227,94 @@ def test_a_crl_installed_while_serving_unloads_the_model(vendor, machine, gguf_f
             holder.get()
     finally:
         holder.close()
+
+
+# -- the installed CRL number sticks (issue 18): the clock record keeps it ------------------------------------
+def _revoked_installed(vendor, offline, tmp_path):
+    """An older CRL (naming someone else) saved aside, then the CRL revoking this license installed."""
+    moat, lic, lid = offline
+    old = _crl(vendor, tmp_path, "old.crl", machines=["m_other"], reason="lost")
+    crl.install(old)
+    got, _ = crl.install(_crl(vendor, tmp_path, "new.crl", licenses=[lid], reason="unpaid"))
+    return moat, lic, old, crl.installed_path(got.body["vendor_key"])
+
+
+def test_deleting_the_crl_folder_does_not_bring_a_revoked_license_back(vendor, offline, tmp_path):
+    """Before: with $CODEMOAT_HOME/crl/ gone the revoked license verified and served again."""
+    import shutil
+
+    moat, lic, _, p = _revoked_installed(vendor, offline, tmp_path)
+    shutil.rmtree(p.parent)
+    with pytest.raises(VaultError, match="is missing, but this machine installed CRL 2: install the vendor's latest CRL"):
+        verify_bundle(moat, lic)
+    line = one_line_error(cli("verify", "--model", str(moat), "--license", str(lic)))
+    assert "is missing, but this machine installed CRL 2" in line
+
+
+def test_an_older_crl_put_back_in_place_is_refused_at_start(vendor, offline, tmp_path):
+    """The file copied over (not installed): before, the older list's silence about this license let it start."""
+    moat, lic, old, p = _revoked_installed(vendor, offline, tmp_path)
+    p.write_bytes(old)
+    with pytest.raises(VaultError, match="is number 1, older than CRL 2 this machine installed"):
+        verify_bundle(moat, lic)
+    with pytest.raises(VaultError, match="CRL number 1 is older than the installed one \\(2\\)"):
+        crl.install(old)  # and with the file deleted, install still refuses the older one
+    p.unlink()
+    with pytest.raises(VaultError, match="CRL number 1 is older than the installed one \\(2\\)"):
+        crl.install(old)
+
+
+def test_a_home_restored_from_a_backup_but_its_clock_record_still_refuses(vendor, offline, tmp_path):
+    """Everything in the home put back as it was before the revocation, except the clock record."""
+    import shutil
+
+    from codemoat import paths
+
+    moat, lic, lid = offline
+    crl.install(_crl(vendor, tmp_path, "old.crl", machines=["m_other"], reason="lost"))
+    home = paths.home()
+    backup = tmp_path / "backup"
+    shutil.copytree(home, backup)
+    crl.install(_crl(vendor, tmp_path, "new.crl", licenses=[lid], reason="unpaid"))
+    for f in backup.rglob("*"):
+        if f.is_file() and f.name != "clock.json":
+            shutil.copy2(f, home / f.relative_to(backup))
+    with pytest.raises(VaultError, match="older than CRL 2 this machine installed"):
+        verify_bundle(moat, lic)
+
+
+def test_the_crl_number_cannot_be_taken_out_of_the_clock_record(vendor, offline, machine, tmp_path):
+    """The number is under the record's tag: dropping or lowering it is an altered record, not a reset."""
+    from codemoat.vault.clock import ClockGuard
+
+    moat, lic, _, p = _revoked_installed(vendor, offline, tmp_path)
+    guard = ClockGuard(machine)
+    record = json.loads(guard.path.read_text())
+    assert list(record["crl"].values()) == [2]
+    for edit in (lambda d: d.pop("crl"), lambda d: d.update(crl={k: 1 for k in d["crl"]})):
+        bad = json.loads(json.dumps(record))
+        edit(bad)
+        guard.path.write_text(json.dumps(bad))
+        with pytest.raises(VaultError, match="was altered"):
+            verify_bundle(moat, lic)
+    guard.path.write_text(json.dumps(record))
+    with pytest.raises(VaultError, match="unpaid"):
+        verify_bundle(moat, lic)
+
+
+def test_a_crl_deleted_or_rolled_back_under_a_running_server_stops_it(vendor, offline, machine, tmp_path):
+    """The running server's watch: it has seen CRL 2, so the file gone or CRL 1 in its place is a refusal."""
+    from codemoat.vault.license import License
+
+    moat, lic, lid = offline
+    old = _crl(vendor, tmp_path, "old.crl", machines=["m_other"], reason="lost")
+    crl.install(old)
+    w = crl.InstalledWatch(License.load(lic).body, machine.id)
+    assert w.revoked() is None
+    crl.install(_crl(vendor, tmp_path, "new.crl", machines=["m_other2"], reason="lost"))
+    assert w.revoked() is None
+    p = crl.installed_path(License.load(lic).body["vendor_key"])
+    p.unlink()
+    assert "is missing, but CRL 2 was installed" in w.revoked()
+    p.write_bytes(old)
+    assert "is number 1, but CRL 2 was installed" in w.revoked()

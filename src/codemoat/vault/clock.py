@@ -17,6 +17,10 @@ signed (`raise_floor`, called by the lease client). A license's issue time is a 
 license check refuses a clock before it). Someone who restores the whole data folder, or sets
 every file's time back as well, is not stopped by software on a machine they own: a lease license
 takes its time from the key server, and a TPM's monotonic clock is the hardware answer.
+
+The record also carries the number of the latest CRL installed per vendor key (`crl`, vault.crl), under
+the same tag: deleting the CRL folder or putting back an older CRL is then refused at start, and the
+record itself cannot be deleted or edited. A record without CRLs has the tag it always had.
 """
 
 from __future__ import annotations
@@ -110,12 +114,17 @@ class ClockGuard:
         self._key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"codemoat-clock-hwm-v1").derive(ikm)
         self._lock = threading.Lock()
 
-    def _mac(self, hwm: int) -> str:
-        return hmac.new(self._key, f"codemoat-hwm:{hwm}".encode(), "sha256").hexdigest()
+    def _mac(self, hwm: int, crl: dict[str, int] | None = None) -> str:
+        msg = f"codemoat-hwm:{hwm}" + (f":crl:{json.dumps(crl, sort_keys=True)}" if crl else "")
+        return hmac.new(self._key, msg.encode(), "sha256").hexdigest()
 
-    def _write(self, hwm: int) -> None:
+    def _write(self, hwm: int, crl: dict[str, int] | None = None) -> None:
+        crl = self._read()[1] if crl is None and self.path.exists() else crl or {}
+        d: dict = {"hwm": hwm, "mac": self._mac(hwm, crl)}
+        if crl:
+            d["crl"] = crl
         tmp = self.path.with_name(self.path.name + ".tmp")
-        write_secret(tmp, json.dumps({"hwm": hwm, "mac": self._mac(hwm)}).encode())
+        write_secret(tmp, json.dumps(d).encode())
         tmp.replace(self.path)
         try:
             os.utime(self.path.with_name(STAMP), (hwm, hwm))
@@ -126,9 +135,12 @@ class ClockGuard:
         self._write(int(self.clock.time()))
 
     def read(self) -> int:
+        return self._read()[0]
+
+    def _read(self) -> tuple[int, dict[str, int]]:
         try:
             d = json.loads(self.path.read_text())
-            hwm, mac = d["hwm"], d["mac"]
+            hwm, mac, crl = d["hwm"], d["mac"], d.get("crl", {})
         except FileNotFoundError:
             raise VaultError(
                 f"clock record {self.path} is missing (it is made with the machine key; "
@@ -136,9 +148,15 @@ class ClockGuard:
             ) from None
         except (ValueError, KeyError, TypeError):
             raise VaultError(f"clock record {self.path} is damaged") from None
-        if not isinstance(hwm, int) or not isinstance(mac, str) or not hmac.compare_digest(mac, self._mac(hwm)):
+        if (
+            not isinstance(hwm, int)
+            or not isinstance(mac, str)
+            or not isinstance(crl, dict)
+            or not all(isinstance(k, str) and type(v) is int for k, v in crl.items())
+            or not hmac.compare_digest(mac, self._mac(hwm, crl))
+        ):
             raise VaultError(f"clock record {self.path} was altered (its authentication tag does not match)")
-        return hwm
+        return hwm, crl
 
     def floor(self) -> tuple[float, str]:
         """The latest time this machine has seen, and what showed it."""
@@ -172,3 +190,14 @@ class ClockGuard:
         with self._lock:
             if int(t) > self.read():
                 self._write(int(t))
+
+    def crl_number(self, vendor_key_id: str) -> int | None:
+        """The number of the latest CRL this machine installed for the vendor key (None: never one)."""
+        return self._read()[1].get(vendor_key_id)
+
+    def record_crl(self, vendor_key_id: str, number: int) -> None:
+        """Record that CRL `number` of this vendor key is installed (the record only moves up)."""
+        with self._lock:
+            hwm, crl = self._read()
+            if crl.get(vendor_key_id, -1) < number:
+                self._write(hwm, {**crl, vendor_key_id: number})

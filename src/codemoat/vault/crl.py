@@ -13,7 +13,10 @@ signed by a vendor key it does not trust, and any edited one (the signature).
 
 A machine keeps one CRL per vendor key, `$CODEMOAT_HOME/crl/<vendor key id>.crl`; `license.check`
 (serve, verify, updates) reads it and verifies it again, so an edited file refuses to start (fail
-closed). Deleting the file, or never installing the CRL, is not detected: docs/threat-model.md.
+closed). The number of the latest CRL installed is also kept in the clock record (vault.clock, tagged
+under a key derived from the machine key), so a deleted CRL, or an older one put back, refuses to
+start too. Never installing the CRL is not detected, nor is a restore of the clock record itself
+from a backup: docs/threat-model.md.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ import sqlalchemy as sa
 
 from .. import paths
 from ..errors import NotFound
-from .clock import iso
+from .clock import ClockGuard, iso
+from .machine import MachineKey
 from .codec import VaultError, b64d, b64e, canonical, ed_public, key_id, sign, verify
 from .trust import TRUST_FILE, check_trusted_vendor
 from .vendor_tables import leases_t, licenses_t, revocations_t
@@ -182,12 +186,38 @@ def _installed(vendor_key_b64: str, home: Path | None) -> Crl | None:
     return crl
 
 
-def install(data: bytes, home: Path | None = None) -> tuple[Crl, bool]:
-    """Verify and install a CRL for a vendor this machine trusts; (the CRL, False when already installed)."""
+def _current(vendor_key_b64: str, guard: ClockGuard, home: Path | None) -> Crl | None:
+    """The installed CRL, refused when it is missing or older than the one the clock record says this
+    machine installed (a deleted crl folder, an old CRL put back); the record ratchets up to it."""
+    crl = _installed(vendor_key_b64, home)
+    kid = key_id(b64d(vendor_key_b64))
+    recorded = guard.crl_number(kid)
+    p = installed_path(vendor_key_b64, home)
+    if recorded is not None and crl is None:
+        raise VaultError(
+            f"the CRL {p} is missing, but this machine installed CRL {recorded}: install the vendor's latest CRL again"
+        )
+    if recorded is not None and crl is not None and crl.number < recorded:
+        raise VaultError(
+            f"the installed CRL {p} is number {crl.number}, older than CRL {recorded} this machine installed: "
+            "install the vendor's latest CRL again"
+        )
+    if crl is not None and (recorded is None or crl.number > recorded):
+        guard.record_crl(kid, crl.number)  # one installed before the record kept CRL numbers
+    return crl
+
+
+def install(data: bytes, guard: ClockGuard | None = None, home: Path | None = None) -> tuple[Crl, bool]:
+    """Verify and install a CRL for a vendor this machine trusts; (the CRL, False when already installed).
+    Its number goes into the clock record of `guard` (default: this home's machine key's)."""
     crl = Crl.parse(data)
+    guard = guard or ClockGuard(MachineKey.load())
     vk = crl.body["vendor_key"]
     check_trusted_vendor(vk, (home or paths.home()) / TRUST_FILE, "CRL")  # never pins a key
     old = _installed(vk, home)
+    recorded = guard.crl_number(crl.vendor_key_id)
+    if recorded is not None and crl.number < recorded:
+        raise VaultError(f"CRL number {crl.number} is older than the installed one ({recorded}): a CRL cannot be rolled back")
     if old is not None:
         if crl.number < old.number:
             raise VaultError(
@@ -202,31 +232,39 @@ def install(data: bytes, home: Path | None = None) -> tuple[Crl, bool]:
     tmp = p.with_suffix(".tmp")
     tmp.write_bytes(data)
     os.replace(tmp, p)
+    guard.record_crl(crl.vendor_key_id, crl.number)
     return crl, True
 
 
-def check_revoked(lic: dict[str, Any], machine_id: str, home: Path | None = None) -> None:
-    """Refuse a license (or this machine) the installed CRL of its vendor revokes, naming the reason."""
-    crl = _installed(lic["vendor_key"], home)
+def check_revoked(lic: dict[str, Any], machine_id: str, guard: ClockGuard, home: Path | None = None) -> None:
+    """Refuse a license (or this machine) the installed CRL of its vendor revokes, naming the reason,
+    and a CRL missing or older than the one this machine installed."""
+    reason = _refusal(_current(lic["vendor_key"], guard, home), lic, machine_id)
+    if reason is not None:
+        raise VaultError(reason)
+
+
+def _refusal(crl: Crl | None, lic: dict[str, Any], machine_id: str) -> str | None:
     if crl is None:
-        return
+        return None
     for kind, subject in (("license", lic["id"]), ("machine", machine_id)):
         e = crl.find(kind, subject)
         if e is not None:
-            raise VaultError(
-                f"{kind} {subject} was revoked by the vendor on {iso(e['revoked_at'])}: {e['reason']} (CRL {crl.number})"
-            )
+            return f"{kind} {subject} was revoked by the vendor on {iso(e['revoked_at'])}: {e['reason']} (CRL {crl.number})"
+    return None
 
 
 class InstalledWatch:
     """A running server's view of the installed CRL: `revoked()` is the refusal (or None), re-read only
-    when the file changes (one stat per call), so a CRL installed under a serving process stops it."""
+    when the file changes (one stat per call), so a CRL installed under a serving process stops it, and
+    one deleted or replaced by an older one than it has seen (start checked the clock record) stops it too."""
 
     def __init__(self, lic: dict[str, Any], machine_id: str, home: Path | None = None):
         self.lic, self.machine_id, self.home = lic, machine_id, home
         self.path = installed_path(lic["vendor_key"], home)
         self._seen: tuple[int, int, int] | None = None
         self._reason: str | None = None
+        self._highest: int | None = None  # the highest CRL number this watch has read
 
     def revoked(self) -> str | None:
         try:
@@ -237,8 +275,13 @@ class InstalledWatch:
         if seen != self._seen:
             self._seen = seen
             try:
-                check_revoked(self.lic, self.machine_id, self.home)
-                self._reason = None
+                crl = _installed(self.lic["vendor_key"], self.home)
+                if self._highest is not None and (crl is None or crl.number < self._highest):
+                    got = "missing" if crl is None else f"number {crl.number}"
+                    raise VaultError(f"the CRL {self.path} is {got}, but CRL {self._highest} was installed: install it again")
+                if crl is not None:
+                    self._highest = crl.number
+                self._reason = _refusal(crl, self.lic, self.machine_id)
             except VaultError as e:
                 self._reason = str(e)
         return self._reason

@@ -311,7 +311,7 @@ def check(lic: License, sealed: SealedFile, machine: MachineKey, guard: ClockGua
             f"license (vendor {lic.vendor_key_id}) and sealed file (vendor {sealed.vendor_key_id}) come from different vendors"
         )
     check_trusted_vendor(b["vendor_key"], trust_path)
-    check_revoked(b, machine.id, trust_path.parent if trust_path else None)  # the vendor's installed CRL
+    check_revoked(b, machine.id, guard, trust_path.parent if trust_path else None)  # the vendor's installed CRL
     if b["model"]["file_id"] != m.file_id or b["model"]["manifest_sha256"] != sealed.manifest_sha256:
         raise VaultError(f"license is for another model (sealed file {b['model']['file_id'][:12]}…, this is {m.file_id[:12]}…)")
     if b["customer_id"] != m.customer_id or b["customer"] != m.customer:
