@@ -51,3 +51,50 @@ def test_adapter_for_another_base_is_not_served_and_the_base_serves_on(shop, mac
     assert adapter_text(srv.url, user, model) == FOX
     assert right.current("adapter:fee")["version"] == "2"
     assert [f["version"] for f in right.failed()] == ["3"]
+
+
+@pytest.mark.slow
+def test_another_sealed_model_put_in_the_served_ones_place_is_not_served_the_adapter(
+    shop, machine, serve_process, gguf_file, tmp_path
+):
+    """Attacker: a sealed base's digest is taken from its signed header (every chunk's GCM tag binds the
+    header), not hashed at each start and not cached by path: another sealed model, with its own license,
+    put in the served one's place (same path, size and times) is checked as what it is, and the adapter
+    released for the first is not served with it."""
+    import os
+    import time
+
+    from codemoat.updates.store import UpdateStore
+
+    lic = shop.license()
+    fox = tmp_path / "fox.gguf"
+    fox.write_bytes(forcing_lora_gguf(gguf_file, "Ġfox"))
+    UpdateStore(machine=machine, models=[shop.moat]).apply(shop.release("1", kind="adapter", source=fox, name="fee"), lic)
+    user, admin = create_token("--name", "dev"), create_token("--name", "ops", "--scopes", "admin")
+    args, env = ["--model", str(shop.moat), "--license", str(lic)], {"CODEMOAT_MODEL__ADAPTERS": json.dumps(["update:fee"])}
+    srv = serve_process(args, env=env)
+    model = httpx.get(f"{srv.url}/health", headers={"Authorization": f"Bearer {admin}"}).json()["model"]
+    assert adapter_text(srv.url, user, model) == FOX  # its own base: served with the adapter
+    srv.stop()
+
+    other = tmp_path / "other" / gguf_file.name  # the same model but for one weight byte: same size, same name
+    other.parent.mkdir()
+    data = bytearray(gguf_file.read_bytes())
+    data[-1] ^= 1
+    other.write_bytes(data)
+    swapped = tmp_path / "other.moat"
+    shop.vendor.seal(other, "acme", swapped)
+    doc = shop.vendor.issue_license(
+        customer="acme", model=swapped, machines=[machine.identity()], expires=int(time.time()) + 86400
+    )
+    was = shop.moat.stat()
+    assert swapped.stat().st_size == was.st_size
+    os.replace(swapped, shop.moat)
+    os.utime(shop.moat, ns=(was.st_atime_ns, was.st_mtime_ns))
+    lic.write_text(json.dumps(doc))
+
+    srv = serve_process(args, env=env)
+    assert httpx.get(f"{srv.url}/health", headers={"Authorization": f"Bearer {admin}"}).json()["model"] == model
+    assert adapter_text(srv.url, user, model) != FOX  # the base alone
+    [line] = [x for x in srv.output().splitlines() if "vendor adapter 'fee' 1 is for base model" in x]
+    assert "not served" in line

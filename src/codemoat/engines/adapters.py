@@ -305,6 +305,10 @@ def open_adapters(paths: list[str], engine: str, source: Any) -> list[LoadedAdap
             f"(vLLM serves the {source.name} folder beside it)"
         )
     # tuned adapters are checked against the base's digest, vendor adapters against the base their bundle
-    # names; a sealed base's plaintext is hashed where it lies, in memory
-    digest = file_sha256(source) if isinstance(source, Path) else hashlib.sha256(source.view).hexdigest()
+    # names. A sealed base's digest is the one its signed header holds, which every chunk's GCM tag
+    # binds (MemfdBuffer.sha256, from engines.sealed); a memfd without one (vaultd's) is hashed in memory
+    if isinstance(source, Path):
+        digest = file_sha256(source)
+    else:
+        digest = source.sha256 or hashlib.sha256(source.view).hexdigest()
     return load_adapters(paths, digest, safetensors=engine == "vllm")

@@ -62,6 +62,9 @@ class MemfdBuffer:
         self.view = memoryview(self._map)
         self.sealed = False
         self.writable = True  # False for an adopted memfd: this process cannot zero it
+        #: the SHA-256 of the content, when a signed manifest vouches for it (engines.sealed sets it
+        #: once every chunk has authenticated): then nothing needs to hash the plaintext again
+        self.sha256: str | None = None
         #: the kernel's shmem huge-page policy when the buffer was made
         self.policy = shmem_thp_mode()
         #: True when writes through `view` land in 2 MiB pages: fill through the mapping then.
@@ -103,6 +106,7 @@ class MemfdBuffer:
             raise ValueError(f"not a sealed model file of {size} bytes (seals {seals:#x}, size {actual})")
         buf = cls.__new__(cls)
         buf.size, buf.fd, buf.sealed, buf.policy, buf.hugepages = size, fd, True, shmem_thp_mode(), False
+        buf.sha256 = None
         buf._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
         buf.view = memoryview(buf._map)
         buf.writable = False

@@ -62,6 +62,9 @@ def decrypt_to_memfd(sealed: SealedFile, key: bytes, buf: MemfdBuffer | None = N
         if not buf.hugepages and buf.size >= 256 << 20:
             log.info("allowing shmem huge pages makes this load several times faster: see docs/operations.md")
         buf.seal()
+        # Every chunk authenticated under the signed header, which holds the plaintext's digest: that
+        # is this plaintext's digest, without hashing it (an adapter's base check needs it).
+        buf.sha256 = sealed.manifest.plaintext_sha256
         return buf
     except BaseException:
         buf.close(zero=True)
