@@ -33,6 +33,20 @@ def test_model_bundle_installs_and_serves_under_its_license(shop, store):
     assert [s for s, _ in store.records] == ["verified", "apply_started", "applied"]
 
 
+def test_the_payload_starts_on_a_page_and_an_unaligned_bundle_still_installs(shop, store, tmp_path):
+    """`vendor release` pads the signed manifest so that apply copies the payload page to page; a bundle
+    made before (the payload where the manifest ends) reads and installs as it did."""
+    from codemoat.updates import bundle as fmt
+
+    lic = shop.license()
+    b1 = Bundle(shop.release("1"))
+    assert b1.payload_offset % fmt.PAGE == 0 and set(b1.manifest["pad"]) <= {" "}
+    old = fmt.write(tmp_path / "old.moatpkg", b1.manifest, shop.vendor.signing_key, b1.pieces(), align=False)
+    assert Bundle(old).payload_offset % fmt.PAGE != 0 and "pad" not in Bundle(old).manifest
+    store.verify(old, lic)
+    assert store.apply(old, lic)["version"] == "1"
+
+
 def test_second_version_replaces_first_and_rollback_restores_it(shop, store):
     lic = shop.license()
     store.apply(shop.release("1"), lic)
