@@ -235,3 +235,44 @@ def test_codemoat_data_folder_is_never_indexed(tmp_path, monkeypatch):
     assert rows == [("a.py",)]
     store.close()
     assert b"MACHINEKEY4714" not in _all_text(home)
+
+
+def _swapped_parent(base, monkeypatch, home_in_lib: str):
+    """A repository added at base/srv/repos/proj; then base/srv/repos is swapped for a link to base/lib,
+    where the data folder is lib/`home_in_lib` (it holds an identity token and a note)."""
+    lib, srv = base / "lib", base / "srv"
+    home = lib / home_in_lib
+    home.mkdir(parents=True)
+    monkeypatch.setenv("CODEMOAT_HOME", str(home))
+    (srv / "repos" / "proj").mkdir(parents=True)
+    (srv / "repos" / "proj" / "a.py").write_text("A = 1\n")
+    store = SqliteIndex()
+    add_repository(store, srv / "repos" / "proj", "proj", ["everyone"])
+    (home / "login.json").write_text('{"token": "LOGINTOKEN4715"}\n')
+    (home / "notes.md").write_text("MACHINEKEY4714 in a note\n")
+    (srv / "repos").rename(srv / "repos.old")
+    (srv / "repos").symlink_to(lib)
+    return store, home
+
+
+def _nothing_of(store, home) -> None:
+    paths = [r[0] for r in store.db.execute("SELECT path FROM files")]
+    store.close()
+    assert not any("login" in p or "notes" in p for p in paths), paths
+    text = _all_text(home)
+    assert b"LOGINTOKEN4715" not in text and b"MACHINEKEY4714" not in text
+
+
+def test_a_repository_whose_path_later_leads_to_the_data_folder_is_not_read(tmp_path, monkeypatch):
+    """`index add` refused the data folder by its path, but the recorded path is opened again at every
+    update: someone who may write the repository's parent folder swaps it for a link, and the path now
+    names the data folder, or a folder holding it (login.json: an identity token). Before, both were
+    indexed; the folders opened are now compared with the data folder by device and inode."""
+    store, home = _swapped_parent(tmp_path / "a", monkeypatch, "proj")  # srv/repos/proj is the data folder
+    with pytest.raises(CodemoatError, match="codemoat's data folder"):
+        update_repository(store, "proj")
+    _nothing_of(store, home)
+    store, home = _swapped_parent(tmp_path / "b", monkeypatch, "proj/.codemoat")  # it holds the data folder
+    stats = update_repository(store, "proj")
+    assert list(stats.refused) == [".codemoat/"] and "codemoat's data folder" in stats.refused[".codemoat/"]
+    _nothing_of(store, home)

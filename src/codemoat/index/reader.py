@@ -6,7 +6,9 @@ root (`openat` with `O_NOFOLLOW`), so a symlink anywhere on the way is refused, 
 file or a folder, outside the root or inside it (a link that stays inside is skipped: its target
 is indexed once, under the target's own path). `..` components, device files, FIFOs and sockets,
 folders on another filesystem (a mount inside the repository) and folders of another indexed
-repository, or codemoat's own data folder, are refused too. The opened descriptor's device and inode must equal those of the
+repository, or codemoat's own data folder, are refused too; the data folder by what is opened (device
+and inode of the root, its parents and every folder on the way), not only by path, since the recorded
+path of a repository can lead elsewhere once someone swaps one of its parents for a link. The opened descriptor's device and inode must equal those of the
 entry checked just before, so a file swapped for a link between check and open is refused. A hard
 link is the file itself by every path, so it cannot be told from a file that belongs here: any
 file with more than one link is refused ("hard link"); git never creates hard links in a work tree.
@@ -26,6 +28,7 @@ from ..errors import CodemoatError
 MAX_BYTES = 1_000_000  # larger files are not read (None)
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+_UP_FLAGS = getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0)
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0)
 _KINDS = (
     (stat.S_ISFIFO, "a FIFO"),
@@ -78,6 +81,38 @@ class RepoReader:
         self._others = [Path(o) for o in other_roots if self.root in Path(o).parents]
         # Folders never read from any repository: codemoat's own data (machine key, databases).
         self._private = [Path(p) for p in private if self.root in Path(p).parents]
+        self._private_ids = {}
+        for p in private:
+            try:
+                st = os.stat(p)
+            except OSError:
+                continue
+            self._private_ids[(st.st_dev, st.st_ino)] = Path(p)
+        held = self._holding_private()
+        if held is not None:
+            self.close()
+            raise CodemoatError(
+                f"repository folder {root} is inside codemoat's data folder {held} (a link on its path leads there): "
+                "it holds the machine key and databases, never a repository"
+            )
+
+    def _holding_private(self) -> Path | None:
+        """The data folder that is the opened root or one of its parents, by device and inode (None: neither)."""
+        fd = os.dup(self._fd)
+        try:
+            while True:
+                st = os.fstat(fd)
+                found = self._private_ids.get((st.st_dev, st.st_ino))
+                if found is not None:
+                    return found
+                up = os.open("..", _UP_FLAGS, dir_fd=fd)
+                ust = os.fstat(up)
+                os.close(fd)
+                fd = up
+                if (ust.st_dev, ust.st_ino) == (st.st_dev, st.st_ino):  # "/"
+                    return None
+        finally:
+            os.close(fd)
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -108,9 +143,13 @@ class RepoReader:
                 return GONE if e.errno == errno.ENOENT else Refused(f"{where}: {e.strerror}")
             os.close(fd)
             fd = nfd
-            if os.fstat(fd).st_dev != self._dev:
+            st = os.fstat(fd)
+            if st.st_dev != self._dev:
                 os.close(fd)
                 return Refused(f"{'/'.join(parts[: i + 1])} is another filesystem (a mount inside the repository)")
+            if (st.st_dev, st.st_ino) in self._private_ids:
+                os.close(fd)
+                return Refused.whole("codemoat's data folder (never indexed)", "/".join(parts[: i + 1]))
         return fd
 
     def check(self, rel: str) -> Refused | None:
