@@ -103,13 +103,10 @@ kill $SERVE 2>/dev/null || true
 wait $SERVE 2>/dev/null || true
 
 say "customer: serve the installed model itself (serve --model update:model: the bundle's own license, no --license)"
-# the model version a serve runs: its /health license id, found among the installed model bundles' licenses
+# the model version a serve runs: /health names the installed bundle it serves
 served() {
-  $CODEMOAT update list --json | "$PY" -c "
-import json, sys, httpx
-rows = [r for r in json.load(sys.stdin) if r['channel'] == 'model']
-lic = httpx.get(f'http://127.0.0.1:{sys.argv[1]}/health', headers={'Authorization': f'Bearer {sys.argv[2]}'}).json()['license']['license_id']
-print(next((r['version'] for r in rows if json.load(open(r['license']))['license']['id'] == lic), '?'))" "$PORT" "$ADMIN_T"
+  curl -s -H "Authorization: Bearer $ADMIN_T" "http://127.0.0.1:$PORT/health" \
+    | "$PY" -c "import json,sys; print((json.load(sys.stdin).get('bundle') or {}).get('version', '?'))"
 }
 $CODEMOAT vendor release --vendor "$V" --customer ACME --model "$MODEL" --version 3 --notes "v3" --no-fingerprint \
   --out "$U/model-v3.moatpkg" >/dev/null
