@@ -228,3 +228,37 @@ def test_a_serve_out_of_descriptors_for_a_moment_still_takes_update_apply(tmp_pa
         p.stdin.close()
         p.kill()
         p.wait()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to connect as another uid")
+def test_a_refused_caller_is_told_why_however_slowly_it_asks(tmp_path):
+    """Before: the listener refused another uid before reading its request and closed the connection, so
+    a caller whose line arrived after that got a broken pipe, not the reason (and the root test above
+    failed now and then, its child exiting 5)."""
+    import tempfile
+
+    from codemoat.updates.handoff import Listener, run_dir
+
+    open_home = Path(tempfile.mkdtemp(prefix="handoff-"))
+    ln = Listener(lambda chan: {"swapped": True}, home=open_home).start()
+    try:
+        os.chmod(open_home, 0o755)
+        os.chmod(run_dir(open_home), 0o755)
+        os.chmod(ln.path, 0o666)
+        pid = os.fork()
+        if pid == 0:
+            code = 5
+            try:
+                os.setuid(65534)
+                c = socket.socket(socket.AF_UNIX)
+                c.connect(str(ln.path))
+                time.sleep(0.5)  # the listener has answered and closed by now, if it does not wait for the line
+                c.sendall(b'{"op": "swap", "channel": "model"}\n')
+                a = json.loads(c.makefile().readline())
+                code = 0 if a["ok"] is False and "uid 65534 may not" in a["error"] else 4
+            finally:
+                os._exit(code)
+        assert os.waitpid(pid, 0)[1] == 0
+    finally:
+        ln.close()
+        shutil.rmtree(open_home)

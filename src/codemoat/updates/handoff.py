@@ -104,16 +104,18 @@ class Listener:
         with conn:
             try:
                 uid = _peer_uid(conn)
+                # the request is read first, even from a caller who is then refused: closing on its unread
+                # line resets the connection, and it would see a broken pipe instead of the reason
+                conn.settimeout(10)
+                try:
+                    msg = json.loads(_read_line(conn))
+                except (ValueError, RecursionError):
+                    msg = None
+                conn.settimeout(None)
                 if uid not in (0, os.getuid()):
                     log.warning("update hand-off: refused uid %d (only this server's account or root)", uid)
                     answer: dict[str, Any] = {"ok": False, "error": f"uid {uid} may not swap this server's model"}
                 else:
-                    conn.settimeout(10)
-                    try:
-                        msg = json.loads(_read_line(conn))
-                    except (ValueError, RecursionError):
-                        msg = None
-                    conn.settimeout(None)
                     chan = msg.get("channel") if isinstance(msg, dict) and msg.get("op") == "swap" else None
                     if not isinstance(chan, str) or not (chan == "model" or chan.startswith("adapter:")):
                         answer = {"ok": False, "error": 'unknown request (expected {"op": "swap", "channel": CHANNEL})'}
