@@ -74,3 +74,19 @@ def test_a_tracked_file_deleted_from_the_work_tree_is_dropped_quietly(tmp_path):
     (tmp_path / "gone").rmdir()
     listing = scan(tmp_path)
     assert listing.paths == ["a.py"] and listing.refused == {}  # not an unsafe path: just not there
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git not installed")
+def test_a_repositorys_git_config_runs_no_command_while_it_is_indexed(tmp_path):
+    """A work tree's .git/config is not part of the code (an unpacked archive, a shared checkout): its
+    core.fsmonitor is a command git ls-files runs, as the account that holds the machine key. Before,
+    indexing ran it."""
+    repo = tmp_path / "r"
+    repo.mkdir()
+    (repo / "a.py").write_text("A = 1\n")
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    subprocess.run(["git", "-C", str(repo), "add", "a.py"], check=True)
+    marker = tmp_path / "ran"
+    subprocess.run(["git", "-C", str(repo), "config", "core.fsmonitor", f"touch {marker}; true"], check=True)
+    assert scan(repo).paths == ["a.py"]
+    assert not marker.exists()

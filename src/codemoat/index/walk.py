@@ -85,9 +85,14 @@ def decode(raw: bytes) -> str | None:
     return text
 
 
+# A work tree's .git/config (an unpacked archive, a shared checkout) is not trusted: it must not make git run a
+# command as the account that holds the machine key (core.fsmonitor runs at every ls-files; hooks).
+_NO_COMMANDS = ("-c", "core.fsmonitor=false", "-c", "core.hooksPath=/dev/null")
+
+
 def _git(root: Path, *args: str) -> str | None:
     try:
-        out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, timeout=60, check=False)
+        out = subprocess.run(["git", *_NO_COMMANDS, "-C", str(root), *args], capture_output=True, timeout=60, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.decode("utf-8", "replace") if out.returncode == 0 else None
