@@ -518,8 +518,8 @@ def write_md(ks: list[dict], core: dict, client: dict, offs: list[dict], load: t
         "",
         f"Medians of {off['runs']} alternating runs per size. The license check with the key unwrap alone ({off['mib']} MiB "
         f"run): software {off['check_software_ms']:.1f} ms, TPM {off['check_tpm_ms']:.1f} ms — a fixed cost (connect, the "
-        "tamper latch's NV public area, one primary-key derivation, per unwrap a policy session with TPM2_PolicyPCR and "
-        f"TPM2_PolicyNV and ECDH_ZGen) of {off['check_tpm_ms'] - off['check_software_ms']:.0f} ms that does not grow with "
+        "tamper latch's NV public area, one primary-key derivation, one policy session kept for both keys, and per unwrap "
+        f"TPM2_PolicyPCR, TPM2_PolicyNV and ECDH_ZGen) of {off['check_tpm_ms'] - off['check_software_ms']:.0f} ms that does not grow with "
         "the model. `verify` writes no buffer, so it has nothing to do while the chip works and pays that cost in "
         f"full (the software verify here decrypts ≈ {off['mib'] / (off['software_ms'] / 1000):.0f} MiB/s). A hardware "
         "TPM's ECDH and policy session take longer than swtpm's; the start hides them only up to the page allocation "
