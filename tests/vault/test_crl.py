@@ -318,3 +318,33 @@ def test_a_crl_deleted_or_rolled_back_under_a_running_server_stops_it(vendor, of
     assert "is missing, but CRL 2 was installed" in w.revoked()
     p.write_bytes(old)
     assert "is number 1, but CRL 2 was installed" in w.revoked()
+
+
+def test_two_revocations_at_once_on_postgresql_never_make_a_crl_that_skips_one(pg_cluster, tmp_path):
+    """PostgreSQL hands out sequence numbers at insert, not at commit: another admin's revocation still
+    uncommitted (seq 1) while one is committed (seq 2) made a CRL numbered 2 without the first; the next
+    CRL, with both, had the same number 2, and a machine holding the first refused it as 'a different CRL
+    with the same number'. Revocations now commit in the order of their numbers."""
+    import threading
+
+    from codemoat.vault.vendor_tables import revocations_t
+
+    url = pg_cluster.new_database()
+    Vendor.init(tmp_path / "v", database_url=url).close()
+    v1, v2 = Vendor.open(tmp_path / "v"), Vendor.open(tmp_path / "v")
+    try:
+        with v1.engine.connect() as c1:
+            tx = c1.begin()  # another admin's `vendor revoke`, not committed yet
+            c1.execute(revocations_t.insert().values(kind="machine", subject="m_a", reason="a", revoked_at=1))
+            t = threading.Thread(target=crl.revoke, args=(v2,), kwargs={"machines": ["m_b"], "reason": "b"})
+            t.start()
+            t.join(2)  # committed at once before; now it waits for the first
+            seqs = [e["id"] for e in crl.build(v2)["crl"]["revoked"]]
+            assert seqs in ([], ["m_a"], ["m_a", "m_b"]), seqs
+            tx.commit()
+        t.join()
+        body = crl.build(v2)["crl"]
+        assert body["number"] == 2 and [e["id"] for e in body["revoked"]] == ["m_a", "m_b"]
+    finally:
+        v1.close()
+        v2.close()

@@ -62,6 +62,10 @@ def revoke(
     _check_reason(reason)
     now = int(time.time()) if now is None else now
     with vendor.engine.begin() as c:
+        if c.dialect.name == "postgresql":
+            # Its sequence numbers are handed out at insert, not commit: without this, a CRL built while an
+            # earlier number is uncommitted skips it, and the next one, with it, bears the same number.
+            c.execute(sa.text(f"LOCK TABLE {revocations_t.name} IN SHARE ROW EXCLUSIVE MODE"))
         listed = {(r.kind, r.subject) for r in c.execute(sa.select(revocations_t.c.kind, revocations_t.c.subject))}
         for kind, subjects in (("license", licenses), ("machine", machines)):
             for s in subjects:
