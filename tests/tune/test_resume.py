@@ -44,11 +44,12 @@ def _lora(out: Path) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.slow
-def test_a_killed_tune_resumes_and_ends_where_an_unbroken_one_does(tmp_path, tiny_gguf, home):
+@pytest.mark.parametrize("ema", [0.0, 0.8])  # with --ema the checkpoint carries the averaged weights too
+def test_a_killed_tune_resumes_and_ends_where_an_unbroken_one_does(tmp_path, tiny_gguf, home, ema):
     from codemoat.tune.trainer import tune
 
     _index(tmp_path, "payments", PAY, ["payments"])
-    tune(_opts(tmp_path / "whole.moat", tiny_gguf))
+    tune(_opts(tmp_path / "whole.moat", tiny_gguf, ema=ema))
 
     out = tmp_path / "pay.moat"
     seen: list[int] = []
@@ -60,13 +61,13 @@ def test_a_killed_tune_resumes_and_ends_where_an_unbroken_one_does(tmp_path, tin
                 raise Killed  # like SIGKILL: nothing after this step runs (its own checkpoint would be at 6)
 
     with pytest.raises(Killed):
-        tune(_opts(out, tiny_gguf), kill_at_4)
+        tune(_opts(out, tiny_gguf, ema=ema), kill_at_4)
     ckpts = list((Path(home) / "tune").glob("*.ckpt"))
     assert len(ckpts) == 1 and stat.S_IMODE(ckpts[0].stat().st_mode) == 0o600
     assert not out.exists()
 
     stages: list[str] = []
-    res = tune(_opts(out, tiny_gguf), lambda ev: stages.append(ev.get("stage", "")))
+    res = tune(_opts(out, tiny_gguf, ema=ema), lambda ev: stages.append(ev.get("stage", "")))
     assert "resuming from step 3" in stages and res.meta["train"]["resumed_from_step"] == 3
     assert res.meta["train"]["steps"] == 6
     a, b = _lora(tmp_path / "whole.moat"), _lora(out)
