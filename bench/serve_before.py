@@ -5,7 +5,15 @@ llama-cpp-python's `llama_cpp.server`, on one GGUF, with that run's scenario:
 
   per round and server: 20 sequential greedy 32-token completions of PROMPT (p50 / p95 latency), 10
   streamed ones (time to first token), then 8 concurrent clients x 4 requests of the same prompt
-  (requests/s); keep-alive connections; rounds alternate the servers' order.
+  (requests/s); keep-alive connections. Each round starts at the next server in turn (a rotation: no server
+  runs two blocks in a row), and each server's block begins with WARM untimed requests.
+
+The A/A bias (`--aa`: 'before' is a copy of this checkout's src/, the same code; an A/A run read this
+checkout at 0.57-0.82x the copy's throughput and 1.08-1.17x its CPU per request) was a setting, not the
+code's location: the before-code was started without CODEMOAT_MODEL__PARALLEL, so a before-code that
+batches ran the default 4 slots beside codemoat's --parallel (8). It now gets the same settings. The
+rounds used to alternate the order (forward, reversed), which runs the first and the last server twice
+back to back at each turn; they now rotate, and every block starts warm.
 
 The older code is `git archive`d into a temporary folder and run from this venv with PYTHONPATH pointing at
 its src/ (checked: `codemoat.__file__` must resolve there); its token is made by its own CLI in its own home.
@@ -33,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve import PROMPT, ROOT, Servers, client, cpu_seconds, one  # noqa: E402
 
 REF = "llama_cpp.server"
+WARM = 5  # untimed sequential requests before each server's block
 
 
 def checkout(commit: str) -> Path:
@@ -45,6 +54,14 @@ def checkout(commit: str) -> Path:
     return out
 
 
+def copy_src() -> Path:
+    """This checkout's src/ as it is now (uncommitted changes and all) in a new temporary folder: `--aa`'s
+    'before', the same code as 'codemoat', so any difference between the two is the bench's own."""
+    out = Path(tempfile.mkdtemp(prefix="codemoat-copy-"))
+    shutil.copytree(ROOT / "src", out / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    return out
+
+
 def resolves_to(src: Path) -> str:
     """Where `import codemoat` goes with PYTHONPATH=src, from the directory the servers start in."""
     out = subprocess.check_output(
@@ -53,6 +70,13 @@ def resolves_to(src: Path) -> str:
     if not out.strip().startswith(str(src)):
         raise SystemExit(f"with PYTHONPATH={src}, codemoat is imported from {out.strip()}")
     return out.strip()
+
+
+async def warm(url: str, headers: dict) -> None:
+    """Untimed requests: the last block ran another server, whose memory now fills the CPU's caches."""
+    async with client(url, headers, 1, keepalive=True) as c:
+        for _ in range(WARM):
+            await one(c, PROMPT, 32)
 
 
 async def round_(url: str, headers: dict, requests: int) -> dict:
@@ -104,20 +128,18 @@ def table(res: dict[str, dict], before: str) -> str:
             f"| {name} | {v['p50'] * 1000:.1f} | {v['p95'] * 1000:.1f} | {v['rps']:.2f} | {v['ttft'] * 1000:.1f} | {v['toks']:.1f} "
             f"| {v['cpu'] * 1000:.1f} |"
         )
-    if REF not in s:
-        return "\n".join(lines)
-    ref = s[REF]
-    ratios = {n: {k: v[k] / ref[k] for k in ("p50", "p95", "rps", "ttft", "cpu")} for n, v in s.items() if n != REF}
-    lines += [
-        "",
-        f"| ratio vs {REF} | p50 latency | p95 latency | throughput | time to first token | CPU per request "
-        f"| p50 ratio / {before}'s | throughput ratio / {before}'s | CPU per request / {before}'s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for n, r in ratios.items():
-        b = ratios.get(before)
-        vs = f"{r['p50'] / b['p50']:.2f} | {r['rps'] / b['rps']:.2f} | {r['cpu'] / b['cpu']:.2f}" if b else "— | — | —"
-        lines.append(f"| {n} | {r['p50']:.3f} | {r['p95']:.3f} | {r['rps']:.3f} | {r['ttft']:.3f} | {r['cpu']:.3f} | {vs} |")
+    keys = ("p50", "p95", "rps", "ttft", "cpu")
+    for ref in (before, REF):  # each server against the before-code, then against llama_cpp.server
+        if ref not in s:
+            continue
+        lines += [
+            "",
+            f"| ratio vs {ref} | p50 latency | p95 latency | throughput | time to first token | CPU per request |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        for n, v in s.items():
+            if n != ref:
+                lines.append(f"| {n} | " + " | ".join(f"{v[k] / s[ref][k]:.3f}" for k in keys) + " |")
     return "\n".join(lines)
 
 
@@ -131,12 +153,16 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--requests", type=int, default=20, help="sequential requests per round for latency")
     ap.add_argument("--out", help="also write the markdown section here")
+    ap.add_argument("--aa", action="store_true", help="A/A: 'before' is a copy of this checkout's src/, not --commit")
+    ap.add_argument(
+        "--servers", default="before,codemoat,codemoat-1,codemoat-inline," + REF, help="which to run ('before': the old code)"
+    )
     args = ap.parse_args()
-    before = f"codemoat@{args.commit}"
-    tree = checkout(args.commit)
+    before = "codemoat@copy" if args.aa else f"codemoat@{args.commit}"
+    tree = copy_src() if args.aa else checkout(args.commit)
     try:
         where = resolves_to(tree / "src")
-        args.servers = [before, "codemoat", "codemoat-1", "codemoat-inline", REF]
+        args.servers = [before if n == "before" else n for n in args.servers.split(",")]
         load0, t0 = open("/proc/loadavg").read().split()[:3], time.time()
         servers = Servers(
             Path(args.model),
@@ -144,7 +170,9 @@ def main() -> None:
             "bench-" + os.urandom(12).hex(),
             dict(os.environ),
             {
-                before: {"PYTHONPATH": str(tree / "src")},
+                # the before-code gets codemoat's settings: --aa's copy ran with the default 4 slots beside
+                # codemoat's 8 until 2026-12-04 (3120d99 has no model.parallel: it ignores the variable)
+                before: {"PYTHONPATH": str(tree / "src"), "CODEMOAT_MODEL__PARALLEL": str(args.parallel)},
                 "codemoat-inline": {"CODEMOAT_MODEL__ISOLATION": "inline", "CODEMOAT_MODEL__PARALLEL": str(args.parallel)},
             },
         )
@@ -153,8 +181,10 @@ def main() -> None:
             for s, u in servers.urls.items():  # warm-up
                 asyncio.run(round_(u, servers.headers[s], 3))
             for r in range(args.rounds):
-                order = list(servers.urls) if r % 2 == 0 else list(reversed(servers.urls))
+                names = list(servers.urls)
+                order = names[r % len(names) :] + names[: r % len(names)]  # each server starts a round in turn
                 for s in order:
+                    asyncio.run(warm(servers.urls[s], servers.headers[s]))
                     cpu0 = cpu_seconds(servers.procs[s].pid)
                     got = asyncio.run(round_(servers.urls[s], servers.headers[s], args.requests))
                     got["cpu"] = [cpu_seconds(servers.procs[s].pid) - cpu0]
@@ -172,16 +202,18 @@ def main() -> None:
     finally:
         shutil.rmtree(tree, ignore_errors=True)
     model = Path(args.model)
+    origin = "a copy of this checkout's src/ (A/A: the same code)" if args.aa else f"`git archive {args.commit}`"
     md = f"""Measured by `.venv/bin/python bench/serve_before.py {" ".join(sys.argv[1:])}` on
 {time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t0))}, {time.time() - t0:.0f} s, {os.cpu_count()} CPU cores shared with other work, load average
 (1/5/15 min) {" ".join(load0)} before, {" ".join(load1)} after. Model `{model.name}` ({model.stat().st_size / 1e6:.1f} MB) for every
-server, n_ctx {args.n_ctx}, {args.threads} threads each; {before}: `git archive {args.commit}`, run from this venv
+server, n_ctx {args.n_ctx}, {args.threads} threads each; {before}: {origin}, run from this venv
 (codemoat imported from `{Path(where).parent.parent.parent.name}/src/codemoat`), its token made by its own CLI;
 codemoat: this checkout, model.parallel = {args.parallel} (engine in a child process, the default);
 codemoat-1: model.parallel = 1; codemoat-inline: model.isolation = inline (the engine in the server's process, as
 {args.commit} ran it; model.parallel = {args.parallel}). Greedy 32-token completions of a
 {len(PROMPT)}-character prompt; {args.rounds} rounds × {args.requests} sequential requests (p50/p95), {max(3, args.requests // 2)}
-streamed (TTFT), 8 concurrent clients × 4 requests (requests/s); rounds alternate the servers' order. Server
+streamed (TTFT), 8 concurrent clients × 4 requests (requests/s); each round starts at the next server in turn,
+each server's block after {WARM} untimed requests. Server
 CPU per request: user + system time of the server's process tree (/proc) over its rounds, per request.
 
 {table(res, before)}
