@@ -15,6 +15,7 @@ from codemoat.vault import crl
 from codemoat.vault.codec import VaultError
 from codemoat.vault.vendor import Vendor
 from codemoat.vault.verify import verify_bundle
+from attest.swtpm_fixture import *  # noqa: F403  (the swtpm fixtures)
 from vaulthelp import bundle, cli, one_line_error
 
 
@@ -348,3 +349,43 @@ def test_two_revocations_at_once_on_postgresql_never_make_a_crl_that_skips_one(p
     finally:
         v1.close()
         v2.close()
+
+
+def test_on_a_tpm_machine_a_clock_record_put_back_from_before_an_install_is_refused(vendor, model, tmp_path, swtpm):
+    """Without a TPM, a clock record restored from before the install (with the crl folder) is not caught
+    (docs/threat-model.md). With the machine's keys in a TPM every install counts in an NV counter, and a
+    record behind it refuses start and install: even installing an older CRL over it is refused."""
+    import shutil
+
+    from attest.tpmhelp import tpm_machine
+
+    from codemoat import paths
+    from codemoat.vault.clock import ClockGuard
+
+    machine = tpm_machine(swtpm, vendor)
+    moat, lic, doc = bundle(vendor, model, tmp_path / "out", machine)
+    lid = doc["license"]["id"]
+    assert verify_bundle(moat, lic)["ok"]
+    old = _crl(vendor, tmp_path, "old.crl", machines=["m_other"], reason="lost")
+    crl.install(old)
+    home = paths.home()
+    backup = tmp_path / "backup"
+    shutil.copytree(home, backup)  # the whole home, clock record included, from before the revocation
+    crl.install(_crl(vendor, tmp_path, "new.crl", licenses=[lid], reason="unpaid"))
+    with pytest.raises(VaultError, match="unpaid"):
+        verify_bundle(moat, lic)
+    guard = ClockGuard(machine)
+    shutil.copy2(backup / "clock.json", guard.path)
+    shutil.copy2(
+        backup / "crl" / crl.installed_path(doc["license"]["vendor_key"]).name, crl.installed_path(doc["license"]["vendor_key"])
+    )
+    with pytest.raises(VaultError, match="older than this machine's TPM: the TPM counted .* CRL installs"):
+        verify_bundle(moat, lic)
+    with pytest.raises(VaultError, match="older than this machine's TPM"):
+        crl.install(old)
+    shutil.rmtree(home / "crl")  # from before the first install: no CRL, no count in the record
+    record = json.loads(guard.path.read_text())
+    hwm = record["hwm"]
+    guard._write(hwm, {})
+    with pytest.raises(VaultError, match="older than this machine's TPM"):
+        verify_bundle(moat, lic)

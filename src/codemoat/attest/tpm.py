@@ -35,6 +35,8 @@ TAMPER_PCR = 15  # not resettable from software (PCR 16 and 23 are), extended on
 AUDIT_NV_INDEX = 0x0100C0DE
 # The tamper latch (TPM_NT_COUNTER beside it): +1 per tamper event; unwrap policies require its provisioned count.
 TAMPER_NV_INDEX = 0x0100C0DF
+# CRL installs (TPM_NT_COUNTER beside them): +1 per CRL installed; the clock record keeps the count it reached (vault.crl).
+CRL_NV_INDEX = 0x0100C0E0
 # TCG EK Credential Profile 2.0 §2.2.1.4: EK types whose certificates are looked up in NV, in this order.
 _EK_TYPES = ("EK-ECC256", "EK-ECC384", "EK-RSA2048")
 
@@ -184,6 +186,23 @@ class TpmAttestor:
                 raise AttestError(f"cannot start the TPM's tamper latch: {e}") from None
             got = self._read_counter(h)
         return got
+
+    def crl_count(self, create: bool = False) -> int | None:
+        """The CRL counter's value; None when it was never defined (with `create`: defined and counted once)."""
+        h = self._counter(CRL_NV_INDEX, create=create, what="CRL counter")
+        got = None if h is None else self._read_counter(h)
+        if got is None and create:
+            return self.crl_count_up()
+        return got
+
+    def crl_count_up(self) -> int:
+        """Count one CRL install; the counter's new value."""
+        h = self._counter(CRL_NV_INDEX, create=True, what="CRL counter")
+        try:
+            self.ctx.nv_increment(h, auth_handle=h)
+        except _pt().TSS2_Exception as e:
+            raise AttestError(f"the TPM could not count the CRL install: {e}") from None
+        return self._read_counter(h) or 0
 
     def _read_counter(self, h: Any) -> int | None:
         pt = _pt()

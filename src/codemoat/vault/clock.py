@@ -108,6 +108,7 @@ class ClockGuard:
 
     def __init__(self, machine, clock: Clock | None = None, tolerance: float = 300, path: Path | None = None):
         self.clock = clock or Clock()
+        self.machine = machine
         self.tolerance = tolerance
         self.path = path or paths.home() / RECORD
         ikm = x_private_raw(machine.x25519)
@@ -192,12 +193,13 @@ class ClockGuard:
                 self._write(int(t))
 
     def crl_number(self, vendor_key_id: str) -> int | None:
-        """The number of the latest CRL this machine installed for the vendor key (None: never one)."""
+        """The number of the latest CRL this machine installed for the vendor key (None: never one);
+        `vault.crl.TPM_COUNT`: the TPM's CRL counter as of the last install."""
         return self._read()[1].get(vendor_key_id)
 
-    def record_crl(self, vendor_key_id: str, number: int) -> None:
-        """Record that CRL `number` of this vendor key is installed (the record only moves up)."""
+    def record_crl(self, numbers: dict[str, int]) -> None:
+        """Record CRL numbers (per vendor key id) this machine installed; each only moves up."""
         with self._lock:
             hwm, crl = self._read()
-            if crl.get(vendor_key_id, -1) < number:
-                self._write(hwm, {**crl, vendor_key_id: number})
+            if any(crl.get(k, -1) < n for k, n in numbers.items()):
+                self._write(hwm, {**crl, **{k: max(n, crl.get(k, -1)) for k, n in numbers.items()}})

@@ -25,6 +25,7 @@ import json
 import os
 import time
 from collections.abc import Iterable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -190,9 +191,34 @@ def _installed(vendor_key_b64: str, home: Path | None) -> Crl | None:
     return crl
 
 
+TPM_COUNT = "tpm"  # the clock record's entry for the TPM's CRL counter (vendor key ids are hex)
+
+
+def _tpm_behind(guard: ClockGuard, attestor: Any) -> None:
+    """On a machine whose keys are in a TPM: refuse a clock record behind the TPM's CRL counter. Every
+    install counts there, so a record put back from before an install (with an older CRL, or none) is."""
+    count = attestor.crl_count()
+    recorded = guard.crl_number(TPM_COUNT)
+    if count is not None and (recorded is None or recorded < count):
+        raise VaultError(
+            f"the clock record {guard.path} is older than this machine's TPM: the TPM counted {count} CRL installs, "
+            f"the record {recorded or 0} (it was put back from a backup); the vendor must reprovision this machine"
+        )
+
+
+def _tpm(guard: ClockGuard) -> Any:
+    """The machine's TPM, not yet open, or None when its keys are not in one."""
+    m = guard.machine
+    return m.attestor() if getattr(m, "tpm", None) else None
+
+
 def _current(vendor_key_b64: str, guard: ClockGuard, home: Path | None) -> Crl | None:
     """The installed CRL, refused when it is missing or older than the one the clock record says this
     machine installed (a deleted crl folder, an old CRL put back); the record ratchets up to it."""
+    tpm = _tpm(guard)
+    if tpm is not None:
+        with tpm:
+            _tpm_behind(guard, tpm)
     crl = _installed(vendor_key_b64, home)
     kid = key_id(b64d(vendor_key_b64))
     recorded = guard.crl_number(kid)
@@ -207,7 +233,7 @@ def _current(vendor_key_b64: str, guard: ClockGuard, home: Path | None) -> Crl |
             "install the vendor's latest CRL again"
         )
     if crl is not None and (recorded is None or crl.number > recorded):
-        guard.record_crl(kid, crl.number)  # one installed before the record kept CRL numbers
+        guard.record_crl({kid: crl.number})  # one installed before the record kept CRL numbers
     return crl
 
 
@@ -218,6 +244,16 @@ def install(data: bytes, guard: ClockGuard | None = None, home: Path | None = No
     guard = guard or ClockGuard(MachineKey.load())
     vk = crl.body["vendor_key"]
     check_trusted_vendor(vk, (home or paths.home()) / TRUST_FILE, "CRL")  # never pins a key
+    with ExitStack() as stack:
+        tpm = _tpm(guard)
+        if tpm is not None:
+            stack.enter_context(tpm)
+            _tpm_behind(guard, tpm)
+        return _install(crl, data, guard, tpm, home)
+
+
+def _install(crl: Crl, data: bytes, guard: ClockGuard, tpm: Any, home: Path | None) -> tuple[Crl, bool]:
+    vk = crl.body["vendor_key"]
     old = _installed(vk, home)
     recorded = guard.crl_number(crl.vendor_key_id)
     if recorded is not None and crl.number < recorded:
@@ -236,7 +272,15 @@ def install(data: bytes, guard: ClockGuard | None = None, home: Path | None = No
     tmp = p.with_suffix(".tmp")
     tmp.write_bytes(data)
     os.replace(tmp, p)
-    guard.record_crl(crl.vendor_key_id, crl.number)
+    if tpm is None:
+        guard.record_crl({crl.vendor_key_id: crl.number})
+        return crl, True
+    # The record first, ahead of the TPM (a crash in between leaves it ahead, which start accepts), then the count.
+    now = tpm.crl_count(create=True)
+    guard.record_crl({crl.vendor_key_id: crl.number, TPM_COUNT: now + 1})
+    counted = tpm.crl_count_up()
+    if counted != now + 1:  # someone else counted in between: the record must not stay behind the TPM
+        guard.record_crl({TPM_COUNT: counted})
     return crl, True
 
 
