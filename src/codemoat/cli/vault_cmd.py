@@ -208,11 +208,9 @@ def keyserver_cmd(
     ] = 1,
 ) -> None:
     """Run the lease service for this vendor's licenses."""
-    import os
-
     import uvicorn
 
-    from ..serve.keyserver_app import VENDOR_ENV, create_app
+    from ..serve.keyserver_app import create_app, serve_workers
     from ..vault.vendor import Vendor
 
     v = Vendor.open(vendor)  # checks the folder and migrates the database once, before any worker starts
@@ -223,11 +221,9 @@ def keyserver_cmd(
     # Per request, uvicorn formats an access line (then dropped below "info") and reads X-Forwarded-* headers the
     # key server never uses (it answers by signature, not by address): a few µs of a lease's CPU. The access line
     # is made only at --log-level info or below; proxy headers are not read.
-    opts = {"host": host, "port": port, "log_level": log_level, "proxy_headers": False}
-    opts["access_log"] = log_level.lower() in ("info", "debug", "trace")
+    opts = {"log_level": log_level, "proxy_headers": False, "access_log": log_level.lower() in ("info", "debug", "trace")}
     if workers == 1:
-        uvicorn.run(create_app(v), **opts)
+        uvicorn.run(create_app(v), host=host, port=port, **opts)
         return
     v.close()
-    os.environ[VENDOR_ENV] = str(vendor.resolve())
-    uvicorn.run("codemoat.serve.keyserver_app:app_from_env", factory=True, workers=workers, **opts)
+    serve_workers(str(vendor.resolve()), workers, host, port, **opts)
