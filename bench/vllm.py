@@ -15,6 +15,8 @@ Parts (each one run of a few minutes; `--part all` runs both):
           layout, handed over from a memfd as served); rounds in rotating order of greedy 32-token
           completions with a fresh prompt each round: base on the plain engine, base and adapter
           requests on the LoRA engine; 1 client, then 8 concurrent. p50 latency and ms per token.
+          `--lora-model random-100m` runs it on a random-weight llama of 12 layers, 768 wide (~100M
+          parameters, the bundled tokenizer) written to a temporary folder, as well as the bundled one.
 
     .venv/bin/python bench/vllm.py --part serve --seconds 8
     git archive REV src | tar -x -C /tmp/before    # an older codemoat beside the working tree's, in one run:
@@ -287,7 +289,25 @@ def part_engine(out: list[str]) -> None:
     out.append("")
 
 
-def lora_adapter(rank: int = 16) -> tuple[bytes, str]:
+def random_hf(folder: Path) -> Path:
+    """A random-weight llama folder of ~100M parameters with the bundled model's tokenizer."""
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=8192, hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+        num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0,
+    )  # fmt: skip
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(HF / f, folder / f)
+    return folder
+
+
+def lora_adapter(model: Path = HF, rank: int = 16) -> tuple[bytes, str]:
     """(adapter_model.safetensors, adapter_config.json) as `codemoat tune` writes them: peft on every
     linear layer of the bundled model, B drawn small (a trained adapter's size, not tune's zero start)."""
     import torch
@@ -296,7 +316,7 @@ def lora_adapter(rank: int = 16) -> tuple[bytes, str]:
     from codemoat.tune.lora import safetensors_bytes, wrap
 
     torch.manual_seed(0)
-    pm = wrap(AutoModelForCausalLM.from_pretrained(str(HF), dtype=torch.float32), rank=rank)
+    pm = wrap(AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32), rank=rank)
     with torch.no_grad():
         for n, p in pm.named_parameters():
             if "lora_B" in n:
@@ -304,12 +324,21 @@ def lora_adapter(rank: int = 16) -> tuple[bytes, str]:
     return safetensors_bytes(pm)
 
 
-def part_lora(out: list[str], rounds: int) -> None:
+def part_lora(out: list[str], rounds: int, models: list[str]) -> None:
     """p50 of a completion with the adapter vs without, under vLLM (see the module's text)."""
+    for name in models:
+        with tempfile.TemporaryDirectory(prefix="bench-lora-") as tmp:
+            folder = HF if name == "tiny" else random_hf(Path(tmp) / "random-100m")
+            out.append(f"**{'codemoat-tiny (5 layers, 192 wide)' if name == 'tiny' else 'random 100M (12 layers, 768 wide)'}**")
+            out.append("")
+            lora_run(out, rounds, folder)
+
+
+def lora_run(out: list[str], rounds: int, model: Path) -> None:
     from codemoat.engines.base import SamplingParams
     from codemoat.engines.vllm_engine import VllmEngine
 
-    st, cfg = lora_adapter()
+    st, cfg = lora_adapter(model)
     fd = os.memfd_create("bench-lora")
     os.write(fd, st)
     variants = ("plain engine, base", "LoRA engine, base", "LoRA engine, adapter")
@@ -323,8 +352,8 @@ def part_lora(out: list[str], rounds: int) -> None:
         return time.monotonic() - t, done.completion_tokens
 
     async def run() -> None:
-        plain = VllmEngine.from_path(HF, n_ctx=512)
-        tuned = VllmEngine.from_path(HF, n_ctx=512, adapters={"pay": (fd, cfg)})
+        plain = VllmEngine.from_path(model, n_ctx=512)
+        tuned = VllmEngine.from_path(model, n_ctx=512, adapters={"pay": (fd, cfg)})
         engines = {variants[0]: (plain, None), variants[1]: (tuned, None), variants[2]: (tuned, "pay")}
         try:
             for eng, a in engines.values():  # warm: the adapter is added to vLLM by the first request
@@ -378,6 +407,7 @@ def main() -> None:
     ap.add_argument("--part", choices=["serve", "engine", "lora", "all"], default="all")
     ap.add_argument("--seconds", type=float, default=8.0, help="load per (server, clients)")
     ap.add_argument("--before", type=Path, help="src/ of an older checkout, served too as codemoat-vllm-before (serve part)")
+    ap.add_argument("--lora-model", default="tiny", help="lora part: tiny, random-100m, or both (tiny,random-100m)")
     ap.add_argument("--rounds", type=int, default=1, help="rounds of the serve part, or of the lora part (medians)")
     args = ap.parse_args()
     out: list[str] = []
@@ -387,7 +417,7 @@ def main() -> None:
     if args.part in ("engine", "all"):
         part_engine(out)
     if args.part in ("lora", "all"):
-        part_lora(out, max(3, args.rounds))
+        part_lora(out, max(3, args.rounds), args.lora_model.split(","))
     load1 = os.getloadavg()
     path = ROOT / "bench" / "results" / "vllm.md"
     head = (

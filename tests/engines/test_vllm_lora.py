@@ -240,8 +240,10 @@ def test_the_grouped_lora_op_is_the_sum_per_token_and_leaves_no_adapter_rows_alo
     a = tuple(torch.randn(slots, 1, rank, d_in, generator=g) for _ in slices)
     b = tuple(torch.randn(slots, 1, w, rank, generator=g) for w in slices)
     x = torch.randn(7, d_in, generator=g)
-    for idx in ([-1, 0, 1, 0, -1, 2, 1], [1] * 7, [-1] * 7):
+    kept = []  # vLLM passes views of one buffer it rewrites: here each step's indices keep their own storage
+    for idx in ([-1, 0, 1, 0, -1, 2, 1], [1] * 7, [-1] * 7, [2, 2, -1, -1, 0, 0, 0]):
         indices = torch.tensor(idx)
+        kept.append(indices)
         y0 = torch.randn(7, sum(slices), generator=g)
         want = y0.clone()
         for t, i in enumerate(idx):
@@ -256,3 +258,10 @@ def test_the_grouped_lora_op_is_the_sum_per_token_and_leaves_no_adapter_rows_alo
         assert torch.allclose(y, want, atol=1e-5), idx
         assert torch.equal(y[indices < 0], y0[indices < 0])
     assert not grouped_lora_linear(torch.tensor([0, 1]), y, x, a, b, 0.5, slices)  # 2 indices for 7 rows: vLLM's op runs
+    # vLLM writes a slot (a new adapter in it): the fused matrices follow
+    a[0][2].mul_(2.0)
+    y0 = torch.zeros(7, sum(slices))
+    y = y0.clone()
+    assert grouped_lora_linear(kept[1].fill_(2), y, x, a, b, 1.0, slices)
+    want = torch.cat([(x @ a[s][2, 0].T) @ b[s][2, 0].T for s in range(len(slices))], dim=1)
+    assert torch.allclose(y, want, atol=1e-5)

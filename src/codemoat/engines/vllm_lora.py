@@ -161,43 +161,75 @@ def patch_vllm() -> None:
     LoRAModel.from_local_checkpoint = classmethod(from_local_checkpoint)
 
 
+#: (first A's storage, slot) -> (versions of the stacked tensors, A of all slices, block-diagonal B)
+_FUSED: dict[tuple[int, int], tuple[tuple[int, ...], Any, Any]] = {}
+_GROUPS: list[Any] = [None, None]  # (indices' storage, version, length), its groups: once per step
+
+
+def _fused(a_stacked: Any, b_stacked: Any, i: int) -> tuple[Any, Any]:
+    """Slot i's A_s stacked on one another (sum r_s, in) and B_s on a block diagonal (sum out_s, sum r_s):
+    one matmul pair for every slice of a packed layer (q, k, v), rebuilt when vLLM writes the slot."""
+    import torch
+
+    versions = tuple(t._version for t in (*a_stacked, *b_stacked))
+    key = (a_stacked[0].data_ptr(), i)
+    hit = _FUSED.get(key)
+    if hit is None or hit[0] != versions:
+        a_all = torch.cat([a[i].reshape(a.shape[-2], a.shape[-1]) for a in a_stacked])
+        b_all = torch.block_diag(*(b[i].reshape(b.shape[-2], b.shape[-1]) for b in b_stacked))
+        hit = _FUSED[key] = (versions, a_all.t().contiguous(), b_all.t().contiguous())
+    return hit[1], hit[2]
+
+
+def _groups(indices: Any) -> list[tuple[int, Any]]:
+    """[(slot, rows or None for every row)] of this step's tokens, slot -1 (no adapter) left out."""
+    import torch
+
+    key = (indices.data_ptr(), indices._version, indices.shape[0])
+    if _GROUPS[0] != key:
+        first = int(indices[0])
+        if bool((indices == first).all()):
+            groups = [(first, None)]
+        else:
+            groups = [(int(i), (indices == i).nonzero().squeeze(1)) for i in torch.unique(indices).tolist()]
+        _GROUPS[:] = [key, [(i, rows) for i, rows in groups if i >= 0]]
+    return _GROUPS[1]
+
+
 def grouped_lora_linear(
     indices: Any, y: Any, x: Any, a_stacked: Any, b_stacked: Any, scale: float, slices: Any, add_inputs: bool = True, **_: Any
 ) -> bool:
     """y[t, slice s] += scale * x[t] @ A_s[i]^T @ B_s[i]^T for every token t whose adapter slot i =
     indices[t] is >= 0 (-1: no adapter, row untouched), one matmul pair per slot present. A_s[i] is
     (rank, in), B_s[i] (out_s, rank), as vLLM stacks them (max_loras, 1, ., .). False: shapes this
-    does not know (vLLM's own op runs)."""
-    import torch
-
+    does not know (vLLM's own op runs). The tensors are vLLM's own, which it rewrites in place: the
+    groups and fused matrices are kept per (storage, version) of `indices` and of the stacks."""
     try:
         y2, x2 = y.view(-1, y.shape[-1]), x.reshape(-1, x.shape[-1])
     except RuntimeError:  # y is not one block: it must be written in place
         return False
-    if x2.shape[0] != indices.shape[0] or not len(a_stacked) == len(b_stacked) == len(slices):
+    width = sum(slices)
+    if (
+        x2.shape[0] != indices.shape[0]
+        or not len(a_stacked) == len(b_stacked) == len(slices)
+        or any(b.shape[-2] != w for b, w in zip(b_stacked, slices))
+        or width > y2.shape[1]
+    ):
         return False
     if not add_inputs:
         y2.zero_()
-    first = int(indices[0])
-    if bool((indices == first).all()):
-        groups = [(first, None)]
-    else:
-        groups = [(int(i), (indices == i).nonzero().squeeze(1)) for i in torch.unique(indices).tolist()]
-    for i, rows in groups:
-        if i < 0:
-            continue
+    out = y2[:, :width]
+    for i, rows in _groups(indices):
+        a_t, b_t = _fused(a_stacked, b_stacked, i)
         xs = x2 if rows is None else x2.index_select(0, rows)
-        at = 0
-        for a_st, b_st, width in zip(a_stacked, b_stacked, slices):
-            a = a_st[i].reshape(a_st.shape[-2], a_st.shape[-1])
-            b = b_st[i].reshape(b_st.shape[-2], b_st.shape[-1])
-            d = (xs.to(a.dtype) @ a.t()) * scale @ b.t()
-            out = y2[:, at : at + width]
-            if rows is None:
-                out += d[:, :width].to(y2.dtype)
-            else:
-                out.index_add_(0, rows, d[:, :width].to(y2.dtype))
-            at += width
+        h = xs.to(a_t.dtype) @ a_t
+        if scale != 1.0:
+            h *= scale
+        d = (h @ b_t).to(y2.dtype)
+        if rows is None:
+            out += d
+        else:
+            out.index_add_(0, rows, d)
     return True
 
 
