@@ -80,6 +80,7 @@ def open_models(models: list[Path], licenses: list[Path], daemon, settings) -> l
 
         def build(settings, buf, model_id, parts, facts=facts, ref=ref):
             facts["parts"] = {k: list(v) for k, v in parts.items()}
+            facts["sha256"] = buf.sha256  # the signed header's plaintext digest (an adapter's base check)
             # serve watermarks with the customer's key, read when it asks (a renewed lease may bring it again)
             daemon.offer(
                 Offer(model_id, buf.fd, buf.size, facts, watermark_key=lambda ref=ref: ref[0].watermark_key if ref else None)

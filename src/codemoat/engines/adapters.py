@@ -306,7 +306,7 @@ def open_adapters(paths: list[str], engine: str, source: Any) -> list[LoadedAdap
         )
     # tuned adapters are checked against the base's digest, vendor adapters against the base their bundle
     # names. A sealed base's digest is the one its signed header holds, which every chunk's GCM tag
-    # binds (MemfdBuffer.sha256, from engines.sealed); a memfd without one (vaultd's) is hashed in memory
+    # binds (MemfdBuffer.sha256, from engines.sealed, or from vaultd for its memfd); one without it is hashed
     if isinstance(source, Path):
         digest = file_sha256(source)
     else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 from pathlib import Path
 
@@ -108,6 +109,8 @@ def open_vaulted(settings: Settings) -> ModelHolder:
         except ValueError as e:
             raise VaultdError(f"the vault daemon sent {e}") from None
         parts = {k: tuple(v) for k, v in (got.facts.get("parts") or {}).items()}
+        sha = got.facts.get("sha256")  # vaultd authenticated what it sends: its header's digest is this memfd's
+        buf.sha256 = sha if isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha) else None
         return build_engine(settings, buf, model_id, parts)
 
     holder = ModelHolder(model_id, loader)
