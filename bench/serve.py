@@ -335,7 +335,10 @@ async def load(url: str, headers: dict, clients: int, tokens: int, per_client: i
         async def worker(k: int) -> None:
             nonlocal toks
             for j in range(per_client):
-                dt, _, n = await one(c, f"# client {k}, request {j}\n" + PROMPT, tokens)
+                # the scenario in the prompt: no request repeats one an earlier scenario sent (llama-server keeps
+                # past prompts' KV in RAM, --cache-ram 8 GiB by default, and restored them here; codemoat's
+                # slots keep only their last prompt: a prefill one server skipped and the other did not)
+                dt, _, n = await one(c, f"# {clients}x{tokens} client {k}, request {j}\n" + PROMPT, tokens)
                 lat.append(dt)
                 toks += n
 
