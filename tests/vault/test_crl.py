@@ -389,3 +389,31 @@ def test_on_a_tpm_machine_a_clock_record_put_back_from_before_an_install_is_refu
     guard._write(hwm, {})
     with pytest.raises(VaultError, match="older than this machine's TPM"):
         verify_bundle(moat, lic)
+
+
+def test_a_clock_record_write_at_the_same_time_never_loses_a_crl_number(vendor, offline, machine, monkeypatch):
+    """Two processes write the clock record: a serve raising its mark (each start, each lease) and
+    `license crl install`. Before, the serve's write (from the record it had read) could drop the number
+    just recorded: harmless for a CRL file still there, but a TPM count lost so leaves the record behind
+    the chip and the machine refusing to start. Writes now merge under a lock across processes."""
+    import threading
+
+    from codemoat.vault import clock
+    from codemoat.vault.clock import ClockGuard, ManualClock
+
+    serve = ClockGuard(machine, ManualClock(time.time() + 60))
+    install = ClockGuard(machine)
+    real_write, threads = clock.write_secret, []
+
+    def install_writes_first(path, data):  # the install's write lands between the serve's read and its write
+        if not threads:
+            threads.append(threading.Thread(target=install.record_crl, args=({"tpm": 7},)))
+            threads[0].start()
+            threads[0].join(1)  # finished at once before; now it waits for the serve's write
+        real_write(path, data)
+
+    monkeypatch.setattr(clock, "write_secret", install_writes_first)
+    serve.check()
+    threads[0].join()
+    assert install.crl_number("tpm") == 7
+    assert install.read() >= int(time.time() + 59)  # and the serve's mark is kept too

@@ -25,6 +25,7 @@ record itself cannot be deleted or edited. A record without CRLs has the tag it 
 
 from __future__ import annotations
 
+import fcntl
 import hmac
 import json
 import os
@@ -120,13 +121,19 @@ class ClockGuard:
         return hmac.new(self._key, msg.encode(), "sha256").hexdigest()
 
     def _write(self, hwm: int, crl: dict[str, int] | None = None) -> None:
-        crl = self._read()[1] if crl is None and self.path.exists() else crl or {}
-        d: dict = {"hwm": hwm, "mac": self._mac(hwm, crl)}
-        if crl:
-            d["crl"] = crl
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        write_secret(tmp, json.dumps(d).encode())
-        tmp.replace(self.path)
+        """Write the record merged with what it holds now, under a lock across processes (a serve raising
+        the mark while `license crl install` records a number): neither the mark nor a number moves down."""
+        with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            old_hwm, old = self._read() if self.path.exists() else (0, {})
+            hwm = max(hwm, old_hwm)
+            crl = {**old, **{k: max(n, old.get(k, -1)) for k, n in (crl or {}).items()}}
+            d: dict = {"hwm": hwm, "mac": self._mac(hwm, crl)}
+            if crl:
+                d["crl"] = crl
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            write_secret(tmp, json.dumps(d).encode())
+            tmp.replace(self.path)
         try:
             os.utime(self.path.with_name(STAMP), (hwm, hwm))
         except OSError:
@@ -200,6 +207,6 @@ class ClockGuard:
     def record_crl(self, numbers: dict[str, int]) -> None:
         """Record CRL numbers (per vendor key id) this machine installed; each only moves up."""
         with self._lock:
-            hwm, crl = self._read()
+            crl = self._read()[1]
             if any(crl.get(k, -1) < n for k, n in numbers.items()):
-                self._write(hwm, {**crl, **{k: max(n, crl.get(k, -1)) for k, n in numbers.items()}})
+                self._write(0, numbers)
