@@ -276,3 +276,23 @@ def test_a_repository_whose_path_later_leads_to_the_data_folder_is_not_read(tmp_
     stats = update_repository(store, "proj")
     assert list(stats.refused) == [".codemoat/"] and "codemoat's data folder" in stats.refused[".codemoat/"]
     _nothing_of(store, home)
+
+
+def test_a_repository_whose_path_later_leads_to_another_repository_is_not_read(tmp_path, home):
+    """The same swap, onto another indexed repository: team-b's code (group team-b) was indexed again
+    under the swapped repository's name and groups (everyone). Refused by what is opened."""
+    srv, teams = tmp_path / "srv", tmp_path / "teams"
+    (srv / "repos" / "web").mkdir(parents=True)
+    (srv / "repos" / "web" / "a.py").write_text("A = 1\n")
+    (teams / "web").mkdir(parents=True)  # team-b's repository, in a folder of the same name
+    (teams / "web" / "b.py").write_text(OTHER)
+    store = SqliteIndex()
+    add_repository(store, teams / "web", "team-b", ["team-b"])
+    add_repository(store, srv / "repos" / "web", "web", ["everyone"])
+    (srv / "repos").rename(srv / "repos.old")
+    (srv / "repos").symlink_to(teams)  # .../srv/repos/web is now team-b's folder
+    with pytest.raises(CodemoatError, match="another indexed repository"):
+        update_repository(store, "web")
+    rows = store.db.execute("SELECT r.name, f.path FROM files f JOIN repos r ON r.id = f.repo_id ORDER BY 1").fetchall()
+    store.close()
+    assert rows == [("team-b", "b.py"), ("web", "a.py")]

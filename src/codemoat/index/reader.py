@@ -6,7 +6,7 @@ root (`openat` with `O_NOFOLLOW`), so a symlink anywhere on the way is refused, 
 file or a folder, outside the root or inside it (a link that stays inside is skipped: its target
 is indexed once, under the target's own path). `..` components, device files, FIFOs and sockets,
 folders on another filesystem (a mount inside the repository) and folders of another indexed
-repository, or codemoat's own data folder, are refused too; the data folder by what is opened (device
+repository, or codemoat's own data folder, are refused too; those folders also by what is opened (device
 and inode of the root, its parents and every folder on the way), not only by path, since the recorded
 path of a repository can lead elsewhere once someone swaps one of its parents for a link. The opened descriptor's device and inode must equal those of the
 entry checked just before, so a file swapped for a link between check and open is refused. A hard
@@ -81,13 +81,15 @@ class RepoReader:
         self._others = [Path(o) for o in other_roots if self.root in Path(o).parents]
         # Folders never read from any repository: codemoat's own data (machine key, databases).
         self._private = [Path(p) for p in private if self.root in Path(p).parents]
-        self._private_ids = {}
-        for p in private:
-            try:
-                st = os.stat(p)
-            except OSError:
-                continue
-            self._private_ids[(st.st_dev, st.st_ino)] = Path(p)
+        self._private_ids = _ids(private)
+        self._other_ids = _ids(other_roots)
+        st = os.fstat(self._fd)
+        other = self._other_ids.get((st.st_dev, st.st_ino))
+        if other is not None:
+            self.close()
+            raise CodemoatError(
+                f"repository folder {root} is another indexed repository's folder {other} (a link on its path leads there)"
+            )
         held = self._holding_private()
         if held is not None:
             self.close()
@@ -150,6 +152,10 @@ class RepoReader:
             if (st.st_dev, st.st_ino) in self._private_ids:
                 os.close(fd)
                 return Refused.whole("codemoat's data folder (never indexed)", "/".join(parts[: i + 1]))
+            other = self._other_ids.get((st.st_dev, st.st_ino))
+            if other is not None:
+                os.close(fd)
+                return Refused.whole(f"another indexed repository ({other})", "/".join(parts[: i + 1]))
         return fd
 
     def check(self, rel: str) -> Refused | None:
@@ -209,6 +215,18 @@ class RepoReader:
             return None
         finally:
             os.close(ffd)
+
+
+def _ids(folders: Sequence[Path]) -> dict[tuple[int, int], Path]:
+    """(device, inode) -> folder, for the folders that exist."""
+    out = {}
+    for p in folders:
+        try:
+            st = os.stat(p)
+        except OSError:
+            continue
+        out[(st.st_dev, st.st_ino)] = Path(p)
+    return out
 
 
 def _refuse_entry(root: Path, rel: str, st: os.stat_result) -> Refused | None:
