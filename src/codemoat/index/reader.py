@@ -7,8 +7,9 @@ file or a folder, outside the root or inside it (a link that stays inside is ski
 is indexed once, under the target's own path). `..` components, device files, FIFOs and sockets,
 folders on another filesystem (a mount inside the repository) and folders of another indexed
 repository, or codemoat's own data folder, are refused too; those folders also by what is opened (device
-and inode of the root, its parents and every folder on the way), not only by path, since the recorded
-path of a repository can lead elsewhere once someone swaps one of its parents for a link. The opened descriptor's device and inode must equal those of the
+and inode: for the data folder the root, its parents and every folder on the way; for another
+repository the root and every folder on the way), not only by path, since the recorded path of a
+repository can lead elsewhere once someone swaps one of its parents for a link. The opened descriptor's device and inode must equal those of the
 entry checked just before, so a file swapped for a link between check and open is refused. A hard
 link is the file itself by every path, so it cannot be told from a file that belongs here: any
 file with more than one link is refused ("hard link"); git never creates hard links in a work tree.
