@@ -12,6 +12,7 @@ import pytest
 
 from codemoat.attest import AttestError
 from codemoat.attest.tpm import AUDIT_NV_INDEX, TAMPER_PCR, TpmAttestor
+from codemoat.audit.log import AuditLog
 from codemoat.audit.tpm_checkpoint import take
 from codemoat.vault.codec import VaultError
 from codemoat.vault.machine import parse_identity
@@ -66,8 +67,10 @@ def _replace_counter_with_ordinary_index(tcti: str, value: int) -> None:
         c.nv_write(h, value.to_bytes(8, "big"), 0, auth_handle=h)
 
 
-def test_a_rolled_back_log_is_not_hidden_by_an_ordinary_nv_index_holding_the_old_counter(swtpm, tmp_path, monkeypatch):
-    machine = tpm_machine(swtpm)
+def _rolled_back(machine, tmp_path, monkeypatch) -> AuditLog:
+    """An audit log put back to an earlier copy of itself (database and head file): 5 records and a TPM
+    checkpoint (counter 1), 2 more, the copy; 3 more and a checkpoint (counter 2); then the copy restored and
+    the verifier's memory of the newer head wiped. Every signature in it is valid: only the chip can tell."""
     db = tmp_path / "audit.db"
     url = f"sqlite:///{db}"
     monkeypatch.setenv("CODEMOAT_DATABASE_URL", url)
@@ -83,10 +86,15 @@ def test_a_rolled_back_log_is_not_hidden_by_an_ordinary_nv_index_holding_the_old
     append(log, 3)
     assert take(log, machine)["counter"] == 2
     log.engine.dispose()
-    for f in (db, log.head_file):  # the log put back to the copy with one TPM checkpoint (counter 1)
+    for f in (db, log.head_file):
         shutil.copy(copy / f.name, f)
     log.verified_file.unlink(missing_ok=True)
-    log = audit_log(url)
+    return audit_log(url)
+
+
+def test_a_rolled_back_log_is_not_hidden_by_an_ordinary_nv_index_holding_the_old_counter(swtpm, tmp_path, monkeypatch):
+    machine = tpm_machine(swtpm)
+    log = _rolled_back(machine, tmp_path, monkeypatch)
     rep = log.verify()
     assert not rep.ok and "rolled back" in rep.problem  # the chip's counter (2) says so...
 
@@ -362,25 +370,7 @@ def test_a_rolled_back_log_is_not_hidden_by_pointing_the_verifier_at_another_tpm
 
     one, two = swtpm_factory(ek_cert=False), swtpm_factory(ek_cert=False)
     machine = tpm_machine(one)
-    db = tmp_path / "audit.db"
-    url = f"sqlite:///{db}"
-    monkeypatch.setenv("CODEMOAT_DATABASE_URL", url)
-    log = audit_log(url)
-    append(log, 5)
-    assert take(log, machine)["counter"] == 1
-    append(log, 2)
-    copy = tmp_path / "copy"
-    copy.mkdir()
-    log.engine.dispose()
-    for f in (db, log.head_file):
-        shutil.copy(f, copy / f.name)
-    append(log, 3)
-    assert take(log, machine)["counter"] == 2
-    log.engine.dispose()
-    for f in (db, log.head_file):  # rolled back to the copy whose newest TPM checkpoint holds 1
-        shutil.copy(copy / f.name, f)
-    log.verified_file.unlink(missing_ok=True)
-    log = audit_log(url)
+    log = _rolled_back(machine, tmp_path, monkeypatch)
     assert not log.verify().ok
     with TpmAttestor(two.tcti) as a:  # a spare (software) TPM whose counter the admin brought to 1
         assert a.audit_checkpoint(checkpoint_data("x", 1, "00" * 32))[1] == 1
