@@ -418,3 +418,24 @@ def test_a_clock_record_write_at_the_same_time_never_loses_a_crl_number(vendor, 
     threads[0].join()
     assert install.crl_number("tpm") == 7
     assert install.read() >= int(time.time() + 59)  # and the serve's mark is kept too
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_a_fifo_or_device_named_as_the_crl_is_refused_not_read_for_good(offline, tmp_path, kind):
+    """`license crl install` read the whole file: a FIFO (a hostile USB stick) hung it for good, /dev/zero
+    filled memory. Only a regular file is read, and at most 64 MiB of it."""
+    import subprocess
+    import sys
+
+    if kind == "fifo":
+        path = tmp_path / "revoked.crl"
+        os.mkfifo(path)
+    else:
+        path = "/dev/zero"
+    p = subprocess.run(
+        [sys.executable, "-m", "codemoat.cli.main", "license", "crl", "install", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "not a regular file" in one_line_error(p)

@@ -49,11 +49,7 @@ def crl_install(
     """Install the vendor's CRL: licenses and machines it names refuse to start. An older CRL cannot replace a newer one."""
     from ..vault import crl
 
-    try:
-        data = file.read_bytes()
-    except OSError as e:
-        raise CodemoatError(f"cannot read CRL {file}: {e.strerror}") from None
-    got, new = crl.install(data)
+    got, new = crl.install(crl.read_file(file))
     d = {"number": got.number, "revoked": len(got.body["revoked"]), "vendor_key_id": got.vendor_key_id, "installed": new}
     emit(d, as_json, lambda d: say(f"CRL {d['number']} ({d['revoked']} revoked) {'installed' if new else 'already installed'}"))
 
