@@ -5,6 +5,7 @@ burst (32 of 32 in 4 of 5 tries), and two workers served like one. Stopping the 
 from __future__ import annotations
 
 import socket
+import time
 from urllib.parse import urlsplit
 
 import psutil
@@ -12,6 +13,13 @@ import psutil
 from attest.tpmhelp import keyserver_process
 
 from codemoat.vault.vendor import Vendor
+
+
+def _listening(proc: psutil.Process, port: int) -> bool:
+    try:
+        return any(c.status == "LISTEN" and c.laddr.port == port for c in proc.net_connections())
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _established(proc: psutil.Process, port: int) -> int:
@@ -27,6 +35,10 @@ def test_two_workers_share_a_burst_of_connections_and_stop_together(tmp_path):
             for p in psutil.process_iter(["cmdline"])
             if str(port) in " ".join(p.info["cmdline"] or []) and "--workers" in p.info["cmdline"]
         )
+        deadline = time.monotonic() + 60  # the first worker up answers /health; wait for the other to listen too
+        while sum(1 for p in server.children(recursive=True) if _listening(p, port)) < 2:
+            assert time.monotonic() < deadline, "the second worker never listened"
+            time.sleep(0.1)
         conns = [socket.create_connection(("127.0.0.1", port)) for _ in range(32)]
         for c in conns:  # a request each: every connection accepted and served
             c.sendall(b"GET /health HTTP/1.1\r\nhost: k\r\n\r\n")
@@ -40,3 +52,13 @@ def test_two_workers_share_a_burst_of_connections_and_stop_together(tmp_path):
         everyone = [server, *server.children(recursive=True)]
     gone, alive = psutil.wait_procs(everyone, timeout=20)
     assert not alive, [p.pid for p in alive]
+
+
+def test_workers_on_any_free_port_is_a_usage_error(tmp_path):
+    """Each worker binds the port itself, so port 0 would give every worker a port of its own."""
+    from vault.vaulthelp import cli
+
+    Vendor.init(tmp_path / "vendor").close()
+    p = cli("keyserver", "--vendor", str(tmp_path / "vendor"), "--port", "0", "--workers", "2", home=tmp_path / "home")
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "--workers above 1 needs a fixed --port" in p.stderr

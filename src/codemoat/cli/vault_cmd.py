@@ -210,6 +210,9 @@ def keyserver_cmd(
     """Run the lease service for this vendor's licenses."""
     import uvicorn
 
+    if workers > 1 and port == 0:  # each worker binds the port itself: "any free port" would be one per worker
+        raise typer.BadParameter("--workers above 1 needs a fixed --port", param_hint="--port")
+
     from ..serve.keyserver_app import create_app, serve_workers
     from ..vault.vendor import Vendor
 
