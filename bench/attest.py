@@ -546,7 +546,19 @@ def keyserver(vdir: Path, workers: int):
                     break
             except httpx.HTTPError:
                 time.sleep(0.05)
-        time.sleep(1 if workers > 1 else 0)  # every worker up, not only the first
+        # every worker listening, not only the first up (it answers /health; the kernel spreads connections over
+        # the sockets that listen when they arrive)
+        import psutil
+
+        def listening() -> int:
+            n = 0
+            for p in psutil.Process(server.pid).children(recursive=True):
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    n += any(c.status == "LISTEN" and c.laddr.port == port for c in p.net_connections())
+            return n
+
+        while workers > 1 and listening() < workers:
+            time.sleep(0.1)
         yield url, server.pid
     finally:
         server.terminate()
