@@ -36,3 +36,7 @@ echo " - the new CRL with the trial taken out:"; refused $CODEMOAT license crl i
 [[ -f "$DEMO/vendor-other/vendor.json" ]] || $CODEMOAT vendor init --vendor "$DEMO/vendor-other" >/dev/null
 $CODEMOAT vendor revoke --vendor "$DEMO/vendor-other" --out "$DEMO/crl-foreign.crl" --force >/dev/null
 echo " - a CRL signed by another vendor key:"; refused $CODEMOAT license crl install "$DEMO/crl-foreign.crl"
+mv "$CODEMOAT_HOME/crl" "$DEMO/crl-stash"
+echo " - the installed CRL deleted (the machine remembers the number it installed):"
+refused $CODEMOAT verify --model "$DEMO/acme.moat" --license "$DEMO/acme-trial.lic"
+mv "$DEMO/crl-stash" "$CODEMOAT_HOME/crl"
