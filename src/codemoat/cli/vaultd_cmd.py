@@ -25,6 +25,8 @@ class HeldCopy:
         self.buf, self._on_close = buf, on_close
         #: set when vaultd stops under an offline license: serves keep what they hold, nothing is zeroed
         self.quiet = False
+        #: zero the pages on close (None: unless quiet); a copy no serve was given is zeroed quietly
+        self.zero: bool | None = None
 
     async def stream(self, prompt, params):  # pragma: no cover - never called
         raise RuntimeError("the vault daemon does not generate")
@@ -36,8 +38,17 @@ class HeldCopy:
         if not self.quiet:
             self._on_close()
         # zeroing through our mapping also empties the pages a serve that ignored the unload still maps
-        self.buf.close(zero=not self.quiet)
+        self.buf.close(zero=not self.quiet if self.zero is None else self.zero)
         self.buf = None
+
+
+def let_go(holder, *, zero: bool) -> None:
+    """Close a holder of vaultd's without telling the serves to unload (a model swapped out or refused):
+    the serves hold descriptors of their own, so a swapped-out copy's pages go with the last of them."""
+    held = holder._engine
+    if isinstance(held, HeldCopy):
+        held.quiet, held.zero = True, zero
+    holder.close()
 
 
 def _uid(value: str) -> int:
@@ -68,38 +79,51 @@ def _gid(value: str) -> int:
 
 def open_models(models: list[Path], licenses: list[Path], daemon, settings) -> list:
     """Verify and decrypt each licensed model once, offering its memfd on `daemon`; returns the holders."""
+    holders: list = []
+    for model, lic in zip(models, licenses):
+        holder, offer = open_one(model, lic, daemon, settings)
+        daemon.offer(offer)
+        holders.append(holder)
+    return holders
+
+
+def open_one(model: Path, lic: Path, daemon, settings, bundle: dict | None = None) -> tuple:
+    """Verify and decrypt one licensed model into a sealed memfd: (its holder, the Offer to make). A
+    reload of the holder later (a regained lease) offers again by itself."""
     from dataclasses import asdict
 
     from ..engines.sealed import open_sealed
     from ..vault.daemon import Offer
 
-    holders: list = []
-    for model, lic in zip(models, licenses):
-        facts: dict = {}  # shared with the offer: the license's facts are added once open_sealed returns
-        ref: list = []  # the holder, whose `reason` says why a copy was withdrawn
+    facts: dict = {}  # shared with the offer: the license's facts are added once open_sealed returns
+    ref: list = []  # the holder, whose `reason` says why a copy was withdrawn
+    first: list = []  # the first Offer, made by the caller once it has checked the holder
 
-        def build(settings, buf, model_id, parts, facts=facts, ref=ref):
-            facts["parts"] = {k: list(v) for k, v in parts.items()}
-            facts["sha256"] = buf.sha256  # the signed header's plaintext digest (an adapter's base check)
-            # serve watermarks with the customer's key, read when it asks (a renewed lease may bring it again)
-            daemon.offer(
-                Offer(model_id, buf.fd, buf.size, facts, watermark_key=lambda ref=ref: ref[0].watermark_key if ref else None)
-            )
+    def build(settings, buf, model_id, parts):
+        facts["parts"] = {k: list(v) for k, v in parts.items()}
+        facts["sha256"] = buf.sha256  # the signed header's plaintext digest (an adapter's base check)
+        # serve watermarks with the customer's key, read when it asks (a renewed lease may bring it again)
+        offer = Offer(model_id, buf.fd, buf.size, facts, watermark_key=lambda: ref[0].watermark_key if ref else None)
+        if ref:
+            daemon.offer(offer)
+        else:
+            first.append(offer)
 
-            def withdraw() -> None:
-                daemon.revoke(model_id, (ref[0].reason if ref else "") or "withdrawn by the vault daemon")
+        def withdraw() -> None:
+            daemon.revoke(model_id, (ref[0].reason if ref else "") or "withdrawn by the vault daemon")
 
-            return HeldCopy(buf, withdraw)
+        return HeldCopy(buf, withdraw)
 
-        holder = open_sealed(model, lic, settings=settings, build=build)
-        ref.append(holder)
-        if holder.status.license is not None:
-            facts["license"] = asdict(holder.status.license)
-        if holder.keeper is not None:  # what a serve that loses vaultd may keep serving for (the lease rules)
-            k = holder.keeper.describe()
-            facts["lease_rules"] = {"ttl": k["ttl"], "grace": k["grace"]}
-        holders.append(holder)
-    return holders
+    holder = open_sealed(model, lic, settings=settings, build=build)
+    ref.append(holder)
+    if holder.status.license is not None:
+        facts["license"] = asdict(holder.status.license)
+    if holder.keeper is not None:  # what a serve that loses vaultd may keep serving for (the lease rules)
+        k = holder.keeper.describe()
+        facts["lease_rules"] = {"ttl": k["ttl"], "grace": k["grace"]}
+    if bundle is not None:
+        facts["bundle"] = bundle  # serve's /health names the installed version
+    return holder, first[0]
 
 
 class VendorAdapters:
@@ -153,15 +177,53 @@ class VendorAdapters:
             self._held.clear()
 
 
-def relay_updates(daemon):
+def swap_installed_model(daemon, holders: list, settings) -> dict:
+    """A model bundle `update apply` (or `update rollback`) made current in vaultd's home: verify its
+    license and container as at start (open_sealed: signature, machine, dates), decrypt it once into a
+    new sealed memfd, offer it under the id of the held model it replaces (same model id, same customer,
+    else refused and the old one serves on), let the old copy go, and tell the connected serves, which
+    swap to it. The notice names only the channel: what is swapped in is read from vaultd's own store."""
+    from dataclasses import asdict
+
+    from ..engines.loader import installed_bundle
+    from ..errors import CodemoatError
+    from ..updates.store import UpdateStore, label
+
+    cur = UpdateStore().current("model")
+    if cur is None:
+        raise CodemoatError("no model bundle is installed in vaultd's home (`codemoat update apply FILE`)")
+    d = Path(cur["dir"])
+    try:
+        fresh, offer = open_one(d / "model.moat", d / "model.lic", daemon, settings, asdict(installed_bundle(cur)))
+    except CodemoatError as e:
+        raise CodemoatError(f"vaultd refused {label(cur)}, and serves the model it holds on: {e}") from None
+    old = next((h for h in holders if h.model_id == fresh.model_id), None)
+    who = [h.status.license.customer if h.status.license else None for h in (old, fresh) if h is not None]
+    why = None
+    if old is None:
+        why = f"it is model {fresh.model_id!r}; vaultd holds {', '.join(h.model_id for h in holders)}"
+    elif who[0] != who[1]:
+        why = f"it is licensed to {who[1]!r}, and vaultd serves {who[0]!r}'s model"
+    if why is not None:
+        let_go(fresh, zero=True)  # never handed out
+        raise CodemoatError(f"vaultd refused {label(cur)}, and serves the model it holds on: {why}")
+    daemon.offer(offer)  # under the same id: every fetch from now on gets the new copy
+    holders[holders.index(old)] = fresh
+    let_go(old, zero=False)  # vaultd keeps at most the old and the new copy, and the old only until here
+    n = daemon.announce({"op": "update", "channel": "model"})
+    return {"swapped": False, "relayed": n, "channel": "model", "version": cur["version"]}
+
+
+def relay_updates(daemon, holders: list, settings):
     """`update apply` in vaultd's home (its account owns the update store) cannot reach the `serve --vault`s,
-    which run elsewhere as another user: listen on $CODEMOAT_HOME/run/vaultd-PID.sock like a serve, and
-    pass a new adapter version on to every connected serve, which swaps it in (fetching it from here)."""
+    which run elsewhere as another user: listen on $CODEMOAT_HOME/run/vaultd-PID.sock like a serve (its
+    account or root only, updates.handoff), and pass a new adapter version on to every connected serve,
+    which swaps it in (fetching it from here); a new model version is first taken in here."""
     from ..updates.handoff import Listener
 
     def handle(channel: str) -> dict:
         if channel == "model":
-            return {"swapped": False, "reason": "vaultd holds the model it was started with: restart it with the installed one"}
+            return swap_installed_model(daemon, holders, settings)
         n = daemon.announce({"op": "update", "channel": channel})
         return {"swapped": False, "relayed": n, "channel": channel}
 
@@ -214,7 +276,7 @@ def vaultd(
     relay = None
     try:
         daemon.start()
-        relay = relay_updates(daemon) if settings.update.handoff else None
+        relay = relay_updates(daemon, holders, settings) if settings.update.handoff else None
         names = ", ".join(h.model_id for h in holders)
         console.print(f"codemoat vaultd holding [bold]{names}[/bold] on unix:{daemon.path}", highlight=False)
         while not stop.wait(1.0):

@@ -82,13 +82,11 @@ def open_vaulted(settings: Settings) -> ModelHolder:
     (license, features) fill `/health`; a `revoke` on the kept connection unloads the model (503
     with the daemon's reason), an `available` loads it again. When the daemon goes away the model
     already held keeps serving; nothing can be fetched again until it is back."""
-    import dataclasses
     import logging
     import threading
 
     from ..vault.daemon import VaultClient, VaultdError
-    from .child import is_dumpable, set_non_dumpable
-    from .holder import LicenseStatus
+    from .child import set_non_dumpable
     from .memfd import MemfdBuffer
 
     model_id = settings.model.id or settings.model.path
@@ -111,17 +109,13 @@ def open_vaulted(settings: Settings) -> ModelHolder:
         parts = {k: tuple(v) for k, v in (got.facts.get("parts") or {}).items()}
         sha = got.facts.get("sha256")  # vaultd authenticated what it sends: its header's digest is this memfd's
         buf.sha256 = sha if isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha) else None
+        holder.fetched = got.facts, got.size  # the status of the engine built here, once it serves
         return build_engine(settings, buf, model_id, parts)
 
     holder = ModelHolder(model_id, loader)
     holder.on_update = None
     first_facts = first[0].facts
-    holder.status.size = first[0].size
-    lic = first[0].facts.get("license")
-    if isinstance(lic, dict):
-        names = {f.name for f in dataclasses.fields(LicenseStatus)}
-        holder.status.license = LicenseStatus(**{k: v for k, v in lic.items() if k in names})
-        holder.status.license.non_dumpable = not is_dumpable()
+    vault_status(holder, first_facts, first[0].size)
     try:
         holder.load()
     except BaseException:
@@ -160,6 +154,25 @@ def open_vaulted(settings: Settings) -> ModelHolder:
 
     client.watch(on_message, on_lost)
     return holder
+
+
+def vault_status(holder: ModelHolder, facts: dict, size: int) -> None:
+    """/health's facts of a model vaultd handed over: size, license, the installed bundle it comes from."""
+    import dataclasses
+
+    from .child import is_dumpable
+    from .holder import LicenseStatus
+
+    holder.status.size = size
+    lic = facts.get("license")
+    if isinstance(lic, dict):
+        names = {f.name for f in dataclasses.fields(LicenseStatus)}
+        holder.status.license = LicenseStatus(**{k: v for k, v in lic.items() if k in names})
+        holder.status.license.non_dumpable = not is_dumpable()
+    b = facts.get("bundle")
+    names = {f.name for f in dataclasses.fields(InstalledBundle)}
+    ok = isinstance(b, dict) and set(b) >= names and all(isinstance(b[k], str) for k in names)
+    holder.status.bundle = InstalledBundle(**{k: b[k] for k in names}) if ok else None
 
 
 PROBE_PROMPT = "def add(a, b):\n    return"
@@ -251,6 +264,24 @@ def _free_adapters(holder: ModelHolder, old) -> None:
 
     live = [e for e in (holder._engine, *holder.retiring) if e is not None]
     release_unused(getattr(old, "adapters_served", ()), [a for e in live for a in getattr(e, "adapters_served", ())])
+
+
+@_one_swap_at_a_time
+def swap_vaulted(holder: ModelHolder) -> dict:
+    """`serve --vault`: vaultd took in a new version of the model (`update apply` or `update rollback` in
+    its home): fetch its memfd, build an engine beside the served one, health-check it and swap
+    (`holder.swap`: in-flight requests finish on the old engine, whose memfd goes with it)."""
+    import time
+
+    t0 = time.monotonic()
+    if holder._loader is None:
+        raise CodemoatError("this server's model cannot be reloaded")
+    engine = holder._loader()
+    facts, size = holder.fetched
+    holder.swap(engine, lambda e: probe(e, loop=holder.loop_token))
+    vault_status(holder, facts, size)
+    b = holder.status.bundle
+    return {"model": holder.model_id, "version": b.version if b else None, "seconds": round(time.monotonic() - t0, 3)}
 
 
 @_one_swap_at_a_time

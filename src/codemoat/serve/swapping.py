@@ -85,7 +85,21 @@ def _swap_vaulted_adapter(holder: Any, settings: Any, name: str, audit: Audit) -
     return out
 
 
-_VAULT = "this server's model comes from vaultd: restart vaultd with the installed model (`codemoat update list`)"
+def _swap_vaulted_model(holder: Any, audit: Audit) -> dict[str, Any]:
+    """`serve --vault`: swap to the model version vaultd now hands out (vaultd checked it and keeps the store)."""
+    from ..engines.loader import swap_vaulted
+
+    try:
+        out = swap_vaulted(holder)
+    except Exception as e:
+        audit("swap_failed", model="installed", reason=(str(e) or type(e).__name__).splitlines()[0][:300])
+        raise
+    out = dict(out, channel="model", swapped=True)
+    audit("swapped", **out)
+    return out
+
+
+_VAULT = "this server's model comes from vaultd: `update apply` in vaultd's home swaps it there, and vaultd tells this server"
 
 
 def start_handoff(app: Any) -> Any:
@@ -105,10 +119,13 @@ def start_handoff(app: Any) -> Any:
     if settings.vault.socket:  # `update apply` runs in vaultd's home: vaultd passes its notice on (vaultd_cmd)
 
         def relayed(channel: str) -> None:
-            if f"update:{channel.split(':', 1)[-1]}" not in settings.model.adapters:
+            if channel != "model" and f"update:{channel.split(':', 1)[-1]}" not in settings.model.adapters:
                 return  # an adapter this serve does not serve (a notice never adds one)
             try:
-                swap_installed(app, channel, auditor("vaultd"))
+                if channel == "model":  # vaultd took the new version in: fetch it from there
+                    _swap_vaulted_model(app.state.holder, auditor("vaultd"))
+                else:
+                    swap_installed(app, channel, auditor("vaultd"))
             except Exception as e:  # audited by swap_installed; the old version serves on
                 log.warning("swapping in %s from vaultd failed: %s", channel, (str(e) or type(e).__name__).splitlines()[0])
 

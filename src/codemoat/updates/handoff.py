@@ -4,7 +4,8 @@
     $CODEMOAT_HOME/run/vaultd-<pid>.sock     a running `codemoat vaultd`: it passes an adapter's new version
                                              on to the `serve --vault`s connected to it (which swap it in,
                                              fetching it from vaultd) and answers `{"ok": true, "swapped":
-                                             false, "relayed": N}`; the model it holds needs a restart
+                                             false, "relayed": N}`; a new model version it verifies and
+                                             takes in first (cli.vaultd_cmd.swap_installed_model)
 
 Each serve listens on its own socket while it runs (`update.handoff`, on by default); after an
 install, `update apply` connects to every socket there, sends one JSON line

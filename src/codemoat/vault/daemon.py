@@ -17,7 +17,8 @@ answers carry the model id, the size and manifest facts, and, when the license w
 the customer's watermark key (what serve needs to mark completions; it decrypts nothing), never the
 content key or the machine key. On the kept connection the daemon later sends `{"op": "revoke"}`
 (serve unloads and answers 503), `{"op": "available"}`, or `{"op": "update", "channel": "adapter:NAME"}`
-(`update apply` installed a new version in vaultd's home: serve swaps it in, fetching it as before).
+(`update apply` installed a new version in vaultd's home: serve swaps it in, fetching it as before;
+for `"channel": "model"` vaultd has first offered the new version under the same model id).
 """
 
 from __future__ import annotations
