@@ -34,16 +34,30 @@ def _wait_bundle(url: str, token: str, version: str | None, timeout: float = 180
 
 
 def _model_memfds(pid: int) -> int:
-    """How many model memfds (distinct files) vaultd holds open: its own copies."""
-    seen = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
+    """How many model memfds (distinct files) `pid` and its children hold open or mapped."""
+    pids, seen = [pid], set()
+    for p in pids:
         try:
-            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/memfd:codemoat-tiny"):
-                st = os.stat(f"/proc/{pid}/fd/{fd}")
-                seen.add((st.st_dev, st.st_ino))
+            pids += [int(c) for c in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
+            fds = os.listdir(f"/proc/{p}/fd")
+            maps = Path(f"/proc/{p}/maps").read_text().splitlines()
         except OSError:
-            pass
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{p}/fd/{fd}").startswith("/memfd:codemoat-tiny"):
+                    seen.add(os.stat(f"/proc/{p}/fd/{fd}").st_ino)
+            except OSError:
+                pass
+        seen.update(int(ln.split()[4]) for ln in maps if "/memfd:codemoat-tiny" in ln)
     return len(seen)
+
+
+def _wait_memfds(pid: int, n: int, timeout: float = 60) -> int:
+    deadline = time.time() + timeout
+    while (got := _model_memfds(pid)) != n and time.time() < deadline:
+        time.sleep(0.3)
+    return got
 
 
 def _serve_vault(serve_process, vaultd: Vaultd, tmp_path: Path):
@@ -91,6 +105,7 @@ def test_a_model_update_in_vaultds_home_reaches_serve_vault_without_a_restart(sh
                 c.join(timeout=120)
         assert stats["failed"] == 0 and stats["done"] > 0, stats["errors"][:3]
         assert vaultd.proc.poll() is None and _model_memfds(vaultd.proc.pid) == 1
+        assert _wait_memfds(srv.proc.pid, 1) == 1  # the serve let the old versions go once they drained
         _complete(srv.url, token)
         recs = [
             json.loads(x)
