@@ -120,12 +120,14 @@ class ClockGuard:
         msg = f"codemoat-hwm:{hwm}" + (f":crl:{json.dumps(crl, sort_keys=True)}" if crl else "")
         return hmac.new(self._key, msg.encode(), "sha256").hexdigest()
 
-    def _write(self, hwm: int, crl: dict[str, int] | None = None) -> None:
+    def _write(self, hwm: int, crl: dict[str, int] | None = None, *, fresh: bool = False) -> None:
         """Write the record merged with what it holds now, under a lock across processes (a serve raising
-        the mark while `license crl install` records a number): neither the mark nor a number moves down."""
+        the mark while `license crl install` records a number): neither the mark nor a number moves down.
+        `fresh`: a new machine key's first record, which replaces whatever an old key left (its tag cannot
+        be checked with the new key, and nothing bound to the old key opens with the new one)."""
         with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            old_hwm, old = self._read() if self.path.exists() else (0, {})
+            old_hwm, old = self._read() if self.path.exists() and not fresh else (0, {})
             hwm = max(hwm, old_hwm)
             crl = {**old, **{k: max(n, old.get(k, -1)) for k, n in (crl or {}).items()}}
             d: dict = {"hwm": hwm, "mac": self._mac(hwm, crl)}
@@ -140,7 +142,7 @@ class ClockGuard:
             pass  # no machine key file beside the record (a key held elsewhere): the record alone
 
     def start_record(self) -> None:
-        self._write(int(self.clock.time()))
+        self._write(int(self.clock.time()), fresh=True)
 
     def read(self) -> int:
         return self._read()[0]
