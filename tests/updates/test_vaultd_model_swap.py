@@ -10,6 +10,8 @@ import json
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -18,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from updhelp import Vaultd, run_cli, stream_forever
+from updhelp import Vaultd, one_line_error, run_cli, stream_forever
 
 
 def _bundle(url: str, token: str) -> str | None:
@@ -180,3 +182,33 @@ def test_another_account_cannot_make_vaultd_swap_and_a_bad_or_foreign_version_is
         (a,) = hand_over("model")  # the same notice from vaultd's own account: taken in
         assert a["ok"] and a["relayed"] == 1, a
         assert _wait_bundle(srv.url, token, "2") == "2", srv.output()[-2000:]
+
+
+class InstalledVaultd(Vaultd):
+    """`codemoat vaultd --model update:model`: the installed model bundle with its own license."""
+
+    def __init__(self, sock: Path):
+        cmd = [sys.executable, "-m", "codemoat.cli.main", "vaultd", "--socket", f"unix:{sock}", "--model", "update:model"]
+        self.sock = sock
+        self.proc = subprocess.Popen(
+            [*cmd, "--allow-uid", str(os.getuid())], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+
+
+@pytest.mark.slow
+def test_vaultd_started_on_the_installed_model_serves_its_current_version(shop, store, serve_process, tmp_path):
+    line = one_line_error(
+        run_cli("vaultd", "--socket", f"unix:{tmp_path / 'v.sock'}", "--model", "update:model", "--allow-uid", "0")
+    )
+    assert "no model bundle is installed" in line, line
+    lic = shop.license()
+    store.apply(shop.release("2"), lic)
+    with InstalledVaultd(tmp_path / "v.sock") as vaultd:
+        srv, token = _serve_vault(serve_process, vaultd, tmp_path)
+        assert _bundle(srv.url, token) == "2"
+        r = run_cli("update", "apply", str(shop.release("3")), "--json", timeout=300)
+        assert r.returncode == 0, r.stderr
+        assert _wait_bundle(srv.url, token, "3") == "3", srv.output()[-2000:]
+    with InstalledVaultd(tmp_path / "v.sock") as vaultd:  # a restart serves what is installed now
+        srv, token = _serve_vault(serve_process, vaultd, tmp_path)
+        assert _bundle(srv.url, token) == "3"

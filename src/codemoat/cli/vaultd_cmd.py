@@ -79,9 +79,18 @@ def _gid(value: str) -> int:
 
 def open_models(models: list[Path], licenses: list[Path], daemon, settings) -> list:
     """Verify and decrypt each licensed model once, offering its memfd on `daemon`; returns the holders."""
+    from dataclasses import asdict
+
+    from ..engines.loader import INSTALLED, installed_model
+
     holders: list = []
-    for model, lic in zip(models, licenses):
-        holder, offer = open_one(model, lic, daemon, settings)
+    lics = iter(licenses)
+    for model in models:
+        if str(model) == INSTALLED:  # the installed model bundle's current version and its own license
+            path, lic, bundle = installed_model(None)
+            holder, offer = open_one(path, lic, daemon, settings, asdict(bundle))
+        else:
+            holder, offer = open_one(model, next(lics), daemon, settings)
         daemon.offer(offer)
         holders.append(holder)
     return holders
@@ -240,8 +249,13 @@ def relay_updates(daemon, holders: list, settings):
 def vaultd(
     *,
     socket: Annotated[str, typer.Option(help="Unix socket to listen on (PATH or unix:PATH); mode 0660.")],
-    model: Annotated[list[Path], typer.Option(help="Sealed model (.moat); repeat with --license for several.")],
-    license: Annotated[list[Path], typer.Option(help="License (.lic) for the --model at the same position.")],
+    model: Annotated[
+        list[Path],
+        typer.Option(
+            help="Sealed model (.moat), or update:model (the installed model bundle, with its own license); repeatable."
+        ),
+    ],
+    license: Annotated[list[Path] | None, typer.Option(help="License (.lic) for each --model file, in the same order.")] = None,
     allow_uid: Annotated[list[str] | None, typer.Option(help="User (name or uid) allowed to fetch models; repeatable.")] = None,
     allow_group: Annotated[
         list[str] | None, typer.Option(help="Group allowed to fetch models; the first also owns the socket.")
@@ -253,12 +267,15 @@ def vaultd(
     import threading
 
     from ..config import load_settings
+    from ..engines.loader import INSTALLED
     from ..errors import CodemoatError
     from ..vault.daemon import VaultDaemon, socket_path
     from .serve_cmd import log_to_stderr
 
-    if len(model) != len(license):
-        raise CodemoatError(f"give one --license per --model ({len(model)} models, {len(license)} licenses)")
+    license = license or []
+    files = [m for m in model if str(m) != INSTALLED]
+    if len(files) != len(license):
+        raise CodemoatError(f"give one --license per --model file ({len(files)} files, {len(license)} licenses)")
     uids = {_uid(u) for u in allow_uid or []}
     gids = [_gid(g) for g in allow_group or []]
     if not uids and not gids:
