@@ -135,6 +135,7 @@ def open_vaulted(settings: Settings) -> ModelHolder:
         elif msg.get("op") == "available" and not holder.loaded:
             try:
                 holder.load()
+                vault_status(holder, *holder.fetched)  # vaultd may hand another version (or license) now
             except CodemoatError as e:
                 holder.reason = str(e)
 
