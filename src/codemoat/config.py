@@ -364,16 +364,13 @@ def read_toml(path: Path) -> dict[str, Any]:
     import tomllib
 
     from .errors import CodemoatError
+    from .paths import read_regular
 
     if path.is_dir():
         raise CodemoatError(f"config file {path} is a folder, not a TOML file")
+    data = read_regular(path, "config file", 16 << 20)  # a FIFO or /dev/zero is refused, not read for good
     try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
-    except FileNotFoundError:
-        raise CodemoatError(f"config file not found: {path}") from None
-    except OSError as e:
-        raise CodemoatError(f"cannot read configuration {path}: {e.strerror or e}") from None
+        return tomllib.loads(data.decode("utf-8"))
     except UnicodeDecodeError as e:
         raise CodemoatError(f"cannot read configuration {path}: not UTF-8 text (byte {e.start})") from None
     except tomllib.TOMLDecodeError as e:

@@ -6,6 +6,9 @@ group or other bits is set back to 0700 (and its files to 0600), and one owned b
 is refused with a one-line reason. The process's umask becomes 077 at the same moment, so every
 file codemoat creates afterwards — SQLite's -wal and -shm, head files, caches, logs — is 0600
 from its first byte, whichever library creates it.
+
+A file a user names (a license, a CRL, a config, a key) is read with `read_regular`: only a regular
+file, up to a limit per kind, so a FIFO or /dev/zero named on the command line is refused in one line.
 """
 
 from __future__ import annotations
@@ -105,12 +108,49 @@ def read_secret(file: str | Path, what: str) -> str:
     stripped; one line naming `what` (the setting that points at it) when it cannot be read."""
     from .errors import CodemoatError
 
-    try:
-        return Path(file).read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as e:
-        raise CodemoatError(f"{what} {file}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+    if not os.path.exists(file):
+        raise CodemoatError(f"{what} {file}: cannot read it (no such file)")
+    try:  # a FIFO or device named as the secret is refused, not read for good
+        return read_regular(file, what, 1 << 20).decode("utf-8").strip()
+    except UnicodeDecodeError as e:
+        raise CodemoatError(f"{what} {file}: cannot read it ({e})") from None
 
 
 def bundled_model() -> Path:
     """The model that ships with the repository (see models/README.md)."""
     return Path(__file__).resolve().parents[2] / "models" / "codemoat-tiny.gguf"
+
+
+def open_regular(path: str | Path, what: str, error: type[Exception] | None = None) -> tuple[int, os.stat_result]:
+    """A descriptor open for reading on `path` and its fstat, only when it is a regular file; else
+    `error` (default CodemoatError) in one line naming `what` and the path. Opened with O_NONBLOCK, so
+    a FIFO (a hostile USB stick) is refused instead of blocking the open for good; a device such as
+    /dev/zero is refused too. The caller closes the descriptor."""
+    from .errors import CodemoatError
+
+    err = error or CodemoatError
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise err(f"{what} not found: {path}") from None
+    except OSError as e:
+        raise err(f"cannot read {what} {path}: {e.strerror or e}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise err(f"{path} is {'a folder' if stat.S_ISDIR(st.st_mode) else 'not a regular file'}, not a {what}")
+    return fd, st
+
+
+def read_regular(path: str | Path, what: str, limit: int, error: type[Exception] | None = None) -> bytes:
+    """The bytes of the regular file `path` (see open_regular), at most `limit` of them: a larger file
+    is refused in one line rather than read whole into memory."""
+    from .errors import CodemoatError
+
+    fd, st = open_regular(path, what, error)
+    with os.fdopen(fd, "rb") as f:
+        data = b"" if st.st_size > limit else f.read(limit + 1)
+    if st.st_size > limit or len(data) > limit:
+        size = f"{limit >> 20} MiB" if limit >= 1 << 20 else f"{limit >> 10} KiB" if limit >= 1 << 10 else f"{limit} bytes"
+        raise (error or CodemoatError)(f"{what} {path} is larger than {size}: not a {what}")
+    return data

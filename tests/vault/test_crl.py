@@ -160,7 +160,7 @@ def test_cli_revoke_install_and_refusal_are_one_line_each(vendor, offline, tmp_p
     bad = tmp_path / "bad.crl"
     bad.write_text("{not json")
     assert "CRL is not valid JSON" in one_line_error(cli("license", "crl", "install", str(bad)))
-    assert "cannot read CRL" in one_line_error(cli("license", "crl", "install", str(tmp_path / "missing.crl")))
+    assert "CRL not found" in one_line_error(cli("license", "crl", "install", str(tmp_path / "missing.crl")))
 
 
 def test_a_revoked_offline_license_does_not_serve(vendor, offline, tmp_path):

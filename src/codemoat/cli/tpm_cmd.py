@@ -176,10 +176,9 @@ def tpm_trust_ca(
     from ..vault.tpmbind import EK_CA_FILE, trust_ca
     from ..vault.vendor import Vendor
 
-    try:
-        pem = ca.read_bytes()
-    except OSError as e:
-        raise CodemoatError(f"cannot read {ca}: {e.strerror}") from None
+    from ..paths import read_regular
+
+    pem = read_regular(ca, "CA certificate file", 16 << 20)
     v = Vendor.open(vendor)
     try:
         n = trust_ca(v.root, pem)

@@ -103,15 +103,13 @@ def watermark_detect(
 ) -> None:
     """Print the watermark z-score and p-value of each FILE for each customer."""
     from ..errors import CodemoatError
+    from ..paths import read_regular
     from ..trace import vendor_io
     from ..trace.watermark import THRESHOLD, GreenList, LlamaScorer, aggregate, detect_ids
 
     texts = []  # read every file first: a wrong path fails at once, before the model loads
     for f in files:
-        try:
-            texts.append(f.read_text(errors="replace"))
-        except OSError as e:
-            raise CodemoatError(f"cannot read {f}: {e.strerror}") from None
+        texts.append(read_regular(f, "text file", 64 << 20).decode("utf-8", "replace"))
     with vendor_io.open_vendor(vendor) as v:
         keys = vendor_io.watermark_secrets(v, customer)
         if model is None:

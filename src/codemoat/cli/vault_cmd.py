@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -141,12 +142,13 @@ def inspect_cmd(
     from ..vault.container import MAGIC, SealedFile
     from ..vault.license import License
 
+    from ..paths import open_regular
+
+    fd, _ = open_regular(file, "sealed model or license")  # a FIFO or device is refused, not waited on
     try:
-        head = file.read_bytes()[:8] if file.is_file() else b""
-    except OSError as e:
-        raise CodemoatError(f"cannot read {file}: {e.strerror}") from None
-    if not file.is_file():
-        raise CodemoatError(f"file not found: {file}")
+        head = os.pread(fd, 8, 0)
+    finally:
+        os.close(fd)
     if head == MAGIC:
         d = SealedFile(file).describe()
     elif head.lstrip()[:1] == b"{":

@@ -13,11 +13,11 @@ files under a quarter alphabetic); they stay in the held-out evaluation.
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CodemoatError
+from ..index.reader import RepoReader
 from ..index.store import RepoInfo, SqliteIndex
 from ..train.corpus import SourceFile
 
@@ -27,18 +27,6 @@ class TuneCorpus:
     repos: list[RepoInfo]
     files: list[SourceFile]
     skipped: int  # changed since indexing, unreadable, or outside the root
-
-
-def _read_inside(root: Path, rel: str) -> bytes | None:
-    p = (root / rel).resolve()
-    if p != root and root not in p.parents:
-        return None
-    try:
-        fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError:
-        return None
-    with os.fdopen(fd, "rb") as f:
-        return f.read()
 
 
 #: a file with a smaller share of letters is a data table, not code to learn from
@@ -60,10 +48,13 @@ def load_corpus(names: list[str], index_path: Path | None = None) -> TuneCorpus:
         files: list[SourceFile] = []
         skipped = 0
         for r in repos:
-            root = Path(r.root).resolve()
-            for rel, (_fid, digest) in sorted(store.file_hashes(r.id).items()):
-                raw = _read_inside(root, rel)
-                if raw is None or hashlib.blake2b(raw, digest_size=16).hexdigest() != digest:
+            # read as `index update` reads: inside the root only, regular files up to its size limit
+            # (a file swapped for a FIFO or a device since indexing is skipped, not waited on)
+            with RepoReader(Path(r.root).resolve()) as reader:
+                hashes = sorted(store.file_hashes(r.id).items())
+                got = [(rel, digest, reader.read(rel)) for rel, (_fid, digest) in hashes]
+            for rel, digest, raw in got:
+                if not isinstance(raw, bytes) or hashlib.blake2b(raw, digest_size=16).hexdigest() != digest:
                     skipped += 1
                     continue
                 text = raw.decode("utf-8", "replace")

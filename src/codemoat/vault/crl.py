@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 import time
 from collections.abc import Iterable
 from contextlib import ExitStack
@@ -244,18 +243,7 @@ MAX_FILE = 64 << 20  # a CRL of 100,000 revocations is about 20 MB
 def read_file(path: Path) -> bytes:
     """A CRL file's bytes: a regular file of at most MAX_FILE, else one line (a FIFO would block the
     read for good, /dev/zero would fill memory)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # opening a FIFO blocks without it
-    except OSError as e:
-        raise VaultError(f"cannot read CRL {path}: {e.strerror}") from None
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise VaultError(f"cannot read CRL {path}: not a regular file")
-        data = f.read(MAX_FILE + 1)
-    if len(data) > MAX_FILE:
-        raise VaultError(f"CRL {path} is larger than {MAX_FILE >> 20} MiB: not a CRL")
-    return data
+    return paths.read_regular(path, "CRL", MAX_FILE, VaultError)
 
 
 def install(data: bytes, guard: ClockGuard | None = None, home: Path | None = None) -> tuple[Crl, bool]:

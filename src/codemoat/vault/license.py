@@ -23,6 +23,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from .. import paths
 from .clock import ClockGuard, iso
 from .codec import VaultError, b64d, b64e, canonical, ed_public, key_id, public_raw, sign, unwrap, verify, wrap, x_public
 from .container import SealedFile, content_key_id
@@ -37,6 +38,7 @@ VERSION = 1
 DOMAIN = b"codemoat-license-v1"
 FEATURES = ("complete", "chat", "index")
 MODES = ("offline", "lease")
+MAX_FILE = 16 << 20  # a license naming 1,000 TPM-bound machines is about 3 MB
 
 
 def key_context(purpose: str, license_id: str, extra: bytes = b"") -> bytes:
@@ -58,13 +60,7 @@ class License:
 
     @classmethod
     def load(cls, path: str | Path) -> License:
-        try:
-            data = Path(path).read_bytes()
-        except FileNotFoundError:
-            raise VaultError(f"license file not found: {path}") from None
-        except OSError as e:
-            raise VaultError(f"cannot read license {path}: {e.strerror}") from None
-        return cls.parse(data)
+        return cls.parse(paths.read_regular(path, "license file", MAX_FILE, VaultError))
 
     @classmethod
     def parse(cls, data: bytes) -> License:

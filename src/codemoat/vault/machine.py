@@ -34,6 +34,7 @@ TPM_FILE = "tpm.json"
 TCTI_ENV = "CODEMOAT_TPM_TCTI"  # overrides the TCTI in tpm.json (tests, a moved device node)
 POLICIES = ("all", "most", "two", "any")
 # Fact groups: a group with several values (network cards, GPUs) matches when any one value does.
+MAX_DOC = 1 << 20  # a machine identity (with its TPM block) is a few KB
 GROUPS = ("machine_id", "product_uuid", "cpu", "macs", "gpus")
 
 
@@ -280,14 +281,14 @@ def parse_identity(text_or_path: str | dict) -> dict[str, Any]:
     else:
         src = text_or_path.strip()
         if not src.startswith("{"):
-            try:
-                src = Path(src).read_text(encoding="utf-8")
+            if os.path.isdir(src):
+                raise VaultError(f"machine identity {text_or_path} is a folder: name the identity file")
+            if not os.path.lexists(src):
+                raise VaultError(f"machine identity {text_or_path!r} is neither a file nor JSON")
+            try:  # only a regular file, up to MAX_DOC: a FIFO or /dev/zero is refused, not read for good
+                src = paths.read_regular(src, "machine identity file", MAX_DOC, VaultError).decode("utf-8")
             except UnicodeDecodeError:
                 raise VaultError(f"machine identity file {text_or_path} is not text (not UTF-8)") from None
-            except IsADirectoryError:
-                raise VaultError(f"machine identity {text_or_path} is a folder: name the identity file") from None
-            except OSError:
-                raise VaultError(f"machine identity {text_or_path!r} is neither a file nor JSON") from None
         try:
             d = json.loads(src)
         except ValueError:

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import paths
 from .codec import VaultError, canonical
 
 SIG_LEN = 64
@@ -50,16 +50,8 @@ def read_header(
     """Open `path` and read the header that starts `offset` bytes into it (a sealed model inside an update
     bundle); `error` (one line naming `what`, e.g. "update bundle") on any fault. Offsets in the result
     are from the header's start."""
+    fd, st = paths.open_regular(path, what, error)  # a FIFO or a device is refused, not waited on
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO would block the open itself: refused below
-    except FileNotFoundError:
-        raise error(f"{what} not found: {path}") from None
-    except OSError as e:
-        raise error(f"cannot read {what} {path}: {e.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise error(f"{path} is {'a folder' if stat.S_ISDIR(st.st_mode) else 'not a regular file'}, not a {what}")
         head = os.pread(fd, prefix.size, offset)
         if len(head) < prefix.size:
             raise error(f"{path.name} is not a codemoat {what} (too short)")

@@ -38,6 +38,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
+from .. import paths
 from ..db import fast_execute
 from .codec import VaultError
 
@@ -146,9 +147,11 @@ def _doc(text_or_path: str | dict, kind: str, what: str) -> dict[str, Any]:
         d: Any = text_or_path
     else:
         src = text_or_path.strip()
-        try:
-            d = json.loads(src if src.startswith("{") else Path(src).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError):
+        if not src.startswith("{") and not os.path.lexists(src):
+            raise VaultError(f"{what} {text_or_path[:80]!r} is neither a readable file nor JSON")
+        try:  # only a regular file of at most 1 MiB: a FIFO or /dev/zero is refused, not read for good
+            d = json.loads(src if src.startswith("{") else paths.read_regular(src, what, 1 << 20, VaultError))
+        except (UnicodeDecodeError, ValueError):
             raise VaultError(f"{what} {text_or_path[:80]!r} is neither a readable file nor JSON") from None
     fields = ("machine_id", "ak_id", "credential", "secret") if kind == CHALLENGE_KIND else ("machine_id", "ak_id", "secret")
     if not isinstance(d, dict) or d.get("kind") != kind or not all(isinstance(d.get(k), str) for k in fields):

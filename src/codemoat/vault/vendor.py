@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy.exc import IntegrityError
 
-from .. import db
+from .. import db, paths
 from ..durations import LATEST
 from ..errors import CodemoatError, NotFound
 from .codec import VaultError, b64e, ed_private_raw, key_id, public_raw, write_secret
@@ -82,15 +82,18 @@ class Vendor:
     @classmethod
     def open(cls, root: str | Path) -> Vendor:
         root = Path(root)
+        for name in ("vendor.json", "signing.key", "keyserver.key", "master.key"):
+            if not (root / name).exists():
+                raise VaultError(f"no vendor keys in {root} ({name} is missing): run `codemoat vendor init --vendor DIR`")
+
+        def read(name: str) -> bytes:  # a FIFO or device planted in the vendor folder is refused, not read for good
+            return paths.read_regular(root / name, "vendor file", 1 << 20, VaultError)
+
         try:
-            info = json.loads((root / "vendor.json").read_text())
-            signing = Ed25519PrivateKey.from_private_bytes((root / "signing.key").read_bytes())
-            ks = Ed25519PrivateKey.from_private_bytes((root / "keyserver.key").read_bytes())
-            master = (root / "master.key").read_bytes()
-        except FileNotFoundError as e:
-            raise VaultError(
-                f"no vendor keys in {root} ({Path(e.filename).name} is missing): run `codemoat vendor init --vendor DIR`"
-            ) from None
+            info = json.loads(read("vendor.json"))
+            signing = Ed25519PrivateKey.from_private_bytes(read("signing.key"))
+            ks = Ed25519PrivateKey.from_private_bytes(read("keyserver.key"))
+            master = read("master.key")
         except (ValueError, OSError) as e:
             raise VaultError(f"vendor directory {root} is damaged: {e}") from None
         if len(master) != 32:

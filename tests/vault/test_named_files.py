@@ -1,0 +1,114 @@
+"""Attacker's tests: a path named on the command line (or in a setting) that is a FIFO, a device or a
+huge file is refused in one line, never read for good.
+
+Before `paths.read_regular`, these commands read the named file whole: a FIFO (a hostile USB stick)
+blocked them for good (the open itself waits for a writer), /dev/zero would have filled memory, a
+multi-GiB file was read into memory before being found not to be a license. The device case uses
+/dev/null (a character device like /dev/zero, so the same check, but harmless to the code before the
+fix); the over-limit case a sparse file one byte over the command's limit."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vaulthelp import bundle, one_line_error
+
+TIMEOUT = 30  # a FIFO hung the commands for good before; a run ends in seconds now
+
+
+def run(*args: str, env: dict[str, str | None] | None = None) -> subprocess.CompletedProcess:
+    e = {k: v for k, v in (os.environ | (env or {})).items() if k != "CODEMOAT_DEBUG" and v is not None}
+    return subprocess.run(
+        [sys.executable, "-m", "codemoat.cli.main", *args], capture_output=True, text=True, env=e, timeout=TIMEOUT
+    )
+
+
+def plant(path: Path, kind: str, limit: int, first: bytes = b"") -> str:
+    """`path` made into the attacker's kind of file; returns the path to name on the command line."""
+    if kind == "fifo":
+        os.mkfifo(path)
+        return str(path)
+    if kind == "device":
+        return "/dev/null"
+    with open(path, "wb") as f:  # sparse: one byte over the limit costs no disk
+        f.write(first)
+        f.truncate(limit + 1)
+    return str(path)
+
+
+EXPECT = {"fifo": "not a regular file", "device": "not a regular file", "huge": "is larger than"}
+KINDS = list(EXPECT)
+
+
+@pytest.fixture
+def sealed(vendor, machine, tmp_path):
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF" + os.urandom(4096))
+    moat, lic, _ = bundle(vendor, model, tmp_path / "a", machine)
+    ident = tmp_path / "machine.json"
+    ident.write_text(json.dumps(machine.identity()))
+    return vendor, moat, ident
+
+
+def issue(vendor, moat, machine_file: str, root: Path | None = None) -> list[str]:
+    return [
+        *("vendor", "license", "issue", "--vendor", str(root or vendor.root), "--customer", "acme"),
+        *("--model", str(moat), "--expires", "30d", "--machine", machine_file),
+    ]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_inspect_refuses_a_fifo_device_or_huge_license(tmp_path, kind):
+    """`codemoat inspect FILE` (License.load for a file starting with '{'): limit 16 MiB."""
+    f = plant(tmp_path / "x.lic", kind, 16 << 20, b"{")
+    assert EXPECT[kind] in one_line_error(run("inspect", f))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_license_issue_refuses_a_fifo_device_or_huge_machine_identity(sealed, tmp_path, kind):
+    """`vendor license issue --machine FILE`: the customer's machine identity, limit 1 MiB."""
+    vendor, moat, _ = sealed
+    f = plant(tmp_path / "id.json", kind, 1 << 20, b"{")
+    assert EXPECT[kind] in one_line_error(run(*issue(vendor, moat, f)))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_fifo_device_or_huge_file_in_the_vendor_folder_is_refused(sealed, tmp_path, kind):
+    """A vendor folder (given with --vendor) whose master.key is not a regular file: limit 1 MiB."""
+    vendor, moat, ident = sealed
+    root = tmp_path / "vendor-copy"
+    shutil.copytree(vendor.root, root)
+    (root / "master.key").unlink()
+    f = plant(root / "master.key", kind, 1 << 20)
+    if kind == "device":
+        (root / "master.key").symlink_to(f)
+    assert EXPECT[kind] in one_line_error(run(*issue(vendor, moat, str(ident), root)))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_config_show_refuses_a_fifo_device_or_huge_config(tmp_path, kind):
+    """`--config FILE` (every command's TOML configuration): limit 16 MiB."""
+    f = plant(tmp_path / "codemoat.toml", kind, 16 << 20)
+    assert EXPECT[kind] in one_line_error(run("config", "show", "--config", f, env={"CODEMOAT_HOME": str(tmp_path / "h")}))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_tpm_trust_ca_refuses_a_fifo_device_or_huge_pem(vendor, tmp_path, kind):
+    """`vendor tpm trust-ca FILE`: limit 16 MiB."""
+    f = plant(tmp_path / "ca.pem", kind, 16 << 20)
+    assert EXPECT[kind] in one_line_error(run("vendor", "tpm", "trust-ca", f, "--vendor", str(vendor.root)))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_fifo_device_or_huge_database_url_file_is_refused(tmp_path, kind):
+    """CODEMOAT_DATABASE_URL_FILE (a mounted secret): limit 1 MiB."""
+    f = plant(tmp_path / "database-url", kind, 1 << 20)
+    env = {"CODEMOAT_HOME": str(tmp_path / "h"), "CODEMOAT_DATABASE_URL_FILE": f, "CODEMOAT_DATABASE_URL": None}
+    assert EXPECT[kind] in one_line_error(run("users", "list", env=env))
