@@ -247,3 +247,46 @@ def test_the_hand_off_cannot_be_replayed_after_it_closed():
     finally:
         d.remove()
         buf.close()
+
+
+OUT_OF_FDS = r"""
+import os, resource, socket, time
+from codemoat.engines.memfd import MemfdBuffer
+from codemoat.engines.vllm_handoff import PrivateDir, WeightHandoff
+buf = MemfdBuffer.from_bytes(b"secret weights")
+d = PrivateDir()
+h = WeightHandoff(d.path, buf.fd, buf.size, {"w.safetensors": (0, buf.size)})
+c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+c.settimeout(10)
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (max(map(int, os.listdir("/proc/self/fd"))) + 8, hard))
+held = []
+try:
+    while True:
+        held.append(os.dup(0))
+except OSError:
+    pass
+c.connect(h.path)  # the hand-off's accept() now fails with EMFILE
+time.sleep(0.5)
+for fd in held:
+    os.close(fd)
+resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+try:
+    _, fds, _, _ = socket.recv_fds(c, 1 << 16, 1)
+    print("FD" if fds else "refused")
+except TimeoutError:
+    print("nobody answers")
+h.close(); d.remove()
+"""
+
+
+def test_a_server_out_of_descriptors_for_a_moment_still_hands_vllm_its_weights():
+    """Before: the hand-off's accept loop ended on any error, so one accept() failing with EMFILE (the
+    server's HTTP clients, anyone's, holding all its descriptors for a moment) stopped it for good and a
+    vLLM worker started after that waited for its weights for ever. It now waits the moment out, as
+    vaultd and the update hand-off do (vault.daemon.accept)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", OUT_OF_FDS], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "FD", (out.stdout, out.stderr[-2000:])

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CodemoatError
+from ..vault.daemon import accept
 
 log = logging.getLogger("codemoat.engines")
 
@@ -99,11 +100,8 @@ class WeightHandoff:
         self._thread.start()
 
     def _loop(self) -> None:
-        while not self._closed.is_set():
-            try:
-                conn, _ = self._sock.accept()
-            except OSError:
-                return
+        # Out of descriptors for a moment (anyone's HTTP connections) is waited out, as vaultd does.
+        while (conn := accept(self._sock, self._closed, "weight hand-off")) is not None:
             with conn:
                 try:
                     self._answer(conn)
