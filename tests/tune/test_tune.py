@@ -63,6 +63,25 @@ def test_a_symlink_swapped_in_after_indexing_is_not_followed(tmp_path):
     assert c.skipped == 1 and "payments/payments/fees.py" not in [f.path for f in c.files]
 
 
+def test_a_fifo_swapped_in_after_indexing_is_skipped_not_waited_on(tmp_path):
+    """A file replaced by a named pipe after indexing: tune read it with a blocking open, so `codemoat
+    tune` waited for a writer for good. It is read as `index update` reads (regular files only)."""
+    import threading
+
+    root = _index(tmp_path, "payments", PAY, ["payments"])
+    (root / "payments/fees.py").unlink()
+    os.mkfifo(root / "payments/fees.py")
+    got: list = []
+    t = threading.Thread(target=lambda: got.append(load_corpus(["payments"])), daemon=True)
+    t.start()
+    t.join(20)
+    if t.is_alive():  # the code before the fix: release the blocked open (a writer arrives), then fail
+        os.close(os.open(root / "payments/fees.py", os.O_WRONLY | os.O_NONBLOCK))
+        t.join(20)
+        pytest.fail("load_corpus blocked on a FIFO in the repository")
+    assert got[0].skipped == 1 and "payments/payments/fees.py" not in [f.path for f in got[0].files]
+
+
 def test_unknown_repository_is_one_line_error(tmp_path):
     with pytest.raises(CodemoatError, match="no indexed repository named 'nope'"):
         load_corpus(["nope"])
