@@ -112,3 +112,23 @@ def test_a_fifo_device_or_huge_database_url_file_is_refused(tmp_path, kind):
     f = plant(tmp_path / "database-url", kind, 1 << 20)
     env = {"CODEMOAT_HOME": str(tmp_path / "h"), "CODEMOAT_DATABASE_URL_FILE": f, "CODEMOAT_DATABASE_URL": None}
     assert EXPECT[kind] in one_line_error(run("users", "list", env=env))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_watermark_detect_refuses_a_fifo_device_or_huge_text(vendor, tmp_path, kind):
+    """`watermark detect FILE...`: the suspect texts, read before anything else; limit 64 MiB."""
+    f = plant(tmp_path / "suspect.py", kind, 64 << 20)
+    assert EXPECT[kind] in one_line_error(run("watermark", "detect", f, "--vendor", str(vendor.root)))
+
+
+def test_retrieve_refuses_a_fifo_in_the_repository(tmp_path):
+    """`retrieve --path` reads a file of an indexed repository: one swapped for a FIFO after indexing
+    hung it; it is read as `index update` reads (regular files up to MAX_BYTES)."""
+    env = {"CODEMOAT_HOME": str(tmp_path / "h")}
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "a.py").write_text("def f():\n    return 1\n")
+    assert run("index", "add", str(repo), "--name", "r", "--json", env=env).returncode == 0
+    (repo / "a.py").unlink()
+    os.mkfifo(repo / "a.py")
+    assert "not a regular file" in one_line_error(run("retrieve", "--repo", "r", "--path", "a.py", "--line", "1", env=env))

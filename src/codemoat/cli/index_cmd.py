@@ -171,6 +171,7 @@ def retrieve(
 ) -> None:
     """Print the snippets a completion with the cursor at --line/--column would get (prefix = the file up to the cursor)."""
     from ..errors import CodemoatError
+    from ..index.reader import MAX_BYTES, read_bytes
     from ..index.store import SqliteIndex
     from ..index.update import parse_groups
     from ..retrieve import Retriever
@@ -180,10 +181,10 @@ def retrieve(
     file = (root / path).resolve()
     if not file.is_relative_to(root):
         raise CodemoatError(f"--path {path} is outside the repository {repo} ({root})")
-    try:
-        lines = file.read_text("utf-8", "replace").split("\n")
-    except OSError as e:
-        raise CodemoatError(f"cannot read {file}: {e.strerror}") from None
+    raw = read_bytes(file)  # as `index update` reads: a regular file of at most MAX_BYTES (a FIFO is not waited on)
+    if raw is None:
+        raise CodemoatError(f"cannot read {file}: not a regular file of at most {MAX_BYTES:,} bytes")
+    lines = raw.decode("utf-8", "replace").split("\n")
     if line > len(lines):
         raise CodemoatError(f"{path} has {len(lines)} lines; --line {line} is past its end")
     cur = lines[line - 1]

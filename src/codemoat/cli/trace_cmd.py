@@ -109,7 +109,9 @@ def watermark_detect(
 
     texts = []  # read every file first: a wrong path fails at once, before the model loads
     for f in files:
-        texts.append(read_regular(f, "text file", 64 << 20).decode("utf-8", "replace"))
+        if not f.exists():
+            raise CodemoatError(f"cannot read {f}: no such file")
+        texts.append(read_regular(f, "text file", 64 << 20).decode("utf-8", "replace"))  # a FIFO is refused
     with vendor_io.open_vendor(vendor) as v:
         keys = vendor_io.watermark_secrets(v, customer)
         if model is None:
