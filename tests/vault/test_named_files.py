@@ -132,3 +132,10 @@ def test_retrieve_refuses_a_fifo_in_the_repository(tmp_path):
     (repo / "a.py").unlink()
     os.mkfifo(repo / "a.py")
     assert "not a regular file" in one_line_error(run("retrieve", "--repo", "r", "--path", "a.py", "--line", "1", env=env))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_tco_refuses_a_fifo_device_or_huge_price_file(tmp_path, kind):
+    """`tco --prices FILE`: a TOML price file; limit 16 MiB."""
+    f = plant(tmp_path / "prices.toml", kind, 16 << 20)
+    assert EXPECT[kind] in one_line_error(run("tco", "--prices", f, env={"CODEMOAT_HOME": str(tmp_path / "h")}))

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CodemoatError
+from ..paths import read_regular
 
 DEFAULT = Path(__file__).with_name("prices.toml")
 
@@ -32,10 +33,9 @@ class PerSeat:
 def load_prices(path: Path | None = None) -> tuple[list[PerToken], list[PerSeat]]:
     """The per-token and per-seat alternatives; one-line errors for a file that is not one."""
     p = path or DEFAULT
+    raw = read_regular(p, "price file", 16 << 20)  # a FIFO or /dev/zero is refused, not read for good
     try:
-        data = tomllib.loads(p.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise CodemoatError(f"cannot read price file {p}: {e.strerror or e}") from None
+        data = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise CodemoatError(f"price file {p} is not valid TOML: {e}") from None
     try:
