@@ -36,7 +36,7 @@ if ! curl -sf "http://127.0.0.1:$PORT/health" >/dev/null; then  # e.g. an adapte
   trap - EXIT
   exit 0
 fi
-BODY='{"model":"codemoat-tiny","prompt":"from payments.fees import interchange_fee\n\ndef charge(amount_cents):\n    fee = ","max_tokens":16,"temperature":0}'
+BODY='{"model":"codemoat-tiny","prompt":"from payments.ledger import ","max_tokens":16,"temperature":0}'  # an import of the tuned repository: its answers differ with the adapter
 for who in PRIYA CAROL; do
   tok=${!who}
   printf '   %-6s → ' "${who,,}"
