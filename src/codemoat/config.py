@@ -264,6 +264,18 @@ class DirectorySettings(BaseModel):
     oidc_display_name: str = Field(
         "your company account", description="How the console's sign-in button names the OpenID provider (Sign in with ...)."
     )
+    oidc_pending_per_address: int = Field(
+        50,
+        ge=1,
+        le=100_000,
+        description="Unfinished browser sign-ins (GET /auth/oidc/start, /admin/oidc/start) one client address may hold for their 10 minutes; past it: 429.",
+    )
+    oidc_pending_max: int = Field(
+        10_000,
+        ge=1,
+        le=1_000_000,
+        description="Unfinished browser sign-ins kept in all; past it new ones get 503 (those under way still finish).",
+    )
     device_code_ttl_s: int = Field(
         300,
         ge=10,

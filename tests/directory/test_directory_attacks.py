@@ -9,6 +9,7 @@ import stat
 import time
 
 import httpx
+import sqlalchemy as sa
 import pytest
 
 from codemoat.config import DirectorySettings, Settings
@@ -360,4 +361,65 @@ def test_a_directory_group_named_admin_is_not_mirrored_into_codemoat_admin(home)
         user = mapped.oidc.user_from({"sub": "s8", "preferred_username": "ada", "groups": ["code-admins"]})
         assert mapped.issue_token(user, None, how="oidc")[1]["groups"] == ["admin", "everyone"]
     finally:
+        engine.dispose()
+
+
+def test_a_flood_of_sign_in_starts_is_bounded_per_address_and_in_all(stub_provider, home, free_port):
+    """Was broken: GET /auth/oidc/start needs no token and kept one row per call, pruning expired rows
+    with a scan of the whole table (0.2 ms per start at 1,000 rows, 1.5 ms at 20,000), so one address
+    grew the table and every start's cost without bound. Now one address holds at most
+    `oidc_pending_per_address` unfinished sign-ins (429), the server `oidc_pending_max` (503, those
+    under way still finish), and expired rows are pruned through an index. Real uvicorn; the client
+    addresses are 127.0.0.1-3 (loopback source addresses)."""
+    import threading
+
+    import uvicorn
+
+    from codemoat.accounts import Accounts
+    from codemoat.directory.oidc import pending
+    from codemoat.engines.holder import ModelHolder
+    from codemoat.serve.app import create_app
+
+    url, docs = stub_provider
+    docs["/.well-known/openid-configuration"] = {"issuer": url, "authorization_endpoint": url + "/authorize"}
+    cfg = DirectorySettings(
+        oidc_issuer=url, oidc_client_id="codemoat", oidc_redirect_url=url + "/cb", oidc_pending_per_address=3, oidc_pending_max=5
+    )
+    engine = open_db(f"sqlite:///{home / 'codemoat.db'}")
+    app = create_app(Settings(directory=cfg), holder=ModelHolder("m"), accounts=Accounts(engine))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port, log_level="warning"))
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    while not server.started and t.is_alive():
+        time.sleep(0.05)
+
+    def start(source: str) -> httpx.Response:
+        with httpx.Client(transport=httpx.HTTPTransport(local_address=source)) as c:
+            return c.get(f"http://127.0.0.1:{free_port}/auth/oidc/start")
+
+    def rows() -> int:
+        with engine.connect() as c:
+            return c.execute(sa.select(sa.func.count()).select_from(pending)).scalar_one()
+
+    try:
+        assert [start("127.0.0.1").status_code for _ in range(3)] == [302] * 3
+        for _ in range(5):  # the flood from one address: refused in one line, nothing kept
+            r = start("127.0.0.1")
+            assert r.status_code == 429 and "oidc_pending_per_address" in r.text and "Traceback" not in r.text, r.text
+            assert r.headers.get("retry-after")
+        assert rows() == 3
+        assert [start("127.0.0.2").status_code for _ in range(2)] == [302] * 2  # another address still starts
+        r = start("127.0.0.3")  # the whole server at its cap: 503, and the five under way are kept
+        assert r.status_code == 503 and "oidc_pending_max" in r.text and "Traceback" not in r.text, r.text
+        assert rows() == 5
+        with engine.begin() as c:  # ten minutes later: expired rows are pruned by the next start
+            c.execute(pending.update().values(created_at=pending.c.created_at - 601))
+        assert start("127.0.0.1").status_code == 302 and rows() == 1
+        with engine.connect() as c:  # pruning and counting go through indexes, not a scan of the table
+            for sql in ("DELETE FROM oidc_pending WHERE created_at < 0", "SELECT count(*) FROM oidc_pending WHERE client = 'x'"):
+                plan = " ".join(str(row[-1]) for row in c.exec_driver_sql("EXPLAIN QUERY PLAN " + sql))
+                assert "USING" in plan and "INDEX" in plan, (sql, plan)
+    finally:
+        server.should_exit = True
+        t.join(10)
         engine.dispose()

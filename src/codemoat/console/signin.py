@@ -59,9 +59,9 @@ async def start(request: Request):
         return _again(request, "sign-in with an OpenID provider is not configured on this server", 404)
     binding = secrets.token_urlsafe(32)
     try:
-        url = await run(keeper.oidc.start, "console", binding)
+        url = await run(keeper.oidc.start, "console", binding, request.client and request.client.host)
     except CodemoatError as e:
-        return _again(request, str(e), 503)
+        return _again(request, str(e), 429 if e.status == 429 else 503)
     note(request, "console: sign-in with the OpenID provider started")
     resp = see_other(url)
     resp.set_cookie(

@@ -16,6 +16,11 @@ started it. `start` keeps the SHA-256 of a random value that the caller also put
 else's state and code (forged, or stolen from their browser) signs no one in. A `purpose` ("api":
 the token page at /auth/oidc, "console": the admin console) keeps a sign-in started for one from
 being finished at the other, and picks the redirect URI registered for it.
+
+Flooding: `start` needs no token, so it keeps at most `oidc_pending_per_address` unfinished sign-ins
+per client address (429 past it) and `oidc_pending_max` in all (503 past it: new sign-ins wait, those
+already under way still finish). Expired ones are pruned through the `created_at` index and counted
+through the `client` index, so neither the table nor the cost of a start grows with a flood.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from sqlalchemy import Engine
 
 from ..config import DirectorySettings
 from ..paths import read_secret
-from ..errors import Unauthorized
+from ..errors import Overloaded, RateLimited, Unauthorized
 from .ldap import DirectoryError, DirectoryUnavailable, DirUser
 
 PENDING_TTL_S = 600
@@ -51,6 +56,9 @@ pending = sa.Table(
     sa.Column("created_at", sa.Float),
     sa.Column("purpose", sa.String(16)),
     sa.Column("binding", sa.String(64)),
+    sa.Column("client", sa.String(64)),  # the address that started it (None: started before d004)
+    sa.Index("ix_oidc_pending_created_at", "created_at"),
+    sa.Index("ix_oidc_pending_client", "client"),
 )
 PURPOSES = ("api", "console")
 
@@ -122,16 +130,30 @@ class OidcClient:
         return self._jwks
 
     # -- the flow ------------------------------------------------------------------------
-    def start(self, purpose: str = "api", binding: str | None = None) -> str:
+    def start(self, purpose: str = "api", binding: str | None = None, client: str | None = None) -> str:
         """The provider's authorization URL for a new sign-in (state, nonce, verifier and the hash of
-        the browser's `binding` cookie kept)."""
+        the browser's `binding` cookie kept); RateLimited past `oidc_pending_per_address` unfinished
+        sign-ins from `client`, Overloaded past `oidc_pending_max` in all."""
         if purpose not in PURPOSES:
             raise ValueError(purpose)
         meta = self.metadata()
         state, nonce, verifier = secrets.token_urlsafe(32), secrets.token_urlsafe(32), secrets.token_urlsafe(64)
         now = time.time()
         with self.engine.begin() as c:
-            c.execute(pending.delete().where(pending.c.created_at < now - PENDING_TTL_S))
+            c.execute(pending.delete().where(pending.c.created_at < now - PENDING_TTL_S))  # indexed range
+            client = (client or "unknown")[:64]
+            mine = c.execute(sa.select(sa.func.count()).where(pending.c.client == client)).scalar_one()
+            if mine >= self.cfg.oidc_pending_per_address:
+                raise RateLimited(
+                    f"too many unfinished sign-ins from {client} (directory.oidc_pending_per_address = "
+                    f"{self.cfg.oidc_pending_per_address}): finish one, or start again in 10 minutes",
+                    retry_after=60,
+                )
+            if c.execute(sa.select(sa.func.count()).select_from(pending)).scalar_one() >= self.cfg.oidc_pending_max:
+                raise Overloaded(
+                    f"too many unfinished sign-ins on this server (directory.oidc_pending_max = "
+                    f"{self.cfg.oidc_pending_max}): start again in a few minutes"
+                )
             c.execute(
                 pending.insert().values(
                     state=state,
@@ -140,6 +162,7 @@ class OidcClient:
                     created_at=now,
                     purpose=purpose,
                     binding=_h(binding) if binding else None,
+                    client=client,
                 )
             )
         q = {

@@ -144,7 +144,7 @@ async def oidc_start(request: Request):
     if keeper.oidc is None:
         raise NotFound("OpenID Connect sign-in is not configured on this server")
     binding = secrets.token_urlsafe(32)
-    url = await anyio.to_thread.run_sync(keeper.oidc.start, "api", binding)
+    url = await anyio.to_thread.run_sync(keeper.oidc.start, "api", binding, request.client and request.client.host)
     resp = RedirectResponse(url, status_code=302)
     https = request.url.scheme == "https" or request.headers.get("x-forwarded-proto") == "https"
     resp.set_cookie(BINDING_COOKIE, binding, max_age=600, path=BINDING_PATH, httponly=True, samesite="lax", secure=https)
