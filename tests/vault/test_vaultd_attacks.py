@@ -11,7 +11,7 @@ import time
 import pytest
 
 from codemoat.engines.memfd import MemfdBuffer
-from codemoat.vault.daemon import Offer, VaultClient, VaultDaemon
+from codemoat.vault.daemon import Offer, VaultClient, VaultDaemon, VaultdError
 
 
 @pytest.fixture
@@ -112,7 +112,7 @@ from codemoat.engines.memfd import MemfdBuffer
 from codemoat.vault.daemon import Offer, VaultDaemon
 resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
 buf = MemfdBuffer.from_bytes(b"GGUF" + bytes(4092), name="test-model")
-d = VaultDaemon(sys.argv[1], allow_uids={os.getuid()}).start()
+d = VaultDaemon(sys.argv[1], allow_uids={os.getuid()}, max_conns_per_uid=1000, max_conns=1000).start()  # caps lifted: EMFILE first
 d.offer(Offer("acme-coder", buf.fd, buf.size, {}))
 print("ready", flush=True)
 sys.stdin.read()
@@ -162,3 +162,45 @@ def test_running_out_of_descriptors_for_a_moment_does_not_stop_vaultd_accepting(
         p.stdin.close()
         p.kill()
         p.wait()
+
+
+@pytest.mark.parametrize("per_uid, total, says", [(3, 10, "uid"), (10, 3, "the vault daemon holds")])
+def test_a_client_cannot_hold_connections_without_bound(tmp_path, per_uid, total, says):
+    """Before: vaultd started a thread for every connection, so a client on the allow-list (or any
+    account in the socket's group) could hold as many threads as it opened sockets. Now one uid holds
+    at most `max_conns_per_uid` (default MAX_CONNS_PER_UID) and all together `max_conns`; the next
+    connection is answered in one line and closed, and a connection given back makes room again."""
+    buf = MemfdBuffer.from_bytes(b"GGUF" + bytes(4092), name="test-model")
+    d = VaultDaemon(tmp_path / "vault.sock", allow_uids={os.getuid()}, max_conns_per_uid=per_uid, max_conns=total).start()
+    d.offer(Offer("acme-coder", buf.fd, buf.size, {}))
+    held = []
+    try:
+        for _ in range(3):
+            c = VaultClient.connect(d.path)
+            os.close(c.fetch("acme-coder").fd)  # each held connection works
+            held.append(c)
+        for _ in range(5):  # the excess: refused in one line, whether the caller reads first or asks first
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            s.settimeout(30)
+            s.connect(d.path)
+            answer = s.recv(65536)
+            assert b'"ok": false' in answer and says.encode() in answer and b"\n" not in answer, answer
+            assert s.recv(65536) == b""  # and closed
+            s.close()
+            with pytest.raises(VaultdError, match=f"vault daemon: {says}.*at most 3"):
+                VaultClient.connect(d.path).fetch("acme-coder")
+        held.pop().close()  # one given back: room for one more
+        end = time.monotonic() + 20
+        while True:
+            try:
+                os.close(VaultClient.connect(d.path).fetch("acme-coder").fd)
+                break
+            except VaultdError:
+                if time.monotonic() > end:
+                    raise
+                time.sleep(0.05)
+    finally:
+        for c in held:
+            c.close()
+        d.close()
+        buf.close()

@@ -47,6 +47,8 @@ log = logging.getLogger("codemoat.vault")
 MAX_MESSAGE = 64 * 1024
 FETCH_TIMEOUT_S = 120.0  # a fetch made while `watch` reads the socket waits this long for its answer
 REFUSED_DRAIN_S = 2.0  # how long a refused caller's unread requests are read before its connection closes
+MAX_CONNS_PER_UID = 32  # connections (each a thread) one uid may hold at once; past it refused in one line
+MAX_CONNS = 128  # and all uids together (a serve holds one; `update apply` and the CLI one each, briefly)
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _TRANSIENT = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.ECONNABORTED, errno.EINTR}
 
@@ -136,6 +138,8 @@ class VaultDaemon:
         allow_groups: set[int] | None = None,
         group: int | None = None,
         resolve: Callable[[str], Offer | None] | None = None,
+        max_conns_per_uid: int = MAX_CONNS_PER_UID,
+        max_conns: int = MAX_CONNS,
     ):
         self.path = str(path)
         #: asked for an id nothing was offered under (vaultd: `update:NAME`, an installed vendor
@@ -147,6 +151,8 @@ class VaultDaemon:
         self._offers: dict[str, Offer] = {}
         self._gone: dict[str, str] = {}  # model id → why it is not available now
         self._conns: list[socket.socket] = []
+        self.max_conns_per_uid, self.max_conns = max_conns_per_uid, max_conns
+        self._held: dict[int, int] = {}  # uid → connections (threads) it holds now, refused callers' included
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
         self._stop = threading.Event()
@@ -240,10 +246,42 @@ class VaultDaemon:
         assert self._sock is not None
         while (conn := accept(self._sock, self._stop, "vaultd")) is not None:
             try:
-                threading.Thread(target=self._serve_conn, args=(conn,), name="vaultd-conn", daemon=True).start()
+                uid = peer_cred(conn)[1]
+            except OSError:
+                conn.close()
+                continue
+            with self._lock:
+                mine, total = self._held.get(uid, 0), sum(self._held.values())
+                if mine < self.max_conns_per_uid and total < self.max_conns:
+                    self._held[uid] = mine + 1
+            if mine >= self.max_conns_per_uid or total >= self.max_conns:
+                why = (
+                    f"uid {uid} holds {mine} connections to the vault daemon already (at most {self.max_conns_per_uid})"
+                    if mine >= self.max_conns_per_uid
+                    else f"the vault daemon holds {total} connections already (at most {self.max_conns})"
+                )
+                log.warning("vaultd: refused a connection: %s", why)
+                _refuse_now(conn, why + ": close one and retry")
+                continue
+            try:
+                threading.Thread(target=self._serve_counted, args=(conn, uid), name="vaultd-conn", daemon=True).start()
             except RuntimeError:  # no thread to be had: refuse this one, keep accepting
                 log.warning("vaultd: cannot start a thread for a new connection; closed it")
+                self._release(uid)
                 conn.close()
+
+    def _release(self, uid: int) -> None:
+        with self._lock:
+            if (n := self._held.get(uid, 0) - 1) > 0:
+                self._held[uid] = n
+            else:
+                self._held.pop(uid, None)
+
+    def _serve_counted(self, conn: socket.socket, uid: int) -> None:
+        try:
+            self._serve_conn(conn)
+        finally:
+            self._release(uid)
 
     def _serve_conn(self, conn: socket.socket) -> None:
         pid, uid, gid = peer_cred(conn)
@@ -347,6 +385,30 @@ class VaultDaemon:
                 pass
 
 
+def _refuse_now(conn: socket.socket, why: str) -> None:
+    """Answer `why` in one line and close, on the accept loop's own thread: nothing here waits (the
+    requests already sent are read first, so that the caller gets the reason rather than a reset)."""
+    try:
+        conn.setblocking(False)
+        _send(conn, {"ok": False, "error": why})
+        conn.shutdown(socket.SHUT_WR)
+        while conn.recv(MAX_MESSAGE):
+            pass
+    except OSError:
+        pass
+    finally:
+        conn.close()
+
+
+def _recv_now(sock: socket.socket) -> dict[str, Any] | None:
+    """A message already waiting on `sock` (a refusal vaultd sent before it closed), else None."""
+    try:
+        msg = json.loads(sock.recv(MAX_MESSAGE, socket.MSG_DONTWAIT) or b"null")
+    except (OSError, ValueError):
+        return None
+    return msg if isinstance(msg, dict) else None
+
+
 def accept(sock: socket.socket, stop: threading.Event, who: str) -> socket.socket | None:
     """The next connection on a unix listener, or None once `sock` is closed or `stop` set. Out of
     descriptors or memory for now (many connections at once) is waited out: they come back when those
@@ -408,7 +470,13 @@ class VaultClient:
         """The model's memfd (this process owns the fd), or `VaultdError` with the daemon's reason."""
         with self._lock:
             try:
-                _send(self.sock, {"op": "get", "model": model_id})
+                try:
+                    _send(self.sock, {"op": "get", "model": model_id})
+                except OSError:  # vaultd answered at once and closed (too many connections): say why
+                    refusal = _recv_now(self.sock)
+                    if refusal is None:
+                        raise
+                    raise VaultdError(f"vault daemon: {refusal.get('error', 'refused')}") from None
                 # the watcher reads the socket and passes answers on, unless this is the watcher itself
                 # (an `available` announcement reloads the model from inside it)
                 relay = self._thread is not None and threading.current_thread() is not self._thread
