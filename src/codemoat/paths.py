@@ -142,13 +142,16 @@ def open_regular(path: str | Path, what: str, error: type[Exception] | None = No
     return fd, st
 
 
-def read_regular(path: str | Path, what: str, limit: int, error: type[Exception] | None = None) -> bytes:
+def read_regular(path: str | Path, what: str, limit: int | None, error: type[Exception] | None = None) -> bytes:
     """The bytes of the regular file `path` (see open_regular), at most `limit` of them: a larger file
-    is refused in one line rather than read whole into memory."""
+    is refused in one line rather than read whole into memory. `limit` None: the whole file (a vendor's
+    adapter or knowledge pack, large by design)."""
     from .errors import CodemoatError
 
     fd, st = open_regular(path, what, error)
     with os.fdopen(fd, "rb") as f:
+        if limit is None:
+            return f.read()
         data = b"" if st.st_size > limit else f.read(limit + 1)
     if st.st_size > limit or len(data) > limit:
         size = f"{limit >> 20} MiB" if limit >= 1 << 20 else f"{limit >> 10} KiB" if limit >= 1 << 10 else f"{limit} bytes"

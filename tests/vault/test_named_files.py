@@ -139,3 +139,73 @@ def test_tco_refuses_a_fifo_device_or_huge_price_file(tmp_path, kind):
     """`tco --prices FILE`: a TOML price file; limit 16 MiB."""
     f = plant(tmp_path / "prices.toml", kind, 16 << 20)
     assert EXPECT[kind] in one_line_error(run("tco", "--prices", f, env={"CODEMOAT_HOME": str(tmp_path / "h")}))
+
+
+def model_input(tmp_path: Path, case: str) -> Path:
+    """The vendor's model input made into the attacker's kind of file: a FIFO named as a GGUF or
+    safetensors model (with config.json beside it, as a real one has), a FIFO as the weights of a model
+    folder, or a safetensors name linked to /dev/null. No size limit: models are large by design."""
+    kind, _, name = case.partition("-")
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    target = folder / name
+    if kind == "folder":
+        os.mkfifo(folder / "w.safetensors")
+        return folder
+    if kind == "fifo":
+        os.mkfifo(target)
+    else:
+        target.symlink_to("/dev/null")
+    return target
+
+
+SEAL_CASES = ["fifo-x.gguf", "fifo-x.safetensors", "folder-", "device-x.safetensors"]
+
+
+@pytest.mark.parametrize("case", SEAL_CASES)
+def test_vendor_seal_refuses_a_fifo_or_device_as_the_model(vendor, tmp_path, case):
+    """`vendor seal MODEL`: before, a FIFO named x.safetensors (or the weights of a model folder) hung it,
+    x.safetensors linked to /dev/null was sealed as an empty model, a FIFO x.gguf got 'a model is a .gguf
+    file...'."""
+    model = model_input(tmp_path, case)
+    args = ("vendor", "seal", str(model), "--vendor", str(vendor.root), "--customer", "acme", "--out", str(tmp_path / "o.moat"))
+    assert "not a regular file" in one_line_error(run(*args))
+    assert not (tmp_path / "o.moat").exists()
+
+
+RELEASE_CASES = [
+    ("--model", "fifo-x.safetensors"),
+    ("--adapter", "fifo-a.gguf"),
+    ("--adapter", "device-a.safetensors"),
+    ("--knowledge-pack", "fifo-pack.zip"),
+    ("--knowledge-pack", "device-pack.zip"),
+    ("--base-model", "fifo-base.gguf"),
+]
+
+
+@pytest.mark.parametrize("option,case", RELEASE_CASES, ids=[f"{o[2:]}-{c}" for o, c in RELEASE_CASES])
+def test_vendor_release_refuses_a_fifo_or_device_as_its_input(sealed, tmp_path, option, case):
+    """`vendor release --model/--adapter/--knowledge-pack/--base-model FILE` (the customer licensed):
+    before, a FIFO as the knowledge pack or the model hung it, a FIFO adapter or base model got 'an
+    adapter is one file' / 'base model not found', /dev/null was read as an empty adapter or pack."""
+    vendor, _, _ = sealed
+    f = model_input(tmp_path, case)
+    args = ["vendor", "release", "--vendor", str(vendor.root), "--customer", "acme", "--version", "2"]
+    args += ["--out", str(tmp_path / "b.moatpkg"), option, str(f)]
+    if option == "--base-model":
+        adapter = tmp_path / "a.safetensors"
+        adapter.write_bytes(b"an adapter")
+        args += ["--adapter", str(adapter)]
+    assert "not a regular file" in one_line_error(run(*args))
+    assert not (tmp_path / "b.moatpkg").exists()
+
+
+def test_vendor_train_skips_a_fifo_in_the_corpus(tmp_path):
+    """`vendor train --corpus DIR`: a FIFO named like a code file hung the corpus walk (its size is 0, so
+    it was read); it is skipped now, so a corpus of only a FIFO has no code files."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    os.mkfifo(corpus / "a.py")
+    args = ("vendor", "train", "--corpus", str(corpus), "--out", str(tmp_path / "m.gguf"), "--size", "micro", "--steps", "1")
+    assert "no code files found" in one_line_error(run(*args, env={"CODEMOAT_HOME": str(tmp_path / "h")}))

@@ -62,10 +62,9 @@ class GGUFFile:
     def __init__(self, path: str | os.PathLike[str], name: str | None = None):
         self.path = Path(path)
         self.name = name or str(path)
-        try:
-            self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as e:
-            raise CodemoatError(f"cannot read {self.name}: {e.strerror or e}") from None
+        from ..paths import open_regular
+
+        self._fd = open_regular(self.path, "GGUF file")[0]  # a FIFO or device is refused, not waited on
         try:
             self.file_size = os.fstat(self._fd).st_size
             self._parse()

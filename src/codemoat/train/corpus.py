@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CodemoatError
+from ..paths import read_regular
 
 #: source extensions read from a corpus directory
 CODE_EXTENSIONS = {
@@ -86,11 +87,10 @@ def collect(roots: list[Path]) -> list[SourceFile]:
                 p = Path(dirpath) / name
                 if p.suffix not in CODE_EXTENSIONS or p.is_symlink():
                     continue
-                try:
-                    if p.stat().st_size > MAX_FILE_BYTES:
-                        continue
-                    text = p.read_text(encoding="utf-8")
-                except (OSError, UnicodeDecodeError):
+                try:  # a FIFO or device among the files is skipped, not waited on
+                    raw = read_regular(p, "code file", MAX_FILE_BYTES).decode("utf-8")
+                    text = raw.replace("\r\n", "\n").replace("\r", "\n")  # as read_text's universal newlines
+                except (OSError, UnicodeDecodeError, CodemoatError):
                     continue
                 if text.strip() and not _GENERATED.search(text[:600]):
                     files.append(SourceFile(f"{root.name}/{p.relative_to(root).as_posix()}", text))

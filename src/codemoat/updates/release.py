@@ -26,6 +26,7 @@ import sqlalchemy as sa
 
 from .. import __version__
 from ..errors import CodemoatError, NotFound
+from ..paths import open_regular, read_regular
 from ..vault.payload import seal_payload
 from ..vault.vendor import Vendor, licenses_t
 from ..vault.vendor_tables import models_t
@@ -63,7 +64,7 @@ def pack_folder(folder: Path) -> bytes:
                 continue
             info = zipfile.ZipInfo(p.relative_to(folder).as_posix(), date_time=(2020, 1, 1, 0, 0, 0))
             info.compress_type = zipfile.ZIP_DEFLATED
-            z.writestr(info, p.read_bytes())
+            z.writestr(info, read_regular(p, "knowledge pack file", None))
             n += 1
     if not n:
         raise CodemoatError(f"knowledge pack folder {folder} holds no files")
@@ -76,7 +77,7 @@ def base_of(vendor: Vendor, lic: dict[str, Any], base_model: Path | None) -> dic
     customer's fingerprinted copy, which is what the customer serves)."""
     if base_model is not None:
         base_model = Path(base_model)
-        if not base_model.is_file():
+        if not base_model.exists():
             raise NotFound(f"base model not found: {base_model}")
         if base_model.suffix == ".moat":
             from ..vault.container import SealedFile
@@ -84,7 +85,7 @@ def base_of(vendor: Vendor, lic: dict[str, Any], base_model: Path | None) -> dic
             m = SealedFile(base_model).manifest
             return {"model_id": m.model_id, "sha256": m.plaintext_sha256}
         h = hashlib.sha256()
-        with open(base_model, "rb") as f:
+        with os.fdopen(open_regular(base_model, "base model")[0], "rb") as f:
             while b := f.read(8 << 20):
                 h.update(b)
         return {"model_id": base_model.name.split(".")[0], "sha256": h.hexdigest()}
@@ -202,15 +203,15 @@ def release(
                         yield b
         else:
             if kind == "knowledge-pack":
-                data = pack_folder(source) if source.is_dir() else source.read_bytes()
+                data = pack_folder(source) if source.is_dir() else read_regular(source, "knowledge pack", None)
                 _check_zip(data)
             else:
-                if not source.is_file():
+                if source.is_dir():
                     raise CodemoatError(f"an adapter is one file (.gguf or .safetensors): {source}")
                 data = (
                     _fingerprinted(vendor, cust.name, source, tmp_moat, fingerprint)
                     if fingerprint is not None and source.suffix == ".gguf"
-                    else source.read_bytes()
+                    else read_regular(source, "adapter", None)
                 )
                 manifest["base"] = base_of(vendor, lic, base_model)
             manifest.update(license=None)

@@ -2,6 +2,8 @@
 
 A GGUF file is streamed tensor by tensor (read twice: hash, then encrypt), so a model larger than
 memory seals; a safetensors model (file or folder) is packed in memory with its JSON files.
+Every file is opened with `paths.open_regular` (no size limit: models are large by design), so a
+FIFO or a device named as the model is refused in one line instead of waited on or sealed empty.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ..errors import CodemoatError, NotFound
+from ..paths import open_regular, read_regular
 from .container import SealedFile, seal_bytes, seal_stream
 
 Fingerprinter = Callable[[bytes, str, bytes], bytes]
@@ -26,14 +29,12 @@ def read_model(path: Path) -> tuple[str, str, bytearray, list[dict[str, Any]]]:
     (config.json, tokenizer.json, ...), each a named part in the manifest."""
     if not path.exists():
         raise NotFound(f"model not found: {path}")
-    if path.is_file() and path.suffix == ".gguf":
-        with open(path, "rb") as f:
-            head = f.read(4)
-        if head != b"GGUF":
-            raise CodemoatError(f"{path.name} is not a GGUF file (bad magic)")
-        data = bytearray(path.stat().st_size)
-        with open(path, "rb") as f:
+    if path.suffix == ".gguf" and not path.is_dir():
+        with _open(path) as f:
+            data = bytearray(os.fstat(f.fileno()).st_size)
             f.readinto(data)
+        if data[:4] != b"GGUF":
+            raise CodemoatError(f"{path.name} is not a GGUF file (bad magic)")
         return path.stem, "gguf", data, [{"name": path.name, "offset": 0, "size": len(data)}]
     folder = path if path.is_dir() else path.parent
     if path.is_dir():
@@ -42,13 +43,14 @@ def read_model(path: Path) -> tuple[str, str, bytearray, list[dict[str, Any]]]:
             raise CodemoatError(f"{path} must hold exactly one .safetensors file (found {len(weights)})")
         wpath = weights[0]
     elif path.suffix == ".safetensors":
+        os.close(open_regular(path, "model")[0])
         wpath = path
     else:
         raise CodemoatError(f"{path.name}: a model is a .gguf file, a .safetensors file or a folder holding one")
     files = [wpath] + sorted(p for p in folder.glob("*.json") if p.is_file())
     if not (folder / "config.json").is_file():
         raise CodemoatError(f"{folder} has no config.json beside the safetensors weights")
-    blobs = [p.read_bytes() for p in files]
+    blobs = [read_regular(p, "model", None) for p in files]
     data = bytearray(b"".join(blobs))
     parts, off = [], 0
     for p, b in zip(files, blobs):
@@ -60,20 +62,25 @@ def read_model(path: Path) -> tuple[str, str, bytearray, list[dict[str, Any]]]:
 
 def gguf_pieces(path: Path, stream: Callable | None, secret: bytes) -> tuple[Callable[[], Iterator[Any]], int]:
     """(pieces, size) of a GGUF file, marked by `stream(path, secret)` when given, else as it is."""
-    with open(path, "rb") as f:
+    with _open(path) as f:
         if f.read(4) != b"GGUF":
             raise CodemoatError(f"{path.name} is not a GGUF file (bad magic)")
+        size = os.fstat(f.fileno()).st_size
     if stream is not None:
         marked = stream(path, secret)
         return marked.pieces, marked.size
-    size = path.stat().st_size
 
     def pieces() -> Iterator[bytes]:
-        with open(path, "rb") as f:
+        with _open(path) as f:
             while block := f.read(32 << 20):
                 yield block
 
     return pieces, size
+
+
+def _open(path: Path):
+    """`path` open for reading in binary, only if it is a regular file (a FIFO is refused, not waited on)."""
+    return os.fdopen(open_regular(path, "model")[0], "rb")
 
 
 def seal_model(
@@ -93,7 +100,7 @@ def seal_model(
     kw: dict[str, Any] = {"chunk_size": chunk_size} if chunk_size else {}
     common = dict(signing_key=signing_key, content_key=key, customer=customer, customer_id=customer_id)
     stream = getattr(fingerprint, "stream", None) if fingerprint is not None else None
-    if model.is_file() and model.suffix == ".gguf" and (fingerprint is None or stream is not None):
+    if model.suffix == ".gguf" and model.exists() and not model.is_dir() and (fingerprint is None or stream is not None):
         pieces, size = gguf_pieces(model, stream, fingerprint_secret)
         sealed = seal_stream(
             pieces,
