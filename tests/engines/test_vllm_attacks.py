@@ -284,7 +284,7 @@ def test_a_server_out_of_descriptors_for_a_moment_still_hands_vllm_its_weights()
     """Before: the hand-off's accept loop ended on any error, so one accept() failing with EMFILE (the
     server's HTTP clients, anyone's, holding all its descriptors for a moment) stopped it for good and a
     vLLM worker started after that waited for its weights for ever. It now waits the moment out, as
-    vaultd and the update hand-off do (vault.daemon.accept)."""
+    vaultd and the update hand-off do (unixsock.accept)."""
     import subprocess
     import sys
 

@@ -26,18 +26,16 @@ import logging
 import os
 import shutil
 import socket
-import struct
 import tempfile
 import threading
 from pathlib import Path
 from typing import Any
 
 from ..errors import CodemoatError
-from ..vault.daemon import accept
+from ..unixsock import accept, peer_cred
 
 log = logging.getLogger("codemoat.engines")
 
-_UCRED = struct.Struct("3i")  # pid, uid, gid
 MAX_MESSAGE = 1 << 20
 
 
@@ -109,7 +107,7 @@ class WeightHandoff:
                     log.warning("weight hand-off to a vLLM worker failed: %s", e)
 
     def _answer(self, conn: socket.socket) -> None:
-        pid, uid, _gid = _UCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+        pid, uid, _gid = peer_cred(conn)
         if uid != os.getuid() or not descends_from(pid, os.getpid()):
             self.refused += 1
             log.warning("refused the sealed weights to pid %d (uid %d): not a process of this server", pid, uid)

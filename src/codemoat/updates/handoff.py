@@ -26,27 +26,22 @@ import json
 import logging
 import os
 import socket
-import struct
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from .. import paths
+from ..unixsock import accept, peer_cred
 
 log = logging.getLogger("codemoat.updates")
 
 MAX_LINE = 64 * 1024
-_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _SUN_PATH_MAX = 107  # sockaddr_un.sun_path holds 108 bytes with the final NUL
 
 
 def run_dir(home: Path | None = None) -> Path:
     return (home or paths.home()) / "run"
-
-
-def _peer_uid(conn: socket.socket) -> int:
-    return _UCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))[1]
 
 
 def _read_line(conn: socket.socket) -> bytes:
@@ -93,8 +88,6 @@ class Listener:
         return self
 
     def _accept_loop(self) -> None:
-        from ..vault.daemon import accept
-
         sock = self._sock
         while sock is not None and (conn := accept(sock, self._stop, "update hand-off")) is not None:
             threading.Thread(target=self._serve, args=(conn,), name="update-handoff-conn", daemon=True).start()
@@ -104,7 +97,7 @@ class Listener:
 
         with conn:
             try:
-                uid = _peer_uid(conn)
+                uid = peer_cred(conn)[1]
                 # the request is read first, even from a caller who is then refused: closing on its unread
                 # line resets the connection, and it would see a broken pipe instead of the reason
                 conn.settimeout(10)

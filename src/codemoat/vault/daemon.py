@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import errno
 import grp
 import json
 import logging
@@ -41,6 +40,7 @@ from typing import Any
 from collections.abc import Callable
 
 from ..errors import CodemoatError
+from ..unixsock import UCRED, accept, peer_cred
 
 log = logging.getLogger("codemoat.vault")
 
@@ -49,8 +49,6 @@ FETCH_TIMEOUT_S = 120.0  # a fetch made while `watch` reads the socket waits thi
 REFUSED_DRAIN_S = 2.0  # how long a refused caller's unread requests are read before its connection closes
 MAX_CONNS_PER_UID = 32  # connections (each a thread) one uid may hold at once; past it refused in one line
 MAX_CONNS = 128  # and all uids together (a serve holds one; `update apply` and the CLI one each, briefly)
-_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
-_TRANSIENT = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.ECONNABORTED, errno.EINTR}
 
 
 class VaultdError(CodemoatError):
@@ -98,7 +96,7 @@ def _send(sock: socket.socket, msg: dict[str, Any], fds: list[int] | None = None
 
 def _recv(sock: socket.socket, max_fds: int = 0) -> tuple[dict[str, Any] | None, list[int], tuple[int, int, int] | None]:
     """One message: (JSON or None at EOF, received fds, the sender's (pid, uid, gid) when passed)."""
-    anc = socket.CMSG_SPACE(_UCRED.size) + (socket.CMSG_SPACE(max_fds * 4) if max_fds else 0)
+    anc = socket.CMSG_SPACE(UCRED.size) + (socket.CMSG_SPACE(max_fds * 4) if max_fds else 0)
     data, ancdata, flags, _ = sock.recvmsg(MAX_MESSAGE, anc, getattr(socket, "MSG_CMSG_CLOEXEC", 0))
     fds: list[int] = []
     cred = None
@@ -106,7 +104,7 @@ def _recv(sock: socket.socket, max_fds: int = 0) -> tuple[dict[str, Any] | None,
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds += list(struct.unpack(f"{len(payload) // 4}i", payload[: len(payload) - len(payload) % 4]))
         elif level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
-            cred = _UCRED.unpack(payload[: _UCRED.size])
+            cred = UCRED.unpack(payload[: UCRED.size])
     if not data:
         for fd in fds:
             os.close(fd)
@@ -120,11 +118,6 @@ def _recv(sock: socket.socket, max_fds: int = 0) -> tuple[dict[str, Any] | None,
     except (ValueError, RecursionError):  # deep nesting: an unknown request, not a dead connection thread
         msg = {"op": "?"}
     return (msg if isinstance(msg, dict) else {"op": "?"}), fds, cred
-
-
-def peer_cred(sock: socket.socket) -> tuple[int, int, int]:
-    """(pid, uid, gid) of the process that connected, as the kernel recorded it (SO_PEERCRED)."""
-    return _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
 
 
 class VaultDaemon:
@@ -407,21 +400,6 @@ def _recv_now(sock: socket.socket) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return msg if isinstance(msg, dict) else None
-
-
-def accept(sock: socket.socket, stop: threading.Event, who: str) -> socket.socket | None:
-    """The next connection on a unix listener, or None once `sock` is closed or `stop` set. Out of
-    descriptors or memory for now (many connections at once) is waited out: they come back when those
-    close, and giving up would stop the listener accepting anyone, for good."""
-    while not stop.is_set():
-        try:
-            return sock.accept()[0]
-        except OSError as e:
-            if stop.is_set() or e.errno not in _TRANSIENT:
-                return None  # closed
-            log.warning("%s: cannot accept a connection now (%s); trying again", who, e.strerror or e)
-            stop.wait(0.1)
-    return None
 
 
 def _group_exists(gid: int) -> bool:
