@@ -180,11 +180,7 @@ class TpmAttestor:
         h = self._counter(TAMPER_NV_INDEX, create=True, what="tamper latch")
         got = self._read_counter(h)
         if got is None:
-            try:
-                self.ctx.nv_increment(h, auth_handle=h)
-            except _pt().TSS2_Exception as e:
-                raise AttestError(f"cannot start the TPM's tamper latch: {e}") from None
-            got = self._read_counter(h)
+            got = self._count_up(h, "cannot start the TPM's tamper latch")
         return got
 
     def crl_count(self, create: bool = False) -> int | None:
@@ -198,10 +194,14 @@ class TpmAttestor:
     def crl_count_up(self) -> int:
         """Count one CRL install; the counter's new value."""
         h = self._counter(CRL_NV_INDEX, create=True, what="CRL counter")
+        return self._count_up(h, "the TPM could not count the CRL install")
+
+    def _count_up(self, h: Any, failed: str) -> int:
+        """Increment the NV counter `h`; its new value (`failed` starts the one-line error)."""
         try:
             self.ctx.nv_increment(h, auth_handle=h)
         except _pt().TSS2_Exception as e:
-            raise AttestError(f"the TPM could not count the CRL install: {e}") from None
+            raise AttestError(f"{failed}: {e}") from None
         return self._read_counter(h) or 0
 
     def _read_counter(self, h: Any) -> int | None:
@@ -218,11 +218,7 @@ class TpmAttestor:
         the latch's new count."""
         self.extend(pcr, data)
         h = self._counter(TAMPER_NV_INDEX, create=True, what="tamper latch")
-        try:
-            self.ctx.nv_increment(h, auth_handle=h)
-        except _pt().TSS2_Exception as e:
-            raise AttestError(f"the TPM could not count the tamper event in its latch (PCR {pcr} was extended): {e}") from None
-        return self._read_counter(h) or 0
+        return self._count_up(h, f"the TPM could not count the tamper event in its latch (PCR {pcr} was extended)")
 
     def identity(self, pcrs: list[int]) -> dict[str, Any]:
         """Public keys (DER SubjectPublicKeyInfo, hex), the EK certificate where present, and the policy."""
