@@ -223,7 +223,8 @@ class DirectorySettings(BaseModel):
         description="Directory group name -> codemoat group; only mapped groups grant access (an empty map mirrors every group under its own name, except `admin` and `everyone`).",
     )
     admin_groups: list[str] = Field(
-        default_factory=list, description="codemoat groups whose members' self-service tokens get the admin scope."
+        default_factory=list,
+        description="codemoat groups whose members' self-service tokens get the admin scope. Set directory.group_map too: without it these are the identity provider's own group names, and where users may create groups there (Google Groups, GitLab, Entra self-service) anyone can make one (serve warns at start).",
     )
     token_ttl_days: int = Field(30, ge=1, le=3650, description="Lifetime of a token made by `codemoat login`.")
     sync_interval_s: int = Field(

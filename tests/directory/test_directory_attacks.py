@@ -423,3 +423,30 @@ def test_a_flood_of_sign_in_starts_is_bounded_per_address_and_in_all(stub_provid
         server.should_exit = True
         t.join(10)
         engine.dispose()
+
+
+def test_admin_groups_without_a_group_map_is_warned_about_at_start(home, caplog):
+    """Was open: `admin_groups` without a `group_map` names the OpenID provider's own groups, and where
+    any user may create a group there one named like the admin group gets the admin scope. The setting's
+    description and docs push a group_map; serve's start logs one warning line; with a map, none."""
+    import logging
+
+    engine = open_db(f"sqlite:///{home / 'codemoat.db'}")
+    cfg = DirectorySettings(
+        oidc_issuer=ISSUER, oidc_client_id="codemoat", oidc_redirect_url=ISSUER + "/cb", admin_groups=["it-admins"]
+    )
+    try:
+        for group_map, warned in (({}, True), ({"it-admins": "admins"}, False)):
+            caplog.clear()
+            k = DirectoryKeeper(Settings(directory=cfg.model_copy(update={"group_map": group_map})), engine)
+            with caplog.at_level(logging.WARNING, "codemoat.directory"):
+                k.start()
+            k.stop()
+            lines = [r.getMessage() for r in caplog.records if r.name == "codemoat.directory"]
+            if warned:
+                assert len(lines) == 1 and "directory.group_map" in lines[0] and "\n" not in lines[0], lines
+            else:
+                assert lines == [], lines
+        assert "group_map" in DirectorySettings.model_fields["admin_groups"].description
+    finally:
+        engine.dispose()

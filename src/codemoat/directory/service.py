@@ -65,7 +65,15 @@ class DirectoryKeeper:
         return rep
 
     def start(self) -> None:
-        """Sync every `sync_interval_s` on a background thread (serve); failures are logged and audited."""
+        """Sync every `sync_interval_s` on a background thread (serve); failures are logged and audited.
+        Warns when `admin_groups` names an OpenID provider's groups directly (no `group_map`)."""
+        if self.oidc is not None and self.cfg.admin_groups and not self.cfg.group_map:
+            log.warning(
+                "directory.admin_groups %s names the OpenID provider's groups directly (no directory.group_map): "
+                "where users may create groups there, anyone who makes one of that name gets the admin scope; "
+                "map the provider's admin group in directory.group_map",
+                self.cfg.admin_groups,
+            )
         if not self.cfg.sync_interval_s or self._thread is not None or self.directory is None:
             return
 
