@@ -18,7 +18,9 @@ from codemoat.config import load_settings
 from codemoat.engines.sealed import open_sealed
 from codemoat.errors import CodemoatError, Unavailable
 from codemoat.vault.clock import ManualClock
-from codemoat.vault.daemon import MAX_MESSAGE, Offer, VaultClient, VaultDaemon
+from codemoat.vault.client import VaultClient
+from codemoat.vault.daemon import Offer, VaultDaemon
+from codemoat.vault.wire import MAX_MESSAGE
 from vaulthelp import bundle
 
 from .test_sealed import wait_for
@@ -204,7 +206,7 @@ def test_serve_refuses_a_socket_squatted_by_another_user(tmp_path):
     import subprocess
     import tempfile
 
-    from codemoat.vault.daemon import VaultdError
+    from codemoat.vault.wire import VaultdError
 
     folder = Path(tempfile.mkdtemp(prefix="cm-squat-", dir="/tmp"))
     os.chmod(folder, 0o1777)

@@ -23,7 +23,9 @@ import pytest
 
 from codemoat.engines.memfd import MemfdBuffer
 from codemoat.errors import CodemoatError
-from codemoat.vault.daemon import Offer, VaultClient, VaultDaemon, VaultdError
+from codemoat.vault.client import VaultClient
+from codemoat.vault.daemon import Offer, VaultDaemon
+from codemoat.vault.wire import VaultdError
 from .conftest import KeyServerProcess, free_port
 from vaulthelp import bundle, cli, one_line_error
 
@@ -497,7 +499,7 @@ def test_stopped_vaultd_stops_new_loads_and_a_replayed_socket_is_refused(vendor,
         # every request carries its sender's credentials (SCM_CREDENTIALS), not only the connect.
         code = f"""
 import os, socket, json
-from codemoat.vault.daemon import VaultClient
+from codemoat.vault.client import VaultClient
 a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
 pid = os.fork()
 if pid == 0:

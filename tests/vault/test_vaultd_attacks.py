@@ -11,7 +11,9 @@ import time
 import pytest
 
 from codemoat.engines.memfd import MemfdBuffer
-from codemoat.vault.daemon import Offer, VaultClient, VaultDaemon, VaultdError
+from codemoat.vault.client import VaultClient
+from codemoat.vault.daemon import Offer, VaultDaemon
+from codemoat.vault.wire import VaultdError
 
 
 @pytest.fixture

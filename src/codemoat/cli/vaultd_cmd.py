@@ -269,7 +269,8 @@ def vaultd(
     from ..config import load_settings
     from ..engines.loader import INSTALLED
     from ..errors import CodemoatError
-    from ..vault.daemon import VaultDaemon, socket_path
+    from ..vault.daemon import VaultDaemon
+    from ..vault.wire import socket_path
     from .serve_cmd import log_to_stderr
 
     license = license or []

@@ -85,7 +85,7 @@ def open_vaulted(settings: Settings) -> ModelHolder:
     import logging
     import threading
 
-    from ..vault.daemon import VaultClient, VaultdError
+    from ..vault.client import VaultClient, VaultdError
     from .child import set_non_dumpable
     from .memfd import MemfdBuffer
 

@@ -3,14 +3,13 @@
     daemon = VaultDaemon("/run/codemoat/vault.sock", allow_uids={998}).start()
     daemon.offer(Offer("acme-coder", fd, size, facts))       # a sealed memfd, decrypted once
     ...
-    got = VaultClient.connect("/run/codemoat/vault.sock").fetch("acme-coder")   # in `serve`
-    got.fd, got.size, got.facts
+    got = VaultClient.connect("/run/codemoat/vault.sock").fetch("acme-coder")   # in `serve`: vault.client
 
 Privilege separation in the manner of OpenSSH's privsep monitor and ssh-agent: only the daemon's
 account reads the machine key, the license and the container; a worker gets the plaintext it
 needs and nothing that decrypts it again. The transport is an `AF_UNIX` `SOCK_SEQPACKET` socket
 (mode 0660, the group the admin chooses): one JSON object per message, the memfd attached as
-`SCM_RIGHTS` (unix(7)). Who may ask is decided twice by the kernel's word, never the caller's:
+`SCM_RIGHTS` (unix(7); vault.wire). Who may ask is decided twice by the kernel's word, never the caller's:
 `SO_PEERCRED` at connect time, and `SCM_CREDENTIALS` on every request (`SO_PASSCRED`), so a
 connected socket handed to a process of another uid cannot replay a request. The daemon's
 answers carry the model id, the size and manifest facts, and, when the license watermarks outputs,
@@ -24,14 +23,11 @@ for `"channel": "model"` vaultd has first offered the new version under the same
 from __future__ import annotations
 
 import base64
-import binascii
 import grp
 import json
 import logging
 import os
-import queue
 import socket
-import struct
 import threading
 import time
 from dataclasses import dataclass, field
@@ -40,19 +36,14 @@ from typing import Any
 from collections.abc import Callable
 
 from ..errors import CodemoatError
-from ..unixsock import UCRED, accept, peer_cred
+from ..unixsock import accept, peer_cred
+from .wire import MAX_MESSAGE, VaultdError, recv_msg, send_msg
 
 log = logging.getLogger("codemoat.vault")
 
-MAX_MESSAGE = 64 * 1024
-FETCH_TIMEOUT_S = 120.0  # a fetch made while `watch` reads the socket waits this long for its answer
 REFUSED_DRAIN_S = 2.0  # how long a refused caller's unread requests are read before its connection closes
 MAX_CONNS_PER_UID = 32  # connections (each a thread) one uid may hold at once; past it refused in one line
 MAX_CONNS = 128  # and all uids together (a serve holds one; `update apply` and the CLI one each, briefly)
-
-
-class VaultdError(CodemoatError):
-    """The vault daemon refused or could not be reached (one line)."""
 
 
 @dataclass
@@ -65,59 +56,6 @@ class Offer:
     facts: dict[str, Any] = field(default_factory=dict)
     #: the license's (or lease's) watermark key as it is now; None: outputs are not watermarked
     watermark_key: Callable[[], bytes | None] | None = None
-
-
-@dataclass
-class Received:
-    """What a client got: a file descriptor it now owns, the daemon's header, and the watermark key."""
-
-    model_id: str
-    fd: int
-    size: int
-    facts: dict[str, Any]
-    watermark_key: bytes | None = field(default=None, repr=False)
-
-
-def socket_path(spec: str) -> str:
-    """`unix:/run/codemoat/vault.sock` or a bare path → the path."""
-    path = spec[5:] if spec.startswith("unix:") else spec
-    if not path or spec.startswith(("tcp:", "http:", "https:")):
-        raise VaultdError(f"vault socket {spec!r}: give unix:PATH")
-    return path
-
-
-def _send(sock: socket.socket, msg: dict[str, Any], fds: list[int] | None = None) -> None:
-    data = json.dumps(msg).encode()
-    if fds:
-        socket.send_fds(sock, [data], fds)
-    else:
-        sock.sendall(data)
-
-
-def _recv(sock: socket.socket, max_fds: int = 0) -> tuple[dict[str, Any] | None, list[int], tuple[int, int, int] | None]:
-    """One message: (JSON or None at EOF, received fds, the sender's (pid, uid, gid) when passed)."""
-    anc = socket.CMSG_SPACE(UCRED.size) + (socket.CMSG_SPACE(max_fds * 4) if max_fds else 0)
-    data, ancdata, flags, _ = sock.recvmsg(MAX_MESSAGE, anc, getattr(socket, "MSG_CMSG_CLOEXEC", 0))
-    fds: list[int] = []
-    cred = None
-    for level, kind, payload in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds += list(struct.unpack(f"{len(payload) // 4}i", payload[: len(payload) - len(payload) % 4]))
-        elif level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
-            cred = UCRED.unpack(payload[: UCRED.size])
-    if not data:
-        for fd in fds:
-            os.close(fd)
-        return None, [], cred
-    if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
-        for fd in fds:
-            os.close(fd)
-        raise VaultdError("vault daemon message too long")
-    try:
-        msg = json.loads(data)
-    except (ValueError, RecursionError):  # deep nesting: an unknown request, not a dead connection thread
-        msg = {"op": "?"}
-    return (msg if isinstance(msg, dict) else {"op": "?"}), fds, cred
 
 
 class VaultDaemon:
@@ -281,7 +219,7 @@ class VaultDaemon:
         if not self.allowed(uid, gid):
             log.warning("vaultd: refused pid %d uid %d gid %d (not on the allow-list)", pid, uid, gid)
             try:
-                _send(conn, {"ok": False, "error": f"uid {uid} is not allowed to use the vault daemon"})
+                send_msg(conn, {"ok": False, "error": f"uid {uid} is not allowed to use the vault daemon"})
                 # read what the caller sent before closing: closing on unread data resets the
                 # connection, and the caller would see "reset by peer" instead of the reason
                 conn.shutdown(socket.SHUT_WR)
@@ -300,7 +238,7 @@ class VaultDaemon:
             self._conns.append(conn)
         try:
             while not self._stop.is_set():
-                msg, fds, cred = _recv(conn)
+                msg, fds, cred = recv_msg(conn)
                 for fd in fds:  # clients send no descriptors
                     os.close(fd)
                 if msg is None:
@@ -308,7 +246,7 @@ class VaultDaemon:
                 if cred is None or cred[1] != uid or not self.allowed(cred[1], cred[2]):
                     who = "unknown" if cred is None else f"uid {cred[1]}"
                     log.warning("vaultd: refused a request from %s on a connection of uid %d", who, uid)
-                    _send(conn, {"ok": False, "error": f"request from {who} on a connection of uid {uid}: refused"})
+                    send_msg(conn, {"ok": False, "error": f"request from {who} on a connection of uid {uid}: refused"})
                     continue
                 self._answer(conn, msg, cred)
         except (OSError, VaultdError):
@@ -321,7 +259,7 @@ class VaultDaemon:
 
     def _answer(self, conn: socket.socket, msg: dict[str, Any], cred: tuple[int, int, int]) -> None:
         if msg.get("op") != "get" or not isinstance(msg.get("model"), str):
-            _send(conn, {"ok": False, "error": 'unknown request (expected {"op": "get", "model": ID})'})
+            send_msg(conn, {"ok": False, "error": 'unknown request (expected {"op": "get", "model": ID})'})
             return
         mid = msg["model"]
         with self._lock:
@@ -335,19 +273,19 @@ class VaultDaemon:
                 try:
                     offer = self.resolve(mid)  # its fd is a copy of its own, closed here once sent
                 except CodemoatError as e:
-                    _send(conn, {"ok": False, "error": f"{mid!r} is not available: {e}"})
+                    send_msg(conn, {"ok": False, "error": f"{mid!r} is not available: {e}"})
                     return
                 fd = offer.fd if offer is not None else -1
             if offer is None:
                 why = gone or f"no such model (offered: {', '.join(known) or 'none'})"
-                _send(conn, {"ok": False, "error": f"model {mid!r} is not available: {why}"})
+                send_msg(conn, {"ok": False, "error": f"model {mid!r} is not available: {why}"})
                 return
             log.info("vaultd: handed %s to pid %d uid %d", mid, cred[0], cred[1])
             answer: dict[str, Any] = {"ok": True, "model": mid, "size": offer.size, "facts": offer.facts}
             wm = offer.watermark_key() if offer.watermark_key is not None else None
             if wm:
                 answer["watermark_key"] = base64.b64encode(wm).decode()
-            _send(conn, answer, [fd])
+            send_msg(conn, answer, [fd])
         finally:
             if fd >= 0:
                 os.close(fd)
@@ -383,7 +321,7 @@ def _refuse_now(conn: socket.socket, why: str) -> None:
     requests already sent are read first, so that the caller gets the reason rather than a reset)."""
     try:
         conn.setblocking(False)
-        _send(conn, {"ok": False, "error": why})
+        send_msg(conn, {"ok": False, "error": why})
         conn.shutdown(socket.SHUT_WR)
         while conn.recv(MAX_MESSAGE):
             pass
@@ -393,140 +331,9 @@ def _refuse_now(conn: socket.socket, why: str) -> None:
         conn.close()
 
 
-def _recv_now(sock: socket.socket) -> dict[str, Any] | None:
-    """A message already waiting on `sock` (a refusal vaultd sent before it closed), else None."""
-    try:
-        msg = json.loads(sock.recv(MAX_MESSAGE, socket.MSG_DONTWAIT) or b"null")
-    except (OSError, ValueError):
-        return None
-    return msg if isinstance(msg, dict) else None
-
-
 def _group_exists(gid: int) -> bool:
     try:
         grp.getgrgid(gid)
     except KeyError:
         return False
     return True
-
-
-class VaultClient:
-    """serve's side: one kept connection; `fetch` a model, then `watch` for revocations."""
-
-    def __init__(self, sock: socket.socket, path: str):
-        self.sock, self.path = sock, path
-        self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-        #: once `watch` reads the socket, it hands the answers to `fetch` through here
-        self._answers: queue.Queue[tuple[dict[str, Any] | None, list[int]]] = queue.Queue()
-
-    @classmethod
-    def connect(cls, spec: str) -> VaultClient:
-        path = socket_path(spec)
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
-            s.connect(path)
-        except OSError as e:
-            s.close()
-            raise VaultdError(f"cannot reach the vault daemon at {path}: {e.strerror or e}") from None
-        # the listener must be root, this account, or the owner of the socket's folder (vaultd's own
-        # RuntimeDirectory): not another user who bound the path first in a folder anyone may write
-        _, uid, _ = peer_cred(s)
-        try:
-            owner = os.stat(os.path.dirname(os.path.abspath(path))).st_uid
-        except OSError:
-            owner = -1
-        if uid not in (0, os.getuid(), owner):
-            s.close()
-            raise VaultdError(
-                f"the process listening on {path} runs as uid {uid}, which owns neither the socket's folder nor "
-                "this server: not trusted as the vault daemon"
-            )
-        return cls(s, path)
-
-    def fetch(self, model_id: str) -> Received:
-        """The model's memfd (this process owns the fd), or `VaultdError` with the daemon's reason."""
-        with self._lock:
-            try:
-                try:
-                    _send(self.sock, {"op": "get", "model": model_id})
-                except OSError:  # vaultd answered at once and closed (too many connections): say why
-                    refusal = _recv_now(self.sock)
-                    if refusal is None:
-                        raise
-                    raise VaultdError(f"vault daemon: {refusal.get('error', 'refused')}") from None
-                # the watcher reads the socket and passes answers on, unless this is the watcher itself
-                # (an `available` announcement reloads the model from inside it)
-                relay = self._thread is not None and threading.current_thread() is not self._thread
-                while relay:
-                    try:
-                        msg, fds = self._answers.get(timeout=FETCH_TIMEOUT_S)
-                    except queue.Empty:
-                        raise VaultdError(f"the vault daemon at {self.path} did not answer") from None
-                    if msg is None:
-                        self._answers.put((None, []))  # for the next fetch too
-                        raise VaultdError(f"the vault daemon at {self.path} closed the connection")
-                    break
-                while not relay:
-                    msg, fds, _ = _recv(self.sock, max_fds=1)
-                    if msg is None:
-                        raise VaultdError(f"the vault daemon at {self.path} closed the connection")
-                    if "ok" in msg:
-                        break
-                    for fd in fds:
-                        os.close(fd)
-                    # an announcement that crossed our request: the watcher is not running yet
-            except OSError as e:
-                raise VaultdError(f"vault daemon at {self.path}: {e.strerror or e}") from None
-        if not msg.get("ok"):
-            for fd in fds:
-                os.close(fd)
-            raise VaultdError(f"vault daemon: {msg.get('error', 'refused')}")
-        if len(fds) != 1 or not isinstance(msg.get("size"), int):
-            for fd in fds:
-                os.close(fd)
-            raise VaultdError("vault daemon: answer without a model file")
-        wm = msg.get("watermark_key")
-        try:
-            key = base64.b64decode(wm, validate=True) if isinstance(wm, str) else None
-        except (binascii.Error, ValueError):
-            key = None
-        if wm is not None and (key is None or len(key) != 32):
-            os.close(fds[0])
-            raise VaultdError("vault daemon: the watermark key in its answer is malformed")
-        return Received(str(msg.get("model")), fds[0], msg["size"], dict(msg.get("facts") or {}), key)
-
-    def watch(self, on_message: Callable[[dict[str, Any]], None], on_lost: Callable[[str], None]) -> None:
-        """A daemon thread: every announcement (revoke, available) to `on_message`; EOF to `on_lost`."""
-
-        def run() -> None:
-            while True:
-                try:
-                    msg, fds, _ = _recv(self.sock, max_fds=1)
-                except (OSError, VaultdError) as e:
-                    self._answers.put((None, []))
-                    on_lost(str(e))
-                    return
-                if msg is not None and "ok" in msg:  # the answer to a `fetch` (a reload, an adapter)
-                    self._answers.put((msg, fds))
-                    continue
-                for fd in fds:
-                    os.close(fd)
-                if msg is None:
-                    self._answers.put((None, []))
-                    on_lost(f"the vault daemon at {self.path} closed the connection")
-                    return
-                try:
-                    on_message(msg)
-                except Exception:
-                    log.exception("handling the vault daemon's %s", msg.get("op"))
-
-        self._thread = threading.Thread(target=run, name="vault-client", daemon=True)
-        self._thread.start()
-
-    def close(self) -> None:
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
