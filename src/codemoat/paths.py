@@ -9,10 +9,13 @@ from its first byte, whichever library creates it.
 
 A file a user names (a license, a CRL, a config, a key) is read with `read_regular`: only a regular
 file, up to a limit per kind, so a FIFO or /dev/zero named on the command line is refused in one line.
+A file codemoat writes in this folder itself is read back with `read_own`: the same, and never through
+a symbolic link.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from pathlib import Path
@@ -121,19 +124,27 @@ def bundled_model() -> Path:
     return Path(__file__).resolve().parents[2] / "models" / "codemoat-tiny.gguf"
 
 
-def open_regular(path: str | Path, what: str, error: type[Exception] | None = None) -> tuple[int, os.stat_result]:
+def open_regular(
+    path: str | Path, what: str, error: type[Exception] | None = None, *, own: bool = False
+) -> tuple[int, os.stat_result]:
     """A descriptor open for reading on `path` and its fstat, only when it is a regular file; else
     `error` (default CodemoatError) in one line naming `what` and the path. Opened with O_NONBLOCK, so
     a FIFO (a hostile USB stick) is refused instead of blocking the open for good; a device such as
-    /dev/zero is refused too. The caller closes the descriptor."""
+    /dev/zero is refused too. The caller closes the descriptor. `own`: a file codemoat writes in its
+    own home (see read_own): never opened through a symbolic link, and FileNotFoundError passes."""
     from .errors import CodemoatError
 
     err = error or CodemoatError
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | (os.O_NOFOLLOW if own else 0)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        fd = os.open(path, flags)
     except FileNotFoundError:
+        if own:
+            raise
         raise err(f"{what} not found: {path}") from None
     except OSError as e:
+        if own and e.errno == errno.ELOOP:
+            raise err(f"{path} is a symbolic link, not a {what}") from None
         raise err(f"cannot read {what} {path}: {e.strerror or e}") from None
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
@@ -142,13 +153,15 @@ def open_regular(path: str | Path, what: str, error: type[Exception] | None = No
     return fd, st
 
 
-def read_regular(path: str | Path, what: str, limit: int | None, error: type[Exception] | None = None) -> bytes:
+def read_regular(
+    path: str | Path, what: str, limit: int | None, error: type[Exception] | None = None, *, own: bool = False
+) -> bytes:
     """The bytes of the regular file `path` (see open_regular), at most `limit` of them: a larger file
     is refused in one line rather than read whole into memory. `limit` None: the whole file (a vendor's
     adapter or knowledge pack, large by design)."""
     from .errors import CodemoatError
 
-    fd, st = open_regular(path, what, error)
+    fd, st = open_regular(path, what, error, own=own)
     with os.fdopen(fd, "rb") as f:
         if limit is None:
             return f.read()
@@ -157,3 +170,11 @@ def read_regular(path: str | Path, what: str, limit: int | None, error: type[Exc
         size = f"{limit >> 20} MiB" if limit >= 1 << 20 else f"{limit >> 10} KiB" if limit >= 1 << 10 else f"{limit} bytes"
         raise (error or CodemoatError)(f"{what} {path} is larger than {size}: not a {what}")
     return data
+
+
+def read_own(path: str | Path, what: str, limit: int | None = 1 << 20, error: type[Exception] | None = None) -> bytes:
+    """A file codemoat writes in its own home (clock.json, machine.key, tpm.json, the update store's
+    state, an installed CRL, ...): a regular file, not a symbolic link (O_NOFOLLOW), at most `limit`
+    bytes; else one line. A FIFO put there no longer hangs the reader, and a link no longer redirects
+    it to a file elsewhere. FileNotFoundError passes: a missing file means what it meant before."""
+    return read_regular(path, what, limit, error, own=True)

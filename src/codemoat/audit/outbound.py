@@ -26,7 +26,7 @@ def read_outbound(path: Path | None = None) -> list[dict[str, Any]]:
     shown as U+FFFD, and the lines after it are still read."""
     p = path or outbound_file()
     try:
-        data = p.read_bytes()
+        data = paths.read_own(p, "outbound log", None)  # a FIFO or a link put in the home: one line
     except FileNotFoundError:
         return []
     except OSError as e:

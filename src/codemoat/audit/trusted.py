@@ -27,16 +27,21 @@ from .chain import SignedHead
 FORMAT = "codemoat-audit-head-v1"
 
 
-def load(path: Path) -> SignedHead | None:
+def load(path: Path, *, own: bool = False) -> SignedHead | None:
     """The head in `path` (the verifier's file or an exported one); None when there is no file.
 
-    ValueError (one line) when it cannot be read or is not a signed head."""
+    ValueError (one line) when it cannot be read or is not a signed head: a FIFO or device too, and,
+    with `own` (the verifier's file in the home), a symbolic link."""
+    from ..paths import read_own, read_regular
+
     try:
-        raw = path.read_bytes()
+        raw = read_own(path, "audit head", error=ValueError) if own else read_regular(path, "audit head", 1 << 20, ValueError)
     except FileNotFoundError:
         return None
-    except OSError as e:
-        raise ValueError(f"cannot read {path}: {e.strerror}") from None
+    except ValueError as e:
+        if not own and not path.exists():
+            return None
+        raise e from None
     try:
         doc = json.loads(raw)
     except ValueError:
@@ -61,7 +66,7 @@ def remember(path: Path, h: SignedHead, public_key: bytes | None, *, reset: bool
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not reset:
             try:
-                old = load(path)
+                old = load(path, own=True)
             except ValueError:
                 old = None  # a damaged file was already reported by the verify that led here
             if old is not None and old.seq > h.seq:

@@ -94,7 +94,7 @@ def verify(
         if path is None:
             continue
         try:
-            t = trusted.load(path)
+            t = trusted.load(path, own=path == remembered)
         except ValueError as e:
             problems.append((1, f"{label} cannot be used: {e}; if the log is known good, remove that file"))
             continue
@@ -280,9 +280,14 @@ def verify(
 
 
 def _check_head_file(path: Path, public_key: bytes | None, kid: str | None, last: int, c) -> list[tuple[int, str]]:
-    if not path.exists():
+    from ..paths import read_own
+
+    try:  # the writer's own file: a FIFO or a link put in its place is a problem, not a hang or a redirect
+        raw = read_own(path, "audit head file", error=ValueError)
+    except FileNotFoundError:
         return []
-    raw = path.read_bytes()
+    except ValueError as e:
+        return [(1, str(e))]
     slots, empty = [], 0
     for i in range(0, len(raw), HEAD_SLOT):
         if not raw[i : i + HEAD_SLOT].strip(b"\x00 \n"):

@@ -207,9 +207,21 @@ def _cache_path() -> Path:
     return home() / CACHE_FILE
 
 
+def _read_cache(path: Path) -> dict:
+    """The cache's entries; {} when missing, damaged, or not a regular file of its own (a FIFO put there
+    would block the read for good, a link would redirect it)."""
+    from ..paths import read_own
+
+    try:
+        data = json.loads(read_own(path, "CPU self-test cache", error=OSError))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def cached(key: str) -> Choice | None:
     try:
-        entry = json.loads(_cache_path().read_text()).get(key)
+        entry = _read_cache(_cache_path()).get(key)
         return Choice(bool(entry["use_extra_bufts"]), str(entry["reason"])) if entry else None
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
@@ -218,12 +230,7 @@ def cached(key: str) -> Choice | None:
 def remember(key: str, choice: Choice) -> None:
     """Store the verdict (0600); a cache that cannot be written only costs the next start a test."""
     path = _cache_path()
-    try:
-        data = json.loads(path.read_text()) if path.is_file() else {}
-        if not isinstance(data, dict):
-            data = {}
-    except (OSError, ValueError):
-        data = {}
+    data = _read_cache(path)
     data[key] = {**asdict(choice), "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     try:

@@ -98,7 +98,7 @@ class UpdateStore:
 
     def state(self) -> dict[str, Any]:
         try:
-            s = json.loads(self.state_path.read_text())
+            s = json.loads(paths.read_own(self.state_path, "update state", 16 << 20))
         except FileNotFoundError:
             return {"format": 1, "channels": {}, "bundles": {}}
         except ValueError:

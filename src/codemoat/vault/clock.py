@@ -149,7 +149,7 @@ class ClockGuard:
 
     def _read(self) -> tuple[int, dict[str, int]]:
         try:
-            d = json.loads(self.path.read_text())
+            d = json.loads(paths.read_own(self.path, "clock record", error=VaultError))
             hwm, mac, crl = d["hwm"], d["mac"], d.get("crl", {})
         except FileNotFoundError:
             raise VaultError(

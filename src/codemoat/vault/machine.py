@@ -134,8 +134,9 @@ class MachineKey:
             raise VaultError(f"this machine has no identity yet ({p} is missing): run `codemoat machine-id`") from None
         if st.st_mode & 0o077:
             raise VaultError(f"{p} is readable by other users (mode {st.st_mode & 0o777:o}); chmod 600 it")
+        raw = paths.read_own(p, "machine key", error=VaultError)  # a FIFO or a link put there: one line
         try:
-            d = json.loads(p.read_text())
+            d = json.loads(raw)
             key = cls(
                 X25519PrivateKey.from_private_bytes(b64d(d["x25519"])),
                 Ed25519PrivateKey.from_private_bytes(b64d(d["ed25519"])),
@@ -217,9 +218,11 @@ class MachineKey:
 
 def _load_tpm(p: Path) -> dict[str, Any] | None:
     try:
-        d = json.loads(p.read_text())
+        d = json.loads(paths.read_own(p, "TPM settings file", error=VaultError))
     except FileNotFoundError:
         return None
+    except VaultError:
+        raise
     except (OSError, ValueError):
         raise VaultError(f"TPM settings {p} are damaged: run `codemoat machine-id --tpm` again") from None
     if not isinstance(d, dict) or not isinstance(d.get("tcti"), str) or not isinstance(d.get("identity"), dict):

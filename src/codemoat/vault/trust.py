@@ -15,12 +15,12 @@ TRUST_FILE = "trusted-vendors.json"
 def trusted_vendors(path: Path | None = None) -> list[str] | None:
     """The pinned vendor keys (base64), or None before the first license was accepted."""
     p = path or paths.home() / TRUST_FILE
-    if not p.exists():
-        return None
-    try:  # a FIFO or device put in its place is refused, not read for good
-        trusted = json.loads(paths.read_regular(p, "trusted vendor list", 1 << 20, VaultError))
+    try:  # a FIFO, device or link put in its place is refused, not read for good or followed
+        trusted = json.loads(paths.read_own(p, "trusted vendor list", 1 << 20, VaultError))
         if not isinstance(trusted, list):
             raise ValueError
+    except FileNotFoundError:
+        return None
     except ValueError:
         raise VaultError(f"trusted vendor list {p} is damaged") from None
     return trusted
