@@ -177,11 +177,9 @@ def _installed(vendor_key_b64: str, home: Path | None) -> Crl | None:
     """The CRL installed for this vendor key, verified again; None when there is none."""
     p = installed_path(vendor_key_b64, home)
     try:
-        data = p.read_bytes()
+        data = paths.read_own(p, "CRL", MAX_FILE, VaultError)  # a FIFO or a link put in the home: one line
     except FileNotFoundError:
         return None
-    except OSError as e:
-        raise VaultError(f"cannot read the installed CRL {p}: {e.strerror}") from None
     try:
         crl = Crl.parse(data)
     except VaultError as e:
