@@ -107,6 +107,27 @@ def test_revocation_reaches_a_connected_client(tmp_path, offered):
         d.close()
 
 
+def test_a_closed_vault_holder_hangs_up(tmp_path, offered):
+    """`serve --vault`'s model holder gives its vaultd connection back when it closes. Before, the
+    connection (and its vaultd thread) stayed until the process ended, so a process that loads and
+    closes models through vaultd (a bench, a supervisor) was refused at the per-uid cap."""
+    from codemoat.config import load_settings
+    from codemoat.engines.loader import open_model
+
+    buf, _ = offered
+    d = start_daemon(tmp_path, buf, allow_uids={os.getuid()}, max_conns_per_uid=2)
+    settings = load_settings(
+        **{"vault.socket": f"unix:{d.path}", "model.id": "unmarked", "model.n_ctx": 128, "model.isolation": "inline"}
+    )
+    try:
+        for _ in range(3):
+            holder = open_model(settings)
+            assert holder.loaded
+            holder.close()
+    finally:
+        d.close()
+
+
 def test_adopt_refuses_an_unsealed_or_wrong_sized_file():
     fd = os.memfd_create("plain", os.MFD_ALLOW_SEALING)
     os.ftruncate(fd, 4096)
@@ -140,6 +161,23 @@ def test_bad_input_is_one_line(tmp_path):
         cli("serve", "--vault", sock, "--model", "acme-coder", "--port", "0")
     )
     assert "give unix:PATH" in one_line_error(cli("serve", "--vault", "tcp:127.0.0.1:9", "--model", "m", "--port", "0"))
+    base = ("vaultd", "--socket", sock, "--model", "a.moat", "--license", "a.lic")
+    assert "give NAME, or MODEL_ID=NAME" in one_line_error(cli(*base, "--allow-uid", "=root"))
+    assert "--allow-uid nosuch-user-x: no such user" in one_line_error(cli(*base, "--allow-uid", "acme=nosuch-user-x"))
+    assert "--socket-group nosuch-group-x: no such group" in one_line_error(
+        cli(*base, "--allow-uid", "0", "--socket-group", "nosuch-group-x")
+    )
+
+
+def test_a_model_scoped_entry_must_name_a_model_vaultd_holds(vendor, machine, gguf_file, tmp_path):
+    """A typo in `--allow-uid MODEL_ID=USER` would leave the model nobody may fetch: refused at start."""
+    moat, lic, _ = bundle(vendor, gguf_file, tmp_path / "b", machine)
+    sock = tmp_path / "v.sock"
+    line = one_line_error(
+        cli("vaultd", "--socket", f"unix:{sock}", "--model", str(moat), "--license", str(lic), "--allow-uid", "acme-codr=0")
+    )
+    assert "--allow-uid/--allow-group acme-codr=...: vaultd holds no such model" in line
+    assert not sock.exists()
 
 
 # -- two accounts, as in production ---------------------------------------------------------------

@@ -206,3 +206,58 @@ def test_a_client_cannot_hold_connections_without_bound(tmp_path, per_uid, total
             c.close()
         d.close()
         buf.close()
+
+
+@pytest.mark.parametrize("by", ["uid", "group"])
+def test_a_model_with_its_own_list_goes_only_to_the_callers_on_it(tmp_path, by):
+    """One vaultd holding two teams' models for two serve accounts (`--allow-uid MODEL_ID=USER`, or
+    `--allow-group MODEL_ID=GROUP`): this caller is on acme-coder's own list, not on team-b's. Before,
+    every caller on any list got every model. Now it gets acme-coder, is refused team-b in one line on
+    the same connection (which keeps working), and hears nothing of team-b's revocation, whose reason
+    may name another customer's license; a caller on no list at all is still refused at connect."""
+    me = ({os.getuid()}, set()) if by == "uid" else (set(), {os.getgid()})
+    other = ({os.getuid() + 4242}, set()) if by == "uid" else (set(), {os.getgid() + 4242})
+    buf = MemfdBuffer.from_bytes(b"GGUF" + bytes(4092), name="test-model")
+    d = VaultDaemon(tmp_path / "vault.sock", per_model={"acme-coder": me, "team-b": other}).start()
+    d.offer(Offer("acme-coder", buf.fd, buf.size, {}))
+    d.offer(Offer("team-b", buf.fd, buf.size, {}))
+    c = VaultClient.connect(d.path)
+    try:
+        os.close(c.fetch("acme-coder").fd)
+        with pytest.raises(VaultdError) as e:
+            c.fetch("team-b")
+        assert f"uid {os.getuid()} is not allowed to fetch model 'team-b'" in str(e.value) and "\n" not in str(e.value)
+        os.close(c.fetch("acme-coder").fd)  # the connection goes on
+        seen: list = []
+        c.watch(seen.append, lambda why: seen.append({"lost": why}))
+        d.revoke("team-b", "license B-7 of Globex revoked")
+        d.revoke("acme-coder", "license L1 revoked")
+        _wait(seen)
+        time.sleep(0.2)  # a team-b message, had it been sent, came first on this connection
+        assert seen == [{"op": "revoke", "model": "acme-coder", "reason": "license L1 revoked"}]
+    finally:
+        c.close()
+        d.close()
+    stranger = VaultDaemon(tmp_path / "strict.sock", per_model={"team-b": other}).start()
+    try:
+        with pytest.raises(VaultdError, match=f"uid {os.getuid()} is not allowed to use the vault daemon"):
+            VaultClient.connect(stranger.path).fetch("team-b")
+    finally:
+        stranger.close()
+        buf.close()
+
+
+def test_allow_lists_parse_model_scoped_entries():
+    """`NAME` may fetch every model, `MODEL_ID=NAME` that one (split at the last `=`: model ids such as
+    `update:NAME` hold a colon, no user or group name holds an `=`)."""
+    from codemoat.cli.vaultd_cmd import allow_lists
+    from codemoat.errors import CodemoatError
+
+    assert allow_lists(["0", "acme-coder=root", "update:py=0"], ["team-b=0", "root"]) == (
+        {0},
+        {0},
+        {"acme-coder": ({0}, set()), "update:py": ({0}, set()), "team-b": (set(), {0})},
+    )
+    for bad in ("=root", "acme-coder="):
+        with pytest.raises(CodemoatError, match="give NAME, or MODEL_ID=NAME"):
+            allow_lists([bad], [])

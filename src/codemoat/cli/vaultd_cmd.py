@@ -64,7 +64,7 @@ def _uid(value: str) -> int:
         raise CodemoatError(f"--allow-uid {value}: no such user") from None
 
 
-def _gid(value: str) -> int:
+def _gid(value: str, flag: str = "--allow-group") -> int:
     import grp
 
     from ..errors import CodemoatError
@@ -74,7 +74,33 @@ def _gid(value: str) -> int:
     try:
         return grp.getgrnam(value).gr_gid
     except KeyError:
-        raise CodemoatError(f"--allow-group {value}: no such group") from None
+        raise CodemoatError(f"{flag} {value}: no such group") from None
+
+
+def allow_lists(users: list[str], groups: list[str]) -> tuple[set[int], set[int], dict[str, tuple[set[int], set[int]]]]:
+    """`--allow-uid`/`--allow-group` values → (uids, gids for every model, {model id: (uids, gids) for it alone}).
+    `NAME` may fetch every model; `MODEL_ID=NAME` that model only (split at the last `=`: no user or
+    group name holds one)."""
+    uids: set[int] = set()
+    gids: set[int] = set()
+    per: dict[str, tuple[set[int], set[int]]] = {}
+    for values, parse, mine, slot in ((users, _uid, uids, 0), (groups, _gid, gids, 1)):
+        for value in values:
+            model, eq, name = value.rpartition("=")
+            if eq and not (model and name):
+                from ..errors import CodemoatError
+
+                raise CodemoatError(f"{value!r}: give NAME, or MODEL_ID=NAME for one model")
+            (per.setdefault(model, (set(), set()))[slot] if eq else mine).add(parse(name))
+    return uids, gids, per
+
+
+def model_ids(models: list[Path]) -> set[str]:
+    """The ids the models will be served under, read from their signed headers (nothing decrypted)."""
+    from ..engines.loader import INSTALLED, installed_model
+    from ..vault.container import SealedFile
+
+    return {SealedFile(installed_model(None)[0] if str(m) == INSTALLED else m).manifest.model_id for m in models}
 
 
 def open_models(models: list[Path], licenses: list[Path], daemon, settings) -> list:
@@ -256,9 +282,16 @@ def vaultd(
         ),
     ],
     license: Annotated[list[Path] | None, typer.Option(help="License (.lic) for each --model file, in the same order.")] = None,
-    allow_uid: Annotated[list[str] | None, typer.Option(help="User (name or uid) allowed to fetch models; repeatable.")] = None,
+    allow_uid: Annotated[
+        list[str] | None,
+        typer.Option(help="User (name or uid) allowed to fetch models (MODEL_ID=USER: that model only); repeatable."),
+    ] = None,
     allow_group: Annotated[
-        list[str] | None, typer.Option(help="Group allowed to fetch models; the first also owns the socket.")
+        list[str] | None,
+        typer.Option(help="Group allowed to fetch models (MODEL_ID=GROUP: that model only); the first owns the socket."),
+    ] = None,
+    socket_group: Annotated[
+        str | None, typer.Option(help="Group that owns the socket (default: the first --allow-group).")
     ] = None,
     config: Annotated[Path | None, typer.Option(help="TOML configuration file.", envvar="CODEMOAT_CONFIG")] = None,
 ) -> None:
@@ -277,19 +310,26 @@ def vaultd(
     files = [m for m in model if str(m) != INSTALLED]
     if len(files) != len(license):
         raise CodemoatError(f"give one --license per --model file ({len(files)} files, {len(license)} licenses)")
-    uids = {_uid(u) for u in allow_uid or []}
-    gids = [_gid(g) for g in allow_group or []]
-    if not uids and not gids:
+    uids, gids, per_model = allow_lists(allow_uid or [], allow_group or [])
+    if not uids and not gids and not per_model:
         raise CodemoatError("nobody may fetch models: give --allow-uid or --allow-group")
+    first = (allow_group or [""])[0].rpartition("=")[2]
+    group = _gid(socket_group, "--socket-group") if socket_group else (_gid(first) if first else None)
     settings = load_settings(config)
     log_to_stderr(settings.server.log_level)
     adapters = VendorAdapters()  # `model.adapters = ["update:NAME"]` of a serve --vault
     daemon = VaultDaemon(
-        socket_path(socket), allow_uids=uids, allow_groups=set(gids), group=gids[0] if gids else None, resolve=adapters
+        socket_path(socket), allow_uids=uids, allow_groups=gids, group=group, resolve=adapters, per_model=per_model
     )
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    if per_model:  # a typo would leave a model nobody may fetch: refused before any decryption
+        ids = model_ids(model)
+        if unknown := sorted(m for m in per_model if m not in ids and not m.startswith(VendorAdapters.PREFIX)):
+            raise CodemoatError(
+                f"--allow-uid/--allow-group {unknown[0]}=...: vaultd holds no such model ({', '.join(sorted(ids))})"
+            )
     holders = open_models(model, license, daemon, settings)
     relay = None
     try:

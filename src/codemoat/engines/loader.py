@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import threading
 from pathlib import Path
+from typing import Any
 
 from ..config import Settings
 from ..errors import CodemoatError
@@ -75,6 +76,19 @@ def installed_bundle(cur: dict) -> InstalledBundle:
     return InstalledBundle(cur["version"], cur["bundle_id"], iso(cur["released_at"]), iso(cur["installed_at"]))
 
 
+class VaultedHolder(ModelHolder):
+    """A `ModelHolder` whose model comes from vaultd; `close()` also hangs up on vaultd, which frees the
+    connection (and the thread) it holds there for this process (one uid may hold 32)."""
+
+    client: Any = None
+
+    def close(self) -> None:
+        super().close()
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+
+
 def open_vaulted(settings: Settings) -> ModelHolder:
     """`serve --vault unix:PATH --model ID`: the model comes from the vault daemon as a sealed memfd.
 
@@ -112,7 +126,8 @@ def open_vaulted(settings: Settings) -> ModelHolder:
         holder.fetched = got.facts, got.size  # the status of the engine built here, once it serves
         return build_engine(settings, buf, model_id, parts)
 
-    holder = ModelHolder(model_id, loader)
+    holder = VaultedHolder(model_id, loader)
+    holder.client = client
     holder.on_update = None
     first_facts = first[0].facts
     vault_status(holder, first_facts, first[0].size)

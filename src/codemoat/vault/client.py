@@ -58,6 +58,7 @@ class VaultClient:
         self.sock, self.path = sock, path
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._closed = False  # closed by its owner: the watcher ends without reporting a lost daemon
         #: once `watch` reads the socket, it hands the answers to `fetch` through here
         self._answers: queue.Queue[tuple[dict[str, Any] | None, list[int]]] = queue.Queue()
 
@@ -146,7 +147,8 @@ class VaultClient:
                     msg, fds, _ = recv_msg(self.sock, max_fds=1)
                 except (OSError, VaultdError) as e:
                     self._answers.put((None, []))
-                    on_lost(str(e))
+                    if not self._closed:
+                        on_lost(str(e))
                     return
                 if msg is not None and "ok" in msg:  # the answer to a `fetch` (a reload, an adapter)
                     self._answers.put((msg, fds))
@@ -155,7 +157,8 @@ class VaultClient:
                     os.close(fd)
                 if msg is None:
                     self._answers.put((None, []))
-                    on_lost(f"the vault daemon at {self.path} closed the connection")
+                    if not self._closed:
+                        on_lost(f"the vault daemon at {self.path} closed the connection")
                     return
                 try:
                     on_message(msg)
@@ -166,6 +169,7 @@ class VaultClient:
         self._thread.start()
 
     def close(self) -> None:
+        self._closed = True
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:

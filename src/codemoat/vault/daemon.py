@@ -69,6 +69,7 @@ class VaultDaemon:
         allow_groups: set[int] | None = None,
         group: int | None = None,
         resolve: Callable[[str], Offer | None] | None = None,
+        per_model: dict[str, tuple[set[int], set[int]]] | None = None,
         max_conns_per_uid: int = MAX_CONNS_PER_UID,
         max_conns: int = MAX_CONNS,
     ):
@@ -78,10 +79,13 @@ class VaultDaemon:
         #: Offer it returns holds a descriptor of its own (a dup), which the daemon closes once sent
         self.resolve = resolve
         self.allow_uids, self.allow_groups = set(allow_uids or ()), set(allow_groups or ())
+        #: model id → (uids, gids) that may fetch that model besides the lists above, which may fetch
+        #: every model (`vaultd --allow-uid MODEL_ID=USER`: one vaultd, two teams' models, two serves)
+        self.per_model = {m: (set(u), set(g)) for m, (u, g) in (per_model or {}).items()}
         self.group = group
         self._offers: dict[str, Offer] = {}
         self._gone: dict[str, str] = {}  # model id → why it is not available now
-        self._conns: list[socket.socket] = []
+        self._conns: dict[socket.socket, tuple[int, int]] = {}  # kept connections → their (uid, gid)
         self.max_conns_per_uid, self.max_conns = max_conns_per_uid, max_conns
         self._held: dict[int, int] = {}  # uid → connections (threads) it holds now, refused callers' included
         self._lock = threading.Lock()
@@ -90,25 +94,21 @@ class VaultDaemon:
 
     # -- who may ask ------------------------------------------------------------------------------
     def allowed(self, uid: int, gid: int) -> bool:
-        """uid on the list, or primary group (or a supplementary group of uid's account) on it."""
-        if uid in self.allow_uids or gid in self.allow_groups:
-            return True
-        if self.allow_groups:
-            try:
-                import pwd
+        """May connect at all: on the lists for every model, or on some model's own."""
+        lists = [(self.allow_uids, self.allow_groups), *self.per_model.values()]
+        return any(_member(uid, gid, uids, gids) for uids, gids in lists)
 
-                name = pwd.getpwuid(uid).pw_name
-            except KeyError:
-                return False
-            return any(name in grp.getgrgid(g).gr_mem for g in self.allow_groups if _group_exists(g))
-        return False
+    def may_fetch(self, model_id: str, uid: int, gid: int) -> bool:
+        """May get `model_id`: on the lists for every model, or on that model's own."""
+        own = self.per_model.get(model_id)
+        return _member(uid, gid, self.allow_uids, self.allow_groups) or (own is not None and _member(uid, gid, *own))
 
     # -- what is offered --------------------------------------------------------------------------
     def offer(self, offer: Offer) -> None:
         with self._lock:
             self._offers[offer.model_id] = offer
             self._gone.pop(offer.model_id, None)
-        self._broadcast({"op": "available", "model": offer.model_id})
+        self._broadcast({"op": "available", "model": offer.model_id}, offer.model_id)
 
     def revoke(self, model_id: str, reason: str) -> None:
         """Stop handing `model_id` out and tell every connected client to unload it now."""
@@ -116,18 +116,20 @@ class VaultDaemon:
             self._offers.pop(model_id, None)
             self._gone[model_id] = reason
         log.info("vaultd: %s withdrawn: %s", model_id, reason)
-        self._broadcast({"op": "revoke", "model": model_id, "reason": reason})
+        self._broadcast({"op": "revoke", "model": model_id, "reason": reason}, model_id)
 
     def announce(self, msg: dict[str, Any]) -> int:
         """Send `msg` to every connected client (an `update` notice); returns how many it reached."""
         return self._broadcast(msg)
 
-    def _broadcast(self, msg: dict[str, Any]) -> int:
+    def _broadcast(self, msg: dict[str, Any], model_id: str | None = None) -> int:
         """Never waits on a client: one whose socket is full (it stopped reading, or asks and never reads
-        the answers) would hold every later revocation back from the clients after it; it is cut off."""
+        the answers) would hold every later revocation back from the clients after it; it is cut off.
+        News of `model_id` goes only to the clients that may fetch it."""
         data = json.dumps(msg).encode()
         with self._lock:
-            conns = list(self._conns)
+            held = list(self._conns.items())
+        conns = [c for c, (uid, gid) in held if model_id is None or self.may_fetch(model_id, uid, gid)]
         sent = 0
         for c in conns:
             try:
@@ -235,7 +237,7 @@ class VaultDaemon:
             return
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         with self._lock:
-            self._conns.append(conn)
+            self._conns[conn] = (uid, gid)
         try:
             while not self._stop.is_set():
                 msg, fds, cred = recv_msg(conn)
@@ -253,8 +255,7 @@ class VaultDaemon:
             return
         finally:
             with self._lock:
-                if conn in self._conns:
-                    self._conns.remove(conn)
+                self._conns.pop(conn, None)
             conn.close()
 
     def _answer(self, conn: socket.socket, msg: dict[str, Any], cred: tuple[int, int, int]) -> None:
@@ -262,6 +263,10 @@ class VaultDaemon:
             send_msg(conn, {"ok": False, "error": 'unknown request (expected {"op": "get", "model": ID})'})
             return
         mid = msg["model"]
+        if not self.may_fetch(mid, cred[1], cred[2]):
+            log.warning("vaultd: refused %s to pid %d uid %d (not on its allow-list)", mid, cred[0], cred[1])
+            send_msg(conn, {"ok": False, "error": f"uid {cred[1]} is not allowed to fetch model {mid!r}"})
+            return
         with self._lock:
             offer, gone = self._offers.get(mid), self._gone.get(mid)
             known = sorted(self._offers)
@@ -308,7 +313,7 @@ class VaultDaemon:
             except OSError:
                 pass
         with self._lock:
-            conns, self._conns = list(self._conns), []
+            conns, self._conns = list(self._conns), {}
         for c in conns:
             try:
                 c.shutdown(socket.SHUT_RDWR)
@@ -329,6 +334,21 @@ def _refuse_now(conn: socket.socket, why: str) -> None:
         pass
     finally:
         conn.close()
+
+
+def _member(uid: int, gid: int, uids: set[int], gids: set[int]) -> bool:
+    """uid on the list, or primary group (or a supplementary group of uid's account) on it."""
+    if uid in uids or gid in gids:
+        return True
+    if gids:
+        try:
+            import pwd
+
+            name = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            return False
+        return any(name in grp.getgrgid(g).gr_mem for g in gids if _group_exists(g))
+    return False
 
 
 def _group_exists(gid: int) -> bool:
