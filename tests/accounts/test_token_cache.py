@@ -102,3 +102,25 @@ def test_expiry_is_checked_on_a_remembered_token(acc, monkeypatch):
     time.sleep(max(0.0, acc._verified[next(iter(acc._verified))][1] - time.time()) + 0.05)
     with pytest.raises(Unauthorized, match="expired"):
         acc.authenticate(secret)
+
+
+def test_a_transaction_cut_by_the_database_raises_the_drivers_error(pg_cluster):
+    """A connection PostgreSQL drops in the middle of a transaction (a restart, a failover) gives
+    the caller the driver's OperationalError, which serve answers with a 503. The cache's rollback
+    listener read the dead connection's info, which raised PendingRollbackError instead: a 500, and
+    in the audit writer's signing step, records committed for requests then answered 500."""
+    url = pg_cluster.new_database()
+    eng = open_db(url)
+    try:
+        Accounts(eng)  # watches the engine's writes
+        with pytest.raises(sa.exc.OperationalError):
+            with eng.begin() as c:
+                pid = c.execute(sa.text("select pg_backend_pid()")).scalar()
+                with eng.connect() as other:
+                    assert other.execute(sa.text("select pg_terminate_backend(:p)"), {"p": pid}).scalar()
+                c.execute(sa.text("select 1"))
+        with eng.connect() as c:  # and the pool goes on with a new connection
+            assert c.execute(sa.text("select 1")).scalar() == 1
+    finally:
+        eng.dispose()
+        pg_cluster.drop_database(url)

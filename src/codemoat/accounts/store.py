@@ -303,7 +303,14 @@ class _Writes:
             self.bump()
 
     def _ended(self, conn) -> None:  # again once the write is visible to other connections
-        if conn.info.pop("codemoat_accounts_written", False):
+        try:
+            written = conn.info.pop("codemoat_accounts_written", False)
+        except sa.exc.InvalidRequestError:
+            # the database dropped the connection mid-transaction (a restart, a failover): its info
+            # is gone, and raising here would replace the caller's OperationalError (a 503) with
+            # PendingRollbackError (a 500). Nothing was committed; forget the caches anyway.
+            written = True
+        if written:
             self.bump()
 
 
