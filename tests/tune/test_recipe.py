@@ -136,3 +136,53 @@ def test_an_ema_decay_out_of_range_is_refused(tmp_path, tiny_gguf):
     for bad in (1.0, -0.1, float("nan")):
         with pytest.raises(CodemoatError, match="--ema must be from 0 to below 1"):
             tune(_opts(tmp_path, tiny_gguf, ema=bad))
+
+
+def test_the_forgetting_check_scores_cpython_modules_the_bundled_model_never_trained_on():
+    """The forgetting goal is on 'CPython held-out modules': before, nine of the ten scored modules were
+    the bundled model's own training files (only shlex.py is in models/heldout.txt)."""
+    from pathlib import Path
+
+    from codemoat.tune.evaluate import FORGETTING_VALIDATION_MODULES, REPLAY_MODULES, UNRELATED_MODULES, unrelated_files
+
+    heldout = Path(__file__).resolve().parents[2] / "models" / "heldout.txt"
+    never_trained = {
+        line.strip().split("/", 1)[1] for line in heldout.read_text().splitlines() if line.strip() and line[0] != "#"
+    }
+    assert set(UNRELATED_MODULES) == never_trained
+    assert not set(UNRELATED_MODULES) & (set(REPLAY_MODULES) | set(FORGETTING_VALIDATION_MODULES))
+    scored = unrelated_files()
+    assert len(scored) == len(UNRELATED_MODULES) and sum(len(f.text) for f in scored) > 150_000  # a stable figure
+
+
+def test_the_held_out_score_counts_every_held_out_file_small_ones_whole():
+    """The goal's held-out figure was the first N tokens in path order: on rich + httpx two of fifteen
+    files. Now every file counts, up to the same number of tokens each, the budget a small file leaves
+    going to the others."""
+    from pathlib import Path
+
+    from tokenizers import Tokenizer
+
+    from codemoat.train.corpus import SourceFile
+    from codemoat.tune.evaluate import per_file_tokens, spread_windows, token_windows
+
+    tok = Tokenizer.from_file(str(Path(__file__).resolve().parents[2] / "models" / "codemoat-tiny.hf" / "tokenizer.json"))
+    small = SourceFile("r/a_small.py", "x = 1\n")
+    big = [
+        SourceFile(f"r/b{i}.py", "".join(f"def f{i}_{j}(a, b):\n    return a * {j} + b\n" for j in range(300))) for i in range(2)
+    ]
+    files = [small, *big]
+
+    def predicted(f):
+        return len(tok.encode(f.text, add_special_tokens=False).ids) - 1
+
+    assert predicted(small) < 10 and min(predicted(f) for f in big) > 1000
+    cap = per_file_tokens(files, tok, 1000)
+    assert cap == (1000 - predicted(small)) // 2  # the small file whole, the rest shared by the big ones
+    windows, nbytes = spread_windows(files, tok, 64, 1000)
+    assert sum(len(w) - 1 for w in windows) == predicted(small) + 2 * cap <= 1000
+    each = [spread_windows([f], tok, 64, 10**6)[1] for f in files]  # every file whole
+    assert nbytes > each[0] and nbytes < sum(each)
+    first = token_windows(files, tok, 64, 1000)[0]  # the old figure: path order, so the second big file not at all
+    assert sum(len(w) - 1 for w in first) == 1000 < predicted(small) + predicted(big[0])
+    assert per_file_tokens(files, tok, 10**6) == max(predicted(f) for f in big)  # a budget for all: every file whole

@@ -85,7 +85,15 @@ def test_only_the_same_run_picks_the_checkpoint_up_and_a_damaged_one_is_ignored(
     o = _opts(tmp_path / "pay.moat", tmp_path / "base.gguf")
     k = checkpoint.key(o, "ab" * 32)
     assert k == checkpoint.key(_opts(tmp_path / "pay.moat", tmp_path / "base.gguf"), "ab" * 32)
-    for other in (dict(seed=1), dict(rank=8), dict(repos=["payments", "ops"]), dict(out=tmp_path / "x.moat"), dict(lr=4e-4)):
+    for other in (
+        dict(seed=1),
+        dict(rank=8),
+        dict(repos=["payments", "ops"]),
+        dict(out=tmp_path / "x.moat"),
+        dict(lr=4e-4),
+        dict(eval_tokens=999),
+        dict(old_eval_tokens=6000),
+    ):  # the base's scores are in the checkpoint
         assert checkpoint.key(_opts(**{"out": tmp_path / "pay.moat", "tiny": tmp_path / "base.gguf", **other}), "ab" * 32) != k
     assert checkpoint.key(o, "cd" * 32) != k  # another base model
     p = checkpoint.path_for(k)

@@ -111,6 +111,7 @@ def test_tune_end_to_end(tmp_path, tiny_gguf):
             batch_size=1,
             n_ctx=128,
             eval_tokens=200,
+            old_eval_tokens=100,
             threads=2,
             lr=5e-3,
             infill_lines=4,
@@ -122,8 +123,9 @@ def test_tune_end_to_end(tmp_path, tiny_gguf):
     held = set(a.meta["train"]["heldout_files"])
     assert held and held < {f"payments/{p}" for p in PAY}
     ev = a.meta["eval"]
-    for k in ("tuned", "unrelated"):
+    for k in ("tuned", "unrelated", "tuned_first", "unrelated_seen"):  # the last two: the old figures, asked for
         assert ev["bpb_base"][k] > 0 and ev["bpb_adapter"][k] > 0
+    assert 0 < ev["heldout_tokens_scored"] <= 200 and ev["heldout_tokens_per_file"] * len(held) >= ev["heldout_tokens_scored"]
     assert ev["bpb_adapter"]["tuned"] != ev["bpb_base"]["tuned"]
     for k in ("infill_base", "infill_adapter"):  # single-line infill on held-out lines, base vs tuned
         assert ev[k]["n"] == 4 and 0 <= ev[k]["exact"] <= 1 and 0 <= ev[k]["edit_sim"] <= 1

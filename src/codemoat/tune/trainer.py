@@ -15,8 +15,8 @@ and written are an exponential moving average of the adapter's weights (Polyak a
 Izmailov et al. 2018, "Averaging Weights Leads to Wider Optima"): it averages out the optimiser's step
 noise, which on the bundled model costs unrelated code more than it buys on the tuned code. Data tables (`corpus.is_data_table`)
 are neither trained on nor validated on. Evaluation, before and after:
-bits per byte on the held-out files of the tuned repositories and on unrelated code (CPython
-modules) — the second shows what the adapter made the model forget.
+bits per byte on every held-out file of the tuned repositories and on unrelated code (CPython
+modules the bundled model never trained on) — the second shows what the adapter made the model forget.
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ class TuneOptions:
     device: str = "cpu"
     seed: int = 0
     heldout_fraction: float = 0.1
-    eval_tokens: int = 20_000
+    eval_tokens: int = 20_000  # held-out tokens scored, shared out over every held-out file (and over the CPython modules)
+    old_eval_tokens: int | None = None  # also the figures of sessions up to 8 on this many tokens (None: not scored)
     infill_lines: int = 30  # held-out lines for the single-line infill score
     threads: int | None = None
     index_path: Path | None = None
@@ -102,7 +103,7 @@ def tune(opts: TuneOptions, on_event: Callable[[dict], None] | None = None) -> T
     from . import checkpoint, infill
     from .base import load_base
     from .corpus import is_data_table, load_corpus
-    from .evaluate import bits_per_byte, forgetting_validation_files, replay_files, spread_windows, token_windows, unrelated_files
+    from .evaluate import bits_per_byte, forgetting_validation_files, replay_files, spread_windows
     from .lora import gguf_bytes, safetensors_bytes, wrap
     from ..engines.adapters import Adapter, seal_adapter
 
@@ -130,20 +131,14 @@ def tune(opts: TuneOptions, on_event: Callable[[dict], None] | None = None) -> T
     emit({"kind": "stage", "stage": "loading the base model", "files": len(train_files), "heldout": len(held)})
     base = load_base(opts.base, n_ctx=opts.n_ctx, device=opts.device, license=opts.license)
     tok, n_ctx = base.tokenizer, base.n_ctx
-    held_w = token_windows(held, tok, n_ctx, opts.eval_tokens)
-    held_each = spread_windows(held, tok, n_ctx, opts.eval_tokens)  # the start of every held-out file
-    other_w = token_windows(unrelated_files(), tok, n_ctx, opts.eval_tokens)
+    scored = _eval_sets(held, tok, n_ctx, opts)
     lines = infill.cases(held, opts.infill_lines, opts.seed)
     ck_path = checkpoint.path_for(checkpoint.key(opts, base.sha256, corpus))
     ck = checkpoint.load(ck_path)
     if ck is None:
         emit({"kind": "stage", "stage": "evaluating the base"})
-        before = {
-            "tuned": bits_per_byte(base.model, *held_w, device=opts.device),
-            "tuned_each_file": bits_per_byte(base.model, *held_each, device=opts.device),
-            "unrelated": bits_per_byte(base.model, *other_w, device=opts.device),
-            "infill": infill.scores(base.model, tok, lines, n_ctx, opts.device),
-        }
+        before = _evaluate(base.model, scored, opts.device)
+        before["infill"] = infill.scores(base.model, tok, lines, n_ctx, opts.device)
     else:
         before = ck["state"]["before"]
 
@@ -261,12 +256,8 @@ def tune(opts: TuneOptions, on_event: Callable[[dict], None] | None = None) -> T
 
         set_peft_model_state_dict(model, best["lora"])
     emit({"kind": "stage", "stage": "evaluating the adapter"})
-    after = {
-        "tuned": bits_per_byte(model, *held_w, device=opts.device),
-        "tuned_each_file": bits_per_byte(model, *held_each, device=opts.device),
-        "unrelated": bits_per_byte(model, *other_w, device=opts.device),
-        "infill": infill.scores(model, tok, lines, n_ctx, opts.device),
-    }
+    after = _evaluate(model, scored, opts.device)
+    after["infill"] = infill.scores(model, tok, lines, n_ctx, opts.device)
     name = opts.name or Path(opts.out).name.split(".")[0]
     meta = {
         "name": name,
@@ -300,9 +291,14 @@ def tune(opts: TuneOptions, on_event: Callable[[dict], None] | None = None) -> T
             "bpb_base": {k: v for k, v in before.items() if k != "infill"},
             "bpb_adapter": {k: v for k, v in after.items() if k != "infill"},
             "heldout_tokens": opts.eval_tokens,
+            "heldout_tokens_per_file": scored["tuned"][2],  # at most this many from each held-out file
+            "heldout_tokens_scored": sum(len(w) - 1 for w in scored["tuned"][0]),
+            "unrelated_tokens_per_file": scored["unrelated"][2],
+            "unrelated_tokens_scored": sum(len(w) - 1 for w in scored["unrelated"][0]),
+            "old_eval_tokens": opts.old_eval_tokens,
             "infill_base": before.get("infill"),  # single-line infill on held-out lines (tune/infill.py)
             "infill_adapter": after["infill"],
-            "unrelated": "CPython standard-library modules",
+            "unrelated": "CPython standard-library modules the bundled model never trained on (models/heldout.txt)",
         },
     }
     emit({"kind": "stage", "stage": "writing the adapter"})
@@ -312,6 +308,32 @@ def tune(opts: TuneOptions, on_event: Callable[[dict], None] | None = None) -> T
     checkpoint.remove(ck_path)
     meta["size"] = {"gguf": len(adapter.gguf), "safetensors": len(st), "sealed": Path(opts.out).stat().st_size}
     return TuneResult(Path(opts.out), meta)
+
+
+def _eval_sets(held: list, tok, n_ctx: int, opts: TuneOptions) -> dict[str, tuple[list, int, int]]:
+    """{name: (windows, bytes, tokens per file)} scored before and after tuning: "tuned", every held-out
+    file of the tuned repositories, and "unrelated", CPython modules the bundled model never trained on
+    (the forgetting check), each up to the same number of tokens per file within `eval_tokens`; with
+    `old_eval_tokens` also the figures of sessions up to 8: "tuned_first", the first tokens in path
+    order, and "unrelated_seen", ten CPython modules nine of which are the bundled model's training files."""
+    from .evaluate import per_file_tokens, seen_files, spread_windows, token_windows, unrelated_files
+
+    sets = {"tuned": held, "unrelated": unrelated_files()}
+    out = {
+        k: (*spread_windows(fs, tok, n_ctx, opts.eval_tokens), per_file_tokens(fs, tok, opts.eval_tokens))
+        for k, fs in sets.items()
+    }
+    if opts.old_eval_tokens:
+        out["tuned_first"] = (*token_windows(held, tok, n_ctx, opts.old_eval_tokens), 0)
+        out["unrelated_seen"] = (*token_windows(seen_files(), tok, n_ctx, opts.old_eval_tokens), 0)
+    return out
+
+
+def _evaluate(model, scored: dict, device: str) -> dict[str, float | None]:
+    """Bits per byte of `model` on each of `_eval_sets`."""
+    from .evaluate import bits_per_byte
+
+    return {k: bits_per_byte(model, w, n, device=device) for k, (w, n, _) in scored.items()}
 
 
 @contextmanager
