@@ -188,7 +188,107 @@ def test_a_body_of_millions_of_tiny_values_is_refused(db, llm):
     with client_for(db, llm) as c:
         for path, body in cases:
             r = c.post(path, content=json.dumps(body), headers={**c.tokens["alice"], "Content-Type": "application/json"})
-            assert r.status_code == 400 and "JSON values" in r.text, (path, r.status_code, r.text[:200])
+            assert r.status_code == 400 and ("JSON values" in r.text or "JSON objects" in r.text), (
+                path,
+                r.status_code,
+                r.text[:200],
+            )
         chat = [{"role": "user" if i % 2 == 0 else "assistant", "content": "hi"} for i in range(2001)]
         r = c.post("/v1/chat/completions", json={"model": "tiny", "max_tokens": 1, "messages": chat}, headers=c.tokens["alice"])
         assert r.status_code != 400 or "JSON values" not in r.text, r.text[:200]
+
+
+def test_a_body_of_many_small_objects_is_refused_before_it_is_validated(db, llm):
+    """Was open: under the 100,000-value cap, a token holder's body of 99,999 empty objects (an /infill
+    `input_extra`, chat content parts, Ollama messages, Tabby declarations) became as many validated
+    models: about 0.23-0.3 s of one CPU holding the interpreter lock (pydantic's validation does not let
+    go of it, on a worker thread either), every other client's stream waiting. Each object becomes a
+    model; a body of more objects than any client sends is a 400 in its protocol's shape; a
+    2,000-message chat is not."""
+    many = 10_001  # serve.body.MAX_OBJECTS + 1; values: twice that at most, far under the 100,000-value cap
+    cases = [
+        ("/infill", {"input_prefix": "x", "n_predict": 1, "input_extra": [{}] * many}),
+        ("/v1/chat/completions", {"model": "tiny", "max_tokens": 1, "messages": [{"role": "user", "content": [{}] * many}]}),
+        ("/api/chat", {"model": "tiny", "stream": False, "messages": [{"role": "user", "content": "x"}] * many}),
+        ("/v1/completions", {"segments": {"prefix": "x", "declarations": [{}] * many}}),
+    ]
+    with client_for(db, llm) as c:
+        for path, body in cases:
+            r = c.post(path, content=json.dumps(body), headers={**c.tokens["alice"], "Content-Type": "application/json"})
+            assert r.status_code == 400 and "JSON objects" in r.text, (path, r.status_code, r.text[:200])
+        chat = [{"role": "user" if i % 2 == 0 else "assistant", "content": "hi"} for i in range(2001)]
+        r = c.post("/v1/chat/completions", json={"model": "tiny", "max_tokens": 1, "messages": chat}, headers=c.tokens["alice"])
+        assert r.status_code != 400 or "JSON" not in r.text, r.text[:200]
+
+
+def test_a_stream_moves_on_while_another_clients_large_body_is_parsed(db, llm, free_port, monkeypatch):
+    """Was open: every body was parsed and walked on the event loop, so while one token holder's large
+    body (up to 100,000 values) was parsed, no other client's stream moved. A large body is now
+    parsed and walked on a worker thread. Real uvicorn; alice streams a paced chat while bob posts a
+    large body whose walk is held in flight (the real walk runs after) until alice's stream has sent
+    three more chunks: before, the stream sent nothing while the walk was held (20 s, then failed)."""
+    import threading
+    import time
+
+    import httpx
+    import uvicorn
+
+    from audit.trustapp import Paced
+    from codemoat.serve import body
+
+    started, moved, done = threading.Event(), threading.Event(), threading.Event()
+    real = body.lone_surrogate
+
+    def held(doc, *a, **kw):
+        if isinstance(doc, dict) and "junk" in doc:  # bob's body
+            started.set()
+            moved.wait(20)  # in flight until alice's stream moves on (or for 20 s, the old code's fate)
+            done.set()
+        return real(doc, *a, **kw)
+
+    monkeypatch.setattr(body, "lone_surrogate", held)
+    accounts = Accounts(db)
+    tokens = make_tokens(accounts)
+    app = make_app(Settings(), accounts, Paced(llm, 0.05))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port, log_level="warning"))
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    while not server.started and t.is_alive():
+        time.sleep(0.05)
+    base = f"http://127.0.0.1:{free_port}"
+    junk = b'{"model": "tiny", "prompt": "x", "max_tokens": 1, "junk": [' + b"[]," * 50_000 + b"[]]}"
+    answers: list[int] = []
+
+    def post_large() -> None:
+        with httpx.Client(base_url=base, headers=tokens["bob"], timeout=60) as c:
+            answers.append(c.post("/v1/completions", content=junk, headers={"Content-Type": "application/json"}).status_code)
+
+    during = 0
+    try:
+        chat = {
+            "model": "tiny",
+            "temperature": 0,
+            "max_tokens": 400,
+            "stream": True,
+            "messages": [{"role": "user", "content": "hi"}],
+        }
+        with httpx.Client(base_url=base, headers=tokens["alice"], timeout=60) as c:
+            with c.stream("POST", "/v1/chat/completions", json=chat) as r:
+                lines = (line for line in r.iter_lines() if line.startswith("data:"))
+                assert '"role"' in next(lines) and '"content"' in next(lines)
+                poster = threading.Thread(target=post_large, daemon=True)
+                poster.start()
+                assert started.wait(20), "bob's body was never walked"
+                for line in lines:
+                    if done.is_set() or line == "data: [DONE]":
+                        break
+                    during += 1
+                    if during == 3:
+                        moved.set()
+        moved.set()
+        poster.join(30)
+    finally:
+        server.should_exit = True
+        t.join(timeout=10)
+    assert during >= 3, f"alice's stream sent {during} chunks while bob's body was parsed"
+    assert answers == [200], answers  # bob's request was served too

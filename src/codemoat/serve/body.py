@@ -5,21 +5,38 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import anyio
 from fastapi import Request
 
 from ..errors import CodemoatError
-from .jsontext import SURROGATE_MESSAGE, TooManyValues, lone_surrogate
+from .jsontext import SURROGATE_MESSAGE, TooManyObjects, TooManyValues, lone_surrogate
 from .usage import Usage, usage_of
 
 #: more JSON values than any client's request holds (a 2,000-message chat is about 6,000): each one
-#: becomes a Python object and, in a list the protocol reads, a validated model, on the event loop;
-#: a million empty `input_extra` entries (4 MiB) took about 3 s of it before this limit
+#: becomes a Python object; a million empty `input_extra` entries (4 MiB) took about 3 s of the event
+#: loop before this limit
 MAX_VALUES = 100_000
+#: more JSON objects than any client's request holds (a 2,000-message chat is 2,000, with content
+#: parts 4,000): each object in a list the protocol reads becomes a validated model, and pydantic's
+#: validation holds the interpreter lock throughout (a worker thread does not help), 2.5-3.5 us an
+#: object: 99,999 empty `input_extra` entries cost 0.23-0.3 s before this limit, this many ~30 ms
+MAX_OBJECTS = 10_000
+#: a body larger than this is parsed and walked on a worker thread, so that other clients' streams
+#: move on meanwhile (the walk is Python, which lets go of the lock every few ms); a smaller one
+#: (almost every completion) is cheaper to parse here than to hand over
+THREAD_BYTES = 64 << 10
 
 
 async def read_json(request: Request) -> Any:
     """The JSON body, or a 400 in the caller's protocol shape."""
     raw = await request.body()
+    if len(raw) > THREAD_BYTES:
+        return await anyio.to_thread.run_sync(parse_json, raw)
+    return parse_json(raw)
+
+
+def parse_json(raw: bytes) -> Any:
+    """`raw` as a JSON object that is Unicode text, within `MAX_VALUES` and `MAX_OBJECTS`; else a 400."""
     if not raw.strip():
         raise CodemoatError("request body is empty: expected a JSON object")
     try:
@@ -46,9 +63,11 @@ class NotText(CodemoatError):
 
 def check_text(doc: Any) -> None:
     """Refuse a body holding a string or key that is not Unicode text (`jsontext.lone_surrogate`), or
-    more than `MAX_VALUES` values."""
+    more than `MAX_VALUES` values or `MAX_OBJECTS` objects."""
     try:
-        bad = lone_surrogate(doc, MAX_VALUES)
+        bad = lone_surrogate(doc, MAX_VALUES, MAX_OBJECTS)
+    except TooManyObjects:
+        raise NotText(f"request body holds more than {MAX_OBJECTS:,} JSON objects", doc) from None
     except TooManyValues:
         raise NotText(f"request body holds more than {MAX_VALUES:,} JSON values", doc) from None
     if bad:

@@ -20,13 +20,18 @@ class TooManyValues(ValueError):
     """The document holds more values than the caller's `max_values`."""
 
 
-def lone_surrogate(doc: Any, max_values: int | None = None) -> bool:
+class TooManyObjects(TooManyValues):
+    """The document holds more objects than the caller's `max_objects`."""
+
+
+def lone_surrogate(doc: Any, max_values: int | None = None, max_objects: int | None = None) -> bool:
     """True when any key or string value in `doc` is not Unicode text; iterative, since bodies nest as
     deep as the decoder allows (about 2 us for a lease request: no shortcut on the raw bytes, which
     would have to know every encoding `json.loads` accepts). With `max_values`, raises `TooManyValues`
-    once it has seen more values (objects, arrays and scalars) than that."""
+    once it has seen more values (objects, arrays and scalars) than that; with `max_objects`,
+    `TooManyObjects` once it has seen more objects."""
     todo = [doc]
-    seen = 0
+    seen = objects = 0
     while todo:
         d = todo.pop()
         seen += 1
@@ -35,6 +40,9 @@ def lone_surrogate(doc: Any, max_values: int | None = None) -> bool:
         if isinstance(d, str):
             texts = (d,)
         elif isinstance(d, dict):
+            objects += 1
+            if max_objects is not None and objects > max_objects:
+                raise TooManyObjects(max_objects)
             texts = d.keys()
             todo.extend(d.values())
         elif isinstance(d, list):
