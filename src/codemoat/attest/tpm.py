@@ -329,6 +329,18 @@ class TpmAttestor:
             self._latch_handles[latch["index"]] = h  # zgen's TPM2_PolicyNV needs it next: one NV_ReadPublic fewer
         return self._unwrap_key(policy)[1].to_der().hex()
 
+    def _start_policy_session(self) -> Any:
+        pt = _pt()
+        return self.ctx.start_auth_session(
+            pt.ESYS_TR.NONE, pt.ESYS_TR.NONE, pt.TPM2_SE.POLICY, pt.TPMT_SYM_DEF(algorithm=pt.TPM2_ALG.NULL), pt.TPM2_ALG.SHA256
+        )
+
+    def prepare_unwrap(self) -> None:
+        """Start the next zgen's policy session now (a start does it while the license is still being checked).
+        It grants nothing by itself: zgen runs PolicyPCR and PolicyNV on it at the unwrap."""
+        if self._policy_session is None:
+            self._policy_session = self._start_policy_session()
+
     def zgen(self, policy: dict[str, Any], point: bytes) -> bytes:
         """ECDH's Z (the x coordinate) of the unwrap key and an uncompressed P-256 `point`, in the chip."""
         pt = _pt()
@@ -342,13 +354,7 @@ class TpmAttestor:
         # is flushed, never kept.
         sess, self._policy_session, kept = self._policy_session, None, False
         if sess is None:
-            sess = c.start_auth_session(
-                pt.ESYS_TR.NONE,
-                pt.ESYS_TR.NONE,
-                pt.TPM2_SE.POLICY,
-                pt.TPMT_SYM_DEF(algorithm=pt.TPM2_ALG.NULL),
-                pt.TPM2_ALG.SHA256,
-            )
+            sess = self._start_policy_session()
         try:
             c.policy_pcr(sess, b"", pcr_selection(policy["pcrs"]))  # the chip's current values
             self._policy_latch(sess, policy)  # the tamper latch still at its provisioned count

@@ -249,7 +249,18 @@ def _open(
     """`open_sealed` once the sealed file is open (and its memfd being allocated)."""
     lic = License.load(license_path)
     guard = ClockGuard(machine, clock, settings.vault.clock_tolerance_s)
-    grant = check(lic, sealed, machine, guard)
+    # A TPM's last unwrap (the watermark key) finishes while the model is decrypted: `grant.settle()` below.
+    grant = check(lic, sealed, machine, guard, defer_watermark=True)
+    try:
+        holder = _serve(sealed, lic, grant, settings, model_id, aliases, clock, machine, watch, build, early)
+    except BaseException:
+        grant.close()
+        raise
+    return holder
+
+
+def _serve(sealed, lic, grant, settings, model_id, aliases, clock, machine, watch, build, early) -> SealedHolder:
+    """`_open` once the license holds: take a lease (a lease license), load, start the watch."""
     if not model_id:  # served as the same model in plaintext is (loader: its name up to the first dot): a
         # sealed HF folder's manifest says `codemoat-tiny.hf`, its plaintext folder serves as `codemoat-tiny`
         model_id = sealed.manifest.model_id.split(".")[0] or sealed.manifest.model_id
@@ -334,9 +345,12 @@ def _open(
         return holder
     try:
         holder.load()
+        if lic.mode == "offline":
+            holder.watermark_key = grant.settle()  # a TPM's refusal of it unloads and raises
     except BaseException:
         if keeper is not None:
             keeper.stop(release=True)
+        holder.close()
         raise
     holder.keeper = keeper
     holder.watch = LicenseWatch(holder, lic, clock, keeper, machine.id).start() if watch else None

@@ -210,13 +210,15 @@ def _tpm(guard: ClockGuard) -> Any:
     return m.attestor() if getattr(m, "tpm", None) else None
 
 
-def _current(vendor_key_b64: str, guard: ClockGuard, home: Path | None) -> Crl | None:
+def _current(vendor_key_b64: str, guard: ClockGuard, home: Path | None, tpm: Any = None) -> Crl | None:
     """The installed CRL, refused when it is missing or older than the one the clock record says this
-    machine installed (a deleted crl folder, an old CRL put back); the record ratchets up to it."""
-    tpm = _tpm(guard)
+    machine installed (a deleted crl folder, an old CRL put back); the record ratchets up to it. `tpm`:
+    what reads the TPM's CRL counter (`crl_count()`) on a connection already open (`vault.tpmstart`)."""
     if tpm is not None:
-        with tpm:
-            _tpm_behind(guard, tpm)
+        _tpm_behind(guard, tpm)
+    elif (chip := _tpm(guard)) is not None:
+        with chip:
+            _tpm_behind(guard, chip)
     crl = _installed(vendor_key_b64, home)
     kid = key_id(b64d(vendor_key_b64))
     recorded = guard.crl_number(kid)
@@ -291,10 +293,10 @@ def _install(crl: Crl, data: bytes, guard: ClockGuard, tpm: Any, home: Path | No
     return crl, True
 
 
-def check_revoked(lic: dict[str, Any], machine_id: str, guard: ClockGuard, home: Path | None = None) -> None:
+def check_revoked(lic: dict[str, Any], machine_id: str, guard: ClockGuard, home: Path | None = None, tpm: Any = None) -> None:
     """Refuse a license (or this machine) the installed CRL of its vendor revokes, naming the reason,
-    and a CRL missing or older than the one this machine installed."""
-    reason = _refusal(_current(lic["vendor_key"], guard, home), lic, machine_id)
+    and a CRL missing or older than the one this machine installed (`tpm`: as `_current`'s)."""
+    reason = _refusal(_current(lic["vendor_key"], guard, home, tpm), lic, machine_id)
     if reason is not None:
         raise VaultError(reason)
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,8 @@ from .container import SealedFile, content_key_id
 from .crl import check_revoked
 from .machine import POLICIES, MachineKey, check_tpm_block, match_facts
 from .snpbind import check_snp_block
-from .tpmwrap import unwrap_p256, wrap_p256
+from .tpmstart import TpmStart
+from .tpmwrap import wrap_p256
 from .trust import check_trusted_vendor
 
 KIND = "codemoat-license"
@@ -267,27 +267,6 @@ def wrap_keys(entry: dict[str, Any], lid: str, content_key: bytes, watermark_key
     }
 
 
-def tpm_unwrapper(attestor: Any, entry: dict[str, Any]) -> Any:
-    """`unwrap(wrapped, context, what)` through an open TPM: refuses another chip before asking for ECDH."""
-    t = entry["tpm"]
-    mine = attestor.unwrap_public(t["policy"])
-    if mine == "":  # the policy names a tamper latch this chip does not have
-        raise VaultError(
-            f"license is sealed to another TPM, or this one's tamper latch was deleted (no tamper latch in the chip at "
-            f"{attestor.tcti}): a copied data directory, another machine, or a reprovision by the vendor is needed"
-        )
-    if mine != t["unwrap"]:
-        raise VaultError(
-            f"license is sealed to another TPM (its unwrap key is not in this chip at "
-            f"{attestor.tcti}): a copied data directory, or another machine"
-        )
-
-    def unwrap_tpm(wrapped: Any, context: bytes, what: str) -> bytes:
-        return unwrap_p256(lambda p: attestor.zgen(t["policy"], p), t["unwrap"], wrapped, context, what)
-
-    return unwrap_tpm
-
-
 @dataclass
 class Grant:
     """A license that holds on this machine: what the loader needs."""
@@ -297,22 +276,87 @@ class Grant:
     content_key: bytes | None
     watermark_key: bytes | None
     now: float
+    pending: TpmStart | None = None  # the watermark key's unwrap, still in the chip (`defer_watermark`)
+
+    def settle(self) -> bytes | None:
+        """The watermark key, once a deferred unwrap is done (raising the chip's refusal, if any)."""
+        if self.pending is not None:
+            try:
+                self.watermark_key = self.pending.key(1) if len(self.pending.unwraps) > 1 else None
+            finally:
+                self.pending.close()
+                self.pending = None
+        return self.watermark_key
+
+    def close(self) -> None:
+        """Wait out a deferred unwrap without its result (a start that failed)."""
+        if self.pending is not None:
+            self.pending.close()
+            self.pending = None
 
 
-def check(lic: License, sealed: SealedFile, machine: MachineKey, guard: ClockGuard, *, trust_path: Path | None = None) -> Grant:
-    """Every offline check of `lic` against `sealed` on `machine`; the first failure raises."""
+def check(
+    lic: License,
+    sealed: SealedFile,
+    machine: MachineKey,
+    guard: ClockGuard,
+    *,
+    trust_path: Path | None = None,
+    defer_watermark: bool = False,
+) -> Grant:
+    """Every offline check of `lic` against `sealed` on `machine`; the first failure raises. On a machine
+    whose keys are in a TPM the chip's part runs in a thread beside the other checks (`vault.tpmstart`);
+    `defer_watermark`: return once the content key is out, and let `Grant.settle()` wait for the
+    watermark key's unwrap (a start overlaps it with the decryption; `Grant.close()` when it fails)."""
+    b = lic.body
+    entry = next((x for x in b["machines"] if x["id"] == machine.id), None)
+    tpm = _tpm_start(b, entry, machine)
+    try:
+        grant = _check(lic, sealed, machine, guard, entry, tpm, trust_path)
+        if grant.pending is None and tpm is not None:
+            tpm.close()  # the CRL counter alone (done by now)
+        elif not defer_watermark:
+            grant.settle()
+        return grant
+    except BaseException:
+        if tpm is not None:
+            tpm.close()
+        raise
+
+
+def _tpm_start(b: dict[str, Any], entry: dict[str, Any] | None, machine: MachineKey) -> TpmStart | None:
+    """The chip's part of the check, started now; None when this machine's keys are not in a TPM."""
+    if not getattr(machine, "tpm", None):
+        return None
+    unwraps = []
+    if b["mode"] == "offline" and entry is not None and entry.get("binding") == "tpm":
+        unwraps.append((b["keys"]["content_key"], key_context("content-key", b["id"]), "content key"))
+        if b["keys"].get("watermark_key") is not None:
+            unwraps.append((b["keys"]["watermark_key"], key_context("watermark-key", b["id"]), "watermark key"))
+    return TpmStart(machine.attestor(), entry, unwraps)
+
+
+def _check(
+    lic: License,
+    sealed: SealedFile,
+    machine: MachineKey,
+    guard: ClockGuard,
+    entry: dict[str, Any] | None,
+    tpm: TpmStart | None,
+    trust_path: Path | None,
+) -> Grant:
     b, m = lic.body, sealed.manifest
     if b["vendor_key"] != m.vendor_key:
         raise VaultError(
             f"license (vendor {lic.vendor_key_id}) and sealed file (vendor {sealed.vendor_key_id}) come from different vendors"
         )
     check_trusted_vendor(b["vendor_key"], trust_path)
-    check_revoked(b, machine.id, guard, trust_path.parent if trust_path else None)  # the vendor's installed CRL
+    home = trust_path.parent if trust_path else None
+    check_revoked(b, machine.id, guard, home, tpm if guard.machine is machine else None)  # the vendor's installed CRL
     if b["model"]["file_id"] != m.file_id or b["model"]["manifest_sha256"] != sealed.manifest_sha256:
         raise VaultError(f"license is for another model (sealed file {b['model']['file_id'][:12]}…, this is {m.file_id[:12]}…)")
     if b["customer_id"] != m.customer_id or b["customer"] != m.customer:
         raise VaultError(f"license is for customer {b['customer']!r}, but the model is sealed for {m.customer!r}")
-    entry = next((x for x in b["machines"] if x["id"] == machine.id), None)
     if entry is None:
         names = ", ".join(x["id"] for x in b["machines"][:3])
         raise VaultError(f"license is for another machine ({names}); this machine is {machine.id}")
@@ -331,18 +375,18 @@ def check(lic: License, sealed: SealedFile, machine: MachineKey, guard: ClockGua
     if now >= b["expires"]:
         raise VaultError(f"license expired on {iso(b['expires'])}")
     content = wm = None
+    if b["mode"] == "offline" and tpm is not None and tpm.unwraps:  # bound to this machine's chip
+        tpm.release()
+        content = tpm.key(0)
+        if content_key_id(content) != m.key_id:
+            raise VaultError("license content key does not open this sealed file")
+        return Grant(lic, entry, content, None, now, pending=tpm)
     if b["mode"] == "offline":
-        with ExitStack() as stack:  # a TPM is opened once for both keys
-            if entry.get("binding") == "tpm":
-                opened = tpm_unwrapper(stack.enter_context(machine.attestor()), entry)
-            else:
-
-                def opened(wrapped: Any, context: bytes, what: str) -> bytes:
-                    return unwrap(machine.x25519, wrapped, context, what)
-
-            content = opened(b["keys"]["content_key"], key_context("content-key", b["id"]), "content key")
-            if content_key_id(content) != m.key_id:
-                raise VaultError("license content key does not open this sealed file")
-            if b["keys"].get("watermark_key") is not None:
-                wm = opened(b["keys"]["watermark_key"], key_context("watermark-key", b["id"]), "watermark key")
+        if entry.get("binding") == "tpm":
+            machine.attestor()  # bound to a TPM this machine has not set up: says so
+        content = unwrap(machine.x25519, b["keys"]["content_key"], key_context("content-key", b["id"]), "content key")
+        if content_key_id(content) != m.key_id:
+            raise VaultError("license content key does not open this sealed file")
+        if b["keys"].get("watermark_key") is not None:
+            wm = unwrap(machine.x25519, b["keys"]["watermark_key"], key_context("watermark-key", b["id"]), "watermark key")
     return Grant(lic, entry, content, wm, now)

@@ -1,0 +1,123 @@
+"""The TPM's share of an offline license check: one connection, in a thread beside the rest of the start.
+
+On a machine whose keys are in a TPM, `license.check` needs the chip for the CRL install counter
+(`vault.crl`: a clock record put back from a backup is refused) and, for a license bound to the chip,
+for the ECDH unwraps of the content and watermark keys. Each is a few round trips to the chip, time
+the CPU spends waiting. `TpmStart` opens the chip once, as soon as the license's machine entry is
+known, and in this order:
+
+1. reads the CRL counter (`crl_count()`, what the CRL check asks for);
+2. derives the unwrap key, compares it with the license's (another chip is refused) and starts the
+   policy session: nothing secret, done while the other checks run and a start allocates the memfd's
+   pages (`engines.memfd.Prefault`);
+3. waits for `release()`, which `check` calls once every other check has passed: only such a license
+   gets a key out of the chip;
+4. unwraps the content key (`key(0)`), then the watermark key (`key(1)`). A start needs the latter only
+   once it serves, so with `check(..., defer_watermark=True)` that unwrap overlaps the decryption.
+
+An error in the thread is raised by the call that asks for that step's result, so refusals come in the
+order, and with the words, of a check done in one thread. `close()` stops a start not yet released and
+waits for the thread, which closes the connection (swtpm serves one connection at a time).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from .codec import VaultError
+from .tpmwrap import unwrap_p256
+
+
+def tpm_unwrapper(attestor: Any, entry: dict[str, Any]) -> Any:
+    """`unwrap(wrapped, context, what)` through an open TPM: refuses another chip before asking for ECDH."""
+    t = entry["tpm"]
+    mine = attestor.unwrap_public(t["policy"])
+    if mine == "":  # the policy names a tamper latch this chip does not have
+        raise VaultError(
+            f"license is sealed to another TPM, or this one's tamper latch was deleted (no tamper latch in the chip at "
+            f"{attestor.tcti}): a copied data directory, another machine, or a reprovision by the vendor is needed"
+        )
+    if mine != t["unwrap"]:
+        raise VaultError(
+            f"license is sealed to another TPM (its unwrap key is not in this chip at "
+            f"{attestor.tcti}): a copied data directory, or another machine"
+        )
+
+    def unwrap_tpm(wrapped: Any, context: bytes, what: str) -> bytes:
+        return unwrap_p256(lambda p: attestor.zgen(t["policy"], p), t["unwrap"], wrapped, context, what)
+
+    return unwrap_tpm
+
+
+class _Result:
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.value: Any = None
+        self.error: BaseException | None = None
+
+    def set(self, value: Any = None, error: BaseException | None = None) -> None:
+        self.value, self.error = value, error
+        self.done.set()
+
+    def get(self) -> Any:
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+class TpmStart:
+    """The chip's part of one check (see the module's text). `unwraps` are (wrapped, context, what) of the
+    keys to unwrap through `entry`'s TPM binding after `release()`; none: the CRL counter alone."""
+
+    def __init__(self, attestor: Any, entry: dict[str, Any] | None = None, unwraps: Sequence[tuple[Any, bytes, str]] = ()):
+        self.unwraps = list(unwraps)
+        self._crl, self._keys = _Result(), [_Result() for _ in self.unwraps]
+        self._gate, self._released = threading.Event(), False
+        self._thread = threading.Thread(target=self._run, args=(attestor, entry), name="codemoat-tpm", daemon=True)
+        self._thread.start()
+
+    def _run(self, attestor: Any, entry: dict[str, Any] | None) -> None:
+        pending = [self._crl, *self._keys]
+        try:
+            with attestor as a:
+                self._crl.set(a.crl_count())
+                pending.pop(0)
+                if not self.unwraps:
+                    return
+                assert entry is not None
+                opened = tpm_unwrapper(a, entry)
+                a.prepare_unwrap()
+                self._gate.wait()
+                if not self._released:
+                    return
+                for result, (wrapped, context, what) in zip(self._keys, self.unwraps):
+                    result.set(opened(wrapped, context, what))
+                    pending.pop(0)
+        except BaseException as e:  # raised to whoever asks for a step not done
+            for result in pending:
+                result.set(error=e)
+        finally:
+            for result in pending:
+                if not result.done.is_set():
+                    result.set(error=VaultError("the TPM start was stopped before this key was unwrapped"))
+
+    def crl_count(self) -> int | None:
+        """The TPM's CRL install counter (`TpmAttestor.crl_count`)."""
+        return self._crl.get()
+
+    def release(self) -> None:
+        """Every other check passed: the thread may unwrap the keys."""
+        self._released = True
+        self._gate.set()
+
+    def key(self, i: int) -> bytes:
+        """The `i`th unwrapped key (waits for it; raises the chip's refusal)."""
+        return self._keys[i].get()
+
+    def close(self) -> None:
+        """Stop a start not released, and wait until the thread has closed the connection."""
+        self._gate.set()
+        self._thread.join()

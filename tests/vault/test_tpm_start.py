@@ -1,0 +1,122 @@
+"""The TPM's part of an offline start runs on one connection in a thread beside the other checks
+(vault.tpmstart): the CRL install counter and the unwraps share the connection, the chip hands out a key
+only once every other check passed, and the watermark key's unwrap, which a start finishes while it
+decrypts, still refuses the start when the chip refuses it (a real swtpm per test)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from attest.swtpm_fixture import *  # noqa: F403  (the swtpm fixtures; tests/ is on the path)
+from attest.tpmhelp import tpm_machine
+
+from codemoat.attest import AttestError
+from codemoat.attest.tpm import TAMPER_PCR, TpmAttestor
+from codemoat.engines.sealed import open_sealed
+from codemoat.vault import crl
+from codemoat.vault.clock import ClockGuard
+from codemoat.vault.codec import VaultError
+from codemoat.vault.container import SealedFile
+from codemoat.vault.license import License, check
+from codemoat.vault.verify import verify_bundle
+from test_prefault import _Held, _memfds
+from vaulthelp import bundle
+
+
+def _build(_s, buf, _id, _parts):
+    return _Held(buf)
+
+
+@pytest.fixture
+def tpm_offline(vendor, tmp_path, swtpm):
+    """A TPM machine, an offline license bound to its chip, opened once, and a CRL installed (the chip counts it)."""
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF" + os.urandom(300_000))
+    machine = tpm_machine(swtpm, vendor)
+    moat, lic, doc = bundle(vendor, model, tmp_path / "out", machine)
+    assert doc["license"]["machines"][0]["binding"] == "tpm"
+    assert verify_bundle(moat, lic)["ok"]
+    crl.revoke(vendor, machines=["m_someone_else"], reason="lost")
+    crl.install(json.dumps(crl.build(vendor)).encode())
+    return machine, moat, lic, doc["license"]["id"]
+
+
+def _count(monkeypatch, name: str) -> list[int]:
+    """Count calls of TpmAttestor.`name` (the real method still runs)."""
+    real, n = getattr(TpmAttestor, name), [0]
+
+    def counting(self, *a, **kw):
+        n[0] += 1
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(TpmAttestor, name, counting)
+    return n
+
+
+def test_an_offline_start_reads_the_crl_counter_and_unwraps_on_one_tpm_connection(tpm_offline, monkeypatch):
+    machine, moat, lic, _ = tpm_offline
+    opened, counted = _count(monkeypatch, "__enter__"), _count(monkeypatch, "crl_count")
+    holder = open_sealed(moat, lic, machine=machine, watch=False, build=_build)
+    try:
+        assert holder.get().buf.sealed
+    finally:
+        holder.close()
+    assert counted[0] == 1  # the CRL check asked the chip for its install counter...
+    assert opened[0] == 1  # ...on the connection the unwraps used (two before: the CRL check opened its own)
+
+
+@pytest.mark.parametrize("refusal", ["revoked", "another model"])
+def test_a_license_refused_by_a_check_gets_no_key_out_of_the_chip(tpm_offline, vendor, tmp_path, monkeypatch, refusal):
+    """The chip's part starts before the other checks run; it may derive the unwrap key, but TPM2_ECDH_ZGen runs
+    only once every check passed."""
+    machine, moat, lic, lid = tpm_offline
+    if refusal == "revoked":
+        crl.revoke(vendor, licenses=[lid], reason="unpaid")
+        crl.install(json.dumps(crl.build(vendor)).encode())
+        want = "unpaid"
+    else:
+        other = tmp_path / "o.gguf"
+        other.write_bytes(b"GGUF" + os.urandom(1000))
+        moat = bundle(vendor, other, tmp_path / "other", machine, customer="acme2")[0]
+        want = "license is for another model"
+    zgen = _count(monkeypatch, "zgen")
+    with pytest.raises(VaultError, match=want):
+        open_sealed(moat, lic, machine=machine, watch=False, build=_build)
+    with pytest.raises(VaultError, match=want):
+        check(License.load(lic), SealedFile(moat), machine, ClockGuard(machine))
+    assert zgen[0] == 0
+    with TpmAttestor(machine.tpm["tcti"]) as a:  # the thread gave the connection back
+        assert a.crl_count() is not None
+
+
+def test_the_watermark_key_unwrapped_during_the_decryption_is_the_license_s(tpm_offline):
+    machine, moat, lic, _ = tpm_offline
+    whole = check(License.load(lic), SealedFile(moat), machine, ClockGuard(machine))  # both keys before it returns
+    assert whole.watermark_key is not None and whole.pending is None
+    holder = open_sealed(moat, lic, machine=machine, watch=False, build=_build)
+    try:
+        assert holder.watermark_key == whole.watermark_key
+    finally:
+        holder.close()
+
+
+def test_a_tamper_event_between_the_two_unwraps_refuses_the_start(tpm_offline, monkeypatch):
+    """The chip refuses the watermark key (a PCR extended after the content key came out): the start that was
+    decrypting meanwhile is refused in one line, and serves nothing."""
+    machine, moat, lic, _ = tpm_offline
+    real = TpmAttestor.zgen
+
+    def tampered_after_first(self, policy, point):
+        out = real(self, policy, point)
+        self.extend(TAMPER_PCR, b"chassis opened")
+        return out
+
+    monkeypatch.setattr(TpmAttestor, "zgen", tampered_after_first)
+    before = set(_memfds())
+    with pytest.raises(AttestError, match="refused to unwrap") as e:
+        open_sealed(moat, lic, machine=machine, watch=False, build=_build)
+    assert "\n" not in str(e.value)
+    assert set(_memfds()) == before  # the decrypted memfd was zeroed and closed
