@@ -200,3 +200,35 @@ def test_postgres_outage_fails_fast_and_heals(pg_cluster, tiny_gguf, serve_proce
         n = c.execute(sa.text("select count(*) from audit_records where route = '/v1/completions' and status = 200")).scalar()
     eng.dispose()
     assert n == ok
+
+
+@pytest.mark.slow
+def test_outage_answers_keep_the_connection_and_the_log_quiet(pg_cluster, tiny_gguf, serve_process, monkeypatch):
+    """While PostgreSQL is down, each request's 503 comes on a connection the client (or the load
+    balancer in front) can keep using, and the log says it in a line, with no traceback. Before, the
+    database error went past the audit layer to uvicorn, which logged 'Exception in ASGI
+    application' with a traceback and closed the connection after the 503; HAProxy then sent the
+    next request on that closed connection and cut the editor's request off with no answer."""
+    import http.client
+
+    url = pg_cluster.new_database()
+    monkeypatch.setenv("CODEMOAT_DATABASE_URL", url)
+    token = create_token("--name", "carol")
+    s = serve_process(["--model", str(tiny_gguf)])
+    hdr = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    body = json.dumps({"model": tiny_gguf.stem, "prompt": "x = ", "max_tokens": 2})
+    conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=60)
+    conn.request("POST", "/v1/completions", body, hdr)
+    assert conn.getresponse().read() and conn.sock is not None
+    pg_cluster.pause()
+    try:
+        for path, req in (("/v1/completions", body), ("/api/generate", json.dumps({"model": tiny_gguf.stem, "prompt": "x"}))):
+            for _ in range(2):  # on the same kept-alive connection each time
+                conn.request("POST", path, req, hdr)
+                r = conn.getresponse()
+                assert r.status == 503 and "error" in json.loads(r.read())
+    finally:
+        pg_cluster.resume()
+        conn.close()
+    out = s.output()
+    assert "Traceback" not in out and "Exception in ASGI application" not in out, out[-3000:]

@@ -16,6 +16,7 @@ import time
 from typing import TYPE_CHECKING
 
 import anyio
+from sqlalchemy.exc import DBAPIError
 from starlette.requests import Request
 
 from ..audit.log import AuditUnavailable
@@ -63,7 +64,7 @@ class AuditMiddleware:
                 with anyio.CancelScope(shield=True):  # a client that went away is still audited
                     await anyio.to_thread.run_sync(t.write, scope, status, time.perf_counter() - t0, note, limiter=t.limiter)
                 return True
-            except AuditUnavailable:
+            except (AuditUnavailable, DBAPIError):  # DBAPIError: the database went away while naming the caller
                 t.metrics.audit_failures.inc()
                 return False
 

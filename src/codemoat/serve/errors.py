@@ -154,6 +154,9 @@ def install(app) -> None:
     async def handler(request: Request, exc: Exception):
         return render_exception(request, exc)
 
+    # Starlette answers a handler for `Exception` in its outermost layer and then re-raises, so uvicorn
+    # logs a traceback and closes the connection: an unreachable database (an expected 503, many at
+    # once while PostgreSQL restarts) is answered in the inner layer like the other expected errors.
     for kind in (
         CodemoatError,
         PromptTooLong,
@@ -161,6 +164,8 @@ def install(app) -> None:
         ValidationError,
         json.JSONDecodeError,
         StarletteHTTPException,
+        OperationalError,
+        InterfaceError,
         Exception,
     ):
         app.add_exception_handler(kind, handler)
