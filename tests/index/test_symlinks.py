@@ -273,7 +273,11 @@ def test_a_repository_whose_path_later_leads_to_the_data_folder_is_not_read(tmp_
         update_repository(store, "proj")
     _nothing_of(store, home)
     store, home = _swapped_parent(tmp_path / "b", monkeypatch, "proj/.codemoat")  # it holds the data folder
-    stats = update_repository(store, "proj")
+    with pytest.raises(CodemoatError, match="no longer the folder indexed as 'proj'"):
+        update_repository(store, "proj")  # another folder than the one added (device and inode)
+    with store.transaction():  # as an index from before schema 4, which learns the folder at this update:
+        store.db.execute("UPDATE repos SET root_dev = NULL, root_ino = NULL")
+    stats = update_repository(store, "proj")  # the data folder inside is still refused by what is opened
     assert list(stats.refused) == [".codemoat/"] and "codemoat's data folder" in stats.refused[".codemoat/"]
     _nothing_of(store, home)
 
@@ -296,3 +300,53 @@ def test_a_repository_whose_path_later_leads_to_another_repository_is_not_read(t
     rows = store.db.execute("SELECT r.name, f.path FROM files f JOIN repos r ON r.id = f.repo_id ORDER BY 1").fetchall()
     store.close()
     assert rows == [("team-b", "b.py"), ("web", "a.py")]
+
+
+def test_a_repository_whose_path_later_leads_into_another_repositorys_subfolder_is_not_read(tmp_path, home):
+    """Was open: the swap onto a *subfolder* of another indexed repository. Its root is no indexed
+    repository's root and no folder on the way down is one, so team-b's code under b/web was indexed
+    again under web's name and groups (everyone). `index add` now keeps the folder's device and inode
+    and `index update` refuses a root that is no longer that folder (recorded on the first update for a
+    repository indexed before). Re-cloning a repository into a new folder needs remove + add."""
+    srv, teams = tmp_path / "srv", tmp_path / "teams"
+    (srv / "repos" / "web").mkdir(parents=True)
+    (srv / "repos" / "web" / "a.py").write_text("A = 1\n")
+    (teams / "b" / "web").mkdir(parents=True)  # team-b's repository holds a folder named web
+    (teams / "b" / "web" / "b.py").write_text(OTHER)
+    store = SqliteIndex()
+    add_repository(store, teams / "b", "team-b", ["team-b"])
+    add_repository(store, srv / "repos" / "web", "web", ["everyone"])
+    update_repository(store, "web")  # the same folder: updates as before
+    (srv / "repos").rename(srv / "repos.old")
+    (srv / "repos").symlink_to(teams / "b")  # .../srv/repos/web is now team-b's b/web
+    with pytest.raises(CodemoatError, match="no longer the folder indexed as 'web'"):
+        update_repository(store, "web")
+    rows = store.db.execute("SELECT r.name, f.path FROM files f JOIN repos r ON r.id = f.repo_id ORDER BY 1, 2").fetchall()
+    store.close()
+    assert rows == [("team-b", "web/b.py"), ("web", "a.py")]
+    r = run_cli("index", "update", "web")
+    assert r.returncode == 1 and "no longer the folder indexed as 'web'" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_an_index_from_before_the_folder_identity_learns_it_at_its_next_update(tmp_path, home):
+    """An index.db written before schema 4 has no device and inode for its repositories: the next
+    update records them (the folder as it is then), and a later swap is refused. A new device number
+    with the same inode (a volume mounted again) is the same folder."""
+    (tmp_path / "web").mkdir()
+    (tmp_path / "web" / "a.py").write_text("A = 1\n")
+    store = SqliteIndex()
+    add_repository(store, tmp_path / "web", "web", ["everyone"])
+    with store.transaction():
+        store.db.execute("UPDATE repos SET root_dev = NULL, root_ino = NULL")
+    update_repository(store, "web")
+    dev, ino = store.db.execute("SELECT root_dev, root_ino FROM repos").fetchone()
+    assert dev is not None and ino is not None
+    with store.transaction():  # the volume mounted again (a new pod): the same folder, another device number
+        store.db.execute("UPDATE repos SET root_dev = root_dev + 1")
+    update_repository(store, "web")
+    assert store.db.execute("SELECT root_dev, root_ino FROM repos").fetchone() == (dev, ino)
+    (tmp_path / "web").rename(tmp_path / "web.old")
+    (tmp_path / "web").mkdir()  # another folder at the same path
+    with pytest.raises(CodemoatError, match="no longer the folder indexed as 'web'"):
+        update_repository(store, "web")
+    store.close()

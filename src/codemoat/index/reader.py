@@ -85,6 +85,7 @@ class RepoReader:
         self._private_ids = _ids(private)
         self._other_ids = _ids(other_roots)
         st = os.fstat(self._fd)
+        self.root_id = (st.st_dev, st.st_ino)  # what was opened: `index update` compares it with what was added
         other = self._other_ids.get((st.st_dev, st.st_ino))
         if other is not None:
             self.close()

@@ -32,14 +32,14 @@ from .chunk import Chunk, Symbol
 from .snapshots import SnapshotDir
 from .terms import path_terms, terms
 
-SCHEMA_VERSION = 3  # 3: repos.last_report
+SCHEMA_VERSION = 4  # 3: repos.last_report; 4: repos.root_dev, root_ino
 MAX_DF_FRACTION = 0.05  # query terms in more chunks than this carry little BM25 weight and cost the most
 MAX_QUERY_TERMS = 24
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS repos(
   id INTEGER PRIMARY KEY, name TEXT UNIQUE NOT NULL, root TEXT NOT NULL, git_url TEXT,
   include TEXT NOT NULL DEFAULT '[]', exclude TEXT NOT NULL DEFAULT '[]',
-  created REAL NOT NULL, updated REAL, last_report TEXT);
+  created REAL NOT NULL, updated REAL, last_report TEXT, root_dev INTEGER, root_ino INTEGER);
 CREATE TABLE IF NOT EXISTS repo_groups(
   repo_id INTEGER NOT NULL REFERENCES repos(id) ON DELETE CASCADE, grp TEXT NOT NULL,
   PRIMARY KEY(repo_id, grp));
@@ -84,6 +84,9 @@ def _upgrade(conn: sqlite3.Connection) -> None:
     cols = {r[1] for r in conn.execute("PRAGMA table_info(repos)")}
     if cols and "last_report" not in cols:
         conn.execute("ALTER TABLE repos ADD COLUMN last_report TEXT")
+    if cols and "root_dev" not in cols:  # learnt at each repository's next update (index.update)
+        conn.execute("ALTER TABLE repos ADD COLUMN root_dev INTEGER")
+        conn.execute("ALTER TABLE repos ADD COLUMN root_ino INTEGER")
     conn.executescript(_SCHEMA + f"PRAGMA user_version={SCHEMA_VERSION};")
 
 
@@ -102,6 +105,7 @@ class RepoInfo:
     chunks: int = 0
     symbols: int = 0
     last_report: dict | None = None  # the last update's counts: indexed, removed, skipped, refused (path -> why)
+    root_id: tuple[int, int] | None = None  # the folder's (device, inode) at `index add`; None: not known yet
 
 
 @dataclass(frozen=True)
@@ -246,17 +250,23 @@ class SqliteIndex:
 
     # -- repositories ----------------------------------------------------------------------------
     def add_repo(self, name: str, root: str, groups: Sequence[str], git_url: str | None,
-                 include: Sequence[str] = (), exclude: Sequence[str] = ()) -> int:  # fmt: skip
+                 include: Sequence[str] = (), exclude: Sequence[str] = (),
+                 root_id: tuple[int, int] | None = None) -> int:  # fmt: skip
         db = self.db
         if db.execute("SELECT 1 FROM repos WHERE name=?", (name,)).fetchone():
             raise CodemoatError(f"repository {name!r} is already indexed (use `codemoat index update {name}`)")
+        dev, ino = root_id or (None, None)
         cur = db.execute(
-            "INSERT INTO repos(name, root, git_url, include, exclude, created) VALUES (?,?,?,?,?,?)",
-            (name, root, git_url, json.dumps(list(include)), json.dumps(list(exclude)), time.time()),
+            "INSERT INTO repos(name, root, git_url, include, exclude, created, root_dev, root_ino) VALUES (?,?,?,?,?,?,?,?)",
+            (name, root, git_url, json.dumps(list(include)), json.dumps(list(exclude)), time.time(), dev, ino),
         )
         rid = int(cur.lastrowid or 0)
         db.executemany("INSERT INTO repo_groups VALUES (?,?)", [(rid, g) for g in sorted(set(groups))])
         return rid
+
+    def set_root_id(self, rid: int, root_id: tuple[int, int]) -> None:
+        """Record repository `rid`'s folder (device, inode): one indexed before schema 4 (inside a transaction)."""
+        self.db.execute("UPDATE repos SET root_dev=?, root_ino=? WHERE id=?", (*root_id, rid))
 
     def set_groups(self, name: str, groups: Sequence[str]) -> None:
         rid = self.repo(name).id
@@ -292,15 +302,18 @@ class SqliteIndex:
                 f, c, _ = stats.get(rid, (0, 0, 0))
                 stats[rid] = (f, c, s)
         out = []
-        # a snapshot published before schema 3 (read-only here) has no last_report column
-        report = "last_report" if any(r[1] == "last_report" for r in db.execute("PRAGMA table_info(repos)")) else "NULL"
-        for rid, name, root, url, inc, exc, created, updated, rep in db.execute(
-            f"SELECT id, name, root, git_url, include, exclude, created, updated, {report} FROM repos ORDER BY name"
+        # a snapshot published before schema 3 or 4 (read-only here) lacks their columns
+        cols = {r[1] for r in db.execute("PRAGMA table_info(repos)")}
+        report = "last_report" if "last_report" in cols else "NULL"
+        ident = "root_dev, root_ino" if "root_dev" in cols else "NULL, NULL"
+        for rid, name, root, url, inc, exc, created, updated, rep, dev, ino in db.execute(
+            f"SELECT id, name, root, git_url, include, exclude, created, updated, {report}, {ident} FROM repos ORDER BY name"
         ):
             f, c, s = stats.get(rid, (0, 0, 0))
             out.append(RepoInfo(rid, name, root, url, tuple(groups.get(rid, ())), tuple(json.loads(inc)),
                                 tuple(json.loads(exc)), created, updated, f, c, s,
-                                json.loads(rep) if rep else None))  # fmt: skip
+                                json.loads(rep) if rep else None,
+                                (dev, ino) if dev is not None and ino is not None else None))  # fmt: skip
         return out
 
     def repo(self, name: str) -> RepoInfo:

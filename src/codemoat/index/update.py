@@ -74,8 +74,9 @@ def add_repository(store: SqliteIndex, path: Path | str, name: str, groups: Sequ
             raise CodemoatError(
                 f"{path} is inside codemoat's data folder {p}: it holds the machine key and databases, never a repository"
             )
+    st = root.stat()  # the folder itself: a later update refuses another one at this path
     with store.transaction():
-        store.add_repo(name, str(root), groups, git_remote(root), include, exclude)
+        store.add_repo(name, str(root), groups, git_remote(root), include, exclude, (st.st_dev, st.st_ino))
         return _update(store, store.repo(name), progress)
 
 
@@ -126,11 +127,12 @@ def _update(store: SqliteIndex, info: RepoInfo, progress: Progress | None) -> Up
     stats = UpdateStats(info.name)
     others = [Path(r.root) for r in store.repos() if r.id != info.id]
     private = _private(store)
-    listing = scan(root, info.include, info.exclude, others, private)
-    paths, stats.refused = listing.paths, listing.refused
-    known = store.file_hashes(info.id)
-    stats.files = len(paths)
     with RepoReader(root, others, private) as reader:
+        _same_folder(store, info, reader)
+        listing = scan(root, info.include, info.exclude, others, private)
+        paths, stats.refused = listing.paths, listing.refused
+        known = store.file_hashes(info.id)
+        stats.files = len(paths)
         for i, rel in enumerate(paths, 1):
             if progress is not None:
                 progress(i, len(paths), rel)
@@ -140,6 +142,22 @@ def _update(store: SqliteIndex, info: RepoInfo, progress: Progress | None) -> Up
         stats.removed += 1
     store.touch_repo(info.id, stats.report())
     return stats
+
+
+def _same_folder(store: SqliteIndex, info: RepoInfo, reader: RepoReader) -> None:
+    """Refuse a root that is no longer the folder `index add` saw (by its inode): a parent of its path
+    swapped for a link can lead anywhere, a subfolder of another repository included, which the path
+    checks cannot tell. Recorded anew: a repository indexed before the index kept this, and the same
+    inode on another device number (a volume mounted again: an NFS or cloud volume in a new pod gets a
+    new one; another indexed repository's root with that inode is refused by device and inode anyway)."""
+    if info.root_id is None or (info.root_id[1] == reader.root_id[1] and info.root_id[0] != reader.root_id[0]):
+        store.set_root_id(info.id, reader.root_id)
+    elif reader.root_id != info.root_id:
+        raise CodemoatError(
+            f"repository folder {info.root} is no longer the folder indexed as {info.name!r} (another folder is at "
+            f"that path now, or a link on it leads elsewhere); if it is the same code, `codemoat index remove "
+            f"{info.name}` and add it again"
+        )
 
 
 def _private(store: SqliteIndex) -> list[Path]:
