@@ -13,8 +13,10 @@ Parts (each one run of a few minutes; `--part all` runs both):
   lora    in one process: a tuned adapter's cost (issue 22). Two engines up at once, the plain one
           and one with a rank-16 adapter on every linear layer (`enable_lora`, `codemoat tune`'s
           layout, handed over from a memfd as served); rounds in rotating order of greedy 32-token
-          completions with a fresh prompt each round: base on the plain engine, base and adapter
-          requests on the LoRA engine; 1 client, then 8 concurrent. p50 latency and ms per token.
+          completions with a fresh prompt each round: base on the plain engine, base, adapter and
+          half-adapter (every other request; a mixed batch) requests on the LoRA engine; 1 client,
+          then 8 concurrent. p50 latency and ms per token. The adapter is folded into the weights
+          for steps where every token has it (`model.fold_adapters`, engines.vllm_fold) unless `--no-fold`.
           `--lora-model random-100m` runs it on a random-weight llama of 12 layers, 768 wide (~100M
           parameters, the bundled tokenizer) written to a temporary folder, as well as the bundled one.
 
@@ -324,24 +326,24 @@ def lora_adapter(model: Path = HF, rank: int = 16) -> tuple[bytes, str]:
     return safetensors_bytes(pm)
 
 
-def part_lora(out: list[str], rounds: int, models: list[str]) -> None:
+def part_lora(out: list[str], rounds: int, models: list[str], fold: bool = True) -> None:
     """p50 of a completion with the adapter vs without, under vLLM (see the module's text)."""
     for name in models:
         with tempfile.TemporaryDirectory(prefix="bench-lora-") as tmp:
             folder = HF if name == "tiny" else random_hf(Path(tmp) / "random-100m")
             out.append(f"**{'codemoat-tiny (5 layers, 192 wide)' if name == 'tiny' else 'random 100M (12 layers, 768 wide)'}**")
             out.append("")
-            lora_run(out, rounds, folder)
+            lora_run(out, rounds, folder, fold)
 
 
-def lora_run(out: list[str], rounds: int, model: Path) -> None:
+def lora_run(out: list[str], rounds: int, model: Path, fold: bool = True) -> None:
     from codemoat.engines.base import SamplingParams
     from codemoat.engines.vllm_engine import VllmEngine
 
     st, cfg = lora_adapter(model)
     fd = os.memfd_create("bench-lora")
     os.write(fd, st)
-    variants = ("plain engine, base", "LoRA engine, base", "LoRA engine, adapter")
+    variants = ("plain engine, base", "LoRA engine, base", "LoRA engine, adapter", "LoRA engine, half adapter")
     lat: dict[tuple[str, int], list[float]] = {(v, c): [] for v in variants for c in (1, 8)}
     per_tok: dict[tuple[str, int], list[float]] = {(v, c): [] for v in variants for c in (1, 8)}
 
@@ -353,19 +355,32 @@ def lora_run(out: list[str], rounds: int, model: Path) -> None:
 
     async def run() -> None:
         plain = VllmEngine.from_path(model, n_ctx=512)
-        tuned = VllmEngine.from_path(model, n_ctx=512, adapters={"pay": (fd, cfg)})
-        engines = {variants[0]: (plain, None), variants[1]: (tuned, None), variants[2]: (tuned, "pay")}
+        tuned = VllmEngine.from_path(model, n_ctx=512, adapters={"pay": (fd, cfg)}, fold_adapters=fold)
+        # the last: every other request has the adapter (a batch mixing both; one client: alternating)
+        engines = {
+            variants[0]: (plain, None),
+            variants[1]: (tuned, None),
+            variants[2]: (tuned, "pay"),
+            variants[3]: (tuned, "half"),
+        }
         try:
-            for eng, a in engines.values():  # warm: the adapter is added to vLLM by the first request
+            for eng, a in list(engines.values())[:3]:  # warm: the adapter is added to vLLM by the first request
                 await one(eng, PROMPTS[0], a)
             for r in range(rounds):
-                order = variants[r % 3 :] + variants[: r % 3]
+                order = variants[r % 4 :] + variants[: r % 4]
                 for clients in (1, 8):
                     for v in order:
                         eng, a = engines[v]
                         # a fresh prompt per (round, variant, client): no prefix cache helps anyone
                         got = await asyncio.gather(
-                            *(one(eng, f"# r{r} v{variants.index(v)} c{k}\n" + PROMPTS[(r + k) % 4], a) for k in range(clients))
+                            *(
+                                one(
+                                    eng,
+                                    f"# r{r} v{variants.index(v)} c{k}\n" + PROMPTS[(r + k) % 4],
+                                    a if a != "half" else (None, "pay")[(r + k) % 2],
+                                )
+                                for k in range(clients)
+                            )
                         )
                         for s, n in got:
                             lat[v, clients].append(s)
@@ -378,7 +393,10 @@ def lora_run(out: list[str], rounds: int, model: Path) -> None:
         asyncio.run(run())
     finally:
         os.close(fd)
-    out.append(f"{rounds} rounds, rank-16 adapter on all 7 linear layers ({len(st) / 1e6:.1f} MB safetensors), 32 greedy tokens.")
+    out.append(
+        f"{rounds} rounds, rank-16 adapter on all 7 linear layers ({len(st) / 1e6:.1f} MB safetensors), 32 greedy tokens, "
+        f"adapter folded into the weights for all-adapter steps: {'yes' if fold else 'no (--no-fold)'}."
+    )
     out.append("")
     out.append("| variant | p50 ms, 1 client | ms/token, 1 client | p50 ms, 8 clients | ms/token, 8 clients |")
     out.append("| --- | --- | --- | --- | --- |")
@@ -399,6 +417,11 @@ def lora_run(out: list[str], rounds: int, model: Path) -> None:
         f"| ratio base on LoRA engine / plain engine | {med[b, 1] / med[p, 1]:.2f} | {mpt[b, 1] / mpt[p, 1]:.2f} | "
         f"{med[b, 8] / med[p, 8]:.2f} | {mpt[b, 8] / mpt[p, 8]:.2f} |"
     )
+    h = variants[3]
+    out.append(
+        f"| ratio half adapter / plain engine | {med[h, 1] / med[p, 1]:.2f} | {mpt[h, 1] / mpt[p, 1]:.2f} | "
+        f"{med[h, 8] / med[p, 8]:.2f} | {mpt[h, 8] / mpt[p, 8]:.2f} |"
+    )
     out.append("")
 
 
@@ -408,6 +431,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=8.0, help="load per (server, clients)")
     ap.add_argument("--before", type=Path, help="src/ of an older checkout, served too as codemoat-vllm-before (serve part)")
     ap.add_argument("--lora-model", default="tiny", help="lora part: tiny, random-100m, or both (tiny,random-100m)")
+    ap.add_argument("--no-fold", action="store_true", help="lora part: model.fold_adapters off (engines.vllm_fold)")
     ap.add_argument("--rounds", type=int, default=1, help="rounds of the serve part, or of the lora part (medians)")
     args = ap.parse_args()
     out: list[str] = []
@@ -417,7 +441,7 @@ def main() -> None:
     if args.part in ("engine", "all"):
         part_engine(out)
     if args.part in ("lora", "all"):
-        part_lora(out, max(3, args.rounds), args.lora_model.split(","))
+        part_lora(out, max(3, args.rounds), args.lora_model.split(","), not args.no_fold)
     load1 = os.getloadavg()
     path = ROOT / "bench" / "results" / "vllm.md"
     head = (

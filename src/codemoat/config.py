@@ -113,7 +113,9 @@ class ModelSettings(BaseModel):
         description="Fold each adapter into its own in-memory copy of the base model's weights (as llama.cpp's "
         "export-lora does, never written to disk), served at the base's speed, when the weights it changes are "
         "F32, F16, BF16 or Q8_0 and the base is at most 2 GiB: one more copy of the base in memory per adapter. "
-        "Otherwise, or when off, llama.cpp applies the adapter at run time (extra work in every layer).",
+        "Otherwise, or when off, llama.cpp applies the adapter at run time (extra work in every layer). "
+        "vLLM on CPU (same 2 GiB bound): a step whose every token has one adapter runs with it folded into "
+        "that layer's weights (engines.vllm_fold); steps mixing adapters and the base apply it at run time.",
     )
     default_max_tokens: int = Field(
         64,

@@ -36,6 +36,23 @@ def test_max_lora_rank_is_the_smallest_vllm_takes():
         max_lora_rank([{"r": 1024}])
 
 
+def test_vllm_wraps_only_the_modules_the_adapters_adapt():
+    """lora_target_modules: the output head is not wrapped for adapters of the 7 linear layers (vLLM's CPU
+    op for it gathered a vocab x rank matrix per token, a sixth of the step); a pattern leaves it to vLLM."""
+    from codemoat.engines.vllm_lora import lora_targets
+
+    seven = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert lora_targets([{"target_modules": seven}]) == seven
+    assert lora_targets([{"target_modules": ["q_proj"]}, {"target_modules": ["v_proj"], "modules_to_save": ["lm_head"]}]) == [
+        "lm_head",
+        "q_proj",
+        "v_proj",
+    ]
+    assert lora_targets([{"target_modules": seven}, {"target_modules": "all-linear"}]) is None
+    assert lora_targets([{"target_modules": [".*proj"]}]) is None
+    assert lora_targets([{"r": 8}]) is None
+
+
 def test_adapters_under_vllm_need_the_gguf_they_were_tuned_on(tmp_path):
     """A bare HF folder has no digest an adapter recorded: refused in one line, naming the GGUF to give."""
     from codemoat.engines.adapters import load_adapters, open_adapters
@@ -157,6 +174,10 @@ def test_vllm_serves_the_adapter_only_to_who_reads_every_source_repo(tmp_path):
             got = c.portal.call(batch)  # the three requests in flight together: one vLLM batch
             assert c.portal.call(direct, None) == want_base  # the engine over vLLM is transformers' base...
             assert c.portal.call(direct, "pay") == want_tuned  # ...and peft's base + adapter, token for token
+            # alone, the adapter request ran with the adapter folded into the weights (engines.vllm_fold);
+            # the base request after it runs the base weights, not the folded ones
+            assert engine.folds_adapters
+            assert c.portal.call(direct, None) == want_base
             with pytest.raises(CodemoatError, match="no adapter named 'other'"):
                 c.portal.call(direct, "other")
             # the sockets went once the adapter was loaded; the folder holds no weights
@@ -220,7 +241,13 @@ def test_a_stranger_cannot_fetch_an_adapter_from_the_lora_handoff(tmp_path):
         while h_.refused == 0 and time.time() < deadline:
             time.sleep(0.05)
         assert h_.refused == 1 and h_.served == 0
-        assert h.engine_args == {"enable_lora": True, "max_loras": 2, "max_cpu_loras": 2, "max_lora_rank": 8}
+        assert h.engine_args == {
+            "enable_lora": True,
+            "max_loras": 2,
+            "max_cpu_loras": 2,
+            "max_lora_rank": 8,
+            "lora_target_modules": None,  # the config names no target_modules: vLLM wraps every module it can
+        }
         assert h.requests["pay"].lora_path == str(h.private.path / "1")
     finally:
         h.close()

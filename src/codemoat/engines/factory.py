@@ -24,6 +24,7 @@ def engine_options(settings: Settings, model_id: str) -> dict[str, Any]:
     opts = {"model_id": model_id, "n_ctx": m.n_ctx, "n_threads": m.n_threads, "n_gpu_layers": m.n_gpu_layers}
     if m.engine == "vllm":
         opts.update(tensor_parallel_size=m.tensor_parallel_size, kv_cache_gib=m.kv_cache_gib, enforce_eager=m.enforce_eager)
+        opts["fold_adapters"] = m.fold_adapters  # engines.vllm_fold
     return opts
 
 

@@ -19,7 +19,9 @@ registered at start-up and keyed per request through `SamplingParams.extra_args`
 LoRA adapters (`codemoat tune`, sealed to this machine): `adapters` maps each name to its memfd
 (the adapter's safetensors) and adapter_config.json; vLLM runs with `enable_lora` and each request
 carries the `LoRARequest` of the adapter serve chose for its user (`SamplingParams.adapter`), None
-for the base. The weights reach vLLM's workers from memory (`engines.vllm_lora`).
+for the base. The weights reach vLLM's workers from memory (`engines.vllm_lora`). With
+`fold_adapters` (`model.fold_adapters`, a base of at most 2 GiB) a step whose every token has one
+adapter runs with that adapter folded into the weights (`engines.vllm_fold`).
 
 Lease loss closes the engine (`close()`): vLLM's processes exit, taking the weights with them, and
 the memfd is zeroed; the next renewal builds it again. (vLLM's sleep mode is CUDA-only.)
@@ -79,6 +81,8 @@ class VllmEngine(HfModel, Engine):
         kv_cache_gib: float = 1.0,
         loader: dict[str, Any] | None = None,
         adapters: Mapping[str, tuple[int, str]] | None = None,
+        fold_adapters: bool = True,
+        weights_bytes: int | None = None,
         on_close: Any = None,
         **_: Any,
     ):
@@ -107,6 +111,13 @@ class VllmEngine(HfModel, Engine):
 
             self._lora = LoraHandoff(adapters)
             lora_args = self._lora.engine_args
+        from .vllm_fold import FOLD_ENV, MAX_FOLD_BYTES
+
+        if weights_bytes is None:
+            weights_bytes = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+        # read by vLLM's processes as they start (engines.vllm_fold): W + B·A for all-adapter steps
+        self.folds_adapters = bool(adapters) and fold_adapters and weights_bytes <= MAX_FOLD_BYTES
+        os.environ[FOLD_ENV] = "1" if self.folds_adapters else "0"
         args = AsyncEngineArgs(
             model=str(folder),
             tokenizer=str(folder),
@@ -165,6 +176,7 @@ class VllmEngine(HfModel, Engine):
                 private.remove()
                 buf.close(zero=True)
 
+            kw.setdefault("weights_bytes", sum(size for n, (_, size) in parts.items() if n.endswith(".safetensors")))
             eng = cls(private.path, loader=loader, on_close=on_close, **kw)
         except BaseException:
             if handoff is not None:

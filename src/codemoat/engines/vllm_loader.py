@@ -106,9 +106,10 @@ def load_from_memfd(model: Any, fd: int, size: int, parts: dict[str, Any]) -> se
 def register() -> None:
     """The `vllm.general_plugins` entry point: make `load_format="codemoat"` known in this process, and
     sealed LoRA adapters load from memory (`engines.vllm_lora`)."""
-    from .vllm_lora import patch_vllm
+    from . import vllm_fold, vllm_lora
 
-    patch_vllm()
+    vllm_lora.patch_vllm()
+    vllm_fold.patch_vllm()
     try:
         from vllm.model_executor.model_loader import register_model_loader
         from vllm.model_executor.model_loader.base_loader import BaseModelLoader

