@@ -9,8 +9,11 @@
    run in the writer processes) and now side by side, `audit verify` after each; it rewrites only
    its section, which the full run keeps.
 
-    flock /tmp/s6/bench.lock .venv/bin/python bench/replicas.py [--clients 32] [--seconds 60]
-    flock /tmp/s6/bench.lock .venv/bin/python bench/replicas.py --audit-only [--before REV]
+    CODEMOAT_MODEL__N_THREADS=1 .venv/bin/python bench/replicas.py [--clients 32] [--seconds 60]
+    .venv/bin/python bench/replicas.py --audit-only [--before REV]
+
+(one bench at a time on a shared machine: under `flock`). Several replicas on one host must split its
+cores (model.n_threads = cores / replicas): see the notes at the end of the results file.
 
 Writes bench/results/replicas.md. Needs Debian's postgresql and haproxy (tests/pg.py starts a
 private cluster on a free loopback port).
@@ -50,6 +53,12 @@ PROMPTS = [
     "def add(a, b):\n    return",
     "class Stack:\n    def __init__(self):\n        ",
 ]
+
+
+def _command() -> str:
+    """This run's command line for the results file (with the llama.cpp thread setting, which changes the figures)."""
+    env = "".join(f"{k}={os.environ[k]} " for k in ("CODEMOAT_MODEL__N_THREADS",) if k in os.environ)
+    return f"{env}.venv/bin/python bench/replicas.py {' '.join(sys.argv[1:])}".rstrip()
 
 
 def free_port() -> int:
@@ -289,7 +298,7 @@ def audit_only(seconds: float = 8.0, before: str = BEFORE) -> None:
     section = [
         "## Audit appends/s (one chain for all writers)",
         "",
-        f"`flock /tmp/s6/bench.lock .venv/bin/python bench/replicas.py --audit-only` on {platform.machine()}, "
+        f"`{_command()}` (one bench at a time) on {platform.machine()}, "
         f"{os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {seconds:g} s per cell; "
         f"/proc/loadavg before {' '.join(load_before)}, after {' '.join(load_after)} (1-min load {min(loads):.1f}–"
         f"{max(loads):.1f} while it ran). PostgreSQL 15, private cluster, fsync off as in the tests. Each cell a fresh "
@@ -322,6 +331,11 @@ def audit_only(seconds: float = 8.0, before: str = BEFORE) -> None:
         "append's transaction, as before (faster now: its statements are plain SQL built once, and a writer takes the",
         "write lock before reading the tip). The writers, PostgreSQL and the other engineers' work share the two cores:",
         "compare within a column.",
+        "",
+        'In the SQLite "before" cells writer threads may die (their tracebacks go to the terminal): on a fresh log the',
+        "old code read the head outside SQLite's write lock, so a writer process could see another's first record without",
+        'its head ("audit log tampered: records exist but the signed head is missing"), and with 4 × 8 stale reads',
+        'exhausted the retries ("audit log busy"); their counts stop there. Today\'s code is verified after every cell.',
         "",
     ]
     text = RESULTS.read_text() if RESULTS.exists() else ""
@@ -408,10 +422,11 @@ def main() -> None:
     old = RESULTS.read_text() if RESULTS.exists() else ""
     start, end = old.find("## Audit appends/s"), old.find("## Token revocation")
     audit_section = old[start:end].rstrip("\n").splitlines() if 0 <= start < end else []
+    notes = old[old.find("## Notes") :].rstrip("\n").splitlines() if "## Notes" in old else []  # kept as written
     lines = [
         "# Replicas: two `codemoat serve` on one PostgreSQL behind HAProxy vs one",
         "",
-        f"`flock /tmp/s6/bench.lock .venv/bin/python bench/replicas.py --clients {args.clients} --seconds {args.seconds:g}` on "
+        f"`{_command()}` (one bench at a time) on "
         f"{platform.machine()}, {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
         f"/proc/loadavg before {' '.join(load_before)}, after {' '.join(load_after)}.",
         f"Model: bundled {MODEL.name}, 16-token completions, greedy. PostgreSQL 15 (private cluster, fsync off as in the tests), "
@@ -442,6 +457,7 @@ def main() -> None:
         "(the first request after the revocation; tokens are checked in the database on every request). Target ≤ 1 s: "
         f"{'met' if propagation <= 1 else 'missed'}.",
         "",
+        *([*notes, ""] if notes else []),
     ]
     RESULTS.write_text("\n".join(lines))
     print(RESULTS.read_text())
