@@ -178,3 +178,24 @@ def read_own(path: str | Path, what: str, limit: int | None = 1 << 20, error: ty
     bytes; else one line. A FIFO put there no longer hangs the reader, and a link no longer redirects
     it to a file elsewhere. FileNotFoundError passes: a missing file means what it meant before."""
     return read_regular(path, what, limit, error, own=True)
+
+
+def open_own(path: str | Path, what: str, flags: int = os.O_RDWR | os.O_CREAT, error: type[Exception] | None = None) -> int:
+    """A descriptor on a file codemoat keeps in its own home or vendor folder (a lock file, a secret it
+    writes), created 0600: never through a symbolic link (O_NOFOLLOW), and only a regular file
+    (O_NONBLOCK: a FIFO put there is refused instead of blocking the open for good); else one line."""
+    from .errors import CodemoatError
+
+    err = error or CodemoatError
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0), PRIVATE_FILE)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise err(f"{path} is a symbolic link, not a {what}") from None
+        if e.errno == errno.ENXIO:  # a FIFO opened for writing alone, with no reader
+            raise err(f"{path} is not a regular file, not a {what}") from None
+        raise err(f"cannot open {what} {path}: {e.strerror or e}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise err(f"{path} is not a regular file, not a {what}")
+    return fd

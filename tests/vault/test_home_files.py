@@ -9,10 +9,12 @@ instead). The link cases point at a valid copy of the real file, which the code 
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
 import threading
+import time
 from pathlib import Path
 from typing import Any
 from collections.abc import Callable
@@ -137,11 +139,17 @@ def _call(fn: Callable[[], Any], fifo: Path | None) -> tuple[str, Any]:
     t = threading.Thread(target=run, daemon=True)
     t.start()
     t.join(15)
-    if t.is_alive():  # the code before the fix: a writer arrives to release the blocked open, then fail
+    if t.is_alive():  # the code before the fix: the other end arrives to release the blocked open, then fail
         assert fifo is not None
-        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        ends = [os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)]  # releases a writer's open
+        try:
+            ends.append(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # and a reader's
+        except OSError:
+            pass
         t.join(15)
-        pytest.fail("the reader blocked on a FIFO put in the home")
+        for fd in ends:
+            os.close(fd)
+        pytest.fail("the call blocked on a FIFO put in the home")
     return got[0]
 
 
@@ -167,3 +175,60 @@ def test_a_fifo_or_link_in_place_of_a_home_file_is_refused_in_one_line(vault_hom
     assert how == "error", f"{kind} in place of {name} was read: {got!r}"
     msg = str(got)
     assert want in msg and str(path) in msg and "\n" not in msg, msg
+
+
+def _clock_lock(home: Path):
+    from codemoat.vault.clock import ClockGuard
+    from codemoat.vault.machine import MachineKey
+
+    guard, later = ClockGuard(MachineKey.load_or_create()), itertools.count(int(time.time()) + 60, 60)
+    return home / "clock.json.lock", lambda: guard.raise_floor(next(later))  # each call writes
+
+
+def _clock_tmp(home: Path):
+    from codemoat.vault.clock import ClockGuard
+    from codemoat.vault.machine import MachineKey
+
+    guard, later = ClockGuard(MachineKey.load_or_create()), itertools.count(int(time.time()) + 60, 60)
+    return home / "clock.json.tmp", lambda: guard.raise_floor(next(later))
+
+
+def _verified_lock(home: Path):
+    from codemoat.audit import trusted
+    from codemoat.audit.chain import SignedHead
+
+    p = home / "audit-verified-x.json"
+    head = SignedHead(seq=1, hash="00" * 32, last_checkpoint=0, ts_us=1, key_id="k", signature="s")
+    return p.with_name(p.name + ".lock"), lambda: trusted.remember(p, head, None)
+
+
+#: files codemoat opens to write in its home (a lock, a secret's temporary file) -> the call that does
+WRITES: dict[str, Callable[[Path], tuple[Path, Callable[[], Any]]]] = {
+    "clock.json.lock": _clock_lock,
+    "clock.json.tmp": _clock_tmp,
+    "audit verified head's lock": _verified_lock,
+}
+
+
+@pytest.mark.parametrize("kind", ["fifo", "link"])
+@pytest.mark.parametrize("name", list(WRITES))
+def test_a_fifo_or_link_in_place_of_a_lock_or_secret_it_writes_is_refused(vault_home, tmp_path, name, kind):
+    """Was open: the clock record's and the verified head's lock files were opened with open(..., "a"),
+    which waits for good for a reader of a FIFO; a secret's file (clock.json.tmp, tpm.json, the vendor's
+    keys) was written through a link, to wherever it led, and clock.json.tmp's link was then renamed into
+    place as clock.json. Each is now opened O_NOFOLLOW | O_NONBLOCK and must be a regular file."""
+    path, write = WRITES[name](paths.home())
+    assert _call(write, None)[0] == "ok"
+    path.unlink(missing_ok=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_bytes(b"")
+    if kind == "fifo":
+        os.mkfifo(path)
+    else:
+        os.symlink(elsewhere, path)
+    how, got = _call(write, path if kind == "fifo" else None)
+    assert how == "error", f"{kind} in place of {name} was written: {got!r}"
+    msg = str(got)
+    want = "not a regular file" if kind == "fifo" else "is a symbolic link"
+    assert want in msg and str(path) in msg and "\n" not in msg, msg
+    assert elsewhere.read_bytes() == b""  # nothing written where the link led

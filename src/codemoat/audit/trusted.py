@@ -61,7 +61,9 @@ def remember(path: Path, h: SignedHead, public_key: bytes | None, *, reset: bool
     """Record `h` as the last verified head in `path` (atomically, mode 0600).
 
     Never moves backwards, even when two verifiers race, unless `reset` (a rotation started a new chain)."""
-    with open(path.with_name(path.name + ".lock"), "a") as lock:
+    from ..paths import open_own
+
+    with os.fdopen(open_own(path.with_name(path.name + ".lock"), "lock file", error=OSError), "r+b") as lock:
         os.fchmod(lock.fileno(), 0o600)
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not reset:

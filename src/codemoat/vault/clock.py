@@ -125,7 +125,8 @@ class ClockGuard:
         the mark while `license crl install` records a number): neither the mark nor a number moves down.
         `fresh`: a new machine key's first record, which replaces whatever an old key left (its tag cannot
         be checked with the new key, and nothing bound to the old key opens with the new one)."""
-        with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        with os.fdopen(paths.open_own(lock_path, "lock file", error=VaultError), "r+b") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             old_hwm, old = self._read() if self.path.exists() and not fresh else (0, {})
             hwm = max(hwm, old_hwm)

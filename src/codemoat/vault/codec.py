@@ -62,9 +62,12 @@ def key_id(public_raw: bytes) -> str:
 
 
 def write_secret(path: Path, data: bytes) -> None:
-    """Write a secret file with mode 0600 from the start (never readable by others, even briefly)."""
+    """Write a secret file with mode 0600 from the start (never readable by others, even briefly), never
+    through a symbolic link or into a FIFO put in its place (one line instead)."""
+    from ..paths import open_own
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = open_own(path, "file codemoat writes", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, VaultError)
     try:
         os.write(fd, data)
     finally:
