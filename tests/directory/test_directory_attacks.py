@@ -393,9 +393,9 @@ def test_a_flood_of_sign_in_starts_is_bounded_per_address_and_in_all(stub_provid
     while not server.started and t.is_alive():
         time.sleep(0.05)
 
-    def start(source: str) -> httpx.Response:
+    def start(source: str, path: str = "/auth/oidc/start") -> httpx.Response:
         with httpx.Client(transport=httpx.HTTPTransport(local_address=source)) as c:
-            return c.get(f"http://127.0.0.1:{free_port}/auth/oidc/start")
+            return c.get(f"http://127.0.0.1:{free_port}{path}")
 
     def rows() -> int:
         with engine.connect() as c:
@@ -407,6 +407,8 @@ def test_a_flood_of_sign_in_starts_is_bounded_per_address_and_in_all(stub_provid
             r = start("127.0.0.1")
             assert r.status_code == 429 and "oidc_pending_per_address" in r.text and "Traceback" not in r.text, r.text
             assert r.headers.get("retry-after")
+        r = start("127.0.0.1", "/admin/oidc/start")  # the console's sign-in shares the cap
+        assert r.status_code == 429 and "oidc_pending_per_address" in r.text and "Traceback" not in r.text, r.text
         assert rows() == 3
         assert [start("127.0.0.2").status_code for _ in range(2)] == [302] * 2  # another address still starts
         r = start("127.0.0.3")  # the whole server at its cap: 503, and the five under way are kept
