@@ -36,7 +36,7 @@ import logging
 import shutil
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -110,10 +110,14 @@ def _psycopg_error() -> type[BaseException]:
 class _Pending:
     """One record waiting for a group commit, and what became of it."""
 
-    __slots__ = ("row", "seq", "error", "done")
+    __slots__ = ("row", "seq", "error", "done", "also")
 
-    def __init__(self, row: dict[str, Any]):
-        self.row, self.seq, self.error, self.done = row, 0, None, False
+    def __init__(self, row: dict[str, Any], also: Callable[[sa.Connection], Any] | None = None):
+        self.row, self.seq, self.error, self.done, self.also = row, 0, None, False, also
+
+
+class _AlsoFailed(Exception):
+    """What a record's `also` raised, inside the transaction it shares with the records."""
 
 
 class AuditLog:
@@ -163,8 +167,12 @@ class AuditLog:
         return tail_allowance(self.sign_every)
 
     # -- writing ------------------------------------------------------------------
-    def append(self, kind: str = "request", **fields: Any) -> int:
+    def append(self, kind: str = "request", *, also: Callable[[sa.Connection], Any] | None = None, **fields: Any) -> int:
         """Append one record to the chain; returns its sequence number.
+
+        `also(connection)` writes what goes with the record (a request's usage row) in the record's own
+        transaction on SQLite, one commit for both; on PostgreSQL, where the database links records in a
+        transaction of its own, in the next one. If it fails, the record is written without it (logged).
 
         Group commit: records appended at the same time by this process's threads (concurrent
         requests) are written in one transaction, and every caller still returns only once its own
@@ -172,7 +180,7 @@ class AuditLog:
         others find their record written when the lock is theirs. The head is signed when
         `sign_every` records or `sign_interval_ms` have gone by unsigned (`audit.heads`).
         Raises `AuditUnavailable` when it cannot be written (the caller must not serve)."""
-        me = _Pending(normalise(kind, fields))
+        me = _Pending(normalise(kind, fields), also)
         with self._pending_lock:
             self._pending.append(me)
         with self._lock:
@@ -182,6 +190,12 @@ class AuditLog:
                 self._flush(batch)
         if me.error is not None:
             raise me.error
+        if me.also is not None:  # not written with the record (PostgreSQL, or it failed there)
+            try:
+                with self.engine.begin() as c:
+                    me.also(c)
+            except Exception:
+                log.exception("could not write what goes with audit record %d", me.seq)
         return me.seq
 
     def _flush(self, batch: list[_Pending]) -> None:
@@ -189,7 +203,7 @@ class AuditLog:
         try:
             try:
                 rows = [w.row for w in batch]
-                head_row = self._append_locked(rows)
+                head_row = self._append_locked(rows, batch)
                 if head_row is None and self._pg is not None and self._sign_due(rows[-1]["seq"]):
                     head_row = self._sign_after(rows[-1]["seq"])
             except AuditUnavailable as e:
@@ -240,8 +254,9 @@ class AuditLog:
             if seq >= self._last_seq:
                 self._unsigned_since = None
 
-    def _append_locked(self, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-        """Write `rows`; on SQLite also sign the head when due, in the same transaction (the new head row or None)."""
+    def _append_locked(self, rows: list[dict[str, Any]], batch: list[_Pending] = ()) -> dict[str, Any] | None:
+        """Write `rows`; on SQLite also their `batch`'s `also`s and the head when due, in the same
+        transaction (the new head row or None)."""
         if self._pg is not None:
             try:
                 self._pg.append(rows)
@@ -254,6 +269,7 @@ class AuditLog:
                 raise AuditUnavailable(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
             return None
         _ = self.signer  # load the key before taking the database's write lock
+        together = any(w.also is not None for w in batch)
         for attempt in range(10):
             try:
                 with self.engine.begin() as c:
@@ -272,6 +288,12 @@ class AuditLog:
                         row["hash"] = prev = link_hash(seq, prev, body_hash(row))
                     c.execute(_INSERT_RECORDS, rows)
                     c.execute(_MOVE_TIP, {"seq": seq, "hash": prev})
+                    for w in batch if together else ():
+                        if w.also is not None:
+                            try:
+                                w.also(c)
+                            except Exception as e:
+                                raise _AlsoFailed(e) from e
                     self._last_seq = seq
                     signed, head_row = None, None
                     if self._sign_due(seq):
@@ -286,7 +308,12 @@ class AuditLog:
                             known={r["seq"]: r["hash"] for r in rows},
                         )
                 self._signed(signed, head_row)
+                for w in batch if together else ():
+                    w.also = None  # committed with the records
                 return head_row
+            except _AlsoFailed as e:  # what goes with a record never costs the record: each is written after it, alone
+                log.warning("a write that goes with an audit record failed (%s); the records are written without it", e.__cause__)
+                together = False
             except IntegrityError:
                 # SQLite reads the tip before its write lock: another writer (a replica) took the
                 # number, unless the tip did not move, in which case a record beyond it was put there

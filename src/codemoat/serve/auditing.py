@@ -2,7 +2,9 @@
 
 Before handling a request it checks that the audit log can be written, and refuses with 503 if
 not. A complete (non-streamed) response is held until its record is written, and replaced by a
-503 if that fails, so nothing is served unaudited; a stream is recorded when it ends. A request
+503 if that fails, so nothing is served unaudited; a stream is recorded when it ends, before its
+last (empty) body message is sent, so the client's next request does not run beside that write
+(at one client it added ~2 ms to the next request's time to first token). A request
 cut off by a disconnect or by shutdown is recorded as 499, and shutdown waits (up to 15 s) for
 those records. Probes (`PROBES`) are recorded only when refused (a wrong token on them is a
 guess worth seeing); their answers are never held. Requests without a valid token are tallied
@@ -85,6 +87,8 @@ class AuditMiddleware:
                 streaming = True
                 start, held = held, None
                 await send(start)
+            if streaming and message["type"] == "http.response.body" and not message.get("more_body", False) and not written:
+                await record()  # the stream's end waits for its record (see the module docstring)
             if not refused:
                 await send(message)
 

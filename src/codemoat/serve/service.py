@@ -59,7 +59,7 @@ class Service:
         if holder.loaded:  # a configured template that does not fit the model is refused at start-up
             self.templates(holder.get())
         # prompt builders for `prepare` (what a prompt may draw on is decided there)
-        p = Preparer(self)
+        p = self._preparer = Preparer(self)
         self.fim_prompt, self.chat_prompt, self.plain_prompt = p.fim, p.chat, p.plain
 
     # -- model and templates --------------------------------------------
@@ -175,11 +175,15 @@ class Service:
     # -- prompts (built by `prompts`; this part decides what they may draw on) -----------------
     async def prepare(self, build: Callable[..., Prepared], *args: Any, **kw: Any) -> Prepared:
         """`build` (fim_prompt, chat_prompt, plain_prompt) on a worker thread: tokenising a long prompt
-        and retrieving snippets would otherwise hold the event loop, and every other client with it."""
+        and retrieving snippets would otherwise hold the event loop, and every other client with it
+        (a short prompt that draws on no index is built in place: `Preparer.inline`)."""
         request = args[0]
         principal = getattr(request.state, "principal", None)
         self._slots.check(None if principal is None else principal.user)  # a flood's prompts are not built to wait
-        prep = await anyio.to_thread.run_sync(functools.partial(build, *args, **kw))
+        if self._preparer.inline(build, args):
+            prep = build(*args, **kw)
+        else:
+            prep = await anyio.to_thread.run_sync(functools.partial(build, *args, **kw))
         if prep.suffix_dropped:  # sent as a header by `prompts_headers` (app.py)
             request.state.prompt_headers = {"X-Codemoat-Suffix": "dropped"}
         return prep

@@ -192,8 +192,13 @@ class Trust:
         if note or usage.note:
             detail["note"] = note or usage.note
         retain = self.settings.audit.retain_text
+        also = None  # a completion, chat or editor event becomes a usage row (others: nothing), in the record's transaction
+        if principal is not None:
+            user, ms = principal.user, seconds * 1000
+            also = lambda c: self.usage.record(user, route, status, ms, usage, conn=c)  # noqa: E731
         self.log.append(
             "request",
+            also=also,
             user=principal.user if principal else None,
             token_id=principal.token_id if principal else None,
             route=route,
@@ -213,8 +218,6 @@ class Trust:
         try:  # the record is written; what follows must not turn the response into an error
             self.metrics.audit_records.labels("request").inc()
             self.metrics.observe(route, protocol or "", status, seconds, usage.prompt_tokens, usage.completion_tokens)
-            if principal is not None:  # a completion, chat or editor event becomes a usage row (others: nothing)
-                self.usage.record(principal.user, route, status, seconds * 1000, usage)
             if principal is not None and state.get("quota_reserved") and not (200 <= status < 300 or status == 499):
                 self.quotas.add_tokens(principal.user, principal.token_id, 0)  # gives the reserved token back
             if principal is not None and (200 <= status < 300 or status == 499):  # 499: what was generated before the hang-up

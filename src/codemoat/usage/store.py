@@ -1,8 +1,9 @@
 """Writing usage: one row per successful completion or chat, one per editor event.
 
-`UsageStore.record(...)` is called by the serve trust layer once a request's audit record is
-written. It keeps numbers and values from fixed sets only: no prompt or completion text (the
-audit log keeps that, redacted, when `audit.retain_text` is on), no path, and a completion id
+`UsageStore.record(...)` is called by the serve trust layer with a request's audit record, in the
+record's transaction where it can (`AuditLog.append(also=...)`: one commit for both). It keeps
+numbers and values from fixed sets only: no prompt or completion text (the audit log keeps that,
+redacted, when `audit.retain_text` is on), no path, and a completion id
 only when it has the shape of one this server handed out. An event is tied to the completion it
 names only when the same user received that completion; a repeated (completion, type) event is
 stored once, whatever its choice index (every completion has one choice), so replaying `select`,
@@ -12,6 +13,7 @@ to the daily roll-up (rollup.py) in the same transaction.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import time
@@ -66,10 +68,23 @@ class UsageStore:
     def __init__(self, engine: Engine):
         self.engine = engine
 
+    def _begin(self, conn: sa.Connection | None):
+        """The caller's transaction `conn`, or one of our own."""
+        return contextlib.nullcontext(conn) if conn is not None else self.engine.begin()
+
     def record(
-        self, user: str, route: str, status: int, latency_ms: float, facts: Facts, *, now: float | None = None
+        self,
+        user: str,
+        route: str,
+        status: int,
+        latency_ms: float,
+        facts: Facts,
+        *,
+        now: float | None = None,
+        conn: sa.Connection | None = None,
     ) -> str | None:
-        """Store what `facts` says about one finished request; returns "completion", "chat", "event" or None (not usage)."""
+        """Store what `facts` says about one finished request (in transaction `conn` if given); returns
+        "completion", "chat", "event" or None (not usage)."""
         if not 200 <= status < 300 or not user:
             return None
         ts = time.time() if now is None else now
@@ -82,6 +97,7 @@ class UsageStore:
                 select_kind=facts.select_kind,
                 protocol=facts.protocol,
                 now=ts,
+                conn=conn,
             )
             return "event"
         kind = "chat" if route in CHAT_ROUTES else "completion" if route in COMPLETION_ROUTES else None
@@ -105,7 +121,7 @@ class UsageStore:
             lines=lines,
             first_line_chars=first,
         )
-        with self.engine.begin() as c:
+        with self._begin(conn) as c:
             c.execute(completions.insert(), row)  # parameters bound: one compiled statement for every row
             rollup.add_completion(c, row)
         return kind
@@ -120,6 +136,7 @@ class UsageStore:
         select_kind: object = None,
         protocol: str | None = "tabby",
         now: float | None = None,
+        conn: sa.Connection | None = None,
     ) -> bool:
         """One editor event; False when it repeats one already stored (same completion and type, any choice)."""
         ts = time.time() if now is None else now
@@ -131,7 +148,7 @@ class UsageStore:
             else 0
         )
         kind = select_kind if t == "select" and select_kind in SELECT_KINDS else None
-        with self.engine.begin() as c:
+        with self._begin(conn) as c:
             language, chars, lines, matched = UNKNOWN, 0, 0, False
             if cid is not None:
                 # a no-op write to the completion's row first: it takes the write lock (SQLite) or the

@@ -1,0 +1,112 @@
+"""What a request's audit record costs on its path, in the real app (a real llama.cpp engine on the
+tiny model): the usage row commits with the record, a stream ends only once its record is written,
+and a short prompt is built without a worker thread."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import pytest
+import sqlalchemy as sa
+from fastapi.testclient import TestClient
+
+from codemoat.accounts import Accounts
+from codemoat.config import Settings
+from codemoat.serve.prepare import INLINE_CHARS
+from codemoat.usage.tables import completions
+
+from .test_audit_trust import _uvicorn
+from .trustapp import make_app, make_tokens, records, tiny_llm
+
+GREEDY = {"model": "tiny", "temperature": 0}
+llm = tiny_llm  # the module's engine (trustapp)
+
+
+@pytest.fixture
+def accounts(engine):
+    return Accounts(engine)
+
+
+@pytest.fixture
+def tokens(accounts):
+    return make_tokens(accounts)
+
+
+def _usage_rows(engine) -> int:
+    with engine.connect() as c:
+        return int(c.execute(sa.select(sa.func.count()).select_from(completions)).scalar())
+
+
+def test_the_usage_row_commits_with_the_audit_record(engine, accounts, tokens, llm):
+    """One commit for the record, its usage row and its roll-ups (there were two transactions)."""
+    commits = []
+    sa.event.listen(engine, "commit", lambda conn: commits.append(1))
+    with TestClient(make_app(Settings(), accounts, llm)) as c:
+        body = {**GREEDY, "prompt": "def add(a, b):", "max_tokens": 4}
+        assert c.post("/v1/completions", json=body, headers=tokens["alice"]).status_code == 200  # token's last_used, once
+        commits.clear()
+        assert c.post("/v1/completions", json=body, headers=tokens["alice"]).status_code == 200
+        assert len(commits) == 1
+    assert [r["status"] for r in records(engine)] == [200, 200]
+    assert _usage_rows(engine) == 2
+
+
+def test_a_failing_usage_write_never_costs_the_record(engine, accounts, tokens, llm, caplog):
+    """The usage row shares the record's transaction; when it fails, the record is written without it."""
+    app = make_app(Settings(), accounts, llm)
+    usage = app.state.trust.usage
+
+    def broken(*a, **kw):
+        raise RuntimeError("usage table gone")
+
+    usage.record = broken
+    with caplog.at_level(logging.WARNING), TestClient(app) as c:
+        r = c.post("/v1/completions", json={**GREEDY, "prompt": "x", "max_tokens": 3}, headers=tokens["alice"])
+        assert r.status_code == 200
+    recs = records(engine)
+    assert [(x["user"], x["status"]) for x in recs] == [("alice", 200)]
+    assert app.state.trust.log.verify().ok
+    assert "usage table gone" in caplog.text and _usage_rows(engine) == 0
+
+
+def test_a_stream_ends_only_once_its_record_is_written(engine, accounts, tokens, port, llm):
+    """A client that reads a stream to its end finds its record written (a slow write holds the end,
+    not the next request): the record used to be written after the stream had ended."""
+    import httpx
+
+    app = make_app(Settings(), accounts, llm)
+    log = app.state.trust.log
+    append = log.append
+
+    def slow_append(*a, **kw):
+        time.sleep(0.5)
+        return append(*a, **kw)
+
+    log.append = slow_append
+    server, t = _uvicorn(app, port)
+    try:
+        body = {**GREEDY, "prompt": "def add(a, b):", "max_tokens": 6, "stream": True}
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=tokens["alice"]) as c:
+            with c.stream("POST", "/v1/completions", json=body) as r:
+                lines = [line for line in r.iter_lines() if line.startswith("data:")]
+            recs = records(engine)  # at once, as the client's next request would come
+    finally:
+        server.should_exit = True
+        t.join(timeout=10)
+    assert lines[-1] == "data: [DONE]" and len(lines) > 2
+    assert [(x["user"], x["route"], x["status"]) for x in recs] == [("alice", "/v1/completions", 200)]
+    assert recs[0]["completion_tokens"] == 6
+
+
+def test_only_a_short_prompt_that_draws_on_no_index_is_built_on_the_event_loop(engine, accounts, llm):
+    svc = make_app(Settings(), accounts, llm).state.service
+    prep = svc._preparer
+    assert prep.inline(svc.plain_prompt, (None, "x" * INLINE_CHARS, None))
+    assert not prep.inline(svc.plain_prompt, (None, "x" * (INLINE_CHARS + 1), None))
+    chat = [{"role": "user", "content": "y" * (INLINE_CHARS // 2)}]
+    assert prep.inline(svc.chat_prompt, (None, None, chat, None))
+    assert not prep.inline(svc.chat_prompt, (None, None, chat * 3, None))
+    svc.retriever = object()  # an index to draw on: its queries are blocking I/O, on a worker thread
+    assert not prep.inline(svc.chat_prompt, (None, None, chat, None))
+    assert prep.inline(svc.plain_prompt, (None, "x", None))  # a raw prompt never draws on the index
