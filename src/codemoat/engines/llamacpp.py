@@ -262,8 +262,16 @@ class LlamaCppEngine(WorkerEngine):
     def _add_bos(self) -> bool:
         return str(self._model.metadata.get("tokenizer.ggml.add_bos_token", "false")).lower() == "true"
 
+    def _tokenize(self, text: str, special: bool) -> list[int]:
+        """llama.cpp's tokenizer into a buffer that fits: llama-cpp-python sizes its buffer by the training
+        context, which a vocab-only model (the server's `front`) reports as 0, so it tokenised every text twice."""
+        b = text.encode()
+        buf = (ctypes.c_int32 * (len(b) + 8))()  # a token covers a byte or more; room for a leading-space token
+        n = self._lib.llama_tokenize(self._vocab, b, len(b), buf, len(buf), False, special)
+        return buf[:n] if n >= 0 else self._model.tokenize(b, add_bos=False, special=special)
+
     def encode(self, parts: Sequence[Any], bos: bool = True) -> list[int]:
-        ids = [t for p in parts if p.text for t in self._model.tokenize(p.text.encode(), add_bos=False, special=p.special)]
+        ids = [t for p in parts if p.text for t in self._tokenize(p.text, p.special)]
         first = self._model.token_bos()
         if bos and self._add_bos() and first is not None and first >= 0 and ids[:1] != [first]:
             ids.insert(0, first)
