@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import subprocess
 import threading
 import time
 from collections import Counter
@@ -19,7 +17,8 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from conftest import ROOT, create_token, free_port, run_cli
+from conftest import create_token, run_cli
+from haproxy import HAProxy, haproxy_bin
 
 pytestmark = pytest.mark.slow
 
@@ -27,41 +26,17 @@ pytestmark = pytest.mark.slow
 @pytest.fixture
 def haproxy(tmp_path):
     """Start HAProxy with deploy/haproxy.cfg for the given replica URLs; stopped after the test."""
-    exe = shutil.which("haproxy")
-    if exe is None:
+    if haproxy_bin() is None:
         pytest.skip("HAProxy is not installed here (Debian package `haproxy`; .ci/run installs it)")
-    procs: list[subprocess.Popen] = []
+    started: list[HAProxy] = []
 
     def start(*replicas: str) -> str:
-        port = free_port()
-        env = dict(
-            os.environ,
-            CODEMOAT_LB_BIND=f"127.0.0.1:{port}",
-            CODEMOAT_LB_STATS=f"127.0.0.1:{free_port()}",
-            CODEMOAT_REPLICA1=replicas[0].removeprefix("http://"),
-            CODEMOAT_REPLICA2=replicas[1].removeprefix("http://"),
-        )
-        log = open(tmp_path / "haproxy.log", "w")
-        p = subprocess.Popen(
-            [exe, "-db", "-f", str(ROOT / "deploy" / "haproxy.cfg")], env=env, stdout=log, stderr=subprocess.STDOUT
-        )
-        procs.append(p)
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            assert p.poll() is None, (tmp_path / "haproxy.log").read_text()
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    return url
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError("HAProxy did not come up:\n" + (tmp_path / "haproxy.log").read_text())
+        started.append(HAProxy.start(tmp_path / "haproxy.log", *replicas))
+        return started[-1].url
 
     yield start
-    for p in procs:
-        p.terminate()
-        p.wait(timeout=10)
+    for h in started:
+        h.stop()
 
 
 def _audited(url: str, route: str) -> int:

@@ -1,5 +1,6 @@
 """License seats per serving process: three replicas on one machine against a real key server and a
-2-seat lease license, the third refused with a one-line reason until a seat frees; and the
+2-seat lease license, the third refused with a one-line reason until a seat frees (and kept out of
+HAProxy's rotation meanwhile); and the
 attacks on per-instance seats (a forged instance id, a flood of made-up instances)."""
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from codemoat.vault.codec import b64e, public_raw
 from codemoat.vault.keyserver import REQUEST_DOMAIN, KeyServer, LeaseDenied
 from codemoat.vault.lease import LeaseClient
 from codemoat.vault.license import License
+from haproxy import HAProxy, haproxy_bin
 from vaulthelp import bundle, cli
 
 from .conftest import free_port
@@ -127,7 +129,7 @@ def test_three_replicas_on_two_seats(vendor, machine, gguf_file, tmp_path, keyse
     token = json.loads(cli("tokens", "create", "--name", "seats", "--json").stdout)["token"]
     ports = [free_port() for _ in range(3)]
     logs = [tmp_path / f"serve-{i}.log" for i in range(3)]
-    procs = []
+    procs, lb = [], None
     try:
         for i in range(3):  # one after the other, so which one is the third is known
             procs.append(_serve(moat, lic, ports[i], open(logs[i], "w")))
@@ -147,13 +149,31 @@ def test_three_replicas_on_two_seats(vendor, machine, gguf_file, tmp_path, keyse
         assert r.status_code == 503 and "no license seat" in r.json()["error"]["message"]
         for i in (0, 1):  # the two with seats serve
             assert httpx.get(f"http://127.0.0.1:{ports[i]}/health").status_code == 200
+        # HAProxy (deploy/haproxy.cfg) in front of the second and the third: its health check on /health
+        # (readiness, not /livez) keeps editors off the replica without a seat
+        if haproxy_bin() is not None:
+            lb = HAProxy.start(tmp_path / "haproxy.log", f"127.0.0.1:{ports[1]}", f"127.0.0.1:{ports[2]}")
+            lb.wait_state("replica2", "DOWN")
+            body = {"model": h.json()["model"], "prompt": "x = ", "max_tokens": 2}
+            for _ in range(6):
+                r = httpx.post(lb.url + "/v1/completions", headers=hdr, json=body, timeout=60)
+                assert r.status_code == 200 and r.headers["x-codemoat-replica"] == "replica1", r.text
         # a clean stop gives the seat back; the third takes it at its next attempt (every second here)
         procs[0].terminate()
         procs[0].wait(timeout=30)
         _wait_status(ports[2], 200, procs[2], logs[2], timeout=30)
         assert probe.live_leases(lid) == 2
         assert httpx.get(f"http://127.0.0.1:{ports[2]}/health", headers=hdr).json()["license"]["seats_used"] == 2
+        if lb is not None:  # and HAProxy sends it editors again, no reload
+            lb.wait_state("replica2", "UP")
+            seen = {
+                httpx.post(lb.url + "/v1/completions", headers=hdr, json=body, timeout=60).headers["x-codemoat-replica"]
+                for _ in range(8)
+            }
+            assert seen == {"replica1", "replica2"}
     finally:
+        if lb is not None:
+            lb.stop()
         for p in procs:
             if p.poll() is None:
                 p.terminate()
