@@ -303,3 +303,40 @@ def test_concurrent_appends_are_group_committed_into_one_valid_chain(audit_log, 
     assert sorted(seqs) == list(range(1, 321))
     assert audit_log.verify().ok
     assert len(commits) < 320
+
+
+def test_an_unexpected_error_in_a_group_commit_answers_every_waiter(audit_log, monkeypatch):
+    """A bug or a driver error of an unforeseen kind while a batch is written is AuditUnavailable
+    (a 503, nothing served) for every request whose record was in that batch. Before, only the
+    leader got the error; the others found their record neither written nor failed and flushed an
+    empty batch of their own, with whatever that raised (or returned)."""
+    import threading
+
+    audit_log.append("request", user="alice", status=200)
+    real = audit_log._append_locked
+
+    def broken(rows, batch):
+        raise RuntimeError("unforeseen")
+
+    monkeypatch.setattr(audit_log, "_append_locked", broken)
+    got: list[object] = []
+
+    def writer(i: int) -> None:
+        try:
+            got.append(audit_log.append("request", user=f"u{i}", status=200))
+        except Exception as e:  # what the request's audit layer would see
+            got.append(e)
+
+    with audit_log._lock:  # both wait for the writer lock, so they go in one batch
+        threads = [threading.Thread(target=writer, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        while len(audit_log._pending) < 2:
+            threading.Event().wait(0.01)
+    for t in threads:
+        t.join(timeout=30)
+    assert len(got) == 2 and all(isinstance(e, AuditUnavailable) for e in got), got
+    assert "RuntimeError" in str(got[0])
+    monkeypatch.setattr(audit_log, "_append_locked", real)
+    assert audit_log.append("request", user="bob", status=200) == 2  # the next append works, nothing half-written
+    assert audit_log.verify().ok

@@ -212,6 +212,10 @@ class AuditLog:
             except (DBAPIError, OSError) as e:
                 self._mark_failed(f"{type(e).__name__}: {str(e).splitlines()[0]}")
                 raise AuditUnavailable(f"audit log cannot be written: {self.failure}") from None
+            except Exception as e:  # unforeseen: every waiter of the batch still gets an answer (a 503)
+                log.exception("audit append failed")
+                self._mark_failed(f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
+                raise AuditUnavailable(f"audit log cannot be written: {self.failure}") from None
         except AuditUnavailable as e:
             for w in batch:
                 w.error, w.done = e, True
