@@ -53,16 +53,56 @@ def test_vllm_wraps_only_the_modules_the_adapters_adapt():
     assert lora_targets([{"r": 8}]) is None
 
 
-def test_adapters_under_vllm_need_the_gguf_they_were_tuned_on(tmp_path):
-    """A bare HF folder has no digest an adapter recorded: refused in one line, naming the GGUF to give."""
-    from codemoat.engines.adapters import load_adapters, open_adapters
+def test_an_adapter_is_checked_against_the_weights_each_engine_loads(tmp_path):
+    """vLLM serves the Hugging Face folder (X.hf beside --model X.gguf), llama.cpp the GGUF: the adapter's
+    base is checked against the one the engine loads. The attack: the .hf folder beside the GGUF the
+    adapter was tuned on is replaced (other weights); before, vLLM's check hashed the GGUF and served the
+    adapter over whatever the folder held."""
+    import shutil
 
-    with pytest.raises(CodemoatError, match=r"--model codemoat-tiny\.gguf"):
-        open_adapters([str(tmp_path / "pay.moat")], "vllm", HF)
+    from codemoat.engines import adapters as ad
+    from codemoat.engines.adapters import Adapter, file_sha256, folder_sha256, open_adapters, seal_adapter
+
+    m = tmp_path / "m"
+    m.mkdir()
+    gguf, hf = m / "tiny.gguf", m / "tiny.hf"
+    shutil.copy(GGUF, gguf)
+    shutil.copytree(HF, hf)
+
+    def sealed(name: str, **base) -> str:
+        meta = {"name": name, "kind": "codemoat-adapter", "version": 1, "base": {"name": "tiny", **base}, "repos": []}
+        return str(seal_adapter(Adapter(meta, b"GGUF", b"weights", json.dumps({"r": 8})), tmp_path / f"{name}.moat"))
+
+    tuned_on_gguf = sealed("g", sha256=file_sha256(gguf), hf_sha256=folder_sha256(hf))
+    tuned_on_folder = sealed("f", sha256=folder_sha256(hf), hf_sha256=folder_sha256(hf))
+    older = sealed("o", sha256=file_sha256(gguf))  # no hf_sha256: tuned before it was recorded
+    try:
+        assert [a.name for a in open_adapters([tuned_on_gguf], "vllm", gguf)] == ["g"]
+        assert [a.name for a in open_adapters([tuned_on_gguf, tuned_on_folder], "vllm", hf)] == ["g", "f"]
+        assert [a.name for a in open_adapters([tuned_on_gguf], "llamacpp", gguf)] == ["g"]
+        with pytest.raises(CodemoatError, match="another base model than the model served"):
+            open_adapters([tuned_on_folder], "llamacpp", gguf)
+        with pytest.raises(CodemoatError, match="records no Hugging Face base for vLLM"):
+            open_adapters([older], "vllm", gguf)
+        with pytest.raises(CodemoatError, match="not transformers"):
+            open_adapters([tuned_on_gguf], "transformers", gguf)
+        # the attack: other weights in the folder vLLM loads, the GGUF untouched
+        w = hf / "model.safetensors"
+        data = bytearray(w.read_bytes())
+        data[-1] ^= 1
+        w.write_bytes(bytes(data))
+        for source in (gguf, hf):
+            with pytest.raises(CodemoatError, match="another base model than the Hugging Face weights vLLM serves"):
+                open_adapters([tuned_on_gguf], "vllm", source)
+        assert [a.name for a in open_adapters([tuned_on_gguf], "llamacpp", gguf)] == ["g"]  # llama.cpp's GGUF is the same
+        shutil.rmtree(hf)
+        with pytest.raises(CodemoatError, match="no model folder at tiny.hf"):
+            open_adapters([tuned_on_gguf], "vllm", gguf)
+    finally:
+        for key in [k for k in ad._LOADED if k.startswith(str(tmp_path.resolve()))]:
+            os.close(ad._LOADED.pop(key)[1].fd)
     with pytest.raises(CodemoatError, match="GGUF only"):
-        load_adapters(["update:fees"], "0" * 64, safetensors=True)
-    with pytest.raises(CodemoatError, match="not transformers"):
-        open_adapters([str(tmp_path / "pay.moat")], "transformers", GGUF)
+        ad.load_adapters(["update:fees"], "0" * 64, safetensors=True)
 
 
 def peft_adapter(seed: int = 0):
@@ -107,7 +147,7 @@ def test_vllm_serves_the_adapter_only_to_who_reads_every_source_repo(tmp_path):
     from codemoat.audit.log import AuditLog
     from codemoat.config import load_settings
     from codemoat.db import open_db
-    from codemoat.engines.adapters import Adapter, file_sha256, seal_adapter
+    from codemoat.engines.adapters import Adapter, file_sha256, folder_sha256, seal_adapter
     from codemoat.engines.base import SamplingParams
     from codemoat.engines.factory import build_engine
     from codemoat.engines.holder import ModelHolder
@@ -132,7 +172,7 @@ def test_vllm_serves_the_adapter_only_to_who_reads_every_source_repo(tmp_path):
         "name": "pay",
         "kind": "codemoat-adapter",
         "version": 1,
-        "base": {"name": GGUF.stem, "sha256": file_sha256(GGUF)},
+        "base": {"name": GGUF.stem, "sha256": file_sha256(GGUF), "hf_sha256": folder_sha256(HF)},
         "repos": [{"name": "payments", "groups": ["payments"]}, {"name": "ledger", "groups": ["payments", "finance"]}],
     }
     adapter = seal_adapter(Adapter(meta, b"", st, cfg), tmp_path / "pay.moat")

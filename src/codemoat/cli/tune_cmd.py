@@ -34,7 +34,12 @@ def tune_command(
     repos: Annotated[str, typer.Option("--repos", help="Indexed repositories to tune on, comma-separated (NAME[,NAME]).")],
     out: Annotated[Path, typer.Option("--out", help="Sealed adapter to write (ADAPTER.moat).")],
     model: Annotated[
-        Path | None, typer.Option("--model", help="Base GGUF or sealed .moat (default: model.path of the configuration).")
+        Path | None,
+        typer.Option(
+            "--model",
+            help="Base GGUF, Hugging Face model folder (what the vllm engine serves) or sealed .moat of either "
+            "(default: model.path of the configuration).",
+        ),
     ] = None,
     license: Annotated[
         Path | None, typer.Option("--license", help="License of a sealed base (default: model.license of the configuration).")
@@ -90,7 +95,7 @@ def tune_command(
     settings = load_settings(config)
     base = model or (Path(p) if (p := settings.model.path) else None)
     if base is None:
-        raise CodemoatError("no base model: pass --model PATH.gguf or set model.path in the configuration")
+        raise CodemoatError("no base model: pass --model PATH.gguf (or a model folder) or set model.path in the configuration")
     lic = license or (Path(p) if (p := settings.model.license) else None)
     names = [n.strip() for n in repos.split(",") if n.strip()]
     opts = TuneOptions(

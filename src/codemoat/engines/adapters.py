@@ -180,10 +180,19 @@ def load_adapters(
             os.write(fd, a.safetensors if safetensors else a.gguf)
             repos = tuple((r["name"], tuple(r["groups"])) for r in a.meta["repos"])
             config = a.peft_config if safetensors else ""
-            hit = _LOADED[key] = (mtime, LoadedAdapter(a.name, repos, a.meta["base"]["sha256"], fd, peft_config=config))
+            # vLLM serves the base's Hugging Face weights: tune records their digest as hf_sha256 (None: tuned on
+            # a GGUF with no .hf folder beside it, or before tune recorded it)
+            base = a.meta["base"].get("hf_sha256") if safetensors else a.meta["base"]["sha256"]
+            hit = _LOADED[key] = (mtime, LoadedAdapter(a.name, repos, base, fd, peft_config=config))
         got = hit[1]
+        if safetensors and got.base_sha256 is None:
+            raise CodemoatError(
+                f"adapter {got.name!r} ({path.name}) records no Hugging Face base for vLLM (tuned on a GGUF without "
+                "its .hf folder beside it, or by an older codemoat): tune it again with the folder in place"
+            )
         if base_sha256 is None or got.base_sha256 != base_sha256:
-            raise CodemoatError(f"adapter {got.name!r} ({path.name}) was tuned on another base model than the one served")
+            served = "Hugging Face weights vLLM serves" if safetensors else "model served"
+            raise CodemoatError(f"adapter {got.name!r} ({path.name}) was tuned on another base model than the {served}")
         if any(o.name == got.name for o in out):
             raise CodemoatError(f"two adapters are named {got.name!r}: rename one (codemoat tune --out NAME.moat)")
         out.append(got)
@@ -289,6 +298,19 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def folder_sha256(folder: Path) -> str:
+    """A Hugging Face model folder's identity: the SHA-256 of its files in the order `vendor seal` packs
+    them (`vault.seal_model.folder_files`), i.e. the plaintext digest of that folder sealed unmarked."""
+    from ..vault.seal_model import folder_files
+
+    h = hashlib.sha256()
+    for p in folder_files(folder):
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
 def adapter_options(paths: list[str], engine: str, source: Any) -> dict[str, str]:
     """{name: /proc/self/fd/N} for the engine's `adapters` option."""
     return {a.name: a.path for a in open_adapters(paths, engine, source)}
@@ -298,16 +320,19 @@ def open_adapters(paths: list[str], engine: str, source: Any) -> list[LoadedAdap
     """The adapters an engine over `source` serves (tuned ones checked against its digest)."""
     if engine not in ("llamacpp", "vllm"):
         raise CodemoatError(f"model.adapters are served by the llama.cpp and vLLM engines, not {engine}")
-    if isinstance(source, Path) and source.is_dir():
-        # tune trains on a GGUF and records its digest: vLLM serves that GGUF's HF twin (X.hf beside X.gguf)
-        raise CodemoatError(
-            f"model.adapters need the base named by the GGUF they were tuned on: --model {source.with_suffix('.gguf').name} "
-            f"(vLLM serves the {source.name} folder beside it)"
-        )
-    # tuned adapters are checked against the base's digest, vendor adapters against the base their bundle
-    # names. A sealed base's digest is the one its signed header holds, which every chunk's GCM tag
-    # binds (MemfdBuffer.sha256, from engines.sealed, or from vaultd for its memfd); one without it is hashed
-    if isinstance(source, Path):
+    # tuned adapters are checked against the weights the engine loads, vendor adapters against the base
+    # their bundle names. vLLM loads a Hugging Face folder (X.hf beside X.gguf when --model names the GGUF):
+    # its digest is `folder_sha256`, which tune records as the base's `hf_sha256` (load_adapters);
+    # llama.cpp loads the GGUF: its file digest. A sealed base's digest is the one its signed header
+    # holds, which every chunk's GCM tag binds (MemfdBuffer.sha256, from engines.sealed, or from vaultd
+    # for its memfd; for a sealed folder, the digest of its packed files, as folder_sha256); one without
+    # it is hashed
+    if isinstance(source, Path) and (engine == "vllm" or source.is_dir()):
+        folder = source if source.is_dir() else source.with_suffix(".hf")
+        if engine != "vllm" or not folder.is_dir():
+            raise CodemoatError(f"model.adapters under {engine}: no model folder at {folder.name}")
+        digest = folder_sha256(folder)
+    elif isinstance(source, Path):
         digest = file_sha256(source)
     else:
         digest = source.sha256 or hashlib.sha256(source.view).hexdigest()

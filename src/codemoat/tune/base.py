@@ -10,6 +10,14 @@ license checked on this machine, a lease taken for a lease license, the process 
 and decrypted into a sealed memfd; transformers reads the GGUF from `/proc/self/fd/N`, and the
 memfd is zeroed and closed as soon as the weights are in torch. No plaintext file is written. Its
 identity is the manifest's `plaintext_sha256`, the SHA-256 of that same GGUF.
+
+A Hugging Face folder (what the vllm engine serves), plaintext or sealed (`vendor seal` of a
+folder), is a base too: transformers loads the folder, or, sealed, its config and tokenizer from a
+private 0700 tmpfs folder and its weights from the decrypted memfd (`safetensors.torch.load` of
+the bytes; no weight byte on a filesystem). Its identity is `engines.adapters.folder_sha256`, the
+digest of its files as sealed (for a sealed folder, the manifest's `plaintext_sha256`). vLLM
+checks an adapter against the folder it loads, so the adapter records it as `hf_sha256`: the
+folder's digest, or for a GGUF the digest of its `.hf` folder beside it when there is one.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..engines.adapters import file_sha256
+from ..engines.adapters import file_sha256, folder_sha256
 from ..errors import CodemoatError
 
 
@@ -35,6 +43,7 @@ class BaseModel:
     arch: str = "llama"  # the GGUF's general.architecture, which the adapter's must equal
     sealed: bool = False
     eos: str | None = None  # the tokenizer's end-of-text token, as text
+    hf_sha256: str | None = None  # the Hugging Face folder vLLM would serve for this base (engines.adapters)
 
 
 def load_base(path: Path, *, n_ctx: int = 512, device: str = "cpu", license: Path | None = None) -> BaseModel:
@@ -43,39 +52,93 @@ def load_base(path: Path, *, n_ctx: int = 512, device: str = "cpu", license: Pat
     if path.suffix == ".moat":
         if license is None:
             raise CodemoatError(f"{path.name} is sealed: pass --license FILE.lic (or set model.license)")
-        with sealed_plaintext(path, Path(license).expanduser()) as (gguf, sha256, name):
-            base = _load(gguf, n_ctx, device, sha256, name, path.name)
+        with sealed_plaintext(path, Path(license).expanduser()) as (plain, sha256, name):
+            base = _load(plain, n_ctx, device, sha256, name, path.name)
+            if plain.is_dir():  # a sealed Hugging Face folder: vLLM serves it as it is
+                base.hf_sha256 = sha256
         base.sealed = True
         return base
+    if path.is_dir():
+        digest = folder_sha256(path)
+        base = _load(path, n_ctx, device, digest, path.name.split(".")[0], path.name)
+        base.hf_sha256 = digest
+        return base
     if path.suffix != ".gguf" or not path.is_file():
-        raise CodemoatError(f"base model must be a .gguf file or a sealed .moat: {path}")
-    return _load(path, n_ctx, device, file_sha256(path), path.stem, path.name)
+        raise CodemoatError(f"base model must be a .gguf file, a Hugging Face model folder or a sealed .moat: {path}")
+    base = _load(path, n_ctx, device, file_sha256(path), path.stem, path.name)
+    twin = path.with_suffix(".hf")  # what vLLM serves for --model X.gguf (engines.vllm_engine.from_path)
+    if twin.is_dir():
+        base.hf_sha256 = folder_sha256(twin)
+    return base
 
 
 @contextmanager
 def sealed_plaintext(path: Path, license: Path) -> Iterator[tuple[Path, str, str]]:
-    """(the plaintext GGUF as /proc/self/fd/N, its SHA-256, the model id) while inside; zeroed after."""
+    """(the plaintext GGUF as /proc/self/fd/N, or a sealed folder's private config folder, its SHA-256,
+    the model id) while inside; zeroed and removed after. A folder's weights are read by `_load` from
+    the memfd (`_SEALED_WEIGHTS`), never from the folder."""
     from ..engines.sealed import open_sealed
+    from ..engines.vllm_handoff import PrivateDir
     from ..vault.container import SealedFile
 
-    if SealedFile(path).manifest.format != "gguf":
-        raise CodemoatError(f"{path.name} does not hold a GGUF: tuning needs a GGUF base")
+    fmt = SealedFile(path).manifest.format
+    if fmt not in ("gguf", "safetensors"):
+        raise CodemoatError(f"{path.name} holds {fmt}: tuning needs a GGUF or a Hugging Face folder")
 
     class _Held:  # what the holder "serves": the decrypted buffer itself, zeroed at close
         in_flight = 0  # never streams (the holder tracks streams of real engines only)
 
-        def __init__(self, buf) -> None:
-            self.buf = buf
+        def __init__(self, buf, parts) -> None:
+            self.buf, self.parts = buf, parts or {}
 
         def close(self) -> None:
             self.buf.close(zero=True)
 
-    holder = open_sealed(path, license, watch=False, build=lambda _s, buf, _id, _parts: _Held(buf))
+    holder = open_sealed(path, license, watch=False, build=lambda _s, buf, _id, parts: _Held(buf, parts))
+    private = None
     try:
         held = holder.get()
-        yield Path(held.buf.path), SealedFile(path).manifest.plaintext_sha256, holder.model_id
+        where = Path(held.buf.path)
+        if fmt == "safetensors":
+            private = PrivateDir("codemoat-tune-")
+            for name, (off, size) in held.parts.items():
+                if Path(name).name.endswith(".json"):
+                    private.write(Path(name).name, bytes(held.buf.view[off : off + size]))
+                elif name.endswith(".safetensors"):
+                    _SEALED_WEIGHTS[str(private.path)] = (held.buf.view, off, size)
+            where = private.path
+        yield where, SealedFile(path).manifest.plaintext_sha256, holder.model_id
     finally:
+        if private is not None:
+            _SEALED_WEIGHTS.pop(str(private.path), None)
+            private.remove()
         holder.close()
+
+
+#: a sealed folder's private config folder -> (the decrypted memfd's view, offset, size of its safetensors)
+_SEALED_WEIGHTS: dict[str, tuple[Any, int, int]] = {}
+
+
+def _from_folder(folder: Path) -> Any:
+    """transformers' model for a Hugging Face folder: from its files, or, for a sealed folder, its
+    config from the private folder and its weights from the memfd (in memory)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    held = _SEALED_WEIGHTS.get(str(folder))
+    if held is None:
+        return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    from safetensors.torch import load
+
+    view, off, size = held
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(folder)), dtype=torch.float32)
+    state = {k: v.to(torch.float32) for k, v in load(bytes(view[off : off + size])).items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {k for k in missing if k.endswith("lm_head.weight")} if model.config.tie_word_embeddings else set()
+    if set(missing) - tied or unexpected:
+        raise ValueError(f"the sealed weights do not fit the model's config: {sorted(set(missing) - tied or unexpected)[:3]}")
+    model.tie_weights()
+    return model
 
 
 def _load(path: Path, n_ctx: int, device: str, sha256: str, name: str, shown: str) -> BaseModel:
@@ -91,14 +154,18 @@ def _load(path: Path, n_ctx: int, device: str, sha256: str, name: str, shown: st
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        if path.is_dir():
+            model, tok = _from_folder(path), AutoTokenizer.from_pretrained(str(path))
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+            tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except (ValueError, OSError, KeyError) as e:
         raise CodemoatError(f"cannot load {shown} for tuning: {str(e).splitlines()[0]}") from None
     model.to(device)
     cfg = model.config.to_dict()
     limit = int(cfg.get("max_position_embeddings") or n_ctx)
-    arch = gguf_arch(path)
+    # llama.cpp names a folder's architecture as transformers does (llama, qwen2, gemma3...)
+    arch = str(cfg.get("model_type") or "llama") if path.is_dir() else gguf_arch(path)
     return BaseModel(model, tok.backend_tokenizer, cfg, sha256, name, min(n_ctx, limit), arch, eos=tok.eos_token)
 
 

@@ -264,7 +264,7 @@ def tune(opts: TuneOptions, on_event: Callable[[dict], None] | None = None) -> T
         "kind": "codemoat-adapter",
         "version": 1,
         "created": int(time.time()),
-        "base": {"name": base.name, "sha256": base.sha256, "sealed": base.sealed},
+        "base": {"name": base.name, "sha256": base.sha256, "sealed": base.sealed, "hf_sha256": base.hf_sha256},
         "repos": [{"name": r.name, "groups": list(r.groups)} for r in corpus.repos],
         "lora": {"rank": opts.rank, "alpha": alpha, "targets": sorted(model.peft_config["default"].target_modules)},
         "train": {

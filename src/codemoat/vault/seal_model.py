@@ -38,18 +38,13 @@ def read_model(path: Path) -> tuple[str, str, bytearray, list[dict[str, Any]]]:
         return path.stem, "gguf", data, [{"name": path.name, "offset": 0, "size": len(data)}]
     folder = path if path.is_dir() else path.parent
     if path.is_dir():
-        weights = sorted(folder.glob("*.safetensors"))
-        if len(weights) != 1:
-            raise CodemoatError(f"{path} must hold exactly one .safetensors file (found {len(weights)})")
-        wpath = weights[0]
+        files = folder_files(folder)
     elif path.suffix == ".safetensors":
         os.close(open_regular(path, "model")[0])
-        wpath = path
+        files = folder_files(folder, path)
     else:
         raise CodemoatError(f"{path.name}: a model is a .gguf file, a .safetensors file or a folder holding one")
-    files = [wpath] + sorted(p for p in folder.glob("*.json") if p.is_file())
-    if not (folder / "config.json").is_file():
-        raise CodemoatError(f"{folder} has no config.json beside the safetensors weights")
+    wpath = files[0]
     blobs = [read_regular(p, "model", None) for p in files]
     data = bytearray(b"".join(blobs))
     parts, off = [], 0
@@ -58,6 +53,20 @@ def read_model(path: Path) -> tuple[str, str, bytearray, list[dict[str, Any]]]:
         off += len(b)
     model_id = folder.name if path.is_dir() else wpath.stem
     return model_id, "safetensors", data, parts
+
+
+def folder_files(folder: Path, weights: Path | None = None) -> list[Path]:
+    """The files of a safetensors model, in the order they are sealed: the weights (the folder's one
+    .safetensors file), then its JSON files by name. Their bytes in this order are the sealed plaintext,
+    so its SHA-256 (`engines.adapters.folder_sha256`) is the model's identity, sealed or not."""
+    if weights is None:
+        found = sorted(folder.glob("*.safetensors"))
+        if len(found) != 1:
+            raise CodemoatError(f"{folder} must hold exactly one .safetensors file (found {len(found)})")
+        weights = found[0]
+    if not (folder / "config.json").is_file():
+        raise CodemoatError(f"{folder} has no config.json beside the safetensors weights")
+    return [weights] + sorted(p for p in folder.glob("*.json") if p.is_file())
 
 
 def gguf_pieces(path: Path, stream: Callable | None, secret: bytes) -> tuple[Callable[[], Iterator[Any]], int]:
