@@ -19,6 +19,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+from haproxy import HAProxy, haproxy_bin  # noqa: E402
 from pg import PgCluster, pg_bin  # noqa: E402
 
 CODEMOAT = os.environ.get("CODEMOAT", "codemoat")
@@ -56,7 +57,7 @@ def wait(url: str, proc: subprocess.Popen, what: str) -> None:
 
 
 def main() -> None:
-    if pg_bin() is None or not any(Path(p, "haproxy").exists() for p in os.environ["PATH"].split(":")):
+    if pg_bin() is None or haproxy_bin() is None:
         print("(skipped: this step needs Debian's postgresql and haproxy packages; `.ci/run` installs them)")
         return
     procs: list[subprocess.Popen] = []
@@ -82,23 +83,9 @@ def main() -> None:
             replicas.append((f"http://127.0.0.1:{port}", p))
         for i, (u, p) in enumerate(replicas, 1):
             wait(u, p, f"replica{i}")
-        lb_port = free_port()
-        env = dict(
-            os.environ,
-            CODEMOAT_LB_BIND=f"127.0.0.1:{lb_port}",
-            CODEMOAT_LB_STATS=f"127.0.0.1:{free_port()}",
-            CODEMOAT_REPLICA1=replicas[0][0][7:],
-            CODEMOAT_REPLICA2=replicas[1][0][7:],
-        )
-        ha = subprocess.Popen(
-            ["haproxy", "-db", "-f", str(ROOT / "deploy" / "haproxy.cfg")],
-            env=env,
-            stdout=open(DEMO / "haproxy.log", "w"),
-            stderr=subprocess.STDOUT,
-        )
-        procs.append(ha)
-        lb = f"http://127.0.0.1:{lb_port}"
-        wait(lb, ha, "HAProxy")
+        ha = HAProxy.start(DEMO / "haproxy.log", replicas[0][0], replicas[1][0])
+        procs.append(ha.proc)
+        lb = ha.url
         print(f"replica1 {replicas[0][0]}, replica2 {replicas[1][0]}, HAProxy {lb} (deploy/haproxy.cfg)")
 
         token = json.loads(cli("tokens", "create", "--name", "alice", "--json"))["token"]
