@@ -323,7 +323,26 @@ async def single(url: str, headers: dict, reps: int) -> dict:
     async with client(url, headers, 1) as c:
         lat = [(await one(c, PROMPT, 32))[0] for _ in range(reps)]
         ttft = [(await one(c, PROMPT, 32, stream=True))[1] for _ in range(reps)]
-    return {"p50": statistics.median(lat), "ttft": statistics.median(ttft)}
+    return {"p50": statistics.median(lat), "ttft": statistics.median(ttft), "lats": lat, "ttfts": ttft}
+
+
+def single_rounds(servers: Servers, how: dict) -> dict[str, dict]:
+    """The one-client scenario in `rounds` rounds that each visit every server (order alternating), so
+    that a load coming and going on the shared machine hits them alike: one block per server took ~0.1 s
+    on the bundled model, and the ratio moved 1.3-3x between runs minutes apart."""
+    got: dict[str, dict] = {}
+    for r in range(how["rounds"]):
+        order = list(servers.urls) if r % 2 == 0 else list(reversed(servers.urls))
+        for s in order:
+            cpu0 = cpu_seconds(servers.procs[s].pid)
+            x = asyncio.run(single(servers.urls[s], servers.headers[s], how["reps"]))
+            g = got.setdefault(s, {"lats": [], "ttfts": [], "cpu": 0.0})
+            g["lats"] += x["lats"]
+            g["ttfts"] += x["ttfts"]
+            g["cpu"] += cpu_seconds(servers.procs[s].pid) - cpu0
+    return {
+        s: {"p50": statistics.median(g["lats"]), "ttft": statistics.median(g["ttfts"]), "cpu": g["cpu"]} for s, g in got.items()
+    }
 
 
 async def load(url: str, headers: dict, clients: int, tokens: int, per_client: int) -> dict:
@@ -421,7 +440,7 @@ async def infill(url: str, headers: dict, reps: int, model: Path) -> dict:
 def scenarios(quick: bool) -> list[tuple[str, str, dict]]:
     """(key, label, how) in the order run."""
     s = [
-        ("single", "1 client: p50 latency / TTFT, 32 tokens", {"kind": "single", "reps": 6 if quick else 12}),
+        ("single", "1 client: p50 latency / TTFT, 32 tokens", {"kind": "single", "reps": 4 if quick else 6, "rounds": 4}),
         ("c8_32", "8 clients, 32 tokens: tokens/s", {"kind": "load", "clients": 8, "tokens": 32, "per": 2 if quick else 4}),
         ("c8_128", "8 clients, 128 tokens: tokens/s", {"kind": "load", "clients": 8, "tokens": 128, "per": 1 if quick else 2}),
         ("c32_32", "32 clients, 32 tokens: tokens/s", {"kind": "load", "clients": 32, "tokens": 32, "per": 1 if quick else 2}),
@@ -509,6 +528,15 @@ def bench_model(name: str, args: argparse.Namespace, token: str, env: dict) -> s
             except httpx.HTTPError as e:  # reported in its cells ("—") and here
                 print(f"{name} warm-up {s}: {type(e).__name__} {e} (exit {servers.procs[s].poll()})", file=sys.stderr)
         for i, (key, label, how) in enumerate(scenarios(args.quick)):
+            if key == "single":  # interleaved in rounds (`single_rounds`)
+                try:
+                    for s, r in single_rounds(servers, how).items():
+                        res[s][key] = r
+                except httpx.HTTPError as e:
+                    print(f"{name} {key}: {type(e).__name__} {e}", file=sys.stderr)
+                for s in servers.urls:
+                    print(f"{name:10s} {key:8s} {s:17s} {fmt(key, res[s].get(key))}", flush=True)
+                continue
             order = list(servers.urls) if i % 2 == 0 else list(reversed(servers.urls))
             for s in order:
                 try:
