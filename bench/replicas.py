@@ -27,7 +27,6 @@ import json
 import multiprocessing as mp
 import os
 import platform
-import shutil
 import socket
 import statistics
 import subprocess
@@ -40,6 +39,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+from haproxy import HAProxy, haproxy_bin  # noqa: E402
 from pg import PgCluster, pg_bin  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "replicas.md"
@@ -103,28 +103,14 @@ class Fleet:
             self.urls.append(f"127.0.0.1:{port}")
         for u, p in zip(self.urls, self.procs):
             wait("http://" + u, p)
-        lb = free_port()
-        env = dict(
-            os.environ,
-            CODEMOAT_LB_BIND=f"127.0.0.1:{lb}",
-            CODEMOAT_LB_STATS=f"127.0.0.1:{free_port()}",
-            CODEMOAT_REPLICA1=self.urls[0],
-            CODEMOAT_REPLICA2=self.urls[-1],
-        )
-        self.ha = subprocess.Popen(
-            ["haproxy", "-db", "-f", str(ROOT / "deploy" / "haproxy.cfg")],
-            env=env,
-            stdout=open(scratch / f"haproxy{n}.log", "w"),
-            stderr=subprocess.STDOUT,
-        )
-        self.url = f"http://127.0.0.1:{lb}"
-        wait(self.url, self.ha)
+        self.ha = HAProxy.start(scratch / f"haproxy{n}.log", self.urls[0], self.urls[-1])
+        self.url = self.ha.url
 
     def stop(self) -> None:
-        self.ha.terminate()
+        self.ha.stop()
         for p in self.procs:
             p.terminate()
-        for p in [self.ha, *self.procs]:
+        for p in self.procs:
             p.wait(timeout=60)
 
 
@@ -362,7 +348,7 @@ def main() -> None:
     if args.audit_only:
         audit_only(before=args.before)
         return
-    if pg_bin() is None or shutil.which("haproxy") is None:
+    if pg_bin() is None or haproxy_bin() is None:
         raise SystemExit("bench/replicas.py needs Debian's postgresql and haproxy packages")
     scratch = Path(tempfile.mkdtemp(prefix="codemoat-replicas-"))
     os.environ["CODEMOAT_HOME"] = str(scratch / "home")
