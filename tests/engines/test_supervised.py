@@ -216,3 +216,86 @@ def test_a_model_that_cannot_load_is_one_line(tmp_path):
     with pytest.raises(CodemoatError, match="cannot load model") as e:
         open_model(load_settings(**{"model.path": str(bad)}))
     assert "\n" not in str(e.value)
+
+
+def _switches(pid: int, tid: int) -> int:
+    """Times thread `tid` of process `pid` went to sleep (voluntary context switches): one per wake-up."""
+    for line in open(f"/proc/{pid}/task/{tid}/status"):
+        if line.startswith("voluntary_ctxt_switches"):
+            return int(line.split()[1])
+    raise AssertionError("no voluntary_ctxt_switches")
+
+
+def test_tokens_cross_with_one_wake_up_each_not_three(tiny_gguf):
+    """Issue 15: the process boundary cost ~5 % CPU per request, wake-ups per token. The streaming loop
+    reads the engine's socket itself: the server's reader thread sleeps through a stream (it woke once
+    per token, then woke the loop), and the engine process's request reader is not woken each time the
+    server reads a token (a blocking read of a socket was: ~one wake-up per token)."""
+    from codemoat.engines.base import SamplingParams
+    from codemoat.engines.llamacpp import LlamaCppEngine
+    from codemoat.engines.supervised import SupervisedEngine
+
+    eng = SupervisedEngine.start(LlamaCppEngine, tiny_gguf, {"model_id": "tiny", "n_ctx": 512, "n_threads": 1, "parallel": 2})
+    try:
+        pid, child = os.getpid(), eng._child.proc.pid
+        reader = next(t for t in threading.enumerate() if t.name == f"engine-{child}").native_id
+
+        async def go() -> tuple[int, int, int]:
+            await eng.complete("def f(", SamplingParams(max_tokens=2))  # the first request attaches this loop
+            before = (_switches(pid, reader), _switches(child, child))
+            n = 0
+            for _ in range(3):
+                async for chunk in eng.stream("import os\n\ndef main():\n", SamplingParams(max_tokens=48, temperature=0)):
+                    n += len(chunk.token_ids)
+            return n, _switches(pid, reader) - before[0], _switches(child, child) - before[1]
+
+        tokens, server, engine = asyncio.run(go())
+        assert tokens >= 60, tokens  # enough tokens that one wake-up each would show
+        assert server <= 2, f"the server's reader thread woke {server} times for {tokens} tokens"
+        assert engine <= 9, f"the engine's request reader woke {engine} times for {tokens} tokens"
+    finally:
+        eng.close()
+
+
+def test_answers_reach_every_loop_and_a_synchronous_caller(tiny_gguf):
+    """Who reads the engine's socket changes hands (a loop that streams, the thread while no loop runs, a
+    loop on another thread): every caller still gets its whole answer, and a crash is noticed without a loop."""
+    from codemoat.engines.base import SamplingParams
+    from codemoat.engines.llamacpp import LlamaCppEngine
+    from codemoat.engines.supervised import SupervisedEngine
+
+    eng = SupervisedEngine.start(LlamaCppEngine, tiny_gguf, {"model_id": "tiny", "n_ctx": 512, "n_threads": 1, "parallel": 2})
+    p = SamplingParams(max_tokens=16, temperature=0)
+    try:
+        want = asyncio.run(eng.complete("def add(a, b):\n", p)).text
+        assert want
+        assert eng.logits("def add(a, b):\n").shape[0] == eng.n_vocab  # no loop runs now: the thread reads
+        assert asyncio.run(eng.complete("def add(a, b):\n", p)).text == want  # a new loop reads again
+
+        other: list[str] = []
+
+        def elsewhere() -> None:  # a second loop, on another thread, at the same time as this one
+            async def go():
+                return [(await eng.complete("def add(a, b):\n", p)).text for _ in range(3)]
+
+            other.extend(asyncio.run(go()))
+
+        t = threading.Thread(target=elsewhere)
+        t.start()
+
+        async def here():
+            return await asyncio.gather(*(eng.complete("def add(a, b):\n", p) for _ in range(3)))
+
+        mine = [c.text for c in asyncio.run(here())]
+        t.join(60)
+        assert mine == [want] * 3 and other == [want] * 3
+
+        events: list[str] = []
+        eng.on_incident = lambda kind, d: events.append(kind)
+        os.kill(eng._child.proc.pid, signal.SIGKILL)  # no loop is running: the thread notices
+        end = time.time() + 10
+        while not events and time.time() < end:
+            time.sleep(0.01)
+        assert events == ["engine_crashed"]
+    finally:
+        eng.close()

@@ -6,7 +6,7 @@ says `("ready", facts)`, then serves requests until told to stop or until the so
 server went away). The model path may be `/proc/self/fd/N` of a sealed memfd inherited from
 the server: the plaintext is never decrypted again, nor written anywhere.
 
-Messages are length-prefixed pickles (`send`/`recv`), between two processes of the same program:
+Messages are length-prefixed pickles (`frame`, `Frames`), between two processes of the same program:
     server → engine   ("gen", rid, prompt, params) · ("cancel", rid) · ("logits", rid, prompt) · ("stop",)
     engine → server   ("ready", facts) · ("error", message) · ("chunk", rid, (text, token_ids, finish_reason, timings))
                       · ("done", rid, error or None, error class or None) · ("result", rid, value, error or None)
@@ -23,11 +23,13 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import select
 import signal
 import socket
 import struct
 import sys
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 _HEADER = struct.Struct(">I")
@@ -53,47 +55,75 @@ def is_dumpable() -> bool:
     return libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0) == 1
 
 
-def send(sock: socket.socket, msg: Any) -> None:
+def frame(msg: Any) -> bytes:
+    """`msg` as it goes over the socket: its length, then its pickle."""
     data = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
-    sock.sendall(_HEADER.pack(len(data)) + data)
+    return _HEADER.pack(len(data)) + data
 
 
-def recv(stream) -> Any:
-    """The next message from a buffered reader of the socket (`sock.makefile("rb")`); None at its end."""
-    head = stream.read(_HEADER.size)
-    if len(head) < _HEADER.size:
-        return None
-    (n,) = _HEADER.unpack(head)
-    data = stream.read(n)
-    return pickle.loads(data) if len(data) == n else None
+def send(sock: socket.socket, msg: Any) -> None:
+    sock.sendall(frame(msg))
 
 
 class Frames:
-    """The messages arriving on a socket, in batches: all that one `recv` brought (a reader that fell
+    """The messages arriving on a socket, in batches: all that one read brought (a reader that fell
     behind catches up with one hand-off, not one per message)."""
 
     def __init__(self, sock: socket.socket):
         self.sock, self.buf = sock, bytearray()
+        self._scratch = bytearray(1 << 16)
+        self._view = memoryview(self._scratch)
+        self._poll = select.poll()
+        self._poll.register(sock.fileno(), select.POLLIN)
+
+    def parse(self) -> list[Any]:
+        """The whole messages in the buffer, taken out of it."""
+        out, pos, buf = [], 0, self.buf
+        while len(buf) - pos >= _HEADER.size:
+            (n,) = _HEADER.unpack_from(buf, pos)
+            end = pos + _HEADER.size + n
+            if len(buf) < end:
+                break
+            out.append(pickle.loads(buf[pos + _HEADER.size : end]))
+            pos = end
+        if pos:
+            del buf[:pos]
+        return out
+
+    def pump(self) -> list[Any] | None:
+        """What one read that does not wait brings, as whole messages ([] if none yet); None at the end."""
+        try:
+            n = self.sock.recv_into(self._view, len(self._scratch), socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return []
+        if n == 0:
+            return None
+        self.buf += self._view[:n]
+        return self.parse()
 
     def batch(self) -> list[Any] | None:
-        """The next messages (at least one), or None once the socket has ended."""
-        while True:
-            out, pos, buf = [], 0, self.buf
-            while len(buf) - pos >= _HEADER.size:
-                (n,) = _HEADER.unpack_from(buf, pos)
-                end = pos + _HEADER.size + n
-                if len(buf) < end:
-                    break
-                out.append(pickle.loads(bytes(buf[pos + _HEADER.size : end])))
-                pos = end
-            if pos:
-                del buf[:pos]
-            if out:
-                return out
-            data = self.sock.recv(1 << 16)
-            if not data:
+        """The next messages (at least one), waiting for them; None once the socket has ended. It waits in
+        `poll`: a thread blocked in a read of a socket is woken each time the other side reads what another
+        thread wrote to it (a token, in the engine process: ~30 wake-ups of a 32-token request for nothing)."""
+        while not (out := self.parse()):
+            self._poll.poll()
+            n = self.sock.recv_into(self._view, len(self._scratch))
+            if n == 0:
                 return None
-            buf += data
+            self.buf += self._view[:n]
+        return out
+
+
+def messages(frames: Frames) -> Iterator[Any]:
+    """Each message, until the socket ends or cannot be read."""
+    while True:
+        try:
+            batch = frames.batch()
+        except (OSError, EOFError, ValueError, pickle.UnpicklingError):
+            return
+        if batch is None:
+            return
+        yield from batch
 
 
 def error_class(exc: BaseException | None) -> str | None:
@@ -185,13 +215,9 @@ class _Server:
         else:
             self.send(("result", rid, value, None))
 
-    def serve(self, stream) -> None:
-        while True:
-            try:
-                msg = recv(stream)
-            except (OSError, pickle.UnpicklingError, EOFError):
-                msg = None
-            if msg is None or msg[0] == "stop":
+    def serve(self, incoming: Iterator[Any]) -> None:
+        for msg in incoming:
+            if msg[0] == "stop":
                 break
             kind, rid = msg[0], msg[1]
             if kind == "gen":
@@ -208,8 +234,8 @@ class _Server:
 def main(argv: list[str]) -> int:
     sock = socket.socket(fileno=int(argv[1]))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server decides when its engine stops
-    stream = sock.makefile("rb")
-    spec = recv(stream)
+    incoming = messages(Frames(sock))
+    spec = next(incoming, None)
     if spec is None:
         return 1
     set_non_dumpable()  # exec made this process dumpable again; the weights are mapped below
@@ -243,7 +269,7 @@ def main(argv: list[str]) -> int:
     )
 
     try:
-        _Server(engine, sock).serve(stream)
+        _Server(engine, sock).serve(incoming)
     finally:
         engine.close()
     return 0

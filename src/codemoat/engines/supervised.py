@@ -8,6 +8,8 @@ memfd is inherited (`pass_fds`) and opened there as `/proc/self/fd/N`, so it is 
 by the server, and a restart needs no decryption. Tokenising stays in the server (`Engine.front`:
 a tokenizer without weights), so only generation crosses the boundary: the prompt and sampling
 parameters go over a Unix socket, chunks come back on it, and a client that hangs up sends a cancel.
+The event loop that streams reads the chunks off the socket itself (`engines.inbox`: one wake-up per
+token, as an in-process engine costs); a thread watches for the process's end.
 
 When the child dies (a signal, or any exit the server did not ask for), every request in flight
 gets `Unavailable` (503 in each protocol's shape, or an in-band error on a stream that had begun),
@@ -22,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import pickle
 import signal
 import socket
 import subprocess
@@ -39,7 +40,8 @@ import numpy as np
 
 from ..errors import CodemoatError, Unavailable
 from .base import Chunk, Engine, SamplingParams
-from .child import Frames, send
+from .child import Frames, frame
+from .inbox import Inbox, Request
 from .memfd import MemfdBuffer
 
 log = logging.getLogger("codemoat.engines")
@@ -61,16 +63,18 @@ def describe_exit(code: int) -> str:
 
 
 class _Child:
-    """One engine process and its socket."""
+    """One engine process, its socket, and the `Inbox` that reads it (which closes the socket at its end)."""
 
     def __init__(self, proc: subprocess.Popen, sock: socket.socket, facts: dict[str, Any], frames: Frames):
         self.proc, self.sock, self.facts, self.frames = proc, sock, facts, frames
         self.started = time.monotonic()
-        self._send_lock = threading.Lock()
+        self.inbox: Inbox | None = None
 
     def send(self, msg: Any) -> None:
-        with self._send_lock:
-            send(self.sock, msg)
+        if self.inbox is None:
+            self.sock.sendall(frame(msg))
+        else:
+            self.inbox.send(frame(msg))
 
     def stop(self, timeout: float = 10.0) -> None:
         try:
@@ -82,66 +86,14 @@ class _Child:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-        self.sock.close()
-
-
-def _flat(batch: list[Any]) -> list[Any]:
-    """The messages of a batch, a batching engine's ("batch", [...]) of one step opened."""
-    if not any(m[0] == "batch" for m in batch):
-        return batch
-    return [x for m in batch for x in (m[1] if m[0] == "batch" else (m,))]
-
-
-def _error(text: str, name: str | None) -> CodemoatError:
-    """The engine's error as the class it was raised as (`codemoat.errors`: `Overloaded` is a 503), else a 400."""
-    from .. import errors
-
-    cls = getattr(errors, name, None) if name else None
-    return cls(text) if isinstance(cls, type) and issubclass(cls, CodemoatError) else CodemoatError(text)
-
-
-def _chunks(items: list[Any]) -> list[Any]:
-    """One request's messages of a burst as `Chunk`s (and its end: None or an error); consecutive chunks
-    that end nothing are joined into one (a reader that fell behind hands over one chunk, not several)."""
-    out: list[Any] = []
-    text: list[str] = []
-    ids: list[int] = []
-    for it in items:
-        if isinstance(it, tuple) and it[2] is None:
-            text.append(it[0])
-            ids.extend(it[1])
-            continue
-        if text:
-            out.append(Chunk("".join(text), ids))
-            text, ids = [], []
-        out.append(Chunk(it[0], it[1], it[2], it[3]) if isinstance(it, tuple) else it)
-    if text:
-        out.append(Chunk("".join(text), ids))
-    return out
+        if self.inbox is None:
+            self.sock.close()
 
 
 class _Died(Exception):
     def __init__(self, code: int):
         self.code = code
         super().__init__(describe_exit(code))
-
-
-class _Request:
-    """Where the reader thread delivers one request's messages: an asyncio queue, or a future."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop | None = None, future: Future | None = None):
-        self.loop, self.future = loop, future
-        self.queue: asyncio.Queue | None = asyncio.Queue() if loop is not None else None
-
-    def deliver(self, item: Any) -> None:
-        if self.future is not None:
-            if not self.future.done():
-                (self.future.set_exception if isinstance(item, BaseException) else self.future.set_result)(item)
-            return
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)  # type: ignore[union-attr]
-        except RuntimeError:  # its event loop is closed: nobody is waiting
-            pass
 
 
 class SupervisedEngine(Engine):
@@ -155,7 +107,7 @@ class SupervisedEngine(Engine):
         self._path = source.path if isinstance(source, MemfdBuffer) else str(source)
         self._lock = threading.Lock()
         self._child: _Child | None = None
-        self._requests: dict[int, _Request] = {}
+        self._requests: dict[int, Request] = {}
         self._ids = itertools.count(1)
         self._state, self._closed = "starting", False
         self.crashes, self.restarts = 0, 0
@@ -215,7 +167,7 @@ class SupervisedEngine(Engine):
             "log_level": logging.getLogger("codemoat").getEffectiveLevel(),
         }
         try:
-            send(ours, spec)
+            ours.sendall(frame(spec))
             got = frames.batch()
             msg = got[0] if got else None
         except OSError:
@@ -230,42 +182,26 @@ class SupervisedEngine(Engine):
 
     def _launch(self, restart: bool = False) -> None:
         child = self._spawn()
+        child.inbox = Inbox(
+            child.sock, child.frames, self._requests_get, self._slots, lambda: self._ended(child), f"engine-{child.proc.pid}"
+        )
         with self._lock:
             if self._closed:
+                child.inbox.start()
                 child.stop()
                 return
             self._child, self._state, self._facts = child, "ready", child.facts
             self.restarts += restart  # counted as it becomes ready, not after (a reader saw ready with the old count)
-        threading.Thread(target=self._read, args=(child,), name=f"engine-{child.proc.pid}", daemon=True).start()
+        child.inbox.start()
         log.info(
             "engine process %d serves %s (%s%s)", child.proc.pid, self.model_id, self.name, ", safe options" if self.safe else ""
         )
 
-    def _read(self, child: _Child) -> None:
-        """Deliver the child's messages to their requests until its socket ends."""
-        requests = self._requests
-        while True:
-            try:
-                batch = child.frames.batch()
-            except (OSError, EOFError, ValueError, pickle.UnpicklingError):
-                batch = None
-            if batch is None:
-                break
-            bursts: dict[int, list[Any]] = {}  # one hand-off per request and batch
-            for msg in _flat(batch):
-                kind, rid = msg[0], msg[1]
-                if kind == "chunk":
-                    bursts.setdefault(rid, []).append(msg[2])
-                elif kind == "done":
-                    bursts.setdefault(rid, []).append(_error(msg[2], msg[3]) if msg[2] else None)
-                elif kind == "slots":
-                    self._facts["slots"] = msg[2]
-                elif kind == "result" and (req := requests.get(rid)) is not None:
-                    req.deliver(CodemoatError(msg[3]) if msg[3] else msg[2])
-            for rid, items in bursts.items():
-                if (req := requests.get(rid)) is not None:  # else cancelled, or its client left
-                    req.deliver(_chunks(items))
-        self._ended(child)
+    def _requests_get(self, rid: int) -> Request | None:
+        return self._requests.get(rid)  # None: cancelled, or its client left
+
+    def _slots(self, usage: dict[str, int]) -> None:
+        self._facts["slots"] = usage
 
     def _ended(self, child: _Child) -> None:
         code = child.proc.wait()
@@ -282,7 +218,6 @@ class SupervisedEngine(Engine):
             self._recent.append(now)
             while self._recent and now - self._recent[0] > SAFE_WINDOW_S:
                 self._recent.popleft()
-        child.sock.close()
         message = f"the inference engine crashed ({self.last_exit}) and is restarting; retry in a moment"
         for req in failed.values():
             req.deliver(Unavailable(message))
@@ -354,7 +289,7 @@ class SupervisedEngine(Engine):
             raise Unavailable(f"the inference engine is restarting after a crash ({self.last_exit}); retry in a moment")
         return child
 
-    def _register(self, req: _Request) -> tuple[int, _Child]:
+    def _register(self, req: Request) -> tuple[int, _Child]:
         with self._lock:
             child = self._ready_child()
             rid = next(self._ids)
@@ -395,10 +330,11 @@ class SupervisedEngine(Engine):
 
     async def stream(self, prompt: str | list[int], params: SamplingParams) -> AsyncIterator[Chunk]:
         self.check_prompt(prompt, params.max_tokens)
-        req = _Request(loop=asyncio.get_running_loop())
+        req = Request(loop=asyncio.get_running_loop())
         rid, child = self._register(req)
         finished = False
         try:
+            child.inbox.attach(req.loop)  # type: ignore[union-attr,arg-type]  # this loop reads the answer itself
             try:
                 child.send(("gen", rid, prompt, params))
             except OSError:
@@ -423,18 +359,27 @@ class SupervisedEngine(Engine):
                     child.send(("cancel", rid))
                 except OSError:
                     pass
+            if child.inbox.loop is req.loop and any(r.loop is not req.loop for r in list(self._requests.values())):  # type: ignore[union-attr]
+                child.inbox.release(req.loop)  # type: ignore[union-attr]  # this loop may stop now: the thread reads for the others
 
     def logits(self, prompt: str) -> np.ndarray:
-        req = _Request(future=Future())
+        req = Request(future=Future())
         rid, child = self._register(req)
         try:
             child.send(("logits", rid, prompt))
-            return req.future.result()  # type: ignore[union-attr]
+            while True:
+                child.inbox.release()  # type: ignore[union-attr]  # read by the thread if no running loop reads
+                try:
+                    return req.future.result(timeout=1.0)  # type: ignore[union-attr]
+                except TimeoutError:
+                    continue
         finally:
             self._requests.pop(rid, None)
 
     def health(self) -> dict[str, Any]:
         child = self._child
+        if child is not None and child.inbox is not None:
+            child.inbox.release()  # the slot use is read even when no running loop reads
         return {
             **self._facts.get("health", {}),
             "queue": len(self._requests),
