@@ -341,7 +341,12 @@ def single_rounds(servers: Servers, how: dict) -> dict[str, dict]:
             g["ttfts"] += x["ttfts"]
             g["cpu"] += cpu_seconds(servers.procs[s].pid) - cpu0
     return {
-        s: {"p50": statistics.median(g["lats"]), "ttft": statistics.median(g["ttfts"]), "cpu": g["cpu"]} for s, g in got.items()
+        s: {
+            "p50": statistics.median(g["lats"]),
+            "ttft": statistics.median(g["ttfts"]),
+            "cpu_per_request": g["cpu"] / (len(g["lats"]) + len(g["ttfts"])),
+        }
+        for s, g in got.items()
     }
 
 
@@ -440,7 +445,11 @@ async def infill(url: str, headers: dict, reps: int, model: Path) -> dict:
 def scenarios(quick: bool) -> list[tuple[str, str, dict]]:
     """(key, label, how) in the order run."""
     s = [
-        ("single", "1 client: p50 latency / TTFT, 32 tokens", {"kind": "single", "reps": 4 if quick else 6, "rounds": 4}),
+        (
+            "single",
+            "1 client: p50 latency / TTFT, 32 tokens (CPU per request)",
+            {"kind": "single", "reps": 4 if quick else 6, "rounds": 4},
+        ),
         ("c8_32", "8 clients, 32 tokens: tokens/s", {"kind": "load", "clients": 8, "tokens": 32, "per": 2 if quick else 4}),
         ("c8_128", "8 clients, 128 tokens: tokens/s", {"kind": "load", "clients": 8, "tokens": 128, "per": 1 if quick else 2}),
         ("c32_32", "32 clients, 32 tokens: tokens/s", {"kind": "load", "clients": 32, "tokens": 32, "per": 1 if quick else 2}),
@@ -476,7 +485,8 @@ def fmt(key: str, r: dict | None) -> str:
     if r is None:
         return "—"
     if key == "single":
-        return f"{r['p50'] * 1000:.1f} / {r['ttft'] * 1000:.1f} ms"
+        cpu = f" ({r['cpu_per_request'] * 1000:.1f} ms CPU/request)" if r.get("cpu_per_request") else ""
+        return f"{r['p50'] * 1000:.1f} / {r['ttft'] * 1000:.1f} ms{cpu}"
     if key.startswith("c"):
         per_cpu = f", {r['toks'] / r['cpu']:.0f} tok/CPU-s" if r.get("cpu") else ""
         return f"{r['tok_s']:.0f} tok/s{per_cpu} (p50 {r['p50'] * 1000:.0f} ms, {r['tokens']:.0f} tok/answer)"
@@ -555,8 +565,13 @@ def ratio(res: dict, key: str, a: str, b: str) -> str:
     ra, rb = res.get(a, {}).get(key), res.get(b, {}).get(key)
     if not ra or not rb:
         return "—"
-    if key == "single":
-        return f"{ra['p50'] / rb['p50']:.2f} / {ra['ttft'] / rb['ttft']:.2f}"
+    if key == "single":  # and CPU per request in brackets: what the load did not move
+        cpu = (
+            f" ({ra['cpu_per_request'] / rb['cpu_per_request']:.2f})"
+            if ra.get("cpu_per_request") and rb.get("cpu_per_request")
+            else ""
+        )
+        return f"{ra['p50'] / rb['p50']:.2f} / {ra['ttft'] / rb['ttft']:.2f}{cpu}"
     va, _ = metric(key, ra)
     vb, _ = metric(key, rb)
     if key.startswith("c") and ra.get("cpu") and rb.get("cpu"):  # and per CPU-second: what the load did not move
