@@ -115,7 +115,11 @@ def test_haproxy_config_checks():
     )
     r = subprocess.run([exe, "-c", "-f", str(DEPLOY / "haproxy.cfg")], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "httpchk GET /health" in (DEPLOY / "haproxy.cfg").read_text()
+    text = (DEPLOY / "haproxy.cfg").read_text()
+    assert "httpchk GET /health" in text  # readiness (tests/vault/test_seats_replicas.py shows why)
+    # a completion is heavy: one that outlives `timeout server` is not run again elsewhere
+    retry = re.search(r"^\s*retry-on\s+(.*)$", text, re.M)
+    assert retry and "response-timeout" not in retry.group(1) and "all-retryable-errors" not in retry.group(1)
 
 
 def test_database_url_from_a_secret_file(tmp_path, home, monkeypatch):
