@@ -76,6 +76,26 @@ def test_forgetting_validation_code_is_neither_replayed_nor_scored():
     assert not set(FORGETTING_VALIDATION_MODULES) & (set(REPLAY_MODULES) | set(UNRELATED_MODULES))
 
 
+def test_the_forgetting_checks_score_code_the_bundled_model_never_trained_on():
+    """Both the final check and the guard that picks the kept state score CPython modules outside the
+    bundled model's training set (rebuilt as `vendor train` split it: 638 modules of CPython 3.11);
+    before, nine of the final check's ten modules and all four of the guard's were training files."""
+    import sys
+    import sysconfig
+    from pathlib import Path
+
+    from codemoat.train.corpus import collect, split
+    from codemoat.tune.evaluate import FORGETTING_VALIDATION_MODULES, UNRELATED_MODULES, forgetting_validation_files
+
+    if sys.version_info[:2] != (3, 11):
+        pytest.skip("the bundled model was trained on CPython 3.11's standard library")
+    train, _ = split(collect([Path(sysconfig.get_paths()["stdlib"])]), 0.06, 0)
+    trained = {f.path.split("/", 1)[1] for f in train}
+    assert len(trained) == 638  # models/codemoat-tiny.train.json's train_files
+    assert not trained & (set(UNRELATED_MODULES) | set(FORGETTING_VALIDATION_MODULES))
+    assert sum(len(f.text) for f in forgetting_validation_files()) > 100_000
+
+
 def test_data_tables_are_not_code_to_learn_from():
     from codemoat.tune.corpus import is_data_table
 

@@ -153,7 +153,7 @@ def tune(opts: TuneOptions, on_event: Callable[[dict], None] | None = None) -> T
     except ValueError:  # fewer tokens than one sequence
         raise CodemoatError(f"too little code to tune on in {', '.join(opts.repos)}: under {n_ctx} tokens") from None
     val_rows = spread_windows(val, tok, n_ctx, min(opts.eval_tokens, 8 * n_ctx))
-    forget_rows = spread_windows(forgetting_validation_files(), tok, n_ctx, min(opts.eval_tokens, 4 * n_ctx))
+    forget_rows = spread_windows(forgetting_validation_files(), tok, n_ctx, min(opts.eval_tokens, 8 * n_ctx))
 
     def score() -> tuple[float | None, float | None]:
         """(validation bits/byte, bits/byte on the forgetting-validation modules or None when not watched)."""
