@@ -91,6 +91,21 @@ def _aligned(since: float) -> bool:
 
 # -- writing -------------------------------------------------------------------------------------
 _UPSERTS: dict[tuple, Any] = {}
+_RAW: dict[int, tuple[Any, str, tuple[str, ...]]] = {}
+
+
+def execute(c, stmt, params: dict) -> None:
+    """`c.execute(stmt, params)` for a statement built once; on SQLite straight on the driver's connection,
+    in the same transaction: SQLAlchemy's own execution cost ~4x the statements there (a usage row and its
+    roll-ups, every request: 0.18 against 0.04 ms)."""
+    if c.dialect.name != "sqlite":
+        c.execute(stmt, params)
+        return
+    raw = _RAW.get(id(stmt))
+    if raw is None or raw[0] is not stmt:
+        compiled = stmt.compile(dialect=c.dialect)
+        raw = _RAW[id(stmt)] = (stmt, str(compiled), tuple(compiled.positiontup))
+    c.connection.driver_connection.execute(raw[1], tuple(params[n] for n in raw[2]))
 
 
 def _upsert(dialect: str, table: sa.Table, keys: tuple[str, ...], adds: tuple[str, ...]):
@@ -108,7 +123,7 @@ def _upsert(dialect: str, table: sa.Table, keys: tuple[str, ...], adds: tuple[st
 
 def _add(c, table: sa.Table, keys: dict, adds: dict) -> None:
     """Add `adds` to the roll-up row with these keys (one atomic statement)."""
-    c.execute(_upsert(c.dialect.name, table, tuple(keys), tuple(adds)), {**keys, **adds})
+    execute(c, _upsert(c.dialect.name, table, tuple(keys), tuple(adds)), {**keys, **adds})
 
 
 def add_completion(c, row: dict) -> None:

@@ -34,6 +34,11 @@ CHAT_ROUTES = frozenset({"/v1/chat/completions", "/api/chat"})
 EVENT_TYPES = frozenset({"view", "select", "dismiss"})
 SELECT_KINDS = frozenset({"line", "block"})
 COMPLETION_ID = re.compile(r"cmpl-[0-9a-f]{24}")  # codemoat.protocol.common.new_id("cmpl"); fullmatch, not `$`
+_ROW = (
+    "completion_id", "ts", "day", "user", "kind", "language", "protocol", "prompt_tokens", "completion_tokens",
+    "latency_ms", "retrieval", "status", "chars", "lines", "first_line_chars",
+)  # fmt: skip
+_INSERT_COMPLETION = completions.insert().values({k: sa.bindparam(k) for k in _ROW})
 
 
 class Facts(Protocol):
@@ -122,7 +127,7 @@ class UsageStore:
             first_line_chars=first,
         )
         with self._begin(conn) as c:
-            c.execute(completions.insert(), row)  # parameters bound: one compiled statement for every row
+            rollup.execute(c, _INSERT_COMPLETION, row)  # parameters bound: one compiled statement for every row
             rollup.add_completion(c, row)
         return kind
 
