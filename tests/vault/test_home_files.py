@@ -202,11 +202,32 @@ def _verified_lock(home: Path):
     return p.with_name(p.name + ".lock"), lambda: trusted.remember(p, head, None)
 
 
+def _crl_tmp(home: Path):
+    from codemoat.vault import crl
+    from codemoat.vault.machine import MachineKey
+    from codemoat.vault.trust import check_trusted_vendor
+    from codemoat.vault.vendor import Vendor
+
+    MachineKey.load_or_create()
+    v = Vendor.init(home.parent / "vendor")
+    check_trusted_vendor(v.vendor_key_b64)  # pinned by its first license
+    later = itertools.count(1)
+
+    def install() -> Any:  # each call installs a newer CRL (same number: nothing is written)
+        doc = crl.build(v)
+        doc["crl"]["number"] = next(later)
+        doc["signature"] = crl.b64e(crl.sign(v.signing_key, crl.DOMAIN, crl.canonical(doc["crl"])))
+        return crl.install(json.dumps(doc).encode())
+
+    return crl.installed_path(v.vendor_key_b64).with_suffix(".tmp"), install
+
+
 #: files codemoat opens to write in its home (a lock, a secret's temporary file) -> the call that does
 WRITES: dict[str, Callable[[Path], tuple[Path, Callable[[], Any]]]] = {
     "clock.json.lock": _clock_lock,
     "clock.json.tmp": _clock_tmp,
     "audit verified head's lock": _verified_lock,
+    "crl/KEY.tmp": _crl_tmp,
 }
 
 

@@ -279,7 +279,9 @@ def _install(crl: Crl, data: bytes, guard: ClockGuard, tpm: Any, home: Path | No
     p = installed_path(vk, home)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_suffix(".tmp")
-    tmp.write_bytes(data)
+    fd = paths.open_own(tmp, "CRL being installed", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, VaultError)  # no link, no FIFO
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
     os.replace(tmp, p)
     if tpm is None:
         guard.record_crl({crl.vendor_key_id: crl.number})
