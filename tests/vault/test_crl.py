@@ -439,3 +439,45 @@ def test_a_fifo_or_device_named_as_the_crl_is_refused_not_read_for_good(offline,
         timeout=60,
     )
     assert "not a regular file" in one_line_error(p)
+
+
+def test_on_a_tpm_machine_a_deleted_crl_counter_does_not_let_an_old_clock_record_back(vendor, model, tmp_path, swtpm):
+    """The owner (empty owner authorization, the default) deletes the TPM's CRL counter and puts back the
+    clock record and CRL from before the revocation. Before, a counter the chip no longer holds read as
+    "never counted" and the check was skipped: the revoked license served again. The record says the chip
+    counted installs, so a chip without the counter (or with a fresh one never counted) is refused."""
+    import shutil
+
+    from attest.tpmhelp import tpm_machine
+
+    from codemoat import paths
+    from codemoat.attest.tpm import CRL_NV_INDEX, TpmAttestor, _pt
+    from codemoat.vault.clock import ClockGuard
+
+    machine = tpm_machine(swtpm, vendor)
+    moat, lic, doc = bundle(vendor, model, tmp_path / "out", machine)
+    lid = doc["license"]["id"]
+    assert verify_bundle(moat, lic)["ok"]  # its first license pins the vendor
+    crl.install(_crl(vendor, tmp_path, "old.crl", machines=["m_other"], reason="lost"))
+    home = paths.home()
+    backup = tmp_path / "backup"
+    shutil.copytree(home, backup)
+    crl.install(_crl(vendor, tmp_path, "new.crl", licenses=[lid], reason="unpaid"))
+    with pytest.raises(VaultError, match="unpaid"):
+        verify_bundle(moat, lic)
+    guard = ClockGuard(machine)
+    shutil.copy2(backup / "clock.json", guard.path)
+    name = crl.installed_path(doc["license"]["vendor_key"]).name
+    shutil.copy2(backup / "crl" / name, home / "crl" / name)
+    with TpmAttestor(swtpm.tcti) as a:  # what tpm2_nvundefine does
+        pt = _pt()
+        a.ctx.nv_undefine_space(a.ctx.tr_from_tpmpublic(CRL_NV_INDEX), pt.ESYS_TR.OWNER)
+        assert a.crl_count() is None
+    with pytest.raises(VaultError, match="no CRL counter") as e:
+        verify_bundle(moat, lic)
+    assert "\n" not in str(e.value)
+    with TpmAttestor(swtpm.tcti) as a:  # a fresh counter defined there, never counted
+        a._counter(CRL_NV_INDEX, create=True, what="CRL counter")
+        assert a.crl_count() is None
+    with pytest.raises(VaultError, match="no CRL counter"):
+        verify_bundle(moat, lic)

@@ -194,9 +194,15 @@ TPM_COUNT = "tpm"  # the clock record's entry for the TPM's CRL counter (vendor 
 
 def _tpm_behind(guard: ClockGuard, attestor: Any) -> None:
     """On a machine whose keys are in a TPM: refuse a clock record behind the TPM's CRL counter. Every
-    install counts there, so a record put back from before an install (with an older CRL, or none) is."""
+    install counts there, so a record put back from before an install (with an older CRL, or none) is;
+    and a record that says the chip counted installs, on a chip without the counter."""
     count = attestor.crl_count()
     recorded = guard.crl_number(TPM_COUNT)
+    if count is None and recorded:  # deleted with owner authorization (or a fresh one defined there, never counted)
+        raise VaultError(
+            f"this machine's TPM has no CRL counter, but the clock record {guard.path} says it counted {recorded} CRL "
+            "installs (the counter was deleted, or the TPM cleared): the vendor must reprovision this machine"
+        )
     if count is not None and (recorded is None or recorded < count):
         raise VaultError(
             f"the clock record {guard.path} is older than this machine's TPM: the TPM counted {count} CRL installs, "
