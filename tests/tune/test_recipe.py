@@ -54,12 +54,16 @@ def test_a_run_that_learns_keeps_a_trained_state_and_replays(tmp_path, tiny_gguf
 
 
 @pytest.mark.slow
-def test_the_kept_state_forgot_at_most_max_forgetting_of_unseen_public_code(tmp_path, tiny_gguf):
+def test_the_kept_state_forgot_at_most_max_forgetting_of_unseen_public_code(tmp_path, tiny_gguf, monkeypatch):
     """Forgetting-aware selection: of the same run's states, the one kept without a limit (the last:
     validation still falling) made unseen public code worse; with `max_forgetting = 0` an earlier state
-    that did not is kept, and the final forgetting check sees less forgetting."""
+    that did not is kept, and the final forgetting check sees less forgetting. The guard watches four
+    modules on which this random test model's four states differ that way (the shipped guard's two,
+    never trained on by the bundled model, were no worse at step 4 here: the limit had nothing to hold back)."""
+    from codemoat.tune import evaluate
     from codemoat.tune.trainer import tune
 
+    monkeypatch.setattr(evaluate, "FORGETTING_VALIDATION_MODULES", ["inspect.py", "typing.py", "statistics.py", "ast.py"])
     _index(tmp_path, "shop", FILES, ["shop"])
     free = tune(_opts(tmp_path, tiny_gguf, lr=5e-3, steps=4, replay=0, max_forgetting=None)).meta
     held = tune(_opts(tmp_path, tiny_gguf, lr=5e-3, steps=4, replay=0, max_forgetting=0.0, out=tmp_path / "b.moat")).meta
