@@ -2,14 +2,16 @@
 
     .venv/bin/python bench/vaultd.py                # 0.25 GiB model, 3 runs each
     .venv/bin/python bench/vaultd.py --gib 1 --runs 5
+    .venv/bin/python bench/vaultd.py --model /tmp/models/gemma-3-270m-q4_k_m.gguf --runs 9
 
 One process, alternating runs: `open_model` of the plaintext GGUF (llama.cpp maps the page cache),
 of the sealed .moat + .lic (license checks, decryption into a fresh memfd), and with
 `vault.socket` set (fetch the memfd that a VaultDaemon in this process decrypted once, over the
 real unix socket with SCM_RIGHTS), each to its first generated token, inline engine. Also vaultd's
 one-time decryption, and the memory of two real `serve` replicas (sealed: each decrypts; through a
-real `codemoat vaultd`: one memfd shared). Writes bench/results/vaultd.md. Overlapping decryption
-with llama.cpp's load (`vault.overlap_load`) is measured by bench/vault.py.
+real `codemoat vaultd`: one memfd shared). Writes its sections of bench/results/vaultd.md (one per
+model; sections of other models and other authors are kept). Overlapping decryption with
+llama.cpp's load (`vault.overlap_load`) is measured by bench/vault.py.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ def tree_memory(pid: int) -> tuple[int, int]:
     return pss, rss
 
 
-def bench_replicas(moat: Path, lic: Path, model_id: str) -> list[str]:
+def bench_replicas(moat: Path, lic: Path, model_id: str, label: str) -> list[str]:
     """Two real `codemoat serve` replicas, each after one completion: sealed (each decrypts) vs through vaultd."""
     import subprocess
 
@@ -145,7 +147,7 @@ def bench_replicas(moat: Path, lic: Path, model_id: str) -> list[str]:
     g = 1 << 20
     return [
         "",
-        "## Two serve replicas on one host: memory after one completion each",
+        f"## Two serve replicas on one host: memory after one completion each ({label})",
         "",
         "| setup | PSS of all processes (MiB) | RSS summed (MiB) |",
         "| --- | --- | --- |",
@@ -159,11 +161,28 @@ def bench_replicas(moat: Path, lic: Path, model_id: str) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--gib", type=float, default=0.25)
+    ap.add_argument("--gib", type=float, default=0.25, help="size of the synthetic F32 GGUF (without --model)")
+    ap.add_argument("--model", type=Path, help="a real GGUF to seal and load instead (e.g. Gemma 3 270M)")
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2, help="llama.cpp threads (1: less swayed by other work on the cores)")
     ap.add_argument("--no-replicas", action="store_true", help="skip the two-replica memory measurement")
+    ap.add_argument(
+        "--shmem-thp",
+        metavar="MODE",
+        help="set the kernel's shmem huge-page policy (e.g. advise) for the run, then put it back (root)",
+    )
     args = ap.parse_args()
-    from vault import build_model, log, warm  # bench/vault.py (sets CODEMOAT_HOME under WORK)
+    from vault import ShmemPolicy  # bench/vault.py (sets CODEMOAT_HOME under WORK)
+
+    if args.shmem_thp:
+        with ShmemPolicy(args.shmem_thp):
+            run(args)
+    else:
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
+    from vault import build_model, log, warm
 
     from codemoat.cli.vaultd_cmd import open_models
     from codemoat.config import load_settings
@@ -175,22 +194,36 @@ def main() -> None:
     from codemoat.vault.vendor import Vendor
 
     WORK.mkdir(parents=True, exist_ok=True)
-    model = build_model(WORK / f"model-{args.gib:g}g.gguf", args.gib)
+    if args.model is not None:
+        model = args.model.resolve()
+        if not model.is_file():
+            raise SystemExit(f"error: --model {args.model}: no such GGUF file")
+        label, stem = f"{model.name}, {model.stat().st_size / (1 << 20):.0f} MiB", model.stem
+    else:
+        model = build_model(WORK / f"model-{args.gib:g}g.gguf", args.gib)
+        label, stem = f"{model.stat().st_size / (1 << 30):.2f} GiB F32 GGUF", f"model-{args.gib:g}g"
+    what = label  # the model; the heading also names what differs from the defaults
+    if args.shmem_thp:
+        label += f", shmem_enabled={args.shmem_thp}"
+    replicas_label = label  # the replicas run one llama.cpp thread each, whatever --threads says
+    if args.threads != 2:
+        label += f", {args.threads} llama.cpp thread{'s' if args.threads > 1 else ''}"
     vdir = WORK / "vendor"
     vendor = Vendor.open(vdir) if (vdir / "vendor.json").exists() else Vendor.init(vdir)
     machine = MachineKey.load_or_create()
-    moat = WORK / f"model-{args.gib:g}g.moat"
+    moat = WORK / f"{stem}.moat"
     if not moat.exists():
         vendor.seal(model, "bench", moat)
     doc = vendor.issue_license(
         customer="bench", model=moat, machines=[machine.identity()], expires=int(time.time()) + 86400, watermark=False
     )
-    lic = WORK / "bench.lic"
+    lic = WORK / f"{stem}.lic"
     lic.write_text(json.dumps(doc))
     vendor.close()
     warm(model)
     warm(moat)
-    base = {"model.n_ctx": 256, "model.n_threads": 2, "model.isolation": "inline"}
+    load_before = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    base = {"model.n_ctx": 256, "model.n_threads": args.threads, "model.isolation": "inline"}
     params = SamplingParams(max_tokens=1, temperature=0.0)
 
     daemon = VaultDaemon(WORK / "vault.sock", allow_uids={os.getuid()})
@@ -218,37 +251,67 @@ def main() -> None:
     daemon.close()
 
     plain, plain_best = statistics.median(rows["plaintext"]), min(rows["plaintext"])
-    size = model.stat().st_size
+    how = f"--model {args.model}" if args.model is not None else f"--gib {args.gib:g}"
+    how += f" --shmem-thp {args.shmem_thp}" if args.shmem_thp else ""
+    how += f" --threads {args.threads}" if args.threads != 2 else ""
     lines = [
-        "# vaultd: load to first token through the vault daemon",
+        f"## Load to first token ({label})",
         "",
-        f"`.venv/bin/python bench/vaultd.py --gib {args.gib:g} --runs {args.runs}` on {time.strftime('%Y-%m-%d')}: "
-        f"{size / (1 << 30):.2f} GiB F32 GGUF, inline llama.cpp engine, n_threads 2, shmem_enabled={shmem_thp_mode()}, "
-        f"load average {os.getloadavg()[0]:.1f} (shared 2-core machine).",
+        f"`.venv/bin/python bench/vaultd.py {how} --runs {args.runs}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: "
+        f"{what}, inline llama.cpp engine, n_threads {args.threads}, shmem_enabled={shmem_thp_mode()}, "
+        f"load average {load_before} before, {os.getloadavg()[0]:.1f} after (shared 2-core machine).",
         "",
-        "| load | median s | vs plaintext | best s | best vs plaintext's best | runs (s) |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| load | median s | vs plaintext | best s | best vs plaintext's best | median of per-run ratios | runs (s) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, v in rows.items():
         m = statistics.median(v)
+        paired = statistics.median(x / p for x, p in zip(v, rows["plaintext"]))  # same run, side by side
         lines.append(
-            f"| {name} | {m:.3f} | {m / plain:.2f}x | {min(v):.3f} | {min(v) / plain_best:.2f}x | "
+            f"| {name} | {m:.3f} | {m / plain:.2f}x | {min(v):.3f} | {min(v) / plain_best:.2f}x | {paired:.2f}x | "
             f"{', '.join(f'{x:.3f}' for x in v)} |"
         )
     lines += [
         "",
         f"vaultd's one-time decryption and license check (before any serve): {vaultd_decrypt_s:.3f} s.",
         "",
-        "Through vaultd no serve start decrypts; what remains is llama.cpp faulting in the memfd's "
-        "pages to the first token. Timings on this shared machine swing by several times from run to run "
-        "(other work on the 2 cores): read the best column beside the median.",
+        "Through vaultd no serve start decrypts; what remains is llama.cpp mapping the memfd's "
+        "pages and running to the first token. Timings on this shared machine swing by several times from run to run "
+        "(other work on the 2 cores): read the best column and the per-run ratios (each run loads the three "
+        "one after another) beside the median.",
         "",
     ]
     if not args.no_replicas:
-        lines += bench_replicas(moat, lic, model_id)
+        lines += bench_replicas(moat, lic, model_id, replicas_label)
     out = ROOT / "bench" / "results" / "vaultd.md"
-    out.write_text("\n".join(lines))
+    out.write_text(merge(out.read_text() if out.exists() else "", "\n".join(lines)))
     print("\n".join(lines))
+
+
+TITLE = "# vaultd: load to first token through the vault daemon"
+
+
+def merge(old: str, new: str) -> str:
+    """The results file with `new`'s sections first, then every section of `old` whose heading `new`
+    does not replace (other models' runs, notes written by hand); text before old's first section
+    (an earlier layout) is kept as a section of its own."""
+
+    def sections(text: str) -> list[tuple[str, str]]:
+        out: list[tuple[str, str]] = []
+        for block in ("\n" + text).split("\n## ")[1:]:
+            head, _, body = block.partition("\n")
+            out.append(("## " + head.strip(), body.strip("\n")))
+        return out
+
+    body = old.split("\n", 1)[1] if old.startswith(TITLE) else old
+    lead, sep, rest = body.partition("\n## ")
+    kept = sections(sep + rest) if sep else []
+    if lead.strip():
+        kept.insert(0, ("## An earlier run (layout before sections per model)", lead.strip("\n")))
+    fresh = sections(new)
+    heads = {h for h, _ in fresh}
+    parts = [TITLE, ""] + [f"{h}\n\n{b}\n" for h, b in fresh + [(h, b) for h, b in kept if h not in heads]]
+    return "\n".join(parts)
 
 
 if __name__ == "__main__":

@@ -296,6 +296,7 @@ def vaultd(
     config: Annotated[Path | None, typer.Option(help="TOML configuration file.", envvar="CODEMOAT_CONFIG")] = None,
 ) -> None:
     """Hold the machine key: decrypt licensed models once and hand them to `serve --vault` as sealed memfds."""
+    import logging
     import signal
     import threading
 
@@ -331,6 +332,14 @@ def vaultd(
                 f"--allow-uid/--allow-group {unknown[0]}=...: vaultd holds no such model ({', '.join(sorted(ids))})"
             )
     holders = open_models(model, license, daemon, settings)
+    from ..engines.memfd import huge_pages_allowed, shmem_thp_mode
+
+    if not huge_pages_allowed():  # every serve start maps the memfd: 4 KiB shmem pages cost it (bench/results/vaultd.md)
+        logging.getLogger("codemoat.vault").warning(
+            "shmem_enabled=%s: each serve start maps this memfd's 4 KiB pages, slower than a plaintext start; "
+            "'advise' lets vaultd use 2 MiB pages (docs/operations.md, huge pages)",
+            shmem_thp_mode(),
+        )
     relay = None
     try:
         daemon.start()
