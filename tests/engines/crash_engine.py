@@ -8,6 +8,7 @@ server, which is what the supervisor exists to prevent.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import time
@@ -18,6 +19,26 @@ from codemoat.engines.llamacpp import LlamaCppEngine
 CRASH = "<<crash>>"  # SIGSEGV in the engine's process
 CRASH_UNLESS_SAFE = "<<crash-unless-safe>>"  # SIGSEGV unless built with the safe options (use_extra_bufts=False)
 SLOW = "<<slow>>"  # chunks paced 50 ms apart: a stream still running when another request crashes the engine
+BAD_FRAME = "<<bad-frame>>"  # the first chunk's message pickles here but cannot be unpickled by the server
+
+
+class _NoLoad:
+    """Pickles, but unpickling it raises TypeError (dict(5)): a frame the server cannot read."""
+
+    def __reduce__(self):
+        return (dict, (5,))
+
+
+def _bad_frame(emit):
+    sent = [False]
+
+    def bad(chunk):
+        if not sent[0]:
+            sent[0] = True
+            chunk = dataclasses.replace(chunk, timings=_NoLoad())
+        emit(chunk)
+
+    return bad
 
 
 class CrashingEngine(LlamaCppEngine):
@@ -34,6 +55,8 @@ class CrashingEngine(LlamaCppEngine):
         return ids
 
     def _generate(self, prompt_ids, params, emit, cancel) -> None:
+        if BAD_FRAME in self.detokenize(prompt_ids):
+            emit = _bad_frame(emit)
         if SLOW in self.detokenize(prompt_ids):
             inner = emit
 
@@ -44,6 +67,8 @@ class CrashingEngine(LlamaCppEngine):
         super()._generate(prompt_ids, params, emit, cancel)
 
     def _start(self, ids, params, emit, cancel, finished) -> None:
+        if BAD_FRAME in self.detokenize(ids):
+            emit = _bad_frame(emit)
         if SLOW in self.detokenize(ids) and self._batcher is not None:  # batched: `_generate` is not used
             inner = emit
 

@@ -206,6 +206,37 @@ def test_a_client_that_leaves_cancels_generation_in_the_engine_process(tiny_gguf
         eng.close()
 
 
+def test_a_frame_the_server_cannot_read_fails_its_requests_and_restarts_the_engine(tiny_gguf, monkeypatch):
+    """A message from the engine process that does not unpickle (here TypeError, not an UnpicklingError)
+    or has no known shape. Before, the reading loop's callback raised on it at each read, the frame stayed
+    at the head of the buffer, and that request and every later one on the engine waited for good while
+    /health said ready. Now it is the engine's end: its requests get 503 and the engine restarts."""
+    from codemoat.engines import supervised
+    from codemoat.engines.base import SamplingParams
+    from codemoat.errors import Unavailable
+    from crash_engine import BAD_FRAME, CrashingEngine
+
+    monkeypatch.setattr(supervised, "BACKOFF_S", (0.2,))
+    monkeypatch.setenv("PYTHONPATH", ENV["PYTHONPATH"])
+    eng = supervised.SupervisedEngine.start(CrashingEngine, tiny_gguf, {"model_id": "tiny", "n_ctx": 256, "n_threads": 1})
+    p = SamplingParams(max_tokens=4, temperature=0)
+    try:
+        want = asyncio.run(eng.complete("def add(a, b):\n", p)).text
+
+        async def bad():
+            with pytest.raises(Unavailable):
+                await asyncio.wait_for(eng.complete(BAD_FRAME + "def add(a, b):\n", p), 30)
+
+        asyncio.run(bad())
+        end = time.time() + 30
+        while eng.state != "ready" and time.time() < end:
+            time.sleep(0.05)
+        assert eng.state == "ready" and eng.restarts == 1
+        assert asyncio.run(eng.complete("def add(a, b):\n", p)).text == want
+    finally:
+        eng.close()
+
+
 def test_a_model_that_cannot_load_is_one_line(tmp_path):
     from codemoat.config import load_settings
     from codemoat.engines.loader import open_model

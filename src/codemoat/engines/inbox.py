@@ -20,6 +20,7 @@ reads meanwhile (`send`): the engine process may itself be waiting to write to u
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import pickle
 import select
@@ -33,6 +34,7 @@ from ..errors import CodemoatError
 from .base import Chunk
 from .child import Frames
 
+log = logging.getLogger("codemoat.engines")
 _ENDED = select.POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL
 
 
@@ -139,13 +141,20 @@ class Inbox:
                 return -1
             try:
                 got = self.frames.pump()
+                if got:
+                    self._dispatch(got, here)
             except (OSError, EOFError, ValueError, pickle.UnpicklingError):
+                got = None
+            except Exception:  # a frame that does not unpickle, a message of no known shape: its end, not a hang
+                log.exception("a message from the engine process could not be read; ending it")
                 got = None
             if got is None:
                 self._eof = True
+                try:
+                    self.sock.shutdown(socket.SHUT_RDWR)  # the engine process sees the end too, and exits
+                except OSError:
+                    pass
                 return -1
-            if got:
-                self._dispatch(got, here)
             return 1 if got else 0
 
     def _dispatch(self, batch: list[Any], here: asyncio.AbstractEventLoop | None) -> None:
