@@ -237,6 +237,41 @@ def test_a_frame_the_server_cannot_read_fails_its_requests_and_restarts_the_engi
         eng.close()
 
 
+def test_a_cancel_storm_never_gives_a_request_another_ones_tokens(tiny_gguf):
+    """Clients that hang up after their first chunk, beside clients that read to the end, on a batching
+    engine process: every finished answer is its own prompt's answer token for token (request ids are
+    never reused, and a message for a request gone is dropped), and the engine is left with nothing queued."""
+    from codemoat.engines.base import SamplingParams
+    from codemoat.engines.llamacpp import LlamaCppEngine
+    from codemoat.engines.supervised import SupervisedEngine
+
+    eng = SupervisedEngine.start(LlamaCppEngine, tiny_gguf, {"model_id": "tiny", "n_ctx": 1024, "n_threads": 1, "parallel": 4})
+    p = SamplingParams(max_tokens=12, temperature=0)
+    prompts = ["def add(a, b):\n", "import json\n", "class Stack:\n", "for i in range(10):\n"]
+    try:
+        want = {q: asyncio.run(eng.complete(q, p)).text for q in prompts}
+        assert len(set(want.values())) == len(prompts)  # each prompt's answer tells it apart
+
+        async def leave(q: str) -> None:
+            agen = eng.stream(q, SamplingParams(max_tokens=200, temperature=0.8))
+            await agen.__anext__()
+            await agen.aclose()
+
+        async def storm() -> list[tuple[str, str]]:
+            tasks = []
+            for i in range(24):
+                q = prompts[i % len(prompts)]
+                tasks.append(leave(q) if i % 2 else eng.complete(q, p))
+            got = await asyncio.gather(*tasks)
+            return [(prompts[i % len(prompts)], g.text) for i, g in enumerate(got) if i % 2 == 0]
+
+        for q, text in asyncio.run(storm()):
+            assert text == want[q], (q, text)
+        assert eng.health()["queue"] == 0 and eng.crashes == 0
+    finally:
+        eng.close()
+
+
 def test_a_model_that_cannot_load_is_one_line(tmp_path):
     from codemoat.config import load_settings
     from codemoat.engines.loader import open_model
