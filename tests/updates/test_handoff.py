@@ -47,6 +47,41 @@ def test_store_fail_makes_the_previous_version_current_and_records_the_failed_on
     assert store.apply(shop.release("2.1"), lic)["previous"] == "1"  # the next release installs over 1
 
 
+def as_nobody(fn) -> int:
+    """The wait status of a forked child that runs `fn()` as uid 65534 (another account) and exits with
+    what it returns (5 if it raised)."""
+    pid = os.fork()
+    if pid == 0:
+        code = 5
+        try:
+            os.setuid(65534)
+            code = fn()
+        finally:
+            os._exit(code)
+    return os.waitpid(pid, 0)[1]
+
+
+def cannot_connect(path: Path) -> int:
+    """0 if connecting to the listener at `path` is refused by the file system, else 3."""
+    c = socket.socket(socket.AF_UNIX)
+    try:
+        c.connect(str(path))
+    except PermissionError:
+        return 0
+    return 3
+
+
+def swap_refused(path: Path, pause: float = 0.0) -> int:
+    """Ask the listener at `path` for a swap, `pause` seconds after connecting: 0 if it refuses and says
+    why (uid 65534 may not), else 4."""
+    c = socket.socket(socket.AF_UNIX)
+    c.connect(str(path))
+    time.sleep(pause)
+    c.sendall(b'{"op": "swap", "channel": "model"}\n')
+    a = json.loads(c.makefile().readline())
+    return 0 if a["ok"] is False and "uid 65534 may not" in a["error"] else 4
+
+
 def test_listener_answers_its_own_account_only(home, tmp_path):
     from codemoat.updates.handoff import Listener, hand_over, run_dir
 
@@ -82,20 +117,7 @@ def test_listener_answers_its_own_account_only(home, tmp_path):
             assert json.loads(c.makefile().readline())["ok"] is False
             c.close()
         if os.getuid() == 0:  # another account cannot even connect (0600), nor swap if it could (SO_PEERCRED)
-            pid = os.fork()
-            if pid == 0:
-                code = 0
-                try:
-                    os.setuid(65534)
-                    c = socket.socket(socket.AF_UNIX)
-                    try:
-                        c.connect(str(ln.path))
-                        code = 3
-                    except PermissionError:
-                        code = 0
-                finally:
-                    os._exit(code)
-            assert os.waitpid(pid, 0)[1] == 0
+            assert as_nobody(lambda: cannot_connect(ln.path)) == 0
             # even with every folder and the socket opened up, the peer's uid (SO_PEERCRED) is checked
             import tempfile
 
@@ -104,19 +126,7 @@ def test_listener_answers_its_own_account_only(home, tmp_path):
             os.chmod(open_home, 0o755)
             os.chmod(run_dir(open_home), 0o755)
             os.chmod(other.path, 0o666)
-            pid = os.fork()
-            if pid == 0:
-                code = 5
-                try:
-                    os.setuid(65534)
-                    c = socket.socket(socket.AF_UNIX)
-                    c.connect(str(other.path))
-                    c.sendall(b'{"op": "swap", "channel": "model"}\n')
-                    a = json.loads(c.makefile().readline())
-                    code = 0 if a["ok"] is False and "uid 65534 may not" in a["error"] else 4
-                finally:
-                    os._exit(code)
-            assert os.waitpid(pid, 0)[1] == 0 and seen == ["model", "adapter:bad"]
+            assert as_nobody(lambda: swap_refused(other.path)) == 0 and seen == ["model", "adapter:bad"]
             other.close()
             shutil.rmtree(open_home)
     finally:
@@ -245,20 +255,8 @@ def test_a_refused_caller_is_told_why_however_slowly_it_asks(tmp_path):
         os.chmod(open_home, 0o755)
         os.chmod(run_dir(open_home), 0o755)
         os.chmod(ln.path, 0o666)
-        pid = os.fork()
-        if pid == 0:
-            code = 5
-            try:
-                os.setuid(65534)
-                c = socket.socket(socket.AF_UNIX)
-                c.connect(str(ln.path))
-                time.sleep(0.5)  # the listener has answered and closed by now, if it does not wait for the line
-                c.sendall(b'{"op": "swap", "channel": "model"}\n')
-                a = json.loads(c.makefile().readline())
-                code = 0 if a["ok"] is False and "uid 65534 may not" in a["error"] else 4
-            finally:
-                os._exit(code)
-        assert os.waitpid(pid, 0)[1] == 0
+        # after half a second the listener has answered and closed, if it does not wait for the line
+        assert as_nobody(lambda: swap_refused(ln.path, pause=0.5)) == 0
     finally:
         ln.close()
         shutil.rmtree(open_home)
