@@ -292,3 +292,101 @@ def test_a_stream_moves_on_while_another_clients_large_body_is_parsed(db, llm, f
         t.join(timeout=10)
     assert during >= 3, f"alice's stream sent {during} chunks while bob's body was parsed"
     assert answers == [200], answers  # bob's request was served too
+
+
+_LONG_NAME = "bobs-file/" + "a" * 100_000
+_EMPTY_TURNS = 3_000
+#: bob's request whose prompt is long though its text is short -> what tells its tokenising apart
+_SHORT_TEXT_LONG_PROMPT = {
+    "file-name": (
+        "/infill",
+        {"input_prefix": "x", "input_extra": [{"filename": _LONG_NAME, "text": "y"}], "n_predict": 1},
+        lambda parts: any(_LONG_NAME in getattr(p, "text", "") for p in parts),
+    ),
+    "empty-turns": (
+        "/v1/chat/completions",
+        {
+            "model": "tiny",
+            "max_tokens": 1,
+            "messages": [{"role": "user" if i % 2 == 0 else "assistant", "content": ""} for i in range(_EMPTY_TURNS)]
+            + [{"role": "user", "content": "hi"}],
+        },
+        lambda parts: len(parts) > _EMPTY_TURNS,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(_SHORT_TEXT_LONG_PROMPT))
+def test_a_stream_moves_on_while_another_clients_short_text_long_prompt_is_tokenised(db, llm, free_port, monkeypatch, case):
+    """Was open (68516f1): a prompt of at most 512 characters is built on the event loop, and the count
+    took only the text a client sent: a FIM request's prefix, suffix and extra files' text, a chat's
+    contents. The prompt also holds the file names (`# name` before each extra file) and each turn's
+    template markers. A token holder's /infill of one extra file with a one-character text and a
+    100,000-character name, or a chat of 3,000 empty turns (rendered and tokenised again for each step
+    of the bisection that drops turns), was tokenised on the event loop, every other client's stream
+    held meanwhile. Now the names and a share per turn count. Real uvicorn: alice streams a paced chat
+    while bob's prompt is tokenised, held in flight until alice's stream sends three more chunks."""
+    import threading
+    import time
+
+    import httpx
+    import uvicorn
+
+    from audit.trustapp import Paced
+
+    route, bobs, is_bobs = _SHORT_TEXT_LONG_PROMPT[case]
+    started, moved, done = threading.Event(), threading.Event(), threading.Event()
+    real = llm.encode
+
+    def held(parts, *a, **kw):
+        if is_bobs(parts) and not started.is_set():
+            started.set()
+            moved.wait(20)  # in flight until alice's stream moves on (or for 20 s, the old code's fate)
+            done.set()
+        return real(parts, *a, **kw)
+
+    monkeypatch.setattr(llm, "encode", held)
+    accounts = Accounts(db)
+    tokens = make_tokens(accounts)
+    app = make_app(Settings(), accounts, Paced(llm, 0.05))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port, log_level="warning"))
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    while not server.started and t.is_alive():
+        time.sleep(0.05)
+    base = f"http://127.0.0.1:{free_port}"
+    answers: list[int] = []
+
+    def post_long_name() -> None:
+        with httpx.Client(base_url=base, headers=tokens["bob"], timeout=60) as c:
+            answers.append(c.post(route, json=bobs).status_code)
+
+    during = 0
+    try:
+        chat = {
+            "model": "tiny",
+            "temperature": 0,
+            "max_tokens": 400,
+            "stream": True,
+            "messages": [{"role": "user", "content": "hi"}],
+        }
+        with httpx.Client(base_url=base, headers=tokens["alice"], timeout=60) as c:
+            with c.stream("POST", "/v1/chat/completions", json=chat) as r:
+                lines = (line for line in r.iter_lines() if line.startswith("data:"))
+                assert '"role"' in next(lines) and '"content"' in next(lines)
+                poster = threading.Thread(target=post_long_name, daemon=True)
+                poster.start()
+                assert started.wait(20), "bob's prompt was never tokenised"
+                for line in lines:
+                    if done.is_set() or line == "data: [DONE]":
+                        break
+                    during += 1
+                    if during == 3:
+                        moved.set()
+        moved.set()
+        poster.join(30)
+    finally:
+        server.should_exit = True
+        t.join(timeout=10)
+    assert during >= 3, f"alice's stream sent {during} chunks while bob's prompt was tokenised"
+    assert answers == [200], answers  # bob's request was served too

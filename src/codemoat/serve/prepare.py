@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 # thread holds the GIL); a longer one (2,000 characters: ~3 ms on the bundled model, ~6 ms on Gemma 3)
 # would hold every other client's tokens that long.
 INLINE_CHARS = 512
+TURN_CHARS = 32  # what a chat template adds per turn (`<start_of_turn>user\n ... <end_of_turn>\n`), counted in the above
 
 
 @dataclass
@@ -46,16 +47,18 @@ class Preparer:
         self.svc = svc
 
     def inline(self, build: Callable[..., Prepared], args: tuple) -> bool:
-        """Whether `build(*args)` may run on the event loop: at most `INLINE_CHARS` to tokenise, no index query."""
+        """Whether `build(*args)` may run on the event loop: at most `INLINE_CHARS` to tokenise (file names
+        included), no index query."""
         if build == self.plain:
             size = len(args[1])
         elif self.svc.retriever is not None and self.svc.settings.retrieval.enabled:
             return False  # retrieval reads the index (blocking I/O)
         elif build == self.fim:
-            f = args[2]
-            size = len(f.prefix) + len(f.suffix) + sum(len(x.text) for x in f.extra)
+            f = args[2]  # the names are in the prompt too (a client's 100,000-character file name held the loop)
+            size = len(f.prefix) + len(f.suffix) + len(f.path or "") + len(f.repo or "")
+            size += sum(len(x.path) + len(x.text) for x in f.extra)
         elif build == self.chat:
-            size = sum(len(m.get("content") or "") for m in args[2])
+            size = sum(len(m.get("content") or "") + TURN_CHARS for m in args[2])  # 3,000 empty turns are no short prompt
         else:
             return False
         return size <= INLINE_CHARS
