@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 import threading
@@ -36,6 +37,14 @@ def gguf_file(tmp_path_factory) -> Path:
     from tinymodel import build_tiny_gguf
 
     return build_tiny_gguf(tmp_path_factory.mktemp("model") / "tiny.gguf")
+
+
+@pytest.fixture
+def model(tmp_path) -> Path:
+    """A file that begins like a GGUF (the magic, then 20 kB of random bytes): what the vault seals and licenses."""
+    p = tmp_path / "m.gguf"
+    p.write_bytes(b"GGUF" + os.urandom(20_000))
+    return p
 
 
 @pytest.fixture

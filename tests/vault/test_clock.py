@@ -16,13 +16,6 @@ from .conftest import KeyServerProcess
 from vaulthelp import bundle
 
 
-@pytest.fixture
-def model(tmp_path):
-    p = tmp_path / "m.gguf"
-    p.write_bytes(b"GGUF" + os.urandom(20_000))
-    return p
-
-
 def _save(path, to):
     shutil.copy2(path, to)  # bytes and times, as a careful attacker keeps them
 

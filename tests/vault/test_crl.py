@@ -20,13 +20,6 @@ from vaulthelp import bundle, cli, one_line_error
 
 
 @pytest.fixture
-def model(tmp_path):
-    p = tmp_path / "m.gguf"
-    p.write_bytes(b"GGUF" + os.urandom(20_000))
-    return p
-
-
-@pytest.fixture
 def offline(vendor, machine, model, tmp_path):
     """A sealed model and offline license this machine has opened once (so it trusts the vendor)."""
     moat, lic, doc = bundle(vendor, model, tmp_path / "out", machine)

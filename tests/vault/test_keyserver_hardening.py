@@ -4,7 +4,6 @@ deeply nested bodies, challenges for licenses it does not know, a flood of chall
 from __future__ import annotations
 
 import json
-import os
 
 import httpx
 import pytest
@@ -21,13 +20,6 @@ from proxy import RewritingProxy
 from vaulthelp import bundle
 
 FORGED = json.dumps({"error": {"code": "revoked", "message": "license was revoked"}}).encode()
-
-
-@pytest.fixture
-def model(tmp_path):
-    p = tmp_path / "m.gguf"
-    p.write_bytes(b"GGUF" + os.urandom(20_000))
-    return p
 
 
 @pytest.fixture

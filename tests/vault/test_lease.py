@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import threading
 
 import httpx
@@ -17,13 +16,6 @@ from codemoat.vault.license import License
 from codemoat.vault.machine import MachineKey
 from .conftest import KeyServerProcess
 from vaulthelp import bundle
-
-
-@pytest.fixture
-def model(tmp_path):
-    p = tmp_path / "m.gguf"
-    p.write_bytes(b"GGUF" + os.urandom(20_000))
-    return p
 
 
 def lease_license(vendor, model, tmp_path, machines, url, **kw):

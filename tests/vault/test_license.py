@@ -18,10 +18,10 @@ from vaulthelp import bundle, cli, one_line_error
 
 
 @pytest.fixture
-def model(tmp_path):
-    p = tmp_path / "m.gguf"
-    p.write_bytes(b"GGUF" + os.urandom(50_000))
-    return p
+def model(model):
+    """50 kB: four chunks of 16 kB in test_offline_round_trip."""
+    model.write_bytes(b"GGUF" + os.urandom(50_000))
+    return model
 
 
 def test_offline_round_trip(vendor, machine, model, tmp_path):

@@ -6,7 +6,6 @@ another licensed machine, and two key-server processes on one database racing fo
 from __future__ import annotations
 
 import json
-import os
 import threading
 
 import httpx
@@ -18,13 +17,6 @@ from codemoat.vault.lease import LeaseClient, outbound_path
 from codemoat.vault.license import License
 from codemoat.vault.machine import MachineKey
 from vaulthelp import bundle
-
-
-@pytest.fixture
-def model(tmp_path):
-    p = tmp_path / "m.gguf"
-    p.write_bytes(b"GGUF" + os.urandom(20_000))
-    return p
 
 
 def _license(vendor, model, tmp_path, machines, url, seats=1):

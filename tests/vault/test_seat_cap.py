@@ -5,7 +5,6 @@ other licensed machines keep the seats they need; without a cap a machine may ta
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import sqlalchemy as sa
@@ -17,13 +16,6 @@ from codemoat.vault.lease import LeaseClient
 from codemoat.vault.license import License
 from codemoat.vault.machine import MachineKey
 from vaulthelp import bundle
-
-
-@pytest.fixture
-def model(tmp_path):
-    p = tmp_path / "m.gguf"
-    p.write_bytes(b"GGUF" + os.urandom(20_000))
-    return p
 
 
 def _license(vendor, model, tmp_path, machines, url, **kw):

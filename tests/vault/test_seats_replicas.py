@@ -25,13 +25,6 @@ from vaulthelp import bundle, cli
 from .conftest import free_port
 
 
-@pytest.fixture
-def model(tmp_path):
-    p = tmp_path / "m.gguf"
-    p.write_bytes(b"GGUF" + os.urandom(20_000))
-    return p
-
-
 def _license(vendor, model, tmp_path, machine, url, seats=2, **kw):
     kw.setdefault("lease_ttl", 600)
     _, lic, doc = bundle(vendor, model, tmp_path / "out", machine, mode="lease", keyserver=url, seats=seats, **kw)

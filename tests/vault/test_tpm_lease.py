@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import httpx
 import pytest
@@ -23,13 +22,6 @@ try:  # tests/vault as a package, or as a plain folder on sys.path
     from .vaulthelp import bundle
 except ImportError:
     from vaulthelp import bundle
-
-
-@pytest.fixture
-def model(tmp_path):
-    p = tmp_path / "m.gguf"
-    p.write_bytes(b"GGUF" + os.urandom(20_000))
-    return p
 
 
 def _lease_license(vendor, model, tmp_path, machine, url="http://127.0.0.1:9"):

@@ -12,7 +12,6 @@ home on another chip gains nothing from the change: it can as well claim the reg
 from __future__ import annotations
 
 import json
-import os
 
 import httpx
 import pytest
@@ -28,13 +27,6 @@ try:
     from .vaulthelp import bundle
 except ImportError:
     from vaulthelp import bundle
-
-
-@pytest.fixture
-def model(tmp_path):
-    p = tmp_path / "m.gguf"
-    p.write_bytes(b"GGUF" + os.urandom(20_000))
-    return p
 
 
 def _edits(quote: dict) -> dict[str, dict]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 
 import pytest
@@ -20,13 +19,6 @@ try:  # tests/vault as a package, or as a plain folder on sys.path
     from .vaulthelp import bundle, cli, one_line_error
 except ImportError:
     from vaulthelp import bundle, cli, one_line_error
-
-
-@pytest.fixture
-def model(tmp_path):
-    p = tmp_path / "m.gguf"
-    p.write_bytes(b"GGUF" + os.urandom(50_000))
-    return p
 
 
 def test_offline_license_binds_to_the_tpm_and_opens_there(vendor, model, tmp_path, swtpm):
