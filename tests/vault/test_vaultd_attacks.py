@@ -247,6 +247,34 @@ def test_a_model_with_its_own_list_goes_only_to_the_callers_on_it(tmp_path, by):
         buf.close()
 
 
+@pytest.mark.parametrize("by", ["uid", "group"])
+def test_a_model_update_notice_goes_only_to_the_callers_of_that_model(tmp_path, by):
+    """One vaultd, two teams' models (`--allow-uid MODEL_ID=USER`). Before, `update apply` of one team's
+    model in vaultd's home was announced to every connected serve: the other team's serve learnt of it,
+    fetched its own unchanged model again and swapped it in (a full reload, audited as an update it never
+    had). The notice now names the model and goes only to the callers that may fetch it."""
+    me = ({os.getuid()}, set()) if by == "uid" else (set(), {os.getgid()})
+    other = ({os.getuid() + 4242}, set()) if by == "uid" else (set(), {os.getgid() + 4242})
+    buf = MemfdBuffer.from_bytes(b"GGUF" + bytes(4092), name="test-model")
+    d = VaultDaemon(tmp_path / "vault.sock", per_model={"acme-coder": me, "team-b": other}).start()
+    d.offer(Offer("acme-coder", buf.fd, buf.size, {}))
+    d.offer(Offer("team-b", buf.fd, buf.size, {}))
+    c = VaultClient.connect(d.path)
+    try:
+        os.close(c.fetch("acme-coder").fd)
+        seen: list = []
+        c.watch(seen.append, lambda why: seen.append({"lost": why}))
+        assert d.announce({"op": "update", "channel": "model", "model": "team-b"}) == 0
+        assert d.announce({"op": "update", "channel": "model", "model": "acme-coder"}) == 1
+        _wait(seen)
+        time.sleep(0.2)  # a team-b notice, had it been sent, came first on this connection
+        assert seen == [{"op": "update", "channel": "model", "model": "acme-coder"}]
+    finally:
+        c.close()
+        d.close()
+        buf.close()
+
+
 def test_allow_lists_parse_model_scoped_entries():
     """`NAME` may fetch every model, `MODEL_ID=NAME` that one (split at the last `=`: model ids such as
     `update:NAME` hold a colon, no user or group name holds an `=`)."""

@@ -245,7 +245,7 @@ def swap_installed_model(daemon, holders: list, settings) -> dict:
     daemon.offer(offer)  # under the same id: every fetch from now on gets the new copy
     holders[holders.index(old)] = fresh
     let_go(old, zero=False)  # vaultd keeps at most the old and the new copy, and the old only until here
-    n = daemon.announce({"op": "update", "channel": "model"})
+    n = daemon.announce({"op": "update", "channel": "model", "model": fresh.model_id})  # its callers only
     return {"swapped": False, "relayed": n, "channel": "model", "version": cur["version"]}
 
 

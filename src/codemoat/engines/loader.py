@@ -139,6 +139,8 @@ def open_vaulted(settings: Settings) -> ModelHolder:
 
     def on_message(msg: dict) -> None:
         if msg.get("op") == "update" and isinstance(msg.get("channel"), str):
+            if msg.get("model", model_id) != model_id:  # another model vaultd holds was updated
+                return
             hook = holder.on_update  # set by serve (serve.swapping): swap in what vaultd's `update apply` installed
             if hook is not None:  # not on this thread: the swap fetches from vaultd, whose answers it reads
                 threading.Thread(target=hook, args=(msg["channel"],), name="vault-update", daemon=True).start()

@@ -119,8 +119,10 @@ class VaultDaemon:
         self._broadcast({"op": "revoke", "model": model_id, "reason": reason}, model_id)
 
     def announce(self, msg: dict[str, Any]) -> int:
-        """Send `msg` to every connected client (an `update` notice); returns how many it reached."""
-        return self._broadcast(msg)
+        """Send `msg` (an `update` notice) to every connected client, or, when it names a `model`, to the
+        clients that may fetch that model; returns how many it reached."""
+        model = msg.get("model")
+        return self._broadcast(msg, model if isinstance(model, str) else None)
 
     def _broadcast(self, msg: dict[str, Any], model_id: str | None = None) -> int:
         """Never waits on a client: one whose socket is full (it stopped reading, or asks and never reads
