@@ -175,14 +175,7 @@ def test_a_software_key_loaded_public_only_under_ak_attributes_cannot_activate_t
             assert bytes(c.tr_get_name(h)) == name
             found = a._ek_template()
             ek, *_ = c.create_primary(None, found[1], pt.ESYS_TR.ENDORSEMENT)
-            sess = c.start_auth_session(
-                pt.ESYS_TR.NONE,
-                pt.ESYS_TR.NONE,
-                pt.TPM2_SE.POLICY,
-                pt.TPMT_SYM_DEF(algorithm=pt.TPM2_ALG.NULL),
-                pt.TPM2_ALG.SHA256,
-            )
-            c.policy_secret(pt.ESYS_TR.ENDORSEMENT, sess)
+            sess = a._endorsement_session()  # as activate_credential satisfies the EK's policy
             b, _ = pt.TPM2B_ID_OBJECT.unmarshal(len(blob).to_bytes(2, "big") + blob)
             e, _ = pt.TPM2B_ENCRYPTED_SECRET.unmarshal(len(secret).to_bytes(2, "big") + secret)
             # swtpm loads it, and refuses here: no authValue for an object whose private part it lacks

@@ -294,15 +294,7 @@ class TpmAttestor:
         ak, _ = self._ak()
         sess = None
         try:
-            # The EK's authPolicy is PolicySecret(TPM_RH_ENDORSEMENT) (EK Credential Profile §B.6).
-            sess = c.start_auth_session(
-                pt.ESYS_TR.NONE,
-                pt.ESYS_TR.NONE,
-                pt.TPM2_SE.POLICY,
-                pt.TPMT_SYM_DEF(algorithm=pt.TPM2_ALG.NULL),
-                pt.TPM2_ALG.SHA256,
-            )
-            c.policy_secret(pt.ESYS_TR.ENDORSEMENT, sess)
+            sess = self._endorsement_session()
             try:
                 blob, _ = pt.TPM2B_ID_OBJECT.unmarshal(len(credential_blob).to_bytes(2, "big") + credential_blob)
                 enc, _ = pt.TPM2B_ENCRYPTED_SECRET.unmarshal(len(secret).to_bytes(2, "big") + secret)
@@ -334,6 +326,17 @@ class TpmAttestor:
         return self.ctx.start_auth_session(
             pt.ESYS_TR.NONE, pt.ESYS_TR.NONE, pt.TPM2_SE.POLICY, pt.TPMT_SYM_DEF(algorithm=pt.TPM2_ALG.NULL), pt.TPM2_ALG.SHA256
         )
+
+    def _endorsement_session(self) -> Any:
+        """A policy session that meets the EK's authPolicy, PolicySecret(TPM_RH_ENDORSEMENT) (EK Credential
+        Profile §B.6): what TPM2_ActivateCredential needs for the EK. The caller flushes it."""
+        sess = self._start_policy_session()
+        try:
+            self.ctx.policy_secret(_pt().ESYS_TR.ENDORSEMENT, sess)
+        except BaseException:
+            self.ctx.flush_context(sess)
+            raise
+        return sess
 
     def prepare_unwrap(self) -> None:
         """Start the next zgen's policy session now (a start does it while the license is still being checked).
