@@ -311,11 +311,6 @@ def folder_sha256(folder: Path) -> str:
     return h.hexdigest()
 
 
-def adapter_options(paths: list[str], engine: str, source: Any) -> dict[str, str]:
-    """{name: /proc/self/fd/N} for the engine's `adapters` option."""
-    return {a.name: a.path for a in open_adapters(paths, engine, source)}
-
-
 def open_adapters(paths: list[str], engine: str, source: Any) -> list[LoadedAdapter]:
     """The adapters an engine over `source` serves (tuned ones checked against its digest)."""
     if engine not in ("llamacpp", "vllm"):
