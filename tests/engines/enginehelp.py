@@ -1,5 +1,6 @@
 """What the engine tests share: `run` a coroutine with a deadline, `greedy` parameters, the module's
-batched engine fixture, and `served`: the real app over an engine that outlives it."""
+batched engine fixture, `served`: the real app over an engine that outlives it, and `fetch_as_a_stranger`
+for the vLLM hand-offs."""
 
 from __future__ import annotations
 
@@ -49,3 +50,26 @@ def served(engine, users=("payments",), **settings) -> tuple:
     accounts = Accounts(open_db())
     tokens = {u: accounts.create_token(u)[1] for u in users}
     return create_app(load_settings(**settings), holder=holder, accounts=accounts), tokens
+
+
+def fetch_as_a_stranger(path: str, handoff) -> None:
+    """`engines.vllm_handoff.fetch(path)` from a process that does not descend from this one (a double fork
+    re-parents it to init), then wait (30 s at most) until `handoff` has counted its refusal."""
+    import subprocess
+    import sys
+    import time
+
+    code = (
+        "import os,sys\n"
+        "if os.fork(): os._exit(0)\n"
+        "import time; time.sleep(0.3)\n"
+        "from codemoat.engines.vllm_handoff import fetch\n"
+        "from codemoat.errors import CodemoatError\n"
+        f"try: fetch({path!r}); print('GOT', flush=True)\n"
+        "except CodemoatError as e: print(e, flush=True)\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0
+    deadline = time.time() + 30
+    while handoff.refused == 0 and time.time() < deadline:
+        time.sleep(0.05)

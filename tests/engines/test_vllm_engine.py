@@ -258,6 +258,7 @@ def test_the_weight_handoff_refuses_a_stranger(served, tmp_path):
     server, b, token = served
     from codemoat.engines.memfd import MemfdBuffer
     from codemoat.engines.vllm_handoff import PrivateDir, WeightHandoff, descends_from, fetch
+    from enginehelp import fetch_as_a_stranger
 
     socks = list(Path("/dev/shm").glob("codemoat-vllm-*/weights.sock"))
     assert socks == []  # closed after start-up
@@ -273,24 +274,7 @@ def test_the_weight_handoff_refuses_a_stranger(served, tmp_path):
         while h.served == 0 and time.time() < deadline:
             time.sleep(0.05)
         assert size == buf.size and h.served == 1
-        import subprocess
-        import sys
-
-        # a process that is not a descendant of the hand-off's owner: re-parented to init by a double fork
-        code = (
-            "import os,sys\n"
-            "if os.fork(): os._exit(0)\n"
-            "import time; time.sleep(0.3)\n"
-            "from codemoat.engines.vllm_handoff import fetch\n"
-            "from codemoat.errors import CodemoatError\n"
-            f"try: fetch({h.path!r}); print('GOT')\n"
-            "except CodemoatError as e: print(e)\n"
-        )
-        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-        assert p.returncode == 0
-        deadline = time.time() + 30
-        while h.refused == 0 and time.time() < deadline:
-            time.sleep(0.1)
+        fetch_as_a_stranger(h.path, h)  # not a descendant of the hand-off's owner
         assert h.refused == 1 and h.served == 1
     finally:
         h.close()

@@ -252,8 +252,7 @@ def test_vllm_serves_the_adapter_only_to_who_reads_every_source_repo(tmp_path):
 
 def test_a_stranger_cannot_fetch_an_adapter_from_the_lora_handoff(tmp_path):
     """The adapter's socket answers only this server's descendants (the same check as the weights')."""
-    import subprocess
-    import sys
+    from enginehelp import fetch_as_a_stranger
 
     pytest.importorskip("vllm")
     from codemoat.engines.vllm_lora import LoraHandoff
@@ -262,24 +261,8 @@ def test_a_stranger_cannot_fetch_an_adapter_from_the_lora_handoff(tmp_path):
     os.write(fd, b"adapter weights")
     h = LoraHandoff({"pay": (fd, json.dumps({"r": 8}))})
     try:
-        sock = str(h.private.path / "lora-1.sock")
-        code = (
-            "import os,sys\n"
-            "if os.fork(): os._exit(0)\n"
-            "import time; time.sleep(0.3)\n"
-            "from codemoat.engines.vllm_handoff import fetch\n"
-            "from codemoat.errors import CodemoatError\n"
-            f"try: fetch({sock!r}); print('GOT', flush=True)\n"
-            "except CodemoatError as e: print(e, flush=True)\n"
-        )
-        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-        assert p.returncode == 0
-        h_ = h._handoffs[0]
-        import time
-
-        deadline = time.time() + 30
-        while h_.refused == 0 and time.time() < deadline:
-            time.sleep(0.05)
+        sock, h_ = str(h.private.path / "lora-1.sock"), h._handoffs[0]
+        fetch_as_a_stranger(sock, h_)
         assert h_.refused == 1 and h_.served == 0
         assert h.engine_args == {
             "enable_lora": True,
