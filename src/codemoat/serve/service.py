@@ -8,7 +8,6 @@ request's `Usage` for the audit log.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
 import logging
@@ -25,6 +24,7 @@ from ..engines.holder import ModelHolder
 from ..engines.templates import chat_template_for, detect_fim
 from ..errors import CodemoatError, Forbidden, NotFound
 from .admission import FairSlots
+from .hangup import ClientGone, unless_gone
 from .prepare import Prepared, Preparer
 from .prompts import FimInput, Templates
 
@@ -36,13 +36,6 @@ MAX_STOPS, MAX_STOP_CHARS = 64, 1000  # editors send a handful; OpenAI's API tak
 
 class ModelNotFound(NotFound):
     code = "model_not_found"
-
-
-class ClientGone(CodemoatError):
-    """The client closed the connection before the answer was ready (logged as nginx's 499)."""
-
-    status = 499
-    code = "client_closed_request"
 
 
 class Service:
@@ -203,7 +196,7 @@ class Service:
             u = request.state.usage
             return Completion("".join(parts), u.prompt_tokens, u.completion_tokens, reason)
 
-        return await _unless_gone(request, generate())
+        return await unless_gone(request, generate())
 
     async def open_stream(self, request: Request, p: Prepared) -> AsyncIterator[Chunk]:
         """`stream`, once its first chunk is there: a streamed answer's headers wait for it, so a request
@@ -218,7 +211,7 @@ class Service:
             except StopAsyncIteration:
                 return None
 
-        head = await _unless_gone(request, first())
+        head = await unless_gone(request, first())
 
         async def rest() -> AsyncIterator[Chunk]:
             try:
@@ -280,29 +273,6 @@ class Service:
             yield
         finally:
             self._slots.release(who)
-
-
-async def _unless_gone(request: Request, coro: Any) -> Any:
-    """`coro`'s result, or `ClientGone` (and `coro` cancelled) if the client hangs up first."""
-    work = asyncio.ensure_future(coro)
-    gone = asyncio.ensure_future(_disconnected(request))
-    try:
-        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-        if not work.done():
-            work.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await work
-    if work.cancelled():
-        raise ClientGone("the client closed the connection; generation was cancelled")
-    return work.result()
-
-
-async def _disconnected(request: Request) -> None:
-    """Returns when the client hangs up (the request body has been read by then)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
 
 
 def snippets_extra(ext: Any | None, prep: Prepared) -> dict[str, Any] | None:
