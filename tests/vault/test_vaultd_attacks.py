@@ -275,6 +275,33 @@ def test_a_model_update_notice_goes_only_to_the_callers_of_that_model(tmp_path, 
         buf.close()
 
 
+@pytest.mark.parametrize("by", ["uid", "group"])
+def test_an_adapter_update_notice_goes_only_to_the_callers_of_that_adapter(tmp_path, by):
+    """One vaultd, two teams, each with its vendor adapter (`--allow-uid update:NAME=USER`). Before, the
+    notice of a new version of team B's adapter (channel `adapter:NAME`) went to every connected serve,
+    so team A's serve learnt the names of team B's adapters; it now goes to those that may fetch it."""
+    me = ({os.getuid()}, set()) if by == "uid" else (set(), {os.getgid()})
+    other = ({os.getuid() + 4242}, set()) if by == "uid" else (set(), {os.getgid() + 4242})
+    lists = {"acme-coder": me, "update:fees": me, "team-b": other, "update:b-secret-project": other}
+    buf = MemfdBuffer.from_bytes(b"GGUF" + bytes(4092), name="test-model")
+    d = VaultDaemon(tmp_path / "vault.sock", per_model=lists).start()
+    d.offer(Offer("acme-coder", buf.fd, buf.size, {}))
+    c = VaultClient.connect(d.path)
+    try:
+        os.close(c.fetch("acme-coder").fd)
+        seen: list = []
+        c.watch(seen.append, lambda why: seen.append({"lost": why}))
+        assert d.announce({"op": "update", "channel": "adapter:b-secret-project"}) == 0
+        assert d.announce({"op": "update", "channel": "adapter:fees"}) == 1
+        _wait(seen)
+        time.sleep(0.2)  # team B's notice, had it been sent, came first on this connection
+        assert seen == [{"op": "update", "channel": "adapter:fees"}]
+    finally:
+        c.close()
+        d.close()
+        buf.close()
+
+
 def test_allow_lists_parse_model_scoped_entries():
     """`NAME` may fetch every model, `MODEL_ID=NAME` that one (split at the last `=`: model ids such as
     `update:NAME` hold a colon, no user or group name holds an `=`)."""

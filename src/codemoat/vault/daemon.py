@@ -120,8 +120,11 @@ class VaultDaemon:
 
     def announce(self, msg: dict[str, Any]) -> int:
         """Send `msg` (an `update` notice) to every connected client, or, when it names a `model`, to the
-        clients that may fetch that model; returns how many it reached."""
-        model = msg.get("model")
+        clients that may fetch that model, and a vendor adapter's (channel `adapter:NAME`) to those that
+        may fetch it (`update:NAME`): another team's serve never learns its name; returns how many it reached."""
+        model, channel = msg.get("model"), str(msg.get("channel") or "")
+        if not isinstance(model, str) and channel.startswith("adapter:"):
+            model = "update:" + channel[len("adapter:") :]  # the id a serve fetches it by (engines.adapters)
         return self._broadcast(msg, model if isinstance(model, str) else None)
 
     def _broadcast(self, msg: dict[str, Any], model_id: str | None = None) -> int:
