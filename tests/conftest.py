@@ -104,6 +104,22 @@ def run_cli(*args: str, env: dict | None = None, input: str | None = None, timeo
     return subprocess.run([*CODEMOAT, *args], capture_output=True, text=True, env=e, input=input, timeout=timeout)
 
 
+def files_sized(size: int, since: float, *roots: str) -> list[str]:
+    """Files of exactly `size` bytes changed since `since` (a second's slack) under `roots`, links not
+    followed: where a plaintext copy of weights of that size would have been written."""
+    found = []
+    for base in roots:
+        for d, _, names in os.walk(base):
+            for n in names:
+                try:
+                    st = os.stat(os.path.join(d, n), follow_symlinks=False)
+                except OSError:
+                    continue
+                if st.st_size == size and st.st_mtime >= since - 1:
+                    found.append(os.path.join(d, n))
+    return found
+
+
 def create_token(*extra: str) -> str:
     r = run_cli("tokens", "create", "--json", *extra)
     assert r.returncode == 0, r.stderr

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import ROOT, ServerProcess, create_token, free_port, run_cli
+from conftest import ROOT, ServerProcess, create_token, files_sized, free_port, run_cli
 
 from codemoat.engines import engine_class
 from codemoat.errors import CodemoatError
@@ -216,16 +216,8 @@ def test_no_vllm_process_holds_the_key_or_a_weight_file(served):
     # no plaintext weight file on any filesystem a process could read, tmpfs included: nothing of the
     # weights' exact size written since the server started, and no .safetensors on /dev/shm at all
     size = (HF / "model.safetensors").stat().st_size
-    found = []
-    for base in ("/dev/shm", "/tmp", os.environ.get("HOME", "/root"), str(b.root)):
-        for d, _, files in os.walk(base):
-            for n in files:
-                try:
-                    st = os.stat(os.path.join(d, n), follow_symlinks=False)
-                except OSError:
-                    continue
-                if (st.st_size == size and st.st_mtime >= b.started - 1) or (base == "/dev/shm" and n.endswith(".safetensors")):
-                    found.append(os.path.join(d, n))
+    found = files_sized(size, b.started, "/dev/shm", "/tmp", os.environ.get("HOME", "/root"), str(b.root))
+    found += [os.path.join(d, n) for d, _, names in os.walk("/dev/shm") for n in names if n.endswith(".safetensors")]
     assert found == [], found
     # the private folder vLLM reads: config and tokenizer only, 0700
     folders = list(Path("/dev/shm").glob("codemoat-vllm-*"))

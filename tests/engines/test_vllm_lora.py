@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, run_cli
+from conftest import ROOT, files_sized, run_cli
 
 from codemoat.errors import CodemoatError
 
@@ -234,16 +234,7 @@ def test_vllm_serves_the_adapter_only_to_who_reads_every_source_repo(tmp_path):
         holder.close() if hasattr(holder, "close") else engine.close()
     assert not lora_dir.exists()
     # nothing of the adapter's weights' exact size was written anywhere since the engine started
-    found = []
-    for base in ("/dev/shm", "/tmp", str(tmp_path)):
-        for d, _, names in os.walk(base):
-            for n in names:
-                try:
-                    s = os.stat(os.path.join(d, n), follow_symlinks=False)
-                except OSError:
-                    continue
-                if s.st_size == len(st) and s.st_mtime >= started - 1:
-                    found.append(os.path.join(d, n))
+    found = files_sized(len(st), started, "/dev/shm", "/tmp", str(tmp_path))
     assert found == [], found
     recs = {r["user"]: r for r in AuditLog(open_db()).records(kind="request") if r["user"] in tokens}
     assert recs["alice"]["detail"].get("adapter") == "pay"

@@ -7,14 +7,13 @@ in a private tmpfs folder, removed after); a GGUF-tuned adapter records the .hf 
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
 import pytest
 
 from codemoat.errors import CodemoatError
-from tests.conftest import ROOT
+from tests.conftest import ROOT, files_sized
 from tests.tune.test_sealed_base import _license
 from tests.tune.test_tune import PAY, _index
 
@@ -44,23 +43,9 @@ def _tune(tmp_path: Path, base: Path, out: str, license: Path | None = None) -> 
     return tmp_path / out
 
 
-def _weights_sized(size: int, since: float, *roots: str) -> list[str]:
-    found = []
-    for base in roots:
-        for d, _, names in os.walk(base):
-            for n in names:
-                try:
-                    s = os.stat(os.path.join(d, n), follow_symlinks=False)
-                except OSError:
-                    continue
-                if s.st_size == size and s.st_mtime >= since - 1:
-                    found.append(os.path.join(d, n))
-    return found
-
-
 @pytest.mark.slow
 def test_tune_on_a_hugging_face_folder_plain_and_sealed(tmp_path, home):
-    from codemoat.engines.adapters import folder_sha256, load_adapters, open_adapter, open_adapters
+    from codemoat.engines.adapters import folder_sha256, load_adapters, open_adapter, open_adapters, parts_identity
     from codemoat.trace.fingerprint import fingerprint_model
     from codemoat.vault.container import SealedFile
     from codemoat.vault.vendor import Vendor
@@ -87,15 +72,17 @@ def test_tune_on_a_hugging_face_folder_plain_and_sealed(tmp_path, home):
     started = time.time()
     sealed = open_adapter(_tune(tmp_path, moat, "sealed.moat", license=lic))
     # no plaintext weights were written anywhere, tmpfs included, and the private folder is gone
-    assert _weights_sized(weights, started, "/dev/shm", "/tmp", str(tmp_path), str(home)) == []
+    assert files_sized(weights, started, "/dev/shm", "/tmp", str(tmp_path), str(home)) == []
     assert not [p for p in Path("/dev/shm").glob("codemoat-tune-*")]
-    assert sealed.meta["base"]["sha256"] == sealed.meta["base"]["hf_sha256"] == manifest.plaintext_sha256
+    # the sealed folder's identity, from its signed header (the parts' names and sizes, the plaintext's digest)
+    identity = parts_identity(manifest.parts, manifest.plaintext_sha256)[0]
+    assert sealed.meta["base"]["sha256"] == sealed.meta["base"]["hf_sha256"] == identity
     assert sealed.meta["base"]["sealed"] is True
-    assert manifest.plaintext_sha256 != digest  # the customer's fingerprinted weights, not the vendor's
-    # serve of the sealed folder checks the adapter against the digest its signed header holds
-    assert [a.name for a in load_adapters([str(sealed.path)], manifest.plaintext_sha256, safetensors=True)] == ["sealed"]
+    assert identity != digest  # the customer's fingerprinted weights, not the vendor's
+    # serve of the sealed folder checks the adapter against it
+    assert [a.name for a in load_adapters([str(sealed.path)], identity, safetensors=True)] == ["sealed"]
     with pytest.raises(CodemoatError, match="another base model"):
-        load_adapters([str(plain.path)], manifest.plaintext_sha256, safetensors=True)
+        load_adapters([str(plain.path)], identity, safetensors=True)
 
 
 def test_a_gguf_base_records_the_folder_vllm_serves_beside_it(tmp_path):
