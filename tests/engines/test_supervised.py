@@ -13,6 +13,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -365,3 +366,36 @@ def test_answers_reach_every_loop_and_a_synchronous_caller(tiny_gguf):
         assert events == ["engine_crashed"]
     finally:
         eng.close()
+
+
+def test_a_send_that_cannot_go_out_reads_meanwhile():
+    """The engine process may be blocked writing tokens to the server while the server writes a long
+    prompt to it, on the thread that reads (the event loop): the server's send reads and delivers what
+    the engine sent meanwhile, so neither waits for the other for ever."""
+    from codemoat.engines.child import Frames, frame
+    from codemoat.engines.inbox import Inbox
+
+    ours, theirs = socket.socketpair()
+    seen: list[int] = []
+    ended = threading.Event()
+    inbox = Inbox(ours, Frames(ours), lambda rid: None, lambda usage: seen.append(usage["i"]), ended.set, "test")
+    big = b"p" * (8 << 20)  # far more than both socket buffers
+
+    def engine() -> None:  # writes all its messages before it reads anything
+        for i in range(20_000):
+            theirs.sendall(frame(("slots", 0, {"i": i})))
+        n = 0
+        while n < len(big):
+            n += len(theirs.recv(1 << 20))
+
+    t = threading.Thread(target=engine, daemon=True)
+    t.start()
+    sender = threading.Thread(target=inbox.send, args=(big,), daemon=True)
+    sender.start()  # no reader runs: only the send itself can read
+    sender.join(60)
+    t.join(60)
+    assert not sender.is_alive() and not t.is_alive(), "the server and the engine waited for each other"
+    inbox.start()
+    theirs.close()
+    assert ended.wait(10)
+    assert seen == list(range(20_000))
