@@ -133,12 +133,18 @@ REFUSED: dict[str, str] = {}
 
 
 def load_adapters(
-    paths: list[str], base_sha256: str | None, *, cached_only: bool = False, safetensors: bool = False
+    paths: list[str],
+    base_sha256: str | None,
+    *,
+    cached_only: bool = False,
+    safetensors: bool = False,
+    legacy_sha256: str | None = None,
 ) -> list[LoadedAdapter]:
     """The configured adapters, opened once per process (the memfds stay open while it serves);
     one tuned on another base, or two with one name, are refused with one line. `cached_only`:
     those already opened (the server's view of what the engine loaded), without reading any file.
-    `safetensors`: the memfds hold peft's safetensors (vLLM's format) instead of the GGUF."""
+    `safetensors`: the memfds hold peft's safetensors (vLLM's format) instead of the GGUF.
+    `legacy_sha256`: the served folder's pre-v2 digest (`listing_identity`), also accepted."""
     out: list[LoadedAdapter] = []
     for p in paths:
         if p.startswith(VENDOR_PREFIX) and safetensors:
@@ -190,7 +196,9 @@ def load_adapters(
                 f"adapter {got.name!r} ({path.name}) records no Hugging Face base for vLLM (tuned on a GGUF without "
                 "its .hf folder beside it, or by an older codemoat): tune it again with the folder in place"
             )
-        if base_sha256 is None or got.base_sha256 != base_sha256:
+        if legacy_sha256 is not None and got.base_sha256 == legacy_sha256:
+            log.warning("adapter %r records its base's pre-v2 digest: tune it again to record the folder's v2 identity", got.name)
+        elif base_sha256 is None or got.base_sha256 != base_sha256:
             served = "Hugging Face weights vLLM serves" if safetensors else "model served"
             raise CodemoatError(f"adapter {got.name!r} ({path.name}) was tuned on another base model than the {served}")
         if any(o.name == got.name for o in out):
@@ -299,19 +307,47 @@ def file_sha256(path: Path) -> str:
 
 
 def folder_sha256(folder: Path) -> str:
-    """A Hugging Face model folder's identity: the SHA-256 of its files in the order `vendor seal` packs
-    them (`vault.seal_model.folder_files`), i.e. the plaintext digest of that folder sealed unmarked."""
+    """A Hugging Face model folder's identity (`folder_identity`'s first)."""
+    return folder_identity(folder)[0]
+
+
+def folder_identity(folder: Path) -> tuple[str, str | None]:
+    """(identity, legacy digest or None) of a Hugging Face model folder: its files as `vendor seal`
+    packs them (`vault.seal_model.folder_files`: weights, config, tokenizer files), see `listing_identity`."""
     from ..vault.seal_model import folder_files
 
-    h = hashlib.sha256()
+    h, listing = hashlib.sha256(), []
     for p in folder_files(folder):
+        size = 0
         with open(p, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
-    return h.hexdigest()
+                size += len(block)
+        listing.append((p.name, size))
+    return listing_identity(listing, h.hexdigest())
 
 
-def open_adapters(paths: list[str], engine: str, source: Any) -> list[LoadedAdapter]:
+def parts_identity(parts: Any, plaintext_sha256: str) -> tuple[str, str | None]:
+    """`folder_identity` of a sealed folder, from its signed manifest: `parts` (a list of {name, offset,
+    size}, or name -> (offset, size)) and the plaintext's SHA-256, which every chunk's tag binds; no
+    byte is hashed again."""
+    rows = parts.items() if hasattr(parts, "items") else ((p["name"], (p["offset"], p["size"])) for p in parts)
+    listing = [(Path(name).name, int(size)) for name, (_, size) in sorted(rows, key=lambda r: int(r[1][0]))]
+    return listing_identity(listing, plaintext_sha256)
+
+
+def listing_identity(listing: list[tuple[str, int]], concat_sha256: str) -> tuple[str, str | None]:
+    """("v2:" + SHA-256 of the files' names and sizes, in order, and of their bytes' SHA-256, legacy).
+    Names and sizes fix where each file starts, so no two folders share it by moving bytes between
+    files or renaming one. `legacy` is the digest adapters recorded before v2 (the bytes' SHA-256
+    alone), given only while the folder holds no file that digest left out (it covered the weights and
+    JSON files only): an adapter recording it keeps serving over the same folder."""
+    text = json.dumps({"files": [[n, s] for n, s in listing], "sha256": concat_sha256}, separators=(",", ":"))
+    old = all(n.endswith((".json", ".safetensors")) for n, _ in listing)
+    return "v2:" + hashlib.sha256(text.encode()).hexdigest(), concat_sha256 if old else None
+
+
+def open_adapters(paths: list[str], engine: str, source: Any, parts: Any = None) -> list[LoadedAdapter]:
     """The adapters an engine over `source` serves (tuned ones checked against its digest)."""
     if engine not in ("llamacpp", "vllm"):
         raise CodemoatError(f"model.adapters are served by the llama.cpp and vLLM engines, not {engine}")
@@ -320,15 +356,17 @@ def open_adapters(paths: list[str], engine: str, source: Any) -> list[LoadedAdap
     # its digest is `folder_sha256`, which tune records as the base's `hf_sha256` (load_adapters);
     # llama.cpp loads the GGUF: its file digest. A sealed base's digest is the one its signed header
     # holds, which every chunk's GCM tag binds (MemfdBuffer.sha256, from engines.sealed, or from vaultd
-    # for its memfd; for a sealed folder, the digest of its packed files, as folder_sha256); one without
-    # it is hashed
+    # for its memfd; for a sealed folder, its `parts_identity`, as folder_sha256's); one without it is hashed
+    legacy = None
     if isinstance(source, Path) and (engine == "vllm" or source.is_dir()):
         folder = source if source.is_dir() else source.with_suffix(".hf")
         if engine != "vllm" or not folder.is_dir():
             raise CodemoatError(f"model.adapters under {engine}: no model folder at {folder.name}")
-        digest = folder_sha256(folder)
+        digest, legacy = folder_identity(folder)
     elif isinstance(source, Path):
         digest = file_sha256(source)
     else:
         digest = source.sha256 or hashlib.sha256(source.view).hexdigest()
-    return load_adapters(paths, digest, safetensors=engine == "vllm")
+        if engine == "vllm" and parts and any(str(n).endswith(".safetensors") for n in dict(parts)):
+            digest, legacy = parts_identity(dict(parts), digest)
+    return load_adapters(paths, digest, safetensors=engine == "vllm", legacy_sha256=legacy)

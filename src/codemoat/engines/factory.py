@@ -50,7 +50,7 @@ def build_engine(
         from .adapters import open_adapters
 
         try:
-            served = tuple(open_adapters(settings.model.adapters, cls.name, source))
+            served = tuple(open_adapters(settings.model.adapters, cls.name, source, parts))
             # llama.cpp opens each GGUF by path; vLLM hands each safetensors memfd to its workers (engines.vllm_lora)
             opts["adapters"] = {a.name: (a.fd, a.peft_config) if cls.name == "vllm" else a.path for a in served}
         except BaseException:

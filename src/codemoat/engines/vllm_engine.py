@@ -42,10 +42,8 @@ from .base import Chunk, Engine, FinishReason, SamplingParams
 from .hf import HfModel, fit_context, read_config
 from .worker import StopCutter
 
+
 #: files vLLM reads from the model folder besides the weights (everything else in a sealed folder stays in memory)
-CONFIG_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-
-
 def _vllm():
     try:
         from vllm import AsyncEngineArgs
@@ -155,7 +153,7 @@ class VllmEngine(HfModel, Engine):
         """A sealed model folder decrypted in `buf`: its config and tokenizer go to a private tmpfs
         folder, its weights to vLLM's workers through the hand-off socket. The engine owns `buf`
         and zeroes it when it closes."""
-        from .vllm_handoff import PrivateDir, WeightHandoff
+        from .vllm_handoff import WeightHandoff, unpack_config
         from .vllm_loader import LOAD_FORMAT, SOCKET_ARG
 
         private = handoff = None
@@ -163,11 +161,7 @@ class VllmEngine(HfModel, Engine):
             parts = {k: (int(v[0]), int(v[1])) for k, v in (parts or {}).items()}
             if not any(n.endswith(".safetensors") for n in parts):
                 raise CodemoatError("the vllm engine serves sealed Hugging Face folders (safetensors), not a single GGUF file")
-            private = PrivateDir()
-            for name, (off, size) in parts.items():
-                base = Path(name).name
-                if base in CONFIG_FILES:
-                    private.write(base, bytes(buf.view[off : off + size]))
+            private = unpack_config(buf.view, parts)
             handoff = WeightHandoff(private.path, buf.fd, buf.size, parts)
             loader = {"load_format": LOAD_FORMAT, "model_loader_extra_config": {SOCKET_ARG: handoff.path}}
 

@@ -80,6 +80,22 @@ class PrivateDir:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
+def unpack_config(view: Any, parts: dict[str, tuple[int, int]], prefix: str = "codemoat-vllm-") -> PrivateDir:
+    """A `PrivateDir` holding a decrypted sealed folder's files other than its weights (config and
+    tokenizer files: the ones `vendor seal` packs, `vault.seal_model.model_file`), read from `view`."""
+    from ..vault.seal_model import model_file
+
+    private = PrivateDir(prefix)
+    try:
+        for name, (off, size) in parts.items():
+            if model_file(Path(name).name):
+                private.write(Path(name).name, bytes(view[off : off + size]))
+    except BaseException:
+        private.remove()
+        raise
+    return private
+
+
 class WeightHandoff:
     """Serve one sealed memfd (`fd`, `size` bytes, its files at `parts`) to this process's descendants,
     on the socket `folder/name`."""

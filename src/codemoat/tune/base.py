@@ -15,7 +15,7 @@ A Hugging Face folder (what the vllm engine serves), plaintext or sealed (`vendo
 folder), is a base too: transformers loads the folder, or, sealed, its config and tokenizer from a
 private 0700 tmpfs folder and its weights from the decrypted memfd (`safetensors.torch.load` of
 the bytes; no weight byte on a filesystem). Its identity is `engines.adapters.folder_sha256`, the
-digest of its files as sealed (for a sealed folder, the manifest's `plaintext_sha256`). vLLM
+identity of its files as sealed (for a sealed folder, from its signed manifest: `parts_identity`). vLLM
 checks an adapter against the folder it loads, so the adapter records it as `hf_sha256`: the
 folder's digest, or for a GGUF the digest of its `.hf` folder beside it when there is one.
 """
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..engines.adapters import file_sha256, folder_sha256
+from ..engines.adapters import file_sha256, folder_sha256, parts_identity
 from ..errors import CodemoatError
 
 
@@ -78,7 +78,7 @@ def sealed_plaintext(path: Path, license: Path) -> Iterator[tuple[Path, str, str
     the model id) while inside; zeroed and removed after. A folder's weights are read by `_load` from
     the memfd (`_SEALED_WEIGHTS`), never from the folder."""
     from ..engines.sealed import open_sealed
-    from ..engines.vllm_handoff import PrivateDir
+    from ..engines.vllm_handoff import unpack_config
     from ..vault.container import SealedFile
 
     fmt = SealedFile(path).manifest.format
@@ -99,15 +99,15 @@ def sealed_plaintext(path: Path, license: Path) -> Iterator[tuple[Path, str, str
     try:
         held = holder.get()
         where = Path(held.buf.path)
+        digest = SealedFile(path).manifest.plaintext_sha256
         if fmt == "safetensors":
-            private = PrivateDir("codemoat-tune-")
+            private = unpack_config(held.buf.view, held.parts, "codemoat-tune-")
             for name, (off, size) in held.parts.items():
-                if Path(name).name.endswith(".json"):
-                    private.write(Path(name).name, bytes(held.buf.view[off : off + size]))
-                elif name.endswith(".safetensors"):
+                if name.endswith(".safetensors"):
                     _SEALED_WEIGHTS[str(private.path)] = (held.buf.view, off, size)
             where = private.path
-        yield where, SealedFile(path).manifest.plaintext_sha256, holder.model_id
+            digest = parts_identity(held.parts, digest)[0]  # as folder_sha256 of the folder sealed
+        yield where, digest, holder.model_id
     finally:
         if private is not None:
             _SEALED_WEIGHTS.pop(str(private.path), None)

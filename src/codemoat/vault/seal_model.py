@@ -1,7 +1,7 @@
 """Sealing a model file for one customer: read (or stream) it, fingerprint it, encrypt it.
 
 A GGUF file is streamed tensor by tensor (read twice: hash, then encrypt), so a model larger than
-memory seals; a safetensors model (file or folder) is packed in memory with its JSON files.
+memory seals; a safetensors model (file or folder) is packed in memory with its config and tokenizer files.
 Every file is opened with `paths.open_regular` (no size limit: models are large by design), so a
 FIFO or a device named as the model is refused in one line instead of waited on or sealed empty.
 """
@@ -25,8 +25,8 @@ Fingerprinter = Callable[[bytes, str, bytes], bytes]
 def read_model(path: Path) -> tuple[str, str, bytearray, list[dict[str, Any]]]:
     """(model id, format, plaintext, parts) of a .gguf file or a safetensors model (file or folder).
 
-    A safetensors model is packed as its weights followed by the folder's JSON files
-    (config.json, tokenizer.json, ...), each a named part in the manifest."""
+    A safetensors model is packed as its weights followed by the folder's other model files
+    (config.json, tokenizer.json, merges.txt, ...: `folder_files`), each a named part in the manifest."""
     if not path.exists():
         raise NotFound(f"model not found: {path}")
     if path.suffix == ".gguf" and not path.is_dir():
@@ -55,10 +55,22 @@ def read_model(path: Path) -> tuple[str, str, bytearray, list[dict[str, Any]]]:
     return model_id, "safetensors", data, parts
 
 
+#: the tokenizer files a Hugging Face folder may need that are not JSON (sentencepiece, BPE merges, WordPiece)
+TOKENIZER_FILES = frozenset({"tokenizer.model", "spiece.model", "merges.txt", "vocab.txt", "chat_template.jinja"})
+
+
+def model_file(name: str) -> bool:
+    """Whether a folder's file `name` is part of the model beside its weights: packed by `vendor seal`,
+    covered by its identity (`engines.adapters.folder_sha256`), unpacked beside a sealed folder's
+    config for the engine (`engines.vllm_handoff.unpack_config`). One list for all three."""
+    return not name.startswith(".") and (name.endswith(".json") or name in TOKENIZER_FILES)
+
+
 def folder_files(folder: Path, weights: Path | None = None) -> list[Path]:
     """The files of a safetensors model, in the order they are sealed: the weights (the folder's one
-    .safetensors file), then its JSON files by name. Their bytes in this order are the sealed plaintext,
-    so its SHA-256 (`engines.adapters.folder_sha256`) is the model's identity, sealed or not."""
+    .safetensors file), then its other model files by name (`model_file`: JSON, tokenizer files).
+    Their bytes in this order are the sealed plaintext; their names, sizes and that plaintext's
+    SHA-256 are the model's identity, sealed or not (`engines.adapters.folder_sha256`)."""
     if weights is None:
         found = sorted(folder.glob("*.safetensors"))
         if len(found) != 1:
@@ -66,7 +78,7 @@ def folder_files(folder: Path, weights: Path | None = None) -> list[Path]:
         weights = found[0]
     if not (folder / "config.json").is_file():
         raise CodemoatError(f"{folder} has no config.json beside the safetensors weights")
-    return [weights] + sorted(p for p in folder.glob("*.json") if p.is_file())
+    return [weights] + sorted(p for p in folder.iterdir() if model_file(p.name) and p.is_file())
 
 
 def gguf_pieces(path: Path, stream: Callable | None, secret: bytes) -> tuple[Callable[[], Iterator[Any]], int]:
