@@ -299,6 +299,8 @@ def test_the_grouped_lora_op_is_the_sum_per_token_and_leaves_no_adapter_rows_alo
         assert torch.allclose(y, want, atol=1e-5), idx
         assert torch.equal(y[indices < 0], y0[indices < 0])
     assert not grouped_lora_linear(torch.tensor([0, 1]), y, x, a, b, 0.5, slices)  # 2 indices for 7 rows: vLLM's op runs
+    empty = torch.zeros(0, sum(slices))
+    assert grouped_lora_linear(torch.tensor([], dtype=torch.long), empty, torch.zeros(0, d_in), a, b, 0.5, slices)
     # vLLM writes a slot (a new adapter in it): the fused matrices follow
     a[0][2].mul_(2.0)
     y0 = torch.zeros(7, sum(slices))

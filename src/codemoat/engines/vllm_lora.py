@@ -252,6 +252,9 @@ def _groups(indices: Any) -> list[tuple[int, Any]]:
 
     key = (indices.data_ptr(), indices._version, indices.shape[0])
     if _GROUPS[0] != key:
+        if not indices.shape[0]:  # a step without tokens: nothing to add to
+            _GROUPS[:] = [key, []]
+            return []
         first = int(indices[0])
         if bool((indices == first).all()):
             groups = [(first, None)]
