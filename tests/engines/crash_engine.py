@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+import threading
 import time
 from typing import Any
 
@@ -20,6 +21,7 @@ CRASH = "<<crash>>"  # SIGSEGV in the engine's process
 CRASH_UNLESS_SAFE = "<<crash-unless-safe>>"  # SIGSEGV unless built with the safe options (use_extra_bufts=False)
 SLOW = "<<slow>>"  # chunks paced 50 ms apart: a stream still running when another request crashes the engine
 BAD_FRAME = "<<bad-frame>>"  # the first chunk's message pickles here but cannot be unpickled by the server
+STOP_READING = "<<stop-reading>>"  # the engine process's reader stops for good (hung): it takes no more messages
 
 
 class _NoLoad:
@@ -52,6 +54,8 @@ class CrashingEngine(LlamaCppEngine):
         text = self.detokenize(ids)
         if CRASH in text or (CRASH_UNLESS_SAFE in text and not self.safe):
             os.kill(os.getpid(), signal.SIGSEGV)
+        if STOP_READING in text:  # on the process's reading thread
+            threading.Event().wait()
         return ids
 
     def _generate(self, prompt_ids, params, emit, cancel) -> None:

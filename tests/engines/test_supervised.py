@@ -238,6 +238,58 @@ def test_a_frame_the_server_cannot_read_fails_its_requests_and_restarts_the_engi
         eng.close()
 
 
+def test_an_engine_process_that_stops_reading_is_hung_and_restarted(tiny_gguf, monkeypatch):
+    """The engine process's reader stops for good (`<<stop-reading>>`) while requests keep coming: once
+    its socket is full, the server's send (on the event loop) took no byte and waited for good, and so
+    did every request of the server. Now a send that moves nothing for `inbox.STALL_S` finds the
+    process hung: it is killed, its requests get 503, an `engine_crashed` incident says hung, and the
+    engine restarts and answers as before."""
+    from codemoat.engines import inbox, supervised
+    from codemoat.engines.base import SamplingParams
+    from codemoat.errors import Unavailable
+    from crash_engine import STOP_READING, CrashingEngine
+
+    monkeypatch.setattr(supervised, "BACKOFF_S", (0.2,))
+    monkeypatch.setattr(inbox, "STALL_S", 1.0, raising=False)
+    monkeypatch.setenv("PYTHONPATH", ENV["PYTHONPATH"])
+    eng = supervised.SupervisedEngine.start(CrashingEngine, tiny_gguf, {"model_id": "tiny", "n_ctx": 256, "n_threads": 1})
+    incidents: list = []
+    eng.on_incident = lambda kind, detail: incidents.append((kind, detail))
+    p = SamplingParams(max_tokens=4, temperature=0)
+    failed: list = []
+    try:
+        want = asyncio.run(eng.complete("def add(a, b):\n", p)).text
+
+        async def flood() -> None:  # the hanging request, then far more requests than its socket holds
+            async def one(prompt: str) -> None:
+                try:
+                    await eng.complete(prompt, p)
+                except Unavailable as e:
+                    failed.append(e)
+
+            first = asyncio.ensure_future(one(STOP_READING + "def add(a, b):\n"))
+            await asyncio.sleep(0.5)
+            await asyncio.gather(first, *(one(f"# {i}\n" + "x = 1\n" * 40) for i in range(3000)))
+
+        t = threading.Thread(target=lambda: asyncio.run(flood()), daemon=True)
+        t.start()
+        t.join(60)
+        waited = t.is_alive()
+        if waited and eng._child is not None:
+            eng._child.proc.kill()  # the server waited on the hung process for good: let the test end
+            t.join(60)
+        assert not waited, "the server's requests waited on the hung engine process"
+        assert len(failed) == 3001
+        end = time.time() + 30
+        while eng.state != "ready" and time.time() < end:
+            time.sleep(0.05)
+        assert eng.state == "ready" and eng.restarts == 1
+        assert [(k, d["hung"]) for k, d in incidents] == [("engine_crashed", True)]
+        assert asyncio.run(eng.complete("def add(a, b):\n", p)).text == want
+    finally:
+        eng.close()
+
+
 def test_a_cancel_storm_never_gives_a_request_another_ones_tokens(tiny_gguf):
     """Clients that hang up after their first chunk, beside clients that read to the end, on a batching
     engine process: every finished answer is its own prompt's answer token for token (request ids are

@@ -14,7 +14,10 @@ once: the thread reads what is left, unhooks the loop and reports the end (`on_e
 
 Every read happens under one lock into one buffer, so a loop and the thread may both be readers for a
 moment and each request still gets its messages whole and in order. A send that cannot go out at once
-reads meanwhile (`send`): the engine process may itself be waiting to write to us.
+reads meanwhile (`send`): the engine process may itself be waiting to write to us. One that takes no
+byte for `STALL_S` has stopped reading (hung): the socket is shut and `EngineHung` raised, and its
+supervisor ends the process and restarts it, as after a crash; before, every later send, and so every
+request, waited on it for good.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import pickle
 import select
 import socket
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
@@ -36,6 +40,13 @@ from .child import Frames
 
 log = logging.getLogger("codemoat.engines")
 _ENDED = select.POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL
+#: seconds a send may go without the engine process taking a byte before it is hung: its reader answers in
+#: microseconds (it hands each request to the worker and reads on), so this is far past any busy moment
+STALL_S = 10.0
+
+
+class EngineHung(OSError):
+    """The engine process took no byte of a message for `STALL_S`: it stopped reading."""
 
 
 def _flat(batch: list[Any]) -> list[Any]:
@@ -262,14 +273,24 @@ class Inbox:
     # -- writing -------------------------------------------------------------------
     def send(self, data: bytes) -> None:
         """Write one frame (`child.frame`). While the engine process cannot take it, read: it may be waiting
-        for us to read before it reads again. OSError if the process is gone."""
+        for us to read before it reads again. OSError if the process is gone, `EngineHung` (the socket
+        shut) if it took no byte for `STALL_S`."""
         with self._tx:
             view = memoryview(data)
+            moved = time.monotonic()
             while view:
                 try:
                     view = view[self.sock.send(view, socket.MSG_DONTWAIT) :]
+                    moved = time.monotonic()
                 except BlockingIOError:
+                    left = moved + STALL_S - time.monotonic()
+                    if left <= 0:
+                        try:
+                            self.sock.shutdown(socket.SHUT_RDWR)  # every later send fails at once; the reader sees the end
+                        except OSError:
+                            pass
+                        raise EngineHung(f"the engine process took no message for {STALL_S:g} s: it stopped reading") from None
                     poll = select.poll()
                     poll.register(self.fd, select.POLLOUT | select.POLLIN)
-                    if dict(poll.poll(1000)).get(self.fd, 0) & select.POLLIN:
+                    if dict(poll.poll(min(1000, int(left * 1000) + 1))).get(self.fd, 0) & select.POLLIN:
                         self._pump()

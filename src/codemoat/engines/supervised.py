@@ -41,7 +41,7 @@ import numpy as np
 from ..errors import CodemoatError, Unavailable
 from .base import Chunk, Engine, SamplingParams
 from .child import Frames, frame
-from .inbox import Inbox, Request
+from .inbox import EngineHung, Inbox, Request
 from .memfd import MemfdBuffer
 
 log = logging.getLogger("codemoat.engines")
@@ -69,12 +69,19 @@ class _Child:
         self.proc, self.sock, self.facts, self.frames = proc, sock, facts, frames
         self.started = time.monotonic()
         self.inbox: Inbox | None = None
+        self.hung = False
 
     def send(self, msg: Any) -> None:
         if self.inbox is None:
             self.sock.sendall(frame(msg))
-        else:
+            return
+        try:
             self.inbox.send(frame(msg))
+        except EngineHung as e:
+            log.error("engine process %d: %s; killing it", self.proc.pid, e)
+            self.hung = True
+            self.proc.kill()  # its end is a crash like any other (`_ended`): its requests 503, it restarts
+            raise
 
     def stop(self, timeout: float = 10.0) -> None:
         try:
@@ -212,7 +219,7 @@ class SupervisedEngine(Engine):
             failed, self._requests = self._requests, {}
             now = time.monotonic()
             self.crashes += 1
-            self.last_exit, self.last_crash_at = describe_exit(code), time.time()
+            self.last_exit, self.last_crash_at = "hung" if child.hung else describe_exit(code), time.time()
             self._backoff = 0 if now - child.started >= STABLE_S else self._backoff + 1
             delay = BACKOFF_S[min(self._backoff, len(BACKOFF_S) - 1)]
             self._recent.append(now)
@@ -235,12 +242,13 @@ class SupervisedEngine(Engine):
             self.on_incident(
                 "engine_crashed",
                 {
-                    "signal": self.last_exit if code < 0 else None,
+                    "signal": describe_exit(code) if code < 0 else None,
                     "exit_code": code,
                     "crashes": self.crashes,
                     "restart_in_s": delay,
                     "safe_options": self.safe,
                     "pid": child.proc.pid,
+                    "hung": child.hung,  # it stopped reading (killed by the server), not a crash of its own
                 },
             )
         threading.Thread(target=self._restart, args=(delay,), name="engine-restart", daemon=True).start()
