@@ -17,9 +17,10 @@ leases per server CPU-second: the capacity when the clients do not share the ser
 Client: `LeaseClient.acquire()` (challenge, quote, lease, unwrap by ECDH in the chip) vs the same
 with a software key, alternating; medians and p99.
 
-Offline start: `open_sealed` to a sealed memfd (serve's start without the engine) and `verify_bundle`
-(license checks, content-key unwrap, every chunk decrypted and hashed) for a TPM-bound license vs a
-software-bound one, alternating; medians and their ratio.
+Offline start (bench/attest_offline.py): `open_sealed` to a sealed memfd (serve's start without the
+engine) and `verify_bundle` (license checks, key unwraps, every chunk decrypted and hashed) for a
+TPM-bound license vs a software-bound one, in rounds of A B then B A; medians, their ratio, and the
+spread of the paired ratios; and the CRL check alone.
 Writes bench/results/attest.md.
 """
 
@@ -44,7 +45,8 @@ sys.path.insert(0, str(ROOT / "src"))
 WORK = Path(os.environ.get("ATTEST_BENCH_DIR", "/tmp/codemoat-bench-attest"))
 os.environ["CODEMOAT_HOME"] = str(WORK / "home")
 
-from attest_swtpm import Tpms, free_pair, mark_bound, tpm_machine  # noqa: E402  (bench/ is the script's folder)
+from attest_offline import bench_offline, offline_md  # noqa: E402  (bench/ is the script's folder)
+from attest_swtpm import Tpms, free_pair, mark_bound, tpm_machine  # noqa: E402
 
 
 def log(*a) -> None:
@@ -317,78 +319,6 @@ def bench_client(runs: int, vendor, url: str, moat: Path, tcti: str) -> dict:
     return {k: {"p50_ms": statistics.median(v) * 1000, "p99_ms": pct(v, 0.99) * 1000} for k, v in out.items()}
 
 
-def bench_offline(mib: int, runs: int, vendor, tcti: str) -> dict:
-    from codemoat.vault.machine import MachineKey
-    from codemoat.vault.verify import verify_bundle
-
-    model = WORK / "offline.gguf"
-    with open(model, "wb") as f:
-        f.write(b"GGUF")
-        for _ in range(mib):
-            f.write(os.urandom(1 << 20))
-    moat = WORK / "offline.moat"
-    vendor.seal(model, "attest-offline", moat)
-    soft, tpm = MachineKey.load_or_create(), tpm_machine(tcti, vendor)
-    tpm.x25519, tpm.ed25519 = soft.x25519, soft.ed25519  # same machine (clock record), two bindings
-    mark_bound(vendor, tpm)  # under that machine's id
-    lics = {}
-    for kind, m in (("software", MachineKey.generate(facts={})), ("tpm", tpm)):
-        if kind == "software":
-            m = soft
-        doc = vendor.issue_license(
-            customer="attest-offline", model=moat, machines=[m.identity()], expires=int(time.time()) + 86400
-        )
-        p = WORK / f"offline-{kind}.lic"
-        p.write_text(json.dumps(doc))
-        lics[kind] = (p, m)
-    from codemoat.vault.clock import ClockGuard
-    from codemoat.vault.container import SealedFile
-    from codemoat.vault.license import License, check
-
-    from codemoat.engines.sealed import open_sealed
-
-    class Held:  # what the holder serves: the sealed memfd itself (as `codemoat tune` opens a sealed base)
-        in_flight = 0
-
-        def __init__(self, buf) -> None:
-            self.buf = buf
-
-        def close(self) -> None:
-            self.buf.close(zero=True)
-
-    times = {"software": [], "tpm": []}
-    starts = {"software": [], "tpm": []}
-    checks = {"software": [], "tpm": []}
-    sealed = SealedFile(moat)
-    for _ in range(runs):
-        for kind, (p, m) in lics.items():
-            t = time.perf_counter()  # serve's start without the engine: checks, unwrap, decrypt into a sealed memfd
-            holder = open_sealed(moat, p, machine=m, watch=False, build=lambda _s, buf, _id, _p: Held(buf))
-            starts[kind].append(time.perf_counter() - t)
-            holder.close()
-            t = time.perf_counter()
-            verify_bundle(moat, p, machine=m)
-            times[kind].append(time.perf_counter() - t)
-            t = time.perf_counter()
-            check(License.load(p), sealed, m, ClockGuard(m))  # the license checks and the key unwrap alone
-            checks[kind].append(time.perf_counter() - t)
-    med = {k: statistics.median(v) * 1000 for k, v in times.items()}
-    chk = {k: statistics.median(v) * 1000 for k, v in checks.items()}
-    st = {k: statistics.median(v) * 1000 for k, v in starts.items()}
-    return {
-        "mib": mib,
-        "runs": runs,
-        "start_software_ms": st["software"],
-        "start_tpm_ms": st["tpm"],
-        "start_ratio": st["tpm"] / st["software"],
-        "software_ms": med["software"],
-        "tpm_ms": med["tpm"],
-        "ratio": med["tpm"] / med["software"],
-        "check_software_ms": chk["software"],
-        "check_tpm_ms": chk["tpm"],
-    }
-
-
 def _workers_note(tpm: list[dict]) -> str:
     """One sentence comparing the attested rows of the first and last worker counts (same run)."""
     if len(tpm) < 2:
@@ -404,12 +334,11 @@ def _workers_note(tpm: list[dict]) -> str:
 
 def write_md(ks: list[dict], core: dict, client: dict, offs: list[dict], load: tuple[str, str]) -> Path:
     out = ROOT / "bench" / "results" / "attest.md"
-    off = offs[0]
     cpus = os.cpu_count()
     lines = [
         "# TPM attestation: key server, client lease, offline sealed start",
         "",
-        f"`{' '.join(['.venv/bin/python', 'bench/attest.py', *sys.argv[1:]])}` (under `flock /tmp/s8/bench.lock`) on "
+        f"`{' '.join(['.venv/bin/python', 'bench/attest.py', *sys.argv[1:]])}` (under `flock /tmp/s9/bench.lock`) on "
         f"{platform.machine()}, {cpus} CPUs shared with the load generator, "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; load average (1/5/15 min) before {load[0]}, after "
         f"{load[1]}. Software TPMs (swtpm) on 127.0.0.1, so TPM times are a software chip's, not a hardware one's (a "
@@ -491,40 +420,7 @@ def write_md(ks: list[dict], core: dict, client: dict, offs: list[dict], load: t
         "primary keys are recreated from the seed rather than stored. A renewal happens every TTL / 2, so this is "
         "off any request's path.",
         "",
-        "## Offline sealed start: serve's start to a sealed memfd (`open_sealed`: checks, unwrap, decrypt)",
-        "",
-        "| model | software X25519 key | TPM P-256 key (ECDH in the chip, PCR + NV policy session) | ratio | target "
-        "| the TPM's extra check time, and how much of it the start hid |",
-        "| --- | --- | --- | --- | --- | --- |",
-        *[
-            f"| {o['mib']} MiB | {o['start_software_ms']:.1f} ms | {o['start_tpm_ms']:.1f} ms | {o['start_ratio']:.3f} | "
-            f"≤ 1.05× ({'met' if o['start_ratio'] <= 1.05 else 'not met'}) | {o['check_tpm_ms'] - o['check_software_ms']:.0f} ms, "
-            f"{(o['check_tpm_ms'] - o['check_software_ms']) - (o['start_tpm_ms'] - o['start_software_ms']):.0f} ms hidden |"
-            for o in offs
-        ],
-        "",
-        "`open_sealed` as `codemoat serve` and `vaultd` start a sealed model, without the engine (the build step keeps "
-        "the memfd): header and manifest, license checks, the content and watermark keys unwrapped, every chunk "
-        "decrypted and authenticated into a sealed memfd, which is then zeroed and closed (not timed). While the key "
-        "is unwrapped a thread allocates the memfd's pages (`engines.memfd.Prefault`: fallocate, 8 MiB a step, "
-        "stopped when the key arrives), so the TPM's round trips (sockets: the GIL is released) overlap page "
-        "allocation that both starts do; the software start gets the key within ~1 ms and allocates as before.",
-        "",
-        "## `codemoat verify` (`verify_bundle`: checks, unwrap, every chunk decrypted into a scratch buffer and hashed)",
-        "",
-        "| model | software X25519 key | TPM P-256 key | ratio |",
-        "| --- | --- | --- | --- |",
-        *[f"| {o['mib']} MiB | {o['software_ms']:.1f} ms | {o['tpm_ms']:.1f} ms | {o['ratio']:.3f} |" for o in offs],
-        "",
-        f"Medians of {off['runs']} alternating runs per size. The license check with the key unwrap alone ({off['mib']} MiB "
-        f"run): software {off['check_software_ms']:.1f} ms, TPM {off['check_tpm_ms']:.1f} ms — a fixed cost (connect, the "
-        "tamper latch's NV public area, one primary-key derivation, one policy session kept for both keys, and per unwrap "
-        f"TPM2_PolicyPCR, TPM2_PolicyNV and ECDH_ZGen) of {off['check_tpm_ms'] - off['check_software_ms']:.0f} ms that does not grow with "
-        "the model. `verify` writes no buffer, so it has nothing to do while the chip works and pays that cost in "
-        f"full (the software verify here decrypts ≈ {off['mib'] / (off['software_ms'] / 1000):.0f} MiB/s). A hardware "
-        "TPM's ECDH and policy session take longer than swtpm's; the start hides them only up to the page allocation "
-        "of the model's size.",
-        "",
+        *offline_md(offs),
     ]
     out.write_text("\n".join(lines))
     return out
@@ -627,7 +523,10 @@ def main() -> None:
                 client = bench_client(runs * 6, vendor, url, moat, tpms.tctis[0])
         if "offline" in args.parts:
             log("offline sealed start")
-            offs = [bench_offline(m, args.offline_runs or runs, vendor, tpms.tctis[1]) for m in (args.offline_mib or [mib])]
+            offs = [
+                bench_offline(m, args.offline_runs or runs, vendor, tpms.tctis[1], WORK, tpm_machine, mark_bound)
+                for m in (args.offline_mib or [mib])
+            ]
     finally:
         tpms.close()
         vendor.close()
