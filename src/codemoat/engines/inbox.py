@@ -10,7 +10,9 @@ itself (`attach`: `loop.add_reader`), one wake-up per step, as an in-process eng
 The `Inbox`'s thread stays, asleep. It reads only while no running loop does (`release`: a synchronous
 `logits` call, a loop done with its requests while another loop's wait), and it watches for the end of the socket
 (POLLRDHUP, which data does not wake) wherever the loop is, so a dead engine process is noticed at
-once: the thread reads what is left, unhooks the loop and reports the end (`on_end`).
+once: the thread reads what is left, unhooks the loop and reports the end (`on_end`). Once a second it
+also checks that the loop which reads still runs (a script's `asyncio.run` may end while a request of
+another thread's loop waits).
 
 Every read happens under one lock into one buffer, so a loop and the thread may both be readers for a
 moment and each request still gets its messages whole and in order. A send that cannot go out at once
@@ -242,7 +244,11 @@ class Inbox:
             if want != events:
                 poll.register(self.fd, want)  # again: a change
                 events = want
-            got = dict(poll.poll())
+            got = dict(poll.poll(None if self.loop is None else 1000))
+            if not got:  # a loop that stopped between two of its requests while another's wait: read for them
+                if (loop := self.loop) is not None and not loop.is_running():
+                    self.release()
+                continue
             if self._wake_r in got:
                 os.read(self._wake_r, 512)
             ev = got.get(self.fd, 0)
