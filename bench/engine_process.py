@@ -280,9 +280,9 @@ on the machine than wall time):
 | engine level CPU per request (server + engine process) / inline | {cpu_ratio:.3f} | — | |
 
 What crosses the boundary per request: the prompt's token ids and sampling parameters one way, one
-pickled chunk per token back (a length-prefixed message on a Unix socket, read by one thread in the
-server and handed to the request's event loop), and a cancel when the client leaves. Tokenising and
-prompt building stay in the server (a vocab-only llama over the same file or memfd).
+pickled message per decoding step back (length-prefixed, on a Unix socket, read by the request's event
+loop itself: `engines.inbox`), and a cancel when the client leaves. Tokenising and prompt building stay
+in the server (a vocab-only llama over the same file or memfd).
 """
     (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
     (ROOT / "bench" / "results" / "engine_process.md").write_text(md)
