@@ -221,12 +221,11 @@ def test_a_body_of_many_small_objects_is_refused_before_it_is_validated(db, llm)
         assert r.status_code != 400 or "JSON" not in r.text, r.text[:200]
 
 
-def test_a_stream_moves_on_while_another_clients_large_body_is_parsed(db, llm, free_port, monkeypatch):
-    """Was open: every body was parsed and walked on the event loop, so while one token holder's large
-    body (up to 100,000 values) was parsed, no other client's stream moved. A large body is now
-    parsed and walked on a worker thread. Real uvicorn; alice streams a paced chat while bob posts a
-    large body whose walk is held in flight (the real walk runs after) until alice's stream has sent
-    three more chunks: before, the stream sent nothing while the walk was held (20 s, then failed)."""
+def assert_stream_moves_on(db, llm, free_port, monkeypatch, held, is_bobs, route, bobs, what) -> None:
+    """Real uvicorn: alice streams a paced chat while bob posts `bobs` (httpx keywords) to `route`; the
+    first call of `held` (an (object, name) pair) whose first argument `is_bobs` picks out as bob's is
+    held in flight (the real call runs after) until alice's stream has sent three more chunks, or for
+    20 s, the old code's fate. Bob's request is served too."""
     import threading
     import time
 
@@ -234,19 +233,19 @@ def test_a_stream_moves_on_while_another_clients_large_body_is_parsed(db, llm, f
     import uvicorn
 
     from audit.trustapp import Paced
-    from codemoat.serve import body
 
     started, moved, done = threading.Event(), threading.Event(), threading.Event()
-    real = body.lone_surrogate
+    target, name = held
+    real = getattr(target, name)
 
-    def held(doc, *a, **kw):
-        if isinstance(doc, dict) and "junk" in doc:  # bob's body
+    def hold(first, *a, **kw):
+        if is_bobs(first) and not started.is_set():
             started.set()
-            moved.wait(20)  # in flight until alice's stream moves on (or for 20 s, the old code's fate)
+            moved.wait(20)
             done.set()
-        return real(doc, *a, **kw)
+        return real(first, *a, **kw)
 
-    monkeypatch.setattr(body, "lone_surrogate", held)
+    monkeypatch.setattr(target, name, hold)
     accounts = Accounts(db)
     tokens = make_tokens(accounts)
     app = make_app(Settings(), accounts, Paced(llm, 0.05))
@@ -256,12 +255,11 @@ def test_a_stream_moves_on_while_another_clients_large_body_is_parsed(db, llm, f
     while not server.started and t.is_alive():
         time.sleep(0.05)
     base = f"http://127.0.0.1:{free_port}"
-    junk = b'{"model": "tiny", "prompt": "x", "max_tokens": 1, "junk": [' + b"[]," * 50_000 + b"[]]}"
     answers: list[int] = []
 
-    def post_large() -> None:
+    def post_bobs() -> None:
         with httpx.Client(base_url=base, headers=tokens["bob"], timeout=60) as c:
-            answers.append(c.post("/v1/completions", content=junk, headers={"Content-Type": "application/json"}).status_code)
+            answers.append(c.post(route, **bobs).status_code)
 
     during = 0
     try:
@@ -276,9 +274,9 @@ def test_a_stream_moves_on_while_another_clients_large_body_is_parsed(db, llm, f
             with c.stream("POST", "/v1/chat/completions", json=chat) as r:
                 lines = (line for line in r.iter_lines() if line.startswith("data:"))
                 assert '"role"' in next(lines) and '"content"' in next(lines)
-                poster = threading.Thread(target=post_large, daemon=True)
+                poster = threading.Thread(target=post_bobs, daemon=True)
                 poster.start()
-                assert started.wait(20), "bob's body was never walked"
+                assert started.wait(20), f"bob's call to {name} was never made"
                 for line in lines:
                     if done.is_set() or line == "data: [DONE]":
                         break
@@ -290,8 +288,30 @@ def test_a_stream_moves_on_while_another_clients_large_body_is_parsed(db, llm, f
     finally:
         server.should_exit = True
         t.join(timeout=10)
-    assert during >= 3, f"alice's stream sent {during} chunks while bob's body was parsed"
+    assert during >= 3, f"alice's stream sent {during} chunks while bob's {what}"
     assert answers == [200], answers  # bob's request was served too
+
+
+def test_a_stream_moves_on_while_another_clients_large_body_is_parsed(db, llm, free_port, monkeypatch):
+    """Was open: every body was parsed and walked on the event loop, so while one token holder's large
+    body (up to 100,000 values) was parsed, no other client's stream moved. A large body is now
+    parsed and walked on a worker thread. Real uvicorn; alice streams a paced chat while bob posts a
+    large body whose walk is held in flight (the real walk runs after) until alice's stream has sent
+    three more chunks: before, the stream sent nothing while the walk was held (20 s, then failed)."""
+    from codemoat.serve import body
+
+    junk = b'{"model": "tiny", "prompt": "x", "max_tokens": 1, "junk": [' + b"[]," * 50_000 + b"[]]}"
+    assert_stream_moves_on(
+        db,
+        llm,
+        free_port,
+        monkeypatch,
+        (body, "lone_surrogate"),
+        lambda doc: isinstance(doc, dict) and "junk" in doc,
+        "/v1/completions",
+        {"content": junk, "headers": {"Content-Type": "application/json"}},
+        "body was parsed",
+    )
 
 
 _LONG_NAME = "bobs-file/" + "a" * 100_000
@@ -326,67 +346,7 @@ def test_a_stream_moves_on_while_another_clients_short_text_long_prompt_is_token
     of the bisection that drops turns), was tokenised on the event loop, every other client's stream
     held meanwhile. Now the names and a share per turn count. Real uvicorn: alice streams a paced chat
     while bob's prompt is tokenised, held in flight until alice's stream sends three more chunks."""
-    import threading
-    import time
-
-    import httpx
-    import uvicorn
-
-    from audit.trustapp import Paced
-
     route, bobs, is_bobs = _SHORT_TEXT_LONG_PROMPT[case]
-    started, moved, done = threading.Event(), threading.Event(), threading.Event()
-    real = llm.encode
-
-    def held(parts, *a, **kw):
-        if is_bobs(parts) and not started.is_set():
-            started.set()
-            moved.wait(20)  # in flight until alice's stream moves on (or for 20 s, the old code's fate)
-            done.set()
-        return real(parts, *a, **kw)
-
-    monkeypatch.setattr(llm, "encode", held)
-    accounts = Accounts(db)
-    tokens = make_tokens(accounts)
-    app = make_app(Settings(), accounts, Paced(llm, 0.05))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port, log_level="warning"))
-    t = threading.Thread(target=server.run, daemon=True)
-    t.start()
-    while not server.started and t.is_alive():
-        time.sleep(0.05)
-    base = f"http://127.0.0.1:{free_port}"
-    answers: list[int] = []
-
-    def post_long_name() -> None:
-        with httpx.Client(base_url=base, headers=tokens["bob"], timeout=60) as c:
-            answers.append(c.post(route, json=bobs).status_code)
-
-    during = 0
-    try:
-        chat = {
-            "model": "tiny",
-            "temperature": 0,
-            "max_tokens": 400,
-            "stream": True,
-            "messages": [{"role": "user", "content": "hi"}],
-        }
-        with httpx.Client(base_url=base, headers=tokens["alice"], timeout=60) as c:
-            with c.stream("POST", "/v1/chat/completions", json=chat) as r:
-                lines = (line for line in r.iter_lines() if line.startswith("data:"))
-                assert '"role"' in next(lines) and '"content"' in next(lines)
-                poster = threading.Thread(target=post_long_name, daemon=True)
-                poster.start()
-                assert started.wait(20), "bob's prompt was never tokenised"
-                for line in lines:
-                    if done.is_set() or line == "data: [DONE]":
-                        break
-                    during += 1
-                    if during == 3:
-                        moved.set()
-        moved.set()
-        poster.join(30)
-    finally:
-        server.should_exit = True
-        t.join(timeout=10)
-    assert during >= 3, f"alice's stream sent {during} chunks while bob's prompt was tokenised"
-    assert answers == [200], answers  # bob's request was served too
+    assert_stream_moves_on(
+        db, llm, free_port, monkeypatch, (llm, "encode"), is_bobs, route, {"json": bobs}, "prompt was tokenised"
+    )
