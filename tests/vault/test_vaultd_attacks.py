@@ -7,6 +7,7 @@ import os
 import socket
 import threading
 import time
+from contextlib import contextmanager
 
 import pytest
 
@@ -208,6 +209,41 @@ def test_a_client_cannot_hold_connections_without_bound(tmp_path, per_uid, total
         buf.close()
 
 
+def _lists(by: str) -> tuple[tuple[set, set], tuple[set, set]]:
+    """(this caller's allow-list, another team's) as `--allow-uid` (`by` "uid") or `--allow-group` give them."""
+    if by == "uid":
+        return ({os.getuid()}, set()), ({os.getuid() + 4242}, set())
+    return (set(), {os.getgid()}), (set(), {os.getgid() + 4242})
+
+
+@contextmanager
+def _team_vault(tmp_path, per_model: dict, offers: list[str]):
+    """vaultd with model-scoped allow-lists offering `offers`; yields it and a client that has fetched acme-coder."""
+    buf = MemfdBuffer.from_bytes(b"GGUF" + bytes(4092), name="test-model")
+    d = VaultDaemon(tmp_path / "vault.sock", per_model=per_model).start()
+    for model in offers:
+        d.offer(Offer(model, buf.fd, buf.size, {}))
+    c = VaultClient.connect(d.path)
+    try:
+        os.close(c.fetch("acme-coder").fd)
+        yield d, c
+    finally:
+        c.close()
+        d.close()
+        buf.close()
+
+
+@contextmanager
+def _heard(c: VaultClient):
+    """What `c` is told while the block runs: the first message, and all that came in 0.2 s after it
+    (a notice meant for another team, had it been sent, came first on this connection)."""
+    seen: list = []
+    c.watch(seen.append, lambda why: seen.append({"lost": why}))
+    yield seen
+    _wait(seen)
+    time.sleep(0.2)
+
+
 @pytest.mark.parametrize("by", ["uid", "group"])
 def test_a_model_with_its_own_list_goes_only_to_the_callers_on_it(tmp_path, by):
     """One vaultd holding two teams' models for two serve accounts (`--allow-uid MODEL_ID=USER`, or
@@ -215,36 +251,22 @@ def test_a_model_with_its_own_list_goes_only_to_the_callers_on_it(tmp_path, by):
     every caller on any list got every model. Now it gets acme-coder, is refused team-b in one line on
     the same connection (which keeps working), and hears nothing of team-b's revocation, whose reason
     may name another customer's license; a caller on no list at all is still refused at connect."""
-    me = ({os.getuid()}, set()) if by == "uid" else (set(), {os.getgid()})
-    other = ({os.getuid() + 4242}, set()) if by == "uid" else (set(), {os.getgid() + 4242})
-    buf = MemfdBuffer.from_bytes(b"GGUF" + bytes(4092), name="test-model")
-    d = VaultDaemon(tmp_path / "vault.sock", per_model={"acme-coder": me, "team-b": other}).start()
-    d.offer(Offer("acme-coder", buf.fd, buf.size, {}))
-    d.offer(Offer("team-b", buf.fd, buf.size, {}))
-    c = VaultClient.connect(d.path)
-    try:
-        os.close(c.fetch("acme-coder").fd)
+    me, other = _lists(by)
+    with _team_vault(tmp_path, {"acme-coder": me, "team-b": other}, ["acme-coder", "team-b"]) as (d, c):
         with pytest.raises(VaultdError) as e:
             c.fetch("team-b")
         assert f"uid {os.getuid()} is not allowed to fetch model 'team-b'" in str(e.value) and "\n" not in str(e.value)
         os.close(c.fetch("acme-coder").fd)  # the connection goes on
-        seen: list = []
-        c.watch(seen.append, lambda why: seen.append({"lost": why}))
-        d.revoke("team-b", "license B-7 of Globex revoked")
-        d.revoke("acme-coder", "license L1 revoked")
-        _wait(seen)
-        time.sleep(0.2)  # a team-b message, had it been sent, came first on this connection
+        with _heard(c) as seen:
+            d.revoke("team-b", "license B-7 of Globex revoked")
+            d.revoke("acme-coder", "license L1 revoked")
         assert seen == [{"op": "revoke", "model": "acme-coder", "reason": "license L1 revoked"}]
-    finally:
-        c.close()
-        d.close()
     stranger = VaultDaemon(tmp_path / "strict.sock", per_model={"team-b": other}).start()
     try:
         with pytest.raises(VaultdError, match=f"uid {os.getuid()} is not allowed to use the vault daemon"):
             VaultClient.connect(stranger.path).fetch("team-b")
     finally:
         stranger.close()
-        buf.close()
 
 
 @pytest.mark.parametrize("by", ["uid", "group"])
@@ -253,26 +275,12 @@ def test_a_model_update_notice_goes_only_to_the_callers_of_that_model(tmp_path, 
     model in vaultd's home was announced to every connected serve: the other team's serve learnt of it,
     fetched its own unchanged model again and swapped it in (a full reload, audited as an update it never
     had). The notice now names the model and goes only to the callers that may fetch it."""
-    me = ({os.getuid()}, set()) if by == "uid" else (set(), {os.getgid()})
-    other = ({os.getuid() + 4242}, set()) if by == "uid" else (set(), {os.getgid() + 4242})
-    buf = MemfdBuffer.from_bytes(b"GGUF" + bytes(4092), name="test-model")
-    d = VaultDaemon(tmp_path / "vault.sock", per_model={"acme-coder": me, "team-b": other}).start()
-    d.offer(Offer("acme-coder", buf.fd, buf.size, {}))
-    d.offer(Offer("team-b", buf.fd, buf.size, {}))
-    c = VaultClient.connect(d.path)
-    try:
-        os.close(c.fetch("acme-coder").fd)
-        seen: list = []
-        c.watch(seen.append, lambda why: seen.append({"lost": why}))
-        assert d.announce({"op": "update", "channel": "model", "model": "team-b"}) == 0
-        assert d.announce({"op": "update", "channel": "model", "model": "acme-coder"}) == 1
-        _wait(seen)
-        time.sleep(0.2)  # a team-b notice, had it been sent, came first on this connection
+    me, other = _lists(by)
+    with _team_vault(tmp_path, {"acme-coder": me, "team-b": other}, ["acme-coder", "team-b"]) as (d, c):
+        with _heard(c) as seen:
+            assert d.announce({"op": "update", "channel": "model", "model": "team-b"}) == 0
+            assert d.announce({"op": "update", "channel": "model", "model": "acme-coder"}) == 1
         assert seen == [{"op": "update", "channel": "model", "model": "acme-coder"}]
-    finally:
-        c.close()
-        d.close()
-        buf.close()
 
 
 @pytest.mark.parametrize("by", ["uid", "group"])
@@ -280,26 +288,13 @@ def test_an_adapter_update_notice_goes_only_to_the_callers_of_that_adapter(tmp_p
     """One vaultd, two teams, each with its vendor adapter (`--allow-uid update:NAME=USER`). Before, the
     notice of a new version of team B's adapter (channel `adapter:NAME`) went to every connected serve,
     so team A's serve learnt the names of team B's adapters; it now goes to those that may fetch it."""
-    me = ({os.getuid()}, set()) if by == "uid" else (set(), {os.getgid()})
-    other = ({os.getuid() + 4242}, set()) if by == "uid" else (set(), {os.getgid() + 4242})
+    me, other = _lists(by)
     lists = {"acme-coder": me, "update:fees": me, "team-b": other, "update:b-secret-project": other}
-    buf = MemfdBuffer.from_bytes(b"GGUF" + bytes(4092), name="test-model")
-    d = VaultDaemon(tmp_path / "vault.sock", per_model=lists).start()
-    d.offer(Offer("acme-coder", buf.fd, buf.size, {}))
-    c = VaultClient.connect(d.path)
-    try:
-        os.close(c.fetch("acme-coder").fd)
-        seen: list = []
-        c.watch(seen.append, lambda why: seen.append({"lost": why}))
-        assert d.announce({"op": "update", "channel": "adapter:b-secret-project"}) == 0
-        assert d.announce({"op": "update", "channel": "adapter:fees"}) == 1
-        _wait(seen)
-        time.sleep(0.2)  # team B's notice, had it been sent, came first on this connection
+    with _team_vault(tmp_path, lists, ["acme-coder"]) as (d, c):
+        with _heard(c) as seen:
+            assert d.announce({"op": "update", "channel": "adapter:b-secret-project"}) == 0
+            assert d.announce({"op": "update", "channel": "adapter:fees"}) == 1
         assert seen == [{"op": "update", "channel": "adapter:fees"}]
-    finally:
-        c.close()
-        d.close()
-        buf.close()
 
 
 def test_allow_lists_parse_model_scoped_entries():
