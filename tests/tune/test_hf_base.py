@@ -14,33 +14,12 @@ import pytest
 
 from codemoat.errors import CodemoatError
 from tests.conftest import ROOT, files_sized
-from tests.tune.test_sealed_base import _license
+from tests.tune.test_sealed_base import _license, _tune
 from tests.tune.test_tune import PAY, _index
 
 HF = ROOT / "models" / "codemoat-tiny.hf"
 GGUF = ROOT / "models" / "codemoat-tiny.gguf"
 pytestmark = pytest.mark.skipif(not HF.is_dir(), reason="the bundled model's .hf folder is not there")
-
-
-def _tune(tmp_path: Path, base: Path, out: str, license: Path | None = None) -> Path:
-    from codemoat.tune.trainer import TuneOptions, tune
-
-    tune(
-        TuneOptions(
-            repos=["payments"],
-            out=tmp_path / out,
-            base=base,
-            license=license,
-            steps=2,
-            rank=4,
-            batch_size=1,
-            n_ctx=64,
-            eval_tokens=100,
-            threads=2,
-            infill_lines=2,
-        )
-    )
-    return tmp_path / out
 
 
 @pytest.mark.slow

@@ -31,6 +31,28 @@ def _license(v, moat: Path, out: Path) -> Path:
     return out
 
 
+def _tune(tmp_path: Path, base: Path, out: str, license: Path | None = None) -> Path:
+    """A two-step tune of the payments repo (indexed by the test) on `base`, written to tmp_path / out."""
+    from codemoat.tune.trainer import TuneOptions, tune
+
+    tune(
+        TuneOptions(
+            repos=["payments"],
+            out=tmp_path / out,
+            base=base,
+            license=license,
+            steps=2,
+            rank=4,
+            batch_size=1,
+            n_ctx=64,
+            eval_tokens=100,
+            threads=2,
+            infill_lines=2,
+        )
+    )
+    return tmp_path / out
+
+
 @pytest.fixture
 def sealed(tmp_path, tiny_gguf):
     from codemoat.trace.fingerprint import fingerprint_model
@@ -65,28 +87,12 @@ def test_tune_against_a_sealed_base_in_memory_only(tmp_path, sealed, home):
     from codemoat.config import load_settings
     from codemoat.engines.adapters import open_adapter
     from codemoat.engines.sealed import open_sealed
-    from codemoat.tune.trainer import TuneOptions, tune
     from codemoat.vault.container import SealedFile
 
     moat, lic, _ = sealed
     _index(tmp_path, "payments", PAY, ["payments"])
-    out = tmp_path / "pay.moat"
     before = set(_gguf_files(tmp_path, Path(home)))
-    tune(
-        TuneOptions(
-            repos=["payments"],
-            out=out,
-            base=moat,
-            license=lic,
-            steps=2,
-            rank=4,
-            batch_size=1,
-            n_ctx=64,
-            eval_tokens=100,
-            threads=2,
-            infill_lines=2,
-        )
-    )
+    out = _tune(tmp_path, moat, "pay.moat", license=lic)
     assert set(_gguf_files(tmp_path, Path(home))) == before  # no plaintext model (or adapter) written anywhere
     a = open_adapter(out)
     assert a.meta["base"]["sha256"] == SealedFile(moat).manifest.plaintext_sha256 and a.meta["base"]["sealed"] is True
