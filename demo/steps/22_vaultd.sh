@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # 22 — privilege separation: `codemoat vaultd` holds the machine key and decrypts the model once; `serve --vault`
 # gets only the sealed memfd over a unix socket and runs from a data directory that holds no key at all.
+# Allow-lists may name a model (MODEL_ID=USER): one vaultd, two teams' models, each fetched only by its own user.
 # (In production vaultd runs as its own system user: docs/operations.md has the systemd units.)
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
@@ -60,4 +61,39 @@ if CODEMOAT_HOME="$SERVE_HOME" $CODEMOAT serve --vault "unix:$DEMO/vault-strict.
     --port "$(free_port)" 2>"$DEMO/err.txt" >/dev/null; then echo "!! accepted"; exit 1; fi
 printf '   refused: %s\n' "$(cat "$DEMO/err.txt")"
 kill $SERVER $VAULTD $STRICT 2>/dev/null || true
+wait 2>/dev/null || true
+SERVER=""
+
+say "one vaultd, two models, a list per model: uid $(id -u) gets $MODEL_ID only, another team (uid 4242) the other"
+ln -sf "$MODEL" "$DEMO/other-team.gguf"  # the same weights under another name: sealed, it is another model id
+$CODEMOAT vendor seal "$DEMO/other-team.gguf" --vendor "$V" --customer ACME --out "$DEMO/other.moat" --no-fingerprint --force >/dev/null
+$CODEMOAT vendor license issue --vendor "$V" --customer ACME --model "$DEMO/other.moat" \
+  --machine "$DEMO/acme-machine.json" --expires 30d --features complete --out "$DEMO/other.lic" --force >/dev/null
+OTHER_ID=$($CODEMOAT inspect "$DEMO/other.moat" --json | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["model_id"])')
+SCOPED="$DEMO/vault-scoped.sock"
+$CODEMOAT vaultd --socket "unix:$SCOPED" --model "$DEMO/acme.moat" --license "$DEMO/acme.lic" \
+  --model "$DEMO/other.moat" --license "$DEMO/other.lic" --allow-uid "$MODEL_ID=$(id -u)" --allow-uid "$OTHER_ID=4242" \
+  >"$DEMO/vaultd-scoped.log" 2>&1 &
+SCOPEDD=$!
+trap 'kill $SCOPEDD ${SERVER:-} 2>/dev/null || true' EXIT
+for _ in $(seq 300); do [[ -S "$SCOPED" ]] && break; sleep 0.1; done
+echo "   vaultd holds $MODEL_ID and $OTHER_ID: --allow-uid $MODEL_ID=$(id -u) --allow-uid $OTHER_ID=4242"
+echo " - serve --vault --model $OTHER_ID as uid $(id -u):"
+if CODEMOAT_HOME="$SERVE_HOME" $CODEMOAT serve --vault "unix:$SCOPED" --model "$OTHER_ID" \
+    --port "$(free_port)" 2>"$DEMO/err.txt" >/dev/null; then echo "!! accepted"; exit 1; fi
+printf '   refused: %s\n' "$(cat "$DEMO/err.txt")"
+echo " - serve --vault --model $MODEL_ID as uid $(id -u), from the same vaultd:"
+PORT=$(free_port)
+CODEMOAT_HOME="$SERVE_HOME" $CODEMOAT serve --vault "unix:$SCOPED" --model "$MODEL_ID" --port "$PORT" >"$DEMO/vaultd-scoped-serve.log" 2>&1 &
+SERVER=$!
+wait_healthy $PORT
+"$PY" - "$PORT" "$TOKEN" "$MODEL_ID" <<'PYEOF'
+import sys, httpx
+port, token, model = sys.argv[1:]
+c = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {token}"}, timeout=60)
+r = c.post("/v1/completions", json={"model": model, "prompt": "def add(a, b):\n", "max_tokens": 16, "temperature": 0})
+print(f"   HTTP {r.status_code}, completion from {model}:", repr(r.json()["choices"][0]["text"]))
+PYEOF
+grep -o "vaultd: refused .*" "$DEMO/vaultd-scoped.log" | sed 's/^/   vaultd log: /' | head -1
+kill $SERVER $SCOPEDD 2>/dev/null || true
 wait 2>/dev/null || true
