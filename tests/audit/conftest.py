@@ -1,4 +1,5 @@
-"""Fixtures for the audit tests: a fresh $CODEMOAT_HOME and a migrated SQLite database in it."""
+"""Fixtures for the audit tests: a fresh $CODEMOAT_HOME and a migrated SQLite database in it, its
+accounts and a token for each of trustapp's SCOPES."""
 
 from __future__ import annotations
 
@@ -44,3 +45,18 @@ def port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture
+def accounts(engine):
+    from codemoat.accounts import Accounts
+
+    return Accounts(engine)
+
+
+@pytest.fixture
+def tokens(accounts):
+    """trustapp's tokens (alice, bob, root, scraper): name -> its Authorization header."""
+    from .trustapp import make_tokens
+
+    return make_tokens(accounts)

@@ -7,30 +7,17 @@ from __future__ import annotations
 import logging
 import time
 
-import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
-from codemoat.accounts import Accounts
 from codemoat.config import Settings
 from codemoat.serve.prepare import INLINE_CHARS
 from codemoat.usage.tables import completions
 
 from .test_audit_trust import _uvicorn
-from .trustapp import make_app, make_tokens, records, tiny_llm
+from .trustapp import GREEDY, make_app, records, tiny_llm
 
-GREEDY = {"model": "tiny", "temperature": 0}
 llm = tiny_llm  # the module's engine (trustapp)
-
-
-@pytest.fixture
-def accounts(engine):
-    return Accounts(engine)
-
-
-@pytest.fixture
-def tokens(accounts):
-    return make_tokens(accounts)
 
 
 def _usage_rows(engine) -> int:

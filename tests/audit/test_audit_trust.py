@@ -17,22 +17,10 @@ from codemoat.audit import egress
 from codemoat.audit.egress import EgressBlocked
 from codemoat.config import Settings
 
-from .trustapp import Broken, Paced, db_bytes, make_app, make_tokens, records, tiny_llm
-
-GREEDY = {"model": "tiny", "temperature": 0}
+from .trustapp import GREEDY, Broken, Paced, db_bytes, make_app, records, tiny_llm
 
 
 llm = tiny_llm  # the module's engine (trustapp)
-
-
-@pytest.fixture
-def accounts(engine):
-    return Accounts(engine)
-
-
-@pytest.fixture
-def tokens(accounts):
-    return make_tokens(accounts)
 
 
 def client_for(settings: Settings, accounts: Accounts, llm, **kw) -> TestClient:

@@ -20,6 +20,7 @@ from codemoat.db import open_db
 from codemoat.engines.holder import ModelHolder
 from codemoat.serve.app import create_app
 
+GREEDY = {"model": "tiny", "temperature": 0}  # a request's fields for repeatable answers
 SCOPES = {"alice": ("complete", "chat"), "bob": ("complete", "chat"), "root": ("admin",), "scraper": ("metrics",)}
 
 
