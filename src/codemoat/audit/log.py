@@ -273,7 +273,7 @@ class AuditLog:
                 raise AuditUnavailable(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
             return None
         _ = self.signer  # load the key before taking the database's write lock
-        together = any(w.also is not None for w in batch)
+        extras = [w for w in batch if w.also is not None]  # written in the records' transaction
         for attempt in range(10):
             try:
                 with self.engine.begin() as c:
@@ -292,12 +292,11 @@ class AuditLog:
                         row["hash"] = prev = link_hash(seq, prev, body_hash(row))
                     c.execute(_INSERT_RECORDS, rows)
                     c.execute(_MOVE_TIP, {"seq": seq, "hash": prev})
-                    for w in batch if together else ():
-                        if w.also is not None:
-                            try:
-                                w.also(c)
-                            except Exception as e:
-                                raise _AlsoFailed(e) from e
+                    for w in extras:
+                        try:
+                            w.also(c)
+                        except Exception as e:
+                            raise _AlsoFailed(e) from e
                     self._last_seq = seq
                     signed, head_row = None, None
                     if self._sign_due(seq):
@@ -312,12 +311,12 @@ class AuditLog:
                             known={r["seq"]: r["hash"] for r in rows},
                         )
                 self._signed(signed, head_row)
-                for w in batch if together else ():
+                for w in extras:
                     w.also = None  # committed with the records
                 return head_row
             except _AlsoFailed as e:  # what goes with a record never costs the record: each is written after it, alone
                 log.warning("a write that goes with an audit record failed (%s); the records are written without it", e.__cause__)
-                together = False
+                extras = []
             except IntegrityError:
                 # SQLite reads the tip before its write lock: another writer (a replica) took the
                 # number, unless the tip did not move, in which case a record beyond it was put there
