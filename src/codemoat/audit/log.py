@@ -24,7 +24,8 @@ the signing key (the service account, or root) and rewrites and re-signs everyth
 exported off the machine before the rewrite is checked against it.
 
 The tables, the record hash and the signed messages are in `audit.chain`, which both this module
-and `audit.verify` import; they are re-exported here.
+and `audit.verify` import; they are re-exported here. When the head is signed, and signing it, is
+`audit.head_signing` (a mixin of `AuditLog`).
 """
 
 from __future__ import annotations
@@ -46,9 +47,9 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from ..errors import CodemoatError
 from . import signing
-from .heads import MAX_BATCH, AuditUnavailable, HeadFile, sign_tip, signed_head_row, tail_allowance
+from .head_signing import HeadSigning
+from .heads import MAX_BATCH, AuditUnavailable, sign_tip
 from .pgappend import PgAppender, Tampered
-from .timer import HeadTimer
 from .rows import KINDS, check_kind, normalise, parse_since, to_public
 from .chain import (  # re-exported: the chain's shape lives in `audit.chain`
     FIELDS,
@@ -120,7 +121,7 @@ class _AlsoFailed(Exception):
     """What a record's `also` raised, inside the transaction it shares with the records."""
 
 
-class AuditLog:
+class AuditLog(HeadSigning):
     """Append-only, hash-chained audit records over one SQLAlchemy engine (thread-safe)."""
 
     def __init__(
@@ -137,34 +138,15 @@ class AuditLog:
         self.engine = engine
         # PostgreSQL: the database links records (trigger `audit_chain`), one flush per group commit
         self._pg = PgAppender(engine) if engine.dialect.name == "postgresql" else None
-        self._signer = signer
-        self.checkpoint_every = max(1, checkpoint_every)
-        self.sign_every = max(1, sign_every)  # 1: every append returns with its record signed
-        self.sign_interval = max(0.001, sign_interval_ms / 1000)
         self.head_file = head_file
         self.verified_file = verified_file  # the verifier's memory (`audit.trusted`), not the writer's
         self._lock = threading.Lock()
         self._pending: list[_Pending] = []  # records waiting for the next group commit
         self._pending_lock = threading.Lock()
-        self._head_copy = HeadFile(head_file) if head_file is not None else None
         self._healthy = True
         self._probed_at = 0.0
         self.failure: str | None = None
-        self._signed_seq = 0  # the newest record this process knows to be signed
-        self._last_seq = 0  # the newest record this process wrote
-        self._seen_head = False  # a signed head was seen: a missing one was deleted
-        self._unsigned_since: float | None = None  # when this process first left a record unsigned
-        self._timer = HeadTimer(self)
-
-    @property
-    def signer(self) -> signing.Signer:
-        if self._signer is None:
-            self._signer = signing.load_signer()
-        return self._signer
-
-    @property
-    def tail_allowance(self) -> int:
-        return tail_allowance(self.sign_every)
+        self._init_signing(signer, checkpoint_every, sign_every, sign_interval_ms, head_file)
 
     # -- writing ------------------------------------------------------------------
     def append(self, kind: str = "request", *, also: Callable[[sa.Connection], Any] | None = None, **fields: Any) -> int:
@@ -223,40 +205,9 @@ class AuditLog:
         self._healthy, self.failure, self._probed_at = True, None, time.monotonic()
         for w in batch:
             w.seq, w.done = w.row["seq"], True
-        if self._signed_seq < batch[-1].seq and self._unsigned_since is None:
-            self._unsigned_since = time.monotonic()
-            self._timer.arm()
+        self._left_unsigned(batch[-1].seq)
         if head_row is not None:
             self._write_head_file(head_row)
-
-    def _sign_after(self, seq: int) -> dict[str, Any] | None:
-        """Sign after records up to `seq` were committed: a database error leaves them for the timer
-        (they are written; the request is served), a tampered log stops the writer."""
-        try:
-            return self._sign(wait=self.sign_every == 1, min_tail=self._min_tail())
-        except DBAPIError as e:
-            if self.sign_every == 1:
-                raise
-            log.warning("could not sign the audit head after record %d: %s", seq, str(e).splitlines()[0])
-            return None
-
-    def _min_tail(self) -> int:
-        """Sign a tail this long or longer: `sign_every`, or any once the interval has passed."""
-        since = self._unsigned_since
-        return 1 if since is not None and time.monotonic() - since >= self.sign_interval else self.sign_every
-
-    def _sign_due(self, seq: int) -> bool:
-        if seq <= self._signed_seq:  # the chain was rotated by another process: it starts again
-            self._signed_seq = 0
-        since = self._unsigned_since
-        return seq - self._signed_seq >= self.sign_every or (since is not None and time.monotonic() - since >= self.sign_interval)
-
-    def _signed(self, seq: int | None, head_row: dict[str, Any] | None) -> None:
-        """Note that records up to `seq` are signed (by this process when `head_row`, or by another)."""
-        if seq is not None and seq >= self._signed_seq:
-            self._signed_seq, self._seen_head = seq, self._seen_head or seq > 0
-            if seq >= self._last_seq:
-                self._unsigned_since = None
 
     def _append_locked(self, rows: list[dict[str, Any]], batch: list[_Pending] = ()) -> dict[str, Any] | None:
         """Write `rows`; on SQLite also their `batch`'s `also`s and the head when due, in the same
@@ -332,57 +283,6 @@ class AuditLog:
                 time.sleep(0.01 * (attempt + 1))
         raise AuditUnavailable("audit log busy: could not append after 10 attempts")
 
-    def _sign(self, *, wait: bool = True, min_tail: int = 1, reason: str | None = None) -> dict[str, Any] | None:
-        """Sign the tip in a transaction of its own (the new head row, or None when nothing was signed)."""
-        for attempt in range(10):
-            try:
-                with self.engine.begin() as c:
-                    signed, head_row = sign_tip(
-                        c,
-                        self.signer,
-                        checkpoint_every=self.checkpoint_every,
-                        min_tail=min_tail,
-                        reason=reason,
-                        wait=wait,
-                        head_expected=self._seen_head,
-                        allowance=self.tail_allowance,
-                    )
-                self._signed(signed, head_row)
-                return head_row
-            except IntegrityError:  # two replicas wrote the first head at once: the other one's stands
-                if not wait:
-                    return None
-            except DBAPIError as e:
-                if "locked" not in str(e).lower() or attempt == 9:
-                    raise
-                time.sleep(0.01 * (attempt + 1))
-        raise AuditUnavailable("audit log busy: could not sign the head after 10 attempts")
-
-    def _signed_head(self, seq: int, hash_: str, last_cp: int, ts_us: int) -> dict[str, Any]:
-        return signed_head_row(self.signer, seq, hash_, last_cp, ts_us)
-
-    def sign(self, reason: str | None = None) -> int | None:
-        """Sign the head at the chain's tip now (with a `reason`, a checkpoint there too); the seq signed."""
-        with self._lock:
-            try:
-                head_row = self._sign(reason=reason)
-            except DBAPIError as e:
-                raise AuditUnavailable(f"audit log cannot be signed: {type(e).__name__}: {str(e).splitlines()[0]}") from None
-        if head_row is not None:
-            self._write_head_file(head_row)
-        return self._signed_seq
-
-    def checkpoint(self, reason: str = "shutdown") -> int | None:
-        """Sign a checkpoint and the head at the chain's tip (at shutdown); None when there is nothing new."""
-        with self._lock:
-            with self.engine.connect() as c:
-                h = c.execute(sa.select(head.c.last_checkpoint).where(head.c.id == 1)).first()
-                t = c.execute(sa.select(tip.c.seq).where(tip.c.id == 1)).scalar()
-            if not t or (h is not None and h.last_checkpoint == t):
-                return None
-        self.sign(reason)
-        return t
-
     def close(self) -> None:
         """Sign what this process left unsigned and stop its timer (also run at interpreter exit)."""
         self._timer.stop()
@@ -390,10 +290,6 @@ class AuditLog:
             self.sign()
         if self._pg is not None:
             self._pg.close()
-
-    def _write_head_file(self, head_row: dict[str, Any]) -> None:
-        if self._head_copy is not None:
-            self._head_copy.write(head_row)
 
     def _mark_failed(self, why: str) -> None:
         self._healthy, self.failure = False, why

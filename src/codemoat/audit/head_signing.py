@@ -1,0 +1,156 @@
+"""When a writer signs the audit head, and signing it: the half of `AuditLog` that anchors the chain.
+
+An `AuditLog` (`audit.log`) links every record as it writes it; this mixin decides when the tip is
+signed and signs it. It keeps what this process knows: the newest record it wrote (`_last_seq`) and
+the newest it knows to be signed (`_signed_seq`, by itself or by another replica), and since when a
+record has been left unsigned (`_unsigned_since`). The head is due after `sign_every` records or
+once `sign_interval_ms` has passed with a record unsigned (`_sign_due`); on SQLite it is signed in
+the records' own transaction, on PostgreSQL right after it (`_sign_after`), and otherwise by the
+timer thread (`audit.timer`) or at shutdown (`checkpoint`, `close`). The SQL that locks the head
+row and signs the checkpoints and the head is `audit.heads.sign_tip`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import Engine
+from sqlalchemy.exc import DBAPIError, IntegrityError
+
+from . import signing
+from .chain import head, tip
+from .heads import AuditUnavailable, HeadFile, sign_tip, signed_head_row, tail_allowance
+from .timer import HeadTimer
+
+log = logging.getLogger("codemoat.audit")
+
+
+class HeadSigning:
+    """Signing the chain's tip for an `AuditLog`: the schedule, the head row, the head file's copy."""
+
+    engine: Engine
+    _lock: threading.Lock
+
+    def _init_signing(
+        self,
+        signer: signing.Signer | None,
+        checkpoint_every: int,
+        sign_every: int,
+        sign_interval_ms: float,
+        head_file: Path | None,
+    ) -> None:
+        self._signer = signer
+        self.checkpoint_every = max(1, checkpoint_every)
+        self.sign_every = max(1, sign_every)  # 1: every append returns with its record signed
+        self.sign_interval = max(0.001, sign_interval_ms / 1000)
+        self._head_copy = HeadFile(head_file) if head_file is not None else None
+        self._signed_seq = 0  # the newest record this process knows to be signed
+        self._last_seq = 0  # the newest record this process wrote
+        self._seen_head = False  # a signed head was seen: a missing one was deleted
+        self._unsigned_since: float | None = None  # when this process first left a record unsigned
+        self._timer = HeadTimer(self)
+
+    @property
+    def signer(self) -> signing.Signer:
+        if self._signer is None:
+            self._signer = signing.load_signer()
+        return self._signer
+
+    @property
+    def tail_allowance(self) -> int:
+        return tail_allowance(self.sign_every)
+
+    def _sign_after(self, seq: int) -> dict[str, Any] | None:
+        """Sign after records up to `seq` were committed: a database error leaves them for the timer
+        (they are written; the request is served), a tampered log stops the writer."""
+        try:
+            return self._sign(wait=self.sign_every == 1, min_tail=self._min_tail())
+        except DBAPIError as e:
+            if self.sign_every == 1:
+                raise
+            log.warning("could not sign the audit head after record %d: %s", seq, str(e).splitlines()[0])
+            return None
+
+    def _min_tail(self) -> int:
+        """Sign a tail this long or longer: `sign_every`, or any once the interval has passed."""
+        since = self._unsigned_since
+        return 1 if since is not None and time.monotonic() - since >= self.sign_interval else self.sign_every
+
+    def _sign_due(self, seq: int) -> bool:
+        if seq <= self._signed_seq:  # the chain was rotated by another process: it starts again
+            self._signed_seq = 0
+        since = self._unsigned_since
+        return seq - self._signed_seq >= self.sign_every or (since is not None and time.monotonic() - since >= self.sign_interval)
+
+    def _signed(self, seq: int | None, head_row: dict[str, Any] | None) -> None:
+        """Note that records up to `seq` are signed (by this process when `head_row`, or by another)."""
+        if seq is not None and seq >= self._signed_seq:
+            self._signed_seq, self._seen_head = seq, self._seen_head or seq > 0
+            if seq >= self._last_seq:
+                self._unsigned_since = None
+
+    def _sign(self, *, wait: bool = True, min_tail: int = 1, reason: str | None = None) -> dict[str, Any] | None:
+        """Sign the tip in a transaction of its own (the new head row, or None when nothing was signed)."""
+        for attempt in range(10):
+            try:
+                with self.engine.begin() as c:
+                    signed, head_row = sign_tip(
+                        c,
+                        self.signer,
+                        checkpoint_every=self.checkpoint_every,
+                        min_tail=min_tail,
+                        reason=reason,
+                        wait=wait,
+                        head_expected=self._seen_head,
+                        allowance=self.tail_allowance,
+                    )
+                self._signed(signed, head_row)
+                return head_row
+            except IntegrityError:  # two replicas wrote the first head at once: the other one's stands
+                if not wait:
+                    return None
+            except DBAPIError as e:
+                if "locked" not in str(e).lower() or attempt == 9:
+                    raise
+                time.sleep(0.01 * (attempt + 1))
+        raise AuditUnavailable("audit log busy: could not sign the head after 10 attempts")
+
+    def _signed_head(self, seq: int, hash_: str, last_cp: int, ts_us: int) -> dict[str, Any]:
+        return signed_head_row(self.signer, seq, hash_, last_cp, ts_us)
+
+    def sign(self, reason: str | None = None) -> int | None:
+        """Sign the head at the chain's tip now (with a `reason`, a checkpoint there too); the seq signed."""
+        with self._lock:
+            try:
+                head_row = self._sign(reason=reason)
+            except DBAPIError as e:
+                raise AuditUnavailable(f"audit log cannot be signed: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        if head_row is not None:
+            self._write_head_file(head_row)
+        return self._signed_seq
+
+    def checkpoint(self, reason: str = "shutdown") -> int | None:
+        """Sign a checkpoint and the head at the chain's tip (at shutdown); None when there is nothing new."""
+        with self._lock:
+            with self.engine.connect() as c:
+                h = c.execute(sa.select(head.c.last_checkpoint).where(head.c.id == 1)).first()
+                t = c.execute(sa.select(tip.c.seq).where(tip.c.id == 1)).scalar()
+            if not t or (h is not None and h.last_checkpoint == t):
+                return None
+        self.sign(reason)
+        return t
+
+    def _write_head_file(self, head_row: dict[str, Any]) -> None:
+        if self._head_copy is not None:
+            self._head_copy.write(head_row)
+
+    def _left_unsigned(self, seq: int) -> None:
+        """Records up to `seq` are committed: start the interval when they are the first left unsigned."""
+        if self._signed_seq < seq and self._unsigned_since is None:
+            self._unsigned_since = time.monotonic()
+            self._timer.arm()
