@@ -49,14 +49,12 @@ def current(name: str, root: Path | None = None) -> dict:
 
 def open_installed(name: str, root: Path | None = None, machine: MachineKey | None = None) -> InstalledAdapter:
     """The current version of installed adapter `name`, decrypted (refuses another machine's or a changed payload)."""
-    import json
+    from .store import read_installed
 
     machine = machine or MachineKey.load()
     cur = current(name, root)
-    folder = Path(cur["dir"])
     try:
-        manifest = json.loads((folder / "manifest.json").read_text())
-        blob = (folder / "payload.sealed").read_bytes()
+        manifest, blob = read_installed(Path(cur["dir"]))
     except (OSError, ValueError):
         raise CodemoatError(f"installed adapter {name!r} is damaged: run `codemoat update list`") from None
     data = open_payload(blob, manifest["keys"], machine, payload_context(manifest))

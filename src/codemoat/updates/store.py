@@ -63,6 +63,13 @@ def label(m: dict[str, Any]) -> str:
     return f"model {m['version']}" if m["kind"] == "model" else f"{m['kind']} {m['name']} {m['version']}"
 
 
+def read_installed(folder: Path) -> tuple[dict[str, Any], bytes]:
+    """An installed bundle's manifest.json and payload.sealed, read as the update state is (paths.read_own:
+    a FIFO or a symbolic link put in their place is refused in one line, not waited on or followed)."""
+    manifest = json.loads(paths.read_own(folder / "manifest.json", "bundle manifest", 16 << 20))
+    return manifest, paths.read_own(folder / "payload.sealed", "sealed payload", None)
+
+
 def support_end(body: dict[str, Any]) -> int:
     """When the license's support window ends; a license without `support_until` (issued before
     support contracts existed) is supported until it expires."""
@@ -369,8 +376,7 @@ class UpdateStore:
         return out
 
     def _index_pack(self, bundle_id: str, m: dict[str, Any], groups: list[str]) -> dict[str, Any]:
-        full = json.loads((self.root / "bundles" / bundle_id / "manifest.json").read_text())
-        blob = (self.root / "bundles" / bundle_id / "payload.sealed").read_bytes()
+        full, blob = read_installed(self.root / "bundles" / bundle_id)
         plain = open_payload(blob, full["keys"], self.machine, payload_context(full))
         return packs.import_pack(plain, full, groups)
 
