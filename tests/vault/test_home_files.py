@@ -222,12 +222,22 @@ def _crl_tmp(home: Path):
     return crl.installed_path(v.vendor_key_b64).with_suffix(".tmp"), install
 
 
+def _update_state_tmp(home: Path):
+    from codemoat.updates.store import UpdateStore
+    from codemoat.vault.machine import MachineKey
+
+    MachineKey.load_or_create()
+    store = UpdateStore()  # written as `update fail` writes it (no reconcile first to remove a planted file)
+    return store.root / "state.json.tmp", lambda: store._write_state(store.state())
+
+
 #: files codemoat opens to write in its home (a lock, a secret's temporary file) -> the call that does
 WRITES: dict[str, Callable[[Path], tuple[Path, Callable[[], Any]]]] = {
     "clock.json.lock": _clock_lock,
     "clock.json.tmp": _clock_tmp,
     "audit verified head's lock": _verified_lock,
     "crl/KEY.tmp": _crl_tmp,
+    "updates/state.json.tmp": _update_state_tmp,
 }
 
 

@@ -33,7 +33,7 @@ from .. import __version__, paths
 from ..errors import CodemoatError
 from ..vault.clock import ClockGuard, iso
 from ..vault.codec import b64e
-from ..vault.license import License, check_trusted_vendor
+from ..vault.license import MAX_FILE, License, check_trusted_vendor
 from ..vault.machine import MachineKey
 from ..vault.payload import open_payload
 from . import packs, payload
@@ -115,13 +115,19 @@ class UpdateStore:
         return s
 
     def _write_state(self, s: dict[str, Any]) -> None:
-        tmp = self.root / "state.json.tmp"
-        with open(tmp, "w") as f:
-            f.write(json.dumps(s, indent=2, sort_keys=True))
+        self._replace(self.state_path, json.dumps(s, indent=2, sort_keys=True).encode(), "journaled")
+
+    def _replace(self, path: Path, data: bytes, step: str | None = None) -> None:
+        """`path` replaced by `data` crash-safely: written to PATH.tmp (never through a link or into a FIFO
+        put there: paths.open_own), fsynced, renamed over `path`."""
+        tmp = path.with_name(path.name + ".tmp")
+        with os.fdopen(paths.open_own(tmp, "file codemoat writes", os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        _step("journaled")
-        os.replace(tmp, self.state_path)
+        if step:
+            _step(step)
+        os.replace(tmp, path)
         _fsync_dir(self.root)
 
     def audit(self, step: str, **detail: Any) -> None:
@@ -357,8 +363,7 @@ class UpdateStore:
         s["bundles"] = {k: v for k, v in s["bundles"].items() if k in live}
         self._write_state(s)
         if license_file is not None:
-            shutil.copyfile(license_file, self.root / "license.lic.tmp")
-            os.replace(self.root / "license.lic.tmp", self.license_path)
+            self._replace(self.license_path, paths.read_regular(license_file, "license file", MAX_FILE))
         _step("switched")
         out = {
             "bundle_id": m["bundle_id"],
