@@ -6,8 +6,8 @@ Indexes the installed sources of the named packages (site-packages; the bundled 
 them) in a fresh $CODEMOAT_HOME, runs `codemoat tune`'s own code for the time budget, and reports:
 held-out bits/byte of those repositories with and without the adapter, bits/byte on CPython
 held-out modules (forgetting), tune tokens/s, the adapter's size, and completion p50 through the
-llama.cpp engine with and without the adapter (interleaved, same prompts, greedy). Writes
-bench/results/tune.md.
+llama.cpp engine with and without the adapter (interleaved, same prompts, greedy). Writes its run
+as a new dated section at the top of bench/results/tune.md; every other section stays.
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ def main() -> None:
         return f"{(x - b) / b * 100:+.1f} %"
 
     lines = [
-        "# Tuning a LoRA adapter on customer code (bench/tune.py)",
+        f"## {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: {a.minutes:g} minutes on {a.repos}",
         "",
         f"Command: `.venv/bin/python bench/tune.py --minutes {a.minutes:g} --repos {a.repos} --rank {a.rank} --lr {a.lr:g} "
         f"--threads {a.threads} --eval-tokens {a.eval_tokens} --old-eval-tokens {a.old_eval_tokens} --infill-lines {a.infill_lines} --replay {a.replay:g} "
@@ -187,8 +187,23 @@ def main() -> None:
         "",
         "Goals: " + "; ".join(f"{name} **{'met' if ok else 'missed'}**" for name, ok in _goals(e, p50)) + ".",
     ]
-    Path(a.out).write_text("\n".join(lines) + "\n")
+    out = Path(a.out)
+    out.write_text(merge(out.read_text() if out.exists() else "", "\n".join(lines)))
     print("\n".join(lines))
+
+
+TITLE = "# Tuning a LoRA adapter on customer code (bench/tune.py)"
+
+
+def merge(old: str, new: str) -> str:
+    """The results file: the title, this run's section (`new`, headed `## <when>: ...`) first, then
+    everything `old` had below its title as it was (earlier runs, notes and experiment tables written
+    by hand); an old section with this run's very heading is replaced."""
+    head = new.split("\n", 1)[0]
+    body = old.split("\n", 1)[1] if old.startswith(TITLE) else old
+    parts = ("\n" + body).split("\n## ")
+    kept = [parts[0].strip("\n")] + ["## " + p.strip("\n") for p in parts[1:] if "## " + p.split("\n", 1)[0] != head]
+    return "\n\n".join([TITLE, new.strip("\n"), *(k for k in kept if k)]) + "\n"
 
 
 def _goals(e: dict, p50: dict) -> list[tuple[str, bool]]:
