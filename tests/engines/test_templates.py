@@ -2,13 +2,8 @@
 
 import pytest
 
-from codemoat.engines.templates import (
-    FIM_TEMPLATES,
-    ChatTemplate,
-    FileSnippet,
-    chat_template_for,
-    detect_fim,
-)
+from codemoat.engines.chat_templates import ChatTemplate, chat_template_for
+from codemoat.engines.templates import FIM_TEMPLATES, FileSnippet, detect_fim
 from codemoat.errors import CodemoatError
 
 

@@ -17,7 +17,8 @@ from codemoat.db import open_db
 from codemoat.engines.base import SamplingParams
 from codemoat.engines.holder import ModelHolder
 from codemoat.engines.llamacpp import LlamaCppEngine
-from codemoat.engines.templates import FIM_TEMPLATES, FileSnippet, Part, chat_template_for
+from codemoat.engines.chat_templates import chat_template_for
+from codemoat.engines.templates import FIM_TEMPLATES, FileSnippet, Part
 from codemoat.errors import CodemoatError
 from codemoat.serve import prompts
 from codemoat.serve.app import create_app

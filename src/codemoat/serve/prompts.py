@@ -23,7 +23,8 @@ from collections.abc import Callable
 
 from ..audit.redact import find_secrets, screen
 from ..engines.base import Engine, PromptTooLong
-from ..engines.templates import ChatTemplate, FileSnippet, FimTemplate, Part, comment_for, text_of
+from ..engines.chat_templates import ChatTemplate
+from ..engines.templates import FileSnippet, FimTemplate, Part, comment_for, text_of
 from ..retrieve.fit import split_room
 
 # Text is cut to n_ctx * HEAD_CHARS characters (the prefix's end, the suffix's start, a message's

@@ -21,7 +21,8 @@ from fastapi import Request
 from ..config import Settings
 from ..engines.base import Chunk, Completion, Engine, SamplingParams
 from ..engines.holder import ModelHolder
-from ..engines.templates import chat_template_for, detect_fim
+from ..engines.chat_templates import chat_template_for
+from ..engines.templates import detect_fim
 from ..errors import CodemoatError, Forbidden, NotFound
 from .admission import FairSlots
 from .hangup import ClientGone, unless_gone
