@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any
 
 import anyio
@@ -44,6 +45,10 @@ def parse_json(raw: bytes) -> Any:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         msg = e.msg if isinstance(e, json.JSONDecodeError) else "not UTF-8"
         raise CodemoatError(f"request body is not valid JSON: {msg}") from None
+    except ValueError:  # CPython's cap on an int's digits (CVE-2020-10735), a plain ValueError
+        raise CodemoatError(
+            f"request body is not valid JSON: a number has more than {sys.get_int_max_str_digits():,} digits"
+        ) from None
     except RecursionError:  # the decoder's own depth limit: an attacker's [[[[...]]]] is a 400, not a 500
         raise CodemoatError("request body is not valid JSON: nested too deeply") from None
     if not isinstance(body, dict):
