@@ -87,6 +87,29 @@ def test_a_forged_revoked_answer_is_an_outage_not_a_revocation(vendor, machine, 
     assert keeper.state == "held" and events[-1] == "regained"
 
 
+@pytest.mark.parametrize("answer", [b"[" * 100_000, b'{"lease": ' * 5_000], ids=["array", "object"])
+def test_an_answer_nested_past_the_decoders_limit_is_an_outage_that_ends_at_ttl_plus_grace(
+    vendor, machine, model, tmp_path, proxied, answer
+):
+    """The customer's own proxy answers every renewal with JSON nested deeper than the decoder goes. r.json()
+    raised RecursionError, which is not the ValueError lease._post turned into Unreachable; it went up
+    through tick() to the keeper thread's catch-all, which noted it and looped without counting a failed
+    renewal: the state stayed "held", the TTL + grace deadline was never checked, and the model served
+    on for good after its lease ran out (a revoked license too: its refusal never got through)."""
+    lic = _license(vendor, model, tmp_path / "a", machine, proxied.url)
+    clock, events = ManualClock(), []
+    keeper = _keeper(lic, machine, clock, events)
+    proxied.mode["answer"] = (200, answer)
+    clock.advance(5)
+    keeper.tick()
+    assert keeper.state == "renewing" and events == [] and "without JSON" in keeper.last_error
+    with pytest.raises(Unreachable):
+        LeaseClient(lic, machine).acquire()
+    clock.advance(10.5)  # past TTL + grace
+    keeper.tick()
+    assert keeper.state == "lost" and len(events) == 1 and "could not be renewed" in events[0]
+
+
 def test_a_genuine_revocation_through_the_proxy_still_ends_serving_at_once(vendor, machine, model, tmp_path, proxied):
     lic = _license(vendor, model, tmp_path / "a", machine, proxied.url, lease_ttl=60, grace=600)
     clock, events = ManualClock(), []

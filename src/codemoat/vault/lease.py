@@ -154,7 +154,7 @@ class LeaseClient:
         record_outbound(url, "POST", None, r.status_code, rid)
         try:
             data = r.json()
-        except ValueError:
+        except (ValueError, RecursionError):  # nested past the decoder's limit too: not an answer, an outage
             raise Unreachable(f"key server at {self.url} answered {r.status_code} without JSON") from None
         if r.status_code != 200:
             raise self._refusal(data, r.status_code, nonce, payload.get("machine_id"))
