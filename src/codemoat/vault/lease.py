@@ -351,9 +351,9 @@ class LeaseKeeper:
                     self.state = "revoked"
                     self.on_lost(f"license {e.code.replace('_', ' ')}: {e}")
                     return
-            except VaultError as e:
-                self.last_error, self.failures = str(e), self.failures + 1
-                self.next_attempt = now + self.retry_interval()
+            except Exception as e:  # not only VaultError: whatever an answer raises is a failed renewal, never "held" on
+                self.last_error = str(e) if isinstance(e, VaultError) else f"{type(e).__name__}: {e}"
+                self.failures, self.next_attempt = self.failures + 1, now + self.retry_interval()
             else:
                 self.lease, self.last_error, self.renewals = lease, None, self.renewals + 1
                 self.failures, self.renewed_at = 0, self.clock.time()
