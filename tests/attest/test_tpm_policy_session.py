@@ -19,14 +19,14 @@ def _ident(tcti: str) -> dict:
 
 
 def _sessions(a: TpmAttestor) -> list[int]:
-    """Count the policy sessions `a` starts (the real call still runs)."""
-    real, n = a.ctx.start_auth_session, [0]
+    """Count the policy sessions `a` starts (TPM2_StartAuthSession, sent by attest.tpmcmd; the real call still runs)."""
+    real, n = a._cmd.start_policy_session, [0]
 
     def counting(*args, **kw):
         n[0] += 1
         return real(*args, **kw)
 
-    a.ctx.start_auth_session = counting
+    a._cmd.start_policy_session = counting
     return n
 
 

@@ -18,6 +18,10 @@ fails for good) but cannot set it back.
 
 The TCTI is a tpm2-tss string: `device:/dev/tpmrm0` on a host, `swtpm:host=127.0.0.1,port=P` in
 tests. Without a resource manager (swtpm's socket) every transient handle is flushed here.
+
+What an offline start asks of the chip (the CRL counter, the unwrap key, the policy session, PolicyPCR,
+PolicyNV, ECDH_ZGen) goes through `attest.tpmcmd`, as bytes on the same TCTI: tpm2-tss 3.2.1's ESAPI spends
+about 2 ms of client CPU on each ECDH_ZGen's session crypto, which proves nothing for these sessions.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import os
 from typing import Any
 
 from .base import AttestError, Quote
+from .tpmcmd import RC_NV_UNINITIALIZED, RH_ENDORSEMENT, Commands, TpmRc, ecc_der, tpm2b, unwrap_template
 
 DEVICE_TCTI = "device:/dev/tpmrm0"
 BANK = "sha256"
@@ -65,18 +70,26 @@ class TpmAttestor:
     def __init__(self, tcti: str = DEVICE_TCTI):
         self.tcti = tcti
         self._ctx: Any = None
-        self._unwrap_keys: dict[str, tuple[Any, Any]] = {}  # policy digest -> (handle, public), flushed on exit
-        self._latch_handles: dict[int, Any] = {}  # NV index -> ESYS handle of the tamper latch, per connection
-        self._policy_session: Any = None  # zgen's policy session, kept for the next zgen on this connection
+        self._tcti: Any = None
+        self._cmd: Any = None  # tpmcmd.Commands on the same TCTI
+        self._unwrap_keys: dict[str, tuple[Any, Any]] = {}  # policy digest -> (ESYS handle, public): identity's
+        self._raw_keys: dict[str, tuple[int, str]] = {}  # policy digest -> (TPM handle, DER hex): the unwraps'
+        self._latches_seen: set[int] = set()  # tamper latch indexes whose name was checked on this connection
+        self._policy_session: int | None = None  # zgen's policy session (TPM handle), kept for the next zgen
 
     # -- connection ---------------------------------------------------------
     def __enter__(self) -> TpmAttestor:
         pt = _pt()
         name, _, conf = self.tcti.partition(":")
         try:
-            self._ctx = pt.ESAPI(pt.TCTILdr(name, conf))
+            self._tcti = pt.TCTILdr(name, conf)
+            self._ctx = pt.ESAPI(self._tcti)
         except Exception as e:  # TSS2_Exception and friends: one line, never a traceback
+            if self._tcti is not None:
+                self._tcti.close()
+                self._tcti = None
             raise AttestError(f"cannot reach the TPM at {self.tcti!r}: {e}") from None
+        self._cmd = Commands(self._tcti)
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -84,14 +97,23 @@ class TpmAttestor:
             try:
                 for h, _ in self._unwrap_keys.values():
                     self._ctx.flush_context(h)
+                raw = [h for h, _ in self._raw_keys.values()]
                 if self._policy_session is not None:
-                    self._ctx.flush_context(self._policy_session)
+                    raw.append(self._policy_session)
+                for h in raw:
+                    try:
+                        self._raw(self._cmd.flush, h)
+                    except TpmRc:
+                        pass  # already gone (a session the chip ended)
             finally:
                 self._policy_session = None
                 self._unwrap_keys.clear()
-                self._latch_handles.clear()
+                self._raw_keys.clear()
+                self._latches_seen.clear()
                 self._ctx.close()
                 self._ctx = None
+                self._tcti.close()  # ESAPI does not close a TCTI it was given (a device TCTI's fd stayed open)
+                self._tcti = self._cmd = None
 
     @property
     def ctx(self) -> Any:
@@ -116,25 +138,36 @@ class TpmAttestor:
         pcr_selection(policy["pcrs"])
         return pcr_policy_digest(policy)
 
-    def _policy_latch(self, sess: Any, policy: dict[str, Any]) -> None:
+    def _raw(self, fn: Any, *args: Any) -> Any:
+        """A `tpmcmd` command; TpmRc passes through, a TCTI failure or a malformed answer is one line."""
+        try:
+            return fn(*args)
+        except TpmRc:
+            raise
+        except Exception as e:  # TSS2_Exception from the TCTI, struct.error from a short answer
+            raise AttestError(f"the TPM at {self.tcti!r} did not answer: {e}") from None
+
+    def _latch_present(self, index: int) -> bool:
+        """The tamper latch is in this chip (its name checked as `_counter` checks it), once per connection."""
+        if index not in self._latches_seen:
+            if not self._nv_ok(index, "tamper latch"):
+                return False
+            self._latches_seen.add(index)
+        return True
+
+    def _policy_latch(self, sess: int, policy: dict[str, Any]) -> None:
         """TPM2_PolicyNV: the tamper latch holds the policy's count (policies made before it had none)."""
         latch = policy.get("latch")
         if latch is None:
             return
-        pt = _pt()
-        h = self._latch_handles.get(latch["index"])
-        if h is None:
-            h = self._latch_handles[latch["index"]] = self._counter(latch["index"], create=False, what="tamper latch")
-        if h is None:
+        if not self._latch_present(latch["index"]):
             raise AttestError(
                 f"this TPM has no tamper latch at NV index {latch['index']:#x} (another TPM than the license's, or the "
                 "latch was deleted with owner authorization): the key cannot be unwrapped here"
             )
         try:
-            self.ctx.policy_nv(
-                h, h, sess, pt.TPM2B_OPERAND(latch["count"].to_bytes(8, "big")), pt.TPM2_EO.EQ, 0, session1=pt.ESYS_TR.PASSWORD
-            )
-        except pt.TSS2_Exception:
+            self._raw(self._cmd.policy_nv, sess, latch["index"], latch["count"].to_bytes(8, "big"))
+        except TpmRc:
             raise AttestError(
                 f"the TPM refused to unwrap: its tamper latch has counted a tamper event since provisioning (count "
                 f"{latch['count']} expected; it survives reboots): the vendor must reprovision"
@@ -146,9 +179,24 @@ class TpmAttestor:
         ck = ",".join(map(str, sorted(policy["pcrs"]))) + ":" + policy["digest"] + ":" + repr(policy.get("latch"))
         got = self._unwrap_keys.get(ck)
         if got is None:
-            tmpl = pt.TPM2B_PUBLIC.parse("ecc256", objectAttributes=self._attrs("DECRYPT"), authPolicy=self.policy_digest(policy))
+            tmpl, _ = pt.TPM2B_PUBLIC.unmarshal(tpm2b(unwrap_template(self.policy_digest(policy), pt) + b"\0\0\0\0"))
             h, pub, *_ = self.ctx.create_primary(None, tmpl, pt.ESYS_TR.ENDORSEMENT)
             got = self._unwrap_keys[ck] = (h, pub)
+        return got
+
+    def _raw_unwrap(self, policy: dict[str, Any]) -> tuple[int, str]:
+        """The unwrap key for `policy` as `_unwrap_key` derives it, through `tpmcmd`: (TPM handle, DER hex), once per
+        connection (flushed by `__exit__`)."""
+        ck = ",".join(map(str, sorted(policy["pcrs"]))) + ":" + policy["digest"] + ":" + repr(policy.get("latch"))
+        got = self._raw_keys.get(ck)
+        if got is None:
+            head = unwrap_template(self.policy_digest(policy), _pt())
+            try:
+                h, area = self._raw(self._cmd.create_primary, RH_ENDORSEMENT, tpm2b(head + b"\0\0\0\0"))
+            except TpmRc as e:
+                raise AttestError(f"the TPM could not derive its unwrap key: {e}") from None
+            self._raw_keys[ck] = (h, "")  # flushed by __exit__ whatever follows
+            got = self._raw_keys[ck] = (h, ecc_der(head, area))
         return got
 
     def _ak(self) -> tuple[Any, Any]:
@@ -178,15 +226,18 @@ class TpmAttestor:
     def tamper_count(self) -> int:
         """The tamper latch's count (defined and counted once on first use: a counter is unreadable before)."""
         h = self._counter(TAMPER_NV_INDEX, create=True, what="tamper latch")
-        got = self._read_counter(h)
+        got = self._read_counter(TAMPER_NV_INDEX)
         if got is None:
-            got = self._count_up(h, "cannot start the TPM's tamper latch")
+            got = self._count_up(h, TAMPER_NV_INDEX, "cannot start the TPM's tamper latch")
         return got
 
     def crl_count(self, create: bool = False) -> int | None:
         """The CRL counter's value; None when it was never defined (with `create`: defined and counted once)."""
-        h = self._counter(CRL_NV_INDEX, create=create, what="CRL counter")
-        got = None if h is None else self._read_counter(h)
+        if create:
+            self._counter(CRL_NV_INDEX, create=True, what="CRL counter")
+        elif not self._nv_ok(CRL_NV_INDEX, "CRL counter"):
+            return None
+        got = self._read_counter(CRL_NV_INDEX)
         if got is None and create:
             return self.crl_count_up()
         return got
@@ -194,31 +245,49 @@ class TpmAttestor:
     def crl_count_up(self) -> int:
         """Count one CRL install; the counter's new value."""
         h = self._counter(CRL_NV_INDEX, create=True, what="CRL counter")
-        return self._count_up(h, "the TPM could not count the CRL install")
+        return self._count_up(h, CRL_NV_INDEX, "the TPM could not count the CRL install")
 
-    def _count_up(self, h: Any, failed: str) -> int:
-        """Increment the NV counter `h`; its new value (`failed` starts the one-line error)."""
+    def _count_up(self, h: Any, index: int, failed: str) -> int:
+        """Increment the NV counter `h` (at `index`); its new value (`failed` starts the one-line error)."""
         try:
             self.ctx.nv_increment(h, auth_handle=h)
         except _pt().TSS2_Exception as e:
             raise AttestError(f"{failed}: {e}") from None
-        return self._read_counter(h) or 0
+        return self._read_counter(index) or 0
 
-    def _read_counter(self, h: Any) -> int | None:
-        pt = _pt()
+    def _read_counter(self, index: int) -> int | None:
+        """The 8-byte NV counter at `index`; None when it was never incremented."""
         try:
-            return int.from_bytes(bytes(self.ctx.nv_read(h, 8, 0, auth_handle=h)), "big")
-        except pt.TSS2_Exception as e:
-            if (e.rc & 0xFFF) == 0x14A:  # TPM_RC_NV_UNINITIALIZED: never incremented
+            return int.from_bytes(self._raw(self._cmd.nv_read, index, 8), "big")
+        except TpmRc as e:
+            if (e.rc & 0xFFF) == RC_NV_UNINITIALIZED:
                 return None
             raise AttestError(f"cannot read the TPM's NV counter: {e}") from None
+
+    def _nv_ok(self, index: int, what: str) -> bool:
+        """Whether codemoat's NV counter at `index` is defined (False when the chip has no such index); an index of
+        another kind there is refused, as `_counter` refuses it."""
+        from ..vault.tpmwrap import counter_name
+
+        try:
+            name = self._raw(self._cmd.nv_read_public, index)
+        except TpmRc:
+            return False
+        if name not in (counter_name(index), counter_name(index, written=False)):
+            raise AttestError(
+                f"NV index {index:#x} is not codemoat's {what} (another kind of index was defined "
+                "there: the counter was undefined and replaced)"
+            )
+        return True
 
     def tamper(self, pcr: int, data: bytes) -> int:
         """A tamper event: extend `pcr` (ends serving now) and count it in the latch (survives a reboot);
         the latch's new count."""
         self.extend(pcr, data)
         h = self._counter(TAMPER_NV_INDEX, create=True, what="tamper latch")
-        return self._count_up(h, f"the TPM could not count the tamper event in its latch (PCR {pcr} was extended)")
+        return self._count_up(
+            h, TAMPER_NV_INDEX, f"the TPM could not count the tamper event in its latch (PCR {pcr} was extended)"
+        )
 
     def identity(self, pcrs: list[int]) -> dict[str, Any]:
         """Public keys (DER SubjectPublicKeyInfo, hex), the EK certificate where present, and the policy."""
@@ -314,12 +383,9 @@ class TpmAttestor:
         """The unwrap key this chip derives for `policy` (DER hex): equal to a license's only on the same chip
         ("" when this chip has no tamper latch to derive it with: another chip)."""
         latch = policy.get("latch")
-        if latch is not None:
-            h = self._counter(latch["index"], create=False, what="tamper latch")
-            if h is None:
-                return ""
-            self._latch_handles[latch["index"]] = h  # zgen's TPM2_PolicyNV needs it next: one NV_ReadPublic fewer
-        return self._unwrap_key(policy)[1].to_der().hex()
+        if latch is not None and not self._latch_present(latch["index"]):
+            return ""
+        return self._raw_unwrap(policy)[1]
 
     def _start_policy_session(self) -> Any:
         pt = _pt()
@@ -342,29 +408,35 @@ class TpmAttestor:
         """Start the next zgen's policy session now (a start does it while the license is still being checked).
         It grants nothing by itself: zgen runs PolicyPCR and PolicyNV on it at the unwrap."""
         if self._policy_session is None:
-            self._policy_session = self._start_policy_session()
+            self._policy_session = self._new_policy_session()
+
+    def _new_policy_session(self) -> int:
+        try:
+            return self._raw(self._cmd.start_policy_session)
+        except TpmRc as e:
+            raise AttestError(f"the TPM could not start a policy session: {e}") from None
 
     def zgen(self, policy: dict[str, Any], point: bytes) -> bytes:
         """ECDH's Z (the x coordinate) of the unwrap key and an uncompressed P-256 `point`, in the chip."""
-        pt = _pt()
+        from ..vault.tpmwrap import pcr_bitmap
+
         if len(point) != 65 or point[0] != 4:
             raise AttestError("ECDH point must be an uncompressed P-256 point")
-        c = self.ctx
-        h, _ = self._unwrap_key(policy)
+        pcr_selection(policy["pcrs"])
+        h, _ = self._raw_unwrap(policy)
         # A start unwraps two keys (content, watermark): the second reuses the first's policy session, two TPM
-        # commands fewer (StartAuthSession, FlushContext). ESAPI sessions continue after use, and the chip resets
+        # commands fewer (StartAuthSession, FlushContext). The session continues after use, and the chip resets
         # a used policy session's digest, so each use runs PolicyPCR and PolicyNV again; a session whose use failed
         # is flushed, never kept.
         sess, self._policy_session, kept = self._policy_session, None, False
         if sess is None:
-            sess = self._start_policy_session()
+            sess = self._new_policy_session()
         try:
-            c.policy_pcr(sess, b"", pcr_selection(policy["pcrs"]))  # the chip's current values
+            self._raw(self._cmd.policy_pcr, sess, pcr_bitmap(policy["pcrs"]))  # the chip's current values
             self._policy_latch(sess, policy)  # the tamper latch still at its provisioned count
-            ecc = pt.TPM2B_ECC_POINT(pt.TPMS_ECC_POINT(x=point[1:33], y=point[33:]))
             try:
-                out = c.ecdh_zgen(h, ecc, session1=sess)
-            except pt.TSS2_Exception as e:
+                out = self._raw(self._cmd.ecdh_zgen, h, sess, point, True)
+            except TpmRc as e:
                 # TPM_RC_POLICY_FAIL = RC_FMT1 + 0x01D (Part 2 §6.6.3); bits 6 and 8-11 name the session
                 if (e.rc & 0x80) and (e.rc & 0x3F) == 0x1D:
                     raise AttestError(
@@ -373,10 +445,13 @@ class TpmAttestor:
                     ) from None
                 raise AttestError(f"the TPM refused to unwrap: {e}") from None
             self._policy_session, kept = sess, True
-            return bytes(out.point.x)
+            return out
         finally:
             if not kept:
-                c.flush_context(sess)
+                try:
+                    self._raw(self._cmd.flush, sess)
+                except TpmRc:
+                    pass  # already gone
 
     def quote(self, policy: dict[str, Any], data: bytes) -> Quote:
         """TPM2_Quote by the AK over the policy's PCRs, with `data` (at most 64 bytes) as qualifyingData; when
