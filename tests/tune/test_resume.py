@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.tune.test_tune import PAY, _index
+from tests.tune.test_tune import PAY, _index, tune_options
 
 
 class Killed(BaseException):
@@ -18,21 +18,7 @@ class Killed(BaseException):
 
 
 def _opts(out: Path, tiny: Path, **kw):
-    from codemoat.tune.trainer import TuneOptions
-
-    base = dict(
-        repos=["payments"],
-        out=out,
-        base=tiny,
-        steps=6,
-        rank=4,
-        batch_size=1,
-        n_ctx=64,
-        eval_tokens=100,
-        threads=1,
-        infill_lines=2,
-    )
-    return TuneOptions(**{**base, **kw, "checkpoint_steps": 3})
+    return tune_options(out, tiny, **{"steps": 6, "threads": 1, **kw, "checkpoint_steps": 3})
 
 
 def _lora(out: Path) -> dict[str, np.ndarray]:

@@ -13,7 +13,7 @@ import pytest
 
 from codemoat.errors import CodemoatError
 from tests.conftest import run_cli
-from tests.tune.test_tune import PAY, _index
+from tests.tune.test_tune import PAY, _index, tune_options
 
 
 def _license(v, moat: Path, out: Path) -> Path:
@@ -33,23 +33,9 @@ def _license(v, moat: Path, out: Path) -> Path:
 
 def _tune(tmp_path: Path, base: Path, out: str, license: Path | None = None) -> Path:
     """A two-step tune of the payments repo (indexed by the test) on `base`, written to tmp_path / out."""
-    from codemoat.tune.trainer import TuneOptions, tune
+    from codemoat.tune.trainer import tune
 
-    tune(
-        TuneOptions(
-            repos=["payments"],
-            out=tmp_path / out,
-            base=base,
-            license=license,
-            steps=2,
-            rank=4,
-            batch_size=1,
-            n_ctx=64,
-            eval_tokens=100,
-            threads=2,
-            infill_lines=2,
-        )
-    )
+    tune(tune_options(tmp_path / out, base, license=license))
     return tmp_path / out
 
 

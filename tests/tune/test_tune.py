@@ -37,6 +37,14 @@ def _index(tmp_path: Path, name: str, files: dict[str, str], groups: list[str]) 
     return root
 
 
+def tune_options(out: Path, base: Path, **overrides):
+    """`TuneOptions` for a short tune of the payments repo on `base`: the tests' small sizes, `overrides` win."""
+    from codemoat.tune.trainer import TuneOptions
+
+    small = dict(repos=["payments"], out=out, base=base, steps=2, rank=4, batch_size=1, n_ctx=64)
+    return TuneOptions(**{**small, "eval_tokens": 100, "threads": 2, "infill_lines": 2, **overrides})
+
+
 def test_corpus_holds_only_the_named_repositories(tmp_path):
     _index(tmp_path, "payments", PAY, ["payments"])
     _index(tmp_path, "ops", SECRET, ["ops"])
@@ -96,27 +104,12 @@ def test_tune_end_to_end(tmp_path, tiny_gguf):
 
     from codemoat.tune.base import file_sha256
     from codemoat.engines.adapters import open_adapter
-    from codemoat.tune.trainer import TuneOptions, tune
+    from codemoat.tune.trainer import tune
 
     _index(tmp_path, "payments", PAY, ["payments", "finance"])
     _index(tmp_path, "ops", SECRET, ["ops"])
     out = tmp_path / "pay.moat"
-    res = tune(
-        TuneOptions(
-            repos=["payments"],
-            out=out,
-            base=tiny_gguf,
-            steps=3,
-            rank=4,
-            batch_size=1,
-            n_ctx=128,
-            eval_tokens=200,
-            old_eval_tokens=100,
-            threads=2,
-            lr=5e-3,
-            infill_lines=4,
-        )
-    )
+    res = tune(tune_options(out, tiny_gguf, steps=3, n_ctx=128, eval_tokens=200, old_eval_tokens=100, lr=5e-3, infill_lines=4))
     a = open_adapter(out)
     assert a.meta["base"]["sha256"] == file_sha256(tiny_gguf)
     assert a.meta["repos"] == [{"name": "payments", "groups": ["finance", "payments"]}]
