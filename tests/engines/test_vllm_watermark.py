@@ -107,3 +107,23 @@ def test_green_rows_are_cached_and_stay_exact(monkeypatch):
             ref = WatermarkProcessor(k)([1, *outs[i]], before[i].numpy().astype(np.float32))
             np.testing.assert_allclose(after[i].numpy(), ref, rtol=0, atol=1e-5)
         assert len(calls) == 1  # the first step: one PRF call for both previous tokens; the second: none
+
+
+def test_the_v1_model_runner_is_pinned_whatever_the_environment_says(monkeypatch):
+    """vLLM's Model Runner V2 refuses WatermarkLogits at start-up (another processor interface): the
+    engine pins the V1 runner for itself and its spawned processes, even when the operator asked for V2.
+    (tests/engines/test_vllm_engine.py's server is started with VLLM_USE_V2_MODEL_RUNNER=1 and serves.)"""
+    import vllm.envs as envs
+    from vllm.v1.worker.gpu.sample.logits_processor import build_custom_logits_processors_params_validator
+
+    from codemoat.engines.vllm_watermark import QUALNAME, RUNNER_ENV, pin_v1_runner
+
+    with pytest.raises(ValueError, match="not a subclass"):  # why the pin: V2 loads only its own interface
+        build_custom_logits_processors_params_validator((QUALNAME,))
+    for asked in ("1", "true", None):
+        if asked is None:
+            monkeypatch.delenv(RUNNER_ENV, raising=False)
+        else:
+            monkeypatch.setenv(RUNNER_ENV, asked)
+        pin_v1_runner()
+        assert os.environ[RUNNER_ENV] == "0" and envs.VLLM_USE_V2_MODEL_RUNNER is False

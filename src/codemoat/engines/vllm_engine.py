@@ -86,8 +86,9 @@ class VllmEngine(HfModel, Engine):
     ):
         AsyncEngineArgs, AsyncLLM = _vllm()
 
-        from .vllm_watermark import QUALNAME
+        from .vllm_watermark import QUALNAME, pin_v1_runner
 
+        pin_v1_runner()  # the watermark is a V1-runner logits processor (engines.vllm_watermark)
         folder = Path(folder)
         self._on_close = on_close
         self._lora: Any = None  # vllm_lora.LoraHandoff when adapters are served

@@ -11,13 +11,19 @@ cache of (key, prev) rows (one key serves a licence's every request, and code re
 tokens), else from one PRF call per key for all missing rows (AES from `trace`: the same green lists
 as llama.cpp's `WatermarkProcessor`).
 
-This is the V1 sampler's interface (`vllm.v1.sample.logits_processor.LogitsProcessor`), which the
-CPU build runs; vLLM's GPU Model Runner V2 has its own interface, not implemented here (pin the
-V1 runner on GPUs: `VLLM_USE_V2_MODEL_RUNNER=0`).
+This is the V1 model runner's interface (`vllm.v1.sample.logits_processor.LogitsProcessor`).
+vLLM's Model Runner V2 (its default on GPUs with Triton; it needs Triton, so CPUs run V1) loads
+only processors of its own interface (`vllm.v1.worker.gpu.sample.logits_processor.LogitsProcessor`:
+`add_request`, `apply(logits, ctx)` over `ctx.expanded_idx_mapping`) and refuses this class at
+start-up. That interface is not implemented here: it could not be run on this project's CPU-only
+machines. So the engine pins the V1 runner (`pin_v1_runner`: `VLLM_USE_V2_MODEL_RUNNER=0` for the
+server and the processes vLLM spawns, whatever the operator's environment said).
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from typing import Any
 
 import torch
@@ -25,6 +31,19 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDi
 
 WATERMARK_ARG = "codemoat_watermark_key"
 QUALNAME = "codemoat.engines.vllm_watermark:WatermarkLogits"
+#: vLLM's switch between its model runners (unset: V2 where Triton is, else V1)
+RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"
+
+log = logging.getLogger("codemoat.engines")
+
+
+def pin_v1_runner() -> None:
+    """vLLM's V1 model runner, whose logits processor interface `WatermarkLogits` implements, for this
+    process and the ones vLLM spawns from it (they inherit the environment): see the module's text."""
+    asked = os.environ.get(RUNNER_ENV, "").strip()
+    if asked not in ("", "0"):
+        log.warning("%s=%s ignored: codemoat's watermark runs on vLLM's V1 model runner", RUNNER_ENV, asked)
+    os.environ[RUNNER_ENV] = "0"
 
 
 class WatermarkLogits(LogitsProcessor):
