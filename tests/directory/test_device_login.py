@@ -151,3 +151,19 @@ def test_a_provider_without_a_device_flow_sends_the_cli_to_the_browser(tmp_path,
         assert r.returncode == 1 and "does not accept that token" in r.stderr
     finally:
         stack.stop()
+
+
+@pytest.mark.parametrize("route,field", [("/auth/device/start", "name"), ("/auth/device/poll", "device_code")])
+def test_a_body_nested_past_the_decoders_limit_is_answered_as_any_bad_body_not_a_500(oidc_stack, route, field):
+    """Anyone may call the two device routes (no token yet). A JSON body nested deeper than the decoder goes
+    (8 KiB of '[' is read) raised RecursionError out of serve.directory._field, which caught only
+    ValueError: a 500 from the server. Now it is answered as a body that is not JSON at all is."""
+
+    def post(body: bytes) -> httpx.Response:
+        return httpx.post(oidc_stack.url + route, content=body, headers={"Content-Type": "application/json"}, timeout=30)
+
+    plain = post(b'{"%s": not json' % field.encode())
+    assert plain.status_code in (200, 400), plain.text  # start: no name given; poll: no such code
+    r = post(b'{"%s": ' % field.encode() + b"[" * 8000)
+    assert r.status_code == plain.status_code, (r.status_code, r.text[:300])
+    assert ("error" in r.json()) == ("error" in plain.json()) and r.json().get("error") == plain.json().get("error")

@@ -235,7 +235,7 @@ def _field(body: bytes, name: str) -> str | None:
 
         try:
             v = json.loads(body).get(name)
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, RecursionError):  # nested past the decoder's limit: not JSON either
             return None
         return v if isinstance(v, str) else None
     try:
