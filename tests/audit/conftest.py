@@ -40,6 +40,15 @@ def audit_log(engine, audit_home, db_url):
 
 
 @pytest.fixture
+def pg_url(request, audit_home):
+    """A fresh database in the session's PostgreSQL cluster, dropped after the test."""
+    cluster = request.getfixturevalue("pg_cluster")
+    url = cluster.new_database()
+    yield url
+    cluster.drop_database(url)
+
+
+@pytest.fixture
 def port() -> int:
     """A free TCP port on 127.0.0.1."""
     with socket.socket() as s:

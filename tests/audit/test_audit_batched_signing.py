@@ -9,20 +9,13 @@ import time
 
 import sqlalchemy as sa
 
+from .logs import fill, open_log
+
 GENESIS = "0" * 64
 
 
 def _log(url, home, **kw):
-    from codemoat.audit.log import AuditLog, head_file_for
-    from codemoat.db import open_db
-
-    kw.setdefault("checkpoint_every", 10)
-    kw.setdefault("sign_every", 8)
-    return AuditLog(open_db(url), head_file=head_file_for(url, home), **kw)
-
-
-def _fill(log, n, start=0):
-    return [log.append("request", user="alice", route="/v1/completions", status=200, prompt_tokens=start + i) for i in range(n)]
+    return open_log(url, home, **{"sign_every": 8, **kw})
 
 
 def _head(log):
@@ -56,7 +49,7 @@ def _relink(log, start):
 
 def test_the_tail_is_bounded_by_count_reported_and_signed_at_close(database_url, audit_home):
     log = _log(database_url, audit_home)
-    _fill(log, 21)
+    fill(log, 21)
     assert tuple(_head(log)) == (16, 10)  # signed at 8 and 16 (checkpoint at 10); 17–21 wait
     rep = log.verify()
     assert rep.ok and rep.unsigned == 5 and rep.unsigned_since, rep.problem
@@ -69,7 +62,7 @@ def test_the_tail_is_bounded_by_count_reported_and_signed_at_close(database_url,
 
 def test_the_tail_is_bounded_in_time(database_url, audit_home):
     log = _log(database_url, audit_home, sign_every=1000, sign_interval_ms=150)
-    _fill(log, 3)
+    fill(log, 3)
     deadline = time.monotonic() + 20
     while (_head(log) is None or _head(log)[0] < 3) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -79,7 +72,7 @@ def test_the_tail_is_bounded_in_time(database_url, audit_home):
 
 def test_a_record_edited_inside_a_signed_span_is_named_even_when_relinked(database_url, audit_home):
     log = _log(database_url, audit_home)
-    _fill(log, 20)
+    fill(log, 20)
     _sql(log, "update audit_records set status = 500 where seq = 7")
     rep = log.verify()
     assert not rep.ok and rep.first_bad == 7 and "edited" in rep.problem
@@ -90,7 +83,7 @@ def test_a_record_edited_inside_a_signed_span_is_named_even_when_relinked(databa
 
 def test_cutting_the_tail_loses_at_most_the_unsigned_records(database_url, audit_home):
     log = _log(database_url, audit_home)
-    _fill(log, 21)  # signed head at 16
+    fill(log, 21)  # signed head at 16
     _sql(log, "delete from audit_records where seq > 18")
     _relink(log, 19)  # tip put back to 18
     rep = log.verify()  # the limit of batching: 19–21 were never signed, their loss cannot be seen...
@@ -103,7 +96,7 @@ def test_cutting_the_tail_loses_at_most_the_unsigned_records(database_url, audit
 
 def test_reordered_records_are_named(database_url, audit_home):
     log = _log(database_url, audit_home)
-    _fill(log, 20)
+    fill(log, 20)
     _sql(log, "update audit_records set seq = -1 where seq = 4", "update audit_records set seq = 4 where seq = 5")
     _sql(log, "update audit_records set seq = 5 where seq = -1")
     rep = log.verify()
@@ -115,7 +108,7 @@ def test_reordered_records_are_named(database_url, audit_home):
 
 def test_forged_checkpoints_and_heads_are_refused(database_url, audit_home):
     log = _log(database_url, audit_home)
-    _fill(log, 20)
+    fill(log, 20)
     log.close()
     with log.engine.connect() as c:
         cp = c.execute(sa.text("select * from audit_checkpoints where seq = 10")).first()._asdict()
@@ -148,7 +141,7 @@ def test_a_tail_longer_than_any_writer_leaves_is_refused(database_url, audit_hom
     from codemoat.audit.log import AuditLog
 
     log = _log(database_url, audit_home)
-    _fill(log, 16)
+    fill(log, 16)
     assert tuple(_head(log)) == (16, 10)
     # someone without the key appends records after the signed head, linked as a writer would
     keyless = AuditLog(log.engine, checkpoint_every=10, sign_every=10**6, signer=None)
@@ -165,7 +158,7 @@ def test_four_writers_with_batched_signatures_make_one_verifiable_chain(database
 
     key = load_signer()  # made once, before the threads (as `serve` does at start-up)
     logs = [_log(database_url, audit_home, sign_every=5, signer=key) for _ in range(4)]
-    ts = [threading.Thread(target=_fill, args=(lg, 40, 100 * i)) for i, lg in enumerate(logs)]
+    ts = [threading.Thread(target=fill, args=(lg, 40, 100 * i)) for i, lg in enumerate(logs)]
     for t in ts:
         t.start()
     for t in ts:
@@ -182,7 +175,7 @@ def test_the_head_file_keeps_the_newest_two_heads_whoever_signs(database_url, au
 
     a, b = _log(database_url, audit_home, sign_every=3), _log(database_url, audit_home, sign_every=3)
     for i in range(4):  # the writers take turns, each with its own descriptor on the one head file
-        _fill(a if i % 2 else b, 3, 10 * i)
+        fill(a if i % 2 else b, 3, 10 * i)
     raw = a.head_file.read_bytes()
     assert sorted(json.loads(raw[i : i + 512])["seq"] for i in (0, 512)) == [9, 12]
     assert a.verify().ok

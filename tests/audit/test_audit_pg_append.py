@@ -9,31 +9,14 @@ from __future__ import annotations
 import pytest
 import sqlalchemy as sa
 
-
-@pytest.fixture
-def pg_url(request, audit_home):
-    cluster = request.getfixturevalue("pg_cluster")
-    url = cluster.new_database()
-    yield url
-    cluster.drop_database(url)
-
-
-def _log(url, home, **kw):
-    from codemoat.audit.log import AuditLog, head_file_for
-    from codemoat.db import open_db
-
-    return AuditLog(open_db(url), checkpoint_every=10, head_file=head_file_for(url, home), **kw)
-
-
-def _fill(log, n, start=0):
-    return [log.append("request", user="alice", route="/v1/completions", status=200, prompt_tokens=start + i) for i in range(n)]
+from .logs import fill, open_log
 
 
 def test_the_database_links_records_exactly_as_the_sqlite_writer_does(pg_url, audit_home):
     from codemoat.audit.chain import body_hash, link_hash
 
-    pg = _log(pg_url, audit_home)
-    lite = _log(f"sqlite:///{audit_home / 'same.db'}", audit_home)
+    pg = open_log(pg_url, audit_home)
+    lite = open_log(f"sqlite:///{audit_home / 'same.db'}", audit_home)
     fields = [
         dict(user="alice", route="/v1/completions", status=200, latency_ms=12.345, ts=1_700_000_000.25),
         dict(user='bøb \u2603 "q" \\', prompt_text="def f():\n\treturn 1\x00", repos=["a", "b"], ts=1_700_000_001),
@@ -53,8 +36,8 @@ def test_the_database_links_records_exactly_as_the_sqlite_writer_does(pg_url, au
 
 
 def test_writers_signing_at_different_paces_make_one_chain(pg_url, audit_home):
-    every, batched = _log(pg_url, audit_home), _log(pg_url, audit_home, sign_every=8)
-    seqs = _fill(every, 25) + _fill(batched, 7, 25) + _fill(every, 8, 32)
+    every, batched = open_log(pg_url, audit_home), open_log(pg_url, audit_home, sign_every=8)
+    seqs = fill(every, 25) + fill(batched, 7, 25) + fill(every, 8, 32)
     assert seqs == list(range(1, 41))
     rep = every.verify()
     assert rep.ok, rep.problem
@@ -65,8 +48,8 @@ def test_writers_signing_at_different_paces_make_one_chain(pg_url, audit_home):
 def test_group_commit_of_many_threads_on_one_connection(pg_url, audit_home):
     import threading
 
-    log = _log(pg_url, audit_home, sign_every=16)
-    ts = [threading.Thread(target=_fill, args=(log, 30, i * 100)) for i in range(8)]
+    log = open_log(pg_url, audit_home, sign_every=16)
+    ts = [threading.Thread(target=fill, args=(log, 30, i * 100)) for i in range(8)]
     for t in ts:
         t.start()
     for t in ts:
@@ -79,8 +62,8 @@ def test_group_commit_of_many_threads_on_one_connection(pg_url, audit_home):
 def test_record_slipped_in_beyond_the_tip_stops_the_writer(pg_url, audit_home):
     from codemoat.audit.log import AuditUnavailable
 
-    log = _log(pg_url, audit_home)
-    _fill(log, 5)
+    log = open_log(pg_url, audit_home)
+    fill(log, 5)
     with log.engine.begin() as c:  # a copy of record 5 as record 6, the chain's trigger switched off
         c.execute(sa.text("alter table audit_records disable trigger audit_chain"))
         c.execute(
@@ -99,22 +82,22 @@ def test_record_slipped_in_beyond_the_tip_stops_the_writer(pg_url, audit_home):
 
 
 def test_a_numbered_insert_is_refused_by_the_chain(pg_url, audit_home):
-    log = _log(pg_url, audit_home)
-    _fill(log, 2)
+    log = open_log(pg_url, audit_home)
+    fill(log, 2)
     with pytest.raises(sa.exc.IntegrityError, match="record numbers are given by the chain"):
         with log.engine.begin() as c:
             c.execute(
                 sa.text("insert into audit_records (seq, ts_us, kind, prev_hash, hash) values (3, 1, 'request', :h, :h)"),
                 {"h": "0" * 64},
             )
-    assert _fill(log, 1, 2) == [3] and log.verify().ok
+    assert fill(log, 1, 2) == [3] and log.verify().ok
 
 
 def test_deleted_head_with_records_left_stops_the_writer(pg_url, audit_home):
     from codemoat.audit.log import AuditUnavailable
 
-    log = _log(pg_url, audit_home)
-    _fill(log, 3)
+    log = open_log(pg_url, audit_home)
+    fill(log, 3)
     with log.engine.begin() as c:
         c.execute(sa.text("delete from audit_head"))
     with pytest.raises(AuditUnavailable, match="signed head is missing"):
@@ -123,12 +106,12 @@ def test_deleted_head_with_records_left_stops_the_writer(pg_url, audit_home):
 
 
 def test_connection_dropped_by_the_server_is_replaced(pg_url, audit_home):
-    log = _log(pg_url, audit_home)
-    _fill(log, 3)
+    log = open_log(pg_url, audit_home)
+    fill(log, 3)
     pid = log._pg._conn.info.backend_pid
     with log.engine.connect() as c:  # what a PostgreSQL restart or failover does to the writer
         assert c.execute(sa.text("select pg_terminate_backend(:p)"), {"p": pid}).scalar()
-    assert _fill(log, 2, 3) == [4, 5]  # tried again on a new connection: nothing had been committed
+    assert fill(log, 2, 3) == [4, 5]  # tried again on a new connection: nothing had been committed
     assert log._pg._conn.info.backend_pid != pid
     rep = log.verify()
     assert rep.ok and rep.records == 5, rep.problem
@@ -137,8 +120,8 @@ def test_connection_dropped_by_the_server_is_replaced(pg_url, audit_home):
 def test_a_flush_whose_answer_is_lost_after_it_committed_is_not_written_twice(pg_url, audit_home, monkeypatch):
     import psycopg
 
-    log = _log(pg_url, audit_home)
-    _fill(log, 2)
+    log = open_log(pg_url, audit_home)
+    fill(log, 2)
     conn = log._pg._conn
     real = conn.execute
 
@@ -152,8 +135,8 @@ def test_a_flush_whose_answer_is_lost_after_it_committed_is_not_written_twice(pg
             return getattr(conn, name)
 
     log._pg._conn = LostAnswer()
-    assert _fill(log, 1, 2) == [3]  # read back as committed: the caller gets its record's number
-    assert _fill(log, 1, 3) == [4]  # and the writer carries on with a new connection
+    assert fill(log, 1, 2) == [3]  # read back as committed: the caller gets its record's number
+    assert fill(log, 1, 3) == [4]  # and the writer carries on with a new connection
     rep = log.verify()
     assert rep.ok and rep.records == 4, rep.problem
     assert [r["prompt_tokens"] for r in log.records()] == [0, 1, 2, 3]  # none doubled

@@ -11,21 +11,7 @@ import threading
 
 import pytest
 
-
-@pytest.fixture
-def pg_url(request, audit_home):
-    cluster = request.getfixturevalue("pg_cluster")
-    url = cluster.new_database()
-    yield url
-    cluster.drop_database(url)
-
-
-def _log(url, home, **kw):
-    from codemoat.audit.log import AuditLog, head_file_for
-    from codemoat.db import open_db
-
-    return AuditLog(open_db(url), checkpoint_every=10, head_file=head_file_for(url, home), **kw)
-
+from .logs import open_log
 
 HOSTILE = [
     {"model": "m" * 5000},  # longer than the column (256)
@@ -36,7 +22,7 @@ HOSTILE = [
 
 @pytest.mark.parametrize("sign_every", [1, 4], ids=["signed-each", "signed-per-4"])
 def test_hostile_field_values_are_recorded_and_do_not_fail_the_batch(pg_url, audit_home, sign_every):
-    log = _log(pg_url, audit_home, sign_every=sign_every)
+    log = open_log(pg_url, audit_home, sign_every=sign_every)
     log.append("request", user="alice", status=200)
     barrier, errors, seqs = threading.Barrier(len(HOSTILE) + 3), [], []
 
@@ -67,7 +53,7 @@ def test_a_failure_in_the_middle_of_the_pipeline_leaves_the_head_and_chain_whole
     from codemoat.audit import pgappend
     from codemoat.audit.log import AuditUnavailable
 
-    log = _log(pg_url, audit_home)
+    log = open_log(pg_url, audit_home)
     for i in range(5):
         log.append("request", user="alice", prompt_tokens=i)
     # the records' INSERT fails on the server (a column it does not have)
