@@ -255,11 +255,14 @@ class Accounts:
             return hit[0]
         generation = self._writes.generation
         with self.engine.connect() as c:
-            r = c.execute(sa.select(tokens).where(tokens.c.hash == digest)).first()
+            q = sa.select(tokens, users.c.disabled).select_from(tokens.outerjoin(users, users.c.name == tokens.c.user))
+            r = c.execute(q.where(tokens.c.hash == digest)).first()
         if r is None:
             raise Unauthorized("invalid API token")
         if r.revoked_at is not None:
             raise Unauthorized("API token has been revoked")
+        if r.disabled:  # by the directory (directory.sync), as the console's sessions already checked
+            raise Unauthorized(f"user {r.user!r} is disabled")
         if r.expires_at is not None and r.expires_at <= now:
             raise Unauthorized("API token has expired")
         # last_used is written at most once a minute per token, off the hot path's common case
