@@ -298,6 +298,32 @@ def test_chat_keeps_the_system_message_and_the_newest_turns(qwen):
         assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] <= 512 - 8
 
 
+@pytest.mark.parametrize("model", ["qwen", "gemma"])
+def test_thousands_of_empty_turns_are_tokenised_once_and_the_fewest_dropped(model, request, monkeypatch):
+    """3,000 empty turns (nothing for the character cut to drop before rendering) were rendered and tokenised
+    whole at each step of the bisection that finds the fewest oldest turns to drop: 14 tokenisations of up
+    to 6,000 parts (session 9). Each distinct part is tokenised once now, and the prompt is what the engine's
+    own encoding of the kept turns gives, with one turn more not fitting."""
+    engine = request.getfixturevalue(model)
+    chat = chat_template_for(engine.metadata, engine.has_token, engine.token_text)
+    turns = [{"role": ("user", "assistant")[i % 2], "content": ""} for i in range(3000)]
+    system, last = {"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}
+    parts_tokenised: list[int] = []
+    real = engine.encode
+
+    def counted(parts, bos=True):
+        parts_tokenised.append(len(parts))
+        return real(parts, bos)
+
+    monkeypatch.setattr(engine, "encode", counted)
+    p = prompts.build_chat(engine, chat, [system, *turns, last], 64)
+    monkeypatch.undo()
+    assert p.truncated and sum(parts_tokenised) <= 12, parts_tokenised  # a handful of distinct parts, once each
+    kept = next(n for n in range(1, len(turns)) if engine.encode(chat.parts([system, *turns[-n:], last])) == p.ids)
+    assert 0 < kept < len(turns)
+    assert len(engine.encode(chat.parts([system, *turns[-kept - 1 :], last]))) > 512 - 64  # one more does not fit
+
+
 def test_prompt_that_cannot_fit_is_one_error(qwen):
     from codemoat.engines.base import PromptTooLong
 

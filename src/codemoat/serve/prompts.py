@@ -233,28 +233,43 @@ def build_chat(engine: Engine, chat: ChatTemplate, messages: list[dict[str, str]
         truncated = truncated or len(keep) < len(msgs)
         msgs = [m for i, m in enumerate(msgs) if i in keep]
 
+    tokens = _Tokens(engine)
+
     def encode(ms: list[dict[str, str]]) -> tuple[list[Part], list[int]]:
         parts = chat.parts(ms)
-        return parts, engine.encode(parts)
+        return parts, tokens.encode(parts)
 
     parts, ids = encode(msgs)
     if len(ids) > budget:
-        # the fewest oldest turns to drop, by bisection (each try renders and tokenises the whole chat)
+        # the fewest oldest turns to drop: a guess from each turn's tokens, checked by rendering, then
+        # bisection if it was wrong (3,000 empty turns cost 14 renders and tokenisations of the chat)
         old, every = _droppable(msgs), msgs
+        tried: dict[int, tuple[list[Part], list[int]]] = {}
 
         def without(k: int) -> list[dict[str, str]]:
             gone = set(old[:k])
             return [m for i, m in enumerate(every) if i not in gone]
 
+        def fits(k: int) -> bool:
+            tried[k] = encode(without(k))
+            return len(tried[k][1]) <= budget
+
         lo, hi = 0, len(old)
+        guess = _guess(tokens, parts, every, old, len(ids) - budget)
+        if fits(guess):
+            hi = guess
+            if guess and not fits(guess - 1):
+                lo = guess
+        else:
+            lo = min(guess + 1, hi)
         while lo < hi:
             mid = (lo + hi) // 2
-            if len(encode(without(mid))[1]) <= budget:
+            if fits(mid):
                 hi = mid
             else:
                 lo = mid + 1
         msgs, truncated = without(lo), True
-        parts, ids = encode(msgs)
+        parts, ids = tried[lo] if lo in tried else encode(msgs)
     for _ in range(4):  # the newest message alone is too long: keep its end
         over = len(ids) - budget
         if over <= 0:
@@ -267,6 +282,44 @@ def build_chat(engine: Engine, chat: ChatTemplate, messages: list[dict[str, str]
     if len(ids) <= budget:
         return Prompt(ids, text_of(parts), truncated)
     raise PromptTooLong(len(ids), n_ctx, reserve)
+
+
+class _Tokens:
+    """`engine.encode` with each distinct part tokenised once: fitting a chat renders it again and again,
+    and its turns' template text repeats. An engine's encoding is its parts' tokens in order, BOS in front
+    if the model wants one and the text did not start with it (`Engine.encode`)."""
+
+    def __init__(self, engine: Engine):
+        self.engine, self.seen = engine, {}
+        self.bos = engine.encode([], bos=True)
+
+    def of(self, p: Part) -> list[int]:
+        key = (p.text, p.special)
+        if (got := self.seen.get(key)) is None:
+            got = self.seen[key] = self.engine.encode([p], bos=False)
+        return got
+
+    def encode(self, parts: list[Part]) -> list[int]:
+        ids = [t for p in parts if p.text for t in self.of(p)]
+        return ids if not self.bos or ids[: len(self.bos)] == self.bos else self.bos + ids
+
+
+def _guess(tokens: _Tokens, parts: list[Part], msgs: list[dict[str, str]], old: list[int], over: int) -> int:
+    """How many of the oldest turns `old` to drop to save `over` tokens, were each turn its content and the
+    template text before it: a first guess (0 if the template does not render each message once)."""
+    if sum(not p.special for p in parts) != len(msgs):
+        return 0
+    cost, i, pending = [0] * len(msgs), 0, 0
+    for p in parts:
+        pending += len(tokens.of(p)) if p.text else 0
+        if not p.special:
+            cost[i], i, pending = pending, i + 1, 0
+    saved = 0
+    for k, j in enumerate(old, 1):
+        saved += cost[j]
+        if saved >= over:
+            return k
+    return len(old)
 
 
 def _droppable(msgs: list[dict[str, str]]) -> list[int]:
