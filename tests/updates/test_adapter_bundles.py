@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 import time
 
 import httpx
 import pytest
 
 from tests.tune.loras import forcing_lora_gguf, random_lora_gguf
-from updhelp import create_token, served_after, stream_forever
+from updhelp import Streams, create_token
 
 PROMPT = "def interchange_fee(amount_cents: int) -> int:\n    return"
 # the adapters force one token at every step (tests/tune/loras.py), so the answer with each is known exactly:
@@ -82,22 +81,15 @@ def test_vendor_adapter_served_by_group_and_swapped_without_downtime(shop, store
     store.apply(shop.release("2", kind="adapter", source=lora), lic)  # keeps the groups chosen for v1
     assert _memfds(srv.proc.pid, "fee") == 1
     body = {"model": model, "prompt": PROMPT, "max_tokens": 12, "temperature": 0.0}
-    stop, lock = threading.Event(), threading.Lock()
-    stats = {"done": 0, "failed": 0, "lat": [], "errors": []}
-    clients = [threading.Thread(target=stream_forever, args=(srv.url, alice, body, stop, stats, lock)) for _ in range(16)]
-    for t in clients:
-        t.start()
-    time.sleep(3)
-    r = httpx.post(f"{srv.url}/admin/api/model/swap", headers=h, json={"adapter": "fee"}, timeout=300)
-    assert r.status_code == 200, r.text
-    assert r.json()["adapter"] == "fee" and r.json()["version"] == "2"
-    swapped_at = time.monotonic()
-    time.sleep(3)
-    new_served = served_after(stats, lock, swapped_at)  # requests were served by the new engine too
-    stop.set()
-    for t in clients:
-        t.join(timeout=120)
-    assert stats["failed"] == 0, stats["errors"][:3]
+    with Streams(srv.url, alice, body, clients=16) as streams:
+        time.sleep(3)
+        r = httpx.post(f"{srv.url}/admin/api/model/swap", headers=h, json={"adapter": "fee"}, timeout=300)
+        assert r.status_code == 200, r.text
+        assert r.json()["adapter"] == "fee" and r.json()["version"] == "2"
+        swapped_at = time.monotonic()
+        time.sleep(3)
+        new_served = streams.served_after(swapped_at)  # requests were served by the new engine too
+    assert streams.stats["failed"] == 0, streams.stats["errors"][:3]
     assert new_served
     deadline = time.monotonic() + 60  # v1's memfd is closed once the old engine's streams are done
     while _memfds(srv.proc.pid, "fee") != 1:

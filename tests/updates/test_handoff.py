@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import socket
-import threading
 import time
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import httpx
 import pytest
 
 from codemoat.errors import CodemoatError
-from updhelp import create_token, one_line_error, run_cli, stream_forever
+from updhelp import Streams, create_token, one_line_error, run_cli
 
 
 def mute_gguf(src, dst):
@@ -142,12 +141,7 @@ def test_apply_swaps_the_running_serve_and_a_failed_health_check_rolls_back(shop
     h = {"Authorization": f"Bearer {admin}"}
     before = httpx.get(f"{srv.url}/health", headers=h).json()
     body = {"model": before["model"], "prompt": "def fibonacci(n):\n", "max_tokens": 8, "temperature": 0.0}
-    stop, lock = threading.Event(), threading.Lock()
-    stats = {"done": 0, "failed": 0, "lat": [], "errors": []}
-    clients = [threading.Thread(target=stream_forever, args=(srv.url, user, body, stop, stats, lock)) for _ in range(4)]
-    for t in clients:
-        t.start()
-    try:
+    with Streams(srv.url, user, body, clients=4) as streams:
         r = run_cli("update", "apply", str(shop.release("2")), "--license", str(lic), "--json", timeout=600)
         assert r.returncode == 0, r.stderr
         out = json.loads(r.stdout)
@@ -160,10 +154,7 @@ def test_apply_swaps_the_running_serve_and_a_failed_health_check_rolls_back(shop
         line = one_line_error(run_cli("update", "apply", str(shop.release("3", source=mute)), timeout=600))
         assert "installed model 3 (was 2); but server pid" in line and "produced no tokens" in line, line
         assert "the store is back on 2" in line
-    finally:
-        stop.set()
-        for t in clients:
-            t.join(timeout=120)
+    stats = streams.stats
     if stats["failed"]:
         print(srv.output()[-3000:])
     assert stats["failed"] == 0 and stats["done"] > 0, stats["errors"][:3]

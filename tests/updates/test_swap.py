@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from updhelp import create_token, served_after, stream_forever
+from updhelp import Streams, create_token
 from vault.conftest import KeyServerProcess
 
 pytestmark = pytest.mark.slow
@@ -23,22 +22,15 @@ def test_swap_under_16_streaming_clients_drops_nothing(shop, store, serve_proces
     before = httpx.get(f"{srv.url}/health", headers={"Authorization": f"Bearer {admin}"}).json()
     store.apply(shop.release("2"), lic)
     body = {"model": before["model"], "prompt": "def fibonacci(n):\n", "max_tokens": 12, "temperature": 0.0}
-    stop, lock = threading.Event(), threading.Lock()
-    stats = {"done": 0, "failed": 0, "lat": [], "errors": []}
-    clients = [threading.Thread(target=stream_forever, args=(srv.url, user, body, stop, stats, lock)) for _ in range(16)]
-    for t in clients:
-        t.start()
-    time.sleep(3)
-    r = httpx.post(f"{srv.url}/admin/api/model/swap", headers={"Authorization": f"Bearer {admin}"}, timeout=300)
-    assert r.status_code == 200, r.text
-    assert r.json()["version"] == "2"
-    swapped_at = time.monotonic()
-    time.sleep(3)
-    new_served = served_after(stats, lock, swapped_at)  # requests were served by the new engine too
-    stop.set()
-    for t in clients:
-        t.join(timeout=120)
-    assert stats["failed"] == 0, stats["errors"][:3]
+    with Streams(srv.url, user, body, clients=16) as streams:
+        time.sleep(3)
+        r = httpx.post(f"{srv.url}/admin/api/model/swap", headers={"Authorization": f"Bearer {admin}"}, timeout=300)
+        assert r.status_code == 200, r.text
+        assert r.json()["version"] == "2"
+        swapped_at = time.monotonic()
+        time.sleep(3)
+        new_served = streams.served_after(swapped_at)  # requests were served by the new engine too
+    assert streams.stats["failed"] == 0, streams.stats["errors"][:3]
     assert new_served  # requests were served by the new model too
     after = httpx.get(f"{srv.url}/health", headers={"Authorization": f"Bearer {admin}"}).json()
     assert after["license"]["license_id"] != before["license"]["license_id"]  # v2 came with its own license

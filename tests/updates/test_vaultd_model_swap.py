@@ -13,14 +13,13 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from updhelp import Vaultd, one_line_error, run_cli, stream_forever
+from updhelp import Streams, Vaultd, one_line_error, run_cli
 
 
 def _bundle(url: str, token: str) -> str | None:
@@ -84,13 +83,8 @@ def test_a_model_update_in_vaultds_home_reaches_serve_vault_without_a_restart(sh
         assert _bundle(srv.url, token) is None  # vaultd was started with a .moat file
         assert _model_memfds(vaultd.proc.pid) == 1
 
-        stats = {"done": 0, "failed": 0, "lat": [], "errors": []}
-        lock, stop = threading.Lock(), threading.Event()
         body = {"model": "tiny", "prompt": "def add(a, b):\n    return", "max_tokens": 16, "temperature": 0}
-        clients = [threading.Thread(target=stream_forever, args=(srv.url, token, body, stop, stats, lock)) for _ in range(2)]
-        for c in clients:
-            c.start()
-        try:
+        with Streams(srv.url, token, body, clients=2) as streams:
             for v in ("2", "3"):
                 r = run_cli("update", "apply", str(shop.release(v)), "--license", str(lic), "--json", timeout=300)
                 assert r.returncode == 0, r.stderr
@@ -101,10 +95,7 @@ def test_a_model_update_in_vaultds_home_reaches_serve_vault_without_a_restart(sh
             r = run_cli("update", "rollback", "--json", timeout=300)
             assert r.returncode == 0, r.stderr
             assert _wait_bundle(srv.url, token, "2") == "2", srv.output()[-2000:]
-        finally:
-            stop.set()
-            for c in clients:
-                c.join(timeout=120)
+        stats = streams.stats
         assert stats["failed"] == 0 and stats["done"] > 0, stats["errors"][:3]
         assert vaultd.proc.poll() is None and _model_memfds(vaultd.proc.pid) == 1
         assert _wait_memfds(srv.proc.pid, 1) == 1  # the serve let the old versions go once they drained

@@ -105,15 +105,34 @@ def stream_forever(url: str, token: str, body: dict, stop: threading.Event, stat
                     stats["errors"].append(text[-300:])
 
 
-def served_after(stats: dict, lock: threading.Lock, t: float, timeout: float = 120) -> bool:
-    """Wait until some streamed request that started after `t` has finished (a busy machine is slow)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with lock:
-            if any(t0 > t for t0, _ in stats["lat"]):
-                return True
-        time.sleep(0.2)
-    return False
+class Streams:
+    """Clients streaming completions (`stream_forever`) while a test changes the server under them."""
+
+    def __init__(self, url: str, token: str, body: dict, clients: int):
+        self.stop, self.lock = threading.Event(), threading.Lock()
+        self.stats: dict = {"done": 0, "failed": 0, "lat": [], "errors": []}
+        args = (url, token, body, self.stop, self.stats, self.lock)
+        self.threads = [threading.Thread(target=stream_forever, args=args) for _ in range(clients)]
+
+    def __enter__(self) -> Streams:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=120)
+
+    def served_after(self, t: float, timeout: float = 120) -> bool:
+        """Wait until some streamed request that started after `t` has finished (a busy machine is slow)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                if any(t0 > t for t0, _ in self.stats["lat"]):
+                    return True
+            time.sleep(0.2)
+        return False
 
 
 ADAPTER_PROMPT = "def interchange_fee(amount_cents: int) -> int:\n    return"
