@@ -66,3 +66,17 @@ def test_error_shapes():
     assert infill.error("m", 400, "invalid_request_error") == {
         "error": {"code": 400, "message": "m", "type": "invalid_request_error"}
     }
+
+
+@pytest.mark.parametrize("text", ["", " foo", 'say "hi"\n\t\\', "naïve — 日本語 😀", "\x00\x1f\u2028", "\ud800"])
+@pytest.mark.parametrize("ident", ["cmpl-0123abcd", 'odd "id" é'])
+def test_a_streamed_completion_event_is_the_completion_object_encoded(text, ident, monkeypatch):
+    """The pre-encoded events of a stream (`CompletionChunks`) are the bytes `completion(...)` encodes to."""
+    import json
+
+    from codemoat.serve.streaming import json_text
+
+    monkeypatch.setattr(openai, "now", lambda: 1733370000)
+    encoded = openai.CompletionChunks(ident, "codemoat-tiny", json_text)(text)
+    assert encoded == json_text(openai.completion(ident, "codemoat-tiny", text, None, None))
+    assert json.loads(encoded)["choices"][0]["text"] == text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import Field
@@ -79,6 +80,19 @@ def completion(id: str, model: str, text: str, finish: str | None, u: dict | Non
     if extra:
         body.update(extra)
     return body
+
+
+class CompletionChunks:
+    """A streamed completion's events without a finish reason, as JSON text: `completion(id, model, text, None,
+    None)` encoded by `encode`, byte for byte, with the parts that never change within a stream encoded once."""
+
+    def __init__(self, id: str, model: str, encode: Callable[[Any], str]):
+        self.encode = encode
+        self.head = '{"id":' + encode(id) + ',"object":"text_completion","created":'
+        self.middle = ',"model":' + encode(model) + ',"choices":[{"index":0,"text":'
+
+    def __call__(self, text: str) -> str:
+        return f'{self.head}{now()}{self.middle}{self.encode(text)},"logprobs":null,"finish_reason":null}}]}}'
 
 
 def chat(id: str, model: str, text: str, finish: str, u: dict, extra: dict | None = None) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from ..protocol.common import as_stop_list, new_id
 from .auth import require
 from .body import issue_completion_id, read_json, start_usage
 from .service import FimInput, Service, snippets_extra
-from .streaming import sse
+from .streaming import json_text, sse
 
 router = APIRouter()
 
@@ -88,13 +88,14 @@ async def openai_completion(request: Request, principal: Principal, body: Any):
         )
 
     chunks = await svc.open_stream(request, prep)  # a refusal before the first token is a real 503, not a 200
+    encoded = openai.CompletionChunks(cid, svc.model_id, json_text)  # every event but the last
 
     async def events():
         async for ch in chunks:
-            if ch.text or ch.finish_reason:
-                yield openai.completion(
-                    cid, svc.model_id, ch.text, _finish(ch.finish_reason), None, extra if ch.finish_reason else None
-                )
+            if ch.finish_reason:
+                yield openai.completion(cid, svc.model_id, ch.text, _finish(ch.finish_reason), None, extra)
+            elif ch.text:
+                yield encoded(ch.text)
 
     return sse(events())
 
