@@ -22,6 +22,8 @@ CRASH_UNLESS_SAFE = "<<crash-unless-safe>>"  # SIGSEGV unless built with the saf
 SLOW = "<<slow>>"  # chunks paced 50 ms apart: a stream still running when another request crashes the engine
 BAD_FRAME = "<<bad-frame>>"  # the first chunk's message pickles here but cannot be unpickled by the server
 STOP_READING = "<<stop-reading>>"  # the engine process's reader stops for good (hung): it takes no more messages
+SILENT_WORK = "<<silent-work>>"  # a long prefill: the worker computes SILENT_WORK_S before the first token, sending nothing
+SILENT_WORK_S = 3.0
 
 
 class _NoLoad:
@@ -59,6 +61,10 @@ class CrashingEngine(LlamaCppEngine):
         return ids
 
     def _generate(self, prompt_ids, params, emit, cancel) -> None:
+        if SILENT_WORK in self.detokenize(prompt_ids):
+            end = time.monotonic() + SILENT_WORK_S
+            while time.monotonic() < end:
+                sum(range(10_000))
         if BAD_FRAME in self.detokenize(prompt_ids):
             emit = _bad_frame(emit)
         if SLOW in self.detokenize(prompt_ids):

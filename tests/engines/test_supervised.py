@@ -182,6 +182,50 @@ def test_restarting_state_and_holder(tiny_gguf, monkeypatch):
     assert eng.state == "closed"
 
 
+@pytest.mark.parametrize("isolation", ["process", "inline"])
+def test_a_request_on_an_engine_closed_under_it_is_told_why(tiny_gguf, monkeypatch, isolation):
+    """CI flake of test_serve_sealed's revocation (session 9), made deterministic: a request took the engine
+    from the holder, then the lease keeper unloaded it (license revoked) before the request reached it. It
+    got "engine closed" (a supervised engine's 503) or "engine is closed" (an inline engine's 400), and a
+    stream in flight got "engine closed" too; now each is a 503 that names the holder's reason."""
+    from codemoat.engines import supervised
+    from codemoat.engines.base import SamplingParams
+    from codemoat.engines.holder import ModelHolder
+    from codemoat.errors import Unavailable
+    from crash_engine import SLOW, CrashingEngine
+
+    monkeypatch.setenv("PYTHONPATH", ENV["PYTHONPATH"])
+    opts = {"model_id": "tiny", "n_ctx": 256, "n_threads": 1, "n_gpu_layers": 0}
+    if isolation == "process":
+        holder = ModelHolder("tiny", loader=lambda: supervised.SupervisedEngine.start(CrashingEngine, tiny_gguf, opts))
+    else:
+        holder = ModelHolder("tiny", loader=lambda: CrashingEngine.from_path(tiny_gguf, **opts))
+    holder.load()
+    why = "license L-1 was revoked by the vendor"
+    p = SamplingParams(max_tokens=4, temperature=0)
+
+    async def go() -> None:
+        eng = holder.get()  # the request takes the engine ...
+        agen = None
+        if isolation == "process":  # (an inline engine lets its generation in flight finish)
+            agen = eng.stream(SLOW + "def add(a, b):", SamplingParams(max_tokens=100, temperature=0.8))
+            await agen.__anext__()
+        holder.unload(why)  # ... and the lease keeper's thread unloads it before the request reaches it
+        with pytest.raises(Unavailable, match=f"model 'tiny' is not available: {why}$"):
+            await eng.complete("def add(a, b):\n", p)
+        if agen is not None:
+            with pytest.raises(Unavailable, match=f"model 'tiny' is not available: {why}$"):
+                async for _ in agen:
+                    pass
+        with pytest.raises(Unavailable, match=why):  # and a request that comes after is told by the holder
+            holder.get()
+
+    try:
+        asyncio.run(go())
+    finally:
+        holder.close()
+
+
 def test_a_client_that_leaves_cancels_generation_in_the_engine_process(tiny_gguf, monkeypatch):
     """Closing a stream sends a cancel across: the engine's worker stops the paced 400-token generation
     (20 s uncancelled) and takes the next request."""
@@ -286,6 +330,127 @@ def test_an_engine_process_that_stops_reading_is_hung_and_restarted(tiny_gguf, m
         assert eng.state == "ready" and eng.restarts == 1
         assert [(k, d["hung"]) for k, d in incidents] == [("engine_crashed", True)]
         assert asyncio.run(eng.complete("def add(a, b):\n", p)).text == want
+    finally:
+        eng.close()
+
+
+def test_a_stalled_send_never_holds_the_event_loop(tiny_gguf, monkeypatch):
+    """Session 9's hung-engine fix still sent on the event loop: a send the engine process did not take
+    waited there up to `inbox.STALL_S` (10 s), and every other client's stream and /health with it. Here the
+    engine's reader stops (`<<stop-reading>>`) while a paced stream of another client runs on its worker,
+    and 2,000 more requests fill the socket: with STALL_S an hour, the paced stream must still reach its
+    end and /health answer on the same loop while the sends wait (before: the loop sat in the first send
+    that did not go out)."""
+    from codemoat.engines import inbox, supervised
+    from codemoat.engines.base import SamplingParams
+    from codemoat.errors import Unavailable
+    from crash_engine import SLOW, STOP_READING, CrashingEngine
+
+    monkeypatch.setattr(inbox, "STALL_S", 3600.0)
+    monkeypatch.setenv("PYTHONPATH", ENV["PYTHONPATH"])
+    eng = supervised.SupervisedEngine.start(CrashingEngine, tiny_gguf, {"model_id": "tiny", "n_ctx": 256, "n_threads": 1})
+    p = SamplingParams(max_tokens=4, temperature=0)
+    seen: dict = {}
+
+    async def go() -> None:
+        paced = eng.stream(SLOW + "def add(a, b):", SamplingParams(max_tokens=30, temperature=0.8))
+        chunks = [await paced.__anext__()]
+        stuck = [asyncio.ensure_future(eng.complete(STOP_READING + "def f(", p))]
+        await asyncio.sleep(0.3)  # its reader has taken that one and stopped
+        filler = [1] * 200  # token ids: ~420 bytes a request, 2,000 of them far past both socket buffers
+        stuck += [asyncio.ensure_future(eng.complete(filler, p)) for _ in range(2000)]
+        await asyncio.sleep(0)  # every send has been tried
+        seen["waiting"] = len(eng._child.inbox._out)
+        async for c in paced:  # the other client's stream moves on while those sends wait
+            chunks.append(c)
+        seen["paced"] = chunks[-1].finish_reason
+        seen["health"] = eng.health()["state"]
+        seen["crashes"] = eng.crashes
+        os.kill(eng._child.proc.pid, signal.SIGKILL)  # the end of the test: every waiting request is answered
+        seen["ended"] = [type(e) for e in await asyncio.gather(*stuck, return_exceptions=True)]
+
+    t = threading.Thread(target=lambda: asyncio.run(go()), daemon=True)
+    try:
+        t.start()
+        t.join(60)
+        held = t.is_alive()
+        if held and eng._child is not None:
+            eng._child.proc.kill()  # the loop sat in a send to the hung process: let the test end
+            t.join(60)
+        assert not held, "the event loop waited in a send to the hung engine process"
+        assert seen["waiting"] > 0  # the sends did stall (nothing taken), without holding the loop
+        assert seen["paced"] is not None and seen["health"] == "ready" and seen["crashes"] == 0
+        assert set(seen["ended"]) == {Unavailable} and len(seen["ended"]) == 2001
+    finally:
+        eng.close()
+
+
+def test_an_engine_that_owes_answers_and_does_nothing_is_restarted(tiny_gguf, monkeypatch):
+    """The engine process's reader stops (`<<stop-reading>>`) and the server sends nothing more, so no
+    send stalls: the request waited for good, and so did /health's "ready". Now an engine that owes an
+    answer, sends nothing and computes nothing for `answer_timeout_s` is hung: the request gets 503
+    ("stopped answering"), an `engine_crashed` incident says hung, and the engine restarts and answers."""
+    from codemoat.engines import supervised
+    from codemoat.engines.base import SamplingParams
+    from codemoat.errors import Unavailable
+    from crash_engine import STOP_READING, CrashingEngine
+
+    monkeypatch.setattr(supervised, "BACKOFF_S", (0.2,))
+    monkeypatch.setenv("PYTHONPATH", ENV["PYTHONPATH"])
+    opts = {"model_id": "tiny", "n_ctx": 256, "n_threads": 1}
+    eng = supervised.SupervisedEngine.start(CrashingEngine, tiny_gguf, opts, answer_timeout_s=1.0)
+    incidents: list = []
+    eng.on_incident = lambda kind, detail: incidents.append((kind, detail))
+    p = SamplingParams(max_tokens=4, temperature=0)
+    got: list = []
+    try:
+        want = asyncio.run(eng.complete("def add(a, b):\n", p)).text
+
+        async def stuck() -> None:
+            try:
+                await eng.complete(STOP_READING + "def add(a, b):\n", p)
+            except Unavailable as e:
+                got.append(str(e))
+
+        t = threading.Thread(target=lambda: asyncio.run(stuck()), daemon=True)
+        t.start()
+        t.join(60)
+        waited = t.is_alive()
+        if waited and eng._child is not None:
+            eng._child.proc.kill()  # it waited on the hung process for good: let the test end
+            t.join(60)
+        assert not waited, "the request waited on a hung engine process for good"
+        assert got and "stopped answering" in got[0]
+        end = time.time() + 30
+        while not incidents and time.time() < end:  # reported after its requests were answered
+            time.sleep(0.01)
+        assert [(k, d["hung"]) for k, d in incidents] == [("engine_crashed", True)]
+        while eng.state != "ready" and time.time() < end:
+            time.sleep(0.05)
+        assert eng.state == "ready" and eng.restarts == 1 and eng.last_exit == "hung"
+        assert asyncio.run(eng.complete("def add(a, b):\n", p)).text == want
+    finally:
+        eng.close()
+
+
+def test_a_long_silent_prefill_is_progress_not_a_hang(tiny_gguf, monkeypatch):
+    """What the answer watchdog counts as progress: a prefill sends nothing until its first token but
+    computes (or, on a loaded machine, waits for a core to). An engine that computes for
+    `crash_engine.SILENT_WORK_S` before its first token, with `answer_timeout_s` a sixth of that,
+    answers in full, and nothing is restarted (a watchdog of silence alone kills it)."""
+    from codemoat.engines import supervised
+    from codemoat.engines.base import SamplingParams
+    from crash_engine import SILENT_WORK, SILENT_WORK_S, CrashingEngine
+
+    monkeypatch.setenv("PYTHONPATH", ENV["PYTHONPATH"])
+    opts = {"model_id": "tiny", "n_ctx": 256, "n_threads": 1}
+    eng = supervised.SupervisedEngine.start(CrashingEngine, tiny_gguf, opts, answer_timeout_s=SILENT_WORK_S / 6)
+    incidents: list = []
+    eng.on_incident = lambda kind, detail: incidents.append((kind, detail))
+    try:
+        out = asyncio.run(eng.complete(SILENT_WORK + "def add(a, b):\n", SamplingParams(max_tokens=4, temperature=0)))
+        assert out.completion_tokens == 4
+        assert incidents == [] and eng.crashes == 0 and eng.state == "ready"
     finally:
         eng.close()
 
@@ -421,10 +586,11 @@ def test_answers_reach_every_loop_and_a_synchronous_caller(tiny_gguf):
         eng.close()
 
 
-def test_a_send_that_cannot_go_out_reads_meanwhile():
+def test_a_send_that_cannot_go_out_never_waits():
     """The engine process may be blocked writing tokens to the server while the server writes a long
-    prompt to it, on the thread that reads (the event loop): the server's send reads and delivers what
-    the engine sent meanwhile, so neither waits for the other for ever."""
+    prompt to it. The server's send returns at once (on the event loop it held every other client), and
+    the inbox's thread writes the rest as the engine reads while it reads and delivers what the engine
+    sent: neither waits for the other for ever, and every message arrives in order."""
     from codemoat.engines.child import Frames, frame
     from codemoat.engines.inbox import Inbox
 
@@ -433,22 +599,27 @@ def test_a_send_that_cannot_go_out_reads_meanwhile():
     ended = threading.Event()
     inbox = Inbox(ours, Frames(ours), lambda rid: None, lambda usage: seen.append(usage["i"]), ended.set, "test")
     big = b"p" * (8 << 20)  # far more than both socket buffers
+    go = threading.Event()
+    got = bytearray()
 
-    def engine() -> None:  # writes all its messages before it reads anything
+    def engine() -> None:  # writes all its messages before it reads anything, and reads only once told
         for i in range(20_000):
             theirs.sendall(frame(("slots", 0, {"i": i})))
-        n = 0
-        while n < len(big):
-            n += len(theirs.recv(1 << 20))
+        go.wait()
+        while len(got) < 2 * len(big):
+            got.extend(theirs.recv(1 << 20))
 
     t = threading.Thread(target=engine, daemon=True)
     t.start()
-    sender = threading.Thread(target=inbox.send, args=(big,), daemon=True)
-    sender.start()  # no reader runs: only the send itself can read
-    sender.join(60)
-    t.join(60)
-    assert not sender.is_alive() and not t.is_alive(), "the server and the engine waited for each other"
     inbox.start()
+    sender = threading.Thread(target=lambda: (inbox.send(big), inbox.send(big.replace(b"p", b"q"))), daemon=True)
+    sender.start()
+    sender.join(60)
+    assert not sender.is_alive(), "the send waited for the engine process to read"
+    go.set()  # only now does the engine read what was sent
+    t.join(60)
+    assert not t.is_alive(), "the server and the engine waited for each other"
+    assert bytes(got) == big + big.replace(b"p", b"q")  # whole and in order
     theirs.close()
     assert ended.wait(10)
     assert seen == list(range(20_000))

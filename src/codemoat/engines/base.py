@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
 import numpy as np
 
-from ..errors import CodemoatError
+from ..errors import CodemoatError, Unavailable
 
 if TYPE_CHECKING:
     from .memfd import MemfdBuffer
@@ -151,6 +151,9 @@ class Engine(abc.ABC):
     isolatable: ClassVar[bool] = False
     #: the supervisor's incident callback (`kind, detail`), set by the model holder
     on_incident: Any = None
+    #: why this engine was closed (the holder's reason: license revoked, lease expired), named in the 503 of a
+    #: request that took the engine just before it closed
+    closed_why: str = "engine closed"
 
     @classmethod
     def from_path(cls, path: str | Path, **opts: Any) -> Engine:
@@ -253,6 +256,10 @@ class Engine(abc.ABC):
 
     def health(self) -> dict[str, Any]:
         return {"engine": self.name, "model": self.model_id, "n_ctx": self.n_ctx}
+
+    def closed_error(self) -> Unavailable:
+        """The error of a request on this engine once it is closed: a 503 that says why (`closed_why`)."""
+        return Unavailable(f"model {self.model_id!r} is not available: {self.closed_why}")
 
     def close(self) -> None:
         """Release the model and zero any plaintext buffers this engine owns."""

@@ -174,7 +174,7 @@ class Batcher:
 
     def _stop(self) -> None:
         for s in list(self.active) + list(self.waiting):
-            s.finished(CodemoatError("engine is closed"))
+            s.finished(self.engine.closed_error())
         self.active, self.waiting = [], deque()
         for s in self.slots.all:
             if s.seq is not None and s.seq.chain is not None:

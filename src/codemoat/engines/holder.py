@@ -209,6 +209,7 @@ class ModelHolder:
             old, self._engine = self._engine, None
             self.state, self.reason = "unloaded", reason
         if old is not None:
+            old.closed_why = reason  # a request that took it just before gets this reason, not "engine closed"
             _close(old)
 
     def close(self) -> None:

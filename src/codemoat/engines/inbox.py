@@ -15,11 +15,15 @@ also checks that the loop which reads still runs (a script's `asyncio.run` may e
 another thread's loop waits).
 
 Every read happens under one lock into one buffer, so a loop and the thread may both be readers for a
-moment and each request still gets its messages whole and in order. A send that cannot go out at once
-reads meanwhile (`send`): the engine process may itself be waiting to write to us. One that takes no
-byte for `STALL_S` has stopped reading (hung): the socket is shut and `EngineHung` raised, and its
-supervisor ends the process and restarts it, as after a crash; before, every later send, and so every
-request, waited on it for good.
+moment and each request still gets its messages whole and in order. A send never waits (`send`): what
+the socket does not take at once waits in order in `_out` and the thread writes it as the engine
+process reads (POLLOUT). A send that waited on the event loop held every other client's stream and
+/health for as long as it took, up to `STALL_S` (session 9). Frames that move no byte for `STALL_S`
+mean the process stopped reading (hung): `on_hung` (its supervisor kills it and restarts it, as after
+a crash), and every later send fails at once.
+
+Once a second while `busy()` (requests owe an answer) the thread also calls `tick()`: the supervisor's
+answer watchdog (`engines.supervised`), which needs a wake-up even when nothing arrives.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import select
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
@@ -42,8 +47,8 @@ from .child import Frames
 
 log = logging.getLogger("codemoat.engines")
 _ENDED = select.POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL
-#: seconds a send may go without the engine process taking a byte before it is hung: its reader answers in
-#: microseconds (it hands each request to the worker and reads on), so this is far past any busy moment
+#: seconds queued frames may go without the engine process taking a byte before it is hung: its reader
+#: answers in microseconds (it hands each request to the worker and reads on), so this is far past any busy moment
 STALL_S = 10.0
 
 
@@ -92,6 +97,7 @@ class Request:
     def __init__(self, loop: asyncio.AbstractEventLoop | None = None, future: Future | None = None):
         self.loop, self.future = loop, future
         self.queue: asyncio.Queue | None = asyncio.Queue() if loop is not None else None
+        self.answered = False  # its last message came (a chunk with a finish reason, its end, its result)
         self._sent = 0  # items handed to the loop from another thread, not yet in the queue
         self._lock = threading.Lock()
 
@@ -121,7 +127,8 @@ class Request:
 class Inbox:
     """Reads one engine process's socket (see the module docstring). `route(rid)` is the request a
     message is for (None: cancelled, or its client left); `on_slots` gets a batching engine's slot use;
-    `on_end` is called once, on the thread, after the last message was delivered."""
+    `on_end` is called once, on the thread, after the last message was delivered; `on_hung(why)` when the
+    process stopped taking frames, and `tick()` once a second while `busy()`, both on the thread."""
 
     def __init__(
         self,
@@ -131,12 +138,21 @@ class Inbox:
         on_slots: Callable[[dict[str, int]], None],
         on_end: Callable[[], None],
         name: str,
+        *,
+        on_hung: Callable[[str], None] = lambda why: None,
+        busy: Callable[[], bool] = lambda: False,
+        tick: Callable[[], None] = lambda: None,
     ):
         self.sock, self.fd, self.frames = sock, sock.fileno(), frames
         self.route, self.on_slots, self.on_end = route, on_slots, on_end
+        self.on_hung, self.busy, self.tick = on_hung, busy, tick
         self.loop: asyncio.AbstractEventLoop | None = None  # the running loop that reads, if one does
+        self.received = 0  # reads that brought messages (the answer watchdog's sign of life)
         self._rx = threading.Lock()  # one reader at a time: read, parse, deliver
-        self._tx = threading.Lock()
+        self._tx = threading.Lock()  # `_out` and writes
+        self._out: deque[memoryview] = deque()  # frames (their rest) the socket did not take yet, in order
+        self._moved = 0.0  # when the engine process last took a byte of `_out`
+        self._dead: str | None = None  # why sends fail now (hung)
         self._mode = threading.Lock()  # who reads
         self._eof = self._over = False
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -155,6 +171,7 @@ class Inbox:
             try:
                 got = self.frames.pump()
                 if got:
+                    self.received += 1
                     self._dispatch(got, here)
             except (OSError, EOFError, ValueError, pickle.UnpicklingError):
                 got = None
@@ -181,9 +198,13 @@ class Inbox:
             elif kind == "slots":
                 self.on_slots(msg[2])
             elif kind == "result" and (req := self.route(rid)) is not None:
+                req.answered = True
                 req.deliver(CodemoatError(msg[3]) if msg[3] else msg[2], here)
         for rid, items in bursts.items():
             if (req := self.route(rid)) is not None:
+                last = items[-1]
+                if not isinstance(last, tuple) or last[2] is not None:  # its end, or a chunk with a finish reason
+                    req.answered = True
                 req.deliver(_chunks(items), here)
 
     def _readable(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -239,28 +260,41 @@ class Inbox:
     def _watch(self) -> None:
         poll, events = select.poll(), 0
         poll.register(self._wake_r, select.POLLIN)
+        next_tick = 0.0
         while True:
-            want = select.POLLRDHUP | (select.POLLIN if self.loop is None else 0)
+            writing = bool(self._out)
+            want = select.POLLRDHUP | (select.POLLIN if self.loop is None else 0) | (select.POLLOUT if writing else 0)
             if want != events:
                 poll.register(self.fd, want)  # again: a change
                 events = want
-            got = dict(poll.poll(None if self.loop is None else 1000))
-            if not got:  # a loop that stopped between two of its requests while another's wait: read for them
-                if (loop := self.loop) is not None and not loop.is_running():
-                    self.release()
-                continue
+            got = dict(poll.poll(1000 if self.loop is not None or writing or self.busy() else None))
             if self._wake_r in got:
                 os.read(self._wake_r, 512)
             ev = got.get(self.fd, 0)
+            if ev & select.POLLOUT:
+                self._flush()
             if ev & select.POLLIN and self.loop is None:
                 if self._pump() < 0:
                     break
             elif ev & _ENDED:
                 break
+            now = time.monotonic()
+            if now < next_tick:
+                continue
+            next_tick = now + 1.0
+            if (loop := self.loop) is not None and not loop.is_running():
+                self.release()  # a loop that stopped between two of its requests while another's wait: read for them
+            if self._out and now - self._moved >= STALL_S:
+                self._hang(f"the engine process took no message for {STALL_S:g} s: it stopped reading")
+            elif self.busy():
+                self.tick()
         while self._pump() > 0:  # what the socket still holds
             pass
         with self._mode:
             self._over, loop, self.loop = True, self.loop, None
+        with self._tx:
+            self._dead = self._dead or "the engine process is gone"
+            self._out.clear()
         os.close(self._wake_r)
         os.close(self._wake_w)
         if loop is not None and loop.is_running():
@@ -278,25 +312,50 @@ class Inbox:
 
     # -- writing -------------------------------------------------------------------
     def send(self, data: bytes) -> None:
-        """Write one frame (`child.frame`). While the engine process cannot take it, read: it may be waiting
-        for us to read before it reads again. OSError if the process is gone, `EngineHung` (the socket
-        shut) if it took no byte for `STALL_S`."""
+        """Send one frame (`child.frame`) without waiting: what the socket does not take now goes out from
+        the thread, after the frames before it, as the engine process reads. `EngineHung` (an OSError)
+        once the process was found hung or is gone."""
         with self._tx:
-            view = memoryview(data)
-            moved = time.monotonic()
-            while view:
+            if self._dead is not None:
+                raise EngineHung(self._dead)
+            if self._out:  # frames before it still wait: in order
+                self._out.append(memoryview(data))
+                return
+            try:
+                n = self.sock.send(data, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                n = 0
+            if n == len(data):
+                return
+            self._out.append(memoryview(data)[n:])
+            self._moved = time.monotonic()
+            self._poke()  # the thread writes the rest (POLLOUT) and watches that it moves
+
+    def _flush(self) -> None:
+        """Write what the engine process takes now of the frames waiting (on the thread, at POLLOUT)."""
+        with self._tx:
+            while self._out:
+                head = self._out[0]
                 try:
-                    view = view[self.sock.send(view, socket.MSG_DONTWAIT) :]
-                    moved = time.monotonic()
+                    n = self.sock.send(head, socket.MSG_DONTWAIT)
                 except BlockingIOError:
-                    left = moved + STALL_S - time.monotonic()
-                    if left <= 0:
-                        try:
-                            self.sock.shutdown(socket.SHUT_RDWR)  # every later send fails at once; the reader sees the end
-                        except OSError:
-                            pass
-                        raise EngineHung(f"the engine process took no message for {STALL_S:g} s: it stopped reading") from None
-                    poll = select.poll()
-                    poll.register(self.fd, select.POLLOUT | select.POLLIN)
-                    if dict(poll.poll(min(1000, int(left * 1000) + 1))).get(self.fd, 0) & select.POLLIN:
-                        self._pump()
+                    return
+                except OSError:  # the process is gone: the reader sees the end
+                    self._out.clear()
+                    return
+                self._moved = time.monotonic()
+                if n < len(head):
+                    self._out[0] = head[n:]
+                    return
+                self._out.popleft()
+
+    def _hang(self, why: str) -> None:
+        """The engine process stopped taking frames: later sends fail at once, its supervisor ends it."""
+        with self._tx:
+            self._dead = why
+            self._out.clear()
+        self.on_hung(why)
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # the reader sees the end (if `on_hung` did not end the process)
+        except OSError:
+            pass

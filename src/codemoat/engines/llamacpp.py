@@ -169,7 +169,7 @@ class LlamaCppEngine(WorkerEngine):
     def _model(self):
         """The native model; using it after `close()` would crash the process, so it is refused."""
         if self._closed:
-            raise CodemoatError("engine is closed")
+            raise self.closed_error()
         return self._llm
 
     # -- construction -----------------------------------------------------
@@ -265,6 +265,8 @@ class LlamaCppEngine(WorkerEngine):
     def _tokenize(self, text: str, special: bool) -> list[int]:
         """llama.cpp's tokenizer into a buffer that fits: llama-cpp-python sizes its buffer by the training
         context, which a vocab-only model (the server's `front`) reports as 0, so it tokenised every text twice."""
+        if self._closed:  # its vocabulary is freed: a 503 that says why, not a crash
+            raise self.closed_error()
         b = text.encode()
         buf = (ctypes.c_int32 * (len(b) + 8))()  # a token covers a byte or more; room for a leading-space token
         n = self._lib.llama_tokenize(self._vocab, b, len(b), buf, len(buf), False, special)
@@ -295,7 +297,7 @@ class LlamaCppEngine(WorkerEngine):
         if self._batcher is None:
             return super()._start(ids, params, emit, cancel, finished)
         if self._closed:
-            raise CodemoatError("engine is closed")
+            raise self.closed_error()
         self._jobs.put(Seq(list(ids), params, emit, cancel, finished))
 
     @property

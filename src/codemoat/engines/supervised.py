@@ -41,8 +41,9 @@ import numpy as np
 from ..errors import CodemoatError, Unavailable
 from .base import Chunk, Engine, SamplingParams
 from .child import Frames, frame
-from .inbox import EngineHung, Inbox, Request
+from .inbox import Inbox, Request
 from .memfd import MemfdBuffer
+from .watchdog import AnswerWatch
 
 log = logging.getLogger("codemoat.engines")
 
@@ -69,19 +70,21 @@ class _Child:
         self.proc, self.sock, self.facts, self.frames = proc, sock, facts, frames
         self.started = time.monotonic()
         self.inbox: Inbox | None = None
-        self.hung = False
+        self.hung: str | None = None  # why the server found it hung and killed it
 
     def send(self, msg: Any) -> None:
+        """Never waits on the process (`Inbox.send`); OSError once it is gone or hung."""
         if self.inbox is None:
             self.sock.sendall(frame(msg))
             return
-        try:
-            self.inbox.send(frame(msg))
-        except EngineHung as e:
-            log.error("engine process %d: %s; killing it", self.proc.pid, e)
-            self.hung = True
-            self.proc.kill()  # its end is a crash like any other (`_ended`): its requests 503, it restarts
-            raise
+        self.inbox.send(frame(msg))
+
+    def kill_hung(self, why: str) -> None:
+        """It stopped reading or answering: kill it; its end is a crash like any other (`_ended`)."""
+        if self.hung is None:
+            self.hung = why
+            log.error("engine process %d: %s; killing it", self.proc.pid, why)
+            self.proc.kill()
 
     def stop(self, timeout: float = 10.0) -> None:
         try:
@@ -106,9 +109,12 @@ class _Died(Exception):
 class SupervisedEngine(Engine):
     """The server's side of an engine running in a child process (see the module docstring)."""
 
-    def __init__(self, engine_cls: type[Engine], source: Path | str | MemfdBuffer, opts: dict[str, Any]):
+    def __init__(
+        self, engine_cls: type[Engine], source: Path | str | MemfdBuffer, opts: dict[str, Any], answer_timeout_s: float = 0.0
+    ):
         self.engine_cls, self.name = engine_cls, engine_cls.name
         self.opts = dict(opts)
+        self.answer_timeout_s = answer_timeout_s  # `watchdog`: 0 = never
         self.model_id = str(opts.get("model_id") or "model")
         self._buf = source if isinstance(source, MemfdBuffer) else None
         self._path = source.path if isinstance(source, MemfdBuffer) else str(source)
@@ -127,10 +133,13 @@ class SupervisedEngine(Engine):
         self.front = engine_cls.front(self._path, **self.opts)
 
     @classmethod
-    def start(cls, engine_cls: type[Engine], source: Path | str | MemfdBuffer, opts: dict[str, Any]) -> SupervisedEngine:
-        """Start the engine process and wait until its model is loaded; one `CodemoatError` line if it cannot."""
+    def start(
+        cls, engine_cls: type[Engine], source: Path | str | MemfdBuffer, opts: dict[str, Any], answer_timeout_s: float = 0.0
+    ) -> SupervisedEngine:
+        """Start the engine process and wait until its model is loaded; one `CodemoatError` line if it cannot.
+        `answer_timeout_s`: how long it may owe answers, send nothing and compute nothing (`watchdog`)."""
         try:
-            eng = cls(engine_cls, source, opts)
+            eng = cls(engine_cls, source, opts, answer_timeout_s)
         except BaseException:
             if isinstance(source, MemfdBuffer):
                 source.close(zero=True)
@@ -189,8 +198,22 @@ class SupervisedEngine(Engine):
 
     def _launch(self, restart: bool = False) -> None:
         child = self._spawn()
+        watch = AnswerWatch(child.proc.pid, self.answer_timeout_s, lambda: child.inbox.received)  # type: ignore[union-attr]
+
+        def tick() -> None:
+            if (why := watch.check()) is not None:
+                child.kill_hung(why)
+
         child.inbox = Inbox(
-            child.sock, child.frames, self._requests_get, self._slots, lambda: self._ended(child), f"engine-{child.proc.pid}"
+            child.sock,
+            child.frames,
+            self._requests_get,
+            self._slots,
+            lambda: self._ended(child),
+            f"engine-{child.proc.pid}",
+            on_hung=child.kill_hung,
+            busy=self._owed,
+            tick=tick,
         )
         with self._lock:
             if self._closed:
@@ -207,6 +230,10 @@ class SupervisedEngine(Engine):
     def _requests_get(self, rid: int) -> Request | None:
         return self._requests.get(rid)  # None: cancelled, or its client left
 
+    def _owed(self) -> bool:
+        """Some request waits for the engine process's answer (or the rest of it)."""
+        return any(not r.answered for r in list(self._requests.values()))
+
     def _slots(self, usage: dict[str, int]) -> None:
         self._facts["slots"] = usage
 
@@ -219,13 +246,16 @@ class SupervisedEngine(Engine):
             failed, self._requests = self._requests, {}
             now = time.monotonic()
             self.crashes += 1
-            self.last_exit, self.last_crash_at = "hung" if child.hung else describe_exit(code), time.time()
+            self.last_exit, self.last_crash_at = "hung" if child.hung is not None else describe_exit(code), time.time()
             self._backoff = 0 if now - child.started >= STABLE_S else self._backoff + 1
             delay = BACKOFF_S[min(self._backoff, len(BACKOFF_S) - 1)]
             self._recent.append(now)
             while self._recent and now - self._recent[0] > SAFE_WINDOW_S:
                 self._recent.popleft()
-        message = f"the inference engine crashed ({self.last_exit}) and is restarting; retry in a moment"
+        if child.hung is not None:
+            message = "the inference engine stopped answering and is restarting; retry in a moment"
+        else:
+            message = f"the inference engine crashed ({self.last_exit}) and is restarting; retry in a moment"
         for req in failed.values():
             req.deliver(Unavailable(message))
         log.error(
@@ -248,7 +278,7 @@ class SupervisedEngine(Engine):
                     "restart_in_s": delay,
                     "safe_options": self.safe,
                     "pid": child.proc.pid,
-                    "hung": child.hung,  # it stopped reading (killed by the server), not a crash of its own
+                    "hung": child.hung is not None,  # it stopped reading or answering: killed by the server
                 },
             )
         threading.Thread(target=self._restart, args=(delay,), name="engine-restart", daemon=True).start()
@@ -293,7 +323,7 @@ class SupervisedEngine(Engine):
         child = self._child
         if child is None:
             if self._closed:
-                raise Unavailable(f"model {self.model_id!r} is not available: engine closed")
+                raise self.closed_error()
             raise Unavailable(f"the inference engine is restarting after a crash ({self.last_exit}); retry in a moment")
         return child
 
@@ -412,10 +442,11 @@ class SupervisedEngine(Engine):
             child, self._child = self._child, None
             pending, self._requests = self._requests, {}
         for req in pending.values():
-            req.deliver(Unavailable(f"model {self.model_id!r} is not available: engine closed"))
+            req.deliver(self.closed_error())
         if child is not None:
             child.stop()
-        self.front.close()
+        # the front (a tokenizer, no weights) is freed with this object, not here: a request that took the
+        # engine just before it closed may be tokenising with it on another thread (freed under it: SIGSEGV)
         if self._buf is not None:
             self._buf.close(zero=True)
             self._buf = None

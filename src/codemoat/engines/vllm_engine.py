@@ -223,7 +223,7 @@ class VllmEngine(HfModel, Engine):
         self.check_count(len(ids), params.max_tokens)
         eng = self._engine
         if eng is None:
-            raise CodemoatError("the vllm engine is closed")
+            raise self.closed_error()
         vp = self.vllm_params(params)
         lora = await self._lora_request(params.adapter)
         rid = uuid.uuid4().hex
@@ -250,6 +250,10 @@ class VllmEngine(HfModel, Engine):
                     finished = True
                     reason = "length" if o.finish_reason == "length" else "stop"
                     break
+        except Exception:
+            if self._engine is None:  # closed under it (license revoked, lease expired): a 503 that says why
+                raise self.closed_error() from None
+            raise
         finally:
             if not finished:  # a stop string, a line rule, or the client went away: vLLM stops too
                 try:

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from typing import Any
 
-from ..errors import CodemoatError, Overloaded
+from ..errors import Overloaded
 from .base import Chunk, Completion, Engine, FinishReason, SamplingParams, Timings
 
 _DONE = object()
@@ -140,7 +140,7 @@ class WorkerEngine(Engine):
 
     def _submit(self, fn: Callable[[], Any]) -> Future:
         if self._closed:
-            raise CodemoatError("engine is closed")
+            raise self.closed_error()
         fut: Future = Future()
         self._jobs.put((fn, fut))
         return fut

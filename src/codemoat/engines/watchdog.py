@@ -1,0 +1,79 @@
+"""When an engine process owes answers and gives none: is it working on them, or hung?
+
+An engine process can stop without dying: its reader stuck (then the server's frames wait in the socket
+and nothing comes back), its worker deadlocked, the process stopped. No send stalls when the server sends
+nothing more, so only the silence shows it. Silence alone is no proof: a long prompt's prefill sends no
+message for as long as it takes (minutes, for a large model on CPU), and a request queued behind others
+waits silently while they are answered.
+
+So progress is either a message from the process (any request's token, error or slot change) or time its
+threads spend runnable: running, or waiting for a core (`/proc/PID/task/*/schedstat`). A prefill computes,
+a hung process sleeps. CPU time alone would not tell them apart on a loaded machine: an engine process
+starved of cores computes for a few milliseconds in seconds, but it waits to run all that time.
+`AnswerWatch.check` (called about once a second while some request owes an answer) says the process is
+hung once it sent nothing and was runnable for less than `MIN_RUNNABLE_S` in `limit` seconds
+(`model.answer_timeout_s`). What it cannot see: an engine that spins in a loop producing nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+
+#: seconds a silent engine process's threads must be runnable in a `limit`-long window to count as working
+#: (a prefill's thread is runnable all the window; a hung process's threads sleep, a few microseconds aside)
+MIN_RUNNABLE_S = 0.05
+#: seconds between two checks that mean nothing was owed in between (checks come once a second while owed)
+GAP_S = 3.0
+
+
+def runnable_ns(pid: int) -> dict[int, int] | None:
+    """Per thread of process `pid`: nanoseconds it ran or waited for a core so far; None once it is gone."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    out = {}
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as f:
+                run, wait = f.read().split()[:2]
+        except (OSError, ValueError):
+            continue  # the thread ended meanwhile
+        out[int(tid)] = int(run) + int(wait)
+    return out
+
+
+class AnswerWatch:
+    """`check()` is None while process `pid` makes progress, else why it is hung. `received()` counts the
+    process's messages so far."""
+
+    def __init__(self, pid: int, limit: float, received: Callable[[], int]):
+        self.pid, self.limit, self.received = pid, limit, received
+        self._seen = -1
+        self._since = self._last = 0.0
+        self._runnable: dict[int, int] | None = None
+
+    def check(self) -> str | None:
+        """Called about once a second while an answer is owed; a longer gap means none was owed meanwhile."""
+        if not self.limit:
+            return None
+        now, seen = time.monotonic(), self.received()
+        last, self._last = self._last, now
+        if seen != self._seen or now - last > GAP_S:  # a message, or a new wait: a new window
+            self._seen, self._since, self._runnable = seen, now, None
+            return None
+        if self._runnable is None:  # silent since the last check: its work counts from here (read only now, not each second)
+            self._runnable = runnable_ns(self.pid)
+            return None
+        if now - self._since < self.limit:
+            return None
+        runnable = runnable_ns(self.pid)
+        if runnable is None:
+            return None  # it ended: its supervisor hears of that anyway
+        spent = sum(ns - self._runnable.get(tid, 0) for tid, ns in runnable.items())
+        if spent >= MIN_RUNNABLE_S * 1e9:  # computing (a long prefill), or waiting for a core to: a new window
+            self._since, self._runnable = now, runnable
+            return None
+        return f"the engine process sent nothing for {now - self._since:.0f} s while requests waited, and did no work"
