@@ -17,8 +17,8 @@ from fastapi import FastAPI
 from codemoat.accounts import Accounts
 from codemoat.config import Settings
 from codemoat.db import open_db
-from codemoat.engines.holder import ModelHolder
 from codemoat.serve.app import create_app
+from kept_holder import KeptHolder
 
 GREEDY = {"model": "tiny", "temperature": 0}  # a request's fields for repeatable answers
 SCOPES = {"alice": ("complete", "chat"), "bob": ("complete", "chat"), "root": ("admin",), "scraper": ("metrics",)}
@@ -44,11 +44,6 @@ def fresh_db():
     eng = open_db()
     yield eng
     eng.dispose()
-
-
-class Keep(ModelHolder):
-    def close(self):  # the module-scoped engine outlives each app
-        pass
 
 
 class Paced:
@@ -79,7 +74,7 @@ class Broken(Paced):
 
 
 def make_app(settings: Settings, accounts: Accounts, engine) -> FastAPI:
-    holder = Keep("tiny")
+    holder = KeptHolder("tiny")
     holder.set(engine)
     return create_app(settings, holder=holder, accounts=accounts)
 

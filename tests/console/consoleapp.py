@@ -8,18 +8,14 @@ import re
 from codemoat.accounts import Accounts
 from codemoat.config import Settings
 from codemoat.db import open_db
-from codemoat.engines.holder import LicenseStatus, ModelHolder
+from codemoat.engines.holder import LicenseStatus
+from kept_holder import KeptHolder
 from codemoat.serve.app import create_app
-
-
-class Keep(ModelHolder):
-    def close(self):  # the module-scoped engine outlives each app
-        pass
 
 
 def make(url: str, engine, settings: Settings | None = None):
     accounts = Accounts(open_db(url))
-    holder = Keep("tiny")
+    holder = KeptHolder("tiny")
     holder.set(engine)
     return create_app(settings or Settings(), holder=holder, accounts=accounts), accounts
 

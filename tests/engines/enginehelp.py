@@ -12,9 +12,9 @@ from codemoat.accounts import Accounts
 from codemoat.config import load_settings
 from codemoat.db import open_db
 from codemoat.engines.base import SamplingParams
-from codemoat.engines.holder import ModelHolder
 from codemoat.engines.llamacpp import LlamaCppEngine
 from codemoat.serve.app import create_app
+from kept_holder import KeptHolder
 
 
 def run(coro, timeout: float = 120):
@@ -36,16 +36,9 @@ def batched_engine(tiny_gguf):
     e.close()
 
 
-class _Keep(ModelHolder):
-    """Holds the module's engine without closing it when an app is done with it."""
-
-    def close(self):
-        pass
-
-
 def served(engine, users=("payments",), **settings) -> tuple:
     """The real app over `engine` with `settings`, and a bearer token it accepts for each of `users`."""
-    holder = _Keep("tiny")
+    holder = KeptHolder("tiny")
     holder.set(engine)
     accounts = Accounts(open_db())
     tokens = {u: accounts.create_token(u)[1] for u in users}

@@ -19,12 +19,12 @@ from codemoat.accounts import Accounts
 from codemoat.config import load_settings
 from codemoat.db import open_db
 from codemoat.engines.base import SamplingParams
-from codemoat.engines.holder import ModelHolder
 from codemoat.engines.llamacpp import LlamaCppEngine
 from codemoat.engines.memfd import MemfdBuffer
 from codemoat.engines.vllm_handoff import PrivateDir, WeightHandoff, fetch
 from codemoat.errors import CodemoatError
 from codemoat.serve.app import create_app
+from kept_holder import KeptHolder
 
 needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
 
@@ -92,12 +92,8 @@ def test_the_prefix_cache_is_salted_per_user():
 # ------------------------------------------------------------------- through the routes ---
 @pytest.fixture(scope="module")
 def app_client(tiny_gguf):
-    class Keep(ModelHolder):
-        def close(self):
-            pass
-
     eng = LlamaCppEngine.from_path(tiny_gguf, model_id="tiny", n_ctx=512, n_threads=1, parallel=1)
-    holder = Keep("tiny")
+    holder = KeptHolder("tiny")
     holder.set(eng)
     accounts = Accounts(open_db())
     _, tok = accounts.create_token("mallory")

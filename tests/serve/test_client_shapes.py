@@ -10,9 +10,9 @@ from fastapi.testclient import TestClient
 from codemoat.accounts import Accounts
 from codemoat.config import load_settings
 from codemoat.db import open_db
-from codemoat.engines.holder import ModelHolder
 from codemoat.engines.llamacpp import LlamaCppEngine
 from codemoat.serve.app import create_app
+from kept_holder import KeptHolder
 
 N_CTX = 1024
 
@@ -24,15 +24,10 @@ def engine(tiny_gguf):
     e.close()
 
 
-class _Keep(ModelHolder):
-    def close(self):  # the module-scoped engine outlives each app
-        pass
-
-
 @pytest.fixture
 def client(engine):
     accounts = Accounts(open_db())
-    holder = _Keep("tiny")
+    holder = KeptHolder("tiny")
     holder.set(engine)
     app = create_app(load_settings(), holder=holder, accounts=accounts)
     _, tok = accounts.create_token("alice")

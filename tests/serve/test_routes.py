@@ -11,6 +11,7 @@ from codemoat.db import open_db
 from codemoat.engines.holder import ModelHolder
 from codemoat.engines.llamacpp import LlamaCppEngine
 from codemoat.serve.app import create_app
+from kept_holder import KeptHolder
 
 
 @pytest.fixture
@@ -20,16 +21,11 @@ def engine(random_gguf):
     e.close()
 
 
-class _Keep(ModelHolder):
-    def close(self):  # the module-scoped engine outlives each app
-        pass
-
-
 @pytest.fixture
 def client(engine):
     settings = load_settings(**{"model.max_tokens_limit": 64})
     accounts = Accounts(open_db())
-    holder = _Keep("tiny")
+    holder = KeptHolder("tiny")
     holder.set(engine)
     app = create_app(settings, holder=holder, accounts=accounts)
     _, tok = accounts.create_token("alice")

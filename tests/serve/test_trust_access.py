@@ -9,7 +9,8 @@ import warnings
 import pytest
 from fastapi.testclient import TestClient
 
-from audit.trustapp import Keep, fresh_db, make_app, make_tokens, records, tiny_llm
+from audit.trustapp import fresh_db, make_app, make_tokens, records, tiny_llm
+from kept_holder import KeptHolder
 from codemoat.accounts import Accounts
 from codemoat.config import Settings
 from codemoat.serve.app import create_app
@@ -42,7 +43,7 @@ def test_health_without_a_token_is_liveness_only(client):
 
 def test_health_liveness_says_unavailable_without_a_model(db):
     accounts = Accounts(db)
-    with TestClient(create_app(Settings(), holder=Keep("tiny"), accounts=accounts)) as c:  # nothing loaded
+    with TestClient(create_app(Settings(), holder=KeptHolder("tiny"), accounts=accounts)) as c:  # nothing loaded
         r = c.get("/health")
         assert r.status_code == 503 and r.json() == {"status": "unavailable"}  # not the reason: it can name a license
         _, tok = accounts.create_token("alice")

@@ -13,24 +13,19 @@ from fastapi.testclient import TestClient
 from codemoat.accounts import Accounts
 from codemoat.config import Settings
 from codemoat.db import open_db
-from codemoat.engines.holder import ModelHolder
 from codemoat.serve.app import create_app
 from codemoat.usage import report
+from kept_holder import KeptHolder
 
 HEADER = "X-Codemoat-Completion-Id"
 CID = re.compile(r"^cmpl-[0-9a-f]{24}$")
-
-
-class Keep(ModelHolder):
-    def close(self):  # the module's engine outlives the app
-        pass
 
 
 @pytest.fixture
 def app(home, tiny_llm):
     engine = open_db(f"sqlite:///{home / 'codemoat.db'}")
     accounts = Accounts(engine)
-    holder = Keep("tiny")
+    holder = KeptHolder("tiny")
     holder.set(tiny_llm)
     _, ann = accounts.create_token("ann", user="ann", scopes=("complete", "chat"))
     _, eve = accounts.create_token("eve", user="eve", scopes=("complete",))
