@@ -4,6 +4,7 @@ deeply nested bodies, challenges for licenses it does not know, a flood of chall
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import pytest
@@ -114,6 +115,65 @@ def test_an_answer_the_decoder_or_canonical_json_refuses_is_an_outage_that_ends_
     clock.advance(10.5)  # past TTL + grace
     keeper.tick()
     assert keeper.state == "lost" and len(events) == 1 and "could not be renewed" in events[0]
+
+
+class Tarpit(RewritingProxy):
+    """Forwards to the key server until `on` is set; then answers every request with a status line, headers
+    and one body byte every 0.05 s, for ever (each read is quick: no per-read timeout ever trips)."""
+
+    on = False
+
+    async def _handle(self, reader, writer) -> None:
+        import asyncio
+
+        if not self.on:
+            return await super()._handle(reader, writer)
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 1000000\r\n\r\n")
+            while self.on:
+                writer.write(b" ")
+                await writer.drain()
+                await asyncio.sleep(0.05)
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+
+def _tick(keeper) -> None:
+    """keeper.tick() as its thread runs it; fails the test when it is still blocked after 30 s."""
+    import threading
+
+    t = threading.Thread(target=keeper.tick, daemon=True)
+    t.start()
+    t.join(30)
+    assert not t.is_alive(), "the lease keeper is still waiting on the answer: its deadline is never checked"
+
+
+def test_an_answer_that_never_ends_is_an_outage_that_ends_at_ttl_plus_grace(vendor, machine, model, tmp_path, keyserver):
+    """httpx's timeout bounds each read, not the answer: the customer's own proxy sending one byte every 0.05 s
+    held LeaseKeeper.tick in the renewal for good, so the state stayed "held", the TTL + grace deadline was
+    never checked, and the model served on after its lease ran out (or its license was revoked)."""
+    tarpit = Tarpit(keyserver.url, lambda path, status, body: (status, body)).start()
+    try:
+        lic = _license(vendor, model, tmp_path / "a", machine, tarpit.url)
+        clock, events = ManualClock(), []
+        client = LeaseClient(lic, machine, clock=clock, timeout=2)
+        keeper = LeaseKeeper(
+            client, client.acquire(), on_lost=lambda r: events.append("lost: " + r), on_regained=print, clock=clock
+        )
+        tarpit.on = True
+        clock.advance(5)
+        _tick(keeper)
+        assert keeper.state == "renewing" and events == [] and "no complete answer" in keeper.last_error
+        clock.advance(10.5)  # past TTL + grace
+        _tick(keeper)
+        assert keeper.state == "lost" and len(events) == 1 and "could not be renewed" in events[0]
+    finally:
+        tarpit.on = False
+        time.sleep(0.2)  # its handlers end their loops before the proxy's loop stops
+        tarpit.stop()
 
 
 def test_a_genuine_revocation_through_the_proxy_still_ends_serving_at_once(vendor, machine, model, tmp_path, proxied):

@@ -30,6 +30,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import Future, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -119,7 +120,7 @@ class LeaseClient:
         if lic.mode != "lease":
             raise VaultError("not a lease license")
         self.lic, self.machine, self.clock = lic, machine, clock or Clock()
-        self.url = lic.lease["url"].rstrip("/")
+        self.url, self.timeout = lic.lease["url"].rstrip("/"), timeout
         self.server_key = ed_public(lic.lease["server_key"], "key server public key")
         self._http = httpx.Client(timeout=timeout, transport=transport, trust_env=False)
         self._next_nonce: str | None = None
@@ -301,6 +302,16 @@ class LeaseClient:
             pass
 
 
+ANSWER_TIMEOUTS = 6  # a renewal's whole answer may take this many of the client's (per-read) timeouts
+
+
+def _settle(future: Future, fn: Callable[[], Any]) -> None:
+    try:
+        future.set_result(fn())
+    except BaseException as e:  # noqa: BLE001 - handed to the waiter, which raises it
+        future.set_exception(e)
+
+
 class LeaseKeeper:
     """Renews a lease in the background and says when the model must go (or may come back)."""
 
@@ -326,6 +337,23 @@ class LeaseKeeper:
         self.next_attempt = lease.sent_at + lease.ttl * renew_fraction
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._asking: Future[Lease] | None = None  # a renewal sent and not answered yet
+
+    def _acquire(self) -> Lease:
+        """client.acquire(), or Unreachable when its answer is not complete within ANSWER_TIMEOUTS times the
+        client's timeout: httpx's timeout bounds each read, not the answer, so a server or proxy sending a
+        byte every few seconds held the keeper here for good, its deadline never checked. The request goes
+        on in its own thread; no other is sent until it ends (a late answer is taken at the next attempt)."""
+        if self._asking is None:
+            self._asking = Future()
+            threading.Thread(
+                target=_settle, args=(self._asking, self.client.acquire), name="codemoat-lease-ask", daemon=True
+            ).start()
+        asking, limit = self._asking, self.client.timeout * ANSWER_TIMEOUTS
+        if not wait([asking], timeout=limit).done:
+            raise Unreachable(f"key server at {self.client.url} sent no complete answer in {limit:g} s")
+        self._asking = None
+        return asking.result()
 
     @property
     def deadline(self) -> float:
@@ -343,7 +371,7 @@ class LeaseKeeper:
         now = self.clock.monotonic()
         if now >= self.next_attempt:
             try:
-                lease = self.client.acquire()
+                lease = self._acquire()
             except LeaseDenied as e:
                 self.last_error, self.failures = str(e), self.failures + 1
                 self.next_attempt = now + (self.lease.ttl * self.fraction if e.code in TERMINAL else self.retry_interval())
