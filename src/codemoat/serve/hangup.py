@@ -4,9 +4,9 @@ for nobody (`Service.run` and `Service.open_stream`)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import Any
 
+import anyio
 from fastapi import Request
 
 from ..errors import CodemoatError
@@ -20,20 +20,24 @@ class ClientGone(CodemoatError):
 
 
 async def unless_gone(request: Request, coro: Any) -> Any:
-    """`coro`'s result, or `ClientGone` (and `coro` cancelled) if the client hangs up first."""
-    work = asyncio.ensure_future(coro)
-    gone = asyncio.ensure_future(disconnected(request))
+    """`coro`'s result, or `ClientGone` (and `coro` cancelled) if the client hangs up first.
+
+    `coro` runs in the request's own task and one plain task watches for the hang-up: a task of its own
+    would cost two turns of the event loop (to start it, to hand its result back) before the first token
+    goes out."""
+    cut = anyio.CancelScope()
+
+    async def watch() -> None:
+        await disconnected(request)
+        cut.cancel()
+
+    watcher = asyncio.ensure_future(watch())
     try:
-        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        with cut:
+            return await coro
     finally:
-        gone.cancel()
-        if not work.done():
-            work.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await work
-    if work.cancelled():
-        raise ClientGone("the client closed the connection; generation was cancelled")
-    return work.result()
+        watcher.cancel()
+    raise ClientGone("the client closed the connection; generation was cancelled")
 
 
 async def disconnected(request: Request) -> None:
