@@ -321,6 +321,9 @@ class TpmAttestor:
         finally:
             self.ctx.flush_context(h)
         out.update(self._ek())
+        # The CRL install counter, defined and counted now if it is not yet: the license names it (signed by the
+        # vendor), so a chip without it, or with one defined again since, is refused at start (vault.crl).
+        out["crl"] = {"index": CRL_NV_INDEX, "count": self.crl_count(create=True)}
         return out
 
     def _ek_template(self) -> tuple[bytes | None, Any] | None:

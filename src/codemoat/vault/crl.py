@@ -17,11 +17,20 @@ closed). The number of the latest CRL installed is also kept in the clock record
 under a key derived from the machine key), so a deleted CRL, or an older one put back, refuses to
 start too. Never installing the CRL is not detected, nor is a restore of the clock record itself
 from a backup: docs/threat-model.md.
+
+On a machine whose keys are in a TPM every install also counts in an NV counter, and the record keeps the
+count it reached: a record put back from before an install is behind the chip. `codemoat machine-id --tpm`
+defines the counter and the record starts at its count ("tpm-base"); the vendor signs that count into the
+license's TPM block ("crl"). So a chip without the counter (deleted with owner authorization) is refused,
+and so is one whose counter was defined again since (a record whose base is above the licensed count),
+even with a record from before the first install. Licenses whose TPM block names no counter still load,
+with a warning: for them that case is not detected.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections.abc import Iterable
@@ -39,6 +48,8 @@ from .machine import MachineKey
 from .codec import VaultError, b64d, b64e, canonical, ed_public, key_id, sign, verify
 from .trust import TRUST_FILE, check_trusted_vendor
 from .vendor_tables import leases_t, licenses_t, revocations_t
+
+log = logging.getLogger("codemoat.vault")
 
 KIND = "codemoat-crl"
 VERSION = 1
@@ -190,19 +201,50 @@ def _installed(vendor_key_b64: str, home: Path | None) -> Crl | None:
 
 
 TPM_COUNT = "tpm"  # the clock record's entry for the TPM's CRL counter (vendor key ids are hex)
+TPM_BASE = "tpm-base"  # the counter's count when this record started following it (provisioning, or the first install)
+_warned: set[str] = set()
 
 
-def _tpm_behind(guard: ClockGuard, attestor: Any) -> None:
+def record_provisioned(guard: ClockGuard, count: int) -> None:
+    """`machine-id --tpm` defined the CRL counter at `count`: the clock record follows it from there."""
+    guard.record_crl({TPM_COUNT: count, TPM_BASE: count})
+
+
+def _tpm_behind(guard: ClockGuard, attestor: Any, named: dict[str, Any] | None = None, lid: str = "") -> None:
     """On a machine whose keys are in a TPM: refuse a clock record behind the TPM's CRL counter. Every
     install counts there, so a record put back from before an install (with an older CRL, or none) is;
-    and a record that says the chip counted installs, on a chip without the counter."""
+    and a record that says the chip counted installs, on a chip without the counter. `named`: the counter
+    and its count at provisioning as license `lid` names them (signed by the vendor), which also refuses a
+    chip without it, and a counter defined again since, whatever the record says."""
     count = attestor.crl_count()
-    recorded = guard.crl_number(TPM_COUNT)
+    recorded, base = guard.crl_number(TPM_COUNT), guard.crl_number(TPM_BASE)
+    if named is None and lid and lid not in _warned:
+        _warned.add(lid)
+        log.warning(
+            "license %s names no TPM CRL counter (its machine identity predates it): a counter deleted with owner "
+            "authorization together with a clock record from before the first CRL install is not detected; ask the "
+            "vendor to reissue it from a fresh `codemoat machine-id --tpm`",
+            lid,
+        )
+    if count is None and named:  # another chip (a copied home), or deleted with owner authorization
+        raise VaultError(
+            f"license is sealed to another TPM, or this one's CRL counter was deleted: this machine's TPM has no CRL "
+            f"counter, but license {lid} (signed by the vendor) names it, defined at provisioning with count "
+            f"{named['count']} (a copied data directory, another machine, or the TPM cleared): the vendor must reprovision"
+        )
     if count is None and recorded:  # deleted with owner authorization (or a fresh one defined there, never counted)
         raise VaultError(
             f"this machine's TPM has no CRL counter, but the clock record {guard.path} says it counted {recorded} CRL "
             "installs (the counter was deleted, or the TPM cleared): the vendor must reprovision this machine"
         )
+    if named is not None and base is not None and base > named["count"]:
+        raise VaultError(
+            f"this machine's TPM CRL counter was defined again after license {lid} was issued (the clock record "
+            f"follows it from count {base}, the license names {named['count']}): the counter was deleted, and the "
+            "record and CRL may be from a backup; the vendor must reprovision this machine"
+        )
+    if recorded is None and named is not None:
+        recorded = named["count"]  # no install since provisioning: the chip must still be at the licensed count
     if count is not None and (recorded is None or recorded < count):
         raise VaultError(
             f"the clock record {guard.path} is older than this machine's TPM: the TPM counted {count} CRL installs, "
@@ -216,15 +258,18 @@ def _tpm(guard: ClockGuard) -> Any:
     return m.attestor() if getattr(m, "tpm", None) else None
 
 
-def _current(vendor_key_b64: str, guard: ClockGuard, home: Path | None, tpm: Any = None) -> Crl | None:
+def _current(
+    vendor_key_b64: str, guard: ClockGuard, home: Path | None, tpm: Any = None, named: dict[str, Any] | None = None, lid: str = ""
+) -> Crl | None:
     """The installed CRL, refused when it is missing or older than the one the clock record says this
     machine installed (a deleted crl folder, an old CRL put back); the record ratchets up to it. `tpm`:
-    what reads the TPM's CRL counter (`crl_count()`) on a connection already open (`vault.tpmstart`)."""
+    what reads the TPM's CRL counter (`crl_count()`) on a connection already open (`vault.tpmstart`);
+    `named`, `lid`: as `_tpm_behind`'s."""
     if tpm is not None:
-        _tpm_behind(guard, tpm)
+        _tpm_behind(guard, tpm, named, lid)
     elif (chip := _tpm(guard)) is not None:
         with chip:
-            _tpm_behind(guard, chip)
+            _tpm_behind(guard, chip, named, lid)
     crl = _installed(vendor_key_b64, home)
     kid = key_id(b64d(vendor_key_b64))
     recorded = guard.crl_number(kid)
@@ -294,7 +339,10 @@ def _install(crl: Crl, data: bytes, guard: ClockGuard, tpm: Any, home: Path | No
         return crl, True
     # The record first, ahead of the TPM (a crash in between leaves it ahead, which start accepts), then the count.
     now = tpm.crl_count(create=True)
-    guard.record_crl({crl.vendor_key_id: crl.number, TPM_COUNT: now + 1})
+    numbers = {crl.vendor_key_id: crl.number, TPM_COUNT: now + 1}
+    if guard.crl_number(TPM_COUNT) is None:  # the first install this record follows (see TPM_BASE)
+        numbers[TPM_BASE] = now
+    guard.record_crl(numbers)
     counted = tpm.crl_count_up()
     if counted != now + 1:  # someone else counted in between: the record must not stay behind the TPM
         guard.record_crl({TPM_COUNT: counted})
@@ -304,7 +352,9 @@ def _install(crl: Crl, data: bytes, guard: ClockGuard, tpm: Any, home: Path | No
 def check_revoked(lic: dict[str, Any], machine_id: str, guard: ClockGuard, home: Path | None = None, tpm: Any = None) -> None:
     """Refuse a license (or this machine) the installed CRL of its vendor revokes, naming the reason,
     and a CRL missing or older than the one this machine installed (`tpm`: as `_current`'s)."""
-    reason = _refusal(_current(lic["vendor_key"], guard, home, tpm), lic, machine_id)
+    entry = next((m for m in lic.get("machines", ()) if m.get("id") == machine_id), None)
+    named = (entry or {}).get("tpm", {}).get("crl")  # the CRL counter the vendor signed into this machine's entry
+    reason = _refusal(_current(lic["vendor_key"], guard, home, tpm, named, lic["id"]), lic, machine_id)
     if reason is not None:
         raise VaultError(reason)
 

@@ -243,6 +243,11 @@ def _entry(x: dict[str, Any]) -> dict[str, Any]:
     """A license's machine entry: the software keys always, and the TPM block when the machine has one."""
     e = {"id": x["id"], "x25519": x["x25519"], "ed25519": x["ed25519"], "facts": x["facts"], "binding": "software"}
     if x.get("tpm"):
+        if x["tpm"].get("crl") is None:  # made by an older codemoat: a deleted CRL counter would go unseen (vault.crl)
+            raise VaultError(
+                f"machine {x['id']}'s TPM identity names no CRL counter (made by an older codemoat): run "
+                "`codemoat machine-id --tpm` again on the machine and send its output"
+            )
         e.update(binding="tpm", tpm=check_tpm_block(x["tpm"]))
     if x.get("snp"):  # an SEV-SNP guest: leases need its attestation report (vault.snpbind)
         e["snp"] = check_snp_block(x["snp"])

@@ -210,7 +210,13 @@ class MachineKey:
         from ..attest.tpm import TpmAttestor
 
         with TpmAttestor(tcti) as a:
-            block = a.identity(pcrs)
+            fresh = a.crl_count() is None
+            block = a.identity(pcrs)  # defines the CRL counter when it is not yet
+        if fresh:  # the clock record starts at the count the vendor will sign (vault.crl)
+            from .clock import ClockGuard
+            from .crl import record_provisioned
+
+            record_provisioned(ClockGuard(self), block["crl"]["count"])
         self.tpm = {"tcti": tcti, "identity": block}
         write_secret(paths.home() / TPM_FILE, json.dumps(self.tpm).encode())
         return block
@@ -231,7 +237,8 @@ def _load_tpm(p: Path) -> dict[str, Any] | None:
 
 
 def _latch_ok(latch: Any) -> bool:
-    """The policy's tamper latch: an NV index in the owner range and the count it must hold."""
+    """An NV counter a TPM block names (the policy's tamper latch, the CRL counter): an NV index in the owner range
+    and its count."""
     return (
         isinstance(latch, dict)
         and set(latch) == {"index", "count"}
@@ -259,6 +266,7 @@ def check_tpm_block(t: Any) -> dict[str, Any]:
         and isinstance(pol.get("digest"), str)
         and len(pol["digest"]) == 64
         and (pol.get("latch") is None or _latch_ok(pol["latch"]))
+        and (t.get("crl") is None or _latch_ok(t["crl"]))
     )
     uc = t.get("unwrap_certify")
     ok = ok and (uc is None or (isinstance(uc, dict) and all(isinstance(uc.get(k), str) for k in ("attest", "r", "s"))))
@@ -270,6 +278,8 @@ def check_tpm_block(t: Any) -> dict[str, Any]:
     for k in ("unwrap_public", "unwrap_certify"):  # the unwrap key's area and the AK's TPM2_Certify of it (tpmbind)
         if t.get(k) is not None:
             out[k] = t[k]
+    if t.get("crl") is not None:  # the CRL counter and its count at provisioning (vault.crl; none in older identities)
+        out["crl"] = t["crl"]
     return out
 
 
