@@ -71,7 +71,8 @@ def test_error_shapes():
 @pytest.mark.parametrize("text", ["", " foo", 'say "hi"\n\t\\', "naïve — 日本語 😀", "\x00\x1f\u2028", "\ud800"])
 @pytest.mark.parametrize("ident", ["cmpl-0123abcd", 'odd "id" é'])
 def test_a_streamed_completion_event_is_the_completion_object_encoded(text, ident, monkeypatch):
-    """The pre-encoded events of a stream (`CompletionChunks`) are the bytes `completion(...)` encodes to."""
+    """The pre-encoded events of a stream (`CompletionChunks`) are the bytes `completion(...)` (a chat's:
+    `chat_chunk(...)`) encodes to."""
     import json
 
     from codemoat.serve.streaming import json_text
@@ -80,3 +81,6 @@ def test_a_streamed_completion_event_is_the_completion_object_encoded(text, iden
     encoded = openai.CompletionChunks(ident, "codemoat-tiny", json_text)(text)
     assert encoded == json_text(openai.completion(ident, "codemoat-tiny", text, None, None))
     assert json.loads(encoded)["choices"][0]["text"] == text
+    delta = openai.CompletionChunks(ident, "codemoat-tiny", json_text, chat=True)(text)
+    assert delta == json_text(openai.chat_chunk(ident, "codemoat-tiny", {"content": text}, None))
+    assert json.loads(delta)["choices"][0]["delta"]["content"] == text

@@ -83,16 +83,19 @@ def completion(id: str, model: str, text: str, finish: str | None, u: dict | Non
 
 
 class CompletionChunks:
-    """A streamed completion's events without a finish reason, as JSON text: `completion(id, model, text, None,
-    None)` encoded by `encode`, byte for byte, with the parts that never change within a stream encoded once."""
+    """A stream's events without a finish reason, as JSON text: `completion(id, model, text, None, None)`, or with
+    `chat` `chat_chunk(id, model, {"content": text}, None)`, encoded by `encode`, byte for byte, with the parts
+    that never change within a stream encoded once."""
 
-    def __init__(self, id: str, model: str, encode: Callable[[Any], str]):
+    def __init__(self, id: str, model: str, encode: Callable[[Any], str], chat: bool = False):
         self.encode = encode
-        self.head = '{"id":' + encode(id) + ',"object":"text_completion","created":'
-        self.middle = ',"model":' + encode(model) + ',"choices":[{"index":0,"text":'
+        kind, text = ("chat.completion.chunk", '"delta":{"content":') if chat else ("text_completion", '"text":')
+        self.head = '{"id":' + encode(id) + ',"object":"' + kind + '","created":'
+        self.middle = ',"model":' + encode(model) + ',"choices":[{"index":0,' + text
+        self.tail = ("}" if chat else "") + ',"logprobs":null,"finish_reason":null}]}'
 
     def __call__(self, text: str) -> str:
-        return f'{self.head}{now()}{self.middle}{self.encode(text)},"logprobs":null,"finish_reason":null}}]}}'
+        return f"{self.head}{now()}{self.middle}{self.encode(text)}{self.tail}"
 
 
 def chat(id: str, model: str, text: str, finish: str, u: dict, extra: dict | None = None) -> dict[str, Any]:

@@ -134,12 +134,13 @@ async def chat_completions(request: Request):
         )
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     chunks = await svc.open_stream(request, prep)
+    encoded = openai.CompletionChunks(cid, svc.model_id, json_text, chat=True)  # the content deltas
 
     async def events():
         yield openai.chat_chunk(cid, svc.model_id, {"role": "assistant", "content": ""}, None)
         async for ch in chunks:
             if ch.text:
-                yield openai.chat_chunk(cid, svc.model_id, {"content": ch.text}, None)
+                yield encoded(ch.text)
             if ch.finish_reason:
                 yield openai.chat_chunk(cid, svc.model_id, {}, _finish(ch.finish_reason))
         if include_usage:
