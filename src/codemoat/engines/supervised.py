@@ -24,10 +24,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections import deque
@@ -40,9 +36,9 @@ import numpy as np
 
 from ..errors import CodemoatError, Unavailable
 from .base import Chunk, Engine, SamplingParams
-from .child import Frames, frame
 from .inbox import Inbox, Request
 from .memfd import MemfdBuffer
+from .spawn import Child, Died, describe_exit, spawn
 from .watchdog import AnswerWatch
 
 log = logging.getLogger("codemoat.engines")
@@ -51,59 +47,6 @@ SAFE_AFTER = 2  # crashes ...
 SAFE_WINDOW_S = 600.0  # ... within this many seconds switch to the engine's safe options
 BACKOFF_S = (0.25, 1.0, 4.0, 15.0, 30.0)  # restart delays after consecutive crashes
 STABLE_S = 60.0  # a child that lived this long resets the backoff
-
-
-def describe_exit(code: int) -> str:
-    """The signal's name (SIGSEGV) for a death by signal, else "exit status N"."""
-    if code < 0:
-        try:
-            return signal.Signals(-code).name
-        except ValueError:
-            return f"signal {-code}"
-    return f"exit status {code}"
-
-
-class _Child:
-    """One engine process, its socket, and the `Inbox` that reads it (which closes the socket at its end)."""
-
-    def __init__(self, proc: subprocess.Popen, sock: socket.socket, facts: dict[str, Any], frames: Frames):
-        self.proc, self.sock, self.facts, self.frames = proc, sock, facts, frames
-        self.started = time.monotonic()
-        self.inbox: Inbox | None = None
-        self.hung: str | None = None  # why the server found it hung and killed it
-
-    def send(self, msg: Any) -> None:
-        """Never waits on the process (`Inbox.send`); OSError once it is gone or hung."""
-        if self.inbox is None:
-            self.sock.sendall(frame(msg))
-            return
-        self.inbox.send(frame(msg))
-
-    def kill_hung(self, why: str) -> None:
-        """It stopped reading or answering: kill it; its end is a crash like any other (`_ended`)."""
-        if self.hung is None:
-            self.hung = why
-            log.error("engine process %d: %s; killing it", self.proc.pid, why)
-            self.proc.kill()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        try:
-            self.send(("stop",))
-        except OSError:
-            pass
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        if self.inbox is None:
-            self.sock.close()
-
-
-class _Died(Exception):
-    def __init__(self, code: int):
-        self.code = code
-        super().__init__(describe_exit(code))
 
 
 class SupervisedEngine(Engine):
@@ -119,7 +62,7 @@ class SupervisedEngine(Engine):
         self._buf = source if isinstance(source, MemfdBuffer) else None
         self._path = source.path if isinstance(source, MemfdBuffer) else str(source)
         self._lock = threading.Lock()
-        self._child: _Child | None = None
+        self._child: Child | None = None
         self._requests: dict[int, Request] = {}
         self._ids = itertools.count(1)
         self._state, self._closed = "starting", False
@@ -147,12 +90,12 @@ class SupervisedEngine(Engine):
         try:
             try:
                 eng._launch()
-            except _Died as d:
+            except Died as d:
                 if not engine_cls.safe_options:
                     raise
                 eng._go_safe(f"the {eng.name} engine died with {d} while loading {eng.model_id}")
                 eng._launch()
-        except _Died as d:
+        except Died as d:
             eng.close()
             raise CodemoatError(f"the {eng.name} engine process died with {d} while loading model {eng.model_id}") from None
         except BaseException:
@@ -161,43 +104,8 @@ class SupervisedEngine(Engine):
         return eng
 
     # -- the child process ------------------------------------------------------
-    def _spawn(self) -> _Child:
-        ours, theirs = socket.socketpair()
-        fds = [theirs.fileno()] + ([self._buf.fd] if self._buf is not None else [])
-        # sealed adapters' memfds (engines.adapters), opened as /proc/self/fd/N in the child too
-        fds += [int(p.rsplit("/", 1)[1]) for p in (self.opts.get("adapters") or {}).values()]
-        try:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "codemoat.engines.child", str(theirs.fileno())],
-                pass_fds=fds,
-                stdin=subprocess.DEVNULL,
-                process_group=0,  # not the terminal's (Ctrl-C is the server's to handle); the same session, so the same scheduling group
-            )
-        finally:
-            theirs.close()
-        frames = Frames(ours)
-        spec = {
-            "engine": f"{self.engine_cls.__module__}:{self.engine_cls.__qualname__}",
-            "path": self._path,
-            "opts": self.opts,
-            "log_level": logging.getLogger("codemoat").getEffectiveLevel(),
-        }
-        try:
-            ours.sendall(frame(spec))
-            got = frames.batch()
-            msg = got[0] if got else None
-        except OSError:
-            msg = None
-        if msg is None or msg[0] != "ready":
-            code = proc.wait()
-            ours.close()
-            if msg is not None and msg[0] == "error":
-                raise CodemoatError(msg[1])
-            raise _Died(code)
-        return _Child(proc, ours, msg[1], frames)
-
     def _launch(self, restart: bool = False) -> None:
-        child = self._spawn()
+        child = spawn(self.engine_cls, self._path, self.opts, self._buf)
         watch = AnswerWatch(child.proc.pid, self.answer_timeout_s, lambda: child.inbox.received)  # type: ignore[union-attr]
 
         def tick() -> None:
@@ -237,7 +145,7 @@ class SupervisedEngine(Engine):
     def _slots(self, usage: dict[str, int]) -> None:
         self._facts["slots"] = usage
 
-    def _ended(self, child: _Child) -> None:
+    def _ended(self, child: Child) -> None:
         code = child.proc.wait()
         with self._lock:
             if self._closed or child is not self._child:
@@ -296,13 +204,13 @@ class SupervisedEngine(Engine):
             try:
                 self._launch(restart=True)
                 return
-            except (CodemoatError, _Died, OSError) as e:
+            except (CodemoatError, Died, OSError) as e:
                 self.crashes += 1
                 self.last_exit, self.last_crash_at = str(e), time.time()
                 self._backoff += 1
                 delay = BACKOFF_S[min(self._backoff, len(BACKOFF_S) - 1)]
                 log.error("engine for %s did not start again (%s); next try in %.2g s", self.model_id, e, delay)
-                if isinstance(e, _Died):  # died while loading: a crash like any other
+                if isinstance(e, Died):  # died while loading: a crash like any other
                     self._recent.append(time.monotonic())
                     if not self.safe and self.engine_cls.safe_options and len(self._recent) >= SAFE_AFTER:
                         self._go_safe(f"the {self.name} engine crashed {len(self._recent)} times in {SAFE_WINDOW_S:.0f} s")
@@ -319,7 +227,7 @@ class SupervisedEngine(Engine):
                             },
                         )
 
-    def _ready_child(self) -> _Child:
+    def _ready_child(self) -> Child:
         child = self._child
         if child is None:
             if self._closed:
@@ -327,7 +235,7 @@ class SupervisedEngine(Engine):
             raise Unavailable(f"the inference engine is restarting after a crash ({self.last_exit}); retry in a moment")
         return child
 
-    def _register(self, req: Request) -> tuple[int, _Child]:
+    def _register(self, req: Request) -> tuple[int, Child]:
         with self._lock:
             child = self._ready_child()
             rid = next(self._ids)
