@@ -311,3 +311,42 @@ def test_allow_lists_parse_model_scoped_entries():
     for bad in ("=root", "acme-coder="):
         with pytest.raises(CodemoatError, match="give NAME, or MODEL_ID=NAME"):
             allow_lists([bad], [])
+
+
+def test_an_answer_that_came_after_its_fetch_gave_up_is_not_the_next_fetchs(tmp_path, monkeypatch):
+    """serve asked vaultd for vendor adapter update:slow, which vaultd took longer than FETCH_TIMEOUT_S to
+    open; the fetch gave up, and its answer, arriving later, was handed to serve's next fetch: the
+    model's reload got the adapter's file and facts (a refusal meant for one request read as another's)."""
+    from codemoat.vault import client as client_mod
+
+    data = b"GGUF" + bytes(4092)
+    buf = MemfdBuffer.from_bytes(data, name="test-model")
+    slow = MemfdBuffer.from_bytes(b"GGUF" + bytes(60), name="slow-adapter")
+    release = threading.Event()
+
+    def resolve(model_id: str):
+        if model_id != "update:slow":
+            return None
+        release.wait(30)
+        return Offer(model_id, os.dup(slow.fd), slow.size, {"kind": "adapter"})
+
+    d = VaultDaemon(tmp_path / "vault.sock", allow_uids={os.getuid()}, resolve=resolve).start()
+    d.offer(Offer("acme-coder", buf.fd, buf.size, {}))
+    c = VaultClient.connect(d.path)
+    try:
+        os.close(c.fetch("acme-coder").fd)
+        c.watch(lambda msg: None, lambda why: None)  # as serve: the watcher reads, fetches wait for its relay
+        monkeypatch.setattr(client_mod, "FETCH_TIMEOUT_S", 0.5)
+        with pytest.raises(VaultdError, match="did not answer"):
+            c.fetch("update:slow")
+        release.set()
+        monkeypatch.setattr(client_mod, "FETCH_TIMEOUT_S", 30.0)
+        got = c.fetch("acme-coder")
+        os.close(got.fd)
+        assert (got.model_id, got.size) == ("acme-coder", len(data))
+    finally:
+        release.set()
+        c.close()
+        d.close()
+        buf.close()
+        slow.close()

@@ -61,6 +61,9 @@ class VaultClient:
         self._closed = False  # closed by its owner: the watcher ends without reporting a lost daemon
         #: once `watch` reads the socket, it hands the answers to `fetch` through here
         self._answers: queue.Queue[tuple[dict[str, Any] | None, list[int]]] = queue.Queue()
+        #: answers still due to fetches that gave up waiting: vaultd answers in order, so the next ones
+        #: to arrive are theirs, not a later fetch's
+        self._stale = 0
 
     @classmethod
     def connect(cls, spec: str) -> VaultClient:
@@ -104,17 +107,21 @@ class VaultClient:
                     try:
                         msg, fds = self._answers.get(timeout=FETCH_TIMEOUT_S)
                     except queue.Empty:
+                        self._stale += 1  # its answer, when it comes, is nobody's
                         raise VaultdError(f"the vault daemon at {self.path} did not answer") from None
                     if msg is None:
                         self._answers.put((None, []))  # for the next fetch too
                         raise VaultdError(f"the vault daemon at {self.path} closed the connection")
-                    break
+                    if not self._drop_stale(fds):
+                        break
                 while not relay:
                     msg, fds, _ = recv_msg(self.sock, max_fds=1)
                     if msg is None:
                         raise VaultdError(f"the vault daemon at {self.path} closed the connection")
                     if "ok" in msg:
-                        break
+                        if not self._drop_stale(fds):
+                            break
+                        continue
                     for fd in fds:
                         os.close(fd)
                     # an announcement that crossed our request: the watcher is not running yet
@@ -137,6 +144,15 @@ class VaultClient:
             os.close(fds[0])
             raise VaultdError("vault daemon: the watermark key in its answer is malformed")
         return Received(str(msg.get("model")), fds[0], msg["size"], dict(msg.get("facts") or {}), key)
+
+    def _drop_stale(self, fds: list[int]) -> bool:
+        """True (its descriptors closed) when an answer is the late one of a fetch that gave up."""
+        if not self._stale:
+            return False
+        self._stale -= 1
+        for fd in fds:
+            os.close(fd)
+        return True
 
     def watch(self, on_message: Callable[[dict[str, Any]], None], on_lost: Callable[[str], None]) -> None:
         """A daemon thread: every announcement (revoke, available) to `on_message`; EOF to `on_lost`."""
