@@ -16,7 +16,13 @@ gets `Unavailable` (503 in each protocol's shape, or an in-band error on a strea
 `on_incident("engine_crashed", …)` reports it with the signal, and the engine restarts after a
 backoff (`state` is "restarting" until then). `SAFE_AFTER` crashes within `SAFE_WINDOW_S` on the
 same configuration restart it with the engine's `safe_options` (llama.cpp: `use_extra_bufts=False`,
-the kernels that a quantised model crashed in on AMX Xeons), said in one log line.
+the kernels that a quantised model crashed in on AMX Xeons), said in one log line. A process that
+stops taking frames (`inbox.STALL_S`) or owes answers and does nothing for `answer_timeout_s`
+(`engines.watchdog`) is killed and handled the same way (the incident's `hung`).
+
+Closed by its holder (license revoked, lease expired), requests still holding it get 503 with the
+holder's reason (`Engine.closed_why`); the front is left to be freed with this object, since such a
+request may be tokenising with it on another thread.
 """
 
 from __future__ import annotations
