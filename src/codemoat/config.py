@@ -110,7 +110,7 @@ class ModelSettings(BaseModel):
     adapters: list[str] = Field(
         default_factory=list,
         description="LoRA adapters made by `codemoat tune` (sealed .moat files of this machine); "
-        "a request gets one only when its user may read every repository it was trained on (llama.cpp engine). "
+        "a request gets one only when its user may read every repository it was trained on (llama.cpp and vLLM engines). "
         "`update:NAME` is a vendor adapter installed by `codemoat update apply`, served to the groups given there.",
     )
     fold_adapters: bool = Field(
