@@ -38,7 +38,7 @@ def test_every_setting_has_a_description_and_is_documented():
     doc = (ROOT / "docs" / "operations.md").read_text()
     for name, desc, _ in describe():
         assert desc, f"{name} has no description"
-        assert f"`{name}`" in doc, f"{name} missing from docs/operations.md"
+        assert f"| `{name}` |" in doc, f"{name} has no row in docs/operations.md's settings table"
 
 
 def test_config_show_json():
