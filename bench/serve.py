@@ -20,6 +20,8 @@ with the same final prompt size). Models: the bundled one, a ~100M-parameter ran
     .venv/bin/python bench/serve.py --models bundled,random100m,gemma
     .venv/bin/python bench/serve.py --models bundled --quick --servers codemoat,codemoat-1,llama-server,llama-server-1,llama_cpp.server \
         --baseline /tmp/base/src       # + llama-server -np 1, and codemoat from another checkout (git archive HEAD src)
+    .venv/bin/python bench/serve.py --models bundled,random100m,gemma --quick --servers codemoat,codemoat-1,llama-server,llama-server-1 \
+        --scenarios c8_128 --threads 2 --out /tmp/batching.md   # what batching gains, on both engines, both cores
 
 The results file keeps what this script does not write: each run replaces only its models' `### <model>:`
 sections (each says its command, time and load), and the text, targets and notes around them stay.
@@ -442,8 +444,8 @@ async def infill(url: str, headers: dict, reps: int, model: Path) -> dict:
     return {k: statistics.median(v) for k, v in out.items()}
 
 
-def scenarios(quick: bool) -> list[tuple[str, str, dict]]:
-    """(key, label, how) in the order run."""
+def scenarios(quick: bool, only: list[str] | None = None) -> list[tuple[str, str, dict]]:
+    """(key, label, how) in the order run (`only`: these keys, e.g. ["c8_128"])."""
     s = [
         (
             "single",
@@ -467,6 +469,8 @@ def scenarios(quick: bool) -> list[tuple[str, str, dict]]:
     ]
     if quick:
         s = [x for x in s if x[0] not in ("c32_128",)]
+    if only:
+        s = [x for x in s if x[0] in only]
     return s
 
 
@@ -537,7 +541,7 @@ def bench_model(name: str, args: argparse.Namespace, token: str, env: dict) -> s
                 asyncio.run(single(u, servers.headers[s], 2))
             except httpx.HTTPError as e:  # reported in its cells ("—") and here
                 print(f"{name} warm-up {s}: {type(e).__name__} {e} (exit {servers.procs[s].poll()})", file=sys.stderr)
-        for i, (key, label, how) in enumerate(scenarios(args.quick)):
+        for i, (key, label, how) in enumerate(scenarios(args.quick, args.scenarios)):
             if key == "single":  # interleaved in rounds (`single_rounds`)
                 try:
                     for s, r in single_rounds(servers, how).items():
@@ -588,7 +592,7 @@ def table(name: str, model: Path, res: dict, args: argparse.Namespace) -> str:
         pairs.append(("llama-server", ONE_SLOT))
     head = "| scenario | " + " | ".join(cols) + " | " + " | ".join(f"{a} / {b}" for a, b in pairs) + " |"
     lines = [head, "|" + " --- |" * (len(cols) + len(pairs) + 1)]
-    for key, label, _ in scenarios(args.quick):
+    for key, label, _ in scenarios(args.quick, args.scenarios):
         cells = [fmt(key, res[s].get(key)) for s in cols] + [ratio(res, key, a, b) for a, b in pairs]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     size = model.stat().st_size / 1e6
@@ -626,6 +630,11 @@ def main() -> None:
     ap.add_argument("--parallel", type=int, default=8, help="slots of codemoat and llama-server")
     ap.add_argument("--n-ctx", type=int, default=2048, help="context per slot")
     ap.add_argument("--quick", action="store_true", help="fewer requests per scenario and no 32×128 row (larger models)")
+    ap.add_argument(
+        "--scenarios",
+        help="comma-separated keys to run only those rows: single, c8_32, c8_128, c32_32, c32_128, editor, infill "
+        "(with --out elsewhere: a model's section of the results file is replaced whole)",
+    )
     ap.add_argument("--build", action="store_true", help="build llama-server first (once; cached)")
     ap.add_argument(
         "--baseline",
@@ -635,6 +644,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve.md"))
     args = ap.parse_args()
     args.servers = [s for s in args.servers.split(",") if s] + ([BASE] if args.baseline else [])
+    args.scenarios = [s for s in (args.scenarios or "").split(",") if s] or None
     if args.build:
         build_llama_server()
     env = dict(os.environ)
