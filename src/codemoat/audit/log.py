@@ -48,7 +48,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from ..errors import CodemoatError
 from . import signing
 from .head_signing import HeadSigning
-from .heads import MAX_BATCH, AuditUnavailable, sign_tip
+from .heads import MAX_BATCH, AuditUnavailable, run, sign_tip
 from .pgappend import PgAppender, Tampered
 from .rows import KINDS, check_kind, normalise, parse_since, to_public
 from .chain import (  # re-exported: the chain's shape lives in `audit.chain`
@@ -228,7 +228,7 @@ class AuditLog(HeadSigning):
         for attempt in range(10):
             try:
                 with self.engine.begin() as c:
-                    t = c.execute(_LOCK_TIP).first()
+                    t = run(c, _LOCK_TIP).fetchone()
                     if t is None:
                         if c.execute(sa.select(records.c.seq).limit(1)).first() is not None:
                             raise AuditUnavailable(
@@ -241,8 +241,9 @@ class AuditLog(HeadSigning):
                         seq += 1
                         row.update(seq=seq, prev_hash=prev)
                         row["hash"] = prev = link_hash(seq, prev, body_hash(row))
-                    c.execute(_INSERT_RECORDS, rows)
-                    c.execute(_MOVE_TIP, {"seq": seq, "hash": prev})
+                    for row in rows:
+                        run(c, _INSERT_RECORDS, row)
+                    run(c, _MOVE_TIP, {"seq": seq, "hash": prev})
                     for w in extras:
                         try:
                             w.also(c)
