@@ -58,3 +58,25 @@ def test_a_kept_session_does_not_unwrap_after_a_tamper_event(swtpm, event):
         with pytest.raises(AttestError, match="refused to unwrap"):
             unwrap_p256(lambda p: a.zgen(ident["policy"], p), ident["unwrap"], wrapped, b"ctx", "key")
         assert n[0] == 1
+
+
+def test_a_policy_run_ahead_is_refused_once_a_pcr_moved_and_run_again(swtpm):
+    """prepare_unwrap runs PolicyPCR and PolicyNV while a start still checks the license, so the unwrap is one
+    command. A PCR extended in between (the OS measuring, here PCR 14, outside the policy) makes the chip refuse the
+    session (TPM_RC_PCR_CHANGED): zgen runs the policy again on a fresh session and unwraps. The policy's own PCR
+    extended in between (a tamper event): refused, as without running ahead."""
+    ident = _ident(swtpm.tcti)
+    wrapped = wrap_p256(ident["unwrap"], b"k" * 32, b"ctx")
+    with TpmAttestor(swtpm.tcti) as a:
+        a.prepare_unwrap(ident["policy"])
+        a.extend(14, b"the OS measured a file")
+        n = _sessions(a)
+        assert unwrap_p256(lambda p: a.zgen(ident["policy"], p), ident["unwrap"], wrapped, b"ctx", "key") == b"k" * 32
+        assert n[0] == 1  # the prepared session was refused, a fresh one unwrapped
+        a.prepare_unwrap(ident["policy"])  # on the kept session
+        assert unwrap_p256(lambda p: a.zgen(ident["policy"], p), ident["unwrap"], wrapped, b"ctx", "key") == b"k" * 32
+        assert n[0] == 1
+        a.prepare_unwrap(ident["policy"])
+        a.extend(TAMPER_PCR, b"chassis opened")
+        with pytest.raises(AttestError, match="PCRs no longer match"):
+            unwrap_p256(lambda p: a.zgen(ident["policy"], p), ident["unwrap"], wrapped, b"ctx", "key")

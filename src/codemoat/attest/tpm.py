@@ -31,7 +31,7 @@ import os
 from typing import Any
 
 from .base import AttestError, Quote
-from .tpmcmd import RC_NV_UNINITIALIZED, RH_ENDORSEMENT, Commands, TpmRc, ecc_der, tpm2b, unwrap_template
+from .tpmcmd import RC_NV_UNINITIALIZED, RC_PCR_CHANGED, RH_ENDORSEMENT, Commands, TpmRc, ecc_der, tpm2b, unwrap_template
 
 DEVICE_TCTI = "device:/dev/tpmrm0"
 BANK = "sha256"
@@ -76,6 +76,7 @@ class TpmAttestor:
         self._raw_keys: dict[str, tuple[int, str]] = {}  # policy digest -> (TPM handle, DER hex): the unwraps'
         self._latches_seen: set[int] = set()  # tamper latch indexes whose name was checked on this connection
         self._policy_session: int | None = None  # zgen's policy session (TPM handle), kept for the next zgen
+        self._policy_ran = False  # prepare_unwrap already ran the policy on it
 
     # -- connection ---------------------------------------------------------
     def __enter__(self) -> TpmAttestor:
@@ -106,7 +107,7 @@ class TpmAttestor:
                     except TpmRc:
                         pass  # already gone (a session the chip ended)
             finally:
-                self._policy_session = None
+                self._policy_session, self._policy_ran = None, False
                 self._unwrap_keys.clear()
                 self._raw_keys.clear()
                 self._latches_seen.clear()
@@ -407,11 +408,16 @@ class TpmAttestor:
             raise
         return sess
 
-    def prepare_unwrap(self) -> None:
-        """Start the next zgen's policy session now (a start does it while the license is still being checked).
-        It grants nothing by itself: zgen runs PolicyPCR and PolicyNV on it at the unwrap."""
+    def prepare_unwrap(self, policy: dict[str, Any] | None = None) -> None:
+        """Start the next zgen's policy session now (a start does it while the license is still being checked),
+        and with `policy` also run its PolicyPCR and PolicyNV, so the unwrap that follows is one command. None of
+        it grants anything: only TPM2_ECDH_ZGen uses the session, and the chip refuses it (TPM_RC_PCR_CHANGED)
+        when any PCR was extended since PolicyPCR; zgen then runs the policy again on a fresh session."""
         if self._policy_session is None:
             self._policy_session = self._new_policy_session()
+        if policy is not None and not self._policy_ran:
+            self._run_policy(self._policy_session, policy)
+            self._policy_ran = True
 
     def _new_policy_session(self) -> int:
         try:
@@ -419,10 +425,15 @@ class TpmAttestor:
         except TpmRc as e:
             raise AttestError(f"the TPM could not start a policy session: {e}") from None
 
-    def zgen(self, policy: dict[str, Any], point: bytes) -> bytes:
-        """ECDH's Z (the x coordinate) of the unwrap key and an uncompressed P-256 `point`, in the chip."""
+    def _run_policy(self, sess: int, policy: dict[str, Any]) -> None:
+        """PolicyPCR over the chip's current values, then PolicyNV: the tamper latch still at its provisioned count."""
         from ..vault.tpmwrap import pcr_bitmap
 
+        self._raw(self._cmd.policy_pcr, sess, pcr_bitmap(policy["pcrs"]))
+        self._policy_latch(sess, policy)
+
+    def zgen(self, policy: dict[str, Any], point: bytes) -> bytes:
+        """ECDH's Z (the x coordinate) of the unwrap key and an uncompressed P-256 `point`, in the chip."""
         if len(point) != 65 or point[0] != 4:
             raise AttestError("ECDH point must be an uncompressed P-256 point")
         pcr_selection(policy["pcrs"])
@@ -431,24 +442,33 @@ class TpmAttestor:
         # commands fewer (StartAuthSession, FlushContext). The session continues after use, and the chip resets
         # a used policy session's digest, so each use runs PolicyPCR and PolicyNV again; a session whose use failed
         # is flushed, never kept.
-        sess, self._policy_session, kept = self._policy_session, None, False
+        sess, ran, kept = self._policy_session, self._policy_ran, False
+        self._policy_session, self._policy_ran = None, False
         if sess is None:
             sess = self._new_policy_session()
         try:
-            self._raw(self._cmd.policy_pcr, sess, pcr_bitmap(policy["pcrs"]))  # the chip's current values
-            self._policy_latch(sess, policy)  # the tamper latch still at its provisioned count
+            if not ran:
+                self._run_policy(sess, policy)
             try:
                 out = self._raw(self._cmd.ecdh_zgen, h, sess, point, True)
             except TpmRc as e:
-                # TPM_RC_POLICY_FAIL = RC_FMT1 + 0x01D (Part 2 §6.6.3); bits 6 and 8-11 name the session
-                if (e.rc & 0x80) and (e.rc & 0x3F) == 0x1D:
-                    raise AttestError(
-                        "the TPM refused to unwrap: its PCRs no longer match the license's policy "
-                        f"(PCRs {policy['pcrs']}: a tamper event, or another boot state)"
-                    ) from None
-                raise AttestError(f"the TPM refused to unwrap: {e}") from None
+                if not (ran and (e.rc & 0xFFF) == RC_PCR_CHANGED):
+                    raise
+                # A PCR was extended after prepare_unwrap's PolicyPCR (the OS measures too): all of it again, now.
+                self._raw(self._cmd.flush, sess)
+                sess = self._new_policy_session()
+                self._run_policy(sess, policy)
+                out = self._raw(self._cmd.ecdh_zgen, h, sess, point, True)
             self._policy_session, kept = sess, True
             return out
+        except TpmRc as e:
+            # TPM_RC_POLICY_FAIL = RC_FMT1 + 0x01D (Part 2 §6.6.3); bits 6 and 8-11 name the session
+            if (e.rc & 0x80) and (e.rc & 0x3F) == 0x1D:
+                raise AttestError(
+                    "the TPM refused to unwrap: its PCRs no longer match the license's policy "
+                    f"(PCRs {policy['pcrs']}: a tamper event, or another boot state)"
+                ) from None
+            raise AttestError(f"the TPM refused to unwrap: {e}") from None
         finally:
             if not kept:
                 try:

@@ -38,6 +38,7 @@ CC_NV_READ_PUBLIC = 0x169
 CC_START_AUTH_SESSION = 0x176
 CC_POLICY_PCR = 0x17F
 RC_NV_UNINITIALIZED = 0x14A
+RC_PCR_CHANGED = 0x128  # a PCR was extended between TPM2_PolicyPCR and the session's use
 _PW = struct.pack(">IHBH", RS_PW, 0, 0, 0)  # TPMS_AUTH_COMMAND: the password session, empty auth
 
 

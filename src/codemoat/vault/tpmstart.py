@@ -7,9 +7,10 @@ the CPU spends waiting. `TpmStart` opens the chip once, as soon as the license's
 known, and in this order:
 
 1. reads the CRL counter (`crl_count()`, what the CRL check asks for);
-2. derives the unwrap key, compares it with the license's (another chip is refused) and starts the
-   policy session: nothing secret, done while the other checks run and a start allocates the memfd's
-   pages (`engines.memfd.Prefault`);
+2. derives the unwrap key, compares it with the license's (another chip is refused), starts the
+   policy session and runs PolicyPCR and PolicyNV on it: nothing secret, done while the other checks run
+   and a start allocates the memfd's pages (`engines.memfd.Prefault`), so the unwrap after `release()` is
+   one TPM2_ECDH_ZGen (the chip refuses it when a PCR was extended since; `zgen` then runs it all again);
 3. waits for `release()`, which `check` calls once every other check has passed: only such a license
    gets a key out of the chip;
 4. unwraps the content key (`key(0)`), then the watermark key (`key(1)`). A start needs the latter only
@@ -89,7 +90,7 @@ class TpmStart:
                     return
                 assert entry is not None
                 opened = tpm_unwrapper(a, entry)
-                a.prepare_unwrap()
+                a.prepare_unwrap(entry["tpm"]["policy"])  # the session and its policy: ZGen alone after release
                 self._gate.wait()
                 if not self._released:
                     return
