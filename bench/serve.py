@@ -166,31 +166,35 @@ def build_llama_server() -> Path:
     return LLAMA_SERVER
 
 
-def random_100m() -> Path:
-    """A random-weight llama of ~100M parameters (hidden 1024, 6 layers, FFN 4096) in Q4_K_M, built once."""
-    out = CACHE / "random-100m-q4_k_m.gguf"
+def random_100m(f16: bool = False) -> Path:
+    """A random-weight llama of ~100M parameters (hidden 1024, 6 layers, FFN 4096) in Q4_K_M, built once;
+    `f16`: the same weights kept in F16 (203 MB, `random100m-f16`: reading them costs more than the
+    arithmetic on them, so a step of many rows costs far less per row than one)."""
+    out = CACHE / ("random-100m-f16.gguf" if f16 else "random-100m-q4_k_m.gguf")
     if out.is_file():
         return out
     sys.path.insert(0, str(ROOT / "tests"))
     from tinymodel import build_tiny_gguf, quantise
 
     CACHE.mkdir(parents=True, exist_ok=True)
-    f16 = build_tiny_gguf(
-        CACHE / "random-100m-f16.gguf", n_embd=1024, n_ff=4096, n_head=16, n_layer=6, n_ctx=4096, dtype="F16", seed=5
-    )
+    tmp = CACHE / "random-100m-f16.tmp.gguf"
+    build_tiny_gguf(tmp, n_embd=1024, n_ff=4096, n_head=16, n_layer=6, n_ctx=4096, dtype="F16", seed=5)
     import gguf
     import numpy as np
 
     # random weights pick an end-of-generation token within a few tokens; with the control tokens'
     # output rows zeroed their logit is 0, below the largest of the others, so answers run their length
-    r = gguf.GGUFReader(str(f16), "r+")
+    r = gguf.GGUFReader(str(tmp), "r+")
     field = r.fields["tokenizer.ggml.token_type"]
     types = np.array([int(field.parts[i][0]) for i in field.data])
     head = next(t for t in r.tensors if t.name == "output.weight")
     head.data[types == 3, :] = 0
     del r
-    quantise(f16, out, "Q4_K_M")
-    f16.unlink()
+    if f16:
+        tmp.rename(out)
+    else:
+        quantise(tmp, out, "Q4_K_M")
+        tmp.unlink()
     return out
 
 
@@ -199,6 +203,8 @@ def model_path(name: str) -> Path:
         return ROOT / "models" / "codemoat-tiny.gguf"
     if name == "random100m":
         return random_100m()
+    if name == "random100m-f16":
+        return random_100m(f16=True)
     if name == "gemma":
         sys.path.insert(0, str(ROOT / "bench"))
         from gemma import gemma_path
@@ -622,7 +628,9 @@ def merge(old: str, parts: dict[str, str], header: str) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--models", default="bundled", help="comma-separated: bundled, random100m, gemma, or a GGUF path")
+    ap.add_argument(
+        "--models", default="bundled", help="comma-separated: bundled, random100m, random100m-f16, gemma, or a GGUF path"
+    )
     ap.add_argument("--servers", default=",".join(SERVERS))
     ap.add_argument(
         "--threads", type=int, default=1, help="per server (on a loaded 2-core machine 2 threads spin on llama.cpp's barriers)"
