@@ -79,8 +79,22 @@ def test_a_tamper_event_survives_a_reboot_until_the_vendor_reprovisions(swtpm, t
             assert a._counter(TAMPER_NV_INDEX, create=False, what="tamper latch") is None
             assert a.tamper_count() > provisioned["count"]  # a latch made after it still starts above
         reboot()
-        with pytest.raises(CodemoatError, match="tamper latch has counted a tamper event"):
+        # TPM2_Clear took the CRL counter the license names too: the start is refused before the unwrap (vault.crl)
+        with pytest.raises(CodemoatError, match="TPM has no CRL counter, but license"):
             verify_bundle(moat, offline, machine=key)
+        with TpmAttestor(swtpm.tcti) as a:  # ...and the chip itself still will not unwrap
+            from codemoat.vault.license import key_context
+            from codemoat.vault.tpmwrap import unwrap_p256
+
+            body, t = License.load(offline).body, key.tpm["identity"]
+            with pytest.raises(CodemoatError, match="tamper latch has counted a tamper event"):
+                unwrap_p256(
+                    lambda p: a.zgen(t["policy"], p),
+                    t["unwrap"],
+                    body["keys"]["content_key"],
+                    key_context("content-key", body["id"]),
+                    "content key",
+                )
         with pytest.raises(CodemoatError, match="tamper latch|went backwards"):  # TPM2_Clear also reset the TPM clock
             client.acquire()
 
