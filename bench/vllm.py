@@ -57,6 +57,10 @@ PROMPTS = [
     "for i in range(10):\n    print(",
 ]
 ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "CODEMOAT_VAULT__TPM": "off"}
+#: after a load, vLLM's EngineCore and worker keep spinning on their shared-memory queues for 1 s
+#: (`SpinCondition.busy_loop_s`), two busy processes on these two cores: each load waits that out, so
+#: one server's (or engine's) spin does not fall on the next one measured
+SETTLE_S = 1.2
 
 
 def free_port() -> int:
@@ -177,6 +181,7 @@ def part_serve(seconds: float, out: list[str], before: Path | None = None, round
                     if kind == "codemoat-llama" and clients == 8:
                         continue
                     proc, url, model, token, _ = servers[kind]
+                    time.sleep(SETTLE_S)
                     c0 = cpu_seconds(proc.pid)
                     res = asyncio.run(load(url, model, token, clients, seconds))
                     res["api_ms"] = (cpu_seconds(proc.pid) - c0) / max(1, res["n"]) * 1000  # the HTTP server's process only
@@ -196,7 +201,7 @@ def part_serve(seconds: float, out: list[str], before: Path | None = None, round
     }
     if before is not None or rounds > 1:
         out.append(
-            f"All servers up at once; per (clients, round) loaded one after the other, order alternating; {rounds} round(s), "
+            f"All servers up at once; per (clients, round) loaded one after the other, order alternating, {SETTLE_S} s apart; {rounds} round(s), "
             + ("medians; " if rounds > 1 else "")
             + (f"codemoat-vllm-before = the code of `{before}` (PYTHONPATH), codemoat-vllm = the working tree." if before else "")
         )
@@ -371,6 +376,7 @@ def lora_run(out: list[str], rounds: int, model: Path, fold: bool = True) -> Non
                 for clients in (1, 8):
                     for v in order:
                         eng, a = engines[v]
+                        await asyncio.sleep(SETTLE_S)  # the other engine's spin is over
                         # a fresh prompt per (round, variant, client): no prefix cache helps anyone
                         got = await asyncio.gather(
                             *(
@@ -394,7 +400,7 @@ def lora_run(out: list[str], rounds: int, model: Path, fold: bool = True) -> Non
     finally:
         os.close(fd)
     out.append(
-        f"{rounds} rounds, rank-16 adapter on all 7 linear layers ({len(st) / 1e6:.1f} MB safetensors), 32 greedy tokens, "
+        f"{rounds} rounds (variants {SETTLE_S} s apart), rank-16 adapter on all 7 linear layers ({len(st) / 1e6:.1f} MB safetensors), 32 greedy tokens, "
         f"adapter folded into the weights for all-adapter steps: {'yes' if fold else 'no (--no-fold)'}."
     )
     out.append("")
