@@ -217,3 +217,30 @@ def database_url(request, home, monkeypatch) -> Iterator[str]:
     monkeypatch.setenv("CODEMOAT_DATABASE_URL", url)
     yield url
     cluster.drop_database(url)  # WITH (FORCE): connections the test left open are closed
+
+
+# -- the vault's parties: a vendor, this machine, a tiny real GGUF to seal ----------------------
+@pytest.fixture(scope="session")
+def gguf_file(tmp_path_factory) -> Path:
+    """A real llama-architecture GGUF (random weights) that llama.cpp loads in milliseconds."""
+    from tinymodel import build_tiny_gguf
+
+    return build_tiny_gguf(tmp_path_factory.mktemp("model") / "tiny.gguf")
+
+
+@pytest.fixture
+def vendor(tmp_path):
+    """A fresh vendor store (keys and database) in the test's folder."""
+    from codemoat.vault.vendor import Vendor
+
+    v = Vendor.init(tmp_path / "vendor")
+    yield v
+    v.close()
+
+
+@pytest.fixture
+def machine():
+    """This machine's key, made in the test's $CODEMOAT_HOME."""
+    from codemoat.vault.machine import MachineKey
+
+    return MachineKey.load_or_create()

@@ -17,16 +17,8 @@ from codemoat.audit.tpm_checkpoint import take
 from codemoat.vault.codec import VaultError
 from codemoat.vault.machine import parse_identity
 from codemoat.vault.tpmbind import activate, challenge, require_bound
-from codemoat.vault.vendor import Vendor
 
 from .tpmhelp import append, audit_log, bind, tpm_machine
-
-
-@pytest.fixture
-def vendor(tmp_path):
-    v = Vendor.init(tmp_path / "vendor")
-    yield v
-    v.close()
 
 
 def test_a_new_challenge_pairing_a_bound_ak_with_another_ek_does_not_inherit_the_binding(vendor, swtpm_factory):

@@ -24,13 +24,6 @@ from codemoat.vault.vendor import Vendor
 from .tpmhelp import bind, tpm_machine, trust_swtpm_ca
 
 
-@pytest.fixture
-def vendor(tmp_path):
-    v = Vendor.init(tmp_path / "vendor")
-    yield v
-    v.close()
-
-
 def _model(tmp_path):
     p = tmp_path / "m.gguf"
     p.write_bytes(b"GGUF" + os.urandom(20_000))

@@ -13,29 +13,6 @@ sys.path.insert(0, str(Path(__file__).parent))  # updhelp: this folder is a pack
 from updhelp import Shop  # noqa: E402
 
 
-@pytest.fixture(scope="session")
-def gguf_file(tmp_path_factory) -> Path:
-    from tinymodel import build_tiny_gguf
-
-    return build_tiny_gguf(tmp_path_factory.mktemp("model") / "tiny.gguf")
-
-
-@pytest.fixture
-def vendor(tmp_path):
-    from codemoat.vault.vendor import Vendor
-
-    v = Vendor.init(tmp_path / "vendor")
-    yield v
-    v.close()
-
-
-@pytest.fixture
-def machine(home):
-    from codemoat.vault.machine import MachineKey
-
-    return MachineKey.load_or_create()
-
-
 @pytest.fixture
 def shop(vendor, machine, gguf_file, tmp_path):
     return Shop(vendor, machine, gguf_file, tmp_path / "shop")

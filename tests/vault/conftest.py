@@ -31,36 +31,12 @@ def vault_home(tmp_path, monkeypatch):
     return home
 
 
-@pytest.fixture(scope="session")
-def gguf_file(tmp_path_factory) -> Path:
-    """A real llama-architecture GGUF (random weights) that llama.cpp loads in milliseconds."""
-    from tinymodel import build_tiny_gguf
-
-    return build_tiny_gguf(tmp_path_factory.mktemp("model") / "tiny.gguf")
-
-
 @pytest.fixture
 def model(tmp_path) -> Path:
     """A file that begins like a GGUF (the magic, then 20 kB of random bytes): what the vault seals and licenses."""
     p = tmp_path / "m.gguf"
     p.write_bytes(b"GGUF" + os.urandom(20_000))
     return p
-
-
-@pytest.fixture
-def vendor(tmp_path):
-    from codemoat.vault.vendor import Vendor
-
-    v = Vendor.init(tmp_path / "vendor")
-    yield v
-    v.close()
-
-
-@pytest.fixture
-def machine():
-    from codemoat.vault.machine import MachineKey
-
-    return MachineKey.load_or_create()
 
 
 def free_port() -> int:
