@@ -17,7 +17,8 @@ from codemoat.vault.container import PREFIX, TAG_LEN, SealedFile, content_key_id
 CHUNK = 4096
 
 
-def make(tmp_path, data: bytes, key: bytes | None = None, signer=None, name="m.moat"):
+def make(tmp_path, data: bytes, key: bytes | None = None, signer=None, name="m.moat", **manifest):
+    """`data` sealed for acme into tmp_path / name (`manifest` sets more of its fields); the file and its key."""
     key = key or os.urandom(32)
     signer = signer or Ed25519PrivateKey.generate()
     sealed = seal_bytes(
@@ -30,6 +31,7 @@ def make(tmp_path, data: bytes, key: bytes | None = None, signer=None, name="m.m
         customer="acme",
         customer_id="c_1",
         chunk_size=CHUNK,
+        **manifest,
     )
     return sealed, key
 
@@ -115,18 +117,8 @@ def test_last_chunk_cannot_pose_as_middle(tmp_path):
     key = os.urandom(32)
     data = os.urandom(CHUNK * 2)
     full, _ = make(tmp_path, data, key, signer, "full.moat")
-    short = seal_bytes(
-        data[:CHUNK],
-        tmp_path / "short.moat",
-        signing_key=signer,
-        content_key=key,
-        model_id="m",
-        fmt="gguf",
-        customer="acme",
-        customer_id="c_1",
-        chunk_size=CHUNK,
-        file_id=full.manifest.file_id,
-        created=full.manifest.created,
+    short, _ = make(
+        tmp_path, data[:CHUNK], key, signer, "short.moat", file_id=full.manifest.file_id, created=full.manifest.created
     )
     raw_full = full.path.read_bytes()
     raw_short = bytearray(short.path.read_bytes())
