@@ -15,7 +15,6 @@ from codemoat.accounts import Accounts
 from codemoat.config import load_settings
 from codemoat.db import open_db
 from codemoat.engines.base import SamplingParams
-from codemoat.engines.holder import ModelHolder
 from codemoat.engines.llamacpp import LlamaCppEngine
 from codemoat.engines.chat_templates import chat_template_for
 from codemoat.engines.templates import FIM_TEMPLATES, FileSnippet, Part
@@ -23,6 +22,7 @@ from codemoat.errors import CodemoatError
 from codemoat.serve import prompts
 from codemoat.serve.app import create_app
 from codemoat.serve.prompts import FimInput
+from kept_holder import KeptHolder
 
 
 @pytest.fixture(scope="module")
@@ -55,16 +55,11 @@ def qwen(random_gguf):
     e.close()
 
 
-class _Keep(ModelHolder):
-    def close(self):  # module-scoped engines outlive each app
-        pass
-
-
 @contextmanager
 def client(engine, **settings):
     s = load_settings(**settings)
     accounts = Accounts(open_db())
-    holder = _Keep(engine.model_id)
+    holder = KeptHolder(engine.model_id)
     holder.set(engine)
     app = create_app(s, holder=holder, accounts=accounts)
     _, tok = accounts.create_token("alice")
