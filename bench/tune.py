@@ -30,8 +30,8 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=3.0)
     ap.add_argument("--repos", default="rich,httpx")
     ap.add_argument("--model", default=str(ROOT / "models" / "codemoat-tiny.gguf"))
-    ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--rank", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument(
         "--eval-tokens",
@@ -56,7 +56,8 @@ def main() -> None:
         default=0.015,
         help="the kept state is at most this much worse on the forgetting-validation modules (negative: no limit)",
     )
-    ap.add_argument("--ema", type=float, default=0.0, help="decay of the moving average of the adapter's weights (0: off)")
+    ap.add_argument("--ema", type=float, default=0.95, help="decay of the moving average of the adapter's weights (0: off)")
+    ap.add_argument("--kl", type=float, default=1.0, help="weight of the replay rows' KL from the base's predictions (0: off)")
     ap.add_argument("--parallel", type=int, default=4, help="the serving part's batch slots (model.parallel)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "tune.md"))
     a = ap.parse_args()
@@ -95,6 +96,7 @@ def main() -> None:
             replay=a.replay,
             max_forgetting=a.max_forgetting if a.max_forgetting >= 0 else None,
             ema=a.ema,
+            kl=a.kl,
         )
     )
     wall = time.monotonic() - t0
@@ -140,7 +142,7 @@ def main() -> None:
         "",
         f"Command: `.venv/bin/python bench/tune.py --minutes {a.minutes:g} --repos {a.repos} --rank {a.rank} --lr {a.lr:g} "
         f"--threads {a.threads} --eval-tokens {a.eval_tokens} --old-eval-tokens {a.old_eval_tokens} --infill-lines {a.infill_lines} --replay {a.replay:g} "
-        f"--max-forgetting {a.max_forgetting:g} --ema {a.ema:g} "
+        f"--max-forgetting {a.max_forgetting:g} --ema {a.ema:g} --kl {a.kl:g} "
         f"--parallel {a.parallel}` "
         f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})",
         "",
@@ -175,7 +177,7 @@ def main() -> None:
         "",
         f"Training: {m['train']['steps']} steps, {m['train']['tokens']:,} tokens in {m['train']['seconds']:.0f} s "
         f"= {m['train']['tok_per_s']:,.0f} tokens/s (LoRA rank {a.rank} on every linear layer; {m['train']['replay']:.0%} of "
-        f"each batch replayed CPython modules outside the forgetting check{_ema(m['train'])}); {m['train']['files']} training files, "
+        f"each batch replayed CPython modules no forgetting check scores{_kl(m['train'])}{_ema(m['train'])}); {m['train']['files']} training files, "
         f"{m['train']['validation_files']} validation files, {m['train']['data_tables']} data tables not trained on; "
         f"the adapter kept is step {m['train']['kept_step']}'s (lowest validation bits/byte, {_f(m['train']['validation_bpb'])}, "
         f"{_kept(m['train'])}); whole run {wall:.0f} s.",
@@ -235,6 +237,10 @@ def _old_row(e: dict, key: str, label: str) -> list[str]:
     if b is None or x is None:
         return []
     return [f"| {label} | {b:.3f} | {x:.3f} | {(x - b) / b * 100:+.1f} % |"]
+
+
+def _kl(t: dict) -> str:
+    return f", their predictions held to the base's by a KL term of weight {t['kl']:g}" if t.get("kl") else ""
 
 
 def _ema(t: dict) -> str:

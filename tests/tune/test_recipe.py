@@ -9,14 +9,42 @@ import pytest
 from tests.tune.test_tune import _index
 
 
-def test_replayed_code_is_never_the_forgetting_checks_code():
-    from codemoat.tune.evaluate import REPLAY_MODULES, UNRELATED_MODULES, replay_files, unrelated_files
+def _replayed() -> set[str]:
+    """Every module the replay can take (its sample with no size limit), as stdlib-relative paths."""
+    from codemoat.tune.evaluate import replay_files
 
-    assert not set(REPLAY_MODULES) & set(UNRELATED_MODULES)
-    replayed, scored = replay_files(), unrelated_files()
-    assert len(replayed) >= 10 and scored
-    assert not {f.path for f in replayed} & {f.path for f in scored}
-    assert not {f.text for f in replayed} & {f.text for f in scored}
+    return {f.path.split("/", 1)[1] for f in replay_files(max_chars=10**12)}
+
+
+def test_replayed_code_is_never_the_forgetting_checks_code():
+    from codemoat.tune.evaluate import REPLAY_CHARS, forgetting_validation_files, replay_files, unrelated_files
+
+    replayed = replay_files()
+    assert REPLAY_CHARS <= sum(len(f.text) for f in replayed) < REPLAY_CHARS + 200_000
+    assert replay_files(seed=1) != replayed and replay_files() == replayed  # a seeded sample
+    everything = replay_files(max_chars=10**12)
+    for checked in (unrelated_files(), forgetting_validation_files()):
+        assert checked
+        assert not {f.path for f in everything} & {f.path for f in checked}
+        assert not {f.text for f in everything} & {f.text for f in checked}
+
+
+def test_the_replay_is_the_bundled_models_own_training_code():
+    """Replay rehearses what the base learnt from: on CPython 3.11 every module the replay can take is
+    one of the bundled model's 638 training modules (less the old forgetting check's), none held out.
+    Until session 10 it was sixteen of them."""
+    import sys
+    import sysconfig
+    from pathlib import Path
+
+    from codemoat.train.corpus import collect, split
+    from codemoat.tune.evaluate import SEEN_MODULES
+
+    if sys.version_info[:2] != (3, 11):
+        pytest.skip("the bundled model was trained on CPython 3.11's standard library")
+    train, held = split(collect([Path(sysconfig.get_paths()["stdlib"])]), 0.06, 0)
+    trained = {f.path.split("/", 1)[1] for f in train}
+    assert len(trained) == 638 and _replayed() == trained - set(SEEN_MODULES)
 
 
 FILES = {f"shop/mod{i}.py": f"def price_{i}(cents: int) -> int:\n    return cents * {i + 3} // 100\n" * 8 for i in range(14)}
@@ -25,7 +53,7 @@ FILES = {f"shop/mod{i}.py": f"def price_{i}(cents: int) -> int:\n    return cent
 def _opts(tmp_path, base, **kw):
     from codemoat.tune.trainer import TuneOptions
 
-    o = dict(repos=["shop"], out=tmp_path / "a.moat", base=base, steps=3, rank=4, batch_size=2, n_ctx=64)
+    o = dict(repos=["shop"], out=tmp_path / "a.moat", base=base, steps=3, rank=4, batch_size=2, n_ctx=64, ema=0.0, kl=0.0)
     o.update(eval_tokens=150, threads=1, infill_lines=0, eval_every=1, val_fraction=0.3)
     return TuneOptions(**{**o, **kw})
 
@@ -74,10 +102,10 @@ def test_the_kept_state_forgot_at_most_max_forgetting_of_unseen_public_code(tmp_
 
 
 def test_forgetting_validation_code_is_neither_replayed_nor_scored():
-    from codemoat.tune.evaluate import FORGETTING_VALIDATION_MODULES, REPLAY_MODULES, UNRELATED_MODULES
+    from codemoat.tune.evaluate import FORGETTING_VALIDATION_MODULES, UNRELATED_MODULES
 
     assert FORGETTING_VALIDATION_MODULES
-    assert not set(FORGETTING_VALIDATION_MODULES) & (set(REPLAY_MODULES) | set(UNRELATED_MODULES))
+    assert not set(FORGETTING_VALIDATION_MODULES) & (_replayed() | set(UNRELATED_MODULES))
 
 
 def test_the_forgetting_checks_score_code_the_bundled_model_never_trained_on():
@@ -153,13 +181,37 @@ def test_with_ema_the_adapter_written_is_the_average_of_the_weights_not_the_last
     assert e_raw["bpb_adapter"]["tuned"] != pytest.approx(e_raw["bpb_base"]["tuned"], rel=1e-3)
 
 
-def test_an_ema_decay_out_of_range_is_refused(tmp_path, tiny_gguf):
+@pytest.mark.slow
+def test_with_kl_the_model_drifts_less_from_the_base_on_code_it_did_not_tune_on(tmp_path, tiny_gguf):
+    """`kl`: the replayed rows' predictions are also pulled towards the base's own (distillation). The
+    same run without that term (or with the option ignored) moves the unrelated CPython modules'
+    score further from the base's."""
+    from codemoat.tune.trainer import tune
+
+    _index(tmp_path, "shop", FILES, ["shop"])
+    kw = dict(lr=5e-3, steps=4, replay=0.5, max_forgetting=None, eval_every=100)
+    free = tune(_opts(tmp_path, tiny_gguf, **kw)).meta
+    held = tune(_opts(tmp_path, tiny_gguf, kl=10.0, out=tmp_path / "b.moat", **kw)).meta
+
+    def drift(meta) -> float:
+        e = meta["eval"]
+        return abs(e["bpb_adapter"]["unrelated"] - e["bpb_base"]["unrelated"])
+
+    assert held["train"]["kl"] == 10.0 and free["train"]["kl"] == 0.0
+    assert held["train"]["kept_step"] == free["train"]["kept_step"] == 4
+    assert 0 < drift(held) < 0.5 * drift(free)
+
+
+def test_an_ema_decay_or_kl_weight_out_of_range_is_refused(tmp_path, tiny_gguf):
     from codemoat.errors import CodemoatError
     from codemoat.tune.trainer import tune
 
     for bad in (1.0, -0.1, float("nan")):
         with pytest.raises(CodemoatError, match="--ema must be from 0 to below 1"):
             tune(_opts(tmp_path, tiny_gguf, ema=bad))
+    for bad in (-0.1, 11.0, float("nan")):
+        with pytest.raises(CodemoatError, match="--kl must be from 0 to 10"):
+            tune(_opts(tmp_path, tiny_gguf, kl=bad))
 
 
 def test_the_forgetting_check_scores_cpython_modules_the_bundled_model_never_trained_on():
@@ -167,14 +219,14 @@ def test_the_forgetting_check_scores_cpython_modules_the_bundled_model_never_tra
     the bundled model's own training files (only shlex.py is in models/heldout.txt)."""
     from pathlib import Path
 
-    from codemoat.tune.evaluate import FORGETTING_VALIDATION_MODULES, REPLAY_MODULES, UNRELATED_MODULES, unrelated_files
+    from codemoat.tune.evaluate import FORGETTING_VALIDATION_MODULES, UNRELATED_MODULES, unrelated_files
 
     heldout = Path(__file__).resolve().parents[2] / "models" / "heldout.txt"
     never_trained = {
         line.strip().split("/", 1)[1] for line in heldout.read_text().splitlines() if line.strip() and line[0] != "#"
     }
     assert set(UNRELATED_MODULES) == never_trained
-    assert not set(UNRELATED_MODULES) & (set(REPLAY_MODULES) | set(FORGETTING_VALIDATION_MODULES))
+    assert not set(UNRELATED_MODULES) & (_replayed() | set(FORGETTING_VALIDATION_MODULES))
     scored = unrelated_files()
     assert len(scored) == len(UNRELATED_MODULES) and sum(len(f.text) for f in scored) > 150_000  # a stable figure
 

@@ -41,7 +41,7 @@ def tune_options(out: Path, base: Path, **overrides):
     """`TuneOptions` for a short tune of the payments repo on `base`: the tests' small sizes, `overrides` win."""
     from codemoat.tune.trainer import TuneOptions
 
-    small = dict(repos=["payments"], out=out, base=base, steps=2, rank=4, batch_size=1, n_ctx=64)
+    small = dict(repos=["payments"], out=out, base=base, steps=2, rank=4, batch_size=1, n_ctx=64, lr=1e-3, ema=0.0, kl=0.0)
     return TuneOptions(**{**small, "eval_tokens": 100, "threads": 2, "infill_lines": 2, **overrides})
 
 

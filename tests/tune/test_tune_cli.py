@@ -1,4 +1,4 @@
-"""`codemoat tune --replay/--max-forgetting/--ema`: the command line hands the recipe's guards against
+"""`codemoat tune --replay/--max-forgetting/--ema/--kl`: the command line hands the recipe's guards against
 forgetting to the trainer (the adapter's record says what it ran with), and refuses a value out of
 range in one line before anything loads."""
 
@@ -20,12 +20,23 @@ def test_replay_and_max_forgetting_reach_the_trainer(tmp_path, tiny_gguf, home):
     common = ["tune", "--repos", "shop", "--model", str(tiny_gguf), "--steps", "1", "--rank", "2", "--threads", "1"]
     common += ["--eval-tokens", "100", "--infill-lines", "0", "--json"]
     r = run_cli(
-        *common, "--out", str(tmp_path / "a.moat"), "--replay", "0.25", "--max-forgetting", "0.03", "--ema", "0.9", timeout=600
+        *common,
+        "--out",
+        str(tmp_path / "a.moat"),
+        "--replay",
+        "0.25",
+        "--max-forgetting",
+        "0.03",
+        "--ema",
+        "0.9",
+        "--kl",
+        "0.5",
+        timeout=600,
     )
     assert r.returncode == 0, r.stderr
     t = json.loads(r.stdout)["train"]
     assert t["replay"] == 0.25 and t["max_forgetting"] == 0.03  # the defaults are 0.5 and 0.015
-    assert t["ema"] == 0.9
+    assert t["ema"] == 0.9 and t["kl"] == 0.5
     r = run_cli(*common, "--out", str(tmp_path / "b.moat"), "--replay", "0", "--max-forgetting", "off", timeout=600)
     assert r.returncode == 0, r.stderr
     t = json.loads(r.stdout)["train"]
@@ -40,4 +51,6 @@ def test_out_of_range_values_are_refused_in_one_line(tmp_path, home):
         one_line_error(run_cli(*args, "--max-forgetting", bad), "Invalid value for '--max-forgetting'", 2)
     for bad in ("1", "-0.5"):
         one_line_error(run_cli(*args, "--ema", bad), "Invalid value for '--ema'", 2)
+    for bad in ("-0.1", "11"):
+        one_line_error(run_cli(*args, "--kl", bad), "Invalid value for '--kl'", 2)
     assert not (tmp_path / "a.moat").exists()

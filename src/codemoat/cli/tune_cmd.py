@@ -47,8 +47,8 @@ def tune_command(
     config: Annotated[Path | None, typer.Option("--config", help="Configuration file (TOML).")] = None,
     minutes: Minutes = 10.0,
     steps: Annotated[int | None, typer.Option("--steps", help="Train exactly this many steps instead of a time budget.")] = None,
-    rank: Annotated[int, typer.Option("--rank", help="LoRA rank.")] = 16,
-    lr: Lr = 1e-3,
+    rank: Annotated[int, typer.Option("--rank", help="LoRA rank.")] = 64,
+    lr: Lr = 2e-3,
     device: Device = "cpu",
     seed: Annotated[int, typer.Option("--seed", help="Seed for the split, the data order and the LoRA initialisation.")] = 0,
     threads: Annotated[int | None, typer.Option("--threads", help="CPU threads for torch.")] = None,
@@ -81,9 +81,19 @@ def tune_command(
             min=0.0,
             max=0.999,
             help="Average the adapter's weights over the run (the decay of an exponential moving average, "
-            "0 to 0.999, e.g. 0.95; 0: off): the averaged weights are scored, kept and written.",
+            "0 to 0.999; 0: off): the averaged weights are scored, kept and written.",
         ),
-    ] = 0.0,
+    ] = 0.95,
+    kl: Annotated[
+        float,
+        typer.Option(
+            "--kl",
+            min=0.0,
+            max=10.0,
+            help="Weight of the replayed rows' KL divergence from the base's own predictions, against "
+            "forgetting (distillation; 0 to 10; 0: off).",
+        ),
+    ] = 1.0,
     as_json: JsonFlag = False,
 ) -> None:
     """Fine-tune the served model on the named repositories' indexed code; write a sealed LoRA adapter."""
@@ -115,6 +125,7 @@ def tune_command(
         replay=replay,
         max_forgetting=max_forgetting,
         ema=ema,
+        kl=kl,
     )
     result = run_with_progress(tune, opts, quiet=as_json, verb="tune", stage_info=_stage_info, step_info=_step_info)
     data = {"adapter": str(result.out), **result.meta}

@@ -45,7 +45,7 @@ def key(opts, base_sha256: str, corpus=None) -> str:
         "device": opts.device,
         "replay": opts.replay,
         "validation": [opts.val_fraction, opts.eval_every, opts.max_forgetting],
-        "regularise": [opts.lora_dropout, opts.weight_decay, opts.ema],
+        "regularise": [opts.lora_dropout, opts.weight_decay, opts.ema, opts.kl],
         "eval": [opts.eval_tokens, opts.old_eval_tokens],  # the base's scores are kept in it
         "data": None if corpus is None else _data_digest(corpus),
     }

@@ -61,31 +61,14 @@ SEEN_MODULES = [
 ]
 
 
-#: stdlib modules replayed during tuning against forgetting: none of them is in UNRELATED_MODULES or
-#: SEEN_MODULES, so the forgetting checks score code the adapter never trained on
-REPLAY_MODULES = [
-    "argparse.py",
-    "functools.py",
-    "dataclasses.py",
-    "enum.py",
-    "pathlib.py",
-    "subprocess.py",
-    "tokenize.py",
-    "configparser.py",
-    "pprint.py",
-    "logging/__init__.py",
-    "collections/__init__.py",
-    "email/message.py",
-    "http/client.py",
-    "urllib/parse.py",
-    "zipfile/__init__.py",
-    "tarfile.py",
-]
+#: characters of public code replayed while tuning (`replay_files`): about a million tokens, two
+#: replay rows a step for a thousand steps, tokenized in seconds
+REPLAY_CHARS = 3_000_000
 
 
 #: stdlib modules scored while tuning to see forgetting as it happens (the kept adapter state is one
-#: that made them at most `TuneOptions.max_forgetting` worse): in neither list above, so neither the
-#: replay trains on them nor does the final forgetting check score them, and, like the final check's
+#: that made them at most `TuneOptions.max_forgetting` worse): the replay (`replay_files`) leaves them
+#: out and the final forgetting check does not score them, and, like the final check's
 #: modules, code the bundled model never trained on (its corpus left out files over 200 kB and venv/).
 #: Until session 8 these were inspect, typing, statistics and ast, its training files: on rich + httpx
 #: they read about twice the forgetting the never-trained modules show, so the guard kept early states
@@ -100,9 +83,28 @@ def forgetting_validation_files() -> list[SourceFile]:
     return _stdlib(FORGETTING_VALIDATION_MODULES)
 
 
-def replay_files() -> list[SourceFile]:
-    """The CPython modules of REPLAY_MODULES that this Python has."""
-    return _stdlib(REPLAY_MODULES)
+def replay_files(seed: int = 0, max_chars: int = REPLAY_CHARS) -> list[SourceFile]:
+    """Public code replayed while tuning, against forgetting: this Python's standard library as `vendor
+    train` collects it, less every module a forgetting check scores (UNRELATED_MODULES,
+    FORGETTING_VALIDATION_MODULES, SEEN_MODULES), a seeded sample of whole modules up to `max_chars`.
+    On CPython 3.11 that is the bundled model's own training code (its 638 training modules less the
+    old check's nine), rendered as it was trained on, which keeps what it knows (until session 10 the
+    replay was sixteen of those modules in plain windows; bench/results/tune.md compares)."""
+    import random
+
+    from ..train.corpus import collect
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    scored = set(UNRELATED_MODULES) | set(FORGETTING_VALIDATION_MODULES) | set(SEEN_MODULES)
+    files = [f for f in collect([root]) if f.path.split("/", 1)[1] not in scored]
+    random.Random(seed).shuffle(files)
+    out, n = [], 0
+    for f in files:
+        if n >= max_chars:
+            break
+        out.append(f)
+        n += len(f.text)
+    return out
 
 
 def unrelated_files() -> list[SourceFile]:

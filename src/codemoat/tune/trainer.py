@@ -4,8 +4,9 @@ Data: the named repositories' indexed files, split by file into train and held-o
 both), rendered into FIM and next-token samples by `vendor train`'s own code (`train.data`).
 Optimiser: AdamW over the LoRA weights only, linear warm-up then cosine decay over the wall-clock
 budget (or over `steps` when given, which makes a run reproducible). Against forgetting, a share
-of each batch (`replay`) is public code the base already knows: CPython modules that are not in the
-forgetting check's own set (`evaluate.REPLAY_MODULES`). A few training files are set aside for
+of each batch (`replay`) is public code the base already knows: CPython modules that no forgetting
+check scores (`evaluate.replay_files`: for the bundled model, its own training code), and with `kl`
+the tuned model's predictions on those rows are also pulled towards the base's (distillation). A few training files are set aside for
 validation (never trained on, and not the evaluation's held-out files); the adapter written is the
 one with the lowest validation bits/byte seen, the untuned start included (a cheap early stop within
 the budget: a run that only made things worse writes an adapter that changes nothing), among the
@@ -39,9 +40,9 @@ class TuneOptions:
     base: Path
     minutes: float = 10.0
     steps: int | None = None
-    rank: int = 16
+    rank: int = 64  # the recipe measured on the bundled model (bench/results/tune.md, session 10): rank, lr, ema, kl
     alpha: float | None = None
-    lr: float = 1e-3
+    lr: float = 2e-3
     batch_size: int = 4
     n_ctx: int = 512
     device: str = "cpu"
@@ -61,7 +62,8 @@ class TuneOptions:
     max_forgetting: float | None = 0.015  # kept state: at most this much worse on unseen public code (None: any)
     lora_dropout: float = 0.0
     weight_decay: float = 0.0
-    ema: float = 0.0  # decay of a moving average of the adapter's weights, scored and kept instead of them (0: off)
+    ema: float = 0.95  # decay of a moving average of the adapter's weights, scored and kept instead of them (0: off)
+    kl: float = 1.0  # weight of the replay rows' KL divergence from the base's own predictions (0: off)
 
 
 @dataclass
@@ -103,7 +105,7 @@ def tune(opts: TuneOptions, on_event: Callable[[dict], None] | None = None) -> T
     from . import checkpoint, infill
     from .base import load_base
     from .corpus import is_data_table, load_corpus
-    from .evaluate import bits_per_byte, forgetting_validation_files, replay_files, spread_windows
+    from .evaluate import bits_per_byte, forgetting_validation_files, spread_windows
     from .lora import gguf_bytes, safetensors_bytes, wrap
     from ..engines.adapters import Adapter, seal_adapter
 
@@ -112,6 +114,8 @@ def tune(opts: TuneOptions, on_event: Callable[[dict], None] | None = None) -> T
         raise CodemoatError(f"--rank must be between 1 and 256, got {opts.rank}")
     if not 0.0 <= opts.ema < 1.0:  # NaN fails this too
         raise CodemoatError(f"--ema must be from 0 to below 1, got {opts.ema}")
+    if not 0.0 <= opts.kl <= 10.0:  # NaN fails this too
+        raise CodemoatError(f"--kl must be from 0 to 10, got {opts.kl}")
     if opts.threads:
         torch.set_num_threads(opts.threads)
     torch.manual_seed(opts.seed)
@@ -169,7 +173,7 @@ def tune(opts: TuneOptions, on_event: Callable[[dict], None] | None = None) -> T
             return _keep_best(model, best, val, step, forget, forget_limit), val
 
     n_rep = min(opts.batch_size - 1, round(opts.batch_size * opts.replay)) if opts.replay > 0 else 0
-    replay = _replay_rows(replay_files(), tok, n_ctx, opts.seed) if n_rep else None
+    replay = _replay_rows(tok, base.eos, n_ctx, opts, n_rep) if n_rep else None
     if replay is None or len(replay) < n_rep:
         n_rep = 0
     take = opts.batch_size - n_rep
@@ -212,8 +216,10 @@ def tune(opts: TuneOptions, on_event: Callable[[dict], None] | None = None) -> T
         at += take
         for g in optim.param_groups:
             g["lr"] = _lr(opts, step, progress)
-        out = model(input_ids=batch[:, :-1], labels=None)
-        loss = torch.nn.functional.cross_entropy(out.logits.float().reshape(-1, out.logits.shape[-1]), batch[:, 1:].reshape(-1))
+        logits = model(input_ids=batch[:, :-1], labels=None).logits.float()
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+        if opts.kl and n_rep:
+            loss = loss + opts.kl * n_rep / len(batch) * _kl_from_base(model, logits[take:], batch[take:, :-1])
         optim.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -285,6 +291,7 @@ def tune(opts: TuneOptions, on_event: Callable[[dict], None] | None = None) -> T
             "validation_bpb": best["bpb"] if best is not None else None,
             "max_forgetting": opts.max_forgetting,
             "ema": opts.ema,
+            "kl": opts.kl,
             "forgetting_validation_bpb": [forget0, best.get("forget") if best is not None else None],  # base, kept
         },
         "eval": {
@@ -368,17 +375,33 @@ def _validation(files: list, opts: TuneOptions) -> tuple[list, list]:
     return (train, val) if len(train) >= 2 else (files, [])
 
 
-def _replay_rows(files: list, tok, n_ctx: int, seed: int, max_tokens: int = 400_000):
-    """Full windows (n_ctx + 1 ids) of `files`, shuffled by `seed`; None without one."""
-    import torch
+def _replay_rows(tok, eos: str | None, n_ctx: int, opts: TuneOptions, n_rep: int):
+    """Rows of public code the base learnt from (`evaluate.replay_files`), rendered as `vendor train`
+    renders its corpus (FIM and plain samples, packed), shuffled by the seed; None without one. With
+    `steps` only as much code as those steps replay (about 4 characters a token, twice over)."""
+    from ..train.data import epoch_rows
+    from .evaluate import REPLAY_CHARS, replay_files
 
-    from .evaluate import token_windows
-
-    windows = [w for w in token_windows(files, tok, n_ctx, max_tokens)[0] if len(w) == n_ctx + 1]
-    if not windows:
+    chars = REPLAY_CHARS if not opts.steps else min(REPLAY_CHARS, 8 * opts.steps * n_rep * (n_ctx + 1))
+    files = replay_files(opts.seed, chars)
+    try:
+        return epoch_rows(files, tok, n_ctx, data_options(tok, eos, "python"), opts.seed, 0)
+    except ValueError:  # not one full row
         return None
-    rows = torch.tensor(windows, dtype=torch.long)
-    return rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))]
+
+
+def _kl_from_base(model, logits, ids):
+    """Mean per-token KL(base ‖ tuned) of the rows `ids` whose tuned logits are `logits`: the base's own
+    predictions as the target (distillation), which holds the model to what it knew on replayed code
+    more tightly than the one next token does (Hinton et al. 2015, "Distilling the Knowledge in a
+    Neural Network"; as a guard against forgetting, Li & Hoiem 2016, "Learning without Forgetting")."""
+    import torch
+    import torch.nn.functional as F
+
+    with torch.no_grad(), model.disable_adapter():
+        ref = F.log_softmax(model(input_ids=ids).logits.float(), -1)
+    tuned = F.log_softmax(logits, -1)
+    return F.kl_div(tuned.reshape(-1, tuned.shape[-1]), ref.reshape(-1, ref.shape[-1]), log_target=True, reduction="batchmean")
 
 
 def _keep_best(
