@@ -338,7 +338,7 @@ def write_md(ks: list[dict], core: dict, client: dict, offs: list[dict], load: t
     lines = [
         "# TPM attestation: key server, client lease, offline sealed start",
         "",
-        f"`{' '.join(['.venv/bin/python', 'bench/attest.py', *sys.argv[1:]])}` (under `flock /tmp/s9/bench.lock`) on "
+        f"`{' '.join(['.venv/bin/python', 'bench/attest.py', *sys.argv[1:]])}` (under the helpers' bench lock: one bench at a time) on "
         f"{platform.machine()}, {cpus} CPUs shared with the load generator, "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; load average (1/5/15 min) before {load[0]}, after "
         f"{load[1]}. Software TPMs (swtpm) on 127.0.0.1, so TPM times are a software chip's, not a hardware one's (a "

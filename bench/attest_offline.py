@@ -136,8 +136,11 @@ def offline_md(offs: list[dict]) -> list[str]:
         "unwrapped, every chunk decrypted and authenticated into a sealed memfd, then zeroed and closed (not timed). "
         f"A CRL revoking {off['revoked']} other machines is installed, so both starts read and verify it. On the TPM "
         "machine the chip's part runs in one thread on one connection (`vault.tpmstart`): the CRL install counter, "
-        "the unwrap key and the policy session while the other checks run and `engines.memfd.Prefault` allocates "
-        "the memfd's pages; the content key once every check passed; the watermark key while the model is decrypted.",
+        "the unwrap key, the policy session and its PolicyPCR and PolicyNV while the other checks run and "
+        "`engines.memfd.Prefault` allocates the memfd's pages; the content key (one ECDH_ZGen) once every check "
+        "passed; the watermark key while the model is decrypted. Those TPM commands are marshalled by "
+        "`attest.tpmcmd` and sent on the TCTI (swtpm's opens a TCP connection per command), not through "
+        "tpm2-tss's ESAPI, whose session crypto cost about 2 ms of CPU per unwrap.",
         "",
         "## `codemoat verify` (`verify_bundle`: checks, unwrap, every chunk decrypted into a scratch buffer and hashed)",
         "",
@@ -146,9 +149,10 @@ def offline_md(offs: list[dict]) -> list[str]:
         *[row(o, "verify") for o in offs],
         "",
         f"The license check with both key unwraps alone ({off['mib']} MiB run): software {c['software_ms']:.1f} ms, "
-        f"TPM {c['tpm_ms']:.1f} ms: a fixed cost of {c['tpm_ms'] - c['software_ms']:.1f} ms (connect, the CRL counter, "
-        "the tamper latch's NV public area, one primary-key derivation, one policy session for both keys, and per "
-        "unwrap TPM2_PolicyPCR, TPM2_PolicyNV and ECDH_ZGen) that does not grow with the model. `verify` has no "
+        f"TPM {c['tpm_ms']:.1f} ms: a fixed cost of {c['tpm_ms'] - c['software_ms']:.1f} ms (13 TPM commands: the CRL "
+        "counter's NV_ReadPublic and NV_Read, the tamper latch's NV_ReadPublic, CreatePrimary of the unwrap key, one "
+        "policy session for both keys, per unwrap TPM2_PolicyPCR, TPM2_PolicyNV and ECDH_ZGen, two FlushContext) "
+        "that does not grow with the model. `verify` has no "
         "memfd to allocate while the chip works, so it pays that cost in full.",
         "",
         f"**The CRL check alone** (`crl.check_revoked`, {off['revoked']} revocations installed): software machine "
