@@ -63,7 +63,7 @@ class ModelSettings(BaseModel):
     answer_timeout_s: float = Field(
         120.0,
         ge=0,
-        description="An engine process (model.isolation = process) that owes requests an answer and for this long sends nothing (no token, no error) and does no work (its threads neither run nor wait for a core; a long prefill does) is hung: its requests get 503 and it is restarted, as after a crash; 0 = never.",
+        description="An engine process (model.isolation = process) that owes requests an answer and for this long sends nothing (no token, no error) and does no work (its threads neither run nor wait for a core or the disk; a long prefill does) is hung: its requests get 503 and it is restarted, as after a crash; 0 = never.",
     )
     id: str | None = Field(None, description="Model name shown by the API (default: the file's stem).")
     n_ctx: int = Field(4096, ge=64, description="Context window in tokens (capped by the model's own).")

@@ -433,6 +433,25 @@ def test_an_engine_that_owes_answers_and_does_nothing_is_restarted(tiny_gguf, mo
         eng.close()
 
 
+def test_an_engine_that_stops_answering_is_a_503_through_serve(serve_process, tiny_gguf):
+    """`model.answer_timeout_s` through a real `codemoat serve`: the engine process's reader stops, and the
+    request that waits on it gets 503 in OpenAI's shape (before: no answer ever came); /health shows the
+    hung engine restarted, and the next request is served."""
+    token = create_token("--name", "hung")
+    env = {**ENV, "CODEMOAT_MODEL__ANSWER_TIMEOUT_S": "3"}
+    srv = serve_process(["--model", str(tiny_gguf), "--engine", ENGINE, "--n-ctx", "512"], env=env)
+    with httpx.Client(base_url=srv.url, headers={"Authorization": f"Bearer {token}"}, timeout=120) as c:
+        model = c.get("/v1/models").json()["data"][0]["id"]
+        r = c.post("/v1/completions", json={"model": model, "prompt": "<<stop-reading>>def f(", "max_tokens": 4})
+        assert r.status_code == 503, r.text
+        err = r.json()["error"]
+        assert "stopped answering" in err["message"] and err["code"] == "model_unavailable", err
+        h = wait_ready(c)
+        assert h["engine"]["last_exit"] == "hung" and h["engine"]["restarts"] == 1, h
+        r = c.post("/v1/completions", json={"model": model, "prompt": "def add(a, b):\n", "max_tokens": 4})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"], r.text
+
+
 def test_a_long_silent_prefill_is_progress_not_a_hang(tiny_gguf, monkeypatch):
     """What the answer watchdog counts as progress: a prefill sends nothing until its first token but
     computes (or, on a loaded machine, waits for a core to). An engine that computes for

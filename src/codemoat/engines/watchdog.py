@@ -6,13 +6,15 @@ nothing more, so only the silence shows it. Silence alone is no proof: a long pr
 message for as long as it takes (minutes, for a large model on CPU), and a request queued behind others
 waits silently while they are answered.
 
-So progress is either a message from the process (any request's token, error or slot change) or time its
-threads spend runnable: running, or waiting for a core (`/proc/PID/task/*/schedstat`). A prefill computes,
-a hung process sleeps. CPU time alone would not tell them apart on a loaded machine: an engine process
-starved of cores computes for a few milliseconds in seconds, but it waits to run all that time.
-`AnswerWatch.check` (called about once a second while some request owes an answer) says the process is
-hung once it sent nothing and was runnable for less than `MIN_RUNNABLE_S` in `limit` seconds
-(`model.answer_timeout_s`). What it cannot see: an engine that spins in a loop producing nothing.
+So progress is either a message from the process (any request's token, error or slot change) or work:
+time its threads spend runnable (running, or waiting for a core: `/proc/PID/task/*/schedstat`), or disk
+reads (major page faults: the first prefill of a model mapped from a slow disk waits on them, asleep).
+A prefill computes, a hung process sleeps. CPU time alone would not tell them apart on a loaded machine:
+an engine process starved of cores computes for a few milliseconds in seconds, but it waits to run all
+that time. `AnswerWatch.check` (called about once a second while some request owes an answer) says the
+process is hung once it sent nothing, was runnable for less than `MIN_RUNNABLE_S` and faulted no page in
+from disk in `limit` seconds (`model.answer_timeout_s`). What it cannot see: an engine that spins in a
+loop producing nothing.
 """
 
 from __future__ import annotations
@@ -28,21 +30,25 @@ MIN_RUNNABLE_S = 0.05
 GAP_S = 3.0
 
 
-def runnable_ns(pid: int) -> dict[int, int] | None:
-    """Per thread of process `pid`: nanoseconds it ran or waited for a core so far; None once it is gone."""
+def work(pid: int) -> tuple[dict[int, int], int] | None:
+    """Process `pid`'s work so far: per thread, nanoseconds it ran or waited for a core; and its major page
+    faults (pages read in from disk). None once it is gone."""
     try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
         tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
         return None
-    out = {}
+    faults = int(stat[stat.rindex(b")") + 2 :].split()[9])  # majflt: field 12 of stat(5)
+    runnable = {}
     for tid in tids:
         try:
             with open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as f:
                 run, wait = f.read().split()[:2]
         except (OSError, ValueError):
             continue  # the thread ended meanwhile
-        out[int(tid)] = int(run) + int(wait)
-    return out
+        runnable[int(tid)] = int(run) + int(wait)
+    return runnable, faults
 
 
 class AnswerWatch:
@@ -53,7 +59,7 @@ class AnswerWatch:
         self.pid, self.limit, self.received = pid, limit, received
         self._seen = -1
         self._since = self._last = 0.0
-        self._runnable: dict[int, int] | None = None
+        self._work: tuple[dict[int, int], int] | None = None
 
     def check(self) -> str | None:
         """Called about once a second while an answer is owed; a longer gap means none was owed meanwhile."""
@@ -62,18 +68,18 @@ class AnswerWatch:
         now, seen = time.monotonic(), self.received()
         last, self._last = self._last, now
         if seen != self._seen or now - last > GAP_S:  # a message, or a new wait: a new window
-            self._seen, self._since, self._runnable = seen, now, None
+            self._seen, self._since, self._work = seen, now, None
             return None
-        if self._runnable is None:  # silent since the last check: its work counts from here (read only now, not each second)
-            self._runnable = runnable_ns(self.pid)
+        if self._work is None:  # silent since the last check: its work counts from here (read only now, not each second)
+            self._work = work(self.pid)
             return None
         if now - self._since < self.limit:
             return None
-        runnable = runnable_ns(self.pid)
-        if runnable is None:
+        done = work(self.pid)
+        if done is None:
             return None  # it ended: its supervisor hears of that anyway
-        spent = sum(ns - self._runnable.get(tid, 0) for tid, ns in runnable.items())
-        if spent >= MIN_RUNNABLE_S * 1e9:  # computing (a long prefill), or waiting for a core to: a new window
-            self._since, self._runnable = now, runnable
+        spent = sum(ns - self._work[0].get(tid, 0) for tid, ns in done[0].items())
+        if spent >= MIN_RUNNABLE_S * 1e9 or done[1] > self._work[1]:  # computing, waiting for a core or a disk: a new window
+            self._since, self._work = now, done
             return None
         return f"the engine process sent nothing for {now - self._since:.0f} s while requests waited, and did no work"
