@@ -125,13 +125,13 @@ class VllmEngine(HfModel, Engine):
             tensor_parallel_size=tensor_parallel_size,
             enforce_eager=enforce_eager,
             logits_processors=[QUALNAME],
-            **(loader or {}),
-            **lora_args,
-        )
             # vLLM's own request and step statistics (its Prometheus and log loggers) are not served by codemoat,
             # which counts usage itself: kept, they cost the server process ~0.8 ms a request at 32 streamed
             # clients (py-spy, bench/results/vllm.md), on the cores the engine needs
             disable_log_stats=True,
+            **(loader or {}),
+            **lora_args,
+        )
         try:
             self._engine = AsyncLLM.from_engine_args(args)
         except Exception as e:  # vLLM's own errors are many; one line for the user, the cause in the log
