@@ -229,9 +229,35 @@ def test_no_vllm_process_holds_the_key_or_a_weight_file(served):
         for f in folders
         if any(str(f) in Path(f"/proc/{p}/cmdline").read_text(errors="replace") for p in pids) or _opened_by(f, pids)
     ]
-    for f in mine or folders:
+    # not found by name or open descriptor: the folders made since this server started (one a killed server of
+    # another run left behind, its socket included, is not this one's)
+    fresh = [f for f in folders if f.stat().st_mtime >= b.started - 1]
+    assert mine or fresh, folders
+    for f in mine or fresh:
         assert (f.stat().st_mode & 0o777) == 0o700
         assert not [n for n in os.listdir(f) if not n.endswith(".json")], os.listdir(f)
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_no_vllm_process_would_post_usage_statistics(served, tmp_path):
+    """vLLM posts usage statistics (model architecture, hardware, settings) to its project's server
+    (vllm.usage.usage_lib, VLLM_USAGE_STATS_SERVER) from its GPU worker unless told not to: a child process
+    the egress guard does not see (audit.egress), so a customer's GPU machine with a way out sent it. Each of
+    vLLM's processes must carry the setting that turns it off; vLLM's own check, run with each one's
+    environment (and a HOME without vLLM's do_not_track file), must say no."""
+    import subprocess
+    import sys
+
+    server, _, _ = served
+    pids = [p for p in _tree(server.proc.pid) if p != server.proc.pid]
+    assert pids, "no vLLM process under the server"
+    check = "from vllm.usage.usage_lib import is_usage_stats_enabled as e; print(e())"
+    for pid in pids:
+        env = dict(v.split("=", 1) for v in Path(f"/proc/{pid}/environ").read_text(errors="replace").split("\0") if "=" in v)
+        env["HOME"] = str(tmp_path)
+        out = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, timeout=300)
+        assert out.stdout.strip().splitlines()[-1:] == ["False"], (pid, out.stdout[-300:], out.stderr[-300:])
 
 
 def _opened_by(folder: Path, pids: list[int]) -> bool:

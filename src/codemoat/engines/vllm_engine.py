@@ -104,6 +104,9 @@ class VllmEngine(HfModel, Engine):
         self.model_id = model_id or folder.name.split(".")[0]
         # vLLM's CPU backend sizes its KV cache from the environment (GPUs use gpu_memory_utilization)
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{kv_cache_gib:g}")
+        # vLLM's GPU worker posts usage statistics to its project's server (vllm.usage.usage_lib) from a
+        # child process the egress guard does not see: never from a customer's machine
+        os.environ["VLLM_NO_USAGE_STATS"] = "1"
         lora_args: dict[str, Any] = {}
         if adapters:
             from .vllm_lora import LoraHandoff
