@@ -55,7 +55,7 @@ def bench_offline(mib: int, runs: int, vendor, tcti: str, work: Path, tpm_machin
     tpm.x25519, tpm.ed25519 = soft.x25519, soft.ed25519  # same machine (clock record), two bindings
     mark_bound(vendor, tpm)  # under that machine's id
     # what `machine-id --tpm` does once it has defined the CRL counter: the clock record follows it from there
-    crl.record_provisioned(ClockGuard(tpm), tpm.tpm["identity"]["crl"]["count"])
+    ClockGuard(tpm).record_tpm_provisioned(tpm.tpm["identity"]["crl"]["count"])
     lics = {}
     for kind, m in (("software", soft), ("tpm", tpm)):
         doc = vendor.issue_license(

@@ -40,6 +40,9 @@ from .. import paths
 from ..durations import show_time
 from .codec import VaultError, write_secret, x_private_raw
 
+TPM_COUNT = "tpm"  # the clock record's entry for the TPM's CRL counter (vendor key ids are hex)
+TPM_BASE = "tpm-base"  # the counter's count when this record started following it (provisioning, or the first install)
+
 RECORD = "clock.json"
 STAMP = "machine.key"  # its mtime carries the mark too
 # Written while serving: the databases, the audit log's head files (one per database, PostgreSQL too), the outbound log
@@ -204,8 +207,12 @@ class ClockGuard:
 
     def crl_number(self, vendor_key_id: str) -> int | None:
         """The number of the latest CRL this machine installed for the vendor key (None: never one);
-        `vault.crl.TPM_COUNT`: the TPM's CRL counter as of the last install."""
+        `TPM_COUNT`: the TPM's CRL counter as of the last install."""
         return self._read()[1].get(vendor_key_id)
+
+    def record_tpm_provisioned(self, count: int) -> None:
+        """`machine-id --tpm` defined the TPM's CRL counter at `count`: this record follows it from there."""
+        self.record_crl({TPM_COUNT: count, TPM_BASE: count})
 
     def record_crl(self, numbers: dict[str, int]) -> None:
         """Record CRL numbers (per vendor key id) this machine installed; each only moves up."""

@@ -43,7 +43,7 @@ import sqlalchemy as sa
 
 from .. import paths
 from ..errors import NotFound
-from .clock import ClockGuard, iso
+from .clock import TPM_BASE, TPM_COUNT, ClockGuard, iso
 from .machine import MachineKey
 from .codec import VaultError, b64d, b64e, canonical, ed_public, key_id, sign, verify
 from .trust import TRUST_FILE, check_trusted_vendor
@@ -200,14 +200,7 @@ def _installed(vendor_key_b64: str, home: Path | None) -> Crl | None:
     return crl
 
 
-TPM_COUNT = "tpm"  # the clock record's entry for the TPM's CRL counter (vendor key ids are hex)
-TPM_BASE = "tpm-base"  # the counter's count when this record started following it (provisioning, or the first install)
 _warned: set[str] = set()
-
-
-def record_provisioned(guard: ClockGuard, count: int) -> None:
-    """`machine-id --tpm` defined the CRL counter at `count`: the clock record follows it from there."""
-    guard.record_crl({TPM_COUNT: count, TPM_BASE: count})
 
 
 def _tpm_behind(guard: ClockGuard, attestor: Any, named: dict[str, Any] | None = None, lid: str = "") -> None:

@@ -214,9 +214,8 @@ class MachineKey:
             block = a.identity(pcrs)  # defines the CRL counter when it is not yet
         if fresh:  # the clock record starts at the count the vendor will sign (vault.crl)
             from .clock import ClockGuard
-            from .crl import record_provisioned
 
-            record_provisioned(ClockGuard(self), block["crl"]["count"])
+            ClockGuard(self).record_tpm_provisioned(block["crl"]["count"])
         self.tpm = {"tcti": tcti, "identity": block}
         write_secret(paths.home() / TPM_FILE, json.dumps(self.tpm).encode())
         return block
