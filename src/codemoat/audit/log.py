@@ -375,7 +375,7 @@ class AuditLog(HeadSigning):
             for r in self.records(**filters):
                 buf.seek(0)
                 buf.truncate()
-                w.writerow({k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in r.items()})
+                w.writerow({k: csv_cell(v) for k, v in r.items()})
                 yield buf.getvalue()
         else:
             raise CodemoatError(f"unknown export format {fmt!r}: use jsonl or csv")
@@ -418,3 +418,12 @@ class AuditLog(HeadSigning):
             return signing.load_signer(create=False).public_bytes
         except CodemoatError:
             return None
+
+
+def csv_cell(v: Any) -> Any:
+    """A record's value as an exported CSV cell (lists and objects as JSON) that no spreadsheet runs as a
+    formula: text starting with = + - @, a tab or a carriage return (a retained prompt or completion can)
+    gets a leading ' (OWASP, CSV injection). JSONL exports keep the text as it is."""
+    if isinstance(v, (list, dict)):
+        v = json.dumps(v)
+    return "'" + v if isinstance(v, str) and v[:1] in ("=", "+", "-", "@", "\t", "\r") else v

@@ -68,6 +68,7 @@ async def audit_export(request: Request):
     import json
 
     from ..audit.chain import FIELDS
+    from ..audit.log import csv_cell
 
     fmt = request.query_params.get("fmt", "jsonl")
     if fmt not in ("jsonl", "csv"):
@@ -86,7 +87,7 @@ async def audit_export(request: Request):
             w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
             w.writeheader()
             for r in auditview.rows(log_engine, f):
-                w.writerow({k: _cell(json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in r.items()})
+                w.writerow({k: csv_cell(v) for k, v in r.items()})
                 if buf.tell() > 1 << 16:
                     yield buf.getvalue()
                     buf.seek(0)
@@ -102,9 +103,3 @@ async def audit_export(request: Request):
         lines(), media_type=media, headers={"Content-Disposition": f'attachment; filename="codemoat-audit.{fmt}"'}
     )
     return secure(resp)
-
-
-def _cell(v: object) -> object:
-    """A CSV cell no spreadsheet runs as a formula: text starting with = + - @, a tab or a carriage return
-    (a retained prompt or completion can) gets a leading ' (OWASP, CSV injection); JSONL keeps it as it is."""
-    return "'" + v if isinstance(v, str) and v[:1] in ("=", "+", "-", "@", "\t", "\r") else v
