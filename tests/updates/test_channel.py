@@ -81,3 +81,38 @@ def test_damaged_download_and_hostile_index_are_refused(shop, tmp_path, home):
         ch.index = real
         srv.shutdown()
         srv.server_close()
+
+
+def test_a_link_or_fifo_in_place_of_the_partial_download_is_refused(shop, tmp_path, home):
+    """`update fetch` wrote inbox/.NAME.partial with a plain open(): a link planted there (the inbox is in
+    codemoat's home, like the files of tests/vault/test_home_files.py) had the bundle written wherever it
+    led, then renamed into the inbox; a FIFO hung the fetch. Now opened O_NOFOLLOW | O_NONBLOCK: one line."""
+    import os
+
+    import pytest
+
+    from codemoat.errors import CodemoatError
+    from codemoat.updates import channel as ch
+
+    shop.license()
+    pub = tmp_path / "published"
+    pub.mkdir()
+    shop.release("2").rename(pub / "acme.moatpkg")
+    srv = ch.make_server(pub, "127.0.0.1", 0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    inbox = home / "updates" / "inbox"
+    inbox.mkdir(parents=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_bytes(b"")
+    try:
+        for kind in ("link", "fifo"):
+            partial = inbox / ".acme.moatpkg.partial"
+            partial.unlink(missing_ok=True)
+            os.symlink(elsewhere, partial) if kind == "link" else os.mkfifo(partial)
+            with pytest.raises(CodemoatError) as e:
+                ch.fetch(f"http://127.0.0.1:{srv.server_address[1]}", inbox)
+            assert str(partial) in str(e.value) and "\n" not in str(e.value), e.value
+            assert elsewhere.read_bytes() == b"" and not (inbox / "acme.moatpkg").exists()
+    finally:
+        srv.shutdown()
+        srv.server_close()

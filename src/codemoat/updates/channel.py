@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from .. import paths
 from ..errors import CodemoatError
 
 _FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,150}\.moatpkg")
@@ -124,7 +126,8 @@ def fetch(url: str, inbox: Path) -> list[dict[str, Any]]:
                 record_outbound(f"{base}/{name}", "GET", None, None, rid)
                 tmp = inbox / f".{name}.partial"
                 h, n = hashlib.sha256(), 0
-                with c.stream("GET", f"{base}/{name}") as resp, open(tmp, "wb") as f:
+                own = paths.open_own(tmp, "download", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)  # no link, no FIFO
+                with os.fdopen(own, "wb") as f, c.stream("GET", f"{base}/{name}") as resp:
                     record_outbound(f"{base}/{name}", "GET", None, resp.status_code, rid)
                     if resp.status_code != 200:
                         raise CodemoatError(f"update channel answered {resp.status_code} for {name}")
