@@ -89,3 +89,22 @@ def test_timings_split_prompt_and_generation(monkeypatch):
     clock.now = 2.0
     c.finish("length")
     assert (out[-1].timings.prompt_ms, out[-1].timings.predicted_ms) == (500, 500)
+
+
+def test_a_stop_string_holds_back_only_the_tail_that_could_begin_it():
+    """As llama.cpp's server: text goes out with its token unless its end could still become a stop string.
+    Holding back as many characters as the longest stop string kept a FIM answer's first 18 characters
+    (`<|file_separator|>`, a template's stop) from the client, so its first token came several tokens late."""
+    out = []
+    c = StopCutter(["<|file_separator|>", "\n\n"], out.append)
+    sent = lambda: "".join(ch.text for ch in out)  # noqa: E731
+    assert not c.feed("def", 1)
+    assert sent() == "def"  # the first token's text goes with it
+    assert not c.feed("def f():\n", 2)
+    assert sent() == "def f():"  # "\n" may begin "\n\n"
+    assert not c.feed("def f():\n    <|fi", 3)
+    assert sent() == "def f():\n    "  # "<|fi" may begin "<|file_separator|>"
+    assert c.feed("def f():\n    <|file_separator|>", 4)
+    c.finish("stop")
+    assert sent() == "def f():\n    " and out[-1].finish_reason == "stop"
+    assert [t for ch in out for t in ch.token_ids] == [1, 2, 3, 4]  # every token is counted once

@@ -30,8 +30,9 @@ def late(params: SamplingParams) -> bool:
 
 
 class StopCutter:
-    """Turns a growing decoded text into final chunks: text that could still begin a stop string
-    is held back; a stop string ends generation and is not emitted. It also applies llama.cpp's
+    """Turns a growing decoded text into final chunks: the text's tail that could still become a stop
+    string (the longest one a stop string begins with, as llama.cpp's server holds back) waits for the
+    next token, the rest goes at once; a stop string ends generation and is not emitted. It also applies llama.cpp's
     line rules (`SamplingParams.n_indent`, `.time_limit_ms`), which end generation as a limit
     ("length"), and times the generation (`Timings` on the last chunk): it is made when the job
     starts on the worker, and the first `feed` comes with the first generated token."""
@@ -39,6 +40,7 @@ class StopCutter:
     def __init__(self, stops: list[str], emit: Callable[[Chunk], None], n_indent: int = 0, time_limit_ms: float | None = None):
         self.stops = [s for s in stops if s]
         self.hold = max((len(s) for s in self.stops), default=0)
+        self._chars = frozenset("".join(self.stops))  # a tail can begin a stop string only if its last character is in one
         self.emit = emit
         self.sent = 0
         self.text = ""
@@ -69,7 +71,7 @@ class StopCutter:
                 self.pending = []
             self.text, self.sent = text[:cut], cut
             return True
-        safe = end - self.hold
+        safe = end - self._partial(text, end)
         if safe > self.sent:
             self.emit(Chunk(text[self.sent : safe], self.pending))
             self.pending, self.sent = [], safe
@@ -78,6 +80,19 @@ class StopCutter:
             self.limited, self.text = True, text[:end]
             return True
         return False
+
+    def _partial(self, text: str, end: int) -> int:
+        """Length of the longest tail of `text[:end]` that a stop string begins with (0: none). Holding back
+        all `hold` characters instead kept a FIM answer's first ~18 characters (`<|file_separator|>`) waiting."""
+        if not end or text[end - 1] not in self._chars:
+            return 0
+        best = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, end), best, -1):
+                if text.startswith(s[:k], end - k, end):
+                    best = k
+                    break
+        return best
 
     def _indent_cut(self, text: str, end: int) -> int | None:
         """llama.cpp's `n_indent`: where the first line after the first newline that is indented less
