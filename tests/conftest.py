@@ -140,7 +140,11 @@ class ServerProcess:
             env=dict(os.environ, **(env or {})),
         )
         if wait:
-            self.wait_ready()
+            try:
+                self.wait_ready()
+            except BaseException:  # the caller gets no object to stop: a server still starting was left running
+                self.stop()
+                raise
 
     def wait_ready(self, timeout: float = 120) -> None:
         deadline = time.time() + timeout
