@@ -225,7 +225,7 @@ def assert_stream_moves_on(db, llm, free_port, monkeypatch, held, is_bobs, route
     """Real uvicorn: alice streams a paced chat while bob posts `bobs` (httpx keywords) to `route`; the
     first call of `held` (an (object, name) pair) whose first argument `is_bobs` picks out as bob's is
     held in flight (the real call runs after) until alice's stream has sent three more chunks, or for
-    20 s, the old code's fate. Bob's request is served too."""
+    20 s, the old code's fate. Bob's request is served too. `is_bobs` gets the call's arguments."""
     import threading
     import time
 
@@ -239,7 +239,7 @@ def assert_stream_moves_on(db, llm, free_port, monkeypatch, held, is_bobs, route
     real = getattr(target, name)
 
     def hold(first, *a, **kw):
-        if is_bobs(first) and not started.is_set():
+        if is_bobs(first, *a, **kw) and not started.is_set():
             started.set()
             moved.wait(20)
             done.set()
@@ -307,7 +307,7 @@ def test_a_stream_moves_on_while_another_clients_large_body_is_parsed(db, llm, f
         free_port,
         monkeypatch,
         (body, "lone_surrogate"),
-        lambda doc: isinstance(doc, dict) and "junk" in doc,
+        lambda doc, *_, **__: isinstance(doc, dict) and "junk" in doc,
         "/v1/completions",
         {"content": junk, "headers": {"Content-Type": "application/json"}},
         "body was parsed",
@@ -316,12 +316,15 @@ def test_a_stream_moves_on_while_another_clients_large_body_is_parsed(db, llm, f
 
 _LONG_NAME = "bobs-file/" + "a" * 100_000
 _EMPTY_TURNS = 3_000
-#: bob's request whose prompt is long though its text is short -> what tells its tokenising apart
+#: bob's request whose prompt is long though its text is short -> the call that tokenises it (held in
+#: flight), and what tells bob's call apart. A chat's turns are tokenised one distinct part at a time
+#: (serve.prompts._Tokens), so there the call held is the chat's prompt builder itself.
 _SHORT_TEXT_LONG_PROMPT = {
     "file-name": (
         "/infill",
         {"input_prefix": "x", "input_extra": [{"filename": _LONG_NAME, "text": "y"}], "n_predict": 1},
-        lambda parts: any(_LONG_NAME in getattr(p, "text", "") for p in parts),
+        "encode",
+        lambda parts, *_, **__: any(_LONG_NAME in getattr(p, "text", "") for p in parts),
     ),
     "empty-turns": (
         "/v1/chat/completions",
@@ -331,7 +334,8 @@ _SHORT_TEXT_LONG_PROMPT = {
             "messages": [{"role": "user" if i % 2 == 0 else "assistant", "content": ""} for i in range(_EMPTY_TURNS)]
             + [{"role": "user", "content": "hi"}],
         },
-        lambda parts: len(parts) > _EMPTY_TURNS,
+        "build_chat",
+        lambda engine, chat, messages, *_, **__: len(messages) > _EMPTY_TURNS,
     ),
 }
 
@@ -346,7 +350,8 @@ def test_a_stream_moves_on_while_another_clients_short_text_long_prompt_is_token
     of the bisection that drops turns), was tokenised on the event loop, every other client's stream
     held meanwhile. Now the names and a share per turn count. Real uvicorn: alice streams a paced chat
     while bob's prompt is tokenised, held in flight until alice's stream sends three more chunks."""
-    route, bobs, is_bobs = _SHORT_TEXT_LONG_PROMPT[case]
-    assert_stream_moves_on(
-        db, llm, free_port, monkeypatch, (llm, "encode"), is_bobs, route, {"json": bobs}, "prompt was tokenised"
-    )
+    from codemoat.serve import prompts
+
+    route, bobs, call, is_bobs = _SHORT_TEXT_LONG_PROMPT[case]
+    held = (llm, "encode") if call == "encode" else (prompts, call)
+    assert_stream_moves_on(db, llm, free_port, monkeypatch, held, is_bobs, route, {"json": bobs}, "prompt was tokenised")
