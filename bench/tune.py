@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _results import write  # bench/ is the script's folder
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -189,23 +191,11 @@ def main() -> None:
         "",
         "Goals: " + "; ".join(f"{name} **{'met' if ok else 'missed'}**" for name, ok in _goals(e, p50)) + ".",
     ]
-    out = Path(a.out)
-    out.write_text(merge(out.read_text() if out.exists() else "", "\n".join(lines)))
+    write(Path(a.out), "\n".join(lines), TITLE)
     print("\n".join(lines))
 
 
 TITLE = "# Tuning a LoRA adapter on customer code (bench/tune.py)"
-
-
-def merge(old: str, new: str) -> str:
-    """The results file: the title, this run's section (`new`, headed `## <when>: ...`) first, then
-    everything `old` had below its title as it was (earlier runs, notes and experiment tables written
-    by hand); an old section with this run's very heading is replaced."""
-    head = new.split("\n", 1)[0]
-    body = old.split("\n", 1)[1] if old.startswith(TITLE) else old
-    parts = ("\n" + body).split("\n## ")
-    kept = [parts[0].strip("\n")] + ["## " + p.strip("\n") for p in parts[1:] if "## " + p.split("\n", 1)[0] != head]
-    return "\n\n".join([TITLE, new.strip("\n"), *(k for k in kept if k)]) + "\n"
 
 
 def _goals(e: dict, p50: dict) -> list[tuple[str, bool]]:

@@ -28,6 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))  # before tests/: bench/vault.py, not the tests/vault package
+from _results import write  # noqa: E402
+
 WORK = Path(os.environ.get("VAULTD_BENCH_DIR", "/tmp/codemoat-bench-vaultd"))
 os.environ["VAULT_BENCH_DIR"] = str(WORK)
 
@@ -283,35 +285,11 @@ def run(args: argparse.Namespace) -> None:
     ]
     if not args.no_replicas:
         lines += bench_replicas(moat, lic, model_id, replicas_label)
-    out = ROOT / "bench" / "results" / "vaultd.md"
-    out.write_text(merge(out.read_text() if out.exists() else "", "\n".join(lines)))
+    write(ROOT / "bench" / "results" / "vaultd.md", "\n".join(lines), TITLE)
     print("\n".join(lines))
 
 
 TITLE = "# vaultd: load to first token through the vault daemon"
-
-
-def merge(old: str, new: str) -> str:
-    """The results file with `new`'s sections first, then every section of `old` whose heading `new`
-    does not replace (other models' runs, notes written by hand); text before old's first section
-    (an earlier layout) is kept as a section of its own."""
-
-    def sections(text: str) -> list[tuple[str, str]]:
-        out: list[tuple[str, str]] = []
-        for block in ("\n" + text).split("\n## ")[1:]:
-            head, _, body = block.partition("\n")
-            out.append(("## " + head.strip(), body.strip("\n")))
-        return out
-
-    body = old.split("\n", 1)[1] if old.startswith(TITLE) else old
-    lead, sep, rest = body.partition("\n## ")
-    kept = sections(sep + rest) if sep else []
-    if lead.strip():
-        kept.insert(0, ("## An earlier run (layout before sections per model)", lead.strip("\n")))
-    fresh = sections(new)
-    heads = {h for h, _ in fresh}
-    parts = [TITLE, ""] + [f"{h}\n\n{b}\n" for h, b in fresh + [(h, b) for h, b in kept if h not in heads]]
-    return "\n".join(parts)
 
 
 if __name__ == "__main__":
