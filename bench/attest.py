@@ -45,7 +45,8 @@ sys.path.insert(0, str(ROOT / "src"))
 WORK = Path(os.environ.get("ATTEST_BENCH_DIR", "/tmp/codemoat-bench-attest"))
 os.environ["CODEMOAT_HOME"] = str(WORK / "home")
 
-from attest_offline import bench_offline, offline_md  # noqa: E402  (bench/ is the script's folder)
+from _results import write  # noqa: E402  (bench/ is the script's folder)
+from attest_offline import bench_offline, offline_md  # noqa: E402
 from attest_swtpm import Tpms, free_pair, mark_bound, tpm_machine  # noqa: E402
 
 
@@ -422,27 +423,8 @@ def write_md(ks: list[dict], core: dict, client: dict, offs: list[dict], load: t
         "",
         *offline_md(offs),
     ]
-    out.write_text(keep_others(out.read_text() if out.exists() else "", "\n".join(lines)))
+    write(out, "\n".join(lines))
     return out
-
-
-def _parts(text: str) -> list[tuple[str, str]]:
-    """`text` cut at its `# ` and `## ` headings (deeper ones stay inside): (heading, part) pairs."""
-    parts: list[tuple[str, str]] = []
-    for line in text.splitlines(keepends=True):
-        if line.startswith(("# ", "## ")) or not parts:
-            parts.append((line.strip(), line))
-        else:
-            parts[-1] = (parts[-1][0], parts[-1][1] + line)
-    return parts
-
-
-def keep_others(old: str, new: str) -> str:
-    """This run's text, then every part of the old file whose heading this run does not write again: the
-    earlier runs and the notes written beside them by hand stay."""
-    mine = {h for h, _ in _parts(new)}
-    kept = [part for h, part in _parts(old) if h not in mine]
-    return new.rstrip("\n") + "\n" + ("\n" + "".join(kept).rstrip("\n") + "\n" if kept else "")
 
 
 @contextlib.contextmanager
