@@ -43,6 +43,7 @@ import time
 from pathlib import Path
 
 import httpx
+from _results import parts as cut  # bench/ is the script's folder
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("CODEMOAT_BENCH_CACHE", Path.home() / ".cache" / "codemoat-bench"))
@@ -611,13 +612,9 @@ def merge(old: str, parts: dict[str, str], header: str) -> str:
     text before the first model section stay as they were. No file yet: `header`, then the sections."""
     if not old.strip():
         return header + "\n" + "\n".join(parts.values())
-    lines = old.splitlines(keepends=True)
-    heads = [i for i, x in enumerate(lines) if x.startswith("## ") or x.startswith("### ")]
-    sections: list[tuple[str | None, str]] = [(None, "".join(lines[: heads[0] if heads else len(lines)]))]
-    for a, b in zip(heads, heads[1:] + [len(lines)]):
-        head = lines[a]
-        name = head[4:].split(":", 1)[0].strip() if head.startswith("### ") and ":" in head else None
-        sections.append((name, "".join(lines[a:b])))
+    sections = [
+        (h[4:].split(":", 1)[0].strip() if h and h.startswith("### ") and ":" in h else None, text) for h, text in cut(old, 3)
+    ]
     todo = dict(parts)
     out = [parts[n].rstrip("\n") + "\n\n" if n in parts and todo.pop(n, None) else text for n, text in sections]
     if todo:  # new models: after the last model section (else at the end)
