@@ -34,6 +34,14 @@ class VaultError(CodemoatError):
     code = "license_error"
 
 
+class LeaseDenied(VaultError):
+    """The key server refused a lease; `code` is the reason clients act on (revoked ends serving)."""
+
+    def __init__(self, code: str, message: str, status: int = 403):
+        super().__init__(message)
+        self.code, self.status = code, status
+
+
 def b64e(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 

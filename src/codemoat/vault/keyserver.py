@@ -25,12 +25,8 @@ Each such refusal is signed like any other and appended to the vendor's `attesta
 
 Each serving process (an instance: several replicas may share one machine and its key) makes an
 Ed25519 key of its own at start and names its public key in every request (`instance`), with a
-second signature by it (`instance_signature`, under `INSTANCE_DOMAIN`). A seat belongs to
-(machine, instance): N+1 processes on an N-seat license leave the last one refused
-(`seats_exhausted`), and a process that has the machine key but not another instance's private key
-can neither renew nor release that instance's seat. The instance key lives only in memory, so a
-crashed process's seat lapses after its TTL plus the license's grace (the time a process cut off from
-the key server may serve on), and a clean shutdown gives it back at once.
+second signature by it (`instance_signature`, under `INSTANCE_DOMAIN`); the seats themselves, one per
+(machine, instance), are `seats.py`'s.
 
 The server keeps no state for a caller it does not know: a challenge names a license on this
 server or is refused. Outstanding nonces live in the vendor database (`nonces.NonceStore`, at most
@@ -60,14 +56,15 @@ import sqlalchemy as sa
 
 from ..db import fast_execute, writer_lock
 from .clock import Clock
-from .codec import VaultError, b64d, b64e, canonical, ed_public, sign, verify, wrap, x_public
+from .codec import LeaseDenied, VaultError, b64d, b64e, canonical, ed_public, sign, verify, wrap, x_public
 from .crl import revoked_machines
 from .license import key_context
 from .nonces import NonceStore
+from .seats import live_seats, release_seat, take_seat
 from .snpbind import SnpLeaseRefused, verify_snp
 from .tpmbind import advance_on
 from .tpmwrap import QuoteRefused, verify_quote, wrap_p256
-from .vendor import Vendor, leases_t
+from .vendor import Vendor
 
 NONCE_TTL = 60.0
 DOC_TTL = 2.0  # seconds a process keeps a license document before reading it again
@@ -90,35 +87,8 @@ QUOTE_DOMAIN = b"codemoat-lease-quote-v1"
 ATTEST_LOG = "attestation.jsonl"
 
 
-# Plain SQL (portable between SQLite and PostgreSQL): a lease is a hot path, and building
-# SQLAlchemy expressions per request cost more than the cryptography.
-_RENEW = sa.text(
-    "UPDATE vault_leases SET expires = :exp, renewed_at = :now, renewals = renewals + 1 "
-    "WHERE license_id = :lid AND machine_id = :mid AND instance = :inst AND expires > :held"
-)
-# A seat is held until its lease's expiry plus the license's grace (`:held` = now - grace): its holder
-# may serve on that long without being heard from (a key server outage, or a firewall rule), so the
-# seat is not handed to another process before then; a clean stop releases it at once.
-_COUNT_LIVE = sa.text("SELECT count(*) FROM vault_leases WHERE license_id = :lid AND expires > :held")
-_COUNT_LIVE_MACHINE = sa.text(
-    "SELECT count(*) FROM vault_leases WHERE license_id = :lid AND machine_id = :mid AND expires > :held"
-)
-_LOCK_LICENSE = sa.text("UPDATE vault_licenses SET lease_gen = lease_gen + 1 WHERE id = :lid")
-_DROP_EXPIRED = sa.text("DELETE FROM vault_leases WHERE license_id = :lid AND expires <= :held")
-_INSERT = sa.text(
-    "INSERT INTO vault_leases (license_id, machine_id, instance, expires, renewed_at, renewals) "
-    "VALUES (:lid, :mid, :inst, :exp, :now, 0)"
-)
-_RELEASE = sa.text("DELETE FROM vault_leases WHERE license_id = :lid AND machine_id = :mid AND instance = :inst")
+# Plain SQL (portable between SQLite and PostgreSQL): a lease is a hot path.
 _LICENSE_STATE = sa.text("SELECT revoked_at, expires, not_before, seats, lease_ttl, grace FROM vault_licenses WHERE id = :lid")
-
-
-class LeaseDenied(VaultError):
-    """The key server refused a lease; `code` is the reason clients act on (revoked ends serving)."""
-
-    def __init__(self, code: str, message: str, status: int = 403):
-        super().__init__(message)
-        self.code, self.status = code, status
 
 
 # pcr_mismatch and tampered (a tamper event, before or after a reboot) end serving at once, like a
@@ -301,7 +271,7 @@ class KeyServer:
                     raise LeaseDenied("not_yet_valid", f"license {lid} is not valid yet")
                 ttl = min(lease_ttl, max(1, int(expires - now)))
                 per_machine = (lic.doc.get("lease") or {}).get("max_seats_per_machine")  # signed by the vendor
-                used = self._take_seat(c, lid, mid, inst, seats, now, ttl, grace, per_machine)
+                used = take_seat(c, lid, mid, inst, seats, now, ttl, grace, per_machine)
                 # The nonce for this machine's next renewal: one round trip per heartbeat, still server-chosen.
                 next_nonce = self.nonces.issue_on(c, lid, ttl + grace + NONCE_TTL)
             except LeaseDenied as e:
@@ -407,44 +377,6 @@ class KeyServer:
             raise LeaseDenied("bad_signature", "lease request is not signed by the instance key it names", 401) from None
         return inst
 
-    @staticmethod
-    def _take_seat(
-        c: sa.Connection,
-        lid: str,
-        mid: str,
-        inst: str,
-        seats: int,
-        now: float,
-        ttl: int,
-        grace: int,
-        per_machine: int | None = None,
-    ) -> int:
-        """Renew this instance's seat or take a free one; seats in use after, or `seats_exhausted`.
-
-        Seats are counted per license over (machine, instance): each serving process on a licensed
-        machine holds its own. A refused request writes nothing, so a flood of made-up instances from
-        one machine holds at most the license's free seats, and never one that a live instance holds;
-        with the license's `max_seats_per_machine`, at most that many (`machine_seats_exhausted`), so
-        one licensed machine cannot take the seats the others need.
-        A seat is held through its lease's TTL and then the grace in which its holder may still serve."""
-        p = {"lid": lid, "mid": mid, "inst": inst, "now": now, "exp": now + ttl, "held": now - max(0, grace or 0)}
-        # Fast path, a renewal of a live seat: the number of seats in use does not change.
-        if fast_execute(c, _RENEW, p).rowcount:
-            return fast_execute(c, _COUNT_LIVE, p).fetchone()[0]
-        fast_execute(c, _LOCK_LICENSE, p)  # the row's write lock: seat allocations serialise across processes
-        fast_execute(c, _DROP_EXPIRED, p)  # including this instance's own lapsed seat (past its grace): it competes again
-        held = fast_execute(c, _COUNT_LIVE, p).fetchone()[0]
-        if held >= seats:
-            raise LeaseDenied("seats_exhausted", f"all {seats} seats of license {lid} are in use", 409)
-        if per_machine and fast_execute(c, _COUNT_LIVE_MACHINE, p).fetchone()[0] >= per_machine:
-            raise LeaseDenied(
-                "machine_seats_exhausted",
-                f"machine {mid} already holds {per_machine} seats of license {lid}, the most one machine may hold",
-                409,
-            )
-        fast_execute(c, _INSERT, p)
-        return held + 1
-
     def release(self, req: Any) -> dict[str, Any]:
         """Give a seat back (a server shutting down); authenticated like a lease request."""
         if (
@@ -474,14 +406,11 @@ class KeyServer:
         inst = self._instance(req, RELEASE_INSTANCE_DOMAIN, msg)  # only the instance's own key gives its seat back
         with self._seat_lock, self.vendor.engine.begin() as c:
             self._spend_nonce(c, req["nonce"], lid)
-            c.execute(_RELEASE, {"lid": lid, "mid": mid, "inst": inst})
+            release_seat(c, lid, mid, inst)
         self.nonces.remember_spent(lid, req["nonce"])
         return {"released": True}
 
     def live_leases(self, license_id: str) -> int:
+        """Seats of the license held now (leases not yet expired)."""
         with self.vendor.engine.connect() as c:
-            return c.execute(
-                sa.select(sa.func.count())
-                .select_from(leases_t)
-                .where(leases_t.c.license_id == license_id, leases_t.c.expires > self.clock.time())
-            ).scalar_one()
+            return live_seats(c, license_id, self.clock.time())
