@@ -286,3 +286,32 @@ def test_depth_counts_brackets_outside_strings_only():
     assert not too_deep(b"[" * MAX_DEPTH + b"]" * MAX_DEPTH)
     assert too_deep(b"[" * (MAX_DEPTH + 1) + b"]" * (MAX_DEPTH + 1))
     assert too_deep(b'{"a": "x", "b": ' + b"[" * 20 + b"]" * 20 + b"}")
+
+
+def test_a_release_into_a_tarpit_does_not_hold_the_shutdown(vendor, machine, model, tmp_path, keyserver, caplog):
+    """LeaseKeeper.stop(release=True) sent the release through httpx's per-read timeout only: a proxy dripping one
+    byte every 0.05 s held serve's shutdown for good (a service manager then kills it, and no shutdown is audited).
+    The release now gives up after 6 times the client's timeout, says so in one line, and the key server still
+    ends the unreleased lease at its TTL."""
+    tarpit = Tarpit(keyserver.url, lambda path, status, body: (status, body)).start()
+    try:
+        lic = _license(vendor, model, tmp_path / "a", machine, tarpit.url)
+        client = LeaseClient(lic, machine, timeout=0.5)
+        keeper = LeaseKeeper(client, client.acquire(), on_lost=print, on_regained=print)
+        probe = KeyServer(vendor, clock=ManualClock())
+        assert probe.live_leases(lic.id) == 1
+        tarpit.on = True
+        import threading
+
+        t = threading.Thread(target=keeper.stop, kwargs={"release": True}, daemon=True)
+        t.start()
+        t.join(30)
+        assert not t.is_alive(), "the release into the tarpit still holds the shutdown"
+        assert [r.getMessage() for r in caplog.records if "release abandoned" in r.getMessage()]
+        assert probe.live_leases(lic.id) == 1  # not released: the key server ends it at its TTL
+        probe.clock.advance(lic.lease["ttl"] + 1)
+        assert probe.live_leases(lic.id) == 0
+    finally:
+        tarpit.on = False
+        time.sleep(0.2)
+        tarpit.stop()

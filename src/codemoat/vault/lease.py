@@ -24,6 +24,7 @@ names (so a reprovisioned policy needs no new license file).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import threading
@@ -39,6 +40,7 @@ import httpx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from .. import paths
+from ..deadline import ANSWER_TIMEOUTS, DeadlinePassed, settle, within
 from ..errors import CodemoatError
 from .clock import Clock, ClockGuard, iso
 from .codec import VaultError, b64d, b64e, canonical, ed_public, public_raw, sign, unwrap, verify
@@ -60,6 +62,7 @@ from .machine import MachineKey
 from .tpmwrap import quote_json, unwrap_p256
 
 OUTBOUND = "outbound.jsonl"
+log = logging.getLogger("codemoat.vault")
 _log_lock = threading.Lock()
 
 
@@ -302,16 +305,6 @@ class LeaseClient:
             pass
 
 
-ANSWER_TIMEOUTS = 6  # a renewal's whole answer may take this many of the client's (per-read) timeouts
-
-
-def _settle(future: Future, fn: Callable[[], Any]) -> None:
-    try:
-        future.set_result(fn())
-    except BaseException as e:  # noqa: BLE001 - handed to the waiter, which raises it
-        future.set_exception(e)
-
-
 class LeaseKeeper:
     """Renews a lease in the background and says when the model must go (or may come back)."""
 
@@ -347,7 +340,7 @@ class LeaseKeeper:
         if self._asking is None:
             self._asking = Future()
             threading.Thread(
-                target=_settle, args=(self._asking, self.client.acquire), name="codemoat-lease-ask", daemon=True
+                target=settle, args=(self._asking, self.client.acquire), name="codemoat-lease-ask", daemon=True
             ).start()
         asking, limit = self._asking, self.client.timeout * ANSWER_TIMEOUTS
         if not wait([asking], timeout=limit).done:
@@ -413,11 +406,16 @@ class LeaseKeeper:
         return self
 
     def stop(self, release: bool = False) -> None:
+        """End the keeper; with `release`, give the seat back, waiting at most ANSWER_TIMEOUTS times the client's
+        timeout (a tarpit must not hold a shutdown: the key server ends an unreleased lease at its TTL + grace)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
         if release:
-            self.client.release()
+            try:
+                within(self.client.timeout * ANSWER_TIMEOUTS, self.client.release, f"key server at {self.client.url}")
+            except DeadlinePassed as e:
+                log.warning("lease release abandoned (the seat frees itself at the lease's end): %s", e)
         self.client.close()
 
     def describe(self) -> dict[str, Any]:
