@@ -6,6 +6,7 @@
     clock.py      wall/monotonic clocks (injectable) and the authenticated clock high-water mark
     vendor.py     the vendor's keys and database (customers, sealed models, licenses, leases)
     keyserver.py  the key server's lease logic (HTTP: codemoat.serve.keyserver_app)
+    seats.py      a license's floating seats, one per (machine, instance), in the lease transaction
     lease.py      the customer's lease client, keeper and outbound log
     verify.py     `codemoat verify`
 
