@@ -12,7 +12,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from codemoat.engines.memfd import MemfdBuffer
 from codemoat.vault.codec import VaultError
-from codemoat.vault.container import PREFIX, TAG_LEN, SealedFile, content_key_id, seal_bytes
+from codemoat.vault.container import PREFIX, TAG_LEN, SealedFile, content_key_id
+from codemoat.vault.sealer import seal_bytes
 
 CHUNK = 4096
 

@@ -29,7 +29,8 @@ from typing import Any
 from ..errors import CodemoatError
 from ..vault.codec import b64e, unwrap
 from ..vault.codec import wrap as wrap_key
-from ..vault.container import SealedFile, seal_bytes
+from ..vault.container import SealedFile
+from ..vault.sealer import seal_bytes
 from ..vault.machine import MachineKey
 
 

@@ -1,6 +1,7 @@
 """codemoat.vault: sealed models, machine-bound signed licenses, key leases (docs/formats.md, docs/threat-model.md).
 
     container.py  the .moat format: signed manifest, AES-256-GCM chunks, decrypt into a buffer or a sink
+    sealer.py     writing a .moat file, streamed one chunk at a time
     machine.py    this machine's key pair and hashed hardware facts; match policies
     license.py    signed licenses, key wrapping to a machine, the offline checks
     clock.py      wall/monotonic clocks (injectable) and the authenticated clock high-water mark

@@ -9,6 +9,7 @@ Chunk i uses nonce = i (u64, big-endian) || final flag (u32) and associated data
 signature binds every header field, the header hash binds every chunk to this manifest and
 its place, and the final flag plus the signed plaintext size reject truncation and extension.
 Decryption writes straight into a caller's buffer (`AESGCM.decrypt_into`): a sealed memfd.
+Writing one is `sealer.py`'s.
 """
 
 from __future__ import annotations
@@ -20,8 +21,6 @@ import mmap
 import os
 import struct
 import threading
-import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,11 +28,10 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from ..cores import usable_cores
-from .codec import VaultError, b64d, b64e, canonical, ed_public, key_id, public_raw, sign, verify
+from .codec import VaultError, b64d, ed_public, key_id, verify
 from .signedfile import read_header
 
 MAGIC = b"CODEMOAT"
@@ -76,11 +74,13 @@ def chunk_count(size: int, chunk: int) -> int:
     return max(1, -(-size // chunk))
 
 
-def _nonce(i: int, final: bool) -> bytes:
+def chunk_nonce(i: int, final: bool) -> bytes:
+    """Chunk i's AES-GCM nonce: i (u64) || final flag (u32)."""
     return struct.pack(">QI", i, 1 if final else 0)
 
 
-def _aad(header_hash: bytes, i: int, final: bool) -> bytes:
+def chunk_aad(header_hash: bytes, i: int, final: bool) -> bytes:
+    """Chunk i's associated data: the domain, the header's hash, i and the final flag."""
     return CHUNK_DOMAIN + header_hash + struct.pack(">QB", i, 1 if final else 0)
 
 
@@ -337,7 +337,9 @@ class SealedFile:
                 final = i == n - 1
                 out = dest(lo, size)
                 try:
-                    aead.decrypt_into(_nonce(i, final), src[pos : pos + size + TAG_LEN], _aad(self.header_hash, i, final), out)
+                    aead.decrypt_into(
+                        chunk_nonce(i, final), src[pos : pos + size + TAG_LEN], chunk_aad(self.header_hash, i, final), out
+                    )
                 except InvalidTag:
                     stop.set()
                     return i
@@ -367,112 +369,3 @@ def _drop_pages(mm: mmap.mmap, pos: int, length: int) -> None:
     end = (pos + length) // mmap.PAGESIZE * mmap.PAGESIZE
     if end > start:
         mm.madvise(mmap.MADV_DONTNEED, start, end - start)
-
-
-def seal_bytes(
-    data: bytes | bytearray | memoryview,
-    out_path: str | Path,
-    **kw: Any,
-) -> SealedFile:
-    """Encrypt `data` into a new sealed file (written beside `out_path`, then renamed into place)."""
-    src = memoryview(data).cast("B")
-    return seal_stream(lambda: iter((src,)), len(src), out_path, plaintext_sha256=hashlib.sha256(src).hexdigest(), **kw)
-
-
-def seal_stream(
-    pieces: Callable[[], Iterator[bytes | bytearray | memoryview]],
-    size: int,
-    out_path: str | Path,
-    *,
-    signing_key: Ed25519PrivateKey,
-    content_key: bytes,
-    model_id: str,
-    fmt: str,
-    customer: str,
-    customer_id: str,
-    parts: list[dict[str, Any]] | None = None,
-    fingerprinted: bool = False,
-    chunk_size: int = DEFAULT_CHUNK,
-    file_id: str | None = None,
-    created: int | None = None,
-    plaintext_sha256: str | None = None,
-) -> SealedFile:
-    """Encrypt the plaintext that `pieces()` yields (`size` bytes in all) into a new sealed file.
-
-    The signed header holds the plaintext's SHA-256 and every chunk's associated data holds the
-    header's hash, so without `plaintext_sha256` the plaintext is read twice: `pieces` is called
-    once to hash it and once to encrypt it (it must give the same bytes both times). Memory stays
-    at one chunk plus one piece, whatever the size."""
-    if fmt not in FORMATS:
-        raise VaultError(f"model format {fmt!r} is not one of {', '.join(FORMATS)}")
-    if len(content_key) != 32:
-        raise ValueError("content key must be 32 bytes")
-    if plaintext_sha256 is None:
-        digest, seen = hashlib.sha256(), 0
-        for p in pieces():
-            digest.update(p)
-            seen += len(p)
-        if seen != size:
-            raise VaultError(f"model plaintext is {seen} bytes, expected {size}")
-        plaintext_sha256 = digest.hexdigest()
-    fields = {
-        "file_id": file_id or uuid.uuid4().hex,
-        "model_id": model_id,
-        "format": fmt,
-        "plaintext_size": size,
-        "plaintext_sha256": plaintext_sha256,
-        "chunk_size": chunk_size,
-        "customer": customer,
-        "customer_id": customer_id,
-        "key_id": content_key_id(content_key),
-        "created": int(time.time()) if created is None else created,
-        "vendor_key": b64e(public_raw(signing_key.public_key())),
-        "parts": parts if parts is not None else [{"name": f"model.{fmt}", "offset": 0, "size": size}],
-        "fingerprinted": fingerprinted,
-    }
-    Manifest.check(fields)
-    manifest = canonical(fields)
-    signed = PREFIX.pack(MAGIC, VERSION, len(manifest)) + manifest
-    header_hash = hashlib.sha256(signed).digest()
-    aead = AESGCM(content_key)
-    n = chunk_count(size, chunk_size)
-    out_path = Path(out_path)
-    tmp = out_path.with_name(out_path.name + ".part")
-    pbuf = bytearray(min(chunk_size, max(size, 1)))  # plaintext of the chunk being filled
-    cbuf = bytearray(chunk_size + TAG_LEN)
-    pview, cview = memoryview(pbuf), memoryview(cbuf)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(signed)
-            f.write(sign(signing_key, SIGN_DOMAIN, signed))
-            i = fill = done = 0
-
-            def emit(csize: int) -> None:
-                final = i == n - 1
-                aead.encrypt_into(_nonce(i, final), pview[:csize], _aad(header_hash, i, final), cview[: csize + TAG_LEN])
-                f.write(cview[: csize + TAG_LEN])
-
-            for p in pieces():
-                src = memoryview(p).cast("B")
-                at = 0
-                while at < len(src):
-                    want = min(chunk_size, size - i * chunk_size)
-                    if want <= 0:
-                        raise VaultError(f"model plaintext is longer than {size} bytes")
-                    take = min(want - fill, len(src) - at)
-                    pview[fill : fill + take] = src[at : at + take]
-                    fill, at, done = fill + take, at + take, done + take
-                    if fill == want:
-                        emit(fill)
-                        i, fill = i + 1, 0
-            if done != size:
-                raise VaultError(f"model plaintext is {done} bytes, expected {size}")
-            if size == 0:  # one empty final chunk, as the format has always had
-                emit(0)
-        os.replace(tmp, out_path)
-    finally:
-        pbuf[:] = bytes(len(pbuf))
-        pview.release()
-        cview.release()
-        tmp.unlink(missing_ok=True)
-    return SealedFile(out_path)

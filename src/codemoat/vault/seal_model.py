@@ -17,7 +17,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ..errors import CodemoatError, NotFound
 from ..paths import open_regular, read_regular
-from .container import SealedFile, seal_bytes, seal_stream
+from .container import SealedFile
+from .sealer import seal_bytes, seal_stream
 
 Fingerprinter = Callable[[bytes, str, bytes], bytes]
 
