@@ -51,6 +51,21 @@ def detail(record: dict) -> dict:
     return json.loads(d) if isinstance(d, str) else d
 
 
+def crashing_engine(monkeypatch, tiny_gguf, backoff_s: float | None = 0.2, **kw):
+    """A `SupervisedEngine` over `crash_engine.CrashingEngine` (n_ctx 256, one thread; its engine process
+    imports crash_engine too) with restarts `backoff_s` apart, and the list its incidents go to."""
+    from codemoat.engines import supervised
+    from crash_engine import CrashingEngine
+
+    if backoff_s is not None:
+        monkeypatch.setattr(supervised, "BACKOFF_S", (backoff_s,))
+    monkeypatch.setenv("PYTHONPATH", ENV["PYTHONPATH"])
+    eng = supervised.SupervisedEngine.start(CrashingEngine, tiny_gguf, {"model_id": "tiny", "n_ctx": 256, "n_threads": 1}, **kw)
+    incidents: list = []
+    eng.on_incident = lambda kind, detail: incidents.append((kind, detail))
+    return eng, incidents
+
+
 @pytest.fixture
 def server(serve_process, tiny_gguf):
     token = create_token("--name", "crash")
@@ -256,14 +271,11 @@ def test_a_frame_the_server_cannot_read_fails_its_requests_and_restarts_the_engi
     or has no known shape. Before, the reading loop's callback raised on it at each read, the frame stayed
     at the head of the buffer, and that request and every later one on the engine waited for good while
     /health said ready. Now it is the engine's end: its requests get 503 and the engine restarts."""
-    from codemoat.engines import supervised
     from codemoat.engines.base import SamplingParams
     from codemoat.errors import Unavailable
-    from crash_engine import BAD_FRAME, CrashingEngine
+    from crash_engine import BAD_FRAME
 
-    monkeypatch.setattr(supervised, "BACKOFF_S", (0.2,))
-    monkeypatch.setenv("PYTHONPATH", ENV["PYTHONPATH"])
-    eng = supervised.SupervisedEngine.start(CrashingEngine, tiny_gguf, {"model_id": "tiny", "n_ctx": 256, "n_threads": 1})
+    eng, _ = crashing_engine(monkeypatch, tiny_gguf)
     p = SamplingParams(max_tokens=4, temperature=0)
     try:
         want = asyncio.run(eng.complete("def add(a, b):\n", p)).text
@@ -288,17 +300,13 @@ def test_an_engine_process_that_stops_reading_is_hung_and_restarted(tiny_gguf, m
     did every request of the server. Now a send that moves nothing for `inbox.STALL_S` finds the
     process hung: it is killed, its requests get 503, an `engine_crashed` incident says hung, and the
     engine restarts and answers as before."""
-    from codemoat.engines import inbox, supervised
+    from codemoat.engines import inbox
     from codemoat.engines.base import SamplingParams
     from codemoat.errors import Unavailable
-    from crash_engine import STOP_READING, CrashingEngine
+    from crash_engine import STOP_READING
 
-    monkeypatch.setattr(supervised, "BACKOFF_S", (0.2,))
     monkeypatch.setattr(inbox, "STALL_S", 1.0, raising=False)
-    monkeypatch.setenv("PYTHONPATH", ENV["PYTHONPATH"])
-    eng = supervised.SupervisedEngine.start(CrashingEngine, tiny_gguf, {"model_id": "tiny", "n_ctx": 256, "n_threads": 1})
-    incidents: list = []
-    eng.on_incident = lambda kind, detail: incidents.append((kind, detail))
+    eng, incidents = crashing_engine(monkeypatch, tiny_gguf)
     p = SamplingParams(max_tokens=4, temperature=0)
     failed: list = []
     try:
@@ -341,14 +349,13 @@ def test_a_stalled_send_never_holds_the_event_loop(tiny_gguf, monkeypatch):
     and 2,000 more requests fill the socket: with STALL_S an hour, the paced stream must still reach its
     end and /health answer on the same loop while the sends wait (before: the loop sat in the first send
     that did not go out)."""
-    from codemoat.engines import inbox, supervised
+    from codemoat.engines import inbox
     from codemoat.engines.base import SamplingParams
     from codemoat.errors import Unavailable
-    from crash_engine import SLOW, STOP_READING, CrashingEngine
+    from crash_engine import SLOW, STOP_READING
 
     monkeypatch.setattr(inbox, "STALL_S", 3600.0)
-    monkeypatch.setenv("PYTHONPATH", ENV["PYTHONPATH"])
-    eng = supervised.SupervisedEngine.start(CrashingEngine, tiny_gguf, {"model_id": "tiny", "n_ctx": 256, "n_threads": 1})
+    eng, _ = crashing_engine(monkeypatch, tiny_gguf, backoff_s=None)
     p = SamplingParams(max_tokens=4, temperature=0)
     seen: dict = {}
 
@@ -390,17 +397,11 @@ def test_an_engine_that_owes_answers_and_does_nothing_is_restarted(tiny_gguf, mo
     send stalls: the request waited for good, and so did /health's "ready". Now an engine that owes an
     answer, sends nothing and computes nothing for `answer_timeout_s` is hung: the request gets 503
     ("stopped answering"), an `engine_crashed` incident says hung, and the engine restarts and answers."""
-    from codemoat.engines import supervised
     from codemoat.engines.base import SamplingParams
     from codemoat.errors import Unavailable
-    from crash_engine import STOP_READING, CrashingEngine
+    from crash_engine import STOP_READING
 
-    monkeypatch.setattr(supervised, "BACKOFF_S", (0.2,))
-    monkeypatch.setenv("PYTHONPATH", ENV["PYTHONPATH"])
-    opts = {"model_id": "tiny", "n_ctx": 256, "n_threads": 1}
-    eng = supervised.SupervisedEngine.start(CrashingEngine, tiny_gguf, opts, answer_timeout_s=1.0)
-    incidents: list = []
-    eng.on_incident = lambda kind, detail: incidents.append((kind, detail))
+    eng, incidents = crashing_engine(monkeypatch, tiny_gguf, answer_timeout_s=1.0)
     p = SamplingParams(max_tokens=4, temperature=0)
     got: list = []
     try:
@@ -452,20 +453,42 @@ def test_an_engine_that_stops_answering_is_a_503_through_serve(serve_process, ti
         assert r.status_code == 200 and r.json()["choices"][0]["text"], r.text
 
 
+def test_an_engine_that_spins_without_a_step_is_a_503_audited_and_restarted(serve_process, tiny_gguf):
+    """`model.spin_timeout_s` through a real `codemoat serve` (batching: parallel 4): the engine process's batch
+    loop spins for good, busy, making no step and sending nothing. The answer watchdog took its busy threads
+    for a prefill's work, so the request waited for the client's timeout (60 s here) and no record of the
+    hang was written. Now the request gets 503 in OpenAI's shape after about 3 s, /health shows the engine
+    restarted, the request and the incident are audited, and the next request is served."""
+    token = create_token("--name", "spin")
+    env = {**ENV, "CODEMOAT_MODEL__SPIN_TIMEOUT_S": "3"}
+    srv = serve_process(["--model", str(tiny_gguf), "--engine", ENGINE, "--n-ctx", "512"], env=env)
+    with httpx.Client(base_url=srv.url, headers={"Authorization": f"Bearer {token}"}, timeout=60) as c:
+        model = c.get("/v1/models").json()["data"][0]["id"]
+        assert wait_ready(c)["engine"]["slots"]["total"] == 4  # the batching engine: it counts its steps
+        r = c.post("/v1/completions", json={"model": model, "prompt": "<<spin>>def f(", "max_tokens": 4})
+        assert r.status_code == 503, r.text
+        err = r.json()["error"]
+        assert "stopped answering" in err["message"] and err["code"] == "model_unavailable", err
+        h = wait_ready(c)
+        assert h["engine"]["last_exit"] == "hung" and h["engine"]["restarts"] == 1, h
+        assert "made no step" in srv.output()
+        (record,) = crashes()
+        assert detail(record)["hung"] is True and record["model"] == model
+        out = run_cli("audit", "export", "--kind", "request")
+        assert out.returncode == 0 and [x for x in map(json.loads, out.stdout.splitlines()) if x["status"] == 503]
+        r = c.post("/v1/completions", json={"model": model, "prompt": "def add(a, b):\n", "max_tokens": 4})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"], r.text
+
+
 def test_a_long_silent_prefill_is_progress_not_a_hang(tiny_gguf, monkeypatch):
     """What the answer watchdog counts as progress: a prefill sends nothing until its first token but
     computes (or, on a loaded machine, waits for a core to). An engine that computes for
     `crash_engine.SILENT_WORK_S` before its first token, with `answer_timeout_s` a sixth of that,
     answers in full, and nothing is restarted (a watchdog of silence alone kills it)."""
-    from codemoat.engines import supervised
     from codemoat.engines.base import SamplingParams
-    from crash_engine import SILENT_WORK, SILENT_WORK_S, CrashingEngine
+    from crash_engine import SILENT_WORK, SILENT_WORK_S
 
-    monkeypatch.setenv("PYTHONPATH", ENV["PYTHONPATH"])
-    opts = {"model_id": "tiny", "n_ctx": 256, "n_threads": 1}
-    eng = supervised.SupervisedEngine.start(CrashingEngine, tiny_gguf, opts, answer_timeout_s=SILENT_WORK_S / 6)
-    incidents: list = []
-    eng.on_incident = lambda kind, detail: incidents.append((kind, detail))
+    eng, incidents = crashing_engine(monkeypatch, tiny_gguf, backoff_s=None, answer_timeout_s=SILENT_WORK_S / 6)
     try:
         out = asyncio.run(eng.complete(SILENT_WORK + "def add(a, b):\n", SamplingParams(max_tokens=4, temperature=0)))
         assert out.completion_tokens == 4
