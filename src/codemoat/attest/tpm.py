@@ -232,8 +232,12 @@ class TpmAttestor:
             got = self._count_up(h, TAMPER_NV_INDEX, "cannot start the TPM's tamper latch")
         return got
 
-    def crl_count(self, create: bool = False) -> int | None:
-        """The CRL counter's value; None when it was never defined (with `create`: defined and counted once)."""
+    def crl_count(self, create: bool = False, ak: str | None = None) -> int | None:
+        """The CRL counter's value; None when it was never defined (with `create`: defined and counted once).
+        `ak` (the AK's DER, hex, as the license names it): the value comes from a TPM2_NV_Certify by that AK over a
+        fresh nonce instead of TPM2_NV_Read, whose answer a proxy on the TCTI could change (`CODEMOAT_TPM_TCTI`)."""
+        if ak is not None and not create:
+            return self._certified_count(CRL_NV_INDEX, "CRL counter", ak)
         if create:
             self._counter(CRL_NV_INDEX, create=True, what="CRL counter")
         elif not self._nv_ok(CRL_NV_INDEX, "CRL counter"):
@@ -558,20 +562,35 @@ class TpmAttestor:
     def audit_counter(self, nonce: bytes) -> Quote | None:
         """The audit counter's value now, certified by the AK (TPM2_NV_Certify) over `nonce` so the
         verifier knows this chip answered; None when this TPM has none (no checkpoint was ever signed)."""
+        return self._certified(AUDIT_NV_INDEX, "audit counter", nonce)
+
+    def _certified(self, index: int, what: str, nonce: bytes) -> Quote | None:
+        """codemoat's NV counter at `index` certified by the AK over `nonce`; None when undefined or never counted."""
         pt = _pt()
         c = self.ctx
-        h = self._audit_nv(create=False)
+        h = self._counter(index, create=False, what=what)
         if h is None:
             return None
         ak, _ = self._ak()
         try:
             return self._nv_certify(ak, h, nonce)
         except pt.TSS2_Exception as e:  # a counter never incremented cannot be read (TPM_RC_NV_UNINITIALIZED)
-            if (e.rc & 0xFFF) == 0x14A:
+            if (e.rc & 0xFFF) == RC_NV_UNINITIALIZED:
                 return None
-            raise AttestError(f"cannot read the TPM's audit counter: {e}") from None
+            raise AttestError(f"cannot read the TPM's {what}: {e}") from None
         finally:
             c.flush_context(ak)
+
+    def _certified_count(self, index: int, what: str, ak: str) -> int | None:
+        """The counter's value as `_certified` gives it, its signature checked against `ak` (a VaultError when it
+        does not hold: another chip's AK, or an answer made up on the way)."""
+        from ..vault.tpmwrap import verify_nv_certify
+
+        nonce = os.urandom(32)
+        q = self._certified(index, what, nonce)
+        if q is None:
+            return None
+        return verify_nv_certify(ak, q.attest, q.r, q.s, nonce, index, f"the TPM's certification of its {what}").counter
 
     def audit_checkpoint(self, data: bytes) -> tuple[Quote, int]:
         """Increment the audit counter, then TPM2_NV_Certify it with the AK over `data` (<= 64 bytes):

@@ -203,13 +203,23 @@ def _installed(vendor_key_b64: str, home: Path | None) -> Crl | None:
 _warned: set[str] = set()
 
 
-def _tpm_behind(guard: ClockGuard, attestor: Any, named: dict[str, Any] | None = None, lid: str = "") -> None:
+def chip_ak(entry: dict[str, Any] | None, machine: Any) -> str | None:
+    """The attestation key that must certify the TPM's CRL counter: the one the license's machine entry names
+    (signed by the vendor), else this machine's own (tpm.json)."""
+    ak = ((entry or {}).get("tpm") or {}).get("ak")
+    return ak or ((getattr(machine, "tpm", None) or {}).get("identity") or {}).get("ak")
+
+
+def _tpm_behind(
+    guard: ClockGuard, attestor: Any, named: dict[str, Any] | None = None, lid: str = "", ak: str | None = None
+) -> None:
     """On a machine whose keys are in a TPM: refuse a clock record behind the TPM's CRL counter. Every
     install counts there, so a record put back from before an install (with an older CRL, or none) is;
     and a record that says the chip counted installs, on a chip without the counter. `named`: the counter
     and its count at provisioning as license `lid` names them (signed by the vendor), which also refuses a
-    chip without it, and a counter defined again since, whatever the record says."""
-    count = attestor.crl_count()
+    chip without it, and a counter defined again since, whatever the record says. The count is the one the chip's
+    AK (`ak`, else this machine's) certifies: a proxy on the TCTI could answer TPM2_NV_Read with an older one."""
+    count = attestor.crl_count(ak=ak or chip_ak(None, guard.machine))
     recorded, base = guard.crl_number(TPM_COUNT), guard.crl_number(TPM_BASE)
     if named is None and lid and lid not in _warned:
         _warned.add(lid)
@@ -252,17 +262,23 @@ def _tpm(guard: ClockGuard) -> Any:
 
 
 def _current(
-    vendor_key_b64: str, guard: ClockGuard, home: Path | None, tpm: Any = None, named: dict[str, Any] | None = None, lid: str = ""
+    vendor_key_b64: str,
+    guard: ClockGuard,
+    home: Path | None,
+    tpm: Any = None,
+    named: dict[str, Any] | None = None,
+    lid: str = "",
+    ak: str | None = None,
 ) -> Crl | None:
     """The installed CRL, refused when it is missing or older than the one the clock record says this
     machine installed (a deleted crl folder, an old CRL put back); the record ratchets up to it. `tpm`:
     what reads the TPM's CRL counter (`crl_count()`) on a connection already open (`vault.tpmstart`);
-    `named`, `lid`: as `_tpm_behind`'s."""
+    `named`, `lid`, `ak`: as `_tpm_behind`'s."""
     if tpm is not None:
-        _tpm_behind(guard, tpm, named, lid)
+        _tpm_behind(guard, tpm, named, lid, ak)
     elif (chip := _tpm(guard)) is not None:
         with chip:
-            _tpm_behind(guard, chip, named, lid)
+            _tpm_behind(guard, chip, named, lid, ak)
     crl = _installed(vendor_key_b64, home)
     kid = key_id(b64d(vendor_key_b64))
     recorded = guard.crl_number(kid)
@@ -347,7 +363,8 @@ def check_revoked(lic: dict[str, Any], machine_id: str, guard: ClockGuard, home:
     and a CRL missing or older than the one this machine installed (`tpm`: as `_current`'s)."""
     entry = next((m for m in lic.get("machines", ()) if m.get("id") == machine_id), None)
     named = (entry or {}).get("tpm", {}).get("crl")  # the CRL counter the vendor signed into this machine's entry
-    reason = _refusal(_current(lic["vendor_key"], guard, home, tpm, named, lic["id"]), lic, machine_id)
+    ak = chip_ak(entry, guard.machine)
+    reason = _refusal(_current(lic["vendor_key"], guard, home, tpm, named, lic["id"], ak), lic, machine_id)
     if reason is not None:
         raise VaultError(reason)
 

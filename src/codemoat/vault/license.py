@@ -26,7 +26,7 @@ from .. import paths
 from .clock import ClockGuard, iso
 from .codec import VaultError, b64d, b64e, canonical, ed_public, key_id, public_raw, sign, unwrap, verify, wrap, x_public
 from .container import SealedFile, content_key_id
-from .crl import check_revoked
+from .crl import check_revoked, chip_ak
 from .machine import POLICIES, MachineKey, check_tpm_block, match_facts
 from .snpbind import check_snp_block
 from .tpmstart import TpmStart
@@ -338,7 +338,7 @@ def _tpm_start(b: dict[str, Any], entry: dict[str, Any] | None, machine: Machine
         unwraps.append((b["keys"]["content_key"], key_context("content-key", b["id"]), "content key"))
         if b["keys"].get("watermark_key") is not None:
             unwraps.append((b["keys"]["watermark_key"], key_context("watermark-key", b["id"]), "watermark key"))
-    return TpmStart(machine.attestor(), entry, unwraps)
+    return TpmStart(machine.attestor(), entry, unwraps, chip_ak(entry, machine))
 
 
 def _check(

@@ -6,7 +6,7 @@ for the ECDH unwraps of the content and watermark keys. Each is a few round trip
 the CPU spends waiting. `TpmStart` opens the chip once, as soon as the license's machine entry is
 known, and in this order:
 
-1. reads the CRL counter (`crl_count()`, what the CRL check asks for);
+1. reads the CRL counter as the AK certifies it (`crl_count(ak=...)`, what the CRL check asks for);
 2. derives the unwrap key, compares it with the license's (another chip is refused), starts the
    policy session and runs PolicyPCR and PolicyNV on it: nothing secret, done while the other checks run
    and a start allocates the memfd's pages (`engines.memfd.Prefault`), so the unwrap after `release()` is
@@ -71,10 +71,17 @@ class _Result:
 
 class TpmStart:
     """The chip's part of one check (see the module's text). `unwraps` are (wrapped, context, what) of the
-    keys to unwrap through `entry`'s TPM binding after `release()`; none: the CRL counter alone."""
+    keys to unwrap through `entry`'s TPM binding after `release()`; none: the CRL counter alone. `ak`: the AK that
+    certifies the CRL counter (`vault.crl.chip_ak`)."""
 
-    def __init__(self, attestor: Any, entry: dict[str, Any] | None = None, unwraps: Sequence[tuple[Any, bytes, str]] = ()):
-        self.unwraps = list(unwraps)
+    def __init__(
+        self,
+        attestor: Any,
+        entry: dict[str, Any] | None = None,
+        unwraps: Sequence[tuple[Any, bytes, str]] = (),
+        ak: str | None = None,
+    ):
+        self.unwraps, self.ak = list(unwraps), ak
         self._crl, self._keys = _Result(), [_Result() for _ in self.unwraps]
         self._gate, self._released = threading.Event(), False
         self._thread = threading.Thread(target=self._run, args=(attestor, entry), name="codemoat-tpm", daemon=True)
@@ -84,7 +91,7 @@ class TpmStart:
         pending = [self._crl, *self._keys]
         try:
             with attestor as a:
-                self._crl.set(a.crl_count())
+                self._crl.set(a.crl_count(ak=self.ak))
                 pending.pop(0)
                 if not self.unwraps:
                     return
@@ -105,8 +112,10 @@ class TpmStart:
                 if not result.done.is_set():
                     result.set(error=VaultError("the TPM start was stopped before this key was unwrapped"))
 
-    def crl_count(self) -> int | None:
-        """The TPM's CRL install counter (`TpmAttestor.crl_count`)."""
+    def crl_count(self, ak: str | None = None) -> int | None:
+        """The TPM's CRL install counter (`TpmAttestor.crl_count`), certified by the `ak` given at the start."""
+        if ak != self.ak:
+            raise VaultError("the TPM start certified its CRL counter with another attestation key")
         return self._crl.get()
 
     def release(self) -> None:
