@@ -261,6 +261,10 @@ class DirectorySettings(BaseModel):
         None, description="This server's public callback URL, registered at the provider: https://HOST/auth/oidc/callback."
     )
     oidc_user_claim: str = Field("preferred_username", description="ID-token claim that names the codemoat user.")
+    oidc_shares_ldap_names: bool = Field(
+        False,
+        description="With LDAP and OIDC both set: the OpenID provider names the same people as the LDAP directory (Keycloak or Entra ID over this LDAP), so an OIDC sign-in may take a name the LDAP directory holds. Off: it is refused.",
+    )
     oidc_groups_claim: str = Field(
         "groups", description="ID-token claim listing the user's directory groups (mapped through group_map)."
     )

@@ -20,7 +20,7 @@ from ..accounts import Accounts, Principal
 from ..accounts.store import users
 from ..config import Settings
 from ..errors import Unauthorized
-from .sync import SyncReport, directory_users, last_success, managed_users, record_failure
+from .sync import SyncReport, directory_users, is_oidc, last_success, managed_users, record_failure
 from .sync import sync as apply_sync
 from .ldap import DirectoryError, LdapDirectory, Snapshot
 
@@ -164,9 +164,10 @@ class DirectoryKeeper:
     def _owns_name(self, user, how: str) -> None:
         """Refuse an OpenID sign-in whose user name belongs to someone else here: the claim naming the
         user (`preferred_username` by default) is not unique at most providers and often chosen by the
-        user (OpenID Connect Core §5.7), so it must not take over a hand-made local account, nor a name
-        that another subject at the provider signed in with first (`sub` is what identifies)."""
-        if not user.dn.startswith("oidc:"):
+        user (OpenID Connect Core §5.7), so it must not take over a hand-made local account, a name
+        that another subject at the provider signed in with first (`sub` is what identifies), nor a name
+        the LDAP directory holds, unless the operator says both are one directory (`oidc_shares_ldap_names`)."""
+        if not is_oidc(user.dn):
             return  # LDAP: the configured directory is the authority on its names (a full sync adopts them too)
         with self.engine.connect() as c:
             bound = c.execute(sa.select(directory_users.c.dn).where(directory_users.c.name == user.name)).first()
@@ -175,10 +176,14 @@ class DirectoryKeeper:
             return  # no such account (never made, or removed by an admin to hand the name over)
         if bound is None:
             why = f"{user.name} is an account made here, not one from the directory"
-        elif bound.dn.startswith("oidc:") and bound.dn != user.dn:
+        elif is_oidc(bound.dn):
+            if bound.dn == user.dn:
+                return
             why = f"the user name {user.name} belongs to another identity at the provider"
+        elif self.cfg.oidc_shares_ldap_names:
+            return  # the operator's word: the provider and the LDAP directory name the same people
         else:
-            return
+            why = f"the user name {user.name} belongs to the LDAP directory (directory.oidc_shares_ldap_names is off)"
         if self.audit is not None:
             self.audit.append("directory", user=user.name, route="login", detail={"action": "refused", "via": how, "why": why})
         raise Unauthorized(f"sign-in refused: {why} (ask an admin)")

@@ -6,7 +6,8 @@ it, is disabled here in the same transaction: every token revoked, every group m
 so retrieval from their former repositories is refused from the next request on. Users made by hand
 (never seen in the directory) are left alone. Every change is one audit record (`kind=directory`).
 A user taken out of every `admin_groups` group loses each live token carrying the admin scope (it
-was minted from those groups), console sessions included; their other tokens live on.
+was minted from those groups), console sessions included; their other tokens live on. A name that
+moves between an OpenID subject and an LDAP entry loses every token (`directory.oidc_shares_ldap_names`).
 """
 
 from __future__ import annotations
@@ -119,6 +120,11 @@ def sync(
                     _set_groups(c, name, wanted)
             else:
                 have = sorted(member_of.get(name, ()))
+                if row is not None and _changes_hands(row.dn, du.dn, cfg):
+                    live = _live_tokens(c, name)
+                    records.append({"user": name, "detail": {"action": "rebound", "tokens_revoked": len(live)}})
+                    if not dry_run and live:  # minted for the other directory's person of that name
+                        c.execute(tokens.update().where(tokens.c.id.in_(live)).values(revoked_at=time.time()))
                 if row is not None and row.disabled:
                     rep.enabled.append(name)
                     records.append({"user": name, "detail": {"action": "enabled", "groups": wanted}})
@@ -151,7 +157,7 @@ def sync(
                 continue
             why = "disabled in the directory" if du is not None else "gone from the directory"
             rep.disabled.append(name)
-            live = list(c.execute(sa.select(tokens.c.id).where(tokens.c.user == name, tokens.c.revoked_at.is_(None))).scalars())
+            live = _live_tokens(c, name)
             records.append(
                 {
                     "user": name,
@@ -180,6 +186,21 @@ def sync(
         for r in records:
             audit.append("directory", route="directory sync", **r)
     return rep
+
+
+def is_oidc(dn: str) -> bool:
+    """A user bound to an OpenID provider's subject (`oidc:ISSUER#sub`), not to an LDAP entry."""
+    return dn.startswith("oidc:")
+
+
+def _changes_hands(old_dn: str, new_dn: str, cfg: DirectorySettings) -> bool:
+    """A name moves between the LDAP directory and the OpenID provider, which the operator has not
+    said name the same people (`oidc_shares_ldap_names`): its tokens were someone else's."""
+    return is_oidc(old_dn) != is_oidc(new_dn) and not cfg.oidc_shares_ldap_names
+
+
+def _live_tokens(c, name: str) -> list[str]:
+    return list(c.execute(sa.select(tokens.c.id).where(tokens.c.user == name, tokens.c.revoked_at.is_(None))).scalars())
 
 
 def _demoted(have: list[str], wanted: list[str], cfg: DirectorySettings) -> bool:
