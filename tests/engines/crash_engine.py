@@ -13,6 +13,7 @@ import os
 import signal
 import threading
 import time
+from concurrent.futures import Future
 from typing import Any
 
 from codemoat.engines.llamacpp import LlamaCppEngine
@@ -24,6 +25,7 @@ BAD_FRAME = "<<bad-frame>>"  # the first chunk's message pickles here but cannot
 STOP_READING = "<<stop-reading>>"  # the engine process's reader stops for good (hung): it takes no more messages
 SILENT_WORK = "<<silent-work>>"  # a long prefill: the worker computes SILENT_WORK_S before the first token, sending nothing
 SILENT_WORK_S = 3.0
+SPIN = "<<spin>>"  # the batch's loop spins for good before this request's first step: busy, no step, no message
 
 
 class _NoLoad:
@@ -77,6 +79,13 @@ class CrashingEngine(LlamaCppEngine):
         super()._generate(prompt_ids, params, emit, cancel)
 
     def _start(self, ids, params, emit, cancel, finished) -> None:
+        if SPIN in self.detokenize(ids) and self._batcher is not None:  # a job on the batch's own thread
+
+            def spin() -> None:
+                while True:
+                    sum(range(10_000))
+
+            self._jobs.put((spin, Future()))
         if BAD_FRAME in self.detokenize(ids):
             emit = _bad_frame(emit)
         if SLOW in self.detokenize(ids) and self._batcher is not None:  # batched: `_generate` is not used

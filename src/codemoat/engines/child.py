@@ -149,15 +149,21 @@ class _Server:
     """Runs each request as a job on the engine's worker thread, whose chunks go straight to the socket
     (no event loop in this process: one thread hop less per token than `stream()` would take)."""
 
-    def __init__(self, engine: Any, sock: socket.socket):
+    def __init__(self, engine: Any, sock: socket.socket, steps: Any = None):
         self.engine, self.sock = engine, sock
         self.cancels: dict[int, threading.Event] = {}
         self._lock = threading.Lock()
         self._out: list[Any] = []  # a batching engine's messages of the current step
         self.batched = bool(getattr(engine, "batches", False))
+        self.steps = steps if self.batched else None  # the server's `watchdog.StepCell`: the steps made so far
         if self.batched:  # it says when a slot is taken or freed, and when a step is over
             engine.on_slots = lambda usage: self.post(("slots", 0, usage))
             engine.after_step = self.flush
+
+    def _count(self, engine: Any) -> int:
+        """Decode steps of the engine's batch and of its folded adapters' engines."""
+        b = getattr(engine, "_batcher", None)
+        return (b.steps if b is not None else 0) + sum(self._count(f) for f in getattr(engine, "_folded", {}).values())
 
     def send(self, msg: Any) -> None:
         try:
@@ -175,6 +181,8 @@ class _Server:
             self._out.append(msg)
 
     def flush(self) -> None:
+        if self.steps is not None:
+            self.steps.set(self._count(self.engine))
         with self._lock:
             out, self._out = self._out, []
             if not out:
@@ -246,6 +254,7 @@ def main(argv: list[str]) -> int:
 
     from ..errors import CodemoatError
     from . import engine_class
+    from .watchdog import StepCell
     from .worker import WorkerEngine
 
     try:
@@ -264,12 +273,14 @@ def main(argv: list[str]) -> int:
                 "n_vocab": getattr(engine, "n_vocab", None),
                 "health": {**engine.health(), "non_dumpable": not is_dumpable()},
                 "pid": os.getpid(),
+                "counts_steps": bool(getattr(engine, "batches", False)) and spec.get("steps_fd") is not None,
             },
         ),
     )
 
     try:
-        _Server(engine, sock).serve(incoming)
+        steps = StepCell(spec["steps_fd"]) if spec.get("steps_fd") is not None else None
+        _Server(engine, sock, steps).serve(incoming)
     finally:
         engine.close()
     return 0

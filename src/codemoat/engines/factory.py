@@ -60,7 +60,7 @@ def build_engine(
     if settings.model.isolation == "process" and cls.isolatable:
         from .supervised import SupervisedEngine
 
-        engine: Engine = SupervisedEngine.start(cls, source, opts, settings.model.answer_timeout_s)
+        engine: Engine = SupervisedEngine.start(cls, source, opts, settings.model.answer_timeout_s, settings.model.spin_timeout_s)
     elif isinstance(source, MemfdBuffer):
         engine = cls.from_buffer(source, parts, **opts)
     else:

@@ -20,6 +20,7 @@ from .base import Engine
 from .child import Frames, frame
 from .inbox import Inbox
 from .memfd import MemfdBuffer
+from .watchdog import StepCell
 
 log = logging.getLogger("codemoat.engines")
 
@@ -37,8 +38,11 @@ def describe_exit(code: int) -> str:
 class Child:
     """One engine process, its socket, and the `Inbox` that reads it (which closes the socket at its end)."""
 
-    def __init__(self, proc: subprocess.Popen, sock: socket.socket, facts: dict[str, Any], frames: Frames):
+    def __init__(
+        self, proc: subprocess.Popen, sock: socket.socket, facts: dict[str, Any], frames: Frames, steps: StepCell | None = None
+    ):
         self.proc, self.sock, self.facts, self.frames = proc, sock, facts, frames
+        self.steps = steps if facts.get("counts_steps") else None  # its decode steps (`watchdog.StepCell`): batching only
         self.started = time.monotonic()
         self.inbox: Inbox | None = None
         self.hung: str | None = None  # why the server found it hung and killed it
@@ -81,7 +85,8 @@ def spawn(engine_cls: type[Engine], path: str, opts: dict[str, Any], buf: MemfdB
     """Start an engine process of `engine_cls` on `path` (a sealed model's memfd `buf` inherited) and wait
     until its model is loaded: `Died` if it died meanwhile, one `CodemoatError` line if it could not load."""
     ours, theirs = socket.socketpair()
-    fds = [theirs.fileno()] + ([buf.fd] if buf is not None else [])
+    steps = StepCell()
+    fds = [theirs.fileno(), steps.fd] + ([buf.fd] if buf is not None else [])
     # sealed adapters' memfds (engines.adapters), opened as /proc/self/fd/N in the child too
     fds += [int(p.rsplit("/", 1)[1]) for p in (opts.get("adapters") or {}).values()]
     try:
@@ -93,11 +98,14 @@ def spawn(engine_cls: type[Engine], path: str, opts: dict[str, Any], buf: MemfdB
         )
     finally:
         theirs.close()
+        steps_fd = steps.fd
+        steps.drop_fd()
     frames = Frames(ours)
     spec = {
         "engine": f"{engine_cls.__module__}:{engine_cls.__qualname__}",
         "path": path,
         "opts": opts,
+        "steps_fd": steps_fd,
         "log_level": logging.getLogger("codemoat").getEffectiveLevel(),
     }
     try:
@@ -112,4 +120,4 @@ def spawn(engine_cls: type[Engine], path: str, opts: dict[str, Any], buf: MemfdB
         if msg is not None and msg[0] == "error":
             raise CodemoatError(msg[1])
         raise Died(code)
-    return Child(proc, ours, msg[1], frames)
+    return Child(proc, ours, msg[1], frames, steps)

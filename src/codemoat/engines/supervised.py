@@ -17,8 +17,8 @@ gets `Unavailable` (503 in each protocol's shape, or an in-band error on a strea
 backoff (`state` is "restarting" until then). `SAFE_AFTER` crashes within `SAFE_WINDOW_S` on the
 same configuration restart it with the engine's `safe_options` (llama.cpp: `use_extra_bufts=False`,
 the kernels that a quantised model crashed in on AMX Xeons), said in one log line. A process that
-stops taking frames (`inbox.STALL_S`) or owes answers and does nothing for `answer_timeout_s`
-(`engines.watchdog`) is killed and handled the same way (the incident's `hung`).
+stops taking frames (`inbox.STALL_S`), owes answers and does nothing for `answer_timeout_s`, or (batching)
+owes answers and makes no step for `spin_timeout_s`, however busy (`engines.watchdog`), is killed and handled the same way (the incident's `hung`).
 
 Closed by its holder (license revoked, lease expired), requests still holding it get 503 with the
 holder's reason (`Engine.closed_why`); the front is left to be freed with this object, since such a
@@ -59,11 +59,17 @@ class SupervisedEngine(Engine):
     """The server's side of an engine running in a child process (see the module docstring)."""
 
     def __init__(
-        self, engine_cls: type[Engine], source: Path | str | MemfdBuffer, opts: dict[str, Any], answer_timeout_s: float = 0.0
+        self,
+        engine_cls: type[Engine],
+        source: Path | str | MemfdBuffer,
+        opts: dict[str, Any],
+        answer_timeout_s: float = 0.0,
+        spin_timeout_s: float = 0.0,
     ):
         self.engine_cls, self.name = engine_cls, engine_cls.name
         self.opts = dict(opts)
         self.answer_timeout_s = answer_timeout_s  # `watchdog`: 0 = never
+        self.spin_timeout_s = spin_timeout_s  # `watchdog`, a batching engine's steps: 0 = never
         self.model_id = str(opts.get("model_id") or "model")
         self._buf = source if isinstance(source, MemfdBuffer) else None
         self._path = source.path if isinstance(source, MemfdBuffer) else str(source)
@@ -83,12 +89,18 @@ class SupervisedEngine(Engine):
 
     @classmethod
     def start(
-        cls, engine_cls: type[Engine], source: Path | str | MemfdBuffer, opts: dict[str, Any], answer_timeout_s: float = 0.0
+        cls,
+        engine_cls: type[Engine],
+        source: Path | str | MemfdBuffer,
+        opts: dict[str, Any],
+        answer_timeout_s: float = 0.0,
+        spin_timeout_s: float = 0.0,
     ) -> SupervisedEngine:
         """Start the engine process and wait until its model is loaded; one `CodemoatError` line if it cannot.
-        `answer_timeout_s`: how long it may owe answers, send nothing and compute nothing (`watchdog`)."""
+        `answer_timeout_s`: how long it may owe answers, send nothing and compute nothing; `spin_timeout_s`:
+        how long it may owe answers, send nothing and make no decode step, busy or not (`watchdog`)."""
         try:
-            eng = cls(engine_cls, source, opts, answer_timeout_s)
+            eng = cls(engine_cls, source, opts, answer_timeout_s, spin_timeout_s)
         except BaseException:
             if isinstance(source, MemfdBuffer):
                 source.close(zero=True)
@@ -112,7 +124,14 @@ class SupervisedEngine(Engine):
     # -- the child process ------------------------------------------------------
     def _launch(self, restart: bool = False) -> None:
         child = spawn(self.engine_cls, self._path, self.opts, self._buf)
-        watch = AnswerWatch(child.proc.pid, self.answer_timeout_s, lambda: child.inbox.received)  # type: ignore[union-attr]
+        cell = child.steps
+        watch = AnswerWatch(
+            child.proc.pid,
+            self.answer_timeout_s,
+            lambda: child.inbox.received,  # type: ignore[union-attr]
+            (lambda: cell.value) if cell is not None else None,
+            self.spin_timeout_s,
+        )
 
         def tick() -> None:
             if (why := watch.check()) is not None:

@@ -13,12 +13,18 @@ A prefill computes, a hung process sleeps. CPU time alone would not tell them ap
 an engine process starved of cores computes for a few milliseconds in seconds, but it waits to run all
 that time. `AnswerWatch.check` (called about once a second while some request owes an answer) says the
 process is hung once it sent nothing, was runnable for less than `MIN_RUNNABLE_S` and faulted no page in
-from disk in `limit` seconds (`model.answer_timeout_s`). What it cannot see: an engine that spins in a
-loop producing nothing.
+from disk in `limit` seconds (`model.answer_timeout_s`).
+
+Work alone is no proof either: an engine can spin in a loop producing nothing (a batcher that never steps,
+a decode that never returns). So a batching engine process also counts its steps (`llama_decode` calls) in
+a `StepCell`, an 8-byte memfd the server reads: no message and no step for `spin_limit` seconds
+(`model.spin_timeout_s`) while answers are owed is a spinning engine, however busy its threads are.
 """
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
 import time
 from collections.abc import Callable
@@ -51,24 +57,61 @@ def work(pid: int) -> tuple[dict[int, int], int] | None:
     return runnable, faults
 
 
+class StepCell:
+    """A step counter the engine process writes (`set`, on the thread that steps) and the server reads
+    (`value`): 8 bytes of a memfd mapped in both (no message, no system call a step). The server makes it,
+    hands `fd` to the process it starts, then closes `fd` (`drop_fd`); the mapping lives with this object."""
+
+    def __init__(self, fd: int | None = None):
+        self.fd: int | None = os.memfd_create("codemoat-steps", os.MFD_CLOEXEC) if fd is None else fd
+        os.ftruncate(self.fd, 8)
+        self._map = mmap.mmap(self.fd, 8)
+        self._cell = ctypes.c_uint64.from_buffer(self._map)
+
+    @property
+    def value(self) -> int:
+        return self._cell.value
+
+    def set(self, n: int) -> None:
+        self._cell.value = n
+
+    def drop_fd(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
 class AnswerWatch:
     """`check()` is None while process `pid` makes progress, else why it is hung. `received()` counts the
-    process's messages so far."""
+    process's messages so far; `steps()`, when given, its steps (`StepCell`), which `spin_limit` watches."""
 
-    def __init__(self, pid: int, limit: float, received: Callable[[], int]):
+    def __init__(
+        self,
+        pid: int,
+        limit: float,
+        received: Callable[[], int],
+        steps: Callable[[], int] | None = None,
+        spin_limit: float = 0.0,
+    ):
         self.pid, self.limit, self.received = pid, limit, received
-        self._seen = -1
-        self._since = self._last = 0.0
+        self.steps, self.spin_limit = steps, spin_limit if steps is not None else 0.0
+        self._seen: tuple[int, int] | None = None
+        self._since = self._quiet = self._last = 0.0
         self._work: tuple[dict[int, int], int] | None = None
 
     def check(self) -> str | None:
         """Called about once a second while an answer is owed; a longer gap means none was owed meanwhile."""
-        if not self.limit:
+        if not self.limit and not self.spin_limit:
             return None
-        now, seen = time.monotonic(), self.received()
+        now = time.monotonic()
+        seen = (self.received(), self.steps() if self.steps is not None else 0)
         last, self._last = self._last, now
-        if seen != self._seen or now - last > GAP_S:  # a message, or a new wait: a new window
-            self._seen, self._since, self._work = seen, now, None
+        if seen != self._seen or now - last > GAP_S:  # a message or a step, or a new wait: a new window
+            self._seen, self._since, self._quiet, self._work = seen, now, now, None
+            return None
+        if self.spin_limit and now - self._quiet >= self.spin_limit:
+            return f"the engine process sent nothing and made no step for {now - self._quiet:.0f} s while requests waited"
+        if not self.limit:
             return None
         if self._work is None:  # silent since the last check: its work counts from here (read only now, not each second)
             self._work = work(self.pid)
