@@ -269,6 +269,26 @@ def test_a_slot_reuses_its_cached_prefix(tiny_gguf):
         fresh.close()
 
 
+def test_a_slot_never_counts_a_token_past_the_first_difference():
+    """`slots.common_prefix` (list slices compared in C, the differing span halved) gives what a token-by-token
+    loop gives: a cached prefix one token too long would hand a request another prompt's KV cells."""
+    import random
+
+    from codemoat.engines.slots import common_prefix
+
+    rng = random.Random(7)
+    base = [rng.randrange(50) for _ in range(2000)]
+    cases = [([], []), ([], base), (base, base), (base[:10], base), ([1] + base[1:], base), (base[:-1] + [-1], base)]
+    for _ in range(300):
+        a = base[: rng.randrange(2001)]
+        b = list(base[: rng.randrange(2001)])
+        if b and rng.random() < 0.8:
+            b[rng.randrange(len(b))] = -1  # one token differs
+        cases.append((a, b))
+    for a, b in cases:
+        assert common_prefix(a, b) == common_prefix(b, a) == common(a, b)
+
+
 def test_a_stream_that_is_closed_frees_its_slot(tiny_gguf):
     eng = LlamaCppEngine.from_path(tiny_gguf, n_ctx=512, n_threads=2, parallel=2)
     try:

@@ -25,6 +25,22 @@ from .base import Chunk, SamplingParams
 from .worker import StopCutter
 
 
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens `a` and `b` share: list slices compared in C, halving the span that differs
+    (a Python loop over a 2,000-token prompt took ~50 µs per slot, on the batcher's thread)."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo]; a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
 @dataclass(eq=False)  # one request is itself only (`in`, `remove` compare identity, not every field)
 class Seq:
     """One request: its prompt, parameters and callbacks, and where it stands in its slot."""
@@ -80,18 +96,16 @@ class Slots:
         p, body = seq.params, seq.ids[:-1]
 
         def keep(i: int) -> int:
-            s, same = self.all[i], 0
+            s = self.all[i]
             if s.adapter != adapter:  # cells computed under another adapter set (or the base)
                 return 0
             if s.owner != p.cache_key:  # another user's prompt: reusing it would tell in the time to first token
                 return 0
-            limit = min(len(s.cached), len(body))
-            while same < limit and s.cached[same] == body[same]:
-                same += 1
-            return same
+            return common_prefix(s.cached, body)
 
-        i = max(free, key=lambda j: (keep(j), -self.all[j].used_at))
-        slot, k = self.all[i], keep(i)
+        kept = {j: keep(j) for j in free}
+        i = max(free, key=lambda j: (kept[j], -self.all[j].used_at))
+        slot, k = self.all[i], kept[i]
         if not self.lib.llama_memory_seq_rm(self.mem, i, k, -1):  # a cache that cannot drop a tail (some SWA/recurrent ones)
             self.lib.llama_memory_seq_rm(self.mem, i, 0, -1)  # dropping a whole sequence never fails
             k = 0
