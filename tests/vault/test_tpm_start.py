@@ -15,6 +15,7 @@ from attest.tpmhelp import tpm_machine
 
 from codemoat.attest import AttestError
 from codemoat.attest.tpm import TAMPER_PCR, TpmAttestor
+from codemoat.attest.tpmraw import StartChip
 from codemoat.engines.sealed import open_sealed
 from codemoat.vault import crl
 from codemoat.vault.clock import ClockGuard
@@ -45,14 +46,14 @@ def tpm_offline(vendor, tmp_path, swtpm):
 
 
 def _count(monkeypatch, name: str) -> list[int]:
-    """Count calls of TpmAttestor.`name` (the real method still runs)."""
-    real, n = getattr(TpmAttestor, name), [0]
+    """Count calls of StartChip.`name`, what a start opens (the real method still runs)."""
+    real, n = getattr(StartChip, name), [0]
 
     def counting(self, *a, **kw):
         n[0] += 1
         return real(self, *a, **kw)
 
-    monkeypatch.setattr(TpmAttestor, name, counting)
+    monkeypatch.setattr(StartChip, name, counting)
     return n
 
 
@@ -107,14 +108,16 @@ def test_a_tamper_event_between_the_two_unwraps_refuses_the_start(tpm_offline, m
     """The chip refuses the watermark key (a PCR extended after the content key came out): the start that was
     decrypting meanwhile is refused in one line, and serves nothing."""
     machine, moat, lic, _ = tpm_offline
-    real = TpmAttestor.zgen
+    real = StartChip.zgen
 
     def tampered_after_first(self, policy, point):
         out = real(self, policy, point)
-        self.extend(TAMPER_PCR, b"chassis opened")
+        self.idle()  # the swtpm's one connection, for the tamper handler's
+        with TpmAttestor(self.tcti) as a:
+            a.extend(TAMPER_PCR, b"chassis opened")
         return out
 
-    monkeypatch.setattr(TpmAttestor, "zgen", tampered_after_first)
+    monkeypatch.setattr(StartChip, "zgen", tampered_after_first)
     before = set(_memfds())
     with pytest.raises(AttestError, match="refused to unwrap") as e:
         open_sealed(moat, lic, machine=machine, watch=False, build=_build)

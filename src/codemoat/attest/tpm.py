@@ -20,63 +20,38 @@ The TCTI is a tpm2-tss string: `device:/dev/tpmrm0` on a host, `swtpm:host=127.0
 tests. Without a resource manager (swtpm's socket) every transient handle is flushed here.
 
 What an offline start asks of the chip (the CRL counter, the unwrap key, the policy session, PolicyPCR,
-PolicyNV, ECDH_ZGen) goes through `attest.tpmcmd`, as bytes on the same TCTI: tpm2-tss 3.2.1's ESAPI spends
-about 2 ms of client CPU on each ECDH_ZGen's session crypto, which proves nothing for these sessions.
+PolicyNV, ECDH_ZGen) is `attest.tpmraw.StartPath`, as `attest.tpmcmd` bytes on the same TCTI: tpm2-tss 3.2.1's
+ESAPI spends about 2 ms of client CPU on each ECDH_ZGen's session crypto, which proves nothing for these sessions.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 from typing import Any
 
 from .base import AttestError, Quote
-from .tpmcmd import RC_NV_UNINITIALIZED, RC_PCR_CHANGED, RH_ENDORSEMENT, Commands, TpmRc, ecc_der, tpm2b, unwrap_template
+from .tpmcmd import RC_NV_UNINITIALIZED, Commands, tpm2b, unwrap_template
+from .tpmraw import AK_HANDLE, BANK, CRL_NV_INDEX, TAMPER_NV_INDEX, UNWRAP_HANDLE, StartPath, _pt, pcr_selection
+
+__all__ = ["AK_HANDLE", "BANK", "CRL_NV_INDEX", "TAMPER_NV_INDEX", "UNWRAP_HANDLE", "TpmAttestor", "_pt", "pcr_selection"]
 
 DEVICE_TCTI = "device:/dev/tpmrm0"
-BANK = "sha256"
 TAMPER_PCR = 15  # not resettable from software (PCR 16 and 23 are), extended only by codemoat
 # The audit log's NV counter (TPM_NT_COUNTER, owner range of the TCG handle registry): +1 per TPM-signed checkpoint.
 AUDIT_NV_INDEX = 0x0100C0DE
-# The tamper latch (TPM_NT_COUNTER beside it): +1 per tamper event; unwrap policies require its provisioned count.
-TAMPER_NV_INDEX = 0x0100C0DF
-# CRL installs (TPM_NT_COUNTER beside them): +1 per CRL installed; the clock record keeps the count it reached (vault.crl).
-CRL_NV_INDEX = 0x0100C0E0
 # TCG EK Credential Profile 2.0 §2.2.1.4: EK types whose certificates are looked up in NV, in this order.
 _EK_TYPES = ("EK-ECC256", "EK-ECC384", "EK-RSA2048")
 
 
-def _pt():  # tpm2-pytss is an optional extra (`.[tpm]`); import it only when a TPM is used
-    # tpm2-tss writes every TPM error code to stderr; refusals here become one AttestError line instead.
-    os.environ.setdefault("TSS2_LOG", "all+NONE")
-    try:
-        import tpm2_pytss
-    except ImportError:
-        raise AttestError("TPM support is not installed (pip install 'codemoat[tpm]')") from None
-    return tpm2_pytss
-
-
-def pcr_selection(pcrs: list[int]) -> str:
-    if not pcrs or not all(isinstance(p, int) and 0 <= p < 24 for p in pcrs):
-        raise AttestError("PCR selection must be PCR numbers 0-23")
-    return f"{BANK}:" + ",".join(str(p) for p in sorted(set(pcrs)))
-
-
-class TpmAttestor:
-    """One TPM, reached through `tcti`; use as a context manager (one ESAPI connection)."""
-
-    kind = "tpm2"
+class TpmAttestor(StartPath):
+    """One TPM, reached through `tcti`; use as a context manager (one ESAPI connection). The offline start's
+    commands (`StartPath`) go on the same TCTI as bytes."""
 
     def __init__(self, tcti: str = DEVICE_TCTI):
-        self.tcti = tcti
+        super().__init__(tcti)
         self._ctx: Any = None
         self._tcti: Any = None
-        self._cmd: Any = None  # tpmcmd.Commands on the same TCTI
         self._unwrap_keys: dict[str, tuple[Any, Any]] = {}  # policy digest -> (ESYS handle, public): identity's
-        self._raw_keys: dict[str, tuple[int, str]] = {}  # policy digest -> (TPM handle, DER hex): the unwraps'
-        self._latches_seen: set[int] = set()  # tamper latch indexes whose name was checked on this connection
-        self._policy_session: int | None = None  # zgen's policy session (TPM handle), kept for the next zgen
-        self._policy_ran = False  # prepare_unwrap already ran the policy on it
 
     # -- connection ---------------------------------------------------------
     def __enter__(self) -> TpmAttestor:
@@ -98,19 +73,9 @@ class TpmAttestor:
             try:
                 for h, _ in self._unwrap_keys.values():
                     self._ctx.flush_context(h)
-                raw = [h for h, _ in self._raw_keys.values()]
-                if self._policy_session is not None:
-                    raw.append(self._policy_session)
-                for h in raw:
-                    try:
-                        self._raw(self._cmd.flush, h)
-                    except TpmRc:
-                        pass  # already gone (a session the chip ended)
+                self._flush_start()
             finally:
-                self._policy_session, self._policy_ran = None, False
                 self._unwrap_keys.clear()
-                self._raw_keys.clear()
-                self._latches_seen.clear()
                 self._ctx.close()
                 self._ctx = None
                 self._tcti.close()  # ESAPI does not close a TCTI it was given (a device TCTI's fd stayed open)
@@ -130,74 +95,15 @@ class TpmAttestor:
             v |= getattr(A, n)
         return v
 
-    def policy_digest(self, policy: dict[str, Any]) -> bytes:
-        """The authPolicy of TPM2_PolicyPCR(selection, recorded values) then TPM2_PolicyNV(tamper latch ==
-        its count): what a trial session returns, computed as the vendor computes it (`tpmcred`), which
-        saves five chip round trips per start (the vendor's check of the AK-certified key shows they agree)."""
-        from ..vault.tpmcred import pcr_policy_digest
-
-        pcr_selection(policy["pcrs"])
-        return pcr_policy_digest(policy)
-
-    def _raw(self, fn: Any, *args: Any) -> Any:
-        """A `tpmcmd` command; TpmRc passes through, a TCTI failure or a malformed answer is one line."""
-        try:
-            return fn(*args)
-        except TpmRc:
-            raise
-        except Exception as e:  # TSS2_Exception from the TCTI, struct.error from a short answer
-            raise AttestError(f"the TPM at {self.tcti!r} did not answer: {e}") from None
-
-    def _latch_present(self, index: int) -> bool:
-        """The tamper latch is in this chip (its name checked as `_counter` checks it), once per connection."""
-        if index not in self._latches_seen:
-            if not self._nv_ok(index, "tamper latch"):
-                return False
-            self._latches_seen.add(index)
-        return True
-
-    def _policy_latch(self, sess: int, policy: dict[str, Any]) -> None:
-        """TPM2_PolicyNV: the tamper latch holds the policy's count (policies made before it had none)."""
-        latch = policy.get("latch")
-        if latch is None:
-            return
-        if not self._latch_present(latch["index"]):
-            raise AttestError(
-                f"this TPM has no tamper latch at NV index {latch['index']:#x} (another TPM than the license's, or the "
-                "latch was deleted with owner authorization): the key cannot be unwrapped here"
-            )
-        try:
-            self._raw(self._cmd.policy_nv, sess, latch["index"], latch["count"].to_bytes(8, "big"))
-        except TpmRc:
-            raise AttestError(
-                f"the TPM refused to unwrap: its tamper latch has counted a tamper event since provisioning (count "
-                f"{latch['count']} expected; it survives reboots): the vendor must reprovision"
-            ) from None
-
     def _unwrap_key(self, policy: dict[str, Any]) -> tuple[Any, Any]:
         """The unwrap key for `policy`, derived once per connection (held until `__exit__` flushes it)."""
         pt = _pt()
         ck = ",".join(map(str, sorted(policy["pcrs"]))) + ":" + policy["digest"] + ":" + repr(policy.get("latch"))
         got = self._unwrap_keys.get(ck)
         if got is None:
-            tmpl, _ = pt.TPM2B_PUBLIC.unmarshal(tpm2b(unwrap_template(self.policy_digest(policy), pt) + b"\0\0\0\0"))
+            tmpl, _ = pt.TPM2B_PUBLIC.unmarshal(tpm2b(unwrap_template(self.policy_digest(policy)) + b"\0\0\0\0"))
             h, pub, *_ = self.ctx.create_primary(None, tmpl, pt.ESYS_TR.ENDORSEMENT)
             got = self._unwrap_keys[ck] = (h, pub)
-        return got
-
-    def _raw_unwrap(self, policy: dict[str, Any]) -> tuple[int, str]:
-        """The unwrap key for `policy` as `_unwrap_key` derives it, through `tpmcmd`: (TPM handle, DER hex), once per
-        connection (flushed by `__exit__`)."""
-        ck = ",".join(map(str, sorted(policy["pcrs"]))) + ":" + policy["digest"] + ":" + repr(policy.get("latch"))
-        got = self._raw_keys.get(ck)
-        if got is None:
-            head = unwrap_template(self.policy_digest(policy), _pt())
-            try:
-                h, area = self._raw(self._cmd.create_primary, RH_ENDORSEMENT, tpm2b(head + b"\0\0\0\0"))
-            except TpmRc as e:
-                raise AttestError(f"the TPM could not derive its unwrap key: {e}") from None
-            self._raw_keys[ck] = (h, "")  # flushed by __exit__ whatever follows
-            got = self._raw_keys[ck] = (h, ecc_der(head, area))
         return got
 
     def _ak(self) -> tuple[Any, Any]:
@@ -234,18 +140,12 @@ class TpmAttestor:
 
     def crl_count(self, create: bool = False, ak: str | None = None) -> int | None:
         """The CRL counter's value; None when it was never defined (with `create`: defined and counted once).
-        `ak` (the AK's DER, hex, as the license names it): the value comes from a TPM2_NV_Certify by that AK over a
-        fresh nonce instead of TPM2_NV_Read, whose answer a proxy on the TCTI could change (`CODEMOAT_TPM_TCTI`)."""
-        if ak is not None and not create:
-            return self._certified_count(CRL_NV_INDEX, "CRL counter", ak)
-        if create:
-            self._counter(CRL_NV_INDEX, create=True, what="CRL counter")
-        elif not self._nv_ok(CRL_NV_INDEX, "CRL counter"):
-            return None
+        `ak`: certified by that AK, as `StartPath.crl_count` reads it."""
+        if not create:
+            return super().crl_count(ak)
+        self._counter(CRL_NV_INDEX, create=True, what="CRL counter")
         got = self._read_counter(CRL_NV_INDEX)
-        if got is None and create:
-            return self.crl_count_up()
-        return got
+        return self.crl_count_up() if got is None else got
 
     def crl_count_up(self) -> int:
         """Count one CRL install; the counter's new value."""
@@ -259,31 +159,6 @@ class TpmAttestor:
         except _pt().TSS2_Exception as e:
             raise AttestError(f"{failed}: {e}") from None
         return self._read_counter(index) or 0
-
-    def _read_counter(self, index: int) -> int | None:
-        """The 8-byte NV counter at `index`; None when it was never incremented."""
-        try:
-            return int.from_bytes(self._raw(self._cmd.nv_read, index, 8), "big")
-        except TpmRc as e:
-            if (e.rc & 0xFFF) == RC_NV_UNINITIALIZED:
-                return None
-            raise AttestError(f"cannot read the TPM's NV counter: {e}") from None
-
-    def _nv_ok(self, index: int, what: str) -> bool:
-        """Whether codemoat's NV counter at `index` is defined (False when the chip has no such index); an index of
-        another kind there is refused, as `_counter` refuses it."""
-        from ..vault.tpmwrap import counter_name
-
-        try:
-            name = self._raw(self._cmd.nv_read_public, index)
-        except TpmRc:
-            return False
-        if name not in (counter_name(index), counter_name(index, written=False)):
-            raise AttestError(
-                f"NV index {index:#x} is not codemoat's {what} (another kind of index was defined "
-                "there: the counter was undefined and replaced)"
-            )
-        return True
 
     def tamper(self, pcr: int, data: bytes) -> int:
         """A tamper event: extend `pcr` (ends serving now) and count it in the latch (survives a reboot);
@@ -323,13 +198,33 @@ class TpmAttestor:
                 "r": bytes(e.signatureR).hex(),
                 "s": bytes(e.signatureS).hex(),
             }
+            self.persist(h, AK_HANDLE)
         finally:
             self.ctx.flush_context(h)
+        self.persist(uh, UNWRAP_HANDLE)
         out.update(self._ek())
         # The CRL install counter, defined and counted now if it is not yet: the license names it (signed by the
         # vendor), so a chip without it, or with one defined again since, is refused at start (vault.crl).
         out["crl"] = {"index": CRL_NV_INDEX, "count": self.crl_count(create=True)}
         return out
+
+    def persist(self, key: Any, handle: int) -> bool:
+        """Make the loaded `key` persistent at `handle` (TPM2_EvictControl with owner authorization), in place of what
+        was there: a start then reads it (`tpmraw`) instead of deriving it again. False when the chip refuses (an
+        owner password, no room): starts then derive the key, as before."""
+        pt = _pt()
+        c = self.ctx
+        try:
+            try:
+                old = c.tr_from_tpmpublic(handle)
+            except pt.TSS2_Exception:
+                old = None  # nothing there
+            if old is not None:
+                c.evict_control(pt.ESYS_TR.OWNER, old, handle)
+            c.tr_close(c.evict_control(pt.ESYS_TR.OWNER, key, handle))
+        except pt.TSS2_Exception:
+            return False
+        return True
 
     def _ek_template(self) -> tuple[bytes | None, Any] | None:
         """(certificate, template) of the EK the manufacturer certified, else the default ECC P-256 EK's."""
@@ -387,14 +282,6 @@ class TpmAttestor:
             c.flush_context(ak)
             c.flush_context(ek)
 
-    def unwrap_public(self, policy: dict[str, Any]) -> str:
-        """The unwrap key this chip derives for `policy` (DER hex): equal to a license's only on the same chip
-        ("" when this chip has no tamper latch to derive it with: another chip)."""
-        latch = policy.get("latch")
-        if latch is not None and not self._latch_present(latch["index"]):
-            return ""
-        return self._raw_unwrap(policy)[1]
-
     def _start_policy_session(self) -> Any:
         pt = _pt()
         return self.ctx.start_auth_session(
@@ -411,74 +298,6 @@ class TpmAttestor:
             self.ctx.flush_context(sess)
             raise
         return sess
-
-    def prepare_unwrap(self, policy: dict[str, Any] | None = None) -> None:
-        """Start the next zgen's policy session now (a start does it while the license is still being checked),
-        and with `policy` also run its PolicyPCR and PolicyNV, so the unwrap that follows is one command. None of
-        it grants anything: only TPM2_ECDH_ZGen uses the session, and the chip refuses it (TPM_RC_PCR_CHANGED)
-        when any PCR was extended since PolicyPCR; zgen then runs the policy again on a fresh session."""
-        if self._policy_session is None:
-            self._policy_session = self._new_policy_session()
-        if policy is not None and not self._policy_ran:
-            self._run_policy(self._policy_session, policy)
-            self._policy_ran = True
-
-    def _new_policy_session(self) -> int:
-        try:
-            return self._raw(self._cmd.start_policy_session)
-        except TpmRc as e:
-            raise AttestError(f"the TPM could not start a policy session: {e}") from None
-
-    def _run_policy(self, sess: int, policy: dict[str, Any]) -> None:
-        """PolicyPCR over the chip's current values, then PolicyNV: the tamper latch still at its provisioned count."""
-        from ..vault.tpmwrap import pcr_bitmap
-
-        self._raw(self._cmd.policy_pcr, sess, pcr_bitmap(policy["pcrs"]))
-        self._policy_latch(sess, policy)
-
-    def zgen(self, policy: dict[str, Any], point: bytes) -> bytes:
-        """ECDH's Z (the x coordinate) of the unwrap key and an uncompressed P-256 `point`, in the chip."""
-        if len(point) != 65 or point[0] != 4:
-            raise AttestError("ECDH point must be an uncompressed P-256 point")
-        pcr_selection(policy["pcrs"])
-        h, _ = self._raw_unwrap(policy)
-        # A start unwraps two keys (content, watermark): the second reuses the first's policy session, two TPM
-        # commands fewer (StartAuthSession, FlushContext). The session continues after use, and the chip resets
-        # a used policy session's digest, so each use runs PolicyPCR and PolicyNV again; a session whose use failed
-        # is flushed, never kept.
-        sess, ran, kept = self._policy_session, self._policy_ran, False
-        self._policy_session, self._policy_ran = None, False
-        if sess is None:
-            sess = self._new_policy_session()
-        try:
-            if not ran:
-                self._run_policy(sess, policy)
-            try:
-                out = self._raw(self._cmd.ecdh_zgen, h, sess, point, True)
-            except TpmRc as e:
-                if not (ran and (e.rc & 0xFFF) == RC_PCR_CHANGED):
-                    raise
-                # A PCR was extended after prepare_unwrap's PolicyPCR (the OS measures too): all of it again, now.
-                self._raw(self._cmd.flush, sess)
-                sess = self._new_policy_session()
-                self._run_policy(sess, policy)
-                out = self._raw(self._cmd.ecdh_zgen, h, sess, point, True)
-            self._policy_session, kept = sess, True
-            return out
-        except TpmRc as e:
-            # TPM_RC_POLICY_FAIL = RC_FMT1 + 0x01D (Part 2 §6.6.3); bits 6 and 8-11 name the session
-            if (e.rc & 0x80) and (e.rc & 0x3F) == 0x1D:
-                raise AttestError(
-                    "the TPM refused to unwrap: its PCRs no longer match the license's policy "
-                    f"(PCRs {policy['pcrs']}: a tamper event, or another boot state)"
-                ) from None
-            raise AttestError(f"the TPM refused to unwrap: {e}") from None
-        finally:
-            if not kept:
-                try:
-                    self._raw(self._cmd.flush, sess)
-                except TpmRc:
-                    pass  # already gone
 
     def quote(self, policy: dict[str, Any], data: bytes) -> Quote:
         """TPM2_Quote by the AK over the policy's PCRs, with `data` (at most 64 bytes) as qualifyingData; when
@@ -580,17 +399,6 @@ class TpmAttestor:
             raise AttestError(f"cannot read the TPM's {what}: {e}") from None
         finally:
             c.flush_context(ak)
-
-    def _certified_count(self, index: int, what: str, ak: str) -> int | None:
-        """The counter's value as `_certified` gives it, its signature checked against `ak` (a VaultError when it
-        does not hold: another chip's AK, or an answer made up on the way)."""
-        from ..vault.tpmwrap import verify_nv_certify
-
-        nonce = os.urandom(32)
-        q = self._certified(index, what, nonce)
-        if q is None:
-            return None
-        return verify_nv_certify(ak, q.attest, q.r, q.s, nonce, index, f"the TPM's certification of its {what}").counter
 
     def audit_checkpoint(self, data: bytes) -> tuple[Quote, int]:
         """Increment the audit counter, then TPM2_NV_Certify it with the AK over `data` (<= 64 bytes):

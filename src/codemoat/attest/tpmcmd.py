@@ -37,8 +37,14 @@ CC_FLUSH_CONTEXT = 0x165
 CC_NV_READ_PUBLIC = 0x169
 CC_START_AUTH_SESSION = 0x176
 CC_POLICY_PCR = 0x17F
+CC_READ_PUBLIC = 0x173
+CC_NV_CERTIFY = 0x184
+ALG_ECDSA = 0x0018
 RC_NV_UNINITIALIZED = 0x14A
 RC_PCR_CHANGED = 0x128  # a PCR was extended between TPM2_PolicyPCR and the session's use
+# TPM_RC_YIELDED, TPM_RC_TESTING, TPM_RC_RETRY (Part 2 §6.6.3): the chip did not run the command (a self-test after
+# a start-up, say); ESAPI sends it again up to 5 times in all (tpm2-tss _ESYS_MAX_SUBMISSIONS).
+_RC_AGAIN, _SUBMISSIONS = (0x908, 0x90A, 0x922), 5
 _PW = struct.pack(">IHBH", RS_PW, 0, 0, 0)  # TPMS_AUTH_COMMAND: the password session, empty auth
 
 
@@ -55,15 +61,31 @@ def tpm2b(data: bytes) -> bytes:
     return struct.pack(">H", len(data)) + data
 
 
-@functools.lru_cache(maxsize=64)  # pt: the tpm2_pytss module
-def unwrap_template(auth_policy: bytes, pt: Any) -> bytes:
-    """The unwrap key's TPMT_PUBLIC template up to its unique field (empty x and y follow), marshalled once per policy."""
-    A = pt.TPMA_OBJECT
-    attrs = A.FIXEDTPM | A.FIXEDPARENT | A.SENSITIVEDATAORIGIN | A.DECRYPT
-    area = pt.TPM2B_PUBLIC.parse("ecc256", objectAttributes=attrs, authPolicy=auth_policy).publicArea.marshal()
-    if not area.endswith(b"\0\0\0\0"):
-        raise AttestError("unexpected TPM key template")
-    return area[:-4]
+# The unwrap key's objectAttributes (Part 2 §8.3): fixedTPM, fixedParent, sensitiveDataOrigin, decrypt; no userWithAuth
+# (only its policy authorizes it), not restricted.
+UNWRAP_ATTRS = (1 << 1) | (1 << 4) | (1 << 5) | (1 << 17)
+ALG_ECC, ECC_NIST_P256 = 0x0023, 0x0003
+
+
+@functools.lru_cache(maxsize=64)
+def unwrap_template(auth_policy: bytes) -> bytes:
+    """The unwrap key's TPMT_PUBLIC template up to its unique field (empty x and y follow): an ECC P-256 decryption
+    key with `auth_policy`, no symmetric algorithm, scheme or KDF of its own (Part 2 §12.2.3.6, §12.2.4)."""
+    return (
+        struct.pack(">HHI", ALG_ECC, ALG_SHA256, UNWRAP_ATTRS)
+        + tpm2b(auth_policy)
+        + struct.pack(">HHHH", ALG_NULL, ALG_NULL, ECC_NIST_P256, ALG_NULL)
+    )
+
+
+# The attestation key's (TpmAttestor._ak): fixedTPM, fixedParent, sensitiveDataOrigin, userWithAuth, restricted, sign.
+AK_ATTRS = (1 << 1) | (1 << 4) | (1 << 5) | (1 << 6) | (1 << 16) | (1 << 18)
+# Its TPMT_PUBLIC template up to the unique field: ECC P-256, no policy, ECDSA-SHA256, no symmetric algorithm or KDF.
+AK_TEMPLATE = (
+    struct.pack(">HHI", ALG_ECC, ALG_SHA256, AK_ATTRS)
+    + tpm2b(b"")
+    + struct.pack(">HHHHH", ALG_NULL, ALG_ECDSA, ALG_SHA256, ECC_NIST_P256, ALG_NULL)
+)
 
 
 def ecc_der(head: bytes, area: bytes) -> str:
@@ -104,9 +126,13 @@ class Commands:
             auth = b"".join(sessions)
             body += struct.pack(">I", len(auth)) + auth
         body += params
-        self.tcti.transmit(struct.pack(">HII", ST_SESSIONS if sessions else ST_NO_SESSIONS, 10 + len(body), cc) + body)
-        resp = self.tcti.receive()
-        tag, size, rc = struct.unpack_from(">HII", resp)
+        command = struct.pack(">HII", ST_SESSIONS if sessions else ST_NO_SESSIONS, 10 + len(body), cc) + body
+        for _ in range(_SUBMISSIONS):  # a command answered "not now" was not run: sent again, as ESAPI does
+            self.tcti.transmit(command)
+            resp = self.tcti.receive()
+            tag, size, rc = struct.unpack_from(">HII", resp)
+            if rc not in _RC_AGAIN:
+                break
         if rc != 0:
             raise TpmRc(cc, rc)
         if size != len(resp):
@@ -134,6 +160,23 @@ class Commands:
         sensitive = tpm2b(tpm2b(b"") + tpm2b(b""))  # TPM2B_SENSITIVE_CREATE: empty userAuth, no data
         (h,), p = self.call(CC_CREATE_PRIMARY, (hierarchy,), (_PW,), sensitive + public + tpm2b(b"") + struct.pack(">I", 0), 1)
         return h, _take_b(p, 0)[0]
+
+    def read_public(self, handle: int) -> bytes:
+        """TPM2_ReadPublic of a loaded or persistent object: its TPMT_PUBLIC (TpmRc when nothing is at `handle`)."""
+        _, p = self.call(CC_READ_PUBLIC, (handle,))
+        return _take_b(p, 0)[0]
+
+    def nv_certify(self, key: int, index: int, data: bytes, size: int) -> tuple[bytes, bytes, bytes]:
+        """TPM2_NV_Certify by the ECDSA signing `key` (empty authValue) of `size` bytes of the NV index (read with its
+        own empty authValue) over `data`: (TPMS_ATTEST, r, s)."""
+        params = tpm2b(data) + struct.pack(">HHH", ALG_NULL, size, 0)
+        _, p = self.call(CC_NV_CERTIFY, (key, index, index), (_PW, _PW), params)
+        attest, off = _take_b(p, 0)
+        alg, _hash = struct.unpack_from(">HH", p, off)
+        if alg != ALG_ECDSA:
+            raise struct.error("not an ECDSA signature")
+        r, off = _take_b(p, off + 4)
+        return attest, r, _take_b(p, off)[0]
 
     def start_policy_session(self) -> int:
         """TPM2_StartAuthSession: an unsalted, unbound SHA-256 policy session, no parameter encryption."""

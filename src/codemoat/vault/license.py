@@ -338,7 +338,7 @@ def _tpm_start(b: dict[str, Any], entry: dict[str, Any] | None, machine: Machine
         unwraps.append((b["keys"]["content_key"], key_context("content-key", b["id"]), "content key"))
         if b["keys"].get("watermark_key") is not None:
             unwraps.append((b["keys"]["watermark_key"], key_context("watermark-key", b["id"]), "watermark key"))
-    return TpmStart(machine.attestor(), entry, unwraps, chip_ak(entry, machine))
+    return TpmStart(machine.start_chip(), entry, unwraps, chip_ak(entry, machine))
 
 
 def _check(

@@ -199,11 +199,20 @@ class MachineKey:
 
     def attestor(self) -> Any:
         """The TPM this machine's TPM-bound licenses need (`codemoat.attest.tpm.TpmAttestor`, not yet open)."""
-        if not self.tpm:
-            raise VaultError("this license is bound to a TPM, but this machine has none set up (run `codemoat machine-id --tpm`)")
         from ..attest.tpm import TpmAttestor
 
-        return TpmAttestor(os.environ.get(TCTI_ENV) or self.tpm["tcti"])
+        return TpmAttestor(self._tcti())
+
+    def start_chip(self) -> Any:
+        """The same TPM for an offline start's part of it alone (`codemoat.attest.tpmraw.StartChip`, not yet open)."""
+        from ..attest.tpmraw import StartChip
+
+        return StartChip(self._tcti())
+
+    def _tcti(self) -> str:
+        if not self.tpm:
+            raise VaultError("this license is bound to a TPM, but this machine has none set up (run `codemoat machine-id --tpm`)")
+        return os.environ.get(TCTI_ENV) or self.tpm["tcti"]
 
     def enable_tpm(self, tcti: str, pcrs: list[int]) -> dict[str, Any]:
         """Make (or re-derive) the TPM keys, record the current PCR policy in tpm.json, and return the block."""

@@ -4,10 +4,11 @@ On a machine whose keys are in a TPM, `license.check` needs the chip for the CRL
 (`vault.crl`: a clock record put back from a backup is refused) and, for a license bound to the chip,
 for the ECDH unwraps of the content and watermark keys. Each is a few round trips to the chip, time
 the CPU spends waiting. `TpmStart` opens the chip once, as soon as the license's machine entry is
-known, and in this order:
+known (`attest.tpmraw.StartChip`: these commands alone, no ESAPI), and in this order:
 
 1. reads the CRL counter as the AK certifies it (`crl_count(ak=...)`, what the CRL check asks for);
-2. derives the unwrap key, compares it with the license's (another chip is refused), starts the
+2. finds the unwrap key (the persistent one when it is the license's, else derived), compares it with the
+   license's (another chip is refused), starts the
    policy session and runs PolicyPCR and PolicyNV on it: nothing secret, done while the other checks run
    and a start allocates the memfd's pages (`engines.memfd.Prefault`), so the unwrap after `release()` is
    one TPM2_ECDH_ZGen (the chip refuses it when a PCR was extended since; `zgen` then runs it all again);
@@ -34,7 +35,7 @@ from .tpmwrap import unwrap_p256
 def tpm_unwrapper(attestor: Any, entry: dict[str, Any]) -> Any:
     """`unwrap(wrapped, context, what)` through an open TPM: refuses another chip before asking for ECDH."""
     t = entry["tpm"]
-    mine = attestor.unwrap_public(t["policy"])
+    mine = attestor.unwrap_public(t["policy"], t["unwrap"])
     if mine == "":  # the policy names a tamper latch this chip does not have
         raise VaultError(
             f"license is sealed to another TPM, or this one's tamper latch was deleted (no tamper latch in the chip at "
@@ -98,6 +99,7 @@ class TpmStart:
                 assert entry is not None
                 opened = tpm_unwrapper(a, entry)
                 a.prepare_unwrap(entry["tpm"]["policy"])  # the session and its policy: ZGen alone after release
+                a.idle()  # a swtpm's one connection is free while this waits (attest.tpmraw)
                 self._gate.wait()
                 if not self._released:
                     return
