@@ -73,6 +73,10 @@ class DeviceStart:
     interval: int
 
 
+def _text(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
 def _h(code: str) -> str:
     return hashlib.sha256(code.encode()).hexdigest()
 
@@ -103,14 +107,20 @@ class DeviceFlow:
                 auth=(self.oidc.cfg.oidc_client_id, self.oidc._secret()),
                 data={"client_id": self.oidc.cfg.oidc_client_id, "scope": "openid profile groups", "nonce": nonce},
             )
-            body = r.json()
-        except (httpx.HTTPError, ValueError) as e:
+        except httpx.HTTPError as e:
             raise DirectoryUnavailable(f"OpenID provider {self.oidc.issuer} is unreachable: {type(e).__name__}") from None
-        if r.status_code != 200 or not body.get("device_code") or not body.get("user_code"):
-            raise DeviceError("server_error", f"the OpenID provider refused a device code: {body.get('error', r.status_code)}")
+        body = self.oidc.answer(r, "the device authorization request")
+        codes = body.get("device_code"), body.get("user_code")
+        if r.status_code != 200 or not all(isinstance(c, str) and 0 < len(c) <= 512 for c in codes):
+            raise DeviceError("server_error", f"the OpenID provider refused a device code: {self.oidc.error_of(r)}")
         now = time.time()
-        expires_in = int(min(self.ttl_s, int(body.get("expires_in") or self.ttl_s)))
-        interval = max(int(body.get("interval") or DEFAULT_INTERVAL_S), 1)
+        try:  # the provider's numbers, kept within the server's own bounds
+            expires_in = int(min(self.ttl_s, int(body.get("expires_in") or self.ttl_s)))
+            interval = min(max(int(body.get("interval") or DEFAULT_INTERVAL_S), 1), self.ttl_s)
+        except (TypeError, ValueError, OverflowError):
+            raise DeviceError(
+                "server_error", "the OpenID provider's device code has an expiry or interval that is not a number"
+            ) from None
         ours = secrets.token_urlsafe(32)
         with self.engine.begin() as c:
             c.execute(table.delete().where(table.c.expires_at < now - 3600))  # the long dead go on the way
@@ -129,8 +139,8 @@ class DeviceFlow:
         return DeviceStart(
             ours,
             body["user_code"],
-            body.get("verification_uri") or body.get("verification_url", ""),
-            body.get("verification_uri_complete"),
+            _text(body.get("verification_uri") or body.get("verification_url")) or "",
+            _text(body.get("verification_uri_complete")),
             expires_in,
             interval,
         )
@@ -161,8 +171,8 @@ class DeviceFlow:
             raise DeviceError("slow_down", f"polled too fast: wait {row.interval + SLOW_DOWN_STEP_S} s between polls")
         r = self.oidc.token_request({"grant_type": GRANT, "device_code": row.idp_code, "client_id": self.oidc.cfg.oidc_client_id})
         try:
-            body = r.json()
-        except ValueError:
+            body = self.oidc.answer(r, "the device code's token request")
+        except DirectoryUnavailable:
             body = {}
         if r.status_code != 200:
             err = str(body.get("error", "server_error"))
@@ -180,7 +190,7 @@ class DeviceFlow:
         if not won:
             raise DeviceError("invalid_grant", "this device code was already used")
         id_token = body.get("id_token")
-        if not id_token:
+        if not isinstance(id_token, str) or not id_token:
             raise DeviceError("invalid_grant", "the OpenID provider sent no ID token")
         claims = self.oidc.check_id_token(id_token, row.nonce, nonce_required=False)
         return self.oidc.user_from(claims), row.name

@@ -106,16 +106,37 @@ class OidcClient:
         try:
             r = httpx.get(url, timeout=self.cfg.timeout_s)
             r.raise_for_status()
-            return r.json()
-        except (httpx.HTTPError, ValueError) as e:
+        except httpx.HTTPError as e:
             raise DirectoryUnavailable(f"OpenID provider {self.issuer} is unreachable: {type(e).__name__}") from None
+        return self.answer(r, url)
+
+    def answer(self, r: httpx.Response, what: str) -> dict:
+        """The provider's answer as a JSON object, else one line: an HTML error page, a list, or JSON nested past
+        the decoder's limit (what a proxy on the way, or a broken provider, sends) is no answer."""
+        try:
+            body = r.json()
+        except (ValueError, RecursionError):
+            body = None
+        if not isinstance(body, dict):
+            raise DirectoryUnavailable(
+                f"OpenID provider {self.issuer} answered {what} (HTTP {r.status_code}) with no JSON object"
+            )
+        return body
+
+    def error_of(self, r: httpx.Response) -> str:
+        """The OAuth `error` of a refusal, else its HTTP status."""
+        try:
+            return str(self.answer(r, "").get("error", r.status_code))
+        except DirectoryUnavailable:
+            return str(r.status_code)
 
     def metadata(self) -> dict:
         """The provider's discovery document (cached); its `issuer` must be the one configured."""
         with self._lock:
             if self._meta is None:
                 meta = self._get(self.issuer + "/.well-known/openid-configuration")
-                if meta.get("issuer", "").rstrip("/") != self.issuer:
+                iss = meta.get("issuer")
+                if not isinstance(iss, str) or iss.rstrip("/") != self.issuer:
                     raise DirectoryError(f"OpenID provider at {self.issuer} names another issuer ({meta.get('issuer')!r})")
                 self._meta = meta
             return self._meta
@@ -215,11 +236,9 @@ class OidcClient:
         except httpx.HTTPError as e:
             raise DirectoryUnavailable(f"OpenID provider {self.issuer} is unreachable: {type(e).__name__}") from None
         if r.status_code != 200:
-            raise Unauthorized(
-                f"sign-in refused by the provider: {r.json().get('error', r.status_code) if r.content else r.status_code}"
-            )
-        id_token = r.json().get("id_token")
-        if not id_token:
+            raise Unauthorized(f"sign-in refused by the provider: {self.error_of(r)}")
+        id_token = self.answer(r, "the token request").get("id_token")
+        if not isinstance(id_token, str) or not id_token:
             raise Unauthorized("sign-in refused: the provider sent no ID token")
         return self.user_from(self.check_id_token(id_token, nonce))
 
