@@ -147,3 +147,52 @@ def test_empty_prompt_is_refused_by_the_engine(engine):
         with pytest.raises(CodemoatError, match="the prompt is empty"):
             attempt()
     assert run(engine.complete("def add(", p)).completion_tokens == 4  # the worker is still serving
+
+
+CLOSE_UNDER_TOKENISERS = """
+import sys, threading, time
+from codemoat.engines.llamacpp import LlamaCppEngine
+from codemoat.errors import CodemoatError
+
+text = "def add(a, b):\\n    return a + b  # résumé ünïcode\\n" * 20000  # one tokenisation: tens of ms
+for rnd in range(8):
+    eng = LlamaCppEngine.from_path(sys.argv[1], model_id="t", n_ctx=256, n_threads=1)
+    going, errors = threading.Event(), []
+
+    def tokenise():
+        going.set()
+        while True:
+            try:
+                eng.tokenize(text)
+                eng.detokenize(eng.tokenize("def f(x):"))
+            except CodemoatError as e:  # closed: a 503 that says why
+                return
+            except Exception as e:
+                errors.append(repr(e))
+                return
+
+    threads = [threading.Thread(target=tokenise) for _ in range(2)]
+    for t in threads:
+        t.start()
+    going.wait()
+    time.sleep(0.01 * (rnd % 4))
+    eng.close()  # while the tokenisations run
+    for t in threads:
+        t.join()
+    assert not errors, errors
+print("survived")
+"""
+
+
+def test_close_while_server_threads_tokenise_waits_for_them(tiny_gguf):
+    """The inline engine (`model.isolation = inline`): close() (a license revoked, an adapter swap) freed the
+    native model while a request's tokenisation ran in it on a server thread, and the whole server died with
+    SIGSEGV (the tokenizer read a freed vocabulary). close() now waits for the calls inside the model to leave
+    it, and a call after close is refused. Run in its own process, so that the crash is this test's failure."""
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        [sys.executable, "-c", CLOSE_UNDER_TOKENISERS, str(tiny_gguf)], capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 0 and "survived" in r.stdout, (r.returncode, r.stderr[-2000:])

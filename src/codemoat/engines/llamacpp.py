@@ -119,6 +119,7 @@ class LlamaCppEngine(WorkerEngine):
         from .cpu import Choice, choose
 
         self._memfd = memfd
+        self._users, self._users_cv = 0, threading.Condition()  # server threads in the native model (`_hold`)
         n_threads = n_threads or usable_cores()
         if use_extra_bufts is None:
             self.cpu = choose(cpu_buffers, model_path, n_threads=n_threads)
@@ -215,6 +216,7 @@ class LlamaCppEngine(WorkerEngine):
 
         eng = cls.__new__(cls)
         eng._memfd, eng._closed, eng._front = None, False, True
+        eng._users, eng._users_cv = 0, threading.Condition()
         eng._llm = load_vocab(path, model_id or path)
         eng.model_id = model_id or Path(path).stem
         eng._lib, eng._vocab, eng._special_cache = llama_cpp, eng._llm._model.vocab, {}
@@ -236,22 +238,52 @@ class LlamaCppEngine(WorkerEngine):
     def metadata(self) -> dict[str, Any]:
         return dict(self._model.metadata)
 
+    # -- the native model, used by the server's threads ------------------------------
+    def _hold(self) -> None:
+        """A server thread enters the native model (tokenise, detokenise): `close()` frees the model only once
+        every such call has left it (`_leave`), and none enters once it is closed (a 503 that says why)."""
+        with self._users_cv:
+            if self._closed:
+                raise self.closed_error()
+            self._users += 1
+
+    def _leave(self) -> None:
+        with self._users_cv:
+            self._users -= 1
+            if not self._users:
+                self._users_cv.notify_all()
+
+    def _free_model(self) -> None:
+        """Free the native model after the calls in it end (a tokenisation reading a freed vocabulary crashed
+        the process: the inline engine's close under a request)."""
+        with self._users_cv:
+            self._users_cv.wait_for(lambda: not self._users)
+        self._llm.close()
+
     def has_token(self, text: str) -> bool:
         """Whether `text` is one special token of this vocabulary."""
         hit = self._special_cache.get(text)
         if hit is None:
-            ids = self._model.tokenize(text.encode(), add_bos=False, special=True)
-            hit = len(ids) == 1 and self._lib.llama_vocab_is_control(self._vocab, ids[0])
-            hit = bool(hit) or (len(ids) == 1 and ids != self._model.tokenize(text.encode(), add_bos=False, special=False))
+            self._hold()
+            try:
+                ids = self._model.tokenize(text.encode(), add_bos=False, special=True)
+                hit = len(ids) == 1 and self._lib.llama_vocab_is_control(self._vocab, ids[0])
+                hit = bool(hit) or (len(ids) == 1 and ids != self._model.tokenize(text.encode(), add_bos=False, special=False))
+            finally:
+                self._leave()
             self._special_cache[text] = hit
         return hit
 
     def token_text(self, which: str) -> str:
         """Text of the bos/eos token ("" if the model has none)."""
-        tid = self._model.token_bos() if which == "bos" else self._model.token_eos()
-        if tid is None or tid < 0:
-            return ""
-        return self._model.detokenize([tid], special=True).decode("utf-8", "replace")
+        self._hold()
+        try:
+            tid = self._model.token_bos() if which == "bos" else self._model.token_eos()
+            if tid is None or tid < 0:
+                return ""
+            return self._model.detokenize([tid], special=True).decode("utf-8", "replace")
+        finally:
+            self._leave()
 
     def tokenize(self, text: str, special: bool = True) -> list[int]:
         """Token ids with the model's BOS once (a text that starts with the BOS token keeps just that one)."""
@@ -273,15 +305,23 @@ class LlamaCppEngine(WorkerEngine):
         return buf[:n] if n >= 0 else self._model.tokenize(b, add_bos=False, special=special)
 
     def encode(self, parts: Sequence[Any], bos: bool = True) -> list[int]:
-        ids = [t for p in parts if p.text for t in self._tokenize(p.text, p.special)]
-        first = self._model.token_bos()
+        self._hold()
+        try:
+            ids = [t for p in parts if p.text for t in self._tokenize(p.text, p.special)]
+            first = self._model.token_bos()
+        finally:
+            self._leave()
         if bos and self._add_bos() and first is not None and first >= 0 and ids[:1] != [first]:
             ids.insert(0, first)
         return ids
 
     def detokenize(self, ids: Sequence[int]) -> str:
         """Text of `ids` without control tokens (they are the template's, never the answer's)."""
-        return self._model.detokenize(list(ids), special=False).decode("utf-8", "replace")
+        self._hold()
+        try:
+            return self._model.detokenize(list(ids), special=False).decode("utf-8", "replace")
+        finally:
+            self._leave()
 
     # -- generation ---------------------------------------------------------
     def _work(self) -> None:
@@ -476,7 +516,7 @@ class LlamaCppEngine(WorkerEngine):
         if getattr(self, "_front", False):  # no worker to stop
             if not self._closed:
                 self._closed = True
-                self._llm.close()
+                self._free_model()
             return
         if not self._stop_worker():
             return
@@ -484,7 +524,7 @@ class LlamaCppEngine(WorkerEngine):
             folded.close()
         if self._batcher is not None:
             self._batcher.close()
-        self._llm.close()
+        self._free_model()
         if self._memfd is not None:
             self._memfd.close(zero=True)
             self._memfd = None
