@@ -77,6 +77,36 @@ def test_trace_of_a_truncated_gguf_names_it(vendor, tmp_path):
             assert r.stderr.strip() == f"error: {cut}: truncated or not a valid GGUF file", r.stderr
 
 
+def _hostile_safetensors(tmp_path: Path) -> list[Path]:
+    """Files whose 8-byte header length is right and whose JSON header is not a safetensors header."""
+    import struct
+
+    headers = {
+        "deep": b"[" * 100_000 + b"]" * 100_000,  # deeper than the JSON decoder goes: was a RecursionError
+        "deep-object": b'{"a":' * 50_000 + b"1" + b"}" * 50_000,
+        "list": b"[1, 2]",  # was a TypeError
+        "entry": b'{"w": 7}',  # was a TypeError
+        "offsets": b'{"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 99999]}}',  # was a ValueError
+    }
+    out = []
+    for name, h in headers.items():
+        (p := tmp_path / f"{name}.safetensors").write_bytes(struct.pack("<Q", len(h)) + h + bytes(16))
+        out.append(p)
+    return out
+
+
+def test_trace_of_a_hostile_safetensors_header_is_a_named_refusal(vendor, tmp_path):
+    """Was broken: a suspect (or original) whose JSON header nests deeper than the decoder goes, is not
+    an object, or has entries of the wrong shape ended in the CLI's last-resort line (RecursionError,
+    TypeError, ValueError). Now each is refused in one line that says which header check failed."""
+    for bad in _hostile_safetensors(tmp_path):
+        for args in (["trace", str(bad)], ["trace", str(vendor / "leak.gguf"), "--original", str(bad)]):
+            r = _cli(*args, "--vendor", str(vendor / "v"))
+            assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+            assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+            assert r.stderr.startswith(f"error: {bad}: not a safetensors file: header "), r.stderr
+
+
 def test_watermark_detect_cli(vendor, f16_model, flat_model, tmp_path):
     from codemoat.vault.vendor import Vendor
 

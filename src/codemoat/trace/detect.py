@@ -159,7 +159,7 @@ def load(path_or_bytes, kind: str | None = None) -> tuple[dict[str, np.ndarray],
     """Matrices of a GGUF or safetensors model, its metadata, and which tensors carry the dense mark."""
     from . import gguf_io, st_io
     from .gguf_stream import GGUFFile
-    from .vendor_io import weights_path
+    from .vendor_io import not_a_model, weights_path
 
     if not isinstance(path_or_bytes, (bytes, bytearray, memoryview)):
         path_or_bytes = weights_path(path_or_bytes)
@@ -176,11 +176,9 @@ def load(path_or_bytes, kind: str | None = None) -> tuple[dict[str, np.ndarray],
         return mats, meta, [n for n, w in mats.items() if fp.marks(n, kinds[n], w.shape) == "dense"]
     try:
         mats = st_io.read_matrices(path_or_bytes)
-    except CodemoatError:
+    except CodemoatError as e:
         name = "the model" if isinstance(path_or_bytes, (bytes, bytearray, memoryview)) else str(path_or_bytes)
-        raise CodemoatError(
-            f"{name} is neither a GGUF nor a safetensors model (a sealed .moat must be unsealed first: codemoat vendor unseal)"
-        ) from None
+        raise not_a_model(name, e) from None
     return mats, _hf_config(path_or_bytes), None
 
 

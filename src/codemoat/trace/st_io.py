@@ -9,6 +9,7 @@ its bits are the top half of a float32's.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 
@@ -19,18 +20,64 @@ from ..errors import CodemoatError
 _NP = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
 
 
-def _header(buf: memoryview) -> tuple[dict, int]:
-    if len(buf) < 8:
-        raise CodemoatError("not a safetensors file (too short)")
-    (n,) = struct.unpack("<Q", buf[:8])
-    if n > len(buf) - 8 or n > 100_000_000:
-        raise CodemoatError("not a safetensors file (header length past the end)")
+MAX_HEADER = 100_000_000
+
+
+def _bad(why: str) -> CodemoatError:
+    return CodemoatError(f"not a safetensors file: {why}")
+
+
+def _length(first8: bytes, size: int) -> int:
+    if len(first8) < 8:
+        raise _bad("too short")
+    (n,) = struct.unpack("<Q", first8)
+    if n > size - 8 or n > MAX_HEADER:
+        raise _bad("header length past the end")
+    return n
+
+
+def parse_header(raw: bytes, data_len: int) -> dict:
+    """A safetensors JSON header, checked: name -> {dtype, shape, data_offsets} inside the `data_len`
+    bytes after it (`__metadata__` dropped). Anything else is one `CodemoatError` naming what is wrong."""
     try:
-        head = json.loads(bytes(buf[8 : 8 + n]))
+        head = json.loads(raw)
+    except RecursionError:  # a hostile header of deeply nested brackets
+        raise _bad("header nested deeper than the JSON decoder goes") from None
     except ValueError:
-        raise CodemoatError("not a safetensors file (header is not JSON)") from None
+        raise _bad("header is not JSON") from None
+    if not isinstance(head, dict):
+        raise _bad("header is not a JSON object")
     head.pop("__metadata__", None)
-    return head, 8 + n
+    for name, info in head.items():
+        if not _entry_ok(info, data_len):
+            raise _bad(f"header entry {name[:60]!r} is not a dtype, shape and data_offsets inside the file")
+    return head
+
+
+def _entry_ok(info, data_len: int) -> bool:
+    if not isinstance(info, dict) or not isinstance(info.get("dtype"), str):
+        return False
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        return False
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets):
+        return False
+    a, b = offsets
+    dt = _NP.get(info["dtype"])
+    return 0 <= a <= b <= data_len and (dt is None or b - a == math.prod(shape) * np.dtype(dt).itemsize)
+
+
+def _header(buf: memoryview) -> tuple[dict, int]:
+    n = _length(bytes(buf[:8]), len(buf))
+    return parse_header(bytes(buf[8 : 8 + n]), len(buf) - 8 - n), 8 + n
+
+
+def read_header(path: str | os.PathLike[str]) -> dict:
+    """The checked header of a safetensors file, read without the tensors."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        n = _length(f.read(8), size)
+        return parse_header(f.read(n), size - 8 - n)
 
 
 def _load(src: bytes | str | os.PathLike[str]) -> bytes:

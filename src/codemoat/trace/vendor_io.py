@@ -7,8 +7,6 @@ compared with the recorded original whose tensors (names and shapes) it shares m
 
 from __future__ import annotations
 
-import json
-import struct
 from pathlib import Path
 
 from ..errors import CodemoatError
@@ -69,20 +67,18 @@ def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 
         with GGUFFile(path) as g:  # the header only: no vocabulary decoded, no tensor read
             return {t.name: t.shape for t in g.tensors}
-    not_a_model = CodemoatError(
-        f"{path} is neither a GGUF nor a safetensors model (a sealed .moat must be unsealed first: codemoat vendor unseal)"
-    )
+    from . import st_io
+
     try:
-        (n,) = struct.unpack("<Q", head)
-        if n > min(path.stat().st_size - 8, 100_000_000):
-            raise not_a_model
-        with open(path, "rb") as f:
-            f.seek(8)
-            header = json.loads(f.read(n))
-    except (struct.error, ValueError, OSError):
-        raise not_a_model from None
-    header.pop("__metadata__", None)
+        header = st_io.read_header(path)
+    except (CodemoatError, OSError) as e:
+        raise not_a_model(path, e) from None
     return {k: tuple(v["shape"]) for k, v in header.items()}
+
+
+def not_a_model(path, why: Exception) -> CodemoatError:
+    """A file that is not a GGUF and fails as a safetensors file: which check it failed, in one line."""
+    return CodemoatError(f"{path}: {why} (nor a GGUF; a sealed .moat must be unsealed first: codemoat vendor unseal)")
 
 
 def pick_original(suspect: Path, candidates: list[Path]) -> Path:
