@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .chunk import language_for
+from .languages import language_for
 from .reader import FOLDER, GONE, RepoReader, read_bytes
 from .reader import MAX_BYTES  # noqa: F401  (part of this module's rules, kept where the reader needs it)
 
