@@ -5,6 +5,7 @@ and a short prompt is built without a worker thread."""
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 import sqlalchemy as sa
@@ -64,13 +65,13 @@ def test_a_stream_ends_only_once_its_record_is_written(engine, accounts, tokens,
 
     app = make_app(Settings(), accounts, llm)
     log = app.state.trust.log
-    append = log.append
+    flush = log._flush  # every record's write, from a worker thread or the log's writer thread
 
-    def slow_append(*a, **kw):
+    def slow_flush(batch):
         time.sleep(0.5)
-        return append(*a, **kw)
+        return flush(batch)
 
-    log.append = slow_append
+    log._flush = slow_flush
     server, t = _uvicorn(app, port)
     try:
         body = {**GREEDY, "prompt": "def add(a, b):", "max_tokens": 6, "stream": True}
@@ -97,3 +98,49 @@ def test_only_a_short_prompt_that_draws_on_no_index_is_built_on_the_event_loop(e
     svc.retriever = object()  # an index to draw on: its queries are blocking I/O, on a worker thread
     assert not prep.inline(svc.chat_prompt, (None, None, chat, None))
     assert prep.inline(svc.plain_prompt, (None, "x", None))  # a raw prompt never draws on the index
+
+
+def test_concurrent_requests_are_audited_by_the_log_writer_and_a_caller_without_a_token_by_a_worker(
+    engine, accounts, tokens, port, llm
+):
+    """A real server: concurrent streamed requests' records are written by the audit log's writer thread
+    (`AuditLog.append_async`), each one record with its usage row; a request without a valid token, whose
+    caller is looked up in the database, is still recorded from a worker thread."""
+    import asyncio
+
+    import httpx
+
+    app = make_app(Settings(), accounts, llm)
+    log = app.state.trust.log
+    flush, by = log._flush, []
+
+    def named_flush(batch):
+        by.append((threading.current_thread().name, len(batch)))
+        return flush(batch)
+
+    log._flush = named_flush
+    server, t = _uvicorn(app, port)
+
+    async def clients() -> list[int]:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=tokens["alice"], timeout=60) as c:
+
+            async def one(i: int) -> int:
+                body = {**GREEDY, "prompt": f"def f{i}(x):", "max_tokens": 4, "stream": True}
+                async with c.stream("POST", "/v1/completions", json=body) as r:
+                    data = [x async for x in r.aiter_lines() if x.startswith("data:")]
+                    return r.status_code if data[-1] == "data: [DONE]" else 0
+
+            return await asyncio.gather(*(one(i) for i in range(6)))
+
+    try:
+        assert asyncio.run(clients()) == [200] * 6
+        writers = sorted({name for name, _ in by})
+        bad = httpx.get(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": "Bearer cm_not_a_token"})
+    finally:
+        server.should_exit = True
+        t.join(timeout=10)
+    assert writers == ["audit-writer"]
+    assert bad.status_code == 401
+    assert [x["status"] for x in records(engine)] == [200] * 6 + [401]
+    assert by[-1][0] != "audit-writer"
+    assert _usage_rows(engine) == 6 and log.verify().ok

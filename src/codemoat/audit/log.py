@@ -30,6 +30,7 @@ and `audit.verify` import; they are re-exported here. When the head is signed, a
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import json
@@ -50,6 +51,7 @@ from . import signing
 from .head_signing import HeadSigning
 from .heads import MAX_BATCH, AuditUnavailable, run, sign_tip
 from .pgappend import PgAppender, Tampered
+from .writer import RecordWriter
 from .rows import KINDS, check_kind, normalise, parse_since, to_public
 from .chain import (  # re-exported: the chain's shape lives in `audit.chain`
     FIELDS,
@@ -111,10 +113,12 @@ def _psycopg_error() -> type[BaseException]:
 class _Pending:
     """One record waiting for a group commit, and what became of it."""
 
-    __slots__ = ("row", "seq", "error", "done", "also")
+    __slots__ = ("row", "seq", "error", "done", "also", "then", "fut")
 
     def __init__(self, row: dict[str, Any], also: Callable[[sa.Connection], Any] | None = None):
         self.row, self.seq, self.error, self.done, self.also = row, 0, None, False, also
+        self.then: Callable[[], Any] | None = None  # `append_async`: run by the writer once the record is written
+        self.fut: asyncio.Future | None = None  # `append_async`: the waiting loop's future
 
 
 class _AlsoFailed(Exception):
@@ -147,6 +151,7 @@ class AuditLog(HeadSigning):
         self._probed_at = 0.0
         self.failure: str | None = None
         self._init_signing(signer, checkpoint_every, sign_every, sign_interval_ms, head_file)
+        self._writer = RecordWriter(self)  # `append_async`'s thread
 
     # -- writing ------------------------------------------------------------------
     def append(self, kind: str = "request", *, also: Callable[[sa.Connection], Any] | None = None, **fields: Any) -> int:
@@ -172,13 +177,35 @@ class AuditLog(HeadSigning):
                 self._flush(batch)
         if me.error is not None:
             raise me.error
-        if me.also is not None:  # not written with the record (PostgreSQL, or it failed there)
-            try:
-                with self.engine.begin() as c:
-                    me.also(c)
-            except Exception:
-                log.exception("could not write what goes with audit record %d", me.seq)
+        self._write_also(me)
         return me.seq
+
+    async def append_async(
+        self,
+        kind: str = "request",
+        *,
+        also: Callable[[sa.Connection], Any] | None = None,
+        then: Callable[[], Any] | None = None,
+        **fields: Any,
+    ) -> int:
+        """`append` from an event loop, without a thread hop of its own: the record is queued for this log's
+        writer thread, which writes it with those of concurrent requests in one group commit, runs `then()`
+        (errors logged, never raised) and wakes this loop once for the batch (`audit.writer`). Returns its
+        seq once it is committed; raises `AuditUnavailable` as `append` does."""
+        me = _Pending(normalise(kind, fields), also)
+        me.then, me.fut = then, asyncio.get_running_loop().create_future()
+        self._writer.submit(me)
+        return await me.fut
+
+    def _write_also(self, me: _Pending) -> None:
+        """What goes with written record `me` when its transaction did not take it (PostgreSQL, or it failed there)."""
+        if me.also is None:
+            return
+        try:
+            with self.engine.begin() as c:
+                me.also(c)
+        except Exception:
+            log.exception("could not write what goes with audit record %d", me.seq)
 
     def _flush(self, batch: list[_Pending]) -> None:
         """Write `batch` in one transaction (under `_lock`); each waiter gets its seq or the error."""
@@ -285,7 +312,8 @@ class AuditLog(HeadSigning):
         raise AuditUnavailable("audit log busy: could not append after 10 attempts")
 
     def close(self) -> None:
-        """Sign what this process left unsigned and stop its timer (also run at interpreter exit)."""
+        """Write what is queued, sign what this process left unsigned and stop its threads (also run at interpreter exit)."""
+        self._writer.stop()
         self._timer.stop()
         if self._unsigned_since is not None:
             self.sign()

@@ -64,7 +64,7 @@ class AuditMiddleware:
             written = True
             try:
                 with anyio.CancelScope(shield=True):  # a client that went away is still audited
-                    await anyio.to_thread.run_sync(t.write, scope, status, time.perf_counter() - t0, note, limiter=t.limiter)
+                    await t.write_async(scope, status, time.perf_counter() - t0, note)
                 return True
             except (AuditUnavailable, DBAPIError):  # DBAPIError: the database went away while naming the caller
                 t.metrics.audit_failures.inc()

@@ -161,6 +161,34 @@ class Trust:
     # -- one request's record -----------------------------------------------------------
     def write(self, scope: dict, status: int, seconds: float, note: str | None = None) -> None:
         """Append the request's record (or, without a valid token, tally it); raises `AuditUnavailable`."""
+        record, ended = self._record(scope, status, seconds, note)
+        if ended:
+            self._tallies(ended)
+        if record is not None:
+            fields, after = record
+            self.log.append("request", **fields)
+            after()
+
+    async def write_async(self, scope: dict, status: int, seconds: float, note: str | None = None) -> None:
+        """`write` from the event loop. An authenticated request's record goes to the audit log's writer
+        thread, which commits it with those of concurrent requests and wakes this loop once for them all
+        (`AuditLog.append_async`); naming a caller (a database query), tallies and redacting retained text
+        still run in a worker thread."""
+        state = scope.setdefault("state", {})
+        usage = usage_of(state)
+        if state.get("principal") is None or (self.settings.audit.retain_text and (usage.prompt_text or usage.completion_text)):
+            await anyio.to_thread.run_sync(self.write, scope, status, seconds, note, limiter=self.limiter)
+            return
+        record, ended = self._record(scope, status, seconds, note)
+        if ended:
+            await anyio.to_thread.run_sync(self._tallies, ended, limiter=self.limiter)
+        fields, after = record
+        await self.log.append_async("request", then=after, **fields)
+
+    def _record(
+        self, scope: dict, status: int, seconds: float, note: str | None
+    ) -> tuple[tuple[dict[str, Any], Any] | None, list[Tally]]:
+        """((the record's fields, what follows its writing) or None when only tallied, the tallies ended)."""
         state = scope.setdefault("state", {})
         usage = usage_of(state)
         principal: Principal | None = state.get("principal")
@@ -174,11 +202,9 @@ class Trust:
             alone, ended = self.unauthenticated.observe(source, status, route)
         else:
             alone, ended = True, self.unauthenticated.due()
-        if ended:
-            self._tallies(ended)
         if not alone:  # counted, to be recorded in its source's tally
             self.metrics.observe(route, protocol or "", status, seconds, 0, 0)
-            return
+            return None, ended
         detail: dict[str, Any] = {"method": method_name(scope.get("method"))}
         secrets = usage.secrets  # found where the prompt was screened (prompts.screen_text) or by the secret screen
         if secrets:
@@ -196,8 +222,7 @@ class Trust:
         if principal is not None:
             user, ms = principal.user, seconds * 1000
             also = lambda c: self.usage.record(user, route, status, ms, usage, conn=c)  # noqa: E731
-        self.log.append(
-            "request",
+        fields = dict(
             also=also,
             user=principal.user if principal else None,
             token_id=principal.token_id if principal else None,
@@ -215,6 +240,12 @@ class Trust:
             completion_text=redact(usage.completion_text)[0] if retain and usage.completion_text else None,
             detail=detail,
         )
+        return (fields, lambda: self._after(principal, state, route, protocol, status, seconds, usage)), ended
+
+    def _after(
+        self, principal: Principal | None, state: dict, route: str, protocol: str | None, status: int, seconds: float, usage
+    ) -> None:
+        """What follows a request's written record: metrics, its quota, the distillation alarms."""
         try:  # the record is written; what follows must not turn the response into an error
             self.metrics.audit_records.labels("request").inc()
             self.metrics.observe(route, protocol or "", status, seconds, usage.prompt_tokens, usage.completion_tokens)

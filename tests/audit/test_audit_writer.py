@@ -1,0 +1,92 @@
+"""`AuditLog.append_async` (audit.writer): an event loop's records written together by one thread."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+from sqlalchemy import event
+
+from codemoat.audit.log import AuditUnavailable
+
+
+def test_concurrent_async_appends_share_commits_and_wake_the_loop_once_per_batch(audit_log, engine):
+    """32 requests on one loop ending at once: each gets its own seq once committed, the chain
+    verifies, the records went in a few transactions, and each batch woke the loop once (not once
+    per record, as a worker thread per request does)."""
+    commits: list[int] = []
+    event.listen(engine, "commit", lambda conn: commits.append(1))
+    wakes: list[int] = []
+
+    async def main() -> list[int]:
+        loop = asyncio.get_running_loop()
+        real = loop.call_soon_threadsafe
+
+        def counted(cb, *args, **kw):
+            if threading.current_thread().name == "audit-writer":
+                wakes.append(len(args[0]))
+            return real(cb, *args, **kw)
+
+        loop.call_soon_threadsafe = counted
+        return await asyncio.gather(
+            *(audit_log.append_async("request", user=f"u{i}", route="/v1/completions", status=200) for i in range(32))
+        )
+
+    seqs = asyncio.run(main())
+    assert sorted(seqs) == list(range(1, 33))
+    assert audit_log.verify().ok
+    assert sum(wakes) == 32 and len(wakes) < 32, wakes
+    assert len(commits) < 32
+    assert [r["user"] for r in audit_log.records()] == [f"u{i}" for i in range(32)]  # in the order they were queued
+
+
+def test_then_runs_after_the_commit_and_its_error_never_fails_the_record(audit_log):
+    seen: list[int] = []
+
+    def then() -> None:
+        seen.append(audit_log.count())  # the record is in the database already
+        raise RuntimeError("a metric went wrong")
+
+    async def main() -> int:
+        return await audit_log.append_async("request", user="alice", status=200, then=then)
+
+    assert asyncio.run(main()) == 1
+    assert seen == [1]
+
+
+def test_a_failed_batch_answers_every_waiter_and_the_writer_goes_on(audit_log, monkeypatch):
+    """A batch that cannot be written is AuditUnavailable (a 503) for every request in it; the next one is written."""
+    real = audit_log._append_locked
+
+    def broken(rows, batch):
+        raise RuntimeError("unforeseen")
+
+    monkeypatch.setattr(audit_log, "_append_locked", broken)
+
+    async def many() -> list[object]:
+        return await asyncio.gather(
+            *(audit_log.append_async("request", user=f"u{i}", status=200) for i in range(4)), return_exceptions=True
+        )
+
+    got = asyncio.run(many())
+    assert all(isinstance(e, AuditUnavailable) for e in got), got
+    monkeypatch.setattr(audit_log, "_append_locked", real)
+
+    async def one() -> int:
+        return await audit_log.append_async("request", user="bob", status=200)
+
+    assert asyncio.run(one()) == 1
+    assert audit_log.verify().ok
+
+
+def test_close_writes_what_is_queued_and_stops_the_thread(audit_log):
+    async def main() -> int:
+        return await audit_log.append_async("request", user="alice", status=200)
+
+    assert asyncio.run(main()) == 1
+    writer = audit_log._writer._thread
+    assert writer is not None and writer.is_alive()
+    audit_log.close()
+    writer.join(timeout=10)
+    assert not writer.is_alive()
+    assert asyncio.run(main()) == 2  # a later append starts another
