@@ -1,8 +1,9 @@
 """Index storage: repositories and their groups, files with content hashes, chunks, symbols, BM25.
 
-The interface retrieval needs is `IndexReader` (a search backend could implement it later, e.g.
-PostgreSQL full-text search); `SqliteIndex` implements it with SQLite FTS5, whose `bm25()` is Okapi
-BM25 with k1 = 1.2, b = 0.75 (https://sqlite.org/fts5.html#the_bm25_function).
+The interface retrieval needs is `rows.IndexReader` (a search backend could implement it later,
+e.g. PostgreSQL full-text search); `SqliteIndex` implements it with SQLite FTS5 (the tables:
+`schema.py`), whose `bm25()` is Okapi BM25 with k1 = 1.2, b = 0.75
+(https://sqlite.org/fts5.html#the_bm25_function).
 
 Usage:
     store = SqliteIndex(path)                   # $CODEMOAT_HOME/index.db by default
@@ -22,44 +23,18 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 from ..errors import CodemoatError, NotFound
 from ..paths import private_file
 from .chunk import Chunk, Symbol
+from .rows import ChunkRow, RepoInfo, SymbolRow
+from .schema import SCHEMA, upgrade
 from .snapshots import SnapshotDir
 from .terms import path_terms, terms
 
-SCHEMA_VERSION = 4  # 3: repos.last_report; 4: repos.root_dev, root_ino
 MAX_DF_FRACTION = 0.05  # query terms in more chunks than this carry little BM25 weight and cost the most
 MAX_QUERY_TERMS = 24
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS repos(
-  id INTEGER PRIMARY KEY, name TEXT UNIQUE NOT NULL, root TEXT NOT NULL, git_url TEXT,
-  include TEXT NOT NULL DEFAULT '[]', exclude TEXT NOT NULL DEFAULT '[]',
-  created REAL NOT NULL, updated REAL, last_report TEXT, root_dev INTEGER, root_ino INTEGER);
-CREATE TABLE IF NOT EXISTS repo_groups(
-  repo_id INTEGER NOT NULL REFERENCES repos(id) ON DELETE CASCADE, grp TEXT NOT NULL,
-  PRIMARY KEY(repo_id, grp));
-CREATE TABLE IF NOT EXISTS files(
-  id INTEGER PRIMARY KEY, repo_id INTEGER NOT NULL REFERENCES repos(id) ON DELETE CASCADE,
-  path TEXT NOT NULL, hash TEXT NOT NULL, lines INTEGER NOT NULL, UNIQUE(repo_id, path));
-CREATE TABLE IF NOT EXISTS chunks(
-  id INTEGER PRIMARY KEY, file_id INTEGER NOT NULL, repo_id INTEGER NOT NULL,
-  start_line INTEGER NOT NULL, end_line INTEGER NOT NULL, kind TEXT NOT NULL, name TEXT NOT NULL,
-  text TEXT NOT NULL);
-CREATE INDEX IF NOT EXISTS chunks_file ON chunks(file_id);
-CREATE TABLE IF NOT EXISTS symbols(
-  id INTEGER PRIMARY KEY, file_id INTEGER NOT NULL, repo_id INTEGER NOT NULL, chunk_id INTEGER NOT NULL,
-  name TEXT NOT NULL, qualname TEXT NOT NULL, kind TEXT NOT NULL, signature TEXT NOT NULL,
-  doc TEXT NOT NULL, start_line INTEGER NOT NULL, end_line INTEGER NOT NULL);
-CREATE INDEX IF NOT EXISTS symbols_name ON symbols(name, repo_id);
-CREATE INDEX IF NOT EXISTS symbols_file ON symbols(file_id);
-CREATE VIRTUAL TABLE IF NOT EXISTS chunks_fts USING fts5(terms, tokenize="unicode61 tokenchars '_'");
-CREATE VIRTUAL TABLE IF NOT EXISTS chunks_vocab USING fts5vocab(chunks_fts, 'row');
-"""
 
 
 def default_path() -> Path:
@@ -75,75 +50,6 @@ def default_path() -> Path:
 def repo_term(repo_id: int) -> str:
     """The FTS5 term every chunk of a repository carries, so a search is restricted inside the index."""
     return f"__r{repo_id}"
-
-
-def _upgrade(conn: sqlite3.Connection) -> None:
-    """Bring an index written by an older codemoat to SCHEMA_VERSION (tables are created if missing)."""
-    if conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
-        return
-    cols = {r[1] for r in conn.execute("PRAGMA table_info(repos)")}
-    if cols and "last_report" not in cols:
-        conn.execute("ALTER TABLE repos ADD COLUMN last_report TEXT")
-    if cols and "root_dev" not in cols:  # learnt at each repository's next update (index.update)
-        conn.execute("ALTER TABLE repos ADD COLUMN root_dev INTEGER")
-        conn.execute("ALTER TABLE repos ADD COLUMN root_ino INTEGER")
-    conn.executescript(_SCHEMA + f"PRAGMA user_version={SCHEMA_VERSION};")
-
-
-@dataclass(frozen=True)
-class RepoInfo:
-    id: int
-    name: str
-    root: str
-    git_url: str | None
-    groups: tuple[str, ...]
-    include: tuple[str, ...]
-    exclude: tuple[str, ...]
-    created: float
-    updated: float | None
-    files: int = 0
-    chunks: int = 0
-    symbols: int = 0
-    last_report: dict | None = None  # the last update's counts: indexed, removed, skipped, refused (path -> why)
-    root_id: tuple[int, int] | None = None  # the folder's (device, inode) at `index add`; None: not known yet
-
-
-@dataclass(frozen=True)
-class ChunkRow:
-    id: int
-    repo_id: int
-    path: str
-    start_line: int
-    end_line: int
-    kind: str
-    name: str
-    text: str
-
-
-@dataclass(frozen=True)
-class SymbolRow:
-    name: str
-    qualname: str
-    kind: str
-    signature: str
-    repo_id: int
-    path: str
-    chunk_id: int
-    start_line: int
-    end_line: int
-    doc: str = ""
-
-
-class IndexReader(Protocol):
-    """What retrieval asks of an index backend."""
-
-    def repos(self) -> list[RepoInfo]: ...
-    def doc_freq(self, query_terms: Iterable[str]) -> dict[str, int]: ...
-    def search(self, query_terms: Sequence[str], repo_ids: Sequence[int], limit: int) -> list[tuple[int, float]]: ...
-    def score_chunks(self, query_terms: Sequence[str], chunk_ids: Sequence[int]) -> dict[int, float]: ...
-
-    def lookup_symbols(self, names: Iterable[str], repo_ids: Sequence[int], limit: int = 400) -> list[SymbolRow]: ...
-    def chunks(self, ids: Iterable[int]) -> dict[int, ChunkRow]: ...
 
 
 def _quote(term: str) -> str:
@@ -174,7 +80,7 @@ class SqliteIndex:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA foreign_keys=ON")
-            _upgrade(conn)
+            upgrade(conn)
             self._local.conn = conn
         return conn
 
@@ -191,7 +97,7 @@ class SqliteIndex:
             cur = self._snap.current()  # type: ignore[union-attr]
             if cur is None:  # nothing published yet: an empty index
                 conn = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
-                conn.executescript(_SCHEMA)
+                conn.executescript(SCHEMA)
             else:
                 conn = SnapshotDir.open_reader(cur)
             self._local.conn, self._local.pointer = conn, cur.name if cur else None
@@ -231,7 +137,7 @@ class SqliteIndex:
         conn = None
         try:
             conn = building.connect()
-            _upgrade(conn)
+            upgrade(conn)
             self._local.write = conn
             conn.execute("BEGIN IMMEDIATE")
             self._next_chunk = (conn.execute("SELECT max(id) FROM chunks").fetchone()[0] or 0) + 1
