@@ -315,3 +315,38 @@ def test_a_release_into_a_tarpit_does_not_hold_the_shutdown(vendor, machine, mod
         tarpit.on = False
         time.sleep(0.2)
         tarpit.stop()
+
+
+def test_a_tarpit_at_start_is_a_one_line_refusal_not_a_start_that_never_ends(
+    vendor, machine, model, tmp_path, keyserver, monkeypatch
+):
+    """serve's start asked for its first lease through httpx's per-read timeout only: a proxy dripping one byte
+    every 0.05 s held open_sealed (so `codemoat serve`) for good. It is now `Unreachable` after 6 times the
+    client's timeout, the one-line refusal a key server that is down gets."""
+    from codemoat.config import load_settings
+    from codemoat.engines.sealed import open_sealed
+    from codemoat.vault import lease as lease_mod
+
+    monkeypatch.setattr(lease_mod, "TIMEOUT_S", 0.5)
+    tarpit = Tarpit(keyserver.url, lambda path, status, body: (status, body)).start()
+    tarpit.on = True
+    try:
+        moat, lic, _ = bundle(vendor, model, tmp_path / "a", machine, mode="lease", keyserver=tarpit.url)
+        got: list = []
+        import threading
+
+        def start() -> None:
+            try:
+                open_sealed(moat, lic, settings=load_settings(), watch=False)
+            except Exception as e:  # noqa: BLE001 - the test looks at what it was
+                got.append(e)
+
+        t = threading.Thread(target=start, daemon=True)
+        t.start()
+        t.join(30)
+        assert not t.is_alive(), "the start still waits on the key server's answer"
+        assert isinstance(got[0], Unreachable) and "no complete answer in 3 s" in str(got[0]), got
+    finally:
+        tarpit.on = False
+        time.sleep(0.2)
+        tarpit.stop()

@@ -273,7 +273,7 @@ def _serve(sealed, lic, grant, settings, model_id, aliases, clock, machine, watc
     if lic.mode == "lease":
         client = LeaseClient(lic, machine, clock=clock)
         try:
-            lease = client.acquire()
+            lease = client.bounded(client.acquire)  # a tarpit must not hold the start: Unreachable, one line
             content_key[0], watermark = lease.content_key, lease.watermark_key
         except LeaseDenied as e:
             if e.code not in ("seats_exhausted", "machine_seats_exhausted"):

@@ -34,7 +34,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -62,7 +62,9 @@ from .machine import MachineKey
 from .tpmwrap import quote_json, unwrap_p256
 
 OUTBOUND = "outbound.jsonl"
+TIMEOUT_S = 5.0  # each connect, read and write of a key server request (httpx's timeout; not the whole answer)
 log = logging.getLogger("codemoat.vault")
+T = TypeVar("T")
 _log_lock = threading.Lock()
 
 
@@ -117,13 +119,13 @@ class LeaseClient:
         machine: MachineKey,
         *,
         clock: Clock | None = None,
-        timeout: float = 5.0,
+        timeout: float | None = None,
         transport: httpx.BaseTransport | None = None,
     ):
         if lic.mode != "lease":
             raise VaultError("not a lease license")
         self.lic, self.machine, self.clock = lic, machine, clock or Clock()
-        self.url, self.timeout = lic.lease["url"].rstrip("/"), timeout
+        self.url, self.timeout = lic.lease["url"].rstrip("/"), TIMEOUT_S if timeout is None else timeout
         self.server_key = ed_public(lic.lease["server_key"], "key server public key")
         self._http = httpx.Client(timeout=timeout, transport=transport, trust_env=False)
         self._next_nonce: str | None = None
@@ -133,6 +135,14 @@ class LeaseClient:
         self.instance = b64e(public_raw(self._instance_key.public_key()))
         entry = next((m for m in lic.machines if m["id"] == machine.id), None)
         self.tpm: dict[str, Any] | None = entry.get("tpm") if entry else None
+
+    def bounded(self, fn: Callable[[], T]) -> T:
+        """fn() (`acquire`, `release`), or `Unreachable` when its answer is not complete within ANSWER_TIMEOUTS
+        times the timeout: httpx's timeout bounds each read, and a tarpit must not hold serve's start or stop."""
+        try:
+            return within(self.timeout * ANSWER_TIMEOUTS, fn, f"key server at {self.url}")
+        except DeadlinePassed as e:
+            raise Unreachable(str(e)) from None
 
     @property
     def destination(self) -> str:
@@ -413,8 +423,8 @@ class LeaseKeeper:
             self._thread.join(timeout=10)
         if release:
             try:
-                within(self.client.timeout * ANSWER_TIMEOUTS, self.client.release, f"key server at {self.client.url}")
-            except DeadlinePassed as e:
+                self.client.bounded(self.client.release)
+            except Unreachable as e:
                 log.warning("lease release abandoned (the seat frees itself at the lease's end): %s", e)
         self.client.close()
 

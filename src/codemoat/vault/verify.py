@@ -37,8 +37,8 @@ def verify_bundle(
 
         client = LeaseClient(lic, machine, clock=clock)
         try:
-            lease = client.acquire()
-            client.release()
+            lease = client.bounded(client.acquire)
+            client.bounded(client.release)
         finally:
             client.close()
         key = lease.content_key
