@@ -350,3 +350,51 @@ def test_an_answer_that_came_after_its_fetch_gave_up_is_not_the_next_fetchs(tmp_
         d.close()
         buf.close()
         slow.close()
+
+
+def test_a_vaultd_that_never_answers_does_not_hold_serves_start(tmp_path, monkeypatch):
+    """serve's first fetch (before `watch` runs) read the socket with no time limit: a vault daemon stuck on a
+    request (here its resolver waits, as on a stalled disk or a stopped process) held serve's start for good.
+    It now gives up after FETCH_TIMEOUT_S with one line, and the late answer is not taken as the next fetch's."""
+    from codemoat.vault import client as client_mod
+
+    data = b"GGUF" + bytes(4092)
+    buf = MemfdBuffer.from_bytes(data, name="test-model")
+    slow = MemfdBuffer.from_bytes(b"GGUF" + bytes(60), name="slow-adapter")
+    release = threading.Event()
+
+    def resolve(model_id: str):
+        if model_id != "update:slow":
+            return None
+        release.wait(60)
+        return Offer(model_id, os.dup(slow.fd), slow.size, {"kind": "adapter"})
+
+    d = VaultDaemon(tmp_path / "vault.sock", allow_uids={os.getuid()}, resolve=resolve).start()
+    d.offer(Offer("acme-coder", buf.fd, buf.size, {}))
+    c = VaultClient.connect(d.path)
+    try:
+        monkeypatch.setattr(client_mod, "FETCH_TIMEOUT_S", 0.5)
+        got: list = []
+
+        def fetch() -> None:
+            try:
+                c.fetch("update:slow")
+            except VaultdError as e:
+                got.append(str(e))
+
+        t = threading.Thread(target=fetch, daemon=True)
+        t.start()
+        t.join(20)
+        assert not t.is_alive(), "serve's fetch still waits on the vault daemon"
+        assert got and "did not answer" in got[0]
+        release.set()
+        monkeypatch.setattr(client_mod, "FETCH_TIMEOUT_S", 30.0)
+        ok = c.fetch("acme-coder")
+        os.close(ok.fd)
+        assert (ok.model_id, ok.size) == ("acme-coder", len(data))
+    finally:
+        release.set()
+        c.close()
+        d.close()
+        buf.close()
+        slow.close()

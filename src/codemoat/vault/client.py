@@ -17,8 +17,10 @@ import json
 import logging
 import os
 import queue
+import select
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,7 +30,7 @@ from .wire import MAX_MESSAGE, VaultdError, recv_msg, send_msg, socket_path
 
 log = logging.getLogger("codemoat.vault")
 
-FETCH_TIMEOUT_S = 120.0  # a fetch made while `watch` reads the socket waits this long for its answer
+FETCH_TIMEOUT_S = 120.0  # a fetch waits this long for its answer (a stopped or stuck vaultd must not hold serve's start)
 
 
 @dataclass
@@ -49,6 +51,13 @@ def _recv_now(sock: socket.socket) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return msg if isinstance(msg, dict) else None
+
+
+def _readable(sock: socket.socket, seconds: float) -> bool:
+    """Whether a message (or the end) is waiting on `sock` within `seconds`."""
+    p = select.poll()
+    p.register(sock.fileno(), select.POLLIN)
+    return bool(p.poll(max(0, int(seconds * 1000))))
 
 
 class VaultClient:
@@ -114,7 +123,11 @@ class VaultClient:
                         raise VaultdError(f"the vault daemon at {self.path} closed the connection")
                     if not self._drop_stale(fds):
                         break
+                deadline = time.monotonic() + FETCH_TIMEOUT_S
                 while not relay:
+                    if not _readable(self.sock, deadline - time.monotonic()):
+                        self._stale += 1  # its answer, when it comes, is nobody's
+                        raise VaultdError(f"the vault daemon at {self.path} did not answer")
                     msg, fds, _ = recv_msg(self.sock, max_fds=1)
                     if msg is None:
                         raise VaultdError(f"the vault daemon at {self.path} closed the connection")
