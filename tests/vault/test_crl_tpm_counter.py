@@ -135,3 +135,31 @@ def test_the_vendor_refuses_a_tpm_identity_that_names_no_counter(vendor, model, 
     vendor.seal(model, "acme", tmp_path / "a.moat")
     with pytest.raises(VaultError, match="names no CRL counter .* machine-id --tpm"):
         vendor.issue_license(customer="acme", model=tmp_path / "a.moat", machines=[ident], expires=2_000_000_000)
+
+
+def test_an_identity_that_claims_a_higher_count_than_the_chip_had_is_not_licensed(vendor, model, tmp_path, swtpm):
+    """The customer edits `machine-id --tpm`'s output before sending it: the CRL counter's count one higher than the
+    chip's, which the vendor signed into the license. A start takes that count as 'nothing installed since' when the
+    clock record names none, so after a revoking install brought the chip up to it, a clock record from before the
+    first install (and no CRL folder) matched the chip and the revoked license served again (checked on the code
+    before: it did). The identity now carries the AK's TPM2_NV_Certify of the count: the vendor refuses an edited one,
+    and one certifying another NV index."""
+    machine = tpm_machine(swtpm, vendor)
+    ident = machine.identity()
+    assert "crl_certify" in ident["tpm"]
+    for edit in (
+        lambda t: t["crl"].update(count=t["crl"]["count"] + 1),
+        lambda t: t.pop("crl_certify"),
+        lambda t: t["crl"].update(index=CRL_NV_INDEX + 1),
+    ):
+        edited = json.loads(json.dumps(ident))
+        edit(edited["tpm"])
+
+        class Claimed:
+            def identity(self):
+                return edited
+
+        with pytest.raises(VaultError, match="identity names CRL count|lacks its AK's certification of the TPM CRL") as e:
+            bundle(vendor, model, tmp_path / "out", Claimed())
+        assert "\n" not in str(e.value)
+    assert bundle(vendor, model, tmp_path / "out", machine)[2]  # the identity as machine-id made it

@@ -174,7 +174,7 @@ class TpmAttestor(StartPath):
         policy = self.current_policy(pcrs)
         out: dict[str, Any] = {"kind": self.kind, "policy": policy}
         pt = _pt()
-        from ..vault.tpmwrap import unwrap_certify_data
+        from ..vault.tpmwrap import crl_certify_data, unwrap_certify_data
 
         uh, upub = self._unwrap_key(policy)
         out["unwrap"] = upub.to_der().hex()
@@ -206,6 +206,10 @@ class TpmAttestor(StartPath):
         # The CRL install counter, defined and counted now if it is not yet: the license names it (signed by the
         # vendor), so a chip without it, or with one defined again since, is refused at start (vault.crl).
         out["crl"] = {"index": CRL_NV_INDEX, "count": self.crl_count(create=True)}
+        # ...and that count as the AK signs it: the vendor issues only from a count the chip had (vault.tpmbind)
+        q = self._certified(CRL_NV_INDEX, "CRL counter", crl_certify_data(out["ak"]))
+        if q is not None:
+            out["crl_certify"] = {"attest": q.attest.hex(), "r": q.r.hex(), "s": q.s.hex()}
         return out
 
     def persist(self, key: Any, handle: int) -> bool:

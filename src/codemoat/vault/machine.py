@@ -276,8 +276,9 @@ def check_tpm_block(t: Any) -> dict[str, Any]:
         and (pol.get("latch") is None or _latch_ok(pol["latch"]))
         and (t.get("crl") is None or _latch_ok(t["crl"]))
     )
-    uc = t.get("unwrap_certify")
-    ok = ok and (uc is None or (isinstance(uc, dict) and all(isinstance(uc.get(k), str) for k in ("attest", "r", "s"))))
+    for k in ("unwrap_certify", "crl_certify"):
+        uc = t.get(k)
+        ok = ok and (uc is None or (isinstance(uc, dict) and all(isinstance(uc.get(f), str) for f in ("attest", "r", "s"))))
     if not ok or not all(t.get(k) is None or isinstance(t.get(k), str) for k in ("ek", "ek_cert", "ak_public", "unwrap_public")):
         raise VaultError("machine identity's TPM policy is malformed")
     out = {k: t.get(k) for k in ("kind", "ak", "unwrap", "ek", "ek_cert", "policy")}
@@ -288,6 +289,8 @@ def check_tpm_block(t: Any) -> dict[str, Any]:
             out[k] = t[k]
     if t.get("crl") is not None:  # the CRL counter and its count at provisioning (vault.crl; none in older identities)
         out["crl"] = t["crl"]
+    if t.get("crl_certify") is not None:  # the AK's TPM2_NV_Certify of that count (tpmbind)
+        out["crl_certify"] = t["crl_certify"]
     return out
 
 

@@ -253,6 +253,36 @@ def require_bound(engine: sa.Engine, identity: dict[str, Any]) -> None:
             "and `codemoat vendor tpm confirm` with the machine first"
         )
     check_unwrap(identity)
+    check_crl_count(identity)
+
+
+def check_crl_count(identity: dict[str, Any]) -> None:
+    """The CRL counter's count the identity names is the one its AK certified at `machine-id --tpm`. A start takes
+    that count as 'no CRL installed since' when the clock record has none (vault.crl): an identity edited to a higher
+    count let a record from before the first install pass once a revoking install brought the chip up to it."""
+    from ..attest.tpm import CRL_NV_INDEX
+    from .tpmwrap import crl_certify_data, verify_nv_certify
+
+    t = identity["tpm"]
+    named, cc = t.get("crl"), t.get("crl_certify")
+    if named is None:  # refused where the license entry is made (vault.license), when the vendor issues
+        return
+    if named["index"] != CRL_NV_INDEX or not isinstance(cc, dict):
+        raise VaultError(
+            f"machine {identity['id']}'s identity lacks its AK's certification of the TPM CRL counter "
+            f"({CRL_NV_INDEX:#x}): run `codemoat machine-id --tpm` again (newer codemoat)"
+        )
+    try:
+        attest, r, s = (bytes.fromhex(cc[k]) for k in ("attest", "r", "s"))
+    except (KeyError, TypeError, ValueError):
+        raise VaultError("the TPM CRL counter's certification is malformed") from None
+    what = "the TPM CRL counter's certification"
+    certified = verify_nv_certify(t["ak"], attest, r, s, crl_certify_data(t["ak"]), CRL_NV_INDEX, what).counter
+    if certified != named["count"]:
+        raise VaultError(
+            f"machine {identity['id']}'s identity names CRL count {named['count']}, but its TPM certified {certified}: "
+            "the identity was edited; run `codemoat machine-id --tpm` again and send its output unchanged"
+        )
 
 
 def advance_on(

@@ -327,6 +327,14 @@ def unwrap_certify_data(unwrap_der_hex: str) -> bytes:
     return hashlib.sha256(UNWRAP_CERTIFY_DOMAIN + bytes.fromhex(unwrap_der_hex)).digest()
 
 
+CRL_CERTIFY_DOMAIN = b"codemoat-tpm-crl-certify-v1\x00"
+
+
+def crl_certify_data(ak_der_hex: str) -> bytes:
+    """The qualifyingData of the AK's TPM2_NV_Certify of the CRL counter in a machine identity (`machine-id --tpm`)."""
+    return hashlib.sha256(CRL_CERTIFY_DOMAIN + bytes.fromhex(ak_der_hex)).digest()
+
+
 def verify_certify(ak_der_hex: str, attest: bytes, r: bytes, s: bytes, expected_data: bytes) -> bytes:
     """A TPM2_Certify by the AK (TPMS_ATTEST of type CERTIFY) over `expected_data`: the certified
     object's name, which the chip signs only for an object loaded in it; else `QuoteRefused`."""
