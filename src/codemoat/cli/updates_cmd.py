@@ -77,7 +77,7 @@ def vendor_release(
     """Build a signed update bundle of a model, an adapter or a knowledge pack for one customer."""
     from ..trace.fingerprint import fingerprint_model
     from ..updates.release import release
-    from ..updates.store import label
+    from ..updates.bundle import label
     from ..vault.vendor import Vendor
 
     given = [(k, p) for k, p in (("model", model), ("adapter", adapter), ("knowledge-pack", knowledge_pack)) if p]
@@ -135,7 +135,7 @@ def update_verify(
 ) -> None:
     """Check a bundle without installing it: signature, customer, machine, support window, version, payload."""
     r = _store().verify(file, license)
-    from ..updates.store import label
+    from ..updates.bundle import label
     from ..vault.clock import iso
 
     b = r["bundle"]
@@ -168,7 +168,7 @@ def update_apply(
     from ..index.update import parse_groups
     from ..updates.bundle import channel
     from ..updates.handoff import hand_over
-    from ..updates.store import label
+    from ..updates.bundle import label
 
     r = _store().apply(file, license, parse_groups(groups) if groups is not None else None)
     if swap and r["kind"] in ("model", "adapter"):

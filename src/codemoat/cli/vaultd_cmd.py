@@ -222,7 +222,8 @@ def swap_installed_model(daemon, holders: list, settings) -> dict:
 
     from ..engines.loader import installed_bundle
     from ..errors import CodemoatError
-    from ..updates.store import UpdateStore, label
+    from ..updates.bundle import label
+    from ..updates.store import UpdateStore
 
     cur = UpdateStore().current("model")
     if cur is None:

@@ -28,7 +28,8 @@ def swap_installed(app: Any, channel: str, audit: Audit, *, add_adapter: bool = 
     from pathlib import Path
 
     from ..engines.loader import SwapBusy, installed_bundle, swap_adapter, swap_model
-    from ..updates.store import UpdateStore, label
+    from ..updates.bundle import label
+    from ..updates.store import UpdateStore
 
     holder, settings = app.state.holder, app.state.service.settings
     store = UpdateStore(audit=lambda step, d: audit(step, **d))

@@ -91,6 +91,11 @@ def channel(kind: str, name: str) -> str:
     return "model" if kind == "model" else f"{kind}:{name}"
 
 
+def label(m: dict[str, Any]) -> str:
+    """'model 2', 'adapter lora 1.1', 'knowledge-pack httpx 0.28'."""
+    return f"model {m['version']}" if m["kind"] == "model" else f"{m['kind']} {m['name']} {m['version']}"
+
+
 def check_gguf(data: bytes, name: str) -> None:
     """An adapter bundle's plaintext is a GGUF LoRA adapter (checked at verify, apply and serve)."""
     if data[:4] != GGUF_MAGIC:
