@@ -104,6 +104,25 @@ def run_cli(*args: str, env: dict | None = None, input: str | None = None, timeo
     return subprocess.run([*CODEMOAT, *args], capture_output=True, text=True, env=e, input=input, timeout=timeout)
 
 
+def verified_audit() -> dict:
+    """`codemoat audit verify --json` on this test's deployment: it must pass; returns its report."""
+    r = run_cli("audit", "verify", "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    return json.loads(r.stdout)
+
+
+def column(url: str, sql: str, **params) -> list:
+    """The first column of the rows `sql` selects in the database at `url` (an engine of its own, disposed)."""
+    import sqlalchemy as sa
+
+    eng = sa.create_engine(url)
+    try:
+        with eng.connect() as c:
+            return list(c.execute(sa.text(sql), params).scalars())
+    finally:
+        eng.dispose()
+
+
 def files_sized(size: int, since: float, *roots: str) -> list[str]:
     """Files of exactly `size` bytes changed since `since` (a second's slack) under `roots`, links not
     followed: where a plaintext copy of weights of that size would have been written."""

@@ -16,7 +16,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from conftest import create_token, run_cli
+from conftest import column, create_token, run_cli, verified_audit
 
 
 def _migrate(url: str, start_at: float, out) -> None:
@@ -90,14 +90,9 @@ def test_audit_log_is_one_history_across_replicas(pg_cluster, home, monkeypatch)
     for p in procs:
         p.join(timeout=60)
     assert all(r[0] == "ok" for r in results), results
-    r = run_cli("audit", "verify", "--json")
-    assert r.returncode == 0, r.stdout + r.stderr
-    rep = json.loads(r.stdout)
+    rep = verified_audit()
     assert rep["ok"] and rep["records"] == 360
-    eng = sa.create_engine(url)
-    with eng.connect() as c:
-        seqs = list(c.execute(sa.text("select seq from audit_records order by seq")).scalars())
-    eng.dispose()
+    seqs = column(url, "select seq from audit_records order by seq")
     assert seqs == list(range(seqs[0], seqs[0] + 360))
 
 
@@ -153,13 +148,8 @@ def test_two_replicas_share_tokens_and_audit(pg_cluster, tiny_gguf, serve_proces
     assert time.monotonic() - t0 < 30  # a sanity bound on the test, not a performance target
     for s in (a, b):
         s.stop()
-    r = run_cli("audit", "verify", "--json")
-    assert r.returncode == 0, r.stdout + r.stderr
-    eng = sa.create_engine(url)
-    with eng.connect() as c:
-        n = c.execute(sa.text("select count(*) from audit_records where route = '/v1/completions'")).scalar()
-    eng.dispose()
-    assert n == sent
+    verified_audit()
+    assert column(url, "select count(*) from audit_records where route = '/v1/completions'") == [sent]
 
 
 @pytest.mark.slow
@@ -199,13 +189,8 @@ def test_postgres_outage_fails_fast_and_heals(pg_cluster, tiny_gguf, serve_proce
     ok += 1
     assert s.proc.poll() is None  # the replica never exited
     s.stop()
-    r = run_cli("audit", "verify", "--json")
-    assert r.returncode == 0, r.stdout + r.stderr
-    eng = sa.create_engine(url)
-    with eng.connect() as c:
-        n = c.execute(sa.text("select count(*) from audit_records where route = '/v1/completions' and status = 200")).scalar()
-    eng.dispose()
-    assert n == ok
+    verified_audit()
+    assert column(url, "select count(*) from audit_records where route = '/v1/completions' and status = 200") == [ok]
 
 
 @pytest.mark.slow

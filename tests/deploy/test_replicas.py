@@ -15,9 +15,8 @@ from collections import Counter
 
 import httpx
 import pytest
-import sqlalchemy as sa
 
-from conftest import create_token, run_cli
+from conftest import column, create_token, verified_audit
 from haproxy import HAProxy, haproxy_bin
 
 pytestmark = pytest.mark.slow
@@ -40,11 +39,7 @@ def haproxy(tmp_path):
 
 
 def _audited(url: str, route: str) -> int:
-    eng = sa.create_engine(url)
-    with eng.connect() as c:
-        n = c.execute(sa.text("select count(*) from audit_records where route = :r and status = 200"), {"r": route}).scalar()
-    eng.dispose()
-    return n
+    return column(url, "select count(*) from audit_records where route = :r and status = 200", r=route)[0]
 
 
 def test_replica_killed_mid_stream(pg_cluster, tiny_gguf, serve_process, haproxy, monkeypatch):
@@ -87,9 +82,7 @@ def test_replica_killed_mid_stream(pg_cluster, tiny_gguf, serve_process, haproxy
     assert survivor.proc.poll() is None
     survivor.stop()
 
-    r = run_cli("audit", "verify", "--json")
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert json.loads(r.stdout)["ok"]
+    assert verified_audit()["ok"]
     assert _audited(url, "/v1/completions") == completed
 
 
@@ -180,12 +173,8 @@ def test_postgres_stopped_under_load_behind_haproxy(pg_cluster, tiny_gguf, serve
     for r in replicas:
         r.stop()
 
-    rv = run_cli("audit", "verify", "--json")
-    assert rv.returncode == 0, rv.stdout + rv.stderr
-    eng = sa.create_engine(url)
-    with eng.connect() as c:
-        texts = c.execute(sa.text("select prompt_text from audit_records where kind = 'request' and status = 200")).scalars()
-        audited = Counter(t.split("\n", 1)[0] for t in texts if t and t.startswith("#req "))
-    eng.dispose()
+    verified_audit()
+    texts = column(url, "select prompt_text from audit_records where kind = 'request' and status = 200")
+    audited = Counter(t.split("\n", 1)[0] for t in texts if t and t.startswith("#req "))
     ok = Counter(tag for tag, _, s, *_ in out if s == 200)
     assert ok == audited, (ok - audited, audited - ok)  # none lost, none doubled, none made up
