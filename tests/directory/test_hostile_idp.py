@@ -152,3 +152,60 @@ def test_a_token_answer_to_the_sign_in_callback_the_server_cannot_read_is_one_li
         _one_line(e)
     finally:
         idp.close()
+
+
+def test_a_provider_that_drips_its_discovery_document_is_one_line_in_bounded_time(tmp_path):
+    """httpx's timeout bounds each read, not the answer: a provider (or a proxy) sending its discovery document
+    one byte every 0.05 s held the sign-in for good, and with it every other sign-in, which wait on discovery's
+    lock. It is now 'unreachable' after 6 times directory.timeout_s."""
+    dripping = threading.Event()
+    dripping.set()
+
+    class Drip(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_GET(self):  # noqa: N802
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", "1000000")
+            self.end_headers()
+            try:
+                while dripping.is_set():
+                    self.wfile.write(b" ")
+                    self.wfile.flush()
+                    time.sleep(0.05)
+            except OSError:
+                pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Drip)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        secret = tmp_path / "secret"
+        secret.write_text("s")
+        cfg = DirectorySettings(
+            oidc_issuer=url,
+            oidc_client_id="codemoat",
+            oidc_client_secret_file=str(secret),
+            oidc_redirect_url="http://127.0.0.1:1/auth/oidc/callback",
+            timeout_s=0.5,
+        )
+        flow = DeviceFlow(OidcClient(cfg, open_db()), open_db(), 300)
+        got: list = []
+
+        def start() -> None:
+            try:
+                flow.start()
+            except Exception as e:  # noqa: BLE001 - the test looks at what it was
+                got.append(e)
+
+        t = threading.Thread(target=start, daemon=True)
+        t.start()
+        t.join(30)
+        assert not t.is_alive(), "the sign-in still waits on the provider's discovery document"
+        assert isinstance(got[0], CodemoatError) and "no complete answer in 3 s" in str(got[0]), got
+    finally:
+        dripping.clear()
+        server.shutdown()
+        server.server_close()

@@ -101,9 +101,9 @@ class DeviceFlow:
 
         nonce = secrets.token_urlsafe(32)
         try:
-            r = httpx.post(
+            r = self.oidc.request(
+                "POST",
                 url,
-                timeout=self.oidc.cfg.timeout_s,
                 auth=(self.oidc.cfg.oidc_client_id, self.oidc._secret()),
                 data={"client_id": self.oidc.cfg.oidc_client_id, "scope": "openid profile groups", "nonce": nonce},
             )

@@ -39,6 +39,7 @@ import sqlalchemy as sa
 from sqlalchemy import Engine
 
 from ..config import DirectorySettings
+from ..deadline import ANSWER_TIMEOUTS, DeadlinePassed, within
 from ..paths import read_secret
 from ..errors import Overloaded, RateLimited, Unauthorized
 from .ldap import DirectoryError, DirectoryUnavailable, DirUser
@@ -102,9 +103,21 @@ class OidcClient:
         f = self.cfg.oidc_client_secret_file
         return read_secret(f, "directory.oidc_client_secret_file") if f else ""
 
+    def request(self, method: str, url: str, **kw) -> httpx.Response:
+        """One request to the provider, its whole answer due within ANSWER_TIMEOUTS times directory.timeout_s:
+        httpx's timeout bounds each read, so a provider (or proxy) dripping a byte every few seconds held the
+        sign-in, and, in discovery, every other sign-in waiting on the lock."""
+        limit = self.cfg.timeout_s * ANSWER_TIMEOUTS
+        try:
+            return within(limit, lambda: httpx.request(method, url, timeout=self.cfg.timeout_s, **kw), "")
+        except DeadlinePassed:
+            raise DirectoryUnavailable(
+                f"OpenID provider {self.issuer} is unreachable: no complete answer in {limit:g} s"
+            ) from None
+
     def _get(self, url: str) -> dict:
         try:
-            r = httpx.get(url, timeout=self.cfg.timeout_s)
+            r = self.request("GET", url)
             r.raise_for_status()
         except httpx.HTTPError as e:
             raise DirectoryUnavailable(f"OpenID provider {self.issuer} is unreachable: {type(e).__name__}") from None
@@ -222,9 +235,9 @@ class OidcClient:
         nonce, verifier = self._consume(state, purpose, binding)
         meta = self.metadata()
         try:
-            r = httpx.post(
+            r = self.request(
+                "POST",
                 meta["token_endpoint"],
-                timeout=self.cfg.timeout_s,
                 auth=(self.cfg.oidc_client_id, self._secret()),
                 data={
                     "grant_type": "authorization_code",
@@ -245,9 +258,9 @@ class OidcClient:
     def token_request(self, data: dict) -> httpx.Response:
         """POST to the provider's token endpoint, authenticated as this client."""
         try:
-            return httpx.post(
+            return self.request(
+                "POST",
                 self.metadata()["token_endpoint"],
-                timeout=self.cfg.timeout_s,
                 auth=(self.cfg.oidc_client_id, self._secret()),
                 data=data,
             )
