@@ -20,7 +20,7 @@ def _ident(tcti: str) -> dict:
     with TpmAttestor(tcti) as a:
         ident = a.identity(PCRS)
     ident.pop("unwrap_certify")  # the AK's certification of the unwrap key: a fresh ECDSA signature each time
-    ident.pop("crl_certify")  # and of the CRL counter's count (the same)
+    ident.pop("crl_certify"), ident.pop("latch_certify")  # and of the CRL counter and the latch (the same)
     return ident
 
 

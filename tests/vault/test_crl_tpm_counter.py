@@ -159,7 +159,39 @@ def test_an_identity_that_claims_a_higher_count_than_the_chip_had_is_not_license
             def identity(self):
                 return edited
 
-        with pytest.raises(VaultError, match="identity names CRL count|lacks its AK's certification of the TPM CRL") as e:
+        with pytest.raises(VaultError, match="identity names CRL counter count|lacks its AK's certification of the TPM CRL") as e:
             bundle(vendor, model, tmp_path / "out", Claimed())
         assert "\n" not in str(e.value)
     assert bundle(vendor, model, tmp_path / "out", machine)[2]  # the identity as machine-id made it
+
+
+def test_an_identity_whose_tamper_latch_count_is_ahead_of_the_chip_is_not_licensed(vendor, model, tmp_path, swtpm, monkeypatch):
+    """The same with the tamper latch: a modified `machine-id --tpm` makes its unwrap key for a policy whose latch
+    count is one ahead of the chip's (the chip makes any template, and the AK certifies that key). Such a license
+    does not unwrap until the chip's latch reaches that count, and then unwraps after a tamper event and a reboot:
+    the one tamper event the latch is there to remember. The identity now carries the AK's TPM2_NV_Certify of the
+    latch, and the vendor refuses a policy naming another count."""
+    machine = tpm_machine(swtpm, vendor)
+    real = TpmAttestor.current_policy
+
+    def ahead(self, pcrs):
+        p = real(self, pcrs)
+        p["latch"]["count"] += 1
+        return p
+
+    monkeypatch.setattr(TpmAttestor, "current_policy", ahead)
+    with TpmAttestor(swtpm.tcti) as a:
+        block = a.identity(machine.tpm["identity"]["policy"]["pcrs"])
+    monkeypatch.setattr(TpmAttestor, "current_policy", real)
+    ident = machine.identity()
+    assert block["ak"] == ident["tpm"]["ak"]  # the bound AK certified this unwrap key
+    ident["tpm"] = {k: v for k, v in block.items() if k != "latch_certify"} | {"crl": ident["tpm"]["crl"]}
+    for tpm in (ident["tpm"], block | {"crl": ident["tpm"]["crl"]}):  # without the latch's certification, and with it
+
+        class Claimed:
+            def identity(self, tpm=tpm):
+                return dict(ident, tpm=tpm)
+
+        with pytest.raises(VaultError, match="tamper latch") as e:
+            bundle(vendor, model, tmp_path / "out", Claimed())
+        assert "\n" not in str(e.value)

@@ -174,7 +174,7 @@ class TpmAttestor(StartPath):
         policy = self.current_policy(pcrs)
         out: dict[str, Any] = {"kind": self.kind, "policy": policy}
         pt = _pt()
-        from ..vault.tpmwrap import crl_certify_data, unwrap_certify_data
+        from ..vault.tpmwrap import CRL_CERTIFY_DOMAIN, LATCH_CERTIFY_DOMAIN, crl_certify_data, unwrap_certify_data
 
         uh, upub = self._unwrap_key(policy)
         out["unwrap"] = upub.to_der().hex()
@@ -207,9 +207,13 @@ class TpmAttestor(StartPath):
         # vendor), so a chip without it, or with one defined again since, is refused at start (vault.crl).
         out["crl"] = {"index": CRL_NV_INDEX, "count": self.crl_count(create=True)}
         # ...and that count as the AK signs it: the vendor issues only from a count the chip had (vault.tpmbind)
-        q = self._certified(CRL_NV_INDEX, "CRL counter", crl_certify_data(out["ak"]))
-        if q is not None:
-            out["crl_certify"] = {"attest": q.attest.hex(), "r": q.r.hex(), "s": q.s.hex()}
+        for key, index, what, domain in (
+            ("crl_certify", CRL_NV_INDEX, "CRL counter", CRL_CERTIFY_DOMAIN),
+            ("latch_certify", TAMPER_NV_INDEX, "tamper latch", LATCH_CERTIFY_DOMAIN),  # the policy's latch count
+        ):
+            q = self._certified(index, what, crl_certify_data(out["ak"], domain))
+            if q is not None:
+                out[key] = {"attest": q.attest.hex(), "r": q.r.hex(), "s": q.s.hex()}
         return out
 
     def persist(self, key: Any, handle: int) -> bool:

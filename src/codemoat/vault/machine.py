@@ -276,7 +276,7 @@ def check_tpm_block(t: Any) -> dict[str, Any]:
         and (pol.get("latch") is None or _latch_ok(pol["latch"]))
         and (t.get("crl") is None or _latch_ok(t["crl"]))
     )
-    for k in ("unwrap_certify", "crl_certify"):
+    for k in ("unwrap_certify", "crl_certify", "latch_certify"):
         uc = t.get(k)
         ok = ok and (uc is None or (isinstance(uc, dict) and all(isinstance(uc.get(f), str) for f in ("attest", "r", "s"))))
     if not ok or not all(t.get(k) is None or isinstance(t.get(k), str) for k in ("ek", "ek_cert", "ak_public", "unwrap_public")):
@@ -289,8 +289,9 @@ def check_tpm_block(t: Any) -> dict[str, Any]:
             out[k] = t[k]
     if t.get("crl") is not None:  # the CRL counter and its count at provisioning (vault.crl; none in older identities)
         out["crl"] = t["crl"]
-    if t.get("crl_certify") is not None:  # the AK's TPM2_NV_Certify of that count (tpmbind)
-        out["crl_certify"] = t["crl_certify"]
+    for k in ("crl_certify", "latch_certify"):  # the AK's TPM2_NV_Certify of those counts (tpmbind)
+        if t.get(k) is not None:
+            out[k] = t[k]
     return out
 
 

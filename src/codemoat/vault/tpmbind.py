@@ -257,31 +257,38 @@ def require_bound(engine: sa.Engine, identity: dict[str, Any]) -> None:
 
 
 def check_crl_count(identity: dict[str, Any]) -> None:
-    """The CRL counter's count the identity names is the one its AK certified at `machine-id --tpm`. A start takes
-    that count as 'no CRL installed since' when the clock record has none (vault.crl): an identity edited to a higher
-    count let a record from before the first install pass once a revoking install brought the chip up to it."""
-    from ..attest.tpm import CRL_NV_INDEX
-    from .tpmwrap import crl_certify_data, verify_nv_certify
+    """The counts the identity names for the CRL counter and the tamper latch are the ones its AK certified at
+    `machine-id --tpm`. A start takes the CRL count as 'no CRL installed since' when the clock record has none
+    (vault.crl): an identity edited to a higher count let a record from before the first install pass once a revoking
+    install brought the chip up to it. A latch count ahead of the chip's (an unwrap key made for it: the chip makes
+    any template) unwrapped after one tamper event and a reboot."""
+    from ..attest.tpm import CRL_NV_INDEX, TAMPER_NV_INDEX
+    from .tpmwrap import CRL_CERTIFY_DOMAIN, LATCH_CERTIFY_DOMAIN
 
     t = identity["tpm"]
-    named, cc = t.get("crl"), t.get("crl_certify")
-    if named is None:  # refused where the license entry is made (vault.license), when the vendor issues
-        return
-    if named["index"] != CRL_NV_INDEX or not isinstance(cc, dict):
+    if t.get("crl") is not None:  # none: refused where the license entry is made (vault.license)
+        _certified_count(identity, t["crl"], "crl_certify", CRL_NV_INDEX, CRL_CERTIFY_DOMAIN, "CRL counter")
+    _certified_count(identity, t["policy"]["latch"], "latch_certify", TAMPER_NV_INDEX, LATCH_CERTIFY_DOMAIN, "tamper latch")
+
+
+def _certified_count(identity: dict[str, Any], named: dict[str, Any], key: str, index: int, domain: bytes, what: str) -> None:
+    from .tpmwrap import crl_certify_data, verify_nv_certify
+
+    t, cc = identity["tpm"], identity["tpm"].get(key)
+    if named["index"] != index or not isinstance(cc, dict):
         raise VaultError(
-            f"machine {identity['id']}'s identity lacks its AK's certification of the TPM CRL counter "
-            f"({CRL_NV_INDEX:#x}): run `codemoat machine-id --tpm` again (newer codemoat)"
+            f"machine {identity['id']}'s identity lacks its AK's certification of the TPM {what} ({index:#x}): "
+            "run `codemoat machine-id --tpm` again (newer codemoat)"
         )
     try:
         attest, r, s = (bytes.fromhex(cc[k]) for k in ("attest", "r", "s"))
     except (KeyError, TypeError, ValueError):
-        raise VaultError("the TPM CRL counter's certification is malformed") from None
-    what = "the TPM CRL counter's certification"
-    certified = verify_nv_certify(t["ak"], attest, r, s, crl_certify_data(t["ak"]), CRL_NV_INDEX, what).counter
-    if certified != named["count"]:
+        raise VaultError(f"the TPM {what}'s certification is malformed") from None
+    cert = verify_nv_certify(t["ak"], attest, r, s, crl_certify_data(t["ak"], domain), index, f"the TPM {what}'s certification")
+    if cert.counter != named["count"]:
         raise VaultError(
-            f"machine {identity['id']}'s identity names CRL count {named['count']}, but its TPM certified {certified}: "
-            "the identity was edited; run `codemoat machine-id --tpm` again and send its output unchanged"
+            f"machine {identity['id']}'s identity names {what} count {named['count']}, but its TPM certified "
+            f"{cert.counter}: the identity was edited; run `codemoat machine-id --tpm` again and send its output unchanged"
         )
 
 

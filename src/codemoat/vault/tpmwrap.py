@@ -328,11 +328,13 @@ def unwrap_certify_data(unwrap_der_hex: str) -> bytes:
 
 
 CRL_CERTIFY_DOMAIN = b"codemoat-tpm-crl-certify-v1\x00"
+LATCH_CERTIFY_DOMAIN = b"codemoat-tpm-latch-certify-v1\x00"
 
 
-def crl_certify_data(ak_der_hex: str) -> bytes:
-    """The qualifyingData of the AK's TPM2_NV_Certify of the CRL counter in a machine identity (`machine-id --tpm`)."""
-    return hashlib.sha256(CRL_CERTIFY_DOMAIN + bytes.fromhex(ak_der_hex)).digest()
+def crl_certify_data(ak_der_hex: str, domain: bytes = CRL_CERTIFY_DOMAIN) -> bytes:
+    """The qualifyingData of the AK's TPM2_NV_Certify of the CRL counter in a machine identity (`machine-id --tpm`);
+    with `LATCH_CERTIFY_DOMAIN`, of the tamper latch."""
+    return hashlib.sha256(domain + bytes.fromhex(ak_der_hex)).digest()
 
 
 def verify_certify(ak_der_hex: str, attest: bytes, r: bytes, s: bytes, expected_data: bytes) -> bytes:
