@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -299,6 +299,36 @@ class DirectorySettings(BaseModel):
         le=1800,
         description="Life of a `codemoat login` device code (RFC 8628), at most the provider's own: short, so a phished code soon dies.",
     )
+    insecure_transport: bool = Field(
+        False,
+        description="Allow an http:// OIDC issuer, or an ldap:// URL without StartTLS, on a host other than loopback: whoever is on that path can then sign in as anyone (their own ID-token keys; any bind answered yes). Off: such a setting is refused at start.",
+    )
+
+    @model_validator(mode="after")
+    def _tls_off_loopback(self) -> DirectorySettings:
+        plain = []
+        if self.oidc_issuer and self.oidc_issuer.lower().startswith("http://"):
+            plain.append(("oidc_issuer", self.oidc_issuer, "use https://"))
+        if self.ldap_url and self.ldap_url.lower().startswith("ldap://") and not self.start_tls:
+            plain.append(("ldap_url", self.ldap_url, "use ldaps:// or start_tls = true"))
+        for name, url, fix in plain:
+            if not self.insecure_transport and not _loopback(url):
+                raise ValueError(
+                    f"directory.{name} {url!r} is reached without TLS, so anyone on the path can sign in as any user: "
+                    f"{fix} (or set directory.insecure_transport = true on a path you trust)"
+                )
+        return self
+
+
+def _loopback(url: str) -> bool:
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    try:
+        host = urlsplit(url).hostname or ""
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class UpdateSettings(BaseModel):

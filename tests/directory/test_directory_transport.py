@@ -1,0 +1,42 @@
+"""An on-path attacker between serve and the company's directory (in scope: docs/threat-model.md). Over plain
+http:// the OpenID provider's discovery document names its signing keys (jwks_uri), so whoever sits on the path
+serves keys of their own and signs ID tokens for any user, admins included; over ldap:// without StartTLS they
+answer any password's bind with success (and read the passwords). codemoat now refuses such a setting at start
+for a host other than loopback, in one line, unless `directory.insecure_transport` says the path is trusted.
+Only the settings are checked: nothing is connected to."""
+
+from __future__ import annotations
+
+import pytest
+
+from codemoat.config import load_settings
+from codemoat.errors import CodemoatError
+
+PLAIN = [
+    {"directory.oidc_issuer": "http://idp.acme.example", "directory.oidc_client_id": "codemoat"},
+    {"directory.oidc_issuer": "http://10.1.2.3:8080/realms/acme", "directory.oidc_client_id": "codemoat"},
+    {"directory.ldap_url": "ldap://ldap.acme.example:389"},
+    {"directory.ldap_url": "ldap://[2001:db8::1]"},
+]
+SAFE = [
+    {"directory.oidc_issuer": "https://idp.acme.example", "directory.oidc_client_id": "codemoat"},
+    {"directory.oidc_issuer": "http://127.0.0.1:8080", "directory.oidc_client_id": "codemoat"},
+    {"directory.oidc_issuer": "http://localhost:8080", "directory.oidc_client_id": "codemoat"},
+    {"directory.ldap_url": "ldaps://ldap.acme.example:636"},
+    {"directory.ldap_url": "ldap://ldap.acme.example:389", "directory.start_tls": True},
+    {"directory.ldap_url": "ldap://127.0.0.1:3389"},
+    {"directory.ldap_url": "ldap://[::1]:3389"},
+]
+
+
+@pytest.mark.parametrize("settings", PLAIN, ids=lambda s: next(iter(s.values())))
+def test_a_directory_reached_without_tls_off_loopback_is_refused_in_one_line(settings):
+    with pytest.raises(CodemoatError, match="insecure_transport") as e:
+        load_settings(**settings)
+    assert "\n" not in str(e.value)
+    assert load_settings(**settings, **{"directory.insecure_transport": True})  # the admin's say-so
+
+
+@pytest.mark.parametrize("settings", SAFE, ids=lambda s: next(iter(s.values())))
+def test_tls_or_loopback_is_accepted(settings):
+    assert load_settings(**settings)
