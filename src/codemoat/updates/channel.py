@@ -14,17 +14,23 @@ import hashlib
 import json
 import os
 import re
+import threading
 import uuid
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from .. import paths
+from ..deadline import ANSWER_TIMEOUTS, DeadlinePassed, within
 from ..errors import CodemoatError
 
+T = TypeVar("T")
 _FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,150}\.moatpkg")
 MAX_BUNDLE = 64 << 30
+TIMEOUT_S = 60.0  # each connect, read and write (httpx's timeout, which never bounds a whole answer)
+MIN_RATE = 64 << 10  # bytes/s: a bundle's download may take ANSWER_TIMEOUTS x TIMEOUT_S plus its size at this rate
 
 
 def index(folder: Path) -> list[dict[str, Any]]:
@@ -85,6 +91,14 @@ def guard_for(url: str):
     return EgressGuard(allow=[f"{host}:{port}"])
 
 
+def _bounded(limit: float, fn: Callable[[], T], base: str, stop: threading.Event | None = None) -> T:
+    """fn() (an exchange with the channel), or one line once `limit` seconds pass without its whole answer."""
+    try:
+        return within(limit, fn, base, stop)
+    except DeadlinePassed:
+        raise CodemoatError(f"update channel {base} is unreachable: no complete answer in {limit:g} s") from None
+
+
 def fetch(url: str, inbox: Path) -> list[dict[str, Any]]:
     """Download the channel's bundles not yet in `inbox` (by name and digest) into it; returns what was fetched."""
     import httpx
@@ -97,10 +111,10 @@ def fetch(url: str, inbox: Path) -> list[dict[str, Any]]:
     inbox.mkdir(parents=True, exist_ok=True)
     got = []
     try:
-        with httpx.Client(timeout=60, follow_redirects=False) as c:
+        with httpx.Client(timeout=TIMEOUT_S, follow_redirects=False) as c:
             rid = uuid.uuid4().hex[:16]
             record_outbound(f"{base}/index.json", "GET", None, None, rid)
-            r = c.get(f"{base}/index.json")
+            r = _bounded(TIMEOUT_S * ANSWER_TIMEOUTS, lambda: c.get(f"{base}/index.json"), base)
             record_outbound(f"{base}/index.json", "GET", None, r.status_code, rid)
             if r.status_code != 200:
                 raise CodemoatError(f"update channel answered {r.status_code} for its index")
@@ -125,18 +139,28 @@ def fetch(url: str, inbox: Path) -> list[dict[str, Any]]:
                 rid = uuid.uuid4().hex[:16]
                 record_outbound(f"{base}/{name}", "GET", None, None, rid)
                 tmp = inbox / f".{name}.partial"
-                h, n = hashlib.sha256(), 0
+                h, n, stop = hashlib.sha256(), 0, threading.Event()
                 own = paths.open_own(tmp, "download", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)  # no link, no FIFO
-                with os.fdopen(own, "wb") as f, c.stream("GET", f"{base}/{name}") as resp:
-                    record_outbound(f"{base}/{name}", "GET", None, resp.status_code, rid)
-                    if resp.status_code != 200:
-                        raise CodemoatError(f"update channel answered {resp.status_code} for {name}")
-                    for b in resp.iter_bytes(1 << 20):
-                        n += len(b)
-                        if n > size:
-                            break
-                        h.update(b)
-                        f.write(b)
+
+                def download() -> int:
+                    got = 0
+                    with os.fdopen(own, "wb") as f, c.stream("GET", f"{base}/{name}") as resp:
+                        record_outbound(f"{base}/{name}", "GET", None, resp.status_code, rid)
+                        if resp.status_code != 200:
+                            raise CodemoatError(f"update channel answered {resp.status_code} for {name}")
+                        for b in resp.iter_bytes():
+                            got += len(b)
+                            if got > size or stop.is_set():  # too long, or given up on: nothing more is written
+                                break
+                            h.update(b)
+                            f.write(b)
+                    return got
+
+                try:
+                    n = _bounded(TIMEOUT_S * ANSWER_TIMEOUTS + size / MIN_RATE, download, base, stop)
+                except CodemoatError:
+                    tmp.unlink(missing_ok=True)
+                    raise
                 if n != size or h.hexdigest() != digest:
                     tmp.unlink(missing_ok=True)
                     raise CodemoatError(f"{name} from the update channel does not match its index entry")
