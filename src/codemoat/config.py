@@ -66,9 +66,9 @@ class ModelSettings(BaseModel):
         description="An engine process (model.isolation = process) that owes requests an answer and for this long sends nothing (no token, no error) and does no work (its threads neither run nor wait for a core or the disk; a long prefill does) is hung: its requests get 503 and it is restarted, as after a crash; 0 = never.",
     )
     spin_timeout_s: float = Field(
-        120.0,
+        300.0,
         ge=0,
-        description="A batching engine process (model.isolation = process, model.parallel > 1) that owes requests an answer and for this long sends nothing and makes no decode step (a step: one llama_decode, at most model.batch_tokens prompt tokens), however busy its threads are, is spinning: its requests get 503 and it is restarted, as after a crash; 0 = never.",
+        description="A batching engine process (model.isolation = process, model.parallel > 1) that owes requests an answer and for this long sends nothing and makes no decode step (a step: one llama_decode, at most model.batch_tokens prompt tokens), however busy its threads are, is spinning: its requests get 503 and it is restarted, as after a crash; 0 = never. Keep it above the slowest step: a large model's prompt step on a loaded CPU can take minutes.",
     )
     id: str | None = Field(None, description="Model name shown by the API (default: the file's stem).")
     n_ctx: int = Field(4096, ge=64, description="Context window in tokens (capped by the model's own).")
