@@ -170,3 +170,22 @@ def test_the_csv_export_never_hands_a_spreadsheet_a_formula(setup):
     assert set(bad) <= kept, kept
     jsonl = c.get("/admin/audit/export?fmt=jsonl").text
     assert '"prompt_text": "=HYPERLINK(' in jsonl
+
+
+def test_huge_cost_inputs_are_one_line_refusals(setup):
+    """Was broken: /admin/costs?developers=1e308 (or any count or price that large) was a 500 (OverflowError or
+    ValueError from the model's arithmetic: inf, NaN, an int too large for a float); each is now the page with
+    the input's one-line refusal."""
+    from dataclasses import fields
+
+    from codemoat.tco import Inputs
+
+    c, _, _, admin, _ = setup
+    assert signed_in(c, admin).status_code == 303
+    for name in (f.name for f in fields(Inputs) if f.name != "sources"):
+        for value in ("1e308", "9" * 300):
+            r = c.get(f"/admin/costs?{name}={value}")
+            assert r.status_code in (200, 400) and "Traceback" not in r.text, (name, value[:8], r.status_code, r.text[:200])
+            assert f"tco input {name}" in r.text or "at most 120 months" in r.text, (name, value[:8])
+    r = c.get("/admin/costs?months=0.5")  # was a 500 too (TypeError: range() of a float)
+    assert r.status_code in (200, 400) and "a whole number" in r.text, r.status_code

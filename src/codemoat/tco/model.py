@@ -27,6 +27,9 @@ from .prices import PerSeat, PerToken
 HOURS_PER_MONTH = 730  # 8,760 / 12
 
 
+MAX_INPUT = 1e12  # any count, price or rate: a trillion is past every real case
+
+
 @dataclass
 class Inputs:
     """Every number the model uses; `sources` says where each came from (default, measured, entered)."""
@@ -64,6 +67,10 @@ class Inputs:
             if f.name == "sources":
                 continue
             v = getattr(self, f.name)
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and v > MAX_INPUT:  # inf too
+                # products of such inputs overflow to inf (and inf · 0 to NaN); an int past a float's range cannot even
+                # be tested with math.isfinite
+                raise CodemoatError(f"tco input {f.name} must be at most {MAX_INPUT:.0e}")
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
                 raise CodemoatError(f"tco input {f.name} must be a number ≥ 0, not {v!r}")
         for name in (
@@ -81,8 +88,8 @@ class Inputs:
         for name in ("active_share", "acceptance", "cached_input_share"):
             if getattr(self, name) > 1:
                 raise CodemoatError(f"tco input {name} is a share: between 0 and 1")
-        if self.months > 120:
-            raise CodemoatError("tco: at most 120 months")
+        if self.months > 120 or self.months != int(self.months):
+            raise CodemoatError("tco: at most 120 months, a whole number of them")
 
     def source(self, name: str) -> str:
         return self.sources.get(name, "default")
