@@ -162,11 +162,18 @@ def start(kind: str, home: Path, before: Path | None = None) -> tuple[subprocess
     return proc, url, model, token, took
 
 
-def part_serve(seconds: float, out: list[str], before: Path | None = None, rounds: int = 1) -> None:
+def part_serve(
+    seconds: float,
+    out: list[str],
+    before: Path | None = None,
+    rounds: int = 1,
+    counts: tuple[int, ...] = (1, 8, 32),
+    llama: bool = True,
+) -> None:
     """Every server up at once; each (clients, round) loads them one after the other, the order
     alternating, so that the machine's other work falls on all of them alike. Medians over rounds."""
     home = Path(tempfile.mkdtemp(prefix="bench-vllm-"))
-    kinds = ["vllm-serve", "codemoat-vllm", *(["codemoat-vllm-before"] if before else []), "codemoat-llama"]
+    kinds = ["vllm-serve", "codemoat-vllm", *(["codemoat-vllm-before"] if before else []), *(["codemoat-llama"] if llama else [])]
     runs: dict[tuple[str, int], list[dict]] = {}
     servers: dict[str, tuple] = {}
     try:
@@ -175,7 +182,7 @@ def part_serve(seconds: float, out: list[str], before: Path | None = None, round
             print(f"{kind}: ready in {took:.0f} s", flush=True)
             asyncio.run(load(url, model, token, 1, 2))  # warm-up
         for r in range(rounds):
-            for clients in (1, 8, 32):
+            for clients in counts:
                 order = kinds if (r + clients) % 2 == 0 else kinds[::-1]
                 for kind in order:
                     if kind == "codemoat-llama" and clients == 8:
@@ -439,17 +446,21 @@ def main() -> None:
     ap.add_argument("--lora-model", default="tiny", help="lora part: tiny, random-100m, or both (tiny,random-100m)")
     ap.add_argument("--no-fold", action="store_true", help="lora part: model.fold_adapters off (engines.vllm_fold)")
     ap.add_argument("--rounds", type=int, default=1, help="rounds of the serve part, or of the lora part (medians)")
+    ap.add_argument("--clients", default="1,8,32", help="serve part: the client counts loaded (a short run: --clients 32)")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "vllm.md", help="results file (appended to)")
+    ap.add_argument("--no-llama", action="store_true", help="serve part: leave out codemoat-llama (llama.cpp)")
     args = ap.parse_args()
     out: list[str] = []
     load0 = os.getloadavg()
     if args.part in ("serve", "all"):
-        part_serve(args.seconds, out, args.before, args.rounds)
+        counts = tuple(int(c) for c in args.clients.split(","))
+        part_serve(args.seconds, out, args.before, args.rounds, counts, not args.no_llama)
     if args.part in ("engine", "all"):
         part_engine(out)
     if args.part in ("lora", "all"):
         part_lora(out, max(3, args.rounds), args.lora_model.split(","), not args.no_fold)
     load1 = os.getloadavg()
-    path = ROOT / "bench" / "results" / "vllm.md"
+    path = args.out
     head = (
         f"## `bench/vllm.py {' '.join(sys.argv[1:])}`, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n"
         f"{os.cpu_count()} CPUs; load average {load0[0]:.1f} at the start, {load1[0]:.1f} at the end "
