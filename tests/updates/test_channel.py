@@ -179,3 +179,35 @@ def test_a_channel_that_drips_its_answer_is_one_line_in_bounded_time(tmp_path, h
         dripping.clear()
         srv.shutdown()
         srv.server_close()
+
+
+def test_an_index_nested_past_the_decoders_limit_is_a_named_refusal(tmp_path, home):
+    """A channel (or a proxy on its path) answering the index with JSON nested deeper than the decoder goes raised
+    RecursionError out of `update fetch` (the CLI's last-resort line, 'RecursionError: maximum recursion depth...'),
+    not the channel's refusal."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from codemoat.errors import CodemoatError
+    from codemoat.updates import channel as ch
+
+    body = b"[" * 100_000
+
+    class Channel(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_GET(self):  # noqa: N802
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Channel)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(CodemoatError, match="update channel index") as e:
+            ch.fetch(f"http://127.0.0.1:{srv.server_address[1]}", home / "updates" / "inbox")
+        assert "\n" not in str(e.value)
+    finally:
+        srv.shutdown()
+        srv.server_close()

@@ -120,9 +120,10 @@ def fetch(url: str, inbox: Path) -> list[dict[str, Any]]:
                 raise CodemoatError(f"update channel answered {r.status_code} for its index")
             try:
                 entries = r.json()
-                assert isinstance(entries, list)
-            except (ValueError, AssertionError):
-                raise CodemoatError("update channel index is not a JSON list") from None
+            except (ValueError, RecursionError):  # RecursionError: nested past the decoder's limit
+                entries = None
+            if not isinstance(entries, list):
+                raise CodemoatError("update channel index is not a JSON list")
             for e in entries:
                 name, size, digest = (e.get("file"), e.get("size"), e.get("sha256")) if isinstance(e, dict) else (None,) * 3
                 if not (
