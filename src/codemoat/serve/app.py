@@ -23,6 +23,7 @@ from ..engines.holder import ModelHolder
 from . import directory, errors, routes_infill, routes_ollama, routes_openai, routes_tabby, trust
 from .auth import authenticate, bearer
 from .headers import PromptHeaders
+from .hotpath import App
 from .limits import BodyLimit
 from .service import Service
 
@@ -49,7 +50,7 @@ def create_app(settings: Settings, *, holder: ModelHolder, accounts: Accounts, r
         holder.close()
 
     # /openapi.json is served by the trust layer, to callers with a token (admin routes to admins only)
-    app = FastAPI(title="codemoat", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = App(title="codemoat", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.settings = settings
     app.state.holder = holder
     app.state.accounts = accounts
