@@ -4,7 +4,8 @@ A results file is a title line (`# ...`), maybe text under it, then parts: each 
 heading line to the next one (deeper headings stay inside their part; a line inside a ``` fence is never a
 heading). A run's text goes first, under the title; it replaces every old part whose heading line it writes
 again, and every other old part (earlier runs, other benches' sections, notes written by hand) follows in its
-old order, byte for byte. A heading is matched as a whole line, never as text found inside another part.
+old order, byte for byte. A heading is matched as a whole line, never as text found inside another part. A file laid out by
+topic rather than by run (`replace`) keeps its order: a part written again is replaced where it stands.
 """
 
 from __future__ import annotations
@@ -49,6 +50,25 @@ def merge(old: str, new: str, title: str | None = None) -> str:
     return out + ("\n" + "".join(kept).rstrip("\n") + "\n" if kept else "")
 
 
+def replace(old: str, new: str) -> str:
+    """`old` with each part whose heading `new` writes again replaced by `new`'s where it stands (a results
+    file laid out by topic, not by run); `new`'s other parts are added at the end, every other part of
+    `old` stays byte for byte. The first of two old parts with one heading is the one replaced."""
+    fresh = parts(new)
+    todo = {h: text for h, text in fresh if h is not None}
+    out = [text for h, text in fresh if h is None]  # text before new's first heading: first
+    for head, text in parts(old):
+        out.append(todo.pop(head).rstrip("\n") + "\n\n" if head in todo else text)
+    body, extra = "".join(out), "".join(text.rstrip("\n") + "\n\n" for text in todo.values())
+    joined = (body.rstrip("\n") + "\n\n" if body.strip() else "") + extra
+    return joined.rstrip("\n") + "\n" if joined.strip() else ""
+
+
 def write(path: Path, new: str, title: str | None = None) -> None:
     """Merge `new` into the results file at `path` (which may not exist yet) and write it."""
     path.write_text(merge(path.read_text() if path.exists() else "", new, title))
+
+
+def write_in_place(path: Path, new: str) -> None:
+    """`replace` `new`'s parts in the results file at `path` (which may not exist yet) and write it."""
+    path.write_text(replace(path.read_text() if path.exists() else "", new))

@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _results import write_in_place  # bench/ is the script's folder
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "console.md"
 PAGES = ("/admin", "/admin/people", "/admin/audit", "/admin/audit?user=u7&status=200", "/admin/costs", "/admin/model")
@@ -285,8 +287,8 @@ def main() -> None:
         "with GROUP BY in the database, never by reading rows into Python (the last row shows what that would cost).",
         "",
     ]
-    kept = RESULTS.read_text().partition("\n## Before the roll-up")[1:] if RESULTS.exists() else ("", "")
-    RESULTS.write_text("\n".join(lines) + "".join(kept))  # the earlier run's numbers stay, for the side by side
+    # the earlier run's numbers ("## Before the roll-up") and any other section stay, for the side by side
+    write_in_place(RESULTS, "\n".join(lines))
     print("\n".join(lines))
 
 

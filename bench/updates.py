@@ -31,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _results import write_in_place  # bench/ is the script's folder
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -47,18 +49,16 @@ def main() -> None:
     ap.add_argument("--adapter-swap", action="store_true", help="only a vendor adapter's swap under 16 streaming clients")
     args = ap.parse_args()
     out = ROOT / "bench" / "results" / "updates.md"
-    text = out.read_text() if out.exists() else ""
-    body, _, adapter_part = text.partition("\n## Adapter swap")
+    # each mode replaces its own sections where they stand (the copy table under the title, "## Swap under
+    # load", "## Adapter swap under load"); the others stay
     if args.adapter_swap:
         lines = swap_bench(kind="adapter")
-        out.write_text(body.rstrip("\n") + "\n\n" + "\n".join(lines) + "\n")
+        write_in_place(out, "\n".join(lines))
         print("\n".join(lines))
         return
     swap_lines = swap_bench() if args.swap else []
     if args.skip_copy:
-        old = body.split("\n## Swap")[0].rstrip("\n")
-        kept = "\n## Adapter swap" + adapter_part if adapter_part else ""
-        out.write_text(old + "\n\n" + "\n".join(swap_lines) + "\n" + kept)
+        write_in_place(out, "\n".join(swap_lines))
         print("\n".join(swap_lines))
         return
     load_before, started = loadavg(), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
@@ -154,13 +154,7 @@ def main() -> None:
             "as the plain copy does; the '(unaligned, before)' rows install the same bundle written without `pad`, as",
             "every bundle was before (the kernel then assembles each page of the copy from two of the bundle's).",
         ]
-        out = ROOT / "bench" / "results" / "updates.md"
-        if swap_lines:  # the adapter swap's section (written by --adapter-swap) stays
-            tail = ["", *swap_lines] + (["", ("## Adapter swap" + adapter_part).strip()] if adapter_part else [])
-        else:  # without --swap the swap sections already written stay
-            _, sep, kept = text.partition("\n## Swap")
-            tail = ["", (sep + kept).strip()] if sep else []
-        out.write_text("\n".join(lines + tail) + "\n")
+        write_in_place(out, "\n".join(lines + ([""] + swap_lines if swap_lines else [])))
         print("\n".join(lines))
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -73,3 +73,21 @@ def test_a_results_file_that_does_not_exist_yet_is_written(tmp_path):
     assert path.read_text() == f"{T}\n\n## First run\n\nrows\n"
     R.write(path, "## Second run\n\nrows\n", T)
     assert path.read_text() == f"{T}\n\n## Second run\n\nrows\n\n## First run\n\nrows\n"
+
+
+def test_in_place_a_section_written_again_stays_where_it_was_and_the_rest_byte_for_byte():
+    """bench/updates.py and bench/console.py: a file laid out by topic, each run rewriting its own sections."""
+    copy, adapter = f"{T}\n\nthe copy table\n\n", "## Adapter swap\n\nold adapter rows   \n"
+    old = f"{copy}## Swap\n\nold swap rows\n```\n## Adapter swap\n```\n\n{adapter}"
+    assert R.replace(old, "## Swap\n\nnew swap rows") == f"{copy}## Swap\n\nnew swap rows\n\n{adapter}"
+    assert R.replace(old, f"{T}\n\nnew copy table\n") == old.replace("the copy table", "new copy table")
+    added = R.replace(old, "## Notes\n\nby hand")  # a heading the file lacks: at the end
+    assert added == old + "\n## Notes\n\nby hand\n"
+
+
+def test_in_place_two_parts_with_one_heading_only_the_first_is_replaced(tmp_path):
+    old = f"{T}\n\n## Run\n\nfirst\n\n## Run\n\nsecond\n"
+    assert R.replace(old, "## Run\n\nnew\n") == f"{T}\n\n## Run\n\nnew\n\n## Run\n\nsecond\n"
+    path = tmp_path / "new.md"
+    R.write_in_place(path, f"{T}\n\n## Run\n\nrows")
+    assert path.read_text() == f"{T}\n\n## Run\n\nrows\n"
