@@ -28,6 +28,8 @@ import threading
 import time
 from pathlib import Path
 
+from _results import write_in_place  # bench/ is the script's folder: other sections of the file stay
+
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -190,7 +192,7 @@ def main() -> None:
         + (" --baseline-src <worktree of the commit before the fix>/src`" if a.baseline_src else "`"),
         "",
     ]
-    RESULTS.write_text("\n".join(lines))
+    write_in_place(RESULTS, "\n".join(lines))
     print("\n".join(lines))
 
 
