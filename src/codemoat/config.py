@@ -68,7 +68,7 @@ class ModelSettings(BaseModel):
     spin_timeout_s: float = Field(
         300.0,
         ge=0,
-        description="A batching engine process (model.isolation = process, model.parallel > 1) that owes requests an answer and for this long sends nothing and makes no decode step (a step: one llama_decode, at most model.batch_tokens prompt tokens), however busy its threads are, is spinning: its requests get 503 and it is restarted, as after a crash; 0 = never. Keep it above the slowest step: a large model's prompt step on a loaded CPU can take minutes.",
+        description="A batching engine process (model.isolation = process, model.parallel > 1) that owes requests an answer, sends nothing and makes no decode step (a step: one llama_decode, at most model.batch_tokens prompt tokens) while one of its threads runs on a core for this long (time waiting for a core, on a loaded machine, does not count) is spinning: its requests get 503 and it is restarted, as after a crash; 0 = never. Keep it above the slowest step: a large model's prompt step on a loaded CPU can take minutes.",
     )
     id: str | None = Field(None, description="Model name shown by the API (default: the file's stem).")
     n_ctx: int = Field(4096, ge=64, description="Context window in tokens (capped by the model's own).")

@@ -25,6 +25,8 @@ BAD_FRAME = "<<bad-frame>>"  # the first chunk's message pickles here but cannot
 STOP_READING = "<<stop-reading>>"  # the engine process's reader stops for good (hung): it takes no more messages
 SILENT_WORK = "<<silent-work>>"  # a long prefill: the worker computes SILENT_WORK_S before the first token, sending nothing
 SILENT_WORK_S = 3.0
+SLOW_STEPS = "<<slow-steps>>"  # batched: each step computes STEP_S on a core first (a large model's prompt: silent long)
+STEP_S = 0.4
 SPIN = "<<spin>>"  # the batch's loop spins for good before this request's first step: busy, no step, no message
 
 
@@ -86,6 +88,16 @@ class CrashingEngine(LlamaCppEngine):
                     sum(range(10_000))
 
             self._jobs.put((spin, Future()))
+        if SLOW_STEPS in self.detokenize(ids) and self._batcher is not None:
+            decode = self._batcher._decode
+
+            def slow(n: int) -> int:  # STEP_S of this thread's time on a core, however loaded the machine
+                end = time.thread_time() + STEP_S
+                while time.thread_time() < end:
+                    sum(range(10_000))
+                return decode(n)
+
+            self._batcher._decode = slow
         if BAD_FRAME in self.detokenize(ids):
             emit = _bad_frame(emit)
         if SLOW in self.detokenize(ids) and self._batcher is not None:  # batched: `_generate` is not used

@@ -480,6 +480,37 @@ def test_an_engine_that_spins_without_a_step_is_a_503_audited_and_restarted(serv
         assert r.status_code == 200 and r.json()["choices"][0]["text"], r.text
 
 
+def test_a_long_prefill_that_steps_is_progress_not_a_spin(tiny_gguf, monkeypatch):
+    """What the spin watchdog counts as progress: a batching engine reading a long prompt sends nothing until
+    its first token, but makes a step (one llama_decode of at most ALIGN prompt tokens) every `STEP_S`. With
+    `spin_timeout_s` well under the prefill's silence, the answer comes in full and nothing is restarted
+    (a watchdog of silence and busy threads alone, or one that never saw the steps, cuts it)."""
+    from codemoat.engines import supervised
+    from codemoat.engines.base import SamplingParams
+    from crash_engine import SLOW_STEPS, STEP_S, CrashingEngine
+
+    monkeypatch.setenv("PYTHONPATH", ENV["PYTHONPATH"])
+    opts = {"model_id": "tiny", "n_ctx": 1024, "n_threads": 1, "parallel": 2, "batch_tokens": 32}
+    eng = supervised.SupervisedEngine.start(CrashingEngine, tiny_gguf, opts, spin_timeout_s=2 * STEP_S + 0.5)
+    incidents: list = []
+    eng.on_incident = lambda kind, detail: incidents.append((kind, detail))
+    prompt = SLOW_STEPS + "x = 1\n" * 60  # about ten prompt steps before the first token
+
+    async def first_token_after() -> tuple[float, int]:
+        start, first, n = time.monotonic(), None, 0
+        async for chunk in eng.stream(prompt, SamplingParams(max_tokens=3, temperature=0)):
+            first = first if first is not None else time.monotonic() - start
+            n += len(chunk.token_ids)
+        return first, n
+
+    try:
+        silent, n = asyncio.run(first_token_after())
+        assert silent > 2 * eng.spin_timeout_s and n == 3, (silent, n)  # silent past the limit (on a core, too), yet stepping
+        assert incidents == [] and eng.crashes == 0 and eng.state == "ready"
+    finally:
+        eng.close()
+
+
 def test_a_long_silent_prefill_is_progress_not_a_hang(tiny_gguf, monkeypatch):
     """What the answer watchdog counts as progress: a prefill sends nothing until its first token but
     computes (or, on a loaded machine, waits for a core to). An engine that computes for

@@ -17,8 +17,10 @@ from disk in `limit` seconds (`model.answer_timeout_s`).
 
 Work alone is no proof either: an engine can spin in a loop producing nothing (a batcher that never steps,
 a decode that never returns). So a batching engine process also counts its steps (`llama_decode` calls) in
-a `StepCell`, an 8-byte memfd the server reads: no message and no step for `spin_limit` seconds
-(`model.spin_timeout_s`) while answers are owed is a spinning engine, however busy its threads are.
+a `StepCell`, an 8-byte memfd the server reads: no message and no step while answers are owed, and one of
+its threads ran on a core for `spin_limit` seconds meanwhile (`model.spin_timeout_s`), is a spinning engine.
+Time on a core, not time waiting for one: an engine starved of cores on a loaded machine steps late but is
+not spinning.
 """
 
 from __future__ import annotations
@@ -37,8 +39,8 @@ GAP_S = 3.0
 
 
 def work(pid: int) -> tuple[dict[int, int], int] | None:
-    """Process `pid`'s work so far: per thread, nanoseconds it ran or waited for a core; and its major page
-    faults (pages read in from disk). None once it is gone."""
+    """Process `pid`'s work so far: per thread, nanoseconds it ran or waited for a core (`ran` below: only those
+    it ran); and its major page faults (pages read in from disk). None once it is gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
@@ -46,15 +48,28 @@ def work(pid: int) -> tuple[dict[int, int], int] | None:
     except OSError:
         return None
     faults = int(stat[stat.rindex(b")") + 2 :].split()[9])  # majflt: field 12 of stat(5)
-    runnable = {}
+    return {tid: run + wait for tid, (run, wait) in _schedstats(pid, tids).items()}, faults
+
+
+def ran(pid: int) -> dict[int, int]:
+    """Per thread of process `pid`, nanoseconds it ran on a core (not those it waited for one)."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return {}
+    return {tid: run for tid, (run, _) in _schedstats(pid, tids).items()}
+
+
+def _schedstats(pid: int, tids: list[str]) -> dict[int, tuple[int, int]]:
+    out = {}
     for tid in tids:
         try:
             with open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as f:
                 run, wait = f.read().split()[:2]
         except (OSError, ValueError):
             continue  # the thread ended meanwhile
-        runnable[int(tid)] = int(run) + int(wait)
-    return runnable, faults
+        out[int(tid)] = (int(run), int(wait))
+    return out
 
 
 class StepCell:
@@ -98,6 +113,7 @@ class AnswerWatch:
         self._seen: tuple[int, int] | None = None
         self._since = self._quiet = self._last = 0.0
         self._work: tuple[dict[int, int], int] | None = None
+        self._ran: dict[int, int] | None = None  # threads' time on a core at the quiet window's first check
 
     def check(self) -> str | None:
         """Called about once a second while an answer is owed; a longer gap means none was owed meanwhile."""
@@ -107,10 +123,18 @@ class AnswerWatch:
         seen = (self.received(), self.steps() if self.steps is not None else 0)
         last, self._last = self._last, now
         if seen != self._seen or now - last > GAP_S:  # a message or a step, or a new wait: a new window
-            self._seen, self._since, self._quiet, self._work = seen, now, now, None
+            self._seen, self._since, self._quiet, self._work, self._ran = seen, now, now, None, None
             return None
-        if self.spin_limit and now - self._quiet >= self.spin_limit:
-            return f"the engine process sent nothing and made no step for {now - self._quiet:.0f} s while requests waited"
+        if self.spin_limit:
+            if self._ran is None:
+                self._ran = ran(self.pid)
+            elif now - self._quiet >= self.spin_limit:  # spinning: a thread of it ran that long since, on a core
+                on_core = max((ns - self._ran.get(tid, 0) for tid, ns in ran(self.pid).items()), default=0) / 1e9
+                if on_core >= self.spin_limit:
+                    return (
+                        f"the engine process sent nothing and made no step for {now - self._quiet:.0f} s while requests "
+                        f"waited, though a thread of it ran for {on_core:.0f} s"
+                    )
         if not self.limit:
             return None
         if self._work is None:  # silent since the last check: its work counts from here (read only now, not each second)
