@@ -35,6 +35,7 @@ class HostileIdp:
 
     def __init__(self, meta: tuple[int, bytes, str] | None = None, device=None, token=None):
         self.answers = answers = {"device": device, "token": token}
+        self.posts: list[str] = []
         outer = self
 
         class H(BaseHTTPRequestHandler):
@@ -62,6 +63,7 @@ class HostileIdp:
 
             def do_POST(self):  # noqa: N802
                 self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                outer.posts.append(self.path)
                 got = answers.get(self.path.strip("/"))
                 self._send(*(got or (404, b"{}", "application/json")))
 
@@ -209,3 +211,40 @@ def test_a_provider_that_drips_its_discovery_document_is_one_line_in_bounded_tim
         dripping.clear()
         server.shutdown()
         server.server_close()
+
+
+def test_unfinished_device_codes_are_bounded_per_address_and_in_all(tmp_path, home):
+    """POST /auth/device/start needs no token, and each one made the server ask the provider for a device code
+    and keep a row until it expired: anyone could have the server hammer the provider and fill its database. It is
+    bounded as the browser sign-in's start is (directory.oidc_pending_per_address, oidc_pending_max), before the
+    provider is asked."""
+    from fastapi.testclient import TestClient
+
+    from codemoat.config import Settings
+    from codemoat.engines.holder import ModelHolder
+    from codemoat.serve.app import create_app
+
+    idp = HostileIdp(device=(200, b'{"device_code": "d", "user_code": "u", "interval": 5}', "application/json"))
+    secret = tmp_path / "secret"
+    secret.write_text("s")
+    d = {
+        "oidc_issuer": idp.url,
+        "oidc_client_id": "codemoat",
+        "oidc_client_secret_file": str(secret),
+        "oidc_redirect_url": "http://127.0.0.1:1/auth/oidc/callback",
+        "oidc_pending_per_address": 3,
+        "oidc_pending_max": 5,
+    }
+    try:
+        from codemoat.accounts import Accounts
+
+        app = create_app(Settings(directory=DirectorySettings(**d)), holder=ModelHolder("m"), accounts=Accounts(open_db()))
+        with TestClient(app, base_url="http://testserver", client=("10.0.0.1", 50000)) as one:
+            got = [one.post("/auth/device/start").status_code for _ in range(5)]
+            assert got == [200, 200, 200, 429, 429], got
+            assert idp.posts == ["/device"] * 3  # the provider was not asked for the refused ones
+        with TestClient(app, base_url="http://testserver", client=("10.0.0.2", 50000)) as two:
+            got = [two.post("/auth/device/start").status_code for _ in range(3)]
+            assert got == [200, 200, 503], got  # 5 unfinished in all
+    finally:
+        idp.close()

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from sqlalchemy import Engine
 
-from ..errors import CodemoatError
+from ..errors import CodemoatError, Overloaded, RateLimited
 from .ldap import DirectoryUnavailable, DirUser
 from .oidc import OidcClient, meta
 
@@ -43,6 +43,9 @@ table = sa.Table(
     sa.Column("last_poll", sa.Float),
     sa.Column("expires_at", sa.Float),
     sa.Column("used_at", sa.Float),
+    sa.Column("client", sa.String(64)),  # the address that started it (None: started before d005)
+    sa.Index("ix_device_pending_expires_at", "expires_at"),
+    sa.Index("ix_device_pending_client", "client"),
 )
 
 
@@ -90,8 +93,12 @@ class DeviceFlow:
     def supported(self) -> bool:
         return bool(self.oidc.metadata().get("device_authorization_endpoint"))
 
-    def start(self, name: str | None = None) -> DeviceStart:
-        """Ask the provider for a user code; keep its device code behind one of ours."""
+    def start(self, name: str | None = None, client: str | None = None) -> DeviceStart:
+        """Ask the provider for a user code; keep its device code behind one of ours. Anyone may ask (no token yet),
+        so the unfinished codes are bounded as the browser sign-in's are, before the provider is asked: RateLimited
+        past `oidc_pending_per_address` from `client`, Overloaded past `oidc_pending_max` in all."""
+        client = (client or "unknown")[:64]
+        self._bound(client)
         url = self.oidc.metadata().get("device_authorization_endpoint")
         if not url:
             raise DeviceUnsupported(
@@ -134,6 +141,7 @@ class DeviceFlow:
                     last_poll=now,
                     expires_at=now + expires_in,
                     used_at=None,
+                    client=client,
                 )
             )
         return DeviceStart(
@@ -144,6 +152,23 @@ class DeviceFlow:
             expires_in,
             interval,
         )
+
+    def _bound(self, client: str) -> None:
+        cfg, now = self.oidc.cfg, time.time()
+        live = sa.and_(table.c.expires_at > now, table.c.used_at.is_(None))
+        with self.engine.connect() as c:
+            mine = c.execute(sa.select(sa.func.count()).where(live, table.c.client == client)).scalar_one()
+            if mine >= cfg.oidc_pending_per_address:
+                raise RateLimited(
+                    f"too many unfinished device codes from {client} (directory.oidc_pending_per_address = "
+                    f"{cfg.oidc_pending_per_address}): finish one, or start again once they expire",
+                    retry_after=60,
+                )
+            if c.execute(sa.select(sa.func.count()).where(live)).scalar_one() >= cfg.oidc_pending_max:
+                raise Overloaded(
+                    f"too many unfinished device codes on this server (directory.oidc_pending_max = "
+                    f"{cfg.oidc_pending_max}): start again in a few minutes"
+                )
 
     def poll(self, device_code: str) -> tuple[DirUser, str | None]:
         """The signed-in user once the provider approved this code; an RFC 8628 `DeviceError` until then."""

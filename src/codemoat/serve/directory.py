@@ -188,10 +188,12 @@ async def device_start(request: Request):
         except CodemoatError as e:
             return _oauth_error("invalid_request", str(e))
     try:
-        st = await anyio.to_thread.run_sync(keeper.device.start, name or None)
+        st = await anyio.to_thread.run_sync(keeper.device.start, name or None, request.client and request.client.host)
     except CodemoatError as e:
         if getattr(e, "code", "") == "device_flow_unsupported":
             return _oauth_error(e.code, str(e), 404, signin_url=base + "/auth/oidc/start")
+        if isinstance(e, RateLimited):
+            return _oauth_error("slow_down", str(e), 429)
         return _oauth_error("server_error", str(e), e.status if e.status >= 500 else 400)
     return JSONResponse(
         {
