@@ -25,7 +25,8 @@ from ..vault.container import SealedFile
 from ..vault.crl import InstalledWatch
 from ..vault.keyserver import LeaseDenied
 from ..vault.lease import Lease, LeaseClient, LeaseKeeper
-from ..vault.license import License, check
+from ..vault.license import License, check, start_chip
+from ..vault.tpmstart import TpmStart
 from ..vault.machine import MachineKey
 from .base import Engine
 from .child import is_dumpable, set_non_dumpable
@@ -222,13 +223,20 @@ def open_sealed(
     clock = clock or Clock()
     machine = machine or MachineKey.load()
     sealed = SealedFile(model_path)
-    # The memfd's pages are allocated while the key is unwrapped or leased (memfd.Prefault): a TPM's
-    # round trips then hide behind work every start does (bench/results/attest.md, offline start).
+    lic = License.load(license_path)
+    # A TPM's part of the check (vault.tpmstart) starts now, and the memfd's pages are allocated while the key is
+    # unwrapped or leased (memfd.Prefault): the chip's round trips then hide behind work every start does
+    # (bench/results/attest.md, offline start).
+    chip = start_chip(lic, machine)
     early = None
-    if _overlap(settings, sealed, build) is None:
-        early = Prefault(sealed.manifest.plaintext_size, name=f"codemoat-{sealed.manifest.model_id}")
     try:
-        return _open(sealed, license_path, settings, model_id, aliases, clock, machine, watch, build, early)
+        if _overlap(settings, sealed, build) is None:
+            early = Prefault(sealed.manifest.plaintext_size, name=f"codemoat-{sealed.manifest.model_id}")
+        return _open(sealed, lic, settings, model_id, aliases, clock, machine, watch, build, early, chip)
+    except BaseException:
+        if chip is not None:
+            chip.close()  # a refusal before or in the check (a granted start's Grant holds it until it settles)
+        raise
     finally:
         if early is not None:
             early.close()  # unused: a refusal, no seat, or a loader that did not decrypt (nothing once taken)
@@ -236,7 +244,7 @@ def open_sealed(
 
 def _open(
     sealed: SealedFile,
-    license_path: str | Path,
+    lic: License,
     settings: Settings,
     model_id: str | None,
     aliases: list[str] | None,
@@ -245,12 +253,13 @@ def _open(
     watch: bool,
     build,
     early: Prefault | None,
+    chip: TpmStart | None,
 ) -> SealedHolder:
-    """`open_sealed` once the sealed file is open (and its memfd being allocated)."""
-    lic = License.load(license_path)
+    """`open_sealed` once the sealed file and license are open (and its memfd being allocated, the chip's part
+    of the check started)."""
     guard = ClockGuard(machine, clock, settings.vault.clock_tolerance_s)
     # A TPM's last unwrap (the watermark key) finishes while the model is decrypted: `grant.settle()` below.
-    grant = check(lic, sealed, machine, guard, defer_watermark=True)
+    grant = check(lic, sealed, machine, guard, defer_watermark=True, chip=chip)
     try:
         holder = _serve(sealed, lic, grant, settings, model_id, aliases, clock, machine, watch, build, early)
     except BaseException:

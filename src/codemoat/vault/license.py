@@ -308,14 +308,16 @@ def check(
     *,
     trust_path: Path | None = None,
     defer_watermark: bool = False,
+    chip: TpmStart | None = None,
 ) -> Grant:
     """Every offline check of `lic` against `sealed` on `machine`; the first failure raises. On a machine
     whose keys are in a TPM the chip's part runs in a thread beside the other checks (`vault.tpmstart`);
-    `defer_watermark`: return once the content key is out, and let `Grant.settle()` wait for the
-    watermark key's unwrap (a start overlaps it with the decryption; `Grant.close()` when it fails)."""
+    `chip`: that part as `start_chip` started it earlier (this call then owns it). `defer_watermark`: return
+    once the content key is out, and let `Grant.settle()` wait for the watermark key's unwrap (a start overlaps
+    it with the decryption; `Grant.close()` when it fails)."""
     b = lic.body
     entry = next((x for x in b["machines"] if x["id"] == machine.id), None)
-    tpm = _tpm_start(b, entry, machine)
+    tpm = chip if chip is not None else _tpm_start(b, entry, machine)
     try:
         grant = _check(lic, sealed, machine, guard, entry, tpm, trust_path)
         if grant.pending is None and tpm is not None:
@@ -327,6 +329,14 @@ def check(
         if tpm is not None:
             tpm.close()
         raise
+
+
+def start_chip(lic: License, machine: MachineKey) -> TpmStart | None:
+    """`check`'s chip part for `lic` on `machine`, started now by a caller with other work to do first (a start
+    opens the sealed file and allocates its memfd meanwhile); pass it to `check(..., chip=)`, or `close()` it when
+    `check` is not reached. None on a machine without a TPM."""
+    b = lic.body
+    return _tpm_start(b, next((x for x in b["machines"] if x["id"] == machine.id), None), machine)
 
 
 def _tpm_start(b: dict[str, Any], entry: dict[str, Any] | None, machine: MachineKey) -> TpmStart | None:
