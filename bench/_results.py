@@ -4,8 +4,9 @@ A results file is a title line (`# ...`), maybe text under it, then parts: each 
 heading line to the next one (deeper headings stay inside their part; a line inside a ``` fence is never a
 heading). A run's text goes first, under the title; it replaces every old part whose heading line it writes
 again, and every other old part (earlier runs, other benches' sections, notes written by hand) follows in its
-old order, byte for byte. A heading is matched as a whole line, never as text found inside another part. A file laid out by
-topic rather than by run (`replace`) keeps its order: a part written again is replaced where it stands.
+old order, byte for byte. A heading is matched as a whole line, never as text found inside another part.
+A file laid out by topic rather than by run (`replace`) keeps its order: a part written again is replaced
+where it stands.
 """
 
 from __future__ import annotations
