@@ -135,12 +135,13 @@ def offline_md(offs: list[dict]) -> list[str]:
         "(the build step keeps the memfd): header and manifest, license checks, the content and watermark keys "
         "unwrapped, every chunk decrypted and authenticated into a sealed memfd, then zeroed and closed (not timed). "
         f"A CRL revoking {off['revoked']} other machines is installed, so both starts read and verify it. On the TPM "
-        "machine the chip's part runs in one thread on one connection (`vault.tpmstart`): the CRL install counter, "
-        "the unwrap key, the policy session and its PolicyPCR and PolicyNV while the other checks run and "
-        "`engines.memfd.Prefault` allocates the memfd's pages; the content key (one ECDH_ZGen) once every check "
-        "passed; the watermark key while the model is decrypted. Those TPM commands are marshalled by "
-        "`attest.tpmcmd` and sent on the TCTI (swtpm's opens a TCP connection per command), not through "
-        "tpm2-tss's ESAPI, whose session crypto cost about 2 ms of CPU per unwrap.",
+        "machine the chip's part runs in one thread (`vault.tpmstart`, started right after the license is read): "
+        "the CRL install counter as the AK certifies it (TPM2_NV_Certify), the unwrap key (TPM2_ReadPublic of the "
+        "key `machine-id --tpm` made persistent), the policy session and its PolicyPCR and PolicyNV while the other "
+        "checks run and `engines.memfd.Prefault` allocates the memfd's pages; the content key (one ECDH_ZGen) once "
+        "every check passed; the watermark key while the model is decrypted. Those TPM commands are marshalled by "
+        "`attest.tpmcmd` and sent by `attest.tpmraw.StartChip` (no ESAPI; on swtpm one TCP connection per burst "
+        "of commands, where tpm2-tss's swtpm TCTI connects per command).",
         "",
         "## `codemoat verify` (`verify_bundle`: checks, unwrap, every chunk decrypted into a scratch buffer and hashed)",
         "",
