@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import secrets
 import time
-import uuid
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -31,7 +31,8 @@ class CodemoatExt(Lenient):
 
 
 def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+    """`prefix-` and 24 random hex digits (96 bits; a uuid4's first 24 digits held 92 and cost ~5x as much)."""
+    return f"{prefix}-{secrets.token_hex(12)}"
 
 
 def now() -> int:

@@ -8,6 +8,7 @@ request's `Usage` for the audit log.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import logging
@@ -26,8 +27,9 @@ from ..engines.templates import detect_fim
 from ..errors import CodemoatError, Forbidden, NotFound
 from .admission import FairSlots
 from .hangup import ClientGone, unless_gone
-from .prepare import Prepared, Preparer
+from .prepare import Prepared, Preparer, screen_pending
 from .prompts import FimInput, Templates
+from .usage import usage_of
 
 __all__ = ["ClientGone", "FimInput", "ModelNotFound", "Prepared", "Service", "Templates", "snippet_json", "snippets_extra"]
 
@@ -174,10 +176,14 @@ class Service:
         request = args[0]
         principal = getattr(request.state, "principal", None)
         self._slots.check(None if principal is None else principal.user)  # a flood's prompts are not built to wait
-        if self._preparer.inline(build, args):
-            prep = build(*args, **kw)
-        else:
-            prep = await anyio.to_thread.run_sync(functools.partial(build, *args, **kw))
+        try:
+            if self._preparer.inline(build, args):
+                prep = build(*args, **kw)
+            else:
+                prep = await anyio.to_thread.run_sync(functools.partial(build, *args, **kw))
+        except BaseException:
+            screen_pending(usage_of(request.state))  # a refused prompt's record names its secrets too
+            raise
         if prep.suffix_dropped:  # sent as a header by `prompts_headers` (app.py)
             request.state.prompt_headers = {"X-Codemoat-Suffix": "dropped"}
         return prep
@@ -231,6 +237,8 @@ class Service:
         usage = request.state.usage
         usage.prompt_tokens = p.prompt_tokens
         usage.completion_tokens = 0
+        if usage.unscreened is not None:  # screened once the engine has the prompt: when this first waits for it
+            asyncio.get_running_loop().call_soon(screen_pending, usage)
         self._adapter(request, p)
         principal = getattr(request.state, "principal", None)
         # a cached prompt is reused only for its own user, under the same adapter (`SamplingParams.cache_key`)
@@ -246,6 +254,7 @@ class Service:
                     parts.append(chunk.text)
                     yield chunk
         finally:
+            screen_pending(usage)  # if this never waited (an error at once): before the record, all the same
             usage.completion_text = "".join(parts)
 
     def _adapter(self, request: Request, p: Prepared) -> None:

@@ -40,6 +40,7 @@ class Usage:
     completion_text: str = ""
     event: str | None = None  # one of EVENT_TYPES or "other"
     secrets: set[str] = field(default_factory=set)  # kinds found, never the values
+    unscreened: str | None = None  # the client's text still to be screened for `secrets` (`prepare.screen_pending`), never kept
     note: str | None = None  # why the server refused or cut the request short (the server's words)
     timings: Timings | None = None  # the engine's, from the stream's last chunk (/infill's answer shows them)
     # for usage analytics (codemoat.usage): the id the client saw, the language, an editor event's keys
