@@ -148,6 +148,11 @@ class ModelSettings(BaseModel):
 class VaultSettings(BaseModel):
     clock_tolerance_s: int = Field(300, description="How far the clock may go back before a license is refused.")
     lease_renew_fraction: float = Field(0.5, gt=0, lt=1, description="Renew a lease after this fraction of its TTL.")
+    keyserver_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        description="Each connect, read and write of a key server request; a whole answer (the first lease, a renewal, the release at shutdown) may take 6 times this, then the key server counts as unreachable (a release is abandoned: the seat frees at the lease's end).",
+    )
     tpm: Literal["auto", "on", "off"] = Field(
         "auto",
         description="`machine-id` adds the TPM's keys: auto (when tpm_device exists and tpm2-pytss is installed), on, off.",

@@ -322,12 +322,11 @@ def test_a_tarpit_at_start_is_a_one_line_refusal_not_a_start_that_never_ends(
 ):
     """serve's start asked for its first lease through httpx's per-read timeout only: a proxy dripping one byte
     every 0.05 s held open_sealed (so `codemoat serve`) for good. It is now `Unreachable` after 6 times the
-    client's timeout, the one-line refusal a key server that is down gets."""
+    client's timeout (vault.keyserver_timeout_s), the one-line refusal a key server that is down gets."""
     from codemoat.config import load_settings
     from codemoat.engines.sealed import open_sealed
-    from codemoat.vault import lease as lease_mod
 
-    monkeypatch.setattr(lease_mod, "TIMEOUT_S", 0.5)
+    monkeypatch.setenv("CODEMOAT_VAULT__KEYSERVER_TIMEOUT_S", "0.5")
     tarpit = Tarpit(keyserver.url, lambda path, status, body: (status, body)).start()
     tarpit.on = True
     try:

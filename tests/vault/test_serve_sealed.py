@@ -19,8 +19,8 @@ from vaulthelp import bundle, cli
 pytestmark = pytest.mark.slow
 
 
-def start_serve(moat, lic, port):
-    env = dict(os.environ, CODEMOAT_MODEL__N_CTX="256", CODEMOAT_MODEL__N_THREADS="1")
+def start_serve(moat, lic, port, **env_extra):
+    env = dict(os.environ, CODEMOAT_MODEL__N_CTX="256", CODEMOAT_MODEL__N_THREADS="1", **env_extra)
     proc = subprocess.Popen(
         [sys.executable, "-m", "codemoat.cli.main", "serve", "--model", str(moat), "--license", str(lic), "--port", str(port)],
         env=env,
@@ -84,3 +84,36 @@ def test_serve_sealed_lease_then_revoke(vendor, machine, gguf_file, tmp_path):
     assert "decrypted and authenticated" in log and "pages (shmem_enabled=" in log  # the operator sees the load
     key = vendor.content_key(json.loads(cli("inspect", str(moat), "--json").stdout)["file_id"])
     assert key.hex() not in log and base64.b64encode(key).decode() not in log  # and never a key
+
+
+def test_serve_stops_promptly_when_its_lease_release_meets_a_tarpit(vendor, machine, gguf_file, tmp_path):
+    """SIGTERM to a serve holding a lease: its release went through httpx's per-read timeout only, so a proxy
+    dripping one byte every 0.05 s held the shutdown for good (a service manager then kills it). It now gives up
+    after 6 times vault.keyserver_timeout_s, says so in one line, and exits; the seat frees at the lease's end."""
+    from .test_keyserver_hardening import Tarpit
+
+    ks = KeyServerProcess(vendor).start()
+    tarpit = Tarpit(ks.url, lambda path, status, body: (status, body)).start()
+    port = free_port()
+    moat, lic, doc = bundle(vendor, gguf_file, tmp_path / "out", machine, mode="lease", keyserver=tarpit.url, lease_ttl=600)
+    proc = start_serve(moat, lic, port, CODEMOAT_VAULT__KEYSERVER_TIMEOUT_S="0.5")
+    try:
+        tarpit.on = True
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)  # the release gives up after 3 s; the rest of the shutdown is slow only at high load
+        except subprocess.TimeoutExpired:
+            raise AssertionError("serve's shutdown is still waiting on the lease release") from None
+        log = proc.stdout.read()
+        assert "lease release abandoned" in log, log[-3000:]
+        from codemoat.vault.keyserver import KeyServer
+
+        assert KeyServer(vendor).live_leases(doc["license"]["id"]) == 1  # not released: it ends at its TTL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        tarpit.on = False
+        time.sleep(0.2)
+        tarpit.stop()
+        ks.stop()

@@ -280,7 +280,7 @@ def _serve(sealed, lic, grant, settings, model_id, aliases, clock, machine, watc
     watermark = grant.watermark_key
     no_seat = None
     if lic.mode == "lease":
-        client = LeaseClient(lic, machine, clock=clock)
+        client = LeaseClient(lic, machine, clock=clock, timeout=settings.vault.keyserver_timeout_s)
         try:
             lease = client.bounded(client.acquire)  # a tarpit must not hold the start: Unreachable, one line
             content_key[0], watermark = lease.content_key, lease.watermark_key
