@@ -198,3 +198,17 @@ def test_tpm_rollback_is_refused_after_a_key_server_restart(database_url, swtpm,
     assert ks.lease(request(ks))["lease"]["ttl"] > 0
     client.close()
     vendor.close()
+
+
+def test_a_policy_that_leaves_out_the_tamper_pcr_is_not_licensed(vendor, swtpm):
+    """`machine-id --tpm` refuses --pcrs without the tamper PCR (cli/tpm_cmd.py); the vendor did not. A modified one
+    made its unwrap key for a policy over PCR 16 alone (which software may reset: TPM2_PCR_Reset), and the AK
+    certified that key: licensed, a tamper event's extend of PCR 15 no longer ended serving at once (only the latch,
+    counted after it, did)."""
+    key = tpm_machine(swtpm, vendor)
+    with TpmAttestor(swtpm.tcti) as a:
+        block = a.identity([16])
+    ident = dict(parse_identity(key.identity()), tpm=block)
+    with pytest.raises(VaultError, match=f"tamper PCR {TAMPER_PCR}") as e:
+        require_bound(vendor.engine, ident)
+    assert "\n" not in str(e.value)

@@ -211,9 +211,14 @@ def check_unwrap(identity: dict[str, Any]) -> None:
     from .tpmcred import unwrap_name
     from .tpmwrap import unwrap_certify_data, verify_certify
 
-    from ..attest.tpm import TAMPER_NV_INDEX
+    from ..attest.tpm import TAMPER_NV_INDEX, TAMPER_PCR
 
     t = identity["tpm"]
+    if TAMPER_PCR not in t["policy"]["pcrs"]:  # what machine-id's --pcrs requires, checked where it counts
+        raise VaultError(
+            f"machine {identity['id']}'s TPM policy leaves out the tamper PCR {TAMPER_PCR}, so a tamper event would "
+            f"not end serving at once: run `codemoat machine-id --tpm` again (its --pcrs must include {TAMPER_PCR})"
+        )
     latch = t["policy"].get("latch")
     if latch is None or latch["index"] != TAMPER_NV_INDEX:
         raise VaultError(
