@@ -14,7 +14,8 @@ known (`attest.tpmraw.StartChip`: these commands alone, no ESAPI), and in this o
    one TPM2_ECDH_ZGen (the chip refuses it when a PCR was extended since; `zgen` then runs it all again);
 3. waits for `release()`, which `check` calls once every other check has passed: only such a license
    gets a key out of the chip;
-4. unwraps the content key (`key(0)`), then the watermark key (`key(1)`). A start needs the latter only
+4. unwraps the content key (`key(0)`: `release()` does it on the caller's thread when this one already
+   waits), then the watermark key (`key(1)`). A start needs the latter only
    once it serves, so with `check(..., defer_watermark=True)` that unwrap overlaps the decryption.
 
 An error in the thread is raised by the call that asks for that step's result, so refusals come in the
@@ -85,6 +86,7 @@ class TpmStart:
         self.unwraps, self.ak = list(unwraps), ak
         self._crl, self._keys = _Result(), [_Result() for _ in self.unwraps]
         self._gate, self._released = threading.Event(), False
+        self._parked: Any = None  # the unwrapper, while the thread waits at the gate with the chip ready for ZGen
         self._thread = threading.Thread(target=self._run, args=(attestor, entry), name="codemoat-tpm", daemon=True)
         self._thread.start()
 
@@ -100,11 +102,16 @@ class TpmStart:
                 opened = tpm_unwrapper(a, entry)
                 a.prepare_unwrap(entry["tpm"]["policy"])  # the session and its policy: ZGen alone after release
                 a.idle()  # a swtpm's one connection is free while this waits (attest.tpmraw)
+                self._parked = opened  # release() may unwrap the content key itself, until the gate opens
                 self._gate.wait()
+                self._parked = None
                 if not self._released:
                     return
                 for result, (wrapped, context, what) in zip(self._keys, self.unwraps):
-                    result.set(opened(wrapped, context, what))
+                    if not result.done.is_set():
+                        result.set(opened(wrapped, context, what))
+                    elif result.error is not None:  # release() unwrapped it, or the chip refused it there
+                        raise result.error
                     pending.pop(0)
         except BaseException as e:  # raised to whoever asks for a step not done
             for result in pending:
@@ -121,8 +128,17 @@ class TpmStart:
         return self._crl.get()
 
     def release(self) -> None:
-        """Every other check passed: the thread may unwrap the keys."""
+        """Every other check passed: the keys may be unwrapped. When the thread already waits at the gate, this
+        thread unwraps the content key itself (one ECDH_ZGen on the thread's connection, which the thread does
+        not touch until the gate opens): the key is then out without two hand-offs between threads. The thread
+        unwraps the rest."""
         self._released = True
+        opened = self._parked
+        if opened is not None and self._keys:
+            try:
+                self._keys[0].set(opened(*self.unwraps[0]))
+            except BaseException as e:  # raised by key(0), in the words the thread would have used
+                self._keys[0].set(error=e)
         self._gate.set()
 
     def key(self, i: int) -> bytes:
