@@ -35,6 +35,21 @@ def test_unknown_engine():
         engine_class("tensorrt")
 
 
+@needs_vllm
+def test_prompts_reach_vllm_rendered_so_add_request_skips_its_tokenizer_thread_pool():
+    """`AsyncLLM.add_request` sends a prompt without a "type" through vLLM's renderer on its tokenizer
+    thread pool, a thread hop per request; codemoat's ids go as vLLM's own rendered `TokensInput`, the
+    per-user prefix-cache salt with them."""
+    from vllm.inputs.engine import tokens_input
+
+    from codemoat.engines.base import SamplingParams
+    from codemoat.engines.vllm_engine import vllm_prompt
+
+    assert vllm_prompt([5, 6], SamplingParams()) == tokens_input([5, 6])
+    salted = vllm_prompt([5, 6], SamplingParams(cache_key="alice\0"))
+    assert salted == tokens_input([5, 6], cache_salt=salted["cache_salt"])
+
+
 def test_a_gguf_is_refused_in_one_line(random_gguf):
     """vLLM serves Hugging Face folders; a GGUF (plaintext or sealed) is refused before anything starts."""
     with pytest.raises(CodemoatError, match="needs a Hugging Face model folder"):

@@ -54,9 +54,13 @@ def _vllm():
 
 
 def vllm_prompt(ids: Sequence[int], params: SamplingParams) -> dict[str, Any]:
-    """vLLM's prompt for `ids`. vLLM's prefix cache shares KV blocks between any requests with the same
-    prefix; `cache_salt` (hashed into the first block) keeps them to requests of one `cache_key` (user)."""
-    prompt: dict[str, Any] = {"prompt_token_ids": list(ids)}
+    """vLLM's prompt for `ids`: a rendered token input (vLLM's `TokensInput`, `type` "token"), which
+    `AsyncLLM.add_request` takes on the event loop. A raw `{"prompt_token_ids": ...}` prompt is "rendered"
+    first on vLLM's tokenizer thread pool: a thread hop per request for nothing, since the ids are
+    codemoat's own (vLLM still checks their length and vocabulary either way). vLLM's prefix cache shares
+    KV blocks between any requests with the same prefix; `cache_salt` (hashed into the first block) keeps
+    them to requests of one `cache_key` (user)."""
+    prompt: dict[str, Any] = {"type": "token", "prompt_token_ids": list(ids)}
     if params.cache_key is not None:
         prompt["cache_salt"] = hashlib.sha256(params.cache_key.encode()).hexdigest()
     return prompt
