@@ -317,7 +317,7 @@ class DirectorySettings(BaseModel):
         if self.ldap_url and self.ldap_url.lower().startswith("ldap://") and not self.start_tls:
             plain.append(("ldap_url", self.ldap_url, "use ldaps:// or start_tls = true"))
         for name, url, fix in plain:
-            if not self.insecure_transport and not _loopback(url):
+            if not self.insecure_transport and not loopback_url(url):
                 raise ValueError(
                     f"directory.{name} {url!r} is reached without TLS, so anyone on the path can sign in as any user: "
                     f"{fix} (or set directory.insecure_transport = true on a path you trust)"
@@ -325,7 +325,8 @@ class DirectorySettings(BaseModel):
         return self
 
 
-def _loopback(url: str) -> bool:
+def loopback_url(url: str) -> bool:
+    """The URL's host is localhost or a loopback address."""
     import ipaddress
     from urllib.parse import urlsplit
 

@@ -40,3 +40,42 @@ def test_a_directory_reached_without_tls_off_loopback_is_refused_in_one_line(set
 @pytest.mark.parametrize("settings", SAFE, ids=lambda s: next(iter(s.values())))
 def test_tls_or_loopback_is_accepted(settings):
     assert load_settings(**settings)
+
+
+@pytest.mark.parametrize("endpoint", ["jwks_uri", "token_endpoint", "device_authorization_endpoint"])
+def test_a_discovery_document_naming_a_plain_http_endpoint_off_loopback_is_refused(tmp_path, endpoint):
+    """The issuer itself may be TLS (or loopback), and its discovery document still name its keys or its token
+    endpoint over plain http:// on another host: the same on-path attacker then serves the keys, or reads the codes
+    and tokens. Refused before anything is fetched from that endpoint (only the loopback provider is connected to)."""
+    from test_hostile_idp import HostileIdp, _client
+
+    idp = HostileIdp()
+    real_get = idp.server.RequestHandlerClass.do_GET
+
+    def do_get(handler):
+        import json
+
+        doc = {
+            "issuer": idp.url,
+            "authorization_endpoint": idp.url + "/auth",
+            "token_endpoint": idp.url + "/token",
+            "device_authorization_endpoint": idp.url + "/device",
+            "jwks_uri": idp.url + "/jwks",
+        }
+        doc[endpoint] = "http://idp.acme.example/" + endpoint
+        body = json.dumps(doc).encode()
+        handler.send_response(200)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
+
+    idp.server.RequestHandlerClass.do_GET = do_get
+    try:
+        client, _ = _client(idp, tmp_path)
+        with pytest.raises(CodemoatError, match=f"{endpoint}.*without TLS") as e:
+            client.metadata()
+        assert "\n" not in str(e.value)
+    finally:
+        idp.server.RequestHandlerClass.do_GET = real_get
+        idp.close()

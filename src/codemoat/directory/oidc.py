@@ -81,6 +81,12 @@ def s256(verifier: str) -> str:
     return base64.urlsafe_b64encode(hashlib.sha256(verifier.encode("ascii")).digest()).rstrip(b"=").decode("ascii")
 
 
+def _tls_or_loopback(url: object) -> bool:
+    from ..config import loopback_url
+
+    return isinstance(url, str) and (url.lower().startswith("https://") or loopback_url(url))
+
+
 class OidcClient:
     def __init__(self, cfg: DirectorySettings, engine: Engine):
         missing = [k for k in ("oidc_issuer", "oidc_client_id", "oidc_redirect_url") if not getattr(cfg, k)]
@@ -151,6 +157,14 @@ class OidcClient:
                 iss = meta.get("issuer")
                 if not isinstance(iss, str) or iss.rstrip("/") != self.issuer:
                     raise DirectoryError(f"OpenID provider at {self.issuer} names another issuer ({meta.get('issuer')!r})")
+                for k in ("jwks_uri", "token_endpoint", "device_authorization_endpoint"):  # what this server fetches
+                    url = meta.get(k)
+                    if url is not None and not _tls_or_loopback(url) and not self.cfg.insecure_transport:
+                        raise DirectoryError(
+                            f"OpenID provider {self.issuer} names its {k} {str(url)[:200]!r} without TLS off loopback: "
+                            "anyone on that path could sign ID tokens or read the tokens (directory.insecure_transport "
+                            "allows it on a path you trust)"
+                        )
                 self._meta = meta
             return self._meta
 
