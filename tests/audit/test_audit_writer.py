@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 
+import pytest
 from sqlalchemy import event
 
 from codemoat.audit.log import AuditUnavailable
@@ -90,3 +91,22 @@ def test_close_writes_what_is_queued_and_stops_the_thread(audit_log):
     writer.join(timeout=10)
     assert not writer.is_alive()
     assert asyncio.run(main()) == 2  # a later append starts another
+
+
+def test_the_writer_thread_survives_a_bug_and_every_waiter_gets_an_answer(audit_log, monkeypatch):
+    """Anything the writer did not foresee is AuditUnavailable for the batch's requests, not a thread that
+    died and leaves every later request waiting for its record for good."""
+    real = audit_log._flush
+
+    def bug(batch):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(audit_log, "_flush", bug)
+
+    async def one(user: str) -> int:
+        return await asyncio.wait_for(audit_log.append_async("request", user=user, status=200), 10)
+
+    with pytest.raises(AuditUnavailable, match="RuntimeError"):
+        asyncio.run(one("alice"))
+    monkeypatch.setattr(audit_log, "_flush", real)
+    assert asyncio.run(one("bob")) == 1

@@ -72,12 +72,17 @@ def _run(ref: weakref.ref, q: queue.SimpleQueue) -> None:
                 break
             batch.append(w)
         lg = ref()
-        if lg is None:
-            closed = AuditUnavailable("audit log cannot be written: it was closed")
-            for w in batch:
-                w.error = closed
-        else:
+        try:
+            if lg is None:
+                raise AuditUnavailable("audit log cannot be written: it was closed")
             _write(lg, batch)
+        except BaseException as e:  # noqa: BLE001 - this thread must outlive anything: every waiter gets an answer
+            if not isinstance(e, AuditUnavailable):
+                log.exception("audit writer")
+                e = AuditUnavailable(f"audit log cannot be written: {type(e).__name__}")
+            for w in batch:
+                if w.error is None and not w.done:
+                    w.error = e
         del lg  # no strong reference while waiting
         _settle(batch)
 
