@@ -212,6 +212,7 @@ class SupervisedEngine(Engine):
                     "safe_options": self.safe,
                     "pid": child.proc.pid,
                     "hung": child.hung is not None,  # it stopped reading or answering: killed by the server
+                    "why": child.hung,  # which: no frame taken, no answer and no work, or no step while it ran
                 },
             )
         threading.Thread(target=self._restart, args=(delay,), name="engine-restart", daemon=True).start()
