@@ -67,7 +67,7 @@ def device_login(
         if code == "device_flow_unsupported":
             raise NoDeviceFlow(msg, r.json().get("signin_url") or base + "/auth/oidc/start")
         raise CodemoatError(f"{base} refused to start a sign-in ({r.status_code}): {msg}")
-    start = r.json()
+    start = _checked_start(r, base)
     show(start)
     interval = max(int(start.get("interval") or 5), 1)
     deadline = time.monotonic() + int(start.get("expires_in") or 300) + interval
@@ -83,6 +83,37 @@ def device_login(
             interval += SLOW_DOWN_STEP_S
             continue
         raise CodemoatError(f"sign-in did not complete ({code}): {msg}")
+
+
+def _checked_start(r: httpx.Response, base: str) -> dict[str, Any]:
+    """The server's answer to the start, checked before any of it reaches the terminal or the browser: its text
+    (relayed from the OpenID provider) without control characters (escape sequences rewrite the screen or, OSC 52,
+    the clipboard), its addresses http(s) only, its times numbers."""
+    try:
+        start = r.json()
+    except (ValueError, RecursionError):
+        start = None
+    texts = ("device_code", "user_code", "verification_uri", "server", "issuer")
+    ok = isinstance(start, dict) and all(
+        isinstance(start.get(k), str) and 0 < len(start[k]) <= 2048 and start[k].isprintable() for k in texts
+    )
+    if ok and start.get("verification_uri_complete") is not None:
+        v = start["verification_uri_complete"]
+        ok = isinstance(v, str) and len(v) <= 2048 and v.isprintable()
+    ok = ok and all(
+        start.get(k) is None or start[k].lower().startswith(("https://", "http://"))
+        for k in ("verification_uri", "verification_uri_complete")
+    )
+    ok = ok and all(
+        start.get(k) is None or (isinstance(start[k], int) and not isinstance(start[k], bool) and 0 <= start[k] < 86400)
+        for k in ("expires_in", "interval")
+    )
+    if not ok:
+        raise CodemoatError(
+            f"{base} answered the sign-in start with a malformed answer (a field missing, control characters, an "
+            "address that is not http(s), or a time that is not a number): nothing of it was shown or opened"
+        )
+    return start
 
 
 def check_server(server: str) -> None:
