@@ -118,3 +118,30 @@ def test_a_chip_cleared_since_provisioning_refuses_the_start_in_one_line(vendor,
     with pytest.raises(CodemoatError) as e:
         _start(moat, lic, machine)
     assert "\n" not in str(e.value) and "CRL counter" in str(e.value)
+
+
+def test_a_swtpm_that_closes_the_connection_after_each_answer_still_serves_a_start(vendor, model, tmp_path, swtpm):
+    """`swtpm socket --server ...,disconnect`: the start's connection per burst is closed after every answer; each
+    command sent on it again on a new connection (it was never read), so the start serves as with any swtpm."""
+    import subprocess
+    import time
+
+    from attest.swtpm_fixture import _free_pair, _listening
+
+    machine = tpm_machine(swtpm, vendor)
+    moat, lic, _ = bundle(vendor, model, tmp_path / "out", machine)
+    want = _start(moat, lic, machine)
+    swtpm.stop()
+    port = _free_pair()
+    args = ["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={swtpm.state}", "--flags", "not-need-init,startup-clear"]
+    args += ["--server", f"type=tcp,port={port},bindaddr=127.0.0.1,disconnect"]
+    proc = subprocess.Popen(args + ["--ctrl", f"type=tcp,port={port + 1},bindaddr=127.0.0.1"])
+    try:
+        deadline = time.time() + 10
+        while not _listening(port) and time.time() < deadline:
+            time.sleep(0.02)
+        machine.tpm["tcti"] = f"swtpm:host=127.0.0.1,port={port}"
+        assert _start(moat, lic, machine) == want
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

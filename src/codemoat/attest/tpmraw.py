@@ -76,22 +76,50 @@ def policy_digest(policy: dict[str, Any]) -> bytes:
     return pcr_policy_digest(policy)
 
 
+class _Closed(OSError):
+    """swtpm closed the connection before answering a command it was sent."""
+
+
 class SwtpmSocket:
     """swtpm's command port (`swtpm:host=H,port=P`), one TCP connection per burst: opened by the first command
-    after `idle()`, closed by `idle()` (the transmit/receive pair `tpmcmd.Commands` uses)."""
+    after `idle()`, closed by `idle()` (the transmit/receive pair `tpmcmd.Commands` uses). A swtpm started with
+    `--server ...,disconnect` closes the connection after each answer: a command sent on a connection it had
+    closed was never read, so it is sent again on a new one."""
 
     def __init__(self, host: str, port: int):
         self.addr = (host, port)
         self.sock: socket.socket | None = None
+        self._command, self._reused = b"", False
+
+    def _connect(self) -> None:
+        self.sock = socket.create_connection(self.addr, timeout=_IO_TIMEOUT)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def transmit(self, command: bytes) -> None:
+        self._command, self._reused = command, self.sock is not None
         if self.sock is None:
-            self.sock = socket.create_connection(self.addr, timeout=_IO_TIMEOUT)
-            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.sock.sendall(command)
+            self._connect()
+        try:
+            self.sock.sendall(command)  # type: ignore[union-attr]
+        except OSError:
+            if not self._reused:
+                raise
+            self._again()
+
+    def _again(self) -> None:
+        self.idle()
+        self._connect()
+        self._reused = False
+        self.sock.sendall(self._command)  # type: ignore[union-attr]
 
     def receive(self) -> bytes:
-        head = self._read(10)
+        try:
+            head = self._read(10)
+        except _Closed:
+            if not self._reused:
+                raise
+            self._again()
+            head = self._read(10)
         (size,) = struct.unpack_from(">I", head, 2)
         if not 10 <= size <= 4096:
             raise OSError(f"malformed TPM response (size {size})")
@@ -101,9 +129,12 @@ class SwtpmSocket:
         assert self.sock is not None
         got = b""
         while len(got) < n:
-            part = self.sock.recv(n - len(got))
+            try:
+                part = self.sock.recv(n - len(got))
+            except ConnectionResetError:
+                part = b""
             if not part:
-                raise OSError("swtpm closed the connection")
+                raise (_Closed if not got and n == 10 else OSError)("swtpm closed the connection")
             got += part
         return got
 
