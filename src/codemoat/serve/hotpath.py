@@ -1,11 +1,11 @@
-"""The completion routes, reached without FastAPI's per-request routing.
+"""The generation routes, reached without FastAPI's per-request routing.
 
 Every completion and chat request went through FastAPI's router: a walk over the app's routes and
 included routers, two `AsyncExitStack`s, a per-route exception wrapper, the endpoint's dependency
 solving, operation spans and telemetry look-ups. For a route whose endpoint takes only the `Request`
-(`/v1/completions` and `/v1/chat/completions` authenticate inside, so that the token is checked before
-the body is parsed) none of that does anything, and it cost ~0.15 ms before the first token of every
-request in `codemoat serve` (perf_counter stamps, bundled model, one client).
+(the `HOT_PATHS` routes authenticate inside, first thing, as their dependency did) none of that does
+anything, and it cost ~0.15 ms before the first token of every request in `codemoat serve`
+(perf_counter stamps, bundled model, one client).
 
 `App` (the app's class) puts `HotRoutes` where the router was, inside every middleware and FastAPI's
 exception layer: a request for such a route's exact path and method calls its endpoint directly, with

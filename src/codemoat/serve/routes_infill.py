@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 
-from ..accounts import Principal
 from ..engines.templates import FileSnippet
 from ..protocol import infill
 from .auth import require
@@ -16,7 +15,8 @@ router = APIRouter()
 
 
 @router.post("/infill")
-async def infill_route(request: Request, principal: Principal = Depends(require("complete"))):
+async def infill_route(request: Request):
+    principal = await require("complete")(request)  # here, not as a dependency: the route is hot (serve.hotpath)
     request.state.protocol = "infill"
     svc: Service = request.app.state.service
     req = infill.InfillRequest.model_validate(await read_json(request))

@@ -89,7 +89,8 @@ def _loaded(svc: Service, chat: bool) -> dict:
 
 
 @router.post("/api/generate")
-async def generate(request: Request, principal: Principal = Depends(require("complete"))):
+async def generate(request: Request):
+    principal = await require("complete")(request)  # here, not as a dependency: the route is hot (serve.hotpath)
     svc: Service = request.app.state.service
     req = ollama.GenerateRequest.model_validate(await read_json(request))
     svc.check_model(req.model)
@@ -148,7 +149,8 @@ async def _answer(request: Request, svc: Service, prep: Prepared, stream: bool, 
 
 
 @router.post("/api/chat")
-async def chat(request: Request, principal: Principal = Depends(require("chat"))):
+async def chat(request: Request):
+    principal = await require("chat")(request)  # here, not as a dependency: the route is hot (serve.hotpath)
     svc: Service = request.app.state.service
     req = ollama.ChatRequest.model_validate(await read_json(request))
     svc.check_model(req.model)
