@@ -42,7 +42,7 @@ def test_tls_or_loopback_is_accepted(settings):
     assert load_settings(**settings)
 
 
-@pytest.mark.parametrize("endpoint", ["jwks_uri", "token_endpoint", "device_authorization_endpoint"])
+@pytest.mark.parametrize("endpoint", ["jwks_uri", "token_endpoint", "device_authorization_endpoint", "authorization_endpoint"])
 def test_a_discovery_document_naming_a_plain_http_endpoint_off_loopback_is_refused(tmp_path, endpoint):
     """The issuer itself may be TLS (or loopback), and its discovery document still name its keys or its token
     endpoint over plain http:// on another host: the same on-path attacker then serves the keys, or reads the codes

@@ -157,12 +157,13 @@ class OidcClient:
                 iss = meta.get("issuer")
                 if not isinstance(iss, str) or iss.rstrip("/") != self.issuer:
                     raise DirectoryError(f"OpenID provider at {self.issuer} names another issuer ({meta.get('issuer')!r})")
-                for k in ("jwks_uri", "token_endpoint", "device_authorization_endpoint"):  # what this server fetches
+                # what this server fetches, and where it sends the browser (the user's password goes there)
+                for k in ("jwks_uri", "token_endpoint", "device_authorization_endpoint", "authorization_endpoint"):
                     url = meta.get(k)
                     if url is not None and not _tls_or_loopback(url) and not self.cfg.insecure_transport:
                         raise DirectoryError(
                             f"OpenID provider {self.issuer} names its {k} {str(url)[:200]!r} without TLS off loopback: "
-                            "anyone on that path could sign ID tokens or read the tokens (directory.insecure_transport "
+                            "anyone on that path could sign ID tokens or read tokens or passwords (directory.insecure_transport "
                             "allows it on a path you trust)"
                         )
                 self._meta = meta
