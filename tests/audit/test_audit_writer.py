@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 from sqlalchemy import event
@@ -110,3 +111,52 @@ def test_the_writer_thread_survives_a_bug_and_every_waiter_gets_an_answer(audit_
         asyncio.run(one("alice"))
     monkeypatch.setattr(audit_log, "_flush", real)
     assert asyncio.run(one("bob")) == 1
+
+
+def test_close_returns_only_once_the_queued_records_are_written_and_signed(audit_log, monkeypatch):
+    """Records still queued for the writer when the log closes (serve's shutdown, interpreter exit) are
+    written and covered by close()'s signature before close() returns: before, close() only queued the
+    writer's stop, signed the head as it stood and returned, so a queued record was written after the
+    closing signature (left unsigned), or never (the daemon thread dies with the process)."""
+    real = audit_log._flush
+    first_in, closing, closed = threading.Event(), threading.Event(), threading.Event()
+    calls: list[int] = []
+
+    def slow(batch):
+        calls.append(len(batch))
+        if len(calls) == 1:  # alice's batch: held until bob's record is queued behind it and close() began
+            first_in.set()
+            closing.wait(10)
+        else:  # bob's batch: held until close() returns (or 3 s, for a close() that waits for it)
+            closed.wait(3)
+        real(batch)
+
+    monkeypatch.setattr(audit_log, "_flush", slow)
+    results: list[object] = []
+
+    async def two() -> None:
+        a = asyncio.ensure_future(audit_log.append_async("request", user="alice", status=200))
+        await asyncio.to_thread(first_in.wait, 10)
+        b = asyncio.ensure_future(audit_log.append_async("request", user="bob", status=200))
+        results.extend(await asyncio.gather(a, b, return_exceptions=True))
+
+    loop_thread = threading.Thread(target=asyncio.run, args=(two(),))
+    loop_thread.start()
+    assert first_in.wait(10)
+    while audit_log._writer._queue.qsize() == 0:  # bob's record queued behind alice's batch
+        time.sleep(0.01)
+    real_stop = audit_log._writer.stop
+
+    def stop() -> None:
+        real_stop()
+        closing.set()
+
+    monkeypatch.setattr(audit_log._writer, "stop", stop)
+    audit_log.close()
+    written = audit_log.count()
+    signed = audit_log._signed_seq
+    closed.set()
+    loop_thread.join(20)
+    assert results == [1, 2]
+    assert written == 2, "close() returned before the queued record was written"
+    assert signed == 2, "close()'s signature does not cover the queued record"

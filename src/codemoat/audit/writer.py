@@ -25,6 +25,8 @@ from typing import Any
 from .heads import MAX_BATCH, AuditUnavailable
 
 log = logging.getLogger("codemoat.audit")
+#: how long closing the log waits for the writer to write what is queued
+STOP_WAIT_S = 30.0
 
 
 class RecordWriter:
@@ -48,11 +50,16 @@ class RecordWriter:
         self._queue.put(pending)
 
     def stop(self) -> None:
-        """Write what is queued, then end the thread (a later `submit` starts another)."""
+        """Write what is queued, then end the thread (a later `submit` starts another). Returns once the
+        thread has written it (at most `STOP_WAIT_S`): the log's close signs the head after this."""
         with self._start_lock:
-            if self._thread is not None:
+            t, self._thread = self._thread, None
+            if t is not None:
                 self._queue.put(None)
-                self._thread = None
+        if t is not None and t is not threading.current_thread():
+            t.join(STOP_WAIT_S)
+            if t.is_alive():
+                log.error("audit writer: records still queued after %s s at close", STOP_WAIT_S)
 
 
 def _run(ref: weakref.ref, q: queue.SimpleQueue) -> None:
