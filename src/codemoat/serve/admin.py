@@ -170,6 +170,11 @@ async def _swap_file(request: Request, body: dict[str, Any]) -> dict[str, Any]:
     model, lic = body.get("model"), body.get("license")
     if not isinstance(model, str) or (lic is not None and not isinstance(lic, str)):
         raise CodemoatError("model and license are paths")
-    out = await anyio.to_thread.run_sync(lambda: swap_model(holder, settings, Path(model), Path(lic) if lic else None))
+    if "\x00" in model + (lic or ""):  # os.stat would raise ValueError: a 500
+        raise CodemoatError("model and license are paths, without a NUL byte")
+    try:
+        out = await anyio.to_thread.run_sync(lambda: swap_model(holder, settings, Path(model), Path(lic) if lic else None))
+    except OSError as e:  # a name too long, a directory not readable: the caller's path, not a 500
+        raise CodemoatError(f"cannot read the model or license file: {e.strerror or type(e).__name__}") from None
     request.app.state.egress_allow = list(holder.status.egress_allow)  # the new license's key server
     return dict(out, version=None)

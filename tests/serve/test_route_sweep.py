@@ -1,0 +1,314 @@
+"""A hostile-body sweep of every route of one real `codemoat serve` (on 127.0.0.1, driven by httpx and
+raw sockets). The routes come from the running server's own table (its /openapi.json, asked with an
+admin token) plus the console's and the hidden admin routes (their routers, read at run time), so a
+new route is swept without an edit here. Per route, a seeded, bounded set: each field of the route's
+documented body (tests/serve/test_http_fuzz.py's ROUTES) replaced by a wrong type, an extreme number,
+a 1 MB string, a lone surrogate or a NUL; bodies that are not JSON, not UTF-8, truncated, not an
+object, nested 100,000 deep, with duplicate keys, the wrong Content-Type or over server.max_body_mb;
+bodies that stop early; odd Authorization bytes and huge headers. Whatever comes in: no 5xx (but the
+documented 503s), the route's protocol's error shape, the server answers a normal request after each
+route's batch, and `codemoat audit verify` passes at the end."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import socket
+
+import httpx
+import pytest
+
+from conftest import ServerProcess, run_cli
+from serve.test_http_fuzz import ROUTES
+
+pytestmark = pytest.mark.slow
+
+MB = 1 << 20
+BIG = "x" * MB
+# what replaces a field's value (json.dumps writes NaN/Infinity literals and \ud800 escapes)
+HOSTILE = [
+    "1",
+    "",
+    None,
+    True,
+    [],
+    {},
+    [None, {}],
+    {"a": {"b": [1]}},
+    0,
+    -1,
+    -(2**63),
+    2**70,
+    1e308,
+    -1e308,
+    float("nan"),
+    float("inf"),
+    3.5,
+    "\ud800",
+    "a\udfffb",
+    "a\x00b",
+    "\x00" * 64,
+    "tiny\x00",
+    "\u202e\ufeff",
+]
+PER_FIELD = 5  # hostile values per field, drawn (seeded) from HOSTILE
+# query parameters tried on every GET (the console's filters, the admin API's, and some nobody reads)
+QUERY = ["since", "until", "kind", "user", "after_seq", "limit", "before", "fmt", "route", "status", "q", "page"]
+# percent-encoded as sent: a NUL, a byte that is not UTF-8, a lone surrogate's UTF-8, a cut escape
+QUERY_VALUES = ["-1", "9" * 26, "1e308", "NaN", "%00", "%ff", "%ED%A0%80", "x" * 20000, "%5B%5D", "", "a%2", "-1e308"]
+FORM_FIELDS = ["token", "name", "user", "groups", "new", "disabled", "id", "expires_days"]  # the console's forms
+DOCUMENTED_503 = {"model_unavailable", "database_unavailable", "overloaded", "engine_unavailable", "lease_expired"}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, random_gguf):
+    home = tmp_path_factory.mktemp("sweep-home")
+    env = {
+        "CODEMOAT_HOME": str(home),
+        "CODEMOAT_VAULT__TPM": "off",
+        "CODEMOAT_SERVER__MAX_BODY_MB": "2",
+        "CODEMOAT_MODEL__MAX_TOKENS_LIMIT": "8",
+    }
+
+    def token(*scopes: str) -> str:
+        r = run_cli("tokens", "create", "--json", "--name", "sweep-" + "-".join(scopes), "--scopes", ",".join(scopes), env=env)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)["token"]
+
+    admin, user = token("complete", "chat", "admin"), token("complete", "chat")
+    with pytest.MonkeyPatch.context() as mp:  # the per-test home fixture is function-scoped
+        mp.setenv("CODEMOAT_HOME", str(home))
+        s = ServerProcess(["--model", str(random_gguf), "--model-id", "tiny"], env=env)
+    s.env, s.admin, s.user = env, admin, user
+    yield s
+    s.stop()
+
+
+def _routes(server) -> list[tuple[str, str]]:
+    """(method, path) of every route: the server's /openapi.json, and the routers that keep out of it."""
+    from codemoat.console.routes import router as console
+    from codemoat.serve.admin import router as admin
+
+    doc = httpx.get(server.url + "/openapi.json", headers=_auth(server.admin), timeout=30).json()
+    found = {(m.upper(), p) for p, ops in doc["paths"].items() for m in ops}
+    for r in _walk(console, admin):
+        found |= {(m, r.path) for m in getattr(r, "methods", ()) or () if m != "HEAD"}
+    return sorted((m, re.sub(r"\{[^}]+\}", "x", p)) for m, p in found)
+
+
+def _walk(*routers):
+    """The routes of `routers` and of the routers they include (FastAPI 0.163 keeps those as one entry)."""
+    for router in routers:
+        for r in router.routes:
+            inner = getattr(r, "original_router", None)
+            yield from _walk(inner) if inner is not None else [r]
+
+
+def _auth(token: str) -> dict:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def _leaves(doc, path=()):
+    """Every path into `doc`, containers included: ("messages", 0, "content")."""
+    items = doc.items() if isinstance(doc, dict) else enumerate(doc) if isinstance(doc, list) else ()
+    for k, v in items:
+        yield (*path, k)
+        yield from _leaves(v, (*path, k))
+
+
+def _replaced(doc, path, value):
+    doc = json.loads(json.dumps(doc))
+    d = doc
+    for k in path[:-1]:
+        d = d[k]
+    d[path[-1]] = value
+    return doc
+
+
+def _bodies(route: str, rng: random.Random) -> list[tuple[str, bytes, str]]:
+    """(what, body, content type) for a POST route."""
+    valid = ROUTES.get(route) or ROUTES.get(route + "#tabby") or {"model": "tiny", "name": "x", "type": "select"}
+    text = json.dumps(valid).encode()
+    out = []
+    for path in _leaves(valid):
+        for v in rng.sample(HOSTILE, PER_FIELD):
+            out.append((f"{path}={v!r}"[:80], json.dumps(_replaced(valid, path, v), allow_nan=True).encode(), "application/json"))
+    first_text = next((p for p in _leaves(valid) if isinstance(_get(valid, p), str)), None)
+    if first_text:
+        out.append((f"{first_text}=1MB", json.dumps(_replaced(valid, first_text, BIG)).encode(), "application/json"))
+    first_key = next(iter(valid))
+    raw = [
+        ("empty", b""),
+        ("not utf-8", b"\xff\xfe{\x00}"),
+        ("not utf-8 in a string", text.replace(b'"tiny"', b'"ti\xffny"').replace(b'"def f("', b'"def\xc3("')),
+        ("truncated", text[: len(text) // 2]),
+        ("array", b"[]"),
+        ("number", b"1"),
+        ("string", b'"s"'),
+        ("null", b"null"),
+        ("deep arrays", b"[" * 100_000 + b"]" * 100_000),
+        ("deep objects", b'{"a":' * 20_000 + b"1" + b"}" * 20_000),
+        ("duplicate keys", b"{" + json.dumps(first_key).encode() + b": [[], {}]," + text[1:]),
+        ("5000 digits", b'{"max_tokens": ' + b"9" * 5000 + b"}"),
+        ("NaN at the top", b'{"model": NaN, "n_predict": Infinity, "prompt": -Infinity}'),
+        ("a raw NUL", b'{"model": "tiny", "prompt": "a\x00b"}'),
+        ("a raw newline in a string", b'{"model": "tiny", "prompt": "a\nb"}'),
+        ("over max_body_mb", b'{"prompt": "' + b"x" * (2 * MB + 10) + b'"}'),
+    ]
+    out += [(w, b, "application/json") for w, b in raw]
+    for ct in [
+        "text/plain",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data; boundary=zz",
+        "",
+        "application/json; charset=latin-1",
+    ]:
+        out.append((f"content-type {ct!r}", text, ct))
+    return out
+
+
+def _get(doc, path):
+    for k in path:
+        doc = doc[k]
+    return doc
+
+
+def _check(method: str, path: str, what: str, r: httpx.Response) -> None:
+    where = f"{method} {path} [{what}]: {r.status_code} {r.text[:300]!r}"
+    assert "Traceback" not in r.text and 'File "' not in r.text, where
+    if r.status_code < 400:
+        return
+    if path.startswith("/admin/") and not path.startswith("/admin/api/"):  # the console: HTML pages
+        assert r.status_code < 500, where
+        return
+    assert r.headers.get("content-type", "").startswith("application/json"), where
+    err = r.json()["error"]
+    if path.startswith("/api/") or path in ("/v1/health", "/v1/events"):  # Ollama's, Tabby's: a string
+        assert isinstance(err, str) and err, where
+    elif path == "/infill":  # llama.cpp's server
+        assert isinstance(err, dict) and err["code"] == r.status_code and err["message"] and err["type"], where
+    elif path.startswith("/v1/"):  # OpenAI's (/v1/completions answers a Tabby body in Tabby's)
+        ok = isinstance(err, dict) and err["message"] and err["type"] and {"param", "code"} <= err.keys()
+        assert ok or (path == "/v1/completions" and isinstance(err, str)), where
+        code = err.get("code") if isinstance(err, dict) else None
+        assert r.status_code < 500 or (r.status_code == 503 and code in DOCUMENTED_503), where
+        return
+    else:
+        assert isinstance(err, str) and err, where
+    assert r.status_code < 500, where
+
+
+def _still_up(server) -> None:
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        assert c.get("/health").status_code == 200
+        r = c.post("/v1/completions", json={"model": "tiny", "prompt": "def f(", "max_tokens": 2}, headers=_auth(server.user))
+        assert r.status_code == 200 and r.json()["choices"], r.text[:300]
+
+
+def _console_session(c: httpx.Client, server) -> str:
+    """Sign `c` in to the console as the admin; the session's CSRF token."""
+    page = c.get("/admin/signin").text
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page).group(1)
+    r = c.post("/admin/signin", data={"csrf": csrf, "token": server.admin}, headers={"Origin": server.url})
+    assert r.status_code == 303, r.text[:300]
+    return re.search(r'name="csrf" value="([^"]+)"', c.get("/admin/people").text).group(1)
+
+
+def test_every_route_answers_hostile_requests_in_its_own_shape(server):
+    routes = _routes(server)
+    assert ("POST", "/v1/completions") in routes and ("GET", "/admin/people") in routes  # the table was read
+    with httpx.Client(base_url=server.url, timeout=120) as c, httpx.Client(base_url=server.url, timeout=120) as console:
+        csrf = _console_session(console, server)
+        for method, path in routes:
+            if path == "/admin/signout":
+                continue  # it ends the console session the sweep uses; swept last below
+            rng = random.Random(f"{method} {path}")
+            if path.startswith("/admin/") and not path.startswith("/admin/api/"):
+                _sweep_console(console, method, path, csrf, rng)
+            elif method == "GET":
+                for q in rng.sample(QUERY, 4):
+                    for v in rng.sample(QUERY_VALUES, 4):
+                        _check(method, path, f"?{q}={v[:20]}", c.get(f"{path}?{q}={v}", headers=_auth(server.admin)))
+            else:
+                for what, body, ct in _bodies(path, rng):
+                    h = {**_auth(server.admin), **({"Content-Type": ct} if ct else {})}
+                    _check(method, path, what, c.request(method, path, content=body, headers=h))
+            _headers(server, method, path)
+            _still_up(server)
+        _sweep_console(console, "POST", "/admin/signout", csrf, random.Random(0))
+    _still_up(server)
+    r = run_cli("audit", "verify", "--json", env=server.env)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def _sweep_console(c: httpx.Client, method: str, path: str, csrf: str, rng: random.Random) -> None:
+    h = {"Origin": str(c.base_url).rstrip("/")}
+    if method == "GET":
+        for q in rng.sample(QUERY, 4):
+            for v in rng.sample(QUERY_VALUES, 3):
+                _check(method, path, f"?{q}={v[:20]}", c.get(f"{path}?{q}={v}", headers=h))
+        return
+    form = {**h, "Content-Type": "application/x-www-form-urlencoded"}
+    for f in FORM_FIELDS:
+        for v in rng.sample(QUERY_VALUES, 2):
+            _check(method, path, f"{f}={v[:20]}", c.post(path, content=f"csrf={csrf}&{f}={v}".encode(), headers=form))
+    for what, raw in [
+        ("not utf-8", b"csrf=" + csrf.encode() + b"&name=\xff\xfe"),
+        ("bad percent", b"csrf=" + csrf.encode() + b"&name=%ff%fe%"),
+        ("many fields", b"&".join(b"f%d=1" % i for i in range(5000))),
+        ("json", json.dumps({"csrf": csrf, "name": [1]}).encode()),
+    ]:
+        _check(
+            method,
+            path,
+            what,
+            c.post(path, content=raw, headers={**form, **({"Content-Type": "application/json"} if what == "json" else {})}),
+        )
+
+
+def _headers(server, method: str, path: str) -> None:
+    """Odd Authorization bytes, a huge header, and bodies that stop early, over a raw socket."""
+    body = b'{"model": "tiny", "prompt": "x"}'
+    cases = [
+        [b"Authorization: Bearer \xff\xfe\x80", b"Content-Length: %d" % len(body)],
+        [b"Authorization: Bearer cm_\x01\x7f", b"Content-Length: %d" % len(body)],
+        [b"Authorization: Basic " + b"\xc3" * 3000, b"Content-Length: %d" % len(body)],
+        [b"Authorization: Bearer " + server.admin.encode(), b"X-Huge: " + b"a" * 200_000, b"Content-Length: %d" % len(body)],
+        [b"Authorization: Bearer " + server.admin.encode(), b"Authorization: Bearer cm_other", b"Content-Length: %d" % len(body)],
+    ]
+    for extra in cases:
+        status, text = _raw(server, method, path, extra, body)
+        assert status != -1 and (status is None or status < 500 or status == 503), (path, extra[0][:40], status, text[:300])
+        assert b"Traceback" not in text, text[:300]
+    # the body stops early: a Content-Length not met, a chunked body without its last chunk
+    for extra, sent in [
+        ([b"Content-Length: 1000"], body),
+        ([b"Transfer-Encoding: chunked"], b"10\r\n" + body[:16] + b"\r\n"),
+        ([b"Transfer-Encoding: chunked"], b"zz\r\n"),
+    ]:
+        status, text = _raw(server, method, path, [b"Authorization: Bearer " + server.admin.encode(), *extra], sent, half=True)
+        assert status != -1 and (status is None or status < 500), (path, extra, status, text[:300])
+
+
+def _raw(server, method: str, path: str, headers: list[bytes], body: bytes, half: bool = False) -> tuple[int | None, bytes]:
+    """Send a request as raw bytes; (status, or None when the server closed without one, -1 when it hung; what came back)."""
+    head = b"%s %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: application/json\r\n" % (
+        method.encode(),
+        path.encode(),
+        server.port,
+    )
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
+        s.sendall(head + b"\r\n".join(headers) + b"\r\nConnection: close\r\n\r\n" + body)
+        if half:
+            s.shutdown(socket.SHUT_WR)  # the client goes away mid-body
+        data = b""
+        try:
+            while chunk := s.recv(65536):
+                data += chunk
+        except ConnectionResetError:
+            pass
+        except TimeoutError:
+            return -1, data  # a hang
+    m = re.match(rb"HTTP/1\.[01] (\d{3})", data)
+    return (int(m.group(1)) if m else None), data
