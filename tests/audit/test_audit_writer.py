@@ -160,3 +160,42 @@ def test_close_returns_only_once_the_queued_records_are_written_and_signed(audit
     assert results == [1, 2]
     assert written == 2, "close() returned before the queued record was written"
     assert signed == 2, "close()'s signature does not cover the queued record"
+
+
+def test_a_record_queued_while_the_log_closes_is_still_written(audit_log, monkeypatch):
+    """A request whose record is queued just as the log closes (its `submit` saw the running writer, then
+    `close()` stopped it before the record was in the queue) still gets its record written and its answer:
+    before, the record went in behind the writer's stop, the thread ended without reading it, and the
+    request waited for good (shielded in the audit middleware)."""
+
+    async def one(user: str) -> int:
+        return await asyncio.wait_for(audit_log.append_async("request", user=user, status=200), 10)
+
+    assert asyncio.run(one("alice")) == 1  # the writer runs
+    writer = audit_log._writer
+    real_put, none_in = writer._queue.put, threading.Event()
+
+    class Late:
+        """The writer's queue, with bob's put held until close() queued the writer's stop (as if his thread
+        lost the CPU there); a `submit` that holds the writer's lock meanwhile makes close() wait instead."""
+
+        def __getattr__(self, name):
+            return getattr(real_queue, name)
+
+        def put(self, item):
+            if item is None:
+                real_put(item)
+                none_in.set()
+            else:
+                none_in.wait(3)
+                real_put(item)
+
+    real_queue = writer._queue
+    monkeypatch.setattr(writer, "_queue", Late())
+    closer = threading.Thread(target=lambda: (time.sleep(0.2), audit_log.close()))
+    closer.start()
+    try:
+        assert asyncio.run(one("bob")) == 2
+    finally:
+        closer.join(20)
+    assert [r["user"] for r in audit_log.records()] == ["alice", "bob"]

@@ -41,13 +41,12 @@ class RecordWriter:
 
     def submit(self, pending: Any) -> None:
         """Queue `pending` (an `audit.log._Pending` with its loop's future in `fut`)."""
-        if self._thread is None:
-            with self._start_lock:
-                if self._thread is None:
-                    t = threading.Thread(target=_run, args=(self._ref, self._queue), name="audit-writer", daemon=True)
-                    t.start()
-                    self._thread = t
-        self._queue.put(pending)
+        with self._start_lock:  # with `stop`: a record is queued before the stop its thread reads, or for a new thread
+            if self._thread is None:
+                t = threading.Thread(target=_run, args=(self._ref, self._queue), name="audit-writer", daemon=True)
+                t.start()
+                self._thread = t
+            self._queue.put(pending)
 
     def stop(self) -> None:
         """Write what is queued, then end the thread (a later `submit` starts another). Returns once the
