@@ -145,3 +145,21 @@ def test_a_swtpm_that_closes_the_connection_after_each_answer_still_serves_a_sta
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_a_lease_unwraps_with_the_persistent_key(vendor, model, tmp_path, swtpm, keyserver, monkeypatch):
+    """A lease's keys (serve's first lease, every renewal) are unwrapped by the persistent key too: no CreatePrimary
+    of the unwrap key per renewal (the quote's AK still comes from ESAPI)."""
+    from codemoat.vault.lease import LeaseClient
+    from codemoat.vault.license import License
+
+    machine = tpm_machine(swtpm, vendor)
+    _, lic, _ = bundle(vendor, model, tmp_path / "out", machine, mode="lease", keyserver=keyserver.url, lease_ttl=10, grace=5)
+    client = LeaseClient(License.load(lic), machine)
+    try:
+        sent = _sent(monkeypatch)
+        assert client.acquire().content_key == vendor.content_key(License.load(lic).model["file_id"])
+        assert CC_CREATE_PRIMARY not in [cc for cc, _ in sent]
+        assert [h[0] for cc, h in sent if cc == CC_ECDH_ZGEN] == [UNWRAP_HANDLE]
+    finally:
+        client.close()

@@ -238,6 +238,7 @@ class LeaseClient:
             raise VaultError("key server answer names no TPM policy for a TPM-bound license")
         try:
             with self.machine.attestor() as a:
+                a.unwrap_public(tpm["policy"], tpm["unwrap"])  # the persistent key when it is that one (attest.tpmraw)
                 return unwrap_p256(lambda p: a.zgen(tpm["policy"], p), tpm["unwrap"], wrapped, context, "leased keys")
         except VaultError:
             raise
