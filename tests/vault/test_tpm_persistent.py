@@ -77,16 +77,20 @@ def _put_at(a: TpmAttestor, handle: int, template: bytes) -> None:
     c.flush_context(h)
 
 
-def test_another_key_of_the_same_shape_at_the_persistent_handles_is_never_used(vendor, model, tmp_path, swtpm, monkeypatch):
+@pytest.mark.parametrize("at_ak", ["signing key", "decryption key"])
+def test_another_key_of_the_same_shape_at_the_persistent_handles_is_never_used(
+    vendor, model, tmp_path, swtpm, monkeypatch, at_ak
+):
     """The attacker's keys at both handles: the start checks the unwrap key's public area against the license's key
-    (so its name) and the AK's signature against the license's AK, derives the real keys instead, and serves."""
+    (so its name) and the AK's signature against the license's AK (a key that cannot sign there: the chip refuses
+    the NV_Certify), derives the real keys instead, and serves."""
     machine = tpm_machine(swtpm, vendor)
     moat, lic, _ = bundle(vendor, model, tmp_path / "out", machine)
     want = _start(moat, lic, machine)
     policy = machine.tpm["identity"]["policy"]
     with TpmAttestor(swtpm.tcti) as a:
         _put_at(a, UNWRAP_HANDLE, unwrap_template(a.policy_digest(policy)))
-        _put_at(a, AK_HANDLE, AK_TEMPLATE)
+        _put_at(a, AK_HANDLE, AK_TEMPLATE if at_ak == "signing key" else unwrap_template(b""))
     sent = _sent(monkeypatch)
     assert _start(moat, lic, machine) == want
     zgen = [h[0] for cc, h in sent if cc == CC_ECDH_ZGEN]

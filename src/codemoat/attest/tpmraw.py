@@ -255,10 +255,10 @@ class StartPath:
             try:
                 attest, r, s = self._raw(self._cmd.nv_certify, key, index, nonce, 8)
             except TpmRc as e:
-                if key == AK_HANDLE and _handle_error(e.rc) == 1:
-                    continue  # no AK persisted there
                 if (e.rc & 0xFFF) == RC_NV_UNINITIALIZED or _handle_error(e.rc) in (2, 3):
                     return None  # never counted, or no such index
+                if key == AK_HANDLE:
+                    continue  # nothing there, or a key that cannot sign this: derive the AK
                 raise AttestError(f"the TPM could not certify its {what}: {e}") from None
             try:
                 return verify_nv_certify(ak, attest, r, s, nonce, index, f"the TPM's certification of its {what}").counter
