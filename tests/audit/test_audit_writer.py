@@ -199,3 +199,38 @@ def test_a_record_queued_while_the_log_closes_is_still_written(audit_log, monkey
     finally:
         closer.join(20)
     assert [r["user"] for r in audit_log.records()] == ["alice", "bob"]
+
+
+def test_a_record_being_written_at_interpreter_exit_is_written(tmp_path):
+    """A process that exits while the writer thread writes a request's record (serve's last requests as it
+    stops) still writes it, and signs it: before, no exit handler waited for the daemon writer thread (the
+    head timer's handler is armed only once a record is written), so the record was lost."""
+    import subprocess
+    import sys
+
+    url = f"sqlite:///{tmp_path / 'audit.db'}"
+    code = f"""
+import asyncio, threading, time
+from codemoat.db import open_db
+from codemoat.audit.log import AuditLog
+lg = AuditLog(open_db({url!r}))
+real, inside = lg._flush, threading.Event()
+def slow(batch):
+    inside.set()
+    time.sleep(0.5)
+    real(batch)
+lg._flush = slow
+threading.Thread(target=lambda: asyncio.run(lg.append_async("request", user="alice", status=200)), daemon=True).start()
+assert inside.wait(10)
+"""  # the main thread ends here, the record half written
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    from codemoat.audit.log import AuditLog
+    from codemoat.db import open_db
+
+    eng = open_db(url)
+    try:
+        lg = AuditLog(eng)
+        assert [r["user"] for r in lg.records()] == ["alice"]
+        assert lg.verify().ok
+    finally:
+        eng.dispose()

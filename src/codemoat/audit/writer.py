@@ -16,6 +16,7 @@ log only weakly between batches).
 
 from __future__ import annotations
 
+import atexit
 import logging
 import queue
 import threading
@@ -37,6 +38,7 @@ class RecordWriter:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
+        self._at_exit = False
         weakref.finalize(audit_log, self._queue.put, None)  # a collected log stops its thread
 
     def submit(self, pending: Any) -> None:
@@ -46,6 +48,9 @@ class RecordWriter:
                 t = threading.Thread(target=_run, args=(self._ref, self._queue), name="audit-writer", daemon=True)
                 t.start()
                 self._thread = t
+                if not self._at_exit:  # a process that ends while records are queued writes and signs them first
+                    atexit.register(_close_at_exit, self._ref)
+                    self._at_exit = True
             self._queue.put(pending)
 
     def stop(self) -> None:
@@ -59,6 +64,15 @@ class RecordWriter:
             t.join(STOP_WAIT_S)
             if t.is_alive():
                 log.error("audit writer: records still queued after %s s at close", STOP_WAIT_S)
+
+
+def _close_at_exit(ref: weakref.ref) -> None:
+    lg = ref()
+    if lg is not None and lg._writer._thread is not None:
+        try:
+            lg.close()  # the writer writes what is queued, then the head is signed
+        except Exception as e:  # noqa: BLE001 - at exit, the database may be gone; the next writer signs
+            log.warning("could not close the audit log at exit: %s", e)
 
 
 def _run(ref: weakref.ref, q: queue.SimpleQueue) -> None:
