@@ -11,10 +11,12 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..engines.base import PromptTooLong
 from ..errors import CodemoatError, Overloaded, RateLimited
 from ..protocol import infill, ollama, openai, tabby
+from .hangup import ClientGone
 
 log = logging.getLogger("codemoat.serve")
 
@@ -74,6 +76,8 @@ def render_exception(request: Request, exc: Exception) -> JSONResponse:
     """Any exception as the caller's protocol error; unexpected ones are logged without request text."""
     if isinstance(exc, (RateLimited, Overloaded)):  # 429 / 503, each with when to retry
         return render(request, exc.status, str(exc), exc.code, {"Retry-After": str(max(1, int(exc.retry_after + 0.999)))})
+    if isinstance(exc, ClientDisconnect):  # gone mid-body: recorded as the hang-up it is (499), no traceback
+        exc = ClientGone("the client closed the connection before its request body was complete")
     if isinstance(exc, CodemoatError):
         # an error with no code of its own has OpenAI's null code (its type says invalid_request_error)
         code = None if exc.code == CodemoatError.code else exc.code
@@ -166,6 +170,7 @@ def install(app) -> None:
         StarletteHTTPException,
         OperationalError,
         InterfaceError,
+        ClientDisconnect,
         Exception,
     ):
         app.add_exception_handler(kind, handler)
