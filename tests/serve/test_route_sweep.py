@@ -128,7 +128,11 @@ def _replaced(doc, path, value):
 
 def _bodies(route: str, rng: random.Random) -> list[tuple[str, bytes, str]]:
     """(what, body, content type) for a POST route."""
-    valid = ROUTES.get(route) or ROUTES.get(route + "#tabby") or {"model": "tiny", "name": "x", "type": "select"}
+    return hostile_bodies(ROUTES.get(route) or ROUTES.get(route + "#tabby") or {"model": "tiny", "name": "x"}, rng)
+
+
+def hostile_bodies(valid: dict, rng: random.Random, over_limit: int = 2 * MB) -> list[tuple[str, bytes, str]]:
+    """(what, body, content type): `valid` with each field made hostile in turn, and bodies that are not it at all."""
     text = json.dumps(valid).encode()
     out = []
     for path in _leaves(valid):
@@ -154,7 +158,7 @@ def _bodies(route: str, rng: random.Random) -> list[tuple[str, bytes, str]]:
         ("NaN at the top", b'{"model": NaN, "n_predict": Infinity, "prompt": -Infinity}'),
         ("a raw NUL", b'{"model": "tiny", "prompt": "a\x00b"}'),
         ("a raw newline in a string", b'{"model": "tiny", "prompt": "a\nb"}'),
-        ("over max_body_mb", b'{"prompt": "' + b"x" * (2 * MB + 10) + b'"}'),
+        ("over the body limit", b'{"prompt": "' + b"x" * (over_limit + 10) + b'"}'),
     ]
     out += [(w, b, "application/json") for w, b in raw]
     for ct in [
@@ -290,7 +294,7 @@ def _headers(server, method: str, path: str) -> None:
         [b"Authorization: Bearer " + server.admin.encode(), b"Authorization: Bearer cm_other", b"Content-Length: %d" % len(body)],
     ]
     for extra in cases:
-        status, text = _raw(server, method, path, extra, body)
+        status, text = raw_request(server.port, method, path, extra, body)
         assert status != -1 and (status is None or status < 500 or status == 503), (path, extra[0][:40], status, text[:300])
         assert b"Traceback" not in text, text[:300]
     # the body stops early: a Content-Length not met, a chunked body without its last chunk
@@ -299,18 +303,18 @@ def _headers(server, method: str, path: str) -> None:
         ([b"Transfer-Encoding: chunked"], b"10\r\n" + body[:16] + b"\r\n"),
         ([b"Transfer-Encoding: chunked"], b"zz\r\n"),
     ]:
-        status, text = _raw(server, method, path, [b"Authorization: Bearer " + server.admin.encode(), *extra], sent, half=True)
+        status, text = raw_request(
+            server.port, method, path, [b"Authorization: Bearer " + server.admin.encode(), *extra], sent, half=True
+        )
         assert status != -1 and (status is None or status < 500), (path, extra, status, text[:300])
 
 
-def _raw(server, method: str, path: str, headers: list[bytes], body: bytes, half: bool = False) -> tuple[int | None, bytes]:
+def raw_request(
+    port: int, method: str, path: str, headers: list[bytes], body: bytes, half: bool = False
+) -> tuple[int | None, bytes]:
     """Send a request as raw bytes; (status, or None when the server closed without one, -1 when it hung; what came back)."""
-    head = b"%s %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: application/json\r\n" % (
-        method.encode(),
-        path.encode(),
-        server.port,
-    )
-    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
+    head = b"%s %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: application/json\r\n" % (method.encode(), path.encode(), port)
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
         s.sendall(head + b"\r\n".join(headers) + b"\r\nConnection: close\r\n\r\n" + body)
         if half:
             s.shutdown(socket.SHUT_WR)  # the client goes away mid-body
