@@ -151,19 +151,32 @@ def test_a_swtpm_that_closes_the_connection_after_each_answer_still_serves_a_sta
         proc.wait(timeout=10)
 
 
-def test_a_lease_unwraps_with_the_persistent_key(vendor, model, tmp_path, swtpm, keyserver, monkeypatch):
-    """A lease's keys (serve's first lease, every renewal) are unwrapped by the persistent key too: no CreatePrimary
-    of the unwrap key per renewal (the quote's AK still comes from ESAPI)."""
+def test_a_lease_quotes_and_unwraps_with_the_persistent_keys(vendor, model, tmp_path, swtpm, keyserver, monkeypatch):
+    """A lease (serve's first, every renewal) quotes with the persistent AK and unwraps with the persistent unwrap
+    key: no CreatePrimary per renewal. Another key put at the AK's handle is not used: the AK is derived, and the
+    key server still takes the quote."""
     from codemoat.vault.lease import LeaseClient
     from codemoat.vault.license import License
 
     machine = tpm_machine(swtpm, vendor)
     _, lic, _ = bundle(vendor, model, tmp_path / "out", machine, mode="lease", keyserver=keyserver.url, lease_ttl=10, grace=5)
     client = LeaseClient(License.load(lic), machine)
+    real, derived = TpmAttestor._ak, []
+
+    def counting(self):
+        derived.append(1)
+        return real(self)
+
+    monkeypatch.setattr(TpmAttestor, "_ak", counting)
+    want = vendor.content_key(License.load(lic).model["file_id"])
     try:
         sent = _sent(monkeypatch)
-        assert client.acquire().content_key == vendor.content_key(License.load(lic).model["file_id"])
-        assert CC_CREATE_PRIMARY not in [cc for cc, _ in sent]
+        assert client.acquire().content_key == want
+        assert CC_CREATE_PRIMARY not in [cc for cc, _ in sent] and derived == []
         assert [h[0] for cc, h in sent if cc == CC_ECDH_ZGEN] == [UNWRAP_HANDLE]
+        with TpmAttestor(swtpm.tcti) as a:
+            _put_at(a, AK_HANDLE, AK_TEMPLATE)
+        assert client.acquire().content_key == want
+        assert derived == [1]
     finally:
         client.close()

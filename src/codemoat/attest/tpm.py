@@ -307,13 +307,30 @@ class TpmAttestor(StartPath):
             raise
         return sess
 
-    def quote(self, policy: dict[str, Any], data: bytes) -> Quote:
+    def _signing_ak(self, expect: str | None) -> tuple[Any, bool]:
+        """(ESYS handle, derived): the AK `machine-id --tpm` made persistent when its public key is `expect` (DER
+        hex, the license's AK), else the AK derived again (the caller flushes that one)."""
+        if expect is not None:
+            c = self.ctx
+            try:
+                h = c.tr_from_tpmpublic(AK_HANDLE)
+            except _pt().TSS2_Exception:
+                h = None  # none persisted (an older machine-id), or gone (a cleared chip, an evicted key)
+            if h is not None:
+                pub, _, _ = c.read_public(h)
+                if pub.to_der().hex() == expect.lower():
+                    return h, False
+                c.tr_close(h)  # another key there: not used
+        return self._ak()[0], True
+
+    def quote(self, policy: dict[str, Any], data: bytes, ak: str | None = None) -> Quote:
         """TPM2_Quote by the AK over the policy's PCRs, with `data` (at most 64 bytes) as qualifyingData; when
         the policy names the tamper latch, also the AK's TPM2_NV_Certify of it over `data` (`Quote.latch`, None
-        when the chip has no latch): a reboot resets the tamper PCR, not the latch, so the verifier sees the event."""
+        when the chip has no latch): a reboot resets the tamper PCR, not the latch, so the verifier sees the event.
+        `ak`: the license's AK (DER hex), so the persistent one signs when it is that key (`_signing_ak`)."""
         pt = _pt()
         c = self.ctx
-        h, _ = self._ak()
+        h, derived = self._signing_ak(ak)
         latch = None
         try:
             attest, sig = c.quote(h, pcr_selection(policy["pcrs"]), data)
@@ -325,7 +342,10 @@ class TpmAttestor(StartPath):
                 except pt.TSS2_Exception as e:
                     raise AttestError(f"the TPM could not certify its tamper latch: {e}") from None
         finally:
-            c.flush_context(h)
+            if derived:
+                c.flush_context(h)
+            else:
+                c.tr_close(h)
         e = sig.signature.ecdsa
         return Quote(bytes(attest), bytes(e.signatureR), bytes(e.signatureS), latch)
 

@@ -223,7 +223,7 @@ class LeaseClient:
         if self.tpm is not None and domain == REQUEST_DOMAIN:
             try:
                 with self.machine.attestor() as a:
-                    q = a.quote(self.tpm["policy"], quote_data(req))
+                    q = a.quote(self.tpm["policy"], quote_data(req), self.tpm["ak"])
             except VaultError:
                 raise
             except CodemoatError as e:  # the TPM gone or refusing: a failed renewal, counted against TTL + grace
