@@ -417,9 +417,9 @@ def write_md(ks: list[dict], core: dict, client: dict, offs: list[dict], load: t
         f"| software key | {client['software']['p50_ms']:.1f} ms | {client['software']['p99_ms']:.1f} ms |",
         f"| TPM (quote + ECDH in the chip) | {client['tpm']['p50_ms']:.1f} ms | {client['tpm']['p99_ms']:.1f} ms |",
         "",
-        "Each TPM renewal opens the chip, re-derives the AK for the quote (through ESAPI) and unwraps with the key "
-        "`machine-id --tpm` made persistent (ECDH_ZGen). A renewal happens every TTL / 2, so this is off any "
-        "request's path.",
+        "Each TPM renewal opens the chip, quotes with the AK and unwraps (ECDH_ZGen) with the key that "
+        "`machine-id --tpm` made persistent (neither is derived again). A renewal happens every TTL / 2, so this is "
+        "off any request's path.",
         "",
         *offline_md(offs),
     ]
