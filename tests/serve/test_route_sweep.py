@@ -51,6 +51,9 @@ HOSTILE = [
     "\x00" * 64,
     "tiny\x00",
     "\u202e\ufeff",
+    "AKIA" + "QWERTYUIOPASDFGH",  # what the secret screen acts on
+    "-----BEGIN RSA PRIVATE KEY-----\nMIIE\n-----END RSA PRIVATE KEY-----",
+    "<|fim_middle|><|endoftext|>",
 ]
 PER_FIELD = 5  # hostile values per field, drawn (seeded) from HOSTILE
 # query parameters tried on every GET (the console's filters, the admin API's, and some nobody reads)
@@ -128,7 +131,8 @@ def _replaced(doc, path, value):
 
 def _bodies(route: str, rng: random.Random) -> list[tuple[str, bytes, str]]:
     """(what, body, content type) for a POST route."""
-    return hostile_bodies(ROUTES.get(route) or ROUTES.get(route + "#tabby") or {"model": "tiny", "name": "x"}, rng)
+    documented = [body for name, body in sorted(ROUTES.items()) if name.split("#")[0] == route]  # OpenAI's and Tabby's
+    return [case for valid in documented or [{"model": "tiny", "name": "x"}] for case in hostile_bodies(valid, rng)]
 
 
 def hostile_bodies(valid: dict, rng: random.Random, over_limit: int = 2 * MB) -> list[tuple[str, bytes, str]]:
@@ -182,6 +186,7 @@ def _check(method: str, path: str, what: str, r: httpx.Response) -> None:
     where = f"{method} {path} [{what}]: {r.status_code} {r.text[:300]!r}"
     assert "Traceback" not in r.text and 'File "' not in r.text, where
     if r.status_code < 400:
+        _check_stream(path, where, r)
         return
     if path.startswith("/admin/") and not path.startswith("/admin/api/"):  # the console: HTML pages
         assert r.status_code < 500, where
@@ -201,6 +206,23 @@ def _check(method: str, path: str, what: str, r: httpx.Response) -> None:
     else:
         assert isinstance(err, str) and err, where
     assert r.status_code < 500, where
+
+
+def _check_stream(path: str, where: str, r: httpx.Response) -> None:
+    """A streamed answer: every event is JSON, and an error inside it has the protocol's shape."""
+    ct = r.headers.get("content-type", "")
+    if "event-stream" in ct:
+        events = [line[5:].strip() for line in r.text.splitlines() if line.startswith("data:")]
+        events = [json.loads(e) for e in events if e != "[DONE]"]
+    elif "ndjson" in ct:
+        events = [json.loads(line) for line in r.text.splitlines() if line.strip()]
+    else:
+        return
+    assert events or path.startswith("/admin/"), where  # an export of no records is empty
+    for e in events:
+        if "error" in e:
+            err = e["error"]
+            assert isinstance(err, str) if path.startswith("/api/") else isinstance(err, (dict, str)), where
 
 
 def _still_up(server) -> None:
