@@ -332,6 +332,10 @@ def _headers(server, method: str, path: str) -> None:
         [b"Authorization: Basic " + b"\xc3" * 3000, b"Content-Length: %d" % len(body)],
         [b"Authorization: Bearer " + server.admin.encode(), b"X-Huge: " + b"a" * 200_000, b"Content-Length: %d" % len(body)],
         [b"Authorization: Bearer " + server.admin.encode(), b"Authorization: Bearer cm_other", b"Content-Length: %d" % len(body)],
+        [b"x-api-key: \xff\x00", b"Content-Length: %d" % len(body)],
+        [b"Cookie: codemoat_session=\xff\xfe; codemoat_signin=%00" + b"; a=b" * 2000, b"Content-Length: %d" % len(body)],
+        [b"Origin: http://\xff", b"X-Forwarded-Proto: \xc3", b"Host: x", b"Content-Length: %d" % len(body)],
+        [b"Authorization: Bearer " + server.admin.encode(), b"Content-Length: 5, 5", b"Content-Encoding: gzip"],
     ]
     for extra in cases:
         status, text = raw_request(server.port, method, path, extra, body)
