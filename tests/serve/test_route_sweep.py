@@ -289,6 +289,15 @@ def _callers(c: httpx.Client, server, method: str, template: str, routes: list) 
             _check(method, path, f"path {v[:20]}", c.request(method, p, headers=_auth(server.admin)))
 
 
+def test_a_failed_swap_of_a_huge_path_writes_a_bounded_audit_record(server):
+    """The swap route recorded the caller's model path whole: a megabyte of audit log per failed swap."""
+    h = _auth(server.admin)
+    r = httpx.post(server.url + "/admin/api/model/swap", json={"model": "x" * MB}, headers=h, timeout=60)
+    assert r.status_code == 400, r.text[:300]
+    recs = httpx.get(server.url + "/admin/api/audit?kind=update&limit=1", headers=h, timeout=60).json()["records"]
+    assert recs[0]["route"] == "update swap_failed" and len(json.dumps(recs[0])) < 5000, len(json.dumps(recs[0]))
+
+
 def _quiet_log(server, where: str, seen: int) -> int:
     """No traceback nor internal error in the server's log since `seen` (a stream that failed after its
     200, an error no answer showed, a client gone mid-body); the log's length now."""

@@ -152,8 +152,9 @@ async def model_swap(request: Request, principal: Principal = admin) -> JSONResp
     try:
         out = await _swap_file(request, body)
     except Exception as e:
-        reason = str(e)[:300]
-        await anyio.to_thread.run_sync(lambda: audit("swap_failed", model=body.get("model"), reason=reason))
+        reason, model = str(e)[:300], body.get("model")
+        model = model[:1000] if isinstance(model, str) else type(model).__name__  # not a caller's megabyte per record
+        await anyio.to_thread.run_sync(lambda: audit("swap_failed", model=model, reason=reason))
         raise
     await anyio.to_thread.run_sync(lambda: audit("swapped", **out))
     return JSONResponse(out)
