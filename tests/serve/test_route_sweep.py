@@ -225,6 +225,11 @@ def _check_stream(path: str, where: str, r: httpx.Response) -> None:
             assert isinstance(err, str) if path.startswith("/api/") else isinstance(err, (dict, str)), where
 
 
+def _issued(c: httpx.Client, server) -> str:
+    r = c.post("/v1/completions", json={"model": "tiny", "prompt": "def f(", "max_tokens": 2}, headers=_auth(server.admin))
+    return r.headers["x-codemoat-completion-id"]
+
+
 def _still_up(server) -> None:
     with httpx.Client(base_url=server.url, timeout=60) as c:
         assert c.get("/health").status_code == 200
@@ -259,7 +264,10 @@ def test_every_route_answers_hostile_requests_in_its_own_shape(server):
                     for v in rng.sample(QUERY_VALUES, 4):
                         _check(method, path, f"?{q}={v[:20]}", c.get(f"{path}?{q}={v}", headers=_auth(server.admin)))
             else:
-                for what, body, ct in _bodies(path, rng):
+                cases = _bodies(path, rng)
+                if path == "/v1/events":  # also about a completion this caller really had: deeper than an unknown id
+                    cases += hostile_bodies({**ROUTES[path], "completion_id": _issued(c, server)}, rng)
+                for what, body, ct in cases:
                     h = {**_auth(server.admin), **({"Content-Type": ct} if ct else {})}
                     _check(method, path, what, c.request(method, path, content=body, headers=h))
             _callers(c, server, method, template, routes)
