@@ -319,21 +319,7 @@ def test_an_answer_that_came_after_its_fetch_gave_up_is_not_the_next_fetchs(tmp_
     model's reload got the adapter's file and facts (a refusal meant for one request read as another's)."""
     from codemoat.vault import client as client_mod
 
-    data = b"GGUF" + bytes(4092)
-    buf = MemfdBuffer.from_bytes(data, name="test-model")
-    slow = MemfdBuffer.from_bytes(b"GGUF" + bytes(60), name="slow-adapter")
-    release = threading.Event()
-
-    def resolve(model_id: str):
-        if model_id != "update:slow":
-            return None
-        release.wait(30)
-        return Offer(model_id, os.dup(slow.fd), slow.size, {"kind": "adapter"})
-
-    d = VaultDaemon(tmp_path / "vault.sock", allow_uids={os.getuid()}, resolve=resolve).start()
-    d.offer(Offer("acme-coder", buf.fd, buf.size, {}))
-    c = VaultClient.connect(d.path)
-    try:
+    with _stuck_vaultd(tmp_path) as (c, release, data):
         os.close(c.fetch("acme-coder").fd)
         c.watch(lambda msg: None, lambda why: None)  # as serve: the watcher reads, fetches wait for its relay
         monkeypatch.setattr(client_mod, "FETCH_TIMEOUT_S", 0.5)
@@ -344,12 +330,6 @@ def test_an_answer_that_came_after_its_fetch_gave_up_is_not_the_next_fetchs(tmp_
         got = c.fetch("acme-coder")
         os.close(got.fd)
         assert (got.model_id, got.size) == ("acme-coder", len(data))
-    finally:
-        release.set()
-        c.close()
-        d.close()
-        buf.close()
-        slow.close()
 
 
 def test_a_vaultd_that_never_answers_does_not_hold_serves_start(tmp_path, monkeypatch):
@@ -358,21 +338,7 @@ def test_a_vaultd_that_never_answers_does_not_hold_serves_start(tmp_path, monkey
     It now gives up after FETCH_TIMEOUT_S with one line, and the late answer is not taken as the next fetch's."""
     from codemoat.vault import client as client_mod
 
-    data = b"GGUF" + bytes(4092)
-    buf = MemfdBuffer.from_bytes(data, name="test-model")
-    slow = MemfdBuffer.from_bytes(b"GGUF" + bytes(60), name="slow-adapter")
-    release = threading.Event()
-
-    def resolve(model_id: str):
-        if model_id != "update:slow":
-            return None
-        release.wait(60)
-        return Offer(model_id, os.dup(slow.fd), slow.size, {"kind": "adapter"})
-
-    d = VaultDaemon(tmp_path / "vault.sock", allow_uids={os.getuid()}, resolve=resolve).start()
-    d.offer(Offer("acme-coder", buf.fd, buf.size, {}))
-    c = VaultClient.connect(d.path)
-    try:
+    with _stuck_vaultd(tmp_path) as (c, release, data):
         monkeypatch.setattr(client_mod, "FETCH_TIMEOUT_S", 0.5)
         got: list = []
 
@@ -392,6 +358,28 @@ def test_a_vaultd_that_never_answers_does_not_hold_serves_start(tmp_path, monkey
         ok = c.fetch("acme-coder")
         os.close(ok.fd)
         assert (ok.model_id, ok.size) == ("acme-coder", len(data))
+
+
+@contextmanager
+def _stuck_vaultd(tmp_path):
+    """A vault daemon serving "acme-coder", whose resolver for "update:slow" waits until `release` is set (as on
+    a stalled disk): yields a connected client, that event and the model's bytes; closes everything after."""
+    data = b"GGUF" + bytes(4092)
+    buf = MemfdBuffer.from_bytes(data, name="test-model")
+    slow = MemfdBuffer.from_bytes(b"GGUF" + bytes(60), name="slow-adapter")
+    release = threading.Event()
+
+    def resolve(model_id: str):
+        if model_id != "update:slow":
+            return None
+        release.wait(60)
+        return Offer(model_id, os.dup(slow.fd), slow.size, {"kind": "adapter"})
+
+    d = VaultDaemon(tmp_path / "vault.sock", allow_uids={os.getuid()}, resolve=resolve).start()
+    d.offer(Offer("acme-coder", buf.fd, buf.size, {}))
+    c = VaultClient.connect(d.path)
+    try:
+        yield c, release, data
     finally:
         release.set()
         c.close()
