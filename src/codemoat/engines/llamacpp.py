@@ -13,7 +13,7 @@ import ctypes
 import dataclasses
 import random
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,64 +24,13 @@ from ..errors import CodemoatError
 from .base import Chunk, FinishReason, SamplingParams
 from .memfd import MemfdBuffer
 from .batch import ALIGN, Batcher, Seq
+from .llamaload import load_llama, load_vocab, training_context
+from .llamavocab import NativeVocab
 from .pieces import valid_utf8_prefix as _valid_utf8_prefix
 from .worker import StopCutter, WorkerEngine
 
 
-def _cannot_load(name: str) -> CodemoatError:
-    return CodemoatError(
-        f"cannot load model {name}: llama.cpp cannot read it (not a GGUF model, truncated, "
-        "or an architecture this llama.cpp does not know)"
-    )
-
-
-def load_vocab(model_path: str, name: str | None = None):
-    """A vocab-only `llama_cpp.Llama` (tokenizer and metadata, no weights); one line naming the file if it cannot load."""
-    import llama_cpp
-    from llama_cpp._utils import suppress_stdout_stderr
-
-    try:
-        # a vocab-only load reads no hyperparameters, so llama.cpp warns that any context exceeds
-        # a training context of 0: noise, held back here
-        with suppress_stdout_stderr(disable=False):
-            return llama_cpp.Llama(model_path=model_path, vocab_only=True, verbose=False)
-    except (ValueError, RuntimeError, OSError):
-        raise _cannot_load(name or model_path) from None
-
-
-def training_context(metadata: dict[str, Any], default: int) -> int:
-    """The context length a GGUF model was trained with (`<arch>.context_length`), else `default`."""
-    arch = metadata.get("general.architecture", "llama")
-    try:
-        return int(metadata.get(f"{arch}.context_length", 0)) or default
-    except ValueError:
-        return default
-
-
-def load_llama(model_path: str, name: str | None = None, *, use_extra_bufts: bool | None = None, progress=None, **kw: Any):
-    """A full `llama_cpp.Llama` with `n_ctx` capped at the model's training context (a larger one
-    makes llama.cpp warn of a training context overflow on every load); one line naming the file if it cannot load.
-    `use_extra_bufts` (llama.cpp's AMX/repacked CPU buffers): None lets `cpu.choose` decide (a self-test
-    for a quantised model, cached per CPU and build). `progress`: llama.cpp's load progress callback."""
-    import llama_cpp
-
-    from .cpu import choose, extra_bufts
-
-    if use_extra_bufts is None:
-        use_extra_bufts = choose("auto", model_path, n_threads=kw.get("n_threads")).use_extra_bufts
-    probe = load_vocab(model_path, name)
-    train_ctx = training_context(probe.metadata, kw.get("n_ctx", 512))
-    probe.close()
-    kw["n_ctx"] = min(kw.get("n_ctx", 512), train_ctx)
-    kw["n_batch"] = min(kw.get("n_batch", 512), kw["n_ctx"])
-    try:
-        with extra_bufts(use_extra_bufts, progress):
-            return llama_cpp.Llama(model_path=model_path, verbose=False, **kw)
-    except (ValueError, RuntimeError, OSError):
-        raise _cannot_load(name or model_path) from None
-
-
-class LlamaCppEngine(WorkerEngine):
+class LlamaCppEngine(NativeVocab, WorkerEngine):
     name = "llamacpp"
     # llama.cpp's CPU "extra buffer types" (AMX, repacked kernels) off: correct on any x86-64 CPU
     safe_options = {"use_extra_bufts": False}
@@ -237,91 +186,6 @@ class LlamaCppEngine(WorkerEngine):
     @property
     def metadata(self) -> dict[str, Any]:
         return dict(self._model.metadata)
-
-    # -- the native model, used by the server's threads ------------------------------
-    def _hold(self) -> None:
-        """A server thread enters the native model (tokenise, detokenise): `close()` frees the model only once
-        every such call has left it (`_leave`), and none enters once it is closed (a 503 that says why)."""
-        with self._users_cv:
-            if self._closed:
-                raise self.closed_error()
-            self._users += 1
-
-    def _leave(self) -> None:
-        with self._users_cv:
-            self._users -= 1
-            if not self._users:
-                self._users_cv.notify_all()
-
-    def _free_model(self) -> None:
-        """Free the native model after the calls in it end (a tokenisation reading a freed vocabulary crashed
-        the process: the inline engine's close under a request)."""
-        with self._users_cv:
-            self._users_cv.wait_for(lambda: not self._users)
-        self._llm.close()
-
-    def has_token(self, text: str) -> bool:
-        """Whether `text` is one special token of this vocabulary."""
-        hit = self._special_cache.get(text)
-        if hit is None:
-            self._hold()
-            try:
-                ids = self._model.tokenize(text.encode(), add_bos=False, special=True)
-                hit = len(ids) == 1 and self._lib.llama_vocab_is_control(self._vocab, ids[0])
-                hit = bool(hit) or (len(ids) == 1 and ids != self._model.tokenize(text.encode(), add_bos=False, special=False))
-            finally:
-                self._leave()
-            self._special_cache[text] = hit
-        return hit
-
-    def token_text(self, which: str) -> str:
-        """Text of the bos/eos token ("" if the model has none)."""
-        self._hold()
-        try:
-            tid = self._model.token_bos() if which == "bos" else self._model.token_eos()
-            if tid is None or tid < 0:
-                return ""
-            return self._model.detokenize([tid], special=True).decode("utf-8", "replace")
-        finally:
-            self._leave()
-
-    def tokenize(self, text: str, special: bool = True) -> list[int]:
-        """Token ids with the model's BOS once (a text that starts with the BOS token keeps just that one)."""
-        from .templates import Part
-
-        return self.encode([Part(text, special)])
-
-    def _add_bos(self) -> bool:
-        return str(self._model.metadata.get("tokenizer.ggml.add_bos_token", "false")).lower() == "true"
-
-    def _tokenize(self, text: str, special: bool) -> list[int]:
-        """llama.cpp's tokenizer into a buffer that fits: llama-cpp-python sizes its buffer by the training
-        context, which a vocab-only model (the server's `front`) reports as 0, so it tokenised every text twice."""
-        if self._closed:  # its vocabulary is freed: a 503 that says why, not a crash
-            raise self.closed_error()
-        b = text.encode()
-        buf = (ctypes.c_int32 * (len(b) + 8))()  # a token covers a byte or more; room for a leading-space token
-        n = self._lib.llama_tokenize(self._vocab, b, len(b), buf, len(buf), False, special)
-        return buf[:n] if n >= 0 else self._model.tokenize(b, add_bos=False, special=special)
-
-    def encode(self, parts: Sequence[Any], bos: bool = True) -> list[int]:
-        self._hold()
-        try:
-            ids = [t for p in parts if p.text for t in self._tokenize(p.text, p.special)]
-            first = self._model.token_bos()
-        finally:
-            self._leave()
-        if bos and self._add_bos() and first is not None and first >= 0 and ids[:1] != [first]:
-            ids.insert(0, first)
-        return ids
-
-    def detokenize(self, ids: Sequence[int]) -> str:
-        """Text of `ids` without control tokens (they are the template's, never the answer's)."""
-        self._hold()
-        try:
-            return self._model.detokenize(list(ids), special=False).decode("utf-8", "replace")
-        finally:
-            self._leave()
 
     # -- generation ---------------------------------------------------------
     def _work(self) -> None:

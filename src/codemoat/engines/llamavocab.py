@@ -1,0 +1,98 @@
+"""The tokenizer side of a llama.cpp engine: tokenise, detokenise and special-token facts, run by the server's
+threads on the native model while its worker generates. `close()` frees the model only once every such call has
+left it (`_hold` / `_leave` / `_free_model`): a tokenisation reading a freed vocabulary crashed the process."""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Sequence
+from typing import Any
+
+
+class NativeVocab:
+    """Mixed into `LlamaCppEngine`, which sets `_llm`, `_model`, `_lib`, `_vocab`, `_special_cache`, `_closed`,
+    `_users` and `_users_cv` (a `threading.Condition`), and gives `closed_error()`."""
+
+    def _hold(self) -> None:
+        """A server thread enters the native model (tokenise, detokenise): `close()` frees the model only once
+        every such call has left it (`_leave`), and none enters once it is closed (a 503 that says why)."""
+        with self._users_cv:
+            if self._closed:
+                raise self.closed_error()
+            self._users += 1
+
+    def _leave(self) -> None:
+        with self._users_cv:
+            self._users -= 1
+            if not self._users:
+                self._users_cv.notify_all()
+
+    def _free_model(self) -> None:
+        """Free the native model after the calls in it end (a tokenisation reading a freed vocabulary crashed
+        the process: the inline engine's close under a request)."""
+        with self._users_cv:
+            self._users_cv.wait_for(lambda: not self._users)
+        self._llm.close()
+
+    def has_token(self, text: str) -> bool:
+        """Whether `text` is one special token of this vocabulary."""
+        hit = self._special_cache.get(text)
+        if hit is None:
+            self._hold()
+            try:
+                ids = self._model.tokenize(text.encode(), add_bos=False, special=True)
+                hit = len(ids) == 1 and self._lib.llama_vocab_is_control(self._vocab, ids[0])
+                hit = bool(hit) or (len(ids) == 1 and ids != self._model.tokenize(text.encode(), add_bos=False, special=False))
+            finally:
+                self._leave()
+            self._special_cache[text] = hit
+        return hit
+
+    def token_text(self, which: str) -> str:
+        """Text of the bos/eos token ("" if the model has none)."""
+        self._hold()
+        try:
+            tid = self._model.token_bos() if which == "bos" else self._model.token_eos()
+            if tid is None or tid < 0:
+                return ""
+            return self._model.detokenize([tid], special=True).decode("utf-8", "replace")
+        finally:
+            self._leave()
+
+    def tokenize(self, text: str, special: bool = True) -> list[int]:
+        """Token ids with the model's BOS once (a text that starts with the BOS token keeps just that one)."""
+        from .templates import Part
+
+        return self.encode([Part(text, special)])
+
+    def _add_bos(self) -> bool:
+        return str(self._model.metadata.get("tokenizer.ggml.add_bos_token", "false")).lower() == "true"
+
+    def _tokenize(self, text: str, special: bool) -> list[int]:
+        """llama.cpp's tokenizer into a buffer that fits: llama-cpp-python sizes its buffer by the training
+        context, which a vocab-only model (the server's `front`) reports as 0, so it tokenised every text twice."""
+        if self._closed:  # its vocabulary is freed: a 503 that says why, not a crash
+            raise self.closed_error()
+        b = text.encode()
+        buf = (ctypes.c_int32 * (len(b) + 8))()  # a token covers a byte or more; room for a leading-space token
+        n = self._lib.llama_tokenize(self._vocab, b, len(b), buf, len(buf), False, special)
+        return buf[:n] if n >= 0 else self._model.tokenize(b, add_bos=False, special=special)
+
+    def encode(self, parts: Sequence[Any], bos: bool = True) -> list[int]:
+        self._hold()
+        try:
+            ids = [t for p in parts if p.text for t in self._tokenize(p.text, p.special)]
+            first = self._model.token_bos()
+        finally:
+            self._leave()
+        if bos and self._add_bos() and first is not None and first >= 0 and ids[:1] != [first]:
+            ids.insert(0, first)
+        return ids
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        """Text of `ids` without control tokens (they are the template's, never the answer's)."""
+        self._hold()
+        try:
+            return self._model.detokenize(list(ids), special=False).decode("utf-8", "replace")
+        finally:
+            self._leave()
