@@ -19,6 +19,7 @@ from codemoat.db import open_db
 from codemoat.directory.device import DeviceFlow
 from codemoat.directory.oidc import OidcClient
 from codemoat.errors import CodemoatError
+from tarpit import Tarpit
 
 DEEP = b"[" * 100_000
 BAD = {
@@ -160,29 +161,8 @@ def test_a_provider_that_drips_its_discovery_document_is_one_line_in_bounded_tim
     """httpx's timeout bounds each read, not the answer: a provider (or a proxy) sending its discovery document
     one byte every 0.05 s held the sign-in for good, and with it every other sign-in, which wait on discovery's
     lock. It is now 'unreachable' after 6 times directory.timeout_s."""
-    dripping = threading.Event()
-    dripping.set()
-
-    class Drip(BaseHTTPRequestHandler):
-        def log_message(self, *a):
-            pass
-
-        def do_GET(self):  # noqa: N802
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", "1000000")
-            self.end_headers()
-            try:
-                while dripping.is_set():
-                    self.wfile.write(b" ")
-                    self.wfile.flush()
-                    time.sleep(0.05)
-            except OSError:
-                pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Drip)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}"
+    tarpit = Tarpit().start()
+    url = tarpit.url
     try:
         secret = tmp_path / "secret"
         secret.write_text("s")
@@ -208,9 +188,7 @@ def test_a_provider_that_drips_its_discovery_document_is_one_line_in_bounded_tim
         assert not t.is_alive(), "the sign-in still waits on the provider's discovery document"
         assert isinstance(got[0], CodemoatError) and "no complete answer in 3 s" in str(got[0]), got
     finally:
-        dripping.clear()
-        server.shutdown()
-        server.server_close()
+        tarpit.stop()
 
 
 def test_unfinished_device_codes_are_bounded_per_address_and_in_all(tmp_path, home):

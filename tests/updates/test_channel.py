@@ -125,46 +125,21 @@ def test_a_channel_that_drips_its_answer_is_one_line_in_bounded_time(tmp_path, h
     """httpx's timeout bounds each read, not the answer: a channel (or a proxy) sending its index, or a bundle,
     one byte every 0.05 s held `update fetch` (and the timer that runs it) for good. The index now has 6 times
     the timeout; a bundle that, plus its size at 64 KiB/s; then one line, and no partial file is left."""
-    import time
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
     from codemoat.errors import CodemoatError
     from codemoat.updates import channel as ch
+    from tarpit import Tarpit
 
-    dripping = threading.Event()
-    dripping.set()
     index = json.dumps([{"file": "acme.moatpkg", "size": 1000, "sha256": "0" * 64}]).encode()
 
-    class Channel(BaseHTTPRequestHandler):
-        def log_message(self, *a):
-            pass
-
-        def do_GET(self):  # noqa: N802
-            self.send_response(200)
-            if drip == "bundle" and self.path.endswith("index.json"):
-                self.send_header("Content-Length", str(len(index)))
-                self.end_headers()
-                self.wfile.write(index)
-                return
-            self.send_header("Content-Length", "1000000" if drip == "index" else "1000")
-            self.end_headers()
-            try:
-                while dripping.is_set():
-                    self.wfile.write(b"[")
-                    self.wfile.flush()
-                    time.sleep(0.05)
-            except OSError:
-                pass
-
     monkeypatch.setattr(ch, "TIMEOUT_S", 0.5, raising=False)  # (the code before had no such setting: 60 s a read)
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), Channel)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    whole = {"/index.json": index} if drip == "bundle" else {}
+    tarpit = Tarpit(length=1_000_000 if drip == "index" else 1000, whole=whole).start()
     inbox = home / "updates" / "inbox"
     got: list = []
 
     def fetch() -> None:
         try:
-            ch.fetch(f"http://127.0.0.1:{srv.server_address[1]}", inbox)
+            ch.fetch(tarpit.url, inbox)
         except CodemoatError as e:
             got.append(str(e))
 
@@ -176,9 +151,7 @@ def test_a_channel_that_drips_its_answer_is_one_line_in_bounded_time(tmp_path, h
         assert got and "no complete answer in 3" in got[0] and "\n" not in got[0], got
         assert list(inbox.iterdir()) == []
     finally:
-        dripping.clear()
-        srv.shutdown()
-        srv.server_close()
+        tarpit.stop()
 
 
 def test_an_index_nested_past_the_decoders_limit_is_a_named_refusal(tmp_path, home):

@@ -14,7 +14,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-sys.path.insert(0, str(Path(__file__).parent))  # vaulthelp, proxy: this folder is a package, not on the path by itself
+sys.path.insert(0, str(Path(__file__).parent))  # vaulthelp: this folder is a package, not on the path by itself
 
 
 @pytest.fixture(autouse=True)

@@ -4,7 +4,6 @@ deeply nested bodies, challenges for licenses it does not know, a flood of chall
 from __future__ import annotations
 
 import json
-import time
 
 import httpx
 import pytest
@@ -18,6 +17,7 @@ from codemoat.vault.lease import LeaseClient, LeaseKeeper, Unreachable
 from codemoat.vault.license import License
 from codemoat.vault.machine import MachineKey
 from proxy import RewritingProxy
+from tarpit import Tarpit
 from vaulthelp import bundle
 
 FORGED = json.dumps({"error": {"code": "revoked", "message": "license was revoked"}}).encode()
@@ -117,30 +117,6 @@ def test_an_answer_the_decoder_or_canonical_json_refuses_is_an_outage_that_ends_
     assert keeper.state == "lost" and len(events) == 1 and "could not be renewed" in events[0]
 
 
-class Tarpit(RewritingProxy):
-    """Forwards to the key server until `on` is set; then answers every request with a status line, headers
-    and one body byte every 0.05 s, for ever (each read is quick: no per-read timeout ever trips)."""
-
-    on = False
-
-    async def _handle(self, reader, writer) -> None:
-        import asyncio
-
-        if not self.on:
-            return await super()._handle(reader, writer)
-        try:
-            await reader.readuntil(b"\r\n\r\n")
-            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 1000000\r\n\r\n")
-            while self.on:
-                writer.write(b" ")
-                await writer.drain()
-                await asyncio.sleep(0.05)
-        except (OSError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            writer.close()
-
-
 def _tick(keeper) -> None:
     """keeper.tick() as its thread runs it; fails the test when it is still blocked after 30 s."""
     import threading
@@ -155,7 +131,7 @@ def test_an_answer_that_never_ends_is_an_outage_that_ends_at_ttl_plus_grace(vend
     """httpx's timeout bounds each read, not the answer: the customer's own proxy sending one byte every 0.05 s
     held LeaseKeeper.tick in the renewal for good, so the state stayed "held", the TTL + grace deadline was
     never checked, and the model served on after its lease ran out (or its license was revoked)."""
-    tarpit = Tarpit(keyserver.url, lambda path, status, body: (status, body)).start()
+    tarpit = Tarpit(keyserver.url).start()
     try:
         lic = _license(vendor, model, tmp_path / "a", machine, tarpit.url)
         clock, events = ManualClock(), []
@@ -171,8 +147,6 @@ def test_an_answer_that_never_ends_is_an_outage_that_ends_at_ttl_plus_grace(vend
         _tick(keeper)
         assert keeper.state == "lost" and len(events) == 1 and "could not be renewed" in events[0]
     finally:
-        tarpit.on = False
-        time.sleep(0.2)  # its handlers end their loops before the proxy's loop stops
         tarpit.stop()
 
 
@@ -293,7 +267,7 @@ def test_a_release_into_a_tarpit_does_not_hold_the_shutdown(vendor, machine, mod
     byte every 0.05 s held serve's shutdown for good (a service manager then kills it, and no shutdown is audited).
     The release now gives up after 6 times the client's timeout, says so in one line, and the key server still
     ends the unreleased lease at its TTL."""
-    tarpit = Tarpit(keyserver.url, lambda path, status, body: (status, body)).start()
+    tarpit = Tarpit(keyserver.url).start()
     try:
         lic = _license(vendor, model, tmp_path / "a", machine, tarpit.url)
         client = LeaseClient(lic, machine, timeout=0.5)
@@ -312,8 +286,6 @@ def test_a_release_into_a_tarpit_does_not_hold_the_shutdown(vendor, machine, mod
         probe.clock.advance(lic.lease["ttl"] + 1)
         assert probe.live_leases(lic.id) == 0
     finally:
-        tarpit.on = False
-        time.sleep(0.2)
         tarpit.stop()
 
 
@@ -327,7 +299,7 @@ def test_a_tarpit_at_start_is_a_one_line_refusal_not_a_start_that_never_ends(
     from codemoat.engines.sealed import open_sealed
 
     monkeypatch.setenv("CODEMOAT_VAULT__KEYSERVER_TIMEOUT_S", "0.5")
-    tarpit = Tarpit(keyserver.url, lambda path, status, body: (status, body)).start()
+    tarpit = Tarpit(keyserver.url).start()
     tarpit.on = True
     try:
         moat, lic, _ = bundle(vendor, model, tmp_path / "a", machine, mode="lease", keyserver=tarpit.url)
@@ -346,6 +318,4 @@ def test_a_tarpit_at_start_is_a_one_line_refusal_not_a_start_that_never_ends(
         assert not t.is_alive(), "the start still waits on the key server's answer"
         assert isinstance(got[0], Unreachable) and "no complete answer in 3 s" in str(got[0]), got
     finally:
-        tarpit.on = False
-        time.sleep(0.2)
         tarpit.stop()

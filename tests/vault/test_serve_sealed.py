@@ -90,10 +90,10 @@ def test_serve_stops_promptly_when_its_lease_release_meets_a_tarpit(vendor, mach
     """SIGTERM to a serve holding a lease: its release went through httpx's per-read timeout only, so a proxy
     dripping one byte every 0.05 s held the shutdown for good (a service manager then kills it). It now gives up
     after 6 times vault.keyserver_timeout_s, says so in one line, and exits; the seat frees at the lease's end."""
-    from .test_keyserver_hardening import Tarpit
+    from tarpit import Tarpit
 
     ks = KeyServerProcess(vendor).start()
-    tarpit = Tarpit(ks.url, lambda path, status, body: (status, body)).start()
+    tarpit = Tarpit(ks.url).start()
     port = free_port()
     moat, lic, doc = bundle(vendor, gguf_file, tmp_path / "out", machine, mode="lease", keyserver=tarpit.url, lease_ttl=600)
     proc = start_serve(moat, lic, port, CODEMOAT_VAULT__KEYSERVER_TIMEOUT_S="0.5")
@@ -113,7 +113,5 @@ def test_serve_stops_promptly_when_its_lease_release_meets_a_tarpit(vendor, mach
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        tarpit.on = False
-        time.sleep(0.2)
         tarpit.stop()
         ks.stop()
