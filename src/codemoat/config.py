@@ -41,6 +41,25 @@ class ServerSettings(BaseModel):
     max_body_mb: float = Field(
         8, ge=0, description="Largest request body accepted, in MiB; a larger one gets 413 (0 = no limit)."
     )
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description="Addresses or networks (CIDR) of the reverse proxies in front of the server (HAProxy's). A request "
+        "from one of them is taken to come from the address its X-Forwarded-For names (the nearest not itself a "
+        "trusted proxy): the address its audit record, per-address limits and sign-in bounds see. Empty (the "
+        "default): X-Forwarded-For is ignored, from every peer, loopback included.",
+    )
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _addresses(cls, v: list[str]) -> list[str]:
+        import ipaddress
+
+        for item in v:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(f"{item!r} is not an IP address or network (e.g. 10.0.0.5 or 10.0.0.0/24)") from None
+        return v
 
 
 class ModelSettings(BaseModel):

@@ -42,6 +42,20 @@ def _audited(url: str, route: str) -> int:
     return column(url, "select count(*) from audit_records where route = :r and status = 200", r=route)[0]
 
 
+def test_the_address_recorded_through_haproxy_is_the_editors(tiny_gguf, serve_process, haproxy):
+    """deploy/haproxy.cfg appends the editor's address (option forwardfor) and a replica that names
+    HAProxy in server.trusted_proxies records it; what the editor put in X-Forwarded-For is not
+    believed. Fails before: no forwardfor, and the replica believed the editor's own header."""
+    replica = serve_process(["--model", str(tiny_gguf)], env={"CODEMOAT_SERVER__TRUSTED_PROXIES": '["127.0.0.1"]'})
+    lb = haproxy(replica.url, replica.url)
+    editor = httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.2"))  # not HAProxy's address
+    with editor:
+        r = editor.post(lb + "/v1/completions", json={"prompt": "x"}, headers={"X-Forwarded-For": "203.0.113.9"})
+    assert r.status_code == 401
+    assert replica.stop() == 0
+    assert column(f"sqlite:///{os.environ['CODEMOAT_HOME']}/codemoat.db", "select client from audit_records") == ["127.0.0.2"]
+
+
 def test_replica_killed_mid_stream(pg_cluster, tiny_gguf, serve_process, haproxy, monkeypatch):
     url = pg_cluster.new_database()
     monkeypatch.setenv("CODEMOAT_DATABASE_URL", url)

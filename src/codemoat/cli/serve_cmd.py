@@ -62,7 +62,7 @@ def serve(
     sock = listen(settings.server.host, settings.server.port)
     bound = sock.getsockname()[1]
     console.print(f"codemoat serving [bold]{holder.model_id}[/bold] on http://{settings.server.host}:{bound}", highlight=False)
-    run(application, sock, settings.server.log_level)
+    run(application, sock, settings.server.log_level, settings.server.trusted_proxies)
     console.print("codemoat stopped", highlight=False)
 
 

@@ -35,11 +35,18 @@ def freeze_heap() -> None:
     gc.freeze()
 
 
-def run(app, sock: socket.socket, log_level: str) -> None:
-    """Serve `app` on `sock` until SIGTERM or SIGINT; requests in flight get 10 s to finish."""
+def run(app, sock: socket.socket, log_level: str, trusted_proxies: list[str] | None = None) -> None:
+    """Serve `app` on `sock` until SIGTERM or SIGINT; requests in flight get 10 s to finish.
+
+    X-Forwarded-For is read only from `trusted_proxies` (server.trusted_proxies). uvicorn's own default
+    trusts it from 127.0.0.1 (or $FORWARDED_ALLOW_IPS): any local process, or a proxy on the host that
+    passes the client's header through, would then pick the address that audit records and the
+    per-address bounds see."""
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, access_log=False, timeout_graceful_shutdown=10))
+    proxies = {"proxy_headers": bool(trusted_proxies), "forwarded_allow_ips": list(trusted_proxies or ()) or None}
+    config = uvicorn.Config(app, log_level=log_level, access_log=False, timeout_graceful_shutdown=10, **proxies)
+    server = uvicorn.Server(config)
     freeze_heap()  # the model is loaded and the app built: what follows is serving
     # uvicorn drains requests on SIGTERM/SIGINT, then re-raises the signal under the handler it
     # found at start; a quiet handler here makes a graceful stop exit 0, as service managers expect.

@@ -1,0 +1,50 @@
+"""X-Forwarded-For is believed only from `server.trusted_proxies` (a real `codemoat serve`, real HTTP).
+
+uvicorn's default trusts it from 127.0.0.1: any local process, or a proxy on the host that passes the
+client's header through, then picked the address that audit records, the per-source tally of requests
+without a token and the sign-in bounds see. Behind HAProxy the setting names HAProxy
+(tests/deploy/test_replicas.py runs it so)."""
+
+from __future__ import annotations
+
+import httpx
+from conftest import run_cli
+
+from codemoat.audit.log import AuditLog
+from codemoat.db import open_db
+
+FORGED = [f"203.0.113.{i}" for i in range(1, 6)]
+
+
+def _knock(url: str) -> None:
+    """Five requests without a token, each naming another address in X-Forwarded-For."""
+    for addr in FORGED:
+        r = httpx.post(url + "/v1/completions", json={"prompt": "x"}, headers={"X-Forwarded-For": addr})
+        assert r.status_code == 401
+
+
+def _clients(kind: str) -> list:
+    log = AuditLog(open_db(None))
+    return [(r["client"], (r["detail"] or {}).get("count")) for r in log.records(kind=kind)]
+
+
+def test_a_forged_forwarded_for_from_an_untrusted_peer_changes_nothing(serve_process, random_gguf):
+    """Fails before: five records, each with the address the caller made up, none tallied."""
+    server = serve_process(["--model", str(random_gguf)])
+    _knock(server.url)
+    assert server.stop() == 0  # the open tally is written at shutdown
+    assert _clients("request") == [("127.0.0.1", None)]  # the peer's own address, recorded once
+    assert _clients("unauthenticated") == [("127.0.0.1", 4)]  # the rest counted against it: no way round the tally
+
+
+def test_a_configured_proxy_is_believed(serve_process, random_gguf):
+    server = serve_process(["--model", str(random_gguf)], env={"CODEMOAT_SERVER__TRUSTED_PROXIES": '["127.0.0.1"]'})
+    _knock(server.url)
+    assert server.stop() == 0
+    assert _clients("request") == [(a, None) for a in FORGED]
+
+
+def test_a_trusted_proxy_that_is_not_an_address_is_one_line(random_gguf):
+    r = run_cli("serve", "--model", str(random_gguf), "--port", "0", env={"CODEMOAT_SERVER__TRUSTED_PROXIES": '["haproxy"]'})
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "server.trusted_proxies" in r.stderr and "'haproxy' is not an IP address or network" in r.stderr, r.stderr
