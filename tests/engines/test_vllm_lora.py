@@ -269,6 +269,22 @@ def test_a_stranger_cannot_fetch_an_adapter_from_the_lora_handoff(tmp_path):
     assert not Path(sock).exists()
 
 
+@pytest.mark.parametrize("config", ["[" * 100_000, "[]", "not json"], ids=["deep", "list", "text"])
+def test_an_adapter_config_that_is_not_a_json_object_is_a_one_line_refusal(config):
+    """The adapter's config was checked with a bare `assert` (gone under python -O: a list then reached vLLM),
+    and JSON nested past the decoder's limit escaped as RecursionError. Each is now the one-line refusal."""
+    pytest.importorskip("vllm")
+    from codemoat.engines.vllm_lora import LoraHandoff
+
+    fd = os.memfd_create("lora")
+    os.write(fd, b"adapter weights")
+    try:
+        with pytest.raises(CodemoatError, match="has no readable adapter_config.json"):
+            LoraHandoff({"pay": (fd, config)})
+    finally:
+        os.close(fd)
+
+
 def test_the_grouped_lora_op_is_the_sum_per_token_and_leaves_no_adapter_rows_alone():
     """`grouped_lora_linear` (vLLM's CPU LoRA op, replaced) against the definition written out token by
     token: rows of slot -1 ("no adapter") are the base's, bit for bit; the last slot is never read for them."""

@@ -11,10 +11,8 @@ reaches this process.
 
 from __future__ import annotations
 
-import json
 import mmap
 import os
-import struct
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -39,28 +37,26 @@ _DTYPES = {
 
 
 def safetensors_tensors(view: memoryview, base: int, size: int) -> Iterator[tuple[str, Any]]:
-    """(name, tensor) of the safetensors file at view[base : base + size], each a zero-copy view."""
+    """(name, tensor) of the safetensors file at view[base : base + size], each a zero-copy view. The header
+    is checked by trace.st_io's parser (bounds, hostile JSON): a bad one is one `CodemoatError`."""
+    import math
+
     import torch
 
     from ..errors import CodemoatError
+    from ..trace import st_io
 
-    if size < 8:
-        raise CodemoatError("the sealed weights are not a safetensors file (too short)")
-    (n,) = struct.unpack_from("<Q", view, base)
-    if 8 + n > size:
-        raise CodemoatError("the sealed weights are not a safetensors file (header past the end)")
-    header = json.loads(bytes(view[base + 8 : base + 8 + n]))
+    n = st_io.header_length(bytes(view[base : base + min(size, 8)]), size)
+    header = st_io.parse_header(bytes(view[base + 8 : base + 8 + n]), size - 8 - n)
     start = base + 8 + n
     for name, info in header.items():
-        if name == "__metadata__":
-            continue
         dtype = getattr(torch, _DTYPES.get(info["dtype"], ""), None)
         if dtype is None:
             raise CodemoatError(f"tensor {name}: dtype {info['dtype']} is not supported")
         lo, hi = info["data_offsets"]
-        if not 0 <= lo <= hi <= size - 8 - n:
-            raise CodemoatError(f"tensor {name}: data past the end of the file")
         shape = info["shape"]
+        if hi - lo != math.prod(shape) * dtype.itemsize:
+            raise CodemoatError(f"tensor {name}: {hi - lo} bytes do not make its shape {shape}")
         if hi == lo:
             yield name, torch.empty(shape, dtype=dtype)
             continue

@@ -91,9 +91,10 @@ class LoraHandoff:
             for i, (name, (fd, config)) in enumerate(adapters.items(), start=1):
                 try:
                     cfg = json.loads(config)
-                    assert isinstance(cfg, dict)
-                except (ValueError, AssertionError):
-                    raise CodemoatError(f"adapter {name!r} has no readable adapter_config.json") from None
+                except (ValueError, RecursionError):
+                    cfg = None
+                if not isinstance(cfg, dict):
+                    raise CodemoatError(f"adapter {name!r} has no readable adapter_config.json")
                 configs.append(cfg)
                 size = os.fstat(fd).st_size
                 if size == 0:

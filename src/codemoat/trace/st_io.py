@@ -27,7 +27,8 @@ def _bad(why: str) -> CodemoatError:
     return CodemoatError(f"not a safetensors file: {why}")
 
 
-def _length(first8: bytes, size: int) -> int:
+def header_length(first8: bytes, size: int) -> int:
+    """The header length a safetensors file of `size` bytes starts with (`first8`), checked to fit."""
     if len(first8) < 8:
         raise _bad("too short")
     (n,) = struct.unpack("<Q", first8)
@@ -68,7 +69,7 @@ def _entry_ok(info, data_len: int) -> bool:
 
 
 def _header(buf: memoryview) -> tuple[dict, int]:
-    n = _length(bytes(buf[:8]), len(buf))
+    n = header_length(bytes(buf[:8]), len(buf))
     return parse_header(bytes(buf[8 : 8 + n]), len(buf) - 8 - n), 8 + n
 
 
@@ -76,7 +77,7 @@ def read_header(path: str | os.PathLike[str]) -> dict:
     """The checked header of a safetensors file, read without the tensors."""
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
-        n = _length(f.read(8), size)
+        n = header_length(f.read(8), size)
         return parse_header(f.read(n), size - 8 - n)
 
 
