@@ -211,17 +211,19 @@ class KeyServer:
         return key
 
     # -- leases -------------------------------------------------------------
-    def lease(self, req: Any) -> dict[str, Any]:
-        """Check a signed lease request and answer with a signed, wrapped lease (or raise `LeaseDenied`)."""
+    def _signed(self, req: Any, kind: str, domain: bytes) -> tuple[_Licensed, dict[str, Any], bytes]:
+        """A `kind` ("lease", "release") request's license, machine entry and signed bytes, once its shape holds,
+        its nonce is not one this process saw spent (a replay: no database read, no signature check) and the
+        licensed machine's key signed it under `domain`; else `LeaseDenied`."""
         if (
             not isinstance(req, dict)
             or not all(_short(req.get(k)) for k in REQUEST_FIELDS[:3])
             or not isinstance(req.get("client_time"), int)
             or not isinstance(req.get("signature"), str)
         ):
-            raise LeaseDenied("bad_request", "lease request is malformed", 400)
+            raise LeaseDenied("bad_request", f"{kind} request is malformed", 400)
         lid, mid = req["license_id"], req["machine_id"]
-        if self.nonces.seen_spent(lid, req["nonce"]):  # a replay: no database read, no signature check
+        if self.nonces.seen_spent(lid, req["nonce"]):
             raise _bad_nonce()
         lic = self._licensed(lid)
         entry = lic.machines.get(mid)
@@ -229,15 +231,16 @@ class KeyServer:
             raise _wrong_machine(lid, mid)
         msg = request_message(req)  # signed twice (machine, instance) and quoted: made once
         try:
-            verify(
-                self._machine_key(entry["ed25519"]),
-                b64d(req["signature"], "request signature"),
-                REQUEST_DOMAIN,
-                msg,
-                "lease request",
-            )
+            sig = b64d(req["signature"], "request signature")
+            verify(self._machine_key(entry["ed25519"]), sig, domain, msg, f"{kind} request")
         except VaultError:
-            raise LeaseDenied("bad_signature", "lease request is not signed by the licensed machine's key", 401) from None
+            raise LeaseDenied("bad_signature", f"{kind} request is not signed by the licensed machine's key", 401) from None
+        return lic, entry, msg
+
+    def lease(self, req: Any) -> dict[str, Any]:
+        """Check a signed lease request and answer with a signed, wrapped lease (or raise `LeaseDenied`)."""
+        lic, entry, msg = self._signed(req, "lease", REQUEST_DOMAIN)
+        lid, mid = req["license_id"], req["machine_id"]
         inst = self._instance(req, INSTANCE_DOMAIN, msg)
         if mid in lic.revoked_machines:
             raise LeaseDenied("revoked", f"machine {mid} was revoked by the vendor: {lic.revoked_machines[mid]}")
@@ -379,30 +382,8 @@ class KeyServer:
 
     def release(self, req: Any) -> dict[str, Any]:
         """Give a seat back (a server shutting down); authenticated like a lease request."""
-        if (
-            not isinstance(req, dict)
-            or not all(_short(req.get(k)) for k in REQUEST_FIELDS[:3])
-            or not isinstance(req.get("client_time"), int)
-            or not isinstance(req.get("signature"), str)
-        ):
-            raise LeaseDenied("bad_request", "release request is malformed", 400)
+        _, _, msg = self._signed(req, "release", RELEASE_DOMAIN)
         lid, mid = req["license_id"], req["machine_id"]
-        if self.nonces.seen_spent(lid, req["nonce"]):
-            raise _bad_nonce()
-        entry = self._licensed(lid).machines.get(mid)
-        if entry is None:
-            raise _wrong_machine(lid, mid)
-        msg = request_message(req)
-        try:
-            verify(
-                self._machine_key(entry["ed25519"]),
-                b64d(req["signature"], "request signature"),
-                RELEASE_DOMAIN,
-                msg,
-                "release request",
-            )
-        except VaultError:
-            raise LeaseDenied("bad_signature", "release request is not signed by the licensed machine's key", 401) from None
         inst = self._instance(req, RELEASE_INSTANCE_DOMAIN, msg)  # only the instance's own key gives its seat back
         with self._seat_lock, self.vendor.engine.begin() as c:
             self._spend_nonce(c, req["nonce"], lid)
