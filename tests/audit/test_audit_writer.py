@@ -234,3 +234,41 @@ assert inside.wait(10)
         assert lg.verify().ok
     finally:
         eng.dispose()
+
+
+def test_a_record_the_database_refuses_costs_only_its_own_request(database_url, audit_home):
+    """One record whose value the database refuses (an integer past its column: PostgreSQL's int4,
+    SQLite's 64 bits), group-committed with seven others: before, all eight got AuditUnavailable (a 503
+    for every request in the batch) and the log was marked unavailable. Now the batch is written record
+    by record: the seven are written, only the refused one is an error, the log stays writable and the
+    chain verifies. (No request field an attacker controls reaches the database unchecked today: texts
+    lose NULs and lone surrogates and are cut to their columns (audit.rows); integers are the server's
+    own counts. This bounds what the next such field can do.)"""
+    from .logs import open_log
+
+    log = open_log(database_url, audit_home)
+    bad = 2**70 if database_url.startswith("sqlite") else 2**40
+
+    async def main() -> list[object]:
+        log._lock.acquire()  # the writer takes the first record and waits: the next eight queue up as one batch
+        try:
+            first = asyncio.ensure_future(log.append_async("request", user="first", status=200))
+            while not log._writer._queue.empty() or log._writer._thread is None:
+                await asyncio.sleep(0.01)
+            rest = [
+                asyncio.ensure_future(log.append_async("request", user=f"u{i}", status=200, prompt_tokens=bad if i == 3 else i))
+                for i in range(8)
+            ]
+            await asyncio.sleep(0.05)  # each is submitted from the loop
+        finally:
+            log._lock.release()
+        return await asyncio.gather(first, *rest, return_exceptions=True)
+
+    got = asyncio.run(main())
+    refused = got[4]
+    assert isinstance(refused, AuditUnavailable) and "refused" in str(refused), got
+    assert sorted(x for x in got if not isinstance(x, BaseException)) == list(range(1, 9)), got
+    assert [r["user"] for r in log.records()] == ["first", "u0", "u1", "u2", "u4", "u5", "u6", "u7"]
+    assert log.known_writable and log.failure is None
+    assert log.verify().ok
+    log.close()

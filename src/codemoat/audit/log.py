@@ -110,6 +110,16 @@ def _psycopg_error() -> type[BaseException]:
     return psycopg.Error
 
 
+def _psycopg_data_error() -> type[BaseException]:
+    import psycopg
+
+    return psycopg.DataError
+
+
+def _first_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
 class _Pending:
     """One record waiting for a group commit, and what became of it."""
 
@@ -123,6 +133,17 @@ class _Pending:
 
 class _AlsoFailed(Exception):
     """What a record's `also` raised, inside the transaction it shares with the records."""
+
+
+class RecordRefused(AuditUnavailable):
+    """The database refused a record's values (PostgreSQL's data errors: an integer out of range, a NUL;
+    SQLite's overflow), not the write: the log is still writable, and the records of other requests
+    group-committed with it are written alone (`_flush`)."""
+
+
+#: what a record's own values raise on SQLite (the driver's, or the hash's: sqlite3 raises OverflowError
+#: for an integer past 64 bits before SQLAlchemy sees it)
+_SQLITE_REFUSALS = (OverflowError, ValueError, sa.exc.DataError, sa.exc.InterfaceError)
 
 
 class AuditLog(HeadSigning):
@@ -215,6 +236,8 @@ class AuditLog(HeadSigning):
                 head_row = self._append_locked(rows, batch)
                 if head_row is None and self._pg is not None and self._sign_due(rows[-1]["seq"]):
                     head_row = self._sign_after(rows[-1]["seq"])
+            except RecordRefused:
+                raise
             except AuditUnavailable as e:
                 self._mark_failed(str(e))
                 raise
@@ -225,6 +248,14 @@ class AuditLog(HeadSigning):
                 log.exception("audit append failed")
                 self._mark_failed(f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
                 raise AuditUnavailable(f"audit log cannot be written: {self.failure}") from None
+        except RecordRefused as e:
+            if len(batch) > 1:  # one record the database refuses must not cost the batch's other requests theirs
+                for w in batch:
+                    self._flush([w])
+                return
+            log.error("audit record refused by the database, its request refused: %s", e)
+            batch[0].error, batch[0].done = e, True
+            return
         except AuditUnavailable as e:
             for w in batch:
                 w.error, w.done = e, True
@@ -247,8 +278,10 @@ class AuditLog(HeadSigning):
                 raise AuditUnavailable(
                     "audit log tampered: a record exists beyond the chain's tip (run `codemoat audit verify`)"
                 ) from None
+            except (_psycopg_data_error(), OverflowError, ValueError) as e:
+                raise RecordRefused(f"audit record refused: {_first_line(e)}") from None
             except _psycopg_error() as e:
-                raise AuditUnavailable(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+                raise AuditUnavailable(_first_line(e)) from None
             return None
         _ = self.signer  # load the key before taking the database's write lock
         extras = [w for w in batch if w.also is not None]  # written in the records' transaction
@@ -264,12 +297,15 @@ class AuditLog(HeadSigning):
                         c.execute(tip.insert().values(id=1, seq=0, hash=GENESIS))
                         t = (0, GENESIS)
                     seq, prev = t[0], t[1]
-                    for row in rows:
-                        seq += 1
-                        row.update(seq=seq, prev_hash=prev)
-                        row["hash"] = prev = link_hash(seq, prev, body_hash(row))
-                    for row in rows:
-                        run(c, _INSERT_RECORDS, row)
+                    try:
+                        for row in rows:
+                            seq += 1
+                            row.update(seq=seq, prev_hash=prev)
+                            row["hash"] = prev = link_hash(seq, prev, body_hash(row))
+                        for row in rows:
+                            run(c, _INSERT_RECORDS, row)
+                    except _SQLITE_REFUSALS as e:  # rolled back; not a retry of the loop
+                        raise RecordRefused(f"audit record refused: {_first_line(e)}") from None
                     run(c, _MOVE_TIP, {"seq": seq, "hash": prev})
                     for w in extras:
                         try:
