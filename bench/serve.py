@@ -335,28 +335,56 @@ async def single(url: str, headers: dict, reps: int) -> dict:
     return {"p50": statistics.median(lat), "ttft": statistics.median(ttft), "lats": lat, "ttfts": ttft}
 
 
+async def _paired(servers: Servers, reps: int, warm: int) -> dict[str, dict]:
+    """`reps` turns, each visiting every server in turn (order alternating, ABBA), so that a load coming and
+    going on the shared machine hits them alike and turn i of each server forms a pair. A server's turn: a
+    streamed request right after the other server's turn (its caches cold: "cold"), then a whole request
+    ("lats") and a streamed one ("ttfts") on the caches its own requests left, as when it serves one client
+    alone (what the row measured before). The first `warm` turns are not counted."""
+    names = list(servers.urls)
+    out = {s: {"lats": [], "ttfts": [], "cold": []} for s in names}
+    cs = {s: client(servers.urls[s], servers.headers[s], 1) for s in names}
+    try:
+        for i in range(-warm, reps):
+            for s in names if i % 2 == 0 else reversed(names):
+                cold = (await one(cs[s], PROMPT, 32, stream=True))[1]
+                lat = (await one(cs[s], PROMPT, 32))[0]
+                ttft = (await one(cs[s], PROMPT, 32, stream=True))[1]
+                if i >= 0:
+                    out[s]["cold"].append(cold)
+                    out[s]["lats"].append(lat)
+                    out[s]["ttfts"].append(ttft)
+    finally:
+        for c in cs.values():
+            await c.aclose()
+    return out
+
+
 def single_rounds(servers: Servers, how: dict) -> dict[str, dict]:
-    """The one-client scenario in `rounds` rounds that each visit every server (order alternating), so
-    that a load coming and going on the shared machine hits them alike: one block per server took ~0.1 s
-    on the bundled model, and the ratio moved 1.3-3x between runs minutes apart."""
-    got: dict[str, dict] = {}
-    for r in range(how["rounds"]):
-        order = list(servers.urls) if r % 2 == 0 else list(reversed(servers.urls))
-        for s in order:
-            cpu0 = cpu_seconds(servers.procs[s].pid)
-            x = asyncio.run(single(servers.urls[s], servers.headers[s], how["reps"]))
-            g = got.setdefault(s, {"lats": [], "ttfts": [], "cpu": 0.0})
-            g["lats"] += x["lats"]
-            g["ttfts"] += x["ttfts"]
-            g["cpu"] += cpu_seconds(servers.procs[s].pid) - cpu0
+    """The one-client scenario: `reps` requests of each kind per server, interleaved request by request with
+    every other server (`_paired`; until 2026-12-05 it was 4 rounds of one block of 6 per server, and the
+    ratio moved +-40 % between runs minutes apart). Each server keeps its per-request lists, so `ratio` takes
+    the median (and p25-p75) of the paired ratios; CPU per request is each server's CPU over the whole
+    scenario (idle servers use next to none) over its requests."""
+    cpu0 = {s: cpu_seconds(p.pid) for s, p in servers.procs.items()}
+    got = asyncio.run(_paired(servers, how["reps"], how.get("warm", 2)))
     return {
         s: {
             "p50": statistics.median(g["lats"]),
             "ttft": statistics.median(g["ttfts"]),
-            "cpu_per_request": g["cpu"] / (len(g["lats"]) + len(g["ttfts"])),
+            "lats": g["lats"],
+            "ttfts": g["ttfts"],
+            "cold": g["cold"],
+            "cpu_per_request": (cpu_seconds(servers.procs[s].pid) - cpu0[s]) / (3 * (how["reps"] + how.get("warm", 2))),
         }
         for s, g in got.items()
     }
+
+
+def paired(a: list[float], b: list[float]) -> tuple[float, float, float]:
+    """Median, p25 and p75 of the ratios a[i] / b[i] of requests sent one after the other."""
+    q = statistics.quantiles([x / y for x, y in zip(a, b, strict=True)], n=4, method="inclusive")
+    return q[1], q[0], q[2]
 
 
 async def load(url: str, headers: dict, clients: int, tokens: int, per_client: int) -> dict:
@@ -457,7 +485,7 @@ def scenarios(quick: bool, only: list[str] | None = None) -> list[tuple[str, str
         (
             "single",
             "1 client: p50 latency / TTFT, 32 tokens (CPU per request)",
-            {"kind": "single", "reps": 4 if quick else 6, "rounds": 4},
+            {"kind": "single", "reps": 20 if quick else 60, "warm": 2},
         ),
         ("c8_32", "8 clients, 32 tokens: tokens/s", {"kind": "load", "clients": 8, "tokens": 32, "per": 2 if quick else 4}),
         ("c8_128", "8 clients, 128 tokens: tokens/s", {"kind": "load", "clients": 8, "tokens": 128, "per": 1 if quick else 2}),
@@ -582,12 +610,28 @@ def ratio(res: dict, key: str, a: str, b: str) -> str:
             if ra.get("cpu_per_request") and rb.get("cpu_per_request")
             else ""
         )
-        return f"{ra['p50'] / rb['p50']:.2f} / {ra['ttft'] / rb['ttft']:.2f}{cpu}"
+        if len(ra.get("ttfts", ())) != len(rb.get("ttfts", ())) or not ra.get("lats"):
+            return f"{ra['p50'] / rb['p50']:.2f} / {ra['ttft'] / rb['ttft']:.2f}{cpu}"
+        (lm, l25, l75), (tm, t25, t75) = paired(ra["lats"], rb["lats"]), paired(ra["ttfts"], rb["ttfts"])
+        return f"{lm:.2f} [{l25:.2f}–{l75:.2f}] / {tm:.2f} [{t25:.2f}–{t75:.2f}]{cpu}"
     va, _ = metric(key, ra)
     vb, _ = metric(key, rb)
     if key.startswith("c") and ra.get("cpu") and rb.get("cpu"):  # and per CPU-second: what the load did not move
         return f"{va / vb:.2f} ({(ra['toks'] / ra['cpu']) / (rb['toks'] / rb['cpu']):.2f})"
     return f"{va / vb:.2f}"
+
+
+def cold_row(res: dict, cols: list[str], pairs: list[tuple[str, str]]) -> str:
+    """The one-client row's first streamed request of each turn, right after the other servers' turns."""
+    cold = {s: res[s].get("single", {}).get("cold") for s in cols}
+    cells = [f"{statistics.median(cold[s]) * 1000:.1f} ms" if cold[s] else "—" for s in cols]
+    for a, b in pairs:
+        if cold.get(a) and cold.get(b) and len(cold[a]) == len(cold[b]):
+            m, q1, q3 = paired(cold[a], cold[b])
+            cells.append(f"{m:.2f} [{q1:.2f}–{q3:.2f}]")
+        else:
+            cells.append("—")
+    return "| 1 client: TTFT of the first request after another server's (caches cold) | " + " | ".join(cells) + " |"
 
 
 def table(name: str, model: Path, res: dict, args: argparse.Namespace) -> str:
@@ -602,6 +646,8 @@ def table(name: str, model: Path, res: dict, args: argparse.Namespace) -> str:
     for key, label, _ in scenarios(args.quick, args.scenarios):
         cells = [fmt(key, res[s].get(key)) for s in cols] + [ratio(res, key, a, b) for a, b in pairs]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        if key == "single" and any(res[s].get(key, {}).get("cold") for s in cols):
+            lines.append(cold_row(res, cols, pairs))
     size = model.stat().st_size / 1e6
     return f"### {name}: `{model.name}` ({size:.1f} MB)\n\n" + "\n".join(lines) + "\n"
 
@@ -676,8 +722,11 @@ model.parallel = {args.parallel} (batched, the default engine) and = 1 (one requ
 {args.parallel} -cb -fa off` built from the llama.cpp that llama-cpp-python 0.3.36 vendors (same commit as the engine);
 llama-cpp-python's `llama_cpp.server` (one sequence). Greedy completions of fixed length; codemoat's path
 includes bearer-token authentication, the audit record and usage facts of every request; the references
-check a fixed API key and keep no records. A cell "1 client" is p50 latency / time to first token;
-ratios below 1 are better for latency and time to first token, above 1 for tokens/s. Load rows also
+check a fixed API key and keep no records. A cell "1 client" is p50 latency / time to first token of
+60 whole and 60 streamed requests per server, sent request by request in turn with the other servers; its
+ratio is the median of the 60 paired ratios (request i of one server over request i of the other), p25–p75
+in square brackets (until 2026-12-05: 24 requests of each kind in blocks of 6 per server, the ratio of the
+medians). Ratios below 1 are better for latency and time to first token, above 1 for tokens/s. Load rows also
 give tokens per CPU-second (user + system time of the server's processes, read from /proc around the
 scenario), and their ratios that one in brackets: other work on the machine stretches wall-clock time
 but hardly the CPU time a server needs for the same tokens. The /infill row sends ~3,000 tokens that
