@@ -24,27 +24,25 @@ import hashlib
 import os
 import re
 import struct
-import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from ..cores import usable_cores
 from ..errors import CodemoatError
 from ..vault.codec import VaultError, b64d, canonical, ed_public, key_id, sign, verify
 from ..vault.signedfile import SIG_LEN, read_header
+from .chunks import CHUNK, describe_payload  # noqa: F401  (release.py and tests use them as bundle.*)
+from .chunks import chunk_count, each_chunk, pwrite_all
 
 MAGIC = b"MOATPKG1"
 FORMAT_VERSION = 2  # what `write` makes: per-chunk digests
 READS = (1, 2)  # 1: one SHA-256 of the whole payload (bundles made before chunk digests)
 PREFIX = struct.Struct(">8sHHI")  # magic, format version, reserved, manifest length
 MAX_MANIFEST = 4 << 20
-CHUNK = 16 << 20  # payload bytes per signed digest (64 digests per GiB)
 PAGE = 4096  # `write` starts the payload at a multiple of this (the manifest's `pad`)
 LEGACY_BLOCK = 8 << 20  # format 1: read and hashed in this order, one block at a time
 GGUF_MAGIC = b"GGUF"
-MAX_THREADS = 8  # past this, memory bandwidth, not hashing, is the limit
 DOMAIN = b"codemoat-bundle-v1"
 KINDS = ("model", "adapter", "knowledge-pack")
 FIELDS = {
@@ -147,10 +145,6 @@ def _check_manifest(m: Any, format_version: int) -> dict[str, Any]:
     return m
 
 
-def chunk_count(size: int, chunk: int) -> int:
-    return -(-size // chunk)
-
-
 def _check_payload_fields(p: dict[str, Any], format_version: int) -> None:
     ok = (
         isinstance(p.get("size"), int)
@@ -176,63 +170,6 @@ def _check_payload_fields(p: dict[str, Any], format_version: int) -> None:
             )
     if not ok:
         raise BundleError("bundle manifest field 'payload' is malformed")
-
-
-def describe_payload(fmt: str, read_at: Callable[[int, memoryview], None], size: int, chunk: int = CHUNK) -> dict[str, Any]:
-    """The manifest's `payload` field for `size` bytes that `read_at(offset, buffer)` fills: each
-    chunk's SHA-256, the chunks hashed on all usable cores at once."""
-    digests = [""] * chunk_count(size, chunk)
-
-    def record(i: int, view: memoryview) -> bool:
-        digests[i] = hashlib.sha256(view).hexdigest()
-        return True
-
-    _each_chunk(read_at, size, chunk, record)
-    return {"format": fmt, "size": size, "chunk_size": chunk, "chunks": digests}
-
-
-def _each_chunk(
-    read_at: Callable[[int, memoryview], None],
-    size: int,
-    chunk: int,
-    check: Callable[[int, memoryview], bool],
-    then: Callable[[int, memoryview], Any] | None = None,
-    threads: int | None = None,
-) -> int | None:
-    """Read chunk i of `size` bytes into a worker's own buffer (`read_at(offset, buffer)` fills it), then
-    `check(i, chunk)` and, when it holds, `then(offset, chunk)`; `threads` workers (default: the usable
-    cores) take every `threads`-th chunk, so that together they move through the file in order. Returns
-    the first chunk whose check failed (the others stop), or None."""
-    n = chunk_count(size, chunk)
-    workers = max(1, min(threads or min(usable_cores(), MAX_THREADS), n))
-    stop, failed = threading.Event(), []
-
-    def work(first: int) -> None:
-        view = memoryview(bytearray(min(chunk, size)))
-        for i in range(first, n, workers):
-            if stop.is_set():
-                return
-            lo = i * chunk
-            part = view[: min(chunk, size - lo)]
-            read_at(lo, part)
-            if not check(i, part):
-                failed.append(i)
-                stop.set()
-                return
-            if then is not None:
-                then(lo, part)
-
-    if workers == 1:
-        work(0)
-    else:
-        with ThreadPoolExecutor(workers, thread_name_prefix="codemoat-bundle") as pool:
-            futures = [pool.submit(work, w) for w in range(workers)]
-            try:
-                for f in futures:
-                    f.result()
-            finally:
-                stop.set()
-    return min(failed, default=None)
 
 
 def aligned(manifest: dict[str, Any]) -> bytes:
@@ -359,7 +296,7 @@ class Bundle:
         chunk is written from the buffer it was checked in, once it has checked out (format 2)."""
         fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            self._scan(lambda lo, part: _pwrite_all(fd, part, lo))
+            self._scan(lambda lo, part: pwrite_all(fd, part, lo))
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -382,12 +319,12 @@ class Bundle:
             read_at = file_reader(fd, self.payload_offset)
             if self.format_version == 1:
                 h = hashlib.sha256()
-                _each_chunk(read_at, p["size"], LEGACY_BLOCK, lambda i, part: h.update(part) or True, then, threads=1)
+                each_chunk(read_at, p["size"], LEGACY_BLOCK, lambda i, part: h.update(part) or True, then, threads=1)
                 if h.hexdigest() != p["sha256"]:
                     raise BundleError("update bundle payload does not match its signed digest (changed or damaged)")
                 return
             chunks = p["chunks"]
-            bad = _each_chunk(
+            bad = each_chunk(
                 read_at, p["size"], p["chunk_size"], lambda i, part: hashlib.sha256(part).hexdigest() == chunks[i], then
             )
         finally:
@@ -430,9 +367,3 @@ def file_reader(fd: int, base: int = 0) -> Callable[[int, memoryview], None]:
             got += n
 
     return read_at
-
-
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    while data:
-        n = os.pwrite(fd, data, offset)
-        data, offset = data[n:], offset + n
