@@ -3,12 +3,15 @@
 While `on`, every request gets a status line, headers announcing `length` body bytes, then one body byte every
 0.05 s until `off()`: each read is quick, so a per-read timeout (httpx's) never trips and only a deadline on the
 whole answer ends the wait. `whole` answers some paths at once (e.g. a channel's index, so its bundle drips).
-With an `upstream`, it starts off and forwards requests there (tests/proxy.py) until `on` is set."""
+With an `upstream`, it starts off and forwards requests there (tests/proxy.py) until `on` is set.
+`bounded` runs the code under test against it and fails the test when that code is still waiting."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
+from collections.abc import Callable
 
 from proxy import RewritingProxy
 
@@ -57,3 +60,21 @@ class Tarpit(RewritingProxy):
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def bounded(fn: Callable[[], object], still: str, seconds: float = 30) -> Exception | None:
+    """Run `fn` in a thread, as the code under test runs; fail the test with `still` (what is still waiting) when
+    it has not returned after `seconds`. Returns the exception it raised, None when it returned."""
+    got: list[Exception] = []
+
+    def run() -> None:
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - the test looks at what it was
+            got.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), still
+    return got[0] if got else None

@@ -19,7 +19,7 @@ from codemoat.db import open_db
 from codemoat.directory.device import DeviceFlow
 from codemoat.directory.oidc import OidcClient
 from codemoat.errors import CodemoatError
-from tarpit import Tarpit
+from tarpit import Tarpit, bounded
 
 DEEP = b"[" * 100_000
 BAD = {
@@ -174,19 +174,8 @@ def test_a_provider_that_drips_its_discovery_document_is_one_line_in_bounded_tim
             timeout_s=0.5,
         )
         flow = DeviceFlow(OidcClient(cfg, open_db()), open_db(), 300)
-        got: list = []
-
-        def start() -> None:
-            try:
-                flow.start()
-            except Exception as e:  # noqa: BLE001 - the test looks at what it was
-                got.append(e)
-
-        t = threading.Thread(target=start, daemon=True)
-        t.start()
-        t.join(30)
-        assert not t.is_alive(), "the sign-in still waits on the provider's discovery document"
-        assert isinstance(got[0], CodemoatError) and "no complete answer in 3 s" in str(got[0]), got
+        e = bounded(flow.start, "the sign-in still waits on the provider's discovery document")
+        assert isinstance(e, CodemoatError) and "no complete answer in 3 s" in str(e), e
     finally:
         tarpit.stop()
 

@@ -127,7 +127,7 @@ def test_a_channel_that_drips_its_answer_is_one_line_in_bounded_time(tmp_path, h
     the timeout; a bundle that, plus its size at 64 KiB/s; then one line, and no partial file is left."""
     from codemoat.errors import CodemoatError
     from codemoat.updates import channel as ch
-    from tarpit import Tarpit
+    from tarpit import Tarpit, bounded
 
     index = json.dumps([{"file": "acme.moatpkg", "size": 1000, "sha256": "0" * 64}]).encode()
 
@@ -135,20 +135,9 @@ def test_a_channel_that_drips_its_answer_is_one_line_in_bounded_time(tmp_path, h
     whole = {"/index.json": index} if drip == "bundle" else {}
     tarpit = Tarpit(length=1_000_000 if drip == "index" else 1000, whole=whole).start()
     inbox = home / "updates" / "inbox"
-    got: list = []
-
-    def fetch() -> None:
-        try:
-            ch.fetch(tarpit.url, inbox)
-        except CodemoatError as e:
-            got.append(str(e))
-
     try:
-        t = threading.Thread(target=fetch, daemon=True)
-        t.start()
-        t.join(30)
-        assert not t.is_alive(), f"update fetch still waits on the channel's {drip}"
-        assert got and "no complete answer in 3" in got[0] and "\n" not in got[0], got
+        e = bounded(lambda: ch.fetch(tarpit.url, inbox), f"update fetch still waits on the channel's {drip}")
+        assert isinstance(e, CodemoatError) and "no complete answer in 3" in str(e) and "\n" not in str(e), e
         assert list(inbox.iterdir()) == []
     finally:
         tarpit.stop()

@@ -17,7 +17,7 @@ from codemoat.vault.lease import LeaseClient, LeaseKeeper, Unreachable
 from codemoat.vault.license import License
 from codemoat.vault.machine import MachineKey
 from proxy import RewritingProxy
-from tarpit import Tarpit
+from tarpit import Tarpit, bounded
 from vaulthelp import bundle
 
 FORGED = json.dumps({"error": {"code": "revoked", "message": "license was revoked"}}).encode()
@@ -119,12 +119,7 @@ def test_an_answer_the_decoder_or_canonical_json_refuses_is_an_outage_that_ends_
 
 def _tick(keeper) -> None:
     """keeper.tick() as its thread runs it; fails the test when it is still blocked after 30 s."""
-    import threading
-
-    t = threading.Thread(target=keeper.tick, daemon=True)
-    t.start()
-    t.join(30)
-    assert not t.is_alive(), "the lease keeper is still waiting on the answer: its deadline is never checked"
+    bounded(keeper.tick, "the lease keeper is still waiting on the answer: its deadline is never checked")
 
 
 def test_an_answer_that_never_ends_is_an_outage_that_ends_at_ttl_plus_grace(vendor, machine, model, tmp_path, keyserver):
@@ -275,12 +270,7 @@ def test_a_release_into_a_tarpit_does_not_hold_the_shutdown(vendor, machine, mod
         probe = KeyServer(vendor, clock=ManualClock())
         assert probe.live_leases(lic.id) == 1
         tarpit.on = True
-        import threading
-
-        t = threading.Thread(target=keeper.stop, kwargs={"release": True}, daemon=True)
-        t.start()
-        t.join(30)
-        assert not t.is_alive(), "the release into the tarpit still holds the shutdown"
+        bounded(lambda: keeper.stop(release=True), "the release into the tarpit still holds the shutdown")
         assert [r.getMessage() for r in caplog.records if "release abandoned" in r.getMessage()]
         assert probe.live_leases(lic.id) == 1  # not released: the key server ends it at its TTL
         probe.clock.advance(lic.lease["ttl"] + 1)
@@ -303,19 +293,10 @@ def test_a_tarpit_at_start_is_a_one_line_refusal_not_a_start_that_never_ends(
     tarpit.on = True
     try:
         moat, lic, _ = bundle(vendor, model, tmp_path / "a", machine, mode="lease", keyserver=tarpit.url)
-        got: list = []
-        import threading
-
-        def start() -> None:
-            try:
-                open_sealed(moat, lic, settings=load_settings(), watch=False)
-            except Exception as e:  # noqa: BLE001 - the test looks at what it was
-                got.append(e)
-
-        t = threading.Thread(target=start, daemon=True)
-        t.start()
-        t.join(30)
-        assert not t.is_alive(), "the start still waits on the key server's answer"
-        assert isinstance(got[0], Unreachable) and "no complete answer in 3 s" in str(got[0]), got
+        e = bounded(
+            lambda: open_sealed(moat, lic, settings=load_settings(), watch=False),
+            "the start still waits on the key server's answer",
+        )
+        assert isinstance(e, Unreachable) and "no complete answer in 3 s" in str(e), e
     finally:
         tarpit.stop()
