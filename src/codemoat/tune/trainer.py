@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CodemoatError
+from .sets import data_options, eval_sets, replay_rows, validation_split
 
 
 @dataclass
@@ -78,25 +79,6 @@ def _lr(opts: TuneOptions, step: int, progress: float, warmup: int = 4) -> float
     return opts.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def data_options(tok, eos: str | None, repo: str):
-    """`vendor train`'s sample mix, limited to what this tokenizer has: FIM samples only with its
-    FIM tokens, cross-file context only with <|repo_name|>/<|file_sep|>, each sample ended by its own
-    end-of-text token (a Gemma base has none of the first, and `<eos>` for the last); otherwise
-    those markers would be trained as ordinary text."""
-    from ..train.data import DataOptions
-    from ..train.tokenizer import ENDOFTEXT, FILE_SEP, FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX, REPO_NAME
-
-    def has(*names: str) -> bool:
-        return all(tok.token_to_id(n) is not None for n in names)
-
-    return DataOptions(
-        repo_name=repo,
-        fim_rate=0.5 if has(FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE) else 0.0,
-        repo_rate=0.2 if has(REPO_NAME, FILE_SEP) else 0.0,
-        eos=eos if eos and has(eos) else ENDOFTEXT if has(ENDOFTEXT) else "",
-    )
-
-
 def tune(opts: TuneOptions, on_event: Callable[[dict], None] | None = None) -> TuneResult:
     import torch
 
@@ -126,7 +108,7 @@ def tune(opts: TuneOptions, on_event: Callable[[dict], None] | None = None) -> T
         if len(train_files) < 2:
             raise CodemoatError("too little code to tune on: need at least two indexed files")
         held = [train_files.pop()]
-    train_files, val = _validation(train_files, opts)
+    train_files, val = validation_split(train_files, opts)
     tables = [f for f in train_files + val if is_data_table(f.text)]
     if len(tables) < len(train_files):  # not trained on, nor used to choose the adapter kept
         train_files, val = ([f for f in fs if f not in tables] for fs in (train_files, val))
@@ -135,7 +117,7 @@ def tune(opts: TuneOptions, on_event: Callable[[dict], None] | None = None) -> T
     emit({"kind": "stage", "stage": "loading the base model", "files": len(train_files), "heldout": len(held)})
     base = load_base(opts.base, n_ctx=opts.n_ctx, device=opts.device, license=opts.license)
     tok, n_ctx = base.tokenizer, base.n_ctx
-    scored = _eval_sets(held, tok, n_ctx, opts)
+    scored = eval_sets(held, tok, n_ctx, opts)
     lines = infill.cases(held, opts.infill_lines, opts.seed)
     ck_path = checkpoint.path_for(checkpoint.key(opts, base.sha256, corpus))
     ck = checkpoint.load(ck_path)
@@ -173,7 +155,7 @@ def tune(opts: TuneOptions, on_event: Callable[[dict], None] | None = None) -> T
             return _keep_best(model, best, val, step, forget, forget_limit), val
 
     n_rep = min(opts.batch_size - 1, round(opts.batch_size * opts.replay)) if opts.replay > 0 else 0
-    replay = _replay_rows(tok, base.eos, n_ctx, opts, n_rep) if n_rep else None
+    replay = replay_rows(tok, base.eos, n_ctx, opts, n_rep) if n_rep else None
     if replay is None or len(replay) < n_rep:
         n_rep = 0
     take = opts.batch_size - n_rep
@@ -317,27 +299,8 @@ def tune(opts: TuneOptions, on_event: Callable[[dict], None] | None = None) -> T
     return TuneResult(Path(opts.out), meta)
 
 
-def _eval_sets(held: list, tok, n_ctx: int, opts: TuneOptions) -> dict[str, tuple[list, int, int]]:
-    """{name: (windows, bytes, tokens per file)} scored before and after tuning: "tuned", every held-out
-    file of the tuned repositories, and "unrelated", CPython modules the bundled model never trained on
-    (the forgetting check), each up to the same number of tokens per file within `eval_tokens`; with
-    `old_eval_tokens` also the figures of sessions up to 8: "tuned_first", the first tokens in path
-    order, and "unrelated_seen", ten CPython modules nine of which are the bundled model's training files."""
-    from .evaluate import per_file_tokens, seen_files, spread_windows, token_windows, unrelated_files
-
-    sets = {"tuned": held, "unrelated": unrelated_files()}
-    out = {
-        k: (*spread_windows(fs, tok, n_ctx, opts.eval_tokens), per_file_tokens(fs, tok, opts.eval_tokens))
-        for k, fs in sets.items()
-    }
-    if opts.old_eval_tokens:
-        out["tuned_first"] = (*token_windows(held, tok, n_ctx, opts.old_eval_tokens), 0)
-        out["unrelated_seen"] = (*token_windows(seen_files(), tok, n_ctx, opts.old_eval_tokens), 0)
-    return out
-
-
 def _evaluate(model, scored: dict, device: str) -> dict[str, float | None]:
-    """Bits per byte of `model` on each of `_eval_sets`."""
+    """Bits per byte of `model` on each of `sets.eval_sets`."""
     from .evaluate import bits_per_byte
 
     return {k: bits_per_byte(model, w, n, device=device) for k, (w, n, _) in scored.items()}
@@ -363,31 +326,6 @@ def _copy(params: list, values: list) -> None:
     with torch.no_grad():
         for p, v in zip(params, values):
             p.copy_(v)
-
-
-def _validation(files: list, opts: TuneOptions) -> tuple[list, list]:
-    """(train, validation): a few training files set aside (none when that would leave too few to train on)."""
-    from ..train.corpus import split
-
-    if opts.val_fraction <= 0 or len(files) < 4:
-        return files, []
-    train, val = split(files, opts.val_fraction, opts.seed + 1)
-    return (train, val) if len(train) >= 2 else (files, [])
-
-
-def _replay_rows(tok, eos: str | None, n_ctx: int, opts: TuneOptions, n_rep: int):
-    """Rows of public code the base learnt from (`evaluate.replay_files`), rendered as `vendor train`
-    renders its corpus (FIM and plain samples, packed), shuffled by the seed; None without one. With
-    `steps` only as much code as those steps replay (about 4 characters a token, twice over)."""
-    from ..train.data import epoch_rows
-    from .evaluate import REPLAY_CHARS, replay_files
-
-    chars = REPLAY_CHARS if not opts.steps else min(REPLAY_CHARS, 8 * opts.steps * n_rep * (n_ctx + 1))
-    files = replay_files(opts.seed, chars)
-    try:
-        return epoch_rows(files, tok, n_ctx, data_options(tok, eos, "python"), opts.seed, 0)
-    except ValueError:  # not one full row
-        return None
 
 
 def _kl_from_base(model, logits, ids):
