@@ -51,8 +51,11 @@ class Stack:
                 p.kill()
 
 
-def start_stack(folder: Path, model: Path, users: dict, *, device: bool = True, extra_config: str = "") -> Stack:
-    """oidc-provider with a "codemoat" client (both callbacks registered) and a serve using it."""
+def start_stack(
+    folder: Path, model: Path, users: dict, *, device: bool = True, extra_config: str = "", env: dict | None = None
+) -> Stack:
+    """oidc-provider with a "codemoat" client (both callbacks registered) and a serve using it (`env`: more
+    of its environment, e.g. CODEMOAT_DATABASE_URL)."""
     if shutil.which("node") is None or not (NODE_DIR / "node_modules" / "oidc-provider").is_dir():
         pytest.skip("node or oidc-provider is missing (make install runs npm ci --prefix tests/clients/node)")
     port, serve_port = free_port(), free_port()
@@ -89,10 +92,10 @@ admin_groups = ["admins"]
 "it-admins" = "admins"
 """)
         slog = folder / "serve.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CODEMOAT_")}
+        base = {k: v for k, v in os.environ.items() if not k.startswith("CODEMOAT_")}
         s = subprocess.Popen(
             [*CODEMOAT, "serve", "--model", str(model), "--host", "127.0.0.1", "--port", str(serve_port)],
-            env=dict(env, CODEMOAT_CONFIG=str(cfg), CODEMOAT_HOME=str(home), CODEMOAT_VAULT__TPM="off"),
+            env=dict(base, CODEMOAT_CONFIG=str(cfg), CODEMOAT_HOME=str(home), CODEMOAT_VAULT__TPM="off", **(env or {})),
             stdout=open(slog, "w"),
             stderr=subprocess.STDOUT,
         )

@@ -61,6 +61,12 @@ QUERY = ["since", "until", "kind", "user", "after_seq", "limit", "before", "fmt"
 # percent-encoded as sent: a NUL, a byte that is not UTF-8, a lone surrogate's UTF-8, a cut escape
 QUERY_VALUES = ["-1", "9" * 26, "1e308", "NaN", "%00", "%ff", "%ED%A0%80", "x" * 20000, "%5B%5D", "", "a%2", "-1e308"]
 FORM_FIELDS = ["token", "name", "user", "groups", "new", "disabled", "id", "expires_days"]  # the console's forms
+# the sign-in routes' bodies (there only with a directory: test_the_sign_in_routes_answer_hostile_requests)
+AUTH_BODIES = {
+    "/auth/login": {"username": "alice", "password": "alice-pw-1", "name": "laptop"},
+    "/auth/device/start": {"name": "laptop"},
+    "/auth/device/poll": {"device_code": "x"},
+}
 DOCUMENTED_503 = {"model_unavailable", "database_unavailable", "overloaded", "engine_unavailable", "lease_expired"}
 
 
@@ -132,6 +138,7 @@ def _replaced(doc, path, value):
 def _bodies(route: str, rng: random.Random) -> list[tuple[str, bytes, str]]:
     """(what, body, content type) for a POST route."""
     documented = [body for name, body in sorted(ROUTES.items()) if name.split("#")[0] == route]  # OpenAI's and Tabby's
+    documented = documented or [AUTH_BODIES[route]] if route in AUTH_BODIES else documented
     return [case for valid in documented or [{"model": "tiny", "name": "x"}] for case in hostile_bodies(valid, rng)]
 
 
@@ -253,32 +260,38 @@ def test_every_route_answers_hostile_requests_in_its_own_shape(server):
         csrf = _console_session(console, server)
         seen = 0
         for method, template in routes:
-            path = re.sub(r"\{[^}]+\}", "x", template)
-            if path == "/admin/signout":
+            if template == "/admin/signout":
                 continue  # it ends the console session the sweep uses; swept last below
-            rng = random.Random(f"{method} {path}")
-            if path.startswith("/admin/") and not path.startswith("/admin/api/"):
-                _sweep_console(console, method, path, csrf, rng)
-            elif method == "GET":
-                for q in rng.sample(QUERY, 4):
-                    for v in rng.sample(QUERY_VALUES, 4):
-                        _check(method, path, f"?{q}={v[:20]}", c.get(f"{path}?{q}={v}", headers=_auth(server.admin)))
-            else:
-                cases = _bodies(path, rng)
-                if path == "/v1/events":  # also about a completion this caller really had: deeper than an unknown id
-                    cases += hostile_bodies({**ROUTES[path], "completion_id": _issued(c, server)}, rng)
-                for what, body, ct in cases:
-                    h = {**_auth(server.admin), **({"Content-Type": ct} if ct else {})}
-                    _check(method, path, what, c.request(method, path, content=body, headers=h))
-            _callers(c, server, method, template, routes)
-            _headers(server, method, path)
-            _still_up(server)
-            seen = _quiet_log(server, f"{method} {path}", seen)
+            seen = sweep_route(c, console, csrf, server, method, template, routes, seen)
         _sweep_console(console, "POST", "/admin/signout", csrf, random.Random(0))
     _still_up(server)
     r = run_cli("audit", "verify", "--json", env=server.env)
     assert r.returncode == 0, r.stdout + r.stderr
     _quiet_log(server, "the end", seen)
+
+
+def sweep_route(c: httpx.Client, console: httpx.Client, csrf: str, server, method: str, template: str, routes, seen: int) -> int:
+    """One route's hostile set (bodies or query strings, callers, headers), then the server still serves
+    and logged no traceback; the log's length now."""
+    path = re.sub(r"\{[^}]+\}", "x", template)
+    rng = random.Random(f"{method} {path}")
+    if path.startswith("/admin/") and not path.startswith("/admin/api/"):
+        _sweep_console(console, method, path, csrf, rng)
+    elif method == "GET":
+        for q in rng.sample(QUERY, 4):
+            for v in rng.sample(QUERY_VALUES, 4):
+                _check(method, path, f"?{q}={v[:20]}", c.get(f"{path}?{q}={v}", headers=_auth(server.admin)))
+    else:
+        cases = _bodies(path, rng)
+        if path == "/v1/events":  # also about a completion this caller really had: deeper than an unknown id
+            cases += hostile_bodies({**ROUTES[path], "completion_id": _issued(c, server)}, rng)
+        for what, body, ct in cases:
+            h = {**_auth(server.admin), **({"Content-Type": ct} if ct else {})}
+            _check(method, path, what, c.request(method, path, content=body, headers=h))
+    _callers(c, server, method, template, routes)
+    _headers(server, method, path)
+    _still_up(server)
+    return _quiet_log(server, f"{method} {path}", seen)
 
 
 def _callers(c: httpx.Client, server, method: str, template: str, routes: list) -> None:
@@ -389,3 +402,100 @@ def raw_request(
             return -1, data  # a hang
     m = re.match(rb"HTTP/1\.[01] (\d{3})", data)
     return (int(m.group(1)) if m else None), data
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def directory_server(request, tmp_path_factory, random_gguf):
+    """`codemoat serve` with a real company directory (slapd) and a real OpenID provider (oidc-provider
+    under Node, device flow on): the /auth/* routes exist only then. On SQLite, then on PostgreSQL
+    (which refuses a NUL in any text the routes might put in a query)."""
+    pytest.importorskip("ldap3", reason="ldap3 is not installed (the `directory` extra)")
+    from directory.oidcstack import start_stack
+    from directory.slapd import BASE, SERVICE, Slapd, slapd_bin
+
+    if slapd_bin() is None:
+        pytest.skip("OpenLDAP is not installed here (Debian package `slapd`)")
+    folder = tmp_path_factory.mktemp("sweep-directory")
+    db = {}
+    if request.param == "postgresql":
+        cluster = request.getfixturevalue("pg_cluster")
+        db = {"CODEMOAT_DATABASE_URL": cluster.new_database()}
+    ldap = Slapd(slapd_bin()).start()
+    try:
+        ldap.group("payments-devs", [ldap.user("alice", "alice-pw-1")])
+        pw = folder / "ldap-pw"
+        pw.write_text(ldap.service_pw)
+        pw.chmod(0o600)
+        (folder / "tiny.gguf").symlink_to(random_gguf)
+        extra = (
+            f'ldap_url = "{ldap.url}"\nbind_dn = "{SERVICE}"\nbind_password_file = "{pw}"\n'
+            f'user_base = "ou=people,{BASE}"\ngroup_base = "ou=groups,{BASE}"\ntimeout_s = 3\n'
+            "[server]\nmax_body_mb = 2\n[model]\nmax_tokens_limit = 8\n"
+        )
+        stack = start_stack(folder, folder / "tiny.gguf", {"eve": {"groups": []}}, extra_config=extra, env=db)
+    except BaseException:
+        ldap.stop()
+        raise
+    env = {"CODEMOAT_HOME": str(stack.home), "CODEMOAT_VAULT__TPM": "off", "CODEMOAT_CONFIG": str(folder / "codemoat.toml"), **db}
+
+    def token(*scopes: str) -> str:
+        r = run_cli("tokens", "create", "--json", "--name", "sweep-" + "-".join(scopes), "--scopes", ",".join(scopes), env=env)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)["token"]
+
+    class Served:  # what the sweep's helpers read of a server
+        url, port = stack.url, int(stack.url.rsplit(":", 1)[1])
+        admin, user = token("complete", "chat", "admin"), token("complete", "chat")
+
+        @staticmethod
+        def output() -> str:
+            return (folder / "serve.log").read_text(errors="replace")
+
+    Served.env = env
+    yield Served
+    stack.stop()
+    ldap.stop()
+
+
+def test_the_sign_in_routes_answer_hostile_requests(directory_server):
+    """The /auth/* routes (directory password sign-in, OpenID Connect browser sign-in, the device grant)
+    through the same hostile set as every other route, plus what only they take: callback query fields
+    (state, code, error) and a real pending device code and sign-in state with hostile company."""
+    server = directory_server
+    routes = _routes(server)
+    auth = [(m, t) for m, t in routes if t.startswith("/auth/")]
+    assert {t for _, t in auth} == {
+        "/auth/login",
+        "/auth/oidc/start",
+        "/auth/oidc/callback",
+        "/auth/device/start",
+        "/auth/device/poll",
+    }
+    with httpx.Client(base_url=server.url, timeout=120) as c:
+        seen = 0
+        for method, template in auth:
+            seen = sweep_route(c, c, "", server, method, template, routes, seen)
+        start = c.get("/auth/oidc/start")  # a real pending sign-in: its state, with hostile codes
+        assert start.status_code == 302, start.text[:300]
+        state = re.search(r"[?&]state=([^&]+)", start.headers["location"]).group(1)
+        device = c.post("/auth/device/start", json={"name": "laptop"}).json()["device_code"]
+        rng = random.Random("auth")
+        for field in ("state", "code", "error"):
+            for v in QUERY_VALUES:
+                q = {"state": state, "code": "c", field: None}
+                query = "&".join(f"{k}={x}" for k, x in q.items() if x is not None) + f"&{field}={v}"
+                _check("GET", "/auth/oidc/callback", f"{field}={v[:20]}", c.get(f"/auth/oidc/callback?{query}"))
+        for what, body, ct in hostile_bodies({"device_code": device, "grant_type": "device_code"}, rng):
+            r = c.post("/auth/device/poll", content=body, headers={"Content-Type": ct} if ct else {})
+            _check("POST", "/auth/device/poll", what, r)
+        for v in QUERY_VALUES:  # form-encoded, as RFC 8628 clients send it
+            r = c.post(
+                "/auth/device/poll",
+                content=f"device_code={v}&name={v}".encode(),
+                headers={"Content-Type": "application/x-www-form-urlencoded"},
+            )
+            _check("POST", "/auth/device/poll", f"form {v[:20]}", r)
+        _still_up(server)
+        _quiet_log(server, "the sign-in routes' own fields", seen)
+    r = run_cli("audit", "verify", "--json", env=server.env)
+    assert r.returncode == 0, r.stdout + r.stderr

@@ -16,7 +16,6 @@ that changes state is one conditional UPDATE, so two replicas (or two racing pol
 
 from __future__ import annotations
 
-import hashlib
 import secrets
 import time
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from sqlalchemy import Engine
 
 from ..errors import CodemoatError, Overloaded, RateLimited
 from .ldap import DirectoryUnavailable, DirUser
-from .oidc import OidcClient, meta
+from .oidc import OidcClient, _h, could_be_ours, meta
 
 GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 SLOW_DOWN_STEP_S = 5  # RFC 8628 §3.5: "the interval MUST be increased by 5 seconds"
@@ -78,10 +77,6 @@ class DeviceStart:
 
 def _text(value: object) -> str | None:
     return value if isinstance(value, str) else None
-
-
-def _h(code: str) -> str:
-    return hashlib.sha256(code.encode()).hexdigest()
 
 
 class DeviceFlow:
@@ -172,7 +167,7 @@ class DeviceFlow:
 
     def poll(self, device_code: str) -> tuple[DirUser, str | None]:
         """The signed-in user once the provider approved this code; an RFC 8628 `DeviceError` until then."""
-        if not device_code or len(device_code) > 128:
+        if not could_be_ours(device_code):
             raise DeviceError("invalid_grant", "unknown device code")
         key = _h(device_code)
         now = time.time()

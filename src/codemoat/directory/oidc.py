@@ -68,6 +68,15 @@ def _h(value: str) -> str:
     return hashlib.sha256(value.encode()).hexdigest()
 
 
+_OURS = re.compile(r"[A-Za-z0-9_-]{1,128}")
+
+
+def could_be_ours(value: str) -> bool:
+    """Whether `value` could be a state or device code this server made (`secrets.token_urlsafe`); anything
+    else is unknown before it reaches a hash or a query (a lone surrogate failed the hash: a 500)."""
+    return _OURS.fullmatch(value) is not None
+
+
 def console_redirect(cfg: DirectorySettings) -> str:
     """The console's callback: `oidc_console_redirect_url`, else /admin/oidc/callback on the API callback's origin."""
     if cfg.oidc_console_redirect_url:
@@ -229,8 +238,10 @@ class OidcClient:
     def _consume(self, state: str, purpose: str, binding: str | None) -> tuple[str, str]:
         """The nonce and verifier kept for `state`, removed so that it can be used once only (a
         callback refused for its browser burns the state too: it was exposed)."""
+        row = None
         with self.engine.begin() as c:
-            row = c.execute(sa.select(pending).where(pending.c.state == state)).first()
+            if could_be_ours(state):
+                row = c.execute(sa.select(pending).where(pending.c.state == state)).first()
             if row is not None:
                 c.execute(pending.delete().where(pending.c.state == state))
         if row is None:
