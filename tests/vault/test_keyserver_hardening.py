@@ -13,7 +13,8 @@ from codemoat.vault import nonces as nonces_mod
 from codemoat.vault.clock import ManualClock
 from codemoat.vault.codec import b64d, canonical, ed_public, verify
 from codemoat.vault.keyserver import REFUSAL_DOMAIN, KeyServer, LeaseDenied
-from codemoat.vault.lease import LeaseClient, LeaseKeeper, Unreachable
+from codemoat.vault.lease import LeaseClient, Unreachable
+from codemoat.vault.leasekeeper import LeaseKeeper
 from codemoat.vault.license import License
 from codemoat.vault.machine import MachineKey
 from proxy import RewritingProxy

@@ -11,7 +11,8 @@ import pytest
 from codemoat.vault.clock import ManualClock
 from codemoat.vault.codec import VaultError, b64e
 from codemoat.vault.keyserver import LeaseDenied
-from codemoat.vault.lease import LeaseClient, LeaseKeeper, Unreachable, outbound_path
+from codemoat.vault.lease import LeaseClient, Unreachable, outbound_path
+from codemoat.vault.leasekeeper import LeaseKeeper
 from codemoat.vault.license import License
 from codemoat.vault.machine import MachineKey
 from .conftest import KeyServerProcess

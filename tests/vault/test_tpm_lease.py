@@ -135,7 +135,7 @@ def test_tamper_ends_the_lease_and_reprovision_brings_it_back(vendor, model, tmp
 def test_a_tpm_gone_mid_lease_is_a_failed_renewal_and_the_keeper_lets_go(vendor, model, tmp_path, swtpm, keyserver):
     from codemoat.vault.clock import ManualClock
     from codemoat.vault.codec import VaultError
-    from codemoat.vault.lease import LeaseKeeper
+    from codemoat.vault.leasekeeper import LeaseKeeper
 
     machine = tpm_machine(swtpm, vendor)
     lic, _ = _lease_license(vendor, model, tmp_path, machine, keyserver.url)

@@ -24,7 +24,8 @@ from ..vault.clock import Clock, ClockGuard, iso
 from ..vault.container import SealedFile
 from ..vault.crl import InstalledWatch
 from ..vault.keyserver import LeaseDenied
-from ..vault.lease import Lease, LeaseClient, LeaseKeeper
+from ..vault.lease import Lease, LeaseClient
+from ..vault.leasekeeper import LeaseKeeper
 from ..vault.license import License, check, start_chip
 from ..vault.tpmstart import TpmStart
 from ..vault.machine import MachineKey

@@ -8,7 +8,8 @@
     vendor.py     the vendor's keys and database (customers, sealed models, licenses, leases)
     keyserver.py  the key server's lease logic (HTTP: codemoat.serve.keyserver_app)
     seats.py      a license's floating seats, one per (machine, instance), in the lease transaction
-    lease.py      the customer's lease client, keeper and outbound log
+    lease.py      the customer's lease client and outbound log
+    leasekeeper.py  renewing a lease in the background; when the model must go
     verify.py     `codemoat verify`
 
 Imports from codemoat: only the shared top-level modules (errors, paths, db).
