@@ -47,6 +47,11 @@ def home() -> Path:
     return root
 
 
+def outbound_log() -> Path:
+    """`outbound.jsonl`: every request this machine sends off it (vault.lease writes it, audit.outbound reads it)."""
+    return home() / "outbound.jsonl"
+
+
 def make_private(root: Path, what: str = "the data folder") -> None:
     """Refuse a folder another account owns; set it to 0700 and the files in it to 0600."""
     from .errors import CodemoatError

@@ -12,12 +12,7 @@ from typing import Any
 
 from .. import paths
 from ..errors import CodemoatError
-
-OUTBOUND = "outbound.jsonl"
-
-
-def outbound_file() -> Path:
-    return paths.home() / OUTBOUND
+from ..paths import outbound_log as outbound_file
 
 
 def read_outbound(path: Path | None = None) -> list[dict[str, Any]]:

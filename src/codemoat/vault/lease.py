@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 import httpx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from .. import paths
+from ..paths import outbound_log as outbound_path
 from ..deadline import ANSWER_TIMEOUTS, DeadlinePassed, within
 from ..errors import CodemoatError
 from .clock import Clock, ClockGuard, iso
@@ -54,7 +54,6 @@ from .license import License, key_context
 from .machine import MachineKey
 from .tpmwrap import quote_json, unwrap_p256
 
-OUTBOUND = "outbound.jsonl"
 TIMEOUT_S = 5.0  # each connect, read and write of a key server request (httpx's timeout; not the whole answer)
 T = TypeVar("T")
 _log_lock = threading.Lock()
@@ -71,7 +70,7 @@ def record_outbound(destination: str, method: str, body: str | None, status: int
         {"id": rid, "time": iso(time.time()), "destination": destination, "method": method, "body": body, "status": status},
         ensure_ascii=False,
     )
-    path = paths.home() / OUTBOUND
+    path = outbound_path()
     with _log_lock:
         f = _log_files.get(path)
         if f is None or f.closed:
@@ -306,7 +305,3 @@ class LeaseClient:
                 self._post("/v1/lease/release", self._signed_request(nonce, RELEASE_DOMAIN), nonce)
         except VaultError:
             pass
-
-
-def outbound_path() -> Path:
-    return paths.home() / OUTBOUND
