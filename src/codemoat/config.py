@@ -77,7 +77,7 @@ class ModelSettings(BaseModel):
     )
     isolation: Literal["process", "inline"] = Field(
         "process",
-        description="Run the engine in a supervised child process, restarted after a crash (llama.cpp), or inline in the server's process.",
+        description="Run the engine in a supervised child process, restarted after a crash, a hang or a spin (llama.cpp), or inline in the server's process (no restart and no watchdog: a stuck inline engine holds every request while /health stays 200).",
     )
     answer_timeout_s: float = Field(
         120.0,
