@@ -236,6 +236,25 @@ assert inside.wait(10)
         eng.dispose()
 
 
+def _queued_together(log, records: list[dict]) -> list[object]:
+    """Append `records` from one loop so that they wait for the writer together: it takes a first record
+    and waits for the log's lock (held here) while these queue. What each append returned or raised."""
+
+    async def main() -> list[object]:
+        log._lock.acquire()
+        try:
+            first = asyncio.ensure_future(log.append_async("request", user="first", status=200))
+            while not log._writer._queue.empty() or log._writer._thread is None:
+                await asyncio.sleep(0.01)
+            rest = [asyncio.ensure_future(log.append_async("request", **r)) for r in records]
+            await asyncio.sleep(0.05)  # each is submitted from the loop
+        finally:
+            log._lock.release()
+        return await asyncio.gather(first, *rest, return_exceptions=True)
+
+    return asyncio.run(main())[1:]
+
+
 def test_a_record_the_database_refuses_costs_only_its_own_request(database_url, audit_home):
     """One record whose value the database refuses (an integer past its column: PostgreSQL's int4,
     SQLite's 64 bits), group-committed with seven others: before, all eight got AuditUnavailable (a 503
@@ -248,27 +267,27 @@ def test_a_record_the_database_refuses_costs_only_its_own_request(database_url, 
 
     log = open_log(database_url, audit_home)
     bad = 2**70 if database_url.startswith("sqlite") else 2**40
-
-    async def main() -> list[object]:
-        log._lock.acquire()  # the writer takes the first record and waits: the next eight queue up as one batch
-        try:
-            first = asyncio.ensure_future(log.append_async("request", user="first", status=200))
-            while not log._writer._queue.empty() or log._writer._thread is None:
-                await asyncio.sleep(0.01)
-            rest = [
-                asyncio.ensure_future(log.append_async("request", user=f"u{i}", status=200, prompt_tokens=bad if i == 3 else i))
-                for i in range(8)
-            ]
-            await asyncio.sleep(0.05)  # each is submitted from the loop
-        finally:
-            log._lock.release()
-        return await asyncio.gather(first, *rest, return_exceptions=True)
-
-    got = asyncio.run(main())
-    refused = got[4]
+    got = _queued_together(log, [dict(user=f"u{i}", status=200, prompt_tokens=bad if i == 3 else i) for i in range(8)])
+    refused = got[3]
     assert isinstance(refused, AuditUnavailable) and "refused" in str(refused), got
-    assert sorted(x for x in got if not isinstance(x, BaseException)) == list(range(1, 9)), got
+    assert sorted(x for x in got if not isinstance(x, BaseException)) == [2, 3, 4, 5, 6, 7, 8], got
     assert [r["user"] for r in log.records()] == ["first", "u0", "u1", "u2", "u4", "u5", "u6", "u7"]
     assert log.known_writable and log.failure is None
     assert log.verify().ok
     log.close()
+
+
+def test_a_group_commit_carries_a_bounded_amount_of_text(audit_log, engine, monkeypatch):
+    """With `audit.retain_text`, each record carries its prompt (up to server.max_body_mb, 8 MiB): 256 of
+    them queued together made one 2 GiB transaction, past the 1 GB PostgreSQL takes in one message, and
+    a refused batch is a 503 for every request in it. A commit now stops taking records once it carries
+    MAX_BATCH_CHARS of text (scaled down here: 1,000 characters, records of 600)."""
+    from codemoat.audit import heads
+
+    monkeypatch.setattr(heads, "MAX_BATCH_CHARS", 1000)
+    commits: list[int] = []
+    event.listen(engine, "commit", lambda conn: commits.append(1))
+    got = _queued_together(audit_log, [dict(user=f"u{i}", status=200, prompt_text="p" * 600) for i in range(6)])
+    assert got == [2, 3, 4, 5, 6, 7]
+    assert len(commits) == 1 + 3, commits  # the first record's, then two records per commit
+    assert audit_log.verify().ok

@@ -43,6 +43,27 @@ class AuditUnavailable(CodemoatError):
 
 # records one group commit may write (a bound on one transaction's size and on a waiter's wait)
 MAX_BATCH = 256
+# and the prompt and completion text it may carry (`audit.retain_text`), a record more at most: 256
+# prompts of 8 MiB (server.max_body_mb) are 2 GiB, past the 1 GB PostgreSQL takes in one message, and
+# a refused batch is a 503 for every request in it
+MAX_BATCH_CHARS = 64 << 20
+
+
+def text_chars(row: dict) -> int:
+    """The retained text a normalised record carries (what MAX_BATCH_CHARS counts)."""
+    return len(row.get("prompt_text") or "") + len(row.get("completion_text") or "")
+
+
+def batch_length(rows) -> int:
+    """How many of `rows` (in order) one group commit takes: at least one, at most MAX_BATCH, and none
+    more once MAX_BATCH_CHARS of text is reached."""
+    n = chars = 0
+    for row in rows:
+        if n and (n >= MAX_BATCH or chars >= MAX_BATCH_CHARS):
+            break
+        n, chars = n + 1, chars + text_chars(row)
+    return n
+
 
 # Plain SQL, built once: signing runs after every append when `sign_every` is 1, and building
 # SQLAlchemy expressions per call cost more than the signature.

@@ -49,7 +49,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from ..errors import CodemoatError
 from . import signing
 from .head_signing import HeadSigning
-from .heads import MAX_BATCH, AuditUnavailable, run, sign_tip
+from .heads import AuditUnavailable, batch_length, run, sign_tip
 from .pgappend import PgAppender, Tampered
 from .writer import RecordWriter
 from .rows import KINDS, check_kind, normalise, parse_since, to_public
@@ -194,7 +194,8 @@ class AuditLog(HeadSigning):
         with self._lock:
             if not me.done:
                 with self._pending_lock:
-                    batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
+                    n = batch_length(w.row for w in self._pending)
+                    batch, self._pending = self._pending[:n], self._pending[n:]
                 self._flush(batch)
         if me.error is not None:
             raise me.error

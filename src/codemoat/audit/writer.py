@@ -3,7 +3,8 @@
 A request's record written from a worker thread of its own (`anyio.to_thread`) costs the event loop a
 thread hop per request: waking a worker, then the worker waking the loop; the records of requests that
 end together then queue for the log's lock one by one. `AuditLog.append_async` queues the record
-here instead. This log's one writer thread takes everything queued (up to `MAX_BATCH`), writes it in
+here instead. This log's one writer thread takes everything queued (up to `MAX_BATCH`, and
+`MAX_BATCH_CHARS` of retained text), writes it in
 one group commit (`AuditLog._flush`, under the log's lock, as a thread's `append` does), runs each
 record's `then` (what follows a written record: metrics, quotas, alarms), and wakes each waiting
 loop once for the whole batch. Every caller still returns only once its own record is committed, or
@@ -23,7 +24,8 @@ import threading
 import weakref
 from typing import Any
 
-from .heads import MAX_BATCH, AuditUnavailable
+from . import heads
+from .heads import AuditUnavailable
 
 log = logging.getLogger("codemoat.audit")
 #: how long closing the log waits for the writer to write what is queued
@@ -81,8 +83,8 @@ def _run(ref: weakref.ref, q: queue.SimpleQueue) -> None:
         first = q.get()
         if first is None:
             return
-        batch = [first]
-        while len(batch) < MAX_BATCH:
+        batch, chars = [first], heads.text_chars(first.row)
+        while len(batch) < heads.MAX_BATCH and chars < heads.MAX_BATCH_CHARS:
             try:
                 w = q.get_nowait()
             except queue.Empty:
@@ -91,6 +93,7 @@ def _run(ref: weakref.ref, q: queue.SimpleQueue) -> None:
                 stop = True
                 break
             batch.append(w)
+            chars += heads.text_chars(w.row)
         lg = ref()
         try:
             if lg is None:
