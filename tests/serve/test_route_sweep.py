@@ -499,3 +499,20 @@ def test_the_sign_in_routes_answer_hostile_requests(directory_server):
         _quiet_log(server, "the sign-in routes' own fields", seen)
     r = run_cli("audit", "verify", "--json", env=server.env)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_a_forged_forwarded_for_does_not_dodge_the_device_code_bound(directory_server):
+    """Unfinished device codes are bounded per client address (directory.oidc_pending_per_address, 50).
+    X-Forwarded-For from a peer not in server.trusted_proxies is not believed, so a caller who has reached
+    the bound does not get more by naming other addresses. Fails before (uvicorn believed it from
+    127.0.0.1): each made-up address got a fresh code."""
+    with httpx.Client(base_url=directory_server.url, timeout=60) as c:
+        for _ in range(60):  # the sweep may have reached the bound already
+            r = c.post("/auth/device/start", json={})
+            if r.status_code == 429:
+                break
+            assert r.status_code == 200, r.text[:300]
+        assert r.status_code == 429 and r.json()["error"] == "slow_down", r.text[:300]
+        for i in range(3):
+            r = c.post("/auth/device/start", json={}, headers={"X-Forwarded-For": f"198.51.100.{i + 1}"})
+            assert r.status_code == 429 and r.json()["error"] == "slow_down", r.text[:300]
