@@ -54,6 +54,20 @@ def test_compose_keeps_secrets_in_files():
     assert all("file" in s for s in d["secrets"].values())
 
 
+def test_compose_replicas_trust_x_forwarded_for_from_haproxy_only():
+    """deploy/haproxy.cfg appends each editor's address; the replicas believe it from HAProxy's fixed
+    address and from nobody else (tests/deploy/test_replicas.py shows the header at work)."""
+    import ipaddress
+
+    d = _compose()
+    lb = d["services"]["haproxy"]["networks"]["default"]["ipv4_address"]
+    subnet = d["networks"]["default"]["ipam"]["config"][0]["subnet"]
+    assert ipaddress.ip_address(lb) in ipaddress.ip_network(subnet)
+    for name in ("replica1", "replica2"):
+        assert json.loads(d["services"][name]["environment"]["CODEMOAT_SERVER__TRUSTED_PROXIES"]) == [lb], name
+    assert "option forwardfor" in (DEPLOY / "haproxy.cfg").read_text()
+
+
 def _manifests() -> list[dict]:
     return [d for d in yaml.safe_load_all((DEPLOY / "k8s" / "codemoat.yaml").read_text()) if d]
 
