@@ -56,9 +56,11 @@ class ServerSettings(BaseModel):
 
         for item in v:
             try:
-                ipaddress.ip_network(item, strict=False)
+                net = ipaddress.ip_network(item, strict=False)
             except ValueError:
                 raise ValueError(f"{item!r} is not an IP address or network (e.g. 10.0.0.5 or 10.0.0.0/24)") from None
+            if net.prefixlen == 0:  # every caller could then name any address
+                raise ValueError(f"{item!r} is every address: name the proxies themselves")
         return v
 
 

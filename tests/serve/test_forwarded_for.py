@@ -8,6 +8,7 @@ without a token and the sign-in bounds see. Behind HAProxy the setting names HAP
 from __future__ import annotations
 
 import httpx
+import pytest
 from conftest import run_cli
 
 from codemoat.audit.log import AuditLog
@@ -48,3 +49,15 @@ def test_a_trusted_proxy_that_is_not_an_address_is_one_line(random_gguf):
     r = run_cli("serve", "--model", str(random_gguf), "--port", "0", env={"CODEMOAT_SERVER__TRUSTED_PROXIES": '["haproxy"]'})
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "server.trusted_proxies" in r.stderr and "'haproxy' is not an IP address or network" in r.stderr, r.stderr
+
+
+def test_trusting_every_address_is_refused():
+    """0.0.0.0/0 (or ::/0) would let every caller name any address: refused as the settings load."""
+    from pydantic import ValidationError
+
+    from codemoat.config import ServerSettings
+
+    for everyone in ("0.0.0.0/0", "::/0"):
+        with pytest.raises(ValidationError, match="is every address"):
+            ServerSettings(trusted_proxies=["127.0.0.1", everyone])
+    assert ServerSettings(trusted_proxies=["10.0.0.0/8", "::1"]).trusted_proxies == ["10.0.0.0/8", "::1"]
