@@ -139,9 +139,10 @@ def offline_md(offs: list[dict]) -> list[str]:
         "the CRL install counter as the AK certifies it (TPM2_NV_Certify), the unwrap key (TPM2_ReadPublic of the "
         "key `machine-id --tpm` made persistent), the policy session and its PolicyPCR and PolicyNV while the other "
         "checks run and `engines.memfd.Prefault` allocates the memfd's pages; the content key (one ECDH_ZGen) once "
-        "every check passed; the watermark key while the model is decrypted. Those TPM commands are marshalled by "
-        "`attest.tpmcmd` and sent by `attest.tpmraw.StartChip` (no ESAPI; on swtpm one TCP connection per burst "
-        "of commands, where tpm2-tss's swtpm TCTI connects per command).",
+        "every check passed; the watermark key from the same Z (the vendor wraps both keys to one ephemeral point, "
+        "each under its own context: no second ZGen) while the model is decrypted. Those TPM commands are "
+        "marshalled by `attest.tpmcmd` and sent by `attest.tpmraw.StartChip` (no ESAPI; on swtpm one TCP connection "
+        "per burst of commands, `attest.tpmsock`, where tpm2-tss's swtpm TCTI connects per command).",
         "",
         "## `codemoat verify` (`verify_bundle`: checks, unwrap, every chunk decrypted into a scratch buffer and hashed)",
         "",
@@ -150,11 +151,11 @@ def offline_md(offs: list[dict]) -> list[str]:
         *[row(o, "verify") for o in offs],
         "",
         f"The license check with both key unwraps alone ({off['mib']} MiB run): software {c['software_ms']:.1f} ms, "
-        f"TPM {c['tpm_ms']:.1f} ms: a fixed cost of {c['tpm_ms'] - c['software_ms']:.1f} ms (11 TPM commands: the CRL "
+        f"TPM {c['tpm_ms']:.1f} ms: a fixed cost of {c['tpm_ms'] - c['software_ms']:.1f} ms (8 TPM commands: the CRL "
         "counter's TPM2_NV_Certify by the persistent AK (its signature checked here), the tamper latch's "
-        "NV_ReadPublic, ReadPublic of the persistent unwrap key, one policy session for both keys, per unwrap "
-        "TPM2_PolicyPCR, TPM2_PolicyNV and ECDH_ZGen, one FlushContext; swtpm's CPU is mostly the NV_Certify and "
-        "the two ECDH_ZGen, about 0.4 ms each) that does not grow with the model. `verify` has no "
+        "NV_ReadPublic, ReadPublic of the persistent unwrap key, one policy session with its TPM2_PolicyPCR and "
+        "TPM2_PolicyNV, one ECDH_ZGen for both keys, one FlushContext; swtpm's CPU is mostly the NV_Certify and "
+        "the ECDH_ZGen, about 0.4 ms each) that does not grow with the model. `verify` has no "
         "memfd to allocate while the chip works, so it pays that cost in full.",
         "",
         f"**The CRL check alone** (`crl.check_revoked`, {off['revoked']} revocations installed): software machine "

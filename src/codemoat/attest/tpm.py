@@ -31,7 +31,8 @@ from typing import Any
 
 from .base import AttestError, Quote
 from .tpmcmd import RC_NV_UNINITIALIZED, Commands, tpm2b, unwrap_template
-from .tpmraw import AK_HANDLE, BANK, CRL_NV_INDEX, TAMPER_NV_INDEX, UNWRAP_HANDLE, StartPath, _pt, pcr_selection
+from .tpmraw import AK_HANDLE, BANK, CRL_NV_INDEX, TAMPER_NV_INDEX, UNWRAP_HANDLE, StartPath, pcr_selection
+from .tpmsock import _pt
 
 __all__ = ["AK_HANDLE", "BANK", "CRL_NV_INDEX", "TAMPER_NV_INDEX", "UNWRAP_HANDLE", "TpmAttestor", "_pt", "pcr_selection"]
 

@@ -2,13 +2,8 @@
 
 Every command here is `attest.tpmcmd` bytes (no ESAPI: see that module for why nothing is lost). `StartPath` holds
 the logic; `TpmAttestor` (attest.tpm) has it beside its ESAPI commands, and `StartChip` has it alone, on its own
-transport, for `vault.tpmstart`:
-
-- it needs neither ESAPI nor tpm2-pytss on a swtpm (a process's first start skips a ~0.1 s import);
-- on a swtpm it holds one TCP connection for each burst of commands. tpm2-tss's swtpm TCTI connects and
-  disconnects around every command, which a TPM device (`/dev/tpmrm0`: one open descriptor) never does.
-  swtpm serves one connection at a time, so the caller gives the connection back (`idle()`) before it
-  waits on anything: another client's command then waits for at most one burst.
+transport (`attest.tpmsock`: on a swtpm one TCP connection per burst of commands, and no tpm2-pytss import, which
+skips ~0.1 s on a process's first start), for `vault.tpmstart`.
 
 The unwrap key: with `unwrap_handle` (the persistent handle `machine-id --tpm` made it at, TPM2_EvictControl),
 TPM2_ReadPublic of that handle replaces a TPM2_CreatePrimary and its FlushContext at every start (a chip's key
@@ -21,8 +16,6 @@ policy, a cleared chip with nothing there) is not used: the key is derived as be
 from __future__ import annotations
 
 import os
-import socket
-import struct
 from typing import Any
 
 from .base import AttestError
@@ -37,6 +30,7 @@ from .tpmcmd import (
     tpm2b,
     unwrap_template,
 )
+from .tpmsock import open_transport
 
 BANK = "sha256"
 # The tamper latch (TPM_NT_COUNTER, owner range of the TCG handle registry): +1 per tamper event; unwrap policies
@@ -47,17 +41,6 @@ CRL_NV_INDEX = 0x0100C0E0
 # Where `machine-id --tpm` makes the unwrap key and the attestation key persistent (TCG handle registry: the
 # endorsement primary objects' range).
 UNWRAP_HANDLE, AK_HANDLE = 0x8101C0DE, 0x8101C0DD
-_IO_TIMEOUT = 30.0  # seconds for one swtpm command (they take well under a millisecond)
-
-
-def _pt():  # tpm2-pytss is an optional extra (`.[tpm]`); import it only when a TPM is used
-    # tpm2-tss writes every TPM error code to stderr; refusals here become one AttestError line instead.
-    os.environ.setdefault("TSS2_LOG", "all+NONE")
-    try:
-        import tpm2_pytss
-    except ImportError:
-        raise AttestError("TPM support is not installed (pip install 'codemoat[tpm]')") from None
-    return tpm2_pytss
 
 
 def pcr_selection(pcrs: list[int]) -> str:
@@ -74,114 +57,6 @@ def policy_digest(policy: dict[str, Any]) -> bytes:
 
     pcr_selection(policy["pcrs"])
     return pcr_policy_digest(policy)
-
-
-class _Closed(OSError):
-    """swtpm closed the connection before answering a command it was sent."""
-
-
-class SwtpmSocket:
-    """swtpm's command port (`swtpm:host=H,port=P`), one TCP connection per burst: opened by the first command
-    after `idle()`, closed by `idle()` (the transmit/receive pair `tpmcmd.Commands` uses). A swtpm started with
-    `--server ...,disconnect` closes the connection after each answer: a command sent on a connection it had
-    closed was never read, so it is sent again on a new one."""
-
-    def __init__(self, host: str, port: int):
-        self.addr = (host, port)
-        self.sock: socket.socket | None = None
-        self._command, self._reused = b"", False
-
-    def _connect(self) -> None:
-        self.sock = socket.create_connection(self.addr, timeout=_IO_TIMEOUT)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def transmit(self, command: bytes) -> None:
-        self._command, self._reused = command, self.sock is not None
-        if self.sock is None:
-            self._connect()
-        try:
-            self.sock.sendall(command)  # type: ignore[union-attr]
-        except OSError:
-            if not self._reused:
-                raise
-            self._again()
-
-    def _again(self) -> None:
-        self.idle()
-        self._connect()
-        self._reused = False
-        self.sock.sendall(self._command)  # type: ignore[union-attr]
-
-    def receive(self) -> bytes:
-        try:
-            head = self._read(10)
-        except _Closed:
-            if not self._reused:
-                raise
-            self._again()
-            head = self._read(10)
-        (size,) = struct.unpack_from(">I", head, 2)
-        if not 10 <= size <= 4096:
-            raise OSError(f"malformed TPM response (size {size})")
-        return head + self._read(size - 10)
-
-    def _read(self, n: int) -> bytes:
-        assert self.sock is not None
-        got = b""
-        while len(got) < n:
-            try:
-                part = self.sock.recv(n - len(got))
-            except ConnectionResetError:
-                part = b""
-            if not part:
-                raise (_Closed if not got and n == 10 else OSError)("swtpm closed the connection")
-            got += part
-        return got
-
-    def idle(self) -> None:
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
-
-    close = idle
-
-
-def _swtpm_address(conf: str) -> tuple[str, int] | None:
-    """host and port of a tpm2-tss swtpm TCTI configuration (`host=H,port=P`, its defaults), else None."""
-    kv = dict(part.partition("=")[::2] for part in conf.split(",") if part)
-    if set(kv) - {"host", "port"}:
-        return None
-    try:
-        return kv.get("host", "localhost"), int(kv.get("port", "2321"))
-    except ValueError:
-        return None
-
-
-class _Tcti:
-    """Any other TCTI (a device, tabrmd) through tpm2-tss's loader."""
-
-    def __init__(self, tcti: Any):
-        self.tcti = tcti
-        self.transmit, self.receive = tcti.transmit, tcti.receive
-
-    def idle(self) -> None:
-        pass
-
-    def close(self) -> None:
-        self.tcti.close()
-
-
-def open_transport(tcti: str) -> Any:
-    name, _, conf = tcti.partition(":")
-    addr = _swtpm_address(conf) if name == "swtpm" else None
-    if addr is not None:
-        return SwtpmSocket(*addr)
-    try:
-        return _Tcti(_pt().TCTILdr(name, conf))
-    except AttestError:
-        raise
-    except Exception as e:  # TSS2_Exception and friends: one line, never a traceback
-        raise AttestError(f"cannot reach the TPM at {tcti!r}: {e}") from None
 
 
 class StartPath:

@@ -30,7 +30,7 @@ from .crl import check_revoked, chip_ak
 from .machine import POLICIES, MachineKey, check_tpm_block, match_facts
 from .snpbind import check_snp_block
 from .tpmstart import TpmStart
-from .tpmwrap import wrap_p256
+from .tpmwrap import wrap_p256_shared
 from .trust import check_trusted_vendor
 
 KIND = "codemoat-license"
@@ -255,21 +255,17 @@ def _entry(x: dict[str, Any]) -> dict[str, Any]:
 
 
 def wrap_keys(entry: dict[str, Any], lid: str, content_key: bytes, watermark_key: bytes | None) -> dict[str, Any]:
-    """An offline license's keys, wrapped to the machine's TPM unwrap key when it has one, else to its X25519 key."""
+    """An offline license's keys, wrapped to the machine's TPM unwrap key when it has one (both to one ephemeral
+    point: a start's one TPM2_ECDH_ZGen opens both, `tpmwrap.wrap_p256_shared`), else to its X25519 key."""
+    items = [(content_key, key_context("content-key", lid))]
+    if watermark_key:
+        items.append((watermark_key, key_context("watermark-key", lid)))
     if entry.get("binding") == "tpm":
-
-        def w(secret: bytes, ctx: bytes) -> dict[str, str]:
-            return wrap_p256(entry["tpm"]["unwrap"], secret, ctx)
+        wrapped = wrap_p256_shared(entry["tpm"]["unwrap"], items)
     else:
         rcpt = x_public(entry["x25519"], "machine x25519 key")
-
-        def w(secret: bytes, ctx: bytes) -> dict[str, str]:
-            return wrap(rcpt, secret, ctx)
-
-    return {
-        "content_key": w(content_key, key_context("content-key", lid)),
-        "watermark_key": w(watermark_key, key_context("watermark-key", lid)) if watermark_key else None,
-    }
+        wrapped = [wrap(rcpt, secret, ctx) for secret, ctx in items]
+    return {"content_key": wrapped[0], "watermark_key": wrapped[1] if watermark_key else None}
 
 
 @dataclass

@@ -16,7 +16,9 @@ known (`attest.tpmraw.StartChip`: these commands alone, no ESAPI), and in this o
    gets a key out of the chip;
 4. unwraps the content key (`key(0)`: `release()` does it on the caller's thread when this one already
    waits), then the watermark key (`key(1)`). A start needs the latter only
-   once it serves, so with `check(..., defer_watermark=True)` that unwrap overlaps the decryption.
+   once it serves, so with `check(..., defer_watermark=True)` that unwrap overlaps the decryption. A license
+   whose two keys are wrapped to one ephemeral point (the vendor does so since session 12) needs one
+   TPM2_ECDH_ZGen for both: the watermark key is then HKDF and AES-GCM in software, with its own context.
 
 An error in the thread is raised by the call that asks for that step's result, so refusals come in the
 order, and with the words, of a check done in one thread. `close()` stops a start not yet released and
@@ -48,8 +50,19 @@ def tpm_unwrapper(attestor: Any, entry: dict[str, Any]) -> Any:
             f"{attestor.tcti}): a copied data directory, or another machine"
         )
 
+    # Z per ephemeral point, for this unwrapper's one start only (never kept beyond it, never written anywhere): a
+    # license's keys wrapped to one point (`license.wrap_keys`) cost one TPM2_ECDH_ZGen; each key's own context
+    # (HKDF info and AES-GCM's associated data) still decides whether it opens. Older licenses: one ZGen per key.
+    zs: dict[bytes, bytes] = {}
+
+    def zgen(point: bytes) -> bytes:
+        z = zs.get(point)
+        if z is None:
+            z = zs[point] = attestor.zgen(t["policy"], point)
+        return z
+
     def unwrap_tpm(wrapped: Any, context: bytes, what: str) -> bytes:
-        return unwrap_p256(lambda p: attestor.zgen(t["policy"], p), t["unwrap"], wrapped, context, what)
+        return unwrap_p256(zgen, t["unwrap"], wrapped, context, what)
 
     return unwrap_tpm
 
@@ -87,6 +100,7 @@ class TpmStart:
         self._crl, self._keys = _Result(), [_Result() for _ in self.unwraps]
         self._gate, self._released = threading.Event(), False
         self._parked: Any = None  # the unwrapper, while the thread waits at the gate with the chip ready for ZGen
+        self._ready = threading.Event()  # the thread waits at the gate, or has ended (release() waits for it)
         self._thread = threading.Thread(target=self._run, args=(attestor, entry), name="codemoat-tpm", daemon=True)
         self._thread.start()
 
@@ -101,8 +115,9 @@ class TpmStart:
                 assert entry is not None
                 opened = tpm_unwrapper(a, entry)
                 a.prepare_unwrap(entry["tpm"]["policy"])  # the session and its policy: ZGen alone after release
-                a.idle()  # a swtpm's one connection is free while this waits (attest.tpmraw)
+                a.idle()  # a swtpm's one connection is free while this waits (attest.tpmsock)
                 self._parked = opened  # release() may unwrap the content key itself, until the gate opens
+                self._ready.set()
                 self._gate.wait()
                 self._parked = None
                 if not self._released:
@@ -117,6 +132,7 @@ class TpmStart:
             for result in pending:
                 result.set(error=e)
         finally:
+            self._ready.set()
             for result in pending:
                 if not result.done.is_set():
                     result.set(error=VaultError("the TPM start was stopped before this key was unwrapped"))
@@ -128,11 +144,13 @@ class TpmStart:
         return self._crl.get()
 
     def release(self) -> None:
-        """Every other check passed: the keys may be unwrapped. When the thread already waits at the gate, this
-        thread unwraps the content key itself (one ECDH_ZGen on the thread's connection, which the thread does
-        not touch until the gate opens): the key is then out without two hand-offs between threads. The thread
-        unwraps the rest."""
+        """Every other check passed: the keys may be unwrapped. Once the thread waits at the gate (its commands
+        before the unwrap done: the caller asks for the content key next anyway), this thread unwraps the content
+        key itself (one ECDH_ZGen on the thread's connection, which the thread does not touch until the gate
+        opens): the key is then out without two hand-offs between threads. The thread unwraps the rest."""
         self._released = True
+        if self._keys:
+            self._ready.wait()  # parked at the gate, or ended (its error is key(0)'s)
         opened = self._parked
         if opened is not None and self._keys:
             try:

@@ -84,12 +84,27 @@ def _wrap_key(z: bytes, epk: bytes, rpk: bytes, context: bytes) -> bytes:
 
 def wrap_p256(recipient_der_hex: str, secret: bytes, context: bytes) -> dict[str, str]:
     """Encrypt `secret` so that only the chip holding `recipient`'s private key can read it."""
+    return wrap_p256_shared(recipient_der_hex, [(secret, context)])[0]
+
+
+def wrap_p256_shared(recipient_der_hex: str, items: list[tuple[bytes, bytes]]) -> list[dict[str, str]]:
+    """`wrap_p256` of each (secret, context) with ONE ephemeral key, so the chip computes Z once for all of them
+    (one TPM2_ECDH_ZGen per start, not one per key). Each key still has its own one-time AES key: HKDF's info
+    carries its context, which differs per item (it names the key's purpose), and its own random nonce. Z alone
+    opens nothing without the context, and whoever can have the chip compute Z for one of them can for all of
+    them anyway (the same key, the same policy), so sharing the point adds nothing an attacker lacked."""
+    contexts = [ctx for _, ctx in items]
+    if len(set(contexts)) != len(contexts):
+        raise VaultError("keys wrapped to one ephemeral point need distinct contexts")
     rcpt, rpk = _recipient(recipient_der_hex)
     eph = ec.generate_private_key(ec.SECP256R1())
-    epk = _point(eph.public_key())
-    k = _wrap_key(eph.exchange(ec.ECDH(), rcpt), epk, rpk, context)
-    nonce = os.urandom(12)
-    return {"alg": WRAP_ALG, "epk": b64e(epk), "nonce": b64e(nonce), "ct": b64e(AESGCM(k).encrypt(nonce, secret, context))}
+    epk, z = _point(eph.public_key()), eph.exchange(ec.ECDH(), rcpt)
+    out = []
+    for secret, context in items:
+        nonce = os.urandom(12)
+        ct = AESGCM(_wrap_key(z, epk, rpk, context)).encrypt(nonce, secret, context)
+        out.append({"alg": WRAP_ALG, "epk": b64e(epk), "nonce": b64e(nonce), "ct": b64e(ct)})
+    return out
 
 
 def unwrap_p256(zgen: Callable[[bytes], bytes], recipient_der_hex: str, wrapped: Any, context: bytes, what: str) -> bytes:
