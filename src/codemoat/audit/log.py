@@ -49,6 +49,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from ..errors import CodemoatError
 from . import signing
 from .head_signing import HeadSigning
+from .pending import SQLITE_REFUSALS, AlsoFailed, Pending, RecordRefused, first_line, psycopg_data_error, psycopg_error
 from .heads import AuditUnavailable, batch_length, run, sign_tip
 from .pgappend import PgAppender, Tampered
 from .writer import RecordWriter
@@ -104,48 +105,6 @@ _MOVE_TIP = sa.text("UPDATE audit_tip SET seq = :seq, hash = :hash WHERE id = 1"
 _INSERT_RECORDS = records.insert()
 
 
-def _psycopg_error() -> type[BaseException]:
-    import psycopg
-
-    return psycopg.Error
-
-
-def _psycopg_data_error() -> type[BaseException]:
-    import psycopg
-
-    return psycopg.DataError
-
-
-def _first_line(e: BaseException) -> str:
-    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-
-
-class _Pending:
-    """One record waiting for a group commit, and what became of it."""
-
-    __slots__ = ("row", "seq", "error", "done", "also", "then", "fut")
-
-    def __init__(self, row: dict[str, Any], also: Callable[[sa.Connection], Any] | None = None):
-        self.row, self.seq, self.error, self.done, self.also = row, 0, None, False, also
-        self.then: Callable[[], Any] | None = None  # `append_async`: run by the writer once the record is written
-        self.fut: asyncio.Future | None = None  # `append_async`: the waiting loop's future
-
-
-class _AlsoFailed(Exception):
-    """What a record's `also` raised, inside the transaction it shares with the records."""
-
-
-class RecordRefused(AuditUnavailable):
-    """The database refused a record's values (PostgreSQL's data errors: an integer out of range, a NUL;
-    SQLite's overflow), not the write: the log is still writable, and the records of other requests
-    group-committed with it are written alone (`_flush`)."""
-
-
-#: what a record's own values raise on SQLite (the driver's, or the hash's: sqlite3 raises OverflowError
-#: for an integer past 64 bits before SQLAlchemy sees it)
-_SQLITE_REFUSALS = (OverflowError, ValueError, sa.exc.DataError, sa.exc.InterfaceError)
-
-
 class AuditLog(HeadSigning):
     """Append-only, hash-chained audit records over one SQLAlchemy engine (thread-safe)."""
 
@@ -166,7 +125,7 @@ class AuditLog(HeadSigning):
         self.head_file = head_file
         self.verified_file = verified_file  # the verifier's memory (`audit.trusted`), not the writer's
         self._lock = threading.Lock()
-        self._pending: list[_Pending] = []  # records waiting for the next group commit
+        self._pending: list[Pending] = []  # records waiting for the next group commit
         self._pending_lock = threading.Lock()
         self._healthy = True
         self._probed_at = 0.0
@@ -188,7 +147,7 @@ class AuditLog(HeadSigning):
         others find their record written when the lock is theirs. The head is signed when
         `sign_every` records or `sign_interval_ms` have gone by unsigned (`audit.heads`).
         Raises `AuditUnavailable` when it cannot be written (the caller must not serve)."""
-        me = _Pending(normalise(kind, fields), also)
+        me = Pending(normalise(kind, fields), also)
         with self._pending_lock:
             self._pending.append(me)
         with self._lock:
@@ -214,12 +173,12 @@ class AuditLog(HeadSigning):
         writer thread, which writes it with those of concurrent requests in one group commit, runs `then()`
         (errors logged, never raised) and wakes this loop once for the batch (`audit.writer`). Returns its
         seq once it is committed; raises `AuditUnavailable` as `append` does."""
-        me = _Pending(normalise(kind, fields), also)
+        me = Pending(normalise(kind, fields), also)
         me.then, me.fut = then, asyncio.get_running_loop().create_future()
         self._writer.submit(me)
         return await me.fut
 
-    def _write_also(self, me: _Pending) -> None:
+    def _write_also(self, me: Pending) -> None:
         """What goes with written record `me` when its transaction did not take it (PostgreSQL, or it failed there)."""
         if me.also is None:
             return
@@ -229,7 +188,7 @@ class AuditLog(HeadSigning):
         except Exception:
             log.exception("could not write what goes with audit record %d", me.seq)
 
-    def _flush(self, batch: list[_Pending]) -> None:
+    def _flush(self, batch: list[Pending]) -> None:
         """Write `batch` in one transaction (under `_lock`); each waiter gets its seq or the error."""
         try:
             try:
@@ -268,7 +227,7 @@ class AuditLog(HeadSigning):
         if head_row is not None:
             self._write_head_file(head_row)
 
-    def _append_locked(self, rows: list[dict[str, Any]], batch: list[_Pending] = ()) -> dict[str, Any] | None:
+    def _append_locked(self, rows: list[dict[str, Any]], batch: list[Pending] = ()) -> dict[str, Any] | None:
         """Write `rows`; on SQLite also their `batch`'s `also`s and the head when due, in the same
         transaction (the new head row or None)."""
         if self._pg is not None:
@@ -279,10 +238,10 @@ class AuditLog(HeadSigning):
                 raise AuditUnavailable(
                     "audit log tampered: a record exists beyond the chain's tip (run `codemoat audit verify`)"
                 ) from None
-            except (_psycopg_data_error(), OverflowError, ValueError) as e:
-                raise RecordRefused(f"audit record refused: {_first_line(e)}") from None
-            except _psycopg_error() as e:
-                raise AuditUnavailable(_first_line(e)) from None
+            except (psycopg_data_error(), OverflowError, ValueError) as e:
+                raise RecordRefused(f"audit record refused: {first_line(e)}") from None
+            except psycopg_error() as e:
+                raise AuditUnavailable(first_line(e)) from None
             return None
         _ = self.signer  # load the key before taking the database's write lock
         extras = [w for w in batch if w.also is not None]  # written in the records' transaction
@@ -305,14 +264,14 @@ class AuditLog(HeadSigning):
                             row["hash"] = prev = link_hash(seq, prev, body_hash(row))
                         for row in rows:
                             run(c, _INSERT_RECORDS, row)
-                    except _SQLITE_REFUSALS as e:  # rolled back; not a retry of the loop
-                        raise RecordRefused(f"audit record refused: {_first_line(e)}") from None
+                    except SQLITE_REFUSALS as e:  # rolled back; not a retry of the loop
+                        raise RecordRefused(f"audit record refused: {first_line(e)}") from None
                     run(c, _MOVE_TIP, {"seq": seq, "hash": prev})
                     for w in extras:
                         try:
                             w.also(c)
                         except Exception as e:
-                            raise _AlsoFailed(e) from e
+                            raise AlsoFailed(e) from e
                     self._last_seq = seq
                     signed, head_row = None, None
                     if self._sign_due(seq):
@@ -330,7 +289,7 @@ class AuditLog(HeadSigning):
                 for w in extras:
                     w.also = None  # committed with the records
                 return head_row
-            except _AlsoFailed as e:  # what goes with a record never costs the record: each is written after it, alone
+            except AlsoFailed as e:  # what goes with a record never costs the record: each is written after it, alone
                 log.warning("a write that goes with an audit record failed (%s); the records are written without it", e.__cause__)
                 extras = []
             except IntegrityError:

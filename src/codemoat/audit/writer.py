@@ -44,7 +44,7 @@ class RecordWriter:
         weakref.finalize(audit_log, self._queue.put, None)  # a collected log stops its thread
 
     def submit(self, pending: Any) -> None:
-        """Queue `pending` (an `audit.log._Pending` with its loop's future in `fut`)."""
+        """Queue `pending` (an `audit.pending.Pending` with its loop's future in `fut`)."""
         with self._start_lock:  # with `stop`: a record is queued before the stop its thread reads, or for a new thread
             if self._thread is None:
                 t = threading.Thread(target=_run, args=(self._ref, self._queue), name="audit-writer", daemon=True)
