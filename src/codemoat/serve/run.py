@@ -44,8 +44,12 @@ def run(app, sock: socket.socket, log_level: str, trusted_proxies: list[str] | N
     per-address bounds see."""
     import uvicorn
 
+    from .wire import HttpProtocol
+
     proxies = {"proxy_headers": bool(trusted_proxies), "forwarded_allow_ips": list(trusted_proxies or ()) or None}
-    config = uvicorn.Config(app, log_level=log_level, access_log=False, timeout_graceful_shutdown=10, **proxies)
+    config = uvicorn.Config(
+        app, http=HttpProtocol, log_level=log_level, access_log=False, timeout_graceful_shutdown=10, **proxies
+    )
     server = uvicorn.Server(config)
     freeze_heap()  # the model is loaded and the app built: what follows is serving
     # uvicorn drains requests on SIGTERM/SIGINT, then re-raises the signal under the handler it

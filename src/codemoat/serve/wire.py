@@ -1,0 +1,77 @@
+"""uvicorn's HTTP/1.1 protocol (httptools), with a response's head sent in the same write as its first body.
+
+uvicorn writes the status line and headers when the app sends `http.response.start`, and each body
+message in a write of its own: two `send` syscalls, two segments and two wake-ups of the client before
+it has a streamed answer's first token. codemoat's answers never start without a body at once (the
+audit layer holds the start until the first body message, `serve.auditing`), so here the head's bytes
+are held and go out with that first body: one write. Everything else is uvicorn's own code: the head is
+built and checked by it, the body framed by it (chunked or sized), a 100-continue is still written
+before the head, and a client gone before the first body gets nothing, as it would have got nothing
+more.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+
+
+class _Held:
+    """Stands in for the transport while uvicorn writes a head: keeps the bytes."""
+
+    __slots__ = ("data",)
+
+    def __init__(self) -> None:
+        self.data = b""
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+
+class _After:
+    """Stands in for the transport while uvicorn writes the first body: the held head goes first, in one write."""
+
+    __slots__ = ("head", "transport")
+
+    def __init__(self, transport: Any, head: bytes) -> None:
+        self.transport, self.head = transport, head
+
+    def write(self, data: bytes) -> None:
+        self.transport.write(self.head + data)
+
+
+class HeadWithBody(RequestResponseCycle):
+    """One request's cycle: `http.response.start`'s bytes are written with the next body message."""
+
+    _head: bytes | None = None
+
+    async def send(self, message: Any) -> None:
+        if self.flow.write_paused and not self.disconnected:
+            await self.flow.drain()  # here, so that nothing below waits while the transport is stood in for
+        real = self.transport
+        if message["type"] == "http.response.start" and not self.response_started:
+            held = self.transport = _Held()
+            try:
+                await super().send(message)
+            finally:
+                self.transport = real
+            self._head = held.data
+            return
+        head, self._head = self._head, None
+        if head is None or self.disconnected:
+            await super().send(message)
+            return
+        self.transport = _After(real, head)
+        try:
+            await super().send(message)
+        finally:
+            self.transport = real
+
+
+class HttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, its requests' cycles `HeadWithBody` (`uvicorn.Config(http=HttpProtocol)`)."""
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        cycle.__class__ = HeadWithBody  # made by uvicorn's on_headers_complete; only `send` differs
+        super()._start_asgi_task(cycle, app)
