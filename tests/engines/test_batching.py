@@ -269,6 +269,36 @@ def test_a_slot_reuses_its_cached_prefix(tiny_gguf):
         fresh.close()
 
 
+def test_each_step_samples_from_the_logits_buffer_llama_cpp_holds_after_it(tiny_gguf):
+    """`Batcher._logits` keeps one numpy view per buffer address and row count: every step's view must be the
+    context's output buffer as `llama_get_logits` gives it after that step, with exactly that step's rows
+    (steps of one, two and three rows here), holding what a fresh view of the buffer holds."""
+    import ctypes
+
+    eng = LlamaCppEngine.from_path(tiny_gguf, n_ctx=256, n_threads=2, parallel=3)
+    b, seen = eng._batcher, []
+    own = b._logits
+
+    def checked(rows):
+        view = own(rows)
+        ptr = b.lib.llama_get_logits(b.ctx)
+        fresh = np.ctypeslib.as_array(ptr, shape=(rows, b.n_vocab))
+        assert view.shape == (rows, b.n_vocab)
+        assert view.__array_interface__["data"][0] == ctypes.addressof(ptr.contents)
+        assert np.array_equal(view, fresh)
+        seen.append(rows)
+        return view
+
+    b._logits = checked
+    try:
+        run(eng.complete(PROMPTS[0], SamplingParams(max_tokens=3, temperature=0)))
+        run(together(eng, [(p, SamplingParams(max_tokens=6 + 3 * i, temperature=0)) for i, p in enumerate(PROMPTS[:3])]))
+    finally:
+        b._logits = own
+        eng.close()
+    assert {1, 2, 3} <= set(seen)
+
+
 def test_a_slot_never_counts_a_token_past_the_first_difference():
     """`slots.common_prefix` (list slices compared in C, the differing span halved) gives what a token-by-token
     loop gives: a cached prefix one token too long would hand a request another prompt's KV cells."""
