@@ -700,3 +700,29 @@ def test_a_send_that_cannot_go_out_never_waits():
     theirs.close()
     assert ended.wait(10)
     assert seen == list(range(20_000))
+
+
+def test_sampling_params_cross_to_the_engine_process_with_every_field():
+    """`SamplingParams` pickles as its fields in order (`__reduce__`, for the hand-off's cost): every field set
+    away from its default, a watermark processor among them, comes back equal and in its own field."""
+    import dataclasses
+    import pickle
+
+    from codemoat.engines.base import SamplingParams
+    from codemoat.trace.watermark import WatermarkProcessor
+
+    wm = WatermarkProcessor(b"k" * 32, vocab_size=100)
+    p = SamplingParams(
+        max_tokens=7, temperature=0.5, top_p=0.5, top_k=3, repeat_penalty=1.2, stop=["\n\n", "}"], seed=9,
+        logits_processors=[wm], watermark=b"w", time_limit_ms=250.0, n_indent=4, adapter="a", cache_key="u",
+        queue_deadline=12.5,
+    )  # fmt: skip
+    defaults = SamplingParams()
+    for f in dataclasses.fields(SamplingParams):
+        assert getattr(p, f.name) != getattr(defaults, f.name), f.name  # each field tells if it were lost or moved
+    q = pickle.loads(pickle.dumps(p, protocol=pickle.HIGHEST_PROTOCOL))
+    for f in dataclasses.fields(SamplingParams):
+        if f.name != "logits_processors":
+            assert getattr(q, f.name) == getattr(p, f.name), f.name
+    (wq,) = q.logits_processors
+    assert isinstance(wq, WatermarkProcessor) and wq._key == wm._key and wq.vocab_size == 100
