@@ -61,3 +61,18 @@ def test_trusting_every_address_is_refused():
         with pytest.raises(ValidationError, match="is every address"):
             ServerSettings(trusted_proxies=["127.0.0.1", everyone])
     assert ServerSettings(trusted_proxies=["10.0.0.0/8", "::1"]).trusted_proxies == ["10.0.0.0/8", "::1"]
+
+
+def test_a_network_with_host_bits_is_refused():
+    """Fails before: '127.0.0.1/8' was accepted, and uvicorn (which reads a network strictly) took it for a
+    literal that no peer matches: the proxy silently not believed, every editor behind it one address."""
+    from pydantic import ValidationError
+    from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
+
+    from codemoat.config import ServerSettings
+
+    with pytest.raises(ValidationError, match=r"'127\.0\.0\.1/8' has host bits set: write 127\.0\.0\.0/8"):
+        ServerSettings(trusted_proxies=["127.0.0.1/8"])
+    accepted = ServerSettings(trusted_proxies=["127.0.0.0/8", "10.0.0.5/32", "::1"]).trusted_proxies
+    trusted = ProxyHeadersMiddleware(None, accepted).trusted_hosts  # what `serve.run` hands uvicorn
+    assert all(peer in trusted for peer in ("127.0.0.5", "10.0.0.5", "::1")) and "10.0.0.6" not in trusted
