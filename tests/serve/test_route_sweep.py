@@ -463,28 +463,33 @@ def test_the_sign_in_routes_answer_hostile_requests(directory_server):
     (state, code, error) and a real pending device code and sign-in state with hostile company."""
     server = directory_server
     routes = _routes(server)
-    auth = [(m, t) for m, t in routes if t.startswith("/auth/")]
+    auth = [(m, t) for m, t in routes if t.startswith(("/auth/", "/admin/oidc/"))]  # the console's OIDC sign-in too
     assert {t for _, t in auth} == {
         "/auth/login",
         "/auth/oidc/start",
         "/auth/oidc/callback",
         "/auth/device/start",
         "/auth/device/poll",
+        "/admin/oidc/start",
+        "/admin/oidc/callback",
     }
     with httpx.Client(base_url=server.url, timeout=120) as c:
+        states = {}  # real pending sign-ins, taken before the sweep reaches the per-address bound
+        for where in ("/auth/oidc", "/admin/oidc"):
+            start = c.get(where + "/start")
+            assert start.status_code in (302, 303), start.text[:300]
+            states[where] = re.search(r"[?&]state=([^&]+)", start.headers["location"]).group(1)
+        device = c.post("/auth/device/start", json={"name": "laptop"}).json()["device_code"]
         seen = 0
         for method, template in auth:
             seen = sweep_route(c, c, "", server, method, template, routes, seen)
-        start = c.get("/auth/oidc/start")  # a real pending sign-in: its state, with hostile codes
-        assert start.status_code == 302, start.text[:300]
-        state = re.search(r"[?&]state=([^&]+)", start.headers["location"]).group(1)
-        device = c.post("/auth/device/start", json={"name": "laptop"}).json()["device_code"]
         rng = random.Random("auth")
-        for field in ("state", "code", "error"):
-            for v in QUERY_VALUES:
-                q = {"state": state, "code": "c", field: None}
-                query = "&".join(f"{k}={x}" for k, x in q.items() if x is not None) + f"&{field}={v}"
-                _check("GET", "/auth/oidc/callback", f"{field}={v[:20]}", c.get(f"/auth/oidc/callback?{query}"))
+        for where, state in states.items():  # each state with hostile codes, and hostile states
+            for field in ("state", "code", "error"):
+                for v in QUERY_VALUES:
+                    q = {"state": state, "code": "c", field: None}
+                    query = "&".join(f"{k}={x}" for k, x in q.items() if x is not None) + f"&{field}={v}"
+                    _check("GET", where + "/callback", f"{field}={v[:20]}", c.get(f"{where}/callback?{query}"))
         for what, body, ct in hostile_bodies({"device_code": device, "grant_type": "device_code"}, rng):
             r = c.post("/auth/device/poll", content=body, headers={"Content-Type": ct} if ct else {})
             _check("POST", "/auth/device/poll", what, r)
