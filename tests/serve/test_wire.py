@@ -93,3 +93,28 @@ def test_a_100_continue_still_goes_out_before_the_head_and_sized_answers_keep_th
     finally:
         server.should_exit = True
         t.join(timeout=10)
+
+
+def test_answers_to_head_and_on_kept_alive_connections_are_whole(free_port):
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok", "more_body": False})
+
+    server, t = _serving(app, free_port)
+    try:
+        with socket.create_connection(("127.0.0.1", free_port), timeout=30) as s:
+            # uvicorn writes no body for HEAD: the head must still go out, then the next answer on the connection
+            s.sendall(b"HEAD /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            both = _read_all(s)
+        first, _, second = both.partition(b"\r\n\r\n")
+        assert first.startswith(b"HTTP/1.1 200 OK\r\n") and b"content-length: 2" in first, both
+        assert second.startswith(b"HTTP/1.1 200 OK\r\n") and second.endswith(b"\r\n\r\nok"), both
+        with socket.create_connection(("127.0.0.1", free_port), timeout=30) as s:  # a HEAD, then the close
+            s.sendall(b"HEAD /a HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            only = _read_all(s)
+        assert only.startswith(b"HTTP/1.1 200 OK\r\n") and only.endswith(b"\r\n\r\n"), only
+    finally:
+        server.should_exit = True
+        t.join(timeout=10)

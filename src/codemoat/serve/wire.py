@@ -18,19 +18,23 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResp
 
 
 class _Held:
-    """Stands in for the transport while uvicorn writes a head: keeps the bytes."""
+    """Stands in for the transport while uvicorn writes a head: keeps the bytes (anything else goes to it)."""
 
-    __slots__ = ("data",)
+    __slots__ = ("data", "transport")
 
-    def __init__(self) -> None:
-        self.data = b""
+    def __init__(self, transport: Any) -> None:
+        self.transport, self.data = transport, b""
 
     def write(self, data: bytes) -> None:
         self.data += data
 
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.transport, name)
+
 
 class _After:
-    """Stands in for the transport while uvicorn writes the first body: the held head goes first, in one write."""
+    """Stands in for the transport while uvicorn writes the first body: the held head goes first, in one
+    write (anything else, such as the close after a last body on a connection not kept alive, goes to it)."""
 
     __slots__ = ("head", "transport")
 
@@ -38,7 +42,20 @@ class _After:
         self.transport, self.head = transport, head
 
     def write(self, data: bytes) -> None:
-        self.transport.write(self.head + data)
+        head, self.head = self.head, b""
+        self.transport.write(head + data)
+
+    def flush(self) -> None:
+        """The head, if uvicorn wrote no body after all (an answer to HEAD)."""
+        if self.head:
+            self.write(b"")
+
+    def close(self) -> None:
+        self.flush()
+        self.transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.transport, name)
 
 
 class HeadWithBody(RequestResponseCycle):
@@ -51,7 +68,7 @@ class HeadWithBody(RequestResponseCycle):
             await self.flow.drain()  # here, so that nothing below waits while the transport is stood in for
         real = self.transport
         if message["type"] == "http.response.start" and not self.response_started:
-            held = self.transport = _Held()
+            held = self.transport = _Held(real)
             try:
                 await super().send(message)
             finally:
@@ -62,11 +79,12 @@ class HeadWithBody(RequestResponseCycle):
         if head is None or self.disconnected:
             await super().send(message)
             return
-        self.transport = _After(real, head)
+        after = self.transport = _After(real, head)
         try:
             await super().send(message)
         finally:
             self.transport = real
+        after.flush()
 
 
 class HttpProtocol(HttpToolsProtocol):
