@@ -291,3 +291,22 @@ def test_a_group_commit_carries_a_bounded_amount_of_text(audit_log, engine, monk
     assert got == [2, 3, 4, 5, 6, 7]
     assert len(commits) == 1 + 3, commits  # the first record's, then two records per commit
     assert audit_log.verify().ok
+
+
+def test_a_thread_append_returns_only_once_its_own_record_is_written(audit_log, monkeypatch):
+    """`append` (a worker thread's: every request record that retains text goes this way) flushes what is
+    queued from the front, one batch of at most MAX_BATCH_CHARS of text. Fails before: when other threads'
+    records queued ahead of it filled that batch (two here, stand-ins for threads preempted between queueing
+    their record and taking the lock), its own record was left queued, and append returned 0 without an
+    error: the request was served before its record was written, if it ever was."""
+    from codemoat.audit import heads
+    from codemoat.audit.pending import Pending
+    from codemoat.audit.rows import normalise
+
+    monkeypatch.setattr(heads, "MAX_BATCH_CHARS", 1000)
+    ahead = [Pending(normalise("request", dict(user=f"u{i}", status=200, prompt_text="p" * 600))) for i in range(2)]
+    audit_log._pending.extend(ahead)
+    seq = audit_log.append("request", user="me", status=200, prompt_text="p" * 600)
+    assert [(r["user"], r["seq"]) for r in audit_log.records()] == [("u0", 1), ("u1", 2), ("me", 3)]
+    assert seq == 3 and all(w.done and w.error is None for w in ahead) and not audit_log._pending
+    assert audit_log.verify().ok

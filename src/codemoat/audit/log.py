@@ -151,7 +151,7 @@ class AuditLog(HeadSigning):
         with self._pending_lock:
             self._pending.append(me)
         with self._lock:
-            if not me.done:
+            while not me.done:  # records queued ahead of it may fill a batch (batch_length): then another one
                 with self._pending_lock:
                     n = batch_length(w.row for w in self._pending)
                     batch, self._pending = self._pending[:n], self._pending[n:]
