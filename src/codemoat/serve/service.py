@@ -26,7 +26,7 @@ from ..engines.chat_templates import chat_template_for
 from ..engines.templates import detect_fim
 from ..errors import CodemoatError, Forbidden, NotFound
 from .admission import FairSlots
-from .hangup import ClientGone, unless_gone
+from .hangup import WATCH, ClientGone, Watch, unless_gone
 from .prepare import Prepared, Preparer, screen_pending
 from .prompts import FimInput, Templates
 from .usage import usage_of
@@ -218,7 +218,13 @@ class Service:
             except StopAsyncIteration:
                 return None
 
-        head = await unless_gone(request, first())
+        watch = Watch(request.receive)  # watches on through the stream: left for its `EventStream` (`WATCH`)
+        try:
+            head = await unless_gone(request, first(), watch)
+        except BaseException:
+            watch.stop()
+            raise
+        request.scope[WATCH] = watch
 
         async def rest() -> AsyncIterator[Chunk]:
             try:

@@ -6,23 +6,23 @@ one does. Errors after the first byte cannot change the status code any more; th
 in the protocol's own error shape, then the stream ends.
 
 A stream is written by the request's own task (`EventStream`), and one plain task watches for the client
-hanging up, which cancels it (the engine's work with it). Starlette's `StreamingResponse` starts a task
+hanging up, which cancels it (the engine's work with it): the `hangup.Watch` that `Service.open_stream` started
+for the wait for the first chunk, so one per streamed request. Starlette's `StreamingResponse` starts a task
 group per stream instead: a second task to write it (a turn of the event loop before the first token
 goes out) and, when the stream ends, an anyio cancellation that formats the task's repr.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
 
-import anyio
 from fastapi.responses import StreamingResponse
 
 from ..engines.base import PromptTooLong
 from ..errors import CodemoatError
+from .hangup import WATCH, Watch
 
 log = logging.getLogger("codemoat.serve")
 
@@ -36,19 +36,12 @@ class EventStream(StreamingResponse):
     docstring) and the response then ends quietly, as Starlette's does."""
 
     async def __call__(self, scope, receive, send) -> None:
-        cut = anyio.CancelScope()
-
-        async def watch() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            cut.cancel()
-
-        watcher = asyncio.ensure_future(watch())
+        watch = scope.pop(WATCH, None) or Watch(receive)  # the one `Service.open_stream` started, if any
         try:
-            with cut:
+            with watch.guard():
                 await self.stream_response(send)
         finally:
-            watcher.cancel()
+            watch.stop()
         if self.background is not None:
             await self.background()
 
