@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import pytest
 
@@ -154,3 +155,36 @@ def test_a_tamper_event_between_the_two_unwraps_refuses_the_start(tpm_offline, v
         open_sealed(moat, lic, machine=machine, watch=False, build=_build)
     assert "\n" not in str(e.value)
     assert set(_memfds()) == before  # the decrypted memfd was zeroed and closed
+
+
+@pytest.mark.parametrize("hold", [0.0, 5.0])
+def test_the_parked_connection_is_held_or_given_back_and_the_start_serves_either_way(tpm_offline, monkeypatch, hold):
+    """The thread holds the chip's one connection while the caller finishes its checks (`tpmstart.HOLD_S`), then
+    gives it back; release() then unwraps on a new one. Either way the start serves, on one connection when held."""
+    from codemoat.attest.tpmsock import SwtpmSocket
+    from codemoat.vault import tpmstart
+
+    machine, moat, lic, _ = tpm_offline
+    monkeypatch.setattr(tpmstart, "HOLD_S", hold)
+    real, connects = SwtpmSocket._connect, [0]
+
+    def counting(self):
+        connects[0] += 1
+        return real(self)
+
+    monkeypatch.setattr(SwtpmSocket, "_connect", counting)
+    late = tpmstart.TpmStart.release
+
+    def slow_release(self):  # checks that take longer than a hold of 0 s: the thread has given it back by then
+        time.sleep(0.05)
+        late(self)
+
+    monkeypatch.setattr(tpmstart.TpmStart, "release", slow_release)
+    holder = open_sealed(moat, lic, machine=machine, watch=False, build=_build)
+    try:
+        assert holder.get().buf.sealed and holder.watermark_key is not None
+    finally:
+        holder.close()
+    assert connects[0] == (2 if hold == 0.0 else 1)
+    with TpmAttestor(machine.tpm["tcti"]) as a:  # given back once the start is done
+        assert a.crl_count() is not None

@@ -6,14 +6,15 @@ for the ECDH unwraps of the content and watermark keys. Each is a few round trip
 the CPU spends waiting. `TpmStart` opens the chip once, as soon as the license's machine entry is
 known (`attest.tpmraw.StartChip`: these commands alone, no ESAPI), and in this order:
 
-1. reads the CRL counter as the AK certifies it (`crl_count(ak=...)`, what the CRL check asks for);
-2. finds the unwrap key (the persistent one when it is the license's, else derived), compares it with the
-   license's (another chip is refused), starts the
+1. finds the unwrap key (the persistent one when it is the license's, else derived), compares it with the
+   license's (another chip is refused, once the CRL count below is out), starts the
    policy session and runs PolicyPCR and PolicyNV on it: nothing secret, done while the other checks run
    and a start allocates the memfd's pages (`engines.memfd.Prefault`), so the unwrap after `release()` is
    one TPM2_ECDH_ZGen (the chip refuses it when a PCR was extended since; `zgen` then runs it all again);
+2. reads the CRL counter as the AK certifies it (`crl_count(ak=...)`, what the CRL check asks for: the
+   caller waits for it there, off the GIL, which is when this thread's commands run fastest);
 3. waits for `release()`, which `check` calls once every other check has passed: only such a license
-   gets a key out of the chip;
+   gets a key out of the chip. The connection is held for `HOLD_S` (the rest of the checks), then given back;
 4. unwraps the content key (`key(0)`: `release()` does it on the caller's thread when this one already
    waits), then the watermark key (`key(1)`). A start needs the latter only
    once it serves, so with `check(..., defer_watermark=True)` that unwrap overlaps the decryption. A license
@@ -31,6 +32,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
+from ..errors import CodemoatError
 from .codec import VaultError
 from .tpmwrap import unwrap_p256
 
@@ -67,6 +69,9 @@ def tpm_unwrapper(attestor: Any, entry: dict[str, Any]) -> Any:
     return unwrap_tpm
 
 
+HOLD_S = 0.005  # how long a start holds the chip's connection while the caller finishes its checks
+
+
 class _Result:
     def __init__(self) -> None:
         self.done = threading.Event()
@@ -101,6 +106,7 @@ class TpmStart:
         self._gate, self._released = threading.Event(), False
         self._parked: Any = None  # the unwrapper, while the thread waits at the gate with the chip ready for ZGen
         self._ready = threading.Event()  # the thread waits at the gate, or has ended (release() waits for it)
+        self._lock = threading.Lock()  # release() takes the parked connection, or the thread gives it back
         self._thread = threading.Thread(target=self._run, args=(attestor, entry), name="codemoat-tpm", daemon=True)
         self._thread.start()
 
@@ -108,17 +114,32 @@ class TpmStart:
         pending = [self._crl, *self._keys]
         try:
             with attestor as a:
+                # The unwrap's preparation first, then the CRL counter: the caller waits for the count at its CRL
+                # check, off the GIL, and the thread's commands run fastest then; the rest of its checks need no
+                # chip. A refusal here is raised for the keys, after the count (the refusals' order is unchanged).
+                opened = refused = None
+                if self.unwraps:
+                    assert entry is not None
+                    try:
+                        opened = tpm_unwrapper(a, entry)
+                        a.prepare_unwrap(entry["tpm"]["policy"])  # the session and its policy: ZGen alone after release
+                    except CodemoatError as e:  # another chip, no tamper latch, the chip unreachable
+                        refused = e
                 self._crl.set(a.crl_count(ak=self.ak))
                 pending.pop(0)
-                if not self.unwraps:
+                if refused is not None:
+                    raise refused
+                if opened is None:
                     return
-                assert entry is not None
-                opened = tpm_unwrapper(a, entry)
-                a.prepare_unwrap(entry["tpm"]["policy"])  # the session and its policy: ZGen alone after release
-                a.idle()  # a swtpm's one connection is free while this waits (attest.tpmsock)
                 self._parked = opened  # release() may unwrap the content key itself, until the gate opens
                 self._ready.set()
-                self._gate.wait()
+                # The connection is held for a moment (release() comes a check's length later: a new connection
+                # costs swtpm an accept, ~0.1-0.4 ms), then given back, as swtpm serves one connection at a time.
+                if not self._gate.wait(HOLD_S):
+                    with self._lock:
+                        if self._parked is not None:  # release() has not taken it
+                            a.idle()
+                    self._gate.wait()
                 self._parked = None
                 if not self._released:
                     return
@@ -151,7 +172,8 @@ class TpmStart:
         self._released = True
         if self._keys:
             self._ready.wait()  # parked at the gate, or ended (its error is key(0)'s)
-        opened = self._parked
+        with self._lock:
+            opened, self._parked = self._parked, None
         if opened is not None and self._keys:
             try:
                 self._keys[0].set(opened(*self.unwraps[0]))
