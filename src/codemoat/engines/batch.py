@@ -140,7 +140,7 @@ class Batcher:
             self.on_slots(self.usage())
 
     # -- the loop ------------------------------------------------------------------
-    def run(self, jobs: queue.Queue) -> None:
+    def run(self, jobs: queue.SimpleQueue) -> None:
         """Take requests from `jobs` (a `Seq`, a `(fn, future)` job, or None to stop) and step until stopped."""
         while True:
             idle = not self.active and not self.waiting
