@@ -293,7 +293,7 @@ def test_a_group_commit_carries_a_bounded_amount_of_text(audit_log, engine, monk
     assert audit_log.verify().ok
 
 
-def test_a_thread_append_returns_only_once_its_own_record_is_written(audit_log, monkeypatch):
+def test_a_thread_append_returns_only_once_its_own_record_is_written(database_url, audit_home, monkeypatch):
     """`append` (a worker thread's: every request record that retains text goes this way) flushes what is
     queued from the front, one batch of at most MAX_BATCH_CHARS of text. Fails before: when other threads'
     records queued ahead of it filled that batch (two here, stand-ins for threads preempted between queueing
@@ -303,6 +303,9 @@ def test_a_thread_append_returns_only_once_its_own_record_is_written(audit_log, 
     from codemoat.audit.pending import Pending
     from codemoat.audit.rows import normalise
 
+    from .logs import open_log
+
+    audit_log = open_log(database_url, audit_home)
     monkeypatch.setattr(heads, "MAX_BATCH_CHARS", 1000)
     ahead = [Pending(normalise("request", dict(user=f"u{i}", status=200, prompt_text="p" * 600))) for i in range(2)]
     audit_log._pending.extend(ahead)
@@ -310,3 +313,4 @@ def test_a_thread_append_returns_only_once_its_own_record_is_written(audit_log, 
     assert [(r["user"], r["seq"]) for r in audit_log.records()] == [("u0", 1), ("u1", 2), ("me", 3)]
     assert seq == 3 and all(w.done and w.error is None for w in ahead) and not audit_log._pending
     assert audit_log.verify().ok
+    audit_log.close()
