@@ -70,9 +70,22 @@ def test_a_network_with_host_bits_is_refused():
     from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
     from codemoat.config import ServerSettings
+    from codemoat.serve.run import believed
 
     with pytest.raises(ValidationError, match=r"'127\.0\.0\.1/8' has host bits set: write 127\.0\.0\.0/8"):
         ServerSettings(trusted_proxies=["127.0.0.1/8"])
     accepted = ServerSettings(trusted_proxies=["127.0.0.0/8", "10.0.0.5/32", "::1"]).trusted_proxies
-    trusted = ProxyHeadersMiddleware(None, accepted).trusted_hosts  # what `serve.run` hands uvicorn
-    assert all(peer in trusted for peer in ("127.0.0.5", "10.0.0.5", "::1")) and "10.0.0.6" not in trusted
+    trusted = ProxyHeadersMiddleware(None, believed(accepted)).trusted_hosts  # what `serve.run` hands uvicorn
+    assert all(peer in trusted for peer in ("127.0.0.5", "10.0.0.5", "::1", "::ffff:10.0.0.5"))
+    assert "10.0.0.6" not in trusted and "::ffff:10.0.0.6" not in trusted
+
+
+def test_an_ipv4_proxy_is_believed_on_a_dual_stack_listener(serve_process, random_gguf):
+    """server.host '::' takes IPv4 peers too, as '::ffff:a.b.c.d'. Fails before: an IPv4 entry did not match that
+    form, so the proxy was silently not believed (every editor behind it one address)."""
+    server = serve_process(
+        ["--model", str(random_gguf), "--host", "::"], env={"CODEMOAT_SERVER__TRUSTED_PROXIES": '["127.0.0.0/8"]'}
+    )
+    _knock(server.url)
+    assert server.stop() == 0
+    assert _clients("request") == [(a, None) for a in FORGED]

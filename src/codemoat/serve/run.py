@@ -35,6 +35,20 @@ def freeze_heap() -> None:
     gc.freeze()
 
 
+def believed(trusted: list[str]) -> list[str]:
+    """server.trusted_proxies as uvicorn is to match peers against: each IPv4 entry also in its IPv4-mapped
+    IPv6 form, which is how a listener on '::' (dual-stack) sees an IPv4 peer ('::ffff:10.0.0.5')."""
+    import ipaddress
+
+    out = []
+    for item in trusted:
+        net = ipaddress.ip_network(item, strict=False)
+        out.append(item)
+        if net.version == 4:
+            out.append(f"::ffff:{net.network_address}/{96 + net.prefixlen}")
+    return out
+
+
 def run(app, sock: socket.socket, log_level: str, trusted_proxies: list[str] | None = None) -> None:
     """Serve `app` on `sock` until SIGTERM or SIGINT; requests in flight get 10 s to finish.
 
@@ -46,7 +60,7 @@ def run(app, sock: socket.socket, log_level: str, trusted_proxies: list[str] | N
 
     from .wire import HttpProtocol
 
-    proxies = {"proxy_headers": bool(trusted_proxies), "forwarded_allow_ips": list(trusted_proxies or ()) or None}
+    proxies = {"proxy_headers": bool(trusted_proxies), "forwarded_allow_ips": believed(trusted_proxies or []) or None}
     config = uvicorn.Config(
         app, http=HttpProtocol, log_level=log_level, access_log=False, timeout_graceful_shutdown=10, **proxies
     )
