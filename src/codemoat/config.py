@@ -59,11 +59,11 @@ class ServerSettings(BaseModel):
                 net = ipaddress.ip_network(item, strict=False)
             except ValueError:
                 raise ValueError(f"{item!r} is not an IP address or network (e.g. 10.0.0.5 or 10.0.0.0/24)") from None
+            if net.prefixlen == 0:  # every caller could then name any address
+                raise ValueError(f"{item!r} is every address: name the proxies themselves")
             if "/" in item and ipaddress.ip_interface(item).ip != net.network_address:
                 # uvicorn reads a network strictly: "10.0.0.5/24" would be a literal that no peer matches
                 raise ValueError(f"{item!r} has host bits set: write {net}, or the proxy's address alone")
-            if net.prefixlen == 0:  # every caller could then name any address
-                raise ValueError(f"{item!r} is every address: name the proxies themselves")
         return v
 
 
