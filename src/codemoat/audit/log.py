@@ -52,6 +52,7 @@ from .head_signing import HeadSigning
 from .pending import SQLITE_REFUSALS, AlsoFailed, Pending, RecordRefused, first_line, psycopg_data_error, psycopg_error
 from .heads import AuditUnavailable, batch_length, run, sign_tip
 from .pgappend import PgAppender, Tampered
+from .probe import WritableKeeper
 from .writer import RecordWriter
 from .rows import KINDS, check_kind, normalise, parse_since, to_public
 from .chain import (  # re-exported: the chain's shape lives in `audit.chain`
@@ -132,6 +133,7 @@ class AuditLog(HeadSigning):
         self.failure: str | None = None
         self._init_signing(signer, checkpoint_every, sign_every, sign_interval_ms, head_file)
         self._writer = RecordWriter(self)  # `append_async`'s thread
+        self.keeper = WritableKeeper(self)  # probes in the background while requests come (`audit.probe`)
 
     # -- writing ------------------------------------------------------------------
     def append(self, kind: str = "request", *, also: Callable[[sa.Connection], Any] | None = None, **fields: Any) -> int:
@@ -311,6 +313,7 @@ class AuditLog(HeadSigning):
         """Write what is queued, sign what this process left unsigned and stop its threads (also run at interpreter exit)."""
         self._writer.stop()
         self._timer.stop()
+        self.keeper.stop()
         if self._unsigned_since is not None:
             self.sign()
         if self._pg is not None:
@@ -325,10 +328,11 @@ class AuditLog(HeadSigning):
         """True when a probe or an append succeeded within the last second (no I/O needed)."""
         return self._healthy and time.monotonic() - self._probed_at < 1.0
 
-    def check_writable(self, min_free_bytes: int = 16 << 20) -> bool:
-        """Whether a record can be written now (cheap when healthy; probes the database at most once a second)."""
+    def check_writable(self, min_free_bytes: int = 16 << 20, *, max_age: float = 1.0) -> bool:
+        """Whether a record can be written now (cheap when healthy; probes the database when the last probe or
+        append is `max_age` seconds old)."""
         now = time.monotonic()
-        if self._healthy and now - self._probed_at < 1.0:
+        if self._healthy and now - self._probed_at < max_age:
             return True
         self._probed_at = now
         try:
