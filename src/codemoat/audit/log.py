@@ -215,7 +215,9 @@ class AuditLog(HeadSigning):
                 for w in batch:
                     self._flush([w])
                 return
-            log.error("audit record refused by the database, its request refused: %s", e)
+            log.error(
+                "audit record refused by the database (its request gets a 503, or a stream already sent goes unrecorded): %s", e
+            )
             batch[0].error, batch[0].done = e, True
             return
         except AuditUnavailable as e:
