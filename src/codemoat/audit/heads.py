@@ -54,12 +54,18 @@ def text_chars(row: dict) -> int:
     return len(row.get("prompt_text") or "") + len(row.get("completion_text") or "")
 
 
+def batch_full(n: int, chars: int) -> bool:
+    """Whether a group commit of `n` records carrying `chars` of retained text takes no more: MAX_BATCH
+    records, or MAX_BATCH_CHARS of text reached (the writer thread's batches and `batch_length` alike)."""
+    return n >= MAX_BATCH or chars >= MAX_BATCH_CHARS
+
+
 def batch_length(rows) -> int:
-    """How many of `rows` (in order) one group commit takes: at least one, at most MAX_BATCH, and none
-    more once MAX_BATCH_CHARS of text is reached."""
+    """How many of `rows` (in order) one group commit takes: at least one, then none more once it is full
+    (`batch_full`)."""
     n = chars = 0
     for row in rows:
-        if n and (n >= MAX_BATCH or chars >= MAX_BATCH_CHARS):
+        if n and batch_full(n, chars):
             break
         n, chars = n + 1, chars + text_chars(row)
     return n

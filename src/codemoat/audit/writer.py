@@ -84,7 +84,7 @@ def _run(ref: weakref.ref, q: queue.SimpleQueue) -> None:
         if first is None:
             return
         batch, chars = [first], heads.text_chars(first.row)
-        while len(batch) < heads.MAX_BATCH and chars < heads.MAX_BATCH_CHARS:
+        while not heads.batch_full(len(batch), chars):
             try:
                 w = q.get_nowait()
             except queue.Empty:
