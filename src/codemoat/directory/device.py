@@ -25,7 +25,7 @@ from sqlalchemy import Engine
 
 from ..errors import CodemoatError, Overloaded, RateLimited
 from .ldap import DirectoryUnavailable, DirUser
-from .oidc import OidcClient, _h, could_be_ours, meta
+from .oidc import OidcClient, could_be_ours, meta, stored_hash
 
 GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 SLOW_DOWN_STEP_S = 5  # RFC 8628 §3.5: "the interval MUST be increased by 5 seconds"
@@ -128,7 +128,7 @@ class DeviceFlow:
             c.execute(table.delete().where(table.c.expires_at < now - 3600))  # the long dead go on the way
             c.execute(
                 table.insert().values(
-                    id_hash=_h(ours),
+                    id_hash=stored_hash(ours),
                     idp_code=body["device_code"],
                     nonce=nonce,
                     name=name,
@@ -169,7 +169,7 @@ class DeviceFlow:
         """The signed-in user once the provider approved this code; an RFC 8628 `DeviceError` until then."""
         if not could_be_ours(device_code):
             raise DeviceError("invalid_grant", "unknown device code")
-        key = _h(device_code)
+        key = stored_hash(device_code)
         now = time.time()
         with self.engine.begin() as c:
             row = c.execute(sa.select(table).where(table.c.id_hash == key)).first()

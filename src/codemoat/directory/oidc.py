@@ -64,7 +64,8 @@ pending = sa.Table(
 PURPOSES = ("api", "console")
 
 
-def _h(value: str) -> str:
+def stored_hash(value: str) -> str:
+    """What the database keeps of a browser binding or a device code: its SHA-256 (hex), never the value."""
     return hashlib.sha256(value.encode()).hexdigest()
 
 
@@ -219,7 +220,7 @@ class OidcClient:
                     verifier=verifier,
                     created_at=now,
                     purpose=purpose,
-                    binding=_h(binding) if binding else None,
+                    binding=stored_hash(binding) if binding else None,
                     client=client,
                 )
             )
@@ -250,7 +251,7 @@ class OidcClient:
             raise Unauthorized("sign-in refused: it took longer than 10 minutes (start again)")
         if (row.purpose or "api") != purpose:
             raise Unauthorized("sign-in refused: this sign-in was started for another page (start again)")
-        if row.binding is not None and not (binding and hmac.compare_digest(_h(binding), row.binding)):
+        if row.binding is not None and not (binding and hmac.compare_digest(stored_hash(binding), row.binding)):
             raise Unauthorized("sign-in refused: this browser did not start this sign-in (start again from this browser)")
         return row.nonce, row.verifier
 

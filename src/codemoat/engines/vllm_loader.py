@@ -46,9 +46,8 @@ def safetensors_tensors(view: memoryview, base: int, size: int) -> Iterator[tupl
     from ..errors import CodemoatError
     from ..trace import st_io
 
-    n = st_io.header_length(bytes(view[base : base + min(size, 8)]), size)
-    header = st_io.parse_header(bytes(view[base + 8 : base + 8 + n]), size - 8 - n)
-    start = base + 8 + n
+    header, data = st_io.buffer_header(view[base : base + size])
+    start = base + data
     for name, info in header.items():
         dtype = getattr(torch, _DTYPES.get(info["dtype"], ""), None)
         if dtype is None:

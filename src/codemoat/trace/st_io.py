@@ -68,7 +68,8 @@ def _entry_ok(info, data_len: int) -> bool:
     return 0 <= a <= b <= data_len and (dt is None or b - a == math.prod(shape) * np.dtype(dt).itemsize)
 
 
-def _header(buf: memoryview) -> tuple[dict, int]:
+def buffer_header(buf: memoryview) -> tuple[dict, int]:
+    """The checked header of the safetensors file in `buf`, and where its tensor data starts in `buf`."""
     n = header_length(bytes(buf[:8]), len(buf))
     return parse_header(bytes(buf[8 : 8 + n]), len(buf) - 8 - n), 8 + n
 
@@ -112,7 +113,7 @@ def _from_f32(values: np.ndarray, dtype: str) -> np.ndarray:
 def read_matrices(src: bytes | str | os.PathLike[str]) -> dict[str, np.ndarray]:
     """Every F32/F16/BF16 tensor of two or more dimensions, as float32."""
     buf = _load(src)
-    head, base = _header(memoryview(buf))
+    head, base = buffer_header(memoryview(buf))
     out = {}
     for name, info in head.items():
         if len(info["shape"]) >= 2 and (arr := _view(buf, base, info)) is not None:
@@ -123,7 +124,7 @@ def read_matrices(src: bytes | str | os.PathLike[str]) -> dict[str, np.ndarray]:
 def rewrite(data: bytes, change) -> bytes:
     """Call `change(name, values_f32) -> new values or None` on each float matrix; return the new file."""
     buf = bytearray(data)
-    head, base = _header(memoryview(buf))
+    head, base = buffer_header(memoryview(buf))
     for name, info in head.items():
         if len(info["shape"]) < 2 or (arr := _view(buf, base, info)) is None:
             continue
