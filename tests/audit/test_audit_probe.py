@@ -9,20 +9,12 @@ import time
 
 from codemoat.audit import probe
 from codemoat.config import Settings
+from waiting import wait_for
 
 from .test_audit_trust import client_for, complete
 from .trustapp import tiny_llm
 
 llm = tiny_llm  # the module's engine (trustapp)
-
-
-def _until(cond, seconds: float = 10.0) -> bool:
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return cond()
 
 
 def test_after_a_pause_the_next_request_finds_the_log_known_writable(accounts, tokens, llm):
@@ -41,13 +33,13 @@ def test_a_log_that_stops_taking_records_is_found_without_a_request_and_refuses(
         con = sqlite3.connect(audit_home / "codemoat.db")
         con.execute("ALTER TABLE audit_records RENAME TO audit_records_moved")  # the log is gone
         con.commit()
-        assert _until(lambda: log.failure is not None)  # the background probe saw it, no request sent
+        assert wait_for(lambda: log.failure is not None)  # the background probe saw it, no request sent
         assert not log.known_writable
         r = complete(c, tokens["alice"])
         assert r.status_code == 503 and "audit log" in r.json()["error"]["message"]
         con.execute("ALTER TABLE audit_records_moved RENAME TO audit_records")
         con.commit()
-        assert _until(lambda: log.known_writable)  # and it comes back by itself once the log takes records again
+        assert wait_for(lambda: log.known_writable)  # and it comes back by itself once the log takes records again
         assert complete(c, tokens["alice"]).status_code == 200
 
 
@@ -56,7 +48,7 @@ def test_an_idle_server_stops_probing(accounts, tokens, llm, monkeypatch):
     with client_for(Settings(), accounts, llm) as c:
         log = c.app.state.trust.log
         assert complete(c, tokens["alice"]).status_code == 200
-        assert _until(lambda: log.keeper._thread is None)  # no request for ACTIVE_S: the thread ended
-        assert _until(lambda: not log.known_writable)  # nothing probes an idle log
+        assert wait_for(lambda: log.keeper._thread is None)  # no request for ACTIVE_S: the thread ended
+        assert wait_for(lambda: not log.known_writable)  # nothing probes an idle log
         assert complete(c, tokens["alice"]).status_code == 200  # the request probes itself, and starts it again
         assert log.keeper._thread is not None

@@ -19,21 +19,13 @@ from codemoat.vault.clock import ManualClock
 from codemoat.vault.codec import VaultError
 from .conftest import KeyServerProcess
 from vaulthelp import bundle
+from waiting import wait_for
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0)
 
 
 def complete(holder, prompt="def add(a, b):\n") -> str:
     return asyncio.run(holder.get().complete(prompt, GREEDY)).text
-
-
-def wait_for(cond, seconds=10.0) -> bool:
-    end = time.time() + seconds
-    while time.time() < end:
-        if cond():
-            return True
-        time.sleep(0.01)
-    return cond()
 
 
 def canaries(plain: bytes, n: int = 6) -> list[bytes]:

@@ -22,8 +22,7 @@ from codemoat.vault.client import VaultClient
 from codemoat.vault.daemon import Offer, VaultDaemon
 from codemoat.vault.wire import MAX_MESSAGE
 from vaulthelp import bundle
-
-from .test_sealed import wait_for
+from waiting import wait_for
 
 
 def test_expired_offline_license_is_not_reloaded_by_a_reload_or_an_adapter_swap(vendor, machine, gguf_file, tmp_path):
