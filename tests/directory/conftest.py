@@ -84,6 +84,16 @@ def ldap_config(dir_settings, tmp_path):
     return write
 
 
+@pytest.fixture
+def stub_provider():
+    """A loopback provider that publishes what the test puts in its `docs` (discovery document, JWKS)."""
+    from idtokens import StubProvider
+
+    p = StubProvider()
+    yield p
+    p.close()
+
+
 @pytest.fixture(scope="session")
 def oidc_stack(tmp_path_factory, tiny_gguf):
     """One oidc-provider (device flow on) and one `codemoat serve` trusting it, for the session:

@@ -62,6 +62,7 @@ pending = sa.Table(
     sa.Index("ix_oidc_pending_client", "client"),
 )
 PURPOSES = ("api", "console")
+ID_TOKEN_ALGS = ("RS256", "PS256", "ES256", "EdDSA")  # what providers sign ID tokens with
 
 
 def stored_hash(value: str) -> str:
@@ -180,10 +181,17 @@ class OidcClient:
             return self._meta
 
     def _keys(self, refresh: bool = False):
-        from authlib.jose import JsonWebKey
+        """The provider's signing keys (its JWKS, cached; `refresh`: fetched again)."""
+        from joserfc.errors import JoseError
+        from joserfc.jwk import KeySet
 
         if self._jwks is None or refresh:
-            keys = JsonWebKey.import_key_set(self._get(self.metadata()["jwks_uri"]))
+            try:
+                keys = KeySet.import_key_set(self._get(self.metadata()["jwks_uri"]))
+            except (JoseError, KeyError, TypeError, ValueError, AttributeError):
+                raise DirectoryUnavailable(
+                    f"OpenID provider {self.issuer} publishes no signing key this server can use"
+                ) from None
             with self._lock:
                 self._jwks = keys
         return self._jwks
@@ -298,36 +306,38 @@ class OidcClient:
         """The ID token's claims, once its signature, issuer, audience, nonce and times hold
         (`nonce_required=False`: a token the provider answered this client directly, over the
         back channel, may lack the nonce (RFC 8628 has none); if present it must still match)."""
-        from authlib.jose import JsonWebToken
-        from authlib.jose.errors import JoseError
+        from joserfc import jwt
+        from joserfc.errors import ClaimError, InvalidKeyIdError, JoseError
 
-        opts = {
+        expected = jwt.JWTClaimsRegistry(
+            leeway=self.cfg.oidc_leeway_s,  # exp, and nbf and iat when present (each a number, NaN refused)
             # exactly the discovery document's issuer (OpenID Connect Core §3.1.3.7), a trailing "/" included
-            "iss": {"essential": True, "value": self.metadata()["issuer"]},
-            "aud": {"essential": True, "value": self.cfg.oidc_client_id},
-            "nonce": {"essential": nonce_required, "validate": lambda _c, v: v == nonce or (v is None and not nonce_required)},
-            "exp": {"essential": True},
-            "sub": {"essential": True},
-        }
-        jwt = JsonWebToken(["RS256", "PS256", "ES256", "EdDSA"])  # never "none", never HS256 with a public key
+            iss={"essential": True, "value": self.metadata()["issuer"]},
+            aud={"essential": True, "value": self.cfg.oidc_client_id},  # the client id, or a list holding it
+            exp={"essential": True},
+            sub={"essential": True},
+        )
         for refresh in (False, True):  # a key the provider rotated in: fetch the JWKS once more
             try:
-                claims = jwt.decode(id_token, self._keys(refresh), claims_options=opts)
-                claims.validate(leeway=self.cfg.oidc_leeway_s)
-                if (
-                    isinstance(claims.get("aud"), list)
-                    and len(claims["aud"]) > 1
-                    and claims.get("azp") != self.cfg.oidc_client_id
-                ):
-                    raise Unauthorized("sign-in refused: the ID token was issued to another party (azp)")
-                return dict(claims)
-            except JoseError as e:
-                if refresh or "key" not in str(e).lower():
-                    raise Unauthorized(f"sign-in refused: the ID token does not hold ({e.error})") from None
-            except ValueError as e:  # authlib: no key matches the token's kid
+                # never "none", never HS256 (a verifier taking the RSA public key as its secret), and the
+                # key the token's kid names must be of the algorithm's type
+                claims = jwt.decode(id_token, self._keys(refresh), algorithms=ID_TOKEN_ALGS).claims
+                expected.validate(claims)
+                break
+            except InvalidKeyIdError:
                 if refresh:
-                    raise Unauthorized(f"sign-in refused: the ID token does not hold ({e})") from None
-        raise Unauthorized("sign-in refused: the ID token does not hold")
+                    raise Unauthorized("sign-in refused: the ID token does not hold (no provider key has its kid)") from None
+            except ClaimError as e:
+                raise Unauthorized(f"sign-in refused: the ID token does not hold ({e.error} {e.claim})") from None
+            except (JoseError, ValueError, TypeError) as e:  # a string that is no JWS, or a payload no JSON object
+                raise Unauthorized(f"sign-in refused: the ID token does not hold ({getattr(e, 'error', 'malformed')})") from None
+        got = claims.get("nonce")
+        if (nonce_required or got is not None) and got != nonce:
+            raise Unauthorized("sign-in refused: the ID token does not hold (nonce)")
+        aud = claims["aud"]
+        if isinstance(aud, list) and len(aud) > 1 and claims.get("azp") != self.cfg.oidc_client_id:
+            raise Unauthorized("sign-in refused: the ID token was issued to another party (azp)")
+        return claims
 
     def user_from(self, claims: dict) -> DirUser:
         name = claims.get(self.cfg.oidc_user_claim) or claims.get("sub")

@@ -1,0 +1,167 @@
+"""An attacker's ID tokens against `OidcClient.check_id_token`: each refusal the sign-in relies on (OpenID Connect
+Core §3.1.3.7), with tokens made independently of the verifier (tests/directory/idtokens.py) and a loopback provider
+publishing the discovery document and JWKS. Every refusal is one line naming no secret."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from codemoat.config import DirectorySettings
+from codemoat.db import open_db
+from codemoat.directory.ldap import DirectoryError, DirectoryUnavailable
+from codemoat.directory.oidc import OidcClient
+from codemoat.errors import Unauthorized
+from idtokens import RsaSigner, StubProvider, hs256, unsigned
+
+NONCE = "n1"
+
+
+@pytest.fixture(scope="module")
+def signer():
+    return RsaSigner("k1")
+
+
+@pytest.fixture
+def idp(stub_provider, signer):
+    p = stub_provider
+    p.docs["/.well-known/openid-configuration"] = {"issuer": p.url, "jwks_uri": p.url + "/jwks"}
+    p.docs["/jwks"] = {"keys": [signer.jwk()]}
+    return p
+
+
+@pytest.fixture
+def client(idp, home):
+    cfg = DirectorySettings(oidc_issuer=idp.url, oidc_client_id="codemoat", oidc_redirect_url=idp.url + "/cb")
+    engine = open_db(f"sqlite:///{home / 'codemoat.db'}")
+    yield OidcClient(cfg, engine)
+    engine.dispose()
+
+
+def claims(idp: StubProvider, **over) -> dict:
+    now = int(time.time())
+    c = {"iss": idp.url, "aud": "codemoat", "sub": "alice", "nonce": NONCE, "iat": now, "exp": now + 300, **over}
+    return {k: v for k, v in c.items() if v is not None}
+
+
+def refused(client: OidcClient, token: str, nonce: str = NONCE, **kw) -> str:
+    with pytest.raises(Unauthorized, match="sign-in refused: the ID token") as e:
+        client.check_id_token(token, nonce, **kw)
+    assert "\n" not in str(e.value), str(e.value)
+    return str(e.value)
+
+
+def test_a_genuine_token_holds(client, idp, signer):
+    assert client.check_id_token(signer.token(claims(idp)), NONCE)["sub"] == "alice"
+    assert client.check_id_token(signer.token(claims(idp, aud=["codemoat"])), NONCE)["sub"] == "alice"
+    assert client.check_id_token(signer.token(claims(idp, aud=["codemoat", "b"], azp="codemoat")), NONCE)
+
+
+def test_a_wrong_signature_is_refused(client, idp, signer):
+    """Another key under the provider's kid, a payload changed after signing, a signature cut off."""
+    assert "does not hold" in refused(client, RsaSigner("k1").token(claims(idp)))
+    head, _, sig = signer.token(claims(idp)).split(".")
+    forged = signer.token(claims(idp, sub="bob")).split(".")[1]
+    refused(client, f"{head}.{forged}.{sig}")
+    refused(client, f"{head}.{forged}.")
+
+
+def test_an_unknown_kid_is_refused_after_one_fresh_jwks(client, idp, signer):
+    """A kid the JWKS lacks: the provider may have rotated a key in, so the JWKS is fetched once more, no more;
+    a key that did rotate in holds."""
+    client.check_id_token(signer.token(claims(idp)), NONCE)
+    before = idp.gets["/jwks"]
+    client.check_id_token(signer.token(claims(idp)), NONCE)
+    assert idp.gets["/jwks"] == before  # a known kid: the cached JWKS
+    refused(client, RsaSigner("k9").token(claims(idp)))
+    assert idp.gets["/jwks"] == before + 1
+    rotated = RsaSigner("k2")
+    idp.docs["/jwks"] = {"keys": [signer.jwk(), rotated.jwk()]}
+    assert client.check_id_token(rotated.token(claims(idp)), NONCE)["sub"] == "alice"
+
+
+@pytest.mark.parametrize("alg", ["none", "None", "NONE", "nOnE"])
+def test_alg_none_is_refused(client, idp, signer, alg):
+    refused(client, unsigned(claims(idp), alg=alg, kid=signer.kid))
+    refused(client, unsigned(claims(idp), alg=alg))
+
+
+def test_hs256_signed_with_the_public_key_is_refused(client, idp, signer):
+    """Algorithm confusion: a verifier that takes the JWK's key as an HMAC secret would accept a token anyone can
+    make from the published key (its PEM, its DER, or the modulus bytes)."""
+    pub = signer.key.public_key()
+    n = pub.public_numbers().n
+    for secret in (signer.public_pem(), pub.public_bytes(*_der()), n.to_bytes((n.bit_length() + 7) // 8, "big")):
+        refused(client, hs256(claims(idp), secret, kid=signer.kid))
+        refused(client, hs256(claims(idp), secret))
+
+
+def _der():
+    from cryptography.hazmat.primitives import serialization
+
+    return serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+
+
+def test_expired_and_not_yet_valid_tokens_are_refused(client, idp, signer):
+    now = int(time.time())
+    refused(client, signer.token(claims(idp, iat=now - 900, exp=now - 300)))  # past the 60 s leeway
+    refused(client, signer.token(claims(idp, nbf=now + 600)))
+    refused(client, signer.token(claims(idp, iat=now + 600, exp=now + 900)))  # issued in the future
+    refused(client, signer.token(claims(idp, exp=None)))  # never expires
+    refused(client, signer.token(claims(idp, exp="9999999999")))
+    # inside the leeway: a provider whose clock is a little off still signs people in
+    assert client.check_id_token(signer.token(claims(idp, exp=now - 20, nbf=now + 20)), NONCE)["sub"] == "alice"
+
+
+def test_a_token_for_another_audience_is_refused(client, idp, signer):
+    refused(client, signer.token(claims(idp, aud="someone-else")))
+    refused(client, signer.token(claims(idp, aud=None)))
+    refused(client, signer.token(claims(idp, aud=["someone-else"])))
+    refused(client, signer.token(claims(idp, aud="codemoat-and-more")))
+    # several audiences with codemoat among them: only if codemoat is the authorized party
+    assert "azp" in refused(client, signer.token(claims(idp, aud=["someone-else", "codemoat"], azp="someone-else")))
+    refused(client, signer.token(claims(idp, aud=["someone-else", "codemoat"])))
+
+
+def test_a_wrong_or_missing_nonce_is_refused(client, idp, signer):
+    refused(client, signer.token(claims(idp)), nonce="another-nonce")
+    refused(client, signer.token(claims(idp, nonce=None)))
+    refused(client, signer.token(claims(idp, nonce=[NONCE])))
+    # the device flow's token (RFC 8628 has no nonce) may lack it; if it has one, it must match
+    assert client.check_id_token(signer.token(claims(idp, nonce=None)), NONCE, nonce_required=False)
+    refused(client, signer.token(claims(idp, nonce="another-nonce")), nonce_required=False)
+
+
+def test_a_token_without_a_subject_or_not_a_token_is_refused(client, idp, signer):
+    refused(client, signer.token(claims(idp, sub=None)))
+    refused(client, signer.token(claims(idp, sub=7)))
+    for junk in ("", "x", "a.b.c", "a.b", "....", "eyJhbGciOiJSUzI1NiJ9.e30.\udcff", signer.token(["not", "claims"])):
+        refused(client, junk)
+
+
+def test_an_id_token_or_discovery_from_another_issuer_is_refused(client, idp, signer, home):
+    """Mix-up: the company runs two providers (or an attacker runs one and gets a token signed by a key
+    the configured one also publishes); only `iss` tells them apart, and it is checked both places."""
+    for other in ("http://127.0.0.1:1", idp.url + "/", idp.url + "/other", "https://evil.example", None, [idp.url]):
+        refused(client, signer.token(claims(idp, iss=other)))
+    # a provider whose issuer ends in "/" (Auth0 does): its tokens say so, and only those hold
+    idp.docs["/.well-known/openid-configuration"] = {"issuer": idp.url + "/", "jwks_uri": idp.url + "/jwks"}
+    slash = OidcClient(client.cfg.model_copy(update={"oidc_issuer": idp.url + "/"}), client.engine)
+    assert slash.check_id_token(signer.token(claims(idp, iss=idp.url + "/")), NONCE)["sub"] == "alice"
+    refused(slash, signer.token(claims(idp)))
+    # a discovery document naming another issuer (a provider at this address speaking for another)
+    idp.docs["/.well-known/openid-configuration"] = {"issuer": "https://evil.example", "jwks_uri": idp.url + "/jwks"}
+    with pytest.raises(DirectoryError, match="names another issuer"):
+        OidcClient(client.cfg, client.engine).metadata()
+
+
+@pytest.mark.parametrize(
+    "jwks",
+    [{}, {"keys": []}, {"keys": "x"}, {"keys": [{"kty": "RSA"}]}, {"keys": [{"kty": "RSA", "n": 5, "e": "AQAB"}]}, []],
+)
+def test_a_jwks_the_server_cannot_use_is_one_line(client, idp, signer, jwks):
+    idp.docs["/jwks"] = jwks
+    with pytest.raises((DirectoryUnavailable, Unauthorized)) as e:
+        client.check_id_token(signer.token(claims(idp)), NONCE)
+    assert "\n" not in str(e.value), str(e.value)
