@@ -68,7 +68,7 @@ async def audit_export(request: Request):
     import json
 
     from ..audit.chain import FIELDS
-    from ..audit.log import csv_cell
+    from ..audit.reading import csv_cell
 
     fmt = request.query_params.get("fmt", "jsonl")
     if fmt not in ("jsonl", "csv"):
