@@ -142,8 +142,8 @@ def test_a_tamper_event_between_the_two_unwraps_refuses_the_start(tpm_offline, v
     older_license(vendor, machine, moat, lic, lid)
     real = StartChip.zgen
 
-    def tampered_after_first(self, policy, point):
-        out = real(self, policy, point)
+    def tampered_after_first(self, policy, point, keep=True):
+        out = real(self, policy, point, keep)
         self.idle()  # the swtpm's one connection, for the tamper handler's
         with TpmAttestor(self.tcti) as a:
             a.extend(TAMPER_PCR, b"chassis opened")

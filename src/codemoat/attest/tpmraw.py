@@ -269,8 +269,10 @@ class StartPath:
         self._raw(self._cmd.policy_pcr, sess, pcr_bitmap(policy["pcrs"]))
         self._policy_latch(sess, policy)
 
-    def zgen(self, policy: dict[str, Any], point: bytes) -> bytes:
-        """ECDH's Z (the x coordinate) of the unwrap key and an uncompressed P-256 `point`, in the chip."""
+    def zgen(self, policy: dict[str, Any], point: bytes, keep: bool = True) -> bytes:
+        """ECDH's Z (the x coordinate) of the unwrap key and an uncompressed P-256 `point`, in the chip. `keep`: keep
+        the policy session for another zgen on this connection; False for the last one (the chip then ends the session
+        itself when the ZGen succeeds: no FlushContext)."""
         if len(point) != 65 or point[0] != 4:
             raise AttestError("ECDH point must be an uncompressed P-256 point")
         pcr_selection(policy["pcrs"])
@@ -287,7 +289,7 @@ class StartPath:
             if not ran:
                 self._run_policy(sess, policy)
             try:
-                out = self._raw(self._cmd.ecdh_zgen, h, sess, point, True)
+                out = self._raw(self._cmd.ecdh_zgen, h, sess, point, keep)
             except TpmRc as e:
                 if not (ran and (e.rc & 0xFFF) == RC_PCR_CHANGED):
                     raise
@@ -295,8 +297,10 @@ class StartPath:
                 self._raw(self._cmd.flush, sess)
                 sess = self._new_policy_session()
                 self._run_policy(sess, policy)
-                out = self._raw(self._cmd.ecdh_zgen, h, sess, point, True)
-            self._policy_session, kept = sess, True
+                out = self._raw(self._cmd.ecdh_zgen, h, sess, point, keep)
+            if keep:
+                self._policy_session = sess
+            kept = True  # kept for the next zgen, or ended by the chip
             return out
         except TpmRc as e:
             # TPM_RC_POLICY_FAIL = RC_FMT1 + 0x01D (Part 2 §6.6.3); bits 6 and 8-11 name the session

@@ -17,6 +17,7 @@ from typing import Any
 from .base import AttestError
 
 _IO_TIMEOUT = 30.0  # seconds for one swtpm command (they take well under a millisecond)
+MAX_RESPONSE = 4096  # bytes: a TPM response codemoat asks for is far shorter (TPM2_PT_MAX_RESPONSE_SIZE is 4096)
 
 
 def _pt():  # tpm2-pytss is an optional extra (`.[tpm]`); import it only when a TPM is used
@@ -66,30 +67,36 @@ class SwtpmSocket:
         self.sock.sendall(self._command)  # type: ignore[union-attr]
 
     def receive(self) -> bytes:
+        """One response, read as it arrives: swtpm writes it whole, so one `recv` is usually all (each one lets the
+        GIL go and waits to take it back, which the main thread's Python can make slow: vault.tpmstart)."""
         try:
-            head = self._read(10)
+            got = self._more(b"")
         except _Closed:
             if not self._reused:
                 raise
             self._again()
-            head = self._read(10)
-        (size,) = struct.unpack_from(">I", head, 2)
-        if not 10 <= size <= 4096:
+            got = self._more(b"")
+        while len(got) < 10:
+            got = self._more(got)
+        (size,) = struct.unpack_from(">I", got, 2)
+        if not 10 <= size <= MAX_RESPONSE:
             raise OSError(f"malformed TPM response (size {size})")
-        return head + self._read(size - 10)
-
-    def _read(self, n: int) -> bytes:
-        assert self.sock is not None
-        got = b""
-        while len(got) < n:
-            try:
-                part = self.sock.recv(n - len(got))
-            except ConnectionResetError:
-                part = b""
-            if not part:
-                raise (_Closed if not got and n == 10 else OSError)("swtpm closed the connection")
-            got += part
+        while len(got) < size:
+            got = self._more(got)
+        if len(got) != size:  # one command in flight, one response: anything after it was not the TPM's
+            raise OSError(f"malformed TPM response ({len(got) - size} bytes after its end)")
         return got
+
+    def _more(self, got: bytes) -> bytes:
+        """`got` and what the connection has next (a response's worth at most)."""
+        assert self.sock is not None
+        try:
+            part = self.sock.recv(MAX_RESPONSE - len(got))
+        except ConnectionResetError:
+            part = b""
+        if not part:
+            raise (_Closed if not got else OSError)("swtpm closed the connection")
+        return got + part
 
     def idle(self) -> None:
         if self.sock is not None:

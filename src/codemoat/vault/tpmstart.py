@@ -33,12 +33,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..errors import CodemoatError
-from .codec import VaultError
+from .codec import VaultError, b64d
 from .tpmwrap import unwrap_p256
 
 
-def tpm_unwrapper(attestor: Any, entry: dict[str, Any]) -> Any:
-    """`unwrap(wrapped, context, what)` through an open TPM: refuses another chip before asking for ECDH."""
+def tpm_unwrapper(attestor: Any, entry: dict[str, Any], last: bytes | None = None) -> Any:
+    """`unwrap(wrapped, context, what)` through an open TPM: refuses another chip before asking for ECDH. `last`: the
+    ephemeral point of the last key to unwrap: its ZGen lets the chip end the policy session (no FlushContext)."""
     t = entry["tpm"]
     mine = attestor.unwrap_public(t["policy"], t["unwrap"])
     if mine == "":  # the policy names a tamper latch this chip does not have
@@ -60,13 +61,21 @@ def tpm_unwrapper(attestor: Any, entry: dict[str, Any]) -> Any:
     def zgen(point: bytes) -> bytes:
         z = zs.get(point)
         if z is None:
-            z = zs[point] = attestor.zgen(t["policy"], point)
+            z = zs[point] = attestor.zgen(t["policy"], point, keep=point != last)
         return z
 
     def unwrap_tpm(wrapped: Any, context: bytes, what: str) -> bytes:
         return unwrap_p256(zgen, t["unwrap"], wrapped, context, what)
 
     return unwrap_tpm
+
+
+def _point(wrapped: Any) -> bytes | None:
+    """A wrapped key's ephemeral point (None when it has none: `unwrap_p256` says what is wrong with it)."""
+    try:
+        return b64d(wrapped["epk"], "epk")
+    except (VaultError, KeyError, TypeError):
+        return None
 
 
 HOLD_S = 0.005  # how long a start holds the chip's connection while the caller finishes its checks
@@ -121,7 +130,7 @@ class TpmStart:
                 if self.unwraps:
                     assert entry is not None
                     try:
-                        opened = tpm_unwrapper(a, entry)
+                        opened = tpm_unwrapper(a, entry, _point(self.unwraps[-1][0]))
                         a.prepare_unwrap(entry["tpm"]["policy"])  # the session and its policy: ZGen alone after release
                     except CodemoatError as e:  # another chip, no tamper latch, the chip unreachable
                         refused = e
