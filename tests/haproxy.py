@@ -7,24 +7,18 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 import httpx
+from ports import free_port
 
 CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "haproxy.cfg"
 
 
 def haproxy_bin() -> str | None:
     return shutil.which("haproxy")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class HAProxy:
@@ -34,7 +28,7 @@ class HAProxy:
     @classmethod
     def start(cls, log: Path, replica1: str, replica2: str, timeout: float = 30) -> HAProxy:
         """HAProxy for two replica URLs (http://host:port), answering at `.url`; its log goes to `log`."""
-        port, stats = _free_port(), f"127.0.0.1:{_free_port()}"
+        port, stats = free_port(), f"127.0.0.1:{free_port()}"
         env = dict(
             os.environ,
             CODEMOAT_LB_BIND=f"127.0.0.1:{port}",

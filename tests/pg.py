@@ -12,11 +12,12 @@ import glob
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+from ports import free_port
 
 
 def pg_bin() -> Path | None:
@@ -30,18 +31,12 @@ def pg_bin() -> Path | None:
     return None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class PgCluster:
     def __init__(self, bindir: Path):
         self.bindir = bindir
         self.root = Path(tempfile.mkdtemp(prefix="codemoat-pg-"))
         self.data = self.root / "data"
-        self.port = _free_port()
+        self.port = free_port()
         self.password = secrets.token_urlsafe(16)
         self.user = "codemoat"
         self.as_root = hasattr(os, "geteuid") and os.geteuid() == 0

@@ -3,9 +3,8 @@ accounts and a token for each of trustapp's SCOPES."""
 
 from __future__ import annotations
 
-import socket
-
 import pytest
+from ports import free_port
 
 
 @pytest.fixture(autouse=True)
@@ -51,9 +50,7 @@ def pg_url(request, audit_home):
 @pytest.fixture
 def port() -> int:
     """A free TCP port on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port()
 
 
 @pytest.fixture

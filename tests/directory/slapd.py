@@ -9,11 +9,12 @@ slapd.
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+from ports import free_port
 
 BASE = "dc=example,dc=com"
 ADMIN = f"cn=admin,{BASE}"
@@ -27,17 +28,11 @@ def slapd_bin() -> str | None:
     return None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Slapd:
     def __init__(self, exe: str):
         self.exe = exe
         self.root = Path(tempfile.mkdtemp(prefix="codemoat-slapd-"))
-        self.port = _free_port()
+        self.port = free_port()
         self.admin_pw = "admin-" + self.root.name[-6:]
         self.service_pw = "svc-" + self.root.name[-6:]
         self.proc: subprocess.Popen | None = None

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import httpx
+from cli_errors import one_line_error  # noqa: F401 (the update tests import it from here)
 
 DAY = 86400
 
@@ -69,15 +70,6 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 120) -> subpro
     return subprocess.run(
         [sys.executable, "-m", "codemoat.cli.main", *args], capture_output=True, text=True, env=e, timeout=timeout
     )
-
-
-def one_line_error(p: subprocess.CompletedProcess) -> str:
-    """A clean CLI failure: exit 1, one line on stderr, no traceback; returns that line."""
-    assert p.returncode == 1, (p.returncode, p.stdout, p.stderr)
-    assert "Traceback" not in p.stderr + p.stdout, p.stderr
-    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), p.stderr
-    return lines[0]
 
 
 def create_token(*extra: str) -> str:

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from cli_errors import one_line_error  # noqa: F401 (the vault tests import it from here)
 from codemoat.vault.machine import MachineKey
 
 
@@ -46,13 +47,3 @@ def cli(*args: str, home: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "codemoat.cli.main", *args], capture_output=True, text=True, env=env, timeout=120
     )
-
-
-def one_line_error(p: subprocess.CompletedProcess) -> str:
-    """Assert a clean CLI failure (exit 1, one line on stderr, no traceback) and return that line."""
-    assert p.returncode == 1, (p.returncode, p.stdout, p.stderr)
-    assert "Traceback" not in p.stderr + p.stdout, p.stderr
-    lines = [l for l in p.stderr.splitlines() if l.strip()]
-    assert len(lines) == 1, p.stderr
-    assert lines[0].startswith("error:"), lines[0]
-    return lines[0]
