@@ -5,14 +5,8 @@ import re
 import shlex
 from pathlib import Path
 
+from cli_errors import one_line_error
 from conftest import BUNDLED, ROOT, run_cli
-
-
-def one_line_error(r, needle: str, code: int = 1) -> None:
-    assert r.returncode == code, (r.returncode, r.stdout, r.stderr)
-    assert "Traceback" not in r.stderr and "╭" not in r.stderr, r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
-    assert r.stderr.startswith("error: ") and needle in r.stderr, r.stderr
 
 
 def test_usage_errors_are_one_line():
@@ -35,8 +29,9 @@ def test_unexpected_errors_are_one_line(home: Path):
 def test_a_server_error_page_is_one_line_and_not_markup(home: Path):
     """A proxy's multi-line HTML error page (with text rich would read as markup) reaches the user
     as one line of plain text."""
-    import threading
-    from http.server import BaseHTTPRequestHandler, HTTPServer
+    from http.server import BaseHTTPRequestHandler
+
+    from localhttp import LocalHTTP
 
     class Proxy(BaseHTTPRequestHandler):
         def do_POST(self):
@@ -50,12 +45,8 @@ def test_a_server_error_page_is_one_line_and_not_markup(home: Path):
         def log_message(self, *a):
             pass
 
-    srv = HTTPServer(("127.0.0.1", 0), Proxy)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try:
-        r = run_cli("complete", "--prefix", "x", "--url", f"http://127.0.0.1:{srv.server_port}", "--token", "cm_x")
-    finally:
-        srv.shutdown()
+    with LocalHTTP(Proxy) as srv:
+        r = run_cli("complete", "--prefix", "x", "--url", srv.url, "--token", "cm_x")
     one_line_error(r, "server answered 502: <html>")
     assert "MarkupError" not in r.stderr
 

@@ -165,7 +165,8 @@ def test_blank_detector_sees_a_blank_page(browser, tmp_path):
 def two_pages():
     """Two pages on 127.0.0.1: /a holds a form that leads to /b."""
     import http.server
-    import threading
+
+    from localhttp import LocalHTTP
 
     class Pages(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
@@ -182,10 +183,8 @@ def two_pages():
         def log_message(self, *args):
             pass
 
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Pages)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}"
-    srv.shutdown()
+    with LocalHTTP(Pages) as srv:
+        yield srv.url
 
 
 def _replace_document(d) -> None:

@@ -9,12 +9,12 @@ import base64
 import hashlib
 import hmac
 import json
-import threading
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from localhttp import LocalHTTP
 
 
 def b64(data: bytes) -> str:
@@ -64,7 +64,7 @@ def unsigned(claims: dict, alg: str = "none", **header) -> str:
     return _part({"alg": alg, "typ": "JWT", **header}) + "." + _part(claims) + "."
 
 
-class StubProvider:
+class StubProvider(LocalHTTP):
     """A loopback provider that answers GET `path` with `docs[path]` (JSON) and 404 otherwise."""
 
     def __init__(self) -> None:
@@ -85,10 +85,4 @@ class StubProvider:
             def log_message(self, *a):
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(H)

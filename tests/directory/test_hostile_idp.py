@@ -7,9 +7,8 @@ the provider."""
 from __future__ import annotations
 
 import json
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -19,6 +18,7 @@ from codemoat.db import open_db
 from codemoat.directory.device import DeviceFlow
 from codemoat.directory.oidc import OidcClient
 from codemoat.errors import CodemoatError
+from localhttp import LocalHTTP
 from tarpit import Tarpit, bounded
 
 DEEP = b"[" * 100_000
@@ -31,7 +31,7 @@ BAD = {
 }
 
 
-class HostileIdp:
+class HostileIdp(LocalHTTP):
     """Discovery, then `device` for the device authorization endpoint and `token` for the token endpoint."""
 
     def __init__(self, meta: tuple[int, bytes, str] | None = None, device=None, token=None):
@@ -68,13 +68,7 @@ class HostileIdp:
                 got = answers.get(self.path.strip("/"))
                 self._send(*(got or (404, b"{}", "application/json")))
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(H)
 
 
 def _client(idp: HostileIdp, tmp_path):

@@ -11,10 +11,10 @@ import json
 import os
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
+from localhttp import LocalHTTP
 
 CODEMOAT = [sys.executable, "-m", "codemoat.cli.main"]
 GOOD = {
@@ -55,23 +55,18 @@ def test_a_hostile_device_start_is_refused_before_anything_is_shown_or_opened(tm
             self.end_headers()
             self.wfile.write(body)
 
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), Server)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
     opened = tmp_path / "opened"
     browser = tmp_path / "browser.sh"
     browser.write_text(f'#!/bin/sh\nprintf "%s" "$1" > {opened}\n')
     browser.chmod(0o755)
-    try:
+    with LocalHTTP(Server) as srv:
         r = subprocess.run(
-            [*CODEMOAT, "login", "--server", f"http://127.0.0.1:{srv.server_address[1]}", "--browser"],
+            [*CODEMOAT, "login", "--server", srv.url, "--browser"],
             capture_output=True,
             text=True,
             timeout=120,
             env=dict(os.environ, CODEMOAT_HOME=str(home), BROWSER=str(browser)),
         )
-    finally:
-        srv.shutdown()
-        srv.server_close()
     assert r.returncode == 1
     assert "\x1b" not in r.stdout + r.stderr and "\x07" not in r.stdout + r.stderr
     assert not opened.exists(), opened.read_text()

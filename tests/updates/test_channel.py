@@ -147,10 +147,11 @@ def test_an_index_nested_past_the_decoders_limit_is_a_named_refusal(tmp_path, ho
     """A channel (or a proxy on its path) answering the index with JSON nested deeper than the decoder goes raised
     RecursionError out of `update fetch` (the CLI's last-resort line, 'RecursionError: maximum recursion depth...'),
     not the channel's refusal."""
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from http.server import BaseHTTPRequestHandler
 
     from codemoat.errors import CodemoatError
     from codemoat.updates import channel as ch
+    from localhttp import LocalHTTP
 
     body = b"[" * 100_000
 
@@ -164,12 +165,6 @@ def test_an_index_nested_past_the_decoders_limit_is_a_named_refusal(tmp_path, ho
             self.end_headers()
             self.wfile.write(body)
 
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), Channel)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try:
-        with pytest.raises(CodemoatError, match="update channel index") as e:
-            ch.fetch(f"http://127.0.0.1:{srv.server_address[1]}", home / "updates" / "inbox")
-        assert "\n" not in str(e.value)
-    finally:
-        srv.shutdown()
-        srv.server_close()
+    with LocalHTTP(Channel) as srv, pytest.raises(CodemoatError, match="update channel index") as e:
+        ch.fetch(srv.url, home / "updates" / "inbox")
+    assert "\n" not in str(e.value)
