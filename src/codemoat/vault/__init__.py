@@ -5,7 +5,7 @@
     machine.py    this machine's key pair and hashed hardware facts; match policies
     license.py    signed licenses, key wrapping to a machine, the offline checks
     clock.py      wall/monotonic clocks (injectable) and the authenticated clock high-water mark
-    vendor.py     the vendor's keys and database (customers, sealed models, licenses, leases)
+    vendor.py     the vendor's keys and database (customers, sealed models); vendor_licenses.py: its licenses
     keyserver.py  the key server's lease logic (HTTP: codemoat.serve.keyserver_app)
     seats.py      a license's floating seats, one per (machine, instance), in the lease transaction
     lease.py      the customer's lease client and outbound log
