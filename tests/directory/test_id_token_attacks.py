@@ -128,6 +128,9 @@ def test_a_wrong_or_missing_nonce_is_refused(client, idp, signer):
     refused(client, signer.token(claims(idp)), nonce="another-nonce")
     refused(client, signer.token(claims(idp, nonce=None)))
     refused(client, signer.token(claims(idp, nonce=[NONCE])))
+    # a pending sign-in whose stored nonce is empty (a row written without one) never matches a token lacking it
+    refused(client, signer.token(claims(idp, nonce=None)), nonce=None)
+    refused(client, signer.token(claims(idp, nonce="")), nonce="")
     # the device flow's token (RFC 8628 has no nonce) may lack it; if it has one, it must match
     assert client.check_id_token(signer.token(claims(idp, nonce=None)), NONCE, nonce_required=False)
     refused(client, signer.token(claims(idp, nonce="another-nonce")), nonce_required=False)

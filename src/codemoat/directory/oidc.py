@@ -332,7 +332,7 @@ class OidcClient:
             except (JoseError, ValueError, TypeError) as e:  # a string that is no JWS, or a payload no JSON object
                 raise Unauthorized(f"sign-in refused: the ID token does not hold ({getattr(e, 'error', 'malformed')})") from None
         got = claims.get("nonce")
-        if (nonce_required or got is not None) and got != nonce:
+        if (nonce_required or got is not None) and (not got or got != nonce):
             raise Unauthorized("sign-in refused: the ID token does not hold (nonce)")
         aud = claims["aud"]
         if isinstance(aud, list) and len(aud) > 1 and claims.get("azp") != self.cfg.oidc_client_id:
