@@ -10,8 +10,10 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
+import threading
 import time
 import weakref
+from typing import Any
 from dataclasses import dataclass
 
 import sqlalchemy as sa
@@ -100,6 +102,14 @@ class Accounts:
         # verified tokens, by their SHA-256 (never the token): hash -> (principal, expires_at, cached until)
         self._verified: dict[str, tuple[Principal, float | None, float]] = {}
         self._writes = _watch_writes(engine, self._verified)
+        self.keeper: Any = None  # `keep_fresh`
+
+    def keep_fresh(self) -> None:
+        """Keep recently used tokens verified in the background (`accounts.fresh`): `codemoat serve` only."""
+        if self.keeper is None:
+            from .fresh import TokenKeeper
+
+            self.keeper = TokenKeeper(self)
 
     # -- users and groups -------------------------------------------------
     def add_user(self, name: str, groups_: list[str] | tuple[str, ...] = ()) -> None:
@@ -252,31 +262,84 @@ class Accounts:
         now = time.time()
         hit = self._verified.get(digest)
         if hit is not None and now < hit[2] and (hit[1] is None or hit[1] > now):
+            if self.keeper is not None:
+                self.keeper.touch(digest, now)
             return hit[0]
         generation = self._writes.generation
         with self.engine.connect() as c:
             q = sa.select(tokens, users.c.disabled).select_from(tokens.outerjoin(users, users.c.name == tokens.c.user))
             r = c.execute(q.where(tokens.c.hash == digest)).first()
-        if r is None:
-            raise Unauthorized("invalid API token")
-        if r.revoked_at is not None:
-            raise Unauthorized("API token has been revoked")
-        if r.disabled:  # by the directory (directory.sync), as the console's sessions already checked
-            raise Unauthorized(f"user {r.user!r} is disabled")
-        if r.expires_at is not None and r.expires_at <= now:
-            raise Unauthorized("API token has expired")
-        # last_used is written at most once a minute per token, off the hot path's common case
-        if now - self._last_used.get(r.id, 0) > 60:
-            self._last_used[r.id] = now
-            with self.engine.begin() as c:
-                c.execute(tokens.update().where(tokens.c.id == r.id).values(last_used_at=now))
+        why = _refusal(r, now)
+        if why is not None:
+            raise Unauthorized(why)
+        if self._last_used_now(r.id, now):
             generation = -1  # that write forgets the cache: remembered from the next lookup on
         principal = Principal(r.user, r.id, self.groups_of(r.user), frozenset(r.scopes.split(",")))
         if self._writes.generation == generation:  # no write to accounts while we read: safe to remember
             if len(self._verified) >= _VERIFIED_MAX:
                 self._verified.clear()
             self._verified[digest] = (principal, r.expires_at, now + VERIFIED_TTL)
+        if self.keeper is not None:
+            self.keeper.touch(digest, now)
         return principal
+
+    def _last_used_now(self, token_id: str, when: float) -> bool:
+        """Write the token's last use, at most once a minute per token (off the hot path's common case)."""
+        if when - self._last_used.get(token_id, 0) <= 60:
+            return False
+        self._last_used[token_id] = when
+        with self.engine.begin() as c:
+            c.execute(tokens.update().where(tokens.c.id == token_id).values(last_used_at=when))
+        return True
+
+    def refresh_verified(self, used: dict[str, float]) -> None:
+        """Look the tokens of hashes `used` (each with its last use) up again and remember each that still
+        authenticates for `VERIFIED_TTL` from before this lookup; forget the others, so that their next request
+        looks them up and is refused with the reason. `fresh.TokenKeeper`'s thread calls it."""
+        now = time.time()  # before the lookup: a change after it is seen by the next round, within VERIFIED_TTL
+        generation = self._writes.generation
+        with self.engine.connect() as c:
+            q = sa.select(tokens, users.c.disabled).select_from(tokens.outerjoin(users, users.c.name == tokens.c.user))
+            rows = [r for r in c.execute(q.where(tokens.c.hash.in_(list(used)))) if _refusal(r, now) is None]
+            names = sorted({r.user for r in rows})
+            member = c.execute(sa.select(memberships).where(memberships.c.user.in_(names))).all() if names else []
+        groups_: dict[str, list[str]] = {}
+        for m in member:
+            groups_.setdefault(m.user, []).append(m.group)
+        fresh = {
+            r.hash: (
+                Principal(r.user, r.id, frozenset([EVERYONE, *groups_.get(r.user, ())]), frozenset(r.scopes.split(","))),
+                r.expires_at,
+                now + VERIFIED_TTL,
+            )
+            for r in rows
+        }
+        if self._writes.generation != generation:  # a write to accounts while we read: leave it to the request path
+            return
+        for r in rows:  # (a write forgets the cache: these are put back below, if no other write came meanwhile)
+            if self._last_used_now(r.id, used[r.hash]):
+                generation += 2  # its statement and its commit
+        with self._writes.lock:  # no write's forgetting between the check and the remembering
+            if self._writes.generation != generation:
+                return
+            for digest in used:
+                if digest in fresh:
+                    self._verified[digest] = fresh[digest]
+                else:
+                    self._verified.pop(digest, None)
+
+
+def _refusal(r: Any, now: float) -> str | None:
+    """Why the token row `r` (with its user's `disabled`) does not authenticate at `now`, or None."""
+    if r is None:
+        return "invalid API token"
+    if r.revoked_at is not None:
+        return "API token has been revoked"
+    if r.disabled:  # by the directory (directory.sync), as the console's sessions already checked
+        return f"user {r.user!r} is disabled"
+    if r.expires_at is not None and r.expires_at <= now:
+        return "API token has expired"
+    return None
 
 
 VERIFIED_TTL = 0.5  # seconds a verified token is trusted without a lookup (a revocation elsewhere waits this long)
@@ -291,14 +354,16 @@ class _Writes:
     def __init__(self, engine: Engine):
         self.generation = 0
         self.caches: list[dict] = []
+        self.lock = threading.Lock()  # a bump, or a check of `generation` and what is remembered after it
         sa.event.listen(engine, "after_cursor_execute", self._executed)
         sa.event.listen(engine, "commit", self._ended)
         sa.event.listen(engine, "rollback", self._ended)
 
     def bump(self) -> None:
-        self.generation += 1
-        for c in self.caches:
-            c.clear()
+        with self.lock:
+            self.generation += 1
+            for c in self.caches:
+                c.clear()
 
     def _executed(self, conn, cursor, statement, parameters, context, executemany) -> None:
         if _WRITES_ACCOUNTS.match(statement):

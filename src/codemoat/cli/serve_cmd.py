@@ -55,6 +55,7 @@ def serve(
         settings.model.path = str(bundled_model())
     log_to_stderr(settings.server.log_level)
     accounts = Accounts(open_db(settings.database_url))
+    accounts.keep_fresh()  # tokens in use stay verified through an editor's pause (accounts.fresh)
     holder = open_model(settings)
     retriever = Retriever()
     application = create_app(settings, holder=holder, accounts=accounts, retriever=retriever)

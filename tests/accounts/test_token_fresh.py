@@ -1,0 +1,120 @@
+"""Tokens in use stay verified while their editors pause (`accounts.fresh`): the request after a pause does not
+look its token up, and a token revoked, or whose user was disabled, elsewhere is still refused within
+`VERIFIED_TTL`, as without the keeper."""
+
+import threading
+import time
+
+import pytest
+import sqlalchemy as sa
+
+from codemoat.accounts import Accounts
+from codemoat.accounts import fresh
+from codemoat.accounts.store import VERIFIED_TTL, tokens, users
+from codemoat.db import open_db
+from codemoat.errors import Unauthorized
+
+
+@pytest.fixture
+def acc(database_url):
+    eng = open_db(database_url)
+    a = Accounts(eng)
+    a.keep_fresh()
+    yield a
+    a.keeper.stop()
+    eng.dispose()
+
+
+def _lookups_here(engine) -> list[str]:
+    """The token lookups made on this thread (a request's), not on the keeper's."""
+    me, seen = threading.get_ident(), []
+
+    def count(conn, cursor, statement, *a) -> None:
+        if threading.get_ident() == me and statement.lstrip().upper().startswith("SELECT") and "tokens" in statement:
+            seen.append(statement)
+
+    sa.event.listen(engine, "after_cursor_execute", count)
+    return seen
+
+
+def test_the_request_after_a_pause_does_not_look_its_token_up(acc):
+    _, secret = acc.create_token("alice")
+    acc.authenticate(secret)
+    seen = _lookups_here(acc.engine)
+    for _ in range(3):
+        time.sleep(VERIFIED_TTL * 2)  # an editor's pause, past the TTL
+        assert acc.authenticate(secret).user == "alice"
+    assert seen == []
+
+
+def test_a_revocation_or_a_disabled_user_elsewhere_is_refused_within_the_ttl(acc, database_url):
+    """The attacker's case: the keeper must not keep a token alive past the bound. A request every 50 ms keeps
+    it in use while another replica revokes it (and, for bob, disables the user)."""
+    _, alice = acc.create_token("alice")
+    _, bob = acc.create_token("bob")
+    for who, change in (
+        (alice, tokens.update().where(tokens.c.user == "alice").values(revoked_at=time.time())),
+        (bob, users.update().where(users.c.name == "bob").values(disabled=True)),
+    ):
+        acc.authenticate(who)
+        time.sleep(fresh.EVERY_S * 3)  # the keeper has looked it up again since
+        other = sa.create_engine(database_url)  # another replica's connection to the shared database
+        try:
+            with other.begin() as c:
+                c.execute(change)
+        finally:
+            other.dispose()
+        changed = time.time()
+        while time.time() < changed + VERIFIED_TTL + 0.05:
+            try:
+                acc.authenticate(who)
+            except Unauthorized:
+                break
+            time.sleep(0.05)
+        with pytest.raises(Unauthorized, match="revoked|disabled"):
+            acc.authenticate(who)
+
+
+def test_last_use_is_still_written_while_the_keeper_keeps_the_token(acc):
+    info, secret = acc.create_token("alice")
+    acc.authenticate(secret)
+    acc._last_used[info.id] = 0.0  # as if its last write was more than a minute ago
+    used = time.time()
+    acc.authenticate(secret)  # remembered: no lookup, no write on this path
+    time.sleep(fresh.EVERY_S * 3)
+    row = next(t for t in acc.list_tokens() if t.id == info.id)
+    assert row.last_used_at is not None and abs(row.last_used_at - used) < 0.1
+    seen = _lookups_here(acc.engine)
+    time.sleep(VERIFIED_TTL * 2)
+    acc.authenticate(secret)
+    assert seen == []  # its write forgot the cache; the keeper put the token back
+
+
+def test_an_idle_keeper_stops(acc, monkeypatch):
+    monkeypatch.setattr(fresh, "ACTIVE_S", 0.3)
+    _, secret = acc.create_token("alice")
+    acc.authenticate(secret)
+    assert acc.keeper._thread is not None
+    time.sleep(1.5)
+    assert acc.keeper._thread is None
+    acc.authenticate(secret)  # a later use starts it again
+    assert acc.keeper._thread is not None
+
+
+def test_a_keeper_that_stalls_lets_its_tokens_expire_within_the_ttl(acc, database_url):
+    """Each lookup of the keeper's counts for `VERIFIED_TTL` from before it, not from when it was stored: when
+    its thread stops (a slow or hung database), a token revoked elsewhere is refused within the TTL."""
+    _, secret = acc.create_token("alice")
+    acc.authenticate(secret)
+    time.sleep(fresh.EVERY_S * 3)
+    acc.keeper.stop()
+    time.sleep(fresh.EVERY_S * 2)  # its last round is over
+    other = sa.create_engine(database_url)
+    try:
+        with other.begin() as c:
+            c.execute(tokens.update().values(revoked_at=time.time()))
+    finally:
+        other.dispose()
+    time.sleep(VERIFIED_TTL + 0.05)
+    with pytest.raises(Unauthorized, match="revoked"):
+        acc.authenticate(secret)
