@@ -63,6 +63,7 @@ class TokenKeeper:
 
 
 def _run(ref: weakref.ref, keeper: TokenKeeper) -> None:
+    logged = 0.0  # when a failure was last logged: once a minute while the database fails (4 rounds a second)
     while not keeper._stop.wait(EVERY_S):
         used = keeper.recent(time.time())
         if not used:
@@ -77,5 +78,10 @@ def _run(ref: weakref.ref, keeper: TokenKeeper) -> None:
         try:
             acc.refresh_verified(used)
         except Exception as e:  # noqa: BLE001 - a database that fails here fails the request path too, with its answer
-            log.warning("token refresh failed: %s", str(e).splitlines()[0] if str(e) else type(e).__name__)
+            if time.monotonic() - logged >= 60:
+                logged = time.monotonic()
+                log.warning(
+                    "token refresh failed (requests look their tokens up): %s",
+                    str(e).splitlines()[0] if str(e) else type(e).__name__,
+                )
         del acc  # no strong reference while waiting
