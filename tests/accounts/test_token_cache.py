@@ -79,6 +79,41 @@ def test_changes_through_this_process_take_effect_at_once(acc):
         acc.authenticate(s3)
 
 
+@pytest.mark.parametrize("via", ["request", "keeper"])
+def test_a_lookup_between_the_commit_event_and_the_commit_is_not_kept(acc, via):
+    """SQLAlchemy's "commit" event fires before the database commits: a lookup in between (a request's, or the
+    background keeper's, which runs every 0.25 s: `accounts.fresh`) still reads the token as valid. It must not be
+    remembered: a revocation through this process takes effect at once (before the fix it lived on for 0.5 s)."""
+    import threading
+
+    _, secret = acc.create_token("alice")
+    for _ in range(2):
+        acc.authenticate(secret)
+    digest = next(iter(acc._verified))
+    fired: list[int] = []
+
+    def look_up_meanwhile(conn) -> None:  # registered after the cache's own listener: runs after its forgetting
+        if fired:
+            return
+        fired.append(1)
+        if via == "keeper":
+            look = lambda: acc.refresh_verified({digest: time.time()})  # noqa: E731
+        else:
+            look = lambda: acc.authenticate(secret)  # noqa: E731
+        t = threading.Thread(target=look)  # another connection, as another request's or the keeper's
+        t.start()
+        t.join()
+
+    sa.event.listen(acc.engine, "commit", look_up_meanwhile)
+    try:
+        acc.revoke_token("alice")
+    finally:
+        sa.event.remove(acc.engine, "commit", look_up_meanwhile)
+    assert fired
+    with pytest.raises(Unauthorized, match="revoked"):
+        acc.authenticate(secret)
+
+
 def test_a_revocation_elsewhere_takes_effect_within_the_ttl(acc, database_url):
     _, secret = acc.create_token("alice")
     for _ in range(2):

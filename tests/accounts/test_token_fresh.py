@@ -118,3 +118,21 @@ def test_a_keeper_that_stalls_lets_its_tokens_expire_within_the_ttl(acc, databas
     time.sleep(VERIFIED_TTL + 0.05)
     with pytest.raises(Unauthorized, match="revoked"):
         acc.authenticate(secret)
+
+
+def test_the_keepers_own_last_use_write_does_not_stop_it_remembering(database_url):
+    """`refresh_verified` discounts the forgetting its own last-use write causes (one per statement, commit and the
+    connection's return to the pool), and remembers the token in that same round."""
+    eng = open_db(database_url)
+    try:
+        a = Accounts(eng)  # no keeper thread: the round is called here
+        info, secret = a.create_token("alice")
+        for _ in range(2):  # the first writes its last use, and is not remembered
+            a.authenticate(secret)
+        digest = next(iter(a._verified))
+        a._verified.clear()
+        a._last_used[info.id] = 0.0  # due for its once-a-minute write
+        a.refresh_verified({digest: time.time()})
+        assert a._last_used[info.id] > 0.0 and digest in a._verified
+    finally:
+        eng.dispose()

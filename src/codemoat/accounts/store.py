@@ -318,7 +318,7 @@ class Accounts:
             return
         for r in rows:  # (a write forgets the cache: these are put back below, if no other write came meanwhile)
             if self._last_used_now(r.id, used[r.hash]):
-                generation += 2  # its statement and its commit
+                generation += 3  # its statement, its commit and its connection's return (`_Writes`)
         with self._writes.lock:  # no write's forgetting between the check and the remembering
             if self._writes.generation != generation:
                 return
@@ -358,6 +358,9 @@ class _Writes:
         sa.event.listen(engine, "after_cursor_execute", self._executed)
         sa.event.listen(engine, "commit", self._ended)
         sa.event.listen(engine, "rollback", self._ended)
+        # SQLAlchemy's "commit" event comes BEFORE the database commits: a lookup between the two still reads the
+        # old row and would be kept. The connection goes back to the pool after its commit: forget once more then.
+        sa.event.listen(engine, "checkin", self._returned)
 
     def bump(self) -> None:
         with self.lock:
@@ -367,7 +370,7 @@ class _Writes:
 
     def _executed(self, conn, cursor, statement, parameters, context, executemany) -> None:
         if _WRITES_ACCOUNTS.match(statement):
-            conn.info["codemoat_accounts_written"] = True
+            conn.info["codemoat_accounts_written"] = conn.info["codemoat_accounts_returned"] = True
             self.bump()
 
     def _ended(self, conn) -> None:  # again once the write is visible to other connections
@@ -381,12 +384,16 @@ class _Writes:
         if written:
             self.bump()
 
+    def _returned(self, dbapi_connection, record) -> None:  # after the commit (or rollback): visible to all now
+        if record is not None and record.info.pop("codemoat_accounts_returned", False):
+            self.bump()
+
 
 _watches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _watch_writes(engine: Engine, cache: dict) -> _Writes:
-    """Forget `cache` whenever a statement through `engine` writes an accounts table (before and
+    """Forget `cache` whenever a statement through `engine` writes an accounts table (before, at and
     again after its commit, so that a lookup racing the write cannot keep the old answer)."""
     w = _watches.get(engine)
     if w is None:
