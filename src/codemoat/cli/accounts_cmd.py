@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from .apps import groups_app, tokens_app, users_app
-from .common import JsonFlag, console, emit
+from .common import JsonFlag, console, emit, id_column
 
 
 def _accounts():
@@ -81,7 +81,7 @@ def tokens_list(*, as_json: JsonFlag = False) -> None:
     ]
 
     def human(d):
-        table = Table("id", "name", "user", "scopes", "created", "expires", "state", "last used")
+        table = Table(id_column(d), "name", "user", "scopes", "created", "expires", "state", "last used")
         for t in d:
             state = "revoked" if t["revoked"] else ("active" if t["active"] else "expired")
             table.add_row(

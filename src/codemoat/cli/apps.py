@@ -8,7 +8,7 @@ def _group(help: str) -> typer.Typer:
 
 
 app = _group("codemoat: a private AI coding service.")
-vendor_app = _group("The model vendor's commands: train, seal, license, unseal.")
+vendor_app = _group("The model vendor's commands: keys, sealing, licenses, update releases, revocations, training.")
 license_app = _group("Issue, revoke and list licenses (vendor).")
 tokens_app = _group("API tokens: create, list, revoke.")
 users_app = _group("Users of this server.")

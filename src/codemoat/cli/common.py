@@ -48,6 +48,14 @@ def emit(data: Any, as_json: bool, human: Callable[[Any], None] | None = None) -
         human(data)
 
 
+def id_column(rows: list[dict[str, Any]]) -> Any:
+    """A table's "id" column that is never cut short (`lic_24b…` cannot be passed to `license show`):
+    on a narrow terminal the other columns give way."""
+    from rich.table import Column
+
+    return Column("id", no_wrap=True, min_width=max((len(str(r["id"])) for r in rows), default=2))
+
+
 def say(text: str, **kw: Any) -> None:
     """One line for people on stdout: names and paths in it are not highlighted, and it is not cut
     at the terminal's width (a path or a token copied from it stays whole)."""

@@ -33,7 +33,8 @@ def directory_sync(
     try:
         rep = keeper.sync(dry_run=dry_run)
     finally:
-        keeper.directory.close()
+        if keeper.directory is not None:  # None without directory.ldap_url: sync has said so in one line
+            keeper.directory.close()
 
     def human(d: dict) -> None:
         verb = "would change" if d["dry_run"] else "changed"
@@ -75,11 +76,13 @@ def login(
     name: Annotated[str | None, typer.Option(help="A name for the token (default: login-USER-TIME).")] = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Get your own API token for your editor: with your directory password (--user), or by approving a
-    device code with the company's identity provider. The token is shown once and kept 0600 in $CODEMOAT_HOME/login.json."""
+    """Get your own API token for your editor, from the company's directory or identity provider.
+
+    With your directory password (--user), or by approving a device code with the company's identity provider.
+    The token is shown once and kept 0600 in $CODEMOAT_HOME/login.json."""
     import httpx
 
-    from ..directory.login_client import NoDeviceFlow, check_server, device_login, save_login
+    from ..directory.login_client import NO_SIGN_IN, NoDeviceFlow, check_server, device_login, save_login
     from ..errors import CodemoatError
 
     try:
@@ -94,8 +97,10 @@ def login(
         except CodemoatError as e:
             fail(str(e))
     else:
-        if password_stdin:
+        if password_stdin or not sys.stdin.isatty():  # piped: no prompt, no getpass warning
             password = sys.stdin.readline().rstrip("\n")
+            if not password:
+                fail("no password on standard input: run `codemoat login` in a terminal, or pipe it with --password-stdin")
         else:
             password = typer.prompt("directory password", hide_input=True)
         try:
@@ -105,6 +110,8 @@ def login(
         except httpx.HTTPError as e:
             fail(f"cannot reach {server}: {type(e).__name__}")
         body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
+        if r.status_code == 404:
+            fail(f"{server} offers no directory sign-in: {NO_SIGN_IN} sets no directory.ldap_url")
         if r.status_code != 200:
             msg = body.get("error", {}).get("message") if isinstance(body.get("error"), dict) else body.get("error")
             fail(f"sign-in refused ({r.status_code}): {msg or r.text[:200]}")

@@ -20,8 +20,9 @@ GROUPS_HELP = (
 
 @contextmanager
 def _progress(enabled: bool, label: str):
-    """A rich progress bar fed by the indexer's (done, total, path) callback."""
-    if not enabled:
+    """A rich progress bar fed by the indexer's (done, total, path) callback; none when the output is not a
+    terminal (a transient bar would leave an empty line in front of the summary)."""
+    if not enabled or not console.is_terminal:
         yield None
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -182,6 +183,8 @@ def retrieve(
     if not file.is_relative_to(root):
         raise CodemoatError(f"--path {path} is outside the repository {repo} ({root})")
     raw = read_bytes(file)  # as `index update` reads: a regular file of at most MAX_BYTES (a FIFO is not waited on)
+    if raw is None and not file.exists():
+        raise CodemoatError(f"no file {path} in the repository {repo} ({root})")
     if raw is None:
         raise CodemoatError(f"cannot read {file}: not a regular file of at most {MAX_BYTES:,} bytes")
     lines = raw.decode("utf-8", "replace").split("\n")

@@ -26,6 +26,9 @@ from .device import SLOW_DOWN_STEP_S
 LOGIN_FILE = "login.json"
 
 
+NO_SIGN_IN = "it is not a codemoat server, or its configuration's [directory] section (docs/operations.md)"
+
+
 class NoDeviceFlow(CodemoatError):
     """The server's provider has no device flow; `signin_url` is the browser sign-in that shows a token."""
 
@@ -66,6 +69,8 @@ def device_login(
         code, msg = _error(r)
         if code == "device_flow_unsupported":
             raise NoDeviceFlow(msg, r.json().get("signin_url") or base + "/auth/oidc/start")
+        if r.status_code == 404:
+            raise CodemoatError(f"{base} offers no sign-in with an identity provider: {NO_SIGN_IN} sets no directory.oidc_issuer")
         raise CodemoatError(f"{base} refused to start a sign-in ({r.status_code}): {msg}")
     start = _checked_start(r, base)
     show(start)

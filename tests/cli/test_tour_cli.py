@@ -1,0 +1,55 @@
+"""README's five-minute tour, the steps that need something the tour does not set up: each says, in one line,
+what is missing; and what a piped tour step prints (no empty line in front, no id cut short)."""
+
+import json
+from pathlib import Path
+
+from cli_errors import one_line_error
+from conftest import ROOT, create_token, run_cli
+
+REPO = ROOT / "src" / "codemoat" / "index"
+
+
+def test_directory_sync_without_a_directory_names_the_setting():
+    one_line_error(run_cli("directory", "sync", "--dry-run"), "no LDAP directory configured (directory.ldap_url)")
+
+
+def test_login_at_a_server_without_sign_in_names_the_directory_section(tiny_gguf, serve_process):
+    s = serve_process(["--model", str(tiny_gguf)])
+    for args, needle in (
+        (["--user", "alice", "--password-stdin"], "offers no directory sign-in"),
+        (["--user", "alice"], "offers no directory sign-in"),  # piped without --password-stdin: no getpass warning
+        ([], "offers no sign-in with an identity provider"),
+    ):
+        line = one_line_error(run_cli("login", "--server", s.url, *args, input="pw\n"), needle)
+        assert "[directory]" in line and "docs/operations.md" in line
+    one_line_error(run_cli("login", "--server", s.url, "--user", "alice", input=""), "no password on standard input")
+
+
+def test_piped_index_add_starts_with_its_summary_and_retrieve_names_a_missing_file():
+    r = run_cli("index", "add", str(REPO), "--name", "payments", "--groups", "payments")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("payments: "), repr(r.stdout[:40])
+    one_line_error(
+        run_cli("retrieve", "--repo", "payments", "--path", "app/billing.py", "--line", "42"),
+        f"no file app/billing.py in the repository payments ({REPO})",
+    )
+
+
+def test_token_and_license_ids_are_whole_in_an_80_column_table(tiny_gguf, tmp_path: Path):
+    """`tokens revoke ID` and `vendor license show ID` take the id a narrow table used to cut to `lic_24b…`."""
+    create_token("--name", "alice-with-a-long-editor-name", "--scopes", "complete,chat,metrics")
+    token_id = json.loads(run_cli("tokens", "list", "--json").stdout)[0]["id"]
+    narrow = {"COLUMNS": "80"}
+    assert token_id in run_cli("tokens", "list", env=narrow).stdout
+
+    vendor, ident, moat = tmp_path / "vendor", tmp_path / "acme-machine.json", tmp_path / "acme.moat"
+    assert run_cli("vendor", "init", "--vendor", str(vendor)).returncode == 0
+    ident.write_text(run_cli("machine-id", "--json").stdout)
+    r = run_cli("vendor", "seal", str(tiny_gguf), "--vendor", str(vendor), "--customer", "ACME", "--out", str(moat))
+    assert r.returncode == 0, r.stderr
+    r = run_cli("vendor", "license", "issue", "--vendor", str(vendor), "--customer", "ACME", "--model", str(moat),
+                "--machine", str(ident), "--expires", "2099-12-31", "--out", str(tmp_path / "acme.lic"), "--json")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    lic_id = json.loads(r.stdout)["id"]
+    assert lic_id in run_cli("vendor", "license", "list", "--vendor", str(vendor), env=narrow).stdout
