@@ -53,6 +53,10 @@ def test_token_and_license_ids_are_whole_in_an_80_column_table(tiny_gguf, tmp_pa
     assert r.returncode == 0, r.stderr
     lic_id = json.loads(r.stdout)["id"]
     assert lic_id in run_cli("vendor", "license", "list", "--vendor", str(vendor), env=narrow).stdout
+    # `inspect` shows its dates as dates (it showed `expires: 4102358400`), each once
+    shown = run_cli("inspect", str(tmp_path / "acme.lic")).stdout
+    assert "expires: 2099-12-31T00:00:00Z" in shown and "expires_iso" not in shown, shown
+    assert "created: 20" in run_cli("inspect", str(moat)).stdout
 
 
 def test_readme_tour_vendor_steps_run_as_written(tmp_path: Path):

@@ -157,10 +157,21 @@ def inspect_cmd(
         raise VaultError(f"{file.name} is neither a sealed model nor a license")
 
     def human(d: dict[str, Any]) -> None:
+        from rich.markup import escape
+
+        from ..vault.clock import iso
+
+        def shown(k: str, v: Any) -> str:  # dates as dates (`--json` keeps Unix times), nested fields as key: value
+            if k in ("issued_at", "not_before", "expires", "created") and isinstance(v, int | float):
+                return iso(v)
+            if isinstance(v, dict):
+                return ", ".join(f"{kk}: {shown(kk, vv)}" for kk, vv in v.items())
+            return str(v)
+
         for k, v in d.items():
-            if k in ("vendor_key",):
+            if k == "vendor_key" or (k.endswith("_iso") and k[:-4] in d):  # the date itself is shown as one
                 continue
-            say(f"[bold]{k}[/bold]: {v}")
+            say(f"[bold]{k}[/bold]: {escape(shown(k, v))}")
 
     emit(d, as_json, human)
 
