@@ -30,6 +30,9 @@ def test_piped_index_add_starts_with_its_summary_and_retrieve_names_a_missing_fi
     r = run_cli("index", "add", str(REPO), "--name", "payments", "--groups", "payments")
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("payments: "), repr(r.stdout[:40])
+    one_line_error(  # the same folder again under another name: no link is involved, and none is named
+        run_cli("index", "add", str(REPO), "--name", "payments-2"), f"{REPO} is already indexed as another repository"
+    )
     one_line_error(
         run_cli("retrieve", "--repo", "payments", "--path", "app/billing.py", "--line", "42"),
         f"no file app/billing.py in the repository payments ({REPO})",

@@ -90,7 +90,9 @@ class RepoReader:
         if other is not None:
             self.close()
             raise CodemoatError(
-                f"repository folder {root} is another indexed repository's folder {other} (a link on its path leads there)"
+                f"repository folder {root} is already indexed as another repository (`codemoat index list`)"
+                if Path(other) == self.root
+                else f"repository folder {root} is another indexed repository's folder {other} (a link on its path leads there)"
             )
         held = self._holding_private()
         if held is not None:
