@@ -11,7 +11,8 @@ REPO = ROOT / "src" / "codemoat" / "index"
 
 
 def test_directory_sync_without_a_directory_names_the_setting():
-    one_line_error(run_cli("directory", "sync", "--dry-run"), "no LDAP directory configured (directory.ldap_url)")
+    line = one_line_error(run_cli("directory", "sync", "--dry-run"), "no LDAP directory configured: set ldap_url")
+    assert "[directory] section" in line and "CODEMOAT_CONFIG" in line
 
 
 def test_login_at_a_server_without_sign_in_names_the_directory_section(tiny_gguf, serve_process):

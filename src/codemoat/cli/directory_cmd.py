@@ -17,6 +17,11 @@ def _keeper(config: Path | None):
     from ..directory.service import DirectoryKeeper
 
     s = load_settings(config)
+    if not s.directory.ldap_url:
+        fail(
+            "no LDAP directory configured: set ldap_url in the [directory] section of the TOML file that --config or "
+            "CODEMOAT_CONFIG names (docs/operations.md, 'The company directory')"
+        )
     audit = open_audit_log(s)
     return DirectoryKeeper(s, audit.engine, audit)
 
@@ -33,8 +38,7 @@ def directory_sync(
     try:
         rep = keeper.sync(dry_run=dry_run)
     finally:
-        if keeper.directory is not None:  # None without directory.ldap_url: sync has said so in one line
-            keeper.directory.close()
+        keeper.directory.close()
 
     def human(d: dict) -> None:
         verb = "would change" if d["dry_run"] else "changed"
