@@ -46,6 +46,9 @@ def test_token_and_license_ids_are_whole_in_an_80_column_table(tiny_gguf, tmp_pa
     token_id = json.loads(run_cli("tokens", "list", "--json").stdout)[0]["id"]
     narrow = {"COLUMNS": "80"}
     assert token_id in run_cli("tokens", "list", env=narrow).stdout
+    # the tour's first command: its sentence on one line (it broke at "keep it / safe:"), the token alone on the next
+    lines = run_cli("tokens", "create", "--name", "alice", env=narrow).stdout.splitlines()
+    assert len(lines) == 2 and lines[0].endswith("shown once, keep it safe:") and lines[1].startswith("cm_"), lines
 
     vendor, ident, moat = tmp_path / "vendor", tmp_path / "acme-machine.json", tmp_path / "acme.moat"
     assert run_cli("vendor", "init", "--vendor", str(vendor)).returncode == 0

@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from .apps import groups_app, tokens_app, users_app
-from .common import JsonFlag, console, emit, id_column
+from .common import JsonFlag, console, emit, id_column, say
 
 
 def _accounts():
@@ -55,7 +55,9 @@ def tokens_create(
     }
 
     def human(d):
-        console.print(f"token [bold]{d['id']}[/bold] for user {d['user']} ({', '.join(d['scopes'])}); shown once, keep it safe:")
+        from rich.markup import escape
+
+        say(f"token [bold]{d['id']}[/bold] for user {escape(d['user'])} ({', '.join(d['scopes'])}); shown once, keep it safe:")
         print(d["token"])
 
     emit(data, as_json, human)
