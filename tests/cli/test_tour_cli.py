@@ -95,3 +95,15 @@ def test_readme_tour_vendor_steps_run_as_written(tmp_path: Path):
         assert r.returncode == 0, (step, r.stdout, r.stderr)
         if step.startswith("codemoat trace"):
             assert "carries the fingerprint of ACME" in r.stdout.replace("\n", " "), r.stdout
+
+
+def test_config_show_keeps_every_setting_name_whole():
+    """`config show` at 80 and 120 columns: every setting's name whole (the environment column, cut short for
+    most settings even at 120 columns, is one line of rule under the table); nothing cut with an ellipsis."""
+    from codemoat.config import describe
+
+    for columns in ("80", "120"):
+        out = run_cli("config", "show", env={"COLUMNS": columns}).stdout
+        assert "…" not in out, out
+        assert all(f"│ {name} " in out for name, _desc, _default in describe())
+        assert "CODEMOAT_SERVER__PORT" in out.splitlines()[-1]

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 
-from rich.table import Table
+from rich.table import Column, Table
 
 from .apps import config_app
-from .common import ConfigOpt, JsonFlag, console, emit
+from .common import ConfigOpt, JsonFlag, console, emit, say
 
 
 @config_app.command("show")
@@ -27,9 +27,17 @@ def config_show(
         rows.append({"setting": name, "value": node, "env": "CODEMOAT_" + name.upper().replace(".", "__"), "description": desc})
 
     def human(d):
-        t = Table("setting", "value", "environment", "description")
+        # Names whole (they are what a TOML file and the environment take); no environment column, which a
+        # 120-column terminal cut short for most settings: its rule is one line, and `--json` lists each.
+        width = max((len(r["setting"]) for r in d), default=7)
+        t = Table(
+            Column("setting", no_wrap=True, min_width=width),
+            Column("value", overflow="fold"),
+            Column("description", overflow="fold"),
+        )
         for r in d:
-            t.add_row(r["setting"], repr(r["value"]), r["env"], r["description"])
+            t.add_row(r["setting"], repr(r["value"]), r["description"])
         console.print(t)
+        say("environment: CODEMOAT_ and the setting in capitals, '.' as '__' (server.port: CODEMOAT_SERVER__PORT)")
 
     emit(rows, as_json, human)
