@@ -45,7 +45,8 @@ def test_token_and_license_ids_are_whole_in_an_80_column_table(tiny_gguf, tmp_pa
     create_token("--name", "alice-with-a-long-editor-name", "--scopes", "complete,chat,metrics")
     token_id = json.loads(run_cli("tokens", "list", "--json").stdout)[0]["id"]
     narrow = {"COLUMNS": "80"}
-    assert token_id in run_cli("tokens", "list", env=narrow).stdout
+    listed = run_cli("tokens", "list", env=narrow).stdout
+    assert token_id in listed and "…" not in listed, listed  # other cells wrap, none is cut short
     # the tour's first command: its sentence on one line (it broke at "keep it / safe:"), the token alone on the next
     lines = run_cli("tokens", "create", "--name", "alice", env=narrow).stdout.splitlines()
     assert len(lines) == 2 and lines[0].endswith("shown once, keep it safe:") and lines[1].startswith("cm_"), lines
@@ -59,7 +60,8 @@ def test_token_and_license_ids_are_whole_in_an_80_column_table(tiny_gguf, tmp_pa
                 "--machine", str(ident), "--expires", "2099-12-31", "--out", str(tmp_path / "acme.lic"), "--json")  # fmt: skip
     assert r.returncode == 0, r.stderr
     lic_id = json.loads(r.stdout)["id"]
-    assert lic_id in run_cli("vendor", "license", "list", "--vendor", str(vendor), env=narrow).stdout
+    listed = run_cli("vendor", "license", "list", "--vendor", str(vendor), env=narrow).stdout
+    assert lic_id in listed and "…" not in listed, listed
     # `inspect` shows its dates as dates (it showed `expires: 4102358400`), each once
     shown = run_cli("inspect", str(tmp_path / "acme.lic")).stdout
     assert "expires: 2099-12-31T00:00:00Z" in shown and "expires_iso" not in shown, shown

@@ -5,10 +5,9 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from .apps import groups_app, tokens_app, users_app
-from .common import JsonFlag, console, emit, id_column, say
+from .common import JsonFlag, console, emit, id_column, say, table
 
 
 def _accounts():
@@ -83,10 +82,10 @@ def tokens_list(*, as_json: JsonFlag = False) -> None:
     ]
 
     def human(d):
-        table = Table(id_column(d), "name", "user", "scopes", "created", "expires", "state", "last used")
+        tab = table(id_column(d), "name", "user", "scopes", "created", "expires", "state", "last used")
         for t in d:
             state = "revoked" if t["revoked"] else ("active" if t["active"] else "expired")
-            table.add_row(
+            tab.add_row(
                 t["id"],
                 t["name"],
                 t["user"],
@@ -96,7 +95,7 @@ def tokens_list(*, as_json: JsonFlag = False) -> None:
                 state,
                 _ts(t["last_used_at"]),
             )
-        console.print(table)
+        console.print(tab)
 
     emit(data, as_json, human)
 
@@ -149,10 +148,10 @@ def users_list(*, as_json: JsonFlag = False) -> None:
     data = _accounts().list_users()
 
     def human(d):
-        table = Table("user", "groups", "created")
+        tab = table("user", "groups", "created")
         for u in d:
-            table.add_row(u["name"], ", ".join(u["groups"]) or "-", _ts(u["created_at"]))
-        console.print(table)
+            tab.add_row(u["name"], ", ".join(u["groups"]) or "-", _ts(u["created_at"]))
+        console.print(tab)
 
     emit(data, as_json, human)
 
@@ -177,9 +176,9 @@ def groups_list(*, as_json: JsonFlag = False) -> None:
     data = _accounts().list_groups()
 
     def human(d):
-        table = Table("group", "members")
+        tab = table("group", "members")
         for g in d:
-            table.add_row(g["name"], ", ".join(g["members"]) or "-")
-        console.print(table)
+            tab.add_row(g["name"], ", ".join(g["members"]) or "-")
+        console.print(tab)
 
     emit(data, as_json, human)

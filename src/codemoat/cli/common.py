@@ -48,6 +48,14 @@ def emit(data: Any, as_json: bool, human: Callable[[Any], None] | None = None) -
         human(data)
 
 
+def table(*headers: Any, **kw: Any) -> Any:
+    """A rich Table whose cells wrap onto more lines and are never cut short with "…" (a narrow terminal, or
+    output piped at 80 columns); a header may be a ready `Column` (`id_column`)."""
+    from rich.table import Column, Table
+
+    return Table(*(h if isinstance(h, Column) else Column(h, overflow="fold") for h in headers), **kw)
+
+
 def id_column(rows: list[dict[str, Any]]) -> Any:
     """A table's "id" column that is never cut short (`lic_24b…` cannot be passed to `license show`):
     on a narrow terminal the other columns give way."""

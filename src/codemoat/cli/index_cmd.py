@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 
 from .apps import app, index_app
-from .common import JsonFlag, console, emit
+from .common import JsonFlag, console, emit, table
 
 GROUPS_HELP = (
     "Comma-separated groups whose members may read this repository. Every user is implicitly in "
@@ -142,9 +142,7 @@ def list_(as_json: JsonFlag = False) -> None:
         if not rows:
             console.print("no repositories indexed yet (`codemoat index add PATH --name NAME`)")
             return
-        from rich.table import Table
-
-        t = Table("name", "groups", "files", "chunks", "symbols", "updated", "root")
+        t = table("name", "groups", "files", "chunks", "symbols", "updated", "root")
         for d in rows:
             t.add_row(d["name"], ",".join(d["groups"]), str(d["files"]), str(d["chunks"]), str(d["symbols"]),
                       d["updated"] or "", d["root"])  # fmt: skip

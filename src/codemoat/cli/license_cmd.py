@@ -11,7 +11,7 @@ import typer
 
 from ..errors import CodemoatError
 from .apps import license_app
-from .common import JsonFlag, VendorDir, check_writable, console, emit, id_column, say, write_text
+from .common import JsonFlag, VendorDir, check_writable, console, emit, id_column, say, table, write_text
 
 
 @license_app.command("issue")
@@ -142,8 +142,6 @@ def license_show(
 @license_app.command("list")
 def license_list(vendor: VendorDir, as_json: JsonFlag = False) -> None:
     """Every license: customer, model, mode, dates, state and live leases."""
-    from rich.table import Table
-
     from ..vault.clock import iso
     from ..vault.vendor import Vendor
 
@@ -151,7 +149,7 @@ def license_list(vendor: VendorDir, as_json: JsonFlag = False) -> None:
         rows = v.licenses()
 
     def human(rows: list[dict[str, Any]]) -> None:
-        t = Table(id_column(rows), "customer", "model", "mode", "seats", "leases", "expires", "state")
+        t = table(id_column(rows), "customer", "model", "mode", "seats", "leases", "expires", "state")
         for r in rows:
             t.add_row(
                 r["id"], r["customer"], r["model"], r["mode"], str(r["seats"]), str(r["leases"]), iso(r["expires"]), r["state"]

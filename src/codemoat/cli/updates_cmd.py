@@ -9,7 +9,7 @@ import typer
 
 from ..errors import CodemoatError
 from .apps import update_app, vendor_app
-from .common import JsonFlag, VendorDir, console, emit, open_audit_log, print_error, say
+from .common import JsonFlag, VendorDir, console, emit, open_audit_log, print_error, say, table
 
 LicenseOpt = Annotated[
     Path | None,
@@ -213,14 +213,12 @@ def update_list(as_json: JsonFlag = False) -> None:
     rows = _store().list()
 
     def human(rows: list[dict[str, Any]]) -> None:
-        from rich.table import Table
-
         from ..vault.clock import iso
 
         if not rows:
             console.print("no update bundles installed")
             return
-        t = Table("channel", "version", "current", "released", "installed", "notes")
+        t = table("channel", "version", "current", "released", "installed", "notes")
         for r in rows:
             t.add_row(
                 r["channel"],
