@@ -26,6 +26,17 @@ def test_login_at_a_server_without_sign_in_names_the_directory_section(tiny_gguf
         assert "[directory]" in line and "docs/operations.md" in line
     one_line_error(run_cli("login", "--server", s.url, "--user", "alice", input=""), "no password on standard input")
 
+    # the console's sign-in page (README step 7) says how to make an admin token: that command runs as shown
+    import re
+    import shlex
+
+    import httpx
+
+    page = httpx.get(s.url + "/admin/signin", timeout=30).text
+    shown = re.search(r"<code>(codemoat tokens create [^<]*)</code>", page).group(1)
+    r = run_cli(*shlex.split(shown)[1:], "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["scopes"] == ["admin"], (shown, r.stderr)
+
 
 def test_piped_index_add_starts_with_its_summary_and_retrieve_names_a_missing_file():
     r = run_cli("index", "add", str(REPO), "--name", "payments", "--groups", "payments")
