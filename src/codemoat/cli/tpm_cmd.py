@@ -279,7 +279,8 @@ def audit_tpm_checkpoint(
     config: Annotated[Path | None, typer.Option(help="TOML configuration file.", envvar="CODEMOAT_CONFIG")] = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Have the TPM sign a checkpoint of the audit log with its monotonic counter (run it from a timer);
+    """Have the TPM sign a checkpoint of the audit log with its monotonic counter (run it from a timer).
+
     `audit verify` then catches the log put back to an older copy."""
     from ..audit.tpm_checkpoint import take
     from .audit_cmd import _log
