@@ -120,3 +120,31 @@ def test_config_show_keeps_every_setting_name_whole():
         assert "…" not in out, out
         assert all(f"│ {name} " in out for name, _desc, _default in describe())
         assert "CODEMOAT_SERVER__PORT" in out.splitlines()[-1]
+
+
+def test_every_command_option_and_argument_has_help():
+    """`codemoat --help` and each noun's: every command has a help text whose first paragraph (the line the noun's
+    list shows) is one sentence-line, every option and argument says what it is."""
+    import typer
+
+    from codemoat.cli.main import app
+
+    missing, broken, leaves = [], [], []
+
+    def walk(cmd, path):
+        if hasattr(cmd, "commands"):
+            for name, sub in cmd.commands.items():
+                walk(sub, [*path, name])
+            return
+        leaves.append(" ".join(path))
+        first = (cmd.help or "").strip().split("\n\n")[0]
+        if not first:
+            missing.append(" ".join(path))
+        if "\n" in first:
+            broken.append(" ".join(path))
+        for p in cmd.params:
+            if "--help" not in getattr(p, "opts", ()) and not (getattr(p, "help", None) or "").strip():
+                missing.append(f"{' '.join(path)} {p.name}")
+
+    walk(typer.main.get_command(app), ["codemoat"])
+    assert len(leaves) > 50 and not missing and not broken, (missing, broken)
