@@ -148,3 +148,10 @@ def test_every_command_option_and_argument_has_help():
 
     walk(typer.main.get_command(app), ["codemoat"])
     assert len(leaves) > 50 and not missing and not broken, (missing, broken)
+
+
+def test_vendor_train_of_a_missing_corpus_prints_only_the_error(tmp_path: Path):
+    """README step 5 with a corpus folder that is not there: the one-line error, and no progress bar above it."""
+    r = run_cli("vendor", "train", "--corpus", str(tmp_path / "src" / "lib"), "--out", str(tmp_path / "m.gguf"), "--minutes", "1")
+    one_line_error(r, f"corpus directory not found: {tmp_path / 'src' / 'lib'}")
+    assert r.stdout == "", r.stdout

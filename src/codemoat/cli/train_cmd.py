@@ -44,6 +44,9 @@ def train_command(
     check_budget(device, minutes, steps)
     if ftype not in ("f16", "f32"):
         raise CodemoatError(f"--ftype must be f16 or f32, got {ftype!r}")
+    for root in corpus:  # said before the progress bar starts (it left a "corpus 0:00:00" line above the error)
+        if not root.is_dir():
+            raise CodemoatError(f"corpus directory not found: {root}")
     opts = TrainOptions(
         corpus=corpus,
         out=out,
