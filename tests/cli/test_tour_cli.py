@@ -155,3 +155,13 @@ def test_vendor_train_of_a_missing_corpus_prints_only_the_error(tmp_path: Path):
     r = run_cli("vendor", "train", "--corpus", str(tmp_path / "src" / "lib"), "--out", str(tmp_path / "m.gguf"), "--minutes", "1")
     one_line_error(r, f"corpus directory not found: {tmp_path / 'src' / 'lib'}")
     assert r.stdout == "", r.stdout
+
+
+def test_watermark_detect_refuses_a_model_file_at_once(tmp_path: Path):
+    """`watermark detect` reads text (a model's outputs); given the leaked GGUF of README step 6 it scored its
+    7 MB as text for more than ten minutes. Now: one line, before any model loads."""
+    from conftest import BUNDLED
+
+    for model in (BUNDLED, BUNDLED.with_suffix(".hf") / "model.safetensors"):
+        r = run_cli("watermark", "detect", str(model), "--vendor", str(tmp_path / "vendor"), timeout=60)
+        one_line_error(r, f"{model} is a model file, not text (a model's weights are what `codemoat trace` tests)")

@@ -106,12 +106,16 @@ def watermark_detect(
     from ..paths import read_regular
     from ..trace import vendor_io
     from ..trace.watermark import THRESHOLD, GreenList, LlamaScorer, aggregate, detect_ids
+    from ..vault.container import MAGIC
 
     texts = []  # read every file first: a wrong path fails at once, before the model loads
     for f in files:
         if not f.exists():
             raise CodemoatError(f"cannot read {f}: no such file")
-        texts.append(read_regular(f, "text file", 64 << 20).decode("utf-8", "replace"))  # a FIFO is refused
+        raw = read_regular(f, "text file", 64 << 20)  # a FIFO is refused
+        if raw[:4] == b"GGUF" or raw[:8] == MAGIC or raw[8:10] == b'{"':  # a model here was scored as text for minutes
+            raise CodemoatError(f"{f} is a model file, not text (a model's weights are what `codemoat trace` tests)")
+        texts.append(raw.decode("utf-8", "replace"))
     with vendor_io.open_vendor(vendor) as v:
         keys = vendor_io.watermark_secrets(v, customer)
         if model is None:
