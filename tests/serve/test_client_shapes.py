@@ -197,6 +197,14 @@ def test_one_model_name_across_ollama_routes(client):
             "temperature",
         ),
         ("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": -1}, "integer_below_min_value", "max_tokens"),
+        # asked for 0 tokens, it used to answer 200 with one (service.params' floor of 1); OpenAI refuses 0
+        ("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 0}, "integer_below_min_value", "max_tokens"),
+        (
+            "/v1/chat/completions",
+            {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0},
+            "integer_below_min_value",
+            "max_completion_tokens",
+        ),
         ("/v1/completions", {"model": "tiny", "prompt": "x", "n": 2}, "integer_above_max_value", "n"),
     ],
 )

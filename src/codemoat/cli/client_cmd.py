@@ -41,7 +41,7 @@ def complete(
     suffix: Annotated[str, typer.Option(help="Code after the cursor.")] = "",
     path: Annotated[str | None, typer.Option(help="File path (enables cross-file context for indexed repos).")] = None,
     repo: Annotated[str | None, typer.Option(help="Indexed repository the file belongs to.")] = None,
-    max_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 48,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate.")] = 48,
     temperature: Annotated[float, typer.Option(help="Sampling temperature (0 = greedy).")] = 0.0,
     url: Url = "http://127.0.0.1:8080",
     token: Token = "",
@@ -67,7 +67,7 @@ def chat(
     message: Annotated[str | None, typer.Argument(help="Message to send; without it, read lines from stdin.")] = None,
     *,
     repo: Annotated[list[str] | None, typer.Option(help="Ground the answer in this indexed repository (repeatable).")] = None,
-    max_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 256,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate.")] = 256,
     url: Url = "http://127.0.0.1:8080",
     token: Token = "",
 ) -> None:
