@@ -151,10 +151,10 @@ def offline_md(offs: list[dict]) -> list[str]:
         *[row(o, "verify") for o in offs],
         "",
         f"The license check with both key unwraps alone ({off['mib']} MiB run): software {c['software_ms']:.1f} ms, "
-        f"TPM {c['tpm_ms']:.1f} ms: a fixed cost of {c['tpm_ms'] - c['software_ms']:.1f} ms (8 TPM commands: the CRL "
+        f"TPM {c['tpm_ms']:.1f} ms: a fixed cost of {c['tpm_ms'] - c['software_ms']:.1f} ms (7 TPM commands: the CRL "
         "counter's TPM2_NV_Certify by the persistent AK (its signature checked here), the tamper latch's "
         "NV_ReadPublic, ReadPublic of the persistent unwrap key, one policy session with its TPM2_PolicyPCR and "
-        "TPM2_PolicyNV, one ECDH_ZGen for both keys, one FlushContext; swtpm's CPU is mostly the NV_Certify and "
+        "TPM2_PolicyNV, one ECDH_ZGen for both keys, which also ends the policy session (no FlushContext since d28507b); swtpm's CPU is mostly the NV_Certify and "
         "the ECDH_ZGen, about 0.4 ms each) that does not grow with the model. `verify` has no "
         "memfd to allocate while the chip works, so it pays that cost in full.",
         "",
