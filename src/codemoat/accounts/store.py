@@ -275,10 +275,11 @@ class Accounts:
         if self._last_used_now(r.id, now):
             generation = -1  # that write forgets the cache: remembered from the next lookup on
         principal = Principal(r.user, r.id, self.groups_of(r.user), frozenset(r.scopes.split(",")))
-        if self._writes.generation == generation:  # no write to accounts while we read: safe to remember
-            if len(self._verified) >= _VERIFIED_MAX:
-                self._verified.clear()
-            self._verified[digest] = (principal, r.expires_at, now + VERIFIED_TTL)
+        with self._writes.lock:  # no write's forgetting between the check and the remembering (as refresh_verified)
+            if self._writes.generation == generation:  # no write to accounts while we read: safe to remember
+                if len(self._verified) >= _VERIFIED_MAX:
+                    self._verified.clear()
+                self._verified[digest] = (principal, r.expires_at, now + VERIFIED_TTL)
         if self.keeper is not None:
             self.keeper.touch(digest, now)
         return principal
