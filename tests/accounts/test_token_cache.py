@@ -10,6 +10,7 @@ from codemoat.accounts import store
 from codemoat.accounts.store import VERIFIED_TTL, tokens
 from codemoat.db import open_db
 from codemoat.errors import Unauthorized
+from replica import write_elsewhere
 
 
 @pytest.fixture
@@ -118,12 +119,7 @@ def test_a_revocation_elsewhere_takes_effect_within_the_ttl(acc, database_url):
     _, secret = acc.create_token("alice")
     for _ in range(2):
         acc.authenticate(secret)
-    other = sa.create_engine(database_url)  # another replica's connection to the shared database
-    try:
-        with other.begin() as c:
-            c.execute(tokens.update().values(revoked_at=time.time()))
-    finally:
-        other.dispose()
+    write_elsewhere(database_url, tokens.update().values(revoked_at=time.time()))
     time.sleep(VERIFIED_TTL + 0.05)
     with pytest.raises(Unauthorized, match="revoked"):
         acc.authenticate(secret)

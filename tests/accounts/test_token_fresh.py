@@ -13,6 +13,7 @@ from codemoat.accounts import fresh
 from codemoat.accounts.store import VERIFIED_TTL, tokens, users
 from codemoat.db import open_db
 from codemoat.errors import Unauthorized
+from replica import write_elsewhere
 
 
 @pytest.fixture
@@ -58,12 +59,7 @@ def test_a_revocation_or_a_disabled_user_elsewhere_is_refused_within_the_ttl(acc
     ):
         acc.authenticate(who)
         time.sleep(fresh.EVERY_S * 3)  # the keeper has looked it up again since
-        other = sa.create_engine(database_url)  # another replica's connection to the shared database
-        try:
-            with other.begin() as c:
-                c.execute(change)
-        finally:
-            other.dispose()
+        write_elsewhere(database_url, change)
         changed = time.time()
         while time.time() < changed + VERIFIED_TTL + 0.05:
             try:
@@ -109,12 +105,7 @@ def test_a_keeper_that_stalls_lets_its_tokens_expire_within_the_ttl(acc, databas
     time.sleep(fresh.EVERY_S * 3)
     acc.keeper.stop()
     time.sleep(fresh.EVERY_S * 2)  # its last round is over
-    other = sa.create_engine(database_url)
-    try:
-        with other.begin() as c:
-            c.execute(tokens.update().values(revoked_at=time.time()))
-    finally:
-        other.dispose()
+    write_elsewhere(database_url, tokens.update().values(revoked_at=time.time()))
     time.sleep(VERIFIED_TTL + 0.05)
     with pytest.raises(Unauthorized, match="revoked"):
         acc.authenticate(secret)
