@@ -25,6 +25,7 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # the shared test helpers slapd.py imports (ports)
 sys.path.insert(0, str(ROOT / "tests" / "directory"))
 from idp_browser import walk  # noqa: E402
 from slapd import BASE, SERVICE, Slapd, slapd_bin  # noqa: E402
