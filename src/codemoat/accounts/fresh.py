@@ -18,10 +18,10 @@ tokens, the most recently used. An idle server stops after `ACTIVE_S`. Only `cod
 from __future__ import annotations
 
 import logging
-import threading
 import time
-import weakref
 from typing import Any
+
+from ..keeper import Keeper, first_line
 
 log = logging.getLogger("codemoat.accounts")
 
@@ -30,24 +30,18 @@ ACTIVE_S = 300.0  # keep a token verified this long after its last request
 MAX_TOKENS = 512  # looked up per round at most (the most recently used; the others on their requests' path)
 
 
-class TokenKeeper:
+class TokenKeeper(Keeper):
     """One daemon thread per `Accounts`, started by a token's use (`touch`), ended by idleness or `stop`."""
 
     def __init__(self, accounts: Any):
-        self._ref = weakref.ref(accounts)
-        self._lock = threading.Lock()
+        super().__init__(accounts, "token-keeper", EVERY_S)
         self._used: dict[str, float] = {}  # token hash -> when it was last used (time.time())
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
+        self._logged = 0.0  # when a failure was last logged: once a minute while the database fails (4 rounds a second)
 
     def touch(self, digest: str, now: float) -> None:
         """The token of hash `digest` was used at `now` (cheap: no I/O, a thread at most once)."""
         self._used[digest] = now
-        if self._thread is None and not self._stop.is_set():
-            with self._lock:
-                if self._thread is None:
-                    self._thread = threading.Thread(target=_run, args=(self._ref, self), name="token-keeper", daemon=True)
-                    self._thread.start()
+        self.start()
 
     def recent(self, now: float) -> dict[str, float]:
         """The tokens used within `ACTIVE_S` (at most `MAX_TOKENS`, the latest), each with its last use."""
@@ -58,30 +52,13 @@ class TokenKeeper:
         live = sorted(((d, t) for d, t in items if now - t <= ACTIVE_S), key=lambda x: -x[1])
         return dict(live[:MAX_TOKENS])
 
-    def stop(self) -> None:
-        self._stop.set()
+    def pending(self) -> dict[str, float]:
+        return self.recent(time.time())
 
+    def round(self, acc: Any, used: dict[str, float]) -> None:
+        acc.refresh_verified(used)
 
-def _run(ref: weakref.ref, keeper: TokenKeeper) -> None:
-    logged = 0.0  # when a failure was last logged: once a minute while the database fails (4 rounds a second)
-    while not keeper._stop.wait(EVERY_S):
-        used = keeper.recent(time.time())
-        if not used:
-            with keeper._lock:
-                if not keeper.recent(time.time()):
-                    keeper._thread = None  # idle: the next use starts another
-                    return
-            continue
-        acc = ref()
-        if acc is None:
-            return
-        try:
-            acc.refresh_verified(used)
-        except Exception as e:  # noqa: BLE001 - a database that fails here fails the request path too, with its answer
-            if time.monotonic() - logged >= 60:
-                logged = time.monotonic()
-                log.warning(
-                    "token refresh failed (requests look their tokens up): %s",
-                    str(e).splitlines()[0] if str(e) else type(e).__name__,
-                )
-        del acc  # no strong reference while waiting
+    def failed(self, error: Exception) -> None:  # a database that fails here fails the request path too, with its answer
+        if time.monotonic() - self._logged >= 60:
+            self._logged = time.monotonic()
+            log.warning("token refresh failed (requests look their tokens up): %s", first_line(error))

@@ -17,10 +17,10 @@ probing after `ACTIVE_S`. The thread holds only a weak reference, as `audit.time
 from __future__ import annotations
 
 import logging
-import threading
 import time
-import weakref
 from typing import Any
+
+from ..keeper import Keeper, first_line
 
 log = logging.getLogger("codemoat.audit")
 
@@ -28,40 +28,23 @@ EVERY_S = 0.5  # under `known_writable`'s one second, so the state never goes st
 ACTIVE_S = 300.0  # keep probing this long after the last request
 
 
-class WritableKeeper:
+class WritableKeeper(Keeper):
     """One daemon thread per audit log, started by the first request (`touch`) and ended by idleness or `stop`."""
 
     def __init__(self, audit_log: Any):
-        self._ref = weakref.ref(audit_log)
-        self._lock = threading.Lock()
+        super().__init__(audit_log, "audit-probe", EVERY_S)
         self._touched = 0.0
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
 
     def touch(self) -> None:
         """A request came: keep the state known for the next `ACTIVE_S` (cheap: no I/O, a thread at most once)."""
         self._touched = time.monotonic()
-        if self._thread is None and not self._stop.is_set():
-            with self._lock:
-                if self._thread is None:
-                    self._thread = threading.Thread(target=_run, args=(self._ref, self), name="audit-probe", daemon=True)
-                    self._thread.start()
+        self.start()
 
-    def stop(self) -> None:
-        self._stop.set()
+    def pending(self) -> bool:
+        return time.monotonic() - self._touched <= ACTIVE_S
 
+    def round(self, lg: Any, work: Any) -> None:
+        lg.check_writable(max_age=EVERY_S)
 
-def _run(ref: weakref.ref, keeper: WritableKeeper) -> None:
-    while not keeper._stop.wait(EVERY_S):
-        with keeper._lock:
-            if time.monotonic() - keeper._touched > ACTIVE_S:
-                keeper._thread = None  # idle: the next request's touch starts another
-                return
-        lg = ref()
-        if lg is None:
-            return
-        try:
-            lg.check_writable(max_age=EVERY_S)
-        except Exception as e:  # noqa: BLE001 - check_writable names its own failures; anything else must not end the thread
-            log.warning("audit log probe failed: %s", str(e).splitlines()[0] if str(e) else type(e).__name__)
-        del lg  # no strong reference while waiting
+    def failed(self, error: Exception) -> None:  # check_writable names its own failures
+        log.warning("audit log probe failed: %s", first_line(error))

@@ -15,6 +15,8 @@ import time
 import weakref
 from typing import Any
 
+from ..keeper import first_line
+
 log = logging.getLogger("codemoat.audit")
 
 
@@ -52,7 +54,7 @@ def _run(ref: weakref.ref, timer: HeadTimer) -> None:
                 lg.sign()
                 delay = None
             except Exception as e:  # noqa: BLE001 - the database may be away: try again after an interval
-                log.warning("could not sign the audit head: %s", str(e).splitlines()[0] if str(e) else type(e).__name__)
+                log.warning("could not sign the audit head: %s", first_line(e))
                 delay = interval
         del lg  # no strong reference while waiting
         timer._wake.wait(delay if delay is not None else 60.0)
