@@ -97,3 +97,34 @@ def test_loss_curve_png(tmp_path):
     assert len(steps) == 29 and evals[0]["heldout_loss"] == 6.0
     png = plot_loss(log, tmp_path / "loss.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_does_not_replace_a_model_without_force(tmp_path):
+    """`vendor train --out M.gguf` where M.gguf, or its safetensors folder M.hf/, exists refuses in one line
+    naming it and --force, before training (a run does not resume: its first checkpoint replaced both);
+    the files are left as they were."""
+    corpus = micro_corpus(tmp_path)
+    out = tmp_path / "m.gguf"
+    args = ("--corpus", str(corpus), "--out", str(out), "--size", "micro", "--steps", "1", "--threads", "1")
+    out.write_bytes(b"last month's model")
+    r = _cli(*args, cwd=tmp_path)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines() == [f"error: {out} exists: pass --force to replace it (a new run starts over)"]
+    assert out.read_bytes() == b"last month's model"
+    out.unlink()
+    (tmp_path / "m.hf").mkdir()
+    r = _cli(*args, cwd=tmp_path)
+    assert r.returncode == 1 and f"{tmp_path / 'm.hf'} exists: pass --force" in r.stderr, r.stderr
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_cli_force_replaces_a_model(tmp_path):
+    corpus = micro_corpus(tmp_path)
+    out = tmp_path / "m.gguf"
+    out.write_bytes(b"last month's model")
+    (tmp_path / "m.hf").mkdir()
+    args = ("--corpus", str(corpus), "--out", str(out), "--size", "micro", "--steps", "1", "--threads", "1", "--force")
+    r = _cli(*args, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert out.read_bytes()[:4] == b"GGUF" and (tmp_path / "m.hf" / "model.safetensors").is_file()

@@ -37,8 +37,11 @@ def test_replay_and_max_forgetting_reach_the_trainer(tmp_path, tiny_gguf, home):
     t = json.loads(r.stdout)["train"]
     assert t["replay"] == 0.25 and t["max_forgetting"] == 0.03  # the defaults are 0.5 and 0.015
     assert t["ema"] == 0.9 and t["kl"] == 0.5
-    r = run_cli(*common, "--out", str(tmp_path / "b.moat"), "--replay", "0", "--max-forgetting", "off", timeout=600)
+    b = tmp_path / "b.moat"
+    b.write_bytes(b"an older adapter")  # replaced with --force (without it: test_an_existing_out_needs_force)
+    r = run_cli(*common, "--out", str(b), "--replay", "0", "--max-forgetting", "off", "--force", timeout=600)
     assert r.returncode == 0, r.stderr
+    assert b.read_bytes() != b"an older adapter"
     t = json.loads(r.stdout)["train"]
     assert t["replay"] == 0 and t["max_forgetting"] is None and t["forgetting_validation_bpb"] == [None, None]
 
@@ -54,3 +57,17 @@ def test_out_of_range_values_are_refused_in_one_line(tmp_path, home):
     for bad in ("-0.1", "11"):
         one_line_error(run_cli(*args, "--kl", bad), "Invalid value for '--kl'", 2)
     assert not (tmp_path / "a.moat").exists()
+
+
+def test_an_existing_out_needs_force(tmp_path, home):
+    """`tune --out` over an existing file refuses in one line naming it and --force, before any training (it
+    replaced the file silently after the run); the file is left as it was. A killed run still resumes: its
+    checkpoint is kept in the home, and --out is written only when the run ends."""
+    out = tmp_path / "a.moat"
+    out.write_bytes(b"an adapter tuned last week")
+    args = ["tune", "--repos", "shop", "--out", str(out), "--model", str(tmp_path / "m.gguf")]
+    one_line_error(run_cli(*args), f"{out} exists: pass --force to replace it")
+    assert out.read_bytes() == b"an adapter tuned last week"
+    # with --force the run goes on (here to the next thing wrong: nothing indexed in this home)
+    one_line_error(run_cli(*args, "--force"), "no indexed repository named 'shop'")
+    assert out.read_bytes() == b"an adapter tuned last week"

@@ -60,3 +60,22 @@ def test_bad_input_is_one_line(shop, tmp_path):
     assert "not a version" in one_line_error(_release(shop, x, "--model", str(shop.gguf), "--version", "two"))
     line = one_line_error(_release(shop, x, "--model", str(shop.gguf), "--version", "2", customer="nobody"))
     assert "no customer named" in line
+
+
+def test_release_does_not_replace_a_bundle_without_force(shop, tmp_path):
+    """`vendor release --out` over an existing file refuses in one line naming it and --force, before anything
+    is sealed or recorded (it replaced the file silently, while `seal` and `license issue` refuse); with --force
+    the file is the new bundle."""
+    shop.license()
+    out = tmp_path / "acme-2.moatpkg"
+    r = _release(shop, out, "--model", str(shop.gguf), "--version", "2", "--no-fingerprint", "--json")
+    assert r.returncode == 0, r.stderr
+    first = out.read_bytes()
+    line = one_line_error(_release(shop, out, "--model", str(shop.gguf), "--version", "3", "--no-fingerprint"))
+    assert f"{out} exists: pass --force to replace it" in line
+    assert out.read_bytes() == first
+    r = _release(shop, out, "--model", str(shop.gguf), "--version", "3", "--no-fingerprint", "--force", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["version"] == "3" and out.read_bytes() != first
+    # replaces: the last release recorded, 2 (the refused 3 recorded nothing)
+    assert json.loads(r.stdout)["replaces"] == "2"

@@ -71,6 +71,24 @@ def test_cli_signature_model_customer_clock(setup):
     assert "sealed file not found" in one_line_error(verify(tmp / "nope.moat", lic))
 
 
+def test_cli_unseal_does_not_replace_a_file_without_force(setup):
+    """`vendor unseal --out` over an existing file refuses in one line naming it and --force (as `seal` and
+    `license issue` do); the file is left as it was; with --force it is replaced by the plaintext."""
+    vendor, machine, model, moat, lic, doc, tmp = setup
+    out = tmp / "plain.gguf"
+    out.write_bytes(b"the vendor's notes, not a model")
+    args = ["vendor", "unseal", str(moat), "--vendor", str(vendor.root), "--out", str(out)]
+    assert f"{out} exists: pass --force to replace it" in one_line_error(cli(*args))
+    assert out.read_bytes() == b"the vendor's notes, not a model"
+    p = cli(*args, "--force")
+    assert p.returncode == 0, p.stderr
+    sealed, key = vendor.open_sealed(moat)
+    assert out.read_bytes() == bytes(sealed.decrypt(key))
+    fresh = tmp / "fresh" / "plain.gguf"  # a new path (and its folder) needs no --force
+    assert cli("vendor", "unseal", str(moat), "--vendor", str(vendor.root), "--out", str(fresh)).returncode == 0
+    assert fresh.read_bytes() == out.read_bytes()
+
+
 def test_cli_wrong_kinds_of_path_are_one_line(setup):
     """Folders, non-text files and odd paths where the vault expects something else: one line naming it."""
     vendor, machine, model, moat, lic, doc, tmp = setup

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 from codemoat.config import load_settings
 from codemoat.engines.base import SamplingParams
 from codemoat.engines.sealed import is_dumpable, open_sealed
-from codemoat.errors import Unavailable
+from codemoat.errors import CodemoatError, Unavailable
 from codemoat.vault.clock import ManualClock
 from codemoat.vault.codec import VaultError
 from .conftest import KeyServerProcess
@@ -251,5 +252,13 @@ def test_safetensors_round_trip(vendor, machine, tmp_path, vault_home):
     finally:
         holder.close()
     out = tmp_path / "unsealed"
+    out.mkdir()  # an empty folder made for it is written into
     vendor.unseal(moat, out)
+    assert (out / "model.safetensors").read_bytes() == (hf / "model.safetensors").read_bytes()
+    # a folder that is not empty (here: the model unsealed before) only with force, as the CLI's --force
+    (out / "model.safetensors").write_bytes(b"changed by hand")
+    with pytest.raises(CodemoatError, match=re.escape(f"{out} is a folder that is not empty: pass --force")):
+        vendor.unseal(moat, out)
+    assert (out / "model.safetensors").read_bytes() == b"changed by hand"
+    vendor.unseal(moat, out, force=True)
     assert (out / "model.safetensors").read_bytes() == (hf / "model.safetensors").read_bytes()

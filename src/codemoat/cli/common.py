@@ -80,6 +80,16 @@ def write_text(path: Path, text: str) -> None:
         raise CodemoatError(f"cannot write {path}: {e.strerror}") from None
 
 
+def refuse_replacing(path: Path, force: bool, replacing: str = "") -> None:
+    """The one line "PATH exists: pass --force to replace it" when something is at `path` and not `force`
+    (every command that writes an --out path says it before doing the work)."""
+    from ..errors import CodemoatError
+
+    if not force and (path.exists() or path.is_symlink()):
+        why = f" ({replacing})" if replacing else ""
+        raise CodemoatError(f"{path} exists: pass --force to replace it{why}")
+
+
 def check_writable(path: Path, force: bool = False, replacing: str = "") -> None:
     """One clear line now, rather than a failure after the work is done, when `path` cannot be written
     (or holds a file that only `--force` may replace)."""
@@ -87,12 +97,7 @@ def check_writable(path: Path, force: bool = False, replacing: str = "") -> None
 
     if path.is_dir():
         raise CodemoatError(f"{path} is a folder: name a file to write")
-    if path.exists() and not force:
-        raise CodemoatError(
-            f"{path} exists: pass --force to replace it ({replacing})"
-            if replacing
-            else f"{path} exists: pass --force to replace it"
-        )
+    refuse_replacing(path, force, replacing)
     parent = path.parent
     if not parent.is_dir():
         raise CodemoatError(f"folder {parent} does not exist")

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from .apps import vendor_app
-from .common import JsonFlag, console, emit
+from .common import JsonFlag, console, emit, refuse_replacing
 from .training import Device, Lr, Minutes, check_budget, run_with_progress
 
 
@@ -35,6 +35,9 @@ def train_command(
     checkpoint_minutes: Annotated[
         float, typer.Option("--checkpoint-minutes", help="Export the model this often during training.")
     ] = 5.0,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace an existing --out model and its <stem>.hf/ folder (a new run starts over).")
+    ] = False,
     as_json: JsonFlag = False,
 ) -> None:
     """Train a byte-level BPE tokenizer and a llama-architecture model with FIM; export GGUF and safetensors."""
@@ -47,6 +50,9 @@ def train_command(
     for root in corpus:  # said before the progress bar starts (it left a "corpus 0:00:00" line above the error)
         if not root.is_dir():
             raise CodemoatError(f"corpus directory not found: {root}")
+    # a run does not resume: the model (or checkpoint) already there would be replaced by this run's first checkpoint
+    for made in (out, out.with_suffix(".hf")):
+        refuse_replacing(made, force, "a new run starts over" if made == out else f"the safetensors of {out.name}")
     opts = TrainOptions(
         corpus=corpus,
         out=out,

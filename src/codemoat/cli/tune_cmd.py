@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from .apps import app
-from .common import JsonFlag, console, emit
+from .common import JsonFlag, check_writable, console, emit
 from .training import Device, Lr, Minutes, check_budget, run_with_progress
 
 
@@ -94,6 +94,7 @@ def tune_command(
             "forgetting (distillation; 0 to 10; 0: off).",
         ),
     ] = 1.0,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out file.")] = False,
     as_json: JsonFlag = False,
 ) -> None:
     """Fine-tune the served model on the named repositories' indexed code; write a sealed LoRA adapter."""
@@ -102,6 +103,7 @@ def tune_command(
     from ..tune.trainer import TuneOptions, tune
 
     check_budget(device, minutes, steps)
+    check_writable(out, force)  # said now, not after the run (a killed run resumes from its checkpoint: no --out yet)
     settings = load_settings(config)
     base = model or (Path(p) if (p := settings.model.path) else None)
     if base is None:

@@ -9,7 +9,7 @@ import typer
 
 from ..errors import CodemoatError
 from .apps import update_app, vendor_app
-from .common import JsonFlag, VendorDir, console, emit, open_audit_log, print_error, say, table
+from .common import JsonFlag, VendorDir, check_writable, console, emit, open_audit_log, print_error, say, table
 
 LicenseOpt = Annotated[
     Path | None,
@@ -72,6 +72,7 @@ def vendor_release(
             help="Adapters: the customer's model it is for (their .moat, or a plain file); default: the model of the license used.",
         ),
     ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out file.")] = False,
     as_json: JsonFlag = False,
 ) -> None:
     """Build a signed update bundle of a model, an adapter or a knowledge pack for one customer."""
@@ -84,6 +85,7 @@ def vendor_release(
     if len(given) != 1:
         raise CodemoatError("give exactly one of --model, --adapter or --knowledge-pack")
     kind, source = given[0]
+    check_writable(out, force)
     fp = fingerprint_model if kind in ("model", "adapter") and fingerprint else None
     with Vendor.open(vendor) as v:
         m = release(

@@ -119,13 +119,16 @@ def vendor_unseal(
     moat: Annotated[Path, typer.Argument(help="A sealed file made by this vendor.")],
     vendor: VendorDir,
     out: Annotated[Path, typer.Option(help="Where to write the plaintext model (a file, or a folder for safetensors).")],
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace an existing --out file, or write into a folder that is not empty.")
+    ] = False,
     as_json: JsonFlag = False,
 ) -> None:
     """Decrypt the vendor's own sealed file (needs the vendor's keys and database)."""
     from ..vault.vendor import Vendor
 
     with Vendor.open(vendor) as v:
-        path = v.unseal(moat, out)
+        path = v.unseal(moat, out, force=force)
     emit(
         {"sealed": str(moat), "out": str(path)},
         as_json,

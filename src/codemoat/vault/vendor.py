@@ -253,8 +253,9 @@ class Vendor(VendorLicenses):
             )
         return sealed, self.content_key(sealed.manifest.file_id)
 
-    def unseal(self, moat: str | Path, out: str | Path) -> Path:
-        """Decrypt the vendor's own sealed file: a .gguf file, or a folder for safetensors."""
+    def unseal(self, moat: str | Path, out: str | Path, *, force: bool = False) -> Path:
+        """Decrypt the vendor's own sealed file: a .gguf file, or a folder for safetensors. An existing
+        file, or a folder that is not empty (its files would be mixed with the model's), only with `force`."""
         sealed, key = self.open_sealed(moat)
         out = Path(out)
         m = sealed.manifest
@@ -262,6 +263,11 @@ class Vendor(VendorLicenses):
             raise CodemoatError(f"{out} is a folder: name the .gguf file to write")
         if m.format != "gguf" and out.exists() and not out.is_dir():
             raise CodemoatError(f"{out} is a file: a safetensors model unseals into a folder")
+        if not force:
+            if m.format == "gguf" and (out.exists() or out.is_symlink()):
+                raise CodemoatError(f"{out} exists: pass --force to replace it")
+            if m.format != "gguf" and out.is_dir() and any(out.iterdir()):
+                raise CodemoatError(f"{out} is a folder that is not empty: pass --force to write the model's files into it")
         plain = sealed.decrypt(key, check_sha256=True)
         try:
             if m.format == "gguf":
