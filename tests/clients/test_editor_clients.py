@@ -169,6 +169,9 @@ def test_ollama_js(node, server, tmp_path):
     c = out["chat"]
     assert c["done"] is True and c["model"] == MODEL and c["pieces"] >= 2 and c["text"]
     assert out["wrong_token"]["status"] == 401
+    n = out["num_predict"]  # 0 is no limit, as in Ollama (it answered one token): each answer runs to its line's end
+    assert n["zero"] == n["unlimited"] and n["zero"]["chat_eval_count"] > 2
+    assert n["two"]["chat_eval_count"] == 2 and n["two"]["eval_count"] <= 2
 
 
 def test_openai_js(node, server, tmp_path):

@@ -104,6 +104,33 @@ def test_ollama_routes(client):
     assert c.json()["message"]["role"] == "assistant"
 
 
+def test_ollama_num_predict_zero_is_no_limit_as_in_ollama(client):
+    """`num_predict: 0` answered one token; Ollama's runners limit a sequence only when num_predict is above 0,
+    so 0 generates as -1 (and -2) do: until the limit (64 here) or the stop token. Greedy, so the same answer."""
+
+    def gen(n):
+        body = {
+            "model": "tiny",
+            "prompt": "def f(",
+            "raw": True,
+            "stream": False,
+            "options": {"temperature": 0, "num_predict": n},
+        }
+        return client.post("/api/generate", json=body).json()
+
+    def chat(n):
+        msgs = [{"role": "user", "content": "hi"}]
+        body = {"model": "tiny", "messages": msgs, "stream": False, "options": {"temperature": 0, "num_predict": n}}
+        return client.post("/api/chat", json=body).json()
+
+    zero, unlimited, fill, three = gen(0), gen(-1), gen(-2), gen(3)
+    assert zero["eval_count"] > 3 and three["eval_count"] <= 3
+    assert (zero["response"], zero["eval_count"]) == (unlimited["response"], unlimited["eval_count"])
+    assert (fill["response"], fill["eval_count"]) == (unlimited["response"], unlimited["eval_count"])
+    zero, unlimited = chat(0), chat(-1)
+    assert zero["eval_count"] > 3 and zero["message"] == unlimited["message"]
+
+
 def test_infill_with_input_extra(client):
     r = client.post(
         "/infill",

@@ -74,8 +74,12 @@ def _params(svc: Service, o: ollama.Options, fim: bool = False):
     """The sampling parameters, and whether `max_tokens` is to fit the room the prompt leaves: Ollama's
     `num_predict: -1` (or more than the limit) generates until the limit or the context is full. Without
     `num_predict`, Ollama's default (-1) too, except for a FIM completion (`suffix`), which gets the
-    server's small completion default."""
+    server's small completion default. `num_predict: 0` is no limit as well, as in Ollama, whose runners
+    stop a sequence at `num_predict` only when it is above 0 (and -2, once llama.cpp's "fill the context",
+    is a negative like -1); it was taken as max_tokens 0, which answered one token."""
     n = o.num_predict if o.num_predict is not None or fim else -1
+    if n == 0:
+        n = -1
     return svc.predict_params(
         n, 0.8 if o.temperature is None else o.temperature, o.top_p or 0.9, o.stop or [], o.seed, o.top_k, o.repeat_penalty
     )

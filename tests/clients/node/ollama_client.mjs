@@ -13,6 +13,15 @@ const gen = await ollama.generate({
   options: { temperature: 0, num_predict: 16, stop: ["\n\n"] },
 });
 out.generate = { model: gen.model, response: gen.response, done: gen.done, eval_count: gen.eval_count };
+// num_predict 0 is no limit in Ollama (its runners stop at num_predict only when it is above 0), as -1 is;
+// the end of the line stops each (greedy) answer, so that no limit is not a long run
+const budget = async (num_predict) => {
+  const options = { temperature: 0, num_predict, stop: ["\n"] };
+  const g = await ollama.generate({ model, prompt: "import os\n\ndef cwd():\n    return ", raw: true, stream: false, options });
+  const c = await ollama.chat({ model, messages: [{ role: "user", content: "What does os.path.join do?" }], stream: false, options });
+  return { response: g.response, eval_count: g.eval_count, chat: c.message.content, chat_eval_count: c.eval_count };
+};
+out.num_predict = { zero: await budget(0), unlimited: await budget(-1), two: await budget(2) };
 const parts = [];
 let last = null;
 for await (const part of await ollama.chat({ model, messages: [{ role: "user", content: "What does os.path.join do?" }], stream: true, options: { temperature: 0, num_predict: 24 } })) {
