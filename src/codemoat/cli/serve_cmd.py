@@ -53,14 +53,19 @@ def serve(
     )
     if not settings.model.path and not settings.vault.socket:
         settings.model.path = str(bundled_model())
-    log_to_stderr(settings.server.log_level)
-    accounts = Accounts(open_db(settings.database_url))
-    accounts.keep_fresh()  # tokens in use stay verified through an editor's pause (accounts.fresh)
-    holder = open_model(settings)
-    retriever = Retriever()
-    application = create_app(settings, holder=holder, accounts=accounts, retriever=retriever)
-
+    # the port first: a port already taken is said in one line at once, not after the model has loaded
+    # (minutes for a large one, or a license lease taken); the bound socket is handed to uvicorn
     sock = listen(settings.server.host, settings.server.port)
+    try:
+        log_to_stderr(settings.server.log_level)
+        accounts = Accounts(open_db(settings.database_url))
+        accounts.keep_fresh()  # tokens in use stay verified through an editor's pause (accounts.fresh)
+        holder = open_model(settings)
+        retriever = Retriever()
+        application = create_app(settings, holder=holder, accounts=accounts, retriever=retriever)
+    except BaseException:
+        sock.close()
+        raise
     bound = sock.getsockname()[1]
     console.print(f"codemoat serving [bold]{holder.model_id}[/bold] on http://{settings.server.host}:{bound}", highlight=False)
     run(application, sock, settings.server.log_level, settings.server.trusted_proxies)
