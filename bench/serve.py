@@ -214,6 +214,15 @@ def model_path(name: str) -> Path:
     return Path(name)
 
 
+def cpu_path(model: Path, threads: int):
+    """codemoat's own choice of llama.cpp CPU kernels for `model` on this machine (`engines.cpu.choose`, cached per
+    CPU and build like the server's): on a CPU where the extra buffer types crash or disagree, `llama-server` is
+    given `--no-repack`, the same switch, so that both decode with the same kernels."""
+    from codemoat.engines import cpu
+
+    return cpu.choose("auto", model, n_threads=threads)
+
+
 class Servers:
     """The four servers on one model, started together, stopped together."""
 
@@ -225,6 +234,10 @@ class Servers:
         self.headers: dict[str, dict] = {}
         self.homes: list[Path] = []
         py, t, ctx, par = sys.executable, str(args.threads), args.n_ctx, args.parallel
+        # llama.cpp's extra CPU buffer types (AMX, repacked kernels) kill a quantised model's first decode on some
+        # CPUs (docs/llamacpp-amx.md): codemoat's self-test decides, and the references then run the same kernels
+        self.cpu = cpu_path(model, args.threads)
+        nr = [] if self.cpu.use_extra_bufts else ["--no-repack"]
         cm = [py, "-m", "codemoat.cli.main", "serve", "--model", str(model), "--model-id", "m", "--n-ctx", str(ctx)]
         cm_env = dict(env, CODEMOAT_MODEL__N_THREADS=t, CODEMOAT_MODEL__MAX_TOKENS_LIMIT="1024")
         cmds = {
@@ -232,12 +245,12 @@ class Servers:
             "codemoat-1": (cm, dict(cm_env, CODEMOAT_MODEL__PARALLEL="1")),
             "llama-server": (
                 [str(LLAMA_SERVER), "-m", str(model), "-a", "m", "-c", str(ctx * par), "-np", str(par), "-cb"]
-                + ["-t", t, "-tb", t, "-fa", "off", "--api-key", token, "--host", "127.0.0.1", "--no-webui"],
+                + ["-t", t, "-tb", t, "-fa", "off", "--api-key", token, "--host", "127.0.0.1", "--no-webui", *nr],
                 dict(env, LD_LIBRARY_PATH=str(VENV_LIB)),  # the engine's own libllama and ggml
             ),
             "llama-server-1": (  # one slot: what batching gains on llama.cpp's own server, on this machine
                 [str(LLAMA_SERVER), "-m", str(model), "-a", "m", "-c", str(ctx), "-np", "1"]
-                + ["-t", t, "-tb", t, "-fa", "off", "--api-key", token, "--host", "127.0.0.1", "--no-webui"],
+                + ["-t", t, "-tb", t, "-fa", "off", "--api-key", token, "--host", "127.0.0.1", "--no-webui", *nr],
                 dict(env, LD_LIBRARY_PATH=str(VENV_LIB)),
             ),
             "llama_cpp.server": (
@@ -250,6 +263,13 @@ class Servers:
         for name in args.servers:
             if name.startswith("llama-server") and not LLAMA_SERVER.is_file():
                 print("llama-server is not built (bench/serve.py --build): its column is left out", file=sys.stderr)
+                continue
+            if name == "llama_cpp.server" and not self.cpu.use_extra_bufts:
+                print(
+                    f"llama_cpp.server has no switch for llama.cpp's extra CPU buffer types and would die on this CPU "
+                    f"({self.cpu.reason}): its column is left out",
+                    file=sys.stderr,
+                )
                 continue
             cmd, e = cmds[name]
             key = token
@@ -597,7 +617,12 @@ def bench_model(name: str, args: argparse.Namespace, token: str, env: dict) -> s
                 print(f"{name:10s} {key:8s} {s:17s} {fmt(key, res[s].get(key))}", flush=True)
     finally:
         servers.stop()
-    return table(name, model, res, args)
+    kernels = (
+        "llama.cpp's default CPU buffer types for every server"
+        if servers.cpu.use_extra_bufts
+        else "llama.cpp's safe CPU kernels for every server (codemoat's self-test; `llama-server --no-repack`)"
+    )
+    return f"{table(name, model, res, args)}\n\nCPU kernels: {kernels}: {servers.cpu.reason}."
 
 
 def ratio(res: dict, key: str, a: str, b: str) -> str:
