@@ -1,5 +1,5 @@
 """ID tokens made the way a provider makes them, written from RFC 7515 (JWS compact serialization) and RFC 7518
-§3.2-3.3 (HS256, RS256) with `cryptography` and `hmac` alone: the verifier under test uses a JOSE library, so the
+§3.2-3.3 (HS256, RS256) and RFC 8037 (EdDSA) with `cryptography` and `hmac` alone: the verifier under test uses a JOSE library, so the
 tokens the tests throw at it do not come from the code they check. `StubProvider` publishes what a test sets
 (discovery document, JWKS) on a loopback port, and counts the requests for each path."""
 
@@ -51,6 +51,25 @@ class RsaSigner:
         signing_input = _part({"alg": "RS256", "kid": self.kid, "typ": "JWT", **header}) + "." + _part(claims)
         sig = self.key.sign(signing_input.encode("ascii"), padding.PKCS1v15(), hashes.SHA256())
         return signing_input + "." + b64(sig)
+
+
+class EdSigner:
+    """An Ed25519 (or Ed448) signing key with a `kid` (RFC 8037 §2 OKP key; the signature is the curve's EdDSA
+    signature of the signing input, RFC 8037 §3.1). `alg`: RFC 9864's "Ed25519", or RFC 8037's "EdDSA"."""
+
+    def __init__(self, kid: str = "e1", alg: str = "Ed25519", curve: str = "Ed25519"):
+        from cryptography.hazmat.primitives.asymmetric import ed448, ed25519
+
+        self.kid, self.alg, self.curve = kid, alg, curve
+        self.key = (ed25519.Ed25519PrivateKey if curve == "Ed25519" else ed448.Ed448PrivateKey).generate()
+
+    def jwk(self) -> dict:
+        x = self.key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        return {"kty": "OKP", "crv": self.curve, "use": "sig", "alg": self.alg, "kid": self.kid, "x": b64(x)}
+
+    def token(self, claims: dict, **header) -> str:
+        signing_input = _part({"alg": self.alg, "kid": self.kid, "typ": "JWT", **header}) + "." + _part(claims)
+        return signing_input + "." + b64(self.key.sign(signing_input.encode("ascii")))
 
 
 def hs256(claims: dict, secret: bytes, **header) -> str:

@@ -13,7 +13,7 @@ from codemoat.db import open_db
 from codemoat.directory.ldap import DirectoryError, DirectoryUnavailable
 from codemoat.directory.oidc import OidcClient
 from codemoat.errors import Unauthorized
-from idtokens import RsaSigner, StubProvider, hs256, unsigned
+from idtokens import EdSigner, RsaSigner, StubProvider, hs256, unsigned
 
 NONCE = "n1"
 
@@ -79,6 +79,25 @@ def test_an_unknown_kid_is_refused_after_one_fresh_jwks(client, idp, signer):
     rotated = RsaSigner("k2")
     idp.docs["/jwks"] = {"keys": [signer.jwk(), rotated.jwk()]}
     assert client.check_id_token(rotated.token(claims(idp)), NONCE)["sub"] == "alice"
+
+
+@pytest.mark.parametrize("alg", ["Ed25519", "EdDSA"])
+def test_ed25519_tokens_hold_without_a_warning_and_forged_ones_are_refused(client, idp, signer, alg, recwarn):
+    """An Ed25519-signed ID token, under RFC 9864's name "Ed25519" or RFC 8037's "EdDSA" (which deployed providers
+    still write, and which joserfc verified with a SecurityWarning each time), holds with no warning at all; one
+    changed after signing, signed by another key under its kid, or signed with the RSA key's kid, does not.
+    "EdDSA" means Ed25519 here: an Ed448 key under that name is refused."""
+    ed = EdSigner("e1", alg=alg)
+    ed448 = EdSigner("e448", alg="EdDSA", curve="Ed448")
+    idp.docs["/jwks"] = {"keys": [signer.jwk(), ed.jwk(), ed448.jwk()]}
+    assert client.check_id_token(ed.token(claims(idp)), NONCE)["sub"] == "alice"
+    head, _, sig = ed.token(claims(idp)).split(".")
+    forged = ed.token(claims(idp, sub="bob")).split(".")[1]
+    refused(client, f"{head}.{forged}.{sig}")
+    refused(client, EdSigner("e1", alg=alg).token(claims(idp)))  # another key under the provider's kid
+    refused(client, ed.token(claims(idp), kid=signer.kid))  # the RSA key's kid
+    assert [str(w.message) for w in recwarn] == []
+    refused(client, ed448.token(claims(idp)))  # joserfc's "EdDSA" took Ed448 keys too
 
 
 @pytest.mark.parametrize("alg", ["none", "None", "NONE", "nOnE"])

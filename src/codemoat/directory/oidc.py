@@ -62,7 +62,30 @@ pending = sa.Table(
     sa.Index("ix_oidc_pending_client", "client"),
 )
 PURPOSES = ("api", "console")
-ID_TOKEN_ALGS = ("RS256", "PS256", "ES256", "EdDSA")  # what providers sign ID tokens with
+# what providers sign ID tokens with. Ed25519 is RFC 9864's name; "EdDSA" (RFC 8037, which RFC 9864 deprecates
+# and joserfc warns about at every verification) is still what deployed providers write (Rauthy's default for
+# new clients): it is verified as Ed25519 is, an Ed25519 key only (`_id_token_registry`), without the warning.
+ID_TOKEN_ALGS = ("RS256", "PS256", "ES256", "Ed25519", "EdDSA")
+_REGISTRY = None
+
+
+def _id_token_registry():
+    """joserfc's JWS registry allowing ID_TOKEN_ALGS, with "EdDSA" taken as RFC 9864's Ed25519 under that
+    name: the same Ed25519 verification and curve check, no Ed448 key, and no SecurityWarning on each use."""
+    global _REGISTRY
+    if _REGISTRY is None:
+        import copy
+
+        from joserfc.jws import JWSRegistry
+
+        eddsa = copy.copy(JWSRegistry.algorithms["Ed25519"])  # checks the key's curve is Ed25519
+        eddsa.name = "EdDSA"
+
+        class IdTokenRegistry(JWSRegistry):
+            algorithms = {**JWSRegistry.algorithms, "EdDSA": eddsa}
+
+        _REGISTRY = IdTokenRegistry(algorithms=ID_TOKEN_ALGS)
+    return _REGISTRY
 
 
 def stored_hash(value: str) -> str:
@@ -321,7 +344,7 @@ class OidcClient:
             try:
                 # never "none", never HS256 (a verifier taking the RSA public key as its secret), and the
                 # key the token's kid names must be of the algorithm's type
-                claims = jwt.decode(id_token, self._keys(refresh), algorithms=ID_TOKEN_ALGS).claims
+                claims = jwt.decode(id_token, self._keys(refresh), registry=_id_token_registry()).claims
                 expected.validate(claims)
                 break
             except InvalidKeyIdError:
