@@ -183,6 +183,47 @@ def test_cache_is_keyed_by_cpu_and_build_and_survives_corruption(quantised, monk
     assert len(runs) == 4 and cpu.cached(cpu.cache_key()) == cpu.Choice(False, "stub verdict")
 
 
+def test_selftest_feeds_a_multi_token_batch(tmp_path, monkeypatch):
+    """llama.cpp's AMX tile kernels, the code that crashes on AMX Xeons, run only for batches of two tokens
+    or more: a self-test that fed its prompt one token at a time would pass where every prompt crashes.
+    Checked on the safe path, so on any CPU."""
+    import llama_cpp.llama_cpp as lib
+    from tinymodel import quantise
+
+    sizes = []
+    real = lib.llama_decode
+
+    def spy(ctx, batch):
+        sizes.append(batch.n_tokens)
+        return real(ctx, batch)
+
+    monkeypatch.setattr(lib, "llama_decode", spy)
+    model = quantise(cpu.selftest_model(tmp_path), tmp_path / "q4_0.gguf", "Q4_0")
+    logits, toks = cpu._decode(str(model), False, 1, None)
+    assert sizes[0] >= 8 and sizes[1:] == [1] * len(toks)  # the prompt as one batch, then one token at a time
+    assert logits.shape[0] == len(toks) and np.all(np.isfinite(logits))
+
+
+def test_selftest_model_loads_into_the_amx_buffer(tmp_path, capfd):
+    """On an AMX Xeon the self-test's quantised matrices must take llama.cpp's AMX buffer type (row sizes it
+    accepts), or the test would not run the AMX kernels at all. Loading only: a decode could crash here."""
+    import llama_cpp
+    from tinymodel import quantise
+
+    _, flags = cpu.cpu_info()
+    if "amx_int8" not in flags or "AMX_INT8 = 1" not in cpu.system_info():
+        pytest.skip("needs an AMX CPU (amx_int8) and a llama.cpp build with AMX_INT8")
+    for quant in ("Q4_0", "Q8_0", "Q4_K_M"):
+        model = quantise(cpu.selftest_model(tmp_path), tmp_path / f"{quant}.gguf", quant)
+        capfd.readouterr()
+        with cpu.extra_bufts(True):
+            llm = llama_cpp.Llama(model_path=str(model), n_ctx=64, n_threads=1, verbose=True)
+        llm.close()
+        log = capfd.readouterr().err
+        assert "AMX model buffer size" in log, quant
+        assert log.count("amx repack tensor blk.") == 14, quant  # every layer matrix, 2 layers x 7
+
+
 @pytest.mark.parametrize("quant", ["Q4_0", "Q8_0", "Q4_K_M", "Q5_K_M", "Q6_K"])
 def test_quantised_bundled_model_generates_alike_on_both_paths(quant, quantised, extra_ok):
     if not extra_ok:

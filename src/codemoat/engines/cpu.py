@@ -325,7 +325,9 @@ def _say(**kw) -> None:
 
 
 def _decode(path: str, extra: bool, n_threads: int, forced: list[int] | None, n_new: int = 8):
-    """Greedy decode (or, given `forced`, teacher-forced): the prompt as one batch, then one token at a time."""
+    """Greedy decode (or, given `forced`, teacher-forced): the prompt as one batch, then one token at a
+    time. The batch matters: llama.cpp's AMX matmul runs its tile kernels only for two tokens or more
+    (one token takes an AVX512-VNNI kernel), and those are what crash (docs/llamacpp-amx.md)."""
     import llama_cpp
     import numpy as np
 
@@ -362,14 +364,20 @@ def _agree(safe, extra) -> str | None:
     return None
 
 
+def selftest_model(folder: Path) -> Path:
+    """The self-test's F32 llama: rows of 512 and 1536, which llama.cpp's AMX buffer type and the
+    K-quants take (its quantised matrices load into the AMX buffer on an AMX Xeon)."""
+    from .tinyllama import build_random_llama
+
+    return build_random_llama(Path(folder) / "f32.gguf", n_embd=512, n_ff=1536, n_layer=2, n_head=4)
+
+
 def _child(tmp: str, n_threads: int) -> int:
     import ctypes
 
     import llama_cpp
 
-    from .tinyllama import build_random_llama
-
-    src = build_random_llama(Path(tmp) / "f32.gguf", n_embd=512, n_ff=1536, n_layer=2, n_head=4)
+    src = selftest_model(Path(tmp))
     fault = os.environ.get(FAULT_ENV, "")
     for name, ftype in QUANTS:
         dst = Path(tmp) / f"{name}.gguf"
