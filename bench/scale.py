@@ -244,7 +244,7 @@ def commands(name: str, model: Path, texts: list[Path], entropy: bool) -> dict:
     out["verify"] = measured("verify", "--model", str(d / "marked.moat"), "--license", str(lic), "--json")
     leak = d / "leak.gguf"
     subprocess.run(
-        [*CLI, "vendor", "unseal", str(d / "marked.moat"), "--vendor", str(v), "--out", str(leak)],
+        [*CLI, "vendor", "unseal", str(d / "marked.moat"), "--vendor", str(v), "--out", str(leak), "--force"],
         check=True,
         capture_output=True,
     )
