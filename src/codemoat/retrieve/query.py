@@ -32,20 +32,28 @@ _BUILTINS = frozenset(
     """.split()
 )
 _IDENT = re.compile(r"[^\W\d]\w*")
-_CALL = re.compile(r"([^\W\d]\w*)\s*\(")
-_CHAIN = re.compile(r"([^\W\d]\w*(?:\s*(?:\.|::|->)\s*[^\W\d]\w*)+)")
+# The client's prefix and suffix (and an indexed file's imports, in outlines.py) are read by these
+# patterns, so each must cost time linear in the text, whatever it holds: a name starts only where no
+# word character precedes it (else a long run of letters with no "(" after it is tried from each of
+# its letters: quadratic), runs that cannot give anything back are possessive, a line's indentation
+# is `[^\S\n]*` (`\s*` after `^` also swallows every following blank line: quadratic in blank lines),
+# and a bracketed list stops at the next opening bracket, an import's names at the next `import`.
+_CALL = re.compile(r"(?<!\w)([^\W\d]\w*+)\s*+\(")
+_CHAIN = re.compile(r"(?<!\w)([^\W\d]\w*+(?:\s*+(?:\.|::|->)\s*+[^\W\d]\w*+)++)")
+_OWNER = re.compile(r"(?<!\w)([^\W\d]\w*+)\s*+(?:\.|::|->)\s*+$")  # the cursor right after `owner.`
 _DEF = re.compile(
-    r"^\s*(?:async\s+)?(?:def|class|function|func|fn|struct|interface|type|enum|trait)\s+(?:\([^)]*\)\s*)?([^\W\d]\w*)", re.M
+    r"^[^\S\n]*(?:async\s+)?(?:def|class|function|func|fn|struct|interface|type|enum|trait)\s+(?:\([^()]*\)\s*)?([^\W\d]\w*)",
+    re.M,
 )
 
-_PY_FROM = re.compile(r"^\s*from\s+([.\w]+)\s+import\s+(\([^)]*\)|[^\n#]+)", re.M)
-_PY_IMPORT = re.compile(r"^\s*import\s+([\w.]+(?:\s+as\s+\w+)?(?:\s*,\s*[\w.]+(?:\s+as\s+\w+)?)*)", re.M)
-_JS_IMPORT = re.compile(r"import\s+(?:type\s+)?([^'\";]*?)\s*from\s*['\"]([^'\"]+)['\"]", re.S)
-_JS_REQUIRE = re.compile(r"(?:const|let|var)\s+(\{[^}]*\}|\w+)\s*=\s*require\(\s*['\"]([^'\"]+)['\"]\s*\)")
-_GO_IMPORT = re.compile(r"^\s*(?:import\s+)?(\w+\s+)?\"([\w./\-]+)\"\s*$", re.M)
-_JVM_IMPORT = re.compile(r"^\s*import\s+(?:static\s+)?([\w.]+)\s*;?\s*$", re.M)
-_RUST_USE = re.compile(r"^\s*(?:pub\s+)?use\s+([\w:]+?)(?:::\{([^}]*)\})?\s*;", re.M)
-_PHP_USE = re.compile(r"^\s*use\s+([\w\\]+)(?:\s+as\s+(\w+))?\s*;", re.M)
+_PY_FROM = re.compile(r"^[^\S\n]*from\s+([.\w]+)\s+import\s+(\([^()]*\)|[^\n#]+)", re.M)
+_PY_IMPORT = re.compile(r"^[^\S\n]*import\s+([\w.]+(?:\s+as\s+\w+)?(?:\s*,\s*[\w.]+(?:\s+as\s+\w+)?)*)", re.M)
+_JS_IMPORT = re.compile(r"\bimport\s++(?:type\s++)?+((?:(?!\bimport\s|from\s*['\"])[^'\";])*+)from\s*+['\"]([^'\"]++)['\"]")
+_JS_REQUIRE = re.compile(r"(?:const|let|var)\s+(\{[^{}]*\}|\w+)\s*=\s*require\(\s*['\"]([^'\"]+)['\"]\s*\)")
+_GO_IMPORT = re.compile(r"^[^\S\n]*(?:import\s+)?(\w+\s+)?\"([\w./\-]+)\"\s*$", re.M)
+_JVM_IMPORT = re.compile(r"^[^\S\n]*import\s+(?:static\s+)?([\w.]+)[^\S\n]*+;?[^\S\n]*+$", re.M)
+_RUST_USE = re.compile(r"^[^\S\n]*(?:pub\s+)?use\s+([\w:]+?)(?:::\{([^{}]*)\})?\s*;", re.M)
+_PHP_USE = re.compile(r"^[^\S\n]*use\s+([\w\\]+)(?:\s+as\s+(\w+))?\s*;", re.M)
 _FAMILY = {
     "py": "py", "pyi": "py", "js": "js", "mjs": "js", "cjs": "js", "jsx": "js", "ts": "js", "mts": "js", "cts": "js",
     "tsx": "js", "vue": "js", "svelte": "js", "go": "go", "java": "jvm", "kt": "jvm", "kts": "jvm", "scala": "jvm",
@@ -53,7 +61,7 @@ _FAMILY = {
     # Their includes name files, not definitions: nothing to read here.
     "c": "", "h": "", "cc": "", "cpp": "", "cxx": "", "hpp": "", "hh": "", "cs": "", "rb": "",
 }  # fmt: skip
-_INCLUDE = re.compile(r"^\s*#\s*include\s+\"([^\"]+)\"|^\s*require(?:_relative)?\s+['\"]([^'\"]+)['\"]", re.M)
+_INCLUDE = re.compile(r"^[^\S\n]*#\s*include\s+\"([^\"]+)\"|^[^\S\n]*require(?:_relative)?\s+['\"]([^'\"]+)['\"]", re.M)
 
 
 @dataclass
@@ -168,15 +176,15 @@ def _imports(prefix: str, path: str) -> tuple[dict[str, set[str]], dict[str, str
             modules[alias] = mod if len(bits) == 3 else alias
     for m in _JS_IMPORT.finditer(prefix) if "js" in on else ():
         mod = _module_path(m.group(2), path)
-        spec = m.group(1)
-        for inner in re.findall(r"\{([^}]*)\}", spec):
+        spec = m.group(1).rstrip()
+        for inner in re.findall(r"\{([^{}]*)\}", spec):
             for part in inner.split(","):
                 bits = part.split()
                 if bits:
                     name(bits[0], mod)
                     if len(bits) == 3:
                         names.setdefault(bits[2], set()).add(mod)
-        outer = re.sub(r"\{[^}]*\}", "", spec)
+        outer = re.sub(r"\{[^{}]*\}", "", spec)
         star = re.search(r"\*\s+as\s+(\w+)", outer)
         if star:
             modules[star.group(1)] = mod
@@ -220,7 +228,7 @@ _TEST = re.compile(r"(?:(?:^|[^\w.])(?:if|elif|while|and|or|not|assert)\s+|&&\s*
 _EXCEPTION = re.compile(r"(?:Error|Exception|Exit|Abort|Warning|Interrupt|Fault)\b")
 _PREDICATE_SIG = re.compile(r"(?:->|:)\s*(?:bool|boolean|TypeGuard\b|TypeIs\b)\b")
 _PREDICATE_NAME = re.compile(r"_?(?:is|has|can|should|needs?|supports?|contains|check)(?:_|[A-Z]|$)")
-_IMPORT_START = re.compile(r"\s*(from|import|use|using|#\s*include|require)\b")
+_IMPORT_START = re.compile(r"\s*+(from|import|use|using|#\s*include|require)\b")
 
 
 def _import_lines(lines: list[str]) -> set[int]:
@@ -306,7 +314,7 @@ def completion_query(prefix: str, suffix: str, path: str) -> Query:
     q.expects = "exception" if _RAISE.search(lines[-1]) else "predicate" if _TEST.search(lines[-1]) else None
     q.cursor_words = frozenset(t for ident in _IDENT.findall(lines[-1]) if ident not in modules for t in split_identifier(ident))
     # The cursor right after `owner.`: what comes next is a member of owner.
-    m = re.search(r"([^\W\d]\w*)\s*(?:\.|::|->)\s*$", lines[-1])
+    m = _OWNER.search(lines[-1])
     if m:
         owner = m.group(1)
         q.owner = owner
