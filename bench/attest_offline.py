@@ -37,7 +37,7 @@ def _summary(pairs: list[tuple[float, float]]) -> dict:
 
 def bench_offline(mib: int, runs: int, vendor, tcti: str, work: Path, tpm_machine, mark_bound) -> dict:
     from codemoat.engines.sealed import open_sealed
-    from codemoat.vault import crl
+    from codemoat.vault import crl, vendor_crl
     from codemoat.vault.clock import ClockGuard
     from codemoat.vault.container import SealedFile
     from codemoat.vault.license import License, check
@@ -65,9 +65,9 @@ def bench_offline(mib: int, runs: int, vendor, tcti: str, work: Path, tpm_machin
         p.write_text(json.dumps(doc))
         lics[kind] = (p, m)
     verify_bundle(moat, lics["software"][0], machine=soft)  # trusts the vendor, as a customer's first start does
-    if not crl.revoke(vendor, machines=[f"bench-other-{i}" for i in range(REVOKED)], reason="bench"):
+    if not vendor_crl.revoke(vendor, machines=[f"bench-other-{i}" for i in range(REVOKED)], reason="bench"):
         raise SystemExit("no CRL to install")
-    crl.install(json.dumps(crl.build(vendor)).encode(), ClockGuard(tpm))  # counted in the chip too
+    crl.install(json.dumps(vendor_crl.build(vendor)).encode(), ClockGuard(tpm))  # counted in the chip too
 
     class Held:  # what the holder serves: the sealed memfd itself (as `codemoat tune` opens a sealed base)
         in_flight = 0

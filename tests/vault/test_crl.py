@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from codemoat.vault import crl
+from codemoat.vault import crl, vendor_crl
 from codemoat.vault.codec import VaultError
 from codemoat.vault.vendor import Vendor
 from codemoat.vault.verify import verify_bundle
@@ -29,9 +29,9 @@ def offline(vendor, machine, model, tmp_path):
 
 def _crl(vendor, tmp_path, name: str, **revoke) -> bytes:
     if revoke:
-        crl.revoke(vendor, **revoke)
+        vendor_crl.revoke(vendor, **revoke)
     p = tmp_path / name
-    p.write_text(json.dumps(crl.build(vendor)))
+    p.write_text(json.dumps(vendor_crl.build(vendor)))
     return p.read_bytes()
 
 
@@ -114,7 +114,7 @@ def test_an_installed_crl_edited_on_disk_refuses_to_start(vendor, offline, tmp_p
 def test_a_different_crl_with_the_same_number_is_refused(vendor, offline, tmp_path):
     """Two signed lists with one number exist only if the vendor database was rolled back; neither replaces the other."""
     crl.install(_crl(vendor, tmp_path, "a.crl", machines=["m_a"], reason="a"))
-    body = crl.build(vendor)["crl"]
+    body = vendor_crl.build(vendor)["crl"]
     body["revoked"] = [dict(body["revoked"][0], id="m_b")]
     from codemoat.vault.codec import b64e, canonical, sign
 
@@ -168,14 +168,14 @@ def test_a_revoked_offline_license_does_not_serve(vendor, offline, tmp_path):
 
 def test_revocations_are_numbered_in_order_and_listed_once(vendor, offline, tmp_path):
     _, _, lid = offline
-    assert crl.build(vendor)["crl"]["number"] == 0
-    assert crl.revoke(vendor, licenses=[lid], reason="a", now=int(time.time())) == 1
-    assert crl.revoke(vendor, licenses=[lid], reason="again") == 1  # already listed: nothing new
-    assert crl.revoke(vendor, machines=["m_1", "m_2"], reason="b") == 3
-    assert [e["id"] for e in crl.build(vendor)["crl"]["revoked"]] == [lid, "m_1", "m_2"]
+    assert vendor_crl.build(vendor)["crl"]["number"] == 0
+    assert vendor_crl.revoke(vendor, licenses=[lid], reason="a", now=int(time.time())) == 1
+    assert vendor_crl.revoke(vendor, licenses=[lid], reason="again") == 1  # already listed: nothing new
+    assert vendor_crl.revoke(vendor, machines=["m_1", "m_2"], reason="b") == 3
+    assert [e["id"] for e in vendor_crl.build(vendor)["crl"]["revoked"]] == [lid, "m_1", "m_2"]
     for bad in ("", "two\nlines", "x" * 501):
         with pytest.raises(VaultError, match="one line"):
-            crl.revoke(vendor, machines=["m_3"], reason=bad)
+            vendor_crl.revoke(vendor, machines=["m_3"], reason=bad)
 
 
 def test_a_revoked_machine_gets_no_lease_from_the_key_server(vendor, machine, model, tmp_path):
@@ -189,7 +189,7 @@ def test_a_revoked_machine_gets_no_lease_from_the_key_server(vendor, machine, mo
     client = LeaseClient(License.load(lic), machine)
     ks = KeyServer(vendor)
     assert "lease" in ks.lease(client._signed_request(ks.challenge(client.lic.id)["nonce"], REQUEST_DOMAIN))
-    crl.revoke(vendor, machines=[machine.id], reason="appliance reported stolen")
+    vendor_crl.revoke(vendor, machines=[machine.id], reason="appliance reported stolen")
     ks._docs.clear()  # what DOC_TTL (2 s) does on its own
     with pytest.raises(LeaseDenied, match="appliance reported stolen") as e:
         ks.lease(client._signed_request(ks.challenge(client.lic.id)["nonce"], REQUEST_DOMAIN))
@@ -330,14 +330,14 @@ def test_two_revocations_at_once_on_postgresql_never_make_a_crl_that_skips_one(p
         with v1.engine.connect() as c1:
             tx = c1.begin()  # another admin's `vendor revoke`, not committed yet
             c1.execute(revocations_t.insert().values(kind="machine", subject="m_a", reason="a", revoked_at=1))
-            t = threading.Thread(target=crl.revoke, args=(v2,), kwargs={"machines": ["m_b"], "reason": "b"})
+            t = threading.Thread(target=vendor_crl.revoke, args=(v2,), kwargs={"machines": ["m_b"], "reason": "b"})
             t.start()
             t.join(2)  # committed at once before; now it waits for the first
-            seqs = [e["id"] for e in crl.build(v2)["crl"]["revoked"]]
+            seqs = [e["id"] for e in vendor_crl.build(v2)["crl"]["revoked"]]
             assert seqs in ([], ["m_a"], ["m_a", "m_b"]), seqs
             tx.commit()
         t.join()
-        body = crl.build(v2)["crl"]
+        body = vendor_crl.build(v2)["crl"]
         assert body["number"] == 2 and [e["id"] for e in body["revoked"]] == ["m_a", "m_b"]
     finally:
         v1.close()

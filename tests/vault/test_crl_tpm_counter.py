@@ -17,7 +17,7 @@ from attest.tpmhelp import tpm_machine
 
 from codemoat import paths
 from codemoat.attest.tpm import CRL_NV_INDEX, TpmAttestor, _pt
-from codemoat.vault import crl
+from codemoat.vault import crl, vendor_crl
 from codemoat.vault.clock import ClockGuard
 from codemoat.vault.codec import VaultError, b64e, canonical, sign
 from codemoat.vault.license import DOMAIN
@@ -27,8 +27,8 @@ from vaulthelp import bundle
 
 def _crl_doc(vendor, **revoke) -> bytes:
     if revoke:
-        crl.revoke(vendor, **revoke)
-    return json.dumps(crl.build(vendor)).encode()
+        vendor_crl.revoke(vendor, **revoke)
+    return json.dumps(vendor_crl.build(vendor)).encode()
 
 
 def _delete_counter(tcti: str) -> None:

@@ -19,7 +19,7 @@ from attest.tpmhelp import tpm_machine
 from codemoat import paths
 from codemoat.attest.tpm import CRL_NV_INDEX, TpmAttestor
 from codemoat.attest.tpmcmd import CC_NV_READ
-from codemoat.vault import crl
+from codemoat.vault import crl, vendor_crl
 from codemoat.vault.clock import ClockGuard
 from codemoat.vault.codec import VaultError
 from codemoat.vault.machine import TCTI_ENV
@@ -28,8 +28,8 @@ from vaulthelp import bundle
 
 
 def _crl_doc(vendor, **revoke) -> bytes:
-    crl.revoke(vendor, **revoke)
-    return json.dumps(crl.build(vendor)).encode()
+    vendor_crl.revoke(vendor, **revoke)
+    return json.dumps(vendor_crl.build(vendor)).encode()
 
 
 def test_a_tcti_proxy_that_lies_about_the_crl_counter_does_not_bring_a_revoked_license_back(

@@ -58,7 +58,7 @@ def _update_state(home: Path):
 
 
 def _installed_crl(home: Path):
-    from codemoat.vault import crl
+    from codemoat.vault import crl, vendor_crl
     from codemoat.vault.machine import MachineKey
     from codemoat.vault.trust import check_trusted_vendor
     from codemoat.vault.vendor import Vendor
@@ -66,7 +66,7 @@ def _installed_crl(home: Path):
     MachineKey.load_or_create()
     v = Vendor.init(home.parent / "vendor")
     check_trusted_vendor(v.vendor_key_b64)  # pinned by its first license
-    crl.install(json.dumps(crl.build(v)).encode())
+    crl.install(json.dumps(vendor_crl.build(v)).encode())
     key = v.vendor_key_b64
     v.close()
     return crl.installed_path(key), lambda: crl._installed(key, None)
@@ -203,7 +203,8 @@ def _verified_lock(home: Path):
 
 
 def _crl_tmp(home: Path):
-    from codemoat.vault import crl
+    from codemoat.vault import crl, vendor_crl
+    from codemoat.vault.codec import b64e, canonical, sign
     from codemoat.vault.machine import MachineKey
     from codemoat.vault.trust import check_trusted_vendor
     from codemoat.vault.vendor import Vendor
@@ -214,9 +215,9 @@ def _crl_tmp(home: Path):
     later = itertools.count(1)
 
     def install() -> Any:  # each call installs a newer CRL (same number: nothing is written)
-        doc = crl.build(v)
+        doc = vendor_crl.build(v)
         doc["crl"]["number"] = next(later)
-        doc["signature"] = crl.b64e(crl.sign(v.signing_key, crl.DOMAIN, crl.canonical(doc["crl"])))
+        doc["signature"] = b64e(sign(v.signing_key, crl.DOMAIN, canonical(doc["crl"])))
         return crl.install(json.dumps(doc).encode())
 
     return crl.installed_path(v.vendor_key_b64).with_suffix(".tmp"), install

@@ -18,7 +18,7 @@ from codemoat.attest import AttestError
 from codemoat.attest.tpm import TAMPER_PCR, TpmAttestor
 from codemoat.attest.tpmraw import StartChip
 from codemoat.engines.sealed import open_sealed
-from codemoat.vault import crl
+from codemoat.vault import crl, vendor_crl
 from codemoat.vault.clock import ClockGuard
 from codemoat.vault.codec import VaultError, b64e, canonical, sign
 from codemoat.vault.container import SealedFile
@@ -42,8 +42,8 @@ def tpm_offline(vendor, tmp_path, swtpm):
     moat, lic, doc = bundle(vendor, model, tmp_path / "out", machine)
     assert doc["license"]["machines"][0]["binding"] == "tpm"
     assert verify_bundle(moat, lic)["ok"]
-    crl.revoke(vendor, machines=["m_someone_else"], reason="lost")
-    crl.install(json.dumps(crl.build(vendor)).encode())
+    vendor_crl.revoke(vendor, machines=["m_someone_else"], reason="lost")
+    crl.install(json.dumps(vendor_crl.build(vendor)).encode())
     return machine, moat, lic, doc["license"]["id"]
 
 
@@ -77,8 +77,8 @@ def test_a_license_refused_by_a_check_gets_no_key_out_of_the_chip(tpm_offline, v
     only once every check passed."""
     machine, moat, lic, lid = tpm_offline
     if refusal == "revoked":
-        crl.revoke(vendor, licenses=[lid], reason="unpaid")
-        crl.install(json.dumps(crl.build(vendor)).encode())
+        vendor_crl.revoke(vendor, licenses=[lid], reason="unpaid")
+        crl.install(json.dumps(vendor_crl.build(vendor)).encode())
         want = "unpaid"
     else:
         other = tmp_path / "o.gguf"

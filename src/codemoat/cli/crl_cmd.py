@@ -27,14 +27,14 @@ def vendor_revoke(
     """Revoke licenses or machines offline: record them and write the vendor's signed CRL (no subject: the current CRL)."""
     import json
 
-    from ..vault import crl
+    from ..vault import vendor_crl
     from ..vault.vendor import Vendor
 
     check_writable(out, force)
     with Vendor.open(vendor) as v:
         if license or machine:
-            crl.revoke(v, licenses=license or [], machines=machine or [], reason=reason)
-        doc = crl.build(v)
+            vendor_crl.revoke(v, licenses=license or [], machines=machine or [], reason=reason)
+        doc = vendor_crl.build(v)
     write_text(out, json.dumps(doc, indent=2) + "\n")
     body = doc["crl"]
     d = {"number": body["number"], "revoked": len(body["revoked"]), "file": str(out)}

@@ -57,7 +57,6 @@ import sqlalchemy as sa
 from ..db import fast_execute, writer_lock
 from .clock import Clock
 from .codec import LeaseDenied, VaultError, b64d, b64e, canonical, ed_public, sign, verify, wrap, x_public
-from .crl import revoked_machines
 from .license import key_context
 from .nonces import NonceStore
 from .seats import live_seats, release_seat, take_seat
@@ -65,6 +64,7 @@ from .snpbind import SnpLeaseRefused, verify_snp
 from .tpmbind import advance_on
 from .tpmwrap import QuoteRefused, verify_quote, wrap_p256
 from .vendor import Vendor
+from .vendor_crl import revoked_machines
 
 NONCE_TTL = 60.0
 DOC_TTL = 2.0  # seconds a process keeps a license document before reading it again
