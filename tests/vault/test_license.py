@@ -164,7 +164,7 @@ def test_other_model_and_other_customer(vendor, machine, model, tmp_path):
     # a license whose signed customer differs from the sealed file's (the vendor refuses to issue one,
     # so build it with the library, as a buggy or forged issuer would)
     from codemoat.vault.container import SealedFile
-    from codemoat.vault.license import issue
+    from codemoat.vault.license_issue import issue
 
     sealed = SealedFile(moat_a)
     doc = issue(

@@ -16,7 +16,8 @@ from typing import Any
 
 from ..errors import NotFound
 from .codec import VaultError, b64e, canonical, sign
-from .license import DOMAIN, _entry, wrap_keys
+from .license import DOMAIN
+from .license_issue import _entry, wrap_keys
 from .vendor import Vendor, licenses_t
 
 

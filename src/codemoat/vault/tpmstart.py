@@ -54,7 +54,7 @@ def tpm_unwrapper(attestor: Any, entry: dict[str, Any], last: bytes | None = Non
         )
 
     # Z per ephemeral point, for this unwrapper's one start only (never kept beyond it, never written anywhere): a
-    # license's keys wrapped to one point (`license.wrap_keys`) cost one TPM2_ECDH_ZGen; each key's own context
+    # license's keys wrapped to one point (`license_issue.wrap_keys`) cost one TPM2_ECDH_ZGen; each key's own context
     # (HKDF info and AES-GCM's associated data) still decides whether it opens. Older licenses: one ZGen per key.
     zs: dict[bytes, bytes] = {}
 

@@ -1,4 +1,4 @@
-"""A vendor's licenses: issuing one for a customer's sealed model (signed by `vault.license`, each TPM machine's
+"""A vendor's licenses: issuing one for a customer's sealed model (signed by `vault.license_issue`, each TPM machine's
 binding checked by `vault.tpmbind`, recorded in the vendor database), revoking one (its leases end with it), and
 listing them with their state and live leases. A mixin of `Vendor` (`vault.vendor`), which holds the keys and
 the customers."""
@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from ..durations import LATEST
 from ..errors import CodemoatError, NotFound
 from .codec import VaultError
-from .license import issue as issue_license_doc
+from .license_issue import issue as issue_license_doc
 from .vendor_tables import customers_t, leases_t, licenses_t, models_t
 
 
