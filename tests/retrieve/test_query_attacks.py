@@ -138,3 +138,29 @@ def test_a_hostile_chat_message_does_not_freeze_the_server(tmp_path, home, serve
     assert httpx.get(s.url + "/health", timeout=30).status_code == 200
     r = ask("@payments what does cents_to_display return?")
     assert r.status_code == 200, r.text  # the same question, ordinary, is still answered
+
+
+def test_long_or_many_names_in_requests_do_not_pile_up_in_memory():
+    """Was broken: every identifier a request's text held was kept for good in the split-name cache, with
+    its words, whatever its length: 100 chat questions holding a unique 1 MB identifier kept 826 MiB
+    (an 8 MiB body each: about 64 MiB a request); and 500,000 names of 64 characters, 1.2 GB."""
+    import random
+    import string
+
+    from codemoat.index import terms
+    from codemoat.retrieve.query import chat_query, completion_query
+
+    r = random.Random(7)
+    long_names = ["n" + "".join(r.choices(string.ascii_letters, k=100_000)) for _ in range(20)]
+    for name in long_names:
+        chat_query(f"@payments what does {name} return?")
+        completion_query(f"x = {name}", "", "m.py")
+    kept = sum(name in terms._cache for name in long_names)
+    assert kept == 0, f"{kept} of the 20 long names are kept for good"
+    assert max(map(len, terms._cache), default=0) <= terms.CACHE_CHARS
+    for _ in range(50_000):  # unique 64-character names of 32 words each: more than CACHE_BYTES holds
+        terms.split_identifier("".join(r.choice(string.ascii_uppercase) + r.choice(string.ascii_lowercase) for _ in range(32)))
+    assert terms._cached_bytes == sum(terms._footprint(k, v) for k, v in terms._cache.items()) <= terms.CACHE_BYTES
+    # the negative: an ordinary name is still split once and then remembered
+    assert terms.split_identifier("parse_HTTPHeader") == ("parse_httpheader", "parse", "http", "header")
+    assert terms._cache["parse_HTTPHeader"] == ("parse_httpheader", "parse", "http", "header")

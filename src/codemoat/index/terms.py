@@ -24,7 +24,19 @@ STOPWORDS = frozenset(
     """.split()
 )
 
+# Names already split. It outlives requests, whose prefixes and questions are any client's text, so it
+# is bounded in bytes, not only in entries: a name longer than CACHE_CHARS is split anew each time (a
+# megabyte-long "identifier" was kept with its words, ~8x its size, for good), and the cache starts over
+# once it holds about CACHE_BYTES (500,000 names of 64 capitalised letter pairs held 1.2 GB).
 _cache: dict[str, tuple[str, ...]] = {}
+_cached_bytes = 0
+CACHE_CHARS = 64
+CACHE_BYTES = 64 << 20
+
+
+def _footprint(ident: str, res: tuple[str, ...]) -> int:
+    """About what an entry costs in memory: the key, the tuple, each word (CPython object headers included)."""
+    return 50 + len(ident) + 56 + 8 * len(res) + sum(50 + len(w) for w in res)
 
 
 def split_identifier(ident: str) -> tuple[str, ...]:
@@ -40,8 +52,14 @@ def split_identifier(ident: str) -> tuple[str, ...]:
     if len(words) > 1:
         out.extend(w for w in words if len(w) > 1 and w not in STOPWORDS and not w.isdigit())
     res = tuple(out)
-    if len(_cache) < 500_000:
+    if len(ident) <= CACHE_CHARS:
+        global _cached_bytes
+        size = _footprint(ident, res)
+        if _cached_bytes + size > CACHE_BYTES:
+            _cache.clear()
+            _cached_bytes = 0
         _cache[ident] = res
+        _cached_bytes += size
     return res
 
 
