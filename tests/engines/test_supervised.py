@@ -56,11 +56,11 @@ def detail(record: dict) -> dict:
 def crashing_engine(monkeypatch, tiny_gguf, backoff_s: float | None = 0.2, **kw):
     """A `SupervisedEngine` over `crash_engine.CrashingEngine` (n_ctx 256, one thread; its engine process
     imports crash_engine too) with restarts `backoff_s` apart, and the list its incidents go to."""
-    from codemoat.engines import supervised
+    from codemoat.engines import restarts, supervised
     from crash_engine import CrashingEngine
 
     if backoff_s is not None:
-        monkeypatch.setattr(supervised, "BACKOFF_S", (backoff_s,))
+        monkeypatch.setattr(restarts, "BACKOFF_S", (backoff_s,))
     monkeypatch.setenv("PYTHONPATH", ENV["PYTHONPATH"])
     eng = supervised.SupervisedEngine.start(CrashingEngine, tiny_gguf, {"model_id": "tiny", "n_ctx": 256, "n_threads": 1}, **kw)
     incidents: list = []
@@ -164,13 +164,13 @@ def test_one_crash_does_not_choose_the_safe_path(server):
 def test_restarting_state_and_holder(tiny_gguf, monkeypatch):
     """In-process view of the same: while the engine restarts, the holder is not ready and says why;
     a request then gets Unavailable, and the sealed-model memfd path is kept for the restart."""
-    from codemoat.engines import supervised
+    from codemoat.engines import restarts, supervised
     from codemoat.engines.holder import ModelHolder
     from codemoat.engines.base import SamplingParams
     from codemoat.errors import Unavailable
     from crash_engine import CrashingEngine
 
-    monkeypatch.setattr(supervised, "BACKOFF_S", (1.5,))
+    monkeypatch.setattr(restarts, "BACKOFF_S", (1.5,))
     monkeypatch.setenv("PYTHONPATH", ENV["PYTHONPATH"])  # the engine process imports crash_engine too
     opts = {"model_id": "tiny", "n_ctx": 256, "n_threads": 1, "n_gpu_layers": 0}
     events: list[tuple[str, dict]] = []
