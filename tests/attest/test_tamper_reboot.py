@@ -13,7 +13,8 @@ import os
 
 import pytest
 
-from codemoat.attest.tpm import AUDIT_NV_INDEX, TAMPER_PCR, TpmAttestor
+from codemoat.attest.tpm import TAMPER_PCR, TpmAttestor
+from codemoat.attest.tpmcounters import AUDIT_NV_INDEX
 from codemoat.vault.codec import b64e
 from codemoat.vault.keyserver import ATTEST_LOG, REQUEST_DOMAIN, TERMINAL, KeyServer, LeaseDenied, quote_data
 from codemoat.vault.lease import LeaseClient

@@ -11,7 +11,8 @@ import shutil
 import pytest
 
 from codemoat.attest import AttestError
-from codemoat.attest.tpm import AUDIT_NV_INDEX, TAMPER_PCR, TpmAttestor
+from codemoat.attest.tpm import TAMPER_PCR, TpmAttestor
+from codemoat.attest.tpmcounters import AUDIT_NV_INDEX
 from codemoat.audit.log import AuditLog
 from codemoat.audit.tpm_checkpoint import take
 from codemoat.vault.codec import VaultError

@@ -9,7 +9,8 @@ import shutil
 import pytest
 from conftest import run_cli
 
-from codemoat.attest.tpm import AUDIT_NV_INDEX, TpmAttestor
+from codemoat.attest.tpm import TpmAttestor
+from codemoat.attest.tpmcounters import AUDIT_NV_INDEX
 from codemoat.audit.tpm_checkpoint import checkpoint_data, take
 from codemoat.audit.verify import verify as chain_verify
 from codemoat.vault.tpmwrap import QuoteRefused, counter_name, verify_nv_certify

@@ -30,23 +30,22 @@ import hashlib
 from typing import Any
 
 from .base import AttestError, Quote
-from .tpmcmd import RC_NV_UNINITIALIZED, Commands, tpm2b, unwrap_template
-from .tpmraw import AK_HANDLE, BANK, CRL_NV_INDEX, TAMPER_NV_INDEX, UNWRAP_HANDLE, StartPath, pcr_selection
+from .tpmcmd import Commands, tpm2b, unwrap_template
+from .tpmcounters import NvCounters
+from .tpmraw import AK_HANDLE, BANK, CRL_NV_INDEX, TAMPER_NV_INDEX, UNWRAP_HANDLE, pcr_selection
 from .tpmsock import _pt
 
 __all__ = ["AK_HANDLE", "BANK", "CRL_NV_INDEX", "TAMPER_NV_INDEX", "UNWRAP_HANDLE", "TpmAttestor", "_pt", "pcr_selection"]
 
 DEVICE_TCTI = "device:/dev/tpmrm0"
 TAMPER_PCR = 15  # not resettable from software (PCR 16 and 23 are), extended only by codemoat
-# The audit log's NV counter (TPM_NT_COUNTER, owner range of the TCG handle registry): +1 per TPM-signed checkpoint.
-AUDIT_NV_INDEX = 0x0100C0DE
 # TCG EK Credential Profile 2.0 §2.2.1.4: EK types whose certificates are looked up in NV, in this order.
 _EK_TYPES = ("EK-ECC256", "EK-ECC384", "EK-RSA2048")
 
 
-class TpmAttestor(StartPath):
+class TpmAttestor(NvCounters):
     """One TPM, reached through `tcti`; use as a context manager (one ESAPI connection). The offline start's
-    commands (`StartPath`) go on the same TCTI as bytes."""
+    commands (`StartPath`) go on the same TCTI as bytes; codemoat's NV counters are `NvCounters`'."""
 
     def __init__(self, tcti: str = DEVICE_TCTI):
         super().__init__(tcti)
@@ -130,36 +129,6 @@ class TpmAttestor(StartPath):
             "digest": hashlib.sha256(b"".join(values)).hexdigest(),
             "latch": {"index": TAMPER_NV_INDEX, "count": self.tamper_count()},
         }
-
-    def tamper_count(self) -> int:
-        """The tamper latch's count (defined and counted once on first use: a counter is unreadable before)."""
-        h = self._counter(TAMPER_NV_INDEX, create=True, what="tamper latch")
-        got = self._read_counter(TAMPER_NV_INDEX)
-        if got is None:
-            got = self._count_up(h, TAMPER_NV_INDEX, "cannot start the TPM's tamper latch")
-        return got
-
-    def crl_count(self, create: bool = False, ak: str | None = None) -> int | None:
-        """The CRL counter's value; None when it was never defined (with `create`: defined and counted once).
-        `ak`: certified by that AK, as `StartPath.crl_count` reads it."""
-        if not create:
-            return super().crl_count(ak)
-        self._counter(CRL_NV_INDEX, create=True, what="CRL counter")
-        got = self._read_counter(CRL_NV_INDEX)
-        return self.crl_count_up() if got is None else got
-
-    def crl_count_up(self) -> int:
-        """Count one CRL install; the counter's new value."""
-        h = self._counter(CRL_NV_INDEX, create=True, what="CRL counter")
-        return self._count_up(h, CRL_NV_INDEX, "the TPM could not count the CRL install")
-
-    def _count_up(self, h: Any, index: int, failed: str) -> int:
-        """Increment the NV counter `h` (at `index`); its new value (`failed` starts the one-line error)."""
-        try:
-            self.ctx.nv_increment(h, auth_handle=h)
-        except _pt().TSS2_Exception as e:
-            raise AttestError(f"{failed}: {e}") from None
-        return self._read_counter(index) or 0
 
     def tamper(self, pcr: int, data: bytes) -> int:
         """A tamper event: extend `pcr` (ends serving now) and count it in the latch (survives a reboot);
@@ -350,97 +319,8 @@ class TpmAttestor(StartPath):
         e = sig.signature.ecdsa
         return Quote(bytes(attest), bytes(e.signatureR), bytes(e.signatureS), latch)
 
-    def _nv_certify(self, ak: Any, nv: Any, data: bytes) -> Quote:
-        """TPM2_NV_Certify by `ak` of the 8-byte NV counter `nv` over `data` (TSS2_Exception passes through)."""
-        pt = _pt()
-        attest, sig = self.ctx.nv_certify(
-            ak,
-            nv,
-            data,
-            pt.TPMT_SIG_SCHEME(scheme=pt.TPM2_ALG.NULL),
-            8,
-            0,
-            auth_handle=nv,
-            session1=pt.ESYS_TR.PASSWORD,
-            session2=pt.ESYS_TR.PASSWORD,
-        )
-        e = sig.signature.ecdsa
-        return Quote(bytes(attest), bytes(e.signatureR), bytes(e.signatureS))
-
     def extend(self, pcr: int, data: bytes) -> None:
         """Extend `pcr` with SHA-256(`data`): from then on a policy over it no longer holds."""
         pt = _pt()
         pcr_selection([pcr])
         self.ctx.pcr_event(getattr(pt.ESYS_TR, f"PCR{pcr}"), data)  # TPM2_PCR_Event: hashed and extended in every bank
-
-    # -- the audit log's monotonic counter --------------------------------------------
-    def _audit_nv(self, create: bool) -> Any:
-        """The ESYS handle of the audit counter (defined on first use when `create`), else None."""
-        return self._counter(AUDIT_NV_INDEX, create, "audit counter")
-
-    def _counter(self, index: int, create: bool, what: str) -> Any:
-        """The ESYS handle of codemoat's NV counter at `index` (defined on first use when `create`), else None."""
-        pt = _pt()
-        c = self.ctx
-        try:
-            h = c.tr_from_tpmpublic(index)
-        except pt.TSS2_Exception:
-            if not create:
-                return None
-        else:
-            # The index's name covers its type and attributes: an owner can undefine the counter and
-            # define an ordinary index there, whose value it can write back to an older one.
-            from ..vault.tpmwrap import counter_name
-
-            if bytes(c.tr_get_name(h)) not in (counter_name(index), counter_name(index, written=False)):
-                raise AttestError(
-                    f"NV index {index:#x} is not codemoat's {what} (another kind of index was defined "
-                    "there: the counter was undefined and replaced)"
-                )
-            return h
-        attrs = pt.TPMA_NV.AUTHWRITE | pt.TPMA_NV.AUTHREAD | pt.TPMA_NV.NO_DA | (pt.TPM2_NT.COUNTER << pt.TPMA_NV.TPM2_NT_SHIFT)
-        pub = pt.TPM2B_NV_PUBLIC(
-            nvPublic=pt.TPMS_NV_PUBLIC(nvIndex=index, nameAlg=pt.TPM2_ALG.SHA256, attributes=attrs, dataSize=8)
-        )
-        try:
-            return c.nv_define_space(b"", pub, pt.ESYS_TR.OWNER)
-        except pt.TSS2_Exception as e:
-            raise AttestError(f"cannot define the {what} (NV index {index:#x}) in the TPM: {e}") from None
-
-    def audit_counter(self, nonce: bytes) -> Quote | None:
-        """The audit counter's value now, certified by the AK (TPM2_NV_Certify) over `nonce` so the
-        verifier knows this chip answered; None when this TPM has none (no checkpoint was ever signed)."""
-        return self._certified(AUDIT_NV_INDEX, "audit counter", nonce)
-
-    def _certified(self, index: int, what: str, nonce: bytes) -> Quote | None:
-        """codemoat's NV counter at `index` certified by the AK over `nonce`; None when undefined or never counted."""
-        pt = _pt()
-        c = self.ctx
-        h = self._counter(index, create=False, what=what)
-        if h is None:
-            return None
-        ak, _ = self._ak()
-        try:
-            return self._nv_certify(ak, h, nonce)
-        except pt.TSS2_Exception as e:  # a counter never incremented cannot be read (TPM_RC_NV_UNINITIALIZED)
-            if (e.rc & 0xFFF) == RC_NV_UNINITIALIZED:
-                return None
-            raise AttestError(f"cannot read the TPM's {what}: {e}") from None
-        finally:
-            c.flush_context(ak)
-
-    def audit_checkpoint(self, data: bytes) -> tuple[Quote, int]:
-        """Increment the audit counter, then TPM2_NV_Certify it with the AK over `data` (<= 64 bytes):
-        the signed TPMS_ATTEST carries the counter's value, its NV name, `data` and the TPM clock."""
-        pt = _pt()
-        c = self.ctx
-        h = self._audit_nv(create=True)
-        ak, _ = self._ak()
-        try:
-            c.nv_increment(h, auth_handle=h)
-            q = self._nv_certify(ak, h, data)
-        except pt.TSS2_Exception as e:
-            raise AttestError(f"the TPM could not sign the audit checkpoint: {e}") from None
-        finally:
-            c.flush_context(ak)
-        return q, int.from_bytes(q.attest[-8:], "big")

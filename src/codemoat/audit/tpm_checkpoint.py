@@ -4,7 +4,7 @@ The software checkpoints and head (`audit.chain`) are signed with the machine's 
 file: whoever can read it can rewrite the log and re-sign all of it, or put back an older copy of
 the database and the head file, every signature valid. A machine with a TPM (`machine-id --tpm`)
 adds a **TPM checkpoint**: the chip increments an NV counter (TPM_NT_COUNTER at
-`attest.tpm.AUDIT_NV_INDEX`; a counter never goes back, and a redefined one starts above every
+`attest.tpmcounters.AUDIT_NV_INDEX`; a counter never goes back, and a redefined one starts above every
 value a counter on that chip ever held, TPM 2.0 Part 1 §37.2.2) and certifies it with its
 attestation key (TPM2_NV_Certify) over SHA-256(`DOMAIN`, AK, seq, hash) of the log's signed head.
 The result is appended as a record of kind `tpm_checkpoint` (so it is chained and signed like any
@@ -66,7 +66,7 @@ def take(log: Any, machine: Any = None) -> dict[str, Any] | None:
     machine = _machine(machine)
     if machine is None or not machine.tpm:
         raise CodemoatError("this machine has no TPM set up (run `codemoat machine-id --tpm`): no TPM checkpoint")
-    from ..attest.tpm import AUDIT_NV_INDEX
+    from ..attest.tpmcounters import AUDIT_NV_INDEX
 
     ak_id = _ak_id(machine.tpm["identity"]["ak"])
     log.sign()  # the chip certifies the chain's tip, not a signed head that trails it
@@ -101,7 +101,7 @@ def maybe_take(log: Any) -> dict[str, Any] | None:
 
 def check(engine: sa.Engine, machine: Any = None) -> tuple[list[tuple[int, str]], str | None]:
     """Problems (first record implicated, what) with this machine's TPM checkpoints, and a warning."""
-    from ..attest.tpm import AUDIT_NV_INDEX
+    from ..attest.tpmcounters import AUDIT_NV_INDEX
     from ..vault.codec import VaultError, b64d
     from ..vault.tpmwrap import QuoteRefused, verify_nv_certify
 
