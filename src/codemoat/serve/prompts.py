@@ -142,7 +142,7 @@ def build_fim(
             tail[suf_at] = Part(engine.detokenize(tail_ids[suf_at]))
     left = room - keep_pre - keep_suf
     snippets = retrieve(min(retrieval_budget, left)) if retrieve and left > 32 else []
-    extra, clipped = _clip_extra(f.extra, n_ctx * HEAD_CHARS)
+    extra, clipped = _clip_extra(f.extra, n_ctx * HEAD_CHARS, n_ctx)
     n_extra = len(extra)
     head_parts, head_ids = _context(engine, fim, extra, snippets, f.path, repo, left)
     truncated = truncated or clipped or len(extra) < n_extra
@@ -151,13 +151,14 @@ def build_fim(
     return Prompt(ids, text_of(parts), truncated, fim is None and bool(f.suffix), snippets)
 
 
-def _clip_extra(extra: list[FileSnippet], clip: int) -> tuple[list[FileSnippet], bool]:
-    """The newest extra files within `clip` characters in all (more could never fit, and a client can
-    send thousands; the oldest kept keeps its end), and whether anything was cut."""
+def _clip_extra(extra: list[FileSnippet], clip: int, most: int) -> tuple[list[FileSnippet], bool]:
+    """The newest extra files within `clip` characters in all and `most` files (more could never fit: each
+    costs a token at least, and a client can send hundreds of thousands of one-character files in a body;
+    each kept one is tokenised), the oldest kept keeping its end, and whether anything was cut."""
     out: list[FileSnippet] = []
     left = clip
     for x in reversed(extra):
-        if left <= 0:
+        if left <= 0 or len(out) >= most:
             break
         out.append(x if len(x.text) <= left else FileSnippet(x.path, x.text[-left:]))
         left -= len(x.text)
@@ -194,14 +195,16 @@ def _context(
     files = {id(s): FileSnippet(s.path, s.text) for s in snippets}
     cost.update({k: engine.encode(item(v), bos=False) for k, v in files.items()})
     head_ids, here_ids = engine.encode(head, bos=False), engine.encode(here, bos=False)
-    while extra or snippets:
-        used = len(head_ids) + len(here_ids) + sum(len(cost[id(x)]) for x in [*extra, *snippets])
-        if used <= room:
-            break
-        if snippets:
-            snippets.pop()  # best first: the last is the lowest-ranked
-        else:
-            extra.pop(0)
+    # what the prompt holds, counted once and then lessened as items go (summing it anew after each one
+    # that went, and taking the oldest extra file off the list's front each time, was quadratic in them)
+    used = len(head_ids) + len(here_ids) + sum(len(cost[id(x)]) for x in [*extra, *snippets])
+    while snippets and used > room:
+        used -= len(cost[id(snippets.pop())])  # best first: the last is the lowest-ranked
+    gone = 0
+    while gone < len(extra) and used > room:
+        used -= len(cost[id(extra[gone])])
+        gone += 1
+    del extra[:gone]
     if not (extra or snippets):
         return [], []
     order = [(item(x), cost[id(x)]) for x in extra] + [(item(files[id(s)]), cost[id(s)]) for s in reversed(snippets)]
