@@ -10,13 +10,24 @@ QUIET_PIP := grep -v "is ignored: it is neither a file nor a directory" || true
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# llama-cpp-python compiles llama.cpp with -march=native. Debian 12's GCC 12 drops the stores that fill in the AMX tile
+# shapes before ldtilecfg, so on Intel Xeons with AMX every quantised model's first multi-token decode died with
+# SIGILL (docs/llamacpp-amx.md); -fno-tree-dse -fno-dse keep them (no cost measured elsewhere). The wheel is built
+# once into its own folder: pip's wheel cache does not tell builds with other CMAKE_ARGS apart.
+LLAMA_CPP_VERSION := 0.3.36
+LLAMA_CFLAGS := -fno-tree-dse -fno-dse
+LLAMA_WHEELS := $(HOME)/.cache/codemoat/llama-cpp-wheels
 
 .PHONY: demo test test-fast lint format bench install clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel 2>&1 | { $(QUIET_PIP); }
 	@echo "Installing codemoat and its dependencies (the first run compiles llama.cpp: ~5 minutes on 2 cores)..."
+	@ls $(LLAMA_WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1 || \
+	  CMAKE_ARGS='-DCMAKE_C_FLAGS="$(LLAMA_CFLAGS)" -DCMAKE_CXX_FLAGS="$(LLAMA_CFLAGS)"' \
+	  $(PY) -m pip wheel -q --no-cache-dir --no-deps 'llama-cpp-python==$(LLAMA_CPP_VERSION)' -w $(LLAMA_WHEELS) 2>&1 | { $(QUIET_PIP); }
+	$(PY) -m pip install -q --no-deps --force-reinstall $(LLAMA_WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl 2>&1 | { $(QUIET_PIP); }
 	$(PY) -m pip install -q -e '.[train,test,postgres,directory]' 2>&1 | { $(QUIET_PIP); }
 	@# tpm2-pytss builds from source against Debian's libtss2-dev (.ci/run installs it): without it the
 	@# TPM tests and demo step skip, saying so, and everything else still installs
