@@ -33,3 +33,16 @@ if [[ "$(realpath "$MODEL")" == "$(realpath "$ROOT/models/codemoat-tiny.gguf")" 
   echo "evaluation   (bench/results/model.md, held-out CPython modules):"
   grep -E '^Model /|^Model vs' "$ROOT/bench/results/model.md" | sed -e 's/^/  /' -e 's/\*\*//g'
 fi
+# This CPU and llama.cpp's kernels for quantised models (Q4_K_M, Q8_0, ...): the start-up self-test the server runs
+# before serving one, once per CPU and llama.cpp build (docs/llamacpp-amx.md: on Intel Xeons with AMX, llama.cpp as
+# GCC 12 compiles it dies with SIGILL; the Makefile's build keeps the fast AMX path correct)
+"$PY" - <<'PY'
+import time
+from codemoat.engines import cpu
+name, flags = cpu.cpu_info()
+t = time.perf_counter()
+c = cpu.choose("auto")
+kernels = "extra buffer types (AMX tiles / repacked)" if c.use_extra_bufts else "plain (safe) kernels"
+print(f"this CPU     {name}, {cpu.feature(flags, cpu.system_info())}: quantised models on llama.cpp's {kernels}")
+print(f"             self-test ({time.perf_counter() - t:.1f} s, cached in $CODEMOAT_HOME/cpu-verdicts.json): {c.reason}")
+PY
