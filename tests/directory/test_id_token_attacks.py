@@ -13,7 +13,7 @@ from codemoat.db import open_db
 from codemoat.directory.ldap import DirectoryError, DirectoryUnavailable
 from codemoat.directory.oidc import OidcClient
 from codemoat.errors import Unauthorized
-from idtokens import EdSigner, RsaSigner, StubProvider, hs256, unsigned
+from idtokens import EdSigner, RsaSigner, StubProvider, b64, hs256, unsigned
 
 NONCE = "n1"
 
@@ -98,6 +98,56 @@ def test_ed25519_tokens_hold_without_a_warning_and_forged_ones_are_refused(clien
     refused(client, ed.token(claims(idp), kid=signer.kid))  # the RSA key's kid
     assert [str(w.message) for w in recwarn] == []
     refused(client, ed448.token(claims(idp)))  # joserfc's "EdDSA" took Ed448 keys too
+
+
+def _okp(kid: str, crv: str, raw: bytes, alg: str | None = "EdDSA") -> dict:
+    return {k: v for k, v in {"kty": "OKP", "crv": crv, "use": "sig", "alg": alg, "kid": kid, "x": b64(raw)}.items() if v}
+
+
+def _raw(public_key) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def test_eddsa_means_an_ed25519_key_whatever_the_jwks_or_the_header_claims(client, idp, signer):
+    """Key and curve confusion against "EdDSA" taken as Ed25519 (oidc._id_token_registry): the token's kid naming an
+    EC key, an X25519 (key agreement) OKP key, or a JWK whose "crv" does not match its key bytes (an Ed448 key
+    labelled Ed25519, an Ed25519 key labelled Ed448), each signed by the matching private key where one exists, is
+    refused; so are "Ed448" and misspelt algorithm names, and an Ed25519 key's token under "ES256". The positive
+    beside them: a JWK with no "alg" (many providers publish none) verifies an "EdDSA" token."""
+    from cryptography.hazmat.primitives.asymmetric import ec, ed448, x25519
+
+    ed = EdSigner("e1", alg="EdDSA")
+    plain = ed.jwk()
+    del plain["alg"]
+    ed448_key = ed448.Ed448PrivateKey.generate()
+    p256 = ec.generate_private_key(ec.SECP256R1()).public_key().public_numbers()
+    ec_jwk = {"kty": "EC", "crv": "P-256", "use": "sig", "kid": "c1", "alg": "ES256",
+              "x": b64(p256.x.to_bytes(32, "big")), "y": b64(p256.y.to_bytes(32, "big"))}  # fmt: skip
+    idp.docs["/jwks"] = {
+        "keys": [signer.jwk(), plain, ec_jwk, _okp("x1", "X25519", _raw(x25519.X25519PrivateKey.generate().public_key()))]
+    }
+    assert client.check_id_token(ed.token(claims(idp)), NONCE)["sub"] == "alice"
+    for kid in ("c1", "x1"):
+        refused(client, ed.token(claims(idp), kid=kid))
+    for alg in ("Ed448", "eddsa", "EDDSA", "ed25519", "ES256", "RS256", "EdDSA "):
+        refused(client, ed.token(claims(idp), alg=alg))
+
+    # an Ed448 key under a JWK that says Ed25519, its token signed by that Ed448 key
+    mislabelled = EdSigner("m1", alg="EdDSA", curve="Ed448")
+    mislabelled.key = ed448_key
+    for jwk in (_okp("m1", "Ed25519", _raw(ed448_key.public_key())), _okp("m1", "Ed25519", _raw(ed448_key.public_key()), None)):
+        idp.docs["/jwks"] = {"keys": [signer.jwk(), jwk]}
+        with pytest.raises((DirectoryUnavailable, Unauthorized)) as e:
+            client.check_id_token(mislabelled.token(claims(idp)), NONCE)
+        assert "\n" not in str(e.value), str(e.value)
+    # an Ed25519 key under a JWK that says Ed448 (a kid not seen before: the client keeps the keys it fetched)
+    ed2 = EdSigner("e2", alg="EdDSA")
+    idp.docs["/jwks"] = {"keys": [signer.jwk(), _okp("e2", "Ed448", _raw(ed2.key.public_key()))]}
+    with pytest.raises((DirectoryUnavailable, Unauthorized)) as e:
+        client.check_id_token(ed2.token(claims(idp)), NONCE)
+    assert "\n" not in str(e.value), str(e.value)
 
 
 @pytest.mark.parametrize("alg", ["none", "None", "NONE", "nOnE"])
