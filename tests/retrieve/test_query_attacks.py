@@ -39,6 +39,8 @@ SHAPES = {
     "Rust groups": "use a::{\n" * (N // 9),
     "glued names": "a1" * (N // 2),
     "a dotted chain ending badly": "a." * (N // 2) + "1",
+    "a condition and spaces": "if" + " " * N + "x (",
+    "an && and spaces": "x &&" + "\r" * N + "x (",
 }
 PATHS = ["", "x.py", "x.js", "x.go", "x.rs", "x.java", "x.php"]
 

@@ -224,7 +224,11 @@ def _imports(prefix: str, path: str) -> tuple[dict[str, set[str]], dict[str, str
 
 
 _RAISE = re.compile(r"(?:^|[^\w.])(?:raise|throw)\s+(?:new\s+)?(?:[^\W\d]\w*\s*(?:\.|::)\s*)*$")
-_TEST = re.compile(r"(?:(?:^|[^\w.])(?:if|elif|while|and|or|not|assert)\s+|&&\s*|\|\|\s*|!)\(?\s*(?:[^\W\d]\w*\s*(?:\.|::)\s*)*$")
+# `\s+` then `\(?\s*`: two runs of the same spaces one after the other, tried at every split (quadratic in
+# the spaces after "if" on the cursor's line), hence possessive; only whether it matches is read.
+_TEST = re.compile(
+    r"(?:(?:^|[^\w.])(?:if|elif|while|and|or|not|assert)\s++|&&\s*+|\|\|\s*+|!)\(?+\s*+(?:[^\W\d]\w*+\s*+(?:\.|::)\s*+)*+$"
+)
 _EXCEPTION = re.compile(r"(?:Error|Exception|Exit|Abort|Warning|Interrupt|Fault)\b")
 _PREDICATE_SIG = re.compile(r"(?:->|:)\s*(?:bool|boolean|TypeGuard\b|TypeIs\b)\b")
 _PREDICATE_NAME = re.compile(r"_?(?:is|has|can|should|needs?|supports?|contains|check)(?:_|[A-Z]|$)")
