@@ -166,3 +166,39 @@ def test_long_or_many_names_in_requests_do_not_pile_up_in_memory():
     # the negative: an ordinary name is still split once and then remembered
     assert terms.split_identifier("parse_HTTPHeader") == ("parse_httpheader", "parse", "http", "header")
     assert terms._cache["parse_HTTPHeader"] == ("parse_httpheader", "parse", "http", "header")
+
+
+@pytest.mark.parametrize(
+    "alphabet",
+    [
+        [chr(c) for c in range(0x1D400, 0x1D434)],  # mathematical bold letters: \w, outside the BMP, 4 bytes a character
+        [chr(c) for c in range(0x3B1, 0x3C9)],  # Greek: 2 bytes a character
+        list("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"),
+    ],
+    ids=["outside the BMP", "Greek", "ASCII"],
+)
+def test_the_name_cache_counts_what_its_names_hold(alphabet, monkeypatch):
+    """Was broken: the cache's bound counted a byte a character, so 64-character names of letters outside the BMP
+    (any client's question can hold them) kept 163 MiB under a 64 MiB bound. Measured with tracemalloc: what the
+    cache holds stays within its count (and the bound), whatever the names' letters; ASCII names are the negative."""
+    import random
+    import tracemalloc
+
+    from codemoat.index import terms
+
+    monkeypatch.setattr(terms, "CACHE_BYTES", 4 << 20)
+    r = random.Random(3)
+    terms._cache.clear()
+    terms._cached_bytes = 0
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        while terms._cached_bytes < 0.9 * terms.CACHE_BYTES:
+            terms.split_identifier("".join(r.choices(alphabet, k=64)))
+        held = tracemalloc.get_traced_memory()[0] - before
+        counted = terms._cached_bytes
+    finally:
+        tracemalloc.stop()
+        terms._cache.clear()
+        terms._cached_bytes = 0
+    assert held <= 1.15 * counted, f"{held >> 10} KiB held, {counted >> 10} KiB counted"

@@ -8,6 +8,7 @@ Language keywords and one-letter names are dropped: they match everything and sl
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Iterable
 
 _IDENT = re.compile(r"[^\W\d]\w*")
@@ -35,8 +36,10 @@ CACHE_BYTES = 64 << 20
 
 
 def _footprint(ident: str, res: tuple[str, ...]) -> int:
-    """About what an entry costs in memory: the key, the tuple, each word (CPython object headers included)."""
-    return 50 + len(ident) + 56 + 8 * len(res) + sum(50 + len(w) for w in res)
+    """About what an entry costs in memory: the key, the tuple, each word (CPython object headers included)
+    and its dict slot. sys.getsizeof, not the length: a name of letters outside the BMP (\\w, 4 bytes a
+    character) holds 4x its length twice (key and lowered word), 2.5x what counting 1 byte a character said."""
+    return sys.getsizeof(ident) + sys.getsizeof(res) + sum(sys.getsizeof(w) for w in res) + 32
 
 
 def split_identifier(ident: str) -> tuple[str, ...]:
