@@ -39,6 +39,32 @@ def test_a_busy_port_is_one_line(random_gguf):
         busy.close()
 
 
+def test_a_port_another_serve_took_is_refused_while_that_one_still_loads(random_gguf):
+    """Was broken: `listen` only bound, and with SO_REUSEADDR Linux lets a second socket bind a port whose first is
+    bound and not yet listening: a second `codemoat serve` on a port the first took before loading its model was not
+    refused, loaded its own, and then (uvloop ignores a failed listen() on a socket it is handed) said "serving" and
+    answered nothing. Now the first holds the port listening: the second is the one line at once. The negatives: a
+    port whose last server went (its connections in TIME_WAIT) is listened on again, and a host that cannot be
+    encoded is one line too."""
+    first = listen("127.0.0.1", 0)
+    port = first.getsockname()[1]
+    try:
+        assert first.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
+        with pytest.raises(CodemoatError, match=f"cannot listen on 127.0.0.1:{port}: Address already in use"):
+            listen("127.0.0.1", port)
+        r = run_cli("serve", "--model", str(random_gguf), "--host", "127.0.0.1", "--port", str(port), timeout=60)
+        one_line_error(r, f"cannot listen on 127.0.0.1:{port}: Address already in use")
+        client = socket.create_connection(("127.0.0.1", port), timeout=10)
+        conn, _ = first.accept()
+        conn.close()  # the server's side closes first: its end of the connection waits in TIME_WAIT
+        client.close()
+    finally:
+        first.close()
+    listen("127.0.0.1", port).close()
+    with pytest.raises(CodemoatError, match="cannot listen on"):
+        listen("\u00fc" * 70, 0)
+
+
 def test_what_start_up_made_is_out_of_the_collectors_sight():
     """`run` freezes the heap before serving: objects made before it (the model's libraries) are no
     longer walked by a full collection; objects made while serving still are."""

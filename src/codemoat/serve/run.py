@@ -9,8 +9,17 @@ import socket
 from ..errors import CodemoatError
 
 
+BACKLOG = 2048  # uvicorn's default, which it passes to listen() again when it starts serving
+
+
 def listen(host: str, port: int) -> socket.socket:
-    """A bound TCP socket on `host:port` (0 picks a free port), or a one-line error."""
+    """A TCP socket listening on `host:port` (0 picks a free port), or a one-line error.
+
+    Listening, not only bound: `serve` takes its port before it loads the model (minutes), and with
+    SO_REUSEADDR a second socket may bind a port whose first is bound but not yet listening (Linux), so a
+    second `codemoat serve` on the same port started meanwhile was not refused; it loaded its model too,
+    and uvloop then ignored its failed listen(): it said "serving" and answered nothing, with no error.
+    Connections made while the model loads wait in the backlog and are answered once it is up."""
     # proto=IPPROTO_TCP so that asyncio sets TCP_NODELAY on accepted connections (with proto 0 it
     # does not, and Nagle + delayed ACKs add ~40 ms to every small response); set on the listener too.
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -19,9 +28,10 @@ def listen(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         sock.bind((host, port))
-    except OSError as e:
+        sock.listen(BACKLOG)
+    except (OSError, TypeError, ValueError) as e:  # TypeError: a host name IDNA cannot encode, or holding NUL
         sock.close()
-        raise CodemoatError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+        raise CodemoatError(f"cannot listen on {host}:{port}: {getattr(e, 'strerror', None) or e}") from None
     return sock
 
 
