@@ -204,3 +204,23 @@ def open_own(path: str | Path, what: str, flags: int = os.O_RDWR | os.O_CREAT, e
         os.close(fd)
         raise err(f"{path} is not a regular file, not a {what}")
     return fd
+
+
+def write_out(path: str | Path, data: bytes | memoryview, *, force: bool) -> None:
+    """Write a file the user named (`--out`): without `force` only as a new file (O_CREAT|O_EXCL|O_NOFOLLOW, so a
+    file or symbolic link put there after the caller's check is refused, not truncated or written through); with
+    it through a temporary file in the same folder and os.replace, so a link there is replaced, not followed. An
+    OSError passes (FileExistsError: the file appeared since the check)."""
+    path = Path(path)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    target = path.with_name(f".{path.name}.{os.getpid()}.tmp") if force else path
+    fd = os.open(target, flags, 0o666)  # the umask decides, as for any file the user asks for
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        if force:
+            os.replace(target, path)
+    except BaseException:
+        if force:
+            target.unlink(missing_ok=True)
+        raise

@@ -269,15 +269,18 @@ class Vendor(VendorLicenses):
             if m.format != "gguf" and out.is_dir() and any(out.iterdir()):
                 raise CodemoatError(f"{out} is a folder that is not empty: pass --force to write the model's files into it")
         plain = sealed.decrypt(key, check_sha256=True)
-        try:
+        try:  # written as new files (or replaced with force): a file or link put there during the decryption is
+            # refused, never truncated or written through (paths.write_out)
             if m.format == "gguf":
                 out.parent.mkdir(parents=True, exist_ok=True)
-                out.write_bytes(plain)
+                paths.write_out(out, plain, force=force)
             else:
                 out.mkdir(parents=True, exist_ok=True)
                 for p in m.parts:
                     name = Path(p["name"]).name
-                    (out / name).write_bytes(plain[p["offset"] : p["offset"] + p["size"]])
+                    paths.write_out(out / name, memoryview(plain)[p["offset"] : p["offset"] + p["size"]], force=force)
+        except FileExistsError as e:
+            raise CodemoatError(f"{e.filename or out} exists: pass --force to replace it") from None
         except OSError as e:
             raise CodemoatError(f"cannot write {e.filename or out}: {e.strerror}") from None
         return out
