@@ -13,10 +13,13 @@ STAMP := $(VENV)/.installed
 # llama-cpp-python compiles llama.cpp with -march=native. Debian 12's GCC 12 drops the stores that fill in the AMX tile
 # shapes before ldtilecfg, so on Intel Xeons with AMX every quantised model's first multi-token decode died with
 # SIGILL (docs/llamacpp-amx.md); -fno-tree-dse -fno-dse keep them (no cost measured elsewhere). The wheel is built
-# once into its own folder: pip's wheel cache does not tell builds with other CMAKE_ARGS apart.
+# once into its own folder: pip's wheel cache does not tell builds with other CMAKE_ARGS apart. The folder is named
+# after the version, the flags, this CPU's flags and the compiler (a -march=native build is for this CPU only), and
+# is filled by a temporary folder moved into place (an interrupted build leaves no half-written wheel to reuse).
 LLAMA_CPP_VERSION := 0.3.36
 LLAMA_CFLAGS := -fno-tree-dse -fno-dse
-LLAMA_WHEELS := $(HOME)/.cache/codemoat/llama-cpp-wheels
+LLAMA_KEY := $(shell { echo '$(LLAMA_CFLAGS)'; grep -m1 '^flags' /proc/cpuinfo; cc --version 2>/dev/null | head -1; } | sha256sum | cut -c1-12)
+LLAMA_WHEELS := $(HOME)/.cache/codemoat/llama-cpp-python-$(LLAMA_CPP_VERSION)-$(LLAMA_KEY)
 
 .PHONY: demo test test-fast lint format bench install clean
 
@@ -24,9 +27,10 @@ $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel 2>&1 | { $(QUIET_PIP); }
 	@echo "Installing codemoat and its dependencies (the first run compiles llama.cpp: ~5 minutes on 2 cores)..."
-	@ls $(LLAMA_WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1 || \
-	  CMAKE_ARGS='-DCMAKE_C_FLAGS="$(LLAMA_CFLAGS)" -DCMAKE_CXX_FLAGS="$(LLAMA_CFLAGS)"' \
-	  $(PY) -m pip wheel -q --no-cache-dir --no-deps 'llama-cpp-python==$(LLAMA_CPP_VERSION)' -w $(LLAMA_WHEELS) 2>&1 | { $(QUIET_PIP); }
+	@ls $(LLAMA_WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1 || { tmp=$(LLAMA_WHEELS).$$$$.tmp; \
+	  rm -rf $$tmp && CMAKE_ARGS='-DCMAKE_C_FLAGS="$(LLAMA_CFLAGS)" -DCMAKE_CXX_FLAGS="$(LLAMA_CFLAGS)"' \
+	  $(PY) -m pip wheel -q --no-cache-dir --no-deps 'llama-cpp-python==$(LLAMA_CPP_VERSION)' -w $$tmp 2>&1 | { $(QUIET_PIP); } \
+	  && { mv -T $$tmp $(LLAMA_WHEELS) 2>/dev/null || rm -rf $$tmp; }; }
 	$(PY) -m pip install -q --no-deps --force-reinstall $(LLAMA_WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl 2>&1 | { $(QUIET_PIP); }
 	$(PY) -m pip install -q -e '.[train,test,postgres,directory]' 2>&1 | { $(QUIET_PIP); }
 	@# tpm2-pytss builds from source against Debian's libtss2-dev (.ci/run installs it): without it the
