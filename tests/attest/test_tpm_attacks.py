@@ -323,7 +323,8 @@ def test_a_software_unwrap_key_beside_a_bound_ak_gets_no_license(vendor, swtpm, 
     doc = vendor.issue_license(customer="acme", model=moat, machines=[ident], expires=int(time.time()) + 99, mode="offline")
     assert doc["license"]["machines"][0]["tpm"]["unwrap"] == ident["tpm"]["unwrap"]
     certified = dict(ident["tpm"], unwrap_certify=dict(ident["tpm"]["unwrap_certify"]))
-    certified["unwrap_certify"]["r"] = "00" + certified["unwrap_certify"]["r"][2:]
+    r = certified["unwrap_certify"]["r"]  # its first byte flipped ("00" + r[2:] left 1 in 256 signatures as they were)
+    certified["unwrap_certify"]["r"] = f"{int(r[:2], 16) ^ 0x80:02x}" + r[2:]
     with pytest.raises(VaultError, match="does not verify"):  # the chip's signature, edited
         vendor.issue_license(
             customer="acme", model=moat, machines=[dict(ident, tpm=certified)], expires=int(time.time()) + 99, mode="offline"
