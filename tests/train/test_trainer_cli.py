@@ -75,10 +75,13 @@ def test_cli_trains_and_reports_json(tmp_path):
         (["--corpus", "{tmp}", "--out", "{tmp}/m.bin"], "must end in .gguf"),
         (["--corpus", "{tmp}", "--out", "{tmp}/m.gguf", "--size", "huge"], "unknown size"),
         (["--corpus", "{tmp}", "--out", "{tmp}/m.gguf", "--device", "tpu"], "--device must be"),
+        # a folder where the .gguf goes: refused before training, --force or not (the export would fail after it)
+        (["--corpus", "{tmp}", "--out", "{tmp}/d.gguf", "--force"], "d.gguf is a folder: name the .gguf file to write"),
     ],
 )
 def test_cli_user_errors_are_one_line(tmp_path, args, message):
     (tmp_path / "x.py").write_text("x = 1\n")
+    (tmp_path / "d.gguf").mkdir()
     r = _cli(*[a.format(tmp=tmp_path) for a in args], cwd=tmp_path)
     assert r.returncode == 1
     assert message in r.stderr and "Traceback" not in r.stderr

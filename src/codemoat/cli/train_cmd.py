@@ -50,6 +50,8 @@ def train_command(
     for root in corpus:  # said before the progress bar starts (it left a "corpus 0:00:00" line above the error)
         if not root.is_dir():
             raise CodemoatError(f"corpus directory not found: {root}")
+    if out.is_dir():  # with --force too: the export at the end, after the whole run, could not write it
+        raise CodemoatError(f"{out} is a folder: name the .gguf file to write")
     # a run does not resume: the model (or checkpoint) already there would be replaced by this run's first checkpoint
     for made in (out, out.with_suffix(".hf")):
         refuse_replacing(made, force, "a new run starts over" if made == out else f"the safetensors of {out.name}")
