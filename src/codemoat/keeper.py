@@ -6,11 +6,12 @@ round every `every_s`, ended by idleness (the next touch starts another), by `st
 from __future__ import annotations
 
 import threading
+from abc import ABC, abstractmethod
 import weakref
 from typing import Any
 
 
-class Keeper:
+class Keeper(ABC):
     """Subclasses give `pending()` (under the keeper's lock: what the next round works on, or None when idle),
     `round(owner, work)` and `failed(error)` (a round's exception: the thread goes on)."""
 
@@ -33,14 +34,14 @@ class Keeper:
     def stop(self) -> None:
         self._stop.set()
 
-    def pending(self) -> Any:
-        raise NotImplementedError
+    @abstractmethod
+    def pending(self) -> Any: ...
 
-    def round(self, owner: Any, work: Any) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def round(self, owner: Any, work: Any) -> None: ...
 
-    def failed(self, error: Exception) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def failed(self, error: Exception) -> None: ...
 
     def _run(self) -> None:
         while not self._stop.wait(self._every_s):
