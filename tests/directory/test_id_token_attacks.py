@@ -150,6 +150,48 @@ def test_eddsa_means_an_ed25519_key_whatever_the_jwks_or_the_header_claims(clien
     assert "\n" not in str(e.value), str(e.value)
 
 
+@pytest.mark.parametrize(("jwk_alg", "token_alg"), [("Ed25519", "EdDSA"), ("EdDSA", "Ed25519")])
+def test_a_jwk_and_a_token_naming_ed25519_differently_agree(client, idp, signer, jwk_alg, token_alg, recwarn):
+    """A provider moving to RFC 9864 publishes its Ed25519 key as "alg": "Ed25519" while its tokens still say
+    "EdDSA" (or the reverse): for an OKP Ed25519 key both names are the one algorithm, so the token holds, with no
+    warning. Beside it, what the pairing must not open: a forged token, another key under the kid, an Ed448 key
+    under either name (its JWK saying Ed448, EdDSA or Ed25519), a JWK saying "Ed448" for Ed25519 key bytes, and the
+    RSA key's kid or an RSA JWK labelled with an Ed25519 name."""
+    from cryptography.hazmat.primitives.asymmetric import ed448
+
+    ed = EdSigner("e1", alg=token_alg)
+    jwk = {**ed.jwk(), "alg": jwk_alg}
+    idp.docs["/jwks"] = {"keys": [signer.jwk(), jwk]}
+    assert client.check_id_token(ed.token(claims(idp)), NONCE)["sub"] == "alice"
+    assert [str(w.message) for w in recwarn] == []
+    head, _, sig = ed.token(claims(idp)).split(".")
+    refused(client, f"{head}.{ed.token(claims(idp, sub='bob')).split('.')[1]}.{sig}")
+    refused(client, EdSigner("e1", alg=token_alg).token(claims(idp)))  # another key under the provider's kid
+    # the RSA key's kid (its JWK says RS256): refused, and the refusal says why, not "no provider key has its kid"
+    why = refused(client, ed.token(claims(idp), kid=signer.kid))
+    assert "RS256" in why and "no provider key" not in why, why
+
+    # an Ed448 key under each JWK label, its token signed by it under the other Ed25519 name (a new kid each time:
+    # the client fetches the JWKS again for a kid it has not seen)
+    key448 = ed448.Ed448PrivateKey.generate()
+    for i, (label, crv) in enumerate((("Ed448", "Ed448"), ("EdDSA", "Ed448"), ("Ed25519", "Ed448"), (jwk_alg, "Ed25519"))):
+        e448 = EdSigner(f"e448-{i}", alg=token_alg, curve="Ed448")
+        e448.key = key448
+        idp.docs["/jwks"] = {"keys": [signer.jwk(), jwk, _okp(e448.kid, crv, _raw(key448.public_key()), label)]}
+        with pytest.raises((DirectoryUnavailable, Unauthorized)) as e:
+            client.check_id_token(e448.token(claims(idp)), NONCE)
+        assert "\n" not in str(e.value), str(e.value)
+    # an Ed25519 key whose JWK says "Ed448": that label is not widened to the Ed25519 names
+    e2 = EdSigner("e2", alg=token_alg)
+    idp.docs["/jwks"] = {"keys": [signer.jwk(), _okp("e2", "Ed25519", _raw(e2.key.public_key()), "Ed448")]}
+    assert "Ed448" in refused(client, e2.token(claims(idp)))
+    # an RSA JWK labelled with an Ed25519 name, named by an Ed25519 token's kid
+    rsa = RsaSigner("r2")
+    idp.docs["/jwks"] = {"keys": [{**rsa.jwk(), "alg": jwk_alg}, jwk]}
+    refused(client, ed.token(claims(idp), kid=rsa.kid))
+    assert client.check_id_token(ed.token(claims(idp)), NONCE)["sub"] == "alice"
+
+
 @pytest.mark.parametrize("alg", ["none", "None", "NONE", "nOnE"])
 def test_alg_none_is_refused(client, idp, signer, alg):
     refused(client, unsigned(claims(idp), alg=alg, kid=signer.kid))

@@ -66,26 +66,69 @@ PURPOSES = ("api", "console")
 # and joserfc warns about at every verification) is still what deployed providers write (Rauthy's default for
 # new clients): it is verified as Ed25519 is, an Ed25519 key only (`_id_token_registry`), without the warning.
 ID_TOKEN_ALGS = ("RS256", "PS256", "ES256", "Ed25519", "EdDSA")
+# the two names of one algorithm for an OKP Ed25519 key: a JWK labelled with either verifies a token under either
+# (a provider moving to RFC 9864 relabels its keys and its tokens at different times). Ed448 is neither.
+ED25519_NAMES = ("Ed25519", "EdDSA")
 _REGISTRY = None
 
 
 def _id_token_registry():
-    """joserfc's JWS registry allowing ID_TOKEN_ALGS, with "EdDSA" taken as RFC 9864's Ed25519 under that
-    name: the same Ed25519 verification and curve check, no Ed448 key, and no SecurityWarning on each use."""
+    """joserfc's JWS registry allowing ID_TOKEN_ALGS, with "Ed25519" and "EdDSA" both RFC 9864's Ed25519: the
+    same Ed25519 verification and curve check, no Ed448 key, a JWK labelled with either name accepted for
+    either, and no SecurityWarning on each use."""
     global _REGISTRY
     if _REGISTRY is None:
-        import copy
-
+        from joserfc.errors import InvalidKeyCurveError, InvalidKeyTypeError, UnsupportedKeyAlgorithmError
         from joserfc.jws import JWSRegistry
 
-        eddsa = copy.copy(JWSRegistry.algorithms["Ed25519"])  # checks the key's curve is Ed25519
-        eddsa.name = "EdDSA"
+        base = type(JWSRegistry.algorithms["Ed25519"])  # RFC 9864's EdDSAAlgorithm: checks the key's curve
+
+        class Ed25519Either(base):
+            def check_key(self, key) -> None:
+                # joserfc's own check (JWSAlgModel.check_key) with the JWK's "alg" compared as a name of Ed25519
+                key.check_use("sig")
+                if key.key_type != "OKP":
+                    raise InvalidKeyTypeError(f"Algorithm '{self.name}' requires 'OKP' key")
+                if key.get("alg") not in (None, *ED25519_NAMES):
+                    raise UnsupportedKeyAlgorithmError(f"This key is designed for algorithm '{key.get('alg')}'")
+                if key.curve_name != "Ed25519":
+                    raise InvalidKeyCurveError(f"Key for '{self.name}' not supported, only 'Ed25519' allowed")
+
+        either = {}
+        for name in ED25519_NAMES:
+            either[name] = Ed25519Either("Ed25519")
+            either[name].name = name
 
         class IdTokenRegistry(JWSRegistry):
-            algorithms = {**JWSRegistry.algorithms, "EdDSA": eddsa}
+            algorithms = {**JWSRegistry.algorithms, **either}
 
         _REGISTRY = IdTokenRegistry(algorithms=ID_TOKEN_ALGS)
     return _REGISTRY
+
+
+class KeyForOtherAlg(Exception):
+    """The key an ID token's kid names is labelled ("alg") for another algorithm than the token's."""
+
+
+def _key_named(keys, headers: dict):
+    """The provider key `headers` (a JWS header) names: its kid (or the only key, for a token without one), whose
+    JWK "use" is absent or "sig" and whose "alg" is absent or the token's (either name of Ed25519 for the other).
+    joserfc's own lookup compares "alg" strings, so an Ed25519 JWK refused an "EdDSA" token as if no key had its
+    kid. InvalidKeyIdError when no key has the kid; KeyForOtherAlg when the one that has it is for another alg."""
+    from joserfc.errors import InvalidKeyIdError
+
+    kid, alg = headers.get("kid"), headers["alg"]
+    named = list(keys) if kid is None and len(list(keys)) == 1 else [k for k in keys if k.kid == kid]
+    if not named:
+        raise InvalidKeyIdError(f"No key for kid: '{kid}'")
+    names = ED25519_NAMES if alg in ED25519_NAMES else (alg,)
+    for k in named:
+        if k.get("use") in (None, "sig") and k.get("alg") in (None, *names):
+            return k
+    other = next((k.get("alg") for k in named if k.get("alg") not in (None, *names)), None)
+    raise KeyForOtherAlg(
+        f"the key its kid names is for {str(other)[:20]!r}, not {alg}" if other else "the key its kid names is not for signing"
+    )
 
 
 def stored_hash(value: str) -> str:
@@ -344,12 +387,16 @@ class OidcClient:
             try:
                 # never "none", never HS256 (a verifier taking the RSA public key as its secret), and the
                 # key the token's kid names must be of the algorithm's type
-                claims = jwt.decode(id_token, self._keys(refresh), registry=_id_token_registry()).claims
+                keys = self._keys(refresh)
+                claims = jwt.decode(id_token, lambda obj: _key_named(keys, obj.headers()), registry=_id_token_registry()).claims
                 expected.validate(claims)
                 break
             except InvalidKeyIdError:
                 if refresh:
                     raise Unauthorized("sign-in refused: the ID token does not hold (no provider key has its kid)") from None
+            except KeyForOtherAlg as e:  # the provider may have relabelled the key: fetch the JWKS once more too
+                if refresh:
+                    raise Unauthorized(f"sign-in refused: the ID token does not hold ({e})") from None
             except ClaimError as e:
                 raise Unauthorized(f"sign-in refused: the ID token does not hold ({e.error} {e.claim})") from None
             except (JoseError, ValueError, TypeError) as e:  # a string that is no JWS, or a payload no JSON object
