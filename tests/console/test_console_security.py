@@ -95,16 +95,25 @@ def test_sign_in_cookie_flags_and_headers(setup):
 
 
 def test_secure_cookie_behind_tls(setup):
+    """Over TLS the session cookie is Secure. X-Forwarded-Proto counts only from a server.trusted_proxies peer
+    (uvicorn sets the scheme from it; tests/directory/test_directory_attacks.py::
+    test_a_forwarded_proto_counts_only_from_a_trusted_proxy runs that on a real serve): from this client, no proxy,
+    it changes nothing."""
     c, _, admin, _ = setup
-    form = c.get("/admin/signin")
-    r = c.post(
-        "/admin/signin",
-        data={"csrf": csrf_of(form.text), "token": admin},
-        headers={"X-Forwarded-Proto": "https"},
-        follow_redirects=False,
-    )
-    cookie = next(h for h in r.headers.get_list("set-cookie") if h.startswith("codemoat_session="))
-    assert "secure" in {p.strip().lower() for p in cookie.split(";")}
+
+    def session_flags(base: str, headers: dict) -> set:
+        form = c.get(base + "/admin/signin")
+        r = c.post(
+            base + "/admin/signin",
+            data={"csrf": csrf_of(form.text), "token": admin},
+            headers=headers,
+            follow_redirects=False,
+        )
+        cookie = next(h for h in r.headers.get_list("set-cookie") if h.startswith("codemoat_session="))
+        return {p.strip().lower() for p in cookie.split(";")}
+
+    assert "secure" in session_flags("https://testserver", {})
+    assert "secure" not in session_flags("http://testserver", {"X-Forwarded-Proto": "https"})
 
 
 def test_forged_cross_site_posts_are_refused(setup):

@@ -5,6 +5,7 @@ test; the rest show that the attack is stopped."""
 from __future__ import annotations
 
 import json
+import re
 import stat
 import time
 
@@ -17,7 +18,7 @@ from codemoat.db import open_db
 from codemoat.directory.ldap import DirUser
 from codemoat.directory.service import DirectoryKeeper
 from codemoat.errors import CodemoatError, Unauthorized
-from conftest import run_cli
+from conftest import create_token, run_cli
 
 ISSUER = "http://127.0.0.1:9"  # never contacted: these tests start at the checked ID token's user
 
@@ -386,3 +387,52 @@ def test_admin_groups_without_a_group_map_is_warned_about_at_start(home, caplog)
         assert "group_map" in DirectorySettings.model_fields["admin_groups"].description
     finally:
         engine.dispose()
+
+
+def _cookie_flags(r: httpx.Response, name: str) -> set[str]:
+    cookie = next(h for h in r.headers.get_list("set-cookie") if h.startswith(name + "="))
+    return {p.strip().split("=")[0].lower() for p in cookie.split(";")}
+
+
+def _sign_in(url: str, admin: str) -> httpx.Response:
+    """The console's sign-in form, its POST saying X-Forwarded-Proto: https (as HAProxy behind TLS would)."""
+    with httpx.Client(base_url=url) as c:
+        form = c.get("/admin/signin")
+        csrf = re.search(r'name="csrf" value="([^"]+)"', form.text).group(1)
+        tls = {"X-Forwarded-Proto": "https"}
+        return c.post("/admin/signin", data={"csrf": csrf, "token": admin}, headers=tls, follow_redirects=False)
+
+
+def _oidc_start(url: str, path: str) -> httpx.Response:
+    return httpx.get(url + path, headers={"X-Forwarded-Proto": "https"}, follow_redirects=False)
+
+
+def test_a_forwarded_proto_counts_only_from_a_trusted_proxy(serve_process, random_gguf, stub_provider):
+    """X-Forwarded-Proto: https marks the console's session cookie and the OpenID sign-in's binding cookies
+    `Secure`. Fails before: it was read from any caller (serve/directory.py, console/web.py, console/signin.py),
+    so an untrusted peer decided the flag; now only a server.trusted_proxies peer's header counts (uvicorn sets
+    the request's scheme from it), as for X-Forwarded-For."""
+    admin = create_token("--name", "ops", "--scopes", "admin")
+    idp = stub_provider.url
+    stub_provider.docs["/.well-known/openid-configuration"] = {"issuer": idp, "authorization_endpoint": idp + "/authorize"}
+    oidc = {
+        "CODEMOAT_DIRECTORY__OIDC_ISSUER": idp,
+        "CODEMOAT_DIRECTORY__OIDC_CLIENT_ID": "codemoat",
+        "CODEMOAT_DIRECTORY__OIDC_REDIRECT_URL": idp + "/cb",
+    }
+    cookies = {"/auth/oidc/start": "codemoat_oidc_api", "/admin/oidc/start": "codemoat_oidc"}
+    untrusted = serve_process(["--model", str(random_gguf)], env=oidc)
+    r = _sign_in(untrusted.url, admin)
+    assert r.status_code == 303 and "secure" not in _cookie_flags(r, "codemoat_session")
+    for path, name in cookies.items():
+        r = _oidc_start(untrusted.url, path)
+        assert r.status_code in (302, 303) and "secure" not in _cookie_flags(r, name), (path, r.headers)
+    assert untrusted.stop() == 0
+
+    proxy = serve_process(["--model", str(random_gguf)], env={**oidc, "CODEMOAT_SERVER__TRUSTED_PROXIES": '["127.0.0.1"]'})
+    r = _sign_in(proxy.url, admin)
+    assert r.status_code == 303 and "secure" in _cookie_flags(r, "codemoat_session")
+    for path, name in cookies.items():
+        r = _oidc_start(proxy.url, path)
+        assert r.status_code in (302, 303) and "secure" in _cookie_flags(r, name), (path, r.headers)
+    assert proxy.stop() == 0

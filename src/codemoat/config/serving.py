@@ -32,8 +32,9 @@ class ServerSettings(BaseModel):
         default_factory=list,
         description="Addresses or networks (CIDR) of the reverse proxies in front of the server (HAProxy's). A request "
         "from one of them is taken to come from the address its X-Forwarded-For names (the nearest not itself a "
-        "trusted proxy): the address its audit record, per-address limits and sign-in bounds see. Empty (the "
-        "default): X-Forwarded-For is ignored, from every peer, loopback included.",
+        "trusted proxy): the address its audit record, per-address limits and sign-in bounds see; its "
+        "X-Forwarded-Proto: https makes the console's and the sign-in's cookies Secure. Empty (the default): both "
+        "headers are ignored, from every peer, loopback included.",
     )
 
     @field_validator("trusted_proxies")

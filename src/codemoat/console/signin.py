@@ -49,7 +49,8 @@ def _again(request: Request, error: str, status: int = 401) -> Response:
 
 
 def _https(request: Request) -> bool:
-    return request.url.scheme == "https" or request.headers.get("x-forwarded-proto") == "https"
+    # the scheme uvicorn saw: TLS to this server, or X-Forwarded-Proto from a server.trusted_proxies peer only
+    return request.url.scheme == "https"
 
 
 @router.get(PATH + "/start")

@@ -130,7 +130,8 @@ def refused(request: Request, why: str) -> Response:
 
 
 def session_cookie(resp: Response, request: Request, sid: str) -> None:
-    secure_flag = request.url.scheme == "https" or request.headers.get("x-forwarded-proto") == "https"
+    # the scheme uvicorn saw: TLS to this server, or X-Forwarded-Proto from a server.trusted_proxies peer only
+    secure_flag = request.url.scheme == "https"
     resp.set_cookie(COOKIE, sid, max_age=SESSION_SECONDS, path="/admin", httponly=True, samesite="strict", secure=secure_flag)
 
 

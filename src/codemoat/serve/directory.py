@@ -146,7 +146,8 @@ async def oidc_start(request: Request):
     binding = secrets.token_urlsafe(32)
     url = await anyio.to_thread.run_sync(keeper.oidc.start, "api", binding, request.client and request.client.host)
     resp = RedirectResponse(url, status_code=302)
-    https = request.url.scheme == "https" or request.headers.get("x-forwarded-proto") == "https"
+    # the scheme uvicorn saw: TLS to this server, or X-Forwarded-Proto from a server.trusted_proxies peer only
+    https = request.url.scheme == "https"
     resp.set_cookie(BINDING_COOKIE, binding, max_age=600, path=BINDING_PATH, httponly=True, samesite="lax", secure=https)
     return resp
 
