@@ -119,6 +119,30 @@ def test_shipped_prices_are_dated_and_sourced(tmp_path):
         load_prices(bad)
 
 
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ("", "lists no alternative"),
+        ("x = 1\n", "unknown 'x'"),
+        ('[[per_tokens]]\nname = "X"\ninput = 1.0\noutput = 2.0\nas_of = "2026-01-01"\nsource = "s"\n', "unknown 'per_tokens'"),
+        ('[per_token]\nname = "X"\ninput = 1.0\noutput = 2.0\nas_of = "2026-01-01"\nsource = "s"\n', "double brackets"),
+        ("per_token = []\nper_seat = []\n", "lists no alternative"),
+    ],
+)
+def test_a_price_file_that_prices_nothing_is_refused(tmp_path, text, why):
+    """Was broken: a price file whose tables were misspelt ([[per_tokens]]), single-bracketed or absent was read as
+    no alternatives at all, and `codemoat tco --prices` compared on-prem against nothing, exit 0. The positive beside
+    it: one [[per_token]] entry of one's own is the whole comparison."""
+    f = tmp_path / "my-prices.toml"
+    f.write_text(text)
+    r = run_cli("tco", "--prices", str(f))
+    assert r.returncode == 1 and why in r.stderr and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+    f.write_text('[[per_token]]\nname = "Ours"\ninput = 1.0\noutput = 2.0\nas_of = "2026-01-01"\nsource = "s"\n')
+    assert [t.name for t in load_prices(f)[0]] == ["Ours"] and load_prices(f)[1] == []
+    r = run_cli("tco", "--prices", str(f), "--json")
+    assert r.returncode == 0 and [a["name"] for a in json.loads(r.stdout)["alternatives"]] == ["Ours"], r.stderr
+
+
 def test_inputs_measured_from_usage_history(home):
     from codemoat.db import open_db
     from codemoat.usage import UsageStore

@@ -38,6 +38,18 @@ def load_prices(path: Path | None = None) -> tuple[list[PerToken], list[PerSeat]
         data = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise CodemoatError(f"price file {p} is not valid TOML: {e}") from None
+    # a misspelt table ([[per_tokens]]) or a file of something else compared against nothing, silently
+    unknown = sorted(set(data) - {"per_token", "per_seat"})
+    if unknown:
+        raise CodemoatError(
+            f"price file {p}: unknown {', '.join(map(repr, unknown))}: its entries are [[per_token]] and [[per_seat]] tables"
+        )
+    if not all(isinstance(data.get(k, []), list) for k in ("per_token", "per_seat")):
+        raise CodemoatError(f"price file {p}: write each alternative as a [[per_token]] or [[per_seat]] table (double brackets)")
+    if not data.get("per_token") and not data.get("per_seat"):
+        raise CodemoatError(
+            f"price file {p} lists no alternative: add [[per_token]] or [[per_seat]] entries (see {DEFAULT.name})"
+        )
     try:
         tok = [
             PerToken(
