@@ -69,6 +69,17 @@ def test_pack_definitions_reach_a_call_site_and_only_its_groups(shop, store, htt
     from codemoat.index.update import update_repository
 
     assert update_repository(SqliteIndex(), "pack.httpx").indexed == 0
+    # and says so: a pack is not "0 files" (it printed that before), the repository beside it is updated as ever
+    import json
+
+    from conftest import run_cli
+
+    r = run_cli("index", "update")
+    assert r.returncode == 0 and "pack.httpx: a knowledge pack, left as it is" in r.stdout, r.stdout + r.stderr
+    assert "app: 2 files" in r.stdout and "pack.httpx: 0 files" not in r.stdout, r.stdout
+    rows = {row["repo"]: row for row in json.loads(run_cli("index", "update", "--json").stdout)}
+    assert rows["pack.httpx"]["knowledge_pack"] is True and rows["pack.httpx"]["groups"] == ["dev"]
+    assert "knowledge_pack" not in rows["app"] and rows["app"]["files"] == 2
 
 
 def test_newer_pack_replaces_older_and_keeps_its_groups(shop, store, tmp_path):

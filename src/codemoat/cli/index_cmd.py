@@ -86,7 +86,7 @@ def update(
     """Re-index changed files (by content hash); files deleted from the folder leave the index."""
     from ..errors import CodemoatError
     from ..index.store import SqliteIndex
-    from ..index.update import parse_groups, update_repository
+    from ..index.update import PACK_ROOT, UpdateStats, parse_groups, update_repository
 
     store = SqliteIndex()
     if groups is not None:
@@ -99,6 +99,13 @@ def update(
     names = [name] if name else [r.name for r in store.repos()]
     out = []
     for n in names:
+        info = store.repo(n)
+        if info.root.startswith(PACK_ROOT):
+            # a knowledge pack has no folder and changes only through `update apply`: say so, not "0 files"
+            out.append({**vars(UpdateStats(n)), "groups": list(info.groups), "knowledge_pack": True})
+            if not as_json:
+                console.print(f"[bold]{n}[/bold]: a knowledge pack, left as it is (`codemoat update apply` changes it)")
+            continue
         with _progress(not as_json, f"updating {n}") as tick:
             stats = update_repository(store, n, tick)
         out.append({**vars(stats), "groups": list(store.repo(n).groups)})
