@@ -68,7 +68,7 @@ def serve(
         raise
     bound = sock.getsockname()[1]
     console.print(f"codemoat serving [bold]{holder.model_id}[/bold] on http://{settings.server.host}:{bound}", highlight=False)
-    run(application, sock, settings.server.log_level, settings.server.trusted_proxies)
+    run(application, sock, settings.server.log_level, settings.server.trusted_proxies, settings.server.read_timeout_s)
     console.print("codemoat stopped", highlight=False)
 
 

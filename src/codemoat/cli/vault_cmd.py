@@ -222,6 +222,13 @@ def keyserver_cmd(
             help="Worker processes on one port (challenges live in the vendor database, so any worker accepts any other's).",
         ),
     ] = 1,
+    read_timeout: Annotated[
+        float,
+        typer.Option(
+            min=0.1,
+            help="Seconds a client has to send a request once connected, plus one a KiB received; later: 408, connection closed.",
+        ),
+    ] = 30.0,
 ) -> None:
     """Run the lease service for this vendor's licenses."""
     import uvicorn
@@ -230,6 +237,7 @@ def keyserver_cmd(
         raise typer.BadParameter("--workers above 1 needs a fixed --port", param_hint="--port")
 
     from ..serve.keyserver_app import create_app, serve_workers
+    from ..serve.readguard import guarded, raise_open_files
     from ..vault.vendor import Vendor
 
     v = Vendor.open(vendor)  # checks the folder and migrates the database once, before any worker starts
@@ -242,7 +250,8 @@ def keyserver_cmd(
     # is made only at --log-level info or below; proxy headers are not read.
     opts = {"log_level": log_level, "proxy_headers": False, "access_log": log_level.lower() in ("info", "debug", "trace")}
     if workers == 1:
-        uvicorn.run(create_app(v), host=host, port=port, **opts)
+        raise_open_files()  # with the request deadline: silent connections cannot take every descriptor
+        uvicorn.run(create_app(v), host=host, port=port, http=guarded(read_timeout_s=read_timeout), **opts)
         return
     v.close()
-    serve_workers(str(vendor.resolve()), workers, host, port, **opts)
+    serve_workers(str(vendor.resolve()), workers, host, port, read_timeout_s=read_timeout, **opts)

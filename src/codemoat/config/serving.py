@@ -28,6 +28,14 @@ class ServerSettings(BaseModel):
     max_body_mb: float = Field(
         8, ge=0, description="Largest request body accepted, in MiB; a larger one gets 413 (0 = no limit)."
     )
+    read_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="Seconds a client has to send a request once its connection opens (or its first byte comes after an "
+        "answer), plus one for every KiB received (a large body on a slow link still arrives); later, it gets 408 and "
+        "the connection closes. A connection left silent, a head or a body stopped halfway, no longer holds a "
+        "descriptor for good. A request's head over 64 KiB gets 431.",
+    )
     trusted_proxies: list[str] = Field(
         default_factory=list,
         description="Addresses or networks (CIDR) of the reverse proxies in front of the server (HAProxy's). A request "

@@ -152,18 +152,19 @@ def create_app(vendor: Vendor, clock: Clock | None = None) -> KeyServerApp:
     return KeyServerApp(vendor, clock)
 
 
-def serve_workers(vendor_dir: str, workers: int, host: str, port: int, **uvicorn_opts: Any) -> None:
+def serve_workers(vendor_dir: str, workers: int, host: str, port: int, read_timeout_s: float = 30.0, **uvicorn_opts: Any) -> None:
     """`codemoat keyserver --workers N`: N processes, each with a listening socket of its own on `host:port`
     (SO_REUSEPORT), so the kernel spreads connections over them by their addresses. uvicorn's own `--workers`
     shares one socket, whose accepts the first worker awake takes: a burst of 32 connections went all 32 to one
     worker in 4 of 5 tries, and two workers served like one (bench/results/attest.md). Stops them all on
-    SIGTERM or SIGINT, and when one of them exits (the others are stopped, the exit status is 1)."""
+    SIGTERM or SIGINT, and when one of them exits (the others are stopped, the exit status is 1). Each bounds
+    how long a client takes to send a request (`serve.readguard`, `read_timeout_s`)."""
     import multiprocessing
     import signal
     import threading
 
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(vendor_dir, host, port, uvicorn_opts)) for _ in range(workers)]
+    procs = [ctx.Process(target=_worker, args=(vendor_dir, host, port, read_timeout_s, uvicorn_opts)) for _ in range(workers)]
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -182,10 +183,14 @@ def serve_workers(vendor_dir: str, workers: int, host: str, port: int, **uvicorn
         raise SystemExit(1)
 
 
-def _worker(vendor_dir: str, host: str, port: int, uvicorn_opts: dict[str, Any]) -> None:
+def _worker(vendor_dir: str, host: str, port: int, read_timeout_s: float, uvicorn_opts: dict[str, Any]) -> None:
     import socket
 
     import uvicorn
+
+    from .readguard import guarded, raise_open_files
+
+    raise_open_files()
 
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -194,5 +199,6 @@ def _worker(vendor_dir: str, host: str, port: int, uvicorn_opts: dict[str, Any])
         sock.bind((host, port))
     except OSError as e:
         raise SystemExit(f"key server worker: cannot listen on {host}:{port}: {e.strerror}") from None
-    config = uvicorn.Config(create_app(Vendor.open(vendor_dir)), host=host, port=port, **uvicorn_opts)
+    app = create_app(Vendor.open(vendor_dir))
+    config = uvicorn.Config(app, host=host, port=port, http=guarded(read_timeout_s=read_timeout_s), **uvicorn_opts)
     uvicorn.Server(config).run(sockets=[sock])

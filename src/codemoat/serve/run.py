@@ -59,8 +59,11 @@ def believed(trusted: list[str]) -> list[str]:
     return out
 
 
-def run(app, sock: socket.socket, log_level: str, trusted_proxies: list[str] | None = None) -> None:
+def run(app, sock: socket.socket, log_level: str, trusted_proxies: list[str] | None = None, read_timeout_s: float = 30.0) -> None:
     """Serve `app` on `sock` until SIGTERM or SIGINT; requests in flight get 10 s to finish.
+
+    A request is due within `read_timeout_s` (server.read_timeout_s) and its head bounded (`serve.readguard`),
+    and the soft limit on open descriptors is lifted to the hard one.
 
     X-Forwarded-For is read only from `trusted_proxies` (server.trusted_proxies). uvicorn's own default
     trusts it from 127.0.0.1 (or $FORWARDED_ALLOW_IPS): any local process, or a proxy on the host that
@@ -68,11 +71,18 @@ def run(app, sock: socket.socket, log_level: str, trusted_proxies: list[str] | N
     per-address bounds see."""
     import uvicorn
 
+    from .readguard import guarded, raise_open_files
     from .wire import HttpProtocol
 
+    raise_open_files()
     proxies = {"proxy_headers": bool(trusted_proxies), "forwarded_allow_ips": believed(trusted_proxies or []) or None}
     config = uvicorn.Config(
-        app, http=HttpProtocol, log_level=log_level, access_log=False, timeout_graceful_shutdown=10, **proxies
+        app,
+        http=guarded(HttpProtocol, read_timeout_s),
+        log_level=log_level,
+        access_log=False,
+        timeout_graceful_shutdown=10,
+        **proxies,
     )
     server = uvicorn.Server(config)
     freeze_heap()  # the model is loaded and the app built: what follows is serving

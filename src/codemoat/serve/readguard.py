@@ -1,0 +1,148 @@
+"""How long and how much a client may take to send a request: bounds uvicorn does not set.
+
+uvicorn (0.54, httptools) closes a connection idle *between* requests after `timeout_keep_alive`, but
+sets no deadline on a request itself: a connection opened and left silent, a head sent a byte at a
+time or stopped halfway, or a body cut short of its Content-Length (or a chunked one never ended) was
+held for good, a descriptor and a buffer each. A few hundred such connections from one address used
+every descriptor a process under systemd's default limit (1,024) has, and from then on `codemoat serve`
+or the key server refused everyone. Nor does it bound a request's head: one header line of 300 MiB was
+read into memory whole (the key server's RSS grew by 430 MB).
+
+Here, a request's bytes are due from the moment the connection opens (or its first byte arrives after
+an answer): within `read_timeout_s`, plus a second for every `MIN_RATE` bytes received, so a large body
+on a slow link still arrives while a trickle or a stall does not hold the connection. Past that the
+client gets `408` in one line and the connection closes; a head larger than `MAX_HEAD` gets `431`.
+While the server itself is answering on the connection or has stopped reading it (flow control,
+pipelining), the clock waits. The app sees a client gone (`http.disconnect`), as when one hangs up.
+
+`raise_open_files()` lifts the soft limit on open descriptors to the hard one (as Go's runtime does):
+with the deadline, holding them all then takes thousands of new connections a second.
+"""
+
+from __future__ import annotations
+
+import resource
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+#: every request's head: browsers' and editors' run to a few KiB (nginx 32 KiB, h11 16 KiB by default)
+MAX_HEAD = 64 << 10
+#: the slowest a request is allowed to arrive once its first `read_timeout_s` have passed
+MIN_RATE = 1024  # bytes a second
+READ_TIMEOUT_S = 30.0
+
+
+def _answer(status: bytes, text: str) -> bytes:
+    body = text.encode()
+    head = b"HTTP/1.1 %s\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
+    return head % (status, len(body)) + body
+
+
+class ReadGuard:
+    """Mixed in before an `HttpToolsProtocol`: the deadline and head bound of the module's docstring."""
+
+    read_timeout_s: float = READ_TIMEOUT_S
+    _timer: Any = None
+    _reading = False  # a request's bytes are due
+    _started = 0.0  # when they became due (moved on while the server answers or does not read)
+    _got = 0  # bytes received since
+    _in_head = True  # what arrives now is a request's head
+    _head = 0  # its bytes so far
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)  # type: ignore[misc]
+        self._due()
+
+    def connection_lost(self, exc) -> None:
+        self._not_due()
+        super().connection_lost(exc)  # type: ignore[misc]
+
+    def data_received(self, data: bytes) -> None:
+        if not self._reading and (self.cycle is None or self.cycle.response_complete):
+            self._due()  # bytes after an answer (uvicorn's keep-alive timer is off from here)
+        self._got += len(data)
+        if self._in_head:
+            self._head += len(data)
+        super().data_received(data)  # type: ignore[misc]
+        if self._in_head and self._head > MAX_HEAD and not self.transport.is_closing():
+            self._refuse(b"431 Request Header Fields Too Large", f"request head is larger than {MAX_HEAD:,} bytes")
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()  # type: ignore[misc]
+        if not self._reading:
+            self._due()
+
+    def on_headers_complete(self) -> None:
+        self._in_head, self._head = False, 0
+        super().on_headers_complete()  # type: ignore[misc]
+
+    def handle_websocket_upgrade(self) -> None:
+        self._not_due()  # the connection is the WebSocket protocol's from here
+        super().handle_websocket_upgrade()  # type: ignore[misc]
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()  # type: ignore[misc]
+        self._not_due()
+        self._in_head, self._head = True, 0
+
+    # -- the clock -------------------------------------------------------------------------------------
+    def _due(self) -> None:
+        self._reading, self._started, self._got = True, self.loop.time(), 0
+        self._arm(self.read_timeout_s)
+
+    def _not_due(self) -> None:
+        self._reading = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _arm(self, delay: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self.loop.call_later(delay, self._check)
+
+    def _check(self) -> None:
+        self._timer = None
+        if not self._reading or self.transport.is_closing():
+            return
+        cycle = self.cycle
+        if self.flow.read_paused or (cycle is not None and cycle.response_started and not cycle.response_complete):
+            self._due()  # the server is answering here or not reading: the client is not the one late
+            return
+        left = self._started + self.read_timeout_s + self._got / MIN_RATE - self.loop.time()
+        if left > 0:
+            self._arm(left)
+            return
+        self._refuse(
+            b"408 Request Timeout",
+            f"request not received in time: it is due within {self.read_timeout_s:g} s, then at {MIN_RATE:,} bytes a second",
+            answer=self._in_head or cycle is None or not cycle.response_started,
+        )
+
+    def _refuse(self, status: bytes, text: str, answer: bool = True) -> None:
+        self._not_due()
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete and not self._in_head:
+            cycle.disconnected = True  # the app's request: it reads a hang-up and writes nothing more
+            cycle.message_event.set()
+        if answer:
+            self.transport.write(_answer(status, text))
+        self.transport.close()
+
+
+def guarded(base: type[HttpToolsProtocol] = HttpToolsProtocol, read_timeout_s: float = READ_TIMEOUT_S) -> type:
+    """`base` (uvicorn's httptools protocol or a subclass) with `ReadGuard`'s bounds: `uvicorn.Config(http=...)`."""
+    return type(f"Guarded{base.__name__}", (ReadGuard, base), {"read_timeout_s": float(read_timeout_s)})
+
+
+def raise_open_files() -> None:
+    """The soft limit on open descriptors up to the hard one (at most 2**20); quietly as it was if not allowed."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = min(hard if hard != resource.RLIM_INFINITY else 1 << 20, 1 << 20)
+    if soft == resource.RLIM_INFINITY or soft >= want:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    except (ValueError, OSError):
+        pass

@@ -1,0 +1,140 @@
+"""An outside attacker's review of how `codemoat serve` reads a request: clients that never finish one.
+
+Was broken: uvicorn sets no deadline on a request (only on the idle time between two), so a connection
+opened and left silent, a head stopped halfway or sent a byte at a time, a body short of its
+Content-Length or a chunked body never ended, was held for good; a few hundred of them used every
+descriptor a process has under systemd's default limit (1,024), and then no editor got an answer. And a
+request's head had no bound: one header line of 300 MiB was read into memory whole. Now (serve.readguard,
+server.read_timeout_s) each gets 408 in one line and its connection closes; a head over 64 KiB gets 431.
+Beside them, what must still work: a body arriving slowly but steadily, and one keep-alive connection
+used for requests over a longer time than the deadline.
+
+Each refusal is awaited up to HANG seconds, many times the deadline set here (2 s): a hang is the
+failure, not a slow answer.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import time
+
+import pytest
+
+from conftest import create_token
+
+HANG = 60
+TIMEOUT = "2"
+
+
+@pytest.fixture
+def server(serve_process, random_gguf):
+    s = serve_process(["--model", str(random_gguf), "--model-id", "tiny"], env={"CODEMOAT_SERVER__READ_TIMEOUT_S": TIMEOUT})
+    s.token = create_token("--name", "dev")
+    return s
+
+
+def _answer(s: socket.socket) -> bytes:
+    """Everything until the server closes (or HANG seconds: then the test fails)."""
+    s.settimeout(HANG)
+    data = b""
+    try:
+        while chunk := s.recv(65536):
+            data += chunk
+    except ConnectionResetError:
+        pass
+    except TimeoutError:
+        pytest.fail(f"the connection was still held after {HANG} s: {data[:200]!r}")
+    return data
+
+
+def _request(token: str, body: bytes, extra: bytes = b"") -> bytes:
+    return (
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\nContent-Type: application/json\r\n"
+        % token.encode()
+        + extra
+        + b"Content-Length: %d\r\n\r\n" % len(body)
+        + body
+    )
+
+
+def _status(data: bytes) -> int | None:
+    m = re.match(rb"HTTP/1\.1 (\d{3}) ", data)
+    return int(m.group(1)) if m else None
+
+
+def test_requests_that_never_finish_get_408_and_their_connections_close(server):
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n" % server.token.encode()
+    cases = {
+        "silent": b"",
+        "half a head": b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n",
+        "a body short of its length": head + b'Content-Length: 1000\r\n\r\n{"prompt": ',
+        "a chunked body never ended": head + b'Transfer-Encoding: chunked\r\n\r\n5\r\n{"pro\r\n',
+    }
+    conns = {}
+    for what, sent in cases.items():
+        conns[what] = socket.create_connection(("127.0.0.1", server.port), timeout=HANG)
+        conns[what].sendall(sent)
+    trickle = socket.create_connection(("127.0.0.1", server.port), timeout=HANG)
+    start, got = time.monotonic(), b""
+    try:  # a byte of a head now and then: each byte does not earn the connection another deadline
+        for b in b"POST /v1/completions HTTP/1.1\r\nX-Slow: " + b"a" * 1000:
+            trickle.sendall(bytes([b]))
+            time.sleep(0.25)
+            if time.monotonic() - start > HANG:
+                pytest.fail(f"a head sent a byte every 0.25 s was still read after {HANG} s")
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    got = _answer(trickle)
+    assert _status(got) == 408, got[:300]
+    for what, s in conns.items():
+        data = _answer(s)
+        assert _status(data) == 408, (what, data[:300])
+        text = data.split(b"\r\n\r\n", 1)[1]
+        assert b"\n" not in text and b"request not received in time" in text, (what, text)
+        s.close()
+    trickle.close()
+    assert "Traceback" not in server.output(), server.output()[-3000:]
+
+
+def test_a_head_over_64_kib_is_431_before_it_is_read_whole(server):
+    with socket.create_connection(("127.0.0.1", server.port), timeout=HANG) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Huge: ")
+        try:
+            for _ in range(64):  # 64 MiB offered; the server stops reading after the first 64 KiB or so
+                s.sendall(b"a" * (1 << 20))
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        data = _answer(s)
+    assert _status(data) == 431 and b"request head is larger than 65,536 bytes" in data, data[:300]
+    with socket.create_connection(("127.0.0.1", server.port), timeout=HANG) as s:  # a large ordinary head is read
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 30_000 + b"\r\nConnection: close\r\n\r\n")
+        assert _status(_answer(s)) == 200
+
+
+def test_a_slow_steady_body_and_a_long_lived_keep_alive_connection_are_served(server):
+    """The negatives: a body taking twice the deadline at 2 KiB a second is answered (each KiB earns a
+    second), and one connection carries requests for longer than the deadline (it is per request)."""
+    prompt = json.dumps({"model": "tiny", "prompt": "def f(", "max_tokens": 1, "user": "x" * 8000}).encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=HANG) as s:
+        whole = _request(server.token, prompt, b"Connection: close\r\n")
+        for i in range(0, len(whole), 1024):
+            s.sendall(whole[i : i + 1024])
+            time.sleep(0.5)
+        data = _answer(s)
+    assert _status(data) == 200, data[:300]
+    small = json.dumps({"model": "tiny", "prompt": "x", "max_tokens": 1}).encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=HANG) as s:
+        for _ in range(3):
+            s.sendall(_request(server.token, small))
+            data = b""
+            while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < _length(data):
+                data += s.recv(65536)
+            assert _status(data) == 200, data[:300]
+            time.sleep(1.5)  # under uvicorn's keep-alive (5 s); three of them outlast the 2 s deadline
+
+
+def _length(data: bytes) -> int:
+    m = re.search(rb"(?i)content-length: (\d+)", data)
+    return int(m.group(1)) if m else 0

@@ -1,0 +1,128 @@
+"""An outside attacker's review of the key server's HTTP reading: connections that never finish a request.
+
+Was broken: uvicorn sets no deadline on a request, so a connection left silent, a head stopped halfway or
+a body short of its Content-Length was held for good. The key server faces every customer's machines: a
+few hundred such connections used every descriptor it had (200 here, 1,024 under systemd's default) and
+no machine got a lease or a renewal until they went. A head had no bound either (one 300 MiB header
+line was read into memory whole). Now (serve.readguard, `codemoat keyserver --read-timeout`) each gets
+408 in one line and is closed, a head over 64 KiB gets 431, and the server answers again once the
+deadline has passed, with one worker or several.
+
+Waits are bounded by HANG, many times the 2 s deadline set here: a hang is the failure, not a slow answer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import resource
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from codemoat.vault.vendor import Vendor
+from ports import free_port
+
+HANG = 60
+
+
+@contextlib.contextmanager
+def keyserver(vendor_dir, *extra: str, files: int | None = None):
+    """`codemoat keyserver --read-timeout 2` on a free port (at most `files` descriptors): yields the port."""
+    port = free_port()
+
+    def limit() -> None:
+        if files:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (files, files))
+
+    cmd = [sys.executable, "-m", "codemoat.cli.main", "keyserver", "--vendor", str(vendor_dir), "--port", str(port)]
+    proc = subprocess.Popen(
+        [*cmd, "--read-timeout", "2", *extra], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=limit
+    )
+    try:
+        assert _answered(port), proc.stderr.read().decode()[-500:] if proc.poll() is not None else "did not start"
+        yield port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _answered(port: int, seconds: float = HANG) -> bool:
+    """Whether a lease challenge got the key server's signed answer within `seconds` (tries again and again)."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        try:
+            r = httpx.post(f"http://127.0.0.1:{port}/v1/lease/challenge", json={"license_id": "nope"}, timeout=2)
+            if r.status_code < 500 and "signature" in r.json():
+                return True
+        except (httpx.HTTPError, ValueError):
+            pass
+        time.sleep(0.2)
+    return False
+
+
+def _answer(s: socket.socket) -> bytes:
+    s.settimeout(HANG)
+    data = b""
+    try:
+        while chunk := s.recv(65536):
+            data += chunk
+    except ConnectionResetError:
+        pass
+    except TimeoutError:
+        pytest.fail(f"the connection was still held after {HANG} s: {data[:200]!r}")
+    return data
+
+
+UNFINISHED = [
+    b"",
+    b"POST /v1/lease HTTP/1.1\r\nHost: k\r\n",
+    b'POST /v1/lease HTTP/1.1\r\nHost: k\r\nContent-Length: 400\r\n\r\n{"license_id": ',
+    b'POST /v1/lease HTTP/1.1\r\nHost: k\r\nTransfer-Encoding: chunked\r\n\r\n4\r\n{"li\r\n',
+]
+
+
+def test_unfinished_requests_cannot_hold_every_descriptor(tmp_path):
+    Vendor.init(tmp_path / "vendor").close()
+    with keyserver(tmp_path / "vendor", files=200) as port:
+        held = []
+        for i in range(300):  # more than the server's descriptors: the kernel queues the rest
+            s = socket.create_connection(("127.0.0.1", port), timeout=HANG)
+            s.sendall(UNFINISHED[i % len(UNFINISHED)])
+            held.append(s)
+        try:
+            assert _answered(port), f"no lease challenge answered for {HANG} s while 300 unfinished requests were open"
+            for s in held[:8]:
+                data = _answer(s)
+                assert data.startswith(b"HTTP/1.1 408 ") and b"request not received in time" in data, data[:300]
+        finally:
+            for s in held:
+                s.close()
+
+
+def test_several_workers_refuse_unfinished_requests_and_huge_heads(tmp_path):
+    Vendor.init(tmp_path / "vendor").close()
+    with keyserver(tmp_path / "vendor", "--workers", "2") as port:
+        for sent in UNFINISHED:
+            with socket.create_connection(("127.0.0.1", port), timeout=HANG) as s:
+                s.sendall(sent)
+                data = _answer(s)
+            assert re.match(rb"HTTP/1\.1 408 ", data), (sent, data[:300])
+        with socket.create_connection(("127.0.0.1", port), timeout=HANG) as s:
+            s.sendall(b"POST /v1/lease HTTP/1.1\r\nHost: k\r\nX-Huge: ")
+            try:
+                for _ in range(64):
+                    s.sendall(b"a" * (1 << 20))
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            data = _answer(s)
+        assert data.startswith(b"HTTP/1.1 431 ") and b"request head is larger than 65,536 bytes" in data, data[:300]
+        assert _answered(port)  # and a whole request is answered at once
