@@ -32,7 +32,8 @@ HANG = 60
 
 @contextlib.contextmanager
 def keyserver(vendor_dir, *extra: str, files: int | None = None):
-    """`codemoat keyserver --read-timeout 2` on a free port (at most `files` descriptors): yields the port."""
+    """`codemoat keyserver --read-timeout 2` on a free port (at most `files` descriptors): yields the port; what it
+    writes goes to keyserver.log beside `vendor_dir`."""
     port = free_port()
 
     def limit() -> None:
@@ -40,11 +41,10 @@ def keyserver(vendor_dir, *extra: str, files: int | None = None):
             resource.setrlimit(resource.RLIMIT_NOFILE, (files, files))
 
     cmd = [sys.executable, "-m", "codemoat.cli.main", "keyserver", "--vendor", str(vendor_dir), "--port", str(port)]
-    proc = subprocess.Popen(
-        [*cmd, "--read-timeout", "2", *extra], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=limit
-    )
+    log = open(vendor_dir.parent / "keyserver.log", "w")
+    proc = subprocess.Popen([*cmd, "--read-timeout", "2", *extra], stdout=log, stderr=subprocess.STDOUT, preexec_fn=limit)
     try:
-        assert _answered(port), proc.stderr.read().decode()[-500:] if proc.poll() is not None else "did not start"
+        assert _answered(port), "the key server did not start"
         yield port
     finally:
         proc.terminate()
@@ -53,6 +53,7 @@ def keyserver(vendor_dir, *extra: str, files: int | None = None):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        log.close()
 
 
 def _answered(port: int, seconds: float = HANG) -> bool:
@@ -126,3 +127,20 @@ def test_several_workers_refuse_unfinished_requests_and_huge_heads(tmp_path):
             data = _answer(s)
         assert data.startswith(b"HTTP/1.1 431 ") and b"request head is larger than 65,536 bytes" in data, data[:300]
         assert _answered(port)  # and a whole request is answered at once
+
+
+def test_a_websocket_upgrade_is_refused_at_the_handshake_without_a_log_line(tmp_path):
+    """Was: the app returned without a word on a WebSocket scope, so uvicorn (websockets installed) answered 500
+    and logged 'ASGI callable returned without completing handshake' at ERROR, one line per attempt."""
+    Vendor.init(tmp_path / "vendor").close()
+    key = b"MDEyMzQ1Njc4OWFiY2RlZg=="
+    upgrade = b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n" % key
+    with keyserver(tmp_path / "vendor", "--log-level", "warning") as port:
+        for path in (b"/v1/lease", b"/health", b"/nowhere"):
+            with socket.create_connection(("127.0.0.1", port), timeout=HANG) as s:
+                s.sendall(b"GET %s HTTP/1.1\r\nHost: k\r\n%s\r\n" % (path, upgrade))
+                data = _answer(s)
+            assert data.startswith(b"HTTP/1.1 403 "), (path, data[:300])
+        assert _answered(port)
+    log = (tmp_path / "keyserver.log").read_text()
+    assert "ERROR" not in log and "Traceback" not in log, log[-2000:]

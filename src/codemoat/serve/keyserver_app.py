@@ -121,6 +121,9 @@ class KeyServerApp:
                 elif msg["type"] == "lifespan.shutdown":
                     await send({"type": "lifespan.shutdown.complete"})
                     return
+        if scope["type"] == "websocket":  # no WebSocket route: refused at the handshake (403), not a 500 and a log line
+            await receive()  # websocket.connect
+            return await send({"type": "websocket.close", "code": 1008})
         if scope["type"] != "http":
             return
         path, method = scope["path"], scope["method"]
