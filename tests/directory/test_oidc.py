@@ -27,7 +27,7 @@ def provider(tmp_path):
         pytest.skip("node or oidc-provider is missing (make install runs npm ci --prefix tests/clients/node)")
     procs = []
 
-    def start(users: dict, id_token_ttl: int = 3600):
+    def start(users: dict, id_token_ttl: int = 3600, env: dict | None = None):
         port, serve_port = free_port(), free_port()
         secret = "test-secret-" + os.urandom(4).hex()
         redirect = f"http://127.0.0.1:{serve_port}/auth/oidc/callback"
@@ -35,6 +35,7 @@ def provider(tmp_path):
         p = subprocess.Popen(
             ["node", "oidc_provider.mjs", str(port), "codemoat", secret, redirect, json.dumps(users), str(id_token_ttl)],
             cwd=NODE_DIR,
+            env=dict(os.environ, **(env or {})),
             stdout=open(log, "w"),
             stderr=subprocess.STDOUT,
         )
@@ -226,3 +227,35 @@ def test_id_token_checks(provider, tmp_path, serve_on):
     with pytest.raises(Unauthorized, match="does not hold"):
         ok.check_id_token(token, nonce)
     assert _client(issuer, tmp_path, oidc_leeway_s=120).check_id_token(token, nonce)["sub"] == "alice"  # clock skew allowed
+
+
+def test_ed25519_id_tokens_from_the_real_provider(provider, serve_on, tmp_path):
+    """oidc-provider signing ID tokens with an Ed25519 key ("alg": "EdDSA" in the header and on its JWK, RFC 8037's
+    name, the only one oidc-provider 8 has): the code flow through serve gives a token, and `check_id_token` (the
+    key picked by kid, the Ed25519 names as one: directory/oidc._key_named) holds the real token and refuses it
+    with a flipped signature or its header renamed. oidc-provider gives a JWK labelled "Ed25519" no signing
+    algorithm and publishes an unlabelled Ed25519 key as "EdDSA", so those pairings are tested against the stub
+    provider (test_id_token_attacks.py)."""
+    import base64
+
+    from codemoat.errors import Unauthorized
+
+    issuer, port, redirect = provider({"alice": {"groups": ["payments-devs"]}}, env={"OIDC_ED25519": "1"})
+    jwks = httpx.get(issuer + "/jwks", timeout=30).json()["keys"]
+    assert [(k["kty"], k["crv"], k.get("alg")) for k in jwks] == [("OKP", "Ed25519", "EdDSA")]
+    url = serve_on(port, _config(tmp_path, issuer, redirect))
+    r, _ = sign_in(url, issuer, "alice")
+    assert r.status_code == 200 and r.json()["user"] == "alice" and "payments" in r.json()["groups"], r.text
+
+    token, nonce = _id_token(issuer, tmp_path, redirect, port, serve_on)
+    head, payload, sig = token.split(".")
+    header = json.loads(base64.urlsafe_b64decode(head + "=" * (-len(head) % 4)))
+    assert header["alg"] == "EdDSA" and header["kid"] == "ed-1"
+    client = _client(issuer, tmp_path)
+    assert client.check_id_token(token, nonce)["sub"] == "alice"
+    flipped = sig[:-2] + ("A" if sig[-2] != "A" else "B") + sig[-1]
+    with pytest.raises(Unauthorized, match="does not hold"):
+        client.check_id_token(f"{head}.{payload}.{flipped}", nonce)
+    renamed = base64.urlsafe_b64encode(json.dumps({**header, "alg": "Ed25519"}).encode()).rstrip(b"=").decode()
+    with pytest.raises(Unauthorized, match="does not hold"):  # the header is signed: renaming it breaks the signature
+        client.check_id_token(f"{renamed}.{payload}.{sig}", nonce)

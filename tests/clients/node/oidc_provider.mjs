@@ -6,18 +6,28 @@
 // application at the same provider (its tokens are for another audience).
 // Sign-in uses the provider's own development interactions (a login form that accepts any
 // password for a listed account, then a consent form), driven by the tests over HTTP.
+// OIDC_ED25519=1: the provider signs ID tokens with a fresh Ed25519 key ("alg": "EdDSA" in their header, the
+// only name oidc-provider 8 has for it) and publishes that key alone, labelled "EdDSA"; unset: its own RS256 keys.
+import { generateKeyPairSync } from 'node:crypto';
 import Provider from 'oidc-provider';
 
 const [port, clientId, secret, redirect, usersJson, ttl, device] = process.argv.slice(2);
 const grants = ['authorization_code', ...(device === 'nodevice' ? [] : ['urn:ietf:params:oauth:grant-type:device_code'])];
+const ed25519 = process.env.OIDC_ED25519;
 const client = (id) => ({
   client_id: id, client_secret: secret, redirect_uris: redirect.split(','),
   grant_types: grants, response_types: ['code'], client_name: id,
+  ...(ed25519 ? { id_token_signed_response_alg: 'EdDSA' } : {}),
 });
+const edKey = () => {
+  const jwk = generateKeyPairSync('ed25519').privateKey.export({ format: 'jwk' });
+  return { ...jwk, kid: 'ed-1', use: 'sig', alg: 'EdDSA' };
+};
 const users = JSON.parse(usersJson);
 const issuer = `http://127.0.0.1:${port}`;
 const provider = new Provider(issuer, {
   clients: [client(clientId), client('other-app')],
+  ...(ed25519 ? { jwks: { keys: [edKey()] } } : {}),
   claims: { openid: ['sub'], profile: ['name', 'preferred_username'], groups: ['groups'] },
   scopes: ['openid', 'profile', 'groups'],
   pkce: { required: () => true },
