@@ -15,6 +15,12 @@ client gets `408` in one line and the connection closes; a head larger than `MAX
 While the server itself is answering on the connection or has stopped reading it (flow control,
 pipelining), the clock waits. The app sees a client gone (`http.disconnect`), as when one hangs up.
 
+Nor does uvicorn bound the requests a client pipelines (sends before reading the answers): it queues
+each one read while another is answered, and reads on whenever the app waits on `receive()` (as a
+hang-up watch does), so one connection that sent `GET /livez` over and over without reading grew
+`codemoat serve` by 1.3 GB in 20 s, for good. Here a connection with more than `MAX_PIPELINED`
+requests waiting is closed.
+
 `raise_open_files()` lifts the soft limit on open descriptors to the hard one (as Go's runtime does):
 with the deadline, holding them all then takes thousands of new connections a second.
 """
@@ -28,6 +34,9 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 #: every request's head: browsers' and editors' run to a few KiB (nginx 32 KiB, h11 16 KiB by default)
 MAX_HEAD = 64 << 10
+#: requests read on a connection and waiting behind the one being answered (HTTP/1.1 pipelining; browsers,
+#: editors, httpx and HAProxy send one at a time); past this the connection is closed
+MAX_PIPELINED = 32
 #: the slowest a request is allowed to arrive once its first `read_timeout_s` have passed
 MIN_RATE = 1024  # bytes a second
 READ_TIMEOUT_S = 30.0
@@ -76,6 +85,11 @@ class ReadGuard:
     def on_headers_complete(self) -> None:
         self._in_head, self._head = False, 0
         super().on_headers_complete()  # type: ignore[misc]
+        if len(self.pipeline) > MAX_PIPELINED:  # the newest is dropped unread, and the connection with it
+            self.pipeline.popleft()
+            self._not_due()
+            if not self.transport.is_closing():
+                self.transport.close()
 
     def handle_websocket_upgrade(self) -> None:
         self._not_due()  # the connection is the WebSocket protocol's from here
