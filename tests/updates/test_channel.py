@@ -66,7 +66,7 @@ def test_damaged_download_and_hostile_index_are_refused(shop, tmp_path, home):
     real = ch.index
     ch_index = real(pub)
     (pub / "acme.moatpkg").write_bytes((pub / "acme.moatpkg").read_bytes()[:-1] + b"\0")
-    ch.index = lambda folder: ch_index
+    ch.index = lambda folder, *_: ch_index  # the server passes its digest cache too
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{srv.server_address[1]}"
     try:
@@ -76,7 +76,7 @@ def test_damaged_download_and_hostile_index_are_refused(shop, tmp_path, home):
         with pytest.raises(CodemoatError, match="does not match its index entry"):
             ch.fetch(url, home / "updates" / "inbox")
         assert not list((home / "updates" / "inbox").glob("*.moatpkg"))
-        ch.index = lambda folder: [{"file": "../../etc/passwd.moatpkg", "size": 1, "sha256": "0" * 64}]
+        ch.index = lambda folder, *_: [{"file": "../../etc/passwd.moatpkg", "size": 1, "sha256": "0" * 64}]
         with pytest.raises(CodemoatError, match="malformed entry"):
             ch.fetch(url, home / "updates" / "inbox")
     finally:

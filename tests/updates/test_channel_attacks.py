@@ -1,0 +1,84 @@
+"""An outside attacker's review of the vendor's update channel (`codemoat vendor channel`): anyone who can reach it.
+
+Was broken: every GET /index.json read every published bundle whole to hash it (0.9 s a GiB; eight requests
+at once 8 s of the server's CPU), so anyone could keep the vendor's channel busy with a loop of index
+requests; and a connection left silent held a server thread for good. Now each bundle is hashed once (again
+when its file changes) and a connection idle past the timeout is closed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import threading
+import urllib.request
+
+import pytest
+
+from codemoat.updates.channel import make_server
+
+HANG = 60
+MB = 1 << 20
+
+
+def _rchar() -> int:
+    """Bytes this process has read through read(2) and friends so far (/proc/self/io)."""
+    with open("/proc/self/io") as f:
+        return int(next(line for line in f if line.startswith("rchar:")).split()[1])
+
+
+@pytest.fixture
+def channel(tmp_path):
+    pub = tmp_path / "published"
+    pub.mkdir()
+    srv = make_server(pub, "127.0.0.1", 0, timeout_s=1)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    srv.folder = pub
+    srv.url = f"http://127.0.0.1:{srv.server_address[1]}"
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def _index(url: str) -> dict[str, str]:
+    with urllib.request.urlopen(url + "/index.json", timeout=HANG) as r:
+        return {e["file"]: e["sha256"] for e in json.load(r)}
+
+
+def test_the_index_reads_each_bundle_once_and_follows_changes(channel):
+    big = os.urandom(32 * MB)
+    (channel.folder / "acme-model-2.moatpkg").write_bytes(big)
+    assert _index(channel.url) == {"acme-model-2.moatpkg": hashlib.sha256(big).hexdigest()}
+    before = _rchar()
+    for _ in range(10):
+        _index(channel.url)
+    assert _rchar() - before < 32 * MB, "ten more index requests read the 32 MiB bundle again"
+    # the negatives: a bundle replaced (a new file in its place), added or removed is what the index says
+    other = os.urandom(32 * MB)
+    (channel.folder / "new.tmp").write_bytes(other)
+    os.replace(channel.folder / "new.tmp", channel.folder / "acme-model-2.moatpkg")
+    (channel.folder / "acme-model-3.moatpkg").write_bytes(b"three")
+    assert _index(channel.url) == {
+        "acme-model-2.moatpkg": hashlib.sha256(other).hexdigest(),
+        "acme-model-3.moatpkg": hashlib.sha256(b"three").hexdigest(),
+    }
+    with open(channel.folder / "acme-model-3.moatpkg", "ab") as f:  # appended to in place: read again
+        f.write(b"+")
+    os.unlink(channel.folder / "acme-model-2.moatpkg")
+    assert _index(channel.url) == {"acme-model-3.moatpkg": hashlib.sha256(b"three+").hexdigest()}
+
+
+@pytest.mark.parametrize("sent", [b"", b"GET /index.json HTTP/1.1\r\nHost: c\r\n", b"GET /index"])
+def test_a_connection_that_sends_nothing_more_is_closed(channel, sent):
+    with socket.create_connection(("127.0.0.1", channel.server_address[1]), timeout=HANG) as s:
+        s.sendall(sent)
+        try:
+            data = s.recv(4096)
+        except TimeoutError:
+            pytest.fail(f"the channel still held a silent connection after {HANG} s")
+        except ConnectionResetError:
+            data = b""
+    assert b"200 OK" not in data
+    assert _index(channel.url) == {}  # and it answers on
