@@ -3,6 +3,8 @@
 Servers, each on the same GGUF with the same threads and the same context per slot:
   codemoat            batched llama.cpp engine, model.parallel = P slots (the default engine)
   codemoat-1          model.parallel = 1: one request at a time (the engine before batching)
+  codemoat-inline     (opt-in) model.isolation = inline: the batched engine in the server's own process, no
+                      engine process to restart after a crash: what that isolation costs a request
   llama-server        llama.cpp's server, `-np P -cb`, built from the llama.cpp source vendored in
                       llama-cpp-python's sdist (same commit as the engine) under ~/.cache/codemoat-bench
                       by `--build` (CMake, -DLLAMA_BUILD_SERVER=ON, -j2), never by `make test`
@@ -56,6 +58,7 @@ FILE = "".join(
 )
 SERVERS = ("codemoat", "codemoat-1", "llama-server", "llama_cpp.server")
 ONE_SLOT = "llama-server-1"  # --servers ...,llama-server-1: llama-server -np 1 (no batching)
+INLINE = "codemoat-inline"  # --servers ...,codemoat-inline: model.isolation = inline (no engine process)
 BASE = "codemoat-base"  # --baseline: codemoat (batched) from another checkout's src/, beside this one
 
 
@@ -243,6 +246,7 @@ class Servers:
         cmds = {
             "codemoat": (cm, dict(cm_env, CODEMOAT_MODEL__PARALLEL=str(par))),
             "codemoat-1": (cm, dict(cm_env, CODEMOAT_MODEL__PARALLEL="1")),
+            INLINE: (cm, dict(cm_env, CODEMOAT_MODEL__PARALLEL=str(par), CODEMOAT_MODEL__ISOLATION="inline")),
             "llama-server": (
                 [str(LLAMA_SERVER), "-m", str(model), "-a", "m", "-c", str(ctx * par), "-np", str(par), "-cb"]
                 + ["-t", t, "-tb", t, "-fa", "off", "--api-key", token, "--host", "127.0.0.1", "--no-webui", *nr],
@@ -660,12 +664,14 @@ def cold_row(res: dict, cols: list[str], pairs: list[tuple[str, str]]) -> str:
 
 
 def table(name: str, model: Path, res: dict, args: argparse.Namespace) -> str:
-    cols = [s for s in (*SERVERS, ONE_SLOT, BASE) if s in res]
+    cols = [s for s in (*SERVERS, ONE_SLOT, INLINE, BASE) if s in res]
     pairs = [
         ("codemoat", b) for b in ["llama-server", "codemoat-1", "llama_cpp.server"] + [s for s in (ONE_SLOT, BASE) if s in res]
     ]
     if ONE_SLOT in res:  # what batching gains on the reference itself
         pairs.append(("llama-server", ONE_SLOT))
+    if INLINE in res:  # the engine in the server's process: what the engine process's isolation costs
+        pairs.append((INLINE, "llama-server"))
     head = "| scenario | " + " | ".join(cols) + " | " + " | ".join(f"{a} / {b}" for a, b in pairs) + " |"
     lines = [head, "|" + " --- |" * (len(cols) + len(pairs) + 1)]
     for key, label, _ in scenarios(args.quick, args.scenarios):
