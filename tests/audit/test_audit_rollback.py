@@ -282,3 +282,30 @@ def test_memory_that_cannot_be_written_is_a_warning_not_a_failure(audit_log, eng
     log = AuditLog(engine, head_file=head_file, verified_file=tmp_path / "no-such-dir" / "verified.json")
     rep = log.verify()
     assert rep.ok and rep.warning and "could not remember the verified head" in rep.warning
+
+
+def test_head_export_keeps_an_earlier_head(audit_log, tmp_path):
+    """An exported head is the anchor that catches a rollback: exporting again to its file (a cron job's
+    fixed name, a typo) must not replace it with the head of a log rolled back meanwhile. Refused in one line
+    and left as it was; --force replaces it; a link planted at the path is never written through."""
+    fill(audit_log, 3)
+    kept = tmp_path / "head.json"
+    assert runner.invoke(app, ["audit", "head", "export", "-o", str(kept)]).exit_code == 0
+    before = kept.read_bytes()
+    fill(audit_log, 2, start=3)
+    r = run_cli("audit", "head", "export", "-o", str(kept))
+    assert r.returncode == 1 and "exists: pass --force" in r.stderr + r.stdout and "Traceback" not in r.stderr
+    assert kept.read_bytes() == before and json.loads(before)["seq"] == 3
+    r = run_cli("audit", "head", "export", "-o", str(kept), "--force")
+    assert r.returncode == 0 and json.loads(kept.read_text())["seq"] == 5, r.stderr
+    victim = tmp_path / "victim.txt"
+    victim.write_text("not yours")
+    link = tmp_path / "link.json"
+    link.symlink_to(victim)
+    r = run_cli("audit", "head", "export", "-o", str(link))
+    assert r.returncode == 1 and "exists" in r.stderr + r.stdout
+    r = run_cli("audit", "head", "export", "-o", str(link), "--force")  # the link is replaced, not followed
+    assert r.returncode == 0 and victim.read_text() == "not yours" and not link.is_symlink()
+    assert json.loads(link.read_text())["seq"] == 5
+    r = run_cli("audit", "head", "export", "-o", str(tmp_path))
+    assert r.returncode == 1 and "is a folder" in r.stderr + r.stdout and "Traceback" not in r.stderr

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from .apps import _group, audit_app
-from .common import ConfigOpt, JsonFlag, console, emit, open_audit_log, say, write_text
+from .common import ConfigOpt, JsonFlag, check_writable, console, emit, open_audit_log, say
 
 head_app = _group("The signed head of the audit log: export it to keep off this machine.")
 audit_app.add_typer(head_app, name="head")
@@ -171,18 +171,27 @@ def audit_rotate(
 @head_app.command("export")
 def audit_head_export(
     *,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write to this file instead of standard output.")] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output", "-o", help="Write to this new file instead of standard output (a head kept earlier is not replaced)."
+        ),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace the file at --output.")] = False,
     trusted_head: TrustedHeadOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Verify the log, then print its signed head (JSON, nothing secret) to keep off this machine for `audit verify --trusted-head`."""
     import json
 
+    from .. import paths
     from ..audit import trusted
     from ..errors import CodemoatError
 
     if trusted_head is not None and not trusted_head.is_file():
         raise CodemoatError(f"--trusted-head {trusted_head}: no such file")
+    if output is not None:  # an exported head is the anchor that catches a rollback: an earlier one is kept
+        check_writable(output, force, "an exported head: keep each, e.g. one file a day")
     log = _log(config)
     rep = log.verify(trusted_head=trusted_head)
     if not rep.ok:
@@ -193,7 +202,12 @@ def audit_head_export(
     if output is None:
         sys.stdout.write(text)
         return
-    write_text(output, text)
+    try:  # as a new file (or replaced with --force): a file or link put there meanwhile is refused, not written through
+        paths.write_out(output, text.encode(), force=force)
+    except FileExistsError:
+        raise CodemoatError(f"{output} exists: pass --force to replace it") from None
+    except OSError as e:
+        raise CodemoatError(f"cannot write {output}: {e.strerror}") from None
     say(
         f"signed head at record {rep.head.seq} written to {output}: keep it off this machine and check with "
         f"`codemoat audit verify --trusted-head {output}`",
