@@ -58,7 +58,7 @@ $CODEMOAT audit verify && echo "!! tampering went unnoticed" || echo "(exit stat
 echo "restored the original value:"; $CODEMOAT audit verify
 
 say "a rollback needs no key: drop the last record, put back the older signed head the head file still holds"
-$CODEMOAT audit head export -o "$DEMO/audit-head.json"   # an operator keeps this copy off the machine
+$CODEMOAT audit head export -o "$DEMO/audit-head.json" --force   # an operator keeps this copy off the machine (--force: a rerun in the same scratch folder)
 "$PY" -c "import sqlite3; s=sqlite3.connect('$DB'); s.backup(sqlite3.connect('$DEMO/audit-before-rollback.db'))"
 "$PY" - "$DB" <<'EOF'
 import json, shutil, sqlite3, sys
