@@ -56,6 +56,36 @@ def test_the_address_recorded_through_haproxy_is_the_editors(tiny_gguf, serve_pr
     assert column(f"sqlite:///{os.environ['CODEMOAT_HOME']}/codemoat.db", "select client from audit_records") == ["127.0.0.2"]
 
 
+def test_an_editors_forwarded_proto_does_not_pass_haproxy(tiny_gguf, serve_process, haproxy):
+    """A replica behind HAProxy names it in server.trusted_proxies, so it believes the X-Forwarded-Proto that
+    reaches it (the console's session cookie is then Secure). deploy/haproxy.cfg listens on plain HTTP and drops
+    the header an editor sent: a caller over plain HTTP cannot have the replica take its request for HTTPS.
+    Fails before: the header passed through and the cookie came back Secure."""
+    import re
+
+    admin = create_token("--name", "ops", "--scopes", "admin")
+    replica = serve_process(["--model", str(tiny_gguf)], env={"CODEMOAT_SERVER__TRUSTED_PROXIES": '["127.0.0.1"]'})
+    lb = haproxy(replica.url, replica.url)
+    with httpx.Client(base_url=lb) as c:
+        form = c.get("/admin/signin")
+        csrf = re.search(r'name="csrf" value="([^"]+)"', form.text).group(1)
+        r = c.post(
+            "/admin/signin", data={"csrf": csrf, "token": admin}, headers={"X-Forwarded-Proto": "https"}, follow_redirects=False
+        )
+    assert r.status_code == 303, r.text
+    cookie = next(h for h in r.headers.get_list("set-cookie") if h.startswith("codemoat_session="))
+    assert "secure" not in {p.strip().split("=")[0].lower() for p in cookie.split(";")}, cookie
+    with httpx.Client(base_url=replica.url) as c:  # the replica itself, from its trusted address: believed
+        form = c.get("/admin/signin")
+        csrf = re.search(r'name="csrf" value="([^"]+)"', form.text).group(1)
+        r = c.post(
+            "/admin/signin", data={"csrf": csrf, "token": admin}, headers={"X-Forwarded-Proto": "https"}, follow_redirects=False
+        )
+    cookie = next(h for h in r.headers.get_list("set-cookie") if h.startswith("codemoat_session="))
+    assert "secure" in {p.strip().split("=")[0].lower() for p in cookie.split(";")}, cookie
+    assert replica.stop() == 0
+
+
 def test_replica_killed_mid_stream(pg_cluster, tiny_gguf, serve_process, haproxy, monkeypatch):
     url = pg_cluster.new_database()
     monkeypatch.setenv("CODEMOAT_DATABASE_URL", url)
