@@ -221,6 +221,8 @@ class LdapDirectory:
         """The enabled or disabled user named `username` (escaped into the filter), or None."""
         from ldap3.utils.conv import escape_filter_chars
 
+        if not _text(username):
+            return None
         flt = self.cfg.user_filter.replace("{username}", escape_filter_chars(username))
         hits = self._search(self.cfg.user_base, flt, [self.cfg.user_attr])
         if len(hits) != 1:
@@ -235,6 +237,8 @@ class LdapDirectory:
         typed names find one user: `bob`, ` bob`, `BOB`, full-width letters): a throttle keys on it."""
         if not username or not password:
             raise Unauthorized("directory sign-in failed: a user name and a password are both needed")
+        if not (_text(username) and _text(password)):  # a lone surrogate: no directory holds it (ldap3 raised)
+            raise Unauthorized("directory sign-in failed: wrong user name or password")
         user = self.find(username)
         if user is None:
             raise Unauthorized("directory sign-in failed: wrong user name or password")
@@ -326,6 +330,15 @@ class LdapDirectory:
     def close(self) -> None:
         self.service_pool.close()
         self.check_pool.close()
+
+
+def _text(s: str) -> bool:
+    """Whether `s` is Unicode text (no lone surrogate, as Python makes of undecodable bytes): what LDAP can carry."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _cookie(conn):
