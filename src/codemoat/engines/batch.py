@@ -13,8 +13,8 @@ off, as `llama-server -np N` runs). The engine's worker thread runs `Batcher.run
 3. samples each generating sequence with its own parameters, logits processors (the watermark
    stays per request) and stop strings (`worker.StopCutter`): the step's logits are one numpy view
    (`llama_get_logits`: a row per output, in batch order), plain greedy rows take one `argmax` for
-   all, and each answer takes its token (`engines.pieces`); `after_step` is then called once (the engine
-   process sends the step's chunks of every request as one message: `engines.child`).
+   all, and each answer takes its token (`engines.sampling`, `engines.pieces`); `after_step` is then called
+   once (the engine process sends the step's chunks of every request as one message: `engines.child`).
 
 A request whose `SamplingParams.queue_deadline` passes while it waits for a slot ends with
 `Overloaded` (`server.max_queue_wait_s`: the protocol's overloaded error, 503), never taking a slot.
@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import ctypes
 import queue
-import random
 from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any
@@ -44,13 +43,13 @@ from typing import Any
 import numpy as np
 
 from ..errors import CodemoatError, Overloaded
-from .base import FinishReason, SamplingParams
+from .base import FinishReason
 from .pieces import Pieces
+from .sampling import Sampling
 from .slots import Seq, Slots
 from .worker import StopCutter, late
 
 ALIGN = 32  # prompt chunks: this many tokens, aligned to position 0 (as `llamacpp.ALIGN`)
-PENALTY_LAST_N = 64  # llama-cpp-python's `last_n_tokens_size`: the window repeat_penalty looks at
 
 
 class _Batch:
@@ -77,7 +76,7 @@ class _Batch:
         self.capacity = capacity
 
 
-class Batcher:
+class Batcher(Sampling):
     """The scheduler and the batched llama.cpp context (see the module docstring). Runs on one thread."""
 
     def __init__(
@@ -255,26 +254,6 @@ class Batcher:
             seq.chain = self._chain(p)
         self.active.append(seq)
 
-    def _chain(self, p: SamplingParams) -> Any:
-        """This request's llama.cpp sampler chain (as llama-cpp-python's `generate` builds it), or None
-        for plain greedy, which is an argmax."""
-        lib = self.lib
-        greedy = p.temperature <= 0
-        if greedy and p.repeat_penalty == 1.0:
-            return None
-        chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
-        add = lambda s: lib.llama_sampler_chain_add(chain, s)  # noqa: E731
-        if p.repeat_penalty != 1.0:
-            add(lib.llama_sampler_init_penalties(self.n_vocab, PENALTY_LAST_N, p.repeat_penalty, 0.0, 0.0))
-        if greedy:
-            add(lib.llama_sampler_init_greedy())
-        else:
-            add(lib.llama_sampler_init_top_k(p.top_k))
-            add(lib.llama_sampler_init_top_p(p.top_p, 1))
-            add(lib.llama_sampler_init_temp(p.temperature))
-            add(lib.llama_sampler_init_dist(p.seed if p.seed is not None else random.getrandbits(31)))
-        return chain  # the penalty window holds generated tokens only, as in llama-cpp-python's `generate`
-
     # -- a step ---------------------------------------------------------------------
     def _decode(self, n: int) -> int:
         self.batch.struct.n_tokens = n
@@ -339,60 +318,6 @@ class Batcher:
             sampling.append(s)
         if sampling:
             self._sample(sampling)
-
-    def _logits(self, rows: int) -> np.ndarray:
-        """The step's logits, `rows` × n_vocab: a view of the context's output buffer, made once per buffer
-        address and row count. `np.ctypeslib.as_array` builds a ctypes array type on every call: ~5 µs, but
-        ~55 µs right after a decode that streamed a 60 MB model through the caches, on every step. llama.cpp
-        only ever grows that buffer (`output_reserve`: when it moves, the old views are dropped; at the same
-        address they still fit), and after a decode it holds at least the step's rows with logits."""
-        ptr = self.lib.llama_get_logits(self.ctx)  # called every step, as before: it also waits for the decode
-        key = (ctypes.addressof(ptr.contents), rows)
-        view = self._views.get(key)
-        if view is None:
-            if any(k[0] != key[0] for k in self._views):
-                self._views.clear()
-            view = self._views[key] = np.ctypeslib.as_array(ptr, shape=(rows, self.n_vocab))
-        return view
-
-    def _sample(self, seqs: list[Seq]) -> None:
-        """Sample the next token of every sequence whose row had logits in this step: the logits are one
-        view of the context's output buffer; logits processors rewrite their row in place (a sampler
-        chain reads the same buffer), then one `argmax` serves every plain greedy row."""
-        lib = self.lib
-        logits = self._logits(len(seqs))
-        plain = []
-        for s in seqs:
-            try:
-                if s.want_logits:
-                    s.result = logits[s.out].astype(np.float32, copy=True)
-                    self._finish(s, "length")
-                    continue
-                row = logits[s.out]
-                for proc in s.params.logits_processors:
-                    out = proc(s.history, row)
-                    if out is not row:
-                        row[:] = out
-                if s.chain is None:
-                    plain.append(s)
-                else:
-                    self._accept(s, int(lib.llama_sampler_sample(s.chain, self.ctx, s.row)))
-            except Exception as e:
-                self._fail(s, e)
-        if plain:
-            best = logits.argmax(axis=1) if len(plain) == len(seqs) else None
-            for s in plain:
-                try:
-                    self._accept(s, int(best[s.out] if best is not None else logits[s.out].argmax()))
-                except Exception as e:
-                    self._fail(s, e)
-
-    def _accept(self, s: Seq, tok: int) -> None:
-        s.history.append(tok)
-        s.next_token = tok
-        reason = self.pieces.take(s, tok)
-        if reason is not None:
-            self._finish(s, reason)
 
     def _release(self, s: Seq) -> None:
         if s in self.active:
