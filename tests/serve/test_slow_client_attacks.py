@@ -167,3 +167,66 @@ def test_a_client_pipelining_without_reading_is_cut_off_and_a_few_pipelined_requ
         s.sendall(one * 29 + b"GET /livez HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         data = _answer(s)
     assert data.count(b"HTTP/1.1 200 ") == 30, data[-300:]
+
+
+def _tcp_state(s: socket.socket) -> int:
+    """The kernel's TCP state of `s` (TCP_INFO's first byte): 1 established, 7 closed (the peer reset it)."""
+    return s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]
+
+
+def test_a_client_that_never_reads_its_answers_is_let_go(server):
+    """Was: the deadline waits while the server answers, and an answer waits for the client to read it, so a client
+    sending requests one at a time (never 32 waiting) and reading nothing, its window shut, held the connection
+    for good: the answers stuck in the server's buffers, the request's task stuck in `drain()`, and a `close()` of
+    the connection (the keep-alive timer, the pipelining bound) waiting for those buffers to empty, which they never
+    do. Now the connection is reset once the client has taken none of its answers for read_timeout_s."""
+    one = b"GET /admin/static/console.css HTTP/1.1\r\nHost: x\r\n\r\n"  # 3 KiB answered without a token
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a shut window soon: the server's answers back up
+    s.connect(("127.0.0.1", server.port))
+    s.settimeout(1)
+    sent = 0
+    try:
+        while sent < 2_000:  # 6 MiB of answers, past what the kernel buffers between the two
+            s.sendall(one)
+            sent += 1
+            time.sleep(0.004)  # one at a time, answered before the next: none waiting
+    except (TimeoutError, OSError):
+        pass  # the server stopped reading: its answers have nowhere to go
+    start = time.monotonic()
+    while _tcp_state(s) == 1:
+        if time.monotonic() - start > HANG:
+            pytest.fail(f"the connection was still held {HANG} s after the client stopped reading ({sent} requests sent)")
+        time.sleep(0.5)
+    s.close()
+
+
+def test_a_client_reading_its_answers_slowly_is_served_to_the_end(server):
+    """The negative: a client whose window is shut most of the time, but which takes a KiB every 5 ms (its answers
+    come four times faster than it reads them, for longer than the deadline), gets every answer."""
+    import threading
+
+    one = b"GET /admin/static/console.css HTTP/1.1\r\nHost: x\r\n\r\n"
+    count, got = 300, bytearray()
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(("127.0.0.1", server.port))
+    s.settimeout(HANG)
+
+    def read() -> None:
+        try:
+            while got.count(b"HTTP/1.1 200 ") < count and (chunk := s.recv(1024)):
+                got.extend(chunk)
+                time.sleep(0.005)
+        except OSError as e:
+            got.extend(f"\n{e!r}".encode())
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    for _ in range(count - 1):
+        s.sendall(one)
+        time.sleep(0.004)
+    s.sendall(one.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"))
+    reader.join(HANG)
+    s.close()
+    assert got.count(b"HTTP/1.1 200 ") == count, (got.count(b"HTTP/1.1 200 "), bytes(got[-200:]))

@@ -21,6 +21,13 @@ hang-up watch does), so one connection that sent `GET /livez` over and over with
 `codemoat serve` by 1.3 GB in 20 s, for good. Here a connection with more than `MAX_PIPELINED`
 requests waiting is closed.
 
+Nor does the deadline cover the other direction: an answer waits for the client to read it, so a client
+that sent requests and read nothing, its TCP window shut, held the connection for good (the answers in
+the server's buffers, the request's task in `drain()`, and a `close()` waiting for the buffers to
+empty). Here each connection's TCP_USER_TIMEOUT is `read_timeout_s`: the kernel resets a connection
+whose sent data stays unacknowledged, or whose peer's window stays shut, that long (zero-window probes
+count since Linux 5.11). A client reading an answer, however slowly, opens its window and is not cut.
+
 `raise_open_files()` lifts the soft limit on open descriptors to the hard one (as Go's runtime does):
 with the deadline, holding them all then takes thousands of new connections a second.
 """
@@ -28,6 +35,7 @@ with the deadline, holding them all then takes thousands of new connections a se
 from __future__ import annotations
 
 import resource
+import socket
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -61,6 +69,12 @@ class ReadGuard:
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)  # type: ignore[misc]
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            try:  # a client that takes none of its answers for read_timeout_s is reset by the kernel
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, max(1, int(self.read_timeout_s * 1000)))
+            except (OSError, AttributeError):  # not Linux: the answers wait, as uvicorn's do
+                pass
         self._due()
 
     def connection_lost(self, exc) -> None:
