@@ -82,3 +82,21 @@ def test_a_connection_that_sends_nothing_more_is_closed(channel, sent):
             data = b""
     assert b"200 OK" not in data
     assert _index(channel.url) == {}  # and it answers on
+
+
+def test_a_bundle_rewritten_in_place_with_its_time_put_back_is_hashed_again(channel):
+    """Was: the digest was kept by name, device, inode, size and mtime, and all five stay the same for a bundle
+    rewritten in place at its size whose time is put back (`cp -p` over it, `touch -d`, `rsync --inplace -t`):
+    the index went on naming the old digest, so every customer's fetch of it failed ('does not match its index
+    entry') until the channel restarted. Now the inode's change time (ctime, which no one can set) is in the key too.
+    The negative (the key still saves the read) is the test above."""
+    p = channel.folder / "acme-model-4.moatpkg"
+    p.write_bytes(b"a" * 1000)
+    st = p.stat()
+    assert _index(channel.url) == {p.name: hashlib.sha256(b"a" * 1000).hexdigest()}
+    with open(p, "r+b") as f:  # the same file, the same size, other bytes
+        f.write(b"b" * 1000)
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
+    now = p.stat()
+    assert (now.st_ino, now.st_size, now.st_mtime_ns) == (st.st_ino, st.st_size, st.st_mtime_ns)
+    assert _index(channel.url) == {p.name: hashlib.sha256(b"b" * 1000).hexdigest()}

@@ -34,14 +34,16 @@ MIN_RATE = 64 << 10  # bytes/s: a bundle's download may take ANSWER_TIMEOUTS x T
 
 
 def index(folder: Path, known: dict[tuple, str] | None = None, seen: dict[tuple, str] | None = None) -> list[dict[str, Any]]:
-    """Name, size and SHA-256 of each bundle in `folder`. A bundle whose name, device, inode, size and
-    modification time are a key of `known` is not read again; `seen` gets every bundle's key and digest."""
+    """Name, size and SHA-256 of each bundle in `folder`. A bundle whose name, device, inode, size,
+    modification and change times are a key of `known` is not read again; `seen` gets every bundle's key and digest."""
     out = []
     for p in sorted(folder.glob("*.moatpkg")):
         if not _FILE.fullmatch(p.name) or not p.is_file():
             continue
         st = p.stat()
-        key = (p.name, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        # ctime too: a file rewritten in place at its size with its mtime put back (cp -p, touch -d) keeps the
+        # other four, but every write and every utime() moves ctime, which nobody can set
+        key = (p.name, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
         digest = (known or {}).get(key)
         if digest is None:
             h = hashlib.sha256()
