@@ -13,6 +13,7 @@ Shapes are numpy order, the reverse of GGUF's `ne`: a linear layer is (n_out, n_
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 from collections.abc import Iterator
@@ -68,7 +69,7 @@ class GGUFFile:
         try:
             self.file_size = os.fstat(self._fd).st_size
             self._parse()
-        except (struct.error, UnicodeDecodeError, ValueError, IndexError, KeyError, OverflowError, MemoryError):
+        except (struct.error, UnicodeDecodeError, ValueError, IndexError, KeyError, OverflowError, MemoryError, RecursionError):
             self.close()
             raise CodemoatError(f"{self.name}: truncated or not a valid GGUF file") from None
         except BaseException:
@@ -92,7 +93,9 @@ class GGUFFile:
             value = buf.value(vtype)
             if value is not _SKIPPED:
                 self.metadata[key] = value
-        align = int(self.metadata.get("general.alignment", 32))
+        align = self.metadata.get("general.alignment", 32)
+        if type(align) is not int or not 0 < align <= 1 << 30:  # 0 was a ZeroDivisionError, < 0 data inside the header
+            raise ValueError("alignment")
         infos = []
         for _ in range(n_tensors):
             name = buf.string()
@@ -108,7 +111,7 @@ class GGUFFile:
         for name, ne, type_id, offset in infos:
             kind = GGMLQuantizationType(type_id)
             block, block_bytes = GGML_QUANT_SIZES[kind]
-            n = int(np.prod(ne)) if ne else 1
+            n = math.prod(ne)  # Python ints: np.prod wrapped (2^32 x 2^32 values was 0 bytes, then read whole)
             if ne and ne[0] % block:
                 raise ValueError("row size")
             nbytes = n // block * block_bytes
@@ -169,6 +172,10 @@ class GGUFFile:
 
 _SKIPPED = object()
 
+#: the longest key, string value or tensor name kept (a chat template is tens of kB; a string that
+#: claims more would be read whole into memory)
+MAX_STRING = 16 << 20
+
 
 class _Reader:
     """Sequential reads of the header through a growing window of `pread`s."""
@@ -188,11 +195,19 @@ class _Reader:
         self.pos = end
         return out
 
+    def skip(self, n: int) -> None:
+        """Past `n` bytes without reading them (a skipped array or string costs no memory, whatever it claims)."""
+        if n < 0 or self.pos + n > self.size:
+            raise ValueError("past the end")
+        self.pos += n
+
     def unpack(self, fmt: str) -> tuple:
         return struct.unpack(fmt, self.take(struct.calcsize(fmt)))
 
     def string(self) -> str:
         (n,) = self.unpack("<Q")
+        if n > MAX_STRING:
+            raise ValueError("string length")
         return self.take(n).decode("utf-8")
 
     def value(self, vtype: int):
@@ -203,11 +218,11 @@ class _Reader:
         if vtype == _ARRAY:
             etype, n = self.unpack("<IQ")
             if etype in _SCALAR:
-                self.take(n * struct.calcsize(_SCALAR[etype]))
+                self.skip(n * struct.calcsize(_SCALAR[etype]))
             elif etype == _STRING:
                 for _ in range(n):
                     (k,) = self.unpack("<Q")
-                    self.take(k)
+                    self.skip(k)
             else:
                 for _ in range(n):
                     self.value(etype)
