@@ -230,3 +230,15 @@ def test_a_client_reading_its_answers_slowly_is_served_to_the_end(server):
     reader.join(HANG)
     s.close()
     assert got.count(b"HTTP/1.1 200 ") == count, (got.count(b"HTTP/1.1 200 "), bytes(got[-200:]))
+
+
+def test_a_body_sent_fast_then_stopped_does_not_bank_its_seconds(server):
+    """Was: each KiB received earned a second whenever it came, so 200 KB sent at once and then nothing bought a
+    stall of 200 s (8 MiB, server.max_body_mb: 2.3 hours) on a connection, its body held by the app the while.
+    Now a KiB earns a second only up to read_timeout_s ahead: a stall of more than that is cut whatever came
+    before. The negative, a body arriving steadily for twice the deadline, is served (the test above)."""
+    body = b'{"prompt": "' + b"a" * 199_000
+    with socket.create_connection(("127.0.0.1", server.port), timeout=HANG) as s:
+        s.sendall(_request(server.token, b"")[: -len(b"Content-Length: 0\r\n\r\n")] + b"Content-Length: 200000\r\n\r\n" + body)
+        data = _answer(s)  # held 195 s before: past HANG
+    assert _status(data) == 408, data[:300]

@@ -32,7 +32,8 @@ class ServerSettings(BaseModel):
         30.0,
         gt=0,
         description="Seconds a client has to send a request once its connection opens (or its first byte comes after an "
-        "answer), plus one for every KiB received (a large body on a slow link still arrives); later, it gets 408 and "
+        "answer), plus one for every KiB received (a large body on a slow link still arrives) but never more than this "
+        "ahead (a stall that long is cut, however much came before); later, it gets 408 and "
         "the connection closes. A connection left silent, a head or a body stopped halfway, no longer holds a "
         "descriptor for good. A request's head over 64 KiB gets 431.",
     )
