@@ -13,6 +13,7 @@ import json
 import os
 import socket
 import threading
+import time
 import urllib.request
 
 import pytest
@@ -100,3 +101,21 @@ def test_a_bundle_rewritten_in_place_with_its_time_put_back_is_hashed_again(chan
     now = p.stat()
     assert (now.st_ino, now.st_size, now.st_mtime_ns) == (st.st_ino, st.st_size, st.st_mtime_ns)
     assert _index(channel.url) == {p.name: hashlib.sha256(b"b" * 1000).hexdigest()}
+
+
+def test_a_request_head_sent_a_byte_at_a_time_is_cut_off(channel, capfd):
+    """Was: the 1 s timeout (60 s outside tests) was each recv's, so a request line sent a byte every 0.3 s (every
+    59 s outside tests) held a server thread for good, one thread per such connection. Now the whole head is due
+    within the timeout. The negative: a head sent whole, after the slow one, is answered (the tests above)."""
+    with socket.create_connection(("127.0.0.1", channel.server_address[1]), timeout=HANG) as s:
+        line = b"GET /index.json HTTP/1.1\r\nX-Slow: " + b"a" * 1000
+        try:
+            for i, b in enumerate(line):
+                s.sendall(bytes([b]))
+                time.sleep(0.3)
+                if i * 0.3 > HANG:
+                    pytest.fail(f"a head sent a byte every 0.3 s was still read after {HANG} s")
+        except OSError:
+            pass
+    assert _index(channel.url) == {}
+    assert "Traceback" not in capfd.readouterr().err  # the cut-off connection is answered, not a stack on stderr

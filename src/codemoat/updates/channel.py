@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import re
+import socket
 import threading
 import uuid
 from collections.abc import Callable
@@ -64,13 +65,42 @@ def make_server(folder: Path, host: str, port: int, timeout_s: float = TIMEOUT_S
     (again only when its file changes; before, every GET /index.json read every bundle whole: 0.9 s a
     GiB, eight at once 8 s of the server's CPU), and one connection is read or written at most
     `timeout_s` without progress before it is closed (before, a connection left silent held its thread
-    for good)."""
+    for good), and a request's head is due whole within `timeout_s` (a byte now and then does not hold it)."""
     folder = Path(folder).resolve()
     digests: dict[tuple, str] = {}
     hashing = threading.Lock()  # the first index after a release is built once, not by every caller at once
 
     class Handler(BaseHTTPRequestHandler):
         timeout = timeout_s  # socketserver.StreamRequestHandler: the socket's timeout, per recv and send
+
+        def setup(self) -> None:
+            super().setup()
+            # the head whole within timeout_s: the socket's timeout is per recv, which a byte now and then resets
+            self._late = False
+            self._head_due = threading.Timer(timeout_s, self._head_late)
+            self._head_due.daemon = True
+            self._head_due.start()
+
+        def _head_late(self) -> None:
+            self._late = True
+            try:
+                self.connection.shutdown(socket.SHUT_RD)  # its read ends (a line cut short: 400), then it closes
+            except OSError:
+                pass
+
+        def parse_request(self) -> bool:  # the request line read, then its headers
+            try:
+                ok = super().parse_request()
+            finally:
+                self._head_due.cancel()
+            if self._late:  # headers cut short read as if whole: not answered
+                self.close_connection = True
+                return False
+            return ok
+
+        def finish(self) -> None:
+            self._head_due.cancel()
+            super().finish()
 
         def log_message(self, *args: Any) -> None:  # quiet
             pass
