@@ -1,5 +1,5 @@
 """A leaked copy shaped to evade `trace` (outside review, helper R2), on the streamed GGUF trace
-(trace_stream.py): a few weights per matrix moved far, or set to NaN/Inf, made the residual's norm
+(trace_stream.py) and the in-memory one of safetensors suspects (detect.trace): a few weights per matrix moved far, or set to NaN/Inf, made the residual's norm
 dwarf the mark and the verdict vanish (z 339 -> 4.6 with 16 weights per matrix at 20 sigma). Each
 residual is now clipped at a multiple of the median magnitude and non-finite ones dropped."""
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from codemoat.trace import fingerprint
+from codemoat.trace import detect, fingerprint
 from codemoat.trace.trace_stream import trace_files
 
 from . import attacks
@@ -52,6 +52,9 @@ def test_a_few_far_weights_do_not_hide_the_mark(what, fn, marked, f16_model, sec
     d = attacks.transform(marked, tmp_path / "evade.gguf", fn)
     r = trace_files(d, f16_model, secrets)
     assert r.named == ["cust05"], (what, r.as_dict()["scores"][:2])
+    s, _, _ = detect.load(d)  # the in-memory trace (a safetensors suspect): the same residuals
+    o, meta, names = detect.load(f16_model)
+    assert detect.trace(s, o, secrets, names=names, meta=meta).named == ["cust05"], what
 
 
 @pytest.mark.parametrize("fn", [_outliers(16, 20), _one(np.nan)])

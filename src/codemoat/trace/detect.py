@@ -74,6 +74,9 @@ class TraceResult:
         }
 
 
+CLIP = 4.0  # residuals beyond 4x their median magnitude count as 4x (robust)
+
+
 @dataclass
 class _Residual:
     name: str
@@ -99,12 +102,27 @@ def residuals(
         w, s = fp.as_matrix(original[n]), fp.as_matrix(suspect[n])
         rows = max(1, min(w.shape[0], int(w.shape[0] * share)))
         sigma = fp.row_scale(w[:rows])
-        r = np.where(sigma > 0, (s[:rows] - w[:rows]) / np.where(sigma > 0, sigma, 1), 0).astype(np.float32)
+        r = robust(np.where(sigma > 0, (s[:rows] - w[:rows]) / np.where(sigma > 0, sigma, 1), 0).astype(np.float32))
         rms = float(np.sqrt(np.mean(np.square(r, dtype=np.float64))))
         if rms == 0 or not np.isfinite(rms):
             continue  # unchanged tensor: no evidence either way
         out.append(_Residual(n, r, math.sqrt(r.size) * alpha / rms))
     return out
+
+
+def robust(r: np.ndarray) -> np.ndarray:
+    """Residuals with NaN/Inf set to 0 and each clipped to CLIP x their median magnitude.
+
+    A suspect shaped to evade: a few weights per matrix moved by 20 sigma (or set to NaN, Inf) made
+    ||r|| dwarf the mark's energy, and z fell from 339 to 4.6 on the test model (no verdict). A clean
+    mark's |r| is all alike (the step, or alpha sigma), so clipping changes nothing there; the clip
+    depends on |r| alone, never on a customer's signs, so z of an unmarked customer is still a
+    normalised Rademacher sum (the p-values hold)."""
+    r = np.where(np.isfinite(r), r, 0).astype(r.dtype, copy=False)
+    med = float(np.median(np.abs(r))) if r.size else 0.0
+    if med > 0:
+        np.clip(r, -CLIP * med, CLIP * med, out=r)
+    return r
 
 
 def score(res: list[_Residual], secret: bytes) -> float:
