@@ -7,7 +7,8 @@ version-1 header, an empty file. Fixed: an alignment of 0 (ZeroDivisionError), n
 inside the header) or a string (int("32") took it; llama.cpp wants a u32), a dims product that
 wraps in int64 (2^32 x 2^32 values = 0 bytes: the header passed and reading the tensor allocated
 until the machine ran out), arrays nested 5,000 deep (RecursionError), and a skipped array read
-whole into memory (a sparse file's 4 GiB array: 4 GiB of RAM for nothing).
+whole into memory (a sparse file's 4 GiB array: 4 GiB of RAM for nothing), and headers of up to 2^24
+tensors or key/values parsed (~400 bytes each: ~7 GB); now 2^18 at most.
 """
 
 from __future__ import annotations
@@ -95,6 +96,22 @@ def _open_fds_to(path: Path) -> list[str]:
         except OSError:
             pass
     return out
+
+
+def test_a_header_of_too_many_real_tensors_is_refused_unparsed(tmp_path):
+    """Was broken: up to 2^24 tensors were parsed, ~400 bytes of memory each (~7 GB from a 560 MB
+    file); now more than 2^18 (a hundred times the largest model's) is refused before the first."""
+    from codemoat.trace.gguf_stream import MAX_COUNT
+
+    one = _tensor("w", (32,))
+    for n, ok in ((MAX_COUNT, True), (MAX_COUNT + 1, False)):
+        (p := tmp_path / f"{n}.gguf").write_bytes(_gguf([], [one] * n, data=bytes(128)))
+        if ok:
+            with GGUFFile(p) as g:
+                assert len(g.tensors) == n
+        else:
+            with pytest.raises(CodemoatError, match="truncated or not a valid GGUF file"):
+                GGUFFile(p)
 
 
 def test_the_same_file_well_formed_opens(tmp_path):

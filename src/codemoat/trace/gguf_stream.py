@@ -84,7 +84,7 @@ class GGUFFile:
         if buf.take(4) != b"GGUF":
             raise ValueError("magic")
         version, n_tensors, n_kv = buf.unpack("<IQQ")
-        if version < 2 or n_tensors > 1 << 24 or n_kv > 1 << 24:
+        if version < 2 or n_tensors > MAX_COUNT or n_kv > MAX_COUNT:
             raise ValueError("header counts")
         self.metadata: dict = {}
         for _ in range(n_kv):
@@ -171,6 +171,10 @@ class GGUFFile:
 
 
 _SKIPPED = object()
+
+#: the most tensors or key/values a header may claim: about 400 bytes of memory each once parsed
+#: (2^24 was ~7 GB from a 560 MB file); the largest models hold a few thousand tensors
+MAX_COUNT = 1 << 18
 
 #: the longest key, string value or tensor name kept (a chat template is tens of kB; a string that
 #: claims more would be read whole into memory)
