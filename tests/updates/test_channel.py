@@ -168,3 +168,32 @@ def test_an_index_nested_past_the_decoders_limit_is_a_named_refusal(tmp_path, ho
     with LocalHTTP(Channel) as srv, pytest.raises(CodemoatError, match="update channel index") as e:
         ch.fetch(srv.url, home / "updates" / "inbox")
     assert "\n" not in str(e.value)
+
+
+def test_a_bundle_re_released_under_its_name_at_its_size_is_fetched_again(shop, tmp_path, home):
+    """The inbox's copy is skipped only when it is the bundle the index names: its size and its digest. Fails
+    before: a bundle published again under the same name at the same size (rebuilt, fixed) was skipped for good
+    on its size alone; the negative: an unchanged bundle is not fetched twice (the test above)."""
+    from codemoat.updates.channel import make_server
+
+    shop.license()
+    pub = tmp_path / "published"
+    pub.mkdir()
+    bundle = pub / "acme-model-3.moatpkg"
+    shop.release("3").rename(bundle)
+    srv = make_server(pub, "127.0.0.1", 0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_address[1]}/"
+    try:
+        [got] = json.loads(run_cli("update", "fetch", "--json", "--channel", url).stdout)
+        first = open(got["file"], "rb").read()
+        data = bytearray(bundle.read_bytes())
+        data[-1] ^= 1  # rebuilt: other bytes, the same size
+        bundle.write_bytes(bytes(data))
+        r = run_cli("update", "fetch", "--json", "--channel", url)
+        assert r.returncode == 0, r.stderr
+        assert [e["file"] for e in json.loads(r.stdout)] == [got["file"]]
+        assert open(got["file"], "rb").read() == bytes(data) != first
+    finally:
+        srv.shutdown()
+        srv.server_close()

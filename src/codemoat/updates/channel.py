@@ -155,6 +155,21 @@ def _bounded(limit: float, fn: Callable[[], T], base: str, stop: threading.Event
         raise CodemoatError(f"update channel {base} is unreachable: no complete answer in {limit:g} s") from None
 
 
+def _holds(dest: Path, size: int, digest: str) -> bool:
+    """Whether the inbox's `dest` is already this bundle: a file of its size and digest. The size alone said so
+    for a bundle re-released under the same name at the same size, which was then never fetched."""
+    try:
+        if not dest.is_file() or dest.stat().st_size != size:
+            return False
+        h = hashlib.sha256()
+        with open(dest, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    except OSError:
+        return False
+    return h.hexdigest() == digest
+
+
 def fetch(url: str, inbox: Path) -> list[dict[str, Any]]:
     """Download the channel's bundles not yet in `inbox` (by name and digest) into it; returns what was fetched."""
     import httpx
@@ -191,7 +206,7 @@ def fetch(url: str, inbox: Path) -> list[dict[str, Any]]:
                 ):
                     raise CodemoatError("update channel index holds a malformed entry")
                 dest = inbox / name
-                if dest.is_file() and dest.stat().st_size == size:
+                if _holds(dest, size, digest):
                     continue
                 rid = uuid.uuid4().hex[:16]
                 record_outbound(f"{base}/{name}", "GET", None, None, rid)
