@@ -20,6 +20,7 @@ import re
 import socket
 import time
 
+import httpx
 import pytest
 
 from conftest import create_token
@@ -242,3 +243,15 @@ def test_a_body_sent_fast_then_stopped_does_not_bank_its_seconds(server):
         s.sendall(_request(server.token, b"")[: -len(b"Content-Length: 0\r\n\r\n")] + b"Content-Length: 200000\r\n\r\n" + body)
         data = _answer(s)  # held 195 s before: past HANG
     assert _status(data) == 408, data[:300]
+
+
+def test_upgrade_requests_add_no_line_to_the_log(server):
+    """uvicorn logged 'WARNING: Unsupported upgrade request.' for every request asking for h2c (curl --http2 over
+    http://), so anyone without a token could fill the log a line per request (found by helper V). Each is still
+    answered as HTTP/1.1, 401 without a token, 200 with one; the log gains no such line."""
+    h2c = {"Connection": "Upgrade, HTTP2-Settings", "Upgrade": "h2c", "HTTP2-Settings": "AAMAAABkAARAAAAAAAIAAAAA"}
+    for _ in range(20):
+        assert httpx.get(server.url + "/v1/models", headers=h2c).status_code == 401
+    ok = httpx.get(server.url + "/v1/models", headers={**h2c, "Authorization": f"Bearer {server.token}"})
+    assert ok.status_code == 200 and ok.json()["data"][0]["id"] == "tiny"
+    assert "Unsupported upgrade" not in server.output()

@@ -112,6 +112,12 @@ class ReadGuard:
         self._not_due()  # the connection is the WebSocket protocol's from here
         super().handle_websocket_upgrade()  # type: ignore[misc]
 
+    def _unsupported_upgrade_warning(self) -> None:
+        """uvicorn logs a WARNING for every request that asks to upgrade to anything but a WebSocket (`curl --http2`
+        over http:// sends `Upgrade: h2c`), and answers it as HTTP/1.1 anyway: anyone, without a token, could add a
+        line to the log per request. Logged at debug."""
+        self.logger.debug("Unsupported upgrade request.")  # type: ignore[attr-defined]
+
     def on_message_complete(self) -> None:
         super().on_message_complete()  # type: ignore[misc]
         self._not_due()
