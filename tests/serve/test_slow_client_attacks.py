@@ -23,9 +23,10 @@ import time
 import httpx
 import pytest
 
+from rawhttp import HANG, read_until_closed
+
 from conftest import create_token
 
-HANG = 60
 TIMEOUT = "2"
 
 
@@ -36,18 +37,7 @@ def server(serve_process, random_gguf):
     return s
 
 
-def _answer(s: socket.socket) -> bytes:
-    """Everything until the server closes (or HANG seconds: then the test fails)."""
-    s.settimeout(HANG)
-    data = b""
-    try:
-        while chunk := s.recv(65536):
-            data += chunk
-    except ConnectionResetError:
-        pass
-    except TimeoutError:
-        pytest.fail(f"the connection was still held after {HANG} s: {data[:200]!r}")
-    return data
+_answer = read_until_closed  # everything until the server closes (the test fails after HANG s)
 
 
 def _request(token: str, body: bytes, extra: bytes = b"") -> bytes:

@@ -22,12 +22,10 @@ import sys
 import time
 
 import httpx
-import pytest
 
 from codemoat.vault.vendor import Vendor
 from ports import free_port
-
-HANG = 60
+from rawhttp import HANG, read_until_closed
 
 
 @contextlib.contextmanager
@@ -70,17 +68,7 @@ def _answered(port: int, seconds: float = HANG) -> bool:
     return False
 
 
-def _answer(s: socket.socket) -> bytes:
-    s.settimeout(HANG)
-    data = b""
-    try:
-        while chunk := s.recv(65536):
-            data += chunk
-    except ConnectionResetError:
-        pass
-    except TimeoutError:
-        pytest.fail(f"the connection was still held after {HANG} s: {data[:200]!r}")
-    return data
+_answer = read_until_closed  # everything until the server closes (the test fails after HANG s)
 
 
 UNFINISHED = [
