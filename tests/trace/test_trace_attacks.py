@@ -43,12 +43,14 @@ def _one(value: float):
     return fn
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # Inf in a suspect printed two numpy warnings in align
 @pytest.mark.parametrize(
     "what, fn",
     [("16 at 20 sigma", _outliers(16, 20)), ("64 at 5 sigma", _outliers(64, 5)), ("NaN", _one(np.nan)), ("Inf", _one(np.inf))],
 )
 def test_a_few_far_weights_do_not_hide_the_mark(what, fn, marked, f16_model, secrets, tmp_path):
-    """Was broken for '16 at 20 sigma', NaN and Inf: no verdict (z 4.6, 0, 0)."""
+    """Was broken for '16 at 20 sigma', NaN and Inf: no verdict (z 4.6, 0, 0). No RuntimeWarning either (align
+    gave two for Inf: invalid value in add and in divide)."""
     d = attacks.transform(marked, tmp_path / "evade.gguf", fn)
     r = trace_files(d, f16_model, secrets)
     assert r.named == ["cust05"], (what, r.as_dict()["scores"][:2])

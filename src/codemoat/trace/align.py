@@ -38,7 +38,11 @@ _ATTN = (
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
-    return x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-12)
+    """Rows scaled to length 1; a row holding NaN or Inf (a hostile suspect's) is all zeros: it matches nothing
+    well, and numpy prints no RuntimeWarning on the vendor's terminal."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        u = x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-12)
+    return np.where(np.isfinite(u), u, 0).astype(u.dtype, copy=False)
 
 
 def match(feat_s: np.ndarray, feat_o: np.ndarray) -> np.ndarray:
@@ -64,10 +68,11 @@ def match(feat_s: np.ndarray, feat_o: np.ndarray) -> np.ndarray:
 def _in_place(pairs: list[tuple[np.ndarray, np.ndarray]]) -> bool:
     """match()'s first test, cos(suspect unit j, original unit j) > 0.5 for every j, summed over the
     tensors that move with the units instead of on their concatenation (no copy of a layer)."""
-    dot = sum(np.einsum("ij,ij->i", a, b, dtype=np.float64) for a, b in pairs)
-    na = sum(np.einsum("ij,ij->i", a, a, dtype=np.float64) for a, _ in pairs)
-    nb = sum(np.einsum("ij,ij->i", b, b, dtype=np.float64) for _, b in pairs)
-    return bool(np.all(dot > 0.5 * np.sqrt(na * nb) + 1e-30))
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN or Inf in a hostile suspect: not in place (NaN > x is False)
+        dot = sum(np.einsum("ij,ij->i", a, b, dtype=np.float64) for a, b in pairs)
+        na = sum(np.einsum("ij,ij->i", a, a, dtype=np.float64) for a, _ in pairs)
+        nb = sum(np.einsum("ij,ij->i", b, b, dtype=np.float64) for _, b in pairs)
+        return bool(np.all(dot > 0.5 * np.sqrt(na * nb) + 1e-30))
 
 
 def _heads(w: np.ndarray, n: int) -> np.ndarray:
