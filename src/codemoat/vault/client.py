@@ -45,12 +45,18 @@ class Received:
 
 
 def _recv_now(sock: socket.socket) -> dict[str, Any] | None:
-    """A message already waiting on `sock` (a refusal vaultd sent before it closed), else None."""
-    try:
-        msg = json.loads(sock.recv(MAX_MESSAGE, socket.MSG_DONTWAIT) or b"null")
-    except (OSError, ValueError):
-        return None
-    return msg if isinstance(msg, dict) else None
+    """A message already waiting on `sock` (a refusal vaultd sent before it closed), else None. A close that left
+    our request unread makes the socket's next call fail with ECONNRESET once (the error is then cleared), ahead of
+    the refusal still queued: read once more past it."""
+    for _ in range(2):
+        try:
+            msg = json.loads(sock.recv(MAX_MESSAGE, socket.MSG_DONTWAIT) or b"null")
+        except ConnectionResetError:
+            continue
+        except (OSError, ValueError):
+            return None
+        return msg if isinstance(msg, dict) else None
+    return None
 
 
 def _readable(sock: socket.socket, seconds: float) -> bool:
@@ -139,6 +145,11 @@ class VaultClient:
                         os.close(fd)
                     # an announcement that crossed our request: the watcher is not running yet
             except OSError as e:
+                # vaultd refused at once and closed before reading our request: Linux then fails our read with
+                # ECONNRESET first (and clears it), with the refusal still queued behind: say why, not "reset"
+                refusal = _recv_now(self.sock) if isinstance(e, ConnectionResetError) else None
+                if refusal is not None and refusal.get("ok") is False:
+                    raise VaultdError(f"vault daemon: {refusal.get('error', 'refused')}") from None
                 raise VaultdError(f"vault daemon at {self.path}: {e.strerror or e}") from None
         if not msg.get("ok"):
             for fd in fds:
