@@ -47,11 +47,7 @@ def index(folder: Path, known: dict[tuple, str] | None = None, seen: dict[tuple,
         key = (p.name, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
         digest = (known or {}).get(key)
         if digest is None:
-            h = hashlib.sha256()
-            with open(p, "rb") as f:
-                while b := f.read(8 << 20):
-                    h.update(b)
-            digest = h.hexdigest()
+            digest = _sha256_of(p)
         if seen is not None:
             seen[key] = digest
         out.append({"file": p.name, "size": st.st_size, "sha256": digest})
@@ -155,19 +151,24 @@ def _bounded(limit: float, fn: Callable[[], T], base: str, stop: threading.Event
         raise CodemoatError(f"update channel {base} is unreachable: no complete answer in {limit:g} s") from None
 
 
+def _sha256_of(path: Path) -> str:
+    """The file's sha256, read 8 MiB at a time (a published bundle on the channel, the inbox's copy on fetch)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(8 << 20):
+            h.update(b)
+    return h.hexdigest()
+
+
 def _holds(dest: Path, size: int, digest: str) -> bool:
     """Whether the inbox's `dest` is already this bundle: a file of its size and digest. The size alone said so
     for a bundle re-released under the same name at the same size, which was then never fetched."""
     try:
         if not dest.is_file() or dest.stat().st_size != size:
             return False
-        h = hashlib.sha256()
-        with open(dest, "rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
+        return _sha256_of(dest) == digest
     except OSError:
         return False
-    return h.hexdigest() == digest
 
 
 def fetch(url: str, inbox: Path) -> list[dict[str, Any]]:
