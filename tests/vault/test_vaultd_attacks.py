@@ -406,7 +406,9 @@ def test_a_refusal_closed_over_an_unread_request_still_says_why(tmp_path):
     def refuse() -> None:
         conn, _ = srv.accept()
         conn.sendall(json.dumps({"ok": False, "error": "uid 0 holds 3 connections, at most 3"}).encode())
-        select.select([conn], [], [], 10)  # the client's request is in, unread
+        poll = select.poll()  # not select.select: the test process may hold descriptors past FD_SETSIZE
+        poll.register(conn, select.POLLIN)
+        poll.poll(10_000)  # the client's request is in, unread
         conn.close()
 
     t = threading.Thread(target=refuse, daemon=True)
