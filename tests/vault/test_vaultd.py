@@ -394,8 +394,14 @@ def process_tree(pid: int) -> list[int]:
     while todo:
         p = todo.pop()
         out.append(p)
-        for task in Path(f"/proc/{p}/task").iterdir():
-            todo += [int(c) for c in (task / "children").read_text().split()]
+        try:  # a thread that ends while we look (vaultd's per-connection threads do) has no children file
+            for task in Path(f"/proc/{p}/task").iterdir():
+                try:
+                    todo += [int(c) for c in (task / "children").read_text().split()]
+                except FileNotFoundError:
+                    pass
+        except FileNotFoundError:
+            pass
     return out
 
 
