@@ -173,9 +173,27 @@ async def _swap_file(request: Request, body: dict[str, Any]) -> dict[str, Any]:
         raise CodemoatError("model and license are paths")
     if "\x00" in model + (lic or ""):  # os.stat would raise ValueError: a 500
         raise CodemoatError("model and license are paths, without a NUL byte")
+    model = _file_on_disk(model)
     try:
         out = await anyio.to_thread.run_sync(lambda: swap_model(holder, settings, Path(model), Path(lic) if lic else None))
     except OSError as e:  # a name too long, a directory not readable: the caller's path, not a 500
         raise CodemoatError(f"cannot read the model or license file: {e.strerror or type(e).__name__}") from None
     request.app.state.egress_allow = list(holder.status.egress_allow)  # the new license's key server
     return dict(out, version=None)
+
+
+def _file_on_disk(path: str) -> str:
+    """`path` resolved, when it names a regular file on a filesystem: not a descriptor of this process.
+
+    A sealed model's plaintext is a memfd the server holds: `/proc/self/fd/N` (or `/dev/fd/N`) named as a
+    plain GGUF loaded the licensed weights without the licence's watermark key (model.isolation = inline).
+    Such a name resolves to `/memfd:... (deleted)`, which is no file; `/proc`, `/dev` and `/sys` are refused
+    outright. The load then opens the resolved path, the one checked."""
+    import os
+
+    from ..errors import CodemoatError
+
+    real = os.path.realpath(path)
+    if real.startswith(("/proc/", "/dev/", "/sys/")) or not os.path.isfile(real):
+        raise CodemoatError(f"model {path[:200]!r} is not a model file on disk")
+    return real
