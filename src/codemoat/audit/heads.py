@@ -73,7 +73,7 @@ def batch_length(rows) -> int:
 
 # Plain SQL, built once: signing runs after every append when `sign_every` is 1, and building
 # SQLAlchemy expressions per call cost more than the signature.
-_HEAD = "SELECT seq, last_checkpoint FROM audit_head WHERE id = 1"
+_HEAD = "SELECT seq, last_checkpoint, hash FROM audit_head WHERE id = 1"
 _HEAD_SQL = {
     "wait": sa.text(_HEAD + " FOR UPDATE"),
     "skip": sa.text(_HEAD + " FOR UPDATE SKIP LOCKED"),
@@ -83,6 +83,7 @@ _HEAD_EXISTS = sa.text("SELECT 1 FROM audit_head WHERE id = 1")
 _TIP = sa.text("SELECT seq, hash FROM audit_tip WHERE id = 1")
 _ANY_CHECKPOINT = sa.text("SELECT 1 FROM audit_checkpoints LIMIT 1")
 _HASHES = sa.text("SELECT seq, hash FROM audit_records WHERE seq IN :seqs").bindparams(sa.bindparam("seqs", expanding=True))
+_HASH_AT = sa.text("SELECT hash FROM audit_records WHERE seq = :seq")
 _HEAD_COLS = ("seq", "hash", "last_checkpoint", "ts_us", "key_id", "signature")
 _CP_COLS = ("seq", "hash", "prev_checkpoint", "ts_us", "reason", "key_id", "signature")
 _INSERT_CP = sa.text(f"INSERT INTO audit_checkpoints ({', '.join(_CP_COLS)}) VALUES ({', '.join(':' + k for k in _CP_COLS)})")
@@ -160,17 +161,23 @@ def sign_tip(
             raise AuditUnavailable(
                 "audit log tampered: records exist but the signed head is missing (run `codemoat audit verify`)"
             )
-        hseq, last_cp = 0, 0
+        hseq, last_cp, hhash = 0, 0, None
     else:
-        hseq, last_cp = h[0], h[1]  # seq, last_checkpoint
+        hseq, last_cp, hhash = h[0], h[1], h[2]  # seq, last_checkpoint, hash
     t_seq, t_hash = t[0], t[1]
     if t_seq < hseq:
         raise AuditUnavailable(
             f"audit log tampered: the chain ends at record {t_seq} but the signed head names record {hseq} (run `codemoat audit verify`)"
         )
+    if t_seq == hseq and t_hash != hhash:
+        raise _relinked(hseq)
     at_tip = reason is not None and last_cp != t_seq
     if not at_tip and t_seq - hseq < max(1, min_tail):
         return hseq, None
+    if hseq and hhash != _hash_at(c, hseq, known):
+        # whoever writes the database (no key) cut or rewrote signed records, wound the tip back and let the
+        # chain link new records after it: a head signed over that would make the rewrite verify
+        raise _relinked(hseq)
     now = int(time.time() * 1_000_000)
     k = max(1, checkpoint_every)
     due = list(range((last_cp // k + 1) * k, t_seq + 1, k))
@@ -191,6 +198,20 @@ def sign_tip(
     row = signed_head_row(signer, t_seq, t_hash, last_cp, now)
     run(c, _INSERT_HEAD if h is None else _UPDATE_HEAD, row)
     return t_seq, row
+
+
+def _hash_at(c: sa.Connection, seq: int, known: dict[int, str] | None) -> str | None:
+    """Record `seq`'s hash: from `known` (the batch just written), else one lookup by its number."""
+    if known and seq in known:
+        return known[seq]
+    row = run(c, _HASH_AT, {"seq": seq}).fetchone()
+    return None if row is None else row[0]
+
+
+def _relinked(seq: int) -> AuditUnavailable:
+    return AuditUnavailable(
+        f"audit log tampered: record {seq} no longer matches the signed head that names it (run `codemoat audit verify`)"
+    )
 
 
 class HeadFile:

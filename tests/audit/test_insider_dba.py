@@ -1,0 +1,76 @@
+"""A DBA of the shared PostgreSQL as an insider (multi-replica mode): without the machine key, editing
+audit rows directly.
+
+The unsigned tail (at most `audit.sign_every` records) is theirs to cut; a record a signed head names is
+not. Before: the DBA deleted the newest signed record (their own request), wound `audit_tip` back one
+record, and the chain's trigger linked the next record in its place; the next head was signed over the
+rewritten chain and `audit verify` (and a verify from a fresh process) said OK, though every append had
+signed its head (`sign_every = 1`, "no tail"). The signer now checks, before it signs on top of a head,
+that the record that head names still has its hash.
+"""
+
+from __future__ import annotations
+
+import pytest
+import sqlalchemy as sa
+
+from .logs import fill, open_log
+
+
+def _wind_back(log, k: int, *, edit: bool) -> None:
+    """The DBA: drop record `k` (or rewrite who made it) and put the tip back on record k - 1."""
+    with log.engine.begin() as c:
+        prev = c.execute(sa.text("select hash from audit_records where seq = :s"), {"s": k - 1}).scalar()
+        if edit:  # rewrite the record in place and re-link it (SHA-256 needs no key)
+            c.execute(sa.text("alter table audit_records disable trigger audit_chain"))
+            row = c.execute(sa.text("select * from audit_records where seq = :s"), {"s": k}).mappings().one()
+            from codemoat.audit.chain import body_hash, link_hash
+
+            body = dict(row, user="alice")
+            c.execute(
+                sa.text("update audit_records set \"user\" = 'alice', hash = :h where seq = :s"),
+                {"s": k, "h": link_hash(k, prev, body_hash(body))},
+            )
+            c.execute(sa.text("alter table audit_records enable trigger audit_chain"))
+        else:
+            c.execute(sa.text("delete from audit_records where seq = :s"), {"s": k})
+            c.execute(sa.text("update audit_tip set seq = :s, hash = :h where id = 1"), {"s": k - 1, "h": prev})
+
+
+@pytest.mark.parametrize("sign_every", [1, 4])
+def test_a_dba_cannot_drop_a_signed_record_and_let_the_chain_relink_over_it(pg_url, audit_home, sign_every):
+    from codemoat.audit.log import AuditUnavailable
+
+    log = open_log(pg_url, audit_home, sign_every=sign_every)
+    fill(log, 7)
+    k = log.append("request", user="mallory", route="/v1/completions", status=200)
+    log.sign()  # a head names mallory's record (with sign_every 1, the append itself signed it)
+    assert log.verify().ok
+    _wind_back(log, k, edit=False)
+    with pytest.raises(AuditUnavailable, match=f"record {k} no longer matches the signed head"):
+        fill(log, 6, 100)
+        log.sign()
+    rep = open_log(pg_url, audit_home, sign_every=sign_every).verify()  # a fresh process: no memory of its own
+    assert not rep.ok and "rewritten" in rep.problem, rep.to_dict()  # the head still names mallory's record
+
+
+def test_honest_appends_after_a_signed_head_still_sign(pg_url, audit_home):
+    """The positive side: nothing rewritten, the check passes at every signing (one writer, then a second)."""
+    log = open_log(pg_url, audit_home, sign_every=1)
+    fill(log, 5)
+    other = open_log(pg_url, audit_home, sign_every=3)
+    fill(other, 7, 50)
+    fill(log, 2, 80)
+    other.sign()
+    assert log.verify().ok and other.verify().ok
+
+
+def test_a_dba_rewriting_a_signed_record_in_place_is_named_by_verify(pg_url, audit_home):
+    """Rewritten and re-linked in place (the tip untouched): the writer signs on, and verify names it."""
+    log = open_log(pg_url, audit_home, sign_every=1)
+    fill(log, 4)
+    k = log.append("request", user="mallory", route="/v1/completions", status=200)
+    fill(log, 3, 10)
+    _wind_back(log, k, edit=True)
+    rep = open_log(pg_url, audit_home, sign_every=1).verify()
+    assert not rep.ok and rep.first_bad == k, rep.to_dict()
