@@ -74,3 +74,30 @@ def test_a_dba_rewriting_a_signed_record_in_place_is_named_by_verify(pg_url, aud
     _wind_back(log, k, edit=True)
     rep = open_log(pg_url, audit_home, sign_every=1).verify()
     assert not rep.ok and rep.first_bad == k, rep.to_dict()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="left: a DBA who kept a copy of an earlier signed head row puts it back with the relink; the signer "
+    "checks the head the database shows, the head file keeps one head per record number (the relinked one "
+    "replaces the original), and no writer remembers the heads it signed (rotation by another replica also "
+    "restarts the numbers). Caught only by a head exported earlier (`audit verify --trusted-head`) or the "
+    "verifier's memory from an `audit verify` run after the record was signed",
+)
+def test_a_dba_with_a_saved_head_row_cannot_relink_over_a_signed_record(pg_url, audit_home):
+    log = open_log(pg_url, audit_home, sign_every=1)
+    fill(log, 7)
+    with log.engine.connect() as c:
+        saved = c.execute(sa.text("select * from audit_head where id = 1")).mappings().one()
+    k = log.append("request", user="mallory", route="/v1/completions", status=200)
+    _wind_back(log, k, edit=False)
+    with log.engine.begin() as c:
+        cols = [x for x in saved if x != "id"]
+        c.execute(sa.text(f"update audit_head set {', '.join(f'{x} = :{x}' for x in cols)} where id = 1"), dict(saved))
+    refused = False
+    try:
+        fill(log, 3, 100)
+    except Exception:
+        refused = True
+    rep = open_log(pg_url, audit_home, sign_every=1).verify()
+    assert refused or not rep.ok, rep.to_dict()
