@@ -256,7 +256,7 @@ def update_rollback(
 def vendor_channel(
     folder: Annotated[Path, typer.Option("--dir", help="Folder of released bundles (.moatpkg) to publish.")],
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8470,
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on (0 picks a free one).")] = 8470,
 ) -> None:
     """Publish released bundles over HTTP for customers who turned the online channel on (GET /index.json)."""
     from ..updates.channel import make_server

@@ -212,7 +212,7 @@ def verify_cmd(
 def keyserver_cmd(
     vendor: VendorDir,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8443,
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on (0 picks a free one).")] = 8443,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "warning",
     workers: Annotated[
         int,
@@ -241,6 +241,12 @@ def keyserver_cmd(
     from ..vault.vendor import Vendor
 
     v = Vendor.open(vendor)  # checks the folder and migrates the database once, before any worker starts
+    sock = None
+    if workers == 1:  # listening before saying so: an address not ours or a port taken is one line, and 0 is named
+        from ..serve.run import listen
+
+        sock = listen(host, port)
+        port = sock.getsockname()[1]
     say(
         f"key server on http://{host}:{port} (key {json.loads((vendor / 'vendor.json').read_text())['keyserver_key_id']}"
         f"{f', {workers} workers' if workers > 1 else ''})",
@@ -251,7 +257,8 @@ def keyserver_cmd(
     opts = {"log_level": log_level, "proxy_headers": False, "access_log": log_level.lower() in ("info", "debug", "trace")}
     if workers == 1:
         raise_open_files()  # with the request deadline: silent connections cannot take every descriptor
-        uvicorn.run(create_app(v), host=host, port=port, http=guarded(read_timeout_s=read_timeout), **opts)
+        config = uvicorn.Config(create_app(v), host=host, port=port, http=guarded(read_timeout_s=read_timeout), **opts)
+        uvicorn.Server(config).run(sockets=[sock])
         return
     v.close()
     serve_workers(str(vendor.resolve()), workers, host, port, read_timeout_s=read_timeout, **opts)
