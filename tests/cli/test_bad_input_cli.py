@@ -164,3 +164,18 @@ def test_unknown_names_are_refused_not_silently_empty(home: Path):
     one_line_error(run_cli("groups", "remove", "everyone"), "'everyone' cannot be removed: every user is in it")
     r = run_cli("audit", "export", "--kind", "alert")
     assert r.returncode == 0, r.stderr
+
+
+def test_audit_export_help_names_every_record_kind():
+    """The help listed 4 of the 10 kinds (request, alert, egress_blocked, rotation): `--kind update` or
+    `--kind directory`, which docs/operations.md tells an operator to export, looked unsupported."""
+    from codemoat.audit.rows import KINDS
+
+    r = run_cli("audit", "export", "--help", env={"COLUMNS": "250"})
+    assert r.returncode == 0, r.stderr
+    line = next(ln for ln in r.stdout.splitlines() if "--kind" in ln)
+    missing = [k for k in KINDS if not re.search(rf"\b{k}\b", line)]
+    assert not missing, (missing, line)
+    # and the one it does not name is refused with the same list
+    refused = one_line_error(run_cli("audit", "export", "--kind", "updates"), "unknown record kind 'updates'")
+    assert all(k in refused for k in KINDS), refused

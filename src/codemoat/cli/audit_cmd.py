@@ -66,7 +66,11 @@ def audit_export(
     ] = None,
     fmt: Annotated[str, typer.Option("--format", help="jsonl or csv.")] = "jsonl",
     kind: Annotated[
-        str | None, typer.Option(help="Only records of this kind (request, alert, egress_blocked, rotation).")
+        str | None,
+        typer.Option(
+            help="Only records of this kind: request, unauthenticated, alert, egress_blocked, rotation, engine_crashed, "
+            "directory, update, tamper or tpm_checkpoint."
+        ),
     ] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write to this file instead of standard output.")] = None,
     config: ConfigOpt = None,
