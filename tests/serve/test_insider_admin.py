@@ -46,3 +46,29 @@ def test_an_admin_cannot_swap_in_the_decrypted_memfd_and_lose_the_watermark(
     shutil.copyfile(gguf_file, own)
     r = _swap(srv.url, admin, {"model": str(own)})
     assert r.status_code == 200, r.text
+
+
+def test_an_admin_cannot_read_the_machine_key_through_the_swaps_error_messages(
+    vendor, machine, gguf_file, tmp_path, serve_process, home
+):
+    """The swap opens files the admin names: each refusal is one line that quotes none of their bytes
+    (the machine key's X25519 and Ed25519 keys, the clock record's tag, the host's /etc/shadow)."""
+    moat, lic, _ = bundle(vendor, gguf_file, tmp_path / "out", machine)
+    srv = serve_process(["--model", str(moat), "--license", str(lic)], env={"CODEMOAT_MODEL__N_CTX": "256"})
+    admin = create_token("--name", "ops", "--scopes", "admin")
+    secrets_ = [v for f in ("machine.key", "clock.json") for v in (home / f).read_text().split('"') if len(v) >= 16]
+    assert secrets_
+    try:  # the password hashes, where this test may read them (as root: as the server may)
+        shadow = [
+            x.split(":")[1] for x in open("/etc/shadow").read().splitlines() if x.count(":") > 2 and len(x.split(":")[1]) > 2
+        ]
+    except OSError:
+        shadow = []
+    targets = [str(home / "machine.key"), str(home / "clock.json"), "/etc/shadow", str(home / "codemoat.db")]
+    for body in [*({"model": str(moat), "license": t} for t in targets), *({"model": t} for t in targets)]:
+        r = _swap(srv.url, admin, body)
+        assert r.status_code >= 400, (body, r.text)
+        assert not any(s in r.text for s in secrets_ + shadow), (body, r.text)
+        assert "\n" not in r.json()["error"], r.text  # one line
+    r = httpx.get(f"{srv.url}/health", headers={"Authorization": f"Bearer {admin}"}, timeout=30).json()
+    assert r["license"]["customer"] == "acme"  # still the sealed model
