@@ -179,3 +179,17 @@ def test_audit_export_help_names_every_record_kind():
     # and the one it does not name is refused with the same list
     refused = one_line_error(run_cli("audit", "export", "--kind", "updates"), "unknown record kind 'updates'")
     assert all(k in refused for k in KINDS), refused
+
+
+def test_vendor_train_names_a_file_given_as_the_corpus(tmp_path: Path):
+    """A file passed as --corpus was "corpus directory not found" (it exists); a missing folder still says that."""
+    f = tmp_path / "notes.py"
+    f.write_text("x = 1\n")
+    out = str(tmp_path / "m.gguf")
+    one_line_error(run_cli("vendor", "train", "--corpus", str(f), "--out", out, "--steps", "1"), f"corpus {f} is not a folder")
+    missing = tmp_path / "missing"
+    one_line_error(
+        run_cli("vendor", "train", "--corpus", str(missing), "--out", out, "--steps", "1"),
+        f"corpus directory not found: {missing}",
+    )
+    assert not (tmp_path / "m.gguf").exists()

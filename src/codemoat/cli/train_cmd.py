@@ -48,6 +48,8 @@ def train_command(
     if ftype not in ("f16", "f32"):
         raise CodemoatError(f"--ftype must be f16 or f32, got {ftype!r}")
     for root in corpus:  # said before the progress bar starts (it left a "corpus 0:00:00" line above the error)
+        if root.exists() and not root.is_dir():
+            raise CodemoatError(f"corpus {root} is not a folder: --corpus names a folder of code (repeat it for several)")
         if not root.is_dir():
             raise CodemoatError(f"corpus directory not found: {root}")
     if out.is_dir():  # with --force too: the export at the end, after the whole run, could not write it
