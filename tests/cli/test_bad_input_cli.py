@@ -193,3 +193,26 @@ def test_vendor_train_names_a_file_given_as_the_corpus(tmp_path: Path):
         f"corpus directory not found: {missing}",
     )
     assert not (tmp_path / "m.gguf").exists()
+
+
+def test_a_lease_license_needs_a_key_server_url_a_machine_can_reach(tmp_path: Path):
+    """`--keyserver ftp://x` or `--keyserver "not a url"` was signed and recorded; the customer's serve then
+    failed ("key server unreachable at ftp://x: UnsupportedProtocol"). Refused before signing now."""
+    vendor, machine, moat = tmp_path / "vendor", tmp_path / "machine.json", tmp_path / "acme.moat"
+    assert run_cli("vendor", "init", "--vendor", str(vendor)).returncode == 0
+    machine.write_text(run_cli("machine-id", "--json").stdout)
+    r = run_cli(
+        "vendor", "seal", str(BUNDLED), "--vendor", str(vendor), "--customer", "ACME", "--out", str(moat), "--no-fingerprint"
+    )
+    assert r.returncode == 0, r.stderr
+    issue = ["vendor", "license", "issue", "--vendor", str(vendor), "--customer", "ACME", "--model", str(moat)]
+    issue += ["--machine", str(machine), "--expires", "30d", "--mode", "lease"]
+    for bad in ("ftp://keys.example:8443", "not a url", "http://", "http://keys.example:99999", "http://keys.example:x"):
+        one_line_error(run_cli(*issue, "--keyserver", bad, "--out", str(tmp_path / "a.lic")), "must be http(s)://HOST[:PORT]")
+    listed = run_cli("vendor", "license", "list", "--vendor", str(vendor), "--json")
+    assert listed.returncode == 0 and json.loads(listed.stdout) == []  # nothing signed
+    assert not (tmp_path / "a.lic").exists()
+    for good in ("http://127.0.0.1:8443", "https://keys.example/lease-api/"):
+        r = run_cli(*issue, "--keyserver", good, "--out", str(tmp_path / "a.lic"), "--force", "--json")
+        assert r.returncode == 0, (good, r.stderr)
+        assert json.loads((tmp_path / "a.lic").read_text())["license"]["lease"]["url"] == good.rstrip("/")

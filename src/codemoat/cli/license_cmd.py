@@ -14,6 +14,20 @@ from .apps import license_app
 from .common import JsonFlag, VendorDir, check_writable, console, emit, id_column, say, table, write_text
 
 
+def _check_keyserver_url(url: str) -> None:
+    """Before signing: a lease license naming a URL no HTTP client can reach ("ftp://x", "not a url") was signed
+    and recorded, and failed only on the customer's machine ("key server unreachable ...: UnsupportedProtocol")."""
+    from urllib.parse import urlsplit
+
+    try:
+        u = urlsplit(url)
+        ok = u.scheme in ("http", "https") and bool(u.hostname) and (u.port is None or u.port > 0)
+    except ValueError:  # a port that is not a number, or past 65535
+        ok = False
+    if not ok:
+        raise CodemoatError(f"--keyserver {url!r} must be http(s)://HOST[:PORT], as the customer's machines reach the key server")
+
+
 @license_app.command("issue")
 def license_issue(
     vendor: VendorDir,
@@ -58,6 +72,8 @@ def license_issue(
 
     if mode not in ("offline", "lease"):
         raise CodemoatError("--mode must be offline or lease")
+    if mode == "lease" and keyserver is not None:
+        _check_keyserver_url(keyserver)
     machines = [parse_identity(m) for m in machine]
     expires_at = int(parse_when(expires))
     not_before_at = int(parse_when(not_before)) if not_before else None
