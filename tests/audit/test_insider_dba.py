@@ -101,3 +101,57 @@ def test_a_dba_with_a_saved_head_row_cannot_relink_over_a_signed_record(pg_url, 
         refused = True
     rep = open_log(pg_url, audit_home, sign_every=1).verify()
     assert refused or not rep.ok, rep.to_dict()
+
+
+_DROP_MALLORY = r"""
+CREATE OR REPLACE FUNCTION dba_hide() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  IF NEW."user" = 'mallory' THEN
+    RETURN NULL;
+  END IF;
+  RETURN NEW;
+END
+$$;
+CREATE TRIGGER a_dba_hide BEFORE INSERT ON audit_records FOR EACH ROW EXECUTE FUNCTION dba_hide();
+"""
+
+_DELETE_MALLORY_AFTER = r"""
+CREATE OR REPLACE FUNCTION dba_forget() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  DELETE FROM audit_records WHERE seq = NEW.seq AND "user" = 'mallory';
+  RETURN NULL;
+END
+$$;
+CREATE TRIGGER z_dba_forget AFTER INSERT ON audit_records FOR EACH ROW EXECUTE FUNCTION dba_forget();
+"""
+
+
+def test_a_trigger_that_drops_a_users_records_refuses_their_requests_instead(pg_url, audit_home):
+    """A DBA's own trigger (before the chain's: triggers fire by name) throws away mallory's records: the
+    append is refused (the request is not served unaudited) and everyone else's records are kept."""
+    log = open_log(pg_url, audit_home, sign_every=1)
+    fill(log, 3)
+    with log.engine.begin() as c:
+        c.exec_driver_sql(_DROP_MALLORY)
+    with pytest.raises(Exception, match="do not link to what was sent"):
+        log.append("request", user="mallory", route="/v1/completions", status=200)
+    fresh = open_log(pg_url, audit_home, sign_every=1)
+    fill(fresh, 2, 10)  # another writer (a replica) keeps writing alice's
+    rep = fresh.verify()
+    assert rep.ok and rep.records == 5, rep.to_dict()
+
+
+def test_a_trigger_that_deletes_a_record_after_it_is_linked_fails_verify(pg_url, audit_home):
+    """An AFTER INSERT trigger deletes mallory's record once the chain linked it (the writer got its
+    number back and served the request): the signed head names a record the log no longer has."""
+    log = open_log(pg_url, audit_home, sign_every=1)
+    fill(log, 3)
+    with log.engine.begin() as c:
+        c.exec_driver_sql(_DELETE_MALLORY_AFTER)
+    log.append("request", user="mallory", route="/v1/completions", status=200)
+    rep = open_log(pg_url, audit_home, sign_every=1).verify()
+    assert not rep.ok and rep.first_bad == 4, rep.to_dict()
+    from codemoat.audit.log import AuditUnavailable
+
+    with pytest.raises(AuditUnavailable, match="record 4 no longer matches the signed head"):
+        log.append("request", user="alice", route="/v1/completions", status=200)  # and the writer stops at once
