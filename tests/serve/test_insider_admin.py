@@ -72,3 +72,60 @@ def test_an_admin_cannot_read_the_machine_key_through_the_swaps_error_messages(
         assert "\n" not in r.json()["error"], r.text  # one line
     r = httpx.get(f"{srv.url}/health", headers={"Authorization": f"Bearer {admin}"}, timeout=30).json()
     assert r["license"]["customer"] == "acme"  # still the sealed model
+
+
+def test_the_admin_scope_opens_no_repository(tmp_path, random_gguf):
+    """Scopes say which routes; groups say which code. An admin token (all scopes) of a user outside
+    `payments` gets none of its code: not by completion, not by naming the repository in a chat, not
+    with `admin` in every scope (alice, in the group, is the positive side)."""
+    from fastapi.testclient import TestClient
+
+    from codemoat.accounts import ALL_SCOPES, Accounts
+    from codemoat.config import load_settings
+    from codemoat.db import open_db
+    from codemoat.engines.holder import ModelHolder
+    from codemoat.engines.llamacpp import LlamaCppEngine
+    from codemoat.retrieve import Retriever
+    from codemoat.serve.app import create_app
+    from conftest import run_cli
+
+    root = tmp_path / "payments"
+    (root / "billing").mkdir(parents=True)
+    (root / "billing" / "money.py").write_text(
+        'def cents_to_display(cents: int, currency: str = "EUR") -> str:\n    return f"{cents / 100:.2f} {currency}"\n'
+    )
+    assert run_cli("index", "add", str(root), "--name", "payments", "--groups", "payments").returncode == 0
+    accounts = Accounts(open_db())
+    accounts.add_user("alice", ["payments"])
+    accounts.add_user("ops", ["web"])
+    _, alice = accounts.create_token("alice-editor", user="alice")
+    _, ops = accounts.create_token("ops-admin", user="ops", scopes=ALL_SCOPES)
+    engine = LlamaCppEngine.from_path(random_gguf, model_id="tiny", n_ctx=512, n_threads=1)
+    holder = ModelHolder("tiny")
+    holder.set(engine)
+    body = {
+        "model": "tiny",
+        "prompt": "from billing.money import cents_to_display\n\n\ndef total(cents):\n    return cents_to_display(",
+        "max_tokens": 2,
+        "temperature": 0,
+        "codemoat": {"repo": "payments", "path": "report.py", "return_snippets": True},
+    }
+    chat = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "How is money shown in @payments?"}],
+        "max_tokens": 2,
+        "codemoat": {"repos": ["payments"], "return_snippets": True},
+    }
+    app = create_app(load_settings(), holder=holder, accounts=accounts, retriever=Retriever())
+    with TestClient(app) as c:
+
+        def post(path: str, token: str, json: dict):
+            return c.post(path, json=json, headers={"Authorization": f"Bearer {token}"})
+
+        r = post("/v1/completions", alice, body)
+        assert r.status_code == 200 and any("cents_to_display" in s["text"] for s in r.json()["codemoat"]["snippets"])
+        r = post("/v1/completions", ops, body)
+        assert r.status_code == 200 and r.json()["codemoat"]["snippets"] == [], r.text
+        r = post("/v1/chat/completions", ops, chat)
+        assert r.status_code == 403 and "not readable" in r.json()["error"]["message"], r.text
+        assert "cents_to_display" not in r.text
