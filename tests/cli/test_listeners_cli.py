@@ -1,6 +1,7 @@
 """The vendor's listeners (`keyserver`, `vendor channel`): a port they cannot have is one line, before they say
 where they listen; and what they say is where they listen."""
 
+import json
 import socket
 import subprocess
 from pathlib import Path
@@ -61,3 +62,21 @@ def test_the_key_server_names_the_port_it_took(tmp_path: Path):
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait(timeout=60)
+
+
+def test_an_empty_address_is_refused_not_every_interface(tmp_path: Path):
+    """`--host ""` (an unset shell variable) bound every interface: serve said "serving ... on http://:PORT" to the
+    network. Now one line, for serve (flag and setting), the key server and the update channel; 0.0.0.0 still means all."""
+    vendor = _vendor(tmp_path)
+    (tmp_path / "releases").mkdir()
+    for code, args in (
+        (1, ("serve", "--host", "", "--port", "0")),  # the setting's check
+        (2, ("keyserver", "--vendor", str(vendor), "--host", " ", "--port", "0")),  # usage errors
+        (2, ("vendor", "channel", "--dir", str(tmp_path / "releases"), "--host", "", "--port", "0")),
+    ):
+        line = one_line_error(run_cli(*args), "an empty address listens on every interface", code)
+        assert "0.0.0.0" in line
+    one_line_error(run_cli("config", "show", env={"CODEMOAT_SERVER__HOST": ""}), "server.host: an empty address")
+    r = run_cli("config", "show", "--json", env={"CODEMOAT_SERVER__HOST": "0.0.0.0"})
+    assert r.returncode == 0, r.stderr
+    assert {d["setting"]: d["value"] for d in json.loads(r.stdout)}["server.host"] == "0.0.0.0"

@@ -46,6 +46,14 @@ class ServerSettings(BaseModel):
         "headers are ignored, from every peer, loopback included.",
     )
 
+    @field_validator("host")
+    @classmethod
+    def _host(cls, v: str) -> str:
+        # bind("") is every interface: an unset shell variable (`--host "$HOST"`) would open the server to the network
+        if not v.strip():
+            raise ValueError("an empty address listens on every interface: write 0.0.0.0 (or ::) if that is meant")
+        return v
+
     @field_validator("trusted_proxies")
     @classmethod
     def _addresses(cls, v: list[str]) -> list[str]:
