@@ -90,3 +90,37 @@ def test_a_repositorys_git_config_runs_no_command_while_it_is_indexed(tmp_path):
     subprocess.run(["git", "-C", str(repo), "config", "core.fsmonitor", f"touch {marker}; true"], check=True)
     assert scan(repo).paths == ["a.py"]
     assert not marker.exists()
+
+
+def _open_under(path) -> int:
+    """How many of this process's descriptors are open on `path` or below it (one closed while we look is skipped)."""
+    import os
+
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            n += os.readlink(f"/proc/self/fd/{fd}").startswith(str(path))
+        except FileNotFoundError:
+            pass
+    return n
+
+
+def test_a_scan_leaves_no_descriptor_open_however_many_files(tmp_path):
+    """RepoReader.check kept the folder descriptor it opened for each file: a scan held one per file until the
+    process ended, so a repository of more files than the descriptor limit (1,024 under a service manager's
+    default) could not be indexed ('Too many open files'). Here: 1,200 files under a limit of 1,024, in a child."""
+    import sys
+    import textwrap
+
+    repo = tmp_path / "big"
+    _tree(repo, {f"pkg{i % 4}/m{i}.py": f"X{i} = {i}\n" for i in range(1200)})
+    assert len(scan(repo).paths) == 1200 and _open_under(repo) == 0  # the positive, in this process
+    code = textwrap.dedent("""
+        import resource, sys
+        from pathlib import Path
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1024, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+        from codemoat.index.walk import scan
+        print(len(scan(Path(sys.argv[1])).paths))
+    """)
+    r = subprocess.run([sys.executable, "-c", code, str(repo)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.split() == ["1200"], r.stderr[-500:]

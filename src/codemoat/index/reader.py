@@ -165,7 +165,10 @@ class RepoReader:
     def check(self, rel: str) -> Refused | None:
         """Why `rel` may not be read (by its path and its entry's type), or None."""
         got = self._lstat(rel)
-        return got if isinstance(got, Refused) else None
+        if isinstance(got, Refused):
+            return got
+        os.close(got[0])  # the folder's descriptor `_lstat` opened: one per file checked otherwise
+        return None
 
     def _lstat(self, rel: str) -> tuple[int, os.stat_result] | Refused:
         parts = rel.split("/")
