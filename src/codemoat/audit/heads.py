@@ -19,7 +19,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -225,6 +227,8 @@ class HeadFile:
     def __init__(self, path: Path):
         self.path = path
         self._fd: int | None = None
+        self._lock = threading.Lock()  # the writer thread, the head timer and close() may meet here
+        self._closer: weakref.finalize | None = None
 
     def _slot_for(self, seq: int) -> int:
         seqs = []
@@ -240,13 +244,25 @@ class HeadFile:
     def write(self, head_row: dict[str, Any]) -> None:
         data = json.dumps(head_row, separators=(",", ":")).encode()
         data = data.ljust(HEAD_SLOT - 1) + b"\n"
-        try:
-            if self._fd is None:
-                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-            if os.fstat(self._fd).st_size < 2 * HEAD_SLOT:  # a new (or rotated) file: both slots, no blank one
-                os.pwrite(self._fd, data, HEAD_SLOT)
-                os.pwrite(self._fd, data, 0)
-                return
-            os.pwrite(self._fd, data, self._slot_for(head_row["seq"]) * HEAD_SLOT)
-        except OSError as e:  # the database copy is authoritative; a missing file copy only weakens verify
-            log.warning("could not write the audit head file %s: %s", self.path, e)
+        with self._lock:
+            try:
+                if self._fd is None:
+                    self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+                    # a copy collected without close() closes its descriptor; not at exit, where a log's own
+                    # close may still write the head after the finalizers ran
+                    self._closer = weakref.finalize(self, os.close, self._fd)
+                    self._closer.atexit = False
+                if os.fstat(self._fd).st_size < 2 * HEAD_SLOT:  # a new (or rotated) file: both slots, no blank one
+                    os.pwrite(self._fd, data, HEAD_SLOT)
+                    os.pwrite(self._fd, data, 0)
+                    return
+                os.pwrite(self._fd, data, self._slot_for(head_row["seq"]) * HEAD_SLOT)
+            except OSError as e:  # the database copy is authoritative; a missing file copy only weakens verify
+                log.warning("could not write the audit head file %s: %s", self.path, e)
+
+    def close(self) -> None:
+        """Close the file's descriptor (a later `write` opens it again)."""
+        with self._lock:
+            if self._closer is not None:
+                self._closer()
+            self._fd = self._closer = None

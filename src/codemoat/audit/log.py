@@ -314,10 +314,14 @@ class AuditLog(HeadSigning, LogReading):
         self._writer.stop()
         self._timer.stop()
         self.keeper.stop()
-        if self._unsigned_since is not None:
-            self.sign()
-        if self._pg is not None:
-            self._pg.close()
+        try:
+            if self._unsigned_since is not None:
+                self.sign()
+        finally:
+            if self._head_copy is not None:
+                self._head_copy.close()
+            if self._pg is not None:
+                self._pg.close()
 
     def _mark_failed(self, why: str) -> None:
         self._healthy, self.failure = False, why
