@@ -216,3 +216,23 @@ def test_a_lease_license_needs_a_key_server_url_a_machine_can_reach(tmp_path: Pa
         r = run_cli(*issue, "--keyserver", good, "--out", str(tmp_path / "a.lic"), "--force", "--json")
         assert r.returncode == 0, (good, r.stderr)
         assert json.loads((tmp_path / "a.lic").read_text())["license"]["lease"]["url"] == good.rstrip("/")
+
+
+def test_a_client_token_or_url_no_http_request_can_carry_is_named(tmp_path: Path):
+    """`complete`/`chat` with a token holding 'é' ended in "error: UnicodeEncodeError: 'ascii' codec ...", and with
+    --url http://[::1 in "error: InvalidURL: Invalid port: ':1'" (the last-resort line). Both say what to fix now,
+    before any connection."""
+    from ports import free_port
+
+    closed = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    for cmd in (("complete", "--prefix", "x"), ("chat", "hi")):
+        one_line_error(
+            run_cli(*cmd, "--url", closed, "--token", "cm_caf\u00e9"),
+            "the API token holds a character no token has",
+        )
+        one_line_error(run_cli(*cmd, "--url", closed, "--token", "cm_a\tb"), "the API token holds a character")
+        one_line_error(
+            run_cli(*cmd, "--url", "http://[::1", "--token", "cm_x"), "--url 'http://[::1' is not a URL a client can use"
+        )
+        # a well-formed token and URL get as far as the connection (refused)
+        one_line_error(run_cli(*cmd, "--url", closed, "--token", "cm_x"), f"cannot reach {closed}")

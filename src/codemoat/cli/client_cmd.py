@@ -20,7 +20,12 @@ def _client(url: str, token: str):
 
     if not token:
         fail("no API token: pass --token or set CODEMOAT_TOKEN (create one with `codemoat tokens create`)")
-    return httpx.Client(base_url=url.rstrip("/"), headers={"Authorization": f"Bearer {token}"}, timeout=120)
+    if not (token.isascii() and token.isprintable()):  # an HTTP header cannot carry it ("UnicodeEncodeError: 'ascii' ...")
+        fail("the API token holds a character no token has: pass it as `codemoat tokens create` printed it (cm_...)")
+    try:
+        return httpx.Client(base_url=url.rstrip("/"), headers={"Authorization": f"Bearer {token}"}, timeout=120)
+    except httpx.InvalidURL as e:  # not an HTTPError: it fell through to "error: InvalidURL: Invalid port: ':1'"
+        fail(f"--url {url!r} is not a URL a client can use ({e}): e.g. http://127.0.0.1:8080")
 
 
 def _check(r) -> dict:
