@@ -187,13 +187,14 @@ def _file_on_disk(path: str) -> str:
 
     A sealed model's plaintext is a memfd the server holds: `/proc/self/fd/N` (or `/dev/fd/N`) named as a
     plain GGUF loaded the licensed weights without the licence's watermark key (model.isolation = inline).
-    Such a name resolves to `/memfd:... (deleted)`, which is no file; `/proc`, `/dev` and `/sys` are refused
-    outright. The load then opens the resolved path, the one checked."""
+    Such a name resolves to `/memfd:... (deleted)`, which is no file; `/proc` and `/sys` are refused outright
+    (devices are no regular file; a model on /dev/shm is). The load then opens the resolved path, the one
+    checked."""
     import os
 
     from ..errors import CodemoatError
 
     real = os.path.realpath(path)
-    if real.startswith(("/proc/", "/dev/", "/sys/")) or not os.path.isfile(real):
+    if real.startswith(("/proc/", "/sys/")) or not os.path.isfile(real):
         raise CodemoatError(f"model {path[:200]!r} is not a model file on disk")
     return real
