@@ -236,3 +236,15 @@ def test_a_client_token_or_url_no_http_request_can_carry_is_named(tmp_path: Path
         )
         # a well-formed token and URL get as far as the connection (refused)
         one_line_error(run_cli(*cmd, "--url", closed, "--token", "cm_x"), f"cannot reach {closed}")
+
+
+def test_update_fetch_names_a_channel_url_it_cannot_parse():
+    """'http://[::1' (flag or update.channel_url) ended in "error: ValueError: Invalid IPv6 URL", a port past
+    65535 in "ValueError: Port out of range"; both now say what the URL must be, before any connection."""
+    for args, env in (
+        (["--channel", "http://[::1"], None),
+        ([], {"CODEMOAT_UPDATE__CHANNEL_URL": "http://[::1"}),
+        (["--channel", "http://keys.example:99999/x"], None),
+    ):
+        one_line_error(run_cli("update", "fetch", *args, env=env), "must be http(s)://HOST[:PORT]/PATH (")
+    one_line_error(run_cli("update", "fetch"), "no update channel configured")  # unset: still off

@@ -292,6 +292,12 @@ def update_fetch(
     url = channel or load_settings(None).update.channel_url
     if not url:
         raise CodemoatError("no update channel configured (update.channel_url is off by default; bundles also come as files)")
+    try:  # 'http://[::1' or a port past 65535 raised ValueError in urlsplit, which reached main's last resort
+        from urllib.parse import urlsplit
+
+        _ = urlsplit(url).port
+    except ValueError as e:
+        raise CodemoatError(f"update channel URL {url!r} must be http(s)://HOST[:PORT]/PATH ({e})") from None
     got = fetch(url, paths.home() / "updates" / "inbox")
     emit(
         got,
