@@ -79,9 +79,9 @@ def test_a_dba_rewriting_a_signed_record_in_place_is_named_by_verify(pg_url, aud
 @pytest.mark.xfail(
     strict=True,
     reason="left: a DBA who kept a copy of an earlier signed head row puts it back with the relink; the signer "
-    "checks the head the database shows, the head file keeps one head per record number (the relinked one "
-    "replaces the original), and no writer remembers the heads it signed (rotation by another replica also "
-    "restarts the numbers). Caught only by a head exported earlier (`audit verify --trusted-head`) or the "
+    "checks the head the database shows, the head file holds the newest two heads (two more signatures and the "
+    "original is gone from it; keeping it beside the relinked one was tried and dropped for that reason), and no "
+    "writer remembers the heads it signed (rotation by another replica also restarts the numbers). Caught only by a head exported earlier (`audit verify --trusted-head`) or the "
     "verifier's memory from an `audit verify` run after the record was signed",
 )
 def test_a_dba_with_a_saved_head_row_cannot_relink_over_a_signed_record(pg_url, audit_home):
