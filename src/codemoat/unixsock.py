@@ -34,3 +34,13 @@ def accept(sock: socket.socket, stop: threading.Event, who: str) -> socket.socke
             log.warning("%s: cannot accept a connection now (%s); trying again", who, e.strerror or e)
             stop.wait(0.1)
     return None
+
+
+def close_listener(sock: socket.socket) -> None:
+    """Close a listener whose `accept` loop may be blocked in another thread. close() alone does not wake it
+    (Linux): the thread, and all its loop holds, stayed blocked for good; shutdown() ends its accept (EINVAL)."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()

@@ -195,7 +195,7 @@ def test_a_serve_out_of_descriptors_for_a_moment_still_takes_update_apply(tmp_pa
     import subprocess
     import sys
 
-    from codemoat.updates.handoff import hand_over
+    from codemoat.updates.handoff import Listener, hand_over
 
     home = tmp_path / "home"
     p = subprocess.Popen([sys.executable, "-c", LISTENER, str(home)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -251,3 +251,32 @@ def test_a_refused_caller_is_told_why_however_slowly_it_asks(tmp_path):
     finally:
         ln.close()
         shutil.rmtree(open_home)
+
+
+def test_a_closed_listener_ends_its_accept_thread_and_lets_go_of_the_app(tmp_path):
+    """close() closed the unix listener under its accept loop, which Linux does not wake: the thread stayed
+    blocked in accept() for good, holding `handle` (serve's: a closure over the whole app, with its database
+    connections and audit log), one more for every app a process made and shut down (the test suite's)."""
+    import gc
+    import threading
+    import weakref
+
+    from codemoat.updates.handoff import Listener, hand_over
+    from waiting import blocked_in_accept, wait_for
+
+    class App:  # what serve's `handle` closes over
+        pass
+
+    app = App()
+    before = set(threading.enumerate())
+    ln = Listener(lambda channel, app=app: {"swapped": channel}, home=tmp_path).start()
+    accepting = [t for t in threading.enumerate() if t not in before and t.name == "update-handoff"]
+    assert [a.get("swapped") for a in hand_over("model", home=tmp_path)] == ["model"]  # the positive
+    assert len(accepting) == 1 and accepting[0].is_alive()
+    assert wait_for(lambda: blocked_in_accept(accepting[0]))  # close() finds it waiting for the next caller
+    ref = weakref.ref(app)
+    ln.close()
+    del ln, app
+    accepting[0].join(30)
+    assert not accepting[0].is_alive(), "the hand-off's accept thread outlived close()"
+    assert wait_for(lambda: gc.collect() is not None and ref() is None)

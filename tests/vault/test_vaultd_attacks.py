@@ -419,3 +419,32 @@ def test_a_refusal_closed_over_an_unread_request_still_says_why(tmp_path):
     finally:
         t.join(10)
         srv.close()
+
+
+def test_a_closed_vaultd_ends_its_accept_thread_and_lets_go_of_its_models(tmp_path):
+    """close() closed the listener under its accept loop, which Linux does not wake: the thread stayed
+    blocked in accept() for good, holding the daemon and every offer's memfd (in a long-lived process, or
+    the test suite's, a descriptor each)."""
+    import gc
+    import weakref
+
+    from waiting import blocked_in_accept, wait_for
+
+    buf = MemfdBuffer.from_bytes(b"GGUF" + bytes(4092), name="test-model")
+    before = set(threading.enumerate())
+    d = VaultDaemon(tmp_path / "vault.sock", allow_uids={os.getuid()}).start()
+    d.offer(Offer("acme-coder", buf.fd, buf.size, {}))
+    accepting = [t for t in threading.enumerate() if t not in before and t.name == "vaultd-accept"]
+    client = VaultClient.connect(str(d.path))
+    got = client.fetch("acme-coder")  # the positive: it serves until closed
+    os.close(got.fd)
+    client.close()
+    assert len(accepting) == 1 and accepting[0].is_alive()
+    assert wait_for(lambda: blocked_in_accept(accepting[0]))  # close() finds it waiting for the next caller
+    ref = weakref.ref(d)
+    d.close()
+    del d
+    accepting[0].join(30)
+    assert not accepting[0].is_alive(), "vaultd's accept thread outlived close()"
+    assert wait_for(lambda: gc.collect() is not None and ref() is None)  # its connection's thread ends too
+    buf.close()

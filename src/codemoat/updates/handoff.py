@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import paths
-from ..unixsock import accept, peer_cred
+from ..unixsock import accept, close_listener, peer_cred
 
 log = logging.getLogger("codemoat.updates")
 
@@ -131,7 +131,7 @@ class Listener:
         self._stop.set()
         s, self._sock = self._sock, None
         if s is not None:
-            s.close()
+            close_listener(s)  # its accept thread ends (it held the app)
             self.path.unlink(missing_ok=True)
 
 

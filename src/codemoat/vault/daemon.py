@@ -36,7 +36,7 @@ from typing import Any
 from collections.abc import Callable
 
 from ..errors import CodemoatError
-from ..unixsock import accept, peer_cred
+from ..unixsock import accept, close_listener, peer_cred
 from .wire import MAX_MESSAGE, VaultdError, recv_msg, send_msg
 
 log = logging.getLogger("codemoat.vault")
@@ -311,7 +311,7 @@ class VaultDaemon:
     def close(self) -> None:
         self._stop.set()
         if self._sock is not None:
-            self._sock.close()
+            close_listener(self._sock)  # its accept thread ends (it held the daemon and its offers)
             self._sock = None
             try:
                 os.unlink(self.path)
