@@ -195,7 +195,7 @@ def test_a_serve_out_of_descriptors_for_a_moment_still_takes_update_apply(tmp_pa
     import subprocess
     import sys
 
-    from codemoat.updates.handoff import Listener, hand_over
+    from codemoat.updates.handoff import hand_over
 
     home = tmp_path / "home"
     p = subprocess.Popen([sys.executable, "-c", LISTENER, str(home)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
