@@ -76,31 +76,42 @@ def test_a_dba_rewriting_a_signed_record_in_place_is_named_by_verify(pg_url, aud
     assert not rep.ok and rep.first_bad == k, rep.to_dict()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="left: a DBA who kept a copy of an earlier signed head row puts it back with the relink; the signer "
-    "checks the head the database shows, the head file holds the newest two heads (two more signatures and the "
-    "original is gone from it; keeping it beside the relinked one was tried and dropped for that reason), and no "
-    "writer remembers the heads it signed (rotation by another replica also restarts the numbers). Caught only by a head exported earlier (`audit verify --trusted-head`) or the "
-    "verifier's memory from an `audit verify` run after the record was signed",
-)
+def _put_back(log, saved) -> None:
+    """The DBA: an earlier signed head row, copied before, written over the head."""
+    with log.engine.begin() as c:
+        cols = [x for x in saved if x != "id"]
+        c.execute(sa.text(f"update audit_head set {', '.join(f'{x} = :{x}' for x in cols)} where id = 1"), dict(saved))
+
+
 def test_a_dba_with_a_saved_head_row_cannot_relink_over_a_signed_record(pg_url, audit_home):
+    """The relink, with a copy of the head row from before mallory's record put back: the database's
+    head and chain agree, so only the writer that signed mallory's head can tell (it remembers that
+    head, and its record is gone). Before, every append went on and a fresh verify said OK."""
+    from codemoat.audit.log import AuditUnavailable
+
     log = open_log(pg_url, audit_home, sign_every=1)
     fill(log, 7)
     with log.engine.connect() as c:
         saved = c.execute(sa.text("select * from audit_head where id = 1")).mappings().one()
     k = log.append("request", user="mallory", route="/v1/completions", status=200)
     _wind_back(log, k, edit=False)
-    with log.engine.begin() as c:
-        cols = [x for x in saved if x != "id"]
-        c.execute(sa.text(f"update audit_head set {', '.join(f'{x} = :{x}' for x in cols)} where id = 1"), dict(saved))
-    refused = False
-    try:
+    _put_back(log, saved)
+    with pytest.raises(AuditUnavailable, match=f"record {k} no longer matches the signed head"):
         fill(log, 3, 100)
-    except Exception:
-        refused = True
-    rep = open_log(pg_url, audit_home, sign_every=1).verify()
-    assert refused or not rep.ok, rep.to_dict()
+
+
+def test_a_rotation_by_another_replica_is_not_taken_for_a_relink(pg_url, audit_home, tmp_path):
+    """The positive side: another replica (or `codemoat audit rotate`) starts the chain again, so the
+    record this writer's last head named is gone for a reason the chain's first record gives; it signs on."""
+    from codemoat.audit.rotate import rotate
+
+    log = open_log(pg_url, audit_home, sign_every=1)
+    fill(log, 5)
+    other = open_log(pg_url, audit_home, sign_every=1)
+    rotate(other, tmp_path / "archive.jsonl")
+    fill(other, 2, 20)
+    fill(log, 4, 40)  # this writer's last head named record 5 of the old chain
+    assert log.verify().ok
 
 
 _DROP_MALLORY = r"""

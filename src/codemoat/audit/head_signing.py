@@ -52,6 +52,7 @@ class HeadSigning:
         self._signed_seq = 0  # the newest record this process knows to be signed
         self._last_seq = 0  # the newest record this process wrote
         self._seen_head = False  # a signed head was seen: a missing one was deleted
+        self._mine: tuple[int, str, int] | None = None  # (seq, hash, ts_us) of the last head this process signed
         self._unsigned_since: float | None = None  # when this process first left a record unsigned
         self._timer = HeadTimer(self)
 
@@ -89,6 +90,8 @@ class HeadSigning:
 
     def _signed(self, seq: int | None, head_row: dict[str, Any] | None) -> None:
         """Note that records up to `seq` are signed (by this process when `head_row`, or by another)."""
+        if head_row is not None:
+            self._mine = (head_row["seq"], head_row["hash"], head_row["ts_us"])
         if seq is not None and seq >= self._signed_seq:
             self._signed_seq, self._seen_head = seq, self._seen_head or seq > 0
             if seq >= self._last_seq:
@@ -108,6 +111,7 @@ class HeadSigning:
                         wait=wait,
                         head_expected=self._seen_head,
                         allowance=self.tail_allowance,
+                        mine=self._mine,
                     )
                 self._signed(signed, head_row)
                 return head_row

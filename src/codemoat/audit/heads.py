@@ -143,13 +143,15 @@ def sign_tip(
     allowance: int = 0,
     tip_row: tuple[int, str] | None = None,
     known: dict[int, str] | None = None,
+    mine: tuple[int, str, int] | None = None,
 ) -> tuple[int | None, dict[str, Any] | None]:
     """Sign the tip in transaction `c`: (the seq now signed, the new head row or None when nothing was signed).
 
     Signs only when the tip is `min_tail` or more records past the signed head, or always with a
     `reason` (then a checkpoint is also signed at the tip: "shutdown"). `wait=False`: when another
     signer holds the head row, give up at once (None, None). `head_expected`: this writer saw a signed
-    head before, so a missing one was deleted."""
+    head before, so a missing one was deleted. `mine`: (seq, hash, ts_us) of the last head this writer
+    signed, whose record must still be in the chain (unless the chain was rotated since)."""
     kind = "sqlite" if c.dialect.name == "sqlite" else ("wait" if wait else "skip")
     h = run(c, _HEAD_SQL[kind]).fetchone()
     if h is None and kind == "skip" and c.execute(_HEAD_EXISTS).first() is not None:
@@ -180,6 +182,12 @@ def sign_tip(
         # whoever writes the database (no key) cut or rewrote signed records, wound the tip back and let the
         # chain link new records after it: a head signed over that would make the rewrite verify
         raise _relinked(hseq)
+    if mine is not None and (mine[0], mine[1]) != (hseq, hhash) and _hash_at(c, mine[0], known) != mine[1]:
+        # the head this writer signed last is gone from the chain: the same cut and relink, after an
+        # earlier signed head row (a copy the DBA kept) was put back in the database. A rotation since
+        # (by another replica) starts the chain again with a record that says so.
+        if not _rotated_since(c, mine[2]):
+            raise _relinked(mine[0])
     now = int(time.time() * 1_000_000)
     k = max(1, checkpoint_every)
     due = list(range((last_cp // k + 1) * k, t_seq + 1, k))
@@ -208,6 +216,20 @@ def _hash_at(c: sa.Connection, seq: int, known: dict[int, str] | None) -> str | 
         return known[seq]
     row = run(c, _HASH_AT, {"seq": seq}).fetchone()
     return None if row is None else row[0]
+
+
+_FIRST = sa.text("SELECT kind, ts_us FROM audit_records WHERE seq = 1")
+
+
+ROTATION_SKEW_US = 600_000_000  # replicas' clocks may differ: a rotation stamped up to 10 min earlier counts
+
+
+def _rotated_since(c: sa.Connection, ts_us: int) -> bool:
+    """Whether the chain was started again (`audit rotate`, by any replica) after the instant `ts_us`. Its first
+    record says so; one stamped a little before `ts_us` counts too (another host's clock), which leaves a
+    cut-and-relink within ROTATION_SKEW_US of a rotation to `audit verify`'s memory and exported heads."""
+    row = run(c, _FIRST).fetchone()
+    return row is not None and row[0] == "rotation" and row[1] > ts_us - ROTATION_SKEW_US
 
 
 def _relinked(seq: int) -> AuditUnavailable:

@@ -286,6 +286,7 @@ class AuditLog(HeadSigning, LogReading):
                             allowance=self.tail_allowance,
                             tip_row=(seq, prev),
                             known={r["seq"]: r["hash"] for r in rows},
+                            mine=self._mine,
                         )
                 self._signed(signed, head_row)
                 for w in extras:
