@@ -314,3 +314,24 @@ def test_a_thread_append_returns_only_once_its_own_record_is_written(database_ur
     assert seq == 3 and all(w.done and w.error is None for w in ahead) and not audit_log._pending
     assert audit_log.verify().ok
     audit_log.close()
+
+
+def test_a_log_nobody_holds_is_collected_and_its_writer_thread_ends(engine, audit_home, db_url):
+    """The writer thread holds the log weakly, so a log nobody uses is collected (and its thread ends); but its
+    last batch stayed in the thread's frame while it waited for the next, and a record's `then` (the trust
+    layer's, holding the log) kept the log, its head file and its connections alive for good."""
+    import functools
+    import gc
+    import weakref
+
+    from codemoat.audit.log import AuditLog, head_file_for
+    from waiting import wait_for
+
+    lg = AuditLog(engine, head_file=head_file_for(db_url, audit_home))
+    then = functools.partial(getattr, lg, "sign_every")  # holds the log, as the trust layer's `then` does
+    asyncio.run(lg.append_async("request", user="alice", status=200, then=then))
+    thread, ref = lg._writer._thread, weakref.ref(lg)
+    assert thread.is_alive()  # the writer waits for the next batch
+    del lg, then
+    assert wait_for(lambda: gc.collect() is not None and ref() is None), "the writer thread kept the log"
+    assert wait_for(lambda: not thread.is_alive())

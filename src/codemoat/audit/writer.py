@@ -108,6 +108,8 @@ def _run(ref: weakref.ref, q: queue.SimpleQueue) -> None:
                     w.error = e
         del lg  # no strong reference while waiting
         _settle(batch)
+        # nor through the last batch: a record's `then` holds the request's trust layer, which holds the log
+        first = w = batch = None
 
 
 def _write(lg: Any, batch: list) -> None:

@@ -157,6 +157,10 @@ class Trust:
             maybe_take(self.log)
         except Exception as e:
             log.error("could not take the TPM checkpoint of the audit log: %s", e)
+        try:  # its threads (writer, head timer, probe) stop and its head file's descriptor closes with the app
+            self.log.close()
+        except Exception as e:
+            log.error("could not close the audit log: %s", e)
 
     # -- one request's record -----------------------------------------------------------
     def write(self, scope: dict, status: int, seconds: float, note: str | None = None) -> None:
