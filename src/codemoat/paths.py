@@ -18,7 +18,10 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 PRIVATE_DIR, PRIVATE_FILE = 0o700, 0o600
 _checked: set[Path] = set()
@@ -207,20 +210,28 @@ def open_own(path: str | Path, what: str, flags: int = os.O_RDWR | os.O_CREAT, e
 
 
 def write_out(path: str | Path, data: bytes | memoryview, *, force: bool) -> None:
-    """Write a file the user named (`--out`): without `force` only as a new file (O_CREAT|O_EXCL|O_NOFOLLOW, so a
-    file or symbolic link put there after the caller's check is refused, not truncated or written through); with
-    it through a temporary file in the same folder and os.replace, so a link there is replaced, not followed. An
-    OSError passes (FileExistsError: the file appeared since the check)."""
+    """Write a file the user named (`--out`) whole, as `open_out` does. An OSError passes (FileExistsError: the
+    file appeared since the caller's check)."""
+    with open_out(path, force=force, text=False) as f:
+        f.write(data)
+
+
+@contextmanager
+def open_out(path: str | Path, *, force: bool, text: bool = True) -> Iterator[IO]:
+    """A file the user named (`--out`), to write: without `force` only as a new file (O_CREAT|O_EXCL|O_NOFOLLOW,
+    so a file or symbolic link put there after the caller's check is refused, not truncated or written
+    through); with it through a temporary file in the same folder and os.replace, so a link there is replaced,
+    not followed, and what was there stays whole until the new file is. Work that fails part way leaves no
+    file behind (the new one is removed; a replaced one is untouched). An OSError passes."""
     path = Path(path)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
     target = path.with_name(f".{path.name}.{os.getpid()}.tmp") if force else path
     fd = os.open(target, flags, 0o666)  # the umask decides, as for any file the user asks for
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") if text else os.fdopen(fd, "wb") as f:
+            yield f
         if force:
             os.replace(target, path)
     except BaseException:
-        if force:
-            target.unlink(missing_ok=True)
+        target.unlink(missing_ok=True)
         raise

@@ -46,6 +46,33 @@ def test_export(audit_log, tmp_path):
     assert r.exit_code != 0
 
 
+def test_export_to_a_file_keeps_an_earlier_export_unless_forced(audit_log, tmp_path):
+    """As every other --output: an export does not overwrite a file unasked (the day-before's export, or a file
+    someone linked there); with --force the old file stays whole until the new one replaces it."""
+    fill(audit_log, 3)
+    out = tmp_path / "day1.jsonl"
+    assert runner.invoke(app, ["audit", "export", "-o", str(out)]).exit_code == 0
+    before = out.read_bytes()
+    assert len(before.splitlines()) == 3
+    fill(audit_log, 2)
+    r = run_cli("audit", "export", "-o", str(out))
+    assert r.returncode == 1 and r.stderr.strip().endswith(
+        f"{out} exists: pass --force to replace it (an earlier export: name a new file, e.g. one a day)"
+    )
+    assert "Traceback" not in r.stderr and out.read_bytes() == before
+    victim = tmp_path / "victim"
+    victim.write_text("keep me")
+    (tmp_path / "link.jsonl").symlink_to(victim)
+    assert run_cli("audit", "export", "-o", str(tmp_path / "link.jsonl")).returncode == 1
+    assert victim.read_text() == "keep me"  # not written through
+    r = run_cli("audit", "export", "-o", str(out), "--force")
+    assert r.returncode == 0, r.stderr
+    assert len(out.read_text().splitlines()) == 5 and not list(tmp_path.glob(".*.tmp"))
+    r = run_cli("audit", "export", "-o", str(tmp_path / "link.jsonl"), "--force")
+    assert r.returncode == 0 and victim.read_text() == "keep me"  # the link is replaced, not followed
+    assert not (tmp_path / "link.jsonl").is_symlink()
+
+
 def test_outbound_shows_payloads_verbatim(audit_home):
     assert "nothing has been sent" in runner.invoke(app, ["audit", "outbound"]).output
     body = '{"license":"lic_1","machine":"m_2","nonce":"n3"}'

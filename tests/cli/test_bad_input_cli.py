@@ -130,7 +130,7 @@ def test_vendor_bad_output_paths_record_nothing(tmp_path: Path):
 
 
 def test_audit_export_to_a_folder(tmp_path: Path):
-    one_line_error(run_cli("audit", "export", "-o", str(tmp_path)), "cannot write")
+    one_line_error(run_cli("audit", "export", "-o", str(tmp_path)), "is a folder: name a file to write")
 
 
 def test_watermark_detect_reads_its_files_first(tmp_path: Path):

@@ -72,10 +72,16 @@ def audit_export(
             "directory, update, tamper or tpm_checkpoint."
         ),
     ] = None,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write to this file instead of standard output.")] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write to this new file instead of standard output.")
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace the file at --output (kept whole until the export is).")
+    ] = False,
     config: ConfigOpt = None,
 ) -> None:
     """Export records, with their hashes, as JSON lines or CSV."""
+    from .. import paths
     from ..audit.log import check_kind, parse_since
     from ..errors import CodemoatError
 
@@ -83,17 +89,21 @@ def audit_export(
     if fmt not in ("jsonl", "csv"):
         raise CodemoatError(f"unknown export format {fmt!r}: use jsonl or csv")
     check_kind(kind)
+    if output is not None:  # as every other --output: an earlier export is not overwritten unasked
+        check_writable(output, force, "an earlier export: name a new file, e.g. one a day")
     log = _log(config)
-    try:
-        out = open(output, "w", encoding="utf-8", newline="") if output else sys.stdout
+    if output is None:
+        for chunk in log.export(fmt, since=start, kind=kind):
+            sys.stdout.write(chunk)
+        return
+    try:  # a new file (or a replacement, with --force) that appears whole or not at all
+        with paths.open_out(output, force=force) as out:
+            for chunk in log.export(fmt, since=start, kind=kind):
+                out.write(chunk)
+    except FileExistsError:
+        raise CodemoatError(f"{output} exists: pass --force to replace it") from None
     except OSError as e:
         raise CodemoatError(f"cannot write {output}: {e.strerror}") from None
-    try:
-        for chunk in log.export(fmt, since=start, kind=kind):
-            out.write(chunk)
-    finally:
-        if output:
-            out.close()
 
 
 def _printable(text: str) -> str:
