@@ -238,8 +238,11 @@ def test_head_export_and_trusted_head_errors_are_one_line(audit_log, db_file, tm
     r = run_cli("audit", "verify", "--trusted-head", str(tmp_path / "nope.json"))
     assert r.returncode == 1 and "no such file" in r.stderr + r.stdout and "Traceback" not in r.stderr
     (tmp_path / "bad.json").write_text('{"format": "something else"}')
-    code, out = verify("--trusted-head", str(tmp_path / "bad.json"))
-    assert code == 1 and "not a codemoat audit head" in out
+    (tmp_path / "junk.bin").write_bytes(b"\x00junk")  # the operator named the wrong file: their mistake, not the log's
+    for wrong, why in (("junk.bin", "is not JSON"), ("bad.json", "not a codemoat audit head"), (".", "is a folder")):
+        r = run_cli("audit", "verify", "--trusted-head", str(tmp_path / wrong))
+        assert r.returncode == 1 and why in r.stderr and "FAILED" not in r.stdout + r.stderr, (wrong, r.stdout, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
     sql(db_file, "UPDATE audit_records SET user = 'mallory' WHERE seq = 2")
     r = run_cli("audit", "head", "export")
     assert r.returncode == 1 and "fails verification: record 2" in r.stderr and r.stdout == "" and "Traceback" not in r.stderr

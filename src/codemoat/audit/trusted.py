@@ -35,7 +35,7 @@ def load(path: Path, *, own: bool = False) -> SignedHead | None:
     from ..paths import read_own, read_regular
 
     try:
-        raw = read_own(path, "audit head", error=ValueError) if own else read_regular(path, "audit head", 1 << 20, ValueError)
+        raw = read_own(path, "signed head", error=ValueError) if own else read_regular(path, "signed head", 1 << 20, ValueError)
     except FileNotFoundError:
         return None
     except ValueError as e:

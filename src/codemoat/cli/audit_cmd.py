@@ -30,13 +30,28 @@ TrustedHeadOpt = Annotated[
 ]
 
 
+def _check_trusted_head(path: Path | None) -> None:
+    """An exported head the operator names must be one: a wrong file is their mistake, said in one line, not the
+    log's failure ('FAILED at record 1'). One that reads as a head is checked against the log by verify."""
+    from ..audit import trusted
+    from ..errors import CodemoatError
+
+    if path is None:
+        return
+    if path.is_dir():
+        raise CodemoatError(f"--trusted-head {path} is a folder: name a head file (`codemoat audit head export`)")
+    if not path.exists():
+        raise CodemoatError(f"--trusted-head {path}: no such file")
+    try:
+        trusted.load(path)
+    except ValueError as e:
+        raise CodemoatError(f"--trusted-head: {e}") from None
+
+
 @audit_app.command("verify")
 def audit_verify(*, trusted_head: TrustedHeadOpt = None, config: ConfigOpt = None, as_json: JsonFlag = False) -> None:
     """Check every record, checkpoint and signature, and that nothing verified before was rolled back; exit 1 if any fails."""
-    from ..errors import CodemoatError
-
-    if trusted_head is not None and not trusted_head.is_file():
-        raise CodemoatError(f"--trusted-head {trusted_head}: no such file")
+    _check_trusted_head(trusted_head)
     rep = _log(config).verify(trusted_head=trusted_head)
 
     def human(r):
@@ -202,8 +217,7 @@ def audit_head_export(
     from ..audit import trusted
     from ..errors import CodemoatError
 
-    if trusted_head is not None and not trusted_head.is_file():
-        raise CodemoatError(f"--trusted-head {trusted_head}: no such file")
+    _check_trusted_head(trusted_head)
     if output is not None:  # an exported head is the anchor that catches a rollback: an earlier one is kept
         check_writable(output, force, "an exported head: keep each, e.g. one file a day")
     log = _log(config)
