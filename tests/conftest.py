@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -29,6 +30,25 @@ def home(tmp_path_factory, monkeypatch) -> Path:
     monkeypatch.delenv("CODEMOAT_DATABASE_URL", raising=False)
     monkeypatch.setenv("CODEMOAT_VAULT__TPM", "off")  # never a host's /dev/tpm*: TPM tests start their own swtpm
     return h
+
+
+@pytest.fixture(autouse=True)
+def _apps_released() -> Iterator[None]:
+    """After each test, FastAPI lets go of the apps the test made. Its dependency classification caches
+    (fastapi.dependencies.models, 4,096 entries each) hold every route's endpoint, a closure over its app, so
+    the apps of the last ~100 tests stayed alive with their database engines' connections and audit logs:
+    the test process held over 1,000 descriptors (past select()'s FD_SETSIZE) late in the suite. Once the
+    process holds 100 more than after the last one, a full collection frees those cycles now, not whenever."""
+    yield
+    models = sys.modules.get("fastapi.dependencies.models")
+    for name in ("_is_gen_callable_cached", "_is_async_gen_callable_cached", "_is_coroutine_callable_cached"):
+        getattr(getattr(models, name, None), "cache_clear", lambda: None)()
+    if len(os.listdir("/proc/self/fd")) > _fds_after_collect[0] + 100:
+        gc.collect()
+        _fds_after_collect[0] = len(os.listdir("/proc/self/fd"))
+
+
+_fds_after_collect = [0]  # descriptors open after the last full collection `_apps_released` asked for
 
 
 @pytest.fixture(scope="session")
