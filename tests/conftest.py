@@ -163,15 +163,8 @@ class ServerProcess:
     """`codemoat serve` in a subprocess on 127.0.0.1, waited for on /health."""
 
     def __init__(self, args: list[str], env: dict | None = None, wait: bool = True):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(Path(os.environ["CODEMOAT_HOME"]) / f"serve-{self.port}.log", "w+")
-        self.proc = subprocess.Popen(
-            [*CODEMOAT, "serve", "--host", "127.0.0.1", "--port", str(self.port), *args],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            env=dict(os.environ, **(env or {})),
-        )
+        self._args, self._env = args, dict(os.environ, **(env or {}))
+        self._spawn()
         if wait:
             try:
                 self.wait_ready()
@@ -179,10 +172,28 @@ class ServerProcess:
                 self.stop()
                 raise
 
+    def _spawn(self) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(Path(self._env["CODEMOAT_HOME"]) / f"serve-{self.port}.log", "w+")
+        self.proc = subprocess.Popen(
+            [*CODEMOAT, "serve", "--host", "127.0.0.1", "--port", str(self.port), *self._args],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=self._env,
+        )
+
     def wait_ready(self, timeout: float = 120) -> None:
-        deadline = time.time() + timeout
+        deadline, respawns = time.time() + timeout, 0
         while time.time() < deadline:
             if self.proc.poll() is not None:
+                # free_port() let the port go before serve bound it: another process (a test or a CI beside
+                # this one) may have taken it meanwhile. Serve refuses in one line before doing anything else.
+                if f"cannot listen on 127.0.0.1:{self.port}: Address already in use" in self.output() and respawns < 3:
+                    respawns += 1
+                    self.log.close()
+                    self._spawn()
+                    continue
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
             try:
                 if httpx.get(self.url + "/health", timeout=2).status_code == 200:
