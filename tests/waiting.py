@@ -6,8 +6,9 @@ from __future__ import annotations
 import time
 
 
-def wait_for(cond, seconds: float = 10.0) -> bool:
-    """Whether `cond()` became true within `seconds` (checked every 10 ms, and once more at the deadline)."""
+def wait_for(cond, seconds: float = 30.0) -> bool:
+    """Whether `cond()` became true within `seconds` (checked every 10 ms, and once more at the deadline).
+    The default is generous: it only bounds a failure, and a loaded 2-core CI can starve a thread for seconds."""
     end = time.time() + seconds
     while time.time() < end:
         if cond():

@@ -62,10 +62,10 @@ class KeyServerProcess:
         self.server = uvicorn.Server(cfg)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
-        deadline = time.time() + 20
+        deadline = time.time() + 60  # generous: a loaded 2-core CI starts it in well under a second, mostly
         while time.time() < deadline:
             try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                if httpx.get(self.url + "/health", timeout=5).status_code == 200:
                     return self
             except httpx.HTTPError:
                 time.sleep(0.05)
