@@ -405,22 +405,36 @@ def process_tree(pid: int) -> list[int]:
     return out
 
 
+def fd_targets(pid: int) -> list[str]:
+    """What `pid`'s open descriptors point at, skipping one it closes between the listing and the readlink."""
+    out = []
+    for f in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            out.append(os.readlink(f"/proc/{pid}/fd/{f}"))
+        except FileNotFoundError:
+            pass
+    return out
+
+
 def secrets_seen(pid: int, secrets: dict[str, bytes]) -> list[str]:
     """Which secrets appear in the command line, environment or readable memory of `pid` or its children (root reads /proc/PID/mem)."""
     seen = set()
     for p in process_tree(pid):
-        blobs = [Path(f"/proc/{p}/cmdline").read_bytes(), Path(f"/proc/{p}/environ").read_bytes()]
-        with open(f"/proc/{p}/mem", "rb", 0) as mem:
-            for line in Path(f"/proc/{p}/maps").read_text().splitlines():
-                span, perm = line.split()[:2]
-                if "r" not in perm or line.endswith(("[vvar]", "[vsyscall]")):
-                    continue
-                lo, hi = (int(x, 16) for x in span.split("-"))
-                try:
-                    mem.seek(lo)
-                    blobs.append(mem.read(hi - lo))
-                except OSError:
-                    continue
+        try:  # a process that exits while we look (a short-lived helper of serve's) holds nothing any more
+            blobs = [Path(f"/proc/{p}/cmdline").read_bytes(), Path(f"/proc/{p}/environ").read_bytes()]
+            with open(f"/proc/{p}/mem", "rb", 0) as mem:
+                for line in Path(f"/proc/{p}/maps").read_text().splitlines():
+                    span, perm = line.split()[:2]
+                    if "r" not in perm or line.endswith(("[vvar]", "[vsyscall]")):
+                        continue
+                    lo, hi = (int(x, 16) for x in span.split("-"))
+                    try:
+                        mem.seek(lo)
+                        blobs.append(mem.read(hi - lo))
+                    except OSError:
+                        continue
+        except (FileNotFoundError, ProcessLookupError):
+            continue
         for name, secret in secrets.items():
             import base64
 
@@ -510,9 +524,7 @@ def test_serve_account_gets_the_model_only_through_vaultd_and_unloads_on_revocat
         assert out.choices[0].text
         health = httpx.get(url + "/health", headers={"Authorization": f"Bearer {setup.token}"}).json()
         assert health["license"]["license_id"] == setup.doc["license"]["id"]
-        maps = Path(f"/proc/{proc.pid}/maps").read_text() + "".join(
-            os.readlink(f) for f in Path(f"/proc/{proc.pid}/fd").iterdir() if f.is_symlink()
-        )
+        maps = Path(f"/proc/{proc.pid}/maps").read_text() + "".join(fd_targets(proc.pid))
         assert "machine.key" not in maps and "acme.moat" not in maps
 
         vendor.revoke(setup.doc["license"]["id"])
