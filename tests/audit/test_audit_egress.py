@@ -136,6 +136,18 @@ def test_rules():
     assert parse_rule("http://[::1]:8080/x").port == 8080
     with pytest.raises(ValueError):
         parse_rule("host:99999")
+    for bad in ("badhost:xx", "host:0", "host:-1", "host:\u0663", "[::1]x", "[::1]:", "a/b"):  # \u0663: an Arabic 3
+        with pytest.raises(ValueError, match=r"^bad (port in )?egress allow-list entry"):
+            parse_rule(bad)
+
+
+@pytest.mark.slow
+def test_a_mistyped_allow_list_entry_stops_the_server_in_one_line(serve_process, gguf_file):
+    """It was warned of in the log and ignored, so the destination it meant stayed unreachable unexplained."""
+    srv = serve_process(["--model", str(gguf_file)], env={"CODEMOAT_POLICY__EGRESS_ALLOW": '["proxy.corp:31x28"]'}, wait=False)
+    assert srv.proc.wait(timeout=120) == 1
+    out = srv.output()
+    assert "Traceback" not in out and "policy.egress_allow: bad port in egress allow-list entry 'proxy.corp:31x28'" in out, out
 
 
 class _ClaimsUnix(socket.socket):

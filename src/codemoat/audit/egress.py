@@ -76,12 +76,14 @@ def parse_rule(entry: str) -> Rule:
         e = (f"[{host}]" if ":" in host else host) + (f":{port}" if port else "")
     if e.startswith("[") and "]" in e:
         host, _, rest = e[1:].partition("]")
-        port = int(rest[1:]) if rest.startswith(":") else None
+        p = rest[1:] if rest.startswith(":") else None
+        if rest and p is None:
+            raise ValueError(f"bad egress allow-list entry {entry!r}")
     elif e.count(":") == 1:
         host, p = e.split(":")
-        port = int(p)
     else:
-        host, port = e, None
+        host, p = e, None
+    port = int(p) if p is not None and p.isascii() and p.isdigit() else -1 if p is not None else None
     if port is not None and not 0 < port < 65536:
         raise ValueError(f"bad port in egress allow-list entry {entry!r}")
     try:

@@ -35,6 +35,7 @@ from ..audit.quota import Quotas
 from ..audit.redact import redact
 from ..config import Settings
 from ..db import open_db
+from ..errors import CodemoatError
 from ..usage import UsageStore
 from ..usage.metrics import UsageCollector
 from . import admin
@@ -90,6 +91,11 @@ class Trust:
 
     def _static_allow(self, url: str) -> list[str]:
         allow = list(self.settings.policy.egress_allow)
+        for entry in allow:  # a mistyped entry stops the start, in one line: it would only be warned of and ignored
+            try:
+                egress.parse_rule(entry)
+            except ValueError as e:
+                raise CodemoatError(f"policy.egress_allow: {e} (use host, host:port, [v6]:port, an address or a CIDR)") from None
         host = self.settings.server.host
         if host and not egress.is_loopback(host) and egress.parse_rule(host).net is None:
             allow.append(host)  # our own interface, by name: binding resolves it
