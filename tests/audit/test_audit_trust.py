@@ -7,10 +7,10 @@ from __future__ import annotations
 import socket
 import sqlite3
 import threading
-import time
 
 import pytest
 from fastapi.testclient import TestClient
+from waiting import wait_for
 
 from codemoat.accounts import Accounts
 from codemoat.audit import egress
@@ -276,10 +276,7 @@ def _uvicorn(app, port, **kw):
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", **kw))
     t = threading.Thread(target=server.run, daemon=True)
     t.start()
-    for _ in range(200):
-        if server.started:
-            break
-        time.sleep(0.05)
+    assert wait_for(lambda: server.started or not t.is_alive(), 60) and server.started, "uvicorn did not start"
     return server, t
 
 
@@ -295,11 +292,9 @@ def test_client_that_hangs_up_mid_stream_is_audited(engine, accounts, tokens, po
                 data = (line for line in r.iter_lines() if line.startswith("data:"))
                 assert '"role"' in next(data) and '"content"' in next(data) and '"content"' in next(data)
             # the connection is closed here, long before the 40 chunks are sent
-        for _ in range(100):
-            recs = records(engine)
-            if recs:
-                break
-            time.sleep(0.05)
+        got: list = []
+        wait_for(lambda: bool(got.append(records(engine)) or got[-1]))  # the record follows the hang-up
+        recs = got[-1]
     finally:
         server.should_exit = True
         t.join(timeout=10)
@@ -320,7 +315,14 @@ def test_request_cut_off_by_shutdown_is_still_audited(engine, accounts, tokens, 
     """uvicorn cancels what is still running after its grace period; the record is written before the process goes."""
     import httpx
 
-    server, t = _uvicorn(make_app(Settings(), accounts, Paced(llm, 30)), port, timeout_graceful_shutdown=1)
+    class Started(Paced):  # says when the request reached the engine: authenticated, inside the audit layer
+        async def stream(self, prompt, params):
+            started.set()
+            async for ch in super().stream(prompt, params):
+                yield ch
+
+    started = threading.Event()
+    server, t = _uvicorn(make_app(Settings(), accounts, Started(llm, 30)), port, timeout_graceful_shutdown=1)
     errors = []
 
     def call():
@@ -336,11 +338,7 @@ def test_request_cut_off_by_shutdown_is_still_audited(engine, accounts, tokens, 
 
     caller = threading.Thread(target=call)
     caller.start()
-    for _ in range(100):
-        if server.server_state.total_requests:
-            break
-        time.sleep(0.05)
-    time.sleep(0.3)
+    assert started.wait(60), "the request never reached the engine"
     server.should_exit = True
     t.join(timeout=30)
     caller.join(timeout=30)
