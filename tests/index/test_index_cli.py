@@ -47,3 +47,28 @@ def test_user_errors_print_one_line_and_exit_nonzero(tmp_path):
         assert r.returncode == 1, args
         assert r.stderr.strip().startswith("error:") and "Traceback" not in r.stderr
         assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_an_index_path_naming_another_file_is_said_and_the_file_left_alone(tmp_path):
+    """index.path pointing at a file that is not an index (a typo naming the wrong file): one line naming it, the
+    file untouched (it was "DatabaseError: file is not a database", the generic fallback)."""
+    other = tmp_path / "notes.txt"
+    other.write_bytes(b"not an index, keep me\n" * 10)
+    other.chmod(0o644)  # /etc/passwd, say: its mode is not changed either
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "a.py").write_text("def f():\n    return 1\n")
+    env = {"CODEMOAT_INDEX_PATH": str(other)}
+    for args in (["index", "list"], ["index", "add", str(repo), "--name", "r"]):
+        r = run_cli(*args, env=env)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, (args, r.stderr)
+        assert r.stderr.strip().splitlines() == [
+            f"error: {other} is not a codemoat index, or it is corrupted (not a SQLite file); "
+            "it was left as it is (index.path names the index file)"
+        ], r.stderr
+    assert other.read_bytes() == b"not an index, keep me\n" * 10 and other.stat().st_mode & 0o777 == 0o644
+    damaged = tmp_path / "damaged.db"  # a SQLite header, then garbage: SQLite's own word
+    damaged.write_bytes(b"SQLite format 3\x00" + b"\xff" * 4000)
+    r = run_cli("index", "list", env={"CODEMOAT_INDEX_PATH": str(damaged)})
+    assert r.returncode == 1 and "is not a codemoat index, or it is corrupted (SQLite: " in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr

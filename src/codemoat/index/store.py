@@ -56,6 +56,24 @@ def _quote(term: str) -> str:
     return '"' + term.replace('"', '""') + '"'
 
 
+_NOT_AN_INDEX = "is not a codemoat index, or it is corrupted"
+_LEFT = "it was left as it is (index.path names the index file)"
+
+
+def _refuse_other_file(path: Path) -> None:
+    """A file at the index's path that is neither empty nor SQLite is some other file the setting names by
+    mistake: refused before anything (its mode included) is changed."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except (FileNotFoundError, IsADirectoryError):
+        return
+    except OSError as e:
+        raise CodemoatError(f"cannot open the index {path}: {e.strerror or e}") from None
+    if head and head != b"SQLite format 3\x00":
+        raise CodemoatError(f"{path} {_NOT_AN_INDEX} (not a SQLite file); {_LEFT}")
+
+
 class SqliteIndex:
     """The index in one SQLite file (FTS5 for BM25, plain tables for symbols and hashes). Thread-safe:
     each thread gets its own connection."""
@@ -75,12 +93,19 @@ class SqliteIndex:
         conn = getattr(self._local, "conn", None)
         if conn is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            _refuse_other_file(self.path)  # before its mode is touched: index.path naming /etc/passwd, say
             private_file(self.path)  # 0600 before SQLite opens it (its -wal and -shm take the same mode)
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("PRAGMA foreign_keys=ON")
-            upgrade(conn)
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=NORMAL")
+                conn.execute("PRAGMA foreign_keys=ON")
+                upgrade(conn)
+            except sqlite3.DatabaseError as e:  # a damaged index: said so, and left as it is
+                conn.close()
+                if "not a database" not in str(e) and "malformed" not in str(e):
+                    raise
+                raise CodemoatError(f"{self.path} {_NOT_AN_INDEX} (SQLite: {e}); {_LEFT}") from None
             self._local.conn = conn
         return conn
 
