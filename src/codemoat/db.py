@@ -45,7 +45,14 @@ def make_engine(url: str) -> Engine:
         db_path = make_url(url).database
         if db_path and db_path != ":memory:" and not db_path.startswith("file:"):
             Path(db_path).parent.mkdir(parents=True, exist_ok=True)
-            paths.private_file(Path(db_path))  # 0600 before SQLite opens it: its -wal and -shm copy the mode
+            try:  # 0600 before SQLite opens it: its -wal and -shm copy the mode
+                paths.private_sqlite(Path(db_path))
+            except paths.NotSQLite:
+                from .errors import CodemoatError
+
+                raise CodemoatError(
+                    f"{db_path} is not a codemoat database, or it is corrupted (not a SQLite file); it was left as it is"
+                ) from None
         eng = create_engine(url, connect_args={"check_same_thread": False, "timeout": 10})
         event.listen(eng, "connect", _sqlite_pragmas)
         return eng

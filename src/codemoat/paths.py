@@ -85,6 +85,27 @@ def make_private(root: Path, what: str = "the data folder") -> None:
             pass
 
 
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+class NotSQLite(ValueError):
+    """A file at a SQLite database's path that is not empty and not SQLite (some other file named by mistake)."""
+
+
+def private_sqlite(path: Path) -> Path:
+    """`private_file` for a SQLite database (0600 before SQLite opens it: its -wal and -shm copy the mode), but a
+    file there that is neither empty nor SQLite is refused first (`NotSQLite`), its mode untouched: a setting
+    naming /etc/passwd by mistake must not take other users' read access away."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(SQLITE_HEADER))
+    except OSError:
+        head = b""  # missing (created below), or opening it will say what is wrong
+    if head and head != SQLITE_HEADER:
+        raise NotSQLite(f"{path} is not a SQLite file")
+    return private_file(path)
+
+
 def private_file(path: Path) -> Path:
     """Create `path` 0600 if it is missing, or take group and other bits off an existing one we own."""
     try:

@@ -21,7 +21,7 @@ def test_usage_errors_are_one_line():
 
 def test_unexpected_errors_are_one_line(home: Path):
     (home / "codemoat.db").write_bytes(b"this is not a database")
-    one_line_error(run_cli("users", "list"), "not a database")
+    one_line_error(run_cli("users", "list"), "is not a codemoat database")
     # an error nothing names yet still goes through the last resort: one line, the exception's name
     one_line_error(run_cli("users", "list", env={"CODEMOAT_DATABASE_URL": "nosuch://x"}), "NoSuchModuleError")
 

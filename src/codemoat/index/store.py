@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import CodemoatError, NotFound
-from ..paths import private_file
+from ..paths import NotSQLite, private_sqlite
 from .chunk import Chunk, Symbol
 from .rows import ChunkRow, RepoInfo, SymbolRow
 from .schema import SCHEMA, upgrade
@@ -60,20 +60,6 @@ _NOT_AN_INDEX = "is not a codemoat index, or it is corrupted"
 _LEFT = "it was left as it is (index.path names the index file)"
 
 
-def _refuse_other_file(path: Path) -> None:
-    """A file at the index's path that is neither empty nor SQLite is some other file the setting names by
-    mistake: refused before anything (its mode included) is changed."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(16)
-    except (FileNotFoundError, IsADirectoryError):
-        return
-    except OSError as e:
-        raise CodemoatError(f"cannot open the index {path}: {e.strerror or e}") from None
-    if head and head != b"SQLite format 3\x00":
-        raise CodemoatError(f"{path} {_NOT_AN_INDEX} (not a SQLite file); {_LEFT}")
-
-
 class SqliteIndex:
     """The index in one SQLite file (FTS5 for BM25, plain tables for symbols and hashes). Thread-safe:
     each thread gets its own connection."""
@@ -93,8 +79,10 @@ class SqliteIndex:
         conn = getattr(self._local, "conn", None)
         if conn is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            _refuse_other_file(self.path)  # before its mode is touched: index.path naming /etc/passwd, say
-            private_file(self.path)  # 0600 before SQLite opens it (its -wal and -shm take the same mode)
+            try:  # 0600 before SQLite opens it; some other file named by index.path is refused, its mode untouched
+                private_sqlite(self.path)
+            except NotSQLite:
+                raise CodemoatError(f"{self.path} {_NOT_AN_INDEX} (not a SQLite file); {_LEFT}") from None
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
             try:
                 conn.execute("PRAGMA journal_mode=WAL")
