@@ -142,7 +142,7 @@ def test_a_cancel_storm_leaves_no_slot_or_queue_entry_behind(engine):
 
     async def go():
         await asyncio.gather(*(one(i) for i in range(200)))
-        for _ in range(500):
+        for _ in range(3000):  # up to 30 s: the slots come back at the engine's next steps (a loaded CI is slow)
             if engine.health()["slots"] == {"total": 2, "busy": 0, "waiting": 0}:
                 break
             await asyncio.sleep(0.01)
