@@ -154,8 +154,12 @@ def sign_tip(
     signed, whose record must still be in the chain (unless the chain was rotated since)."""
     kind = "sqlite" if c.dialect.name == "sqlite" else ("wait" if wait else "skip")
     h = run(c, _HEAD_SQL[kind]).fetchone()
-    if h is None and kind == "skip" and c.execute(_HEAD_EXISTS).first() is not None:
-        return None, None  # another replica is signing now
+    if h is None and kind != "sqlite" and c.execute(_HEAD_EXISTS).first() is not None:
+        if kind == "skip":
+            return None, None  # another replica is signing now
+        # the row this waited on was deleted and written anew (`audit rotate` while this replica served):
+        # the new chain's head, not a missing one
+        h = run(c, _HEAD_SQL[kind]).fetchone()
     t = tip_row if tip_row is not None else c.execute(_TIP).first()
     if t is None:
         raise AuditUnavailable("audit log tampered: the chain's tip row is missing (run `codemoat audit verify`)")

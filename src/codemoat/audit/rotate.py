@@ -11,7 +11,9 @@ from typing import Any
 import sqlalchemy as sa
 
 from ..errors import CodemoatError
-from .chain import GENESIS, SignedHead, checkpoints, head, records, tip
+from .chain import BODY_FIELDS, GENESIS, SignedHead, body_hash, checkpoints, head, link_hash, records, tip
+from .heads import sign_tip
+from .rows import normalise
 
 
 def rotate(log: Any, archive: Path) -> dict[str, Any]:
@@ -25,6 +27,7 @@ def rotate(log: Any, archive: Path) -> dict[str, Any]:
     if archive.exists():
         raise CodemoatError(f"{archive} already exists: choose a new archive file")
     digest = hashlib.sha256()
+    _ = log.signer  # load the key before the transaction takes the database's write lock
     with log._lock:
         with log.engine.begin() as c, open(archive, "x", encoding="utf-8") as f:
 
@@ -46,21 +49,30 @@ def rotate(log: Any, archive: Path) -> dict[str, Any]:
             for t in (records, checkpoints, head):
                 c.execute(t.delete())
             c.execute(tip.update().where(tip.c.id == 1).values(seq=0, hash=GENESIS))
+            detail = {
+                "archive": str(archive),
+                "archive_sha256": digest.hexdigest(),
+                "records": n,
+                "previous_head": h.hash if h is not None else None,
+                "previous_ok": rep.ok,
+                "previous_problem": rep.problem,
+            }
+            # The rotation record is the new chain's record 1 and its head is signed in this same
+            # transaction: a replica serving meanwhile (its appends wait on the tip while this runs) must
+            # find the chain starting with the rotation and a signed head, never an empty or unsigned new
+            # chain it would take for a deleted one.
+            _first_record(c, normalise("rotation", {"detail": detail}))
+            signed, head_row = sign_tip(c, log.signer, checkpoint_every=log.checkpoint_every)
             if log.head_file is not None and log.head_file.exists():
                 os.truncate(log.head_file, 0)  # in place: writers keep their open descriptors
         os.chmod(archive, 0o600)
         log._healthy, log.failure = True, None
         log._signed_seq, log._last_seq, log._seen_head, log._unsigned_since = 0, 0, False, None
-    detail = {
-        "archive": str(archive),
-        "archive_sha256": digest.hexdigest(),
-        "records": n,
-        "previous_head": h.hash if h is not None else None,
-        "previous_ok": rep.ok,
-        "previous_problem": rep.problem,
-    }
-    log.append("rotation", detail=detail)
-    log.sign()  # the new chain's first record signed at once: the verifier remembers that head
+        log._mine = None
+        log._signed(signed, head_row)
+        log._last_seq = signed
+    if head_row is not None:
+        log._write_head_file(head_row)
     if log.verified_file is not None:  # the operator started a new chain: the verifier follows it
         from . import trusted
 
@@ -68,3 +80,18 @@ def rotate(log: Any, archive: Path) -> dict[str, Any]:
             row = c.execute(sa.select(head).where(head.c.id == 1)).first()
         trusted.remember(log.verified_file, SignedHead.from_mapping(row._asdict()), log.public_key(), reset=True)
     return detail
+
+
+def _first_record(c: sa.Connection, row: dict[str, Any]) -> None:
+    """Write `row` as the chain's first record in transaction `c` (the tip was just reset)."""
+    bh = body_hash(row)
+    if c.dialect.name == "postgresql":  # the chain's trigger numbers and links it
+        cols = (*BODY_FIELDS, "hash")
+        sql = "INSERT INTO audit_records ({}) VALUES ({})".format(
+            ", ".join(f'"{k}"' for k in cols), ", ".join(f":{k}" for k in cols)
+        )
+        c.execute(sa.text(sql), {**{k: row[k] for k in BODY_FIELDS}, "hash": bh})
+        return
+    row.update(seq=1, prev_hash=GENESIS, hash=link_hash(1, GENESIS, bh))
+    c.execute(records.insert().values(**row))
+    c.execute(tip.update().where(tip.c.id == 1).values(seq=1, hash=row["hash"]))
