@@ -183,7 +183,8 @@ async def _swap_file(request: Request, body: dict[str, Any]) -> dict[str, Any]:
 
 
 def _file_on_disk(path: str) -> str:
-    """`path` resolved, when it names a regular file on a filesystem: not a descriptor of this process.
+    """`path` resolved, when it names a regular file (or a model folder) on a filesystem: not a descriptor of
+    this process.
 
     A sealed model's plaintext is a memfd the server holds: `/proc/self/fd/N` (or `/dev/fd/N`) named as a
     plain GGUF loaded the licensed weights without the licence's watermark key (model.isolation = inline).
@@ -195,6 +196,7 @@ def _file_on_disk(path: str) -> str:
     from ..errors import CodemoatError
 
     real = os.path.realpath(path)
-    if real.startswith(("/proc/", "/sys/")) or not os.path.isfile(real):
-        raise CodemoatError(f"model {path[:200]!r} is not a model file on disk")
+    # a model folder (safetensors: the transformers and vLLM engines) is a model on disk too
+    if real in ("/proc", "/sys") or real.startswith(("/proc/", "/sys/")) or not (os.path.isfile(real) or os.path.isdir(real)):
+        raise CodemoatError(f"model {path[:200]!r} is not a model file or folder on disk")
     return real
