@@ -18,21 +18,15 @@ import sqlalchemy as sa
 from .logs import fill, open_log
 
 
-def _waiting_on_locks(url: str) -> int:
+def _waiting_on_locks(eng) -> int:
     """How many other sessions of this database wait on a lock now."""
-    from codemoat.db import open_db
-
-    eng = open_db(url)
-    try:
-        with eng.connect() as c:
-            return c.execute(
-                sa.text(
-                    "select count(*) from pg_stat_activity where datname = current_database() "
-                    "and wait_event_type = 'Lock' and pid <> pg_backend_pid()"
-                )
-            ).scalar()
-    finally:
-        eng.dispose()
+    with eng.connect() as c:
+        return c.execute(
+            sa.text(
+                "select count(*) from pg_stat_activity where datname = current_database() "
+                "and wait_event_type = 'Lock' and pid <> pg_backend_pid()"
+            )
+        ).scalar()
 
 
 def _until(cond, what: str, timeout: float = 60.0) -> None:
@@ -66,17 +60,21 @@ def test_a_replica_appending_during_a_rotation_signs_on(pg_url, audit_home, tmp_
         except Exception as e:  # reported by the asserts below
             done[name] = e
 
-    r = threading.Thread(target=run, args=("rotate", lambda: rotate(rotator, tmp_path / "archive.jsonl")))
-    r.start()
-    _until(lambda: _waiting_on_locks(pg_url) >= 1, "the rotation to wait on the tip")
-    a = threading.Thread(
-        target=run, args=("append", lambda: replica.append("request", user="bob", route="/v1/completions", status=200))
-    )
-    a.start()
-    _until(lambda: _waiting_on_locks(pg_url) >= 2, "the replica's append to wait on the tip")
-    tx.rollback()
-    c.close()
-    hold.dispose()
+    r = threading.Thread(daemon=True, target=run, args=("rotate", lambda: rotate(rotator, tmp_path / "archive.jsonl")))
+    try:
+        r.start()
+        _until(lambda: _waiting_on_locks(hold) >= 1, "the rotation to wait on the tip")
+        a = threading.Thread(
+            daemon=True,
+            target=run,
+            args=("append", lambda: replica.append("request", user="bob", route="/v1/completions", status=200)),
+        )
+        a.start()
+        _until(lambda: _waiting_on_locks(hold) >= 2, "the replica's append to wait on the tip")
+    finally:  # the tip let go: the rotation, then the append, go on
+        tx.rollback()
+        c.close()
+        hold.dispose()
     r.join(60)
     a.join(60)
     assert not r.is_alive() and not a.is_alive()
@@ -114,15 +112,17 @@ def test_a_replica_signing_during_a_rotation_signs_on(pg_url, audit_home, tmp_pa
         except Exception as e:
             done[name] = e
 
-    r = threading.Thread(target=run, args=("rotate", lambda: rotate(rotator, tmp_path / "archive.jsonl")))
-    r.start()
-    _until(lambda: _waiting_on_locks(pg_url) >= 1, "the rotation to wait on the tip (the head row deleted)")
-    s = threading.Thread(target=run, args=("sign", replica.sign))
-    s.start()
-    _until(lambda: _waiting_on_locks(pg_url) >= 2, "the replica's signature to wait on the head row")
-    tx.rollback()
-    c.close()
-    hold.dispose()
+    r = threading.Thread(daemon=True, target=run, args=("rotate", lambda: rotate(rotator, tmp_path / "archive.jsonl")))
+    try:
+        r.start()
+        _until(lambda: _waiting_on_locks(hold) >= 1, "the rotation to wait on the tip (the head row deleted)")
+        s = threading.Thread(daemon=True, target=run, args=("sign", replica.sign))
+        s.start()
+        _until(lambda: _waiting_on_locks(hold) >= 2, "the replica's signature to wait on the head row")
+    finally:
+        tx.rollback()
+        c.close()
+        hold.dispose()
     r.join(60)
     s.join(60)
     assert not r.is_alive() and not s.is_alive()
