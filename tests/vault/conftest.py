@@ -44,6 +44,7 @@ class KeyServerProcess:
 
     def __init__(self, vendor, port: int | None = None, clock=None):
         self.vendor, self.port, self.clock = vendor, port or free_port(), clock
+        self._repick = port is None  # a port of free_port()'s another process may take before uvicorn binds it
         self.server = None
         self.thread = None
 
@@ -56,13 +57,23 @@ class KeyServerProcess:
 
         from codemoat.serve.keyserver_app import create_app
 
-        cfg = uvicorn.Config(
-            create_app(self.vendor, self.clock), host="127.0.0.1", port=self.port, log_level="error", access_log=False
-        )
-        self.server = uvicorn.Server(cfg)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 60  # generous: a loaded 2-core CI starts it in well under a second, mostly
+        for _ in range(4):
+            cfg = uvicorn.Config(
+                create_app(self.vendor, self.clock), host="127.0.0.1", port=self.port, log_level="error", access_log=False
+            )
+            self.server = uvicorn.Server(cfg)
+            self.thread = threading.Thread(target=self.server.run, daemon=True)
+            self.thread.start()
+            deadline = time.time() + 60  # generous: a loaded 2-core CI starts it in well under a second, mostly
+            while time.time() < deadline and not self.server.started and self.thread.is_alive():
+                time.sleep(0.02)
+            if self.server.started:
+                break
+            if self.thread.is_alive() or not self._repick:
+                raise RuntimeError("key server did not start")
+            self.port = free_port()  # uvicorn could not bind it (taken meanwhile): another, before anyone knows its URL
+        self._repick = False  # a restart (an outage's end) is on the same port: licenses name it
+        deadline = time.time() + 60
         while time.time() < deadline:
             try:
                 if httpx.get(self.url + "/health", timeout=5).status_code == 200:
