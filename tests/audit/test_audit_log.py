@@ -6,6 +6,7 @@ import json
 import os
 import sqlite3
 
+from procfs import open_to
 import pytest
 
 from codemoat.audit.log import AuditLog, AuditUnavailable, head_file_for, parse_since, record_hash
@@ -357,17 +358,6 @@ def test_an_unexpected_error_in_a_group_commit_answers_every_waiter(audit_log, m
     assert audit_log.verify().ok
 
 
-def _open_to(path) -> int:
-    """How many of this process's descriptors are open on `path` (one closed while we look is skipped)."""
-    n = 0
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            n += os.readlink(f"/proc/self/fd/{fd}") == str(path)
-        except FileNotFoundError:
-            pass
-    return n
-
-
 def test_a_closed_or_dropped_log_leaves_no_descriptor_on_its_head_file(engine, audit_home, db_url):
     """The head file is written through a descriptor kept open; close() kept it open too, and a log collected
     without close() left it open for good (a raw descriptor has no finalizer): one more per log a process
@@ -377,16 +367,16 @@ def test_a_closed_or_dropped_log_leaves_no_descriptor_on_its_head_file(engine, a
     hf = head_file_for(db_url, audit_home)
     log = AuditLog(engine, checkpoint_every=10, head_file=hf)
     fill(log, 2)
-    assert _open_to(hf) == 1 and json.loads(hf.read_bytes()[:512])["seq"] == 2  # the positive: it is written
+    assert open_to(hf) == 1 and json.loads(hf.read_bytes()[:512])["seq"] == 2  # the positive: it is written
     log.close()
-    assert _open_to(hf) == 0
+    assert open_to(hf) == 0
     fill(log, 1)  # used after close(): the file is opened again and written
-    assert 3 in {json.loads(hf.read_bytes()[i : i + 512])["seq"] for i in (0, 512)} and _open_to(hf) == 1
+    assert 3 in {json.loads(hf.read_bytes()[i : i + 512])["seq"] for i in (0, 512)} and open_to(hf) == 1
     log.close()
 
     dropped = AuditLog(engine, checkpoint_every=10, head_file=hf)
     fill(dropped, 1)
-    assert _open_to(hf) == 1
+    assert open_to(hf) == 1
     del dropped
     gc.collect()
-    assert _open_to(hf) == 0
+    assert open_to(hf) == 0

@@ -4,10 +4,10 @@ is found by the background probe, without any request, so the next request is re
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import time
 
+from procfs import open_to
 from codemoat.audit import probe
 from codemoat.config import Settings
 from waiting import wait_for
@@ -55,17 +55,6 @@ def test_an_idle_server_stops_probing(accounts, tokens, llm, monkeypatch):
         assert log.keeper._thread is not None
 
 
-def _open_to(path) -> int:
-    """How many of this process's descriptors are open on `path` (one closed while we look is skipped)."""
-    n = 0
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            n += os.readlink(f"/proc/self/fd/{fd}") == str(path)
-        except FileNotFoundError:
-            pass
-    return n
-
-
 def test_an_app_that_shut_down_leaves_its_audit_log_closed(accounts, tokens, llm):
     """The app's shutdown closes its audit log: the head file's descriptor, the probe and the writer threads
     went on after it (the probe for ACTIVE_S, the writer for good), each keeping the log and its database
@@ -74,7 +63,7 @@ def test_an_app_that_shut_down_leaves_its_audit_log_closed(accounts, tokens, llm
         log = c.app.state.trust.log
         assert complete(c, tokens["alice"]).status_code == 200
         threads = [t for t in (log.keeper._thread, log._writer._thread, log._timer._thread) if t is not None]
-        assert _open_to(log.head_file) == 1 and len(threads) >= 2  # held while it serves: the probe, the writer
-    assert _open_to(log.head_file) == 0
+        assert open_to(log.head_file) == 1 and len(threads) >= 2  # held while it serves: the probe, the writer
+    assert open_to(log.head_file) == 0
     assert wait_for(lambda: not any(t.is_alive() for t in threads)), threads
     assert log.verify().ok  # the shutdown checkpoint and every record are there

@@ -10,6 +10,7 @@ import sys
 import time
 
 import httpx
+from procfs import fd_targets
 import pytest
 
 from tests.tune.loras import forcing_lora_gguf
@@ -73,7 +74,7 @@ def test_serve_vault_gets_vendor_adapters_from_vaultd(shop, store, serve_process
         v1, base = _text(srv.url, alice), _text(srv.url, carol)
         assert v1 == FOX and base != FOX  # alice (payments) gets base + the vendor's adapter, carol the base
         assert not (serve_home / "updates").exists()  # and its machine key (if any) is not the one the payload is sealed to
-        fds = _fd_targets(srv.proc.pid)
+        fds = fd_targets(srv.proc.pid)
         assert sum(f.startswith("/memfd:codemoat-adapter-fee ") for f in fds) == 1
 
         lora.write_bytes(forcing_lora_gguf(gguf_file, "Ġdog"))
@@ -87,15 +88,3 @@ def test_serve_vault_gets_vendor_adapters_from_vaultd(shop, store, serve_process
     finally:
         vaultd.terminate()
         vaultd.wait(timeout=30)
-
-
-def _fd_targets(pid: int) -> list[str]:
-    """What the process's descriptors point at; one closed between the listing and the readlink is skipped (the
-    server's worker threads open and close sockets while we look: the clean-clone CI at ccbb0e4 failed once so)."""
-    out = []
-    for f in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            out.append(os.readlink(f"/proc/{pid}/fd/{f}"))
-        except FileNotFoundError:
-            pass
-    return out

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import httpx
+from procfs import fd_targets
 import pytest
 
 from codemoat.engines.memfd import MemfdBuffer
@@ -400,17 +401,6 @@ def process_tree(pid: int) -> list[int]:
                     todo += [int(c) for c in (task / "children").read_text().split()]
                 except FileNotFoundError:
                     pass
-        except FileNotFoundError:
-            pass
-    return out
-
-
-def fd_targets(pid: int) -> list[str]:
-    """What `pid`'s open descriptors point at, skipping one it closes between the listing and the readlink."""
-    out = []
-    for f in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            out.append(os.readlink(f"/proc/{pid}/fd/{f}"))
         except FileNotFoundError:
             pass
     return out
