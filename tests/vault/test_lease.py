@@ -47,6 +47,13 @@ def test_lease_round_trip_and_outbound_log(vendor, machine, model, tmp_path, key
     lines = [json.loads(l) for l in outbound_path().read_text().splitlines()]
     assert len(lines) == 6 and lines[4]["destination"] == keyserver.url + "/v1/lease"
     assert json.loads(lines[4]["body"])["nonce"] != req["nonce"]
+    # an operator's logrotate moves the file aside: the next request is on record in a new file at the path, and
+    # the moved one keeps what it had (the writer held the old file open and wrote on into it, unseen)
+    rotated = outbound_path().with_name("outbound.jsonl.1")
+    outbound_path().rename(rotated)
+    client.acquire()
+    assert len(rotated.read_text().splitlines()) == 6
+    assert [json.loads(l)["destination"] for l in outbound_path().read_text().splitlines()] == [keyserver.url + "/v1/lease"] * 2
     client.close()
 
 

@@ -73,11 +73,23 @@ def record_outbound(destination: str, method: str, body: str | None, status: int
     path = outbound_path()
     with _log_lock:
         f = _log_files.get(path)
+        if f is not None and not f.closed and not _still_at(f, path):  # rotated or removed: a new file at the path
+            f.close()
+            f = None
         if f is None or f.closed:
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
             f = _log_files[path] = open(fd, "a", encoding="utf-8")
         f.write(line + "\n")
         f.flush()
+
+
+def _still_at(f: Any, path: Path) -> bool:
+    """Whether the file `f` holds open is still the one at `path` (an operator's logrotate moves it aside)."""
+    try:
+        a, b = os.fstat(f.fileno()), os.stat(path)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 class Unreachable(VaultError):
