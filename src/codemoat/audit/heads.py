@@ -82,6 +82,7 @@ _HEAD_SQL = {
     "sqlite": sa.text(_HEAD),  # SQLite has one writer at a time: the transaction's write lock serialises
 }
 _HEAD_EXISTS = sa.text("SELECT 1 FROM audit_head WHERE id = 1")
+_TAKE_WRITE_LOCK = sa.text("UPDATE audit_tip SET seq = seq WHERE id = 1")  # SQLite: a write that changes nothing
 _TIP = sa.text("SELECT seq, hash FROM audit_tip WHERE id = 1")
 _ANY_CHECKPOINT = sa.text("SELECT 1 FROM audit_checkpoints LIMIT 1")
 _HASHES = sa.text("SELECT seq, hash FROM audit_records WHERE seq IN :seqs").bindparams(sa.bindparam("seqs", expanding=True))
@@ -153,6 +154,10 @@ def sign_tip(
     head before, so a missing one was deleted. `mine`: (seq, hash, ts_us) of the last head this writer
     signed, whose record must still be in the chain (unless the chain was rotated since)."""
     kind = "sqlite" if c.dialect.name == "sqlite" else ("wait" if wait else "skip")
+    if kind == "sqlite" and tip_row is None:
+        # the write lock before the reads: sqlite3 begins the transaction only at the first write, so the
+        # head and tip read first were another writer's past (two signers wrote over each other's heads)
+        run(c, _TAKE_WRITE_LOCK)
     h = run(c, _HEAD_SQL[kind]).fetchone()
     if h is None and kind != "sqlite" and c.execute(_HEAD_EXISTS).first() is not None:
         if kind == "skip":
