@@ -106,7 +106,11 @@ def verify(
         else:
             known.append((label, t))
 
+    # the head file before the database: writers write it after their commit, so what it names is in the
+    # snapshot read next (read after, a head signed meanwhile looked like a truncated log)
+    head_raw = _read_head_file(head_file) if head_file is not None else None
     with engine.connect() as c:
+        _one_snapshot(c)
         cps = c.execute(sa.select(checkpoints).order_by(checkpoints.c.seq)).all()
         row_h = c.execute(sa.select(head).where(head.c.id == 1)).first()
         try:
@@ -254,7 +258,7 @@ def verify(
                         )
                     )
             if head_file is not None:
-                problems.extend(_check_head_file(head_file, public_key, kid, last, c))
+                problems.extend(_check_head_file(head_file, head_raw, public_key, kid, last, c))
 
     unsigned = max(0, tail)
     report = VerifyReport(
@@ -279,15 +283,25 @@ def verify(
     return report
 
 
-def _check_head_file(path: Path, public_key: bytes | None, kid: str | None, last: int, c) -> list[tuple[int, str]]:
+def _read_head_file(path: Path) -> bytes | ValueError | None:
+    """The head file's bytes; None when there is none, the error when it cannot be read as the writer's own."""
     from ..paths import read_own
 
     try:  # the writer's own file: a FIFO or a link put in its place is a problem, not a hang or a redirect
-        raw = read_own(path, "audit head file", error=ValueError)
+        return read_own(path, "audit head file", error=ValueError)
     except FileNotFoundError:
-        return []
+        return None
     except ValueError as e:
-        return [(1, str(e))]
+        return e
+
+
+def _check_head_file(
+    path: Path, raw: bytes | ValueError | None, public_key: bytes | None, kid: str | None, last: int, c
+) -> list[tuple[int, str]]:
+    if raw is None:
+        return []
+    if isinstance(raw, ValueError):
+        return [(1, str(raw))]
     slots, empty = [], 0
     for i in range(0, len(raw), HEAD_SLOT):
         if not raw[i : i + HEAD_SLOT].strip(b"\x00 \n"):
@@ -314,3 +328,14 @@ def _check_head_file(path: Path, public_key: bytes | None, kid: str | None, last
     if got != fh.hash:
         return [(1, f"records up to {fh.seq} were rewritten (record {fh.seq} no longer matches the head file)")]
     return []
+
+
+def _one_snapshot(c: sa.Connection) -> None:
+    """Read the checkpoints, the head and the records as of one instant, though writers go on (`audit verify`
+    beside a busy server). Read one statement after another, a head signed in between named a checkpoint
+    not read yet ('deleted'), and records appended after the head was read were an unsigned tail past the
+    allowance (with `sign_every = 1`, none is allowed): verify failed on an honest log."""
+    if c.dialect.name == "postgresql":
+        c.execute(sa.text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY"))
+    elif c.dialect.name == "sqlite":  # sqlite3 begins a transaction only before a write: the reads' one snapshot
+        c.exec_driver_sql("BEGIN")
