@@ -195,7 +195,7 @@ def _file_on_disk(path: str) -> str:
 
     from ..errors import CodemoatError
 
-    real = os.path.realpath(path)
+    real = os.path.realpath(os.path.expanduser(path))  # `~` as model.path takes it (engines.loader.open_model)
     # a model folder (safetensors: the transformers and vLLM engines) is a model on disk too
     if real in ("/proc", "/sys") or real.startswith(("/proc/", "/sys/")) or not (os.path.isfile(real) or os.path.isdir(real)):
         raise CodemoatError(f"model {path[:200]!r} is not a model file or folder on disk")
