@@ -87,11 +87,12 @@ def _outbound(home: Path):
 
 
 def _audit_head_file(home: Path):
-    from codemoat.audit.verify import _check_head_file
+    from codemoat.audit.verify import _check_head_file, _read_head_file
 
     p = home / "audit-head-x.json"
     p.write_bytes(b"")  # no slot written yet: nothing to check, nothing wrong
-    return p, lambda: _check_head_file(p, None, None, 0, None) or None
+    # verify reads the file first (c87c208: before its database snapshot), then checks what it read
+    return p, lambda: _check_head_file(p, _read_head_file(p), None, None, 0, None) or None
 
 
 def _verified_head(home: Path):
