@@ -18,6 +18,7 @@ import pytest
 import sqlalchemy as sa
 
 from conftest import column, create_token, run_cli, verified_audit
+from tests.serve.test_retrieval_serving import BODY  # the same completion that draws on payments' code
 
 pytestmark = pytest.mark.slow
 
@@ -85,14 +86,6 @@ def test_what_a_dba_does_to_tokens_is_honoured_and_every_use_is_audited(pg_clust
 
 
 LIB = '"""Money helpers."""\n\n\ndef cents_to_display(cents: int, currency: str = "EUR") -> str:\n    return f"{cents / 100:.2f} {currency}"\n'
-BODY = {
-    "model": "tiny",
-    "prompt": "from billing.money import cents_to_display\n\n\ndef total(cents):\n    return cents_to_display(",
-    "suffix": ")\n",
-    "max_tokens": 2,
-    "temperature": 0,
-    "codemoat": {"repo": "payments", "path": "report.py", "return_snippets": True},
-}
 
 
 def test_a_dba_adding_themselves_to_a_group_reads_its_code_and_the_log_names_the_repository(
