@@ -261,10 +261,12 @@ def vendor_channel(
     """Publish released bundles over HTTP for customers who turned the online channel on (GET /index.json)."""
     from ..updates.channel import make_server
 
-    if not host.strip():  # bind("") is every interface: an unset shell variable would open it to the network
-        raise typer.BadParameter(
-            "an empty address listens on every interface: write 0.0.0.0 (or ::) if that is meant", param_hint="--host"
-        )
+    from ..config.serving import bind_host
+
+    try:
+        bind_host(host)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--host") from None
     if not folder.is_dir():
         raise CodemoatError(f"not a folder: {folder}")
     srv = make_server(folder, host, port)

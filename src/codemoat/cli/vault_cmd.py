@@ -233,10 +233,12 @@ def keyserver_cmd(
     """Run the lease service for this vendor's licenses."""
     import uvicorn
 
-    if not host.strip():  # bind("") is every interface: an unset shell variable would open it to the network
-        raise typer.BadParameter(
-            "an empty address listens on every interface: write 0.0.0.0 (or ::) if that is meant", param_hint="--host"
-        )
+    from ..config.serving import bind_host
+
+    try:
+        bind_host(host)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--host") from None
     if workers > 1 and port == 0:  # each worker binds the port itself: "any free port" would be one per worker
         raise typer.BadParameter("--workers above 1 needs a fixed --port", param_hint="--port")
 

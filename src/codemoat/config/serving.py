@@ -8,6 +8,15 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
+def bind_host(host: str) -> str:
+    """`host` to listen on, unless empty: bind("") is every interface, so an unset shell variable (`--host
+    "$HOST"`) would open a server to the network. ValueError (one line) names what to write instead. Also the
+    key server's and the update channel's --host."""
+    if not host.strip():
+        raise ValueError("an empty address listens on every interface: write 0.0.0.0 (or ::) if that is meant")
+    return host
+
+
 class ServerSettings(BaseModel):
     host: str = Field("127.0.0.1", description="Address to listen on.")
     port: int = Field(8080, ge=0, le=65535, description="Port to listen on (0 picks a free one).")
@@ -49,10 +58,7 @@ class ServerSettings(BaseModel):
     @field_validator("host")
     @classmethod
     def _host(cls, v: str) -> str:
-        # bind("") is every interface: an unset shell variable (`--host "$HOST"`) would open the server to the network
-        if not v.strip():
-            raise ValueError("an empty address listens on every interface: write 0.0.0.0 (or ::) if that is meant")
-        return v
+        return bind_host(v)
 
     @field_validator("trusted_proxies")
     @classmethod
