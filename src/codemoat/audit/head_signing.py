@@ -24,7 +24,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from . import signing
 from .chain import head, tip
-from .heads import AuditUnavailable, HeadFile, sign_tip, signed_head_row, tail_allowance
+from .heads import AuditUnavailable, HeadFile, Mine, sign_tip, signed_head_row, tail_allowance
 from .timer import HeadTimer
 
 log = logging.getLogger("codemoat.audit")
@@ -52,7 +52,7 @@ class HeadSigning:
         self._signed_seq = 0  # the newest record this process knows to be signed
         self._last_seq = 0  # the newest record this process wrote
         self._seen_head = False  # a signed head was seen: a missing one was deleted
-        self._mine: tuple[int, str, int] | None = None  # (seq, hash, ts_us) of the last head this process signed
+        self._mine: Mine | None = None  # the last head this process signed, and the chain's record 1 then
         self._unsigned_since: float | None = None  # when this process first left a record unsigned
         self._timer = HeadTimer(self)
 
@@ -88,10 +88,11 @@ class HeadSigning:
         since = self._unsigned_since
         return seq - self._signed_seq >= self.sign_every or (since is not None and time.monotonic() - since >= self.sign_interval)
 
-    def _signed(self, seq: int | None, head_row: dict[str, Any] | None) -> None:
-        """Note that records up to `seq` are signed (by this process when `head_row`, or by another)."""
-        if head_row is not None:
-            self._mine = (head_row["seq"], head_row["hash"], head_row["ts_us"])
+    def _signed(self, seq: int | None, head_row: dict[str, Any] | None, mine: Mine | None = None) -> None:
+        """Note that records up to `seq` are signed (by this process when `head_row`, remembered as `mine`,
+        as `sign_tip` read it in the signature's transaction; or by another)."""
+        if mine is not None:
+            self._mine = mine
         if seq is not None and seq >= self._signed_seq:
             self._signed_seq, self._seen_head = seq, self._seen_head or seq > 0
             if seq >= self._last_seq:
@@ -102,7 +103,7 @@ class HeadSigning:
         for attempt in range(10):
             try:
                 with self.engine.begin() as c:
-                    signed, head_row = sign_tip(
+                    signed, head_row, mine = sign_tip(
                         c,
                         self.signer,
                         checkpoint_every=self.checkpoint_every,
@@ -113,7 +114,7 @@ class HeadSigning:
                         allowance=self.tail_allowance,
                         mine=self._mine,
                     )
-                self._signed(signed, head_row)
+                self._signed(signed, head_row, mine)
                 return head_row
             except IntegrityError:  # two replicas wrote the first head at once: the other one's stands
                 if not wait:

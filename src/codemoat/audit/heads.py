@@ -23,7 +23,7 @@ import threading
 import time
 import weakref
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.exc import DBAPIError
@@ -132,6 +132,16 @@ def checkpoint_row(signer: signing.Signer, seq: int, hash_: str, prev_cp: int, t
     return dict(seq=seq, hash=hash_, prev_checkpoint=prev_cp, ts_us=ts_us, reason=reason, key_id=signer.key_id, signature=sig)
 
 
+class Mine(NamedTuple):
+    """What a writer remembers of the last head it signed: that head's record (`seq`, `hash`) and the chain's
+    record 1 as of that signature (its `hash`, and its `rotation` number: `rotation_number`)."""
+
+    seq: int
+    hash: str
+    first: str | None
+    rotation: int
+
+
 def sign_tip(
     c: sa.Connection,
     signer: signing.Signer,
@@ -144,15 +154,18 @@ def sign_tip(
     allowance: int = 0,
     tip_row: tuple[int, str] | None = None,
     known: dict[int, str] | None = None,
-    mine: tuple[int, str, int] | None = None,
-) -> tuple[int | None, dict[str, Any] | None]:
-    """Sign the tip in transaction `c`: (the seq now signed, the new head row or None when nothing was signed).
+    mine: Mine | None = None,
+    now: float | None = None,
+) -> tuple[int | None, dict[str, Any] | None, Mine | None]:
+    """Sign the tip in transaction `c`: (the seq now signed, the new head row or None when nothing was
+    signed, what the signer remembers of that head: `Mine`, read in this transaction, or None).
 
     Signs only when the tip is `min_tail` or more records past the signed head, or always with a
     `reason` (then a checkpoint is also signed at the tip: "shutdown"). `wait=False`: when another
-    signer holds the head row, give up at once (None, None). `head_expected`: this writer saw a signed
-    head before, so a missing one was deleted. `mine`: (seq, hash, ts_us) of the last head this writer
-    signed, whose record must still be in the chain (unless the chain was rotated since)."""
+    signer holds the head row, give up at once (None, None, None). `head_expected`: this writer saw a
+    signed head before, so a missing one was deleted. `mine`: the last head this writer signed, whose
+    record must still be in the chain unless the chain was rotated since. `now`: the time the head is
+    stamped with (seconds; default this host's clock)."""
     kind = "sqlite" if c.dialect.name == "sqlite" else ("wait" if wait else "skip")
     if kind == "sqlite" and tip_row is None:
         # the write lock before the reads: sqlite3 begins the transaction only at the first write, so the
@@ -161,7 +174,7 @@ def sign_tip(
     h = run(c, _HEAD_SQL[kind]).fetchone()
     if h is None and kind != "sqlite" and c.execute(_HEAD_EXISTS).first() is not None:
         if kind == "skip":
-            return None, None  # another replica is signing now
+            return None, None, None  # another replica is signing now
         # the row this waited on was deleted and written anew (`audit rotate` while this replica served):
         # the new chain's head, not a missing one
         h = run(c, _HEAD_SQL[kind]).fetchone()
@@ -186,18 +199,20 @@ def sign_tip(
         raise _relinked(hseq)
     at_tip = reason is not None and last_cp != t_seq
     if not at_tip and t_seq - hseq < max(1, min_tail):
-        return hseq, None
+        return hseq, None, None
     if hseq and hhash != _hash_at(c, hseq, known):
         # whoever writes the database (no key) cut or rewrote signed records, wound the tip back and let the
         # chain link new records after it: a head signed over that would make the rewrite verify
         raise _relinked(hseq)
-    if mine is not None and (mine[0], mine[1]) != (hseq, hhash) and _hash_at(c, mine[0], known) != mine[1]:
-        # the head this writer signed last is gone from the chain: the same cut and relink, after an
-        # earlier signed head row (a copy the DBA kept) was put back in the database. A rotation since
-        # (by another replica) starts the chain again with a record that says so.
-        if not _rotated_since(c, mine[2]):
-            raise _relinked(mine[0])
-    now = int(time.time() * 1_000_000)
+    if mine is not None and (mine.seq, mine.hash) == (hseq, hhash):
+        first = mine.first, mine.rotation  # the same head (so the same chain, record 1 included)
+    else:  # another signer's head since, or this writer's first signature: one lookup
+        first, at_mine = _first(c, mine.seq if mine is not None else 1)
+        if mine is not None and at_mine != mine.hash and not _rotated_since(first, mine):
+            # the head this writer signed last is gone from the chain: the same cut and relink, after an
+            # earlier signed head row (a copy the DBA kept) was put back in the database
+            raise _relinked(mine.seq)
+    now = int((time.time() if now is None else now) * 1_000_000)
     k = max(1, checkpoint_every)
     due = list(range((last_cp // k + 1) * k, t_seq + 1, k))
     got = {s: known[s] for s in due if known and s in known}
@@ -216,7 +231,7 @@ def sign_tip(
         c.execute(_INSERT_CP, cps)
     row = signed_head_row(signer, t_seq, t_hash, last_cp, now)
     run(c, _INSERT_HEAD if h is None else _UPDATE_HEAD, row)
-    return t_seq, row
+    return t_seq, row, Mine(t_seq, t_hash, *first)
 
 
 def _hash_at(c: sa.Connection, seq: int, known: dict[int, str] | None) -> str | None:
@@ -227,18 +242,36 @@ def _hash_at(c: sa.Connection, seq: int, known: dict[int, str] | None) -> str | 
     return None if row is None else row[0]
 
 
-_FIRST = sa.text("SELECT kind, ts_us FROM audit_records WHERE seq = 1")
+_FIRST = sa.text("SELECT seq, hash, kind, detail FROM audit_records WHERE seq IN (1, :seq)")
 
 
-ROTATION_SKEW_US = 600_000_000  # replicas' clocks may differ: a rotation stamped up to 10 min earlier counts
+def rotation_number(kind: str | None, detail: str | None) -> int:
+    """Which rotation started the chain whose record 1 this is: `audit rotate` numbers its rotation record one
+    past the rotated chain's (detail `rotation`); 0 for a chain never rotated, or rotated before records
+    were numbered."""
+    if kind != "rotation":
+        return 0
+    try:
+        n = json.loads(detail or "{}").get("rotation")
+    except (ValueError, AttributeError):
+        return 0
+    return n if type(n) is int and n > 0 else 0
 
 
-def _rotated_since(c: sa.Connection, ts_us: int) -> bool:
-    """Whether the chain was started again (`audit rotate`, by any replica) after the instant `ts_us`. Its first
-    record says so; one stamped a little before `ts_us` counts too (another host's clock), which leaves a
-    cut-and-relink within ROTATION_SKEW_US of a rotation to `audit verify`'s memory and exported heads."""
-    row = run(c, _FIRST).fetchone()
-    return row is not None and row[0] == "rotation" and row[1] > ts_us - ROTATION_SKEW_US
+def _first(c: sa.Connection, seq: int) -> tuple[tuple[str | None, int], str | None]:
+    """Record 1's hash and rotation number ((None, 0) when there is none), and record `seq`'s hash."""
+    rows = {r[0]: r for r in run(c, _FIRST, {"seq": seq}).fetchall()}
+    one, at = rows.get(1), rows.get(seq)
+    return ((None, 0) if one is None else (one[1], rotation_number(one[2], one[3]))), (None if at is None else at[1])
+
+
+def _rotated_since(first: tuple[str | None, int], mine: Mine) -> bool:
+    """Whether the chain was started again (`audit rotate`, by any replica) after the head `mine` was signed:
+    record 1 is now another rotation record than the one that head's chain began with, and a later one (its
+    number is higher). No clocks: a rotating host whose clock is behind the replicas' is still a rotation.
+    A DBA who puts back an older chain whole (its rotation record and a signed head of it, from an archive)
+    is not taken for one: that rotation's number is not past the one this writer's chain had."""
+    return first[0] != mine.first and first[1] > mine.rotation
 
 
 def _relinked(seq: int) -> AuditUnavailable:

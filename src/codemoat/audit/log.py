@@ -275,9 +275,9 @@ class AuditLog(HeadSigning, LogReading):
                         except Exception as e:
                             raise AlsoFailed(e) from e
                     self._last_seq = seq
-                    signed, head_row = None, None
+                    signed, head_row, mine = None, None, None
                     if self._sign_due(seq):
-                        signed, head_row = sign_tip(
+                        signed, head_row, mine = sign_tip(
                             c,
                             self.signer,
                             checkpoint_every=self.checkpoint_every,
@@ -288,7 +288,7 @@ class AuditLog(HeadSigning, LogReading):
                             known={r["seq"]: r["hash"] for r in rows},
                             mine=self._mine,
                         )
-                self._signed(signed, head_row)
+                self._signed(signed, head_row, mine)
                 for w in extras:
                     w.also = None  # committed with the records
                 return head_row

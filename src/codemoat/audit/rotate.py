@@ -12,17 +12,19 @@ import sqlalchemy as sa
 
 from ..errors import CodemoatError
 from .chain import BODY_FIELDS, GENESIS, SignedHead, body_hash, checkpoints, head, link_hash, records, tip
-from .heads import sign_tip
+from .heads import rotation_number, sign_tip
 from .rows import normalise
 
 
-def rotate(log: Any, archive: Path) -> dict[str, Any]:
+def rotate(log: Any, archive: Path, *, now: float | None = None) -> dict[str, Any]:
     """Move every record, checkpoint and the head into `archive` (JSON lines) and start a new chain.
 
     For retention, and to resume after tampering has been investigated. The new chain's first
     record (kind `rotation`, signed like any other) holds the archive's SHA-256, the number of
     records moved, the old head's hash and what `verify` said of the old chain, so the archive
-    stays anchored to the live log."""
+    stays anchored to the live log, and its number (`rotation`: one past the rotated chain's, which
+    writers compare instead of clocks: `audit.heads.Mine`). `now`: the time the rotation record and its
+    head are stamped with (seconds; default this host's clock, which may be behind the replicas')."""
     rep = log.verify()
     if archive.exists():
         raise CodemoatError(f"{archive} already exists: choose a new archive file")
@@ -37,10 +39,12 @@ def rotate(log: Any, archive: Path) -> dict[str, Any]:
                 f.write(line.decode())
 
             out({"entry": "archive", "format": "codemoat-audit-archive-v1", "verify": rep.to_dict()})
-            n = 0
+            n, number = 0, 1
             for r in c.execute(sa.select(records).order_by(records.c.seq)):
                 out({"entry": "record", **r._asdict()})
                 n += 1
+                if r.seq == 1:
+                    number = rotation_number(r.kind, r.detail) + 1
             for cp in c.execute(sa.select(checkpoints).order_by(checkpoints.c.seq)):
                 out({"entry": "checkpoint", **cp._asdict()})
             h = c.execute(sa.select(head).where(head.c.id == 1)).first()
@@ -56,20 +60,21 @@ def rotate(log: Any, archive: Path) -> dict[str, Any]:
                 "previous_head": h.hash if h is not None else None,
                 "previous_ok": rep.ok,
                 "previous_problem": rep.problem,
+                "rotation": number,
             }
             # The rotation record is the new chain's record 1 and its head is signed in this same
             # transaction: a replica serving meanwhile (its appends wait on the tip while this runs) must
             # find the chain starting with the rotation and a signed head, never an empty or unsigned new
             # chain it would take for a deleted one.
-            _first_record(c, normalise("rotation", {"detail": detail}))
-            signed, head_row = sign_tip(c, log.signer, checkpoint_every=log.checkpoint_every)
+            _first_record(c, normalise("rotation", {"detail": detail, "ts": now}))
+            signed, head_row, mine = sign_tip(c, log.signer, checkpoint_every=log.checkpoint_every, now=now)
             if log.head_file is not None and log.head_file.exists():
                 os.truncate(log.head_file, 0)  # in place: writers keep their open descriptors
         os.chmod(archive, 0o600)
         log._healthy, log.failure = True, None
         log._signed_seq, log._last_seq, log._seen_head, log._unsigned_since = 0, 0, False, None
         log._mine = None
-        log._signed(signed, head_row)
+        log._signed(signed, head_row, mine)
         log._last_seq = signed
     if head_row is not None:
         log._write_head_file(head_row)
