@@ -334,14 +334,16 @@ async def one(c: httpx.AsyncClient, prompt: str, tokens: int, stream: bool = Fal
         r = await c.post("/v1/completions", json=completion(prompt, tokens))
         r.raise_for_status()
         return time.perf_counter() - t0, 0.0, r.json()["usage"]["completion_tokens"]
-    ttft, n = 0.0, 0
+    ttft, first, n = 0.0, 0.0, 0
     async with c.stream("POST", "/v1/completions", json=completion(prompt, tokens, True)) as r:
         async for line in r.aiter_lines():
             if line.startswith("data: {"):
+                first = first or time.perf_counter() - t0
                 if not ttft and json.loads(line[6:])["choices"][0]["text"]:
                     ttft = time.perf_counter() - t0
                 n += 1
-    return time.perf_counter() - t0, ttft, n
+    # an answer whose every event is empty text (a random model's bytes that never make a character): its first event
+    return time.perf_counter() - t0, ttft or first, n
 
 
 def client(url: str, headers: dict, n: int, keepalive: bool = False) -> httpx.AsyncClient:
@@ -384,6 +386,47 @@ async def _paired(servers: Servers, reps: int, warm: int) -> dict[str, dict]:
     return out
 
 
+def typing_start(model: Path, n_ctx: int, want: int = 1250) -> int:
+    """Characters of FILE that make `want` tokens of `model`'s vocabulary, or 70 % of its slot's context if
+    that is less (the bundled model was trained on 512 tokens): where the typing row's file prefix starts."""
+    from codemoat.engines.llamacpp import LlamaCppEngine
+    from codemoat.engines.llamaload import training_context
+
+    vocab = LlamaCppEngine.front(str(model))
+    try:
+        slot = min(n_ctx, training_context(vocab._llm.metadata, n_ctx))
+        want = min(want, int(slot * 0.7))
+        lo, hi = 1, len(FILE) - 400
+        while lo < hi:  # the most characters whose tokens are at most `want`
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if len(vocab.tokenize(FILE[:mid], special=False)) <= want else (lo, mid - 1)
+        return lo
+    finally:
+        vocab.close()
+
+
+async def _typing(servers: Servers, reps: int, warm: int, start: int) -> dict[str, dict]:
+    """One developer typing in a file of ~1,250 tokens (`typing_start`): turn i sends the file's first start + 3 i characters
+    (three more each time, as typed) to every server in turn (ABBA, as `_paired`), a streamed 16-token
+    completion, and takes its time to first token. Each server's slots hold its previous prompt, so what a turn
+    costs is the cached prefix found again, the few tokens that changed read, and the first token: the first
+    token an editor's user waits for, where the one-client row's repeated 40-token prompt is all cached."""
+    names = list(servers.urls)
+    out: dict[str, list[float]] = {s: [] for s in names}
+    cs = {s: client(servers.urls[s], servers.headers[s], 1) for s in names}
+    try:
+        for i in range(-warm, reps):
+            text = FILE[: start + 3 * (i + warm)]
+            for s in names if i % 2 == 0 else reversed(names):
+                ttft = (await one(cs[s], text, 16, stream=True))[1]
+                if i >= 0:
+                    out[s].append(ttft)
+    finally:
+        for c in cs.values():
+            await c.aclose()
+    return {s: {"p50": statistics.median(v), "ttft": statistics.median(v), "ttfts": v} for s, v in out.items()}
+
+
 def single_rounds(servers: Servers, how: dict) -> dict[str, dict]:
     """The one-client scenario: `reps` requests of each kind per server, interleaved request by request with
     every other server (`_paired`; until 2026-12-05 it was 4 rounds of one block of 6 per server, and the
@@ -391,6 +434,11 @@ def single_rounds(servers: Servers, how: dict) -> dict[str, dict]:
     the median (and p25-p75) of the paired ratios; CPU per request is each server's CPU over the whole
     scenario (idle servers use next to none) over its requests."""
     cpu0 = {s: cpu_seconds(p.pid) for s, p in servers.procs.items()}
+    if how["kind"] == "typing":
+        got = asyncio.run(_typing(servers, how["reps"], how.get("warm", 2), typing_start(how["model"], how["n_ctx"])))
+        for s, g in got.items():
+            g["cpu_per_request"] = (cpu_seconds(servers.procs[s].pid) - cpu0[s]) / (how["reps"] + how.get("warm", 2))
+        return got
     got = asyncio.run(_paired(servers, how["reps"], how.get("warm", 2)))
     return {
         s: {
@@ -511,6 +559,11 @@ def scenarios(quick: bool, only: list[str] | None = None) -> list[tuple[str, str
             "1 client: p50 latency / TTFT, 32 tokens (CPU per request)",
             {"kind": "single", "reps": 20 if quick else 60, "warm": 2},
         ),
+        (
+            "typing",
+            "1 client typing in a ~1,250-token file (3 more characters a request): TTFT, 16 tokens (CPU per request)",
+            {"kind": "typing", "reps": 20 if quick else 60, "warm": 2},
+        ),
         ("c8_32", "8 clients, 32 tokens: tokens/s", {"kind": "load", "clients": 8, "tokens": 32, "per": 2 if quick else 4}),
         ("c8_128", "8 clients, 128 tokens: tokens/s", {"kind": "load", "clients": 8, "tokens": 128, "per": 1 if quick else 2}),
         ("c32_32", "32 clients, 32 tokens: tokens/s", {"kind": "load", "clients": 32, "tokens": 32, "per": 1 if quick else 2}),
@@ -550,6 +603,9 @@ def fmt(key: str, r: dict | None) -> str:
     if key == "single":
         cpu = f" ({r['cpu_per_request'] * 1000:.1f} ms CPU/request)" if r.get("cpu_per_request") else ""
         return f"{r['p50'] * 1000:.1f} / {r['ttft'] * 1000:.1f} ms{cpu}"
+    if key == "typing":
+        cpu = f" ({r['cpu_per_request'] * 1000:.1f} ms CPU/request)" if r.get("cpu_per_request") else ""
+        return f"{r['ttft'] * 1000:.1f} ms{cpu}"
     if key.startswith("c"):
         per_cpu = f", {r['toks'] / r['cpu']:.0f} tok/CPU-s" if r.get("cpu") else ""
         return f"{r['tok_s']:.0f} tok/s{per_cpu} (p50 {r['p50'] * 1000:.0f} ms, {r['tokens']:.0f} tok/answer)"
@@ -601,9 +657,9 @@ def bench_model(name: str, args: argparse.Namespace, token: str, env: dict) -> s
             except httpx.HTTPError as e:  # reported in its cells ("—") and here
                 print(f"{name} warm-up {s}: {type(e).__name__} {e} (exit {servers.procs[s].poll()})", file=sys.stderr)
         for i, (key, label, how) in enumerate(scenarios(args.quick, args.scenarios)):
-            if key == "single":  # interleaved in rounds (`single_rounds`)
+            if key in ("single", "typing"):  # interleaved request by request (`single_rounds`)
                 try:
-                    for s, r in single_rounds(servers, how).items():
+                    for s, r in single_rounds(servers, dict(how, model=model, n_ctx=args.n_ctx)).items():
                         res[s][key] = r
                 except httpx.HTTPError as e:
                     print(f"{name} {key}: {type(e).__name__} {e}", file=sys.stderr)
@@ -643,6 +699,16 @@ def ratio(res: dict, key: str, a: str, b: str) -> str:
             return f"{ra['p50'] / rb['p50']:.2f} / {ra['ttft'] / rb['ttft']:.2f}{cpu}"
         (lm, l25, l75), (tm, t25, t75) = paired(ra["lats"], rb["lats"]), paired(ra["ttfts"], rb["ttfts"])
         return f"{lm:.2f} [{l25:.2f}–{l75:.2f}] / {tm:.2f} [{t25:.2f}–{t75:.2f}]{cpu}"
+    if key == "typing":  # paired, as the one-client row's, and CPU per request in brackets
+        cpu = (
+            f" ({ra['cpu_per_request'] / rb['cpu_per_request']:.2f})"
+            if ra.get("cpu_per_request") and rb.get("cpu_per_request")
+            else ""
+        )
+        if len(ra["ttfts"]) != len(rb["ttfts"]):
+            return f"{ra['ttft'] / rb['ttft']:.2f}{cpu}"
+        m, q1, q3 = paired(ra["ttfts"], rb["ttfts"])
+        return f"{m:.2f} [{q1:.2f}–{q3:.2f}]{cpu}"
     va, _ = metric(key, ra)
     vb, _ = metric(key, rb)
     if key.startswith("c") and ra.get("cpu") and rb.get("cpu"):  # and per CPU-second: what the load did not move
@@ -714,7 +780,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer requests per scenario and no 32×128 row (larger models)")
     ap.add_argument(
         "--scenarios",
-        help="comma-separated keys to run only those rows: single, c8_32, c8_128, c32_32, c32_128, editor, infill "
+        help="comma-separated keys to run only those rows: single, typing, c8_32, c8_128, c32_32, c32_128, editor, infill "
         "(with --out elsewhere: a model's section of the results file is replaced whole)",
     )
     ap.add_argument("--build", action="store_true", help="build llama-server first (once; cached)")
