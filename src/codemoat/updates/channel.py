@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import socket
 import threading
 import uuid
@@ -30,6 +31,8 @@ from ..errors import CodemoatError
 T = TypeVar("T")
 _FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,150}\.moatpkg")
 MAX_BUNDLE = 64 << 30
+MAX_INDEX = 16 << 20  # bytes of index.json read at most (an entry is about 120 bytes: some 100,000 bundles)
+KEEP_FREE = 1 << 30  # bytes a fetch leaves free on the inbox's file system (the database and audit log live there too)
 TIMEOUT_S = 60.0  # each connect, read and write (httpx's timeout, which never bounds a whole answer)
 MIN_RATE = 64 << 10  # bytes/s: a bundle's download may take ANSWER_TIMEOUTS x TIMEOUT_S plus its size at this rate
 
@@ -171,6 +174,38 @@ def _holds(dest: Path, size: int, digest: str) -> bool:
         return False
 
 
+def _read_index(c: Any, base: str, stop: threading.Event) -> tuple[int, bytes | None]:
+    """(status, body) of GET /index.json; body None past `MAX_INDEX` bytes (read no further: httpx's .get() read an
+    endless answer into memory, and on after the deadline, in the thread it abandoned)."""
+    with c.stream("GET", f"{base}/index.json") as resp:
+        if resp.status_code != 200:
+            return resp.status_code, b""
+        body = bytearray()
+        for b in resp.iter_bytes():
+            if stop.is_set():
+                break
+            body += b
+            if len(body) > MAX_INDEX:
+                return 200, None
+        return 200, bytes(body)
+
+
+def _room_for(inbox: Path, new: dict[str, tuple[int, str]]) -> None:
+    """Refuse (one line, before any download) bundles whose sizes, as the index gives them, would leave under
+    `KEEP_FREE` bytes free where the inbox is: an index (the channel is not trusted, nor is a plain-http path to it)
+    could name new bundles until the disk that holds the database and the audit log was full."""
+    need = sum(size for size, _ in new.values())
+    if not need:
+        return
+    free = shutil.disk_usage(inbox).free
+    if need > free - KEEP_FREE:
+        gib = 1 << 30
+        raise CodemoatError(
+            f"the update channel's {len(new)} new bundle(s) come to {need / gib:,.1f} GiB; {inbox} has "
+            f"{free / gib:,.1f} GiB free and a fetch leaves {KEEP_FREE / gib:g} GiB of it: nothing was downloaded"
+        )
+
+
 def fetch(url: str, inbox: Path) -> list[dict[str, Any]]:
     """Download the channel's bundles not yet in `inbox` (by name and digest) into it; returns what was fetched."""
     import httpx
@@ -186,16 +221,20 @@ def fetch(url: str, inbox: Path) -> list[dict[str, Any]]:
         with httpx.Client(timeout=TIMEOUT_S, follow_redirects=False) as c:
             rid = uuid.uuid4().hex[:16]
             record_outbound(f"{base}/index.json", "GET", None, None, rid)
-            r = _bounded(TIMEOUT_S * ANSWER_TIMEOUTS, lambda: c.get(f"{base}/index.json"), base)
-            record_outbound(f"{base}/index.json", "GET", None, r.status_code, rid)
-            if r.status_code != 200:
-                raise CodemoatError(f"update channel answered {r.status_code} for its index")
+            stop = threading.Event()
+            status, body = _bounded(TIMEOUT_S * ANSWER_TIMEOUTS, lambda: _read_index(c, base, stop), base, stop)
+            record_outbound(f"{base}/index.json", "GET", None, status, rid)
+            if status != 200:
+                raise CodemoatError(f"update channel answered {status} for its index")
+            if body is None:
+                raise CodemoatError(f"update channel index is larger than {MAX_INDEX >> 20} MiB: not read further")
             try:
-                entries = r.json()
+                entries = json.loads(body)
             except (ValueError, RecursionError):  # RecursionError: nested past the decoder's limit
                 entries = None
             if not isinstance(entries, list):
                 raise CodemoatError("update channel index is not a JSON list")
+            new: dict[str, tuple[int, str]] = {}
             for e in entries:
                 name, size, digest = (e.get("file"), e.get("size"), e.get("sha256")) if isinstance(e, dict) else (None,) * 3
                 if not (
@@ -206,9 +245,11 @@ def fetch(url: str, inbox: Path) -> list[dict[str, Any]]:
                     and isinstance(digest, str)
                 ):
                     raise CodemoatError("update channel index holds a malformed entry")
+                if name not in new and not _holds(inbox / name, size, digest):
+                    new[name] = (size, digest)
+            _room_for(inbox, new)
+            for name, (size, digest) in new.items():
                 dest = inbox / name
-                if _holds(dest, size, digest):
-                    continue
                 rid = uuid.uuid4().hex[:16]
                 record_outbound(f"{base}/{name}", "GET", None, None, rid)
                 tmp = inbox / f".{name}.partial"
