@@ -64,7 +64,7 @@ class HeadSigning:
 
     @property
     def tail_allowance(self) -> int:
-        return tail_allowance(self.sign_every)
+        return tail_allowance(self.sign_every, self.engine.dialect.name)
 
     def _sign_after(self, seq: int) -> dict[str, Any] | None:
         """Sign after records up to `seq` were committed: a database error leaves them for the timer

@@ -11,7 +11,8 @@ The records after the signed head (the unsigned tail) can be cut or rewritten by
 the database, with no signature to betray it; the writers bound that tail (`sign_every` records,
 `sign_interval_ms`), and `audit verify` reports its length and age and refuses a tail longer than
 any writer leaves (`tail_allowance`). With `sign_every = 1` every append returns only after a head
-naming its record is signed: there is no tail.
+naming its record is signed: on SQLite, in the record's own transaction, there is no tail; on
+PostgreSQL the records of appends not returned yet are one, between their commit and their head's.
 """
 
 from __future__ import annotations
@@ -115,11 +116,14 @@ def sign_every_for(setting: int, engine: sa.Engine) -> int:
     return setting if setting > 0 else (64 if engine.dialect.name == "postgresql" else 1)
 
 
-def tail_allowance(sign_every: int) -> int:
-    """Unsigned records `audit verify` accepts after the signed head: none when every append signs;
-    else what writers leave between two signatures (`sign_every`, a few times over for replicas
-    appending while one signs, plus a group commit in flight)."""
-    return 0 if sign_every <= 1 else 4 * sign_every + MAX_BATCH
+def tail_allowance(sign_every: int, dialect: str) -> int:
+    """Unsigned records `audit verify` accepts after the signed head: none on SQLite when every append signs
+    (the head is signed in the records' own transaction); else what writers leave between two signatures
+    (`sign_every`, a few times over for replicas appending while one signs) plus a group commit in flight.
+    On PostgreSQL (`dialect`) that is so even with `sign_every = 1`: a batch commits (`audit.pgappend`)
+    before the head naming it is signed in the next transaction, and a verify may look in between (its
+    requests are not answered until that head is signed)."""
+    return 0 if sign_every <= 1 and dialect != "postgresql" else 4 * sign_every + MAX_BATCH
 
 
 def signed_head_row(signer: signing.Signer, seq: int, hash_: str, last_cp: int, ts_us: int) -> dict[str, Any]:

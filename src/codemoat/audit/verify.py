@@ -217,7 +217,9 @@ def verify(
                 )
             tail = last - (h.seq if h is not None else 0)
             if h is None:
-                if last and (cps or last > allowance):
+                # a head file holding a head, or a head verified before, says one was signed: records within
+                # the allowance (a new log's first batch, committed before its first head) are no excuse then
+                if last and (cps or last > allowance or known or _holds_a_head(head_raw)):
                     problems.append((last, "the signed head is missing (records exist but nothing signs the end of the log)"))
             else:
                 why = bad_sig("the head", h.key_id, h.message(), h.signature)
@@ -295,6 +297,11 @@ def _read_head_file(path: Path) -> bytes | ValueError | None:
         return e
 
 
+def _holds_a_head(raw: bytes | ValueError | None) -> bool:
+    """Whether the head file's bytes hold anything written (a rotation empties it; `_check_head_file` judges it)."""
+    return isinstance(raw, bytes) and bool(raw.strip(b"\x00 \n"))
+
+
 def _check_head_file(
     path: Path, raw: bytes | ValueError | None, public_key: bytes | None, kid: str | None, last: int, c
 ) -> list[tuple[int, str]]:
@@ -334,7 +341,7 @@ def _one_snapshot(c: sa.Connection) -> None:
     """Read the checkpoints, the head and the records as of one instant, though writers go on (`audit verify`
     beside a busy server). Read one statement after another, a head signed in between named a checkpoint
     not read yet ('deleted'), and records appended after the head was read were an unsigned tail past the
-    allowance (with `sign_every = 1`, none is allowed): verify failed on an honest log."""
+    allowance (SQLite with `sign_every = 1` allows none): verify failed on an honest log."""
     if c.dialect.name == "postgresql":
         c.execute(sa.text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY"))
     elif c.dialect.name == "sqlite":  # sqlite3 begins a transaction only before a write: the reads' one snapshot
