@@ -171,3 +171,31 @@ def test_a_fifo_named_as_the_bundle_is_refused_not_waited_on(machine, tmp_path, 
     except subprocess.TimeoutExpired:
         pytest.fail(f"`codemoat update {action}` on a FIFO did not return")
     assert "not a regular file" in one_line_error(p)
+
+
+def test_a_rollback_target_still_kept_from_an_earlier_install_is_one_line(shop, store):
+    """Was broken: a bundle the vendor signed as a rollback target, installed, then left behind by a newer version, is
+    still kept in the store (history, for `update rollback`). Applying its file again (the vendor's rollback advice,
+    or a replay) passed every check, copied the payload into staging, and then os.replace() onto the kept folder of
+    the same bundle id raised 'OSError: [Errno 39] Directory not empty': a traceback out of `update apply`, an
+    'apply_started' audit record with no end, staging left behind. Now refused in one line before anything is copied,
+    naming `update rollback`; the installed version is unchanged and the kept one still rolls back. The same for a
+    newer version kept after a rollback target was installed over it (2.0 under 1.8). A downgrade the vendor did not
+    sign is still 'not newer' first (test_local_rollback_does_not_reopen_older_unsigned_downgrades)."""
+    lic = shop.license()
+    v20 = shop.release("2.0")
+    store.apply(v20, lic)
+    target = shop.release("1.8", rollback_target=True)
+    assert store.apply(target)["version"] == "1.8"
+    with pytest.raises(CodemoatError, match=r"model 2\.0 is still kept here.*update rollback"):  # newer, kept: the same
+        store.apply(v20)
+    store.apply(shop.release("2.1"))
+    with pytest.raises(CodemoatError) as e:
+        store.apply(target)
+    assert "update rollback" in str(e.value) and "1.8" in str(e.value) and "\n" not in str(e.value), e.value
+    assert store.current("model")["version"] == "2.1"
+    assert not list((store.root / "staging").glob("*"))
+    assert store.records[-1][0] == "refused"
+    assert store.rollback("model")["version"] == "1.8"  # the kept copy is what `update rollback` serves
+    with pytest.raises(CodemoatError, match="already installed"):  # and once it is current: as before
+        store.apply(target)

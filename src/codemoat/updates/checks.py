@@ -28,7 +28,7 @@ def support_end(body: dict[str, Any]) -> int:
 
 
 class BundleChecks:
-    """Mixed into `store.UpdateStore`: reads its `machine`, `guard`, `models`, `license_path` and `current()`."""
+    """Mixed into `store.UpdateStore`: reads its `machine`, `guard`, `models`, `license_path`, `current()` and `state()`."""
 
     # -- the support license ---------------------------------------------------------------------
     def _license(self, given: Path | None) -> tuple[License, bool]:
@@ -79,6 +79,12 @@ class BundleChecks:
                 raise BundleError(
                     f"{bundle.channel} {m['version']} is not newer than the installed {cur['version']}: "
                     "a downgrade needs a bundle the vendor signed as a rollback target"
+                )
+            kept = self.state()["channels"].get(bundle.channel, {}).get("history") or []
+            if m["bundle_id"] in kept:  # its folder is in the store, for `update rollback`: installing it again cannot
+                raise BundleError(
+                    f"{bundle.channel} {m['version']} is still kept here from an earlier install: "
+                    "`codemoat update rollback` goes back to it (one version a step)"
                 )
         if m["kind"] == "adapter":
             self._check_base(m)
