@@ -109,3 +109,31 @@ def test_an_index_promising_more_than_the_disk_holds_downloads_nothing(home):
     assert "free" in msg and "GiB" in msg and str(inbox) in msg and "\n" not in msg, msg
     assert seen["paths"] == ["/index.json"], seen["paths"][:3]
     assert list(inbox.iterdir()) == []
+
+
+def _rchar() -> int:
+    """Bytes this process has read through read(2) and friends so far (/proc/self/io)."""
+    with open("/proc/self/io") as f:
+        return int(next(line for line in f if line.startswith("rchar:")).split()[1])
+
+
+def test_a_bundle_named_again_and_again_is_hashed_once(home):
+    """Was broken: each index entry had its inbox copy hashed whole to see whether it was already there, once per
+    entry: an index naming a bundle the inbox holds (models are tens of GiB) a hundred thousand times kept the
+    serving host's disk and a core busy for hours. Here a 32 MiB inbox bundle named 40 times: before, 40 x 32 MiB
+    read; now a name counts once. Nothing is downloaded either way (the negative: it is held)."""
+    import hashlib
+    import json
+
+    inbox = home / "updates" / "inbox"
+    inbox.mkdir(parents=True)
+    data = b"\x01" * (32 * MB)
+    (inbox / "model.moatpkg").write_bytes(data)
+    entry = {"file": "model.moatpkg", "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    handler, seen = hostile_channel(lambda: [json.dumps([entry] * 40).encode()])
+    with LocalHTTP(handler) as srv:
+        before = _rchar()
+        assert ch.fetch(srv.url, inbox) == []
+        read = _rchar() - before
+    assert read < 3 * 32 * MB, read // MB
+    assert seen["paths"] == ["/index.json"]

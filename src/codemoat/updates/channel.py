@@ -235,6 +235,7 @@ def fetch(url: str, inbox: Path) -> list[dict[str, Any]]:
             if not isinstance(entries, list):
                 raise CodemoatError("update channel index is not a JSON list")
             new: dict[str, tuple[int, str]] = {}
+            seen: set[str] = set()
             for e in entries:
                 name, size, digest = (e.get("file"), e.get("size"), e.get("sha256")) if isinstance(e, dict) else (None,) * 3
                 if not (
@@ -245,7 +246,10 @@ def fetch(url: str, inbox: Path) -> list[dict[str, Any]]:
                     and isinstance(digest, str)
                 ):
                     raise CodemoatError("update channel index holds a malformed entry")
-                if name not in new and not _holds(inbox / name, size, digest):
+                if name in seen:  # the first entry of a name counts: an inbox bundle is hashed once, however often it is named
+                    continue
+                seen.add(name)
+                if not _holds(inbox / name, size, digest):
                     new[name] = (size, digest)
             _room_for(inbox, new)
             for name, (size, digest) in new.items():
