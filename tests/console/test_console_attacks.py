@@ -189,3 +189,23 @@ def test_huge_cost_inputs_are_one_line_refusals(setup):
             assert f"tco input {name}" in r.text or "at most 120 months" in r.text, (name, value[:8])
     r = c.get("/admin/costs?months=0.5")  # was a 500 too (TypeError: range() of a float)
     assert r.status_code in (200, 400) and "a whole number" in r.text, r.status_code
+
+
+def test_a_status_filter_of_non_ascii_digits_is_a_one_line_refusal(setup):
+    """Was broken: the audit filter's status was checked with str.isdigit(), which is true of '²' (and other digits
+    int() does not take), so /admin/audit?status=² and its export raised ValueError: a 500 with a traceback, for a link
+    anyone can send an admin. Now only ASCII digits are a status: the page shows the filter's one-line error, the
+    export refuses it; a real status still filters (the negative)."""
+    c, _, _, admin, _ = setup
+    log = c.app.state.trust.log
+    log.append("request", user="alice", route="/v1/completions", status=404)
+    log.append("request", user="bob", route="/v1/completions", status=200)
+    assert signed_in(c, admin).status_code == 303
+    for status in ("²", "١٢٣", "4０4"):
+        r = c.get("/admin/audit", params={"status": status})
+        assert r.status_code == 200 and "an HTTP status is a number" in r.text and "Traceback" not in r.text, status
+        r = c.get("/admin/audit/export", params={"status": status})
+        assert r.status_code == 403 and "an HTTP status is a number" in r.text, status
+    page = c.get("/admin/audit", params={"status": "404"}).text
+    assert "alice" in page and "bob" not in page
+    assert [line for line in c.get("/admin/audit/export", params={"status": "404"}).text.splitlines() if '"bob"' in line] == []

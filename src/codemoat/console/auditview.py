@@ -38,7 +38,8 @@ class Filters:
         if self.kind:
             conds.append(records.c.kind == self.kind)
         if self.status:
-            if not self.status.isdigit() or not 100 <= int(self.status) <= 599:
+            # ASCII digits only: str.isdigit() is true of '²', which int() refuses (a ValueError: a 500)
+            if not (self.status.isascii() and self.status.isdigit()) or not 100 <= int(self.status) <= 599:
                 raise CodemoatError(f"status {self.status!r}: an HTTP status is a number from 100 to 599")
             conds.append(records.c.status == int(self.status))
         if self.since:
