@@ -153,16 +153,54 @@ def test_a_trigger_that_drops_a_users_records_refuses_their_requests_instead(pg_
 
 
 def test_a_trigger_that_deletes_a_record_after_it_is_linked_fails_verify(pg_url, audit_home):
-    """An AFTER INSERT trigger deletes mallory's record once the chain linked it (the writer got its
-    number back and served the request): the signed head names a record the log no longer has."""
+    """An AFTER INSERT trigger deletes mallory's record once the chain linked it (the writer gets its number
+    back). With `sign_every = 1` the signature after it finds the record gone: the append is refused (the
+    request gets a 503, not served with its record gone; before, it was served and only the next signature
+    stopped the writer), and once the chain goes on the log fails verify at the hole."""
+    from codemoat.audit.log import AuditUnavailable
+
     log = open_log(pg_url, audit_home, sign_every=1)
     fill(log, 3)
     with log.engine.begin() as c:
         c.exec_driver_sql(_DELETE_MALLORY_AFTER)
-    log.append("request", user="mallory", route="/v1/completions", status=200)
+    with pytest.raises(AuditUnavailable, match="record 4, just written, is no longer in the chain"):
+        log.append("request", user="mallory", route="/v1/completions", status=200)
+    assert not log.check_writable(max_age=0)  # the writer stopped
+    fill(open_log(pg_url, audit_home, sign_every=1), 1, 10)  # another replica's record links to the hole
     rep = open_log(pg_url, audit_home, sign_every=1).verify()
     assert not rep.ok and rep.first_bad == 4, rep.to_dict()
+
+
+_UNLINK_MALLORY_AFTER = r"""
+CREATE OR REPLACE FUNCTION dba_unlink() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  IF NEW."user" = 'mallory' THEN
+    DELETE FROM audit_records WHERE seq = NEW.seq;
+    UPDATE audit_tip SET seq = NEW.seq - 1, hash = NEW.prev_hash WHERE id = 1;
+  END IF;
+  RETURN NULL;
+END
+$$;
+CREATE TRIGGER z_dba_unlink AFTER INSERT ON audit_records FOR EACH ROW EXECUTE FUNCTION dba_unlink();
+"""
+
+
+def test_a_trigger_that_deletes_a_record_and_winds_the_tip_back_gets_the_request_refused(pg_url, audit_home):
+    """The same trigger, winding `audit_tip` back as well: the next record takes mallory's number and the chain
+    has no hole. Before, with `sign_every = 1`, mallory's append returned (the request was served), nothing
+    was left to sign, and the log verified with her record gone. Now the signature after the append looks for
+    the record it just wrote: the append is refused, and what is served stays audited."""
     from codemoat.audit.log import AuditUnavailable
 
-    with pytest.raises(AuditUnavailable, match="record 4 no longer matches the signed head"):
-        log.append("request", user="alice", route="/v1/completions", status=200)  # and the writer stops at once
+    log = open_log(pg_url, audit_home, sign_every=1)
+    fill(log, 3)
+    with log.engine.begin() as c:
+        c.exec_driver_sql(_UNLINK_MALLORY_AFTER)
+    with pytest.raises(AuditUnavailable, match="record 4, just written, is no longer in the chain"):
+        log.append("request", user="mallory", route="/v1/completions", status=200)
+    other = open_log(pg_url, audit_home, sign_every=1)
+    assert fill(other, 2, 10) == [4, 5]  # the positive side: another replica's records, signed as they come
+    with other.engine.connect() as c:
+        users = [u for (u,) in c.execute(sa.text('select "user" from audit_records order by seq'))]
+    assert users == ["alice"] * 5
+    assert other.verify().ok

@@ -66,11 +66,14 @@ class HeadSigning:
     def tail_allowance(self) -> int:
         return tail_allowance(self.sign_every, self.engine.dialect.name)
 
-    def _sign_after(self, seq: int) -> dict[str, Any] | None:
-        """Sign after records up to `seq` were committed: a database error leaves them for the timer
-        (they are written; the request is served), a tampered log stops the writer."""
+    def _sign_after(self, seq: int, hash_: str) -> dict[str, Any] | None:
+        """Sign after records up to `seq` (whose hash is `hash_`) were committed: a database error leaves them
+        for the timer (they are written; the request is served), a tampered log stops the writer. With
+        `sign_every = 1` the head signed must hold record `seq` (`sign_tip`'s `cover`)."""
         try:
-            return self._sign(wait=self.sign_every == 1, min_tail=self._min_tail())
+            if self.sign_every == 1:
+                return self._sign(wait=True, min_tail=self._min_tail(), cover=(seq, hash_))
+            return self._sign(wait=False, min_tail=self._min_tail())
         except DBAPIError as e:
             if self.sign_every == 1:
                 raise
@@ -98,7 +101,9 @@ class HeadSigning:
             if seq >= self._last_seq:
                 self._unsigned_since = None
 
-    def _sign(self, *, wait: bool = True, min_tail: int = 1, reason: str | None = None) -> dict[str, Any] | None:
+    def _sign(
+        self, *, wait: bool = True, min_tail: int = 1, reason: str | None = None, cover: tuple[int, str] | None = None
+    ) -> dict[str, Any] | None:
         """Sign the tip in a transaction of its own (the new head row, or None when nothing was signed)."""
         for attempt in range(10):
             try:
@@ -113,6 +118,7 @@ class HeadSigning:
                         head_expected=self._seen_head,
                         allowance=self.tail_allowance,
                         mine=self._mine,
+                        cover=cover,
                     )
                 self._signed(signed, head_row, mine)
                 return head_row

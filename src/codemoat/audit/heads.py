@@ -85,6 +85,8 @@ _HEAD_SQL = {
 _HEAD_EXISTS = sa.text("SELECT 1 FROM audit_head WHERE id = 1")
 _TAKE_WRITE_LOCK = sa.text("UPDATE audit_tip SET seq = seq WHERE id = 1")  # SQLite: a write that changes nothing
 _TIP = sa.text("SELECT seq, hash FROM audit_tip WHERE id = 1")
+# the tip, and the hash of a record the signer just wrote (`sign_tip`'s `cover`), in one round trip
+_TIP_AND = sa.text("SELECT seq, hash, (SELECT hash FROM audit_records WHERE seq = :seq) FROM audit_tip WHERE id = 1")
 _ANY_CHECKPOINT = sa.text("SELECT 1 FROM audit_checkpoints LIMIT 1")
 _HASHES = sa.text("SELECT seq, hash FROM audit_records WHERE seq IN :seqs").bindparams(sa.bindparam("seqs", expanding=True))
 _HASH_AT = sa.text("SELECT hash FROM audit_records WHERE seq = :seq")
@@ -160,6 +162,7 @@ def sign_tip(
     known: dict[int, str] | None = None,
     mine: Mine | None = None,
     now: float | None = None,
+    cover: tuple[int, str] | None = None,
 ) -> tuple[int | None, dict[str, Any] | None, Mine | None]:
     """Sign the tip in transaction `c`: (the seq now signed, the new head row or None when nothing was
     signed, what the signer remembers of that head: `Mine`, read in this transaction, or None).
@@ -169,7 +172,9 @@ def sign_tip(
     signer holds the head row, give up at once (None, None, None). `head_expected`: this writer saw a
     signed head before, so a missing one was deleted. `mine`: the last head this writer signed, whose
     record must still be in the chain unless the chain was rotated since. `now`: the time the head is
-    stamped with (seconds; default this host's clock)."""
+    stamped with (seconds; default this host's clock). `cover`: (seq, hash) of the last record the caller
+    committed before this transaction (PostgreSQL, `sign_every = 1`), which must still be in the chain
+    that is (or was already) signed: else its request would be answered with its record gone."""
     kind = "sqlite" if c.dialect.name == "sqlite" else ("wait" if wait else "skip")
     if kind == "sqlite" and tip_row is None:
         # the write lock before the reads: sqlite3 begins the transaction only at the first write, so the
@@ -182,7 +187,12 @@ def sign_tip(
         # the row this waited on was deleted and written anew (`audit rotate` while this replica served):
         # the new chain's head, not a missing one
         h = run(c, _HEAD_SQL[kind]).fetchone()
-    t = tip_row if tip_row is not None else c.execute(_TIP).first()
+    if tip_row is not None:
+        t = tip_row
+    elif cover is not None:
+        t = c.execute(_TIP_AND, {"seq": cover[0]}).first()
+    else:
+        t = c.execute(_TIP).first()
     if t is None:
         raise AuditUnavailable("audit log tampered: the chain's tip row is missing (run `codemoat audit verify`)")
     if h is None:
@@ -201,6 +211,14 @@ def sign_tip(
         )
     if t_seq == hseq and t_hash != hhash:
         raise _relinked(hseq)
+    if cover is not None and (t_seq < cover[0] or t[2] != cover[1]):
+        # a trigger of the DBA's deleted the record once the chain had linked it and wound the tip back, so
+        # that the next record takes its number; unless the chain was rotated since (it is in the archive)
+        first, _ = _first(c, 1)
+        if not (_rotated_since(first, mine) if mine is not None else first[1] > 0):
+            raise AuditUnavailable(
+                f"audit log tampered: record {cover[0]}, just written, is no longer in the chain (run `codemoat audit verify`)"
+            )
     at_tip = reason is not None and last_cp != t_seq
     if not at_tip and t_seq - hseq < max(1, min_tail):
         return hseq, None, None

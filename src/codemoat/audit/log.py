@@ -195,7 +195,7 @@ class AuditLog(HeadSigning, LogReading):
                 rows = [w.row for w in batch]
                 head_row = self._append_locked(rows, batch)
                 if head_row is None and self._pg is not None and self._sign_due(rows[-1]["seq"]):
-                    head_row = self._sign_after(rows[-1]["seq"])
+                    head_row = self._sign_after(rows[-1]["seq"], rows[-1]["hash"])
             except RecordRefused:
                 raise
             except AuditUnavailable as e:
