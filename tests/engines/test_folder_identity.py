@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from pathlib import Path
 
 import pytest
@@ -16,10 +17,11 @@ from codemoat.errors import CodemoatError
 
 
 def _folder(root: Path, *, bpe: bool = False) -> Path:
-    """A model folder: 'weights' and a config; with `bpe`, a GPT-2 byte-level BPE tokenizer given as
+    """A model folder: weights and a config; with `bpe`, a GPT-2 byte-level BPE tokenizer given as
     vocab.json + merges.txt only (no tokenizer.json: transformers builds it from those two)."""
     root.mkdir()
-    (root / "model.safetensors").write_bytes(b"W" * 4000)
+    # a safetensors file of no tensors: `vendor seal` refuses weights that are not one
+    (root / "model.safetensors").write_bytes(struct.pack("<Q", 2) + b"{}" + b"W" * 3990)
     (root / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 300}))
     if bpe:
         from tokenizers.pre_tokenizers import ByteLevel

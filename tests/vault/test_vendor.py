@@ -82,3 +82,33 @@ def test_fingerprint_hook_gets_the_customers_secret(vendor, tmp_path):
     assert plain == b"GGUF" + bytes([0x55]) * 5000
     with sqlite3.connect(tmp_path / "vendor" / "vendor.db") as c:
         assert c.execute("select fingerprinted from vault_models").fetchone() == (1,)
+
+
+def test_seal_refuses_a_hostile_safetensors_header_naming_the_file(vendor, tmp_path):
+    """A customer's safetensors folder whose header would cost gigabytes to decode (a million `{}`
+    values) is refused before it is decoded, with or without the fingerprint, in one line naming the
+    weights; before, `--no-fingerprint` sealed it as it was, for the server to decode. A real file seals."""
+    import json
+    import struct
+
+    import torch
+    from safetensors.torch import save
+
+    from codemoat.trace.fingerprint import fingerprint_model
+
+    folder = tmp_path / "st"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    weights = folder / "model.safetensors"
+    header = b'{"a":[' + b"{}," * 1_000_000 + b"{}]}"
+    weights.write_bytes(struct.pack("<Q", len(header)) + header)
+    for fp in (None, fingerprint_model):
+        with pytest.raises(CodemoatError) as e:
+            vendor.seal(folder, "ACME", tmp_path / "x.moat", fingerprint=fp)
+        assert str(e.value).startswith(f"{weights}: not a safetensors file: header holds more than 2000000 JSON values")
+        assert "\n" not in str(e.value) and not (tmp_path / "x.moat").exists()
+    weights.write_bytes(save({"w": torch.ones((8, 8)), "n": torch.ones(8)}))
+    for fp in (None, fingerprint_model):
+        sealed = vendor.seal(folder, "ACME", tmp_path / "x.moat", fingerprint=fp)
+        assert sealed.manifest.format == "safetensors" and sealed.manifest.fingerprinted == (fp is not None)
+        (tmp_path / "x.moat").unlink()

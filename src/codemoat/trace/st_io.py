@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import struct
 
 import numpy as np
@@ -20,7 +21,18 @@ from ..errors import CodemoatError
 _NP = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
 
 
+#: The longest header read: the safetensors crate's own limit (`MAX_HEADER_SIZE` in its tensor.rs,
+#: which `safetensors.torch.load` applies too). A real model's header is ~100 KB to a few MB.
 MAX_HEADER = 100_000_000
+
+#: The most JSON values a header may hold, counted before it is decoded (`_check_values`). Python builds
+#: an object of 30-100 bytes for each, so a 100 MB header of `[{},{},...]` took 2.5 GB to refuse. A
+#: tensor's entry holds 6 + ndim of them: this admits some 250,000 tensors (DeepSeek-V3, among the
+#: largest models published, has ~91,000 in all its shards: 58 MoE layers x 256 experts x 3 matrices,
+#: each with its scales).
+MAX_VALUES = 2_000_000
+
+_OBJECT_START = re.compile(rb"[ \t\n\r]*\{")
 
 
 def _bad(why: str) -> CodemoatError:
@@ -32,14 +44,30 @@ def header_length(first8: bytes, size: int) -> int:
     if len(first8) < 8:
         raise _bad("too short")
     (n,) = struct.unpack("<Q", first8)
-    if n > size - 8 or n > MAX_HEADER:
+    if n > MAX_HEADER:
+        raise _bad(f"header length {n} over the {MAX_HEADER}-byte limit")
+    if n > size - 8:
         raise _bad("header length past the end")
     return n
 
 
+def _check_values(raw: bytes) -> None:
+    """Refuse, before decoding, a header that is not a JSON object or holds more than `MAX_VALUES`
+    values. Every JSON value but the first of its array or object follows a comma, and every array
+    or object opens with a bracket, so commas plus opening brackets bound the values from above (those
+    inside strings only count too many). Four scans at memchr speed; nothing is built."""
+    if not _OBJECT_START.match(raw):
+        raise _bad("header is not a JSON object")
+    n = raw.count(b",") + raw.count(b"{") + raw.count(b"[")
+    if n > MAX_VALUES:
+        raise _bad(f"header holds more than {MAX_VALUES} JSON values (a real model's: about 8 per tensor)")
+
+
 def parse_header(raw: bytes, data_len: int) -> dict:
     """A safetensors JSON header, checked: name -> {dtype, shape, data_offsets} inside the `data_len`
-    bytes after it (`__metadata__` dropped). Anything else is one `CodemoatError` naming what is wrong."""
+    bytes after it (`__metadata__` dropped). Anything else is one `CodemoatError` naming what is wrong,
+    and a hostile header is refused before it is decoded into more than `MAX_VALUES` objects."""
+    _check_values(raw)
     try:
         head = json.loads(raw)
     except RecursionError:  # a hostile header of deeply nested brackets

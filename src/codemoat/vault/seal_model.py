@@ -47,6 +47,7 @@ def read_model(path: Path) -> tuple[str, str, bytearray, list[dict[str, Any]]]:
         raise CodemoatError(f"{path.name}: a model is a .gguf file, a .safetensors file or a folder holding one")
     wpath = files[0]
     blobs = [read_regular(p, "model", None) for p in files]
+    check_safetensors(wpath, blobs[0])
     data = bytearray(b"".join(blobs))
     parts, off = [], 0
     for p, b in zip(files, blobs):
@@ -54,6 +55,18 @@ def read_model(path: Path) -> tuple[str, str, bytearray, list[dict[str, Any]]]:
         off += len(b)
     model_id = folder.name if path.is_dir() else wpath.stem
     return model_id, "safetensors", data, parts
+
+
+def check_safetensors(path: Path, data: bytes) -> None:
+    """Refuse, in one line naming `path`, weights whose safetensors header is not one (a customer's
+    file sealed or imported, or one swapped on disk): checked here, so a hostile header never reaches
+    a sealed file and the engines' loaders, and costs a bounded memory to refuse (`trace.st_io`)."""
+    from ..trace import st_io
+
+    try:
+        st_io.buffer_header(memoryview(data))
+    except CodemoatError as e:
+        raise CodemoatError(f"{path}: {e}") from None
 
 
 #: the tokenizer files a Hugging Face folder may need that are not JSON (sentencepiece, BPE merges, WordPiece)
