@@ -103,7 +103,7 @@ def test_a_replica_signing_during_a_rotation_signs_on(pg_url, audit_home, tmp_pa
     hold = open_db(pg_url)
     c = hold.connect()
     tx = c.begin()
-    c.execute(sa.text("select seq from audit_tip where id = 1 for update"))
+    c.execute(sa.text("select seq from audit_head where id = 1 for update"))  # a signature in flight
     done: dict[str, object] = {}
 
     def run(name, fn):
@@ -115,7 +115,7 @@ def test_a_replica_signing_during_a_rotation_signs_on(pg_url, audit_home, tmp_pa
     r = threading.Thread(daemon=True, target=run, args=("rotate", lambda: rotate(rotator, tmp_path / "archive.jsonl")))
     try:
         r.start()
-        _until(lambda: _waiting_on_locks(hold) >= 1, "the rotation to wait on the tip (the head row deleted)")
+        _until(lambda: _waiting_on_locks(hold) >= 1, "the rotation to wait on the head row")
         s = threading.Thread(daemon=True, target=run, args=("sign", replica.sign))
         s.start()
         _until(lambda: _waiting_on_locks(hold) >= 2, "the replica's signature to wait on the head row")
@@ -130,6 +130,60 @@ def test_a_replica_signing_during_a_rotation_signs_on(pg_url, audit_home, tmp_pa
     assert not isinstance(done["sign"], Exception), done
     fill(replica, 3, 10)  # and appends, each signed, go on
     assert replica.verify().ok, replica.verify().to_dict()
+
+
+def test_an_append_committed_while_a_rotation_archives_goes_into_the_new_chain(pg_url, audit_home, tmp_path):
+    """The rotation had read and deleted the records and waited on the head row (a signature in flight) when a
+    replica's append came. Before, the rotation took the tip only after that, so the append committed at
+    once, numbered after the old chain (record 6): left behind the new chain, in no archive, and the log
+    failed verify ('records 2-5 are missing'). Now the rotation takes the tip first: the append waits for
+    it and becomes record 2 of the new chain."""
+    from codemoat.audit.rotate import rotate
+    from codemoat.db import open_db
+
+    replica = open_log(pg_url, audit_home, sign_every=64)
+    fill(replica, 5)
+    replica.sign()
+    rotator = open_log(pg_url, audit_home, sign_every=64)
+
+    hold = open_db(pg_url)
+    c = hold.connect()
+    tx = c.begin()
+    c.execute(sa.text("select seq from audit_head where id = 1 for update"))  # a signature in flight
+    done: dict[str, object] = {}
+
+    def run(name, fn):
+        try:
+            done[name] = fn()
+        except Exception as e:  # reported by the asserts below
+            done[name] = e
+
+    r = threading.Thread(daemon=True, target=run, args=("rotate", lambda: rotate(rotator, tmp_path / "archive.jsonl")))
+    a = threading.Thread(
+        daemon=True,
+        target=run,
+        args=("append", lambda: replica.append("request", user="bob", route="/v1/completions", status=200)),
+    )
+    try:
+        r.start()
+        _until(lambda: _waiting_on_locks(hold) >= 1, "the rotation to wait on the head row")
+        a.start()
+        _until(lambda: "append" in done or _waiting_on_locks(hold) >= 2, "the append to end or wait")
+    finally:
+        tx.rollback()
+        c.close()
+        hold.dispose()
+    r.join(60)
+    a.join(60)
+    assert not r.is_alive() and not a.is_alive()
+    assert isinstance(done["rotate"], dict) and done["rotate"]["records"] == 5, done
+    assert done["append"] == 2, done
+    with replica.engine.connect() as cx:
+        kinds = [k for (k,) in cx.execute(sa.text("select kind from audit_records order by seq"))]
+    assert kinds == ["rotation", "request"], kinds
+    replica.sign()
+    rep = replica.verify()
+    assert rep.ok, rep.to_dict()
 
 
 def test_on_sqlite_a_second_process_signs_on_after_a_rotation(db_url, audit_home, tmp_path):

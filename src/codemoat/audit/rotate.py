@@ -32,6 +32,11 @@ def rotate(log: Any, archive: Path, *, now: float | None = None) -> dict[str, An
     _ = log.signer  # load the key before the transaction takes the database's write lock
     with log._lock:
         with log.engine.begin() as c, open(archive, "x", encoding="utf-8") as f:
+            # The tip first: appends wait from here until the new chain is committed (PostgreSQL: the chain's
+            # trigger locks the tip; SQLite: this write begins the transaction with the write lock, which
+            # sqlite3 takes only at the first write). Taken later (a1ee9fa: at the tip's reset), an append
+            # committed after the records were read and deleted was left behind the new chain, in no archive.
+            c.execute(_TAKE_TIP)
 
             def out(obj: dict[str, Any]) -> None:
                 line = (json.dumps(obj, ensure_ascii=False, default=str) + "\n").encode()
@@ -85,6 +90,9 @@ def rotate(log: Any, archive: Path, *, now: float | None = None) -> dict[str, An
             row = c.execute(sa.select(head).where(head.c.id == 1)).first()
         trusted.remember(log.verified_file, SignedHead.from_mapping(row._asdict()), log.public_key(), reset=True)
     return detail
+
+
+_TAKE_TIP = sa.text("UPDATE audit_tip SET seq = seq WHERE id = 1")  # a write that changes nothing
 
 
 def _first_record(c: sa.Connection, row: dict[str, Any]) -> None:
