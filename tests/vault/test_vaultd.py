@@ -165,6 +165,9 @@ def test_bad_input_is_one_line(tmp_path):
     base = ("vaultd", "--socket", sock, "--model", "a.moat", "--license", "a.lic")
     assert "give NAME, or MODEL_ID=NAME" in one_line_error(cli(*base, "--allow-uid", "=root"))
     assert "--allow-uid nosuch-user-x: no such user" in one_line_error(cli(*base, "--allow-uid", "acme=nosuch-user-x"))
+    # Unicode digits ('²' passes str.isdigit(), int() refuses it: a traceback before) are names, and no such name
+    assert "--allow-uid ²: no such user" in one_line_error(cli(*base, "--allow-uid", "²"))
+    assert "--allow-group ١٢: no such group" in one_line_error(cli(*base, "--allow-group", "١٢"))
     assert "--socket-group nosuch-group-x: no such group" in one_line_error(
         cli(*base, "--allow-uid", "0", "--socket-group", "nosuch-group-x")
     )

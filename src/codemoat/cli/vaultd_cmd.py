@@ -56,7 +56,7 @@ def _uid(value: str) -> int:
 
     from ..errors import CodemoatError
 
-    if value.isdigit():
+    if value.isascii() and value.isdigit():  # str.isdigit() is true of '²', which int() refuses
         return int(value)
     try:
         return pwd.getpwnam(value).pw_uid
@@ -69,7 +69,7 @@ def _gid(value: str, flag: str = "--allow-group") -> int:
 
     from ..errors import CodemoatError
 
-    if value.isdigit():
+    if value.isascii() and value.isdigit():  # str.isdigit() is true of '²', which int() refuses
         return int(value)
     try:
         return grp.getgrnam(value).gr_gid
