@@ -77,4 +77,5 @@ def test_password_guessing_is_throttled(tmp_path, ldap_config, company, tiny_ggu
     # another user is not locked out by bob's guesser
     r = httpx.post(s.url + "/auth/login", json={"username": "alice", "password": "alice-pw-1"}, timeout=30)
     assert r.status_code == 200 and r.json()["token"].startswith("cm_")
+    assert r.headers["cache-control"] == "no-store"  # the token is in the answer: no cache may keep it
     assert "alice-pw-1" not in s.output()

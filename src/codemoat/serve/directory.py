@@ -134,7 +134,8 @@ async def login(request: Request):
     for m in marks:
         failures.forgive(m)
     request.state.principal = request.app.state.accounts.authenticate(secret)  # audited as the user it now is
-    return JSONResponse({"token": secret, **info})
+    # a bearer token in the answer: no proxy or client cache keeps it (as the OIDC and device answers)
+    return JSONResponse({"token": secret, **info}, headers={"Cache-Control": "no-store"})
 
 
 @router.get("/auth/oidc/start")
