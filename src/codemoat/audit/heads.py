@@ -180,27 +180,25 @@ def sign_tip(
         # the write lock before the reads: sqlite3 begins the transaction only at the first write, so the
         # head and tip read first were another writer's past (two signers wrote over each other's heads)
         run(c, _TAKE_WRITE_LOCK)
-    h = run(c, _HEAD_SQL[kind]).fetchone()
-    if h is None and kind != "sqlite" and c.execute(_HEAD_EXISTS).first() is not None:
-        if kind == "skip":
-            return None, None, None  # another replica is signing now
-        # the row this waited on was deleted and written anew (`audit rotate` while this replica served):
-        # the new chain's head, not a missing one
-        h = run(c, _HEAD_SQL[kind]).fetchone()
-    if tip_row is not None:
-        t = tip_row
-    elif cover is not None:
-        t = c.execute(_TIP_AND, {"seq": cover[0]}).first()
-    else:
-        t = c.execute(_TIP).first()
-    if t is None:
-        raise AuditUnavailable("audit log tampered: the chain's tip row is missing (run `codemoat audit verify`)")
+    got = _head_and_tip(c, kind, tip_row, cover)
+    if got is None:
+        return None, None, None  # another replica is signing now
+    h, t = got
     if h is None:
         cps_exist = c.execute(_ANY_CHECKPOINT).first() is not None
         if t[0] and (head_expected or cps_exist or t[0] > allowance + MAX_BATCH):
-            raise AuditUnavailable(
-                "audit log tampered: records exist but the signed head is missing (run `codemoat audit verify`)"
-            )
+            if kind != "sqlite" and c.execute(_HEAD_EXISTS).first() is not None:
+                # another replica's first head, committed since this transaction looked for one (each
+                # PostgreSQL statement reads as of its own moment): its checkpoints were found, and it is here
+                got = _head_and_tip(c, kind, None, cover)
+                if got is None:
+                    return None, None, None
+                h, t = got
+            if h is None:
+                raise AuditUnavailable(
+                    "audit log tampered: records exist but the signed head is missing (run `codemoat audit verify`)"
+                )
+    if h is None:
         hseq, last_cp, hhash = 0, 0, None
     else:
         hseq, last_cp, hhash = h[0], h[1], h[2]  # seq, last_checkpoint, hash
@@ -254,6 +252,27 @@ def sign_tip(
     row = signed_head_row(signer, t_seq, t_hash, last_cp, now)
     run(c, _INSERT_HEAD if h is None else _UPDATE_HEAD, row)
     return t_seq, row, Mine(t_seq, t_hash, *first)
+
+
+def _head_and_tip(c: sa.Connection, kind: str, tip_row: tuple[int, str] | None, cover: tuple[int, str] | None):
+    """(the signed head row or None, the tip row) as `sign_tip` reads them, the head row locked (`kind`); None
+    when another signer holds it and `kind` is "skip"."""
+    h = run(c, _HEAD_SQL[kind]).fetchone()
+    if h is None and kind != "sqlite" and c.execute(_HEAD_EXISTS).first() is not None:
+        if kind == "skip":
+            return None
+        # the row this waited on was deleted and written anew (`audit rotate` while this replica served):
+        # the new chain's head, not a missing one
+        h = run(c, _HEAD_SQL[kind]).fetchone()
+    if tip_row is not None:
+        t = tip_row
+    elif cover is not None:
+        t = c.execute(_TIP_AND, {"seq": cover[0]}).first()
+    else:
+        t = c.execute(_TIP).first()
+    if t is None:
+        raise AuditUnavailable("audit log tampered: the chain's tip row is missing (run `codemoat audit verify`)")
+    return h, t
 
 
 def _hash_at(c: sa.Connection, seq: int, known: dict[int, str] | None) -> str | None:
