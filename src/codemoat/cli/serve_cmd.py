@@ -28,8 +28,11 @@ def serve(
     vault: Annotated[str | None, typer.Option(help="unix:PATH of a `codemoat vaultd`; --model is then the model id.")] = None,
 ) -> None:
     """Serve a model to editors and API clients until SIGTERM or Ctrl-C."""
+    from rich.markup import escape
+
     from ..accounts import Accounts
     from ..config import load_settings
+    from ..config.serving import http_url
     from ..db import open_db
     from ..engines.loader import open_model
     from ..paths import bundled_model
@@ -67,7 +70,8 @@ def serve(
         sock.close()
         raise
     bound = sock.getsockname()[1]
-    console.print(f"codemoat serving [bold]{holder.model_id}[/bold] on http://{settings.server.host}:{bound}", highlight=False)
+    url = escape(http_url(settings.server.host, bound))  # "[fe80::1]" is no rich markup tag
+    console.print(f"codemoat serving [bold]{escape(holder.model_id)}[/bold] on {url}", highlight=False)
     run(application, sock, settings.server.log_level, settings.server.trusted_proxies, settings.server.read_timeout_s)
     console.print("codemoat stopped", highlight=False)
 

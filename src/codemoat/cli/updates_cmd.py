@@ -261,7 +261,7 @@ def vendor_channel(
     """Publish released bundles over HTTP for customers who turned the online channel on (GET /index.json)."""
     from ..updates.channel import make_server
 
-    from ..config.serving import bind_host
+    from ..config.serving import bind_host, http_url
 
     try:
         bind_host(host)
@@ -270,7 +270,8 @@ def vendor_channel(
     if not folder.is_dir():
         raise CodemoatError(f"not a folder: {folder}")
     srv = make_server(folder, host, port)
-    console.print(f"update channel on http://{host}:{srv.server_address[1]}/ serving {folder}", highlight=False)
+    # markup off: an IPv6 address in brackets is no rich markup tag ("[fe80::1]" vanished), nor is a folder's name
+    console.print(f"update channel on {http_url(host, srv.server_address[1])}/ serving {folder}", highlight=False, markup=False)
     try:
         srv.serve_forever()
     except KeyboardInterrupt:

@@ -233,7 +233,7 @@ def keyserver_cmd(
     """Run the lease service for this vendor's licenses."""
     import uvicorn
 
-    from ..config.serving import bind_host
+    from ..config.serving import bind_host, http_url
 
     try:
         bind_host(host)
@@ -254,8 +254,9 @@ def keyserver_cmd(
         sock = listen(host, port)
         port = sock.getsockname()[1]
     say(
-        f"key server on http://{host}:{port} (key {json.loads((vendor / 'vendor.json').read_text())['keyserver_key_id']}"
+        f"key server on {http_url(host, port)} (key {json.loads((vendor / 'vendor.json').read_text())['keyserver_key_id']}"
         f"{f', {workers} workers' if workers > 1 else ''})",
+        markup=False,  # an IPv6 address in brackets is no rich markup tag: "[fe80::1]" vanished
     )
     # Per request, uvicorn formats an access line (then dropped below "info") and reads X-Forwarded-* headers the
     # key server never uses (it answers by signature, not by address): a few µs of a lease's CPU. The access line

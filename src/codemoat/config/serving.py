@@ -17,6 +17,18 @@ def bind_host(host: str) -> str:
     return host
 
 
+def netloc(host: str, port: int) -> str:
+    """`host:port` as a URL writes it: an IPv6 literal in brackets (RFC 3986 3.2.2: `[::1]:8080`; `::1:8080` reads
+    as host ':' and port ':1:8080'). What the update channel's egress rule allows, too."""
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+def http_url(host: str, port: int) -> str:
+    """The URL of a listener on `host` and `port`, as a server says where it listens (`http://[::1]:8080`): the
+    key server's, the update channel's and serve's first line."""
+    return f"http://{netloc(host, port)}"
+
+
 class ServerSettings(BaseModel):
     host: str = Field("127.0.0.1", description="Address to listen on.")
     port: int = Field(8080, ge=0, le=65535, description="Port to listen on (0 picks a free one).")

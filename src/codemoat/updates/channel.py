@@ -131,19 +131,23 @@ def make_server(folder: Path, host: str, port: int, timeout_s: float = TIMEOUT_S
                 while b := f.read(1 << 20):
                     self.wfile.write(b)
 
-    return ThreadingHTTPServer((host, port), Handler)
+    server = _IPv6Server if ":" in host else ThreadingHTTPServer  # ThreadingHTTPServer alone binds IPv4 only
+    return server((host, port), Handler)
+
+
+class _IPv6Server(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
 
 
 def guard_for(url: str):
     """An egress guard that allows exactly the channel's host and port (and loopback, as the server's does)."""
     from ..audit.egress import EgressGuard
+    from ..config.serving import netloc
 
     u = urlsplit(url)
     if u.scheme not in ("http", "https") or not u.hostname:
         raise CodemoatError(f"update channel URL {url!r} must be http(s)://HOST[:PORT]/PATH")
-    port = u.port or (443 if u.scheme == "https" else 80)
-    host = f"[{u.hostname}]" if ":" in u.hostname else u.hostname
-    return EgressGuard(allow=[f"{host}:{port}"])
+    return EgressGuard(allow=[netloc(u.hostname, u.port or (443 if u.scheme == "https" else 80))])
 
 
 def _bounded(limit: float, fn: Callable[[], T], base: str, stop: threading.Event | None = None) -> T:
