@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from cli_errors import one_line_error
 from conftest import CODEMOAT, run_cli
 from waiting import wait_for
 
@@ -116,6 +117,18 @@ def test_the_update_channel_listens_on_ipv6_and_says_a_url(tmp_path: Path, host:
         assert r.status_code == 200 and r.json() == []
     finally:
         _stop(p)
+
+
+def test_the_update_channel_on_a_taken_port_or_no_address_is_one_line(tmp_path: Path):
+    """Before: "error: OSError: [Errno 98] ..." and "error: gaierror: ...", the CLI's last-resort lines."""
+    (tmp_path / "releases").mkdir()
+    base = ["vendor", "channel", "--dir", str(tmp_path / "releases")]
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        one_line_error(run_cli(*base, "--port", str(port)), f"cannot listen on 127.0.0.1:{port}: Address already in use")
+    one_line_error(run_cli(*base, "--host", "192.0.2.1", "--port", "0"), "cannot listen on 192.0.2.1:0: ")  # TEST-NET-1
 
 
 @pytest.mark.slow  # loads the bundled model

@@ -269,7 +269,10 @@ def vendor_channel(
         raise typer.BadParameter(str(e), param_hint="--host") from None
     if not folder.is_dir():
         raise CodemoatError(f"not a folder: {folder}")
-    srv = make_server(folder, host, port)
+    try:
+        srv = make_server(folder, host, port)
+    except (OSError, TypeError, ValueError) as e:  # a port taken, an address not ours or none: one line, as serve's
+        raise CodemoatError(f"cannot listen on {host}:{port}: {getattr(e, 'strerror', None) or e}") from None
     # markup off: an IPv6 address in brackets is no rich markup tag ("[fe80::1]" vanished), nor is a folder's name
     console.print(f"update channel on {http_url(host, srv.server_address[1])}/ serving {folder}", highlight=False, markup=False)
     try:
