@@ -4,8 +4,9 @@ Before handling a request it checks that the audit log can be written, and refus
 not. A complete (non-streamed) response is held until its record is written, and replaced by a
 503 if that fails, so nothing is served unaudited; a stream is recorded when it ends, before its
 last (empty) body message is sent, so the client's next request does not run beside that write
-(at one client it added ~2 ms to the next request's time to first token). A request
-cut off by a disconnect or by shutdown is recorded as 499, and shutdown waits (up to 15 s) for
+(at one client it added ~2 ms to the next request's time to first token). A stream whose record
+the log does not take when it ends was delivered all the same: its record is kept and written once the
+log takes records again (`late`). A request cut off by a disconnect or by shutdown is recorded as 499, and shutdown waits (up to 15 s) for
 those records. Probes (`PROBES`) are recorded only when refused (a wrong token on them is a
 guess worth seeing); their answers are never held. Requests without a valid token are tallied
 per source by `Trust.write` rather than recorded one by one (see `failures.py`).
@@ -52,6 +53,8 @@ class AuditMiddleware:
         if not t.log.known_writable and not await anyio.to_thread.run_sync(t.log.check_writable, limiter=t.limiter):
             t.metrics.audit_failures.inc()
             return await self._refuse(scope, receive, send)
+        if len(t.late):  # the log takes records again: delivered streams' records it did not take go first
+            t.late.start()
         usage_of(scope.setdefault("state", {}))
         t0 = time.perf_counter()
         status = 500
@@ -65,7 +68,8 @@ class AuditMiddleware:
             written = True
             try:
                 with anyio.CancelScope(shield=True):  # a client that went away is still audited
-                    await t.write_async(scope, status, time.perf_counter() - t0, note)
+                    # a stream was delivered as it came: a record the log does not take now is kept (`late`)
+                    await t.write_async(scope, status, time.perf_counter() - t0, note, late_ok=streaming)
                 return True
             except (AuditUnavailable, DBAPIError):  # DBAPIError: the database went away while naming the caller
                 t.metrics.audit_failures.inc()
@@ -148,6 +152,11 @@ class AuditMiddleware:
                         await anyio.sleep(0.05)
                 if self.trust.in_flight:
                     log.error("%d requests still in flight at shutdown: their audit records may be missing", self.trust.in_flight)
+                late = self.trust.late
+                if len(late):  # delivered streams' records the log did not take: a last try, else each on a line
+                    with anyio.move_on_after(5):
+                        await late.drain()
+                    late.give_up()
             return message
 
         return wrapped

@@ -23,6 +23,7 @@ import anyio
 from fastapi import FastAPI, Request
 from fastapi.routing import iter_route_contexts
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 
 from .. import paths
 from ..accounts import Principal
@@ -42,6 +43,7 @@ from . import admin
 from .auditing import AuditMiddleware
 from .auth import principal_of
 from .failures import FailureTally, Tally
+from .late import LateRecords
 from .screen import SecretScreen
 from .usage import method_name, usage_of
 
@@ -81,6 +83,7 @@ class Trust:
         self.unauthenticated = FailureTally()
         self._templates: list | None = None
         self.in_flight = 0
+        self.late = LateRecords(self.log.append_async)  # delivered streams' records the log did not take
         # Audit I/O gets its own threads, so that it never queues behind other blocking work.
         self.limiter = anyio.CapacityLimiter(4)
         self.guard = egress.EgressGuard(
@@ -169,17 +172,23 @@ class Trust:
             log.error("could not close the audit log: %s", e)
 
     # -- one request's record -----------------------------------------------------------
-    def write(self, scope: dict, status: int, seconds: float, note: str | None = None) -> None:
-        """Append the request's record (or, without a valid token, tally it); raises `AuditUnavailable`."""
+    def write(self, scope: dict, status: int, seconds: float, note: str | None = None, late_ok: bool = False) -> None:
+        """Append the request's record (or, without a valid token, tally it); raises `AuditUnavailable`.
+        `late_ok`: the answer was delivered (a stream), so a record the log does not take is kept (`late`)."""
         record, ended = self._record(scope, status, seconds, note)
         if ended:
             self._tallies(ended)
         if record is not None:
             fields, after = record
-            self.log.append("request", **fields)
+            try:
+                self.log.append("request", **fields)
+            except (AuditUnavailable, DBAPIError) as e:
+                if late_ok:
+                    self.late.keep(fields, after, e)
+                raise
             after()
 
-    async def write_async(self, scope: dict, status: int, seconds: float, note: str | None = None) -> None:
+    async def write_async(self, scope: dict, status: int, seconds: float, note: str | None = None, late_ok: bool = False) -> None:
         """`write` from the event loop. An authenticated request's record goes to the audit log's writer
         thread, which commits it with those of concurrent requests and wakes this loop once for them all
         (`AuditLog.append_async`); naming a caller (a database query), tallies and redacting retained text
@@ -187,13 +196,18 @@ class Trust:
         state = scope.setdefault("state", {})
         usage = usage_of(state)
         if state.get("principal") is None or (self.settings.audit.retain_text and (usage.prompt_text or usage.completion_text)):
-            await anyio.to_thread.run_sync(self.write, scope, status, seconds, note, limiter=self.limiter)
+            await anyio.to_thread.run_sync(self.write, scope, status, seconds, note, late_ok, limiter=self.limiter)
             return
         record, ended = self._record(scope, status, seconds, note)
         if ended:
             await anyio.to_thread.run_sync(self._tallies, ended, limiter=self.limiter)
         fields, after = record
-        await self.log.append_async("request", then=after, **fields)
+        try:
+            await self.log.append_async("request", then=after, **fields)
+        except (AuditUnavailable, DBAPIError) as e:
+            if late_ok:
+                self.late.keep(fields, after, e)
+            raise
 
     def _record(
         self, scope: dict, status: int, seconds: float, note: str | None

@@ -1,0 +1,107 @@
+"""Streamed answers whose audit record the log could not take when they ended.
+
+A whole answer is held until its record is written, and replaced by a 503 if it cannot be (`auditing`). A
+stream's tokens are the client's as they come: when the log stops taking records between a stream's start
+(checked writable then) and its end, the answer has been served and its record was not written. The record
+is kept here instead, marked with when the stream ended (`detail.late`), and written once the log takes
+records again: the next request that finds the log writable starts that (`start`), oldest first, each with
+its usage row, quota and metrics as if on time. The chain stays one chain: a late record is appended at
+the tip like any other, its own time is when it was written.
+
+A record the database refuses for its own values (`RecordRefused`) would be refused again: it is not kept
+(an error line says so). At shutdown what is still kept is written if the log takes it, else each one is
+logged on one line (user, route, status, tokens, when it ended), never its text. At most `MAX_KEPT` wait;
+past that the oldest is dropped, with an error line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy.exc import DBAPIError
+
+from ..audit.log import AuditUnavailable
+from ..audit.pending import RecordRefused
+
+log = logging.getLogger("codemoat.audit")
+
+#: kept records at most (a stream's record is ~1 KB with its usage facts: ~10 MB held in the worst case)
+MAX_KEPT = 10_000
+
+
+def _summary(fields: dict[str, Any]) -> str:
+    return (
+        f"user {fields.get('user')!r}, {fields.get('route')}, status {fields.get('status')}, "
+        f"{fields.get('prompt_tokens') or 0}+{fields.get('completion_tokens') or 0} tokens, "
+        f"ended {fields['detail'].get('late')}"
+    )
+
+
+class LateRecords:
+    """The kept records of one app (`Trust.late`), written by `write` on the app's event loop."""
+
+    def __init__(self, write: Callable[..., Any], max_kept: int = MAX_KEPT):
+        self._write = write  # AuditLog.append_async
+        self._kept: deque[tuple[dict[str, Any], Callable[[], Any]]] = deque()
+        self._lock = threading.Lock()  # `keep` runs on the loop or a worker thread (the synchronous write)
+        self._task: asyncio.Task | None = None
+        self.max_kept = max_kept
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+    def keep(self, fields: dict[str, Any], after: Callable[[], Any], why: BaseException) -> None:
+        """Keep a delivered stream's record that the log did not take (`why`), to be written later."""
+        fields = dict(fields, detail={**fields["detail"], "late": datetime.now(UTC).isoformat(timespec="seconds")})
+        if isinstance(why, RecordRefused):  # its values: it would be refused again
+            log.error("a streamed answer's audit record was refused by the database (%s) and is lost: %s", why, _summary(fields))
+            return
+        with self._lock:
+            self._kept.append((fields, after))
+            n, dropped = len(self._kept), None
+            if n > self.max_kept:
+                dropped, _ = self._kept.popleft()
+        log.error(
+            "the audit log could not take a streamed answer's record when it ended (%s); kept to be written "
+            "once it takes records again (%d waiting): %s",
+            why,
+            min(n, self.max_kept),
+            _summary(fields),
+        )
+        if dropped is not None:
+            log.error("more than %d audit records waiting: the oldest is dropped: %s", self.max_kept, _summary(dropped))
+
+    def start(self) -> None:
+        """Write the kept records in the background (on the running loop), unless that is under way."""
+        if self._kept and (self._task is None or self._task.done()):
+            self._task = asyncio.get_running_loop().create_task(self.drain())
+
+    async def drain(self) -> bool:
+        """Write the kept records, oldest first, until one is not taken; whether none is left."""
+        while True:
+            with self._lock:
+                if not self._kept:
+                    return True
+                fields, after = self._kept[0]
+            try:
+                await self._write("request", then=after, **fields)
+            except RecordRefused as e:
+                log.error("a late audit record was refused by the database (%s) and is lost: %s", e, _summary(fields))
+            except (AuditUnavailable, DBAPIError):
+                return False  # still not taken: the next request that finds the log writable tries again
+            with self._lock:
+                if self._kept and self._kept[0][0] is fields:
+                    self._kept.popleft()
+
+    def give_up(self) -> None:
+        """At shutdown, once `drain` could not write them: each kept record on one error line."""
+        with self._lock:
+            kept, self._kept = list(self._kept), deque()
+        for fields, _ in kept:
+            log.error("shutting down with an audit record the log never took: %s", _summary(fields))
