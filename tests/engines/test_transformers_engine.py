@@ -63,6 +63,16 @@ def test_bad_inputs_are_user_errors(tmp_path, hf_dir):
         TransformersEngine.from_bytes(
             b"not safetensors", json.loads((hf_dir / "config.json").read_text()), (hf_dir / "tokenizer.json").read_text()
         )
+    # a hostile header (more JSON values than any model's) is refused by codemoat's check before it is decoded:
+    # safetensors.torch.load built ~25 Python objects per value of it first (2.7 GB for a 100 MB header)
+    from codemoat.trace import st_io
+
+    head = b'{"a":[' + b"{}," * (st_io.MAX_VALUES // 2) + b"{}]}"
+    hostile = len(head).to_bytes(8, "little") + head
+    with pytest.raises(CodemoatError, match="cannot load transformers model: not a safetensors file: header holds more"):
+        TransformersEngine.from_bytes(
+            hostile, json.loads((hf_dir / "config.json").read_text()), (hf_dir / "tokenizer.json").read_text()
+        )
 
 
 def test_greedy_is_deterministic_and_bounded(eng):

@@ -76,16 +76,21 @@ class TransformersEngine(HfModel, WorkerEngine):
         from safetensors.torch import load
         from transformers import AutoConfig, AutoModelForCausalLM
 
+        from ..trace import st_io
+
         if kw.get("n_threads"):
             torch.set_num_threads(kw["n_threads"])
         device = kw.pop("device", "cpu")
         cfg_dict = {k: v for k, v in config.items() if k not in ("codemoat", "chat_template")}
         try:
+            # codemoat's header check first (st_io: refused before it is decoded, in one line): a folder swapped on
+            # disk with a 100 MB header of zero-size tensors peaked at 2,710 MB in safetensors.torch.load, 220 MB here
+            st_io.buffer_header(memoryview(weights))
             model_type = cfg_dict.pop("model_type")
             hf_cfg = AutoConfig.for_model(model_type, **cfg_dict)
             model = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32)
             sd = load(bytes(weights))
-        except (KeyError, ValueError, OSError, SafetensorError) as e:  # SafetensorError: bytes that are not safetensors
+        except (KeyError, ValueError, OSError, SafetensorError, CodemoatError) as e:  # SafetensorError: not safetensors
             raise CodemoatError(f"cannot load transformers model: {e}") from None
         missing, unexpected = model.load_state_dict(sd, strict=False)
         tied = {"lm_head.weight"} if getattr(hf_cfg, "tie_word_embeddings", False) else set()
