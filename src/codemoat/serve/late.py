@@ -80,10 +80,18 @@ class LateRecords:
     def start(self) -> None:
         """Write the kept records in the background (on the running loop), unless that is under way."""
         if self._kept and (self._task is None or self._task.done()):
-            self._task = asyncio.get_running_loop().create_task(self.drain())
+            self._task = asyncio.get_running_loop().create_task(self._drain())
 
     async def drain(self) -> bool:
-        """Write the kept records, oldest first, until one is not taken; whether none is left."""
+        """Write the kept records, oldest first, until one is not taken; whether none is left. After the
+        background drain under way (`start`), if any: both read the oldest kept record, and while one was
+        writing it the other wrote it again (the request twice in the log, its usage counted twice)."""
+        task = self._task
+        if task is not None and not task.done() and task.get_loop() is asyncio.get_running_loop():
+            await asyncio.wait({task})  # not cancelled by a caller's deadline: it finishes its record
+        return await self._drain()
+
+    async def _drain(self) -> bool:
         while True:
             with self._lock:
                 if not self._kept:
