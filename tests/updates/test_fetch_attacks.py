@@ -112,8 +112,10 @@ def test_an_index_promising_more_than_the_disk_holds_downloads_nothing(home):
 
 
 def _rchar() -> int:
-    """Bytes this process has read through read(2) and friends so far (/proc/self/io)."""
-    with open("/proc/self/io") as f:
+    """Bytes this thread has read through read(2) and friends so far (/proc/thread-self/io: fetch hashes the
+    inbox's copy in the calling thread; the process's count would take in other threads' reads, such as a
+    server left running by an earlier test of the same session)."""
+    with open("/proc/thread-self/io") as f:
         return int(next(line for line in f if line.startswith("rchar:")).split()[1])
 
 
