@@ -89,6 +89,35 @@ def test_an_index_of_a_plausible_size_is_still_read(home):
     assert seen["paths"] == ["/index.json"]
 
 
+def test_an_index_of_millions_of_tiny_values_is_refused_before_it_is_decoded(home):
+    """Was broken: an index under the size limit was decoded whole before its first entry was looked at, and
+    Python's json builds an object per value: 16 MiB of `{},` (5.6 million empty objects) peaked `update fetch`
+    at 445 MB before 'malformed entry'. Now its JSON values are counted first (commas plus opening brackets,
+    nothing built) and more than ch.MAX_INDEX_VALUES are refused in one line."""
+    n = (ch.MAX_INDEX - 2) // 3
+    body = b"[" + b"{}," * (n - 1) + b"{}]"
+    assert len(body) <= ch.MAX_INDEX
+    handler, seen = hostile_channel(lambda: [body])
+    with LocalHTTP(handler) as srv:
+        with pytest.raises(CodemoatError) as e:
+            ch.fetch(srv.url, home / "updates" / "inbox")
+    assert "index holds more than 1,000,000 JSON values: not decoded" in str(e.value) and "\n" not in str(e.value)
+    assert seen["paths"] == ["/index.json"]
+
+
+def test_the_densest_real_index_under_the_size_limit_is_within_the_value_count():
+    """The negative: entries as the vendor's channel writes them (file, size, sha256), with the shortest names
+    there are, filling the whole 16 MiB: fewer values than the count refuses, so no index of real entries that
+    the size limit lets through is refused by it."""
+    import json
+
+    one = {"file": "a.moatpkg", "size": 1, "sha256": "0" * 64}
+    n = ch.MAX_INDEX // (len(json.dumps(one)) + 2)
+    body = json.dumps([one] * n).encode()
+    assert len(body) <= ch.MAX_INDEX
+    assert body.count(b",") + body.count(b"{") + body.count(b"[") <= ch.MAX_INDEX_VALUES
+
+
 def test_an_index_promising_more_than_the_disk_holds_downloads_nothing(home):
     """Was broken: the index's sizes were believed one bundle at a time (each up to 64 GiB) and downloaded into the
     inbox until the disk was full: a channel listing enough new names filled the file system that holds the

@@ -32,6 +32,10 @@ T = TypeVar("T")
 _FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,150}\.moatpkg")
 MAX_BUNDLE = 64 << 30
 MAX_INDEX = 16 << 20  # bytes of index.json read at most (an entry is about 120 bytes: some 100,000 bundles)
+#: JSON values the index may hold, counted before it is decoded (commas plus opening brackets, as `trace.st_io`):
+#: an entry holds 4 (its object, two commas inside, one before it), so ~250,000 bundles fit; 16 MiB of `{},`
+#: decoded into 5.6 million objects peaked at 445 MB before the first was found malformed
+MAX_INDEX_VALUES = 1_000_000
 KEEP_FREE = 1 << 30  # bytes a fetch leaves free on the inbox's file system (the database and audit log live there too)
 TIMEOUT_S = 60.0  # each connect, read and write (httpx's timeout, which never bounds a whole answer)
 MIN_RATE = 64 << 10  # bytes/s: a bundle's download may take ANSWER_TIMEOUTS x TIMEOUT_S plus its size at this rate
@@ -232,6 +236,8 @@ def fetch(url: str, inbox: Path) -> list[dict[str, Any]]:
                 raise CodemoatError(f"update channel answered {status} for its index")
             if body is None:
                 raise CodemoatError(f"update channel index is larger than {MAX_INDEX >> 20} MiB: not read further")
+            if body.count(b",") + body.count(b"{") + body.count(b"[") > MAX_INDEX_VALUES:
+                raise CodemoatError(f"update channel index holds more than {MAX_INDEX_VALUES:,} JSON values: not decoded")
             try:
                 entries = json.loads(body)
             except (ValueError, RecursionError):  # RecursionError: nested past the decoder's limit
