@@ -14,19 +14,7 @@ import httpx
 import pytest
 
 from codemoat.errors import CodemoatError
-from updhelp import Streams, create_token, one_line_error, run_cli
-
-
-def mute_gguf(src, dst):
-    """A copy of `src` whose output layer is zero: every logit ties, greedy picks token 0, the end-of-text
-    token, so the model loads but produces no token for any prompt (it fails the health check)."""
-    import gguf
-
-    shutil.copyfile(src, dst)
-    r = gguf.GGUFReader(str(dst), "r+")
-    next(t for t in r.tensors if t.name == "output.weight").data[...] = 0
-    del r
-    return dst
+from updhelp import Streams, create_token, mute_gguf, one_line_error, run_cli
 
 
 def test_store_fail_makes_the_previous_version_current_and_records_the_failed_one(shop, store):
@@ -40,7 +28,8 @@ def test_store_fail_makes_the_previous_version_current_and_records_the_failed_on
     assert store.current("model")["bundle_id"] == v1["bundle_id"]
     assert not os.path.exists(v2["dir"]) and os.path.exists(v1["dir"])
     rows = store.list()
-    assert [(r["version"], r["current"], r.get("status")) for r in rows] == [("1", True, None), ("2", False, "failed")]
+    # 1 was never health-checked by a serve either: still pending
+    assert [(r["version"], r["current"], r.get("status")) for r in rows] == [("1", True, "pending"), ("2", False, "failed")]
     assert "no tokens" in rows[1]["reason"]
     assert ("swap_rolled_back", "2") in [(s, d.get("failed")) for s, d in store.records]
     assert store.apply(shop.release("2.1"), lic)["previous"] == "1"  # the next release installs over 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -125,6 +126,18 @@ class Streams:
                     return True
             time.sleep(0.2)
         return False
+
+
+def mute_gguf(src, dst):
+    """A copy of `src` whose output layer is zero: every logit ties, greedy picks token 0, the end-of-text
+    token, so the model loads but produces no token for any prompt (it fails the health check)."""
+    import gguf
+
+    shutil.copyfile(src, dst)
+    r = gguf.GGUFReader(str(dst), "r+")
+    next(t for t in r.tensors if t.name == "output.weight").data[...] = 0
+    del r
+    return dst
 
 
 ADAPTER_PROMPT = "def interchange_fee(amount_cents: int) -> int:\n    return"

@@ -172,9 +172,10 @@ def update_apply(
     from ..updates.handoff import hand_over
     from ..updates.bundle import label
 
-    r = _store().apply(file, license, parse_groups(groups) if groups is not None else None)
+    store = _store()
+    r = store.apply(file, license, parse_groups(groups) if groups is not None else None)
     if swap and r["kind"] in ("model", "adapter"):
-        r["served"] = hand_over(channel(r["kind"], r["name"]))
+        r["served"] = _lost_swaps(store, channel(r["kind"], r["name"]), r["bundle_id"], hand_over(channel(r["kind"], r["name"])))
 
     def human(d: dict[str, Any]) -> None:
         line = f"installed {label(d)}" + (f" (was {d['previous']})" if d["previous"] else "")
@@ -183,6 +184,19 @@ def update_apply(
         _report(line, d.get("served"))
 
     _emit_served(r, as_json, human)
+
+
+def _lost_swaps(store, chan: str, bundle_id: str, served: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A serve that closed the hand-off without an answer ended during the swap (killed, out of memory):
+    the version it was checking never passed, so it is recorded failed and the one before it is current
+    again (store.fail), unless another serve's check passed it meanwhile. Its answer says so."""
+    for a in served:
+        if a.get("lost"):
+            back = store.fail(chan, bundle_id, f"server pid {a.get('pid')} ended during the swap", only_pending=True)
+            a["error"] = "it ended during the swap, without an answer"
+            if back is not None:
+                a["error"] += f"; recorded as failed, the store is back on {back['version'] or 'no version'}"
+    return served
 
 
 def _report(line: str, served: list[dict[str, Any]] | None) -> None:
@@ -225,7 +239,7 @@ def update_list(as_json: JsonFlag = False) -> None:
             t.add_row(
                 r["channel"],
                 r["version"],
-                "yes" if r["current"] else r.get("status", ""),
+                ("yes, " + r["status"] if r.get("status") else "yes") if r["current"] else r.get("status", ""),
                 iso(r["released_at"]),
                 iso(r["installed_at"]),
                 r.get("notes") or "",
@@ -246,9 +260,10 @@ def update_rollback(
     """Go back to the version installed before the current one (and hand it to the running server)."""
     from ..updates.handoff import hand_over
 
-    r = _store().rollback(channel)
+    store = _store()
+    r = store.rollback(channel)
     if swap and (r["channel"] == "model" or r["channel"].startswith("adapter:")):
-        r["served"] = hand_over(r["channel"])
+        r["served"] = _lost_swaps(store, r["channel"], r["bundle_id"], hand_over(r["channel"]))
     _emit_served(r, as_json, lambda d: _report(f"{d['channel']}: {d['from']} -> {d['version']}", d.get("served")))
 
 

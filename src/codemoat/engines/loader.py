@@ -29,11 +29,13 @@ def open_model(settings: Settings) -> ModelHolder:
         return open_vaulted(settings)
     if not m.path:
         raise CodemoatError("no model given: pass --model PATH or set model.path in the config")
-    bundle = None
     if m.path == INSTALLED:
-        path, license, bundle = installed_model(m.license)
-    else:
-        path, license = Path(m.path).expanduser(), Path(m.license).expanduser() if m.license else None
+        return open_installed(settings)
+    return _open_file(settings, Path(m.path).expanduser(), Path(m.license).expanduser() if m.license else None)
+
+
+def _open_file(settings: Settings, path: Path, license: Path | None, bundle: InstalledBundle | None = None) -> ModelHolder:
+    m = settings.model
     if not path.exists():
         raise CodemoatError(f"model not found: {path}")
     stem = path.name.split(".")[0]
@@ -57,13 +59,52 @@ def open_model(settings: Settings) -> ModelHolder:
 INSTALLED = "update:model"
 
 
-def installed_model(license: str | None) -> tuple[Path, Path, InstalledBundle]:
+def open_installed(settings: Settings) -> ModelHolder:
+    """`model.path = update:model`: the update store's current model version, with its own license.
+
+    A version still pending (installed, but no serve has health-checked it: applied while none ran, or
+    its swap was cut off) that fails to load is recorded failed, the version before it becomes current
+    (updates.store.fail) and is opened instead; the health check of a pending version that loads runs
+    once serve's event loop runs, before any request (serve.swapping.check_installed_at_start). What
+    was recorded here is audited there (`holder.update_records`)."""
+    import logging
+
+    from ..updates.store import KEEP, UpdateStore
+
+    records: list[tuple[str, dict]] = []
+    store = UpdateStore(audit=lambda step, d: records.append((step, d)))
+    for _ in range(KEEP + 2):  # the current version, then each one kept before it
+        path, license, bundle = installed_model(settings.model.license, store)
+        try:
+            holder = _open_file(settings, path, license, bundle)
+        except Exception as e:
+            if not store.pending("model", bundle.bundle_id):
+                raise
+            reason = (str(e) or type(e).__name__).splitlines()[0][:300]
+            logging.getLogger("codemoat.updates").warning(
+                "installed model %s was never checked and failed to load: %s; going back to the version before it",
+                bundle.version,
+                reason,
+            )
+            records.append(("swap_failed", {"model": "installed", "version": bundle.version, "reason": reason}))
+            store.fail("model", bundle.bundle_id, f"it failed to load at serve start: {reason}")
+            if store.current("model") is None:
+                raise CodemoatError(
+                    f"installed model {bundle.version} failed to load: {reason}; no version before it is installed"
+                ) from None
+            continue
+        holder.update_records = records
+        return holder
+    raise CodemoatError("no installed model version could be loaded (`codemoat update list`)")
+
+
+def installed_model(license: str | None, store: Any = None) -> tuple[Path, Path, InstalledBundle]:
     """The current model bundle's sealed model, its own license and what /health says of it (updates.store)."""
     from ..updates.store import UpdateStore
 
     if license:
         raise CodemoatError(f"model.path = {INSTALLED!r} serves the installed model with its own license: leave out --license")
-    cur = UpdateStore().current("model")
+    cur = (store or UpdateStore()).current("model")
     if cur is None:
         raise CodemoatError(f"model.path is {INSTALLED!r}, but no model bundle is installed (`codemoat update apply FILE`)")
     return Path(cur["dir"]) / "model.moat", Path(cur["dir"]) / "model.lic", installed_bundle(cur)

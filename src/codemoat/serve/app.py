@@ -37,9 +37,10 @@ def create_app(settings: Settings, *, holder: ModelHolder, accounts: Accounts, r
     async def lifespan(app: FastAPI):
         import anyio.lowlevel
 
-        from .swapping import start_handoff
+        from .swapping import check_installed_at_start, start_handoff
 
         holder.loop_token = anyio.lowlevel.current_token()  # swaps health-check new engines on this loop
+        await check_installed_at_start(app)  # a pending installed model version: checked before any request
         handoff = start_handoff(app)  # `codemoat update apply` swaps what it installed in here
         yield
         if handoff is not None:

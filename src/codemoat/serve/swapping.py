@@ -6,7 +6,12 @@ behind `codemoat update apply` (its hand-off socket, updates.handoff, started wi
 produce tokens, then it takes new requests while in-flight ones finish on the old one). When the load
 or that health check fails, the old engine serves on and the store is rolled back with it: the
 version before is current again and the failed one is recorded as failed (`update list`). Every
-outcome is audited (`update swapped`, `update swap_failed`, `update swap_rolled_back`).
+outcome is audited (`update swapped`, `update swap_failed`, `update swap_rolled_back`). A swap that
+passed confirms the version in the store (no longer pending: `update confirmed`).
+
+`check_installed_at_start(app)` is the same check at serve's start with `model.path = update:model`:
+a version still pending is health-checked before any request; on failure the version before it is
+swapped in (and checked) and the failed one recorded, as for a swap.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ def swap_installed(app: Any, channel: str, audit: Audit, *, add_adapter: bool = 
 
     from ..engines.loader import SwapBusy, installed_bundle, swap_adapter, swap_model
     from ..updates.bundle import label
-    from ..updates.store import UpdateStore
+    from ..updates.store import UpdateStore, hold
 
     holder, settings = app.state.holder, app.state.service.settings
     store = UpdateStore(audit=lambda step, d: audit(step, **d))
@@ -48,6 +53,7 @@ def swap_installed(app: Any, channel: str, audit: Audit, *, add_adapter: bool = 
         why = f"this server does not serve it (add update:{name} to model.adapters)"
         return {"channel": channel, "version": cur["version"], "swapped": False, "reason": why}
     try:
+        hold("swap")  # tests only: a serve killed here, mid-swap
         if name is None:
             d = Path(cur["dir"])
             out = swap_model(holder, settings, d / "model.moat", d / "model.lic", installed_bundle(cur))
@@ -69,7 +75,54 @@ def swap_installed(app: Any, channel: str, audit: Audit, *, add_adapter: bool = 
         raise CodemoatError(f"{label(cur)} failed in the running server, which serves on as before: {reason}{undo}") from None
     out = dict(out, channel=channel, version=cur["version"], swapped=True)
     audit("swapped", **out)
+    store.confirm(channel, cur["bundle_id"])  # its health check passed: no longer pending
     return out
+
+
+async def check_installed_at_start(app: Any) -> None:
+    """serve's start with `model.path = update:model` (run in the lifespan, on the serving loop, before
+    any request): the version `engines.loader.open_installed` loaded is health-checked when it is still
+    pending (applied while no serve ran, or its swap was cut off); passed, it is confirmed; failed, it is
+    recorded failed, the version before it is swapped in (checked too, `swap_installed`), and with no
+    version left that passes, the model is unloaded (503 with the reason) rather than served unchecked."""
+    import anyio
+
+    from ..engines.loader import INSTALLED, probe
+    from ..updates.store import KEEP, UpdateStore
+
+    holder, settings = app.state.holder, app.state.settings
+    if settings.model.path != INSTALLED or settings.vault.socket or holder.status.bundle is None:
+        return
+    audit = _auditor(app, "serve start")
+    for step, detail in getattr(holder, "update_records", ()):  # what open_installed did before the log was open
+        audit(step, **detail)
+    holder.update_records = []
+    store = UpdateStore(audit=lambda step, d: audit(step, **d))
+    b = holder.status.bundle
+    if not store.pending("model", b.bundle_id):
+        return
+    try:
+        await anyio.to_thread.run_sync(lambda: probe(holder.get(), loop=holder.loop_token))
+    except Exception as e:
+        reason = (str(e) or type(e).__name__).splitlines()[0][:300]
+        log.warning(
+            "installed model %s failed its health check at start: %s; going back to the version before it", b.version, reason
+        )
+        audit("swap_failed", model="installed", version=b.version, reason=reason)
+        store.fail("model", b.bundle_id, f"its health check at serve start failed: {reason}")
+        for _ in range(KEEP + 1):  # each version kept before it, until one passes
+            if store.current("model") is None:
+                break
+            try:
+                await anyio.to_thread.run_sync(lambda: swap_installed(app, "model", audit))
+                return
+            except CodemoatError as e2:  # audited and recorded failed by swap_installed
+                log.warning("%s", str(e2).splitlines()[0])
+        holder._loader = None  # nothing reloads the failed version (a lease regained, an adapter swap)
+        holder.unload(f"installed model {b.version} failed its health check ({reason}) and no version before it passed")
+        log.warning("no installed model version passed its health check: not serving (`codemoat update list`)")
+        return
+    store.confirm("model", b.bundle_id)
 
 
 def _swap_vaulted_adapter(holder: Any, settings: Any, name: str, audit: Audit) -> dict[str, Any]:
@@ -100,6 +153,15 @@ def _swap_vaulted_model(holder: Any, audit: Audit) -> dict[str, Any]:
     return out
 
 
+def _auditor(app: Any, via: str) -> Audit:
+    """audit(step, **detail) into serve's audit log, as kind `update` (`via`: what asked)."""
+
+    def audit(step: str, **detail: Any) -> None:
+        app.state.trust.log.append("update", user="admin", route=f"update {step}", detail=dict(detail, via=via))
+
+    return audit
+
+
 _VAULT = "this server's model comes from vaultd: `update apply` in vaultd's home swaps it there, and vaultd tells this server"
 
 
@@ -110,13 +172,7 @@ def start_handoff(app: Any) -> Any:
         return None
     from ..updates.handoff import Listener
 
-    def auditor(via: str) -> Audit:
-        def audit(step: str, **detail: Any) -> None:
-            app.state.trust.log.append("update", user="admin", route=f"update {step}", detail=dict(detail, via=via))
-
-        return audit
-
-    audit = auditor("update apply")
+    audit = _auditor(app, "update apply")
     if settings.vault.socket:  # `update apply` runs in vaultd's home: vaultd passes its notice on (vaultd_cmd)
 
         def relayed(channel: str) -> None:
@@ -124,9 +180,9 @@ def start_handoff(app: Any) -> Any:
                 return  # an adapter this serve does not serve (a notice never adds one)
             try:
                 if channel == "model":  # vaultd took the new version in: fetch it from there
-                    _swap_vaulted_model(app.state.holder, auditor("vaultd"))
+                    _swap_vaulted_model(app.state.holder, _auditor(app, "vaultd"))
                 else:
-                    swap_installed(app, channel, auditor("vaultd"))
+                    swap_installed(app, channel, _auditor(app, "vaultd"))
             except Exception as e:  # audited by swap_installed; the old version serves on
                 log.warning("swapping in %s from vaultd failed: %s", channel, (str(e) or type(e).__name__).splitlines()[0])
 

@@ -12,8 +12,11 @@ install, `update apply` connects to every socket there, sends one JSON line
 `{"op": "swap", "channel": "model" | "adapter:NAME"}` and reads one JSON line back: `{"ok": true,
 "swapped": true, ...}` (serving it now), `{"ok": true, "swapped": false, "reason": ...}` (this serve
 does not serve that channel: nothing to do) or `{"ok": false, "error": ...}` (the swap failed; the
-serve rolled the store back). A socket nobody listens on any more (a serve that was killed) is
-removed. No socket: nothing is running, the bundle serves from the next start.
+serve rolled the store back). A connection closed (or reset) without an answer is `{"ok": false,
+"lost": true, ...}`: the serve ended during the swap (killed, out of memory) and checked nothing, so
+`update apply` records the version failed unless another serve's check passed it (store.fail with
+only_pending). A socket nobody listens on any more (a serve that was killed) is removed. No socket:
+nothing is running, the bundle serves from the next start.
 
 Who may ask is the kernel's word (SO_PEERCRED): the serve's own uid, or root. That account owns the
 update store and the machine key already, so the socket grants nothing it could not do by
@@ -159,10 +162,14 @@ def hand_over(channel: str, home: Path | None = None, timeout: float = 900.0) ->
                 s.sendall(json.dumps({"op": "swap", "channel": channel}).encode() + b"\n")
                 line = _read_line(s)
                 answer = json.loads(line) if line else None
+            except (ConnectionResetError, BrokenPipeError):
+                answer = None  # it ended before it answered
             except (OSError, ValueError) as e:
                 answer = {"ok": False, "error": f"no answer from the server at {p}: {e}"}
-        if not isinstance(answer, dict):
-            answer = {"ok": False, "error": f"the server at {p} closed the connection without an answer"}
+        if answer is None:
+            answer = {"ok": False, "lost": True, "error": f"the server at {p} closed the connection without an answer"}
+        elif not isinstance(answer, dict):
+            answer = {"ok": False, "error": f"the server at {p} answered something else than a JSON object"}
         answer.setdefault("pid", _pid_of(p))
         out.append(answer)
     return out

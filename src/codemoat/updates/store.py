@@ -16,6 +16,13 @@ and brings the index's knowledge packs in line with the state: what it did is au
 `recovered` (the repair of a crash). An operation's own tidying after its switch (the version a
 rollback left, one no longer kept) is named in that operation's record instead. Every step is
 reported to `audit(step, detail)`.
+
+A model version is installed *pending* (`"pending": true` in its state entry, `update list`'s status)
+until a serve has health-checked it once (`confirm`: the hand-off's swap, or serve's start with
+`update:model`, serve.swapping.check_installed_at_start). Whatever finds it pending checks it before
+serving it; one that fails, or whose swap was cut off (the serve died: `update apply` sees no answer),
+is recorded failed and the version before it is current again (`fail`). A state written before this
+has no `pending` key: its versions count as checked.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from .bundle import Bundle, payload_context
 from .checks import BundleChecks
 
 CRASH_ENV = "CODEMOAT_UPDATE_CRASH_AT"  # tests only: os._exit() at a named step (needs PYTEST_CURRENT_TEST)
+HOLD_ENV = "CODEMOAT_UPDATE_HOLD_AT"  # tests only: wait for good at a named point, to be killed there (`hold`)
 STEPS = ("verified", "staged", "stored", "journaled", "switched", "indexed")
 KEEP = 2  # earlier versions kept per channel for `update rollback`
 Audit = Callable[[str, dict[str, Any]], None]
@@ -47,6 +55,18 @@ Audit = Callable[[str, dict[str, Any]], None]
 def _step(name: str) -> None:
     if os.environ.get(CRASH_ENV) == name and os.environ.get("PYTEST_CURRENT_TEST"):
         os._exit(86)
+
+
+def hold(name: str) -> None:
+    """Tests only (needs PYTEST_CURRENT_TEST): at the point `name` given in CODEMOAT_UPDATE_HOLD_AT, create
+    $CODEMOAT_HOME/run/held-NAME-PID and wait for good, so that a test kills the process (kill -9) there."""
+    if os.environ.get(HOLD_ENV) == name and os.environ.get("PYTEST_CURRENT_TEST"):
+        import threading
+
+        marker = paths.home() / "run" / f"held-{name}-{os.getpid()}"
+        marker.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        marker.touch()
+        threading.Event().wait()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -233,6 +253,8 @@ class UpdateStore(BundleChecks):
             for k in ("kind", "name", "version", "released_at", "notes", "replaces", "rollback_target", "bundle_id", "base")
         }
         info.update(installed_at=int(time.time()), dir=str(final))
+        if m["kind"] == "model":  # until a serve's health check passed once (confirm)
+            info["pending"] = True
         if m["kind"] == "knowledge-pack":
             info["groups"] = sorted(set(groups or packs.pack_groups(m["name"]) or ["everyone"]))
         elif m["kind"] == "adapter":  # who is served with it (updates.adapters); a new version keeps the choice
@@ -298,13 +320,35 @@ class UpdateStore(BundleChecks):
         self.audit("rolled_back", channel=chan, to=info["version"], frm=gone_version, bundle_id=back, tidied=tidied)
         return out
 
-    def fail(self, chan: str, bundle_id: str, reason: str) -> dict[str, Any] | None:
+    def confirm(self, chan: str, bundle_id: str) -> bool:
+        """A serve's health check of `bundle_id` passed: it is no longer pending (audited `confirmed`).
+        False when it is not current in `chan` or was not pending (nothing to record)."""
+        s = self.state()
+        ch = s["channels"].get(chan)
+        info = s["bundles"].get(bundle_id) if ch and ch.get("current") == bundle_id else None
+        if not info or not info.get("pending"):
+            return False
+        del info["pending"]
+        info["confirmed_at"] = int(time.time())
+        self._write_state(s)
+        self.audit("confirmed", channel=chan, version=info["version"], bundle_id=bundle_id)
+        return True
+
+    def pending(self, chan: str, bundle_id: str) -> bool:
+        """`bundle_id` is `chan`'s current version and no serve has health-checked it yet."""
+        cur = self.current(chan)
+        return bool(cur and cur["bundle_id"] == bundle_id and cur.get("pending"))
+
+    def fail(self, chan: str, bundle_id: str, reason: str, *, only_pending: bool = False) -> dict[str, Any] | None:
         """The running server could not serve `bundle_id` (it failed to load or its health check): make
         the version before it current again and record this one as failed. None when `bundle_id` is
-        not current in `chan` (nothing to undo)."""
+        not current in `chan` (nothing to undo), or, with `only_pending`, when a serve's check passed
+        it already (a swap cut off in one serve that another serve checked)."""
         s = self.state()
         ch = s["channels"].get(chan)
         if not ch or ch.get("current") != bundle_id:
+            return None
+        if only_pending and not s["bundles"][bundle_id].get("pending"):
             return None
         gone = s["bundles"][bundle_id]
         hist = ch.get("history", [])
@@ -344,6 +388,8 @@ class UpdateStore(BundleChecks):
                     continue
                 info = s["bundles"][bid]
                 row = dict(info, channel=chan, current=bid == ch.get("current"))
+                if info.get("pending"):
+                    row["status"] = "pending"  # not health-checked by a serve yet
                 if info["kind"] == "model":
                     row["model"] = str(Path(info["dir"]) / "model.moat")
                     row["license"] = str(Path(info["dir"]) / "model.lic")
