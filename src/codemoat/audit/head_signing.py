@@ -53,6 +53,7 @@ class HeadSigning:
         self._last_seq = 0  # the newest record this process wrote
         self._seen_head = False  # a signed head was seen: a missing one was deleted
         self._mine: Mine | None = None  # the last head this process signed, and the chain's record 1 then
+        self._mine_read = False  # the head file's last head was read back (`_last_head`)
         self._unsigned_since: float | None = None  # when this process first left a record unsigned
         self._timer = HeadTimer(self)
 
@@ -91,6 +92,16 @@ class HeadSigning:
         since = self._unsigned_since
         return seq - self._signed_seq >= self.sign_every or (since is not None and time.monotonic() - since >= self.sign_interval)
 
+    def _last_head(self) -> Mine | None:
+        """The last head this writer signed: in memory, or until it signs, the newest in its head file (read
+        once). A writer restarted after a DBA cut signed records, relinked the chain over them and put back
+        an earlier head row then refuses its first signature, as one that stayed up refuses its next."""
+        if self._mine is None and not self._mine_read:
+            self._mine_read = True
+            if self._head_copy is not None:
+                self._mine = self._head_copy.last_signed()
+        return self._mine
+
     def _signed(self, seq: int | None, head_row: dict[str, Any] | None, mine: Mine | None = None) -> None:
         """Note that records up to `seq` are signed (by this process when `head_row`, remembered as `mine`,
         as `sign_tip` read it in the signature's transaction; or by another)."""
@@ -117,7 +128,7 @@ class HeadSigning:
                         wait=wait,
                         head_expected=self._seen_head,
                         allowance=self.tail_allowance,
-                        mine=self._mine,
+                        mine=self._last_head(),
                         cover=cover,
                     )
                 self._signed(signed, head_row, mine)
@@ -141,8 +152,9 @@ class HeadSigning:
                 head_row = self._sign(reason=reason)
             except DBAPIError as e:
                 raise AuditUnavailable(f"audit log cannot be signed: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+            mine = self._mine  # that head's, as `_signed` noted it
         if head_row is not None:
-            self._write_head_file(head_row)
+            self._write_head_file(head_row, mine)
         return self._signed_seq
 
     def checkpoint(self, reason: str = "shutdown") -> int | None:
@@ -156,9 +168,14 @@ class HeadSigning:
         self.sign(reason)
         return t
 
-    def _write_head_file(self, head_row: dict[str, Any]) -> None:
+    def _write_head_file(self, head_row: dict[str, Any], mine: Mine | None = None) -> None:
+        """Write `head_row` to the head file, with record 1 as this writer read it when it signed that head
+        (`mine`, default the last it noted; left out when that is another head's)."""
         if self._head_copy is not None:
-            self._head_copy.write(head_row)
+            mine = self._mine if mine is None else mine
+            if mine is not None and (mine.seq, mine.hash) != (head_row["seq"], head_row["hash"]):
+                mine = None
+            self._head_copy.write(head_row, mine)
 
     def _left_unsigned(self, seq: int) -> None:
         """Records up to `seq` are committed: start the interval when they are the first left unsigned."""

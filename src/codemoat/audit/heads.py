@@ -32,7 +32,7 @@ from sqlalchemy.exc import DBAPIError
 from ..db import fast_execute
 from ..errors import CodemoatError
 from . import signing
-from .chain import HEAD_SLOT, checkpoint_message, head_message
+from .chain import HEAD_SLOT, SignedHead, checkpoint_message, head_message
 
 log = logging.getLogger("codemoat.audit")
 
@@ -140,12 +140,15 @@ def checkpoint_row(signer: signing.Signer, seq: int, hash_: str, prev_cp: int, t
 
 class Mine(NamedTuple):
     """What a writer remembers of the last head it signed: that head's record (`seq`, `hash`) and the chain's
-    record 1 as of that signature (its `hash`, and its `rotation` number: `rotation_number`)."""
+    record 1 as of that signature (its `hash`, and its `rotation` number: `rotation_number`). `restored`: read
+    back from the head file (`HeadFile.last_signed`) by a writer that has not signed since it started, so
+    the database may be another one at the same URL (`sign_tip`)."""
 
     seq: int
     hash: str
     first: str | None
     rotation: int
+    restored: bool = False
 
 
 def sign_tip(
@@ -186,7 +189,7 @@ def sign_tip(
     h, t = got
     if h is None:
         cps_exist = c.execute(_ANY_CHECKPOINT).first() is not None
-        if t[0] and (head_expected or cps_exist or t[0] > allowance + MAX_BATCH):
+        if t[0] and (head_expected or cps_exist or t[0] > allowance + MAX_BATCH or _signed_before(c, mine)):
             if kind != "sqlite" and c.execute(_HEAD_EXISTS).first() is not None:
                 # another replica's first head, committed since this transaction looked for one (each
                 # PostgreSQL statement reads as of its own moment): its checkpoints were found, and it is here
@@ -224,14 +227,21 @@ def sign_tip(
         # whoever writes the database (no key) cut or rewrote signed records, wound the tip back and let the
         # chain link new records after it: a head signed over that would make the rewrite verify
         raise _relinked(hseq)
-    if mine is not None and (mine.seq, mine.hash) == (hseq, hhash):
+    if mine is not None and (mine.seq, mine.hash) == (hseq, hhash) and mine.first is not None:
         first = mine.first, mine.rotation  # the same head (so the same chain, record 1 included)
-    else:  # another signer's head since, or this writer's first signature: one lookup
+    else:  # another signer's head since, or this writer's first signature (record 1 unknown): one lookup
         first, at_mine = _first(c, mine.seq if mine is not None else 1)
         if mine is not None and at_mine != mine.hash and not _rotated_since(first, mine):
-            # the head this writer signed last is gone from the chain: the same cut and relink, after an
-            # earlier signed head row (a copy the DBA kept) was put back in the database
-            raise _relinked(mine.seq)
+            if not _another_database(first, mine):
+                # the head this writer signed last is gone from the chain: the same cut and relink, after an
+                # earlier signed head row (a copy the DBA kept) was put back in the database
+                raise _relinked(mine.seq)
+            log.warning(
+                "the audit head file's last head (record %d) is not in this database's chain, which was never "
+                "rotated and begins with another record 1: taken for a new database at this URL; this writer "
+                "signs on (`codemoat audit verify` checks the head file)",
+                mine.seq,
+            )
     now = int((time.time() if now is None else now) * 1_000_000)
     k = max(1, checkpoint_every)
     due = list(range((last_cp // k + 1) * k, t_seq + 1, k))
@@ -315,6 +325,28 @@ def _rotated_since(first: tuple[str | None, int], mine: Mine) -> bool:
     return first[0] != mine.first and first[1] > mine.rotation
 
 
+def _signed_before(c: sa.Connection, mine: Mine | None) -> bool:
+    """Whether this chain had a signed head, by the head file: the last head read back from it (`mine`,
+    restored) was signed over a chain that began with this record 1. A writer that stayed up knows it saw
+    a head (`head_expected`); one restarted after the DBA deleted the head row and the checkpoints of a
+    short log knows it from here. One lookup, made only when no head row is found."""
+    if mine is None or not mine.restored or mine.first is None:
+        return False
+    return _first(c, 1)[0][0] == mine.first
+
+
+def _another_database(first: tuple[str | None, int], mine: Mine) -> bool:
+    """Whether the head `mine`, read back from the head file after a restart, may be of another database at
+    this URL (one created anew, the old one's head file left): the chain's record 1 is not the one that
+    head's chain began with (or that one is unknown: a head file written before it was kept) and is no
+    rotation record (`rotation_number` 0), so the chain was never rotated. The head file is named after
+    the URL, not the database, and nothing in a new database tells it from a replaced one: then the writer
+    signs on, as it did before it read the file. A chain that begins with a rotation record is not new: an
+    older rotated chain put back whole (records and a signed head of it) stops it as it stops a writer
+    that stayed up."""
+    return mine.restored and first[0] != mine.first and first[1] == 0
+
+
 def _relinked(seq: int) -> AuditUnavailable:
     return AuditUnavailable(
         f"audit log tampered: record {seq} no longer matches the signed head that names it (run `codemoat audit verify`)"
@@ -327,7 +359,9 @@ class HeadFile:
     A rename per signature costs milliseconds on some filesystems; an in-place write does not. The
     slot written is the one holding the older head, or this record's head signed before (read first:
     several processes may write one file), so the file holds the newest two records' heads and a
-    write torn by a crash leaves the other."""
+    write torn by a crash leaves the other. Beside the head, what its signer remembers of the chain
+    then (`Mine`: record 1's hash `first` and its `rotation` number), which a restarted writer reads back
+    (`last_signed`)."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -346,7 +380,10 @@ class HeadFile:
             return seqs.index(seq)
         return 0 if seqs[0] <= seqs[1] else 1
 
-    def write(self, head_row: dict[str, Any]) -> None:
+    def write(self, head_row: dict[str, Any], mine: Mine | None = None) -> None:
+        """Write `head_row` (with record 1 as its signer read it, `mine`, when given) over the older slot."""
+        if mine is not None:
+            head_row = {**head_row, "first": mine.first, "rotation": mine.rotation}
         data = json.dumps(head_row, separators=(",", ":")).encode()
         data = data.ljust(HEAD_SLOT - 1) + b"\n"
         with self._lock:
@@ -364,6 +401,40 @@ class HeadFile:
                 os.pwrite(self._fd, data, self._slot_for(head_row["seq"]) * HEAD_SLOT)
             except OSError as e:  # the database copy is authoritative; a missing file copy only weakens verify
                 log.warning("could not write the audit head file %s: %s", self.path, e)
+
+    def last_signed(self) -> Mine | None:
+        """The newest head in the file (by its time: the file holds heads this host's writers signed), as the
+        `Mine` a writer restarted since starts from; None when the file holds none. A head written before
+        record 1 was kept beside it has `first` None: record 1 unknown (`_another_database`). A file that
+        cannot be read, or a damaged slot: one warning, and that file or slot is not used (the writer
+        then remembers nothing until it signs, as before it read the file)."""
+        from ..paths import read_own
+
+        try:
+            raw = read_own(self.path, "audit head file", limit=4 * HEAD_SLOT, error=ValueError)
+        except FileNotFoundError:
+            return None
+        except (ValueError, OSError) as e:
+            log.warning("the audit head file cannot be read back (%s): this writer remembers no head of its own", e)
+            return None
+        heads, damaged = [], []
+        for i in range(0, len(raw), HEAD_SLOT):
+            part = raw[i : i + HEAD_SLOT]
+            if not part.strip(b"\x00 \n"):
+                continue  # never written
+            try:
+                d = json.loads(part)
+                h = SignedHead.from_mapping(d)
+                first, rotation = d.get("first"), d.get("rotation", 0)
+                if not (first is None or isinstance(first, str)) or type(rotation) is not int or rotation < 0:
+                    raise ValueError
+            except ValueError:
+                damaged.append(i // HEAD_SLOT)
+                continue
+            heads.append((h.ts_us, h.seq, Mine(h.seq, h.hash, first, rotation, restored=True)))
+        if damaged:
+            log.warning("the audit head file %s is damaged (slot %s): this writer does not use it", self.path, damaged[0])
+        return max(heads, key=lambda x: x[:2])[2] if heads else None
 
     def close(self) -> None:
         """Close the file's descriptor (a later `write` opens it again)."""

@@ -246,6 +246,7 @@ class AuditLog(HeadSigning, LogReading):
                 raise AuditUnavailable(first_line(e)) from None
             return None
         _ = self.signer  # load the key before taking the database's write lock
+        self._last_head()  # and the head file's last head, once
         extras = [w for w in batch if w.also is not None]  # written in the records' transaction
         for attempt in range(10):
             try:
