@@ -131,6 +131,31 @@ def test_the_update_channel_on_a_taken_port_or_no_address_is_one_line(tmp_path: 
     one_line_error(run_cli(*base, "--host", "192.0.2.1", "--port", "0"), "cannot listen on 192.0.2.1:0: ")  # TEST-NET-1
 
 
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback here (::1 cannot be bound)")
+def test_a_taken_ipv6_port_is_named_as_a_url_names_it(tmp_path: Path):
+    """'cannot listen on ::1:PORT' read as host ':' and port ':1:PORT', as the first lines did before they
+    bracketed IPv6 (`netloc`): the refusals of serve's and the key server's socket (`serve.run.listen`) and
+    of the update channel name '[::1]:PORT'. The negative: an IPv4 address is named as before."""
+    from codemoat.errors import CodemoatError
+    from codemoat.serve.run import listen
+
+    (tmp_path / "releases").mkdir()
+    with socket.socket(socket.AF_INET6) as held:
+        held.bind(("::1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        with pytest.raises(CodemoatError, match=rf"^cannot listen on \[::1\]:{port}: Address already in use$"):
+            listen("::1", port)
+        r = run_cli("vendor", "channel", "--dir", str(tmp_path / "releases"), "--host", "::1", "--port", str(port))
+        one_line_error(r, f"cannot listen on [::1]:{port}: Address already in use")
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        with pytest.raises(CodemoatError, match=rf"^cannot listen on 127\.0\.0\.1:{port}: Address already in use$"):
+            listen("127.0.0.1", port)
+
+
 @pytest.mark.slow  # loads the bundled model
 @pytest.mark.parametrize("host", HOSTS)
 def test_serve_says_a_url_for_its_address(tmp_path: Path, host: str):

@@ -276,7 +276,7 @@ def vendor_channel(
     """Publish released bundles over HTTP for customers who turned the online channel on (GET /index.json)."""
     from ..updates.channel import make_server
 
-    from ..config.serving import bind_host, http_url
+    from ..config.serving import bind_host, http_url, netloc
 
     try:
         bind_host(host)
@@ -287,7 +287,7 @@ def vendor_channel(
     try:
         srv = make_server(folder, host, port)
     except (OSError, TypeError, ValueError) as e:  # a port taken, an address not ours or none: one line, as serve's
-        raise CodemoatError(f"cannot listen on {host}:{port}: {getattr(e, 'strerror', None) or e}") from None
+        raise CodemoatError(f"cannot listen on {netloc(host, port)}: {getattr(e, 'strerror', None) or e}") from None
     # markup off: an IPv6 address in brackets is no rich markup tag ("[fe80::1]" vanished), nor is a folder's name
     console.print(f"update channel on {http_url(host, srv.server_address[1])}/ serving {folder}", highlight=False, markup=False)
     try:

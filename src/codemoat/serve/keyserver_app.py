@@ -201,7 +201,9 @@ def _worker(vendor_dir: str, host: str, port: int, read_timeout_s: float, uvicor
     try:
         sock.bind((host, port))
     except OSError as e:
-        raise SystemExit(f"key server worker: cannot listen on {host}:{port}: {e.strerror}") from None
+        from ..config.serving import netloc
+
+        raise SystemExit(f"key server worker: cannot listen on {netloc(host, port)}: {e.strerror}") from None
     app = create_app(Vendor.open(vendor_dir))
     config = uvicorn.Config(app, host=host, port=port, http=guarded(read_timeout_s=read_timeout_s), **uvicorn_opts)
     uvicorn.Server(config).run(sockets=[sock])

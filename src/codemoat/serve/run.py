@@ -31,7 +31,9 @@ def listen(host: str, port: int) -> socket.socket:
         sock.listen(BACKLOG)
     except (OSError, TypeError, ValueError) as e:  # TypeError: a host name IDNA cannot encode, or holding NUL
         sock.close()
-        raise CodemoatError(f"cannot listen on {host}:{port}: {getattr(e, 'strerror', None) or e}") from None
+        from ..config.serving import netloc  # "[::1]:8080": "::1:8080" reads as another host and port
+
+        raise CodemoatError(f"cannot listen on {netloc(host, port)}: {getattr(e, 'strerror', None) or e}") from None
     return sock
 
 
