@@ -123,6 +123,23 @@ echo "   serving model version $(served)"
 kill $SERVE 2>/dev/null || true
 wait $SERVE 2>/dev/null || true
 
+say "customer: a version installed while no serve runs is pending until a serve's health check passes it"
+# (a serve killed in the middle of a swap leaves its version pending too: update apply records it failed and goes back)
+status() {
+  $CODEMOAT update list --json | "$PY" -c "import json,sys; print(*[f\"update list: model {b['version']} {b.get('status') or 'checked'}\" for b in json.load(sys.stdin) if b['channel'] == 'model' and b['current']])"
+}
+$CODEMOAT vendor release --vendor "$V" --customer ACME --model "$MODEL" --version 4 --notes "v4" --no-fingerprint \
+  --out "$U/model-v4.moatpkg" >/dev/null
+$CODEMOAT update apply "$U/model-v4.moatpkg"
+echo "   $(status)"
+PORT=$(free_port)
+$CODEMOAT serve --model update:model --host 127.0.0.1 --port "$PORT" >"$U/serve-pending.log" 2>&1 &
+SERVE=$!
+wait_healthy "$PORT" 120
+echo "   serve checked it before its first request: serving model version $(served); $(status)"
+kill $SERVE 2>/dev/null || true
+wait $SERVE 2>/dev/null || true
+
 say "attacks, each refused in one line"
 $CODEMOAT vendor release --vendor "$V" --customer ACME --model "$MODEL" --version 1.5 --no-fingerprint --out "$U/model-v1.5.moatpkg" >/dev/null
 echo " - a downgrade to 1.5 (not signed as a rollback target):"; refused $CODEMOAT update apply "$U/model-v1.5.moatpkg"
