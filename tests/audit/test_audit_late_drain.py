@@ -81,3 +81,27 @@ def test_a_drain_that_finds_the_log_still_down_keeps_the_record(db_url, audit_ho
     finally:
         con.close()
         log.close()
+
+
+def test_kept_records_are_bounded_by_their_text_as_well_as_their_number(caplog):
+    """A kept record holds its request (the prompt as sent): a database out of disk admits every stream, so the
+    records kept are bounded by the characters of text they hold too, the oldest dropped with an error line."""
+    written: list[str] = []
+
+    async def write(kind: str, then=None, **fields) -> int:
+        written.append(fields["user"])
+        return len(written)
+
+    late = LateRecords(write, max_kept=3, max_chars=100)
+    why = AuditUnavailable("the database is out of disk")
+    for i, chars in enumerate((40, 40, 40)):  # the third puts 120 characters past the 100
+        late.keep({"user": f"u{i}", "route": "/v1/completions", "status": 200, "detail": {}}, lambda: None, why, chars)
+    assert len(late) == 2 and "the oldest is dropped" in caplog.text and "'u0'" in caplog.text
+    for i in range(3, 6):  # and by number: at most 3, however little text
+        late.keep({"user": f"u{i}", "route": "/v1/completions", "status": 200, "detail": {}}, lambda: None, why, 0)
+    assert len(late) == 3
+    assert asyncio.run(late.drain()) is True
+    assert written == ["u3", "u4", "u5"] and len(late) == 0
+    # the newest alone is kept whatever its size: it is what the last request delivered
+    late.keep({"user": "big", "route": "/v1/completions", "status": 200, "detail": {}}, lambda: None, why, 1000)
+    assert len(late) == 1

@@ -10,8 +10,8 @@ the tip like any other, its own time is when it was written.
 
 A record the database refuses for its own values (`RecordRefused`) would be refused again: it is not kept
 (an error line says so). At shutdown what is still kept is written if the log takes it, else each one is
-logged on one line (user, route, status, tokens, when it ended), never its text. At most `MAX_KEPT` wait;
-past that the oldest is dropped, with an error line.
+logged on one line (user, route, status, tokens, when it ended), never its text. At most `MAX_KEPT` wait,
+holding at most `MAX_KEPT_CHARS` of text; past either the oldest is dropped, with an error line.
 """
 
 from __future__ import annotations
@@ -31,8 +31,10 @@ from ..audit.pending import RecordRefused
 
 log = logging.getLogger("codemoat.audit")
 
-#: kept records at most (a stream's record is ~1 KB with its usage facts: ~10 MB held in the worst case)
+#: kept records at most, and the characters of text they hold at most (a kept record holds its request: the
+#: prompt as sent, and with audit.retain_text the record's texts; a database out of disk admits every stream)
 MAX_KEPT = 10_000
+MAX_KEPT_CHARS = 64 << 20
 
 
 def _summary(fields: dict[str, Any]) -> str:
@@ -46,36 +48,47 @@ def _summary(fields: dict[str, Any]) -> str:
 class LateRecords:
     """The kept records of one app (`Trust.late`), written by `write` on the app's event loop."""
 
-    def __init__(self, write: Callable[..., Any], max_kept: int = MAX_KEPT):
+    def __init__(self, write: Callable[..., Any], max_kept: int = MAX_KEPT, max_chars: int = MAX_KEPT_CHARS):
         self._write = write  # AuditLog.append_async
-        self._kept: deque[tuple[dict[str, Any], Callable[[], Any]]] = deque()
+        self._kept: deque[tuple[dict[str, Any], Callable[[], Any], int]] = deque()  # (fields, after, characters)
+        self._chars = 0
         self._lock = threading.Lock()  # `keep` runs on the loop or a worker thread (the synchronous write)
         self._task: asyncio.Task | None = None
-        self.max_kept = max_kept
+        self.max_kept, self.max_chars = max_kept, max_chars
 
     def __len__(self) -> int:
         return len(self._kept)
 
-    def keep(self, fields: dict[str, Any], after: Callable[[], Any], why: BaseException) -> None:
-        """Keep a delivered stream's record that the log did not take (`why`), to be written later."""
+    def keep(self, fields: dict[str, Any], after: Callable[[], Any], why: BaseException, chars: int = 0) -> None:
+        """Keep a delivered stream's record that the log did not take (`why`), to be written later; `chars`:
+        the characters of text it holds (its request's prompt, the record's texts)."""
         fields = dict(fields, detail={**fields["detail"], "late": datetime.now(UTC).isoformat(timespec="seconds")})
         if isinstance(why, RecordRefused):  # its values: it would be refused again
             log.error("a streamed answer's audit record was refused by the database (%s) and is lost: %s", why, _summary(fields))
             return
+        dropped = []
         with self._lock:
-            self._kept.append((fields, after))
-            n, dropped = len(self._kept), None
-            if n > self.max_kept:
-                dropped, _ = self._kept.popleft()
+            self._kept.append((fields, after, chars))
+            self._chars += chars
+            while len(self._kept) > 1 and (len(self._kept) > self.max_kept or self._chars > self.max_chars):
+                old, _, c = self._kept.popleft()
+                self._chars -= c
+                dropped.append(old)
+            n = len(self._kept)
         log.error(
             "the audit log could not take a streamed answer's record when it ended (%s); kept to be written "
             "once it takes records again (%d waiting): %s",
             why,
-            min(n, self.max_kept),
+            n,
             _summary(fields),
         )
-        if dropped is not None:
-            log.error("more than %d audit records waiting: the oldest is dropped: %s", self.max_kept, _summary(dropped))
+        for old in dropped:
+            log.error(
+                "more than %d audit records or %d characters of their text waiting: the oldest is dropped: %s",
+                self.max_kept,
+                self.max_chars,
+                _summary(old),
+            )
 
     def start(self) -> None:
         """Write the kept records in the background (on the running loop), unless that is under way."""
@@ -96,7 +109,7 @@ class LateRecords:
             with self._lock:
                 if not self._kept:
                     return True
-                fields, after = self._kept[0]
+                fields, after, _ = self._kept[0]
             try:
                 await self._write("request", then=after, **fields)
             except RecordRefused as e:
@@ -105,11 +118,11 @@ class LateRecords:
                 return False  # still not taken: the next request that finds the log writable tries again
             with self._lock:
                 if self._kept and self._kept[0][0] is fields:
-                    self._kept.popleft()
+                    self._chars -= self._kept.popleft()[2]
 
     def give_up(self) -> None:
         """At shutdown, once `drain` could not write them: each kept record on one error line."""
         with self._lock:
-            kept, self._kept = list(self._kept), deque()
-        for fields, _ in kept:
+            kept, self._kept, self._chars = list(self._kept), deque(), 0
+        for fields, _, _ in kept:
             log.error("shutting down with an audit record the log never took: %s", _summary(fields))

@@ -53,6 +53,13 @@ _CHAT_ROUTES = ("/chat/completions", "/api/chat")
 UNMATCHED = "unmatched"  # the route of a request no route matched (its path is never stored)
 
 
+def _text_chars(scope: dict, fields: dict[str, Any]) -> int:
+    """The characters of text a kept record holds: its request's prompt and answer, and the record's texts."""
+    usage = usage_of(scope.setdefault("state", {}))
+    texts = (usage.prompt_text, usage.completion_text, fields.get("prompt_text"), fields.get("completion_text"))
+    return sum(len(t) for t in texts if isinstance(t, str))
+
+
 class Trust:
     """What the trust layer keeps for one app (`app.state.trust`)."""
 
@@ -184,7 +191,7 @@ class Trust:
                 self.log.append("request", **fields)
             except (AuditUnavailable, DBAPIError) as e:
                 if late_ok:
-                    self.late.keep(fields, after, e)
+                    self.late.keep(fields, after, e, _text_chars(scope, fields))
                 raise
             after()
 
@@ -206,7 +213,7 @@ class Trust:
             await self.log.append_async("request", then=after, **fields)
         except (AuditUnavailable, DBAPIError) as e:
             if late_ok:
-                self.late.keep(fields, after, e)
+                self.late.keep(fields, after, e, _text_chars(scope, fields))
             raise
 
     def _record(
