@@ -27,11 +27,14 @@ has no `pending` key: its versions count as checked.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import functools
 import json
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +53,17 @@ HOLD_ENV = "CODEMOAT_UPDATE_HOLD_AT"  # tests only: wait for good at a named poi
 STEPS = ("verified", "staged", "stored", "journaled", "switched", "indexed")
 KEEP = 2  # earlier versions kept per channel for `update rollback`
 Audit = Callable[[str, dict[str, Any]], None]
+
+
+def _changes_store(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The method reads the state, changes it and writes it back: under the store's lock (`_locked`)."""
+
+    @functools.wraps(fn)
+    def locked(self: UpdateStore, *a: Any, **kw: Any) -> Any:
+        with self._locked():
+            return fn(self, *a, **kw)
+
+    return locked
 
 
 def _step(name: str) -> None:
@@ -97,6 +111,7 @@ class UpdateStore(BundleChecks):
         #: adapter bundle installs only for one of these or that bundle's model
         self.models = list(models or [])
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._lock_depth = 0
         self.machine = machine or MachineKey.load()
         self.guard = ClockGuard(self.machine)
         self._audit = audit
@@ -121,6 +136,30 @@ class UpdateStore(BundleChecks):
             raise CodemoatError(f"update state {self.state_path} is damaged")
         return s
 
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """One process at a time changes the store: every read-change-write of state.json (apply, rollback,
+        confirm, fail, reconcile) holds an flock on updates/state.lock. Two serves confirming at their start,
+        or `update apply` beside a rollback, each renamed state.json.tmp over the state (one rename failed with
+        FileNotFoundError) and wrote back what it had read, losing the other's change. Re-entrant in this object."""
+        if self._lock_depth:
+            self._lock_depth += 1
+            try:
+                yield
+            finally:
+                self._lock_depth -= 1
+            return
+        fd = paths.open_own(self.root / "state.lock", "update store lock", os.O_RDWR | os.O_CREAT)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self._lock_depth = 1
+            try:
+                yield
+            finally:
+                self._lock_depth = 0
+        finally:
+            os.close(fd)  # and the flock with it
+
     def _write_state(self, s: dict[str, Any]) -> None:
         self._replace(self.state_path, json.dumps(s, indent=2, sort_keys=True).encode(), "journaled")
 
@@ -141,6 +180,7 @@ class UpdateStore(BundleChecks):
         if self._audit is not None:
             self._audit(step, detail)
 
+    @_changes_store
     def reconcile(self) -> list[str]:
         """Finish or undo what a crash left: returns what it did (also audited, as `recovered`)."""
         did = self._tidy()
@@ -206,6 +246,7 @@ class UpdateStore(BundleChecks):
         cur = s["channels"].get(chan, {}).get("current")
         return dict(s["bundles"][cur], bundle_id=cur) if cur else None
 
+    @_changes_store
     def apply(self, path: Path, license_file: Path | None = None, groups: list[str] | None = None) -> dict[str, Any]:
         self.reconcile()
         try:
@@ -287,6 +328,7 @@ class UpdateStore(BundleChecks):
         plain = open_payload(blob, full["keys"], self.machine, payload_context(full))
         return packs.import_pack(plain, full, groups)
 
+    @_changes_store
     def rollback(self, chan: str | None = None) -> dict[str, Any]:
         """Serve the version installed before the current one (a local admin action: no vendor signature needed)."""
         self.reconcile()
@@ -320,6 +362,7 @@ class UpdateStore(BundleChecks):
         self.audit("rolled_back", channel=chan, to=info["version"], frm=gone_version, bundle_id=back, tidied=tidied)
         return out
 
+    @_changes_store
     def confirm(self, chan: str, bundle_id: str) -> bool:
         """A serve's health check of `bundle_id` passed: it is no longer pending (audited `confirmed`).
         False when it is not current in `chan` or was not pending (nothing to record)."""
@@ -339,6 +382,7 @@ class UpdateStore(BundleChecks):
         cur = self.current(chan)
         return bool(cur and cur["bundle_id"] == bundle_id and cur.get("pending"))
 
+    @_changes_store
     def fail(self, chan: str, bundle_id: str, reason: str, *, only_pending: bool = False) -> dict[str, Any] | None:
         """The running server could not serve `bundle_id` (it failed to load or its health check): make
         the version before it current again and record this one as failed. None when `bundle_id` is
