@@ -3,7 +3,18 @@ changes: a lease lost, a background probe's finding). Every test folder can impo
 
 from __future__ import annotations
 
+import subprocess
 import time
+
+
+def stop_process(p: subprocess.Popen, seconds: float = 60) -> None:
+    """End a server a test started: SIGTERM (its graceful shutdown), then SIGKILL if it is not gone in `seconds`."""
+    p.terminate()
+    try:
+        p.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait(timeout=seconds)
 
 
 def wait_for(cond, seconds: float = 30.0) -> bool:

@@ -13,7 +13,7 @@ import httpx
 import pytest
 from cli_errors import one_line_error
 from conftest import CODEMOAT, run_cli
-from waiting import wait_for
+from waiting import stop_process, wait_for
 
 from codemoat.config.serving import http_url, netloc
 
@@ -71,18 +71,9 @@ def _first_line(args: list[str], log: Path, starts: str) -> tuple[subprocess.Pop
     assert wait_for(lambda: said() is not None or p.poll() is not None, 180), log.read_text()
     line = said()
     if line is None:
-        _stop(p)
+        stop_process(p)
         pytest.fail(f"exited {p.returncode} before saying {starts!r}:\n{log.read_text()}")
     return p, line
-
-
-def _stop(p: subprocess.Popen) -> None:
-    p.terminate()
-    try:
-        p.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        p.wait(timeout=60)
 
 
 def _url(line: str, host: str) -> str:
@@ -104,7 +95,7 @@ def test_the_key_server_says_a_url_for_its_address(tmp_path: Path, host: str):
         url = _url(line, host)
         assert httpx.get(f"{url}/health", timeout=30).status_code == 200  # the URL said is where it answers
     finally:
-        _stop(p)
+        stop_process(p)
 
 
 @pytest.mark.parametrize("host", HOSTS)
@@ -116,7 +107,7 @@ def test_the_update_channel_listens_on_ipv6_and_says_a_url(tmp_path: Path, host:
         r = httpx.get(f"{_url(line, host)}/index.json", timeout=30)
         assert r.status_code == 200 and r.json() == []
     finally:
-        _stop(p)
+        stop_process(p)
 
 
 def test_the_update_channel_on_a_taken_port_or_no_address_is_one_line(tmp_path: Path):
@@ -163,4 +154,4 @@ def test_serve_says_a_url_for_its_address(tmp_path: Path, host: str):
     try:
         assert httpx.get(f"{_url(line, host)}/health", timeout=30).status_code == 200
     finally:
-        _stop(p)
+        stop_process(p)

@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 from cli_errors import one_line_error
 from conftest import CODEMOAT, run_cli
-from waiting import wait_for
+from waiting import stop_process, wait_for
 
 
 def _vendor(tmp_path: Path) -> Path:
@@ -56,12 +56,7 @@ def test_the_key_server_names_the_port_it_took(tmp_path: Path):
         assert port != 0
         assert httpx.get(f"{url}/health", timeout=30).status_code == 200
     finally:
-        p.terminate()
-        try:
-            p.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(timeout=60)
+        stop_process(p)
 
 
 def test_an_empty_address_is_refused_not_every_interface(tmp_path: Path):
