@@ -4,6 +4,7 @@ and a short prompt is built without a worker thread."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -12,7 +13,7 @@ import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
 from codemoat.config import Settings
-from codemoat.serve.prepare import INLINE_CHARS
+from codemoat.serve.prepare import IDLE_INLINE_CHARS, INLINE_CHARS
 from codemoat.usage.tables import completions
 
 from .test_audit_trust import _uvicorn
@@ -98,6 +99,46 @@ def test_only_a_short_prompt_that_draws_on_no_index_is_built_on_the_event_loop(e
     svc.retriever = object()  # an index to draw on: its queries are blocking I/O, on a worker thread
     assert not prep.inline(svc.chat_prompt, (None, None, chat, None))
     assert prep.inline(svc.plain_prompt, (None, "x", None))  # a raw prompt never draws on the index
+    # on an idle server (no other request under way), up to IDLE_INLINE_CHARS: nobody's tokens wait on the loop
+    assert prep.inline(svc.plain_prompt, (None, "x" * IDLE_INLINE_CHARS, None), True)
+    assert not prep.inline(svc.plain_prompt, (None, "x" * (IDLE_INLINE_CHARS + 1), None), True)
+    assert not prep.inline(svc.chat_prompt, (None, None, chat, None), True)  # an index query stays off the loop
+
+
+def test_an_idle_server_builds_a_file_sized_prompt_in_place_and_a_busy_one_on_a_worker(
+    engine, accounts, tokens, llm, monkeypatch
+):
+    """An editor's file prefix (past INLINE_CHARS) is tokenised on the event loop while no other request
+    is under way, without the hop to a worker thread and back; while another request holds a place it goes
+    to a worker thread, so that request's tokens do not wait for it."""
+    app = make_app(Settings(), accounts, llm)
+    svc = app.state.service
+    where: list[str] = []
+    encode = llm.encode
+
+    def placed(*a, **kw):
+        try:
+            asyncio.get_running_loop()
+            where.append("loop")
+        except RuntimeError:
+            where.append("worker")
+        return encode(*a, **kw)
+
+    monkeypatch.setattr(llm, "encode", placed)
+    body = {**GREEDY, "prompt": "def " * (INLINE_CHARS // 2), "max_tokens": 2}  # 1,024 characters, ~260 tokens
+    with TestClient(app) as c:
+        assert svc.idle()
+        assert c.post("/v1/completions", json=body, headers=tokens["alice"]).status_code == 200
+        idle, where[:] = list(where), []
+        svc._slots._take("bob")  # bob's request generates meanwhile
+        try:
+            assert not svc.idle()
+            assert c.post("/v1/completions", json=body, headers=tokens["alice"]).status_code == 200
+        finally:
+            svc._slots.release("bob")
+        assert svc.idle()
+    assert idle and set(idle) == {"loop"}
+    assert where and set(where) == {"worker"}
 
 
 def test_concurrent_requests_are_audited_by_the_log_writer_and_a_caller_without_a_token_by_a_worker(

@@ -23,10 +23,15 @@ if TYPE_CHECKING:
     from .service import Service
 
 # A prompt of at most this many characters that draws on no index is built on the event loop: tokenising
-# it takes ~0.1-0.3 ms, less than the hop to a worker thread and back (0.2 ms, and 1-2 ms when another
-# thread holds the GIL); a longer one (2,000 characters: ~3 ms on the bundled model, ~6 ms on Gemma 3)
-# would hold every other client's tokens that long.
+# it takes ~0.1 ms (512 characters, bundled model and Gemma 3, warm), less than the hop to a worker thread
+# and back (0.2 ms, and 1-2 ms when another thread holds the GIL); a longer one (2,000 characters: ~0.4 ms
+# warm, several ms cold) would hold every other client's tokens that long.
 INLINE_CHARS = 512
+# While no other request generates, waits for a place or has its prompt built on a thread, nobody's tokens
+# wait on the loop, and a prompt of up to this many characters is built there too (~1.5 ms of tokenising
+# at most): an editor's file prefix on an idle server skips the hop. A request that comes meanwhile waits
+# for the loop at most that long, about what the hop would have cost it.
+IDLE_INLINE_CHARS = 8192
 TURN_CHARS = 32  # what a chat template adds per turn (`<start_of_turn>user\n ... <end_of_turn>\n`), counted in the above
 
 
@@ -46,9 +51,9 @@ class Preparer:
     def __init__(self, svc: Service):
         self.svc = svc
 
-    def inline(self, build: Callable[..., Prepared], args: tuple) -> bool:
+    def inline(self, build: Callable[..., Prepared], args: tuple, idle: bool = False) -> bool:
         """Whether `build(*args)` may run on the event loop: at most `INLINE_CHARS` to tokenise (file names
-        included), no index query."""
+        included), `IDLE_INLINE_CHARS` when the server is `idle` (no other request under way), no index query."""
         if build == self.plain:
             size = len(args[1])
         elif self.svc.retriever is not None and self.svc.settings.retrieval.enabled:
@@ -61,7 +66,7 @@ class Preparer:
             size = sum(len(m.get("content") or "") + TURN_CHARS for m in args[2])  # 3,000 empty turns are no short prompt
         else:
             return False
-        return size <= INLINE_CHARS
+        return size <= (IDLE_INLINE_CHARS if idle else INLINE_CHARS)
 
     def _reserve(self, params: SamplingParams, fit: bool) -> int:
         # "as many as fit" (num_predict -1): the prompt is built beside a usual completion's length;

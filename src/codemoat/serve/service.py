@@ -51,7 +51,8 @@ class Service:
         # admission: at most `max_concurrent` generations hold a slot; the rest wait in line
         # a freed place goes to the user holding fewest; a user's requests waiting past a cap get 429
         self._slots = FairSlots(settings.server.max_concurrent, settings.server.max_waiting_per_user)
-        self.waiting = 0
+        self.waiting = 0  # requests waiting for a place (`_slot`)
+        self.preparing = 0  # prompts being built on a worker thread (`prepare`)
         if holder.loaded:  # a configured template that does not fit the model is refused at start-up
             self.templates(holder.get())
         # prompt builders for `prepare` (what a prompt may draw on is decided there)
@@ -169,6 +170,11 @@ class Service:
         p.logits_processors.append(WatermarkProcessor(key, vocab_size=getattr(eng, "n_vocab", None)))
 
     # -- prompts (built by `prompts`; this part decides what they may draw on) -----------------
+    def idle(self) -> bool:
+        """No request generates, waits for a place, or has its prompt built on a worker thread: nobody's
+        tokens wait on the event loop (`prepare.IDLE_INLINE_CHARS`)."""
+        return not (self._slots.busy or self._slots.waiting or self.waiting or self.preparing)
+
     async def prepare(self, build: Callable[..., Prepared], *args: Any, **kw: Any) -> Prepared:
         """`build` (fim_prompt, chat_prompt, plain_prompt) on a worker thread: tokenising a long prompt
         and retrieving snippets would otherwise hold the event loop, and every other client with it
@@ -177,10 +183,14 @@ class Service:
         principal = getattr(request.state, "principal", None)
         self._slots.check(None if principal is None else principal.user)  # a flood's prompts are not built to wait
         try:
-            if self._preparer.inline(build, args):
+            if self._preparer.inline(build, args, self.idle()):
                 prep = build(*args, **kw)
             else:
-                prep = await anyio.to_thread.run_sync(functools.partial(build, *args, **kw))
+                self.preparing += 1
+                try:
+                    prep = await anyio.to_thread.run_sync(functools.partial(build, *args, **kw))
+                finally:
+                    self.preparing -= 1
         except BaseException:
             screen_pending(usage_of(request.state))  # a refused prompt's record names its secrets too
             raise
