@@ -55,6 +55,9 @@ class HeadSigning:
         self._mine: Mine | None = None  # the last head this process signed, and the chain's record 1 then
         self._mine_read = False  # the head file's last head was read back (`_last_head`)
         self._unsigned_since: float | None = None  # when this process first left a record unsigned
+        # (seq, hash) of the last record of a batch committed and served whose head could not be signed (PostgreSQL,
+        # `sign_every = 1`): the next signature must find it in the chain, and nothing is appended before it (`_flush`)
+        self._owed: tuple[int, str] | None = None
         self._timer = HeadTimer(self)
 
     @property
@@ -70,7 +73,8 @@ class HeadSigning:
     def _sign_after(self, seq: int, hash_: str) -> dict[str, Any] | None:
         """Sign after records up to `seq` (whose hash is `hash_`) were committed: a database error leaves them
         for the timer (they are written; the request is served), a tampered log stops the writer. With
-        `sign_every = 1` the head signed must hold record `seq` (`sign_tip`'s `cover`)."""
+        `sign_every = 1` the head signed must hold record `seq` (`sign_tip`'s `cover`), and a database error is
+        raised: the writer owes that head (`AuditLog._flush`)."""
         try:
             if self.sign_every == 1:
                 return self._sign(wait=True, min_tail=self._min_tail(), cover=(seq, hash_))
@@ -115,7 +119,10 @@ class HeadSigning:
     def _sign(
         self, *, wait: bool = True, min_tail: int = 1, reason: str | None = None, cover: tuple[int, str] | None = None
     ) -> dict[str, Any] | None:
-        """Sign the tip in a transaction of its own (the new head row, or None when nothing was signed)."""
+        """Sign the tip in a transaction of its own (the new head row, or None when nothing was signed). A head
+        owed for records served before it (`_owed`) is their `cover` unless another is given, and is paid once
+        a signature at the tip passes that check (a head at the tip holds them, or the chain was rotated)."""
+        owed = self._owed if cover is None else None
         for attempt in range(10):
             try:
                 with self.engine.begin() as c:
@@ -129,9 +136,11 @@ class HeadSigning:
                         head_expected=self._seen_head,
                         allowance=self.tail_allowance,
                         mine=self._last_head(),
-                        cover=cover,
+                        cover=cover or owed,
                     )
                 self._signed(signed, head_row, mine)
+                if owed is not None and signed is not None and min_tail <= 1 and self._owed == owed:
+                    self._owed = None
                 return head_row
             except IntegrityError:  # two replicas wrote the first head at once: the other one's stands
                 if not wait:

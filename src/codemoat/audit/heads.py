@@ -12,7 +12,10 @@ the database, with no signature to betray it; the writers bound that tail (`sign
 `sign_interval_ms`), and `audit verify` reports its length and age and refuses a tail longer than
 any writer leaves (`tail_allowance`). With `sign_every = 1` every append returns only after a head
 naming its record is signed: on SQLite, in the record's own transaction, there is no tail; on
-PostgreSQL the records of appends not returned yet are one, between their commit and their head's.
+PostgreSQL the records of appends not returned yet are one, between their commit and their head's. When
+that head cannot be signed (a database error after the commit), the appends return all the same (their
+records are in the chain), and the writer appends nothing more until it has signed a head that still
+holds them (`AuditLog._flush`).
 """
 
 from __future__ import annotations

@@ -146,7 +146,8 @@ class AuditLog(HeadSigning, LogReading):
         record is committed. The first caller in becomes the leader and flushes what is waiting; the
         others find their record written when the lock is theirs. The head is signed when
         `sign_every` records or `sign_interval_ms` have gone by unsigned (`audit.heads`).
-        Raises `AuditUnavailable` when it cannot be written (the caller must not serve)."""
+        Raises `AuditUnavailable` when it cannot be written (the caller must not serve); once it is written it
+        returns, also when the head after it could not be signed (PostgreSQL: `_flush`)."""
         me = Pending(normalise(kind, fields), also)
         with self._pending_lock:
             self._pending.append(me)
@@ -189,13 +190,31 @@ class AuditLog(HeadSigning, LogReading):
             log.exception("could not write what goes with audit record %d", me.seq)
 
     def _flush(self, batch: list[Pending]) -> None:
-        """Write `batch` in one transaction (under `_lock`); each waiter gets its seq or the error."""
+        """Write `batch` in one transaction (under `_lock`); each waiter gets its seq or the error.
+
+        PostgreSQL, `sign_every = 1`: once the batch has committed its records are in the chain, so a failure of
+        the signature after it does not fail its waiters (their answers are served as their records say: a 503
+        under a record saying 200 was a false record, and a stream's record kept by `serve.late` was written
+        twice). The head is then owed (`_owed`): the log counts as unavailable, and nothing is appended until a
+        head naming those records is signed, which first checks they are still in the chain."""
+        unsigned = None  # why the head after the committed batch could not be signed
         try:
             try:
+                if self._owed is not None:  # records served before their head: signed (still there?) before any other
+                    owed_row = self._sign()
+                    if owed_row is not None:
+                        self._write_head_file(owed_row)
                 rows = [w.row for w in batch]
                 head_row = self._append_locked(rows, batch)
                 if head_row is None and self._pg is not None and self._sign_due(rows[-1]["seq"]):
-                    head_row = self._sign_after(rows[-1]["seq"], rows[-1]["hash"])
+                    try:
+                        head_row = self._sign_after(rows[-1]["seq"], rows[-1]["hash"])
+                    except AuditUnavailable:  # a tampered log: the records may be gone; the writer stops
+                        raise
+                    except Exception as e:  # noqa: BLE001 - committed: whatever failed, the records are written
+                        if not isinstance(e, (DBAPIError, OSError)):
+                            log.exception("signing the audit head failed")
+                        unsigned = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
             except RecordRefused:
                 raise
             except AuditUnavailable as e:
@@ -222,7 +241,21 @@ class AuditLog(HeadSigning, LogReading):
             for w in batch:
                 w.error, w.done = e, True
             return
-        self._healthy, self.failure, self._probed_at = True, None, time.monotonic()
+        if unsigned is None:
+            self._healthy, self.failure, self._probed_at = True, None, time.monotonic()
+        else:
+            last = batch[-1].row
+            self._owed = (last["seq"], last["hash"])
+            log.error(
+                "audit records %d-%d are written and their requests served, but the head naming them could not be "
+                "signed (%s): record %d's hash is %s; nothing more is appended until that head is signed",
+                batch[0].row["seq"],
+                last["seq"],
+                unsigned,
+                last["seq"],
+                last["hash"],
+            )
+            self._mark_failed(f"the audit head after record {last['seq']} could not be signed: {unsigned}")
         for w in batch:
             w.seq, w.done = w.row["seq"], True
         self._left_unsigned(batch[-1].seq)
@@ -347,6 +380,8 @@ class AuditLog(HeadSigning, LogReading):
                 free = shutil.disk_usage(Path(url.database).parent).free
                 if free < min_free_bytes:
                     raise AuditUnavailable(f"only {free} bytes free beside the audit database")
+            if self._owed is not None:  # records served before their head: writable once it is signed (`_flush`)
+                self.sign()
             with self.engine.begin() as c:  # a write that changes nothing: fails on read-only or missing tables
                 c.execute(records.update().where(records.c.seq == -1).values(kind="probe"))
             if self.failure and "tampered" in self.failure:

@@ -78,7 +78,7 @@ def rotate(log: Any, archive: Path, *, now: float | None = None) -> dict[str, An
         os.chmod(archive, 0o600)
         log._healthy, log.failure = True, None
         log._signed_seq, log._last_seq, log._seen_head, log._unsigned_since = 0, 0, False, None
-        log._mine = None
+        log._mine, log._owed = None, None  # a head owed for served records: they are in the archive
         log._signed(signed, head_row, mine)
         log._last_seq = signed
     if head_row is not None:

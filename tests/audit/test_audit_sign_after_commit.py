@@ -1,0 +1,194 @@
+"""A record committed whose head could not be signed (PostgreSQL, `sign_every = 1`): written once, its answer served.
+
+On PostgreSQL a group commit's records commit first (`audit.pgappend`, autocommit) and the head naming them is
+signed in the next transaction. Before, a database error in that signature failed every waiter of the batch
+(`AuditUnavailable`) although their records were in the chain: a whole answer got a 503 under a record saying
+200, and a delivered stream's record was kept (`serve/late.py`) and appended again once the log took records:
+the request twice in the chain (reviewer V3, session 17). Now the append returns (the record is in the chain,
+the answer matches it), the log counts as unavailable until the head is signed, and that signature checks the
+records are still in the chain before anything is appended after them.
+
+The signature fails for a real database-side cause: a trigger on `audit_head` that raises on every write of the
+head row (the record INSERT and the writability probe, a write to `audit_records`, pass). On SQLite the head is
+signed in the records' own transaction, so the same trigger takes the record with it: nothing was written, the
+stream's record is kept and written once later, also exactly once (the other parameter)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+
+import pytest
+import sqlalchemy as sa
+from waiting import wait_for
+
+from codemoat.accounts import Accounts
+from codemoat.config import Settings
+from codemoat.db import open_db
+
+from .logs import fill, open_log
+from .test_audit_trust import client_for, complete
+from .trustapp import make_tokens, records, tiny_llm
+
+llm = tiny_llm  # the module's engine (trustapp)
+
+_PG_REFUSE = """
+CREATE FUNCTION refuse_head() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'head refused'; END $$;
+CREATE TRIGGER refuse_head BEFORE INSERT OR UPDATE ON audit_head FOR EACH ROW EXECUTE FUNCTION refuse_head();
+"""
+_PG_ALLOW = "DROP TRIGGER refuse_head ON audit_head; DROP FUNCTION refuse_head();"
+
+
+class Heads:
+    """Makes the database refuse writes of the signed head row, and take them again."""
+
+    def __init__(self, url: str):
+        self.url = url
+
+    def refuse(self) -> None:
+        if self.url.startswith("sqlite"):  # a write into a table that is gone ("no such table"), as in the late tests
+            con = sqlite3.connect(self.url.removeprefix("sqlite:///"))
+            con.execute("CREATE TABLE gone (x)")
+            con.execute("CREATE TRIGGER refuse_head BEFORE UPDATE ON audit_head BEGIN INSERT INTO gone VALUES (1); END")
+            con.execute("DROP TABLE gone")
+            con.commit()
+            con.close()
+            return
+        eng = sa.create_engine(self.url)
+        with eng.begin() as c:
+            c.exec_driver_sql(_PG_REFUSE)
+        eng.dispose()
+
+    def allow(self) -> None:
+        if self.url.startswith("sqlite"):
+            con = sqlite3.connect(self.url.removeprefix("sqlite:///"))
+            con.execute("DROP TRIGGER refuse_head")
+            con.commit()
+            con.close()
+            return
+        eng = sa.create_engine(self.url)
+        with eng.begin() as c:
+            c.exec_driver_sql(_PG_ALLOW)
+        eng.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request, audit_home):
+    """(the database's URL, its accounts, a token per user) on each backend; the log signs after every record."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{audit_home / 'codemoat.db'}"
+    else:
+        url = request.getfixturevalue("pg_url")
+    eng = open_db(url)
+    accounts = Accounts(eng)
+    yield url, accounts, make_tokens(accounts)
+    eng.dispose()
+
+
+def _detail(r: dict) -> dict:
+    d = r.get("detail")
+    return json.loads(d) if isinstance(d, str) else (d or {})
+
+
+def _streamed(c, headers):
+    body = {"model": "tiny", "prompt": "def add(a, b):", "max_tokens": 6, "temperature": 0, "stream": True}
+    return c.post("/v1/completions", json=body, headers=headers)
+
+
+def test_a_stream_whose_head_was_not_signed_is_recorded_once(backend, llm, caplog):
+    url, accounts, tokens = backend
+    caplog.set_level(logging.ERROR, logger="codemoat.audit")
+    heads = Heads(url)
+    with client_for(Settings(audit={"sign_every": 1}), accounts, llm) as c:
+        trust = c.app.state.trust
+        assert complete(c, tokens["alice"]).status_code == 200  # the head row exists and is signed
+        heads.refuse()
+        r = _streamed(c, tokens["alice"])
+        assert r.status_code == 200 and r.text.rstrip().endswith("data: [DONE]")  # delivered whole
+        pg = url.startswith("postgresql")
+        if pg:  # committed before its head: in the chain, served, not kept to be written again
+            assert len(trust.late) == 0 and len(records(trust.log.engine)) == 2
+            assert "kept to be written" not in caplog.text
+        else:  # the head in the record's transaction: neither is written, the record is kept
+            assert len(trust.late) == 1 and len(records(trust.log.engine)) == 1
+        # nothing more is appended while the head cannot be signed: a whole answer is refused, unrecorded
+        assert complete(c, tokens["bob"]).status_code == 503
+        assert len(records(trust.log.engine)) == (2 if pg else 1)
+        heads.allow()
+        assert wait_for(lambda: trust.log.check_writable(max_age=0))
+        assert complete(c, tokens["bob"]).status_code == 200
+        assert wait_for(lambda: len(trust.late) == 0)
+        rows = records(trust.log.engine)
+        # each request served is in the chain once: alice's stream (late on SQLite only) and the two answers
+        assert sorted((x["user"], x["status"]) for x in rows) == [("alice", 200), ("alice", 200), ("bob", 200)]
+        assert sum(1 for x in rows if _detail(x).get("late")) == (0 if pg else 1)
+        rep = trust.log.verify()
+        assert rep.ok, rep.problem
+
+
+def test_a_whole_answer_whose_head_was_not_signed_is_served_as_its_record_says(pg_url, audit_home, llm):
+    eng = open_db(pg_url)
+    accounts = Accounts(eng)
+    tokens = make_tokens(accounts)
+    heads = Heads(pg_url)
+    try:
+        with client_for(Settings(audit={"sign_every": 1}), accounts, llm) as c:
+            trust = c.app.state.trust
+            assert complete(c, tokens["alice"]).status_code == 200
+            heads.refuse()
+            r = complete(c, tokens["bob"], "def mul(a, b):", 5)
+            # its record is in the chain with status 200 and its tokens: the answer is the one it records
+            assert r.status_code == 200
+            rec = records(trust.log.engine)[-1]
+            assert (rec["user"], rec["status"], rec["completion_tokens"]) == ("bob", 200, r.json()["usage"]["completion_tokens"])
+            assert complete(c, tokens["bob"]).status_code == 503  # the head is owed: nothing is appended after it
+            heads.allow()
+            assert wait_for(lambda: trust.log.check_writable(max_age=0))
+            rep = trust.log.verify()
+            assert rep.ok and rep.records == 2 and rep.head_seq == 2, rep.problem  # signed before anything else
+    finally:
+        eng.dispose()
+
+
+def test_the_owed_head_is_signed_before_the_next_record(pg_url, audit_home, caplog):
+    caplog.set_level(logging.ERROR, logger="codemoat.audit")
+    log = open_log(pg_url, audit_home, sign_every=1)
+    fill(log, 2)
+    heads = Heads(pg_url)
+    heads.refuse()
+    assert log.append("request", user="mallory", route="/v1/completions", status=200) == 3  # written: it returns
+    assert any("record 3" in m and "could not be signed" in m for m in caplog.messages)  # the trace outside the database
+    from codemoat.audit.log import AuditUnavailable
+
+    with pytest.raises(AuditUnavailable):
+        log.append("request", user="bob")
+    assert len(list(log.records())) == 3 and not log.check_writable(max_age=0)
+    heads.allow()
+    assert log.check_writable(max_age=0)  # signs the owed head first
+    rep = log.verify()
+    assert rep.ok and rep.head_seq == 3 and rep.unsigned == 0, rep.problem
+    assert log.append("request", user="bob") == 4
+    log.close()
+
+
+def test_an_owed_record_cut_while_its_head_was_refused_stops_the_writer(pg_url, audit_home):
+    """The DBA makes the head unwritable, lets a request be served (its record committed), deletes that record
+    and winds the tip back, then lets the head be written again: the signature owed checks the record first."""
+    from codemoat.audit.log import AuditUnavailable
+
+    log = open_log(pg_url, audit_home, sign_every=1)
+    fill(log, 2)
+    heads = Heads(pg_url)
+    heads.refuse()
+    assert log.append("request", user="mallory", route="/v1/completions", status=200) == 3
+    with log.engine.begin() as c:
+        prev = c.execute(sa.text("select hash from audit_records where seq = 2")).scalar()
+        c.execute(sa.text("delete from audit_records where seq = 3"))
+        c.execute(sa.text("update audit_tip set seq = 2, hash = :h where id = 1"), {"h": prev})
+    heads.allow()
+    assert not log.check_writable(max_age=0)
+    with pytest.raises(AuditUnavailable, match="record 3, just written, is no longer in the chain"):
+        log.append("request", user="bob")
+    assert [r["user"] for r in log.records()] == ["alice", "alice"]  # nothing linked over the cut
+    assert "tampered" in (log.failure or "")
