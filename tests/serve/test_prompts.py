@@ -422,3 +422,49 @@ def test_secret_split_across_fields_is_caught(qwen, route):
         assert r.status_code == 400 and "aws_access_key_id" in r.text, r.text
         r = send(c, a, "rest of the line\n")  # the halves alone are no secret
         assert r.status_code == 200, r.text
+
+
+# -- an editor's unchanged context is not tokenised again (engines.tokcache) -------------------
+def test_an_editors_unchanged_suffix_and_extra_files_are_tokenised_once_per_user(qwen, monkeypatch):
+    """llama.vscode sends the text after the cursor and its ring of chunks again on every keystroke: only the
+    prefix is tokenised again, for the same user only, and the prompt the engine reads is the same."""
+    import llama_cpp
+
+    calls: list[int] = []
+    real = llama_cpp.llama_tokenize
+
+    def counted(*a):
+        calls.append(a[2])
+        return real(*a)
+
+    monkeypatch.setattr(llama_cpp, "llama_tokenize", counted)
+    suffix = "    return total\n\n\ndef refund(order):\n    pass\n" * 8
+    chunk = "def helper(a, b):\n    return a * b + 1\n" * 10
+    req = {
+        "input_prefix": "import os\n",
+        "prompt": "def main():\n    total = ",
+        "input_suffix": suffix,
+        "input_extra": [{"filename": "helpers.py", "text": chunk}],
+        "n_predict": 4,
+        "temperature": 0,
+        "cache_prompt": False,
+    }
+    s = load_settings()
+    accounts = Accounts(open_db())
+    holder = KeptHolder(qwen.model_id)
+    holder.set(qwen)
+    app = create_app(s, holder=holder, accounts=accounts)
+    alice, bob = ({"Authorization": f"Bearer {accounts.create_token(u)[1]}"} for u in ("alice", "bob"))
+    with TestClient(app) as c:
+        assert c.post("/infill", json=req, headers=alice).status_code == 200
+        typed = {**req, "prompt": req["prompt"] + "os."}
+        calls.clear()
+        again = c.post("/infill", json=typed, headers=alice)
+        alice_bytes = sum(calls)
+        calls.clear()
+        other = c.post("/infill", json=typed, headers=bob)
+        bob_bytes = sum(calls)
+    assert again.status_code == other.status_code == 200
+    assert alice_bytes < len(suffix) < len(suffix) + len(chunk) <= bob_bytes  # bob's request tokenised all of it
+    a, b = again.json(), other.json()
+    assert (a["content"], a["tokens_evaluated"], a["truncated"]) == (b["content"], b["tokens_evaluated"], b["truncated"])

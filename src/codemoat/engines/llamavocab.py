@@ -8,6 +8,8 @@ import ctypes
 from collections.abc import Sequence
 from typing import Any
 
+from .tokcache import MIN_CHARS, SCOPE, TokenCache
+
 
 class NativeVocab:
     """Mixed into `LlamaCppEngine`, which sets `_llm`, `_model`, `_lib`, `_vocab`, `_special_cache`, `_closed`,
@@ -70,13 +72,28 @@ class NativeVocab:
 
     def _tokenize(self, text: str, special: bool) -> list[int]:
         """llama.cpp's tokenizer into a buffer that fits: llama-cpp-python sizes its buffer by the training
-        context, which a vocab-only model (the server's `front`) reports as 0, so it tokenised every text twice."""
+        context, which a vocab-only model (the server's `front`) reports as 0, so it tokenised every text twice.
+        A long text the same caller sent a moment ago is not tokenised again (`tokcache`)."""
         if self._closed:  # its vocabulary is freed: a 503 that says why, not a crash
             raise self.closed_error()
+        scope = SCOPE.get() if len(text) >= MIN_CHARS else None
+        if scope is not None:
+            cache = self.token_cache()
+            hit = cache.get(scope, special, text)
+            if hit is not None:
+                return hit
         b = text.encode()
         buf = (ctypes.c_int32 * (len(b) + 8))()  # a token covers a byte or more; room for a leading-space token
         n = self._lib.llama_tokenize(self._vocab, b, len(b), buf, len(buf), False, special)
-        return buf[:n] if n >= 0 else self._model.tokenize(b, add_bos=False, special=special)
+        ids = buf[:n] if n >= 0 else self._model.tokenize(b, add_bos=False, special=special)
+        if scope is not None:
+            cache.put(scope, special, text, ids)
+        return ids
+
+    def token_cache(self) -> TokenCache:
+        """This vocabulary's `TokenCache` (made on first use; a new model is a new engine, with a new one)."""
+        cache = self.__dict__.get("_token_cache")
+        return cache if cache is not None else self.__dict__.setdefault("_token_cache", TokenCache())
 
     def encode(self, parts: Sequence[Any], bos: bool = True) -> list[int]:
         self._hold()

@@ -24,6 +24,7 @@ from ..engines.base import Chunk, Completion, Engine, SamplingParams
 from ..engines.holder import ModelHolder
 from ..engines.chat_templates import chat_template_for
 from ..engines.templates import detect_fim
+from ..engines.tokcache import SCOPE
 from ..errors import CodemoatError, Forbidden, NotFound
 from .admission import FairSlots
 from .hangup import WATCH, ClientGone, Watch, unless_gone
@@ -182,6 +183,7 @@ class Service:
         request = args[0]
         principal = getattr(request.state, "principal", None)
         self._slots.check(None if principal is None else principal.user)  # a flood's prompts are not built to wait
+        scope = SCOPE.set(None if principal is None else principal.user)  # this user's texts of a moment ago (`tokcache`)
         try:
             if self._preparer.inline(build, args, self.idle()):
                 prep = build(*args, **kw)
@@ -194,6 +196,8 @@ class Service:
         except BaseException:
             screen_pending(usage_of(request.state))  # a refused prompt's record names its secrets too
             raise
+        finally:
+            SCOPE.reset(scope)
         if prep.suffix_dropped:  # sent as a header by `prompts_headers` (app.py)
             request.state.prompt_headers = {"X-Codemoat-Suffix": "dropped"}
         return prep

@@ -1,0 +1,69 @@
+"""Token ids of the long texts a caller sent a moment ago, so that the next request does not tokenise them again.
+
+An editor sends the whole neighbourhood of the cursor on every keystroke: the prefix grows by what was
+typed, but the suffix after the cursor, the other open files (Continue's and Tabby's extra context,
+llama.vscode's ring of chunks) and the retrieved snippets are the same texts as a moment ago. Each is
+tokenised on its own (`prompts.build_fim`), at ~0.2 µs a character: 10,000 characters of unchanged
+context cost ~2 ms of the server process's CPU per keystroke, on the path to the first token.
+
+A text is looked up by its exact characters (a tokenizer is a function of its text), only within the
+caller's own scope (`SCOPE`, the user's name, set by `serve.service.Service.prepare`): whether another
+user's request comes back faster must not tell anyone whether a text was just sent by someone else (the
+prefix cache of the engine's slots is kept per user for the same reason). Without a scope nothing is
+cached. Texts under `MIN_CHARS` are cheaper to tokenise than to keep. At most `MAX_CHARS` characters are
+held in all, the least recently used going first; the ids are kept as 4-byte integers and every hit is a
+new list (callers may change what they get).
+"""
+
+from __future__ import annotations
+
+import threading
+from array import array
+from collections import OrderedDict
+from contextvars import ContextVar
+
+#: whose texts this thread's tokenisations are (None: nobody's, not cached)
+SCOPE: ContextVar[str | None] = ContextVar("codemoat_token_scope", default=None)
+#: a text shorter than this is tokenised each time (~50 µs at most)
+MIN_CHARS = 256
+#: characters held in all (with their ids: ~4 MiB more at most); ~80 editors' neighbourhoods of 25,000
+MAX_CHARS = 2 << 20
+
+
+class TokenCache:
+    """(scope, special, text) -> token ids, bounded by the characters of the texts held (least recently used out)."""
+
+    def __init__(self, max_chars: int = MAX_CHARS):
+        self.max_chars = max_chars
+        self.chars = 0
+        self.hits = self.misses = 0
+        self._items: OrderedDict[tuple[str, bool, str], array] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, scope: str, special: bool, text: str) -> list[int] | None:
+        key = (scope, special, text)
+        with self._lock:
+            ids = self._items.get(key)
+            if ids is None:
+                self.misses += 1
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+        return ids.tolist()
+
+    def put(self, scope: str, special: bool, text: str, ids: list[int]) -> None:
+        if len(text) > self.max_chars:
+            return
+        key = (scope, special, text)
+        kept = array("i", ids)
+        with self._lock:
+            if key in self._items:
+                return
+            self._items[key] = kept
+            self.chars += len(text)
+            while self.chars > self.max_chars:
+                (_, _, old), _ = self._items.popitem(last=False)
+                self.chars -= len(old)
+
+    def __len__(self) -> int:
+        return len(self._items)
