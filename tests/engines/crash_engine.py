@@ -28,6 +28,15 @@ SILENT_WORK_S = 3.0
 SLOW_STEPS = "<<slow-steps>>"  # batched: each step computes STEP_S on a core first (a large model's prompt: silent long)
 STEP_S = 0.4
 SPIN = "<<spin>>"  # the batch's loop spins for good before this request's first step: busy, no step, no message
+SPIN_A_WHILE = "<<spin-until-released>>"  # as SPIN (batched), until `released()`
+BLOCK = "<<block>>"  # the worker waits, asleep, before this request until RELEASE is set: no work, no step, no message
+RELEASE = threading.Event()  # releases SPIN_A_WHILE and BLOCK in this process
+RELEASE_FILE = "CODEMOAT_TEST_RELEASE"  # or SPIN_A_WHILE: the file this variable names exists (a server the test started)
+
+
+def released() -> bool:
+    path = os.environ.get(RELEASE_FILE)
+    return RELEASE.is_set() or (path is not None and os.path.exists(path))
 
 
 class _NoLoad:
@@ -88,6 +97,19 @@ class CrashingEngine(LlamaCppEngine):
                     sum(range(10_000))
 
             self._jobs.put((spin, Future()))
+        if SPIN_A_WHILE in self.detokenize(ids) and self._batcher is not None:
+
+            def spin_a_while() -> None:
+                while not released():
+                    sum(range(10_000))
+
+            self._jobs.put((spin_a_while, Future()))
+        if BLOCK in self.detokenize(ids):  # a job on the worker, batched or not
+
+            def block() -> None:
+                RELEASE.wait()  # asleep: no wake-up, no time on a core or waiting for one
+
+            self._jobs.put((block, Future()))
         if SLOW_STEPS in self.detokenize(ids) and self._batcher is not None:
             decode = self._batcher._decode
 

@@ -74,6 +74,8 @@ def serve(
     console.print(f"codemoat serving [bold]{escape(holder.model_id)}[/bold] on {url}", highlight=False)
     run(application, sock, settings.server.log_level, settings.server.trusted_proxies, settings.server.read_timeout_s)
     console.print("codemoat stopped", highlight=False)
+    if holder.exit_status:  # stopped by its inline engine's stall (model.exit_on_hang): a failure, to be restarted
+        raise typer.Exit(holder.exit_status)
 
 
 def log_to_stderr(level: str) -> None:

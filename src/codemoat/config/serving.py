@@ -105,17 +105,21 @@ class ModelSettings(BaseModel):
     )
     isolation: Literal["process", "inline"] = Field(
         "process",
-        description="Run the engine in a supervised child process, restarted after a crash, a hang or a spin (llama.cpp), or inline in the server's process (no restart and no watchdog: a stuck inline engine holds every request while /health stays 200).",
+        description="Run the engine in a supervised child process, restarted after a crash, a hang or a spin (llama.cpp), or inline in the server's process (a crash takes the server with it; a hang or a spin is found by the same watchdogs, answered 503 and audited, and stops the server: model.exit_on_hang).",
     )
     answer_timeout_s: float = Field(
         120.0,
         ge=0,
-        description="An engine process (model.isolation = process) that owes requests an answer and for this long sends nothing (no token, no error) and does no work (its threads neither run nor wait for a core or the disk; a long prefill does) is hung: its requests get 503 and it is restarted, as after a crash; 0 = never.",
+        description="An engine process (model.isolation = process) that owes requests an answer and for this long sends nothing (no token, no error) and does no work (its threads neither run nor wait for a core or the disk; a long prefill does) is hung: its requests get 503 and it is restarted, as after a crash; 0 = never. Inline (llama.cpp), the same of the engine's worker thread: a stall (model.exit_on_hang).",
     )
     spin_timeout_s: float = Field(
         300.0,
         ge=0,
-        description="A batching engine process (model.isolation = process, model.parallel > 1) that owes requests an answer, sends nothing and makes no decode step (a step: one llama_decode, at most model.batch_tokens prompt tokens) while one of its threads runs on a core for this long (time waiting for a core, on a loaded machine, does not count) is spinning: its requests get 503 and it is restarted, as after a crash; 0 = never. Keep it above the slowest step: a large model's prompt step on a loaded CPU can take minutes.",
+        description="A batching engine process (model.isolation = process, model.parallel > 1) that owes requests an answer, sends nothing and makes no decode step (a step: one llama_decode, at most model.batch_tokens prompt tokens) while one of its threads runs on a core for this long (time waiting for a core, on a loaded machine, does not count) is spinning: its requests get 503 and it is restarted, as after a crash; 0 = never. Keep it above the slowest step: a large model's prompt step on a loaded CPU can take minutes. Inline (llama.cpp, model.parallel > 1), the same of the engine's worker thread: a stall (model.exit_on_hang).",
+    )
+    exit_on_hang: bool = Field(
+        True,
+        description="model.isolation = inline (llama.cpp): when the engine's worker thread stalls (model.answer_timeout_s, model.spin_timeout_s), its requests and new ones get 503, /health says state stalled (503) and an engine_crashed incident is audited; then true stops the server as SIGTERM does and exits with status 70, for its service manager to start it again (a thread cannot be stopped: only a new process frees the engine); false keeps the server up, answering 503 until the worker takes a job again (if ever), e.g. to inspect the stuck thread.",
     )
     id: str | None = Field(None, description="Model name shown by the API (default: the file's stem).")
     n_ctx: int = Field(4096, ge=64, description="Context window in tokens (capped by the model's own).")

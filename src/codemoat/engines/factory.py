@@ -3,7 +3,8 @@
 Plaintext and sealed models take the same road: `engine_class(settings.model.engine)` with the
 same options (`engine_options`). With `model.isolation = "process"` (the default) an engine that
 can (llama.cpp) runs in a supervised child process (`engines.supervised`), so a native crash
-costs a restart instead of the server; the transformers and vLLM engines stay in-process.
+costs a restart instead of the server; the transformers and vLLM engines stay in-process. Inline
+(`model.isolation = "inline"`), such an engine's worker thread is watched (`engines.watchdog.InlineWatch`).
 """
 
 from __future__ import annotations
@@ -65,6 +66,9 @@ def build_engine(
         engine = cls.from_buffer(source, parts, **opts)
     else:
         engine = cls.from_path(source, **opts)
+    if settings.model.isolation == "inline" and cls.isolatable and hasattr(engine, "watch"):
+        # the process engine's watchdogs over its worker thread instead (engines.watchdog.InlineWatch)
+        engine.watch(settings.model.answer_timeout_s, settings.model.spin_timeout_s, settings.model.exit_on_hang)
     # the adapters this engine loaded: serve chooses among them per request (an adapter swap builds a new engine)
     engine.adapters_served = served  # type: ignore[attr-defined]
     return engine

@@ -99,6 +99,9 @@ class ModelHolder:
         self.incidents: list[Callable[[str, dict[str, Any]], None]] = []
         #: swapped-out engines still finishing their in-flight requests
         self.retiring: set[Engine] = set()
+        #: the status `codemoat serve` exits with once stopped, set by an incident that stops the server (an
+        #: inline engine's stall: `engines.watchdog.exit_server`); None: 0
+        self.exit_status: int | None = None
 
     @property
     def features(self) -> list[str] | None:
@@ -133,8 +136,15 @@ class ModelHolder:
     def loaded(self) -> bool:
         return self._engine is not None
 
+    @property
+    def stall(self) -> str | None:
+        """Why the engine stalled (an inline engine's watchdog), or None."""
+        return getattr(self._engine, "stalled", None)
+
     def report(self, kind: str, detail: dict[str, Any]) -> None:
         """Hand an incident to every listener; a failing listener is logged, never raised into the engine."""
+        if detail.get("exit_status") is not None:
+            self.exit_status = detail["exit_status"]
         for listener in list(self.incidents):
             try:
                 listener(kind, {"model": self.model_id, **detail})

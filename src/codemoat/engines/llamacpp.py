@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import logging
 import random
 import threading
 from collections.abc import Callable
@@ -28,6 +29,8 @@ from .llamaload import load_llama, load_vocab, training_context
 from .llamavocab import NativeVocab
 from .pieces import valid_utf8_prefix as _valid_utf8_prefix
 from .worker import StopCutter, WorkerEngine
+
+log = logging.getLogger("codemoat.engines")
 
 
 class LlamaCppEngine(NativeVocab, WorkerEngine):
@@ -202,7 +205,12 @@ class LlamaCppEngine(NativeVocab, WorkerEngine):
             return super()._start(ids, params, emit, cancel, finished)
         if self._closed:
             raise self.closed_error()
-        self._jobs.put(Seq(list(ids), params, emit, cancel, finished))
+        self._jobs.put(Seq(list(ids), params, emit, cancel, self._owing(cancel, finished)))
+
+    def step_counter(self):  # type: ignore[no-untyped-def]
+        """The batch's steps (`llama_decode` calls) so far, for the inline watchdog (batched only)."""
+        batcher = self._batcher
+        return (lambda: batcher.steps) if batcher is not None else None
 
     @property
     def on_slots(self):  # type: ignore[no-untyped-def]
@@ -386,6 +394,14 @@ class LlamaCppEngine(NativeVocab, WorkerEngine):
             return
         for folded in getattr(self, "_folded", {}).values():
             folded.close()
+        if self._worker.is_alive():  # stalled (the inline watchdog), maybe inside llama.cpp: freeing under it would crash
+            log.error(
+                "the engine's worker for %s is still running: its model stays in memory until the process exits", self.model_id
+            )
+            if self._memfd is not None:
+                self._memfd.close(zero=True)
+                self._memfd = None
+            return
         if self._batcher is not None:
             self._batcher.close()
         self._free_model()

@@ -21,40 +21,77 @@ a `StepCell`, an 8-byte memfd the server reads: no message and no step while ans
 its threads ran on a core for `spin_limit` seconds meanwhile (`model.spin_timeout_s`), is a spinning engine.
 Time on a core, not time waiting for one: an engine starved of cores on a loaded machine steps late but is
 not spinning.
+
+An engine in the server's own process (`model.isolation = inline`) is watched the same way by `InlineWatch`,
+with its worker thread for the process: its schedstat and page faults (`/proc/self/task/TID/`), its steps,
+and the requests it finished for the messages. A thread cannot be killed, so a stalled inline engine is
+reported instead (`WorkerEngine.stall`): its requests and new ones get `Stalled` (503 with Retry-After), its
+state is "stalled" (`/health` 503), an `engine_crashed` incident is audited (`hung`, `why`, `isolation`), and
+with `model.exit_on_hang` the server stops (SIGTERM to itself: requests in flight drain, the audit log
+closes) and exits with `EXIT_STALLED`, for its service manager to restart it. Without it, the stall clears
+once the worker takes a job again (a probe queued behind what it was stuck on).
 """
 
 from __future__ import annotations
 
 import ctypes
+import logging
 import mmap
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+from ..errors import Overloaded
+
+log = logging.getLogger("codemoat.engines")
 
 #: seconds a silent engine process's threads must be runnable in a `limit`-long window to count as working
 #: (a prefill's thread is runnable all the window; a hung process's threads sleep, a few microseconds aside)
 MIN_RUNNABLE_S = 0.05
 #: seconds between two checks that mean nothing was owed in between (checks come once a second while owed)
 GAP_S = 3.0
+#: seconds between two looks of `InlineWatch` (`AnswerWatch.check` expects about one a second)
+TICK_S = 1.0
+#: the exit status of a server stopped by a stalled inline engine (`model.exit_on_hang`): EX_SOFTWARE, a
+#: failure, so that a service manager restarting on failure (systemd's Restart=on-failure) restarts it
+EXIT_STALLED = 70
+#: seconds a server stopping after a stall has to drain its requests and close its audit log before it
+#: exits regardless (uvicorn gives requests 10 s)
+EXIT_GRACE_S = 60.0
 
 
-def work(pid: int) -> tuple[dict[int, int], int] | None:
-    """Process `pid`'s work so far: per thread, nanoseconds it ran or waited for a core (`ran` below: only those
-    it ran); and its major page faults (pages read in from disk). None once it is gone."""
+class Stalled(Overloaded):
+    """A request on an inline engine that stopped making progress: 503 in each protocol's shape, with
+    Retry-After (an `Overloaded`, as the other replicas or the restarted server can answer it)."""
+
+    code = "model_unavailable"
+
+    def __init__(self, message: str, retry_after: float = 5.0):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def work(pid: int, tid: int | None = None) -> tuple[dict[int, int], int] | None:
+    """Process `pid`'s work so far (or only its thread `tid`'s): per thread, nanoseconds it ran or waited for a
+    core (`ran` below: only those it ran); and its major page faults (pages read in from disk). None once it is gone."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
+        with open(f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat", "rb") as f:
             stat = f.read()
-        tids = os.listdir(f"/proc/{pid}/task")
+        tids = os.listdir(f"/proc/{pid}/task") if tid is None else [str(tid)]
     except OSError:
         return None
     faults = int(stat[stat.rindex(b")") + 2 :].split()[9])  # majflt: field 12 of stat(5)
     return {tid: run + wait for tid, (run, wait) in _schedstats(pid, tids).items()}, faults
 
 
-def ran(pid: int) -> dict[int, int]:
-    """Per thread of process `pid`, nanoseconds it ran on a core (not those it waited for one)."""
+def ran(pid: int, tid: int | None = None) -> dict[int, int]:
+    """Per thread of process `pid` (or only `tid`), nanoseconds it ran on a core (not those it waited for one)."""
     try:
-        tids = os.listdir(f"/proc/{pid}/task")
+        tids = os.listdir(f"/proc/{pid}/task") if tid is None else [str(tid)]
     except OSError:
         return {}
     return {tid: run for tid, (run, _) in _schedstats(pid, tids).items()}
@@ -98,7 +135,8 @@ class StepCell:
 
 class AnswerWatch:
     """`check()` is None while process `pid` makes progress, else why it is hung. `received()` counts the
-    process's messages so far; `steps()`, when given, its steps (`StepCell`), which `spin_limit` watches."""
+    process's messages so far; `steps()`, when given, its steps (`StepCell`), which `spin_limit` watches.
+    With `tid`, only that thread of `pid` is watched (an inline engine's worker: `InlineWatch`)."""
 
     def __init__(
         self,
@@ -107,8 +145,10 @@ class AnswerWatch:
         received: Callable[[], int],
         steps: Callable[[], int] | None = None,
         spin_limit: float = 0.0,
+        tid: int | None = None,
     ):
-        self.pid, self.limit, self.received = pid, limit, received
+        self.pid, self.limit, self.received, self.tid = pid, limit, received, tid
+        self.who, self.runner = ("the engine process", "a thread of it") if tid is None else ("the inline engine", "its thread")
         self.steps, self.spin_limit = steps, spin_limit if steps is not None else 0.0
         self._seen: tuple[int, int] | None = None
         self._since = self._quiet = self._last = 0.0
@@ -127,26 +167,93 @@ class AnswerWatch:
             return None
         if self.spin_limit:
             if self._ran is None:
-                self._ran = ran(self.pid)
+                self._ran = ran(self.pid, self.tid)
             elif now - self._quiet >= self.spin_limit:  # spinning: a thread of it ran that long since, on a core
-                on_core = max((ns - self._ran.get(tid, 0) for tid, ns in ran(self.pid).items()), default=0) / 1e9
+                on_core = max((ns - self._ran.get(tid, 0) for tid, ns in ran(self.pid, self.tid).items()), default=0) / 1e9
                 if on_core >= self.spin_limit:
                     return (
-                        f"the engine process sent nothing and made no step for {now - self._quiet:.0f} s while requests "
-                        f"waited, though a thread of it ran for {on_core:.0f} s"
+                        f"{self.who} sent nothing and made no step for {now - self._quiet:.0f} s while requests "
+                        f"waited, though {self.runner} ran for {on_core:.0f} s"
                     )
         if not self.limit:
             return None
         if self._work is None:  # silent since the last check: its work counts from here (read only now, not each second)
-            self._work = work(self.pid)
+            self._work = work(self.pid, self.tid)
             return None
         if now - self._since < self.limit:
             return None
-        done = work(self.pid)
+        done = work(self.pid, self.tid)
         if done is None:
             return None  # it ended: its supervisor hears of that anyway
         spent = sum(ns - self._work[0].get(tid, 0) for tid, ns in done[0].items())
         if spent >= MIN_RUNNABLE_S * 1e9 or done[1] > self._work[1]:  # computing, waiting for a core or a disk: a new window
             self._since, self._work = now, done
             return None
-        return f"the engine process sent nothing for {now - self._since:.0f} s while requests waited, and did no work"
+        return f"{self.who} sent nothing for {now - self._since:.0f} s while requests waited, and did no work"
+
+
+class InlineWatch:
+    """The watchdogs of a `WorkerEngine` in the server's own process (see the module docstring): a thread that
+    looks about once a second while the engine owes answers (`AnswerWatch` over its worker thread) and, when it
+    stalls, has the engine say so (`WorkerEngine.stall`), then stops the server (`exit_on_hang`) or waits for
+    the worker to take a job again (`WorkerEngine.unstall`). `stop()` ends it (the engine's close)."""
+
+    def __init__(self, engine: Any, answer_timeout_s: float, spin_timeout_s: float, exit_on_hang: bool):
+        self.engine, self.exit_on_hang = engine, exit_on_hang
+        self.answer_timeout_s, self.spin_timeout_s = answer_timeout_s, spin_timeout_s
+        self.watch = AnswerWatch(
+            os.getpid(), answer_timeout_s, lambda: engine.answered, engine.step_counter(), spin_timeout_s, tid=engine.worker_tid
+        )
+        self._probe: Future | None = None  # a job queued on the stalled worker: done once it works again
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="engine-watchdog", daemon=True)
+        self._thread.start()
+
+    def facts(self) -> dict[str, Any]:
+        return {
+            "answer_timeout_s": self.answer_timeout_s,
+            "spin_timeout_s": self.spin_timeout_s,
+            "exit_on_hang": self.exit_on_hang,
+        }
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def _run(self) -> None:
+        while not self._stopped.wait(TICK_S):
+            try:
+                self._look()
+            except Exception:  # said, and it looks again next second: a watchdog that died would watch nothing
+                log.exception("the inline engine's watchdog failed")
+
+    def _look(self) -> None:
+        eng = self.engine
+        if eng.stalled is not None:
+            if self._probe is not None and self._probe.done():  # its worker took a job again: the stall is over
+                self._probe = None
+                eng.unstall()
+            return
+        if not eng.owed():
+            return
+        why = self.watch.check()
+        if why is None:
+            return
+        eng.stall(why, EXIT_STALLED if self.exit_on_hang else None)
+        if self.exit_on_hang:
+            exit_server(why)
+        else:
+            self._probe = eng.probe()
+
+
+def exit_server(why: str) -> None:
+    """Stop this server as SIGTERM does (requests in flight drain, the audit log closes; `codemoat serve` then
+    exits with `EXIT_STALLED`: `ModelHolder.exit_status`), and exit regardless after `EXIT_GRACE_S`."""
+
+    def last_resort() -> None:
+        time.sleep(EXIT_GRACE_S)
+        log.error("the server did not stop within %.0f s of its engine's stall: exiting now", EXIT_GRACE_S)
+        os._exit(EXIT_STALLED)
+
+    log.error("stopping the server (exit status %d) for its service manager to start it again: %s", EXIT_STALLED, why)
+    threading.Thread(target=last_resort, name="engine-stalled-exit", daemon=True).start()
+    os.kill(os.getpid(), signal.SIGTERM)

@@ -5,12 +5,20 @@ A subclass implements `_prompt_ids(prompt, max_tokens)` (tokenise and check the 
 becomes final (`StopCutter` does the stop-string bookkeeping). This class turns that into the
 async `stream()`/`complete()` of `Engine`: the worker checks `cancel` between tokens, and a
 stream whose consumer goes away sets it, so a disconnected client frees the worker at once.
+
+In the server's own process (`model.isolation = inline`), `watch()` starts `watchdog.InlineWatch` over
+the worker thread: each request is owed an answer from `_start` until the worker finishes it (`_owing`),
+and a worker that owes answers and makes no progress is reported by `stall()`: the requests it owes and new
+ones get `watchdog.Stalled` (503), `state` is "stalled" (`/health` 503), and an `engine_crashed` incident
+goes to `on_incident`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import abc
+import logging
+import os
 import queue
 import threading
 import time
@@ -20,6 +28,8 @@ from typing import Any
 
 from ..errors import Overloaded
 from .base import Chunk, Completion, Engine, FinishReason, SamplingParams, Timings
+
+log = logging.getLogger("codemoat.engines")
 
 _DONE = object()
 
@@ -127,14 +137,117 @@ class StopCutter:
 class WorkerEngine(Engine):
     """Base for engines with a synchronous model owned by one worker thread."""
 
+    #: why the watchdog found the worker stalled (None: it is not), and its facts for `/health`
+    stalled: str | None = None
+    _stall: dict[str, Any] | None = None
+    stalls = 0
+    #: requests the worker finished (any way): progress, for the watchdog
+    answered = 0
+    _watch: Any = None
+
     def _start_worker(self, name: str) -> None:
         # SimpleQueue (in C): the worker blocked in get() has a put item ~10 µs sooner than with queue.Queue's
         # Python lock and condition, ~20 µs on the caches a large model's decode leaves, and the batch loop's
         # get_nowait between steps is cheaper too
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._owed: dict[threading.Event, Callable[[BaseException | None], None]] = {}  # by cancel: `_owing`
         self._closed = False
         self._worker = threading.Thread(target=self._work, name=name, daemon=True)
         self._worker.start()
+
+    # -- the watchdog (model.isolation = inline) ------------------------------------------------
+    def watch(self, answer_timeout_s: float, spin_timeout_s: float, exit_on_hang: bool) -> None:
+        """Watch the worker (`watchdog.InlineWatch`): owing answers, no progress and no work for `answer_timeout_s`,
+        or no step while it runs on a core for `spin_timeout_s` (batching engines), is a stall; `exit_on_hang`
+        then stops the server. Both 0: not watched."""
+        if answer_timeout_s or spin_timeout_s:
+            from .watchdog import InlineWatch
+
+            self._watch = InlineWatch(self, answer_timeout_s, spin_timeout_s, exit_on_hang)
+
+    @property
+    def worker_tid(self) -> int | None:
+        """The worker thread's id in /proc/self/task."""
+        return self._worker.native_id
+
+    def step_counter(self) -> Callable[[], int] | None:
+        """Steps made so far, for an engine that steps (a batch's `llama_decode` calls); None: it does not."""
+        return None
+
+    def owed(self) -> bool:
+        """Some request waits for the worker to finish it."""
+        return bool(self._owed)
+
+    def _owing(
+        self, cancel: threading.Event, finished: Callable[[BaseException | None], None]
+    ) -> Callable[[BaseException | None], None]:
+        """Owe the request of `cancel` an answer until the worker calls the `finished` returned (which calls
+        `finished`); a stalled engine refuses it (`watchdog.Stalled`)."""
+        if self.stalled is not None:
+            raise self._stall_error()
+        owed = self._owed
+
+        def done(exc: BaseException | None) -> None:
+            owed.pop(cancel, None)
+            self.answered += 1
+            finished(exc)
+
+        owed[cancel] = finished
+        return done
+
+    def _stall_error(self) -> BaseException:
+        from .watchdog import Stalled
+
+        if self._stall is not None and self._stall.get("exit_status") is not None:
+            return Stalled("the inference engine stopped answering and the server is restarting; retry in a moment")
+        return Stalled("the inference engine stopped answering; retry in a moment")
+
+    def stall(self, why: str, exit_status: int | None) -> None:
+        """The watchdog found the worker stalled: the requests it owes get `watchdog.Stalled` (and are cancelled,
+        should it come back), so will new ones, `state` says "stalled", and the incident is reported."""
+        self._stall = {"why": why, "at": time.time(), "exit_status": exit_status}
+        self.stalled, self.stalls = why, self.stalls + 1
+        log.error("the inline engine for %s stalled: %s", self.model_id, why)
+        err = self._stall_error()
+        for cancel in list(self._owed):
+            finished = self._owed.pop(cancel, None)
+            if finished is not None:  # else the worker finished it meanwhile
+                cancel.set()
+                finished(err)
+        if self.on_incident is not None:
+            self.on_incident(
+                "engine_crashed",
+                {
+                    "isolation": "inline",
+                    "pid": os.getpid(),
+                    "hung": True,
+                    "why": why,
+                    "exit_status": exit_status,  # not None: the server stops, for its service manager to start it again
+                    "stalls": self.stalls,
+                },
+            )
+
+    def probe(self) -> Future:
+        """A job behind the ones queued: done once the worker works again."""
+        fut: Future = Future()
+        self._jobs.put((lambda: None, fut))
+        return fut
+
+    def unstall(self) -> None:
+        """The worker took a job again: requests are taken again."""
+        since = self._stall["at"] if self._stall is not None else time.time()
+        self.stalled, self._stall = None, None
+        log.warning("the inline engine for %s works again after %.0f s stalled", self.model_id, time.time() - since)
+
+    @property
+    def state(self) -> str:
+        return "ready" if self.stalled is None else "stalled"
+
+    def health(self) -> dict[str, Any]:
+        out = super().health()
+        if self._watch is not None:
+            out.update(watchdog=self._watch.facts(), stall=self._stall, stalls=self.stalls)
+        return out
 
     def _run_job(self, fn: Callable[[], Any]) -> Any:
         """Hook around each job on the worker (e.g. `torch.inference_mode()`)."""
@@ -164,12 +277,15 @@ class WorkerEngine(Engine):
         return fut
 
     def _stop_worker(self) -> bool:
-        """Stop the worker after its current job; False if it was already stopped."""
+        """Stop the worker after its current job; False if it was already stopped. A worker still running after
+        that (`_worker.is_alive()`: stalled) may be inside the model: its caller must not free it."""
         if self._closed:
             return False
         self._closed = True
+        if self._watch is not None:
+            self._watch.stop()
         self._jobs.put(None)
-        self._worker.join(timeout=30)
+        self._worker.join(timeout=1 if self.stalled is not None else 30)
         return True
 
     @property
@@ -197,6 +313,7 @@ class WorkerEngine(Engine):
     ) -> None:
         """Queue a generation and return at once: `emit` gets its chunks on the worker, then `finished`
         (None, or the error) is called once. Here a job per generation; a batching engine overrides it."""
+        finished = self._owing(cancel, finished)
 
         def job() -> None:
             if cancel.is_set():  # its consumer left while it waited

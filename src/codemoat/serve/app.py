@@ -79,7 +79,7 @@ def create_app(settings: Settings, *, holder: ModelHolder, accounts: Accounts, r
             "version": __version__,
             "model": holder.model_id,
             "state": holder.state,
-            "reason": holder.reason or None,
+            "reason": holder.reason or holder.stall or None,  # a stall: why the inline engine's watchdog found it
             "license": asdict(st.license) if st.license else None,  # a plaintext model has none
             "model_file": None if st.license else {"path": st.path, "size": st.size},
             "bundle": asdict(st.bundle) if st.bundle else None,  # the installed update (`update:model`)
