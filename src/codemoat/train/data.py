@@ -27,7 +27,9 @@ import random
 import re
 from collections import defaultdict
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from .corpus import SourceFile
 from .tokenizer import ENDOFTEXT, FILE_SEP, FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX, REPO_NAME
@@ -75,10 +77,19 @@ def fim_split(text: str, rng: random.Random, line_rate: float) -> tuple[str, str
     return text[:a], text[a:b], text[b:]
 
 
-def fim_format(prefix: str, middle: str, suffix: str, spm: bool) -> str:
+class Mark(str):
+    """A control token the renderer places (a FIM, repository or end-of-text marker): encoded as that
+    token. Everything else in a sample is text from a file, encoded as the characters it is made of."""
+
+
+def fim_parts(prefix: str, middle: str, suffix: str, spm: bool) -> list[str]:
     if spm:
-        return f"{FIM_PREFIX}{FIM_SUFFIX}{suffix}{FIM_MIDDLE}{prefix}{middle}"
-    return f"{FIM_PREFIX}{prefix}{FIM_SUFFIX}{suffix}{FIM_MIDDLE}{middle}"
+        return [Mark(FIM_PREFIX), Mark(FIM_SUFFIX), suffix, Mark(FIM_MIDDLE), prefix + middle]
+    return [Mark(FIM_PREFIX), prefix, Mark(FIM_SUFFIX), suffix, Mark(FIM_MIDDLE), middle]
+
+
+def fim_format(prefix: str, middle: str, suffix: str, spm: bool) -> str:
+    return "".join(fim_parts(prefix, middle, suffix, spm))
 
 
 class SnippetIndex:
@@ -102,21 +113,78 @@ class SnippetIndex:
         return [(p, s) for p, s, _ in sample[:k]]
 
 
-def render_samples(files: list[SourceFile], opts: DataOptions, rng: random.Random) -> Iterator[str]:
-    """One text per chunk of every file (FIM or plain, some with cross-file context), each ending in <|endoftext|>."""
+def render_parts(files: list[SourceFile], opts: DataOptions, rng: random.Random) -> Iterator[list[str]]:
+    """One sample per chunk of every file (FIM or plain, some with cross-file context), each ending in
+    `opts.eos`, as a list of text and the control tokens placed around it (`Mark`)."""
     index = SnippetIndex(files, opts.snippet_chars) if opts.repo_rate > 0 else None
     for f in files:
         for piece in chunks(f.text, opts.chunk_chars):
-            body = piece
+            body = [piece]
             if rng.random() < opts.fim_rate and len(piece) > 8:
                 pre, mid, suf = fim_split(piece, rng, opts.line_fim_rate)
-                body = fim_format(pre, mid, suf, spm=rng.random() < opts.spm_rate)
+                body = fim_parts(pre, mid, suf, spm=rng.random() < opts.spm_rate)
             if index is not None and rng.random() < opts.repo_rate:
                 ctx = index.best(f.path, piece, rng.choice((1, 2)), rng)
                 if ctx:
-                    head = "".join(f"{FILE_SEP}{p}\n{s}" for p, s in ctx)
-                    body = f"{REPO_NAME}{opts.repo_name}\n{head}{FILE_SEP}{f.path}\n{body}"
-            yield body + opts.eos
+                    head = [part for p, s in ctx for part in (Mark(FILE_SEP), f"{p}\n{s}")]
+                    body = [Mark(REPO_NAME), f"{opts.repo_name}\n", *head, Mark(FILE_SEP), f"{f.path}\n", *body]
+            yield _joined([*body, Mark(opts.eos)])
+
+
+def _joined(parts: list[str]) -> list[str]:
+    """`parts` with neighbouring texts made one (encoded together, as in the joined sample) and empty ones left out."""
+    out: list[str] = []
+    for p in parts:
+        if not p:
+            continue
+        if out and not isinstance(p, Mark) and not isinstance(out[-1], Mark):
+            out[-1] += p
+        else:
+            out.append(p)
+    return out
+
+
+def render_samples(files: list[SourceFile], opts: DataOptions, rng: random.Random) -> Iterator[str]:
+    """`render_parts` joined: one text per sample."""
+    for parts in render_parts(files, opts, rng):
+        yield "".join(parts)
+
+
+@contextmanager
+def as_text(tok) -> Iterator[Any]:
+    """Inside: `tok` (a `tokenizers.Tokenizer`) encodes a control token's spelling in its input
+    (`<|endoftext|>`, `<|fim_middle|>` written in a file) as the characters it is made of, as serve
+    encodes a client's text, never as the control token itself."""
+    was = tok.encode_special_tokens
+    tok.encode_special_tokens = True
+    try:
+        yield tok
+    finally:
+        tok.encode_special_tokens = was
+
+
+def encode_samples(tok, samples: list[list[str]]) -> list[list[int]]:
+    """Token ids of `render_parts` samples: each `Mark` its control token's id, the text between as text
+    (`as_text`): a file cannot write a control token into the training data. Without files that spell
+    one, the ids are those of encoding the joined sample (the tokenizer splits at control tokens first)."""
+    with as_text(tok):
+        texts = iter(tok.encode_batch([p for s in samples for p in s if p and not isinstance(p, Mark)], add_special_tokens=False))
+        marks: dict[str, list[int]] = {}
+        out = []
+        for s in samples:
+            ids: list[int] = []
+            for p in s:
+                if not p:
+                    continue
+                if isinstance(p, Mark):
+                    if p not in marks:  # a marker this vocabulary lacks is its characters, as before
+                        i = tok.token_to_id(p)
+                        marks[p] = [i] if i is not None else tok.encode(p, add_special_tokens=False).ids
+                    ids += marks[p]
+                else:
+                    ids += next(texts).ids
+            out.append(ids)
+    return out
 
 
 def pack(token_lists: list[list[int]], n_ctx: int) -> list[list[int]]:
@@ -133,9 +201,9 @@ def epoch_rows(files: list[SourceFile], tok, n_ctx: int, opts: DataOptions, seed
     rng = random.Random(seed * 1_000_003 + epoch)
     order = list(files)
     rng.shuffle(order)
-    texts = list(render_samples(order, opts, rng))
-    rng.shuffle(texts)
-    ids = [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
+    samples = list(render_parts(order, opts, rng))
+    rng.shuffle(samples)
+    ids = encode_samples(tok, samples)
     rows = pack(ids, n_ctx)
     if not rows:
         raise ValueError("corpus too small for one training sequence")

@@ -16,6 +16,7 @@ import sysconfig
 from pathlib import Path
 
 from ..train.corpus import SourceFile
+from ..train.data import as_text
 
 #: the forgetting check: the bundled model's own held-out CPython 3.11 modules (models/heldout.txt,
 #: never trained on), present in every CPython 3.11 (other versions have most of them)
@@ -132,7 +133,8 @@ def token_windows(files: list[SourceFile], tok, n_ctx: int, max_tokens: int) -> 
     windows: list[list[int]] = []
     nbytes = budget = 0
     for f in sorted(files, key=lambda f: f.path):
-        enc = tok.encode(f.text, add_special_tokens=False)
+        with as_text(tok):  # a control token's spelling in a file is scored as the text it is
+            enc = tok.encode(f.text, add_special_tokens=False)
         ids, offsets = enc.ids, enc.offsets
         take = min(len(ids), max_tokens - budget + 1)
         if take < 2:
@@ -164,7 +166,8 @@ def spread_windows(files: list[SourceFile], tok, n_ctx: int, max_tokens: int) ->
 def per_file_tokens(files: list[SourceFile], tok, max_tokens: int, least: int = 32) -> int:
     """The largest N (at least `least`) for which N tokens or the whole file, whichever is less, from
     every file of `files` fit in `max_tokens` predictions: the budget shared out, small files whole."""
-    sizes = [max(0, len(tok.encode(f.text, add_special_tokens=False).ids) - 1) for f in files]
+    with as_text(tok):
+        sizes = [max(0, len(tok.encode(f.text, add_special_tokens=False).ids) - 1) for f in files]
     if not sizes or sum(sizes) <= max_tokens:
         return max([least, *sizes])
     lo, hi = least, max(sizes)

@@ -18,6 +18,7 @@ import random
 from dataclasses import dataclass
 
 from ..train.corpus import SourceFile
+from ..train.data import as_text
 from ..train.tokenizer import ENDOFTEXT, FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX
 
 MAX_NEW = 24  # tokens generated per line at most
@@ -78,8 +79,9 @@ def scores(model, tok, items: list[Case], n_ctx: int, device: str = "cpu") -> di
     exact = sim = 0.0
     with torch.no_grad():
         for c in items:
-            pre = tok.encode(c.prefix, add_special_tokens=False).ids
-            suf = tok.encode(c.suffix, add_special_tokens=False).ids
+            with as_text(tok):  # the file's text around the line, control tokens only where the format puts them
+                pre = tok.encode(c.prefix, add_special_tokens=False).ids
+                suf = tok.encode(c.suffix, add_special_tokens=False).ids
             n_suf = min(len(suf), room // 4)
             pre, suf = pre[-(room - n_suf) :] if room > n_suf else [], suf[:n_suf]
             ids = [special[FIM_PREFIX], *pre, special[FIM_SUFFIX], *suf, special[FIM_MIDDLE]]
