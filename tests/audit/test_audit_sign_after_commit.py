@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import sqlite3
+import threading
 
 import pytest
 import sqlalchemy as sa
+from ports import free_port
 from waiting import wait_for
 
 from codemoat.accounts import Accounts
@@ -192,3 +195,137 @@ def test_an_owed_record_cut_while_its_head_was_refused_stops_the_writer(pg_url, 
         log.append("request", user="bob")
     assert [r["user"] for r in log.records()] == ["alice", "alice"]  # nothing linked over the cut
     assert "tampered" in (log.failure or "")
+
+
+class CuttingProxy:
+    """A TCP forwarder on 127.0.0.1 in front of the test's PostgreSQL. Armed, it forwards the first statement
+    that inserts audit records, and when the server's answer to it comes back (the records committed: one
+    statement in autocommit), it drops that answer and every connection and stops listening, as a network
+    cut right after a commit would; `resume` listens again on the same port."""
+
+    def __init__(self, target_port: int):
+        self.target = ("127.0.0.1", target_port)
+        self.port = free_port()
+        self.armed = False
+        self.before_commit = False  # cut when the statement is sent instead, so that nothing commits
+        self.cut_done = threading.Event()
+        self._lock = threading.Lock()
+        self._socks: set[socket.socket] = set()
+        self._listener: socket.socket | None = None
+        self.resume()
+
+    def resume(self) -> None:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", self.port))
+        s.listen(64)
+        self._listener = s
+        threading.Thread(target=self._accept, args=(s,), daemon=True).start()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # closed by `cut` or `close`
+            try:
+                server = socket.create_connection(self.target, timeout=30)
+                server.settimeout(None)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._socks.update((client, server))
+            state = {"insert": False}
+            threading.Thread(target=self._pump, args=(client, server, state, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, state, False), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, state: dict, upstream: bool) -> None:
+        seen = b""
+        while True:
+            try:
+                data = src.recv(65536)
+            except OSError:
+                data = b""
+            if not data:
+                break
+            if upstream:
+                seen = (seen + data)[-65536:]
+                if self.armed and b"INSERT INTO audit_records" in seen:
+                    if self.before_commit:  # the statement never reaches the server
+                        self.cut()
+                        return
+                    state["insert"] = True
+            elif state["insert"] and self.armed:
+                self.cut()  # the commit's answer: never delivered
+                return
+            try:
+                dst.sendall(data)
+            except OSError:
+                break
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cut(self) -> None:
+        with self._lock:
+            self.armed = False
+            listener, self._listener = self._listener, None
+            socks, self._socks = list(self._socks), set()
+        if listener is not None:  # shut down first: close() alone leaves a thread's pending accept() listening
+            try:
+                listener.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            listener.close()
+        for s in socks:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+        self.cut_done.set()
+
+    def close(self) -> None:
+        self.armed = False
+        self.cut()
+
+
+@pytest.mark.parametrize("committed", [True, False], ids=["cut-after-commit", "cut-before-commit"])
+def test_a_stream_whose_connection_was_cut_at_its_record_is_recorded_once(pg_cluster, pg_url, audit_home, llm, committed):
+    """The network between the writer and PostgreSQL fails right after the stream's record committed, and the
+    server stays unreachable while the writer reads back whether it had (`audit.pgappend`): the stream is kept
+    as unrecorded. Once the log takes records again, the kept record is written only if the first one is not
+    in the chain (before, it was written again: the request twice), and what follows it (usage row, quota) once.
+    The other side: cut before the statement reached the server, the kept record is written, marked late."""
+    proxy = CuttingProxy(pg_cluster.port)
+    url = pg_url.replace(f":{pg_cluster.port}/", f":{proxy.port}/")
+    eng = open_db(url)
+    accounts = Accounts(eng)
+    tokens = make_tokens(accounts)
+    try:
+        with client_for(Settings(audit={"sign_every": 1}), accounts, llm) as c:
+            trust = c.app.state.trust
+            assert complete(c, tokens["alice"]).status_code == 200
+            proxy.before_commit, proxy.armed = not committed, True
+            r = _streamed(c, tokens["alice"])
+            assert r.status_code == 200 and r.text.rstrip().endswith("data: [DONE]")
+            assert proxy.cut_done.is_set() and len(trust.late) == 1  # committed, but the writer could not know
+            proxy.resume()
+            assert wait_for(lambda: trust.log.check_writable(max_age=0))
+            assert complete(c, tokens["bob"]).status_code == 200
+            assert wait_for(lambda: len(trust.late) == 0)
+            rows = records(trust.log.engine)
+            assert sorted((x["user"], x["status"]) for x in rows) == [("alice", 200), ("alice", 200), ("bob", 200)]
+            # after the commit: the first append's record, found in the chain; before it: the kept one, late
+            assert sum(1 for x in rows if _detail(x).get("late")) == (0 if committed else 1)
+            with eng.connect() as db:  # what goes with it (the usage row) followed it once
+                users = sorted(u for (u,) in db.execute(sa.text('select "user" from usage_completions')))
+            assert users == ["alice", "alice", "bob"]
+            rep = trust.log.verify()
+            assert rep.ok, rep.problem
+    finally:
+        proxy.close()
+        eng.dispose()

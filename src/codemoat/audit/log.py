@@ -179,6 +179,26 @@ class AuditLog(HeadSigning, LogReading):
         self._writer.submit(me)
         return await me.fut
 
+    def written_already(self, kind: str, fields: dict[str, Any]) -> int | None:
+        """The seq of a record appended with these `fields` (its time `ts` included) that is in the chain although
+        its append failed, or None; when found, what goes with it (`also`) is written now, as its append would have.
+        Only PostgreSQL commits a record without its writer knowing (`audit.pgappend`: the connection lost
+        with the commit's answer, and the server unreachable to read it back); a SQLite transaction that
+        raised did not commit. `serve.late` asks before it writes a kept record again."""
+        if self._pg is None or fields.get("ts") is None:
+            return None
+        also = fields.get("also")
+        row = normalise(kind, {k: v for k, v in fields.items() if k != "also"})
+        want = body_hash(row)
+        with self.engine.connect() as c:  # ts_us is indexed (ix_audit_records_ts)
+            found = c.execute(sa.select(records).where(records.c.ts_us == row["ts_us"])).all()
+        seq = next((r.seq for r in found if body_hash(r._asdict()) == want), None)
+        if seq is not None and also is not None:
+            me = Pending(row, also)
+            me.seq = seq
+            self._write_also(me)
+        return seq
+
     def _write_also(self, me: Pending) -> None:
         """What goes with written record `me` when its transaction did not take it (PostgreSQL, or it failed there)."""
         if me.also is None:

@@ -8,6 +8,12 @@ records again: the next request that finds the log writable starts that (`start`
 its usage row, quota and metrics as if on time. The chain stays one chain: a late record is appended at
 the tip like any other, its own time is when it was written.
 
+A record may be in the chain although its append failed: on PostgreSQL the connection can be lost with the
+answer to the commit, the server then unreachable to read back whether it committed (`audit.pgappend`).
+So a kept record is looked up first (`AuditLog.written_already`: the same body at the same time, which the
+trust layer sets before the first append) and written only when it is not there; found, its usage row,
+quota and metrics follow it then.
+
 A record the database refuses for its own values (`RecordRefused`) would be refused again: it is not kept
 (an error line says so). At shutdown what is still kept is written if the log takes it, else each one is
 logged on one line (user, route, status, tokens, when it ended), never its text. At most `MAX_KEPT` wait,
@@ -48,9 +54,17 @@ def _summary(fields: dict[str, Any]) -> str:
 class LateRecords:
     """The kept records of one app (`Trust.late`), written by `write` on the app's event loop."""
 
-    def __init__(self, write: Callable[..., Any], max_kept: int = MAX_KEPT, max_chars: int = MAX_KEPT_CHARS):
+    def __init__(
+        self,
+        write: Callable[..., Any],
+        max_kept: int = MAX_KEPT,
+        max_chars: int = MAX_KEPT_CHARS,
+        written: Callable[[str, dict[str, Any]], int | None] | None = None,
+    ):
         self._write = write  # AuditLog.append_async
-        self._kept: deque[tuple[dict[str, Any], Callable[[], Any], int]] = deque()  # (fields, after, characters)
+        self._written = written  # AuditLog.written_already: a kept record that is in the chain after all
+        # (fields to write, after, characters, the fields as first appended: with their time, without `late`)
+        self._kept: deque[tuple[dict[str, Any], Callable[[], Any], int, dict[str, Any]]] = deque()
         self._chars = 0
         self._lock = threading.Lock()  # `keep` runs on the loop or a worker thread (the synchronous write)
         self._task: asyncio.Task | None = None
@@ -62,16 +76,18 @@ class LateRecords:
     def keep(self, fields: dict[str, Any], after: Callable[[], Any], why: BaseException, chars: int = 0) -> None:
         """Keep a delivered stream's record that the log did not take (`why`), to be written later; `chars`:
         the characters of text it holds (its request's prompt, the record's texts)."""
-        fields = dict(fields, detail={**fields["detail"], "late": datetime.now(UTC).isoformat(timespec="seconds")})
+        first = fields  # a late record's own time is when it is written: not the first append's `ts`
+        fields = {k: v for k, v in fields.items() if k != "ts"}
+        fields["detail"] = {**fields["detail"], "late": datetime.now(UTC).isoformat(timespec="seconds")}
         if isinstance(why, RecordRefused):  # its values: it would be refused again
             log.error("a streamed answer's audit record was refused by the database (%s) and is lost: %s", why, _summary(fields))
             return
         dropped = []
         with self._lock:
-            self._kept.append((fields, after, chars))
+            self._kept.append((fields, after, chars, first))
             self._chars += chars
             while len(self._kept) > 1 and (len(self._kept) > self.max_kept or self._chars > self.max_chars):
-                old, _, c = self._kept.popleft()
+                old, _, c, _ = self._kept.popleft()
                 self._chars -= c
                 dropped.append(old)
             n = len(self._kept)
@@ -109,9 +125,16 @@ class LateRecords:
             with self._lock:
                 if not self._kept:
                     return True
-                fields, after, _ = self._kept[0]
+                fields, after, _, first = self._kept[0]
             try:
-                await self._write("request", then=after, **fields)
+                seq = None if self._written is None else await asyncio.to_thread(self._written, "request", first)
+                if seq is None:
+                    await self._write("request", then=after, **fields)
+                else:
+                    log.warning(
+                        "a kept audit record was in the chain after all (record %d): not written again: %s", seq, _summary(fields)
+                    )
+                    await asyncio.to_thread(after)
             except RecordRefused as e:
                 log.error("a late audit record was refused by the database (%s) and is lost: %s", e, _summary(fields))
             except (AuditUnavailable, DBAPIError):
@@ -124,5 +147,5 @@ class LateRecords:
         """At shutdown, once `drain` could not write them: each kept record on one error line."""
         with self._lock:
             kept, self._kept, self._chars = list(self._kept), deque(), 0
-        for fields, _, _ in kept:
+        for fields, _, _, _ in kept:
             log.error("shutting down with an audit record the log never took: %s", _summary(fields))

@@ -17,6 +17,7 @@ redacted. Requests without a valid token are tallied per source (`failures.py`).
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import anyio
@@ -90,7 +91,8 @@ class Trust:
         self.unauthenticated = FailureTally()
         self._templates: list | None = None
         self.in_flight = 0
-        self.late = LateRecords(self.log.append_async)  # delivered streams' records the log did not take
+        # delivered streams' records the log did not take (looked up first: one may be in the chain after all)
+        self.late = LateRecords(self.log.append_async, written=self.log.written_already)
         # Audit I/O gets its own threads, so that it never queues behind other blocking work.
         self.limiter = anyio.CapacityLimiter(4)
         self.guard = egress.EgressGuard(
@@ -255,6 +257,7 @@ class Trust:
             also = lambda c: self.usage.record(user, route, status, ms, usage, conn=c)  # noqa: E731
         fields = dict(
             also=also,
+            ts=time.time(),  # now, as the log would stamp it; a kept record is looked up by it (`late`)
             user=principal.user if principal else None,
             token_id=principal.token_id if principal else None,
             route=route,
