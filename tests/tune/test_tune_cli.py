@@ -71,3 +71,30 @@ def test_an_existing_out_needs_force(tmp_path, home):
     # with --force the run goes on (here to the next thing wrong: nothing indexed in this home)
     one_line_error(run_cli(*args, "--force"), "no indexed repository named 'shop'")
     assert out.read_bytes() == b"an adapter tuned last week"
+
+
+def test_options_that_never_finish_or_fail_late_are_refused_in_one_line(tmp_path, home):
+    """A negative --steps or a NaN --minutes trained for ever (the budget's end was never reached); a
+    negative --threads, --lr or --infill-lines, or a seed past 64 bits, failed with Python's words
+    ('ValueError: Sample larger than population or is negative'), some once the base was loaded and
+    scored. Each is refused in one line naming the option, before anything loads."""
+    args = ["tune", "--repos", "shop", "--out", str(tmp_path / "a.moat"), "--model", str(tmp_path / "m.gguf")]
+    for opt, bad, said in (
+        ("--steps", "-1", "--steps must be at least 1"),
+        ("--minutes", "nan", "--minutes must be"),
+        ("--minutes", "inf", "--minutes must be"),
+        ("--lr", "nan", "--lr must be a positive number"),
+        ("--lr", "-0.001", "--lr must be a positive number"),
+        ("--threads", "-2", "--threads must be at least 1"),
+        ("--threads", "0", "--threads must be at least 1"),
+        ("--infill-lines", "-3", "--infill-lines at least 0"),
+        ("--eval-tokens", "0", "--eval-tokens must be at least 1"),
+        ("--seed", str(2**64), "--seed must be from 0"),
+        ("--seed", "-1", "--seed must be from 0"),
+    ):
+        one_line_error(run_cli(*args, opt, bad), said)
+    assert not (tmp_path / "a.moat").exists()
+    # in range, the run goes on to the next thing wrong (nothing indexed in this home)
+    one_line_error(
+        run_cli(*args, "--steps", "3", "--threads", "1", "--seed", str(2**63 - 1)), "no indexed repository named 'shop'"
+    )

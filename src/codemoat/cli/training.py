@@ -22,7 +22,9 @@ def check_budget(device: str, minutes: float, steps: int | None) -> None:
 
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise CodemoatError(f"--device must be cpu or cuda, got {device!r}")
-    if minutes <= 0 and not steps:
+    if steps is not None and steps < 1:  # a negative count never reached its end: the run trained for ever
+        raise CodemoatError(f"--steps must be at least 1, got {steps}")
+    if not steps and not 0 < minutes < float("inf"):  # NaN fails this too (it trained for ever)
         raise CodemoatError("--minutes must be positive")
 
 

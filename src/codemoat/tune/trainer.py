@@ -79,7 +79,34 @@ def _lr(opts: TuneOptions, step: int, progress: float, warmup: int = 4) -> float
     return opts.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
+def check_options(opts: TuneOptions) -> None:
+    """One-line errors naming the option, before anything loads, for options that would train for ever
+    (a negative `steps` or a NaN `minutes` never reaches the end of its budget) or fail inside the run
+    in Python's words (a negative `threads`, `lr` or `infill_lines`, a `seed` past 64 bits)."""
+    if opts.rank < 1 or opts.rank > 256:
+        raise CodemoatError(f"--rank must be between 1 and 256, got {opts.rank}")
+    if not 0.0 <= opts.ema < 1.0:  # NaN fails this too
+        raise CodemoatError(f"--ema must be from 0 to below 1, got {opts.ema}")
+    if not 0.0 <= opts.kl <= 10.0:  # NaN fails this too
+        raise CodemoatError(f"--kl must be from 0 to 10, got {opts.kl}")
+    if opts.steps is not None and opts.steps < 1:
+        raise CodemoatError(f"--steps must be at least 1, got {opts.steps}")
+    if not opts.steps and not 0.0 < opts.minutes < math.inf:  # NaN fails this too
+        raise CodemoatError(f"--minutes must be positive, got {opts.minutes}")
+    if not 0.0 < opts.lr < math.inf:  # torch's AdamW refused a negative or NaN rate in its own words
+        raise CodemoatError(f"--lr must be a positive number, got {opts.lr}")
+    if opts.threads is not None and opts.threads < 1:
+        raise CodemoatError(f"--threads must be at least 1, got {opts.threads}")
+    if opts.eval_tokens < 1 or opts.infill_lines < 0:
+        raise CodemoatError(
+            f"--eval-tokens must be at least 1 and --infill-lines at least 0, got {opts.eval_tokens} and {opts.infill_lines}"
+        )
+    if not 0 <= opts.seed < 2**63:
+        raise CodemoatError(f"--seed must be from 0 to 2**63 - 1, got {opts.seed}")
+
+
 def tune(opts: TuneOptions, on_event: Callable[[dict], None] | None = None) -> TuneResult:
+    check_options(opts)
     import torch
 
     from ..train.corpus import split
@@ -92,12 +119,6 @@ def tune(opts: TuneOptions, on_event: Callable[[dict], None] | None = None) -> T
     from ..engines.adapters import Adapter, seal_adapter
 
     emit = on_event or (lambda ev: None)
-    if opts.rank < 1 or opts.rank > 256:
-        raise CodemoatError(f"--rank must be between 1 and 256, got {opts.rank}")
-    if not 0.0 <= opts.ema < 1.0:  # NaN fails this too
-        raise CodemoatError(f"--ema must be from 0 to below 1, got {opts.ema}")
-    if not 0.0 <= opts.kl <= 10.0:  # NaN fails this too
-        raise CodemoatError(f"--kl must be from 0 to 10, got {opts.kl}")
     if opts.threads:
         torch.set_num_threads(opts.threads)
     torch.manual_seed(opts.seed)
