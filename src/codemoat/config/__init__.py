@@ -112,6 +112,11 @@ class UpdateSettings(BaseModel):
         True,
         description="`codemoat serve` listens on $CODEMOAT_HOME/run/serve-PID.sock (mode 0600, its own account or root only) so that `codemoat update apply` swaps an installed model or served adapter in without a restart; off: installs serve from the next start (or the admin swap route).",
     )
+    start_attempts: int = Field(
+        3,
+        ge=1,
+        description="Starts (`serve` or `vaultd` with update:model) that may try a pending model version, one no health check has passed yet; a version tried this often whose process never came up with it (killed loading it: out of memory, a crash) is recorded failed at the next start without being loaded, and the version before it serves.",
+    )
 
 
 class Settings(BaseSettings):

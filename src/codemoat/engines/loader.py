@@ -65,23 +65,31 @@ def open_installed(settings: Settings) -> ModelHolder:
     A version still pending (installed, but no serve has health-checked it: applied while none ran, or
     its swap was cut off) that fails to load is recorded failed, the version before it becomes current
     (updates.store.fail) and is opened instead; the health check of a pending version that loads runs
-    once serve's event loop runs, before any request (serve.swapping.check_installed_at_start). What
-    was recorded here is audited there (`holder.update_records`)."""
+    once serve's event loop runs, before any request (serve.swapping.check_installed_at_start). Each
+    start counts its try of a pending version before loading it (store.start_attempt): one tried
+    `update.start_attempts` times that never came up (the process was killed loading or checking it)
+    is failed without being loaded. What was recorded here is audited there (`holder.update_records`)."""
     import logging
 
-    from ..updates.store import KEEP, UpdateStore
+    from ..updates.store import KEEP, UpdateStore, hold
 
+    log = logging.getLogger("codemoat.updates")
     records: list[tuple[str, dict]] = []
     store = UpdateStore(audit=lambda step, d: records.append((step, d)))
     for _ in range(KEEP + 2):  # the current version, then each one kept before it
+        for gone in store.start_attempt("model", settings.update.start_attempts):
+            log.warning("installed model %s: %s; going back to the version before it", gone["version"], gone["reason"])
+            if store.current("model") is None:
+                raise CodemoatError(f"installed model {gone['version']}: {gone['reason']}; no version before it is installed")
         path, license, bundle = installed_model(settings.model.license, store)
+        hold("start")  # tests only: a serve killed here, its try of a pending version counted
         try:
             holder = _open_file(settings, path, license, bundle)
         except Exception as e:
             if not store.pending("model", bundle.bundle_id):
                 raise
             reason = (str(e) or type(e).__name__).splitlines()[0][:300]
-            logging.getLogger("codemoat.updates").warning(
+            log.warning(
                 "installed model %s was never checked and failed to load: %s; going back to the version before it",
                 bundle.version,
                 reason,

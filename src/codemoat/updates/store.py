@@ -22,7 +22,8 @@ until a serve has health-checked it once (`confirm`: the hand-off's swap, or ser
 `update:model`, serve.swapping.check_installed_at_start). Whatever finds it pending checks it before
 serving it; one that fails, or whose swap was cut off (the serve died: `update apply` sees no answer),
 is recorded failed and the version before it is current again (`fail`). A state written before this
-has no `pending` key: its versions count as checked.
+has no `pending` key: its versions count as checked. Each start that loads a pending version counts
+it first (`start_attempt`): one that ended its process that many times is failed unloaded.
 """
 
 from __future__ import annotations
@@ -372,10 +373,42 @@ class UpdateStore(BundleChecks):
         if not info or not info.get("pending"):
             return False
         del info["pending"]
+        info.pop("start_attempts", None)  # a checked version is never failed for its tries
         info["confirmed_at"] = int(time.time())
         self._write_state(s)
         self.audit("confirmed", channel=chan, version=info["version"], bundle_id=bundle_id)
         return True
+
+    @_changes_store
+    def start_attempt(self, chan: str, limit: int) -> list[dict[str, Any]]:
+        """A process is about to load `chan`'s current version at its start (serve, or vaultd, with
+        `update:model`). A pending version's tries are counted first, durably (`start_attempts` in its
+        state entry, written before the load), as A/B updaters count boot tries: a version that kills the
+        process while it loads or is checked (out of memory, a native crash: nothing records a failure)
+        would otherwise be loaded again by every restart. Once it has been tried `limit` times without a
+        check passing it, it is recorded failed here without being loaded, and the version before it is
+        current (counted in turn when it is pending too). Returns what it failed ({version, reason})."""
+        gone: list[dict[str, Any]] = []
+        while True:
+            s = self.state()
+            cur = s["channels"].get(chan, {}).get("current")
+            info = s["bundles"].get(cur) if cur else None
+            if not info or not info.get("pending"):
+                return gone
+            tried = info.get("start_attempts", 0)
+            tried = tried if isinstance(tried, int) and tried >= 0 else 0
+            if tried < limit:
+                info["start_attempts"] = tried + 1
+                self._write_state(s)
+                return gone
+            reason = (
+                f"it was tried at {tried} starts and none came up with it (the process ended while it loaded"
+                " or was checked: out of memory, a crash); not loaded again"
+            )
+            what = {"model": "installed"} if chan == "model" else {"channel": chan}
+            self.audit("swap_failed", **what, version=info["version"], reason=reason)
+            self.fail(chan, cur, reason)
+            gone.append({"version": info["version"], "reason": reason})
 
     def pending(self, chan: str, bundle_id: str) -> bool:
         """`bundle_id` is `chan`'s current version and no serve has health-checked it yet."""
