@@ -103,23 +103,88 @@ def model_ids(models: list[Path]) -> set[str]:
     return {SealedFile(installed_model(None)[0] if str(m) == INSTALLED else m).manifest.model_id for m in models}
 
 
-def open_models(models: list[Path], licenses: list[Path], daemon, settings) -> list:
+def open_models(models: list[Path], licenses: list[Path], daemon, settings, audit=None) -> list:
     """Verify and decrypt each licensed model once, offering its memfd on `daemon`; returns the holders."""
-    from dataclasses import asdict
-
-    from ..engines.loader import INSTALLED, installed_model
+    from ..engines.loader import INSTALLED
 
     holders: list = []
     lics = iter(licenses)
     for model in models:
         if str(model) == INSTALLED:  # the installed model bundle's current version and its own license
-            path, lic, bundle = installed_model(None)
-            holder, offer = open_one(path, lic, daemon, settings, asdict(bundle))
+            from ..updates.store import UpdateStore
+
+            holder, offer = open_installed(daemon, settings, UpdateStore(audit=audit))
         else:
             holder, offer = open_one(model, next(lics), daemon, settings)
         daemon.offer(offer)
         holders.append(holder)
     return holders
+
+
+def update_auditor(settings):
+    """audit(step, detail) for vaultd's update store (its home's): into its home's audit log (`via:
+    vaultd`; opened at the first record; a log that cannot take it costs a warning, not the model)."""
+    import logging
+
+    from .common import open_audit_log
+
+    opened: list = []
+
+    def audit(step: str, detail: dict) -> None:
+        try:
+            if not opened:
+                opened.append(open_audit_log(settings))
+            opened[0].append("update", user="admin", route=f"update {step}", detail=dict(detail, via="vaultd"))
+        except Exception as e:
+            logging.getLogger("codemoat.vault").warning("could not audit update %s %s: %s", step, detail, e)
+
+    return audit
+
+
+def open_installed(daemon, settings, store) -> tuple:
+    """`--model update:model`: the update store's current model version, as `open_one` opens a file.
+    vaultd's serves run elsewhere without the store, so a version still pending (no health check passed
+    it) is checked here before it is offered (updates.vaultcheck, in a child process): passed, it is
+    confirmed; failed to open or to answer, it is recorded failed and the version before it is tried
+    (as serve's start does, engines.loader.open_installed). Each start counts its try of a pending
+    version first (store.start_attempt): one that ended vaultd `update.start_attempts` times while it
+    was decrypted is failed without being opened."""
+    import logging
+    from dataclasses import asdict
+
+    from ..engines.loader import installed_model
+    from ..errors import CodemoatError
+    from ..updates.store import KEEP
+    from ..updates.vaultcheck import check_offer
+
+    log = logging.getLogger("codemoat.vault")
+    for _ in range(KEEP + 2):  # the current version, then each one kept before it
+        for gone in store.start_attempt("model", settings.update.start_attempts):
+            log.warning("installed model %s: %s; going back to the version before it", gone["version"], gone["reason"])
+            if store.current("model") is None:
+                raise CodemoatError(f"installed model {gone['version']}: {gone['reason']}; no version before it is installed")
+        path, lic, bundle = installed_model(None, store)
+        pending = store.pending("model", bundle.bundle_id)
+        try:
+            holder, offer = open_one(path, lic, daemon, settings, asdict(bundle))
+        except Exception as e:
+            if not pending:
+                raise
+            why = f"it failed to load at vaultd's start: {(str(e) or type(e).__name__).splitlines()[0][:300]}"
+        else:
+            failed = check_offer(offer, settings) if pending else None
+            if failed is None:
+                if pending:
+                    store.confirm("model", bundle.bundle_id)
+                return holder, offer
+            let_go(holder, zero=True)  # never handed out
+            why = f"its health check at vaultd's start failed: {failed}"
+        log.warning("installed model %s was never checked: %s; going back to the version before it", bundle.version, why)
+        store.audit("swap_failed", model="installed", version=bundle.version, reason=why)
+        store.fail("model", bundle.bundle_id, why)
+        if store.current("model") is None:
+            raise CodemoatError(f"installed model {bundle.version}: {why}; no version before it is installed")
+    raise CodemoatError("no installed model version could be loaded (`codemoat update list`)")
 
 
 def open_one(model: Path, lic: Path, daemon, settings, bundle: dict | None = None) -> tuple:
@@ -212,20 +277,25 @@ class VendorAdapters:
             self._held.clear()
 
 
-def swap_installed_model(daemon, holders: list, settings) -> dict:
+def swap_installed_model(daemon, holders: list, settings, audit=None) -> dict:
     """A model bundle `update apply` (or `update rollback`) made current in vaultd's home: verify its
     license and container as at start (open_sealed: signature, machine, dates), decrypt it once into a
     new sealed memfd, offer it under the id of the held model it replaces (same model id, same customer,
     else refused and the old one serves on), let the old copy go, and tell the connected serves, which
-    swap to it. The notice names only the channel: what is swapped in is read from vaultd's own store."""
+    swap to it. The notice names only the channel: what is swapped in is read from vaultd's own store.
+    A pending version (no health check passed it yet) is checked before it is offered (updates.vaultcheck):
+    passed, it is confirmed; failed, it is refused, recorded failed, and the store goes back to the
+    version before it (the serves never see it)."""
     from dataclasses import asdict
 
     from ..engines.loader import installed_bundle
     from ..errors import CodemoatError
     from ..updates.bundle import label
     from ..updates.store import UpdateStore
+    from ..updates.vaultcheck import check_offer
 
-    cur = UpdateStore().current("model")
+    store = UpdateStore(audit=audit)  # one per swap: a store's lock is re-entrant in its own thread only
+    cur = store.current("model")
     if cur is None:
         raise CodemoatError("no model bundle is installed in vaultd's home (`codemoat update apply FILE`)")
     d = Path(cur["dir"])
@@ -240,6 +310,16 @@ def swap_installed_model(daemon, holders: list, settings) -> dict:
         why = f"it is model {fresh.model_id!r}; vaultd holds {', '.join(h.model_id for h in holders)}"
     elif who[0] != who[1]:
         why = f"it is licensed to {who[1]!r}, and vaultd serves {who[0]!r}'s model"
+    if why is None and store.pending("model", cur["bundle_id"]):
+        failed = check_offer(offer, settings)
+        if failed is None:
+            store.confirm("model", cur["bundle_id"])
+        else:
+            why = f"its health check in vaultd failed: {failed}"
+            store.audit("swap_failed", model="installed", version=cur["version"], reason=why)
+            back = store.fail("model", cur["bundle_id"], why)
+            if back is not None:
+                why += f"; recorded as failed, the store is back on {back['version'] or 'no version'}"
     if why is not None:
         let_go(fresh, zero=True)  # never handed out
         raise CodemoatError(f"vaultd refused {label(cur)}, and serves the model it holds on: {why}")
@@ -250,7 +330,7 @@ def swap_installed_model(daemon, holders: list, settings) -> dict:
     return {"swapped": False, "relayed": n, "channel": "model", "version": cur["version"]}
 
 
-def relay_updates(daemon, holders: list, settings):
+def relay_updates(daemon, holders: list, settings, audit=None):
     """`update apply` in vaultd's home (its account owns the update store) cannot reach the `serve --vault`s,
     which run elsewhere as another user: listen on $CODEMOAT_HOME/run/vaultd-PID.sock like a serve (its
     account or root only, updates.handoff), and pass a new adapter version on to every connected serve,
@@ -259,7 +339,7 @@ def relay_updates(daemon, holders: list, settings):
 
     def handle(channel: str) -> dict:
         if channel == "model":
-            return swap_installed_model(daemon, holders, settings)
+            return swap_installed_model(daemon, holders, settings, audit)
         n = daemon.announce({"op": "update", "channel": channel})
         return {"swapped": False, "relayed": n, "channel": channel}
 
@@ -332,7 +412,8 @@ def vaultd(
             raise CodemoatError(
                 f"--allow-uid/--allow-group {unknown[0]}=...: vaultd holds no such model ({', '.join(sorted(ids))})"
             )
-    holders = open_models(model, license, daemon, settings)
+    audit = update_auditor(settings)
+    holders = open_models(model, license, daemon, settings, audit)
     from ..engines.memfd import huge_pages_allowed, shmem_thp_mode
 
     if not huge_pages_allowed():  # every serve start maps the memfd: 4 KiB shmem pages cost it (bench/results/vaultd.md)
@@ -344,7 +425,7 @@ def vaultd(
     relay = None
     try:
         daemon.start()
-        relay = relay_updates(daemon, holders, settings) if settings.update.handoff else None
+        relay = relay_updates(daemon, holders, settings, audit) if settings.update.handoff else None
         names = ", ".join(h.model_id for h in holders)
         console.print(f"codemoat vaultd holding [bold]{names}[/bold] on unix:{daemon.path}", highlight=False)
         while not stop.wait(1.0):
