@@ -79,6 +79,7 @@ def test_only_the_same_run_picks_the_checkpoint_up_and_a_damaged_one_is_ignored(
         dict(lr=4e-4),
         dict(eval_tokens=999),
         dict(old_eval_tokens=6000),
+        dict(infill_lines=7),  # the base's infill score was over the other run's lines
         dict(kl=0.5),
     ):  # the base's scores are in the checkpoint
         assert checkpoint.key(_opts(**{"out": tmp_path / "pay.moat", "tiny": tmp_path / "base.gguf", **other}), "ab" * 32) != k

@@ -46,7 +46,8 @@ def key(opts, base_sha256: str, corpus=None) -> str:
         "replay": opts.replay,
         "validation": [opts.val_fraction, opts.eval_every, opts.max_forgetting],
         "regularise": [opts.lora_dropout, opts.weight_decay, opts.ema, opts.kl],
-        "eval": [opts.eval_tokens, opts.old_eval_tokens],  # the base's scores are kept in it
+        # the base's scores are kept in it, its infill score on `infill_lines` held-out lines among them
+        "eval": [opts.eval_tokens, opts.old_eval_tokens, opts.infill_lines],
         "data": None if corpus is None else _data_digest(corpus),
     }
     return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:24]
