@@ -125,7 +125,7 @@ def test_an_inline_stall_without_exit_is_a_503_until_the_worker_works_again(serv
             assert r.status_code == 503 and r.headers["Retry-After"] and r.json()["error"]["code"] == "model_unavailable", r.text
             r = c.post("/api/generate", json={"model": model, "prompt": "def f(", "stream": False})
             assert r.status_code == 503 and "stopped answering" in r.json()["error"], r.text
-            (record,) = engine_crashed()
+            (record,) = wait_for(engine_crashed)  # reported once the requests it owed had their 503
             assert record["detail"]["hung"] is True and record["detail"]["exit_status"] is None, record
             assert srv.proc.poll() is None
             release.touch()
@@ -165,6 +165,7 @@ def test_an_inline_worker_that_waits_without_working_is_a_stall_and_recovers(tin
             raise AssertionError("answered")
         except Stalled:
             pass
+        wait_for(lambda: incidents)  # reported once the requests it owed had their 503
         assert [(k, d["hung"], d["isolation"], d["exit_status"]) for k, d in incidents] == [
             ("engine_crashed", True, "inline", None)
         ]
@@ -241,9 +242,10 @@ def test_the_watchdog_watches_the_worker_thread_alone(tiny_gguf):
             raise AssertionError("answered")
         except Exception as e:
             assert type(e).__name__ == "Stalled", e
-        assert [k for k, _ in incidents] == ["engine_crashed"]
+        assert [k for k, _ in wait_for(lambda: incidents)] == ["engine_crashed"]
     finally:
         busy.set()
         RELEASE.set()
         t.join(timeout=60)
+        wait_for(lambda: eng.state == "ready")  # the worker is back: close() frees the model (a stalled one's it leaves)
         eng.close()
