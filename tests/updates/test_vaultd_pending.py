@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,39 @@ def test_vaultd_checks_a_pending_version_handed_over_and_refuses_one_that_fails(
         _complete(srv.url, token)
     steps = _updates()
     assert ("update swap_rolled_back", "2", "vaultd") in steps and ("update confirmed", "3", "vaultd") in steps, steps
+
+
+@pytest.mark.slow
+def test_a_pending_version_that_kills_vaultd_at_its_start_is_failed_after_the_limit(
+    shop, store, serve_process, tmp_path, monkeypatch
+):
+    """vaultd counts its starts' tries of a pending version like serve (update.start_attempts): killed -9
+    while it opens version 2 (out of memory while decrypting it), the next start fails 2 unopened and
+    offers 1."""
+    from codemoat.updates.store import HOLD_ENV
+
+    lic = shop.license()
+    v1 = store.apply(shop.release("1"), lic)
+    store.confirm("model", v1["bundle_id"])
+    store.apply(shop.release("2"), lic)
+    monkeypatch.setenv("CODEMOAT_UPDATE__START_ATTEMPTS", "1")
+    monkeypatch.setenv(HOLD_ENV, "start")
+    held = InstalledVaultd(tmp_path / "v.sock")
+    marker = Path(os.environ["CODEMOAT_HOME"]) / "run" / f"held-start-{held.proc.pid}"
+    deadline = time.monotonic() + 180
+    while not marker.exists():
+        assert held.proc.poll() is None and time.monotonic() < deadline, held.proc.stdout.read()
+        time.sleep(0.05)
+    held.proc.kill()
+    held.proc.wait(timeout=60)
+    assert _statuses(store) == [("1", False, None), ("2", True, "pending")]
+    monkeypatch.delenv(HOLD_ENV)
+    with InstalledVaultd(tmp_path / "v.sock") as vaultd:
+        srv, token = _serve_vault(serve_process, vaultd, tmp_path)
+        assert _bundle(srv.url, token) == "1"  # before: 2 opened again by every start
+    (failed,) = store.failed()
+    assert failed["version"] == "2" and "tried at 1 starts" in failed["reason"], failed
+    assert ("update swap_rolled_back", "2", "vaultd") in _updates()
 
 
 def test_the_check_child_fails_in_one_line_on_a_descriptor_that_is_no_sealed_model(tmp_path):
