@@ -284,7 +284,7 @@ class LlamaCppEngine(NativeVocab, WorkerEngine):
                 if self._lib.llama_vocab_is_control(self._vocab, tok):
                     # a control token is never text: <|fim_middle|> must not appear in an answer; one
                     # that a stop string names (<|file_sep|>, <end_of_turn>) ends the answer
-                    if llm.detokenize([tok], special=True).decode("utf-8", "replace") in params.stop:
+                    if self.piece(tok, True).decode("utf-8", "replace") in params.stop:
                         reason = "stop"
                         break
                     if cutter.feed(raw[: _valid_utf8_prefix(raw)].decode("utf-8", "replace"), tok):
@@ -293,7 +293,7 @@ class LlamaCppEngine(NativeVocab, WorkerEngine):
                     if n >= params.max_tokens:
                         break
                     continue
-                raw += llm.detokenize([tok], prev_tokens=None, special=False)
+                raw += self.piece(tok)
                 if cutter.feed(raw[: _valid_utf8_prefix(raw)].decode("utf-8", "replace"), tok):
                     reason = "stop"
                     break

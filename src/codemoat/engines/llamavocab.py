@@ -106,10 +106,29 @@ class NativeVocab:
             ids.insert(0, first)
         return ids
 
+    def piece(self, tok: int, special: bool = False) -> bytes:
+        """A token's text, whatever its length (llama-cpp-python's `detokenize` reads each into 32 bytes and
+        drops a longer one: a run of 33 spaces, a `# ----` rule), looked up once per token."""
+        cache = self.__dict__.setdefault("_pieces", {})
+        got = cache.get((tok, special))
+        if got is None:
+            buf = ctypes.create_string_buffer(64)
+            n = self._lib.llama_token_to_piece(self._vocab, tok, buf, len(buf), 0, special)
+            if n < 0:  # longer than the buffer: -n is its length
+                buf = ctypes.create_string_buffer(-n)
+                n = self._lib.llama_token_to_piece(self._vocab, tok, buf, len(buf), 0, special)
+            got = cache[(tok, special)] = buf.raw[: max(n, 0)]
+        return got
+
     def detokenize(self, ids: Sequence[int]) -> str:
         """Text of `ids` without control tokens (they are the template's, never the answer's)."""
         self._hold()
         try:
-            return self._model.detokenize(list(ids), special=False).decode("utf-8", "replace")
+            ids = list(ids)
+            out = b"".join([self.piece(t) for t in ids])
+            bos = self._model.token_bos()
         finally:
             self._leave()
+        if ids and ids[0] == bos and out[:1] == b" ":  # as llama-cpp-python did: a leading space after BOS goes
+            out = out[1:]
+        return out.decode("utf-8", "replace")
