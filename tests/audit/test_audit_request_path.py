@@ -9,6 +9,7 @@ import logging
 import threading
 import time
 
+import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
@@ -105,18 +106,13 @@ def test_only_a_short_prompt_that_draws_on_no_index_is_built_on_the_event_loop(e
     assert not prep.inline(svc.chat_prompt, (None, None, chat, None), True)  # an index query stays off the loop
 
 
-def test_an_idle_server_builds_a_file_sized_prompt_in_place_and_a_busy_one_on_a_worker(
-    engine, accounts, tokens, llm, monkeypatch
-):
-    """An editor's file prefix (past INLINE_CHARS) is tokenised on the event loop while no other request
-    is under way, without the hop to a worker thread and back; while another request holds a place it goes
-    to a worker thread, so that request's tokens do not wait for it."""
-    app = make_app(Settings(), accounts, llm)
-    svc = app.state.service
+@pytest.fixture
+def placed(llm, monkeypatch) -> list[str]:
+    """Where each of the engine's tokenisations ran: "loop" (the event loop's thread) or "worker"."""
     where: list[str] = []
     encode = llm.encode
 
-    def placed(*a, **kw):
+    def tracked(*a, **kw):
         try:
             asyncio.get_running_loop()
             where.append("loop")
@@ -124,21 +120,51 @@ def test_an_idle_server_builds_a_file_sized_prompt_in_place_and_a_busy_one_on_a_
             where.append("worker")
         return encode(*a, **kw)
 
-    monkeypatch.setattr(llm, "encode", placed)
+    monkeypatch.setattr(llm, "encode", tracked)
+    return where
+
+
+def _while_bob_generates(app, post):
+    """`post()` while bob's request holds a place (generates meanwhile)."""
+    svc = app.state.service
+    svc._slots._take("bob")
+    try:
+        assert not svc.idle()
+        return post()
+    finally:
+        svc._slots.release("bob")
+
+
+def test_an_idle_server_builds_a_file_sized_prompt_in_place_and_a_busy_one_on_a_worker(engine, accounts, tokens, llm, placed):
+    """An editor's file prefix (past INLINE_CHARS) is tokenised on the event loop while no other request
+    is under way, without the hop to a worker thread and back; while another request holds a place it goes
+    to a worker thread, so that request's tokens do not wait for it."""
+    app = make_app(Settings(), accounts, llm)
     body = {**GREEDY, "prompt": "def " * (INLINE_CHARS // 2), "max_tokens": 2}  # 1,024 characters, ~260 tokens
     with TestClient(app) as c:
-        assert svc.idle()
+        assert app.state.service.idle()
         assert c.post("/v1/completions", json=body, headers=tokens["alice"]).status_code == 200
-        idle, where[:] = list(where), []
-        svc._slots._take("bob")  # bob's request generates meanwhile
-        try:
-            assert not svc.idle()
-            assert c.post("/v1/completions", json=body, headers=tokens["alice"]).status_code == 200
-        finally:
-            svc._slots.release("bob")
-        assert svc.idle()
+        idle, placed[:] = list(placed), []
+        r = _while_bob_generates(app, lambda: c.post("/v1/completions", json=body, headers=tokens["alice"]))
+        assert r.status_code == 200 and app.state.service.idle()
     assert idle and set(idle) == {"loop"}
-    assert where and set(where) == {"worker"}
+    assert placed and set(placed) == {"worker"}
+
+
+def test_many_small_extra_files_are_not_a_short_prompt(engine, accounts, tokens, llm, placed):
+    """Each extra file costs two tokenisations (~24 us) beyond its characters: 511 one-character files held the
+    loop ~12 ms while other requests generated (reviewer V4); the negative: a couple of short ones stay on the loop."""
+    app = make_app(Settings(), accounts, llm)
+    many = {"input_prefix": "x", "input_extra": [{"filename": "", "text": "y"}] * (INLINE_CHARS - 1), "n_predict": 1}
+    few = {"input_prefix": "def f():\n", "input_extra": [{"filename": "a.py", "text": "x = 1\n"}] * 2, "n_predict": 1}
+    with TestClient(app) as c:
+        r = _while_bob_generates(app, lambda: c.post("/infill", json=many, headers=tokens["alice"]))
+        assert r.status_code == 200
+        assert len(placed) > INLINE_CHARS - 1 and set(placed) == {"worker"}, f"{placed.count('loop')} on the loop"
+        placed.clear()
+        r = _while_bob_generates(app, lambda: c.post("/infill", json=few, headers=tokens["alice"]))
+        assert r.status_code == 200
+        assert placed and set(placed) == {"loop"}
 
 
 def test_concurrent_requests_are_audited_by_the_log_writer_and_a_caller_without_a_token_by_a_worker(

@@ -28,10 +28,12 @@ if TYPE_CHECKING:
 # warm, several ms cold) would hold every other client's tokens that long.
 INLINE_CHARS = 512
 # While no other request generates, waits for a place or has its prompt built on a thread, nobody's tokens
-# wait on the loop, and a prompt of up to this many characters is built there too (~1.5 ms of tokenising
-# at most): an editor's file prefix on an idle server skips the hop. A request that comes meanwhile waits
-# for the loop at most that long, about what the hop would have cost it.
+# wait on the loop, and a prompt of up to this many characters is built there too: an editor's file prefix
+# on an idle server skips the hop. That is ~1.5 ms of tokenising code; fitting it to a short context (cut
+# and detokenised) and screening a crafted text for secrets take up to ~10 ms (reviewer V4), which a request
+# arriving meanwhile waits once.
 IDLE_INLINE_CHARS = 8192
+EXTRA_CHARS = 128  # what an extra file costs beyond its text: two tokenisations (~24 us, as ~120 characters of code)
 TURN_CHARS = 32  # what a chat template adds per turn (`<start_of_turn>user\n ... <end_of_turn>\n`), counted in the above
 
 
@@ -61,7 +63,7 @@ class Preparer:
         elif build == self.fim:
             f = args[2]  # the names are in the prompt too (a client's 100,000-character file name held the loop)
             size = len(f.prefix) + len(f.suffix) + len(f.path or "") + len(f.repo or "")
-            size += sum(len(x.path) + len(x.text) for x in f.extra)
+            size += sum(len(x.path) + len(x.text) + EXTRA_CHARS for x in f.extra)  # 511 one-character files held it ~12 ms
         elif build == self.chat:
             size = sum(len(m.get("content") or "") + TURN_CHARS for m in args[2])  # 3,000 empty turns are no short prompt
         else:
