@@ -127,3 +127,28 @@ def test_odd_since_values_are_one_line_errors_or_empty_reports(store):
         with pytest.raises(CodemoatError) as e:
             report(s.engine, by="day", since=parse_since(text), now=NOW)
         assert "\n" not in str(e.value) and "Traceback" not in str(e.value), text[:20]
+
+
+def test_selects_without_views_cannot_push_acceptance_past_what_was_shown(store):
+    """A select for a completion no view was reported for counts as a view of it too (an editor shows
+    a completion before its user takes it), so selects never outnumber views, in a user's row or in the
+    total. Before: mallory's 20 selects and no views took the total from 3 of 10 (30 %) to 23 of 10
+    (230 %), and her own row had 20 selects of nothing shown. A view reported after its select is
+    then the repeat it is; views and selects of honest clients count as before."""
+    s = store
+    for i in range(10):  # ann: ten completions shown, three taken
+        s.record("ann", "/v1/completions", 200, 10, small(completion_id=cid(i)), now=NOW)
+        assert s.record_event("ann", "view", completion_id=cid(i), now=NOW)
+        if i < 3:
+            assert s.record_event("ann", "select", completion_id=cid(i), now=NOW)
+    for i in range(100, 120):  # mallory: twenty completions, each "selected", none reported shown
+        s.record("mallory", "/v1/completions", 200, 10, small(completion_id=cid(i)), now=NOW)
+        assert s.record_event("mallory", "select", completion_id=cid(i), now=NOW)
+    assert not s.record_event("mallory", "view", completion_id=cid(100), now=NOW)  # shown already, by its select
+    for rollup in (True, False):  # the roll-up and the raw rows agree
+        rep = report(s.engine, by="user", now=NOW, rollup=rollup)
+        rows = {r.key: r for r in rep.rows}
+        assert (rows["ann"].views, rows["ann"].selects) == (10, 3)
+        assert (rows["mallory"].views, rows["mallory"].selects, rows["mallory"].acceptance) == (20, 20, 1.0)
+        assert (rep.total.views, rep.total.selects) == (30, 23) and rep.total.acceptance <= 1.0
+        assert rows["mallory"].accepted_chars == 20 * 3  # what was taken is unchanged

@@ -7,7 +7,8 @@ redacted, when `audit.retain_text` is on), no path, and a completion id
 only when it has the shape of one this server handed out. An event is tied to the completion it
 names only when the same user received that completion; a repeated (completion, type) event is
 stored once, whatever its choice index (every completion has one choice), so replaying `select`,
-or sending one per choice index, cannot raise the acceptance rate. Each row is added
+or sending one per choice index, cannot raise the acceptance rate; a select of a completion no view
+was reported for stores that view too (taken, so shown), so selects never outnumber views. Each row is added
 to the daily roll-up (rollup.py) in the same transaction.
 """
 
@@ -154,7 +155,7 @@ class UsageStore:
         )
         kind = select_kind if t == "select" and select_kind in SELECT_KINDS else None
         with self._begin(conn) as c:
-            language, chars, lines, matched = UNKNOWN, 0, 0, False
+            language, chars, lines, matched, full = UNKNOWN, 0, 0, False, (0, 0)
             if cid is not None:
                 # a no-op write to the completion's row first: it takes the write lock (SQLite) or the
                 # row's lock (PostgreSQL), so simultaneous events for one completion are checked one by one
@@ -163,12 +164,7 @@ class UsageStore:
                     .where(completions.c.completion_id == cid, completions.c.user == user)
                     .values(completion_id=completions.c.completion_id)
                 )
-                if c.execute(
-                    # any choice index: this server's completions have one choice, so a select per index is a replay
-                    sa.select(events.c.id)
-                    .where(events.c.completion_id == cid, events.c.type == t, events.c.user == user)
-                    .limit(1)
-                ).first():
+                if self._seen(c, cid, t, user):  # any choice index: this server's completions have one choice
                     return False
                 row = c.execute(
                     sa.select(
@@ -183,6 +179,7 @@ class UsageStore:
                 ).first()
                 if row is not None:  # counted under the completion's language and protocol (OpenAI, Ollama, ...)
                     language, chars, lines, matched, protocol = row.language, row.chars, row.lines, True, row.protocol
+                    full = (chars, lines)
                     if kind == "line":  # Tabby's select_kind=line: only the first line was taken
                         chars, lines = row.first_line_chars, min(lines, 1)
             row = dict(
@@ -201,4 +198,15 @@ class UsageStore:
             )
             c.execute(events.insert().values(**row))
             rollup.add_event(c, row)
+            if matched and t == "select" and not self._seen(c, cid, "view", user):
+                # taken, so shown: without this view selects could outnumber views (acceptance past 100 %)
+                shown = {**row, "type": "view", "select_kind": None, "chars": full[0], "lines": full[1]}
+                c.execute(events.insert().values(**shown))
+                rollup.add_event(c, shown)
         return True
+
+    @staticmethod
+    def _seen(c, cid: str, type_: str, user: str) -> bool:
+        """Whether `user` reported an event of `type_` for completion `cid` (any choice index)."""
+        q = sa.select(events.c.id).where(events.c.completion_id == cid, events.c.type == type_, events.c.user == user)
+        return c.execute(q.limit(1)).first() is not None
