@@ -92,6 +92,7 @@ class Timings:
 
     prompt_ms: float
     predicted_ms: float
+    cached: int | None = None  # prompt tokens whose KV cells were reused, not evaluated again (None: not known)
 
 
 @dataclass

@@ -250,6 +250,7 @@ class Batcher(Sampling):
         seq.next_token = seq.ids[-1]
         seq.history = list(seq.ids)
         seq.cutter = StopCutter(p.stop, seq.emit, p.n_indent, p.time_limit_ms)
+        seq.cutter.cached = k
         if not seq.want_logits:
             seq.chain = self._chain(p)
         self.active.append(seq)

@@ -262,7 +262,7 @@ class LlamaCppEngine(NativeVocab, WorkerEngine):
         raw = b""
         n = 0
         reason: FinishReason = "length"
-        self._eval_aligned(prompt_ids, reproducible=params.temperature <= 0 or params.seed is not None)
+        cutter.cached = self._eval_aligned(prompt_ids, reproducible=params.temperature <= 0 or params.seed is not None)
         gen = llm.generate(
             prompt_ids,
             top_k=params.top_k if params.temperature > 0 else 1,
@@ -324,7 +324,7 @@ class LlamaCppEngine(NativeVocab, WorkerEngine):
         self._model.reset()
         self._lora_active = name
 
-    def _eval_aligned(self, ids: list[int], reproducible: bool = True) -> None:
+    def _eval_aligned(self, ids: list[int], reproducible: bool = True) -> int:
         """For a `reproducible` request (greedy, or seeded), evaluate all but the last prompt token in
         chunks of ALIGN tokens aligned to position 0, reusing only cached positions that such a chunk
         computed. llama.cpp's results for a position depend on the batch it was evaluated in: reusing
@@ -332,7 +332,7 @@ class LlamaCppEngine(NativeVocab, WorkerEngine):
         up to 1.14 on Gemma 3 270M). This way the same prompt gives the same logits whatever came
         before. Cost: up to ALIGN - 1 cached tokens evaluated again (bench/results/prompts.md). Other
         requests reuse any cached prefix (llama-cpp-python's `generate`), and the positions they
-        compute stop counting as aligned."""
+        compute stop counting as aligned. Returns how many of the prompt's tokens it kept from the cache."""
         llm = self._model
         body = ids[:-1]
         cached = llm._input_ids
@@ -343,12 +343,13 @@ class LlamaCppEngine(NativeVocab, WorkerEngine):
         aligned = getattr(self, "_aligned", 0)
         if not reproducible:
             self._aligned = min(aligned, same) // ALIGN * ALIGN
-            return
+            return same  # llama-cpp-python's `generate` reuses the common prefix
         start = min(same, aligned) // ALIGN * ALIGN
         llm.n_tokens = start  # eval() drops the cache from here
         for i in range(start, len(body), ALIGN):
             llm.eval(body[i : i + ALIGN])
         self._aligned = len(body) // ALIGN * ALIGN  # positions computed by whole aligned chunks
+        return start
 
     def logits(self, prompt: str) -> np.ndarray:
         """Next-token logits after `prompt` (float32 copy)."""

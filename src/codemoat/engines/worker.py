@@ -59,6 +59,7 @@ class StopCutter:
         self.limited = False  # ended by a line rule, not by a stop string
         self.started = time.perf_counter()
         self.first: float | None = None
+        self.cached: int | None = None  # the prompt's tokens the engine found in its cache (`Timings.cached`)
         self.seen = 0  # text before this was looked at for newlines (time limit)
         self.scan, self.line = 0, None  # where to find the next newline; start of the line being checked
 
@@ -131,7 +132,7 @@ class StopCutter:
             self.emit(Chunk(self.text[self.sent :], self.pending))
         now = time.perf_counter()
         first = now if self.first is None else self.first
-        self.emit(Chunk("", [], reason, Timings((first - self.started) * 1000, (now - first) * 1000)))
+        self.emit(Chunk("", [], reason, Timings((first - self.started) * 1000, (now - first) * 1000, self.cached)))
 
 
 class WorkerEngine(Engine):

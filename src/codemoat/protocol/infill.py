@@ -66,9 +66,15 @@ def generation_settings(
     }
 
 
-def timings(prompt_n: int, prompt_ms: float, predicted_n: int, predicted_ms: float) -> dict[str, float]:
-    """llama.cpp server's `timings` (per-token milliseconds and tokens per second derived as it does)."""
+def timings(
+    prompt_n: int, prompt_ms: float, predicted_n: int, predicted_ms: float, cache_n: int | None = None
+) -> dict[str, float]:
+    """llama.cpp server's `timings` (per-token milliseconds and tokens per second derived as it does): `prompt_n` the
+    prompt tokens evaluated, `cache_n` those found in the cache (when the engine says; all were evaluated otherwise)."""
+    cache_n = min(cache_n or 0, prompt_n)
+    prompt_n -= cache_n
     return {
+        "cache_n": cache_n,
         "prompt_n": prompt_n,
         "prompt_ms": prompt_ms,
         "prompt_per_token_ms": prompt_ms / prompt_n if prompt_n else 0.0,

@@ -63,8 +63,12 @@ class ChatRequest(Lenient):
     codemoat: CodemoatExt | None = None
 
 
-def usage(prompt: int, completion: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+def usage(prompt: int, completion: int, cached: int | None = None) -> dict[str, Any]:
+    """OpenAI's usage; `cached`: the prompt's tokens read from the cache (`prompt_tokens_details`, left out when unknown)."""
+    u: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    if cached is not None:
+        u["prompt_tokens_details"] = {"cached_tokens": min(cached, prompt)}
+    return u
 
 
 def completion(id: str, model: str, text: str, finish: str | None, u: dict | None, extra: dict | None = None) -> dict[str, Any]:

@@ -55,7 +55,9 @@ async def infill_route(request: Request):
             req.t_max_predict_ms,
             req.stream,
         )
-        times = infill.timings(u.prompt_tokens, t.prompt_ms if t else 0.0, predicted, t.predicted_ms if t and not warmup else 0.0)
+        times = infill.timings(
+            u.prompt_tokens, t.prompt_ms if t else 0.0, predicted, t.predicted_ms if t and not warmup else 0.0, u.cached_tokens
+        )
         return infill.result(
             svc.model_id,
             "" if warmup else content,

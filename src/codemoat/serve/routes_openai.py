@@ -84,7 +84,12 @@ async def openai_completion(request: Request, principal: Principal, body: Any):
     if not req.stream:
         c = await svc.run(request, prep)
         return openai.completion(
-            cid, svc.model_id, c.text, _finish(c.finish_reason), openai.usage(c.prompt_tokens, c.completion_tokens), extra
+            cid,
+            svc.model_id,
+            c.text,
+            _finish(c.finish_reason),
+            openai.usage(c.prompt_tokens, c.completion_tokens, request.state.usage.cached_tokens),
+            extra,
         )
 
     chunks = await svc.open_stream(request, prep)  # a refusal before the first token is a real 503, not a 200
@@ -129,7 +134,7 @@ async def chat_completions(request: Request):
             svc.model_id,
             c.text,
             _finish(c.finish_reason) or "stop",
-            openai.usage(c.prompt_tokens, c.completion_tokens),
+            openai.usage(c.prompt_tokens, c.completion_tokens, request.state.usage.cached_tokens),
             extra,
         )
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -146,7 +151,7 @@ async def chat_completions(request: Request):
         if include_usage:
             u = request.state.usage
             yield openai.chat_chunk(
-                cid, svc.model_id, {}, None, openai.usage(u.prompt_tokens, u.completion_tokens), choices=False
+                cid, svc.model_id, {}, None, openai.usage(u.prompt_tokens, u.completion_tokens, u.cached_tokens), choices=False
             )
 
     return sse(events())

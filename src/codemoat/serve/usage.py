@@ -50,6 +50,12 @@ class Usage:
     select_kind: str | None = None
     adapter: str | None = None  # the LoRA adapter that answered (codemoat tune), None: the base model
 
+    @property
+    def cached_tokens(self) -> int | None:
+        """The prompt's tokens the engine found in its cache (OpenAI's `cached_tokens`, llama.cpp's `cache_n`),
+        None when the engine does not say."""
+        return self.timings.cached if self.timings is not None else None
+
 
 def usage_of(scope_or_state) -> Usage:
     """The request's `Usage`, created on first use (`scope["state"]` dict or a Starlette `State`)."""
