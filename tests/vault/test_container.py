@@ -285,3 +285,18 @@ def test_reading_a_sealed_file_keeps_only_chunks_in_flight_resident(tmp_path):
     )
     grown_kib = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert grown_kib < 48 * 1024, f"peak RSS grew by {grown_kib // 1024} MiB reading a 160 MiB sealed file"
+
+
+def test_sealing_never_writes_through_a_link_planted_in_the_output_folder(tmp_path):
+    """Whoever can write in the folder of `vendor seal`'s or `tune --out`'s output plants a symbolic link where
+    the sealer used to write its temporary file (`m.moat.part`), and one at the output's own name: the files they
+    name are left as they were, and the sealed file is a new regular file."""
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"the admin's file\n")
+    (tmp_path / "m.moat.part").symlink_to(victim)
+    (tmp_path / "m.moat").symlink_to(tmp_path / "other.txt")
+    sealed, key = make(tmp_path, b"weights" * 1000)
+    assert victim.read_bytes() == b"the admin's file\n" and not (tmp_path / "other.txt").exists()
+    assert not (tmp_path / "m.moat").is_symlink() and (tmp_path / "m.moat").is_file()
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".part") and not p.is_symlink()] == []
+    assert bytes(SealedFile(tmp_path / "m.moat").decrypt(key)) == b"weights" * 1000

@@ -101,5 +101,7 @@ def load(path: Path) -> dict | None:
 
 
 def remove(path: Path) -> None:
-    for p in (path, path.with_name(path.name + ".tmp"), path.with_name(path.name + ".part")):
+    # the sealer's temporary files: `.NAME.<random>.part` (before session 18: `NAME.part`), left by a killed run
+    parts = [p for p in path.parent.glob(f".{path.name}.*.part") if p.is_file() and not p.is_symlink()]
+    for p in (path, path.with_name(path.name + ".tmp"), path.with_name(path.name + ".part"), *parts):
         p.unlink(missing_ok=True)

@@ -105,12 +105,15 @@ def seal_stream(
     aead = AESGCM(content_key)
     n = chunk_count(size, chunk_size)
     out_path = Path(out_path)
-    tmp = out_path.with_name(out_path.name + ".part")
+    # a new file of a name nobody can guess, never through a link: a fixed `out.moat.part` that someone who can
+    # write in the folder had made a symbolic link wrote the sealed bytes over the file it named (helper R5)
+    tmp = out_path.with_name(f".{out_path.name}.{uuid.uuid4().hex}.part")
     pbuf = bytearray(min(chunk_size, max(size, 1)))  # plaintext of the chunk being filled
     cbuf = bytearray(chunk_size + TAG_LEN)
     pview, cview = memoryview(pbuf), memoryview(cbuf)
     try:
-        with open(tmp, "wb") as f:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o666)
+        with open(fd, "wb") as f:
             f.write(signed)
             f.write(sign(signing_key, SIGN_DOMAIN, signed))
             i = fill = done = 0
