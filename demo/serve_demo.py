@@ -38,6 +38,18 @@ show(prefix.splitlines()[-1] + c.choices[0].text)
 show(suffix.strip("\n"), "2")
 print(f"   ({c.usage.completion_tokens} tokens in {dt * 1000:.0f} ms, finish_reason={c.choices[0].finish_reason})")
 
+say("developer types on: the next keystroke resends the file, and the server reads only what changed")
+t = time.perf_counter()
+c2 = client.completions.create(
+    model="codemoat-tiny", prompt=prefix + "f", suffix=suffix, max_tokens=24, temperature=0, stop=["\n"]
+)
+dt = time.perf_counter() - t
+cached = c2.usage.prompt_tokens_details.cached_tokens if c2.usage.prompt_tokens_details else None
+print(
+    f"   {c2.usage.prompt_tokens} prompt tokens, {cached} of them found in this user's own cache "
+    f"(usage.prompt_tokens_details.cached_tokens; another user's request never finds them): {dt * 1000:.0f} ms"
+)
+
 say("developer (OpenAI client): streamed chat")
 stream = client.chat.completions.create(
     model="codemoat-tiny",
