@@ -58,6 +58,9 @@ class HeadSigning:
         # (seq, hash) of the last record of a batch committed and served whose head could not be signed (PostgreSQL,
         # `sign_every = 1`): the next signature must find it in the chain, and nothing is appended before it (`_flush`)
         self._owed: tuple[int, str] | None = None
+        # record 1 of the chain (hash, rotation number) as this writer found it before its first append, when it had
+        # not signed since it started: a `cover` check then tells a rotation since from a cut (`sign_tip`)
+        self._first_seen: tuple[str | None, int] | None = None
         self._timer = HeadTimer(self)
 
     @property
@@ -137,6 +140,7 @@ class HeadSigning:
                         allowance=self.tail_allowance,
                         mine=self._last_head(),
                         cover=cover or owed,
+                        first_seen=self._first_seen,
                     )
                 self._signed(signed, head_row, mine)
                 if owed is not None and signed is not None and min_tail <= 1 and self._owed == owed:

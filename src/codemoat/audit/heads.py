@@ -169,6 +169,7 @@ def sign_tip(
     mine: Mine | None = None,
     now: float | None = None,
     cover: tuple[int, str] | None = None,
+    first_seen: tuple[str | None, int] | None = None,
 ) -> tuple[int | None, dict[str, Any] | None, Mine | None]:
     """Sign the tip in transaction `c`: (the seq now signed, the new head row or None when nothing was
     signed, what the signer remembers of that head: `Mine`, read in this transaction, or None).
@@ -219,7 +220,16 @@ def sign_tip(
         # a trigger of the DBA's deleted the record once the chain had linked it and wound the tip back, so
         # that the next record takes its number; unless the chain was rotated since (it is in the archive)
         first, _ = _first(c, 1)
-        if not (_rotated_since(first, mine) if mine is not None else first[1] > 0):
+        # rotated since the record was written: record 1 is another, later rotation than the chain the writer
+        # appended to, as its last signature in this process read it, else as it read it before its first append
+        # (`first_seen`: a head read back from the head file may predate a rotation; none known: no excuse)
+        if mine is not None and not mine.restored:
+            rotated = _rotated_since(first, mine)
+        elif first_seen is not None:
+            rotated = first[0] != first_seen[0] and first[1] > first_seen[1]
+        else:
+            rotated = False
+        if not rotated:
             raise AuditUnavailable(
                 f"audit log tampered: record {cover[0]}, just written, is no longer in the chain (run `codemoat audit verify`)"
             )

@@ -286,6 +286,12 @@ class AuditLog(HeadSigning, LogReading):
         """Write `rows`; on SQLite also their `batch`'s `also`s and the head when due, in the same
         transaction (the new head row or None)."""
         if self._pg is not None:
+            mine = self._last_head()
+            if self._first_seen is None and (mine is None or mine.restored):  # once: the chain this writer appends to
+                from .heads import _first
+
+                with self.engine.connect() as c:
+                    self._first_seen = _first(c, 1)[0]
             try:
                 self._pg.append(rows)
                 self._last_seq = rows[-1]["seq"]
