@@ -189,9 +189,10 @@ class WorkerEngine(Engine):
         owed = self._owed
 
         def done(exc: BaseException | None) -> None:
-            owed.pop(cancel, None)
+            ours = owed.pop(cancel, None) is not None  # else `stall` failed it already: finished once
             self.answered += 1
-            finished(exc)
+            if ours:
+                finished(exc)
 
         owed[cancel] = finished
         return done
