@@ -76,3 +76,11 @@ def test_an_answer_keeps_a_long_piece(eng):
         return "".join(parts)
 
     assert asyncio.run(answer()).encode().startswith(text)
+
+
+def test_an_id_outside_the_vocabulary_has_no_text(eng):
+    """A token id that is not one of the model's (never produced by its tokenizer or sampler) is no text, not a read
+    past llama.cpp's table."""
+    n = eng._lib.llama_vocab_n_tokens(eng._vocab)
+    assert eng.piece(n) == b"" and eng.piece(-1) == b"" and eng.piece(10**9) == b""
+    assert eng.detokenize([n, 10**9]) == ""

@@ -108,16 +108,24 @@ class NativeVocab:
 
     def piece(self, tok: int, special: bool = False) -> bytes:
         """A token's text, whatever its length (llama-cpp-python's `detokenize` reads each into 32 bytes and
-        drops a longer one: a run of 33 spaces, a `# ----` rule), looked up once per token."""
-        cache = self.__dict__.setdefault("_pieces", {})
-        got = cache.get((tok, special))
+        drops a longer one: a run of 33 spaces, a `# ----` rule), looked up once per token. The pieces are kept in two
+        lists indexed by token id (plain and special readings): a few MiB at most for a 262k-token vocabulary, where
+        a dict keyed by (token, special) took 42 MiB once every token had been seen (reviewer V4)."""
+        table = self.__dict__.get("_pieces")
+        if table is None:
+            n_vocab = int(self._lib.llama_vocab_n_tokens(self._vocab))
+            table = self.__dict__.setdefault("_pieces", ([None] * n_vocab, [None] * n_vocab))
+        row = table[1 if special else 0]
+        if not 0 <= tok < len(row):  # not a token of this vocabulary: llama.cpp would read past its table
+            return b""
+        got = row[tok]
         if got is None:
             buf = ctypes.create_string_buffer(64)
             n = self._lib.llama_token_to_piece(self._vocab, tok, buf, len(buf), 0, special)
             if n < 0:  # longer than the buffer: -n is its length
                 buf = ctypes.create_string_buffer(-n)
                 n = self._lib.llama_token_to_piece(self._vocab, tok, buf, len(buf), 0, special)
-            got = cache[(tok, special)] = buf.raw[: max(n, 0)]
+            got = row[tok] = buf.raw[: max(n, 0)]
         return got
 
     def detokenize(self, ids: Sequence[int]) -> str:
