@@ -119,7 +119,7 @@ def test_a_pending_version_that_kills_vaultd_at_its_start_is_failed_after_the_li
         srv, token = _serve_vault(serve_process, vaultd, tmp_path)
         assert _bundle(srv.url, token) == "1"  # before: 2 opened again by every start
     (failed,) = store.failed()
-    assert failed["version"] == "2" and "tried at 1 starts" in failed["reason"], failed
+    assert failed["version"] == "2" and "tried at 1 start and" in failed["reason"], failed
     assert ("update swap_rolled_back", "2", "vaultd") in _updates()
 
 

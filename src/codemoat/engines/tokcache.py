@@ -11,8 +11,9 @@ caller's own scope (`SCOPE`, the user's name, set by `serve.service.Service.prep
 user's request comes back faster must not tell anyone whether a text was just sent by someone else (the
 prefix cache of the engine's slots is kept per user for the same reason). Without a scope nothing is
 cached. Texts under `MIN_CHARS` are cheaper to tokenise than to keep. At most `MAX_CHARS` characters are
-held in all, the least recently used going first; the ids are kept as 4-byte integers and every hit is a
-new list (callers may change what they get).
+held in all, the least recently used going first, whoever sent them: a user who sends much can push others'
+texts out (a slowdown, and a hint of how much others send, never what). The ids are kept as 4-byte integers
+and every hit is a new list (callers may change what they get).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from contextvars import ContextVar
 SCOPE: ContextVar[str | None] = ContextVar("codemoat_token_scope", default=None)
 #: a text shorter than this is tokenised each time (~50 µs at most)
 MIN_CHARS = 256
-#: characters held in all (with their ids: ~4 MiB more at most); ~80 editors' neighbourhoods of 25,000
+#: characters held in all (~80 editors' neighbourhoods of 25,000); their ids add ~4 MiB for code, up to ~32 MiB
+#: for text of up to 4 tokens a character (emoji, CJK)
 MAX_CHARS = 2 << 20
 
 

@@ -402,8 +402,9 @@ class UpdateStore(BundleChecks):
                 self._write_state(s)
                 return gone
             reason = (
-                f"it was tried at {tried} starts and none came up with it (the process ended while it loaded"
-                " or was checked: out of memory, a crash); not loaded again"
+                f"it was tried at {tried} start{'s' if tried != 1 else ''} and none came up with it (the process ended"
+                " before its health check passed: out of memory or a crash while it loaded, or a start that failed"
+                " for another reason, such as its port in use); not loaded again"
             )
             what = {"model": "installed"} if chan == "model" else {"channel": chan}
             self.audit("swap_failed", **what, version=info["version"], reason=reason)

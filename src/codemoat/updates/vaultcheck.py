@@ -52,7 +52,7 @@ def check_offer(offer: Any, settings: Any, timeout_s: float = CHECK_TIMEOUT_S) -
         return None
     if r.returncode < 0:
         name = signal.Signals(-r.returncode).name if -r.returncode in signal.valid_signals() else str(-r.returncode)
-        return f"its health check ended with {name} (out of memory, a crash in the engine)"
+        return f"its health check ended with {name} (out of memory, a crash in the engine, or a hang its watchdog stopped)"
     lines = [ln.strip() for ln in r.stderr.splitlines() if ln.strip()]
     why = lines[-1].removeprefix("error: ") if lines else f"its health check exited {r.returncode}"
     return why[:300]
