@@ -107,6 +107,22 @@ def wide_q4_k_m(tmp_path_factory) -> Path:
     return q
 
 
+@pytest.fixture
+def tokenised(monkeypatch) -> list[int]:
+    """The byte lengths of the texts llama.cpp's tokenizer is called on (llama_cpp.llama_tokenize, as codemoat calls it)."""
+    import llama_cpp
+
+    calls: list[int] = []
+    real = llama_cpp.llama_tokenize
+
+    def counted(*a):
+        calls.append(a[2])
+        return real(*a)
+
+    monkeypatch.setattr(llama_cpp, "llama_tokenize", counted)
+    return calls
+
+
 @pytest.fixture(name="free_port")
 def free_port_fixture() -> int:
     return free_port()

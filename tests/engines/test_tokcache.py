@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import threading
 
-import llama_cpp
 import pytest
 
 from codemoat.engines.llamacpp import LlamaCppEngine
@@ -20,20 +19,6 @@ def front(tiny_gguf):
     e = LlamaCppEngine.front(str(tiny_gguf))
     yield e
     e.close()
-
-
-@pytest.fixture
-def tokenised(monkeypatch):
-    """The lengths of the texts llama.cpp's tokenizer is called on."""
-    calls: list[int] = []
-    real = llama_cpp.llama_tokenize
-
-    def counted(*a):
-        calls.append(a[2])
-        return real(*a)
-
-    monkeypatch.setattr(llama_cpp, "llama_tokenize", counted)
-    return calls
 
 
 def _as(user: str | None, front, parts, bos=False):

@@ -425,19 +425,10 @@ def test_secret_split_across_fields_is_caught(qwen, route):
 
 
 # -- an editor's unchanged context is not tokenised again (engines.tokcache) -------------------
-def test_an_editors_unchanged_suffix_and_extra_files_are_tokenised_once_per_user(qwen, monkeypatch):
+def test_an_editors_unchanged_suffix_and_extra_files_are_tokenised_once_per_user(qwen, tokenised):
     """llama.vscode sends the text after the cursor and its ring of chunks again on every keystroke: only the
     prefix is tokenised again, for the same user only, and the prompt the engine reads is the same."""
-    import llama_cpp
-
-    calls: list[int] = []
-    real = llama_cpp.llama_tokenize
-
-    def counted(*a):
-        calls.append(a[2])
-        return real(*a)
-
-    monkeypatch.setattr(llama_cpp, "llama_tokenize", counted)
+    calls = tokenised
     suffix = "    return total\n\n\ndef refund(order):\n    pass\n" * 8
     chunk = "def helper(a, b):\n    return a * b + 1\n" * 10
     req = {
