@@ -121,6 +121,10 @@ class Batcher(Sampling):
         self.adapter: str | None = None
         self.on_slots: Callable[[dict[str, int]], None] | None = None
         self.after_step: Callable[[], None] | None = None  # called after each turn of the loop (engines.child)
+        #: called first in each turn of the loop with whether the batch is idle: the engine process's reader of
+        #: the server's socket, on this thread (`engines.child`); it waits for a message or a job when idle,
+        #: and returns False once the server said stop or went away
+        self.inbox: Callable[[bool], bool] | None = None
         self.steps = 0
         self.pieces = Pieces(lib, engine._vocab)
         self._views: dict[tuple[int, int], np.ndarray] = {}  # (logits buffer address, rows) -> its view (`_logits`)
@@ -143,8 +147,11 @@ class Batcher(Sampling):
         """Take requests from `jobs` (a `Seq`, a `(fn, future)` job, or None to stop) and step until stopped."""
         while True:
             idle = not self.active and not self.waiting
+            inbox = self.inbox
+            if inbox is not None and not inbox(idle):  # the server's messages, read here: `_start` puts a request in `jobs`
+                self.inbox = None
             try:
-                item = jobs.get() if idle else jobs.get_nowait()
+                item = jobs.get() if idle and inbox is None else jobs.get_nowait()
                 while True:
                     if item is None:
                         self._stop()

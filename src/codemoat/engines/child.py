@@ -101,6 +101,20 @@ class Frames:
         self.buf += self._view[:n]
         return self.parse()
 
+    def drain(self) -> list[Any] | None:
+        """The whole messages of all that can be read without waiting ([] if none yet); None at the end."""
+        while True:
+            try:
+                n = self.sock.recv_into(self._view, len(self._scratch), socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                break
+            if n == 0:
+                return None
+            self.buf += self._view[:n]
+            if n < len(self._scratch):
+                break
+        return self.parse()
+
     def batch(self) -> list[Any] | None:
         """The next messages (at least one), waiting for them; None once the socket has ended. It waits in
         `poll`: a thread blocked in a read of a socket is woken each time the other side reads what another
@@ -223,27 +237,88 @@ class _Server:
         else:
             self.send(("result", rid, value, None))
 
-    def serve(self, incoming: Iterator[Any]) -> None:
-        for msg in incoming:
-            if msg[0] == "stop":
-                break
-            kind, rid = msg[0], msg[1]
-            if kind == "gen":
-                self.generate(rid, msg[2], msg[3])
-            elif kind == "cancel":
-                if (ev := self.cancels.get(rid)) is not None:
-                    ev.set()
-            elif kind == "logits":  # waits for the worker: not on this thread, which must keep reading
-                threading.Thread(target=self.call, args=(rid, self.engine.logits, msg[2]), daemon=True).start()
+    def handle(self, msg: Any) -> bool:
+        """Act on one message from the server; False once it says stop."""
+        kind = msg[0]
+        if kind == "stop":
+            return False
+        rid = msg[1]
+        if kind == "gen":
+            self.generate(rid, msg[2], msg[3])
+        elif kind == "cancel":
+            if (ev := self.cancels.get(rid)) is not None:
+                ev.set()
+        elif kind == "logits":  # waits for the worker: not on this thread, which must keep reading
+            threading.Thread(target=self.call, args=(rid, self.engine.logits, msg[2]), daemon=True).start()
+        return True
+
+    def _ended(self) -> None:
         for ev in list(self.cancels.values()):
             ev.set()
+
+    def serve(self, incoming: Iterator[Any]) -> None:
+        for msg in incoming:
+            if not self.handle(msg):
+                break
+        self._ended()
+
+    def serve_on_loop(self, frames: Frames) -> bool:
+        """Read the server's messages on the engine's batch loop (`LlamaCppEngine.read_on_loop`) until it says
+        stop or the socket ends, this thread waiting meanwhile: a request then starts on the thread that decodes
+        it, not one hand-off later. The loop reads between its steps and, idle, waits in `poll` on the socket and
+        on its job queue's eventfd (jobs put by other threads: logits, adapters). False if the engine has no
+        batch loop (`serve`, on this thread, then)."""
+        attach = getattr(self.engine, "read_on_loop", None)
+        jobs = getattr(self.engine, "_jobs", None)
+        if attach is None or jobs is None:
+            return False
+        ended = threading.Event()
+        sock_fd = frames.sock.fileno()
+        poller = select.poll()
+        poller.register(sock_fd, select.POLLIN)
+        poller.register(jobs.waker(), select.POLLIN)
+
+        def inbox(idle: bool) -> bool:
+            readable = True
+            if idle:
+                jobs.sleeping = True
+                try:
+                    ready = poller.poll() if jobs.empty() else []
+                finally:
+                    jobs.sleeping = False
+                for fd, _ in ready:
+                    if fd != sock_fd:
+                        try:
+                            os.eventfd_read(fd)
+                        except BlockingIOError:
+                            pass
+                readable = not ready or any(fd == sock_fd for fd, _ in ready)
+            try:
+                got = frames.drain() if readable else []
+            except (OSError, EOFError, ValueError, pickle.UnpicklingError):
+                got = None
+            if got is not None:
+                for msg in got:
+                    if not self.handle(msg):
+                        break
+                else:
+                    return True
+            self._ended()
+            ended.set()
+            return False
+
+        if not attach(inbox):
+            return False
+        ended.wait()
+        return True
 
 
 def main(argv: list[str]) -> int:
     sock = socket.socket(fileno=int(argv[1]))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server decides when its engine stops
-    incoming = messages(Frames(sock))
-    spec = next(incoming, None)
+    frames = Frames(sock)
+    incoming = messages(frames)
+    spec = next(incoming, None)  # the server sends nothing else until it is told "ready"
     if spec is None:
         return 1
     set_non_dumpable()  # exec made this process dumpable again; the weights are mapped below
@@ -280,7 +355,9 @@ def main(argv: list[str]) -> int:
 
     try:
         steps = StepCell(spec["steps_fd"]) if spec.get("steps_fd") is not None else None
-        _Server(engine, sock, steps).serve(incoming)
+        server = _Server(engine, sock, steps)
+        if not server.serve_on_loop(frames):
+            server.serve(incoming)
     finally:
         engine.close()
     return 0

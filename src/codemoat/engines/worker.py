@@ -135,6 +135,26 @@ class StopCutter:
         self.emit(Chunk("", [], reason, Timings((first - self.started) * 1000, (now - first) * 1000, self.cached)))
 
 
+class Jobs(queue.SimpleQueue):
+    """A worker's job queue. In the engine process the batch loop also reads the server's socket
+    (`engines.child`): it then waits in `poll` on that socket and on `wake_fd`, not in `get`, and a job
+    put by another thread while it waits there (`sleeping`) writes `wake_fd` to wake it."""
+
+    wake_fd: int | None = None
+    sleeping = False
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item)
+        if self.sleeping and self.wake_fd is not None:
+            os.eventfd_write(self.wake_fd, 1)
+
+    def waker(self) -> int:
+        """The eventfd a put wakes while `sleeping` (made on first use)."""
+        if self.wake_fd is None:
+            self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        return self.wake_fd
+
+
 class WorkerEngine(Engine):
     """Base for engines with a synchronous model owned by one worker thread."""
 
@@ -150,7 +170,7 @@ class WorkerEngine(Engine):
         # SimpleQueue (in C): the worker blocked in get() has a put item ~10 µs sooner than with queue.Queue's
         # Python lock and condition, ~20 µs on the caches a large model's decode leaves, and the batch loop's
         # get_nowait between steps is cheaper too
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._jobs: Jobs = Jobs()
         self._owed: dict[threading.Event, Callable[[BaseException | None], None]] = {}  # by cancel: `_owing`
         self._closed = False
         self._worker = threading.Thread(target=self._work, name=name, daemon=True)

@@ -1,0 +1,125 @@
+"""The engine process's batch loop reads the server's socket itself (`_Server.serve_on_loop`): a request starts
+on the thread that decodes it. Driven here in-process, over a real socket pair, on a real llama.cpp engine."""
+
+from __future__ import annotations
+
+import select
+import socket
+import threading
+import time
+
+import pytest
+
+from codemoat.engines.base import SamplingParams
+from codemoat.engines.child import Frames, _Server, frame
+
+
+@pytest.fixture
+def looped(tiny_gguf):
+    """(engine, server's end of the socket, its Frames, the loop's serving thread) with the loop reading."""
+    from codemoat.engines.llamacpp import LlamaCppEngine
+
+    eng = LlamaCppEngine(str(tiny_gguf), n_ctx=512, n_threads=1, parallel=2)
+    ours, theirs = socket.socketpair()
+    served: list[bool] = []
+    t = threading.Thread(target=lambda: served.append(_Server(eng, theirs).serve_on_loop(Frames(theirs))), daemon=True)
+    t.start()
+    try:
+        yield eng, ours, Frames(ours), t, served
+    finally:
+        ours.close()
+        t.join(10)
+        eng.close()
+        theirs.close()
+
+
+def _answers(frames: Frames, rids: set[int], seconds: float = 30) -> dict[int, str]:
+    """The texts of requests `rids`, read from the engine's messages until each one's last chunk."""
+    text: dict[int, list[str]] = {r: [] for r in rids}
+    done: dict[int, str] = {}
+    end = time.time() + seconds
+    while len(done) < len(rids):
+        assert select.select([frames.sock], [], [], max(0.0, end - time.time()))[0], f"no answer to {rids - set(done)} in {seconds} s"
+        for msg in frames.pump() or []:
+            for m in msg[1] if msg[0] == "batch" else [msg]:
+                if m[0] == "chunk" and m[1] in rids:
+                    text[m[1]].append(m[2][0])
+                    if m[2][2]:
+                        done[m[1]] = "".join(text[m[1]])
+                elif m[0] == "done" and m[1] in rids:
+                    raise AssertionError(f"request {m[1]} failed: {m[2]}")
+    return done
+
+
+def _sleeping(eng, seconds: float = 10) -> None:
+    end = time.time() + seconds
+    while not eng._jobs.sleeping:
+        assert time.time() < end, "the loop never went to wait in poll"
+        time.sleep(0.005)
+
+
+def test_requests_sent_to_the_socket_are_answered_by_the_loop_that_reads_it(looped):
+    eng, ours, frames, t, _ = looped
+    ids = eng.tokenize("def add(a, b):\n")
+    p = SamplingParams(max_tokens=8, temperature=0)
+    alone = eng._batcher.inbox is not None and eng._jobs.wake_fd is not None
+    assert alone, "the batch loop does not read the socket"
+    ours.sendall(frame(("gen", 1, ids, p)))
+    first = _answers(frames, {1})[1]
+    ours.sendall(frame(("gen", 2, ids, p)) + frame(("gen", 3, ids, p)))  # two in one read
+    assert first and _answers(frames, {2, 3}) == {2: first, 3: first}
+
+
+def test_a_job_from_another_thread_wakes_the_loop_waiting_in_poll(looped):
+    """A job put while the loop waits on the socket (logits, an adapter's load: other threads) is not left
+    until the next request: the put writes the queue's eventfd, which the loop also waits on."""
+    eng, _, _, _, _ = looped
+    _sleeping(eng)
+    got: list = []
+    th = threading.Thread(target=lambda: got.append(eng.logits("def add(a, b):\n")), daemon=True)
+    th.start()
+    th.join(10)
+    assert got and got[0].shape[0] == eng.n_vocab, "a job put by another thread waited for a request that never came"
+
+
+def test_stop_ends_the_reading_and_the_engine_still_closes(looped):
+    eng, ours, _, t, served = looped
+    _sleeping(eng)
+    ours.sendall(frame(("stop",)))
+    t.join(10)
+    assert not t.is_alive() and served == [True]
+    assert eng._batcher.inbox is None  # the loop waits in `get` again: close() reaches it
+
+
+def test_the_servers_end_going_away_ends_the_reading_and_cancels_what_runs(looped):
+    eng, ours, _, t, served = looped
+    ids = eng.tokenize("def add(a, b):\n")
+    ours.sendall(frame(("gen", 1, ids, SamplingParams(max_tokens=400, temperature=0))))
+    time.sleep(0.05)
+    ours.close()
+    t.join(10)
+    assert not t.is_alive() and served == [True]
+    end = time.time() + 10
+    while eng._batcher.active and time.time() < end:  # its cancel was set: the slot is freed at the next step
+        time.sleep(0.01)
+    assert not eng._batcher.active
+
+
+def test_a_frame_that_cannot_be_read_ends_the_reading_not_the_loop(looped):
+    eng, ours, _, t, served = looped
+    ours.sendall(b"\x00\x00\x00\x05hello")  # not a pickle
+    t.join(10)
+    assert not t.is_alive() and served == [True]
+    assert eng.logits("def add(a, b):\n").shape[0] == eng.n_vocab  # the loop still takes jobs
+
+
+def test_an_engine_without_a_batch_loop_is_read_by_the_calling_thread(tiny_gguf):
+    from codemoat.engines.llamacpp import LlamaCppEngine
+
+    eng = LlamaCppEngine(str(tiny_gguf), n_ctx=512, n_threads=1, parallel=1)
+    a, b = socket.socketpair()
+    try:
+        assert _Server(eng, b).serve_on_loop(Frames(b)) is False
+    finally:
+        a.close(), b.close()
+        eng.close()
