@@ -84,3 +84,15 @@ def test_an_id_outside_the_vocabulary_has_no_text(eng):
     n = eng._lib.llama_vocab_n_tokens(eng._vocab)
     assert eng.piece(n) == b"" and eng.piece(-1) == b"" and eng.piece(10**9) == b""
     assert eng.detokenize([n, 10**9]) == ""
+
+
+def test_bos_and_eos_texts_are_read_whole(eng):
+    """`token_text` (the chat templates' BOS/EOS) reads the piece as `piece` does, not into 32 bytes."""
+    lib, vocab = eng._lib, eng._vocab
+    for which, tid in (("bos", lib.llama_vocab_bos(vocab)), ("eos", lib.llama_vocab_eos(vocab))):
+        if tid < 0:
+            continue
+        n = lib.llama_token_to_piece(vocab, tid, None, 0, 0, True)
+        buf = ctypes.create_string_buffer(max(-n, n, 1))
+        n = lib.llama_token_to_piece(vocab, tid, buf, len(buf), 0, True)
+        assert eng.token_text(which) == buf.raw[:n].decode("utf-8", "replace")

@@ -57,7 +57,7 @@ class NativeVocab:
             tid = self._model.token_bos() if which == "bos" else self._model.token_eos()
             if tid is None or tid < 0:
                 return ""
-            return self._model.detokenize([tid], special=True).decode("utf-8", "replace")
+            return self.piece(tid, True).decode("utf-8", "replace")  # whole: `detokenize` read 32 bytes at most
         finally:
             self._leave()
 
