@@ -22,8 +22,10 @@ def looped(tiny_gguf):
     eng = LlamaCppEngine(str(tiny_gguf), n_ctx=512, n_threads=1, parallel=2)
     ours, theirs = socket.socketpair()
     served: list[bool] = []
-    t = threading.Thread(target=lambda: served.append(_Server(eng, theirs).serve_on_loop(Frames(theirs))), daemon=True)
+    srv = _Server(eng, theirs)
+    t = threading.Thread(target=lambda: served.append(srv.serve_on_loop(Frames(theirs))), daemon=True)
     t.start()
+    eng.srv = srv
     try:
         yield eng, ours, Frames(ours), t, served
     finally:
@@ -82,12 +84,64 @@ def test_a_job_from_another_thread_wakes_the_loop_waiting_in_poll(looped):
     assert got and got[0].shape[0] == eng.n_vocab, "a job put by another thread waited for a request that never came"
 
 
+def _on_core_ns(eng) -> int:
+    with open(f"/proc/self/task/{eng._worker.native_id}/schedstat") as f:
+        return int(f.read().split()[0])
+
+
+def test_the_loop_sleeps_again_after_a_job_woke_it(looped):
+    """The eventfd a put wrote is read back: a loop woken once by another thread's job does not spin after it."""
+    eng, _, _, _, _ = looped
+    _sleeping(eng)
+    eng.logits("def add(a, b):\n")
+    _sleeping(eng)
+    before = _on_core_ns(eng)
+    time.sleep(0.5)
+    assert _on_core_ns(eng) - before < 50_000_000, "the idle loop ran on a core after a job woke it"
+
+
+def test_a_job_put_just_before_the_loop_sleeps_is_not_left_waiting(looped):
+    """A job put while the loop is about to wait (not yet `sleeping`, so no eventfd write) is taken: the loop
+    looks at the queue after it says it sleeps, before it waits."""
+    from concurrent.futures import Future
+
+    eng, _, _, _, _ = looped
+    _sleeping(eng)
+    real, jobs, fut = eng._batcher.inbox, eng._jobs, Future()
+
+    def racing(idle: bool) -> bool:
+        if idle and not fut.done() and not jobs.sleeping:
+            jobs.put((lambda: "ran", fut))  # `sleeping` is False: this put writes no eventfd
+        return real(idle)
+
+    eng._batcher.inbox = racing
+    eng.probe().result(10)  # wakes the loop, which then calls `racing` idle
+    assert fut.result(10) == "ran"
+
+
+def test_an_idle_cancel_for_a_finished_request_leaves_the_loop_reading(looped):
+    eng, ours, frames, _, _ = looped
+    ids = eng.tokenize("def add(a, b):\n")
+    p = SamplingParams(max_tokens=4, temperature=0)
+    ours.sendall(frame(("gen", 1, ids, p)))
+    first = _answers(frames, {1})[1]
+    _sleeping(eng)
+    ours.sendall(frame(("cancel", 1)) + frame(("cancel", 99)))
+    time.sleep(0.05)
+    _sleeping(eng)
+    ours.sendall(frame(("gen", 2, ids, p)))
+    assert _answers(frames, {2}, seconds=10)[2] == first
+
+
 def test_stop_ends_the_reading_and_the_engine_still_closes(looped):
     eng, ours, _, t, served = looped
     _sleeping(eng)
     ours.sendall(frame(("stop",)))
     t.join(10)
     assert not t.is_alive() and served == [True]
+    end = time.time() + 5
+    while eng._batcher.inbox is not None and time.time() < end:
+        time.sleep(0.005)
     assert eng._batcher.inbox is None  # the loop waits in `get` again: close() reaches it
 
 
@@ -95,8 +149,13 @@ def test_the_servers_end_going_away_ends_the_reading_and_cancels_what_runs(loope
     eng, ours, _, t, served = looped
     ids = eng.tokenize("def add(a, b):\n")
     ours.sendall(frame(("gen", 1, ids, SamplingParams(max_tokens=400, temperature=0))))
-    time.sleep(0.05)
+    end = time.time() + 5
+    while 1 not in eng.srv.cancels and time.time() < end:
+        time.sleep(0.001)
+    cancel = eng.srv.cancels[1]
     ours.close()
+    t.join(10)
+    assert cancel.is_set(), "the running request was not cancelled when the server went away"
     t.join(10)
     assert not t.is_alive() and served == [True]
     end = time.time() + 10
@@ -111,6 +170,31 @@ def test_a_frame_that_cannot_be_read_ends_the_reading_not_the_loop(looped):
     t.join(10)
     assert not t.is_alive() and served == [True]
     assert eng.logits("def add(a, b):\n").shape[0] == eng.n_vocab  # the loop still takes jobs
+
+
+def test_a_message_of_no_known_shape_ends_the_reading_not_the_loop(looped):
+    eng, ours, _, t, served = looped
+    ours.sendall(frame(("gen", 1)))  # no prompt, no parameters: an IndexError in the loop's reading
+    t.join(10)
+    assert not t.is_alive() and served == [True]
+    assert eng._worker.is_alive()
+    assert eng.logits("def add(a, b):\n").shape[0] == eng.n_vocab
+
+
+def test_the_server_going_away_ends_the_serving_while_the_loop_is_stuck(looped):
+    """The waiting thread watches the server's end itself: a loop stuck in a step (here: a job that does not
+    return) cannot keep the engine process, and the model in its memory, alive after its server is gone."""
+    eng, ours, _, t, served = looped
+    _sleeping(eng)
+    stuck, free = threading.Event(), threading.Event()
+    eng._submit(lambda: (stuck.set(), free.wait(30)))
+    assert stuck.wait(10)
+    ours.close()
+    t.join(5)
+    try:
+        assert not t.is_alive() and served == [True], "the serving waited for a loop that does not come back"
+    finally:
+        free.set()
 
 
 def test_an_engine_without_a_batch_loop_is_read_by_the_calling_thread(tiny_gguf):

@@ -35,6 +35,7 @@ under (`engines.slots`).
 from __future__ import annotations
 
 import ctypes
+import logging
 import queue
 from collections import Counter, deque
 from collections.abc import Callable
@@ -49,6 +50,7 @@ from .sampling import Sampling
 from .slots import Seq, Slots
 from .worker import StopCutter, late
 
+log = logging.getLogger("codemoat.engines")
 ALIGN = 32  # prompt chunks: this many tokens, aligned to position 0 (as `llamacpp.ALIGN`)
 
 
@@ -148,8 +150,14 @@ class Batcher(Sampling):
         while True:
             idle = not self.active and not self.waiting
             inbox = self.inbox
-            if inbox is not None and not inbox(idle):  # the server's messages, read here: `_start` puts a request in `jobs`
-                self.inbox = None
+            if inbox is not None:  # the server's messages, read here: `_start` puts a request in `jobs`
+                try:
+                    keep = inbox(idle)
+                except BaseException:  # the reading ends (the engine process then stops), never the loop
+                    log.exception("reading the server's messages failed")
+                    keep = False
+                if not keep:
+                    self.inbox = None
             try:
                 item = jobs.get() if idle and inbox is None else jobs.get_nowait()
                 while True:

@@ -264,52 +264,76 @@ class _Server:
 
     def serve_on_loop(self, frames: Frames) -> bool:
         """Read the server's messages on the engine's batch loop (`LlamaCppEngine.read_on_loop`) until it says
-        stop or the socket ends, this thread waiting meanwhile: a request then starts on the thread that decodes
-        it, not one hand-off later. The loop reads between its steps and, idle, waits in `poll` on the socket and
-        on its job queue's eventfd (jobs put by other threads: logits, adapters). False if the engine has no
-        batch loop (`serve`, on this thread, then)."""
-        attach = getattr(self.engine, "read_on_loop", None)
-        jobs = getattr(self.engine, "_jobs", None)
-        if attach is None or jobs is None:
+        stop or the socket ends: a request then starts on the thread that decodes it, not one hand-off later. The
+        loop reads between its steps and, idle, waits in `poll` on the socket and on its job queue's eventfd
+        (jobs put by other threads: logits). This thread waits meanwhile, and ends the serving itself if the
+        server's end goes away or the loop's thread dies, whatever the loop is doing (a step that never ends):
+        the process then stops, and its supervisor starts another. False if the engine has no such loop
+        (`serve`, on this thread, then)."""
+        eng = self.engine
+        if not getattr(eng, "reads_on_loop", False):
             return False
-        ended = threading.Event()
+        jobs = eng._jobs
         sock_fd = frames.sock.fileno()
+        over = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)  # the loop's reading ended
+        over_lock, open_fds = threading.Lock(), [over]  # closed once this thread is done with it
         poller = select.poll()
         poller.register(sock_fd, select.POLLIN)
         poller.register(jobs.waker(), select.POLLIN)
 
-        def inbox(idle: bool) -> bool:
-            readable = True
-            if idle:
-                jobs.sleeping = True
-                try:
-                    ready = poller.poll() if jobs.empty() else []
-                finally:
-                    jobs.sleeping = False
-                for fd, _ in ready:
-                    if fd != sock_fd:
-                        try:
-                            os.eventfd_read(fd)
-                        except BlockingIOError:
-                            pass
-                readable = not ready or any(fd == sock_fd for fd, _ in ready)
-            try:
-                got = frames.drain() if readable else []
-            except (OSError, EOFError, ValueError, pickle.UnpicklingError):
-                got = None
-            if got is not None:
-                for msg in got:
-                    if not self.handle(msg):
-                        break
-                else:
-                    return True
+        def end() -> bool:
             self._ended()
-            ended.set()
+            with over_lock:
+                if open_fds:
+                    os.eventfd_write(over, 1)
             return False
 
-        if not attach(inbox):
-            return False
-        ended.wait()
+        def inbox(idle: bool) -> bool:
+            try:
+                readable = True
+                if idle:
+                    jobs.sleeping = True
+                    try:
+                        ready = poller.poll() if jobs.empty() else []
+                    finally:
+                        jobs.sleeping = False
+                    readable = not ready
+                    for fd, _ in ready:
+                        if fd == sock_fd:
+                            readable = True
+                        else:
+                            try:
+                                os.eventfd_read(fd)
+                            except BlockingIOError:
+                                pass
+                try:
+                    got = frames.drain() if readable else []
+                except (OSError, EOFError, ValueError, pickle.UnpicklingError):
+                    return end()
+                if got is None:
+                    return end()
+                for msg in got:
+                    if not self.handle(msg):
+                        return end()
+                return True
+            except Exception:
+                log.exception("the engine process could not read the server's message; it stops")
+                return end()
+
+        eng.read_on_loop(inbox)
+        watch = select.poll()
+        watch.register(over, select.POLLIN)
+        watch.register(sock_fd, select.POLLRDHUP)  # the server's end went away (data does not wake this)
+        try:
+            while not watch.poll(1000):
+                worker = getattr(eng, "_worker", None)
+                if worker is not None and not worker.is_alive():
+                    log.error("the engine's batch loop ended; the engine process stops")
+                    break
+        finally:
+            self._ended()
+            with over_lock:
+                os.close(open_fds.pop())
         return True
 
 

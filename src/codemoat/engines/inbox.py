@@ -47,8 +47,9 @@ from .child import Frames
 
 log = logging.getLogger("codemoat.engines")
 _ENDED = select.POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL
-#: seconds queued frames may go without the engine process taking a byte before it is hung: its reader
-#: answers in microseconds (it hands each request to the worker and reads on), so this is far past any busy moment
+#: seconds queued frames may go without the engine process taking a byte, and without it doing any work,
+#: before it is hung: it reads between its steps (a batching engine's loop reads its socket itself), so a
+#: long step that computes is not a hang
 STALL_S = 10.0
 
 
@@ -128,7 +129,9 @@ class Inbox:
     """Reads one engine process's socket (see the module docstring). `route(rid)` is the request a
     message is for (None: cancelled, or its client left); `on_slots` gets a batching engine's slot use;
     `on_end` is called once, on the thread, after the last message was delivered; `on_hung(why)` when the
-    process stopped taking frames, and `tick()` once a second while `busy()`, both on the thread."""
+    process stopped taking frames and did no work meanwhile (`working()`, asked once a second while frames
+    wait: a batching engine reads between its steps, and one step of a large model may take longer than
+    `STALL_S`), and `tick()` once a second while `busy()`, all on the thread."""
 
     def __init__(
         self,
@@ -142,10 +145,11 @@ class Inbox:
         on_hung: Callable[[str], None] = lambda why: None,
         busy: Callable[[], bool] = lambda: False,
         tick: Callable[[], None] = lambda: None,
+        working: Callable[[], bool] = lambda: False,
     ):
         self.sock, self.fd, self.frames = sock, sock.fileno(), frames
         self.route, self.on_slots, self.on_end = route, on_slots, on_end
-        self.on_hung, self.busy, self.tick = on_hung, busy, tick
+        self.on_hung, self.busy, self.tick, self.working = on_hung, busy, tick, working
         self.loop: asyncio.AbstractEventLoop | None = None  # the running loop that reads, if one does
         self.received = 0  # reads that brought messages (the answer watchdog's sign of life)
         self._rx = threading.Lock()  # one reader at a time: read, parse, deliver
@@ -284,8 +288,10 @@ class Inbox:
             next_tick = now + 1.0
             if (loop := self.loop) is not None and not loop.is_running():
                 self.release()  # a loop that stopped between two of its requests while another's wait: read for them
+            if self._out and self.working():  # in a long step: its batch loop reads between steps
+                self._moved = now
             if self._out and now - self._moved >= STALL_S:
-                self._hang(f"the engine process took no message for {STALL_S:g} s: it stopped reading")
+                self._hang(f"the engine process took no message for {STALL_S:g} s and did no work: it stopped reading")
             elif self.busy():
                 self.tick()
         while self._pump() > 0:  # what the socket still holds

@@ -207,16 +207,21 @@ class LlamaCppEngine(NativeVocab, WorkerEngine):
             raise self.closed_error()
         self._jobs.put(Seq(list(ids), params, emit, cancel, self._owing(cancel, finished)))
 
-    def read_on_loop(self, inbox: Callable[[bool], bool]) -> bool:
-        """Have the batch loop call `inbox(idle)` first in each turn (`Batcher.inbox`): the engine process reads
-        the server's socket there, so a request reaches the loop without a hand-off between threads (waking
-        a thread cost ~0.1 ms before each first token on a 2-core VM). False if this engine has no batch loop."""
-        if self._batcher is None or self._closed:
-            return False
-        self._jobs.waker()
+    @property
+    def reads_on_loop(self) -> bool:
+        """Whether the engine process may read its socket on this engine's batch loop (`read_on_loop`): a batching
+        engine without folded adapters (their requests go to their own engines' loops: a request or a cancel for
+        one would wait for this loop's step)."""
+        return self._batcher is not None and not getattr(self, "_folded", None) and not self._closed
+
+    def read_on_loop(self, inbox: Callable[[bool], bool]) -> None:
+        """Have the batch loop call `inbox(idle)` first in each turn (`Batcher.inbox`, when `reads_on_loop`): the
+        engine process reads the server's socket there, so a request reaches the loop without a hand-off between
+        threads (waking a thread cost ~0.05 ms before each first token on a 2-core VM). `inbox` waits, when idle,
+        on the job queue's eventfd (`Jobs.waker`) as well as on the socket."""
+        assert self._batcher is not None
         self._batcher.inbox = inbox
         self.probe()  # a job that does nothing: it wakes the loop blocked in `get`, which then reads
-        return True
 
     def step_counter(self):  # type: ignore[no-untyped-def]
         """The batch's steps (`llama_decode` calls) so far, for the inline watchdog (batched only)."""

@@ -43,7 +43,7 @@ from .inbox import Inbox, Request
 from .memfd import MemfdBuffer
 from .restarts import Restarts
 from .spawn import Child, Died, spawn
-from .watchdog import AnswerWatch
+from .watchdog import AnswerWatch, Working
 
 log = logging.getLogger("codemoat.engines")
 
@@ -140,6 +140,7 @@ class SupervisedEngine(Restarts, Engine):
             on_hung=child.kill_hung,
             busy=self._owed,
             tick=tick,
+            working=Working(child.proc.pid),
         )
         with self._lock:
             if self._closed:

@@ -109,6 +109,24 @@ def _schedstats(pid: int, tids: list[str]) -> dict[int, tuple[int, int]]:
     return out
 
 
+class Working:
+    """`working()`: whether process `pid` ran, waited for a core or read pages from disk for `MIN_RUNNABLE_S` or
+    more since the last call (the first call only takes the mark). A process that takes no frame of its socket
+    while this holds is in a long step, not hung (`inbox.Inbox`)."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self._mark: tuple[int, int] | None = None
+
+    def __call__(self) -> bool:
+        w = work(self.pid)
+        if w is None:
+            return False
+        now = (sum(w[0].values()), w[1])
+        before, self._mark = self._mark, now
+        return before is not None and (now[0] - before[0] >= MIN_RUNNABLE_S * 1e9 or now[1] > before[1])
+
+
 class StepCell:
     """A step counter the engine process writes (`set`, on the thread that steps) and the server reads
     (`value`): 8 bytes of a memfd mapped in both (no message, no system call a step). The server makes it,

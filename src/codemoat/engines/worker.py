@@ -154,6 +154,12 @@ class Jobs(queue.SimpleQueue):
             self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         return self.wake_fd
 
+    def close_waker(self) -> None:
+        """Close the eventfd (the loop that waited on it has ended)."""
+        fd, self.wake_fd, self.sleeping = self.wake_fd, None, False
+        if fd is not None:
+            os.close(fd)
+
 
 class WorkerEngine(Engine):
     """Base for engines with a synchronous model owned by one worker thread."""
@@ -308,6 +314,8 @@ class WorkerEngine(Engine):
             self._watch.stop()
         self._jobs.put(None)
         self._worker.join(timeout=1 if self.stalled is not None else 30)
+        if not self._worker.is_alive():
+            self._jobs.close_waker()
         return True
 
     @property
