@@ -15,7 +15,9 @@ Messages are length-prefixed pickles (`frame`, `Frames`), between two processes 
                         (one pickle and one write per step for all its requests, not one per token)
 
 Requests are multiplexed by rid: a batching engine (llama.cpp with `parallel` > 1) decodes many at
-once, and a ("cancel", rid) frees that request's slot at the engine's next step.
+once, and a ("cancel", rid) frees that request's slot at the engine's next step. Its batch loop reads
+the socket itself, between steps and while idle (`_Server.serve_on_loop`): a request starts on the
+thread that decodes it. Other engines' messages are read by the main thread (`_Server.serve`).
 """
 
 from __future__ import annotations
