@@ -197,6 +197,32 @@ def test_the_server_going_away_ends_the_serving_while_the_loop_is_stuck(looped):
         free.set()
 
 
+def _switches(tid: int) -> int:
+    for line in open(f"/proc/self/task/{tid}/status"):
+        if line.startswith("voluntary_ctxt_switches"):
+            return int(line.split()[1])
+    raise AssertionError("no voluntary_ctxt_switches")
+
+
+def test_the_waiting_thread_never_wakes_while_the_loop_serves(looped):
+    """It waits for the loop's end or the server's with no timeout: a thread that woke each second counted as
+    work to the server's answer watchdog on a busy machine (its waits for a core) and hid a hung engine."""
+    eng, _, _, t, _ = looped
+    _sleeping(eng)
+    time.sleep(0.1)
+    before = _switches(t.native_id)
+    time.sleep(2.5)
+    assert _switches(t.native_id) == before
+
+
+def test_the_loop_ending_ends_the_serving(looped):
+    eng, _, _, t, served = looped
+    _sleeping(eng)
+    eng._jobs.put(None)  # the loop stops (as after an error in a step)
+    t.join(5)
+    assert not t.is_alive() and served == [True]
+
+
 def test_an_engine_without_a_batch_loop_is_read_by_the_calling_thread(tiny_gguf):
     from codemoat.engines.llamacpp import LlamaCppEngine
 

@@ -110,7 +110,9 @@ def test_an_inline_stall_without_exit_is_a_503_until_the_worker_works_again(serv
     token = create_token("--name", "stall")
     srv = serve_process(["--model", str(tiny_gguf), "--engine", ENGINE, "--n-ctx", "512"], env=env)
     try:
-        with httpx.Client(base_url=srv.url, headers={"Authorization": f"Bearer {token}"}, timeout=120) as c:
+        # 300 s: the spinning worker holds the GIL in the server's own process (that is the stall), and the first
+        # 503 took 33 s to over 120 s on this 2-core VM in session 19, on the tree before its changes too
+        with httpx.Client(base_url=srv.url, headers={"Authorization": f"Bearer {token}"}, timeout=300) as c:
             model = c.get("/health").json()["model"]
             r = c.post("/v1/completions", json={"model": model, "prompt": "<<spin-until-released>>def f(", "max_tokens": 4})
             assert r.status_code == 503 and "stopped answering" in r.json()["error"]["message"], r.text

@@ -10,10 +10,12 @@ restart the engine with its safe options (llama.cpp: use_extra_bufts=False).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -53,16 +55,17 @@ def detail(record: dict) -> dict:
     return json.loads(d) if isinstance(d, str) else d
 
 
-def crashing_engine(monkeypatch, tiny_gguf, backoff_s: float | None = 0.2, **kw):
-    """A `SupervisedEngine` over `crash_engine.CrashingEngine` (n_ctx 256, one thread; its engine process
-    imports crash_engine too) with restarts `backoff_s` apart, and the list its incidents go to."""
+def crashing_engine(monkeypatch, tiny_gguf, backoff_s: float | None = 0.2, parallel: int = 1, **kw):
+    """A `SupervisedEngine` over `crash_engine.CrashingEngine` (n_ctx 256, one thread, `parallel` slots; its engine
+    process imports crash_engine too) with restarts `backoff_s` apart, and the list its incidents go to."""
     from codemoat.engines import restarts, supervised
     from crash_engine import CrashingEngine
 
     if backoff_s is not None:
         monkeypatch.setattr(restarts, "BACKOFF_S", (backoff_s,))
     monkeypatch.setenv("PYTHONPATH", ENV["PYTHONPATH"])
-    eng = supervised.SupervisedEngine.start(CrashingEngine, tiny_gguf, {"model_id": "tiny", "n_ctx": 256, "n_threads": 1}, **kw)
+    opts = {"model_id": "tiny", "n_ctx": 256 * parallel, "n_threads": 1, "parallel": parallel}
+    eng = supervised.SupervisedEngine.start(CrashingEngine, tiny_gguf, opts, **kw)
     incidents: list = []
     eng.on_incident = lambda kind, detail: incidents.append((kind, detail))
     return eng, incidents
@@ -394,7 +397,8 @@ def test_a_stalled_send_never_holds_the_event_loop(tiny_gguf, monkeypatch):
         eng.close()
 
 
-def test_an_engine_that_owes_answers_and_does_nothing_is_restarted(tiny_gguf, monkeypatch):
+@pytest.mark.parametrize("parallel", [1, 2], ids=["one-at-a-time", "batched"])
+def test_an_engine_that_owes_answers_and_does_nothing_is_restarted(tiny_gguf, monkeypatch, parallel):
     """The engine process's reader stops (`<<stop-reading>>`) and the server sends nothing more, so no
     send stalls: the request waited for good, and so did /health's "ready". Now an engine that owes an
     answer, sends nothing and computes nothing for `answer_timeout_s` is hung: the request gets 503
@@ -403,7 +407,8 @@ def test_an_engine_that_owes_answers_and_does_nothing_is_restarted(tiny_gguf, mo
     from codemoat.errors import Unavailable
     from crash_engine import STOP_READING
 
-    eng, incidents = crashing_engine(monkeypatch, tiny_gguf, answer_timeout_s=1.0)
+    eng, incidents = crashing_engine(monkeypatch, tiny_gguf, parallel=parallel, answer_timeout_s=1.0)
+    assert eng._child.facts["reads_on_loop"] is (parallel > 1)  # batched: the loop that is stuck is the reader
     p = SamplingParams(max_tokens=4, temperature=0)
     got: list = []
     try:
@@ -564,6 +569,37 @@ def test_a_cancel_storm_never_gives_a_request_another_ones_tokens(tiny_gguf):
             assert text == want[q], (q, text)
         assert eng.health()["queue"] == 0 and eng.crashes == 0
     finally:
+        eng.close()
+
+
+def test_an_engine_process_whose_server_is_gone_exits_though_its_loop_is_stuck(tiny_gguf, monkeypatch):
+    """The server went away (its end of the socket closed, no "stop") while the batch loop is stuck (a job that
+    sleeps for good): the engine process exits within `child.GONE_EXIT_S` instead of waiting 30 s for the loop
+    to stop, the decrypted model still in its memory while a restarted server loads another copy."""
+    from codemoat.engines import child as child_mod
+    from codemoat.engines.base import SamplingParams
+    from crash_engine import BLOCK
+
+    eng, _ = crashing_engine(monkeypatch, tiny_gguf, parallel=2, backoff_s=30)
+    proc = eng._child.proc
+    try:
+
+        async def blocked() -> None:
+            with contextlib.suppress(Exception):
+                await eng.complete(BLOCK + "def f():\n", SamplingParams(max_tokens=2))
+
+        t = threading.Thread(target=lambda: asyncio.run(blocked()), daemon=True)
+        t.start()
+        time.sleep(1.0)  # the loop took the job and sleeps in it
+        assert proc.poll() is None
+        t0 = time.monotonic()
+        eng._child.sock.shutdown(socket.SHUT_RDWR)  # the server's end goes away, as when it is killed
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(child_mod.GONE_EXIT_S + 8)
+        assert proc.poll() is not None, "the engine process waited for its stuck loop"
+        assert time.monotonic() - t0 < child_mod.GONE_EXIT_S + 8
+    finally:
+        proc.kill()
         eng.close()
 
 

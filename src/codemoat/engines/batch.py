@@ -127,6 +127,7 @@ class Batcher(Sampling):
         #: the server's socket, on this thread (`engines.child`); it waits for a message or a job when idle,
         #: and returns False once the server said stop or went away
         self.inbox: Callable[[bool], bool] | None = None
+        self.on_end: Callable[[], None] | None = None  # called as `run` ends, however it ends (engines.child)
         self.steps = 0
         self.pieces = Pieces(lib, engine._vocab)
         self._views: dict[tuple[int, int], np.ndarray] = {}  # (logits buffer address, rows) -> its view (`_logits`)
@@ -147,6 +148,13 @@ class Batcher(Sampling):
     # -- the loop ------------------------------------------------------------------
     def run(self, jobs: queue.SimpleQueue) -> None:
         """Take requests from `jobs` (a `Seq`, a `(fn, future)` job, or None to stop) and step until stopped."""
+        try:
+            self._run(jobs)
+        finally:
+            if self.on_end is not None:
+                self.on_end()
+
+    def _run(self, jobs: queue.SimpleQueue) -> None:
         while True:
             idle = not self.active and not self.waiting
             inbox = self.inbox

@@ -35,6 +35,8 @@ from collections.abc import Iterator
 from typing import Any
 
 _HEADER = struct.Struct(">I")
+#: seconds an engine process whose server went away waits for its worker to stop before it exits anyway
+GONE_EXIT_S = 2.0
 PR_SET_DUMPABLE, PR_GET_DUMPABLE = 4, 3
 log = logging.getLogger("codemoat.engines")
 
@@ -168,6 +170,7 @@ class _Server:
     def __init__(self, engine: Any, sock: socket.socket, steps: Any = None):
         self.engine, self.sock = engine, sock
         self.cancels: dict[int, threading.Event] = {}
+        self.stopped = False  # the server said stop (else it went away)
         self._lock = threading.Lock()
         self._out: list[Any] = []  # a batching engine's messages of the current step
         self.batched = bool(getattr(engine, "batches", False))
@@ -243,6 +246,7 @@ class _Server:
         """Act on one message from the server; False once it says stop."""
         kind = msg[0]
         if kind == "stop":
+            self.stopped = True
             return False
         rid = msg[1]
         if kind == "gen":
@@ -322,16 +326,21 @@ class _Server:
                 log.exception("the engine process could not read the server's message; it stops")
                 return end()
 
-        eng.read_on_loop(inbox)
+        def loop_ended() -> None:  # on the loop's thread, as it ends (stopped, or an error ended it)
+            with over_lock:
+                if open_fds:
+                    os.eventfd_write(over, 1)
+
+        eng.read_on_loop(inbox, loop_ended)
         watch = select.poll()
         watch.register(over, select.POLLIN)
         watch.register(sock_fd, select.POLLRDHUP)  # the server's end went away (data does not wake this)
         try:
-            while not watch.poll(1000):
-                worker = getattr(eng, "_worker", None)
-                if worker is not None and not worker.is_alive():
-                    log.error("the engine's batch loop ended; the engine process stops")
-                    break
+            # no timeout: a thread that woke each second would count as work to the server's answer watchdog
+            # on a busy machine (its waits for a core), and hide a hung engine (reviewer, ad3caee)
+            got = dict(watch.poll())  # `over`, or the server went away (then `stopped` stays False: `main`)
+            if got.get(over) and not eng._worker.is_alive():
+                log.error("the engine's batch loop ended; the engine process stops")
         finally:
             self._ended()
             with over_lock:
@@ -375,16 +384,22 @@ def main(argv: list[str]) -> int:
                 "health": {**engine.health(), "non_dumpable": not is_dumpable()},
                 "pid": os.getpid(),
                 "counts_steps": bool(getattr(engine, "batches", False)) and spec.get("steps_fd") is not None,
+                "reads_on_loop": bool(getattr(engine, "reads_on_loop", False)),  # `serve_on_loop`
             },
         ),
     )
 
+    server = None
     try:
         steps = StepCell(spec["steps_fd"]) if spec.get("steps_fd") is not None else None
         server = _Server(engine, sock, steps)
         if not server.serve_on_loop(frames):
             server.serve(incoming)
     finally:
+        if server is None or not server.stopped:  # the server went away: a worker stuck in a step must not keep the model here
+            timer = threading.Timer(GONE_EXIT_S, os._exit, (1,))
+            timer.daemon = True  # a close that ends in time ends the process as usual
+            timer.start()
         engine.close()
     return 0
 

@@ -290,6 +290,8 @@ class Inbox:
                 self.release()  # a loop that stopped between two of its requests while another's wait: read for them
             if self._out and self.working():  # in a long step: its batch loop reads between steps
                 self._moved = now
+            elif not self._out and (reset := getattr(self.working, "reset", None)) is not None:
+                reset()  # the next wait's first look takes a new mark
             if self._out and now - self._moved >= STALL_S:
                 self._hang(f"the engine process took no message for {STALL_S:g} s and did no work: it stopped reading")
             elif self.busy():

@@ -214,12 +214,16 @@ class LlamaCppEngine(NativeVocab, WorkerEngine):
         one would wait for this loop's step)."""
         return self._batcher is not None and not getattr(self, "_folded", None) and not self._closed
 
-    def read_on_loop(self, inbox: Callable[[bool], bool]) -> None:
+    def read_on_loop(self, inbox: Callable[[bool], bool], ended: Callable[[], None]) -> None:
         """Have the batch loop call `inbox(idle)` first in each turn (`Batcher.inbox`, when `reads_on_loop`): the
         engine process reads the server's socket there, so a request reaches the loop without a hand-off between
         threads (waking a thread cost ~0.05 ms before each first token on a 2-core VM). `inbox` waits, when idle,
-        on the job queue's eventfd (`Jobs.waker`) as well as on the socket."""
+        on the job queue's eventfd (`Jobs.waker`) as well as on the socket. `ended()` is called on the loop's thread
+        as the loop ends, however it ends."""
         assert self._batcher is not None
+        self._batcher.on_end = ended
+        if not self._worker.is_alive():  # it ended before it could be told
+            ended()
         self._batcher.inbox = inbox
         self.probe()  # a job that does nothing: it wakes the loop blocked in `get`, which then reads
 

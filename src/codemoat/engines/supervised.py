@@ -140,7 +140,8 @@ class SupervisedEngine(Restarts, Engine):
             on_hung=child.kill_hung,
             busy=self._owed,
             tick=tick,
-            working=Working(child.proc.pid),
+            # only where the batch loop reads (between its steps); a reader thread of its own answers at once
+            working=Working(child.proc.pid) if child.facts.get("reads_on_loop") else (lambda: False),
         )
         with self._lock:
             if self._closed:

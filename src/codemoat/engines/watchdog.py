@@ -126,6 +126,10 @@ class Working:
         before, self._mark = self._mark, now
         return before is not None and (now[0] - before[0] >= MIN_RUNNABLE_S * 1e9 or now[1] > before[1])
 
+    def reset(self) -> None:
+        """Forget the mark: the next call only takes one (a new wait, not compared with an old one)."""
+        self._mark = None
+
 
 class StepCell:
     """A step counter the engine process writes (`set`, on the thread that steps) and the server reads

@@ -145,8 +145,12 @@ class Jobs(queue.SimpleQueue):
 
     def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
         super().put(item)
-        if self.sleeping and self.wake_fd is not None:
-            os.eventfd_write(self.wake_fd, 1)
+        fd = self.wake_fd
+        if self.sleeping and fd is not None:
+            try:
+                os.eventfd_write(fd, 1)
+            except OSError:  # closed meanwhile: its loop has ended
+                pass
 
     def waker(self) -> int:
         """The eventfd a put wakes while `sleeping` (made on first use)."""
