@@ -41,7 +41,9 @@ def _answers(frames: Frames, rids: set[int], seconds: float = 30) -> dict[int, s
     done: dict[int, str] = {}
     end = time.time() + seconds
     while len(done) < len(rids):
-        assert select.select([frames.sock], [], [], max(0.0, end - time.time()))[0], f"no answer to {rids - set(done)} in {seconds} s"
+        assert select.select([frames.sock], [], [], max(0.0, end - time.time()))[0], (
+            f"no answer to {rids - set(done)} in {seconds} s"
+        )
         for msg in frames.pump() or []:
             for m in msg[1] if msg[0] == "batch" else [msg]:
                 if m[0] == "chunk" and m[1] in rids:

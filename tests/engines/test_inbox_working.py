@@ -49,7 +49,9 @@ def _run(kind: str, monkeypatch, hold_s: float = HOLD_S) -> tuple[list[str], Inb
     peer = _peer(theirs.fileno(), kind, hold_s)
     theirs.close()
     hung: list[str] = []
-    box = Inbox(ours, Frames(ours), lambda rid: None, lambda u: None, lambda: None, "test", on_hung=hung.append, working=Working(peer.pid))
+    box = Inbox(
+        ours, Frames(ours), lambda rid: None, lambda u: None, lambda: None, "test", on_hung=hung.append, working=Working(peer.pid)
+    )
     box.start()
     blob = frame(("gen", 1, list(range(20_000)), None))  # ~100 KB: a few fill the socket
     for _ in range(20):
