@@ -26,6 +26,10 @@ def looped(tiny_gguf):
     t = threading.Thread(target=lambda: served.append(srv.serve_on_loop(Frames(theirs))), daemon=True)
     t.start()
     eng.srv = srv
+    end = time.time() + 10
+    while eng._batcher.inbox is None and t.is_alive():  # the thread has handed the loop its reader
+        assert time.time() < end, "the batch loop never took the reader"
+        time.sleep(0.001)
     try:
         yield eng, ours, Frames(ours), t, served
     finally:
