@@ -287,11 +287,14 @@ class _Server:
         poller.register(sock_fd, select.POLLIN)
         poller.register(jobs.waker(), select.POLLIN)
 
-        def end() -> bool:
-            self._ended()
+        def loop_ended() -> None:  # the loop's reading ended, or the loop itself (on its thread, however it ends)
             with over_lock:
                 if open_fds:
                     os.eventfd_write(over, 1)
+
+        def end() -> bool:
+            self._ended()
+            loop_ended()
             return False
 
         def inbox(idle: bool) -> bool:
@@ -325,11 +328,6 @@ class _Server:
             except Exception:
                 log.exception("the engine process could not read the server's message; it stops")
                 return end()
-
-        def loop_ended() -> None:  # on the loop's thread, as it ends (stopped, or an error ended it)
-            with over_lock:
-                if open_fds:
-                    os.eventfd_write(over, 1)
 
         eng.read_on_loop(inbox, loop_ended)
         watch = select.poll()
