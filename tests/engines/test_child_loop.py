@@ -239,3 +239,47 @@ def test_an_engine_without_a_batch_loop_is_read_by_the_calling_thread(tiny_gguf)
     finally:
         a.close(), b.close()
         eng.close()
+
+
+def _core_after(eng, message: bytes | None, ours: socket.socket, seconds: float) -> int:
+    """Nanoseconds the idle loop spent on a core in the `seconds` after `message` was sent (None: nothing sent)."""
+    _sleeping(eng)
+    before = _on_core_ns(eng)
+    if message is not None:
+        ours.sendall(message)
+    time.sleep(seconds)
+    return _on_core_ns(eng) - before
+
+
+def test_a_warm_message_keeps_the_idle_loop_polling_for_a_moment_then_it_sleeps(looped, monkeypatch):
+    """("warm",): a request is being prepared. The idle loop polls without sleeping until `WARM_S` has passed
+    (here 0.3 s, so that a busy machine cannot hide it), so the request does not wait for its vCPU to wake;
+    then it waits in `poll` again and costs nothing."""
+    from codemoat.engines import child
+
+    eng, ours, _, _, _ = looped
+    monkeypatch.setattr(child, "WARM_S", 0.3)
+    assert _core_after(eng, None, ours, 0.3) < 30_000_000, "the idle loop ran with nothing to do"
+    warm = _core_after(eng, frame(("warm",)), ours, 0.3)
+    assert warm > 60_000_000, f"the warned loop slept: {warm / 1e6:.1f} ms on a core in 0.3 s"
+    time.sleep(0.1)
+    assert _core_after(eng, None, ours, 0.5) < 30_000_000, "the loop kept polling after WARM_S had passed"
+
+
+def test_a_request_after_warm_is_answered_as_without_it_and_ends_the_polling(looped, monkeypatch):
+    """The announced request starts at once and answers as any other; once it came, the loop does not go on
+    polling after it (here `WARM_S` is 5 s: a loop that kept the mark would spin through the check)."""
+    from codemoat.engines import child
+
+    eng, ours, frames, _, _ = looped
+    ids = eng.tokenize("def add(a, b):\n")
+    p = SamplingParams(max_tokens=8, temperature=0)
+    ours.sendall(frame(("gen", 1, ids, p)))
+    cold = _answers(frames, {1})[1]
+    monkeypatch.setattr(child, "WARM_S", 5.0)
+    _sleeping(eng)
+    ours.sendall(frame(("warm",)))
+    time.sleep(0.05)
+    ours.sendall(frame(("gen", 2, ids, p)))
+    assert _answers(frames, {2})[2] == cold
+    assert _core_after(eng, None, ours, 0.5) < 30_000_000, "the loop polled on after the announced request came"

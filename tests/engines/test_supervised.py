@@ -769,3 +769,41 @@ def test_sampling_params_cross_to_the_engine_process_with_every_field():
             assert getattr(q, f.name) == getattr(p, f.name), f.name
     (wq,) = q.logits_processors
     assert isinstance(wq, WatermarkProcessor) and wq._key == wm._key and wq.vocab_size == 100
+
+
+def test_warm_goes_only_to_an_idle_engine_process_whose_loop_reads(tiny_gguf):
+    """`SupervisedEngine.warm` sends ("warm",) to a batching engine process with nothing under way; not while it
+    generates (its loop is awake), not to a one-at-a-time engine process (its main thread reads, nothing polls).
+    A request after a warning is answered as one without."""
+    from codemoat.engines.base import SamplingParams
+    from codemoat.engines.llamacpp import LlamaCppEngine
+    from codemoat.engines.supervised import SupervisedEngine
+
+    spec = {"model_id": "tiny", "n_ctx": 512, "n_threads": 1}
+    batched = SupervisedEngine.start(LlamaCppEngine, tiny_gguf, {**spec, "parallel": 2})
+    single = SupervisedEngine.start(LlamaCppEngine, tiny_gguf, {**spec, "parallel": 1})
+    sent: list[tuple[str, str]] = []
+    for name, e in (("batched", batched), ("single", single)):
+        real = e._child.send
+        e._child.send = lambda msg, _real=real, _name=name: (sent.append((_name, msg[0])), _real(msg))[1]
+    p = SamplingParams(max_tokens=12, temperature=0)
+    try:
+        plain = asyncio.run(batched.complete("def add(a, b):\n", p)).text
+        sent.clear()
+        batched.warm()
+        single.warm()
+        assert sent == [("batched", "warm")]
+        assert asyncio.run(batched.complete("def add(a, b):\n", p)).text == plain
+
+        async def beside() -> list[tuple[str, str]]:
+            seen: list[tuple[str, str]] = []
+            async for _ in batched.stream("def add(a, b):\n", p):
+                sent.clear()
+                batched.warm()
+                seen += sent
+            return seen
+
+        assert asyncio.run(beside()) == []
+    finally:
+        batched.close()
+        single.close()

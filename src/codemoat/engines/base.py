@@ -236,6 +236,10 @@ class Engine(abc.ABC):
         if n + max(1, max_tokens) > self.n_ctx:
             raise PromptTooLong(n, self.n_ctx, max_tokens)
 
+    def warm(self) -> None:
+        """A request for this engine is being prepared, and none is under way: an engine whose first step would
+        wait for something to wake (an engine process: `SupervisedEngine.warm`) may start that now. Nothing else."""
+
     def check_prompt(self, prompt: str | list[int], max_tokens: int) -> int:
         """Token count of `prompt`, checked by `check_count`."""
         n = len(prompt) if isinstance(prompt, list) else self.count_tokens(prompt)

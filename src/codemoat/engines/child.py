@@ -8,6 +8,7 @@ the server: the plaintext is never decrypted again, nor written anywhere.
 
 Messages are length-prefixed pickles (`frame`, `Frames`), between two processes of the same program:
     server → engine   ("gen", rid, prompt, params) · ("cancel", rid) · ("logits", rid, prompt) · ("stop",)
+                      · ("warm",): a request is being prepared for an idle engine (`WARM_S`)
     engine → server   ("ready", facts) · ("error", message) · ("chunk", rid, (text, token_ids, finish_reason, timings))
                       · ("done", rid, error or None, error class or None) · ("result", rid, value, error or None)
                       · ("slots", 0, {"total", "busy", "waiting"}) when a batching engine's slot use changes
@@ -31,12 +32,18 @@ import socket
 import struct
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
 _HEADER = struct.Struct(">I")
 #: seconds an engine process whose server went away waits for its worker to stop before it exits anyway
 GONE_EXIT_S = 2.0
+#: seconds an idle batch loop told ("warm",) that a request is on its way polls its socket without sleeping.
+#: Waking a thread whose vCPU is idle costs ~0.14 ms on a VM (`bench/results/serve-isolation.md`); the server
+#: sends "warm" when it starts to build an idle engine's prompt, so that wake-up happens while it tokenises
+#: instead of after. The loop yields its core to any other runnable thread at each turn of the wait.
+WARM_S = 0.001
 PR_SET_DUMPABLE, PR_GET_DUMPABLE = 4, 3
 log = logging.getLogger("codemoat.engines")
 
@@ -171,6 +178,7 @@ class _Server:
         self.engine, self.sock = engine, sock
         self.cancels: dict[int, threading.Event] = {}
         self.stopped = False  # the server said stop (else it went away)
+        self.warm_until = 0.0  # monotonic time until which an idle batch loop polls without sleeping ("warm")
         self._lock = threading.Lock()
         self._out: list[Any] = []  # a batching engine's messages of the current step
         self.batched = bool(getattr(engine, "batches", False))
@@ -248,8 +256,12 @@ class _Server:
         if kind == "stop":
             self.stopped = True
             return False
+        if kind == "warm":
+            self.warm_until = time.monotonic() + WARM_S
+            return True
         rid = msg[1]
         if kind == "gen":
+            self.warm_until = 0.0
             self.generate(rid, msg[2], msg[3])
         elif kind == "cancel":
             if (ev := self.cancels.get(rid)) is not None:
@@ -267,6 +279,18 @@ class _Server:
             if not self.handle(msg):
                 break
         self._ended()
+
+    def _wait(self, poller: select.poll) -> list[tuple[int, int]]:
+        """`poller.poll()`, but while `warm_until` has not passed, poll without sleeping (yielding the core
+        at each turn to any other runnable thread): the request the server announced starts without
+        waiting for this vCPU to wake."""
+        while time.monotonic() < self.warm_until:
+            ready = poller.poll(0)
+            if ready:
+                return ready
+            os.sched_yield()
+        self.warm_until = 0.0
+        return poller.poll()
 
     def serve_on_loop(self, frames: Frames) -> bool:
         """Read the server's messages on the engine's batch loop (`LlamaCppEngine.read_on_loop`) until it says
@@ -303,7 +327,7 @@ class _Server:
                 if idle:
                     jobs.sleeping = True
                     try:
-                        ready = poller.poll() if jobs.empty() else []
+                        ready = self._wait(poller) if jobs.empty() else []
                     finally:
                         jobs.sleeping = False
                     readable = not ready

@@ -212,6 +212,18 @@ class SupervisedEngine(Restarts, Engine):
     def encode(self, parts: Sequence[Any], bos: bool = True) -> list[int]:
         return self.front.encode(parts, bos)
 
+    def warm(self) -> None:
+        """Tell an idle engine process whose batch loop reads its socket that a request is on its way
+        (`child.WARM_S`): its loop polls without sleeping for a moment, so the request does not wait for its
+        vCPU to wake. Not sent while a request is under way (the loop is awake then)."""
+        child = self._child
+        if child is None or self._requests or not child.facts.get("reads_on_loop"):
+            return
+        try:
+            child.send(("warm",))
+        except OSError:
+            pass  # gone or hung: the request's own send says so
+
     async def stream(self, prompt: str | list[int], params: SamplingParams) -> AsyncIterator[Chunk]:
         self.check_prompt(prompt, params.max_tokens)
         req = Request(loop=asyncio.get_running_loop())

@@ -185,7 +185,10 @@ class Service:
         self._slots.check(None if principal is None else principal.user)  # a flood's prompts are not built to wait
         scope = SCOPE.set(None if principal is None else principal.user)  # this user's texts of a moment ago (`tokcache`)
         try:
-            if self._preparer.inline(build, args, self.idle()):
+            idle = self.idle()
+            if self._preparer.inline(build, args, idle):
+                if idle and self.holder.loaded:
+                    self.holder.get().warm()  # its wake-up overlaps the prompt's building
                 prep = build(*args, **kw)
             else:
                 self.preparing += 1
