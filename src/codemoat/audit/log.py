@@ -179,6 +179,11 @@ class AuditLog(HeadSigning, LogReading):
         self._writer.submit(me)
         return await me.fut
 
+    @property
+    def commits_unconfirmed(self) -> bool:
+        """Whether an append that raised may have committed all the same (PostgreSQL: `written_already`)."""
+        return self._pg is not None
+
     def written_already(self, kind: str, fields: dict[str, Any]) -> int | None:
         """The seq of a record appended with these `fields` (its time `ts` included) that is in the chain although
         its append failed, or None; when found, what goes with it (`also`) is written now, as its append would have.

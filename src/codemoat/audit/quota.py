@@ -18,6 +18,7 @@ import threading
 import time
 from collections import deque
 from datetime import datetime, UTC
+from typing import Any
 
 from ..errors import RateLimited
 
@@ -136,11 +137,30 @@ class Quotas:
         from .log import records
 
         midnight = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
-        q = (
-            sa.select(records.c.user, records.c.token_id, sa.func.sum(records.c.completion_tokens))
-            .where(records.c.ts_us >= int(midnight * 1_000_000), records.c.kind == "request", records.c.user.is_not(None))
-            .group_by(records.c.user, records.c.token_id)
-        )
+        since = int(midnight * 1_000_000)
         with audit_log.engine.connect() as c:
+            # answers whose client got a 503 although their record is in the chain (`withheld`: serve/late.py)
+            withheld = {
+                _named(d)
+                for (d,) in c.execute(sa.select(records.c.detail).where(records.c.ts_us >= since, records.c.kind == "withheld"))
+            }
+            q = (
+                sa.select(records.c.user, records.c.token_id, sa.func.sum(records.c.completion_tokens))
+                .where(records.c.ts_us >= since, records.c.kind == "request", records.c.user.is_not(None))
+                .where(records.c.seq.not_in(withheld - {None}))
+                .group_by(records.c.user, records.c.token_id)
+            )
             for user, token_id, n in c.execute(q):
                 self.add_tokens(user, token_id or "", int(n or 0), now=max(midnight, time.time()))
+
+
+def _named(detail: Any) -> int | None:
+    """The seq a `withheld` record's detail names (None if it names none)."""
+    import json
+
+    try:
+        d = json.loads(detail) if isinstance(detail, str) else detail
+        seq = d.get("record") if isinstance(d, dict) else None
+        return seq if isinstance(seq, int) and not isinstance(seq, bool) else None
+    except ValueError:
+        return None

@@ -23,6 +23,7 @@ KINDS = (
     "update",
     "tamper",
     "tpm_checkpoint",
+    "withheld",
 )
 
 

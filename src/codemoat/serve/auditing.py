@@ -53,7 +53,7 @@ class AuditMiddleware:
         if not t.log.known_writable and not await anyio.to_thread.run_sync(t.log.check_writable, limiter=t.limiter):
             t.metrics.audit_failures.inc()
             return await self._refuse(scope, receive, send)
-        if len(t.late):  # the log takes records again: delivered streams' records it did not take go first
+        if len(t.late) or t.late.doubts:  # the log takes records again: what it did not take goes first (`late`)
             t.late.start()
         usage_of(scope.setdefault("state", {}))
         t0 = time.perf_counter()
@@ -63,13 +63,15 @@ class AuditMiddleware:
         written = False
         refused = False
 
-        async def record(note: str | None = None) -> bool:
+        async def record(note: str | None = None, withheld: bool = False) -> bool:
             nonlocal written
             written = True
             try:
                 with anyio.CancelScope(shield=True):  # a client that went away is still audited
-                    # a stream was delivered as it came: a record the log does not take now is kept (`late`)
-                    await t.write_async(scope, status, time.perf_counter() - t0, note, late_ok=streaming)
+                    # a stream was delivered as it came: a record the log does not take now is kept (`late`);
+                    # a whole answer is `withheld` if not: its record is looked up later, in case it committed
+                    seconds = time.perf_counter() - t0
+                    await t.write_async(scope, status, seconds, note, late_ok=streaming, withheld=withheld)
                 return True
             except (AuditUnavailable, DBAPIError):  # DBAPIError: the database went away while naming the caller
                 t.metrics.audit_failures.inc()
@@ -83,7 +85,7 @@ class AuditMiddleware:
                 return
             if message["type"] == "http.response.body" and not streaming and held is not None:
                 if not message.get("more_body", False):  # the whole response: record it before it leaves
-                    if not await record():
+                    if not await record(withheld=True):
                         refused = True
                         return await self._refuse(scope, receive, send)
                     start, held = held, None
@@ -113,7 +115,7 @@ class AuditMiddleware:
             t.in_flight -= 1
         if not written:
             if held is not None:  # a start without a body (not ASGI-conformant, but finish it properly)
-                if not await record():
+                if not await record(withheld=True):
                     return await self._refuse(scope, receive, send)
                 await send(held)
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -153,7 +155,7 @@ class AuditMiddleware:
                 if self.trust.in_flight:
                     log.error("%d requests still in flight at shutdown: their audit records may be missing", self.trust.in_flight)
                 late = self.trust.late
-                if len(late):  # delivered streams' records the log did not take: a last try, else each on a line
+                if len(late) or late.doubts:  # records the log did not take (`late`): a last try, else each on a line
                     with anyio.move_on_after(5):
                         await late.drain()
                     late.give_up()

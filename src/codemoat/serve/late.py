@@ -14,6 +14,13 @@ So a kept record is looked up first (`AuditLog.written_already`: the same body a
 trust layer sets before the first append) and written only when it is not there; found, its usage row,
 quota and metrics follow it then.
 
+A whole answer is different: it is replaced by a 503 when its record's append fails, so a record of it that is in
+the chain after all (committed, the answer lost) tells of an answer its client never got. Its fields are kept too
+(`doubt`, PostgreSQL only) and looked up when the log takes records again; found, a `withheld` record is appended
+that names it (`detail.record`: its seq) and says the client got a 503 instead. Its usage row, quota and metrics
+are not written for it (its append raised before them). Not found, nothing is written: a refusal while the log
+takes no records is counted (`audit_failures`), not recorded.
+
 A record the database refuses for its own values (`RecordRefused`) would be refused again: it is not kept
 (an error line says so). At shutdown what is still kept is written if the log takes it, else each one is
 logged on one line (user, route, status, tokens, when it ended), never its text. At most `MAX_KEPT` wait,
@@ -46,8 +53,8 @@ MAX_KEPT_CHARS = 64 << 20
 def _summary(fields: dict[str, Any]) -> str:
     return (
         f"user {fields.get('user')!r}, {fields.get('route')}, status {fields.get('status')}, "
-        f"{fields.get('prompt_tokens') or 0}+{fields.get('completion_tokens') or 0} tokens, "
-        f"ended {fields['detail'].get('late')}"
+        f"{fields.get('prompt_tokens') or 0}+{fields.get('completion_tokens') or 0} tokens"
+        + (f", ended {fields['detail']['late']}" if fields["detail"].get("late") else "")
     )
 
 
@@ -69,9 +76,27 @@ class LateRecords:
         self._lock = threading.Lock()  # `keep` runs on the loop or a worker thread (the synchronous write)
         self._task: asyncio.Task | None = None
         self.max_kept, self.max_chars = max_kept, max_chars
+        self._doubts: deque[dict[str, Any]] = deque()  # refused whole answers' records, as first appended (`doubt`)
 
     def __len__(self) -> int:
         return len(self._kept)
+
+    @property
+    def doubts(self) -> int:
+        """Refused whole answers whose record may be in the chain, not looked up yet."""
+        return len(self._doubts)
+
+    def doubt(self, fields: dict[str, Any]) -> None:
+        """A whole answer was replaced by a 503 because its record's append failed, which may have committed all
+        the same (`AuditLog.written_already`; PostgreSQL only): look it up once the log takes records again."""
+        if self._written is None or fields.get("ts") is None:
+            return
+        first = {k: v for k, v in fields.items() if k != "also"}  # found, its usage row must not follow it
+        with self._lock:
+            self._doubts.append(first)
+            while len(self._doubts) > self.max_kept:
+                old = self._doubts.popleft()
+                log.error("more than %d refused answers' records to look up: the oldest is not: %s", self.max_kept, _summary(old))
 
     def keep(self, fields: dict[str, Any], after: Callable[[], Any], why: BaseException, chars: int = 0) -> None:
         """Keep a delivered stream's record that the log did not take (`why`), to be written later; `chars`:
@@ -108,7 +133,7 @@ class LateRecords:
 
     def start(self) -> None:
         """Write the kept records in the background (on the running loop), unless that is under way."""
-        if self._kept and (self._task is None or self._task.done()):
+        if (self._kept or self._doubts) and (self._task is None or self._task.done()):
             self._task = asyncio.get_running_loop().create_task(self._drain())
 
     async def drain(self) -> bool:
@@ -121,6 +146,39 @@ class LateRecords:
         return await self._drain()
 
     async def _drain(self) -> bool:
+        return await self._drain_kept() and await self._settle_doubts()
+
+    async def _settle_doubts(self) -> bool:
+        """Look up each refused whole answer's record; one in the chain gets a `withheld` record after it."""
+        while True:
+            with self._lock:
+                if not self._doubts:
+                    return True
+                first = self._doubts[0]
+            try:
+                seq = await asyncio.to_thread(self._written, "request", first)  # type: ignore[misc]
+                if seq is not None:
+                    log.warning(
+                        "a refused answer's audit record was in the chain after all (record %d): recording that its "
+                        "client got a 503 instead: %s",
+                        seq,
+                        _summary(first),
+                    )
+                    await self._write(
+                        "withheld",
+                        **{k: first.get(k) for k in ("user", "token_id", "route", "protocol", "model", "client")},
+                        status=503,
+                        detail={"record": seq, "status": first.get("status"), "why": "its record's commit was not confirmed"},
+                    )
+            except RecordRefused as e:
+                log.error("a withheld answer's audit record was refused by the database (%s): %s", e, _summary(first))
+            except (AuditUnavailable, DBAPIError):
+                return False  # the next request that finds the log writable tries again
+            with self._lock:
+                if self._doubts and self._doubts[0] is first:
+                    self._doubts.popleft()
+
+    async def _drain_kept(self) -> bool:
         while True:
             with self._lock:
                 if not self._kept:
@@ -149,3 +207,12 @@ class LateRecords:
             kept, self._kept, self._chars = list(self._kept), deque(), 0
         for fields, _, _, _ in kept:
             log.error("shutting down with an audit record the log never took: %s", _summary(fields))
+        with self._lock:
+            doubts, self._doubts = list(self._doubts), deque()
+        for first in doubts:
+            log.error(
+                "shutting down without knowing whether a refused answer's audit record is in the chain (if it is, "
+                "its client got a 503 instead): %s at %s",
+                _summary(first),
+                first.get("ts"),
+            )

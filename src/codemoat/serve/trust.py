@@ -181,9 +181,13 @@ class Trust:
             log.error("could not close the audit log: %s", e)
 
     # -- one request's record -----------------------------------------------------------
-    def write(self, scope: dict, status: int, seconds: float, note: str | None = None, late_ok: bool = False) -> None:
+    def write(
+        self, scope: dict, status: int, seconds: float, note: str | None = None, late_ok: bool = False, withheld: bool = False
+    ) -> None:
         """Append the request's record (or, without a valid token, tally it); raises `AuditUnavailable`.
-        `late_ok`: the answer was delivered (a stream), so a record the log does not take is kept (`late`)."""
+        `late_ok`: the answer was delivered (a stream), so a record the log does not take is kept (`late`).
+        `withheld`: the answer goes out only if its record is written (a 503 replaces it otherwise), so a record
+        whose append failed is looked up later, in case it is in the chain all the same (`LateRecords.doubt`)."""
         record, ended = self._record(scope, status, seconds, note)
         if ended:
             self._tallies(ended)
@@ -192,12 +196,19 @@ class Trust:
             try:
                 self.log.append("request", **fields)
             except (AuditUnavailable, DBAPIError) as e:
-                if late_ok:
-                    self.late.keep(fields, after, e, _text_chars(scope, fields))
+                self._unwritten(scope, fields, after, e, late_ok, withheld)
                 raise
             after()
 
-    async def write_async(self, scope: dict, status: int, seconds: float, note: str | None = None, late_ok: bool = False) -> None:
+    def _unwritten(self, scope: dict, fields: dict, after: Any, why: BaseException, late_ok: bool, withheld: bool) -> None:
+        if late_ok:
+            self.late.keep(fields, after, why, _text_chars(scope, fields))
+        elif withheld and self.log.commits_unconfirmed:
+            self.late.doubt(fields)
+
+    async def write_async(
+        self, scope: dict, status: int, seconds: float, note: str | None = None, late_ok: bool = False, withheld: bool = False
+    ) -> None:
         """`write` from the event loop. An authenticated request's record goes to the audit log's writer
         thread, which commits it with those of concurrent requests and wakes this loop once for them all
         (`AuditLog.append_async`); naming a caller (a database query), tallies and redacting retained text
@@ -205,7 +216,7 @@ class Trust:
         state = scope.setdefault("state", {})
         usage = usage_of(state)
         if state.get("principal") is None or (self.settings.audit.retain_text and (usage.prompt_text or usage.completion_text)):
-            await anyio.to_thread.run_sync(self.write, scope, status, seconds, note, late_ok, limiter=self.limiter)
+            await anyio.to_thread.run_sync(self.write, scope, status, seconds, note, late_ok, withheld, limiter=self.limiter)
             return
         record, ended = self._record(scope, status, seconds, note)
         if ended:
@@ -214,8 +225,7 @@ class Trust:
         try:
             await self.log.append_async("request", then=after, **fields)
         except (AuditUnavailable, DBAPIError) as e:
-            if late_ok:
-                self.late.keep(fields, after, e, _text_chars(scope, fields))
+            self._unwritten(scope, fields, after, e, late_ok, withheld)
             raise
 
     def _record(
