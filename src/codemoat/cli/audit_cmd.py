@@ -84,7 +84,7 @@ def audit_export(
         str | None,
         typer.Option(
             help="Only records of this kind: request, unauthenticated, alert, egress_blocked, rotation, engine_crashed, "
-            "directory, update, tamper or tpm_checkpoint."
+            "directory, update, tamper, tpm_checkpoint or withheld."
         ),
     ] = None,
     output: Annotated[
