@@ -42,8 +42,12 @@ GONE_EXIT_S = 2.0
 #: seconds an idle batch loop told ("warm",) that a request is on its way polls its socket without sleeping.
 #: Waking a thread whose vCPU is idle costs ~0.14 ms on a VM (`bench/results/serve-isolation.md`); the server
 #: sends "warm" when it starts to build an idle engine's prompt, so that wake-up happens while it tokenises
-#: instead of after. The loop yields its core to any other runnable thread at each turn of the wait.
+#: instead of after. The polling stops, for a blocking `poll`, as soon as the thread finds it was kept off its
+#: core (`CONTENDED_S`): a thread that sleeps gets the core back when woken, one that spins waits for the other
+#: task's slice (and `sched_yield` would hand it a whole slice each turn: EEVDF charges the yielder a slice).
 WARM_S = 0.001
+#: seconds of a warned loop's polling not spent on its core (another task ran) after which it sleeps instead
+CONTENDED_S = 20e-6
 PR_SET_DUMPABLE, PR_GET_DUMPABLE = 4, 3
 log = logging.getLogger("codemoat.engines")
 
@@ -179,6 +183,7 @@ class _Server:
         self.cancels: dict[int, threading.Event] = {}
         self.stopped = False  # the server said stop (else it went away)
         self.warm_until = 0.0  # monotonic time until which an idle batch loop polls without sleeping ("warm")
+        self.warm_polls = 0  # the polls it made so
         self._lock = threading.Lock()
         self._out: list[Any] = []  # a batching engine's messages of the current step
         self.batched = bool(getattr(engine, "batches", False))
@@ -281,22 +286,26 @@ class _Server:
         self._ended()
 
     def _wait(self, poller: select.poll) -> list[tuple[int, int]]:
-        """`poller.poll()`, but while `warm_until` has not passed, poll without sleeping (yielding the core
-        at each turn to any other runnable thread): the request the server announced starts without
-        waiting for this vCPU to wake."""
-        while time.monotonic() < self.warm_until:
-            ready = poller.poll(0)
-            if ready:
-                return ready
-            os.sched_yield()
-        self.warm_until = 0.0
+        """`poller.poll()`, but while `warm_until` has not passed, poll without sleeping: the request the server
+        announced starts without waiting for this vCPU to wake. Not once another task took the core meanwhile
+        (`CONTENDED_S`): then it sleeps, to be woken as the request comes."""
+        now = start = time.monotonic()
+        if now < self.warm_until:
+            ran = time.thread_time()
+            while now < self.warm_until and (now - start) - (time.thread_time() - ran) < CONTENDED_S:
+                self.warm_polls += 1
+                ready = poller.poll(0)
+                if ready:
+                    return ready
+                now = time.monotonic()
+            self.warm_until = 0.0
         return poller.poll()
 
     def serve_on_loop(self, frames: Frames) -> bool:
         """Read the server's messages on the engine's batch loop (`LlamaCppEngine.read_on_loop`) until it says
         stop or the socket ends: a request then starts on the thread that decodes it, not one hand-off later. The
         loop reads between its steps and, idle, waits in `poll` on the socket and on its job queue's eventfd
-        (jobs put by other threads: logits). This thread waits meanwhile, and ends the serving itself if the
+        (jobs put by other threads: logits); for a moment after a "warm", it polls them without sleeping (`_wait`). This thread waits meanwhile, and ends the serving itself if the
         server's end goes away or the loop's thread dies, whatever the loop is doing (a step that never ends):
         the process then stops, and its supervisor starts another. False if the engine has no such loop
         (`serve`, on this thread, then)."""

@@ -187,8 +187,8 @@ class Service:
         try:
             idle = self.idle()
             if self._preparer.inline(build, args, idle):
-                if idle and self.holder.loaded:
-                    self.holder.get().warm()  # its wake-up overlaps the prompt's building
+                if idle:
+                    self._warm()  # the engine's wake-up overlaps the prompt's building
                 prep = build(*args, **kw)
             else:
                 self.preparing += 1
@@ -204,6 +204,13 @@ class Service:
         if prep.suffix_dropped:  # sent as a header by `prompts_headers` (app.py)
             request.state.prompt_headers = {"X-Codemoat-Suffix": "dropped"}
         return prep
+
+    def _warm(self) -> None:
+        """`Engine.warm`: a hint, which never fails the request (an engine unloaded meanwhile says so itself)."""
+        try:
+            self.holder.get().warm()
+        except Exception as e:
+            log.debug("warning the engine of a request failed: %s", e)
 
     # -- running ---------------------------------------------------------------
     async def run(self, request: Request, p: Prepared) -> Completion:
