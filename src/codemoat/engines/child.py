@@ -105,30 +105,27 @@ class Frames:
             del buf[:pos]
         return out
 
-    def pump(self) -> list[Any] | None:
-        """What one read that does not wait brings, as whole messages ([] if none yet); None at the end."""
+    def _take(self) -> int | None:
+        """One read that does not wait, added to the buffer: the bytes it brought (0: none yet); None at the end."""
         try:
             n = self.sock.recv_into(self._view, len(self._scratch), socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
-            return []
+            return 0
         if n == 0:
             return None
         self.buf += self._view[:n]
-        return self.parse()
+        return n
+
+    def pump(self) -> list[Any] | None:
+        """What one read that does not wait brings, as whole messages ([] if none yet); None at the end."""
+        n = self._take()
+        return None if n is None else self.parse() if n else []
 
     def drain(self) -> list[Any] | None:
         """The whole messages of all that can be read without waiting ([] if none yet); None at the end."""
-        while True:
-            try:
-                n = self.sock.recv_into(self._view, len(self._scratch), socket.MSG_DONTWAIT)
-            except (BlockingIOError, InterruptedError):
-                break
-            if n == 0:
-                return None
-            self.buf += self._view[:n]
-            if n < len(self._scratch):
-                break
-        return self.parse()
+        while (n := self._take()) == len(self._scratch):  # a full read: there may be more
+            pass
+        return None if n is None else self.parse()
 
     def batch(self) -> list[Any] | None:
         """The next messages (at least one), waiting for them; None once the socket has ended. It waits in
