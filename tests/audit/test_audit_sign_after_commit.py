@@ -15,6 +15,7 @@ stream's record is kept and written once later, also exactly once (the other par
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import socket
@@ -293,6 +294,22 @@ class CuttingProxy:
         self.cut()
 
 
+@contextlib.contextmanager
+def behind_proxy(pg_cluster, pg_url: str, llm, settings: Settings | None = None):
+    """(the `CuttingProxy`, the app's database engine, the users' tokens, a client of the real app) with the app's
+    database reached through the proxy; all closed after."""
+    proxy = CuttingProxy(pg_cluster.port)
+    eng = open_db(pg_url.replace(f":{pg_cluster.port}/", f":{proxy.port}/"))
+    try:
+        accounts = Accounts(eng)
+        tokens = make_tokens(accounts)
+        with client_for(settings or Settings(audit={"sign_every": 1}), accounts, llm) as c:
+            yield proxy, eng, tokens, c
+    finally:
+        proxy.close()
+        eng.dispose()
+
+
 @pytest.mark.parametrize("committed", [True, False], ids=["cut-after-commit", "cut-before-commit"])
 def test_a_stream_whose_connection_was_cut_at_its_record_is_recorded_once(pg_cluster, pg_url, audit_home, llm, committed):
     """The network between the writer and PostgreSQL fails right after the stream's record committed, and the
@@ -300,32 +317,23 @@ def test_a_stream_whose_connection_was_cut_at_its_record_is_recorded_once(pg_clu
     as unrecorded. Once the log takes records again, the kept record is written only if the first one is not
     in the chain (before, it was written again: the request twice), and what follows it (usage row, quota) once.
     The other side: cut before the statement reached the server, the kept record is written, marked late."""
-    proxy = CuttingProxy(pg_cluster.port)
-    url = pg_url.replace(f":{pg_cluster.port}/", f":{proxy.port}/")
-    eng = open_db(url)
-    accounts = Accounts(eng)
-    tokens = make_tokens(accounts)
-    try:
-        with client_for(Settings(audit={"sign_every": 1}), accounts, llm) as c:
-            trust = c.app.state.trust
-            assert complete(c, tokens["alice"]).status_code == 200
-            proxy.before_commit, proxy.armed = not committed, True
-            r = _streamed(c, tokens["alice"])
-            assert r.status_code == 200 and r.text.rstrip().endswith("data: [DONE]")
-            assert proxy.cut_done.is_set() and len(trust.late) == 1  # committed, but the writer could not know
-            proxy.resume()
-            assert wait_for(lambda: trust.log.check_writable(max_age=0))
-            assert complete(c, tokens["bob"]).status_code == 200
-            assert wait_for(lambda: len(trust.late) == 0)
-            rows = records(trust.log.engine)
-            assert sorted((x["user"], x["status"]) for x in rows) == [("alice", 200), ("alice", 200), ("bob", 200)]
-            # after the commit: the first append's record, found in the chain; before it: the kept one, late
-            assert sum(1 for x in rows if _detail(x).get("late")) == (0 if committed else 1)
-            with eng.connect() as db:  # what goes with it (the usage row) followed it once
-                users = sorted(u for (u,) in db.execute(sa.text('select "user" from usage_completions')))
-            assert users == ["alice", "alice", "bob"]
-            rep = trust.log.verify()
-            assert rep.ok, rep.problem
-    finally:
-        proxy.close()
-        eng.dispose()
+    with behind_proxy(pg_cluster, pg_url, llm) as (proxy, eng, tokens, c):
+        trust = c.app.state.trust
+        assert complete(c, tokens["alice"]).status_code == 200
+        proxy.before_commit, proxy.armed = not committed, True
+        r = _streamed(c, tokens["alice"])
+        assert r.status_code == 200 and r.text.rstrip().endswith("data: [DONE]")
+        assert proxy.cut_done.wait(10) and len(trust.late) == 1  # committed, but the writer could not know
+        proxy.resume()
+        assert wait_for(lambda: trust.log.check_writable(max_age=0))
+        assert complete(c, tokens["bob"]).status_code == 200
+        assert wait_for(lambda: len(trust.late) == 0)
+        rows = records(trust.log.engine)
+        assert sorted((x["user"], x["status"]) for x in rows) == [("alice", 200), ("alice", 200), ("bob", 200)]
+        # after the commit: the first append's record, found in the chain; before it: the kept one, late
+        assert sum(1 for x in rows if _detail(x).get("late")) == (0 if committed else 1)
+        with eng.connect() as db:  # what goes with it (the usage row) followed it once
+            users = sorted(u for (u,) in db.execute(sa.text('select "user" from usage_completions')))
+        assert users == ["alice", "alice", "bob"]
+        rep = trust.log.verify()
+        assert rep.ok, rep.problem

@@ -24,7 +24,7 @@ from codemoat.audit.quota import Quotas
 from codemoat.config import Settings
 from codemoat.db import open_db
 
-from .test_audit_sign_after_commit import CuttingProxy, _detail
+from .test_audit_sign_after_commit import _detail, behind_proxy
 from .test_audit_trust import client_for, complete
 from .trustapp import make_tokens, records, tiny_llm
 
@@ -34,48 +34,39 @@ llm = tiny_llm  # the module's engine (trustapp)
 @pytest.mark.parametrize("committed", [True, False], ids=["cut-after-commit", "cut-before-commit"])
 def test_a_refused_answer_whose_record_committed_gets_a_withheld_record(pg_cluster, pg_url, audit_home, llm, committed, caplog):
     caplog.set_level(logging.WARNING, logger="codemoat.audit")
-    proxy = CuttingProxy(pg_cluster.port)
-    url = pg_url.replace(f":{pg_cluster.port}/", f":{proxy.port}/")
-    eng = open_db(url)
-    accounts = Accounts(eng)
-    tokens = make_tokens(accounts)
-    try:
-        with client_for(Settings(audit={"sign_every": 1}), accounts, llm) as c:
-            trust = c.app.state.trust
-            assert complete(c, tokens["alice"]).status_code == 200
-            proxy.before_commit, proxy.armed = not committed, True
-            r = complete(c, tokens["alice"], "def mul(a, b):", 5)
-            assert r.status_code == 503 and proxy.cut_done.is_set()  # the answer is withheld: its record is not confirmed
-            assert trust.late.doubts == 1 and len(trust.late) == 0
-            proxy.resume()
-            assert wait_for(lambda: trust.log.check_writable(max_age=0))
-            assert complete(c, tokens["bob"]).status_code == 200
-            assert wait_for(lambda: trust.late.doubts == 0)
-            rows = records(trust.log.engine, kind=None)
-            requests = [(x["user"], x["status"]) for x in rows if x["kind"] == "request"]
-            withheld = [x for x in rows if x["kind"] == "withheld"]
-            if committed:  # alice's second record is in the chain, and the record after it says she got a 503
-                assert requests == [("alice", 200), ("alice", 200), ("bob", 200)]
-                first = next(x for x in rows if x["kind"] == "request" and x["seq"] > rows[0]["seq"])
-                assert len(withheld) == 1
-                w = withheld[0]
-                assert (w["user"], w["status"], w["route"]) == ("alice", 503, "/v1/completions")
-                assert _detail(w)["record"] == first["seq"] and _detail(w)["status"] == 200
-                assert "in the chain after all" in caplog.text
-            else:  # nothing committed: no record of it, and nothing to correct
-                assert requests == [("alice", 200), ("bob", 200)] and withheld == []
-            with eng.connect() as db:  # the withheld answer has no usage row
-                users = sorted(u for (u,) in db.execute(sa.text('select "user" from usage_completions')))
-            assert users == ["alice", "bob"]
-            # nor do a restarted server's token budgets count it (`Quotas.seed` reads today's request records)
-            quotas = Quotas(tokens_per_day=1000)
-            quotas.seed(trust.log)
-            assert quotas.used_today("alice") == rows[0]["completion_tokens"] > 0
-            rep = trust.log.verify()
-            assert rep.ok, rep.problem
-    finally:
-        proxy.close()
-        eng.dispose()
+    with behind_proxy(pg_cluster, pg_url, llm) as (proxy, eng, tokens, c):
+        trust = c.app.state.trust
+        assert complete(c, tokens["alice"]).status_code == 200
+        proxy.before_commit, proxy.armed = not committed, True
+        r = complete(c, tokens["alice"], "def mul(a, b):", 5)
+        assert r.status_code == 503 and proxy.cut_done.wait(10)  # the answer is withheld: its record is not confirmed
+        assert trust.late.doubts == 1 and len(trust.late) == 0
+        proxy.resume()
+        assert wait_for(lambda: trust.log.check_writable(max_age=0))
+        assert complete(c, tokens["bob"]).status_code == 200
+        assert wait_for(lambda: trust.late.doubts == 0)
+        rows = records(trust.log.engine, kind=None)
+        requests = [(x["user"], x["status"]) for x in rows if x["kind"] == "request"]
+        withheld = [x for x in rows if x["kind"] == "withheld"]
+        if committed:  # alice's second record is in the chain, and the record after it says she got a 503
+            assert requests == [("alice", 200), ("alice", 200), ("bob", 200)]
+            first = next(x for x in rows if x["kind"] == "request" and x["seq"] > rows[0]["seq"])
+            assert len(withheld) == 1
+            w = withheld[0]
+            assert (w["user"], w["status"], w["route"]) == ("alice", 503, "/v1/completions")
+            assert _detail(w)["record"] == first["seq"] and _detail(w)["status"] == 200
+            assert "in the chain after all" in caplog.text
+        else:  # nothing committed: no record of it, and nothing to correct
+            assert requests == [("alice", 200), ("bob", 200)] and withheld == []
+        with eng.connect() as db:  # the withheld answer has no usage row
+            users = sorted(u for (u,) in db.execute(sa.text('select "user" from usage_completions')))
+        assert users == ["alice", "bob"]
+        # nor do a restarted server's token budgets count it (`Quotas.seed` reads today's request records)
+        quotas = Quotas(tokens_per_day=1000)
+        quotas.seed(trust.log)
+        assert quotas.used_today("alice") == rows[0]["completion_tokens"] > 0
+        rep = trust.log.verify()
+        assert rep.ok, rep.problem
 
 
 def test_a_refused_answer_on_sqlite_is_not_looked_up(audit_home, llm, tmp_path):
