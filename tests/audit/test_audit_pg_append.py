@@ -140,3 +140,15 @@ def test_a_flush_whose_answer_is_lost_after_it_committed_is_not_written_twice(pg
     rep = log.verify()
     assert rep.ok and rep.records == 4, rep.problem
     assert [r["prompt_tokens"] for r in log.records()] == [0, 1, 2, 3]  # none doubled
+
+
+def test_an_append_cannot_run_on_the_server_past_the_statement_timeout(pg_url, audit_home):
+    """A statement whose connection was lost (waiting on the tip's lock, a synchronous standby) may still commit;
+    the server cancels it after `STATEMENT_TIMEOUT_S`, so a record not in the chain by then never will be
+    (`serve.late` settles a refused answer's record on that)."""
+    from codemoat.audit.pgappend import STATEMENT_TIMEOUT_S
+
+    log = open_log(pg_url, audit_home)
+    fill(log, 1)
+    shown = log._pg._conn.execute("SHOW statement_timeout").fetchone()[0]
+    assert shown == f"{int(STATEMENT_TIMEOUT_S)}s", shown

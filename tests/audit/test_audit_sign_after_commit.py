@@ -295,7 +295,7 @@ class CuttingProxy:
 
 
 @contextlib.contextmanager
-def behind_proxy(pg_cluster, pg_url: str, llm, settings: Settings | None = None):
+def behind_proxy(pg_cluster, pg_url: str, llm, settings: Settings | None = None, **kw):
     """(the `CuttingProxy`, the app's database engine, the users' tokens, a client of the real app) with the app's
     database reached through the proxy; all closed after."""
     proxy = CuttingProxy(pg_cluster.port)
@@ -303,7 +303,7 @@ def behind_proxy(pg_cluster, pg_url: str, llm, settings: Settings | None = None)
     try:
         accounts = Accounts(eng)
         tokens = make_tokens(accounts)
-        with client_for(settings or Settings(audit={"sign_every": 1}), accounts, llm) as c:
+        with client_for(settings or Settings(audit={"sign_every": 1}), accounts, llm, **kw) as c:
             yield proxy, eng, tokens, c
     finally:
         proxy.close()

@@ -14,6 +14,7 @@ statement reaches the server), the real app, a real llama.cpp engine."""
 from __future__ import annotations
 
 import logging
+import time
 
 import pytest
 import sqlalchemy as sa
@@ -32,7 +33,14 @@ llm = tiny_llm  # the module's engine (trustapp)
 
 
 @pytest.mark.parametrize("committed", [True, False], ids=["cut-after-commit", "cut-before-commit"])
-def test_a_refused_answer_whose_record_committed_gets_a_withheld_record(pg_cluster, pg_url, audit_home, llm, committed, caplog):
+def test_a_refused_answer_whose_record_committed_gets_a_withheld_record(
+    pg_cluster, pg_url, audit_home, llm, committed, caplog, monkeypatch
+):
+    """Not found at first, a record is looked up again once `FINAL_S` has passed (here 2 s): a statement whose
+    connection was lost may still commit until the server's statement_timeout; then it is dropped."""
+    from codemoat.serve import late
+
+    monkeypatch.setattr(late, "FINAL_S", 2.0)
     caplog.set_level(logging.WARNING, logger="codemoat.audit")
     with behind_proxy(pg_cluster, pg_url, llm) as (proxy, eng, tokens, c):
         trust = c.app.state.trust
@@ -44,6 +52,11 @@ def test_a_refused_answer_whose_record_committed_gets_a_withheld_record(pg_clust
         proxy.resume()
         assert wait_for(lambda: trust.log.check_writable(max_age=0))
         assert complete(c, tokens["bob"]).status_code == 200
+        if not committed:  # looked up once, not found: it waits for FINAL_S, then the next request settles it
+            assert wait_for(lambda: trust.late._task is not None and trust.late._task.done())
+            assert trust.late.doubts == 1
+            time.sleep(2.0)
+            assert complete(c, tokens["bob"]).status_code == 200
         assert wait_for(lambda: trust.late.doubts == 0)
         rows = records(trust.log.engine, kind=None)
         requests = [(x["user"], x["status"]) for x in rows if x["kind"] == "request"]
@@ -57,10 +70,12 @@ def test_a_refused_answer_whose_record_committed_gets_a_withheld_record(pg_clust
             assert _detail(w)["record"] == first["seq"] and _detail(w)["status"] == 200
             assert "in the chain after all" in caplog.text
         else:  # nothing committed: no record of it, and nothing to correct
-            assert requests == [("alice", 200), ("bob", 200)] and withheld == []
+            assert requests == [("alice", 200), ("bob", 200), ("bob", 200)] and withheld == []
         with eng.connect() as db:  # the withheld answer has no usage row
             users = sorted(u for (u,) in db.execute(sa.text('select "user" from usage_completions')))
-        assert users == ["alice", "bob"]
+        assert users == ["alice", "bob"] + ([] if committed else ["bob"])
+        metric = c.get("/metrics", headers=tokens["scraper"]).text
+        assert ('codemoat_audit_records_total{kind="withheld"} 1.0' in metric) == committed
         # nor do a restarted server's token budgets count it (`Quotas.seed` reads today's request records)
         quotas = Quotas(tokens_per_day=1000)
         quotas.seed(trust.log)
@@ -93,3 +108,16 @@ def test_a_refused_answer_on_sqlite_is_not_looked_up(audit_home, llm, tmp_path):
             con.close()
     finally:
         eng.dispose()
+
+
+def test_an_answer_that_failed_is_not_called_withheld(pg_cluster, pg_url, audit_home, llm):
+    """Only an answer a 503 replaced is looked up: an engine that falls over mid-answer is a 500 whatever its record
+    does, so a record of it cut at its commit says what the client got, and nothing is kept to correct it."""
+    from .trustapp import Broken
+
+    with behind_proxy(pg_cluster, pg_url, Broken(llm), raise_server_exceptions=False) as (proxy, eng, tokens, c):
+        trust = c.app.state.trust
+        proxy.armed = True
+        r = complete(c, tokens["alice"])
+        assert r.status_code == 500 and proxy.cut_done.wait(10)
+        assert trust.late.doubts == 0 and len(trust.late) == 0

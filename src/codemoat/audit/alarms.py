@@ -253,20 +253,24 @@ class Alarms:
 
         from .log import records
 
+        from .quota import withheld_named
+
         now = time.time() if now is None else now
+        since = int((now - days * 86400) * 1_000_000)
         hour = sa.cast(records.c.ts_us / 3_600_000_000, sa.BigInteger)
-        q = (
-            sa.select(records.c.user, hour, sa.func.count())
-            .where(
-                records.c.kind == "request",
-                records.c.user.is_not(None),
-                records.c.status < 300,
-                records.c.ts_us >= int((now - days * 86400) * 1_000_000),
-            )
-            .group_by(records.c.user, hour)
-        )
         n = 0
         with audit_log.engine.connect() as c, self._lock:
+            q = (
+                sa.select(records.c.user, hour, sa.func.count())
+                .where(
+                    records.c.kind == "request",
+                    records.c.user.is_not(None),
+                    records.c.status < 300,
+                    records.c.ts_us >= since,
+                    records.c.seq.not_in(withheld_named(c, since)),  # answers their clients never got
+                )
+                .group_by(records.c.user, hour)
+            )
             for user, h, count in c.execute(q):
                 prof = self._profiles.setdefault(user, _Profile())
                 prof.hourly[int(h)] = prof.hourly.get(int(h), 0) + int(count)

@@ -194,15 +194,26 @@ class AuditLog(HeadSigning, LogReading):
             return None
         also = fields.get("also")
         row = normalise(kind, {k: v for k, v in fields.items() if k != "also"})
-        want = body_hash(row)
-        with self.engine.connect() as c:  # ts_us is indexed (ix_audit_records_ts)
-            found = c.execute(sa.select(records).where(records.c.ts_us == row["ts_us"])).all()
-        seq = next((r.seq for r in found if body_hash(r._asdict()) == want), None)
+        seq = self.written_as(row["ts_us"], body_hash(row))
         if seq is not None and also is not None:
             me = Pending(row, also)
             me.seq = seq
             self._write_also(me)
         return seq
+
+    @staticmethod
+    def fingerprint(kind: str, fields: dict[str, Any]) -> tuple[int, str]:
+        """(ts_us, body hash) of the record `fields` make: all `written_as` needs to find it (no text kept)."""
+        row = normalise(kind, {k: v for k, v in fields.items() if k != "also"})
+        return row["ts_us"], body_hash(row)
+
+    def written_as(self, ts_us: int, body: str) -> int | None:
+        """The seq of the record of time `ts_us` and body hash `body` in the chain, or None (None on SQLite)."""
+        if self._pg is None:
+            return None
+        with self.engine.connect() as c:  # ts_us is indexed (ix_audit_records_ts)
+            found = c.execute(sa.select(records).where(records.c.ts_us == ts_us)).all()
+        return next((r.seq for r in found if body_hash(r._asdict()) == body), None)
 
     def _write_also(self, me: Pending) -> None:
         """What goes with written record `me` when its transaction did not take it (PostgreSQL, or it failed there)."""

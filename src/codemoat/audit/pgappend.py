@@ -25,6 +25,8 @@ from sqlalchemy import Engine
 
 from .chain import BODY_FIELDS, body_hash, link_hash, records
 
+#: seconds an append's statement may run on PostgreSQL (its lock wait included) before the server cancels it
+STATEMENT_TIMEOUT_S = 30.0
 _COLS = (*BODY_FIELDS, "hash")
 _ROW = "({})".format(",".join(["%s"] * len(_COLS)))
 _INSERT = "INSERT INTO audit_records ({}) VALUES ".format(",".join(f'"{c}"' for c in _COLS))
@@ -64,6 +66,9 @@ class PgAppender:
                 conn = raw.driver_connection
                 raw.detach()  # ours alone from now on (autocommit), closed rather than pooled
                 conn.autocommit = True
+                # a statement whose connection was lost stops on the server by then at the latest (waiting on the
+                # tip's lock, a synchronous standby): "not in the chain" is final once that has passed (`serve.late`)
+                conn.execute(f"SET statement_timeout = {int(STATEMENT_TIMEOUT_S * 1000)}")
                 self._raw, self._conn = raw, conn
             conn = self._conn
             try:

@@ -139,19 +139,26 @@ class Quotas:
         midnight = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
         since = int(midnight * 1_000_000)
         with audit_log.engine.connect() as c:
-            # answers whose client got a 503 although their record is in the chain (`withheld`: serve/late.py)
-            withheld = {
-                _named(d)
-                for (d,) in c.execute(sa.select(records.c.detail).where(records.c.ts_us >= since, records.c.kind == "withheld"))
-            }
+            withheld = withheld_named(c, since)  # answers whose client got a 503 although their record is in the chain
             q = (
                 sa.select(records.c.user, records.c.token_id, sa.func.sum(records.c.completion_tokens))
                 .where(records.c.ts_us >= since, records.c.kind == "request", records.c.user.is_not(None))
-                .where(records.c.seq.not_in(withheld - {None}))
+                .where(records.c.seq.not_in(withheld))
                 .group_by(records.c.user, records.c.token_id)
             )
             for user, token_id, n in c.execute(q):
                 self.add_tokens(user, token_id or "", int(n or 0), now=max(midnight, time.time()))
+
+
+def withheld_named(conn: Any, since_us: int) -> set[int]:
+    """The seqs of request records that a `withheld` record written since `since_us` names: answers whose client got
+    a 503 although their record is in the chain (`serve.late`). Readers that count answers leave them out."""
+    import sqlalchemy as sa
+
+    from .log import records
+
+    q = sa.select(records.c.detail).where(records.c.ts_us >= since_us, records.c.kind == "withheld")
+    return {n for (d,) in conn.execute(q) if (n := _named(d)) is not None}
 
 
 def _named(detail: Any) -> int | None:

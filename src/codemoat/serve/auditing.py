@@ -156,9 +156,13 @@ class AuditMiddleware:
                     log.error("%d requests still in flight at shutdown: their audit records may be missing", self.trust.in_flight)
                 late = self.trust.late
                 if len(late) or late.doubts:  # records the log did not take (`late`): a last try, else each on a line
-                    with anyio.move_on_after(5):
-                        await late.drain()
-                    late.give_up()
+                    try:
+                        with anyio.move_on_after(5):
+                            await late.drain()
+                    except Exception:
+                        log.exception("the last try to write the audit records the log did not take failed")
+                    finally:
+                        late.give_up()
             return message
 
         return wrapped

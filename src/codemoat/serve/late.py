@@ -15,11 +15,14 @@ trust layer sets before the first append) and written only when it is not there;
 quota and metrics follow it then.
 
 A whole answer is different: it is replaced by a 503 when its record's append fails, so a record of it that is in
-the chain after all (committed, the answer lost) tells of an answer its client never got. Its fields are kept too
-(`doubt`, PostgreSQL only) and looked up when the log takes records again; found, a `withheld` record is appended
-that names it (`detail.record`: its seq) and says the client got a 503 instead. Its usage row, quota and metrics
-are not written for it (its append raised before them). Not found, nothing is written: a refusal while the log
-takes no records is counted (`audit_failures`), not recorded.
+the chain after all (committed, the answer lost) tells of an answer its client never got. What finds that record
+is kept (`doubt`, PostgreSQL only: its time, body hash and a one-line summary, no text) and looked up when the log
+takes records again; found, a `withheld` record is appended that names it (`detail.record`: its seq) and says the
+client got a 503 instead (a `withheld` record whose own append is in doubt is looked up before it is written
+again). Its usage row, quota and metrics are not written for it (its append raised before them). Not found, it is
+looked up once more after `FINAL_S` (a statement whose connection was lost may still commit until the server's
+`statement_timeout`, `audit.pgappend.STATEMENT_TIMEOUT_S`), then dropped: a refusal while the log takes no
+records is counted (`audit_failures`), not recorded.
 
 A record the database refuses for its own values (`RecordRefused`) would be refused again: it is not kept
 (an error line says so). At shutdown what is still kept is written if the log takes it, else each one is
@@ -32,7 +35,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections import deque
+from dataclasses import dataclass
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -40,10 +45,13 @@ from typing import Any
 from sqlalchemy.exc import DBAPIError
 
 from ..audit.log import AuditUnavailable
+from ..audit.pgappend import STATEMENT_TIMEOUT_S
 from ..audit.pending import RecordRefused
 
 log = logging.getLogger("codemoat.audit")
 
+#: seconds after a refused answer's time past which "its record is not in the chain" is final
+FINAL_S = STATEMENT_TIMEOUT_S + 10.0
 #: kept records at most, and the characters of text they hold at most (a kept record holds its request: the
 #: prompt as sent, and with audit.retain_text the record's texts; a database out of disk admits every stream)
 MAX_KEPT = 10_000
@@ -58,6 +66,26 @@ def _summary(fields: dict[str, Any]) -> str:
     )
 
 
+def _about(d: _Doubt) -> str:
+    when = datetime.fromtimestamp(d.ts, UTC).isoformat(timespec="microseconds")
+    return f"{_summary(d.facts)}, record time {when}" + (", its withheld record not confirmed" if d.withheld else "")
+
+
+@dataclass(eq=False)
+class _Doubt:
+    """A refused whole answer whose record may be in the chain: what finds it, and what a `withheld` record says."""
+
+    ts: float  # when the record was first appended (its `ts`)
+    ts_us: int
+    body: str  # its body hash (`AuditLog.fingerprint`)
+    facts: dict[str, Any]  # user, token_id, route, protocol, model, client, status, tokens: a withheld record's and the log's
+    looked: bool = False  # looked up once, not found: looked up again after FINAL_S
+    withheld: dict[str, Any] | None = None  # the withheld record's fields once its first append was tried
+
+
+_FACTS = ("user", "token_id", "route", "protocol", "model", "client", "status", "prompt_tokens", "completion_tokens")
+
+
 class LateRecords:
     """The kept records of one app (`Trust.late`), written by `write` on the app's event loop."""
 
@@ -67,36 +95,45 @@ class LateRecords:
         max_kept: int = MAX_KEPT,
         max_chars: int = MAX_KEPT_CHARS,
         written: Callable[[str, dict[str, Any]], int | None] | None = None,
+        written_as: Callable[[int, str], int | None] | None = None,
+        fingerprint: Callable[[str, dict[str, Any]], tuple[int, str]] | None = None,
+        on_withheld: Callable[[], Any] = lambda: None,
     ):
         self._write = write  # AuditLog.append_async
         self._written = written  # AuditLog.written_already: a kept record that is in the chain after all
+        self._written_as, self._fingerprint = written_as, fingerprint  # AuditLog's: a refused answer's record (`doubt`)
+        self._on_withheld = on_withheld  # a withheld record was written (its metric)
+        self._due = 0.0  # when the doubts are next worth looking up (0: now; inf: none waits)
         # (fields to write, after, characters, the fields as first appended: with their time, without `late`)
         self._kept: deque[tuple[dict[str, Any], Callable[[], Any], int, dict[str, Any]]] = deque()
         self._chars = 0
         self._lock = threading.Lock()  # `keep` runs on the loop or a worker thread (the synchronous write)
         self._task: asyncio.Task | None = None
         self.max_kept, self.max_chars = max_kept, max_chars
-        self._doubts: deque[dict[str, Any]] = deque()  # refused whole answers' records, as first appended (`doubt`)
+        self._doubts: deque[_Doubt] = deque()  # refused whole answers whose record may be in the chain (`doubt`)
 
     def __len__(self) -> int:
         return len(self._kept)
 
     @property
     def doubts(self) -> int:
-        """Refused whole answers whose record may be in the chain, not looked up yet."""
+        """Refused whole answers whose record may be in the chain, not settled yet."""
         return len(self._doubts)
 
     def doubt(self, fields: dict[str, Any]) -> None:
         """A whole answer was replaced by a 503 because its record's append failed, which may have committed all
-        the same (`AuditLog.written_already`; PostgreSQL only): look it up once the log takes records again."""
-        if self._written is None or fields.get("ts") is None:
+        the same (`AuditLog.written_as`; PostgreSQL only): look it up once the log takes records again. Only its
+        time, body hash and facts are kept (no text); at most `max_kept`."""
+        if self._written_as is None or self._fingerprint is None or fields.get("ts") is None:
             return
-        first = {k: v for k, v in fields.items() if k != "also"}  # found, its usage row must not follow it
+        ts_us, body = self._fingerprint("request", fields)
+        d = _Doubt(float(fields["ts"]), ts_us, body, {k: fields.get(k) for k in _FACTS} | {"detail": {}})
         with self._lock:
-            self._doubts.append(first)
+            self._doubts.append(d)
+            self._due = 0.0
             while len(self._doubts) > self.max_kept:
                 old = self._doubts.popleft()
-                log.error("more than %d refused answers' records to look up: the oldest is not: %s", self.max_kept, _summary(old))
+                log.error("more than %d refused answers' records to look up: the oldest is not: %s", self.max_kept, _about(old))
 
     def keep(self, fields: dict[str, Any], after: Callable[[], Any], why: BaseException, chars: int = 0) -> None:
         """Keep a delivered stream's record that the log did not take (`why`), to be written later; `chars`:
@@ -133,7 +170,7 @@ class LateRecords:
 
     def start(self) -> None:
         """Write the kept records in the background (on the running loop), unless that is under way."""
-        if (self._kept or self._doubts) and (self._task is None or self._task.done()):
+        if (self._kept or (self._doubts and time.time() >= self._due)) and (self._task is None or self._task.done()):
             self._task = asyncio.get_running_loop().create_task(self._drain())
 
     async def drain(self) -> bool:
@@ -149,34 +186,60 @@ class LateRecords:
         return await self._drain_kept() and await self._settle_doubts()
 
     async def _settle_doubts(self) -> bool:
-        """Look up each refused whole answer's record; one in the chain gets a `withheld` record after it."""
-        while True:
-            with self._lock:
-                if not self._doubts:
-                    return True
-                first = self._doubts[0]
+        """Look up the refused answers' records that are due; one in the chain gets a `withheld` record after it.
+        Whether none is left to look up now (some may wait for `FINAL_S`)."""
+        with self._lock:
+            todo = list(self._doubts)
+        for d in todo:
+            if d.looked and d.withheld is None and time.time() < d.ts + FINAL_S:
+                continue
             try:
-                seq = await asyncio.to_thread(self._written, "request", first)  # type: ignore[misc]
-                if seq is not None:
-                    log.warning(
-                        "a refused answer's audit record was in the chain after all (record %d): recording that its "
-                        "client got a 503 instead: %s",
-                        seq,
-                        _summary(first),
-                    )
-                    await self._write(
-                        "withheld",
-                        **{k: first.get(k) for k in ("user", "token_id", "route", "protocol", "model", "client")},
-                        status=503,
-                        detail={"record": seq, "status": first.get("status"), "why": "its record's commit was not confirmed"},
-                    )
+                if await self._settle(d):
+                    with self._lock:
+                        if d in self._doubts:
+                            self._doubts.remove(d)
             except RecordRefused as e:
-                log.error("a withheld answer's audit record was refused by the database (%s): %s", e, _summary(first))
+                log.error("a withheld answer's audit record was refused by the database (%s): %s", e, _about(d))
+                with self._lock:
+                    if d in self._doubts:
+                        self._doubts.remove(d)
             except (AuditUnavailable, DBAPIError):
                 return False  # the next request that finds the log writable tries again
-            with self._lock:
-                if self._doubts and self._doubts[0] is first:
-                    self._doubts.popleft()
+            except Exception:
+                log.exception("could not look up a refused answer's audit record: %s", _about(d))
+                return False
+        with self._lock:  # the earliest a waiting one is worth looking up again
+            self._due = min((d.ts + FINAL_S for d in self._doubts if d.looked and d.withheld is None), default=float("inf"))
+            if any(not d.looked or d.withheld is not None for d in self._doubts):
+                self._due = 0.0
+        return True
+
+    async def _settle(self, d: _Doubt) -> bool:
+        """Look `d` up, and write its `withheld` record if its record is in the chain; whether it is settled."""
+        if d.withheld is not None:  # its withheld record's append failed: in the chain all the same?
+            if await asyncio.to_thread(self._written, "withheld", d.withheld) is None:  # type: ignore[misc]
+                await self._write("withheld", **d.withheld)
+                self._on_withheld()
+            return True
+        seq = await asyncio.to_thread(self._written_as, d.ts_us, d.body)  # type: ignore[misc]
+        if seq is None:  # not committed; final once a statement lost with its connection cannot commit any more
+            d.looked = True
+            return time.time() >= d.ts + FINAL_S
+        log.warning(
+            "a refused answer's audit record was in the chain after all (record %d): recording that its client got "
+            "a 503 instead: %s",
+            seq,
+            _about(d),
+        )
+        f = d.facts
+        d.withheld = {k: f.get(k) for k in ("user", "token_id", "route", "protocol", "model", "client")} | {
+            "ts": time.time(),
+            "status": 503,
+            "detail": {"record": seq, "status": f.get("status"), "why": "its record's commit was not confirmed"},
+        }
+        await self._write("withheld", **d.withheld)
+        self._on_withheld()
+        return True
 
     async def _drain_kept(self) -> bool:
         while True:
@@ -197,6 +260,9 @@ class LateRecords:
                 log.error("a late audit record was refused by the database (%s) and is lost: %s", e, _summary(fields))
             except (AuditUnavailable, DBAPIError):
                 return False  # still not taken: the next request that finds the log writable tries again
+            except Exception:  # a pool timeout, say: tried again with the next request, not the end of the task
+                log.exception("could not write a late audit record: %s", _summary(fields))
+                return False
             with self._lock:
                 if self._kept and self._kept[0][0] is fields:
                     self._chars -= self._kept.popleft()[2]
@@ -209,10 +275,9 @@ class LateRecords:
             log.error("shutting down with an audit record the log never took: %s", _summary(fields))
         with self._lock:
             doubts, self._doubts = list(self._doubts), deque()
-        for first in doubts:
+        for d in doubts:
             log.error(
                 "shutting down without knowing whether a refused answer's audit record is in the chain (if it is, "
-                "its client got a 503 instead): %s at %s",
-                _summary(first),
-                first.get("ts"),
+                "its client got a 503 instead): %s",
+                _about(d),
             )

@@ -92,7 +92,13 @@ class Trust:
         self._templates: list | None = None
         self.in_flight = 0
         # delivered streams' records the log did not take (looked up first: one may be in the chain after all)
-        self.late = LateRecords(self.log.append_async, written=self.log.written_already)
+        self.late = LateRecords(
+            self.log.append_async,
+            written=self.log.written_already,
+            written_as=self.log.written_as,
+            fingerprint=self.log.fingerprint,
+            on_withheld=lambda: self.metrics.audit_records.labels("withheld").inc(),
+        )
         # Audit I/O gets its own threads, so that it never queues behind other blocking work.
         self.limiter = anyio.CapacityLimiter(4)
         self.guard = egress.EgressGuard(
