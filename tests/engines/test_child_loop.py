@@ -270,8 +270,10 @@ def test_a_warm_message_keeps_the_idle_loop_polling_for_a_moment_then_it_sleeps(
 
     eng, ours, _, _, _ = looped
     monkeypatch.setattr(child, "WARM_S", 0.3)
+    monkeypatch.setattr(child, "CONTENDED_S", 10.0)  # this test's own thread takes the GIL, and so the core, from it
     assert _polls_after(eng, None, ours, 0.1) == 0
     assert _polls_after(eng, frame(("warm",)), ours, 0.1) > 0, "the warned loop slept"
+    assert eng.srv.warm_until > 0.0, "the warned loop stopped polling 0.1 s into its 0.3 s"
     time.sleep(0.3)
     assert _polls_after(eng, None, ours, 0.3) == 0, "the loop kept polling after WARM_S had passed"
     assert _core_after(eng, None, ours, 0.5) < 30_000_000, "the idle loop ran on a core after its warning"
@@ -288,6 +290,7 @@ def test_a_request_after_warm_is_answered_as_without_it_and_ends_the_polling(loo
     ours.sendall(frame(("gen", 1, ids, p)))
     cold = _answers(frames, {1})[1]
     monkeypatch.setattr(child, "WARM_S", 5.0)
+    monkeypatch.setattr(child, "CONTENDED_S", 10.0)  # the request, not this test's thread, must end the polling
     _sleeping(eng)
     ours.sendall(frame(("warm",)))
     time.sleep(0.05)

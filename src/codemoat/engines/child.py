@@ -42,11 +42,14 @@ GONE_EXIT_S = 2.0
 #: seconds an idle batch loop told ("warm",) that a request is on its way polls its socket without sleeping.
 #: Waking a thread whose vCPU is idle costs ~0.14 ms on a VM (`bench/results/serve-isolation.md`); the server
 #: sends "warm" when it starts to build an idle engine's prompt, so that wake-up happens while it tokenises
-#: instead of after. The polling stops, for a blocking `poll`, as soon as the thread finds it was kept off its
-#: core (`CONTENDED_S`): a thread that sleeps gets the core back when woken, one that spins waits for the other
-#: task's slice (and `sched_yield` would hand it a whole slice each turn: EEVDF charges the yielder a slice).
-WARM_S = 0.001
-#: seconds of a warned loop's polling not spent on its core (another task ran) after which it sleeps instead
+#: instead of after. Short: on a core shared with another task the polling is charged to the loop's share of it
+#: (EEVDF), so the decode after a request that came late in a long window was preempted sooner (reviewer, 1 ms:
+#: 3.5 ms instead of 1.0 for 1 ms of work); 0.3 ms covers the bundled model's usual gap (~0.15 ms) and cost
+#: nothing there. No `sched_yield`: EEVDF charges a yielder a whole slice.
+WARM_S = 0.0003
+#: seconds, in all, that a warned loop's polling may have spent off its core (another task ran there) before it
+#: sleeps instead: checked each turn once the thread is back on its core (a request that comes while it waits for
+#: its turn still waits out the other task's slice)
 CONTENDED_S = 20e-6
 PR_SET_DUMPABLE, PR_GET_DUMPABLE = 4, 3
 log = logging.getLogger("codemoat.engines")
@@ -180,7 +183,7 @@ class _Server:
         self.cancels: dict[int, threading.Event] = {}
         self.stopped = False  # the server said stop (else it went away)
         self.warm_until = 0.0  # monotonic time until which an idle batch loop polls without sleeping ("warm")
-        self.warm_polls = 0  # the polls it made so
+        self.warm_polls = 0  # the polls it made so far (for tests; only the loop thread writes it)
         self._lock = threading.Lock()
         self._out: list[Any] = []  # a batching engine's messages of the current step
         self.batched = bool(getattr(engine, "batches", False))
@@ -302,7 +305,8 @@ class _Server:
         """Read the server's messages on the engine's batch loop (`LlamaCppEngine.read_on_loop`) until it says
         stop or the socket ends: a request then starts on the thread that decodes it, not one hand-off later. The
         loop reads between its steps and, idle, waits in `poll` on the socket and on its job queue's eventfd
-        (jobs put by other threads: logits); for a moment after a "warm", it polls them without sleeping (`_wait`). This thread waits meanwhile, and ends the serving itself if the
+        (jobs put by other threads: logits); for a moment after a "warm", it polls them without sleeping
+        (`_wait`). This thread waits meanwhile, and ends the serving itself if the
         server's end goes away or the loop's thread dies, whatever the loop is doing (a step that never ends):
         the process then stops, and its supervisor starts another. False if the engine has no such loop
         (`serve`, on this thread, then)."""
