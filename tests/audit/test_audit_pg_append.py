@@ -6,6 +6,8 @@ connection the server dropped carries on without a lost or doubled record."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import sqlalchemy as sa
 
@@ -152,3 +154,45 @@ def test_an_append_cannot_run_on_the_server_past_the_statement_timeout(pg_url, a
     fill(log, 1)
     shown = log._pg._conn.execute("SHOW statement_timeout").fetchone()[0]
     assert shown == f"{int(STATEMENT_TIMEOUT_S)}s", shown
+
+
+def test_a_statement_lost_while_it_waits_on_the_tip_cannot_commit_beside_its_retry(pg_cluster, pg_url, audit_home):
+    """The network is cut after the INSERT went out, while it waits on the chain's tip (another writer holds it): the
+    server does not notice, and the statement would commit once the tip is free. The writer's read-back finds
+    nothing yet and retries: before, both committed (the record twice). The lost connection's server process is
+    now ended before the read-back (`pgappend._stop`), so only the retry writes it."""
+    import threading
+
+    import psycopg
+
+    from .test_audit_sign_after_commit import CuttingProxy
+
+    proxy = CuttingProxy(pg_cluster.port)
+    proxy.after_send, proxy.keep_listening = True, True
+    log = open_log(pg_url.replace(f":{pg_cluster.port}/", f":{proxy.port}/"), audit_home)
+    try:
+        fill(log, 2)
+        blocker = psycopg.connect(pg_url.replace("postgresql+psycopg://", "postgresql://"), autocommit=False)
+        blocker.execute("SELECT * FROM audit_tip FOR UPDATE")  # another writer's turn on the tip
+        proxy.armed = True
+        got: list = []
+        t = threading.Thread(target=lambda: got.append(fill(log, 1, 2)), daemon=True)
+        t.start()
+        assert proxy.cut_done.wait(10)
+        end = time.time() + 10
+        while time.time() < end:  # the retry waits on the tip too (or the lost statement would, unended)
+            with log.engine.connect() as c:
+                waiting = c.execute(sa.text("select count(*) from pg_stat_activity where wait_event_type = 'Lock'")).scalar()
+            if waiting:
+                break
+            time.sleep(0.05)
+        time.sleep(0.3)
+        blocker.rollback()
+        blocker.close()
+        t.join(30)
+        assert got == [[3]]
+        time.sleep(0.5)  # a lost statement left running would commit now
+        assert [r["prompt_tokens"] for r in log.records()] == [0, 1, 2]
+        assert log.verify().ok
+    finally:
+        proxy.close()

@@ -209,6 +209,8 @@ class CuttingProxy:
         self.port = free_port()
         self.armed = False
         self.before_commit = False  # cut when the statement is sent instead, so that nothing commits
+        self.after_send = False  # cut once the statement went out, without waiting for its answer
+        self.keep_listening = False  # a cut closes the connections only: new ones are taken at once
         self.cut_done = threading.Event()
         self._lock = threading.Lock()
         self._socks: set[socket.socket] = set()
@@ -256,6 +258,13 @@ class CuttingProxy:
                     if self.before_commit:  # the statement never reaches the server
                         self.cut()
                         return
+                    if self.after_send:  # it reaches the server, whose answer never comes back
+                        try:
+                            dst.sendall(data)
+                        except OSError:
+                            pass
+                        self.cut()
+                        return
                     state["insert"] = True
             elif state["insert"] and self.armed:
                 self.cut()  # the commit's answer: never delivered
@@ -273,7 +282,7 @@ class CuttingProxy:
     def cut(self) -> None:
         with self._lock:
             self.armed = False
-            listener, self._listener = self._listener, None
+            listener, self._listener = (None, self._listener) if self.keep_listening else (self._listener, None)
             socks, self._socks = list(self._socks), set()
         if listener is not None:  # shut down first: close() alone leaves a thread's pending accept() listening
             try:
@@ -290,7 +299,7 @@ class CuttingProxy:
         self.cut_done.set()
 
     def close(self) -> None:
-        self.armed = False
+        self.armed, self.keep_listening = False, False
         self.cut()
 
 

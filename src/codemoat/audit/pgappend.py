@@ -13,7 +13,9 @@ server. Signing is separate and batched (`audit.heads`).
 
 A connection that fails (a server restart since the last append) is replaced; whether the lost
 flush committed is then read back (records with the same time and body hash), so a retry neither
-loses nor doubles a record.
+loses nor doubles a record. The lost connection's server process is stopped first (`_stop`): a cut network
+does not stop a statement waiting on the tip's lock, which would commit after the read-back found nothing,
+beside the retry (the record twice).
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ class PgAppender:
                 conn.execute(f"SET statement_timeout = {int(STATEMENT_TIMEOUT_S * 1000)}")
                 self._raw, self._conn = raw, conn
             conn = self._conn
+            pid = conn.info.backend_pid
             try:
                 # One statement, one implicit transaction, one round trip: the rows commit together.
                 got = conn.execute(sql, params).fetchall()
@@ -80,15 +83,18 @@ class PgAppender:
                 raise Tampered() from None
             except psycopg.OperationalError:
                 self._discard()
-                if self._committed(rows, bodies):
+                if self._committed(rows, bodies, pid):
                     return
                 if attempt == 1:
                     raise
         raise AssertionError("unreachable")
 
-    def _committed(self, rows: list[dict[str, Any]], bodies: list[str]) -> bool:
-        """Whether a flush lost with its connection had committed (then each row gets its seq)."""
+    def _committed(self, rows: list[dict[str, Any]], bodies: list[str], lost: int | None = None) -> bool:
+        """Whether a flush lost with its connection (server process `lost`) had committed (then each row gets its
+        seq). That process is stopped before the records are read back (`_stop`)."""
         with self.engine.connect() as c:  # raises when the server is still away: the caller's AuditUnavailable
+            if lost:
+                _stop(c, lost)
             found = c.execute(sa.select(records).where(records.c.ts_us.in_({r["ts_us"] for r in rows}))).all()
         taken: set[int] = set()
         for r, b in zip(rows, bodies):
@@ -98,6 +104,28 @@ class PgAppender:
             taken.add(match.seq)
             r.update(seq=match.seq, prev_hash=match.prev_hash, hash=match.hash)
         return True
+
+
+#: seconds the server is given to end a lost connection's process before the append counts as failed
+STOP_WAIT_S = 5.0
+
+
+def _stop(c: sa.Connection, pid: int) -> None:
+    """End server process `pid` (a connection of ours that was lost) if it still runs, and wait until it has: a
+    statement it still runs (waiting on the tip's lock) could otherwise commit after the read-back. Raises (the
+    append fails: AuditUnavailable) if it outlives `STOP_WAIT_S`."""
+    import psycopg
+
+    # only while it still runs an append: an idle process has finished the statement (the read-back is final), and
+    # behind a pooler the process may serve another client by now
+    running = sa.text(
+        "SELECT 1 FROM pg_stat_activity WHERE pid = :p AND state <> 'idle' AND query LIKE 'INSERT INTO audit_records%'"
+    )
+    if c.execute(running, {"p": pid}).first() is None:
+        return
+    ended = c.execute(sa.text("SELECT pg_terminate_backend(:p, :ms)"), {"p": pid, "ms": int(STOP_WAIT_S * 1000)}).scalar()
+    if not ended and c.execute(running, {"p": pid}).first() is not None:
+        raise psycopg.OperationalError(f"the lost audit connection's server process {pid} did not end")
 
 
 def _match(rows: list[dict[str, Any]], bodies: list[str], got: list[Any]) -> None:
