@@ -6,7 +6,6 @@ connection the server dropped carries on without a lost or doubled record."""
 
 from __future__ import annotations
 
-import time
 
 import pytest
 import sqlalchemy as sa
@@ -156,6 +155,17 @@ def test_an_append_cannot_run_on_the_server_past_the_statement_timeout(pg_url, a
     assert shown == f"{int(STATEMENT_TIMEOUT_S)}s", shown
 
 
+def _waiting_on_a_lock(engine, other_than: int) -> bool:
+    with engine.connect() as c:
+        q = "select count(*) from pg_stat_activity where wait_event_type = 'Lock' and pid <> :p and datname = current_database()"
+        return bool(c.execute(sa.text(q), {"p": other_than}).scalar())
+
+
+def _gone(engine, pid: int) -> bool:
+    with engine.connect() as c:
+        return c.execute(sa.text("select count(*) from pg_stat_activity where pid = :p"), {"p": pid}).scalar() == 0
+
+
 def test_a_statement_lost_while_it_waits_on_the_tip_cannot_commit_beside_its_retry(pg_cluster, pg_url, audit_home):
     """The network is cut after the INSERT went out, while it waits on the chain's tip (another writer holds it): the
     server does not notice, and the statement would commit once the tip is free. The writer's read-back finds
@@ -165,6 +175,8 @@ def test_a_statement_lost_while_it_waits_on_the_tip_cannot_commit_beside_its_ret
 
     import psycopg
 
+    from waiting import wait_for
+
     from .test_audit_sign_after_commit import CuttingProxy
 
     proxy = CuttingProxy(pg_cluster.port)
@@ -172,27 +184,68 @@ def test_a_statement_lost_while_it_waits_on_the_tip_cannot_commit_beside_its_ret
     log = open_log(pg_url.replace(f":{pg_cluster.port}/", f":{proxy.port}/"), audit_home)
     try:
         fill(log, 2)
-        blocker = psycopg.connect(pg_url.replace("postgresql+psycopg://", "postgresql://"), autocommit=False)
-        blocker.execute("SELECT * FROM audit_tip FOR UPDATE")  # another writer's turn on the tip
-        proxy.armed = True
-        got: list = []
-        t = threading.Thread(target=lambda: got.append(fill(log, 1, 2)), daemon=True)
-        t.start()
-        assert proxy.cut_done.wait(10)
-        end = time.time() + 10
-        while time.time() < end:  # the retry waits on the tip too (or the lost statement would, unended)
-            with log.engine.connect() as c:
-                waiting = c.execute(sa.text("select count(*) from pg_stat_activity where wait_event_type = 'Lock'")).scalar()
-            if waiting:
-                break
-            time.sleep(0.05)
-        time.sleep(0.3)
-        blocker.rollback()
-        blocker.close()
+        lost = log._pg._ident[0]
+        with psycopg.connect(pg_url.replace("postgresql+psycopg://", "postgresql://"), autocommit=False) as blocker:
+            blocker.execute("SELECT * FROM audit_tip FOR UPDATE")  # another writer's turn on the tip
+            proxy.armed = True
+            got: list = []
+            t = threading.Thread(target=lambda: got.append(fill(log, 1, 2)), daemon=True)
+            t.start()
+            assert proxy.cut_done.wait(10)
+            # the retry waits on the tip, and the lost statement's process is gone (ended before the read-back)
+            assert wait_for(lambda: _waiting_on_a_lock(log.engine, lost) and _gone(log.engine, lost), 20)
+            blocker.rollback()
         t.join(30)
         assert got == [[3]]
-        time.sleep(0.5)  # a lost statement left running would commit now
         assert [r["prompt_tokens"] for r in log.records()] == [0, 1, 2]
         assert log.verify().ok
     finally:
         proxy.close()
+
+
+def test_a_lost_statement_the_writer_could_not_end_then_is_ended_before_the_next_append(pg_cluster, pg_url, audit_home):
+    """The same cut, and the server unreachable for the read-back too: the append fails (a 503; a stream's record is
+    kept to be written later), and the lost statement still waits on the tip. The writer ends it before it appends
+    or looks up anything else (`PgAppender.stop_lost`): a kept record written later cannot sit beside it."""
+    import threading
+
+    import psycopg
+
+    from codemoat.audit.log import AuditUnavailable
+    from waiting import wait_for
+
+    from .test_audit_sign_after_commit import CuttingProxy
+
+    proxy = CuttingProxy(pg_cluster.port)
+    proxy.after_send = True  # and stops listening: the read-back cannot connect
+    log = open_log(pg_url.replace(f":{pg_cluster.port}/", f":{proxy.port}/"), audit_home)
+    direct = sa.create_engine(pg_url)  # the test's own view of the server, not through the proxy
+    try:
+        fill(log, 2)
+        lost = log._pg._ident[0]
+        with psycopg.connect(pg_url.replace("postgresql+psycopg://", "postgresql://"), autocommit=False) as blocker:
+            blocker.execute("SELECT * FROM audit_tip FOR UPDATE")
+            proxy.armed = True
+            failed: list = []
+
+            def first() -> None:
+                try:
+                    fill(log, 1, 2)
+                except AuditUnavailable as e:
+                    failed.append(e)
+
+            t = threading.Thread(target=first, daemon=True)
+            t.start()
+            t.join(30)
+            assert failed and not _gone(direct, lost), "the lost statement should still wait on the tip"
+            proxy.resume()
+            assert wait_for(lambda: log.check_writable(max_age=0), 20)
+            assert log.written_as(0, "0" * 64) is None  # a look-up ends the lost statement first
+            assert _gone(direct, lost)
+            blocker.rollback()
+        assert fill(log, 1, 3) == [3]
+        assert [r["prompt_tokens"] for r in log.records()] == [0, 1, 3]  # the refused one is not in the chain
+        assert log.verify().ok
+    finally:
+        proxy.close()
+        direct.dispose()

@@ -211,6 +211,11 @@ class AuditLog(HeadSigning, LogReading):
         """The seq of the record of time `ts_us` and body hash `body` in the chain, or None (None on SQLite)."""
         if self._pg is None:
             return None
+        with self._lock:  # a lost append still running on the server is ended first (`PgAppender.stop_lost`)
+            try:
+                self._pg.stop_lost()
+            except psycopg_error() as e:
+                raise AuditUnavailable(first_line(e)) from None
         with self.engine.connect() as c:  # ts_us is indexed (ix_audit_records_ts)
             found = c.execute(sa.select(records).where(records.c.ts_us == ts_us)).all()
         return next((r.seq for r in found if body_hash(r._asdict()) == body), None)

@@ -11,15 +11,17 @@ statement, one transaction, one network round trip, and reads back each record's
 (checked by recomputing the link). The tip's lock is held from the INSERT to its commit inside the
 server. Signing is separate and batched (`audit.heads`).
 
-A connection that fails (a server restart since the last append) is replaced; whether the lost
+A connection that fails (a server restart since the last append, a cut network) is replaced; whether the lost
 flush committed is then read back (records with the same time and body hash), so a retry neither
-loses nor doubles a record. The lost connection's server process is stopped first (`_stop`): a cut network
-does not stop a statement waiting on the tip's lock, which would commit after the read-back found nothing,
-beside the retry (the record twice).
+loses nor doubles a record. The lost connection's server process is ended first (`_stop`, known by its pid and
+start time): a cut network does not stop a statement waiting on the tip's lock, which would commit after the
+read-back found nothing, beside the retry (the record twice). Needs PostgreSQL 14 (`pg_terminate_backend` with a
+wait) and a direct connection: behind a pooler (PgBouncer) the pid is the pooler's, and nothing is ended.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import sqlalchemy as sa
@@ -46,6 +48,9 @@ class PgAppender:
         self.engine = engine
         self._raw: Any = None  # a DBAPI connection taken from the pool and detached from it
         self._conn: Any = None  # its psycopg connection
+        self._ident: tuple[int, Any] | None = None  # its server process: (pid, backend_start)
+        # lost connections' processes not ended yet (the server was unreachable then), with when they were lost
+        self._lost: list[tuple[tuple[int, Any], float]] = []
 
     def close(self) -> None:
         if self._conn is not None:
@@ -62,6 +67,7 @@ class PgAppender:
         bodies = [body_hash(r) for r in rows]
         sql = _INSERT + ",".join([_ROW] * len(rows)) + _RETURNING
         params = [v for r, b in zip(rows, bodies) for v in (*(r[c] for c in BODY_FIELDS), b)]
+        self.stop_lost()
         for attempt in (0, 1):
             if self._raw is None:
                 raw = self.engine.raw_connection()  # pre-pinged by the pool
@@ -71,9 +77,9 @@ class PgAppender:
                 # a statement whose connection was lost stops on the server by then at the latest (waiting on the
                 # tip's lock, a synchronous standby): "not in the chain" is final once that has passed (`serve.late`)
                 conn.execute(f"SET statement_timeout = {int(STATEMENT_TIMEOUT_S * 1000)}")
+                self._ident = conn.execute(_IDENT).fetchone()
                 self._raw, self._conn = raw, conn
-            conn = self._conn
-            pid = conn.info.backend_pid
+            conn, ident = self._conn, self._ident
             try:
                 # One statement, one implicit transaction, one round trip: the rows commit together.
                 got = conn.execute(sql, params).fetchall()
@@ -83,17 +89,38 @@ class PgAppender:
                 raise Tampered() from None
             except psycopg.OperationalError:
                 self._discard()
-                if self._committed(rows, bodies, pid):
-                    return
+                try:
+                    if self._committed(rows, bodies, ident):
+                        return
+                except Exception:
+                    if ident is not None:  # ended before anything else is appended or looked up (`stop_lost`)
+                        self._lost.append((ident, time.monotonic()))
+                    raise
                 if attempt == 1:
                     raise
         raise AssertionError("unreachable")
 
-    def _committed(self, rows: list[dict[str, Any]], bodies: list[str], lost: int | None = None) -> bool:
-        """Whether a flush lost with its connection (server process `lost`) had committed (then each row gets its
-        seq). That process is stopped before the records are read back (`_stop`)."""
-        with self.engine.connect() as c:  # raises when the server is still away: the caller's AuditUnavailable
-            if lost:
+    def stop_lost(self) -> None:
+        """End the server processes of lost connections that could not be ended then (the server unreachable), before
+        anything is appended or looked up: a statement one of them still runs could commit after a read-back that
+        found nothing (a kept stream's record, written again: the record twice). Raises while the server is away;
+        forgets a process once `statement_timeout` has ended whatever it ran."""
+        if not self._lost:
+            return
+        now = time.monotonic()
+        self._lost = [(i, t) for i, t in self._lost if now - t < STATEMENT_TIMEOUT_S + STOP_WAIT_S]
+        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
+            while self._lost:
+                _stop(c, self._lost[0][0])
+                self._lost.pop(0)
+
+    def _committed(self, rows: list[dict[str, Any]], bodies: list[str], lost: tuple[int, Any] | None) -> bool:
+        """Whether a flush lost with its connection (server process `lost`: pid, start time) had committed (then each
+        row gets its seq). That process is ended before the records are read back (`_stop`). Each statement in its
+        own transaction: a snapshot taken before the process ended would miss what it committed meanwhile."""
+        # raises when the server is still away: the caller's AuditUnavailable
+        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
+            if lost is not None:
                 _stop(c, lost)
             found = c.execute(sa.select(records).where(records.c.ts_us.in_({r["ts_us"] for r in rows}))).all()
         taken: set[int] = set()
@@ -106,25 +133,24 @@ class PgAppender:
         return True
 
 
+_IDENT = "SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()"
 #: seconds the server is given to end a lost connection's process before the append counts as failed
 STOP_WAIT_S = 5.0
 
 
-def _stop(c: sa.Connection, pid: int) -> None:
-    """End server process `pid` (a connection of ours that was lost) if it still runs, and wait until it has: a
-    statement it still runs (waiting on the tip's lock) could otherwise commit after the read-back. Raises (the
-    append fails: AuditUnavailable) if it outlives `STOP_WAIT_S`."""
+def _stop(c: sa.Connection, ident: tuple[int, Any]) -> None:
+    """End our lost connection's server process (`ident`: pid and start time, so never another session that took
+    its pid) if it still exists, whatever it is doing, and wait until it has: a statement it still runs (waiting
+    on the tip's lock) could otherwise commit after the read-back. Raises (the append fails: AuditUnavailable) if
+    it outlives `STOP_WAIT_S`. `c` is in autocommit: each look at pg_stat_activity is a fresh snapshot."""
     import psycopg
 
-    # only while it still runs an append: an idle process has finished the statement (the read-back is final), and
-    # behind a pooler the process may serve another client by now
-    running = sa.text(
-        "SELECT 1 FROM pg_stat_activity WHERE pid = :p AND state <> 'idle' AND query LIKE 'INSERT INTO audit_records%'"
-    )
-    if c.execute(running, {"p": pid}).first() is None:
+    pid, started = ident
+    ours = sa.text("SELECT 1 FROM pg_stat_activity WHERE pid = :p AND backend_start = :s")
+    if c.execute(ours, {"p": pid, "s": started}).first() is None:
         return
-    ended = c.execute(sa.text("SELECT pg_terminate_backend(:p, :ms)"), {"p": pid, "ms": int(STOP_WAIT_S * 1000)}).scalar()
-    if not ended and c.execute(running, {"p": pid}).first() is not None:
+    c.execute(sa.text("SELECT pg_terminate_backend(:p, :ms)"), {"p": pid, "ms": int(STOP_WAIT_S * 1000)})
+    if c.execute(ours, {"p": pid, "s": started}).first() is not None:
         raise psycopg.OperationalError(f"the lost audit connection's server process {pid} did not end")
 
 
