@@ -62,7 +62,7 @@ def _summary(fields: dict[str, Any]) -> str:
     return (
         f"user {fields.get('user')!r}, {fields.get('route')}, status {fields.get('status')}, "
         f"{fields.get('prompt_tokens') or 0}+{fields.get('completion_tokens') or 0} tokens"
-        + (f", ended {fields['detail']['late']}" if fields["detail"].get("late") else "")
+        + (f", ended {late}" if (late := (fields.get("detail") or {}).get("late")) else "")
     )
 
 
@@ -127,7 +127,7 @@ class LateRecords:
         if self._written_as is None or self._fingerprint is None or fields.get("ts") is None:
             return
         ts_us, body = self._fingerprint("request", fields)
-        d = _Doubt(float(fields["ts"]), ts_us, body, {k: fields.get(k) for k in _FACTS} | {"detail": {}})
+        d = _Doubt(float(fields["ts"]), ts_us, body, {k: fields.get(k) for k in _FACTS})
         with self._lock:
             self._doubts.append(d)
             self._due = 0.0
@@ -194,20 +194,19 @@ class LateRecords:
             if d.looked and d.withheld is None and time.time() < d.ts + FINAL_S:
                 continue
             try:
-                if await self._settle(d):
-                    with self._lock:
-                        if d in self._doubts:
-                            self._doubts.remove(d)
+                settled = await self._settle(d)
             except RecordRefused as e:
                 log.error("a withheld answer's audit record was refused by the database (%s): %s", e, _about(d))
-                with self._lock:
-                    if d in self._doubts:
-                        self._doubts.remove(d)
+                settled = True
             except (AuditUnavailable, DBAPIError):
                 return False  # the next request that finds the log writable tries again
             except Exception:
                 log.exception("could not look up a refused answer's audit record: %s", _about(d))
                 return False
+            if settled:
+                with self._lock:
+                    if d in self._doubts:
+                        self._doubts.remove(d)
         with self._lock:  # the earliest a waiting one is worth looking up again
             self._due = min((d.ts + FINAL_S for d in self._doubts if d.looked and d.withheld is None), default=float("inf"))
             if any(not d.looked or d.withheld is not None for d in self._doubts):
