@@ -807,3 +807,44 @@ def test_warm_goes_only_to_an_idle_engine_process_whose_loop_reads(tiny_gguf):
     finally:
         batched.close()
         single.close()
+
+
+def test_warm_asks_for_the_gap_this_server_measured_from_its_warnings_to_their_requests(tiny_gguf):
+    """`SupervisedEngine.warm` names how long the engine process should poll: nothing (its own `WARM_S`) until three
+    gaps from a warning to its request were measured, then their 75th percentile with a quarter and 50 us to spare,
+    at most `WARM_MAX_S`. A request without a warning, or after a warning too long ago (a refused prompt's), adds no
+    gap."""
+    from codemoat.engines.base import SamplingParams
+    from codemoat.engines.child import WARM_MAX_S
+    from codemoat.engines.llamacpp import LlamaCppEngine
+    from codemoat.engines.supervised import SupervisedEngine
+
+    eng = SupervisedEngine.start(LlamaCppEngine, tiny_gguf, {"model_id": "tiny", "n_ctx": 512, "n_threads": 1, "parallel": 2})
+    sent: list[tuple] = []
+    real = eng._child.send
+    eng._child.send = lambda msg: (sent.append(msg), real(msg))[1]
+    p = SamplingParams(max_tokens=2, temperature=0)
+    try:
+        asyncio.run(eng.complete("x = ", p))  # no warning: no gap
+        assert list(eng._gaps) == []
+        for _ in range(2):
+            eng.warm()
+            asyncio.run(eng.complete("x = ", p))
+        assert len(eng._gaps) == 2 and all(0 < g < 4 * WARM_MAX_S for g in eng._gaps)
+        sent.clear()
+        eng.warm()
+        assert sent == [("warm",)], "a window named before three gaps were measured"
+        eng._warned = time.monotonic() - 1.0  # a warning whose request never came, a second ago
+        asyncio.run(eng.complete("x = ", p))
+        assert len(eng._gaps) == 2, "a request counted the gap from another request's warning"
+        eng._gaps.clear()
+        eng._gaps.extend([0.0002, 0.0004, 0.0001, 0.0003])
+        sent.clear()
+        eng.warm()
+        assert sent == [("warm", pytest.approx(0.0004 * 1.25 + 50e-6))]
+        eng._gaps.extend([0.0035] * 4)
+        sent.clear()
+        eng.warm()
+        assert sent == [("warm", WARM_MAX_S)]
+    finally:
+        eng.close()

@@ -99,12 +99,23 @@ class NativeVocab:
         self._hold()
         try:
             ids = [t for p in parts if p.text for t in self._tokenize(p.text, p.special)]
-            first = self._model.token_bos()
+            first = self._bos() if bos else None
         finally:
             self._leave()
-        if bos and self._add_bos() and first is not None and first >= 0 and ids[:1] != [first]:
+        if first is not None and ids[:1] != [first]:
             ids.insert(0, first)
         return ids
+
+    def _bos(self) -> int | None:
+        """The BOS token a prompt starts with, None if the model adds none; read once (a model's vocabulary and
+        metadata do not change; read on each prompt, they were ~20 us of a cold tokenisation's ~300 on a slow
+        host). Called inside `_hold`."""
+        got = self.__dict__.get("_bos_id", -2)
+        if got == -2:
+            first = self._model.token_bos()
+            got = first if self._add_bos() and first is not None and first >= 0 else None
+            self.__dict__["_bos_id"] = got
+        return got
 
     def piece(self, tok: int, special: bool = False) -> bytes:
         """A token's text, whatever its length (llama-cpp-python's `detokenize` reads each into 32 bytes and
