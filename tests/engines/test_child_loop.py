@@ -279,36 +279,6 @@ def test_a_warm_message_keeps_the_idle_loop_polling_for_a_moment_then_it_sleeps(
     assert _core_after(eng, None, ours, 0.5) < 30_000_000, "the idle loop ran on a core after its warning"
 
 
-def test_a_warning_polls_for_the_time_it_names_and_no_longer_than_warm_max_s(looped, monkeypatch):
-    """("warm", seconds): the server names how long its request will take to come (the gap it measured). The loop
-    polls that long, not `WARM_S`; a warning that names more than `WARM_MAX_S` (here 0.3 s) polls `WARM_MAX_S`."""
-    from codemoat.engines import child
-
-    eng, ours, _, _, _ = looped
-    monkeypatch.setattr(child, "WARM_S", 0.0)  # only the named time can keep it polling
-    monkeypatch.setattr(child, "WARM_MAX_S", 0.3)
-    monkeypatch.setattr(child, "CONTENDED_S", 10.0)  # this test's own thread takes the GIL, and so the core, from it
-    assert _polls_after(eng, frame(("warm", 0.2)), ours, 0.1) > 0, "the loop did not poll for the time the warning named"
-    time.sleep(0.2)
-    assert _polls_after(eng, None, ours, 0.2) == 0, "the loop polled past the time the warning named"
-    assert _polls_after(eng, frame(("warm", 5.0)), ours, 0.1) > 0
-    time.sleep(0.3)
-    assert _polls_after(eng, None, ours, 0.3) == 0, "a warning that named 5 s kept the loop polling past WARM_MAX_S"
-
-
-@pytest.mark.parametrize(
-    ("msg", "window"),
-    [(("warm",), "WARM_S"), (("warm", 0.0005), 0.0005), (("warm", 1), "WARM_MAX_S"), (("warm", -1.0), 0.0),
-     (("warm", "0.5"), "WARM_S"), (("warm", True), "WARM_S"), (("warm", float("nan")), "WARM_S"),
-     (("warm", float("inf")), "WARM_MAX_S"), (("warm", None), "WARM_S")],
-)  # fmt: skip
-def test_the_window_a_warning_asks_for_is_a_number_of_seconds_within_bounds(msg, window):
-    from codemoat.engines import child
-
-    want = getattr(child, window) if isinstance(window, str) else window
-    assert child._window(msg) == want
-
-
 def test_a_request_after_warm_is_answered_as_without_it_and_ends_the_polling(looped, monkeypatch):
     """The announced request starts at once and answers as any other; once it came, the loop does not go on
     polling after it (here `WARM_S` is 5 s: a loop that kept the mark would poll through the check)."""

@@ -8,8 +8,7 @@ the server: the plaintext is never decrypted again, nor written anywhere.
 
 Messages are length-prefixed pickles (`frame`, `Frames`), between two processes of the same program:
     server → engine   ("gen", rid, prompt, params) · ("cancel", rid) · ("logits", rid, prompt) · ("stop",)
-                      · ("warm", seconds): a request is being prepared for an idle engine, expected in about that
-                        long (`WARM_S` if it names none, at most `WARM_MAX_S`)
+                      · ("warm",): a request is being prepared for an idle engine (`WARM_S`)
     engine → server   ("ready", facts) · ("error", message) · ("chunk", rid, (text, token_ids, finish_reason, timings))
                       · ("done", rid, error or None, error class or None) · ("result", rid, value, error or None)
                       · ("slots", 0, {"total", "busy", "waiting"}) when a batching engine's slot use changes
@@ -40,19 +39,17 @@ from typing import Any
 _HEADER = struct.Struct(">I")
 #: seconds an engine process whose server went away waits for its worker to stop before it exits anyway
 GONE_EXIT_S = 2.0
-#: seconds an idle batch loop told ("warm",) that a request is on its way polls its socket without sleeping, when
-#: the message names no time of its own. Waking a thread whose vCPU is idle costs ~0.14 ms on a VM
-#: (`bench/results/serve-isolation.md`); the server sends "warm" when it starts to build an idle engine's prompt,
-#: so that wake-up happens while it tokenises instead of after. Short: on a core shared with another task the
-#: polling is charged to the loop's share of it (EEVDF), so the decode after a request that came late in a long
-#: window was preempted sooner (reviewer, 1 ms: 3.5 ms instead of 1.0 for 1 ms of work); 0.3 ms covered the
-#: bundled model's usual gap (~0.15 ms) on one host and cost nothing there. No `sched_yield`: EEVDF charges a
-#: yielder a whole slice.
+#: seconds an idle batch loop told ("warm",) that a request is on its way polls its socket without sleeping.
+#: Waking a thread whose vCPU is idle costs ~0.14 ms on a VM (`bench/results/serve-isolation.md`); the server
+#: sends "warm" when it starts to build an idle engine's prompt, so that wake-up happens while it tokenises
+#: instead of after. Short: on a core shared with another task the polling is charged to the loop's share of it
+#: (EEVDF), so the decode after a request that came late in a long window was preempted sooner (reviewer, 1 ms:
+#: 3.5 ms instead of 1.0 for 1 ms of work); 0.3 ms covers the bundled model's usual gap (~0.15 ms) and cost
+#: nothing there. No `sched_yield`: EEVDF charges a yielder a whole slice. On a slower host (2026-12-06, session 21)
+#: the server's gap was 0.5-0.6 ms and the window ran out first; a window fitted to the gap it measured (up to 1 ms)
+#: gained nothing measurable in the one-client rows there and cost the 8-client editor mix 1.15-1.54x its p50 (an
+#: A/A of one tree: 1.03): not kept.
 WARM_S = 0.0003
-#: the longest window a warning may ask for: the server asks for the gap it measured between its warnings and its
-#: requests (`SupervisedEngine.warm`), which was 0.5-0.6 ms on a slower host, where 0.3 ms ran out before the
-#: request came (the loop had gone back to sleep, and woke for the request after all)
-WARM_MAX_S = 0.001
 #: seconds, in all, that a warned loop's polling may have spent off its core (another task ran there) before it
 #: sleeps instead: checked each turn once the thread is back on its core (a request that comes while it waits for
 #: its turn still waits out the other task's slice)
@@ -180,15 +177,6 @@ def error_text(exc: BaseException) -> str:
     return f"internal error in the engine ({type(exc).__name__})"
 
 
-def _window(msg: Any) -> float:
-    """How long a ("warm", seconds) message asks the idle loop to poll: `WARM_S` if it names no time (or not a
-    number of seconds), never more than `WARM_MAX_S`."""
-    asked = msg[1] if len(msg) > 1 else None
-    if not isinstance(asked, (int, float)) or isinstance(asked, bool) or not asked == asked:  # NaN
-        return WARM_S
-    return min(max(float(asked), 0.0), WARM_MAX_S)
-
-
 class _Server:
     """Runs each request as a job on the engine's worker thread, whose chunks go straight to the socket
     (no event loop in this process: one thread hop less per token than `stream()` would take)."""
@@ -277,7 +265,7 @@ class _Server:
             self.stopped = True
             return False
         if kind == "warm":
-            self.warm_until = time.monotonic() + _window(msg)
+            self.warm_until = time.monotonic() + WARM_S
             return True
         rid = msg[1]
         if kind == "gen":

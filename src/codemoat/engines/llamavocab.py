@@ -10,6 +10,8 @@ from typing import Any
 
 from .tokcache import MIN_CHARS, SCOPE, TokenCache
 
+_UNREAD = object()  # `_bos` not read yet
+
 
 class NativeVocab:
     """Mixed into `LlamaCppEngine`, which sets `_llm`, `_model`, `_lib`, `_vocab`, `_special_cache`, `_closed`,
@@ -110,8 +112,8 @@ class NativeVocab:
         """The BOS token a prompt starts with, None if the model adds none; read once (a model's vocabulary and
         metadata do not change; read on each prompt, they were ~20 us of a cold tokenisation's ~300 on a slow
         host). Called inside `_hold`."""
-        got = self.__dict__.get("_bos_id", -2)
-        if got == -2:
+        got = self.__dict__.get("_bos_id", _UNREAD)
+        if got is _UNREAD:
             first = self._model.token_bos()
             got = first if self._add_bos() and first is not None and first >= 0 else None
             self.__dict__["_bos_id"] = got

@@ -29,7 +29,6 @@ import asyncio
 import itertools
 import logging
 import threading
-import time
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import Future
@@ -40,7 +39,6 @@ import numpy as np
 
 from ..errors import CodemoatError, Unavailable
 from .base import Chunk, Engine, SamplingParams
-from .child import WARM_MAX_S
 from .inbox import Inbox, Request
 from .memfd import MemfdBuffer
 from .restarts import Restarts
@@ -48,8 +46,6 @@ from .spawn import Child, Died, spawn
 from .watchdog import AnswerWatch, Working
 
 log = logging.getLogger("codemoat.engines")
-#: the warning-to-request gaps `SupervisedEngine.warm` takes its window from (the most recent)
-WARM_GAPS = 16
 
 
 class SupervisedEngine(Restarts, Engine):
@@ -82,8 +78,6 @@ class SupervisedEngine(Restarts, Engine):
         self._recent: deque[float] = deque()
         self._backoff = 0
         self._facts: dict[str, Any] = {}  # the loaded child's n_ctx, n_vocab and health
-        self._warned: float | None = None  # when the last warning went out, until its request did (`warm`)
-        self._gaps: deque[float] = deque(maxlen=WARM_GAPS)  # seconds from warnings to their requests
         self.front = engine_cls.front(self._path, **self.opts)
 
     @classmethod
@@ -219,36 +213,16 @@ class SupervisedEngine(Restarts, Engine):
         return self.front.encode(parts, bos)
 
     def warm(self) -> None:
-        """Tell an idle engine process whose batch loop reads its socket that a request is on its way: its loop
-        polls without sleeping for a moment, so the request does not wait for its vCPU to wake. The moment is
-        the time this server took from its warnings to their requests (`_window`). Not sent while a request
-        is under way (the loop is awake then)."""
+        """Tell an idle engine process whose batch loop reads its socket that a request is on its way
+        (`child.WARM_S`): its loop polls without sleeping for a moment, so the request does not wait for its
+        vCPU to wake. Not sent while a request is under way (the loop is awake then)."""
         child = self._child
         if child is None or self._requests or not child.facts.get("reads_on_loop"):
             return
-        window = self._window()
         try:
-            child.send(("warm",) if window is None else ("warm", window))
+            child.send(("warm",))
         except OSError:
-            return  # gone or hung: the request's own send says so
-        self._warned = time.monotonic()
-
-    def _window(self) -> float | None:
-        """How long the engine process should poll after a warning: the 75th percentile of the last
-        `WARM_GAPS` gaps from a warning to its request, with a quarter and 50 us to spare, at most
-        `child.WARM_MAX_S`; None (the process's own `WARM_S`) until three were measured. The gap is this
-        server's prompt building, which depends on the host: 0.15 ms on one, 0.5-0.6 ms on a slower one."""
-        gaps = sorted(self._gaps)
-        if len(gaps) < 3:
-            return None
-        return min(gaps[(3 * len(gaps)) // 4] * 1.25 + 50e-6, WARM_MAX_S)
-
-    def _warned_gap(self) -> None:
-        """A request goes out: the time since the warning before it, if it had one (a gap longer than any
-        window is another request's, whose warning had no request: a refused prompt)."""
-        warned, self._warned = self._warned, None
-        if warned is not None and (gap := time.monotonic() - warned) < 4 * WARM_MAX_S:
-            self._gaps.append(gap)
+            pass  # gone or hung: the request's own send says so
 
     async def stream(self, prompt: str | list[int], params: SamplingParams) -> AsyncIterator[Chunk]:
         self.check_prompt(prompt, params.max_tokens)
@@ -257,7 +231,6 @@ class SupervisedEngine(Restarts, Engine):
         finished = False
         try:
             child.inbox.attach(req.loop)  # type: ignore[union-attr,arg-type]  # this loop reads the answer itself
-            self._warned_gap()
             try:
                 child.send(("gen", rid, prompt, params))
             except OSError:
