@@ -209,3 +209,43 @@ def test_a_status_filter_of_non_ascii_digits_is_a_one_line_refusal(setup):
     page = c.get("/admin/audit", params={"status": "404"}).text
     assert "alice" in page and "bob" not in page
     assert [line for line in c.get("/admin/audit/export", params={"status": "404"}).text.splitlines() if '"bob"' in line] == []
+
+
+def test_a_record_whose_answer_was_withheld_says_so_and_nothing_else_can_mark_one(setup):
+    """A request record whose answer was replaced by a 503 (its commit was not confirmed, it committed all the same:
+    `serve.late`) still says 200 with its tokens: the audit page marks it beside that status, with the `withheld`
+    record that names it, and lists the correction under the alerts. Only a `withheld` record written after the one
+    it names marks it, and only a request record: a detail naming a record as text, as `true`, a later record, an
+    update record or markup marks nothing and renders as text."""
+    import re
+
+    c, _, _, admin, _ = setup
+    log = c.app.state.trust.log
+    served = log.append("request", user="alice", route="/v1/completions", status=200, prompt_tokens=5, completion_tokens=7)
+    other = log.append("request", user="bob", route="/v1/completions", status=200)
+    update = log.append("update", user="admin", route="update apply", detail={"step": "switched"})
+    assert signed_in(c, admin).status_code == 303
+
+    def marks() -> dict[str, str]:
+        html = c.get("/admin/audit").text
+        return {
+            m.group(1): m.group(2) for m in re.finditer(r"<tr><td>(\d+)</td>(.*?)</tr>", html, re.S) if "withheld:" in m.group(2)
+        }
+
+    assert marks() == {}, "a record was marked withheld before any withheld record"
+    tip = log.append("update", user="admin", route="update list")
+    log.append("withheld", user="alice", route="/v1/completions", status=503, detail={"record": tip + 2})
+    later = log.append("request", user="carol", route="/v1/completions", status=200)  # the record it named ahead
+    assert later == tip + 2
+    for bad in ({"record": str(served)}, {"record": True}, {"record": update}, {"record": XSS}, {"why": XSS}):
+        log.append("withheld", user="alice", route="/v1/completions", status=503, detail=bad)
+    assert marks() == {}, "a withheld record that names no earlier request record marked one"
+    fixed = log.append("withheld", user="alice", route="/v1/completions", status=503, detail={"record": served, "status": 200})
+    got = marks()
+    assert list(got) == [str(served)], got
+    assert f"withheld: the client got a 503 (record {fixed})" in got[str(served)]
+    html = c.get("/admin/audit").text
+    assert XSS not in html
+    listed = re.search(r'<ul id="withheld">(.*?)</ul>', html, re.S).group(1)
+    assert f"record {served} (status 200)" in listed, listed
+    assert str(other) not in got and log.verify().ok

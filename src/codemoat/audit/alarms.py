@@ -253,7 +253,7 @@ class Alarms:
 
         from .log import records
 
-        from .quota import withheld_named
+        from .reading import withheld_named
 
         now = time.time() if now is None else now
         since = int((now - days * 86400) * 1_000_000)

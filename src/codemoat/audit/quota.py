@@ -18,7 +18,6 @@ import threading
 import time
 from collections import deque
 from datetime import datetime, UTC
-from typing import Any
 
 from ..errors import RateLimited
 
@@ -135,6 +134,7 @@ class Quotas:
         import sqlalchemy as sa
 
         from .log import records
+        from .reading import withheld_named
 
         midnight = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
         since = int(midnight * 1_000_000)
@@ -148,26 +148,3 @@ class Quotas:
             )
             for user, token_id, n in c.execute(q):
                 self.add_tokens(user, token_id or "", int(n or 0), now=max(midnight, time.time()))
-
-
-def withheld_named(conn: Any, since_us: int) -> set[int]:
-    """The seqs of request records that a `withheld` record written since `since_us` names: answers whose client got
-    a 503 although their record is in the chain (`serve.late`). Readers that count answers leave them out."""
-    import sqlalchemy as sa
-
-    from .log import records
-
-    q = sa.select(records.c.detail).where(records.c.ts_us >= since_us, records.c.kind == "withheld")
-    return {n for (d,) in conn.execute(q) if (n := _named(d)) is not None}
-
-
-def _named(detail: Any) -> int | None:
-    """The seq a `withheld` record's detail names (None if it names none)."""
-    import json
-
-    try:
-        d = json.loads(detail) if isinstance(detail, str) else detail
-        seq = d.get("record") if isinstance(d, dict) else None
-        return seq if isinstance(seq, int) and not isinstance(seq, bool) else None
-    except ValueError:
-        return None

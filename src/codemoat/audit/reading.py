@@ -126,3 +126,39 @@ def csv_cell(v: Any) -> Any:
     if isinstance(v, (list, dict)):
         v = json.dumps(v)
     return "'" + v if isinstance(v, str) and v[:1] in ("=", "+", "-", "@", "\t", "\r") else v
+
+
+def withheld_named(conn: Any, since_us: int) -> set[int]:
+    """The seqs of request records that a `withheld` record written since `since_us` names: answers whose client got
+    a 503 although their record is in the chain (`serve.late`). Readers that count answers leave them out."""
+    q = sa.select(records.c.detail).where(records.c.ts_us >= since_us, records.c.kind == "withheld")
+    return {n for (d,) in conn.execute(q) if (n := _named(d)) is not None}
+
+
+def withheld_by(conn: Any, seqs: set[int], limit: int = 10_000) -> dict[int, int]:
+    """Of the records `seqs`, those a later `withheld` record names, with that record's seq (the first one, if the
+    chain holds more): their answers were replaced by a 503 although the record is in the chain (`serve.late`). At
+    most `limit` withheld records are read (a correction is rare: one per unconfirmed PostgreSQL commit)."""
+    if not seqs:
+        return {}
+    q = (
+        sa.select(records.c.seq, records.c.detail)
+        .where(records.c.kind == "withheld", records.c.seq > min(seqs))
+        .order_by(records.c.seq)
+        .limit(limit)
+    )
+    out: dict[int, int] = {}
+    for seq, d in conn.execute(q):
+        if (n := _named(d)) in seqs and n < seq:
+            out.setdefault(n, seq)
+    return out
+
+
+def _named(detail: Any) -> int | None:
+    """The seq a `withheld` record's detail names (None if it names none)."""
+    try:
+        d = json.loads(detail) if isinstance(detail, str) else detail
+        seq = d.get("record") if isinstance(d, dict) else None
+        return seq if isinstance(seq, int) and not isinstance(seq, bool) else None
+    except ValueError:
+        return None

@@ -1,5 +1,6 @@
-"""The audit page's reads: filtered records (newest first, one page), and the alerts worth a look:
-distillation alarms, quota refusals (429) and requests refused for a secret. SQL does the filtering."""
+"""The audit page's reads: filtered records (newest first, one page; a record whose answer was withheld says so), and
+the alerts worth a look: distillation alarms, quota refusals (429), requests refused for a secret and answers withheld
+although their record is in the chain. SQL does the filtering."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from sqlalchemy import Engine
 
 from ..audit.chain import records
 from ..audit.log import parse_since, to_public
+from ..audit.reading import withheld_by
 from ..errors import CodemoatError
 
 PAGE = 100
@@ -53,13 +55,20 @@ class Filters:
 
 
 def page(engine: Engine, f: Filters, before: int | None = None, limit: int = PAGE) -> list[dict[str, Any]]:
-    """One page of records matching `f`, newest first, older than `before` (a seq) when given."""
+    """One page of records matching `f`, newest first, older than `before` (a seq) when given. A request record that
+    a later `withheld` record names carries that record's seq as `withheld_by`: its answer's client got a 503
+    instead (`serve.late`), which the page says beside the status the record holds."""
     q = sa.select(records).where(*f.where())
     if before is not None:
         q = q.where(records.c.seq < before)
     q = q.order_by(records.c.seq.desc()).limit(limit)
     with engine.connect() as c:
-        return [to_public(r._asdict()) for r in c.execute(q)]
+        recs = [to_public(r._asdict()) for r in c.execute(q)]
+        marks = withheld_by(c, {r["seq"] for r in recs if r.get("kind") == "request"})
+    for r in recs:
+        if r["seq"] in marks:
+            r["withheld_by"] = marks[r["seq"]]
+    return recs
 
 
 def rows(engine: Engine, f: Filters):
@@ -74,7 +83,8 @@ RECENT = 50_000  # alerts are looked for in the newest records only: the page st
 
 
 def alerts(engine: Engine, limit: int = 20) -> dict[str, list[dict[str, Any]]]:
-    """Distillation alarms, quota refusals and secret refusals among the newest `RECENT` records, newest first."""
+    """Distillation alarms, quota refusals, secret refusals and withheld answers among the newest `RECENT` records,
+    newest first."""
     out = {}
     with engine.connect() as c:
         top = int(c.execute(sa.select(sa.func.max(records.c.seq))).scalar() or 0)
@@ -83,6 +93,7 @@ def alerts(engine: Engine, limit: int = 20) -> dict[str, list[dict[str, Any]]]:
         ("alarms", records.c.kind == "alert"),
         ("quota", sa.and_(records.c.kind == "request", records.c.status == 429)),
         ("secrets", sa.and_(records.c.kind == "request", records.c.status == 400, records.c.detail.like('%"secrets"%'))),
+        ("withheld", records.c.kind == "withheld"),
     ):
         with engine.connect() as c:
             rs = c.execute(sa.select(records).where(recent, cond).order_by(records.c.seq.desc()).limit(limit)).all()
