@@ -247,5 +247,15 @@ def test_a_record_whose_answer_was_withheld_says_so_and_nothing_else_can_mark_on
     html = c.get("/admin/audit").text
     assert XSS not in html
     listed = re.search(r'<ul id="withheld">(.*?)</ul>', html, re.S).group(1)
-    assert f"record {served} (status 200)" in listed, listed
+    assert f"record {served}</li>" in listed and "record ?</li>" in listed, listed  # a detail naming none: "?"
     assert str(other) not in got and log.verify().ok
+    for i in range(150):  # the record now on an older page than its withheld record, and filtered pages
+        log.append("request", user="dave", route="/v1/completions", status=200, completion_tokens=i)
+    mark = f"withheld: the client got a 503 (record {fixed})"
+    for q in (
+        f"before={served + 1}",
+        "user=alice&kind=request",
+        f"user=alice&kind=request&before={served + 1}",
+        "status=200&user=alice",
+    ):
+        assert mark in c.get(f"/admin/audit?{q}").text, q

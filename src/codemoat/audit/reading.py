@@ -154,11 +154,16 @@ def withheld_by(conn: Any, seqs: set[int], limit: int = 10_000) -> dict[int, int
     return out
 
 
+def withheld_record(detail: Any) -> int | None:
+    """The seq a `withheld` record's detail names, None if it names none (`_named`: for the console's alerts list)."""
+    return _named(detail)
+
+
 def _named(detail: Any) -> int | None:
     """The seq a `withheld` record's detail names (None if it names none)."""
     try:
         d = json.loads(detail) if isinstance(detail, str) else detail
         seq = d.get("record") if isinstance(d, dict) else None
         return seq if isinstance(seq, int) and not isinstance(seq, bool) else None
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON; nested deeper than the parser goes
         return None

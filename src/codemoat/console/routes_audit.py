@@ -8,6 +8,7 @@ import time
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
+from ..audit.reading import withheld_record
 from ..errors import CodemoatError
 from . import auditview
 from .web import guarded_post, note, page, refused, run, secure, see_other, session_of, to_signin
@@ -43,6 +44,7 @@ async def audit(request: Request):
         outbound=list(reversed(outbound)),
         alerts=alerts,
         detail_text=auditview.detail_text,
+        withheld_record=withheld_record,
         page_size=auditview.PAGE,
     )
 
