@@ -76,3 +76,86 @@ def test_a_withheld_record_whose_append_was_lost_after_it_committed_is_written_o
     detail = withheld[0]["detail"]
     assert (json.loads(detail) if isinstance(detail, str) else detail)["record"] == seq
     assert log.verify().ok
+
+
+def _store_files(folder) -> list[str]:
+    return sorted(p.name.split(".", 1)[1] for p in folder.iterdir()) if folder.exists() else []
+
+
+def test_a_server_that_dies_with_doubts_leaves_them_to_the_next_and_not_to_one_beside_it(pg_url, audit_home, tmp_path):
+    """A refused answer's doubt is on disk as it is kept (no text). The server dies before it could look it up: the
+    next server takes it over, looks it up, writes the `withheld` record once, and the files go. A server running
+    beside it keeps its own doubts: nobody takes them over while it lives."""
+    import os
+
+    from codemoat.serve.doubtstore import DoubtStore
+
+    folder = tmp_path / "audit-doubts"
+    log = open_log(pg_url, audit_home)
+    fields = _fields()
+    seq = log.append("request", **fields)  # committed; its writer was told it failed (the 503 went out)
+    dead = DoubtStore(folder)
+    _late(log, store=dead, withheld_for=log.withheld_for).doubt(fields)
+    text = dead.path.read_text()
+    assert len(text.splitlines()) == 1 and SECRET not in text and '"user":"alice"' in text
+    beside = _late(log, store=DoubtStore(folder), withheld_for=log.withheld_for)
+    beside.doubt(_fields(5))  # a live server's own doubt (no record of it in the chain)
+    os.close(dead._lock_fd)  # the first server dies: the kernel releases its lock, its files stay
+    nxt = _late(log, store=DoubtStore(folder), withheld_for=log.withheld_for)
+    assert nxt.doubts == 1, "the next server did not take over the dead one's doubt, or took the live one's"
+    assert asyncio.run(nxt.drain()) is True and nxt.doubts == 0
+    withheld = list(log.records(kind="withheld"))
+    assert [json.loads(w["detail"]) if isinstance(w["detail"], str) else w["detail"] for w in withheld][0]["record"] == seq
+    assert len(withheld) == 1
+    assert not dead.path.exists() and not (folder / f"{dead.id}.lock").exists(), "the dead server's files stayed"
+    assert not nxt._store.path.exists(), "the next server's file still lists the settled doubt"
+    assert _store_files(folder) == ["jsonl", "lock", "lock"]  # the live server's two, the next one's lock
+    assert beside.doubts == 1 and beside._store.path.exists()
+    assert _late(log, store=DoubtStore(folder), withheld_for=log.withheld_for).doubts == 0
+    assert log.verify().ok
+
+
+def test_a_doubt_on_disk_whose_record_was_corrected_already_is_not_corrected_again(pg_url, audit_home, tmp_path):
+    """A server corrected a record, then died before its file said so (or two servers took one file over): the next
+    one finds the `withheld` record already there and writes no second one."""
+    import os
+
+    from codemoat.serve.doubtstore import DoubtStore
+
+    folder = tmp_path / "audit-doubts"
+    log = open_log(pg_url, audit_home)
+    fields = _fields()
+    log.append("request", **fields)
+    first = DoubtStore(folder)
+    late = _late(log, store=first, withheld_for=log.withheld_for)
+    late.doubt(fields)
+    line = first.path.read_bytes()
+    assert asyncio.run(late.drain()) is True and len(list(log.records(kind="withheld"))) == 1
+    first.path.write_bytes(line)  # its file as it was before the correction
+    os.close(first._lock_fd)
+    nxt = _late(log, store=DoubtStore(folder), withheld_for=log.withheld_for)
+    assert nxt.doubts == 1
+    assert asyncio.run(nxt.drain()) is True and nxt.doubts == 0
+    assert len(list(log.records(kind="withheld"))) == 1, "the record was corrected twice"
+
+
+def test_a_doubts_file_that_is_not_one_is_skipped_line_by_line_and_a_link_is_refused(pg_url, audit_home, tmp_path, caplog):
+    """A torn or edited line is skipped with an error line, the others are taken over; a doubts file that is a
+    symbolic link (to a file of the attacker's choosing) is not read, nor removed, nor is its target."""
+    from codemoat.serve.doubtstore import DoubtStore, encode
+
+    caplog.set_level(logging.ERROR, logger="codemoat.audit")
+    folder = tmp_path / "audit-doubts"
+    folder.mkdir(mode=0o700)
+    good = {"ts": time.time(), "ts_us": 123, "body": "ab" * 32, "facts": {"user": "alice", "status": 200}}
+    (folder / "1-aa.lock").write_bytes(b"")
+    (folder / "1-aa.jsonl").write_bytes(b'{"ts": "x"}\n[1,2]\n' + b"[" * 100_000 + b"\n" + encode(good) + b'{"ts": 1.0, "ts_')
+    target = tmp_path / "elsewhere.jsonl"
+    target.write_bytes(encode({**good, "ts_us": 456}))
+    (folder / "2-bb.lock").write_bytes(b"")
+    (folder / "2-bb.jsonl").symlink_to(target)
+    log = open_log(pg_url, audit_home)
+    late = _late(log, store=DoubtStore(folder), withheld_for=log.withheld_for)
+    assert [(d.ts_us, d.facts["user"]) for d in late._doubts] == [(123, "alice")]
+    assert caplog.text.count("is not a refused answer to look up: skipped") == 4
+    assert "symbolic link" in caplog.text and target.exists() and (folder / "2-bb.jsonl").is_symlink()

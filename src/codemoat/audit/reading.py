@@ -118,6 +118,11 @@ class LogReading:
         except CodemoatError:
             return None
 
+    def withheld_for(self, seq: int) -> int | None:
+        """The seq of the first `withheld` record that names record `seq`, None if none does (`withheld_by`)."""
+        with self.engine.connect() as c:
+            return withheld_by(c, {seq}).get(seq)
+
 
 def csv_cell(v: Any) -> Any:
     """A record's value as an exported CSV cell (lists and objects as JSON) that no spreadsheet runs as a

@@ -22,7 +22,9 @@ client got a 503 instead (a `withheld` record whose own append is in doubt is lo
 again). Its usage row, quota and metrics are not written for it (its append raised before them). Not found, it is
 looked up once more after `FINAL_S` (a statement whose connection was lost may still commit until the server's
 `statement_timeout`, `audit.pgappend.STATEMENT_TIMEOUT_S`), then dropped: a refusal while the log takes no
-records is counted (`audit_failures`), not recorded.
+records is counted (`audit_failures`), not recorded. The doubts are on disk too (`serve.doubtstore`): a server that
+dies before it could look them up leaves them to the next one, which does not correct a record twice (a `withheld`
+record that names it already: `AuditLog.withheld_for`).
 
 A record the database refuses for its own values (`RecordRefused`) would be refused again: it is not kept
 (an error line says so). At shutdown what is still kept is written if the log takes it, else each one is
@@ -47,6 +49,8 @@ from sqlalchemy.exc import DBAPIError
 from ..audit.log import AuditUnavailable
 from ..audit.pgappend import STATEMENT_TIMEOUT_S
 from ..audit.pending import RecordRefused
+from ..errors import CodemoatError
+from .doubtstore import DoubtStore
 
 log = logging.getLogger("codemoat.audit")
 
@@ -81,6 +85,7 @@ class _Doubt:
     facts: dict[str, Any]  # user, token_id, route, protocol, model, client, status, tokens: a withheld record's and the log's
     looked: bool = False  # looked up once, not found: looked up again after FINAL_S
     withheld: dict[str, Any] | None = None  # the withheld record's fields once its first append was tried
+    settled: bool = False  # looked up and, if its record was found, corrected: gone from the doubts (and their file)
 
 
 _FACTS = ("user", "token_id", "route", "protocol", "model", "client", "status", "prompt_tokens", "completion_tokens")
@@ -98,6 +103,8 @@ class LateRecords:
         written_as: Callable[[int, str], int | None] | None = None,
         fingerprint: Callable[[str, dict[str, Any]], tuple[int, str]] | None = None,
         on_withheld: Callable[[], Any] = lambda: None,
+        store: DoubtStore | None = None,
+        withheld_for: Callable[[int], int | None] | None = None,
     ):
         self._write = write  # AuditLog.append_async
         self._written = written  # AuditLog.written_already: a kept record that is in the chain after all
@@ -111,6 +118,45 @@ class LateRecords:
         self._task: asyncio.Task | None = None
         self.max_kept, self.max_chars = max_kept, max_chars
         self._doubts: deque[_Doubt] = deque()  # refused whole answers whose record may be in the chain (`doubt`)
+        self._withheld_for = withheld_for  # AuditLog.withheld_for: a record corrected already (a doubt adopted twice)
+        self._store = store  # the doubts on disk, for the next server if this one dies first (`serve.doubtstore`)
+        self._io = threading.Lock()  # the doubts and their file change together (a line written twice: two lookups)
+        if store is not None:
+            self._adopt(store)
+
+    def _adopt(self, store: DoubtStore) -> None:
+        """The doubts a server that ended left unsettled: looked up as this one's own."""
+        try:
+            adopted = store.adopt()
+        except Exception:
+            log.exception("could not read the refused answers a server that ended left to look up")
+            return
+        seen = set()
+        for x in adopted:
+            key = (x["ts_us"], x["body"])
+            if key in seen:
+                continue
+            seen.add(key)
+            self._doubts.append(
+                _Doubt(float(x["ts"]), x["ts_us"], x["body"], x["facts"], bool(x.get("looked")), x.get("withheld"))
+            )
+        self._due = 0.0
+
+    def _stored(self, add: _Doubt | None = None) -> None:
+        """Write the doubts to their file: `add` appended, else all of them again (under `_io`)."""
+        if self._store is None:
+            return
+        try:
+            if add is not None:
+                self._store.add(vars(add))
+            else:
+                with self._lock:
+                    now = [vars(d) for d in self._doubts]
+                self._store.write(now)
+        except (OSError, CodemoatError) as e:
+            log.error(
+                "could not write the refused answers to look up to disk (a server that dies now leaves them unknown): %s", e
+            )
 
     def __len__(self) -> int:
         return len(self._kept)
@@ -128,12 +174,18 @@ class LateRecords:
             return
         ts_us, body = self._fingerprint("request", fields)
         d = _Doubt(float(fields["ts"]), ts_us, body, {k: fields.get(k) for k in _FACTS})
-        with self._lock:
-            self._doubts.append(d)
-            self._due = 0.0
-            while len(self._doubts) > self.max_kept:
-                old = self._doubts.popleft()
-                log.error("more than %d refused answers' records to look up: the oldest is not: %s", self.max_kept, _about(old))
+        dropped = False
+        with self._io:
+            with self._lock:
+                self._doubts.append(d)
+                self._due = 0.0
+                while len(self._doubts) > self.max_kept:
+                    old = self._doubts.popleft()
+                    dropped = True
+                    log.error(
+                        "more than %d refused answers' records to look up: the oldest is not: %s", self.max_kept, _about(old)
+                    )
+            self._stored(None if dropped else d)
 
     def keep(self, fields: dict[str, Any], after: Callable[[], Any], why: BaseException, chars: int = 0) -> None:
         """Keep a delivered stream's record that the log did not take (`why`), to be written later; `chars`:
@@ -190,6 +242,15 @@ class LateRecords:
         Whether none is left to look up now (some may wait for `FINAL_S`)."""
         with self._lock:
             todo = list(self._doubts)
+        was = [(d.looked, d.withheld, d.settled) for d in todo]
+        try:
+            return await self._settle_each(todo)
+        finally:  # what changed goes to the file at once (no await here: a cancelled drain still writes it)
+            if self._store is not None and was != [(d.looked, d.withheld, d.settled) for d in todo]:
+                with self._io:
+                    self._stored()
+
+    async def _settle_each(self, todo: list[_Doubt]) -> bool:
         for d in todo:
             if d.looked and d.withheld is None and time.time() < d.ts + FINAL_S:
                 continue
@@ -204,6 +265,7 @@ class LateRecords:
                 log.exception("could not look up a refused answer's audit record: %s", _about(d))
                 return False
             if settled:
+                d.settled = True
                 with self._lock:
                     if d in self._doubts:
                         self._doubts.remove(d)
@@ -224,6 +286,9 @@ class LateRecords:
         if seq is None:  # not committed; final once a statement lost with its connection cannot commit any more
             d.looked = True
             return time.time() >= d.ts + FINAL_S
+        if self._withheld_for is not None and (w := await asyncio.to_thread(self._withheld_for, seq)) is not None:
+            log.warning("a refused answer's audit record (record %d) was corrected already (record %d): %s", seq, w, _about(d))
+            return True  # a doubt on disk whose settling the file missed (its server died between the two)
         log.warning(
             "a refused answer's audit record was in the chain after all (record %d): recording that its client got "
             "a 503 instead: %s",
@@ -277,6 +342,9 @@ class LateRecords:
         for d in doubts:
             log.error(
                 "shutting down without knowing whether a refused answer's audit record is in the chain (if it is, "
-                "its client got a 503 instead): %s",
+                "its client got a 503 instead)%s: %s",
+                "; left on disk for the next server to look up" if self._store is not None else "",
                 _about(d),
             )
+        if self._store is not None:
+            self._store.close()

@@ -44,6 +44,7 @@ from . import admin
 from .auditing import AuditMiddleware
 from .auth import principal_of
 from .failures import FailureTally, Tally
+from .doubtstore import DoubtStore
 from .late import LateRecords
 from .screen import SecretScreen
 from .usage import method_name, usage_of
@@ -98,6 +99,9 @@ class Trust:
             written_as=self.log.written_as,
             fingerprint=self.log.fingerprint,
             on_withheld=lambda: self.metrics.audit_records.labels("withheld").inc(),
+            # PostgreSQL: refused answers' doubts on disk, and those a server that ended left (`serve.doubtstore`)
+            store=DoubtStore(paths.home() / "audit-doubts") if self.log.commits_unconfirmed else None,
+            withheld_for=self.log.withheld_for,
         )
         # Audit I/O gets its own threads, so that it never queues behind other blocking work.
         self.limiter = anyio.CapacityLimiter(4)
