@@ -149,7 +149,14 @@ def test_a_doubts_file_that_is_not_one_is_skipped_line_by_line_and_a_link_is_ref
     folder.mkdir(mode=0o700)
     good = {"ts": time.time(), "ts_us": 123, "body": "ab" * 32, "facts": {"user": "alice", "status": 200}}
     (folder / "1-aa.lock").write_bytes(b"")
-    (folder / "1-aa.jsonl").write_bytes(b'{"ts": "x"}\n[1,2]\n' + b"[" * 100_000 + b"\n" + encode(good) + b'{"ts": 1.0, "ts_')
+    forged = [  # a withheld record's fields go into the chain: only the ones `_settle` makes
+        {**good, "withheld": {"ts": 1.0, "status": 503, "detail": {"record": 1}, "prompt_text": "x"}},
+        {**good, "withheld": {"ts": 1.0, "status": 503, "detail": {"record": "1"}}},
+        {**good, "facts": {"user": {"nested": 1}}},
+    ]
+    (folder / "1-aa.jsonl").write_bytes(
+        b'{"ts": "x"}\n[1,2]\n' + b"[" * 100_000 + b"\n" + b"".join(map(encode, forged)) + encode(good) + b'{"ts": 1.0, "ts_'
+    )
     target = tmp_path / "elsewhere.jsonl"
     target.write_bytes(encode({**good, "ts_us": 456}))
     (folder / "2-bb.lock").write_bytes(b"")
@@ -157,5 +164,76 @@ def test_a_doubts_file_that_is_not_one_is_skipped_line_by_line_and_a_link_is_ref
     log = open_log(pg_url, audit_home)
     late = _late(log, store=DoubtStore(folder), withheld_for=log.withheld_for)
     assert [(d.ts_us, d.facts["user"]) for d in late._doubts] == [(123, "alice")]
-    assert caplog.text.count("is not a refused answer to look up: skipped") == 4
+    assert caplog.text.count("is not a refused answer to look up: skipped") == 7
     assert "symbolic link" in caplog.text and target.exists() and (folder / "2-bb.jsonl").is_symlink()
+
+
+def test_one_doubt_in_two_files_is_adopted_once_the_file_stays_bounded_and_each_chain_has_its_folder(
+    pg_url, audit_home, tmp_path
+):
+    """The same doubt left in two files (a server that took one over, then died) is looked up once; a server refusing
+    answers for a long time rewrites its file now and then (at most `max_kept` more lines than it keeps), and the
+    next takes over the newest `max_kept`; a lock not renamed into place yet (its owner is taking it) is not taken
+    over; two databases in one home have two folders."""
+    import os
+
+    from codemoat.serve.doubtstore import DoubtStore, encode, folder_for
+
+    folder = tmp_path / "audit-doubts"
+    folder.mkdir(mode=0o700)
+    one = {"ts": time.time(), "ts_us": 7, "body": "cd" * 32, "facts": {"user": "bob"}}
+    for name in ("1-aa", "2-bb"):
+        (folder / f"{name}.lock").write_bytes(b"")
+        (folder / f"{name}.jsonl").write_bytes(encode(one))
+    (folder / "3-cc.new").write_bytes(b"")  # taken, not renamed yet
+    (folder / "3-cc.jsonl").write_bytes(encode({**one, "ts_us": 8}))
+    log = open_log(pg_url, audit_home)
+    assert [d.ts_us for d in _late(log, store=DoubtStore(folder))._doubts] == [7]
+    assert (folder / "3-cc.jsonl").exists()
+    store = DoubtStore(tmp_path / "other")
+    busy = _late(log, store=store, max_kept=3)
+    for i in range(20):
+        busy.doubt(_fields(i))
+        assert len(store.path.read_bytes().splitlines()) <= 2 * 3
+    os.close(store._lock_fd)
+    nxt = _late(log, store=DoubtStore(tmp_path / "other"), max_kept=3)
+    assert [d.ts for d in nxt._doubts] == [d.ts for d in busy._doubts]
+    home = tmp_path / "home"
+    assert folder_for(home, "postgresql://a/x") != folder_for(home, "postgresql://a/y") == folder_for(home, "postgresql://a/y")
+
+
+def test_a_withheld_record_a_dead_server_was_appending_is_waited_for_not_written_again(pg_url, audit_home, tmp_path, monkeypatch):
+    """The withheld record is on disk before its append. The server dies with that append lost on the way, a statement
+    the database may still commit (this server cannot end it): the next server looks it up only once `FINAL_S` has
+    passed since its time, finds it committed meanwhile, and does not write it again."""
+    import os
+
+    from codemoat.serve import late as late_mod
+    from codemoat.serve.doubtstore import DoubtStore
+
+    folder = tmp_path / "audit-doubts"
+    log = open_log(pg_url, audit_home)
+    fields = _fields()
+    seq = log.append("request", **fields)
+    seen: list[str] = []
+    dead = DoubtStore(folder)
+
+    async def lost(kind: str, **kw):
+        seen.append(dead.path.read_text())  # what a server taking over would find at this moment
+        raise AuditUnavailable("the connection was lost with the INSERT on its way")
+
+    late = _late(log, lost, store=dead, withheld_for=log.withheld_for)
+    late.doubt(fields)
+    assert asyncio.run(late.drain()) is False
+    assert seen and '"withheld":{' in seen[0], "the withheld record was appended before it was on disk"
+    w = dict(late._doubts[0].withheld)
+    os.close(dead._lock_fd)  # dies
+    nxt = _late(log, store=DoubtStore(folder), withheld_for=log.withheld_for)
+    assert nxt.doubts == 1 and asyncio.run(nxt.drain()) is True and nxt.doubts == 1
+    assert list(log.records(kind="withheld")) == [], "written while the dead server's statement could still commit"
+    log.append("withheld", **{**w, "ts": w["ts"] + 1e-3})  # that statement commits (or another server's correction)
+    monkeypatch.setattr(late_mod, "FINAL_S", 0.0)
+    assert asyncio.run(nxt.drain()) is True and nxt.doubts == 0
+    withheld = list(log.records(kind="withheld"))
+    detail = withheld[0]["detail"]
+    assert len(withheld) == 1 and (json.loads(detail) if isinstance(detail, str) else detail)["record"] == seq

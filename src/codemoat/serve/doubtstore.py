@@ -1,27 +1,32 @@
 """The refused answers whose record may be in the chain (`serve.late`'s doubts), kept on disk so that a server that
 dies before it could look them up leaves them to the next one.
 
-    $CODEMOAT_HOME/audit-doubts/<id>.jsonl   one process's doubts, a JSON object per line (0600)
-    $CODEMOAT_HOME/audit-doubts/<id>.lock    held (flock) for as long as that process lives
+    $CODEMOAT_HOME/audit-doubts-<db>/<id>.jsonl   one process's doubts, a JSON object per line (0600)
+    $CODEMOAT_HOME/audit-doubts-<db>/<id>.lock    held (flock) for as long as that process lives
 
+`<db>` names the database (as the audit head's file does): a server takes over only doubts about its own chain.
 A doubt holds what finds its record (its time, its body hash) and the facts a `withheld` record names (user, token,
 route, protocol, model, client, status, tokens): no text. A new doubt is one line appended; after a round of
-lookups the file is written again whole (a temporary file renamed over it). Each process writes files of its own
-(several servers may share a home: a blue-green pair, the tests), so no two write one file.
+lookups, and after every `max_kept` lines appended, the file is written again whole (a temporary file, fsynced,
+renamed over it). Each process writes files of its own (several servers may share a home: a blue-green pair, the
+tests), so no two write one file.
 
 A process that starts (`adopt`) takes over the files whose lock nobody holds: their process ended (killed, crashed,
 or stopped while the database was still unreachable) with doubts unsettled. It copies them into its own file, then
 removes the others' files while it still holds their lock, and checks that the file it locked is still the one at
-that name (another process that adopted it first removed it): each doubt is adopted once. A line that is not a
-doubt (a torn last line, an edited file) is skipped with an error line. A file that is a symbolic link, or not a
-regular file, is refused (`paths.open_own`). A machine that loses power may lose the lines not yet on disk (they
-are not fsynced: every refused request would wait for the disk); a process that dies loses none.
+that name (another process that adopted it first removed it): each doubt is adopted once. A lock is created under
+another name and renamed into place once held, so no process finds a lock that its owner has not taken yet. A line
+that is not a doubt (a torn last line, an edited file) is skipped with an error line. A file that is a symbolic
+link, or not a regular file, is refused (`paths.open_own`), and so is a folder that is a link. A machine that loses
+power may lose the lines appended since the last rewrite (they are not fsynced: every refused request would wait
+for the disk); a process that dies loses none.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -37,10 +42,37 @@ log = logging.getLogger("codemoat.audit")
 #: bytes of one file read at most when adopting it (a doubt's line is ~300 bytes; `late.MAX_KEPT` of them fit)
 MAX_FILE = 16 << 20
 _KEYS = ("ts", "ts_us", "body", "facts", "looked", "withheld")
+_FACT_KEYS = {"user", "token_id", "route", "protocol", "model", "client", "status", "prompt_tokens", "completion_tokens"}
+_WITHHELD_KEYS = {"user", "token_id", "route", "protocol", "model", "client", "ts", "status", "detail"}
+
+
+def folder_for(home: Path, db_url: str) -> Path:
+    """The doubts folder of the chain in database `db_url` (`audit.chain.head_file_for`'s naming)."""
+    return home / f"audit-doubts-{hashlib.sha256(db_url.encode()).hexdigest()[:12]}"
 
 
 def encode(d: dict[str, Any]) -> bytes:
     return (json.dumps({k: d.get(k) for k in _KEYS}, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+
+
+def _plain(v: Any) -> bool:
+    return v is None or isinstance(v, (str, int, float)) and not isinstance(v, bool)
+
+
+def _withheld_ok(w: Any) -> bool:
+    """A `withheld` record's fields as `late.LateRecords._settle` makes them, and nothing else (they go into the chain)."""
+    if w is None:
+        return True
+    if not isinstance(w, dict) or set(w) - _WITHHELD_KEYS or not isinstance(w.get("ts"), (int, float)):
+        return False
+    detail = w.get("detail")
+    return (
+        all(_plain(w.get(k)) for k in _WITHHELD_KEYS - {"detail"})
+        and isinstance(detail, dict)
+        and set(detail) <= {"record", "status", "why"}
+        and isinstance(detail.get("record"), int)
+        and all(_plain(v) for v in detail.values())
+    )
 
 
 def decode(line: bytes) -> dict[str, Any] | None:
@@ -55,10 +87,18 @@ def decode(line: bytes) -> dict[str, Any] | None:
         and isinstance(d.get("ts_us"), int)
         and isinstance(d.get("body"), str)
         and isinstance(d.get("facts"), dict)
-        and isinstance(d.get("withheld"), (dict, type(None)))
+        and not set(d["facts"]) - _FACT_KEYS
+        and all(_plain(v) for v in d["facts"].values())
+        and _withheld_ok(d.get("withheld"))
     ):
         return None
     return {k: d.get(k) for k in _KEYS}
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 class DoubtStore:
@@ -68,28 +108,46 @@ class DoubtStore:
         self.folder = folder
         self.id = f"{os.getpid()}-{secrets.token_hex(4)}"
         self.path = folder / f"{self.id}.jsonl"
+        self.appended = 0  # lines appended since the file was last written whole
         self._lock_fd: int | None = None
 
+    def _folder(self) -> None:
+        if self.folder.is_symlink():
+            raise CodemoatError(f"{self.folder} is a symbolic link, not the audit doubts folder")
+        self.folder.mkdir(mode=paths.PRIVATE_DIR, exist_ok=True)
+        paths.make_private(self.folder, "the audit doubts folder")
+
     def _own(self) -> None:
-        """Create this process's lock (held until it ends) and data file, once."""
+        """Create this process's lock (held until it ends), once: taken under another name, then renamed into place
+        (a lock found under its name is always held by a live owner or by nobody)."""
         if self._lock_fd is not None:
             return
-        self.folder.mkdir(mode=paths.PRIVATE_DIR, exist_ok=True)
-        fd = paths.open_own(self.folder / f"{self.id}.lock", "audit doubts lock")
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new name: nobody else holds it
+        self._folder()
+        new = self.folder / f"{self.id}.new"
+        fd = paths.open_own(new, "audit doubts lock")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new name: nobody else holds it
+            os.rename(new, self.folder / f"{self.id}.lock")
+        except BaseException:
+            os.close(fd)
+            raise
         self._lock_fd = fd
 
-    def add(self, d: dict[str, Any]) -> None:
-        """Append one doubt (an OSError or `CodemoatError` passes: the caller logs it, the doubt stays in memory)."""
+    def add(self, doubts: list[dict[str, Any]]) -> None:
+        """Append doubts (an OSError or `CodemoatError` passes: the caller logs it, the doubts stay in memory)."""
+        if not doubts:
+            return
         self._own()
         fd = paths.open_own(self.path, "audit doubts file", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
         try:
-            os.write(fd, encode(d))
+            _write_all(fd, b"".join(encode(d) for d in doubts))
         finally:
             os.close(fd)
+        self.appended += len(doubts)
 
     def write(self, doubts: list[dict[str, Any]]) -> None:
         """This process's doubts, all of them, in place of what its file held (none: the file goes)."""
+        self.appended = 0
         if self._lock_fd is None and not doubts:
             return
         self._own()
@@ -100,14 +158,24 @@ class DoubtStore:
         tmp = self.folder / f"{self.id}.tmp"
         fd = paths.open_own(tmp, "audit doubts file", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         try:
-            os.write(fd, b"".join(encode(d) for d in doubts))
-        finally:
+            _write_all(fd, b"".join(encode(d) for d in doubts))
+            os.fsync(fd)
+        except BaseException:
             os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        os.close(fd)
         os.replace(tmp, self.path)
 
     def adopt(self) -> list[dict[str, Any]]:
         """The doubts of the processes that ended with some unsettled, now this process's (see the module docstring)."""
-        if not self.folder.is_dir():
+        if not self.folder.exists() and not self.folder.is_symlink():
+            return []
+        try:
+            self._folder()
+        except (OSError, CodemoatError) as e:
+            log.error("could not read the refused answers other servers left to look up: %s", e)
             return []
         got: list[dict[str, Any]] = []
         for lock in sorted(self.folder.glob("*.lock")):
@@ -115,13 +183,18 @@ class DoubtStore:
             if other == self.id:
                 continue
             try:
-                got += self._adopt_one(lock, self.folder / f"{other}.jsonl")
+                got += self._adopt_one(lock, other)
             except (OSError, CodemoatError) as e:
                 log.error("could not take over another server's refused answers to look up (%s): %s", lock, e)
         return got
 
-    def _adopt_one(self, lock: Path, data: Path) -> list[dict[str, Any]]:
-        fd = paths.open_own(lock, "audit doubts lock", os.O_RDWR)
+    def _adopt_one(self, lock: Path, other: str) -> list[dict[str, Any]]:
+        try:
+            fd = paths.open_own(lock, "audit doubts lock", os.O_RDWR)
+        except CodemoatError:
+            if not lock.exists() and not lock.is_symlink():
+                return []  # taken over meanwhile by another server
+            raise
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -132,6 +205,7 @@ class DoubtStore:
                     return []  # another process adopted it first and removed it
             except FileNotFoundError:
                 return []
+            data = self.folder / f"{other}.jsonl"
             try:
                 raw = paths.read_own(data, "audit doubts file", MAX_FILE)
             except FileNotFoundError:
@@ -142,10 +216,10 @@ class DoubtStore:
                     log.error("%s line %d is not a refused answer to look up: skipped", data, i)
                 else:
                     doubts.append(d)
-            for d in doubts:
-                self.add(d)  # in this process's file before the other's goes
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(data)
+            self.add(doubts)  # in this process's file before the other's goes
+            for leftover in (data, self.folder / f"{other}.tmp"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(leftover)
             os.unlink(lock)
             if doubts:
                 log.warning(
@@ -155,18 +229,5 @@ class DoubtStore:
                     lock.name,
                 )
             return doubts
-        finally:
-            os.close(fd)
-
-    def close(self) -> None:
-        """Release this process's lock: its file stays for the next process to adopt if it holds doubts, else both go."""
-        fd, self._lock_fd = self._lock_fd, None
-        if fd is None:
-            return
-        try:
-            if not self.path.exists():
-                os.unlink(self.folder / f"{self.id}.lock")
-        except OSError:
-            pass
         finally:
             os.close(fd)

@@ -86,6 +86,14 @@ class _Doubt:
     looked: bool = False  # looked up once, not found: looked up again after FINAL_S
     withheld: dict[str, Any] | None = None  # the withheld record's fields once its first append was tried
     settled: bool = False  # looked up and, if its record was found, corrected: gone from the doubts (and their file)
+    adopted: bool = False  # left on disk by a server that ended (`serve.doubtstore`)
+
+    def waits(self, now: float) -> float:
+        """When it is next worth looking up (0: now). A `withheld` record a server that ended was appending may still
+        commit until `FINAL_S` after its time (that server's lost statement cannot be ended from here)."""
+        if self.withheld is not None:
+            return self.withheld["ts"] + FINAL_S if self.adopted and now < self.withheld["ts"] + FINAL_S else 0.0
+        return self.ts + FINAL_S if self.looked and now < self.ts + FINAL_S else 0.0
 
 
 _FACTS = ("user", "token_id", "route", "protocol", "model", "client", "status", "prompt_tokens", "completion_tokens")
@@ -132,13 +140,13 @@ class LateRecords:
             log.exception("could not read the refused answers a server that ended left to look up")
             return
         seen = set()
-        for x in adopted:
+        for x in adopted[-self.max_kept :]:
             key = (x["ts_us"], x["body"])
             if key in seen:
                 continue
             seen.add(key)
             self._doubts.append(
-                _Doubt(float(x["ts"]), x["ts_us"], x["body"], x["facts"], bool(x.get("looked")), x.get("withheld"))
+                _Doubt(float(x["ts"]), x["ts_us"], x["body"], x["facts"], bool(x.get("looked")), x.get("withheld"), adopted=True)
             )
         self._due = 0.0
 
@@ -148,8 +156,8 @@ class LateRecords:
             return
         try:
             if add is not None:
-                self._store.add(vars(add))
-            else:
+                self._store.add([vars(add)])
+            if add is None or self._store.appended >= self.max_kept:  # rewritten now and then: the file stays bounded
                 with self._lock:
                     now = [vars(d) for d in self._doubts]
                 self._store.write(now)
@@ -174,18 +182,16 @@ class LateRecords:
             return
         ts_us, body = self._fingerprint("request", fields)
         d = _Doubt(float(fields["ts"]), ts_us, body, {k: fields.get(k) for k in _FACTS})
-        dropped = False
         with self._io:
             with self._lock:
                 self._doubts.append(d)
                 self._due = 0.0
                 while len(self._doubts) > self.max_kept:
                     old = self._doubts.popleft()
-                    dropped = True
                     log.error(
                         "more than %d refused answers' records to look up: the oldest is not: %s", self.max_kept, _about(old)
                     )
-            self._stored(None if dropped else d)
+            self._stored(d)
 
     def keep(self, fields: dict[str, Any], after: Callable[[], Any], why: BaseException, chars: int = 0) -> None:
         """Keep a delivered stream's record that the log did not take (`why`), to be written later; `chars`:
@@ -252,7 +258,7 @@ class LateRecords:
 
     async def _settle_each(self, todo: list[_Doubt]) -> bool:
         for d in todo:
-            if d.looked and d.withheld is None and time.time() < d.ts + FINAL_S:
+            if d.waits(time.time()):
                 continue
             try:
                 settled = await self._settle(d)
@@ -270,21 +276,27 @@ class LateRecords:
                     if d in self._doubts:
                         self._doubts.remove(d)
         with self._lock:  # the earliest a waiting one is worth looking up again
-            self._due = min((d.ts + FINAL_S for d in self._doubts if d.looked and d.withheld is None), default=float("inf"))
-            if any(not d.looked or d.withheld is not None for d in self._doubts):
-                self._due = 0.0
+            now = time.time()
+            self._due = min((d.waits(now) for d in self._doubts), default=float("inf"))
         return True
 
     async def _settle(self, d: _Doubt) -> bool:
         """Look `d` up, and write its `withheld` record if its record is in the chain; whether it is settled."""
-        if d.withheld is not None:  # its withheld record's append failed: in the chain all the same?
-            if await asyncio.to_thread(self._written, "withheld", d.withheld) is None:  # type: ignore[misc]
+        if d.withheld is not None:  # its withheld record's append failed: in the chain all the same? (or another's?)
+            named = d.withheld["detail"]["record"]
+            if await asyncio.to_thread(self._written, "withheld", d.withheld) is None and (  # type: ignore[misc]
+                self._withheld_for is None or await asyncio.to_thread(self._withheld_for, named) is None
+            ):
                 await self._write("withheld", **d.withheld)
                 self._on_withheld()
             return True
         seq = await asyncio.to_thread(self._written_as, d.ts_us, d.body)  # type: ignore[misc]
         if seq is None:  # not committed; final once a statement lost with its connection cannot commit any more
             d.looked = True
+            if d.adopted and time.time() >= d.ts + FINAL_S:
+                log.info(
+                    "a refused answer's audit record left to look up by a server that ended is not in the chain: %s", _about(d)
+                )
             return time.time() >= d.ts + FINAL_S
         if self._withheld_for is not None and (w := await asyncio.to_thread(self._withheld_for, seq)) is not None:
             log.warning("a refused answer's audit record (record %d) was corrected already (record %d): %s", seq, w, _about(d))
@@ -301,6 +313,9 @@ class LateRecords:
             "status": 503,
             "detail": {"record": seq, "status": f.get("status"), "why": "its record's commit was not confirmed"},
         }
+        if self._store is not None:  # on disk before the append: a server that takes it over looks it up, not writes it
+            with self._io:
+                self._stored()
         await self._write("withheld", **d.withheld)
         self._on_withheld()
         return True
@@ -346,5 +361,3 @@ class LateRecords:
                 "; left on disk for the next server to look up" if self._store is not None else "",
                 _about(d),
             )
-        if self._store is not None:
-            self._store.close()

@@ -44,7 +44,7 @@ from . import admin
 from .auditing import AuditMiddleware
 from .auth import principal_of
 from .failures import FailureTally, Tally
-from .doubtstore import DoubtStore
+from .doubtstore import DoubtStore, folder_for
 from .late import LateRecords
 from .screen import SecretScreen
 from .usage import method_name, usage_of
@@ -100,7 +100,7 @@ class Trust:
             fingerprint=self.log.fingerprint,
             on_withheld=lambda: self.metrics.audit_records.labels("withheld").inc(),
             # PostgreSQL: refused answers' doubts on disk, and those a server that ended left (`serve.doubtstore`)
-            store=DoubtStore(paths.home() / "audit-doubts") if self.log.commits_unconfirmed else None,
+            store=DoubtStore(folder_for(paths.home(), self.db_url)) if self.log.commits_unconfirmed else None,
             withheld_for=self.log.withheld_for,
         )
         # Audit I/O gets its own threads, so that it never queues behind other blocking work.
