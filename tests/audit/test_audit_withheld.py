@@ -20,10 +20,12 @@ import pytest
 import sqlalchemy as sa
 from waiting import wait_for
 
+from codemoat import paths
 from codemoat.accounts import Accounts
 from codemoat.audit.quota import Quotas
 from codemoat.config import Settings
 from codemoat.db import open_db
+from codemoat.serve.doubtstore import folder_for
 
 from .test_audit_sign_after_commit import _detail, behind_proxy
 from .test_audit_trust import client_for, complete
@@ -49,6 +51,8 @@ def test_a_refused_answer_whose_record_committed_gets_a_withheld_record(
         r = complete(c, tokens["alice"], "def mul(a, b):", 5)
         assert r.status_code == 503 and proxy.cut_done.wait(10)  # the answer is withheld: its record is not confirmed
         assert trust.late.doubts == 1 and len(trust.late) == 0
+        store = trust.late._store  # on disk, in this chain's folder, for a server that takes over if this one dies
+        assert store.folder == folder_for(paths.home(), trust.db_url) and len(store.path.read_bytes().splitlines()) == 1
         proxy.resume()
         assert wait_for(lambda: trust.log.check_writable(max_age=0))
         assert complete(c, tokens["bob"]).status_code == 200
@@ -58,6 +62,7 @@ def test_a_refused_answer_whose_record_committed_gets_a_withheld_record(
             time.sleep(2.0)
             assert complete(c, tokens["bob"]).status_code == 200
         assert wait_for(lambda: trust.late.doubts == 0)
+        assert not store.path.exists(), "the settled doubt stayed on disk"
         rows = records(trust.log.engine, kind=None)
         requests = [(x["user"], x["status"]) for x in rows if x["kind"] == "request"]
         withheld = [x for x in rows if x["kind"] == "withheld"]
@@ -102,7 +107,7 @@ def test_a_refused_answer_on_sqlite_is_not_looked_up(audit_home, llm, tmp_path):
             con.execute("DROP TABLE gone")
             con.commit()
             assert complete(c, tokens["alice"]).status_code == 503
-            assert trust.late.doubts == 0
+            assert trust.late.doubts == 0 and trust.late._store is None
             con.execute("DROP TRIGGER refuse")
             con.commit()
             con.close()

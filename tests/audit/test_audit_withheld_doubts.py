@@ -149,22 +149,34 @@ def test_a_doubts_file_that_is_not_one_is_skipped_line_by_line_and_a_link_is_ref
     folder.mkdir(mode=0o700)
     good = {"ts": time.time(), "ts_us": 123, "body": "ab" * 32, "facts": {"user": "alice", "status": 200}}
     (folder / "1-aa.lock").write_bytes(b"")
+    W = {"user": "alice", "token_id": None, "route": None, "protocol": None, "model": None, "client": None, "ts": 1.0}
+    W |= {"status": 503, "detail": {"record": 1, "status": 200, "why": "its record's commit was not confirmed"}}
     forged = [  # a withheld record's fields go into the chain: only the ones `_settle` makes
         {**good, "withheld": {"ts": 1.0, "status": 503, "detail": {"record": 1}, "prompt_text": "x"}},
         {**good, "withheld": {"ts": 1.0, "status": 503, "detail": {"record": "1"}}},
         {**good, "facts": {"user": {"nested": 1}}},
+        {**good, "withheld": {**W, "user": "mallory"}},  # a correction in another user's name
+        {**good, "ts": float("nan")},
     ]
     (folder / "1-aa.jsonl").write_bytes(
-        b'{"ts": "x"}\n[1,2]\n' + b"[" * 100_000 + b"\n" + b"".join(map(encode, forged)) + encode(good) + b'{"ts": 1.0, "ts_'
-    )
+        b'{"ts": "x"}\n[1,2]\n'
+        + b"[" * 100_000
+        + b"\n"
+        + b"".join(map(encode, forged))
+        + encode(good)
+        + encode({**good, "ts_us": 124, "withheld": W})
+        + encode({**good, "ts_us": 125})
+        + encode({**good, "ts_us": 125, "settled": True})
+        + b'{"ts": 1.0, "ts_'
+    )  # fmt: skip: a doubt's later line replaces its earlier ones (125: settled, not taken over)
     target = tmp_path / "elsewhere.jsonl"
     target.write_bytes(encode({**good, "ts_us": 456}))
     (folder / "2-bb.lock").write_bytes(b"")
     (folder / "2-bb.jsonl").symlink_to(target)
     log = open_log(pg_url, audit_home)
     late = _late(log, store=DoubtStore(folder), withheld_for=log.withheld_for)
-    assert [(d.ts_us, d.facts["user"]) for d in late._doubts] == [(123, "alice")]
-    assert caplog.text.count("is not a refused answer to look up: skipped") == 7
+    assert [(d.ts_us, d.facts["user"], d.withheld) for d in late._doubts] == [(123, "alice", None), (124, "alice", W)]
+    assert caplog.text.count("is not a refused answer to look up: skipped") == 9
     assert "symbolic link" in caplog.text and target.exists() and (folder / "2-bb.jsonl").is_symlink()
 
 
@@ -173,8 +185,9 @@ def test_one_doubt_in_two_files_is_adopted_once_the_file_stays_bounded_and_each_
 ):
     """The same doubt left in two files (a server that took one over, then died) is looked up once; a server refusing
     answers for a long time rewrites its file now and then (at most `max_kept` more lines than it keeps), and the
-    next takes over the newest `max_kept`; a lock not renamed into place yet (its owner is taking it) is not taken
-    over; two databases in one home have two folders."""
+    next takes over the newest `max_kept`; a lock left under its temporary name by a process that died is removed,
+    one its process is taking is not; two databases in one home have two folders."""
+    import fcntl
     import os
 
     from codemoat.serve.doubtstore import DoubtStore, encode, folder_for
@@ -185,11 +198,17 @@ def test_one_doubt_in_two_files_is_adopted_once_the_file_stays_bounded_and_each_
     for name in ("1-aa", "2-bb"):
         (folder / f"{name}.lock").write_bytes(b"")
         (folder / f"{name}.jsonl").write_bytes(encode(one))
-    (folder / "3-cc.new").write_bytes(b"")  # taken, not renamed yet
-    (folder / "3-cc.jsonl").write_bytes(encode({**one, "ts_us": 8}))
+    (folder / "3-cc.new").write_bytes(b"")  # a process that died before it renamed its lock into place
+    taking = folder / "4-dd.new"  # one that is taking its lock now
+    taking.write_bytes(b"")
+    held = os.open(taking, os.O_RDWR)
+    fcntl.flock(held, fcntl.LOCK_EX)
     log = open_log(pg_url, audit_home)
-    assert [d.ts_us for d in _late(log, store=DoubtStore(folder))._doubts] == [7]
-    assert (folder / "3-cc.jsonl").exists()
+    try:
+        assert [d.ts_us for d in _late(log, store=DoubtStore(folder))._doubts] == [7]
+        assert not (folder / "3-cc.new").exists() and taking.exists()
+    finally:
+        os.close(held)
     store = DoubtStore(tmp_path / "other")
     busy = _late(log, store=store, max_kept=3)
     for i in range(20):
@@ -237,3 +256,31 @@ def test_a_withheld_record_a_dead_server_was_appending_is_waited_for_not_written
     withheld = list(log.records(kind="withheld"))
     detail = withheld[0]["detail"]
     assert len(withheld) == 1 and (json.loads(detail) if isinstance(detail, str) else detail)["record"] == seq
+
+
+def test_a_withheld_record_retried_long_after_its_first_try_is_waited_for_from_the_retry(pg_url, audit_home, tmp_path):
+    """The wait for a dead server's withheld append runs from its last try, not from the record's time: a retry sent
+    long after the first try (the database unreachable meanwhile), lost on its way, may commit until `FINAL_S` after
+    the retry."""
+    import os
+
+    from codemoat.serve.doubtstore import DoubtStore
+
+    folder = tmp_path / "audit-doubts"
+    log = open_log(pg_url, audit_home)
+    fields = _fields()
+    log.append("request", **fields)
+
+    async def lost(kind: str, **kw):
+        raise AuditUnavailable("the connection was lost with the INSERT on its way")
+
+    dead = DoubtStore(folder)
+    late = _late(log, lost, store=dead, withheld_for=log.withheld_for)
+    late.doubt(fields)
+    assert asyncio.run(late.drain()) is False
+    late._doubts[0].withheld["ts"] -= 600  # the first try was ten minutes ago; this retry is now
+    assert asyncio.run(late.drain()) is False
+    os.close(dead._lock_fd)
+    nxt = _late(log, store=DoubtStore(folder), withheld_for=log.withheld_for)
+    assert asyncio.run(nxt.drain()) is True and nxt.doubts == 1
+    assert list(log.records(kind="withheld")) == [], "written while the retry's statement could still commit"

@@ -29,6 +29,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
 import secrets
 from pathlib import Path
@@ -41,7 +42,7 @@ log = logging.getLogger("codemoat.audit")
 
 #: bytes of one file read at most when adopting it (a doubt's line is ~300 bytes; `late.MAX_KEPT` of them fit)
 MAX_FILE = 16 << 20
-_KEYS = ("ts", "ts_us", "body", "facts", "looked", "withheld")
+_KEYS = ("ts", "ts_us", "body", "facts", "looked", "withheld", "tried", "settled")
 _FACT_KEYS = {"user", "token_id", "route", "protocol", "model", "client", "status", "prompt_tokens", "completion_tokens"}
 _WITHHELD_KEYS = {"user", "token_id", "route", "protocol", "model", "client", "ts", "status", "detail"}
 
@@ -56,22 +57,28 @@ def encode(d: dict[str, Any]) -> bytes:
 
 
 def _plain(v: Any) -> bool:
-    return v is None or isinstance(v, (str, int, float)) and not isinstance(v, bool)
+    return v is None or type(v) in (str, int) or type(v) is float and math.isfinite(v)
 
 
-def _withheld_ok(w: Any) -> bool:
-    """A `withheld` record's fields as `late.LateRecords._settle` makes them, and nothing else (they go into the chain)."""
+def _time(v: Any) -> bool:
+    return type(v) in (int, float) and math.isfinite(v)
+
+
+def _withheld_ok(w: Any, facts: dict[str, Any]) -> bool:
+    """A `withheld` record's fields as `late.LateRecords._settle` makes them from the doubt's facts, and nothing else
+    (they go into the signed chain)."""
     if w is None:
         return True
-    if not isinstance(w, dict) or set(w) - _WITHHELD_KEYS or not isinstance(w.get("ts"), (int, float)):
+    if not isinstance(w, dict) or set(w) != _WITHHELD_KEYS or not _time(w["ts"]) or w["status"] != 503:
         return False
-    detail = w.get("detail")
+    detail = w["detail"]
     return (
-        all(_plain(w.get(k)) for k in _WITHHELD_KEYS - {"detail"})
+        all(_plain(w[k]) and w[k] == facts.get(k) for k in _WITHHELD_KEYS - {"detail", "ts", "status"})
         and isinstance(detail, dict)
-        and set(detail) <= {"record", "status", "why"}
-        and isinstance(detail.get("record"), int)
-        and all(_plain(v) for v in detail.values())
+        and set(detail) == {"record", "status", "why"}
+        and type(detail["record"]) is int
+        and detail["status"] == facts.get("status")
+        and type(detail["why"]) is str
     )
 
 
@@ -83,16 +90,32 @@ def decode(line: bytes) -> dict[str, Any] | None:
         return None
     if not (
         isinstance(d, dict)
-        and isinstance(d.get("ts"), (int, float))
-        and isinstance(d.get("ts_us"), int)
+        and _time(d.get("ts"))
+        and type(d.get("ts_us")) is int
         and isinstance(d.get("body"), str)
         and isinstance(d.get("facts"), dict)
         and not set(d["facts"]) - _FACT_KEYS
         and all(_plain(v) for v in d["facts"].values())
-        and _withheld_ok(d.get("withheld"))
+        and _withheld_ok(d.get("withheld"), d["facts"])
+        and (d.get("tried") is None or _time(d["tried"]))
+        and d.get("looked") in (None, True, False)
+        and d.get("settled") in (None, True, False)
     ):
         return None
     return {k: d.get(k) for k in _KEYS}
+
+
+def read(raw: bytes, name: Any) -> list[dict[str, Any]]:
+    """A doubts file's doubts: the last line of each (a later line replaces its earlier ones), none that says it is
+    settled; a line that is not a doubt is skipped with an error line."""
+    last: dict[tuple[int, str], dict[str, Any]] = {}
+    for i, line in enumerate(raw.splitlines(), 1):
+        if (d := decode(line)) is None:
+            log.error("%s line %d is not a refused answer to look up: skipped", name, i)
+        else:
+            last.pop((d["ts_us"], d["body"]), None)
+            last[(d["ts_us"], d["body"])] = d
+    return [d for d in last.values() if not d.get("settled")]
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -177,6 +200,9 @@ class DoubtStore:
         except (OSError, CodemoatError) as e:
             log.error("could not read the refused answers other servers left to look up: %s", e)
             return []
+        for new in self.folder.glob("*.new"):  # a lock whose process died before it renamed it (no file of it exists)
+            if new.name != f"{self.id}.new":
+                self._remove_stale(new)
         got: list[dict[str, Any]] = []
         for lock in sorted(self.folder.glob("*.lock")):
             other = lock.name[: -len(".lock")]
@@ -187,6 +213,20 @@ class DoubtStore:
             except (OSError, CodemoatError) as e:
                 log.error("could not take over another server's refused answers to look up (%s): %s", lock, e)
         return got
+
+    def _remove_stale(self, new: Path) -> None:
+        try:
+            fd = paths.open_own(new, "audit doubts lock", os.O_RDWR)
+        except (OSError, CodemoatError):
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.stat(new, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
+                os.unlink(new)
+        except OSError:
+            pass  # its process is taking it now, or another removed it
+        finally:
+            os.close(fd)
 
     def _adopt_one(self, lock: Path, other: str) -> list[dict[str, Any]]:
         try:
@@ -210,17 +250,14 @@ class DoubtStore:
                 raw = paths.read_own(data, "audit doubts file", MAX_FILE)
             except FileNotFoundError:
                 raw = b""
-            doubts = []
-            for i, line in enumerate(raw.splitlines(), 1):
-                if (d := decode(line)) is None:
-                    log.error("%s line %d is not a refused answer to look up: skipped", data, i)
-                else:
-                    doubts.append(d)
+            doubts = read(raw, data)
             self.add(doubts)  # in this process's file before the other's goes
-            for leftover in (data, self.folder / f"{other}.tmp"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(leftover)
-            os.unlink(lock)
+            try:
+                for leftover in (data, self.folder / f"{other}.tmp", lock):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(leftover)
+            except OSError as e:  # they are this process's now all the same
+                log.error("could not remove the refused answers' file %s, taken over: %s", data, e)
             if doubts:
                 log.warning(
                     "%d refused answers whose audit record may be in the chain, left by a server that ended (%s), "

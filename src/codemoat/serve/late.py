@@ -87,12 +87,14 @@ class _Doubt:
     withheld: dict[str, Any] | None = None  # the withheld record's fields once its first append was tried
     settled: bool = False  # looked up and, if its record was found, corrected: gone from the doubts (and their file)
     adopted: bool = False  # left on disk by a server that ended (`serve.doubtstore`)
+    tried: float | None = None  # when its withheld record's append was last tried (on disk before each try)
 
     def waits(self, now: float) -> float:
         """When it is next worth looking up (0: now). A `withheld` record a server that ended was appending may still
-        commit until `FINAL_S` after its time (that server's lost statement cannot be ended from here)."""
+        commit until `FINAL_S` after that server's last try (its lost statement cannot be ended from here)."""
         if self.withheld is not None:
-            return self.withheld["ts"] + FINAL_S if self.adopted and now < self.withheld["ts"] + FINAL_S else 0.0
+            last = max(self.tried or 0.0, self.withheld["ts"]) + FINAL_S
+            return last if self.adopted and now < last else 0.0
         return self.ts + FINAL_S if self.looked and now < self.ts + FINAL_S else 0.0
 
 
@@ -139,27 +141,46 @@ class LateRecords:
         except Exception:
             log.exception("could not read the refused answers a server that ended left to look up")
             return
-        seen = set()
-        for x in adopted[-self.max_kept :]:
+        merged: dict[tuple[int, str], dict[str, Any]] = {}  # one doubt in two files: the one further along
+        for x in adopted:
             key = (x["ts_us"], x["body"])
-            if key in seen:
-                continue
-            seen.add(key)
-            self._doubts.append(
-                _Doubt(float(x["ts"]), x["ts_us"], x["body"], x["facts"], bool(x.get("looked")), x.get("withheld"), adopted=True)
+            was = merged.get(key)
+            if was is None or (x.get("withheld") is not None, x.get("tried") or 0.0) >= (
+                was.get("withheld") is not None,
+                was.get("tried") or 0.0,
+            ):
+                merged[key] = x
+        keep = sorted(merged.values(), key=lambda x: x["ts_us"])
+        if len(keep) > self.max_kept:
+            log.error(
+                "%d refused answers left to look up by servers that ended: the oldest %d are not",
+                len(keep),
+                len(keep) - self.max_kept,
             )
+            keep = keep[-self.max_kept :]
+        for x in keep:
+            self._doubts.append(
+                _Doubt(
+                    float(x["ts"]), x["ts_us"], x["body"], x["facts"], bool(x.get("looked")), x.get("withheld"),
+                    adopted=True, tried=x.get("tried"),
+                )
+            )  # fmt: skip
         self._due = 0.0
+        if adopted:
+            with self._io:
+                self._stored()  # this process's file holds them once each
 
-    def _stored(self, add: _Doubt | None = None) -> None:
-        """Write the doubts to their file: `add` appended, else all of them again (under `_io`)."""
+    def _stored(self, *changed: _Doubt) -> None:
+        """Write the doubts to their file (under `_io`): the `changed` ones appended (a later line of a doubt replaces
+        its earlier ones; a settled one's says so), else all of them again, as also after every `max_kept` lines."""
         if self._store is None:
             return
         try:
-            if add is not None:
-                self._store.add([vars(add)])
-            if add is None or self._store.appended >= self.max_kept:  # rewritten now and then: the file stays bounded
-                with self._lock:
-                    now = [vars(d) for d in self._doubts]
+            if changed:
+                self._store.add([vars(d) for d in changed])
+            with self._lock:
+                now = [vars(d) for d in self._doubts]
+            if not changed or self._store.appended >= self.max_kept or not now:  # the file stays bounded, or goes
                 self._store.write(now)
         except (OSError, CodemoatError) as e:
             log.error(
@@ -248,13 +269,14 @@ class LateRecords:
         Whether none is left to look up now (some may wait for `FINAL_S`)."""
         with self._lock:
             todo = list(self._doubts)
-        was = [(d.looked, d.withheld, d.settled) for d in todo]
+        was = [(d.looked, d.withheld, d.settled, d.tried) for d in todo]
         try:
             return await self._settle_each(todo)
         finally:  # what changed goes to the file at once (no await here: a cancelled drain still writes it)
-            if self._store is not None and was != [(d.looked, d.withheld, d.settled) for d in todo]:
+            changed = [d for d, w in zip(todo, was) if w != (d.looked, d.withheld, d.settled, d.tried)]
+            if self._store is not None and changed:
                 with self._io:
-                    self._stored()
+                    self._stored(*changed)
 
     async def _settle_each(self, todo: list[_Doubt]) -> bool:
         for d in todo:
@@ -287,6 +309,7 @@ class LateRecords:
             if await asyncio.to_thread(self._written, "withheld", d.withheld) is None and (  # type: ignore[misc]
                 self._withheld_for is None or await asyncio.to_thread(self._withheld_for, named) is None
             ):
+                self._trying(d)
                 await self._write("withheld", **d.withheld)
                 self._on_withheld()
             return True
@@ -313,12 +336,18 @@ class LateRecords:
             "status": 503,
             "detail": {"record": seq, "status": f.get("status"), "why": "its record's commit was not confirmed"},
         }
-        if self._store is not None:  # on disk before the append: a server that takes it over looks it up, not writes it
-            with self._io:
-                self._stored()
+        self._trying(d)
         await self._write("withheld", **d.withheld)
         self._on_withheld()
         return True
+
+    def _trying(self, d: _Doubt) -> None:
+        """A withheld record's append is about to be tried: on disk first, with when (one line appended), so that a
+        server that takes it over looks it up, and waits for this try's statement, before it writes it again."""
+        d.tried = time.time()
+        if self._store is not None:
+            with self._io:
+                self._stored(d)
 
     async def _drain_kept(self) -> bool:
         while True:
