@@ -284,3 +284,78 @@ def test_a_withheld_record_retried_long_after_its_first_try_is_waited_for_from_t
     nxt = _late(log, store=DoubtStore(folder), withheld_for=log.withheld_for)
     assert asyncio.run(nxt.drain()) is True and nxt.doubts == 1
     assert list(log.records(kind="withheld")) == [], "written while the retry's statement could still commit"
+
+
+def test_shutdown_leaves_the_file_as_it_is_even_with_a_drain_still_running(pg_url, audit_home, tmp_path):
+    """`give_up` at shutdown while a background drain still runs (the 5 s before it had not finished it): the drain
+    ends after, and must not write the file that the next server is to take over (it removed it, the doubts emptied)."""
+    from codemoat.serve.doubtstore import DoubtStore
+
+    log = open_log(pg_url, audit_home)
+    store = DoubtStore(tmp_path / "audit-doubts")
+    late = None
+
+    def looked_up_while_shutting_down(ts_us: int, body: str):
+        late.give_up()  # shutdown comes while this lookup runs
+        return None
+
+    late = LateRecords(log.append_async, written=log.written_already, written_as=looked_up_while_shutting_down,
+                       fingerprint=log.fingerprint, store=store)  # fmt: skip
+    late.doubt(_fields())
+    before = store.path.read_bytes()
+    assert asyncio.run(late.drain()) is True and late.doubts == 0
+    assert store.path.read_bytes() == before, "the drain that ended after the shutdown rewrote or removed the file"
+
+
+def test_a_withheld_append_is_not_tried_when_its_try_could_not_be_written_to_disk(pg_url, audit_home, tmp_path):
+    """A server that took the doubt over could not know to wait for a try it never saw on disk: no try then."""
+    from codemoat.serve.doubtstore import DoubtStore
+
+    log = open_log(pg_url, audit_home)
+    fields = _fields()
+    log.append("request", **fields)
+    store = DoubtStore(tmp_path / "audit-doubts")
+    tried: list[str] = []
+
+    async def write(kind: str, **kw):
+        tried.append(kind)
+        return await log.append_async(kind, **kw)
+
+    late = _late(log, write, store=store, withheld_for=log.withheld_for)
+    late.doubt(fields)
+    real_add = store.add
+
+    def full(doubts):
+        raise OSError(28, "No space left on device")
+
+    store.add = full
+    assert asyncio.run(late.drain()) is False and tried == [] and late.doubts == 1
+    store.add = real_add
+    assert asyncio.run(late.drain()) is True and tried == ["withheld"] and late.doubts == 0
+
+
+def test_a_file_taken_over_that_cannot_be_removed_is_not_taken_over_again_while_its_taker_lives(
+    pg_url, audit_home, tmp_path, monkeypatch
+):
+    import os
+
+    from codemoat.serve import doubtstore
+    from codemoat.serve.doubtstore import DoubtStore, encode
+
+    folder = tmp_path / "audit-doubts"
+    folder.mkdir(mode=0o700)
+    (folder / "1-aa.lock").write_bytes(b"")
+    (folder / "1-aa.jsonl").write_bytes(encode({"ts": time.time(), "ts_us": 9, "body": "ef" * 32, "facts": {"user": "eve"}}))
+    real_unlink = os.unlink
+
+    def stuck(path, *a, **kw):
+        if str(path).endswith("1-aa.jsonl"):
+            raise PermissionError(1, "Operation not permitted")
+        return real_unlink(path, *a, **kw)
+
+    monkeypatch.setattr(doubtstore.os, "unlink", stuck)
+    log = open_log(pg_url, audit_home)
+    first = _late(log, store=DoubtStore(folder))
+    assert first.doubts == 1
+    monkeypatch.setattr(doubtstore.os, "unlink", real_unlink)
+    assert _late(log, store=DoubtStore(folder)).doubts == 0, "a second live server took over the same doubt"

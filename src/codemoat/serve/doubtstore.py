@@ -133,6 +133,7 @@ class DoubtStore:
         self.path = folder / f"{self.id}.jsonl"
         self.appended = 0  # lines appended since the file was last written whole
         self._lock_fd: int | None = None
+        self._held: list[int] = []  # locks of files taken over that could not be removed: held while this process lives
 
     def _folder(self) -> None:
         if self.folder.is_symlink():
@@ -163,7 +164,13 @@ class DoubtStore:
         self._own()
         fd = paths.open_own(self.path, "audit doubts file", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
         try:
-            _write_all(fd, b"".join(encode(d) for d in doubts))
+            size = os.fstat(fd).st_size
+            try:
+                _write_all(fd, b"".join(encode(d) for d in doubts))
+            except BaseException:  # no half line for the next one to be glued onto
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, size)
+                raise
         finally:
             os.close(fd)
         self.appended += len(doubts)
@@ -256,8 +263,10 @@ class DoubtStore:
                 for leftover in (data, self.folder / f"{other}.tmp", lock):
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(leftover)
-            except OSError as e:  # they are this process's now all the same
+            except OSError as e:  # they are this process's now all the same; nobody else may take them while it lives
                 log.error("could not remove the refused answers' file %s, taken over: %s", data, e)
+                self._held.append(fd)
+                fd = -1
             if doubts:
                 log.warning(
                     "%d refused answers whose audit record may be in the chain, left by a server that ended (%s), "
@@ -267,4 +276,5 @@ class DoubtStore:
                 )
             return doubts
         finally:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)

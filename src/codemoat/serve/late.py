@@ -170,11 +170,12 @@ class LateRecords:
             with self._io:
                 self._stored()  # this process's file holds them once each
 
-    def _stored(self, *changed: _Doubt) -> None:
+    def _stored(self, *changed: _Doubt) -> bool:
         """Write the doubts to their file (under `_io`): the `changed` ones appended (a later line of a doubt replaces
-        its earlier ones; a settled one's says so), else all of them again, as also after every `max_kept` lines."""
+        its earlier ones; a settled one's says so), else all of them again, as also after every `max_kept` lines.
+        Whether they are on disk (True without a store)."""
         if self._store is None:
-            return
+            return True
         try:
             if changed:
                 self._store.add([vars(d) for d in changed])
@@ -186,6 +187,8 @@ class LateRecords:
             log.error(
                 "could not write the refused answers to look up to disk (a server that dies now leaves them unknown): %s", e
             )
+            return False
+        return True
 
     def __len__(self) -> int:
         return len(self._kept)
@@ -345,9 +348,9 @@ class LateRecords:
         """A withheld record's append is about to be tried: on disk first, with when (one line appended), so that a
         server that takes it over looks it up, and waits for this try's statement, before it writes it again."""
         d.tried = time.time()
-        if self._store is not None:
-            with self._io:
-                self._stored(d)
+        with self._io:
+            if not self._stored(d):  # not tried: a server that took it over could not know to wait for it
+                raise AuditUnavailable("the refused answers to look up could not be written to disk")
 
     async def _drain_kept(self) -> bool:
         while True:
@@ -381,12 +384,14 @@ class LateRecords:
             kept, self._kept, self._chars = list(self._kept), deque(), 0
         for fields, _, _, _ in kept:
             log.error("shutting down with an audit record the log never took: %s", _summary(fields))
-        with self._lock:
-            doubts, self._doubts = list(self._doubts), deque()
+        with self._io:  # the file stays as it is, for the next server (a drain still running writes nothing now)
+            store, self._store = self._store, None
+            with self._lock:
+                doubts, self._doubts = list(self._doubts), deque()
         for d in doubts:
             log.error(
                 "shutting down without knowing whether a refused answer's audit record is in the chain (if it is, "
                 "its client got a 503 instead)%s: %s",
-                "; left on disk for the next server to look up" if self._store is not None else "",
+                "; left on disk for the next server to look up" if store is not None else "",
                 _about(d),
             )
