@@ -137,7 +137,7 @@ def withheld_named(conn: Any, since_us: int) -> set[int]:
     """The seqs of request records that a `withheld` record written since `since_us` names: answers whose client got
     a 503 although their record is in the chain (`serve.late`). Readers that count answers leave them out."""
     q = sa.select(records.c.detail).where(records.c.ts_us >= since_us, records.c.kind == "withheld")
-    return {n for (d,) in conn.execute(q) if (n := _named(d)) is not None}
+    return {n for (d,) in conn.execute(q) if (n := withheld_record(d)) is not None}
 
 
 def withheld_by(conn: Any, seqs: set[int], limit: int = 10_000) -> dict[int, int]:
@@ -154,17 +154,12 @@ def withheld_by(conn: Any, seqs: set[int], limit: int = 10_000) -> dict[int, int
     )
     out: dict[int, int] = {}
     for seq, d in conn.execute(q):
-        if (n := _named(d)) in seqs and n < seq:
+        if (n := withheld_record(d)) in seqs and n < seq:
             out.setdefault(n, seq)
     return out
 
 
 def withheld_record(detail: Any) -> int | None:
-    """The seq a `withheld` record's detail names, None if it names none (`_named`: for the console's alerts list)."""
-    return _named(detail)
-
-
-def _named(detail: Any) -> int | None:
     """The seq a `withheld` record's detail names (None if it names none)."""
     try:
         d = json.loads(detail) if isinstance(detail, str) else detail

@@ -6,9 +6,9 @@ dies before it could look them up leaves them to the next one.
 
 `<db>` names the database (as the audit head's file does): a server takes over only doubts about its own chain.
 A doubt holds what finds its record (its time, its body hash) and the facts a `withheld` record names (user, token,
-route, protocol, model, client, status, tokens): no text. A new doubt is one line appended; after a round of
-lookups, and after every `max_kept` lines appended, the file is written again whole (a temporary file, fsynced,
-renamed over it). Each process writes files of its own (several servers may share a home: a blue-green pair, the
+route, protocol, model, client, status, tokens): no text. A new doubt, a change after a round of lookups and each
+try of a `withheld` record's append are lines appended, a doubt's later line replacing its earlier ones (`read`);
+after every `max_kept` lines, the file is written again whole (a temporary file, fsynced, renamed over it). Each process writes files of its own (several servers may share a home: a blue-green pair, the
 tests), so no two write one file.
 
 A process that starts (`adopt`) takes over the files whose lock nobody holds: their process ended (killed, crashed,
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import logging
 import math
@@ -36,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import paths
+from ..audit.chain import _db_id
 from ..errors import CodemoatError
 
 log = logging.getLogger("codemoat.audit")
@@ -48,8 +48,8 @@ _WITHHELD_KEYS = {"user", "token_id", "route", "protocol", "model", "client", "t
 
 
 def folder_for(home: Path, db_url: str) -> Path:
-    """The doubts folder of the chain in database `db_url` (`audit.chain.head_file_for`'s naming)."""
-    return home / f"audit-doubts-{hashlib.sha256(db_url.encode()).hexdigest()[:12]}"
+    """The doubts folder of the chain in database `db_url` (named as `audit.chain.head_file_for` names its file)."""
+    return home / f"audit-doubts-{_db_id(db_url)}"
 
 
 def encode(d: dict[str, Any]) -> bytes:
