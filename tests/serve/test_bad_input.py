@@ -207,3 +207,33 @@ def test_ollama_chat_without_a_model_is_refused_even_when_empty(c):
     for body in ({"messages": []}, {"messages": [{"role": "user", "content": "hi"}]}):
         r = c.post("/api/chat", json=body)
         assert r.status_code == 400 and "model" in r.json()["error"], (body, r.text)
+
+
+def test_null_parameters_take_their_defaults_where_the_reference_servers_do(c):
+    """Was (an outside fuzzer): `"temperature": null` (and top_p, n, stream, echo, Ollama's options and stream) was
+    a 400, where OpenAI documents each as "or null" and Ollama's Go server reads null as not given. Now each takes
+    its default. The negatives: a required field sent as null (`model`) is still refused in the protocol's shape,
+    and so is a top_k llama.cpp's int32 cannot hold (2**32 was read as 0: top-k off, silently)."""
+    nulls = {"temperature": None, "top_p": None, "n": None, "stream": None, "max_tokens": 2}
+    r = c.post("/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "hi"}], **nulls})
+    assert r.status_code == 200 and r.json()["object"] == "chat.completion", r.text
+    r = c.post("/v1/completions", json={"model": "m", "prompt": "def f(", "echo": None, **nulls})
+    assert r.status_code == 200 and r.json()["object"] == "text_completion", r.text
+    r = c.post("/api/generate", json={"model": "m", "prompt": "def f(", "options": None, "stream": None, "raw": None})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("application/x-ndjson"), r.text  # streamed
+    r = c.post(
+        "/api/chat",
+        json={
+            "model": "m",
+            "messages": [{"role": "user", "content": "hi"}],
+            "stream": False,
+            "options": {"temperature": None, "num_predict": 2},
+        },
+    )
+    assert r.status_code == 200 and r.json()["done"] is True, r.text
+    r = c.post("/v1/completions", json={"model": None, "prompt": "x"})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error" and "model" in r.text, r.text
+    r = c.post("/api/generate", json={"model": "m", "prompt": "x", "stream": False, "options": {"top_k": 2**32}})
+    assert r.status_code == 400 and isinstance(r.json()["error"], str) and "top_k" in r.text, r.text
+    r = c.post("/infill", json={"input_prefix": "x", "n_predict": 2, "top_k": 2**31})
+    assert r.status_code == 400 and "top_k" in r.text, r.text

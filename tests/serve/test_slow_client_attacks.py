@@ -245,3 +245,57 @@ def test_upgrade_requests_add_no_line_to_the_log(server):
     ok = httpx.get(server.url + "/v1/models", headers={**h2c, "Authorization": f"Bearer {server.token}"})
     assert ok.status_code == 200 and ok.json()["data"][0]["id"] == "tiny"
     assert "Unsupported upgrade" not in server.output()
+
+
+def test_a_client_that_pipelines_requests_and_hangs_up_after_the_first_answer_leaves_no_traceback(server):
+    """Was (an outside fuzzer): three requests pipelined on one connection, the first answer read, then a hang-up.
+    uvicorn marks only the newest request it parsed as disconnected, so the one being answered wrote to the
+    closed transport: uvloop raised, and the log got two tracebacks ("internal error", "Exception in ASGI
+    application") per connection, from anyone, no token needed. Now every request on the connection reads the
+    hang-up. The negative: the same three pipelined and all read are all answered."""
+    for path, auth in (("/v1/models", b""), ("/v1/models", b"Authorization: Bearer %s\r\n" % server.token.encode())):
+        one = b"GET %s HTTP/1.1\r\nHost: x\r\n%s\r\n" % (path.encode(), auth)
+        for _ in range(5):
+            with socket.create_connection(("127.0.0.1", server.port), timeout=HANG) as s:
+                s.sendall(one * 3)
+                s.recv(65536)
+        with socket.create_connection(("127.0.0.1", server.port), timeout=HANG) as s:
+            s.sendall(one * 2 + one.replace(b"Host: x\r\n", b"Host: x\r\nConnection: close\r\n"))
+            data = _answer(s)
+        assert data.count(b"HTTP/1.1 ") == 3, data[-300:]
+    time.sleep(0.5)  # what the server logs about the last connections
+    log = server.output()
+    assert "Traceback" not in log and "internal error" not in log, log[-3000:]
+
+
+def test_an_upgrade_request_with_a_body_is_refused_in_one_line_not_answered_as_if_empty(server):
+    """Was (an outside fuzzer): `curl --http2 -d '{...}'` over http:// (Upgrade: h2c with a body) was answered
+    "request body is empty": llhttp takes the bytes after an upgrade's head for the new protocol, so the body never
+    reached the route. Now such a request gets a 400 that says what to do, and its connection closes. The negative:
+    the same request without Upgrade is served, and an upgrade request without a body still is (above)."""
+    body = json.dumps({"model": "tiny", "prompt": "def f", "max_tokens": 2}).encode()
+    h2c = b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=HANG) as s:
+        s.sendall(_request(server.token, body, h2c))
+        data = _answer(s)
+    assert _status(data) == 400, data[:300]
+    text = data.split(b"\r\n\r\n", 1)[1]
+    assert b"\n" not in text and b"Upgrade: h2c" in text and b"empty" not in text, text
+    with socket.create_connection(("127.0.0.1", server.port), timeout=HANG) as s:
+        s.sendall(_request(server.token, body, b"Connection: close\r\n"))
+        data = _answer(s)
+    assert _status(data) == 200 and b'"text_completion"' in data, data[:300]
+    time.sleep(0.3)
+    assert "Traceback" not in server.output(), server.output()[-3000:]
+
+
+def test_malformed_requests_are_answered_400_and_add_no_line_to_the_log(server):
+    """Was (an outside fuzzer): uvicorn logged 'WARNING: Invalid HTTP request received.' for every request it
+    could not parse: anyone, without a token, could add a line to the log per connection. Each still gets its 400."""
+    for bad in (b"GARBAGE\r\n\r\n", b"GET / HTTP/1.1\r\nHost: x\r\nBad\x00Header: 1\r\n\r\n", b"GET /\x7f HTTP/1.1\r\n\r\n"):
+        for _ in range(5):
+            with socket.create_connection(("127.0.0.1", server.port), timeout=HANG) as s:
+                s.sendall(bad)
+                assert _status(_answer(s)) == 400
+    assert httpx.get(server.url + "/livez").status_code == 200
+    assert "Invalid HTTP request" not in server.output(), server.output()[-2000:]

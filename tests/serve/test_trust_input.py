@@ -65,6 +65,35 @@ def test_scanner_runs_only_for_a_valid_token(db, llm, scans):
     assert len(scans) == 1
 
 
+def test_tabby_and_openai_bodies_on_v1_completions_are_refused_each_in_its_own_shape(db, llm):
+    """Was (an outside fuzzer): under policy.secrets = "block" a Tabby completion holding a secret was refused in
+    OpenAI's shape (the screen runs before the route tells the two apart), and a Tabby body that did not parse
+    (not UTF-8, nested too deeply) got OpenAI's 400 though its 401 got Tabby's. Tabby's agent reads
+    {"error": "..."}. The negatives: OpenAI's bodies keep OpenAI's shape, a prompt that only mentions
+    "segments" included."""
+    tabby_secret = {"segments": {"prefix": f"key = '{AWS}'\n", "suffix": "\n"}}
+    openai_secret = {"model": "tiny", "prompt": f'"segments" = "{AWS}"'}
+    with client_for(db, llm, policy={"secrets": "block"}) as c:
+        h = {**c.tokens["alice"], "Content-Type": "application/json"}
+        for body, proto in ((tabby_secret, "tabby"), (openai_secret, "openai")):
+            r = c.post("/v1/completions", json=body, headers=c.tokens["alice"])
+            assert r.status_code == 400 and "aws_access_key_id" in r.text, r.text
+            err = r.json()["error"]
+            assert isinstance(err, str) if proto == "tabby" else err["type"] == "invalid_request_error", (proto, r.text)
+    with client_for(db, llm) as c:
+        h = {**c.tokens["alice"], "Content-Type": "application/json"}
+        for raw, proto in (
+            (b'{"model": "\xff\xfe", "segments": {"prefix": "x"}}', "tabby"),
+            (b'{"segments": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "tabby"),
+            (b'{"model": "\xff\xfe", "prompt": "x"}', "openai"),
+            (b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "openai"),
+        ):
+            r = c.post("/v1/completions", content=raw, headers=h)
+            assert r.status_code == 400 and "not valid JSON" in r.text, r.text[:300]
+            err = r.json()["error"]
+            assert isinstance(err, str) if proto == "tabby" else err["type"] == "invalid_request_error", (proto, r.text)
+
+
 def test_scan_is_bounded_and_looks_at_both_ends():
     from codemoat.serve import screen
 

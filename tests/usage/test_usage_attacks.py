@@ -86,6 +86,26 @@ def test_odd_choice_indexes_over_http_count_one_select(served):
     assert (t.views, t.selects, t.acceptance) == (1, 1, 1.0)
 
 
+def test_a_select_kind_that_is_not_a_string_is_ignored_and_the_select_kept(served):
+    """Was (an outside fuzzer): `select_kind` as a list or an object was looked up in the set of known kinds
+    (`TypeError: unhashable`): the audit writer's batch rolled back, a traceback went to the log and the select was
+    lost. Now a kind that is not one of Tabby's strings is no kind: each select counts. The negative: "line" still
+    counts only the first line."""
+    c, engine, ann = served
+    odd = [["line"], {"line": 1}, 5, True, None]
+    for i, kind in enumerate([*odd, "line"]):
+        UsageStore(engine).record(
+            "ann", "/v1/completions", 200, 10, small(completion_id=cid(40 + i), completion_text="ab\ncd"), now=NOW
+        )
+        for t in ("view", "select"):
+            body = {"type": t, "completion_id": cid(40 + i), **({"select_kind": kind} if t == "select" else {})}
+            r = c.post("/v1/events", json=body, headers=ann)
+            assert r.status_code == 200, (kind, r.text)
+    with engine.connect() as conn:
+        kinds = [r[0] for r in conn.execute(sa.text("SELECT select_kind FROM usage_events WHERE type = 'select' ORDER BY id"))]
+    assert kinds == [None] * len(odd) + ["line"]
+
+
 def test_simultaneous_selects_of_one_completion_count_once(store):
     """Eight editors' worth of the same select at the same moment (threads on one barrier): one select,
     on both backends (before, on PostgreSQL, each transaction saw no earlier select and all counted)."""

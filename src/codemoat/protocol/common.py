@@ -5,13 +5,30 @@ from __future__ import annotations
 import secrets
 import time
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+INT32_MAX = 2**31 - 1  # llama.cpp's int parameters (top_k)
 
 
 class Lenient(BaseModel):
     """Request bodies accept (and ignore) fields we do not use, as the reference servers do."""
 
     model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+
+class NullIsDefault(Lenient):
+    """A field that has a default, sent as JSON null, takes that default: OpenAI documents its parameters as "or
+    null" (`"temperature": null` is the default temperature), and Ollama's Go server reads null into its optional
+    fields (`"stream": null`, `"options": null`). Required fields stay required (`"model": null` is refused)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_are_defaults(cls, data: object) -> object:
+        if isinstance(data, dict) and None in data.values():
+            fields = cls.model_fields
+            return {k: v for k, v in data.items() if v is not None or k not in fields or fields[k].is_required()}
+        return data
 
 
 class CodemoatExt(Lenient):

@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import Field
 
-from .common import CodemoatExt, Lenient
+from .common import INT32_MAX, CodemoatExt, Lenient
 
 
 class ExtraFile(Lenient):
@@ -22,7 +22,7 @@ class InfillRequest(Lenient):
     model: str | None = None
     n_predict: int | None = Field(None, ge=-1)
     temperature: float = Field(0.8, ge=0, le=2)
-    top_k: int = Field(40, ge=0)
+    top_k: int = Field(40, ge=0, le=INT32_MAX)  # llama.cpp's is an int32: 2**32 read as 0 (off)
     top_p: float = Field(0.95, gt=0, le=1)
     stop: list[str] = Field(default_factory=list)
     seed: int | None = None

@@ -11,20 +11,20 @@ from typing import Any
 
 from pydantic import Field
 
-from .common import CodemoatExt, Lenient
+from .common import INT32_MAX, CodemoatExt, Lenient, NullIsDefault
 
 
-class Options(Lenient):
+class Options(NullIsDefault):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)
+    top_k: int | None = Field(None, ge=0, le=INT32_MAX)  # llama.cpp's is an int32: 2**32 read as 0 (off)
     num_predict: int | None = None
     stop: list[str] | None = None
     seed: int | None = None
     repeat_penalty: float | None = Field(None, allow_inf_nan=False)
 
 
-class GenerateRequest(Lenient):
+class GenerateRequest(NullIsDefault):
     model: str
     prompt: str = ""
     suffix: str | None = None
@@ -40,7 +40,7 @@ class Message(Lenient):
     content: str = ""
 
 
-class ChatRequest(Lenient):
+class ChatRequest(NullIsDefault):
     model: str
     messages: list[Message] = Field(default_factory=list)  # none: preload the model (Ollama's "load")
     stream: bool = True

@@ -7,10 +7,10 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from .common import CodemoatExt, Lenient, now
+from .common import CodemoatExt, Lenient, NullIsDefault, now
 
 
-class CompletionRequest(Lenient):
+class CompletionRequest(NullIsDefault):
     model: str
     prompt: str | list[str] = ""
     suffix: str | None = None
@@ -43,11 +43,11 @@ class ChatMessage(Lenient):
         return "".join(p.text or "" for p in self.content if p.type == "text")
 
 
-class StreamOptions(Lenient):
+class StreamOptions(NullIsDefault):
     include_usage: bool = False
 
 
-class ChatRequest(Lenient):
+class ChatRequest(NullIsDefault):
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)

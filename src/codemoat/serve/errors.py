@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from typing import Any
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
@@ -33,6 +34,15 @@ _OPENAI_CODES = {401: "invalid_api_key", 429: "rate_limit_exceeded", 503: "model
 
 def _openai_type(status: int) -> str:
     return _OPENAI_TYPES.get(status) or ("invalid_request_error" if 400 <= status < 500 else "server_error")
+
+
+def completions_protocol(raw: bytes, doc: Any = None, parsed: bool = False) -> str:
+    """Whose shapes a POST /v1/completions answers in: Tabby's and OpenAI's share the path. A body parsed (`doc`,
+    `parsed`) is Tabby's when it is an object naming "segments"; one not parsed, yet (a 401 comes before the parse)
+    or at all (not JSON), when its bytes name it."""
+    if parsed:
+        return "tabby" if isinstance(doc, dict) and "segments" in doc else "openai"
+    return "tabby" if b'"segments"' in raw else "openai"
 
 
 def protocol_of(request: Request) -> str:

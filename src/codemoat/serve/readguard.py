@@ -36,6 +36,7 @@ with the deadline, holding them all then takes thousands of new connections a se
 
 from __future__ import annotations
 
+import logging
 import resource
 import socket
 from typing import Any
@@ -58,8 +59,28 @@ def _answer(status: bytes, text: str) -> bytes:
     return head % (status, len(body)) + body
 
 
+class _Quiet:
+    """uvicorn's logger for one connection, with its WARNING for each request it cannot parse at debug: anyone,
+    without a token, could add a line to the log per malformed request (the answer, a 400, is unchanged)."""
+
+    __slots__ = ("_log",)
+
+    def __init__(self, log: logging.Logger) -> None:
+        self._log = log
+
+    def warning(self, msg: object, *args: object, **kw: object) -> None:
+        (self._log.debug if msg == "Invalid HTTP request received." else self._log.warning)(msg, *args, **kw)  # type: ignore[arg-type]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._log, name)
+
+
 class ReadGuard:
     """Mixed in before an `HttpToolsProtocol`: the deadline and head bound of the module's docstring."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)  # type: ignore[call-arg]
+        self.logger = _Quiet(self.logger)  # type: ignore[has-type]
 
     read_timeout_s: float = READ_TIMEOUT_S
     _timer: Any = None
@@ -115,8 +136,20 @@ class ReadGuard:
     def _unsupported_upgrade_warning(self) -> None:
         """uvicorn logs a WARNING for every request that asks to upgrade to anything but a WebSocket (`curl --http2`
         over http:// sends `Upgrade: h2c`), and answers it as HTTP/1.1 anyway: anyone, without a token, could add a
-        line to the log per request. Logged at debug."""
+        line to the log per request. Logged at debug.
+
+        Such a request with a body is refused instead: llhttp takes the bytes after an upgrade's head for the new
+        protocol, so its body never reached the app, which answered as if it had been sent none ("request body is
+        empty"; an outside fuzzer's `curl --http2 -d ...`). Its app, started already, reads a hang-up."""
         self.logger.debug("Unsupported upgrade request.")  # type: ignore[attr-defined]
+        headers = dict(self.headers)  # type: ignore[attr-defined]  # this request's, names lower-case (uvicorn)
+        if headers.get(b"content-length", b"0").strip() not in (b"", b"0") or b"transfer-encoding" in headers:
+            self._in_head = False  # the head is read: `_refuse` tells the request's app the client is gone
+            self._refuse(
+                b"400 Bad Request",
+                "a request that asks to upgrade its connection (Upgrade: h2c) cannot carry a body here: send it as "
+                "plain HTTP/1.1, without Upgrade (curl: --http1.1)",
+            )
 
     def on_message_complete(self) -> None:
         super().on_message_complete()  # type: ignore[misc]

@@ -12,10 +12,12 @@ from ..protocol import openai
 from ..protocol.common import as_stop_list, new_id
 from .auth import require
 from .body import issue_completion_id, read_json, start_usage
+from .errors import completions_protocol
 from .service import FimInput, Service, snippets_extra
 from .streaming import json_text, sse
 
 router = APIRouter()
+_UNPARSED = object()  # a body that did not parse as JSON (`completions`)
 
 
 def _finish(reason: str | None) -> str | None:
@@ -45,17 +47,18 @@ async def completions(request: Request):
     # The body tells Tabby's requests from OpenAI's (and so the error shape), but the token is checked
     # before the body is parsed: a caller without one costs no parse (8 MiB of tiny JSON values take about
     # a second) and learns nothing else. Its 401 takes Tabby's shape when the raw body names "segments".
-    request.state.protocol = "tabby" if b'"segments"' in await request.body() else "openai"
+    raw = await request.body()
+    request.state.protocol = completions_protocol(raw)
     principal = await require("complete")(request)
     try:
         body, bad = await read_json(request), None
     except CodemoatError as e:
-        body, bad = getattr(e, "body", None), e  # a body that parsed but is refused still names its protocol
-    tabby = isinstance(body, dict) and "segments" in body
-    request.state.protocol = "tabby" if tabby else "openai"
+        body, bad = getattr(e, "body", _UNPARSED), e  # a body that parsed but is refused still names its protocol
+    if body is not _UNPARSED:  # one that did not parse keeps what its bytes name, as its 401 would
+        request.state.protocol = completions_protocol(raw, body, parsed=True)
     if bad is not None:
         raise bad
-    if tabby:
+    if request.state.protocol == "tabby":
         from .routes_tabby import tabby_completion
 
         return await tabby_completion(request, principal, body)

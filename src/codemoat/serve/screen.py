@@ -55,6 +55,8 @@ class SecretScreen:
         usage = usage_of(scope["state"])
         usage.secrets |= kinds
         usage.note = "refused: secret in the request"
+        if scope.get("path") == "/v1/completions":  # Tabby's body or OpenAI's: refused in its own shape, as the route would
+            scope["state"]["protocol"] = await anyio.to_thread.run_sync(_completions_protocol, body, limiter=self.limiter)
         await errors.render(Request(scope), 400, message, "secret_detected")(scope, receive, send)
 
 
@@ -78,6 +80,13 @@ async def _read(receive):
         return await receive()
 
     return body, replay
+
+
+def _completions_protocol(body: bytes) -> str:
+    try:
+        return errors.completions_protocol(body, json.loads(body), parsed=True)
+    except (ValueError, RecursionError):
+        return errors.completions_protocol(body)
 
 
 def scan_body(body: bytes, limit: int = SCAN_CHARS) -> tuple[set[str], str]:

@@ -59,11 +59,18 @@ class _After:
 
 
 class HeadWithBody(RequestResponseCycle):
-    """One request's cycle: `http.response.start`'s bytes are written with the next body message."""
+    """One request's cycle: `http.response.start`'s bytes are written with the next body message.
+
+    A cycle whose connection has closed sends nothing, as uvicorn's own does once it is told (`disconnected`).
+    uvicorn tells only the newest request it parsed: one answered while the client had pipelined more and then
+    hung up wrote to the closed transport, and uvloop raised (two tracebacks in the log per such connection,
+    from anyone, no token needed). Here the transport itself is asked, and `HttpProtocol` tells every cycle."""
 
     _head: bytes | None = None
 
     async def send(self, message: Any) -> None:
+        if not self.disconnected and self.transport.is_closing():
+            self.disconnected = True  # the client is gone: nothing more to write (its app reads a hang-up)
         if self.flow.write_paused and not self.disconnected:
             await self.flow.drain()  # here, so that nothing below waits while the transport is stood in for
         real = self.transport
@@ -90,6 +97,18 @@ class HeadWithBody(RequestResponseCycle):
 class HttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol, its requests' cycles `HeadWithBody` (`uvicorn.Config(http=HttpProtocol)`)."""
 
+    _running: RequestResponseCycle | None = None  # the cycle being answered (`self.cycle` is the newest parsed)
+
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
         cycle.__class__ = HeadWithBody  # made by uvicorn's on_headers_complete; only `send` differs
+        self._running = cycle
         super()._start_asgi_task(cycle, app)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """uvicorn marks the newest cycle disconnected; the one being answered and those pipelined behind it are
+        marked too, so each reads a hang-up instead of answering a closed connection."""
+        for cycle in [self._running, *(c for c, _ in self.pipeline)]:
+            if cycle is not None and cycle is not self.cycle and not cycle.response_complete:
+                cycle.disconnected = True
+                cycle.message_event.set()
+        super().connection_lost(exc)

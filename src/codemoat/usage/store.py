@@ -153,7 +153,7 @@ class UsageStore:
             if isinstance(choice_index, int) and not isinstance(choice_index, bool) and 0 <= choice_index < 1024
             else 0
         )
-        kind = select_kind if t == "select" and select_kind in SELECT_KINDS else None
+        kind = select_kind if t == "select" and isinstance(select_kind, str) and select_kind in SELECT_KINDS else None
         with self._begin(conn) as c:
             language, chars, lines, matched, full = UNKNOWN, 0, 0, False, (0, 0)
             if cid is not None:
