@@ -199,3 +199,20 @@ def test_a_rollback_target_still_kept_from_an_earlier_install_is_one_line(shop, 
     assert store.rollback("model")["version"] == "1.8"  # the kept copy is what `update rollback` serves
     with pytest.raises(CodemoatError, match="already installed"):  # and once it is current: as before
         store.apply(target)
+
+
+def test_a_release_whose_out_is_its_own_source_is_refused_and_the_source_kept(shop, tmp_path):
+    """Was (an outside tester): `vendor release --out` naming its own --model (or --adapter, --knowledge-pack)
+    replaced the vendor's file by the bundle. Refused in one line, the source intact; another --out is written."""
+    from codemoat.errors import CodemoatError
+    from codemoat.updates.release import release
+
+    shop.license()
+    src = tmp_path / "m.gguf"
+    src.write_bytes(shop.gguf.read_bytes())
+    (tmp_path / "link.gguf").symlink_to(src)
+    for out in (src, tmp_path / "link.gguf"):
+        with pytest.raises(CodemoatError, match="is the model"):
+            release(shop.vendor, customer="acme", kind="model", source=src, version="1", out=out, license_id=shop.last)
+    assert src.read_bytes() == shop.gguf.read_bytes()
+    assert shop.release("1", source=src).is_file()

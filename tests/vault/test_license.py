@@ -233,7 +233,7 @@ def _has_trace() -> bool:
     return importlib.util.find_spec("codemoat.trace.fingerprint") is not None
 
 
-def test_cli_flow_and_one_line_errors(tmp_path, model, vault_home):
+def test_cli_flow_and_one_line_errors(tmp_path, model, gguf_file, vault_home):
     v = tmp_path / "v"
     assert cli("vendor", "init", "--vendor", str(v)).returncode == 0
     ident = cli("machine-id", "--json")
@@ -244,7 +244,7 @@ def test_cli_flow_and_one_line_errors(tmp_path, model, vault_home):
     p = cli(
         "vendor",
         "seal",
-        str(model),
+        str(gguf_file),  # a whole GGUF: `vendor seal` parses it (the magic and noise of `model` is refused)
         "--vendor",
         str(v),
         "--customer",

@@ -20,12 +20,12 @@ import sqlalchemy as sa
 from sqlalchemy import Engine
 
 from ..errors import CodemoatError, NotFound, Unauthorized
+from ..names import RULE, valid_name
 
 EVERYONE = "everyone"
 ALL_SCOPES = ("complete", "chat", "admin", "metrics")  # metrics: a scraper's token, /metrics only
 DEFAULT_SCOPES = ("complete", "chat")
 TOKEN_PREFIX = "cm_"
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,127}")  # fullmatch: `$` would let a final newline through
 
 meta = sa.MetaData()
 users = sa.Table(
@@ -88,8 +88,8 @@ def _hash(secret: str) -> str:
 
 
 def _check_name(kind: str, name: str) -> str:
-    if not _NAME.fullmatch(name or ""):
-        raise CodemoatError(f"invalid {kind} name {name!r}: use letters, digits, '.', '_', '@', '-' (max 128)")
+    if not valid_name(name):
+        raise CodemoatError(f"invalid {kind} name {name!r}: {RULE}")
     return name
 
 

@@ -11,10 +11,14 @@ from .common import JsonFlag, console, emit, id_column, say, table
 
 
 def _accounts():
+    """The accounts in the database `codemoat serve` reads: the configuration's `database_url` (the TOML file
+    named by CODEMOAT_CONFIG, or CODEMOAT_DATABASE_URL), else the home's. Was: only the environment was read, so a
+    `database_url` set in the TOML file put tokens in the home's database, where the server never looked."""
     from ..accounts import Accounts
+    from ..config import load_settings
     from ..db import open_db
 
-    return Accounts(open_db())
+    return Accounts(open_db(load_settings(None).database_url))
 
 
 def _ts(t: float | None) -> str:

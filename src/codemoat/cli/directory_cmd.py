@@ -84,13 +84,13 @@ def login(
 
     With your directory password (--user), or by approving a device code with the company's identity provider.
     The token is shown once and kept 0600 in $CODEMOAT_HOME/login.json."""
-    import httpx
-
-    from ..directory.login_client import NO_SIGN_IN, NoDeviceFlow, check_server, device_login, save_login
+    from ..directory.login_client import NoDeviceFlow, check_server, device_login, login_path, password_login, save_login
     from ..errors import CodemoatError
 
     try:
         check_server(server)
+        # before a password is read or a code shown: a token the server issued could otherwise be neither kept nor shown
+        login_path()
     except CodemoatError as e:
         fail(str(e))
     if user is None:
@@ -108,30 +108,32 @@ def login(
         else:
             password = typer.prompt("directory password", hide_input=True)
         try:
-            r = httpx.post(
-                server.rstrip("/") + "/auth/login", json={"username": user, "password": password, "name": name}, timeout=30
-            )
-        except httpx.HTTPError as e:
-            fail(f"cannot reach {server}: {type(e).__name__}")
-        body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
-        if r.status_code == 404:
-            fail(f"{server} offers no directory sign-in: {NO_SIGN_IN} sets no directory.ldap_url")
-        if r.status_code != 200:
-            msg = body.get("error", {}).get("message") if isinstance(body.get("error"), dict) else body.get("error")
-            fail(f"sign-in refused ({r.status_code}): {msg or r.text[:200]}")
-    body["saved_to"] = str(save_login(server, body))
+            body = password_login(server, user, password, name)
+        except CodemoatError as e:
+            fail(str(e))
+    try:
+        body["saved_to"] = str(save_login(server, body))
+    except CodemoatError as e:  # the folder changed since `login_path()`: the token is shown (as always) so it is not lost
+        body["saved_to"] = None
+        emit(body, as_json, _show_login)
+        fail(f"{e}: the token above is not kept; put it in your editor's settings yourself")
+    emit(body, as_json, _show_login)
 
-    def human(d: dict) -> None:
-        if d.get("user"):
-            console.print(
-                f"signed in as {d['user']} (groups: {', '.join(d['groups'])}; scopes: {', '.join(d['scopes'])})",
-                highlight=False,
-            )
-        console.print("your API token (shown once; put it in your editor's settings):", highlight=False)
-        say(d["token"])
-        console.print(f"kept in {d['saved_to']} (readable by you only)", highlight=False)
 
-    emit(body, as_json, human)
+def _show_login(d: dict) -> None:
+    """The token, for people: who it is for, the token itself (shown once), and where it is kept. The server's names
+    are checked printable (`login_client.checked_login`) and escaped here, so none is read as rich markup."""
+    from rich.markup import escape
+
+    if d.get("user"):
+        console.print(
+            escape(f"signed in as {d['user']} (groups: {', '.join(d['groups'])}; scopes: {', '.join(d['scopes'])})"),
+            highlight=False,
+        )
+    console.print("your API token (shown once; put it in your editor's settings):", highlight=False)
+    say(escape(d["token"]))
+    if d.get("saved_to"):
+        console.print(escape(f"kept in {d['saved_to']} (readable by you only)"), highlight=False)
 
 
 def _show_code(start: dict, browser: bool, as_json: bool) -> None:
@@ -160,8 +162,15 @@ def _browser_fallback(server: str, e, browser: bool) -> dict:
         import webbrowser
 
         webbrowser.open(e.signin_url)
+    from ..directory.login_client import TOKEN_CHARS
+
     token = (typer.prompt("token", hide_input=True) if sys.stdin.isatty() else sys.stdin.readline()).strip()
-    r = httpx.get(server.rstrip("/") + "/v1/models", headers={"Authorization": f"Bearer {token}"}, timeout=30)
+    if not TOKEN_CHARS.fullmatch(token):  # an HTTP header cannot carry it ("UnicodeEncodeError"), or nothing was pasted
+        fail("that is not a token: paste it as the sign-in page showed it (cm_...)")
+    try:
+        r = httpx.get(server.rstrip("/") + "/v1/models", headers={"Authorization": f"Bearer {token}"}, timeout=30)
+    except httpx.HTTPError as e:
+        fail(f"cannot reach {server}: {type(e).__name__}")
     if r.status_code != 200:
         fail(f"{server} does not accept that token ({r.status_code})")
     return {"token": token}

@@ -78,6 +78,9 @@ def license_issue(
     expires_at = int(parse_when(expires))
     not_before_at = int(parse_when(not_before)) if not_before else None
     if out is not None:  # before signing: a license recorded but never written would be orphaned
+        from ..vault.samefile import refuse_input_as_output
+
+        refuse_input_as_output(out, [model], "sealed model")  # --force replaced the customer's model by its license
         check_writable(out, force, "the license in it stays in the vendor database: `vendor license show ID`")
     with Vendor.open(vendor) as v:
         doc = v.issue_license(

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from .apps import vendor_app
-from .common import JsonFlag, console, emit, refuse_replacing
+from .common import JsonFlag, console, emit
 from .training import Device, Lr, Minutes, check_budget, run_with_progress
 
 
@@ -54,9 +54,11 @@ def train_command(
             raise CodemoatError(f"corpus directory not found: {root}")
     if out.is_dir():  # with --force too: the export at the end, after the whole run, could not write it
         raise CodemoatError(f"{out} is a folder: name the .gguf file to write")
-    # a run does not resume: the model (or checkpoint) already there would be replaced by this run's first checkpoint
-    for made in (out, out.with_suffix(".hf")):
-        refuse_replacing(made, force, "a new run starts over" if made == out else f"the safetensors of {out.name}")
+    if out.suffix != ".gguf":  # said by the trainer too, but only after the files beside it were looked for
+        raise CodemoatError(f"--out must end in .gguf, got {out}")
+    if not out.parent.is_dir():  # as `vendor seal` says it: the trainer made the whole path (`/nonexist/`)
+        raise CodemoatError(f"folder {out.parent} does not exist")
+    refuse_overwriting_run(out, force)
     opts = TrainOptions(
         corpus=corpus,
         out=out,
@@ -97,6 +99,28 @@ def train_command(
         )
 
     emit(data, as_json, human)
+
+
+#: what a run writes beside `X.gguf` (`train.trainer.train`): safetensors, held-out list, log, summary, loss plot
+BESIDE = (".hf", ".heldout.txt", ".log.jsonl", ".train.json", ".loss.png")
+
+
+def run_outputs(out: Path) -> list[Path]:
+    """Every path a `vendor train --out OUT` run writes: OUT and the files beside it (`BESIDE`)."""
+    return [out] + [out.with_name(out.stem + suffix) for suffix in BESIDE]
+
+
+def refuse_overwriting_run(out: Path, force: bool) -> None:
+    """One line naming every output of an earlier run that is there, unless `force`. Only X.gguf and X.hf/ were
+    looked for: X.train.json, X.loss.png, X.log.jsonl and X.heldout.txt beside them were replaced without
+    --force (a run does not resume: each is written again from the start)."""
+    from ..errors import CodemoatError
+
+    there = [p for p in run_outputs(out) if p.exists() or p.is_symlink()]
+    if there and not force:
+        names = ", ".join(str(p) if p == there[0] else p.name for p in there)
+        verb, them = ("exists", "it") if len(there) == 1 else ("exist", "them")
+        raise CodemoatError(f"{names} {verb}: pass --force to replace {them} (a new run starts over)")
 
 
 def _stage_info(ev: dict) -> str:

@@ -97,9 +97,14 @@ def vendor_seal(
 ) -> None:
     """Encrypt a model for one customer: signed manifest, AES-256-GCM chunks, fresh content key."""
     from ..trace.fingerprint import fingerprint_model
+    from ..vault.samefile import refuse_input_as_output
+    from ..vault.seal_model import check_gguf, model_inputs
     from ..vault.vendor import Vendor
 
+    refuse_input_as_output(out, model_inputs(model), "model")  # first: --force would only be refused next
     check_writable(out, force, "its licenses name that file's content; the new file gets a new key")
+    if model.suffix == ".gguf" and model.is_file():  # whole, before sealing (the magic alone let garbage through)
+        check_gguf(model)
     fp = fingerprint_model if fingerprint else None
     with Vendor.open(vendor) as v:
         sealed = v.seal(model, customer, out, fingerprint=fp)
@@ -125,8 +130,10 @@ def vendor_unseal(
     as_json: JsonFlag = False,
 ) -> None:
     """Decrypt the vendor's own sealed file (needs the vendor's keys and database)."""
+    from ..vault.samefile import refuse_input_as_output
     from ..vault.vendor import Vendor
 
+    refuse_input_as_output(out, [moat], "sealed file")  # before the vendor opens (Vendor.unseal says it too)
     with Vendor.open(vendor) as v:
         path = v.unseal(moat, out, force=force)
     emit(

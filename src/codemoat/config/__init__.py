@@ -24,7 +24,7 @@ from pydantic_settings import (
 )
 
 from .directory import DirectorySettings, loopback_url
-from .serving import ModelSettings, ServerSettings
+from .serving import ModelSettings, Section, ServerSettings
 
 __all__ = [
     "AuditSettings",
@@ -44,7 +44,7 @@ __all__ = [
 ]
 
 
-class VaultSettings(BaseModel):
+class VaultSettings(Section):
     clock_tolerance_s: int = Field(300, description="How far the clock may go back before a license is refused.")
     lease_renew_fraction: float = Field(0.5, gt=0, lt=1, description="Renew a lease after this fraction of its TTL.")
     keyserver_timeout_s: float = Field(
@@ -67,7 +67,7 @@ class VaultSettings(BaseModel):
     )
 
 
-class RetrievalSettings(BaseModel):
+class RetrievalSettings(Section):
     enabled: bool = Field(True, description="Add cross-file context from indexed repositories to completions.")
     budget_tokens: int = Field(512, ge=0, description="Tokens of retrieved context a completion prompt may hold.")
     k: int = Field(5, ge=0, description="Snippets retrieved per completion.")
@@ -78,7 +78,7 @@ class RetrievalSettings(BaseModel):
     )
 
 
-class AuditSettings(BaseModel):
+class AuditSettings(Section):
     retain_text: bool = Field(False, description="Keep prompt and completion text in the audit log (secrets redacted first).")
     checkpoint_every: int = Field(100, ge=1, description="Sign a checkpoint of the audit chain every N records.")
     sign_every: int = Field(
@@ -94,7 +94,7 @@ class AuditSettings(BaseModel):
     )
 
 
-class PolicySettings(BaseModel):
+class PolicySettings(Section):
     secrets: Literal["redact", "block"] = Field(
         "redact", description="Secrets found in prompts: redact them from what is kept, or refuse the request."
     )
@@ -103,7 +103,7 @@ class PolicySettings(BaseModel):
     tokens_per_day: int = Field(0, ge=0, description="Per-user generated-token limit per day (0 = none).")
 
 
-class UpdateSettings(BaseModel):
+class UpdateSettings(Section):
     channel_url: str | None = Field(
         None,
         description="The vendor's online update channel (`codemoat update fetch` polls it; the only host it may reach). Off by default: bundles travel on removable media.",
@@ -122,7 +122,7 @@ class UpdateSettings(BaseModel):
 class Settings(BaseSettings):
     """All of codemoat's configuration."""
 
-    model_config = SettingsConfigDict(env_prefix="CODEMOAT_", env_nested_delimiter="__", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="CODEMOAT_", env_nested_delimiter="__", extra="ignore", allow_inf_nan=False)
 
     server: ServerSettings = Field(default_factory=ServerSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)

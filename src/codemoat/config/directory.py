@@ -3,10 +3,12 @@ rule that neither is reached without TLS off loopback."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import Field, model_validator
+
+from .serving import Section
 
 
-class DirectorySettings(BaseModel):
+class DirectorySettings(Section):
     """The company directory as the source of truth for users and groups (`codemoat.directory`)."""
 
     ldap_url: str | None = Field(

@@ -29,7 +29,18 @@ def http_url(host: str, port: int) -> str:
     return f"http://{netloc(host, port)}"
 
 
-class ServerSettings(BaseModel):
+class Section(BaseModel):
+    """A settings section: numbers are finite (`max_body_mb = inf` passed `config show`, which printed the invalid
+    JSON `Infinity`, then killed `serve` after its model had loaded)."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
+
+
+#: uvicorn's log levels (`server.log_level`)
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+
+
+class ServerSettings(Section):
     host: str = Field("127.0.0.1", description="Address to listen on.")
     port: int = Field(8080, ge=0, le=65535, description="Port to listen on (0 picks a free one).")
     max_concurrent: int = Field(
@@ -45,7 +56,9 @@ class ServerSettings(BaseModel):
         ge=0,
         description="Longest a request waits for a place of server.max_concurrent and then a slot of the engine (model.parallel) before it is refused with the protocol's overloaded error (503 with Retry-After; Ollama's \"server busy\"); 0 = it waits as long as it takes.",
     )
-    log_level: str = Field("info", description="uvicorn log level.")
+    log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = Field(
+        "info", description="uvicorn log level: critical, error, warning, info, debug or trace."
+    )
     max_body_mb: float = Field(
         8, ge=0, description="Largest request body accepted, in MiB; a larger one gets 413 (0 = no limit)."
     )
@@ -66,6 +79,11 @@ class ServerSettings(BaseModel):
         "X-Forwarded-Proto: https makes the console's and the sign-in's cookies Secure. Empty (the default): both "
         "headers are ignored, from every peer, loopback included.",
     )
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _level(cls, v: object) -> object:
+        return v.strip().lower() if isinstance(v, str) else v  # uvicorn's names are lower-case; INFO is info
 
     @field_validator("host")
     @classmethod
@@ -90,9 +108,9 @@ class ServerSettings(BaseModel):
         return v
 
 
-class ModelSettings(BaseModel):
+class ModelSettings(Section):
     # checked on assignment too, so that nothing reaches the server unchecked
-    model_config = ConfigDict(validate_assignment=True)
+    model_config = ConfigDict(validate_assignment=True, allow_inf_nan=False)
 
     path: str | None = Field(
         None,

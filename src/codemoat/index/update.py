@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import CodemoatError
+from ..names import RULE, valid_name
 from ..paths import home
 from .chunk import Chunk, chunk_file
 from .store import RepoInfo, SqliteIndex
@@ -48,12 +49,12 @@ class UpdateStats:
 
 
 def parse_groups(spec: str | Sequence[str] | None) -> list[str]:
-    """`"a, b"` -> ['a', 'b'], validated: names of letters, digits, `-`, `_` and `.`."""
+    """`"a, b"` -> ['a', 'b'], validated as the accounts name groups (`codemoat.names`)."""
     items = spec.split(",") if isinstance(spec, str) else list(spec or [])
     groups = sorted({g.strip() for g in items if g.strip()})
     for g in groups:
-        if not set(g) <= _NAME_OK:
-            raise CodemoatError(f"invalid group name {g!r}: use letters, digits, '-', '_' and '.'")
+        if not valid_name(g):
+            raise CodemoatError(f"invalid group name {g!r}: {RULE}")
     return groups
 
 

@@ -144,6 +144,9 @@ def release(
     source = Path(source)
     if not source.exists():
         raise NotFound(f"{kind} not found: {source}")
+    from ..vault.samefile import refuse_input_as_output
+
+    refuse_input_as_output(out, [source], kind)  # --out naming the model, adapter or pack replaced it by the bundle
     cust = vendor.find_customer(customer)
     if cust is None:
         raise NotFound(f"no customer named {customer!r} (customers are created by `vendor seal`)")

@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from .codec import VaultError, b64e, canonical, public_raw, sign, wrap, x_public
 from .container import SealedFile, content_key_id
 from .license import DOMAIN, FEATURES, KIND, MODES, VERSION, key_context
-from .machine import POLICIES, check_tpm_block
+from .machine import POLICIES, check_facts, check_tpm_block
 from .snpbind import check_snp_block
 from .tpmwrap import wrap_p256_shared
 
@@ -95,7 +95,9 @@ def issue(
 
 
 def _entry(x: dict[str, Any]) -> dict[str, Any]:
-    """A license's machine entry: the software keys always, and the TPM block when the machine has one."""
+    """A license's machine entry: the software keys always, and the TPM block when the machine has one;
+    its hardware facts checked whichever way the identity came (`machine.check_facts`)."""
+    check_facts(x.get("facts"), chip_bound=bool(x.get("tpm") or x.get("snp")))
     e = {"id": x["id"], "x25519": x["x25519"], "ed25519": x["ed25519"], "facts": x["facts"], "binding": "software"}
     if x.get("tpm"):
         if x["tpm"].get("crl") is None:  # made by an older codemoat: a deleted CRL counter would go unseen (vault.crl)

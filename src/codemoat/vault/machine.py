@@ -18,6 +18,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -295,6 +296,42 @@ def check_tpm_block(t: Any) -> dict[str, Any]:
     return out
 
 
+#: a fact as `_h` makes it: the first 32 hex digits of a SHA-256
+_FACT_HASH = re.compile(r"[0-9a-f]{32}")
+#: the groups `collect_facts` records as a list (a machine has several network cards, GPUs); the others are one hash
+LISTED = ("macs", "gpus")
+
+
+def check_facts(facts: Any, *, chip_bound: bool) -> dict[str, Any]:
+    """A machine identity's hardware facts, checked as `collect_facts` makes them: known groups, each a hash
+    (or, for network cards and GPUs, a list of them). An identity with its facts deleted, `{}`, or of the wrong
+    type (`"macs": 5`) was licensed with `facts: {}`, which `match_facts` matches on any machine: the license
+    was bound to nothing but a key file that copies anywhere. None at all is allowed only when a chip binds
+    the license instead (`chip_bound`: a TPM, whose unwrap key never leaves it, or an SEV-SNP guest)."""
+    if facts is None:
+        raise VaultError(
+            "machine identity has no hardware facts ('facts' is missing): send `codemoat machine-id --json` unchanged"
+        )
+    if not isinstance(facts, dict):
+        raise VaultError(f"machine identity's hardware facts are malformed ('facts' is a {type(facts).__name__}, not an object)")
+    for group, value in facts.items():
+        if group not in GROUPS:
+            raise VaultError(f"machine identity names an unknown hardware fact {group[:40]!r} (known: {', '.join(GROUPS)})")
+        if group in LISTED:
+            ok = isinstance(value, list) and value and all(isinstance(v, str) and _FACT_HASH.fullmatch(v) for v in value)
+        else:
+            ok = isinstance(value, str) and _FACT_HASH.fullmatch(value)
+        if not ok:
+            want = "a list of 32-hex-digit hashes" if group in LISTED else "a 32-hex-digit hash"
+            raise VaultError(f"machine identity's hardware fact {group!r} is malformed: {want}, not {str(value)[:40]!r}")
+    if not facts and not chip_bound:
+        raise VaultError(
+            "machine identity holds no hardware facts, so a license would bind it to no hardware: run "
+            "`codemoat machine-id --json` on the machine itself (or `--tpm` to bind it to its TPM)"
+        )
+    return facts
+
+
 def machine_id_of(x_pub: bytes, ed_pub: bytes) -> str:
     return "m_" + hashlib.sha256(b"codemoat-machine-v1\x00" + x_pub + ed_pub).hexdigest()[:24]
 
@@ -326,9 +363,7 @@ def parse_identity(text_or_path: str | dict) -> dict[str, Any]:
         raise VaultError("machine identity keys are malformed")
     if d.get("id") != machine_id_of(x, e):
         raise VaultError("machine identity id does not match its keys")
-    facts = d.get("facts", {})
-    if not isinstance(facts, dict):
-        raise VaultError("machine identity facts are malformed")
+    facts = check_facts(d.get("facts"), chip_bound=d.get("tpm") is not None)
     out = {"id": d["id"], "x25519": d["x25519"], "ed25519": d["ed25519"], "facts": facts}
     if d.get("tpm") is not None:
         out["tpm"] = check_tpm_block(d["tpm"])

@@ -69,6 +69,47 @@ def check_safetensors(path: Path, data: bytes) -> None:
         raise CodemoatError(f"{path}: {e}") from None
 
 
+def check_gguf(path: Path, what: str = "model") -> dict:
+    """Refuse, in one line naming `path`, a GGUF that does not parse whole: its header, every tensor's
+    info, and a data section long enough for every tensor (`trace.gguf_stream` checks each one's end).
+    Only the magic was checked, so `vendor seal --no-fingerprint` sealed the magic followed by garbage, or
+    a model cut to its first megabyte, and the customer learned it at load time. Returns the scalar metadata."""
+    from ..trace.gguf_stream import GGUFFile
+
+    with GGUFFile(path, name=str(path)) as g:
+        if not g.tensors:
+            raise CodemoatError(f"{path}: a GGUF {what} holds tensors, this one none")
+        return g.metadata
+
+
+def check_lora_adapter(path: Path) -> None:
+    """Refuse a file that is not a LoRA adapter: a GGUF must parse whole (`check_gguf`) and say
+    `general.type = adapter`, `adapter.type = lora`, as llama.cpp's converter and `tune.lora` write it;
+    a safetensors file must name peft's lora_A/lora_B tensors. Random bytes, or a whole base model,
+    were released as an adapter (llama.cpp refused it on the customer's machine, or served the base twice)."""
+    if path.suffix == ".gguf":
+        meta = check_gguf(path, "LoRA adapter")
+        kind = (meta.get("general.type"), meta.get("adapter.type"))
+        if kind != ("adapter", "lora"):
+            raise CodemoatError(
+                f"{path} is not a LoRA adapter: its GGUF metadata says general.type={kind[0]!r}, "
+                f"adapter.type={kind[1]!r} (an adapter says 'adapter' and 'lora')"
+            )
+        return
+    if path.suffix == ".safetensors":
+        from ..trace import st_io
+
+        os.close(open_regular(path, "adapter")[0])  # a FIFO is refused, not waited on (st_io opens it plainly)
+        try:
+            names = list(st_io.read_header(path))
+        except CodemoatError as e:
+            raise CodemoatError(f"{path}: {e}") from None
+        if not any(".lora_A." in n or ".lora_B." in n for n in names):
+            raise CodemoatError(f"{path} is not a LoRA adapter: it names no lora_A or lora_B tensor (peft's layout)")
+        return
+    raise CodemoatError(f"{path}: an adapter is a .gguf or .safetensors file")
+
+
 #: the tokenizer files a Hugging Face folder may need that are not JSON (sentencepiece, BPE merges, WordPiece)
 TOKENIZER_FILES = frozenset({"tokenizer.model", "spiece.model", "merges.txt", "vocab.txt", "chat_template.jinja"})
 
@@ -93,6 +134,20 @@ def folder_files(folder: Path, weights: Path | None = None) -> list[Path]:
     if not (folder / "config.json").is_file():
         raise CodemoatError(f"{folder} has no config.json beside the safetensors weights")
     return [weights] + sorted(p for p in folder.iterdir() if model_file(p.name) and p.is_file())
+
+
+def model_inputs(model: Path) -> list[Path]:
+    """The files `read_model` reads for `model` (a .gguf file, or a safetensors file or folder with its
+    config and tokenizer files): what the sealed output must not replace. An unreadable folder gives the
+    path alone (sealing then says what is wrong with it)."""
+    try:
+        if model.is_dir():
+            return folder_files(model)
+        if model.suffix == ".safetensors":
+            return folder_files(model.parent, model)
+    except (CodemoatError, OSError):
+        pass
+    return [model]
 
 
 def gguf_pieces(path: Path, stream: Callable | None, secret: bytes) -> tuple[Callable[[], Iterator[Any]], int]:

@@ -29,11 +29,23 @@ from sqlalchemy.exc import IntegrityError
 
 from .. import db, paths
 from ..errors import CodemoatError, NotFound
+from ..names import RULE, valid_name  # one rule for every name a person types
 from .codec import VaultError, b64e, ed_private_raw, key_id, public_raw, write_secret
 from .container import SealedFile
-from .seal_model import Fingerprinter, seal_model
+from .samefile import refuse_input_as_output
+from .seal_model import Fingerprinter, model_inputs, seal_model
 from .vendor_licenses import VendorLicenses
 from .vendor_tables import customers_t, leases_t, licenses_t, models_t  # noqa: F401 (the tables are imported from here too)
+
+
+def check_customer_name(name: str) -> str:
+    """A new customer's name, by the rule user, group and token names follow (`codemoat.names`): ASCII letters,
+    digits, '.', '_', '@', '-', at most 128. Any string was taken: a newline split `vendor license list`'s rows
+    and every one-line error that names the customer, and 100,000 characters were signed into each license."""
+    if not valid_name(name):
+        shown = name if len(name) <= 60 else name[:60] + "..."
+        raise CodemoatError(f"invalid customer name {shown!r} ({len(name)} characters): {RULE}")
+    return name
 
 
 @dataclass(frozen=True)
@@ -153,6 +165,7 @@ class Vendor(VendorLicenses):
         found = self.find_customer(name)
         if found:
             return found
+        check_customer_name(name)  # a new one only: a customer made before the rule still opens
         cid = "c_" + uuid.uuid4().hex[:16]
         try:
             with self.engine.begin() as c:
@@ -193,6 +206,7 @@ class Vendor(VendorLicenses):
     ) -> SealedFile:
         """Encrypt a model for `customer` (fingerprinted first when `fingerprint` is given) into `out`."""
         model = Path(model)
+        refuse_input_as_output(out, model_inputs(model), "model")
         cust = self.customer(customer)
         sealed, key, fmt = seal_model(
             model,
@@ -255,10 +269,15 @@ class Vendor(VendorLicenses):
 
     def unseal(self, moat: str | Path, out: str | Path, *, force: bool = False) -> Path:
         """Decrypt the vendor's own sealed file: a .gguf file, or a folder for safetensors. An existing
-        file, or a folder that is not empty (its files would be mixed with the model's), only with `force`."""
+        file, or a folder that is not empty (its files would be mixed with the model's), only with `force`;
+        never the sealed file itself (`samefile`)."""
+        refuse_input_as_output(out, [moat], "sealed file")
         sealed, key = self.open_sealed(moat)
         out = Path(out)
         m = sealed.manifest
+        if m.format != "gguf":  # a folder: none of the files written into it may be the sealed file either
+            for p in m.parts:
+                refuse_input_as_output(out / Path(p["name"]).name, [moat], "sealed file")
         if m.format == "gguf" and out.is_dir():
             raise CodemoatError(f"{out} is a folder: name the .gguf file to write")
         if m.format != "gguf" and out.exists() and not out.is_dir():
