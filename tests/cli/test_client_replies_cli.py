@@ -143,6 +143,16 @@ def test_chat_prints_a_well_formed_answer_streamed_or_whole():
     assert (r.returncode, r.stdout, r.stderr) == (0, "Hi.\n", "")
 
 
+def test_chat_joins_an_event_split_across_reads_and_takes_a_last_line_without_its_newline():
+    """Was (a reviewer, on the fix above): a read that ended inside a line (a long event, TLS records, a proxy
+    re-chunking) crashed `chat` with `IndexError`, and a final `data: [DONE]` without its newline read as a
+    stream cut off. Now lines are joined across reads and the reply's last line counts."""
+    first, rest = b'data: {"choices":[{"delta":{"con', b'tent":"Hello"}}]}\n\n'
+    with LocalHTTP(_server(first, 0.3, rest, 0.1, b"data: [DO", 0.2, b"NE]", content_type="text/event-stream")) as srv:
+        r = _run(srv, *CHAT)
+    assert (r.returncode, r.stdout, r.stderr) == (0, "Hello\n", ""), r.stderr
+
+
 def test_chat_names_a_stream_cut_off_and_an_error_event():
     """Was: a stream that ended before `data: [DONE]` exited 0 as if the answer were whole, and an error event whose
     "error" was a string ended in "error: AttributeError: ...". Now: one line each, exit 1 (the words before a

@@ -35,3 +35,13 @@ def test_a_setting_out_of_its_kind_is_refused_by_config_show_and_serve_before_th
     shown = json.loads(r.stdout)  # valid JSON: no Infinity
     flat = json.dumps(shown)
     assert '"warning"' in flat and "16.5" in flat, flat[:500]
+
+
+def test_the_key_servers_log_level_is_checked_before_it_starts(tmp_path):
+    """Was (an outside tester): `keyserver --log-level bogus` printed "key server on http://..." and then died with
+    `KeyError: 'bogus'`. Now it is one line before anything starts; a level in capitals is accepted."""
+    vendor = tmp_path / "vendor"
+    assert run_cli("vendor", "init", "--vendor", str(vendor)).returncode == 0
+    r = run_cli("keyserver", "--vendor", str(vendor), "--port", "0", "--log-level", "bogus", timeout=60)
+    assert r.returncode == 1 and "--log-level must be one of" in r.stderr and "key server on" not in r.stdout, r.stdout + r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -8,12 +8,12 @@ import os
 import pytest
 
 from codemoat.errors import CodemoatError
-from updhelp import one_line_error, run_cli
+from updhelp import lora_gguf, one_line_error, run_cli
 
 
 def _adapter(tmp_path):
     p = tmp_path / "fee.gguf"
-    p.write_bytes(b"GGUF" + bytes(range(256)) * 16)
+    lora_gguf(p, 32)
     return p
 
 

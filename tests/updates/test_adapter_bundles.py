@@ -144,7 +144,9 @@ def test_vendor_adapter_groups_are_recorded_kept_and_enforced(shop, store, gguf_
 
     text = tmp_path / "notes.txt"
     text.write_bytes(b"not a LoRA")
-    with pytest.raises(CodemoatError, match="not a GGUF LoRA adapter"):  # refused at apply (test_update_attacks)
-        store.apply(shop.release("1", kind="adapter", source=text, name="notes"), lic)
+    with pytest.raises(CodemoatError, match="an adapter is a .gguf or .safetensors file"):  # refused at release now
+        shop.release(
+            "1", kind="adapter", source=text, name="notes"
+        )  # (and at apply, a bundle made otherwise: test_update_attacks)
     with pytest.raises(CodemoatError, match="no adapter bundle named 'notes'"):
         open_installed("notes")

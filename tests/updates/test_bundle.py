@@ -10,7 +10,7 @@ import pytest
 
 from codemoat.errors import CodemoatError
 from codemoat.updates.bundle import Bundle, PREFIX
-from updhelp import DAY
+from updhelp import DAY, lora_gguf
 
 
 def test_model_bundle_installs_and_serves_under_its_license(shop, store):
@@ -209,7 +209,7 @@ def test_adapter_is_sealed_to_the_machine(shop, store, tmp_path):
     from codemoat.vault.payload import open_payload
 
     adapter = tmp_path / "lora.gguf"
-    adapter.write_bytes(b"GGUF" + bytes(range(256)) * 64)
+    lora_gguf(adapter, 64)
     lic = shop.license()
     b = shop.release("1", kind="adapter", source=adapter)
     assert adapter.read_bytes()[4:260] not in b.read_bytes()  # sealed, not copied

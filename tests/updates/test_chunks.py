@@ -15,7 +15,7 @@ import pytest
 
 from codemoat.errors import CodemoatError
 from codemoat.updates import bundle as fmt
-from updhelp import one_line_error, run_cli
+from updhelp import lora_gguf, one_line_error, run_cli
 
 SMALL = 4096  # chunk size of the bundles below: the tiny model's .moat is many chunks
 
@@ -50,7 +50,7 @@ def chunked(shop, tmp_path):
     """An adapter bundle whose payload is 25 chunks."""
     lic = shop.license()
     src = tmp_path / "fee.gguf"
-    src.write_bytes(b"GGUF" + bytes(range(256)) * 400)
+    lora_gguf(src, 160)  # ~100 KB
     b = _rechunk(shop, shop.release("1", kind="adapter", source=src), tmp_path / "chunked.moatpkg")
     bundle = fmt.Bundle(b)
     assert bundle.format_version == 2 and len(bundle.manifest["payload"]["chunks"]) > 8

@@ -8,12 +8,13 @@ and changes nothing installed.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 
 from codemoat.errors import CodemoatError
-from updhelp import one_line_error, run_cli
+from updhelp import lora_gguf, one_line_error, run_cli
 
 
 def _resign(shop, src: Path, out: Path, **changes) -> Path:
@@ -36,7 +37,7 @@ def test_signed_bundle_id_that_names_a_path_is_refused(shop, store, tmp_path, ki
 
     lic = shop.license()
     src = tmp_path / "fee.gguf"
-    src.write_bytes(b"GGUF" + bytes(64))
+    lora_gguf(src)
     good = shop.release("1", kind=kind, source=src if kind == "adapter" else None)
     outside = tmp_path / "outside"
     bundle_id = str(outside) if bundle_id == "ABS" else bundle_id
@@ -54,7 +55,7 @@ def test_signed_bundle_id_that_names_a_path_is_refused(shop, store, tmp_path, ki
 def test_adapter_or_pack_with_an_empty_group_list_is_refused_not_opened_to_everyone(shop, store, tmp_path, groups):
     lic = shop.license()
     src = tmp_path / "fee.gguf"
-    src.write_bytes(b"GGUF" + bytes(64))
+    lora_gguf(src)
     with pytest.raises(CodemoatError, match="no group"):
         store.apply(shop.release("1", kind="adapter", source=src), lic, groups=groups)
     assert store.list() == []
@@ -65,7 +66,7 @@ def test_adapter_or_pack_with_an_empty_group_list_is_refused_not_opened_to_every
 def test_cli_groups_that_parse_to_nothing_are_refused(shop, tmp_path):
     lic = shop.license()
     src = tmp_path / "fee.gguf"
-    src.write_bytes(b"GGUF" + bytes(64))
+    lora_gguf(src)
     b = shop.release("1", kind="adapter", source=src)
     for spec in (",", " ", ""):
         p = run_cli("update", "apply", str(b), "--license", str(lic), "--groups", spec)
@@ -126,7 +127,7 @@ def test_rollback_keeps_the_groups_the_admin_narrowed_to(shop, store, tmp_path):
 
     lic = shop.license()
     src = tmp_path / "fee.gguf"
-    src.write_bytes(b"GGUF" + bytes(64))
+    lora_gguf(src)
     store.apply(shop.release("1", kind="adapter", source=src), lic)
     store.apply(shop.release("2", kind="adapter", source=src), lic, groups=["payments"])
     assert store.rollback("adapter:fee")["version"] == "1"
@@ -143,11 +144,15 @@ def test_rollback_keeps_the_groups_the_admin_narrowed_to(shop, store, tmp_path):
     assert store.current("knowledge-pack:fw")["groups"] == ["dev"]
 
 
-def test_adapter_bundle_whose_payload_is_not_gguf_is_refused_at_apply(shop, store, tmp_path):
-    """Before, it installed, and the next serve start with `update:NAME` stopped in one line."""
+def test_adapter_bundle_whose_payload_is_not_gguf_is_refused_at_apply(shop, store, tmp_path, monkeypatch):
+    """Before, it installed, and the next serve start with `update:NAME` stopped in one line. `vendor release`
+    refuses such an adapter now; a bundle made without that check (an older codemoat) is refused at apply."""
+    from codemoat.vault import seal_model
+
     lic = shop.license()
     text = tmp_path / "notes.txt"
     text.write_bytes(b"not a LoRA")
+    monkeypatch.setattr(seal_model, "check_lora_adapter", lambda path: None)  # an older release, without the check
     b = shop.release("1", kind="adapter", source=text, name="notes")
     with pytest.raises(CodemoatError, match="not a GGUF LoRA adapter"):
         store.verify(b, lic)
@@ -216,3 +221,71 @@ def test_a_release_whose_out_is_its_own_source_is_refused_and_the_source_kept(sh
             release(shop.vendor, customer="acme", kind="model", source=src, version="1", out=out, license_id=shop.last)
     assert src.read_bytes() == shop.gguf.read_bytes()
     assert shop.release("1", source=src).is_file()
+
+
+def test_a_release_whose_out_is_inside_a_knowledge_pack_or_its_base_model_is_refused(shop, tmp_path):
+    """A reviewer's follow-up: --out inside a knowledge pack's folder (the bundle would be packed into itself, or
+    replace one of its files), and --out naming the base model an adapter is for, are refused too."""
+    from codemoat.errors import CodemoatError
+    from codemoat.updates.release import release
+
+    shop.license()
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.md").write_text("# notes\n")
+    with pytest.raises(CodemoatError, match="inside the knowledge-pack folder"):
+        release(
+            shop.vendor, customer="acme", kind="knowledge-pack", source=docs, version="1", out=docs / "a.md", license_id=shop.last
+        )
+    assert (docs / "a.md").read_text() == "# notes\n"
+    base = tmp_path / "base.moat"
+    base.write_bytes(shop.moat.read_bytes())
+    with pytest.raises(CodemoatError, match="is the adapter"):
+        release(
+            shop.vendor,
+            customer="acme",
+            kind="adapter",
+            source=shop.gguf,
+            version="1",
+            out=base,
+            license_id=shop.last,
+            base_model=base,
+        )
+    assert base.read_bytes() == shop.moat.read_bytes()
+
+
+def test_a_model_release_of_a_gguf_that_is_not_whole_is_refused(shop, tmp_path):
+    """Was (an outside tester): `vendor release --model bad.gguf --no-fingerprint` sealed and shipped a file with
+    GGUF's magic and noise after it, or a GGUF cut short; `update apply` then installed it as the current model.
+    Refused as `vendor seal` refuses it, nothing written; the whole model is released."""
+    from codemoat.errors import CodemoatError
+    from codemoat.updates.release import release
+
+    shop.license()
+    whole = shop.gguf.read_bytes()
+    for name, data in (("noise.gguf", b"GGUF" + bytes(range(256)) * 40), ("cut.gguf", whole[: len(whole) // 2])):
+        bad = tmp_path / name
+        bad.write_bytes(data)
+        out = tmp_path / f"{name}.moatpkg"
+        with pytest.raises(CodemoatError):
+            release(shop.vendor, customer="acme", kind="model", source=bad, version="1", out=out, license_id=shop.last)
+        assert not out.exists()
+    assert shop.release("1").is_file()
+
+
+def test_an_adapter_release_of_random_bytes_or_a_whole_model_is_refused(shop, tmp_path):
+    """Was (an outside tester): `vendor release --adapter` shipped 4 KB of random bytes, or a whole base model,
+    as a LoRA (llama.cpp refused it on the customer's machine, or served the base twice). Refused at release,
+    nothing written; a LoRA adapter is released."""
+    from codemoat.errors import CodemoatError
+    from codemoat.updates.release import release
+
+    shop.license()
+    noise = tmp_path / "noise.gguf"
+    noise.write_bytes(b"GGUF" + os.urandom(4096))
+    for src, why in ((noise, "GGUF"), (shop.gguf, "not a LoRA adapter")):
+        out = tmp_path / f"{src.stem}.moatpkg"
+        with pytest.raises(CodemoatError, match=why):
+            release(shop.vendor, customer="acme", kind="adapter", source=src, version="1", out=out, license_id=shop.last)
+        assert not out.exists()
+    assert shop.release("1", kind="adapter", source=lora_gguf(tmp_path / "fee.gguf")).is_file()

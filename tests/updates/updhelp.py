@@ -172,3 +172,21 @@ class Vaultd:
     def __exit__(self, *exc) -> None:
         self.proc.terminate()
         self.proc.wait(timeout=30)
+
+
+def lora_gguf(path: Path, side: int = 16) -> Path:
+    """A small LoRA adapter GGUF as llama.cpp's converter writes one (general.type = adapter, adapter.type = lora),
+    one f32 tensor of side x side: what `vendor release --adapter` accepts (`seal_model.check_lora_adapter`)."""
+    import gguf
+    import numpy as np
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_string("general.type", "adapter")
+    w.add_string("adapter.type", "lora")
+    w.add_float32("adapter.lora.alpha", 16.0)
+    w.add_tensor("blk.0.attn_q.weight.lora_a", np.arange(side * side, dtype=np.float32).reshape(side, side))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

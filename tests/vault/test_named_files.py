@@ -194,8 +194,9 @@ def test_vendor_release_refuses_a_fifo_or_device_as_its_input(sealed, tmp_path, 
     args = ["vendor", "release", "--vendor", str(vendor.root), "--customer", "acme", "--version", "2"]
     args += ["--out", str(tmp_path / "b.moatpkg"), option, str(f)]
     if option == "--base-model":
-        adapter = tmp_path / "a.safetensors"
-        adapter.write_bytes(b"an adapter")
+        adapter = tmp_path / "a.safetensors"  # a LoRA as peft writes one (release checks the adapter first)
+        head = json.dumps({"m.layers.0.q_proj.lora_A.weight": {"dtype": "F32", "shape": [1, 1], "data_offsets": [0, 4]}})
+        adapter.write_bytes(len(head).to_bytes(8, "little") + head.encode() + bytes(4))
         args += ["--adapter", str(adapter)]
     assert "not a regular file" in one_line_error(run(*args))
     assert not (tmp_path / "b.moatpkg").exists()

@@ -10,6 +10,7 @@ time since a reply's first byte (a server dripping one byte a second is never si
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 import math
 import sys
 import time
@@ -172,10 +173,14 @@ def _answer(r, url: str) -> str:
         sys.stdout.write(words)
         return words
     answer: list[str] = []
-    since, held, events = time.monotonic(), "", 0
-    for chunk in r.iter_text():
-        lines = chunk.split("\n")
-        lines[0], held = held + lines[0], lines.pop()
+    since, held, events, seen = time.monotonic(), "", 0, ""
+    for chunk in _then_end(r.iter_text()):
+        if chunk is None:  # the reply ended: its last line may lack its newline (`data: [DONE]` included)
+            lines, held = [held], ""
+        else:
+            seen = seen or chunk
+            lines = (held + chunk).split("\n")  # a line split across reads is joined here
+            held = lines.pop()
         if len(held) > MAX_REPLY:
             _not_openai("chat", f"a line of it is over {MAX_REPLY >> 20} MiB")
         for line in lines:
@@ -195,8 +200,14 @@ def _answer(r, url: str) -> str:
         if time.monotonic() - since > TIMEOUT_S:
             fail(f"{url} sent no word of an answer in {TIMEOUT_S:g} s (only keep-alive comments or empty events)")
     if not events:
-        _not_openai("chat", f"no `data:` events in it ({_start(held)})")
+        _not_openai("chat", f"no `data:` events in it ({_start(seen)})")
     fail("the answer was cut off: the server ended its reply before `data: [DONE]`")
+
+
+def _then_end(chunks: Iterator[str]) -> Iterator[str | None]:
+    """`chunks`, then None for the reply's end."""
+    yield from chunks
+    yield None
 
 
 def _unreachable(url: str, e: Exception) -> None:

@@ -61,6 +61,13 @@ def license_issue(
         bool, typer.Option("--watermark/--no-watermark", help="Deliver the customer's output-watermark key.")
     ] = True,
     match: Annotated[str, typer.Option(help="Hardware match policy: all, most, two, any.")] = "most",
+    allow_no_hardware_facts: Annotated[
+        bool,
+        typer.Option(
+            "--allow-no-hardware-facts",
+            help="License a machine whose identity holds no hardware facts (some machines have none to give: an arm64 CPU, a container without a machine-id): the license then binds only its key file, which copies anywhere. Refused without this flag.",
+        ),
+    ] = False,
     out: Annotated[Path | None, typer.Option(help="License file to write (default: <license id>.lic).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out file.")] = False,
     as_json: JsonFlag = False,
@@ -98,6 +105,7 @@ def license_issue(
             max_seats_per_machine=max_seats_per_machine,
             watermark=watermark,
             policy=match,
+            allow_no_facts=allow_no_hardware_facts,
             support_until=int(parse_when(support_until)) if support_until else None,
         )
     body = doc["license"]

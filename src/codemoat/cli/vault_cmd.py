@@ -76,7 +76,13 @@ def machine_id(
         return
     # The identity alone goes to stdout (`codemoat machine-id > machine.json` is what the vendor needs).
     err_console.print(
-        f"[bold]{ident['id']}[/bold]  ({len(ident['facts'])} hardware facts, hashed; send the line below to your vendor)",
+        f"[bold]{ident['id']}[/bold]  ({len(ident['facts'])} hardware facts, hashed; send the line below to your vendor)"
+        + (
+            "\n[yellow]no hardware facts found on this machine[/yellow]: a license for it binds only its key file, so the"
+            " vendor must pass --allow-no-hardware-facts (or run `codemoat machine-id --tpm` here to bind it to the TPM)"
+            if not ident["facts"] and not ident.get("tpm")
+            else ""
+        ),
         highlight=False,
         soft_wrap=True,
     )
@@ -220,7 +226,9 @@ def keyserver_cmd(
     vendor: VendorDir,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on (0 picks a free one).")] = 8443,
-    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "warning",
+    log_level: Annotated[
+        str, typer.Option(help="uvicorn log level: critical, error, warning, info, debug or trace.")
+    ] = "warning",
     workers: Annotated[
         int,
         typer.Option(
@@ -240,7 +248,11 @@ def keyserver_cmd(
     """Run the lease service for this vendor's licenses."""
     import uvicorn
 
-    from ..config.serving import bind_host, http_url
+    from ..config.serving import LOG_LEVELS, bind_host, http_url
+
+    log_level = log_level.strip().lower()
+    if log_level not in LOG_LEVELS:  # before anything starts: it said "key server on ..." and then died (KeyError)
+        raise CodemoatError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, not {log_level!r}")
 
     try:
         bind_host(host)

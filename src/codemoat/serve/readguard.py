@@ -69,6 +69,7 @@ class _Quiet:
         self._log = log
 
     def warning(self, msg: object, *args: object, **kw: object) -> None:
+        kw.setdefault("stacklevel", 2)  # the record names uvicorn's line, not this one
         (self._log.debug if msg == "Invalid HTTP request received." else self._log.warning)(msg, *args, **kw)  # type: ignore[arg-type]
 
     def __getattr__(self, name: str) -> Any:

@@ -145,8 +145,22 @@ def release(
     if not source.exists():
         raise NotFound(f"{kind} not found: {source}")
     from ..vault.samefile import refuse_input_as_output
+    from ..vault.seal_model import model_inputs
 
-    refuse_input_as_output(out, [source], kind)  # --out naming the model, adapter or pack replaced it by the bundle
+    # --out naming what the bundle is made of replaced it by the bundle: the model (each file of a safetensors
+    # folder), the adapter, the base model an adapter names, a file inside a knowledge pack's folder
+    inputs = [source, *(model_inputs(source) if kind == "model" else []), *([base_model] if base_model else [])]
+    refuse_input_as_output(out, inputs, kind)
+    if source.is_dir() and Path(out).resolve().is_relative_to(source.resolve()):
+        raise CodemoatError(f"{out} is inside the {kind} folder {source}: write the bundle somewhere else")
+    if kind == "model" and source.suffix == ".gguf":  # as `vendor seal` does: a GGUF that is not whole is not shipped
+        from ..vault.seal_model import check_gguf
+
+        check_gguf(source)
+    elif kind == "adapter" and not source.is_dir():  # random bytes or a whole base model were shipped as a LoRA
+        from ..vault.seal_model import check_lora_adapter
+
+        check_lora_adapter(source)
     cust = vendor.find_customer(customer)
     if cust is None:
         raise NotFound(f"no customer named {customer!r} (customers are created by `vendor seal`)")
@@ -193,6 +207,7 @@ def release(
                 grace=lease["grace"] if lease else 900,
                 seats=lease["seats"] if lease else 1,
                 watermark=lic["watermark"],
+                allow_no_facts=True,  # the machines of a license already issued: checked when it was
                 policy=lic["match_policy"],
                 support_until=lic.get("support_until"),
             )

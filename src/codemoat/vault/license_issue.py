@@ -35,6 +35,7 @@ def issue(
     lease: dict[str, Any] | None = None,
     license_id: str | None = None,
     support_until: int | None = None,
+    allow_no_facts: bool = False,
 ) -> dict[str, Any]:
     """A signed license document (the JSON object written to the .lic file).
 
@@ -70,7 +71,7 @@ def issue(
             "model_id": m.model_id,
             "format": m.format,
         },
-        "machines": [_entry(x) for x in machines],
+        "machines": [_entry(x, mode, allow_no_facts) for x in machines],
         "match_policy": policy,
         "features": list(features),
         "mode": mode,
@@ -94,10 +95,12 @@ def issue(
     return {"kind": KIND, "version": VERSION, "license": body, "signature": b64e(signature)}
 
 
-def _entry(x: dict[str, Any]) -> dict[str, Any]:
+def _entry(x: dict[str, Any], mode: str, allow_no_facts: bool) -> dict[str, Any]:
     """A license's machine entry: the software keys always, and the TPM block when the machine has one;
-    its hardware facts checked whichever way the identity came (`machine.check_facts`)."""
-    check_facts(x.get("facts"), chip_bound=bool(x.get("tpm") or x.get("snp")))
+    its hardware facts checked whichever way the identity came (`machine.check_facts`). An SEV-SNP block binds
+    only a lease (the key server checks its report); an offline license is bound by its facts alone."""
+    chip_bound = bool(x.get("tpm") or (x.get("snp") and mode == "lease"))
+    check_facts(x.get("facts"), chip_bound=chip_bound, allow_none=allow_no_facts)
     e = {"id": x["id"], "x25519": x["x25519"], "ed25519": x["ed25519"], "facts": x["facts"], "binding": "software"}
     if x.get("tpm"):
         if x["tpm"].get("crl") is None:  # made by an older codemoat: a deleted CRL counter would go unseen (vault.crl)

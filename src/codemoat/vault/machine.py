@@ -302,12 +302,14 @@ _FACT_HASH = re.compile(r"[0-9a-f]{32}")
 LISTED = ("macs", "gpus")
 
 
-def check_facts(facts: Any, *, chip_bound: bool) -> dict[str, Any]:
+def check_facts(facts: Any, *, chip_bound: bool, allow_none: bool = False) -> dict[str, Any]:
     """A machine identity's hardware facts, checked as `collect_facts` makes them: known groups, each a hash
     (or, for network cards and GPUs, a list of them). An identity with its facts deleted, `{}`, or of the wrong
     type (`"macs": 5`) was licensed with `facts: {}`, which `match_facts` matches on any machine: the license
-    was bound to nothing but a key file that copies anywhere. None at all is allowed only when a chip binds
-    the license instead (`chip_bound`: a TPM, whose unwrap key never leaves it, or an SEV-SNP guest)."""
+    was bound to nothing but a key file that copies anywhere. None at all is allowed when a chip binds the license
+    instead (`chip_bound`: a TPM, whose unwrap key never leaves it, or an SEV-SNP guest's lease), or when the
+    vendor says so (`allow_none`: `license issue --allow-no-hardware-facts`): `collect_facts` finds none on some
+    machines (an arm64 CPU names no model, a container has no machine-id, product_uuid is root's only)."""
     if facts is None:
         raise VaultError(
             "machine identity has no hardware facts ('facts' is missing): send `codemoat machine-id --json` unchanged"
@@ -324,10 +326,11 @@ def check_facts(facts: Any, *, chip_bound: bool) -> dict[str, Any]:
         if not ok:
             want = "a list of 32-hex-digit hashes" if group in LISTED else "a 32-hex-digit hash"
             raise VaultError(f"machine identity's hardware fact {group!r} is malformed: {want}, not {str(value)[:40]!r}")
-    if not facts and not chip_bound:
+    if not facts and not chip_bound and not allow_none:
         raise VaultError(
             "machine identity holds no hardware facts, so a license would bind it to no hardware: run "
-            "`codemoat machine-id --json` on the machine itself (or `--tpm` to bind it to its TPM)"
+            "`codemoat machine-id --json` on the machine itself (or `--tpm` to bind it to its TPM), or pass "
+            "--allow-no-hardware-facts if this machine has none to give"
         )
     return facts
 
@@ -363,7 +366,7 @@ def parse_identity(text_or_path: str | dict) -> dict[str, Any]:
         raise VaultError("machine identity keys are malformed")
     if d.get("id") != machine_id_of(x, e):
         raise VaultError("machine identity id does not match its keys")
-    facts = check_facts(d.get("facts"), chip_bound=d.get("tpm") is not None)
+    facts = check_facts(d.get("facts"), chip_bound=d.get("tpm") is not None, allow_none=True)  # none: at `license issue`
     out = {"id": d["id"], "x25519": d["x25519"], "ed25519": d["ed25519"], "facts": facts}
     if d.get("tpm") is not None:
         out["tpm"] = check_tpm_block(d["tpm"])

@@ -43,7 +43,7 @@ def reprovision(vendor: Vendor, license_id: str, identity: dict[str, Any]) -> di
             "the identity's TPM attestation key is not the one registered for this license "
             "(another chip): issue a new license instead"
         )
-    new = _entry(identity)
+    new = _entry(identity, body["mode"], allow_no_facts=False)  # TPM-bound (checked above): facts may be none
     from .tpmbind import require_bound
 
     require_bound(vendor.engine, new)  # the new unwrap key certified by the bound AK

@@ -46,8 +46,10 @@ class VendorLicenses:
         watermark: bool = True,
         policy: str = "most",
         support_until: int | None = None,
+        allow_no_facts: bool = False,
     ) -> dict[str, Any]:
-        """Sign a license for `customer`'s sealed `model` on `machines`, record it, and return the document."""
+        """Sign a license for `customer`'s sealed `model` on `machines`, record it, and return the document.
+        `allow_no_facts`: a machine whose identity holds no hardware facts may be licensed (`machine.check_facts`)."""
         sealed, key = self.open_sealed(model)
         cust = self.find_customer(customer)
         if cust is None:
@@ -92,6 +94,7 @@ class VendorLicenses:
             policy=policy,
             lease=lease,
             support_until=support_until,
+            allow_no_facts=allow_no_facts,
         )
         from .tpmbind import require_bound
 
