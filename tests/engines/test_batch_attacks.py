@@ -281,7 +281,8 @@ HOSTILE = [
     ("/infill", {"input_prefix": "<|endoftext|>" * 600, "n_predict": 8}, 200),
     ("/infill", {"input_prefix": "<|fim_middle|><|fim_prefix|>" * 300, "n_predict": 8}, 200),
     ("/infill", {"input_prefix": "def f(x):\n", "n_predict": 8, "logit_bias": {str(i): 1e30 for i in range(5000)}}, 200),
-    ("/infill", {"input_prefix": "def f(x):\n", "n_predict": 8, "seed": 2**64 - 1, "top_k": 10**12}, 200),
+    ("/infill", {"input_prefix": "def f(x):\n", "n_predict": 8, "seed": 2**64 - 1, "top_k": 2**31 - 1}, 200),
+    ("/infill", {"input_prefix": "def f(x):\n", "n_predict": 8, "top_k": 10**12}, 400),  # past llama.cpp's int32
     ("/infill", {"input_prefix": "def f(x):\n", "n_predict": 8, "seed": 10**40}, 400),
     (
         "/api/generate",
