@@ -10,10 +10,10 @@ time since a reply's first byte (a server dripping one byte a second is never si
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 import math
 import sys
 import time
+from collections.abc import Iterator
 from typing import Annotated, Any
 
 import typer

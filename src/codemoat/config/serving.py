@@ -3,7 +3,7 @@ serves with which engine."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -37,7 +37,8 @@ class Section(BaseModel):
 
 
 #: uvicorn's log levels (`server.log_level`)
-LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+LogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]
+LOG_LEVELS: tuple[str, ...] = get_args(LogLevel)  # the key server's --log-level checks against the same names
 
 
 class ServerSettings(Section):
@@ -56,9 +57,7 @@ class ServerSettings(Section):
         ge=0,
         description="Longest a request waits for a place of server.max_concurrent and then a slot of the engine (model.parallel) before it is refused with the protocol's overloaded error (503 with Retry-After; Ollama's \"server busy\"); 0 = it waits as long as it takes.",
     )
-    log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = Field(
-        "info", description="uvicorn log level: critical, error, warning, info, debug or trace."
-    )
+    log_level: LogLevel = Field("info", description="uvicorn log level: critical, error, warning, info, debug or trace.")
     max_body_mb: float = Field(
         8, ge=0, description="Largest request body accepted, in MiB; a larger one gets 413 (0 = no limit)."
     )
