@@ -14,18 +14,11 @@ import sys
 from http.server import BaseHTTPRequestHandler
 
 import pytest
+from devicestart import DEVICE_START
 from localhttp import LocalHTTP
 
 CODEMOAT = [sys.executable, "-m", "codemoat.cli.main"]
-GOOD = {
-    "device_code": "dc",
-    "user_code": "ABCD-EFGH",
-    "verification_uri": "https://idp.acme.example/device",
-    "expires_in": 60,
-    "interval": 1,
-    "server": "x",
-    "issuer": "https://idp.acme.example",
-}
+GOOD = DEVICE_START
 
 
 @pytest.mark.parametrize(

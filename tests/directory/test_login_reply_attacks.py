@@ -12,6 +12,7 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
+from devicestart import DEVICE_START
 from localhttp import LocalHTTP
 
 CODEMOAT = [sys.executable, "-m", "codemoat.cli.main"]
@@ -29,15 +30,7 @@ OLD = {"server": "http://127.0.0.1:1", "token": "cm_old-token", "user": "alice",
 
 def _server(reply: bytes, asked: list[str], content_type: str = "application/json") -> type:
     """Answers every POST with 200 and `reply` (a device start gets a well-formed start); `asked` gets each path."""
-    start = {
-        "device_code": "dc",
-        "user_code": "ABCD-EFGH",
-        "verification_uri": "https://idp.acme.example/device",
-        "expires_in": 60,
-        "interval": 1,
-        "server": "x",
-        "issuer": "https://idp.acme.example",
-    }
+    start = DEVICE_START
 
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *a):
