@@ -224,3 +224,32 @@ def test_a_url_with_a_port_out_of_range_is_named_invalid(cmd, url, why):
 
     closed = f"http://127.0.0.1:{free_port()}"
     one_line_error(run_cli(*cmd, "--url", closed, "--token", "cm_x"), f"cannot reach {closed}")
+
+
+#: model text a committer can lead a model to repeat: OSC 52 (writes the terminal's clipboard), a screen clear and
+#: a cursor home, a C1 CSI, DEL, a lone carriage return that hides what came before it, and a bidi override
+HOSTILE = "ok\x1b]52;c;cm0gLXJmIH4=\x07 \x1b[2J\x1b[H\x9b31m\x7fA\rB \u202eevil\u202c"
+#: the same text as printed: every one of them written as an escape, visible, acted on by no terminal
+HOSTILE_SHOWN = "ok\\x1b]52;c;cm0gLXJmIH4=\\x07 \\x1b[2J\\x1b[H\\x9b31m\\x7fA\\x0dB \\u202eevil\\u202c"
+
+
+def test_chat_and_complete_print_control_characters_in_model_text_as_escapes_not_as_sent():
+    """Was: `chat` and `complete` wrote the model's text to the terminal as sent, escape sequences included, and
+    a model writes what retrieved repository text leads it to. Now control characters and bidi overrides print as
+    `\\xNN`/`\\uNNNN`; code's newlines, tabs and CJK text print as they are, a CRLF as a newline, and `complete
+    --json` keeps the exact text."""
+    stream = _sse(_words("def f():\r\n\treturn 1 # 日本語\u3000\n"), _words(HOSTILE), "[DONE]")
+    with LocalHTTP(_server(stream, content_type="text/event-stream")) as srv:
+        r = _run(srv, *CHAT)
+    assert (r.returncode, r.stderr) == (0, ""), r.stderr
+    assert r.stdout == "def f():\n\treturn 1 # 日本語\u3000\n" + HOSTILE_SHOWN + "\n"
+    whole = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": HOSTILE}}]}).encode()
+    with LocalHTTP(_server(whole)) as srv:
+        r = _run(srv, *CHAT)
+    assert (r.returncode, r.stdout) == (0, HOSTILE_SHOWN + "\n")
+    completion = json.dumps({"choices": [{"index": 0, "text": HOSTILE, "finish_reason": "stop"}]}).encode()
+    with LocalHTTP(_server(completion)) as srv:
+        r = _run(srv, *COMPLETE)
+        assert (r.returncode, r.stdout) == (0, HOSTILE_SHOWN + "\n")
+        r = _run(srv, *COMPLETE, "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["choices"][0]["text"] == HOSTILE

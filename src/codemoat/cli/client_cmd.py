@@ -19,7 +19,7 @@ from typing import Annotated, Any
 import typer
 
 from .apps import app
-from .common import JsonFlag, emit, fail
+from .common import JsonFlag, emit, fail, terminal_text as shown
 
 #: seconds a server may send nothing of its answer: httpx's per-read timeout for both commands, and for `chat` the
 #: longest wait for the next word of a streamed answer (keep-alive comments in between do not count)
@@ -170,7 +170,7 @@ def _answer(r, url: str) -> str:
     ends with a one-line error: keep-alive comments (`: ping`) alone held `chat` for good."""
     if r.headers.get("content-type", "").split(";")[0].strip().lower() == "application/json":
         words = _message(_body(r, url))
-        sys.stdout.write(words)
+        sys.stdout.write(shown(words))
         return words
     answer: list[str] = []
     since, held, events, seen = time.monotonic(), "", 0, ""
@@ -195,7 +195,7 @@ def _answer(r, url: str) -> str:
             if words:
                 since = time.monotonic()
                 answer.append(words)
-                sys.stdout.write(words)
+                sys.stdout.write(shown(words))
                 sys.stdout.flush()
         if time.monotonic() - since > TIMEOUT_S:
             fail(f"{url} sent no word of an answer in {TIMEOUT_S:g} s (only keep-alive comments or empty events)")
@@ -245,7 +245,7 @@ def complete(
     except httpx.HTTPError as e:
         _unreachable(url, e)
     text = _completion(data)
-    emit(data, as_json, lambda d: sys.stdout.write(text + ("\n" if not text.endswith("\n") else "")))
+    emit(data, as_json, lambda d: sys.stdout.write(shown(text) + ("\n" if not text.endswith("\n") else "")))
 
 
 @app.command()

@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 
 from .apps import app, index_app
-from .common import JsonFlag, console, emit, table
+from .common import JsonFlag, console, emit, table, terminal_text
 
 GROUPS_HELP = (
     "Comma-separated groups whose members may read this repository. Every user is implicitly in "
@@ -35,7 +35,7 @@ def _progress(enabled: bool, label: str):
 
         def tick(done: int, total: int, path: str) -> None:
             if done == 1 or done % 16 == 0 or done == total:
-                bar.update(task, completed=done, total=total, path=path[-60:])
+                bar.update(task, completed=done, total=total, path=escape(terminal_text(path[-60:])))  # a name is no markup
 
         yield tick
 
@@ -48,9 +48,10 @@ def _stats_line(s: Any) -> str:
 
 
 def _refused_lines(refused: dict[str, str], limit: int = 20) -> str:
-    """The paths never read (symlinks, special files…), each with its reason; `--json` lists them all."""
+    """The paths never read (symlinks, special files…), each with its reason; `--json` lists them all. A file name
+    is a committer's text: shown, not acted on (`terminal_text`), and never read as markup."""
     items = list(refused.items())
-    text = "".join(f"\n  not read: {escape(p)}: {escape(why)}" for p, why in items[:limit])
+    text = "".join(f"\n  not read: {escape(terminal_text(p))}: {escape(terminal_text(why))}" for p, why in items[:limit])
     return text + (f"\n  … and {len(items) - limit} more (--json lists them all)" if len(items) > limit else "")
 
 
@@ -208,7 +209,8 @@ def retrieve(
         if not items:
             console.print(f"no snippets (groups: {groups})")
         for s in items:
-            console.rule(f"[bold]{s.repo}:{s.path}:{s.start_line}-{s.end_line}[/bold]  score {s.score:.4f}", align="left")
-            console.print(s.text, highlight=False, markup=False)
+            where = escape(terminal_text(f"{s.repo}:{s.path}:{s.start_line}-{s.end_line}"))  # a committer's names and text
+            console.rule(f"[bold]{where}[/bold]  score {s.score:.4f}", align="left")
+            console.print(terminal_text(s.text), highlight=False, markup=False, soft_wrap=True)  # code, not re-wrapped
 
     emit([s.to_dict() for s in snippets], as_json, lambda _d: human(snippets))
