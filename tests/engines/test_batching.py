@@ -19,6 +19,7 @@ import pytest
 
 from codemoat.engines.base import SamplingParams
 from codemoat.engines.llamacpp import LlamaCppEngine
+from codemoat.engines.sampling import llama_seed
 from conftest import create_token
 from enginehelp import run
 
@@ -170,6 +171,19 @@ def test_seeded_sampling_differs_by_seed_when_batched(engines):
     mk = lambda s: SamplingParams(max_tokens=24, temperature=1.0, top_k=0, top_p=1.0, seed=s)  # noqa: E731
     got = run(together(batched, [("class ", mk(s)) for s in (1, 2, 3)]))
     assert len({g.text for g in got}) == 3
+
+
+def test_a_seed_past_32_bits_is_its_own_seed_and_every_seed_repeats(engines):
+    """Was: llama.cpp's sampler takes a uint32 and ctypes kept a seed's low 32 bits, so seeds 1 and 2**32 + 1 sampled
+    alike, and 2**32 - 1 (llama.cpp's "random seed") gave another answer each time. Now a seed below 2**32 - 1 is
+    taken as it is (llama-server's answer for it) and a larger one hashed to 32 bits, on both engines."""
+    mk = lambda s: SamplingParams(max_tokens=24, temperature=1.0, top_k=0, top_p=1.0, seed=s)  # noqa: E731
+    for eng in engines:  # batched, then one at a time
+        text = {s: [run(eng.complete("class ", mk(s))).text for _ in range(2)] for s in (1, 2**32 + 1, 2**32 - 1, 2**64 - 1)}
+        assert all(a == b for a, b in text.values()), text  # every seed repeats
+        assert len({a for a, _ in text.values()}) == 4, text  # and none samples as another does
+    assert (llama_seed(7), llama_seed(2**32 - 2)) == (7, 2**32 - 2)  # what llama-server does with them
+    assert llama_seed(2**32 + 7) != 7 and llama_seed(2**32 - 1) != 2**32 - 1
 
 
 def test_watermark_stays_with_its_request(tiny_gguf):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import logging
-import random
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +27,7 @@ from .batch import ALIGN, Batcher, Seq
 from .llamaload import load_llama, load_vocab, training_context
 from .llamavocab import NativeVocab
 from .pieces import valid_utf8_prefix as _valid_utf8_prefix
+from .sampling import llama_seed
 from .worker import StopCutter, WorkerEngine
 
 log = logging.getLogger("codemoat.engines")
@@ -276,7 +276,7 @@ class LlamaCppEngine(NativeVocab, WorkerEngine):
             self._aligned = 0
             llm.reset()
             self._cache_owner = params.cache_key
-        llm.set_seed(params.seed if params.seed is not None else random.getrandbits(31))
+        llm.set_seed(llama_seed(params.seed))
         lp = self._lib.LogitsProcessorList(list(params.logits_processors)) if params.logits_processors else None
         cutter = StopCutter(params.stop, emit, params.n_indent, params.time_limit_ms)
         raw = b""

@@ -11,6 +11,7 @@ A request's sampler chain is built as llama-cpp-python's `generate` builds it; p
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import random
 from typing import Any
 
@@ -20,6 +21,21 @@ from .base import SamplingParams
 from .slots import Seq
 
 PENALTY_LAST_N = 64  # llama-cpp-python's `last_n_tokens_size`: the window repeat_penalty looks at
+#: llama.cpp's LLAMA_DEFAULT_SEED: the seed `llama_sampler_init_dist` takes as "pick one at random"
+RANDOM_SEED = 0xFFFFFFFF
+
+
+def llama_seed(seed: int | None) -> int:
+    """The uint32 llama.cpp's sampler takes for a request's seed (below 2**64, `Service.params`): one below 2**32 - 1
+    as it is (as llama-server takes it), a larger one hashed to 32 bits, None a random one. ctypes kept a seed's low
+    32 bits, so seeds 1 and 2**32 + 1 sampled alike, and 2**32 - 1 (or any seed ending in those bits) asked llama.cpp
+    for a random seed: a seeded request that did not repeat."""
+    if seed is None:
+        return random.getrandbits(31)
+    if 0 <= seed < RANDOM_SEED:
+        return seed
+    h = int.from_bytes(hashlib.blake2b((seed % (1 << 64)).to_bytes(8, "little"), digest_size=4).digest(), "little")
+    return h if h != RANDOM_SEED else RANDOM_SEED - 1
 
 
 class Sampling:
@@ -43,7 +59,7 @@ class Sampling:
             add(lib.llama_sampler_init_top_k(p.top_k))
             add(lib.llama_sampler_init_top_p(p.top_p, 1))
             add(lib.llama_sampler_init_temp(p.temperature))
-            add(lib.llama_sampler_init_dist(p.seed if p.seed is not None else random.getrandbits(31)))
+            add(lib.llama_sampler_init_dist(llama_seed(p.seed)))
         return chain  # the penalty window holds generated tokens only, as in llama-cpp-python's `generate`
 
     def _logits(self, rows: int) -> np.ndarray:
