@@ -53,6 +53,24 @@ def test_revoke_and_expiry(acc):
         acc.create_token("x", expires_at=time.time() - 1)
 
 
+def test_a_token_named_like_another_tokens_id_cannot_shield_it(acc):
+    """Was: `revoke_token` matched an id or a name and refused when two active tokens matched, and a token's name is
+    its maker's (`codemoat login --name`): one named like another token's id made that token unrevocable by id
+    (`codemoat tokens revoke ID`: "2 active tokens are named ..."). An id now names its token; a name still
+    revokes the one token it names, and two tokens of one name are still refused."""
+    target, secret = acc.create_token("laptop", user="dev")
+    shield, shield_secret = acc.create_token(target.id, user="dev")
+    assert acc.revoke_token(target.id).id == target.id
+    with pytest.raises(Unauthorized, match="revoked"):
+        acc.authenticate(secret)
+    assert acc.authenticate(shield_secret).token_id == shield.id
+    acc.create_token("twin", user="dev")
+    acc.create_token("twin", user="dev")
+    with pytest.raises(CodemoatError, match="2 active tokens are named 'twin'"):
+        acc.revoke_token("twin")
+    assert acc.revoke_token(target.id).id == shield.id  # now the only active token answering to that text: its name
+
+
 def test_groups(acc):
     acc.add_user("alice", ["payments", "platform"])
     info, secret = acc.create_token("alice-laptop", user="alice")

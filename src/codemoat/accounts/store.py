@@ -244,6 +244,9 @@ class Accounts:
             ).all()
             if not rows:
                 raise NotFound(f"no active token with id or name {id_or_name!r}")
+            # an id names one token whatever others are called: a token's name is its maker's choice (a developer
+            # signing in through the directory picks it), and one named like another's id shielded that token
+            rows = [r for r in rows if r.id == id_or_name] or rows
             if len(rows) > 1:
                 raise CodemoatError(f"{len(rows)} active tokens are named {id_or_name!r}: revoke by id")
             c.execute(tokens.update().where(tokens.c.id == rows[0].id).values(revoked_at=time.time()))

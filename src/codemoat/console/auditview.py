@@ -32,6 +32,9 @@ class Filters:
         return cls(**{k: (q.get(k) or "").strip()[:256] for k in ("user", "route", "status", "since", "kind")})
 
     def where(self) -> list[Any]:
+        for k, v in vars(self).items():  # PostgreSQL refuses a NUL in any text it is sent: a 500 (DataError), was
+            if "\x00" in v:
+                raise CodemoatError(f"{k}: a NUL character is in no audit record")
         conds: list[Any] = []
         if self.user:
             conds.append(records.c.user == self.user)

@@ -84,6 +84,8 @@ class Jobs:
         self._lock = threading.Lock()
 
     def get(self, job_id: str) -> Job | None:
+        if "\x00" in job_id:  # no job's id; PostgreSQL refuses a NUL in a query's text (a 500, was)
+            return None
         with self.engine.begin() as c:
             self._reap(c)
             r = c.execute(sa.select(table).where(table.c.id == job_id)).first()
@@ -100,6 +102,12 @@ class Jobs:
         """Re-index `repo` in a thread; refused while a job for it is running (on any replica)."""
         from ..index.store import SqliteIndex, default_path
 
+        most = table.c.repo.type.length
+        if len(repo) > most:  # PostgreSQL refuses a longer one in the column (a 500, was); `index add` takes any length
+            raise CodemoatError(
+                f"a repository name of {len(repo)} characters: the console re-indexes names of at most {most}"
+                " (`codemoat index update NAME` takes any)"
+            )
         with self._lock, self.engine.begin() as c:
             self._reap(c)
             if c.execute(sa.select(table.c.id).where(table.c.repo == repo, table.c.state == "running")).first():

@@ -90,11 +90,13 @@ async def revoke_token(request: Request):
     s, f = await guarded_post(request)
     if s is None:
         return f
+    from .people import revoke
+
     try:
-        info = await run(request.app.state.accounts.revoke_token, f.get("id", ""))
+        token_id, user = await run(revoke, request.app.state.accounts.engine, f.get("id", ""))
     except CodemoatError as e:
         return await _people(request, s, error=str(e), status=400)
-    note(request, f"console: revoked token {info.id} of user {info.user}")
+    note(request, f"console: revoked token {token_id} of user {user}")
     return see_other("/admin/people")
 
 

@@ -91,8 +91,11 @@ def same_origin(request: Request) -> bool:
 
 
 async def form(request: Request) -> dict[str, str]:
-    """An urlencoded form as {name: last value}; bodies past `MAX_FORM` bytes are cut off (the forms here are small)."""
-    body = (await request.body())[:MAX_FORM]
+    """An urlencoded form as {name: last value}; {} for a body past `MAX_FORM` bytes (the forms here are small). It
+    was cut there: a long groups field lost its last groups, or set one cut short (another group), and the action ran."""
+    body = await request.body()
+    if len(body) > MAX_FORM:
+        return {}
     try:
         pairs = parse_qs(body.decode("utf-8"), keep_blank_values=True, max_num_fields=200)
     except (UnicodeDecodeError, ValueError):
@@ -123,10 +126,10 @@ def to_signin() -> Response:
     return see_other("/admin/signin")
 
 
-def refused(request: Request, why: str) -> Response:
+def refused(request: Request, why: str, status: int = 403) -> Response:
     note(request, f"console: refused: {why}")
     body = f"<!doctype html><title>Refused</title><p>Refused: {html.escape(why)}.</p>"  # `why` may quote a query
-    return secure(HTMLResponse(body, status_code=403))
+    return secure(HTMLResponse(body, status_code=status))
 
 
 def session_cookie(resp: Response, request: Request, sid: str) -> None:
@@ -152,7 +155,11 @@ async def guarded_post(request: Request):
         return None, refused(request, "not signed in")
     if not same_origin(request):
         return None, refused(request, "the form came from another site")
+    if len(await request.body()) > MAX_FORM:
+        return None, refused(request, f"the form is larger than {MAX_FORM // 1024} KiB", 413)
     f = await form(request)
     if not s.csrf_ok(f.get("csrf")):
         return None, refused(request, "missing or wrong CSRF token")
+    if any("\x00" in v for v in f.values()):  # PostgreSQL refuses one in any text it is sent: a 500 (DataError), was
+        return None, refused(request, "a form field holds a NUL character", 400)
     return s, f

@@ -56,9 +56,13 @@ async def audit_records(
     limit: int = 100,
 ):
     log = request.app.state.trust.log
+    from ..errors import CodemoatError
+
     limit = max(1, min(limit, 1000))
     start = parse_since(since)
     check_kind(kind)
+    if user is not None and "\x00" in user:  # PostgreSQL refuses a NUL in a query's text: a 500 (DataError), was
+        raise CodemoatError("user: a NUL character is in no user name")
 
     def read():
         return list(log.records(since=start, kind=kind, user=user, after_seq=after_seq, limit=limit, newest_first=after_seq == 0))
@@ -139,9 +143,18 @@ async def model_swap(request: Request, principal: Principal = admin) -> JSONResp
         log.append("update", user=principal.user, token_id=principal.token_id, route=f"update {step}", detail=detail)
 
     if "adapter" in body:
+        from ..updates.bundle import check_name
+
         name = body["adapter"]
         if not isinstance(name, str) or not name:
             raise CodemoatError("adapter is the name of an installed adapter bundle")
+        try:  # a bundle's name (what `update apply` installs): any other was echoed whole, twice per audit record
+            check_name(name)
+        except CodemoatError:
+            shown = name if len(name) <= 100 else name[:100] + "..."
+            raise CodemoatError(
+                f"adapter {shown!r} is not a bundle name: letters, digits, '.', '_' or '-' (at most 100)"
+            ) from None
         app = request.app
         return JSONResponse(
             await anyio.to_thread.run_sync(lambda: swap_installed(app, f"adapter:{name}", audit, add_adapter=True))
