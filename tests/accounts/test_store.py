@@ -71,6 +71,18 @@ def test_a_token_named_like_another_tokens_id_cannot_shield_it(acc):
     assert acc.revoke_token(target.id).id == shield.id  # now the only active token answering to that text: its name
 
 
+def test_a_nul_in_a_user_name_is_a_refusal_on_every_database(acc):
+    """Was, on PostgreSQL (which refuses a NUL in any text it is sent): `set_groups`, `remove_user` and `create_token`
+    for a user name holding one sent it to the database first, and its DataError was a 500."""
+    acc.add_user("alice")
+    for call in (lambda: acc.set_groups("ali\x00ce", ["web"]), lambda: acc.remove_user("ali\x00ce")):
+        with pytest.raises(NotFound):
+            call()
+    with pytest.raises(CodemoatError, match="invalid user name"):
+        acc.create_token("laptop", user="ali\x00ce")
+    assert [u["name"] for u in acc.list_users()] == ["alice"]
+
+
 def test_groups(acc):
     acc.add_user("alice", ["payments", "platform"])
     info, secret = acc.create_token("alice-laptop", user="alice")

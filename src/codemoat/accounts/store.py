@@ -121,6 +121,8 @@ class Accounts:
             self._set_groups(c, name, groups_)
 
     def ensure_user(self, name: str) -> None:
+        if "\x00" in name:  # refused as a name before PostgreSQL is sent it (DataError: a 500, was)
+            _check_name("user", name)
         with self.engine.begin() as c:
             if not c.execute(sa.select(users.c.name).where(users.c.name == name)).first():
                 _check_name("user", name)
@@ -140,7 +142,8 @@ class Accounts:
             c.execute(memberships.insert().values(user=user, group=g))
 
     def _require_user(self, c, user: str) -> None:
-        if not c.execute(sa.select(users.c.name).where(users.c.name == user)).first():
+        # a NUL names no user, and PostgreSQL refuses one in any text it is sent (DataError: a 500, was)
+        if "\x00" in user or not c.execute(sa.select(users.c.name).where(users.c.name == user)).first():
             raise NotFound(f"no user named {user!r}")
 
     def remove_user(self, name: str) -> None:
