@@ -199,3 +199,22 @@ def test_break_even_is_where_on_prem_stays_cheaper():
     crossed = [m + 1 for m in range(36) if r.onprem.cumulative[m] <= api.llmflation_cumulative[m]]
     assert crossed and crossed[-1] < 36  # cheaper for a while, then the falling cloud passes it again
     assert api.llmflation_break_even_month is None
+
+
+@pytest.mark.parametrize(
+    "sets",
+    [
+        ["gpus_per_server=1e-320"],  # ceil() of an infinity: OverflowError
+        ["decode_tps=1e-300", "kwh_price=1e12"],  # no exception, amounts of inf
+        ["prefill_tps=1e-290", "server_price=1e12", "depreciation_years=1e-6"],
+    ],
+    ids=["ceil-of-inf", "inf-amounts", "inf-capex"],
+)
+def test_inputs_whose_arithmetic_overflows_are_a_one_line_error(sets):
+    """Was: each input in range, but `codemoat tco` printed "error: OverflowError: cannot convert float infinity to
+    integer", or a table of $inf, and the console's chart of one was a 500. Now one line that says what happened,
+    in the CLI and on /admin/costs (tests/console/test_console_outside.py)."""
+    r = run_cli("tco", "--no-measure", *[a for s in sets for a in ("--set", s)])
+    assert r.returncode == 1 and r.stdout == "", r.stdout
+    assert r.stderr.strip().startswith("error: these inputs overflow the model's arithmetic"), r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "inf" not in r.stdout
