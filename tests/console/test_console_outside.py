@@ -110,3 +110,16 @@ def test_a_token_named_like_another_tokens_id_cannot_shield_it_from_revocation(s
     assert r.status_code == 400 and "no active token with id" in r.text
     assert c.post("/admin/people/tokens/revoke", data={"csrf": csrf, "id": shield.id}, follow_redirects=False).status_code == 303
     assert not any(t.active for t in accounts.list_tokens() if t.user == "dev")
+
+
+def test_a_console_address_that_is_no_page_answers_a_browser_in_html(setup):
+    """Was: a mistyped /admin address, or a GET of a form's address (sign-out is a POST), answered a browser with a
+    JSON body. Now an HTML page under the console's headers, with the way back; the JSON API keeps its JSON."""
+    c, _, admin = setup
+    for method, path, status in (("GET", "/admin/nonexist", 404), ("GET", "/admin/signout", 405), ("GET", "/admin/x/<b>", 404)):
+        r = c.request(method, path)
+        assert r.status_code == status and r.headers["content-type"].startswith("text/html"), (path, r.status_code, r.text)
+        assert '<a href="/admin">' in r.text and "<b>" not in r.text and "default-src" in r.headers["content-security-policy"]
+    assert "POST" in c.get("/admin/signout").headers["allow"]
+    r = c.get("/admin/api/nonexist", headers={"Authorization": f"Bearer {admin}"})
+    assert r.status_code == 404 and r.headers["content-type"] == "application/json", r.headers

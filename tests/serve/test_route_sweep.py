@@ -195,7 +195,7 @@ def _check(method: str, path: str, what: str, r: httpx.Response) -> None:
     if r.status_code < 400:
         _check_stream(path, where, r)
         return
-    if path.startswith("/admin/") and not path.startswith("/admin/api/"):  # the console: HTML pages
+    if (path == "/admin" or path.startswith("/admin/")) and not path.startswith("/admin/api/"):  # the console: HTML pages
         assert r.status_code < 500, where
         return
     assert r.headers.get("content-type", "").startswith("application/json"), where

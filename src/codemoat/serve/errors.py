@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import html
 import json
 import logging
 from typing import Any
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import ValidationError
 from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from starlette.responses import Response
 
 from ..engines.base import PromptTooLong
 from ..errors import CodemoatError, Overloaded, RateLimited
@@ -82,7 +84,21 @@ def render(
     return JSONResponse(body, status_code=status, headers=h)
 
 
-def render_exception(request: Request, exc: Exception) -> JSONResponse:
+def _console_page(path: str) -> bool:
+    """Whether `path` is one of the console's HTML pages (under /admin), not its JSON API (/admin/api)."""
+    return (path == "/admin" or path.startswith("/admin/")) and not (path == "/admin/api" or path.startswith("/admin/api/"))
+
+
+def console_error(status: int, message: str, headers: dict | None = None) -> Response:
+    """An HTTP error on a console page, in HTML under the console's headers (CSP, no framing) and with a way back: a
+    mistyped /admin address, or a GET of a form's address, answered a browser with a JSON body."""
+    from ..console.web import secure
+
+    body = f'<!doctype html><title>{status}</title><p>{html.escape(message)}.</p><p><a href="/admin">The console</a></p>'
+    return secure(HTMLResponse(body, status_code=status, headers=headers))
+
+
+def render_exception(request: Request, exc: Exception) -> Response:
     """Any exception as the caller's protocol error; unexpected ones are logged without request text."""
     if isinstance(exc, (RateLimited, Overloaded)):  # 429 / 503, each with when to retry
         return render(request, exc.status, str(exc), exc.code, {"Retry-After": str(max(1, int(exc.retry_after + 0.999)))})
@@ -100,6 +116,8 @@ def render_exception(request: Request, exc: Exception) -> JSONResponse:
     if isinstance(exc, json.JSONDecodeError):  # OpenAI: null code and param for a body it cannot parse
         return render(request, 400, f"request body is not valid JSON: {exc.msg} at position {exc.pos}")
     if isinstance(exc, StarletteHTTPException):
+        if exc.status_code in (404, 405) and _console_page(request.url.path):
+            return console_error(exc.status_code, "no such page" if exc.status_code == 404 else str(exc.detail), exc.headers)
         if exc.status_code in (404, 405) and protocol_of(request) == "openai":
             # no such route (not a missing model): OpenAI's own words for it
             return render(request, exc.status_code, f"Invalid URL ({request.method} {request.url.path})")
