@@ -1,6 +1,7 @@
 """The key server's HTTP face: three JSON routes over `codemoat.vault.keyserver.KeyServer`.
 
-    POST /v1/lease/challenge  {"license_id", "client_nonce"}     -> {"nonce", "expires_in"}
+    POST /v1/lease/challenge  {"license_id", "client_nonce"}     -> {"nonce", "expires_in", "license_id", "client_nonce",
+                                                                     "signature"}
     POST /v1/lease            {license_id, machine_id, nonce, client_time, signature} -> {"lease", "signature"}
     POST /v1/lease/release    same shape as /v1/lease            -> {"released": true}
     GET  /health
@@ -11,7 +12,9 @@ TLS terminator is safe against tampering and replay of grants and refusals alike
 `MAX_BODY` bytes get 413 before they are read whole, JSON nested deeper than `MAX_DEPTH` gets
 400 before it is parsed (a lease request is one flat object), and so does a string with a lone
 surrogate ("\\ud800" or its raw bytes: a str that cannot be encoded, so no lookup or answer could
-use it; the check is `serve.jsontext`, shared with the FastAPI routers).
+use it; the check is `serve.jsontext`, shared with the FastAPI routers). An unknown route (404), a
+wrong method (405) and a vendor database that cannot be reached (503, `database_unavailable`, retried
+by clients) are signed refusals in the same shape.
 
 A plain ASGI app, not FastAPI: four fixed routes of raw JSON need no router, dependency injection or
 response models, and through FastAPI the framework cost as much server CPU per lease as the lease
@@ -21,17 +24,24 @@ itself (bench/results/attest.md). `app.state.keyserver` is the `KeyServer` it se
 from __future__ import annotations
 
 import json
+import logging
 from types import SimpleNamespace
 from typing import Any
+
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from ..vault.clock import Clock
 from ..vault.keyserver import KeyServer, LeaseDenied
 from ..vault.vendor import Vendor
 from .jsontext import SURROGATE_MESSAGE, lone_surrogate
 
+log = logging.getLogger("codemoat.serve")
+
 MAX_BODY = 16 * 1024  # a lease request is about 400 bytes
 MAX_DEPTH = 8
 _JSON = (b"content-type", b"application/json")
+_NOT_FOUND = LeaseDenied("not_found", "no such route on the key server", 404)
+_NOT_ALLOWED = LeaseDenied("method_not_allowed", "method not allowed on this route", 405)
 
 
 class _Refused(Exception):
@@ -92,6 +102,10 @@ async def _body(scope: dict, receive: Any) -> Any:
     return body
 
 
+def _get(body: Any, key: str) -> Any:
+    return body.get(key) if isinstance(body, dict) else None
+
+
 async def _send(send: Any, status: int, content: Any, *extra: tuple[bytes, bytes]) -> None:
     body = json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
     headers = [_JSON, (b"content-length", str(len(body)).encode()), *extra]
@@ -107,7 +121,7 @@ class KeyServerApp:
         self.state = SimpleNamespace(keyserver=ks)
         self._health = {"status": "ok", "keyserver_key": vendor.keyserver_key_b64}
         self._routes = {
-            "/v1/lease/challenge": lambda b: ks.challenge(b.get("license_id") if isinstance(b, dict) else None),
+            "/v1/lease/challenge": lambda b: ks.challenge(_get(b, "license_id"), _get(b, "client_nonce")),
             "/v1/lease": ks.lease,
             "/v1/lease/release": ks.release,
         }
@@ -127,16 +141,17 @@ class KeyServerApp:
         if scope["type"] != "http":
             return
         path, method = scope["path"], scope["method"]
+        ks: KeyServer = self.state.keyserver
+        # no route, or not its method: a signed refusal in the protocol's shape like every other error
         if path == "/health":
             if method in ("GET", "HEAD"):
                 return await _send(send, 200, self._health)
-            return await _send(send, 405, {"detail": "Method Not Allowed"}, (b"allow", b"GET"))
+            return await _send(send, 405, ks.refusal(_NOT_ALLOWED, None), (b"allow", b"GET"))
         fn = self._routes.get(path)
         if fn is None:
-            return await _send(send, 404, {"detail": "Not Found"})
+            return await _send(send, 404, ks.refusal(_NOT_FOUND, None))
         if method != "POST":
-            return await _send(send, 405, {"detail": "Method Not Allowed"}, (b"allow", b"POST"))
-        ks: KeyServer = self.state.keyserver
+            return await _send(send, 405, ks.refusal(_NOT_ALLOWED, None), (b"allow", b"POST"))
         body: Any = None
         try:
             body = await _body(scope, receive)
@@ -147,6 +162,12 @@ class KeyServerApp:
             return await _send(send, e.err.status, ks.refusal(e.err, None))
         except LeaseDenied as e:
             return await _send(send, e.status, ks.refusal(e, body))
+        except (OperationalError, InterfaceError) as e:
+            # the vendor database (PostgreSQL behind several key servers) is down or restarting: a signed,
+            # retryable 503 at once and one line in the log, not a 500 and a traceback (as serve.errors does)
+            log.warning("key server: database unreachable on %s: %s", path, type(e.orig or e).__name__)
+            down = LeaseDenied("database_unavailable", "the key server's database is unreachable; try again shortly", 503)
+            return await _send(send, 503, ks.refusal(down, body))
         await _send(send, 200, answer)
 
 

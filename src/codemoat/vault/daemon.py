@@ -269,7 +269,7 @@ class VaultDaemon:
             return
         mid = msg["model"]
         if not self.may_fetch(mid, cred[1], cred[2]):
-            log.warning("vaultd: refused %s to pid %d uid %d (not on its allow-list)", mid, cred[0], cred[1])
+            log.warning("vaultd: refused %r to pid %d uid %d (not on its allow-list)", mid, cred[0], cred[1])
             send_msg(conn, {"ok": False, "error": f"uid {cred[1]} is not allowed to fetch model {mid!r}"})
             return
         with self._lock:

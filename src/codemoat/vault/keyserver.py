@@ -1,9 +1,11 @@
 """The key server's logic (no HTTP): challenges, proof of machine key possession, floating seats.
 
-A lease is two calls. `challenge(license_id)` returns a fresh random server nonce, valid once
-for `NONCE_TTL` seconds. `lease(request)` takes the nonce back, signed with the machine's
-Ed25519 key together with the license and machine ids, checks the license (exists, not
-revoked, in its dates, names this machine), takes or renews one of its N seats, and answers
+A lease is two calls. `challenge(license_id, client_nonce)` returns a fresh random server nonce, valid once
+for `NONCE_TTL` seconds, signed together with the license id and the client's own random `client_nonce`
+(`CHALLENGE_DOMAIN`): a client signs a lease request only over a nonce the key server gave *it*, so a
+proxy cannot hand it the nonce of a lease it kept and then that lease. `lease(request)` takes the nonce
+back, signed with the machine's Ed25519 key together with the license and machine ids, checks the
+license (exists, not revoked, in its dates, names this machine), takes or renews one of its N seats, and answers
 with the content key wrapped to that machine's X25519 key under a context that includes the
 nonce, a TTL, and an Ed25519 signature of the key server over the whole answer. A replayed
 answer carries a nonce the client did not ask for; an edited one fails the signature; a
@@ -76,6 +78,7 @@ MAX_ID = 128  # longest license id, machine id or nonce a request may carry
 REQUEST_DOMAIN = b"codemoat-lease-request-v1"
 ANSWER_DOMAIN = b"codemoat-lease-v1"
 REFUSAL_DOMAIN = b"codemoat-lease-refusal-v1"
+CHALLENGE_DOMAIN = b"codemoat-lease-challenge-v1"
 REFUSAL_FIELDS = ("code", "message", "license_id", "machine_id", "nonce", "server_time")
 REQUEST_FIELDS = ("license_id", "machine_id", "nonce", "client_time")
 INSTANCE_DOMAIN = b"codemoat-lease-instance-v1"
@@ -121,7 +124,9 @@ def _wrong_machine(lid: str, mid: str) -> LeaseDenied:
 
 
 def _short(v: Any) -> str | None:
-    return v if isinstance(v, str) and 0 < len(v) <= MAX_ID else None
+    """`v` when it is an id or nonce a request may carry: 1 to `MAX_ID` printable characters (no NUL, which
+    PostgreSQL refuses in any text parameter: a 500 for an unsigned challenge; no control characters)."""
+    return v if isinstance(v, str) and 0 < len(v) <= MAX_ID and v.isprintable() else None
 
 
 @dataclass
@@ -148,13 +153,17 @@ class KeyServer:
         self._ed_keys: dict[str, Any] = {}
 
     # -- nonces -------------------------------------------------------------
-    def challenge(self, license_id: Any) -> dict[str, Any]:
-        """A fresh nonce for a license this server knows; no state is kept for any other caller."""
+    def challenge(self, license_id: Any, client_nonce: Any = None) -> dict[str, Any]:
+        """A fresh nonce for a license this server knows, signed with the license id and the caller's
+        `client_nonce` (the nonce of a lease a proxy kept, handed to a client as if fresh, fails that
+        signature); no state is kept for any other caller."""
         if _short(license_id) is None:
-            raise LeaseDenied("bad_request", f"license_id must be a string of 1 to {MAX_ID} characters", 400)
+            raise LeaseDenied("bad_request", f"license_id must be a string of 1 to {MAX_ID} printable characters", 400)
         lic = self._licensed(license_id)
         with self._seat_lock:
-            return {"nonce": self.nonces.issue(lic.doc["id"], NONCE_TTL), "expires_in": NONCE_TTL}
+            nonce = self.nonces.issue(lic.doc["id"], NONCE_TTL)
+        body = {"nonce": nonce, "expires_in": NONCE_TTL, "license_id": lic.doc["id"], "client_nonce": _short(client_nonce)}
+        return {**body, "signature": b64e(sign(self.vendor.keyserver_key, CHALLENGE_DOMAIN, canonical(body)))}
 
     def refusal(self, err: LeaseDenied, req: Any) -> dict[str, Any]:
         """The signed body of a refusal, bound to the request's ids and nonce (`client_nonce` for a challenge)."""
@@ -185,6 +194,8 @@ class KeyServer:
             if row is None:
                 raise LeaseDenied("unknown_license", f"no license {license_id} on this key server", 404)
             doc = json.loads(row.document)["license"]
+            if doc.get("mode") != "lease":  # an offline license carries its key: no challenge, no lease, no seat
+                raise LeaseDenied("unknown_license", f"license {license_id} is not a lease license: no leases for it", 404)
             machines = {m["id"]: m for m in doc["machines"]}
             revoked = revoked_machines(self.vendor.engine, machines)
             got = (_Licensed(doc, machines, row.file_id, row.customer_id, revoked), now)

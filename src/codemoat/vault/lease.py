@@ -7,7 +7,9 @@ a license id, a machine id, a server nonce, the time and a signature; never code
 `leasekeeper.LeaseKeeper` renews the lease in the background and says when the model must go.
 
 A refusal acts only when the key server signed it for this request (its license id, machine id and
-nonce; a challenge carries a random `client_nonce` for that). An unsigned, mis-signed or replayed
+nonce; a challenge carries a random `client_nonce` for that), and a lease request is signed only over a
+nonce the key server signed for this client's own challenge (or handed out in a lease it signed), so a
+lease a proxy kept cannot be answered to a later request. An unsigned, mis-signed or replayed
 refusal — an on-path proxy answering "revoked" — is `Unreachable`: the model serves on through
 TTL + grace as in any outage. Each signed server time raises this machine's clock floor.
 
@@ -41,6 +43,7 @@ from .codec import VaultError, b64d, b64e, canonical, ed_public, public_raw, sig
 from .container import content_key_id
 from .keyserver import (
     ANSWER_DOMAIN,
+    CHALLENGE_DOMAIN,
     INSTANCE_DOMAIN,
     REFUSAL_DOMAIN,
     RELEASE_DOMAIN,
@@ -55,6 +58,7 @@ from .machine import MachineKey
 from .tpmwrap import quote_json, unwrap_p256
 
 TIMEOUT_S = 5.0  # each connect, read and write of a key server request (httpx's timeout; not the whole answer)
+MAX_ANSWER = 256 * 1024  # a key server answer is a few kB (a TPM policy included); a longer one is not read on
 T = TypeVar("T")
 _log_lock = threading.Lock()
 
@@ -163,18 +167,27 @@ class LeaseClient:
         body = json.dumps(payload, separators=(",", ":"))
         rid = uuid.uuid4().hex[:12]
         record_outbound(url, "POST", body, None, rid)
+        status: int | None = None
         try:
-            r = self._http.post(url, content=body, headers={"content-type": "application/json"})
+            # streamed and cut off at MAX_ANSWER: a proxy answering with an endless body at full speed filled
+            # this process's memory (gigabytes in seconds) before any deadline could end the wait
+            with self._http.stream("POST", url, content=body, headers={"content-type": "application/json"}) as r:
+                status, raw = r.status_code, bytearray()
+                record_outbound(url, "POST", None, status, rid)
+                for chunk in r.iter_bytes():
+                    raw += chunk
+                    if len(raw) > MAX_ANSWER:
+                        raise Unreachable(f"key server at {self.url} answered {status} with over {MAX_ANSWER} bytes")
         except httpx.HTTPError as e:
-            record_outbound(url, "POST", None, 0, rid)
+            if status is None:
+                record_outbound(url, "POST", None, 0, rid)
             raise Unreachable(f"key server unreachable at {self.url}: {type(e).__name__}") from None
-        record_outbound(url, "POST", None, r.status_code, rid)
         try:
-            data = r.json()
+            data = json.loads(raw)
         except (ValueError, RecursionError):  # nested past the decoder's limit too: not an answer, an outage
-            raise Unreachable(f"key server at {self.url} answered {r.status_code} without JSON") from None
-        if r.status_code != 200:
-            raise self._refusal(data, r.status_code, nonce, payload.get("machine_id"))
+            raise Unreachable(f"key server at {self.url} answered {status} without JSON") from None
+        if status != 200:
+            raise self._refusal(data, status, nonce, payload.get("machine_id"))
         if not isinstance(data, dict):
             raise VaultError("key server answer is not a JSON object")
         return data
@@ -249,8 +262,23 @@ class LeaseClient:
             raise VaultError(f"TPM: {e}") from None
 
     def _challenge(self) -> str:
+        """A nonce the key server signed for this very challenge (our `client_nonce`, this license), else
+        `Unreachable`: a proxy handing out the nonce of a lease it kept would then answer with that lease."""
         mine = b64e(secrets.token_bytes(18))
-        nonce = self._post("/v1/lease/challenge", {"license_id": self.lic.id, "client_nonce": mine}, mine).get("nonce")
+        ans = self._post("/v1/lease/challenge", {"license_id": self.lic.id, "client_nonce": mine}, mine)
+        body = {k: v for k, v in ans.items() if k != "signature"}
+        try:
+            verify(
+                self.server_key, b64d(ans.get("signature"), "challenge signature"), CHALLENGE_DOMAIN, canonical(body), "challenge"
+            )
+            bound = body.get("client_nonce") == mine and body.get("license_id") == self.lic.id
+        except (VaultError, ValueError, RecursionError):  # canonical() refuses NaN
+            bound = False
+        if not bound:
+            raise Unreachable(
+                f"key server at {self.url} answered a challenge without a valid signature for it: treated as unreachable"
+            )
+        nonce = body.get("nonce")
         if not isinstance(nonce, str):
             raise VaultError("key server challenge has no nonce")
         return nonce
