@@ -116,6 +116,11 @@ class SqliteIndex:
             self._local.conn, self._local.pointer = conn, cur.name if cur else None
         return conn
 
+    def data_version(self) -> int:
+        """A number that changes whenever another connection commits to the index (SQLite's `PRAGMA
+        data_version`): compare it only with one read before on the same thread (its connection)."""
+        return int(self.db.execute("PRAGMA data_version").fetchone()[0])
+
     def refresh(self) -> bool:
         """At a request's start: move to a newly published snapshot (one small read); True when it moved."""
         if self._snap is None or getattr(self._local, "conn", None) is None:
@@ -317,9 +322,12 @@ class SqliteIndex:
             return []
         scope = " OR ".join(_quote(repo_term(r)) for r in repo_ids)
         match = f"({scope}) AND ({' OR '.join(_quote(t) for t in query_terms)})"
+        # The scope term narrows the search; the chunk's own repository decides: a file's text can hold
+        # `__r7` too, and another repository's chunks would then fill the LIMIT in front of repository 7's.
         rows = self.db.execute(
-            "SELECT rowid, bm25(chunks_fts) FROM chunks_fts WHERE chunks_fts MATCH ? ORDER BY rank LIMIT ?",
-            (match, limit),
+            "SELECT f.rowid, bm25(chunks_fts) FROM chunks_fts f JOIN chunks c ON c.id = f.rowid"
+            f" WHERE chunks_fts MATCH ? AND c.repo_id IN ({','.join('?' * len(repo_ids))}) ORDER BY rank LIMIT ?",
+            (match, *repo_ids, limit),
         ).fetchall()
         return [(rid, -score) for rid, score in rows]
 

@@ -78,7 +78,21 @@ def add_repository(store: SqliteIndex, path: Path | str, name: str, groups: Sequ
     st = root.stat()  # the folder itself: a later update refuses another one at this path
     with store.transaction():
         store.add_repo(name, str(root), groups, git_remote(root), include, exclude, (st.st_dev, st.st_ino))
+        _leave_enclosing(store, name, root)
         return _update(store, store.repo(name), progress)
+
+
+def _leave_enclosing(store: SqliteIndex, name: str, root: Path) -> None:
+    """A repository added inside an indexed one: its files leave the enclosing repository's index now,
+    not at that one's next update (they belong to this repository's groups from now on; an update of
+    the enclosing repository refuses its folder)."""
+    for other in store.repos():
+        if other.name == name or Path(other.root) not in root.parents:
+            continue
+        prefix = root.relative_to(other.root).as_posix() + "/"
+        for rel, (fid, _h) in store.file_hashes(other.id).items():
+            if rel.startswith(prefix):
+                store.delete_file(fid)
 
 
 PACK_ROOT = "pack:"  # the `root` of a knowledge pack: indexed from memory, no folder (codemoat.updates)

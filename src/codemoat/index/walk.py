@@ -7,19 +7,22 @@ files with very long lines, lock files and generated code, and file types that a
 nor prose. Paths are yielded one at a time; text is read one file at a time (bounded memory).
 
 Nothing outside the repository's root is ever read: `reader.RepoReader` says why a path is
-refused (symlinks, `..`, special files, hard links), and `scan` reports those paths with the reason.
+refused (symlinks, `..`, special files, hard links), and `scan` reports those paths with the reason, as it
+does names that are not UTF-8 or hold control characters (shown with escapes: `\\x1b`).
 """
 
 from __future__ import annotations
 
 import fnmatch
 import os
+import re
 import stat
 import subprocess
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import CodemoatError
 from .languages import language_for
 from .reader import FOLDER, GONE, RepoReader, read_bytes
 from .reader import MAX_BYTES  # noqa: F401  (part of this module's rules, kept where the reader needs it)
@@ -90,12 +93,12 @@ def decode(raw: bytes) -> str | None:
 _NO_COMMANDS = ("-c", "core.fsmonitor=false", "-c", "core.hooksPath=/dev/null")
 
 
-def _git(root: Path, *args: str) -> str | None:
+def _git(root: Path, *args: str, errors: str = "replace") -> str | None:
     try:
         out = subprocess.run(["git", *_NO_COMMANDS, "-C", str(root), *args], capture_output=True, timeout=60, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return out.stdout.decode("utf-8", "replace") if out.returncode == 0 else None
+    return out.stdout.decode("utf-8", errors) if out.returncode == 0 else None
 
 
 def git_remote(root: Path) -> str | None:
@@ -126,25 +129,52 @@ class _Ignore:
             line = line.strip("/") if dir_only else line
             anchored = "/" in line.lstrip("/") or line.startswith("/")
             self.rules.append((line.lstrip("/"), neg, dir_only, anchored))
+        # Matched a run of rules at a time (consecutive rules that all ignore, or all re-include), the last
+        # run first: the first run with a rule that matches decides. A run is one regex per kind of rule
+        # (matched against the path or the name; folders only or not). A rule at a time through fnmatch's
+        # cache (32,768 patterns) took minutes a hundred files once a .gitignore had more rules than that.
+        self._runs: list[tuple[bool, list[tuple[bool, bool, Callable[[str], re.Match | None]]]]] = []
+        start = 0
+        for end in range(1, len(self.rules) + 1):
+            if end < len(self.rules) and self.rules[end][1] == self.rules[start][1]:
+                continue
+            run = self.rules[start:end]
+            kinds = []
+            for anchored in (False, True):
+                for dir_only in (False, True):
+                    alts = [
+                        fnmatch.translate(pat) + (f"|{fnmatch.translate(pat + '/**')}" if anchored else "")
+                        for pat, _neg, d, a in run
+                        if a == anchored and d == dir_only
+                    ]
+                    if alts:
+                        kinds.append((anchored, dir_only, re.compile("|".join(alts)).match))
+            self._runs.append((run[0][1], kinds))
+            start = end
 
     def ignored(self, rel: str, is_dir: bool) -> bool:
-        verdict = self.parent.ignored(rel, is_dir) if self.parent else False
-        sub = rel[len(self.base) + 1 :] if self.base else rel
-        name = sub.rsplit("/", 1)[-1]
-        for pat, neg, dir_only, anchored in self.rules:
-            if dir_only and not is_dir:
-                continue
-            target = sub if anchored else name
-            if fnmatch.fnmatchcase(target, pat) or (anchored and fnmatch.fnmatchcase(target, pat + "/**")):
-                verdict = not neg
+        chain: list[_Ignore] = []  # the outermost folder's rules first, a deeper folder's override them
+        node: _Ignore | None = self
+        while node is not None:  # not by recursion: a .gitignore in each of thousands of nested folders
+            chain.append(node)
+            node = node.parent
+        verdict = False
+        for node in reversed(chain):
+            sub = rel[len(node.base) + 1 :] if node.base else rel
+            name = sub.rsplit("/", 1)[-1]
+            for neg, kinds in reversed(node._runs):
+                if any(match(sub if anchored else name) for anchored, dir_only, match in kinds if is_dir or not dir_only):
+                    verdict = not neg
+                    break
         return verdict
 
 
 def _walk(root: Path) -> Iterator[str]:
     """Paths under `root` that `.gitignore` files do not exclude: files, and every symlink or special
-    entry (never entered or followed; yielded so that the reader names them as refused)."""
+    entry (never entered or followed; yielded so that the reader names them as refused). Folders are
+    visited from a stack, not by recursion: a committed tree thousands of folders deep is walked too."""
 
-    def visit(folder: Path, rel: str, rules: _Ignore | None) -> Iterator[str]:
+    def entries(folder: Path, rel: str, rules: _Ignore | None) -> Iterator[tuple[os.DirEntry, str, _Ignore | None]]:
         gi = folder / ".gitignore"
         try:
             if stat.S_ISREG(os.lstat(gi).st_mode):  # a symlinked or special .gitignore is not read
@@ -152,23 +182,28 @@ def _walk(root: Path) -> Iterator[str]:
         except OSError:
             pass
         try:
-            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+            found = sorted(os.scandir(folder), key=lambda e: e.name)
         except OSError:
             return
-        for e in entries:
-            child = f"{rel}/{e.name}" if rel else e.name
-            try:
-                is_dir = e.is_dir(follow_symlinks=False)
-            except OSError:
-                continue
-            if is_dir:
-                if e.name in SKIP_DIRS or (rules and rules.ignored(child, True)):
-                    continue
-                yield from visit(Path(e.path), child, rules)
-            elif not (rules and rules.ignored(child, False)):
-                yield child
+        for e in found:
+            yield e, f"{rel}/{e.name}" if rel else e.name, rules
 
-    yield from visit(root, "", None)
+    stack = [entries(root, "", None)]
+    while stack:
+        got = next(stack[-1], None)
+        if got is None:
+            stack.pop()
+            continue
+        e, child, rules = got
+        try:
+            is_dir = e.is_dir(follow_symlinks=False)
+        except OSError:
+            continue
+        if is_dir:
+            if not (e.name in SKIP_DIRS or (rules and rules.ignored(child, True))):
+                stack.append(entries(Path(e.path), child, rules))
+        elif not (rules and rules.ignored(child, False)):
+            yield child
 
 
 @dataclass
@@ -177,6 +212,29 @@ class Listing:
 
     paths: list[str]
     refused: dict[str, str] = field(default_factory=dict)
+
+
+# Characters a terminal or a prompt would act on: C0 and C1 controls (ESC, newline…), line and paragraph
+# separators, and the bidirectional overrides that make a name read as another one.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def shown(rel: str) -> str:
+    """`rel` as plain printable text: control characters and bytes that are not UTF-8 as escapes (`\\x1b`)."""
+    text = rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return _CONTROL.sub(lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100 else f"\\u{ord(m[0]):04x}", text)
+
+
+def _bad_name(rel: str) -> str | None:
+    """Why a path's name is never indexed: it would reach a terminal or a prompt as control text, or
+    the index (UTF-8 text) cannot hold it."""
+    try:
+        rel.encode("utf-8")
+    except UnicodeEncodeError:
+        return "file name is not UTF-8 (never read)"
+    if _CONTROL.search(rel):
+        return "file name has control characters (never read)"
+    return None
 
 
 def _skipped_folder(rel: str) -> bool:
@@ -193,8 +251,14 @@ def scan(root: Path, include: Sequence[str] = (), exclude: Sequence[str] = (),
     root = root.resolve()
     out: Iterator[str]
     if is_git_worktree(root):
-        listed = _git(root, "ls-files", "-z", "--cached", "--others", "--exclude-standard")
-        out = iter(p for p in (listed or "").split("\0") if p)
+        # bytes that are not UTF-8 kept as the walk keeps them (surrogates), so that `scan` names them
+        listed = _git(root, "ls-files", "-z", "--cached", "--others", "--exclude-standard", errors="surrogateescape")
+        if listed is None:  # not "no files": an update would drop every file of the repository from the index
+            raise CodemoatError(
+                f"`git ls-files` failed in {root} (a damaged .git/index, or a git too old for this repository): "
+                "its files are unknown, so the index was left as it is"
+            )
+        out = iter(p for p in listed.split("\0") if p)
     else:
         out = _walk(root)
     keep: set[str] = set()
@@ -207,13 +271,18 @@ def scan(root: Path, include: Sequence[str] = (), exclude: Sequence[str] = (),
                 continue
             if exclude and any(fnmatch.fnmatchcase(rel, g) for g in exclude):
                 continue
+            bad = _bad_name(rel)
+            if bad is not None:
+                if is_indexable_name(rel):
+                    refused[shown(rel)] = bad
+                continue
             why = reader.check(rel)
             if why is FOLDER or why is GONE:
                 continue
             if why is not None:
                 # A link or special entry is named whatever its name; a hard-linked non-code file is noise.
                 if is_indexable_name(rel) or not why.startswith("hard link"):
-                    refused[f"{why.folder}/" if why.folder else rel] = str(why)  # a whole folder: named once
+                    refused[shown(f"{why.folder}/" if why.folder else rel)] = str(why)  # a whole folder: named once
                 continue
             if is_indexable_name(rel):
                 keep.add(rel)

@@ -25,7 +25,6 @@ import math
 import posixpath
 import re
 import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,7 +42,6 @@ W_BM25 = 0.8
 CANDIDATES = 40  # per ranking
 BM25_POOL = 300  # BM25 hits whose scores also rerank symbol candidates
 COVERED = 0.5  # a chunk whose signature an outline above shows already: the outline took its place
-REPO_CACHE_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -83,23 +81,22 @@ class Retriever(Outlines):
     def __init__(self, index_path: Path | str | None = None):
         self.path = Path(index_path) if index_path is not None else default_path()
         self._store = SqliteIndex(self.path)
-        self._lock = threading.Lock()
-        self._repos: tuple[float, list[RepoInfo]] = (0.0, [])
+        self._local = threading.local()  # this thread's repositories, and the index version they were read at
         self._packages: dict[tuple[int, float | None], str | None] = {}
 
     # -- repositories ----------------------------------------------------------------------------
     def _all_repos(self) -> list[RepoInfo]:
+        """The indexed repositories with their groups, read again whenever the index changed since this
+        thread last read them (a repository regrouped or removed: not one request later, not seconds)."""
         if self._store.refresh():  # a new index snapshot was published: this request reads it whole
-            with self._lock:
-                self._repos = (0.0, [])
+            self._local.repos = None
         if not self.path.exists():
             return []
-        with self._lock:
-            at, repos = self._repos
-            if time.monotonic() - at > REPO_CACHE_S:
-                repos = self._store.repos()
-                self._repos = (time.monotonic(), repos)
-            return repos
+        version = self._store.data_version()  # SQLite's own counter: one cheap read, no table read
+        got = getattr(self._local, "repos", None)
+        if got is None or got[0] != version:
+            got = self._local.repos = (version, self._store.repos())
+        return got[1]
 
     def readable_repos(self, groups: frozenset[str]) -> list[str]:
         """Names of the repositories a caller in `groups` may read."""
