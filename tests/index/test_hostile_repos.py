@@ -177,3 +177,34 @@ def test_a_git_listing_that_fails_leaves_the_index_as_it_was(tmp_path):
     r = run_cli("index", "update", "repo")
     assert r.returncode != 0 and "Traceback" not in r.stderr and len((r.stdout + r.stderr).strip().splitlines()) == 1
     store.close()
+
+
+@pytest.mark.parametrize("kind", [pytest.param("git", marks=git), "plain"])
+def test_dotenv_files_are_never_indexed_or_retrieved(tmp_path, kind):
+    """Was: `env` was a text extension, so a committed `.env` (or `prod.env`) was indexed and its keys retrieved into
+    completions for everyone who reads the repository. Dotenv files are now never indexed; code that reads the same
+    names is, and so is the rest of the repository."""
+    repo = tmp_path / "repo"
+    (repo / "deploy").mkdir(parents=True)
+    key = "AKIAIOSFODNN7EXAMPLE"
+    for name in (".env", ".env.production", "deploy/prod.env"):
+        (repo / name).write_text(f"AWS_ACCESS_KEY_ID={key}\nDATABASE_URL=postgres://u:pw@db/app\n")
+    (repo / "settings.py").write_text("import os\n\nAWS_ACCESS_KEY_ID = os.environ['AWS_ACCESS_KEY_ID']\n")
+    (repo / "config.toml").write_text("[aws]\nregion = 'eu-west-1'\n")
+    if kind == "git":
+        _git_add(repo)
+    store = SqliteIndex()
+    add_repository(store, repo, "repo", ["everyone"])
+    assert _paths(store) == ["config.toml", "settings.py"]
+    assert key not in json.dumps([r for r in store.db.execute("SELECT * FROM chunks")], default=str)
+    store.close()
+    snippets = Retriever().snippets_for_completion(
+        groups=frozenset({"everyone"}),
+        repo="repo",
+        path="app.py",
+        prefix="AWS_ACCESS_KEY_ID = ",
+        suffix="",
+        k=5,
+        budget_tokens=512,
+    )
+    assert snippets and not any(key in s.text for s in snippets), [s.text for s in snippets]

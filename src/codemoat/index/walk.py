@@ -47,19 +47,26 @@ TEXT_EXTS = frozenset(
     """
     md rst txt toml yaml yml json cfg ini conf sh bash zsh sql html htm css scss less vue svelte swift
     scala lua r pl pm ex exs erl hs ml mli proto graphql gql gradle xml tf hcl dart jl m mm clj nim zig
-    cmake mk properties env
+    cmake mk properties
     """.split()
 )
 TEXT_NAMES = frozenset({"Makefile", "Dockerfile", "Jenkinsfile", "README", "CMakeLists.txt", "Rakefile", "Gemfile"})
 
 
+def is_dotenv(name: str) -> bool:
+    """A dotenv file (`.env`, `.env.production`, `prod.env`): credentials by convention, committed by mistake. Never
+    indexed: its keys would be retrieved into completions for everyone who reads the repository, and from there
+    into answers and, with prompt retention on, the audit log. It was indexed as text (`env` was a text extension)."""
+    return name == ".env" or name.startswith(".env.") or name.endswith(".env")
+
+
 def is_indexable_name(rel: str) -> bool:
-    """By path alone: a code or text file outside skipped folders."""
+    """By path alone: a code or text file outside skipped folders, not a dotenv file."""
     parts = rel.split("/")
     if any(p in SKIP_DIRS for p in parts[:-1]):
         return False
     name = parts[-1]
-    if name in SKIP_NAMES or name.endswith(SKIP_SUFFIXES):
+    if name in SKIP_NAMES or name.endswith(SKIP_SUFFIXES) or is_dotenv(name):
         return False
     if language_for(name) is not None or name in TEXT_NAMES:
         return True
