@@ -317,7 +317,7 @@ def rotation_number(kind: str | None, detail: str | None) -> int:
         return 0
     try:
         n = json.loads(detail or "{}").get("rotation")
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, TypeError, RecursionError):
         return 0
     return n if type(n) is int and n > 0 else 0
 
@@ -386,9 +386,12 @@ class HeadFile:
         seqs = []
         for slot in (0, 1):
             try:
-                seqs.append(json.loads(os.pread(self._fd, HEAD_SLOT, slot * HEAD_SLOT))["seq"])
+                seq_ = json.loads(os.pread(self._fd, HEAD_SLOT, slot * HEAD_SLOT))["seq"]
             except (ValueError, KeyError, TypeError):
                 return slot  # blank or damaged: written first
+            if type(seq_) is not int:  # {"seq": null} or text someone wrote there: damaged, not a failed append
+                return slot
+            seqs.append(seq_)
         if seq in seqs:  # the same record signed again (a shutdown checkpoint): the older head stays
             return seqs.index(seq)
         return 0 if seqs[0] <= seqs[1] else 1
@@ -402,7 +405,9 @@ class HeadFile:
         with self._lock:
             try:
                 if self._fd is None:
-                    self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+                    from ..paths import open_own  # never through a link or into a FIFO put at its name
+
+                    self._fd = open_own(self.path, "audit head file", error=OSError)
                     # a copy collected without close() closes its descriptor; not at exit, where a log's own
                     # close may still write the head after the finalizers ran
                     self._closer = weakref.finalize(self, os.close, self._fd)

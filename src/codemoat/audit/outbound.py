@@ -38,7 +38,7 @@ def read_outbound(path: Path | None = None) -> list[dict[str, Any]]:
             continue
         try:
             row = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
             row = None
         out.append(row if isinstance(row, dict) else {"line": n, "raw": line})
     return out

@@ -30,8 +30,12 @@ def rotate(log: Any, archive: Path, *, now: float | None = None) -> dict[str, An
         raise CodemoatError(f"{archive} already exists: choose a new archive file")
     digest = hashlib.sha256()
     _ = log.signer  # load the key before the transaction takes the database's write lock
+    try:  # private from its first byte (it holds the records), new, and never written through a link
+        fd = os.open(archive, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise CodemoatError(f"cannot create the archive {archive}: {e.strerror}") from None
     with log._lock:
-        with log.engine.begin() as c, open(archive, "x", encoding="utf-8") as f:
+        with log.engine.begin() as c, os.fdopen(fd, "w", encoding="utf-8") as f:
             # The tip first: appends wait from here until the new chain is committed (PostgreSQL: the chain's
             # trigger locks the tip; SQLite: this write begins the transaction with the write lock, which
             # sqlite3 takes only at the first write). Taken later (a1ee9fa: at the tip's reset), an append
@@ -73,9 +77,13 @@ def rotate(log: Any, archive: Path, *, now: float | None = None) -> dict[str, An
             # chain it would take for a deleted one.
             _first_record(c, normalise("rotation", {"detail": detail, "ts": now}))
             signed, head_row, mine = sign_tip(c, log.signer, checkpoint_every=log.checkpoint_every, now=now)
+            # the archive on disk, its name too, before the commit deletes the records it holds: a crash after the
+            # commit left them in neither place (the file's pages were still in the page cache)
+            f.flush()
+            os.fsync(f.fileno())
+            _fsync_dir(archive.parent)
             if log.head_file is not None and log.head_file.exists():
-                os.truncate(log.head_file, 0)  # in place: writers keep their open descriptors
-        os.chmod(archive, 0o600)
+                _empty_head_file(log.head_file)
         log._healthy, log.failure = True, None
         log._signed_seq, log._last_seq, log._seen_head, log._unsigned_since = 0, 0, False, None
         log._mine, log._owed = None, None  # a head owed for served records: they are in the archive
@@ -90,6 +98,29 @@ def rotate(log: Any, archive: Path, *, now: float | None = None) -> dict[str, An
             row = c.execute(sa.select(head).where(head.c.id == 1)).first()
         trusted.remember(log.verified_file, SignedHead.from_mapping(row._asdict()), log.public_key(), reset=True)
     return detail
+
+
+def _empty_head_file(path: Path) -> None:
+    """Empty the head file in place (writers keep their open descriptors). A link or FIFO put at its name is left
+    alone, for `verify` to name (followed, it truncated the file the link named)."""
+    from ..paths import open_own
+
+    try:
+        fd = open_own(path, "audit head file", os.O_WRONLY, error=OSError)
+    except OSError:
+        return
+    try:
+        os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 _TAKE_TIP = sa.text("UPDATE audit_tip SET seq = seq WHERE id = 1")  # a write that changes nothing

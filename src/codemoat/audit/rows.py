@@ -92,11 +92,30 @@ def _detail(detail: Any) -> str:
 def to_public(row: dict[str, Any]) -> dict[str, Any]:
     """A stored row as people and exports see it: ISO time, lists and dicts decoded."""
     out = dict(row)
-    out["time"] = datetime.fromtimestamp(row["ts_us"] / 1_000_000, tz=UTC).isoformat(timespec="microseconds")
+    out["time"] = iso_time(row["ts_us"], "microseconds") or "?"
     for k in ("repos", "snippets"):
-        out[k] = json.loads(row[k]) if row.get(k) else []
-    out["detail"] = _public_detail(row["detail"]) if row.get("detail") else {}
+        out[k] = _stored_json(row[k], json.loads) if row.get(k) else []
+    out["detail"] = _stored_json(row["detail"], _public_detail) if row.get("detail") else {}
     return {"seq": out.pop("seq"), "time": out.pop("time"), **out}
+
+
+def iso_time(ts_us: Any, timespec: str = "seconds") -> str | None:
+    """A record's `ts_us` as ISO 8601 UTC; None when it is not a time (a value someone wrote into the database:
+    text, a year past 9999). Such a record fails `verify`; reading and exporting the log still go on past it."""
+    if type(ts_us) is not int:
+        return None
+    try:
+        return datetime.fromtimestamp(ts_us / 1_000_000, tz=UTC).isoformat(timespec=timespec)
+    except (ValueError, OverflowError, OSError):
+        return None
+
+
+def _stored_json(stored: Any, decode: Any) -> Any:
+    """A stored JSON column decoded, or as stored when it is not JSON (an edited record is shown, not a crash)."""
+    try:
+        return decode(stored)
+    except (TypeError, ValueError, RecursionError):
+        return stored
 
 
 def _public_detail(stored: str) -> Any:

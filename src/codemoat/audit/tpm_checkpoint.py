@@ -129,7 +129,8 @@ def check(engine: sa.Engine, machine: Any = None) -> tuple[list[tuple[int, str]]
                     AUDIT_NV_INDEX,
                 )
                 named, counter = int(d["seq"]), int(d["counter"])
-            except (QuoteRefused, VaultError, KeyError, TypeError, ValueError) as e:
+            except (QuoteRefused, VaultError, KeyError, TypeError, ValueError, AttributeError, RecursionError) as e:
+                # AttributeError, RecursionError: a detail that is not an object, or nested past the parser (a DBA's)
                 return [(seq, f"the TPM checkpoint in record {seq} does not hold: {e}")], None
             if info.counter != counter or named >= seq:
                 return [

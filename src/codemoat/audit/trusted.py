@@ -15,6 +15,7 @@ there. Anything else is a rollback, and the problem says which.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -44,7 +45,7 @@ def load(path: Path, *, own: bool = False) -> SignedHead | None:
         raise e from None
     try:
         doc = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
         raise ValueError(f"{path} is not JSON (damaged?)") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise ValueError(f"{path} is not a codemoat audit head (format {FORMAT})")
@@ -74,7 +75,9 @@ def remember(path: Path, h: SignedHead, public_key: bytes | None, *, reset: bool
             if old is not None and old.seq > h.seq:
                 return
         tmp = path.with_name(path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with contextlib.suppress(FileNotFoundError):  # a leftover, or a link put there: removed, never written through
+            os.unlink(tmp)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(document(h, public_key), f, indent=1)
             f.write("\n")
@@ -102,7 +105,11 @@ def check(
         )
     if hash_at.get(t.seq) != t.hash:
         if first_record is not None and first_record["kind"] == "rotation":
-            moved = json.loads(first_record["detail"] or "{}").get("records", "?")
+            try:  # record 1 of a replaced log is whatever its writer put there
+                d = json.loads(first_record["detail"] or "{}")
+            except (TypeError, ValueError, RecursionError):
+                d = None
+            moved = d.get("records", "?") if isinstance(d, dict) else "?"
             return 1, (
                 f"the log was rotated after {label} was taken (record 1 archives {moved} records): "
                 "check that head against the archive, and take a new one"

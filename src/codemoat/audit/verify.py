@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from sqlalchemy import Engine
 
 from . import signing, trusted
 from .chain import GENESIS, HEAD_SLOT, SignedHead, checkpoint_message, checkpoints, hash_matches, head, records
+from .rows import iso_time
 
 
 @dataclass
@@ -274,10 +274,11 @@ def verify(
         unsigned=unsigned,
     )
     if unsigned and tail_ts is not None:
-        report.unsigned_since = datetime.fromtimestamp(tail_ts / 1_000_000, tz=UTC).isoformat(timespec="seconds")
-        age = max(0.0, time.time() - tail_ts / 1_000_000)
+        # an unsigned record's time is whatever was written there (text, a year past 9999): named, never a crash
+        report.unsigned_since = iso_time(tail_ts)
+        age = f"{max(0.0, time.time() - tail_ts / 1_000_000):.0f} s old" if report.unsigned_since else f"time {tail_ts!r}"
         report.warning = (
-            f"records {last - unsigned + 1}–{last} ({unsigned}, the oldest {age:.0f} s old) follow the signed head: "
+            f"records {last - unsigned + 1}–{last} ({unsigned}, the oldest {age}) follow the signed head: "
             "not signed yet, so whoever writes the database could cut or rewrite them unnoticed"
         )
     if problems:

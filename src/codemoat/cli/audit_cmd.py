@@ -55,6 +55,8 @@ def audit_verify(*, trusted_head: TrustedHeadOpt = None, config: ConfigOpt = Non
     rep = _log(config).verify(trusted_head=trusted_head)
 
     def human(r):
+        from rich.markup import escape
+
         if r["ok"]:
             console.print(
                 f"[green]audit log OK[/green]: {r['records']} records, {r['checkpoints']} signed checkpoints, "
@@ -66,7 +68,7 @@ def audit_verify(*, trusted_head: TrustedHeadOpt = None, config: ConfigOpt = Non
             if r["warning"]:
                 say(f"  warning: {r['warning']}", style="yellow", markup=False)
         else:
-            say(f"[red]audit log FAILED at record {r['first_bad']}[/red]: {r['problem']}")
+            say(f"[red]audit log FAILED at record {r['first_bad']}[/red]: {escape(r['problem'])}")  # it names paths
 
     emit(rep.to_dict(), as_json, human)
     if not rep.ok:
@@ -137,7 +139,9 @@ def audit_outbound(*, as_json: JsonFlag = False) -> None:
     def human(rs):
         if not rs:
             console.print(
-                f"nothing has been sent off this machine ({outbound_file()} does not exist or is empty)", highlight=False
+                f"nothing has been sent off this machine ({outbound_file()} does not exist or is empty)",
+                highlight=False,
+                markup=False,
             )
             return
         for r in rs:
@@ -151,7 +155,7 @@ def audit_outbound(*, as_json: JsonFlag = False) -> None:
             )
             if r.get("body") is not None:
                 say(f"  {_printable(str(r['body']))}", markup=False)
-        console.print(f"{len(rs)} lines in {outbound_file()}", highlight=False)
+        console.print(f"{len(rs)} lines in {outbound_file()}", highlight=False, markup=False)
 
     emit(rows, as_json, human)
 
@@ -166,9 +170,13 @@ def audit_alerts(*, config: ConfigOpt = None, as_json: JsonFlag = False) -> None
             console.print("no alerts", highlight=False)
             return
         for r in rs:
-            d, s = r["detail"], r["detail"].get("signals", {})
+            # a detail someone edited in the database (not an object, odd values) is shown as far as it goes, and
+            # the alerts after it still are
+            d = r["detail"] if isinstance(r["detail"], dict) else {}
+            s = d.get("signals") if isinstance(d.get("signals"), dict) else {}
+            reasons = d.get("reasons") if isinstance(d.get("reasons"), list) else []
             say(
-                f"record {r['seq']}  {r['time'][:19]}  user {r['user']}: {', '.join(d.get('reasons', []))}  "
+                f"record {r['seq']}  {r['time'][:19]}  user {r['user']}: {', '.join(str(x) for x in reasons)}  "
                 f"(requests in window {s.get('requests', '?')}, novelty {s.get('novelty', '?')}, "
                 f"mean tokens {s.get('mean_completion_tokens', '?')}, accept rate {s.get('accept_rate', '?')})",
                 markup=False,
@@ -192,6 +200,7 @@ def audit_rotate(
         say(
             f"moved {x['records']} records to {x['archive']} (sha256 {x['archive_sha256'][:16]}…; the old chain {state}); "
             "the new chain starts with a signed rotation record",
+            markup=False,
         )
 
     emit(d, as_json, human)
@@ -239,4 +248,5 @@ def audit_head_export(
     say(
         f"signed head at record {rep.head.seq} written to {output}: keep it off this machine and check with "
         f"`codemoat audit verify --trusted-head {output}`",
+        markup=False,
     )
