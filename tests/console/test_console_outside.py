@@ -123,3 +123,24 @@ def test_a_console_address_that_is_no_page_answers_a_browser_in_html(setup):
     assert "POST" in c.get("/admin/signout").headers["allow"]
     r = c.get("/admin/api/nonexist", headers={"Authorization": f"Bearer {admin}"})
     assert r.status_code == 404 and r.headers["content-type"] == "application/json", r.headers
+
+
+def test_the_audit_page_shows_records_a_dba_edited_into_odd_values(setup, home):
+    """A record someone edited in the database (SQLite keeps any value in any column): a latency that is text, a
+    secret refusal whose detail is no object. The audit page showed none of the log: a 500 (TypeError in its
+    template). Now it shows them as stored, and `audit verify` still names the edit."""
+    import sqlite3
+
+    c, _, admin = setup
+    log = c.app.state.trust.log
+    log.append("request", user="dev", route="POST /v1/completions", status=200, latency_ms=12.5)
+    log.append("request", user="dev", route="POST /v1/completions", status=400, detail={"secrets": ["aws"]})
+    db = sqlite3.connect(home / "codemoat.db")
+    with db:
+        db.execute("UPDATE audit_records SET latency_ms = 'slow' WHERE seq = (SELECT MIN(seq) FROM audit_records WHERE user = 'dev')")
+        db.execute("UPDATE audit_records SET detail = '\"secrets\": not json' WHERE seq = (SELECT MAX(seq) FROM audit_records WHERE user = 'dev')")
+    db.close()
+    assert signed_in(c, admin).status_code == 303
+    r = c.get("/admin/audit")
+    assert r.status_code == 200 and "slow" in r.text and "not json" in r.text, (r.status_code, r.text[-500:])
+    assert not log.verify().ok
