@@ -137,8 +137,12 @@ def test_the_audit_page_shows_records_a_dba_edited_into_odd_values(setup, home):
     log.append("request", user="dev", route="POST /v1/completions", status=400, detail={"secrets": ["aws"]})
     db = sqlite3.connect(home / "codemoat.db")
     with db:
-        db.execute("UPDATE audit_records SET latency_ms = 'slow' WHERE seq = (SELECT MIN(seq) FROM audit_records WHERE user = 'dev')")
-        db.execute("UPDATE audit_records SET detail = '\"secrets\": not json' WHERE seq = (SELECT MAX(seq) FROM audit_records WHERE user = 'dev')")
+        db.execute(
+            "UPDATE audit_records SET latency_ms = 'slow' WHERE seq = (SELECT MIN(seq) FROM audit_records WHERE user = 'dev')"
+        )
+        db.execute(
+            "UPDATE audit_records SET detail = '\"secrets\": not json' WHERE seq = (SELECT MAX(seq) FROM audit_records WHERE user = 'dev')"
+        )
     db.close()
     assert signed_in(c, admin).status_code == 303
     r = c.get("/admin/audit")
