@@ -64,3 +64,19 @@ def test_throttle_from_an_alarm_expires():
     q.check("alice", "tok_a", now=now + 1)
     q._throttle["mallory"] = (1, time.time() - 1)  # the hour is over
     q.check("mallory", "tok_m", now=now + 2)
+
+
+def test_a_clock_set_back_does_not_lock_anyone_out():
+    """Was: the per-minute window holds wall-clock times, so after the clock was set back an hour (NTP stepping a
+    drifted clock) the window's times were an hour ahead and every request was refused, `Retry-After` ~3,660 s, until
+    the clock caught up. Now a window whose times are ahead of the clock starts again (at most a minute forgotten)."""
+    q = Quotas(requests_per_minute=2)
+    q.check("alice", "t1", now=10_000.0)
+    q.check("alice", "t1", now=10_001.0)
+    with pytest.raises(RateLimited):
+        q.check("alice", "t1", now=10_002.0)
+    q.check("alice", "t1", now=10_002.0 - 3600)  # an hour back: admitted
+    q.check("alice", "t1", now=10_003.0 - 3600)
+    with pytest.raises(RateLimited) as e:  # and the limit holds from there
+        q.check("alice", "t1", now=10_004.0 - 3600)
+    assert e.value.retry_after <= 60

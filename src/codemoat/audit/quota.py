@@ -85,6 +85,8 @@ class Quotas:
                 limits.append((f"throttle:{user}", cap))
             for k, limit in limits:
                 w = self._windows.setdefault(k, deque())
+                if w and w[-1] > now:  # the clock was set back (NTP stepped it): the window's times are ahead of now,
+                    w.clear()  # and kept until the clock caught up they refused everyone for as long as it went back
                 while w and w[0] <= now - 60:
                     w.popleft()
                 if len(w) >= limit:
