@@ -43,3 +43,25 @@ def test_a_regrouped_repository_is_unreadable_to_the_old_group_at_once(tmp_path)
     assert retriever.readable_repos(frozenset({"contractors"})) == []  # was still readable for two seconds
     assert retriever.snippets_for_chat(groups=frozenset({"contractors"}), **ask) == []
     assert len(retriever.snippets_for_chat(groups=frozenset({"payments"}), **ask)) == 1
+
+
+def test_two_repositories_of_one_remote_each_resolve_for_their_own_groups(tmp_path):
+    """Was: the repository a completion's file belongs to was the first, by name, of those recorded with its git
+    remote, whoever asked: a checkout indexed twice (`acme-full` for admins, `acme-public` for contractors) gave a
+    contractor `acme-full`, which they may not read, and so no retrieval at all. Now it is the first they may read."""
+    import subprocess
+
+    url = "git@git.acme.example:acme/app.git"
+    for name in ("acme-full", "acme-public"):
+        repo = tmp_path / name
+        repo.mkdir()
+        (repo / "app.py").write_text("def handler(event):\n    return event\n")
+        subprocess.run(["git", "init", "-q", str(repo)], check=True)
+        subprocess.run(["git", "-C", str(repo), "remote", "add", "origin", url], check=True)
+        add_repository(SqliteIndex(), repo, name, ["admins" if name == "acme-full" else "contractors"])
+    retriever = Retriever()
+    readable = set(retriever.readable_repos(frozenset({"contractors"})))
+    assert readable == {"acme-public"}
+    assert retriever.repo_for("https://git.acme.example/acme/app", None, readable) == "acme-public"
+    assert retriever.repo_for("https://git.acme.example/acme/app", None, {"acme-full"}) == "acme-full"
+    assert retriever.repo_for("https://git.acme.example/acme/app", None, set()) is None  # none readable: none

@@ -25,7 +25,7 @@ import math
 import posixpath
 import re
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -102,10 +102,12 @@ class Retriever(Outlines):
         """Names of the repositories a caller in `groups` may read."""
         return [r.name for r in self._all_repos() if can_read(r.groups, groups)]
 
-    def repo_for(self, git_url: str | None, filepath: str | None) -> str | None:
+    def repo_for(self, git_url: str | None, filepath: str | None, among: Collection[str] | None = None) -> str | None:
         """The indexed repository a request's file belongs to: by the git remote recorded at index
-        time, by repository name given as `git_url`, or by an absolute path under a repository's folder."""
-        repos = self._all_repos()
+        time, by repository name given as `git_url`, or by an absolute path under a repository's folder.
+        `among`: only these repositories (the caller's readable ones): two indexed from one remote, each for
+        its own groups, gave every caller the first by name, and a member of the other got no retrieval."""
+        repos = self._all_repos() if among is None else [r for r in self._all_repos() if r.name in among]
         if git_url:
             want = normalize_git_url(git_url)
             for r in repos:

@@ -147,8 +147,9 @@ class Preparer:
             return None
         if not self._indexing_licensed():
             return None
-        repo = f.repo or self.svc.retriever.repo_for(f.git_url, f.path)
-        if repo and repo not in self.svc.retriever.readable_repos(principal.groups):
+        readable = set(self.svc.retriever.readable_repos(principal.groups))
+        repo = f.repo or self.svc.retriever.repo_for(f.git_url, f.path, readable)
+        if repo and repo not in readable:
             return None  # not readable by this caller: complete without its code
         return repo
 
