@@ -33,3 +33,23 @@ def test_swap_refuses_an_adapter_name_that_is_no_bundle_name_in_one_short_line(h
         assert [r["route"] for r in recs] == ["update swap_failed"] and recs[0]["detail"]["adapter"] == "lora-1.2_x"
         assert max(len(json.dumps(r)) for r in log.records(limit=1000)) < 5000  # no record holds the long name
         assert log.verify().ok
+
+
+def test_swap_refuses_a_license_given_with_a_plain_model(home, tmp_path):
+    """Was: `{"model": "plain.gguf", "license": "x.lic"}` loaded the plain model and ignored the license, a 200: the
+    admin believed a license now governed the served model. Now a 400 that says why, and the model served stays."""
+    engine = open_db(f"sqlite:///{home / 'codemoat.db'}")
+    accounts = Accounts(engine)
+    _, admin = accounts.create_token("root", user="root", scopes=("admin",))
+    plain = tmp_path / "plain.gguf"
+    plain.write_bytes(b"GGUF" + bytes(64))
+    holder = ModelHolder("m")
+    app = create_app(Settings(), holder=holder, accounts=accounts)
+    with TestClient(app, base_url="http://testserver", raise_server_exceptions=False) as c:
+        r = c.post(
+            "/admin/api/model/swap",
+            json={"model": str(plain), "license": str(tmp_path / "x.lic")},
+            headers={"Authorization": f"Bearer {admin}"},
+        )
+    assert r.status_code == 400 and "plain.gguf is not sealed: a license goes with a sealed model" in r.json()["error"]
+    assert holder.model_id == "m" and holder.status.path is None

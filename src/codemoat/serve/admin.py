@@ -187,6 +187,8 @@ async def _swap_file(request: Request, body: dict[str, Any]) -> dict[str, Any]:
     if "\x00" in model + (lic or ""):  # os.stat would raise ValueError: a 500
         raise CodemoatError("model and license are paths, without a NUL byte")
     model = _file_on_disk(model)
+    if lic and not model.endswith(".moat"):  # a plain model has no license to check: it was ignored, the swap a 200
+        raise CodemoatError(f"{Path(model).name} is not sealed: a license goes with a sealed model (.moat); drop it")
     try:
         out = await anyio.to_thread.run_sync(lambda: swap_model(holder, settings, Path(model), Path(lic) if lic else None))
     except OSError as e:  # a name too long, a directory not readable: the caller's path, not a 500
