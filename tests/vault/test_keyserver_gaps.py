@@ -18,6 +18,7 @@ files left.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -87,19 +88,31 @@ def test_an_offline_license_gets_no_challenge_and_no_lease_only_a_signed_refusal
     _no_errors_logged(uvicorn_log)
 
 
-def test_a_nul_or_control_character_in_an_id_is_a_signed_400_on_postgresql(pg_cluster, machine, model, tmp_path, caplog):
+@contextlib.contextmanager
+def _keyserver_on_postgresql(pg_cluster, machine, model, tmp_path, caplog):
+    """(vendor, key server, license file, license id) of a vendor on a database of its own in `pg_cluster`, uvicorn's
+    log also going to `caplog`; all of it stopped and dropped after."""
     from codemoat.vault.vendor import Vendor
 
     url = pg_cluster.new_database()
     Vendor.init(tmp_path / "vendor", database_url=url).close()
     v = Vendor.open(tmp_path / "vendor")
     ks = KeyServerProcess(v).start()
-    _, lic, doc = bundle(v, model, tmp_path / "a", machine, mode="lease", keyserver=ks.url)
-    lid = doc["license"]["id"]
     caplog.set_level(logging.WARNING)
     uv = logging.getLogger("uvicorn")
     uv.addHandler(caplog.handler)
     try:
+        _, lic, doc = bundle(v, model, tmp_path / "a", machine, mode="lease", keyserver=ks.url)
+        yield v, ks, lic, doc["license"]["id"]
+    finally:
+        uv.removeHandler(caplog.handler)
+        ks.stop()
+        v.close()
+        pg_cluster.drop_database(url)
+
+
+def test_a_nul_or_control_character_in_an_id_is_a_signed_400_on_postgresql(pg_cluster, machine, model, tmp_path, caplog):
+    with _keyserver_on_postgresql(pg_cluster, machine, model, tmp_path, caplog) as (v, ks, lic, lid):
         for bad in ("lic\x00", "lic\x1b[2J"):  # anyone: no signature needed for a challenge
             r = httpx.post(ks.url + "/v1/lease/challenge", json={"license_id": bad, "client_nonce": "c"})
             _signed_refusal(v, r, 400, "bad_request")
@@ -110,47 +123,26 @@ def test_a_nul_or_control_character_in_an_id_is_a_signed_400_on_postgresql(pg_cl
                 _signed_refusal(v, httpx.post(ks.url + path, json=req), 400, "bad_request")
         assert LeaseClient(License.load(lic), machine).acquire().seats_used == 1  # the nonce was not spent
         _no_errors_logged(caplog)
-    finally:
-        uv.removeHandler(caplog.handler)
-        ks.stop()
-        v.close()
-        pg_cluster.drop_database(url)
 
 
 def test_a_vendor_database_outage_is_a_signed_503_not_a_500(pg_cluster, machine, model, tmp_path, caplog):
-    from codemoat.vault.vendor import Vendor
-
-    url = pg_cluster.new_database()
-    Vendor.init(tmp_path / "vendor", database_url=url).close()
-    v = Vendor.open(tmp_path / "vendor")
-    ks = KeyServerProcess(v).start()
-    _, lic, doc = bundle(v, model, tmp_path / "a", machine, mode="lease", keyserver=ks.url)
-    lid = doc["license"]["id"]
-    caplog.set_level(logging.WARNING)
-    uv = logging.getLogger("uvicorn")
-    uv.addHandler(caplog.handler)
-    nonce = httpx.post(ks.url + "/v1/lease/challenge", json={"license_id": lid}).json()["nonce"]
-    pg_cluster.pause()
-    try:
-        r = httpx.post(ks.url + "/v1/lease", json=_signed(machine, lid, nonce), timeout=60)
-        assert _signed_refusal(v, r, 503, "database_unavailable")["nonce"] == nonce
-        r = httpx.post(ks.url + "/v1/lease/challenge", json={"license_id": lid + "x", "client_nonce": "c"}, timeout=60)
-        _signed_refusal(v, r, 503, "database_unavailable")
-        _no_errors_logged(caplog)
-        assert any("database unreachable" in r.getMessage() for r in caplog.records)
-    finally:
-        pg_cluster.resume()
-        uv.removeHandler(caplog.handler)
-    try:
+    with _keyserver_on_postgresql(pg_cluster, machine, model, tmp_path, caplog) as (v, ks, _lic, lid):
+        nonce = httpx.post(ks.url + "/v1/lease/challenge", json={"license_id": lid}).json()["nonce"]
+        pg_cluster.pause()
+        try:
+            r = httpx.post(ks.url + "/v1/lease", json=_signed(machine, lid, nonce), timeout=60)
+            assert _signed_refusal(v, r, 503, "database_unavailable")["nonce"] == nonce
+            r = httpx.post(ks.url + "/v1/lease/challenge", json={"license_id": lid + "x", "client_nonce": "c"}, timeout=60)
+            _signed_refusal(v, r, 503, "database_unavailable")
+            _no_errors_logged(caplog)
+            assert any("database unreachable" in r.getMessage() for r in caplog.records)
+        finally:
+            pg_cluster.resume()
         deadline = time.monotonic() + 30  # the pool reconnects once the database is back
         while (r := httpx.post(ks.url + "/v1/lease", json=_signed(machine, lid, nonce))).status_code == 503:
             assert time.monotonic() < deadline, r.text
             time.sleep(0.2)
         assert r.status_code == 200, r.text  # the nonce was not spent by the outage
-    finally:
-        ks.stop()
-        v.close()
-        pg_cluster.drop_database(url)
 
 
 class _Firehose:
