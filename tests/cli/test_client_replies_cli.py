@@ -238,7 +238,7 @@ def test_chat_and_complete_print_control_characters_in_model_text_as_escapes_not
     a model writes what retrieved repository text leads it to. Now control characters and bidi overrides print as
     `\\xNN`/`\\uNNNN`; code's newlines, tabs and CJK text print as they are, a CRLF as a newline, and `complete
     --json` keeps the exact text."""
-    stream = _sse(_words("def f():\r\n\treturn 1 # 日本語\u3000\n"), _words(HOSTILE), "[DONE]")
+    stream = _sse(_words("def f():\r"), _words("\n\treturn 1 # 日本語\u3000\n"), _words(HOSTILE), "[DONE]")
     with LocalHTTP(_server(stream, content_type="text/event-stream")) as srv:
         r = _run(srv, *CHAT)
     assert (r.returncode, r.stderr) == (0, ""), r.stderr

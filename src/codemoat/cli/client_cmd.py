@@ -173,7 +173,7 @@ def _answer(r, url: str) -> str:
         sys.stdout.write(shown(words))
         return words
     answer: list[str] = []
-    since, held, events, seen = time.monotonic(), "", 0, ""
+    since, held, events, seen, cr = time.monotonic(), "", 0, "", ""
     for chunk in _then_end(r.iter_text()):
         if chunk is None:  # the reply ended: its last line may lack its newline (`data: [DONE]` included)
             lines, held = [held], ""
@@ -190,11 +190,17 @@ def _answer(r, url: str) -> str:
             data = line[5:].removeprefix(" ")
             events += 1
             if data == "[DONE]":
+                sys.stdout.write(shown(cr))
                 return "".join(answer)
             words = _delta(data)
             if words:
                 since = time.monotonic()
                 answer.append(words)
+                # a CRLF split across two events (a model that writes "\r" and "\n" as two tokens) is shown as a
+                # newline, as one inside an event is: a "\r" at an event's end waits for the next
+                words, cr = cr + words, ""
+                if words.endswith("\r"):
+                    words, cr = words[:-1], "\r"
                 sys.stdout.write(shown(words))
                 sys.stdout.flush()
         if time.monotonic() - since > TIMEOUT_S:
