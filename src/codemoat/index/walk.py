@@ -136,28 +136,21 @@ class _Ignore:
             line = line.strip("/") if dir_only else line
             anchored = "/" in line.lstrip("/") or line.startswith("/")
             self.rules.append((line.lstrip("/"), neg, dir_only, anchored))
-        # Matched a run of rules at a time (consecutive rules that all ignore, or all re-include), the last
-        # run first: the first run with a rule that matches decides. A run is one regex per kind of rule
-        # (matched against the path or the name; folders only or not). A rule at a time through fnmatch's
-        # cache (32,768 patterns) took minutes a hundred files once a .gitignore had more rules than that.
-        self._runs: list[tuple[bool, list[tuple[bool, bool, Callable[[str], re.Match | None]]]]] = []
-        start = 0
-        for end in range(1, len(self.rules) + 1):
-            if end < len(self.rules) and self.rules[end][1] == self.rules[start][1]:
-                continue
-            run = self.rules[start:end]
-            kinds = []
-            for anchored in (False, True):
-                for dir_only in (False, True):
-                    alts = [
-                        fnmatch.translate(pat) + (f"|{fnmatch.translate(pat + '/**')}" if anchored else "")
-                        for pat, _neg, d, a in run
-                        if a == anchored and d == dir_only
-                    ]
-                    if alts:
-                        kinds.append((anchored, dir_only, re.compile("|".join(alts)).match))
-            self._runs.append((run[0][1], kinds))
-            start = end
+        # One regex per kind of rule (matched against the path or the name; folders only or not), each rule a group of
+        # its own, the file's last rule first: the regex's first alternative that matches is the last rule of that
+        # kind that does, and the latest of the kinds decides (gitignore: the last matching rule wins). A rule at a
+        # time through fnmatch's cache (32,768 patterns) took minutes a hundred files once a .gitignore had more
+        # rules than that, and a run of same-signed rules at a time did too when ignores and `!` rules alternated.
+        self._kinds: list[tuple[bool, bool, list[int], Callable[[str], re.Match | None]]] = []
+        for anchored in (False, True):
+            for dir_only in (False, True):
+                order = [k for k, (_p, _n, d, a) in enumerate(self.rules) if a == anchored and d == dir_only][::-1]
+                alts = [
+                    "(" + fnmatch.translate(pat) + (f"|{fnmatch.translate(pat + '/**')}" if anchored else "") + ")"
+                    for pat in (self.rules[k][0] for k in order)
+                ]
+                if alts:
+                    self._kinds.append((anchored, dir_only, order, re.compile("|".join(alts)).match))
 
     def ignored(self, rel: str, is_dir: bool) -> bool:
         chain: list[_Ignore] = []  # the outermost folder's rules first, a deeper folder's override them
@@ -169,11 +162,20 @@ class _Ignore:
         for node in reversed(chain):
             sub = rel[len(node.base) + 1 :] if node.base else rel
             name = sub.rsplit("/", 1)[-1]
-            for neg, kinds in reversed(node._runs):
-                if any(match(sub if anchored else name) for anchored, dir_only, match in kinds if is_dir or not dir_only):
-                    verdict = not neg
-                    break
+            last = -1  # the node's last rule that matches
+            for anchored, dir_only, order, match in node._kinds:
+                if is_dir or not dir_only:
+                    m = match(sub if anchored else name)
+                    if m is not None:
+                        last = max(last, order[m.lastindex - 1])
+            if last >= 0:
+                verdict = not node.rules[last][1]
         return verdict
+
+
+#: `.gitignore` rules one walk of a plain folder compiles at most (~2 s per 36,000 here): a committed tree of thousands
+#: of folders, each with a 1 MB `.gitignore`, would otherwise hold the index's write lock for hours
+MAX_IGNORE_RULES = 100_000
 
 
 def _walk(root: Path) -> Iterator[str]:
@@ -181,11 +183,19 @@ def _walk(root: Path) -> Iterator[str]:
     entry (never entered or followed; yielded so that the reader names them as refused). Folders are
     visited from a stack, not by recursion: a committed tree thousands of folders deep is walked too."""
 
+    budget = [MAX_IGNORE_RULES]  # rules left to compile in this walk
+
     def entries(folder: Path, rel: str, rules: _Ignore | None) -> Iterator[tuple[os.DirEntry, str, _Ignore | None]]:
         gi = folder / ".gitignore"
         try:
             if stat.S_ISREG(os.lstat(gi).st_mode):  # a symlinked or special .gitignore is not read
                 rules = _Ignore(rules, rel, (read_bytes(gi) or b"").decode("utf-8", "replace").splitlines())
+                budget[0] -= len(rules.rules)
+                if budget[0] < 0:
+                    raise CodemoatError(
+                        f"the .gitignore files under {root} hold more than {MAX_IGNORE_RULES:,} rules (the last read: "
+                        f"{shown(rel or '.')}/.gitignore): not indexed; a repository's own are a few hundred"
+                    )
         except OSError:
             pass
         try:
