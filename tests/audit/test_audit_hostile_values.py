@@ -204,6 +204,27 @@ def test_a_rotation_to_an_archive_that_cannot_be_created_is_one_line_and_moves_n
     assert rep.ok and rep.records == 4
 
 
+def test_a_rotation_the_database_refuses_leaves_no_archive_behind(audit_log, tmp_path, monkeypatch):
+    """Was (a reviewer, on the archive made 0600 before the transaction): the database refusing the rotation left
+    an empty archive file and an open descriptor, and a retry was "already exists: choose a new archive file". Now
+    the archive goes with the refusal, and the same rotation then works."""
+    import sqlalchemy.exc
+
+    fill(audit_log, 3)
+    archive = tmp_path / "a.jsonl"
+    real = audit_log.engine.begin
+
+    def refused():
+        raise sqlalchemy.exc.OperationalError("BEGIN", {}, Exception("database is locked"))
+
+    monkeypatch.setattr(audit_log.engine, "begin", refused)
+    with pytest.raises(sqlalchemy.exc.OperationalError):
+        audit_log.rotate(archive)
+    assert not archive.exists()
+    monkeypatch.setattr(audit_log.engine, "begin", real)
+    assert audit_log.rotate(archive)["records"] == 3 and audit_log.verify().ok
+
+
 def test_on_postgresql_a_dba_record_with_no_time_in_the_tail_is_a_warning_not_a_crash(pg_url, audit_home):
     """On PostgreSQL a few records may follow the signed head (`tail_allowance`): a DBA's insert there, linked by
     the chain's own trigger, with a time past year 9999. Before: verify stopped on it (ValueError); now it is

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -34,61 +36,71 @@ def rotate(log: Any, archive: Path, *, now: float | None = None) -> dict[str, An
         fd = os.open(archive, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except OSError as e:
         raise CodemoatError(f"cannot create the archive {archive}: {e.strerror}") from None
-    with log._lock:
-        with log.engine.begin() as c, os.fdopen(fd, "w", encoding="utf-8") as f:
-            # The tip first: appends wait from here until the new chain is committed (PostgreSQL: the chain's
-            # trigger locks the tip; SQLite: this write begins the transaction with the write lock, which
-            # sqlite3 takes only at the first write). Taken later (a1ee9fa: at the tip's reset), an append
-            # committed after the records were read and deleted was left behind the new chain, in no archive.
-            c.execute(_TAKE_TIP)
+    f = os.fdopen(fd, "w", encoding="utf-8")  # closes `fd` from here on
+    committed = False
+    try:
+        with log._lock:
+            with log.engine.begin() as c, f:
+                # The tip first: appends wait from here until the new chain is committed (PostgreSQL: the chain's
+                # trigger locks the tip; SQLite: this write begins the transaction with the write lock, which
+                # sqlite3 takes only at the first write). Taken later (a1ee9fa: at the tip's reset), an append
+                # committed after the records were read and deleted was left behind the new chain, in no archive.
+                c.execute(_TAKE_TIP)
 
-            def out(obj: dict[str, Any]) -> None:
-                line = (json.dumps(obj, ensure_ascii=False, default=str) + "\n").encode()
-                digest.update(line)
-                f.write(line.decode())
+                def out(obj: dict[str, Any]) -> None:
+                    line = (json.dumps(obj, ensure_ascii=False, default=str) + "\n").encode()
+                    digest.update(line)
+                    f.write(line.decode())
 
-            out({"entry": "archive", "format": "codemoat-audit-archive-v1", "verify": rep.to_dict()})
-            n, number = 0, 1
-            for r in c.execute(sa.select(records).order_by(records.c.seq)):
-                out({"entry": "record", **r._asdict()})
-                n += 1
-                if r.seq == 1:
-                    number = rotation_number(r.kind, r.detail) + 1
-            for cp in c.execute(sa.select(checkpoints).order_by(checkpoints.c.seq)):
-                out({"entry": "checkpoint", **cp._asdict()})
-            h = c.execute(sa.select(head).where(head.c.id == 1)).first()
-            if h is not None:
-                out({"entry": "head", **h._asdict()})
-            for t in (records, checkpoints, head):
-                c.execute(t.delete())
-            c.execute(tip.update().where(tip.c.id == 1).values(seq=0, hash=GENESIS))
-            detail = {
-                "archive": str(archive),
-                "archive_sha256": digest.hexdigest(),
-                "records": n,
-                "previous_head": h.hash if h is not None else None,
-                "previous_ok": rep.ok,
-                "previous_problem": rep.problem,
-                "rotation": number,
-            }
-            # The rotation record is the new chain's record 1 and its head is signed in this same
-            # transaction: a replica serving meanwhile (its appends wait on the tip while this runs) must
-            # find the chain starting with the rotation and a signed head, never an empty or unsigned new
-            # chain it would take for a deleted one.
-            _first_record(c, normalise("rotation", {"detail": detail, "ts": now}))
-            signed, head_row, mine = sign_tip(c, log.signer, checkpoint_every=log.checkpoint_every, now=now)
-            # the archive on disk, its name too, before the commit deletes the records it holds: a crash after the
-            # commit left them in neither place (the file's pages were still in the page cache)
-            f.flush()
-            os.fsync(f.fileno())
-            _fsync_dir(archive.parent)
-            if log.head_file is not None and log.head_file.exists():
-                _empty_head_file(log.head_file)
-        log._healthy, log.failure = True, None
-        log._signed_seq, log._last_seq, log._seen_head, log._unsigned_since = 0, 0, False, None
-        log._mine, log._owed = None, None  # a head owed for served records: they are in the archive
-        log._signed(signed, head_row, mine)
-        log._last_seq = signed
+                out({"entry": "archive", "format": "codemoat-audit-archive-v1", "verify": rep.to_dict()})
+                n, number = 0, 1
+                for r in c.execute(sa.select(records).order_by(records.c.seq)):
+                    out({"entry": "record", **r._asdict()})
+                    n += 1
+                    if r.seq == 1:
+                        number = rotation_number(r.kind, r.detail) + 1
+                for cp in c.execute(sa.select(checkpoints).order_by(checkpoints.c.seq)):
+                    out({"entry": "checkpoint", **cp._asdict()})
+                h = c.execute(sa.select(head).where(head.c.id == 1)).first()
+                if h is not None:
+                    out({"entry": "head", **h._asdict()})
+                for t in (records, checkpoints, head):
+                    c.execute(t.delete())
+                c.execute(tip.update().where(tip.c.id == 1).values(seq=0, hash=GENESIS))
+                detail = {
+                    "archive": str(archive),
+                    "archive_sha256": digest.hexdigest(),
+                    "records": n,
+                    "previous_head": h.hash if h is not None else None,
+                    "previous_ok": rep.ok,
+                    "previous_problem": rep.problem,
+                    "rotation": number,
+                }
+                # The rotation record is the new chain's record 1 and its head is signed in this same
+                # transaction: a replica serving meanwhile (its appends wait on the tip while this runs) must
+                # find the chain starting with the rotation and a signed head, never an empty or unsigned new
+                # chain it would take for a deleted one.
+                _first_record(c, normalise("rotation", {"detail": detail, "ts": now}))
+                signed, head_row, mine = sign_tip(c, log.signer, checkpoint_every=log.checkpoint_every, now=now)
+                # the archive on disk, its name too, before the commit deletes the records it holds: a crash after the
+                # commit left them in neither place (the file's pages were still in the page cache)
+                f.flush()
+                os.fsync(f.fileno())
+                _fsync_dir(archive.parent)
+                if log.head_file is not None and log.head_file.exists():
+                    _empty_head_file(log.head_file)
+            committed = True
+            log._healthy, log.failure = True, None
+            log._signed_seq, log._last_seq, log._seen_head, log._unsigned_since = 0, 0, False, None
+            log._mine, log._owed = None, None  # a head owed for served records: they are in the archive
+            log._signed(signed, head_row, mine)
+            log._last_seq = signed
+    except BaseException:
+        if not committed:  # the database said no (or anything else before the commit): the records are all still there
+            f.close()
+            with contextlib.suppress(OSError):
+                archive.unlink()  # ours (O_EXCL): empty or part of them; left, it blocked a retry ("already exists")
+        raise
     if head_row is not None:
         log._write_head_file(head_row)
     if log.verified_file is not None:  # the operator started a new chain: the verifier follows it
@@ -119,6 +131,9 @@ def _fsync_dir(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
+    except OSError as e:  # some file systems (FUSE, CIFS) cannot fsync a folder: the file's own fsync is what they give
+        if e.errno != errno.EINVAL:
+            raise
     finally:
         os.close(fd)
 
