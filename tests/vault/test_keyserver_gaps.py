@@ -268,6 +268,37 @@ def test_a_lease_answer_kept_by_a_proxy_cannot_be_replayed_to_another_replica_or
     first.close()
 
 
+def test_a_key_server_older_than_the_client_is_named_as_such(vendor, machine, model, tmp_path):
+    """A key server of the version before signed challenges answers `{"nonce", "expires_in"}`: the client treats it
+    as unreachable (it cannot tell it from a proxy that stripped the signature), and says which upgrade comes first,
+    rather than only that the answer had no valid signature."""
+    from http.server import BaseHTTPRequestHandler
+
+    from localhttp import LocalHTTP
+
+    class OldKeyServer(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_POST(self):  # noqa: N802
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            body = b'{"nonce": "bm9uY2U=", "expires_in": 60}'
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    with LocalHTTP(OldKeyServer) as old:
+        _, lic_file, _ = bundle(vendor, model, tmp_path / "a", machine, mode="lease", keyserver=old.url, seats=1)
+        client = LeaseClient(License.load(lic_file), machine)
+        try:
+            with pytest.raises(Unreachable, match="older than this client \\(upgrade key servers before the servers"):
+                client.acquire()
+        finally:
+            client.close()
+
+
 def test_no_route_and_a_wrong_method_are_signed_refusals_in_the_protocols_shape(vendor, keyserver):
     for method, path, status, code in [
         ("POST", "/v1/lease/renew", 404, "not_found"),

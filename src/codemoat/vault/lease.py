@@ -266,6 +266,12 @@ class LeaseClient:
         `Unreachable`: a proxy handing out the nonce of a lease it kept would then answer with that lease."""
         mine = b64e(secrets.token_bytes(18))
         ans = self._post("/v1/lease/challenge", {"license_id": self.lic.id, "client_nonce": mine}, mine)
+        if "signature" not in ans and isinstance(ans.get("nonce"), str):  # the answer of a key server before 2026-12-07
+            raise Unreachable(
+                f"key server at {self.url} signs no challenge answers: it is older than this client (upgrade key servers "
+                "before the servers that lease from them), or something on the way stripped the signature; treated as "
+                "unreachable"
+            )
         body = {k: v for k, v in ans.items() if k != "signature"}
         try:
             verify(
