@@ -42,3 +42,35 @@ def test_retrieve_and_index_add_show_a_committers_escapes_and_markup_as_text(tmp
     assert "return amount * 2" in r.stdout
     r = run_cli("retrieve", "--repo", "r", "--path", "main.py", "--line", "4", "--groups", "admin", "--json")
     assert any(ESCAPES in s["text"] for s in json.loads(r.stdout)), r.stdout  # --json: the exact text
+
+
+def test_surrogates_and_separators_are_shown_not_written():
+    """A reviewer: `\\udc9b` (JSON can carry one) went to a `surrogateescape` stdout as the raw byte 0x9B, an 8-bit CSI;
+    the line separator and the direction marks passed too."""
+    assert terminal_text("\udc9b31m\u2028\u200f") == "\\udc9b31m\\u2028\\u200f"
+
+
+def test_an_error_a_server_words_is_shown_not_acted_on(tmp_path):
+    """`error: ...` lines quote what a server answered: an escape sequence in a refusal's message reached the
+    terminal (`print_error` escaped rich markup only)."""
+    from http.server import BaseHTTPRequestHandler
+
+    from localhttp import LocalHTTP
+
+    class Refusing(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_POST(self):  # noqa: N802
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            body = json.dumps({"error": {"message": "no \x1b]0;PWNED\x07 model"}}).encode()
+            self.send_response(403)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    with LocalHTTP(Refusing) as srv:
+        r = run_cli("complete", "--prefix", "x", "--url", srv.url, "--token", "cm_x")
+    assert r.returncode == 1 and "\x1b" not in r.stderr and "\x07" not in r.stderr, repr(r.stderr)
+    assert "no \\x1b]0;PWNED\\x07 model" in r.stderr, repr(r.stderr)

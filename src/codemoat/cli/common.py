@@ -31,32 +31,20 @@ def print_error(message: str) -> None:
     from rich.markup import escape
 
     first = next((line.strip() for line in str(message).splitlines() if line.strip()), "")
-    err_console.print(f"[red]error:[/red] {escape(first)}", highlight=False, soft_wrap=True)
-
-
-#: what a terminal would act on rather than show, besides C0/C1 control characters: the bidirectional overrides and
-#: isolates (U+202A-202E, U+2066-2069) that reorder how code reads ("Trojan Source"), and the Arabic letter mark
-_BIDI = frozenset("\u061c\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+    # a server's or a file's words may be in it: shown, not acted on by the terminal
+    err_console.print(f"[red]error:[/red] {escape(terminal_text(first))}", highlight=False, soft_wrap=True)
 
 
 def terminal_text(text: str) -> str:
-    """Text from outside (a model's answer, a repository's file) as a terminal may print it: newlines and tabs kept
-    (it is code), a CRLF made a newline, and any other control character, DEL and the C1 set included, or a
-    bidirectional override, written as `\\xNN` or `\\uNNNN`. A model writes what its prompt leads it to, and its
-    prompt holds retrieved repository text: an escape sequence a committer put there (OSC 52 writes the clipboard,
-    others rewrite what the screen shows) reached the terminal as sent. rich strips only BEL, BS, VT, FF and CR,
-    not ESC. `--json` output keeps the exact text."""
-    text = text.replace("\r\n", "\n")
-    if text.isprintable():  # the common case: no control character at all
-        return text
-    out = []
-    for c in text:
-        n = ord(c)
-        if c in "\n\t" or (c not in _BIDI and (c.isprintable() or n > 0x9F)):
-            out.append(c)  # format characters and wide spaces that are no controls stay (CJK text, emoji joiners)
-        else:
-            out.append(f"\\x{n:02x}" if n < 256 else f"\\u{n:04x}")
-    return "".join(out)
+    """Text from outside (a model's answer, a repository's file, a server's error) as a terminal may print it: newlines
+    and tabs kept (it is code), a CRLF made a newline, and any other character a terminal acts on written as `\\xNN`
+    or `\\uNNNN` (`codemoat.text.shown`). A model writes what its prompt leads it to, and its prompt holds retrieved
+    repository text: an escape sequence a committer put there (OSC 52 writes the clipboard, others rewrite what the
+    screen shows) reached the terminal as sent. rich strips only BEL, BS, VT, FF and CR, not ESC. `--json` output
+    keeps the exact text."""
+    from ..text import shown
+
+    return shown(text.replace("\r\n", "\n"), keep="\n\t")
 
 
 def fail(message: str, code: int = 1) -> None:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import CodemoatError
+from ..text import acts_on_a_terminal, shown as escaped
 from .languages import language_for
 from .reader import FOLDER, GONE, RepoReader, read_bytes
 from .reader import MAX_BYTES  # noqa: F401  (part of this module's rules, kept where the reader needs it)
@@ -231,15 +232,9 @@ class Listing:
     refused: dict[str, str] = field(default_factory=dict)
 
 
-# Characters a terminal or a prompt would act on: C0 and C1 controls (ESC, newline…), line and paragraph
-# separators, and the bidirectional overrides that make a name read as another one.
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]")
-
-
 def shown(rel: str) -> str:
     """`rel` as plain printable text: control characters and bytes that are not UTF-8 as escapes (`\\x1b`)."""
-    text = rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    return _CONTROL.sub(lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100 else f"\\u{ord(m[0]):04x}", text)
+    return escaped(rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"))
 
 
 def _bad_name(rel: str) -> str | None:
@@ -249,7 +244,7 @@ def _bad_name(rel: str) -> str | None:
         rel.encode("utf-8")
     except UnicodeEncodeError:
         return "file name is not UTF-8 (never read)"
-    if _CONTROL.search(rel):
+    if acts_on_a_terminal(rel):
         return "file name has control characters (never read)"
     return None
 
