@@ -101,7 +101,9 @@ def test_newer_pack_replaces_older_and_keeps_its_groups(shop, store, tmp_path):
 
 
 @pytest.mark.parametrize("member", ["../evil.py", "/etc/evil.py", "a/../../evil.py", "a\\..\\evil.py"])
-def test_pack_with_unsafe_member_names_is_refused(shop, store, tmp_path, member):
+def test_pack_with_unsafe_member_names_is_refused(shop, store, tmp_path, member, monkeypatch):
+    # signed by a release made before it checked member names (it refuses them now): the customer refuses it too
+    monkeypatch.setattr("codemoat.updates.release._check_zip", lambda data: None)
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as z:
         z.writestr("ok.py", "x = 1\n")

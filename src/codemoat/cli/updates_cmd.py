@@ -110,7 +110,7 @@ def vendor_release(
     emit(
         d,
         as_json,
-        lambda d: say(f"released {label(d)} for {d['customer']} ({len(d['machines'])} machine(s)) -> {out}"),
+        lambda d: say(f"released {label(d)} for {d['customer']} ({len(d['machines'])} machine(s)) -> {out}", markup=False),
     )
 
 
@@ -175,7 +175,8 @@ def update_apply(
     store = _store()
     r = store.apply(file, license, parse_groups(groups) if groups is not None else None)
     if swap and r["kind"] in ("model", "adapter"):
-        r["served"] = _lost_swaps(store, channel(r["kind"], r["name"]), r["bundle_id"], hand_over(channel(r["kind"], r["name"])))
+        chan = channel(r["kind"], r["name"])
+        r["served"] = _settle(store, chan, r["bundle_id"], _lost_swaps(store, chan, r["bundle_id"], hand_over(chan)))
 
     def human(d: dict[str, Any]) -> None:
         line = f"installed {label(d)}" + (f" (was {d['previous']})" if d["previous"] else "")
@@ -199,6 +200,20 @@ def _lost_swaps(store, chan: str, bundle_id: str, served: list[dict[str, Any]]) 
     return served
 
 
+def _settle(store, chan: str, bundle_id: str, served: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A serve whose check of `bundle_id` failed rolled the store back (store.fail) after others had swapped it in:
+    those served a version `update list` no longer named current (nor did their next start). They are handed the
+    store's current version again, once; their answers say so (`back`)."""
+    from ..updates.handoff import hand_over
+
+    cur = store.current(chan)
+    swapped = {a.get("pid") for a in served if a.get("ok") and a.get("swapped")}
+    if cur is None or cur["bundle_id"] == bundle_id or not swapped:
+        return served
+    again = {a.get("pid"): dict(a, back=True) for a in hand_over(chan, pids=swapped)}
+    return [again.get(a.get("pid"), a) if a.get("ok") and a.get("swapped") else a for a in served]
+
+
 def _report(line: str, served: list[dict[str, Any]] | None) -> None:
     """`line` and what each running serve made of the hand-off: one line (on stderr when one failed)."""
     if served is not None and not served:
@@ -206,6 +221,8 @@ def _report(line: str, served: list[dict[str, Any]] | None) -> None:
     for a in served or []:
         if a.get("ok") and a.get("relayed") is not None:
             line += f"; vaultd pid {a['pid']} passed it on to {a['relayed']} connected serve(s), which swap it in"
+        elif a.get("ok") and a.get("swapped") and a.get("back"):
+            line += f"; server pid {a['pid']} had swapped it in, and is back on {a.get('version')} with the store"
         elif a.get("ok") and a.get("swapped"):
             line += f"; server pid {a['pid']} serves it now (swapped in {a.get('seconds', '?')} s)"
         elif a.get("ok"):
@@ -214,7 +231,7 @@ def _report(line: str, served: list[dict[str, Any]] | None) -> None:
     if failed:
         print_error(f"{line}; but server pid {failed[0]['pid']} could not serve it: {failed[0].get('error')}")
     else:
-        say(line)
+        say(line, markup=False)  # a serve's reason, a bundle's name: text, not markup
 
 
 def _emit_served(r: dict[str, Any], as_json: bool, human) -> None:
@@ -229,6 +246,8 @@ def update_list(as_json: JsonFlag = False) -> None:
     rows = _store().list()
 
     def human(rows: list[dict[str, Any]]) -> None:
+        from rich.markup import escape
+
         from ..vault.clock import iso
 
         if not rows:
@@ -242,7 +261,7 @@ def update_list(as_json: JsonFlag = False) -> None:
                 ("yes, " + r["status"] if r.get("status") else "yes") if r["current"] else r.get("status", ""),
                 iso(r["released_at"]),
                 iso(r["installed_at"]),
-                r.get("notes") or "",
+                escape(r.get("notes") or ""),  # the vendor's text, not markup ("[/]" in it failed every list)
             )
         console.print(t)
 
@@ -263,7 +282,8 @@ def update_rollback(
     store = _store()
     r = store.rollback(channel)
     if swap and (r["channel"] == "model" or r["channel"].startswith("adapter:")):
-        r["served"] = _lost_swaps(store, r["channel"], r["bundle_id"], hand_over(r["channel"]))
+        chan, bid = r["channel"], r["bundle_id"]
+        r["served"] = _settle(store, chan, bid, _lost_swaps(store, chan, bid, hand_over(chan)))
     _emit_served(r, as_json, lambda d: _report(f"{d['channel']}: {d['from']} -> {d['version']}", d.get("served")))
 
 

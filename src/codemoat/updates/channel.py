@@ -22,7 +22,7 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from .. import paths
 from ..deadline import ANSWER_TIMEOUTS, DeadlinePassed, within
@@ -150,8 +150,16 @@ def guard_for(url: str):
 
     u = urlsplit(url)
     if u.scheme not in ("http", "https") or not u.hostname:
-        raise CodemoatError(f"update channel URL {url!r} must be http(s)://HOST[:PORT]/PATH")
+        raise CodemoatError(f"update channel URL {_without_userinfo(url)!r} must be http(s)://HOST[:PORT]/PATH")
     return EgressGuard(allow=[netloc(u.hostname, u.port or (443 if u.scheme == "https" else 80))])
+
+
+def _without_userinfo(url: str) -> str:
+    """`url` without the user and password a channel behind basic auth has in it (httpx still sends them)."""
+    u = urlsplit(url)
+    if "@" not in u.netloc:
+        return url
+    return urlunsplit(u._replace(netloc=u.netloc.rsplit("@", 1)[1]))
 
 
 def _bounded(limit: float, fn: Callable[[], T], base: str, stop: threading.Event | None = None) -> T:
@@ -222,16 +230,17 @@ def fetch(url: str, inbox: Path) -> list[dict[str, Any]]:
     from ..vault.lease import record_outbound
 
     base = url.rstrip("/")
+    shown = _without_userinfo(base)  # what the outbound log and messages name: a password in the URL is not logged
     guard = arm(guard_for(url))
     inbox.mkdir(parents=True, exist_ok=True)
     got = []
     try:
         with httpx.Client(timeout=TIMEOUT_S, follow_redirects=False) as c:
             rid = uuid.uuid4().hex[:16]
-            record_outbound(f"{base}/index.json", "GET", None, None, rid)
+            record_outbound(f"{shown}/index.json", "GET", None, None, rid)
             stop = threading.Event()
-            status, body = _bounded(TIMEOUT_S * ANSWER_TIMEOUTS, lambda: _read_index(c, base, stop), base, stop)
-            record_outbound(f"{base}/index.json", "GET", None, status, rid)
+            status, body = _bounded(TIMEOUT_S * ANSWER_TIMEOUTS, lambda: _read_index(c, base, stop), shown, stop)
+            record_outbound(f"{shown}/index.json", "GET", None, status, rid)
             if status != 200:
                 raise CodemoatError(f"update channel answered {status} for its index")
             if body is None:
@@ -265,7 +274,7 @@ def fetch(url: str, inbox: Path) -> list[dict[str, Any]]:
             for name, (size, digest) in new.items():
                 dest = inbox / name
                 rid = uuid.uuid4().hex[:16]
-                record_outbound(f"{base}/{name}", "GET", None, None, rid)
+                record_outbound(f"{shown}/{name}", "GET", None, None, rid)
                 tmp = inbox / f".{name}.partial"
                 h, n, stop = hashlib.sha256(), 0, threading.Event()
                 own = paths.open_own(tmp, "download", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)  # no link, no FIFO
@@ -273,7 +282,7 @@ def fetch(url: str, inbox: Path) -> list[dict[str, Any]]:
                 def download() -> int:
                     got = 0
                     with os.fdopen(own, "wb") as f, c.stream("GET", f"{base}/{name}") as resp:
-                        record_outbound(f"{base}/{name}", "GET", None, resp.status_code, rid)
+                        record_outbound(f"{shown}/{name}", "GET", None, resp.status_code, rid)
                         if resp.status_code != 200:
                             raise CodemoatError(f"update channel answered {resp.status_code} for {name}")
                         for b in resp.iter_bytes():
@@ -285,8 +294,9 @@ def fetch(url: str, inbox: Path) -> list[dict[str, Any]]:
                     return got
 
                 try:
-                    n = _bounded(TIMEOUT_S * ANSWER_TIMEOUTS + size / MIN_RATE, download, base, stop)
-                except CodemoatError:
+                    n = _bounded(TIMEOUT_S * ANSWER_TIMEOUTS + size / MIN_RATE, download, shown, stop)
+                except BaseException:  # any failure (an answer cut short: httpx's error), not only a refusal or a timeout:
+                    stop.set()  # a partial download left behind was one more each fetch, as large as the index said
                     tmp.unlink(missing_ok=True)
                     raise
                 if n != size or h.hexdigest() != digest:
@@ -295,7 +305,7 @@ def fetch(url: str, inbox: Path) -> list[dict[str, Any]]:
                 tmp.replace(dest)
                 got.append({"file": str(dest), "size": size})
     except httpx.HTTPError as e:
-        raise CodemoatError(f"update channel {base} is unreachable: {type(e).__name__}") from None
+        raise CodemoatError(f"update channel {shown} is unreachable: {type(e).__name__}") from None
     finally:
         disarm(guard)
     return got

@@ -17,6 +17,7 @@ from ..errors import CodemoatError
 from ..vault.clock import iso
 from ..vault.codec import b64e
 from ..vault.license import License, check_trusted_vendor
+from . import packs
 from .bundle import Bundle, BundleError, label, parse_version
 
 
@@ -31,7 +32,9 @@ class BundleChecks:
     """Mixed into `store.UpdateStore`: reads its `machine`, `guard`, `models`, `license_path`, `current()` and `state()`."""
 
     # -- the support license ---------------------------------------------------------------------
-    def _license(self, given: Path | None) -> tuple[License, bool]:
+    def _license(self, given: Path | bytes | None) -> tuple[License, bool]:
+        if isinstance(given, bytes):  # the file's bytes, read once: what is checked is what apply records
+            return License.parse(given), True
         if given is not None:
             return License.load(given), True
         if not self.license_path.exists():
@@ -50,7 +53,7 @@ class BundleChecks:
         return now
 
     # -- checks ----------------------------------------------------------------------------------
-    def check(self, bundle: Bundle, license_file: Path | None = None) -> dict[str, Any]:
+    def check(self, bundle: Bundle, license_file: Path | bytes | None = None) -> dict[str, Any]:
         """Every check but the payload's digest; the first failure raises (one line)."""
         m = bundle.manifest
         lic, _ = self._license(license_file)
@@ -88,6 +91,8 @@ class BundleChecks:
                 )
         if m["kind"] == "adapter":
             self._check_base(m)
+        if m["kind"] == "knowledge-pack":
+            packs.check_free(m["name"])
         if m["kind"] == "model":
             inner = License.parse(json.dumps(m["license"]).encode())
             if inner.body["vendor_key"] != m["vendor_key"] or inner.body["customer_id"] != m["customer_id"]:

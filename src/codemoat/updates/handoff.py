@@ -138,19 +138,26 @@ class Listener:
             self.path.unlink(missing_ok=True)
 
 
-def hand_over(channel: str, home: Path | None = None, timeout: float = 900.0) -> list[dict[str, Any]]:
-    """Ask every serve running on this home to serve `channel`'s installed version; one answer each
-    (`pid`, `ok`, `swapped`, `error` or `reason`). An empty list: no serve is running."""
+def hand_over(
+    channel: str, home: Path | None = None, timeout: float = 900.0, pids: set[int] | None = None
+) -> list[dict[str, Any]]:
+    """Ask every serve running on this home (or those of `pids`) to serve `channel`'s installed version; one
+    answer each (`pid`, `ok`, `swapped`, `error` or `reason`). An empty list: no serve is running."""
     d = run_dir(home)
     out: list[dict[str, Any]] = []
     for p in sorted([*d.glob("serve-*.sock"), *d.glob("vaultd-*.sock")]) if d.is_dir() else []:
+        if pids is not None and _pid_of(p) not in pids:
+            continue
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             s.settimeout(5)
             s.connect(str(p))
         except (ConnectionRefusedError, FileNotFoundError):
             s.close()
-            p.unlink(missing_ok=True)  # its serve is gone
+            try:
+                p.unlink(missing_ok=True)  # its serve is gone
+            except OSError:  # a folder of that name (unlink raised, and the serves after it were never asked)
+                pass
             continue
         except OSError as e:
             s.close()
@@ -164,7 +171,7 @@ def hand_over(channel: str, home: Path | None = None, timeout: float = 900.0) ->
                 answer = json.loads(line) if line else None
             except (ConnectionResetError, BrokenPipeError):
                 answer = None  # it ended before it answered
-            except (OSError, ValueError) as e:
+            except (OSError, ValueError, RecursionError) as e:  # RecursionError: nested past the decoder's limit
                 answer = {"ok": False, "error": f"no answer from the server at {p}: {e}"}
         if answer is None:
             answer = {"ok": False, "lost": True, "error": f"the server at {p} closed the connection without an answer"}

@@ -3,13 +3,15 @@
 A pack is a zip of text files. `update apply` decrypts it in memory and indexes it as its own
 source, `pack.<name>`, readable by the groups the admin chooses; its index `root` is
 `pack:<name>@<version>#<bundle id>` (no folder: nothing is extracted to disk). Member names are
-checked (no absolute path, no `..`, no control characters) and sizes capped, so a hostile or
+checked (no absolute path, no `..`, no control or format characters: DEL, C1's CSI, bidi
+overrides and zero-width marks that make a cited path show as another) and sizes capped, so a hostile or
 broken zip is refused in one line instead of filling memory.
 """
 
 from __future__ import annotations
 
 import io
+import unicodedata
 import zipfile
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -38,7 +40,7 @@ def members(data: bytes) -> Iterator[tuple[str, bytes]]:
         raise CodemoatError("knowledge pack is not a valid zip file") from None
     if len(infos) > MAX_FILES:
         raise CodemoatError(f"knowledge pack holds {len(infos)} files (at most {MAX_FILES})")
-    total = 0
+    total, seen = 0, set[str]()
     with z:
         for info in infos:
             if info.is_dir():
@@ -49,9 +51,12 @@ def members(data: bytes) -> Iterator[tuple[str, bytes]]:
                 name.startswith("/")
                 or "\\" in name
                 or any(p in ("", ".", "..") for p in parts)
-                or any(ord(ch) < 32 for ch in name)
+                or any(unicodedata.category(ch) in ("Cc", "Cf") for ch in name)
             ):
                 raise CodemoatError(f"knowledge pack member {name[:80]!r} has an unsafe path")
+            if name in seen:  # the index holds one file a path: a second failed its insert after the switch, at every run
+                raise CodemoatError(f"knowledge pack holds member {name[:80]!r} twice")
+            seen.add(name)
             if info.file_size > MAX_FILE:
                 continue
             total += info.file_size
@@ -90,6 +95,17 @@ def indexed_root(name: str) -> str | None:
         return next((r.root for r in store.repos() if r.name == source_name(name)), None)
     finally:
         store.close()
+
+
+def check_free(name: str) -> None:
+    """Refuse (one line) a pack whose source name an indexed repository holds: its import failed only once
+    `update apply` had switched to it, and again in the reconcile every later `update` command runs first."""
+    root = indexed_root(name)
+    if root is not None and not root.startswith("pack:"):
+        raise CodemoatError(
+            f"{source_name(name)!r} is an indexed repository, not a knowledge pack: "
+            f"knowledge pack {name!r} cannot be installed beside it"
+        )
 
 
 def remove_pack(name: str) -> None:

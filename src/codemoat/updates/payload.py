@@ -73,6 +73,8 @@ def check_contents(bundle: Bundle, machine: MachineKey, guard: ClockGuard) -> No
         plain = open_payload(bundle.read_payload(), bundle.manifest["keys"], machine, payload_context(bundle.manifest))
         if bundle.kind == "adapter":
             check_gguf(plain, bundle.name)
+        else:  # what apply refuses before it switches (a bad zip, an unsafe or repeated member), verify says
+            sum(1 for _ in packs.members(plain))
 
 
 def stage(bundle: Bundle, stage: Path, machine: MachineKey, guard: ClockGuard) -> None:

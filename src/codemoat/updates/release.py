@@ -279,3 +279,7 @@ def _check_zip(data: bytes) -> None:
             z.infolist()
     except zipfile.BadZipFile:
         raise CodemoatError("a knowledge pack is a folder or a .zip file") from None
+    from .packs import members
+
+    for _ in members(data):  # what every customer's apply would refuse (an unsafe or repeated name), refused here
+        pass

@@ -42,6 +42,7 @@ from typing import Any
 from .. import paths
 from ..errors import CodemoatError
 from ..vault.clock import ClockGuard
+from ..vault.codec import VaultError
 from ..vault.license import MAX_FILE
 from ..vault.machine import MachineKey
 from ..vault.payload import open_payload
@@ -92,10 +93,23 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _remove(p: Path) -> None:
+    """A staging or bundle folder's entry removed; a link (or a file) put there goes itself, what it names stays
+    (rmtree refused the link silently, and `apply` then wrote the payload through it, outside the store)."""
+    if p.is_symlink() or not p.is_dir():
+        p.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(p, ignore_errors=True)
+
+
 def read_installed(folder: Path) -> tuple[dict[str, Any], bytes]:
     """An installed bundle's manifest.json and payload.sealed, read as the update state is (paths.read_own:
     a FIFO or a symbolic link put in their place is refused in one line, not waited on or followed)."""
     manifest = json.loads(paths.read_own(folder / "manifest.json", "bundle manifest", 16 << 20))
+    if not isinstance(manifest, dict) or manifest.get("bundle_id") != folder.name:
+        # another version's files put in this one's folder opened (their payload's sealed context is their own
+        # manifest's), and were served or indexed as the version the state and `update list` name
+        raise CodemoatError(f"installed bundle {folder.name} holds another bundle's files: run `codemoat update list`")
     return manifest, paths.read_own(folder / "payload.sealed", "sealed payload", None)
 
 
@@ -195,17 +209,25 @@ class UpdateStore(BundleChecks):
         did = []
         (self.root / "state.json.tmp").unlink(missing_ok=True)
         staging = self.root / "staging"
-        if staging.is_dir():
+        if staging.is_symlink():  # never emptied where it points (it was: every folder there deleted); only scratch
+            staging.unlink()
+            did.append("removed a link in place of the staging folder")
+        elif staging.is_dir():
             for p in staging.iterdir():
-                shutil.rmtree(p, ignore_errors=True)
+                _remove(p)
                 did.append(f"removed unfinished install {p.name}")
         s = self.state()
         keep = {b for ch in s["channels"].values() for b in [ch.get("current"), *ch.get("history", [])] if b}
         bdir = self.root / "bundles"
+        if bdir.is_symlink():  # its installed versions: not removed, and what it names is not emptied either
+            raise CodemoatError(
+                f"{bdir} is a symbolic link: codemoat keeps its installed bundles in that folder itself "
+                "(and deletes what its state does not name there); put the folder back in its place"
+            )
         if bdir.is_dir():
             for p in bdir.iterdir():
                 if p.name not in keep:
-                    shutil.rmtree(p, ignore_errors=True)
+                    _remove(p)
                     did.append(f"removed bundle {p.name} no state names")
         for chan, ch in s["channels"].items():
             if not chan.startswith("knowledge-pack:"):
@@ -261,7 +283,10 @@ class UpdateStore(BundleChecks):
 
     def _apply(self, path: Path, license_file: Path | None, groups: list[str] | None) -> dict[str, Any]:
         bundle = Bundle(path)
-        report = self.check(bundle, license_file)
+        # read once, before anything switches: the file read again after the switch was recorded unchecked (another
+        # file put in its place meanwhile), or failed (it was gone) with the bundle installed but said refused
+        lic_doc = None if license_file is None else paths.read_regular(license_file, "license file", MAX_FILE, VaultError)
+        report = self.check(bundle, lic_doc)
         m = bundle.manifest
         self.audit(
             "apply_started",
@@ -273,7 +298,7 @@ class UpdateStore(BundleChecks):
         )
         _step("verified")
         stage = self.root / "staging" / m["bundle_id"]
-        stage.mkdir(parents=True, exist_ok=True)
+        stage.mkdir(parents=True)  # new: reconcile emptied staging (a link left there is not followed)
         payload.stage(bundle, stage, self.machine, self.guard)
         (stage / "manifest.json").write_text(json.dumps(m, indent=2, sort_keys=True))
         _fsync_dir(stage)
@@ -306,8 +331,8 @@ class UpdateStore(BundleChecks):
         live = {b for c in s["channels"].values() for b in [c.get("current"), *c.get("history", [])] if b}
         s["bundles"] = {k: v for k, v in s["bundles"].items() if k in live}
         self._write_state(s)
-        if license_file is not None:
-            self._replace(self.license_path, paths.read_regular(license_file, "license file", MAX_FILE))
+        if lic_doc is not None:
+            self._replace(self.license_path, lic_doc)
         _step("switched")
         out = {
             "bundle_id": m["bundle_id"],
