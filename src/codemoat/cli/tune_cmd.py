@@ -109,6 +109,7 @@ def tune_command(
     if base is None:
         raise CodemoatError("no base model: pass --model PATH.gguf (or a model folder) or set model.path in the configuration")
     lic = license or (Path(p) if (p := settings.model.license) else None)
+    _check_out(out, base, lic, config)
     names = [n.strip() for n in repos.split(",") if n.strip()]
     opts = TuneOptions(
         repos=names,
@@ -148,6 +149,8 @@ def tune_command(
         )
         if t.get("resumed_from_step"):
             console.print(f"  (resumed from the checkpoint of step {t['resumed_from_step']})")
+        if t.get("secrets_redacted"):
+            console.print(f"  {t['secrets_redacted']:,} secrets in the code replaced by [REDACTED:<kind>]: not trained on")
         console.print("held-out bits/byte, base → base + adapter:\n" + row("tuned") + "\n" + row("unrelated"))
         ib, ia = e.get("infill_base"), e.get("infill_adapter")
         if ia and not ia["n"]:
@@ -165,6 +168,32 @@ def tune_command(
         )
 
     emit(data, as_json, human)
+
+
+def _check_out(out: Path, base: Path, lic: Path | None, config: Path | None) -> None:
+    """Before the run, not after it: --out must not be one of the run's inputs (`--out m.gguf --force` replaced
+    the base model by the adapter; likewise its license, the configuration or the index), and the sealer's
+    temporary file beside it (`.NAME.<32 hex>.part`, then renamed) must be possible there (a name too long
+    for that, or a folder not writable, failed once the training was done)."""
+    import os
+
+    from ..errors import CodemoatError
+    from ..index.store import default_path
+    from ..vault.samefile import refuse_input_as_output
+    from ..vault.seal_model import model_inputs
+
+    refuse_input_as_output(out, model_inputs(Path(base).expanduser()), "base model")
+    for what, path in (("license", lic), ("configuration", config), ("code index", default_path())):
+        if path is not None:
+            refuse_input_as_output(out, [Path(path).expanduser()], what)
+    probe = out.with_name(f".{out.name}.{'0' * 32}.part")
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+    except FileExistsError:
+        return  # one left by a killed probe: the name fits and the folder was writable
+    except OSError as e:
+        raise CodemoatError(f"cannot write the adapter beside {out}: {e.strerror or e}") from None
+    os.unlink(probe)
 
 
 def _stage_info(ev: dict) -> str:

@@ -5,7 +5,8 @@ caller who may read all of them — by the groups recorded when it was tuned AND
 repository since moved to other groups, or removed from the index, closes the adapter to those who
 lost it). Anyone else gets the base model. The first eligible adapter in `model.adapters` order wins.
 A vendor adapter (an update bundle, `update:NAME`) learned no customer code: it serves the groups the
-admin gave it at `update apply --groups` (everyone by default).
+admin gave it at `update apply --groups` (everyone by default). An adapter without a name (one `tune --out
+.moat` wrote before tune refused it) serves nobody: the audit record could not name it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from ..retrieve.acl import can_read
 
 def eligible(adapter: LoadedAdapter, caller_groups: Iterable[str], readable_now: set[str]) -> bool:
     groups = frozenset(caller_groups)
+    if not adapter.name:
+        return False
     if adapter.groups and not adapter.repos:  # a vendor adapter
         return can_read(adapter.groups, groups)
     return bool(adapter.repos) and all(name in readable_now and can_read(recorded, groups) for name, recorded in adapter.repos)

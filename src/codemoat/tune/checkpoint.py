@@ -16,9 +16,12 @@ import hashlib
 import io
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from ..errors import CodemoatError
 from ..paths import home, make_private
 
 EVERY_S = 60.0  # seconds of training between checkpoints
@@ -63,10 +66,34 @@ def _data_digest(corpus) -> str:
 
 
 def path_for(k: str) -> Path:
+    return _folder() / f"{k}.ckpt"
+
+
+def _folder() -> Path:
     d = home() / "tune"
     d.mkdir(mode=0o700, exist_ok=True)
     make_private(d, "the tune checkpoint folder")  # one made before (or by hand) open to others
-    return d / f"{k}.ckpt"
+    return d
+
+
+@contextmanager
+def running(out: Path) -> Iterator[None]:
+    """Held while a run writes `out`; a second run onto the same file is refused at once, in one line. Two at
+    once (the same command started twice) trained side by side on one checkpoint, and the first to end
+    removed it with the other's half-written temporary file, so the other failed when it next saved; the
+    last to end replaced the first's adapter. A lock on an open file: a killed run holds it no longer."""
+    import fcntl
+
+    k = hashlib.sha256(str(Path(out).expanduser().resolve()).encode()).hexdigest()[:24]
+    fd = os.open(_folder() / f"out-{k}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CodemoatError(f"another codemoat tune is writing {out} now: wait for it, or pass another --out") from None
+        yield
+    finally:
+        os.close(fd)
 
 
 def save(path: Path, lora: dict, optim: dict, state: dict[str, Any]) -> None:

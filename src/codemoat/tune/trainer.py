@@ -103,10 +103,35 @@ def check_options(opts: TuneOptions) -> None:
         )
     if not 0 <= opts.seed < 2**63:
         raise CodemoatError(f"--seed must be from 0 to 2**63 - 1, got {opts.seed}")
+    adapter_name(opts)
+
+
+def adapter_name(opts: TuneOptions) -> str:
+    """The adapter's name: `name`, else --out's file name up to its first dot (`pay.moat`: pay). It is what
+    `model.adapters` serving and every audit record name the adapter by, so it must be a name (`.moat`
+    gave "", which served no one and no audit record could name; a control character went into them)."""
+    from ..names import RULE, valid_name
+
+    name = opts.name if opts.name is not None else Path(opts.out).name.split(".")[0]
+    if not valid_name(name):
+        shown = name if len(name) <= 100 else name[:100] + "..."
+        raise CodemoatError(f"adapter name {shown!r} (from --out {Path(opts.out).name[:100]!r}) is not a name: {RULE}")
+    return name
 
 
 def tune(opts: TuneOptions, on_event: Callable[[dict], None] | None = None) -> TuneResult:
     check_options(opts)
+    from . import checkpoint
+
+    with checkpoint.running(opts.out):  # one run at a time onto one --out
+        return _run(opts, on_event)
+
+
+def _run(opts: TuneOptions, on_event: Callable[[dict], None] | None) -> TuneResult:
+    import os
+
+    # before torch imports tqdm (read then): transformers' GGUF reader drew a bar on stderr, under --json too
+    os.environ.setdefault("TQDM_DISABLE", "1")
     import torch
 
     from ..train.corpus import split
@@ -267,7 +292,7 @@ def tune(opts: TuneOptions, on_event: Callable[[dict], None] | None = None) -> T
     emit({"kind": "stage", "stage": "evaluating the adapter"})
     after = _evaluate(model, scored, opts.device)
     after["infill"] = infill.scores(model, tok, lines, n_ctx, opts.device)
-    name = opts.name or Path(opts.out).name.split(".")[0]
+    name = adapter_name(opts)
     meta = {
         "name": name,
         "kind": "codemoat-adapter",
@@ -280,6 +305,7 @@ def tune(opts: TuneOptions, on_event: Callable[[dict], None] | None = None) -> T
             "files": len(train_files),
             "heldout_files": [f.path for f in held],
             "skipped": corpus.skipped,
+            "secrets_redacted": corpus.secrets,  # replaced by [REDACTED:<kind>] before training (tune.corpus)
             "data_tables": len(tables),  # files not trained on (tune.corpus.is_data_table)
             "steps": step,
             "tokens": tokens,
