@@ -238,15 +238,17 @@ class Accounts:
             r.id, r.name, r.user, tuple(r.scopes.split(",")), r.created_at, r.expires_at, r.revoked_at, r.last_used_at
         )
 
-    def revoke_token(self, id_or_name: str) -> TokenInfo:
+    def revoke_token(self, id_or_name: str, *, by_id: bool = False) -> TokenInfo:
+        """Revoke the active token with this id, or (unless `by_id`: the console's button names an id) this name."""
+        which = tokens.c.id == id_or_name if by_id else sa.or_(tokens.c.id == id_or_name, tokens.c.name == id_or_name)
         with self.engine.begin() as c:
-            rows = c.execute(
-                sa.select(tokens).where(
-                    sa.or_(tokens.c.id == id_or_name, tokens.c.name == id_or_name), tokens.c.revoked_at.is_(None)
-                )
-            ).all()
+            rows = c.execute(sa.select(tokens).where(which, tokens.c.revoked_at.is_(None))).all()
             if not rows:
-                raise NotFound(f"no active token with id or name {id_or_name!r}")
+                raise NotFound(
+                    f"no active token with id {id_or_name[:100]!r}"
+                    if by_id
+                    else f"no active token with id or name {id_or_name!r}"
+                )
             # an id names one token whatever others are called: a token's name is its maker's choice (a developer
             # signing in through the directory picks it), and one named like another's id shielded that token
             rows = [r for r in rows if r.id == id_or_name] or rows

@@ -1,7 +1,6 @@
 """Disabling a user from the console: the user is marked disabled and every active token of theirs
 is revoked in the same transaction (so every request and console session they hold stops at once);
-the console creates no token for a disabled user. Enabling clears the mark; tokens stay revoked. A token is revoked
-by its id (`revoke`)."""
+the console creates no token for a disabled user. Enabling clears the mark; tokens stay revoked."""
 
 from __future__ import annotations
 
@@ -24,21 +23,6 @@ def set_disabled(engine: Engine, user: str, disabled: bool) -> int:
             return 0
         r = c.execute(tokens.update().where(tokens.c.user == user, tokens.c.revoked_at.is_(None)).values(revoked_at=time.time()))
         return int(r.rowcount or 0)
-
-
-def revoke(engine: Engine, token_id: str) -> tuple[str, str]:
-    """Revoke the active token whose id is `token_id`; returns (id, user). By id only: the People page's button names
-    a token by its id, and `Accounts.revoke_token` takes an id or a name, refusing when two match. A token name is
-    whatever its maker chose (a developer signing in through the directory picks their own), so a token named like
-    another's id made that token impossible to revoke from this page."""
-    with engine.begin() as c:
-        row = c.execute(
-            sa.select(tokens.c.id, tokens.c.user).where(tokens.c.id == token_id, tokens.c.revoked_at.is_(None))
-        ).first()
-        if row is None:
-            raise NotFound(f"no active token with id {token_id[:100]!r}")
-        c.execute(tokens.update().where(tokens.c.id == row.id).values(revoked_at=time.time()))
-    return row.id, row.user
 
 
 def check_enabled(engine: Engine, user: str | None) -> None:
