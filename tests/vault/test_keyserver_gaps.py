@@ -201,6 +201,10 @@ def test_an_endless_answer_is_not_read_into_memory(vendor, machine, model, tmp_p
         hose.close()
     assert "Timeout" not in str(e.value), str(e.value)  # cut off at the limit, not after reading all it sent
     assert peak < 8 << 20, f"the client held {peak >> 20} MiB of an answer"
+    from codemoat.audit.outbound import read_outbound
+
+    answered = [r["status"] for r in read_outbound() if r.get("body") is None and hose.url in r["destination"]]
+    assert answered == [0], answered  # recorded as no answer, not as the 200 its head said (a reviewer)
 
 
 def test_a_model_name_cannot_write_log_lines_of_its_own(tmp_path, caplog):

@@ -167,21 +167,21 @@ class LeaseClient:
         body = json.dumps(payload, separators=(",", ":"))
         rid = uuid.uuid4().hex[:12]
         record_outbound(url, "POST", body, None, rid)
-        status: int | None = None
         try:
             # streamed and cut off at MAX_ANSWER: a proxy answering with an endless body at full speed filled
             # this process's memory (gigabytes in seconds) before any deadline could end the wait
             with self._http.stream("POST", url, content=body, headers={"content-type": "application/json"}) as r:
                 status, raw = r.status_code, bytearray()
-                record_outbound(url, "POST", None, status, rid)
                 for chunk in r.iter_bytes():
                     raw += chunk
                     if len(raw) > MAX_ANSWER:
                         raise Unreachable(f"key server at {self.url} answered {status} with over {MAX_ANSWER} bytes")
-        except httpx.HTTPError as e:
-            if status is None:
-                record_outbound(url, "POST", None, 0, rid)
+        except (httpx.HTTPError, Unreachable) as e:
+            record_outbound(url, "POST", None, 0, rid)  # no whole answer (cut short, or too long): as no answer
+            if isinstance(e, Unreachable):
+                raise
             raise Unreachable(f"key server unreachable at {self.url}: {type(e).__name__}") from None
+        record_outbound(url, "POST", None, status, rid)  # the answer's status once it is whole
         try:
             data = json.loads(raw)
         except (ValueError, RecursionError):  # nested past the decoder's limit too: not an answer, an outage
