@@ -12,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import ValidationError
 from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
@@ -122,10 +123,10 @@ def render_exception(request: Request, exc: Exception) -> Response:
             # no such route (not a missing model): OpenAI's own words for it
             return render(request, exc.status_code, f"Invalid URL ({request.method} {request.url.path})")
         return render(request, exc.status_code, str(exc.detail))
-    if isinstance(exc, (OperationalError, InterfaceError)):
-        # the shared database (PostgreSQL behind replicas) is down or restarting: a retryable 503,
-        # answered at once; the pool reconnects by itself when it is back (pool_pre_ping)
-        log.warning("database unreachable on %s: %s", request.url.path, type(exc.orig or exc).__name__)
+    if isinstance(exc, (OperationalError, InterfaceError, PoolTimeout)):
+        # the shared database (PostgreSQL behind replicas) is down or restarting, or every pooled connection stayed
+        # busy past the pool's timeout: a retryable 503; the pool reconnects by itself when it is back (pool_pre_ping)
+        log.warning("database unreachable on %s: %s", request.url.path, type(getattr(exc, "orig", None) or exc).__name__)
         return render(request, 503, "the shared database is unreachable; try again shortly", "database_unavailable")
     log.error("internal error on %s: %s", request.url.path, type(exc).__name__, exc_info=exc)
     return render(request, 500, f"internal error ({type(exc).__name__})", "internal_error")
@@ -198,6 +199,7 @@ def install(app) -> None:
         StarletteHTTPException,
         OperationalError,
         InterfaceError,
+        PoolTimeout,
         ClientDisconnect,
         Exception,
     ):

@@ -29,6 +29,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from ..vault.clock import Clock
 from ..vault.keyserver import KeyServer, LeaseDenied
@@ -162,10 +163,10 @@ class KeyServerApp:
             return await _send(send, e.err.status, ks.refusal(e.err, None))
         except LeaseDenied as e:
             return await _send(send, e.status, ks.refusal(e, body))
-        except (OperationalError, InterfaceError) as e:
+        except (OperationalError, InterfaceError, PoolTimeout) as e:  # PoolTimeout: every connection busy
             # the vendor database (PostgreSQL behind several key servers) is down or restarting: a signed,
             # retryable 503 at once and one line in the log, not a 500 and a traceback (as serve.errors does)
-            log.warning("key server: database unreachable on %s: %s", path, type(e.orig or e).__name__)
+            log.warning("key server: database unreachable on %s: %s", path, type(getattr(e, "orig", None) or e).__name__)
             down = LeaseDenied("database_unavailable", "the key server's database is unreachable; try again shortly", 503)
             return await _send(send, 503, ks.refusal(down, body))
         await _send(send, 200, answer)
