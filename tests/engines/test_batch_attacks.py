@@ -461,3 +461,24 @@ def test_a_users_flood_is_refused_before_its_prompts_are_built(engine):
     assert flood.status_code == 429, flood.text
     assert "already waiting" in flood.json()["error"]["message"]
     assert other.status_code == 400 and "context" in other.json()["error"]["message"]
+
+
+def test_infill_seed_4294967295_is_llama_cpps_random_seed_and_other_seeds_repeat(app_client, monkeypatch):
+    """llama.cpp's server reads seed 4294967295 (LLAMA_DEFAULT_SEED) as -1: a random seed. Since 64-bit seeds are
+    hashed to 32 (`engines.sampling.llama_seed`), /infill passed it on as a seed of its own, and two such requests
+    answered alike; now they sample as two unseeded requests do, and a seed below it still repeats."""
+    from codemoat.engines import batch
+
+    seen = []
+    real = batch.Batcher._chain
+
+    def chain(self, p):
+        seen.append(p.seed)
+        return real(self, p)
+
+    monkeypatch.setattr(batch.Batcher, "_chain", chain)
+    h = {"Authorization": f"Bearer {app_client.tokens['alice']}"}
+    body = {"input_prefix": "def f(x):\n", "n_predict": 8, "temperature": 1.0}
+    for seed in (4294967295, 4294967294):
+        assert app_client.post("/infill", json=dict(body, seed=seed), headers=h).status_code == 200
+    assert seen == [None, 4294967294], seen

@@ -42,6 +42,10 @@ class LogitsProcessor(Protocol):
     def __call__(self, input_ids: Sequence[int], logits: np.ndarray) -> np.ndarray: ...
 
 
+#: llama.cpp's LLAMA_DEFAULT_SEED: the seed its sampler (and its server) takes as "pick one at random"
+RANDOM_SEED = 0xFFFFFFFF
+
+
 @dataclass
 class SamplingParams:
     """How to sample one generation. `temperature == 0` means greedy."""

@@ -17,12 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from .base import SamplingParams
+from .base import RANDOM_SEED, SamplingParams
 from .slots import Seq
 
 PENALTY_LAST_N = 64  # llama-cpp-python's `last_n_tokens_size`: the window repeat_penalty looks at
-#: llama.cpp's LLAMA_DEFAULT_SEED: the seed `llama_sampler_init_dist` takes as "pick one at random"
-RANDOM_SEED = 0xFFFFFFFF
 
 
 def llama_seed(seed: int | None) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from ..engines.templates import FileSnippet
+from ..engines.base import RANDOM_SEED
 from ..protocol import infill
 from .auth import require
 from .body import issue_completion_id, read_json, start_usage
@@ -25,7 +26,9 @@ async def infill_route(request: Request):
     # `n_predict: 0` warms the cache (llama.vscode sends it ahead of the user's next stop): the prompt
     # is evaluated, and the llama.cpp engine keeps it for the request that follows; nothing is sent back
     warmup = req.n_predict == 0
-    params, fit = svc.predict_params(1 if warmup else req.n_predict, req.temperature, req.top_p, req.stop, req.seed, req.top_k)
+    # llama.cpp's server reads 4294967295 (LLAMA_DEFAULT_SEED) as -1 does: a random seed, not a seed of its own
+    seed = None if req.seed == RANDOM_SEED else req.seed
+    params, fit = svc.predict_params(1 if warmup else req.n_predict, req.temperature, req.top_p, req.stop, seed, req.top_k)
     params.time_limit_ms = req.t_max_predict_ms or None
     params.n_indent = req.n_indent
     ext = req.codemoat
