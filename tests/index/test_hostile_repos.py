@@ -200,6 +200,16 @@ def test_a_git_listing_that_fails_leaves_the_index_as_it_was(tmp_path):
     assert _paths(store) == ["f0.py", "f1.py", "f2.py"]
     r = run_cli("index", "update", "repo")
     assert r.returncode != 0 and "Traceback" not in r.stderr and len((r.stdout + r.stderr).strip().splitlines()) == 1
+    # `index update` of every repository names that one and still updates the others (it stopped at it: a reviewer)
+    other = tmp_path / "zeta"  # after "repo": it was never reached
+    other.mkdir()
+    (other / "a.py").write_text("def a():\n    return 1\n")
+    add_repository(store, other, "zeta", ["everyone"])
+    (other / "b.py").write_text("def b():\n    return 2\n")
+    r = run_cli("index", "update")
+    assert r.returncode == 1 and "error: repo: `git ls-files` failed" in r.stderr and "zeta" in r.stdout, (r.stdout, r.stderr)
+    assert run_cli("retrieve", "--repo", "zeta", "--path", "b.py", "--line", "1", "--json").returncode == 0
+    assert "b.py" in _paths(store)
     store.close()
 
 

@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 
 from .apps import app, index_app
-from .common import JsonFlag, console, emit, table, terminal_text
+from .common import JsonFlag, console, emit, print_error, table, terminal_text
 
 GROUPS_HELP = (
     "Comma-separated groups whose members may read this repository. Every user is implicitly in "
@@ -98,7 +98,7 @@ def update(
             raise CodemoatError("a repository needs at least one group (e.g. --groups everyone)")
         store.set_groups(name, new)
     names = [name] if name else [r.name for r in store.repos()]
-    out = []
+    out, failed = [], []
     for n in names:
         info = store.repo(n)
         if info.root.startswith(PACK_ROOT):
@@ -107,8 +107,19 @@ def update(
             if not as_json:
                 console.print(f"[bold]{n}[/bold]: a knowledge pack, left as it is (`codemoat update apply` changes it)")
             continue
-        with _progress(not as_json, f"updating {n}") as tick:
-            stats = update_repository(store, n, tick)
+        try:
+            with _progress(not as_json, f"updating {n}") as tick:
+                stats = update_repository(store, n, tick)
+        except CodemoatError as e:
+            if name:  # the one asked for: its error is the command's
+                raise
+            # all of them: one that cannot be read (a damaged .git/index) is named and left as it was, and the
+            # others are still updated (they all stopped at it)
+            failed.append(n)
+            out.append({"repo": n, "error": str(e)})
+            if not as_json:
+                print_error(f"{n}: {e}")
+            continue
         out.append({**vars(stats), "groups": list(store.repo(n).groups)})
         if not as_json:
             console.print(_stats_line(stats))
@@ -116,6 +127,8 @@ def update(
         emit(out, True)
     elif not names:
         console.print("no repositories indexed yet (`codemoat index add PATH --name NAME`)")
+    if failed:
+        raise typer.Exit(1)
 
 
 @index_app.command("remove")
