@@ -167,3 +167,22 @@ def test_a_second_tune_onto_the_same_out_is_refused_while_the_first_runs(tmp_pat
             tune(tune_options(out, tmp_path / "m.gguf"))
         one_line_error(run_cli(*args, "--out", str(tmp_path / "other.moat")), "no indexed repository named 'shop'")
     one_line_error(run_cli(*args, "--out", str(out)), "no indexed repository named 'shop'")
+
+
+def test_serve_refuses_a_nameless_adapter_at_start_in_one_line(tmp_path, home):
+    """An adapter an older tune wrote with an empty name (`--out .moat`) or a control character in it: serve started,
+    and then every user it applied to got a 400 "no adapter named ''"; now serve's start names it (the selection
+    guard above stays for one loaded before)."""
+    import json
+
+    from codemoat.engines.adapters import Adapter, load_adapters, seal_adapter
+    from codemoat.errors import CodemoatError
+
+    for name in ("", "pay\x1b[2J"):
+        meta = {"name": name, "kind": "codemoat-adapter", "version": 1, "base": {"name": "m", "sha256": "0" * 64}}
+        meta["repos"] = []
+        path = seal_adapter(Adapter(meta, b"GGUF", b"weights", json.dumps({"r": 8})), tmp_path / "x.moat")
+        with pytest.raises(CodemoatError, match="is not a name that serving and the audit log can use") as e:
+            load_adapters([str(path)], "0" * 64)
+        assert "\x1b" not in str(e.value)
+        path.unlink()

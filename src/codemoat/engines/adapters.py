@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CodemoatError
+from ..text import acts_on_a_terminal, shown
 from ..vault.codec import b64e, unwrap
 from ..vault.codec import wrap as wrap_key
 from ..vault.container import SealedFile
@@ -176,11 +177,16 @@ def load_adapters(
                 out.append(hit[1])
             continue
         if not path.is_file():
-            raise CodemoatError(f"adapter not found: {path}")
+            raise CodemoatError(f"adapter not found: {shown(str(path))}")
         key, mtime = str(path.resolve()) + suffix, path.stat().st_mtime
         hit = _LOADED.get(key)
         if hit is None or hit[0] != mtime:
             a = open_adapter(path)
+            if not a.name or acts_on_a_terminal(a.name):  # `tune --out .moat` wrote "" before tune refused it
+                raise CodemoatError(
+                    f"adapter {path.name}: its recorded name {shown(a.name[:100])!r} is not a name that serving and the "
+                    "audit log can use: tune it again with --out NAME.moat"
+                )
             if safetensors and not a.safetensors:
                 raise CodemoatError(f"adapter {a.name!r} ({path.name}) holds no safetensors part for vLLM")
             fd = os.memfd_create(f"codemoat-adapter-{a.name}")
