@@ -310,3 +310,24 @@ def test_serves_that_swapped_a_version_another_serves_check_then_failed_go_back_
     assert store.current(chan)["version"] == "1"
     assert serving == ["2", "1"]  # what the first serve serves in the end is what the store names
     assert [(x["ok"], x.get("back"), x.get("version")) for x in served] == [(True, True, "1"), (False, None, None)]
+
+
+def test_an_earlier_model_versions_files_put_in_the_current_ones_folder_are_not_served_as_it(shop, store):
+    """The model's own files: version 1's model.moat and model.lic copied into version 2's folder opened (the license
+    names that model, so they agree with each other) and were served as version 2, a rollback `update rollback` never
+    recorded (an outside tester, reading the code). Now the folder's license must be the one its manifest carries."""
+    import shutil
+
+    from codemoat.engines.loader import installed_model
+
+    lic = shop.license()
+    for v in ("1", "2"):
+        store.apply(shop.release(v), lic)
+    assert installed_model(None, store)[2].version == "2"  # the negative case: its own files
+    first = next(r for r in store.list() if not r["current"])
+    now = Path(store.current("model")["dir"])
+    for f in ("model.moat", "model.lic"):
+        shutil.copyfile(Path(first["dir"]) / f, now / f)
+    with pytest.raises(CodemoatError, match="installed model 2: its folder holds another version's license") as e:
+        installed_model(None, store)
+    assert "\n" not in str(e.value)

@@ -115,7 +115,9 @@ def installed_model(license: str | None, store: Any = None) -> tuple[Path, Path,
     cur = (store or UpdateStore()).current("model")
     if cur is None:
         raise CodemoatError(f"model.path is {INSTALLED!r}, but no model bundle is installed (`codemoat update apply FILE`)")
-    return Path(cur["dir"]) / "model.moat", Path(cur["dir"]) / "model.lic", installed_bundle(cur)
+    from ..updates.store import model_files
+
+    return (*model_files(Path(cur["dir"])), installed_bundle(cur))
 
 
 def installed_bundle(cur: dict) -> InstalledBundle:

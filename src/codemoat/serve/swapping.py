@@ -34,7 +34,7 @@ def swap_installed(app: Any, channel: str, audit: Audit, *, add_adapter: bool = 
 
     from ..engines.loader import SwapBusy, installed_bundle, swap_adapter, swap_model
     from ..updates.bundle import label
-    from ..updates.store import UpdateStore, hold
+    from ..updates.store import UpdateStore, hold, model_files
 
     holder, settings = app.state.holder, app.state.service.settings
     store = UpdateStore(audit=lambda step, d: audit(step, **d))
@@ -55,8 +55,7 @@ def swap_installed(app: Any, channel: str, audit: Audit, *, add_adapter: bool = 
     try:
         hold("swap")  # tests only: a serve killed here, mid-swap
         if name is None:
-            d = Path(cur["dir"])
-            out = swap_model(holder, settings, d / "model.moat", d / "model.lic", installed_bundle(cur))
+            out = swap_model(holder, settings, *model_files(Path(cur["dir"])), installed_bundle(cur))
             app.state.egress_allow = list(holder.status.egress_allow)  # the new license's key server
         else:
             out = swap_adapter(holder, settings, name)

@@ -102,6 +102,26 @@ def _remove(p: Path) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
+def model_files(folder: Path) -> tuple[Path, Path]:
+    """An installed model bundle's `model.moat` and `model.lic`, once its folder is found to hold its own: the
+    manifest's bundle id is the folder's, and model.lic is the license the manifest carries (the license names
+    the model, and opening the model checks it). Another version's model and license copied into the current
+    version's folder were served as that version: a rollback `update rollback` never recorded."""
+    manifest = json.loads(paths.read_own(folder / "manifest.json", "bundle manifest", 16 << 20))
+    if not isinstance(manifest, dict) or manifest.get("bundle_id") != folder.name:
+        raise CodemoatError(f"installed bundle {folder.name} holds another bundle's files: run `codemoat update list`")
+    try:
+        lic = json.loads(paths.read_own(folder / "model.lic", "model license", MAX_FILE))
+    except ValueError:
+        lic = None
+    if lic != manifest.get("license"):
+        raise CodemoatError(
+            f"installed model {manifest.get('version', folder.name)}: its folder holds another version's license "
+            "(and so model): run `codemoat update list`, or `update rollback` to go back"
+        )
+    return folder / "model.moat", folder / "model.lic"
+
+
 def read_installed(folder: Path) -> tuple[dict[str, Any], bytes]:
     """An installed bundle's manifest.json and payload.sealed, read as the update state is (paths.read_own:
     a FIFO or a symbolic link put in their place is refused in one line, not waited on or followed)."""
