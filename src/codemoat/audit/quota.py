@@ -22,6 +22,11 @@ from datetime import datetime, UTC
 from ..errors import RateLimited
 
 
+#: how far a window's newest time may be ahead of now before the clock counts as set back (and the window starts
+#: again): requests whose times were taken in another order than they reach the window are never that far apart
+CLOCK_STEP_S = 1.0
+
+
 def _day(t: float) -> int:
     return int(t // 86400)
 
@@ -64,6 +69,7 @@ class Quotas:
 
     def check(self, user: str, token_id: str, now: float | None = None) -> None:
         """Admit one request or raise `RateLimited` with the seconds to wait."""
+        given = now
         now = time.time() if now is None else now
         keys = (f"token:{token_id}", f"user:{user}")
         if self.shared is not None:
@@ -83,10 +89,12 @@ class Quotas:
             cap = self.throttled(user)
             if cap is not None:
                 limits.append((f"throttle:{user}", cap))
+            if given is None:  # read under the lock: requests enter their windows in the order of their times (the
+                now = time.time()  # daily budget's round trip to a shared database came between, out of order)
             for k, limit in limits:
                 w = self._windows.setdefault(k, deque())
-                if w and w[-1] > now:  # the clock was set back (NTP stepped it): the window's times are ahead of now,
-                    w.clear()  # and kept until the clock caught up they refused everyone for as long as it went back
+                if w and w[-1] > now + CLOCK_STEP_S:  # the clock was set back (NTP stepped it): a window ahead of now,
+                    w.clear()  # kept until the clock caught up, refused everyone for as long as it went back
                 while w and w[0] <= now - 60:
                     w.popleft()
                 if len(w) >= limit:
