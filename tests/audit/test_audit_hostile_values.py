@@ -223,6 +223,24 @@ def test_a_rotation_the_database_refuses_leaves_no_archive_behind(audit_log, tmp
     assert not archive.exists()
     monkeypatch.setattr(audit_log.engine, "begin", real)
     assert audit_log.rotate(archive)["records"] == 3 and audit_log.verify().ok
+    # a commit that fails after it happened (PostgreSQL's connection lost as it answered): the records left the
+    # database, so the archive, their only copy, stays (a second reviewer)
+    import contextlib
+
+    fill(audit_log, 2)
+    again = tmp_path / "b.jsonl"
+
+    @contextlib.contextmanager
+    def lost_after_commit():
+        with real() as c:
+            yield c
+        raise sqlalchemy.exc.OperationalError("COMMIT", {}, Exception("server closed the connection unexpectedly"))
+
+    monkeypatch.setattr(audit_log.engine, "begin", lost_after_commit)
+    with pytest.raises(sqlalchemy.exc.OperationalError):
+        audit_log.rotate(again)
+    kept = [json.loads(line) for line in again.read_text().splitlines()]
+    assert sum(1 for e in kept if e["entry"] == "record") == 3  # record 1 (the rotation) and the two after it
 
 
 def test_on_postgresql_a_dba_record_with_no_time_in_the_tail_is_a_warning_not_a_crash(pg_url, audit_home):

@@ -37,7 +37,7 @@ def rotate(log: Any, archive: Path, *, now: float | None = None) -> dict[str, An
     except OSError as e:
         raise CodemoatError(f"cannot create the archive {archive}: {e.strerror}") from None
     f = os.fdopen(fd, "w", encoding="utf-8")  # closes `fd` from here on
-    committed = False
+    committing = False
     try:
         with log._lock:
             with log.engine.begin() as c, f:
@@ -89,17 +89,19 @@ def rotate(log: Any, archive: Path, *, now: float | None = None) -> dict[str, An
                 _fsync_dir(archive.parent)
                 if log.head_file is not None and log.head_file.exists():
                     _empty_head_file(log.head_file)
-            committed = True
+                committing = True  # from here the commit: failing, it may still have happened (a connection lost)
             log._healthy, log.failure = True, None
             log._signed_seq, log._last_seq, log._seen_head, log._unsigned_since = 0, 0, False, None
             log._mine, log._owed = None, None  # a head owed for served records: they are in the archive
             log._signed(signed, head_row, mine)
             log._last_seq = signed
     except BaseException:
-        if not committed:  # the database said no (or anything else before the commit): the records are all still there
-            f.close()
+        f.close()
+        if not committing:  # refused before the commit: the records are all still in the database
             with contextlib.suppress(OSError):
                 archive.unlink()  # ours (O_EXCL): empty or part of them; left, it blocked a retry ("already exists")
+        # a commit that failed may have deleted them (PostgreSQL's connection lost after it committed): the archive,
+        # whole and fsynced, stays; `audit verify` says which happened
         raise
     if head_row is not None:
         log._write_head_file(head_row)
