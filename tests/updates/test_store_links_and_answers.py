@@ -331,3 +331,75 @@ def test_an_earlier_model_versions_files_put_in_the_current_ones_folder_are_not_
     with pytest.raises(CodemoatError, match="installed model 2: its folder holds another version's license") as e:
         installed_model(None, store)
     assert "\n" not in str(e.value)
+
+
+def test_settling_hands_back_only_stale_serves_and_names_one_it_cannot(shop, store, gguf_file, tmp_path):
+    """A second reviewer, on `_settle`: a serve asked after the failing one had already swapped the store's
+    (rolled-back) version and was handed it again, a whole reload for nothing; and when the failed version was the
+    channel's first, there was none to go back to, and the serve that swapped it in was reported as serving it."""
+    from codemoat.cli.updates_cmd import _lost_swaps, _settle
+    from codemoat.updates.handoff import Listener, hand_over
+    from tests.tune.loras import random_lora_gguf
+
+    lic = shop.license()
+    asked: list[tuple[str, str]] = []
+
+    def swaps(name: str):
+        def swap(chan: str) -> dict:
+            cur = store.current(chan)
+            asked.append((name, cur["version"]))
+            store.confirm(chan, cur["bundle_id"])
+            return {"swapped": True, "version": cur["version"]}
+
+        return swap
+
+    def fails(chan: str) -> dict:
+        store.fail(chan, store.current(chan)["bundle_id"], "its health check failed")
+        raise CodemoatError("its health check failed")
+
+    def settle(chan: str) -> list[dict]:
+        new = store.current(chan)["bundle_id"]
+        a, others = Listener(swaps("a"), role="serve").start(), []
+        for fn, pid in ((fails, 999999998), (swaps("c"), 999999999)):  # asked after `a`, `b` first: other processes'
+            listener = Listener(fn, role="vaultd").start()  # one at a time: each would be vaultd-<this pid>.sock
+            os.rename(listener.path, listener.path.with_name(f"vaultd-{pid}.sock"))
+            listener.path = listener.path.with_name(f"vaultd-{pid}.sock")
+            others.append(listener)
+        b, c = others
+        try:
+            return _settle(store, chan, new, _lost_swaps(store, chan, new, hand_over(chan)))
+        finally:
+            for listener in (a, b, c):
+                listener.close()
+
+    for seed in (0, 1):  # two versions of `fee`: version 2 fails at `b`
+        lora = tmp_path / f"fee-{seed}.gguf"
+        lora.write_bytes(random_lora_gguf(gguf_file, seed=seed))
+        store.apply(shop.release(str(seed + 1), kind="adapter", source=lora, name="fee"), lic)
+    served = settle("adapter:fee")
+    assert asked == [("a", "2"), ("c", "1"), ("a", "1")], asked  # `c` had the store's version: not asked again
+    assert [(x["ok"], x.get("back")) for x in served] == [(True, True), (False, None), (True, None)]
+    asked.clear()
+    lora = tmp_path / "tax.gguf"  # a first version that fails: nothing to go back to
+    lora.write_bytes(random_lora_gguf(gguf_file, seed=2))
+    store.apply(shop.release("1", kind="adapter", source=lora, name="tax"), lic)
+    served = settle("adapter:tax")
+    assert store.current("adapter:tax") is None and asked == [("a", "1")]
+    assert served[0]["ok"] is False and "restart this server" in served[0]["error"], served
+
+
+def test_a_staging_folder_the_tidy_up_cannot_remove_is_a_one_line_refusal(shop, store, monkeypatch):
+    """A second reviewer: `apply` makes its staging folder new, and one the tidy-up could not remove (a folder inside
+    it not writable, to a user who is not root) was a FileExistsError traceback, neither audited nor one line."""
+    from codemoat.updates import store as store_module
+    from codemoat.updates.bundle import Bundle
+
+    lic = shop.license()
+    pkg = shop.release("1")
+    left = store.root / "staging" / Bundle(pkg).manifest["bundle_id"]
+    left.mkdir(parents=True)
+    (left / "x").write_text("left over")
+    monkeypatch.setattr(store_module.shutil, "rmtree", lambda *a, **kw: None)  # as a folder root alone may remove
+    with pytest.raises(CodemoatError, match="is left from an earlier install and cannot be removed") as e:
+        store.apply(pkg, lic)
+    assert "\n" not in str(e.value) and store.current("model") is None

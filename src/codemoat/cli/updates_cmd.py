@@ -203,15 +203,25 @@ def _lost_swaps(store, chan: str, bundle_id: str, served: list[dict[str, Any]]) 
 def _settle(store, chan: str, bundle_id: str, served: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """A serve whose check of `bundle_id` failed rolled the store back (store.fail) after others had swapped it in:
     those served a version `update list` no longer named current (nor did their next start). They are handed the
-    store's current version again, once; their answers say so (`back`)."""
+    store's current version again, once; their answers say so (`back`). One asked after the failure already has the
+    store's version and is not asked again; when the failed version was the channel's first, there is none to go back
+    to, and a serve that swapped it in is named as failed (restart it)."""
     from ..updates.handoff import hand_over
 
     cur = store.current(chan)
-    swapped = {a.get("pid") for a in served if a.get("ok") and a.get("swapped")}
-    if cur is None or cur["bundle_id"] == bundle_id or not swapped:
+    if cur is not None and cur["bundle_id"] == bundle_id:
         return served
-    again = {a.get("pid"): dict(a, back=True) for a in hand_over(chan, pids=swapped)}
-    return [again.get(a.get("pid"), a) if a.get("ok") and a.get("swapped") else a for a in served]
+
+    def stale(a: dict[str, Any]) -> bool:
+        return bool(a.get("ok") and a.get("swapped") and (cur is None or a.get("version") != cur["version"]))
+
+    if not any(stale(a) for a in served):
+        return served
+    if cur is None:
+        why = "its version failed another server's check and no version before it is installed: restart this server"
+        return [dict(a, ok=False, error=why) if stale(a) else a for a in served]
+    again = {a.get("pid"): dict(a, back=True) for a in hand_over(chan, pids={a.get("pid") for a in served if stale(a)})}
+    return [again.get(a.get("pid"), a) if stale(a) else a for a in served]
 
 
 def _report(line: str, served: list[dict[str, Any]] | None) -> None:

@@ -318,7 +318,10 @@ class UpdateStore(BundleChecks):
         )
         _step("verified")
         stage = self.root / "staging" / m["bundle_id"]
-        stage.mkdir(parents=True)  # new: reconcile emptied staging (a link left there is not followed)
+        try:
+            stage.mkdir(parents=True)  # new: reconcile emptied staging (a link left there is not followed)
+        except FileExistsError:  # reconcile could not remove it (a folder inside it not writable): one line, not a traceback
+            raise CodemoatError(f"{stage} is left from an earlier install and cannot be removed: remove it by hand") from None
         payload.stage(bundle, stage, self.machine, self.guard)
         (stage / "manifest.json").write_text(json.dumps(m, indent=2, sort_keys=True))
         _fsync_dir(stage)
