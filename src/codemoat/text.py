@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import re
+import unicodedata
 
 #: C0 and C1 controls (ESC, BEL, CR, newline...), DEL, UTF-16 surrogates (which a `surrogateescape` stdout writes as
 #: raw bytes: `\udc9b` is an 8-bit CSI), the line and paragraph separators, the left-to-right and right-to-left marks,
@@ -31,3 +32,10 @@ def shown(text: str, keep: str = "") -> str:
 def acts_on_a_terminal(text: str) -> bool:
     """Whether `text` holds a character `shown` would escape."""
     return _ACTED_ON.search(text) is not None
+
+
+def unsafe_name(name: str) -> bool:
+    """Whether a name (a file's, a pack member's) holds a character that would show it as another name or act on a
+    terminal: what `shown` escapes, or a format character (zero-width spaces and joiners, the byte-order mark),
+    which text may carry but a name should not."""
+    return acts_on_a_terminal(name) or any(unicodedata.category(c) == "Cf" for c in name)

@@ -247,3 +247,21 @@ def test_dotenv_files_are_never_indexed_or_retrieved(tmp_path, kind):
         budget_tokens=512,
     )
     assert snippets and not any(key in s.text for s in snippets), [s.text for s in snippets]
+
+
+def test_a_file_name_with_a_zero_width_character_is_refused_like_a_control_character(tmp_path):
+    """A second reviewer: the index refused names with control characters and bidi overrides, the knowledge-pack
+    reader also zero-width ones (`pay\\u200bments.py` shows as `payments.py`); now one rule for both
+    (`codemoat.text.unsafe_name`). Model text keeps its zero-width joiners: only names are refused."""
+    from codemoat.text import shown, unsafe_name
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "payments.py").write_text(OK)
+    (repo / "pay\u200bments.py").write_text("def steal():\n    return 1\n")
+    store = SqliteIndex()
+    stats = add_repository(store, repo, "repo", ["everyone"])
+    assert _paths(store) == ["payments.py"]
+    assert list(stats.refused.values()) == ["file name has control characters (never read)"]
+    store.close()
+    assert unsafe_name("a\ufeffb") and not unsafe_name("café.py") and shown("👩\u200d💻") == "👩\u200d💻"

@@ -32,7 +32,14 @@ def _forgetting_limit(value: str | float | None) -> float | None:
 def tune_command(
     *,
     repos: Annotated[str, typer.Option("--repos", help="Indexed repositories to tune on, comma-separated (NAME[,NAME]).")],
-    out: Annotated[Path, typer.Option("--out", help="Sealed adapter to write (ADAPTER.moat).")],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            help="Sealed adapter to write (NAME.moat). NAME, up to the first dot, names the adapter in serving and the "
+            "audit log: letters, digits, '_', '@' or '-', starting with a letter or digit.",
+        ),
+    ],
     model: Annotated[
         Path | None,
         typer.Option(

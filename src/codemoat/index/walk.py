@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import CodemoatError
-from ..text import acts_on_a_terminal, shown as escaped
+from ..text import shown as escaped, unsafe_name
 from .languages import language_for
 from .reader import FOLDER, GONE, RepoReader, read_bytes
 from .reader import MAX_BYTES  # noqa: F401  (part of this module's rules, kept where the reader needs it)
@@ -259,7 +259,7 @@ def _bad_name(rel: str) -> str | None:
         rel.encode("utf-8")
     except UnicodeEncodeError:
         return "file name is not UTF-8 (never read)"
-    if acts_on_a_terminal(rel):
+    if unsafe_name(rel):
         return "file name has control characters (never read)"
     return None
 

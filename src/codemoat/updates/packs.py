@@ -11,12 +11,12 @@ broken zip is refused in one line instead of filling memory.
 from __future__ import annotations
 
 import io
-import unicodedata
 import zipfile
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 from ..errors import CodemoatError
+from ..text import unsafe_name
 
 MAX_FILES = 50_000
 MAX_TOTAL = 512 << 20  # uncompressed bytes in one pack
@@ -47,12 +47,7 @@ def members(data: bytes) -> Iterator[tuple[str, bytes]]:
                 continue
             name = info.filename
             parts = name.split("/")
-            if (
-                name.startswith("/")
-                or "\\" in name
-                or any(p in ("", ".", "..") for p in parts)
-                or any(unicodedata.category(ch) in ("Cc", "Cf") for ch in name)
-            ):
+            if name.startswith("/") or "\\" in name or any(p in ("", ".", "..") for p in parts) or unsafe_name(name):
                 raise CodemoatError(f"knowledge pack member {name[:80]!r} has an unsafe path")
             if name in seen:  # the index holds one file a path: a second failed its insert after the switch, at every run
                 raise CodemoatError(f"knowledge pack holds member {name[:80]!r} twice")
