@@ -265,3 +265,15 @@ def test_a_file_name_with_a_zero_width_character_is_refused_like_a_control_chara
     assert list(stats.refused.values()) == ["file name has control characters (never read)"]
     store.close()
     assert unsafe_name("a\ufeffb") and not unsafe_name("café.py") and shown("👩\u200d💻") == "👩\u200d💻"
+
+
+def test_gitignore_double_star_forms_hide_what_git_hides_in_a_plain_folder(tmp_path):
+    """A second reviewer, comparing with `git check-ignore --no-index`: `**/secrets/` did not hide a top-level
+    `secrets/`, nor `a/**/b.py` an `a/b.py`, nor `docs/**/*.md` a `docs/r.md` (fnmatch read `**/` literally), so a
+    plain folder's owner's hidden files were indexed. In a git work tree `git ls-files` decides, as before."""
+    repo = tmp_path / "repo"
+    for rel in ("secrets/k.py", "x/secrets/k.py", "a/b.py", "a/q/b.py", "docs/r.md", "docs/x/r.md", "keep.py", "docs/x/r.py"):
+        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+        (repo / rel).write_text("K = 1\n")
+    (repo / ".gitignore").write_text("**/secrets/\na/**/b.py\ndocs/**/*.md\n")
+    assert scan(repo).paths == ["docs/x/r.py", "keep.py"]

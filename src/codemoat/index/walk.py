@@ -120,6 +120,18 @@ def is_git_worktree(root: Path) -> bool:
     return out is not None and Path(out.strip()).resolve() == root.resolve()
 
 
+def _forms(pat: str) -> list[str]:
+    """`pat` and the forms gitignore(5) also reads it as: a leading `**/` matches in every folder, the top one too
+    (`**/foo` is `foo` anywhere), and `/**/` matches one or more folders or none (`a/**/b` is `a/b` too); fnmatch
+    took both literally, so the top folder's `foo/` and `a/b` were indexed though the owner had hidden them."""
+    out = [pat]
+    if pat.startswith("**/"):
+        out.append(pat[3:])
+    if "/**/" in pat:
+        out += [v.replace("/**/", "/") for v in list(out)]
+    return list(dict.fromkeys(out))
+
+
 class _Ignore:
     """The `.gitignore` rules in force in one folder (a common subset of gitignore(5))."""
 
@@ -152,13 +164,10 @@ class _Ignore:
                 for at in range(0, len(order), IGNORE_CHUNK):
                     alts = []
                     for k in order[at : at + IGNORE_CHUNK]:
-                        pat = self.rules[k][0]
-                        alts.append(
-                            f"(?P<r{k}>"
-                            + fnmatch.translate(pat)
-                            + (f"|{fnmatch.translate(pat + '/**')}" if anchored else "")
-                            + ")"
-                        )
+                        forms = [fnmatch.translate(v) for v in _forms(self.rules[k][0])]
+                        if anchored:
+                            forms += [fnmatch.translate(v + "/**") for v in _forms(self.rules[k][0])]
+                        alts.append(f"(?P<r{k}>" + "|".join(forms) + ")")
                     chunks.append(re.compile("|".join(alts)).match)
                 if chunks:
                     self._kinds.append((anchored, dir_only, chunks))
