@@ -275,5 +275,6 @@ def test_gitignore_double_star_forms_hide_what_git_hides_in_a_plain_folder(tmp_p
     for rel in ("secrets/k.py", "x/secrets/k.py", "a/b.py", "a/q/b.py", "docs/r.md", "docs/x/r.md", "keep.py", "docs/x/r.py"):
         (repo / rel).parent.mkdir(parents=True, exist_ok=True)
         (repo / rel).write_text("K = 1\n")
-    (repo / ".gitignore").write_text("**/secrets/\na/**/b.py\ndocs/**/*.md\n")
+    (repo / "#notes.md").write_text("private\n")  # hidden by an escaped "#", as git reads it
+    (repo / ".gitignore").write_text("**/secrets/\na/**/b.py\ndocs/**/*.md\n\\#notes.md\n")
     assert scan(repo).paths == ["docs/x/r.py", "keep.py"]

@@ -145,6 +145,8 @@ class _Ignore:
             neg = line.startswith("!")
             if neg:
                 line = line[1:]
+            elif line.startswith(("\\#", "\\!")):  # gitignore(5): a name that begins with "#" or "!", escaped
+                line = line[1:]
             dir_only = line.endswith("/")
             line = line.strip("/") if dir_only else line
             anchored = "/" in line.lstrip("/") or line.startswith("/")
