@@ -51,6 +51,7 @@ def load_corpus(names: list[str], index_path: Path | None = None) -> TuneCorpus:
     store = SqliteIndex(index_path)
     try:
         repos = [store.repo(n) for n in dict.fromkeys(names)]
+        indexed = store.repos()
         files: list[SourceFile] = []
         skipped = secrets = 0
         for r in repos:
@@ -58,7 +59,7 @@ def load_corpus(names: list[str], index_path: Path | None = None) -> TuneCorpus:
             # (a file swapped for a FIFO or a device since indexing is skipped, not waited on), never from
             # another indexed repository inside this one (its code is its own groups': rows an index kept from
             # before that one was added are not this repository's) nor from codemoat's data folder
-            others = [Path(o.root) for o in store.repos() if o.id != r.id]
+            others = [Path(o.root) for o in indexed if o.id != r.id]
             with RepoReader(Path(r.root).resolve(), others, [home().resolve()]) as reader:
                 hashes = sorted(store.file_hashes(r.id).items())
                 got = [(rel, digest, reader.read(rel)) for rel, (_fid, digest) in hashes]

@@ -107,9 +107,7 @@ def model_files(folder: Path) -> tuple[Path, Path]:
     manifest's bundle id is the folder's, and model.lic is the license the manifest carries (the license names
     the model, and opening the model checks it). Another version's model and license copied into the current
     version's folder were served as that version: a rollback `update rollback` never recorded."""
-    manifest = json.loads(paths.read_own(folder / "manifest.json", "bundle manifest", 16 << 20))
-    if not isinstance(manifest, dict) or manifest.get("bundle_id") != folder.name:
-        raise CodemoatError(f"installed bundle {folder.name} holds another bundle's files: run `codemoat update list`")
+    manifest = _own_manifest(folder)
     try:
         lic = json.loads(paths.read_own(folder / "model.lic", "model license", MAX_FILE))
     except ValueError:
@@ -125,12 +123,17 @@ def model_files(folder: Path) -> tuple[Path, Path]:
 def read_installed(folder: Path) -> tuple[dict[str, Any], bytes]:
     """An installed bundle's manifest.json and payload.sealed, read as the update state is (paths.read_own:
     a FIFO or a symbolic link put in their place is refused in one line, not waited on or followed)."""
+    return _own_manifest(folder), paths.read_own(folder / "payload.sealed", "sealed payload", None)
+
+
+def _own_manifest(folder: Path) -> dict[str, Any]:
+    """An installed bundle's manifest.json, once it names the folder's own bundle: another version's files put in
+    this one's folder opened (their payload's sealed context is their own manifest's), and were served or indexed as
+    the version the state and `update list` name."""
     manifest = json.loads(paths.read_own(folder / "manifest.json", "bundle manifest", 16 << 20))
     if not isinstance(manifest, dict) or manifest.get("bundle_id") != folder.name:
-        # another version's files put in this one's folder opened (their payload's sealed context is their own
-        # manifest's), and were served or indexed as the version the state and `update list` name
         raise CodemoatError(f"installed bundle {folder.name} holds another bundle's files: run `codemoat update list`")
-    return manifest, paths.read_own(folder / "payload.sealed", "sealed payload", None)
+    return manifest
 
 
 class UpdateStore(BundleChecks):
