@@ -161,3 +161,19 @@ def test_a_token_made_later_for_a_user_the_directory_disabled_does_not_sign_in(k
     keeper.sync()
     with pytest.raises(Unauthorized, match="disabled"):
         acc.authenticate(late)
+
+
+def test_mirrored_group_names_follow_the_one_rule_for_names():
+    """A directory group mirrors (no group_map) exactly when codemoat.names would accept it anywhere else: `eng@corp`
+    was skipped here although `users add --groups` and `index add --groups` take it, so a directory's group could
+    never be given a repository; `everyone`/`admin` stay refused (anyone may make a group of that name)."""
+    from codemoat.config import DirectorySettings
+    from codemoat.directory.sync import mapped_groups
+    from codemoat.names import valid_name
+
+    names = ["eng@corp", "web", "a.b_c-d", "_lead", "-x", "two words", "eng\n", "é", "x" * 128, "x" * 129, "everyone", "admin"]
+    skipped: set[str] = set()
+    got = mapped_groups(frozenset(names), DirectorySettings(), skipped)
+    assert "eng@corp" in got
+    assert set(got) == {n for n in names if valid_name(n)} - {"everyone", "admin"}
+    assert skipped == set(names) - set(got)

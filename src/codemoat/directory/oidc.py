@@ -39,13 +39,13 @@ import sqlalchemy as sa
 from sqlalchemy import Engine
 
 from ..config import DirectorySettings
+from ..names import valid_name
 from ..deadline import ANSWER_TIMEOUTS, DeadlinePassed, within
 from ..paths import read_secret
 from ..errors import Overloaded, RateLimited, Unauthorized
 from .ldap import DirectoryError, DirectoryUnavailable, DirUser
 
 PENDING_TTL_S = 600
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,127}")  # fullmatch: `$` would let a final newline through
 
 meta = sa.MetaData()
 pending = sa.Table(
@@ -411,7 +411,7 @@ class OidcClient:
 
     def user_from(self, claims: dict) -> DirUser:
         name = claims.get(self.cfg.oidc_user_claim) or claims.get("sub")
-        if not isinstance(name, str) or not _NAME.fullmatch(name):
+        if not valid_name(name):
             raise Unauthorized(f"sign-in refused: the ID token's {self.cfg.oidc_user_claim!r} is not a usable user name")
         groups = claims.get(self.cfg.oidc_groups_claim) or []
         if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):

@@ -12,7 +12,6 @@ moves between an OpenID subject and an LDAP entry loses every token (`directory.
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -22,10 +21,10 @@ from sqlalchemy import Engine
 
 from ..accounts.store import EVERYONE, groups as groups_t, memberships, tokens, users
 from ..config import DirectorySettings
+from ..names import valid_name
 from ..retrieve.acl import ADMIN
 from .ldap import Snapshot
 
-_GROUP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # fullmatch: `$` would let a final newline through
 
 meta = sa.MetaData()
 directory_users = sa.Table(
@@ -74,7 +73,7 @@ def mapped_groups(dir_groups: frozenset[str], cfg: DirectorySettings, skipped: s
     for g in dir_groups:
         # never `everyone` or `admin` (retrieve.acl: reads every repository): anyone may make a group of
         # that name in many identity providers; a group_map may still name them
-        if _GROUP_NAME.fullmatch(g) and g not in (EVERYONE, ADMIN):
+        if valid_name(g) and g not in (EVERYONE, ADMIN):  # the one rule for names (eng@corp was skipped here)
             out.add(g)
         else:
             skipped.add(g)
