@@ -169,6 +169,62 @@ def test_a_second_tune_onto_the_same_out_is_refused_while_the_first_runs(tmp_pat
     one_line_error(run_cli(*args, "--out", str(out)), "no indexed repository named 'shop'")
 
 
+def test_a_runs_lock_file_goes_with_it_and_a_lock_on_the_removed_file_does_not_count(tmp_path, home):
+    """One `tune/out-<hash>.lock` was left for every --out ever tuned. It is removed when the run ends; a run that
+    had opened it just before (and locks it after) holds a file no longer at that name, so it must lock the new one
+    instead, or two runs would write one --out side by side again."""
+    import fcntl
+    import os
+
+    from codemoat.tune import checkpoint
+
+    out = tmp_path / "pay.moat"
+    folder = home / "tune"
+    with checkpoint.running(out):
+        (lock,) = folder.glob("out-*.lock")
+        late = os.open(lock, os.O_RDWR)  # a second run, between its open and its flock
+    assert not lock.exists()
+    fcntl.flock(late, fcntl.LOCK_EX | fcntl.LOCK_NB)  # it gets the removed file's lock: that must not count
+    try:
+        with checkpoint.running(out):  # a third run takes the name's new file...
+            assert lock.exists()
+            assert os.fstat(late).st_ino != lock.stat().st_ino
+            with pytest.raises(CodemoatError, match="another codemoat tune is writing"):
+                with checkpoint.running(out):  # ...and holds it against a fourth
+                    pass
+    finally:
+        os.close(late)
+    assert list(folder.glob("out-*.lock")) == []
+
+
+def test_a_lock_taken_on_a_file_removed_after_it_was_opened_is_taken_again(tmp_path, home):
+    """The race itself: the run holding the lock ends and removes the file after this run opened it, before this
+    run locks it. The lock this run then gets is on a file nobody else can find; it must open the name again."""
+    import os
+
+    from codemoat.tune import checkpoint
+
+    real_open, opened = os.open, []
+
+    def open_then_lose_it(path, *a, **kw):  # the holder's end lands between this run's open and its flock
+        fd = real_open(path, *a, **kw)
+        if str(path).endswith(".lock") and not opened:
+            os.unlink(path)
+        opened.append(fd)
+        return fd
+
+    patch = pytest.MonkeyPatch()  # its own: undoing the test's would undo the home fixture's too
+    patch.setattr(checkpoint.os, "open", open_then_lose_it)
+    out = tmp_path / "pay.moat"
+    with checkpoint.running(out):
+        patch.undo()
+        (lock,) = (home / "tune").glob("out-*.lock")
+        assert len(opened) == 2
+        with pytest.raises(CodemoatError, match="another codemoat tune is writing"):
+            with checkpoint.running(out):
+                pass
+
+
 def test_serve_refuses_a_nameless_adapter_at_start_in_one_line(tmp_path, home):
     """An adapter an older tune wrote with an empty name (`--out .moat`) or a control character in it: serve started,
     and then every user it applied to got a 400 "no adapter named ''"; now serve's start names it (the selection

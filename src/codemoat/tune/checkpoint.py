@@ -81,19 +81,44 @@ def running(out: Path) -> Iterator[None]:
     """Held while a run writes `out`; a second run onto the same file is refused at once, in one line. Two at
     once (the same command started twice) trained side by side on one checkpoint, and the first to end
     removed it with the other's half-written temporary file, so the other failed when it next saved; the
-    last to end replaced the first's adapter. A lock on an open file: a killed run holds it no longer."""
+    last to end replaced the first's adapter. A lock on an open file: a killed run holds it no longer.
+
+    The lock file is removed when the run ends (one was left per `--out` ever tuned). A run that opened it just
+    before it went locks a file no longer at that name, so a lock counts only if the name still leads to the
+    locked file; otherwise it is taken again on the new one."""
     import fcntl
 
     k = hashlib.sha256(str(Path(out).expanduser().resolve()).encode()).hexdigest()[:24]
-    fd = os.open(_folder() / f"out-{k}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
+    lock = _folder() / f"out-{k}.lock"
+    for _ in range(8):
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            os.close(fd)
             raise CodemoatError(f"another codemoat tune is writing {out} now: wait for it, or pass another --out") from None
+        if _same_file(fd, lock):
+            break
+        os.close(fd)  # removed by the run that held it, after this one opened it
+    else:
+        raise CodemoatError(f"could not lock {lock}: it keeps being replaced")
+    try:
         yield
     finally:
+        try:
+            os.unlink(lock)  # while still locked: whoever opens the name next makes a new file
+        except FileNotFoundError:
+            pass
         os.close(fd)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    own = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
 
 
 def save(path: Path, lora: dict, optim: dict, state: dict[str, Any]) -> None:
