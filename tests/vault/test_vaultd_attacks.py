@@ -448,3 +448,34 @@ def test_a_closed_vaultd_ends_its_accept_thread_and_lets_go_of_its_models(tmp_pa
     assert not accepting[0].is_alive(), "vaultd's accept thread outlived close()"
     assert wait_for(lambda: gc.collect() is not None and ref() is None)  # its connection's thread ends too
     buf.close()
+
+
+@pytest.mark.parametrize("sent", ["descriptors", "too long"])
+def test_a_message_vaultd_cannot_take_is_answered_with_why_before_it_closes(daemon, sent):
+    """A request carrying file descriptors (clients send none), or longer than a message may be, closed the
+    connection with no answer: the caller saw a bare hang-up. It now gets the reason in vaultd's shape first, and
+    the daemon goes on serving the others."""
+    import json
+
+    from codemoat.vault.wire import MAX_MESSAGE
+
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.connect(daemon.path)
+    s.settimeout(10)
+    request = b'{"op": "get", "model": "acme-coder"}'
+    if sent == "descriptors":
+        fd = os.open(os.devnull, os.O_RDONLY)
+        try:
+            socket.send_fds(s, [request], [fd])
+        finally:
+            os.close(fd)
+    else:
+        s.send(request + b" " * MAX_MESSAGE)
+    answer = json.loads(s.recv(65536))
+    assert answer["ok"] is False
+    assert ("file descriptors" if sent == "descriptors" else "too long") in answer["error"], answer
+    assert s.recv(65536) == b""  # and then closed
+    s.close()
+    c = VaultClient.connect(daemon.path)
+    os.close(c.fetch("acme-coder").fd)
+    c.close()

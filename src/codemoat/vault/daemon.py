@@ -256,7 +256,14 @@ class VaultDaemon:
                     send_msg(conn, {"ok": False, "error": f"request from {who} on a connection of uid {uid}: refused"})
                     continue
                 self._answer(conn, msg, cred)
-        except (OSError, VaultdError):
+        except VaultdError as e:  # a message too long, or carrying descriptors: the caller is told why it is cut off
+            log.warning("vaultd: closed a connection of uid %d: %s", uid, e)
+            try:
+                send_msg(conn, {"ok": False, "error": str(e)})
+            except OSError:
+                pass
+            return
+        except OSError:
             return
         finally:
             with self._lock:

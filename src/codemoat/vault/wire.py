@@ -57,7 +57,9 @@ def recv_msg(sock: socket.socket, max_fds: int = 0) -> tuple[dict[str, Any] | No
     if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
         for fd in fds:
             os.close(fd)
-        raise VaultdError("vault daemon message too long")
+        if flags & socket.MSG_TRUNC:
+            raise VaultdError("vault daemon message too long")
+        raise VaultdError("vault daemon message carried more file descriptors than it may")  # the rest the kernel closed
     try:
         msg = json.loads(data)
     except (ValueError, RecursionError):  # deep nesting: an unknown request, not a dead connection thread
