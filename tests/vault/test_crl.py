@@ -111,6 +111,37 @@ def test_an_installed_crl_edited_on_disk_refuses_to_start(vendor, offline, tmp_p
         verify_bundle(moat, lic)
 
 
+@pytest.mark.parametrize("damage", ["edited", "garbage", "another vendor's"])
+def test_a_damaged_installed_crl_is_mended_by_installing_the_latest_and_not_by_an_older_one(vendor, offline, tmp_path, damage):
+    """Start refuses a damaged installed CRL and says to install the vendor's latest again; install then refused
+    too ("does not verify"), so the machine stayed down until someone deleted the file by hand. Install now
+    replaces it, and the CRL number this machine recorded still refuses an older list."""
+    moat, lic, lid = offline
+    older = _crl(vendor, tmp_path, "1.crl", machines=["m_other"], reason="lost")
+    crl.install(older)
+    latest = _crl(vendor, tmp_path, "2.crl", licenses=[lid], reason="unpaid")
+    got, _ = crl.install(latest)
+    p = crl.installed_path(got.body["vendor_key"])
+    if damage == "edited":
+        doc = json.loads(p.read_text())
+        doc["crl"]["revoked"] = []
+        p.write_text(json.dumps(doc))
+    elif damage == "garbage":
+        p.write_bytes(b"\x00" * 100)
+    else:
+        doc = json.loads(p.read_text())
+        doc["crl"]["vendor_key"] = "A" * 43 + "="
+        p.write_text(json.dumps(doc))
+    with pytest.raises(VaultError, match="install the vendor's latest CRL again"):
+        verify_bundle(moat, lic)
+    with pytest.raises(VaultError, match="CRL number 1 is older than the installed one \\(2\\)"):
+        crl.install(older)  # the damage does not open the way back
+    again, new = crl.install(latest)
+    assert new and again.number == 2 and p.read_bytes() == latest
+    with pytest.raises(VaultError, match=f"license {lid} was revoked by the vendor"):
+        verify_bundle(moat, lic)
+
+
 def test_a_different_crl_with_the_same_number_is_refused(vendor, offline, tmp_path):
     """Two signed lists with one number exist only if the vendor database was rolled back; neither replaces the other."""
     crl.install(_crl(vendor, tmp_path, "a.crl", machines=["m_a"], reason="a"))

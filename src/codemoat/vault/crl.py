@@ -259,7 +259,10 @@ def install(data: bytes, guard: ClockGuard | None = None, home: Path | None = No
 
 def _install(crl: Crl, data: bytes, guard: ClockGuard, tpm: Any, home: Path | None) -> tuple[Crl, bool]:
     vk = crl.body["vendor_key"]
-    old = _installed(vk, home)
+    try:
+        old = _installed(vk, home)
+    except VaultError:  # damaged, edited or another vendor's: start says "install the latest again", so that must work
+        old = None  # as if deleted: the number this machine recorded still refuses an older CRL (below)
     recorded = guard.crl_number(crl.vendor_key_id)
     if recorded is not None and crl.number < recorded:
         raise VaultError(f"CRL number {crl.number} is older than the installed one ({recorded}): a CRL cannot be rolled back")
