@@ -44,7 +44,7 @@ def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         db_path = make_url(url).database
         if db_path and db_path != ":memory:" and not db_path.startswith("file:"):
-            Path(db_path).parent.mkdir(parents=True, exist_ok=True)
+            _sqlite_folder(url, Path(db_path))
             try:  # 0600 before SQLite opens it: its -wal and -shm copy the mode
                 paths.private_sqlite(Path(db_path))
             except paths.NotSQLite:
@@ -59,6 +59,23 @@ def make_engine(url: str) -> Engine:
     # pool_pre_ping: a connection that died with a server restart is replaced, not handed out;
     # connect_timeout: an unreachable server fails a request in seconds, never hangs it
     return create_engine(url, pool_pre_ping=True, connect_args={"connect_timeout": 5})
+
+
+def _sqlite_folder(url: str, db_path: Path) -> None:
+    """The folder of an SQLite file must exist: a mistyped database_url (`sqlite:////srv/codmoat/x.db`) is one line
+    naming the folder, not a tree of folders made for it. Only the data folder itself, home of the default
+    database, is created (`paths.home`: private, checked)."""
+    parent = db_path.parent
+    if parent.is_dir():
+        return
+    env = os.environ.get("CODEMOAT_HOME")
+    if parent == Path(env or Path.home() / ".codemoat").expanduser():
+        paths.home()
+        return
+    from .errors import CodemoatError
+
+    where = make_url(url).render_as_string(hide_password=True)
+    raise CodemoatError(f"database {where}: folder {parent} does not exist (fix the URL, or create the folder first)")
 
 
 def migration_dirs(packages: tuple[str, ...]) -> list[str]:
@@ -108,7 +125,7 @@ def upgrade(engine: Engine, packages: tuple[str, ...]) -> None:
 def open_db(url: str | None = None, packages: tuple[str, ...] = CUSTOMER_BRANCHES) -> Engine:
     """Open (and migrate once per process) a database."""
     url = url or paths.db_url()
-    engine = make_engine(url)
+    engine = _engine_for(url)
     key = (url, packages)
     with _lock:
         if key not in _migrated:
@@ -119,6 +136,33 @@ def open_db(url: str | None = None, packages: tuple[str, ...] = CUSTOMER_BRANCHE
                 raise _open_error(url, e) from None
             _migrated.add(key)
     return engine
+
+
+def _engine_for(url: str) -> Engine:
+    """`make_engine`, with a URL SQLAlchemy cannot read or has no driver for said in one line (the password,
+    if the URL could be read, hidden; an unreadable one is not echoed: it may hold one)."""
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    from .errors import CodemoatError
+
+    try:
+        return make_engine(url)
+    except NoSuchModuleError:
+        u = make_url(url)
+        raise CodemoatError(
+            f"database {u.render_as_string(hide_password=True)}: no database driver for {u.drivername!r} (NoSuchModuleError); "
+            "use sqlite:///PATH or postgresql+psycopg://USER@HOST/DATABASE"
+        ) from None
+    except ImportError as e:  # a dialect whose driver is not installed (postgresql+psycopg2)
+        u = make_url(url)
+        raise CodemoatError(
+            f"database {u.render_as_string(hide_password=True)}: its driver is not installed ({e}); "
+            "use sqlite:///PATH or postgresql+psycopg://USER@HOST/DATABASE"
+        ) from None
+    except ArgumentError:
+        raise CodemoatError(
+            "database_url is not a database URL: use sqlite:///PATH or postgresql+psycopg://USER@HOST/DATABASE"
+        ) from None
 
 
 # SQLite's words for a file that is not one of its databases, or is one no longer
@@ -133,12 +177,20 @@ def _open_error(url: str, e: DBAPIError) -> Exception:
     where = (
         (u.database or "the in-memory database") if u.get_backend_name() == "sqlite" else u.render_as_string(hide_password=True)
     )
-    problem = str(e.orig or e).strip()
+    problem = driver_words(e, u.password)
     if any(s in problem for s in _NOT_A_DATABASE):
         return CodemoatError(f"{where} is not a codemoat database, or it is corrupted (SQLite: {problem}); it was left as it is")
     if "unable to open database file" in problem:
         return CodemoatError(f"cannot open database {where}: {problem}")
-    return e
+    return CodemoatError(f"database {where}: cannot open it ({problem}); check database_url and that the server is up")
+
+
+def driver_words(e: DBAPIError, password: str | None = None) -> str:
+    """The first line of what the database driver said, without the SQL statement and parameters that
+    SQLAlchemy's own text adds (a parameter may be a token or a password) and without `password`."""
+    first = next((line.strip() for line in str(e.orig or type(e).__name__).splitlines() if line.strip()), "")
+    first = first or type(e.orig or e).__name__
+    return first.replace(password, "***") if password else first
 
 
 # (statement, dialect name) -> (the statement's SQL in the driver's paramstyle, parameter order or None)

@@ -26,13 +26,28 @@ VendorDir = Annotated[
 ]
 
 
-def print_error(message: str) -> None:
-    """`error: <the message's first non-empty line>` on stderr, its text never read as markup."""
+# Set by `main` when the command line asks for `--json`: a failure is then also told on stdout, as JSON.
+json_errors = False
+
+
+def asks_for_json(args: list[str]) -> bool:
+    """Whether a command line asks for JSON output (`--json` before any `--`): known before it is parsed,
+    so that a usage error is machine-readable too."""
+    return "--json" in (args[: args.index("--")] if "--" in args else args)
+
+
+def print_error(message: str, code: int = 1) -> None:
+    """`error: <the message's first non-empty line>` on stderr, its text never read as markup. Under `--json`,
+    stdout also gets `{"error": <that line>, "code": <the exit status>}` (its exact text): a script parses the
+    failure as it parses a result, and the line on stderr stays for people."""
     from rich.markup import escape
 
     first = next((line.strip() for line in str(message).splitlines() if line.strip()), "")
     # a server's or a file's words may be in it: shown, not acted on by the terminal
     err_console.print(f"[red]error:[/red] {escape(terminal_text(first))}", highlight=False, soft_wrap=True)
+    if json_errors:
+        sys.stdout.write(json.dumps({"error": first, "code": code}) + "\n")
+        sys.stdout.flush()
 
 
 def terminal_text(text: str) -> str:
@@ -49,7 +64,7 @@ def terminal_text(text: str) -> str:
 
 def fail(message: str, code: int = 1) -> None:
     """Print one line to stderr and exit non-zero."""
-    print_error(message)
+    print_error(message, code)
     raise typer.Exit(code)
 
 

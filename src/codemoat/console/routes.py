@@ -54,7 +54,7 @@ async def css(request: Request):
 async def signin_form(request: Request):
     value = secrets.token_urlsafe(24)
     resp = page(request, "signin.html", None, signin_csrf=value, error=None, oidc=oidc_signin.provider_name(request))
-    resp.set_cookie(SIGNIN_COOKIE, value, max_age=600, path="/admin", httponly=True, samesite="strict")
+    oidc_signin.signin_cookie(resp, request, value)  # Secure over TLS
     return resp
 
 
@@ -78,14 +78,14 @@ async def signin(request: Request):
     note(request, "console: signed in")
     resp = see_other("/admin")
     session_cookie(resp, request, sid)
-    resp.delete_cookie(SIGNIN_COOKIE, path="/admin")
+    resp.delete_cookie(SIGNIN_COOKIE, path="/admin", secure=oidc_signin.over_tls(request), httponly=True, samesite="strict")
     return resp
 
 
 def _signin_again(request: Request, error: str) -> Response:
     value = secrets.token_urlsafe(24)
     resp = page(request, "signin.html", None, status=401, signin_csrf=value, error=error, oidc=oidc_signin.provider_name(request))
-    resp.set_cookie(SIGNIN_COOKIE, value, max_age=600, path="/admin", httponly=True, samesite="strict")
+    oidc_signin.signin_cookie(resp, request, value)
     return resp
 
 
@@ -97,7 +97,7 @@ async def signout(request: Request):
     await run(sessions(request).end, request.cookies.get(COOKIE))
     note(request, "console: signed out")
     resp = to_signin()
-    resp.delete_cookie(COOKIE, path="/admin")
+    resp.delete_cookie(COOKIE, path="/admin", secure=oidc_signin.over_tls(request), httponly=True, samesite="strict")
     return resp
 
 

@@ -13,6 +13,7 @@ cross-site top-level GET, which a `Strict` cookie would not join), lives 10 minu
 /admin/oidc and is deleted at the callback. The session cookie (`Strict`) is set only after the
 callback verified; its page then moves on to /admin from this site, so the `Strict` cookie joins.
 The session rests on an admin-only token of the session's length, revocable like any other.
+Every cookie set here is `Secure` when the request came over TLS (`over_tls`), the sign-in form's too.
 """
 
 from __future__ import annotations
@@ -40,15 +41,24 @@ def provider_name(request: Request) -> str | None:
     return keeper.cfg.oidc_display_name
 
 
+def signin_cookie(resp: Response, request: Request, value: str) -> None:
+    """The sign-in form's double-submit CSRF value (`codemoat_signin`): HttpOnly (the form carries its copy, no
+    script reads it), `Strict` (the form is posted from this site), scoped to /admin, and `Secure` over TLS as the
+    session cookie is. Without `Secure`, a browser that signed in over https sends it on a plain-http request to
+    the same host, where anyone on the path reads it, and accepts one set over plain http (a cookie tossed into
+    the victim's jar), which a login-CSRF then pairs with a form of the attacker's."""
+    resp.set_cookie(SIGNIN_COOKIE, value, max_age=600, path="/admin", httponly=True, samesite="strict", secure=over_tls(request))
+
+
 def _again(request: Request, error: str, status: int = 401) -> Response:
     value = secrets.token_urlsafe(24)
     resp = page(request, "signin.html", None, status=status, signin_csrf=value, error=error, oidc=provider_name(request))
-    resp.set_cookie(SIGNIN_COOKIE, value, max_age=600, path="/admin", httponly=True, samesite="strict")
-    resp.delete_cookie(OIDC_COOKIE, path=PATH)
+    signin_cookie(resp, request, value)
+    resp.delete_cookie(OIDC_COOKIE, path=PATH, secure=over_tls(request), httponly=True, samesite="lax")
     return resp
 
 
-def _https(request: Request) -> bool:
+def over_tls(request: Request) -> bool:
     # the scheme uvicorn saw: TLS to this server, or X-Forwarded-Proto from a server.trusted_proxies peer only
     return request.url.scheme == "https"
 
@@ -66,7 +76,7 @@ async def start(request: Request):
     note(request, "console: sign-in with the OpenID provider started")
     resp = see_other(url)
     resp.set_cookie(
-        OIDC_COOKIE, binding, max_age=BINDING_SECONDS, path=PATH, httponly=True, samesite="lax", secure=_https(request)
+        OIDC_COOKIE, binding, max_age=BINDING_SECONDS, path=PATH, httponly=True, samesite="lax", secure=over_tls(request)
     )
     return resp
 
@@ -100,6 +110,6 @@ async def callback(request: Request, state: str = "", code: str = "", error: str
         )
     )
     session_cookie(resp, request, sid)
-    resp.delete_cookie(OIDC_COOKIE, path=PATH)
-    resp.delete_cookie(SIGNIN_COOKIE, path="/admin")
+    resp.delete_cookie(OIDC_COOKIE, path=PATH, secure=over_tls(request), httponly=True, samesite="lax")
+    resp.delete_cookie(SIGNIN_COOKIE, path="/admin", secure=over_tls(request), httponly=True, samesite="strict")
     return resp
