@@ -217,28 +217,27 @@ def test_oversized_and_deeply_nested_bodies_are_refused_cleanly(keyserver):
     assert ok.status_code == 404
 
 
-def test_the_challenge_table_is_bounded_and_expires(vendor, machine, model, tmp_path, monkeypatch):
+def test_challenges_keep_no_table_and_spent_nonces_are_swept_once_expired(vendor, machine, model, tmp_path, monkeypatch):
+    """Was: outstanding challenges were rows, the soonest to expire evicted past a cap, so a flood of challenges
+    for a known license id evicted every genuine client's (tests/vault/test_challenge_flood.py). Now a challenge
+    writes nothing, and a spent nonce's row goes once the nonce has expired."""
     lic = _license(vendor, model, tmp_path / "a", machine, "http://127.0.0.1:9")
     clock = ManualClock()
     server = KeyServer(vendor, clock)
-    monkeypatch.setattr(nonces_mod, "SWEEP_EVERY", 1)  # a sweep at every issue (one in 256 when serving)
-    for _ in range(10):
-        server.challenge(lic.id)
+    client = LeaseClient(lic, machine, clock=clock)
+    monkeypatch.setattr(nonces_mod, "SWEEP_EVERY", 1)  # a sweep at every spend (one in 256 when serving)
+    nonces = [server.challenge(lic.id)["nonce"] for _ in range(20)]
+    assert server.nonces.count() == 0  # twenty challenges, no row
+    server.lease(client._signed_request(nonces[0], ks_mod.REQUEST_DOMAIN))  # the oldest still works
+    assert server.nonces.count() == 1  # its spend
     clock.advance(ks_mod.NONCE_TTL + 1)
-    server.challenge(lic.id)
-    assert server.nonces.count() == 1  # the ten expired ones are gone
-    monkeypatch.setattr(nonces_mod, "MAX_NONCES", 5)
-    nonces = []
-    for _ in range(20):
-        clock.advance(0.01)  # each issued later, so each expires later
-        nonces.append(server.challenge(lic.id)["nonce"])
-    assert server.nonces.count() <= 5
-    with vendor.engine.begin() as c:
-        server._spend_nonce(c, nonces[-1], lic.id)  # the newest still work
+    server.lease(client._signed_request(server.challenge(lic.id)["nonce"], ks_mod.REQUEST_DOMAIN))
+    assert server.nonces.count() == 1  # the expired spend is gone, the new one kept
     with pytest.raises(LeaseDenied, match="nonce is unknown"), vendor.engine.begin() as c:
-        server._spend_nonce(c, nonces[0], lic.id)  # the oldest were evicted
+        server._spend_nonce(c, nonces[-1], lic.id)  # expired, never spent
     with pytest.raises(LeaseDenied, match="no license"):
         server.challenge("lic_unknown")
+    client.close()
 
 
 def test_a_machine_not_on_the_license_gets_a_signed_refusal(vendor, machine, model, tmp_path, keyserver):

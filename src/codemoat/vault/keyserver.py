@@ -30,12 +30,13 @@ Ed25519 key of its own at start and names its public key in every request (`inst
 second signature by it (`instance_signature`, under `INSTANCE_DOMAIN`); the seats themselves, one per
 (machine, instance), are `seats.py`'s.
 
-The server keeps no state for a caller it does not know: a challenge names a license on this
-server or is refused. Outstanding nonces live in the vendor database (`nonces.NonceStore`, at most
-`nonces.MAX_NONCES`, the soonest to expire evicted first), so several key server processes (`codemoat
-keyserver --workers N`, or N servers behind a balancer on one PostgreSQL) accept each other's
-challenges, and a key server restart forgets none. A request's signatures are checked first, so a
-forged request cannot burn a client's nonce; the nonce is then spent, and stays spent when the lease
+The server keeps no state for a challenge: a challenge names a license on this server or is refused,
+and its nonce carries its license binding and expiry under a MAC of the key server's own key
+(`nonces.NonceStore`), so a flood of challenges for a known license id writes nothing and evicts no
+genuine client's nonce, several key server processes (`codemoat keyserver --workers N`, or N servers
+behind a balancer on one PostgreSQL) accept each other's challenges, and a restart forgets none. A
+request's signatures are checked first, so a forged request cannot burn a client's nonce or add a spent
+row; the nonce is then spent (a row in the vendor database, once across processes), and stays spent when the lease
 is refused after that (bad quote, revoked, seats exhausted, TPM rollback): a genuine one is answered
 once. The spend is the seat transaction's first statement, and an attested request's quote or SNP report
 is checked after it, in that transaction: a replay costs at most the Ed25519 check, never an attestation
@@ -60,7 +61,7 @@ from ..db import fast_execute, writer_lock
 from .clock import Clock
 from .codec import LeaseDenied, VaultError, b64d, b64e, canonical, ed_public, sign, verify, wrap, x_public
 from .license import key_context
-from .nonces import NonceStore
+from .nonces import NonceStore, mac_key
 from .seats import live_seats, release_seat, take_seat
 from .snpbind import SnpLeaseRefused, verify_snp
 from .tpmbind import advance_on
@@ -144,7 +145,7 @@ class KeyServer:
     def __init__(self, vendor: Vendor, clock: Clock | None = None):
         self.vendor = vendor
         self.clock = clock or Clock()
-        self.nonces = NonceStore(vendor.engine, self.clock)
+        self.nonces = NonceStore(vendor.engine, self.clock, mac_key(vendor.keyserver_key.private_bytes_raw()))
         self._seat_lock = writer_lock(vendor.engine)  # lease transactions in turn, across processes too
         self._docs: dict[str, tuple[_Licensed, float]] = {}  # license id -> (its facts, when read)
         self._keys: dict[str, bytes] = {}
@@ -156,12 +157,11 @@ class KeyServer:
     def challenge(self, license_id: Any, client_nonce: Any = None) -> dict[str, Any]:
         """A fresh nonce for a license this server knows, signed with the license id and the caller's
         `client_nonce` (the nonce of a lease a proxy kept, handed to a client as if fresh, fails that
-        signature); no state is kept for any other caller."""
+        signature); it writes nothing, for any caller."""
         if _short(license_id) is None:
             raise LeaseDenied("bad_request", f"license_id must be a string of 1 to {MAX_ID} printable characters", 400)
         lic = self._licensed(license_id)
-        with self._seat_lock:
-            nonce = self.nonces.issue(lic.doc["id"], NONCE_TTL)
+        nonce = self.nonces.issue(lic.doc["id"], NONCE_TTL)  # an HMAC: no write, no lock a flood could hold
         body = {"nonce": nonce, "expires_in": NONCE_TTL, "license_id": lic.doc["id"], "client_nonce": _short(client_nonce)}
         return {**body, "signature": b64e(sign(self.vendor.keyserver_key, CHALLENGE_DOMAIN, canonical(body)))}
 
@@ -229,7 +229,7 @@ class KeyServer:
         if (
             not isinstance(req, dict)
             or not all(_short(req.get(k)) for k in REQUEST_FIELDS[:3])
-            or not isinstance(req.get("client_time"), int)
+            or type(req.get("client_time")) is not int  # signed, and a number: not true/false, a string or a list
             or not isinstance(req.get("signature"), str)
         ):
             raise LeaseDenied("bad_request", f"{kind} request is malformed", 400)

@@ -1,82 +1,120 @@
-"""The key server's challenge nonces, kept in the vendor database so that any key server process
-behind the same database accepts a challenge another one issued.
+"""The key server's challenge nonces: stateless, so asking for a challenge writes nothing.
 
-A nonce is 32 random bytes (base64), bound to one license and an expiry in wall-clock seconds
-(processes share no monotonic clock). Spending it is one `DELETE ... WHERE nonce AND license AND
-expires > now` whose row count says whether it was outstanding: atomic on SQLite (one writer at a
-time) and on PostgreSQL (a second DELETE of the same row waits for the first to commit, then finds
-nothing), so a nonce is accepted once however many processes see it at the same moment.
+A nonce is base64 of 48 bytes, 64 characters (`VERSION` 1 byte, its expiry as a big-endian IEEE double of
+wall-clock seconds, 15 random bytes, then a 24-byte HMAC-SHA256 tag over `MAC_DOMAIN`, those 24 bytes and
+the license id). The MAC key is HKDF-SHA256 over the key server's Ed25519 private key, which every key
+server process of a vendor holds already (clients pin its public key), so any of them checks a nonce
+another issued, and a restart forgets none. Keeping outstanding nonces in a table instead let anyone who
+knows a license id (it is printed on the license) ask for challenges in a loop until the table's cap
+evicted every genuine client's pending nonce: its renewals failed and, after the grace, it stopped serving.
+
+Spending a nonce checks its encoding (the one base64 spelling of its bytes), tag, license and expiry,
+then inserts it into `vault_lease_spent` (`INSERT ... ON CONFLICT DO NOTHING`, whose row count says
+whether it was new): atomic on SQLite (one writer at a time) and on PostgreSQL (a second insert of the
+same key waits for the first to commit, then conflicts), so a nonce is accepted once however many
+processes see it at the same moment. The key server spends only after the request's signature has
+verified, so the spent table grows only with genuine leases; a row is kept until its nonce expires
+(every `SWEEP_EVERY` spends a process deletes the expired ones).
 
 Each process also remembers the last `REPLAY_MEMORY` (license, nonce) pairs it saw spent (`seen_spent`),
 so a replayed request it has met before is refused with no database round trip and no signature or
 attestation check; the database stays the authority across processes.
-
-The table is bounded: every `SWEEP_EVERY` issues a process deletes the expired rows and, when more
-than `MAX_NONCES` remain (a flood of challenges for a known license id), the ones that expire
-first; their clients ask for a new challenge.
 """
 
 from __future__ import annotations
 
 import secrets
+import struct
 import threading
 from typing import Any
 
 import sqlalchemy as sa
+from cryptography.hazmat.primitives import constant_time, hashes, hmac
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ..db import fast_execute
-from .codec import b64e
+from .codec import VaultError, b64d, b64e
 
-MAX_NONCES = 100_000  # outstanding challenges and renewal nonces (~120 bytes a row)
-SWEEP_EVERY = 256  # issues per process between sweeps of the expired rows
+VERSION = 1
+MAC_DOMAIN = b"codemoat-lease-nonce-v1"
+KEY_INFO = b"codemoat-lease-nonce-mac-v1"
+_RANDOM, _TAG = 15, 24
+_BODY = 1 + 8 + _RANDOM
+NONCE_CHARS = 4 * (_BODY + _TAG) // 3  # 64: the spent table's key width
+SWEEP_EVERY = 256  # spends per process between sweeps of the expired spent rows
 REPLAY_MEMORY = 65_536  # spent (license, nonce) pairs a process remembers (~200 bytes each)
 
 _meta = sa.MetaData()
-nonces_t = sa.Table(
-    "vault_lease_nonces",
+spent_t = sa.Table(
+    "vault_lease_spent",
     _meta,
-    sa.Column("nonce", sa.String(64), primary_key=True),
-    sa.Column("license_id", sa.String(40)),
+    sa.Column("nonce", sa.String(NONCE_CHARS), primary_key=True),
     sa.Column("expires", sa.Float),
 )
-_INSERT = sa.text("INSERT INTO vault_lease_nonces (nonce, license_id, expires) VALUES (:n, :lid, :exp)")
-_SPEND = sa.text("DELETE FROM vault_lease_nonces WHERE nonce = :n AND license_id = :lid AND expires > :now")
-_EXPIRE = sa.text("DELETE FROM vault_lease_nonces WHERE expires <= :now")
-_COUNT = sa.text("SELECT count(*) FROM vault_lease_nonces")
-_TRIM = sa.text("DELETE FROM vault_lease_nonces WHERE nonce IN (SELECT nonce FROM vault_lease_nonces ORDER BY expires LIMIT :n)")
+_SPEND = sa.text("INSERT INTO vault_lease_spent (nonce, expires) VALUES (:n, :exp) ON CONFLICT (nonce) DO NOTHING")
+_EXPIRE = sa.text("DELETE FROM vault_lease_spent WHERE expires <= :now")
+_COUNT = sa.text("SELECT count(*) FROM vault_lease_spent")
+
+
+def mac_key(keyserver_private: bytes) -> bytes:
+    """The nonce MAC key every process of one key server derives alike from its Ed25519 private key."""
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=KEY_INFO).derive(keyserver_private)
 
 
 class NonceStore:
-    """Outstanding nonces in `vault_lease_nonces`; `clock.time()` dates them."""
+    """Issues self-checking nonces and records spent ones in `vault_lease_spent`; `clock.time()` dates them."""
 
-    def __init__(self, engine: sa.Engine, clock: Any):
-        self.engine, self.clock = engine, clock
-        self._issued = 0
+    def __init__(self, engine: sa.Engine, clock: Any, key: bytes):
+        self.engine, self.clock, self._key = engine, clock, key
+        self._spends = 0
         self._lock = threading.Lock()
         self._spent: dict[tuple[str, str], None] = {}  # insertion-ordered: the oldest is forgotten first
 
-    def issue_on(self, c: sa.Connection, license_id: str, ttl: float) -> str:
-        """A fresh nonce for `license_id`, valid `ttl` seconds, written in the caller's transaction."""
-        nonce = b64e(secrets.token_bytes(32))
-        fast_execute(c, _INSERT, {"n": nonce, "lid": license_id, "exp": self.clock.time() + ttl})
-        with self._lock:
-            self._issued += 1
-            due = self._issued % SWEEP_EVERY == 0
-        if due:
-            self._sweep(c)
-        return nonce
+    def _tag(self, body: bytes, license_id: str) -> bytes:
+        h = hmac.HMAC(self._key, hashes.SHA256())
+        h.update(MAC_DOMAIN + b"\x00" + body + license_id.encode())  # the license id last: no ambiguity
+        return h.finalize()[:_TAG]
+
+    def issue_on(self, c: sa.Connection | None, license_id: str, ttl: float) -> str:
+        """A fresh nonce for `license_id`, valid `ttl` seconds. Writes nothing: `c` (the lease transaction a
+        renewal's next nonce is issued in) is not used, and kept so callers need not know."""
+        body = struct.pack(">Bd", VERSION, self.clock.time() + ttl) + secrets.token_bytes(_RANDOM)
+        return b64e(body + self._tag(body, license_id))
 
     def issue(self, license_id: str, ttl: float) -> str:
-        with self.engine.begin() as c:
-            return self.issue_on(c, license_id, ttl)
+        return self.issue_on(None, license_id, ttl)
+
+    def expiry(self, nonce: str, license_id: str) -> float | None:
+        """When `nonce` expires, if this key server issued it for `license_id` (version and tag); else None.
+        64 base64 characters without padding are 48 bytes with no spare bits: one spelling, one spent-table key."""
+        if not isinstance(nonce, str) or len(nonce) != NONCE_CHARS:
+            return None
+        try:
+            raw = b64d(nonce, "nonce")
+        except VaultError:
+            return None
+        if len(raw) != _BODY + _TAG or raw[0] != VERSION:
+            return None
+        body, tag = raw[:_BODY], raw[_BODY:]
+        if not constant_time.bytes_eq(tag, self._tag(body, license_id)):
+            return None
+        return struct.unpack(">d", body[1:9])[0]
 
     def spend_on(self, c: sa.Connection, nonce: str, license_id: str) -> bool:
-        """True once for an outstanding, unexpired nonce of `license_id`; False after (or for any other).
+        """True once for a genuine, unexpired nonce of `license_id`; False after (or for any other).
         The caller calls `remember_spent` once its transaction has committed (a rollback leaves it live)."""
-        live = fast_execute(c, _SPEND, {"n": nonce, "lid": license_id, "now": self.clock.time()}).rowcount == 1
+        now = self.clock.time()
+        expires = self.expiry(nonce, license_id)
+        live = expires is not None and expires > now and fast_execute(c, _SPEND, {"n": nonce, "exp": expires}).rowcount == 1
         if not live:  # spent, expired or never issued for this license: it cannot come back
             self.remember_spent(license_id, nonce)
-        return live
+            return False
+        with self._lock:
+            self._spends += 1
+            due = self._spends % SWEEP_EVERY == 0
+        if due:
+            fast_execute(c, _EXPIRE, {"now": now})
+        return True
 
     def seen_spent(self, license_id: str, nonce: str) -> bool:
         """True when this process saw `nonce` spent for `license_id` (False says nothing: ask the database)."""
@@ -88,12 +126,7 @@ class NonceStore:
             if len(self._spent) > REPLAY_MEMORY:
                 del self._spent[next(iter(self._spent))]
 
-    def _sweep(self, c: sa.Connection) -> None:
-        c.execute(_EXPIRE, {"now": self.clock.time()})
-        over = c.execute(_COUNT).scalar_one() - MAX_NONCES
-        if over > 0:
-            c.execute(_TRIM, {"n": over})
-
     def count(self) -> int:
+        """Rows in the spent table (issuing adds none)."""
         with self.engine.connect() as c:
             return c.execute(_COUNT).scalar_one()
