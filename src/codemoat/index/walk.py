@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import fnmatch
 import os
-import re
 import stat
 import subprocess
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import CodemoatError
 from ..text import shown as escaped, unsafe_name
+from .ignore import IGNORE_CHUNK, Ignore as _Ignore, lines as gitignore_lines  # noqa: F401  (IGNORE_CHUNK: tests)
 from .languages import language_for
 from .reader import FOLDER, GONE, RepoReader, read_bytes
 from .reader import MAX_BYTES  # noqa: F401  (part of this module's rules, kept where the reader needs it)
@@ -120,89 +120,9 @@ def is_git_worktree(root: Path) -> bool:
     return out is not None and Path(out.strip()).resolve() == root.resolve()
 
 
-def _forms(pat: str) -> list[str]:
-    """`pat` and the forms gitignore(5) also reads it as: a leading `**/` matches in every folder, the top one too
-    (`**/foo` is `foo` anywhere), and `/**/` matches one or more folders or none (`a/**/b` is `a/b` too); fnmatch
-    took both literally, so the top folder's `foo/` and `a/b` were indexed though the owner had hidden them."""
-    out = [pat]
-    if pat.startswith("**/"):
-        out.append(pat[3:])
-    if "/**/" in pat:
-        out += [v.replace("/**/", "/") for v in list(out)]
-    return list(dict.fromkeys(out))
-
-
-class _Ignore:
-    """The `.gitignore` rules in force in one folder (a common subset of gitignore(5))."""
-
-    def __init__(self, parent: _Ignore | None, base: str, lines: Sequence[str]):
-        self.parent, self.base = parent, base
-        self.rules: list[tuple[str, bool, bool, bool]] = []  # pattern, negate, dir_only, anchored
-        for line in lines:
-            line = line.rstrip()
-            if not line or line.startswith("#"):
-                continue
-            neg = line.startswith("!")
-            if neg:
-                line = line[1:]
-            elif line.startswith(("\\#", "\\!")):  # gitignore(5): a name that begins with "#" or "!", escaped
-                line = line[1:]
-            dir_only = line.endswith("/")
-            line = line.strip("/") if dir_only else line
-            anchored = "/" in line.lstrip("/") or line.startswith("/")
-            self.rules.append((line.lstrip("/"), neg, dir_only, anchored))
-        # Per kind of rule (matched against the path or the name; folders only or not), the rules last first, in
-        # regexes of at most `IGNORE_CHUNK` rules, each rule a named group: the first regex that matches holds the
-        # last rule of that kind that does (its first alternative that matches), and the latest of the kinds decides
-        # (gitignore: the last matching rule wins). A rule at a time through fnmatch's cache (32,768 patterns) took
-        # minutes a hundred files once a .gitignore had more; a run of same-signed rules at a time did too when
-        # ignores and `!` rules alternated; and one regex of every rule costs, on a path no rule matches, time in
-        # its number of groups at each alternative: quadratic (a reviewer: 2.3 s a path at 99,000 rules).
-        self._kinds: list[tuple[bool, bool, list[Callable[[str], re.Match | None]]]] = []
-        for anchored in (False, True):
-            for dir_only in (False, True):
-                order = [k for k, (_p, _n, d, a) in enumerate(self.rules) if a == anchored and d == dir_only][::-1]
-                chunks = []
-                for at in range(0, len(order), IGNORE_CHUNK):
-                    alts = []
-                    for k in order[at : at + IGNORE_CHUNK]:
-                        forms = [fnmatch.translate(v) for v in _forms(self.rules[k][0])]
-                        if anchored:
-                            forms += [fnmatch.translate(v + "/**") for v in _forms(self.rules[k][0])]
-                        alts.append(f"(?P<r{k}>" + "|".join(forms) + ")")
-                    chunks.append(re.compile("|".join(alts)).match)
-                if chunks:
-                    self._kinds.append((anchored, dir_only, chunks))
-
-    def ignored(self, rel: str, is_dir: bool) -> bool:
-        chain: list[_Ignore] = []  # the outermost folder's rules first, a deeper folder's override them
-        node: _Ignore | None = self
-        while node is not None:  # not by recursion: a .gitignore in each of thousands of nested folders
-            chain.append(node)
-            node = node.parent
-        verdict = False
-        for node in reversed(chain):
-            sub = rel[len(node.base) + 1 :] if node.base else rel
-            name = sub.rsplit("/", 1)[-1]
-            last = -1  # the node's last rule that matches
-            for anchored, dir_only, chunks in node._kinds:
-                if is_dir or not dir_only:
-                    target = sub if anchored else name
-                    for match in chunks:  # the latest rules first: the first chunk that matches holds the last one
-                        m = match(target)
-                        if m is not None:
-                            last = max(last, int(m.lastgroup[1:]))  # named: translate()'s own groups cannot shift it
-                            break
-            if last >= 0:
-                verdict = not node.rules[last][1]
-        return verdict
-
-
 #: `.gitignore` rules one walk of a plain folder compiles at most (~2 s per 36,000 here): a committed tree of thousands
 #: of folders, each with a 1 MB `.gitignore`, would otherwise hold the index's write lock for hours
 MAX_IGNORE_RULES = 100_000
-#: rules in one compiled regex of a .gitignore's (`_Ignore`)
-IGNORE_CHUNK = 256
 
 
 def _walk(root: Path) -> Iterator[str]:
@@ -216,7 +136,7 @@ def _walk(root: Path) -> Iterator[str]:
         gi = folder / ".gitignore"
         try:
             if stat.S_ISREG(os.lstat(gi).st_mode):  # a symlinked or special .gitignore is not read
-                rules = _Ignore(rules, rel, (read_bytes(gi) or b"").decode("utf-8", "replace").splitlines())
+                rules = _Ignore(rules, rel, gitignore_lines(read_bytes(gi) or b""))
                 budget[0] -= len(rules.rules)
                 if budget[0] < 0:
                     raise CodemoatError(
