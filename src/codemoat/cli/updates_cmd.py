@@ -188,13 +188,18 @@ def update_apply(
 
 
 def _lost_swaps(store, chan: str, bundle_id: str, served: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """A serve that closed the hand-off without an answer ended during the swap (killed, out of memory):
-    the version it was checking never passed, so it is recorded failed and the one before it is current
-    again (store.fail), unless another serve's check passed it meanwhile. Its answer says so."""
+    """A serve that closed the hand-off without an answer ended during the swap (killed, out of memory), and one
+    that stopped sending its progress lines is hung or stopped there (updates.handoff): the version it was checking
+    never passed, so it is recorded failed and the one before it is current again (store.fail), unless another
+    serve's check passed it meanwhile. Its answer says so."""
     for a in served:
         if a.get("lost"):
-            back = store.fail(chan, bundle_id, f"server pid {a.get('pid')} ended during the swap", only_pending=True)
-            a["error"] = "it ended during the swap, without an answer"
+            if a.get("silent"):
+                why, said = f"server pid {a.get('pid')} stopped answering during the swap", a.get("error", "")
+            else:
+                why, said = f"server pid {a.get('pid')} ended during the swap", "it ended during the swap, without an answer"
+            back = store.fail(chan, bundle_id, why, only_pending=True)
+            a["error"] = said
             if back is not None:
                 a["error"] += f"; recorded as failed, the store is back on {back['version'] or 'no version'}"
     return served

@@ -4,8 +4,10 @@ behind `codemoat update apply` (its hand-off socket, updates.handoff, started wi
 `swap_installed(app, channel, audit)` swaps in the update store's current version of `model` or
 `adapter:NAME` (engines.loader: the new engine is loaded beside the served one, a fixed prompt must
 produce tokens, then it takes new requests while in-flight ones finish on the old one). When the load
-or that health check fails, the old engine serves on and the store is rolled back with it: the
-version before is current again and the failed one is recorded as failed (`update list`). Every
+or that health check fails, the old engine serves on and, while no serve has checked the version
+(pending), the store is rolled back with it: the version before is current again and the failed one is
+recorded as failed (`update list`). A model version another serve's check passed stays current: one
+serve's failure (its own memory or device) is reported as this serve's, not made everyone's. Every
 outcome is audited (`update swapped`, `update swap_failed`, `update swap_rolled_back`). A swap that
 passed confirms the version in the store (no longer pending: `update confirmed`).
 
@@ -67,10 +69,18 @@ def swap_installed(app: Any, channel: str, audit: Audit, *, add_adapter: bool = 
         if not isinstance(e, CodemoatError):
             log.exception("swapping in %s failed", label(cur))
         audit("swap_failed", **what, version=cur["version"], reason=reason)
-        back = store.fail(channel, cur["bundle_id"], reason)
+        # a model version only while no serve has checked it: this serve's own failure (its memory, its device) does
+        # not undo, for every serve and the next starts, a version another serve's check passed and serves now. An
+        # adapter has no such record (none is pending): its failure rolls back, as one for another base must
+        checked = name is None
+        back = store.fail(channel, cur["bundle_id"], reason, only_pending=checked)
         undo = ""
         if back is not None:
             undo = f"; the store is back on {back['version']}" if back["version"] else "; the store no longer lists it"
+        elif checked and (now := store.current(channel)) is not None and now["bundle_id"] == cur["bundle_id"]:
+            undo = (
+                "; another server's check passed it, so the store keeps it: this server serves the one before until it restarts"
+            )
         raise CodemoatError(f"{label(cur)} failed in the running server, which serves on as before: {reason}{undo}") from None
     out = dict(out, channel=channel, version=cur["version"], swapped=True)
     audit("swapped", **out)

@@ -38,6 +38,11 @@ MAX_INDEX = 16 << 20  # bytes of index.json read at most (an entry is about 120 
 MAX_INDEX_VALUES = 1_000_000
 KEEP_FREE = 1 << 30  # bytes a fetch leaves free on the inbox's file system (the database and audit log live there too)
 TIMEOUT_S = 60.0  # each connect, read and write (httpx's timeout, which never bounds a whole answer)
+#: connections the vendor's channel serves at once (a thread each), and from one address: past either, a new
+#: one is answered 503 and closed at once. A customer's fetch holds one; a flood of idle ones (each held up to
+#: TIMEOUT_S) started a thread apiece until the process ran out of threads or memory
+MAX_CONNECTIONS = 64
+MAX_PER_ADDRESS = 8
 MIN_RATE = 64 << 10  # bytes/s: a bundle's download may take ANSWER_TIMEOUTS x TIMEOUT_S plus its size at this rate
 
 
@@ -61,14 +66,22 @@ def index(folder: Path, known: dict[tuple, str] | None = None, seen: dict[tuple,
     return out
 
 
-def make_server(folder: Path, host: str, port: int, timeout_s: float = TIMEOUT_S) -> ThreadingHTTPServer:
+def make_server(
+    folder: Path,
+    host: str,
+    port: int,
+    timeout_s: float = TIMEOUT_S,
+    max_connections: int = MAX_CONNECTIONS,
+    max_per_address: int = MAX_PER_ADDRESS,
+) -> ThreadingHTTPServer:
     """The vendor's channel: GET /index.json and GET /<name>.moatpkg from `folder`, nothing else.
 
     Anyone who can reach it may ask, so an answer costs no more than it must: each bundle is hashed once
     (again only when its file changes; before, every GET /index.json read every bundle whole: 0.9 s a
     GiB, eight at once 8 s of the server's CPU), and one connection is read or written at most
     `timeout_s` without progress before it is closed (before, a connection left silent held its thread
-    for good), and a request's head is due whole within `timeout_s` (a byte now and then does not hold it)."""
+    for good), and a request's head is due whole within `timeout_s` (a byte now and then does not hold it).
+    At most `max_connections` are served at once, `max_per_address` from one address (`_Capped`)."""
     folder = Path(folder).resolve()
     digests: dict[tuple, str] = {}
     hashing = threading.Lock()  # the first index after a release is built once, not by every caller at once
@@ -135,11 +148,61 @@ def make_server(folder: Path, host: str, port: int, timeout_s: float = TIMEOUT_S
                 while b := f.read(1 << 20):
                     self.wfile.write(b)
 
-    server = _IPv6Server if ":" in host else ThreadingHTTPServer  # ThreadingHTTPServer alone binds IPv4 only
-    return server((host, port), Handler)
+    server = _IPv6Server if ":" in host else _Capped  # ThreadingHTTPServer alone binds IPv4 only
+    srv = server((host, port), Handler)
+    srv.cap(max_connections, max_per_address)
+    return srv
 
 
-class _IPv6Server(ThreadingHTTPServer):
+_BUSY = b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 5\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+
+
+class _Capped(ThreadingHTTPServer):
+    """A thread per connection, up to a cap in all and per address: one past it is answered 503 and closed
+    by the accepting thread, which never waits on it (its send buffer is empty: the short answer fits)."""
+
+    def cap(self, total: int, per_address: int) -> None:
+        self._total, self._per_address = total, per_address
+        self._held: dict[str, int] = {}
+        self._counting = threading.Lock()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        addr = client_address[0]
+        with self._counting:
+            full = sum(self._held.values()) >= self._total or self._held.get(addr, 0) >= self._per_address
+            if not full:
+                self._held[addr] = self._held.get(addr, 0) + 1
+        if full:
+            try:
+                request.setblocking(False)
+                request.send(_BUSY)
+                request.recv(1 << 16)  # what it sent already, read: closed unread, its 503 could be lost to a reset
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)  # starts its thread (process_request_thread)
+        except BaseException:
+            self._release(addr)
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._release(client_address[0])
+
+    def _release(self, addr: str) -> None:
+        with self._counting:
+            left = self._held.get(addr, 0) - 1
+            if left > 0:
+                self._held[addr] = left
+            else:
+                self._held.pop(addr, None)
+
+
+class _IPv6Server(_Capped):
     address_family = socket.AF_INET6
 
 

@@ -8,15 +8,26 @@
                                              takes in first (cli.vaultd_cmd.swap_installed_model)
 
 Each serve listens on its own socket while it runs (`update.handoff`, on by default); after an
-install, `update apply` connects to every socket there, sends one JSON line
-`{"op": "swap", "channel": "model" | "adapter:NAME"}` and reads one JSON line back: `{"ok": true,
-"swapped": true, ...}` (serving it now), `{"ok": true, "swapped": false, "reason": ...}` (this serve
-does not serve that channel: nothing to do) or `{"ok": false, "error": ...}` (the swap failed; the
-serve rolled the store back). A connection closed (or reset) without an answer is `{"ok": false,
-"lost": true, ...}`: the serve ended during the swap (killed, out of memory) and checked nothing, so
-`update apply` records the version failed unless another serve's check passed it (store.fail with
-only_pending). A socket nobody listens on any more (a serve that was killed) is removed. No socket:
-nothing is running, the bundle serves from the next start.
+install, `update apply` connects to every socket there, one after the other, sends one JSON line
+`{"op": "swap", "channel": "model" | "adapter:NAME", "progress": true}` and reads JSON lines back until
+the answer: `{"ok": true, "swapped": true, ...}` (serving it now), `{"ok": true, "swapped": false,
+"reason": ...}` (this serve does not serve that channel: nothing to do) or `{"ok": false, "error": ...}`
+(the swap failed; the serve rolled the store back unless another serve's check had passed it). A
+connection closed (or reset) without an answer is `{"ok": false, "lost": true, ...}`: the serve ended
+during the swap (killed, out of memory) and checked nothing, so `update apply` records the version
+failed unless another serve's check passed it (store.fail with only_pending). A socket nobody listens on
+any more (a serve that was killed) is removed. No socket: nothing is running, the bundle serves from the
+next start.
+
+Progress: with `"progress": true` in the request, the serve sends `{"progress": "waiting" | "swapping",
+"channel": ..., "seconds": N}` at once and every `PROGRESS_S` while the swap runs (a large model's load
+takes minutes), from a thread of its own, whatever the swap does. `update apply` gives up on a serve
+that has sent no whole line for `SILENCE_S`: one that had sent progress is hung or stopped mid-swap and
+is recorded lost, as a closed connection (`"silent": true`); one that sent nothing at all is reported
+without touching the store (a hung listener, or a serve older than this change, which ignores
+`progress` and answers once its swap is done, recording its outcome in the store itself). So a hung
+serve delays the serves after it by `SILENCE_S`, not the 900 s a whole swap may take. A request without
+`progress` (an older `update apply`) gets the one answer line, as before.
 
 Who may ask is the kernel's word (SO_PEERCRED): the serve's own uid, or root. That account owns the
 update store and the machine key already, so the socket grants nothing it could not do by
@@ -30,6 +41,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -40,6 +52,13 @@ from ..unixsock import accept, close_listener, peer_cred
 log = logging.getLogger("codemoat.updates")
 
 MAX_LINE = 64 * 1024
+#: seconds between a serve's progress lines during a swap
+PROGRESS_S = 5.0
+#: seconds `update apply` waits for a serve's next line: twelve progress intervals, so a serve whose
+#: progress thread is merely slow for a while (a loaded machine, a model paging in) is not given up on
+SILENCE_S = 60.0
+#: seconds one serve's whole swap may take while it keeps sending progress (a large model from a slow disk)
+SWAP_S = 900.0
 _SUN_PATH_MAX = 107  # sockaddr_un.sun_path holds 108 bytes with the final NUL
 
 
@@ -59,13 +78,46 @@ def _read_line(conn: socket.socket) -> bytes:
     return buf.split(b"\n", 1)[0]
 
 
+class _Lines:
+    """JSON lines read off a connection, each whole within a time limit (`next`)."""
+
+    def __init__(self, conn: socket.socket):
+        self.conn, self.buf = conn, b""
+
+    def next(self, limit: float) -> bytes | None:
+        """The next line (None: the peer closed); TimeoutError when no whole line came within `limit` s (bytes
+        trickling in do not count: the limit is on the line)."""
+        due = time.monotonic() + limit
+        while b"\n" not in self.buf:
+            left = due - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            self.conn.settimeout(left)
+            got = self.conn.recv(4096)
+            if not got:
+                return None
+            self.buf += got
+            if len(self.buf) > MAX_LINE and b"\n" not in self.buf:
+                raise ValueError("message too long")
+        line, self.buf = self.buf.split(b"\n", 1)
+        return line
+
+
 class Listener:
     """serve's side: answers `swap` requests from its own account with `handle(channel) -> dict`
-    (which raises a CodemoatError when the swap failed), one connection at a time."""
+    (which raises a CodemoatError when the swap failed), one swap at a time, with progress lines while it
+    runs when the request asks for them."""
 
-    def __init__(self, handle: Callable[[str], dict[str, Any]], home: Path | None = None, role: str = "serve"):
+    def __init__(
+        self,
+        handle: Callable[[str], dict[str, Any]],
+        home: Path | None = None,
+        role: str = "serve",
+        progress_s: float = PROGRESS_S,
+    ):
         self.handle = handle
         self.path = run_dir(home) / f"{role}-{os.getpid()}.sock"
+        self.progress_s = progress_s
         self._sock: socket.socket | None = None
         self._busy = threading.Lock()
         self._stop = threading.Event()
@@ -96,8 +148,6 @@ class Listener:
             threading.Thread(target=self._serve, args=(conn,), name="update-handoff-conn", daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
-        from ..errors import CodemoatError
-
         with conn:
             try:
                 uid = peer_cred(conn)[1]
@@ -116,19 +166,55 @@ class Listener:
                     chan = msg.get("channel") if isinstance(msg, dict) and msg.get("op") == "swap" else None
                     if not isinstance(chan, str) or not (chan == "model" or chan.startswith("adapter:")):
                         answer = {"ok": False, "error": 'unknown request (expected {"op": "swap", "channel": CHANNEL})'}
-                    else:
-                        with self._busy:
-                            try:
-                                answer = {"ok": True, **self.handle(chan)}
-                            except CodemoatError as e:
-                                answer = {"ok": False, "error": str(e)}
-                            except Exception as e:  # never a traceback to the caller; the log has it
-                                log.exception("update hand-off of %s failed", chan)
-                                answer = {"ok": False, "error": f"the swap failed: {type(e).__name__}"}
+                    elif msg.get("progress") is True:
+                        answer = self._swap_telling(conn, chan)
+                    else:  # an `update apply` from before progress lines: the answer alone
+                        answer = self._swap(chan, {})
                 answer["pid"] = os.getpid()
+                conn.settimeout(10)  # a caller that reads nothing more does not hold this thread
                 conn.sendall(json.dumps(answer, default=str).encode() + b"\n")
             except OSError:
                 return
+
+    def _swap(self, chan: str, state: dict[str, Any]) -> dict[str, Any]:
+        """`handle(chan)` once no other swap runs here, as the answer's fields; `state["step"]` says where it is."""
+        from ..errors import CodemoatError
+
+        with self._busy:
+            state["step"] = "swapping"
+            try:
+                return {"ok": True, **self.handle(chan)}
+            except CodemoatError as e:
+                return {"ok": False, "error": str(e)}
+            except Exception as e:  # never a traceback to the caller; the log has it
+                log.exception("update hand-off of %s failed", chan)
+                return {"ok": False, "error": f"the swap failed: {type(e).__name__}"}
+
+    def _swap_telling(self, conn: socket.socket, chan: str) -> dict[str, Any]:
+        """The swap run in a thread of its own while this one sends a progress line at once and every
+        `progress_s`. A caller gone meanwhile ends the lines, not the swap (which records its outcome itself)."""
+        state: dict[str, Any] = {"step": "waiting"}
+        done = threading.Event()
+
+        def work() -> None:
+            try:
+                state["answer"] = self._swap(chan, state)
+            finally:
+                done.set()
+
+        threading.Thread(target=work, name="update-handoff-swap", daemon=True).start()
+        started, telling = time.monotonic(), True
+        conn.settimeout(10)  # a caller that stops reading does not hold the lines for good
+        while True:
+            if telling:
+                line = {"progress": state["step"], "channel": chan, "seconds": round(time.monotonic() - started)}
+                try:
+                    conn.sendall(json.dumps(line).encode() + b"\n")
+                except OSError:
+                    telling = False
+            if done.wait(self.progress_s):
+                break
+        return state.get("answer") or {"ok": False, "error": "the swap failed"}
 
     def close(self) -> None:
         self._stop.set()
@@ -139,10 +225,15 @@ class Listener:
 
 
 def hand_over(
-    channel: str, home: Path | None = None, timeout: float = 900.0, pids: set[int] | None = None
+    channel: str,
+    home: Path | None = None,
+    timeout: float = SWAP_S,
+    pids: set[int] | None = None,
+    silence: float = SILENCE_S,
 ) -> list[dict[str, Any]]:
     """Ask every serve running on this home (or those of `pids`) to serve `channel`'s installed version; one
-    answer each (`pid`, `ok`, `swapped`, `error` or `reason`). An empty list: no serve is running."""
+    answer each (`pid`, `ok`, `swapped`, `error` or `reason`). An empty list: no serve is running. Each serve
+    is given up on after `silence` s without a line, or `timeout` s in all (the module's docstring)."""
     d = run_dir(home)
     out: list[dict[str, Any]] = []
     for p in sorted([*d.glob("serve-*.sock"), *d.glob("vaultd-*.sock")]) if d.is_dir() else []:
@@ -164,15 +255,7 @@ def hand_over(
             out.append({"ok": False, "pid": None, "error": f"cannot reach the server at {p}: {e.strerror or e}"})
             continue
         with s:
-            try:
-                s.settimeout(timeout)
-                s.sendall(json.dumps({"op": "swap", "channel": channel}).encode() + b"\n")
-                line = _read_line(s)
-                answer = json.loads(line) if line else None
-            except (ConnectionResetError, BrokenPipeError):
-                answer = None  # it ended before it answered
-            except (OSError, ValueError, RecursionError) as e:  # RecursionError: nested past the decoder's limit
-                answer = {"ok": False, "error": f"no answer from the server at {p}: {e}"}
+            answer = _exchange(s, p, channel, timeout, silence)
         if answer is None:
             answer = {"ok": False, "lost": True, "error": f"the server at {p} closed the connection without an answer"}
         elif not isinstance(answer, dict):
@@ -180,6 +263,53 @@ def hand_over(
         answer.setdefault("pid", _pid_of(p))
         out.append(answer)
     return out
+
+
+def _exchange(s: socket.socket, p: Path, channel: str, timeout: float, silence: float) -> dict[str, Any] | None:
+    """One serve's answer to a swap request, its progress lines read past; None when it closed without one."""
+    due = time.monotonic() + timeout
+    spoke = False  # it sent progress: a serve of this protocol, whose silence means it is hung or stopped
+    lines = _Lines(s)
+    try:
+        s.settimeout(silence)
+        s.sendall(json.dumps({"op": "swap", "channel": channel, "progress": True}).encode() + b"\n")
+        while True:
+            left = due - time.monotonic()
+            if left <= 0:
+                return {
+                    "ok": False,
+                    "error": f"the server at {p} is still swapping after {timeout:g} s; it records the outcome in "
+                    "the update store itself (`codemoat update list`)",
+                }
+            try:
+                line = lines.next(min(silence, left))
+            except TimeoutError:
+                if due - time.monotonic() <= 0:
+                    continue
+                if spoke:
+                    return {
+                        "ok": False,
+                        "lost": True,
+                        "silent": True,
+                        "error": f"the server at {p} said nothing for {silence:g} s during the swap (hung or stopped)",
+                    }
+                return {
+                    "ok": False,
+                    "error": f"no answer from the server at {p} in {silence:g} s (a hung server, or one older than "
+                    "this codemoat, which answers once its swap is done and records it in the update store itself: "
+                    "`codemoat update list`)",
+                }
+            if line is None:
+                return None  # it ended before it answered
+            msg = json.loads(line)
+            if isinstance(msg, dict) and "progress" in msg and "ok" not in msg:
+                spoke = True
+                continue
+            return msg
+    except (ConnectionResetError, BrokenPipeError):
+        return None  # it ended before it answered
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: nested past the decoder's limit
+        return {"ok": False, "error": f"no answer from the server at {p}: {e}"}
 
 
 def _pid_of(p: Path) -> int | None:

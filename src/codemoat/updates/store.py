@@ -10,9 +10,11 @@
 What is checked before a bundle installs is `checks.py`'s. Installing is rename-based: the payload is copied into staging and checked there (updates.payload:
 what `verify` checks, on the copy), renamed into bundles/, and only then does a new state.json
 (written beside it, fsynced) replace the old one by rename. A crash before that rename leaves the
-previous state, which names only complete bundles; a crash after it leaves the new one.
+previous state, which names only complete bundles; a crash after it leaves the new one. A license
+given with the bundle is written (license.lic.tmp, fsynced) before that rename and renamed over
+license.lic after it: a full disk fails before the switch, installing nothing (one line).
 `reconcile()`, run first by every operation, deletes staging leftovers and bundles no state names,
-and brings the index's knowledge packs in line with the state: what it did is audited as
+and brings the index's knowledge packs in line with the state (updates.tidy): what it did is audited as
 `recovered` (the repair of a crash). An operation's own tidying after its switch (the version a
 rollback left, one no longer kept) is named in that operation's record instead. Every step is
 reported to `audit(step, detail)`.
@@ -47,6 +49,7 @@ from ..vault.license import MAX_FILE
 from ..vault.machine import MachineKey
 from ..vault.payload import open_payload
 from . import packs, payload
+from .tidy import tidy
 from .bundle import Bundle, payload_context
 from .checks import BundleChecks
 
@@ -91,15 +94,6 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _remove(p: Path) -> None:
-    """A staging or bundle folder's entry removed; a link (or a file) put there goes itself, what it names stays
-    (rmtree refused the link silently, and `apply` then wrote the payload through it, outside the store)."""
-    if p.is_symlink() or not p.is_dir():
-        p.unlink(missing_ok=True)
-    else:
-        shutil.rmtree(p, ignore_errors=True)
 
 
 def model_files(folder: Path) -> tuple[Path, Path]:
@@ -150,6 +144,7 @@ class UpdateStore(BundleChecks):
         self.models = list(models or [])
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock_depth = 0
+        self._switched = False
         self.machine = machine or MachineKey.load()
         self.guard = ClockGuard(self.machine)
         self._audit = audit
@@ -204,15 +199,24 @@ class UpdateStore(BundleChecks):
     def _replace(self, path: Path, data: bytes, step: str | None = None) -> None:
         """`path` replaced by `data` crash-safely: written to PATH.tmp (never through a link or into a FIFO
         put there: paths.open_own), fsynced, renamed over `path`."""
-        tmp = path.with_name(path.name + ".tmp")
-        with os.fdopen(paths.open_own(tmp, "file codemoat writes", os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        tmp = self._written(path, data)
         if step:
             _step(step)
         os.replace(tmp, path)
         _fsync_dir(self.root)
+
+    def _written(self, path: Path, data: bytes) -> Path:
+        """PATH.tmp holding `data`, fsynced (a full disk fails here, before anything is replaced); removed when not."""
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            with os.fdopen(paths.open_own(tmp, "file codemoat writes", os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return tmp
 
     def audit(self, step: str, **detail: Any) -> None:
         if self._audit is not None:
@@ -227,45 +231,8 @@ class UpdateStore(BundleChecks):
         return did
 
     def _tidy(self) -> list[str]:
-        """Delete staging leftovers and bundles no state names, and index the packs the state names;
-        returns what it did."""
-        did = []
-        (self.root / "state.json.tmp").unlink(missing_ok=True)
-        staging = self.root / "staging"
-        if staging.is_symlink():  # never emptied where it points (it was: every folder there deleted); only scratch
-            staging.unlink()
-            did.append("removed a link in place of the staging folder")
-        elif staging.is_dir():
-            for p in staging.iterdir():
-                _remove(p)
-                did.append(f"removed unfinished install {p.name}")
-        s = self.state()
-        keep = {b for ch in s["channels"].values() for b in [ch.get("current"), *ch.get("history", [])] if b}
-        bdir = self.root / "bundles"
-        if bdir.is_symlink():  # its installed versions: not removed, and what it names is not emptied either
-            raise CodemoatError(
-                f"{bdir} is a symbolic link: codemoat keeps its installed bundles in that folder itself "
-                "(and deletes what its state does not name there); put the folder back in its place"
-            )
-        if bdir.is_dir():
-            for p in bdir.iterdir():
-                if p.name not in keep:
-                    _remove(p)
-                    did.append(f"removed bundle {p.name} no state names")
-        for chan, ch in s["channels"].items():
-            if not chan.startswith("knowledge-pack:"):
-                continue
-            name, cur = chan.split(":", 1)[1], ch.get("current")
-            want = packs.source_root(s["bundles"][cur]) if cur else None
-            if packs.indexed_root(name) != want:
-                if cur:
-                    info = s["bundles"][cur]
-                    self._index_pack(cur, info, info.get("groups") or ["everyone"])
-                    did.append(f"re-indexed knowledge pack {name} {info['version']}")
-                else:
-                    packs.remove_pack(name)
-                    did.append(f"removed knowledge pack {name} from the index")
-        return did
+        """Delete staging leftovers and bundles no state names, and index the packs the state names (updates.tidy)."""
+        return tidy(self)
 
     def verify(self, path: Path, license_file: Path | None = None) -> dict[str, Any]:
         try:
@@ -299,12 +266,21 @@ class UpdateStore(BundleChecks):
             if groups is not None and not [g for g in groups if g]:  # not "everyone" by default: say so
                 raise CodemoatError("--groups names no group: give the groups that may use it (or leave it out)")
             return self._apply(Path(path), license_file, groups)
+        except OSError as e:  # a full disk (ENOSPC, EFBIG) before the switch: one line, the version before serves on
+            if self._switched:
+                raise
+            why = f"cannot install {Path(path).name}: {e.strerror or e}; nothing was installed, the version before serves on"
+            shutil.rmtree(self.root / "staging", ignore_errors=True)
+            self._tidy_quietly()
+            self.audit("refused", file=Path(path).name, action="apply", reason=why)
+            raise CodemoatError(why) from None
         except CodemoatError as e:
             shutil.rmtree(self.root / "staging", ignore_errors=True)  # what a refused bundle had copied so far
             self.audit("refused", file=Path(path).name, action="apply", reason=str(e))
             raise
 
     def _apply(self, path: Path, license_file: Path | None, groups: list[str] | None) -> dict[str, Any]:
+        self._switched = False  # until the new state is in place: an OSError before it installed nothing (`apply`)
         bundle = Bundle(path)
         # read once, before anything switches: the file read again after the switch was recorded unchecked (another
         # file put in its place meanwhile), or failed (it was gone) with the bundle installed but said refused
@@ -356,9 +332,19 @@ class UpdateStore(BundleChecks):
         s["bundles"][m["bundle_id"]] = info
         live = {b for c in s["channels"].values() for b in [c.get("current"), *c.get("history", [])] if b}
         s["bundles"] = {k: v for k, v in s["bundles"].items() if k in live}
-        self._write_state(s)
-        if lic_doc is not None:
-            self._replace(self.license_path, lic_doc)
+        # the license is written before the switch and renamed in after it: written after it (as before), a full
+        # disk there left the new version current under the license before, with apply reporting a failure
+        lic_tmp = None if lic_doc is None else self._written(self.license_path, lic_doc)
+        try:
+            self._write_state(s)
+        except BaseException:
+            if lic_tmp is not None:
+                lic_tmp.unlink(missing_ok=True)
+            raise
+        self._switched = True
+        if lic_tmp is not None:  # a rename: no space needed (a crash just before it: reconcile drops the copy)
+            os.replace(lic_tmp, self.license_path)
+            _fsync_dir(self.root)
         _step("switched")
         out = {
             "bundle_id": m["bundle_id"],
@@ -374,6 +360,14 @@ class UpdateStore(BundleChecks):
         tidied = self._tidy()  # drops versions no longer kept
         self.audit("applied", **{k: v for k, v in out.items() if k != "dir"}, **({"tidied": tidied} if tidied else {}))
         return out
+
+    def _tidy_quietly(self) -> None:
+        """`_tidy` after a refused install (the bundle moved into bundles/ that no state names goes now, freeing its
+        space), never raising over the refusal's own error."""
+        try:
+            self._tidy()
+        except (OSError, CodemoatError):
+            pass
 
     def _index_pack(self, bundle_id: str, m: dict[str, Any], groups: list[str]) -> dict[str, Any]:
         full, blob = read_installed(self.root / "bundles" / bundle_id)
