@@ -99,11 +99,12 @@ def test_vaultd_survives_an_oversized_message(daemon):
     s = _raw(daemon.path)
     try:
         s.send(b"{" + b" " * (MAX_MESSAGE * 2) + b"}")
+        assert b"too long" in s.recv(MAX_MESSAGE)  # told why (tests/vault/test_vaultd_attacks.py) ...
         try:
             rest = s.recv(MAX_MESSAGE)
         except ConnectionResetError:
             rest = b""
-        assert rest == b""  # that connection is closed ...
+        assert rest == b""  # ... and that connection is closed ...
     finally:
         s.close()
     got = VaultClient.connect(f"unix:{daemon.path}").fetch("m1")  # ... and vaultd serves on
