@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ from codemoat.vault.license import License
 from codemoat.vault.machine import MachineKey
 from codemoat.vault.snpbind import SNP_ARK_FILE, trust_ark
 from codemoat.vault.vendor import Vendor
+from ggufs import write_gguf
 
 DATA = Path(__file__).parent / "data" / "sev_snp_milan"
 RAW = bytes.fromhex((DATA / "report_milan.hex").read_text().strip())
@@ -36,7 +36,7 @@ def snp(tmp_path):
     key = MachineKey.load_or_create()
     ident = dict(key.identity(), snp={"measurement": MEASUREMENT})
     model = tmp_path / "m.gguf"
-    model.write_bytes(b"GGUF" + os.urandom(20_000))
+    write_gguf(model, 20_000)
 
     class Guest:  # the license's machine: this identity, recorded with the guest's launch measurement
         id = key.id

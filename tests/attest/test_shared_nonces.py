@@ -3,7 +3,6 @@ by another, once; a replayed or expired one is refused by every process (SQLite 
 
 from __future__ import annotations
 
-import os
 import threading
 
 import httpx
@@ -15,6 +14,7 @@ from codemoat.vault.lease import LeaseClient
 from codemoat.vault.license import License
 from codemoat.vault.machine import MachineKey
 from codemoat.vault.vendor import Vendor
+from ggufs import write_gguf
 from attest.tpmhelp import keyserver_process
 from vault.vaulthelp import bundle
 
@@ -24,7 +24,7 @@ def leased(database_url, tmp_path):
     """A vendor on `database_url`, a 4-seat lease license for this machine, and its client."""
     vendor = Vendor.init(tmp_path / "vendor", database_url=database_url)
     model = tmp_path / "m.gguf"
-    model.write_bytes(b"GGUF" + os.urandom(20_000))
+    write_gguf(model, 20_000)
     machine = MachineKey.load_or_create()
     _, lic_path, _ = bundle(vendor, model, tmp_path / "out", machine, mode="lease", keyserver="http://127.0.0.1:9", seats=4)
     client = LeaseClient(License.load(lic_path), machine)

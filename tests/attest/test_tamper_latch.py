@@ -6,7 +6,6 @@ lease opens until the vendor reprovisions; deleting and re-creating the latch (o
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import pytest
@@ -20,6 +19,7 @@ from codemoat.vault.machine import TCTI_ENV, MachineKey
 from codemoat.vault.reprovision import reprovision
 from codemoat.vault.vendor import Vendor
 from codemoat.vault.verify import verify_bundle
+from ggufs import write_gguf
 
 from .tpmhelp import bind, keyserver_process, tpm_machine
 
@@ -35,7 +35,7 @@ def test_a_tamper_event_survives_a_reboot_until_the_vendor_reprovisions(swtpm, t
     provisioned = key.tpm["identity"]["policy"]["latch"]
     assert provisioned["index"] == TAMPER_NV_INDEX
     model = tmp_path / "m.gguf"
-    model.write_bytes(b"GGUF" + os.urandom(20_000))
+    write_gguf(model, 20_000)
 
     def reboot() -> None:  # an orderly power cycle: TPM2_Shutdown, stop, TPM2_Startup(CLEAR) resets the PCRs
         with TpmAttestor(swtpm.tcti) as a:

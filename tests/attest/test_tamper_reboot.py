@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 
 import pytest
 
@@ -22,6 +21,7 @@ from codemoat.vault.license import License
 from codemoat.vault.machine import TCTI_ENV
 from codemoat.vault.tpmwrap import QuoteRefused
 from codemoat.vault.vendor import Vendor
+from ggufs import write_gguf
 
 from .tpmhelp import tpm_machine
 
@@ -39,7 +39,7 @@ def leased(swtpm, tmp_path, monkeypatch):
     key = tpm_machine(swtpm, vendor)
     monkeypatch.setenv(TCTI_ENV, swtpm.tcti)
     model = tmp_path / "m.gguf"
-    model.write_bytes(b"GGUF" + os.urandom(20_000))
+    write_gguf(model, 20_000)
     _, lic, _ = bundle(vendor, model, tmp_path / "lease", key, mode="lease", keyserver="http://127.0.0.1:9", lease_ttl=30)
     client = LeaseClient(License.load(lic), key)
     ks = KeyServer(vendor)

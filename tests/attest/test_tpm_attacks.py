@@ -18,6 +18,7 @@ from codemoat.audit.tpm_checkpoint import take
 from codemoat.vault.codec import VaultError
 from codemoat.vault.machine import parse_identity
 from codemoat.vault.tpmbind import activate, challenge, require_bound
+from ggufs import write_gguf
 
 from .tpmhelp import append, audit_log, bind, tpm_machine
 
@@ -290,7 +291,6 @@ def test_an_ak_public_area_with_another_name_alg_or_without_fixed_tpm_or_restric
 def test_a_software_unwrap_key_beside_a_bound_ak_gets_no_license(vendor, swtpm, tmp_path):
     """The admin keeps the chip's bound AK and EK but names an unwrap key made in software: an offline
     license sealed to it would open on any machine. The AK must have certified the unwrap key."""
-    import os
     import struct
     import time
 
@@ -300,7 +300,7 @@ def test_a_software_unwrap_key_beside_a_bound_ak_gets_no_license(vendor, swtpm, 
     key = tpm_machine(swtpm, vendor)
     ident = parse_identity(key.identity())
     model = tmp_path / "m.gguf"
-    model.write_bytes(b"GGUF" + os.urandom(20_000))
+    write_gguf(model, 20_000)
     moat = tmp_path / "acme.moat"
     vendor.seal(model, "acme", moat)
     soft = ec.generate_private_key(ec.SECP256R1())

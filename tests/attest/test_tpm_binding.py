@@ -4,7 +4,6 @@ and the TPM clock floor outlives a key server restart (SQLite and PostgreSQL).""
 from __future__ import annotations
 
 import datetime
-import os
 import shutil
 import time
 
@@ -20,13 +19,14 @@ from codemoat.vault.machine import TCTI_ENV, parse_identity
 from codemoat.vault.tpmbind import EK_CA_FILE, activate, challenge, confirm, require_bound, trust_ca
 from codemoat.vault.tpmcred import ak_name, make_credential
 from codemoat.vault.vendor import Vendor
+from ggufs import write_gguf
 
 from .tpmhelp import bind, tpm_machine, trust_swtpm_ca
 
 
 def _model(tmp_path):
     p = tmp_path / "m.gguf"
-    p.write_bytes(b"GGUF" + os.urandom(20_000))
+    write_gguf(p, 20_000)
     return p
 
 

@@ -5,7 +5,6 @@ boot; the same reset count with an unsafe clock is refused like a rollback (SQLi
 from __future__ import annotations
 
 import base64
-import os
 import signal
 
 import pytest
@@ -19,6 +18,7 @@ from codemoat.vault.machine import TCTI_ENV
 from codemoat.vault.tpmbind import key_id, tpm_keys_t
 from codemoat.vault.tpmwrap import parse_quote
 from codemoat.vault.vendor import Vendor
+from ggufs import write_gguf
 
 from .tpmhelp import tpm_machine
 
@@ -30,7 +30,7 @@ def test_an_unsafe_tpm_clock_is_accepted_only_from_a_new_boot(database_url, swtp
     vendor = Vendor.init(tmp_path / "vendor", database_url=database_url)
     key = tpm_machine(swtpm, vendor)
     model = tmp_path / "m.gguf"
-    model.write_bytes(b"GGUF" + os.urandom(20_000))
+    write_gguf(model, 20_000)
     _, lic_path, _ = bundle(vendor, model, tmp_path / "out", key, mode="lease", keyserver="http://127.0.0.1:9")
     lic = License.load(lic_path)
     client = LeaseClient(lic, key)
@@ -104,7 +104,7 @@ def test_quotes_of_one_boot_arriving_out_of_order_are_not_a_rollback(swtpm, tmp_
     key = tpm_machine(swtpm, vendor)
     monkeypatch.setenv(TCTI_ENV, swtpm.tcti)
     model = tmp_path / "m.gguf"
-    model.write_bytes(b"GGUF" + os.urandom(20_000))
+    write_gguf(model, 20_000)
     _, lic_path, _ = bundle(vendor, model, tmp_path / "out", key, mode="lease", keyserver="http://127.0.0.1:9", seats=2)
     lic = License.load(lic_path)
     one, two = LeaseClient(lic, key), LeaseClient(lic, key)  # two instances, one chip

@@ -20,8 +20,9 @@ def _folder(root: Path, *, bpe: bool = False) -> Path:
     """A model folder: weights and a config; with `bpe`, a GPT-2 byte-level BPE tokenizer given as
     vocab.json + merges.txt only (no tokenizer.json: transformers builds it from those two)."""
     root.mkdir()
-    # a safetensors file of no tensors: `vendor seal` refuses weights that are not one
-    (root / "model.safetensors").write_bytes(struct.pack("<Q", 2) + b"{}" + b"W" * 3990)
+    # a safetensors file of one tensor: `vendor seal` refuses weights that are not one, or hold none
+    head = b'{"w":{"dtype":"U8","shape":[3990],"data_offsets":[0,3990]}}'
+    (root / "model.safetensors").write_bytes(struct.pack("<Q", len(head)) + head + b"W" * 3990)
     (root / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 300}))
     if bpe:
         from tokenizers.pre_tokenizers import ByteLevel

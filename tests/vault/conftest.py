@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import threading
 import time
@@ -33,10 +32,11 @@ def vault_home(tmp_path, monkeypatch):
 
 @pytest.fixture
 def model(tmp_path) -> Path:
-    """A file that begins like a GGUF (the magic, then 20 kB of random bytes): what the vault seals and licenses."""
-    p = tmp_path / "m.gguf"
-    p.write_bytes(b"GGUF" + os.urandom(20_000))
-    return p
+    """A small valid GGUF (one random 20 kB matrix, `ggufs.write_gguf`): what the vault seals and licenses.
+    The magic followed by random bytes stood in for it until `vendor seal` refused a GGUF not whole."""
+    from ggufs import write_gguf
+
+    return write_gguf(tmp_path / "m.gguf", 20_000)
 
 
 class KeyServerProcess:

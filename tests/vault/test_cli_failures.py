@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import pytest
 
 from codemoat.vault.clock import ClockGuard
+from ggufs import write_gguf
 from vaulthelp import bundle, cli, one_line_error
 
 
 @pytest.fixture
 def setup(vendor, machine, tmp_path):
     model = tmp_path / "m.gguf"
-    model.write_bytes(b"GGUF" + os.urandom(30_000))
+    write_gguf(model, 30_000)
     moat, lic, doc = bundle(vendor, model, tmp_path / "a", machine)
     return vendor, machine, model, moat, lic, doc, tmp_path
 
@@ -125,7 +125,7 @@ def test_license_times_stay_printable(vendor, machine, tmp_path):
     from codemoat.vault.clock import iso
 
     model = tmp_path / "m.gguf"
-    model.write_bytes(b"GGUF" + os.urandom(3000))
+    write_gguf(model, 3000)
     moat = tmp_path / "m.moat"
     vendor.seal(model, "acme", moat)
     for expires in (LATEST + 1, -5):

@@ -16,6 +16,7 @@ from codemoat.vault.clock import ClockGuard
 from codemoat.vault.codec import VaultError
 from codemoat.vault.container import TAG_LEN, SealedFile
 from codemoat.vault.license import License, check
+from ggufs import write_gguf
 
 CHUNK = 4096
 N_CONTAINER = 6000
@@ -50,7 +51,7 @@ def _expect_refused(fn, what: str, counts: dict[str, int]) -> None:
 
 def test_container_mutations_all_rejected(vendor, tmp_path):
     model = tmp_path / "m.gguf"
-    model.write_bytes(b"GGUF" + os.urandom(3 * CHUNK + 777))
+    write_gguf(model, 3 * CHUNK + 777)
     sealed = vendor.seal(model, "acme", tmp_path / "a.moat", chunk_size=CHUNK)
     key = vendor.content_key(sealed.manifest.file_id)
     orig = sealed.path.read_bytes()
@@ -133,7 +134,7 @@ def _edits(rng: random.Random, body: dict) -> dict:
 
 def test_license_mutations_all_rejected(vendor, machine, tmp_path):
     model = tmp_path / "m.gguf"
-    model.write_bytes(b"GGUF" + os.urandom(2 * CHUNK))
+    write_gguf(model, 2 * CHUNK)
     moat = tmp_path / "a.moat"
     sealed = vendor.seal(model, "acme", moat, chunk_size=CHUNK)
     doc = vendor.issue_license(customer="acme", model=moat, machines=[machine.identity()], expires=int(time.time()) + 86400)

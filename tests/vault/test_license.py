@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import pytest
@@ -14,13 +13,14 @@ from codemoat.vault.license import License, check
 from codemoat.vault.machine import MachineKey, collect_facts, match_facts, parse_identity
 from codemoat.vault.vendor import Vendor
 from codemoat.vault.verify import verify_bundle
+from ggufs import write_gguf
 from vaulthelp import bundle, cli, one_line_error
 
 
 @pytest.fixture
 def model(model):
     """50 kB: four chunks of 16 kB in test_offline_round_trip."""
-    model.write_bytes(b"GGUF" + os.urandom(50_000))
+    write_gguf(model, 50_000)
     return model
 
 
@@ -298,10 +298,11 @@ def test_cli_flow_and_one_line_errors(tmp_path, model, gguf_file, vault_home):
     )
     (tmp_path / "s.moat").write_bytes(raw[:-100])
     assert "truncated" in one_line_error(cli("inspect", str(tmp_path / "s.moat")))
+    flat = write_gguf(tmp_path / "flat.gguf", markable=False)  # no tensor a fingerprint marks
     assert (
         "--no-fingerprint"
         in one_line_error(
-            cli("vendor", "seal", str(model), "--vendor", str(v), "--customer", "acme", "--out", str(tmp_path / "x.moat"))
+            cli("vendor", "seal", str(flat), "--vendor", str(v), "--customer", "acme", "--out", str(tmp_path / "x.moat"))
         )
         or _has_trace()
     )

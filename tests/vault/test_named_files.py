@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from ggufs import write_gguf
 
 from vaulthelp import bundle, one_line_error
 
@@ -50,7 +51,7 @@ KINDS = list(EXPECT)
 @pytest.fixture
 def sealed(vendor, machine, tmp_path):
     model = tmp_path / "m.gguf"
-    model.write_bytes(b"GGUF" + os.urandom(4096))
+    write_gguf(model, 4096)
     moat, lic, _ = bundle(vendor, model, tmp_path / "a", machine)
     ident = tmp_path / "machine.json"
     ident.write_text(json.dumps(machine.identity()))

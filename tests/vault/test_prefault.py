@@ -12,6 +12,7 @@ from codemoat.engines import sealed as sealed_mod
 from codemoat.engines.memfd import huge_pages_allowed
 from codemoat.engines.sealed import open_sealed
 from codemoat.vault.codec import VaultError
+from ggufs import write_gguf
 from vaulthelp import bundle
 
 
@@ -40,7 +41,7 @@ def _memfds() -> dict[int, int]:
 
 def _model(tmp_path, size: int = 6 << 20) -> tuple:
     model = tmp_path / "m.gguf"
-    model.write_bytes(b"GGUF" + os.urandom(size))
+    write_gguf(model, size)
     return model, model.read_bytes()
 
 

@@ -6,7 +6,6 @@ decrypts, still refuses the start when the chip refuses it (a real swtpm per tes
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import pytest
@@ -25,6 +24,7 @@ from codemoat.vault.container import SealedFile
 from codemoat.vault.license import DOMAIN, License, check, key_context
 from codemoat.vault.tpmwrap import wrap_p256
 from codemoat.vault.verify import verify_bundle
+from ggufs import write_gguf
 from test_prefault import _Held, _memfds
 from vaulthelp import bundle
 
@@ -37,7 +37,7 @@ def _build(_s, buf, _id, _parts):
 def tpm_offline(vendor, tmp_path, swtpm):
     """A TPM machine, an offline license bound to its chip, opened once, and a CRL installed (the chip counts it)."""
     model = tmp_path / "m.gguf"
-    model.write_bytes(b"GGUF" + os.urandom(300_000))
+    write_gguf(model, 300_000)
     machine = tpm_machine(swtpm, vendor)
     moat, lic, doc = bundle(vendor, model, tmp_path / "out", machine)
     assert doc["license"]["machines"][0]["binding"] == "tpm"
@@ -82,7 +82,7 @@ def test_a_license_refused_by_a_check_gets_no_key_out_of_the_chip(tpm_offline, v
         want = "unpaid"
     else:
         other = tmp_path / "o.gguf"
-        other.write_bytes(b"GGUF" + os.urandom(1000))
+        write_gguf(other, 1000)
         moat = bundle(vendor, other, tmp_path / "other", machine, customer="acme2")[0]
         want = "license is for another model"
     zgen = _count(monkeypatch, "zgen")

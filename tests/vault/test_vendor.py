@@ -10,6 +10,7 @@ import pytest
 from codemoat.errors import CodemoatError
 from codemoat.vault.codec import VaultError
 from codemoat.vault.vendor import Vendor
+from ggufs import write_gguf
 
 
 def test_customers_persist_with_secrets_encrypted_at_rest(vendor, tmp_path):
@@ -30,8 +31,7 @@ def test_customers_persist_with_secrets_encrypted_at_rest(vendor, tmp_path):
 
 
 def test_database_without_master_key_opens_nothing(vendor, tmp_path):
-    model = tmp_path / "m.gguf"
-    model.write_bytes(b"GGUF" + os.urandom(1000))
+    model = write_gguf(tmp_path / "m.gguf", 1000)
     sealed = vendor.seal(model, "ACME", tmp_path / "a.moat")
     vendor.close()
     (tmp_path / "vendor" / "master.key").write_bytes(os.urandom(32))
@@ -54,7 +54,7 @@ def test_init_refuses_to_overwrite_and_files_are_private(vendor, tmp_path):
 def test_seal_rejects_non_models(vendor, tmp_path):
     bad = tmp_path / "x.gguf"
     bad.write_bytes(b"NOPE" + os.urandom(10))
-    with pytest.raises(CodemoatError, match="not a GGUF file"):
+    with pytest.raises(CodemoatError, match="not a valid GGUF file"):
         vendor.seal(bad, "ACME", tmp_path / "x.moat")
     with pytest.raises(CodemoatError, match="model not found"):
         vendor.seal(tmp_path / "missing.gguf", "ACME", tmp_path / "x.moat")
@@ -67,8 +67,8 @@ def test_seal_rejects_non_models(vendor, tmp_path):
 
 
 def test_fingerprint_hook_gets_the_customers_secret(vendor, tmp_path):
-    model = tmp_path / "m.gguf"
-    model.write_bytes(b"GGUF" + bytes(5000))
+    model = write_gguf(tmp_path / "m.gguf", 5000)
+    data = model.read_bytes()
     seen = {}
 
     def mark(data: bytes, fmt: str, secret: bytes) -> bytes:
@@ -79,7 +79,7 @@ def test_fingerprint_hook_gets_the_customers_secret(vendor, tmp_path):
     assert seen == {"fmt": "gguf", "secret": vendor.customer("ACME").fingerprint_secret}
     assert sealed.manifest.fingerprinted
     plain = bytes(sealed.decrypt(vendor.content_key(sealed.manifest.file_id)))
-    assert plain == b"GGUF" + bytes([0x55]) * 5000
+    assert plain == data[:4] + bytes(b ^ 0x55 for b in data[4:])
     with sqlite3.connect(tmp_path / "vendor" / "vendor.db") as c:
         assert c.execute("select fingerprinted from vault_models").fetchone() == (1,)
 

@@ -12,6 +12,7 @@ from codemoat.db import make_engine, writer_lock
 from codemoat.vault.keyserver import REQUEST_DOMAIN, KeyServer
 from codemoat.vault.lease import LeaseClient
 from codemoat.vault.license import License
+from ggufs import write_gguf
 
 try:
     from .vaulthelp import bundle
@@ -43,7 +44,7 @@ def test_the_writer_lock_of_an_sqlite_file_excludes_other_processes(tmp_path):
 
 def test_a_lease_transaction_holds_the_writer_lock_from_the_nonce_spend_to_the_commit(vendor, machine, tmp_path, monkeypatch):
     p = tmp_path / "m.gguf"
-    p.write_bytes(b"GGUF" + os.urandom(4096))
+    write_gguf(p, 4096)
     _, lic, _ = bundle(vendor, p, tmp_path / "out", machine, mode="lease", keyserver="http://127.0.0.1:9")
     ks = KeyServer(vendor)
     client = LeaseClient(License.load(lic), machine)

@@ -31,11 +31,12 @@ def read_model(path: Path) -> tuple[str, str, bytearray, list[dict[str, Any]]]:
     if not path.exists():
         raise NotFound(f"model not found: {path}")
     if path.suffix == ".gguf" and not path.is_dir():
+        size = checked_gguf_size(path)
         with _open(path) as f:
             data = bytearray(os.fstat(f.fileno()).st_size)
-            f.readinto(data)
-        if data[:4] != b"GGUF":
-            raise CodemoatError(f"{path.name} is not a GGUF file (bad magic)")
+            got = f.readinto(data)
+        if len(data) != size or got != size:
+            raise CodemoatError(f"{path}: changed while it was read ({size} bytes, then {got})")
         return path.stem, "gguf", data, [{"name": path.name, "offset": 0, "size": len(data)}]
     folder = path if path.is_dir() else path.parent
     if path.is_dir():
@@ -74,12 +75,48 @@ def check_gguf(path: Path, what: str = "model") -> dict:
     info, and a data section long enough for every tensor (`trace.gguf_stream` checks each one's end).
     Only the magic was checked, so `vendor seal --no-fingerprint` sealed the magic followed by garbage, or
     a model cut to its first megabyte, and the customer learned it at load time. Returns the scalar metadata."""
+    return _whole_gguf(path, what)[0]
+
+
+def checked_gguf_size(path: Path) -> int:
+    """The size of the GGUF model at `path`, once found whole (`check_gguf`): what is sealed must be that
+    many bytes (`seal_stream` refuses more or fewer), so a file cut or grown after the check is not sealed."""
+    return _whole_gguf(path, "model")[1]
+
+
+def _whole_gguf(path: Path, what: str) -> tuple[dict, int]:
     from ..trace.gguf_stream import GGUFFile
 
     with GGUFFile(path, name=str(path)) as g:
         if not g.tensors:
             raise CodemoatError(f"{path}: a GGUF {what} holds tensors, this one none")
-        return g.metadata
+        return g.metadata, g.file_size
+
+
+def check_model(path: Path) -> None:
+    """Refuse, in one line naming the file, a model that `seal_model` would seal broken: a GGUF that does not
+    parse whole (`check_gguf`), or safetensors weights whose header does not parse, or names no tensor or one
+    past the file's end or of the wrong size (`trace.st_io`). Only the magic was checked, so `Vendor.seal`
+    sealed a truncated model or random bytes and the customer learned it at load time, from a file nobody
+    could inspect. Cheap (headers only), so a caller checks before it records anything (`Vendor.seal`)."""
+    if not path.exists():
+        raise NotFound(f"model not found: {path}")
+    if path.suffix == ".gguf" and not path.is_dir():
+        checked_gguf_size(path)
+        return
+    from ..trace import st_io
+
+    files = folder_files(path) if path.is_dir() else folder_files(path.parent, path) if path.suffix == ".safetensors" else None
+    if files is None:
+        raise CodemoatError(f"{path.name}: a model is a .gguf file, a .safetensors file or a folder holding one")
+    weights = files[0]
+    os.close(open_regular(weights, "model")[0])  # a FIFO is refused, not waited on (st_io opens it plainly)
+    try:
+        tensors = st_io.read_header(weights)
+    except CodemoatError as e:
+        raise CodemoatError(f"{weights}: {e}") from None
+    if not tensors:
+        raise CodemoatError(f"{weights}: a safetensors model holds tensors, this one none")
 
 
 def check_lora_adapter(path: Path) -> None:
@@ -152,12 +189,11 @@ def model_inputs(model: Path) -> list[Path]:
 
 def gguf_pieces(path: Path, stream: Callable | None, secret: bytes) -> tuple[Callable[[], Iterator[Any]], int]:
     """(pieces, size) of a GGUF file, marked by `stream(path, secret)` when given, else as it is."""
-    with _open(path) as f:
-        if f.read(4) != b"GGUF":
-            raise CodemoatError(f"{path.name} is not a GGUF file (bad magic)")
-        size = os.fstat(f.fileno()).st_size
+    size = checked_gguf_size(path)
     if stream is not None:
         marked = stream(path, secret)
+        if marked.size != size:
+            raise CodemoatError(f"{path}: changed while it was read ({size} bytes, then {marked.size})")
         return marked.pieces, marked.size
 
     def pieces() -> Iterator[bytes]:
@@ -185,7 +221,8 @@ def seal_model(
     chunk_size: int | None = None,
 ) -> tuple[SealedFile, bytes, str]:
     """(sealed file, its fresh content key, format): `model` encrypted for one customer into `out`,
-    fingerprinted first when `fingerprint` is given."""
+    fingerprinted first when `fingerprint` is given. A model that is not whole is refused first (`check_model`)."""
+    check_model(model)
     key = os.urandom(32)
     kw: dict[str, Any] = {"chunk_size": chunk_size} if chunk_size else {}
     common = dict(signing_key=signing_key, content_key=key, customer=customer, customer_id=customer_id)

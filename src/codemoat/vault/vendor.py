@@ -33,7 +33,7 @@ from ..names import RULE, valid_name  # one rule for every name a person types
 from .codec import VaultError, b64e, ed_private_raw, key_id, public_raw, write_secret
 from .container import SealedFile
 from .samefile import refuse_input_as_output
-from .seal_model import Fingerprinter, model_inputs, seal_model
+from .seal_model import Fingerprinter, check_model, model_inputs, seal_model
 from .vendor_licenses import VendorLicenses
 from .vendor_tables import customers_t, leases_t, licenses_t, models_t  # noqa: F401 (the tables are imported from here too)
 
@@ -204,9 +204,11 @@ class Vendor(VendorLicenses):
         fingerprint: Fingerprinter | None = None,
         chunk_size: int | None = None,
     ) -> SealedFile:
-        """Encrypt a model for `customer` (fingerprinted first when `fingerprint` is given) into `out`."""
+        """Encrypt a model for `customer` (fingerprinted first when `fingerprint` is given) into `out`.
+        A model that is not whole is refused before anything is written, the customer's row included."""
         model = Path(model)
         refuse_input_as_output(out, model_inputs(model), "model")
+        check_model(model)
         cust = self.customer(customer)
         sealed, key, fmt = seal_model(
             model,
