@@ -9,7 +9,6 @@ from __future__ import annotations
 import re
 
 import httpx
-import pytest
 from conftest import create_token
 
 TLS = {"X-Forwarded-Proto": "https"}  # what HAProxy adds when it ended TLS (`if { ssl_fc }`)
