@@ -6,9 +6,10 @@ not. A complete (non-streamed) response is held until its record is written, and
 last (empty) body message is sent, so the client's next request does not run beside that write
 (at one client it added ~2 ms to the next request's time to first token). A stream whose record
 the log does not take when it ends was delivered all the same: its record is kept and written once the
-log takes records again (`late`). A request cut off by a disconnect or by shutdown is recorded as 499, and shutdown waits (up to 15 s) for
-those records. Probes (`PROBES`) are recorded only when refused (a wrong token on them is a
-guess worth seeing); their answers are never held. Requests without a valid token are tallied
+log takes records again (`late`). A request cut off by a disconnect or by shutdown is recorded as 499, as
+is a whole answer whose client is gone by the time it is ready (the HTTP layer says so: `wire.CLIENT_GONE`),
+and shutdown waits (up to 15 s) for those records. Probes (`PROBES`) are recorded only when refused (a
+wrong token on them is a guess worth seeing); their answers are never held. Requests without a valid token are tallied
 per source by `Trust.write` rather than recorded one by one (see `failures.py`).
 """
 
@@ -25,11 +26,16 @@ from starlette.requests import Request
 from ..audit.log import AuditUnavailable
 from . import errors
 from .usage import usage_of
+from .wire import CLIENT_GONE
 
 if TYPE_CHECKING:
     from .trust import Trust
 
 log = logging.getLogger("codemoat.audit")
+
+#: the note of a whole answer whose client hung up (or whose connection was cut) before it could be sent: such an
+#: answer was recorded with the status it would have had (a 200 the client never got), its record written first
+GONE_BEFORE_ANSWER = "client gone before its answer was sent"
 
 PROBES = frozenset({"/health", "/livez", "/metrics", "/v1/health"})
 
@@ -85,7 +91,11 @@ class AuditMiddleware:
                 return
             if message["type"] == "http.response.body" and not streaming and held is not None:
                 if not message.get("more_body", False):  # the whole response: record it before it leaves
-                    if not await record(withheld=True):
+                    gone = scope.get(CLIENT_GONE)
+                    if gone is not None and gone():  # nothing will reach the client: not recorded as what it got
+                        status = 499
+                        await record(GONE_BEFORE_ANSWER)  # then sent to nobody: the HTTP layer writes nothing
+                    elif not await record(withheld=True):
                         refused = True
                         return await self._refuse(scope, receive, send)
                     start, held = held, None

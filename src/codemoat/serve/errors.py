@@ -50,10 +50,11 @@ def completions_protocol(raw: bytes, doc: Any = None, parsed: bool = False) -> s
 
 def protocol_of(request: Request) -> str:
     """openai | ollama | infill | tabby | plain (set by the handler once the body is known)."""
-    proto = getattr(request.state, "protocol", None)
-    if proto:
-        return proto
-    path = request.url.path
+    return getattr(request.state, "protocol", None) or protocol_of_path(request.url.path)
+
+
+def protocol_of_path(path: str) -> str:
+    """Whose shapes an answer on `path` takes when nothing but its path is known (POST /v1/completions: OpenAI's)."""
     if path.startswith("/api/"):
         return "ollama"
     if path.startswith("/infill"):
@@ -68,21 +69,33 @@ def protocol_of(request: Request) -> str:
 def render(
     request: Request, status: int, message: str, code: str | None = None, headers: dict | None = None, param: str | None = None
 ) -> JSONResponse:
-    proto = protocol_of(request)
-    if proto == "ollama":
-        body = ollama.error(message)
-    elif proto == "infill":  # llama.cpp's server: a 503 is its "unavailable_error"
-        body = infill.error(message, status, "unavailable_error" if status == 503 else _openai_type(status))
-    elif proto == "tabby":
-        body = tabby.error(message)
-    elif proto == "openai":
-        body = openai.error(message, _openai_type(status), code or _OPENAI_CODES.get(status), param)
-    else:
-        body = {"error": message}
     h = dict(headers or {})
     if status == 401:
         h.setdefault("WWW-Authenticate", "Bearer")
-    return JSONResponse(body, status_code=status, headers=h)
+    return JSONResponse(error_body(protocol_of(request), status, message, code, param), status_code=status, headers=h)
+
+
+def error_body(proto: str, status: int, message: str, code: str | None = None, param: str | None = None) -> dict:
+    """The error object of protocol `proto` (`protocol_of`)."""
+    if proto == "ollama":
+        return ollama.error(message)
+    if proto == "infill":  # llama.cpp's server: a 503 is its "unavailable_error"
+        return infill.error(message, status, "unavailable_error" if status == 503 else _openai_type(status))
+    if proto == "tabby":
+        return tabby.error(message)
+    if proto == "openai":
+        return openai.error(message, _openai_type(status), code or _OPENAI_CODES.get(status), param)
+    return {"error": message}
+
+
+def raw_answer(status: int, reason: str, message: str, path: str | None = None, code: str | None = None) -> bytes:
+    """A whole HTTP/1.1 error answer, `Connection: close`, for what the HTTP layer refuses before any route sees the
+    request (`serve.readguard`): JSON in the shape of `path`'s protocol, OpenAI's when no path is known (the shape
+    editors' plugins most widely parse). A plain-text body there broke the plugins that read every error as JSON."""
+    proto = "openai" if path is None else protocol_of_path(path)
+    body = json.dumps(error_body(proto, status, message, code), ensure_ascii=False, separators=(",", ":")).encode()
+    head = f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    return head.encode() + body
 
 
 def _console_page(path: str) -> bool:

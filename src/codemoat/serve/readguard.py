@@ -39,9 +39,15 @@ from __future__ import annotations
 import logging
 import resource
 import socket
+import sys
 from typing import Any
 
+from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+# imported here, not at the first refusal: by then every descriptor may be taken (the attack refused), and an
+# import that cannot open its file would leave each connection held
+from .errors import raw_answer
 
 #: every request's head: browsers' and editors' run to a few KiB (nginx 32 KiB, h11 16 KiB by default)
 MAX_HEAD = 64 << 10
@@ -51,12 +57,6 @@ MAX_PIPELINED = 32
 #: the slowest a request is allowed to arrive once its first `read_timeout_s` have passed
 MIN_RATE = 1024  # bytes a second
 READ_TIMEOUT_S = 30.0
-
-
-def _answer(status: bytes, text: str) -> bytes:
-    body = text.encode()
-    head = b"HTTP/1.1 %s\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
-    return head % (status, len(body)) + body
 
 
 class _Quiet:
@@ -90,6 +90,9 @@ class ReadGuard:
     # or does not read), a second later for every MIN_RATE bytes received, never more than read_timeout_s ahead
     _in_head = True  # what arrives now is a request's head
     _head = 0  # its bytes so far
+    _begun = False  # a message has begun and is not complete
+    _upgrade_left = 0  # bytes of an upgrade request's body still to come (`_unsupported_upgrade_warning`)
+    _arrived = b""
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)  # type: ignore[misc]
@@ -110,14 +113,19 @@ class ReadGuard:
             self._due()  # bytes after an answer (uvicorn's keep-alive timer is off from here)
         if self._reading:
             self._deadline = min(self._deadline + len(data) / MIN_RATE, self.loop.time() + self.read_timeout_s)
+        if self._upgrade_left:
+            return self._upgrade_body(data)
         if self._in_head:
             self._head += len(data)
+        self._arrived = data  # what an upgrade request's body starts in (`_unsupported_upgrade_warning`)
         super().data_received(data)  # type: ignore[misc]
+        self._arrived = b""
         if self._in_head and self._head > MAX_HEAD and not self.transport.is_closing():
-            self._refuse(b"431 Request Header Fields Too Large", f"request head is larger than {MAX_HEAD:,} bytes")
+            self._refuse(431, "Request Header Fields Too Large", f"request head is larger than {MAX_HEAD:,} bytes")
 
     def on_message_begin(self) -> None:
         super().on_message_begin()  # type: ignore[misc]
+        self._begun = True  # uvicorn's `url` is this message's from here (`_path`)
         if not self._reading:
             self._due()
 
@@ -139,23 +147,51 @@ class ReadGuard:
         over http:// sends `Upgrade: h2c`), and answers it as HTTP/1.1 anyway: anyone, without a token, could add a
         line to the log per request. Logged at debug.
 
-        Such a request with a body is refused instead: llhttp takes the bytes after an upgrade's head for the new
-        protocol, so its body never reached the app, which answered as if it had been sent none ("request body is
-        empty"; an outside fuzzer's `curl --http2 -d ...`). Its app, started already, reads a hang-up."""
+        llhttp takes the bytes after an upgrade's head for the new protocol, so a body sent with one never reached
+        the app, which answered as if it had been sent none ("request body is empty"; an outside fuzzer's
+        `curl --http2 -d ...`). A body of a Content-Length is handed to the app here instead (`_upgrade_body`), as
+        RFC 9113 lets a server ignore h2c, and the connection closes after the answer (the parser is past an
+        upgrade). A chunked one is refused: its app, started already, reads a hang-up."""
         self.logger.debug("Unsupported upgrade request.")  # type: ignore[attr-defined]
         headers = dict(self.headers)  # type: ignore[attr-defined]  # this request's, names lower-case (uvicorn)
-        if headers.get(b"content-length", b"0").strip() not in (b"", b"0") or b"transfer-encoding" in headers:
-            self._in_head = False  # the head is read: `_refuse` tells the request's app the client is gone
+        length = headers.get(b"content-length", b"0").strip()
+        self._in_head = False  # the head is read: `_refuse` tells the request's app the client is gone
+        if b"transfer-encoding" in headers:
             self._refuse(
-                b"400 Bad Request",
-                "a request that asks to upgrade its connection (Upgrade: h2c) cannot carry a body here: send it as "
-                "plain HTTP/1.1, without Upgrade (curl: --http1.1)",
+                400,
+                "Bad Request",
+                "a request that asks to upgrade its connection (Upgrade: h2c) cannot carry a chunked body here: send "
+                "it with a Content-Length, or as plain HTTP/1.1 without Upgrade (curl: --http1.1)",
             )
+        elif length not in (b"", b"0"):
+            cycle = self.cycle
+            cycle.more_body, cycle.keep_alive = True, False  # uvicorn's on_message_complete had called it whole
+            self._upgrade_left = int(length)  # llhttp has checked it is a number
+            self._due()
+            offset = sys.exc_info()[1].args[0]  # type: ignore[union-attr]  # HttpParserUpgrade: where the head ended
+            self._upgrade_body(self._arrived[offset:])
+        else:
+            self._in_head = True
+
+    def _upgrade_body(self, data: bytes) -> None:
+        """Bytes of an upgrade request's body (`_unsupported_upgrade_warning`), to its app as uvicorn's on_body does;
+        any after it are dropped, as the connection closes after the answer."""
+        cycle, take = self.cycle, data[: self._upgrade_left]
+        self._upgrade_left -= len(take)
+        if not (cycle.response_complete or cycle.disconnected):
+            cycle.body += take
+            cycle.more_body = self._upgrade_left > 0
+            cycle.message_event.set()
+            if len(cycle.body) > HIGH_WATER_LIMIT:
+                self.flow.pause_reading()
+        if not self._upgrade_left:
+            self._not_due()
+            self._in_head, self._head = True, 0
 
     def on_message_complete(self) -> None:
         super().on_message_complete()  # type: ignore[misc]
         self._not_due()
-        self._in_head, self._head = True, 0
+        self._in_head, self._head, self._begun = True, 0, False
 
     # -- the clock -------------------------------------------------------------------------------------
     def _due(self) -> None:
@@ -186,20 +222,36 @@ class ReadGuard:
             self._arm(left)
             return
         self._refuse(
-            b"408 Request Timeout",
+            408,
+            "Request Timeout",
             f"request not received in time: it is due within {self.read_timeout_s:g} s, then at {MIN_RATE:,} bytes a second",
             answer=self._in_head or cycle is None or not cycle.response_started,
         )
 
-    def _refuse(self, status: bytes, text: str, answer: bool = True) -> None:
+    def send_400_response(self, msg: str) -> None:
+        """A request llhttp cannot parse: uvicorn's 400, in JSON (`_refuse`)."""
+        self._refuse(400, "Bad Request", "invalid HTTP request: it cannot be parsed as HTTP/1.1")
+
+    def _refuse(self, status: int, reason: str, text: str, answer: bool = True) -> None:
         self._not_due()
         cycle = self.cycle
         if cycle is not None and not cycle.response_complete and not self._in_head:
             cycle.disconnected = True  # the app's request: it reads a hang-up and writes nothing more
             cycle.message_event.set()
         if answer:
-            self.transport.write(_answer(status, text))
+            self.transport.write(raw_answer(status, reason, text, self._path()))
         self.transport.close()
+
+    def _path(self) -> str | None:
+        """The path of the request refused, where known: its route's, or the start of its URL once read (a head
+        refused while it arrives), so that the answer takes that protocol's shape (`errors.raw_answer`)."""
+        cycle = self.cycle
+        if not self._in_head and cycle is not None and not cycle.response_complete:
+            return cycle.scope.get("path")
+        url = self.url if self._begun else b""  # uvicorn's: the URL's bytes read so far, reset at each message's start
+        if not url.startswith(b"/"):
+            return None  # none yet, or a proxy's absolute form
+        return url.split(b"?", 1)[0].decode("latin-1")
 
 
 def guarded(base: type[HttpToolsProtocol] = HttpToolsProtocol, read_timeout_s: float = READ_TIMEOUT_S) -> type:

@@ -81,6 +81,9 @@ def run(app, sock: socket.socket, log_level: str, trusted_proxies: list[str] | N
     config = uvicorn.Config(
         app,
         http=guarded(HttpProtocol, read_timeout_s),
+        # no WebSocket route: an upgrade to one is answered as the HTTP/1.1 request it also is, in its route's JSON,
+        # where uvicorn's WebSocket protocol refused it with a bodiless text/plain 403 and two log lines per request
+        ws="none",
         log_level=log_level,
         access_log=False,
         timeout_graceful_shutdown=10,

@@ -12,9 +12,15 @@ more.
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+
+#: the scope key of a request's `HeadWithBody.client_gone` (the audit layer asks it before recording a whole answer)
+CLIENT_GONE = "codemoat.client_gone"
+_HUNG_UP = {"type": "http.disconnect"}
+_TCP_CLOSE = 7  # tcp_info's tcpi_state of a connection the peer reset (Linux's TCP_CLOSE)
 
 
 class _Held:
@@ -67,6 +73,42 @@ class HeadWithBody(RequestResponseCycle):
     from anyone, no token needed). Here the transport itself is asked, and `HttpProtocol` tells every cycle."""
 
     _head: bytes | None = None
+    half_closed = False  # the client has ended its side of the connection (`HttpProtocol.eof_received`)
+    _told_whole = False
+
+    async def receive(self) -> Any:
+        """uvicorn's; once the client has half-closed, what is left of the body, then a hang-up.
+
+        EOF alone cannot tell `shutdown(SHUT_WR)` from a client gone, so what watches for a hang-up (`serve.hangup`)
+        still reads one, and a generation is cancelled as before; an answer made without watching is still written.
+        (Here, not in a class the cycle becomes at EOF: its app holds this method, bound when it started.)"""
+        if not self.half_closed or self.body or self.more_body or self.disconnected or self.response_complete:
+            return await super().receive()
+        if not self._told_whole:  # a request without a body, or a watch woken after it: once more, harmlessly
+            self._told_whole = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        if self.response_started:  # a stream: cut here, the connection with it
+            self.disconnected = True
+            self.transport.close()
+        return _HUNG_UP
+
+    def client_gone(self) -> bool:
+        """Whether nothing written here can reach the client (it hung up, or the connection was reset).
+
+        The kernel is asked too: while requests are pipelined uvicorn stops reading the connection, so a reset
+        (a client killed, or cut off by a proxy) is not seen until an answer is written to it. Here its socket's
+        state says so before (TCP_CLOSE); the connection is then closed, and every request on it reads a hang-up."""
+        if self.disconnected or self.transport.is_closing():
+            return True
+        sock = self.transport.get_extra_info("socket")
+        try:
+            reset = sock is not None and sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == _TCP_CLOSE
+        except (OSError, AttributeError):  # not TCP, or not Linux: what uvicorn knows
+            return False
+        if reset:
+            self.disconnected = True
+            self.transport.close()
+        return reset
 
     async def send(self, message: Any) -> None:
         if not self.disconnected and self.transport.is_closing():
@@ -100,9 +142,27 @@ class HttpProtocol(HttpToolsProtocol):
     _running: RequestResponseCycle | None = None  # the cycle being answered (`self.cycle` is the newest parsed)
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
-        cycle.__class__ = HeadWithBody  # made by uvicorn's on_headers_complete; only `send` differs
+        cycle.__class__ = HeadWithBody  # made by uvicorn's on_headers_complete; `send` and `receive` differ
+        cycle.scope[CLIENT_GONE] = cycle.client_gone  # type: ignore[attr-defined, literal-required]
         self._running = cycle
         super()._start_asgi_task(cycle, app)
+
+    def eof_received(self) -> bool | None:
+        """The client ended its side of the connection. Between requests, or within one, that is a hang-up, as
+        uvicorn reads every EOF (the connection closes). After whole requests, the client may still be reading
+        (`shutdown(SHUT_WR)`: `nc -N`, scripts, some proxies' health checks), and llama-server and nginx answer
+        it: so here what was read is answered and the connection then closes. A client gone sends the same EOF,
+        so what watches for a hang-up still reads one (`HeadWithBody.receive`): a generation is cancelled and
+        its engine slot freed, as before."""
+        cycle = self.cycle
+        if cycle is None or cycle.response_complete or cycle.more_body or self.scope is not cycle.scope:
+            return None  # the transport closes: `connection_lost`
+        for c in [self._running, *(c for c, _ in self.pipeline)]:
+            if c is not None and not c.response_complete:
+                c.half_closed = True  # type: ignore[attr-defined]
+                c.message_event.set()  # a watch waiting for the hang-up wakes, and asks again
+        cycle.keep_alive = False  # closed once the last request read is answered
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         """uvicorn marks the newest cycle disconnected; the one being answered and those pipelined behind it are
