@@ -1,5 +1,5 @@
 """`--json` on a failure: every command that has `--json` tells a failure to a script as JSON on stdout,
-`{"error": "<the line>", "code": <exit status>}`, beside the one `error:` line on stderr for people, and exits
+`{"ok": false, "error": "<the line>", "code": <exit status>}`, beside the one `error:` line on stderr for people, and exits
 non-zero. The commands are walked from the typer app, so a command added later is held to it too."""
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def _json_error(p: subprocess.CompletedProcess) -> dict:
     assert p.returncode != 0, (p.args, p.stdout, p.stderr)
     line = one_line_error(p, code=p.returncode)
     got = json.loads(p.stdout)
-    assert set(got) == {"error", "code"} and got["code"] == p.returncode, got
+    assert set(got) == {"ok", "error", "code"} and got["ok"] is False and got["code"] == p.returncode, got
     assert got["error"] and line.endswith(got["error"]), (line, got)
     return got
 

@@ -220,7 +220,7 @@ def test_oversized_and_deeply_nested_bodies_are_refused_cleanly(keyserver):
 def test_challenges_keep_no_table_and_spent_nonces_are_swept_once_expired(vendor, machine, model, tmp_path, monkeypatch):
     """Was: outstanding challenges were rows, the soonest to expire evicted past a cap, so a flood of challenges
     for a known license id evicted every genuine client's (tests/vault/test_challenge_flood.py). Now a challenge
-    writes nothing, and a spent nonce's row goes once the nonce has expired."""
+    writes nothing, and a spent nonce's row goes once the nonce has expired (and the skew margin passed)."""
     lic = _license(vendor, model, tmp_path / "a", machine, "http://127.0.0.1:9")
     clock = ManualClock()
     server = KeyServer(vendor, clock)
@@ -232,7 +232,10 @@ def test_challenges_keep_no_table_and_spent_nonces_are_swept_once_expired(vendor
     assert server.nonces.count() == 1  # its spend
     clock.advance(ks_mod.NONCE_TTL + 1)
     server.lease(client._signed_request(server.challenge(lic.id)["nonce"], ks_mod.REQUEST_DOMAIN))
-    assert server.nonces.count() == 1  # the expired spend is gone, the new one kept
+    assert server.nonces.count() == 2  # expired, but kept for the clocks' skew (nonces.SKEW_S)
+    clock.advance(nonces_mod.SKEW_S + ks_mod.NONCE_TTL)
+    server.lease(client._signed_request(server.challenge(lic.id)["nonce"], ks_mod.REQUEST_DOMAIN))
+    assert server.nonces.count() == 1  # the old spends are gone, the new one kept
     with pytest.raises(LeaseDenied, match="nonce is unknown"), vendor.engine.begin() as c:
         server._spend_nonce(c, nonces[-1], lic.id)  # expired, never spent
     with pytest.raises(LeaseDenied, match="no license"):

@@ -28,6 +28,9 @@ VendorDir = Annotated[
 
 # Set by `main` when the command line asks for `--json`: a failure is then also told on stdout, as JSON.
 json_errors = False
+# Set once a JSON result is on stdout: a failure after it (login's token shown, then not saved) is the stderr
+# line and the exit status only, so stdout stays one JSON document and the result in it stays readable.
+json_written = False
 
 
 def asks_for_json(args: list[str]) -> bool:
@@ -38,15 +41,16 @@ def asks_for_json(args: list[str]) -> bool:
 
 def print_error(message: str, code: int = 1) -> None:
     """`error: <the message's first non-empty line>` on stderr, its text never read as markup. Under `--json`,
-    stdout also gets `{"error": <that line>, "code": <the exit status>}` (its exact text): a script parses the
-    failure as it parses a result, and the line on stderr stays for people."""
+    stdout also gets `{"ok": false, "error": <that line>, "code": <the exit status>}` (its exact text): a script
+    parses the failure as it parses a result (`verify --json` said `{"ok": false, "error"}` before), and the line
+    on stderr stays for people. Not when the command already wrote its JSON result: that stays the one document."""
     from rich.markup import escape
 
     first = next((line.strip() for line in str(message).splitlines() if line.strip()), "")
     # a server's or a file's words may be in it: shown, not acted on by the terminal
     err_console.print(f"[red]error:[/red] {escape(terminal_text(first))}", highlight=False, soft_wrap=True)
-    if json_errors:
-        sys.stdout.write(json.dumps({"error": first, "code": code}) + "\n")
+    if json_errors and not json_written:
+        sys.stdout.write(json.dumps({"ok": False, "error": first, "code": code}) + "\n")
         sys.stdout.flush()
 
 
@@ -70,8 +74,10 @@ def fail(message: str, code: int = 1) -> None:
 
 def emit(data: Any, as_json: bool, human: Callable[[Any], None] | None = None) -> None:
     """Print `data` as JSON, or through `human` for people."""
+    global json_written
     if as_json or human is None:
         sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+        json_written = True
     else:
         human(data)
 

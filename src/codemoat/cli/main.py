@@ -41,7 +41,7 @@ def main() -> None:
     from . import common
     from ..errors import CodemoatError
 
-    common.json_errors = common.asks_for_json(sys.argv[1:])
+    common.json_errors, common.json_written = common.asks_for_json(sys.argv[1:]), False
     one_line = common.print_error
     try:
         # Not standalone: usage errors come back here to be printed as one line, not as a box.

@@ -13,8 +13,11 @@ then inserts it into `vault_lease_spent` (`INSERT ... ON CONFLICT DO NOTHING`, w
 whether it was new): atomic on SQLite (one writer at a time) and on PostgreSQL (a second insert of the
 same key waits for the first to commit, then conflicts), so a nonce is accepted once however many
 processes see it at the same moment. The key server spends only after the request's signature has
-verified, so the spent table grows only with genuine leases; a row is kept until its nonce expires
-(every `SWEEP_EVERY` spends a process deletes the expired ones).
+verified, so the spent table grows only with genuine leases; a row is kept until `SKEW_S` after its nonce
+expires (every `SWEEP_EVERY` spends a process deletes the older ones). Expiry is read on each process's own
+wall clock, so a row swept the moment the sweeping host thought it expired would let a host whose clock runs
+behind (another replica, or this one after NTP stepped it back) accept the nonce again: a replayed release
+would free a seat. The margin keeps the row for as long as the clocks may disagree.
 
 Each process also remembers the last `REPLAY_MEMORY` (license, nonce) pairs it saw spent (`seen_spent`),
 so a replayed request it has met before is refused with no database round trip and no signature or
@@ -42,6 +45,7 @@ _RANDOM, _TAG = 15, 24
 _BODY = 1 + 8 + _RANDOM
 NONCE_CHARS = 4 * (_BODY + _TAG) // 3  # 64: the spent table's key width
 SWEEP_EVERY = 256  # spends per process between sweeps of the expired spent rows
+SKEW_S = 3600.0  # how long a spent row outlives its nonce: the key servers' clocks may disagree this much
 REPLAY_MEMORY = 65_536  # spent (license, nonce) pairs a process remembers (~200 bytes each)
 
 _meta = sa.MetaData()
@@ -113,7 +117,7 @@ class NonceStore:
             self._spends += 1
             due = self._spends % SWEEP_EVERY == 0
         if due:
-            fast_execute(c, _EXPIRE, {"now": now})
+            fast_execute(c, _EXPIRE, {"now": now - SKEW_S})
         return True
 
     def seen_spent(self, license_id: str, nonce: str) -> bool:
