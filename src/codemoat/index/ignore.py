@@ -75,6 +75,7 @@ def _bracket(pat: bytes, i: int) -> tuple[bytes, int] | None:
             return None
     members: set[int] = set()
     ch, prev = pat[i], 0
+    close = -1  # the first `]` at or after the last `[:` looked at: found once, not again at each `[:` (quadratic)
     while True:
         if ch == _BSLASH:
             i += 1
@@ -93,11 +94,12 @@ def _bracket(pat: bytes, i: int) -> tuple[bytes, int] | None:
             members.update(range(prev, ch + 1))  # empty where reversed: git's `[z-a]` matches nothing
             ch = 0
         elif ch == _OPEN and i + 1 < n and pat[i + 1] == _COLON:
-            s = k = i + 2
-            while k < n and pat[k] != _CLOSE:
-                k += 1
-            if k >= n:
+            s = i + 2
+            if close < s:
+                close = pat.find(b"]", s)
+            if close < 0:
                 return None
+            k = close
             if k == s or pat[k - 1] != _COLON:  # no ":]": a plain `[`, read on from the `:`
                 members.add(_OPEN)
                 ch = _OPEN
@@ -125,14 +127,19 @@ def _bracket(pat: bytes, i: int) -> tuple[bytes, int] | None:
 
 
 _ANY_NAME, _ANY_FOLDERS, _ANYTHING = "*", "**/", "**"  # a `*`; a `**/` between slashes; a trailing `**`
+#: bytes a path the walk yields holds at most: a folder it lists by its absolute path, which Linux caps at PATH_MAX
+#: (4096, its NUL included), a `/` and a name (NAME_MAX, 255). A rule that needs more matches nothing: translated
+#: as such, it costs no regex (a committed 1 MB rule of `**/a/` compiled to some 350 MB, held while the walk is below)
+LONGEST_PATH = 4095 + 1 + 255
 
 
 def translate(pat: bytes, start: int = 0) -> bytes | None:
     """A regex that matches a whole path exactly where git's wildmatch(`pat`, path, WM_PATHNAME) does, or None where
     the rule matches nothing. `start`: where git's match begins after the rule's literal prefix, which it compares
-    apart: a `**` there counts as at the start (`a**/b` matches `a/x/b`, as in git)."""
+    apart: a `**` there counts as at the start (`a**/b` matches `a/x/b`, as in git). A rule no path of at most
+    `LONGEST_PATH` bytes can match (each token not a star is one byte of it) matches nothing."""
     parts: list[bytes | str] = []  # literal runs (a regex each) and the three kinds of star
-    i, n = 0, len(pat)
+    i, n, fixed = 0, len(pat), 0
     while i < n:
         c = pat[i]
         if c == _STAR:
@@ -165,6 +172,9 @@ def translate(pat: bytes, start: int = 0) -> bytes | None:
         else:
             token = re.escape(bytes([c]))
             i += 1
+        fixed += 1
+        if fixed > LONGEST_PATH:
+            return None
         if parts and isinstance(parts[-1], bytes):
             parts[-1] += token
         else:

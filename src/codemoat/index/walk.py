@@ -123,6 +123,10 @@ def is_git_worktree(root: Path) -> bool:
 #: `.gitignore` rules one walk of a plain folder compiles at most (~2 s per 36,000 here): a committed tree of thousands
 #: of folders, each with a 1 MB `.gitignore`, would otherwise hold the index's write lock for hours
 MAX_IGNORE_RULES = 100_000
+#: and at most this many bytes of rules: long star-heavy rules (`*a` or `**/a/` some 2,000 times over, each still
+#: shorter than a path) cost some 400 MB and 10 s a megabyte to compile, far under the rule count; 100,000 ordinary
+#: rules are ~2 MB
+MAX_IGNORE_BYTES = 3_000_000
 
 
 def _walk(root: Path) -> Iterator[str]:
@@ -130,7 +134,7 @@ def _walk(root: Path) -> Iterator[str]:
     entry (never entered or followed; yielded so that the reader names them as refused). Folders are
     visited from a stack, not by recursion: a committed tree thousands of folders deep is walked too."""
 
-    budget = [MAX_IGNORE_RULES]  # rules left to compile in this walk
+    budget = [MAX_IGNORE_RULES, MAX_IGNORE_BYTES]  # rules, and bytes of them, left to compile in this walk
 
     def entries(folder: Path, rel: str, rules: _Ignore | None) -> Iterator[tuple[os.DirEntry, str, _Ignore | None]]:
         gi = folder / ".gitignore"
@@ -138,9 +142,11 @@ def _walk(root: Path) -> Iterator[str]:
             if stat.S_ISREG(os.lstat(gi).st_mode):  # a symlinked or special .gitignore is not read
                 rules = _Ignore(rules, rel, gitignore_lines(read_bytes(gi) or b""))
                 budget[0] -= len(rules.rules)
-                if budget[0] < 0:
+                budget[1] -= sum(len(r[0]) for r in rules.rules)
+                if budget[0] < 0 or budget[1] < 0:
+                    held = f"{MAX_IGNORE_RULES:,} rules" if budget[0] < 0 else f"{MAX_IGNORE_BYTES:,} bytes of rules"
                     raise CodemoatError(
-                        f"the .gitignore files under {root} hold more than {MAX_IGNORE_RULES:,} rules (the last read: "
+                        f"the .gitignore files under {root} hold more than {held} (the last read: "
                         f"{shown(rel or '.')}/.gitignore): not indexed; a repository's own are a few hundred"
                     )
         except OSError:

@@ -258,10 +258,9 @@ class VaultDaemon:
                 self._answer(conn, msg, cred)
         except VaultdError as e:  # a message too long, or carrying descriptors: the caller is told why it is cut off
             log.warning("vaultd: closed a connection of uid %d: %s", uid, e)
-            try:
-                send_msg(conn, {"ok": False, "error": str(e)})
-            except OSError:
-                pass
+            # as a refused connection: never waiting on a caller that does not read, and reading what it sent
+            # after (a close on unread requests resets the connection, and the caller never sees the reason)
+            _refuse_now(conn, str(e))
             return
         except OSError:
             return
