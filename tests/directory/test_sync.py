@@ -177,3 +177,23 @@ def test_mirrored_group_names_follow_the_one_rule_for_names():
     assert "eng@corp" in got
     assert set(got) == {n for n in names if valid_name(n)} - {"everyone", "admin"}
     assert skipped == set(names) - set(got)
+
+
+@pytest.mark.parametrize("where", ["group_map", "admin_groups"])
+def test_a_codemoat_group_named_in_the_directory_settings_follows_the_rule_for_names(where, tmp_path):
+    """group_map's targets and admin_groups are codemoat groups: `eng corp` was taken, sync made that group, and
+    `index add --groups` refuses it, so no repository could ever be given to it. Refused when the settings are
+    read (one line through the CLI); a valid name such as eng@corp is taken."""
+    from pydantic import ValidationError
+
+    from codemoat.config import DirectorySettings
+
+    bad = {"group_map": {"cn=eng": "eng corp"}} if where == "group_map" else {"admin_groups": ["ops\n"]}
+    with pytest.raises(ValidationError, match=f"directory.{where} names the codemoat group"):
+        DirectorySettings(**bad)
+    good = {"group_map": {"cn=eng": "eng@corp"}} if where == "group_map" else {"admin_groups": ["ops@corp", "admin"]}
+    assert DirectorySettings(**good)
+    cfg = tmp_path / "codemoat.toml"
+    cfg.write_text('[directory]\ngroup_map = { "cn=eng" = "eng corp" }\n' if where == "group_map" else '[directory]\nadmin_groups = ["a b"]\n')
+    r = run_cli("config", "show", env={"CODEMOAT_CONFIG": str(cfg)})
+    assert r.returncode != 0 and "names the codemoat group" in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -114,6 +114,19 @@ class DirectorySettings(Section):
     )
 
     @model_validator(mode="after")
+    def _codemoat_group_names(self) -> DirectorySettings:
+        """The codemoat groups named here follow the one rule for names (`codemoat.names`): sync made a group
+        `eng corp` from a group_map that `index add --groups` refuses, so no repository could ever be given it, and
+        an admin group no mirrored name can match gave nobody the admin scope, silently."""
+        from ..names import RULE, valid_name
+
+        named = [("group_map", v) for v in self.group_map.values()] + [("admin_groups", g) for g in self.admin_groups]
+        for where, g in named:
+            if not valid_name(g):
+                raise ValueError(f"directory.{where} names the codemoat group {g!r}, which is not a group name: {RULE}")
+        return self
+
+    @model_validator(mode="after")
     def _tls_off_loopback(self) -> DirectorySettings:
         plain = []
         if self.oidc_issuer and self.oidc_issuer.lower().startswith("http://"):
