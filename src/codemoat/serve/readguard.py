@@ -172,6 +172,15 @@ class ReadGuard:
             self._upgrade_body(self._arrived[offset:])
         else:
             self._in_head = True
+            rest = self._arrived[sys.exc_info()[1].args[0] :]  # type: ignore[union-attr]
+            if rest:  # a request pipelined behind it in the same read: llhttp stopped at the upgrade, and the bytes
+                # were dropped (the client waited for an answer until the idle close). Fed again on the next turn,
+                # not from here: one read of many such requests would nest a call per request
+                self.loop.call_soon(self._after_upgrade, rest)
+
+    def _after_upgrade(self, data: bytes) -> None:
+        if not self.transport.is_closing():
+            self.data_received(data)
 
     def _upgrade_body(self, data: bytes) -> None:
         """Bytes of an upgrade request's body (`_unsupported_upgrade_warning`), to its app as uvicorn's on_body does;

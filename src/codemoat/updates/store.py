@@ -12,7 +12,8 @@ what `verify` checks, on the copy), renamed into bundles/, and only then does a 
 (written beside it, fsynced) replace the old one by rename. A crash before that rename leaves the
 previous state, which names only complete bundles; a crash after it leaves the new one. A license
 given with the bundle is written (license.lic.tmp, fsynced) before that rename and renamed over
-license.lic after it: a full disk fails before the switch, installing nothing (one line).
+license.lic after it: a full disk fails before the switch, installing nothing (one line); a crash
+between the two renames is finished by `reconcile`, which knows the copy by the SHA-256 the state records.
 `reconcile()`, run first by every operation, deletes staging leftovers and bundles no state names,
 and brings the index's knowledge packs in line with the state (updates.tidy): what it did is audited as
 `recovered` (the repair of a crash). An operation's own tidying after its switch (the version a
@@ -33,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import hashlib
 import json
 import os
 import shutil
@@ -53,6 +55,8 @@ from .tidy import tidy
 from .bundle import Bundle, payload_context
 from .checks import BundleChecks
 
+#: the state's SHA-256 of the license its last install switched in (license.lic.tmp of that digest is renamed in)
+LICENSE_KEY = "license_sha256"
 CRASH_ENV = "CODEMOAT_UPDATE_CRASH_AT"  # tests only: os._exit() at a named step (needs PYTEST_CURRENT_TEST)
 HOLD_ENV = "CODEMOAT_UPDATE_HOLD_AT"  # tests only: wait for good at a named point, to be killed there (`hold`)
 STEPS = ("verified", "staged", "stored", "journaled", "switched", "indexed")
@@ -335,6 +339,8 @@ class UpdateStore(BundleChecks):
         # the license is written before the switch and renamed in after it: written after it (as before), a full
         # disk there left the new version current under the license before, with apply reporting a failure
         lic_tmp = None if lic_doc is None else self._written(self.license_path, lic_doc)
+        if lic_doc is not None:  # what a crash before the rename is finished by: reconcile renames a copy of this one in
+            s[LICENSE_KEY] = hashlib.sha256(lic_doc).hexdigest()
         try:
             self._write_state(s)
         except BaseException:
@@ -342,7 +348,8 @@ class UpdateStore(BundleChecks):
                 lic_tmp.unlink(missing_ok=True)
             raise
         self._switched = True
-        if lic_tmp is not None:  # a rename: no space needed (a crash just before it: reconcile drops the copy)
+        if lic_tmp is not None:  # a rename: no space needed (a crash just before it: reconcile finishes it, updates.tidy)
+            _step("license_pending")  # not in STEPS: the state has switched, the license not yet
             os.replace(lic_tmp, self.license_path)
             _fsync_dir(self.root)
         _step("switched")

@@ -5,6 +5,8 @@ bundles only, so what is left beside it is a crash's, or a version no longer kep
 
 from __future__ import annotations
 
+import hashlib
+import os
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,7 +24,8 @@ def tidy(store: UpdateStore) -> list[str]:
     root = store.root
     did = []
     (root / "state.json.tmp").unlink(missing_ok=True)
-    (root / "license.lic.tmp").unlink(missing_ok=True)  # a license whose install did not switch (store._apply)
+    if _license_left(store):
+        did.append("installed the license its switched install had not yet renamed in")
     staging = root / "staging"
     if staging.is_symlink():  # never emptied where it points (it was: every folder there deleted); only scratch
         staging.unlink()
@@ -58,6 +61,28 @@ def tidy(store: UpdateStore) -> list[str]:
                 packs.remove_pack(name)
                 did.append(f"removed knowledge pack {name} from the index")
     return did
+
+
+def _license_left(store: UpdateStore) -> bool:
+    """license.lic.tmp: renamed over license.lic when it is the license the state switched to (a crash between the
+    state's rename and the license's: dropped, the new version served under the license before, which may not cover
+    it); else deleted (an install that did not switch). True when renamed in."""
+    from .store import LICENSE_KEY, _fsync_dir
+
+    tmp, lic = store.root / "license.lic.tmp", store.license_path
+    if not tmp.is_file() or tmp.is_symlink():
+        tmp.unlink(missing_ok=True)
+        return False
+    want = store.state().get(LICENSE_KEY)
+    if want and hashlib.sha256(tmp.read_bytes()).hexdigest() == want:
+        if lic.is_file() and not lic.is_symlink() and hashlib.sha256(lic.read_bytes()).hexdigest() == want:
+            tmp.unlink()
+            return False
+        os.replace(tmp, lic)
+        _fsync_dir(store.root)
+        return True
+    tmp.unlink()
+    return False
 
 
 def remove(p: Path) -> None:
