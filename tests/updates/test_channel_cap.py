@@ -84,3 +84,34 @@ def test_connections_past_the_cap_are_refused_at_once_and_served_again_once_one_
         s.close()
     assert _until_served(capped, "127.0.0.1") == 200  # the slots come back
     assert _until_served(capped, "127.0.0.5") == 200
+
+
+def test_one_address_is_an_ipv6_64_and_an_ipv4_address():
+    """One host is given a whole IPv6 /64: counting its addresses one by one let it hold every slot. An IPv4-mapped
+    address counts as its IPv4 address; distinct /64s and distinct IPv4 addresses are distinct sources."""
+    from codemoat.updates.channel import source_of
+
+    assert source_of("2001:db8:1:2::1") == source_of("2001:db8:1:2:ffff:ffff:ffff:ffff") == "2001:db8:1:2::/64"
+    assert source_of("2001:db8:1:3::1") != source_of("2001:db8:1:2::1")
+    assert source_of("::ffff:192.0.2.7") == source_of("192.0.2.7") == "192.0.2.7"
+    assert source_of("192.0.2.7") != source_of("192.0.2.8")
+    assert source_of("fe80::1%eth0") == "fe80::/64"
+
+
+def test_a_fetch_from_a_busy_channel_says_it_is_busy(tmp_path, home):
+    """A customer's `update fetch` against a channel at its cap said only "update channel answered 503"."""
+    from conftest import run_cli
+
+    pub = tmp_path / "published"
+    pub.mkdir()
+    srv = make_server(pub, "127.0.0.1", 0, timeout_s=30, max_connections=1, max_per_address=1)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    hold = _idle(srv, "127.0.0.1")
+    try:
+        url = f"http://127.0.0.1:{srv.server_address[1]}"
+        r = run_cli("update", "fetch", "--channel", url)
+        assert r.returncode == 1 and "update channel is busy" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    finally:
+        hold.close()
+        srv.shutdown()
+        srv.server_close()

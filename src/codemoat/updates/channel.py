@@ -40,9 +40,11 @@ KEEP_FREE = 1 << 30  # bytes a fetch leaves free on the inbox's file system (the
 TIMEOUT_S = 60.0  # each connect, read and write (httpx's timeout, which never bounds a whole answer)
 #: connections the vendor's channel serves at once (a thread each), and from one address: past either, a new
 #: one is answered 503 and closed at once. A customer's fetch holds one; a flood of idle ones (each held up to
-#: TIMEOUT_S) started a thread apiece until the process ran out of threads or memory
+#: TIMEOUT_S) started a thread apiece until the process ran out of threads or memory. "One address" is an IPv6
+#: /64 (one host is given a whole /64, so counting its addresses one by one capped nothing); a customer's machines
+#: behind one egress proxy or NAT share one, so the cap per address leaves room for a fleet fetching at once
 MAX_CONNECTIONS = 64
-MAX_PER_ADDRESS = 8
+MAX_PER_ADDRESS = 16
 MIN_RATE = 64 << 10  # bytes/s: a bundle's download may take ANSWER_TIMEOUTS x TIMEOUT_S plus its size at this rate
 
 
@@ -167,7 +169,7 @@ class _Capped(ThreadingHTTPServer):
         self._counting = threading.Lock()
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        addr = client_address[0]
+        addr = source_of(client_address[0])
         with self._counting:
             full = sum(self._held.values()) >= self._total or self._held.get(addr, 0) >= self._per_address
             if not full:
@@ -191,7 +193,7 @@ class _Capped(ThreadingHTTPServer):
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self._release(client_address[0])
+            self._release(source_of(client_address[0]))
 
     def _release(self, addr: str) -> None:
         with self._counting:
@@ -200,6 +202,21 @@ class _Capped(ThreadingHTTPServer):
                 self._held[addr] = left
             else:
                 self._held.pop(addr, None)
+
+
+def source_of(address: str) -> str:
+    """What the cap per address counts a peer as: an IPv4 address (an IPv4-mapped IPv6 one too), or an IPv6 /64."""
+    import ipaddress
+
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
 
 
 class _IPv6Server(_Capped):
@@ -304,6 +321,8 @@ def fetch(url: str, inbox: Path) -> list[dict[str, Any]]:
             stop = threading.Event()
             status, body = _bounded(TIMEOUT_S * ANSWER_TIMEOUTS, lambda: _read_index(c, base, stop), shown, stop)
             record_outbound(f"{shown}/index.json", "GET", None, status, rid)
+            if status == 503:
+                raise CodemoatError("update channel is busy (503: it serves a bounded number of downloads at once): try again in a minute")
             if status != 200:
                 raise CodemoatError(f"update channel answered {status} for its index")
             if body is None:
