@@ -194,6 +194,10 @@ def test_a_codemoat_group_named_in_the_directory_settings_follows_the_rule_for_n
     good = {"group_map": {"cn=eng": "eng@corp"}} if where == "group_map" else {"admin_groups": ["ops@corp", "admin"]}
     assert DirectorySettings(**good)
     cfg = tmp_path / "codemoat.toml"
-    cfg.write_text('[directory]\ngroup_map = { "cn=eng" = "eng corp" }\n' if where == "group_map" else '[directory]\nadmin_groups = ["a b"]\n')
+    cfg.write_text(
+        '[directory]\ngroup_map = { "cn=eng" = "eng corp" }\n'
+        if where == "group_map"
+        else '[directory]\nadmin_groups = ["a b"]\n'
+    )
     r = run_cli("config", "show", env={"CODEMOAT_CONFIG": str(cfg)})
     assert r.returncode != 0 and "names the codemoat group" in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -322,7 +322,9 @@ def fetch(url: str, inbox: Path) -> list[dict[str, Any]]:
             status, body = _bounded(TIMEOUT_S * ANSWER_TIMEOUTS, lambda: _read_index(c, base, stop), shown, stop)
             record_outbound(f"{shown}/index.json", "GET", None, status, rid)
             if status == 503:
-                raise CodemoatError("update channel is busy (503: it serves a bounded number of downloads at once): try again in a minute")
+                raise CodemoatError(
+                    "update channel is busy (503: it serves a bounded number of downloads at once): try again in a minute"
+                )
             if status != 200:
                 raise CodemoatError(f"update channel answered {status} for its index")
             if body is None:
