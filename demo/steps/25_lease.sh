@@ -58,6 +58,25 @@ start_keyserver
 sleep 1; wait_healthy $SPORT 20
 probe "key server back:"
 
+say "a stranger who knows the license id asks the key server for 500 challenges: it writes nothing, and the renewals go on"
+"$PY" - "$KPORT" "$LIC" "$V/vendor.db" <<'PYEOF'
+import sqlite3, sys, httpx
+port, lic, db = sys.argv[1], sys.argv[2], sys.argv[3]
+def rows():  # (every table's rows, the spent-nonce table's): a renewal meanwhile spends one nonce, a challenge none
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as c:
+        names = [r[0] for r in c.execute("select name from sqlite_master where type = 'table'")]
+        count = {n: c.execute(f'select count(*) from "{n}"').fetchone()[0] for n in names}
+    return sum(count.values()), count.get("vault_lease_spent", 0)
+(before, spent0) = rows()
+with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
+    ok = sum(c.post("/v1/lease/challenge", json={"license_id": lic, "client_nonce": f"x{i}"}).status_code == 200 for i in range(500))
+(after, spent1) = rows()
+print(f"   {ok} challenges answered; rows in the vendor database: {before} before, {after} after"
+      f" ({spent1 - spent0} spent by this machine's renewals meanwhile). A nonce is its own proof, an HMAC of the key"
+      " server's key: there is no table of them to flood")
+PYEOF
+sleep 4; probe "after the flood:"
+
 say "vendor revokes the license: serving stops at the next renewal"
 $CODEMOAT vendor license revoke "$LIC" --vendor "$V"
 sleep 4; probe "after revoke:"
