@@ -51,12 +51,10 @@ from ..vault.license import MAX_FILE
 from ..vault.machine import MachineKey
 from ..vault.payload import open_payload
 from . import packs, payload
-from .tidy import tidy
+from .tidy import LICENSE_KEY, fsync_dir, tidy
 from .bundle import Bundle, payload_context
 from .checks import BundleChecks
 
-#: the state's SHA-256 of the license its last install switched in (license.lic.tmp of that digest is renamed in)
-LICENSE_KEY = "license_sha256"
 CRASH_ENV = "CODEMOAT_UPDATE_CRASH_AT"  # tests only: os._exit() at a named step (needs PYTEST_CURRENT_TEST)
 HOLD_ENV = "CODEMOAT_UPDATE_HOLD_AT"  # tests only: wait for good at a named point, to be killed there (`hold`)
 STEPS = ("verified", "staged", "stored", "journaled", "switched", "indexed")
@@ -90,14 +88,6 @@ def hold(name: str) -> None:
         marker.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         marker.touch()
         threading.Event().wait()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def model_files(folder: Path) -> tuple[Path, Path]:
@@ -207,7 +197,7 @@ class UpdateStore(BundleChecks):
         if step:
             _step(step)
         os.replace(tmp, path)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
 
     def _written(self, path: Path, data: bytes) -> Path:
         """PATH.tmp holding `data`, fsynced (a full disk fails here, before anything is replaced); removed when not."""
@@ -307,12 +297,12 @@ class UpdateStore(BundleChecks):
             raise CodemoatError(f"{stage} is left from an earlier install and cannot be removed: remove it by hand") from None
         payload.stage(bundle, stage, self.machine, self.guard)
         (stage / "manifest.json").write_text(json.dumps(m, indent=2, sort_keys=True))
-        _fsync_dir(stage)
+        fsync_dir(stage)
         _step("staged")
         (self.root / "bundles").mkdir(exist_ok=True)
         final = self.root / "bundles" / m["bundle_id"]
         os.replace(stage, final)
-        _fsync_dir(self.root / "bundles")
+        fsync_dir(self.root / "bundles")
         _step("stored")
         s = self.state()
         chan = bundle.channel
@@ -351,7 +341,7 @@ class UpdateStore(BundleChecks):
         if lic_tmp is not None:  # a rename: no space needed (a crash just before it: reconcile finishes it, updates.tidy)
             _step("license_pending")  # not in STEPS: the state has switched, the license not yet
             os.replace(lic_tmp, self.license_path)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
         _step("switched")
         out = {
             "bundle_id": m["bundle_id"],

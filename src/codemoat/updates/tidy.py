@@ -14,6 +14,9 @@ from typing import TYPE_CHECKING
 from ..errors import CodemoatError
 from . import packs
 
+#: the state's SHA-256 of the license its last install switched in (license.lic.tmp of that digest is renamed in)
+LICENSE_KEY = "license_sha256"
+
 if TYPE_CHECKING:
     from .store import UpdateStore
 
@@ -67,8 +70,6 @@ def _license_left(store: UpdateStore) -> bool:
     """license.lic.tmp: renamed over license.lic when it is the license the state switched to (a crash between the
     state's rename and the license's: dropped, the new version served under the license before, which may not cover
     it); else deleted (an install that did not switch). True when renamed in."""
-    from .store import LICENSE_KEY, _fsync_dir
-
     tmp, lic = store.root / "license.lic.tmp", store.license_path
     if not tmp.is_file() or tmp.is_symlink():
         tmp.unlink(missing_ok=True)
@@ -79,7 +80,7 @@ def _license_left(store: UpdateStore) -> bool:
             tmp.unlink()
             return False
         os.replace(tmp, lic)
-        _fsync_dir(store.root)
+        fsync_dir(store.root)
         return True
     tmp.unlink()
     return False
@@ -92,3 +93,12 @@ def remove(p: Path) -> None:
         p.unlink(missing_ok=True)
     else:
         shutil.rmtree(p, ignore_errors=True)
+
+
+def fsync_dir(path: Path) -> None:
+    """A folder's entries made durable (a rename in it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
