@@ -92,6 +92,15 @@ class NotSQLite(ValueError):
     """A file at a SQLite database's path that is not empty and not SQLite (some other file named by mistake)."""
 
 
+def fsync_dir(path: Path) -> None:
+    """A folder's entries made durable (a rename or a new file in it)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def private_sqlite(path: Path) -> Path:
     """`private_file` for a SQLite database (0600 before SQLite opens it: its -wal and -shm copy the mode), but a
     file there that is neither empty nor SQLite is refused first (`NotSQLite`), its mode untouched: a setting

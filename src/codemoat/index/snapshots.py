@@ -39,6 +39,8 @@ import time
 import uuid
 from pathlib import Path
 
+from ..paths import fsync_dir
+
 log = logging.getLogger("codemoat.index")
 POINTER = "CURRENT"
 _SNAP = re.compile(r"^snap-(\d{6,})\.db$")
@@ -184,7 +186,7 @@ class Building:
             _fsync(self.path)
             final = self.dir.snaps / f"snap-{self.after + 1:06d}.db"
             os.rename(self.path, final)
-            _fsync_dir(self.dir.snaps)
+            fsync_dir(self.dir.snaps)
             tmp = self.dir.root / f"{POINTER}.tmp"
             tmp.unlink(missing_ok=True)  # a link planted there is removed, never written through
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o600)
@@ -194,7 +196,7 @@ class Building:
             finally:
                 os.close(fd)
             os.replace(tmp, self.dir.root / POINTER)
-            _fsync_dir(self.dir.root)
+            fsync_dir(self.dir.root)
             try:
                 self.dir.collect()
             except (OSError, ValueError) as e:  # published all the same; the next writer collects
@@ -230,14 +232,6 @@ def _number(path: Path) -> int:
 
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
     finally:

@@ -51,7 +51,8 @@ from ..vault.license import MAX_FILE
 from ..vault.machine import MachineKey
 from ..vault.payload import open_payload
 from . import packs, payload
-from .tidy import LICENSE_KEY, fsync_dir, tidy
+from ..paths import fsync_dir
+from .tidy import LICENSE_KEY, tidy
 from .bundle import Bundle, payload_context
 from .checks import BundleChecks
 

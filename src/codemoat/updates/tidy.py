@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import CodemoatError
+from ..paths import fsync_dir
 from . import packs
 
 #: the state's SHA-256 of the license its last install switched in (license.lic.tmp of that digest is renamed in)
@@ -93,12 +94,3 @@ def remove(p: Path) -> None:
         p.unlink(missing_ok=True)
     else:
         shutil.rmtree(p, ignore_errors=True)
-
-
-def fsync_dir(path: Path) -> None:
-    """A folder's entries made durable (a rename in it)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
