@@ -9,7 +9,7 @@ import pytest
 
 from codemoat.engines.llamacpp import LlamaCppEngine
 from codemoat.engines.templates import Part
-from codemoat.engines.tokcache import MIN_CHARS, SCOPE, TokenCache
+from codemoat.engines.tokcache import ENTRY_CHARS, MIN_CHARS, SCOPE, TokenCache
 
 SUFFIX = "    return total\n\n\ndef handler_refund(order, amount_cents):\n" * 20  # the text after an editor's cursor
 
@@ -71,16 +71,40 @@ def test_special_and_plain_readings_of_one_text_are_kept_apart(front):
 
 
 def test_the_cache_holds_at_most_its_characters_least_recently_used_first():
-    c = TokenCache(max_chars=1000)
+    c = TokenCache(max_chars=3 * (300 + ENTRY_CHARS))
     for i in range(5):
         c.put("alice", False, str(i) * 300, [i])
-    assert c.chars <= 1000 and len(c) == 3
+    assert c.chars <= c.max_chars and len(c) == 3
     assert c.get("alice", False, "0" * 300) is None and c.get("alice", False, "4" * 300) == [4]
     c.get("alice", False, "2" * 300)  # used: the oldest is now 3
     c.put("bob", False, "b" * 300, [7])
     assert c.get("alice", False, "3" * 300) is None and c.get("alice", False, "2" * 300) == [2]
-    c.put("alice", False, "y" * 1001, [1])  # larger than the whole cache: never kept
-    assert c.get("alice", False, "y" * 1001) is None and c.chars <= 1000
+    big = "y" * (c.max_chars - ENTRY_CHARS + 1)  # larger than the whole cache with its entry: never kept
+    c.put("alice", False, big, [1])
+    assert c.get("alice", False, big) is None and c.chars <= c.max_chars
+
+
+def test_a_short_prompt_sent_again_is_not_tokenised_again(front, tokenised):
+    """A whole prompt of a few lines (an editor asking again for the completion it cancelled): cold, its
+    tokenising was ~5 % of a one-client first token; within the caller's own scope only."""
+    prompt = "import os\n\ndef walk(root):\n    for d, _, files in os.walk(root):\n"
+    want = front._model.tokenize(prompt.encode(), add_bos=False, special=False)
+    assert MIN_CHARS <= len(prompt) < 256
+    assert _as("alice", front, [Part(prompt, False)]) == want
+    tokenised.clear()
+    assert _as("alice", front, [Part(prompt, False)]) == want
+    assert tokenised == []  # from alice's entry
+    assert _as("bob", front, [Part(prompt, False)]) == want
+    assert tokenised == [len(prompt.encode())]  # bob's own: never alice's
+
+
+def test_a_flood_of_tiny_texts_is_bounded_by_entries_not_only_characters():
+    """Each entry costs its key, array and dict slot whatever its length: 16-character texts by the million
+    must not hold gigabytes under a budget counted in characters."""
+    c = TokenCache(max_chars=8_000)
+    for i in range(10_000):
+        c.put("mallory", False, f"{i:0{MIN_CHARS}d}", [i])
+    assert 0 < len(c) <= 8_000 // (MIN_CHARS + 64) and c.chars <= c.max_chars  # >= 64 characters an entry
 
 
 def test_threads_tokenising_at_once_get_llama_cpps_ids(front):

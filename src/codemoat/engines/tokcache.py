@@ -10,10 +10,16 @@ A text is looked up by its exact characters (a tokenizer is a function of its te
 caller's own scope (`SCOPE`, the user's name, set by `serve.service.Service.prepare`): whether another
 user's request comes back faster must not tell anyone whether a text was just sent by someone else (the
 prefix cache of the engine's slots is kept per user for the same reason). Without a scope nothing is
-cached. Texts under `MIN_CHARS` are cheaper to tokenise than to keep. At most `MAX_CHARS` characters are
-held in all, the least recently used going first, whoever sent them: a user who sends much can push others'
-texts out (a slowdown, and a hint of how much others send, never what). The ids are kept as 4-byte integers
-and every hit is a new list (callers may change what they get).
+cached. Short texts are kept too: a request's whole prompt of a few lines, sent again as an editor re-asks
+for the completion it cancelled, a chat's system prompt, a short suffix. Tokenising 150 characters cold,
+as the engine's decode steps since the last request leave llama.cpp's tokeniser out of the caches, took
+~0.23 ms of the ~4.6 ms to a one-client first token (bench/serve.py, 2026-12-07); a hit is a dict look-up.
+Only texts under `MIN_CHARS` (a token or two) are tokenised each time. At most `MAX_CHARS` characters are
+held in all, each text counted as `ENTRY_CHARS` more than its length (what an entry costs beside its
+characters: its key, its ids' array, the dict's slot), the least recently used going first, whoever sent
+them: a user who sends much can push others' texts out (a slowdown, and a hint of how much others send,
+never what). The ids are kept as 4-byte integers and every hit is a new list (callers may change what they
+get).
 """
 
 from __future__ import annotations
@@ -25,8 +31,11 @@ from contextvars import ContextVar
 
 #: whose texts this thread's tokenisations are (None: nobody's, not cached)
 SCOPE: ContextVar[str | None] = ContextVar("codemoat_token_scope", default=None)
-#: a text shorter than this is tokenised each time (~50 µs at most)
-MIN_CHARS = 256
+#: a text shorter than this is tokenised each time: a token or two, which a look-up would hardly beat
+MIN_CHARS = 16
+#: what an entry costs beside its text, counted in characters against `MAX_CHARS` (~200 bytes of key tuple,
+#: array and dict slot): a flood of tiny texts is bounded by the same budget as a few long ones
+ENTRY_CHARS = 64
 #: characters held in all (~80 editors' neighbourhoods of 25,000); their ids add ~4 MiB for code, up to ~32 MiB
 #: for text of up to 4 tokens a character (emoji, CJK)
 MAX_CHARS = 2 << 20
@@ -54,7 +63,7 @@ class TokenCache:
         return ids.tolist()
 
     def put(self, scope: str, special: bool, text: str, ids: list[int]) -> None:
-        if len(text) > self.max_chars:
+        if len(text) + ENTRY_CHARS > self.max_chars:
             return
         key = (scope, special, text)
         kept = array("i", ids)
@@ -62,10 +71,10 @@ class TokenCache:
             if key in self._items:
                 return
             self._items[key] = kept
-            self.chars += len(text)
+            self.chars += len(text) + ENTRY_CHARS
             while self.chars > self.max_chars:
                 (_, _, old), _ = self._items.popitem(last=False)
-                self.chars -= len(old)
+                self.chars -= len(old) + ENTRY_CHARS
 
     def __len__(self) -> int:
         return len(self._items)
