@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .tokcache import MIN_CHARS, SCOPE, TokenCache
+from .tokgrow import MIN_BYTES, TokenGrowth
 
 _UNREAD = object()  # `_bos` not read yet
 
@@ -75,22 +76,55 @@ class NativeVocab:
     def _tokenize(self, text: str, special: bool) -> list[int]:
         """llama.cpp's tokenizer into a buffer that fits: llama-cpp-python sizes its buffer by the training
         context, which a vocab-only model (the server's `front`) reports as 0, so it tokenised every text twice.
-        A long text the same caller sent a moment ago is not tokenised again (`tokcache`)."""
+        A text the same caller sent a moment ago is not tokenised again (`tokcache`); one that grew from such a text
+        is tokenised from a line start before the change (`tokgrow`)."""
         if self._closed:  # its vocabulary is freed: a 503 that says why, not a crash
             raise self.closed_error()
         scope = SCOPE.get() if len(text) >= MIN_CHARS else None
-        if scope is not None:
-            cache = self.token_cache()
-            hit = cache.get(scope, special, text)
-            if hit is not None:
-                return hit
+        if scope is None:
+            return self._native(text.encode(), special)
+        cache = self.token_cache()
+        hit = cache.get(scope, special, text)
+        if hit is not None:
+            return hit
         b = text.encode()
+        if len(b) >= MIN_BYTES:  # a text that grew from one this caller sent: only its new end (`tokgrow`)
+            ids = self.token_growth().tokenise(scope, special, b, self._native, self._ends)
+        else:
+            ids = self._native(b, special)
+        cache.put(scope, special, text, ids)
+        return ids
+
+    def _native(self, b: bytes, special: bool) -> list[int]:
+        """llama.cpp's tokenizer on `b` (no BOS), into a buffer that fits."""
         buf = (ctypes.c_int32 * (len(b) + 8))()  # a token covers a byte or more; room for a leading-space token
         n = self._lib.llama_tokenize(self._vocab, b, len(b), buf, len(buf), False, special)
-        ids = buf[:n] if n >= 0 else self._model.tokenize(b, add_bos=False, special=special)
-        if scope is not None:
-            cache.put(scope, special, text, ids)
-        return ids
+        return buf[:n] if n >= 0 else self._model.tokenize(b, add_bos=False, special=special)
+
+    def _ends(self, ids: Any, special: bool) -> Any:
+        """The byte offset at which each of `ids` ends in their text (`tokgrow`): the cumulative lengths of their
+        pieces, from a table of piece lengths per token id filled as tokens are first seen."""
+        import numpy as np
+
+        tables = self.__dict__.get("_piece_lengths")
+        if tables is None:
+            n_vocab = int(self._lib.llama_vocab_n_tokens(self._vocab))
+            tables = self.__dict__.setdefault("_piece_lengths", (np.full(n_vocab, -1, np.int32), np.full(n_vocab, -1, np.int32)))
+        lens = tables[1 if special else 0]  # -1: not looked up yet
+        arr = np.frombuffer(ids, dtype=np.int32) if len(ids) else np.zeros(0, dtype=np.int32)
+        if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= len(lens)):
+            return None
+        got = lens[arr]
+        if (got < 0).any():
+            for t in np.unique(arr[got < 0]).tolist():
+                lens[t] = len(self.piece(t, special))
+            got = lens[arr]
+        return np.cumsum(got, dtype=np.int64)
+
+    def token_growth(self) -> TokenGrowth:
+        """This vocabulary's `TokenGrowth` (made on first use, as `token_cache`)."""
+        got = self.__dict__.get("_token_growth")
+        return got if got is not None else self.__dict__.setdefault("_token_growth", TokenGrowth())
 
     def token_cache(self) -> TokenCache:
         """This vocabulary's `TokenCache` (made on first use; a new model is a new engine, with a new one)."""
