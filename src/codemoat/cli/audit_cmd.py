@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from .apps import _group, audit_app
-from .common import ConfigOpt, JsonFlag, check_writable, console, emit, open_audit_log, say
+from .common import ConfigOpt, JsonFlag, check_writable, console, emit, emit_failed, open_audit_log, say
 
 head_app = _group("The signed head of the audit log: export it to keep off this machine.")
 audit_app.add_typer(head_app, name="head")
@@ -70,9 +70,9 @@ def audit_verify(*, trusted_head: TrustedHeadOpt = None, config: ConfigOpt = Non
         else:
             say(f"[red]audit log FAILED at record {r['first_bad']}[/red]: {escape(r['problem'])}")  # it names paths
 
-    emit(rep.to_dict(), as_json, human)
     if not rep.ok:
-        raise typer.Exit(1)
+        emit_failed(rep.to_dict(), as_json, human, f"audit log FAILED at record {rep.first_bad}: {rep.problem}")
+    emit(rep.to_dict(), as_json, human)
 
 
 @audit_app.command("export")

@@ -33,10 +33,58 @@ json_errors = False
 json_written = False
 
 
-def asks_for_json(args: list[str]) -> bool:
-    """Whether a command line asks for JSON output (`--json` before any `--`): known before it is parsed,
-    so that a usage error is machine-readable too."""
-    return "--json" in (args[: args.index("--")] if "--" in args else args)
+def asks_for_json(args: list[str], command: Any = None) -> bool:
+    """Whether a command line asks for JSON output: known before it is parsed, so that a usage error is
+    machine-readable too. Read as click reads it (`command`, the app's click command, says which options take
+    a value): `--json` given as another option's value (`tokens create --name --json`) or after `--` is not the flag,
+    and its failure is then the stderr line alone, as the user asked."""
+    if "--json" not in args:
+        return False
+    if command is None:
+        import typer
+
+        from .apps import app  # its commands are added as `main` imports their modules
+
+        command = typer.main.get_command(app)
+    i = 0
+    while i < len(args):
+        token = args[i]
+        i += 1
+        if token == "--":
+            return False
+        if token.startswith("--"):
+            name, has_value, _ = token.partition("=")
+            if name == "--json" and not has_value:
+                return True  # also where the command has no --json: its usage error is then JSON
+            if not has_value:
+                i += _values_taken(command, name)
+        elif token.startswith("-") and token != "-":
+            i += _short_values_taken(command, token)
+        elif hasattr(command, "commands") and token in command.commands:
+            command = command.commands[token]  # a group's first word names its command; its options follow
+    return False
+
+
+def _option(command: Any, name: str) -> Any:
+    return next((p for p in command.params if name in getattr(p, "opts", ()) + getattr(p, "secondary_opts", ())), None)
+
+
+def _values_taken(command: Any, name: str) -> int:
+    """How many following words option `name` of `command` takes as its value (0: a flag, or none such)."""
+    p = _option(command, name)
+    if p is None or p.param_type_name != "option" or p.is_flag or p.count or getattr(p, "_flag_needs_value", False):
+        return 0
+    return max(p.nargs, 1)
+
+
+def _short_values_taken(command: Any, token: str) -> int:
+    """Click's reading of `-abc`: flags one after another, until one that takes a value takes the rest of the
+    word or, where nothing is left, the next words."""
+    for at, letter in enumerate(token[1:], start=2):
+        taken = _values_taken(command, "-" + letter)
+        if taken:
+            return taken if at == len(token) else taken - 1
+    return 0
 
 
 def print_error(message: str, code: int = 1) -> None:
@@ -80,6 +128,23 @@ def emit(data: Any, as_json: bool, human: Callable[[Any], None] | None = None) -
         json_written = True
     else:
         human(data)
+
+
+def emit_failed(data: Any, as_json: bool, human: Callable[[Any], None] | None, message: str, code: int = 1) -> None:
+    """Print a result that is itself a failure (audit verify's report of a bad record, index update with a repository
+    that could not be read, an update a running server could not serve), then exit `code`. Under `--json` it was the
+    result and a bare exit status: a script saw no `error`. The result stays the one document, and a dict result now
+    also carries `"ok": false, "error", "code"`, as every `--json` failure does; a list cannot, so the one line goes to
+    stderr beside it. For people, `human` tells the failure."""
+    if not as_json and human is not None:
+        human(data)
+    elif isinstance(data, dict):
+        first = next((line.strip() for line in str(message).splitlines() if line.strip()), "")
+        emit({**data, "ok": False, "error": first, "code": code}, True)
+    else:
+        emit(data, True)
+        print_error(message, code)
+    raise typer.Exit(code)
 
 
 def table(*headers: Any, **kw: Any) -> Any:

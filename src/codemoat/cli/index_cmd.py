@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 
 from .apps import app, index_app
-from .common import JsonFlag, console, emit, print_error, table, terminal_text
+from .common import JsonFlag, console, emit, emit_failed, print_error, table, terminal_text
 
 GROUPS_HELP = (
     "Comma-separated groups whose members may read this repository. Every user is implicitly in "
@@ -123,12 +123,12 @@ def update(
         out.append({**vars(stats), "groups": list(store.repo(n).groups)})
         if not as_json:
             console.print(_stats_line(stats))
+    if failed:  # for people each was told as it failed
+        emit_failed(out, as_json, lambda _: None, f"{len(failed)} of {len(names)} repositories not updated: {', '.join(failed)}")
     if as_json:
         emit(out, True)
     elif not names:
         console.print("no repositories indexed yet (`codemoat index add PATH --name NAME`)")
-    if failed:
-        raise typer.Exit(1)
 
 
 @index_app.command("remove")

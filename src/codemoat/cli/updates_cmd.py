@@ -9,7 +9,18 @@ import typer
 
 from ..errors import CodemoatError
 from .apps import update_app, vendor_app
-from .common import JsonFlag, VendorDir, check_writable, console, emit, open_audit_log, print_error, say, table
+from .common import (
+    JsonFlag,
+    VendorDir,
+    check_writable,
+    console,
+    emit,
+    emit_failed,
+    open_audit_log,
+    print_error,
+    say,
+    table,
+)
 
 LicenseOpt = Annotated[
     Path | None,
@@ -250,9 +261,10 @@ def _report(line: str, served: list[dict[str, Any]] | None) -> None:
 
 
 def _emit_served(r: dict[str, Any], as_json: bool, human) -> None:
+    failed = [a for a in r.get("served", []) if not a.get("ok")]
+    if failed:
+        emit_failed(r, as_json, human, f"server pid {failed[0]['pid']} could not serve it: {failed[0].get('error')}")
     emit(r, as_json, human)
-    if any(not a.get("ok") for a in r.get("served", [])):
-        raise typer.Exit(1)
 
 
 @update_app.command("list")

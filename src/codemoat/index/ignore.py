@@ -227,11 +227,37 @@ def _literal_prefix(pat: bytes) -> int:
     return m.start() if m else len(pat)
 
 
+class TooCostly(Exception):
+    """A walk's matching went past its `Meter`'s budget; `base`: the folder of the `.gitignore` that cost the most."""
+
+    def __init__(self, base: str):
+        super().__init__(base)
+        self.base = base
+
+
+class Meter:
+    """The matching one walk may do, in units of one rule tried on one byte of a path (its stars counted as rules:
+    each `**/` may scan the path again). What caps the rules compiled does not cap this: 99,000 rules like
+    `**/dN/**/*.py` cost ~2.7 s a path 200 folders deep, so a committed tree of such paths held the walk for days.
+    One unit is a few nanoseconds, alike for long and short rules (`walk.MAX_IGNORE_WORK`)."""
+
+    def __init__(self, budget: int):
+        self.left = budget
+        self.spent: dict[str, int] = {}  # by the folder of the .gitignore that cost it
+
+    def spend(self, base: str, units: int) -> None:
+        self.spent[base] = self.spent.get(base, 0) + units
+        self.left -= units
+        if self.left < 0:
+            raise TooCostly(max(self.spent, key=self.spent.__getitem__))
+
+
 class Ignore:
     """The `.gitignore` rules in force in one folder, over those of the folders above it."""
 
-    def __init__(self, parent: Ignore | None, base: str, lines: Sequence[str]):
+    def __init__(self, parent: Ignore | None, base: str, lines: Sequence[str], meter: Meter | None = None):
         self.parent, self.base = parent, base
+        self.meter = meter if meter is not None or parent is None else parent.meter
         self._base = base.encode("utf-8", "surrogateescape")
         self.rules: list[tuple[str, bool, bool, bool]] = []  # pattern, negate, dir_only, anchored
         for line in lines:
@@ -254,25 +280,30 @@ class Ignore:
         # ignores and `!` rules alternated; and one regex of every rule costs, on a path no rule matches, time in
         # its number of groups at each alternative: quadratic (a reviewer: 2.3 s a path at 99,000 rules).
         self._kinds: list[tuple[bool, bool, list[Callable[[bytes], re.Match | None]]]] = []
+        self._weights: list[list[int]] = []  # each chunk's units a byte of the path (`Meter`), beside `_kinds`
         for anchored in (False, True):
             for dir_only in (False, True):
                 order = [k for k, (_p, _n, d, a) in enumerate(self.rules) if a == anchored and d == dir_only][::-1]
-                chunks = []
+                chunks, weights = [], []
                 for at in range(0, len(order), IGNORE_CHUNK):
-                    alts = []
+                    alts, weight = [], 0
                     for k in order[at : at + IGNORE_CHUNK]:
                         pat = self.rules[k][0].encode("utf-8", "surrogateescape")
                         rx = translate(pat, _literal_prefix(pat) if anchored else 0)
                         if rx is not None:
                             alts.append(b"(?P<r%d>%s\\Z)" % (k, rx))
+                            weight += 1 + pat.count(b"*")
                     if alts:
                         chunks.append(re.compile(b"|".join(alts), re.DOTALL).match)
+                        weights.append(weight)
                 if chunks:
                     self._kinds.append((anchored, dir_only, chunks))
+                    self._weights.append(weights)
 
     def ignored(self, rel: str, is_dir: bool) -> bool:
         """Whether `rel` (a path from the repository's root, in this folder or below) is ignored: the deepest
-        `.gitignore` with a rule that matches decides, by its last such rule."""
+        `.gitignore` with a rule that matches decides, by its last such rule. Raises `TooCostly` once the walk's
+        `Meter` is spent."""
         chain: list[Ignore] = []  # the outermost folder's rules first, a deeper folder's override them
         node: Ignore | None = self
         while node is not None:  # not by recursion: a .gitignore in each of thousands of nested folders
@@ -283,15 +314,19 @@ class Ignore:
         for node in reversed(chain):
             sub = path[len(node._base) + 1 :] if node._base else path
             name = sub.rsplit(b"/", 1)[-1]
-            last = -1  # the node's last rule that matches
-            for anchored, dir_only, chunks in node._kinds:
+            last, units = -1, 0  # the node's last rule that matches; the work it took
+            for (anchored, dir_only, chunks), weights in zip(node._kinds, node._weights):
                 if is_dir or not dir_only:
                     target = sub if anchored else name
-                    for match in chunks:  # the latest rules first: the first chunk that matches holds the last one
+                    # the latest rules first: the first chunk that matches holds the last one
+                    for match, weight in zip(chunks, weights):
+                        units += weight * (len(target) + 1)
                         m = match(target)
                         if m is not None:
                             last = max(last, int(m.lastgroup[1:]))  # type: ignore[index]
                             break
+            if units and node.meter is not None:
+                node.meter.spend(node.base, units)
             if last >= 0:
                 verdict = not node.rules[last][1]
         return verdict

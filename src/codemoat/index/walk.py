@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ..errors import CodemoatError
 from ..text import shown as escaped, unsafe_name
-from .ignore import IGNORE_CHUNK, Ignore as _Ignore, lines as gitignore_lines  # noqa: F401  (IGNORE_CHUNK: tests)
+from .ignore import IGNORE_CHUNK, Ignore as _Ignore, Meter, TooCostly, lines as gitignore_lines  # noqa: F401  (IGNORE_CHUNK: tests)
 from .languages import language_for
 from .reader import FOLDER, GONE, RepoReader, read_bytes
 from .reader import MAX_BYTES  # noqa: F401  (part of this module's rules, kept where the reader needs it)
@@ -127,6 +127,11 @@ MAX_IGNORE_RULES = 100_000
 #: shorter than a path) cost some 400 MB and 10 s a megabyte to compile, far under the rule count; 100,000 ordinary
 #: rules are ~2 MB
 MAX_IGNORE_BYTES = 3_000_000
+#: and at most this much matching of paths against them (`ignore.Meter`: a rule tried on a byte of a path; some 200
+#: million a second here, so about 4 minutes): within the caps above, 99,000 rules like `**/dN/**/*.py` cost 2.7 s a
+#: path 200 folders deep, and a committed tree of such paths held the walk (and the index's write lock) for days. A
+#: large repository's own cost a fiftieth of it (70,000 files under 500 rules: ~1e9)
+MAX_IGNORE_WORK = 50_000_000_000
 
 
 def _walk(root: Path) -> Iterator[str]:
@@ -135,12 +140,13 @@ def _walk(root: Path) -> Iterator[str]:
     visited from a stack, not by recursion: a committed tree thousands of folders deep is walked too."""
 
     budget = [MAX_IGNORE_RULES, MAX_IGNORE_BYTES]  # rules, and bytes of them, left to compile in this walk
+    meter = Meter(MAX_IGNORE_WORK)  # and the matching left
 
     def entries(folder: Path, rel: str, rules: _Ignore | None) -> Iterator[tuple[os.DirEntry, str, _Ignore | None]]:
         gi = folder / ".gitignore"
         try:
             if stat.S_ISREG(os.lstat(gi).st_mode):  # a symlinked or special .gitignore is not read
-                rules = _Ignore(rules, rel, gitignore_lines(read_bytes(gi) or b""))
+                rules = _Ignore(rules, rel, gitignore_lines(read_bytes(gi) or b""), meter)
                 budget[0] -= len(rules.rules)
                 budget[1] -= sum(len(r[0]) for r in rules.rules)
                 if budget[0] < 0 or budget[1] < 0:
@@ -158,6 +164,15 @@ def _walk(root: Path) -> Iterator[str]:
         for e in found:
             yield e, f"{rel}/{e.name}" if rel else e.name, rules
 
+    def ignored(rules: _Ignore | None, child: str, is_dir: bool) -> bool:
+        try:
+            return rules is not None and rules.ignored(child, is_dir)
+        except TooCostly as e:
+            raise CodemoatError(
+                f"the .gitignore files under {root} cost more than {MAX_IGNORE_WORK:,} steps (a rule tried on a byte of a "
+                f"path) to match (the costliest: {shown(e.base or '.')}/.gitignore): not indexed; a repository's own cost far less"
+            ) from None
+
     stack = [entries(root, "", None)]
     while stack:
         got = next(stack[-1], None)
@@ -170,9 +185,9 @@ def _walk(root: Path) -> Iterator[str]:
         except OSError:
             continue
         if is_dir:
-            if not (e.name in SKIP_DIRS or (rules and rules.ignored(child, True))):
+            if not (e.name in SKIP_DIRS or ignored(rules, child, True)):
                 stack.append(entries(Path(e.path), child, rules))
-        elif not (rules and rules.ignored(child, False)):
+        elif not ignored(rules, child, False):
             yield child
 
 

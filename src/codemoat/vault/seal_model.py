@@ -31,11 +31,14 @@ def read_model(path: Path) -> tuple[str, str, bytearray, list[dict[str, Any]]]:
     if not path.exists():
         raise NotFound(f"model not found: {path}")
     if path.suffix == ".gguf" and not path.is_dir():
-        size = checked_gguf_size(path)
-        with _open(path) as f:
-            data = bytearray(os.fstat(f.fileno()).st_size)
-            got = f.readinto(data)
-        if len(data) != size or got != size:
+        pieces, size = gguf_pieces(path, None, b"")  # what is read is what was checked, not what the path holds later
+        data, got = bytearray(size), 0
+        for block in pieces():
+            if got + len(block) > size:
+                raise CodemoatError(f"{path}: changed while it was read ({size} bytes, then more)")
+            data[got : got + len(block)] = block
+            got += len(block)
+        if got != size:
             raise CodemoatError(f"{path}: changed while it was read ({size} bytes, then {got})")
         return path.stem, "gguf", data, [{"name": path.name, "offset": 0, "size": len(data)}]
     folder = path if path.is_dir() else path.parent
@@ -84,13 +87,58 @@ def checked_gguf_size(path: Path) -> int:
     return _whole_gguf(path, "model")[1]
 
 
-def _whole_gguf(path: Path, what: str) -> tuple[dict, int]:
+def _whole_gguf(path: Path, what: str) -> tuple[dict, int, int]:
+    """(scalar metadata, file size, header size) of a GGUF that parses whole."""
     from ..trace.gguf_stream import GGUFFile
 
-    with GGUFFile(path, name=str(path)) as g:
+    try:
+        g = GGUFFile(path, name=str(path))
+    except CodemoatError:
+        if _big_endian(path):
+            raise CodemoatError(f"{path}: big-endian GGUF is not supported (convert it to little-endian)") from None
+        raise
+    with g:
         if not g.tensors:
             raise CodemoatError(f"{path}: a GGUF {what} holds tensors, this one none")
-        return g.metadata, g.file_size
+        return g.metadata, g.file_size, g.header_size
+
+
+def _big_endian(path: Path) -> bool:
+    """Whether `path` starts as a big-endian GGUF does (llama.cpp's `gguf-py` tells them apart the same way: its
+    version's low 16 bits are 0 read little-endian). They were refused as "truncated or not a valid GGUF file"."""
+    try:
+        fd = open_regular(path, "model")[0]
+    except CodemoatError:
+        return False
+    try:
+        head = os.pread(fd, 8, 0)
+    finally:
+        os.close(fd)
+    version = int.from_bytes(head[4:8], "little")
+    return len(head) == 8 and head[:4] == b"GGUF" and version & 0xFFFF == 0 and version != 0
+
+
+def _same_gguf(path: Path, header: memoryview, size: int, header_size: int) -> None:
+    """Refuse, as changed while it was read, bytes read from `path` that are not the GGUF model it was checked as:
+    their own header (`header_size` bytes, the checked file's) must parse whole for a file of `size` bytes, and end
+    where the checked one did (so the parse read none past it). The file was checked, then opened again and read:
+    one swapped for another of the same size in between was sealed unchecked. The header is checked from a memfd of
+    it, its tensors' bytes left a hole (never in memory twice), so no model is read a second time."""
+    from ..trace.gguf_stream import GGUFFile
+
+    fd = os.memfd_create("codemoat-gguf-header", os.MFD_CLOEXEC)
+    try:
+        with os.fdopen(os.dup(fd), "wb", buffering=0) as w:
+            w.write(header)
+        os.ftruncate(fd, size)
+        with GGUFFile(f"/proc/self/fd/{fd}", name=str(path)) as g:
+            same = bool(g.tensors) and g.header_size == header_size and g.file_size == size
+    except CodemoatError:
+        same = False
+    finally:
+        os.close(fd)
+    if not same:
+        raise CodemoatError(f"{path}: changed while it was read (the bytes read are not the GGUF model checked)")
 
 
 def check_model(path: Path) -> None:
@@ -188,8 +236,10 @@ def model_inputs(model: Path) -> list[Path]:
 
 
 def gguf_pieces(path: Path, stream: Callable | None, secret: bytes) -> tuple[Callable[[], Iterator[Any]], int]:
-    """(pieces, size) of a GGUF file, marked by `stream(path, secret)` when given, else as it is."""
-    size = checked_gguf_size(path)
+    """(pieces, size) of a GGUF file, marked by `stream(path, secret)` when given, else as it is. Unmarked, the
+    header streamed is checked again before any of it is yielded (`_same_gguf`), and `seal_stream` counts the
+    size: the bytes sealed are those checked, not whatever the path held by then."""
+    _, size, header_size = _whole_gguf(path, "model")
     if stream is not None:
         marked = stream(path, secret)
         if marked.size != size:
@@ -198,6 +248,11 @@ def gguf_pieces(path: Path, stream: Callable | None, secret: bytes) -> tuple[Cal
 
     def pieces() -> Iterator[bytes]:
         with _open(path) as f:
+            head = bytearray()  # the blocks up to the header's end: checked before any is yielded
+            while len(head) < header_size and (block := f.read(32 << 20)):
+                head += block
+            _same_gguf(path, memoryview(head)[:header_size], size, header_size)
+            yield bytes(head)
             while block := f.read(32 << 20):
                 yield block
 

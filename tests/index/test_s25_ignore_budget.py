@@ -1,0 +1,71 @@
+"""A plain folder's `.gitignore` matching has a budget per walk (`walk.MAX_IGNORE_WORK`, `ignore.Meter`): 99,000
+rules like `**/dN/**/*.py`, under the rule and byte caps, cost ~2.7 s for each path 200 folders deep, so a committed
+tree of such paths held the walk for days. Past the budget the folder is refused in one line that names the
+`.gitignore` that cost the most. The budget is lowered here so that the test is quick; the cost is counted in steps,
+not measured in time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from codemoat.errors import CodemoatError
+from codemoat.index import walk
+from codemoat.index.ignore import Ignore, Meter, TooCostly
+from codemoat.index.walk import scan
+
+
+def _tree(root: Path, hostile: bool) -> None:
+    (root / ".gitignore").write_text("*.log\n/build/\n")
+    evil = root / "evil"
+    deep = evil.joinpath(*(f"x{i}" for i in range(30)))
+    deep.mkdir(parents=True)
+    rules = [f"**/d{i}/**/*.py" for i in range(300)] if hostile else ["*.tmp", "/out/"]
+    (evil / ".gitignore").write_text("\n".join(rules) + "\n")
+    for i in range(5):
+        (deep / f"m{i}.py").write_text(f"M = {i}\n")
+    (root / "a.py").write_text("A = 1\n")
+    (root / "a.log").write_text("log\n")
+
+
+def test_hostile_rules_past_the_budget_refuse_the_folder_naming_their_gitignore(tmp_path, monkeypatch):
+    _tree(tmp_path, hostile=True)
+    monkeypatch.setattr(walk, "MAX_IGNORE_WORK", 50_000)
+    with pytest.raises(CodemoatError, match=r"cost more than 50,000 steps .* \(the costliest: evil/\.gitignore\): not indexed"):
+        scan(tmp_path)
+
+
+def test_ordinary_rules_under_the_same_budget_are_walked(tmp_path, monkeypatch):
+    """The negative beside it: the same tree with ordinary rules, and the same small budget, is walked and its rules
+    kept."""
+    _tree(tmp_path, hostile=False)
+    monkeypatch.setattr(walk, "MAX_IGNORE_WORK", 50_000)
+    listed = scan(tmp_path).paths
+    assert "a.py" in listed and "a.log" not in listed and len(listed) == 6, listed
+
+
+def test_hostile_rules_under_the_default_budget_are_still_matched_as_git_does(tmp_path):
+    """A few such rules are no attack: under the default budget they are matched, and a path they name is ignored."""
+    _tree(tmp_path, hostile=True)
+    (tmp_path / "evil" / "d7" / "q").mkdir(parents=True)
+    (tmp_path / "evil" / "d7" / "q" / "z.py").write_text("Z = 1\n")
+    listed = scan(tmp_path).paths
+    assert "evil/d7/q/z.py" not in listed and len(listed) == 6, listed
+
+
+def test_the_meter_names_the_costliest_gitignore():
+    meter = Meter(1_000)
+    top = Ignore(None, "", ["*.log"], meter)
+    evil = Ignore(top, "evil", [f"**/d{i}/**/*.py" for i in range(50)])  # the walk's meter, from its parent
+    assert evil.meter is meter
+    assert not top.ignored("a.py", False)
+    with pytest.raises(TooCostly) as e:
+        evil.ignored("evil/x/y/z.py", False)
+    assert e.value.base == "evil" and meter.spent[""] < meter.spent["evil"]
+
+
+def test_no_meter_no_budget():
+    """An `Ignore` made without one (tests, other callers) matches as before, with no budget."""
+    ignore = Ignore(None, "", [f"**/d{i}/**/*.py" for i in range(50)])
+    assert ignore.meter is None and ignore.ignored("a/d3/b/c.py", False) and not ignore.ignored("a/b/c.py", False)
