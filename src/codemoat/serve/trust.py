@@ -140,7 +140,26 @@ class Trust:
             "expires_at": lic.license_expires_at if lic else None,
             "lease_seconds_left": lic.lease_seconds_left if lic else None,
             "engine_slots": self._engine_slots(holder),
+            "tokenizer": self._tokenizer(holder),
         }
+
+    @staticmethod
+    def _tokenizer(holder: Any) -> dict[str, int] | None:
+        """What the server's tokeniser took from its caches (`engines.tokcache`, `engines.tokgrow`), or None: texts
+        found unchanged, looked up and not found, and long texts tokenised from where they grew or whole."""
+        try:
+            engine = holder.get() if holder.loaded else None
+        except Exception:
+            return None
+        vocab = getattr(engine, "front", engine)
+        cache = getattr(vocab, "__dict__", {}).get("_token_cache")
+        growth = getattr(vocab, "__dict__", {}).get("_token_growth")
+        if cache is None and growth is None:
+            return None
+        out = {"hits": cache.hits, "misses": cache.misses} if cache is not None else {}
+        if growth is not None:
+            out.update(grown=growth.grown, whole=growth.whole)
+        return out
 
     @staticmethod
     def _engine_slots(holder: Any) -> dict[str, int] | None:
