@@ -8,6 +8,7 @@ import httpx
 import openai
 
 url, token = sys.argv[1], sys.argv[2]
+scraper = sys.argv[3] if len(sys.argv) > 3 else None
 
 
 def say(text: str) -> None:
@@ -49,6 +50,24 @@ print(
     f"   {c2.usage.prompt_tokens} prompt tokens, {cached} of them found in this user's own cache "
     f"(usage.prompt_tokens_details.cached_tokens; another user's request never finds them): {dt * 1000:.0f} ms"
 )
+
+if scraper:
+    say("developer types on in a longer file: the server tokenises only the prefix's new end")
+    long_file = open(__file__).read()  # this file: ~900 characters of it fit the bundled model's 512-token context
+    t = time.perf_counter()
+    for i in range(8):  # eight keystrokes, three characters each
+        client.completions.create(model="codemoat-tiny", prompt=long_file[: 880 + 3 * i], max_tokens=4, temperature=0)
+    dt = time.perf_counter() - t
+    m = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {scraper}"}).text
+    grown = {
+        line.split('how="')[1].split('"')[0]: float(line.split()[-1])
+        for line in m.splitlines()
+        if line.startswith("codemoat_tokenizer_long_texts_total{")
+    }
+    print(
+        f"   8 keystrokes in {dt * 1000:.0f} ms; /metrics codemoat_tokenizer_long_texts_total: "
+        f"{grown.get('grown', 0):.0f} grown from this user's last text, {grown.get('whole', 0):.0f} tokenised whole"
+    )
 
 say("developer (OpenAI client): streamed chat")
 stream = client.chat.completions.create(

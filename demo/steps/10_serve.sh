@@ -18,7 +18,8 @@ wait_healthy $PORT
 echo "   /health without a token (liveness only): $(curl -s "http://127.0.0.1:$PORT/health")"
 curl -s -H "Authorization: Bearer $TOKEN" "http://127.0.0.1:$PORT/health" | "$PY" -c 'import json,sys; d=json.load(sys.stdin); print("   /health with a token:", d["status"], "| engine", d["engine"]["engine"], "| context", d["engine"]["n_ctx"], "tokens")'
 
-"$PY" "$ROOT/demo/serve_demo.py" "http://127.0.0.1:$PORT" "$TOKEN"
+SCRAPER=$($CODEMOAT tokens create --name demo-scraper --scopes metrics --json | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["token"])')
+"$PY" "$ROOT/demo/serve_demo.py" "http://127.0.0.1:$PORT" "$TOKEN" "$SCRAPER"
 
 say "developer: codemoat complete (a thin CLI client)"
 CODEMOAT_URL="http://127.0.0.1:$PORT" CODEMOAT_TOKEN="$TOKEN" $CODEMOAT complete --prefix $'import os\n\ndef list_python_files(root):\n    ' --suffix $'\n' --max-tokens 40 | sed 's/^/   │ /'
