@@ -69,13 +69,16 @@ def seal_stream(
 
     The signed header holds the plaintext's SHA-256 and every chunk's associated data holds the
     header's hash, so without `plaintext_sha256` the plaintext is read twice: `pieces` is called
-    once to hash it and once to encrypt it (it must give the same bytes both times). Memory stays
-    at one chunk plus one piece, whatever the size."""
+    once to hash it and once to encrypt it, and the bytes encrypted are hashed again: a file that changed
+    between the two reads is refused, where it was sealed under a header whose SHA-256 no customer's load
+    could match. Memory stays at one chunk plus one piece, whatever the size."""
     if fmt not in FORMATS:
         raise VaultError(f"model format {fmt!r} is not one of {', '.join(FORMATS)}")
     if len(content_key) != 32:
         raise ValueError("content key must be 32 bytes")
+    again = None  # the encrypted bytes' hash, when the plaintext is read twice
     if plaintext_sha256 is None:
+        again = hashlib.sha256()
         digest, seen = hashlib.sha256(), 0
         for p in pieces():
             digest.update(p)
@@ -127,6 +130,8 @@ def seal_stream(
 
             for p in pieces():
                 src = memoryview(p).cast("B")
+                if again is not None:
+                    again.update(src)
                 at = 0
                 while at < len(src):
                     want = min(chunk_size, size - i * chunk_size)
@@ -142,6 +147,10 @@ def seal_stream(
                 raise VaultError(f"model plaintext is {done} bytes, expected {size}")
             if size == 0:  # one empty final chunk, as the format has always had
                 emit(0)
+        if again is not None and again.hexdigest() != plaintext_sha256:
+            raise VaultError(
+                "the model changed while it was sealed (its bytes hashed, then read again, differ): nothing was written"
+            )
         os.replace(tmp, out_path)
     finally:
         pbuf[:] = bytes(len(pbuf))
