@@ -6,14 +6,16 @@ behind `codemoat update apply` (its hand-off socket, updates.handoff, started wi
 produce tokens, then it takes new requests while in-flight ones finish on the old one). When the load
 or that health check fails, the old engine serves on and, while no serve has checked the version
 (pending), the store is rolled back with it: the version before is current again and the failed one is
-recorded as failed (`update list`). A model version another serve's check passed stays current: one
-serve's failure (its own memory or device) is reported as this serve's, not made everyone's. Every
-outcome is audited (`update swapped`, `update swap_failed`, `update swap_rolled_back`). A swap that
-passed confirms the version in the store (no longer pending: `update confirmed`).
+recorded as failed (`update list`). A model or adapter version another serve's check passed stays
+current: one serve's failure (its own memory or device, its own base model) is reported as this serve's,
+not made everyone's. Every outcome is audited (`update swapped`, `update swap_failed`, `update
+swap_rolled_back`). A swap that passed confirms the version in the store (no longer pending: `update
+confirmed`). Under `update apply`'s hand-off the swap tells its stage (updates.handoff.stage).
 
 `check_installed_at_start(app)` is the same check at serve's start with `model.path = update:model`:
 a version still pending is health-checked before any request; on failure the version before it is
-swapped in (and checked) and the failed one recorded, as for a swap.
+swapped in (and checked) and the failed one recorded, as for a swap, unless another serve's check
+passed it meanwhile (the store keeps it; this serve serves an earlier kept version, for itself only).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ def swap_installed(app: Any, channel: str, audit: Audit, *, add_adapter: bool = 
 
     from ..engines.loader import SwapBusy, installed_bundle, swap_adapter, swap_model
     from ..updates.bundle import label
+    from ..updates.handoff import stage
     from ..updates.store import UpdateStore, hold, model_files
 
     holder, settings = app.state.holder, app.state.service.settings
@@ -55,7 +58,8 @@ def swap_installed(app: Any, channel: str, audit: Audit, *, add_adapter: bool = 
         why = f"this server does not serve it (add update:{name} to model.adapters)"
         return {"channel": channel, "version": cur["version"], "swapped": False, "reason": why}
     try:
-        hold("swap")  # tests only: a serve killed here, mid-swap
+        stage("loading")  # the new engine is loaded and health-checked (engines.loader: one step)
+        hold("swap")  # tests only: a serve killed (or held) here, mid-swap
         if name is None:
             out = swap_model(holder, settings, *model_files(Path(cur["dir"])), installed_bundle(cur))
             app.state.egress_allow = list(holder.status.egress_allow)  # the new license's key server
@@ -69,21 +73,19 @@ def swap_installed(app: Any, channel: str, audit: Audit, *, add_adapter: bool = 
         if not isinstance(e, CodemoatError):
             log.exception("swapping in %s failed", label(cur))
         audit("swap_failed", **what, version=cur["version"], reason=reason)
-        # a model version only while no serve has checked it: this serve's own failure (its memory, its device) does
-        # not undo, for every serve and the next starts, a version another serve's check passed and serves now. An
-        # adapter has no such record (none is pending): its failure rolls back, as one for another base must
-        checked = name is None
-        back = store.fail(channel, cur["bundle_id"], reason, only_pending=checked)
+        stage("recording")
+        # only while no serve has checked it: this serve's own failure (its memory, its device, its base model) does
+        # not undo, for every serve and the next starts, a version another serve's check passed and serves now
+        back = store.fail(channel, cur["bundle_id"], reason, only_pending=True)
         undo = ""
         if back is not None:
             undo = f"; the store is back on {back['version']}" if back["version"] else "; the store no longer lists it"
-        elif checked and (now := store.current(channel)) is not None and now["bundle_id"] == cur["bundle_id"]:
-            undo = (
-                "; another server's check passed it, so the store keeps it: this server serves the one before until it restarts"
-            )
+        elif (now := store.current(channel)) is not None and now["bundle_id"] == cur["bundle_id"]:
+            undo = f"; {_KEPT}: this server serves the one before until it restarts"
         raise CodemoatError(f"{label(cur)} failed in the running server, which serves on as before: {reason}{undo}") from None
     out = dict(out, channel=channel, version=cur["version"], swapped=True)
     audit("swapped", **out)
+    stage("confirming")
     store.confirm(channel, cur["bundle_id"])  # its health check passed: no longer pending
     return out
 
@@ -93,11 +95,69 @@ async def check_installed_at_start(app: Any) -> None:
     any request): the version `engines.loader.open_installed` loaded is health-checked when it is still
     pending (applied while no serve ran, or its swap was cut off); passed, it is confirmed; failed, it is
     recorded failed, the version before it is swapped in (checked too, `swap_installed`), and with no
-    version left that passes, the model is unloaded (503 with the reason) rather than served unchecked."""
+    version left that passes, the model is unloaded (503 with the reason) rather than served unchecked.
+
+    Serves started together on one pending version each check it: when another serve's check passed it
+    (confirmed) before this one's failed, the store keeps it for the fleet (store.fail with only_pending,
+    as a swap's failure) and this serve, which must not serve what failed here, serves the newest version
+    kept before it that passes its check, for itself only (the store unchanged: `update list` shows the
+    fleet's version, /health this serve's), until it restarts or a later swap; with none that passes, it
+    unloads with the reason (503). Its next start loads the store's version again, checked then only if
+    pending: restart it once its own trouble (memory, device) is fixed, or `update rollback` for all.
+
+    Then each installed adapter it serves (`update:NAME` in `model.adapters`) whose version is pending is
+    checked the same way (`_check_adapters_at_start`)."""
+    await _check_model_at_start(app)
+    await _check_adapters_at_start(app)
+
+
+async def _check_adapters_at_start(app: Any) -> None:
+    """serve's start: a pending vendor adapter the served engine loaded (applied while no serve ran, or
+    its swap cut off) is health-checked with the adapter (engines.loader.probe); passed, it is confirmed,
+    so that another serve's failure later is that serve's own; failed, it is recorded failed unless another
+    serve's check passed it (store.fail with only_pending) and the version the store then has is swapped
+    in (checked, `swap_installed`); kept, this serve serves on as it loaded (a failed swap's rule)."""
+    import anyio
+
+    from ..engines.adapters import VENDOR_PREFIX
+    from ..engines.loader import probe
+    from ..updates.store import UpdateStore
+
+    holder, settings = app.state.holder, app.state.settings
+    names = [a[len(VENDOR_PREFIX) :] for a in settings.model.adapters if a.startswith(VENDOR_PREFIX)]
+    if not names or settings.vault.socket or not holder.loaded:
+        return
+    audit = _auditor(app, "serve start")
+    store = UpdateStore(audit=lambda step, d: audit(step, **d))
+    engine = holder.get()
+    served = {a.name: a.version for a in getattr(engine, "adapters_served", ())}
+    for name in names:
+        chan = f"adapter:{name}"
+        cur = store.current(chan)
+        if cur is None or not cur.get("pending") or served.get(name) != cur["version"]:
+            continue  # checked already, or not served (refused at load: its base, its file)
+        try:
+            await anyio.to_thread.run_sync(lambda: probe(engine, name, loop=holder.loop_token))
+        except Exception as e:
+            reason = (str(e) or type(e).__name__).splitlines()[0][:300]
+            log.warning("installed adapter %s %s failed its health check at start: %s", name, cur["version"], reason)
+            audit("swap_failed", adapter=name, version=cur["version"], reason=reason)
+            back = store.fail(chan, cur["bundle_id"], f"its health check at serve start failed: {reason}", only_pending=True)
+            if back is not None and back["version"]:
+                try:
+                    await anyio.to_thread.run_sync(lambda: swap_installed(app, chan, audit))
+                except CodemoatError as e2:  # audited (and recorded) by swap_installed
+                    log.warning("%s", str(e2).splitlines()[0])
+            continue
+        store.confirm(chan, cur["bundle_id"])
+
+
+async def _check_model_at_start(app: Any) -> None:
+    """`check_installed_at_start`'s model part."""
     import anyio
 
     from ..engines.loader import INSTALLED, probe
-    from ..updates.store import KEEP, UpdateStore
+    from ..updates.store import UpdateStore, hold
 
     holder, settings = app.state.holder, app.state.settings
     if settings.model.path != INSTALLED or settings.vault.socket or holder.status.bundle is None:
@@ -118,20 +178,70 @@ async def check_installed_at_start(app: Any) -> None:
             "installed model %s failed its health check at start: %s; going back to the version before it", b.version, reason
         )
         audit("swap_failed", model="installed", version=b.version, reason=reason)
-        store.fail("model", b.bundle_id, f"its health check at serve start failed: {reason}")
-        for _ in range(KEEP + 1):  # each version kept before it, until one passes
-            if store.current("model") is None:
-                break
-            try:
-                await anyio.to_thread.run_sync(lambda: swap_installed(app, "model", audit))
-                return
-            except CodemoatError as e2:  # audited and recorded failed by swap_installed
-                log.warning("%s", str(e2).splitlines()[0])
+        hold("start_check")  # tests only: another serve confirms it here, as one checking it beside this one would
+        store.fail("model", b.bundle_id, f"its health check at serve start failed: {reason}", only_pending=True)
+        if await anyio.to_thread.run_sync(lambda: _serve_one_that_passes(app, store, audit, {b.bundle_id})):
+            return
+        kept = (now := store.current("model")) is not None and now["bundle_id"] == b.bundle_id
+        why = f"installed model {b.version} failed its health check ({reason})"
+        why += f" ({_KEPT}) and no version kept before it passed here" if kept else " and no version before it passed"
         holder._loader = None  # nothing reloads the failed version (a lease regained, an adapter swap)
-        holder.unload(f"installed model {b.version} failed its health check ({reason}) and no version before it passed")
+        holder.unload(why)
         log.warning("no installed model version passed its health check: not serving (`codemoat update list`)")
         return
     store.confirm("model", b.bundle_id)
+
+
+_KEPT = "another server's check passed it, so the store keeps it"
+
+
+def _serve_one_that_passes(app: Any, store: Any, audit: Audit, failed: set[str]) -> bool:
+    """serve's start, after its check of the version it loaded failed (`failed`): swap in the store's
+    current version when it has not failed here (`swap_installed`: checked, and recorded failed or rolled
+    back as any swap), else, the store keeping one another serve checked, the newest version kept before it
+    that has not failed here, for this serve only (the store unchanged). False when none passes."""
+    from pathlib import Path
+
+    from ..engines.loader import installed_bundle, swap_model
+    from ..updates.store import KEEP, model_files
+
+    holder, settings = app.state.holder, app.state.service.settings
+    for _ in range(2 * KEEP + 2):  # each swap tried fails one version here, or the store moves back one
+        s = store.state()
+        ch = s["channels"].get("model") or {}
+        cur = ch.get("current")
+        if cur is None:
+            return False
+        if cur not in failed:
+            try:
+                swap_installed(app, "model", audit)
+                return True
+            except CodemoatError as e:  # audited, and recorded failed unless another serve's check passed it
+                log.warning("%s", str(e).splitlines()[0])
+                failed.add(cur)
+                continue
+        older = [bid for bid in reversed(ch.get("history", [])) if bid not in failed]
+        if not older:
+            return False
+        info = dict(s["bundles"][older[0]], bundle_id=older[0])
+        failed.add(older[0])
+        try:
+            out = swap_model(holder, settings, *model_files(Path(info["dir"])), installed_bundle(info))
+        except Exception as e:  # not the store's current version: nothing to record but the audit
+            why = (str(e) or type(e).__name__).splitlines()[0][:300]
+            audit("swap_failed", model="installed", version=info["version"], reason=why, this_server_only=True)
+            log.warning("installed model %s kept before the current one failed here too: %s", info["version"], why)
+            continue
+        app.state.egress_allow = list(holder.status.egress_allow)
+        audit("swapped", **out, channel="model", version=info["version"], swapped=True, this_server_only=True)
+        log.warning(
+            "installed model %s: %s; this server serves %s, kept before it, until it restarts",
+            s["bundles"][cur]["version"],
+            _KEPT,
+            info["version"],
+        )
+        return True
+    return False
 
 
 def _swap_vaulted_adapter(holder: Any, settings: Any, name: str, audit: Audit) -> dict[str, Any]:

@@ -20,14 +20,20 @@ any more (a serve that was killed) is removed. No socket: nothing is running, th
 next start.
 
 Progress: with `"progress": true` in the request, the serve sends `{"progress": "waiting" | "swapping",
-"channel": ..., "seconds": N}` at once and every `PROGRESS_S` while the swap runs (a large model's load
-takes minutes), from a thread of its own, whatever the swap does. `update apply` gives up on a serve
-that has sent no whole line for `SILENCE_S`: one that had sent progress is hung or stopped mid-swap and
-is recorded lost, as a closed connection (`"silent": true`); one that sent nothing at all is reported
-without touching the store (a hung listener, or a serve older than this change, which ignores
-`progress` and answers once its swap is done, recording its outcome in the store itself). So a hung
-serve delays the serves after it by `SILENCE_S`, not the 900 s a whole swap may take. A request without
-`progress` (an older `update apply`) gets the one answer line, as before.
+"stage": STAGE, "channel": ..., "seconds": N, "stage_seconds": M}` at once and every `PROGRESS_S` while
+the swap runs (a large model's load takes minutes), from a thread of its own. STAGE is where the swap is
+(`stage()`: "waiting" for another swap here, "swapping", then the swap's own steps: serve.swapping says
+"loading", "confirming", "recording"); a line vouches that the swap moves, so once one stage has lasted
+`STALL_S` the serve sends no more lines until the stage changes (and logs why). `update apply` gives up
+on a serve that has sent no whole line for `SILENCE_S`: one that had sent progress is hung or stopped
+mid-swap and is recorded lost, as a closed connection (`"silent": true`); one that sent nothing at all is
+reported without touching the store (a hung listener, or a serve older than this change, which ignores
+`progress` and answers once its swap is done, recording its outcome in the store itself). So a stopped
+serve delays the serves after it by `SILENCE_S`, and one whose swap hangs (a load that never returns) by
+`STALL_S + SILENCE_S`, not the `SWAP_S` a whole swap may take. Older peers: `stage` and `stage_seconds`
+are new fields an older `update apply` ignores (it reads any line with `progress` and no `ok` as progress),
+and a line without them from an older serve is read as before. A request without `progress` (an older
+`update apply`) gets the one answer line, as before.
 
 Who may ask is the kernel's word (SO_PEERCRED): the serve's own uid, or root. That account owns the
 update store and the machine key already, so the socket grants nothing it could not do by
@@ -59,7 +65,34 @@ PROGRESS_S = 5.0
 SILENCE_S = 60.0
 #: seconds one serve's whole swap may take while it keeps sending progress (a large model from a slow disk)
 SWAP_S = 900.0
+#: seconds one stage of a swap may last before its serve stops vouching for it. The longest stage is the
+#: load and health check of the new engine, one stage (engines.loader reports nothing finer): a 250 MB
+#: GGUF takes seconds, a multi-GB model from a slow disk a minute or two, so five minutes is over twice
+#: the slowest expected. A hung swap then holds `update apply` STALL_S + SILENCE_S (6 minutes), not SWAP_S
+STALL_S = 300.0
+STALL_ENV = "CODEMOAT_UPDATE_STALL_S"  # tests only (needs PYTEST_CURRENT_TEST): a serve's STALL_S, shortened
 _SUN_PATH_MAX = 107  # sockaddr_un.sun_path holds 108 bytes with the final NUL
+
+
+_swapping = threading.local()  # the progress state of the swap running on this thread (`Listener._swap`)
+
+
+def stage(name: str) -> None:
+    """The hand-off swap running on this thread has reached `name` (its progress lines say so, and its
+    `STALL_S` starts again); nothing outside a hand-off (an admin route's swap)."""
+    state = getattr(_swapping, "state", None)
+    if state is not None:
+        state["at"] = (name, time.monotonic())  # one assignment: the line thread never reads one without the other
+
+
+def _stall_s() -> float:
+    """STALL_S, or in a test the seconds its serve was started with in STALL_ENV."""
+    if os.environ.get("PYTEST_CURRENT_TEST"):
+        try:
+            return float(os.environ.get(STALL_ENV, STALL_S))
+        except ValueError:
+            pass
+    return STALL_S
 
 
 def run_dir(home: Path | None = None) -> Path:
@@ -114,10 +147,11 @@ class Listener:
         home: Path | None = None,
         role: str = "serve",
         progress_s: float = PROGRESS_S,
+        stall_s: float | None = None,
     ):
         self.handle = handle
         self.path = run_dir(home) / f"{role}-{os.getpid()}.sock"
-        self.progress_s = progress_s
+        self.progress_s, self.stall_s = progress_s, _stall_s() if stall_s is None else stall_s
         self._sock: socket.socket | None = None
         self._busy = threading.Lock()
         self._stop = threading.Event()
@@ -169,7 +203,7 @@ class Listener:
                     elif msg.get("progress") is True:
                         answer = self._swap_telling(conn, chan)
                     else:  # an `update apply` from before progress lines: the answer alone
-                        answer = self._swap(chan, {})
+                        answer = self._swap(chan, _progress("waiting"))
                 answer["pid"] = os.getpid()
                 conn.settimeout(10)  # a caller that reads nothing more does not hold this thread
                 conn.sendall(json.dumps(answer, default=str).encode() + b"\n")
@@ -177,11 +211,14 @@ class Listener:
                 return
 
     def _swap(self, chan: str, state: dict[str, Any]) -> dict[str, Any]:
-        """`handle(chan)` once no other swap runs here, as the answer's fields; `state["step"]` says where it is."""
+        """`handle(chan)` once no other swap runs here, as the answer's fields; `state` says where it is
+        (`step`, and the `stage` that `handle` reports with `stage()`, on this thread)."""
         from ..errors import CodemoatError
 
         with self._busy:
             state["step"] = "swapping"
+            _swapping.state = state
+            stage("swapping")
             try:
                 return {"ok": True, **self.handle(chan)}
             except CodemoatError as e:
@@ -189,11 +226,14 @@ class Listener:
             except Exception as e:  # never a traceback to the caller; the log has it
                 log.exception("update hand-off of %s failed", chan)
                 return {"ok": False, "error": f"the swap failed: {type(e).__name__}"}
+            finally:
+                _swapping.state = None
 
     def _swap_telling(self, conn: socket.socket, chan: str) -> dict[str, Any]:
         """The swap run in a thread of its own while this one sends a progress line at once and every
-        `progress_s`. A caller gone meanwhile ends the lines, not the swap (which records its outcome itself)."""
-        state: dict[str, Any] = {"step": "waiting"}
+        `progress_s`, while its stage has lasted no more than `stall_s`. A caller gone meanwhile ends the
+        lines, not the swap (which records its outcome itself)."""
+        state = _progress("waiting")
         done = threading.Event()
 
         def work() -> None:
@@ -203,11 +243,28 @@ class Listener:
                 done.set()
 
         threading.Thread(target=work, name="update-handoff-swap", daemon=True).start()
-        started, telling = time.monotonic(), True
+        started, telling, stalled = time.monotonic(), True, None
         conn.settimeout(10)  # a caller that stops reading does not hold the lines for good
         while True:
-            if telling:
-                line = {"progress": state["step"], "channel": chan, "seconds": round(time.monotonic() - started)}
+            now, (at, since) = time.monotonic(), state["at"]
+            if now - since > self.stall_s:  # no progress: silence, which `update apply` gives up on
+                if stalled != (at, since):
+                    stalled = (at, since)
+                    log.warning(
+                        "update hand-off of %s: its swap has been at stage %r for %.0f s; no more progress lines "
+                        "until it moves (`update apply` stops waiting for this server)",
+                        chan,
+                        at,
+                        now - since,
+                    )
+            elif telling:
+                line = {
+                    "progress": state["step"],
+                    "stage": at,
+                    "channel": chan,
+                    "seconds": round(now - started),
+                    "stage_seconds": round(now - since),
+                }
                 try:
                     conn.sendall(json.dumps(line).encode() + b"\n")
                 except OSError:
@@ -222,6 +279,11 @@ class Listener:
         if s is not None:
             close_listener(s)  # its accept thread ends (it held the app)
             self.path.unlink(missing_ok=True)
+
+
+def _progress(at: str) -> dict[str, Any]:
+    """A swap's progress state, shared by its thread (`stage`) and the thread sending its lines."""
+    return {"step": at, "at": (at, time.monotonic())}
 
 
 def hand_over(
@@ -269,6 +331,7 @@ def _exchange(s: socket.socket, p: Path, channel: str, timeout: float, silence: 
     """One serve's answer to a swap request, its progress lines read past; None when it closed without one."""
     due = time.monotonic() + timeout
     spoke = False  # it sent progress: a serve of this protocol, whose silence means it is hung or stopped
+    at = ""  # the stage its last progress line named (a serve before stages names none)
     lines = _Lines(s)
     try:
         s.settimeout(silence)
@@ -291,7 +354,7 @@ def _exchange(s: socket.socket, p: Path, channel: str, timeout: float, silence: 
                         "ok": False,
                         "lost": True,
                         "silent": True,
-                        "error": f"the server at {p} said nothing for {silence:g} s during the swap (hung or stopped)",
+                        "error": f"the server at {p} said nothing for {silence:g} s during the swap (hung or stopped{at})",
                     }
                 return {
                     "ok": False,
@@ -304,6 +367,8 @@ def _exchange(s: socket.socket, p: Path, channel: str, timeout: float, silence: 
             msg = json.loads(line)
             if isinstance(msg, dict) and "progress" in msg and "ok" not in msg:
                 spoke = True
+                if isinstance(msg.get("stage"), str):
+                    at = f", at stage {msg['stage'][:40]!r}"
                 continue
             return msg
     except (ConnectionResetError, BrokenPipeError):

@@ -20,12 +20,14 @@ and brings the index's knowledge packs in line with the state (updates.tidy): wh
 rollback left, one no longer kept) is named in that operation's record instead. Every step is
 reported to `audit(step, detail)`.
 
-A model version is installed *pending* (`"pending": true` in its state entry, `update list`'s status)
-until a serve has health-checked it once (`confirm`: the hand-off's swap, or serve's start with
+A model or adapter version is installed *pending* (`"pending": true` in its state entry, `update list`'s
+status) until a serve has health-checked it once (`confirm`: the hand-off's swap, or serve's start with
 `update:model`, serve.swapping.check_installed_at_start). Whatever finds it pending checks it before
 serving it; one that fails, or whose swap was cut off (the serve died: `update apply` sees no answer),
-is recorded failed and the version before it is current again (`fail`). A state written before this
-has no `pending` key: its versions count as checked. Each start that loads a pending version counts
+is recorded failed and the version before it is current again (`fail`). Once one serve's check passed
+it, another serve's failure is that serve's own (its memory, its device): `fail(only_pending=True)`
+leaves it current for the fleet. A state written before this has no `pending` key: its versions count
+as checked (adapters were never pending before). Each start that loads a pending version counts
 it first (`start_attempt`): one that ended its process that many times is failed unloaded.
 """
 
@@ -81,14 +83,14 @@ def _step(name: str) -> None:
 
 def hold(name: str) -> None:
     """Tests only (needs PYTEST_CURRENT_TEST): at the point `name` given in CODEMOAT_UPDATE_HOLD_AT, create
-    $CODEMOAT_HOME/run/held-NAME-PID and wait for good, so that a test kills the process (kill -9) there."""
+    $CODEMOAT_HOME/run/held-NAME-PID and wait until it is removed, so that a test kills the process (kill -9)
+    there, or changes what another process would change meanwhile (the store) and lets it go on."""
     if os.environ.get(HOLD_ENV) == name and os.environ.get("PYTEST_CURRENT_TEST"):
-        import threading
-
         marker = paths.home() / "run" / f"held-{name}-{os.getpid()}"
         marker.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         marker.touch()
-        threading.Event().wait()
+        while marker.exists():
+            time.sleep(0.05)
 
 
 def model_files(folder: Path) -> tuple[Path, Path]:
@@ -317,7 +319,7 @@ class UpdateStore(BundleChecks):
             for k in ("kind", "name", "version", "released_at", "notes", "replaces", "rollback_target", "bundle_id", "base")
         }
         info.update(installed_at=int(time.time()), dir=str(final))
-        if m["kind"] == "model":  # until a serve's health check passed once (confirm)
+        if m["kind"] in ("model", "adapter"):  # until a serve's health check passed once (confirm)
             info["pending"] = True
         if m["kind"] == "knowledge-pack":
             info["groups"] = sorted(set(groups or packs.pack_groups(m["name"]) or ["everyone"]))
