@@ -68,42 +68,91 @@ def open_installed(settings: Settings) -> ModelHolder:
     once serve's event loop runs, before any request (serve.swapping.check_installed_at_start). Each
     start counts its try of a pending version before loading it (store.start_attempt): one tried
     `update.start_attempts` times that never came up (the process was killed loading or checking it)
-    is failed without being loaded. What was recorded here is audited there (`holder.update_records`)."""
+    is failed without being loaded. What was recorded here is audited there (`holder.update_records`).
+
+    Serves started together on one pending version each load it: when another serve's check passed it
+    (confirmed) before this one's load failed (its own memory, its device), the store keeps it for the fleet
+    (store.fail with only_pending, as at the check) and this serve opens the newest version kept before it
+    that loads, for itself only (the store unchanged), until it restarts."""
     import logging
 
-    from ..updates.store import KEEP, UpdateStore, hold
+    from ..updates.store import KEEP, UpdateStore, hold, model_files
 
+    if settings.model.license:
+        installed_model(settings.model.license)  # says why: update:model brings its own license
     log = logging.getLogger("codemoat.updates")
     records: list[tuple[str, dict]] = []
     store = UpdateStore(audit=lambda step, d: records.append((step, d)))
-    for _ in range(KEEP + 2):  # the current version, then each one kept before it
+    failed: set[str] = set()  # versions that failed to load here
+    for _ in range(2 * KEEP + 2):  # the current version, then each one kept before it
         for gone in store.start_attempt("model", settings.update.start_attempts):
             log.warning("installed model %s: %s; going back to the version before it", gone["version"], gone["reason"])
             if store.current("model") is None:
                 raise CodemoatError(f"installed model {gone['version']}: {gone['reason']}; no version before it is installed")
-        path, license, bundle = installed_model(settings.model.license, store)
+        cur = _to_open(store, failed)
+        own = cur["bundle_id"] != (store.current("model") or {}).get("bundle_id")  # this serve's choice, not the store's
+        path, license = model_files(Path(cur["dir"]))
+        bundle = installed_bundle(cur)
         hold("start")  # tests only: a serve killed here, its try of a pending version counted
         try:
             holder = _open_file(settings, path, license, bundle)
         except Exception as e:
+            reason = (str(e) or type(e).__name__).splitlines()[0][:300]
+            if own:  # not the store's version: nothing to record in it
+                failed.add(bundle.bundle_id)
+                records.append(
+                    ("swap_failed", {"model": "installed", "version": bundle.version, "reason": reason, "this_server_only": True})
+                )
+                log.warning(
+                    "installed model %s, kept before the current one, failed to load here too: %s", bundle.version, reason
+                )
+                continue
             if not store.pending("model", bundle.bundle_id):
                 raise
-            reason = (str(e) or type(e).__name__).splitlines()[0][:300]
             log.warning(
                 "installed model %s was never checked and failed to load: %s; going back to the version before it",
                 bundle.version,
                 reason,
             )
             records.append(("swap_failed", {"model": "installed", "version": bundle.version, "reason": reason}))
-            store.fail("model", bundle.bundle_id, f"it failed to load at serve start: {reason}")
+            failed.add(bundle.bundle_id)
+            hold("start_load")  # tests only: another serve confirms it here, as one loading it beside this one would
+            store.fail("model", bundle.bundle_id, f"it failed to load at serve start: {reason}", only_pending=True)
             if store.current("model") is None:
                 raise CodemoatError(
                     f"installed model {bundle.version} failed to load: {reason}; no version before it is installed"
                 ) from None
             continue
+        if own:
+            records.append(
+                ("swapped", {"model": "installed", "channel": "model", "version": bundle.version, "this_server_only": True})
+            )
+            log.warning(
+                "installed model %s: another server's check passed it, so the store keeps it; it failed to load here, "
+                "and this server serves %s, kept before it, until it restarts",
+                store.current("model")["version"],
+                bundle.version,
+            )
         holder.update_records = records
         return holder
     raise CodemoatError("no installed model version could be loaded (`codemoat update list`)")
+
+
+def _to_open(store: Any, failed: set[str]) -> dict:
+    """The store's current model version, unless it failed to load here: then the newest kept before it that
+    has not (one another serve's check passed stays current for the fleet: `open_installed`)."""
+    s = store.state()
+    ch = s["channels"].get("model") or {}
+    for bid in [ch.get("current"), *reversed(ch.get("history", []))]:
+        if bid and bid not in failed:
+            return dict(s["bundles"][bid], bundle_id=bid)
+    if ch.get("current") is None:
+        raise CodemoatError(f"model.path is {INSTALLED!r}, but no model bundle is installed (`codemoat update apply FILE`)")
+    version = s["bundles"][ch["current"]]["version"]
+    raise CodemoatError(
+        f"installed model {version} failed to load here (another server's check passed it, so the store keeps it) "
+        "and no version kept before it loaded here"
+    )
 
 
 def installed_model(license: str | None, store: Any = None) -> tuple[Path, Path, InstalledBundle]:
