@@ -45,24 +45,25 @@ class _Live:
             if slots.get(key) is not None:
                 yield GaugeMetricFamily(f"codemoat_engine_slots_{key}", what, value=slots[key])
         tok = s.get("tokenizer") or {}
-        if "hits" in tok:
-            c = CounterMetricFamily(
+        for name, what, label, values in (
+            (
                 "codemoat_tokenizer_cache_lookups",
                 "Texts looked up in the tokeniser's per-user cache of recent texts, by result (a new model starts at 0).",
-                labels=["result"],
-            )
-            c.add_metric(["hit"], tok["hits"])
-            c.add_metric(["miss"], tok["misses"])
-            yield c
-        if "grown" in tok:
-            c = CounterMetricFamily(
+                "result",
+                (("hit", "hits"), ("miss", "misses")),
+            ),
+            (
                 "codemoat_tokenizer_long_texts",
                 "Long texts tokenised, by how: from where they grew from one the same user sent (an editor's prefix), or whole.",
-                labels=["how"],
-            )
-            c.add_metric(["grown"], tok["grown"])
-            c.add_metric(["whole"], tok["whole"])
-            yield c
+                "how",
+                (("grown", "grown"), ("whole", "whole")),
+            ),
+        ):
+            if values[0][1] in tok:
+                c = CounterMetricFamily(name, what, labels=[label])
+                for value, key in values:
+                    c.add_metric([value], tok[key])
+                yield c
         lease = InfoMetricFamily("codemoat_lease", "License lease state (offline, active, renewing, lost, ...).")
         lease.add_metric(
             [], {"state": str(s.get("lease_state") or "none"), "model_state": str(s.get("model_state") or "unknown")}
