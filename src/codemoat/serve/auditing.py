@@ -8,7 +8,9 @@ last (empty) body message is sent, so the client's next request does not run bes
 the log does not take when it ends was delivered all the same: its record is kept and written once the
 log takes records again (`late`). A request cut off by a disconnect or by shutdown is recorded as 499, as
 is a whole answer whose client is gone by the time it is ready (the HTTP layer says so: `wire.CLIENT_GONE`),
-and shutdown waits (up to 15 s) for those records. Probes (`PROBES`) are recorded only when refused (a
+and shutdown waits (up to 15 s) for those records. A stream whose client hangs up keeps the status its head was
+sent with (200: the client got it, and the tokens before the hang-up), and its record says it was cut: the note
+"client gone after N tokens", N its completion_tokens (`streaming.EventStream`). Probes (`PROBES`) are recorded only when refused (a
 wrong token on them is a guess worth seeing); their answers are never held. Requests without a valid token are tallied
 per source by `Trust.write` rather than recorded one by one (see `failures.py`).
 """

@@ -13,9 +13,20 @@ an answer): within `read_timeout_s`, plus a second for every `MIN_RATE` bytes re
 on a slow link still arrives while a trickle or a stall does not hold the connection. Those seconds are
 not banked past `read_timeout_s` ahead: a body sent fast and then stopped is cut as soon as any other
 stall is (before, 8 MiB at once bought a silence of 2.3 hours). Past that the
-client gets `408` in one line and the connection closes; a head larger than `MAX_HEAD` gets `431`.
+client gets `408` in one line and the connection closes; a head larger than `MAX_HEAD` gets `431`, however its
+bytes arrive: cut off once past the bound while it arrives, or, one that ends in the same read as it grew past it
+(a whole head in one read, or one pipelined behind a request), measured when it ends: only when the reads it came
+in could hold more than `MAX_HEAD` (an addition and a comparison per request), then by what llhttp parsed of it (the
+URL, each header's name and value, their separators; whitespace before a value, which llhttp drops, not counted).
+A refusal the client would take for the answer to an earlier request (pipelined, still unanswered) is not sent:
+the connection just closes.
 While the server itself is answering on the connection or has stopped reading it (flow control,
 pipelining), the clock waits. The app sees a client gone (`http.disconnect`), as when one hangs up.
+
+Nor did uvicorn keep a chunked body's trailers apart: each trailer line was appended to the request's headers,
+the very list its app had read (a token in a trailer named the caller of a request no route had authenticated, in
+its audit record), and without bound, the head's bound being past (500 KB of 3-byte trailers added 100,000 entries).
+Here trailers are dropped unread (`_Trailers`), and their bytes count as a head's: past `MAX_HEAD`, `431`.
 
 Nor does uvicorn bound the requests a client pipelines (sends before reading the answers): it queues
 each one read while another is answered, and reads on whenever the app waits on `receive()` (as a
@@ -59,6 +70,35 @@ MIN_RATE = 1024  # bytes a second
 READ_TIMEOUT_S = 30.0
 
 
+class _Refused(Exception):
+    """Raised in an llhttp callback once the request is refused: the parser stops there (uvicorn then calls
+    `send_400_response`, which writes nothing more to a closing transport)."""
+
+
+class _Trailers:
+    """What uvicorn's `on_header` appends to once a request's head is parsed (`ReadGuard.on_headers_complete`):
+    the request's trailers, dropped, their bytes counted as a head's: past `MAX_HEAD`, 431 (the first also makes the
+    reads that follow count, for a trailer that does not end). Iterated, it is the head's headers still (uvicorn's
+    `_get_upgrade` reads them after an upgrade request's head)."""
+
+    __slots__ = ("guard", "head", "size")
+
+    def __init__(self, guard: ReadGuard) -> None:
+        self.guard, self.head, self.size = guard, [], 0
+
+    def append(self, header: tuple[bytes, bytes]) -> None:
+        g = self.guard
+        if not g._in_head:  # this message's first
+            g._in_head, g._head, self.size = True, 0, 0
+        self.size += len(header[0]) + len(header[1]) + 3
+        if self.size > MAX_HEAD:
+            g._refuse(431, "Request Header Fields Too Large", f"request trailers are larger than {MAX_HEAD:,} bytes")
+            raise _Refused
+
+    def __iter__(self):
+        return iter(self.head)
+
+
 class _Quiet:
     """uvicorn's logger for one connection, with its WARNING for each request it cannot parse at debug: anyone,
     without a token, could add a line to the log per malformed request (the answer, a 400, is unchanged)."""
@@ -82,6 +122,7 @@ class ReadGuard:
     def __init__(self, *args: Any, **kw: Any) -> None:
         super().__init__(*args, **kw)  # type: ignore[call-arg]
         self.logger = _Quiet(self.logger)  # type: ignore[has-type]
+        self._trailers = _Trailers(self)
 
     read_timeout_s: float = READ_TIMEOUT_S
     _timer: Any = None
@@ -89,7 +130,8 @@ class ReadGuard:
     _deadline = 0.0  # when they are late: read_timeout_s after they became due (moved on while the server answers
     # or does not read), a second later for every MIN_RATE bytes received, never more than read_timeout_s ahead
     _in_head = True  # what arrives now is a request's head
-    _head = 0  # its bytes so far
+    _head = 0  # its bytes so far (each read that began in a head, counted whole)
+    _first = 0  # the bytes of the read the message being read began in
     _begun = False  # a message has begun and is not complete
     _upgrade_left = 0  # bytes of an upgrade request's body still to come (`_unsupported_upgrade_warning`)
     _arrived = b""
@@ -126,17 +168,28 @@ class ReadGuard:
     def on_message_begin(self) -> None:
         super().on_message_begin()  # type: ignore[misc]
         self._begun = True  # uvicorn's `url` is this message's from here (`_path`)
+        self._first = len(self._arrived)
         if not self._reading:
             self._due()
 
     def on_headers_complete(self) -> None:
+        # the head came in the read it began in and those counted since (`_head`): under the bound, it is
+        if self._head + self._first > MAX_HEAD and self._parsed_head() > MAX_HEAD:
+            self._refuse(431, "Request Header Fields Too Large", f"request head is larger than {MAX_HEAD:,} bytes")
+            raise _Refused  # llhttp stops at it: nothing of the request reaches the app, nor anything after it
         self._in_head, self._head = False, 0
         super().on_headers_complete()  # type: ignore[misc]
+        self._trailers.head, self.headers = self.headers, self._trailers  # the scope keeps the head's own list
         if len(self.pipeline) > MAX_PIPELINED:  # the newest is dropped unread, and the connection with it
             self.pipeline.popleft()
             self._not_due()
             if not self.transport.is_closing():
                 self.transport.close()
+
+    def _parsed_head(self) -> int:
+        """The bytes of the head just parsed, at the least: "M URL HTTP/1.1", each "name:value" line, and the CRLFs."""
+        headers = self.headers  # type: ignore[attr-defined]  # uvicorn's: this request's, as parsed
+        return len(self.url) + 15 + sum(len(n) + len(v) for n, v in headers) + 3 * len(headers) + 2
 
     def handle_websocket_upgrade(self) -> None:
         self._not_due()  # the connection is the WebSocket protocol's from here
@@ -238,16 +291,22 @@ class ReadGuard:
         )
 
     def send_400_response(self, msg: str) -> None:
-        """A request llhttp cannot parse: uvicorn's 400, in JSON (`_refuse`)."""
+        """A request llhttp cannot parse: uvicorn's 400, in JSON (`_refuse`); none after a refusal of our own."""
+        if self.transport.is_closing():
+            return
         self._refuse(400, "Bad Request", "invalid HTTP request: it cannot be parsed as HTTP/1.1")
 
     def _refuse(self, status: int, reason: str, text: str, answer: bool = True) -> None:
         self._not_due()
         cycle = self.cycle
-        if cycle is not None and not cycle.response_complete and not self._in_head:
+        # the request refused has reached its app (its body, or its trailers, were arriving)
+        mine = cycle is not None and cycle.scope is self.scope and (self._begun or not self._in_head)
+        if mine and not cycle.response_complete:
             cycle.disconnected = True  # the app's request: it reads a hang-up and writes nothing more
             cycle.message_event.set()
-        if answer:
+        # answered unless its app has begun its answer, or, a head refused, one before it (pipelined) is unanswered:
+        # the client would take the refusal for that request's answer
+        if answer and (not cycle.response_started if mine else cycle is None or cycle.response_complete):
             self.transport.write(raw_answer(status, reason, text, self._path()))
         self.transport.close()
 

@@ -8,6 +8,11 @@ are held and go out with that first body: one write. Everything else is uvicorn'
 built and checked by it, the body framed by it (chunked or sized), a 100-continue is still written
 before the head, and a client gone before the first body gets nothing, as it would have got nothing
 more.
+
+uvicorn framed a streamed answer as chunked whatever the request's version, and an HTTP/1.0 client (or a proxy
+that forwards as 1.0, nginx's default) read the chunk sizes as part of the events ("b3\r\ndata: ..."): RFC 9112
+section 6.1 has a server send Transfer-Encoding only to HTTP/1.1. Such an answer's body ends with the connection
+instead, as uvicorn already closes one after answering 1.0 (`HeadWithBody.send`).
 """
 
 from __future__ import annotations
@@ -73,6 +78,7 @@ class HeadWithBody(RequestResponseCycle):
     from anyone, no token needed). Here the transport itself is asked, and `HttpProtocol` tells every cycle."""
 
     _head: bytes | None = None
+    _unframed = False  # an HTTP/1.0 request's answer of no set length: its body ends with the connection
     half_closed = False  # the client has ended its side of the connection (`HttpProtocol.eof_received`)
     _told_whole = False
 
@@ -91,6 +97,15 @@ class HeadWithBody(RequestResponseCycle):
             self.disconnected = True
             self.transport.close()
         return _HUNG_UP
+
+    def _unchunked(self, message: Any) -> None:
+        """An answer to HTTP/1.0 with no Content-Length: sent as is, not chunked (see the module docstring), uvicorn
+        told its length is open until the last body message (`send`)."""
+        if self.scope["method"] == "HEAD" or message["status"] in (204, 304):
+            return
+        if any(k.lower() in (b"content-length", b"transfer-encoding") for k, _ in message.get("headers", ())):
+            return
+        self.chunked_encoding, self.expected_content_length, self._unframed = False, 1 << 62, True
 
     def client_gone(self) -> bool:
         """Whether nothing written here can reach the client (it hung up, or the connection was reset).
@@ -115,8 +130,12 @@ class HeadWithBody(RequestResponseCycle):
             self.disconnected = True  # the client is gone: nothing more to write (its app reads a hang-up)
         if self.flow.write_paused and not self.disconnected:
             await self.flow.drain()  # here, so that nothing below waits while the transport is stood in for
+        if self._unframed and not message.get("more_body", False):  # the last: uvicorn then closes the connection
+            self.expected_content_length = len(message.get("body", b""))
         real = self.transport
         if message["type"] == "http.response.start" and not self.response_started:
+            if self.scope["http_version"] == "1.0":
+                self._unchunked(message)
             held = self.transport = _Held(real)
             try:
                 await super().send(message)
