@@ -12,7 +12,7 @@ import pytest
 from codemoat.engines.llamacpp import LlamaCppEngine
 from codemoat.engines.templates import Part
 from codemoat.engines.tokcache import SCOPE
-from codemoat.engines.tokgrow import GIVE_UP, MARGIN, MIN_BYTES, TokenGrowth, common_prefix
+from codemoat.engines.tokgrow import GIVE_UP, MARGIN, MIN_BYTES, TOKEN_BYTES, TokenGrowth, common_prefix, held
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "codemoat"
 
@@ -140,11 +140,12 @@ def test_a_tokenizer_that_does_not_split_at_line_starts_fails_the_check_and_is_t
 
 
 def test_the_texts_held_are_bounded_per_scope_and_in_all():
-    g = TokenGrowth(max_bytes=10 * MIN_BYTES)
+    one = MIN_BYTES * (1 + TOKEN_BYTES)  # a text of a token a byte: its bytes, ids and token ends
+    g = TokenGrowth(max_bytes=10 * one)
     native = lambda b, special: list(b)  # noqa: E731
     for user in range(8):
         for k in range(6):
             g.tokenise(f"u{user}", False, bytes([65 + k]) * MIN_BYTES, native, lambda ids, s: None)
-    held = sum(len(x.data) for v in g._scopes.values() for x in v)
-    assert held == g.bytes <= 10 * MIN_BYTES
+    kept = sum(held(x) for v in g._scopes.values() for x in v)
+    assert kept == g.bytes <= 10 * one
     assert all(len(v) <= 4 for v in g._scopes.values()) and "u7" in {k[0] for k in g._scopes}

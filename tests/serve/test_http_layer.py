@@ -250,33 +250,29 @@ def _reset(s: socket.socket) -> None:
 GONE = "client gone before its answer was sent"
 
 
-def _gone_records(server, before: int, n: int) -> list[dict]:
-    """The records after the first `before` once `n` of them are 499 "client gone" (the test fails after HANG s)."""
-    deadline = time.monotonic() + HANG
-    while time.monotonic() < deadline:
-        recs = _records(server)[before:]
-        if sum(r["status"] == 499 and r["detail"].get("note") == GONE for r in recs) >= n:
-            time.sleep(0.3)  # any record still to come from those connections (none is expected)
-            return _records(server)[before:]
-        time.sleep(0.1)
-    pytest.fail(f"fewer than {n} 'client gone' records after {HANG} s: {[(r['status'], r['detail']) for r in recs]}")
-
-
 def test_a_whole_answer_whose_client_is_gone_is_recorded_as_499_not_as_the_200_it_never_got(server):
     """Was: a whole (non-streamed) answer is recorded before it is sent (nothing is served unaudited), and a client gone
     by then was recorded with the answer's status, 200, though uvicorn wrote nothing: two requests pipelined and the
     connection reset gave a record of a 200 nobody got. Now the HTTP layer says whether the client is gone
     (wire.CLIENT_GONE), and such a record says 499 with a note, as a request cut off by a hang-up is recorded."""
     before = len(_records(server))
-    for _ in range(3):
+    conns, deadline = 0, time.monotonic() + HANG
+    while conns < 30 and time.monotonic() < deadline:
         s = socket.create_connection(("127.0.0.1", server.port), timeout=HANG)
         s.sendall(_get("/v1/models", server.token) * 2)
         _reset(s)
-    # each connection's records: [499 gone], or [200, 499 gone] when its first answer was written before the reset
-    # came (a loaded machine): never a 200 for the second request, which nothing could have reached
-    recs = _gone_records(server, before, 3)
+        conns += 1
+        time.sleep(0.2)
+        if sum(r["status"] == 499 and r["detail"].get("note") == GONE for r in _records(server)[before:]) >= 3:
+            break
+    time.sleep(0.3)  # any record still to come from those connections
+    # each connection's records: [499 gone]; [200, 499 gone] when its first answer was written before the reset
+    # came (a loaded machine); or [200] when uvicorn, the connection closing, never ran the second: never a 200
+    # for the second request, which nothing could have reached
+    recs = _records(server)[before:]
     got = [(r["status"], r["detail"].get("note")) for r in recs]
-    assert got.count((499, GONE)) == 3 and set(got) <= {(200, None), (499, GONE)}, got
+    assert got.count((499, GONE)) >= 3 and set(got) <= {(200, None), (499, GONE)}, got
+    assert [st for st, _ in got].count(200) <= conns, got
     before += len(recs)
     for _ in range(4):  # closed without a reset: the first answer is written (the client's kernel then resets)
         s = socket.create_connection(("127.0.0.1", server.port), timeout=HANG)

@@ -18,7 +18,8 @@ Whether the ids are the ones a whole tokenisation gives is not assumed; it is ch
 
 Like `tokcache`, a text is only ever grown from the same caller's own texts (`SCOPE`): how fast a request is
 tokenised must not tell anyone what someone else sent. Each scope keeps its `PER_SCOPE` latest long texts, and
-all scopes together at most `MAX_BYTES` of text, the scope used least recently going first.
+all scopes together at most `MAX_BYTES` of memory (each text counted with its ids and token ends, `held`), the
+scope used least recently going first.
 """
 
 from __future__ import annotations
@@ -41,8 +42,12 @@ TAIL_MAX = 4096
 MAX_WALK = 512
 #: latest long texts kept per scope (the prefix, and a few of the other texts a FIM prompt has)
 PER_SCOPE = 4
-#: bytes of text held for all scopes together (with their ids and token ends: ~4x that in memory)
-MAX_BYTES = 8 << 20
+#: bytes held for all scopes together: texts with their ids and token ends (`held`). Counting the text alone, a
+#: text of a token a byte (rare CJK, emoji) held 13 bytes for each counted: 104 MiB for 8 MiB of text; code, at ~0.3
+#: tokens a byte, costs ~4.6 bytes a byte, so this holds ~7 MiB of code as 8 MiB of text did
+MAX_BYTES = 32 << 20
+#: what a token costs held: its id (4 bytes) and the offset its text ends at (8, once computed)
+TOKEN_BYTES = 12
 #: a vocabulary whose tokeniser failed the check this many times, never passing it, is not tried again
 GIVE_UP = 16
 
@@ -54,6 +59,11 @@ class Grown:
     data: bytes
     ids: array
     ends: Any = field(default=None)  # a numpy array, once computed
+
+
+def held(g: Grown) -> int:
+    """The bytes `g` holds, counted against `MAX_BYTES`: its text, its ids, and its token ends once computed."""
+    return len(g.data) + TOKEN_BYTES * len(g.ids)
 
 
 def common_prefix(a: bytes, b: bytes) -> int:
@@ -148,16 +158,16 @@ class TokenGrowth:
         return best.ids[:j].tolist() + native(data[e:], special)
 
     def _keep(self, scope: str, special: bool, g: Grown) -> None:
-        if len(g.data) > self.max_bytes:
+        if held(g) > self.max_bytes:
             return
         key = (scope, special)
         with self._lock:
             recent = self._scopes.pop(key, [])
             recent.insert(0, g)
-            self.bytes += len(g.data)
+            self.bytes += held(g)
             for old in recent[PER_SCOPE:]:
-                self.bytes -= len(old.data)
+                self.bytes -= held(old)
             self._scopes[key] = recent[:PER_SCOPE]
             while self.bytes > self.max_bytes:
                 _, dropped = self._scopes.popitem(last=False)
-                self.bytes -= sum(len(x.data) for x in dropped)
+                self.bytes -= sum(held(x) for x in dropped)

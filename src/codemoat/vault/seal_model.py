@@ -31,15 +31,15 @@ def read_model(path: Path) -> tuple[str, str, bytearray, list[dict[str, Any]]]:
     if not path.exists():
         raise NotFound(f"model not found: {path}")
     if path.suffix == ".gguf" and not path.is_dir():
-        pieces, size = gguf_pieces(path, None, b"")  # what is read is what was checked, not what the path holds later
-        data, got = bytearray(size), 0
-        for block in pieces():
-            if got + len(block) > size:
-                raise CodemoatError(f"{path}: changed while it was read ({size} bytes, then more)")
-            data[got : got + len(block)] = block
-            got += len(block)
-        if got != size:
-            raise CodemoatError(f"{path}: changed while it was read ({size} bytes, then {got})")
+        _, size, header_size = _whole_gguf(path, "model")
+        with _open(path) as f:  # read into the one buffer: the model is held once
+            data = bytearray(size)
+            got = f.readinto(data)
+            more = f.read(1)
+        if got != size or more:
+            raise CodemoatError(f"{path}: changed while it was read ({size} bytes, then {'more' if more else got})")
+        with memoryview(data) as view:  # what is read is what was checked, not what the path holds later
+            _same_gguf(path, view[:header_size], size, header_size)
         return path.stem, "gguf", data, [{"name": path.name, "offset": 0, "size": len(data)}]
     folder = path if path.is_dir() else path.parent
     if path.is_dir():
@@ -248,11 +248,10 @@ def gguf_pieces(path: Path, stream: Callable | None, secret: bytes) -> tuple[Cal
 
     def pieces() -> Iterator[bytes]:
         with _open(path) as f:
-            head = bytearray()  # the blocks up to the header's end: checked before any is yielded
-            while len(head) < header_size and (block := f.read(32 << 20)):
-                head += block
-            _same_gguf(path, memoryview(head)[:header_size], size, header_size)
-            yield bytes(head)
+            head = f.read(header_size)  # the header alone, checked before it is yielded: no model block held twice
+            _same_gguf(path, memoryview(head), size, header_size)
+            yield head
+            del head
             while block := f.read(32 << 20):
                 yield block
 
