@@ -32,6 +32,7 @@ def _tree(root: Path, hostile: bool) -> None:
 def test_hostile_rules_past_the_budget_refuse_the_folder_naming_their_gitignore(tmp_path, monkeypatch):
     _tree(tmp_path, hostile=True)
     monkeypatch.setattr(walk, "MAX_IGNORE_WORK", 50_000)
+    monkeypatch.setattr(walk, "MAX_IGNORE_WORK_PER_PATH", 1_000)
     with pytest.raises(CodemoatError, match=r"cost more than 50,000 steps .* \(the costliest: evil/\.gitignore\): not indexed"):
         scan(tmp_path)
 
@@ -41,8 +42,32 @@ def test_ordinary_rules_under_the_same_budget_are_walked(tmp_path, monkeypatch):
     kept."""
     _tree(tmp_path, hostile=False)
     monkeypatch.setattr(walk, "MAX_IGNORE_WORK", 50_000)
+    monkeypatch.setattr(walk, "MAX_IGNORE_WORK_PER_PATH", 1_000)
     listed = scan(tmp_path).paths
     assert "a.py" in listed and "a.log" not in listed and len(listed) == 6, listed
+
+
+def test_many_files_under_many_ordinary_rules_are_walked_however_many(tmp_path, monkeypatch):
+    """A reviewer's finding: 370,000 files under 1,500 ordinary rules spent the whole budget of a walk, and an ordinary
+    plain folder was refused. Each path now brings its allowance: here 600 files under 200 rules cost ~10 times the
+    walk's budget, and each under its allowance, so they are walked; the hostile tree beside it still is not."""
+    (tmp_path / ".gitignore").write_text("".join(f"*.tmp{i}\nbuild{i}/\n" for i in range(100)))
+    for d in range(20):
+        (tmp_path / f"pkg{d}").mkdir()
+        for f in range(30):
+            (tmp_path / f"pkg{d}" / f"mod_{f}.py").write_text("X = 1\n")
+    monkeypatch.setattr(walk, "MAX_IGNORE_WORK", 200_000)
+    monkeypatch.setattr(walk, "MAX_IGNORE_WORK_PER_PATH", 20_000)
+    assert len(scan(tmp_path).paths) == 600
+    monkeypatch.setattr(walk, "MAX_IGNORE_WORK_PER_PATH", 0)  # the budget alone, as before: refused
+    with pytest.raises(CodemoatError, match="not indexed"):
+        scan(tmp_path)
+    hostile = tmp_path / "h"
+    hostile.mkdir()
+    _tree(hostile, hostile=True)
+    monkeypatch.setattr(walk, "MAX_IGNORE_WORK_PER_PATH", 20_000)
+    with pytest.raises(CodemoatError, match=r"\(the costliest: evil/\.gitignore\)"):
+        scan(hostile)
 
 
 def test_hostile_rules_under_the_default_budget_are_still_matched_as_git_does(tmp_path):

@@ -129,9 +129,13 @@ MAX_IGNORE_RULES = 100_000
 MAX_IGNORE_BYTES = 3_000_000
 #: and at most this much matching of paths against them (`ignore.Meter`: a rule tried on a byte of a path; some 200
 #: million a second here, so about 4 minutes): within the caps above, 99,000 rules like `**/dN/**/*.py` cost 2.7 s a
-#: path 200 folders deep, and a committed tree of such paths held the walk (and the index's write lock) for days. A
-#: large repository's own cost a fiftieth of it (70,000 files under 500 rules: ~1e9)
+#: path 200 folders deep, and a committed tree of such paths held the walk (and the index's write lock) for days.
+#: Beyond it, each path checked adds `MAX_IGNORE_WORK_PER_PATH`: a plain folder of many files under many ordinary rules
+#: is walked however large (1,500 rules cost ~134,000 a 100-byte path, and 370,000 such files spent the whole budget)
 MAX_IGNORE_WORK = 50_000_000_000
+#: ~5 ms a path here, ~7x what 1,500 ordinary rules cost: rules that cost more than this a path spend the budget
+#: above (hostile ones at ~5e8 a deep path, after ~100 paths); rules that cost less are never refused
+MAX_IGNORE_WORK_PER_PATH = 1_000_000
 
 
 def _walk(root: Path) -> Iterator[str]:
@@ -165,12 +169,16 @@ def _walk(root: Path) -> Iterator[str]:
             yield e, f"{rel}/{e.name}" if rel else e.name, rules
 
     def ignored(rules: _Ignore | None, child: str, is_dir: bool) -> bool:
+        if rules is None:
+            return False
+        meter.left += MAX_IGNORE_WORK_PER_PATH  # a path's allowance: only rules costlier than it spend the budget
         try:
-            return rules is not None and rules.ignored(child, is_dir)
+            return rules.ignored(child, is_dir)
         except TooCostly as e:
             raise CodemoatError(
                 f"the .gitignore files under {root} cost more than {MAX_IGNORE_WORK:,} steps (a rule tried on a byte of a "
-                f"path) to match (the costliest: {shown(e.base or '.')}/.gitignore): not indexed; a repository's own cost far less"
+                f"path) beyond {MAX_IGNORE_WORK_PER_PATH:,} a path to match (the costliest: {shown(e.base or '.')}/.gitignore): "
+                "not indexed; a repository's own cost far less a path"
             ) from None
 
     stack = [entries(root, "", None)]
