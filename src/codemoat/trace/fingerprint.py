@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
+from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -247,8 +248,14 @@ def stream_gguf(
             "this GGUF has no tensor that can carry a fingerprint (F32, F16, BF16, Q8_0, Q4_0, Q5_0, Q4_K, Q5_K or Q6_K matrices)"
         )
 
+    planned = [_layout(t) for t, _ in plan]
+
     def pieces() -> Iterator[memoryview]:
         with GGUFFile(path, name) as g:
+            # the file is opened again: one swapped meanwhile for another of the same size had the plan's marks
+            # written over whatever tensors it held, and was sealed with a header that did not match its data
+            if g.file_size != size or sorted(map(_layout, g.tensors), key=lambda x: x[3]) != planned:
+                raise CodemoatError(f"{name or path}: changed while it was read (its tensors are not those it was checked with)")
             at = 0
             for t, how in plan:
                 yield from _copy(g, at, t.offset, block_bytes)
@@ -263,6 +270,11 @@ def stream_gguf(
             yield from _copy(g, at, g.file_size, block_bytes)
 
     return MarkedGGUF(Path(path), size, pieces, marked)
+
+
+def _layout(t: Any) -> tuple:
+    """What a tensor's marking depends on: name, kind, shape, and where its bytes lie."""
+    return (t.name, t.kind, tuple(t.shape), t.offset, t.nbytes)
 
 
 def _copy(g, lo: int, hi: int, block: int) -> Iterator[memoryview]:
