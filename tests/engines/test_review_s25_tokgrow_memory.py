@@ -23,7 +23,7 @@ def _memory(g: TokenGrowth) -> int:
     got = 0
     for recent in g._scopes.values():
         for x in recent:
-            got += len(x.data) + x.ids.itemsize * len(x.ids) + (x.ends.nbytes if x.ends is not None else 0)
+            got += len(x.data) + x.ids.itemsize * len(x.ids) + (x.ends.itemsize * len(x.ends) if x.ends is not None else 0)
     return got
 
 
@@ -34,7 +34,7 @@ def _text(rng: random.Random, n: int) -> str:
 def _grow_through(front, g: TokenGrowth, texts: list[tuple[str, str]]) -> None:
     for user, text in texts:
         b = text.encode()
-        assert g.tokenise(user, False, b, front._native, front._ends) == front._native(b, False)
+        assert g.tokenise(user, False, b, front._native, front._lengths) == front._native(b, False)
 
 
 def test_texts_of_a_token_a_byte_are_held_within_the_bound(front):

@@ -105,34 +105,33 @@ def test_another_users_text_is_never_grown_from(front, tokenised):
 
 
 def _lines_tokenizer(prefixed: bool):
-    """A tokenizer of whole lines (each line one token, its newline included), with the byte offsets its tokens
-    end at — or, `prefixed`, one that reads a text's first line otherwise (as SentencePiece's space prefix
-    does): a cut at a line start then does not give the whole text's ids."""
-    import numpy as np
+    """A tokenizer of whole lines (each line one token, its newline included), with its tokens' byte lengths — or,
+    `prefixed`, one that reads a text's first line otherwise (as SentencePiece's space prefix does): a cut at a
+    line start then does not give the whole text's ids."""
 
     def native(b: bytes, special: bool) -> list[int]:
         lines = b.splitlines(keepends=True)
         return [hash((prefixed and i == 0, x)) & 0x7FFFFFFF for i, x in enumerate(lines)]
 
-    def ends(ids, special):  # the texts are lines of 16 bytes each: see the test
-        return np.arange(1, len(ids) + 1) * 16
+    def lengths(ids, special):  # the texts are lines of 16 bytes each: see the test
+        return [16] * len(ids)
 
-    return native, ends
+    return native, lengths
 
 
 def test_a_tokenizer_that_does_not_split_at_line_starts_fails_the_check_and_is_tokenised_whole():
-    """The check, not the cut's rule, decides: where the old text's tail does not tokenise again to its own ids,
-    the new text is tokenised whole (its ids are the whole tokenisation's), and after `GIVE_UP` failures with
+    """The check, not the cut's rule, decides: where the new text tokenised from the cut does not begin with the old
+    ids of the part both share, the new text is tokenised whole (its ids are the whole tokenisation's), and after `GIVE_UP` failures with
     no pass the vocabulary is not tried again."""
     lines = [f"line {i:4d} = {i:3d}\n".encode() for i in range(300)]
     assert {len(x) for x in lines} == {16}
     for prefixed in (False, True):
-        native, ends = _lines_tokenizer(prefixed)
+        native, lengths = _lines_tokenizer(prefixed)
         g = TokenGrowth()
-        g.tokenise("alice", False, b"".join(lines[:150]), native, ends)
+        g.tokenise("alice", False, b"".join(lines[:150]), native, lengths)
         for k in range(151, 151 + GIVE_UP + 4):
             text = b"".join(lines[:k])
-            assert g.tokenise("alice", False, text, native, ends) == native(text, False)
+            assert g.tokenise("alice", False, text, native, lengths) == native(text, False)
         if prefixed:
             assert g.grown == 0 and g.failed == GIVE_UP and g.passed == 0  # then no more tries
         else:

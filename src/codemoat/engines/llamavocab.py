@@ -89,7 +89,7 @@ class NativeVocab:
             return hit
         b = text.encode()
         if len(b) >= MIN_BYTES:  # a text that grew from one this caller sent: only its new end (`tokgrow`)
-            ids = self.token_growth().tokenise(scope, special, b, self._native, self._ends)
+            ids = self.token_growth().tokenise(scope, special, b, self._native, self._lengths)
         else:
             ids = self._native(b, special)
         cache.put(scope, special, text, ids)
@@ -101,25 +101,25 @@ class NativeVocab:
         n = self._lib.llama_tokenize(self._vocab, b, len(b), buf, len(buf), False, special)
         return buf[:n] if n >= 0 else self._model.tokenize(b, add_bos=False, special=special)
 
-    def _ends(self, ids: Any, special: bool) -> Any:
-        """The byte offset at which each of `ids` ends in their text (`tokgrow`): the cumulative lengths of their
-        pieces, from a table of piece lengths per token id filled as tokens are first seen."""
-        import numpy as np
-
+    def _lengths(self, ids: Sequence[int], special: bool) -> list[int] | None:
+        """The byte length of each of `ids`' texts (`tokgrow`), from a table per token id filled as tokens are
+        first seen; None for an id that is not this vocabulary's."""
         tables = self.__dict__.get("_piece_lengths")
         if tables is None:
             n_vocab = int(self._lib.llama_vocab_n_tokens(self._vocab))
-            tables = self.__dict__.setdefault("_piece_lengths", (np.full(n_vocab, -1, np.int32), np.full(n_vocab, -1, np.int32)))
+            tables = self.__dict__.setdefault("_piece_lengths", ([-1] * n_vocab, [-1] * n_vocab))
         lens = tables[1 if special else 0]  # -1: not looked up yet
-        arr = np.frombuffer(ids, dtype=np.int32) if len(ids) else np.zeros(0, dtype=np.int32)
-        if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= len(lens)):
+        try:
+            got = [lens[t] for t in ids]
+        except IndexError:
             return None
-        got = lens[arr]
-        if (got < 0).any():
-            for t in np.unique(arr[got < 0]).tolist():
-                lens[t] = len(self.piece(t, special))
-            got = lens[arr]
-        return np.cumsum(got, dtype=np.int64)
+        if -1 in got:
+            for i, t in enumerate(ids):
+                if got[i] < 0:
+                    if t < 0:
+                        return None
+                    got[i] = lens[t] = len(self.piece(t, special))
+        return got
 
     def token_growth(self) -> TokenGrowth:
         """This vocabulary's `TokenGrowth` (made on first use, as `token_cache`)."""

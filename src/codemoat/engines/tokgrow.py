@@ -11,9 +11,12 @@ Whether the ids are the ones a whole tokenisation gives is not assumed; it is ch
   before the first byte that differs, and the end of one of the old text's tokens. llama.cpp's pre-tokenisers
   (GPT-2-style expressions: qwen2, llama3, deepseek, starcoder ...) split there, and their split points depend
   on a few bytes after them at most, which both texts share;
-- the old text, tokenised from the cut to its end, must give exactly the old ids after the cut (a tokeniser
-  that splits otherwise, SentencePiece with its space prefix say, fails this and the text is tokenised whole).
-  A vocabulary that fails it `GIVE_UP` times without ever passing is not tried again.
+- the new text, tokenised from the cut (which is needed anyway), must begin with exactly the old ids of the part
+  both texts share, up to `SLACK` bytes before the first that differs: a tokeniser that splits otherwise at the
+  cut (SentencePiece with its space prefix, say) fails this and the text is tokenised whole. A vocabulary that
+  fails it `GIVE_UP` times without ever passing is not tried again. (Until 2026-12-07 the old text's tail was
+  tokenised again for the check: a second call of llama.cpp's tokeniser, whose fixed cost run cold, ~0.2 ms in
+  the server between a request's decode steps, made growing an ~900-byte prefix slower than tokenising it whole.)
 `tests/engines/test_tokgrow.py` compares the ids with whole tokenisations over thousands of random edits.
 
 Like `tokcache`, a text is only ever grown from the same caller's own texts (`SCOPE`): how fast a request is
@@ -26,18 +29,19 @@ from __future__ import annotations
 
 import threading
 from array import array
+from bisect import bisect_right
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from itertools import accumulate
 
 #: a text shorter than this (bytes) is tokenised whole: too little to gain
 MIN_BYTES = 512
 #: the cut is at least this many bytes before the first byte that differs: split decisions look ahead a few bytes
 MARGIN = 64
-#: the old text's part after the cut that the check tokenises again: at most this many bytes (an edit far up a long
-#: text is tokenised whole rather than checked at the cost of most of a whole tokenisation)
-TAIL_MAX = 4096
+#: the check compares the ids of the shared part up to this many bytes before the first byte that differs (the
+#: tokens just before a change may change with it)
+SLACK = 32
 #: line starts looked at, going back from the differing byte, before giving up (a file of one very long line)
 MAX_WALK = 512
 #: latest long texts kept per scope (the prefix, and a few of the other texts a FIM prompt has)
@@ -58,7 +62,7 @@ class Grown:
 
     data: bytes
     ids: array
-    ends: Any = field(default=None)  # a numpy array, once computed
+    ends: array | None = field(default=None)  # 8-byte offsets, once computed
 
 
 def held(g: Grown) -> int:
@@ -87,15 +91,25 @@ def cut_at(old: Grown, same: int) -> int | None:
     `MARGIN` bytes before byte `same`, the first that differs (None: no such line start)."""
     assert old.ends is not None
     data, ends = old.data, old.ends
-    j = int(ends.searchsorted(same - MARGIN, side="right"))  # tokens [0, j) end at or before that byte
+    j = bisect_right(ends, same - MARGIN)  # tokens [0, j) end at or before that byte
     for _ in range(MAX_WALK):
         if j <= 0:
             return None
-        e = int(ends[j - 1])
+        e = ends[j - 1]
         if e > 0 and data[e - 1] == 0x0A and data[e] not in (0x0A, 0x0D):
             return j
         j -= 1
     return None
+
+
+def _ends(ids: Sequence[int], special: bool, lengths: Callable, start: int, stop: int) -> array | None:
+    """The offsets at which `ids` end, from `start`; None unless they end at `stop` (their texts add up)."""
+    got = lengths(ids, special)
+    if got is None:
+        return None
+    out = array("q", accumulate(got, initial=start))
+    del out[0]
+    return out if (out[-1] if out else start) == stop else None
 
 
 class TokenGrowth:
@@ -114,21 +128,25 @@ class TokenGrowth:
         special: bool,
         data: bytes,
         native: Callable[[bytes, bool], list[int]],
-        ends: Callable[[array, bool], Any],
+        lengths: Callable[[Sequence[int], bool], list[int] | None],
     ) -> list[int]:
         """The ids of `data` as `native(data, special)` gives them, from a grown text's ids where the check passes.
-        `ends(ids, special)`: the byte offset each token's text ends at, a numpy array (None if unknown)."""
-        ids = self._grow(scope, special, data, native, ends) if len(data) >= MIN_BYTES else None
-        if ids is None:
-            ids = native(data, special)
+        `lengths(ids, special)`: the byte length of each token's text (None if one has none)."""
+        got = self._grow(scope, special, data, native, lengths) if len(data) >= MIN_BYTES else None
+        if got is None:
+            ids, ends = native(data, special), None  # its ends are computed if a later text grows from it
             self.whole += 1
         else:
+            ids, ends = got
             self.grown += 1
         if len(data) >= MIN_BYTES:
-            self._keep(scope, special, Grown(data, array("i", ids)))
+            self._keep(scope, special, Grown(data, array("i", ids), ends))
         return ids
 
-    def _grow(self, scope: str, special: bool, data: bytes, native: Callable, ends: Callable) -> list[int] | None:
+    def _grow(
+        self, scope: str, special: bool, data: bytes, native: Callable, lengths: Callable
+    ) -> tuple[list[int], array | None] | None:
+        """(ids, their ends) of `data` grown from one of the scope's texts, or None (tokenise it whole)."""
         if self.failed >= GIVE_UP and not self.passed:
             return None
         with self._lock:
@@ -140,22 +158,24 @@ class TokenGrowth:
                 best, same = g, n
         if best is None or same < MIN_BYTES // 2:
             return None
-        if best.ends is None:
-            got = ends(best.ids, special)
-            if got is None or not len(got) or int(got[-1]) != len(best.data):
+        if best.ends is None:  # once per text tokenised whole; a grown one's come with it
+            best.ends = _ends(best.ids, special, lengths, 0, len(best.data))
+            if best.ends is None:
                 return None  # its tokens' texts do not add up to the text (a space prefix, a control token's)
-            best.ends = got
         j = cut_at(best, same)
         if j is None:
             return None
-        e = int(best.ends[j - 1])
-        if len(best.data) - e > TAIL_MAX:
+        e = best.ends[j - 1]
+        if e < len(data) // 4:  # an edit near the start: growing saves little
             return None
-        if native(best.data[e:], special) != best.ids[j:].tolist():
+        k = bisect_right(best.ends, same - SLACK)  # the old tokens [j, k) lie in the shared part
+        tail = native(data[e:], special)
+        if k <= j or tail[: k - j] != best.ids[j:k].tolist():
             self.failed += 1
             return None
         self.passed += 1
-        return best.ids[:j].tolist() + native(data[e:], special)
+        more = _ends(tail, special, lengths, e, len(data))
+        return best.ids[:j].tolist() + tail, (best.ends[:j] + more if more is not None else None)
 
     def _keep(self, scope: str, special: bool, g: Grown) -> None:
         if held(g) > self.max_bytes:
