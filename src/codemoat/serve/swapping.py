@@ -10,7 +10,9 @@ recorded as failed (`update list`). A model or adapter version another serve's c
 current: one serve's failure (its own memory or device, its own base model) is reported as this serve's,
 not made everyone's. Every outcome is audited (`update swapped`, `update swap_failed`, `update
 swap_rolled_back`). A swap that passed confirms the version in the store (no longer pending: `update
-confirmed`). Under `update apply`'s hand-off the swap tells its stage (updates.handoff.stage).
+confirmed`). Under `update apply`'s hand-off the swap tells its stage (updates.handoff.stage). A version
+recorded failed while this serve loaded it (apply gave up on a slow swap, another serve's check failed it
+first) is not served on when its check here passes: the serve goes to the store's version.
 
 `check_installed_at_start(app)` is the same check at serve's start with `model.path = update:model`:
 a version still pending is health-checked before any request; on failure the version before it is
@@ -86,8 +88,37 @@ def swap_installed(app: Any, channel: str, audit: Audit, *, add_adapter: bool = 
     out = dict(out, channel=channel, version=cur["version"], swapped=True)
     audit("swapped", **out)
     stage("confirming")
-    store.confirm(channel, cur["bundle_id"])  # its health check passed: no longer pending
+    hold("confirm")  # tests only: the store changed by another process while this serve loaded the version
+    if not store.confirm(channel, cur["bundle_id"]):  # its health check passed: no longer pending
+        _failed_meanwhile(app, channel, audit, store, cur)
     return out
+
+
+def _failed_meanwhile(app: Any, channel: str, audit: Audit, store: Any, cur: dict[str, Any]) -> None:
+    """A swap passed here, but the store recorded the version failed while this serve loaded it (`update apply`
+    gave up on a slow load, STALL_S, or another serve's check failed first), and tidied its files away: serving
+    it on served what `update list` names failed, and nothing handed this serve the version the store went
+    back to. It swaps that one in (checked, `swap_installed`), or with none, stops serving (503 with why)."""
+    from ..updates.bundle import label
+
+    why = _recorded_failed(store, channel, cur["bundle_id"])
+    if why is None:
+        return  # confirmed already, or replaced by a newer version (whose hand-off comes next)
+    now = store.current(channel)
+    log.warning("%s passed here but was recorded failed meanwhile (%s): going back to the store's version", label(cur), why)
+    said = f"{label(cur)} passed here but was recorded failed meanwhile ({why})"
+    if now is not None:
+        try:
+            back = swap_installed(app, channel, audit)
+        except CodemoatError as e:
+            raise CodemoatError(f"{said}; going back to the store's version failed too: {str(e).splitlines()[0]}") from None
+        raise CodemoatError(f"{said}; this server is back on {back['version']}, the store's version")
+    if channel != "model":
+        raise CodemoatError(f"{said}; no version before it is installed: restart this server to stop serving it")
+    holder = app.state.holder
+    holder._loader = None  # nothing reloads the failed version (a lease regained, an adapter swap)
+    holder.unload(f"{said} and no version before it is installed")
+    raise CodemoatError(f"{said}; no version before it is installed: this server stops serving")
 
 
 async def check_installed_at_start(app: Any) -> None:
@@ -168,7 +199,12 @@ async def _check_model_at_start(app: Any) -> None:
     holder.update_records = []
     store = UpdateStore(audit=lambda step, d: audit(step, **d))
     b = holder.status.bundle
-    if not store.pending("model", b.bundle_id):
+    hold("start_loaded")  # tests only: another serve's check fails it here, while this one has loaded it
+    gone = _recorded_failed(store, "model", b.bundle_id)
+    if gone is None and not store.pending("model", b.bundle_id):
+        return
+    if gone is not None:  # failed by another serve's check while this one loaded it: not served unchecked
+        await _go_back_at_start(app, store, audit, b, gone)
         return
     try:
         await anyio.to_thread.run_sync(lambda: probe(holder.get(), loop=holder.loop_token))
@@ -189,7 +225,31 @@ async def _check_model_at_start(app: Any) -> None:
         holder.unload(why)
         log.warning("no installed model version passed its health check: not serving (`codemoat update list`)")
         return
-    store.confirm("model", b.bundle_id)
+    if not store.confirm("model", b.bundle_id) and (gone := _recorded_failed(store, "model", b.bundle_id)) is not None:
+        await _go_back_at_start(app, store, audit, b, gone)
+
+
+async def _go_back_at_start(app: Any, store: Any, audit: Audit, b: Any, why: str) -> None:
+    """serve's start: the version it loaded was recorded failed meanwhile (serves starting together, another's
+    check failed first, and its files are tidied away): the store's version is served instead, checked, or none."""
+    import anyio
+
+    holder = app.state.holder
+    said = f"installed model {b.version} was recorded failed while this server loaded it ({why})"
+    log.warning("%s: going back to the store's version", said)
+    if await anyio.to_thread.run_sync(lambda: _serve_one_that_passes(app, store, audit, {b.bundle_id})):
+        return
+    holder._loader = None  # nothing reloads the failed version (a lease regained, an adapter swap)
+    holder.unload(f"{said} and no version before it passed")
+    log.warning("no installed model version passed its health check: not serving (`codemoat update list`)")
+
+
+def _recorded_failed(store: Any, channel: str, bundle_id: str) -> str | None:
+    """Why `bundle_id` was recorded failed (`update list`), when it is no longer `channel`'s current version; else None."""
+    now = store.current(channel)
+    if now is not None and now["bundle_id"] == bundle_id:
+        return None
+    return next((f.get("reason") for f in store.failed() if f.get("bundle_id") == bundle_id), None)
 
 
 _KEPT = "another server's check passed it, so the store keeps it"
