@@ -117,6 +117,12 @@ class UpdateSettings(Section):
         ge=1,
         description="Starts (`serve` or `vaultd` with update:model) that may try a pending model version, one no health check has passed yet; a version tried this often whose process never came up with it (killed loading it: out of memory, a crash) is recorded failed at the next start without being loaded, and the version before it serves.",
     )
+    swap_stall_s: float = Field(
+        300.0,
+        ge=30,
+        le=900,
+        description="Seconds one stage of a hand-off swap (loading and checking the new model is one) may last before serve stops telling `update apply` it is under way; apply then gives up on it 60 s later and records the version failed. Raise it for models that take longer than this to load from their disk; a hung swap holds `update apply` this long plus 60 s.",
+    )
 
 
 class Settings(BaseSettings):

@@ -68,7 +68,9 @@ SWAP_S = 900.0
 #: seconds one stage of a swap may last before its serve stops vouching for it. The longest stage is the
 #: load and health check of the new engine, one stage (engines.loader reports nothing finer): a 250 MB
 #: GGUF takes seconds, a multi-GB model from a slow disk a minute or two, so five minutes is over twice
-#: the slowest expected. A hung swap then holds `update apply` STALL_S + SILENCE_S (6 minutes), not SWAP_S
+#: the slowest expected (`update.swap_stall_s` sets it). A hung swap then holds `update apply` STALL_S + SILENCE_S
+#: (6 minutes), not SWAP_S. Waiting for another swap of the same serve to end (stage "waiting") is not a stall:
+#: that swap is vouched for, or given up on, by its own `apply`; SWAP_S bounds the wait
 STALL_S = 300.0
 STALL_ENV = "CODEMOAT_UPDATE_STALL_S"  # tests only (needs PYTEST_CURRENT_TEST): a serve's STALL_S, shortened
 _SUN_PATH_MAX = 107  # sockaddr_un.sun_path holds 108 bytes with the final NUL
@@ -85,14 +87,15 @@ def stage(name: str) -> None:
         state["at"] = (name, time.monotonic())  # one assignment: the line thread never reads one without the other
 
 
-def _stall_s() -> float:
-    """STALL_S, or in a test the seconds its serve was started with in STALL_ENV."""
-    if os.environ.get("PYTEST_CURRENT_TEST"):
+def _stall_s(configured: float = STALL_S) -> float:
+    """`configured` (STALL_S, or `update.swap_stall_s`), or in a test the seconds its serve was started with in
+    STALL_ENV."""
+    if os.environ.get("PYTEST_CURRENT_TEST") and STALL_ENV in os.environ:
         try:
-            return float(os.environ.get(STALL_ENV, STALL_S))
+            return float(os.environ[STALL_ENV])
         except ValueError:
             pass
-    return STALL_S
+    return configured
 
 
 def run_dir(home: Path | None = None) -> Path:
@@ -247,7 +250,7 @@ class Listener:
         conn.settimeout(10)  # a caller that stops reading does not hold the lines for good
         while True:
             now, (at, since) = time.monotonic(), state["at"]
-            if now - since > self.stall_s:  # no progress: silence, which `update apply` gives up on
+            if at != "waiting" and now - since > self.stall_s:  # no progress: silence, which `update apply` gives up on
                 if stalled != (at, since):
                     stalled = (at, since)
                     log.warning(
