@@ -36,6 +36,12 @@ def test_update_apply_in_vaultds_home_reaches_serve_vault_through_vaultd(shop, s
         assert r.returncode == 0, r.stderr
         (a,) = json.loads(r.stdout)["served"]  # vaultd's answer: it told the one serve connected to it
         assert a["ok"] and a["relayed"] == 1 and a["pid"] == vaultd.proc.pid, a
+        # adapters are installed pending (until a check passes them); the serves that check this one are
+        # vaultd's, whose outcome does not come back to this home: vaultd confirms what it passed on, or
+        # `update list` named it pending for good (a reviewer, session 25)
+        cur = store.current("adapter:fee")
+        assert cur["version"] == "2" and not cur.get("pending"), cur
+        assert "yes, pending" not in run_cli("update", "list", env=vault_env).stdout  # the current one
         deadline = time.time() + 180
         while (text := adapter_text(srv.url, user)) != DOG and time.time() < deadline:
             time.sleep(0.5)

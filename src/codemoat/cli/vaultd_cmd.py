@@ -335,13 +335,22 @@ def relay_updates(daemon, holders: list, settings, audit=None):
     """`update apply` in vaultd's home (its account owns the update store) cannot reach the `serve --vault`s,
     which run elsewhere as another user: listen on $CODEMOAT_HOME/run/vaultd-PID.sock like a serve (its
     account or root only, updates.handoff), and pass a new adapter version on to every connected serve,
-    which swaps it in (fetching it from here); a new model version is first taken in here."""
+    which swaps it in (fetching it from here); a new model version is first taken in here.
+
+    An adapter version is installed pending (updates.store) until a check passes it; in vaultd's home the
+    serves check it as they swap it in, and their outcome does not come back here, so vaultd confirms it once
+    it has passed it on to at least one serve (else `update list` named it pending for good)."""
     from ..updates.handoff import Listener
+    from ..updates.store import UpdateStore
 
     def handle(channel: str) -> dict:
         if channel == "model":
             return swap_installed_model(daemon, holders, settings, audit)
         n = daemon.announce({"op": "update", "channel": channel})
+        store = UpdateStore(audit=audit)
+        cur = store.current(channel)
+        if n and cur is not None and store.pending(channel, cur["bundle_id"]):
+            store.confirm(channel, cur["bundle_id"])
         return {"swapped": False, "relayed": n, "channel": channel}
 
     try:
