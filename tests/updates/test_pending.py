@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from codemoat.updates.store import HOLD_ENV
-from updhelp import create_token, mute_gguf, one_line_error, run_cli
+from updhelp import create_token, mute_gguf, one_line_error, run_cli, wait_unavailable
 
 
 def _held(pid: int, timeout: float = 180) -> Path:
@@ -201,15 +201,7 @@ def test_a_first_version_that_fails_its_check_at_start_is_not_served(shop, store
     lic = shop.license()
     store.apply(shop.release("1", source=mute_gguf(gguf_file, tmp_path / "mute.gguf")), lic)
     srv = serve_process(["--model", "update:model"], wait=False)
-    deadline = time.monotonic() + 180
-    while True:  # it starts, and says it is not serving (no version passed), rather than serving 1
-        assert srv.proc.poll() is None and time.monotonic() < deadline, srv.output()
-        try:
-            if httpx.get(f"{srv.url}/health", timeout=5).status_code == 503:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
+    wait_unavailable(srv)  # it starts, and says it is not serving (no version passed), rather than serving 1
     user = create_token("--name", "dev")
     r = _completes(srv.url, user, "mute")  # the model's id is its file's name
     assert r.status_code == 503 and "failed its health check" in r.text, r.text

@@ -26,7 +26,7 @@ import pytest
 from codemoat.updates.handoff import STALL_ENV
 from codemoat.updates.store import HOLD_ENV
 from tests.tune.loras import forcing_lora_gguf
-from updhelp import FOX, adapter_text, create_token, mute_gguf
+from updhelp import FOX, adapter_text, create_token, mute_gguf, wait_unavailable
 
 KEPT = "another server's check passed it, so the store keeps it"
 
@@ -106,15 +106,7 @@ def test_a_first_version_another_serve_confirmed_is_not_served_where_its_check_f
     srv, marker = _start_held(serve_process, "start_check")
     assert store.confirm("model", v1["bundle_id"])
     marker.unlink()
-    deadline = time.monotonic() + 180
-    while True:  # it starts, and says it is not serving, rather than serving what failed here
-        assert srv.proc.poll() is None and time.monotonic() < deadline, srv.output()
-        try:
-            if httpx.get(f"{srv.url}/health", timeout=5).status_code == 503:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
+    wait_unavailable(srv)  # it starts, and says it is not serving, rather than serving what failed here
     user = create_token("--name", "dev")
     body = {"model": "mute", "prompt": "def add(a, b):\n    return", "max_tokens": 4}
     r = httpx.post(f"{srv.url}/v1/completions", json=body, headers={"Authorization": f"Bearer {user}"}, timeout=60)

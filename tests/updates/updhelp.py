@@ -190,3 +190,16 @@ def lora_gguf(path: Path, side: int = 16) -> Path:
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def wait_unavailable(srv, timeout: float = 180) -> None:
+    """Until serve `srv` (started with wait=False) answers /health with 503: it runs, and says it serves nothing."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert srv.proc.poll() is None and time.monotonic() < deadline, srv.output()
+        try:
+            if httpx.get(f"{srv.url}/health", timeout=5).status_code == 503:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
