@@ -94,3 +94,23 @@ def test_no_meter_no_budget():
     """An `Ignore` made without one (tests, other callers) matches as before, with no budget."""
     ignore = Ignore(None, "", [f"**/d{i}/**/*.py" for i in range(50)])
     assert ignore.meter is None and ignore.ignored("a/d3/b/c.py", False) and not ignore.ignored("a/b/c.py", False)
+
+
+def test_rules_whose_stars_try_long_classes_again_are_costed_by_them(tmp_path, monkeypatch):
+    """A reviewer's finding: the meter counted a rule as its stars, so 950 rules of a star and 240 `[ab]` classes
+    (918 KB, under every cap) looked like ordinary rules and cost ~170 ms a 250-byte name, within the per-path
+    allowance: a tree of 100,000 such files held the walk for hours. `rule_cost` counts what a star may try again
+    at each byte; such rules now spend the budget and the folder is refused."""
+    from codemoat.index.ignore import rule_cost
+
+    hostile = "*" + "[ab]" * 240 + "c"
+    assert rule_cost(hostile.encode()) > 1000 * rule_cost(b"*.ext1234") // 10
+    assert rule_cost(b"build") == 1 and rule_cost(b"*.py") == 5
+    (tmp_path / ".gitignore").write_text("".join(f"{hostile}{i}\n" for i in range(20)))
+    for i in range(10):
+        (tmp_path / (f"{i}" + "a" * 240 + ".py")).write_text("X = 1\n")
+    monkeypatch.setattr(walk, "MAX_IGNORE_WORK", 10_000_000)  # ~20 such paths' worth
+    with pytest.raises(CodemoatError, match=r"\(the costliest: \./\.gitignore\): not indexed"):
+        scan(tmp_path)
+    (tmp_path / ".gitignore").write_text("".join(f"*.ext{i}\n" for i in range(20)))  # the negative: ordinary rules
+    assert len(scan(tmp_path).paths) == 10

@@ -127,15 +127,17 @@ MAX_IGNORE_RULES = 100_000
 #: shorter than a path) cost some 400 MB and 10 s a megabyte to compile, far under the rule count; 100,000 ordinary
 #: rules are ~2 MB
 MAX_IGNORE_BYTES = 3_000_000
-#: and at most this much matching of paths against them (`ignore.Meter`: a rule tried on a byte of a path; some 200
-#: million a second here, so about 4 minutes): within the caps above, 99,000 rules like `**/dN/**/*.py` cost 2.7 s a
+#: and at most this much matching of paths against them (`ignore.Meter`, `ignore.rule_cost`: about a byte compared;
+#: a few minutes here): within the caps above, 99,000 rules like `**/dN/**/*.py` cost 2.7 s a
 #: path 200 folders deep, and a committed tree of such paths held the walk (and the index's write lock) for days.
 #: Beyond it, each path checked adds `MAX_IGNORE_WORK_PER_PATH`: a plain folder of many files under many ordinary rules
-#: is walked however large (1,500 rules cost ~134,000 a 100-byte path, and 370,000 such files spent the whole budget)
+#: is walked however large (1,500 rules like `*.ext1234` cost ~300,000 a path; 370,000 such files had spent the whole
+#: budget, a reviewer's finding)
 MAX_IGNORE_WORK = 50_000_000_000
-#: ~5 ms a path here, ~7x what 1,500 ordinary rules cost: rules that cost more than this a path spend the budget
-#: above (hostile ones at ~5e8 a deep path, after ~100 paths); rules that cost less are never refused
-MAX_IGNORE_WORK_PER_PATH = 1_000_000
+#: what each path checked may cost (`ignore.rule_cost`) without spending the budget above: ~13 times 1,500 ordinary
+#: rules; rules that cost more spend it (a reviewer's bracket-class rules, ~9e8 a path, after ~55 paths); a path's
+#: matching stays under ~20 ms at a few ns a unit, whatever the rules: less than indexing the file costs
+MAX_IGNORE_WORK_PER_PATH = 4_000_000
 
 
 def _walk(root: Path) -> Iterator[str]:
@@ -176,8 +178,8 @@ def _walk(root: Path) -> Iterator[str]:
             return rules.ignored(child, is_dir)
         except TooCostly as e:
             raise CodemoatError(
-                f"the .gitignore files under {root} cost more than {MAX_IGNORE_WORK:,} steps (a rule tried on a byte of a "
-                f"path) beyond {MAX_IGNORE_WORK_PER_PATH:,} a path to match (the costliest: {shown(e.base or '.')}/.gitignore): "
+                f"the .gitignore files under {root} cost more than {MAX_IGNORE_WORK:,} steps (about a byte compared each) "
+                f"beyond {MAX_IGNORE_WORK_PER_PATH:,} a path to match (the costliest: {shown(e.base or '.')}/.gitignore): "
                 "not indexed; a repository's own cost far less a path"
             ) from None
 
