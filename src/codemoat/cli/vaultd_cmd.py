@@ -340,7 +340,7 @@ def relay_updates(daemon, holders: list, settings, audit=None):
     An adapter version is installed pending (updates.store) until a check passes it; in vaultd's home the
     serves check it as they swap it in, and their outcome does not come back here, so vaultd confirms it once
     it has passed it on to at least one serve (else `update list` named it pending for good)."""
-    from ..updates.handoff import Listener, _stall_s
+    from ..updates.handoff import Listener
     from ..updates.store import UpdateStore
 
     def handle(channel: str) -> dict:
@@ -349,13 +349,13 @@ def relay_updates(daemon, holders: list, settings, audit=None):
         store = UpdateStore(audit=audit)
         cur = store.current(channel)  # the version announced (one installed meanwhile is not confirmed with it)
         n = daemon.announce({"op": "update", "channel": channel})
-        if n and cur is not None and store.pending(channel, cur["bundle_id"]):
-            store.confirm(channel, cur["bundle_id"])
+        if n and cur is not None:
+            store.confirm(channel, cur["bundle_id"])  # a no-op unless it is still current and pending
         return {"swapped": False, "relayed": n, "channel": channel}
 
     try:
         # a new model version is loaded here, as in a serve: `update.swap_stall_s` bounds that stage here too
-        return Listener(handle, role="vaultd", stall_s=_stall_s(settings.update.swap_stall_s)).start()
+        return Listener(handle, role="vaultd", stall_s=settings.update.swap_stall_s).start()
     except OSError as e:
         import logging
 

@@ -349,7 +349,7 @@ def start_handoff(app: Any) -> Any:
     settings = app.state.settings
     if not settings.update.handoff:
         return None
-    from ..updates.handoff import Listener, _stall_s
+    from ..updates.handoff import Listener
 
     audit = _auditor(app, "update apply")
     if settings.vault.socket:  # `update apply` runs in vaultd's home: vaultd passes its notice on (vaultd_cmd)
@@ -367,7 +367,7 @@ def start_handoff(app: Any) -> Any:
 
         app.state.holder.on_update = relayed
     try:
-        stall = _stall_s(app.state.settings.update.swap_stall_s)
+        stall = app.state.settings.update.swap_stall_s
         return Listener(lambda channel: swap_installed(app, channel, audit), stall_s=stall).start()
     except OSError as e:
         log.warning("cannot listen for `update apply` (%s): installed updates serve from the next start", e)

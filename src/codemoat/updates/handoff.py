@@ -154,7 +154,7 @@ class Listener:
     ):
         self.handle = handle
         self.path = run_dir(home) / f"{role}-{os.getpid()}.sock"
-        self.progress_s, self.stall_s = progress_s, _stall_s() if stall_s is None else stall_s
+        self.progress_s, self.stall_s = progress_s, _stall_s(STALL_S if stall_s is None else stall_s)
         self._sock: socket.socket | None = None
         self._busy = threading.Lock()
         self._stop = threading.Event()
@@ -215,11 +215,10 @@ class Listener:
 
     def _swap(self, chan: str, state: dict[str, Any]) -> dict[str, Any]:
         """`handle(chan)` once no other swap runs here, as the answer's fields; `state` says where it is
-        (`step`, and the `stage` that `handle` reports with `stage()`, on this thread)."""
+        (the `stage` that `handle` reports with `stage()`, on this thread, after "waiting" and "swapping")."""
         from ..errors import CodemoatError
 
         with self._busy:
-            state["step"] = "swapping"
             _swapping.state = state
             stage("swapping")
             try:
@@ -262,7 +261,7 @@ class Listener:
                     )
             elif telling:
                 line = {
-                    "progress": state["step"],
+                    "progress": "waiting" if at == "waiting" else "swapping",  # what older applies know
                     "stage": at,
                     "channel": chan,
                     "seconds": round(now - started),
@@ -286,7 +285,7 @@ class Listener:
 
 def _progress(at: str) -> dict[str, Any]:
     """A swap's progress state, shared by its thread (`stage`) and the thread sending its lines."""
-    return {"step": at, "at": (at, time.monotonic())}
+    return {"at": (at, time.monotonic())}
 
 
 def hand_over(
