@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from codemoat.updates.store import HOLD_ENV
-from test_s25_fleet import _health, _held, _records
+from test_s25_fleet import _health, _records, _start_held
 from updhelp import create_token
 
 
@@ -20,11 +19,6 @@ def _torn(v: dict) -> None:
     data = bytearray(moat.read_bytes())
     data[len(data) // 2] ^= 1  # it no longer opens: here, a load that fails in this serve only
     moat.write_bytes(bytes(data))
-
-
-def _start_held(serve_process):
-    srv = serve_process(["--model", "update:model"], env={HOLD_ENV: "start_load"}, wait=False)
-    return srv, _held("start_load", srv.proc.pid, srv.proc)
 
 
 @pytest.mark.slow
@@ -37,7 +31,7 @@ def test_a_load_that_fails_here_keeps_a_version_another_serve_confirmed(shop, st
     # the negative: nobody else checked 2 meanwhile: the store goes back to 1, 2 recorded failed
     v2 = store.apply(shop.release("2"), lic)
     _torn(v2)
-    srv, marker = _start_held(serve_process)
+    srv, marker = _start_held(serve_process, "start_load")
     marker.unlink()
     srv.wait_ready()
     assert _health(srv.url, admin)["bundle"]["version"] == "1"
@@ -47,7 +41,7 @@ def test_a_load_that_fails_here_keeps_a_version_another_serve_confirmed(shop, st
     # the positive: another serve's check passed 3 while this one loaded it: 3 stays, this serve serves 1
     v3 = store.apply(shop.release("3"), lic)
     _torn(v3)
-    srv, marker = _start_held(serve_process)
+    srv, marker = _start_held(serve_process, "start_load")
     assert store.confirm("model", v3["bundle_id"])
     marker.unlink()
     srv.wait_ready()
