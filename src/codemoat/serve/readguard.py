@@ -43,6 +43,20 @@ empty). Here each connection's TCP_USER_TIMEOUT is `read_timeout_s`: the kernel 
 whose sent data stays unacknowledged, or whose peer's window stays shut, that long (zero-window probes
 count since Linux 5.11). A client reading an answer, however slowly, opens its window and is not cut.
 
+Nor did llhttp (strict as uvicorn sets it) frame a request as RFC 9112 has a server do: one of HTTP/1.1 with no Host
+header, or any with two, was served (section 3.2: 400), and `Transfer-Encoding: gzip, chunked` (or `identity,
+chunked`, or `,chunked`) was read as chunked, the codings before it ignored. A proxy in front that reads such a head
+otherwise (the body as gzip's, or framed by a Content-Length) and the server then disagree on where a request ends:
+the bytes one takes for a body the other serves as a second, hidden request (request smuggling). Here a request's
+head is checked once parsed, from the header list uvicorn's `on_header` keeps (one pass over it, no re-parse): a Host
+missing (HTTP/1.1) or repeated gets 400, and a Transfer-Encoding other than a single `chunked` gets 501 (a coding not
+implemented, section 6.1) or 400 (a list that is not one). llhttp itself refuses Transfer-Encoding beside a
+Content-Length, and `chunked` twice, with 400. Each refusal here closes the connection, and none reaches an app.
+
+Each refusal at this layer is counted by status, per server (`refused`): `RefusedCollector` shows the counts as
+`codemoat_http_refused_total{status="..."}` in a Prometheus registry (`codemoat serve`'s /metrics: serve/run.py). Before, such a
+refusal left no trace at all: no route, so no audit record, and no metric.
+
 `raise_open_files()` lifts the soft limit on open descriptors to the hard one (as Go's runtime does):
 with the deadline, holding them all then takes thousands of new connections a second.
 """
@@ -55,6 +69,7 @@ import socket
 import sys
 from typing import Any
 
+from prometheus_client.core import CounterMetricFamily
 from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -70,6 +85,22 @@ MAX_PIPELINED = 32
 #: the slowest a request is allowed to arrive once its first `read_timeout_s` have passed
 MIN_RATE = 1024  # bytes a second
 READ_TIMEOUT_S = 30.0
+
+
+#: a transfer-coding's name (RFC 9110 section 5.6.2's token), parameters after a ";" not checked
+_TCHAR = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+
+
+def _coding_refusal(value: bytes) -> tuple[int, str, str]:
+    """The refusal of a request whose Transfer-Encoding (its lines joined by commas) is not a single `chunked`."""
+    names = [part.split(b";", 1)[0].strip() for part in value.split(b",")]
+    if not all(names) or any(not _TCHAR.issuperset(n) for n in names):
+        return 400, "Bad Request", "Transfer-Encoding is not a list of transfer codings (RFC 9112 section 6.1)"
+    return (
+        501,
+        "Not Implemented",
+        "only Transfer-Encoding: chunked, alone, is implemented here: send the body chunked, or with a Content-Length",
+    )
 
 
 class _Refused(Exception):
@@ -127,6 +158,7 @@ class ReadGuard:
         self._trailers = _Trailers(self)
 
     read_timeout_s: float = READ_TIMEOUT_S
+    refused: dict[int, int] = {}  # requests refused here, by status: each `guarded` class has its own
     _timer: Any = None
     _reading = False  # a request's bytes are due
     _deadline = 0.0  # when they are late: read_timeout_s after they became due (moved on while the server answers
@@ -190,6 +222,22 @@ class ReadGuard:
         if self._head + self._first > MAX_HEAD and self._parsed_head() > MAX_HEAD:
             self._refuse(431, "Request Header Fields Too Large", f"request head is larger than {MAX_HEAD:,} bytes")
             raise _Refused  # llhttp stops at it: nothing of the request reaches the app, nor anything after it
+        hosts, coding = 0, None  # the framing rules of the module's docstring: one pass over the header list
+        for name, value in self.headers:  # type: ignore[attr-defined]  # uvicorn's, names lower-case
+            if name == b"host":
+                hosts += 1
+            elif name == b"transfer-encoding":
+                coding = value if coding is None else coding + b"," + value
+        if hosts != 1:  # none is allowed to HTTP/1.0 (and 0.9) only: 1.1, and whatever llhttp reads as later, need one
+            version = self.parser.get_http_version()  # type: ignore[attr-defined]
+            if hosts or version not in ("1.0", "0.9"):
+                self._refuse(
+                    400, "Bad Request", f"an HTTP/{version} request needs one Host header (RFC 9112 section 3.2); it has {hosts}"
+                )
+                raise _Refused
+        if coding is not None and coding.strip().lower() != b"chunked":
+            self._refuse(*_coding_refusal(coding))
+            raise _Refused
         self._in_head, self._head = False, 0
         super().on_headers_complete()  # type: ignore[misc]
         self._trailers.head, self.headers = self.headers, self._trailers  # the scope keeps the head's own list
@@ -311,6 +359,7 @@ class ReadGuard:
 
     def _refuse(self, status: int, reason: str, text: str, answer: bool = True) -> None:
         self._not_due()
+        self.refused[status] = self.refused.get(status, 0) + 1  # the server's class's own (`guarded`)
         cycle = self.cycle
         # the request refused has reached its app (its body, or its trailers, were arriving)
         mine = cycle is not None and cycle.scope is self.scope and (self._begun or not self._in_head)
@@ -342,7 +391,28 @@ class ReadGuard:
 
 def guarded(base: type[HttpToolsProtocol] = HttpToolsProtocol, read_timeout_s: float = READ_TIMEOUT_S) -> type:
     """`base` (uvicorn's httptools protocol or a subclass) with `ReadGuard`'s bounds: `uvicorn.Config(http=...)`."""
-    return type(f"Guarded{base.__name__}", (ReadGuard, base), {"read_timeout_s": float(read_timeout_s)})
+    return type(f"Guarded{base.__name__}", (ReadGuard, base), {"read_timeout_s": float(read_timeout_s), "refused": {}})
+
+
+class RefusedCollector:
+    """The refusals of a `guarded` protocol's server as a Prometheus counter, read when scraped:
+    `registry.register(RefusedCollector(protocol))`."""
+
+    def __init__(self, protocol: type[ReadGuard]) -> None:
+        self.refused = protocol.refused
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        c = CounterMetricFamily(
+            "codemoat_http_refused",
+            "Requests the HTTP layer refused before any route saw them (unparseable, Host, framing, slow, too large), by status.",
+            labels=["status"],
+        )
+        for status, n in sorted(self.refused.items()):
+            c.add_metric([str(status)], n)
+        yield c
 
 
 def raise_open_files() -> None:

@@ -73,14 +73,18 @@ def run(app, sock: socket.socket, log_level: str, trusted_proxies: list[str] | N
     per-address bounds see."""
     import uvicorn
 
-    from .readguard import guarded, raise_open_files
+    from .readguard import RefusedCollector, guarded, raise_open_files
     from .wire import HttpProtocol
 
     raise_open_files()
+    protocol = guarded(HttpProtocol, read_timeout_s)
+    trust = getattr(app.state, "trust", None)
+    if trust is not None:  # /metrics: requests the HTTP layer refused before any route (and any audit record) saw them
+        trust.metrics.registry.register(RefusedCollector(protocol))
     proxies = {"proxy_headers": bool(trusted_proxies), "forwarded_allow_ips": believed(trusted_proxies or []) or None}
     config = uvicorn.Config(
         app,
-        http=guarded(HttpProtocol, read_timeout_s),
+        http=protocol,
         # no WebSocket route: an upgrade to one is answered as the HTTP/1.1 request it also is, in its route's JSON,
         # where uvicorn's WebSocket protocol refused it with a bodiless text/plain 403 and two log lines per request
         ws="none",
