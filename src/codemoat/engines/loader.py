@@ -73,7 +73,12 @@ def open_installed(settings: Settings) -> ModelHolder:
     Serves started together on one pending version each load it: when another serve's check passed it
     (confirmed) before this one's load failed (its own memory, its device), the store keeps it for the fleet
     (store.fail with only_pending, as at the check) and this serve opens the newest version kept before it
-    that loads, for itself only (the store unchanged), until it restarts."""
+    that loads, for itself only (the store unchanged), until it restarts. A kept version that does not open here
+    either, its folder broken (a file missing, unreadable, another version's) or its load failing, is skipped for
+    the one kept before it; the log line that reports the fallback names those skipped and why, and with none
+    left the start stops with one line naming each (`_to_open`). Until 2026-12-07 a kept version's broken folder
+    stopped the start at once (its files were read before, outside, the try that skips a failed load), though a
+    version kept before it would have served."""
     import logging
 
     from ..updates.store import KEEP, UpdateStore, hold, model_files
@@ -84,29 +89,41 @@ def open_installed(settings: Settings) -> ModelHolder:
     records: list[tuple[str, dict]] = []
     store = UpdateStore(audit=lambda step, d: records.append((step, d)))
     failed: set[str] = set()  # versions that failed to load here
+    skipped: list[str] = []  # "VERSION (why)" of each kept version this serve tried for itself and could not open
+
+    def skip(bundle: InstalledBundle, e: Exception) -> None:
+        """A kept version this serve tried for itself (not the store's current) does not open here: the next."""
+        if isinstance(e, OSError) and e.filename and e.strerror:  # a file of its folder: named, not its whole path
+            reason = f"its {Path(e.filename).name}: {e.strerror}"
+        else:
+            reason = (str(e) or type(e).__name__).splitlines()[0][:300]
+        failed.add(bundle.bundle_id)
+        skipped.append(f"{bundle.version} ({reason})")
+        records.append(
+            ("swap_failed", {"model": "installed", "version": bundle.version, "reason": reason, "this_server_only": True})
+        )
+        log.warning("installed model %s, kept before the current one, failed to load here too: %s", bundle.version, reason)
+
     for _ in range(2 * KEEP + 2):  # the current version, then each one kept before it
         for gone in store.start_attempt("model", settings.update.start_attempts):
             log.warning("installed model %s: %s; going back to the version before it", gone["version"], gone["reason"])
             if store.current("model") is None:
                 raise CodemoatError(f"installed model {gone['version']}: {gone['reason']}; no version before it is installed")
-        cur = _to_open(store, failed)
+        cur = _to_open(store, failed, skipped)
         own = cur["bundle_id"] != (store.current("model") or {}).get("bundle_id")  # this serve's choice, not the store's
-        path, license = model_files(Path(cur["dir"]))
         bundle = installed_bundle(cur)
-        hold("start")  # tests only: a serve killed here, its try of a pending version counted
+        # a broken folder (a file missing, unreadable, another version's) fails as a failed load does: a kept
+        # version's is skipped for the one kept before it, a pending current one goes back at once (until
+        # 2026-12-07 both stopped the start, the pending one at every start until start_attempts ran out)
         try:
+            path, license = model_files(Path(cur["dir"]))
+            hold("start")  # tests only: a serve killed here, its try of a pending version counted
             holder = _open_file(settings, path, license, bundle)
         except Exception as e:
-            reason = (str(e) or type(e).__name__).splitlines()[0][:300]
             if own:  # not the store's version: nothing to record in it
-                failed.add(bundle.bundle_id)
-                records.append(
-                    ("swap_failed", {"model": "installed", "version": bundle.version, "reason": reason, "this_server_only": True})
-                )
-                log.warning(
-                    "installed model %s, kept before the current one, failed to load here too: %s", bundle.version, reason
-                )
+                skip(bundle, e)
                 continue
+            reason = (str(e) or type(e).__name__).splitlines()[0][:300]
             if not store.pending("model", bundle.bundle_id):
                 raise
             log.warning(
@@ -129,18 +146,20 @@ def open_installed(settings: Settings) -> ModelHolder:
             )
             log.warning(
                 "installed model %s: another server's check passed it, so the store keeps it; it failed to load here, "
-                "and this server serves %s, kept before it, until it restarts",
+                "and this server serves %s, kept before it, until it restarts%s",
                 store.current("model")["version"],
                 bundle.version,
+                f"; skipped, kept between them, failing here too: {'; '.join(skipped)}" if skipped else "",
             )
         holder.update_records = records
         return holder
     raise CodemoatError("no installed model version could be loaded (`codemoat update list`)")
 
 
-def _to_open(store: Any, failed: set[str]) -> dict:
+def _to_open(store: Any, failed: set[str], skipped: list[str]) -> dict:
     """The store's current model version, unless it failed to load here: then the newest kept before it that
-    has not (one another serve's check passed stays current for the fleet: `open_installed`)."""
+    has not (one another serve's check passed stays current for the fleet: `open_installed`). With none left,
+    one line naming the kept versions tried (`skipped`: "VERSION (why)") and why each did not open."""
     s = store.state()
     ch = s["channels"].get("model") or {}
     for bid in [ch.get("current"), *reversed(ch.get("history", []))]:
@@ -149,9 +168,10 @@ def _to_open(store: Any, failed: set[str]) -> dict:
     if ch.get("current") is None:
         raise CodemoatError(f"model.path is {INSTALLED!r}, but no model bundle is installed (`codemoat update apply FILE`)")
     version = s["bundles"][ch["current"]]["version"]
+    tried = f": {'; '.join(skipped)}" if skipped else ""
     raise CodemoatError(
         f"installed model {version} failed to load here (another server's check passed it, so the store keeps it) "
-        "and no version kept before it loaded here"
+        f"and no version kept before it loaded here{tried}"
     )
 
 

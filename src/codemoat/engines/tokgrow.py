@@ -13,16 +13,25 @@ Whether the ids are the ones a whole tokenisation gives is not assumed; it is ch
   on a few bytes after them at most, which both texts share;
 - the new text, tokenised from the cut (which is needed anyway), must begin with exactly the old ids of the part
   both texts share, up to `SLACK` bytes before the first that differs: a tokeniser that splits otherwise at the
-  cut (SentencePiece with its space prefix, say) fails this and the text is tokenised whole. A vocabulary that
-  fails it `GIVE_UP` times without ever passing is not tried again. (Until 2026-12-07 the old text's tail was
-  tokenised again for the check: a second call of llama.cpp's tokeniser, whose fixed cost run cold, ~0.2 ms in
-  the server between a request's decode steps, made growing an ~900-byte prefix slower than tokenising it whole.)
+  cut (SentencePiece with its space prefix, say) fails this and the text is tokenised whole. A caller (scope) whose
+  texts fail it `GIVE_UP` times without ever passing is not tried again while its texts are held. (Until 2026-12-07
+  the count was the vocabulary's, shared by all callers: one user whose edits kept failing the check switched
+  growth off for everyone, and whether it was on told others something of what he sent. Until then too the old
+  text's tail was tokenised again for the check: a second call of llama.cpp's tokeniser, whose fixed cost run
+  cold, ~0.2 ms in the server between a request's decode steps, made growing an ~900-byte prefix slower than
+  tokenising it whole.)
 `tests/engines/test_tokgrow.py` compares the ids with whole tokenisations over thousands of random edits.
 
 Like `tokcache`, a text is only ever grown from the same caller's own texts (`SCOPE`): how fast a request is
 tokenised must not tell anyone what someone else sent. Each scope keeps its `PER_SCOPE` latest long texts, and
 all scopes together at most `MAX_BYTES` of memory (each text counted with its ids and token ends, `held`), the
-scope used least recently going first.
+scope used least recently going first (its count of checks goes with it: back, it is tried again, `GIVE_UP` more
+times at most).
+
+The counts (`grown`, `whole`, `failed`, `passed`: /metrics' `codemoat_tokenizer_long_texts_total`) change under
+the lock; before 2026-12-07 they were `+= 1` outside it, and requests tokenised at once on the server's threads
+could lose some (a read, then a write, with another thread's between: rare under CPython 3.11's GIL, not on a
+free-threaded interpreter).
 """
 
 from __future__ import annotations
@@ -52,7 +61,7 @@ PER_SCOPE = 4
 MAX_BYTES = 32 << 20
 #: what a token costs held: its id (4 bytes) and the offset its text ends at (8, once computed)
 TOKEN_BYTES = 12
-#: a vocabulary whose tokeniser failed the check this many times, never passing it, is not tried again
+#: a scope whose texts failed the check this many times, never passing it, is not tried again (while it is held)
 GIVE_UP = 16
 
 
@@ -118,8 +127,10 @@ class TokenGrowth:
     def __init__(self, max_bytes: int = MAX_BYTES):
         self.max_bytes = max_bytes
         self.bytes = 0
-        self.grown = self.whole = self.failed = self.passed = 0  # counts, for tests and the bench
+        self.grown = self.whole = self.failed = self.passed = 0  # counts (under `_lock`), for /metrics, tests, bench
         self._scopes: OrderedDict[tuple[str, bool], list[Grown]] = OrderedDict()
+        # [failed, passed] checks of each scope in `_scopes` (dropped with its texts): when it gives up
+        self._checks: dict[tuple[str, bool], list[int]] = {}
         self._lock = threading.Lock()
 
     def tokenise(
@@ -135,22 +146,21 @@ class TokenGrowth:
         got = self._grow(scope, special, data, native, lengths) if len(data) >= MIN_BYTES else None
         if got is None:
             ids, ends = native(data, special), None  # its ends are computed if a later text grows from it
-            self.whole += 1
         else:
             ids, ends = got
-            self.grown += 1
-        if len(data) >= MIN_BYTES:
-            self._keep(scope, special, Grown(data, array("i", ids), ends))
+        self._keep(scope, special, Grown(data, array("i", ids), ends) if len(data) >= MIN_BYTES else None, got is not None)
         return ids
 
     def _grow(
         self, scope: str, special: bool, data: bytes, native: Callable, lengths: Callable
     ) -> tuple[list[int], array | None] | None:
         """(ids, their ends) of `data` grown from one of the scope's texts, or None (tokenise it whole)."""
-        if self.failed >= GIVE_UP and not self.passed:
-            return None
+        key = (scope, special)
         with self._lock:
-            recent = list(self._scopes.get((scope, special), ()))
+            failed, passed = self._checks.get(key, (0, 0))
+            if failed >= GIVE_UP and not passed:  # this scope's, not the vocabulary's: others' texts still grow
+                return None
+            recent = list(self._scopes.get(key, ()))
         best, same = None, 0
         for g in recent:
             n = common_prefix(g.data, data)
@@ -170,18 +180,34 @@ class TokenGrowth:
             return None
         k = bisect_right(best.ends, same - SLACK)  # the old tokens [j, k) lie in the shared part
         tail = native(data[e:], special)
-        if k <= j or tail[: k - j] != best.ids[j:k].tolist():
-            self.failed += 1
+        ok = k > j and tail[: k - j] == best.ids[j:k].tolist()
+        self._checked(key, ok)
+        if not ok:
             return None
-        self.passed += 1
         more = _ends(tail, special, lengths, e, len(data))
         return best.ids[:j].tolist() + tail, (best.ends[:j] + more if more is not None else None)
 
-    def _keep(self, scope: str, special: bool, g: Grown) -> None:
-        if held(g) > self.max_bytes:
-            return
+    def _checked(self, key: tuple[str, bool], ok: bool) -> None:
+        """Count a check of scope `key`'s text, passed (`ok`) or failed: in all, and for the scope while it is held."""
+        with self._lock:
+            if ok:
+                self.passed += 1
+            else:
+                self.failed += 1
+            mine = self._checks.setdefault(key, [0, 0]) if key in self._scopes else [0, 0]
+            mine[1 if ok else 0] += 1
+
+    def _keep(self, scope: str, special: bool, g: Grown | None, grown: bool) -> None:
+        """Count a long text tokenised (`grown` from one of the scope's, or whole), and keep it (`g`) as the scope's
+        latest: both under the lock, once."""
         key = (scope, special)
         with self._lock:
+            if grown:
+                self.grown += 1
+            else:
+                self.whole += 1
+            if g is None or held(g) > self.max_bytes:
+                return
             recent = self._scopes.pop(key, [])
             recent.insert(0, g)
             self.bytes += held(g)
@@ -189,5 +215,6 @@ class TokenGrowth:
                 self.bytes -= held(old)
             self._scopes[key] = recent[:PER_SCOPE]
             while self.bytes > self.max_bytes:
-                _, dropped = self._scopes.popitem(last=False)
+                gone, dropped = self._scopes.popitem(last=False)
                 self.bytes -= sum(held(x) for x in dropped)
+                self._checks.pop(gone, None)
