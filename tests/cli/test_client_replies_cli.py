@@ -177,10 +177,14 @@ def test_chat_gives_up_on_a_stream_of_keep_alive_comments():
         t0 = time.monotonic()
         one_line_error(_run(srv, *CHAT, short=True), "sent no word of an answer in 1 s")
     assert time.monotonic() - t0 < 8
-    slow = [b": ping\n\n", 0.6, _sse(_words("a")), 0.3, b": ping\n\n", 0.6, _sse(_words("b"), "[DONE]")]
+    # a word every ~0.5 s (half the bound: room for a loaded machine), 1.5 s in all
+    slow = [b": ping\n\n", 0.25, _sse(_words("a")), 0.25, b": ping\n\n", 0.25, _sse(_words("b")), 0.25]
+    slow += [b": ping\n\n", 0.25, _sse(_words("c")), 0.25, b": ping\n\n", 0.25, _sse(_words("d"), "[DONE]")]
     with LocalHTTP(_server(*slow, content_type="text/event-stream")) as srv:
+        t0 = time.monotonic()
         r = _run(srv, *CHAT, short=True)
-    assert (r.returncode, r.stdout, r.stderr) == (0, "ab\n", "")
+    assert (r.returncode, r.stdout, r.stderr) == (0, "abcd\n", "")
+    assert time.monotonic() - t0 > 1.5  # more than the bound in all
 
 
 @pytest.mark.parametrize("cmd", [COMPLETE, CHAT], ids=["complete", "chat"])
