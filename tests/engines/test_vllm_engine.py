@@ -514,3 +514,43 @@ def _alive(pids: set[int]) -> set[int]:
         if stat[stat.rindex(")") + 2] != "Z":
             out.add(p)
     return out
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_an_engine_closed_after_its_loop_stopped_leaves_no_zmq_context_to_block_the_collector():
+    """vLLM closes its client's sockets by a callback on the loop of the engine's first request; a loop that was
+    stopped (not closed) first never runs it, and collecting the context then blocked for ever in zmq's term()
+    (a test process hung in gc.collect). close() now closes them and ends the context itself."""
+    import asyncio
+    import gc
+    import threading
+
+    from codemoat.engines.base import SamplingParams
+    from codemoat.engines.vllm_engine import VllmEngine
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    eng = VllmEngine.from_path(HF, n_ctx=256)
+    try:
+        out = asyncio.run_coroutine_threadsafe(eng.complete("def add(a, b):", SamplingParams(max_tokens=2)), loop).result(600)
+        assert out.completion_tokens >= 1
+        core = eng._engine.engine_core
+        contexts = (core.ctx, core.resources.ctx)
+        sockets = [s for c in contexts for s in c._sockets]
+        assert sockets and not contexts[1].closed
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        eng.close()
+    assert all(s.closed for s in sockets), [s for s in sockets if not s.closed]
+    assert contexts[1].closed
+    del core, contexts, sockets, eng
+    collector = threading.Thread(target=gc.collect, daemon=True)
+    collector.start()
+    collector.join(30)
+    assert not collector.is_alive(), "gc.collect() blocked in a zmq context's term()"
+    loop.run_until_complete(asyncio.sleep(0.1))  # vLLM's own close callback, and its tasks' cancellation, run
+    loop.close()
+    gc.collect()
