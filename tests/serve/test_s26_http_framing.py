@@ -95,6 +95,30 @@ def test_a_transfer_encoding_other_than_chunked_alone_is_refused_and_the_request
     assert not [r for r in _records(server)[before:] if r["route"] in ("/api/tags", "/v1/completions")]
 
 
+def test_an_http_1_0_request_with_a_transfer_encoding_is_refused_and_the_request_behind_it_never_served(server):
+    """Was: an HTTP/1.0 request with `Transfer-Encoding: chunked` was read as chunked and served, though HTTP/1.0 has
+    no such coding and RFC 9112 section 6.1 calls its framing faulty: a proxy that goes by its Content-Length (or
+    reads to the close) finds the chunked bytes' end elsewhere. Now 400 naming the version, the connection closed,
+    nothing of it or behind it served. The negative: HTTP/1.0 with a Content-Length is served."""
+    before = len(_records(server))
+    cannot, unparsed = "an HTTP/1.0 request cannot carry a Transfer-Encoding", "cannot be parsed"
+    for framing, says in (
+        (b"Transfer-Encoding: chunked\r\n", cannot),
+        (b"Transfer-Encoding: gzip, chunked\r\n", cannot),
+        (b"Content-Length: 3\r\nTransfer-Encoding: chunked\r\n", unparsed),  # llhttp's own, before this check
+    ):
+        request = _post_framed(server, framing).replace(b" HTTP/1.1\r\n", b" HTTP/1.0\r\n", 1)
+        data = _send(server, request + _hidden(server))
+        status, _, doc = _one(data)
+        assert status == 400 and says in _openai_error(doc)["message"], (framing, doc)
+        assert b'"models"' not in data, data[:300]
+    time.sleep(0.3)
+    assert not [r for r in _records(server)[before:] if r["route"] in ("/api/tags", "/v1/completions")]
+    with_length = _post_framed(server, b"Content-Length: %d\r\n" % len(DOC), DOC).replace(b" HTTP/1.1\r\n", b" HTTP/1.0\r\n", 1)
+    [(status, _, body)] = _answers(_send(server, with_length))
+    assert status == 200 and json.loads(body)["object"] == "text_completion", body[:300]
+
+
 def test_framing_llhttp_already_refuses_stays_refused(server):
     """Transfer-Encoding beside a Content-Length (either order), and `chunked` twice: llhttp refuses them itself (400,
     the connection closed); the pipelined request behind is not served either."""

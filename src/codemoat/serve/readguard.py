@@ -51,7 +51,9 @@ the bytes one takes for a body the other serves as a second, hidden request (req
 head is checked once parsed, from the header list uvicorn's `on_header` keeps (one pass over it, no re-parse): a Host
 missing (HTTP/1.1) or repeated gets 400, and a Transfer-Encoding other than a single `chunked` gets 501 (a coding not
 implemented, section 6.1) or 400 (a list that is not one). llhttp itself refuses Transfer-Encoding beside a
-Content-Length, and `chunked` twice, with 400. Each refusal here closes the connection, and none reaches an app.
+Content-Length, and `chunked` twice, with 400. An HTTP/1.0 request with a Transfer-Encoding, whose framing section 6.1
+calls faulty (HTTP/1.0 has no chunked coding: a proxy may go by a Content-Length or read to the close), was read as
+chunked: 400 now, as nginx answers it. Each refusal here closes the connection, and none reaches an app.
 
 Each refusal at this layer is counted by status, per server (`refused`): `RefusedCollector` shows the counts as
 `codemoat_http_refused_total{status="..."}` in a Prometheus registry (`codemoat serve`'s /metrics: serve/run.py). Before, such a
@@ -235,9 +237,19 @@ class ReadGuard:
                     400, "Bad Request", f"an HTTP/{version} request needs one Host header (RFC 9112 section 3.2); it has {hosts}"
                 )
                 raise _Refused
-        if coding is not None and coding.strip().lower() != b"chunked":
-            self._refuse(*_coding_refusal(coding))
-            raise _Refused
+        if coding is not None:
+            version = self.parser.get_http_version()  # type: ignore[attr-defined]
+            if version in ("1.0", "0.9"):  # its framing is faulty (RFC 9112 section 6.1): a proxy may read a Content-Length
+                self._refuse(
+                    400,
+                    "Bad Request",
+                    f"an HTTP/{version} request cannot carry a Transfer-Encoding (RFC 9112 section 6.1): send its body "
+                    "with a Content-Length, or the request as HTTP/1.1",
+                )
+                raise _Refused
+            if coding.strip().lower() != b"chunked":
+                self._refuse(*_coding_refusal(coding))
+                raise _Refused
         self._in_head, self._head = False, 0
         super().on_headers_complete()  # type: ignore[misc]
         self._trailers.head, self.headers = self.headers, self._trailers  # the scope keeps the head's own list
