@@ -95,6 +95,20 @@ def test_a_kept_version_with_a_broken_folder_is_skipped_for_the_one_before_it(sh
     assert recs == [("3", False), ("2", True)]  # 3's failure its own (the store kept it), 2 skipped by this serve
 
 
+def test_a_kept_version_whose_manifest_is_not_json_is_skipped_naming_the_file(shop, store, monkeypatch, caplog):
+    """Was: skipped with JSON's own message ('Expecting value: line 1 column 1 (char 0)'), which names no file."""
+    vs = _three_versions(shop, store)
+    (Path(vs[1]["dir"]) / "manifest.json").write_text("{not json")
+    caplog.set_level(logging.WARNING, logger="codemoat.updates")
+    holder = _open(monkeypatch, store, vs)
+    try:
+        assert holder.status.bundle.version == "1"
+    finally:
+        holder.close()
+    (line,) = [r.getMessage() for r in caplog.records if "this server serves" in r.getMessage()]
+    assert ": 2 (installed bundle " in line and "its manifest.json is not JSON (Expecting" in line, line
+
+
 def test_the_newest_kept_version_serves_when_its_folder_is_whole(shop, store, monkeypatch, caplog):
     """The negative beside it: nothing broken, the newest kept version serves and the log line names no skip."""
     vs = _three_versions(shop, store)

@@ -121,7 +121,10 @@ def _own_manifest(folder: Path) -> dict[str, Any]:
     """An installed bundle's manifest.json, once it names the folder's own bundle: another version's files put in
     this one's folder opened (their payload's sealed context is their own manifest's), and were served or indexed as
     the version the state and `update list` name."""
-    manifest = json.loads(paths.read_own(folder / "manifest.json", "bundle manifest", 16 << 20))
+    try:
+        manifest = json.loads(paths.read_own(folder / "manifest.json", "bundle manifest", 16 << 20))
+    except ValueError as e:  # JSON's own message names a line and column, not the file
+        raise CodemoatError(f"installed bundle {folder.name}: its manifest.json is not JSON ({e})") from None
     if not isinstance(manifest, dict) or manifest.get("bundle_id") != folder.name:
         raise CodemoatError(f"installed bundle {folder.name} holds another bundle's files: run `codemoat update list`")
     return manifest
