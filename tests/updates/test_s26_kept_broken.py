@@ -109,6 +109,20 @@ def test_a_kept_version_whose_manifest_is_not_json_is_skipped_naming_the_file(sh
     assert ": 2 (installed bundle " in line and "its manifest.json is not JSON (Expecting" in line, line
 
 
+def test_a_kept_version_whose_manifest_nests_past_the_parsers_depth_is_skipped_too(shop, store, monkeypatch, caplog):
+    """Was: a RecursionError, which neither the fallback nor an adapter's open caught (a traceback there)."""
+    vs = _three_versions(shop, store)
+    (Path(vs[1]["dir"]) / "manifest.json").write_text("[" * 100_000)
+    caplog.set_level(logging.WARNING, logger="codemoat.updates")
+    holder = _open(monkeypatch, store, vs)
+    try:
+        assert holder.status.bundle.version == "1"
+    finally:
+        holder.close()
+    (line,) = [r.getMessage() for r in caplog.records if "this server serves" in r.getMessage()]
+    assert "its manifest.json is not JSON (maximum recursion depth" in line, line
+
+
 def test_the_newest_kept_version_serves_when_its_folder_is_whole(shop, store, monkeypatch, caplog):
     """The negative beside it: nothing broken, the newest kept version serves and the log line names no skip."""
     vs = _three_versions(shop, store)

@@ -123,8 +123,10 @@ def _own_manifest(folder: Path) -> dict[str, Any]:
     the version the state and `update list` name."""
     try:
         manifest = json.loads(paths.read_own(folder / "manifest.json", "bundle manifest", 16 << 20))
-    except ValueError as e:  # JSON's own message names a line and column, not the file
-        raise CodemoatError(f"installed bundle {folder.name}: its manifest.json is not JSON ({e})") from None
+    except (ValueError, RecursionError) as e:  # JSON's own message names a line and column, not the file
+        raise CodemoatError(
+            f"installed bundle {folder.name}: its manifest.json is not JSON ({e}): run `codemoat update list`"
+        ) from None
     if not isinstance(manifest, dict) or manifest.get("bundle_id") != folder.name:
         raise CodemoatError(f"installed bundle {folder.name} holds another bundle's files: run `codemoat update list`")
     return manifest
