@@ -77,6 +77,19 @@ def _open(monkeypatch, store, vs):
     return open_installed(load_settings(**{"model.path": "update:model"}))
 
 
+def _served(monkeypatch, store, vs, caplog) -> tuple[str, str]:
+    """The version this serve opens, and the log line that reports its fallback."""
+    caplog.set_level(logging.WARNING, logger="codemoat.updates")
+    holder = _open(monkeypatch, store, vs)
+    try:
+        assert holder.get() is not None
+        version = holder.status.bundle.version
+    finally:
+        holder.close()
+    (line,) = [r.getMessage() for r in caplog.records if "this server serves" in r.getMessage()]
+    return version, line
+
+
 def test_a_kept_version_with_a_broken_folder_is_skipped_for_the_one_before_it(shop, store, monkeypatch, caplog):
     vs = _three_versions(shop, store)
     _missing(vs[1])
@@ -95,44 +108,26 @@ def test_a_kept_version_with_a_broken_folder_is_skipped_for_the_one_before_it(sh
     assert recs == [("3", False), ("2", True)]  # 3's failure its own (the store kept it), 2 skipped by this serve
 
 
-def test_a_kept_version_whose_manifest_is_not_json_is_skipped_naming_the_file(shop, store, monkeypatch, caplog):
-    """Was: skipped with JSON's own message ('Expecting value: line 1 column 1 (char 0)'), which names no file."""
+@pytest.mark.parametrize(
+    "text, why",
+    [("{not json", "Expecting"), ("[" * 100_000, "maximum recursion depth")],
+    ids=["not-json", "nested-past-the-parsers-depth"],
+)
+def test_a_kept_version_whose_manifest_is_not_json_is_skipped_naming_the_file(shop, store, monkeypatch, caplog, text, why):
+    """Was: skipped with JSON's own message ('Expecting value: line 1 column 1 (char 0)'), which names no file; and a
+    manifest nested past the parser's depth was a RecursionError, which an adapter's open did not catch."""
     vs = _three_versions(shop, store)
-    (Path(vs[1]["dir"]) / "manifest.json").write_text("{not json")
-    caplog.set_level(logging.WARNING, logger="codemoat.updates")
-    holder = _open(monkeypatch, store, vs)
-    try:
-        assert holder.status.bundle.version == "1"
-    finally:
-        holder.close()
-    (line,) = [r.getMessage() for r in caplog.records if "this server serves" in r.getMessage()]
-    assert ": 2 (installed bundle " in line and "its manifest.json is not JSON (Expecting" in line, line
-
-
-def test_a_kept_version_whose_manifest_nests_past_the_parsers_depth_is_skipped_too(shop, store, monkeypatch, caplog):
-    """Was: a RecursionError, which neither the fallback nor an adapter's open caught (a traceback there)."""
-    vs = _three_versions(shop, store)
-    (Path(vs[1]["dir"]) / "manifest.json").write_text("[" * 100_000)
-    caplog.set_level(logging.WARNING, logger="codemoat.updates")
-    holder = _open(monkeypatch, store, vs)
-    try:
-        assert holder.status.bundle.version == "1"
-    finally:
-        holder.close()
-    (line,) = [r.getMessage() for r in caplog.records if "this server serves" in r.getMessage()]
-    assert "its manifest.json is not JSON (maximum recursion depth" in line, line
+    (Path(vs[1]["dir"]) / "manifest.json").write_text(text)
+    version, line = _served(monkeypatch, store, vs, caplog)
+    assert version == "1"
+    assert ": 2 (installed bundle " in line and f"its manifest.json is not JSON ({why}" in line, line
 
 
 def test_the_newest_kept_version_serves_when_its_folder_is_whole(shop, store, monkeypatch, caplog):
     """The negative beside it: nothing broken, the newest kept version serves and the log line names no skip."""
     vs = _three_versions(shop, store)
-    caplog.set_level(logging.WARNING, logger="codemoat.updates")
-    holder = _open(monkeypatch, store, vs)
-    try:
-        assert holder.status.bundle.version == "2"
-    finally:
-        holder.close()
-    (line,) = [r.getMessage() for r in caplog.records if "this server serves" in r.getMessage()]
+    version, line = _served(monkeypatch, store, vs, caplog)
+    assert version == "2"
     assert line.endswith("this server serves 2, kept before it, until it restarts"), line
 
 
