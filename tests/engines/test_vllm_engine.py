@@ -518,15 +518,13 @@ def _alive(pids: set[int]) -> set[int]:
 
 @needs_vllm
 @pytest.mark.slow
-def test_an_engine_closed_as_its_loop_stops_leaves_no_zmq_context_to_block_the_collector():
-    """vLLM closes its client's sockets by a callback on the loop of the engine's first request. A loop that stops
-    before it comes to that callback never runs it (here: the loop is busy while the engine closes from another
-    thread, then stops, as a server's loop does at shutdown), and collecting the context then blocked for ever in
-    zmq's term() (a test process hung in gc.collect). close() now sees the loop stop and closes them itself."""
+def test_an_engine_closed_after_its_loop_stopped_leaves_no_zmq_context_to_block_the_collector():
+    """vLLM closes its client's sockets by a callback on the loop of the engine's first request; a loop that was
+    stopped (not closed) first never runs it, and collecting the context then blocked for ever in zmq's term()
+    (a test process hung in gc.collect). close() now closes them and ends the context itself."""
     import asyncio
     import gc
     import threading
-    import time
 
     from codemoat.engines.base import SamplingParams
     from codemoat.engines.vllm_engine import VllmEngine
@@ -543,14 +541,9 @@ def test_an_engine_closed_as_its_loop_stops_leaves_no_zmq_context_to_block_the_c
         sockets = [s for c in contexts for s in c._sockets]
         assert sockets and not contexts[1].closed
     finally:
-
-        def busy_then_stop() -> None:  # a shutdown's last work on the loop: what close() posts meanwhile waits
-            time.sleep(10)  # longer than vLLM's shutdown (~5 s): close() posts its work while the loop is busy
-            loop.stop()
-
-        loop.call_soon_threadsafe(busy_then_stop)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
         eng.close()
-        thread.join(30)
     assert all(s.closed for s in sockets), [s for s in sockets if not s.closed]
     assert contexts[1].closed
     del core, contexts, sockets, eng

@@ -32,8 +32,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import threading
-import time
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
@@ -306,10 +304,8 @@ class VllmEngine(HfModel, Engine):
         eng, self._engine = getattr(self, "_engine", None), None
         try:
             if eng is not None:
-                try:
-                    eng.shutdown()
-                finally:
-                    release_zmq(getattr(eng, "engine_core", None))
+                eng.shutdown()
+                release_zmq(getattr(eng, "engine_core", None))
         finally:
             cb, self._on_close = self._on_close, None
             lora, self._lora = self._lora, None
@@ -319,17 +315,14 @@ class VllmEngine(HfModel, Engine):
                 cb()
 
 
-def release_zmq(core: Any, wait_s: float = 5.0) -> None:
+def release_zmq(core: Any) -> None:
     """Close vLLM's client sockets with linger 0 and end its zmq context, once its engine is shut down.
 
     vLLM closes those sockets by a callback on the loop of the engine's first request and leaves the context to
     the garbage collector. When that loop no longer runs (stopped but not closed) the callback never runs; a
     collection then ends the context with open sockets (or unsent messages to a core that is gone) and blocks for
     ever: a test process hung in `gc.collect()`. A loop that still runs in another thread gets the same work as a
-    callback after vLLM's own (zmq sockets are not thread-safe), waited for: a loop that stops before it comes to
-    the callback leaves it queued, and the work is then done here (nothing runs on that loop); one still busy after
-    `wait_s` does it when it comes to it.
-    Any other case is done here at once. Closing twice is harmless."""
+    callback after vLLM's own (zmq sockets are not thread-safe); any other case is done here at once."""
     res = getattr(core, "resources", None)
     ctx = getattr(res, "ctx", None)
     if ctx is None:
@@ -351,21 +344,6 @@ def release_zmq(core: Any, wait_s: float = 5.0) -> None:
     except RuntimeError:
         running = None
     if loop is not None and loop.is_running() and loop is not running:
-        done = threading.Event()
-
-        def on_loop() -> None:
-            try:
-                release()
-            finally:
-                done.set()
-
-        loop.call_soon_threadsafe(on_loop)
-        deadline = time.monotonic() + wait_s
-        while not done.wait(0.05):
-            if not loop.is_running():
-                break  # it stopped before it came to the callback: nothing runs on that loop now
-            if time.monotonic() > deadline:
-                return  # queued behind work that still runs on that loop: it is done there
-        else:
-            return  # done there
-    release()
+        loop.call_soon_threadsafe(release)
+    else:
+        release()
