@@ -68,8 +68,6 @@ def test_tensor_parallel_2_from_a_sealed_buffer(tmp_path, monkeypatch):
         assert eng.handoff.served == 2  # one memfd per rank's worker, each loading its own shard
         out = asyncio.run(eng.complete("def add(a, b):", SamplingParams(max_tokens=6, temperature=0)))
         assert out.completion_tokens >= 1
-        ctx = eng._engine.engine_core.resources.ctx
     finally:
         eng.close()
     assert buf.fd == -1  # zeroed and closed with the engine
-    assert ctx.closed  # its zmq context ended with it (vLLM leaves it to the garbage collector)

@@ -305,7 +305,6 @@ class VllmEngine(HfModel, Engine):
         try:
             if eng is not None:
                 eng.shutdown()
-                release_zmq(getattr(eng, "engine_core", None))
         finally:
             cb, self._on_close = self._on_close, None
             lora, self._lora = self._lora, None
@@ -313,37 +312,3 @@ class VllmEngine(HfModel, Engine):
                 lora.close()
             if cb is not None:
                 cb()
-
-
-def release_zmq(core: Any) -> None:
-    """Close vLLM's client sockets with linger 0 and end its zmq context, once its engine is shut down.
-
-    vLLM closes those sockets by a callback on the loop of the engine's first request and leaves the context to
-    the garbage collector. When that loop no longer runs (stopped but not closed) the callback never runs; a
-    collection then ends the context with open sockets (or unsent messages to a core that is gone) and blocks for
-    ever: a test process hung in `gc.collect()`. A loop that still runs in another thread gets the same work as a
-    callback after vLLM's own (zmq sockets are not thread-safe); any other case is done here at once."""
-    res = getattr(core, "resources", None)
-    ctx = getattr(res, "ctx", None)
-    if ctx is None:
-        return
-    contexts = [c for c in (getattr(core, "ctx", None), ctx) if c is not None]
-
-    def release() -> None:
-        for c in contexts:  # the asyncio context shadows `ctx`: its sockets are listed in it, not in `ctx`
-            for sock in list(getattr(c, "_sockets", None) or ()):
-                if not sock.closed:
-                    sock.close(linger=0)
-        if not ctx.closed:
-            ctx.term()  # every socket is closed with linger 0: returns at once
-
-    task = getattr(res, "output_queue_task", None)
-    loop = task.get_loop() if task is not None else None
-    try:
-        running = asyncio.get_running_loop()
-    except RuntimeError:
-        running = None
-    if loop is not None and loop.is_running() and loop is not running:
-        loop.call_soon_threadsafe(release)
-    else:
-        release()
